@@ -1,0 +1,54 @@
+"""enhance: ``generation.requested`` → ``prompt.enhanced`` (CPU; never imports torch)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import flask
+from _runtime import Incoming, Runtime, Stage, serve
+
+from imagegen import ImageGenService
+from imagegen.events import GENERATION_REQUESTED, PROMPT_ENHANCED
+from imagegen.models import EnhancedPrompt, GenerationRequest, derive_generation_id, new_generation_id
+from imagegen.settings import Settings
+
+
+async def _enhance(service: ImageGenService, request: GenerationRequest, incoming: Incoming) -> EnhancedPrompt:
+    # A redelivered event must map to the same generation: the id comes from the event
+    # (subject, else source + id) and the time from the event's `time`, never from a clock.
+    gid = request.generation_id or incoming.attribute("subject")
+    if gid is None and incoming.event is not None:
+        gid = derive_generation_id(str(incoming.attribute("source")), str(incoming.attribute("id")))
+    now = _event_time(incoming.attribute("time"))
+    return await service.enhance(request, generation_id=gid or new_generation_id(), now=now)
+
+
+def _event_time(value: Any) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _timeout(settings: Settings) -> float:
+    return settings.ollama_timeout * (settings.ollama_retries + 1) + 30
+
+
+runtime = Runtime(
+    Stage(
+        name="enhance",
+        consumes=GENERATION_REQUESTED,
+        emits=PROMPT_ENHANCED,
+        input_model=GenerationRequest,
+        handle=_enhance,
+        timeout=_timeout,
+    )
+)
+
+
+def enhance(request: flask.Request) -> flask.Response:
+    """HTTP entry point (functions-framework target ``enhance``)."""
+    return serve(request, runtime)

@@ -1,0 +1,115 @@
+"""The one error hierarchy of imagegen.
+
+Every error knows whether a retry can help and which HTTP status it maps to. Errors are
+translated to status codes only at the function edge (``functions/``), never inside the library.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "DependencyUnavailable",
+    "ImageGenError",
+    "InternalError",
+    "InvalidRequest",
+    "NotFound",
+    "Overloaded",
+]
+
+
+class ImageGenError(Exception):
+    """Base class of every error raised by imagegen.
+
+    Attributes:
+        code: A short machine-readable name, stable across releases.
+        status: The HTTP status this error maps to at the function edge.
+        retryable: Whether delivering the same input again can succeed.
+        retry_after: Seconds a caller should wait before retrying, when retryable.
+    """
+
+    code: ClassVar[str] = "internal"
+    status: ClassVar[int] = 500
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON body describing this error (never a stack trace)."""
+        body: dict[str, Any] = {
+            "error": self.code,
+            "message": self.message,
+            "retryable": self.retryable,
+        }
+        if self.retry_after is not None:
+            body["retry_after"] = self.retry_after
+        return body
+
+
+class InvalidRequest(ImageGenError):
+    """The input is wrong; sending it again will fail again.
+
+    Args:
+        message: A readable summary.
+        errors: One entry per offending field: ``{"field": "width", "message": "..."}``.
+    """
+
+    code = "invalid_request"
+    status = 400
+    retryable = False
+
+    def __init__(self, message: str, *, errors: list[dict[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or []
+
+    @property
+    def fields(self) -> list[str]:
+        """Names of the offending fields, in the order found."""
+        return [e["field"] for e in self.errors]
+
+    def to_dict(self) -> dict[str, Any]:
+        body = super().to_dict()
+        if self.errors:
+            body["errors"] = self.errors
+        return body
+
+
+class Overloaded(ImageGenError):
+    """The stage is at capacity; retry later."""
+
+    code = "overloaded"
+    status = 429
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after: float = 5.0) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
+class DependencyUnavailable(ImageGenError):
+    """A dependency (Ollama, object storage, the model) is unreachable or not ready."""
+
+    code = "dependency_unavailable"
+    status = 503
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after: float = 10.0) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
+class InternalError(ImageGenError):
+    """A bug or an unexpected failure; not retried by default."""
+
+    code = "internal"
+    status = 500
+    retryable = False
+
+
+class NotFound(ImageGenError):
+    """A referenced object does not exist (e.g. the image a rendered event points to)."""
+
+    code = "not_found"
+    status = 404
+    retryable = False

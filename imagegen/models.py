@@ -1,0 +1,244 @@
+"""The data model: one schema for event data, HTTP bodies and the library API.
+
+JSON Schema for each event payload is exported from these models into ``schemas/`` by
+``python -m imagegen.schemas``; a test fails when the committed files drift.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
+
+__all__ = [
+    "GENERATION_ID_PATTERN",
+    "MAX_METADATA_BYTES",
+    "MAX_PROMPT_CHARS",
+    "Contribution",
+    "EnhancedPrompt",
+    "ErrorInfo",
+    "GenerationFailed",
+    "GenerationId",
+    "GenerationRequest",
+    "LoraHint",
+    "PersistedImage",
+    "RenderedImage",
+    "derive_generation_id",
+    "derive_seed",
+    "new_generation_id",
+]
+
+GENERATION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
+MAX_PROMPT_CHARS = 2000
+MAX_METADATA_BYTES = 4096
+MAX_METADATA_KEYS = 32
+MAX_SEED = 2**32 - 1
+
+GenerationId = Annotated[str, StringConstraints(pattern=GENERATION_ID_PATTERN)]
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+def new_generation_id() -> str:
+    """A fresh random generation id (32 lowercase hex characters)."""
+    return uuid.uuid4().hex
+
+
+def derive_generation_id(source: str, event_id: str) -> str:
+    """The generation id of a request event that names none: stable for ``source`` + ``id``.
+
+    A redelivered event (same source and id) therefore maps to the same generation.
+    """
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"{source}#{event_id}").hex
+
+
+def derive_seed(generation_id: str) -> int:
+    """The seed used when a request gives none: a pure function of the generation id."""
+    digest = hashlib.sha256(generation_id.encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def _multiple_of_16(value: int) -> int:
+    if value % 16:
+        raise ValueError(f"must be a multiple of 16, got {value}")
+    return value
+
+
+def _valid_timezone(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown IANA time zone {value!r}") from None
+    return value
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+Dimension = Annotated[int, Field(ge=256, le=2048), AfterValidator(_multiple_of_16)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraHint(_Model):
+    """A LoRA the render stage applies: chosen by the ``lora`` plugin."""
+
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+    path: str = Field(description="Local file/directory or hub id of the LoRA weights.")
+    weight: float = Field(default=1.0, ge=0.0, le=2.0)
+    trigger: str | None = Field(default=None, max_length=200)
+
+
+class Contribution(_Model):
+    """What one prompt plugin adds to a generation."""
+
+    plugin: str
+    text: str = Field(default="", max_length=1000, description="A fragment for the prompt.")
+    data: dict[str, Any] = Field(default_factory=dict, description="Structured context.")
+    loras: list[LoraHint] = Field(default_factory=list)
+
+
+class GenerationRequest(_Model):
+    """Input of the enhance stage (event ``generation.requested``)."""
+
+    generation_id: GenerationId | None = Field(
+        default=None, description="Set by the caller or derived from the request event."
+    )
+    prompt: Annotated[str, StringConstraints(strip_whitespace=True, max_length=MAX_PROMPT_CHARS)] | None = Field(
+        default=None, description="What to draw. Absent or empty: the enhancer dreams one."
+    )
+    width: Dimension = 1024
+    height: Dimension = 1024
+    steps: int | None = Field(default=None, ge=1, le=50, description="Default: per model.")
+    guidance: float | None = Field(default=None, ge=0.0, le=20.0, description="Default: per model.")
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    model: str | None = Field(default=None, max_length=200, description="One of the allowed models.")
+    enhance: bool = Field(default=True, description="False: plugins only, no LLM.")
+    plugins: list[str] | None = Field(
+        default=None, max_length=32, description="Plugins to run, in order; default: the configured set."
+    )
+    plugin_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    timezone: Annotated[str | None, AfterValidator(_valid_timezone)] = Field(
+        default=None, description="IANA zone for time-aware plugins; default: the configured zone."
+    )
+    requested_at: Annotated[datetime | None, AfterValidator(_aware)] = Field(
+        default=None, description="The request's time; fixes time-aware plugins."
+    )
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description=f"Caller data, kept with the image (≤ {MAX_METADATA_BYTES} bytes)."
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _empty_prompt_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded_metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if len(value) > MAX_METADATA_KEYS:
+            raise ValueError(f"at most {MAX_METADATA_KEYS} keys")
+        size = len(json.dumps(value, default=str).encode())
+        if size > MAX_METADATA_BYTES:
+            raise ValueError(f"at most {MAX_METADATA_BYTES} bytes as JSON, got {size}")
+        return value
+
+
+class EnhancedPrompt(_Model):
+    """Output of enhance, input of render (event ``prompt.enhanced``).
+
+    Every render parameter is fixed here, the seed included, so a retried render reproduces
+    the same image.
+    """
+
+    generation_id: GenerationId
+    prompt: str = Field(description="The final prompt handed to the model.")
+    original_prompt: str | None = None
+    dreamed: bool = Field(default=False, description="True when no prompt was given.")
+    fallback: bool = Field(default=False, description="True when the LLM was unavailable.")
+    enhancer: str = Field(description="What wrote the prompt: 'ollama:<model>', 'template', 'passthrough'.")
+    contributions: list[Contribution] = Field(default_factory=list)
+    loras: list[LoraHint] = Field(default_factory=list)
+    model: str
+    width: Dimension
+    height: Dimension
+    steps: int = Field(ge=1, le=50)
+    guidance: float = Field(ge=0.0, le=20.0)
+    seed: int = Field(ge=0, le=MAX_SEED)
+    requested_at: datetime
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class RenderedImage(_Model):
+    """Output of render, input of persist (event ``image.rendered``): a claim check."""
+
+    generation_id: GenerationId
+    key: str = Field(description="Object key relative to the storage root.")
+    location: str = Field(description="URI of the stored PNG (s3://… or file://…).")
+    content_type: Literal["image/png"] = "image/png"
+    size: int = Field(ge=0)
+    sha256: Sha256
+    width: int
+    height: int
+    seed: int
+    model: str
+    steps: int
+    guidance: float
+    timings: dict[str, float] = Field(default_factory=dict, description="Seconds per phase.")
+    prompt: EnhancedPrompt
+
+
+class PersistedImage(_Model):
+    """Output of persist (event ``image.persisted``): where the image now lives."""
+
+    generation_id: GenerationId
+    key: str
+    location: str
+    url: str | None = Field(default=None, description="Public URL of the full image.")
+    keys: dict[str, str] = Field(description="Object keys: image, thumbnail, metadata.")
+    urls: dict[str, str] = Field(default_factory=dict, description="Public URLs by derivative.")
+    metadata_location: str
+    content_type: Literal["image/png"] = "image/png"
+    size: int
+    sha256: Sha256
+    width: int
+    height: int
+    seed: int
+    model: str
+    prompt: str
+    timings: dict[str, float] = Field(default_factory=dict)
+    created_at: datetime
+
+
+class ErrorInfo(_Model):
+    code: str
+    message: str
+    retryable: bool
+    errors: list[dict[str, str]] = Field(default_factory=list)
+
+
+class GenerationFailed(_Model):
+    """Event ``generation.failed``: a failure that will not be retried."""
+
+    generation_id: GenerationId | None = None
+    stage: Literal["enhance", "render", "persist", "delivery"]
+    error: ErrorInfo
+    failed_at: datetime

@@ -1,0 +1,49 @@
+"""The render-backend contract. Implementations may import torch; this module must not."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from imagegen.models import EnhancedPrompt
+
+__all__ = ["ProgressCallback", "RenderBackend", "RenderOutput"]
+
+ProgressCallback = Callable[[int, int], None]
+"""Called as ``progress(step, total_steps)`` after each denoising step."""
+
+
+@dataclass(frozen=True)
+class RenderOutput:
+    """A rendered image, PNG-encoded, with per-phase timings in seconds."""
+
+    png: bytes
+    width: int
+    height: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class RenderBackend(Protocol):
+    """Turns an :class:`EnhancedPrompt` into pixels.
+
+    ``load`` and ``render`` block (they run torch) and are called from a worker thread, one
+    call at a time per backend: a pipeline is not safe to use from two threads at once.
+    """
+
+    def load(self, model: str) -> float:
+        """Load ``model`` (id, local path or ``tiny``) once; return the seconds it took."""
+        ...
+
+    def is_loaded(self, model: str) -> bool:
+        """Whether ``model`` is loaded and ready to render."""
+        ...
+
+    def render(self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None) -> RenderOutput:
+        """Render ``job`` deterministically from ``job.seed``; PNG text chunks carry prompt, seed, model."""
+        ...
+
+    def close(self) -> None:
+        """Release the loaded models and accelerator memory."""
+        ...

@@ -1,0 +1,207 @@
+"""The render stage: admission, one-at-a-time rendering, idempotent storage of the PNG."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+
+from imagegen.errors import DependencyUnavailable, ImageGenError, InternalError, InvalidRequest, Overloaded
+from imagegen.models import EnhancedPrompt, RenderedImage
+from imagegen.render.base import ProgressCallback, RenderBackend, RenderOutput
+from imagegen.settings import Settings
+from imagegen.storage.base import GenerationKeys, Storage, StoredObject
+from imagegen.telemetry import instruments, tracer
+
+__all__ = ["RenderStage"]
+
+log = logging.getLogger("imagegen.render")
+
+PNG = "image/png"
+
+
+class RenderStage:
+    """Renders :class:`EnhancedPrompt` jobs on one backend and stores them under their keys.
+
+    A diffusers pipeline keeps per-call state, so renders are serialized: one runs, up to
+    ``settings.render_queue_size`` wait, and any more are refused with :class:`Overloaded`.
+    A job whose image is already stored is answered from storage without rendering again,
+    which makes redelivered events idempotent.
+
+    Args:
+        settings: Settings (queue size, model, whether to load on demand).
+        storage: Where PNGs are written.
+        backend_factory: Builds the backend on first use (keeps torch out of processes that
+            never render).
+        load_on_demand: Load a model the first time a job asks for it. Servers preload instead
+            and refuse models they do not serve.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        storage: Storage,
+        backend_factory: Callable[[], RenderBackend],
+        *,
+        load_on_demand: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.storage = storage
+        self._backend_factory = backend_factory
+        self._backend: RenderBackend | None = None
+        self._load_on_demand = load_on_demand
+        self._lock = asyncio.Lock()
+        self._admitted = 0
+        self.load_seconds: dict[str, float] = {}
+
+    @property
+    def backend(self) -> RenderBackend:
+        if self._backend is None:
+            self._backend = self._backend_factory()
+        return self._backend
+
+    @property
+    def capacity(self) -> int:
+        """Jobs one process holds at once: the one rendering plus the queue."""
+        return 1 + self.settings.render_queue_size
+
+    def is_loaded(self, model: str) -> bool:
+        return self._backend is not None and self._backend.is_loaded(model)
+
+    async def load(self, model: str) -> float:
+        """Load ``model`` off the event loop; return the seconds it took."""
+        with tracer().start_as_current_span("imagegen.model.load") as span:
+            span.set_attribute("imagegen.model", model)
+            async with self._lock:
+                if self.is_loaded(model):
+                    return 0.0
+                seconds = await asyncio.to_thread(self.backend.load, model)
+            instruments().model_load_duration.record(seconds, {"imagegen.model": model})
+            self.load_seconds[model] = seconds
+            log.info("model loaded", extra={"model": model, "seconds": round(seconds, 3)})
+            return seconds
+
+    async def render_png(self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None) -> RenderOutput:
+        """Render ``job`` and return the PNG without storing it."""
+        async with self._admission():
+            return await self._render(job, progress)
+
+    async def render(self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None) -> RenderedImage:
+        """Render ``job`` and store the PNG, or return the image already stored for it."""
+        keys = GenerationKeys(job.generation_id, job.requested_at)
+        stored = await self.storage.head(keys.image)
+        if stored is not None and "sha256" in stored.metadata:
+            log.info("image already stored; not rendering again", extra={"key": keys.image})
+            return self._describe(job, stored, stored.metadata["sha256"], _timings(stored))
+
+        async with self._admission():
+            # Another delivery of the same job may have finished while this one queued.
+            stored = await self.storage.head(keys.image)
+            if stored is not None and "sha256" in stored.metadata:
+                return self._describe(job, stored, stored.metadata["sha256"], _timings(stored))
+            output = await self._render(job, progress)
+
+        sha256 = hashlib.sha256(output.png).hexdigest()
+        timings = {k: round(v, 4) for k, v in output.timings.items()}
+        started = time.perf_counter()
+        with tracer().start_as_current_span("imagegen.storage.put") as span:
+            span.set_attribute("imagegen.storage.key", keys.image)
+            stored = await self.storage.put(
+                keys.image,
+                output.png,
+                content_type=PNG,
+                metadata={
+                    "sha256": sha256,
+                    "generation-id": job.generation_id,
+                    "seed": str(job.seed),
+                    "model": job.model,
+                    "timings": json.dumps(timings, separators=(",", ":")),
+                },
+            )
+        elapsed = time.perf_counter() - started
+        instruments().storage_duration.record(elapsed, {"operation": "put", "stage": "render"})
+        instruments().storage_bytes_written.add(len(output.png), {"stage": "render"})
+        # Timings describe the render only, so a redelivered job gets the very same reply.
+        return self._describe(job, stored, sha256, timings)
+
+    async def _render(self, job: EnhancedPrompt, progress: ProgressCallback | None) -> RenderOutput:
+        if not self.is_loaded(job.model):
+            if not self._load_on_demand:
+                raise InvalidRequest(
+                    f"model {job.model!r} is not served here",
+                    errors=[{"field": "model", "message": "not loaded by this render service"}],
+                )
+            await self.load(job.model)
+        async with self._lock:
+            with tracer().start_as_current_span("imagegen.render.denoise") as span:
+                span.set_attribute("imagegen.model", job.model)
+                span.set_attribute("imagegen.steps", job.steps)
+                try:
+                    output = await asyncio.to_thread(self.backend.render, job, progress=progress)
+                except ImageGenError:
+                    raise
+                except Exception as exc:
+                    log.exception("render failed", extra={"generation_id": job.generation_id})
+                    raise InternalError(f"render failed: {type(exc).__name__}") from exc
+        denoise = output.timings.get("denoise")
+        if denoise is not None:
+            instruments().denoise_step_duration.record(denoise / job.steps, {"imagegen.model": job.model})
+        return output
+
+    def _admission(self) -> _Admission:
+        return _Admission(self)
+
+    def _describe(
+        self, job: EnhancedPrompt, stored: StoredObject, sha256: str, timings: dict[str, float]
+    ) -> RenderedImage:
+        return RenderedImage(
+            generation_id=job.generation_id,
+            key=stored.key,
+            location=stored.location,
+            size=stored.size,
+            sha256=sha256,
+            width=job.width,
+            height=job.height,
+            seed=job.seed,
+            model=job.model,
+            steps=job.steps,
+            guidance=job.guidance,
+            timings=timings,
+            prompt=job,
+        )
+
+    async def check(self) -> None:
+        """Raise DependencyUnavailable unless the default model is loaded."""
+        if not self.is_loaded(self.settings.model):
+            raise DependencyUnavailable(f"model {self.settings.model!r} is not loaded yet", retry_after=15)
+
+
+class _Admission:
+    """Counts a job in; refuses it when the process already holds ``capacity`` jobs."""
+
+    def __init__(self, stage: RenderStage) -> None:
+        self.stage = stage
+
+    async def __aenter__(self) -> None:
+        if self.stage._admitted >= self.stage.capacity:
+            instruments().render_rejections.add(1)
+            raise Overloaded(
+                f"render is at capacity ({self.stage.capacity} jobs); retry later", retry_after=10
+            )
+        self.stage._admitted += 1
+        instruments().renders_in_flight.add(1)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stage._admitted -= 1
+        instruments().renders_in_flight.add(-1)
+
+
+def _timings(stored: StoredObject) -> dict[str, float]:
+    try:
+        value = json.loads(stored.metadata.get("timings", "{}"))
+    except ValueError:
+        return {}
+    return {str(k): float(v) for k, v in value.items()} if isinstance(value, dict) else {}

@@ -1,0 +1,202 @@
+"""``ImageGenService``: the three stages as one async API."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+from imagegen.errors import ImageGenError
+from imagegen.models import (
+    EnhancedPrompt,
+    GenerationRequest,
+    PersistedImage,
+    RenderedImage,
+    new_generation_id,
+)
+from imagegen.persist import PersistStage
+from imagegen.render.base import ProgressCallback, RenderBackend, RenderOutput
+from imagegen.render.stage import RenderStage
+from imagegen.settings import Settings
+from imagegen.storage import open_storage
+from imagegen.storage.base import Storage
+from imagegen.telemetry import instruments, tracer
+
+if TYPE_CHECKING:
+    from imagegen.enhance import EnhanceStage
+    from imagegen.plugins import PluginSet
+
+__all__ = ["ImageGenService"]
+
+log = logging.getLogger("imagegen")
+
+
+def _diffusers_backend(settings: Settings) -> RenderBackend:
+    # Imported here: torch and diffusers load only in processes that render.
+    from imagegen.render.diffusers_backend import DiffusersBackend
+
+    return DiffusersBackend(settings)
+
+
+class ImageGenService:
+    """Enhance, render and persist images; everything injected, nothing global.
+
+    Use it as an async context manager: entering loads the models named in ``preload``
+    (the render function preloads its model at start-up), leaving releases them.
+
+    Args:
+        settings: Configuration; read from the environment when omitted.
+        plugins: The prompt plugins of this instance; default: ``settings.plugins``.
+        storage: Where images go; default: ``open_storage(settings)``.
+        backend: The render backend; default: diffusers, created on first render.
+        preload: Models to load on enter.
+        load_on_demand: Whether a render may load a model it has not preloaded.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        plugins: PluginSet | None = None,
+        storage: Storage | None = None,
+        backend: RenderBackend | None = None,
+        preload: Sequence[str] = (),
+        load_on_demand: bool = True,
+    ) -> None:
+        self.settings = settings or Settings()
+        self.storage = storage or open_storage(self.settings)
+        self._plugins = plugins
+        self._enhance_stage: EnhanceStage | None = None
+        self._preload = tuple(preload)
+        settings_ = self.settings
+        self.render_stage = RenderStage(
+            settings_,
+            self.storage,
+            (lambda: backend) if backend is not None else (lambda: _diffusers_backend(settings_)),
+            load_on_demand=load_on_demand,
+        )
+        self.persist_stage = PersistStage(settings_, self.storage)
+
+    @property
+    def enhance_stage(self) -> EnhanceStage:
+        if self._enhance_stage is None:
+            from imagegen.enhance import EnhanceStage
+            from imagegen.plugins import PluginSet
+
+            plugins = self._plugins or PluginSet.from_settings(self.settings)
+            self._enhance_stage = EnhanceStage(self.settings, plugins)
+        return self._enhance_stage
+
+    async def __aenter__(self) -> Self:
+        for model in self._preload:
+            await self.render_stage.load(model)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Release the models and clients held by this service."""
+        if self._enhance_stage is not None:
+            await self._enhance_stage.aclose()
+        if self.render_stage._backend is not None:
+            self.render_stage._backend.close()
+
+    async def enhance(
+        self,
+        request: GenerationRequest,
+        *,
+        generation_id: str | None = None,
+        now: datetime | None = None,
+    ) -> EnhancedPrompt:
+        """Run the plugins and the LLM; fix every render parameter, the seed included."""
+        gid = generation_id or request.generation_id or new_generation_id()
+        async with _stage("enhance", gid) as stage:
+            result = await self.enhance_stage.run(request, generation_id=gid, now=now)
+            stage.span.set_attribute("imagegen.model", result.model)
+            stage.span.set_attribute("imagegen.seed", result.seed)
+            stage.span.set_attribute("imagegen.enhance.fallback", result.fallback)
+            if result.fallback:
+                stage.outcome = "fallback"
+            return result
+
+    async def render(self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None) -> RenderedImage:
+        """Render ``job`` and store the PNG (idempotent per generation id)."""
+        async with _stage("render", job.generation_id) as stage:
+            _job_attributes(stage.span, job)
+            return await self.render_stage.render(job, progress=progress)
+
+    async def render_png(self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None) -> RenderOutput:
+        """Render ``job`` and return the PNG bytes without storing them."""
+        async with _stage("render", job.generation_id) as stage:
+            _job_attributes(stage.span, job)
+            return await self.render_stage.render_png(job, progress=progress)
+
+    async def persist(self, image: RenderedImage) -> PersistedImage:
+        """Write derivatives and the metadata record; build public URLs."""
+        async with _stage("persist", image.generation_id):
+            return await self.persist_stage.run(image)
+
+    async def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        progress: ProgressCallback | None = None,
+        now: datetime | None = None,
+    ) -> tuple[EnhancedPrompt, PersistedImage]:
+        """All three stages in-process; returns the enhanced prompt and the persisted image."""
+        enhanced = await self.enhance(request, now=now)
+        rendered = await self.render(enhanced, progress=progress)
+        return enhanced, await self.persist(rendered)
+
+
+class _stage:
+    """A span and the duration/outcome metrics around one stage of one generation."""
+
+    def __init__(self, stage: str, generation_id: str) -> None:
+        self.stage = stage
+        self.generation_id = generation_id
+        self.outcome = "success"
+        self._cm: Any = None
+        self.span: Any = None
+
+    async def __aenter__(self) -> _stage:
+        self._started = time.perf_counter()
+        self._cm = tracer().start_as_current_span(f"imagegen.{self.stage}")
+        self.span = self._cm.__enter__()
+        self.span.set_attribute("imagegen.stage", self.stage)
+        self.span.set_attribute("imagegen.generation_id", self.generation_id)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        seconds = time.perf_counter() - self._started
+        if exc is None:
+            outcome, reason = self.outcome, ""
+        else:
+            outcome = "failed"
+            reason = exc.code if isinstance(exc, ImageGenError) else "internal"
+        labels = {"stage": self.stage, "outcome": outcome}
+        instruments().stage_duration.record(seconds, labels)
+        instruments().generations.add(1, {**labels, "reason": reason} if reason else labels)
+        self._cm.__exit__(exc_type, exc, tb)
+
+
+def _job_attributes(span: Any, job: EnhancedPrompt) -> None:
+    span.set_attribute("imagegen.model", job.model)
+    span.set_attribute("imagegen.seed", job.seed)
+    span.set_attribute("imagegen.steps", job.steps)
+    span.set_attribute("imagegen.width", job.width)
+    span.set_attribute("imagegen.height", job.height)

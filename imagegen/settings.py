@@ -1,0 +1,127 @@
+"""Configuration: one settings class, read once from the environment.
+
+Precedence, highest first: arguments passed to ``Settings(...)``, environment variables
+(``IMAGEGEN_*``; ``OLLAMA_HOST`` too), a ``.env`` file in the working directory, then the
+defaults of the profile (``IMAGEGEN_PROFILE=dev|prod``), then the defaults below. List settings
+accept JSON (``["US","DE"]``) or comma-separated text (``US,DE``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["DEFAULT_MODEL", "PROFILE_DEFAULTS", "Settings"]
+
+DEFAULT_MODEL = "black-forest-labs/FLUX.1-schnell"
+
+# Only what truly differs between a laptop/dev namespace and production.
+PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
+    # dev: prompts in logs help debugging; any device will do.
+    "dev": {"log_prompts": True, "device": "auto"},
+    # prod: prompts can be personal data; a render pod without its GPU must fail, not crawl.
+    "prod": {"log_prompts": False, "device": "cuda"},
+}
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _split_list(value: Any) -> Any:
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting of imagegen; see the table in the README."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="IMAGEGEN_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    profile: Literal["dev", "prod"] = "dev"
+
+    # Render
+    model: str = Field(default=DEFAULT_MODEL, description="Model used when a request names none.")
+    allowed_models: CommaList = Field(
+        default=[DEFAULT_MODEL, "black-forest-labs/FLUX.1-dev", "tiny"],
+        description="Models a request may ask for (ids, local paths or 'tiny').",
+    )
+    device: Literal["auto", "cuda", "mps", "cpu"] = Field(default="auto")
+    model_cache_dir: Path | None = Field(default=None, description="Hugging Face cache directory.")
+    hf_token: SecretStr | None = Field(default=None, description="Token for gated models.")
+    render_queue_size: int = Field(default=4, ge=0, description="Renders that may wait; 429 beyond.")
+    render_timeout: float = Field(default=600.0, gt=0, description="Seconds one render may take.")
+
+    # Enhance
+    ollama_host: str = Field(
+        default="http://127.0.0.1:11434",
+        validation_alias=AliasChoices("IMAGEGEN_OLLAMA_HOST", "OLLAMA_HOST", "ollama_host"),
+    )
+    ollama_model: str = "llama3.2"
+    ollama_temperature: float = Field(default=0.8, ge=0.0, le=2.0)
+    ollama_timeout: float = Field(default=30.0, gt=0)
+    ollama_retries: int = Field(default=2, ge=0, le=10)
+    enhance_fallback: bool = Field(
+        default=True, description="Ollama down: template prompt (true) or retryable 503 (false)."
+    )
+    plugins: CommaList = Field(
+        default=["time_of_day", "holiday", "art_style", "lora", "remote_context"],
+        description="Plugins run by default, in order.",
+    )
+    plugin_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    timezone: str = Field(default="UTC", description="IANA zone for time-aware plugins.")
+    holiday_countries: CommaList = Field(default=["US"])
+    lora_dir: Path | None = Field(default=None, description="Directory of LoRA weights.")
+    loras: CommaList = Field(default=[], description="LoRA names or paths, besides lora_dir.")
+    lora_probability: float = Field(default=0.25, ge=0.0, le=1.0)
+    remote_context_url: str | None = None
+    remote_context_timeout: float = Field(default=2.0, gt=0)
+    remote_context_max_bytes: int = Field(default=16_384, gt=0)
+
+    # Storage
+    storage_url: str = Field(default="./output", description="A directory or s3://bucket/prefix.")
+    s3_preset: Literal["aws", "gcs", "r2", "minio"] | None = None
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_addressing_style: Literal["auto", "virtual", "path"] | None = None
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+    public_base_url: str | None = Field(default=None, description="Base URL images are served at.")
+    url_signing_secret: SecretStr | None = Field(default=None, description="Signs public URLs.")
+    signed_url_ttl: int = Field(default=7 * 24 * 3600, gt=0, description="Signed URL lifetime (s).")
+    thumbnail_size: int = Field(default=256, ge=16, le=1024)
+
+    # Logs
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_prompts: bool = Field(default=True, description="Prompts in INFO logs (dev: on, prod: off).")
+
+    _split = field_validator("allowed_models", "plugins", "holiday_countries", "loras", mode="before")(
+        _split_list
+    )
+
+    @field_validator("plugin_options", mode="before")
+    @classmethod
+    def _json_options(cls, value: Any) -> Any:
+        return json.loads(value) if isinstance(value, str) else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _profile_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        profile = data.get("profile", "dev")
+        for key, value in PROFILE_DEFAULTS.get(str(profile), {}).items():
+            data.setdefault(key, value)
+        return data

@@ -1,0 +1,143 @@
+"""The storage contract, and the object keys derived from a generation."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol, runtime_checkable
+
+from imagegen.errors import InvalidRequest
+
+__all__ = ["GenerationKeys", "Storage", "StoredObject", "validate_key", "validate_metadata"]
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+_META_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+_META_VALUE = re.compile(r"[\x20-\x7e]*")
+# S3 caps user metadata at 2 KB (names plus values); the local backend keeps the same limit.
+_META_MAX_BYTES = 2048
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """An object as storage reports it."""
+
+    key: str
+    location: str
+    size: int
+    content_type: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """Where images and their records live. Keys are relative to the storage root.
+
+    Implementations raise :class:`~imagegen.errors.DependencyUnavailable` when the store cannot
+    be reached, and never block the event loop.
+    """
+
+    name: str
+
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str,
+        metadata: dict[str, str] | None = None,
+    ) -> StoredObject:
+        """Write ``data`` at ``key`` atomically, replacing what is there."""
+        ...
+
+    async def get(self, key: str) -> bytes:
+        """Read the object at ``key``; :class:`~imagegen.errors.NotFound` when absent."""
+        ...
+
+    async def head(self, key: str) -> StoredObject | None:
+        """The object at ``key`` without its body, or None when absent."""
+        ...
+
+    def location(self, key: str) -> str:
+        """A URI for ``key`` (``file://…`` or ``s3://bucket/…``)."""
+        ...
+
+    async def check(self) -> None:
+        """Raise DependencyUnavailable unless the store is reachable and writable."""
+        ...
+
+
+def validate_key(key: str) -> str:
+    """Return ``key`` if it is a safe relative object key.
+
+    Raises:
+        InvalidRequest: for absolute paths, ``..``, empty segments, backslashes or odd characters.
+    """
+    if not key or len(key) > 512 or key.startswith("/") or "\\" in key:
+        raise InvalidRequest(f"invalid object key {key!r}", errors=[{"field": "key", "message": "not a relative key"}])
+    for segment in key.split("/"):
+        if segment in ("", ".", "..") or not _SEGMENT.match(segment):
+            raise InvalidRequest(
+                f"invalid object key {key!r}",
+                errors=[{"field": "key", "message": f"bad segment {segment!r}"}],
+            )
+    return key
+
+
+def validate_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
+    """Return user metadata as every backend stores it: names lowercased, values printable ASCII.
+
+    S3 sends metadata as ``x-amz-meta-<name>`` headers and lowercases the names; checking here
+    makes the local backend refuse what S3 would refuse, so the backends stay interchangeable.
+
+    Raises:
+        InvalidRequest: naming ``metadata``, for bad names, non-ASCII values or over 2 KB in all.
+    """
+    result: dict[str, str] = {}
+    for name, value in (metadata or {}).items():
+        lowered = name.lower()
+        if not _META_NAME.fullmatch(lowered):
+            raise InvalidRequest(
+                f"invalid metadata name {name!r}",
+                errors=[{"field": "metadata", "message": f"bad name {name!r}"}],
+            )
+        if not isinstance(value, str) or not _META_VALUE.fullmatch(value):
+            raise InvalidRequest(
+                f"invalid metadata value for {name!r}",
+                errors=[{"field": "metadata", "message": f"{name!r}: not printable ASCII text"}],
+            )
+        result[lowered] = value
+    if sum(len(k) + len(v) for k, v in result.items()) > _META_MAX_BYTES:
+        raise InvalidRequest(
+            "metadata too large",
+            errors=[{"field": "metadata", "message": f"over {_META_MAX_BYTES} bytes"}],
+        )
+    return result
+
+
+@dataclass(frozen=True)
+class GenerationKeys:
+    """Object keys of one generation: ``YYYY/MM/DD/<generation-id>.<kind>``.
+
+    The date is the request's time (fixed by enhance), so every retry maps to the same keys.
+    """
+
+    generation_id: str
+    requested_at: datetime
+
+    @property
+    def prefix(self) -> str:
+        day = self.requested_at.astimezone(UTC)
+        return f"{day:%Y/%m/%d}/{self.generation_id}"
+
+    @property
+    def image(self) -> str:
+        return validate_key(f"{self.prefix}.png")
+
+    @property
+    def thumbnail(self) -> str:
+        return validate_key(f"{self.prefix}.thumb.webp")
+
+    @property
+    def metadata(self) -> str:
+        return validate_key(f"{self.prefix}.json")
