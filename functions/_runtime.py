@@ -349,6 +349,11 @@ def serve(request: flask.Request, runtime: Runtime) -> flask.Response:
             ready, reason = runtime.readiness()
             headers = {} if ready else {"Retry-After": "5"}
             return _json_response({"ready": ready, "status": reason, "stage": stage.name}, 200 if ready else 503, headers)
+        if path == "/openapi.json" and request.method == "GET":
+            from _openapi import STAGE_MODELS, document
+
+            if stage.name in STAGE_MODELS:
+                return _json_response(document(stage.name), 200)
         if path != "/":
             raise RouteNotFound(f"no route {request.path!r}; POST / with an event or JSON")
         if request.method != "POST":

@@ -1,0 +1,49 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   one image generated end to end, offline (tiny model, local storage, no Ollama)
+#   make test   the whole test suite: Python (lint, types, tests) and the Cloudflare Worker
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PROMPT ?= a lighthouse on a cliff at dusk
+
+.PHONY: demo test test-python test-worker lint schemas bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# CPU torch is pinned: a range that admits newer releases pulls a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[render,test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/imagegen generate "$(PROMPT)" --model tiny --width 256 --height 256 --output ./output
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check imagegen plugins functions tests benchmarks
+	$(BIN)/ruff format --check imagegen plugins functions tests benchmarks
+	$(BIN)/mypy
+	$(BIN)/mypy --explicit-package-bases functions
+
+test-python: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+worker/node_modules/.package-lock.json: worker/package-lock.json
+	cd worker && npm ci --no-audit --no-fund
+
+test-worker: worker/node_modules/.package-lock.json
+	cd worker && npm test
+
+test: lint test-python test-worker
+
+schemas: $(VENV)/.installed
+	$(BIN)/python -m imagegen.schemas schemas
+	$(BIN)/python functions/_openapi.py docs/openapi
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) output worker/node_modules .pytest_cache .mypy_cache .ruff_cache

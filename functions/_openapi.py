@@ -1,0 +1,142 @@
+"""OpenAPI 3.1 documents of the plain-HTTP surface of each function, built from the models.
+
+``python functions/_openapi.py docs/openapi`` writes them; a test fails when they drift, and
+checks real responses against them. Each function also serves its own at ``GET /openapi.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from imagegen import __version__
+from imagegen.models import EnhancedPrompt, GenerationRequest, PersistedImage, RenderedImage
+
+__all__ = ["STAGE_MODELS", "document", "write_documents"]
+
+STAGE_MODELS: dict[str, tuple[type[BaseModel], type[BaseModel], str]] = {
+    "enhance": (GenerationRequest, EnhancedPrompt, "Write the final prompt: plugins, then the LLM."),
+    "render": (EnhancedPrompt, RenderedImage, "Render and store the PNG; or return it with Accept: image/png."),
+    "persist": (RenderedImage, PersistedImage, "Write derivatives and the metadata record; return URLs."),
+}
+
+_ERROR = {
+    "type": "object",
+    "required": ["error", "message", "retryable"],
+    "properties": {
+        "error": {"type": "string", "description": "Stable code, e.g. invalid_request, overloaded."},
+        "message": {"type": "string"},
+        "retryable": {"type": "boolean"},
+        "retry_after": {"type": "number"},
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["field", "message"],
+                "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+            },
+        },
+    },
+}
+
+
+def _error(description: str, retry: bool = False) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+    if retry:
+        response["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds."}}
+    return response
+
+
+def document(stage: str) -> dict[str, Any]:
+    """The OpenAPI document of ``stage``'s plain-HTTP surface."""
+    request_model, response_model, summary = STAGE_MODELS[stage]
+    _, defs = models_json_schema(
+        [(request_model, "validation"), (response_model, "serialization")],
+        ref_template="#/components/schemas/{model}",
+    )
+    schemas = {**defs.get("$defs", {}), "Error": _error_schema()}
+    ok: dict[str, Any] = {
+        "description": f"The {response_model.__name__}.",
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{response_model.__name__}"}}},
+    }
+    if stage == "render":
+        ok["content"]["image/png"] = {"schema": {"type": "string", "contentMediaType": "image/png"}}
+    health = {
+        "type": "object",
+        "properties": {"stage": {"type": "string"}, "status": {"type": "string"}, "ready": {"type": "boolean"}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": f"imagegen {stage}",
+            "version": __version__,
+            "description": "Plain HTTP/JSON invoke. The same endpoint accepts CloudEvents "
+            "(binary or structured mode) and then replies with the next event.",
+        },
+        "paths": {
+            "/": {
+                "post": {
+                    "operationId": stage,
+                    "summary": summary,
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": f"#/components/schemas/{request_model.__name__}"}
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": ok,
+                        "400": _error("Invalid input; every offending field is named. Not retried."),
+                        "413": _error("Body larger than 1 MiB."),
+                        "415": _error("Not JSON and not a CloudEvent."),
+                        "429": _error("At capacity; retry after Retry-After.", retry=True),
+                        "503": _error("A dependency is unavailable or the model is loading.", retry=True),
+                    },
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "operationId": f"{stage}_alive",
+                    "responses": {"200": {"description": "Alive.", "content": {"application/json": {"schema": health}}}},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "operationId": f"{stage}_ready",
+                    "responses": {
+                        "200": {"description": "Ready.", "content": {"application/json": {"schema": health}}},
+                        "503": {"description": "Not ready yet.", "content": {"application/json": {"schema": health}}},
+                    },
+                }
+            },
+        },
+        "components": {"schemas": schemas},
+    }
+
+
+def _error_schema() -> dict[str, Any]:
+    return json.loads(json.dumps(_ERROR))
+
+
+def render_documents() -> dict[str, str]:
+    return {f"{stage}.json": json.dumps(document(stage), indent=2, sort_keys=True) + "\n" for stage in STAGE_MODELS}
+
+
+def write_documents(directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in render_documents().items():
+        (directory / name).write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    write_documents(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/openapi"))

@@ -1,0 +1,33 @@
+"""Shared fixtures: every test starts from a clean environment and leaves none behind."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """No IMAGEGEN_*/OLLAMA_*/AWS_* from the caller, no .env pick-up, logging restored."""
+    saved_env = dict(os.environ)
+    for name in list(os.environ):
+        if name.startswith(("IMAGEGEN_", "OLLAMA_", "AWS_", "OTEL_")):
+            monkeypatch.delenv(name, raising=False)
+    # Nothing reaches a model hub from tests.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    # Nothing local answers as Ollama unless a test starts the fake.
+    monkeypatch.setenv("IMAGEGEN_OLLAMA_HOST", "http://127.0.0.1:9")
+    monkeypatch.chdir(tmp_path)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers, root.level = handlers, level
+    os.environ.clear()
+    os.environ.update(saved_env)

@@ -1,0 +1,130 @@
+"""The functions as real HTTP servers: functions-framework (gunicorn) in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Self
+
+import httpx
+
+from tests.conftest import ROOT
+
+__all__ = ["FunctionServer", "cloudevent_headers", "free_port", "post_event"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class FunctionServer:
+    """One stage served exactly as in its container, on a free loopback port."""
+
+    def __init__(self, stage: str, env: Mapping[str, str], *, log_dir: Path) -> None:
+        self.stage = stage
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, **env, "PORT": str(self.port), "THREADS": "4"}
+        self.log_path = log_dir / f"{stage}-{self.port}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, *, wait: bool = True) -> Self:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [
+                sys.executable, "-m", "functions_framework",
+                "--target", self.stage,
+                "--source", str(ROOT / "functions" / f"{self.stage}.py"),
+                "--host", "127.0.0.1",
+                "--port", str(self.port),
+            ],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        if wait:
+            self.wait("/healthz")
+        return self
+
+    def wait(self, path: str, *, timeout: float = 60.0) -> None:
+        """Wait until ``path`` answers 200."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.stage} exited:\n{self.logs()}")
+            try:
+                if httpx.get(self.url + path, timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.stage} {path} not 200 after {timeout}s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_records(self) -> list[dict[str, Any]]:
+        records = []
+        for line in self.logs().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+        return records
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group, as a node failure would."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            # gunicorn's worker is a child: kill it too.
+            subprocess.run(["pkill", "-KILL", "-f", f"--port {self.port}"], check=False)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def cloudevent_headers(
+    event_type: str, *, source: str = "/tests", event_id: str | None = None, **extensions: str
+) -> dict[str, str]:
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-type": event_type,
+        "ce-source": source,
+        "ce-id": event_id or uuid.uuid4().hex,
+        "content-type": "application/json",
+    }
+    headers.update({f"ce-{k}": v for k, v in extensions.items()})
+    return headers
+
+
+def post_event(
+    url: str, event_type: str, data: Any, *, timeout: float = 120.0, **attributes: str
+) -> httpx.Response:
+    """POST a binary-mode CloudEvent."""
+    return httpx.post(
+        url, headers=cloudevent_headers(event_type, **attributes), content=json.dumps(data), timeout=timeout
+    )

@@ -1,0 +1,151 @@
+"""The chain by hand: request → enhance → render → persist, each a real HTTP server."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from imagegen.events import GENERATION_REQUESTED, IMAGE_PERSISTED, IMAGE_RENDERED, PROMPT_ENHANCED
+from tests.fakes.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server
+from tests.functions.conftest import StartServer, base_env
+from tests.functions.servers import FunctionServer, post_event
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def forward(server: FunctionServer, reply: httpx.Response, expected_type: str) -> httpx.Response:
+    """Deliver a reply event to the next stage, as the broker would (binary mode)."""
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["ce-type"] == expected_type
+    headers = {k: v for k, v in reply.headers.items() if k.lower().startswith("ce-")}
+    headers["content-type"] = "application/json"
+    return httpx.post(server.url, headers=headers, content=reply.content, timeout=120)
+
+
+def run_chain(servers: dict[str, FunctionServer], request: dict[str, Any], **attributes: str) -> list[httpx.Response]:
+    enhanced = post_event(servers["enhance"].url, GENERATION_REQUESTED, request, **attributes)
+    rendered = forward(servers["render"], enhanced, PROMPT_ENHANCED)
+    persisted = forward(servers["persist"], rendered, IMAGE_RENDERED)
+    assert persisted.status_code == 200, persisted.text
+    assert persisted.headers["ce-type"] == IMAGE_PERSISTED
+    return [enhanced, rendered, persisted]
+
+
+def check_replies(replies: list[httpx.Response], subject: str) -> dict[str, Any]:
+    for reply in replies:
+        assert reply.headers["ce-subject"] == subject
+        assert reply.headers["ce-specversion"] == "1.0"
+        assert reply.headers["ce-source"].startswith("/imagegen/")
+        assert reply.headers["ce-dataschema"].startswith("https://")
+        assert reply.headers["ce-time"]
+        assert reply.headers["ce-traceparent"].split("-")[1] == TRACE_ID
+        assert len(reply.content) < 16 * 1024  # claim check: no image bytes in events
+    rendered, persisted = replies[1].json(), replies[2].json()
+    assert replies[1].headers["ce-dataref"] == rendered["location"]
+    assert persisted["sha256"] == rendered["sha256"]
+    return persisted
+
+
+def test_chain_with_local_storage(chain: dict[str, FunctionServer], chain_store: Path) -> None:
+    replies = run_chain(
+        chain,
+        {"prompt": "a lighthouse at dusk", "width": 256, "height": 256, "seed": 7},
+        subject="chain-local-1",
+        traceparent=TRACEPARENT,
+    )
+    persisted = check_replies(replies, "chain-local-1")
+    png = (chain_store / persisted["key"]).read_bytes()
+    assert hashlib.sha256(png).hexdigest() == persisted["sha256"]
+    assert Image.open(io.BytesIO(png)).size == (256, 256)
+    record = json.loads((chain_store / persisted["keys"]["metadata"]).read_text())
+    assert record["persisted"]["sha256"] == persisted["sha256"]
+    assert record["request"]["seed"] == 7
+    assert (chain_store / persisted["keys"]["thumbnail"]).is_file()
+    assert persisted["url"] == f"https://img.example.com/{persisted['key']}"
+
+
+def test_generation_id_is_derived_from_the_request_event(chain: dict[str, FunctionServer]) -> None:
+    reply = post_event(
+        chain["enhance"].url, GENERATION_REQUESTED, {"prompt": "a cat"}, source="/cron/dream", event_id="e-1"
+    )
+    again = post_event(
+        chain["enhance"].url, GENERATION_REQUESTED, {"prompt": "a cat"}, source="/cron/dream", event_id="e-1"
+    )
+    other = post_event(
+        chain["enhance"].url, GENERATION_REQUESTED, {"prompt": "a cat"}, source="/cron/dream", event_id="e-2"
+    )
+    assert reply.headers["ce-subject"] == again.headers["ce-subject"] != other.headers["ce-subject"]
+    assert reply.json()["generation_id"] == reply.headers["ce-subject"]
+
+
+def test_every_event_delivered_twice_yields_one_image_and_the_same_replies(
+    chain: dict[str, FunctionServer], chain_store: Path
+) -> None:
+    request = {"prompt": "two moons over a desert", "width": 256, "height": 256}
+    attrs = {"subject": "redelivered-1", "event_id": "req-1", "time": "2026-11-24T09:00:00Z"}
+    first = run_chain(chain, request, **attrs)
+    second = run_chain(chain, request, **attrs)
+    for a, b in zip(first, second, strict=True):
+        assert a.json() == b.json()
+        assert a.headers["ce-id"] == b.headers["ce-id"]
+    assert sorted(p.name for p in chain_store.rglob("redelivered-1*")) == [
+        "redelivered-1.json",
+        "redelivered-1.png",
+        "redelivered-1.thumb.webp",
+    ]
+
+
+def test_chain_with_s3_storage(start_server: StartServer, tmp_path: Path) -> None:
+    with S3Server() as s3:
+        s3.create_bucket("images")
+        env = {
+            **base_env(tmp_path / "unused"),
+            "IMAGEGEN_STORAGE_URL": "s3://images/generated",
+            "IMAGEGEN_S3_ENDPOINT_URL": s3.endpoint,
+            "IMAGEGEN_S3_PRESET": "minio",
+            "IMAGEGEN_S3_ACCESS_KEY_ID": ACCESS_KEY_ID,
+            "IMAGEGEN_S3_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
+        }
+        servers = {stage: start_server(stage, env) for stage in ("enhance", "render", "persist")}
+        servers["render"].wait("/readyz", timeout=120)
+        replies = run_chain(
+            servers, {"prompt": "a red fox", "width": 256, "height": 320}, subject="chain-s3-1", traceparent=TRACEPARENT
+        )
+        persisted = check_replies(replies, "chain-s3-1")
+        assert persisted["location"] == f"s3://images/generated/{persisted['key']}"
+        body = s3.client().get_object(Bucket="images", Key=f"generated/{persisted['key']}")["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == persisted["sha256"]
+        assert Image.open(io.BytesIO(body)).size == (256, 320)
+        puts = [r for r in s3.requests if r.method == "PUT" and r.path.endswith(".png")]
+        assert len(puts) == 1
+
+
+@pytest.mark.parametrize("mode", ["structured"])
+def test_structured_mode_request(chain: dict[str, FunctionServer], mode: str) -> None:
+    event = {
+        "specversion": "1.0",
+        "type": GENERATION_REQUESTED,
+        "source": "/tests",
+        "id": "structured-1",
+        "subject": "structured-1",
+        "datacontenttype": "application/json",
+        "data": {"prompt": "a paper boat", "width": 256, "height": 256},
+    }
+    reply = httpx.post(
+        chain["enhance"].url,
+        headers={"content-type": "application/cloudevents+json"},
+        content=json.dumps(event),
+        timeout=60,
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["ce-type"] == PROMPT_ENHANCED
+    assert reply.headers["ce-subject"] == "structured-1"
+    assert reply.json()["original_prompt"] == "a paper boat"

@@ -1,0 +1,161 @@
+"""Dependencies down, capacity, crashes: retryable answers, and nothing lost or doubled."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from imagegen.events import GENERATION_REQUESTED, IMAGE_RENDERED, PROMPT_ENHANCED
+from tests.enhance.conftest import FakeOllama
+from tests.fakes.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server
+from tests.functions.conftest import StartServer, base_env
+from tests.functions.servers import post_event
+
+
+def _job(enhance_url: str, **request: object) -> dict:
+    reply = httpx.post(enhance_url, json={"prompt": "a slow painting", **request}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def test_ollama_down_falls_back_or_503(start_server: StartServer, tmp_path: Path) -> None:
+    env = base_env(tmp_path / "store")
+    fallback = start_server("enhance", env)
+    reply = post_event(fallback.url, GENERATION_REQUESTED, {"prompt": "a harbour"}, subject="ollama-down-1")
+    assert reply.status_code == 200
+    assert reply.json()["fallback"] is True and reply.json()["enhancer"] == "template"
+
+    strict = start_server("enhance", {**env, "IMAGEGEN_ENHANCE_FALLBACK": "false"})
+    refused = post_event(strict.url, GENERATION_REQUESTED, {"prompt": "a harbour"}, subject="ollama-down-2")
+    assert refused.status_code == 503
+    assert int(refused.headers["retry-after"]) > 0
+    assert refused.json()["retryable"] is True
+
+
+def test_ollama_up_writes_the_prompt(start_server: StartServer, tmp_path: Path) -> None:
+    with FakeOllama() as ollama:
+        ollama.reply_with('{"prompt": "a quiet harbour at dawn, mist over the water"}')
+        env = {**base_env(tmp_path / "store"), "IMAGEGEN_OLLAMA_HOST": ollama.url}
+        server = start_server("enhance", env)
+        reply = post_event(server.url, GENERATION_REQUESTED, {"prompt": "a harbour"}, subject="ollama-up-1")
+        assert reply.status_code == 200, reply.text
+        data = reply.json()
+        assert data["fallback"] is False and data["enhancer"].startswith("ollama:")
+        assert data["prompt"].startswith("a quiet harbour at dawn")
+
+
+def test_storage_down_is_503_and_the_same_event_succeeds_later(start_server: StartServer, tmp_path: Path) -> None:
+    with S3Server() as s3:
+        s3.create_bucket("images")
+        env = {
+            **base_env(tmp_path / "unused"),
+            "IMAGEGEN_STORAGE_URL": "s3://images",
+            "IMAGEGEN_S3_ENDPOINT_URL": s3.endpoint,
+            "IMAGEGEN_S3_PRESET": "minio",
+            "IMAGEGEN_S3_ACCESS_KEY_ID": ACCESS_KEY_ID,
+            "IMAGEGEN_S3_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
+        }
+        enhance = start_server("enhance", env)
+        render = start_server("render", env)
+        render.wait("/readyz", timeout=120)
+        job = _job(enhance.url, width=256, height=256, generation_id="storage-down-1")
+
+        s3.down()
+        refused = post_event(render.url, PROMPT_ENHANCED, job, subject="storage-down-1", event_id="r-1")
+        assert refused.status_code == 503, refused.text
+        assert int(refused.headers["retry-after"]) > 0
+        assert refused.json()["retryable"] is True
+        assert SECRET_ACCESS_KEY not in refused.text
+
+        s3.up()
+        accepted = post_event(render.url, PROMPT_ENHANCED, job, subject="storage-down-1", event_id="r-1")
+        assert accepted.status_code == 200, accepted.text
+        assert accepted.headers["ce-type"] == IMAGE_RENDERED
+
+
+def test_render_at_capacity_answers_429(start_server: StartServer, tmp_path: Path) -> None:
+    env = {**base_env(tmp_path / "store"), "IMAGEGEN_RENDER_QUEUE_SIZE": "0"}
+    enhance = start_server("enhance", env)
+    render = start_server("render", env)
+    render.wait("/readyz", timeout=120)
+    jobs = [_job(enhance.url, width=1024, height=1024, steps=30, generation_id=f"busy-{i}") for i in range(3)]
+    with ThreadPoolExecutor(3) as pool:
+        replies = list(pool.map(lambda job: httpx.post(render.url, json=job, timeout=300), jobs))
+    statuses = sorted(r.status_code for r in replies)
+    assert statuses[0] == 200 and 429 in statuses, statuses
+    for reply in replies:
+        if reply.status_code == 429:
+            assert int(reply.headers["retry-after"]) > 0
+            assert reply.json()["error"] == "overloaded"
+
+
+def test_render_killed_mid_request_produces_the_image_once(start_server: StartServer, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    env = base_env(store)
+    enhance = start_server("enhance", env)
+    render = start_server("render", env)
+    render.wait("/readyz", timeout=120)
+    job = _job(enhance.url, width=1024, height=1024, steps=40, generation_id="killed-1")
+
+    outcome: list[object] = []
+
+    def deliver() -> None:
+        try:
+            outcome.append(post_event(render.url, PROMPT_ENHANCED, job, subject="killed-1", event_id="k-1"))
+        except httpx.HTTPError as exc:
+            outcome.append(exc)
+
+    sender = threading.Thread(target=deliver)
+    sender.start()
+    time.sleep(1.5)  # inside the denoising loop
+    render.kill()
+    sender.join(30)
+    assert outcome and isinstance(outcome[0], httpx.HTTPError), "the delivery should have failed"
+    assert not list(store.rglob("killed-1*.png")), "a killed render leaves no partial image"
+
+    again = start_server("render", env)
+    again.wait("/readyz", timeout=120)
+    first = post_event(again.url, PROMPT_ENHANCED, job, subject="killed-1", event_id="k-1", timeout=300)
+    second = post_event(again.url, PROMPT_ENHANCED, job, subject="killed-1", event_id="k-1", timeout=300)
+    assert first.status_code == second.status_code == 200
+    assert first.json() == second.json()
+    assert [p.name for p in store.rglob("killed-1*") if not p.name.startswith(".")] == ["killed-1.png"]
+
+
+def test_render_is_not_ready_while_its_model_loads(start_server: StartServer, tmp_path: Path) -> None:
+    from imagegen.render.tiny import save_tiny_flux_pipeline
+
+    model_dir = tmp_path / "tiny-model"
+    save_tiny_flux_pipeline(model_dir)
+    # The loader blocks on a FIFO in place of the pipeline index until the test releases it.
+    index = model_dir / "model_index.json"
+    content = index.read_bytes()
+    index.unlink()
+    os.mkfifo(index)
+
+    env = {
+        **base_env(tmp_path / "store"),
+        "IMAGEGEN_MODEL": str(model_dir),
+        "IMAGEGEN_ALLOWED_MODELS": str(model_dir),
+    }
+    render = start_server("render", env)
+    assert httpx.get(render.url + "/healthz").status_code == 200
+    for _ in range(3):
+        ready = httpx.get(render.url + "/readyz")
+        assert ready.status_code == 503 and ready.json()["status"] == "loading"
+        time.sleep(0.2)
+    early = httpx.post(render.url, json={"generation_id": "early"}, timeout=10)
+    assert early.status_code == 503 and int(early.headers["retry-after"]) > 0
+
+    # Release the loader: swap the FIFO for the real file once it is open, then feed it.
+    with index.open("wb") as fifo:
+        replacement = model_dir / "model_index.json.tmp"
+        replacement.write_bytes(content)
+        os.replace(replacement, index)
+        fifo.write(content)
+    render.wait("/readyz", timeout=120)

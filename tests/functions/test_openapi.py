@@ -1,0 +1,64 @@
+"""The OpenAPI documents: generated from the models, valid, and true of real responses."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import httpx
+import jsonschema
+import pytest
+from openapi_spec_validator import validate
+
+from tests.conftest import ROOT
+from tests.functions.servers import FunctionServer
+
+sys.path.insert(0, str(ROOT / "functions"))
+from _openapi import STAGE_MODELS, render_documents  # noqa: E402
+
+
+def _schema(doc: dict[str, Any], path: str, method: str, status: str) -> dict[str, Any]:
+    """The response schema, with the document's components so that $refs resolve."""
+    content = doc["paths"][path][method]["responses"][status]["content"]["application/json"]
+    return {**content["schema"], "components": doc["components"]}
+
+
+def _check(doc: dict[str, Any], path: str, method: str, reply: httpx.Response) -> None:
+    status = str(reply.status_code)
+    assert status in doc["paths"][path][method]["responses"], f"{status} is not documented for {method} {path}"
+    jsonschema.validate(reply.json(), _schema(doc, path, method, status))
+
+
+def test_documents_are_valid_and_committed() -> None:
+    for name, text in render_documents().items():
+        validate(json.loads(text))
+        committed = ROOT / "docs" / "openapi" / name
+        assert committed.read_text() == text, f"docs/openapi/{name} drifted: run `make schemas`"
+
+
+def test_real_responses_match_the_documents(chain: dict[str, FunctionServer]) -> None:
+    docs = {stage: httpx.get(chain[stage].url + "/openapi.json").json() for stage in STAGE_MODELS}
+    for stage, doc in docs.items():
+        assert doc == json.loads((ROOT / "docs" / "openapi" / f"{stage}.json").read_text())
+        _check(doc, "/healthz", "get", httpx.get(chain[stage].url + "/healthz"))
+        _check(doc, "/readyz", "get", httpx.get(chain[stage].url + "/readyz"))
+
+    enhanced = httpx.post(chain["enhance"].url, json={"prompt": "a map", "width": 256, "height": 256}, timeout=60)
+    _check(docs["enhance"], "/", "post", enhanced)
+    rendered = httpx.post(chain["render"].url, json=enhanced.json(), timeout=120)
+    _check(docs["render"], "/", "post", rendered)
+    persisted = httpx.post(chain["persist"].url, json=rendered.json(), timeout=60)
+    _check(docs["persist"], "/", "post", persisted)
+
+    for stage, body in [("enhance", {"width": 1}), ("render", {"seed": "x"}), ("persist", {})]:
+        _check(docs[stage], "/", "post", httpx.post(chain[stage].url, json=body, timeout=30))
+    _check(docs["enhance"], "/", "post", httpx.post(chain["enhance"].url, content=b"x", headers={"content-type": "text/plain"}))
+
+
+@pytest.mark.parametrize("stage", list(STAGE_MODELS))
+def test_request_schemas_reject_what_the_functions_reject(stage: str) -> None:
+    doc = json.loads(render_documents()[f"{stage}.json"])
+    request = doc["paths"]["/"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"unexpected": 1}, {**request, "components": doc["components"]})

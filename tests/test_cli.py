@@ -1,0 +1,172 @@
+"""The ``imagegen`` command line, run as a user runs it: a subprocess."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from imagegen.events import GENERATION_REQUESTED, PROMPT_ENHANCED
+from tests.functions.conftest import StartServer, base_env
+
+SMALL = ["--model", "tiny", "--width", "256", "--height", "256"]
+
+
+def imagegen(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "imagegen.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_generate_writes_png_and_record_under_output(tmp_path: Path) -> None:
+    result = imagegen("generate", "a lighthouse at dusk", *SMALL, "--seed", "42", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    body = json.loads(result.stdout)
+    image = body["image"]
+    png = tmp_path / "output" / image["key"]
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert hashlib.sha256(png.read_bytes()).hexdigest() == image["sha256"]
+    record = json.loads((tmp_path / "output" / image["keys"]["metadata"]).read_text())
+    assert record["request"]["seed"] == 42
+    assert image["key"].endswith(f"{image['generation_id']}.png")
+    assert len(image["key"].split("/")) == 4  # yyyy/mm/dd/<id>.png
+    assert body["prompt"]["fallback"] is True  # no Ollama on this machine
+
+
+def test_same_seed_same_pixels_from_the_cli(tmp_path: Path) -> None:
+    digests = []
+    for run in range(2):
+        out = tmp_path / f"run{run}"
+        result = imagegen("generate", "a red kite", *SMALL, "--seed", "5", "--no-enhance", "--plugins", "", "--json", "--output", str(out), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        digests.append(json.loads(result.stdout)["image"]["sha256"])
+    assert digests[0] == digests[1]
+
+
+def test_human_output_names_the_image_seed_and_prompt(tmp_path: Path) -> None:
+    result = imagegen("generate", "a blue door", *SMALL, "--seed", "9", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "seed" in result.stdout and "9" in result.stdout
+    assert "output/" in result.stdout and ".png" in result.stdout
+    assert "a blue door" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["generate", "x", "--width", "100"], "width"),
+        (["generate", "x", "--steps", "0", "--seed", "-3"], "steps"),
+        (["generate", "x", "--bogus"], "--bogus"),
+        (["generate", "x", "--width", "wide"], "--width"),
+        (["generate", "x", "--model", "nope"], "model"),
+        (["generate", "x", "--plugins", "no_such_plugin"], "plugins"),
+        (["generate", "x", "--output", "ftp://nowhere"], "storage_url"),
+        (["serve", "nope"], "stage"),
+        (["loop", "--count", "-1"], "count"),
+    ],
+)
+def test_bad_input_is_one_line_and_non_zero(tmp_path: Path, args: list[str], expected: str) -> None:
+    result = imagegen(*args, cwd=tmp_path, timeout=60)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("imagegen: error:") and expected in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_help_is_fast_and_torch_free(tmp_path: Path) -> None:
+    probe = "import sys, imagegen, imagegen.cli; print('torch' in sys.modules, 'diffusers' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "False"]
+    started = time.perf_counter()
+    assert imagegen("generate", "--help", cwd=tmp_path).returncode == 0
+    assert time.perf_counter() - started < 5  # generous: the acceptance bar is 2 s on a quiet machine
+
+
+def test_loop_makes_count_images_and_stops(tmp_path: Path) -> None:
+    result = imagegen("loop", *SMALL, "--count", "2", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    decoder, text, images = json.JSONDecoder(), result.stdout.strip(), []
+    while text:
+        obj, end = decoder.raw_decode(text)
+        images.append(obj)
+        text = text[end:].strip()
+    assert len(images) == 2
+    assert images[0]["image"]["generation_id"] != images[1]["image"]["generation_id"]
+    assert all(im["prompt"]["dreamed"] for im in images)
+    assert len(list((tmp_path / "output").rglob("*.png"))) == 2
+
+
+def test_loop_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imagegen.cli", "loop", *SMALL, "--interval", "30", "--json"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "output").rglob("*.json")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert len(list((tmp_path / "output").rglob("*.png"))) == 1
+
+
+def test_plugins_lists_the_built_ins(tmp_path: Path) -> None:
+    result = imagegen("plugins", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    names = {p["name"] for p in json.loads(result.stdout)}
+    assert {"time_of_day", "holiday", "art_style", "lora", "remote_context"} <= names
+
+
+def test_doctor_reports_each_dependency(tmp_path: Path) -> None:
+    result = imagegen("doctor", cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for check in ("torch", "ollama", "storage"):
+        assert check in result.stdout
+    assert "down" in result.stdout  # no Ollama here
+
+
+def test_send_posts_an_event_and_prints_the_reply(start_server: StartServer, tmp_path: Path) -> None:
+    server = start_server("enhance", base_env(tmp_path / "store"))
+    result = imagegen(
+        "send", GENERATION_REQUESTED, "--data", '{"prompt": "a moth", "width": 256, "height": 256}',
+        "--to", server.url, "--subject", "sent-1", cwd=tmp_path, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout)
+    assert reply["status"] == 200
+    assert reply["attributes"]["ce-type"] == PROMPT_ENHANCED
+    assert reply["data"]["generation_id"] == "sent-1"
+    bad = imagegen("send", GENERATION_REQUESTED, "--data", '{"width": 3}', "--to", server.url, cwd=tmp_path)
+    assert bad.returncode == 1 and json.loads(bad.stdout)["status"] == 400
+
+
+def test_serve_runs_a_function(tmp_path: Path) -> None:
+    from tests.functions.servers import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imagegen.cli", "serve", "persist", "--port", str(port)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").json()["stage"] == "persist"
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -1,0 +1,115 @@
+"""``ImageGenService`` end to end with the real tiny FLUX pipeline and local storage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from imagegen import GenerationRequest, ImageGenService, InvalidRequest, NotFound, Settings
+from imagegen.plugins import PluginSet
+from imagegen.storage import LocalStorage
+from imagegen.urls import verify
+
+NOW = datetime(2026, 11, 24, 18, 30, tzinfo=UTC)
+
+
+def small(**kwargs: object) -> GenerationRequest:
+    return GenerationRequest.model_validate({"width": 256, "height": 256, "model": "tiny", **kwargs})
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(storage_url=str(tmp_path / "out"), model="tiny", ollama_retries=0)
+
+
+async def test_generate_end_to_end(settings: Settings, tmp_path: Path) -> None:
+    async with ImageGenService(settings) as service:
+        enhanced, persisted = await service.generate(small(prompt="a lighthouse", seed=1), now=NOW)
+    root = tmp_path / "out"
+    png = root / persisted.key
+    assert persisted.key == f"2026/11/24/{persisted.generation_id}.png"
+    assert hashlib.sha256(png.read_bytes()).hexdigest() == persisted.sha256
+    assert (root / persisted.keys["thumbnail"]).is_file()
+    record = json.loads((root / persisted.keys["metadata"]).read_text())
+    assert record["request"]["prompt"] == enhanced.prompt
+    assert persisted.prompt == enhanced.prompt and persisted.seed == 1
+    assert enhanced.fallback  # no Ollama
+    assert "lighthouse" in enhanced.prompt
+
+
+async def test_same_seed_same_pixels_different_seed_different(settings: Settings) -> None:
+    async with ImageGenService(settings) as service:
+        a = await service.enhance(small(prompt="a cat", seed=3, enhance=False, plugins=[]), now=NOW)
+        b = await service.enhance(small(prompt="a cat", seed=3, enhance=False, plugins=[]), now=NOW)
+        c = await service.enhance(small(prompt="a cat", seed=4, enhance=False, plugins=[]), now=NOW)
+        png_a, png_b, png_c = [(await service.render_png(job)).png for job in (a, b, c)]
+    assert png_a == png_b
+    assert png_a != png_c
+
+
+async def test_render_and_persist_are_idempotent(settings: Settings, tmp_path: Path) -> None:
+    async with ImageGenService(settings) as service:
+        job = await service.enhance(small(prompt="a bridge", generation_id="idem-1"), now=NOW)
+        first = await service.render(job)
+        second = await service.render(job)
+        assert first == second
+        p1 = await service.persist(first)
+        p2 = await service.persist(second)
+        assert p1 == p2
+    files = sorted(p.name for p in (tmp_path / "out").rglob("idem-1*"))
+    assert files == ["idem-1.json", "idem-1.png", "idem-1.thumb.webp"]
+
+
+async def test_persist_refuses_a_tampered_claim_check(settings: Settings) -> None:
+    async with ImageGenService(settings) as service:
+        job = await service.enhance(small(prompt="a boat", generation_id="tamper-1"), now=NOW)
+        rendered = await service.render(job)
+        with pytest.raises(InvalidRequest) as caught:
+            await service.persist(rendered.model_copy(update={"sha256": "0" * 64}))
+        assert caught.value.fields == ["sha256"]
+        with pytest.raises(InvalidRequest):
+            await service.persist(rendered.model_copy(update={"key": "2026/11/24/other.png"}))
+        missing = await service.enhance(small(prompt="a boat", generation_id="never-rendered"), now=NOW)
+        with pytest.raises(NotFound):
+            await service.persist(rendered.model_copy(update={"generation_id": "never-rendered", "key": "2026/11/24/never-rendered.png", "prompt": missing}))
+
+
+async def test_signed_public_urls(tmp_path: Path) -> None:
+    settings = Settings(
+        storage_url=str(tmp_path / "out"), public_base_url="https://img.example.com/", url_signing_secret="s3cret"
+    )
+    async with ImageGenService(settings) as service:
+        _, persisted = await service.generate(small(prompt="a key", enhance=False), now=NOW)
+    assert persisted.url is not None
+    base, query = persisted.url.split("?")
+    assert base == f"https://img.example.com/{persisted.key}"
+    params = dict(part.split("=") for part in query.split("&"))
+    assert verify(persisted.key, int(params["expires"]), params["signature"], "s3cret")
+    assert set(persisted.urls) == {"image", "thumbnail"}
+
+
+async def test_two_services_run_different_plugin_sets(settings: Settings) -> None:
+    only_time = ImageGenService(settings, plugins=PluginSet.from_settings(settings, names=["time_of_day"]))
+    only_style = ImageGenService(settings, plugins=PluginSet.from_settings(settings, names=["art_style"]))
+    a = await only_time.enhance(small(prompt="a fox", enhance=False), now=NOW)
+    b = await only_style.enhance(small(prompt="a fox", enhance=False), now=NOW)
+    assert [c.plugin for c in a.contributions] == ["time_of_day"]
+    assert [c.plugin for c in b.contributions] == ["art_style"]
+
+
+async def test_model_must_be_allowed(settings: Settings) -> None:
+    service = ImageGenService(settings.model_copy(update={"allowed_models": ["tiny"]}))
+    with pytest.raises(InvalidRequest) as caught:
+        await service.enhance(small(model="black-forest-labs/FLUX.1-dev"))
+    assert caught.value.fields == ["model"]
+
+
+async def test_injected_storage_is_used(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "injected")
+    async with ImageGenService(Settings(), storage=storage) as service:
+        _, persisted = await service.generate(small(prompt="a tree", enhance=False), now=NOW)
+    assert (tmp_path / "injected" / persisted.key).is_file()
