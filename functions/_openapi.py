@@ -20,16 +20,31 @@ from imagegen.models import EnhancedPrompt, GenerationRequest, PersistedImage, R
 __all__ = ["STAGE_MODELS", "document", "write_documents"]
 
 STAGE_MODELS: dict[str, tuple[type[BaseModel], type[BaseModel], str]] = {
-    "enhance": (GenerationRequest, EnhancedPrompt, "Write the final prompt: plugins, then the LLM."),
-    "render": (EnhancedPrompt, RenderedImage, "Render and store the PNG; or return it with Accept: image/png."),
-    "persist": (RenderedImage, PersistedImage, "Write derivatives and the metadata record; return URLs."),
+    "enhance": (
+        GenerationRequest,
+        EnhancedPrompt,
+        "Write the final prompt: plugins, then the LLM.",
+    ),
+    "render": (
+        EnhancedPrompt,
+        RenderedImage,
+        "Render and store the PNG; or return it with Accept: image/png.",
+    ),
+    "persist": (
+        RenderedImage,
+        PersistedImage,
+        "Write derivatives and the metadata record; return URLs.",
+    ),
 }
 
 _ERROR = {
     "type": "object",
     "required": ["error", "message", "retryable"],
     "properties": {
-        "error": {"type": "string", "description": "Stable code, e.g. invalid_request, overloaded."},
+        "error": {
+            "type": "string",
+            "description": "Stable code, e.g. invalid_request, overloaded.",
+        },
         "message": {"type": "string"},
         "retryable": {"type": "boolean"},
         "retry_after": {"type": "number"},
@@ -51,7 +66,9 @@ def _error(description: str, retry: bool = False) -> dict[str, Any]:
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
     }
     if retry:
-        response["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds."}}
+        response["headers"] = {
+            "Retry-After": {"schema": {"type": "integer"}, "description": "Seconds."}
+        }
     return response
 
 
@@ -65,13 +82,21 @@ def document(stage: str) -> dict[str, Any]:
     schemas = {**defs.get("$defs", {}), "Error": _error_schema()}
     ok: dict[str, Any] = {
         "description": f"The {response_model.__name__}.",
-        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{response_model.__name__}"}}},
+        "content": {
+            "application/json": {
+                "schema": {"$ref": f"#/components/schemas/{response_model.__name__}"}
+            }
+        },
     }
     if stage == "render":
         ok["content"]["image/png"] = {"schema": {"type": "string", "contentMediaType": "image/png"}}
     health = {
         "type": "object",
-        "properties": {"stage": {"type": "string"}, "status": {"type": "string"}, "ready": {"type": "boolean"}},
+        "properties": {
+            "stage": {"type": "string"},
+            "status": {"type": "string"},
+            "ready": {"type": "boolean"},
+        },
     }
     return {
         "openapi": "3.1.0",
@@ -96,26 +121,41 @@ def document(stage: str) -> dict[str, Any]:
                     },
                     "responses": {
                         "200": ok,
-                        "400": _error("Invalid input; every offending field is named. Not retried."),
+                        "400": _error(
+                            "Invalid input; every offending field is named. Not retried."
+                        ),
                         "413": _error("Body larger than 1 MiB."),
                         "415": _error("Not JSON and not a CloudEvent."),
                         "429": _error("At capacity; retry after Retry-After.", retry=True),
-                        "503": _error("A dependency is unavailable or the model is loading.", retry=True),
+                        "503": _error(
+                            "A dependency is unavailable or the model is loading.", retry=True
+                        ),
                     },
                 }
             },
             "/healthz": {
                 "get": {
                     "operationId": f"{stage}_alive",
-                    "responses": {"200": {"description": "Alive.", "content": {"application/json": {"schema": health}}}},
+                    "responses": {
+                        "200": {
+                            "description": "Alive.",
+                            "content": {"application/json": {"schema": health}},
+                        }
+                    },
                 }
             },
             "/readyz": {
                 "get": {
                     "operationId": f"{stage}_ready",
                     "responses": {
-                        "200": {"description": "Ready.", "content": {"application/json": {"schema": health}}},
-                        "503": {"description": "Not ready yet.", "content": {"application/json": {"schema": health}}},
+                        "200": {
+                            "description": "Ready.",
+                            "content": {"application/json": {"schema": health}},
+                        },
+                        "503": {
+                            "description": "Not ready yet.",
+                            "content": {"application/json": {"schema": health}},
+                        },
                     },
                 }
             },
@@ -129,7 +169,10 @@ def _error_schema() -> dict[str, Any]:
 
 
 def render_documents() -> dict[str, str]:
-    return {f"{stage}.json": json.dumps(document(stage), indent=2, sort_keys=True) + "\n" for stage in STAGE_MODELS}
+    return {
+        f"{stage}.json": json.dumps(document(stage), indent=2, sort_keys=True) + "\n"
+        for stage in STAGE_MODELS
+    }
 
 
 def write_documents(directory: Path) -> None:

@@ -86,7 +86,11 @@ class Incoming:
 
     def carrier(self) -> dict[str, str]:
         """Trace context: HTTP headers, overridden by the CloudEvents tracing extension."""
-        carrier = {k.lower(): v for k, v in self.headers.items() if k.lower() in ("traceparent", "tracestate")}
+        carrier = {
+            k.lower(): v
+            for k, v in self.headers.items()
+            if k.lower() in ("traceparent", "tracestate")
+        }
         for name in ("traceparent", "tracestate"):
             value = self.attribute(name)
             if value:
@@ -194,7 +198,9 @@ class Runtime:
             return future.result(timeout=timeout)
         except FutureTimeout:
             future.cancel()
-            raise DependencyUnavailable(f"{self.stage.name} took longer than {timeout:.0f}s") from None
+            raise DependencyUnavailable(
+                f"{self.stage.name} took longer than {timeout:.0f}s"
+            ) from None
 
 
 # -- requests ------------------------------------------------------------------------------
@@ -244,7 +250,9 @@ def _parse(request: flask.Request, stage: Stage) -> Incoming:
     if content_type != "application/json":
         raise UnsupportedMediaType(
             "send a CloudEvent, or JSON with Content-Type: application/json",
-            errors=[{"field": "content-type", "message": f"unsupported {content_type or 'none'!r}"}],
+            errors=[
+                {"field": "content-type", "message": f"unsupported {content_type or 'none'!r}"}
+            ],
         )
     return Incoming(data=_json(body), headers=headers)
 
@@ -266,7 +274,9 @@ def _first_line(exc: BaseException) -> str:
 # -- responses -----------------------------------------------------------------------------
 
 
-def _json_response(body: Any, status: int, headers: Mapping[str, str] | None = None) -> flask.Response:
+def _json_response(
+    body: Any, status: int, headers: Mapping[str, str] | None = None
+) -> flask.Response:
     return flask.Response(
         json.dumps(body, separators=(",", ":"), default=str),
         status=status,
@@ -276,7 +286,11 @@ def _json_response(body: Any, status: int, headers: Mapping[str, str] | None = N
 
 
 def _event(
-    stage: str, event_type: str, data: BaseModel, generation_id: str | None, extensions: Mapping[str, str]
+    stage: str,
+    event_type: str,
+    data: BaseModel,
+    generation_id: str | None,
+    extensions: Mapping[str, str],
 ) -> CloudEvent:
     attributes: dict[str, Any] = {
         "type": event_type,
@@ -292,13 +306,17 @@ def _event(
     return CloudEvent(attributes, data.model_dump(mode="json"))
 
 
-def _event_response(event: CloudEvent, status: int, extra: Mapping[str, str] | None = None) -> flask.Response:
+def _event_response(
+    event: CloudEvent, status: int, extra: Mapping[str, str] | None = None
+) -> flask.Response:
     headers, body = to_binary(event)
     headers = {**headers, **(extra or {})}
     return flask.Response(body, status=status, headers=headers)
 
 
-def _error_response(exc: ImageGenError, stage: Stage, incoming: Incoming | None, gid: str | None) -> flask.Response:
+def _error_response(
+    exc: ImageGenError, stage: Stage, incoming: Incoming | None, gid: str | None
+) -> flask.Response:
     headers: dict[str, str] = {}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
@@ -348,7 +366,11 @@ def serve(request: flask.Request, runtime: Runtime) -> flask.Response:
         if path == "/readyz":
             ready, reason = runtime.readiness()
             headers = {} if ready else {"Retry-After": "5"}
-            return _json_response({"ready": ready, "status": reason, "stage": stage.name}, 200 if ready else 503, headers)
+            return _json_response(
+                {"ready": ready, "status": reason, "stage": stage.name},
+                200 if ready else 503,
+                headers,
+            )
         if path == "/openapi.json" and request.method == "GET":
             from _openapi import STAGE_MODELS, document
 
@@ -373,9 +395,15 @@ def serve(request: flask.Request, runtime: Runtime) -> flask.Response:
             )
 
         timeout = stage.timeout(runtime.settings or Settings())
-        wants_png = stage.png is not None and not incoming.is_event and "image/png" in request.headers.get("Accept", "")
+        wants_png = (
+            stage.png is not None
+            and not incoming.is_event
+            and "image/png" in request.headers.get("Accept", "")
+        )
         if wants_png and stage.png is not None:
-            (png, png_headers), _ = runtime.run(_in_trace(stage, incoming, stage.png(runtime.service, data)), timeout)
+            (png, png_headers), _ = runtime.run(
+                _in_trace(stage, incoming, stage.png(runtime.service, data)), timeout
+            )
             return flask.Response(png, status=200, headers=png_headers, mimetype="image/png")
 
         work = stage.handle(runtime.service, data, incoming)
@@ -392,18 +420,27 @@ def serve(request: flask.Request, runtime: Runtime) -> flask.Response:
         return _event_response(_event(stage.name, stage.emits, result, out_gid, extensions), 200)
     except ImageGenError as exc:
         level = logging.WARNING if exc.status < 500 else logging.ERROR
-        log.log(level, "request failed: %s", exc.message, extra={"stage": stage.name, "generation_id": gid, "status": exc.status})
+        log.log(
+            level,
+            "request failed: %s",
+            exc.message,
+            extra={"stage": stage.name, "generation_id": gid, "status": exc.status},
+        )
         return _error_response(exc, stage, incoming, gid)
     except Exception:
         log.exception("unexpected error", extra={"stage": stage.name, "generation_id": gid})
-        return _error_response(InternalError("internal error; see the function's logs"), stage, incoming, gid)
+        return _error_response(
+            InternalError("internal error; see the function's logs"), stage, incoming, gid
+        )
 
 
 def _valid_gid(gid: str) -> bool:
-    return re.match(GENERATION_ID_PATTERN, gid) is not None
+    return re.fullmatch(GENERATION_ID_PATTERN, gid) is not None
 
 
-async def _in_trace(stage: Stage, incoming: Incoming, work: Awaitable[T]) -> tuple[T, dict[str, str]]:
+async def _in_trace(
+    stage: Stage, incoming: Incoming, work: Awaitable[T]
+) -> tuple[T, dict[str, str]]:
     """Await ``work`` inside the caller's trace; return its result and the trace to pass on."""
     token = otel_context.attach(propagate.extract(incoming.carrier()))
     try:
@@ -414,7 +451,9 @@ async def _in_trace(stage: Stage, incoming: Incoming, work: Awaitable[T]) -> tup
                     value = incoming.attribute(name)
                     if value:
                         span.set_attribute(f"cloudevents.event_{name}", str(value))
-                span.set_attribute("cloudevents.event_spec_version", str(incoming.attribute("specversion")))
+                span.set_attribute(
+                    "cloudevents.event_spec_version", str(incoming.attribute("specversion"))
+                )
             result = await work
             carrier: dict[str, str] = {}
             propagate.inject(carrier)

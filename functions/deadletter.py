@@ -66,7 +66,9 @@ async def _record(service: ImageGenService, data: Any, incoming: Incoming) -> Fa
     event_type = str(incoming.attribute("type"))
     source, event_id = str(incoming.attribute("source")), str(incoming.attribute("id"))
     now = datetime.now(UTC)
-    gid = incoming.attribute("subject") or (data.get("generation_id") if isinstance(data, dict) else None)
+    gid = incoming.attribute("subject") or (
+        data.get("generation_id") if isinstance(data, dict) else None
+    )
     key = f"failures/{now:%Y/%m/%d}/{derive_generation_id(source, event_id)}.json"
     record = FailureRecord(
         key=key,

@@ -10,11 +10,18 @@ from _runtime import Incoming, Runtime, Stage, serve
 
 from imagegen import ImageGenService
 from imagegen.events import GENERATION_REQUESTED, PROMPT_ENHANCED
-from imagegen.models import EnhancedPrompt, GenerationRequest, derive_generation_id, new_generation_id
+from imagegen.models import (
+    EnhancedPrompt,
+    GenerationRequest,
+    derive_generation_id,
+    new_generation_id,
+)
 from imagegen.settings import Settings
 
 
-async def _enhance(service: ImageGenService, request: GenerationRequest, incoming: Incoming) -> EnhancedPrompt:
+async def _enhance(
+    service: ImageGenService, request: GenerationRequest, incoming: Incoming
+) -> EnhancedPrompt:
     # A redelivered event must map to the same generation: the id comes from the event
     # (subject, else source + id) and the time from the event's `time`, never from a clock.
     gid = request.generation_id or incoming.attribute("subject")

@@ -10,7 +10,9 @@ from imagegen.events import IMAGE_PERSISTED, IMAGE_RENDERED
 from imagegen.models import PersistedImage, RenderedImage
 
 
-async def _persist(service: ImageGenService, image: RenderedImage, incoming: Incoming) -> PersistedImage:
+async def _persist(
+    service: ImageGenService, image: RenderedImage, incoming: Incoming
+) -> PersistedImage:
     return await service.persist(image)
 
 

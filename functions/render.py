@@ -11,11 +11,15 @@ from imagegen.models import EnhancedPrompt, RenderedImage
 from imagegen.settings import Settings
 
 
-async def _render(service: ImageGenService, job: EnhancedPrompt, incoming: Incoming) -> RenderedImage:
+async def _render(
+    service: ImageGenService, job: EnhancedPrompt, incoming: Incoming
+) -> RenderedImage:
     return await service.render(job)
 
 
-async def _render_png(service: ImageGenService, job: EnhancedPrompt) -> tuple[bytes, dict[str, str]]:
+async def _render_png(
+    service: ImageGenService, job: EnhancedPrompt
+) -> tuple[bytes, dict[str, str]]:
     output = await service.render_png(job)
     headers = {
         "X-Imagegen-Generation-Id": job.generation_id,

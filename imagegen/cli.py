@@ -56,13 +56,16 @@ Model = Annotated[str | None, typer.Option("--model", "-m", help="Model id, loca
 Output = Annotated[
     str | None, typer.Option("--output", "-o", help="Storage: a directory or s3://bucket/prefix.")
 ]
-Seed = Annotated[int | None, typer.Option(help="Seed (0 … 2³²−1); default: derived per generation.")]
+Seed = Annotated[
+    int | None, typer.Option(help="Seed (0 … 2³²−1); default: derived per generation.")
+]
 Width = Annotated[int, typer.Option(help="Width in pixels (256–2048, multiple of 16).")]
 Height = Annotated[int, typer.Option(help="Height in pixels (256–2048, multiple of 16).")]
 Steps = Annotated[int | None, typer.Option(help="Denoising steps (1–50); default: per model.")]
 Guidance = Annotated[float | None, typer.Option(help="Guidance scale (0–20); default: per model.")]
 Plugins = Annotated[
-    str | None, typer.Option("--plugins", help="Comma-separated plugins to run, in order ('' for none).")
+    str | None,
+    typer.Option("--plugins", help="Comma-separated plugins to run, in order ('' for none)."),
 ]
 NoEnhance = Annotated[bool, typer.Option("--no-enhance", help="Plugins only; no LLM.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
@@ -106,7 +109,10 @@ def _service(settings: Settings) -> ImageGenService:
 
 def _report(enhanced: EnhancedPrompt, persisted: PersistedImage, as_json: bool) -> None:
     if as_json:
-        body = {"image": persisted.model_dump(mode="json"), "prompt": enhanced.model_dump(mode="json")}
+        body = {
+            "image": persisted.model_dump(mode="json"),
+            "prompt": enhanced.model_dump(mode="json"),
+        }
         typer.echo(json.dumps(body, indent=2))
         return
     where = persisted.url or _display_location(persisted.location)
@@ -125,7 +131,9 @@ def _display_location(location: str) -> str:
     return location
 
 
-async def _generate_one(service: ImageGenService, request: Any, *, show_progress: bool) -> tuple[Any, Any]:
+async def _generate_one(
+    service: ImageGenService, request: Any, *, show_progress: bool
+) -> tuple[Any, Any]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     if not show_progress:
@@ -180,7 +188,9 @@ def generate(
 
     async def go() -> tuple[Any, Any]:
         async with _service(settings) as service:
-            return await _generate_one(service, request, show_progress=not as_json and err.is_terminal)
+            return await _generate_one(
+                service, request, show_progress=not as_json and err.is_terminal
+            )
 
     enhanced, persisted = _run(go)
     _report(enhanced, persisted, as_json)
@@ -188,7 +198,9 @@ def generate(
 
 @app.command()
 def loop(
-    prompt: Annotated[str | None, typer.Argument(help="Prompt for every image; omit to dream each.")] = None,
+    prompt: Annotated[
+        str | None, typer.Argument(help="Prompt for every image; omit to dream each.")
+    ] = None,
     count: Annotated[int, typer.Option(help="Images to make; 0 = until stopped.")] = 0,
     interval: Annotated[float, typer.Option(help="Seconds between images.")] = 0.0,
     model: Model = None,
@@ -305,7 +317,9 @@ def doctor() -> None:
 
     ollama, storage_error = _run(checks)
     reachable = bool(ollama.get("reachable"))
-    detail = f"{settings.ollama_host}: " + json.dumps({k: v for k, v in ollama.items() if k != "reachable"})
+    detail = f"{settings.ollama_host}: " + json.dumps(
+        {k: v for k, v in ollama.items() if k != "reachable"}
+    )
     fallback = "" if reachable else " (template prompts will be used)"
     table.add_row("ollama", "[green]ok[/]" if reachable else "[yellow]down[/]", detail + fallback)
     if storage_error is None:
@@ -323,7 +337,9 @@ def serve(
     stage: Annotated[str, typer.Argument(help="enhance, render, persist or deadletter.")],
     port: Annotated[int, typer.Option(envvar="PORT", help="Port to listen on.")] = 8080,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    debug: Annotated[bool, typer.Option(help="Flask's development server instead of gunicorn.")] = False,
+    debug: Annotated[
+        bool, typer.Option(help="Flask's development server instead of gunicorn.")
+    ] = False,
 ) -> None:
     """Run one function locally, as it runs on Knative."""
     if stage not in STAGES:
@@ -352,7 +368,13 @@ def functions_dir() -> Path:
 
 @app.command()
 def send(
-    event_type: Annotated[str, typer.Argument(metavar="TYPE", help="CloudEvents type, e.g. dev.orchestr8.imagegen.generation.requested.")],
+    event_type: Annotated[
+        str,
+        typer.Argument(
+            metavar="TYPE",
+            help="CloudEvents type, e.g. dev.orchestr8.imagegen.generation.requested.",
+        ),
+    ],
     to: Annotated[str, typer.Option("--to", help="URL: a function or a broker ingress.")],
     data: Annotated[str, typer.Option("--data", help="Event data as JSON.")] = "{}",
     source: Annotated[str, typer.Option(help="CloudEvents source.")] = "/imagegen/cli",
@@ -385,7 +407,9 @@ def send(
         reply_body: Any = reply.json()
     except ValueError:
         reply_body = reply.text
-    typer.echo(json.dumps({"status": reply.status_code, "attributes": ce, "data": reply_body}, indent=2))
+    typer.echo(
+        json.dumps({"status": reply.status_code, "attributes": ce, "data": reply_body}, indent=2)
+    )
     if reply.status_code >= 400:
         raise typer.Exit(1)
 

@@ -122,18 +122,22 @@ class GenerationRequest(_Model):
     generation_id: GenerationId | None = Field(
         default=None, description="Set by the caller or derived from the request event."
     )
-    prompt: Annotated[str, StringConstraints(strip_whitespace=True, max_length=MAX_PROMPT_CHARS)] | None = Field(
-        default=None, description="What to draw. Absent or empty: the enhancer dreams one."
-    )
+    prompt: (
+        Annotated[str, StringConstraints(strip_whitespace=True, max_length=MAX_PROMPT_CHARS)] | None
+    ) = Field(default=None, description="What to draw. Absent or empty: the enhancer dreams one.")
     width: Dimension = 1024
     height: Dimension = 1024
     steps: int | None = Field(default=None, ge=1, le=50, description="Default: per model.")
     guidance: float | None = Field(default=None, ge=0.0, le=20.0, description="Default: per model.")
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    model: str | None = Field(default=None, max_length=200, description="One of the allowed models.")
+    model: str | None = Field(
+        default=None, max_length=200, description="One of the allowed models."
+    )
     enhance: bool = Field(default=True, description="False: plugins only, no LLM.")
     plugins: list[str] | None = Field(
-        default=None, max_length=32, description="Plugins to run, in order; default: the configured set."
+        default=None,
+        max_length=32,
+        description="Plugins to run, in order; default: the configured set.",
     )
     plugin_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     timezone: Annotated[str | None, AfterValidator(_valid_timezone)] = Field(
@@ -143,7 +147,8 @@ class GenerationRequest(_Model):
         default=None, description="The request's time; fixes time-aware plugins."
     )
     metadata: dict[str, Any] = Field(
-        default_factory=dict, description=f"Caller data, kept with the image (≤ {MAX_METADATA_BYTES} bytes)."
+        default_factory=dict,
+        description=f"Caller data, kept with the image (≤ {MAX_METADATA_BYTES} bytes).",
     )
 
     @field_validator("prompt")
@@ -174,7 +179,9 @@ class EnhancedPrompt(_Model):
     original_prompt: str | None = None
     dreamed: bool = Field(default=False, description="True when no prompt was given.")
     fallback: bool = Field(default=False, description="True when the LLM was unavailable.")
-    enhancer: str = Field(description="What wrote the prompt: 'ollama:<model>', 'template', 'passthrough'.")
+    enhancer: str = Field(
+        description="What wrote the prompt: 'ollama:<model>', 'template', 'passthrough'."
+    )
     contributions: list[Contribution] = Field(default_factory=list)
     loras: list[LoraHint] = Field(default_factory=list)
     model: str

@@ -71,4 +71,3 @@ def setup_observability(service_name: str, settings: Settings) -> None:
     _configured = True
     setup_logging(settings, service_name.removeprefix("imagegen-"))
     os.environ.setdefault("OTEL_SERVICE_NAME", service_name)
-

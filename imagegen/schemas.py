@@ -24,9 +24,9 @@ def render_schemas() -> dict[str, str]:
             "$id": dataschema(event_type),
             **model.model_json_schema(mode="validation"),
         }
-        schema["description"] = f"Data of CloudEvents type {event_type}. " + str(
-            schema.get("description", "")
-        ).strip()
+        schema["description"] = (
+            f"Data of CloudEvents type {event_type}. " + str(schema.get("description", "")).strip()
+        )
         out[f"{short_name(event_type)}.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
     return out
 

@@ -128,13 +128,17 @@ class ImageGenService:
                 stage.outcome = "fallback"
             return result
 
-    async def render(self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None) -> RenderedImage:
+    async def render(
+        self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None
+    ) -> RenderedImage:
         """Render ``job`` and store the PNG (idempotent per generation id)."""
         async with _stage("render", job.generation_id) as stage:
             _job_attributes(stage.span, job)
             return await self.render_stage.render(job, progress=progress)
 
-    async def render_png(self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None) -> RenderOutput:
+    async def render_png(
+        self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None
+    ) -> RenderOutput:
         """Render ``job`` and return the PNG bytes without storing them."""
         async with _stage("render", job.generation_id) as stage:
             _job_attributes(stage.span, job)

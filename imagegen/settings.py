@@ -61,7 +61,9 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "mps", "cpu"] = Field(default="auto")
     model_cache_dir: Path | None = Field(default=None, description="Hugging Face cache directory.")
     hf_token: SecretStr | None = Field(default=None, description="Token for gated models.")
-    render_queue_size: int = Field(default=4, ge=0, description="Renders that may wait; 429 beyond.")
+    render_queue_size: int = Field(
+        default=4, ge=0, description="Renders that may wait; 429 beyond."
+    )
     render_timeout: float = Field(default=600.0, gt=0, description="Seconds one render may take.")
 
     # Enhance
@@ -105,11 +107,13 @@ class Settings(BaseSettings):
 
     # Logs
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    log_prompts: bool = Field(default=True, description="Prompts in INFO logs (dev: on, prod: off).")
-
-    _split = field_validator("allowed_models", "plugins", "holiday_countries", "loras", mode="before")(
-        _split_list
+    log_prompts: bool = Field(
+        default=True, description="Prompts in INFO logs (dev: on, prod: off)."
     )
+
+    _split = field_validator(
+        "allowed_models", "plugins", "holiday_countries", "loras", mode="before"
+    )(_split_list)
 
     @field_validator("plugin_options", mode="before")
     @classmethod

@@ -60,7 +60,9 @@ def instruments() -> Instruments:
             n["stage_duration"], unit="s", description="Time one stage took for one generation."
         ),
         generations=meter.create_counter(
-            n["generations"], unit="{generation}", description="Stage outcomes: success, fallback, failed."
+            n["generations"],
+            unit="{generation}",
+            description="Stage outcomes: success, fallback, failed.",
         ),
         ollama_duration=meter.create_histogram(
             n["ollama_duration"], unit="s", description="Latency of Ollama chat calls."
@@ -78,7 +80,9 @@ def instruments() -> Instruments:
             n["renders_in_flight"], unit="{render}", description="Renders running or queued."
         ),
         render_rejections=meter.create_counter(
-            n["render_rejections"], unit="{render}", description="Renders refused at capacity (429)."
+            n["render_rejections"],
+            unit="{render}",
+            description="Renders refused at capacity (429).",
         ),
         storage_bytes_written=meter.create_counter(
             n["storage_bytes_written"], unit="By", description="Bytes written to object storage."

@@ -74,9 +74,12 @@ def validate_key(key: str) -> str:
         InvalidRequest: for absolute paths, ``..``, empty segments, backslashes or odd characters.
     """
     if not key or len(key) > 512 or key.startswith("/") or "\\" in key:
-        raise InvalidRequest(f"invalid object key {key!r}", errors=[{"field": "key", "message": "not a relative key"}])
+        raise InvalidRequest(
+            f"invalid object key {key!r}",
+            errors=[{"field": "key", "message": "not a relative key"}],
+        )
     for segment in key.split("/"):
-        if segment in ("", ".", "..") or not _SEGMENT.match(segment):
+        if segment in ("", ".", "..") or not _SEGMENT.fullmatch(segment):
             raise InvalidRequest(
                 f"invalid object key {key!r}",
                 errors=[{"field": "key", "message": f"bad segment {segment!r}"}],

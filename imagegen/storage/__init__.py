@@ -1,0 +1,86 @@
+"""Where images and their records are stored: a local directory or an S3-compatible bucket.
+
+``storage_url`` picks the backend: a path or ``file://`` URL for :class:`LocalStorage`,
+``s3://bucket[/prefix]`` for :class:`S3Storage`, configured by ``s3_preset`` and the other
+``s3_*`` settings (see :mod:`imagegen.storage.presets`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit
+
+from imagegen.errors import InvalidRequest
+from imagegen.storage.base import (
+    GenerationKeys,
+    Storage,
+    StoredObject,
+    validate_key,
+    validate_metadata,
+)
+from imagegen.storage.local import LocalStorage
+from imagegen.storage.presets import PRESETS, S3Options, s3_options, s3_options_from_settings
+
+if TYPE_CHECKING:
+    from imagegen.settings import Settings
+    from imagegen.storage.s3 import S3Storage
+
+__all__ = [
+    "PRESETS",
+    "GenerationKeys",
+    "LocalStorage",
+    "S3Options",
+    "S3Storage",
+    "Storage",
+    "StoredObject",
+    "open_storage",
+    "s3_options",
+    "s3_options_from_settings",
+    "validate_key",
+    "validate_metadata",
+]
+
+
+def open_storage(settings: Settings) -> Storage:
+    """The storage ``settings.storage_url`` names.
+
+    Raises:
+        InvalidRequest: naming ``storage_url`` (or the ``s3_*`` field at fault) when the
+            configuration cannot work.
+    """
+    url = settings.storage_url.strip()
+    scheme = urlsplit(url).scheme if "://" in url else ""
+    if scheme == "":
+        if not url:
+            raise _invalid(url, "empty")
+        return LocalStorage(Path(url))
+    if scheme == "file":
+        parts = urlsplit(url)
+        if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
+            raise _invalid(url, "expected file:///absolute/path")
+        return LocalStorage(Path(unquote(parts.path)))
+    if scheme == "s3":
+        from imagegen.storage.s3 import S3Storage
+
+        return S3Storage.from_url(url, s3_options_from_settings(settings))
+    hint = " (Google Cloud Storage: s3://bucket with s3_preset=gcs)" if scheme == "gs" else ""
+    raise _invalid(url, f"unsupported scheme {scheme!r}; use a path, file:// or s3://{hint}")
+
+
+def __getattr__(name: str) -> object:
+    # boto3 takes a while to import; processes on local storage never need it.
+    if name == "S3Storage":
+        from imagegen.storage.s3 import S3Storage
+
+        return S3Storage
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _invalid(url: str, message: str) -> InvalidRequest:
+    from imagegen.storage.s3 import redact_url
+
+    return InvalidRequest(
+        f"invalid storage_url {redact_url(url)!r}: {message}",
+        errors=[{"field": "storage_url", "message": message}],
+    )

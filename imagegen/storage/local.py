@@ -1,0 +1,194 @@
+"""Objects as files under a local directory.
+
+Layout, for the key ``2026/05/01/abc.png`` under the root ``./output``::
+
+    output/2026/05/01/abc.png           the object itself
+    output/2026/05/01/.abc.png.meta     its content type and user metadata (JSON)
+
+The sidecar name starts with a dot, and no valid key segment does (see
+:func:`~imagegen.storage.base.validate_key`), so a sidecar can never be mistaken for an object,
+nor collide with the ``.json`` metadata record the persist stage writes as an object of its own.
+Extended attributes would avoid the sidecar but are not portable (tmpfs, macOS, volume mounts).
+
+Writes go to a hidden temporary file in the same directory, are flushed to disk, then renamed
+over the target with :func:`os.replace`, so readers see the old object or the new one, never a
+partial one. A writer killed mid-way can leave a hidden ``.<name>.<random>.tmp`` file behind;
+it is never visible as an object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import mimetypes
+import os
+import secrets
+import tempfile
+from pathlib import Path
+
+from imagegen.errors import DependencyUnavailable, InvalidRequest, NotFound
+from imagegen.storage.base import StoredObject, validate_key, validate_metadata
+
+__all__ = ["LocalStorage"]
+
+_DEFAULT_CONTENT_TYPE = "application/octet-stream"
+
+
+class LocalStorage:
+    """A :class:`~imagegen.storage.base.Storage` on the local file system.
+
+    Args:
+        root: The directory holding every object; created on first write.
+    """
+
+    name = "local"
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).expanduser().resolve()
+
+    def __repr__(self) -> str:
+        return f"LocalStorage(root={str(self.root)!r})"
+
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str,
+        metadata: dict[str, str] | None = None,
+    ) -> StoredObject:
+        """Write ``data`` at ``key`` atomically, replacing what is there."""
+        validate_key(key)
+        meta = validate_metadata(metadata)
+        path = await asyncio.to_thread(self._write, key, data, content_type, meta)
+        return StoredObject(
+            key=key,
+            location=path.as_uri(),
+            size=len(data),
+            content_type=content_type,
+            metadata=meta,
+        )
+
+    async def get(self, key: str) -> bytes:
+        """Read the object at ``key``.
+
+        Raises:
+            NotFound: when there is no object at ``key``.
+        """
+        validate_key(key)
+        try:
+            return await asyncio.to_thread(lambda: self._path(key).read_bytes())
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFound(f"no object at {key!r}") from None
+        except OSError as exc:
+            raise self._unavailable("cannot read from", exc) from exc
+
+    async def head(self, key: str) -> StoredObject | None:
+        """The object at ``key`` without its body, or None when absent."""
+        validate_key(key)
+        try:
+            return await asyncio.to_thread(self._head, key)
+        except OSError as exc:
+            raise self._unavailable("cannot read from", exc) from exc
+
+    def location(self, key: str) -> str:
+        """The ``file://`` URI of the object at ``key``."""
+        return self._path(key).as_uri()
+
+    async def check(self) -> None:
+        """Raise DependencyUnavailable unless the root can be created and written to."""
+        try:
+            await asyncio.to_thread(self._probe)
+        except OSError as exc:
+            raise self._unavailable("cannot write to", exc) from exc
+
+    # Blocking parts, run in a worker thread.
+
+    def _path(self, key: str) -> Path:
+        path = self.root / validate_key(key)
+        # validate_key rejects "..", but a symlink inside the root may still point outside it.
+        if not path.resolve().is_relative_to(self.root):
+            raise InvalidRequest(
+                f"object key {key!r} leads outside the storage root",
+                errors=[{"field": "key", "message": "resolves outside the storage root"}],
+            )
+        return path
+
+    def _write(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> Path:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # The object goes first, its metadata second: a writer killed in between leaves the
+            # new object with stale metadata (e.g. an old sha256), which makes a retry write again,
+            # never new metadata that would vouch for an old object.
+            _atomic_write(path, data)
+            record = {"content_type": content_type, "metadata": metadata}
+            _atomic_write(_sidecar(path), json.dumps(record, sort_keys=True).encode())
+        except OSError as exc:
+            raise self._unavailable("cannot write to", exc) from exc
+        return path
+
+    def _head(self, key: str) -> StoredObject | None:
+        path = self._path(key)
+        try:
+            size = path.stat().st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not path.is_file():
+            return None
+        content_type, metadata = _read_sidecar(path)
+        return StoredObject(
+            key=key,
+            location=path.as_uri(),
+            size=size,
+            content_type=content_type,
+            metadata=metadata,
+        )
+
+    def _probe(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=self.root, prefix=".check."):
+            pass
+
+    def _unavailable(self, what: str, exc: OSError) -> DependencyUnavailable:
+        reason = exc.strerror or type(exc).__name__
+        return DependencyUnavailable(f"local storage: {what} {str(self.root)!r}: {reason}")
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(f".{path.name}.meta")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    # O_EXCL: never write through a file or link someone else put there; 0o666 lets the umask
+    # decide the permissions, as for any newly created file.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _read_sidecar(path: Path) -> tuple[str, dict[str, str]]:
+    guessed = mimetypes.guess_type(path.name)[0] or _DEFAULT_CONTENT_TYPE
+    try:
+        record = json.loads(_sidecar(path).read_text())
+    except (OSError, ValueError):
+        # No sidecar (a file copied in by hand) or a damaged one: the object is still served.
+        return guessed, {}
+    if not isinstance(record, dict):
+        return guessed, {}
+    content_type = record.get("content_type")
+    metadata = record.get("metadata")
+    return (
+        content_type if isinstance(content_type, str) else guessed,
+        {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {},
+    )

@@ -1,0 +1,143 @@
+"""Named settings for S3-compatible stores: ``aws``, ``gcs``, ``r2`` and ``minio``.
+
+A preset fills in what a provider needs; any ``s3_*`` setting given explicitly wins over it.
+Precedence, highest first: ``s3_endpoint_url`` / ``s3_region`` / ``s3_addressing_style``, the
+preset named by ``s3_preset``, then botocore's own defaults (and the ``AWS_*`` variables).
+
+Why the checksum settings: botocore 1.36 and later add CRC32 checksums to uploads by default
+(``x-amz-sdk-checksum-algorithm``, ``x-amz-checksum-crc32`` or an ``aws-chunked`` trailer).
+Google Cloud Storage's XML API rejects those headers, so ``gcs`` computes checksums only where
+an operation requires one (``when_required``); R2 is given the same to be safe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import SecretStr
+
+from imagegen.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from imagegen.settings import Settings
+
+__all__ = [
+    "PRESETS",
+    "AddressingStyle",
+    "ChecksumMode",
+    "S3Options",
+    "s3_options",
+    "s3_options_from_settings",
+]
+
+AddressingStyle = Literal["auto", "virtual", "path"]
+ChecksumMode = Literal["when_supported", "when_required"]
+PresetName = Literal["aws", "gcs", "r2", "minio"]
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """How to reach an S3-compatible store.
+
+    Attributes:
+        preset: The preset these options came from (for messages).
+        endpoint_url: None: AWS, chosen by botocore from the region.
+        region: None: botocore's choice (``AWS_REGION``, the config file, else us-east-1).
+        addressing_style: ``path`` (``host/bucket/key``) or ``virtual`` (``bucket.host/key``).
+        checksums: Request and response checksum policy; None: botocore's default.
+        access_key_id: With ``secret_access_key``; None: the standard AWS credential chain.
+        secret_access_key: The HMAC secret; never logged, never in ``repr``.
+        connect_timeout: Seconds to open a connection.
+        read_timeout: Seconds to wait for a response (or the next bytes of one).
+        max_attempts: Tries per call, the first included (botocore's standard retry mode).
+    """
+
+    preset: PresetName = "aws"
+    endpoint_url: str | None = None
+    region: str | None = None
+    addressing_style: AddressingStyle = "auto"
+    checksums: ChecksumMode | None = None
+    access_key_id: SecretStr | None = field(default=None, repr=False)
+    secret_access_key: SecretStr | None = field(default=None, repr=False)
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    max_attempts: int = 3
+
+
+PRESETS: dict[str, S3Options] = {
+    "aws": S3Options(preset="aws"),
+    # XML API interoperability: SigV4 with HMAC keys, region "auto". Path style works for every
+    # bucket name, dotted ones included, under the one certificate of storage.googleapis.com.
+    "gcs": S3Options(
+        preset="gcs",
+        endpoint_url="https://storage.googleapis.com",
+        region="auto",
+        addressing_style="path",
+        checksums="when_required",
+    ),
+    "r2": S3Options(preset="r2", region="auto", addressing_style="path", checksums="when_required"),
+    "minio": S3Options(preset="minio", region="us-east-1", addressing_style="path"),
+}
+"""The named presets; :func:`s3_options` applies explicit settings over them."""
+
+# The endpoint of these is specific to an account or a deployment: the user must name it.
+_ENDPOINT_EXAMPLES = {
+    "r2": "https://<account-id>.r2.cloudflarestorage.com",
+    "minio": "http://minio.<namespace>.svc:9000",
+}
+
+
+def s3_options(
+    preset: str | None = None,
+    *,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    addressing_style: AddressingStyle | None = None,
+    access_key_id: SecretStr | None = None,
+    secret_access_key: SecretStr | None = None,
+) -> S3Options:
+    """The options of ``preset`` (default ``aws``) with every explicit argument applied over it.
+
+    Raises:
+        InvalidRequest: for an unknown preset (field ``s3_preset``), a preset that needs an
+            endpoint and got none (``s3_endpoint_url``), or half a key pair.
+    """
+    name = preset or "aws"
+    if name not in PRESETS:
+        raise InvalidRequest(
+            f"unknown S3 preset {name!r}",
+            errors=[{"field": "s3_preset", "message": f"one of {', '.join(PRESETS)}"}],
+        )
+    if name in _ENDPOINT_EXAMPLES and not endpoint_url:
+        raise InvalidRequest(
+            f"the {name} preset needs s3_endpoint_url, e.g. {_ENDPOINT_EXAMPLES[name]}",
+            errors=[{"field": "s3_endpoint_url", "message": f"required by the {name} preset"}],
+        )
+    if (access_key_id is None) != (secret_access_key is None):
+        missing = "s3_secret_access_key" if secret_access_key is None else "s3_access_key_id"
+        raise InvalidRequest(
+            "s3_access_key_id and s3_secret_access_key are set together or not at all",
+            errors=[{"field": missing, "message": "missing while its pair is set"}],
+        )
+    base = PRESETS[name]
+    return replace(
+        base,
+        endpoint_url=endpoint_url or base.endpoint_url,
+        region=region or base.region,
+        addressing_style=addressing_style or base.addressing_style,
+        access_key_id=access_key_id,
+        secret_access_key=secret_access_key,
+    )
+
+
+def s3_options_from_settings(settings: Settings) -> S3Options:
+    """:func:`s3_options` from the ``s3_*`` settings."""
+    return s3_options(
+        settings.s3_preset,
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.s3_region,
+        addressing_style=settings.s3_addressing_style,
+        access_key_id=settings.s3_access_key_id,
+        secret_access_key=settings.s3_secret_access_key,
+    )

@@ -1,0 +1,353 @@
+"""Objects in an S3-compatible bucket (AWS S3, Google Cloud Storage, Cloudflare R2, MinIO).
+
+boto3 is blocking, so every call runs in a worker thread; one client is created per storage
+and shared by those threads (boto3 clients are thread-safe, sessions are not). Retries with
+backoff are botocore's own (standard mode); what is still failing afterwards is translated:
+
+* connection errors, timeouts, 5xx and throttling: :class:`DependencyUnavailable`;
+* a missing bucket or refused credentials: :class:`DependencyUnavailable` with a message that
+  says so, as a deployment can be fixed without changing the request;
+* a missing object: :class:`NotFound` from ``get``, None from ``head``.
+
+Messages name the bucket and the error code, never a credential.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import re
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    CredentialRetrievalError,
+    NoCredentialsError,
+    ParamValidationError,
+    PartialCredentialsError,
+)
+
+from imagegen.errors import (
+    DependencyUnavailable,
+    ImageGenError,
+    InternalError,
+    InvalidRequest,
+    NotFound,
+)
+from imagegen.storage.base import StoredObject, validate_key, validate_metadata
+from imagegen.storage.presets import S3Options
+
+__all__ = ["S3Storage"]
+
+T = TypeVar("T")
+
+# S3 allows 3-63 characters; GCS allows underscores and up to 222 with dots. Accept the union.
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
+_THROTTLING = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "TooManyRequests",
+}
+_DENIED = {
+    "AccessDenied",
+    "AllAccessDisabled",
+    "ExpiredToken",
+    "InvalidAccessKeyId",
+    "InvalidToken",
+    "SignatureDoesNotMatch",
+}
+_MISSING = {"NoSuchKey", "NotFound", "404"}
+_USERINFO = re.compile(r"//[^/?#]*@")
+_DEFAULT_CONTENT_TYPE = "application/octet-stream"
+
+
+class S3Storage:
+    """A :class:`~imagegen.storage.base.Storage` on an S3-compatible bucket.
+
+    Args:
+        bucket: The bucket name.
+        prefix: Prepended to every key (``images`` stores ``k`` at ``images/k``).
+        options: Endpoint, region, credentials, timeouts; see :mod:`imagegen.storage.presets`.
+    """
+
+    name = "s3"
+
+    def __init__(self, bucket: str, prefix: str = "", options: S3Options | None = None) -> None:
+        self.bucket = _check_bucket(bucket, field="bucket")
+        self.prefix = _check_prefix(prefix, field="prefix")
+        self.options = options or S3Options()
+        _instrument_botocore()
+        self._client = _client(self.options)
+
+    @classmethod
+    def from_url(cls, url: str, options: S3Options | None = None) -> S3Storage:
+        """A storage for ``s3://bucket[/prefix]``.
+
+        Raises:
+            InvalidRequest: naming ``storage_url`` when the URL is not of that form.
+        """
+        parts = urlsplit(url)
+        if (
+            parts.scheme != "s3"
+            or parts.query
+            or parts.fragment
+            or "@" in parts.netloc
+            or ":" in parts.netloc
+        ):
+            raise _bad_url(url, "expected s3://bucket[/prefix]")
+        return cls(
+            _check_bucket(parts.netloc, field="storage_url"),
+            _check_prefix(parts.path, field="storage_url"),
+            options,
+        )
+
+    def __repr__(self) -> str:
+        preset = self.options.preset
+        return f"S3Storage(bucket={self.bucket!r}, prefix={self.prefix!r}, preset={preset!r})"
+
+    def close(self) -> None:
+        """Release the client's connections."""
+        self._client.close()
+
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str,
+        metadata: dict[str, str] | None = None,
+    ) -> StoredObject:
+        """Write ``data`` at ``key``, replacing what is there (S3 writes are atomic per object)."""
+        object_key = self._object_key(key)
+        meta = validate_metadata(metadata)
+        # Content-MD5 lets every provider check the body, GCS included, where the newer
+        # x-amz-checksum-* headers are refused (see presets).
+        md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+        try:
+            await self._call(
+                "PutObject",
+                lambda: self._client.put_object(
+                    Bucket=self.bucket,
+                    Key=object_key,
+                    Body=data,
+                    ContentType=content_type,
+                    ContentMD5=md5,
+                    Metadata=meta,
+                ),
+            )
+        except _Missing:
+            raise self._no_bucket() from None
+        return StoredObject(
+            key=key,
+            location=self.location(key),
+            size=len(data),
+            content_type=content_type,
+            metadata=meta,
+        )
+
+    async def get(self, key: str) -> bytes:
+        """Read the object at ``key``.
+
+        Raises:
+            NotFound: when there is no object at ``key``.
+        """
+        object_key = self._object_key(key)
+
+        def read() -> bytes:
+            response = self._client.get_object(Bucket=self.bucket, Key=object_key)
+            with response["Body"] as body:
+                return bytes(body.read())
+
+        try:
+            return await self._call("GetObject", read)
+        except _Missing:
+            raise NotFound(f"no object at {key!r}") from None
+
+    async def head(self, key: str) -> StoredObject | None:
+        """The object at ``key`` without its body, or None when absent.
+
+        S3 answers a HEAD on a missing bucket with a bare 404 too, so that also gives None;
+        :meth:`check` and :meth:`put` tell the two apart.
+        """
+        object_key = self._object_key(key)
+        try:
+            response = await self._call(
+                "HeadObject", lambda: self._client.head_object(Bucket=self.bucket, Key=object_key)
+            )
+        except _Missing:
+            return None
+        return StoredObject(
+            key=key,
+            location=self.location(key),
+            size=int(response.get("ContentLength", 0)),
+            content_type=str(response.get("ContentType") or _DEFAULT_CONTENT_TYPE),
+            metadata={str(k).lower(): str(v) for k, v in response.get("Metadata", {}).items()},
+        )
+
+    def location(self, key: str) -> str:
+        """The ``s3://bucket/prefix/key`` URI of ``key``."""
+        return f"s3://{self.bucket}/{self._object_key(key)}"
+
+    async def check(self) -> None:
+        """Raise DependencyUnavailable unless the bucket exists and the credentials may use it."""
+        try:
+            await self._call("HeadBucket", lambda: self._client.head_bucket(Bucket=self.bucket))
+        except _Missing:
+            raise self._no_bucket() from None
+
+    def _object_key(self, key: str) -> str:
+        validate_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    async def _call(self, operation: str, call: Callable[[], T]) -> T:
+        try:
+            return await asyncio.to_thread(call)
+        except ClientError as exc:
+            raise self._client_error(operation, exc) from exc
+        except (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError) as exc:
+            raise DependencyUnavailable(
+                f"no usable credentials for S3 bucket {self.bucket!r}: set"
+                " IMAGEGEN_S3_ACCESS_KEY_ID and IMAGEGEN_S3_SECRET_ACCESS_KEY,"
+                " or the standard AWS credentials"
+            ) from exc
+        except ParamValidationError as exc:
+            message = f"S3 {operation} on bucket {self.bucket!r}: invalid parameters"
+            raise InternalError(message) from exc
+        except BotoCoreError as exc:
+            # Connection refused or reset, DNS, connect/read timeouts: retried by botocore already.
+            raise DependencyUnavailable(
+                f"S3 bucket {self.bucket!r} unreachable during {operation} ({type(exc).__name__})"
+            ) from exc
+
+    def _client_error(self, operation: str, exc: ClientError) -> ImageGenError | _Missing:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+        if code == "NoSuchBucket":
+            return self._no_bucket()
+        if code in _MISSING or status == 404:
+            return _Missing()
+        if code in _DENIED or status == 403:
+            return DependencyUnavailable(
+                f"access to S3 bucket {self.bucket!r} denied ({code or status}) during {operation}:"
+                " check the credentials and the bucket's permissions"
+            )
+        if code in _THROTTLING or status == 429:
+            return DependencyUnavailable(
+                f"S3 bucket {self.bucket!r} is throttling requests ({code or status})"
+            )
+        if status >= 500 or code in ("RequestTimeout", "InternalError", "ServiceUnavailable"):
+            return DependencyUnavailable(
+                f"S3 bucket {self.bucket!r} unavailable during {operation} ({code or status})"
+            )
+        return InternalError(f"S3 {operation} on bucket {self.bucket!r} failed ({code or status})")
+
+    def _no_bucket(self) -> DependencyUnavailable:
+        where = f" at {self.options.endpoint_url}" if self.options.endpoint_url else ""
+        return DependencyUnavailable(
+            f"S3 bucket {self.bucket!r} does not exist{where}: create it or fix storage_url"
+        )
+
+
+class _Missing(Exception):
+    """A 404 for an object; each operation turns it into its own answer."""
+
+
+def _client(options: S3Options) -> Any:
+    extra: dict[str, Any] = {}
+    if options.checksums is not None:
+        extra["request_checksum_calculation"] = options.checksums
+        extra["response_checksum_validation"] = options.checksums
+    config = Config(
+        region_name=options.region,
+        signature_version="s3v4",
+        s3={"addressing_style": options.addressing_style},
+        connect_timeout=options.connect_timeout,
+        read_timeout=options.read_timeout,
+        retries={"mode": "standard", "total_max_attempts": options.max_attempts},
+        # Enough for the default thread pool of asyncio.to_thread.
+        max_pool_connections=32,
+        user_agent_appid="imagegen",
+        **extra,
+    )
+    credentials: dict[str, str] = {}
+    if options.access_key_id is not None and options.secret_access_key is not None:
+        credentials = {
+            "aws_access_key_id": options.access_key_id.get_secret_value(),
+            "aws_secret_access_key": options.secret_access_key.get_secret_value(),
+        }
+    global _session
+    # Sessions are not thread-safe, clients are: one session of our own (not boto3's default
+    # one, which other code may configure), used under a lock, and its model cache reused.
+    with _session_lock:
+        if _session is None:
+            _session = boto3.session.Session()
+        return _session.client(
+            "s3", endpoint_url=options.endpoint_url, config=config, **credentials
+        )
+
+
+_session_lock = threading.Lock()
+_session: Any = None
+
+
+_instrument_lock = threading.Lock()
+_instrumented = False
+
+
+def _instrument_botocore() -> None:
+    """Trace botocore calls with OpenTelemetry, once per process (a no-op without an SDK)."""
+    global _instrumented
+    with _instrument_lock:
+        if _instrumented:
+            return
+        _instrumented = True
+        try:
+            from opentelemetry.instrumentation.botocore import BotocoreInstrumentor
+        except ImportError:
+            return
+        instrumentor = BotocoreInstrumentor()  # type: ignore[no-untyped-call]
+        if not instrumentor.is_instrumented_by_opentelemetry:
+            instrumentor.instrument()
+
+
+def redact_url(url: str) -> str:
+    """``url`` without the credentials someone may have written into it (``s3://id:key@b``)."""
+    return _USERINFO.sub("//***@", url)
+
+
+def _check_bucket(bucket: str, *, field: str) -> str:
+    if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+        raise InvalidRequest(
+            f"invalid bucket name {bucket!r}",
+            errors=[{"field": field, "message": "not a valid bucket name"}],
+        )
+    return bucket
+
+
+def _check_prefix(prefix: str, *, field: str) -> str:
+    prefix = prefix.strip("/")
+    if not prefix:
+        return ""
+    try:
+        return validate_key(prefix)
+    except InvalidRequest:
+        raise InvalidRequest(
+            f"invalid key prefix {prefix!r}",
+            errors=[{"field": field, "message": "the prefix must be a safe relative path"}],
+        ) from None
+
+
+def _bad_url(url: str, message: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"invalid storage_url {redact_url(url)!r}: {message}",
+        errors=[{"field": "storage_url", "message": message}],
+    )

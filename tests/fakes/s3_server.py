@@ -1,0 +1,307 @@
+"""A real S3 HTTP server on loopback: moto, behind a small recording reverse proxy.
+
+Clients talk to :attr:`S3Server.endpoint` (the proxy). The proxy records every request as it
+arrived (method, path, headers) and forwards it unchanged to moto, so tests can assert on what
+an S3 client really sent. It can also play an outage::
+
+    with S3Server() as s3:
+        s3.create_bucket("images")
+        ...                                  # talk to s3.endpoint
+        s3.down()                            # connections refused
+        s3.down(status=503)                  # every request answered 503 SlowDown
+        s3.down(status=503, count=1)         # only the next request
+        s3.down(hang=True)                   # requests accepted, never answered
+        s3.up()                              # back to normal
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any, Self
+
+import boto3
+from moto.server import ThreadedMotoServer
+
+__all__ = ["RecordedRequest", "S3Server"]
+
+# Not forwarded: they describe this hop, not the request. Expect is answered by the proxy.
+_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "expect", "upgrade", "te"}
+# Written by the proxy itself when answering.
+_SET_HERE = {"transfer-encoding", "content-length", "date", "server"}
+# Error codes S3 answers with, by status, for simulated failures.
+_ERROR_CODES = {400: "InvalidArgument", 403: "AccessDenied", 500: "InternalError", 503: "SlowDown"}
+ACCESS_KEY_ID = "test-access-key-id"
+SECRET_ACCESS_KEY = "test-secret-access-key"
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as it reached the server; header names are lowercase."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+
+class S3Server:
+    """moto's S3 behind a recording proxy, both on 127.0.0.1 with free ports."""
+
+    def __init__(self, *, region: str = "us-east-1") -> None:
+        self.region = region
+        self._moto: ThreadedMotoServer | None = None
+        self._proxy: _Proxy | None = None
+        self._port = 0
+        self._lock = threading.Lock()
+        self._requests: list[RecordedRequest] = []
+        self._fail_status: int | None = None
+        self._fail_count: int | None = None
+        self._hang = threading.Event()
+        self._released = threading.Event()
+        self._client: Any = None
+
+    # Lifecycle
+
+    def start(self) -> Self:
+        self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._moto.start()
+        self._start_proxy()
+        return self
+
+    def stop(self) -> None:
+        self._released.set()
+        self._stop_proxy()
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._moto is not None:
+            self._moto.stop()
+            self._moto = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def endpoint(self) -> str:
+        """The URL clients use (the recording proxy)."""
+        return f"http://127.0.0.1:{self._port}"
+
+    @property
+    def moto_endpoint(self) -> str:
+        """moto itself, bypassing the proxy: nothing recorded, no outage."""
+        assert self._moto is not None, "start() first"
+        host, port = self._moto.get_host_and_port()
+        return f"http://{host}:{port}"
+
+    # What the server saw
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """The requests received since the last :meth:`clear`, oldest first."""
+        with self._lock:
+            return list(self._requests)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._requests.clear()
+
+    # Outages
+
+    def down(
+        self, *, status: int | None = None, count: int | None = None, hang: bool = False
+    ) -> None:
+        """Make the store unavailable until :meth:`up`.
+
+        Args:
+            status: Answer requests with this status instead of refusing connections, with
+                the S3 error code of :data:`_ERROR_CODES` (503: ``SlowDown``).
+            count: With ``status``: only that many requests fail, then the store is back.
+            hang: Accept requests but never answer them (until ``up``), to exercise timeouts.
+        """
+        self.up()
+        if hang:
+            self._released.clear()
+            self._hang.set()
+        elif status is not None:
+            with self._lock:
+                self._fail_status, self._fail_count = status, count
+        else:
+            self._stop_proxy()
+
+    def up(self) -> None:
+        """End any outage."""
+        with self._lock:
+            self._fail_status, self._fail_count = None, None
+        self._hang.clear()
+        self._released.set()
+        if self._proxy is None and self._moto is not None:
+            self._start_proxy()
+
+    @contextmanager
+    def outage(self, **kwargs: Any) -> Iterator[None]:
+        """:meth:`down` for the duration of a ``with`` block."""
+        self.down(**kwargs)
+        try:
+            yield
+        finally:
+            self.up()
+
+    # Set-up shortcuts, straight to moto
+
+    def client(self) -> Any:
+        """A boto3 S3 client talking to moto directly (made once; clients are thread-safe)."""
+        if self._client is None:
+            self._client = boto3.session.Session().client(
+                "s3",
+                endpoint_url=self.moto_endpoint,
+                region_name=self.region,
+                aws_access_key_id=ACCESS_KEY_ID,
+                aws_secret_access_key=SECRET_ACCESS_KEY,
+            )
+        return self._client
+
+    def create_bucket(self, name: str) -> str:
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    # Internals
+
+    def _start_proxy(self) -> None:
+        proxy = _Proxy(("127.0.0.1", self._port), _handler(self))
+        self._port = proxy.server_address[1]
+        self._proxy = proxy
+        threading.Thread(target=proxy.serve_forever, name="s3-proxy", daemon=True).start()
+
+    def _stop_proxy(self) -> None:
+        proxy, self._proxy = self._proxy, None
+        if proxy is not None:
+            proxy.shutdown()
+            proxy.server_close()
+
+    def _record(self, request: RecordedRequest) -> int | None:
+        """Keep ``request``; return the status to fail it with, if any."""
+        with self._lock:
+            self._requests.append(request)
+            status = self._fail_status
+            if status is not None and self._fail_count is not None:
+                self._fail_count -= 1
+                if self._fail_count <= 0:
+                    self._fail_status = self._fail_count = None
+            return status
+
+
+class _Proxy(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def _handler(server: S3Server) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        # HTTP/1.1 so that "Expect: 100-continue" is answered; one request per connection
+        # keeps outages simple (no kept-alive connection outlives a stopped proxy).
+        protocol_version = "HTTP/1.1"
+
+        def do_request(self) -> None:
+            self.close_connection = True
+            body = self._read_body()
+            headers = {name.lower(): value for name, value in self.headers.items()}
+            status = server._record(RecordedRequest(self.command, self.path, headers, body))
+            if server._hang.is_set():
+                server._released.wait(timeout=60)
+                return
+            if status is not None:
+                code = _ERROR_CODES.get(status, "ServiceUnavailable")
+                payload = f"<Error><Code>{code}</Code><Message>simulated</Message></Error>"
+                self._respond(status, [("Content-Type", "application/xml")], payload.encode())
+                return
+            self._forward(body)
+
+        do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = do_request
+
+        def _read_body(self) -> bytes:
+            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                # Forwarded as received: keep the raw chunked framing, trailers included.
+                raw = bytearray()
+                while True:
+                    line = self.rfile.readline()
+                    raw += line
+                    size = int(line.split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        while True:
+                            trailer = self.rfile.readline()
+                            raw += trailer
+                            if trailer in (b"\r\n", b"\n", b""):
+                                return bytes(raw)
+                    raw += self.rfile.read(size + 2)
+            length = int(self.headers.get("Content-Length") or 0)
+            return self.rfile.read(length) if length else b""
+
+        def _forward(self, body: bytes) -> None:
+            assert server._moto is not None
+            host, port = server._moto.get_host_and_port()
+            upstream = http.client.HTTPConnection(host, port, timeout=30)
+            try:
+                upstream.putrequest(
+                    self.command, self.path, skip_host=True, skip_accept_encoding=True
+                )
+                for name, value in self.headers.items():
+                    if name.lower() not in _HOP_BY_HOP:
+                        upstream.putheader(name, value)
+                upstream.endheaders(body or None)
+                response = upstream.getresponse()
+                payload = response.read()
+                headers = [
+                    (name, value)
+                    for name, value in response.getheaders()
+                    if name.lower() not in _HOP_BY_HOP | _SET_HERE
+                ]
+            except (OSError, http.client.HTTPException):
+                self._respond(502, [], b"")
+                return
+            finally:
+                upstream.close()
+            # A HEAD answer's Content-Length is the object's size, not this (empty) body's.
+            length = response.getheader("Content-Length") if self.command == "HEAD" else None
+            self._respond(response.status, headers, payload, length=length)
+
+        def _respond(
+            self,
+            status: int,
+            headers: list[tuple[str, str]],
+            payload: bytes,
+            *,
+            length: str | None = None,
+        ) -> None:
+            try:
+                self.send_response(status)
+                for name, value in headers:
+                    self.send_header(name, value)
+                self.send_header("Content-Length", length or str(len(payload)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+            except OSError:
+                pass  # the client gave up (e.g. its read timeout); nothing to tell it
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    return Handler

@@ -1,0 +1,114 @@
+"""The Storage contract, run against every backend."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from imagegen.errors import InvalidRequest, NotFound
+from imagegen.storage import GenerationKeys, LocalStorage, Storage, StoredObject
+from tests.storage.conftest import MakeS3
+
+KEYS = GenerationKeys("gen-0001", datetime(2026, 5, 1, 12, 30, tzinfo=UTC))
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8
+
+BAD_KEYS = [
+    "../escape.png",
+    "2026/../../escape.png",
+    "/etc/passwd",
+    "a\\b.png",
+    "..\\..\\win.png",
+    "a//b.png",
+    "./a.png",
+    ".hidden",
+    "",
+]
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request: pytest.FixtureRequest, local: LocalStorage) -> Storage:
+    if request.param == "local":
+        return local
+    make_s3: MakeS3 = request.getfixturevalue("make_s3")
+    return make_s3()
+
+
+def test_is_a_storage(storage: Storage) -> None:
+    assert isinstance(storage, Storage)
+    assert storage.name in ("local", "s3")
+
+
+async def test_round_trip(storage: Storage) -> None:
+    stored = await storage.put(
+        KEYS.image, PNG, content_type="image/png", metadata={"SHA256": "abc123", "seed": "42"}
+    )
+
+    assert stored == StoredObject(
+        key=KEYS.image,
+        location=storage.location(KEYS.image),
+        size=len(PNG),
+        content_type="image/png",
+        metadata={"sha256": "abc123", "seed": "42"},
+    )
+    assert await storage.get(KEYS.image) == PNG
+    assert await storage.head(KEYS.image) == stored
+
+
+async def test_missing_object(storage: Storage) -> None:
+    assert await storage.head(KEYS.image) is None
+    with pytest.raises(NotFound):
+        await storage.get(KEYS.image)
+
+
+async def test_put_again_is_idempotent_and_replaces(storage: Storage) -> None:
+    first = await storage.put(KEYS.image, PNG, content_type="image/png", metadata={"v": "1"})
+    assert (
+        await storage.put(KEYS.image, PNG, content_type="image/png", metadata={"v": "1"}) == first
+    )
+
+    await storage.put(KEYS.image, b"new", content_type="image/webp", metadata={"v": "2"})
+
+    assert await storage.get(KEYS.image) == b"new"
+    head = await storage.head(KEYS.image)
+    assert head is not None
+    assert (head.size, head.content_type, head.metadata) == (3, "image/webp", {"v": "2"})
+
+
+async def test_image_and_record_are_separate_objects(storage: Storage) -> None:
+    await storage.put(KEYS.image, PNG, content_type="image/png")
+    await storage.put(KEYS.metadata, b"{}", content_type="application/json")
+
+    assert await storage.get(KEYS.image) == PNG
+    assert await storage.get(KEYS.metadata) == b"{}"
+
+
+@pytest.mark.parametrize("key", BAD_KEYS)
+async def test_unsafe_keys_are_rejected(storage: Storage, key: str) -> None:
+    with pytest.raises(InvalidRequest) as put:
+        await storage.put(key, PNG, content_type="image/png")
+    with pytest.raises(InvalidRequest) as get:
+        await storage.get(key)
+    with pytest.raises(InvalidRequest) as head:
+        await storage.head(key)
+    with pytest.raises(InvalidRequest) as location:
+        storage.location(key)
+
+    for error in (put, get, head, location):
+        assert error.value.fields == ["key"]
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [{"bad name": "x"}, {"x-": "caf\u00e9"}, {"seed": "line\nbreak"}, {"big": "x" * 3000}],
+)
+async def test_bad_metadata_is_rejected(storage: Storage, metadata: dict[str, str]) -> None:
+    with pytest.raises(InvalidRequest) as error:
+        await storage.put(KEYS.image, PNG, content_type="image/png", metadata=metadata)
+
+    assert error.value.fields == ["metadata"]
+    assert await storage.head(KEYS.image) is None
+
+
+async def test_check_passes(storage: Storage) -> None:
+    await storage.check()

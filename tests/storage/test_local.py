@@ -1,0 +1,199 @@
+"""LocalStorage: layout, atomic writes, and keys that must not leave the root."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from imagegen.errors import DependencyUnavailable, InvalidRequest
+from imagegen.storage import GenerationKeys, LocalStorage
+
+KEYS = GenerationKeys("gen-0003", datetime(2026, 5, 1, 23, 59, tzinfo=UTC))
+OLD = b"old" * 100_000
+NEW = b"new" * 100_000
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+# 1. Layout
+
+
+async def test_layout_on_disk(local: LocalStorage) -> None:
+    stored = await local.put(KEYS.image, b"png", content_type="image/png", metadata={"sha256": "x"})
+    await local.put(KEYS.metadata, b"{}", content_type="application/json")
+
+    path = local.root / "2026" / "05" / "01" / "gen-0003.png"
+    assert path.read_bytes() == b"png"
+    assert stored.location == path.as_uri() == local.location(KEYS.image)
+    assert stored.location.startswith("file:///")
+    assert files_under(local.root) == [
+        "2026/05/01/.gen-0003.json.meta",
+        "2026/05/01/.gen-0003.png.meta",
+        "2026/05/01/gen-0003.json",
+        "2026/05/01/gen-0003.png",
+    ]
+    sidecar = json.loads((path.parent / ".gen-0003.png.meta").read_text())
+    assert sidecar == {"content_type": "image/png", "metadata": {"sha256": "x"}}
+
+
+def test_relative_root_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    storage = LocalStorage("output")
+    assert storage.root == tmp_path.resolve() / "output"
+    assert storage.location("a.png") == (tmp_path.resolve() / "output" / "a.png").as_uri()
+
+
+async def test_object_without_sidecar_still_served(local: LocalStorage) -> None:
+    path = local.root / "copied.png"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"png")
+
+    head = await local.head("copied.png")
+
+    assert head is not None
+    assert (head.size, head.content_type, head.metadata) == (3, "image/png", {})
+
+
+async def test_directory_is_not_an_object(local: LocalStorage) -> None:
+    await local.put(KEYS.image, b"png", content_type="image/png")
+    assert await local.head("2026/05") is None
+
+
+# 2. Atomic writes
+
+
+async def test_no_temporary_files_left(local: LocalStorage) -> None:
+    for content in (OLD, NEW, NEW):
+        await local.put(KEYS.image, content, content_type="image/png")
+
+    assert files_under(local.root) == ["2026/05/01/.gen-0003.png.meta", "2026/05/01/gen-0003.png"]
+
+
+async def test_readers_see_old_or_new_never_partial(local: LocalStorage) -> None:
+    await local.put(KEYS.image, OLD, content_type="image/png")
+    path = local.root / KEYS.image
+    seen: set[bytes] = set()
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            seen.add(path.read_bytes())
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(30):
+            await local.put(KEYS.image, NEW if i % 2 == 0 else OLD, content_type="image/png")
+    finally:
+        done.set()
+        reader.join()
+
+    assert seen <= {OLD, NEW}
+
+
+async def test_failed_write_keeps_old_object(
+    local: LocalStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await local.put(KEYS.image, OLD, content_type="image/png")
+
+    def no_space(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", no_space)
+    with pytest.raises(DependencyUnavailable) as error:
+        await local.put(KEYS.image, NEW, content_type="image/png")
+    monkeypatch.undo()
+
+    assert "No space left on device" in error.value.message
+    assert await local.get(KEYS.image) == OLD
+    assert files_under(local.root) == ["2026/05/01/.gen-0003.png.meta", "2026/05/01/gen-0003.png"]
+
+
+async def test_killed_writer_leaves_old_object(local: LocalStorage) -> None:
+    await local.put(KEYS.image, OLD, content_type="image/png", metadata={"v": "old"})
+    # A real SIGKILL, after the new bytes are written to disk but before the rename.
+    script = f"""
+import asyncio, os, signal
+from imagegen.storage import LocalStorage
+os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
+asyncio.run(LocalStorage({str(local.root)!r}).put({KEYS.image!r}, b"new" * 100_000,
+    content_type="image/png", metadata={{"v": "new"}}))
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, timeout=30)
+
+    assert result.returncode == -9
+    assert await local.get(KEYS.image) == OLD
+    head = await local.head(KEYS.image)
+    assert head is not None and head.metadata == {"v": "old"}
+    # The hidden temporary file stays behind, invisible as an object.
+    leftovers = [name for name in files_under(local.root) if name.endswith(".tmp")]
+    assert len(leftovers) == 1 and "/.gen-0003.png." in leftovers[0]
+
+
+# 3. Keys that would leave the root
+
+
+async def test_symlinked_directory_escape_is_rejected(local: LocalStorage, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    local.root.mkdir(parents=True)
+    (local.root / "2026").symlink_to(outside, target_is_directory=True)
+
+    with pytest.raises(InvalidRequest) as error:
+        await local.put(KEYS.image, b"png", content_type="image/png")
+
+    assert error.value.fields == ["key"]
+    assert list(outside.iterdir()) == []
+
+
+async def test_symlinked_file_escape_is_rejected(local: LocalStorage, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("secret")
+    local.root.mkdir(parents=True)
+    (local.root / "link.png").symlink_to(secret)
+
+    for attempt in (local.get("link.png"), local.head("link.png")):
+        with pytest.raises(InvalidRequest) as error:
+            await attempt
+        assert error.value.fields == ["key"]
+    with pytest.raises(InvalidRequest):
+        local.location("link.png")
+
+
+async def test_symlink_inside_root_is_followed(local: LocalStorage) -> None:
+    await local.put("real.png", b"png", content_type="image/png")
+    (local.root / "alias.png").symlink_to(local.root / "real.png")
+
+    assert await local.get("alias.png") == b"png"
+
+
+# 4. check()
+
+
+async def test_check_creates_the_root(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "a" / "b")
+    await storage.check()
+    assert storage.root.is_dir()
+    assert list(storage.root.iterdir()) == []
+
+
+async def test_check_fails_when_root_cannot_be_created(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    storage = LocalStorage(tmp_path / "file" / "output")
+
+    with pytest.raises(DependencyUnavailable) as error:
+        await storage.check()
+
+    assert str(storage.root) in error.value.message
+    with pytest.raises(DependencyUnavailable):
+        await storage.put("a.png", b"png", content_type="image/png")

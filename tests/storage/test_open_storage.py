@@ -1,0 +1,212 @@
+"""open_storage: from storage_url and the s3_* settings to a configured backend."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imagegen.errors import InvalidRequest
+from imagegen.settings import Settings
+from imagegen.storage import LocalStorage, S3Storage, Storage, open_storage
+
+R2_ENDPOINT = "https://0123abcd.r2.cloudflarestorage.com"
+
+
+@pytest.fixture
+def opened() -> Iterator[list[Storage]]:
+    storages: list[Storage] = []
+    yield storages
+    for storage in storages:
+        if isinstance(storage, S3Storage):
+            storage.close()
+
+
+def settings(**values: Any) -> Settings:
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+def open_s3(opened: list[Storage], **values: Any) -> S3Storage:
+    storage = open_storage(settings(**values))
+    opened.append(storage)
+    assert isinstance(storage, S3Storage)
+    return storage
+
+
+def client_config(storage: S3Storage) -> dict[str, Any]:
+    meta = storage._client.meta
+    return {
+        "endpoint": meta.endpoint_url,
+        "region": meta.region_name,
+        "addressing": meta.config.s3["addressing_style"],
+        "checksums": (
+            meta.config.request_checksum_calculation,
+            meta.config.response_checksum_validation,
+        ),
+    }
+
+
+# 1. Local
+
+
+def test_default_is_local_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    storage = open_storage(settings())
+    assert isinstance(storage, LocalStorage)
+    assert storage.root == tmp_path.resolve() / "output"
+
+
+@pytest.mark.parametrize("form", ["{path}", "file://{path}", "file://localhost{path}"])
+def test_local_forms(tmp_path: Path, form: str) -> None:
+    storage = open_storage(settings(storage_url=form.format(path=tmp_path / "out dir")))
+    assert isinstance(storage, LocalStorage)
+    assert storage.root == tmp_path.resolve() / "out dir"
+
+
+def test_file_url_is_unquoted(tmp_path: Path) -> None:
+    storage = open_storage(settings(storage_url=(tmp_path / "out dir").as_uri()))
+    assert isinstance(storage, LocalStorage)
+    assert storage.root == tmp_path.resolve() / "out dir"
+
+
+# 2. S3 and its presets
+
+
+def test_s3_aws_defaults(opened: list[Storage]) -> None:
+    storage = open_s3(opened, storage_url="s3://my-bucket/images", s3_region="eu-west-1")
+
+    assert (storage.bucket, storage.prefix, storage.options.preset) == (
+        "my-bucket",
+        "images",
+        "aws",
+    )
+    assert client_config(storage) == {
+        "endpoint": "https://s3.eu-west-1.amazonaws.com",
+        "region": "eu-west-1",
+        "addressing": "auto",
+        "checksums": ("when_supported", "when_supported"),
+    }
+    assert storage.location("a.png") == "s3://my-bucket/images/a.png"
+
+
+def test_s3_gcs(opened: list[Storage]) -> None:
+    storage = open_s3(
+        opened,
+        storage_url="s3://my-bucket",
+        s3_preset="gcs",
+        s3_access_key_id="GOOG1EXAMPLE",
+        s3_secret_access_key="hmac-secret",
+    )
+
+    assert storage.prefix == ""
+    assert client_config(storage) == {
+        "endpoint": "https://storage.googleapis.com",
+        "region": "auto",
+        "addressing": "path",
+        "checksums": ("when_required", "when_required"),
+    }
+    credentials = storage._client._request_signer._credentials
+    assert (credentials.access_key, credentials.secret_key) == ("GOOG1EXAMPLE", "hmac-secret")
+
+
+def test_s3_r2(opened: list[Storage]) -> None:
+    storage = open_s3(opened, storage_url="s3://b2b/x", s3_preset="r2", s3_endpoint_url=R2_ENDPOINT)
+    assert client_config(storage) == {
+        "endpoint": R2_ENDPOINT,
+        "region": "auto",
+        "addressing": "path",
+        "checksums": ("when_required", "when_required"),
+    }
+
+
+def test_s3_minio(opened: list[Storage]) -> None:
+    storage = open_s3(
+        opened, storage_url="s3://imgs", s3_preset="minio", s3_endpoint_url="http://minio:9000"
+    )
+    assert client_config(storage) == {
+        "endpoint": "http://minio:9000",
+        "region": "us-east-1",
+        "addressing": "path",
+        "checksums": ("when_supported", "when_supported"),
+    }
+
+
+def test_explicit_settings_override_the_preset(opened: list[Storage]) -> None:
+    storage = open_s3(
+        opened,
+        storage_url="s3://my-bucket",
+        s3_preset="gcs",
+        s3_endpoint_url="https://storage.example.com",
+        s3_region="europe-west4",
+        s3_addressing_style="virtual",
+    )
+    config = client_config(storage)
+    assert (config["endpoint"], config["region"], config["addressing"]) == (
+        "https://storage.example.com",
+        "europe-west4",
+        "virtual",
+    )
+    assert config["checksums"] == ("when_required", "when_required")
+
+
+@pytest.mark.parametrize("preset", ["r2", "minio"])
+def test_preset_without_its_endpoint(preset: str) -> None:
+    with pytest.raises(InvalidRequest) as error:
+        open_storage(settings(storage_url="s3://bucket", s3_preset=preset))
+    assert error.value.fields == ["s3_endpoint_url"]
+    assert "s3_endpoint_url" in error.value.message
+
+
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        ({"s3_access_key_id": "AKIA0000"}, "s3_secret_access_key"),
+        ({"s3_secret_access_key": "only-the-secret"}, "s3_access_key_id"),
+    ],
+)
+def test_half_a_key_pair(values: dict[str, str], field: str) -> None:
+    with pytest.raises(InvalidRequest) as error:
+        open_storage(settings(storage_url="s3://bucket", **values))
+    assert error.value.fields == [field]
+    assert "only-the-secret" not in str(error.value.to_dict())
+
+
+# 3. Invalid URLs
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "",
+        "   ",
+        "http://example.com/images",
+        "gs://bucket",
+        "s3://",
+        "s3://UPPER",
+        "s3://bucket/../etc",
+        "s3://bucket/a//b",
+        "s3://key:secret@bucket",
+        "file://otherhost/tmp/x",
+        "file:///tmp/x?y=1",
+    ],
+)
+def test_invalid_urls(url: str) -> None:
+    with pytest.raises(InvalidRequest) as error:
+        open_storage(settings(storage_url=url))
+    assert error.value.fields == ["storage_url"]
+
+
+@pytest.mark.parametrize("url", ["s3://AKIA0000:hunter2@bucket", "https://AKIA0000:hunter2@host/b"])
+def test_credentials_in_a_url_are_not_echoed(url: str) -> None:
+    with pytest.raises(InvalidRequest) as error:
+        open_storage(settings(storage_url=url))
+    assert "hunter2" not in str(error.value.to_dict())
+    assert "AKIA0000" not in str(error.value.to_dict())
+
+
+def test_gs_url_points_at_the_preset() -> None:
+    with pytest.raises(InvalidRequest) as error:
+        open_storage(settings(storage_url="gs://bucket"))
+    assert "s3_preset=gcs" in error.value.message

@@ -1,0 +1,281 @@
+"""S3Storage against moto over real HTTP, through boto3 and botocore unpatched."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+import pytest
+from pydantic import SecretStr
+
+from imagegen.errors import (
+    DependencyUnavailable,
+    ImageGenError,
+    InternalError,
+    InvalidRequest,
+)
+from imagegen.storage import GenerationKeys, S3Storage
+from imagegen.storage.s3 import _instrument_botocore
+from tests.fakes.s3_server import RecordedRequest, S3Server
+from tests.storage.conftest import MakeS3
+
+KEYS = GenerationKeys("gen-0002", datetime(2026, 5, 1, tzinfo=UTC))
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 4096
+SECRET = "very-secret-key-value-9f3a"
+KEY_ID = "AKIAEXAMPLEKEYID1234"
+
+# Headers of botocore's flexible checksums (header or aws-chunked trailer forms).
+CHECKSUM_HEADERS = ("x-amz-sdk-checksum-algorithm", "x-amz-trailer", "x-amz-decoded-content-length")
+
+
+def checksum_headers(request: RecordedRequest) -> dict[str, str]:
+    return {
+        name: value
+        for name, value in request.headers.items()
+        if name.startswith("x-amz-checksum-")
+        or name in CHECKSUM_HEADERS
+        or (name == "content-encoding" and "aws-chunked" in value)
+    }
+
+
+# 1. Objects, keys and prefixes
+
+
+async def test_prefix_is_prepended_to_keys(s3: S3Server, bucket: str, make_s3: MakeS3) -> None:
+    storage = make_s3(prefix="/images/v1/")
+
+    await storage.put(KEYS.image, PNG, content_type="image/png")
+
+    assert storage.prefix == "images/v1"
+    assert storage.location(KEYS.image) == f"s3://{bucket}/images/v1/2026/05/01/gen-0002.png"
+    listed = s3.client().list_objects_v2(Bucket=bucket)["Contents"]
+    assert [item["Key"] for item in listed] == ["images/v1/2026/05/01/gen-0002.png"]
+    stored = s3.client().head_object(Bucket=bucket, Key="images/v1/2026/05/01/gen-0002.png")
+    assert stored["ContentType"] == "image/png"
+
+
+async def test_metadata_travels_as_x_amz_meta_headers(s3: S3Server, make_s3: MakeS3) -> None:
+    storage = make_s3()
+
+    await storage.put(KEYS.image, PNG, content_type="image/png", metadata={"sha256": "abc"})
+
+    (put,) = [r for r in s3.requests if r.method == "PUT"]
+    assert put.header("x-amz-meta-sha256") == "abc"
+    assert put.header("content-type") == "image/png"
+    assert put.body == PNG
+
+
+async def test_location_without_prefix(bucket: str, make_s3: MakeS3) -> None:
+    assert make_s3().location("a/b.png") == f"s3://{bucket}/a/b.png"
+
+
+def test_from_url(bucket: str) -> None:
+    storage = S3Storage.from_url(f"s3://{bucket}/some/prefix/")
+    try:
+        assert (storage.bucket, storage.prefix) == (bucket, "some/prefix")
+        assert storage.location("k.png") == f"s3://{bucket}/some/prefix/k.png"
+    finally:
+        storage.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "s3://",
+        "s3://Bad_Bucket",
+        "s3://b/../x",
+        "s3://key:secret@bucket",
+        "s3://bucket:9000/x",
+        "gs://b",
+    ],
+)
+def test_from_url_rejects(url: str) -> None:
+    with pytest.raises(InvalidRequest) as error:
+        S3Storage.from_url(url)
+    assert error.value.fields == ["storage_url"]
+
+
+# 2. What reaches the server, per preset
+
+
+async def test_gcs_preset_sends_no_flexible_checksum_headers(s3: S3Server, make_s3: MakeS3) -> None:
+    storage = make_s3("gcs")
+
+    await storage.put(KEYS.image, PNG, content_type="image/png", metadata={"sha256": "abc"})
+    assert await storage.get(KEYS.image) == PNG
+    assert await storage.head(KEYS.image) is not None
+
+    requests = s3.requests
+    assert [r.method for r in requests] == ["PUT", "GET", "HEAD"]
+    for request in requests:
+        assert checksum_headers(request) == {}, request
+        assert request.header("x-amz-checksum-mode") is None
+        # SigV4 (HMAC keys) with the region GCS expects, path-style addressing.
+        authorization = request.header("authorization") or ""
+        assert authorization.startswith("AWS4-HMAC-SHA256 ")
+        assert "/auto/s3/aws4_request" in authorization
+        assert request.path.startswith(f"/{storage.bucket}/2026/05/01/")
+    # The body is still checked end to end, by the header GCS does accept.
+    assert requests[0].header("content-md5")
+
+
+async def test_aws_preset_sends_checksum_headers(s3: S3Server, make_s3: MakeS3) -> None:
+    # Proves the assertion above can fail: a current botocore adds them by default.
+    await make_s3("aws").put(KEYS.image, PNG, content_type="image/png")
+
+    (put,) = s3.requests
+    assert checksum_headers(put) != {}
+
+
+async def test_r2_and_minio_presets_round_trip(s3: S3Server, make_s3: MakeS3) -> None:
+    for preset in ("r2", "minio"):
+        storage = make_s3(preset)
+        await storage.put(KEYS.image, PNG, content_type="image/png")
+        assert await storage.get(KEYS.image) == PNG
+    r2_put = s3.requests[0]
+    assert checksum_headers(r2_put) == {}
+    assert "/auto/s3/aws4_request" in (r2_put.header("authorization") or "")
+
+
+# 3. Failures
+
+
+async def test_storage_down_is_retryable_and_fast_then_recovers(
+    s3: S3Server, make_s3: MakeS3
+) -> None:
+    storage = make_s3()
+    await storage.put(KEYS.image, PNG, content_type="image/png")
+
+    with s3.outage():
+        started = time.monotonic()
+        with pytest.raises(DependencyUnavailable) as error:
+            await storage.get(KEYS.image)
+        assert time.monotonic() - started < 2
+        with pytest.raises(DependencyUnavailable):
+            await storage.check()
+
+    assert error.value.retryable
+    assert error.value.status == 503
+    assert storage.bucket in error.value.message
+    assert await storage.get(KEYS.image) == PNG
+    await storage.check()
+
+
+@pytest.mark.parametrize("status", [500, 503])
+async def test_server_errors_are_retryable(s3: S3Server, make_s3: MakeS3, status: int) -> None:
+    storage = make_s3()
+
+    with s3.outage(status=status), pytest.raises(DependencyUnavailable) as error:
+        await storage.put(KEYS.image, PNG, content_type="image/png")
+
+    assert error.value.retryable
+    assert storage.bucket in error.value.message
+    assert ("SlowDown" if status == 503 else "InternalError") in error.value.message
+
+
+async def test_read_timeout_is_retryable(s3: S3Server, make_s3: MakeS3) -> None:
+    storage = make_s3(read_timeout=0.3)
+
+    with s3.outage(hang=True):
+        started = time.monotonic()
+        with pytest.raises(DependencyUnavailable) as error:
+            await storage.head(KEYS.image)
+        assert time.monotonic() - started < 2
+
+    assert "ReadTimeout" in error.value.message
+
+
+async def test_botocore_retries_a_transient_failure(s3: S3Server, make_s3: MakeS3) -> None:
+    storage = make_s3(max_attempts=3)
+    s3.down(status=503, count=1)
+
+    await storage.put(KEYS.image, PNG, content_type="image/png")
+
+    assert [r.method for r in s3.requests] == ["PUT", "PUT"]
+    assert await storage.get(KEYS.image) == PNG
+
+
+async def test_missing_bucket_says_so(s3: S3Server, make_s3: MakeS3) -> None:
+    storage = make_s3(bucket_name="no-such-bucket-here")
+
+    for attempt in (
+        storage.put(KEYS.image, PNG, content_type="image/png"),
+        storage.get(KEYS.image),
+        storage.check(),
+    ):
+        with pytest.raises(DependencyUnavailable) as error:
+            await attempt
+        assert "'no-such-bucket-here' does not exist" in error.value.message
+
+
+async def test_access_denied_says_so(s3: S3Server, make_s3: MakeS3) -> None:
+    storage = make_s3()
+
+    with s3.outage(status=403), pytest.raises(DependencyUnavailable) as error:
+        await storage.put(KEYS.image, PNG, content_type="image/png")
+
+    assert "denied" in error.value.message
+    assert "credentials" in error.value.message
+
+
+async def test_other_client_errors_are_not_retryable(s3: S3Server, make_s3: MakeS3) -> None:
+    storage = make_s3()
+
+    with s3.outage(status=400), pytest.raises(InternalError) as error:
+        await storage.put(KEYS.image, PNG, content_type="image/png")
+
+    assert not error.value.retryable
+
+
+async def test_no_credential_in_errors(s3: S3Server, make_s3: MakeS3) -> None:
+    storage = make_s3(
+        access_key_id=SecretStr(KEY_ID),
+        secret_access_key=SecretStr(SECRET),
+    )
+    missing = make_s3(
+        bucket_name="no-such-bucket-here",
+        access_key_id=SecretStr(KEY_ID),
+        secret_access_key=SecretStr(SECRET),
+    )
+    errors: list[ImageGenError] = []
+    for kwargs in ({}, {"status": 503}, {"status": 403}, {"hang": True}):
+        with s3.outage(**kwargs), pytest.raises(DependencyUnavailable) as error:
+            await storage.put(KEYS.image, PNG, content_type="image/png")
+        errors.append(error.value)
+    with pytest.raises(DependencyUnavailable) as error:
+        await missing.put(KEYS.image, PNG, content_type="image/png")
+    errors.append(error.value)
+
+    texts = [repr(storage), repr(storage.options)]
+    for err in errors:
+        texts += [str(err), repr(err), str(err.to_dict()), str(err.__cause__)]
+    for text in texts:
+        assert SECRET not in text
+        assert KEY_ID not in text
+
+
+async def test_no_credentials_at_all(s3: S3Server, bucket: str) -> None:
+    from imagegen.storage import s3_options
+    from tests.storage.conftest import fast_options
+
+    storage = S3Storage(bucket, options=fast_options(s3_options(endpoint_url=s3.endpoint)))
+    try:
+        with pytest.raises(DependencyUnavailable) as error:
+            await storage.put(KEYS.image, PNG, content_type="image/png")
+    finally:
+        storage.close()
+    assert "credentials" in error.value.message
+    assert s3.requests == []
+
+
+# 4. Tracing
+
+
+def test_botocore_is_instrumented_once(make_s3: MakeS3) -> None:
+    from opentelemetry.instrumentation.botocore import BotocoreInstrumentor
+
+    make_s3()
+    make_s3()
+    _instrument_botocore()
+
+    assert BotocoreInstrumentor().is_instrumented_by_opentelemetry  # type: ignore[no-untyped-call]
