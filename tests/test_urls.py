@@ -1,0 +1,185 @@
+"""Tests of imagegen.urls against the shared vectors and the URL contract."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from imagegen.errors import InvalidRequest
+from imagegen.urls import is_public_key, public_url, sign, verify
+
+VECTORS_PATH = Path(__file__).resolve().parents[1] / "schemas" / "signed-url-vectors.json"
+VECTORS: dict[str, Any] = json.loads(VECTORS_PATH.read_text())
+BASE = VECTORS["base_url"]
+SECRET = "test-secret"
+
+
+VALID = [v for v in VECTORS["vectors"] if v["valid"]]
+
+
+def _name(vector: dict[str, Any]) -> str:
+    return str(vector["name"])
+
+
+# 1. The shared vectors
+
+
+def test_vectors_cover_valid_and_invalid() -> None:
+    valid = [v["valid"] for v in VECTORS["vectors"]]
+    assert any(valid) and not all(valid)
+
+
+@pytest.mark.parametrize("vector", VECTORS["vectors"], ids=_name)
+def test_verify_matches_vector(vector: dict[str, Any]) -> None:
+    result = verify(
+        vector["key"], vector["expires"], vector["signature"], vector["secret"], now=vector["now"]
+    )
+    assert result is vector["valid"]
+
+
+@pytest.mark.parametrize("vector", VALID, ids=_name)
+def test_sign_reproduces_valid_vector(vector: dict[str, Any]) -> None:
+    assert sign(vector["key"], vector["expires"], vector["secret"]) == vector["signature"]
+
+
+@pytest.mark.parametrize("vector", VALID, ids=_name)
+def test_public_url_reproduces_valid_vector(vector: dict[str, Any]) -> None:
+    ttl = vector["expires"] - vector["now"]
+    if ttl <= 0:
+        pytest.skip("public_url only mints URLs with a positive lifetime")
+    url = public_url(BASE, vector["key"], secret=vector["secret"], ttl=ttl, now=vector["now"])
+    assert url == vector["url"]
+
+
+@pytest.mark.parametrize("vector", VECTORS["vectors"], ids=_name)
+def test_vector_url_carries_its_fields(vector: dict[str, Any]) -> None:
+    parts = urlsplit(vector["url"])
+    assert f"{parts.scheme}://{parts.netloc}" == BASE
+    assert parts.path == "/" + vector["key"]
+    query = parse_qs(parts.query, keep_blank_values=True)
+    assert query == {"expires": [str(vector["expires"])], "signature": [vector["signature"]]}
+
+
+# 2. Signing and verifying
+
+
+def test_sign_is_lowercase_hex_sha256() -> None:
+    signature = sign("2026/01/02/abc.png", 1, SECRET)
+    assert len(signature) == 64
+    assert signature == signature.lower()
+    int(signature, 16)
+
+
+def test_verify_round_trip_and_expiry() -> None:
+    key = "2026/01/02/abc.png"
+    signature = sign(key, 1000, SECRET)
+    assert verify(key, 1000, signature, SECRET, now=999)
+    assert verify(key, 1000, signature, SECRET, now=1000)
+    assert not verify(key, 1000, signature, SECRET, now=1001)
+    assert not verify(key, 1000, signature, "other", now=999)
+
+
+def test_verify_defaults_to_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    key = "2026/01/02/abc.png"
+    signature = sign(key, 1000, SECRET)
+    monkeypatch.setattr("imagegen.urls.time.time", lambda: 1000.9)
+    assert verify(key, 1000, signature, SECRET)
+    monkeypatch.setattr("imagegen.urls.time.time", lambda: 1001.0)
+    assert not verify(key, 1000, signature, SECRET)
+
+
+def test_verify_refuses_non_ascii_signature() -> None:
+    assert not verify("2026/01/02/abc.png", 1000, "é" * 64, SECRET, now=0)
+
+
+# 3. Key shapes
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "2026/05/01/abc.png",
+        "2026/05/01/abc.thumb.webp",
+        "2026/12/31/A_b-C.png",
+        "2026/01/09/0.png",
+        "0001/10/10/" + "a" * 128 + ".png",
+    ],
+)
+def test_is_public_key_accepts(key: str) -> None:
+    assert is_public_key(key)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "2026/05/01/abc.json",
+        "2026/05/01/abc.webp",
+        "2026/05/01/abc.thumb.png",
+        "2026/05/01/abc.PNG",
+        "2026/05/01/a.b.png",
+        "2026/05/01/_abc.png",
+        "2026/05/01/-abc.png",
+        "2026/05/01/.png",
+        "2026/05/01/" + "a" * 129 + ".png",
+        "2026/13/01/abc.png",
+        "2026/00/01/abc.png",
+        "2026/05/00/abc.png",
+        "2026/05/32/abc.png",
+        "2026/5/01/abc.png",
+        "26/05/01/abc.png",
+        "/2026/05/01/abc.png",
+        "2026/05/01//abc.png",
+        "2026/05/01/../abc.png",
+        "2026/05/01/abc%2Fx.png",
+        "images/2026/05/01/abc.png",
+        "2026/05/01/abc.png\n",
+        "2026/05/01/abc.png?x=1",
+        "\u0662\u0660\u0662\u0666/05/01/abc.png",
+        "",
+    ],
+)
+def test_is_public_key_refuses(key: str) -> None:
+    assert not is_public_key(key)
+
+
+# 4. Building URLs
+
+
+@pytest.mark.parametrize("base", ["https://img.example.com", "https://img.example.com/"])
+def test_public_url_joins_with_one_slash(base: str) -> None:
+    assert public_url(base, "2026/05/01/abc.png") == "https://img.example.com/2026/05/01/abc.png"
+
+
+def test_public_url_keeps_a_base_path() -> None:
+    url = public_url("https://cdn.example.com/images/", "2026/05/01/abc.thumb.webp")
+    assert url == "https://cdn.example.com/images/2026/05/01/abc.thumb.webp"
+
+
+def test_public_url_signed_expires_after_ttl() -> None:
+    url = public_url(BASE, "2026/05/01/abc.png", secret=SECRET, ttl=60, now=1_000)
+    query = parse_qs(urlsplit(url).query)
+    assert query["expires"] == ["1060"]
+    assert verify("2026/05/01/abc.png", 1060, query["signature"][0], SECRET, now=1_060)
+
+
+def test_public_url_signed_default_ttl_is_one_week(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("imagegen.urls.time.time", lambda: 5_000.5)
+    url = public_url(BASE, "2026/05/01/abc.png", secret=SECRET)
+    assert parse_qs(urlsplit(url).query)["expires"] == [str(5_000 + 604_800)]
+
+
+def test_public_url_refuses_bad_key() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        public_url(BASE, "2026/05/01/abc.json")
+    assert info.value.fields == ["key"]
+    assert info.value.status == 400
+
+
+def test_public_url_names_every_bad_argument() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        public_url("/", "../etc/passwd", secret=SECRET, ttl=0)
+    assert info.value.fields == ["base_url", "key", "ttl"]

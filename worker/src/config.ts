@@ -1,0 +1,134 @@
+/**
+ * The Worker's configuration, read from its bindings in one place.
+ *
+ * Plain settings are `vars` in wrangler.jsonc; credentials are secrets (`wrangler secret put`).
+ * Precedence: a secret or a `--var` given at deploy time overrides the same name in
+ * wrangler.jsonc; anything unset takes the default written next to it below.
+ */
+
+export interface Env {
+  /** R2 bucket holding the images, for ORIGIN=r2. */
+  IMAGES?: R2Bucket;
+  /** Where images are read from: "r2" (default), "s3" or "public". */
+  ORIGIN?: string;
+  /** Storage prefix put before every key at the origin: empty (default) or ending in "/". */
+  ORIGIN_PREFIX?: string;
+  /** Milliseconds to wait for the origin's answer before replying 504; default 10000. */
+  ORIGIN_TIMEOUT_MS?: string;
+  /** Base URL of a publicly readable bucket, for ORIGIN=public. */
+  PUBLIC_ORIGIN_URL?: string;
+  /** Endpoint of an S3-compatible API (R2, MinIO, GCS interoperability), for ORIGIN=s3. */
+  S3_ENDPOINT?: string;
+  S3_BUCKET?: string;
+  /** SigV4 region; default "auto" (R2). GCS interoperability accepts "auto" too. */
+  S3_REGION?: string;
+  /** Secret. */
+  S3_ACCESS_KEY_ID?: string;
+  /** Secret. */
+  S3_SECRET_ACCESS_KEY?: string;
+  /** Secret. When set, every request needs a valid signed URL. */
+  SIGNING_SECRET?: string;
+}
+
+export type OriginConfig =
+  | { kind: "r2"; bucket: R2Bucket }
+  | {
+      kind: "s3";
+      endpoint: string;
+      bucket: string;
+      region: string;
+      accessKeyId: string;
+      secretAccessKey: string;
+    }
+  | { kind: "public"; baseUrl: string };
+
+export interface Config {
+  origin: OriginConfig;
+  prefix: string;
+  timeoutMs: number;
+  signingSecret: string | null;
+}
+
+/** A setting is missing or malformed; the message names the setting, never its value. */
+export class ConfigError extends Error {
+  override name = "ConfigError";
+}
+
+export const DEFAULT_TIMEOUT_MS = 10_000;
+
+// Segments of letters, digits, "_", "-" and ".", but never "." or ".." alone.
+const PREFIX_PATTERN = /^(?:(?!\.{1,2}\/)[A-Za-z0-9._-]+\/)*$/;
+
+function required(env: Env, name: keyof Env): string {
+  const value = env[name];
+  if (typeof value !== "string" || value.trim() === "") {
+    throw new ConfigError(`${name} must be set for ORIGIN=${env.ORIGIN ?? "r2"}`);
+  }
+  return value.trim();
+}
+
+function httpBase(env: Env, name: "S3_ENDPOINT" | "PUBLIC_ORIGIN_URL"): string {
+  const value = required(env, name);
+  let url: URL;
+  try {
+    url = new URL(value);
+  } catch {
+    throw new ConfigError(`${name} must be an http(s) URL`);
+  }
+  if ((url.protocol !== "https:" && url.protocol !== "http:") || url.search || url.hash) {
+    throw new ConfigError(`${name} must be an http(s) URL without query or fragment`);
+  }
+  return value.replace(/\/+$/, "");
+}
+
+function bucketName(env: Env): string {
+  const value = required(env, "S3_BUCKET");
+  // The bucket becomes a path segment of every origin URL; keep it one plain segment.
+  if (!/^[A-Za-z0-9._-]+$/.test(value) || value === "." || value === "..") {
+    throw new ConfigError("S3_BUCKET must be a bucket name (letters, digits, '.', '_', '-')");
+  }
+  return value;
+}
+
+function readOrigin(env: Env): OriginConfig {
+  const kind = (env.ORIGIN ?? "r2").trim() || "r2";
+  switch (kind) {
+    case "r2":
+      if (!env.IMAGES) throw new ConfigError("the R2 binding IMAGES must exist for ORIGIN=r2");
+      return { kind, bucket: env.IMAGES };
+    case "s3":
+      return {
+        kind,
+        endpoint: httpBase(env, "S3_ENDPOINT"),
+        bucket: bucketName(env),
+        region: env.S3_REGION?.trim() || "auto",
+        accessKeyId: required(env, "S3_ACCESS_KEY_ID"),
+        secretAccessKey: required(env, "S3_SECRET_ACCESS_KEY"),
+      };
+    case "public":
+      return { kind, baseUrl: httpBase(env, "PUBLIC_ORIGIN_URL") };
+    default:
+      throw new ConfigError('ORIGIN must be one of "r2", "s3", "public"');
+  }
+}
+
+/** Reads and checks every setting. Throws ConfigError naming the first bad one. */
+export function readConfig(env: Env): Config {
+  const prefix = env.ORIGIN_PREFIX ?? "";
+  if (!PREFIX_PATTERN.test(prefix)) {
+    throw new ConfigError('ORIGIN_PREFIX must be empty or path segments ending in "/"');
+  }
+  let timeoutMs = DEFAULT_TIMEOUT_MS;
+  if (env.ORIGIN_TIMEOUT_MS !== undefined && env.ORIGIN_TIMEOUT_MS.trim() !== "") {
+    timeoutMs = Number(env.ORIGIN_TIMEOUT_MS);
+    if (!Number.isInteger(timeoutMs) || timeoutMs <= 0) {
+      throw new ConfigError("ORIGIN_TIMEOUT_MS must be a positive whole number of milliseconds");
+    }
+  }
+  return {
+    origin: readOrigin(env),
+    prefix,
+    timeoutMs,
+    signingSecret: env.SIGNING_SECRET ? env.SIGNING_SECRET : null,
+  };
+}

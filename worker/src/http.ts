@@ -1,0 +1,166 @@
+/**
+ * HTTP semantics of an image response: caching headers, CORS, conditional requests (304) and
+ * single byte ranges (206/416), all derived from one stored full 200 response.
+ */
+import { contentTypeForKey } from "./keys";
+import type { OriginObject } from "./origins";
+
+export const IMMUTABLE = "public, max-age=31536000, immutable";
+export const ALLOWED_METHODS = "GET, HEAD";
+
+const CORS: Record<string, string> = {
+  "Access-Control-Allow-Origin": "*",
+  "Access-Control-Expose-Headers":
+    "Accept-Ranges, Content-Length, Content-Range, ETag, Last-Modified",
+  "Cross-Origin-Resource-Policy": "cross-origin",
+};
+
+/** A short plain-text answer (errors, 405, 416), never cached by browsers. */
+export function textResponse(status: number, text: string, headers: HeadersInit = {}): Response {
+  const response = new Response(`${text}\n`, {
+    status,
+    headers: { "Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store", ...CORS },
+  });
+  new Headers(headers).forEach((value, name) => response.headers.set(name, value));
+  return response;
+}
+
+/** The answer to a CORS preflight. */
+export function preflightResponse(): Response {
+  return new Response(null, {
+    status: 204,
+    headers: {
+      ...CORS,
+      "Access-Control-Allow-Methods": `${ALLOWED_METHODS}, OPTIONS`,
+      "Access-Control-Allow-Headers": "Range, If-None-Match, If-Modified-Since, If-Range",
+      "Access-Control-Max-Age": "86400",
+    },
+  });
+}
+
+/** The full 200 response for an origin object, as stored in the edge cache. */
+export function storedResponse(object: OriginObject, key: string): Response {
+  const headers = new Headers(CORS);
+  const type = object.contentType;
+  headers.set(
+    "Content-Type",
+    type && type !== "application/octet-stream" ? type : contentTypeForKey(key),
+  );
+  if (object.size !== null) headers.set("Content-Length", String(object.size));
+  if (object.etag !== null) headers.set("ETag", object.etag);
+  if (object.lastModified !== null) headers.set("Last-Modified", object.lastModified.toUTCString());
+  headers.set("Accept-Ranges", "bytes");
+  headers.set("Cache-Control", IMMUTABLE);
+  headers.set("X-Content-Type-Options", "nosniff");
+  return new Response(object.body, { status: 200, headers });
+}
+
+function opaqueTag(tag: string): string {
+  return tag.trim().replace(/^W\//, "");
+}
+
+/** RFC 9110 §13.1.1-2: If-None-Match (weak comparison) wins over If-Modified-Since. */
+export function isNotModified(request: Request, headers: Headers): boolean {
+  const etag = headers.get("ETag");
+  const ifNoneMatch = request.headers.get("If-None-Match");
+  if (ifNoneMatch !== null) {
+    if (ifNoneMatch.trim() === "*") return true;
+    return (
+      etag !== null && ifNoneMatch.split(",").some((tag) => opaqueTag(tag) === opaqueTag(etag))
+    );
+  }
+  const since = Date.parse(request.headers.get("If-Modified-Since") ?? "");
+  const modified = Date.parse(headers.get("Last-Modified") ?? "");
+  return !Number.isNaN(since) && !Number.isNaN(modified) && modified <= since;
+}
+
+/** RFC 9110 §13.1.5: a Range only applies while If-Range still names this representation. */
+function ifRangeHolds(request: Request, headers: Headers): boolean {
+  const ifRange = request.headers.get("If-Range");
+  if (ifRange === null) return true;
+  const value = ifRange.trim();
+  if (value.startsWith('"') || value.startsWith("W/")) {
+    // Strong comparison: a weak validator never matches.
+    return !value.startsWith("W/") && value === headers.get("ETag");
+  }
+  const date = Date.parse(value);
+  const modified = Date.parse(headers.get("Last-Modified") ?? "");
+  return !Number.isNaN(date) && date === modified;
+}
+
+export type ByteRange =
+  { kind: "none" } | { kind: "unsatisfiable" } | { kind: "partial"; start: number; end: number };
+
+/**
+ * Parses a single-range `Range` header against an object of `size` bytes.
+ *
+ * Multiple ranges, other units and malformed values are ignored (the whole object is sent), as
+ * RFC 9110 §14.2 allows.
+ */
+export function parseRange(header: string | null, size: number): ByteRange {
+  const match = header === null ? null : /^bytes=(\d*)-(\d*)$/.exec(header.trim());
+  if (match === null) return { kind: "none" };
+  const [, first = "", last = ""] = match;
+  if (first === "" && last === "") return { kind: "none" };
+  if (first === "") {
+    const suffix = Number(last);
+    if (suffix === 0 || size === 0) return { kind: "unsatisfiable" };
+    return { kind: "partial", start: Math.max(0, size - suffix), end: size - 1 };
+  }
+  const start = Number(first);
+  if (last !== "" && Number(last) < start) return { kind: "none" };
+  if (start >= size) return { kind: "unsatisfiable" };
+  const end = last === "" ? size - 1 : Math.min(Number(last), size - 1);
+  return { kind: "partial", start, end };
+}
+
+/**
+ * The answer to `request` from the stored full response `stored`.
+ *
+ * @param cacheControl The policy for this client: immutable for public URLs, private with the
+ *   remaining lifetime for signed ones.
+ */
+export async function answer(
+  request: Request,
+  stored: Response,
+  cacheControl: string,
+): Promise<Response> {
+  const headers = new Headers(stored.headers);
+  headers.set("Cache-Control", cacheControl);
+  const isHead = request.method === "HEAD";
+
+  // 1. Conditional request
+  if (isNotModified(request, headers)) {
+    await stored.body?.cancel();
+    headers.delete("Content-Length");
+    headers.delete("Content-Type");
+    return new Response(null, { status: 304, headers });
+  }
+
+  // 2. Byte range, cut from the full object
+  if (request.headers.has("Range") && ifRangeHolds(request, headers)) {
+    const bytes = await stored.arrayBuffer();
+    const range = parseRange(request.headers.get("Range"), bytes.byteLength);
+    if (range.kind === "unsatisfiable") {
+      return textResponse(416, "Range Not Satisfiable", {
+        "Content-Range": `bytes */${bytes.byteLength}`,
+        "Accept-Ranges": "bytes",
+      });
+    }
+    if (range.kind === "partial") {
+      headers.set("Content-Range", `bytes ${range.start}-${range.end}/${bytes.byteLength}`);
+      headers.set("Content-Length", String(range.end - range.start + 1));
+      const part = bytes.slice(range.start, range.end + 1);
+      return new Response(isHead ? null : part, { status: 206, headers });
+    }
+    headers.set("Content-Length", String(bytes.byteLength));
+    return new Response(isHead ? null : bytes, { status: 200, headers });
+  }
+
+  // 3. The whole object, streamed
+  if (isHead) {
+    await stored.body?.cancel();
+    return new Response(null, { status: 200, headers });
+  }
+  return new Response(stored.body, { status: 200, headers });
+}

@@ -1,0 +1,64 @@
+import { createExecutionContext, waitOnExecutionContext } from "cloudflare:test";
+import { env } from "cloudflare:workers";
+import { vi } from "vitest";
+import type { Env } from "../src/config";
+import worker from "../src/index";
+
+export const BASE = "https://img.example.com";
+
+let counter = 0;
+
+/** A fresh key for each test, so edge cache entries never leak between tests. */
+export function newKey(kind: "png" | "thumb" = "png", day = "2026/05/01"): string {
+  counter += 1;
+  const id = `gen_${Date.now().toString(36)}-${counter}`;
+  return `${day}/${id}${kind === "png" ? ".png" : ".thumb.webp"}`;
+}
+
+/** Bytes 0..n-1 (mod 256), so any slice shows where it was cut from. */
+export function bytes(n: number): Uint8Array {
+  return Uint8Array.from({ length: n }, (_, i) => i % 256);
+}
+
+/**
+ * Sends `request` to the Worker inside workerd and waits for its background work (the edge
+ * cache write) to finish, so the next request sees the cache.
+ */
+export async function send(
+  request: Request | string,
+  overrides: Partial<Env> = {},
+): Promise<Response> {
+  const req = typeof request === "string" ? new Request(request) : request;
+  const ctx = createExecutionContext();
+  const incoming = req as Request<unknown, IncomingRequestCfProperties>;
+  const response = await worker.fetch(incoming, { ...env, ...overrides }, ctx);
+  // Read the body before waiting: the cache write shares its stream.
+  const body = await response.arrayBuffer();
+  await waitOnExecutionContext(ctx);
+  const nullBody = req.method === "HEAD" || [204, 304].includes(response.status);
+  return new Response(nullBody ? null : body, response);
+}
+
+/** An R2 bucket that forwards to the real local one and counts reads. */
+export function countingBucket(delayMs = 0): { bucket: R2Bucket; gets: () => number } {
+  let gets = 0;
+  const bucket = {
+    async get(key: string) {
+      gets += 1;
+      if (delayMs > 0) await new Promise((resolve) => setTimeout(resolve, delayMs));
+      return env.IMAGES.get(key);
+    },
+  } as unknown as R2Bucket;
+  return { bucket, gets: () => gets };
+}
+
+/** Replaces the global fetch (which the Worker shares with the tests) with `handler`. */
+export function mockFetch(handler: (request: Request) => Response | Promise<Response>) {
+  const calls: Request[] = [];
+  const spy = vi.spyOn(globalThis, "fetch").mockImplementation(async (input, init) => {
+    const request = new Request(input, init);
+    calls.push(request);
+    return handler(request);
+  });
+  return { spy, calls };
+}

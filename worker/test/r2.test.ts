@@ -1,0 +1,253 @@
+import { env } from "cloudflare:workers";
+import { afterEach, describe, expect, it, vi } from "vitest";
+import { parseRange } from "../src/http";
+import { BASE, bytes, countingBucket, newKey, send } from "./helpers";
+
+const SIZE = 1000;
+
+async function stored(kind: "png" | "thumb" = "png", contentType?: string) {
+  const key = newKey(kind);
+  const object = await env.IMAGES.put(
+    key,
+    bytes(SIZE),
+    contentType ? { httpMetadata: { contentType } } : {},
+  );
+  if (object === null) throw new Error("put failed");
+  return { key, url: `${BASE}/${key}`, object };
+}
+
+function get(url: string, headers: HeadersInit = {}, method = "GET"): Request {
+  return new Request(url, { method, headers });
+}
+
+afterEach(() => {
+  vi.restoreAllMocks();
+  vi.useRealTimers();
+});
+
+describe("GET and HEAD", () => {
+  it("serves the object with caching, validator and CORS headers", async () => {
+    const { url, object } = await stored("png", "image/png");
+    const res = await send(url);
+    expect(res.status).toBe(200);
+    expect(new Uint8Array(await res.arrayBuffer())).toEqual(bytes(SIZE));
+    expect(res.headers.get("Content-Type")).toBe("image/png");
+    expect(res.headers.get("Content-Length")).toBe(String(SIZE));
+    expect(res.headers.get("ETag")).toBe(object.httpEtag);
+    expect(res.headers.get("Last-Modified")).toBe(object.uploaded.toUTCString());
+    expect(res.headers.get("Accept-Ranges")).toBe("bytes");
+    expect(res.headers.get("Cache-Control")).toBe("public, max-age=31536000, immutable");
+    expect(res.headers.get("Access-Control-Allow-Origin")).toBe("*");
+    expect(res.headers.get("Access-Control-Expose-Headers")).toContain("Content-Range");
+    expect(res.headers.get("X-Content-Type-Options")).toBe("nosniff");
+  });
+
+  it("falls back to the media type of the extension", async () => {
+    const png = await stored("png");
+    const thumb = await stored("thumb", "application/octet-stream");
+    expect((await send(png.url)).headers.get("Content-Type")).toBe("image/png");
+    expect((await send(thumb.url)).headers.get("Content-Type")).toBe("image/webp");
+  });
+
+  it("keeps the media type stored with the object", async () => {
+    const { url } = await stored("thumb", "image/webp");
+    expect((await send(url)).headers.get("Content-Type")).toBe("image/webp");
+  });
+
+  it("answers HEAD with the headers of GET and no body", async () => {
+    const { url, object } = await stored();
+    const res = await send(get(url, {}, "HEAD"));
+    expect(res.status).toBe(200);
+    expect(res.headers.get("ETag")).toBe(object.httpEtag);
+    expect(res.headers.get("Content-Length")).toBe(String(SIZE));
+    expect(res.body).toBeNull();
+  });
+
+  it("answers 404 when the origin has no such object", async () => {
+    const res = await send(`${BASE}/${newKey()}`);
+    expect(res.status).toBe(404);
+    expect(res.headers.get("Cache-Control")).toBe("no-store");
+  });
+
+  it("reads under ORIGIN_PREFIX", async () => {
+    const key = newKey();
+    await env.IMAGES.put(`images/${key}`, "prefixed");
+    const res = await send(`${BASE}/${key}`, { ORIGIN_PREFIX: "images/" });
+    expect(res.status).toBe(200);
+    expect(new TextDecoder().decode(await res.arrayBuffer())).toBe("prefixed");
+    expect((await send(`${BASE}/${newKey()}`, { ORIGIN_PREFIX: "images/" })).status).toBe(404);
+  });
+});
+
+describe("conditional requests", () => {
+  it("answers 304 to a matching If-None-Match", async () => {
+    const { url, object } = await stored();
+    for (const tag of [
+      object.httpEtag,
+      `W/${object.httpEtag}`,
+      `"other", ${object.httpEtag}`,
+      "*",
+    ]) {
+      const res = await send(get(url, { "If-None-Match": tag }));
+      expect(res.status, tag).toBe(304);
+      expect(res.headers.get("ETag")).toBe(object.httpEtag);
+      expect(res.headers.get("Cache-Control")).toBe("public, max-age=31536000, immutable");
+      expect(res.body).toBeNull();
+    }
+  });
+
+  it("answers 200 to a different If-None-Match, even with a later If-Modified-Since", async () => {
+    const { url } = await stored();
+    const res = await send(
+      get(url, {
+        "If-None-Match": '"other"',
+        "If-Modified-Since": "Fri, 01 Jan 2100 00:00:00 GMT",
+      }),
+    );
+    expect(res.status).toBe(200);
+  });
+
+  it("answers 304 when not modified since the given date, 200 otherwise", async () => {
+    const { url, object } = await stored();
+    const lastModified = object.uploaded.toUTCString();
+    expect((await send(get(url, { "If-Modified-Since": lastModified }))).status).toBe(304);
+    const later = new Date(object.uploaded.getTime() + 60_000).toUTCString();
+    expect((await send(get(url, { "If-Modified-Since": later }))).status).toBe(304);
+    const earlier = new Date(object.uploaded.getTime() - 60_000).toUTCString();
+    expect((await send(get(url, { "If-Modified-Since": earlier }))).status).toBe(200);
+    expect((await send(get(url, { "If-Modified-Since": "yesterday" }))).status).toBe(200);
+  });
+});
+
+describe("ranges", () => {
+  it.each([
+    ["bytes=0-99", 0, 99],
+    ["bytes=100-199", 100, 199],
+    ["bytes=990-", 990, 999],
+    ["bytes=-10", 990, 999],
+    ["bytes=-5000", 0, 999],
+    ["bytes=900-5000", 900, 999],
+  ])("%s answers 206 with Content-Range", async (range, start, end) => {
+    const { url } = await stored();
+    const res = await send(get(url, { Range: range }));
+    expect(res.status).toBe(206);
+    expect(res.headers.get("Content-Range")).toBe(`bytes ${start}-${end}/${SIZE}`);
+    expect(res.headers.get("Content-Length")).toBe(String(end - start + 1));
+    expect(new Uint8Array(await res.arrayBuffer())).toEqual(bytes(SIZE).slice(start, end + 1));
+  });
+
+  it.each(["bytes=1000-", "bytes=5000-6000", "bytes=-0"])(
+    "%s answers 416 with the size",
+    async (range) => {
+      const { url } = await stored();
+      const res = await send(get(url, { Range: range }));
+      expect(res.status).toBe(416);
+      expect(res.headers.get("Content-Range")).toBe(`bytes */${SIZE}`);
+    },
+  );
+
+  it.each(["bytes=0-1,5-6", "items=0-1", "bytes=20-10", "bytes=x-"])(
+    "%s is ignored: the whole object",
+    async (range) => {
+      const { url } = await stored();
+      const res = await send(get(url, { Range: range }));
+      expect(res.status).toBe(200);
+      expect((await res.arrayBuffer()).byteLength).toBe(SIZE);
+    },
+  );
+
+  it("applies a Range only while If-Range still matches", async () => {
+    const { url, object } = await stored();
+    const same = await send(get(url, { Range: "bytes=0-9", "If-Range": object.httpEtag }));
+    expect(same.status).toBe(206);
+    const changed = await send(get(url, { Range: "bytes=0-9", "If-Range": '"changed"' }));
+    expect(changed.status).toBe(200);
+    expect((await changed.arrayBuffer()).byteLength).toBe(SIZE);
+  });
+
+  it("answers HEAD with a range without a body", async () => {
+    const { url } = await stored();
+    const res = await send(get(url, { Range: "bytes=0-9" }, "HEAD"));
+    expect(res.status).toBe(206);
+    expect(res.headers.get("Content-Range")).toBe(`bytes 0-9/${SIZE}`);
+  });
+
+  it("parses single ranges", () => {
+    expect(parseRange(null, 10)).toEqual({ kind: "none" });
+    expect(parseRange("bytes=-", 10)).toEqual({ kind: "none" });
+    expect(parseRange("bytes=0-0", 10)).toEqual({ kind: "partial", start: 0, end: 0 });
+    expect(parseRange("bytes=-1", 0)).toEqual({ kind: "unsatisfiable" });
+    expect(parseRange("bytes=0-", 0)).toEqual({ kind: "unsatisfiable" });
+  });
+});
+
+describe("edge cache", () => {
+  it("serves repeat requests without reaching the origin", async () => {
+    const { key, url, object } = await stored();
+    const { bucket, gets } = countingBucket();
+    const first = await send(url, { IMAGES: bucket });
+    expect(first.status).toBe(200);
+    expect(gets()).toBe(1);
+
+    const again = await send(url, { IMAGES: bucket });
+    expect(again.status).toBe(200);
+    expect(new Uint8Array(await again.arrayBuffer())).toEqual(bytes(SIZE));
+    expect(again.headers.get("ETag")).toBe(object.httpEtag);
+
+    // Ranges, conditionals and HEAD are cut from the cached full object.
+    const part = await send(get(url, { Range: "bytes=10-19" }), { IMAGES: bucket });
+    expect(part.status).toBe(206);
+    expect(new Uint8Array(await part.arrayBuffer())).toEqual(bytes(SIZE).slice(10, 20));
+    const notModified = await send(get(url, { "If-None-Match": object.httpEtag }), {
+      IMAGES: bucket,
+    });
+    expect(notModified.status).toBe(304);
+    expect((await send(get(url, {}, "HEAD"), { IMAGES: bucket })).status).toBe(200);
+    expect(gets()).toBe(1);
+
+    // Even once the object is gone from the origin.
+    await env.IMAGES.delete(key);
+    expect((await send(url, { IMAGES: bucket })).status).toBe(200);
+    expect(gets()).toBe(1);
+  });
+
+  it("fills the cache from a first request that asked for a range", async () => {
+    const { url } = await stored();
+    const { bucket, gets } = countingBucket();
+    expect((await send(get(url, { Range: "bytes=0-9" }), { IMAGES: bucket })).status).toBe(206);
+    const full = await send(url, { IMAGES: bucket });
+    expect((await full.arrayBuffer()).byteLength).toBe(SIZE);
+    expect(gets()).toBe(1);
+  });
+
+  it("does not cache a 404", async () => {
+    const key = newKey();
+    const { bucket, gets } = countingBucket();
+    expect((await send(`${BASE}/${key}`, { IMAGES: bucket })).status).toBe(404);
+    await env.IMAGES.put(key, "late");
+    expect((await send(`${BASE}/${key}`, { IMAGES: bucket })).status).toBe(200);
+    expect(gets()).toBe(2);
+  });
+});
+
+describe("origin failures", () => {
+  it("answers 504 when R2 does not answer in time", async () => {
+    const { url } = await stored();
+    vi.spyOn(console, "error").mockImplementation(() => {});
+    const slow = countingBucket(500);
+    const res = await send(url, { IMAGES: slow.bucket, ORIGIN_TIMEOUT_MS: "20" });
+    expect(res.status).toBe(504);
+    expect(res.headers.get("Cache-Control")).toBe("no-store");
+  });
+
+  it("answers 502 when R2 fails", async () => {
+    const errors = vi.spyOn(console, "error").mockImplementation(() => {});
+    const broken = {
+      get: () => Promise.reject(new Error("internal error")),
+    } as unknown as R2Bucket;
+    const res = await send(`${BASE}/${newKey()}`, { IMAGES: broken });
+    expect(res.status).toBe(502);
+    expect(await res.text()).toBe("Origin Unavailable\n");
+    expect(errors).toHaveBeenCalledOnce();
+  });
+});

@@ -1,0 +1,136 @@
+import { env, exports } from "cloudflare:workers";
+import { afterEach, describe, expect, it, vi } from "vitest";
+import { isPublicKey, keyFromPath } from "../src/keys";
+import { BASE, countingBucket, mockFetch, newKey, send } from "./helpers";
+
+afterEach(() => {
+  vi.restoreAllMocks();
+});
+
+describe("methods", () => {
+  it.each(["POST", "PUT", "DELETE", "PATCH"])("%s answers 405 with Allow", async (method) => {
+    const res = await send(new Request(`${BASE}/${newKey()}`, { method }));
+    expect(res.status).toBe(405);
+    expect(res.headers.get("Allow")).toBe("GET, HEAD");
+  });
+
+  it("OPTIONS answers a CORS preflight", async () => {
+    const res = await send(
+      new Request(`${BASE}/${newKey()}`, {
+        method: "OPTIONS",
+        headers: {
+          Origin: "https://app.example.com",
+          "Access-Control-Request-Method": "GET",
+          "Access-Control-Request-Headers": "range",
+        },
+      }),
+    );
+    expect(res.status).toBe(204);
+    expect(res.headers.get("Access-Control-Allow-Origin")).toBe("*");
+    expect(res.headers.get("Access-Control-Allow-Methods")).toContain("GET");
+    expect(res.headers.get("Access-Control-Allow-Headers")).toContain("Range");
+    expect(res.headers.get("Access-Control-Max-Age")).toBe("86400");
+  });
+});
+
+describe("paths that are not served keys", () => {
+  const bad = [
+    "/",
+    "/favicon.ico",
+    "/2026/05/01/abc.json",
+    "/2026/05/01/abc.webp",
+    "/2026/05/01/abc.thumb.png",
+    "/2026/05/01/abc.PNG",
+    "/2026/05/01/a.b.png",
+    "/2026/05/01/_abc.png",
+    "/2026/13/01/abc.png",
+    "/2026/05/32/abc.png",
+    "/2026/5/1/abc.png",
+    "/2026/05/01//abc.png",
+    "//2026/05/01/abc.png",
+    "/2026%2F05%2F01%2Fabc.png",
+    "/2026/05/01/abc%2Epng",
+    "/2026/05/01%2F..%2F..%2Fsecret.png",
+    "/2026/05/01/../../../secret.png",
+    "/2026/05/01/%2e%2e/%2e%2e/x.png",
+    "/images/2026/05/01/abc.png",
+    "/2026/05/01/abc.png/",
+    "/2026/05/01/abc.png;x",
+    `/2026/05/01/${"a".repeat(129)}.png`,
+  ];
+
+  it.each(bad)("%s answers 404 without reaching the origin", async (path) => {
+    const r2 = countingBucket();
+    const { calls } = mockFetch(() => new Response("origin must not be called", { status: 500 }));
+    for (const origin of [
+      { ORIGIN: "r2", IMAGES: r2.bucket },
+      { ORIGIN: "public", PUBLIC_ORIGIN_URL: "https://bucket.example.net" },
+    ]) {
+      const res = await send(`${BASE}${path}`, origin);
+      expect(res.status).toBe(404);
+      expect(res.headers.get("Cache-Control")).toBe("no-store");
+    }
+    expect(r2.gets()).toBe(0);
+    expect(calls).toHaveLength(0);
+  });
+
+  it("ignores query parameters that look like a host", async () => {
+    const key = newKey();
+    await env.IMAGES.put(key, "x");
+    const { calls } = mockFetch(() => new Response("no"));
+    const res = await send(`${BASE}/${key}?origin=https://evil.example&url=https://evil.example/x`);
+    expect(res.status).toBe(200);
+    expect(calls).toHaveLength(0);
+  });
+});
+
+describe("key shapes", () => {
+  it("accepts the full image and the thumbnail", () => {
+    expect(isPublicKey("2026/05/01/abc.png")).toBe(true);
+    expect(isPublicKey("2026/05/01/abc.thumb.webp")).toBe(true);
+    expect(isPublicKey(`0001/12/31/${"a".repeat(128)}.png`)).toBe(true);
+  });
+
+  it("maps only raw, slash-led paths", () => {
+    expect(keyFromPath("/2026/05/01/abc.png")).toBe("2026/05/01/abc.png");
+    expect(keyFromPath("2026/05/01/abc.png")).toBeNull();
+    expect(keyFromPath("/2026/05/01/abc.json")).toBeNull();
+  });
+});
+
+describe("configuration", () => {
+  it.each([
+    [{ ORIGIN: "ftp" }],
+    [{ ORIGIN: "s3" }],
+    [{ ORIGIN: "public", PUBLIC_ORIGIN_URL: "not a url" }],
+    [{ ORIGIN_PREFIX: "../" }],
+    [{ ORIGIN_PREFIX: "images" }],
+    [{ ORIGIN_TIMEOUT_MS: "soon" }],
+  ])("%o answers 500 and names no value", async (overrides) => {
+    const errors = vi.spyOn(console, "error").mockImplementation(() => {});
+    const res = await send(`${BASE}/${newKey()}`, overrides);
+    expect(res.status).toBe(500);
+    expect(await res.text()).toBe("Server Misconfigured\n");
+    expect(errors).toHaveBeenCalledOnce();
+  });
+});
+
+describe("deployed entry point", () => {
+  it("serves through the runtime with the bindings and vars of wrangler.jsonc", async () => {
+    const key = newKey("thumb");
+    await env.IMAGES.put(key, new Uint8Array([82, 73, 70, 70]), {
+      httpMetadata: { contentType: "image/webp" },
+    });
+    const res = await exports.default.fetch(`${BASE}/${key}`);
+    expect(res.status).toBe(200);
+    expect(res.headers.get("Content-Type")).toBe("image/webp");
+    expect(new Uint8Array(await res.arrayBuffer())).toEqual(new Uint8Array([82, 73, 70, 70]));
+
+    const head = await exports.default.fetch(`${BASE}/${key}`, { method: "HEAD" });
+    expect(head.status).toBe(200);
+    expect(head.headers.get("ETag")).toBe(res.headers.get("ETag"));
+    expect(
+      (await exports.default.fetch(`${BASE}/${key.replace(".thumb.webp", ".json")}`)).status,
+    ).toBe(404);
+  });
+});

@@ -1,0 +1,208 @@
+import { afterEach, describe, expect, it, vi } from "vitest";
+import type { Env } from "../src/config";
+import { BASE, bytes, mockFetch, newKey, send } from "./helpers";
+
+const ACCESS_KEY_ID = "AKIDEXAMPLE0123456789";
+const SECRET_ACCESS_KEY = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
+
+const S3: Partial<Env> = {
+  ORIGIN: "s3",
+  S3_ENDPOINT: "https://s3.example.net/",
+  S3_BUCKET: "imagegen-images",
+  S3_REGION: "eu-west-3",
+  S3_ACCESS_KEY_ID: ACCESS_KEY_ID,
+  S3_SECRET_ACCESS_KEY: SECRET_ACCESS_KEY,
+  ORIGIN_PREFIX: "images/",
+};
+
+const LAST_MODIFIED = "Fri, 01 May 2026 10:00:00 GMT";
+
+function objectResponse(size = 64): Response {
+  return new Response(bytes(size), {
+    headers: {
+      "Content-Type": "image/png",
+      "Content-Length": String(size),
+      ETag: '"0123456789abcdef"',
+      "Last-Modified": LAST_MODIFIED,
+      "x-amz-request-id": "REQ123",
+      "x-amz-meta-owner": "someone",
+    },
+  });
+}
+
+function abortable(request: Request): Promise<Response> {
+  return new Promise((_, reject) => {
+    request.signal.addEventListener("abort", () =>
+      reject(new DOMException("aborted", "AbortError")),
+    );
+  });
+}
+
+async function expectNoSecret(res: Response, logged: string[]): Promise<void> {
+  const everything = [
+    ...[...res.headers].map(([name, value]) => `${name}: ${value}`),
+    new TextDecoder().decode(await res.clone().arrayBuffer()),
+    ...logged,
+  ].join("\n");
+  expect(everything).not.toContain(SECRET_ACCESS_KEY);
+  expect(everything).not.toContain(ACCESS_KEY_ID);
+  expect(everything).not.toContain("AWS4-HMAC-SHA256");
+  expect(everything.toLowerCase()).not.toContain("x-amz");
+}
+
+function captureLogs(): string[] {
+  const lines: string[] = [];
+  for (const level of ["log", "info", "warn", "error", "debug"] as const) {
+    vi.spyOn(console, level).mockImplementation((...args: unknown[]) => {
+      lines.push(args.map(String).join(" "));
+    });
+  }
+  return lines;
+}
+
+afterEach(() => {
+  vi.restoreAllMocks();
+});
+
+describe("S3-compatible origin", () => {
+  it("sends a SigV4-signed path-style GET and serves the object", async () => {
+    const logged = captureLogs();
+    const key = newKey();
+    const { calls } = mockFetch(() => objectResponse());
+    const res = await send(`${BASE}/${key}`, S3);
+
+    expect(res.status).toBe(200);
+    expect(new Uint8Array(await res.clone().arrayBuffer())).toEqual(bytes(64));
+    expect(res.headers.get("ETag")).toBe('"0123456789abcdef"');
+    expect(res.headers.get("Last-Modified")).toBe(LAST_MODIFIED);
+    expect(res.headers.get("Content-Type")).toBe("image/png");
+
+    expect(calls).toHaveLength(1);
+    const [origin] = calls;
+    expect(origin?.method).toBe("GET");
+    expect(origin?.url).toBe(`https://s3.example.net/imagegen-images/images/${key}`);
+    const authorization = origin?.headers.get("Authorization") ?? "";
+    expect(authorization).toMatch(
+      new RegExp(
+        `^AWS4-HMAC-SHA256 Credential=${ACCESS_KEY_ID}/\\d{8}/eu-west-3/s3/aws4_request, ` +
+          "SignedHeaders=[a-z0-9;-]*host[a-z0-9;-]*, Signature=[0-9a-f]{64}$",
+      ),
+    );
+    expect(authorization).not.toContain(SECRET_ACCESS_KEY);
+    expect(origin?.headers.get("x-amz-date")).toMatch(/^\d{8}T\d{6}Z$/);
+    expect(origin?.headers.get("x-amz-content-sha256")).toBe("UNSIGNED-PAYLOAD");
+
+    await expectNoSecret(res, logged);
+  });
+
+  it("defaults the region to auto", async () => {
+    const { calls } = mockFetch(() => objectResponse());
+    await send(`${BASE}/${newKey()}`, { ...S3, S3_REGION: undefined });
+    expect(calls[0]?.headers.get("Authorization")).toMatch(/\/\d{8}\/auto\/s3\/aws4_request,/);
+  });
+
+  it("serves repeat requests from the edge cache", async () => {
+    const key = newKey();
+    const { calls } = mockFetch(() => objectResponse());
+    expect((await send(`${BASE}/${key}`, S3)).status).toBe(200);
+    expect(
+      (await send(new Request(`${BASE}/${key}`, { headers: { Range: "bytes=0-3" } }), S3)).status,
+    ).toBe(206);
+    expect((await send(`${BASE}/${key}`, S3)).status).toBe(200);
+    expect(calls).toHaveLength(1);
+  });
+
+  it("answers 404 when the bucket has no such object", async () => {
+    mockFetch(() => new Response("<Error><Code>NoSuchKey</Code></Error>", { status: 404 }));
+    const res = await send(`${BASE}/${newKey()}`, S3);
+    expect(res.status).toBe(404);
+    expect(await res.text()).toBe("Not Found\n");
+  });
+
+  it("answers 502 after retrying a failing bucket, without leaking its answer", async () => {
+    const logged = captureLogs();
+    const { calls } = mockFetch(
+      () =>
+        new Response(`<Error><Code>InternalError</Code><Key>${SECRET_ACCESS_KEY}</Key></Error>`, {
+          status: 503,
+          headers: { "x-amz-request-id": "REQ" },
+        }),
+    );
+    const res = await send(`${BASE}/${newKey()}`, S3);
+    expect(res.status).toBe(502);
+    expect(await res.clone().text()).toBe("Origin Unavailable\n");
+    expect(calls.length).toBeGreaterThan(1);
+    await expectNoSecret(res, logged);
+  });
+
+  it("answers 502 when the bucket refuses the credentials", async () => {
+    const logged = captureLogs();
+    const { calls } = mockFetch(
+      () => new Response("<Error><Code>AccessDenied</Code></Error>", { status: 403 }),
+    );
+    const res = await send(`${BASE}/${newKey()}`, S3);
+    expect(res.status).toBe(502);
+    expect(calls).toHaveLength(1);
+    await expectNoSecret(res, logged);
+  });
+
+  it("answers 502 on a network error", async () => {
+    const logged = captureLogs();
+    mockFetch(() => {
+      throw new TypeError(`connect failed with ${SECRET_ACCESS_KEY}`);
+    });
+    const res = await send(`${BASE}/${newKey()}`, S3);
+    expect(res.status).toBe(502);
+    expect(logged.join("\n")).toContain("origin s3 failed");
+    await expectNoSecret(res, logged);
+  });
+
+  it("answers 504 when the bucket does not answer in time", async () => {
+    const logged = captureLogs();
+    const { calls } = mockFetch(abortable);
+    const res = await send(`${BASE}/${newKey()}`, { ...S3, ORIGIN_TIMEOUT_MS: "30" });
+    expect(res.status).toBe(504);
+    expect(await res.clone().text()).toBe("Origin Timeout\n");
+    expect(calls[0]?.signal.aborted).toBe(true);
+    await expectNoSecret(res, logged);
+  });
+});
+
+describe("public bucket origin", () => {
+  const PUBLIC: Partial<Env> = {
+    ORIGIN: "public",
+    PUBLIC_ORIGIN_URL: "https://storage.example.net/imagegen-images/",
+  };
+
+  it("fetches <PUBLIC_ORIGIN_URL>/<ORIGIN_PREFIX><key> without credentials", async () => {
+    const key = newKey("thumb");
+    const { calls } = mockFetch(() => objectResponse());
+    const res = await send(`${BASE}/${key}`, { ...PUBLIC, ORIGIN_PREFIX: "out/" });
+    expect(res.status).toBe(200);
+    expect(calls[0]?.url).toBe(`https://storage.example.net/imagegen-images/out/${key}`);
+    expect(calls[0]?.headers.get("Authorization")).toBeNull();
+    expect(calls[0]?.redirect).toBe("manual");
+  });
+
+  it("answers 502 to a redirect instead of following it", async () => {
+    vi.spyOn(console, "error").mockImplementation(() => {});
+    const { calls } = mockFetch(
+      () =>
+        new Response(null, { status: 302, headers: { Location: "https://elsewhere.example/" } }),
+    );
+    expect((await send(`${BASE}/${newKey()}`, PUBLIC)).status).toBe(502);
+    expect(calls).toHaveLength(1);
+  });
+
+  it("answers 504 on timeout and 502 on a 500", async () => {
+    vi.spyOn(console, "error").mockImplementation(() => {});
+    mockFetch(abortable);
+    expect((await send(`${BASE}/${newKey()}`, { ...PUBLIC, ORIGIN_TIMEOUT_MS: "30" })).status).toBe(
+      504,
+    );
+    vi.restoreAllMocks();
+    vi.spyOn(console, "error").mockImplementation(() => {});
+    mockFetch(() => new Response("boom", { status: 500 }));
+    expect((await send(`${BASE}/${newKey()}`, PUBLIC)).status).toBe(502);
+  });
+});

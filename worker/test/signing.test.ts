@@ -1,0 +1,155 @@
+import { env } from "cloudflare:workers";
+import { afterEach, describe, expect, it, vi } from "vitest";
+import shared from "../../schemas/signed-url-vectors.json";
+import { sign, verify } from "../src/signing";
+import { BASE, countingBucket, newKey, send } from "./helpers";
+
+interface Vector {
+  name: string;
+  secret: string;
+  key: string;
+  expires: number;
+  now: number;
+  signature: string;
+  valid: boolean;
+  url: string;
+}
+
+const vectors: Vector[] = shared.vectors;
+const SECRET = "worker-test-secret";
+
+function at(unixSeconds: number): void {
+  vi.useFakeTimers({ toFake: ["Date"] });
+  vi.setSystemTime(unixSeconds * 1000);
+}
+
+async function signedUrl(key: string, expires: number, secret = SECRET): Promise<string> {
+  return `${BASE}/${key}?expires=${expires}&signature=${await sign(key, expires, secret)}`;
+}
+
+afterEach(() => {
+  vi.useRealTimers();
+  vi.restoreAllMocks();
+});
+
+describe("shared vectors", () => {
+  it("use the base URL of the Worker tests", () => {
+    expect(shared.base_url).toBe(BASE);
+    expect(vectors.some((v) => v.valid)).toBe(true);
+    expect(vectors.some((v) => !v.valid)).toBe(true);
+  });
+
+  it.each(vectors.map((v) => [v.name, v] as const))("verify: %s", async (_, v) => {
+    expect(await verify(v.key, v.expires, v.signature, v.secret, v.now)).toBe(v.valid);
+  });
+
+  it.each(vectors.filter((v) => v.valid).map((v) => [v.name, v] as const))(
+    "sign: %s",
+    async (_, v) => {
+      expect(await sign(v.key, v.expires, v.secret)).toBe(v.signature);
+    },
+  );
+
+  it.each(vectors.map((v) => [v.name, v] as const))("request: %s", async (_, v) => {
+    await env.IMAGES.put(v.key, "image");
+    at(v.now);
+    const res = await send(v.url, { SIGNING_SECRET: v.secret });
+    if (v.valid) {
+      expect(res.status).toBe(200);
+      expect(res.headers.get("Cache-Control")).toBe(`private, max-age=${v.expires - v.now}`);
+    } else {
+      expect(res.status).toBe(403);
+      expect(await res.text()).toBe("Forbidden\n");
+    }
+  });
+});
+
+describe("when SIGNING_SECRET is set", () => {
+  const NOW = 1_800_000_000;
+
+  it("serves a valid signed URL with a private lifetime", async () => {
+    const key = newKey();
+    await env.IMAGES.put(key, "image");
+    at(NOW);
+    const res = await send(await signedUrl(key, NOW + 600), { SIGNING_SECRET: SECRET });
+    expect(res.status).toBe(200);
+    expect(res.headers.get("Cache-Control")).toBe("private, max-age=600");
+  });
+
+  it.each([
+    ["no query", (url: string) => url.split("?")[0] ?? ""],
+    ["no signature", (url: string) => url.replace(/&signature=.*/, "")],
+    ["no expires", (url: string) => url.replace(/expires=\d+&/, "")],
+    ["a repeated signature", (url: string) => `${url}&signature=${"0".repeat(64)}`],
+    ["a repeated expires", (url: string) => url.replace("?", "?expires=1&")],
+    ["a non-numeric expires", (url: string) => url.replace(/expires=\d+/, "expires=soon")],
+    ["a negative expires", (url: string) => url.replace(/expires=\d+/, "expires=-1")],
+    ["a signature for another key", (url: string) => url.replace(/gen_[^.]+/, "gen_other")],
+    ["an extended expiry", (url: string) => url.replace(/expires=\d+/, `expires=${NOW + 7200}`)],
+  ])("answers 403 to %s without reaching the origin", async (_, tamper) => {
+    const key = newKey();
+    await env.IMAGES.put(key, "image");
+    const { bucket, gets } = countingBucket();
+    at(NOW);
+    const url = tamper(await signedUrl(key, NOW + 600));
+    const res = await send(url, { SIGNING_SECRET: SECRET, IMAGES: bucket });
+    expect(res.status).toBe(403);
+    expect(gets()).toBe(0);
+  });
+
+  it("answers 403 once the URL has expired, even from the edge cache", async () => {
+    const key = newKey();
+    await env.IMAGES.put(key, "image");
+    const url = await signedUrl(key, NOW);
+    at(NOW);
+    expect((await send(url, { SIGNING_SECRET: SECRET })).status).toBe(200);
+    at(NOW + 1);
+    expect((await send(url, { SIGNING_SECRET: SECRET })).status).toBe(403);
+  });
+
+  it("shares one cache entry between signatures of the same key", async () => {
+    const key = newKey();
+    await env.IMAGES.put(key, "image");
+    const { bucket, gets } = countingBucket();
+    at(NOW);
+    for (const expires of [NOW + 60, NOW + 120, NOW + 3600]) {
+      const res = await send(await signedUrl(key, expires), {
+        SIGNING_SECRET: SECRET,
+        IMAGES: bucket,
+      });
+      expect(res.status).toBe(200);
+      expect(res.headers.get("Cache-Control")).toBe(`private, max-age=${expires - NOW}`);
+    }
+    expect(gets()).toBe(1);
+  });
+
+  it("still answers 404 to a path that is not a key, and 304 with a private lifetime", async () => {
+    at(NOW);
+    const json = "2026/05/01/abc.json";
+    expect((await send(await signedUrl(json, NOW + 60), { SIGNING_SECRET: SECRET })).status).toBe(
+      404,
+    );
+
+    const key = newKey();
+    const object = await env.IMAGES.put(key, "image");
+    const res = await send(
+      new Request(await signedUrl(key, NOW + 60), {
+        headers: { "If-None-Match": object?.httpEtag ?? "" },
+      }),
+      { SIGNING_SECRET: SECRET },
+    );
+    expect(res.status).toBe(304);
+    expect(res.headers.get("Cache-Control")).toBe("private, max-age=60");
+  });
+});
+
+describe("when SIGNING_SECRET is not set", () => {
+  it("needs no signature and ignores one", async () => {
+    const key = newKey();
+    await env.IMAGES.put(key, "image");
+    expect((await send(`${BASE}/${key}`)).status).toBe(200);
+    const res = await send(`${BASE}/${key}?expires=1&signature=bad`);
+    expect(res.status).toBe(200);
+    expect(res.headers.get("Cache-Control")).toBe("public, max-age=31536000, immutable");
+  });
+});
