@@ -46,11 +46,13 @@ def test_sign_reproduces_valid_vector(vector: dict[str, Any]) -> None:
     assert sign(vector["key"], vector["expires"], vector["secret"]) == vector["signature"]
 
 
-@pytest.mark.parametrize("vector", VALID, ids=_name)
+# public_url only mints URLs with a positive lifetime.
+MINTABLE = [v for v in VALID if v["expires"] > v["now"]]
+
+
+@pytest.mark.parametrize("vector", MINTABLE, ids=_name)
 def test_public_url_reproduces_valid_vector(vector: dict[str, Any]) -> None:
     ttl = vector["expires"] - vector["now"]
-    if ttl <= 0:
-        pytest.skip("public_url only mints URLs with a positive lifetime")
     url = public_url(BASE, vector["key"], secret=vector["secret"], ttl=ttl, now=vector["now"])
     assert url == vector["url"]
 
