@@ -1,0 +1,237 @@
+"""Writing prompts with an LLM served by Ollama.
+
+The reply is constrained to a JSON schema (``format=``) generated from :class:`PromptReply`, and
+sampled with the generation's seed, so a redelivered request gets the same reply. Connection
+errors, 5xx/429 answers and malformed replies are retried with exponential backoff (tenacity);
+a reply slower than ``ollama_timeout`` is not, since it would be as slow again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+import ollama
+from pydantic import BaseModel, Field, ValidationError
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from imagegen.enhance._text import clean_reply, fit_budget
+from imagegen.errors import DependencyUnavailable
+from imagegen.models import Contribution
+from imagegen.modelspec import ModelSpec
+from imagegen.settings import Settings
+
+__all__ = ["MalformedReply", "OllamaEnhancer", "PromptReply", "build_messages"]
+
+logger = logging.getLogger("imagegen.enhance")
+
+DEFAULT_BACKOFF = 0.5
+"""Seconds before the first retry; each next wait doubles."""
+
+
+class PromptReply(BaseModel):
+    """The reply the LLM must give; its JSON Schema is sent as Ollama's ``format``."""
+
+    prompt: str = Field(
+        min_length=1,
+        description="The image prompt: one paragraph of plain descriptive English.",
+    )
+
+
+class MalformedReply(ValueError):
+    """The LLM answered, but not with a usable prompt."""
+
+
+_SYSTEM = """\
+You write prompts for the text-to-image model FLUX.
+Answer with a JSON object {{"prompt": "..."}} and nothing else.
+The prompt is one paragraph of plain, concrete, visual English: no markdown, no lists, no \
+quotation marks, no preamble, no commentary.
+Begin with the main subject in a short first clause of at most {subject_words} words, then \
+describe the setting, composition, lighting, colours and style.
+Use at most {total_words} words in all.
+Weave in the context details where they fit the image; leave out any that do not."""
+
+_ENHANCE = "Turn this image idea into a prompt, keeping its subject and intent:\n{prompt}"
+_DREAM = (
+    "Dream up an original, specific image: invent a vivid subject and scene of your own, "
+    "inspired by the context."
+)
+
+
+def build_messages(
+    prompt: str | None, contributions: Sequence[Contribution], spec: ModelSpec
+) -> list[dict[str, str]]:
+    """The chat messages asking for a prompt (or, without ``prompt``, for a dreamed one)."""
+    system = _SYSTEM.format(
+        subject_words=(spec.clip_tokens - 2) // 3,
+        total_words=spec.t5_tokens // 3,
+    )
+    parts = [_ENHANCE.format(prompt=prompt) if prompt else _DREAM]
+    context = [f"- {c.plugin}: {c.text}" for c in contributions if c.text.strip()]
+    if context:
+        parts.append("Context:\n" + "\n".join(context))
+    return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, httpx.TimeoutException):
+        return False
+    if isinstance(exc, ollama.ResponseError):
+        return exc.status_code >= 500 or exc.status_code == 429
+    return isinstance(exc, ConnectionError | httpx.TransportError | MalformedReply)
+
+
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome is not None else None
+    wait = state.next_action.sleep if state.next_action is not None else 0.0
+    logger.warning(
+        "Ollama attempt %d failed (%s: %s); retrying in %.2fs",
+        state.attempt_number,
+        type(exc).__name__,
+        exc,
+        wait,
+    )
+
+
+class OllamaEnhancer:
+    """Writes prompts with ``settings.ollama_model`` on the Ollama at ``settings.ollama_host``.
+
+    Args:
+        settings: Host, model, temperature, timeout and retries.
+        client: An Ollama client to use instead of one made here (and then not closed here).
+        backoff: Seconds before the first retry.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        client: ollama.AsyncClient | None = None,
+        backoff: float = DEFAULT_BACKOFF,
+    ) -> None:
+        self.settings = settings
+        self.backoff = backoff
+        self._owns_client = client is None
+        self.client = client or ollama.AsyncClient(
+            host=settings.ollama_host, timeout=settings.ollama_timeout
+        )
+
+    @property
+    def name(self) -> str:
+        """How this enhancer signs the prompts it writes: ``ollama:<model>``."""
+        return f"ollama:{self.settings.ollama_model}"
+
+    @property
+    def deadline(self) -> float:
+        """Seconds one :meth:`write` may take, every attempt and wait included."""
+        attempts = self.settings.ollama_retries + 1
+        waits = sum(min(self.backoff * 2**i, self.backoff * 8) for i in range(attempts - 1))
+        return float(self.settings.ollama_timeout * attempts + waits)
+
+    async def write(
+        self,
+        *,
+        prompt: str | None,
+        contributions: Sequence[Contribution],
+        seed: int,
+        spec: ModelSpec,
+    ) -> str:
+        """A cleaned prompt within ``spec``'s budget; dreamed when ``prompt`` is None.
+
+        Raises:
+            DependencyUnavailable: Ollama is unreachable, failing, slow or replying nonsense,
+                retries included.
+        """
+        messages = build_messages(prompt, contributions, spec)
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.settings.ollama_retries + 1),
+            wait=wait_exponential(multiplier=self.backoff, max=self.backoff * 8),
+            retry=retry_if_exception(_retryable),
+            before_sleep=_log_retry,
+            reraise=True,
+        )
+        try:
+            async with asyncio.timeout(self.deadline):
+                async for attempt in retrying:
+                    with attempt:
+                        return await self._chat(messages, seed, spec)
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            reason = f"no reply within {self.settings.ollama_timeout:g}s"
+            raise self._unavailable(reason) from exc
+        except (ConnectionError, httpx.HTTPError, ollama.ResponseError, MalformedReply) as exc:
+            raise self._unavailable(f"{type(exc).__name__}: {exc}") from exc
+        raise AssertionError("unreachable: tenacity re-raises the last error")
+
+    def _unavailable(self, reason: str) -> DependencyUnavailable:
+        host, model = self.settings.ollama_host, self.settings.ollama_model
+        logger.warning("Ollama %s at %s unavailable: %s", model, host, reason)
+        return DependencyUnavailable(f"Ollama model {model} at {host}: {reason}")
+
+    async def _chat(self, messages: list[dict[str, str]], seed: int, spec: ModelSpec) -> str:
+        options: dict[str, Any] = {
+            "temperature": self.settings.ollama_temperature,
+            "seed": seed,
+            "num_predict": max(256, 2 * spec.t5_tokens),
+        }
+        try:
+            response = await self.client.chat(
+                model=self.settings.ollama_model,
+                messages=messages,
+                format=PromptReply.model_json_schema(),
+                options=options,
+                stream=False,
+            )
+        except (ValueError, TypeError) as exc:  # a 200 whose body is no chat response
+            raise MalformedReply(f"unreadable response ({type(exc).__name__})") from None
+        content = response.message.content or ""
+        try:
+            reply = PromptReply.model_validate_json(content)
+        except ValidationError:
+            # The content is not logged: it may echo the caller's prompt.
+            raise MalformedReply(
+                f"reply is not a JSON object with a 'prompt' ({len(content)} characters)"
+            ) from None
+        text = fit_budget(clean_reply(reply.prompt), spec)
+        if not text:
+            raise MalformedReply("reply holds an empty prompt")
+        return text
+
+    async def check(self) -> dict[str, object]:
+        """Whether Ollama answers and has the model (``GET /api/tags``); never raises."""
+        model = self.settings.ollama_model
+        info: dict[str, object] = {
+            "host": self.settings.ollama_host,
+            "model": model,
+            "reachable": False,
+        }
+        try:
+            async with asyncio.timeout(min(self.settings.ollama_timeout, 10.0)):
+                listing = await self.client.list()
+        except (TimeoutError, ConnectionError, httpx.HTTPError, ollama.ResponseError) as exc:
+            info["error"] = f"{type(exc).__name__}: {exc}"
+            return info
+        except (ValueError, TypeError) as exc:
+            info["error"] = f"unreadable /api/tags response: {exc}"
+            return info
+        names = [m.model for m in listing.models if m.model]
+        info.update(
+            reachable=True,
+            models=names,
+            model_available=model in names or f"{model}:latest" in names,
+        )
+        return info
+
+    async def aclose(self) -> None:
+        """Close the HTTP connections of a client made here."""
+        if self._owns_client:
+            await self.client.close()  # type: ignore[no-untyped-call]

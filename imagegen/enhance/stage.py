@@ -1,0 +1,198 @@
+"""The enhance stage: a :class:`GenerationRequest` in, an :class:`EnhancedPrompt` out.
+
+Every render parameter is fixed here, the seed included, and the prompt is a function of the
+request, its generation id and its time: a redelivered request yields the same job.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import ollama
+
+from imagegen.enhance._template import compose, dream_subject
+from imagegen.enhance.llm import DEFAULT_BACKOFF, OllamaEnhancer
+from imagegen.errors import DependencyUnavailable, InvalidRequest
+from imagegen.models import (
+    GENERATION_ID_PATTERN,
+    Contribution,
+    EnhancedPrompt,
+    GenerationRequest,
+    LoraHint,
+    derive_seed,
+)
+from imagegen.modelspec import ModelSpec, spec_for
+from imagegen.plugins import PluginSet
+from imagegen.settings import Settings
+
+__all__ = ["EnhanceStage"]
+
+logger = logging.getLogger("imagegen.enhance")
+
+
+def _loras(contributions: Sequence[Contribution]) -> list[LoraHint]:
+    found: dict[str, LoraHint] = {}
+    for contribution in contributions:
+        for hint in contribution.loras:
+            found.setdefault(hint.name, hint)
+    return list(found.values())
+
+
+class EnhanceStage:
+    """Runs the plugins, then has the LLM write the prompt (or a template, if it cannot).
+
+    Args:
+        settings: Models, Ollama and fallback settings.
+        plugins: The plugins this stage runs.
+        client: An Ollama client to use instead of one made from the settings.
+        backoff: Seconds before the first Ollama retry.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        plugins: PluginSet,
+        *,
+        client: ollama.AsyncClient | None = None,
+        backoff: float = DEFAULT_BACKOFF,
+    ) -> None:
+        self.settings = settings
+        self.plugins = plugins
+        self.enhancer = OllamaEnhancer(settings, client=client, backoff=backoff)
+
+    def check_inputs(self, request: GenerationRequest, generation_id: str) -> str:
+        """The model the request renders with, after checking what the settings constrain.
+
+        Raises:
+            InvalidRequest: naming every offending field (``generation_id``, ``model``,
+                ``plugins``).
+        """
+        errors: list[dict[str, str]] = []
+        if not re.fullmatch(GENERATION_ID_PATTERN, generation_id):
+            errors.append(
+                {"field": "generation_id", "message": "must match " + GENERATION_ID_PATTERN}
+            )
+        model = request.model or self.settings.model
+        if model not in self.settings.allowed_models:
+            allowed = ", ".join(self.settings.allowed_models)
+            errors.append(
+                {"field": "model", "message": f"{model!r} is not allowed; use one of {allowed}"}
+            )
+        try:
+            self.plugins.select(request.plugins)
+        except InvalidRequest as exc:
+            errors.extend(exc.errors)
+        if errors:
+            fields = ", ".join(dict.fromkeys(e["field"] for e in errors))
+            raise InvalidRequest(f"invalid GenerationRequest: {fields}", errors=errors)
+        return model
+
+    async def run(
+        self, request: GenerationRequest, *, generation_id: str, now: datetime | None = None
+    ) -> EnhancedPrompt:
+        """Enhance ``request`` into a render job.
+
+        Args:
+            request: What to draw.
+            generation_id: The generation's id; the seed derives from it when the request
+                gives none.
+            now: The request's time when ``request.requested_at`` is unset (e.g. the event's
+                time); default the current time.
+
+        Raises:
+            InvalidRequest: the request names a model, plugin or plugin option that is not
+                allowed.
+            DependencyUnavailable: Ollama failed and ``settings.enhance_fallback`` is off.
+        """
+        # 1. Check inputs
+        model = self.check_inputs(request, generation_id)
+        spec = spec_for(model)
+        seed = request.seed if request.seed is not None else derive_seed(generation_id)
+        requested_at = request.requested_at or now or datetime.now(UTC)
+        if requested_at.tzinfo is None:
+            requested_at = requested_at.replace(tzinfo=UTC)
+
+        # 2. Run the plugins
+        contributions = await self.plugins.run(
+            generation_id=generation_id,
+            seed=seed,
+            now=requested_at,
+            prompt=request.prompt,
+            timezone=request.timezone,
+            options=request.plugin_options,
+            selection=request.plugins,
+        )
+
+        # 3. Write the prompt
+        prompt, enhancer, fallback = await self._write(request, contributions, seed, spec)
+
+        # 4. Fix every render parameter
+        job = EnhancedPrompt(
+            generation_id=generation_id,
+            prompt=prompt,
+            original_prompt=request.prompt,
+            dreamed=request.prompt is None,
+            fallback=fallback,
+            enhancer=enhancer,
+            contributions=contributions,
+            loras=_loras(contributions),
+            model=model,
+            width=request.width,
+            height=request.height,
+            steps=request.steps or spec.default_steps,
+            guidance=spec.default_guidance if request.guidance is None else request.guidance,
+            seed=seed,
+            requested_at=requested_at,
+            metadata=request.metadata,
+        )
+        self._log(job)
+        return job
+
+    async def _write(
+        self,
+        request: GenerationRequest,
+        contributions: list[Contribution],
+        seed: int,
+        spec: ModelSpec,
+    ) -> tuple[str, str, bool]:
+        """(prompt, enhancer, fallback) for ``request``."""
+        subject = request.prompt or dream_subject(seed)
+        if not request.enhance:
+            enhancer = "passthrough" if request.prompt else "template"
+            return compose(subject, contributions, spec), enhancer, False
+        try:
+            text = await self.enhancer.write(
+                prompt=request.prompt, contributions=contributions, seed=seed, spec=spec
+            )
+        except DependencyUnavailable:
+            if not self.settings.enhance_fallback:
+                raise
+            logger.warning("enhance: the LLM is unavailable; using the template prompt")
+            return compose(subject, contributions, spec), "template", True
+        return text, self.enhancer.name, False
+
+    def _log(self, job: EnhancedPrompt) -> None:
+        extra = f" prompt={job.prompt!r}" if self.settings.log_prompts else ""
+        logger.info(
+            "enhanced %s: enhancer=%s fallback=%s dreamed=%s plugins=%s loras=%s%s",
+            job.generation_id,
+            job.enhancer,
+            job.fallback,
+            job.dreamed,
+            ",".join(c.plugin for c in job.contributions) or "-",
+            ",".join(h.name for h in job.loras) or "-",
+            extra,
+        )
+
+    async def check(self) -> dict[str, object]:
+        """Ollama's state (reachable, models, whether the configured one is pulled)."""
+        info = await self.enhancer.check()
+        info["plugins"] = list(self.plugins.names)
+        return info
+
+    async def aclose(self) -> None:
+        """Release the Ollama connections."""
+        await self.enhancer.aclose()

@@ -1,0 +1,96 @@
+"""An art style for the image, drawn from a shipped list of named styles.
+
+The list is package data (``data/art_styles.json``), read with :mod:`importlib.resources` so it
+loads the same from a source checkout and an installed wheel. The draw comes from the request's
+seed; an instance never gives two different generations the same style back to back, yet gives
+a redelivered generation the style it got the first time.
+
+Options: ``style`` forces a style by name (case-insensitive).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import cache
+from importlib.resources import files
+
+from imagegen.models import Contribution
+from imagegen.plugins import PluginContext
+from imagegen.settings import Settings
+from imagegen_plugins._options import invalid_option, option_str
+
+__all__ = ["ArtStyle", "ArtStylePlugin", "load_styles"]
+
+_REMEMBERED = 256
+
+
+@dataclass(frozen=True)
+class ArtStyle:
+    """A named art style and what it looks like."""
+
+    name: str
+    description: str
+
+    @property
+    def fragment(self) -> str:
+        """The style as a prompt fragment."""
+        return f"{self.name} style, {self.description}"
+
+
+@cache
+def load_styles() -> tuple[ArtStyle, ...]:
+    """The shipped art styles, in file order."""
+    text = files("imagegen_plugins").joinpath("data/art_styles.json").read_text("utf-8")
+    return tuple(
+        ArtStyle(name=row["name"], description=row["description"]) for row in json.loads(text)
+    )
+
+
+class ArtStylePlugin:
+    """Adds an art style: forced by the ``style`` option or drawn from the request's seed."""
+
+    name = "art_style"
+    description = "An art style drawn from a list of named styles; option 'style' forces one."
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings
+        self.styles = load_styles()
+        self._by_name = {style.name.lower(): style for style in self.styles}
+        self._last: ArtStyle | None = None
+        # generation → style, so a redelivered generation draws what it drew before
+        self._picked: OrderedDict[tuple[str, int], ArtStyle] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def contribute(self, context: PluginContext) -> Contribution:
+        """The forced or drawn style as a prompt fragment; data ``{"style": name}``."""
+        forced = option_str(context.options, self.name, "style")
+        if forced is not None:
+            style = self._by_name.get(forced.strip().lower())
+            if style is None:
+                raise invalid_option(self.name, "style", f"unknown art style {forced!r}")
+        else:
+            style = self._draw(context)
+        return Contribution(
+            plugin=self.name,
+            text=style.fragment,
+            data={"style": style.name, "forced": forced is not None},
+        )
+
+    def _draw(self, context: PluginContext) -> ArtStyle:
+        key = (context.generation_id, context.seed)
+        with self._lock:
+            if key in self._picked:
+                self._picked.move_to_end(key)
+                return self._picked[key]
+            rng = context.rng()
+            style = rng.choice(self.styles)
+            if style == self._last:
+                style = rng.choice([s for s in self.styles if s != self._last])
+            self._last = style
+            self._picked[key] = style
+            if len(self._picked) > _REMEMBERED:
+                self._picked.popitem(last=False)
+            return style

@@ -1,0 +1,111 @@
+"""Today's holidays and the nearest upcoming one, from the ``holidays`` library.
+
+Movable feasts (Easter, Thanksgiving, lunar new year...) come from the library's calendars, so
+they are right every year. Countries are ISO codes, optionally with a subdivision: ``US``,
+``DE-BY``. Holiday names are in English where the library has an English translation (option
+``language`` picks another), so the prompt reads the same on every host.
+
+Options: ``countries`` (overrides ``settings.holiday_countries``), ``horizon_days`` (how far
+ahead an upcoming holiday counts, default 14), ``language``.
+"""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+from functools import lru_cache
+from typing import Any
+
+import holidays
+
+from imagegen.models import Contribution
+from imagegen.plugins import PluginContext
+from imagegen.settings import Settings
+from imagegen_plugins._options import invalid_option, option_float, option_list, option_str
+
+__all__ = ["DEFAULT_HORIZON_DAYS", "HolidayPlugin", "holidays_between"]
+
+DEFAULT_HORIZON_DAYS = 14
+
+
+def _pick_language(wanted: str, supported: tuple[str, ...], default: str | None) -> str | None:
+    if wanted in supported:
+        return wanted
+    prefix = wanted.split("_")[0]
+    return next((lang for lang in supported if lang.split("_")[0] == prefix), default)
+
+
+@lru_cache(maxsize=256)
+def _year(code: str, language: str | None, year: int) -> tuple[tuple[date, tuple[str, ...]], ...]:
+    """The holidays of ``code`` (``CC`` or ``CC-SUBDIV``) in ``year``, by date."""
+    country, _, subdiv = code.upper().partition("-")
+    probe = holidays.country_holidays(country, subdiv=subdiv or None)
+    lang = _pick_language(
+        language or "en_US", tuple(probe.supported_languages), probe.default_language
+    )
+    calendar = holidays.country_holidays(country, subdiv=subdiv or None, years=year, language=lang)
+    return tuple((day, tuple(calendar.get_list(day))) for day in sorted(calendar))
+
+
+def holidays_between(
+    code: str, start: date, end: date, language: str | None = None
+) -> list[tuple[date, str]]:
+    """Every (date, name) of country ``code`` from ``start`` to ``end``, both included.
+
+    Raises:
+        NotImplementedError: the country or subdivision is unknown to the library.
+    """
+    found: list[tuple[date, str]] = []
+    for year in range(start.year, end.year + 1):
+        for day, names in _year(code, language, year):
+            if start <= day <= end:
+                found.extend((day, name) for name in names)
+    return found
+
+
+class HolidayPlugin:
+    """Adds today's holidays and hints of the nearest coming one."""
+
+    name = "holiday"
+    description = "Today's holidays and the nearest upcoming one (holidays library)."
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def contribute(self, context: PluginContext) -> Contribution | None:
+        """Holidays on ``context.now``'s date and within the horizon after it."""
+        options = context.options
+        requested = option_list(options, self.name, "countries")
+        countries = requested if requested is not None else self.settings.holiday_countries
+        horizon = int(
+            option_float(options, self.name, "horizon_days", DEFAULT_HORIZON_DAYS, low=0, high=366)
+        )
+        language = option_str(options, self.name, "language")
+        today = context.now.date()
+
+        todays: list[dict[str, Any]] = []
+        upcoming: dict[str, Any] | None = None
+        for code in countries:
+            try:
+                found = holidays_between(code, today, today + timedelta(days=horizon), language)
+            except NotImplementedError as exc:
+                if requested is not None:
+                    raise invalid_option(self.name, "countries", str(exc)) from None
+                raise ValueError(f"holiday_countries: {exc}") from None
+            for day, name in found:
+                entry = {"name": name, "date": day.isoformat(), "country": code}
+                if day == today:
+                    if all(t["name"] != name for t in todays):
+                        todays.append(entry)
+                elif upcoming is None or day.isoformat() < upcoming["date"]:
+                    upcoming = {**entry, "days": (day - today).days}
+        if not todays and upcoming is None:
+            return None
+
+        fragments = [f"{t['name']} festivities" for t in todays]
+        if upcoming is not None:
+            fragments.append(f"subtle hints of the coming {upcoming['name']}")
+        return Contribution(
+            plugin=self.name,
+            text=", ".join(fragments),
+            data={"today": todays, "upcoming": upcoming},
+        )

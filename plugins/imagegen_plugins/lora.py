@@ -1,0 +1,134 @@
+"""A LoRA for the render stage, picked now and then from the configured ones.
+
+Candidates are the ``*.safetensors`` files and the sub-directories of ``settings.lora_dir``,
+plus ``settings.loras`` (names of those, local paths or hub ids). A sidecar ``<name>.json``
+next to a candidate may give its ``trigger`` word and ``weight``::
+
+    {"trigger": "pixelart style", "weight": 0.8}
+
+With probability ``settings.lora_probability`` (option ``probability``) one candidate is drawn
+from the request's seed; the render stage loads it from the :class:`LoraHint`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from imagegen.models import Contribution, LoraHint
+from imagegen.plugins import PluginContext
+from imagegen.settings import Settings
+from imagegen_plugins._options import option_float
+
+__all__ = ["LoraPlugin", "find_loras", "lora_from_path"]
+
+logger = logging.getLogger("imagegen.plugins")
+
+_MAX_WEIGHT = 2.0
+
+
+def _safe_name(text: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", text).lstrip("._-")[:128]
+    return name or "lora"
+
+
+def _sidecar(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        logger.warning("ignoring LoRA sidecar %s: %s", path, exc)
+        return {}
+    if not isinstance(data, dict):
+        logger.warning("ignoring LoRA sidecar %s: not a JSON object", path)
+        return {}
+    return data
+
+
+def _hint(name: str, path: str, sidecar: dict[str, Any]) -> LoraHint:
+    weight = sidecar.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, int | float):
+        logger.warning("LoRA %s: weight %r is not a number; using 1.0", name, weight)
+        weight = 1.0
+    trigger = sidecar.get("trigger")
+    if not isinstance(trigger, str) or not trigger.strip():
+        trigger = None
+    return LoraHint(
+        name=name,
+        path=path,
+        weight=min(max(float(weight), 0.0), _MAX_WEIGHT),
+        trigger=None if trigger is None else trigger.strip()[:200],
+    )
+
+
+def lora_from_path(path: Path) -> LoraHint:
+    """The LoRA stored at ``path`` (a ``.safetensors`` file or a directory), sidecar applied."""
+    stem = path.name.removesuffix(".safetensors")
+    return _hint(_safe_name(stem), str(path), _sidecar(path.parent / f"{stem}.json"))
+
+
+def find_loras(directory: Path) -> list[LoraHint]:
+    """The LoRAs in ``directory``, by name; an absent directory has none."""
+    if not directory.is_dir():
+        logger.warning("lora_dir %s is not a directory", directory)
+        return []
+    found = [
+        lora_from_path(entry)
+        for entry in directory.iterdir()
+        if entry.is_dir() or (entry.is_file() and entry.suffix == ".safetensors")
+    ]
+    return sorted(found, key=lambda hint: hint.name)
+
+
+class LoraPlugin:
+    """Adds, with some probability, a LoRA hint and its trigger word."""
+
+    name = "lora"
+    description = "Sometimes picks a LoRA from lora_dir/loras; adds its trigger word."
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def candidates(self) -> list[LoraHint]:
+        """Every LoRA this plugin may pick, by name, without duplicates."""
+        found: dict[str, LoraHint] = {}
+        if self.settings.lora_dir is not None:
+            found.update((hint.name, hint) for hint in find_loras(self.settings.lora_dir))
+        for entry in self.settings.loras:
+            if entry in found:
+                continue
+            path = Path(entry).expanduser()
+            if path.exists():
+                hint = lora_from_path(path)
+            else:  # a hub id such as "user/repo"
+                hint = _hint(_safe_name(entry.rstrip("/").rsplit("/", 1)[-1]), entry, {})
+            found.setdefault(hint.name, hint)
+        return sorted(found.values(), key=lambda hint: hint.name)
+
+    def contribute(self, context: PluginContext) -> Contribution | None:
+        """A drawn LoRA, or None when the draw says no or there is nothing to pick."""
+        probability = option_float(
+            context.options,
+            self.name,
+            "probability",
+            self.settings.lora_probability,
+            low=0.0,
+            high=1.0,
+        )
+        rng = context.rng()
+        if probability <= 0.0 or rng.random() >= probability:
+            return None
+        candidates = self.candidates()
+        if not candidates:
+            return None
+        hint = rng.choice(candidates)
+        return Contribution(
+            plugin=self.name,
+            text=hint.trigger or "",
+            data={"lora": hint.name, "weight": hint.weight},
+            loras=[hint],
+        )

@@ -1,0 +1,124 @@
+"""Context from a remote JSON endpoint: weather, a campaign theme, anything an operator serves.
+
+The endpoint (``settings.remote_context_url``, or the operator's ``plugin_options.remote_context.url``; never a request's) must answer a JSON object; its
+string values become the fragment. The body is read streamed and dropped past
+``remote_context_max_bytes``; the whole fetch is bounded by ``remote_context_timeout``. Only
+data is read: nothing fetched is ever imported or evaluated. A slow, failing or malformed
+endpoint is logged and adds nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from imagegen.models import Contribution
+from imagegen.plugins import PluginContext
+from imagegen.settings import Settings
+from imagegen_plugins._options import invalid_option, option_str
+
+__all__ = ["MAX_VALUES", "MAX_VALUE_CHARS", "RemoteContextPlugin", "TooLarge"]
+
+logger = logging.getLogger("imagegen.plugins")
+
+MAX_VALUES = 16
+MAX_VALUE_CHARS = 200
+_MAX_TEXT_CHARS = 1000
+
+
+class TooLarge(Exception):
+    """The endpoint sent more than the configured cap."""
+
+
+def _values(document: dict[str, Any]) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for key, value in document.items():
+        if len(values) == MAX_VALUES:
+            break
+        if isinstance(value, str) and (text := re.sub(r"\s+", " ", value).strip()):
+            values[str(key)[:64]] = text[:MAX_VALUE_CHARS]
+    return values
+
+
+class RemoteContextPlugin:
+    """Adds the string values of a JSON object fetched from a configured URL."""
+
+    name = "remote_context"
+    description = "String values of a JSON object fetched from remote_context_url."
+
+    def __init__(
+        self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self.settings = settings
+        self._transport = transport
+
+    async def fetch(self, url: str) -> bytes:
+        """The body at ``url``, at most ``remote_context_max_bytes`` long.
+
+        Raises:
+            httpx.HTTPError: the request failed or the status is not 2xx.
+            TooLarge: the body is over the cap.
+        """
+        cap = self.settings.remote_context_max_bytes
+        headers = {"Accept": "application/json", "User-Agent": "imagegen-remote-context"}
+        async with (
+            httpx.AsyncClient(
+                timeout=self.settings.remote_context_timeout, transport=self._transport
+            ) as client,
+            client.stream("GET", url, headers=headers) as response,
+        ):
+            response.raise_for_status()
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > cap:
+                raise TooLarge(f"Content-Length {declared} over {cap} bytes")
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > cap:
+                    raise TooLarge(f"body over {cap} bytes")
+            return bytes(body)
+
+    async def contribute(self, context: PluginContext) -> Contribution | None:
+        """The endpoint's string values; None when unconfigured, slow, failing or malformed."""
+        # Only the operator picks the endpoint: a URL from a request would let any caller make
+        # the service fetch arbitrary (internal) addresses.
+        configured = self.settings.plugin_options.get(self.name, {})
+        option = option_str(configured, self.name, "url")
+        url = option or self.settings.remote_context_url
+        if not url:
+            return None
+        if urlsplit(url).scheme not in ("http", "https"):
+            if option is not None:
+                raise invalid_option(self.name, "url", "must be an http(s) URL")
+            logger.warning("remote_context_url is not an http(s) URL; skipped")
+            return None
+        timeout = self.settings.remote_context_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                body = await self.fetch(url)
+            document = json.loads(body)
+        except TimeoutError:
+            logger.warning("remote context: no answer within %.2fs; skipped", timeout)
+            return None
+        except (httpx.HTTPError, TooLarge, ValueError) as exc:
+            logger.warning("remote context: %s: %s; skipped", type(exc).__name__, exc)
+            return None
+        if not isinstance(document, dict):
+            logger.warning(
+                "remote context: %s is not a JSON object; skipped", type(document).__name__
+            )
+            return None
+        values = _values(document)
+        if not values:
+            return None
+        return Contribution(
+            plugin=self.name,
+            text=", ".join(values.values())[:_MAX_TEXT_CHARS],
+            data={"values": values},
+        )

@@ -1,0 +1,46 @@
+"""The light of the hour: morning, afternoon, evening or night in the request's time zone."""
+
+from __future__ import annotations
+
+from imagegen.models import Contribution
+from imagegen.plugins import PluginContext
+from imagegen.settings import Settings
+
+__all__ = ["PERIODS", "TimeOfDayPlugin", "period_of"]
+
+# (first hour, period, prompt fragment), by first hour; hours before 5 are night.
+PERIODS: tuple[tuple[int, str, str], ...] = (
+    (0, "night", "night scene, moonlight and glowing artificial lights"),
+    (5, "morning", "soft morning light, long gentle shadows"),
+    (12, "afternoon", "bright afternoon daylight, clear shadows"),
+    (17, "evening", "warm evening glow, golden hour light"),
+    (21, "night", "night scene, moonlight and glowing artificial lights"),
+)
+
+
+def period_of(hour: int) -> tuple[str, str]:
+    """The (period, fragment) of an hour 0-23."""
+    current = PERIODS[0]
+    for entry in PERIODS:
+        if hour >= entry[0]:
+            current = entry
+    return current[1], current[2]
+
+
+class TimeOfDayPlugin:
+    """Adds the light of the request's hour."""
+
+    name = "time_of_day"
+    description = "Light of the hour (morning, afternoon, evening, night) in the request's zone."
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings
+
+    def contribute(self, context: PluginContext) -> Contribution:
+        """The period of ``context.now`` and its light."""
+        period, text = period_of(context.now.hour)
+        return Contribution(
+            plugin=self.name,
+            text=text,
+            data={"period": period, "hour": context.now.hour, "timezone": context.timezone},
+        )

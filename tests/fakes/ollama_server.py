@@ -1,0 +1,320 @@
+"""A fake Ollama on loopback: a real HTTP server speaking the API the ``ollama`` client uses.
+
+Endpoints: ``POST /api/chat`` (``stream: false`` → one JSON object, ``stream: true`` → NDJSON
+chunks), ``GET /api/tags`` and ``GET /api/version``. Every request is recorded. Chat answers
+are scripted::
+
+    with FakeOllama() as fake:
+        fake.answer(reply({"prompt": "a red fox"}))   # every chat, until changed
+        fake.reply_with('{"prompt": "a red fox"}')     # the same, shorter
+        fake.enqueue(http_error(500), not_json())     # the next two chats, then the default
+        fake.answer(slow(2.0))                        # answers after 2 s (or when stopped)
+        fake.stop()                                   # "down": connections refused
+        fake.start()                                  # back, on the same port
+        fake.chat_requests[0]["options"]["seed"]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any, Self
+
+__all__ = [
+    "Behaviour",
+    "FakeOllama",
+    "RecordedRequest",
+    "broken_body",
+    "http_error",
+    "missing_fields",
+    "not_json",
+    "reply",
+    "slow",
+]
+
+DEFAULT_PROMPT = "a red fox in a snowy birch forest, soft morning light, watercolor"
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """How the fake answers one chat request.
+
+    Attributes:
+        content: The assistant message's content (a dict is sent as its JSON text).
+        status: The HTTP status; not 200 → ``{"error": content}``.
+        body: A raw body to send instead of a chat response (for broken responses).
+        delay: Seconds to wait before answering (cut short when the server stops).
+    """
+
+    content: str | dict[str, Any] = field(default_factory=lambda: {"prompt": DEFAULT_PROMPT})
+    status: int = 200
+    body: bytes | None = None
+    delay: float = 0.0
+
+
+def reply(content: str | dict[str, Any] | None = None, *, delay: float = 0.0) -> Behaviour:
+    """A normal answer; ``content`` defaults to ``{"prompt": DEFAULT_PROMPT}``."""
+    return Behaviour(
+        content={"prompt": DEFAULT_PROMPT} if content is None else content, delay=delay
+    )
+
+
+def not_json(text: str = "Sure! A fox, in the snow, I think?") -> Behaviour:
+    """An answer whose content is not JSON (a model ignoring ``format``)."""
+    return Behaviour(content=text)
+
+
+def missing_fields() -> Behaviour:
+    """An answer whose content is JSON without the ``prompt`` field."""
+    return Behaviour(content={"description": "a fox"})
+
+
+def broken_body() -> Behaviour:
+    """A 200 whose body is JSON but no chat response (no ``message``)."""
+    return Behaviour(body=b'{"model": "llama3.2", "done": true}')
+
+
+def slow(delay: float, content: str | dict[str, Any] | None = None) -> Behaviour:
+    """A normal answer sent only after ``delay`` seconds."""
+    return reply(content, delay=delay)
+
+
+def http_error(status: int = 500, message: str = "model runner crashed") -> Behaviour:
+    """An HTTP error with Ollama's ``{"error": ...}`` body."""
+    return Behaviour(content=message, status=status)
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as it reached the fake; ``json`` is the parsed body, if any."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    json: Any
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+class FakeOllama:
+    """A scriptable Ollama on 127.0.0.1 (a free port, kept across :meth:`stop`/:meth:`start`).
+
+    Args:
+        models: The names ``/api/tags`` lists.
+        version: What ``/api/version`` answers.
+    """
+
+    def __init__(
+        self, *, models: tuple[str, ...] = ("llama3.2:latest",), version: str = "0.6.0"
+    ) -> None:
+        self.models = list(models)
+        self.version = version
+        self.port = 0
+        self._default = reply()
+        self._queue: deque[Behaviour] = deque()
+        self._requests: list[RecordedRequest] = []
+        self._lock = threading.Lock()
+        self._released = threading.Event()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # Lifecycle
+
+    def start(self) -> Self:
+        """Listen (again) on :attr:`port`; a free port the first time."""
+        handler = type("Handler", (_Handler,), {"owner": self})
+        self._released.clear()
+        server = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
+        server.daemon_threads = True
+        server.block_on_close = False
+        self.port = server.server_address[1]
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, args=(0.05,), name="fake-ollama", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Close the port: clients now get "connection refused". Slow answers are cut short."""
+        self._released.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        """The base URL to give ``ollama.AsyncClient(host=...)``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    # Script
+
+    def answer(self, behaviour: Behaviour) -> None:
+        """How every chat is answered once the queue is empty."""
+        with self._lock:
+            self._default = behaviour
+
+    def reply_with(self, content: str | dict[str, Any]) -> None:
+        """Answer every chat with ``content`` (a shorthand for ``answer(reply(content))``)."""
+        self.answer(reply(content))
+
+    def enqueue(self, *behaviours: Behaviour) -> None:
+        """How the next chats are answered, one behaviour each, in order."""
+        with self._lock:
+            self._queue.extend(behaviours)
+
+    def _next_behaviour(self) -> Behaviour:
+        with self._lock:
+            return self._queue.popleft() if self._queue else self._default
+
+    # Records
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """Every request received, in order."""
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def chat_requests(self) -> list[Any]:
+        """The JSON bodies of the ``/api/chat`` requests received."""
+        return [r.json for r in self.requests if r.path == "/api/chat"]
+
+    def clear(self) -> None:
+        """Forget the recorded requests."""
+        with self._lock:
+            self._requests.clear()
+
+    def _record(self, request: RecordedRequest) -> None:
+        with self._lock:
+            self._requests.append(request)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    owner: FakeOllama
+    server_version = "FakeOllama/1.0"
+
+    def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
+        pass
+
+    def _read_json(self) -> Any:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:
+            return None
+
+    def _record(self, body: Any) -> None:
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        self.owner._record(RecordedRequest(self.command, self.path, headers, body))
+
+    def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _send_json(self, status: int, data: Any) -> None:
+        self._send(status, json.dumps(data).encode())
+
+    def do_GET(self) -> None:
+        self._record(None)
+        if self.path == "/api/version":
+            self._send_json(200, {"version": self.owner.version})
+        elif self.path == "/api/tags":
+            models = [
+                {
+                    "name": name,
+                    "model": name,
+                    "modified_at": _now(),
+                    "size": 2_019_393_189,
+                    "digest": "a80c4f17acd5" + "0" * 52,
+                    "details": {"format": "gguf", "family": "llama", "parameter_size": "3.2B"},
+                }
+                for name in self.owner.models
+            ]
+            self._send_json(200, {"models": models})
+        else:
+            self._send_json(404, {"error": f"{self.path} not found"})
+
+    def do_POST(self) -> None:
+        body = self._read_json()
+        self._record(body)
+        if self.path != "/api/chat":
+            self._send_json(404, {"error": f"{self.path} not found"})
+            return
+        behaviour = self.owner._next_behaviour()
+        if behaviour.delay and self.owner._released.wait(behaviour.delay):
+            return  # stopped while waiting: drop the connection unanswered
+        # The client may have given up (its timeout) before the answer.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self._answer_chat(body if isinstance(body, dict) else {}, behaviour)
+
+    def _answer_chat(self, request: dict[str, Any], behaviour: Behaviour) -> None:
+        content = behaviour.content
+        text = json.dumps(content) if isinstance(content, dict) else content
+        if behaviour.status != 200:
+            self._send_json(behaviour.status, {"error": text})
+            return
+        if behaviour.body is not None:
+            self._send(200, behaviour.body)
+            return
+        model = str(request.get("model", ""))
+        final = {
+            "model": model,
+            "created_at": _now(),
+            "message": {"role": "assistant", "content": text},
+            "done": True,
+            "done_reason": "stop",
+            "total_duration": 1_000_000,
+            "load_duration": 100_000,
+            "prompt_eval_count": 42,
+            "prompt_eval_duration": 200_000,
+            "eval_count": len(text.split()),
+            "eval_duration": 700_000,
+        }
+        if not request.get("stream", True):
+            self._send_json(200, final)
+            return
+        # Streaming (the API's default): content in pieces, then a final empty chunk.
+        words = text.split(" ")
+        pieces = [" ".join(words[i : i + 4]) + " " for i in range(0, len(words), 4)]
+        if pieces:
+            pieces[-1] = pieces[-1][:-1]
+        lines = [
+            {
+                "model": model,
+                "created_at": _now(),
+                "message": {"role": "assistant", "content": piece},
+                "done": False,
+            }
+            for piece in pieces
+        ]
+        lines.append({**final, "message": {"role": "assistant", "content": ""}})
+        payload = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+        self._send(200, payload, "application/x-ndjson")

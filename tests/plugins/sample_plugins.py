@@ -1,0 +1,92 @@
+"""Plugins defined outside imagegen, as a third-party package would ship them."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from imagegen.errors import InvalidRequest
+from imagegen.models import Contribution
+from imagegen.plugins import PluginContext
+from imagegen.settings import Settings
+
+# Set by tests to let a blocked plugin thread finish.
+RELEASE = threading.Event()
+
+
+class EchoPlugin:
+    """Echoes what it saw: options, the earlier plugins, a draw from its rng."""
+
+    name = "echo"
+    description = "Echoes its context."
+
+    def __init__(self, settings: Settings | None = None, *, name: str = "echo") -> None:
+        self.settings = settings
+        self.name = name
+
+    def contribute(self, context: PluginContext) -> Contribution:
+        return Contribution(
+            plugin=self.name,
+            text=f"echo {self.name}",
+            data={
+                "options": dict(context.options),
+                "before": [c.plugin for c in context.contributions],
+                "draw": context.rng().random(),
+                "now": context.now.isoformat(),
+                "timezone": context.timezone,
+                "thread": threading.current_thread().name,
+            },
+        )
+
+
+class AsyncEchoPlugin:
+    name = "async_echo"
+    description = "Echoes, asynchronously."
+
+    async def contribute(self, context: PluginContext) -> Contribution:
+        await asyncio.sleep(0)
+        return Contribution(plugin=self.name, text="async echo", data={"seed": context.seed})
+
+
+class FailingPlugin:
+    name = "failing"
+    description = "Always raises."
+
+    def contribute(self, context: PluginContext) -> Contribution:
+        raise RuntimeError("the failing plugin failed")
+
+
+class HangingPlugin:
+    name = "hanging"
+    description = "Never answers (async)."
+
+    async def contribute(self, context: PluginContext) -> Contribution:
+        await asyncio.sleep(3600)
+        raise AssertionError("not reached")
+
+
+class BlockingPlugin:
+    name = "blocking"
+    description = "Blocks its thread until released (sync)."
+
+    def contribute(self, context: PluginContext) -> Contribution:
+        RELEASE.wait(10)
+        return Contribution(plugin=self.name, text="too late")
+
+
+class StrictPlugin:
+    name = "strict"
+    description = "Rejects the option 'bad'."
+
+    def contribute(self, context: PluginContext) -> None:
+        if "bad" in context.options:
+            field = "plugin_options.strict.bad"
+            raise InvalidRequest("bad option", errors=[{"field": field, "message": "no"}])
+
+
+class WrongTypePlugin:
+    name = "wrong_type"
+    description = "Returns something that is no Contribution."
+
+    def contribute(self, context: PluginContext) -> object:
+        return {"text": "not a contribution"}

@@ -1,0 +1,90 @@
+"""lora: candidates from lora_dir (files, directories, sidecars) and settings.loras."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from imagegen_plugins.lora import LoraPlugin
+
+from imagegen.errors import InvalidRequest
+from imagegen.plugins import PluginContext
+from imagegen.settings import Settings
+from tests.plugins.conftest import NOW
+
+
+@pytest.fixture
+def lora_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "loras"
+    root.mkdir()
+    (root / "pixel-art.safetensors").write_bytes(b"\0" * 16)
+    (root / "pixel-art.json").write_text(json.dumps({"trigger": "pixelart style", "weight": 0.7}))
+    (root / "watercolor.safetensors").write_bytes(b"\0" * 16)
+    (root / "watercolor.json").write_text("{not json")
+    (root / "heavy.safetensors").write_bytes(b"\0" * 16)
+    (root / "heavy.json").write_text(json.dumps({"weight": 9}))
+    (root / "sketch").mkdir()
+    (root / "sketch" / "pytorch_lora_weights.safetensors").write_bytes(b"\0" * 16)
+    (root / "README.txt").write_text("not a LoRA")
+    return root
+
+
+def _context(settings: Settings, seed: int, **options: object) -> PluginContext:
+    return PluginContext("g", None, NOW, "UTC", seed, settings, options=options, plugin="lora")
+
+
+def test_candidates(lora_dir: Path) -> None:
+    settings = Settings(
+        lora_dir=lora_dir,
+        loras=["sketch", "someone/cool-lora", str(lora_dir / "heavy.safetensors")],
+    )
+    by_name = {h.name: h for h in LoraPlugin(settings).candidates()}
+    assert sorted(by_name) == ["cool-lora", "heavy", "pixel-art", "sketch", "watercolor"]
+    assert (by_name["pixel-art"].trigger, by_name["pixel-art"].weight) == ("pixelart style", 0.7)
+    assert (by_name["watercolor"].trigger, by_name["watercolor"].weight) == (
+        None,
+        1.0,
+    )  # bad sidecar
+    assert by_name["heavy"].weight == 2.0  # clamped
+    assert by_name["sketch"].path == str(lora_dir / "sketch")
+    assert by_name["cool-lora"].path == "someone/cool-lora"
+
+
+def test_probability_one_always_picks(lora_dir: Path) -> None:
+    settings = Settings(lora_dir=lora_dir, lora_probability=1.0)
+    plugin = LoraPlugin(settings)
+    results = [plugin.contribute(_context(settings, seed)) for seed in range(40)]
+    assert all(r is not None and len(r.loras) == 1 for r in results)
+    picked = {r.loras[0].name for r in results if r is not None}
+    assert picked == {"heavy", "pixel-art", "sketch", "watercolor"}
+    pixel = next(r for r in results if r is not None and r.loras[0].name == "pixel-art")
+    assert pixel.text == "pixelart style"
+    assert pixel.data == {"lora": "pixel-art", "weight": 0.7}
+    assert plugin.contribute(_context(settings, 5)) == plugin.contribute(_context(settings, 5))
+
+
+def test_probability_zero_never_picks(lora_dir: Path) -> None:
+    settings = Settings(lora_dir=lora_dir, lora_probability=1.0)
+    plugin = LoraPlugin(settings)
+    assert all(plugin.contribute(_context(settings, s, probability=0)) is None for s in range(40))
+
+
+def test_probability_in_between(lora_dir: Path) -> None:
+    settings = Settings(lora_dir=lora_dir, lora_probability=0.5)
+    picks = sum(
+        LoraPlugin(settings).contribute(_context(settings, s)) is not None for s in range(200)
+    )
+    assert 60 < picks < 140
+
+
+def test_nothing_to_pick(tmp_path: Path) -> None:
+    settings = Settings(lora_dir=tmp_path / "missing", lora_probability=1.0)
+    assert LoraPlugin(settings).contribute(_context(settings, 1)) is None
+
+
+def test_a_bad_probability_is_invalid(lora_dir: Path) -> None:
+    settings = Settings(lora_dir=lora_dir)
+    with pytest.raises(InvalidRequest) as caught:
+        LoraPlugin(settings).contribute(_context(settings, 1, probability=3))
+    assert caught.value.fields == ["plugin_options.lora.probability"]

@@ -1,0 +1,308 @@
+"""The plugin runner: order, options, determinism, isolation, discovery, independent sets."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from imagegen.errors import InvalidRequest
+from imagegen.models import Contribution
+from imagegen.plugins import PluginContext, PluginSet, PromptPlugin
+from imagegen.settings import Settings
+from tests.plugins import sample_plugins
+from tests.plugins.conftest import NOW
+from tests.plugins.sample_plugins import (
+    AsyncEchoPlugin,
+    BlockingPlugin,
+    EchoPlugin,
+    FailingPlugin,
+    HangingPlugin,
+    StrictPlugin,
+    WrongTypePlugin,
+)
+
+BUILTINS = ["time_of_day", "holiday", "art_style", "lora", "remote_context"]
+
+
+async def _run(plugins: PluginSet, seed: int = 7, **kwargs: object) -> list[Contribution]:
+    return await plugins.run(generation_id="gen-1", seed=seed, now=NOW, **kwargs)  # type: ignore[arg-type]
+
+
+# 1. Order, context and options
+
+
+async def test_runs_in_order_and_later_plugins_see_earlier_ones(settings: Settings) -> None:
+    plugins = PluginSet(
+        [EchoPlugin(name="a"), AsyncEchoPlugin(), EchoPlugin(name="b")], settings=settings
+    )
+    result = await _run(plugins)
+    assert [c.plugin for c in result] == ["a", "async_echo", "b"]
+    assert result[2].data["before"] == ["a", "async_echo"]
+
+
+async def test_sync_plugins_run_off_the_event_loop(settings: Settings) -> None:
+    [result] = await _run(PluginSet([EchoPlugin()], settings=settings))
+    assert result.data["thread"] == "plugin-echo"
+
+
+async def test_now_is_in_the_request_zone(settings: Settings) -> None:
+    plugins = PluginSet([EchoPlugin()], settings=settings)
+    [result] = await _run(plugins, timezone="Asia/Tokyo")
+    assert result.data["now"] == "2026-11-24T18:30:00+09:00"
+    assert result.data["timezone"] == "Asia/Tokyo"
+    [default] = await _run(plugins)
+    assert default.data["timezone"] == "UTC"
+
+
+async def test_naive_time_is_utc(settings: Settings) -> None:
+    [result] = await PluginSet([EchoPlugin()], settings=settings).run(
+        generation_id="g", seed=1, now=datetime(2026, 1, 1, 12), timezone="Europe/Berlin"
+    )
+    assert result.data["now"] == "2026-01-01T13:00:00+01:00"
+
+
+async def test_option_precedence_request_over_set_over_settings() -> None:
+    everywhere = {"a": "settings", "b": "settings", "c": "settings"}
+    settings = Settings(plugin_options={"echo": everywhere})
+    plugins = PluginSet([EchoPlugin()], settings=settings)
+    plugins.set_options("echo", {"b": "set", "c": "set"})
+    [result] = await _run(plugins, options={"echo": {"c": "request"}, "other": {"x": 1}})
+    assert result.data["options"] == {"a": "settings", "b": "set", "c": "request"}
+
+
+# 2. Determinism
+
+
+def test_rng_depends_on_seed_and_plugin(settings: Settings) -> None:
+    def context(seed: int, plugin: str) -> PluginContext:
+        return PluginContext("g", None, NOW, "UTC", seed, settings, plugin=plugin)
+
+    assert context(1, "a").rng().random() == context(1, "a").rng().random()
+    assert context(1, "a").rng().random() != context(2, "a").rng().random()
+    assert context(1, "a").rng().random() != context(1, "b").rng().random()
+
+
+async def test_same_seed_and_time_same_contributions(settings: Settings) -> None:
+    def fresh() -> PluginSet:
+        return PluginSet.from_settings(
+            settings, names=["time_of_day", "holiday", "art_style"], extra=[EchoPlugin()]
+        )
+
+    first = await _run(fresh(), seed=11)
+    again = await _run(fresh(), seed=11)
+    assert first == again
+    others = [await _run(fresh(), seed=seed) for seed in range(12, 20)]
+    assert any(o != first for o in others)
+
+
+# 3. Isolation
+
+
+async def test_a_failing_plugin_is_logged_and_skipped(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    plugins = PluginSet(
+        [EchoPlugin(name="a"), FailingPlugin(), EchoPlugin(name="b")], settings=settings
+    )
+    with caplog.at_level(logging.WARNING, logger="imagegen.plugins"):
+        result = await _run(plugins)
+    assert [c.plugin for c in result] == ["a", "b"]
+    assert any("failing" in r.getMessage() and r.name == "imagegen.plugins" for r in caplog.records)
+
+
+async def test_a_hanging_async_plugin_times_out(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    plugins = PluginSet([HangingPlugin(), EchoPlugin()], settings=settings, timeout=0.2)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="imagegen.plugins"):
+        result = await _run(plugins)
+    assert time.monotonic() - started < 1.5
+    assert [c.plugin for c in result] == ["echo"]
+    assert any(
+        "hanging" in r.getMessage() and "timed out" in r.getMessage() for r in caplog.records
+    )
+
+
+@pytest.fixture
+def release_blocked() -> Iterator[None]:
+    sample_plugins.RELEASE.clear()
+    yield
+    sample_plugins.RELEASE.set()
+
+
+@pytest.mark.usefixtures("release_blocked")
+async def test_a_blocking_sync_plugin_times_out(settings: Settings) -> None:
+    plugins = PluginSet([BlockingPlugin(), EchoPlugin()], settings=settings, timeout=0.2)
+    started = time.monotonic()
+    result = await _run(plugins)
+    assert time.monotonic() - started < 1.5
+    assert [c.plugin for c in result] == ["echo"]
+
+
+async def test_a_wrong_return_type_is_skipped(settings: Settings) -> None:
+    plugins = PluginSet([WrongTypePlugin(), EchoPlugin()], settings=settings)  # type: ignore[list-item]
+    assert [c.plugin for c in await _run(plugins)] == ["echo"]
+
+
+async def test_invalid_options_fail_the_request(settings: Settings) -> None:
+    plugins = PluginSet([StrictPlugin()], settings=settings)
+    with pytest.raises(InvalidRequest) as caught:
+        await _run(plugins, options={"strict": {"bad": True}})
+    assert caught.value.fields == ["plugin_options.strict.bad"]
+
+
+# 4. Selection per request
+
+
+async def test_selection_picks_a_subset_in_its_order(settings: Settings) -> None:
+    plugins = PluginSet(
+        [EchoPlugin(name="a"), EchoPlugin(name="b"), EchoPlugin(name="c")], settings=settings
+    )
+    assert [c.plugin for c in await _run(plugins, selection=["c", "a"])] == ["c", "a"]
+    assert await _run(plugins, selection=[]) == []
+
+
+async def test_unknown_or_disabled_selection_is_invalid(settings: Settings) -> None:
+    plugins = PluginSet([EchoPlugin(name="a"), EchoPlugin(name="b")], settings=settings)
+    plugins.disable("b")
+    with pytest.raises(InvalidRequest) as caught:
+        await _run(plugins, selection=["a", "nope", "b"])
+    assert caught.value.fields == ["plugins", "plugins"]
+    assert "nope" in caught.value.errors[0]["message"]
+
+
+# 5. Configuration per set
+
+
+async def test_two_sets_in_one_process_differ(settings: Settings) -> None:
+    first = PluginSet.from_settings(settings, names=["time_of_day"])
+    second = PluginSet.from_settings(
+        settings, names=["art_style", "time_of_day"], extra=[EchoPlugin()]
+    )
+    second.disable("time_of_day")
+    assert first.names == ("time_of_day",)
+    assert second.names == ("art_style", "echo")
+    assert [c.plugin for c in await _run(first)] == ["time_of_day"]
+    assert [c.plugin for c in await _run(second)] == ["art_style", "echo"]
+    assert first.get("time_of_day") is not second.get("time_of_day")
+
+
+def test_enable_disable_and_reorder(settings: Settings) -> None:
+    plugins = PluginSet.from_settings(settings, names=["holiday"])
+    plugins.enable("time_of_day")
+    assert plugins.names == ("holiday", "time_of_day")
+    plugins.set_order(["time_of_day", "holiday"])
+    assert list(plugins) == [plugins.get("time_of_day"), plugins.get("holiday")]
+    plugins.disable("holiday")
+    assert "holiday" not in plugins and len(plugins) == 1
+    with pytest.raises(InvalidRequest):
+        plugins.set_order(["nope"])
+
+
+def test_builtins_are_found_and_unknown_names_rejected(settings: Settings) -> None:
+    plugins = PluginSet.from_settings(settings)
+    assert plugins.names == tuple(BUILTINS)
+    assert all(isinstance(p, PromptPlugin) for p in plugins)
+    with pytest.raises(InvalidRequest) as caught:
+        PluginSet.from_settings(settings, names=["time_of_day", "weather"])
+    assert caught.value.fields == ["plugins"]
+
+
+def test_describe_lists_enabled_first(settings: Settings) -> None:
+    infos = PluginSet.from_settings(settings, names=["art_style", "time_of_day"]).describe()
+    assert [i.name for i in infos[:2]] == ["art_style", "time_of_day"]
+    assert [i.enabled for i in infos] == [True, True, False, False, False]
+    by_name = {i.name: i for i in infos}
+    assert by_name["holiday"].module == "imagegen_plugins.holiday"
+    assert by_name["holiday"].description  # read without instantiating it
+    assert all(i.error is None for i in infos)
+
+
+def test_objects_that_are_not_plugins_are_refused(settings: Settings) -> None:
+    with pytest.raises(TypeError):
+        PluginSet([object()], settings=settings)  # type: ignore[list-item]
+
+
+# 6. Discovery through entry points
+
+
+@pytest.fixture
+def installed_sample(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A distribution 'sample-imagegen-plugins' declaring the entry point 'echo'."""
+    site = tmp_path / "site"
+    dist_info = site / "sample_imagegen_plugins-1.0.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: sample-imagegen-plugins\nVersion: 1.0\n"
+    )
+    (dist_info / "entry_points.txt").write_text(
+        "[imagegen.plugins]\necho = tests.plugins.sample_plugins:EchoPlugin\n"
+    )
+    monkeypatch.syspath_prepend(str(site))
+
+
+@pytest.mark.usefixtures("installed_sample")
+async def test_a_plugin_from_an_entry_point_runs(settings: Settings) -> None:
+    plugins = PluginSet.from_settings(settings, names=["time_of_day", "echo"])
+    assert isinstance(plugins.get("echo"), EchoPlugin)
+    assert plugins.get("echo").settings is settings  # type: ignore[attr-defined]
+    assert [c.plugin for c in await _run(plugins)] == ["time_of_day", "echo"]
+    info = {i.name: i for i in plugins.describe()}["echo"]
+    assert info.distribution == "sample-imagegen-plugins"
+    assert info.module == "tests.plugins.sample_plugins"
+
+
+@pytest.mark.usefixtures("installed_sample")
+def test_discovered_but_not_enabled_is_listed(settings: Settings) -> None:
+    infos = {i.name: i for i in PluginSet.from_settings(settings).describe()}
+    assert infos["echo"].enabled is False
+    assert infos["echo"].description == "Echoes its context."
+
+
+def test_a_broken_entry_point_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settings: Settings
+) -> None:
+    dist_info = tmp_path / "broken_plugin-1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: broken-plugin\nVersion: 1.0\n"
+    )
+    (dist_info / "entry_points.txt").write_text(
+        "[imagegen.plugins]\nbroken = no_such_module_here:Plugin\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    infos = {i.name: i for i in PluginSet.from_settings(settings).describe()}
+    assert infos["broken"].error is not None and "ModuleNotFoundError" in infos["broken"].error
+    with pytest.raises(ModuleNotFoundError):
+        PluginSet.from_settings(settings, names=["broken"])
+
+
+async def test_context_fields(settings: Settings) -> None:
+    seen: list[PluginContext] = []
+
+    class Recorder:
+        name = "recorder"
+        description = "Records its context."
+
+        def contribute(self, context: PluginContext) -> None:
+            seen.append(context)
+
+    await PluginSet([Recorder()], settings=settings).run(
+        generation_id="gen-9", seed=5, now=NOW, prompt="a cat", options={"recorder": {"k": 1}}
+    )
+    [context] = seen
+    assert (context.generation_id, context.prompt, context.seed, context.plugin) == (
+        "gen-9",
+        "a cat",
+        5,
+        "recorder",
+    )
+    assert context.options == {"k": 1} and context.settings is settings
+    assert context.now == NOW and context.now.tzinfo is not None
+    assert context.now.utcoffset() == UTC.utcoffset(None)

@@ -1,0 +1,88 @@
+"""remote_context: JSON objects only, bounded in time and size; failures add nothing."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+from imagegen_plugins.remote_context import RemoteContextPlugin
+
+from imagegen.errors import InvalidRequest
+from imagegen.models import Contribution
+from imagegen.plugins import PluginContext
+from imagegen.settings import Settings
+from tests.plugins.conftest import NOW, JsonEndpoint
+
+
+def _settings(url: str | None) -> Settings:
+    return Settings(
+        remote_context_url=url,
+        remote_context_timeout=0.3,
+        remote_context_max_bytes=4096,
+    )
+
+
+async def _fetch(settings: Settings, **options: object) -> Contribution | None:
+    context = PluginContext(
+        "g", None, NOW, "UTC", 1, settings, options=options, plugin="remote_context"
+    )
+    return await RemoteContextPlugin(settings).contribute(context)
+
+
+async def test_string_values_become_context(endpoint: JsonEndpoint) -> None:
+    result = await _fetch(_settings(endpoint.url("/context")))
+    assert result is not None
+    assert result.data == {"values": {"weather": "light rain and mist", "mood": "calm"}}
+    assert result.text == "light rain and mist, calm"
+
+
+async def test_the_operator_url_option_wins(endpoint: JsonEndpoint) -> None:
+    settings = _settings(endpoint.url("/text")).model_copy(
+        update={"plugin_options": {"remote_context": {"url": endpoint.url("/context")}}}
+    )
+    result = await _fetch(settings)
+    assert result is not None and result.data["values"]["mood"] == "calm"
+
+
+async def test_a_request_cannot_choose_the_url(endpoint: JsonEndpoint) -> None:
+    # A caller-chosen URL would let anyone make the service fetch internal addresses.
+    result = await _fetch(_settings(endpoint.url("/context")), url="http://169.254.169.254/latest")
+    assert result is not None and result.data["values"]["mood"] == "calm"
+    assert await _fetch(_settings(None), url=endpoint.url("/context")) is None
+
+
+async def test_no_url_no_request() -> None:
+    assert await _fetch(_settings(None)) is None
+
+
+@pytest.mark.parametrize("path", ["/big", "/big-unannounced", "/text", "/list", "/error", "/empty"])
+async def test_unusable_answers_are_skipped(
+    endpoint: JsonEndpoint, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="imagegen.plugins"):
+        assert await _fetch(_settings(endpoint.url(path))) is None
+    if path != "/empty":  # an object without text values is fine, just empty
+        assert any("remote context" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_slow_endpoint_is_skipped(endpoint: JsonEndpoint) -> None:
+    started = time.monotonic()
+    assert await _fetch(_settings(endpoint.url("/slow"))) is None
+    assert time.monotonic() - started < 1.5
+
+
+async def test_a_closed_port_is_skipped(endpoint: JsonEndpoint) -> None:
+    url = endpoint.url("/context")
+    endpoint.__exit__()
+    assert await _fetch(_settings(url)) is None
+
+
+async def test_only_http_urls(endpoint: JsonEndpoint) -> None:
+    configured = _settings(None).model_copy(
+        update={"plugin_options": {"remote_context": {"url": "file:///etc/passwd"}}}
+    )
+    with pytest.raises(InvalidRequest) as caught:
+        await _fetch(configured)
+    assert caught.value.fields == ["plugin_options.remote_context.url"]
+    assert await _fetch(_settings("file:///etc/passwd")) is None

@@ -1,0 +1,41 @@
+"""time_of_day: the period of the request's hour, in the request's zone."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from imagegen_plugins.time_of_day import TimeOfDayPlugin, period_of
+
+from imagegen.plugins import PluginSet
+from imagegen.settings import Settings
+
+
+@pytest.mark.parametrize(
+    ("hour", "period"),
+    [
+        (0, "night"),
+        (4, "night"),
+        (5, "morning"),
+        (11, "morning"),
+        (12, "afternoon"),
+        (16, "afternoon"),
+        (17, "evening"),
+        (20, "evening"),
+        (21, "night"),
+        (23, "night"),
+    ],
+)
+def test_periods(hour: int, period: str) -> None:
+    assert period_of(hour)[0] == period
+
+
+async def test_uses_the_request_zone(settings: Settings) -> None:
+    plugins = PluginSet([TimeOfDayPlugin(settings)], settings=settings)
+    now = datetime(2026, 6, 1, 7, 0, tzinfo=UTC)
+    [utc] = await plugins.run(generation_id="g", seed=1, now=now)
+    [la] = await plugins.run(generation_id="g", seed=1, now=now, timezone="America/Los_Angeles")
+    assert utc.data == {"period": "morning", "hour": 7, "timezone": "UTC"}
+    assert "morning light" in utc.text
+    assert la.data["period"] == "night" and la.data["hour"] == 0
+    assert "night" in la.text
