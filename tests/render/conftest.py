@@ -1,0 +1,66 @@
+"""Fixtures for the render tests: one tiny FLUX pipeline, built offline, shared by all."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imagegen.models import EnhancedPrompt
+
+
+@pytest.fixture
+def make_job() -> Callable[..., EnhancedPrompt]:
+    """Build an :class:`EnhancedPrompt` for the tiny model; keyword arguments override."""
+
+    def make(**overrides: Any) -> EnhancedPrompt:
+        fields: dict[str, Any] = {
+            "generation_id": "gen-1",
+            "prompt": "a lighthouse at dusk",
+            "enhancer": "passthrough",
+            "model": "tiny",
+            "width": 256,
+            "height": 256,
+            "steps": 2,
+            "guidance": 3.5,
+            "seed": 42,
+            "requested_at": datetime(2025, 1, 1, tzinfo=UTC),
+        }
+        fields.update(overrides)
+        return EnhancedPrompt(**fields)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def backend() -> Iterator[Any]:
+    """A CPU :class:`DiffusersBackend` with the tiny model loaded."""
+    pytest.importorskip("diffusers")
+    from imagegen.render.diffusers_backend import DiffusersBackend
+    from imagegen.settings import Settings
+
+    backend = DiffusersBackend(Settings(device="cpu"))
+    backend.load("tiny")
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny pipeline saved in diffusers' layout, in a directory named ``tiny``."""
+    pytest.importorskip("diffusers")
+    from imagegen.render.tiny import save_tiny_flux_pipeline
+
+    return save_tiny_flux_pipeline(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random LoRA for the tiny transformer, in diffusers' LoRA format."""
+    pytest.importorskip("peft")
+    from imagegen.render.tiny import save_tiny_flux_lora
+
+    return save_tiny_flux_lora(tmp_path_factory.mktemp("loras") / "sketchy")
