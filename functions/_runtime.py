@@ -107,7 +107,7 @@ class Stage:
 
     Attributes:
         name: ``enhance``, ``render``, ``persist`` or ``deadletter``.
-        consumes: The CloudEvents type accepted (None: any type).
+        consumes: The CloudEvents types accepted (None: any type).
         emits: The reply type (None: no reply event, 202).
         input_model: Model of the request data.
         handle: ``await handle(service, data, incoming)`` → the reply data.
@@ -117,7 +117,7 @@ class Stage:
     """
 
     name: str
-    consumes: str | None
+    consumes: tuple[str, ...] | None
     emits: str | None
     input_model: type[BaseModel] | None
     handle: Handler
@@ -237,10 +237,11 @@ def _parse(request: flask.Request, stage: Stage) -> Incoming:
                 f"not a valid CloudEvent: {_first_line(exc)}",
                 errors=[{"field": "event", "message": _first_line(exc)}],
             ) from None
-        if stage.consumes is not None and event["type"] != stage.consumes:
+        if stage.consumes is not None and event["type"] not in stage.consumes:
+            expected = " or ".join(stage.consumes)
             raise InvalidRequest(
-                f"{stage.name} consumes {stage.consumes}, not {event['type']}",
-                errors=[{"field": "type", "message": f"expected {stage.consumes}"}],
+                f"{stage.name} consumes {expected}, not {event['type']}",
+                errors=[{"field": "type", "message": f"expected {expected}"}],
             )
         data = event.get_data()
         if isinstance(data, bytes | str):
@@ -320,6 +321,8 @@ def _error_response(
     headers: dict[str, str] = {}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    if gid is not None and not _valid_gid(gid):
+        gid = None
     if incoming is not None and incoming.is_event and not exc.retryable and stage.emits is not None:
         # A failure that will not be retried: tell the platform with a generation.failed event.
         failed = GenerationFailed(
@@ -386,6 +389,9 @@ def serve(request: flask.Request, runtime: Runtime) -> flask.Response:
             ready, reason = runtime.readiness()
             if not ready:
                 raise DependencyUnavailable(f"{stage.name} is not ready ({reason})", retry_after=15)
+        subject = incoming.attribute("subject")
+        if subject and _valid_gid(str(subject)):
+            gid = str(subject)  # known before the data is, for a generation.failed reply
         data = parse_model(stage.input_model, incoming.data) if stage.input_model else incoming.data
         gid = generation_id_of(incoming, data)
         if gid is not None and not _valid_gid(gid):

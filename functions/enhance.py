@@ -9,7 +9,7 @@ import flask
 from _runtime import Incoming, Runtime, Stage, serve
 
 from imagegen import ImageGenService
-from imagegen.events import GENERATION_REQUESTED, PROMPT_ENHANCED
+from imagegen.events import DREAM_PING, GENERATION_REQUESTED, PROMPT_ENHANCED
 from imagegen.models import (
     EnhancedPrompt,
     GenerationRequest,
@@ -47,7 +47,8 @@ def _timeout(settings: Settings) -> float:
 runtime = Runtime(
     Stage(
         name="enhance",
-        consumes=GENERATION_REQUESTED,
+        # A PingSource can only send its own type: a ping is a request with no prompt (dreaming).
+        consumes=(GENERATION_REQUESTED, DREAM_PING),
         emits=PROMPT_ENHANCED,
         input_model=GenerationRequest,
         handle=_enhance,

@@ -19,7 +19,7 @@ async def _persist(
 runtime = Runtime(
     Stage(
         name="persist",
-        consumes=IMAGE_RENDERED,
+        consumes=(IMAGE_RENDERED,),
         emits=IMAGE_PERSISTED,
         input_model=RenderedImage,
         handle=_persist,

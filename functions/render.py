@@ -36,7 +36,7 @@ def _timeout(settings: Settings) -> float:
 runtime = Runtime(
     Stage(
         name="render",
-        consumes=PROMPT_ENHANCED,
+        consumes=(PROMPT_ENHANCED,),
         emits=IMAGE_RENDERED,
         input_model=EnhancedPrompt,
         handle=_render,

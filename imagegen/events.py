@@ -19,6 +19,7 @@ from imagegen.models import (
 )
 
 __all__ = [
+    "DREAM_PING",
     "EVENT_MODELS",
     "GENERATION_FAILED",
     "GENERATION_REQUESTED",
@@ -39,6 +40,8 @@ PROMPT_ENHANCED: Final = _PREFIX + "prompt.enhanced"
 IMAGE_RENDERED: Final = _PREFIX + "image.rendered"
 IMAGE_PERSISTED: Final = _PREFIX + "image.persisted"
 GENERATION_FAILED: Final = _PREFIX + "generation.failed"
+# A Knative PingSource can only send this type; enhance treats it as a prompt-less request.
+DREAM_PING: Final = "dev.knative.sources.ping"
 
 SCHEMA_BASE_URL: Final = "https://schemas.orchestr8.dev/imagegen/"
 

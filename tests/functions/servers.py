@@ -52,6 +52,7 @@ class FunctionServer:
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
+            start_new_session=True,  # gunicorn and its worker share one process group
         )
         if wait:
             self.wait("/healthz")
@@ -87,14 +88,12 @@ class FunctionServer:
     def kill(self) -> None:
         """SIGKILL the whole process group, as a node failure would."""
         if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            # gunicorn's worker is a child: kill it too.
-            subprocess.run(["pkill", "-KILL", "-f", f"--port {self.port}"], check=False)
+            os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
+            os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -128,34 +128,29 @@ def test_render_killed_mid_request_produces_the_image_once(start_server: StartSe
 
 
 def test_render_is_not_ready_while_its_model_loads(start_server: StartServer, tmp_path: Path) -> None:
-    from imagegen.render.tiny import save_tiny_flux_pipeline
-
-    model_dir = tmp_path / "tiny-model"
-    save_tiny_flux_pipeline(model_dir)
-    # The loader blocks on a FIFO in place of the pipeline index until the test releases it.
-    index = model_dir / "model_index.json"
-    content = index.read_bytes()
-    index.unlink()
-    os.mkfifo(index)
-
+    # A model hub that accepts connections and never answers: the model load hangs in the
+    # download, exactly where a cold start spends its time.
+    hub = socket.socket()
+    hub.bind(("127.0.0.1", 0))
+    hub.listen(16)
     env = {
         **base_env(tmp_path / "store"),
-        "IMAGEGEN_MODEL": str(model_dir),
-        "IMAGEGEN_ALLOWED_MODELS": str(model_dir),
+        "IMAGEGEN_MODEL": "black-forest-labs/FLUX.1-schnell",
+        "IMAGEGEN_ALLOWED_MODELS": "black-forest-labs/FLUX.1-schnell",
+        "HF_HUB_OFFLINE": "0",
+        "HF_ENDPOINT": f"http://127.0.0.1:{hub.getsockname()[1]}",
+        "HF_HOME": str(tmp_path / "hf"),
     }
-    render = start_server("render", env)
-    assert httpx.get(render.url + "/healthz").status_code == 200
-    for _ in range(3):
-        ready = httpx.get(render.url + "/readyz")
-        assert ready.status_code == 503 and ready.json()["status"] == "loading"
-        time.sleep(0.2)
-    early = httpx.post(render.url, json={"generation_id": "early"}, timeout=10)
-    assert early.status_code == 503 and int(early.headers["retry-after"]) > 0
-
-    # Release the loader: swap the FIFO for the real file once it is open, then feed it.
-    with index.open("wb") as fifo:
-        replacement = model_dir / "model_index.json.tmp"
-        replacement.write_bytes(content)
-        os.replace(replacement, index)
-        fifo.write(content)
-    render.wait("/readyz", timeout=120)
+    try:
+        render = start_server("render", env)
+        assert httpx.get(render.url + "/healthz").status_code == 200
+        for _ in range(3):
+            ready = httpx.get(render.url + "/readyz")
+            assert ready.status_code == 503 and ready.json()["status"] == "loading"
+            assert int(ready.headers["retry-after"]) > 0
+            time.sleep(0.3)
+        early = httpx.post(render.url, json={"generation_id": "early"}, timeout=10)
+        assert early.status_code == 503 and int(early.headers["retry-after"]) > 0
+        assert early.json()["retryable"] is True
+    finally:
+        hub.close()

@@ -56,13 +56,13 @@ def _assert_readable_4xx(reply: httpx.Response, field: str | None = None, status
     assert reply.status_code == status, reply.text
     assert "Traceback" not in reply.text
     body = reply.json()
-    if "error" in body:  # plain JSON error
-        errors = body.get("errors", [])
-        message = body["message"]
-    else:  # a generation.failed event
+    if "ce-type" in reply.headers:  # a generation.failed event
         assert reply.headers["ce-type"] == GENERATION_FAILED
         errors = body["error"]["errors"]
         message = body["error"]["message"]
+    else:  # a plain JSON error
+        errors = body.get("errors", [])
+        message = body["message"]
     assert message
     if field is not None:
         assert field in {e["field"] for e in errors} or field in message, body

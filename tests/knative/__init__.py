@@ -1,0 +1,1 @@
+"""Tests of the Knative manifests, the Dockerfiles, and the routing they declare."""

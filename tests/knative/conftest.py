@@ -1,0 +1,42 @@
+"""Rendered manifests for the tests of this directory (each target rendered once per run)."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .routing import Routing, render_kustomize
+
+REPO = Path(__file__).resolve().parents[2]
+KNATIVE = REPO / "knative"
+TARGETS = {
+    "base": KNATIVE / "base",
+    "dev": KNATIVE / "overlays" / "dev",
+    "prod": KNATIVE / "overlays" / "prod",
+    "cluster": KNATIVE / "cluster",
+}
+OVERLAYS = ("dev", "prod")
+
+
+@cache
+def _render(name: str) -> tuple[dict[str, Any], ...]:
+    return tuple(render_kustomize(TARGETS[name]))
+
+
+@pytest.fixture
+def render() -> Callable[[str], list[dict[str, Any]]]:
+    """``render("dev")``: the objects of one kustomize target (a fresh list each call)."""
+    assert shutil.which("kubectl"), "kubectl (with kustomize) is required to render the manifests"
+    return lambda name: copy.deepcopy(list(_render(name)))
+
+
+@pytest.fixture
+def routing(render: Callable[[str], list[dict[str, Any]]]) -> Callable[[str], Routing]:
+    """``routing("prod")``: the routing of one rendered overlay."""
+    return lambda name: Routing(render(name))

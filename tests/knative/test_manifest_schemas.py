@@ -1,0 +1,209 @@
+"""Every rendered object validates against its strict schema, and the check can fail."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from .conftest import TARGETS
+from .manifest_schemas import schema_for, strict_schema, validation_errors
+
+Render = Callable[[str], list[dict[str, Any]]]
+
+
+def _find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    [doc] = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_rendered_objects_validate_strictly(render: Render, target: str) -> None:
+    docs = render(target)
+    assert docs, f"{target} renders nothing"
+    errors = [error for doc in docs for error in validation_errors(doc)]
+    assert not errors, "\n".join(errors)
+
+
+@pytest.mark.parametrize("target", ["dev", "prod"])
+def test_overlay_renders_the_whole_pipeline(render: Render, target: str) -> None:
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in render(target)}
+    expected = {
+        ("Broker", "imagegen"),
+        ("PingSource", "imagegen-dream"),
+        ("ConfigMap", "imagegen-config"),
+        *(("Service", f"imagegen-{n}") for n in ("enhance", "render", "persist", "deadletter")),
+    }
+    assert expected <= kinds
+
+
+# A misspelt or mistyped field in each kind of object: the API server would drop or reject
+# it at apply time; the strict check must reject it here.
+TYPOS: list[tuple[str, str, str, Callable[[dict[str, Any]], None], str]] = [
+    (
+        "Service",
+        "imagegen-render",
+        "spec field",
+        lambda d: d["spec"]["template"]["spec"].update(containerConcurency=5),
+        "containerConcurency",
+    ),
+    (
+        "Service",
+        "imagegen-render",
+        "container field",
+        lambda d: d["spec"]["template"]["spec"]["containers"][0].update(resoures={}),
+        "resoures",
+    ),
+    (
+        "Service",
+        "imagegen-render",
+        "annotation value not a string",
+        lambda d: d["spec"]["template"]["metadata"]["annotations"].update(
+            {"autoscaling.knative.dev/min-scale": 1}
+        ),
+        "is not of type 'string'",
+    ),
+    (
+        "Service",
+        "imagegen-render",
+        "int-or-string given a float",
+        lambda d: d["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"].update(
+            port=80.5
+        ),
+        "port",
+    ),
+    (
+        "Trigger",
+        "imagegen-render",
+        "delivery field",
+        lambda d: d["spec"]["delivery"].update(retrys=3),
+        "retrys",
+    ),
+    (
+        "Trigger",
+        "imagegen-render",
+        "spec field under preserve-unknown-fields",
+        lambda d: d["spec"].update(subscribr={}),
+        "subscribr",
+    ),
+    (
+        "Trigger",
+        "imagegen-render",
+        "metadata field",
+        lambda d: d["metadata"].update(annotaions={}),
+        "annotaions",
+    ),
+    (
+        "PingSource",
+        "imagegen-dream",
+        "spec field",
+        lambda d: d["spec"].update(schedul="* * * * *"),
+        "schedul",
+    ),
+    (
+        "Broker",
+        "imagegen",
+        "metadata name",
+        lambda d: d["metadata"].update(name="Imagegen"),
+        "does not match",
+    ),
+    (
+        "EventType",
+        "imagegen-image-rendered",
+        "attribute field",
+        lambda d: d["spec"]["attributes"][0].update(vaule="x"),
+        "vaule",
+    ),
+    (
+        "ConfigMap",
+        "imagegen-config",
+        "number as data",
+        lambda d: d["data"].update(X=4),
+        "is not of type 'string'",
+    ),
+    (
+        "Secret",
+        "imagegen-storage",
+        "top-level field",
+        lambda d: d.update(stringdata={}),
+        "stringdata",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "what", "mutate", "message"), TYPOS, ids=[f"{t[0]}-{t[2]}" for t in TYPOS]
+)
+def test_strict_check_rejects_a_typo(
+    render: Render,
+    kind: str,
+    name: str,
+    what: str,
+    mutate: Callable[[dict[str, Any]], None],
+    message: str,
+) -> None:
+    doc = copy.deepcopy(_find(render("dev"), kind, name))
+    assert validation_errors(doc) == []
+    mutate(doc)
+    errors = validation_errors(doc)
+    assert any(message in error for error in errors), errors
+
+
+def test_an_unknown_kind_is_an_error() -> None:
+    errors = validation_errors(
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}}
+    )
+    assert errors == ["Deployment x: no schema for apps/v1 Deployment"]
+
+
+def test_objects_that_preserve_unknown_fields_stay_open(render: Render) -> None:
+    # tolerations and emptyDir are free-form in the CRD: Kubernetes validates them later.
+    doc = _find(render("prod"), "Service", "imagegen-render")
+    spec = doc["spec"]["template"]["spec"]
+    spec["tolerations"].append(
+        {"key": "example.com/any", "operator": "Exists", "tolerationSeconds": 1}
+    )
+    spec["volumes"][0]["emptyDir"]["medium"] = "Memory"
+    assert validation_errors(doc) == []
+
+
+def test_trigger_filter_accepts_any_attribute(render: Render) -> None:
+    doc = _find(render("dev"), "Trigger", "imagegen-enhance")
+    doc["spec"]["filter"]["attributes"]["source"] = "/somewhere"
+    assert validation_errors(doc) == []
+
+
+def test_strict_schema_closes_only_listed_objects() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "open": {
+                "type": "object",
+                "x-kubernetes-preserve-unknown-fields": True,
+                "properties": {},
+            },
+            "closed": {"type": "object", "properties": {"a": {"type": "string"}}},
+            "port": {"x-kubernetes-int-or-string": True},
+        },
+    }
+    strict = strict_schema(schema)
+    assert strict["additionalProperties"] is False
+    assert strict["properties"]["closed"]["additionalProperties"] is False
+    assert "additionalProperties" not in strict["properties"]["open"]
+    assert strict["properties"]["port"]["anyOf"] == [{"type": "integer"}, {"type": "string"}]
+    forced = strict_schema(schema, {("open",): {"extra": {"type": "string"}}})
+    assert forced["properties"]["open"]["additionalProperties"] is False
+    assert forced["properties"]["open"]["properties"] == {"extra": {"type": "string"}}
+
+
+def test_every_knative_kind_used_has_a_served_schema() -> None:
+    for api_version, kind in [
+        ("serving.knative.dev/v1", "Service"),
+        ("eventing.knative.dev/v1", "Broker"),
+        ("eventing.knative.dev/v1", "Trigger"),
+        ("eventing.knative.dev/v1beta3", "EventType"),
+        ("sources.knative.dev/v1", "PingSource"),
+    ]:
+        assert schema_for(api_version, kind)["type"] == "object"

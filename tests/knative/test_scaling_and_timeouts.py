@@ -1,0 +1,274 @@
+"""Scaling, GPU placement and timeouts of the rendered overlays hold together."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import yaml
+
+from .conftest import OVERLAYS
+from .manifest_schemas import CRD_DIR
+from .routing import Routing, ServiceInfo, parse_go_duration
+
+RoutingOf = Callable[[str], Routing]
+
+# What one render may take on the production GPU, with headroom: FLUX.1-schnell (4 steps,
+# 1024x1024) takes seconds on an L40S, FLUX.1-dev (28 steps) about 30 s.
+EXPECTED_INFERENCE_S = 60
+# Container start to model on the GPU: about 34 GB of weights at 50 MB/s or more, then
+# the load into GPU memory.
+MODEL_LOAD_BUDGET_S = 15 * 60
+# Before the container starts: a GPU node from the cluster autoscaler and the CUDA image.
+NODE_AND_PULL_BUDGET_S = 10 * 60
+# Knative Serving refuses a scale-down-delay above one hour.
+MAX_SCALE_DOWN_DELAY = timedelta(hours=1)
+
+AUTOSCALING = "autoscaling.knative.dev/"
+KNOWN_ANNOTATIONS = {
+    *(
+        AUTOSCALING + name
+        for name in (
+            "class",
+            "metric",
+            "target",
+            "target-utilization-percentage",
+            "target-burst-capacity",
+            "min-scale",
+            "max-scale",
+            "initial-scale",
+            "activation-scale",
+            "scale-down-delay",
+            "scale-to-zero-pod-retention-period",
+            "window",
+            "panic-window-percentage",
+            "panic-threshold-percentage",
+            "metric-aggregation-algorithm",
+        )
+    ),
+    "serving.knative.dev/progress-deadline",
+    "serving.knative.dev/rollout-duration",
+}
+CPU_FUNCTIONS = ("enhance", "persist", "deadletter")
+
+
+def _upstream_default(file: str, key: str) -> str:
+    """A default from the `_example` block of an upstream Knative ConfigMap."""
+    config_map = yaml.safe_load((CRD_DIR / file).read_text())
+    return str(yaml.safe_load(config_map["data"]["_example"])[key])
+
+
+MAX_REVISION_TIMEOUT_S = int(
+    _upstream_default("serving-config-defaults.yaml", "max-revision-timeout-seconds")
+)
+
+
+def _cpu(quantity: str) -> float:
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+def _bytes(quantity: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9}
+    match = re.fullmatch(r"(\d+)([A-Za-z]*)", quantity)
+    assert match, quantity
+    return int(match[1]) * units.get(match[2], 1)
+
+
+def _pod(service: ServiceInfo) -> dict[str, Any]:
+    return dict(service.manifest["spec"]["template"]["spec"])
+
+
+def _container(service: ServiceInfo) -> dict[str, Any]:
+    return dict(_pod(service)["containers"][0])
+
+
+def _render(r: Routing) -> ServiceInfo:
+    return r.services["imagegen-render"]
+
+
+def _requests_gpu(service: ServiceInfo) -> bool:
+    resources = _container(service).get("resources", {})
+    return any("nvidia.com/gpu" in resources.get(part, {}) for part in ("requests", "limits"))
+
+
+def _scale(service: ServiceInfo, name: str) -> int | None:
+    value = service.annotations.get(AUTOSCALING + name)
+    return None if value is None else int(value)
+
+
+# 1. Where pods run and how many.
+
+
+def test_dev_scales_everything_to_zero_without_a_gpu(routing: RoutingOf) -> None:
+    for service in routing("dev").services.values():
+        assert _scale(service, "min-scale") == 0, service.name
+        assert not _requests_gpu(service), service.name
+        assert "nodeSelector" not in _pod(service), service.name
+        assert "tolerations" not in _pod(service), service.name
+
+
+def test_dev_renders_the_tiny_model_with_the_cpu_image(routing: RoutingOf) -> None:
+    render = _render(routing("dev"))
+    assert render.image == "ghcr.io/orchestr8/imagegen:render-cpu"
+    assert render.env["IMAGEGEN_MODEL"] == "tiny"
+
+
+def test_prod_renders_on_a_gpu_node_and_stays_warm(routing: RoutingOf) -> None:
+    render = _render(routing("prod"))
+    assert render.image == "ghcr.io/orchestr8/imagegen:render-gpu"
+    assert _container(render)["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    pod = _pod(render)
+    assert pod["nodeSelector"], "render must select GPU nodes"
+    assert any(t.get("key") == "nvidia.com/gpu" for t in pod["tolerations"])
+    min_scale = _scale(render, "min-scale")
+    assert min_scale is not None and min_scale >= 1
+    assert (_scale(render, "initial-scale") or 0) >= min_scale
+    assert render.env["IMAGEGEN_PROFILE"] == "prod"
+
+
+def test_prod_allows_more_enhance_and_persist_pods(routing: RoutingOf) -> None:
+    for name in ("imagegen-enhance", "imagegen-persist"):
+        dev = _scale(routing("dev").services[name], "max-scale") or 0
+        prod = _scale(routing("prod").services[name], "max-scale") or 0
+        assert prod > dev, name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_cpu_functions_are_small_busy_and_scale_to_zero(routing: RoutingOf, overlay: str) -> None:
+    for function in CPU_FUNCTIONS:
+        service = routing(overlay).services[f"imagegen-{function}"]
+        resources = _container(service)["resources"]
+        assert _scale(service, "min-scale") == 0, service.name
+        assert not _requests_gpu(service), service.name
+        assert service.container_concurrency >= 50, service.name
+        assert _cpu(resources["requests"]["cpu"]) <= 0.5, service.name
+        assert _bytes(resources["requests"]["memory"]) <= 2**30, service.name
+        assert _bytes(resources["limits"]["memory"]) <= 2 * 2**30, service.name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_render_takes_what_one_pod_can_queue(routing: RoutingOf, overlay: str) -> None:
+    render = _render(routing(overlay))
+    queue = int(render.env["IMAGEGEN_RENDER_QUEUE_SIZE"])
+    assert render.container_concurrency == 1 + queue
+    assert render.annotations[AUTOSCALING + "metric"] == "concurrency"
+    assert float(render.annotations[AUTOSCALING + "target"]) == render.container_concurrency
+    assert (
+        0 < float(render.annotations.get(AUTOSCALING + "target-utilization-percentage", 70)) <= 100
+    )
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_scale_bounds_are_consistent(routing: RoutingOf, overlay: str) -> None:
+    for service in routing(overlay).services.values():
+        low = _scale(service, "min-scale") or 0
+        high = _scale(service, "max-scale")
+        assert high is not None and high >= max(low, 1), (
+            f"{service.name}: max-scale is the cost cap"
+        )
+        initial = _scale(service, "initial-scale")
+        assert initial is None or low <= initial <= high, service.name
+        target = service.annotations.get(AUTOSCALING + "target")
+        if target is not None and service.container_concurrency:
+            assert float(target) <= service.container_concurrency, service.name
+        delay = service.annotations.get(AUTOSCALING + "scale-down-delay")
+        if delay is not None:
+            assert timedelta(0) <= parse_go_duration(delay) <= MAX_SCALE_DOWN_DELAY, service.name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_annotations_are_known_knative_ones(routing: RoutingOf, overlay: str) -> None:
+    for service in routing(overlay).services.values():
+        unknown = set(service.annotations) - KNOWN_ANNOTATIONS
+        assert not unknown, f"{service.name}: {unknown}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_server_threads_leave_room_for_probes(routing: RoutingOf, overlay: str) -> None:
+    for service in routing(overlay).services.values():
+        assert int(service.env["THREADS"]) >= service.container_concurrency + 2, service.name
+
+
+# 2. Timeouts, from one inference up to the broker's delivery attempt.
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_delivery_outlasts_the_revision_timeout(routing: RoutingOf, overlay: str) -> None:
+    r = routing(overlay)
+    for trigger in r.triggers:
+        service = r.services[trigger.subscriber]
+        pod = _pod(service)
+        timeout = pod["timeoutSeconds"]
+        assert timeout <= MAX_REVISION_TIMEOUT_S, f"{service.name}: above Knative's maximum"
+        assert pod.get("responseStartTimeoutSeconds", timeout) <= timeout, service.name
+        assert trigger.timeout is not None
+        assert trigger.timeout >= timedelta(seconds=timeout), trigger.name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_render_budget_covers_a_full_queue(routing: RoutingOf, overlay: str) -> None:
+    render = _render(routing(overlay))
+    queue = int(render.env["IMAGEGEN_RENDER_QUEUE_SIZE"])
+    # IMAGEGEN_RENDER_TIMEOUT bounds a whole request: the last one a pod accepts waits for
+    # `queue` renders, then runs its own; and it must end before Knative's limit does.
+    budget = float(render.env["IMAGEGEN_RENDER_TIMEOUT"])
+    assert render.timeout_seconds is not None
+    assert (queue + 1) * EXPECTED_INFERENCE_S <= budget < render.timeout_seconds
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_render_cold_start_fits_the_deadlines(routing: RoutingOf, overlay: str) -> None:
+    render = _render(routing(overlay))
+    startup = _container(render)["startupProbe"]
+    window = (
+        startup.get("initialDelaySeconds", 0)
+        + startup["failureThreshold"] * startup["periodSeconds"]
+    )
+    assert window >= MODEL_LOAD_BUDGET_S, "the startup probe gives up before the model loads"
+    deadline = parse_go_duration(render.annotations["serving.knative.dev/progress-deadline"])
+    assert deadline >= timedelta(seconds=window)
+    assert deadline >= timedelta(seconds=MODEL_LOAD_BUDGET_S + NODE_AND_PULL_BUDGET_S)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_render_retries_outlast_a_cold_start(routing: RoutingOf, overlay: str) -> None:
+    # While no render pod is ready the activator holds each attempt for up to timeoutSeconds;
+    # the retries together must span the time Knative allows a new pod to become ready.
+    r = routing(overlay)
+    render = _render(r)
+    [trigger] = [t for t in r.triggers if t.subscriber == render.name]
+    assert trigger.retry is not None and render.timeout_seconds is not None
+    attempts = (trigger.retry + 1) * timedelta(seconds=render.timeout_seconds)
+    waits = sum(trigger.backoff_schedule(), timedelta(0))
+    deadline = parse_go_duration(render.annotations["serving.knative.dev/progress-deadline"])
+    assert attempts + waits >= deadline
+
+
+# 3. Probes.
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probes_use_the_health_endpoints(routing: RoutingOf, overlay: str) -> None:
+    for service in routing(overlay).services.values():
+        container = _container(service)
+        port = container["ports"][0]["containerPort"]
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz", service.name
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz", service.name
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            if probe in container:
+                assert container[probe]["httpGet"].get("port", port) == port, (service.name, probe)
+    render = _container(_render(routing(overlay)))
+    # Without a startup probe the liveness probe would kill a pod still loading its model.
+    assert render["startupProbe"]["httpGet"]["path"] == "/readyz"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_containers_run_as_non_root(routing: RoutingOf, overlay: str) -> None:
+    for service in routing(overlay).services.values():
+        context = _container(service)["securityContext"]
+        assert context["runAsNonRoot"] is True, service.name
+        assert context["allowPrivilegeEscalation"] is False, service.name
+        assert context["capabilities"]["drop"] == ["ALL"], service.name
