@@ -1,0 +1,248 @@
+"""The eventing path for real: the functions as HTTP servers, events routed by the Triggers.
+
+A small broker stands in for Knative Eventing: it delivers each event to whichever Service a
+rendered Trigger's filter selects, retries as that Trigger's delivery spec says, sends what
+finally fails to its dead-letter sink (with Knative's ``knativeerror*`` extensions), and
+delivers every reply event again, until no Trigger matches. Nothing about the routing is
+hard-coded here: it all comes from ``kubectl kustomize knative/overlays/dev``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from imagegen.events import GENERATION_REQUESTED, IMAGE_PERSISTED
+from tests.fakes.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server
+from tests.functions.servers import FunctionServer, free_port
+
+from .conftest import TARGETS
+from .routing import PING_EVENT_TYPE, Routing, ServiceInfo, TriggerInfo, render_kustomize
+
+# Knative's dispatcher retries these statuses (and network errors); others are final.
+RETRIED = {404, 408, 409, 429}
+BACKOFF_SCALE = 0.001  # the real delays, scaled down: seconds become milliseconds
+
+
+@dataclass
+class Delivery:
+    trigger: str
+    subscriber: str
+    event_type: str
+    attempts: list[int] = field(default_factory=list)
+    dead_lettered: bool = False
+
+
+@dataclass
+class Broker:
+    """Delivers events as the rendered Triggers say, to real function servers."""
+
+    routing: Routing
+    urls: dict[str, str]
+    log: list[Delivery] = field(default_factory=list)
+    outputs: list[tuple[dict[str, str], Any]] = field(default_factory=list)
+
+    def publish(self, attributes: dict[str, str], data: Any) -> None:
+        queue = [(attributes, data)]
+        while queue:
+            attributes, data = queue.pop(0)
+            triggers = self.routing.triggers_for(attributes["type"], attributes)
+            if not triggers:
+                self.outputs.append((attributes, data))
+            for trigger in triggers:
+                reply = self._deliver(trigger, attributes, data)
+                if reply is not None:
+                    queue.append(reply)
+
+    def _deliver(
+        self, trigger: TriggerInfo, attributes: dict[str, str], data: Any
+    ) -> tuple[dict[str, str], Any] | None:
+        record = Delivery(trigger.name, trigger.subscriber, attributes["type"])
+        self.log.append(record)
+        timeout = trigger.timeout.total_seconds() if trigger.timeout else 60.0
+        waits = trigger.backoff_schedule()
+        response: httpx.Response | None = None
+        for attempt in range(1 + (trigger.retry or 0)):
+            if attempt:
+                time.sleep(waits[attempt - 1].total_seconds() * BACKOFF_SCALE)
+            try:
+                response = _post(self.urls[trigger.subscriber], attributes, data, timeout)
+            except httpx.HTTPError:
+                record.attempts.append(0)
+                continue
+            record.attempts.append(response.status_code)
+            if response.status_code < 300:
+                return _reply_of(response)
+            if response.status_code < 500 and response.status_code not in RETRIED:
+                break
+        record.dead_lettered = True
+        assert trigger.dead_letter is not None, f"{trigger.name} has no dead-letter sink"
+        extensions = {
+            "knativeerrordest": self.urls[trigger.subscriber],
+            "knativeerrorcode": str(response.status_code if response is not None else 0),
+            "knativeerrordata": base64.b64encode(response.content if response is not None else b"").decode(),
+        }
+        sink = _post(self.urls[trigger.dead_letter], {**attributes, **extensions}, data, 60)
+        assert sink.status_code < 300, sink.text
+        return None
+
+
+def _post(url: str, attributes: dict[str, str], data: Any, timeout: float) -> httpx.Response:
+    headers = {f"ce-{k}": v for k, v in attributes.items()}
+    headers["content-type"] = "application/json"
+    return httpx.post(url, headers=headers, content=json.dumps(data), timeout=timeout)
+
+
+def _reply_of(response: httpx.Response) -> tuple[dict[str, str], Any] | None:
+    attributes = {k[3:]: v for k, v in response.headers.items() if k.lower().startswith("ce-")}
+    if "type" not in attributes:
+        return None  # no reply event (e.g. 202 from the dead-letter sink)
+    return attributes, response.json()
+
+
+def _environment(service: ServiceInfo, overrides: dict[str, str]) -> dict[str, str]:
+    """The Service's own environment from the manifests, pointed at this machine's stand-ins."""
+    env = {k: v for k, v in service.env.items() if k.startswith("IMAGEGEN_")}
+    return {**env, **overrides}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Routing, dict[str, FunctionServer], S3Server]]:
+    routing = Routing(render_kustomize(TARGETS["dev"]))
+    logs = tmp_path_factory.mktemp("logs")
+    with S3Server() as s3:
+        bucket = next(iter(s.env["IMAGEGEN_STORAGE_URL"] for s in routing.services.values()))
+        s3.create_bucket(bucket.removeprefix("s3://").split("/")[0])
+        overrides = {
+            "IMAGEGEN_S3_ENDPOINT_URL": s3.endpoint,
+            "IMAGEGEN_S3_ACCESS_KEY_ID": ACCESS_KEY_ID,
+            "IMAGEGEN_S3_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
+            "IMAGEGEN_OLLAMA_HOST": f"http://127.0.0.1:{free_port()}",  # no Ollama: fallback
+            "IMAGEGEN_OLLAMA_RETRIES": "0",
+            "IMAGEGEN_MODEL_CACHE_DIR": str(tmp_path_factory.mktemp("models")),
+            "HF_HUB_OFFLINE": "1",
+        }
+        servers = {
+            name: FunctionServer(str(service.function), _environment(service, overrides), log_dir=logs)
+            for name, service in routing.services.items()
+        }
+        for server in servers.values():
+            server.start(wait=False)
+        try:
+            for server in servers.values():
+                server.wait("/readyz", timeout=180)
+            yield routing, servers, s3
+        finally:
+            for server in servers.values():
+                server.stop()
+
+
+def _broker(routing: Routing, servers: dict[str, FunctionServer], **url_overrides: str) -> Broker:
+    return Broker(routing, {name: url_overrides.get(name, s.url) for name, s in servers.items()})
+
+
+def _request(event_type: str, subject: str | None = None) -> dict[str, str]:
+    attributes = {
+        "specversion": "1.0",
+        "type": event_type,
+        "source": "/tests/broker",
+        "id": uuid.uuid4().hex,
+        "time": "2026-11-24T10:00:00Z",
+    }
+    if subject:
+        attributes["subject"] = subject
+    return attributes
+
+
+def test_a_request_flows_through_the_triggers_to_a_stored_image(cluster: Any) -> None:
+    routing, servers, s3 = cluster
+    broker = _broker(routing, servers)
+    broker.publish(_request(GENERATION_REQUESTED, "routed-1"), {"prompt": "a lantern", "width": 256, "height": 256})
+
+    assert [(d.event_type, d.subscriber) for d in broker.log] == [
+        (GENERATION_REQUESTED, "imagegen-enhance"),
+        ("dev.orchestr8.imagegen.prompt.enhanced", "imagegen-render"),
+        ("dev.orchestr8.imagegen.image.rendered", "imagegen-persist"),
+    ]
+    [(attributes, persisted)] = broker.outputs
+    assert attributes["type"] == IMAGE_PERSISTED and attributes["subject"] == "routed-1"
+    bucket, _, key = persisted["location"].removeprefix("s3://").partition("/")
+    body = s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    assert body[:8] == b"\x89PNG\r\n\x1a\n" and len(body) == persisted["size"]
+
+
+def test_the_scheduled_ping_dreams_an_image(cluster: Any) -> None:
+    routing, servers, _ = cluster
+    [pingsource] = [d for d in render_kustomize(TARGETS["dev"]) if d.get("kind") == "PingSource"]
+    data = json.loads(pingsource["spec"].get("data") or "{}")
+    broker = _broker(routing, servers)
+    broker.publish(_request(PING_EVENT_TYPE), data)
+    [(attributes, persisted)] = broker.outputs
+    assert attributes["type"] == IMAGE_PERSISTED
+    assert persisted["prompt"]  # dreamed, since the ping carries no prompt
+
+
+def test_a_failing_stage_is_retried_then_dead_lettered(cluster: Any, tmp_path: Path) -> None:
+    routing, servers, s3 = cluster
+    dead_port = free_port()  # nothing listens: every attempt fails
+    # persist answers 503 for as long as its storage is down.
+    broken_persist = FunctionServer(
+        "persist",
+        _environment(
+            routing.services["imagegen-persist"],
+            {
+                "IMAGEGEN_S3_ENDPOINT_URL": f"http://127.0.0.1:{dead_port}",
+                "IMAGEGEN_S3_ACCESS_KEY_ID": ACCESS_KEY_ID,
+                "IMAGEGEN_S3_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
+            },
+        ),
+        log_dir=tmp_path,
+    ).start()
+    try:
+        broker = _broker(routing, servers, **{"imagegen-persist": broken_persist.url})
+        broker.publish(_request(GENERATION_REQUESTED, "dead-lettered-1"), {"prompt": "a kite", "width": 256, "height": 256})
+    finally:
+        broken_persist.stop()
+
+    persist_trigger = next(t for t in routing.triggers if t.subscriber == "imagegen-persist")
+    [delivery] = [d for d in broker.log if d.subscriber == "imagegen-persist"]
+    assert delivery.dead_lettered
+    assert delivery.attempts == [503] * (1 + (persist_trigger.retry or 0))
+    assert broker.outputs == []
+
+    # The dead-letter sink recorded the event and the failing reply.
+    records = [
+        json.loads(s3.client().get_object(Bucket=o["Bucket"], Key=o["Key"])["Body"].read())
+        for o in _objects(s3, "failures/")
+    ]
+    [record] = [r for r in records if r["subject"] == "dead-lettered-1"]
+    assert record["event_type"] == "dev.orchestr8.imagegen.image.rendered"
+    assert record["error_code"] == "503"
+    assert record["error_body"]["retryable"] is True
+
+
+def test_a_final_failure_reaches_the_platform(cluster: Any) -> None:
+    routing, servers, _ = cluster
+    broker = _broker(routing, servers)
+    broker.publish(_request(GENERATION_REQUESTED, "invalid-1"), {"width": 5})
+    [delivery] = broker.log
+    assert delivery.attempts == [400] and delivery.dead_lettered  # not retried
+
+
+def _objects(s3: S3Server, prefix: str) -> list[dict[str, str]]:
+    client = s3.client()
+    out = []
+    for bucket in client.list_buckets()["Buckets"]:
+        for obj in client.list_objects_v2(Bucket=bucket["Name"]).get("Contents", []):
+            if prefix in obj["Key"]:
+                out.append({"Bucket": bucket["Name"], "Key": obj["Key"]})
+    return out
