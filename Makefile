@@ -25,7 +25,7 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check imagegen plugins functions tests benchmarks
 	$(BIN)/ruff format --check imagegen plugins functions tests benchmarks
 	$(BIN)/mypy
-	$(BIN)/mypy --explicit-package-bases functions
+	MYPYPATH=functions $(BIN)/mypy functions/*.py
 
 test-python: $(VENV)/.installed
 	$(BIN)/python -m pytest -q

@@ -6,6 +6,7 @@ checks real responses against them. Each function also serves its own at ``GET /
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -165,7 +166,7 @@ def document(stage: str) -> dict[str, Any]:
 
 
 def _error_schema() -> dict[str, Any]:
-    return json.loads(json.dumps(_ERROR))
+    return copy.deepcopy(_ERROR)
 
 
 def render_documents() -> dict[str, str]:

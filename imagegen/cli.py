@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -57,12 +58,12 @@ Output = Annotated[
     str | None, typer.Option("--output", "-o", help="Storage: a directory or s3://bucket/prefix.")
 ]
 Seed = Annotated[
-    int | None, typer.Option(help="Seed (0 … 2³²−1); default: derived per generation.")
+    int | None, typer.Option(help="Seed (0 to 4294967295); default: derived per generation.")
 ]
-Width = Annotated[int, typer.Option(help="Width in pixels (256–2048, multiple of 16).")]
-Height = Annotated[int, typer.Option(help="Height in pixels (256–2048, multiple of 16).")]
-Steps = Annotated[int | None, typer.Option(help="Denoising steps (1–50); default: per model.")]
-Guidance = Annotated[float | None, typer.Option(help="Guidance scale (0–20); default: per model.")]
+Width = Annotated[int, typer.Option(help="Width in pixels (256-2048, multiple of 16).")]
+Height = Annotated[int, typer.Option(help="Height in pixels (256-2048, multiple of 16).")]
+Steps = Annotated[int | None, typer.Option(help="Denoising steps (1-50); default: per model.")]
+Guidance = Annotated[float | None, typer.Option(help="Guidance scale (0-20); default: per model.")]
 Plugins = Annotated[
     str | None,
     typer.Option("--plugins", help="Comma-separated plugins to run, in order ('' for none)."),
@@ -242,10 +243,8 @@ def loop(
                 _report(enhanced, persisted, as_json)
                 made += 1
                 if interval and (count == 0 or made < count):
-                    try:
+                    with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), timeout=interval)
-                    except TimeoutError:
-                        pass
         return made
 
     made = _run(go)
@@ -348,9 +347,9 @@ def serve(
     from functions_framework import create_app
     from functions_framework._http import create_server
 
-    function_app = create_app(stage, str(source), "http")
+    function_app = create_app(stage, str(source), "http")  # type: ignore[no-untyped-call]
     err.print(f"serving {stage} on http://{host}:{port}")
-    create_server(function_app, debug).run(host, port)
+    create_server(function_app, debug).run(host, port)  # type: ignore[no-untyped-call]
 
 
 def functions_dir() -> Path:

@@ -4,12 +4,33 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
+if TYPE_CHECKING:
+    from tests.functions.servers import FunctionServer
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., FunctionServer]]:
+    """Start function servers for one test; all are stopped afterwards."""
+    started: list[FunctionServer] = []
+
+    def start(stage: str, env: dict[str, str], *, wait: bool = True) -> FunctionServer:
+        from tests.functions.servers import FunctionServer
+
+        server = FunctionServer(stage, env, log_dir=tmp_path)
+        started.append(server)
+        return server.start(wait=wait)
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -21,12 +21,18 @@ SMALL = ["--model", "tiny", "--width", "256", "--height", "256"]
 
 def imagegen(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "imagegen.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "imagegen.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
 def test_generate_writes_png_and_record_under_output(tmp_path: Path) -> None:
-    result = imagegen("generate", "a lighthouse at dusk", *SMALL, "--seed", "42", "--json", cwd=tmp_path)
+    result = imagegen(
+        "generate", "a lighthouse at dusk", *SMALL, "--seed", "42", "--json", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     body = json.loads(result.stdout)
     image = body["image"]
@@ -44,7 +50,20 @@ def test_same_seed_same_pixels_from_the_cli(tmp_path: Path) -> None:
     digests = []
     for run in range(2):
         out = tmp_path / f"run{run}"
-        result = imagegen("generate", "a red kite", *SMALL, "--seed", "5", "--no-enhance", "--plugins", "", "--json", "--output", str(out), cwd=tmp_path)
+        result = imagegen(
+            "generate",
+            "a red kite",
+            *SMALL,
+            "--seed",
+            "5",
+            "--no-enhance",
+            "--plugins",
+            "",
+            "--json",
+            "--output",
+            str(out),
+            cwd=tmp_path,
+        )
         assert result.returncode == 0, result.stderr
         image = json.loads(result.stdout)["image"]
         with Image.open(out / image["key"]) as png:
@@ -84,12 +103,19 @@ def test_bad_input_is_one_line_and_non_zero(tmp_path: Path, args: list[str], exp
 
 
 def test_help_is_fast_and_torch_free(tmp_path: Path) -> None:
-    probe = "import sys, imagegen, imagegen.cli; print('torch' in sys.modules, 'diffusers' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    probe = (
+        "import sys, imagegen, imagegen.cli;"
+        "print('torch' in sys.modules, 'diffusers' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
     assert result.stdout.split() == ["False", "False"]
     started = time.perf_counter()
     assert imagegen("generate", "--help", cwd=tmp_path).returncode == 0
-    assert time.perf_counter() - started < 5  # generous: the acceptance bar is 2 s on a quiet machine
+    assert (
+        time.perf_counter() - started < 5
+    )  # generous: the acceptance bar is 2 s on a quiet machine
 
 
 def test_loop_makes_count_images_and_stops(tmp_path: Path) -> None:
@@ -111,13 +137,16 @@ def test_loop_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "imagegen.cli", "loop", *SMALL, "--interval", "30", "--json"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 120
     while not list((tmp_path / "output").rglob("*.json")) and time.monotonic() < deadline:
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "Traceback" not in err
     assert len(list((tmp_path / "output").rglob("*.png"))) == 1
@@ -138,18 +167,30 @@ def test_doctor_reports_each_dependency(tmp_path: Path) -> None:
     assert "down" in result.stdout  # no Ollama here
 
 
-def test_send_posts_an_event_and_prints_the_reply(start_server: StartServer, tmp_path: Path) -> None:
+def test_send_posts_an_event_and_prints_the_reply(
+    start_server: StartServer, tmp_path: Path
+) -> None:
     server = start_server("enhance", base_env(tmp_path / "store"))
     result = imagegen(
-        "send", GENERATION_REQUESTED, "--data", '{"prompt": "a moth", "width": 256, "height": 256}',
-        "--to", server.url, "--subject", "sent-1", cwd=tmp_path, timeout=60,
+        "send",
+        GENERATION_REQUESTED,
+        "--data",
+        '{"prompt": "a moth", "width": 256, "height": 256}',
+        "--to",
+        server.url,
+        "--subject",
+        "sent-1",
+        cwd=tmp_path,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     reply = json.loads(result.stdout)
     assert reply["status"] == 200
     assert reply["attributes"]["ce-type"] == PROMPT_ENHANCED
     assert reply["data"]["generation_id"] == "sent-1"
-    bad = imagegen("send", GENERATION_REQUESTED, "--data", '{"width": 3}', "--to", server.url, cwd=tmp_path)
+    bad = imagegen(
+        "send", GENERATION_REQUESTED, "--data", '{"width": 3}', "--to", server.url, cwd=tmp_path
+    )
     assert bad.returncode == 1 and json.loads(bad.stdout)["status"] == 400
 
 
@@ -159,7 +200,9 @@ def test_serve_runs_a_function(tmp_path: Path) -> None:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "imagegen.cli", "serve", "persist", "--port", str(port)],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         deadline = time.monotonic() + 60

@@ -20,7 +20,9 @@ NOW = datetime(2026, 11, 24, 18, 30, tzinfo=UTC)
 
 
 def small(**kwargs: object) -> GenerationRequest:
-    return GenerationRequest.model_validate({"width": 256, "height": 256, "model": "tiny", **kwargs})
+    return GenerationRequest.model_validate(
+        {"width": 256, "height": 256, "model": "tiny", **kwargs}
+    )
 
 
 @pytest.fixture
@@ -81,14 +83,26 @@ async def test_persist_refuses_a_tampered_claim_check(settings: Settings) -> Non
         assert caught.value.fields == ["sha256"]
         with pytest.raises(InvalidRequest):
             await service.persist(rendered.model_copy(update={"key": "2026/11/24/other.png"}))
-        missing = await service.enhance(small(prompt="a boat", generation_id="never-rendered"), now=NOW)
+        missing = await service.enhance(
+            small(prompt="a boat", generation_id="never-rendered"), now=NOW
+        )
         with pytest.raises(NotFound):
-            await service.persist(rendered.model_copy(update={"generation_id": "never-rendered", "key": "2026/11/24/never-rendered.png", "prompt": missing}))
+            await service.persist(
+                rendered.model_copy(
+                    update={
+                        "generation_id": "never-rendered",
+                        "key": "2026/11/24/never-rendered.png",
+                        "prompt": missing,
+                    }
+                )
+            )
 
 
 async def test_signed_public_urls(tmp_path: Path) -> None:
     settings = Settings(
-        storage_url=str(tmp_path / "out"), public_base_url="https://img.example.com/", url_signing_secret="s3cret"
+        storage_url=str(tmp_path / "out"),
+        public_base_url="https://img.example.com/",
+        url_signing_secret="s3cret",
     )
     async with ImageGenService(settings) as service:
         _, persisted = await service.generate(small(prompt="a key", enhance=False), now=NOW)
@@ -101,8 +115,12 @@ async def test_signed_public_urls(tmp_path: Path) -> None:
 
 
 async def test_two_services_run_different_plugin_sets(settings: Settings) -> None:
-    only_time = ImageGenService(settings, plugins=PluginSet.from_settings(settings, names=["time_of_day"]))
-    only_style = ImageGenService(settings, plugins=PluginSet.from_settings(settings, names=["art_style"]))
+    only_time = ImageGenService(
+        settings, plugins=PluginSet.from_settings(settings, names=["time_of_day"])
+    )
+    only_style = ImageGenService(
+        settings, plugins=PluginSet.from_settings(settings, names=["art_style"])
+    )
     a = await only_time.enhance(small(prompt="a fox", enhance=False), now=NOW)
     b = await only_style.enhance(small(prompt="a fox", enhance=False), now=NOW)
     assert [c.plugin for c in a.contributions] == ["time_of_day"]

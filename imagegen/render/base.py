@@ -40,8 +40,10 @@ class RenderBackend(Protocol):
         """Whether ``model`` is loaded and ready to render."""
         ...
 
-    def render(self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None) -> RenderOutput:
-        """Render ``job`` deterministically from ``job.seed``; PNG text chunks carry prompt, seed, model."""
+    def render(
+        self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None
+    ) -> RenderOutput:
+        """Render ``job`` reproducibly from ``job.seed``; the PNG carries prompt, seed, model."""
         ...
 
     def close(self) -> None:

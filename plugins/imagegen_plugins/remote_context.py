@@ -1,6 +1,7 @@
 """Context from a remote JSON endpoint: weather, a campaign theme, anything an operator serves.
 
-The endpoint (``settings.remote_context_url``, or the operator's ``plugin_options.remote_context.url``; never a request's) must answer a JSON object; its
+The endpoint (``settings.remote_context_url``, or the operator's
+``plugin_options.remote_context.url``; never a request's) must answer a JSON object; its
 string values become the fragment. The body is read streamed and dropped past
 ``remote_context_max_bytes``; the whole fetch is bounded by ``remote_context_timeout``. Only
 data is read: nothing fetched is ever imported or evaluated. A slow, failing or malformed

@@ -24,32 +24,22 @@ def base_env(store: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def start_server(tmp_path: Path) -> Iterator[StartServer]:
-    """Start function servers for one test; all are stopped afterwards."""
-    started: list[FunctionServer] = []
-
-    def start(stage: str, env: dict[str, str], *, wait: bool = True) -> FunctionServer:
-        server = FunctionServer(stage, env, log_dir=tmp_path)
-        started.append(server)
-        return server.start(wait=wait)
-
-    yield start
-    for server in started:
-        server.stop()
-
-
 @pytest.fixture(scope="module")
 def chain_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("store")
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory: pytest.TempPathFactory, chain_store: Path) -> Iterator[dict[str, FunctionServer]]:
+def chain(
+    tmp_path_factory: pytest.TempPathFactory, chain_store: Path
+) -> Iterator[dict[str, FunctionServer]]:
     """enhance, render and persist over one local store, shared by a test module."""
     logs = tmp_path_factory.mktemp("logs")
     env = base_env(chain_store)
-    servers = {stage: FunctionServer(stage, env, log_dir=logs) for stage in ("enhance", "render", "persist")}
+    servers = {
+        stage: FunctionServer(stage, env, log_dir=logs)
+        for stage in ("enhance", "render", "persist")
+    }
     for server in servers.values():
         server.start(wait=False)
     try:

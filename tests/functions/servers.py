@@ -42,11 +42,17 @@ class FunctionServer:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [
-                sys.executable, "-m", "functions_framework",
-                "--target", self.stage,
-                "--source", str(ROOT / "functions" / f"{self.stage}.py"),
-                "--host", "127.0.0.1",
-                "--port", str(self.port),
+                sys.executable,
+                "-m",
+                "functions_framework",
+                "--target",
+                self.stage,
+                "--source",
+                str(ROOT / "functions" / f"{self.stage}.py"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
             ],
             env=self.env,
             stdout=log,
@@ -125,5 +131,8 @@ def post_event(
 ) -> httpx.Response:
     """POST a binary-mode CloudEvent."""
     return httpx.post(
-        url, headers=cloudevent_headers(event_type, **attributes), content=json.dumps(data), timeout=timeout
+        url,
+        headers=cloudevent_headers(event_type, **attributes),
+        content=json.dumps(data),
+        timeout=timeout,
     )

@@ -30,7 +30,9 @@ def forward(server: FunctionServer, reply: httpx.Response, expected_type: str) -
     return httpx.post(server.url, headers=headers, content=reply.content, timeout=120)
 
 
-def run_chain(servers: dict[str, FunctionServer], request: dict[str, Any], **attributes: str) -> list[httpx.Response]:
+def run_chain(
+    servers: dict[str, FunctionServer], request: dict[str, Any], **attributes: str
+) -> list[httpx.Response]:
     enhanced = post_event(servers["enhance"].url, GENERATION_REQUESTED, request, **attributes)
     rendered = forward(servers["render"], enhanced, PROMPT_ENHANCED)
     persisted = forward(servers["persist"], rendered, IMAGE_RENDERED)
@@ -74,13 +76,25 @@ def test_chain_with_local_storage(chain: dict[str, FunctionServer], chain_store:
 
 def test_generation_id_is_derived_from_the_request_event(chain: dict[str, FunctionServer]) -> None:
     reply = post_event(
-        chain["enhance"].url, GENERATION_REQUESTED, {"prompt": "a cat"}, source="/cron/dream", event_id="e-1"
+        chain["enhance"].url,
+        GENERATION_REQUESTED,
+        {"prompt": "a cat"},
+        source="/cron/dream",
+        event_id="e-1",
     )
     again = post_event(
-        chain["enhance"].url, GENERATION_REQUESTED, {"prompt": "a cat"}, source="/cron/dream", event_id="e-1"
+        chain["enhance"].url,
+        GENERATION_REQUESTED,
+        {"prompt": "a cat"},
+        source="/cron/dream",
+        event_id="e-1",
     )
     other = post_event(
-        chain["enhance"].url, GENERATION_REQUESTED, {"prompt": "a cat"}, source="/cron/dream", event_id="e-2"
+        chain["enhance"].url,
+        GENERATION_REQUESTED,
+        {"prompt": "a cat"},
+        source="/cron/dream",
+        event_id="e-2",
     )
     assert reply.headers["ce-subject"] == again.headers["ce-subject"] != other.headers["ce-subject"]
     assert reply.json()["generation_id"] == reply.headers["ce-subject"]
@@ -117,11 +131,18 @@ def test_chain_with_s3_storage(start_server: StartServer, tmp_path: Path) -> Non
         servers = {stage: start_server(stage, env) for stage in ("enhance", "render", "persist")}
         servers["render"].wait("/readyz", timeout=120)
         replies = run_chain(
-            servers, {"prompt": "a red fox", "width": 256, "height": 320}, subject="chain-s3-1", traceparent=TRACEPARENT
+            servers,
+            {"prompt": "a red fox", "width": 256, "height": 320},
+            subject="chain-s3-1",
+            traceparent=TRACEPARENT,
         )
         persisted = check_replies(replies, "chain-s3-1")
         assert persisted["location"] == f"s3://images/generated/{persisted['key']}"
-        body = s3.client().get_object(Bucket="images", Key=f"generated/{persisted['key']}")["Body"].read()
+        body = (
+            s3.client()
+            .get_object(Bucket="images", Key=f"generated/{persisted['key']}")["Body"]
+            .read()
+        )
         assert hashlib.sha256(body).hexdigest() == persisted["sha256"]
         assert Image.open(io.BytesIO(body)).size == (256, 320)
         puts = [r for r in s3.requests if r.method == "PUT" and r.path.endswith(".png")]

@@ -26,12 +26,16 @@ def _job(enhance_url: str, **request: object) -> dict:
 def test_ollama_down_falls_back_or_503(start_server: StartServer, tmp_path: Path) -> None:
     env = base_env(tmp_path / "store")
     fallback = start_server("enhance", env)
-    reply = post_event(fallback.url, GENERATION_REQUESTED, {"prompt": "a harbour"}, subject="ollama-down-1")
+    reply = post_event(
+        fallback.url, GENERATION_REQUESTED, {"prompt": "a harbour"}, subject="ollama-down-1"
+    )
     assert reply.status_code == 200
     assert reply.json()["fallback"] is True and reply.json()["enhancer"] == "template"
 
     strict = start_server("enhance", {**env, "IMAGEGEN_ENHANCE_FALLBACK": "false"})
-    refused = post_event(strict.url, GENERATION_REQUESTED, {"prompt": "a harbour"}, subject="ollama-down-2")
+    refused = post_event(
+        strict.url, GENERATION_REQUESTED, {"prompt": "a harbour"}, subject="ollama-down-2"
+    )
     assert refused.status_code == 503
     assert int(refused.headers["retry-after"]) > 0
     assert refused.json()["retryable"] is True
@@ -42,14 +46,18 @@ def test_ollama_up_writes_the_prompt(start_server: StartServer, tmp_path: Path) 
         ollama.reply_with('{"prompt": "a quiet harbour at dawn, mist over the water"}')
         env = {**base_env(tmp_path / "store"), "IMAGEGEN_OLLAMA_HOST": ollama.url}
         server = start_server("enhance", env)
-        reply = post_event(server.url, GENERATION_REQUESTED, {"prompt": "a harbour"}, subject="ollama-up-1")
+        reply = post_event(
+            server.url, GENERATION_REQUESTED, {"prompt": "a harbour"}, subject="ollama-up-1"
+        )
         assert reply.status_code == 200, reply.text
         data = reply.json()
         assert data["fallback"] is False and data["enhancer"].startswith("ollama:")
         assert data["prompt"].startswith("a quiet harbour at dawn")
 
 
-def test_storage_down_is_503_and_the_same_event_succeeds_later(start_server: StartServer, tmp_path: Path) -> None:
+def test_storage_down_is_503_and_the_same_event_succeeds_later(
+    start_server: StartServer, tmp_path: Path
+) -> None:
     with S3Server() as s3:
         s3.create_bucket("images")
         env = {
@@ -66,14 +74,18 @@ def test_storage_down_is_503_and_the_same_event_succeeds_later(start_server: Sta
         job = _job(enhance.url, width=256, height=256, generation_id="storage-down-1")
 
         s3.down()
-        refused = post_event(render.url, PROMPT_ENHANCED, job, subject="storage-down-1", event_id="r-1")
+        refused = post_event(
+            render.url, PROMPT_ENHANCED, job, subject="storage-down-1", event_id="r-1"
+        )
         assert refused.status_code == 503, refused.text
         assert int(refused.headers["retry-after"]) > 0
         assert refused.json()["retryable"] is True
         assert SECRET_ACCESS_KEY not in refused.text
 
         s3.up()
-        accepted = post_event(render.url, PROMPT_ENHANCED, job, subject="storage-down-1", event_id="r-1")
+        accepted = post_event(
+            render.url, PROMPT_ENHANCED, job, subject="storage-down-1", event_id="r-1"
+        )
         assert accepted.status_code == 200, accepted.text
         assert accepted.headers["ce-type"] == IMAGE_RENDERED
 
@@ -83,7 +95,10 @@ def test_render_at_capacity_answers_429(start_server: StartServer, tmp_path: Pat
     enhance = start_server("enhance", env)
     render = start_server("render", env)
     render.wait("/readyz", timeout=120)
-    jobs = [_job(enhance.url, width=1024, height=1024, steps=30, generation_id=f"busy-{i}") for i in range(3)]
+    jobs = [
+        _job(enhance.url, width=1024, height=1024, steps=30, generation_id=f"busy-{i}")
+        for i in range(3)
+    ]
     with ThreadPoolExecutor(3) as pool:
         replies = list(pool.map(lambda job: httpx.post(render.url, json=job, timeout=300), jobs))
     statuses = sorted(r.status_code for r in replies)
@@ -94,7 +109,9 @@ def test_render_at_capacity_answers_429(start_server: StartServer, tmp_path: Pat
             assert reply.json()["error"] == "overloaded"
 
 
-def test_render_killed_mid_request_produces_the_image_once(start_server: StartServer, tmp_path: Path) -> None:
+def test_render_killed_mid_request_produces_the_image_once(
+    start_server: StartServer, tmp_path: Path
+) -> None:
     store = tmp_path / "store"
     env = base_env(store)
     enhance = start_server("enhance", env)
@@ -106,7 +123,9 @@ def test_render_killed_mid_request_produces_the_image_once(start_server: StartSe
 
     def deliver() -> None:
         try:
-            outcome.append(post_event(render.url, PROMPT_ENHANCED, job, subject="killed-1", event_id="k-1"))
+            outcome.append(
+                post_event(render.url, PROMPT_ENHANCED, job, subject="killed-1", event_id="k-1")
+            )
         except httpx.HTTPError as exc:
             outcome.append(exc)
 
@@ -120,14 +139,22 @@ def test_render_killed_mid_request_produces_the_image_once(start_server: StartSe
 
     again = start_server("render", env)
     again.wait("/readyz", timeout=120)
-    first = post_event(again.url, PROMPT_ENHANCED, job, subject="killed-1", event_id="k-1", timeout=300)
-    second = post_event(again.url, PROMPT_ENHANCED, job, subject="killed-1", event_id="k-1", timeout=300)
+    first = post_event(
+        again.url, PROMPT_ENHANCED, job, subject="killed-1", event_id="k-1", timeout=300
+    )
+    second = post_event(
+        again.url, PROMPT_ENHANCED, job, subject="killed-1", event_id="k-1", timeout=300
+    )
     assert first.status_code == second.status_code == 200
     assert first.json() == second.json()
-    assert [p.name for p in store.rglob("killed-1*") if not p.name.startswith(".")] == ["killed-1.png"]
+    assert [p.name for p in store.rglob("killed-1*") if not p.name.startswith(".")] == [
+        "killed-1.png"
+    ]
 
 
-def test_render_is_not_ready_while_its_model_loads(start_server: StartServer, tmp_path: Path) -> None:
+def test_render_is_not_ready_while_its_model_loads(
+    start_server: StartServer, tmp_path: Path
+) -> None:
     # A model hub that accepts connections and never answers: the model load hangs in the
     # download, exactly where a cold start spends its time.
     hub = socket.socket()

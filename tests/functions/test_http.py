@@ -23,7 +23,9 @@ def test_health_and_readiness(chain: dict[str, FunctionServer]) -> None:
 
 def test_plain_json_invoke(chain: dict[str, FunctionServer]) -> None:
     enhanced = httpx.post(
-        chain["enhance"].url, json={"prompt": "a koi pond", "width": 256, "height": 256, "seed": 3}, timeout=60
+        chain["enhance"].url,
+        json={"prompt": "a koi pond", "width": 256, "height": 256, "seed": 3},
+        timeout=60,
     )
     assert enhanced.status_code == 200, enhanced.text
     assert "ce-type" not in enhanced.headers
@@ -41,7 +43,9 @@ def test_plain_json_invoke(chain: dict[str, FunctionServer]) -> None:
 
 def test_render_returns_png_when_asked(chain: dict[str, FunctionServer], chain_store) -> None:
     job = httpx.post(
-        chain["enhance"].url, json={"prompt": "a teapot", "width": 256, "height": 288, "seed": 11}, timeout=60
+        chain["enhance"].url,
+        json={"prompt": "a teapot", "width": 256, "height": 288, "seed": 11},
+        timeout=60,
     ).json()
     before = sorted(chain_store.rglob("*"))
     reply = httpx.post(chain["render"].url, json=job, headers={"Accept": "image/png"}, timeout=120)
@@ -52,7 +56,9 @@ def test_render_returns_png_when_asked(chain: dict[str, FunctionServer], chain_s
     assert sorted(chain_store.rglob("*")) == before  # nothing stored
 
 
-def _assert_readable_4xx(reply: httpx.Response, field: str | None = None, status: int = 400) -> dict:
+def _assert_readable_4xx(
+    reply: httpx.Response, field: str | None = None, status: int = 400
+) -> dict:
     assert reply.status_code == status, reply.text
     assert "Traceback" not in reply.text
     body = reply.json()
@@ -70,8 +76,16 @@ def _assert_readable_4xx(reply: httpx.Response, field: str | None = None, status
 
 
 BAD_REQUESTS = [
-    pytest.param({"headers": {"content-type": "application/json"}, "content": b"{nope"}, "body", id="malformed-json"),
-    pytest.param({"headers": {"content-type": "text/plain"}, "content": b"hello"}, "content-type", id="wrong-content-type"),
+    pytest.param(
+        {"headers": {"content-type": "application/json"}, "content": b"{nope"},
+        "body",
+        id="malformed-json",
+    ),
+    pytest.param(
+        {"headers": {"content-type": "text/plain"}, "content": b"hello"},
+        "content-type",
+        id="wrong-content-type",
+    ),
     pytest.param({"json": {"width": 100, "steps": 99}}, "width", id="out-of-range"),
     pytest.param({"json": {"colour": "red"}}, "colour", id="unknown-field"),
     pytest.param({"json": {"model": "not-allowed"}}, "model", id="model-not-allowed"),
@@ -88,7 +102,11 @@ def test_bad_plain_requests(chain: dict[str, FunctionServer], kwargs: dict, fiel
 def test_bad_events(chain: dict[str, FunctionServer]) -> None:
     url = chain["enhance"].url
     # Missing required attributes (no ce-id, no ce-source).
-    headers = {"ce-specversion": "1.0", "ce-type": GENERATION_REQUESTED, "content-type": "application/json"}
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-type": GENERATION_REQUESTED,
+        "content-type": "application/json",
+    }
     _assert_readable_4xx(httpx.post(url, headers=headers, content=b"{}"), "event")
     # Wrong type for this stage.
     _assert_readable_4xx(post_event(url, IMAGE_RENDERED, {}), "type")
@@ -104,15 +122,21 @@ def test_bad_events(chain: dict[str, FunctionServer]) -> None:
     # Invalid subject (it becomes the storage key).
     _assert_readable_4xx(post_event(url, GENERATION_REQUESTED, {}, subject="../../etc"), "subject")
     # Structured mode that is not JSON.
-    structured = httpx.post(url, headers={"content-type": "application/cloudevents+json"}, content=b"[1,2")
+    structured = httpx.post(
+        url, headers={"content-type": "application/cloudevents+json"}, content=b"[1,2"
+    )
     _assert_readable_4xx(structured, "event")
     # Render: data that is not an enhanced prompt.
-    _assert_readable_4xx(post_event(chain["render"].url, PROMPT_ENHANCED, {"prompt": "x"}), "generation_id")
+    _assert_readable_4xx(
+        post_event(chain["render"].url, PROMPT_ENHANCED, {"prompt": "x"}), "generation_id"
+    )
 
 
 def test_huge_body_is_refused(chain: dict[str, FunctionServer]) -> None:
     huge = json.dumps({"prompt": "x" * (1024 * 1024 + 10)})
-    reply = httpx.post(chain["enhance"].url, content=huge, headers={"content-type": "application/json"})
+    reply = httpx.post(
+        chain["enhance"].url, content=huge, headers={"content-type": "application/json"}
+    )
     _assert_readable_4xx(reply, status=413)
 
 
@@ -123,9 +147,18 @@ def test_methods_and_routes(chain: dict[str, FunctionServer]) -> None:
 
 def test_server_keeps_serving_after_bad_input(chain: dict[str, FunctionServer]) -> None:
     for _ in range(3):
-        httpx.post(chain["enhance"].url, content=b"\xff\xfe garbage", headers={"content-type": "application/json"})
+        httpx.post(
+            chain["enhance"].url,
+            content=b"\xff\xfe garbage",
+            headers={"content-type": "application/json"},
+        )
     assert httpx.get(chain["enhance"].url + "/healthz").status_code == 200
-    assert httpx.post(chain["enhance"].url, json={"prompt": "ok", "width": 256, "height": 256}).status_code == 200
+    assert (
+        httpx.post(
+            chain["enhance"].url, json={"prompt": "ok", "width": 256, "height": 256}
+        ).status_code
+        == 200
+    )
     records = chain["enhance"].log_records()
     assert records, "function logs are JSON lines"
     assert all("Traceback" not in json.dumps(r.get("message", "")) for r in records)

@@ -15,7 +15,7 @@ from tests.conftest import ROOT
 from tests.functions.servers import FunctionServer
 
 sys.path.insert(0, str(ROOT / "functions"))
-from _openapi import STAGE_MODELS, render_documents  # noqa: E402
+from _openapi import STAGE_MODELS, render_documents
 
 
 def _schema(doc: dict[str, Any], path: str, method: str, status: str) -> dict[str, Any]:
@@ -26,7 +26,9 @@ def _schema(doc: dict[str, Any], path: str, method: str, status: str) -> dict[st
 
 def _check(doc: dict[str, Any], path: str, method: str, reply: httpx.Response) -> None:
     status = str(reply.status_code)
-    assert status in doc["paths"][path][method]["responses"], f"{status} is not documented for {method} {path}"
+    assert status in doc["paths"][path][method]["responses"], (
+        f"{status} is not documented for {method} {path}"
+    )
     jsonschema.validate(reply.json(), _schema(doc, path, method, status))
 
 
@@ -44,7 +46,9 @@ def test_real_responses_match_the_documents(chain: dict[str, FunctionServer]) ->
         _check(doc, "/healthz", "get", httpx.get(chain[stage].url + "/healthz"))
         _check(doc, "/readyz", "get", httpx.get(chain[stage].url + "/readyz"))
 
-    enhanced = httpx.post(chain["enhance"].url, json={"prompt": "a map", "width": 256, "height": 256}, timeout=60)
+    enhanced = httpx.post(
+        chain["enhance"].url, json={"prompt": "a map", "width": 256, "height": 256}, timeout=60
+    )
     _check(docs["enhance"], "/", "post", enhanced)
     rendered = httpx.post(chain["render"].url, json=enhanced.json(), timeout=120)
     _check(docs["render"], "/", "post", rendered)
@@ -53,7 +57,12 @@ def test_real_responses_match_the_documents(chain: dict[str, FunctionServer]) ->
 
     for stage, body in [("enhance", {"width": 1}), ("render", {"seed": "x"}), ("persist", {})]:
         _check(docs[stage], "/", "post", httpx.post(chain[stage].url, json=body, timeout=30))
-    _check(docs["enhance"], "/", "post", httpx.post(chain["enhance"].url, content=b"x", headers={"content-type": "text/plain"}))
+    _check(
+        docs["enhance"],
+        "/",
+        "post",
+        httpx.post(chain["enhance"].url, content=b"x", headers={"content-type": "text/plain"}),
+    )
 
 
 @pytest.mark.parametrize("stage", list(STAGE_MODELS))
