@@ -12,6 +12,7 @@ after importing the function), so nothing started before the fork is lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -182,6 +183,10 @@ class Runtime:
         """(ready, reason): ready once start-up (the model load, for render) has finished."""
         self.ensure_started()
         assert self._ready is not None
+        if not self.stage.preload:
+            # Nothing to load: start-up is over in moments, so answer once it is.
+            with contextlib.suppress(FutureTimeout):
+                self._ready.result(timeout=5)
         if not self._ready.done():
             return False, "loading"
         exc = self._ready.exception()
@@ -353,7 +358,8 @@ def generation_id_of(incoming: Incoming, data: Any) -> str | None:
             f"subject {subject!r} does not match generation_id {gid!r}",
             errors=[{"field": "subject", "message": "must equal data.generation_id"}],
         )
-    return gid or subject
+    found = gid or subject
+    return str(found) if found else None
 
 
 def serve(request: flask.Request, runtime: Runtime) -> flask.Response:
@@ -452,6 +458,7 @@ async def _in_trace(
     try:
         kind = trace.SpanKind.CONSUMER if incoming.is_event else trace.SpanKind.SERVER
         with tracer().start_as_current_span(f"{stage.name} process", kind=kind) as span:
+            span.set_attribute("imagegen.stage", stage.name)
             if incoming.event is not None:
                 for name in ("id", "source", "type", "subject"):
                     value = incoming.attribute(name)
@@ -460,6 +467,9 @@ async def _in_trace(
                 span.set_attribute(
                     "cloudevents.event_spec_version", str(incoming.attribute("specversion"))
                 )
+                subject = incoming.attribute("subject")
+                if subject and _valid_gid(str(subject)):
+                    span.set_attribute("imagegen.generation_id", str(subject))
             result = await work
             carrier: dict[str, str] = {}
             propagate.inject(carrier)
