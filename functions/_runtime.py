@@ -12,7 +12,6 @@ after importing the function), so nothing started before the fork is lost.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ import threading
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -185,8 +185,7 @@ class Runtime:
         assert self._ready is not None
         if not self.stage.preload:
             # Nothing to load: start-up is over in moments, so answer once it is.
-            with contextlib.suppress(FutureTimeout):
-                self._ready.result(timeout=5)
+            futures_wait([self._ready], timeout=5)
         if not self._ready.done():
             return False, "loading"
         exc = self._ready.exception()

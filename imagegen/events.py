@@ -29,8 +29,8 @@ __all__ = [
     "SCHEMA_BASE_URL",
     "STAGES",
     "dataschema",
-    "short_name",
     "reply_id",
+    "short_name",
     "source_for",
 ]
 

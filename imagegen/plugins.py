@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import inspect
 import logging
@@ -30,9 +31,12 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Protocol, runtime_checkable
 from zoneinfo import ZoneInfo
 
+from opentelemetry import trace
+
 from imagegen.errors import InvalidRequest
 from imagegen.models import Contribution
 from imagegen.settings import Settings
+from imagegen.telemetry import tracer
 
 __all__ = [
     "DEFAULT_PLUGIN_TIMEOUT",
@@ -399,26 +403,44 @@ class PluginSet:
         return contributions
 
     async def _run_one(self, plugin: PromptPlugin, context: PluginContext) -> Contribution | None:
+        with tracer().start_as_current_span("imagegen.plugin") as span:
+            span.set_attribute("imagegen.plugin.name", context.plugin)
+            result = await self._contribution(plugin, context, span)
+            span.set_attribute("imagegen.plugin.contributed", result is not None)
+            return result
+
+    async def _contribution(
+        self, plugin: PromptPlugin, context: PluginContext, span: trace.Span
+    ) -> Contribution | None:
         name = context.plugin
         try:
             async with asyncio.timeout(self.timeout):
                 result: object = await _call(plugin.contribute, context)
         except InvalidRequest:
             raise
-        except TimeoutError:
+        except TimeoutError as exc:
             logger.warning("plugin %s timed out after %.2fs; skipped", name, self.timeout)
+            _skipped(span, exc, f"timed out after {self.timeout:g}s")
             return None
-        except Exception:
+        except Exception as exc:
             logger.warning("plugin %s failed; skipped", name, exc_info=True)
+            _skipped(span, exc, f"failed: {type(exc).__name__}")
             return None
         if result is None:
             return None
         if not isinstance(result, Contribution):
             logger.warning("plugin %s returned %s, not a Contribution; skipped", name, type(result))
+            span.set_status(trace.StatusCode.ERROR, f"returned {type(result).__name__}")
             return None
         if result.plugin != name:
             result = result.model_copy(update={"plugin": name})
         return result
+
+
+def _skipped(span: trace.Span, error: BaseException, description: str) -> None:
+    """Mark a plugin's span failed; the generation goes on without the plugin."""
+    span.record_exception(error)
+    span.set_status(trace.StatusCode.ERROR, description)
 
 
 async def _call(fn: Callable[[PluginContext], Any], context: PluginContext) -> Contribution | None:
@@ -449,7 +471,12 @@ async def _call(fn: Callable[[PluginContext], Any], context: PluginContext) -> C
         with contextlib.suppress(RuntimeError):  # the loop closed while the plugin ran
             loop.call_soon_threadsafe(settle, value, error)
 
-    threading.Thread(target=target, name=f"plugin-{context.plugin}", daemon=True).start()
+    # The caller's context goes along, so spans the plugin makes nest under its own.
+    runner = contextvars.copy_context().run
+    thread = threading.Thread(
+        target=runner, args=(target,), name=f"plugin-{context.plugin}", daemon=True
+    )
+    thread.start()
     result = await future
     if inspect.isawaitable(result):
         result = await result

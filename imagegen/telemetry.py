@@ -2,18 +2,31 @@
 
 The library records spans and metrics through the API; without an SDK configured they cost
 nothing. :mod:`imagegen.observability` sets up the SDK for the functions and the CLI.
-The metric names below are the ones the dashboards and alert rules in ``knative/observability``
-use; a test keeps them in step.
+
+:data:`METRICS` is the contract: the name, kind, unit and attributes of every metric. The
+Grafana dashboard and the Prometheus alert rules in ``observability/`` use the names these
+become in Prometheus (:func:`prometheus_series`); a test keeps the three in step.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from functools import cache
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from opentelemetry import metrics, trace
 
-__all__ = ["METRIC_NAMES", "Instruments", "instruments", "tracer"]
+__all__ = [
+    "METRICS",
+    "METRIC_NAMES",
+    "Instruments",
+    "MetricSpec",
+    "instruments",
+    "prometheus_name",
+    "prometheus_series",
+    "tracer",
+]
 
 _SCOPE = "imagegen"
 
@@ -21,6 +34,104 @@ _SCOPE = "imagegen"
 def tracer() -> trace.Tracer:
     """The tracer every imagegen span comes from."""
     return trace.get_tracer(_SCOPE)
+
+
+class MetricSpec(NamedTuple):
+    """One metric: what the code records and what the dashboards may rely on."""
+
+    name: str
+    kind: Literal["histogram", "counter", "updowncounter"]
+    unit: str
+    description: str
+    attributes: tuple[str, ...]
+    buckets: tuple[float, ...] = ()
+
+
+# Bucket boundaries in seconds: the SDK's default ones are meant for milliseconds.
+_FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_STEP = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_SLOW = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+METRICS: dict[str, MetricSpec] = {
+    "stage_duration": MetricSpec(
+        "imagegen.stage.duration",
+        "histogram",
+        "s",
+        "Time one stage took for one generation.",
+        ("stage", "outcome"),
+        _SLOW,
+    ),
+    "generations": MetricSpec(
+        "imagegen.generations",
+        "counter",
+        "{generation}",
+        "Stage outcomes: success, fallback, failed (with the error code as reason).",
+        ("stage", "outcome", "reason"),
+    ),
+    "ollama_duration": MetricSpec(
+        "imagegen.ollama.duration",
+        "histogram",
+        "s",
+        "Latency of one Ollama chat call (each retry is a call).",
+        ("gen_ai.request.model", "outcome", "error.type"),
+        _SLOW,
+    ),
+    "enhance_fallbacks": MetricSpec(
+        "imagegen.enhance.fallbacks",
+        "counter",
+        "{prompt}",
+        "Prompts composed from the template because the LLM could not write them.",
+        ("reason",),
+    ),
+    "model_load_duration": MetricSpec(
+        "imagegen.model.load.duration",
+        "histogram",
+        "s",
+        "Model load (cold start) time.",
+        ("imagegen.model",),
+        _SLOW,
+    ),
+    "denoise_step_duration": MetricSpec(
+        "imagegen.render.denoise.step.duration",
+        "histogram",
+        "s",
+        "Denoising seconds per step (a render's denoising time over its steps).",
+        ("imagegen.model",),
+        _STEP,
+    ),
+    "renders_in_flight": MetricSpec(
+        "imagegen.render.in_flight",
+        "updowncounter",
+        "{render}",
+        "Renders running or queued.",
+        (),
+    ),
+    "render_rejections": MetricSpec(
+        "imagegen.render.rejections",
+        "counter",
+        "{render}",
+        "Renders refused at capacity (429).",
+        (),
+    ),
+    "storage_bytes_written": MetricSpec(
+        "imagegen.storage.written",
+        "counter",
+        "By",
+        "Bytes written to object storage.",
+        ("stage",),
+    ),
+    "storage_duration": MetricSpec(
+        "imagegen.storage.duration",
+        "histogram",
+        "s",
+        "Latency of storage operations.",
+        ("stage", "operation"),
+        _FAST,
+    ),
+}
+
+METRIC_NAMES: dict[str, str] = {key: spec.name for key, spec in METRICS.items()}
+"""The OpenTelemetry name of each metric, by instrument."""
 
 
 class Instruments(NamedTuple):
@@ -36,58 +147,53 @@ class Instruments(NamedTuple):
     storage_duration: metrics.Histogram
 
 
-METRIC_NAMES: dict[str, str] = {
-    "stage_duration": "imagegen.stage.duration",
-    "generations": "imagegen.generations",
-    "ollama_duration": "imagegen.ollama.duration",
-    "enhance_fallbacks": "imagegen.enhance.fallbacks",
-    "model_load_duration": "imagegen.model.load.duration",
-    "denoise_step_duration": "imagegen.render.denoise.step.duration",
-    "renders_in_flight": "imagegen.render.in_flight",
-    "render_rejections": "imagegen.render.rejections",
-    "storage_bytes_written": "imagegen.storage.written",
-    "storage_duration": "imagegen.storage.duration",
-}
-
-
 @cache
 def instruments() -> Instruments:
     """The metric instruments, created once per process from the global meter provider."""
     meter = metrics.get_meter(_SCOPE)
-    n = METRIC_NAMES
-    return Instruments(
-        stage_duration=meter.create_histogram(
-            n["stage_duration"], unit="s", description="Time one stage took for one generation."
-        ),
-        generations=meter.create_counter(
-            n["generations"],
-            unit="{generation}",
-            description="Stage outcomes: success, fallback, failed.",
-        ),
-        ollama_duration=meter.create_histogram(
-            n["ollama_duration"], unit="s", description="Latency of Ollama chat calls."
-        ),
-        enhance_fallbacks=meter.create_counter(
-            n["enhance_fallbacks"], unit="{prompt}", description="Prompts composed without the LLM."
-        ),
-        model_load_duration=meter.create_histogram(
-            n["model_load_duration"], unit="s", description="Model load (cold start) time."
-        ),
-        denoise_step_duration=meter.create_histogram(
-            n["denoise_step_duration"], unit="s", description="Denoising seconds per step."
-        ),
-        renders_in_flight=meter.create_up_down_counter(
-            n["renders_in_flight"], unit="{render}", description="Renders running or queued."
-        ),
-        render_rejections=meter.create_counter(
-            n["render_rejections"],
-            unit="{render}",
-            description="Renders refused at capacity (429).",
-        ),
-        storage_bytes_written=meter.create_counter(
-            n["storage_bytes_written"], unit="By", description="Bytes written to object storage."
-        ),
-        storage_duration=meter.create_histogram(
-            n["storage_duration"], unit="s", description="Latency of storage operations."
-        ),
-    )
+    created: dict[str, metrics.Instrument] = {}
+    for key, spec in METRICS.items():
+        if spec.kind == "histogram":
+            created[key] = meter.create_histogram(
+                spec.name,
+                unit=spec.unit,
+                description=spec.description,
+                explicit_bucket_boundaries_advisory=list(spec.buckets) or None,
+            )
+        elif spec.kind == "counter":
+            created[key] = meter.create_counter(
+                spec.name, unit=spec.unit, description=spec.description
+            )
+        else:
+            created[key] = meter.create_up_down_counter(
+                spec.name, unit=spec.unit, description=spec.description
+            )
+    return Instruments(**created)  # type: ignore[arg-type]
+
+
+# How the collector's Prometheus exporters name OTLP metrics (the default translation,
+# with suffixes): units in words, ``{annotations}`` dropped, ``_total`` on monotonic counters.
+_PROMETHEUS_UNITS = {"s": "seconds", "ms": "milliseconds", "By": "bytes", "1": ""}
+
+
+def prometheus_name(spec: MetricSpec) -> str:
+    """The metric's name in Prometheus, as the OpenTelemetry collector exports it.
+
+    ``imagegen.stage.duration`` (unit ``s``) → ``imagegen_stage_duration_seconds``;
+    ``imagegen.storage.written`` (``By``, counter) → ``imagegen_storage_written_bytes_total``.
+    """
+    tokens = [t for t in re.split(r"[^A-Za-z0-9]+", spec.name) if t]
+    unit = "" if spec.unit.startswith("{") else _PROMETHEUS_UNITS.get(spec.unit, spec.unit)
+    if unit and unit not in tokens:
+        tokens.append(unit)
+    if spec.kind == "counter":
+        tokens = [t for t in tokens if t != "total"] + ["total"]
+    return "_".join(tokens)
+
+
+def prometheus_series(spec: MetricSpec) -> Sequence[str]:
+    """Every series name the metric has in Prometheus (a histogram has three)."""
+    name = prometheus_name(spec)
+    if spec.kind == "histogram":
+        return (f"{name}_bucket", f"{name}_sum", f"{name}_count")
+    return (name,)

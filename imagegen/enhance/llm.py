@@ -9,12 +9,16 @@ a reply slower than ``ollama_timeout`` is not, since it would be as slow again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import ollama
+from opentelemetry import trace
 from pydantic import BaseModel, Field, ValidationError
 from tenacity import (
     AsyncRetrying,
@@ -29,8 +33,9 @@ from imagegen.errors import DependencyUnavailable
 from imagegen.models import Contribution
 from imagegen.modelspec import ModelSpec
 from imagegen.settings import Settings
+from imagegen.telemetry import instruments, tracer
 
-__all__ = ["MalformedReply", "OllamaEnhancer", "PromptReply", "build_messages"]
+__all__ = ["MalformedReply", "OllamaEnhancer", "PromptReply", "build_messages", "fallback_reason"]
 
 logger = logging.getLogger("imagegen.enhance")
 
@@ -81,6 +86,26 @@ def build_messages(
     if context:
         parts.append("Context:\n" + "\n".join(context))
     return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]
+
+
+def _max_tokens(spec: ModelSpec) -> int:
+    return max(256, 2 * spec.t5_tokens)
+
+
+def fallback_reason(error: BaseException) -> str:
+    """Why the LLM could not write a prompt, in a word for metrics: the error's cause.
+
+    ``timeout``, ``error_response`` (Ollama answered with an error status),
+    ``malformed_reply`` or ``unreachable``.
+    """
+    cause = error.__cause__ or error
+    if isinstance(cause, TimeoutError | httpx.TimeoutException):
+        return "timeout"
+    if isinstance(cause, ollama.ResponseError | httpx.HTTPStatusError):
+        return "error_response"
+    if isinstance(cause, MalformedReply):
+        return "malformed_reply"
+    return "unreachable"
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -178,10 +203,45 @@ class OllamaEnhancer:
         return DependencyUnavailable(f"Ollama model {model} at {host}: {reason}")
 
     async def _chat(self, messages: list[dict[str, str]], seed: int, spec: ModelSpec) -> str:
+        """One chat call, in its own span and timed, whatever its outcome."""
+        model = self.settings.ollama_model
+        with tracer().start_as_current_span(
+            "imagegen.ollama.chat", kind=trace.SpanKind.CLIENT
+        ) as span:
+            span.set_attributes(self._span_attributes(seed, spec))
+            labels = {"gen_ai.request.model": model, "outcome": "success"}
+            started = time.perf_counter()
+            try:
+                return await self._chat_once(messages, seed, spec)
+            except BaseException as exc:
+                labels.update({"outcome": "error", "error.type": type(exc).__name__})
+                span.set_attribute("error.type", type(exc).__name__)
+                raise
+            finally:
+                instruments().ollama_duration.record(time.perf_counter() - started, labels)
+
+    def _span_attributes(self, seed: int, spec: ModelSpec) -> dict[str, Any]:
+        host = urlsplit(self.settings.ollama_host)
+        attributes: dict[str, Any] = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": "ollama",
+            "gen_ai.request.model": self.settings.ollama_model,
+            "gen_ai.request.temperature": self.settings.ollama_temperature,
+            "gen_ai.request.seed": seed,
+            "gen_ai.request.max_tokens": _max_tokens(spec),
+        }
+        if host.hostname:
+            attributes["server.address"] = host.hostname
+        with contextlib.suppress(ValueError):
+            if host.port:
+                attributes["server.port"] = host.port
+        return attributes
+
+    async def _chat_once(self, messages: list[dict[str, str]], seed: int, spec: ModelSpec) -> str:
         options: dict[str, Any] = {
             "temperature": self.settings.ollama_temperature,
             "seed": seed,
-            "num_predict": max(256, 2 * spec.t5_tokens),
+            "num_predict": _max_tokens(spec),
         }
         try:
             response = await self.client.chat(

@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import ollama
+from opentelemetry import trace
 
 from imagegen.enhance._template import compose, dream_subject
-from imagegen.enhance.llm import DEFAULT_BACKOFF, OllamaEnhancer
+from imagegen.enhance.llm import DEFAULT_BACKOFF, OllamaEnhancer, fallback_reason
 from imagegen.errors import DependencyUnavailable, InvalidRequest
 from imagegen.models import (
     GENERATION_ID_PATTERN,
@@ -27,6 +28,7 @@ from imagegen.models import (
 from imagegen.modelspec import ModelSpec, spec_for
 from imagegen.plugins import PluginSet
 from imagegen.settings import Settings
+from imagegen.telemetry import instruments, tracer
 
 __all__ = ["EnhanceStage"]
 
@@ -116,15 +118,18 @@ class EnhanceStage:
             requested_at = requested_at.replace(tzinfo=UTC)
 
         # 2. Run the plugins
-        contributions = await self.plugins.run(
-            generation_id=generation_id,
-            seed=seed,
-            now=requested_at,
-            prompt=request.prompt,
-            timezone=request.timezone,
-            options=request.plugin_options,
-            selection=request.plugins,
-        )
+        with tracer().start_as_current_span("imagegen.plugins") as span:
+            span.set_attribute("imagegen.plugins", self.plugins.select(request.plugins))
+            contributions = await self.plugins.run(
+                generation_id=generation_id,
+                seed=seed,
+                now=requested_at,
+                prompt=request.prompt,
+                timezone=request.timezone,
+                options=request.plugin_options,
+                selection=request.plugins,
+            )
+            span.set_attribute("imagegen.plugins.contributed", [c.plugin for c in contributions])
 
         # 3. Write the prompt
         prompt, enhancer, fallback = await self._write(request, contributions, seed, spec)
@@ -167,10 +172,13 @@ class EnhanceStage:
             text = await self.enhancer.write(
                 prompt=request.prompt, contributions=contributions, seed=seed, spec=spec
             )
-        except DependencyUnavailable:
+        except DependencyUnavailable as exc:
             if not self.settings.enhance_fallback:
                 raise
             logger.warning("enhance: the LLM is unavailable; using the template prompt")
+            reason = fallback_reason(exc)
+            instruments().enhance_fallbacks.add(1, {"reason": reason})
+            trace.get_current_span().add_event("imagegen.enhance.fallback", {"reason": reason})
             return compose(subject, contributions, spec), "template", True
         return text, self.enhancer.name, False
 

@@ -14,12 +14,15 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from opentelemetry import trace
+
 from imagegen.errors import DependencyUnavailable, InvalidRequest
 from imagegen.models import EnhancedPrompt, LoraHint
 from imagegen.modelspec import spec_for
 from imagegen.render.base import ProgressCallback, RenderOutput
 from imagegen.render.png import encode_png
 from imagegen.settings import Settings
+from imagegen.telemetry import tracer
 
 _INSTALL_HINT = "pip install 'imagegen[render]'"
 
@@ -212,9 +215,11 @@ class DiffusersBackend:
         try:
             # 1. Activate the job's LoRA adapters (loaded once, then cached by name)
             if job.loras:
-                self._check_lora_support(job.model, pipe)
-                adapters_on = True  # before loading: a model's first adapter comes enabled
-                self._activate_loras(job.model, pipe, job.loras)
+                with tracer().start_as_current_span("imagegen.render.lora") as span:
+                    span.set_attribute("imagegen.loras", [lora.name for lora in job.loras])
+                    self._check_lora_support(job.model, pipe)
+                    adapters_on = True  # before loading: a model's first adapter comes enabled
+                    self._activate_loras(job.model, pipe, job.loras)
                 timings["lora"] = time.perf_counter() - started
 
             # 2. Denoise, then 3. decode with the VAE
@@ -228,7 +233,9 @@ class DiffusersBackend:
 
         # 4. Encode as PNG, with what is needed to reproduce the image
         encode_started = time.perf_counter()
-        png = encode_png(image, text=self._png_text(job))
+        with tracer().start_as_current_span("imagegen.render.png_encode") as span:
+            png = encode_png(image, text=self._png_text(job))
+            span.set_attribute("imagegen.png.size", len(png))
         timings["encode"] = time.perf_counter() - encode_started
         timings["total"] = time.perf_counter() - started
         return RenderOutput(png=png, width=image.width, height=image.height, timings=timings)
@@ -267,20 +274,39 @@ class DiffusersBackend:
         if "callback_on_step_end" in parameters:
             kwargs["callback_on_step_end"] = on_step_end
 
+        loop_attributes: dict[str, str | int] = {
+            "imagegen.steps": job.steps,
+            "imagegen.width": job.width,
+            "imagegen.height": job.height,
+            "imagegen.device": device.type,
+        }
         started = time.perf_counter()
         if isinstance(pipe, FluxPipeline):
             # Stop at the latents and decode here, exactly as FluxPipeline would, to time the
             # two phases apart.
-            latents = pipe(**kwargs, output_type="latent").images
-            self._synchronize()
+            with tracer().start_as_current_span("imagegen.render.denoise_loop") as span:
+                span.set_attributes(loop_attributes)
+                latents = pipe(**kwargs, output_type="latent").images
+                self._synchronize()
             denoised = time.perf_counter()
-            image = self._decode_flux(pipe, latents, job.width, job.height)
+            with tracer().start_as_current_span("imagegen.render.vae_decode"):
+                image = self._decode_flux(pipe, latents, job.width, job.height)
             return image, denoised - started, time.perf_counter() - denoised
 
-        # Any other pipeline decodes itself: the last step's end splits the two phases.
-        image = pipe(**kwargs).images[0]
-        ended = time.perf_counter()
+        # Any other pipeline decodes itself: the last step's end splits the two phases, and
+        # their spans are written afterwards with those times.
+        loop_span = tracer().start_span("imagegen.render.denoise_loop", attributes=loop_attributes)
+        try:
+            with trace.use_span(loop_span, end_on_exit=False):  # records an error on the span
+                image = pipe(**kwargs).images[0]
+        except BaseException:
+            loop_span.end()
+            raise
+        ended, ended_ns = time.perf_counter(), time.time_ns()
         denoised = last_step_at if last_step_at is not None else ended
+        denoised_ns = ended_ns - int((ended - denoised) * 1e9)
+        loop_span.end(end_time=denoised_ns)
+        tracer().start_span("imagegen.render.vae_decode", start_time=denoised_ns).end(ended_ns)
         return image, denoised - started, ended - denoised
 
     @staticmethod

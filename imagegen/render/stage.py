@@ -9,7 +9,13 @@ import logging
 import time
 from collections.abc import Callable
 
-from imagegen.errors import DependencyUnavailable, ImageGenError, InternalError, InvalidRequest, Overloaded
+from imagegen.errors import (
+    DependencyUnavailable,
+    ImageGenError,
+    InternalError,
+    InvalidRequest,
+    Overloaded,
+)
 from imagegen.models import EnhancedPrompt, RenderedImage
 from imagegen.render.base import ProgressCallback, RenderBackend, RenderOutput
 from imagegen.settings import Settings
@@ -84,12 +90,16 @@ class RenderStage:
             log.info("model loaded", extra={"model": model, "seconds": round(seconds, 3)})
             return seconds
 
-    async def render_png(self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None) -> RenderOutput:
+    async def render_png(
+        self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None
+    ) -> RenderOutput:
         """Render ``job`` and return the PNG without storing it."""
         async with self._admission():
             return await self._render(job, progress)
 
-    async def render(self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None) -> RenderedImage:
+    async def render(
+        self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None
+    ) -> RenderedImage:
         """Render ``job`` and store the PNG, or return the image already stored for it."""
         keys = GenerationKeys(job.generation_id, job.requested_at)
         stored = await self.storage.head(keys.image)
@@ -148,7 +158,9 @@ class RenderStage:
                     raise InternalError(f"render failed: {type(exc).__name__}") from exc
         denoise = output.timings.get("denoise")
         if denoise is not None:
-            instruments().denoise_step_duration.record(denoise / job.steps, {"imagegen.model": job.model})
+            instruments().denoise_step_duration.record(
+                denoise / job.steps, {"imagegen.model": job.model}
+            )
         return output
 
     def _admission(self) -> _Admission:
@@ -176,7 +188,9 @@ class RenderStage:
     async def check(self) -> None:
         """Raise DependencyUnavailable unless the default model is loaded."""
         if not self.is_loaded(self.settings.model):
-            raise DependencyUnavailable(f"model {self.settings.model!r} is not loaded yet", retry_after=15)
+            raise DependencyUnavailable(
+                f"model {self.settings.model!r} is not loaded yet", retry_after=15
+            )
 
 
 class _Admission:

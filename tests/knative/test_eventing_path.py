@@ -89,7 +89,9 @@ class Broker:
         extensions = {
             "knativeerrordest": self.urls[trigger.subscriber],
             "knativeerrorcode": str(response.status_code if response is not None else 0),
-            "knativeerrordata": base64.b64encode(response.content if response is not None else b"").decode(),
+            "knativeerrordata": base64.b64encode(
+                response.content if response is not None else b""
+            ).decode(),
         }
         sink = _post(self.urls[trigger.dead_letter], {**attributes, **extensions}, data, 60)
         assert sink.status_code < 300, sink.text
@@ -116,7 +118,9 @@ def _environment(service: ServiceInfo, overrides: dict[str, str]) -> dict[str, s
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Routing, dict[str, FunctionServer], S3Server]]:
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Routing, dict[str, FunctionServer], S3Server]]:
     routing = Routing(render_kustomize(TARGETS["dev"]))
     logs = tmp_path_factory.mktemp("logs")
     with S3Server() as s3:
@@ -132,7 +136,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Routing,
             "HF_HUB_OFFLINE": "1",
         }
         servers = {
-            name: FunctionServer(str(service.function), _environment(service, overrides), log_dir=logs)
+            name: FunctionServer(
+                str(service.function), _environment(service, overrides), log_dir=logs
+            )
             for name, service in routing.services.items()
         }
         for server in servers.values():
@@ -166,7 +172,10 @@ def _request(event_type: str, subject: str | None = None) -> dict[str, str]:
 def test_a_request_flows_through_the_triggers_to_a_stored_image(cluster: Any) -> None:
     routing, servers, s3 = cluster
     broker = _broker(routing, servers)
-    broker.publish(_request(GENERATION_REQUESTED, "routed-1"), {"prompt": "a lantern", "width": 256, "height": 256})
+    broker.publish(
+        _request(GENERATION_REQUESTED, "routed-1"),
+        {"prompt": "a lantern", "width": 256, "height": 256},
+    )
 
     assert [(d.event_type, d.subscriber) for d in broker.log] == [
         (GENERATION_REQUESTED, "imagegen-enhance"),
@@ -209,7 +218,10 @@ def test_a_failing_stage_is_retried_then_dead_lettered(cluster: Any, tmp_path: P
     ).start()
     try:
         broker = _broker(routing, servers, **{"imagegen-persist": broken_persist.url})
-        broker.publish(_request(GENERATION_REQUESTED, "dead-lettered-1"), {"prompt": "a kite", "width": 256, "height": 256})
+        broker.publish(
+            _request(GENERATION_REQUESTED, "dead-lettered-1"),
+            {"prompt": "a kite", "width": 256, "height": 256},
+        )
     finally:
         broken_persist.stop()
 

@@ -18,7 +18,6 @@ RoutingOf = Callable[[str], Routing]
 FUNCTIONS = REPO / "functions"
 
 
-
 @pytest.fixture
 def load_stage(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], Any]]:
     """``load_stage("render")``: the Stage a function file declares, imported as it is served."""

@@ -7,11 +7,11 @@ import json
 from importlib.resources import files
 
 import pytest
-from imagegen_plugins.art_style import ArtStylePlugin, load_styles
 
 from imagegen.errors import InvalidRequest
 from imagegen.plugins import PluginContext
 from imagegen.settings import Settings
+from imagegen_plugins.art_style import ArtStylePlugin, load_styles
 from tests.plugins.conftest import NOW
 
 

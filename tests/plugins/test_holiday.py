@@ -5,12 +5,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
-from imagegen_plugins.holiday import HolidayPlugin
 
 from imagegen.errors import InvalidRequest
 from imagegen.models import Contribution
 from imagegen.plugins import PluginSet
 from imagegen.settings import Settings
+from imagegen_plugins.holiday import HolidayPlugin
 
 
 async def _holiday(

@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from imagegen_plugins.lora import LoraPlugin
 
 from imagegen.errors import InvalidRequest
 from imagegen.plugins import PluginContext
 from imagegen.settings import Settings
+from imagegen_plugins.lora import LoraPlugin
 from tests.plugins.conftest import NOW
 
 

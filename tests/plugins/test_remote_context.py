@@ -6,12 +6,12 @@ import logging
 import time
 
 import pytest
-from imagegen_plugins.remote_context import RemoteContextPlugin
 
 from imagegen.errors import InvalidRequest
 from imagegen.models import Contribution
 from imagegen.plugins import PluginContext
 from imagegen.settings import Settings
+from imagegen_plugins.remote_context import RemoteContextPlugin
 from tests.plugins.conftest import NOW, JsonEndpoint
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
-from imagegen_plugins.time_of_day import TimeOfDayPlugin, period_of
 
 from imagegen.plugins import PluginSet
 from imagegen.settings import Settings
+from imagegen_plugins.time_of_day import TimeOfDayPlugin, period_of
 
 
 @pytest.mark.parametrize(
