@@ -380,7 +380,9 @@ _lock = threading.Lock()
 _active: Telemetry | None = None
 
 
-def setup_observability(service_name: str, settings: Settings | None = None) -> Telemetry:
+def setup_observability(
+    service_name: str, settings: Settings | None = None, *, logs: bool = True
+) -> Telemetry:
     """JSON logs and the OpenTelemetry SDK for one process (the functions, the CLI).
 
     Idempotent: later calls return what the first one set up. An SDK provider already in
@@ -391,13 +393,14 @@ def setup_observability(service_name: str, settings: Settings | None = None) -> 
             ``imagegen-render``; the part after ``imagegen-`` names the stage in logs.
         settings: Log level, prompt logging and the secrets to redact; default
             ``Settings()``.
+        logs: Whether to install the JSON log handler (a console program may keep its own).
     """
     global _active
     with _lock:
         if _active is not None:
             return _active
-        settings = settings or Settings()
-        setup_logging(settings, service_name.removeprefix("imagegen-"))
+        if logs:
+            setup_logging(settings or Settings(), service_name.removeprefix("imagegen-"))
         if _sdk_disabled():
             _active = Telemetry()
             return _active

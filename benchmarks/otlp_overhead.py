@@ -1,0 +1,162 @@
+"""What an unreachable OpenTelemetry collector costs the enhance function's requests.
+
+Serves functions/enhance.py in-process (functions-framework's app, Flask's test client: no
+sockets on the request path) and times N CloudEvent requests in fresh processes, one per
+variant, with Ollama down (template fallback, as in the tests):
+
+- ``baseline``: the SDK set up, no endpoint (no exporter);
+- ``disabled``: ``OTEL_SDK_DISABLED=true``;
+- ``refused``: an endpoint where nothing listens (connections refused);
+- ``blackhole``: an endpoint that accepts connections and never answers.
+
+Exports are made frequent (``OTEL_BSP_SCHEDULE_DELAY=100``, ``OTEL_METRIC_EXPORT_INTERVAL=500``)
+so that they run while the requests do. Prints each variant's latency and its ratio to the
+baseline measured in the same run.
+
+    python benchmarks/otlp_overhead.py [--requests 300] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ("baseline", "disabled", "refused", "blackhole")
+EVENT_TYPE = "dev.orchestr8.imagegen.generation.requested"
+
+
+def measure(requests: int, warmup: int) -> dict[str, float]:
+    """Time ``requests`` enhance requests in this process (the environment is set)."""
+    import functions_framework
+
+    app = functions_framework.create_app("enhance", str(ROOT / "functions" / "enhance.py"))
+    client = app.test_client()
+    body = json.dumps({"prompt": "a lighthouse at dusk", "width": 256, "height": 256})
+
+    def one(i: int) -> float:
+        headers = {
+            "ce-specversion": "1.0",
+            "ce-type": EVENT_TYPE,
+            "ce-source": "/benchmarks",
+            "ce-id": uuid.uuid4().hex,
+            "ce-subject": f"bench-{i}",
+            "ce-traceparent": f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01",
+            "content-type": "application/json",
+        }
+        started = time.perf_counter()
+        response = client.post("/", data=body, headers=headers)
+        elapsed = time.perf_counter() - started
+        if response.status_code != 200:
+            raise SystemExit(f"request {i}: {response.status_code} {response.get_data(True)}")
+        return elapsed
+
+    for i in range(warmup):
+        one(-1 - i)
+    started = time.perf_counter()
+    latencies = [one(i) for i in range(requests)]
+    total = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "total_s": total,
+        "mean_ms": 1000 * statistics.fmean(latencies),
+        "p50_ms": 1000 * latencies[len(latencies) // 2],
+        "p95_ms": 1000 * latencies[int(len(latencies) * 0.95) - 1],
+    }
+
+
+def run_variant(variant: str, requests: int, warmup: int, blackhole: str) -> dict[str, float]:
+    """Measure one variant in a fresh process: each needs its own global providers."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "IMAGEGEN_", "K_"))}
+    workdir = Path(tempfile.mkdtemp(prefix="otlp-bench-"))
+    env.update(
+        IMAGEGEN_MODEL="tiny",
+        IMAGEGEN_ALLOWED_MODELS="tiny",
+        IMAGEGEN_STORAGE_URL=str(workdir / "store"),
+        IMAGEGEN_OLLAMA_HOST="http://127.0.0.1:9",
+        IMAGEGEN_OLLAMA_RETRIES="0",
+        IMAGEGEN_LOG_LEVEL="ERROR",  # the exporters' failures are logged; keep them quiet
+        OTEL_BSP_SCHEDULE_DELAY="100",
+        OTEL_METRIC_EXPORT_INTERVAL="500",
+    )
+    if variant == "disabled":
+        env["OTEL_SDK_DISABLED"] = "true"
+    elif variant == "refused":
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = "http://127.0.0.1:9"
+    elif variant == "blackhole":
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = blackhole
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--requests",
+        str(requests),
+        "--warmup",
+        str(warmup),
+    ]
+    started = time.perf_counter()
+    done = subprocess.run(
+        command, env=env, cwd=workdir, capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"{variant} failed:\n{done.stderr[-4000:]}")
+    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    result["process_s"] = time.perf_counter() - started
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.requests, args.warmup)))
+        return
+
+    # A collector that hangs: the kernel accepts connections into the backlog, nobody reads.
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(1024)
+        blackhole = f"http://127.0.0.1:{hole.getsockname()[1]}"
+        # Rounds interleave the variants, so a slow minute of the machine hits them all.
+        rounds: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
+        for _ in range(args.rounds):
+            for variant in VARIANTS:
+                rounds[variant].append(run_variant(variant, args.requests, args.warmup, blackhole))
+    results = {
+        variant: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        for variant, runs in rounds.items()
+    }
+
+    base = results["baseline"]
+    print(
+        f"enhance: {args.requests} CloudEvent requests per variant and round, median of "
+        f"{args.rounds} rounds (Ollama down: template fallback)"
+    )
+    print(
+        f"{'variant':<10} {'mean ms':>8} {'p50 ms':>8} {'p95 ms':>8} {'ratio':>6} {'process s':>10}"
+    )
+    for variant, r in results.items():
+        ratio = r["mean_ms"] / base["mean_ms"]
+        print(
+            f"{variant:<10} {r['mean_ms']:>8.2f} {r['p50_ms']:>8.2f} {r['p95_ms']:>8.2f} "
+            f"{ratio:>6.2f} {r['process_s']:>10.1f}"
+        )
+    print("ratio: mean latency over the baseline's (SDK set up, no endpoint), same run")
+    print("process s: the whole process, start-up and the bounded flush at exit included")
+
+
+if __name__ == "__main__":
+    main()

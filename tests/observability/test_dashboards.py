@@ -1,0 +1,108 @@
+"""The dashboard and alert rules query exactly the metrics and labels the code emits."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import yaml
+
+from imagegen.telemetry import METRICS, prometheus_series
+from tests.conftest import ROOT
+
+DASHBOARD = ROOT / "observability" / "grafana" / "imagegen.json"
+ALERTS = ROOT / "observability" / "prometheus" / "alerts.yaml"
+
+SERIES = {series: key for key, spec in METRICS.items() for series in prometheus_series(spec)}
+# Labels Prometheus adds: histogram buckets, and the target (service.name, service.instance.id).
+LABELS = {a.replace(".", "_") for spec in METRICS.values() for a in spec.attributes} | {
+    "le",
+    "job",
+    "instance",
+}
+
+_METRIC = re.compile(r"\b(imagegen_[a-z0-9_]+)")
+_SELECTOR = re.compile(r"\b(imagegen_[a-z0-9_]+)\s*\{([^}]*)\}")
+_MATCHER = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)")
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)")
+
+
+def strings(node: Any, keys: tuple[str, ...]) -> Iterator[str]:
+    """Every string under one of ``keys``, anywhere in a JSON/YAML document."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in keys and isinstance(value, str):
+                yield value
+            else:
+                yield from strings(value, keys)
+    elif isinstance(node, list):
+        for item in node:
+            yield from strings(item, keys)
+
+
+def dashboard_queries() -> list[str]:
+    return list(strings(json.loads(DASHBOARD.read_text()), ("expr", "query", "definition")))
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    document = yaml.safe_load(ALERTS.read_text())
+    return [rule for group in document["groups"] for rule in group["rules"]]
+
+
+def metric_names(query: str) -> list[str]:
+    """The metrics a PromQL query reads (label names in matchers and groupings left out)."""
+    query = re.sub(r"\{[^}]*\}", "", query)
+    query = _GROUPING.sub("", query)
+    return _METRIC.findall(query)
+
+
+def unknown_metrics(queries: list[str]) -> set[str]:
+    return {name for q in queries for name in metric_names(q)} - set(SERIES)
+
+
+def unknown_labels(queries: list[str]) -> set[str]:
+    found: set[str] = set()
+    for query in queries:
+        for _, matchers in _SELECTOR.findall(query):
+            found.update(_MATCHER.findall(matchers))
+        for grouping in _GROUPING.findall(query):
+            found.update(label.strip() for label in grouping.split(",") if label.strip())
+    return found - LABELS
+
+
+@pytest.mark.parametrize(
+    ("source", "queries"),
+    [("dashboard", dashboard_queries()), ("alerts", [r["expr"] for r in alert_rules()])],
+)
+def test_every_metric_and_label_queried_is_emitted(source: str, queries: list[str]) -> None:
+    assert queries, f"no queries found in the {source}"
+    assert unknown_metrics(queries) == set(), source
+    assert unknown_labels(queries) == set(), source
+
+
+def test_the_checks_catch_a_misspelt_name_or_label() -> None:
+    assert unknown_metrics(["rate(imagegen_stage_duration_bucket[5m])"]) == {
+        "imagegen_stage_duration_bucket"
+    }
+    assert unknown_metrics(["imagegen_generations"]) == {"imagegen_generations"}
+    query = 'sum by (model) (imagegen_generations_total{status="x"})'
+    assert unknown_labels([query]) == {"model", "status"}
+    assert unknown_metrics(["sum by (imagegen_model) (imagegen_render_in_flight)"]) == set()
+
+
+def test_the_dashboard_shows_every_metric() -> None:
+    shown = {SERIES[name] for q in dashboard_queries() for name in metric_names(q)}
+    assert shown == set(METRICS)
+
+
+def test_alert_rules_are_complete() -> None:
+    rules = alert_rules()
+    names = [rule["alert"] for rule in rules]
+    assert len(names) == len(set(names))
+    for rule in rules:
+        assert rule["labels"]["severity"] in {"info", "warning", "critical"}, rule["alert"]
+        assert rule["annotations"]["summary"], rule["alert"]
+        assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["alert"]

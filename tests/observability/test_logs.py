@@ -1,0 +1,90 @@
+"""JSON log lines: trace correlation, no secrets ever, prompts only when allowed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from imagegen.models import GenerationRequest
+from imagegen.observability import JsonFormatter, setup_logging
+from imagegen.service import ImageGenService
+from imagegen.settings import Settings
+from imagegen.telemetry import tracer
+from tests.observability.conftest import InMemoryTelemetry
+
+SECRET = 'sk-"very\\secret"-4f2a'  # quote and backslash: JSON escapes them
+KEY_SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCY"
+
+
+def lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_a_line_carries_time_level_stage_generation_and_trace_ids(
+    otel: InMemoryTelemetry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    setup_logging(Settings(), "render")
+    with tracer().start_as_current_span("imagegen.render") as stage:
+        stage.set_attribute("imagegen.generation_id", "gen-42")
+        with tracer().start_as_current_span("imagegen.storage.put") as child:
+            logging.getLogger("imagegen.test").info("stored %s", "it", extra={"size": 3})
+            context = child.get_span_context()
+    [entry] = lines(capsys.readouterr().err)
+    assert entry["message"] == "stored it"
+    assert entry["level"] == "INFO"
+    assert entry["time"].endswith("+00:00")
+    assert entry["logger"] == "imagegen.test"
+    assert entry["stage"] == "render"
+    assert entry["generation_id"] == "gen-42"  # inherited from the stage span
+    assert entry["trace_id"] == f"{context.trace_id:032x}"
+    assert entry["span_id"] == f"{context.span_id:016x}"
+    assert entry["size"] == 3
+
+
+def test_secrets_never_appear_in_a_log_line(capsys: pytest.CaptureFixture[str]) -> None:
+    settings = Settings(
+        url_signing_secret=SecretStr(SECRET), s3_secret_access_key=SecretStr(KEY_SECRET)
+    )
+    setup_logging(settings, "persist")
+    log = logging.getLogger("imagegen.test")
+    log.warning("signing with %s", settings.url_signing_secret)
+    log.warning("raw value %s and %s", SECRET, KEY_SECRET)
+    log.warning("as extras", extra={"secret": settings.s3_secret_access_key, "raw": KEY_SECRET})
+    try:
+        raise RuntimeError(f"bad key {KEY_SECRET} / {SECRET}")
+    except RuntimeError:
+        log.exception("failed")
+    err = capsys.readouterr().err
+    entries = lines(err)
+    assert len(entries) == 4
+    escaped = json.dumps(SECRET)[1:-1]
+    for secret in (SECRET, escaped, KEY_SECRET, "very\\\\secret", "MDENG"):
+        assert secret not in err
+    assert entries[0]["message"] == "signing with **********"
+    assert entries[1]["message"] == "raw value *** and ***"
+    assert entries[2]["secret"] == "**********"
+    assert "***" in entries[3]["exception"]
+
+
+@pytest.mark.parametrize("log_prompts", [False, True])
+def test_prompts_are_logged_only_when_allowed(
+    log_prompts: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    prompt = "a portrait of my neighbour Ingrid in her garden"
+    settings = Settings(ollama_retries=0, log_prompts=log_prompts, model="tiny")
+    formatter = JsonFormatter("enhance", log_prompts=log_prompts)
+
+    async def enhance() -> None:
+        async with ImageGenService(settings) as service:
+            await service.enhance(GenerationRequest(prompt=prompt, width=256, height=256))
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(enhance())
+        logging.getLogger("imagegen.test").info("job", extra={"prompt": prompt})
+    text = "\n".join(formatter.format(record) for record in caplog.records)
+    assert ("Ingrid" in text) is log_prompts

@@ -1,0 +1,243 @@
+"""setup_observability and create_telemetry: exporters, resource, sampler, idempotence."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+import imagegen
+from imagegen import observability
+from imagegen.observability import (
+    EXPORT_TIMEOUT,
+    GenerationSpanProcessor,
+    Telemetry,
+    create_telemetry,
+    setup_observability,
+)
+from imagegen.settings import Settings
+from tests.conftest import ROOT
+from tests.observability.blackhole import Blackhole
+from tests.observability.conftest import InMemoryTelemetry
+
+REFUSED = "http://127.0.0.1:9"  # nothing listens: connections are refused at once
+
+
+@pytest.fixture
+def made() -> Iterator[list[Telemetry]]:
+    """Telemetry made by a test, shut down afterwards."""
+    created: list[Telemetry] = []
+    yield created
+    for telemetry in created:
+        telemetry.shutdown(timeout=1.0)
+
+
+def make(made: list[Telemetry], service_name: str = "imagegen-test") -> Telemetry:
+    telemetry = create_telemetry(service_name)
+    made.append(telemetry)
+    return telemetry
+
+
+def processors(provider: TracerProvider | None) -> list[SpanProcessor]:
+    assert provider is not None
+    return list(provider._active_span_processor._span_processors)
+
+
+def test_without_an_endpoint_nothing_is_exported(made: list[Telemetry]) -> None:
+    telemetry = make(made)
+    assert telemetry.span_exporter is None
+    assert telemetry.metric_exporter is None
+    assert [type(p) for p in processors(telemetry.tracer_provider)] == [GenerationSpanProcessor]
+    assert telemetry.meter_provider is not None
+    assert list(telemetry.meter_provider._metric_readers) == []
+
+
+def test_an_endpoint_configures_otlp_exporters_off_the_request_path(
+    made: list[Telemetry], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", REFUSED)
+    telemetry = make(made)
+
+    assert isinstance(telemetry.span_exporter, OTLPSpanExporter)
+    assert telemetry.span_exporter._endpoint == f"{REFUSED}/v1/traces"
+    assert telemetry.span_exporter._client._timeout == EXPORT_TIMEOUT
+    batch = [p for p in processors(telemetry.tracer_provider) if isinstance(p, BatchSpanProcessor)]
+    assert [p.span_exporter for p in batch] == [telemetry.span_exporter]
+
+    assert isinstance(telemetry.metric_exporter, OTLPMetricExporter)
+    assert telemetry.metric_exporter._endpoint == f"{REFUSED}/v1/metrics"
+    assert telemetry.meter_provider is not None
+    readers = list(telemetry.meter_provider._metric_readers)
+    assert [type(r) for r in readers] == [PeriodicExportingMetricReader]
+    assert readers[0]._exporter is telemetry.metric_exporter
+
+
+def test_per_signal_endpoints_timeouts_and_exporter_choice(
+    made: list[Telemetry], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"{REFUSED}/custom/traces")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "2")
+    telemetry = make(made)
+    assert isinstance(telemetry.span_exporter, OTLPSpanExporter)
+    assert telemetry.span_exporter._endpoint == f"{REFUSED}/custom/traces"
+    assert telemetry.span_exporter._client._timeout == 2.0
+    assert telemetry.metric_exporter is None  # no endpoint for metrics
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", REFUSED)
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    telemetry = make(made)
+    assert telemetry.metric_exporter is None
+    assert isinstance(telemetry.span_exporter, ConsoleSpanExporter)
+
+
+def test_grpc_is_used_when_installed_else_http_with_a_warning(
+    made: list[Telemetry], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", REFUSED)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    with caplog.at_level(logging.WARNING, logger="imagegen.observability"):
+        telemetry = make(made)
+    if importlib.util.find_spec("opentelemetry.exporter.otlp.proto.grpc") is not None:
+        assert type(telemetry.span_exporter).__module__.startswith(
+            "opentelemetry.exporter.otlp.proto.grpc"
+        )
+        return
+    assert isinstance(telemetry.span_exporter, OTLPSpanExporter)
+    assert isinstance(telemetry.metric_exporter, OTLPMetricExporter)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any("grpc" in m and "http/protobuf" in m for m in warnings), warnings
+
+
+def test_resource_names_the_service_and_its_knative_revision(
+    made: list[Telemetry], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("K_SERVICE", "imagegen-render")
+    monkeypatch.setenv("K_REVISION", "imagegen-render-00007")
+    monkeypatch.setenv("K_CONFIGURATION", "imagegen-render")
+    telemetry = make(made, "imagegen-render")
+    assert telemetry.tracer_provider is not None
+    attributes = telemetry.tracer_provider.resource.attributes
+    assert attributes["service.name"] == "imagegen-render"
+    assert attributes["service.version"] == imagegen.__version__
+    assert attributes["service.instance.id"]
+    assert attributes["faas.name"] == "imagegen-render"
+    assert attributes["faas.version"] == "imagegen-render-00007"
+    assert attributes["knative.configuration.name"] == "imagegen-render"
+    assert telemetry.meter_provider is not None
+    assert telemetry.meter_provider._sdk_config.resource.attributes["faas.name"] == (
+        "imagegen-render"
+    )
+
+
+def test_otel_variables_override_the_resource_and_pick_the_sampler(
+    made: list[Telemetry], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("K_SERVICE", "imagegen-render")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "render-eu")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "faas.name=override,deployment.environment=prod")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.25")
+    telemetry = make(made, "imagegen-render")
+    assert telemetry.tracer_provider is not None
+    attributes = telemetry.tracer_provider.resource.attributes
+    assert attributes["service.name"] == "render-eu"
+    assert attributes["faas.name"] == "override"
+    assert attributes["deployment.environment"] == "prod"
+    sampler = telemetry.tracer_provider.sampler
+    assert isinstance(sampler, ParentBased)
+    assert isinstance(sampler._root, TraceIdRatioBased) and sampler._root.rate == 0.25
+
+
+def test_sdk_disabled_means_no_providers(
+    otel: InMemoryTelemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", REFUSED)
+    assert create_telemetry("imagegen-test") == Telemetry()
+    monkeypatch.setattr(observability, "_active", None)
+    telemetry = setup_observability("imagegen-test", Settings())
+    assert telemetry.tracer_provider is None and telemetry.meter_provider is None
+    assert trace.get_tracer_provider() is otel.tracer_provider
+
+
+def test_setup_keeps_sdk_providers_in_place_and_is_idempotent(
+    otel: InMemoryTelemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(observability, "_active", None)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", REFUSED)
+    first = setup_observability("imagegen-test", Settings())
+    assert first.tracer_provider is otel.tracer_provider
+    assert first.meter_provider is otel.meter_provider
+    assert not first.installed and first.span_exporter is None
+    assert setup_observability("imagegen-other", Settings()) is first
+    assert trace.get_tracer_provider() is otel.tracer_provider
+    assert len(logging.getLogger().handlers) == 1
+
+
+def test_setup_installs_the_global_providers_in_a_fresh_process() -> None:
+    script = """
+import json
+from opentelemetry import metrics, trace
+from imagegen.observability import setup_observability
+telemetry = setup_observability("imagegen-cli")
+print(json.dumps({
+    "tracer": trace.get_tracer_provider() is telemetry.tracer_provider,
+    "meter": metrics.get_meter_provider() is telemetry.meter_provider,
+    "installed": telemetry.installed,
+    "service": telemetry.tracer_provider.resource.attributes["service.name"],
+    "again": setup_observability("imagegen-cli") is telemetry,
+}))
+"""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {
+        "tracer": True,
+        "meter": True,
+        "installed": True,
+        "service": "imagegen-cli",
+        "again": True,
+    }
+
+
+def test_shutdown_gives_up_on_a_collector_that_never_answers(
+    made: list[Telemetry], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Blackhole() as collector:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url)
+        telemetry = make(made)
+        assert telemetry.tracer_provider is not None
+        tracer = telemetry.tracer_provider.get_tracer("tests")
+        for i in range(10):
+            with tracer.start_as_current_span(f"span {i}"):
+                pass
+        started = time.monotonic()
+        flushed = telemetry.shutdown(timeout=0.3)
+        assert not flushed
+        assert time.monotonic() - started < 3.0  # bounded by the timeout, not the exporter's
+
+
+def test_a_console_program_may_keep_its_own_logging(
+    otel: InMemoryTelemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(observability, "_active", None)
+    handler = logging.NullHandler()
+    logging.getLogger().handlers = [handler]
+    setup_observability("imagegen-cli", Settings(), logs=False)
+    assert logging.getLogger().handlers == [handler]

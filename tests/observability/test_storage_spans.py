@@ -1,0 +1,44 @@
+"""S3 calls (botocore's own spans) nest under imagegen's storage spans."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from imagegen.storage import S3Storage, s3_options
+from imagegen.telemetry import tracer
+from tests.fakes.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server
+from tests.observability.conftest import InMemoryTelemetry
+
+
+async def test_s3_requests_are_children_of_the_storage_span(
+    otel: InMemoryTelemetry, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with S3Server() as s3:
+        bucket = s3.create_bucket("traced")
+        options = s3_options(
+            "aws",
+            endpoint_url=s3.endpoint,
+            access_key_id=SecretStr(ACCESS_KEY_ID),
+            secret_access_key=SecretStr(SECRET_ACCESS_KEY),
+        )
+        storage = S3Storage(bucket, "images", options)
+        otel.spans.clear()
+        try:
+            with tracer().start_as_current_span("imagegen.storage.put") as span:
+                await storage.put("2026/01/01/g.png", b"png", content_type="image/png")
+        finally:
+            storage.close()
+
+    spans = otel.finished_spans()
+    s3_spans = [s for s in spans if s.name != "imagegen.storage.put"]
+    assert [s.name for s in s3_spans] == ["S3.PutObject"]
+    [put] = s3_spans
+    assert put.parent is not None and put.parent.span_id == span.get_span_context().span_id
+    assert put.context.trace_id == span.get_span_context().trace_id
+    assert SECRET_ACCESS_KEY not in str(dict(put.attributes or {}))

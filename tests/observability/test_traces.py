@@ -1,0 +1,271 @@
+"""One generation through the three real functions, traced and measured in this process."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanKind, StatusCode
+
+from imagegen.events import (
+    GENERATION_FAILED,
+    GENERATION_REQUESTED,
+    IMAGE_PERSISTED,
+    IMAGE_RENDERED,
+    PROMPT_ENHANCED,
+)
+from imagegen.telemetry import METRIC_NAMES, METRICS
+from tests.functions.servers import cloudevent_headers
+from tests.observability.conftest import InMemoryTelemetry
+from tests.observability.servers import InProcessServer
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
+STAGES = ("enhance", "render", "persist")
+
+
+@dataclass
+class Chain:
+    servers: dict[str, InProcessServer]
+    startup_spans: list[ReadableSpan]
+
+
+@pytest.fixture(scope="module")
+def chain(otel: InMemoryTelemetry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
+    """enhance, render and persist served in this process over one local store."""
+    workdir = tmp_path_factory.mktemp("functions")
+    env = {
+        "IMAGEGEN_MODEL": "tiny",
+        "IMAGEGEN_ALLOWED_MODELS": "tiny",
+        "IMAGEGEN_STORAGE_URL": str(workdir / "store"),
+        "IMAGEGEN_OLLAMA_HOST": "http://127.0.0.1:9",
+        "IMAGEGEN_OLLAMA_RETRIES": "0",
+        "IMAGEGEN_LOG_PROMPTS": "false",
+        "HF_HUB_OFFLINE": "1",
+    }
+    saved_env, saved_cwd = dict(os.environ), Path.cwd()
+    root = logging.getLogger()
+    saved_logging = list(root.handlers), root.level
+    os.environ.update(env)
+    os.chdir(workdir)  # no .env file is picked up
+    otel.spans.clear()
+    servers: dict[str, InProcessServer] = {}
+    try:
+        # Each function reads its settings once, on its first request: the environment
+        # only has to hold until then.
+        for stage in STAGES:
+            servers[stage] = InProcessServer(stage).start()
+            servers[stage].wait("/healthz")
+        servers["render"].wait("/readyz", timeout=120)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+        root.handlers, root.level = saved_logging
+    try:
+        yield Chain(servers, otel.finished_spans())
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+def post(url: str, headers: dict[str, str], body: bytes) -> httpx.Response:
+    return httpx.post(url, headers=headers, content=body, timeout=120)
+
+
+def forward(server: InProcessServer, reply: httpx.Response, expected: str) -> httpx.Response:
+    """Deliver a reply event to the next function as the broker would (binary mode)."""
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["ce-type"] == expected
+    headers = {k: v for k, v in reply.headers.items() if k.lower().startswith("ce-")}
+    headers["content-type"] = "application/json"
+    return post(server.url, headers, reply.content)
+
+
+def parent_of(span: ReadableSpan, spans: list[ReadableSpan]) -> ReadableSpan | None:
+    by_id = {s.context.span_id: s for s in spans}
+    return by_id.get(span.parent.span_id) if span.parent is not None else None
+
+
+def named(spans: list[ReadableSpan], name: str) -> list[ReadableSpan]:
+    return [s for s in spans if s.name == name]
+
+
+def only(spans: list[ReadableSpan], name: str) -> ReadableSpan:
+    found = named(spans, name)
+    assert len(found) == 1, f"{name}: {len(found)} spans in {[s.name for s in spans]}"
+    return found[0]
+
+
+def test_model_load_is_traced_and_measured_at_start_up(
+    chain: Chain, otel: InMemoryTelemetry
+) -> None:
+    load = only(chain.startup_spans, "imagegen.model.load")
+    assert load.attributes is not None
+    assert load.attributes["imagegen.model"] == "tiny"
+    points = otel.points(METRIC_NAMES["model_load_duration"])
+    assert any(p.attributes == {"imagegen.model": "tiny"} and p.point.count >= 1 for p in points)
+
+
+def test_one_trace_from_the_requester_through_every_stage(
+    chain: Chain, otel: InMemoryTelemetry
+) -> None:
+    otel.spans.clear()
+    gid = "obs-chain-1"
+    request = {"prompt": "a lighthouse at dusk", "width": 256, "height": 256, "seed": 7}
+    headers = cloudevent_headers(
+        GENERATION_REQUESTED,
+        source="/tests/requester",
+        event_id="obs-request-1",
+        subject=gid,
+        traceparent=TRACEPARENT,
+    )
+    enhanced = post(chain.servers["enhance"].url, headers, json.dumps(request).encode())
+    rendered = forward(chain.servers["render"], enhanced, PROMPT_ENHANCED)
+    persisted = forward(chain.servers["persist"], rendered, IMAGE_RENDERED)
+    assert persisted.status_code == 200, persisted.text
+    assert persisted.headers["ce-type"] == IMAGE_PERSISTED
+    for reply in (enhanced, rendered, persisted):
+        assert reply.headers["ce-traceparent"].split("-")[1] == TRACE_ID
+
+    spans = otel.finished_spans()
+    # 1. One trace: the requester's.
+    assert {f"{s.context.trace_id:032x}" for s in spans} == {TRACE_ID}
+
+    # 2. The span tree.
+    enhance = only(spans, "enhance process")
+    assert enhance.parent is not None and f"{enhance.parent.span_id:016x}" == PARENT_ID
+    assert enhance.parent.is_remote
+    expected_parents = {
+        "imagegen.enhance": "enhance process",
+        "imagegen.plugins": "imagegen.enhance",
+        "imagegen.plugin": "imagegen.plugins",
+        "imagegen.ollama.chat": "imagegen.enhance",
+        "render process": "enhance process",
+        "imagegen.render": "render process",
+        "imagegen.render.denoise": "imagegen.render",
+        "imagegen.render.denoise_loop": "imagegen.render.denoise",
+        "imagegen.render.vae_decode": "imagegen.render.denoise",
+        "imagegen.render.png_encode": "imagegen.render.denoise",
+        "persist process": "render process",
+        "imagegen.persist": "persist process",
+        "imagegen.storage.get": "imagegen.persist",
+    }
+    for child, parent in expected_parents.items():
+        found = named(spans, child)
+        assert found, f"no {child} span in {sorted({s.name for s in spans})}"
+        for span in found:
+            actual = parent_of(span, spans)
+            assert actual is not None and actual.name == parent, (child, actual)
+    puts = {
+        (s.attributes or {})["imagegen.storage.key"]: parent_of(s, spans)
+        for s in named(spans, "imagegen.storage.put")
+    }
+    assert sorted(k.rsplit(".", 1)[-1] for k in puts) == ["json", "png", "webp"]
+    for key, parent in puts.items():
+        assert parent is not None
+        assert parent.name == ("imagegen.render" if key.endswith(".png") else "imagegen.persist")
+    assert len(named(spans, "imagegen.plugin")) >= 1
+    assert {s.name for s in spans} <= {*expected_parents, "enhance process", "imagegen.storage.put"}
+
+    # 3. CloudEvents attributes on the stage spans.
+    for stage, event_type, source in (
+        ("enhance", GENERATION_REQUESTED, "/tests/requester"),
+        ("render", PROMPT_ENHANCED, "/imagegen/enhance"),
+        ("persist", IMAGE_RENDERED, "/imagegen/render"),
+    ):
+        span = only(spans, f"{stage} process")
+        assert span.kind is SpanKind.CONSUMER
+        attributes = dict(span.attributes or {})
+        assert attributes["cloudevents.event_type"] == event_type
+        assert attributes["cloudevents.event_source"] == source
+        assert attributes["cloudevents.event_subject"] == gid
+        assert attributes["cloudevents.event_spec_version"] == "1.0"
+        assert attributes["cloudevents.event_id"]
+    assert only(spans, "enhance process").attributes["cloudevents.event_id"] == "obs-request-1"  # type: ignore[index]
+
+    # 4. imagegen.* attributes: the generation on every span, the job on the render spans.
+    assert all((s.attributes or {}).get("imagegen.generation_id") == gid for s in spans)
+    render = dict(only(spans, "imagegen.render").attributes or {})
+    assert render["imagegen.model"] == "tiny"
+    assert render["imagegen.seed"] == 7
+    assert render["imagegen.width"] == 256
+    assert render["imagegen.height"] == 256
+    assert render["imagegen.steps"] >= 1
+    assert (only(spans, "imagegen.enhance").attributes or {})["imagegen.enhance.fallback"] is True
+
+    # 5. Ollama is down: the call failed (recorded), the stage fell back.
+    chat = only(spans, "imagegen.ollama.chat")
+    assert chat.kind is SpanKind.CLIENT
+    assert chat.status.status_code is StatusCode.ERROR
+    assert any(e.name == "exception" for e in chat.events)
+    assert (chat.attributes or {})["gen_ai.request.model"]
+    assert (chat.attributes or {})["server.port"] == 9
+    assert only(spans, "imagegen.enhance").status.status_code is not StatusCode.ERROR
+
+    # 6. Metrics, with the attributes the dashboards group by.
+    def has(key: str, **attributes: str) -> bool:
+        points = otel.points(METRIC_NAMES[key])
+        return any(attributes.items() <= p.attributes.items() for p in points)
+
+    for stage in STAGES:
+        assert has("stage_duration", stage=stage)
+    assert has("generations", stage="enhance", outcome="fallback")
+    assert has("generations", stage="render", outcome="success")
+    assert has("generations", stage="persist", outcome="success")
+    assert has("enhance_fallbacks", reason="unreachable")
+    assert has("ollama_duration", outcome="error")
+    assert has("denoise_step_duration", **{"imagegen.model": "tiny"})
+    assert has("storage_bytes_written", stage="render")
+    assert has("storage_bytes_written", stage="persist")
+    assert has("storage_duration", stage="render", operation="put")
+    assert has("storage_duration", stage="persist", operation="get")
+    assert has("renders_in_flight")
+    in_flight = otel.points(METRIC_NAMES["renders_in_flight"])
+    assert sum(p.point.value for p in in_flight) == 0
+
+
+def test_metric_points_carry_only_declared_attributes(
+    chain: Chain, otel: InMemoryTelemetry
+) -> None:
+    by_name = {spec.name: spec for spec in METRICS.values()}
+    points = [p for p in otel.points() if p.name.startswith("imagegen.")]
+    assert points
+    for point in points:
+        assert set(point.attributes) <= set(by_name[point.name].attributes), point
+
+
+def test_a_failed_request_records_an_error_span_and_the_failure(
+    chain: Chain, otel: InMemoryTelemetry
+) -> None:
+    otel.spans.clear()
+    headers = cloudevent_headers(
+        GENERATION_REQUESTED, subject="obs-failed-1", traceparent=TRACEPARENT
+    )
+    body = json.dumps({"prompt": "a fox", "model": "not-allowed"}).encode()
+    reply = post(chain.servers["enhance"].url, headers, body)
+    assert reply.status_code == 400
+    assert reply.headers["ce-type"] == GENERATION_FAILED
+
+    spans = otel.finished_spans()
+    for name in ("enhance process", "imagegen.enhance"):
+        span = only(spans, name)
+        assert span.status.status_code is StatusCode.ERROR
+        exceptions = [e for e in span.events if e.name == "exception"]
+        assert exceptions and (exceptions[0].attributes or {})["exception.type"].endswith(
+            "InvalidRequest"
+        )
+    failed = [
+        p
+        for p in otel.points(METRIC_NAMES["generations"])
+        if p.attributes == {"stage": "enhance", "outcome": "failed", "reason": "invalid_request"}
+    ]
+    assert failed and failed[0].point.value >= 1
