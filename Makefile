@@ -44,6 +44,7 @@ schemas: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/otlp_overhead.py
 
 clean:
 	rm -rf $(VENV) output worker/node_modules .pytest_cache .mypy_cache .ruff_cache

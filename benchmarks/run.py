@@ -39,18 +39,24 @@ async def _median(fn: Callable[[int], Awaitable[object]], repeat: int) -> float:
 
 
 def _row(name: str, baseline: float, ours: float, unit: str = "s") -> None:
-    print(f"{name:<34} baseline {baseline:>10.4f} {unit}   ours {ours:>10.4f} {unit}   ×{baseline / ours:,.1f}")
+    ratio = baseline / ours
+    print(f"{name:<34} baseline {baseline:>10.4f} {unit}  ours {ours:>10.4f} {unit}  x{ratio:,.1f}")
 
 
 async def main(repeat: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(
-            model="tiny", storage_url=str(Path(tmp) / "out"), ollama_host="http://127.0.0.1:9", ollama_retries=0
+            model="tiny",
+            storage_url=str(Path(tmp) / "out"),
+            ollama_host="http://127.0.0.1:9",
+            ollama_retries=0,
         )
         async with ImageGenService(settings, preload=["tiny"]) as service:
             jobs = [
                 await service.enhance(
-                    GenerationRequest(prompt=f"a lantern {i}", width=256, height=256, model="tiny", enhance=False),
+                    GenerationRequest(
+                        prompt=f"a lantern {i}", width=256, height=256, model="tiny", enhance=False
+                    ),
                     now=NOW,
                 )
                 for i in range(repeat)
@@ -66,7 +72,11 @@ async def main(repeat: int) -> None:
             async def warm(i: int) -> None:
                 await service.render_png(jobs[i])
 
-            _row("render, warm model vs load each", await _median(naive, repeat), await _median(warm, repeat))
+            _row(
+                "render, warm model vs load each",
+                await _median(naive, repeat),
+                await _median(warm, repeat),
+            )
 
             # 2. Redelivery answered from storage against rendering again.
             rendered = [await service.render(job) for job in jobs]
@@ -77,14 +87,21 @@ async def main(repeat: int) -> None:
             async def redelivered(i: int) -> None:
                 await service.render(jobs[i])
 
-            _row("redelivered render vs re-render", await _median(again, repeat), await _median(redelivered, repeat))
+            _row(
+                "redelivered render vs re-render",
+                await _median(again, repeat),
+                await _median(redelivered, repeat),
+            )
 
             # 3. Claim check: event size with a reference against the bytes inline.
             event = rendered[0].model_dump_json().encode()
             png = (Path(tmp) / "out" / rendered[0].key).read_bytes()
-            inline = json.dumps({**json.loads(event), "png": base64.b64encode(png).decode()}).encode()
+            inline = json.dumps(
+                {**json.loads(event), "png": base64.b64encode(png).decode()}
+            ).encode()
             _row("image.rendered event size", len(inline), len(event), unit="B")
-            print(f"{'':<34} (a 1024×1024 FLUX PNG is ~1.5 MB: inline it would pass the 64 KiB event limit)")
+            note = "(a 1024x1024 FLUX PNG is ~1.5 MB: inline, it would pass the 64 KiB event limit)"
+            print(f"{'':<34} {note}")
 
 
 if __name__ == "__main__":

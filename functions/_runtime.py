@@ -39,7 +39,7 @@ from imagegen.events import GENERATION_FAILED, dataschema, reply_id, source_for
 from imagegen.models import GENERATION_ID_PATTERN, ErrorInfo, GenerationFailed
 from imagegen.observability import setup_observability
 from imagegen.settings import Settings
-from imagegen.telemetry import tracer
+from imagegen.telemetry import instruments, tracer
 from imagegen.validation import parse_model
 
 __all__ = ["MAX_BODY_BYTES", "Incoming", "Runtime", "Stage", "serve"]
@@ -361,11 +361,19 @@ def generation_id_of(incoming: Incoming, data: Any) -> str | None:
     return str(found) if found else None
 
 
+@dataclass
+class _Exchange:
+    """What is known of one request so far, for the error reply."""
+
+    incoming: Incoming | None = None
+    gid: str | None = None
+    dispatched: bool = False  # the stage ran: it counted its own outcome
+
+
 def serve(request: flask.Request, runtime: Runtime) -> flask.Response:
     """Answer one HTTP request for ``runtime``'s stage; never raises, never leaks a trace."""
     stage = runtime.stage
-    incoming: Incoming | None = None
-    gid: str | None = None
+    exchange = _Exchange()
     try:
         path = request.path.rstrip("/") or "/"
         if path == "/healthz":
@@ -373,11 +381,9 @@ def serve(request: flask.Request, runtime: Runtime) -> flask.Response:
             return _json_response({"status": "alive", "stage": stage.name}, 200)
         if path == "/readyz":
             ready, reason = runtime.readiness()
-            headers = {} if ready else {"Retry-After": "5"}
+            body = {"ready": ready, "status": reason, "stage": stage.name}
             return _json_response(
-                {"ready": ready, "status": reason, "stage": stage.name},
-                200 if ready else 503,
-                headers,
+                body, 200 if ready else 503, {} if ready else {"Retry-After": "5"}
             )
         if path == "/openapi.json" and request.method == "GET":
             from _openapi import STAGE_MODELS, document
@@ -388,61 +394,69 @@ def serve(request: flask.Request, runtime: Runtime) -> flask.Response:
             raise RouteNotFound(f"no route {request.path!r}; POST / with an event or JSON")
         if request.method != "POST":
             raise MethodNotAllowed(f"{request.method} is not allowed; POST / instead")
-
-        incoming = _parse(request, stage)
-        if stage.preload:
-            ready, reason = runtime.readiness()
-            if not ready:
-                raise DependencyUnavailable(f"{stage.name} is not ready ({reason})", retry_after=15)
-        subject = incoming.attribute("subject")
-        if subject and _valid_gid(str(subject)):
-            gid = str(subject)  # known before the data is, for a generation.failed reply
-        data = parse_model(stage.input_model, incoming.data) if stage.input_model else incoming.data
-        gid = generation_id_of(incoming, data)
-        if gid is not None and not _valid_gid(gid):
-            raise InvalidRequest(
-                f"invalid generation id {gid!r}",
-                errors=[{"field": "subject", "message": f"must match {GENERATION_ID_PATTERN}"}],
-            )
-
-        timeout = stage.timeout(runtime.settings or Settings())
-        wants_png = (
-            stage.png is not None
-            and not incoming.is_event
-            and "image/png" in request.headers.get("Accept", "")
-        )
-        if wants_png and stage.png is not None:
-            (png, png_headers), _ = runtime.run(
-                _in_trace(stage, incoming, stage.png(runtime.service, data)), timeout
-            )
-            return flask.Response(png, status=200, headers=png_headers, mimetype="image/png")
-
-        work = stage.handle(runtime.service, data, incoming)
-        result, carrier = runtime.run(_in_trace(stage, incoming, work), timeout)
-        if stage.emits is None:
-            return _json_response(result.model_dump(mode="json"), 202 if incoming.is_event else 200)
-        if not incoming.is_event:
-            return _json_response(result.model_dump(mode="json"), 200, carrier)
-        out_gid = getattr(result, "generation_id", gid)
-        extensions = dict(carrier)
-        location = getattr(result, "location", None)
-        if location:
-            extensions["dataref"] = location
-        return _event_response(_event(stage.name, stage.emits, result, out_gid, extensions), 200)
+        return _invoke(request, runtime, exchange)
     except ImageGenError as exc:
         level = logging.WARNING if exc.status < 500 else logging.ERROR
-        log.log(
-            level,
-            "request failed: %s",
-            exc.message,
-            extra={"stage": stage.name, "generation_id": gid, "status": exc.status},
-        )
-        return _error_response(exc, stage, incoming, gid)
+        extra = {"stage": stage.name, "generation_id": exchange.gid, "status": exc.status}
+        log.log(level, "request failed: %s", exc.message, extra=extra)
+        if not exchange.dispatched and request.method == "POST":
+            # Refused before the stage ran (bad input, not ready): count it here.
+            labels = {"stage": stage.name, "outcome": "failed", "reason": exc.code}
+            instruments().generations.add(1, labels)
+        return _error_response(exc, stage, exchange.incoming, exchange.gid)
     except Exception:
-        log.exception("unexpected error", extra={"stage": stage.name, "generation_id": gid})
-        return _error_response(
-            InternalError("internal error; see the function's logs"), stage, incoming, gid
+        log.exception(
+            "unexpected error", extra={"stage": stage.name, "generation_id": exchange.gid}
         )
+        error = InternalError("internal error; see the function's logs")
+        return _error_response(error, stage, exchange.incoming, exchange.gid)
+
+
+def _invoke(request: flask.Request, runtime: Runtime, exchange: _Exchange) -> flask.Response:
+    """POST /: parse, validate, run the stage, and reply with an event or JSON."""
+    stage = runtime.stage
+    # 1. Parse the event or body; the subject is known before the data is valid.
+    incoming = exchange.incoming = _parse(request, stage)
+    subject = incoming.attribute("subject")
+    if subject and _valid_gid(str(subject)):
+        exchange.gid = str(subject)
+    if stage.preload:
+        ready, reason = runtime.readiness()
+        if not ready:
+            raise DependencyUnavailable(f"{stage.name} is not ready ({reason})", retry_after=15)
+
+    # 2. Validate.
+    data = parse_model(stage.input_model, incoming.data) if stage.input_model else incoming.data
+    gid = exchange.gid = generation_id_of(incoming, data)
+    if gid is not None and not _valid_gid(gid):
+        raise InvalidRequest(
+            f"invalid generation id {gid!r}",
+            errors=[{"field": "subject", "message": f"must match {GENERATION_ID_PATTERN}"}],
+        )
+
+    # 3. Run the stage inside the caller's trace.
+    timeout = stage.timeout(runtime.settings or Settings())
+    accept = request.headers.get("Accept", "")
+    exchange.dispatched = True
+    if stage.png is not None and not incoming.is_event and "image/png" in accept:
+        work_png = stage.png(runtime.service, data)
+        (png, png_headers), _ = runtime.run(_in_trace(stage, incoming, work_png), timeout)
+        return flask.Response(png, status=200, headers=png_headers, mimetype="image/png")
+    work = stage.handle(runtime.service, data, incoming)
+    result, carrier = runtime.run(_in_trace(stage, incoming, work), timeout)
+
+    # 4. Reply.
+    body = result.model_dump(mode="json")
+    if stage.emits is None:
+        return _json_response(body, 202 if incoming.is_event else 200)
+    if not incoming.is_event:
+        return _json_response(body, 200, carrier)
+    extensions = dict(carrier)
+    location = getattr(result, "location", None)
+    if location:
+        extensions["dataref"] = location
+    out_gid = getattr(result, "generation_id", gid)
+    return _event_response(_event(stage.name, stage.emits, result, out_gid, extensions), 200)
 
 
 def _valid_gid(gid: str) -> bool:

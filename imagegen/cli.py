@@ -103,8 +103,12 @@ def _request(
 
 
 def _service(settings: Settings) -> ImageGenService:
+    from imagegen.observability import setup_observability
     from imagegen.service import ImageGenService
 
+    # Traces and metrics go to a collector when OTEL_EXPORTER_OTLP_ENDPOINT says so; the
+    # console stays the CLI's own.
+    setup_observability("imagegen-cli", settings, logs=False)
     return ImageGenService(settings)
 
 

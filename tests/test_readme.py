@@ -34,13 +34,19 @@ def test_every_setting_is_in_the_configuration_table() -> None:
     for name in Settings.model_fields:
         assert f"`IMAGEGEN_{name.upper()}`" in table, f"IMAGEGEN_{name.upper()} is not documented"
     documented = set(re.findall(r"`IMAGEGEN_([A-Z0-9_]+)`", table))
-    assert documented <= {n.upper() for n in Settings.model_fields}, "the table names unknown settings"
+    assert documented <= {n.upper() for n in Settings.model_fields}, (
+        "the table names unknown settings"
+    )
 
 
 def test_the_local_invoke_commands_work(tmp_path: Path) -> None:
     serve, event, plain = _blocks(_section("### Invoke a function locally"))
     # `imagegen` and `curl` as a user has them: the project's environment first on PATH.
-    env = {**os.environ, "THREADS": "4", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "THREADS": "4",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
     servers = []
     try:
         for line in serve.strip().splitlines():

@@ -269,3 +269,20 @@ def test_a_failed_request_records_an_error_span_and_the_failure(
         if p.attributes == {"stage": "enhance", "outcome": "failed", "reason": "invalid_request"}
     ]
     assert failed and failed[0].point.value >= 1
+
+
+def test_a_request_refused_before_its_stage_runs_is_counted(
+    chain: Chain, otel: InMemoryTelemetry
+) -> None:
+    def refused() -> float:
+        return sum(
+            p.point.value
+            for p in otel.points(METRIC_NAMES["generations"])
+            if p.attributes == {"stage": "render", "outcome": "failed", "reason": "invalid_request"}
+        )
+
+    before = refused()
+    headers = cloudevent_headers(PROMPT_ENHANCED, subject="obs-refused-1")
+    reply = post(chain.servers["render"].url, headers, b'{"prompt": "no job here"}')
+    assert reply.status_code == 400
+    assert refused() == before + 1
