@@ -36,7 +36,7 @@ worker/node_modules/.package-lock.json: worker/package-lock.json
 test-worker: worker/node_modules/.package-lock.json
 	cd worker && npm test
 
-test: lint test-python test-worker
+test: lint test-worker test-python
 
 schemas: $(VENV)/.installed
 	$(BIN)/python -m imagegen.schemas schemas

@@ -22,19 +22,18 @@ defaults here.
 
 A tracer or meter provider that is already an SDK provider (tests install in-memory ones) is
 kept as it is. Providers installed here are flushed at exit, within a bounded time.
+
+The JSON log format lives in :mod:`imagegen._logging`, the choice of exporters in
+:mod:`imagegen._otel_exporters`; both are re-exported here.
 """
 
 from __future__ import annotations
 
 import atexit
-import json
 import logging
-import os
-import sys
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -42,7 +41,6 @@ from opentelemetry import metrics as metrics_api
 from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
-    ConsoleMetricExporter,
     MetricExporter,
     MetricReader,
     PeriodicExportingMetricReader,
@@ -55,9 +53,11 @@ from opentelemetry.sdk.trace.export import (
     SimpleSpanProcessor,
     SpanExporter,
 )
-from pydantic import SecretStr
 
 from imagegen import __version__
+from imagegen._logging import JsonFormatter, setup_logging
+from imagegen._otel_exporters import EXPORT_TIMEOUT as EXPORT_TIMEOUT
+from imagegen._otel_exporters import env, metric_exporter_from_env, span_exporter_from_env
 from imagegen.settings import Settings
 
 __all__ = [
@@ -71,104 +71,11 @@ __all__ = [
 
 log = logging.getLogger("imagegen.observability")
 
-EXPORT_TIMEOUT = 5.0
-"""Seconds one OTLP export may take when ``OTEL_EXPORTER_OTLP[_<SIGNAL>]_TIMEOUT`` is unset."""
-
 SHUTDOWN_TIMEOUT = 5.0
 """Seconds the exit handler waits for the last spans and metrics to leave."""
 
 # Attributes a span shares with its children, so any span of a generation can be found by id.
 _INHERITED = ("imagegen.generation_id", "imagegen.stage")
-# Extras that can carry a prompt (personal data): logged only with settings.log_prompts.
-_PROMPT_KEYS = frozenset({"prompt", "original_prompt", "final_prompt"})
-# Attributes every LogRecord has; anything else was passed with ``extra=``.
-_RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
-
-
-# -- logs ----------------------------------------------------------------------------------
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, message, logger, stage, ids and extras.
-
-    ``generation_id`` and ``stage`` come from the record's extras, else from the current span
-    (``imagegen.generation_id``, ``imagegen.stage``); ``trace_id`` and ``span_id`` from the
-    current span. Every value in ``secrets`` is replaced by ``***`` wherever it appears.
-
-    Args:
-        stage: The stage to name when neither the record nor the span does.
-        secrets: Values that must never appear in a log line.
-        log_prompts: Whether ``prompt`` extras are written.
-    """
-
-    def __init__(
-        self,
-        stage: str | None = None,
-        *,
-        secrets: Iterable[str] = (),
-        log_prompts: bool = False,
-    ) -> None:
-        super().__init__()
-        self.stage = stage
-        self.log_prompts = log_prompts
-        # The JSON-escaped form too: a secret with a quote or backslash is written escaped.
-        forms = {form for s in secrets if s for form in (s, json.dumps(s)[1:-1])}
-        self._secrets = sorted(forms, key=len, reverse=True)
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "message": record.getMessage(),
-            "logger": record.name,
-        }
-        span = trace.get_current_span()
-        attributes: Mapping[str, Any] = getattr(span, "attributes", None) or {}
-        stage = attributes.get("imagegen.stage") or self.stage
-        if stage:
-            entry["stage"] = stage
-        if gid := attributes.get("imagegen.generation_id"):
-            entry["generation_id"] = gid
-        context = span.get_span_context()
-        if context.is_valid:
-            entry["trace_id"] = trace.format_trace_id(context.trace_id)
-            entry["span_id"] = trace.format_span_id(context.span_id)
-        for key, value in vars(record).items():
-            if key in _RESERVED or value is None or key.startswith("_"):
-                continue
-            if key in _PROMPT_KEYS and not self.log_prompts:
-                continue
-            entry[key] = value
-        if record.exc_info and record.exc_info[0] is not None:
-            entry["error_type"] = record.exc_info[0].__name__
-            entry["exception"] = self.formatException(record.exc_info)
-        line = json.dumps(entry, default=str)
-        # Redacted last, over the whole line: message, extras and tracebacks alike.
-        for secret in self._secrets:
-            line = line.replace(secret, "***")
-        return line
-
-
-def _secret_values(settings: Settings) -> list[str]:
-    return [
-        value.get_secret_value()
-        for name in type(settings).model_fields
-        if isinstance(value := getattr(settings, name), SecretStr) and value.get_secret_value()
-    ]
-
-
-def setup_logging(settings: Settings, stage: str | None = None) -> None:
-    """JSON log lines on stderr at ``settings.log_level``; the settings' secrets redacted."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JsonFormatter(stage, secrets=_secret_values(settings), log_prompts=settings.log_prompts)
-    )
-    root = logging.getLogger()
-    root.handlers = [handler]
-    root.setLevel(settings.log_level)
-
-
-# -- the SDK -------------------------------------------------------------------------------
 
 
 class GenerationSpanProcessor(SpanProcessor):
@@ -227,12 +134,8 @@ class Telemetry:
         return not worker.is_alive()
 
 
-def _env(name: str) -> str:
-    return os.environ.get(name, "").strip()
-
-
 def _sdk_disabled() -> bool:
-    return _env("OTEL_SDK_DISABLED").lower() == "true"
+    return env("OTEL_SDK_DISABLED").lower() == "true"
 
 
 def resource_for(service_name: str) -> Resource:
@@ -243,93 +146,9 @@ def resource_for(service_name: str) -> Resource:
         "K_REVISION": "faas.version",
         "K_CONFIGURATION": "knative.configuration.name",
     }
-    attributes.update({key: _env(var) for var, key in knative.items() if _env(var)})
+    attributes.update({key: env(var) for var, key in knative.items() if env(var)})
     # Resource.create puts its arguments over OTEL_RESOURCE_ATTRIBUTES; the variables win here.
     return Resource.create(attributes).merge(OTELResourceDetector().detect())
-
-
-def _exporter_kinds(signal: str) -> set[str]:
-    value = _env(f"OTEL_{signal.upper()}_EXPORTER") or "otlp"
-    return {part.strip().lower() for part in value.split(",") if part.strip()}
-
-
-def _otlp_options(signal: str) -> tuple[str, dict[str, Any]] | None:
-    """(protocol, exporter arguments) when an OTLP endpoint is set for ``signal``."""
-    upper = signal.upper()
-    if not (_env(f"OTEL_EXPORTER_OTLP_{upper}_ENDPOINT") or _env("OTEL_EXPORTER_OTLP_ENDPOINT")):
-        return None
-    options: dict[str, Any] = {}
-    if not (_env(f"OTEL_EXPORTER_OTLP_{upper}_TIMEOUT") or _env("OTEL_EXPORTER_OTLP_TIMEOUT")):
-        options["timeout"] = EXPORT_TIMEOUT
-    protocol = (
-        _env(f"OTEL_EXPORTER_OTLP_{upper}_PROTOCOL")
-        or _env("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "http/protobuf"
-    ).lower()
-    return protocol, options
-
-
-def _grpc_unavailable(signal: str, protocol: str, error: ImportError | None = None) -> None:
-    why = (
-        "install opentelemetry-exporter-otlp-proto-grpc for grpc"
-        if error is not None
-        else "only http/protobuf and grpc are supported"
-    )
-    log.warning(
-        "OTEL_EXPORTER_OTLP_PROTOCOL=%s: %s; exporting %s with OTLP http/protobuf instead"
-        " (point the endpoint at the collector's HTTP port, 4318)",
-        protocol,
-        why,
-        signal,
-    )
-
-
-def _span_exporter() -> SpanExporter | None:
-    kinds = _exporter_kinds("traces")
-    if "console" in kinds:
-        return ConsoleSpanExporter()
-    found = _otlp_options("traces") if "otlp" in kinds else None
-    if found is None:
-        return None
-    protocol, options = found
-    if protocol == "grpc":
-        try:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-                OTLPSpanExporter as GrpcSpanExporter,
-            )
-        except ImportError as error:
-            _grpc_unavailable("traces", protocol, error)
-        else:
-            return GrpcSpanExporter(**options)  # type: ignore[no-any-return]
-    elif protocol != "http/protobuf":
-        _grpc_unavailable("traces", protocol)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-    return OTLPSpanExporter(**options)
-
-
-def _metric_exporter() -> MetricExporter | None:
-    kinds = _exporter_kinds("metrics")
-    if "console" in kinds:
-        return ConsoleMetricExporter()
-    found = _otlp_options("metrics") if "otlp" in kinds else None
-    if found is None:
-        return None
-    protocol, options = found
-    if protocol == "grpc":
-        try:
-            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
-                OTLPMetricExporter as GrpcMetricExporter,
-            )
-        except ImportError as error:
-            _grpc_unavailable("metrics", protocol, error)
-        else:
-            return GrpcMetricExporter(**options)  # type: ignore[no-any-return]
-    elif protocol != "http/protobuf":
-        _grpc_unavailable("metrics", protocol)
-    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-
-    return OTLPMetricExporter(**options)
 
 
 def create_telemetry(service_name: str, *, traces: bool = True, metrics: bool = True) -> Telemetry:
@@ -350,7 +169,7 @@ def create_telemetry(service_name: str, *, traces: bool = True, metrics: bool = 
 
     tracer_provider, span_exporter = None, None
     if traces:
-        span_exporter = _span_exporter()
+        span_exporter = span_exporter_from_env()
         tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
         tracer_provider.add_span_processor(GenerationSpanProcessor())
         if isinstance(span_exporter, ConsoleSpanExporter):
@@ -360,7 +179,7 @@ def create_telemetry(service_name: str, *, traces: bool = True, metrics: bool = 
 
     meter_provider, metric_exporter = None, None
     if metrics:
-        metric_exporter = _metric_exporter()
+        metric_exporter = metric_exporter_from_env()
         readers: list[MetricReader] = []
         if metric_exporter is not None:
             readers.append(PeriodicExportingMetricReader(metric_exporter))

@@ -1,48 +1,39 @@
 """The render backend that runs diffusers pipelines (FLUX and any other text-to-image model).
 
-Importing this module imports torch and diffusers: it is the one place in imagegen that does.
+Importing this module imports torch and diffusers: it and its private helpers (``_device``,
+``_loading``, ``_lora``) are the one place in imagegen that does.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import importlib.util
 import inspect
 import time
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from opentelemetry import trace
 
-from imagegen.errors import DependencyUnavailable, InvalidRequest
-from imagegen.models import EnhancedPrompt, LoraHint
+from imagegen.errors import DependencyUnavailable
+from imagegen.models import EnhancedPrompt
 from imagegen.modelspec import spec_for
+from imagegen.render._errors import INSTALL_HINT, field_error
 from imagegen.render.base import ProgressCallback, RenderOutput
 from imagegen.render.png import encode_png
 from imagegen.settings import Settings
 from imagegen.telemetry import tracer
 
-_INSTALL_HINT = "pip install 'imagegen[render]'"
-
+# The private modules import torch, diffusers and huggingface_hub too.
 try:
     import diffusers
     import torch
-    from diffusers.pipelines.auto_pipeline import AutoPipelineForText2Image
     from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
-    from huggingface_hub import hf_hub_download, is_offline_mode
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
-    from packaging.version import Version
+
+    from imagegen.render._device import select_device
+    from imagegen.render._loading import Pipeline, load_pipeline
+    from imagegen.render._lora import LoraAdapters, check_lora_support
 except ImportError as error:  # pragma: no cover - depends on the installation
     raise ImportError(
-        f"rendering needs the render extra: {_INSTALL_HINT} ({error})",
+        f"rendering needs the render extra: {INSTALL_HINT} ({error})",
         name=error.name,
     ) from error
 
@@ -50,52 +41,6 @@ __all__ = ["TINY_MODEL", "DiffusersBackend", "select_device"]
 
 TINY_MODEL = "tiny"
 """The model name that builds the tiny offline pipeline instead of loading one."""
-
-_Pipeline = Any
-"""A diffusers ``DiffusionPipeline``; diffusers' own hints resolve to placeholder classes."""
-
-# diffusers 0.42 renamed ``torch_dtype`` to ``dtype``; older releases ignore ``dtype``.
-_DTYPE_ARGUMENT = "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
-_MAX_ADAPTERS = 8  # LoRA adapters kept loaded per model; the least recently used go first
-
-
-def select_device(requested: str) -> tuple[torch.device, torch.dtype]:
-    """The device and dtype to run on for the ``device`` setting.
-
-    ``auto`` picks CUDA, then Apple's MPS, then the CPU. Accelerators run in bfloat16, the
-    dtype FLUX is trained and released in (float16 overflows in its T5 encoder); the CPU runs
-    float32. A GPU without native bfloat16 (before Ampere) gets float16.
-
-    Raises:
-        DependencyUnavailable: ``cuda`` or ``mps`` was asked for and is not available.
-    """
-    if requested in ("auto", "cuda") and torch.cuda.is_available():
-        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-        return torch.device("cuda"), torch.bfloat16 if bf16 else torch.float16
-    if requested in ("auto", "mps") and torch.backends.mps.is_available():
-        return torch.device("mps"), torch.bfloat16
-    if requested == "cuda":
-        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only"
-        raise DependencyUnavailable(
-            f"device 'cuda' requested but no CUDA GPU is usable: torch {torch.__version__}, {build}"
-        )
-    if requested == "mps":
-        raise DependencyUnavailable("device 'mps' requested but Apple MPS is not available")
-    return torch.device("cpu"), torch.float32
-
-
-def _field_error(field: str, message: str) -> InvalidRequest:
-    return InvalidRequest(message, errors=[{"field": field, "message": message}])
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def _looks_like_path(name: str) -> bool:
-    """Whether ``name`` can only be a filesystem path (a hub id is ``name`` or ``owner/name``)."""
-    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
 
 
 class DiffusersBackend:
@@ -109,8 +54,8 @@ class DiffusersBackend:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._pipelines: dict[str, _Pipeline] = {}
-        self._adapters: dict[str, dict[str, str]] = {}  # model -> adapter name -> source
+        self._pipelines: dict[str, Pipeline] = {}
+        self._adapters = LoraAdapters(settings)
         self._target: tuple[torch.device, torch.dtype] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -144,7 +89,7 @@ class DiffusersBackend:
             if dtype != torch.float32:
                 pipe.to(dtype=dtype)
         else:
-            pipe = self._from_pretrained(model, dtype)
+            pipe = load_pipeline(model, dtype, self._settings)
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         self._pipelines[model] = pipe
@@ -207,7 +152,7 @@ class DiffusersBackend:
         """
         pipe = self._pipelines.get(job.model)
         if pipe is None:
-            raise _field_error("model", f"model {job.model!r} is not loaded")
+            raise field_error("model", f"model {job.model!r} is not loaded")
         timings: dict[str, float] = {}
         started = time.perf_counter()
 
@@ -217,9 +162,9 @@ class DiffusersBackend:
             if job.loras:
                 with tracer().start_as_current_span("imagegen.render.lora") as span:
                     span.set_attribute("imagegen.loras", [lora.name for lora in job.loras])
-                    self._check_lora_support(job.model, pipe)
+                    check_lora_support(job.model, pipe)
                     adapters_on = True  # before loading: a model's first adapter comes enabled
-                    self._activate_loras(job.model, pipe, job.loras)
+                    self._adapters.activate(job.model, pipe, job.loras)
                 timings["lora"] = time.perf_counter() - started
 
             # 2. Denoise, then 3. decode with the VAE
@@ -241,7 +186,7 @@ class DiffusersBackend:
         return RenderOutput(png=png, width=image.width, height=image.height, timings=timings)
 
     def _denoise_and_decode(
-        self, pipe: _Pipeline, job: EnhancedPrompt, progress: ProgressCallback | None
+        self, pipe: Pipeline, job: EnhancedPrompt, progress: ProgressCallback | None
     ) -> tuple[Any, float, float]:
         """Run ``pipe`` for ``job``; return the PIL image and the denoise and decode seconds."""
         parameters = inspect.signature(pipe.__call__).parameters
@@ -311,7 +256,7 @@ class DiffusersBackend:
 
     @staticmethod
     @torch.inference_mode()
-    def _decode_flux(pipe: _Pipeline, latents: torch.Tensor, width: int, height: int) -> Any:
+    def _decode_flux(pipe: Pipeline, latents: torch.Tensor, width: int, height: int) -> Any:
         """FluxPipeline's own decoding: unpack the 2x2 patches, undo the scaling, run the VAE."""
         latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
         latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
@@ -335,145 +280,12 @@ class DiffusersBackend:
         text["Software"] = "imagegen"
         return text
 
-    # -- LoRA --------------------------------------------------------------------------------
-
-    @staticmethod
-    def _check_lora_support(model: str, pipe: _Pipeline) -> None:
-        if not hasattr(pipe, "load_lora_weights"):
-            raise _field_error("loras", f"model {model!r} does not support LoRA adapters")
-        if importlib.util.find_spec("peft") is None:
-            raise DependencyUnavailable(f"LoRA adapters need peft: {_INSTALL_HINT}")
-
-    def _activate_loras(self, model: str, pipe: _Pipeline, loras: Sequence[LoraHint]) -> None:
-        """Load adapters not loaded yet; make exactly ``loras`` active, with their weights."""
-        wanted = {lora.name: lora for lora in loras}
-        loaded = self._adapters.setdefault(model, {})
-        for index, lora in enumerate(loras):
-            if loaded.get(lora.name) == lora.path:
-                loaded[lora.name] = loaded.pop(lora.name)  # most recently used last
-                continue
-            if lora.name in loaded:
-                pipe.delete_adapters(lora.name)
-                del loaded[lora.name]
-            self._load_lora(pipe, lora, field=f"loras[{index}].path")
-            loaded[lora.name] = lora.path
-        # Bound the memory adapters take: drop the least recently used ones this job does not use.
-        unused = [name for name in loaded if name not in wanted]
-        for name in unused[: max(0, len(loaded) - _MAX_ADAPTERS)]:
-            pipe.delete_adapters(name)
-            del loaded[name]
-        pipe.set_adapters(list(wanted), adapter_weights=[lora.weight for lora in wanted.values()])
-        pipe.enable_lora()
-
-    def _load_lora(self, pipe: _Pipeline, lora: LoraHint, *, field: str) -> None:
-        source = Path(lora.path).expanduser()
-        load: Callable[..., None] = pipe.load_lora_weights
-        if source.exists():
-            location, options = (
-                (source.parent, {"weight_name": source.name}) if source.is_file() else (source, {})
-            )
-            try:
-                load(str(location), adapter_name=lora.name, **options)
-            except (OSError, ValueError, KeyError, RuntimeError) as error:
-                raise _field_error(
-                    field, f"LoRA {lora.name!r} cannot be loaded: {_first_line(error)}"
-                ) from error
-            return
-        if _looks_like_path(lora.path):
-            raise _field_error(
-                field, f"LoRA {lora.name!r}: no such file or directory {lora.path!r}"
-            )
-        with self._hub_errors(lora.path, field=field, what=f"LoRA {lora.name!r}"):
-            try:
-                load(lora.path, adapter_name=lora.name, **self._hub_options())
-            except ValueError as error:
-                if is_offline_mode():  # diffusers cannot pick the weights file from the cache
-                    raise DependencyUnavailable(
-                        f"LoRA {lora.name!r} is on the Hub and HF_HUB_OFFLINE is set: "
-                        "give a local path instead"
-                    ) from error
-                raise _field_error(
-                    field, f"LoRA {lora.name!r} cannot be loaded: {_first_line(error)}"
-                ) from error
-
-    # -- loading -----------------------------------------------------------------------------
+    # -- device ------------------------------------------------------------------------------
 
     def _resolve(self) -> tuple[torch.device, torch.dtype]:
         if self._target is None:
             self._target = select_device(self._settings.device)
         return self._target
-
-    def _hub_options(self) -> dict[str, Any]:
-        token = self._settings.hf_token
-        cache_dir = self._settings.model_cache_dir
-        return {
-            "cache_dir": str(cache_dir) if cache_dir is not None else None,
-            "token": token.get_secret_value() if token is not None else None,
-        }
-
-    def _from_pretrained(self, model: str, dtype: torch.dtype) -> _Pipeline:
-        """Load a pipeline from a local directory or the Hub, translating failures."""
-        local = Path(model).expanduser()
-        if local.exists():
-            if not (local / "model_index.json").is_file():
-                raise _field_error(
-                    "model",
-                    f"{model!r} is not a diffusers pipeline directory (no model_index.json)",
-                )
-            source, remote = str(local), False
-        elif _looks_like_path(model):
-            raise _field_error("model", f"no such model directory: {model!r}")
-        else:
-            # Probe the one small file first: it tells a wrong id from an unreachable Hub.
-            with self._hub_errors(model, field="model", what=f"model {model!r}"):
-                hf_hub_download(model, "model_index.json", **self._hub_options())
-            source, remote = model, True
-
-        options = self._hub_options() if remote else {}
-        try:
-            pipe: _Pipeline = AutoPipelineForText2Image.from_pretrained(
-                source, **{_DTYPE_ARGUMENT: dtype}, **options
-            )
-        except ValueError as error:
-            raise _field_error(
-                "model", f"{model!r} is not a text-to-image pipeline: {_first_line(error)}"
-            ) from error
-        except OSError as error:
-            if remote:
-                raise DependencyUnavailable(
-                    f"model {model!r} could not be downloaded: {_first_line(error)}"
-                ) from error
-            raise _field_error(
-                "model", f"{model!r} cannot be loaded: {_first_line(error)}"
-            ) from error
-        return pipe
-
-    @staticmethod
-    @contextlib.contextmanager
-    def _hub_errors(repo_id: str, *, field: str, what: str) -> Iterator[None]:
-        """Translate Hugging Face Hub failures into imagegen errors with one-line messages."""
-        try:
-            yield
-        except HFValidationError as error:
-            raise _field_error(field, f"{what}: not a local path nor a valid Hub id") from error
-        except GatedRepoError as error:
-            raise DependencyUnavailable(
-                f"{what} is gated: accept its licence on the Hub and set IMAGEGEN_HF_TOKEN"
-            ) from error
-        except RepositoryNotFoundError as error:
-            raise _field_error(
-                field,
-                f"{what}: no such repository on the Hub (private ones need IMAGEGEN_HF_TOKEN)",
-            ) from error
-        except LocalEntryNotFoundError as error:
-            reason = "HF_HUB_OFFLINE is set" if is_offline_mode() else "the Hub is unreachable"
-            raise DependencyUnavailable(
-                f"{what} is not in the local cache and {reason}: download {repo_id} first"
-            ) from error
-        except HfHubHTTPError as error:
-            if error.response is not None and error.response.status_code in (400, 404):
-                raise _field_error(field, f"{what}: {_first_line(error)}") from error
-            raise DependencyUnavailable(f"{what}: the Hub failed: {_first_line(error)}") from error
 
     def _synchronize(self) -> None:
         """Wait for queued GPU work, so a timestamp marks its end."""
