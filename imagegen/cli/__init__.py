@@ -1,0 +1,52 @@
+"""The ``imagegen`` command line: the whole chain on a laptop, and tools for the functions.
+
+The commands live by concern (:mod:`imagegen.cli.generate`, :mod:`imagegen.cli.tools`) and
+register themselves on :data:`app`; :func:`main` turns every error into one line.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+# Importing the command modules registers their commands on ``app``, in this order.
+from imagegen.cli import generate, tools  # noqa: F401
+from imagegen.cli._app import app
+from imagegen.cli.tools import functions_dir as functions_dir
+from imagegen.errors import ImageGenError, InvalidRequest
+
+try:  # recent typer releases carry their own copy of click
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as click_exceptions  # type: ignore[no-redef]
+
+__all__ = ["app", "main"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: errors are one readable line and a non-zero exit, never a traceback."""
+    try:
+        result = app(args=argv, standalone_mode=False)
+    except click_exceptions.UsageError as exc:
+        if isinstance(exc, getattr(click_exceptions, "NoArgsIsHelpError", ())):
+            sys.exit(0)
+        _fail(exc.format_message(), 2)
+    except click_exceptions.ClickException as exc:
+        _fail(exc.format_message(), exc.exit_code or 1)
+    except typer.Abort:
+        _fail("aborted", 130)
+    except InvalidRequest as exc:
+        details = "; ".join(f"{e['field']}: {e['message']}" for e in exc.errors)
+        _fail(exc.message + (f" ({details})" if details else ""), 2)
+    except ImageGenError as exc:
+        _fail(exc.message, 1)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    if isinstance(result, int) and result:
+        sys.exit(result)
+
+
+def _fail(message: str, code: int) -> None:
+    sys.stderr.write(f"imagegen: error: {message}\n")
+    sys.exit(code)

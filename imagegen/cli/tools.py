@@ -1,0 +1,178 @@
+"""``imagegen plugins``, ``doctor``, ``serve`` and ``send``: tools around the functions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+from rich.table import Table
+
+from imagegen.cli._app import AsJson, app, err, make_service, out, run_async, settings_from
+from imagegen.errors import ImageGenError, InvalidRequest
+
+__all__ = ["doctor", "functions_dir", "list_plugins", "send", "serve"]
+
+STAGES = ("enhance", "render", "persist", "deadletter")
+
+
+@app.command(name="plugins")
+def list_plugins(as_json: AsJson = False) -> None:
+    """List the discovered prompt plugins and whether they are enabled."""
+    from imagegen.plugins import PluginSet
+
+    infos = PluginSet.from_settings(settings_from()).describe()
+    if as_json:
+        typer.echo(json.dumps([_plain(i) for i in infos], indent=2))
+        return
+    table = Table("plugin", "enabled", "description", "from")
+    for info in infos:
+        row = _plain(info)
+        table.add_row(
+            str(row.get("name")),
+            "yes" if row.get("enabled") else "no",
+            str(row.get("description", "")),
+            str(row.get("source") or row.get("module") or ""),
+        )
+    out.print(table)
+
+
+def _plain(info: Any) -> dict[str, Any]:
+    if hasattr(info, "model_dump"):
+        return dict(info.model_dump(mode="json"))
+    if hasattr(info, "__dataclass_fields__"):
+        import dataclasses
+
+        return dataclasses.asdict(info)
+    return dict(info)
+
+
+@app.command()
+def doctor() -> None:
+    """Check torch and the device, Ollama, and storage, in one table."""
+    settings = settings_from()
+    table = Table("check", "status", "detail")
+    ok = True
+
+    try:
+        from imagegen.render.diffusers_backend import DiffusersBackend
+
+        described = DiffusersBackend(settings).describe()
+        table.add_row("torch", "[green]ok[/]", ", ".join(f"{k}={v}" for k, v in described.items()))
+    except ImportError as exc:
+        table.add_row("torch", "[yellow]missing[/]", f"install the 'render' extra ({exc.name})")
+    except ImageGenError as exc:
+        table.add_row("torch", "[red]error[/]", exc.message)
+
+    async def checks() -> tuple[dict[str, Any], str | None]:
+        service = make_service(settings)
+        try:
+            ollama = await service.enhance_stage.check()
+        except ImageGenError as exc:
+            ollama = {"reachable": False, "error": exc.message}
+        storage_error = None
+        try:
+            await service.storage.check()
+        except ImageGenError as exc:
+            storage_error = exc.message
+        await service.aclose()
+        return ollama, storage_error
+
+    ollama, storage_error = run_async(checks)
+    reachable = bool(ollama.get("reachable"))
+    detail = f"{settings.ollama_host}: " + json.dumps(
+        {k: v for k, v in ollama.items() if k != "reachable"}
+    )
+    fallback = "" if reachable else " (template prompts will be used)"
+    table.add_row("ollama", "[green]ok[/]" if reachable else "[yellow]down[/]", detail + fallback)
+    if storage_error is None:
+        table.add_row("storage", "[green]ok[/]", settings.storage_url)
+    else:
+        ok = False
+        table.add_row("storage", "[red]error[/]", storage_error)
+    out.print(table)
+    if not ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    stage: Annotated[str, typer.Argument(help="enhance, render, persist or deadletter.")],
+    port: Annotated[int, typer.Option(envvar="PORT", help="Port to listen on.")] = 8080,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    debug: Annotated[
+        bool, typer.Option(help="Flask's development server instead of gunicorn.")
+    ] = False,
+) -> None:
+    """Run one function locally, as it runs on Knative."""
+    if stage not in STAGES:
+        raise InvalidRequest(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    source = functions_dir() / f"{stage}.py"
+    from functions_framework import create_app
+    from functions_framework._http import create_server
+
+    function_app = create_app(stage, str(source), "http")  # type: ignore[no-untyped-call]
+    err.print(f"serving {stage} on http://{host}:{port}")
+    create_server(function_app, debug).run(host, port)  # type: ignore[no-untyped-call]
+
+
+def functions_dir() -> Path:
+    """The ``functions/`` folder of this checkout or image."""
+    import os
+
+    configured = os.environ.get("IMAGEGEN_FUNCTIONS_DIR")
+    candidates = [Path(configured)] if configured else []
+    candidates += [Path(__file__).resolve().parents[2] / "functions", Path.cwd() / "functions"]
+    for candidate in candidates:
+        if (candidate / "_runtime.py").is_file():
+            return candidate
+    raise InvalidRequest("functions/ not found; run from a checkout or set IMAGEGEN_FUNCTIONS_DIR")
+
+
+@app.command()
+def send(
+    event_type: Annotated[
+        str,
+        typer.Argument(
+            metavar="TYPE",
+            help="CloudEvents type, e.g. dev.orchestr8.imagegen.generation.requested.",
+        ),
+    ],
+    to: Annotated[str, typer.Option("--to", help="URL: a function or a broker ingress.")],
+    data: Annotated[str, typer.Option("--data", help="Event data as JSON.")] = "{}",
+    source: Annotated[str, typer.Option(help="CloudEvents source.")] = "/imagegen/cli",
+    subject: Annotated[str | None, typer.Option(help="Subject: the generation id.")] = None,
+    mode: Annotated[Literal["binary", "structured"], typer.Option(help="Content mode.")] = "binary",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the reply.")] = 600.0,
+) -> None:
+    """Post a CloudEvent and print the reply."""
+    import uuid
+
+    import httpx
+    from cloudevents.conversion import to_binary, to_structured
+    from cloudevents.http import CloudEvent
+
+    try:
+        payload = json.loads(data)
+    except ValueError as exc:
+        raise InvalidRequest(f"--data is not valid JSON: {exc}") from None
+    attributes = {"type": event_type, "source": source, "id": uuid.uuid4().hex}
+    if subject:
+        attributes["subject"] = subject
+    event = CloudEvent(attributes, payload)
+    headers, body = (to_binary if mode == "binary" else to_structured)(event)
+    try:
+        reply = httpx.post(to, headers=headers, content=body, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise ImageGenError(f"could not reach {to}: {exc}") from None
+    ce = {k: v for k, v in reply.headers.items() if k.lower().startswith("ce-")}
+    try:
+        reply_body: Any = reply.json()
+    except ValueError:
+        reply_body = reply.text
+    typer.echo(
+        json.dumps({"status": reply.status_code, "attributes": ce, "data": reply_body}, indent=2)
+    )
+    if reply.status_code >= 400:
+        raise typer.Exit(1)

@@ -1,0 +1,83 @@
+"""The plugin contract: what a plugin sees, what it implements, how it is listed."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol, runtime_checkable
+
+from imagegen.models import Contribution
+from imagegen.settings import Settings
+
+__all__ = ["PluginContext", "PluginFactory", "PluginInfo", "PromptPlugin"]
+
+
+@dataclass(frozen=True)
+class PluginContext:
+    """What a plugin sees of the generation it contributes to.
+
+    Attributes:
+        generation_id: The generation's id.
+        prompt: The caller's prompt; None when the enhancer will dream one.
+        now: The request's time, aware, in the request's time zone.
+        timezone: The IANA zone ``now`` is expressed in.
+        seed: The generation's seed.
+        options: This plugin's options (see :mod:`imagegen.plugins` for their precedence).
+        settings: The service's settings.
+        contributions: What the plugins before this one contributed.
+        plugin: The name of the plugin this context was made for.
+    """
+
+    generation_id: str
+    prompt: str | None
+    now: datetime
+    timezone: str
+    seed: int
+    settings: Settings
+    options: Mapping[str, Any] = field(default_factory=dict)
+    contributions: tuple[Contribution, ...] = ()
+    plugin: str = ""
+
+    def rng(self) -> random.Random:
+        """A random generator seeded from (seed, plugin name): same request, same draws."""
+        digest = hashlib.sha256(f"{self.seed}:{self.plugin}".encode()).digest()
+        return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+@runtime_checkable
+class PromptPlugin(Protocol):
+    """Adds context to a generation's prompt.
+
+    ``contribute`` may be a plain function or a coroutine function. Plain functions run in a
+    worker thread, so blocking I/O there does not stall other requests. Return None to add
+    nothing; raise :class:`~imagegen.errors.InvalidRequest` for bad options (the request fails);
+    any other exception only skips this plugin.
+    """
+
+    name: str
+    description: str
+
+    def contribute(
+        self, context: PluginContext
+    ) -> Contribution | Awaitable[Contribution | None] | None:
+        """This plugin's contribution to the generation described by ``context``."""
+        ...
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """One row of ``imagegen plugins``."""
+
+    name: str
+    description: str
+    enabled: bool
+    module: str
+    distribution: str | None = None
+    error: str | None = None
+
+
+PluginFactory = Callable[[Settings], PromptPlugin]
+"""What an entry point resolves to: called as ``factory(settings)``."""

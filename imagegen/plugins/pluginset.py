@@ -1,0 +1,270 @@
+"""PluginSet: an ordered, configurable set of plugins and the run over a generation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+from importlib.metadata import EntryPoint
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from imagegen.errors import InvalidRequest
+from imagegen.models import Contribution
+from imagegen.plugins._running import run_plugin
+from imagegen.plugins.context import PluginContext, PluginFactory, PluginInfo, PromptPlugin
+from imagegen.plugins.discovery import discover, distribution_of
+from imagegen.settings import Settings
+
+__all__ = ["DEFAULT_PLUGIN_TIMEOUT", "PluginSet"]
+
+DEFAULT_PLUGIN_TIMEOUT = 5.0
+"""Seconds one plugin may take before it is skipped."""
+
+
+def _unknown(names: Iterable[str], known: Iterable[str], field_name: str) -> InvalidRequest:
+    known_text = ", ".join(known) or "none"
+    errors = [
+        {"field": field_name, "message": f"unknown plugin {name!r}; known: {known_text}"}
+        for name in names
+    ]
+    return InvalidRequest(f"unknown plugin(s): {', '.join(names)}", errors=errors)
+
+
+class PluginSet:
+    """An ordered, configurable set of plugins; each instance keeps its own configuration.
+
+    Args:
+        plugins: Plugin objects, enabled in this order.
+        settings: The settings handed to plugins through their context.
+        timeout: Seconds each plugin may take per generation.
+    """
+
+    def __init__(
+        self,
+        plugins: Iterable[PromptPlugin] = (),
+        *,
+        settings: Settings,
+        timeout: float = DEFAULT_PLUGIN_TIMEOUT,
+    ) -> None:
+        self.settings = settings
+        self.timeout = timeout
+        self._plugins: dict[str, PromptPlugin] = {}
+        self._order: list[str] = []
+        self._options: dict[str, dict[str, Any]] = {}
+        self._entry_points: dict[str, EntryPoint] = {}
+        self._errors: dict[str, str] = {}
+        for plugin in plugins:
+            self.add(plugin)
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        names: Sequence[str] | None = None,
+        extra: Iterable[PromptPlugin] = (),
+        *,
+        timeout: float = DEFAULT_PLUGIN_TIMEOUT,
+    ) -> PluginSet:
+        """Discover the installed plugins and enable ``names`` (default ``settings.plugins``).
+
+        ``extra`` plugin objects join the discovered ones (they win on a name clash) and run
+        after the named ones. Only enabled plugins are instantiated.
+
+        Raises:
+            InvalidRequest: naming ``plugins`` when a name is neither discovered nor in extra.
+        """
+        wanted = list(dict.fromkeys(settings.plugins if names is None else names))
+        plugin_set = cls(settings=settings, timeout=timeout)
+        plugin_set._entry_points = discover()
+        extra = list(extra)
+        for plugin in extra:
+            plugin_set.add(plugin, enabled=False)
+        unknown = [n for n in wanted if n not in plugin_set.available]
+        if unknown:
+            raise _unknown(unknown, plugin_set.available, "plugins")
+        plugin_set.set_order([*wanted, *(p.name for p in extra)])
+        return plugin_set
+
+    # Configuration
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The enabled plugins, in the order they run."""
+        return tuple(self._order)
+
+    @property
+    def available(self) -> tuple[str, ...]:
+        """Every plugin this set knows: enabled, disabled or not yet loaded."""
+        return tuple(dict.fromkeys([*self._plugins, *self._entry_points]))
+
+    def add(self, plugin: PromptPlugin, *, enabled: bool = True) -> None:
+        """Add a plugin object (replacing one of the same name) and enable it at the end."""
+        if not isinstance(plugin, PromptPlugin):
+            raise TypeError(f"{plugin!r} is not a PromptPlugin (name, description, contribute)")
+        self._plugins[plugin.name] = plugin
+        if enabled and plugin.name not in self._order:
+            self._order.append(plugin.name)
+
+    def get(self, name: str) -> PromptPlugin:
+        """The plugin called ``name``, instantiating it from its entry point on first use.
+
+        Raises:
+            KeyError: no such plugin.
+        """
+        if name not in self._plugins:
+            ep = self._entry_points[name]
+            try:
+                factory: PluginFactory = ep.load()
+                plugin = factory(self.settings)
+            except Exception as exc:
+                self._errors[name] = f"{type(exc).__name__}: {exc}"
+                raise
+            if not isinstance(plugin, PromptPlugin):
+                raise TypeError(f"entry point {ep.value} did not return a PromptPlugin")
+            self._plugins[name] = plugin
+        return self._plugins[name]
+
+    def enable(self, name: str) -> None:
+        """Run ``name`` too, after the enabled ones."""
+        self.get(name)
+        if name not in self._order:
+            self._order.append(name)
+
+    def disable(self, name: str) -> None:
+        """Stop running ``name`` (it stays available)."""
+        if name in self._order:
+            self._order.remove(name)
+
+    def set_order(self, names: Sequence[str]) -> None:
+        """Enable exactly ``names``, in this order.
+
+        Raises:
+            InvalidRequest: naming ``plugins`` for names this set does not know.
+        """
+        unknown = [n for n in names if n not in self.available]
+        if unknown:
+            raise _unknown(unknown, self.available, "plugins")
+        for name in names:
+            self.get(name)
+        self._order = list(dict.fromkeys(names))
+
+    def set_options(self, name: str, options: Mapping[str, Any]) -> None:
+        """Options for ``name`` in this set: over the settings', under the request's."""
+        self._options[name] = dict(options)
+
+    def __iter__(self) -> Iterator[PromptPlugin]:
+        return (self._plugins[name] for name in self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._order
+
+    def describe(self) -> list[PluginInfo]:
+        """Every known plugin: the enabled ones first, in order, then the rest by name."""
+        rest = sorted(n for n in self.available if n not in self._order)
+        return [self._info(name) for name in [*self._order, *rest]]
+
+    def _info(self, name: str) -> PluginInfo:
+        ep = self._entry_points.get(name)
+        plugin = self._plugins.get(name)
+        description, module, error = "", "", self._errors.get(name)
+        if plugin is not None:
+            description = plugin.description
+            module = type(plugin).__module__
+        elif ep is not None:
+            module = ep.module
+            try:
+                description = str(getattr(ep.load(), "description", ""))
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+        distribution = None
+        if ep is not None and module == ep.module:
+            distribution = distribution_of(ep)
+        return PluginInfo(
+            name=name,
+            description=description,
+            enabled=name in self._order,
+            module=module,
+            distribution=distribution,
+            error=error,
+        )
+
+    # Running
+
+    def select(self, selection: Sequence[str] | None) -> list[str]:
+        """The plugins a request runs: ``selection`` (a subset of the enabled, in its order).
+
+        Raises:
+            InvalidRequest: naming ``plugins`` for names that are not enabled in this set.
+        """
+        if selection is None:
+            return list(self._order)
+        unknown = [n for n in selection if n not in self._order]
+        if unknown:
+            raise _unknown(unknown, self._order, "plugins")
+        return list(dict.fromkeys(selection))
+
+    def options_for(
+        self, name: str, request_options: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """The options ``name`` runs with, merged by precedence."""
+        return {
+            **self.settings.plugin_options.get(name, {}),
+            **self._options.get(name, {}),
+            **((request_options or {}).get(name) or {}),
+        }
+
+    async def run(
+        self,
+        *,
+        generation_id: str,
+        seed: int,
+        now: datetime,
+        prompt: str | None = None,
+        timezone: str | None = None,
+        options: Mapping[str, Mapping[str, Any]] | None = None,
+        selection: Sequence[str] | None = None,
+    ) -> list[Contribution]:
+        """Run the selected plugins in order; each one sees what the earlier ones added.
+
+        A plugin that raises or exceeds the timeout is logged and skipped.
+
+        Args:
+            generation_id: The generation's id.
+            seed: The generation's seed; plugins draw from it through ``context.rng()``.
+            now: The request's time (naive means UTC).
+            prompt: The caller's prompt, if any.
+            timezone: IANA zone for ``now``; default ``settings.timezone``.
+            options: The request's ``plugin_options``.
+            selection: The request's ``plugins``; default every enabled plugin.
+
+        Raises:
+            InvalidRequest: ``selection`` names a plugin that is not enabled, or a plugin
+                rejected its options.
+        """
+        names = self.select(selection)
+        zone = timezone or self.settings.timezone
+        aware = now if now.tzinfo is not None else now.replace(tzinfo=UTC)
+        base = PluginContext(
+            generation_id=generation_id,
+            prompt=prompt,
+            now=aware.astimezone(ZoneInfo(zone)),
+            timezone=zone,
+            seed=seed,
+            settings=self.settings,
+        )
+        contributions: list[Contribution] = []
+        for name in names:
+            context = replace(
+                base,
+                plugin=name,
+                options=self.options_for(name, options),
+                contributions=tuple(contributions),
+            )
+            contribution = await run_plugin(self._plugins[name], context, time_limit=self.timeout)
+            if contribution is not None:
+                contributions.append(contribution)
+        return contributions

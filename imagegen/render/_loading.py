@@ -1,0 +1,116 @@
+"""Loading pipelines from a local directory or the Hugging Face Hub, translating failures."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from diffusers.pipelines.auto_pipeline import AutoPipelineForText2Image
+from huggingface_hub import hf_hub_download, is_offline_mode
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
+from packaging.version import Version
+
+from imagegen.errors import DependencyUnavailable
+from imagegen.render._errors import field_error, first_line
+from imagegen.settings import Settings
+
+__all__ = ["Pipeline", "hub_errors", "hub_options", "load_pipeline", "looks_like_path"]
+
+Pipeline = Any
+"""A diffusers ``DiffusionPipeline``; diffusers' own hints resolve to placeholder classes."""
+
+# diffusers 0.42 renamed ``torch_dtype`` to ``dtype``; older releases ignore ``dtype``.
+_DTYPE_ARGUMENT = "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` can only be a filesystem path (a hub id is ``name`` or ``owner/name``)."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+
+
+def hub_options(settings: Settings) -> dict[str, Any]:
+    """The Hub arguments of a download: ``settings.model_cache_dir`` and ``settings.hf_token``."""
+    token = settings.hf_token
+    cache_dir = settings.model_cache_dir
+    return {
+        "cache_dir": str(cache_dir) if cache_dir is not None else None,
+        "token": token.get_secret_value() if token is not None else None,
+    }
+
+
+def load_pipeline(model: str, dtype: torch.dtype, settings: Settings) -> Pipeline:
+    """Load a pipeline from a local directory or the Hub, translating failures.
+
+    Raises:
+        InvalidRequest: ``model`` names no text-to-image pipeline (field ``model``).
+        DependencyUnavailable: The model is neither cached nor downloadable.
+    """
+    local = Path(model).expanduser()
+    if local.exists():
+        if not (local / "model_index.json").is_file():
+            raise field_error(
+                "model",
+                f"{model!r} is not a diffusers pipeline directory (no model_index.json)",
+            )
+        source, remote = str(local), False
+    elif looks_like_path(model):
+        raise field_error("model", f"no such model directory: {model!r}")
+    else:
+        # Probe the one small file first: it tells a wrong id from an unreachable Hub.
+        with hub_errors(model, field="model", what=f"model {model!r}"):
+            hf_hub_download(model, "model_index.json", **hub_options(settings))
+        source, remote = model, True
+
+    options = hub_options(settings) if remote else {}
+    try:
+        pipe: Pipeline = AutoPipelineForText2Image.from_pretrained(
+            source, **{_DTYPE_ARGUMENT: dtype}, **options
+        )
+    except ValueError as error:
+        raise field_error(
+            "model", f"{model!r} is not a text-to-image pipeline: {first_line(error)}"
+        ) from error
+    except OSError as error:
+        if remote:
+            raise DependencyUnavailable(
+                f"model {model!r} could not be downloaded: {first_line(error)}"
+            ) from error
+        raise field_error("model", f"{model!r} cannot be loaded: {first_line(error)}") from error
+    return pipe
+
+
+@contextlib.contextmanager
+def hub_errors(repo_id: str, *, field: str, what: str) -> Iterator[None]:
+    """Translate Hugging Face Hub failures into imagegen errors with one-line messages."""
+    try:
+        yield
+    except HFValidationError as error:
+        raise field_error(field, f"{what}: not a local path nor a valid Hub id") from error
+    except GatedRepoError as error:
+        raise DependencyUnavailable(
+            f"{what} is gated: accept its licence on the Hub and set IMAGEGEN_HF_TOKEN"
+        ) from error
+    except RepositoryNotFoundError as error:
+        raise field_error(
+            field,
+            f"{what}: no such repository on the Hub (private ones need IMAGEGEN_HF_TOKEN)",
+        ) from error
+    except LocalEntryNotFoundError as error:
+        reason = "HF_HUB_OFFLINE is set" if is_offline_mode() else "the Hub is unreachable"
+        raise DependencyUnavailable(
+            f"{what} is not in the local cache and {reason}: download {repo_id} first"
+        ) from error
+    except HfHubHTTPError as error:
+        if error.response is not None and error.response.status_code in (400, 404):
+            raise field_error(field, f"{what}: {first_line(error)}") from error
+        raise DependencyUnavailable(f"{what}: the Hub failed: {first_line(error)}") from error
