@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -45,6 +46,9 @@ def make_service(settings: Settings) -> ImageGenService:
     from imagegen.observability import setup_observability
     from imagegen.service import ImageGenService
 
+    # Keep the terminal for results: the model libraries' notices only at ERROR, unless asked.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     # Traces and metrics go to a collector when OTEL_EXPORTER_OTLP_ENDPOINT says so; the
     # console stays the CLI's own.
     setup_observability("imagegen-cli", settings, logs=False)

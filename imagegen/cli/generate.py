@@ -9,6 +9,7 @@ import signal
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from imagegen.cli._app import AsJson, app, err, make_service, out, run_async, settings_from
 from imagegen.errors import InvalidRequest
@@ -80,7 +81,7 @@ def _report(enhanced: EnhancedPrompt, persisted: PersistedImage, as_json: bool) 
     out.print(f"[bold]seed[/]    {persisted.seed}")
     out.print(f"[bold]model[/]   {persisted.model}")
     note = " (template: the LLM was unavailable)" if enhanced.fallback else ""
-    out.print(f"[bold]prompt[/]  {enhanced.prompt}{note}", soft_wrap=True, markup=False)
+    out.print(f"[bold]prompt[/]  {escape(enhanced.prompt)}{note}", soft_wrap=True)
 
 
 def _display_location(location: str) -> str:
