@@ -64,7 +64,9 @@ class Settings(BaseSettings):
     render_queue_size: int = Field(
         default=4, ge=0, description="Renders that may wait; 429 beyond."
     )
-    render_timeout: float = Field(default=600.0, gt=0, description="Seconds one render may take.")
+    render_timeout: float = Field(
+        default=600.0, gt=0, description="Seconds a render request may take, queueing included."
+    )
 
     # Enhance
     ollama_host: str = Field(

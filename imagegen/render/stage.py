@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import time
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 from imagegen.errors import (
     DependencyUnavailable,
@@ -27,6 +29,7 @@ __all__ = ["RenderStage"]
 log = logging.getLogger("imagegen.render")
 
 PNG = "image/png"
+T = TypeVar("T")
 
 
 class RenderStage:
@@ -84,7 +87,7 @@ class RenderStage:
             async with self._lock:
                 if self.is_loaded(model):
                     return 0.0
-                seconds = await asyncio.to_thread(self.backend.load, model)
+                seconds = await _pipeline_call(self.backend.load, model)
             instruments().model_load_duration.record(seconds, {"imagegen.model": model})
             self.load_seconds[model] = seconds
             log.info("model loaded", extra={"model": model, "seconds": round(seconds, 3)})
@@ -150,7 +153,7 @@ class RenderStage:
                 span.set_attribute("imagegen.model", job.model)
                 span.set_attribute("imagegen.steps", job.steps)
                 try:
-                    output = await asyncio.to_thread(self.backend.render, job, progress=progress)
+                    output = await _pipeline_call(self.backend.render, job, progress=progress)
                 except ImageGenError:
                     raise
                 except Exception as exc:
@@ -191,6 +194,22 @@ class RenderStage:
             raise DependencyUnavailable(
                 f"model {self.settings.model!r} is not loaded yet", retry_after=15
             )
+
+
+async def _pipeline_call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a blocking backend call in a thread; hold on to it even when cancelled.
+
+    A thread cannot be stopped. When the request waiting on it is cancelled (a timeout), the
+    caller still holds the pipeline lock until the thread finishes, so the next job never runs
+    on the pipeline alongside it.
+    """
+    call = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+    try:
+        return await asyncio.shield(call)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await call
+        raise
 
 
 class _Admission:

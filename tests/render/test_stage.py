@@ -1,0 +1,103 @@
+"""The render stage around any backend: serialization, capacity, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from imagegen.errors import Overloaded
+from imagegen.models import EnhancedPrompt
+from imagegen.render.base import ProgressCallback, RenderOutput
+from imagegen.render.stage import RenderStage
+from imagegen.settings import Settings
+from imagegen.storage import LocalStorage
+
+
+class SlowBackend:
+    """Records how many renders overlap; each takes ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.active = 0
+        self.most_active = 0
+        self.finished = 0
+        self._lock = threading.Lock()
+
+    def load(self, model: str) -> float:
+        return 0.0
+
+    def is_loaded(self, model: str) -> bool:
+        return True
+
+    def render(
+        self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None
+    ) -> RenderOutput:
+        with self._lock:
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        time.sleep(self.seconds)
+        with self._lock:
+            self.active -= 1
+            self.finished += 1
+        return RenderOutput(
+            png=b"\x89PNG fake " + job.generation_id.encode(), width=job.width, height=job.height
+        )
+
+    def close(self) -> None:
+        pass
+
+
+def job(gid: str) -> EnhancedPrompt:
+    return EnhancedPrompt(
+        generation_id=gid,
+        prompt="p",
+        enhancer="passthrough",
+        model="tiny",
+        width=256,
+        height=256,
+        steps=1,
+        guidance=0.0,
+        seed=1,
+        requested_at=datetime(2026, 11, 24, tzinfo=UTC),
+    )
+
+
+def stage(backend: SlowBackend, tmp_path: Path, queue: int) -> RenderStage:
+    settings = Settings(render_queue_size=queue)
+    return RenderStage(settings, LocalStorage(tmp_path), lambda: backend)
+
+
+async def test_renders_never_overlap_on_one_pipeline(tmp_path: Path) -> None:
+    backend = SlowBackend(0.05)
+    render = stage(backend, tmp_path, queue=4)
+    await asyncio.gather(*(render.render(job(f"g{i}")) for i in range(5)))
+    assert backend.finished == 5 and backend.most_active == 1
+
+
+async def test_beyond_the_queue_is_overloaded(tmp_path: Path) -> None:
+    backend = SlowBackend(0.2)
+    render = stage(backend, tmp_path, queue=1)
+    results = await asyncio.gather(
+        *(render.render(job(f"q{i}")) for i in range(3)), return_exceptions=True
+    )
+    refused = [r for r in results if isinstance(r, Overloaded)]
+    assert len(refused) == 1 and refused[0].retry_after
+    assert backend.finished == 2
+
+
+async def test_a_cancelled_render_holds_the_pipeline_until_its_thread_ends(tmp_path: Path) -> None:
+    backend = SlowBackend(0.3)
+    render = stage(backend, tmp_path, queue=4)
+    first = asyncio.ensure_future(render.render_png(job("cancelled")))
+    await asyncio.sleep(0.05)
+    first.cancel()  # a request timeout: the thread keeps running
+    second = await render.render_png(job("next"))
+    assert second.png.endswith(b"next")
+    assert backend.most_active == 1
+    with pytest.raises(asyncio.CancelledError):
+        await first
