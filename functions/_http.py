@@ -6,7 +6,10 @@ become status codes. :mod:`_runtime` runs the stages.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import flask
+import httpx
 from cloudevents.conversion import to_binary
 from cloudevents.exceptions import GenericException as CloudEventError
 from cloudevents.http import CloudEvent, from_http
@@ -32,13 +36,18 @@ __all__ = [
     "UnsupportedMediaType",
     "error_response",
     "event_response",
+    "is_final",
     "json_response",
     "make_event",
+    "parse_anything",
     "parse_request",
+    "publish_failure",
     "valid_generation_id",
 ]
 
 MAX_BODY_BYTES = 1024 * 1024
+
+log = logging.getLogger("imagegen.functions")
 
 
 class PayloadTooLarge(InvalidRequest):
@@ -101,6 +110,37 @@ def _read_body(request: flask.Request) -> bytes:
     if len(body) > MAX_BODY_BYTES:
         raise PayloadTooLarge(f"body is larger than {MAX_BODY_BYTES} bytes")
     return body
+
+
+def parse_anything(request: flask.Request) -> Incoming:
+    """Whatever arrives, as an event if it looks like one: for a sink that must lose nothing.
+
+    A dead-letter sink receives the events a stage refused: bad attributes, data that is not
+    JSON, bodies past the limit. Refusing them again would drop them, so nothing is refused
+    here: attributes are taken as they come, data that is not JSON is kept as text, and a body
+    past :data:`MAX_BODY_BYTES` is cut there (``truncated`` says so).
+    """
+    body = request.stream.read(MAX_BODY_BYTES + 1)
+    truncated = len(body) > MAX_BODY_BYTES
+    body = body[:MAX_BODY_BYTES]
+    headers = {k: v for k, v in request.headers.items()}
+    lowered = {k.lower(): v for k, v in headers.items()}
+    content_type = lowered.get("content-type", "").split(";")[0].strip().lower()
+    attributes: dict[str, Any] = {k[3:]: v for k, v in lowered.items() if k.startswith("ce-")}
+    data: Any = body.decode("utf-8", "replace")
+    with contextlib.suppress(ValueError):
+        data = json.loads(body) if body else None
+    if content_type == "application/cloudevents+json" and isinstance(data, dict):
+        attributes = {k: v for k, v in data.items() if k not in ("data", "data_base64")}
+        data = data.get("data", data.get("data_base64"))
+    if not attributes:
+        return Incoming(data=data, headers=headers)
+    attributes.setdefault("type", "unknown")
+    attributes.setdefault("source", "unknown")
+    if truncated:
+        attributes["truncated"] = "true"
+    attributes = {k: str(v) for k, v in attributes.items() if re.fullmatch(r"[a-z0-9]{1,20}", k)}
+    return Incoming(data=data, event=CloudEvent(attributes, data), headers=headers)
 
 
 def parse_request(
@@ -182,11 +222,14 @@ def make_event(
     data: BaseModel,
     generation_id: str | None,
     extensions: Mapping[str, str],
+    *,
+    cause: str | None = None,
 ) -> CloudEvent:
+    """A reply event; its id is stable for the generation (or ``cause``) and the type."""
     attributes: dict[str, Any] = {
         "type": event_type,
         "source": source_for(stage),
-        "id": reply_id(generation_id or "unknown", event_type),
+        "id": reply_id(generation_id or cause or "unknown", event_type),
         "time": datetime.now(UTC).isoformat(),
         "datacontenttype": "application/json",
         "dataschema": dataschema(event_type),
@@ -218,7 +261,7 @@ def error_response(
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
     if gid is not None and not valid_generation_id(gid):
         gid = None
-    if incoming is not None and incoming.is_event and not exc.retryable and replies:
+    if incoming is not None and incoming.is_event and replies and is_final(exc.status):
         # A failure that will not be retried: tell the platform with a generation.failed event.
         failed = GenerationFailed(
             generation_id=gid,
@@ -231,9 +274,42 @@ def error_response(
             ),
             failed_at=datetime.now(UTC),
         )
-        event = make_event(stage, GENERATION_FAILED, failed, gid, {})
+        cause = f"{incoming.attribute('source')}#{incoming.attribute('id')}"
+        event = make_event(stage, GENERATION_FAILED, failed, gid, incoming.carrier(), cause=cause)
+        publish_failure(event)
         return event_response(event, exc.status, headers)
     return json_response(exc.to_dict(), exc.status, headers)
+
+
+# Knative's dispatcher retries these statuses (and every 5xx); any other 4xx is final.
+RETRIED_BY_KNATIVE = frozenset({404, 408, 409, 429})
+
+
+def is_final(status: int) -> bool:
+    """Whether Knative gives up on a delivery answered with ``status`` (no retry)."""
+    return 400 <= status < 500 and status not in RETRIED_BY_KNATIVE
+
+
+def publish_failure(event: CloudEvent) -> None:
+    """Send ``generation.failed`` to ``K_SINK`` (the broker, bound by a SinkBinding).
+
+    Knative publishes a reply only from a 2xx answer, so the failure event in a 4xx body
+    reaches nobody but the caller; with a sink bound, the platform hears about it. Best
+    effort: a sink that cannot be reached is logged and the reply goes out anyway.
+    """
+    sink = os.environ.get("K_SINK")
+    if not sink:
+        return
+    headers, body = to_binary(event)
+    try:
+        response = httpx.post(sink, headers=headers, content=body, timeout=5.0)
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        log.warning(
+            "could not publish generation.failed: %s",
+            type(exc).__name__,
+            extra={"generation_id": event.get("subject")},
+        )
 
 
 def valid_generation_id(gid: str) -> bool:

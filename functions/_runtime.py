@@ -31,20 +31,21 @@ from _http import (
     event_response,
     json_response,
     make_event,
+    parse_anything,
     parse_request,
     valid_generation_id,
 )
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from imagegen import ImageGenService
 from imagegen.errors import DependencyUnavailable, ImageGenError, InternalError, InvalidRequest
-from imagegen.models import GENERATION_ID_PATTERN
+from imagegen.models import GENERATION_ID_PATTERN, derive_generation_id
 from imagegen.observability import setup_observability
 from imagegen.settings import Settings
 from imagegen.telemetry import instruments, tracer
-from imagegen.validation import parse_model
+from imagegen.validation import field_errors, parse_model
 
 __all__ = ["Incoming", "Runtime", "Stage", "serve"]
 
@@ -70,6 +71,9 @@ class Stage:
         timeout: Seconds a request may take before a retryable 503.
         preload: Whether the model is loaded at start-up (render).
         png: Optional handler for ``Accept: image/png`` plain requests (render).
+        starts_generations: A request event without a subject gets the generation id
+            derived from its ``source`` + ``id`` (enhance).
+        sink: Accept whatever arrives, unvalidated (the dead-letter sink must lose nothing).
     """
 
     name: str
@@ -80,6 +84,8 @@ class Stage:
     timeout: Callable[[Settings], float]
     preload: bool = False
     png: Callable[[ImageGenService, Any], Awaitable[tuple[bytes, dict[str, str]]]] | None = None
+    starts_generations: bool = False
+    sink: bool = False
 
 
 class Runtime:
@@ -92,6 +98,7 @@ class Runtime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._service: ImageGenService | None = None
         self._ready: Future[None] | None = None
+        self._broken: str | None = None  # why start-up failed, once it has
         self.settings: Settings | None = None
         # gunicorn imports the function, then forks its workers: nothing may start before the
         # fork (threads die, CUDA cannot be re-initialised), so each worker starts on its own,
@@ -110,15 +117,24 @@ class Runtime:
         with self._lock:
             if self._pid == os.getpid():
                 return
-            self.settings = Settings()
-            setup_observability(f"imagegen-{self.stage.name}", self.settings)
+            self._pid = os.getpid()
+            try:
+                self.settings = Settings()
+                setup_observability(f"imagegen-{self.stage.name}", self.settings)
+                preload = (self.settings.model,) if self.stage.preload else ()
+                self._service = ImageGenService(
+                    self.settings, preload=preload, load_on_demand=False
+                )
+            except Exception as exc:
+                # A configuration error: every request would fail the same way until the
+                # environment is fixed, so say so once and answer 503 (retried), never 400.
+                self._broken = _describe_startup_error(exc)
+                log.error("start-up failed: %s", self._broken, extra={"stage": self.stage.name})
+                return
             loop = asyncio.new_event_loop()
             threading.Thread(target=loop.run_forever, name="imagegen-loop", daemon=True).start()
-            preload = (self.settings.model,) if self.stage.preload else ()
-            self._service = ImageGenService(self.settings, preload=preload, load_on_demand=False)
             self._loop = loop
             self._ready = asyncio.run_coroutine_threadsafe(self._start(), loop)
-            self._pid = os.getpid()
 
     async def _start(self) -> None:
         assert self._service is not None
@@ -131,26 +147,35 @@ class Runtime:
     @property
     def service(self) -> ImageGenService:
         self.ensure_started()
+        self._raise_if_broken()
         assert self._service is not None
         return self._service
+
+    def _raise_if_broken(self) -> None:
+        if self._broken is not None:
+            raise DependencyUnavailable(
+                f"{self.stage.name} could not start: {self._broken}", retry_after=30
+            )
 
     def readiness(self) -> tuple[bool, str]:
         """(ready, reason): ready once start-up (the model load, for render) has finished."""
         self.ensure_started()
+        if self._broken is not None:
+            return False, "start-up failed"
         assert self._ready is not None
         if not self.stage.preload:
             # Nothing to load: start-up is over in moments, so answer once it is.
             futures_wait([self._ready], timeout=5)
         if not self._ready.done():
             return False, "loading"
-        exc = self._ready.exception()
-        if exc is not None:
-            return False, f"start-up failed: {exc}"
+        if self._ready.exception() is not None:
+            return False, "start-up failed"  # the reason is in the log
         return True, "ready"
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
         """Run ``coro`` on the function's loop from a request thread."""
         self.ensure_started()
+        self._raise_if_broken()
         assert self._loop is not None
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
@@ -160,6 +185,16 @@ class Runtime:
             raise DependencyUnavailable(
                 f"{self.stage.name} took longer than {timeout:.0f}s"
             ) from None
+
+
+def _describe_startup_error(exc: Exception) -> str:
+    """What was wrong, naming settings but never echoing their values."""
+    if isinstance(exc, ValidationError):
+        return "invalid settings: " + ", ".join(e["field"] for e in field_errors(exc))
+    if isinstance(exc, ImageGenError):
+        fields = getattr(exc, "fields", [])
+        return f"invalid setting: {', '.join(fields)}" if fields else exc.message
+    return type(exc).__name__
 
 
 # -- the handler ---------------------------------------------------------------------------
@@ -242,37 +277,42 @@ def serve(request: flask.Request, runtime: Runtime) -> flask.Response:
 def _invoke(request: flask.Request, runtime: Runtime, exchange: _Exchange) -> flask.Response:
     """POST /: parse, validate, run the stage, and reply with an event or JSON."""
     stage = runtime.stage
-    # 1. Parse the event or body; the subject is known before the data is valid.
-    incoming = exchange.incoming = parse_request(request, stage=stage.name, consumes=stage.consumes)
-    subject = incoming.attribute("subject")
-    if subject and valid_generation_id(str(subject)):
-        exchange.gid = str(subject)
-    if stage.preload:
-        ready, reason = runtime.readiness()
-        if not ready:
-            raise DependencyUnavailable(f"{stage.name} is not ready ({reason})", retry_after=15)
-
-    # 2. Validate.
-    data = parse_model(stage.input_model, incoming.data) if stage.input_model else incoming.data
-    gid = exchange.gid = generation_id_of(incoming, data)
-    if gid is not None and not valid_generation_id(gid):
-        raise InvalidRequest(
-            f"invalid generation id {gid!r}",
-            errors=[{"field": "subject", "message": f"must match {GENERATION_ID_PATTERN}"}],
+    # 1. Parse and validate; the generation is known before the data is valid.
+    if stage.sink:
+        incoming = exchange.incoming = parse_anything(request)
+        data = incoming.data
+    else:
+        incoming = exchange.incoming = parse_request(
+            request, stage=stage.name, consumes=stage.consumes
         )
+        exchange.gid = _generation_of_event(stage, incoming)
+        if stage.preload:
+            ready, reason = runtime.readiness()
+            if not ready:
+                raise DependencyUnavailable(f"{stage.name} is not ready ({reason})", retry_after=15)
+        data = parse_model(stage.input_model, incoming.data) if stage.input_model else incoming.data
+        exchange.gid = generation_id_of(incoming, data) or exchange.gid
+        if exchange.gid is not None and not valid_generation_id(exchange.gid):
+            raise InvalidRequest(
+                f"invalid generation id {exchange.gid!r}",
+                errors=[{"field": "subject", "message": f"must match {GENERATION_ID_PATTERN}"}],
+            )
 
-    # 3. Run the stage inside the caller's trace.
+    # 2. Run the stage inside the caller's trace.
     timeout = stage.timeout(runtime.settings or Settings())
-    accept = request.headers.get("Accept", "")
     exchange.dispatched = True
-    if stage.png is not None and not incoming.is_event and "image/png" in accept:
+    if (
+        stage.png is not None
+        and not incoming.is_event
+        and "image/png" in request.headers.get("Accept", "")
+    ):
         work_png = stage.png(runtime.service, data)
         (png, png_headers), _ = runtime.run(_in_trace(stage, incoming, work_png), timeout)
         return flask.Response(png, status=200, headers=png_headers, mimetype="image/png")
     work = stage.handle(runtime.service, data, incoming)
     result, carrier = runtime.run(_in_trace(stage, incoming, work), timeout)
 
-    # 4. Reply.
+    # 3. Reply: the next event, or JSON.
     body = result.model_dump(mode="json")
     if stage.emits is None:
         return json_response(body, 202 if incoming.is_event else 200)
@@ -282,8 +322,20 @@ def _invoke(request: flask.Request, runtime: Runtime, exchange: _Exchange) -> fl
     location = getattr(result, "location", None)
     if location:
         extensions["dataref"] = location
-    out_gid = getattr(result, "generation_id", gid)
+    out_gid = getattr(result, "generation_id", exchange.gid)
     return event_response(make_event(stage.name, stage.emits, result, out_gid, extensions), 200)
+
+
+def _generation_of_event(stage: Stage, incoming: Incoming) -> str | None:
+    """The generation an event belongs to, from its subject (or, for a request, source + id)."""
+    subject = incoming.attribute("subject")
+    if subject is not None:
+        return str(subject) if valid_generation_id(str(subject)) else None
+    if incoming.is_event and stage.starts_generations:
+        return derive_generation_id(
+            str(incoming.attribute("source")), str(incoming.attribute("id"))
+        )
+    return None
 
 
 async def _in_trace(

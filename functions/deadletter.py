@@ -100,6 +100,7 @@ runtime = Runtime(
         input_model=None,
         handle=_record,
         timeout=lambda settings: 60.0,
+        sink=True,
     )
 )
 

@@ -9,6 +9,7 @@ import flask
 from _runtime import Incoming, Runtime, Stage, serve
 
 from imagegen import ImageGenService
+from imagegen.errors import InvalidRequest
 from imagegen.events import DREAM_PING, GENERATION_REQUESTED, PROMPT_ENHANCED
 from imagegen.models import (
     EnhancedPrompt,
@@ -32,12 +33,16 @@ async def _enhance(
 
 
 def _event_time(value: Any) -> datetime | None:
+    """The event's ``time``: it fixes the request time, so a redelivery gets the same one."""
     if not value:
         return None
     try:
         return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     except ValueError:
-        return None
+        raise InvalidRequest(
+            f"event time {str(value)[:40]!r} is not an RFC 3339 timestamp",
+            errors=[{"field": "time", "message": "not an RFC 3339 timestamp"}],
+        ) from None
 
 
 def _timeout(settings: Settings) -> float:
@@ -53,6 +58,7 @@ runtime = Runtime(
         input_model=GenerationRequest,
         handle=_enhance,
         timeout=_timeout,
+        starts_generations=True,
     )
 )
 

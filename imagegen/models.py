@@ -45,6 +45,7 @@ MAX_PROMPT_CHARS = 2000
 MAX_METADATA_BYTES = 4096
 MAX_METADATA_KEYS = 32
 MAX_SEED = 2**32 - 1
+MIN_YEAR, MAX_YEAR = 1970, 2999
 
 GenerationId = Annotated[str, StringConstraints(pattern=GENERATION_ID_PATTERN)]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
@@ -86,8 +87,13 @@ def _valid_timezone(value: str | None) -> str | None:
 
 
 def _aware(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    # The date names the storage keys (yyyy/mm/dd): keep it a plausible four-digit year.
+    if not MIN_YEAR <= value.year <= MAX_YEAR:
+        raise ValueError(f"must be between {MIN_YEAR} and {MAX_YEAR}")
     return value
 
 
@@ -190,7 +196,7 @@ class EnhancedPrompt(_Model):
     steps: int = Field(ge=1, le=50)
     guidance: float = Field(ge=0.0, le=20.0)
     seed: int = Field(ge=0, le=MAX_SEED)
-    requested_at: datetime
+    requested_at: Annotated[datetime, AfterValidator(_aware)]
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 

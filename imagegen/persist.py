@@ -66,7 +66,12 @@ class PersistStage:
             try:
                 png = await self.storage.get(keys.image)
             except NotFound:
-                raise NotFound(f"image {keys.image!r} is not in storage") from None
+                # A claim check that points at nothing is a bad event, not a reason to retry
+                # (Knative would retry a 404).
+                raise InvalidRequest(
+                    f"image {keys.image!r} is not in storage",
+                    errors=[{"field": "key", "message": "no stored image under this key"}],
+                ) from None
             instruments().storage_duration.record(
                 time.perf_counter() - started, {"operation": "get", "stage": "persist"}
             )
@@ -87,7 +92,7 @@ class PersistStage:
         persisted = PersistedImage(
             generation_id=image.generation_id,
             key=keys.image,
-            location=image.location,
+            location=self.storage.location(keys.image),
             url=urls.get("image"),
             keys={"image": keys.image, "thumbnail": keys.thumbnail, "metadata": keys.metadata},
             urls={k: v for k, v in urls.items() if v is not None},

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
+from imagegen.enhance.memo import EnhanceMemo, request_digest
 from imagegen.errors import ImageGenError
 from imagegen.models import (
     EnhancedPrompt,
@@ -22,7 +23,7 @@ from imagegen.render.base import ProgressCallback, RenderBackend, RenderOutput
 from imagegen.render.stage import RenderStage
 from imagegen.settings import Settings
 from imagegen.storage import open_storage
-from imagegen.storage.base import Storage
+from imagegen.storage.base import GenerationKeys, Storage
 from imagegen.telemetry import instruments, tracer
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ class ImageGenService:
             load_on_demand=load_on_demand,
         )
         self.persist_stage = PersistStage(settings_, self.storage)
+        self._memo = EnhanceMemo(self.storage)
 
     @property
     def enhance_stage(self) -> EnhanceStage:
@@ -120,7 +122,16 @@ class ImageGenService:
         """Run the plugins and the LLM; fix every render parameter, the seed included."""
         gid = generation_id or request.generation_id or new_generation_id()
         async with _stage("enhance", gid) as stage:
-            result = await self.enhance_stage.run(request, generation_id=gid, now=now)
+            # The request's time names the keys: fix it once, before anything reads it.
+            when = request.requested_at or now or datetime.now(UTC)
+            keys = GenerationKeys(gid, when)
+            digest = request_digest(request)
+            remembered = await self._memo.recall(keys, digest)
+            if remembered is not None:
+                stage.outcome = "fallback" if remembered.fallback else "success"
+                return remembered
+            result = await self.enhance_stage.run(request, generation_id=gid, now=when)
+            await self._memo.remember(keys, digest, result)
             stage.span.set_attribute("imagegen.model", result.model)
             stage.span.set_attribute("imagegen.seed", result.seed)
             stage.span.set_attribute("imagegen.enhance.fallback", result.fallback)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from imagegen import GenerationRequest, ImageGenService, InvalidRequest, NotFound, Settings
+from imagegen import GenerationRequest, ImageGenService, InvalidRequest, Settings
 from imagegen.plugins import PluginSet
 from imagegen.storage import LocalStorage
 from imagegen.urls import verify
@@ -71,7 +71,7 @@ async def test_render_and_persist_are_idempotent(settings: Settings, tmp_path: P
         p2 = await service.persist(second)
         assert p1 == p2
     files = sorted(p.name for p in (tmp_path / "out").rglob("idem-1*"))
-    assert files == ["idem-1.json", "idem-1.png", "idem-1.thumb.webp"]
+    assert files == ["idem-1.json", "idem-1.png", "idem-1.prompt.json", "idem-1.thumb.webp"]
 
 
 async def test_persist_refuses_a_tampered_claim_check(settings: Settings) -> None:
@@ -86,7 +86,7 @@ async def test_persist_refuses_a_tampered_claim_check(settings: Settings) -> Non
         missing = await service.enhance(
             small(prompt="a boat", generation_id="never-rendered"), now=NOW
         )
-        with pytest.raises(NotFound):
+        with pytest.raises(InvalidRequest) as missing_image:
             await service.persist(
                 rendered.model_copy(
                     update={
@@ -96,6 +96,7 @@ async def test_persist_refuses_a_tampered_claim_check(settings: Settings) -> Non
                     }
                 )
             )
+        assert missing_image.value.fields == ["key"]
 
 
 async def test_signed_public_urls(tmp_path: Path) -> None:
@@ -139,3 +140,31 @@ async def test_injected_storage_is_used(tmp_path: Path) -> None:
     async with ImageGenService(Settings(), storage=storage) as service:
         _, persisted = await service.generate(small(prompt="a tree", enhance=False), now=NOW)
     assert (tmp_path / "injected" / persisted.key).is_file()
+
+
+async def test_a_redelivered_request_gets_the_first_prompt_even_if_ollama_changed(
+    tmp_path: Path,
+) -> None:
+    from tests.fakes.ollama_server import FakeOllama
+
+    with FakeOllama() as ollama:
+        ollama.reply_with('{"prompt": "a heron in morning fog, ink wash"}')
+        settings = Settings(
+            storage_url=str(tmp_path / "out"),
+            model="tiny",
+            ollama_host=ollama.url,
+            ollama_retries=0,
+        )
+        service = ImageGenService(settings)
+        request = small(prompt="a heron")
+        first = await service.enhance(request, generation_id="memo-1", now=NOW)
+        assert first.enhancer.startswith("ollama:") and "heron in morning fog" in first.prompt
+
+    # Ollama is gone: the redelivery still gets the prompt the first delivery wrote.
+    again = await ImageGenService(settings).enhance(request, generation_id="memo-1", now=NOW)
+    assert again == first
+    assert (tmp_path / "out" / "2026/11/24/memo-1.prompt.json").is_file()
+
+    with pytest.raises(InvalidRequest) as caught:
+        await service.enhance(small(prompt="a crane"), generation_id="memo-1", now=NOW)
+    assert caught.value.fields == ["generation_id"]

@@ -28,6 +28,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from imagegen._redact import redact_url
 from imagegen.enhance._text import clean_reply, fit_budget
 from imagegen.errors import DependencyUnavailable
 from imagegen.models import Contribution
@@ -198,7 +199,8 @@ class OllamaEnhancer:
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
     def _unavailable(self, reason: str) -> DependencyUnavailable:
-        host, model = self.settings.ollama_host, self.settings.ollama_model
+        # The host can carry credentials (user-info, a token in the query): never shown.
+        host, model = redact_url(self.settings.ollama_host), self.settings.ollama_model
         logger.warning("Ollama %s at %s unavailable: %s", model, host, reason)
         return DependencyUnavailable(f"Ollama model {model} at {host}: {reason}")
 
@@ -270,7 +272,7 @@ class OllamaEnhancer:
         """Whether Ollama answers and has the model (``GET /api/tags``); never raises."""
         model = self.settings.ollama_model
         info: dict[str, object] = {
-            "host": self.settings.ollama_host,
+            "host": redact_url(self.settings.ollama_host),
             "model": model,
             "reachable": False,
         }

@@ -8,7 +8,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from imagegen.errors import (
@@ -64,6 +64,7 @@ class RenderStage:
         self._load_on_demand = load_on_demand
         self._lock = asyncio.Lock()
         self._admitted = 0
+        self._generations: dict[str, tuple[asyncio.Lock, int]] = {}
         self.load_seconds: dict[str, float] = {}
 
     @property
@@ -103,31 +104,74 @@ class RenderStage:
     async def render(
         self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None
     ) -> RenderedImage:
-        """Render ``job`` and store the PNG, or return the image already stored for it."""
+        """Render ``job`` and store the PNG, or return the image already stored for it.
+
+        Idempotent per generation id: a redelivered job is answered from storage, and two
+        deliveries in flight at once render once (the second waits for the first). Once
+        started, a render finishes and is stored even if its request is cancelled (a timeout),
+        so the retry finds the image instead of rendering it again.
+        """
         keys = GenerationKeys(job.generation_id, job.requested_at)
-        stored = await self.storage.head(keys.image)
-        if stored is not None and "sha256" in stored.metadata:
+        fingerprint = job_fingerprint(job)
+        done = await self._stored(job, keys, fingerprint)
+        if done is not None:
             log.info("image already stored; not rendering again", extra={"key": keys.image})
-            return self._describe(job, stored, stored.metadata["sha256"], _timings(stored))
+            return done
+        task = asyncio.ensure_future(self._render_once(job, keys, fingerprint, progress))
+        return await asyncio.shield(task)
 
-        async with self._admission():
-            # Another delivery of the same job may have finished while this one queued.
-            stored = await self.storage.head(keys.image)
-            if stored is not None and "sha256" in stored.metadata:
-                return self._describe(job, stored, stored.metadata["sha256"], _timings(stored))
+    async def _render_once(
+        self,
+        job: EnhancedPrompt,
+        keys: GenerationKeys,
+        fingerprint: str,
+        progress: ProgressCallback | None,
+    ) -> RenderedImage:
+        async with self._admission(), self._generation_lock(job.generation_id):
+            # Another delivery of the same job may have finished while this one waited.
+            done = await self._stored(job, keys, fingerprint)
+            if done is not None:
+                return done
             output = await self._render(job, progress)
+            sha256 = hashlib.sha256(output.png).hexdigest()
+            # Timings describe the render only, so a redelivered job gets the very same reply.
+            timings = {k: round(v, 4) for k, v in output.timings.items()}
+            stored = await self._put(job, keys, output.png, sha256, fingerprint, timings)
+            return self._describe(job, stored, sha256, timings)
 
-        sha256 = hashlib.sha256(output.png).hexdigest()
-        timings = {k: round(v, 4) for k, v in output.timings.items()}
+    async def _stored(
+        self, job: EnhancedPrompt, keys: GenerationKeys, fingerprint: str
+    ) -> RenderedImage | None:
+        """The image stored for this generation, if any; refuses one made from another job."""
+        stored = await self.storage.head(keys.image)
+        if stored is None or "sha256" not in stored.metadata:
+            return None
+        if stored.metadata.get("job", fingerprint) != fingerprint:
+            raise InvalidRequest(
+                f"generation {job.generation_id!r} was already rendered from a different job",
+                errors=[{"field": "generation_id", "message": "already rendered from another job"}],
+            )
+        return self._describe(job, stored, stored.metadata["sha256"], _timings(stored))
+
+    async def _put(
+        self,
+        job: EnhancedPrompt,
+        keys: GenerationKeys,
+        png: bytes,
+        sha256: str,
+        fingerprint: str,
+        timings: dict[str, float],
+    ) -> StoredObject:
         started = time.perf_counter()
         with tracer().start_as_current_span("imagegen.storage.put") as span:
             span.set_attribute("imagegen.storage.key", keys.image)
             stored = await self.storage.put(
                 keys.image,
-                output.png,
+                png,
                 content_type=PNG,
                 metadata={
                     "sha256": sha256,
+                    "job": fingerprint,
                     "generation-id": job.generation_id,
                     "seed": str(job.seed),
                     "model": job.model,
@@ -136,9 +180,23 @@ class RenderStage:
             )
         elapsed = time.perf_counter() - started
         instruments().storage_duration.record(elapsed, {"operation": "put", "stage": "render"})
-        instruments().storage_bytes_written.add(len(output.png), {"stage": "render"})
-        # Timings describe the render only, so a redelivered job gets the very same reply.
-        return self._describe(job, stored, sha256, timings)
+        instruments().storage_bytes_written.add(len(png), {"stage": "render"})
+        return stored
+
+    @contextlib.asynccontextmanager
+    async def _generation_lock(self, generation_id: str) -> AsyncIterator[None]:
+        """One render per generation at a time in this process."""
+        lock, users = self._generations.get(generation_id, (asyncio.Lock(), 0))
+        self._generations[generation_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._generations[generation_id]
+            if users == 1:
+                del self._generations[generation_id]
+            else:
+                self._generations[generation_id] = (lock, users - 1)
 
     async def _render(self, job: EnhancedPrompt, progress: ProgressCallback | None) -> RenderOutput:
         if not self.is_loaded(job.model):
@@ -210,6 +268,11 @@ async def _pipeline_call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         with contextlib.suppress(Exception):
             await call
         raise
+
+
+def job_fingerprint(job: EnhancedPrompt) -> str:
+    """A digest of everything that decides the pixels and the record of ``job``."""
+    return hashlib.sha256(job.model_dump_json().encode()).hexdigest()
 
 
 class _Admission:

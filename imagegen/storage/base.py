@@ -144,3 +144,8 @@ class GenerationKeys:
     @property
     def metadata(self) -> str:
         return validate_key(f"{self.prefix}.json")
+
+    @property
+    def prompt(self) -> str:
+        """The enhanced prompt, kept so that a redelivered request gets the same one."""
+        return validate_key(f"{self.prefix}.prompt.json")

@@ -113,6 +113,7 @@ def test_every_event_delivered_twice_yields_one_image_and_the_same_replies(
     assert sorted(p.name for p in chain_store.rglob("redelivered-1*")) == [
         "redelivered-1.json",
         "redelivered-1.png",
+        "redelivered-1.prompt.json",
         "redelivered-1.thumb.webp",
     ]
 

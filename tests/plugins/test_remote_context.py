@@ -86,3 +86,44 @@ async def test_only_http_urls(endpoint: JsonEndpoint) -> None:
         await _fetch(configured)
     assert caught.value.fields == ["plugin_options.remote_context.url"]
     assert await _fetch(_settings("file:///etc/passwd")) is None
+
+
+def _with_secrets(url: str, *, query: bool = True) -> str:
+    return url.replace("//", "//user:secret@") + ("?token=secret" if query else "")
+
+
+# The endpoint routes on the whole path: with a query, any path answers 500.
+@pytest.mark.parametrize(
+    ("path", "query"), [("/error", True), ("/big", False), ("/text", False), ("/slow", False)]
+)
+async def test_logs_never_show_the_url_credentials(
+    endpoint: JsonEndpoint, path: str, query: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = _with_secrets(endpoint.url(path), query=query)
+    with caplog.at_level(logging.DEBUG, logger="imagegen"):
+        assert await _fetch(_settings(url)) is None
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "remote context" in logged
+    assert "secret" not in logged
+
+
+async def test_an_error_status_is_logged_with_its_code_and_host(
+    endpoint: JsonEndpoint, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="imagegen.plugins"):
+        assert await _fetch(_settings(_with_secrets(endpoint.url("/error")))) is None
+    port = endpoint.server.server_address[1]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"remote context: http://***@127.0.0.1:{port} answered 500; skipped"
+    ]
+
+
+async def test_a_closed_port_logs_no_credentials(
+    endpoint: JsonEndpoint, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = _with_secrets(endpoint.url("/context"))
+    endpoint.__exit__()
+    with caplog.at_level(logging.DEBUG, logger="imagegen"):
+        assert await _fetch(_settings(url)) is None
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "ConnectError" in logged and "secret" not in logged

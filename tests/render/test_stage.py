@@ -101,3 +101,33 @@ async def test_a_cancelled_render_holds_the_pipeline_until_its_thread_ends(tmp_p
     assert backend.most_active == 1
     with pytest.raises(asyncio.CancelledError):
         await first
+
+
+async def test_concurrent_deliveries_of_one_job_render_once(tmp_path: Path) -> None:
+    backend = SlowBackend(0.1)
+    render = stage(backend, tmp_path, queue=4)
+    first, second = await asyncio.gather(render.render(job("dup")), render.render(job("dup")))
+    assert backend.finished == 1
+    assert first == second
+
+
+async def test_a_cancelled_render_is_still_stored_for_the_retry(tmp_path: Path) -> None:
+    backend = SlowBackend(0.2)
+    render = stage(backend, tmp_path, queue=4)
+    attempt = asyncio.ensure_future(render.render(job("timeout-1")))
+    await asyncio.sleep(0.05)
+    attempt.cancel()  # the request timed out
+    retry = await render.render(job("timeout-1"))
+    assert backend.finished == 1
+    assert (tmp_path / retry.key).is_file()
+
+
+async def test_another_job_under_a_rendered_generation_is_refused(tmp_path: Path) -> None:
+    from imagegen.errors import InvalidRequest
+
+    render = stage(SlowBackend(0.0), tmp_path, queue=4)
+    await render.render(job("taken"))
+    other = job("taken").model_copy(update={"prompt": "something else"})
+    with pytest.raises(InvalidRequest) as caught:
+        await render.render(other)
+    assert caught.value.fields == ["generation_id"]
