@@ -12,6 +12,10 @@ an S3 client really sent. It can also play an outage::
         s3.down(status=503, count=1)         # only the next request
         s3.down(hang=True)                   # requests accepted, never answered
         s3.up()                              # back to normal
+
+It can answer user metadata the way Google Cloud Storage does, as ``x-goog-meta-*`` headers::
+
+    s3.gcs_metadata = True
 """
 
 from __future__ import annotations
@@ -56,8 +60,10 @@ class RecordedRequest:
 class S3Server:
     """moto's S3 behind a recording proxy, both on 127.0.0.1 with free ports."""
 
-    def __init__(self, *, region: str = "us-east-1") -> None:
+    def __init__(self, *, region: str = "us-east-1", gcs_metadata: bool = False) -> None:
         self.region = region
+        # Answer x-amz-meta-* response headers as x-goog-meta-*, as GCS does (settable any time).
+        self.gcs_metadata = gcs_metadata
         self._moto: ThreadedMotoServer | None = None
         self._proxy: _Proxy | None = None
         self._port = 0
@@ -207,6 +213,12 @@ class S3Server:
             return status
 
 
+def _rename_meta(name: str) -> str:
+    if name.lower().startswith("x-amz-meta-"):
+        return "x-goog-meta-" + name[len("x-amz-meta-") :]
+    return name
+
+
 class _Proxy(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -268,7 +280,7 @@ def _handler(server: S3Server) -> type[BaseHTTPRequestHandler]:
                 response = upstream.getresponse()
                 payload = response.read()
                 headers = [
-                    (name, value)
+                    (_rename_meta(name) if server.gcs_metadata else name, value)
                     for name, value in response.getheaders()
                     if name.lower() not in _HOP_BY_HOP | _SET_HERE
                 ]
