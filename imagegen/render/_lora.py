@@ -1,4 +1,9 @@
-"""LoRA adapters: loaded once per model, cached by name, the least recently used dropped."""
+"""LoRA adapters: loaded once per model, cached by name, the least recently used dropped.
+
+Only the LoRAs the operator configured are loaded: ``settings.loras`` and what lies inside
+``settings.lora_dir``. A hint's ``path`` comes with the event, so loading whatever it names would
+let any caller read files of this machine or fetch any repository from the Hub.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from pathlib import Path
 
 from huggingface_hub import is_offline_mode
 
-from imagegen.errors import DependencyUnavailable
+from imagegen.errors import DependencyUnavailable, InvalidRequest
 from imagegen.models import LoraHint
 from imagegen.render._errors import INSTALL_HINT, field_error, first_line
 from imagegen.render._loading import Pipeline, hub_errors, hub_options, looks_like_path
@@ -36,7 +41,8 @@ class LoraAdapters:
     """The adapters loaded into each model's pipeline, by name, with where they came from.
 
     Args:
-        settings: Reads ``model_cache_dir`` and ``hf_token`` for adapters on the Hub.
+        settings: Reads ``loras`` and ``lora_dir`` (the LoRAs that may be loaded), and
+            ``model_cache_dir`` and ``hf_token`` for adapters on the Hub.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -44,18 +50,25 @@ class LoraAdapters:
         self._loaded: dict[str, dict[str, str]] = {}  # model -> adapter name -> source
 
     def activate(self, model: str, pipe: Pipeline, loras: Sequence[LoraHint]) -> None:
-        """Load adapters not loaded yet; make exactly ``loras`` active, with their weights."""
+        """Load adapters not loaded yet; make exactly ``loras`` active, with their weights.
+
+        Raises:
+            InvalidRequest: A LoRA is not configured on this service (each one named by its
+                field, ``loras[i].path``), or cannot be loaded.
+        """
+        # Every hint is checked before anything is opened.
+        sources = self._sources(loras)
         wanted = {lora.name: lora for lora in loras}
         loaded = self._loaded.setdefault(model, {})
-        for index, lora in enumerate(loras):
-            if loaded.get(lora.name) == lora.path:
+        for index, (lora, source) in enumerate(zip(loras, sources, strict=True)):
+            if loaded.get(lora.name) == source:
                 loaded[lora.name] = loaded.pop(lora.name)  # most recently used last
                 continue
             if lora.name in loaded:
                 pipe.delete_adapters(lora.name)
                 del loaded[lora.name]
-            self._load(pipe, lora, field=f"loras[{index}].path")
-            loaded[lora.name] = lora.path
+            self._load(pipe, lora, source, field=f"loras[{index}].path")
+            loaded[lora.name] = source
         # Bound the memory adapters take: drop the least recently used ones this job does not use.
         unused = [name for name in loaded if name not in wanted]
         for name in unused[: max(0, len(loaded) - MAX_ADAPTERS)]:
@@ -68,8 +81,44 @@ class LoraAdapters:
         """Forget every adapter (their pipelines are being dropped)."""
         self._loaded.clear()
 
-    def _load(self, pipe: Pipeline, lora: LoraHint, *, field: str) -> None:
-        source = Path(lora.path).expanduser()
+    def _sources(self, loras: Sequence[LoraHint]) -> list[str]:
+        """Where to load each of ``loras`` from, or an error naming every one not configured."""
+        sources: list[str] = []
+        errors: list[dict[str, str]] = []
+        for index, lora in enumerate(loras):
+            source = self._configured(lora.path)
+            if source is None:
+                # Neither the path nor whether it exists: the message must not tell either.
+                message = f"LoRA {lora.name!r} is not configured on this render service"
+                errors.append({"field": f"loras[{index}].path", "message": message})
+            else:
+                sources.append(source)
+        if errors:
+            raise InvalidRequest("; ".join(error["message"] for error in errors), errors=errors)
+        return sources
+
+    def _configured(self, path: str) -> str | None:
+        """``path`` as loaded when the operator configured it, else None.
+
+        An entry of ``settings.loras`` as written (or with ``~`` expanded, as the lora plugin
+        gives it), or a file or directory inside ``settings.lora_dir`` once symlinks and
+        ``..`` are resolved: then its resolved path, so what is loaded is what was checked.
+        """
+        lora_dir = self._settings.lora_dir
+        try:
+            if any(path in (e, str(Path(e).expanduser())) for e in self._settings.loras):
+                return path
+            if lora_dir is None:
+                return None
+            root = lora_dir.expanduser().resolve()
+            target = Path(path).expanduser().resolve()
+            inside = target != root and target.is_relative_to(root) and target.exists()
+        except (OSError, RuntimeError, ValueError):  # unreadable, a symlink loop, a NUL byte
+            return None
+        return str(target) if inside else None
+
+    def _load(self, pipe: Pipeline, lora: LoraHint, path: str, *, field: str) -> None:
+        source = Path(path).expanduser()
         load: Callable[..., None] = pipe.load_lora_weights
         if source.exists():
             location, options = (
@@ -82,11 +131,11 @@ class LoraAdapters:
                     field, f"LoRA {lora.name!r} cannot be loaded: {first_line(error)}"
                 ) from error
             return
-        if looks_like_path(lora.path):
-            raise field_error(field, f"LoRA {lora.name!r}: no such file or directory {lora.path!r}")
-        with hub_errors(lora.path, field=field, what=f"LoRA {lora.name!r}"):
+        if looks_like_path(path):
+            raise field_error(field, f"LoRA {lora.name!r}: no such file or directory {path!r}")
+        with hub_errors(path, field=field, what=f"LoRA {lora.name!r}"):
             try:
-                load(lora.path, adapter_name=lora.name, **hub_options(self._settings))
+                load(path, adapter_name=lora.name, **hub_options(self._settings))
             except ValueError as error:
                 if is_offline_mode():  # diffusers cannot pick the weights file from the cache
                     raise DependencyUnavailable(

@@ -147,7 +147,8 @@ class DiffusersBackend:
         ``total``.
 
         Raises:
-            InvalidRequest: ``job.model`` is not loaded, or a LoRA cannot be used (``loras``).
+            InvalidRequest: ``job.model`` is not loaded, or a LoRA is not configured here or
+                cannot be used (``loras``).
             DependencyUnavailable: A LoRA from the Hub cannot be fetched.
         """
         pipe = self._pipelines.get(job.model)

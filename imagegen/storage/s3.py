@@ -67,6 +67,8 @@ _DENIED = {
 }
 _MISSING = {"NoSuchKey", "NotFound", "404"}
 _USERINFO = re.compile(r"//[^/?#]*@")
+# GCS's XML API answers user metadata as x-goog-meta-*, which boto3 leaves out of Metadata.
+_GCS_META = "x-goog-meta-"
 _DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
 
@@ -190,7 +192,7 @@ class S3Storage:
             location=self.location(key),
             size=int(response.get("ContentLength", 0)),
             content_type=str(response.get("ContentType") or _DEFAULT_CONTENT_TYPE),
-            metadata={str(k).lower(): str(v) for k, v in response.get("Metadata", {}).items()},
+            metadata=_user_metadata(response),
         )
 
     def location(self, key: str) -> str:
@@ -259,6 +261,18 @@ class S3Storage:
 
 class _Missing(Exception):
     """A 404 for an object; each operation turns it into its own answer."""
+
+
+def _user_metadata(response: dict[str, Any]) -> dict[str, str]:
+    """The user metadata of a HEAD answer, ``x-amz-meta-*`` winning over ``x-goog-meta-*``."""
+    headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+    metadata: dict[str, str] = {}
+    for header, value in headers.items():
+        name = str(header).lower()
+        if name.startswith(_GCS_META) and name != _GCS_META:
+            metadata[name.removeprefix(_GCS_META)] = str(value)
+    metadata.update({str(k).lower(): str(v) for k, v in response.get("Metadata", {}).items()})
+    return metadata
 
 
 def _client(options: S3Options) -> Any:

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from imagegen._redact import redact_url
 from imagegen.models import Contribution
 from imagegen.plugins import PluginContext
 from imagegen.settings import Settings
@@ -35,6 +36,12 @@ _MAX_TEXT_CHARS = 1000
 
 class TooLarge(Exception):
     """The endpoint sent more than the configured cap."""
+
+
+def _origin(url: str) -> str:
+    """Where ``url`` points, for logs: its user-info, path and query can hold tokens."""
+    parts = urlsplit(redact_url(url))
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def _values(document: dict[str, Any]) -> dict[str, str]:
@@ -107,7 +114,15 @@ class RemoteContextPlugin:
         except TimeoutError:
             logger.warning("remote context: no answer within %.2fs; skipped", timeout)
             return None
-        except (httpx.HTTPError, TooLarge, ValueError) as exc:
+        except httpx.HTTPStatusError as exc:
+            # Not the error's text: it holds the whole URL, query (and any token) included.
+            status = exc.response.status_code
+            logger.warning("remote context: %s answered %d; skipped", _origin(url), status)
+            return None
+        except httpx.HTTPError as exc:
+            logger.warning("remote context: %s from %s; skipped", type(exc).__name__, _origin(url))
+            return None
+        except (TooLarge, ValueError) as exc:
             logger.warning("remote context: %s: %s; skipped", type(exc).__name__, exc)
             return None
         if not isinstance(document, dict):

@@ -36,13 +36,19 @@ def make_job() -> Callable[..., EnhancedPrompt]:
 
 
 @pytest.fixture(scope="session")
-def backend() -> Iterator[Any]:
-    """A CPU :class:`DiffusersBackend` with the tiny model loaded."""
+def lora_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``lora_dir`` of :func:`backend`: the LoRAs it may load live in it."""
+    return tmp_path_factory.mktemp("loras")
+
+
+@pytest.fixture(scope="session")
+def backend(lora_root: Path) -> Iterator[Any]:
+    """A CPU :class:`DiffusersBackend` with the tiny model loaded and ``lora_root`` configured."""
     pytest.importorskip("diffusers")
     from imagegen.render.diffusers_backend import DiffusersBackend
     from imagegen.settings import Settings
 
-    backend = DiffusersBackend(Settings(device="cpu"))
+    backend = DiffusersBackend(Settings(device="cpu", lora_dir=lora_root))
     backend.load("tiny")
     yield backend
     backend.close()
@@ -58,9 +64,9 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random LoRA for the tiny transformer, in diffusers' LoRA format."""
+def lora_dir(lora_root: Path) -> Path:
+    """A random LoRA for the tiny transformer, in diffusers' LoRA format, inside ``lora_root``."""
     pytest.importorskip("peft")
     from imagegen.render.tiny import save_tiny_flux_lora
 
-    return save_tiny_flux_lora(tmp_path_factory.mktemp("loras") / "sketchy")
+    return save_tiny_flux_lora(lora_root / "sketchy")

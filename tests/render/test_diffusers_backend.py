@@ -160,10 +160,11 @@ def test_lora_weights_file_is_accepted(
 
 def test_missing_lora_is_an_invalid_request(make_job: MakeJob, lora_dir: Path) -> None:
     # A fresh model: the first adapter it loads comes enabled.
-    backend = DiffusersBackend(Settings(device="cpu"))
+    gone = "/no/such/lora.safetensors"
+    backend = DiffusersBackend(Settings(device="cpu", lora_dir=lora_dir.parent, loras=[gone]))
     backend.load("tiny")
     found = LoraHint(name="sketchy", path=str(lora_dir))
-    missing = LoraHint(name="gone", path="/no/such/lora.safetensors")
+    missing = LoraHint(name="gone", path=gone)
     before = backend.render(make_job(seed=6))
 
     with pytest.raises(InvalidRequest) as caught:

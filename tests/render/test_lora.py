@@ -1,0 +1,157 @@
+"""Only configured LoRAs are loaded: settings.loras and what lies inside settings.lora_dir."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from imagegen.errors import InvalidRequest
+from imagegen.models import EnhancedPrompt, LoraHint
+from imagegen.render.diffusers_backend import DiffusersBackend
+from imagegen.settings import Settings
+
+MakeJob = Callable[..., EnhancedPrompt]
+REFUSED = "LoRA 'evil' is not configured on this render service"
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(png)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _spy_on_loading(backend: DiffusersBackend, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The locations the tiny pipeline is asked to load LoRA weights from, from now on."""
+    pipe = backend._pipelines["tiny"]
+    calls: list[str] = []
+    load = pipe.load_lora_weights
+
+    def spy(location: str, *args: Any, **kwargs: Any) -> None:
+        calls.append(str(location))
+        load(location, *args, **kwargs)
+
+    monkeypatch.setattr(pipe, "load_lora_weights", spy)
+    return calls
+
+
+@pytest.fixture
+def load_calls(backend: DiffusersBackend, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    return _spy_on_loading(backend, monkeypatch)
+
+
+@pytest.fixture
+def outside(tmp_path: Path, lora_dir: Path) -> Path:
+    """A loadable LoRA that is not inside the backend's lora_dir (nor in its loras)."""
+    target = tmp_path / "stray-lora"
+    target.mkdir()
+    weights = "pytorch_lora_weights.safetensors"
+    (target / weights).write_bytes((lora_dir / weights).read_bytes())
+    return target
+
+
+def _refused_paths(lora_root: Path, outside: Path) -> dict[str, str]:
+    escape = lora_root / "escape"
+    if not escape.is_symlink():
+        escape.symlink_to(outside, target_is_directory=True)
+    return {
+        "absolute": "/etc/passwd",
+        "absolute-missing": "/no/such/lora.safetensors",
+        "outside-loadable": str(outside),
+        "traversal": f"{lora_root}/../{outside.parent.name}/{outside.name}",
+        "traversal-missing": f"{lora_root}/../no-such-lora",
+        "symlink-out": str(escape),
+        "lora-dir-itself": str(lora_root),
+        "hub-id": "someone/evil-lora",
+        "proc": "/proc/self/environ",
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "absolute",
+        "absolute-missing",
+        "outside-loadable",
+        "traversal",
+        "traversal-missing",
+        "symlink-out",
+        "lora-dir-itself",
+        "hub-id",
+        "proc",
+    ],
+)
+def test_unconfigured_loras_are_refused_before_loading(
+    backend: DiffusersBackend,
+    make_job: MakeJob,
+    lora_root: Path,
+    outside: Path,
+    load_calls: list[str],
+    case: str,
+) -> None:
+    path = _refused_paths(lora_root, outside)[case]
+
+    with pytest.raises(InvalidRequest) as caught:
+        backend.render(make_job(seed=3, loras=[LoraHint(name="evil", path=path)]))
+
+    error = caught.value
+    assert error.message == REFUSED  # the same whether the path exists or not
+    assert error.errors == [{"field": "loras[0].path", "message": REFUSED}]
+    body = json.dumps(error.to_dict())
+    assert path not in body and outside.name not in body and "passwd" not in body
+    assert load_calls == []
+
+
+def test_one_unconfigured_lora_refuses_the_job_before_any_is_loaded(
+    make_job: MakeJob, lora_dir: Path, outside: Path
+) -> None:
+    backend = DiffusersBackend(Settings(device="cpu", lora_dir=lora_dir.parent))
+    backend.load("tiny")
+    pipe = backend._pipelines["tiny"]
+    loras = [
+        LoraHint(name="sketchy", path=str(lora_dir)),
+        LoraHint(name="evil", path=str(outside)),
+        LoraHint(name="worse", path="/etc/shadow"),
+    ]
+    try:
+        with pytest.raises(InvalidRequest) as caught:
+            backend.render(make_job(loras=loras))
+
+        assert caught.value.fields == ["loras[1].path", "loras[2].path"]
+        assert pipe.get_list_adapters() == {}
+    finally:
+        backend.close()
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")
+def test_configured_loras_apply(
+    make_job: MakeJob, lora_dir: Path, outside: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One inside lora_dir, named with a ".." that stays inside: loaded from its resolved path.
+    # One in settings.loras as the operator wrote it ("~/..."); the lora plugin expands it.
+    monkeypatch.setenv("HOME", str(outside.parent))
+    settings = Settings(device="cpu", lora_dir=lora_dir.parent, loras=[f"~/{outside.name}"])
+    in_dir = LoraHint(name="sketchy", path=f"{lora_dir}/../{lora_dir.name}")
+    listed = LoraHint(name="listed", path=str(outside))
+    backend = DiffusersBackend(settings)
+    backend.load("tiny")
+    load_calls = _spy_on_loading(backend, monkeypatch)
+    try:
+        plain = _pixels(backend.render(make_job(seed=4)).png).astype(int)
+        styled = [
+            _pixels(backend.render(make_job(seed=4, loras=[hint])).png).astype(int)
+            for hint in (in_dir, listed)
+        ]
+    finally:
+        backend.close()
+
+    assert all(np.abs(image - plain).mean() > 0 for image in styled)
+    assert load_calls == [str(lora_dir.resolve()), str(outside)]
