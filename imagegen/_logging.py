@@ -100,3 +100,6 @@ def setup_logging(settings: Settings, stage: str | None = None) -> None:
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(settings.log_level)
+    # httpx logs every request line at INFO, full URL included (credentials, query tokens).
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 import typer
 from rich.table import Table
 
+from imagegen._redact import redact_url
 from imagegen.cli._app import AsJson, app, err, make_service, out, run_async, settings_from
 from imagegen.errors import ImageGenError, InvalidRequest
 
@@ -81,7 +82,7 @@ def doctor() -> None:
 
     ollama, storage_error = run_async(checks)
     reachable = bool(ollama.get("reachable"))
-    detail = f"{settings.ollama_host}: " + json.dumps(
+    detail = f"{redact_url(settings.ollama_host)}: " + json.dumps(
         {k: v for k, v in ollama.items() if k != "reachable"}
     )
     fallback = "" if reachable else " (template prompts will be used)"

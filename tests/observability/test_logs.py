@@ -88,3 +88,13 @@ def test_prompts_are_logged_only_when_allowed(
         logging.getLogger("imagegen.test").info("job", extra={"prompt": prompt})
     text = "\n".join(formatter.format(record) for record in caplog.records)
     assert ("Ingrid" in text) is log_prompts
+
+
+def test_http_client_request_lines_never_reach_the_logs() -> None:
+    # httpx logs each request at INFO with its full URL, credentials and query tokens included.
+    from imagegen._logging import setup_logging
+    from imagegen.settings import Settings
+
+    setup_logging(Settings(log_level="DEBUG"))
+    assert not logging.getLogger("httpx").isEnabledFor(logging.INFO)
+    assert not logging.getLogger("httpcore").isEnabledFor(logging.INFO)
