@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server
 from tests.functions.servers import FunctionServer
 
 StartServer = Callable[..., FunctionServer]
@@ -21,6 +22,17 @@ def base_env(store: Path) -> dict[str, str]:
         "IMAGEGEN_PUBLIC_BASE_URL": "https://img.example.com",
         "IMAGEGEN_LOG_LEVEL": "INFO",
         "HF_HUB_OFFLINE": "1",
+    }
+
+
+def s3_env(s3: S3Server, storage_url: str) -> dict[str, str]:
+    """The settings of a function storing in the test S3 server."""
+    return {
+        "IMAGEGEN_STORAGE_URL": storage_url,
+        "IMAGEGEN_S3_ENDPOINT_URL": s3.endpoint,
+        "IMAGEGEN_S3_PRESET": "minio",
+        "IMAGEGEN_S3_ACCESS_KEY_ID": ACCESS_KEY_ID,
+        "IMAGEGEN_S3_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
     }
 
 

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from imagegen.events import GENERATION_REQUESTED, IMAGE_PERSISTED, IMAGE_RENDERED, PROMPT_ENHANCED
-from tests.fakes.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server
-from tests.functions.conftest import StartServer, base_env
+from tests.fakes.s3_server import S3Server
+from tests.functions.conftest import StartServer, base_env, s3_env
 from tests.functions.servers import FunctionServer, post_event
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -121,14 +121,7 @@ def test_every_event_delivered_twice_yields_one_image_and_the_same_replies(
 def test_chain_with_s3_storage(start_server: StartServer, tmp_path: Path) -> None:
     with S3Server() as s3:
         s3.create_bucket("images")
-        env = {
-            **base_env(tmp_path / "unused"),
-            "IMAGEGEN_STORAGE_URL": "s3://images/generated",
-            "IMAGEGEN_S3_ENDPOINT_URL": s3.endpoint,
-            "IMAGEGEN_S3_PRESET": "minio",
-            "IMAGEGEN_S3_ACCESS_KEY_ID": ACCESS_KEY_ID,
-            "IMAGEGEN_S3_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
-        }
+        env = {**base_env(tmp_path / "unused"), **s3_env(s3, "s3://images/generated")}
         servers = {stage: start_server(stage, env) for stage in ("enhance", "render", "persist")}
         servers["render"].wait("/readyz", timeout=120)
         replies = run_chain(

@@ -12,8 +12,8 @@ import httpx
 
 from imagegen.events import GENERATION_REQUESTED, IMAGE_RENDERED, PROMPT_ENHANCED
 from tests.enhance.conftest import FakeOllama
-from tests.fakes.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server
-from tests.functions.conftest import StartServer, base_env
+from tests.fakes.s3_server import SECRET_ACCESS_KEY, S3Server
+from tests.functions.conftest import StartServer, base_env, s3_env
 from tests.functions.servers import post_event
 
 
@@ -60,14 +60,7 @@ def test_storage_down_is_503_and_the_same_event_succeeds_later(
 ) -> None:
     with S3Server() as s3:
         s3.create_bucket("images")
-        env = {
-            **base_env(tmp_path / "unused"),
-            "IMAGEGEN_STORAGE_URL": "s3://images",
-            "IMAGEGEN_S3_ENDPOINT_URL": s3.endpoint,
-            "IMAGEGEN_S3_PRESET": "minio",
-            "IMAGEGEN_S3_ACCESS_KEY_ID": ACCESS_KEY_ID,
-            "IMAGEGEN_S3_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
-        }
+        env = {**base_env(tmp_path / "unused"), **s3_env(s3, "s3://images")}
         enhance = start_server("enhance", env)
         render = start_server("render", env)
         render.wait("/readyz", timeout=120)
