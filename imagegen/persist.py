@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 
 from PIL import Image
 
+from imagegen._locks import KeyedLocks
 from imagegen.errors import InvalidRequest, NotFound
 from imagegen.models import PersistedImage, RenderedImage
 from imagegen.settings import Settings
@@ -45,6 +46,7 @@ class PersistStage:
     def __init__(self, settings: Settings, storage: Storage) -> None:
         self.settings = settings
         self.storage = storage
+        self._generation_lock = KeyedLocks()
 
     async def run(self, image: RenderedImage) -> PersistedImage:
         keys = GenerationKeys(image.generation_id, image.prompt.requested_at)
@@ -54,6 +56,11 @@ class PersistStage:
                 errors=[{"field": "key", "message": f"expected {keys.image!r}"}],
             )
 
+        # Deliveries of one image in flight at once finalise it once, and answer alike.
+        async with self._generation_lock(image.generation_id):
+            return await self._finalise(image, keys)
+
+    async def _finalise(self, image: RenderedImage, keys: GenerationKeys) -> PersistedImage:
         # 1. An existing record means this image is already finalised.
         if await self.storage.head(keys.metadata) is not None:
             record = json.loads(await self.storage.get(keys.metadata))

@@ -168,3 +168,14 @@ async def test_a_redelivered_request_gets_the_first_prompt_even_if_ollama_change
     with pytest.raises(InvalidRequest) as caught:
         await service.enhance(small(prompt="a crane"), generation_id="memo-1", now=NOW)
     assert caught.value.fields == ["generation_id"]
+
+
+async def test_simultaneous_persists_of_one_image_answer_alike(settings: Settings) -> None:
+    import asyncio
+
+    async with ImageGenService(settings) as service:
+        job = await service.enhance(small(prompt="a lamp", generation_id="twice-1"), now=NOW)
+        rendered = await service.render(job)
+        first, second = await asyncio.gather(service.persist(rendered), service.persist(rendered))
+    assert first == second
+    assert len(service.persist_stage._generation_lock) == 0  # no lock left behind

@@ -8,9 +8,10 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
+from imagegen._locks import KeyedLocks
 from imagegen.errors import (
     DependencyUnavailable,
     ImageGenError,
@@ -64,7 +65,7 @@ class RenderStage:
         self._load_on_demand = load_on_demand
         self._lock = asyncio.Lock()
         self._admitted = 0
-        self._generations: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._generation_lock = KeyedLocks()  # one render per generation at a time
         self.load_seconds: dict[str, float] = {}
 
     @property
@@ -182,21 +183,6 @@ class RenderStage:
         instruments().storage_duration.record(elapsed, {"operation": "put", "stage": "render"})
         instruments().storage_bytes_written.add(len(png), {"stage": "render"})
         return stored
-
-    @contextlib.asynccontextmanager
-    async def _generation_lock(self, generation_id: str) -> AsyncIterator[None]:
-        """One render per generation at a time in this process."""
-        lock, users = self._generations.get(generation_id, (asyncio.Lock(), 0))
-        self._generations[generation_id] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._generations[generation_id]
-            if users == 1:
-                del self._generations[generation_id]
-            else:
-                self._generations[generation_id] = (lock, users - 1)
 
     async def _render(self, job: EnhancedPrompt, progress: ProgressCallback | None) -> RenderOutput:
         if not self.is_loaded(job.model):
