@@ -1,7 +1,9 @@
 """Strict JSON Schemas for every kind of object under knative/.
 
-Knative kinds use the upstream CRD schemas vendored in ``crds/``; core kinds use the small
-schemas in ``core-schemas/``. The API server silently prunes fields a CRD schema does not
+Knative kinds use the upstream CRD schemas vendored in ``crds/``; ConfigMap, Secret and
+Namespace the small schemas in ``core-schemas/``; every other Kubernetes kind (Pod, Job,
+PersistentVolumeClaim…) the strict OpenAPI schemas of ``KUBERNETES_VERSION`` that the
+``kubernetes-validate`` package ships. The API server silently prunes fields a CRD schema does not
 list, so a misspelt field is invisible at apply time; here it is an error:
 ``additionalProperties: false`` is set wherever a schema lists ``properties`` and does not
 say ``x-kubernetes-preserve-unknown-fields``. A few objects that do say it are closed too,
@@ -12,17 +14,26 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Iterator, Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonschema import Draft7Validator
+from jsonschema import Draft7Validator, Draft202012Validator
+from kubernetes_validate import utils as kubernetes_schemas
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT7
 
-__all__ = ["CRD_DIR", "schema_for", "strict_schema", "validation_errors"]
+__all__ = [
+    "CRD_DIR",
+    "KUBERNETES_VERSION",
+    "kubernetes_errors",
+    "schema_for",
+    "strict_schema",
+    "validation_errors",
+]
 
 HERE = Path(__file__).parent
 CRD_DIR = HERE / "crds"
@@ -33,6 +44,11 @@ _CORE = {
     ("v1", "Secret"): "secret.json",
     ("v1", "Namespace"): "namespace.json",
 }
+
+# The oldest Kubernetes release Knative Eventing 1.22 and Serving 1.23 run on
+# (knative.dev/pkg version.go, defaultMinimumVersion): a field newer than that would be
+# refused by some clusters these manifests are meant for.
+KUBERNETES_VERSION = "1.34"
 
 # Objects marked x-kubernetes-preserve-unknown-fields that Knative's webhook still decodes
 # strictly, with the fields it knows beyond the CRD schema (feature-gated DeliverySpec
@@ -146,6 +162,51 @@ def schema_for(api_version: str, kind: str) -> dict[str, Any]:
     return _crd_schemas()[(api_version, kind)]
 
 
+@cache
+def _kubernetes_validator(api_version: str, kind: str) -> Draft202012Validator | None:
+    """kubernetes_validate.validate's strict validator, kept so that it reports every error."""
+    version = [
+        v
+        for v in kubernetes_schemas.all_versions()
+        if kubernetes_schemas.major_minor(v) <= kubernetes_schemas.major_minor(KUBERNETES_VERSION)
+    ][-1]
+    directory = f"kubernetes-json-schema/v{version}-local-strict"
+    group = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", api_version)
+    try:
+        schema = kubernetes_schemas.schema_contents(
+            f"{directory}/{kind.lower()}-{group}.json", KUBERNETES_VERSION
+        )
+    except FileNotFoundError:
+        return None
+    definitions = kubernetes_schemas.schema_contents(
+        f"{directory}/_definitions.json", KUBERNETES_VERSION
+    )
+    registry = Resource.from_contents(definitions) @ (Resource.from_contents(schema) @ Registry())
+    return Draft202012Validator(schema, registry=registry)
+
+
+def kubernetes_errors(document: Mapping[str, Any]) -> list[str] | None:
+    """Every violation of the Kubernetes schema of a built-in kind; None for other kinds."""
+    api_version, kind = document.get("apiVersion", "?"), document.get("kind", "?")
+    validator = _kubernetes_validator(api_version, kind)
+    if validator is None:
+        return None
+    return _messages(document, validator)
+
+
+def _messages(document: Mapping[str, Any], validator: Any) -> list[str]:
+    kind = document.get("kind", "?")
+    name = (document.get("metadata") or {}).get("name", "?")
+    errors = sorted(validator.iter_errors(document), key=lambda e: list(map(str, e.absolute_path)))
+    messages = []
+    for error in errors:
+        # anyOf/oneOf: the branch errors say which field is wrong.
+        for cause in error.context or [error]:
+            where = ".".join(str(part) for part in cause.absolute_path) or "<root>"
+            messages.append(f"{kind} {name}: {where}: {cause.message}")
+    return messages
+
+
 def validation_errors(document: Mapping[str, Any]) -> list[str]:
     """Every schema violation of one manifest, each naming the object and the field."""
     api_version, kind = document.get("apiVersion", "?"), document.get("kind", "?")
@@ -153,6 +214,9 @@ def validation_errors(document: Mapping[str, Any]) -> list[str]:
     try:
         schema = schema_for(api_version, kind)
     except KeyError:
+        built_in = kubernetes_errors(document)
+        if built_in is not None:
+            return built_in
         return [f"{kind} {name}: no schema for {api_version} {kind}"]
     validator = Draft7Validator(schema, registry=_registry())
     errors = sorted(validator.iter_errors(document), key=lambda e: list(map(str, e.absolute_path)))

@@ -27,6 +27,8 @@ import yaml
 from pydantic import TypeAdapter
 
 __all__ = [
+    "CHANNEL_BROKER",
+    "KAFKA_BROKER",
     "PING_EVENT_TYPE",
     "Routing",
     "ServiceInfo",
@@ -38,6 +40,10 @@ __all__ = [
 
 PING_EVENT_TYPE = "dev.knative.sources.ping"
 """The only type a PingSource emits; the dreaming Trigger routes it to enhance."""
+
+CHANNEL_BROKER = "MTChannelBasedBroker"
+KAFKA_BROKER = "Kafka"
+BROKER_CLASS_ANNOTATION = "eventing.knative.dev/broker.class"
 
 _KSVC_API = "serving.knative.dev/v1"
 _DURATION = TypeAdapter(timedelta)
@@ -105,6 +111,7 @@ class TriggerInfo:
         backoff_delay: The base delay between attempts.
         timeout: The limit of one delivery attempt.
         dead_letter: Name of the Knative Service that gets events whose retries ran out.
+        retry_after_max: ``delivery.retryAfterMax``: the longest ``Retry-After`` honoured.
     """
 
     name: str
@@ -116,6 +123,7 @@ class TriggerInfo:
     backoff_delay: timedelta | None = None
     timeout: timedelta | None = None
     dead_letter: str | None = None
+    retry_after_max: timedelta | None = None
 
     @classmethod
     def from_manifest(cls, trigger: Mapping[str, Any]) -> TriggerInfo:
@@ -127,6 +135,7 @@ class TriggerInfo:
         delivery = spec.get("delivery") or {}
         delay = delivery.get("backoffDelay")
         timeout = delivery.get("timeout")
+        retry_after_max = delivery.get("retryAfterMax")
         subscriber = _service_ref(spec.get("subscriber"), f"Trigger {name} subscriber")
         if subscriber is None:
             raise ValueError(f"Trigger {name} has no subscriber")
@@ -142,24 +151,48 @@ class TriggerInfo:
             dead_letter=_service_ref(
                 delivery.get("deadLetterSink"), f"Trigger {name} deadLetterSink"
             ),
+            retry_after_max=parse_iso_duration(retry_after_max) if retry_after_max else None,
         )
 
-    def matches(self, attributes: Mapping[str, str]) -> bool:
-        """Whether an event with these CloudEvents attributes passes the filter."""
-        return all(attributes.get(key) == value for key, value in self.filter.items())
+    def matches(self, attributes: Mapping[str, str], broker_class: str = CHANNEL_BROKER) -> bool:
+        """Whether an event with these CloudEvents attributes passes the filter.
 
-    def backoff_schedule(self) -> list[timedelta]:
-        """The waits before retry 1, 2, … as Knative computes them.
+        The brokers differ on a filter value ``""``:
 
-        Exponential: ``delay * 2**n`` for n = 0, 1, …; linear: ``delay * n`` for n = 0, 1, …
-        (the attempt counter of the dispatcher starts at 0).
+        - channel-based: "the attribute exists and is not empty"; any other value must be
+          equal (eventing ``pkg/eventfilter/attributes/filter.go``, ``TriggerAnyFilter``).
+        - Kafka: an empty value is dropped from the filter, so it matches any event, even one
+          without the attribute; any other value must be equal (eventing-kafka-broker
+          ``data-plane/core/.../core/filter/AttributesFilter.java`` constructor and
+          ``subscriptionsapi/ExactFilter.java``).
+        """
+        for key, wanted in self.filter.items():
+            value = attributes.get(key)
+            if broker_class == KAFKA_BROKER:
+                if wanted and value != wanted:
+                    return False
+            elif value is None or value == "" or (wanted and value != wanted):
+                return False
+        return True
+
+    def backoff_schedule(self, broker_class: str = CHANNEL_BROKER) -> list[timedelta]:
+        """The waits before retry 1, 2, … as each broker computes them.
+
+        Channel-based (eventing ``pkg/kncloudevents/retries.go``, ``RetryConfigFromDeliverySpec``;
+        go-retryablehttp counts attempts from 0): exponential ``delay * 2**n``, linear
+        ``delay * n``, for n = 0, 1, …
+
+        Kafka (``data-plane/dispatcher/.../impl/http/WebClientCloudEventSender.java``:
+        ``retry()`` applies the policy to ``retryCounter + 1``, ``computeRetryPolicy``):
+        exponential ``delay * 2**(n+1)``, linear ``delay * (n+1)``: each wait twice as long.
         """
         if not self.retry or self.backoff_delay is None or self.backoff_policy is None:
             return []
+        shift = 1 if broker_class == KAFKA_BROKER else 0
         if self.backoff_policy == "exponential":
-            return [self.backoff_delay * 2**n for n in range(self.retry)]
+            return [self.backoff_delay * 2 ** (n + shift) for n in range(self.retry)]
         if self.backoff_policy == "linear":
-            return [self.backoff_delay * n for n in range(self.retry)]
+            return [self.backoff_delay * (n + shift) for n in range(self.retry)]
         raise ValueError(f"Trigger {self.name}: unknown backoffPolicy {self.backoff_policy!r}")
 
 
@@ -238,6 +271,9 @@ class Routing:
         if len(brokers) != 1:
             raise ValueError(f"expected one Broker, found {len(brokers)}")
         self.broker: str = brokers[0]["metadata"]["name"]
+        annotations = brokers[0]["metadata"].get("annotations") or {}
+        # The default class of a cluster without config-br-defaults.
+        self.broker_class: str = annotations.get(BROKER_CLASS_ANNOTATION, CHANNEL_BROKER)
         config_maps = {
             d["metadata"]["name"]: d.get("data") or {}
             for d in documents
@@ -275,4 +311,8 @@ class Routing:
             Every matching Trigger, in manifest order: the broker delivers to each.
         """
         event = {**(attributes or {}), "type": event_type}
-        return [t for t in self.triggers if t.broker == self.broker and t.matches(event)]
+        return [
+            t
+            for t in self.triggers
+            if t.broker == self.broker and t.matches(event, self.broker_class)
+        ]

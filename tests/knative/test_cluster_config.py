@@ -14,7 +14,8 @@ from .manifest_schemas import CRD_DIR
 Render = Callable[[str], list[dict[str, Any]]]
 
 _FLAG = "kubernetes.podspec-"
-# Pod spec fields Knative Serving drops unless config-features enables them.
+# Pod spec fields Knative Serving's webhook refuses unless config-features enables them
+# (serving pkg/apis/serving/fieldmask.go PodSpecMask, pkg/apis/serving/k8s_validation.go).
 POD_FIELD_FLAGS = {
     "affinity": _FLAG + "affinity",
     "nodeSelector": _FLAG + "nodeselector",
@@ -61,16 +62,11 @@ def required_features(services: Sequence[Mapping[str, Any]]) -> Iterator[tuple[s
             for source, flag in VOLUME_FLAGS.items():
                 if source in volume:
                     yield name, flag
+            # k8s_validation.go validatePersistentVolumeClaims: the claim's own readOnly
+            # decides, whatever the mounts say.
             claim = volume.get("persistentVolumeClaim")
             if claim is not None and not claim.get("readOnly"):
-                mounts = [
-                    m
-                    for c in pod["containers"]
-                    for m in c.get("volumeMounts", [])
-                    if m["name"] == volume["name"]
-                ]
-                if any(not m.get("readOnly") for m in mounts):
-                    yield name, _FLAG + "persistent-volume-write"
+                yield name, _FLAG + "persistent-volume-write"
         for container in pod["containers"]:
             if container.get("securityContext", {}).get("capabilities", {}).get("add"):
                 yield name, "kubernetes.containerspec-addcapabilities"
@@ -119,7 +115,13 @@ def test_cluster_enables_every_pod_feature_the_overlay_uses(render: Render, over
 def test_prod_uses_the_gpu_placement_features(render: Render) -> None:
     services = [d for d in render("prod") if d["kind"] == "Service"]
     used = {flag for _, flag in required_features(services)}
-    assert {_FLAG + "nodeselector", _FLAG + "tolerations", _FLAG + "volumes-emptydir"} <= used
+    assert {
+        _FLAG + "nodeselector",
+        _FLAG + "tolerations",
+        _FLAG + "persistent-volume-claim",
+    } <= used
+    # The model volume is read-only: no write flag.
+    assert _FLAG + "persistent-volume-write" not in used
 
 
 def test_feature_check_reports_a_flag_left_disabled(render: Render) -> None:
@@ -132,9 +134,12 @@ def test_feature_check_reports_a_flag_left_disabled(render: Render) -> None:
     pod["volumes"] = [{"name": "model-cache", "persistentVolumeClaim": {"claimName": "models"}}]
     flags = _config_map(render("cluster"), "knative-serving", "config-features")
     assert missing_features([render_service], flags) == {
-        f"imagegen-render needs {_FLAG}persistent-volume-claim: disabled",
         f"imagegen-render needs {_FLAG}persistent-volume-write: disabled",
     }
+    without_claims = {**flags, _FLAG + "persistent-volume-claim": "disabled"}
+    assert f"imagegen-render needs {_FLAG}persistent-volume-claim: disabled" in missing_features(
+        [render_service], without_claims
+    )
     assert missing_features([render_service], {**flags, _FLAG + "tolerations": "disabled"}) >= {
         f"imagegen-render needs {_FLAG}tolerations: disabled"
     }

@@ -172,3 +172,61 @@ def test_manifests_use_the_published_image_tags(routing: RoutingOf, overlay: str
         repository, _, tag = service.image.rpartition(":")
         assert repository == "ghcr.io/orchestr8/imagegen", service.image
         assert tag in tags, service.image
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_no_frontend_is_fetched_before_the_build(name: str) -> None:
+    # A `# syntax=` line makes BuildKit pull that frontend image from a registry first; the
+    # built-in frontend of Docker 20.10+, podman and buildah builds these files. A pinned
+    # frontend (`@sha256:`) would be acceptable; an unpinned one is not.
+    for line in (REPO / name).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        directive = re.fullmatch(r"#\s*syntax\s*=\s*(\S+)", line.strip())
+        assert directive is None or "@sha256:" in directive[1], line
+
+
+def _stage_chain(name: str, target: str) -> list[tuple[str, str]]:
+    """The instructions a target runs, its parent stages' first (``FROM <stage>`` followed)."""
+    stages: dict[str, list[tuple[str, str]]] = {}
+    parents: dict[str, str] = {}
+    current = ""
+    for instruction, arguments in _instructions(name):
+        if instruction == "FROM":
+            words = arguments.split()
+            current = words[-1] if " AS " in arguments else "<final>"
+            parents[current] = words[0]
+            stages[current] = []
+        elif current:
+            stages[current].append((instruction, arguments))
+    chain: list[tuple[str, str]] = []
+    stage: str | None = target
+    while stage in stages:
+        chain = stages[stage] + chain
+        stage = parents.get(stage)
+    return chain
+
+
+@pytest.mark.parametrize(
+    ("name", "target"),
+    [("Dockerfile.cpu", "cpu"), ("Dockerfile.cpu", "render-cpu"), ("Dockerfile.gpu", "<final>")],
+)
+def test_the_default_storage_belongs_to_the_image_user(name: str, target: str) -> None:
+    from imagegen.settings import Settings
+
+    chain = _stage_chain(name, target)
+    [user, *_] = [args for instruction, args in reversed(chain) if instruction == "USER"]
+    workdir = [args for instruction, args in chain if instruction == "WORKDIR"][-1]
+    default = Settings.model_fields["storage_url"].default
+    directory = str((Path(workdir) / default).resolve())
+    owned = [
+        command
+        for instruction, arguments in chain
+        if instruction == "RUN"
+        for command in arguments.split("&&")
+        if command.split()[:2] == ["chown", user] and directory in command.split()
+    ]
+    created = [
+        args for instruction, args in chain if instruction == "RUN" and directory in args.split()
+    ]
+    assert owned and created, f"{target}: {directory} is not created for {user}"

@@ -153,18 +153,26 @@ def test_strict_check_rejects_a_typo(
 
 def test_an_unknown_kind_is_an_error() -> None:
     errors = validation_errors(
-        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}}
+        {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "x"}}
     )
-    assert errors == ["Deployment x: no schema for apps/v1 Deployment"]
+    assert errors == ["Widget x: no schema for example.com/v1 Widget"]
+
+
+def test_built_in_kinds_use_the_kubernetes_schemas(render: Render) -> None:
+    job = _find(render("prod"), "Job", "imagegen-models-pull")
+    assert validation_errors(job) == []
+    job["spec"]["template"]["spec"]["containers"][0]["volumeMount"] = []
+    job["spec"]["backoffLimit"] = "4"
+    errors = validation_errors(job)
+    assert any("volumeMount" in e for e in errors), errors
+    assert any("backoffLimit" in e for e in errors), errors
 
 
 def test_objects_that_preserve_unknown_fields_stay_open(render: Render) -> None:
     # tolerations and emptyDir are free-form in the CRD: Kubernetes validates them later.
-    doc = _find(render("prod"), "Service", "imagegen-render")
+    doc = _find(render("dev"), "Service", "imagegen-render")
     spec = doc["spec"]["template"]["spec"]
-    spec["tolerations"].append(
-        {"key": "example.com/any", "operator": "Exists", "tolerationSeconds": 1}
-    )
+    spec["tolerations"] = [{"key": "example.com/any", "operator": "Exists", "tolerationSeconds": 1}]
     spec["volumes"][0]["emptyDir"]["medium"] = "Memory"
     assert validation_errors(doc) == []
 

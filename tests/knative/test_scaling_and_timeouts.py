@@ -24,6 +24,9 @@ EXPECTED_INFERENCE_S = 60
 MODEL_LOAD_BUDGET_S = 15 * 60
 # Before the container starts: a GPU node from the cluster autoscaler and the CUDA image.
 NODE_AND_PULL_BUDGET_S = 10 * 60
+# How long a render request may wait in the activator for a free slot (another render
+# ending, or a warm pod's second GPU) and still get the function's own answer.
+ACTIVATOR_WAIT_S = 6 * EXPECTED_INFERENCE_S
 # Knative Serving refuses a scale-down-delay above one hour.
 MAX_SCALE_DOWN_DELAY = timedelta(hours=1)
 
@@ -149,16 +152,28 @@ def test_cpu_functions_are_small_busy_and_scale_to_zero(routing: RoutingOf, over
         assert _bytes(resources["limits"]["memory"]) <= 2 * 2**30, service.name
 
 
+def render_batch_size(service: ServiceInfo) -> int:
+    """Renders one pod runs at once: its batch size setting, else the default (one)."""
+    from imagegen.settings import Settings
+
+    field = Settings.model_fields.get("render_batch_size")
+    default = field.default if field is not None else 1
+    return int(service.env.get("IMAGEGEN_RENDER_BATCH_SIZE", default))
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_render_takes_what_one_pod_can_queue(routing: RoutingOf, overlay: str) -> None:
+def test_knative_queues_render_requests_not_the_pod(routing: RoutingOf, overlay: str) -> None:
+    # A request queued inside a pod cannot move to a new pod, keeps its slot after Knative
+    # gave up on it, and makes Knative's count of busy slots wrong; the activator's buffer
+    # has none of these problems.
     render = _render(routing(overlay))
-    queue = int(render.env["IMAGEGEN_RENDER_QUEUE_SIZE"])
-    assert render.container_concurrency == 1 + queue
+    assert int(render.env["IMAGEGEN_RENDER_QUEUE_SIZE"]) == 0
+    assert render.container_concurrency == render_batch_size(render)
     assert render.annotations[AUTOSCALING + "metric"] == "concurrency"
     assert float(render.annotations[AUTOSCALING + "target"]) == render.container_concurrency
-    assert (
-        0 < float(render.annotations.get(AUTOSCALING + "target-utilization-percentage", 70)) <= 100
-    )
+    assert float(render.annotations[AUTOSCALING + "target-utilization-percentage"]) == 100
+    # The activator stays in the path, so it is there to buffer.
+    assert render.annotations[AUTOSCALING + "target-burst-capacity"] == "-1"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -209,14 +224,17 @@ def test_delivery_outlasts_the_revision_timeout(routing: RoutingOf, overlay: str
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_render_budget_covers_a_full_queue(routing: RoutingOf, overlay: str) -> None:
+def test_render_budget_covers_one_batch_and_leaves_time_to_wait(
+    routing: RoutingOf, overlay: str
+) -> None:
     render = _render(routing(overlay))
-    queue = int(render.env["IMAGEGEN_RENDER_QUEUE_SIZE"])
-    # IMAGEGEN_RENDER_TIMEOUT bounds a whole request: the last one a pod accepts waits for
-    # `queue` renders, then runs its own; and it must end before Knative's limit does.
+    # IMAGEGEN_RENDER_TIMEOUT bounds one request: one batch, and it must end before
+    # Knative's limit does. The activator counts a request's wait for a slot against
+    # timeoutSeconds too: what is left is the wait the function's own answer survives.
     budget = float(render.env["IMAGEGEN_RENDER_TIMEOUT"])
     assert render.timeout_seconds is not None
-    assert (queue + 1) * EXPECTED_INFERENCE_S <= budget < render.timeout_seconds
+    assert EXPECTED_INFERENCE_S <= budget < render.timeout_seconds
+    assert render.timeout_seconds - budget >= ACTIVATOR_WAIT_S
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -1,0 +1,416 @@
+"""The two Knative broker classes, modelled rule by rule, delivering over a real transport.
+
+A ``Broker`` takes the Triggers of a rendered overlay (``routing.Routing``) and the URL of
+each Knative Service, accepts events at its ingress, and delivers them to every matching
+Trigger's subscriber: concurrently, retrying, dead-lettering and publishing replies exactly as
+the upstream data planes do. Each rule cites the file it comes from:
+
+Channel-based broker (``MTChannelBasedBroker``; knative/eventing v1.22):
+
+- ingress ``pkg/broker/ingress/ingress_handler.go`` with ``pkg/broker/ttl.go``
+  (``TTLDefaulter``: ``knativebrokerttl`` set to 255 on a new event, decremented on every
+  reply; an event with TTL <= 0 is refused with 400: the loop protection).
+- delivery ``pkg/kncloudevents/event_dispatcher.go`` (``send``, ``executeRequest``) and
+  ``retries.go`` (``SelectiveRetry``: 5xx, 404, 408, 409, 429 and no response are retried;
+  backoff; ``Retry-After`` only with ``retryAfterMax``, which needs the ``delivery-retryafter``
+  feature); the dead-letter sink gets the original event with ``knativeerrordest``,
+  ``knativeerrorcode`` and ``knativeerrordata`` (base64, cut to 1,024 characters), is retried
+  like the subscriber, and its reply is discarded; a reply that cannot be published to the
+  ingress dead-letters the original event.
+- filter ``pkg/broker/filter/filter_handler.go``: the TTL is removed before the subscriber sees
+  the event and put back on its reply; a 2xx reply that is neither empty nor a CloudEvent, or
+  a malformed CloudEvent, becomes a 502 ("The response MUST be either empty or a valid
+  CloudEvent"), which is retried and finally dead-lettered without error extensions.
+
+Kafka broker (knative-extensions/eventing-kafka-broker, ``data-plane/dispatcher``):
+
+- ``impl/http/WebClientCloudEventSender.java``: the same retryable statuses; every failure
+  without a response is retried; the wait before retry n (from 0) is ``delay * 2**(n+1)``;
+  ``Retry-After`` is never read.
+- ``impl/BaseResponseHandler.java``: a 2xx reply is an event, or empty; anything else fails
+  the record *without a retry*; ``impl/ResponseToKafkaTopicHandler.java`` publishes a reply
+  to the broker's topic. No TTL: a routing loop never ends (this model stops it at
+  ``max_events``, its own guard, and says so).
+- ``impl/RecordDispatcherImpl.java``: the dead-letter sink gets ``knativeerrordest`` always,
+  ``knativeerrorcode`` and ``knativeerrordata`` (the body cut to 1,024 *bytes*, then base64)
+  when there was a response; its reply goes through the same response handler.
+- Delivery is at least once and unordered by default: ``redeliveries`` sends every record that
+  many extra times at once (a consumer-group rebalance before the offset was committed), and
+  ``seed`` shuffles the order in which pending deliveries start.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import httpx
+
+from .cloudevents_http import Event, MalformedEvent, Message, decode, encode_binary
+from .routing import CHANNEL_BROKER, KAFKA_BROKER, Routing, TriggerInfo
+
+__all__ = [
+    "Attempt",
+    "Broker",
+    "DeadLetter",
+    "Delivery",
+    "NoResponse",
+    "RoutingLoop",
+    "Transport",
+    "http_transport",
+]
+
+MAX_TTL = 255  # cmd/broker/ingress/main.go: MAX_TTL default
+TTL = "knativebrokerttl"
+ERROR_DATA_MAX = (
+    1024  # eventing: KnativeErrorDataExtensionMaxLength; kafka: KN_ERROR_DATA_MAX_BYTES
+)
+INGRESS_URL = "http://broker-ingress.knative-eventing.svc.cluster.local/ns/broker"
+
+
+class NoResponse(Exception):
+    """The subscriber could not be reached, or did not answer within the attempt timeout."""
+
+
+class RoutingLoop(RuntimeError):
+    """More events than ``max_events`` were accepted: a loop the Kafka broker never ends."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What came back from one HTTP request: the status and the response message."""
+
+    status: int
+    message: Message = field(default_factory=Message)
+
+
+Transport = Callable[[str, Message, float], Delivery]
+"""POST a message to a URL within a timeout; raises NoResponse when nothing came back."""
+
+
+def http_transport(client: httpx.Client | None = None) -> Transport:
+    """A transport over real HTTP (httpx)."""
+    http = client or httpx.Client()
+
+    def send(url: str, message: Message, timeout: float) -> Delivery:
+        try:
+            response = http.post(
+                url, headers=dict(message.headers), content=message.body, timeout=timeout
+            )
+        except httpx.HTTPError as exc:
+            raise NoResponse(f"{type(exc).__name__}: {exc}") from exc
+        headers = {k.lower(): v for k, v in response.headers.items()}
+        return Delivery(response.status_code, Message(headers, response.content))
+
+    return send
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One delivery attempt to a subscriber (status None: no response)."""
+
+    trigger: str
+    target: str
+    event_type: str
+    event_id: str
+    status: int | None
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """An event handed to a Trigger's dead-letter sink, as the sink received it."""
+
+    trigger: str
+    event: Event
+    accepted: bool
+
+
+def retryable(status: int | None) -> bool:
+    """eventing retries.go SelectiveRetry = WebClientCloudEventSender.isRetryableStatusCode."""
+    return status is None or status >= 500 or status in {404, 408, 409, 429}
+
+
+def _error_extensions(
+    destination: str, status: int | None, body: bytes | None, *, kafka: bool
+) -> dict[str, str]:
+    extensions = {"knativeerrordest": destination}
+    if status is None or body is None:
+        return extensions
+    if kafka:
+        data = base64.b64encode(body[:ERROR_DATA_MAX]).decode()
+    else:
+        data = base64.b64encode(body).decode()[:ERROR_DATA_MAX]
+    return {**extensions, "knativeerrorcode": str(status), "knativeerrordata": data}
+
+
+@dataclass
+class _Outcome:
+    status: int | None
+    reply: Event | None = None
+    # What the dead-letter sink is told (None: the broker adds no error extensions).
+    errors: dict[str, str] | None = None
+    refusal: str | None = None  # why a 2xx reply was refused
+    retry_after: float | None = None  # the Retry-After header, in seconds
+
+
+class Broker:
+    """One broker of ``routing.broker_class`` (or ``broker_class``), delivering via ``transport``.
+
+    Args:
+        routing: The Triggers and Services of a rendered overlay.
+        urls: The URL of each Knative Service by name.
+        transport: How a message reaches a URL (default: real HTTP).
+        broker_class: ``MTChannelBasedBroker`` or ``Kafka`` (default: the overlay's).
+        time_scale: Backoff waits are multiplied by this (1.0: real time).
+        redeliveries: Extra copies of every delivery, sent at once (at-least-once delivery).
+        seed: Shuffle the order in which pending deliveries start.
+        max_events: Accept at most this many events (a Kafka routing loop never ends).
+        workers: Deliveries in flight at once.
+    """
+
+    def __init__(
+        self,
+        routing: Routing,
+        urls: Mapping[str, str],
+        transport: Transport | None = None,
+        *,
+        broker_class: str | None = None,
+        time_scale: float = 0.001,
+        redeliveries: int = 0,
+        seed: int | None = None,
+        max_events: int = 200,
+        workers: int = 8,
+    ) -> None:
+        self.routing = routing
+        self.urls = dict(urls)
+        self.transport = transport or http_transport()
+        self.broker_class = broker_class or routing.broker_class
+        if self.broker_class not in {CHANNEL_BROKER, KAFKA_BROKER}:
+            raise ValueError(f"unknown broker class {self.broker_class!r}")
+        self.time_scale = time_scale
+        self.redeliveries = redeliveries
+        self.random = random.Random(seed) if seed is not None else None
+        self.max_events = max_events
+        self.attempts: list[Attempt] = []
+        self.dead_letters: list[DeadLetter] = []
+        self.accepted: list[Event] = []
+        self.outputs: list[Event] = []  # accepted events no Trigger wanted
+        self.refused_replies: list[tuple[str, str]] = []  # (trigger, reason)
+        self.lost: list[tuple[str, Event]] = []  # neither delivered nor dead-lettered
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._pending: list[tuple[TriggerInfo, Event]] = []
+        self._running = 0
+        self._errors: list[BaseException] = []
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="broker")
+
+    @property
+    def kafka(self) -> bool:
+        return self.broker_class == KAFKA_BROKER
+
+    # Ingress.
+
+    def publish(self, event: Event) -> int:
+        """Send an event to the broker's ingress; returns its HTTP status (202 or 400)."""
+        if not self.kafka:
+            raw = event.get(TTL)
+            try:
+                ttl = int(raw) - 1 if raw is not None else MAX_TTL
+            except ValueError:
+                ttl = MAX_TTL
+            event = event.with_attributes(**{TTL: str(ttl)})
+            if ttl <= 0:
+                return 400
+        triggers = self.routing.triggers_for(event["type"], dict(event.attributes))
+        with self._lock:
+            if len(self.accepted) >= self.max_events:
+                self._errors.append(RoutingLoop(f"more than {self.max_events} events accepted"))
+                self._idle.notify_all()
+                return 500
+            self.accepted.append(event)
+            if not triggers:
+                self.outputs.append(event)
+            for trigger in triggers:
+                for _ in range(1 + self.redeliveries):
+                    self._pending.append((trigger, event))
+            self._idle.notify_all()
+        return 202
+
+    def run(self, *events: Event, timeout: float = 300.0) -> None:
+        """Publish ``events`` and deliver until nothing is left in flight."""
+        for event in events:
+            status = self.publish(event)
+            assert status == 202, f"the ingress refused {event.get('id')}: {status}"
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._pending or self._running:
+                if self._errors:
+                    break
+                while self._pending:
+                    index = self.random.randrange(len(self._pending)) if self.random else 0
+                    trigger, event = self._pending.pop(index)
+                    self._running += 1
+                    future = self._pool.submit(self._deliver, trigger, event)
+                    future.add_done_callback(self._done)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("deliveries still in flight")
+                self._idle.wait(left)
+            if self._errors:
+                raise self._errors[0]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def _done(self, future: Future[None]) -> None:
+        with self._lock:
+            self._running -= 1
+            if future.exception() is not None:
+                self._errors.append(future.exception())  # type: ignore[arg-type]
+            self._idle.notify_all()
+
+    # Delivery to one Trigger.
+
+    def _deliver(self, trigger: TriggerInfo, event: Event) -> None:
+        waits = trigger.backoff_schedule(self.broker_class)
+        outcome = _Outcome(status=None)
+        for attempt in range(1 + (trigger.retry or 0)):
+            if attempt:
+                self._sleep(self._backoff(trigger, waits[attempt - 1].total_seconds(), outcome))
+            outcome = self._attempt(trigger, event)
+            if outcome.refusal is not None:
+                with self._lock:
+                    self.refused_replies.append((trigger.name, outcome.refusal))
+                if self.kafka:
+                    break  # BaseResponseHandler: failed without a retry
+            if outcome.status is not None and outcome.status < 300 and outcome.refusal is None:
+                break
+            if not retryable(outcome.status):
+                break
+        if outcome.status is not None and outcome.status < 300 and outcome.refusal is None:
+            if outcome.reply is None:
+                return
+            status = self.publish(outcome.reply)
+            if status < 300:
+                return
+            # event_dispatcher.go send(): the reply could not be forwarded.
+            outcome = _Outcome(
+                status, errors=_error_extensions(INGRESS_URL, status, b"", kafka=self.kafka)
+            )
+        self._dead_letter(trigger, event, outcome)
+
+    def _backoff(self, trigger: TriggerInfo, wait: float, last: _Outcome) -> float:
+        # retries.go generateBackoffFn: only with retryAfterMax, only for 429 and 503.
+        if self.kafka or trigger.retry_after_max is None or last.retry_after is None:
+            return wait
+        if last.status not in {429, 503}:
+            return wait
+        return max(wait, min(last.retry_after, trigger.retry_after_max.total_seconds()))
+
+    def _sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            time.sleep(seconds * self.time_scale)
+
+    def _send(self, trigger: TriggerInfo, url: str, event: Event) -> Delivery | None:
+        timeout = trigger.timeout.total_seconds() if trigger.timeout else 60.0
+        try:
+            delivery = self.transport(url, encode_binary(event), timeout)
+        except NoResponse:
+            delivery = None
+        with self._lock:
+            self.attempts.append(
+                Attempt(
+                    trigger.name,
+                    url,
+                    event["type"],
+                    event["id"],
+                    None if delivery is None else delivery.status,
+                )
+            )
+        return delivery
+
+    def _attempt(self, trigger: TriggerInfo, event: Event) -> _Outcome:
+        url = self.urls[trigger.subscriber]
+        ttl = event.get(TTL)
+        # filter_handler.go: the subscriber never sees the broker's TTL.
+        delivery = self._send(trigger, url, event.with_attributes(**{TTL: None}))
+        if delivery is None:
+            # Kafka: no response, only the destination. Channel: the dispatcher's request to
+            # the filter failed; the filter's host is not the subscriber, so no extensions.
+            errors = {"knativeerrordest": url} if self.kafka else None
+            return _Outcome(None, errors=errors)
+        if delivery.status >= 300:
+            outcome = _Outcome(
+                delivery.status,
+                errors=_error_extensions(
+                    url, delivery.status, delivery.message.body, kafka=self.kafka
+                ),
+            )
+            retry_after = delivery.message.header("retry-after")
+            if retry_after is not None and retry_after.isdigit():
+                outcome.retry_after = float(retry_after)
+            return outcome
+        return self._reply(delivery, url, ttl)
+
+    def _reply(self, delivery: Delivery, url: str, ttl: str | None) -> _Outcome:
+        try:
+            reply = decode(delivery.message)
+        except MalformedEvent as exc:
+            reason = f"malformed CloudEvent: {exc}"
+            return self._refused(url, reason)
+        if reply is None:
+            if delivery.message.body:
+                return self._refused(url, "a non-empty response not recognized as CloudEvent")
+            return _Outcome(delivery.status)
+        if not self.kafka and ttl is not None:
+            reply = reply.with_attributes(**{TTL: ttl})
+        return _Outcome(delivery.status, reply=reply)
+
+    def _refused(self, url: str, reason: str) -> _Outcome:
+        if self.kafka:
+            # RecordDispatcherImpl.onSubscriberFailure: no response object, only the destination.
+            return _Outcome(200, errors={"knativeerrordest": url}, refusal=reason)
+        # filter_handler.go writeResponse: 502, no body, so no error extensions downstream.
+        return _Outcome(502, errors=None, refusal=reason)
+
+    def _dead_letter(self, trigger: TriggerInfo, event: Event, outcome: _Outcome) -> None:
+        if trigger.dead_letter is None:
+            with self._lock:
+                self.lost.append((trigger.name, event))
+            return
+        letter = event.with_attributes(**(outcome.errors or {}))
+        url = self.urls[trigger.dead_letter]
+        waits = trigger.backoff_schedule(self.broker_class)
+        accepted = False
+        reply: Event | None = None
+        for attempt in range(1 + (trigger.retry or 0)):
+            if attempt:
+                self._sleep(waits[attempt - 1].total_seconds())
+            delivery = self._send(trigger, url, letter)
+            status = None if delivery is None else delivery.status
+            if delivery is not None and status is not None and status < 300:
+                accepted = True
+                if self.kafka:
+                    # The dead-letter sink's reply goes through the same response handler.
+                    try:
+                        reply = decode(delivery.message)
+                        accepted = reply is not None or not delivery.message.body
+                    except MalformedEvent:
+                        accepted = False
+                    if not accepted:
+                        with self._lock:
+                            self.refused_replies.append((trigger.name, "dead-letter sink reply"))
+                break
+            if not retryable(status):
+                break
+        with self._lock:
+            self.dead_letters.append(DeadLetter(trigger.name, letter, accepted))
+            if not accepted:
+                self.lost.append((trigger.name, event))
+        if reply is not None:
+            self.publish(reply)

@@ -1,0 +1,111 @@
+"""CloudEvents over HTTP as the brokers read and write them (binary and structured modes).
+
+The brokers decide what a reply is with the CloudEvents SDKs: sdk-go ``binding`` in the
+channel-based broker (``cehttp.NewMessage(...).ReadEncoding()``, then ``binding.ToEvent``),
+sdk-java ``VertxMessageFactory.createReader(response).toEvent()`` in the Kafka broker. Both
+recognise a message by its ``ce-specversion`` header (binary) or an
+``application/cloudevents`` content type (structured), and refuse an event that lacks a
+required attribute (``id``, ``source``, ``specversion``, ``type``: CloudEvents 1.0 spec).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+__all__ = ["Event", "MalformedEvent", "Message", "decode", "encode_binary"]
+
+REQUIRED = ("id", "source", "specversion", "type")
+_STRUCTURED = "application/cloudevents"
+_BATCH = "application/cloudevents-batch"
+
+
+class MalformedEvent(ValueError):
+    """A message that claims to be a CloudEvent but is not a valid one."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """An HTTP request or response: lower-case headers and the body."""
+
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+
+@dataclass(frozen=True)
+class Event:
+    """A CloudEvent as a broker carries it: string attributes (extensions too) and data."""
+
+    attributes: Mapping[str, str]
+    data: bytes = b""
+
+    def __getitem__(self, name: str) -> str:
+        return self.attributes[name]
+
+    def get(self, name: str) -> str | None:
+        return self.attributes.get(name)
+
+    def json(self) -> object:
+        return json.loads(self.data) if self.data else None
+
+    def with_attributes(self, **changes: str | None) -> Event:
+        """A copy with attributes set (a value of None removes one)."""
+        attributes = {**self.attributes, **changes}
+        return Event({k: v for k, v in attributes.items() if v is not None}, self.data)
+
+
+def encode_binary(event: Event) -> Message:
+    """The binary-mode HTTP message of an event (``ce-`` headers, data as the body)."""
+    headers = {f"ce-{k}": v for k, v in event.attributes.items() if k != "datacontenttype"}
+    headers["content-type"] = event.get("datacontenttype") or "application/json"
+    return Message(headers, event.data)
+
+
+def _check(attributes: Mapping[str, str]) -> None:
+    missing = [name for name in REQUIRED if not attributes.get(name)]
+    if missing:
+        raise MalformedEvent(f"missing required attributes: {', '.join(missing)}")
+    if attributes["specversion"] != "1.0":
+        raise MalformedEvent(f"unsupported specversion {attributes['specversion']!r}")
+
+
+def decode(message: Message) -> Event | None:
+    """The event a message carries; None when it is not an event at all.
+
+    Raises:
+        MalformedEvent: The message is in binary or structured mode but is no valid event.
+    """
+    content_type = (message.header("content-type") or "").split(";")[0].strip().lower()
+    if content_type.startswith(_STRUCTURED) and not content_type.startswith(_BATCH):
+        try:
+            envelope = json.loads(message.body)
+        except ValueError as exc:
+            raise MalformedEvent(f"structured event is not JSON: {exc}") from exc
+        if not isinstance(envelope, dict):
+            raise MalformedEvent("structured event is not a JSON object")
+        attributes = {
+            k: v if isinstance(v, str) else json.dumps(v)
+            for k, v in envelope.items()
+            if k not in {"data", "data_base64"}
+        }
+        _check(attributes)
+        if "data_base64" in envelope:
+            data = base64.b64decode(envelope["data_base64"])
+        elif "data" in envelope:
+            value = envelope["data"]
+            data = value.encode() if isinstance(value, str) else json.dumps(value).encode()
+        else:
+            data = b""
+        return Event(attributes, data)
+    if message.header("ce-specversion") is not None:
+        attributes = {k[3:]: v for k, v in message.headers.items() if k.startswith("ce-")}
+        if content_type:
+            attributes["datacontenttype"] = message.header("content-type") or content_type
+        _check(attributes)
+        return Event(attributes, message.body)
+    return None

@@ -1,0 +1,385 @@
+"""The broker model follows each upstream rule, for both broker classes.
+
+Subscribers here are scripted functions behind an in-process transport, so every rule is
+checked in milliseconds; ``test_eventing_path.py`` drives the real function servers.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from .brokers import INGRESS_URL, Broker, Delivery, NoResponse, RoutingLoop
+from .cloudevents_http import Event, Message, decode
+from .routing import CHANNEL_BROKER, KAFKA_BROKER, Routing, TriggerInfo
+
+CLASSES = (CHANNEL_BROKER, KAFKA_BROKER)
+Handler = Callable[[Message], Delivery]
+
+
+def ksvc(name: str) -> dict[str, Any]:
+    return {"ref": {"apiVersion": "serving.knative.dev/v1", "kind": "Service", "name": name}}
+
+
+def manifests(
+    *, retry: int = 2, delay: str = "PT1S", filter: dict[str, str] | None = None, **delivery: str
+) -> list[dict[str, Any]]:
+    def service(name: str) -> dict[str, Any]:
+        return {
+            "apiVersion": "serving.knative.dev/v1",
+            "kind": "Service",
+            "metadata": {"name": name},
+            "spec": {"template": {"spec": {"containers": [{"image": f"x/{name}"}]}}},
+        }
+
+    return [
+        {"apiVersion": "eventing.knative.dev/v1", "kind": "Broker", "metadata": {"name": "bus"}},
+        service("sub"),
+        service("dls"),
+        {
+            "apiVersion": "eventing.knative.dev/v1",
+            "kind": "Trigger",
+            "metadata": {"name": "t"},
+            "spec": {
+                "broker": "bus",
+                "filter": {"attributes": filter if filter is not None else {"type": "ping"}},
+                "subscriber": ksvc("sub"),
+                "delivery": {
+                    "retry": retry,
+                    "backoffPolicy": "exponential",
+                    "backoffDelay": delay,
+                    "deadLetterSink": ksvc("dls"),
+                    **delivery,
+                },
+            },
+        },
+    ]
+
+
+def event(event_type: str = "ping", **extra: str) -> Event:
+    return Event(
+        {"specversion": "1.0", "id": "e1", "source": "/test", "type": event_type, **extra},
+        b'{"n": 1}',
+    )
+
+
+def binary_reply(event_type: str, status: int = 200) -> Delivery:
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-id": "r1",
+        "ce-source": "/sub",
+        "ce-type": event_type,
+        "content-type": "application/json",
+    }
+    return Delivery(status, Message(headers, b"{}"))
+
+
+class Cluster:
+    """Scripted subscribers by Service name, and a broker that records its backoff waits."""
+
+    def __init__(self, broker_class: str, docs: list[dict[str, Any]], **options: Any) -> None:
+        self.handlers: dict[str, Handler] = {"dls": lambda m: Delivery(202)}
+        self.received: dict[str, list[Event]] = {"sub": [], "dls": []}
+        self.waits: list[float] = []
+        self.lock = threading.Lock()
+        cluster = self
+
+        class Recording(Broker):
+            def _sleep(self, seconds: float) -> None:
+                with cluster.lock:
+                    cluster.waits.append(seconds)
+
+        self.broker = Recording(
+            Routing(docs),
+            {"sub": "http://sub", "dls": "http://dls"},
+            self.send,
+            broker_class=broker_class,
+            **options,
+        )
+
+    def send(self, url: str, message: Message, timeout: float) -> Delivery:
+        name = url.removeprefix("http://")
+        received = decode(message)
+        assert received is not None, "the broker sends CloudEvents"
+        with self.lock:
+            self.received[name].append(received)
+        return self.handlers[name](message)
+
+    def run(self, *events: Event) -> Broker:
+        self.broker.run(*events, timeout=30)
+        self.broker.close()
+        return self.broker
+
+
+def statuses(broker: Broker, target: str = "http://sub") -> list[int | None]:
+    return [a.status for a in broker.attempts if a.target == target]
+
+
+# Filters.
+
+
+@pytest.mark.parametrize(
+    ("attributes", "channel", "kafka"),
+    [
+        ({"type": "ping", "source": "/s"}, True, True),
+        ({"type": "ping", "source": ""}, False, True),
+        ({"type": "ping"}, False, True),
+        ({"type": "pong", "source": "/s"}, False, False),
+    ],
+)
+def test_an_empty_filter_value_differs_by_broker(
+    attributes: dict[str, str], channel: bool, kafka: bool
+) -> None:
+    [trigger] = Routing(manifests(filter={"type": "ping", "source": ""})).triggers
+    assert trigger.matches(attributes, CHANNEL_BROKER) is channel
+    assert trigger.matches(attributes, KAFKA_BROKER) is kafka
+
+
+# Backoff.
+
+
+def test_backoff_schedules() -> None:
+    [trigger] = Routing(manifests(retry=3)).triggers
+    assert trigger.backoff_schedule(CHANNEL_BROKER) == [timedelta(seconds=s) for s in (1, 2, 4)]
+    assert trigger.backoff_schedule(KAFKA_BROKER) == [timedelta(seconds=s) for s in (2, 4, 8)]
+    linear = TriggerInfo(**{**trigger.__dict__, "backoff_policy": "linear"})
+    assert linear.backoff_schedule(CHANNEL_BROKER) == [timedelta(seconds=s) for s in (0, 1, 2)]
+    assert linear.backoff_schedule(KAFKA_BROKER) == [timedelta(seconds=s) for s in (1, 2, 3)]
+
+
+@pytest.mark.parametrize(
+    ("broker_class", "waits"), [(CHANNEL_BROKER, [1.0, 2.0, 4.0]), (KAFKA_BROKER, [2.0, 4.0, 8.0])]
+)
+def test_failures_are_retried_with_the_brokers_backoff(
+    broker_class: str, waits: list[float]
+) -> None:
+    cluster = Cluster(broker_class, manifests(retry=3))
+    cluster.handlers["sub"] = lambda m: Delivery(503, Message({}, b"busy"))
+    broker = cluster.run(event())
+    assert statuses(broker) == [503] * 4
+    # The dead-letter sink answered at once: every wait is the subscriber's.
+    assert cluster.waits == waits
+    [letter] = broker.dead_letters
+    assert letter.accepted and letter.event["knativeerrorcode"] == "503"
+    assert base64.b64decode(letter.event["knativeerrordata"]) == b"busy"
+    assert letter.event["knativeerrordest"] == "http://sub"
+
+
+@pytest.mark.parametrize("broker_class", CLASSES)
+@pytest.mark.parametrize("status", [400, 403, 413, 422])
+def test_other_client_errors_are_final(broker_class: str, status: int) -> None:
+    cluster = Cluster(broker_class, manifests())
+    cluster.handlers["sub"] = lambda m: Delivery(status, Message({}, b'{"error": "bad"}'))
+    broker = cluster.run(event())
+    assert statuses(broker) == [status]
+    [letter] = broker.dead_letters
+    assert letter.event["knativeerrorcode"] == str(status)
+
+
+@pytest.mark.parametrize("status", [404, 408, 409, 429, 500, 502, 504])
+def test_retryable_statuses(status: int) -> None:
+    cluster = Cluster(CHANNEL_BROKER, manifests(retry=1))
+    cluster.handlers["sub"] = lambda m: Delivery(status)
+    assert statuses(cluster.run(event())) == [status, status]
+
+
+@pytest.mark.parametrize(
+    ("broker_class", "delivery", "waits"),
+    [
+        (CHANNEL_BROKER, {}, [1.0]),  # Retry-After is ignored without retryAfterMax
+        (CHANNEL_BROKER, {"retryAfterMax": "PT30S"}, [20.0]),
+        (CHANNEL_BROKER, {"retryAfterMax": "PT5S"}, [5.0]),
+        (KAFKA_BROKER, {"retryAfterMax": "PT30S"}, [2.0]),  # the Kafka broker never reads it
+    ],
+)
+def test_retry_after(broker_class: str, delivery: dict[str, str], waits: list[float]) -> None:
+    cluster = Cluster(broker_class, manifests(retry=1, **delivery))
+    answers = iter([Delivery(429, Message({"retry-after": "20"})), Delivery(202)])
+    cluster.handlers["sub"] = lambda m: next(answers)
+    broker = cluster.run(event())
+    assert statuses(broker) == [429, 202] and cluster.waits == waits
+
+
+# Replies.
+
+
+@pytest.mark.parametrize("broker_class", CLASSES)
+def test_an_empty_2xx_is_no_reply(broker_class: str) -> None:
+    cluster = Cluster(broker_class, manifests())
+    cluster.handlers["sub"] = lambda m: Delivery(202)
+    broker = cluster.run(event())
+    assert statuses(broker) == [202]
+    assert not broker.dead_letters and not broker.refused_replies
+    assert len(broker.accepted) == 1
+
+
+def test_a_2xx_body_that_is_no_event_is_a_502_then_dead_lettered_on_the_channel_broker() -> None:
+    cluster = Cluster(CHANNEL_BROKER, manifests(retry=2))
+    cluster.handlers["sub"] = lambda m: Delivery(
+        202, Message({"content-type": "application/json"}, b'{"ok": true}')
+    )
+    broker = cluster.run(event())
+    assert statuses(broker) == [202, 202, 202]  # each 502 from the filter is retried
+    assert len(broker.refused_replies) == 3
+    [letter] = broker.dead_letters
+    # The filter's 502 carries no body: the dead-letter sink learns nothing about why.
+    assert not any(k.startswith("knativeerror") for k in letter.event.attributes)
+
+
+def test_a_2xx_body_that_is_no_event_is_dead_lettered_at_once_by_kafka() -> None:
+    cluster = Cluster(KAFKA_BROKER, manifests(retry=2))
+    cluster.handlers["sub"] = lambda m: Delivery(200, Message({}, b"done"))
+    broker = cluster.run(event())
+    assert statuses(broker) == [200]
+    [letter] = broker.dead_letters
+    errors = {k: v for k, v in letter.event.attributes.items() if k.startswith("knativeerror")}
+    assert errors == {"knativeerrordest": "http://sub"}
+
+
+@pytest.mark.parametrize("broker_class", CLASSES)
+def test_a_malformed_event_reply_is_refused(broker_class: str) -> None:
+    cluster = Cluster(broker_class, manifests(retry=1))
+    headers = {"ce-specversion": "1.0", "ce-type": "pong", "content-type": "application/json"}
+    cluster.handlers["sub"] = lambda m: Delivery(200, Message(headers, b"{}"))  # no id, source
+    broker = cluster.run(event())
+    assert (
+        broker.refused_replies
+        and "missing required attributes: id, source" in broker.refused_replies[0][1]
+    )
+    assert len(broker.dead_letters) == 1 and len(broker.accepted) == 1
+
+
+@pytest.mark.parametrize("broker_class", CLASSES)
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+def test_a_reply_event_is_published(broker_class: str, mode: str) -> None:
+    cluster = Cluster(broker_class, manifests())
+    if mode == "binary":
+        cluster.handlers["sub"] = lambda m: binary_reply("pong")
+    else:
+        body = {
+            "specversion": "1.0",
+            "id": "r1",
+            "source": "/sub",
+            "type": "pong",
+            "data": {"a": 1},
+        }
+        headers = {"content-type": "application/cloudevents+json; charset=utf-8"}
+        cluster.handlers["sub"] = lambda m: Delivery(
+            200, Message(headers, json.dumps(body).encode())
+        )
+    broker = cluster.run(event())
+    [reply] = broker.outputs  # no Trigger takes "pong"
+    assert reply["type"] == "pong" and reply["id"] == "r1"
+    assert not broker.dead_letters
+
+
+# Loops and TTL.
+
+
+def test_the_channel_broker_ends_a_routing_loop_with_its_ttl() -> None:
+    cluster = Cluster(CHANNEL_BROKER, manifests(), max_events=1000)
+    cluster.handlers["sub"] = lambda m: binary_reply("ping")  # replies what it consumes
+    broker = cluster.run(event())
+    # The subscriber never sees the TTL; the 255th reply is refused by the ingress.
+    assert all("knativebrokerttl" not in e.attributes for e in cluster.received["sub"])
+    assert len(cluster.received["sub"]) == 255
+    [letter] = broker.dead_letters
+    assert letter.event["knativeerrordest"] == INGRESS_URL
+    assert letter.event["knativeerrorcode"] == "400"
+
+
+def test_the_kafka_broker_has_no_ttl() -> None:
+    cluster = Cluster(KAFKA_BROKER, manifests(), max_events=300)
+    cluster.handlers["sub"] = lambda m: binary_reply("ping")
+    with pytest.raises(RoutingLoop):
+        cluster.run(event())
+    assert len(cluster.received["sub"]) >= 300
+
+
+# Dead letters.
+
+
+@pytest.mark.parametrize("broker_class", CLASSES)
+def test_the_dead_letter_sink_is_retried_like_the_subscriber(broker_class: str) -> None:
+    cluster = Cluster(broker_class, manifests(retry=2))
+    cluster.handlers["sub"] = lambda m: Delivery(500)
+    answers = iter([Delivery(503), Delivery(503), Delivery(202)])
+    cluster.handlers["dls"] = lambda m: next(answers)
+    broker = cluster.run(event())
+    assert statuses(broker, "http://dls") == [503, 503, 202]
+    assert [letter.accepted for letter in broker.dead_letters] == [True]
+
+
+@pytest.mark.parametrize(
+    ("broker_class", "encoded_length"), [(CHANNEL_BROKER, 1024), (KAFKA_BROKER, 1368)]
+)
+def test_error_data_is_cut_at_1024(broker_class: str, encoded_length: int) -> None:
+    cluster = Cluster(broker_class, manifests(retry=0))
+    cluster.handlers["sub"] = lambda m: Delivery(400, Message({}, b"x" * 5000))
+    [letter] = cluster.run(event()).dead_letters
+    assert len(letter.event["knativeerrordata"]) == encoded_length
+
+
+def test_kafka_publishes_the_dead_letter_sinks_reply_and_refuses_a_bad_one() -> None:
+    cluster = Cluster(KAFKA_BROKER, manifests(retry=0))
+    cluster.handlers["sub"] = lambda m: Delivery(400)
+    cluster.handlers["dls"] = lambda m: binary_reply("failure.recorded", 202)
+    broker = cluster.run(event())
+    assert [e["type"] for e in broker.outputs] == ["failure.recorded"]
+
+    cluster = Cluster(KAFKA_BROKER, manifests(retry=0))
+    cluster.handlers["sub"] = lambda m: Delivery(400)
+    cluster.handlers["dls"] = lambda m: Delivery(202, Message({}, b'{"recorded": true}'))
+    broker = cluster.run(event())
+    assert [letter.accepted for letter in broker.dead_letters] == [False]
+    assert len(broker.lost) == 1
+
+
+@pytest.mark.parametrize("broker_class", CLASSES)
+def test_no_response_is_retried(broker_class: str) -> None:
+    cluster = Cluster(broker_class, manifests(retry=2))
+
+    def unreachable(message: Message) -> Delivery:
+        raise NoResponse("connection refused")
+
+    cluster.handlers["sub"] = unreachable
+    broker = cluster.run(event())
+    assert statuses(broker) == [None, None, None]
+    [letter] = broker.dead_letters
+    assert ("knativeerrorcode" in letter.event.attributes) is False
+
+
+# Concurrency, duplicates and order.
+
+
+@pytest.mark.parametrize("broker_class", CLASSES)
+def test_deliveries_run_concurrently_and_redeliveries_duplicate(broker_class: str) -> None:
+    cluster = Cluster(broker_class, manifests(), redeliveries=1)
+    together = threading.Barrier(2, timeout=10)
+
+    def both_at_once(message: Message) -> Delivery:
+        together.wait()  # breaks (and fails the delivery) unless both copies are in flight
+        return Delivery(202)
+
+    cluster.handlers["sub"] = both_at_once
+    broker = cluster.run(event())
+    assert statuses(broker) == [202, 202]
+    assert [e["id"] for e in cluster.received["sub"]] == ["e1", "e1"]
+
+
+def test_a_seed_reorders_deliveries() -> None:
+    events = [event().with_attributes(id=f"e{n}") for n in range(12)]
+    orders = []
+    for seed in (None, 7):
+        cluster = Cluster(KAFKA_BROKER, manifests(), seed=seed, workers=1)
+        cluster.handlers["sub"] = lambda m: Delivery(202)
+        cluster.run(*events)
+        orders.append([e["id"] for e in cluster.received["sub"]])
+    assert orders[0] == [e["id"] for e in events]
+    assert sorted(orders[1]) == sorted(orders[0]) and orders[1] != orders[0]

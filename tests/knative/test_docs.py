@@ -1,0 +1,108 @@
+"""docs/deploy.md's timeout table and docs/runbook.md's alerts agree with what they describe."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import yaml
+
+from .conftest import REPO
+from .routing import CHANNEL_BROKER, KAFKA_BROKER, Routing, TriggerInfo
+
+# The stage budgets as the functions compute them; load_stage is a fixture, used by name.
+from .test_function_contract import _settings, load_stage  # noqa: F401
+
+RoutingOf = Callable[[str], Routing]
+DEPLOY = REPO / "docs" / "deploy.md"
+RUNBOOK = REPO / "docs" / "runbook.md"
+ALERTS = REPO / "observability" / "prometheus" / "alerts.yaml"
+
+
+def markdown_table(text: str, heading: str) -> dict[str, list[str]]:
+    """The first table under ``heading``: first cell of each row -> the other cells."""
+    section = text.split(heading, 1)[1]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    table: dict[str, list[str]] = {}
+    started = False
+    for line in section.splitlines():
+        if line.startswith("|"):
+            started = True
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            table[cells[0]] = cells[1:]
+        elif started:
+            break
+    assert rows, f"no table under {heading}"
+    return table
+
+
+def _trigger(r: Routing, service: str) -> TriggerInfo:
+    """The delivery settings of the Triggers feeding a Service (they must agree)."""
+    triggers = [t for t in r.triggers if t.subscriber == service]
+    settings = {(t.retry, t.backoff_delay, t.backoff_policy, t.timeout) for t in triggers}
+    assert len(settings) == 1, f"{service}: Triggers with different delivery settings"
+    return triggers[0]
+
+
+def _seconds(value: timedelta | None) -> int:
+    assert value is not None
+    return round(value.total_seconds())
+
+
+def test_the_nested_timeout_table_is_what_the_manifests_say(
+    routing: RoutingOf, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    load: Callable[[str], Any] = request.getfixturevalue("load_stage")
+    table = markdown_table(DEPLOY.read_text(), "### Nested timeouts")
+    stages = table.pop("limit (seconds unless counted)")
+    table.pop("---")
+    r = routing("prod")
+    expected: dict[str, list[str]] = {key: [] for key in table}
+    for stage in stages:
+        service = r.services[f"imagegen-{stage}"]
+        pod = service.manifest["spec"]["template"]["spec"]
+        trigger = _trigger(r, service.name)
+        attempts = 1 + (trigger.retry or 0)
+        waits = {
+            broker: sum(map(_seconds, trigger.backoff_schedule(broker)))
+            for broker in (CHANNEL_BROKER, KAFKA_BROKER)
+        }
+        budget = load(stage).timeout(_settings(service, monkeypatch))
+        values = {
+            "function budget": budget,
+            "`timeoutSeconds`": pod["timeoutSeconds"],
+            "`responseStartTimeoutSeconds`": pod["responseStartTimeoutSeconds"],
+            "Trigger `timeout`": _seconds(trigger.timeout),
+            "Trigger `retry` (count)": trigger.retry,
+            "Trigger `backoffDelay`": _seconds(trigger.backoff_delay),
+            "total backoff, channel-based broker": waits[CHANNEL_BROKER],
+            "total backoff, Kafka broker": waits[KAFKA_BROKER],
+            "longest time to the dead-letter sink, channel-based": attempts
+            * _seconds(trigger.timeout)
+            + waits[CHANNEL_BROKER],
+            "longest time to the dead-letter sink, Kafka": attempts * _seconds(trigger.timeout)
+            + waits[KAFKA_BROKER],
+        }
+        assert set(values) == set(table), "the table's rows changed: update this test"
+        for key, value in values.items():
+            expected[key].append(f"{value:g}" if isinstance(value, float) else str(value))
+        # The relations the section states.
+        assert budget < pod["timeoutSeconds"] <= _seconds(trigger.timeout), stage
+        assert pod["responseStartTimeoutSeconds"] == pod["timeoutSeconds"], stage
+    assert table == expected
+
+
+def test_the_activator_margin_in_the_text_is_the_manifests(routing: RoutingOf) -> None:
+    render = routing("prod").services["imagegen-render"]
+    margin = render.timeout_seconds - float(render.env["IMAGEGEN_RENDER_TIMEOUT"])  # type: ignore[operator]
+    assert f"`timeoutSeconds` minus the budget ({margin:g} s)" in DEPLOY.read_text()
+
+
+def test_every_alert_has_a_runbook_section() -> None:
+    rules = yaml.safe_load(ALERTS.read_text())
+    alerts = [rule["alert"] for group in rules["groups"] for rule in group["rules"]]
+    sections = set(re.findall(r"^### (\S+)$", RUNBOOK.read_text(), re.MULTILINE))
+    assert alerts and not set(alerts) - sections, set(alerts) - sections
