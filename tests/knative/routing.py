@@ -282,6 +282,14 @@ class Routing:
         self.triggers: tuple[TriggerInfo, ...] = tuple(
             TriggerInfo.from_manifest(d) for d in documents if d.get("kind") == "Trigger"
         )
+        # eventing pkg/apis/sources/v1/ping_lifecycle.go PingSourceSource: the `source` of
+        # every event a PingSource sends.
+        self.ping_sources: tuple[str, ...] = tuple(
+            f"/apis/v1/namespaces/{d['metadata'].get('namespace', 'default')}"
+            f"/pingsources/{d['metadata']['name']}"
+            for d in documents
+            if d.get("kind") == "PingSource"
+        )
         self.services: dict[str, ServiceInfo] = {
             d["metadata"]["name"]: ServiceInfo.from_manifest(d, config_maps)
             for d in documents
@@ -310,6 +318,9 @@ class Routing:
         Returns:
             Every matching Trigger, in manifest order: the broker delivers to each.
         """
+        if event_type == PING_EVENT_TYPE and attributes is None and len(self.ping_sources) == 1:
+            # What this broker's own PingSource sends.
+            attributes = {"source": self.ping_sources[0]}
         event = {**(attributes or {}), "type": event_type}
         return [
             t

@@ -194,7 +194,8 @@ def test_the_scheduled_ping_dreams_an_image(cluster: Any) -> None:
     [pingsource] = [d for d in render_kustomize(TARGETS["dev"]) if d.get("kind") == "PingSource"]
     data = json.loads(pingsource["spec"].get("data") or "{}")
     broker = _broker(routing, servers)
-    broker.publish(_request(PING_EVENT_TYPE), data)
+    [source] = routing.ping_sources
+    broker.publish({**_request(PING_EVENT_TYPE), "source": source}, data)
     [(attributes, persisted)] = broker.outputs
     assert attributes["type"] == IMAGE_PERSISTED
     assert persisted["prompt"]  # dreamed, since the ping carries no prompt

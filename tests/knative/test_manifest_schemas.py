@@ -123,13 +123,6 @@ TYPOS: list[tuple[str, str, str, Callable[[dict[str, Any]], None], str]] = [
         lambda d: d["data"].update(X=4),
         "is not of type 'string'",
     ),
-    (
-        "Secret",
-        "imagegen-storage",
-        "top-level field",
-        lambda d: d.update(stringdata={}),
-        "stringdata",
-    ),
 ]
 
 
