@@ -40,7 +40,7 @@ def _split_list(value: Any) -> Any:
 
 
 class Settings(BaseSettings):
-    """Every setting of imagegen; see the table in the README."""
+    """Every setting of imagegen; see the table in docs/configuration.md."""
 
     model_config = SettingsConfigDict(
         env_prefix="IMAGEGEN_",

@@ -1,46 +1,141 @@
-"""The README stays true: its settings table and its local-invoke commands."""
+"""The README and the docs pages stay true: their links, tables, commands and examples."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from imagegen.settings import Settings
 from tests.conftest import ROOT
 
-README = (ROOT / "README.md").read_text()
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+PAGES = sorted(DOCS.glob("*.md"))
 
 
-def _section(title: str) -> str:
-    start = README.index(title)
-    end = README.find("\n## ", start + len(title))
-    return README[start : end if end != -1 else None]
+def _page(name: str) -> str:
+    return (DOCS / name).read_text()
+
+
+def _section(text: str, title: str) -> str:
+    start = text.index(title)
+    level = title.split(" ", 1)[0]
+    end = text.find(f"\n{level} ", start + len(title))
+    return text[start : end if end != -1 else None]
 
 
 def _blocks(text: str) -> list[str]:
     return re.findall(r"```sh\n(.*?)```", text, flags=re.S)
 
 
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_the_readme_is_short_and_links_every_page() -> None:
+    text = README.read_text()
+    assert len(text.encode()) < 8 * 1024, "README.md over 8 KB: move the detail into docs/"
+    linked = set(re.findall(r"\]\(docs/([\w.-]+\.md)", text))
+    assert linked == {p.name for p in PAGES}, "every docs page is linked from the README, once"
+
+
+@pytest.mark.parametrize("page", [README, *PAGES], ids=lambda p: p.name)
+def test_every_local_link_resolves(page: Path) -> None:
+    for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+        if re.match(r"[a-z]+:", target):
+            continue  # http(s), mailto: not fetched offline
+        path, _, anchor = target.partition("#")
+        resolved = (page.parent / path).resolve() if path else page
+        assert resolved.exists(), f"{page.name}: link to missing {target}"
+        if anchor and resolved.suffix == ".md":
+            headings = re.findall(r"^#+ (.+)$", resolved.read_text(), flags=re.M)
+            assert anchor in {_anchor(h) for h in headings}, f"{page.name}: no #{anchor}"
+
+
 def test_every_setting_is_in_the_configuration_table() -> None:
-    table = _section("## Configuration")
+    table = _page("configuration.md")
     for name in Settings.model_fields:
         assert f"`IMAGEGEN_{name.upper()}`" in table, f"IMAGEGEN_{name.upper()} is not documented"
-    documented = set(re.findall(r"`IMAGEGEN_([A-Z0-9_]+)`", table))
-    assert documented <= {n.upper() for n in Settings.model_fields}, (
+    documented = set(re.findall(r"^\| `IMAGEGEN_([A-Z0-9_]+)`", table, flags=re.M))
+    assert documented == {n.upper() for n in Settings.model_fields}, (
         "the table names unknown settings"
     )
 
 
+def _cli_lines() -> list[tuple[str, str]]:
+    lines = []
+    for page in [README, DOCS / "cli.md"]:
+        for block in _blocks(page.read_text()):
+            for line in block.splitlines():
+                if line.startswith("imagegen "):
+                    command = line.split("  #", 1)[0].strip()
+                    lines.append((page.name, command))
+    return lines
+
+
+@pytest.mark.parametrize(("page", "command"), _cli_lines())
+def test_every_documented_command_line_parses(page: str, command: str) -> None:
+    """Each ``imagegen ...`` line names a real command with real options and valid values."""
+    from typer.main import get_command
+
+    from imagegen.cli import app
+
+    args = shlex.split(command)[1:]
+    group = get_command(app)
+    if args == ["--help"]:
+        return
+    ctx = group.make_context("imagegen", [], resilient_parsing=True)
+    sub = group.get_command(ctx, args[0])
+    assert sub is not None, f"{page}: no command {args[0]!r}"
+    sub.make_context(args[0], args[1:], parent=ctx)  # raises on unknown options or bad values
+
+
+def test_the_documented_error_example_is_what_the_cli_prints(tmp_path: Path) -> None:
+    example = re.search(r"\$ (imagegen .+)\n(imagegen: error: .+)\n", _page("cli.md"))
+    assert example, "docs/cli.md shows a failing command and its one-line error"
+    result = subprocess.run(
+        [sys.executable, "-m", "imagegen.cli", *shlex.split(example[1])[1:]],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == example[2]
+
+
+def test_the_kustomize_directories_named_in_the_docs_exist() -> None:
+    named = set()
+    for page in [README, *PAGES]:
+        for block in _blocks(page.read_text()):
+            named |= set(re.findall(r"kubectl apply .*?-k (\S+)", block))
+    assert {"knative/cluster", "knative/overlays/dev", "knative/overlays/prod"} <= named
+    for directory in named:
+        assert (ROOT / directory / "kustomization.yaml").is_file(), directory
+
+
 def test_the_local_invoke_commands_work(tmp_path: Path) -> None:
-    serve, event, plain = _blocks(_section("### Invoke a function locally"))
+    blocks = _blocks(_section(_page("functions.md"), "## Invoke a function locally"))
+    # The documented ports, moved to free ones: a port taken on this machine must not fail it.
+    documented = sorted(set(re.findall(r"--port (\d+)", blocks[0])))
+    assert len(documented) == 3, blocks[0]
+    moved = {port: str(_free_port()) for port in documented}
+    serve, event, plain = (
+        re.sub(r"\b(808\d)\b", lambda m: moved.get(m[1], m[1]), block) for block in blocks
+    )
     # `imagegen` and `curl` as a user has them: the project's environment first on PATH.
     env = {
         **os.environ,
@@ -79,7 +174,18 @@ def test_the_local_invoke_commands_work(tmp_path: Path) -> None:
     finally:
         for server in servers:
             os.killpg(server.pid, signal.SIGTERM)
-            server.wait(10)
+        for server in servers:
+            try:  # gunicorn's graceful stop; a loaded machine may need longer
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait(10)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _wait(url: str, timeout: float = 120) -> None:
@@ -95,10 +201,12 @@ def _wait(url: str, timeout: float = 120) -> None:
 
 
 def test_the_quick_start_commands_exist() -> None:
-    quick = _blocks(_section("## Quick start"))[0]
+    quick = _blocks(_section(README.read_text(), "## Quick start"))[0]
     targets = re.findall(r"^make (\w+)", quick, flags=re.M)
     makefile = (ROOT / "Makefile").read_text()
     assert targets == ["demo", "test"]
     for target in targets:
         assert re.search(rf"^{target}:", makefile, flags=re.M), target
     assert "make test" in (ROOT / ".ci" / "run").read_text()  # CI runs the README's test command
+    for target in re.findall(r"^make (\w+)", "\n".join(_blocks(_page("development.md"))), re.M):
+        assert re.search(rf"^{target}:", makefile, flags=re.M), target
