@@ -95,6 +95,8 @@ class ImageGenService:
     async def __aenter__(self) -> Self:
         for model in self._preload:
             await self.render_stage.load(model)
+            if self.settings.render_warmup:
+                await self.render_stage.warm_up(model)
         return self
 
     async def __aexit__(

@@ -61,9 +61,36 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "mps", "cpu"] = Field(default="auto")
     model_cache_dir: Path | None = Field(default=None, description="Hugging Face cache directory.")
     hf_token: SecretStr | None = Field(default=None, description="Token for gated models.")
-    render_queue_size: int = Field(
-        default=4, ge=0, description="Renders that may wait; 429 beyond."
+    render_queue_size: int | None = Field(
+        default=None,
+        ge=0,
+        description="Renders that may wait; 429 beyond. None: what finishes within render_timeout.",
     )
+    render_batch_size: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Compatible renders run as one pipeline call; 1: unbatched, bit-exact.",
+    )
+    render_batch_window_ms: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=10_000.0,
+        description="Milliseconds a render waits for compatible jobs to share its batch.",
+    )
+    render_warmup: bool = Field(
+        default=False, description="Render one image at start-up, before ready (times renders)."
+    )
+    render_compile: Literal["off", "regional", "full"] = Field(
+        default="off", description="CUDA: torch.compile the transformer (regional: its blocks)."
+    )
+    render_compile_cache_dir: Path | None = Field(
+        default=None, description="CUDA: persistent torch.compile cache (on the model volume)."
+    )
+    render_fp8: bool = Field(
+        default=False, description="CUDA 8.9+: fp8 weights and activations via torchao."
+    )
+    render_fuse_qkv: bool = Field(default=False, description="CUDA: fused QKV projections.")
     render_timeout: float = Field(
         default=600.0, gt=0, description="Seconds a render request may take, queueing included."
     )
@@ -77,6 +104,12 @@ class Settings(BaseSettings):
     ollama_temperature: float = Field(default=0.8, ge=0.0, le=2.0)
     ollama_timeout: float = Field(default=30.0, gt=0)
     ollama_retries: int = Field(default=2, ge=0, le=10)
+    ollama_breaker_threshold: int = Field(
+        default=3, ge=0, description="Failed prompts in a row that open the circuit; 0: never."
+    )
+    ollama_breaker_cooldown: float = Field(
+        default=30.0, gt=0, description="Seconds the open circuit skips Ollama before a probe."
+    )
     enhance_fallback: bool = Field(
         default=True, description="Ollama down: template prompt (true) or retryable 503 (false)."
     )
@@ -106,6 +139,9 @@ class Settings(BaseSettings):
     url_signing_secret: SecretStr | None = Field(default=None, description="Signs public URLs.")
     signed_url_ttl: int = Field(default=7 * 24 * 3600, gt=0, description="Signed URL lifetime (s).")
     thumbnail_size: int = Field(default=256, ge=16, le=1024)
+    png_compress_level: int = Field(
+        default=6, ge=0, le=9, description="zlib level of PNGs: 0 fastest, 9 smallest."
+    )
 
     # Logs
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -31,8 +31,9 @@ __all__ = [
 _SCOPE = "imagegen"
 
 
+@cache
 def tracer() -> trace.Tracer:
-    """The tracer every imagegen span comes from."""
+    """The tracer every imagegen span comes from (looked up once: a proxy until set up)."""
     return trace.get_tracer(_SCOPE)
 
 
@@ -82,6 +83,13 @@ METRICS: dict[str, MetricSpec] = {
         "{prompt}",
         "Prompts composed from the template because the LLM could not write them.",
         ("reason",),
+    ),
+    "circuit_transitions": MetricSpec(
+        "imagegen.circuit.transitions",
+        "counter",
+        "{transition}",
+        "Circuit breaker state changes (to open, half_open, closed) per dependency.",
+        ("dependency", "state"),
     ),
     "model_load_duration": MetricSpec(
         "imagegen.model.load.duration",
@@ -139,6 +147,7 @@ class Instruments(NamedTuple):
     generations: metrics.Counter
     ollama_duration: metrics.Histogram
     enhance_fallbacks: metrics.Counter
+    circuit_transitions: metrics.Counter
     model_load_duration: metrics.Histogram
     denoise_step_duration: metrics.Histogram
     renders_in_flight: metrics.UpDownCounter

@@ -3,7 +3,9 @@
 The reply is constrained to a JSON schema (``format=``) generated from :class:`PromptReply`, and
 sampled with the generation's seed, so a redelivered request gets the same reply. Connection
 errors, 5xx/429 answers and malformed replies are retried with exponential backoff (tenacity);
-a reply slower than ``ollama_timeout`` is not, since it would be as slow again.
+a reply slower than ``ollama_timeout`` is not, since it would be as slow again. After
+``ollama_breaker_threshold`` failed prompts in a row a circuit breaker answers at once for
+``ollama_breaker_cooldown`` seconds, then lets one probe through (:mod:`._breaker`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from tenacity import (
 )
 
 from imagegen._redact import redact_url
+from imagegen.enhance._breaker import CircuitBreaker, CircuitOpen
 from imagegen.enhance._text import clean_reply, fit_budget
 from imagegen.errors import DependencyUnavailable
 from imagegen.models import Contribution
@@ -97,9 +100,11 @@ def fallback_reason(error: BaseException) -> str:
     """Why the LLM could not write a prompt, in a word for metrics: the error's cause.
 
     ``timeout``, ``error_response`` (Ollama answered with an error status),
-    ``malformed_reply`` or ``unreachable``.
+    ``malformed_reply``, ``circuit_open`` (not called: it kept failing) or ``unreachable``.
     """
     cause = error.__cause__ or error
+    if isinstance(cause, CircuitOpen):
+        return "circuit_open"
     if isinstance(cause, TimeoutError | httpx.TimeoutException):
         return "timeout"
     if isinstance(cause, ollama.ResponseError | httpx.HTTPStatusError):
@@ -151,6 +156,11 @@ class OllamaEnhancer:
         self.client = client or ollama.AsyncClient(
             host=settings.ollama_host, timeout=settings.ollama_timeout
         )
+        self.breaker = CircuitBreaker(
+            "ollama",
+            threshold=settings.ollama_breaker_threshold,
+            cooldown=settings.ollama_breaker_cooldown,
+        )
 
     @property
     def name(self) -> str:
@@ -176,8 +186,23 @@ class OllamaEnhancer:
 
         Raises:
             DependencyUnavailable: Ollama is unreachable, failing, slow or replying nonsense,
-                retries included.
+                retries included, or its circuit is open.
         """
+        try:
+            async with self.breaker.call():
+                return await self._write(prompt, contributions, seed, spec)
+        except CircuitOpen as exc:
+            # Expected while Ollama is down: one short line, no retries, no traceback.
+            model = self.settings.ollama_model
+            raise DependencyUnavailable(f"Ollama model {model}: {exc}") from exc
+
+    async def _write(
+        self,
+        prompt: str | None,
+        contributions: Sequence[Contribution],
+        seed: int,
+        spec: ModelSpec,
+    ) -> str:
         messages = build_messages(prompt, contributions, spec)
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.settings.ollama_retries + 1),
@@ -207,8 +232,10 @@ class OllamaEnhancer:
     async def _chat(self, messages: list[dict[str, str]], seed: int, spec: ModelSpec) -> str:
         """One chat call, in its own span and timed, whatever its outcome."""
         model = self.settings.ollama_model
+        # A failed call is expected (Ollama down): its error type goes on the span, but no
+        # formatted traceback (record_exception), which costs more than the fallback itself.
         with tracer().start_as_current_span(
-            "imagegen.ollama.chat", kind=trace.SpanKind.CLIENT
+            "imagegen.ollama.chat", kind=trace.SpanKind.CLIENT, record_exception=False
         ) as span:
             span.set_attributes(self._span_attributes(seed, spec))
             labels = {"gen_ai.request.model": model, "outcome": "success"}

@@ -7,6 +7,7 @@ import contextlib
 import contextvars
 import inspect
 import logging
+import queue
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -77,12 +78,43 @@ def _skipped(span: trace.Span, error: BaseException, description: str) -> None:
     span.set_status(trace.StatusCode.ERROR, description)
 
 
-async def _call(fn: Callable[[PluginContext], Any], context: PluginContext) -> Contribution | None:
-    """Await ``fn(context)``; a plain function runs in a daemon thread.
+class _DaemonPool:
+    """Reused daemon worker threads; another starts only when none is idle.
 
-    A daemon thread rather than the loop's executor: a plugin that never returns is abandoned
-    after its timeout instead of holding up the loop's shutdown.
+    Daemon threads rather than the loop's executor: a plugin that never returns is abandoned
+    after its timeout instead of holding up the loop's (and the interpreter's) shutdown. Reused
+    rather than one per call: starting a thread costs more than most plugins take.
     """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+        self.started = 0
+
+    def submit(self, task: Callable[[], None]) -> None:
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+            else:
+                self.started += 1
+                name = f"{self._name}-{self.started}"
+                threading.Thread(target=self._work, name=name, daemon=True).start()
+        self._tasks.put(task)
+
+    def _work(self) -> None:
+        while True:
+            self._tasks.get()()
+            with self._lock:
+                self._idle += 1
+
+
+_POOL = _DaemonPool("plugin")
+
+
+async def _call(fn: Callable[[PluginContext], Any], context: PluginContext) -> Contribution | None:
+    """Await ``fn(context)``; a plain function runs on a reused daemon thread."""
     if inspect.iscoroutinefunction(fn):
         result: Any = await fn(context)
         return result  # type: ignore[no-any-return]
@@ -107,10 +139,7 @@ async def _call(fn: Callable[[PluginContext], Any], context: PluginContext) -> C
 
     # The caller's context goes along, so spans the plugin makes nest under its own.
     runner = contextvars.copy_context().run
-    thread = threading.Thread(
-        target=runner, args=(target,), name=f"plugin-{context.plugin}", daemon=True
-    )
-    thread.start()
+    _POOL.submit(lambda: runner(target))
     result = await future
     if inspect.isawaitable(result):
         result = await result

@@ -8,7 +8,7 @@ from typing import Protocol, runtime_checkable
 
 from imagegen.models import EnhancedPrompt
 
-__all__ = ["ProgressCallback", "RenderBackend", "RenderOutput"]
+__all__ = ["BatchRenderBackend", "ProgressCallback", "RenderBackend", "RenderOutput"]
 
 ProgressCallback = Callable[[int, int], None]
 """Called as ``progress(step, total_steps)`` after each denoising step."""
@@ -48,4 +48,15 @@ class RenderBackend(Protocol):
 
     def close(self) -> None:
         """Release the loaded models and accelerator memory."""
+        ...
+
+
+@runtime_checkable
+class BatchRenderBackend(RenderBackend, Protocol):
+    """A backend that can render compatible jobs as one call (see ``batching.batch_key``)."""
+
+    def render_batch(
+        self, jobs: list[EnhancedPrompt], *, progress: ProgressCallback | None = None
+    ) -> list[RenderOutput]:
+        """Render ``jobs`` together, one output per job in order; each from its own seed."""
         ...

@@ -29,6 +29,7 @@ try:
     from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 
     from imagegen.render._device import select_device
+    from imagegen.render._fastpath import apply_fast_path
     from imagegen.render._loading import Pipeline, load_pipeline
     from imagegen.render._lora import LoraAdapters, check_lora_support
 except ImportError as error:  # pragma: no cover - depends on the installation
@@ -57,6 +58,9 @@ class DiffusersBackend:
         self._pipelines: dict[str, Pipeline] = {}
         self._adapters = LoraAdapters(settings)
         self._target: tuple[torch.device, torch.dtype] | None = None
+        self._png_level = settings.png_compress_level
+        self.fast_path: dict[str, list[str]] = {}
+        """The CUDA fast-path options applied to each loaded model."""
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -92,6 +96,7 @@ class DiffusersBackend:
             pipe = load_pipeline(model, dtype, self._settings)
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
+        self.fast_path[model] = apply_fast_path(pipe, self._settings, device)
         self._pipelines[model] = pipe
         return time.perf_counter() - started
 
@@ -151,6 +156,18 @@ class DiffusersBackend:
                 cannot be used (``loras``).
             DependencyUnavailable: A LoRA from the Hub cannot be fetched.
         """
+        return self.render_batch([job], progress=progress)[0]
+
+    def render_batch(
+        self, jobs: list[EnhancedPrompt], *, progress: ProgressCallback | None = None
+    ) -> list[RenderOutput]:
+        """Render compatible ``jobs`` (see :func:`batch_key`) as one pipeline call.
+
+        Each image has its own generator seeded from its job. A batch of one is exactly
+        :meth:`render`; a larger batch gives each image within float noise of rendering it
+        alone (docs/rendering.md). Timings are the batch's, shared by its images.
+        """
+        job = jobs[0]
         pipe = self._pipelines.get(job.model)
         if pipe is None:
             raise field_error("model", f"model {job.model!r} is not loaded")
@@ -169,7 +186,7 @@ class DiffusersBackend:
                 timings["lora"] = time.perf_counter() - started
 
             # 2. Denoise, then 3. decode with the VAE
-            image, denoise, decode = self._denoise_and_decode(pipe, job, progress)
+            images, denoise, decode = self._denoise_and_decode(pipe, jobs, progress)
         finally:
             # The next job starts from the bare model.
             if adapters_on:
@@ -179,27 +196,37 @@ class DiffusersBackend:
 
         # 4. Encode as PNG, with what is needed to reproduce the image
         encode_started = time.perf_counter()
-        with tracer().start_as_current_span("imagegen.render.png_encode") as span:
-            png = encode_png(image, text=self._png_text(job))
-            span.set_attribute("imagegen.png.size", len(png))
+        pngs = []
+        for image, each in zip(images, jobs, strict=True):
+            with tracer().start_as_current_span("imagegen.render.png_encode") as span:
+                pngs.append(encode_png(image, text=self._png_text(each), level=self._png_level))
+                span.set_attribute("imagegen.png.size", len(pngs[-1]))
         timings["encode"] = time.perf_counter() - encode_started
         timings["total"] = time.perf_counter() - started
-        return RenderOutput(png=png, width=image.width, height=image.height, timings=timings)
+        return [
+            RenderOutput(png=png, width=image.width, height=image.height, timings=dict(timings))
+            for png, image in zip(pngs, images, strict=True)
+        ]
 
     def _denoise_and_decode(
-        self, pipe: Pipeline, job: EnhancedPrompt, progress: ProgressCallback | None
-    ) -> tuple[Any, float, float]:
-        """Run ``pipe`` for ``job``; return the PIL image and the denoise and decode seconds."""
+        self, pipe: Pipeline, jobs: list[EnhancedPrompt], progress: ProgressCallback | None
+    ) -> tuple[list[Any], float, float]:
+        """Run ``pipe`` for ``jobs``; return the PIL images and the denoise and decode seconds."""
         parameters = inspect.signature(pipe.__call__).parameters
         device = self.device
+        job = jobs[0]
         # CUDA draws its own noise on the GPU; MPS noise is drawn on the CPU, as diffusers advises.
-        generator = torch.Generator(device="cuda" if device.type == "cuda" else "cpu")
+        generators = [
+            torch.Generator(device="cuda" if device.type == "cuda" else "cpu").manual_seed(j.seed)
+            for j in jobs
+        ]
         kwargs: dict[str, Any] = {
-            "prompt": job.prompt,
+            # One job runs exactly as it always has: a prompt and a generator, not lists of one.
+            "prompt": job.prompt if len(jobs) == 1 else [j.prompt for j in jobs],
             "width": job.width,
             "height": job.height,
             "num_inference_steps": job.steps,
-            "generator": generator.manual_seed(job.seed),
+            "generator": generators[0] if len(jobs) == 1 else generators,
         }
         if "guidance_scale" in parameters:
             kwargs["guidance_scale"] = job.guidance
@@ -225,6 +252,7 @@ class DiffusersBackend:
             "imagegen.width": job.width,
             "imagegen.height": job.height,
             "imagegen.device": device.type,
+            "imagegen.batch_size": len(jobs),
         }
         started = time.perf_counter()
         if isinstance(pipe, FluxPipeline):
@@ -236,15 +264,15 @@ class DiffusersBackend:
                 self._synchronize()
             denoised = time.perf_counter()
             with tracer().start_as_current_span("imagegen.render.vae_decode"):
-                image = self._decode_flux(pipe, latents, job.width, job.height)
-            return image, denoised - started, time.perf_counter() - denoised
+                images = self._decode_flux(pipe, latents, job.width, job.height)
+            return images, denoised - started, time.perf_counter() - denoised
 
         # Any other pipeline decodes itself: the last step's end splits the two phases, and
         # their spans are written afterwards with those times.
         loop_span = tracer().start_span("imagegen.render.denoise_loop", attributes=loop_attributes)
         try:
             with trace.use_span(loop_span, end_on_exit=False):  # records an error on the span
-                image = pipe(**kwargs).images[0]
+                images = list(pipe(**kwargs).images)
         except BaseException:
             loop_span.end()
             raise
@@ -253,18 +281,18 @@ class DiffusersBackend:
         denoised_ns = ended_ns - int((ended - denoised) * 1e9)
         loop_span.end(end_time=denoised_ns)
         tracer().start_span("imagegen.render.vae_decode", start_time=denoised_ns).end(ended_ns)
-        return image, denoised - started, ended - denoised
+        return images, denoised - started, ended - denoised
 
     @staticmethod
     @torch.inference_mode()
-    def _decode_flux(pipe: Pipeline, latents: torch.Tensor, width: int, height: int) -> Any:
+    def _decode_flux(pipe: Pipeline, latents: torch.Tensor, width: int, height: int) -> list[Any]:
         """FluxPipeline's own decoding: unpack the 2x2 patches, undo the scaling, run the VAE."""
         latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
         latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
         pixels = pipe.vae.decode(latents.to(pipe.vae.device), return_dict=False)[0]
-        image = pipe.image_processor.postprocess(pixels, output_type="pil")[0]
+        images = list(pipe.image_processor.postprocess(pixels, output_type="pil"))
         pipe.maybe_free_model_hooks()
-        return image
+        return images
 
     @staticmethod
     def _png_text(job: EnhancedPrompt) -> dict[str, str]:

@@ -13,7 +13,7 @@ from PIL import Image, PngImagePlugin
 __all__ = ["PNG_COMPRESS_LEVEL", "encode_png", "read_png_text"]
 
 PNG_COMPRESS_LEVEL = 6
-"""zlib level: fixed, so the same pixels and text always give the same bytes."""
+"""The default zlib level; any fixed level gives the same bytes for the same pixels and text."""
 
 _MAX_KEYWORD = 79  # PNG keywords: 1-79 Latin-1 characters
 
@@ -27,7 +27,9 @@ def _check_keyword(key: str) -> None:
         raise ValueError(f"PNG text keyword must be 1-{_MAX_KEYWORD} characters, unpadded: {key!r}")
 
 
-def encode_png(image: Image.Image, *, text: Mapping[str, str]) -> bytes:
+def encode_png(
+    image: Image.Image, *, text: Mapping[str, str], level: int = PNG_COMPRESS_LEVEL
+) -> bytes:
     """Encode ``image`` as PNG with one text chunk per entry of ``text``, in order.
 
     Latin-1 values go in ``tEXt`` chunks; any other value (a prompt in Japanese, say) goes in
@@ -37,6 +39,7 @@ def encode_png(image: Image.Image, *, text: Mapping[str, str]) -> bytes:
     Args:
         image: The pixels.
         text: Keyword to value; keywords are 1-79 Latin-1 characters.
+        level: zlib level, 0 (fastest, largest) to 9 (slowest, smallest).
 
     Returns:
         The PNG file's bytes.
@@ -54,7 +57,7 @@ def encode_png(image: Image.Image, *, text: Mapping[str, str]) -> bytes:
         else:
             info.add_text(key, value)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
+    image.save(buffer, format="PNG", pnginfo=info, compress_level=level)
     return buffer.getvalue()
 
 

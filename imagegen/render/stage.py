@@ -1,4 +1,4 @@
-"""The render stage: admission, one-at-a-time rendering, idempotent storage of the PNG."""
+"""The render stage: admission, (micro-batched) rendering, idempotent storage of the PNG."""
 
 from __future__ import annotations
 
@@ -7,9 +7,13 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
+
+from opentelemetry import trace
 
 from imagegen._locks import KeyedLocks
 from imagegen.errors import (
@@ -20,7 +24,9 @@ from imagegen.errors import (
     Overloaded,
 )
 from imagegen.models import EnhancedPrompt, RenderedImage
-from imagegen.render.base import ProgressCallback, RenderBackend, RenderOutput
+from imagegen.modelspec import spec_for
+from imagegen.render.base import BatchRenderBackend, ProgressCallback, RenderBackend, RenderOutput
+from imagegen.render.batching import Batch, Batcher
 from imagegen.settings import Settings
 from imagegen.storage.base import GenerationKeys, Storage, StoredObject
 from imagegen.telemetry import instruments, tracer
@@ -32,14 +38,19 @@ log = logging.getLogger("imagegen.render")
 PNG = "image/png"
 T = TypeVar("T")
 
+# Renders that may wait before any render has been timed (then the queue follows the timings).
+UNMEASURED_QUEUE = 4
+
 
 class RenderStage:
     """Renders :class:`EnhancedPrompt` jobs on one backend and stores them under their keys.
 
-    A diffusers pipeline keeps per-call state, so renders are serialized: one runs, up to
-    ``settings.render_queue_size`` wait, and any more are refused with :class:`Overloaded`.
-    A job whose image is already stored is answered from storage without rendering again,
-    which makes redelivered events idempotent.
+    A diffusers pipeline keeps per-call state, so pipeline calls are serialized; with
+    ``settings.render_batch_size`` above 1, compatible jobs share a call (:mod:`batching`).
+    Jobs beyond :attr:`capacity` are refused with :class:`Overloaded`, whose ``retry_after``
+    is the time the jobs already held take at the measured render time. A job whose image is
+    already stored is answered from storage without rendering again, which makes redelivered
+    events idempotent.
 
     Args:
         settings: Settings (queue size, model, whether to load on demand).
@@ -66,6 +77,7 @@ class RenderStage:
         self._lock = asyncio.Lock()
         self._admitted = 0
         self._generation_lock = KeyedLocks()  # one render per generation at a time
+        self._batcher: Batcher | None = None
         self.load_seconds: dict[str, float] = {}
 
     @property
@@ -75,9 +87,41 @@ class RenderStage:
         return self._backend
 
     @property
+    def batcher(self) -> Batcher:
+        """The queue in front of the pipeline (batches only on a backend that can batch)."""
+        if self._batcher is None:
+            size = self.settings.render_batch_size
+            self._batcher = Batcher(
+                self._run_batch,
+                self._lock,
+                max_size=size if isinstance(self.backend, BatchRenderBackend) else 1,
+                window=self.settings.render_batch_window_ms / 1000,
+            )
+        return self._batcher
+
+    @property
     def capacity(self) -> int:
-        """Jobs one process holds at once: the one rendering plus the queue."""
-        return 1 + self.settings.render_queue_size
+        """Jobs one process holds at once: the running batch plus the queue.
+
+        ``render_queue_size`` fixes the queue. Unset, the process holds what it can finish
+        within ``render_timeout`` at the measured seconds per job (``UNMEASURED_QUEUE`` waiting
+        jobs until a render has been timed), so a job it admits is not one it must time out.
+        """
+        batch = self.settings.render_batch_size
+        if self.settings.render_queue_size is not None:
+            return batch + self.settings.render_queue_size
+        per_job = self.batcher.seconds_per_job
+        if per_job is None:
+            return batch + UNMEASURED_QUEUE
+        return max(batch, math.floor(self.settings.render_timeout / per_job))
+
+    def retry_after(self) -> int:
+        """Whole seconds until the jobs held now are done: depth x measured seconds per job."""
+        per_job = self.batcher.seconds_per_job
+        if per_job is None:  # nothing timed yet: the running call so far is the best guess
+            since = self.batcher.running_since
+            per_job = time.perf_counter() - since if since is not None else 1.0
+        return max(1, math.ceil(self._admitted * per_job))
 
     def is_loaded(self, model: str) -> bool:
         return self._backend is not None and self._backend.is_loaded(model)
@@ -94,6 +138,31 @@ class RenderStage:
             self.load_seconds[model] = seconds
             log.info("model loaded", extra={"model": model, "seconds": round(seconds, 3)})
             return seconds
+
+    async def warm_up(self, model: str) -> float:
+        """Render one image of the default request shape; return the seconds it took.
+
+        Compiled or lazily initialised kernels are built here rather than in the first
+        request, and the render is timed, so admission is sized from the first request on.
+        """
+        spec = spec_for(model)
+        job = EnhancedPrompt(
+            generation_id="warm-up",
+            prompt="warm-up",
+            enhancer="passthrough",
+            model=model,
+            width=1024,
+            height=1024,
+            steps=spec.default_steps,
+            guidance=spec.default_guidance,
+            seed=0,
+            requested_at=datetime.now(UTC),
+        )
+        started = time.perf_counter()
+        await self._render(job, None)
+        seconds = time.perf_counter() - started
+        log.info("warm-up render done", extra={"model": model, "seconds": round(seconds, 3)})
+        return seconds
 
     async def render_png(
         self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None
@@ -192,23 +261,33 @@ class RenderStage:
                     errors=[{"field": "model", "message": "not loaded by this render service"}],
                 )
             await self.load(job.model)
-        async with self._lock:
-            with tracer().start_as_current_span("imagegen.render.denoise") as span:
-                span.set_attribute("imagegen.model", job.model)
-                span.set_attribute("imagegen.steps", job.steps)
-                try:
-                    output = await _pipeline_call(self.backend.render, job, progress=progress)
-                except ImageGenError:
-                    raise
-                except Exception as exc:
-                    log.exception("render failed", extra={"generation_id": job.generation_id})
-                    raise InternalError(f"render failed: {type(exc).__name__}") from exc
+        output = await self.batcher.submit(job, progress)
         denoise = output.timings.get("denoise")
         if denoise is not None:
             instruments().denoise_step_duration.record(
                 denoise / job.steps, {"imagegen.model": job.model}
             )
         return output
+
+    def _run_batch(self, batch: Batch) -> list[RenderOutput]:
+        """One pipeline call for ``batch`` (blocking: runs in a worker thread)."""
+        job = batch.jobs[0]
+        links = [trace.Link(context) for context in batch.links[1:] if context.is_valid]
+        with tracer().start_as_current_span("imagegen.render.denoise", links=links) as span:
+            span.set_attribute("imagegen.model", job.model)
+            span.set_attribute("imagegen.steps", job.steps)
+            span.set_attribute("imagegen.batch_size", len(batch.jobs))
+            try:
+                backend = self.backend
+                if len(batch.jobs) > 1 and isinstance(backend, BatchRenderBackend):
+                    return backend.render_batch(batch.jobs, progress=batch.progress)
+                return [backend.render(job, progress=batch.progress)]
+            except ImageGenError:
+                raise
+            except Exception as exc:
+                ids = [each.generation_id for each in batch.jobs]
+                log.exception("render failed", extra={"generation_ids": ids})
+                raise InternalError(f"render failed: {type(exc).__name__}") from exc
 
     def _admission(self) -> _Admission:
         return _Admission(self)
@@ -271,7 +350,8 @@ class _Admission:
         if self.stage._admitted >= self.stage.capacity:
             instruments().render_rejections.add(1)
             raise Overloaded(
-                f"render is at capacity ({self.stage.capacity} jobs); retry later", retry_after=10
+                f"render is at capacity ({self.stage.capacity} jobs); retry later",
+                retry_after=self.stage.retry_after(),
             )
         self.stage._admitted += 1
         instruments().renders_in_flight.add(1)

@@ -18,7 +18,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.util._once import Once
 
 from imagegen.observability import GenerationSpanProcessor
-from imagegen.telemetry import instruments
+from imagegen.telemetry import instruments, tracer
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ def _install(tracer_provider: TracerProvider, meter_provider: MeterProvider) -> 
     metrics_internal._METER_PROVIDER = None
     metrics.set_meter_provider(meter_provider)
     instruments.cache_clear()
+    tracer.cache_clear()
 
 
 @pytest.fixture(scope="session")

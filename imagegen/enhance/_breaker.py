@@ -1,0 +1,114 @@
+"""A circuit breaker for the LLM: stop calling a dependency that keeps failing, then probe it.
+
+Closed: calls go through; ``threshold`` failures in a row open the circuit. Open: calls are
+refused at once for ``cooldown`` seconds. Half-open: one call (the probe) goes through while
+every other is refused; its success closes the circuit, its failure opens it again.
+
+Written here rather than taken from pybreaker, which is thread-based (its coroutine support
+needs tornado) and lets every concurrent call through while half-open; an asyncio service
+needs exactly one probe among many concurrent requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Literal
+
+from imagegen.telemetry import instruments
+
+__all__ = ["CircuitBreaker", "CircuitOpen", "State"]
+
+logger = logging.getLogger("imagegen.enhance")
+
+State = Literal["closed", "open", "half_open"]
+
+
+class CircuitOpen(Exception):
+    """The circuit is open (or its probe is in flight): the call was not made."""
+
+
+class CircuitBreaker:
+    """Counts consecutive failures of one dependency and refuses calls while it is down.
+
+    Args:
+        name: The dependency, for logs and the ``imagegen.circuit.transitions`` metric.
+        threshold: Consecutive failures that open the circuit; 0 never opens it.
+        cooldown: Seconds the circuit stays open before one probe goes through.
+        clock: Monotonic seconds (tests pass their own).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        threshold: int,
+        cooldown: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self._clock = clock
+        self._state: State = "closed"
+        self._failures = 0
+        self._opened_at = 0.0
+        self._probing = False
+
+    @property
+    def state(self) -> State:
+        """The state now (an open circuit whose cool-down has passed reads ``half_open``)."""
+        if self._state == "open" and self._clock() - self._opened_at >= self.cooldown:
+            self._move("half_open")
+        return self._state
+
+    @asynccontextmanager
+    async def call(self) -> AsyncIterator[None]:
+        """``async with breaker.call():`` around one call of the dependency.
+
+        An exception leaving the block counts as a failure; a normal exit as a success.
+
+        Raises:
+            CircuitOpen: The circuit is open, or half-open with its probe already in flight.
+        """
+        state = self.state
+        if state == "open" or (state == "half_open" and self._probing):
+            raise CircuitOpen(f"{self.name}: circuit {state.replace('_', '-')}")
+        probe = state == "half_open"
+        self._probing = self._probing or probe
+        try:
+            yield
+        except Exception:  # a cancelled call says nothing about the dependency
+            self._failed()
+            raise
+        else:
+            self._succeeded()
+        finally:
+            if probe:
+                self._probing = False
+
+    def _failed(self) -> None:
+        self._failures += 1
+        if self._state == "half_open" or (
+            self.threshold and self._failures >= self.threshold and self._state == "closed"
+        ):
+            self._opened_at = self._clock()
+            self._move("open")
+
+    def _succeeded(self) -> None:
+        self._failures = 0
+        if self._state != "closed":
+            self._move("closed")
+
+    def _move(self, state: State) -> None:
+        previous, self._state = self._state, state
+        logger.warning(
+            "circuit %s: %s -> %s after %d consecutive failures",
+            self.name,
+            previous,
+            state,
+            self._failures,
+        )
+        instruments().circuit_transitions.add(1, {"dependency": self.name, "state": state})

@@ -1,0 +1,93 @@
+"""The CUDA fast path: options applied to a loaded pipeline's transformer, each behind a setting.
+
+Nothing here runs off CUDA: on the CPU and on MPS a pipeline renders exactly as loaded. On CUDA
+the pipeline already runs in bfloat16 (``_device``); these options trade start-up time, memory
+or exactness for speed (docs/rendering.md says which costs what):
+
+- ``render_fuse_qkv``: one matmul for the query, key and value projections (diffusers'
+  ``fuse_qkv_projections``); same maths, different float rounding.
+- ``render_fp8``: fp8 weights and activations through torchao, on GPUs with fp8 tensor cores
+  (compute capability 8.9+: Ada, Hopper); about half the transformer's memory, lower precision.
+- ``render_compile``: ``torch.compile``; ``regional`` compiles the transformer's repeated
+  blocks once each (diffusers' ``compile_repeated_blocks``), ``full`` the whole transformer.
+- ``render_compile_cache_dir``: Inductor's cache on a persistent volume, so a warm start loads
+  compiled kernels instead of compiling them again.
+
+Importing this module imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imagegen.settings import Settings
+
+__all__ = ["FP8_MIN_CAPABILITY", "apply_fast_path", "use_compile_cache"]
+
+log = logging.getLogger("imagegen.render")
+
+FP8_MIN_CAPABILITY = (8, 9)
+"""fp8 tensor cores: Ada (8.9) and Hopper (9.0) onwards."""
+
+
+def apply_fast_path(pipe: Any, settings: Settings, device: torch.device) -> list[str]:
+    """Apply the enabled options to ``pipe`` on ``device``; return the names of those applied.
+
+    Off CUDA, or for a pipeline without a transformer, nothing is applied.
+    """
+    transformer = getattr(pipe, "transformer", None)
+    if device.type != "cuda" or transformer is None:
+        return []
+    applied: list[str] = []
+    # Fuse before quantising (the fused projection is quantised as one) and compile last.
+    if settings.render_fuse_qkv:
+        transformer.fuse_qkv_projections()
+        applied.append("fused_qkv")
+    if settings.render_fp8 and _quantize_fp8(transformer, device):
+        applied.append("fp8")
+    if settings.render_compile != "off":
+        if settings.render_compile_cache_dir is not None:
+            use_compile_cache(settings.render_compile_cache_dir)
+        if settings.render_compile == "regional":
+            transformer.compile_repeated_blocks(fullgraph=True)
+        else:
+            transformer.compile(fullgraph=True)
+        applied.append(f"compile_{settings.render_compile}")
+    log.info("CUDA fast path: %s", ", ".join(applied) or "none")
+    return applied
+
+
+def use_compile_cache(directory: Path) -> None:
+    """Keep Inductor's compiled kernels (and Triton's) under ``directory``.
+
+    Inductor reads ``TORCHINDUCTOR_CACHE_DIR`` whenever it compiles, and puts Triton's cache
+    beneath it unless ``TRITON_CACHE_DIR`` says otherwise; its FX graph cache is on by default.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+
+
+def _quantize_fp8(transformer: Any, device: torch.device) -> bool:
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FP8_MIN_CAPABILITY:
+        log.warning("fp8 needs compute capability 8.9+; this GPU has %d.%d", *capability)
+        return False
+    try:
+        quantization = importlib.import_module("torchao.quantization")
+    except ImportError:
+        log.warning("fp8 needs torchao (pip install torchao); running in bfloat16")
+        return False
+    config = getattr(quantization, "Float8DynamicActivationFloat8WeightConfig", None)
+    if config is not None:
+        quantization.quantize_(transformer, config())
+    else:  # torchao before 0.10 named it as a function
+        quantization.quantize_(transformer, quantization.float8_dynamic_activation_float8_weight())
+    return True

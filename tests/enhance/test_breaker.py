@@ -1,0 +1,161 @@
+"""The Ollama circuit breaker: opens after failures in a row, one probe when half-open."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from imagegen.enhance._breaker import CircuitBreaker, CircuitOpen
+from imagegen.enhance.llm import OllamaEnhancer
+from imagegen.errors import DependencyUnavailable
+from imagegen.models import GenerationRequest
+from imagegen.modelspec import spec_for
+from imagegen.settings import Settings
+from tests.enhance.conftest import MakeStage
+from tests.fakes.ollama_server import FakeOllama
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _fail(breaker: CircuitBreaker) -> None:
+    with pytest.raises(RuntimeError):
+        async with breaker.call():
+            raise RuntimeError("down")
+
+
+async def _succeed(breaker: CircuitBreaker) -> None:
+    async with breaker.call():
+        pass
+
+
+async def test_opens_after_the_threshold_and_refuses_until_the_cooldown() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker("dep", threshold=3, cooldown=30, clock=clock)
+    await _fail(breaker)
+    await _fail(breaker)
+    assert breaker.state == "closed"
+    await _fail(breaker)
+    assert breaker.state == "open"
+    with pytest.raises(CircuitOpen):
+        await _succeed(breaker)
+    clock.now += 29.9
+    assert breaker.state == "open"
+    clock.now += 0.1
+    assert breaker.state == "half_open"
+
+
+async def test_a_success_resets_the_count() -> None:
+    breaker = CircuitBreaker("dep", threshold=2, cooldown=30, clock=Clock())
+    await _fail(breaker)
+    await _succeed(breaker)
+    await _fail(breaker)
+    assert breaker.state == "closed"
+
+
+async def test_half_open_lets_exactly_one_probe_through() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker("dep", threshold=1, cooldown=5, clock=clock)
+    await _fail(breaker)
+    clock.now += 5
+    probing, release = asyncio.Event(), asyncio.Event()
+
+    async def probe() -> None:
+        async with breaker.call():
+            probing.set()
+            await release.wait()
+
+    task = asyncio.ensure_future(probe())
+    await probing.wait()
+    with pytest.raises(CircuitOpen, match="half-open"):
+        await _succeed(breaker)  # a second caller while the probe is in flight
+    release.set()
+    await task
+    assert breaker.state == "closed"
+
+
+async def test_a_failed_probe_opens_it_again_for_a_full_cooldown() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker("dep", threshold=3, cooldown=5, clock=clock)
+    for _ in range(3):
+        await _fail(breaker)
+    clock.now += 5
+    await _fail(breaker)  # the probe
+    assert breaker.state == "open"
+    clock.now += 4.9
+    assert breaker.state == "open"
+
+
+async def test_a_cancelled_probe_frees_the_slot_without_counting() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker("dep", threshold=1, cooldown=5, clock=clock)
+    await _fail(breaker)
+    clock.now += 5
+
+    async def hang() -> None:
+        async with breaker.call():
+            await asyncio.Event().wait()
+
+    task = asyncio.ensure_future(hang())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert breaker.state == "half_open"
+    await _succeed(breaker)
+    assert breaker.state == "closed"
+
+
+async def test_zero_threshold_never_opens() -> None:
+    breaker = CircuitBreaker("dep", threshold=0, cooldown=5, clock=Clock())
+    for _ in range(10):
+        await _fail(breaker)
+    assert breaker.state == "closed"
+
+
+async def test_state_changes_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    breaker = CircuitBreaker("ollama", threshold=1, cooldown=5, clock=Clock())
+    with caplog.at_level(logging.WARNING, logger="imagegen.enhance"):
+        await _fail(breaker)
+    assert "circuit ollama: closed -> open" in caplog.text
+
+
+async def test_ollama_down_skips_the_calls_once_open(fake_ollama: FakeOllama) -> None:
+    fake_ollama.stop()
+    settings = Settings(
+        ollama_host=fake_ollama.url,
+        ollama_timeout=0.5,
+        ollama_retries=1,
+        ollama_breaker_threshold=2,
+        ollama_breaker_cooldown=60,
+    )
+    enhancer = OllamaEnhancer(settings, backoff=0.01)
+    spec = spec_for("tiny")
+    for _ in range(2):
+        with pytest.raises(DependencyUnavailable, match="Connect"):
+            await enhancer.write(prompt="a fox", contributions=[], seed=1, spec=spec)
+    fake_ollama.start()  # back, but the circuit stays open for its cooldown
+    with pytest.raises(DependencyUnavailable, match="circuit open"):
+        await enhancer.write(prompt="a fox", contributions=[], seed=1, spec=spec)
+    assert fake_ollama.chat_requests == []
+    await enhancer.aclose()
+
+
+async def test_open_circuit_falls_back_to_the_template_at_once(
+    fake_ollama: FakeOllama, make_stage: MakeStage
+) -> None:
+    stage = make_stage(ollama_breaker_threshold=1)
+    fake_ollama.stop()
+    request = GenerationRequest(prompt="a fox", model="tiny")
+    first = await stage.run(request, generation_id="g1")
+    fake_ollama.start()
+    second = await stage.run(request, generation_id="g2")
+    assert (first.enhancer, second.enhancer) == ("template", "template")
+    assert second.fallback and fake_ollama.chat_requests == []

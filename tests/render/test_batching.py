@@ -1,0 +1,258 @@
+"""Micro-batching and admission: which jobs share a call, and what a full pod answers."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imagegen.errors import InvalidRequest, Overloaded
+from imagegen.models import EnhancedPrompt, LoraHint
+from imagegen.render.base import BatchRenderBackend, ProgressCallback, RenderOutput
+from imagegen.render.batching import batch_key
+from imagegen.render.stage import UNMEASURED_QUEUE, RenderStage
+from imagegen.settings import Settings
+from imagegen.storage import LocalStorage
+
+
+class BatchingBackend:
+    """Records every call; each takes ``seconds``; can be held at a barrier while running."""
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        self.seconds = seconds
+        self.calls: list[list[str]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.running = threading.Event()
+        self.refuse: set[str] = set()
+
+    def load(self, model: str) -> float:
+        return 0.0
+
+    def is_loaded(self, model: str) -> bool:
+        return True
+
+    def render(
+        self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None
+    ) -> RenderOutput:
+        return self.render_batch([job], progress=progress)[0]
+
+    def render_batch(
+        self, jobs: list[EnhancedPrompt], *, progress: ProgressCallback | None = None
+    ) -> list[RenderOutput]:
+        self.calls.append([job.generation_id for job in jobs])
+        self.running.set()
+        self.gate.wait(10)
+        time.sleep(self.seconds)
+        bad = [job.generation_id for job in jobs if job.generation_id in self.refuse]
+        if bad:
+            raise InvalidRequest(f"cannot render {bad}", errors=[{"field": "prompt"}])
+        if progress is not None:
+            progress(1, 1)
+        return [
+            RenderOutput(png=b"\x89PNG " + job.generation_id.encode(), width=8, height=8)
+            for job in jobs
+        ]
+
+    def close(self) -> None:
+        pass
+
+
+def job(gid: str, **overrides: Any) -> EnhancedPrompt:
+    fields: dict[str, Any] = {
+        "generation_id": gid,
+        "prompt": f"prompt {gid}",
+        "enhancer": "passthrough",
+        "model": "tiny",
+        "width": 256,
+        "height": 256,
+        "steps": 1,
+        "guidance": 0.0,
+        "seed": 1,
+        "requested_at": datetime(2026, 11, 24, tzinfo=UTC),
+    }
+    return EnhancedPrompt(**{**fields, **overrides})
+
+
+def make_stage(backend: BatchingBackend, tmp_path: Path, **settings: Any) -> RenderStage:
+    return RenderStage(Settings(**settings), LocalStorage(tmp_path), lambda: backend)
+
+
+def test_the_backend_double_batches() -> None:
+    assert isinstance(BatchingBackend(), BatchRenderBackend)
+
+
+def test_batch_key_separates_what_changes_the_call() -> None:
+    base = job("a")
+    assert batch_key(base) == batch_key(job("b", prompt="other", seed=9))
+    for change in (
+        {"model": "other"},
+        {"width": 512},
+        {"height": 512},
+        {"steps": 2},
+        {"guidance": 1.0},
+        {"loras": [LoraHint(name="ink", path="ink.safetensors", weight=0.5)]},
+    ):
+        assert batch_key(job("b", **change)) != batch_key(base), change
+
+
+async def test_unbatched_every_job_runs_alone(tmp_path: Path) -> None:
+    backend = BatchingBackend()
+    stage = make_stage(backend, tmp_path)  # batch size 1, the default
+    await asyncio.gather(*(stage.render(job(f"g{i}")) for i in range(4)))
+    assert sorted(backend.calls) == [["g0"], ["g1"], ["g2"], ["g3"]]
+
+
+async def test_compatible_jobs_within_the_window_share_one_call(tmp_path: Path) -> None:
+    backend = BatchingBackend()
+    stage = make_stage(backend, tmp_path, render_batch_size=4, render_batch_window_ms=2000)
+    outputs = await asyncio.gather(*(stage.render_png(job(f"g{i}")) for i in range(4)))
+    # Four arrived within the window: the batch filled and ran without waiting out the window.
+    assert backend.calls == [["g0", "g1", "g2", "g3"]]
+    assert [o.png for o in outputs] == [b"\x89PNG g" + str(i).encode() for i in range(4)]
+
+
+async def test_jobs_queued_behind_a_call_form_the_next_batch(tmp_path: Path) -> None:
+    backend = BatchingBackend()
+    backend.gate.clear()
+    stage = make_stage(backend, tmp_path, render_batch_size=3)  # no window
+    first = asyncio.ensure_future(stage.render_png(job("first")))
+    await asyncio.to_thread(backend.running.wait, 10)
+    rest = [asyncio.ensure_future(stage.render_png(job(f"q{i}"))) for i in range(5)]
+    await asyncio.sleep(0.01)
+    backend.gate.set()
+    await asyncio.gather(first, *rest)
+    assert backend.calls == [["first"], ["q0", "q1", "q2"], ["q3", "q4"]]
+
+
+async def test_incompatible_jobs_never_share_a_call(tmp_path: Path) -> None:
+    backend = BatchingBackend()
+    backend.gate.clear()
+    stage = make_stage(backend, tmp_path, render_batch_size=4)
+    first = asyncio.ensure_future(stage.render_png(job("first")))
+    await asyncio.to_thread(backend.running.wait, 10)
+    rest = [
+        asyncio.ensure_future(stage.render_png(job(gid, width=w)))
+        for gid, w in (("a256", 256), ("b512", 512), ("c256", 256), ("d512", 512))
+    ]
+    await asyncio.sleep(0.01)
+    backend.gate.set()
+    await asyncio.gather(first, *rest)
+    # Oldest first: the 256 batch (its two jobs), then the 512 one.
+    assert backend.calls == [["first"], ["a256", "c256"], ["b512", "d512"]]
+
+
+async def test_a_cancelled_job_leaves_its_batch_before_it_runs(tmp_path: Path) -> None:
+    backend = BatchingBackend()
+    backend.gate.clear()
+    stage = make_stage(backend, tmp_path, render_batch_size=4)
+    first = asyncio.ensure_future(stage.render_png(job("first")))
+    await asyncio.to_thread(backend.running.wait, 10)
+    kept = asyncio.ensure_future(stage.render_png(job("kept")))
+    dropped = asyncio.ensure_future(stage.render_png(job("dropped")))
+    await asyncio.sleep(0.01)
+    dropped.cancel()  # its request timed out while it waited
+    backend.gate.set()
+    await asyncio.gather(first, kept)
+    with pytest.raises(asyncio.CancelledError):
+        await dropped
+    assert backend.calls == [["first"], ["kept"]]
+
+
+async def test_one_failing_job_fails_alone(tmp_path: Path) -> None:
+    backend = BatchingBackend()
+    backend.refuse = {"bad"}
+    stage = make_stage(backend, tmp_path, render_batch_size=3, render_batch_window_ms=2000)
+    results = await asyncio.gather(
+        *(stage.render_png(job(gid)) for gid in ("ok1", "bad", "ok2")), return_exceptions=True
+    )
+    assert isinstance(results[1], InvalidRequest)
+    assert [r.png for r in (results[0], results[2]) if isinstance(r, RenderOutput)] == [
+        b"\x89PNG ok1",
+        b"\x89PNG ok2",
+    ]
+    assert backend.calls[0] == ["ok1", "bad", "ok2"]  # then each alone
+    assert sorted(backend.calls[1:]) == [["bad"], ["ok1"], ["ok2"]]
+
+
+async def test_redeliveries_in_one_batch_render_and_store_once(tmp_path: Path) -> None:
+    backend = BatchingBackend()
+    stage = make_stage(backend, tmp_path, render_batch_size=4, render_batch_window_ms=200)
+    replies = await asyncio.gather(
+        stage.render(job("dup")), stage.render(job("dup")), stage.render(job("other"))
+    )
+    assert replies[0] == replies[1]
+    assert sum(call.count("dup") for call in backend.calls) == 1
+
+
+async def test_progress_reaches_every_job_of_a_batch(tmp_path: Path) -> None:
+    backend = BatchingBackend()
+    stage = make_stage(backend, tmp_path, render_batch_size=2, render_batch_window_ms=2000)
+    seen: dict[str, list[tuple[int, int]]] = {"a": [], "b": []}
+    await asyncio.gather(
+        *(
+            stage.render_png(job(gid), progress=lambda s, t, gid=gid: seen[gid].append((s, t)))
+            for gid in seen
+        )
+    )
+    assert backend.calls == [["a", "b"]]
+    assert seen == {"a": [(1, 1)], "b": [(1, 1)]}
+
+
+async def test_retry_after_is_the_queue_at_the_measured_render_time(tmp_path: Path) -> None:
+    backend = BatchingBackend(seconds=0.05)
+    stage = make_stage(backend, tmp_path, render_queue_size=2)
+    await stage.render_png(job("timed"))
+    per_job = stage.batcher.seconds_per_job
+    assert per_job is not None and per_job >= 0.05
+    backend.gate.clear()
+    held = [asyncio.ensure_future(stage.render_png(job(f"h{i}"))) for i in range(3)]
+    await asyncio.to_thread(backend.running.wait, 10)
+    with pytest.raises(Overloaded) as refused:
+        await stage.render_png(job("one-too-many"))
+    assert refused.value.retry_after == max(1, math.ceil(3 * per_job))
+    backend.gate.set()
+    await asyncio.gather(*held)
+
+
+async def test_retry_after_grows_with_the_render_time(tmp_path: Path) -> None:
+    stage = make_stage(BatchingBackend(), tmp_path, render_queue_size=0)
+    stage.batcher.observe(7.2, 1)  # as if a render had taken 7.2 s
+    stage._admitted = 1
+    assert stage.retry_after() == 8  # 1 job x 7.2 s, rounded up
+    stage._admitted = 5
+    assert stage.retry_after() == 36
+
+
+async def test_the_queue_holds_what_finishes_within_the_timeout(tmp_path: Path) -> None:
+    stage = make_stage(BatchingBackend(), tmp_path, render_timeout=60)
+    assert stage.capacity == 1 + UNMEASURED_QUEUE  # nothing timed yet
+    stage.batcher.observe(0.5, 1)
+    assert stage.capacity == 120  # 60 s / 0.5 s per job
+    stage.batcher.seconds_per_job = 90.0
+    assert stage.capacity == 1  # even one is late: the running slot stays
+
+
+async def test_a_fixed_queue_size_wins(tmp_path: Path) -> None:
+    stage = make_stage(
+        BatchingBackend(), tmp_path, render_queue_size=3, render_batch_size=2, render_timeout=60
+    )
+    stage.batcher.observe(0.01, 1)
+    assert stage.capacity == 2 + 3
+
+
+async def test_sixty_four_at_once_are_all_admitted_once_timed(tmp_path: Path) -> None:
+    backend = BatchingBackend(seconds=0.002)
+    stage = make_stage(backend, tmp_path, render_batch_size=8)
+    await stage.warm_up("tiny")
+    results = await asyncio.gather(
+        *(stage.render_png(job(f"g{i}")) for i in range(64)), return_exceptions=True
+    )
+    assert all(isinstance(r, RenderOutput) for r in results)
+    assert max(len(call) for call in backend.calls) == 8

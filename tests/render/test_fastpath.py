@@ -1,0 +1,109 @@
+"""The CUDA fast path: nothing changes off CUDA; on CUDA each option does what it says."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+import torch
+
+from imagegen.render._fastpath import apply_fast_path, use_compile_cache
+from imagegen.render.tiny import build_tiny_flux_pipeline
+from imagegen.settings import Settings
+
+EVERYTHING_ON = Settings(
+    render_compile="regional", render_fuse_qkv=True, render_fp8=True, render_warmup=True
+)
+
+
+@pytest.fixture
+def pipe() -> Any:
+    return build_tiny_flux_pipeline()
+
+
+def _compiled(module: torch.nn.Module) -> bool:
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
+def _fused(module: torch.nn.Module) -> bool:
+    return any(getattr(m, "fused_projections", False) for m in module.modules())
+
+
+@pytest.mark.parametrize("device", ["cpu", "mps"])
+def test_off_cuda_nothing_is_applied(pipe: Any, device: str) -> None:
+    assert apply_fast_path(pipe, EVERYTHING_ON, torch.device(device)) == []
+    assert not _fused(pipe.transformer)
+    assert not any(_compiled(m) for m in pipe.transformer.modules())
+
+
+def test_regional_compile_wraps_each_repeated_block_and_only_those(pipe: Any) -> None:
+    # torch.compile is lazy: wrapping the blocks compiles nothing until they run.
+    settings = Settings(render_compile="regional")
+    assert apply_fast_path(pipe, settings, torch.device("cuda")) == ["compile_regional"]
+    blocks = [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]
+    assert blocks and all(_compiled(block) for block in blocks)
+    assert not _compiled(pipe.transformer)
+
+
+def test_full_compile_wraps_the_transformer(pipe: Any) -> None:
+    applied = apply_fast_path(pipe, Settings(render_compile="full"), torch.device("cuda"))
+    assert applied == ["compile_full"]
+    assert _compiled(pipe.transformer)
+
+
+def test_fused_qkv_keeps_the_transformer_output(pipe: Any) -> None:
+    transformer = pipe.transformer
+    inputs = _transformer_inputs(transformer)
+    with torch.inference_mode():
+        before = transformer(**inputs, return_dict=False)[0]
+    assert apply_fast_path(pipe, Settings(render_fuse_qkv=True), torch.device("cuda")) == [
+        "fused_qkv"
+    ]
+    assert _fused(transformer)
+    with torch.inference_mode():
+        after = transformer(**inputs, return_dict=False)[0]
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+
+
+def test_the_compile_cache_goes_to_the_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    use_compile_cache(tmp_path / "inductor")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    assert (tmp_path / "inductor").is_dir()
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    assert cache_dir() == str(tmp_path / "inductor")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp8_on_a_gpu_that_has_it(pipe: Any) -> None:
+    device = torch.device("cuda")
+    pipe.to(device, dtype=torch.bfloat16)
+    applied = apply_fast_path(pipe, Settings(render_fp8=True), device)
+    capable = torch.cuda.get_device_capability(device) >= (8, 9)
+    assert ("fp8" in applied) == capable
+
+
+def _transformer_inputs(transformer: Any) -> dict[str, Any]:
+    config = transformer.config
+    generator = torch.Generator().manual_seed(0)
+    tokens, text = 16, 8
+    return {
+        "hidden_states": torch.randn(1, tokens, config.in_channels, generator=generator),
+        "encoder_hidden_states": torch.randn(
+            1, text, config.joint_attention_dim, generator=generator
+        ),
+        "pooled_projections": torch.randn(1, config.pooled_projection_dim, generator=generator),
+        "timestep": torch.tensor([0.5]),
+        "img_ids": torch.zeros(tokens, 3),
+        "txt_ids": torch.zeros(text, 3),
+        "guidance": torch.tensor([3.5]) if config.guidance_embeds else None,
+    }
