@@ -130,6 +130,7 @@ async def _call(fn: Callable[[PluginContext], Any], context: PluginContext) -> C
             future.set_result(value)
 
     def target() -> None:
+        threading.current_thread().name = f"plugin-{context.plugin}"  # for logs and debuggers
         try:
             value, error = fn(context), None
         except BaseException as exc:
