@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import sys
@@ -14,10 +15,12 @@ from pydantic import SecretStr
 
 from imagegen.settings import Settings
 
-__all__ = ["JsonFormatter", "setup_logging"]
+__all__ = ["JsonFormatter", "route_library_logs", "setup_logging"]
 
 # Extras that can carry a prompt (personal data): logged only with settings.log_prompts.
 _PROMPT_KEYS = frozenset({"prompt", "original_prompt", "final_prompt"})
+# Model libraries that log through a plain-text stderr handler of their own, not propagating.
+_LIBRARIES = ("transformers", "diffusers", "huggingface_hub")
 # Attributes every LogRecord has; anything else was passed with ``extra=``.
 _RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
@@ -103,3 +106,28 @@ def setup_logging(settings: Settings, stage: str | None = None) -> None:
     # httpx logs every request line at INFO, full URL included (credentials, query tokens).
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    route_library_logs()
+
+
+def route_library_logs(*, import_libraries: bool = False) -> None:
+    """Send the model libraries' records, and ``warnings.warn``, through the root handler.
+
+    transformers and diffusers attach their own plain-text stderr handler and stop
+    propagation; their public switches undo both, so their lines are JSON like ours.
+
+    Args:
+        import_libraries: Also set up those not imported yet (render, before loading a model:
+            the libraries are imported during the load and warn while loading).
+    """
+    logging.captureWarnings(True)
+    for name in _LIBRARIES:
+        if name not in sys.modules and not import_libraries:
+            continue
+        try:
+            library_logging = importlib.import_module(f"{name}.utils.logging")
+        except ImportError:
+            continue
+        for switch in ("disable_default_handler", "enable_propagation"):
+            function = getattr(library_logging, switch, None)
+            if function is not None:
+                function()

@@ -7,6 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+# Before diffusers and transformers: their log lines, import-time warnings too, become JSON.
+from imagegen.render import _libraries  # noqa: F401  # isort: skip
+
 import diffusers
 import torch
 from diffusers.pipelines.auto_pipeline import AutoPipelineForText2Image

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import torch
 
+# Before diffusers and transformers: their log lines become JSON.
+from imagegen.render import _libraries  # noqa: F401  # isort: skip
+
 # Imported from their modules, not the package root, whose lazy exports type checkers resolve
 # to placeholder classes.
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL

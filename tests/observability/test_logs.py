@@ -98,3 +98,31 @@ def test_http_client_request_lines_never_reach_the_logs() -> None:
     setup_logging(Settings(log_level="DEBUG"))
     assert not logging.getLogger("httpx").isEnabledFor(logging.INFO)
     assert not logging.getLogger("httpcore").isEnabledFor(logging.INFO)
+
+
+def test_model_library_warnings_are_json_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib
+    import warnings
+
+    # Imported as render imports it: before the model libraries.
+    importlib.import_module("imagegen.render._loading")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    # Undo an earlier test's capture, which pytest's own warning recorder has replaced since.
+    logging.captureWarnings(False)
+    try:
+        setup_logging(Settings(), "render")
+        transformers_logging.get_logger("transformers.models.t5").warning("legacy tokenizer")
+        diffusers_logging.get_logger("diffusers.pipelines").warning("dtype is deprecated")
+        warnings.warn("torch_dtype is deprecated", FutureWarning, stacklevel=1)
+    finally:
+        logging.captureWarnings(False)
+    entries = lines(capsys.readouterr().err)  # every line parses as JSON
+    assert {e["message"] for e in entries if e["logger"].startswith(("transformers", "diff"))} == {
+        "legacy tokenizer",
+        "dtype is deprecated",
+    }
+    [warning] = [e for e in entries if e["logger"] == "py.warnings"]
+    assert "torch_dtype is deprecated" in warning["message"]
+    assert all(e["stage"] == "render" for e in entries)
