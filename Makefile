@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PROMPT ?= a lighthouse on a cliff at dusk
 
-.PHONY: demo test test-python test-worker lint schemas bench clean
+.PHONY: demo test test-python test-worker lint schemas bench bench-gpu clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ schemas: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/otlp_overhead.py
+
+# Needs a CUDA GPU and the served model in the Hugging Face cache; under 10 minutes.
+bench-gpu: $(VENV)/.installed
+	$(BIN)/python benchmarks/gpu.py
 
 clean:
 	rm -rf $(VENV) output worker/node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,143 @@
+"""What every benchmark shares: interleaved A/B rounds, the printed row, served functions."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Self
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python benchmarks/run.py` puts only benchmarks/ on the path
+    sys.path.insert(0, str(ROOT))
+
+from tests.functions.servers import FunctionServer  # noqa: E402
+
+__all__ = ["ROOT", "Comparison", "Served", "interleave", "served"]
+
+
+@dataclass
+class Comparison:
+    """One row: the project's figure against a baseline measured in the same run.
+
+    ``better`` says which way the ratio (project / baseline) should go: ``"lower"`` for times
+    (at most ``target``), ``"higher"`` for speed-ups and rates (at least ``target``).
+    """
+
+    name: str
+    unit: str
+    better: Literal["lower", "higher"]
+    target: float
+    baseline: list[float] = field(default_factory=list)
+    project: list[float] = field(default_factory=list)
+    statistic: Literal["min", "median"] = "min"
+    note: str = ""
+
+    def ratio(self) -> float:
+        pick = min if self.statistic == "min" else statistics.median
+        if self.better == "higher" and self.unit == "s":
+            # A speed-up: the baseline's time over ours.
+            return pick(self.baseline) / pick(self.project)
+        if self.better == "higher":
+            best = max if self.statistic == "min" else statistics.median
+            return best(self.project) / best(self.baseline)
+        return pick(self.project) / pick(self.baseline)
+
+    def met(self) -> bool:
+        ratio = self.ratio()
+        return ratio <= self.target if self.better == "lower" else ratio >= self.target
+
+    def print(self) -> None:
+        def summary(values: list[float]) -> str:
+            return f"min {min(values):9.4f} med {statistics.median(values):9.4f} {self.unit}"
+
+        sign = "<=" if self.better == "lower" else ">="
+        verdict = "met" if self.met() else "NOT MET"
+        print(f"{self.name}")
+        print(f"    baseline  {summary(self.baseline)}")
+        print(f"    project   {summary(self.project)}")
+        print(
+            f"    ratio {self.ratio():6.2f}x ({self.statistic}; target {sign} {self.target:g}x)"
+            f"  {verdict}{'  ' + self.note if self.note else ''}",
+            flush=True,
+        )
+
+
+def interleave(
+    rounds: int, baseline: Callable[[], float], project: Callable[[], float]
+) -> tuple[list[float], list[float]]:
+    """Alternate the two measurements, swapping which goes first each round."""
+    ours: list[float] = []
+    theirs: list[float] = []
+    for i in range(rounds):
+        order = [(baseline, theirs), (project, ours)]
+        for measure, into in order if i % 2 == 0 else reversed(order):
+            into.append(measure())
+    return theirs, ours
+
+
+HELLO = ROOT / "benchmarks" / "hello.py"
+"""A bare functions-framework function: the floor for start-up and request overhead."""
+
+
+class Served(FunctionServer):
+    """A function served by functions-framework with ``threads`` request threads.
+
+    ``stage="hello"`` serves :data:`HELLO` instead of a stage.
+    """
+
+    def __init__(self, stage: str, env: dict[str, str], *, log_dir: Path, threads: int) -> None:
+        super().__init__(stage, env, log_dir=log_dir)
+        self.env["THREADS"] = str(threads)
+
+    def start(self, *, wait: bool = True) -> Self:
+        if self.stage != "hello":
+            return super().start(wait=wait)
+        log = self.log_path.open("ab")
+        command = [sys.executable, "-m", "functions_framework", "--target", "hello"]
+        command += ["--source", str(HELLO), "--host", "127.0.0.1", "--port", str(self.port)]
+        self.process = subprocess.Popen(
+            command,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+        return self
+
+    def ready_after(self, timeout: float = 120.0) -> float:
+        """Start the process; return the seconds until ``/readyz`` answers 200."""
+        started = time.perf_counter()
+        self.start(wait=False)
+        deadline = started + timeout
+        with httpx.Client(timeout=1.0) as client:
+            while time.perf_counter() < deadline:
+                assert self.process is not None
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"{self.stage} exited:\n{self.logs()}")
+                try:
+                    if client.get(self.url + "/readyz").status_code == 200:
+                        return time.perf_counter() - started
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.01)
+        raise TimeoutError(f"{self.stage} not ready after {timeout}s:\n{self.logs()}")
+
+
+@contextmanager
+def served(stage: str, env: dict[str, str], *, log_dir: Path, threads: int = 8) -> Iterator[Served]:
+    server = Served(stage, {**os.environ, **env}, log_dir=log_dir, threads=threads)
+    try:
+        server.ready_after(timeout=600)
+        yield server
+    finally:
+        server.stop()

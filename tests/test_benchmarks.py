@@ -1,0 +1,41 @@
+"""The benchmark harness computes ratios the way its rows say, and interleaves its rounds."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _harness import Comparison, interleave
+
+
+def test_rounds_alternate_which_side_goes_first() -> None:
+    calls: list[str] = []
+
+    def side(name: str) -> float:
+        calls.append(name)
+        return float(len(calls))
+
+    baseline, project = interleave(3, lambda: side("b"), lambda: side("p"))
+    assert calls == ["b", "p", "p", "b", "b", "p"]
+    assert baseline == [1.0, 4.0, 5.0] and project == [2.0, 3.0, 6.0]
+
+
+def test_a_speed_up_is_the_baseline_time_over_ours() -> None:
+    row = Comparison("x", "s", "higher", 1.8, baseline=[6.0, 7.0], project=[3.0, 4.0])
+    assert row.ratio() == pytest.approx(2.0) and row.met()
+
+
+def test_a_time_ratio_is_ours_over_the_baseline() -> None:
+    row = Comparison("x", "s", "lower", 1.1, baseline=[1.0, 2.0], project=[1.2, 1.3])
+    assert row.ratio() == pytest.approx(1.2) and not row.met()
+    median = Comparison("x", "s", "lower", 1.2, [1.0, 1.0, 9.0], [1.1, 1.1, 0.1], "median")
+    assert median.ratio() == pytest.approx(1.1) and median.met()
+
+
+def test_a_rate_ratio_is_our_best_rate_over_the_baseline_best() -> None:
+    row = Comparison("x", "req/s", "higher", 0.23, baseline=[1000.0, 1200.0], project=[300.0])
+    assert row.ratio() == pytest.approx(0.25) and row.met()
