@@ -1,4 +1,4 @@
-"""OpenAPI 3.1 documents of the plain-HTTP surface of each function, built from the models.
+"""OpenAPI 3.1 documents of the plain-HTTP surface of each function, built from the registry.
 
 ``python functions/_openapi.py docs/openapi`` writes them; a test fails when they drift, and
 checks real responses against them. Each function also serves its own at ``GET /openapi.json``.
@@ -10,33 +10,15 @@ import copy
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from imagegen import __version__
-from imagegen.models import EnhancedPrompt, GenerationRequest, PersistedImage, RenderedImage
+from imagegen import __version__, stages
+from imagegen.stages import Stage
 
-__all__ = ["STAGE_MODELS", "document", "write_documents"]
-
-STAGE_MODELS: dict[str, tuple[type[BaseModel], type[BaseModel], str]] = {
-    "enhance": (
-        GenerationRequest,
-        EnhancedPrompt,
-        "Write the final prompt: plugins, then the LLM.",
-    ),
-    "render": (
-        EnhancedPrompt,
-        RenderedImage,
-        "Render and store the PNG; or return it with Accept: image/png.",
-    ),
-    "persist": (
-        RenderedImage,
-        PersistedImage,
-        "Write derivatives and the metadata record; return URLs.",
-    ),
-}
+__all__ = ["document", "render_documents", "write_documents"]
 
 _ERROR = {
     "type": "object",
@@ -73,23 +55,28 @@ def _error(description: str, retry: bool = False) -> dict[str, Any]:
     return response
 
 
-def document(stage: str) -> dict[str, Any]:
+def _ref(model: type[BaseModel] | None) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"} if model is not None else {}
+
+
+def document(stage: Stage) -> dict[str, Any]:
     """The OpenAPI document of ``stage``'s plain-HTTP surface."""
-    request_model, response_model, summary = STAGE_MODELS[stage]
-    _, defs = models_json_schema(
-        [(request_model, "validation"), (response_model, "serialization")],
-        ref_template="#/components/schemas/{model}",
-    )
+    models: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = []
+    if stage.input_model is not None:
+        models.append((stage.input_model, "validation"))
+    if stage.output_model is not None:
+        models.append((stage.output_model, "serialization"))
+    _, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
     schemas = {**defs.get("$defs", {}), "Error": _error_schema()}
-    ok: dict[str, Any] = {
-        "description": f"The {response_model.__name__}.",
-        "content": {
-            "application/json": {
-                "schema": {"$ref": f"#/components/schemas/{response_model.__name__}"}
-            }
-        },
-    }
-    if stage == "render":
+    ok: dict[str, Any]
+    if stage.output_model is None:
+        ok = {"description": "Accepted; nothing to say (an empty body)."}
+    else:
+        ok = {
+            "description": f"The {stage.output_model.__name__}.",
+            "content": {"application/json": {"schema": _ref(stage.output_model)}},
+        }
+    if stage.png is not None:
         ok["content"]["image/png"] = {"schema": {"type": "string", "contentMediaType": "image/png"}}
     health = {
         "type": "object",
@@ -102,26 +89,23 @@ def document(stage: str) -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {
-            "title": f"imagegen {stage}",
+            "title": f"imagegen {stage.name}",
             "version": __version__,
             "description": "Plain HTTP/JSON invoke. The same endpoint accepts CloudEvents "
-            "(binary or structured mode) and then replies with the next event.",
+            "(binary or structured mode) and then replies 200 with the next event, or with a "
+            "generation.failed event when the request can never succeed.",
         },
         "paths": {
             "/": {
                 "post": {
-                    "operationId": stage,
-                    "summary": summary,
+                    "operationId": stage.name,
+                    "summary": stage.summary,
                     "requestBody": {
                         "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {"$ref": f"#/components/schemas/{request_model.__name__}"}
-                            }
-                        },
+                        "content": {"application/json": {"schema": _ref(stage.input_model)}},
                     },
                     "responses": {
-                        "200": ok,
+                        "200" if stage.output_model is not None else "202": ok,
                         "400": _error(
                             "Invalid input; every offending field is named. Not retried."
                         ),
@@ -136,7 +120,7 @@ def document(stage: str) -> dict[str, Any]:
             },
             "/healthz": {
                 "get": {
-                    "operationId": f"{stage}_alive",
+                    "operationId": f"{stage.name}_alive",
                     "responses": {
                         "200": {
                             "description": "Alive.",
@@ -147,7 +131,7 @@ def document(stage: str) -> dict[str, Any]:
             },
             "/readyz": {
                 "get": {
-                    "operationId": f"{stage}_ready",
+                    "operationId": f"{stage.name}_ready",
                     "responses": {
                         "200": {
                             "description": "Ready.",
@@ -171,8 +155,8 @@ def _error_schema() -> dict[str, Any]:
 
 def render_documents() -> dict[str, str]:
     return {
-        f"{stage}.json": json.dumps(document(stage), indent=2, sort_keys=True) + "\n"
-        for stage in STAGE_MODELS
+        f"{stage.name}.json": json.dumps(document(stage), indent=2, sort_keys=True) + "\n"
+        for stage in stages.all_stages()
     }
 
 

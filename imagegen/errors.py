@@ -9,12 +9,14 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 __all__ = [
+    "ConfigurationError",
     "DependencyUnavailable",
     "ImageGenError",
     "InternalError",
     "InvalidRequest",
     "NotFound",
     "Overloaded",
+    "first_line",
 ]
 
 
@@ -99,6 +101,42 @@ class DependencyUnavailable(ImageGenError):
         super().__init__(message, retry_after=retry_after)
 
 
+class ConfigurationError(ImageGenError):
+    """The settings cannot work: every request fails alike until the environment is fixed.
+
+    A function answers 503 (not ready, retried) rather than 400: the requests are fine.
+
+    Args:
+        message: A readable summary, naming settings but never echoing their values.
+        errors: One entry per offending setting: ``{"field": "storage_url", "message": ...}``.
+    """
+
+    code = "not_configured"
+    status = 503
+    retryable = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        errors: list[dict[str, str]] | None = None,
+        retry_after: float = 30.0,
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.errors = errors or []
+
+    @property
+    def fields(self) -> list[str]:
+        """Names of the offending settings, in the order found."""
+        return [e["field"] for e in self.errors]
+
+    def to_dict(self) -> dict[str, Any]:
+        body = super().to_dict()
+        if self.errors:
+            body["errors"] = self.errors
+        return body
+
+
 class InternalError(ImageGenError):
     """A bug or an unexpected failure; not retried by default."""
 
@@ -113,3 +151,9 @@ class NotFound(ImageGenError):
     code = "not_found"
     status = 404
     retryable = False
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of ``error``'s message (at most ``limit`` characters), or its type."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__

@@ -6,29 +6,21 @@ Transport-free: the HTTP/CloudEvents binding lives in ``functions/``.
 from __future__ import annotations
 
 import uuid
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from pydantic import BaseModel
-
-from imagegen.models import (
-    EnhancedPrompt,
-    GenerationFailed,
-    GenerationRequest,
-    PersistedImage,
-    RenderedImage,
-)
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 __all__ = [
     "DREAM_PING",
-    "EVENT_MODELS",
     "GENERATION_FAILED",
     "GENERATION_REQUESTED",
     "IMAGE_PERSISTED",
     "IMAGE_RENDERED",
     "PROMPT_ENHANCED",
     "SCHEMA_BASE_URL",
-    "STAGES",
     "dataschema",
+    "event_models",
     "reply_id",
     "short_name",
     "source_for",
@@ -45,20 +37,21 @@ DREAM_PING: Final = "dev.knative.sources.ping"
 
 SCHEMA_BASE_URL: Final = "https://schemas.orchestr8.dev/imagegen/"
 
-EVENT_MODELS: Final[dict[str, type[BaseModel]]] = {
-    GENERATION_REQUESTED: GenerationRequest,
-    PROMPT_ENHANCED: EnhancedPrompt,
-    IMAGE_RENDERED: RenderedImage,
-    IMAGE_PERSISTED: PersistedImage,
-    GENERATION_FAILED: GenerationFailed,
-}
 
-# stage -> (consumed type, reply type)
-STAGES: Final[dict[str, tuple[str, str]]] = {
-    "enhance": (GENERATION_REQUESTED, PROMPT_ENHANCED),
-    "render": (PROMPT_ENHANCED, IMAGE_RENDERED),
-    "persist": (IMAGE_RENDERED, IMAGE_PERSISTED),
-}
+def event_models() -> dict[str, type[BaseModel]]:
+    """Each imagegen event type and its data model, from the stage registry."""
+    from imagegen import stages
+    from imagegen.models import GenerationFailed
+
+    models: dict[str, type[BaseModel]] = {}
+    for stage in stages.all_stages():
+        for event_type in stage.consumes:
+            if event_type.startswith(_PREFIX) and stage.input_model is not None:
+                models[event_type] = stage.input_model
+        if stage.emits is not None and stage.output_model is not None:
+            models[stage.emits] = stage.output_model
+    models[GENERATION_FAILED] = GenerationFailed
+    return models
 
 
 def short_name(event_type: str) -> str:

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -19,7 +18,16 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    WithJsonSchema,
     field_validator,
+)
+
+from imagegen import stages
+from imagegen.identity import (
+    GENERATION_ID_PATTERN,
+    aware,
+    derive_generation_id,
+    new_generation_id,
 )
 
 __all__ = [
@@ -40,7 +48,6 @@ __all__ = [
     "new_generation_id",
 ]
 
-GENERATION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
 MAX_PROMPT_CHARS = 2000
 MAX_METADATA_BYTES = 4096
 MAX_METADATA_KEYS = 32
@@ -49,19 +56,6 @@ MIN_YEAR, MAX_YEAR = 1970, 2999
 
 GenerationId = Annotated[str, StringConstraints(pattern=GENERATION_ID_PATTERN)]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
-
-
-def new_generation_id() -> str:
-    """A fresh random generation id (32 lowercase hex characters)."""
-    return uuid.uuid4().hex
-
-
-def derive_generation_id(source: str, event_id: str) -> str:
-    """The generation id of a request event that names none: stable for ``source`` + ``id``.
-
-    A redelivered event (same source and id) therefore maps to the same generation.
-    """
-    return uuid.uuid5(uuid.NAMESPACE_URL, f"{source}#{event_id}").hex
 
 
 def derive_seed(generation_id: str) -> int:
@@ -89,13 +83,25 @@ def _valid_timezone(value: str | None) -> str | None:
 def _aware(value: datetime | None) -> datetime | None:
     if value is None:
         return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
+    value = aware(value)
     # The date names the storage keys (yyyy/mm/dd): keep it a plausible four-digit year.
     if not MIN_YEAR <= value.year <= MAX_YEAR:
         raise ValueError(f"must be between {MIN_YEAR} and {MAX_YEAR}")
     return value
 
+
+def _known_stage(value: str) -> str:
+    if value not in stages.names():
+        raise ValueError(f"unknown stage {value!r}; one of {', '.join(stages.names())}")
+    return value
+
+
+# The stages come from the registry: a new stage module is a valid value at once.
+StageName = Annotated[
+    str,
+    AfterValidator(_known_stage),
+    WithJsonSchema({"type": "string", "enum": list(stages.names())}),
+]
 
 Dimension = Annotated[int, Field(ge=256, le=2048), AfterValidator(_multiple_of_16)]
 
@@ -252,6 +258,6 @@ class GenerationFailed(_Model):
     """Event ``generation.failed``: a failure that will not be retried."""
 
     generation_id: GenerationId | None = None
-    stage: Literal["enhance", "render", "persist", "delivery"]
+    stage: StageName
     error: ErrorInfo
     failed_at: datetime

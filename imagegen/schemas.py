@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from imagegen.events import EVENT_MODELS, dataschema, short_name
+from imagegen.events import dataschema, event_models, short_name
 
 __all__ = ["render_schemas", "write_schemas"]
 
@@ -18,7 +18,7 @@ __all__ = ["render_schemas", "write_schemas"]
 def render_schemas() -> dict[str, str]:
     """File name → JSON text of each event's schema."""
     out: dict[str, str] = {}
-    for event_type, model in EVENT_MODELS.items():
+    for event_type, model in event_models().items():
         schema: dict[str, Any] = {
             "$schema": "https://json-schema.org/draft/2020-12/schema",
             "$id": dataschema(event_type),

@@ -5,30 +5,25 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-from imagegen.enhance.memo import EnhanceMemo, request_digest
 from imagegen.errors import ImageGenError
-from imagegen.models import (
-    EnhancedPrompt,
-    GenerationRequest,
-    PersistedImage,
-    RenderedImage,
-    new_generation_id,
-)
-from imagegen.persist import PersistStage
-from imagegen.render.base import ProgressCallback, RenderBackend, RenderOutput
-from imagegen.render.stage import RenderStage
+from imagegen.identity import identify
+from imagegen.models import EnhancedPrompt, GenerationRequest, PersistedImage, RenderedImage
 from imagegen.settings import Settings
+from imagegen.stages import Call
 from imagegen.storage import open_storage
 from imagegen.storage.base import GenerationKeys, Storage
 from imagegen.telemetry import instruments, tracer
 
 if TYPE_CHECKING:
     from imagegen.enhance import EnhanceStage
+    from imagegen.enhance.memo import EnhanceMemo
+    from imagegen.persist import PersistStage
     from imagegen.plugins import PluginSet
+    from imagegen.render.base import ProgressCallback, RenderBackend, RenderOutput
+    from imagegen.render.stage import RenderStage
 
 __all__ = ["ImageGenService"]
 
@@ -46,7 +41,8 @@ class ImageGenService:
     """Enhance, render and persist images; everything injected, nothing global.
 
     Use it as an async context manager: entering loads the models named in ``preload``
-    (the render function preloads its model at start-up), leaving releases them.
+    (the render function preloads its model at start-up), leaving releases them. Each stage's
+    machinery is built on first use, so a process imports only what its stage needs.
 
     Args:
         settings: Configuration; read from the environment when omitted.
@@ -70,27 +66,49 @@ class ImageGenService:
         self.settings = settings or Settings()
         self.storage = storage or open_storage(self.settings)
         self._plugins = plugins
+        self._backend = backend
+        self._load_on_demand = load_on_demand
         self._enhance_stage: EnhanceStage | None = None
+        self._render_stage: RenderStage | None = None
+        self._persist_stage: PersistStage | None = None
+        self._memo: EnhanceMemo | None = None
         self._preload = tuple(preload)
-        settings_ = self.settings
-        self.render_stage = RenderStage(
-            settings_,
-            self.storage,
-            (lambda: backend) if backend is not None else (lambda: _diffusers_backend(settings_)),
-            load_on_demand=load_on_demand,
-        )
-        self.persist_stage = PersistStage(settings_, self.storage)
-        self._memo = EnhanceMemo(self.storage)
 
     @property
     def enhance_stage(self) -> EnhanceStage:
         if self._enhance_stage is None:
             from imagegen.enhance import EnhanceStage
+            from imagegen.enhance.memo import EnhanceMemo
             from imagegen.plugins import PluginSet
 
             plugins = self._plugins or PluginSet.from_settings(self.settings)
             self._enhance_stage = EnhanceStage(self.settings, plugins)
+            self._memo = EnhanceMemo(self.storage)
         return self._enhance_stage
+
+    @property
+    def render_stage(self) -> RenderStage:
+        if self._render_stage is None:
+            from imagegen.render.stage import RenderStage
+
+            settings, backend = self.settings, self._backend
+            self._render_stage = RenderStage(
+                settings,
+                self.storage,
+                (lambda: backend)
+                if backend is not None
+                else (lambda: _diffusers_backend(settings)),
+                load_on_demand=self._load_on_demand,
+            )
+        return self._render_stage
+
+    @property
+    def persist_stage(self) -> PersistStage:
+        if self._persist_stage is None:
+            from imagegen.persist import PersistStage
+
+            self._persist_stage = PersistStage(self.settings, self.storage)
+        return self._persist_stage
 
     async def __aenter__(self) -> Self:
         for model in self._preload:
@@ -111,28 +129,32 @@ class ImageGenService:
         """Release the models and clients held by this service."""
         if self._enhance_stage is not None:
             await self._enhance_stage.aclose()
-        if self.render_stage._backend is not None:
-            self.render_stage._backend.close()
+        if self._render_stage is not None:
+            self._render_stage.close()
 
-    async def enhance(
-        self,
-        request: GenerationRequest,
-        *,
-        generation_id: str | None = None,
-        now: datetime | None = None,
-    ) -> EnhancedPrompt:
-        """Run the plugins and the LLM; fix every render parameter, the seed included."""
-        gid = generation_id or request.generation_id or new_generation_id()
+    async def enhance(self, request: GenerationRequest, call: Call | None = None) -> EnhancedPrompt:
+        """Run the plugins and the LLM; fix every render parameter, the seed included.
+
+        Args:
+            request: What to draw.
+            call: The generation id and request time, decided by the caller (a function
+                takes them from the event); default: :func:`imagegen.identity.identify`.
+        """
+        call = call or identify(request, starts=True)
+        gid, when = call.generation_id, call.requested_at
+        assert gid is not None and when is not None, "a starting call has an id and a time"
         async with _stage("enhance", gid) as stage:
-            # The request's time names the keys: fix it once, before anything reads it.
-            when = request.requested_at or now or datetime.now(UTC)
+            from imagegen.enhance.memo import request_digest
+
+            enhance_stage = self.enhance_stage
+            assert self._memo is not None
             keys = GenerationKeys(gid, when)
             digest = request_digest(request)
             remembered = await self._memo.recall(keys, digest)
             if remembered is not None:
                 stage.outcome = "fallback" if remembered.fallback else "success"
                 return remembered
-            result = await self.enhance_stage.run(request, generation_id=gid, now=when)
+            result = await enhance_stage.run(request, generation_id=gid, now=when)
             await self._memo.remember(keys, digest, result)
             stage.span.set_attribute("imagegen.model", result.model)
             stage.span.set_attribute("imagegen.seed", result.seed)
@@ -166,11 +188,11 @@ class ImageGenService:
         self,
         request: GenerationRequest,
         *,
+        call: Call | None = None,
         progress: ProgressCallback | None = None,
-        now: datetime | None = None,
     ) -> tuple[EnhancedPrompt, PersistedImage]:
         """All three stages in-process; returns the enhanced prompt and the persisted image."""
-        enhanced = await self.enhance(request, now=now)
+        enhanced = await self.enhance(request, call)
         rendered = await self.render(enhanced, progress=progress)
         return enhanced, await self.persist(rendered)
 

@@ -20,8 +20,9 @@ NOW = datetime(2026, 11, 24, 18, 30, tzinfo=UTC)
 
 
 def small(**kwargs: object) -> GenerationRequest:
+    """A tiny request at :data:`NOW` (its time names the storage keys)."""
     return GenerationRequest.model_validate(
-        {"width": 256, "height": 256, "model": "tiny", **kwargs}
+        {"width": 256, "height": 256, "model": "tiny", "requested_at": NOW, **kwargs}
     )
 
 
@@ -32,7 +33,7 @@ def settings(tmp_path: Path) -> Settings:
 
 async def test_generate_end_to_end(settings: Settings, tmp_path: Path) -> None:
     async with ImageGenService(settings) as service:
-        enhanced, persisted = await service.generate(small(prompt="a lighthouse", seed=1), now=NOW)
+        enhanced, persisted = await service.generate(small(prompt="a lighthouse", seed=1))
     root = tmp_path / "out"
     png = root / persisted.key
     assert persisted.key == f"2026/11/24/{persisted.generation_id}.png"
@@ -47,9 +48,9 @@ async def test_generate_end_to_end(settings: Settings, tmp_path: Path) -> None:
 
 async def test_same_seed_same_pixels_different_seed_different(settings: Settings) -> None:
     async with ImageGenService(settings) as service:
-        a = await service.enhance(small(prompt="a cat", seed=3, enhance=False, plugins=[]), now=NOW)
-        b = await service.enhance(small(prompt="a cat", seed=3, enhance=False, plugins=[]), now=NOW)
-        c = await service.enhance(small(prompt="a cat", seed=4, enhance=False, plugins=[]), now=NOW)
+        a = await service.enhance(small(prompt="a cat", seed=3, enhance=False, plugins=[]))
+        b = await service.enhance(small(prompt="a cat", seed=3, enhance=False, plugins=[]))
+        c = await service.enhance(small(prompt="a cat", seed=4, enhance=False, plugins=[]))
         png_a, png_b, png_c = [(await service.render_png(job)).png for job in (a, b, c)]
     assert a.generation_id != b.generation_id  # only the seed ties them
     assert pixels(png_a) == pixels(png_b)
@@ -63,7 +64,7 @@ def pixels(png: bytes) -> bytes:
 
 async def test_render_and_persist_are_idempotent(settings: Settings, tmp_path: Path) -> None:
     async with ImageGenService(settings) as service:
-        job = await service.enhance(small(prompt="a bridge", generation_id="idem-1"), now=NOW)
+        job = await service.enhance(small(prompt="a bridge", generation_id="idem-1"))
         first = await service.render(job)
         second = await service.render(job)
         assert first == second
@@ -76,16 +77,14 @@ async def test_render_and_persist_are_idempotent(settings: Settings, tmp_path: P
 
 async def test_persist_refuses_a_tampered_claim_check(settings: Settings) -> None:
     async with ImageGenService(settings) as service:
-        job = await service.enhance(small(prompt="a boat", generation_id="tamper-1"), now=NOW)
+        job = await service.enhance(small(prompt="a boat", generation_id="tamper-1"))
         rendered = await service.render(job)
         with pytest.raises(InvalidRequest) as caught:
             await service.persist(rendered.model_copy(update={"sha256": "0" * 64}))
         assert caught.value.fields == ["sha256"]
         with pytest.raises(InvalidRequest):
             await service.persist(rendered.model_copy(update={"key": "2026/11/24/other.png"}))
-        missing = await service.enhance(
-            small(prompt="a boat", generation_id="never-rendered"), now=NOW
-        )
+        missing = await service.enhance(small(prompt="a boat", generation_id="never-rendered"))
         with pytest.raises(InvalidRequest) as missing_image:
             await service.persist(
                 rendered.model_copy(
@@ -106,7 +105,7 @@ async def test_signed_public_urls(tmp_path: Path) -> None:
         url_signing_secret="s3cret",
     )
     async with ImageGenService(settings) as service:
-        _, persisted = await service.generate(small(prompt="a key", enhance=False), now=NOW)
+        _, persisted = await service.generate(small(prompt="a key", enhance=False))
     assert persisted.url is not None
     base, query = persisted.url.split("?")
     assert base == f"https://img.example.com/{persisted.key}"
@@ -122,8 +121,8 @@ async def test_two_services_run_different_plugin_sets(settings: Settings) -> Non
     only_style = ImageGenService(
         settings, plugins=PluginSet.from_settings(settings, names=["art_style"])
     )
-    a = await only_time.enhance(small(prompt="a fox", enhance=False), now=NOW)
-    b = await only_style.enhance(small(prompt="a fox", enhance=False), now=NOW)
+    a = await only_time.enhance(small(prompt="a fox", enhance=False))
+    b = await only_style.enhance(small(prompt="a fox", enhance=False))
     assert [c.plugin for c in a.contributions] == ["time_of_day"]
     assert [c.plugin for c in b.contributions] == ["art_style"]
 
@@ -138,7 +137,7 @@ async def test_model_must_be_allowed(settings: Settings) -> None:
 async def test_injected_storage_is_used(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "injected")
     async with ImageGenService(Settings(), storage=storage) as service:
-        _, persisted = await service.generate(small(prompt="a tree", enhance=False), now=NOW)
+        _, persisted = await service.generate(small(prompt="a tree", enhance=False))
     assert (tmp_path / "injected" / persisted.key).is_file()
 
 
@@ -156,17 +155,17 @@ async def test_a_redelivered_request_gets_the_first_prompt_even_if_ollama_change
             ollama_retries=0,
         )
         service = ImageGenService(settings)
-        request = small(prompt="a heron")
-        first = await service.enhance(request, generation_id="memo-1", now=NOW)
+        request = small(prompt="a heron", generation_id="memo-1")
+        first = await service.enhance(request)
         assert first.enhancer.startswith("ollama:") and "heron in morning fog" in first.prompt
 
     # Ollama is gone: the redelivery still gets the prompt the first delivery wrote.
-    again = await ImageGenService(settings).enhance(request, generation_id="memo-1", now=NOW)
+    again = await ImageGenService(settings).enhance(request)
     assert again == first
     assert (tmp_path / "out" / "2026/11/24/memo-1.prompt.json").is_file()
 
     with pytest.raises(InvalidRequest) as caught:
-        await service.enhance(small(prompt="a crane"), generation_id="memo-1", now=NOW)
+        await service.enhance(small(prompt="a crane", generation_id="memo-1"))
     assert caught.value.fields == ["generation_id"]
 
 
@@ -174,7 +173,7 @@ async def test_simultaneous_persists_of_one_image_answer_alike(settings: Setting
     import asyncio
 
     async with ImageGenService(settings) as service:
-        job = await service.enhance(small(prompt="a lamp", generation_id="twice-1"), now=NOW)
+        job = await service.enhance(small(prompt="a lamp", generation_id="twice-1"))
         rendered = await service.render(job)
         first, second = await asyncio.gather(service.persist(rendered), service.persist(rendered))
     assert first == second

@@ -14,7 +14,7 @@ import typer
 from imagegen.cli import generate, tools  # noqa: F401
 from imagegen.cli._app import app
 from imagegen.cli.tools import functions_dir as functions_dir
-from imagegen.errors import ImageGenError, InvalidRequest
+from imagegen.errors import ConfigurationError, ImageGenError, InvalidRequest
 
 try:  # recent typer releases carry their own copy of click
     from typer._click import exceptions as click_exceptions
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(exc.format_message(), exc.exit_code or 1)
     except typer.Abort:
         _fail("aborted", 130)
-    except InvalidRequest as exc:
+    except (InvalidRequest, ConfigurationError) as exc:
         details = "; ".join(f"{e['field']}: {e['message']}" for e in exc.errors)
         _fail(exc.message + (f" ({details})" if details else ""), 2)
     except ImageGenError as exc:

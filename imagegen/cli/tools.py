@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
 from rich.table import Table
 
+from imagegen import stages
 from imagegen._redact import redact_url
 from imagegen.cli._app import AsJson, app, err, make_service, out, run_async, settings_from
 from imagegen.errors import ImageGenError, InvalidRequest
 
 __all__ = ["doctor", "functions_dir", "list_plugins", "send", "serve"]
-
-STAGES = ("enhance", "render", "persist", "deadletter")
 
 
 @app.command(name="plugins")
@@ -99,34 +100,41 @@ def doctor() -> None:
 
 @app.command()
 def serve(
-    stage: Annotated[str, typer.Argument(help="enhance, render, persist or deadletter.")],
+    stage: Annotated[
+        str,
+        typer.Argument(
+            help="The stage to serve: " + ", ".join(stages.names()) + ".",
+            autocompletion=lambda: list(stages.names()),
+        ),
+    ],
     port: Annotated[int, typer.Option(envvar="PORT", help="Port to listen on.")] = 8080,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     debug: Annotated[
         bool, typer.Option(help="Flask's development server instead of gunicorn.")
     ] = False,
 ) -> None:
-    """Run one function locally, as it runs on Knative."""
-    if stage not in STAGES:
-        raise InvalidRequest(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    """Run one function locally, as it runs on Knative (functions-framework's own command)."""
+    if stage not in stages.names():
+        raise InvalidRequest(
+            f"unknown stage {stage!r}; choose one of {', '.join(stages.names())}",
+            errors=[{"field": "stage", "message": "not a registered stage"}],
+        )
     source = functions_dir() / f"{stage}.py"
-    from functions_framework import create_app
-    from functions_framework._http import create_server
-
-    function_app = create_app(stage, str(source), "http")  # type: ignore[no-untyped-call]
+    command = [sys.executable, "-m", "functions_framework", "--target", stage]
+    command += ["--source", str(source), "--host", host, "--port", str(port)]
     err.print(f"serving {stage} on http://{host}:{port}")
-    create_server(function_app, debug).run(host, port)  # type: ignore[no-untyped-call]
+    sys.stdout.flush()
+    # functions-framework's own command: its public interface, and the one containers run.
+    os.execv(sys.executable, command + (["--debug"] if debug else []))  # noqa: S606
 
 
 def functions_dir() -> Path:
     """The ``functions/`` folder of this checkout or image."""
-    import os
-
     configured = os.environ.get("IMAGEGEN_FUNCTIONS_DIR")
     candidates = [Path(configured)] if configured else []
     candidates += [Path(__file__).resolve().parents[2] / "functions", Path.cwd() / "functions"]
     for candidate in candidates:
-        if (candidate / "_runtime.py").is_file():
+        if (candidate / "_adapter.py").is_file():
             return candidate
     raise InvalidRequest("functions/ not found; run from a checkout or set IMAGEGEN_FUNCTIONS_DIR")
 
@@ -137,7 +145,9 @@ def send(
         str,
         typer.Argument(
             metavar="TYPE",
-            help="CloudEvents type, e.g. dev.orchestr8.imagegen.generation.requested.",
+            help="CloudEvents type; the stages consume "
+            + ", ".join(sorted({t for s in stages.all_stages() for t in s.consumes}))
+            + ".",
         ),
     ],
     to: Annotated[str, typer.Option("--to", help="URL: a function or a broker ingress.")],

@@ -7,9 +7,8 @@ request, its generation id and its time: a redelivered request yields the same j
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 
 import ollama
 from opentelemetry import trace
@@ -17,8 +16,8 @@ from opentelemetry import trace
 from imagegen.enhance._template import compose, dream_subject
 from imagegen.enhance.llm import DEFAULT_BACKOFF, OllamaEnhancer, fallback_reason
 from imagegen.errors import DependencyUnavailable, InvalidRequest
+from imagegen.identity import GENERATION_ID_PATTERN, request_time, valid_generation_id
 from imagegen.models import (
-    GENERATION_ID_PATTERN,
     Contribution,
     EnhancedPrompt,
     GenerationRequest,
@@ -73,7 +72,7 @@ class EnhanceStage:
                 ``plugins``).
         """
         errors: list[dict[str, str]] = []
-        if not re.fullmatch(GENERATION_ID_PATTERN, generation_id):
+        if not valid_generation_id(generation_id):
             errors.append(
                 {"field": "generation_id", "message": "must match " + GENERATION_ID_PATTERN}
             )
@@ -113,9 +112,7 @@ class EnhanceStage:
         model = self.check_inputs(request, generation_id)
         spec = spec_for(model)
         seed = request.seed if request.seed is not None else derive_seed(generation_id)
-        requested_at = request.requested_at or now or datetime.now(UTC)
-        if requested_at.tzinfo is None:
-            requested_at = requested_at.replace(tzinfo=UTC)
+        requested_at = request_time(request.requested_at, now)
 
         # 2. Run the plugins
         with tracer().start_as_current_span("imagegen.plugins") as span:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import datetime
 from importlib.metadata import EntryPoint
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from imagegen.errors import InvalidRequest
+from imagegen.identity import aware
 from imagegen.models import Contribution
 from imagegen.plugins._running import run_plugin
 from imagegen.plugins.context import PluginContext, PluginFactory, PluginInfo, PromptPlugin
@@ -247,11 +248,10 @@ class PluginSet:
         """
         names = self.select(selection)
         zone = timezone or self.settings.timezone
-        aware = now if now.tzinfo is not None else now.replace(tzinfo=UTC)
         base = PluginContext(
             generation_id=generation_id,
             prompt=prompt,
-            now=aware.astimezone(ZoneInfo(zone)),
+            now=aware(now).astimezone(ZoneInfo(zone)),
             timezone=zone,
             seed=seed,
             settings=self.settings,

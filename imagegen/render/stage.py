@@ -17,7 +17,6 @@ from opentelemetry import trace
 
 from imagegen._locks import KeyedLocks
 from imagegen.errors import (
-    DependencyUnavailable,
     ImageGenError,
     InternalError,
     InvalidRequest,
@@ -78,7 +77,6 @@ class RenderStage:
         self._admitted = 0
         self._generation_lock = KeyedLocks()  # one render per generation at a time
         self._batcher: Batcher | None = None
-        self.load_seconds: dict[str, float] = {}
 
     @property
     def backend(self) -> RenderBackend:
@@ -123,6 +121,11 @@ class RenderStage:
             per_job = time.perf_counter() - since if since is not None else 1.0
         return max(1, math.ceil(self._admitted * per_job))
 
+    def close(self) -> None:
+        """Release the backend's models, if it was ever created."""
+        if self._backend is not None:
+            self._backend.close()
+
     def is_loaded(self, model: str) -> bool:
         return self._backend is not None and self._backend.is_loaded(model)
 
@@ -135,7 +138,6 @@ class RenderStage:
                     return 0.0
                 seconds = await _pipeline_call(self.backend.load, model)
             instruments().model_load_duration.record(seconds, {"imagegen.model": model})
-            self.load_seconds[model] = seconds
             log.info("model loaded", extra={"model": model, "seconds": round(seconds, 3)})
             return seconds
 
@@ -310,13 +312,6 @@ class RenderStage:
             timings=timings,
             prompt=job,
         )
-
-    async def check(self) -> None:
-        """Raise DependencyUnavailable unless the default model is loaded."""
-        if not self.is_loaded(self.settings.model):
-            raise DependencyUnavailable(
-                f"model {self.settings.model!r} is not loaded yet", retry_after=15
-            )
 
 
 async def _pipeline_call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

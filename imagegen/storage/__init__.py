@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
-from imagegen.errors import InvalidRequest
+from imagegen._redact import redact_url
+from imagegen.errors import ConfigurationError
 from imagegen.storage.base import (
     GenerationKeys,
     Storage,
@@ -46,7 +47,7 @@ def open_storage(settings: Settings) -> Storage:
     """The storage ``settings.storage_url`` names.
 
     Raises:
-        InvalidRequest: naming ``storage_url`` (or the ``s3_*`` field at fault) when the
+        ConfigurationError: naming ``storage_url`` (or the ``s3_*`` field at fault) when the
             configuration cannot work.
     """
     url = settings.storage_url.strip()
@@ -77,10 +78,8 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _invalid(url: str, message: str) -> InvalidRequest:
-    from imagegen.storage.s3 import redact_url
-
-    return InvalidRequest(
+def _invalid(url: str, message: str) -> ConfigurationError:
+    return ConfigurationError(
         f"invalid storage_url {redact_url(url)!r}: {message}",
         errors=[{"field": "storage_url", "message": message}],
     )

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import SecretStr
 
-from imagegen.errors import InvalidRequest
+from imagegen.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from imagegen.settings import Settings
@@ -100,23 +100,23 @@ def s3_options(
     """The options of ``preset`` (default ``aws``) with every explicit argument applied over it.
 
     Raises:
-        InvalidRequest: for an unknown preset (field ``s3_preset``), a preset that needs an
+        ConfigurationError: for an unknown preset (field ``s3_preset``), a preset that needs an
             endpoint and got none (``s3_endpoint_url``), or half a key pair.
     """
     name = preset or "aws"
     if name not in PRESETS:
-        raise InvalidRequest(
+        raise ConfigurationError(
             f"unknown S3 preset {name!r}",
             errors=[{"field": "s3_preset", "message": f"one of {', '.join(PRESETS)}"}],
         )
     if name in _ENDPOINT_EXAMPLES and not endpoint_url:
-        raise InvalidRequest(
+        raise ConfigurationError(
             f"the {name} preset needs s3_endpoint_url, e.g. {_ENDPOINT_EXAMPLES[name]}",
             errors=[{"field": "s3_endpoint_url", "message": f"required by the {name} preset"}],
         )
     if (access_key_id is None) != (secret_access_key is None):
         missing = "s3_secret_access_key" if secret_access_key is None else "s3_access_key_id"
-        raise InvalidRequest(
+        raise ConfigurationError(
             "s3_access_key_id and s3_secret_access_key are set together or not at all",
             errors=[{"field": missing, "message": "missing while its pair is set"}],
         )

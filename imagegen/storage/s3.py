@@ -34,7 +34,9 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 
+from imagegen._redact import redact_url
 from imagegen.errors import (
+    ConfigurationError,
     DependencyUnavailable,
     ImageGenError,
     InternalError,
@@ -66,7 +68,6 @@ _DENIED = {
     "SignatureDoesNotMatch",
 }
 _MISSING = {"NoSuchKey", "NotFound", "404"}
-_USERINFO = re.compile(r"//[^/?#]*@")
 # GCS's XML API answers user metadata as x-goog-meta-*, which boto3 leaves out of Metadata.
 _GCS_META = "x-goog-meta-"
 _DEFAULT_CONTENT_TYPE = "application/octet-stream"
@@ -95,7 +96,7 @@ class S3Storage:
         """A storage for ``s3://bucket[/prefix]``.
 
         Raises:
-            InvalidRequest: naming ``storage_url`` when the URL is not of that form.
+            ConfigurationError: naming ``storage_url`` when the URL is not of that form.
         """
         parts = urlsplit(url)
         if (
@@ -333,14 +334,9 @@ def _instrument_botocore() -> None:
             instrumentor.instrument()
 
 
-def redact_url(url: str) -> str:
-    """``url`` without the credentials someone may have written into it (``s3://id:key@b``)."""
-    return _USERINFO.sub("//***@", url)
-
-
 def _check_bucket(bucket: str, *, field: str) -> str:
     if not _BUCKET.fullmatch(bucket) or ".." in bucket:
-        raise InvalidRequest(
+        raise ConfigurationError(
             f"invalid bucket name {bucket!r}",
             errors=[{"field": field, "message": "not a valid bucket name"}],
         )
@@ -354,14 +350,14 @@ def _check_prefix(prefix: str, *, field: str) -> str:
     try:
         return validate_key(prefix)
     except InvalidRequest:
-        raise InvalidRequest(
+        raise ConfigurationError(
             f"invalid key prefix {prefix!r}",
             errors=[{"field": field, "message": "the prefix must be a safe relative path"}],
         ) from None
 
 
-def _bad_url(url: str, message: str) -> InvalidRequest:
-    return InvalidRequest(
+def _bad_url(url: str, message: str) -> ConfigurationError:
+    return ConfigurationError(
         f"invalid storage_url {redact_url(url)!r}: {message}",
         errors=[{"field": "storage_url", "message": message}],
     )

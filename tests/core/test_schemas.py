@@ -6,7 +6,7 @@ import json
 
 import jsonschema
 
-from imagegen.events import EVENT_MODELS, dataschema, short_name
+from imagegen.events import dataschema, event_models, short_name
 from imagegen.schemas import render_schemas
 from tests.conftest import ROOT
 
@@ -20,7 +20,7 @@ def test_committed_schemas_match_the_models() -> None:
 
 def test_one_schema_per_event_type_with_its_url() -> None:
     names = render_schemas()
-    for event_type in EVENT_MODELS:
+    for event_type in event_models():
         schema = json.loads(names[f"{short_name(event_type)}.json"])
         assert schema["$id"] == dataschema(event_type)
         jsonschema.Draft202012Validator.check_schema(schema)

@@ -1,14 +1,11 @@
-"""Failures: final ones reach the platform, the dead-letter sink loses nothing, and a
-misconfigured function answers 503 (retried) rather than refusing good events."""
+"""Failures: final ones are answered with a generation.failed event, the dead-letter sink
+loses nothing, and a misconfigured function answers 503 (retried) rather than refusing good
+events."""
 
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -20,42 +17,10 @@ from tests.functions.servers import cloudevent_headers, post_event
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
-class Sink:
-    """A loopback HTTP endpoint standing in for the broker ingress (K_SINK)."""
-
-    def __init__(self) -> None:
-        self.received: list[tuple[dict[str, str], Any]] = []
-        sink = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                sink.received.append(
-                    ({k.lower(): v for k, v in self.headers.items()}, json.loads(body))
-                )
-                self.send_response(202)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-
-@pytest.fixture
-def sink() -> Iterator[Sink]:
-    endpoint = Sink()
-    yield endpoint
-    endpoint.server.shutdown()
-
-
-def test_a_final_failure_is_published_to_the_sink(
-    start_server: StartServer, tmp_path: Path, sink: Sink
+def test_a_final_failure_is_answered_2xx_with_generation_failed(
+    start_server: StartServer, tmp_path: Path
 ) -> None:
-    env = {**base_env(tmp_path / "store"), "K_SINK": sink.url}
-    enhance = start_server("enhance", env)
+    enhance = start_server("enhance", base_env(tmp_path / "store"))
     reply = post_event(
         enhance.url,
         GENERATION_REQUESTED,
@@ -64,30 +29,34 @@ def test_a_final_failure_is_published_to_the_sink(
         event_id="bad-1",
         traceparent=TRACEPARENT,
     )
-    assert reply.status_code == 400
+    # A 2xx reply is published by the broker, and only a 2xx: the platform hears of the
+    # failure once, and the delivery is not retried.
+    assert reply.status_code == 200
     assert reply.headers["ce-type"] == GENERATION_FAILED
     assert reply.headers["ce-traceparent"].split("-")[1] == TRACEPARENT.split("-")[1]
-    [(headers, data)] = sink.received
-    assert headers["ce-type"] == GENERATION_FAILED
-    assert headers["ce-id"] == reply.headers["ce-id"]
+    data = reply.json()
     # No subject was given: the generation id is derived from the request event, as on success.
-    assert headers["ce-subject"] == reply.headers["ce-subject"] == data["generation_id"]
+    assert reply.headers["ce-subject"] == data["generation_id"]
     assert data["error"]["errors"][0]["field"] == "width"
-
+    again = post_event(
+        enhance.url, GENERATION_REQUESTED, {"width": 7}, source="/tests", event_id="bad-1"
+    )
+    assert again.headers["ce-id"] == reply.headers["ce-id"]  # a redelivery: the same event
     other = post_event(
         enhance.url, GENERATION_REQUESTED, {"width": 7}, source="/tests", event_id="bad-2"
     )
     assert other.headers["ce-id"] != reply.headers["ce-id"]
 
 
-def test_retryable_failures_are_not_published(
-    start_server: StartServer, tmp_path: Path, sink: Sink
+def test_retryable_failures_are_errors_not_events(
+    start_server: StartServer, tmp_path: Path
 ) -> None:
-    env = {**base_env(tmp_path / "store"), "K_SINK": sink.url, "IMAGEGEN_ENHANCE_FALLBACK": "false"}
+    env = {**base_env(tmp_path / "store"), "IMAGEGEN_ENHANCE_FALLBACK": "false"}
     enhance = start_server("enhance", env)
     reply = post_event(enhance.url, GENERATION_REQUESTED, {"prompt": "x"}, subject="retry-1")
     assert reply.status_code == 503
-    assert sink.received == []
+    assert "ce-type" not in reply.headers
+    assert reply.json()["retryable"] is True
 
 
 @pytest.mark.parametrize(
@@ -111,6 +80,7 @@ def test_the_dead_letter_sink_keeps_what_a_stage_refused(
     }
     reply = httpx.post(deadletter.url, headers=sent, content=body, timeout=30)
     assert reply.status_code == 202, reply.text
+    assert reply.content == b""  # a 2xx reply is empty or an event: here, empty
     [record] = [json.loads(p.read_text()) for p in store.rglob("failures/**/*.json")]
     assert record["event_type"] == GENERATION_REQUESTED and record["error_code"] == "400"
     assert record["data"] is not None

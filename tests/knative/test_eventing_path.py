@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from imagegen.events import GENERATION_REQUESTED, IMAGE_PERSISTED
+from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED, IMAGE_PERSISTED
 from tests.fakes.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server
 from tests.functions.servers import FunctionServer, free_port
 
@@ -243,12 +243,24 @@ def test_a_failing_stage_is_retried_then_dead_lettered(cluster: Any, tmp_path: P
     assert record["error_body"]["retryable"] is True
 
 
-def test_a_final_failure_reaches_the_platform(cluster: Any) -> None:
-    routing, servers, _ = cluster
+def test_a_final_failure_reaches_the_platform_once(cluster: Any) -> None:
+    routing, servers, s3 = cluster
     broker = _broker(routing, servers)
     broker.publish(_request(GENERATION_REQUESTED, "invalid-1"), {"width": 5})
-    [delivery] = broker.log
-    assert delivery.attempts == [400] and delivery.dead_lettered  # not retried
+    # The stage answers 2xx with generation.failed: not retried, not dead-lettered; the
+    # broker publishes the failure, and its Trigger hands it to the dead-letter function.
+    assert [(d.event_type, d.subscriber, d.attempts, d.dead_lettered) for d in broker.log] == [
+        (GENERATION_REQUESTED, "imagegen-enhance", [200], False),
+        (GENERATION_FAILED, "imagegen-deadletter", [202], False),
+    ]
+    records = [
+        json.loads(s3.client().get_object(Bucket=o["Bucket"], Key=o["Key"])["Body"].read())
+        for o in _objects(s3, "failures/")
+    ]
+    [record] = [r for r in records if r["subject"] == "invalid-1"]
+    assert record["event_type"] == GENERATION_FAILED
+    assert record["data"]["stage"] == "enhance"
+    assert record["data"]["error"]["errors"][0]["field"] == "width"
 
 
 def _objects(s3: S3Server, prefix: str) -> list[dict[str, str]]:

@@ -2,40 +2,26 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from collections.abc import Callable, Iterator
-from types import ModuleType
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from .conftest import OVERLAYS, REPO
+from imagegen import stages
+from imagegen.stages import Stage
+
+from .conftest import OVERLAYS
 from .routing import Routing, ServiceInfo
 from .test_event_routing import REPLIES
 
 RoutingOf = Callable[[str], Routing]
-FUNCTIONS = REPO / "functions"
 
 
 @pytest.fixture
-def load_stage(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], Any]]:
-    """``load_stage("render")``: the Stage a function file declares, imported as it is served."""
-    monkeypatch.syspath_prepend(str(FUNCTIONS))
-    modules: dict[str, ModuleType] = {}
-
-    def load(function: str) -> Any:
-        if function not in modules:
-            spec = importlib.util.spec_from_file_location(
-                f"imagegen_function_{function}", FUNCTIONS / f"{function}.py"
-            )
-            assert spec is not None and spec.loader is not None
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            modules[function] = module
-        return modules[function].runtime.stage
-
-    yield load
+def load_stage() -> Callable[[str], Stage]:
+    """``load_stage("render")``: the stage a function serves, from the stage registry."""
+    return stages.get
 
 
 def _settings(service: ServiceInfo, monkeypatch: pytest.MonkeyPatch) -> Any:
@@ -61,9 +47,9 @@ def test_each_function_accepts_what_its_triggers_send(
         function = r.services[trigger.subscriber].function
         assert function is not None
         consumes = load_stage(function).consumes
-        accepted = {consumes} if isinstance(consumes, str) else set(consumes or ())
+        accepted = set(consumes)
         event_type = trigger.filter["type"]
-        if consumes is not None and event_type not in accepted:
+        if consumes and event_type not in accepted:
             refused.append(f"{trigger.name}: {function} refuses {event_type} (accepts {accepted})")
     assert not refused, "\n".join(refused)
 
@@ -93,3 +79,11 @@ def test_each_function_gives_up_before_knative_does(
         assert service.function is not None and service.timeout_seconds is not None
         budget = load_stage(service.function).timeout(_settings(service, monkeypatch))
         assert budget < service.timeout_seconds, f"{service.name}: {budget} s"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_registered_stage_is_deployed_and_nothing_else(
+    routing: RoutingOf, overlay: str
+) -> None:
+    deployed = {service.function for service in routing(overlay).services.values()}
+    assert deployed == set(stages.names())

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from imagegen.errors import InvalidRequest
+from imagegen.errors import ConfigurationError
 from imagegen.settings import Settings
 from imagegen.storage import LocalStorage, S3Storage, Storage, open_storage
 
@@ -153,7 +153,7 @@ def test_explicit_settings_override_the_preset(opened: list[Storage]) -> None:
 
 @pytest.mark.parametrize("preset", ["r2", "minio"])
 def test_preset_without_its_endpoint(preset: str) -> None:
-    with pytest.raises(InvalidRequest) as error:
+    with pytest.raises(ConfigurationError) as error:
         open_storage(settings(storage_url="s3://bucket", s3_preset=preset))
     assert error.value.fields == ["s3_endpoint_url"]
     assert "s3_endpoint_url" in error.value.message
@@ -167,7 +167,7 @@ def test_preset_without_its_endpoint(preset: str) -> None:
     ],
 )
 def test_half_a_key_pair(values: dict[str, str], field: str) -> None:
-    with pytest.raises(InvalidRequest) as error:
+    with pytest.raises(ConfigurationError) as error:
         open_storage(settings(storage_url="s3://bucket", **values))
     assert error.value.fields == [field]
     assert "only-the-secret" not in str(error.value.to_dict())
@@ -193,20 +193,20 @@ def test_half_a_key_pair(values: dict[str, str], field: str) -> None:
     ],
 )
 def test_invalid_urls(url: str) -> None:
-    with pytest.raises(InvalidRequest) as error:
+    with pytest.raises(ConfigurationError) as error:
         open_storage(settings(storage_url=url))
     assert error.value.fields == ["storage_url"]
 
 
 @pytest.mark.parametrize("url", ["s3://AKIA0000:hunter2@bucket", "https://AKIA0000:hunter2@host/b"])
 def test_credentials_in_a_url_are_not_echoed(url: str) -> None:
-    with pytest.raises(InvalidRequest) as error:
+    with pytest.raises(ConfigurationError) as error:
         open_storage(settings(storage_url=url))
     assert "hunter2" not in str(error.value.to_dict())
     assert "AKIA0000" not in str(error.value.to_dict())
 
 
 def test_gs_url_points_at_the_preset() -> None:
-    with pytest.raises(InvalidRequest) as error:
+    with pytest.raises(ConfigurationError) as error:
         open_storage(settings(storage_url="gs://bucket"))
     assert "s3_preset=gcs" in error.value.message

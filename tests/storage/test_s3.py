@@ -9,10 +9,10 @@ import pytest
 from pydantic import SecretStr
 
 from imagegen.errors import (
+    ConfigurationError,
     DependencyUnavailable,
     ImageGenError,
     InternalError,
-    InvalidRequest,
 )
 from imagegen.storage import GenerationKeys, S3Storage
 from imagegen.storage.s3 import _instrument_botocore
@@ -90,7 +90,7 @@ def test_from_url(bucket: str) -> None:
     ],
 )
 def test_from_url_rejects(url: str) -> None:
-    with pytest.raises(InvalidRequest) as error:
+    with pytest.raises(ConfigurationError) as error:
         S3Storage.from_url(url)
     assert error.value.fields == ["storage_url"]
 

@@ -1,0 +1,310 @@
+"""One stage as an HTTP function, in func-python's shape: start, alive, ready, handle.
+
+functions-framework owns the app, the server, the workers and body limits; this adapter owns
+the process's event loop and service, and turns each request into one call of the stage's
+handler. :mod:`_binding` turns bytes into a :class:`~_binding.Message` and outcomes into
+replies; errors become statuses only there.
+
+The loop and the service start on the first request a process receives (a probe, in a
+cluster), never at import: gunicorn imports the function and then forks its workers, and
+neither threads nor CUDA survive a fork.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Awaitable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, TypeVar
+
+import flask
+from _binding import (
+    MAX_BODY_BYTES,
+    Message,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    Reply,
+    RouteNotFound,
+    error_reply,
+    event_reply,
+    json_reply,
+    parse,
+    parse_leniently,
+)
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from pydantic import ValidationError
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from imagegen.errors import ConfigurationError, DependencyUnavailable, ImageGenError, InternalError
+from imagegen.identity import generation_id, identify
+from imagegen.stages import Call, Stage
+from imagegen.stages import get as get_stage
+from imagegen.telemetry import instruments, tracer
+from imagegen.validation import field_errors, parse_model
+
+__all__ = ["Function", "entry_point"]
+
+log = logging.getLogger("imagegen.functions")
+T = TypeVar("T")
+
+
+class Function:
+    """The process-wide state of one stage's function: settings, service, loop, readiness."""
+
+    def __init__(self, stage: Stage) -> None:
+        self.stage = stage
+        self._lock = threading.Lock()
+        self._pid: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._service: Any = None
+        self._started: Future[None] | None = None
+        self._broken: ConfigurationError | None = None
+        self._timeout = 60.0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Read the settings, build the service and (render) begin loading the model; once."""
+        if self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            from imagegen.observability import setup_observability
+            from imagegen.service import ImageGenService
+            from imagegen.settings import Settings
+
+            try:
+                settings = Settings()
+                setup_observability(f"imagegen-{self.stage.name}", settings)
+                preload = (settings.model,) if self.stage.loads_model else ()
+                self._service = ImageGenService(settings, preload=preload, load_on_demand=False)
+                self._timeout = self.stage.timeout(settings)
+            except Exception as exc:
+                # Every request would fail alike until the environment is fixed: say it once,
+                # and answer 503 (not ready, retried), never 400.
+                self._broken = _configuration_error(self.stage.name, exc)
+                log.error("start-up failed: %s", self._broken.message, extra=self._extra())
+                return
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="imagegen-loop", daemon=True).start()
+            self._loop = loop
+            self._started = asyncio.run_coroutine_threadsafe(self._enter(), loop)
+        if not self.stage.loads_model:
+            self._started.exception()  # nothing to load: over in moments
+
+    async def _enter(self) -> None:
+        try:
+            await self._service.__aenter__()
+        except Exception:
+            log.exception("start-up failed", extra=self._extra())
+            raise
+
+    def alive(self) -> bool:
+        """Whether the process can serve at all (it always can: failures show in ``ready``)."""
+        self.start()
+        return True
+
+    def ready(self) -> tuple[bool, str]:
+        """(ready, why): ready once start-up, the model load included, has succeeded."""
+        self.start()
+        if self._broken is not None or self._started is None:
+            return False, "start-up failed"
+        if not self._started.done():
+            return False, "loading"
+        if self._started.exception() is not None:
+            return False, "start-up failed"  # the reason is in the log
+        return True, "ready"
+
+    def _run(self, work: Awaitable[T]) -> T:
+        """Run ``work`` on the process's loop, within the stage's time budget."""
+        assert self._loop is not None
+
+        async def wrapped() -> T:
+            return await work
+
+        future = asyncio.run_coroutine_threadsafe(wrapped(), self._loop)
+        try:
+            return future.result(timeout=self._timeout)
+        except FutureTimeout:
+            future.cancel()
+            raise DependencyUnavailable(
+                f"{self.stage.name} took longer than {self._timeout:.0f}s"
+            ) from None
+
+    def _extra(self, **fields: Any) -> dict[str, Any]:
+        return {"stage": self.stage.name, **fields}
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def handle(self, message: Message, *, accept: str = "") -> Reply:
+        """Run the stage on one message; never raises."""
+        stage = self.stage
+        gid: str | None = None
+        dispatched = False
+        try:
+            # 1. Is the function able to serve?
+            self.start()
+            if self._broken is not None:
+                raise self._broken
+            if stage.input_model is None:  # the sink takes anything as it comes
+                data: Any = message.data
+                call = Call(attributes=message.attributes)
+            else:
+                # 2. Check the input; the generation is known before the data is valid.
+                gid = _generation_hint(stage, message)
+                ready, why = self.ready()
+                if not ready:
+                    raise DependencyUnavailable(
+                        f"{stage.name} is not ready ({why})", retry_after=15
+                    )
+                data = parse_model(stage.input_model, message.data)
+                call = identify(data, message.attributes, starts=stage.starts_generations)
+                gid = call.generation_id
+            # 3. Run the stage inside the caller's trace.
+            dispatched = True
+            if stage.png is not None and not message.is_event and "image/png" in accept:
+                work_png = stage.png(self._service, data)
+                (png, headers), _ = self._run(self._traced(message, work_png))
+                return Reply(200, png, {"Content-Type": "image/png", **headers})
+            work = stage.handler(self._service, data, call)
+            result, extensions = self._run(self._traced(message, work))
+            # 4. Reply: the next event, JSON, or nothing.
+            if result is None or stage.emits is None:
+                return Reply(202)
+            if not message.is_event:
+                return json_reply(result.model_dump(mode="json"), 200)
+            if location := getattr(result, "location", None):
+                extensions["dataref"] = location
+            return event_reply(
+                stage=stage.name,
+                event_type=stage.emits,
+                data=result,
+                generation_id=getattr(result, "generation_id", gid),
+                extensions=extensions,
+            )
+        except ImageGenError as exc:
+            return self._failed(exc, message, gid, dispatched)
+        except Exception:
+            log.exception("unexpected error", extra=self._extra(generation_id=gid))
+            error = InternalError("internal error; see the function's logs")
+            return self._failed(error, message, gid, dispatched)
+
+    def _failed(
+        self, exc: ImageGenError, message: Message | None, gid: str | None, dispatched: bool
+    ) -> Reply:
+        level = logging.WARNING if exc.status < 500 else logging.ERROR
+        extra = self._extra(generation_id=gid, status=exc.status)
+        log.log(level, "request failed: %s", exc.message, extra=extra)
+        if not dispatched:
+            # Refused before the stage ran (bad input, not ready): the stage counted nothing.
+            labels = {"stage": self.stage.name, "outcome": "failed", "reason": exc.code}
+            instruments().generations.add(1, labels)
+        return error_reply(exc, stage=self.stage.name, message=message, generation_id=gid)
+
+    async def _traced(self, message: Message, work: Awaitable[T]) -> tuple[T, dict[str, str]]:
+        """Await ``work`` inside the caller's trace; return its result and the trace to pass on."""
+        token = otel_context.attach(propagate.extract(message.carrier()))
+        try:
+            kind = trace.SpanKind.CONSUMER if message.is_event else trace.SpanKind.SERVER
+            name = f"{self.stage.name} process"
+            with tracer().start_as_current_span(name, kind=kind) as span:
+                span.set_attribute("imagegen.stage", self.stage.name)
+                for key in ("id", "source", "type", "subject", "specversion"):
+                    if value := message.attributes.get(key):
+                        attribute = "spec_version" if key == "specversion" else key
+                        span.set_attribute(f"cloudevents.event_{attribute}", value)
+                result = await work
+                carrier: dict[str, str] = {}
+                propagate.inject(carrier)
+                return result, carrier
+        finally:
+            otel_context.detach(token)
+
+    # -- the HTTP edge ------------------------------------------------------------------------
+
+    def __call__(self, request: flask.Request) -> flask.Response:
+        """Route one request: probes, the OpenAPI document, and ``POST /``."""
+        path = request.path.rstrip("/") or "/"
+        if path == "/healthz":
+            reply = json_reply({"status": "alive", "stage": self.stage.name}, 200)
+        elif path == "/readyz":
+            ready, why = self.ready()
+            body = {"ready": ready, "status": why, "stage": self.stage.name}
+            reply = json_reply(body, 200 if ready else 503, {} if ready else {"Retry-After": "5"})
+        elif path == "/openapi.json" and request.method == "GET":
+            from _openapi import document
+
+            reply = json_reply(document(self.stage), 200)
+        elif path != "/":
+            error: ImageGenError = RouteNotFound(f"no route {request.path!r}; POST / instead")
+            reply = error_reply(error, stage=self.stage.name, message=None, generation_id=None)
+        elif request.method != "POST":
+            error = MethodNotAllowed(f"{request.method} is not allowed; POST / instead")
+            reply = error_reply(error, stage=self.stage.name, message=None, generation_id=None)
+        else:
+            reply = self._post(request)
+        return flask.Response(reply.body, status=reply.status, headers=dict(reply.headers))
+
+    def _post(self, request: flask.Request) -> Reply:
+        if self.stage.input_model is None:
+            body = request.stream.read(MAX_BODY_BYTES + 1)
+            truncated = len(body) > MAX_BODY_BYTES
+            message = parse_leniently(
+                dict(request.headers), body[:MAX_BODY_BYTES], truncated=truncated
+            )
+            return self.handle(message)
+        try:
+            # werkzeug refuses a body past the limit; lifted again for functions-framework,
+            # which drains the body after every request.
+            request.max_content_length = MAX_BODY_BYTES
+            try:
+                body = request.get_data()
+            except RequestEntityTooLarge:
+                raise PayloadTooLarge(f"the body is larger than {MAX_BODY_BYTES} bytes") from None
+            finally:
+                request.max_content_length = None
+            message = parse(dict(request.headers), body, consumes=self.stage.consumes)
+        except ImageGenError as exc:
+            return self._failed(exc, None, None, dispatched=False)
+        return self.handle(message, accept=request.headers.get("Accept", ""))
+
+
+def _generation_hint(stage: Stage, message: Message) -> str | None:
+    """The generation named by the event alone, for a failure reply before the data is valid."""
+    try:
+        return generation_id(None, message.attributes, starts=stage.starts_generations)
+    except ImageGenError:
+        return None
+
+
+def _configuration_error(stage: str, exc: Exception) -> ConfigurationError:
+    """What was wrong with the configuration, naming settings but never echoing values."""
+    if isinstance(exc, ValidationError):
+        errors = field_errors(exc)
+        reason = "invalid settings: " + ", ".join(e["field"] for e in errors)
+    elif isinstance(exc, ImageGenError):
+        errors = list(getattr(exc, "errors", []))
+        fields = ", ".join(e["field"] for e in errors)
+        reason = f"invalid setting: {fields}" if fields else exc.message
+    else:
+        errors, reason = [], type(exc).__name__
+    return ConfigurationError(f"{stage} could not start: {reason}", errors=errors)
+
+
+def entry_point(name: str) -> Any:
+    """The functions-framework HTTP target of the stage called ``name``."""
+    function = Function(get_stage(name))
+
+    def serve(request: flask.Request) -> flask.Response:
+        return function(request)
+
+    serve.__name__ = serve.__qualname__ = name
+    serve.function = function  # type: ignore[attr-defined]
+    return serve

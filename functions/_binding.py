@@ -1,0 +1,266 @@
+"""The HTTP binding: a request's headers and body to a frozen :class:`Message`, and back.
+
+Pure functions over bytes and mappings, in the shape of the CloudEvents SDK's
+``core/bindings/http.py``: no Flask here, no I/O. The CloudEvents SDK parses and writes the
+events; this module decides what a stage accepts and what each outcome answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any
+
+from cloudevents.conversion import to_binary
+from cloudevents.exceptions import GenericException as CloudEventError
+from cloudevents.http import CloudEvent, from_http
+from pydantic import BaseModel
+
+from imagegen.errors import ImageGenError, InvalidRequest, first_line
+from imagegen.events import GENERATION_FAILED, dataschema, reply_id, source_for
+from imagegen.models import ErrorInfo, GenerationFailed
+
+__all__ = [
+    "MAX_BODY_BYTES",
+    "Message",
+    "MethodNotAllowed",
+    "PayloadTooLarge",
+    "Reply",
+    "RouteNotFound",
+    "UnsupportedMediaType",
+    "error_reply",
+    "event_reply",
+    "json_reply",
+    "parse",
+    "parse_leniently",
+]
+
+MAX_BODY_BYTES = 1024 * 1024
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+class RouteNotFound(ImageGenError):
+    """No such path: the functions answer ``POST /`` and their probes."""
+
+    code = "not_found"
+    status = 404
+
+
+class MethodNotAllowed(ImageGenError):
+    code = "method_not_allowed"
+    status = 405
+
+
+class PayloadTooLarge(InvalidRequest):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    status = 415
+    code = "unsupported_media_type"
+
+
+@dataclass(frozen=True)
+class Message:
+    """One request as received: a CloudEvent (``attributes`` set) or a plain JSON body.
+
+    Attributes:
+        data: The event data or the body, parsed from JSON (text when it is not JSON, for
+            the sink only).
+        attributes: The CloudEvents attributes as strings; empty for plain JSON.
+        headers: The HTTP headers, names lower-cased.
+    """
+
+    data: Any
+    attributes: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    headers: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+
+    @property
+    def is_event(self) -> bool:
+        return bool(self.attributes)
+
+    def carrier(self) -> dict[str, str]:
+        """Trace context: the HTTP headers, overridden by the CloudEvents tracing extension."""
+        names = ("traceparent", "tracestate")
+        carrier = {k: v for k, v in self.headers.items() if k in names}
+        carrier.update({k: v for k, v in self.attributes.items() if k in names and v})
+        return carrier
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What to answer: a status, headers and a body (empty: nothing to say)."""
+
+    status: int
+    body: bytes = b""
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+def _lowered(headers: Mapping[str, str]) -> Mapping[str, str]:
+    return MappingProxyType({k.lower(): v for k, v in headers.items()})
+
+
+def _content_type(headers: Mapping[str, str]) -> str:
+    return headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _attributes(event: CloudEvent) -> Mapping[str, str]:
+    return MappingProxyType({k: str(v) for k, v in event.get_attributes().items() if v is not None})
+
+
+def parse(headers: Mapping[str, str], body: bytes, *, consumes: tuple[str, ...]) -> Message:
+    """A CloudEvent (binary or structured mode) of a type in ``consumes``, or plain JSON.
+
+    Raises:
+        InvalidRequest: naming the field at fault (``event``, ``type``, ``body``).
+        UnsupportedMediaType: neither JSON nor a CloudEvent.
+    """
+    lowered = _lowered(headers)
+    content_type = _content_type(lowered)
+    if "ce-specversion" in lowered or content_type == "application/cloudevents+json":
+        if "ce-specversion" in lowered and content_type not in ("", "application/json"):
+            raise UnsupportedMediaType(
+                f"event data must be application/json, got {content_type!r}",
+                errors=[{"field": "datacontenttype", "message": "must be application/json"}],
+            )
+        try:
+            event = from_http(dict(lowered), body)
+        except CloudEventError as exc:
+            reason = first_line(exc)
+            raise InvalidRequest(
+                f"not a valid CloudEvent: {reason}", errors=[{"field": "event", "message": reason}]
+            ) from None
+        if consumes and event["type"] not in consumes:
+            expected = " or ".join(consumes)
+            raise InvalidRequest(
+                f"this function consumes {expected}, not {event['type']}",
+                errors=[{"field": "type", "message": f"expected {expected}"}],
+            )
+        data = event.get_data()
+        if isinstance(data, bytes | str):
+            data = _json(data)
+        return Message(data if data is not None else {}, _attributes(event), lowered)
+    if content_type != "application/json":
+        raise UnsupportedMediaType(
+            "send a CloudEvent, or JSON with Content-Type: application/json",
+            errors=[
+                {"field": "content-type", "message": f"unsupported {content_type or 'none'!r}"}
+            ],
+        )
+    return Message(_json(body), _EMPTY, lowered)
+
+
+def parse_leniently(headers: Mapping[str, str], body: bytes, *, truncated: bool) -> Message:
+    """Whatever arrived, as an event if it looks like one; for a sink that must lose nothing.
+
+    Attributes are taken as they come (every ``ce-*`` header, or the structured envelope),
+    data that is not JSON is kept as text, and ``truncated`` is recorded as an attribute.
+    """
+    lowered = _lowered(headers)
+    data: Any = body.decode("utf-8", "replace")
+    with contextlib.suppress(ValueError):
+        data = json.loads(body) if body else None
+    attributes = {k[3:]: v for k, v in lowered.items() if k.startswith("ce-")}
+    if _content_type(lowered) == "application/cloudevents+json" and isinstance(data, dict):
+        attributes = {k: str(v) for k, v in data.items() if k not in ("data", "data_base64")}
+        data = data.get("data", data.get("data_base64"))
+    if truncated:
+        attributes["imagegentruncated"] = "true"
+    return Message(data, MappingProxyType(attributes) if attributes else _EMPTY, lowered)
+
+
+def _json(body: bytes | str) -> Any:
+    try:
+        return json.loads(body or b"{}")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(
+            "body is not valid JSON", errors=[{"field": "body", "message": first_line(exc)}]
+        ) from None
+
+
+# -- replies -------------------------------------------------------------------------------
+
+
+def json_reply(body: Any, status: int, headers: Mapping[str, str] | None = None) -> Reply:
+    return Reply(
+        status,
+        json.dumps(body, separators=(",", ":"), default=str).encode(),
+        {"Content-Type": "application/json", **(headers or {})},
+    )
+
+
+def event_reply(
+    *,
+    stage: str,
+    event_type: str,
+    data: BaseModel,
+    generation_id: str | None,
+    extensions: Mapping[str, str],
+    cause: str | None = None,
+) -> Reply:
+    """A 200 carrying the next event (binary mode); its id is stable for the generation."""
+    attributes: dict[str, Any] = {
+        "type": event_type,
+        "source": source_for(stage),
+        "id": reply_id(generation_id or cause or "unknown", event_type),
+        "time": datetime.now(UTC).isoformat(),
+        "datacontenttype": "application/json",
+        "dataschema": dataschema(event_type),
+    }
+    if generation_id:
+        attributes["subject"] = generation_id
+    attributes.update({k: v for k, v in extensions.items() if v})
+    headers, body = to_binary(CloudEvent(attributes, data.model_dump(mode="json")))
+    return Reply(200, body, headers)
+
+
+# Knative's dispatchers retry these statuses and every 5xx; any other 4xx is final
+# (eventing pkg/kncloudevents/retries.go, the default retry criteria).
+RETRIED_BY_KNATIVE = frozenset({404, 408, 409, 429})
+
+
+def is_final(status: int) -> bool:
+    """Whether Knative gives up on a delivery answered with ``status`` (no retry)."""
+    return 400 <= status < 500 and status not in RETRIED_BY_KNATIVE
+
+
+def error_reply(
+    exc: ImageGenError, *, stage: str, message: Message | None, generation_id: str | None
+) -> Reply:
+    """The answer to a failure: for an event that cannot succeed, a ``generation.failed`` event.
+
+    A permanent failure of a delivered event is answered 200 with ``generation.failed``: the
+    broker publishes a 2xx reply and nothing else, so the platform hears of it exactly once,
+    and the delivery is not retried. Every other failure is a JSON error with its status: a
+    retryable one (5xx, 429) is redelivered; a plain-HTTP caller reads which field was wrong.
+    """
+    if message is not None and message.is_event and is_final(exc.status):
+        failed = GenerationFailed(
+            generation_id=generation_id,
+            stage=stage,
+            error=ErrorInfo(
+                code=exc.code,
+                message=exc.message,
+                retryable=exc.retryable,
+                errors=getattr(exc, "errors", []),
+            ),
+            failed_at=datetime.now(UTC),
+        )
+        cause = f"{message.attributes.get('source')}#{message.attributes.get('id')}"
+        return event_reply(
+            stage=stage,
+            event_type=GENERATION_FAILED,
+            data=failed,
+            generation_id=generation_id,
+            extensions=message.carrier(),
+            cause=cause,
+        )
+    headers = {}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    return json_reply(exc.to_dict(), exc.status, headers)

@@ -1,0 +1,120 @@
+"""Who a request is: its generation id and its time, each decided here and nowhere else.
+
+A redelivered event must map to the same generation and the same keys, so both come from the
+event when there is one: the id from ``subject`` (else ``source`` + ``id``), the time from
+``time``. A caller may name them in the data instead; a plain call that names neither gets a
+new id and the current time.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from types import MappingProxyType
+
+from imagegen.errors import InvalidRequest
+from imagegen.stages import Call
+
+__all__ = [
+    "GENERATION_ID_PATTERN",
+    "aware",
+    "derive_generation_id",
+    "event_time",
+    "generation_id",
+    "identify",
+    "new_generation_id",
+    "request_time",
+    "valid_generation_id",
+]
+
+GENERATION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
+_GENERATION_ID = re.compile(GENERATION_ID_PATTERN)
+
+
+def new_generation_id() -> str:
+    """A fresh random generation id (32 lowercase hex characters)."""
+    return uuid.uuid4().hex
+
+
+def derive_generation_id(source: str, event_id: str) -> str:
+    """The generation id of a request event that names none: stable for ``source`` + ``id``."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"{source}#{event_id}").hex
+
+
+def valid_generation_id(value: str) -> bool:
+    """Whether ``value`` is a generation id (it names storage keys, so it is strict)."""
+    return _GENERATION_ID.match(value) is not None
+
+
+def aware(value: datetime) -> datetime:
+    """``value`` with a time zone: a naive time is taken as UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def generation_id(
+    declared: str | None, attributes: Mapping[str, str], *, starts: bool
+) -> str | None:
+    """The generation a request belongs to.
+
+    Args:
+        declared: The id the data names, if any.
+        attributes: The CloudEvents attributes (empty for a plain call).
+        starts: Whether the stage starts generations (it may make up an id).
+
+    Raises:
+        InvalidRequest: when the data and the subject disagree, or the id is malformed.
+    """
+    subject = attributes.get("subject")
+    if declared and subject and declared != subject:
+        raise InvalidRequest(
+            f"subject {subject!r} does not match generation_id {declared!r}",
+            errors=[{"field": "subject", "message": "must equal data.generation_id"}],
+        )
+    found = declared or subject
+    if found is None and starts:
+        if "source" in attributes and "id" in attributes:
+            found = derive_generation_id(attributes["source"], attributes["id"])
+        else:
+            found = new_generation_id()
+    if found is not None and not valid_generation_id(found):
+        raise InvalidRequest(
+            f"invalid generation id {found!r}",
+            errors=[{"field": "subject", "message": f"must match {GENERATION_ID_PATTERN}"}],
+        )
+    return found
+
+
+def request_time(declared: datetime | None, fallback: datetime | None = None) -> datetime:
+    """The request's time: the data's, else ``fallback`` (the event's), else now; never naive."""
+    return aware(declared or fallback or datetime.now(UTC))
+
+
+def event_time(attributes: Mapping[str, str]) -> datetime | None:
+    """The event's ``time`` attribute, parsed (None when absent).
+
+    Raises:
+        InvalidRequest: naming ``time`` when it is not an RFC 3339 timestamp.
+    """
+    value = attributes.get("time")
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidRequest(
+            f"event time {value[:40]!r} is not an RFC 3339 timestamp",
+            errors=[{"field": "time", "message": "not an RFC 3339 timestamp"}],
+        ) from None
+
+
+def identify(data: object, attributes: Mapping[str, str] | None = None, *, starts: bool) -> Call:
+    """The :class:`Call` of a request with validated ``data`` (a model, or anything for a sink)."""
+    attributes = MappingProxyType(dict(attributes or {}))
+    declared = getattr(data, "generation_id", None)
+    gid = generation_id(declared, attributes, starts=starts)
+    when = None
+    if starts:
+        when = request_time(getattr(data, "requested_at", None), event_time(attributes))
+    return Call(generation_id=gid, requested_at=when, attributes=attributes)

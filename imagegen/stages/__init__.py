@@ -1,0 +1,112 @@
+"""The stage registry: each stage is one module of this package, declaring one :class:`Stage`.
+
+A stage module (``enhance.py``, ``render.py``, ...) defines ``STAGE``; nothing else lists the
+stages. Event types, JSON Schemas, OpenAPI documents, the CLI's ``serve`` choices,
+``GenerationFailed.stage`` and the manifest tests all read this registry. Listing the names
+imports no stage module, so :mod:`imagegen.models` can use them without a cycle.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import cache
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from imagegen.service import ImageGenService
+    from imagegen.settings import Settings
+
+__all__ = ["Call", "Handler", "Stage", "all_stages", "get", "names"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Call:
+    """What a stage knows of the request besides its data, decided once by the caller.
+
+    Attributes:
+        generation_id: The generation the request belongs to (None: not known, the sink).
+        requested_at: The request's time, for a stage that starts generations.
+        attributes: The CloudEvents attributes as received (empty for plain HTTP).
+    """
+
+    generation_id: str | None = None
+    requested_at: datetime | None = None
+    attributes: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+
+Handler = Callable[["ImageGenService", Any, Call], Awaitable["BaseModel | None"]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stage:
+    """One stage: what it consumes and emits, its models, its handler and its limits.
+
+    Attributes:
+        name: The stage and its function (``functions`` target, Knative Service suffix).
+        summary: One line for the OpenAPI document and the CLI.
+        consumes: CloudEvents types accepted; empty: any event (the dead-letter sink).
+        emits: The reply event type; None: no reply event (an empty 2xx).
+        input_model: The request data's model; None: taken as it comes.
+        output_model: The reply data's model (None when nothing is emitted).
+        handler: ``await handler(service, data, call)`` → the reply data.
+        timeout: Seconds a request may take (from the settings) before a retryable 503.
+        loads_model: Not ready until the render model is loaded (at start).
+        starts_generations: A request without a generation id gets one here (from the
+            event's ``source`` + ``id``, else a new one), and its time from the event.
+        png: Optional handler for a plain request with ``Accept: image/png``.
+    """
+
+    name: str
+    summary: str
+    consumes: tuple[str, ...]
+    emits: str | None
+    input_model: type[BaseModel] | None
+    output_model: type[BaseModel] | None
+    handler: Handler
+    timeout: Callable[[Settings], float]
+    loads_model: bool = False
+    starts_generations: bool = False
+    png: Callable[[ImageGenService, Any], Awaitable[tuple[bytes, dict[str, str]]]] | None = None
+
+
+@cache
+def names() -> tuple[str, ...]:
+    """The registered stages' names, from this package's modules (none is imported)."""
+    return tuple(
+        sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+    )
+
+
+def get(name: str) -> Stage:
+    """The stage called ``name``.
+
+    Raises:
+        KeyError: when no stage has that name.
+    """
+    if name not in names():
+        raise KeyError(name)
+    stage: Stage = importlib.import_module(f"{__name__}.{name}").STAGE
+    return stage
+
+
+def all_stages() -> tuple[Stage, ...]:
+    """Every stage, in pipeline order (a stage after the one emitting what it consumes)."""
+    stages = [get(name) for name in names()]
+    emitted = {s.emits for s in stages}
+    ordered: list[Stage] = []
+    pending = [s for s in stages if s.consumes]
+    # Stages that consume something no stage emits start the pipeline.
+    ready = [s for s in pending if not set(s.consumes) & emitted]
+    while ready:
+        stage = ready.pop(0)
+        ordered.append(stage)
+        pending.remove(stage)
+        ready += [s for s in pending if stage.emits in s.consumes and s not in ready]
+    return (*ordered, *pending, *(s for s in stages if not s.consumes))

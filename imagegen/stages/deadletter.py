@@ -1,0 +1,106 @@
+"""deadletter: records each event whose delivery finally failed, and each ``generation.failed``.
+
+It is the dead-letter sink of every Trigger and the subscriber of ``generation.failed``. It
+must lose nothing, so it takes whatever arrives: any event type, data that is not JSON, plain
+JSON without CloudEvents attributes. Knative adds ``knativeerrorcode``, ``knativeerrordest``
+and ``knativeerrordata`` to a dead-lettered event; the last is the failing reply, base64, cut at
+1,024 bytes, so it is decoded as far as it goes and never relied on. One record per event, at
+``failures/YYYY/MM/DD/<id>.json``: a redelivered event overwrites its own record.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from imagegen.events import GENERATION_FAILED
+from imagegen.identity import derive_generation_id
+from imagegen.stages import Call, Stage
+
+if TYPE_CHECKING:
+    from imagegen.service import ImageGenService
+
+log = logging.getLogger("imagegen.deadletter")
+
+
+class FailureRecord(BaseModel):
+    """What is known about one failed delivery or generation."""
+
+    key: str
+    location: str
+    event_type: str | None = None
+    event_id: str | None = None
+    source: str | None = None
+    subject: str | None = None
+    generation_id: str | None = None
+    error_code: str | None = None
+    error_destination: str | None = None
+    error_body: Any = None
+    attributes: dict[str, str]
+    data: Any = None
+    recorded_at: datetime
+
+
+def _decode(value: str | None) -> Any:
+    if not value:
+        return None
+    try:
+        text = base64.b64decode(value, validate=True).decode("utf-8", "replace")
+    except (binascii.Error, ValueError):
+        text = value
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text[:2000]
+
+
+async def _record(service: ImageGenService, data: Any, call: Call) -> None:
+    attributes = dict(call.attributes)
+    now = datetime.now(UTC)
+    if "source" in attributes and "id" in attributes:
+        name = derive_generation_id(attributes["source"], attributes["id"])
+    else:  # plain JSON: the same body lands on the same record
+        name = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+    key = f"failures/{now:%Y/%m/%d}/{name}.json"
+    gid = attributes.get("subject") or (
+        data.get("generation_id") if isinstance(data, dict) else None
+    )
+    record = FailureRecord(
+        key=key,
+        location=service.storage.location(key),
+        event_type=attributes.get("type"),
+        event_id=attributes.get("id"),
+        source=attributes.get("source"),
+        subject=attributes.get("subject"),
+        generation_id=str(gid) if gid is not None else None,
+        error_code=attributes.get("knativeerrorcode"),
+        error_destination=attributes.get("knativeerrordest"),
+        error_body=_decode(attributes.get("knativeerrordata")),
+        attributes=attributes,
+        data=data,
+        recorded_at=now,
+    )
+    await service.storage.put(
+        key, record.model_dump_json(indent=2).encode(), content_type="application/json"
+    )
+    kind = "generation failed" if record.event_type == GENERATION_FAILED else "delivery failed"
+    log.warning(kind, extra={"event_type": record.event_type, "generation_id": gid, "key": key})
+
+
+STAGE = Stage(
+    name="deadletter",
+    summary="Record an event whose delivery failed, or a generation.failed event.",
+    consumes=(),
+    emits=None,
+    input_model=None,
+    output_model=None,
+    handler=_record,
+    timeout=lambda settings: 60.0,
+)

@@ -1,0 +1,38 @@
+"""enhance: ``generation.requested`` → ``prompt.enhanced``: plugins, then the LLM (CPU)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from imagegen.events import DREAM_PING, GENERATION_REQUESTED, PROMPT_ENHANCED
+from imagegen.models import EnhancedPrompt, GenerationRequest
+from imagegen.stages import Call, Stage
+
+if TYPE_CHECKING:
+    from imagegen.service import ImageGenService
+    from imagegen.settings import Settings
+
+
+async def _enhance(
+    service: ImageGenService, request: GenerationRequest, call: Call
+) -> EnhancedPrompt:
+    return await service.enhance(request, call)
+
+
+def _timeout(settings: Settings) -> float:
+    # Every Ollama attempt may use its whole timeout; the rest is plugins and storage.
+    return settings.ollama_timeout * (settings.ollama_retries + 1) + 30
+
+
+STAGE = Stage(
+    name="enhance",
+    summary="Write the final prompt: plugins, then the LLM.",
+    # A PingSource can only send its own type: a ping is a request with no prompt (dreaming).
+    consumes=(GENERATION_REQUESTED, DREAM_PING),
+    emits=PROMPT_ENHANCED,
+    input_model=GenerationRequest,
+    output_model=EnhancedPrompt,
+    handler=_enhance,
+    timeout=_timeout,
+    starts_generations=True,
+)

@@ -1,0 +1,28 @@
+"""persist: ``image.rendered`` → ``image.persisted``: derivatives, record, URLs (CPU)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from imagegen.events import IMAGE_PERSISTED, IMAGE_RENDERED
+from imagegen.models import PersistedImage, RenderedImage
+from imagegen.stages import Call, Stage
+
+if TYPE_CHECKING:
+    from imagegen.service import ImageGenService
+
+
+async def _persist(service: ImageGenService, image: RenderedImage, call: Call) -> PersistedImage:
+    return await service.persist(image)
+
+
+STAGE = Stage(
+    name="persist",
+    summary="Write derivatives and the metadata record; return URLs.",
+    consumes=(IMAGE_RENDERED,),
+    emits=IMAGE_PERSISTED,
+    input_model=RenderedImage,
+    output_model=PersistedImage,
+    handler=_persist,
+    timeout=lambda settings: 120.0,
+)

@@ -1,0 +1,87 @@
+"""Each process loads what its stage uses and nothing more: checked in a fresh interpreter."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+HEAVY = ("torch", "diffusers", "transformers", "ollama", "tenacity", "httpx", "boto3", "botocore")
+
+SERVE = """
+import json, sys, threading, functions_framework
+app = functions_framework.create_app({stage!r}, {source!r})
+client = app.test_client()
+stopped = threading.Event()
+while (ready := client.get("/readyz")).json["status"] == "loading" and not stopped.wait(0.05):
+    pass
+assert ready.status_code == 200, ready.data
+reply = client.post("/", json={{"width": 1}})
+assert reply.status_code == 400, reply.data
+print(json.dumps(sorted(m for m in {heavy!r} if m in sys.modules)))
+"""
+
+
+def _loaded(code: str, env: dict[str, str], cwd: Path) -> list[str]:
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    loaded: list[str] = json.loads(result.stdout.strip().splitlines()[-1])
+    return loaded
+
+
+def test_importing_the_package_loads_no_stage_machinery(tmp_path: Path) -> None:
+    code = (
+        f"import imagegen, sys, json; print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+    )
+    assert _loaded(code, {"PATH": "/usr/bin"}, tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("stage", "allowed"),
+    [
+        ("persist", set()),
+        ("deadletter", set()),
+        ("enhance", {"ollama", "tenacity", "httpx"}),
+        # accelerate (under diffusers) imports boto3 for its SageMaker config, itself.
+        ("render", {"torch", "diffusers", "transformers", "httpx", "boto3", "botocore"}),
+    ],
+)
+def test_a_function_on_local_storage_loads_only_what_it_uses(
+    stage: str, allowed: set[str], tmp_path: Path
+) -> None:
+    env = {
+        "PATH": "/usr/bin",
+        "IMAGEGEN_STORAGE_URL": str(tmp_path / "store"),
+        "IMAGEGEN_OLLAMA_HOST": "http://127.0.0.1:9",
+        "IMAGEGEN_MODEL": "tiny",
+        "IMAGEGEN_ALLOWED_MODELS": "tiny",
+        "HF_HUB_OFFLINE": "1",
+    }
+    source = str(ROOT / "functions" / f"{stage}.py")
+    code = SERVE.format(stage=stage, source=source, heavy=HEAVY)
+    if stage == "deadletter":  # the sink takes anything: a 202, not a 400
+        code = code.replace("== 400", "== 202")
+    loaded = set(_loaded(code, env, tmp_path))
+    assert loaded <= allowed, f"{stage} loaded {sorted(loaded - allowed)}"
+
+
+def test_a_bad_local_storage_url_does_not_load_boto3(tmp_path: Path) -> None:
+    code = (
+        "import sys, json\n"
+        "from imagegen.errors import ConfigurationError\n"
+        "from imagegen.settings import Settings\n"
+        "from imagegen.storage import open_storage\n"
+        "try:\n"
+        "    open_storage(Settings(storage_url='file://host/x'))\n"
+        "except ConfigurationError as exc:\n"
+        "    assert exc.fields == ['storage_url'], exc.fields\n"
+        f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))\n"
+    )
+    assert _loaded(code, {"PATH": "/usr/bin", "HF_HUB_OFFLINE": "1"}, tmp_path) == []
