@@ -40,7 +40,7 @@ test: lint test-worker test-python
 
 schemas: $(VENV)/.installed
 	$(BIN)/python -m imagegen.schemas schemas
-	$(BIN)/python functions/_openapi.py docs/openapi
+	$(BIN)/python -m imagegen.openapi docs/openapi
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/run.py

@@ -239,7 +239,7 @@ class Function:
             body = {"ready": ready, "status": why, "stage": self.stage.name}
             reply = json_reply(body, 200 if ready else 503, {} if ready else {"Retry-After": "5"})
         elif path == "/openapi.json" and request.method == "GET":
-            from _openapi import document
+            from imagegen.openapi import document
 
             reply = json_reply(document(self.stage), 200)
         elif path != "/":

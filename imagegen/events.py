@@ -21,13 +21,14 @@ __all__ = [
     "SCHEMA_BASE_URL",
     "dataschema",
     "event_models",
+    "event_type",
     "reply_id",
     "short_name",
     "source_for",
 ]
 
 _PREFIX: Final = "dev.orchestr8.imagegen."
-GENERATION_REQUESTED: Final = _PREFIX + "generation.requested"
+GENERATION_REQUESTED: Final = _PREFIX + "generation.requested"  # see event_type()
 PROMPT_ENHANCED: Final = _PREFIX + "prompt.enhanced"
 IMAGE_RENDERED: Final = _PREFIX + "image.rendered"
 IMAGE_PERSISTED: Final = _PREFIX + "image.persisted"
@@ -52,6 +53,11 @@ def event_models() -> dict[str, type[BaseModel]]:
             models[stage.emits] = stage.output_model
     models[GENERATION_FAILED] = GenerationFailed
     return models
+
+
+def event_type(short: str) -> str:
+    """``image.rendered`` → ``dev.orchestr8.imagegen.image.rendered``: a type of ours."""
+    return _PREFIX + short
 
 
 def short_name(event_type: str) -> str:

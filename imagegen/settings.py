@@ -56,7 +56,8 @@ class Settings(BaseSettings):
     model: str = Field(default=DEFAULT_MODEL, description="Model used when a request names none.")
     allowed_models: CommaList = Field(
         default=[DEFAULT_MODEL, "black-forest-labs/FLUX.1-dev", "tiny"],
-        description="Models a request may ask for (ids, local paths or 'tiny').",
+        description="Models a request may name (ids, local paths or 'tiny'); a render "
+        "function serves only its own model.",
     )
     device: Literal["auto", "cuda", "mps", "cpu"] = Field(default="auto")
     model_cache_dir: Path | None = Field(default=None, description="Hugging Face cache directory.")

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from imagegen.events import GENERATION_REQUESTED, PROMPT_ENHANCED
+from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED, PROMPT_ENHANCED
 from tests.functions.conftest import StartServer, base_env
 
 SMALL = ["--model", "tiny", "--width", "256", "--height", "256"]
@@ -191,7 +191,10 @@ def test_send_posts_an_event_and_prints_the_reply(
     bad = imagegen(
         "send", GENERATION_REQUESTED, "--data", '{"width": 3}', "--to", server.url, cwd=tmp_path
     )
-    assert bad.returncode == 1 and json.loads(bad.stdout)["status"] == 400
+    failed = json.loads(bad.stdout)
+    assert bad.returncode == 1 and failed["status"] == 200
+    assert failed["attributes"]["ce-type"] == GENERATION_FAILED
+    assert failed["data"]["error"]["errors"][0]["field"] == "width"
 
 
 def test_serve_runs_a_function(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from imagegen import stages
 from imagegen._redact import redact_url
 from imagegen.cli._app import AsJson, app, err, make_service, out, run_async, settings_from
 from imagegen.errors import ImageGenError, InvalidRequest
+from imagegen.events import GENERATION_FAILED
 
 __all__ = ["doctor", "functions_dir", "list_plugins", "send", "serve"]
 
@@ -185,5 +186,6 @@ def send(
     typer.echo(
         json.dumps({"status": reply.status_code, "attributes": ce, "data": reply_body}, indent=2)
     )
-    if reply.status_code >= 400:
+    # A generation.failed reply is a failure the function answered 2xx (for the broker).
+    if reply.status_code >= 400 or ce.get("ce-type") == GENERATION_FAILED:
         raise typer.Exit(1)

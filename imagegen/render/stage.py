@@ -279,6 +279,8 @@ class RenderStage:
             span.set_attribute("imagegen.model", job.model)
             span.set_attribute("imagegen.steps", job.steps)
             span.set_attribute("imagegen.batch_size", len(batch.jobs))
+            ids = [each.generation_id for each in batch.jobs]
+            log.info("rendering", extra={"generation_ids": ids, "model": job.model})
             try:
                 backend = self.backend
                 if len(batch.jobs) > 1 and isinstance(backend, BatchRenderBackend):
@@ -287,7 +289,6 @@ class RenderStage:
             except ImageGenError:
                 raise
             except Exception as exc:
-                ids = [each.generation_id for each in batch.jobs]
                 log.exception("render failed", extra={"generation_ids": ids})
                 raise InternalError(f"render failed: {type(exc).__name__}") from exc
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakes.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server
+from tests.functions.clients import InProcessFunction
 from tests.functions.servers import FunctionServer
 
 StartServer = Callable[..., FunctionServer]
@@ -42,22 +43,14 @@ def chain_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def chain(
-    tmp_path_factory: pytest.TempPathFactory, chain_store: Path
-) -> Iterator[dict[str, FunctionServer]]:
-    """enhance, render and persist over one local store, shared by a test module."""
-    logs = tmp_path_factory.mktemp("logs")
+def chain(chain_store: Path) -> Iterator[dict[str, InProcessFunction]]:
+    """enhance, render and persist over one local store, in this process, shared by a module.
+
+    The concerns that need real processes (gunicorn, kills, concurrency, S3) start their own
+    servers with ``start_server``.
+    """
     env = base_env(chain_store)
-    servers = {
-        stage: FunctionServer(stage, env, log_dir=logs)
-        for stage in ("enhance", "render", "persist")
-    }
-    for server in servers.values():
-        server.start(wait=False)
-    try:
-        for server in servers.values():
-            server.wait("/readyz", timeout=120)
-        yield servers
-    finally:
-        for server in servers.values():
-            server.stop()
+    functions = {stage: InProcessFunction(stage, env) for stage in ("enhance", "render", "persist")}
+    yield functions
+    for function in functions.values():
+        function.client.close()

@@ -91,6 +91,12 @@ class FunctionServer:
                 continue
         return records
 
+    def post(self, path: str = "/", **kwargs: Any) -> httpx.Response:
+        return httpx.post(self.url + path, **{"timeout": 120.0, **kwargs})
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(self.url + path)
+
     def kill(self) -> None:
         """SIGKILL the whole process group, as a node failure would."""
         if self.process is not None and self.process.poll() is None:
@@ -127,12 +133,13 @@ def cloudevent_headers(
 
 
 def post_event(
-    url: str, event_type: str, data: Any, *, timeout: float = 120.0, **attributes: str
+    target: Any, event_type: str, data: Any, *, timeout: float = 120.0, **attributes: str
 ) -> httpx.Response:
-    """POST a binary-mode CloudEvent."""
-    return httpx.post(
-        url,
-        headers=cloudevent_headers(event_type, **attributes),
-        content=json.dumps(data),
-        timeout=timeout,
+    """POST a binary-mode CloudEvent to a URL, or to a function object (``.post``)."""
+    headers = cloudevent_headers(event_type, **attributes)
+    if isinstance(target, str):
+        return httpx.post(target, headers=headers, content=json.dumps(data), timeout=timeout)
+    response: httpx.Response = target.post(
+        "/", headers=headers, content=json.dumps(data), timeout=timeout
     )
+    return response

@@ -124,7 +124,15 @@ def test_render_killed_mid_request_produces_the_image_once(
 
     sender = threading.Thread(target=deliver)
     sender.start()
-    time.sleep(1.5)  # inside the denoising loop
+    # Kill it once the pipeline call has begun: inside the denoising loop.
+    deadline = time.monotonic() + 120
+    while not any(
+        r.get("message") == "rendering" and "killed-1" in r.get("generation_ids", [])
+        for r in render.log_records()
+    ):
+        assert time.monotonic() < deadline, "the render never started"
+        assert sender.is_alive(), f"the delivery ended before the render started: {outcome}"
+        time.sleep(0.02)  # polling the log, not waiting on an assumed duration
     render.kill()
     sender.join(30)
     assert outcome and isinstance(outcome[0], httpx.HTTPError), "the delivery should have failed"

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED
+from tests.functions.clients import InProcessFunction
 from tests.functions.conftest import StartServer, base_env
 from tests.functions.servers import cloudevent_headers, post_event
 
@@ -46,6 +47,23 @@ def test_a_final_failure_is_answered_2xx_with_generation_failed(
         enhance.url, GENERATION_REQUESTED, {"width": 7}, source="/tests", event_id="bad-2"
     )
     assert other.headers["ce-id"] != reply.headers["ce-id"]
+
+
+def test_the_server_keeps_serving_after_bad_input(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    enhance = start_server("enhance", base_env(tmp_path / "store"))
+    for _ in range(3):
+        garbage = enhance.post(
+            content=b"\xff\xfe garbage", headers={"content-type": "application/json"}
+        )
+        assert garbage.status_code == 400
+    assert enhance.get("/healthz").status_code == 200
+    fine = enhance.post(json={"prompt": "ok", "width": 256, "height": 256})
+    assert fine.status_code == 200
+    records = enhance.log_records()
+    assert records, "function logs are JSON lines"
+    assert all("Traceback" not in json.dumps(r.get("message", "")) for r in records)
 
 
 def test_retryable_failures_are_errors_not_events(
@@ -101,3 +119,26 @@ def test_a_misconfigured_function_answers_503_not_400(
         assert int(reply.headers["retry-after"]) > 0
     logs = [r for r in enhance.log_records() if r.get("message", "").startswith("start-up failed")]
     assert len(logs) == 1
+
+
+def test_the_dead_letter_sink_takes_plain_json_and_keeps_every_attribute(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    deadletter = InProcessFunction("deadletter", base_env(store))
+    plain = deadletter.post(json={"prompt": "no attributes at all"})
+    assert plain.status_code == 202 and plain.content == b""
+    again = deadletter.post(json={"prompt": "no attributes at all"})
+    assert again.status_code == 202  # the same body: the same record, not a second one
+    long_name = "averyveryverylongextensionname"  # past the 20 characters the spec suggests
+    event = deadletter.post(
+        headers=cloudevent_headers(GENERATION_REQUESTED, **{long_name: "kept"}), content=b"{}"
+    )
+    assert event.status_code == 202 and event.content == b""
+    records = [json.loads(p.read_text()) for p in store.rglob("failures/**/*.json")]
+    assert len(records) == 2
+    [from_plain] = [r for r in records if r["event_type"] is None]
+    assert from_plain["data"] == {"prompt": "no attributes at all"}
+    [from_event] = [r for r in records if r["event_type"] == GENERATION_REQUESTED]
+    assert from_event["attributes"][long_name] == "kept"
+    document = deadletter.get("/openapi.json")
+    assert document.status_code == 200
+    assert "202" in document.json()["paths"]["/"]["post"]["responses"]

@@ -4,26 +4,27 @@ from __future__ import annotations
 
 import io
 import json
+from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
 
 from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED, IMAGE_RENDERED, PROMPT_ENHANCED
-from tests.functions.servers import FunctionServer, cloudevent_headers, post_event
+from tests.functions.servers import cloudevent_headers, post_event
 
 
-def test_health_and_readiness(chain: dict[str, FunctionServer]) -> None:
+def test_health_and_readiness(chain: dict[str, Any]) -> None:
     for stage, server in chain.items():
-        alive = httpx.get(server.url + "/healthz")
+        alive = server.get("/healthz")
         assert alive.status_code == 200 and alive.json()["stage"] == stage
-        ready = httpx.get(server.url + "/readyz")
+        ready = server.get("/readyz")
         assert ready.status_code == 200 and ready.json()["ready"] is True
 
 
-def test_plain_json_invoke(chain: dict[str, FunctionServer]) -> None:
-    enhanced = httpx.post(
-        chain["enhance"].url,
+def test_plain_json_invoke(chain: dict[str, Any]) -> None:
+    enhanced = chain["enhance"].post(
+        "/",
         json={"prompt": "a koi pond", "width": 256, "height": 256, "seed": 3},
         timeout=60,
     )
@@ -33,22 +34,26 @@ def test_plain_json_invoke(chain: dict[str, FunctionServer]) -> None:
     assert job["seed"] == 3 and job["model"] == "tiny" and job["original_prompt"] == "a koi pond"
     assert job["fallback"] is True  # no Ollama here
 
-    rendered = httpx.post(chain["render"].url, json=job, timeout=120)
+    rendered = chain["render"].post("/", json=job, timeout=120)
     assert rendered.status_code == 200, rendered.text
     assert rendered.json()["sha256"]
-    persisted = httpx.post(chain["persist"].url, json=rendered.json(), timeout=60)
+    persisted = chain["persist"].post("/", json=rendered.json(), timeout=60)
     assert persisted.status_code == 200, persisted.text
     assert persisted.json()["url"].startswith("https://img.example.com/")
 
 
-def test_render_returns_png_when_asked(chain: dict[str, FunctionServer], chain_store) -> None:
-    job = httpx.post(
-        chain["enhance"].url,
-        json={"prompt": "a teapot", "width": 256, "height": 288, "seed": 11},
-        timeout=60,
-    ).json()
+def test_render_returns_png_when_asked(chain: dict[str, Any], chain_store) -> None:
+    job = (
+        chain["enhance"]
+        .post(
+            "/",
+            json={"prompt": "a teapot", "width": 256, "height": 288, "seed": 11},
+            timeout=60,
+        )
+        .json()
+    )
     before = sorted(chain_store.rglob("*"))
-    reply = httpx.post(chain["render"].url, json=job, headers={"Accept": "image/png"}, timeout=120)
+    reply = chain["render"].post("/", json=job, headers={"Accept": "image/png"}, timeout=120)
     assert reply.status_code == 200
     assert reply.headers["content-type"] == "image/png"
     assert reply.headers["x-imagegen-seed"] == "11"
@@ -96,75 +101,54 @@ BAD_REQUESTS = [
 
 
 @pytest.mark.parametrize(("kwargs", "field"), BAD_REQUESTS)
-def test_bad_plain_requests(chain: dict[str, FunctionServer], kwargs: dict, field: str) -> None:
+def test_bad_plain_requests(chain: dict[str, Any], kwargs: dict, field: str) -> None:
     status = 415 if field == "content-type" else 400
-    _assert_readable_4xx(httpx.post(chain["enhance"].url, timeout=30, **kwargs), field, status)
+    _assert_readable_4xx(chain["enhance"].post("/", timeout=30, **kwargs), field, status)
 
 
-def test_bad_events(chain: dict[str, FunctionServer]) -> None:
-    url = chain["enhance"].url
+def test_bad_events(chain: dict[str, Any]) -> None:
+    enhance = chain["enhance"]
     # Missing required attributes (no ce-id, no ce-source).
     headers = {
         "ce-specversion": "1.0",
         "ce-type": GENERATION_REQUESTED,
         "content-type": "application/json",
     }
-    _assert_readable_4xx(httpx.post(url, headers=headers, content=b"{}"), "event")
+    _assert_readable_4xx(enhance.post("/", headers=headers, content=b"{}"), "event")
     # Wrong type for this stage.
-    _assert_readable_4xx(post_event(url, IMAGE_RENDERED, {}), "type")
+    _assert_readable_4xx(post_event(enhance, IMAGE_RENDERED, {}), "type")
     # Malformed data.
-    bad = httpx.post(url, headers=cloudevent_headers(GENERATION_REQUESTED), content=b"{oops")
+    bad = enhance.post("/", headers=cloudevent_headers(GENERATION_REQUESTED), content=b"{oops")
     _assert_readable_4xx(bad, "body")
     # Fields out of range: a generation.failed event naming them, with the subject kept.
-    failed = post_event(url, GENERATION_REQUESTED, {"width": 5000, "seed": -2}, subject="bad-1")
+    failed = post_event(enhance, GENERATION_REQUESTED, {"width": 5000, "seed": -2}, subject="bad-1")
     body = _assert_readable_4xx(failed, "width", status=200)
     assert {e["field"] for e in body["error"]["errors"]} == {"width", "seed"}
     assert failed.headers["ce-subject"] == "bad-1"
     assert body["stage"] == "enhance" and body["error"]["retryable"] is False
     # Invalid subject (it becomes the storage key).
-    bad_subject = post_event(url, GENERATION_REQUESTED, {}, subject="../../etc")
+    bad_subject = post_event(enhance, GENERATION_REQUESTED, {}, subject="../../etc")
     _assert_readable_4xx(bad_subject, "subject", status=200)
     assert "ce-subject" not in bad_subject.headers  # an invalid id is never echoed as one
     # Structured mode that is not JSON.
-    structured = httpx.post(
-        url, headers={"content-type": "application/cloudevents+json"}, content=b"[1,2"
+    structured = enhance.post(
+        "/", headers={"content-type": "application/cloudevents+json"}, content=b"[1,2"
     )
     _assert_readable_4xx(structured, "event")
     # Render: data that is not an enhanced prompt.
     _assert_readable_4xx(
-        post_event(chain["render"].url, PROMPT_ENHANCED, {"prompt": "x"}),
+        post_event(chain["render"], PROMPT_ENHANCED, {"prompt": "x"}),
         "generation_id",
         status=200,
     )
 
 
-def test_huge_body_is_refused(chain: dict[str, FunctionServer]) -> None:
+def test_huge_body_is_refused(chain: dict[str, Any]) -> None:
     huge = json.dumps({"prompt": "x" * (1024 * 1024 + 10)})
-    reply = httpx.post(
-        chain["enhance"].url, content=huge, headers={"content-type": "application/json"}
-    )
+    reply = chain["enhance"].post("/", content=huge, headers={"content-type": "application/json"})
     _assert_readable_4xx(reply, status=413)
 
 
-def test_methods_and_routes(chain: dict[str, FunctionServer]) -> None:
-    _assert_readable_4xx(httpx.get(chain["enhance"].url + "/"), status=405)
-    _assert_readable_4xx(httpx.post(chain["enhance"].url + "/nope", json={}), status=404)
-
-
-def test_server_keeps_serving_after_bad_input(chain: dict[str, FunctionServer]) -> None:
-    for _ in range(3):
-        httpx.post(
-            chain["enhance"].url,
-            content=b"\xff\xfe garbage",
-            headers={"content-type": "application/json"},
-        )
-    assert httpx.get(chain["enhance"].url + "/healthz").status_code == 200
-    assert (
-        httpx.post(
-            chain["enhance"].url, json={"prompt": "ok", "width": 256, "height": 256}
-        ).status_code
-        == 200
-    )
-    records = chain["enhance"].log_records()
-    assert records, "function logs are JSON lines"
-    assert all("Traceback" not in json.dumps(r.get("message", "")) for r in records)
+def test_methods_and_routes(chain: dict[str, Any]) -> None:
+    _assert_readable_4xx(chain["enhance"].get("/"), status=405)
+    _assert_readable_4xx(chain["enhance"].post("/nope", json={}), status=404)

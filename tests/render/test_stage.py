@@ -26,6 +26,7 @@ class SlowBackend:
         self.active = 0
         self.most_active = 0
         self.finished = 0
+        self.started = threading.Event()  # set once a render is running in its thread
         self._lock = threading.Lock()
 
     def load(self, model: str) -> float:
@@ -40,6 +41,7 @@ class SlowBackend:
         with self._lock:
             self.active += 1
             self.most_active = max(self.most_active, self.active)
+        self.started.set()
         time.sleep(self.seconds)
         with self._lock:
             self.active -= 1
@@ -94,7 +96,7 @@ async def test_a_cancelled_render_holds_the_pipeline_until_its_thread_ends(tmp_p
     backend = SlowBackend(0.3)
     render = stage(backend, tmp_path, queue=4)
     first = asyncio.ensure_future(render.render_png(job("cancelled")))
-    await asyncio.sleep(0.05)
+    assert await asyncio.to_thread(backend.started.wait, 30)
     first.cancel()  # a request timeout: the thread keeps running
     second = await render.render_png(job("next"))
     assert second.png.endswith(b"next")
@@ -115,7 +117,7 @@ async def test_a_cancelled_render_is_still_stored_for_the_retry(tmp_path: Path) 
     backend = SlowBackend(0.2)
     render = stage(backend, tmp_path, queue=4)
     attempt = asyncio.ensure_future(render.render(job("timeout-1")))
-    await asyncio.sleep(0.05)
+    assert await asyncio.to_thread(backend.started.wait, 30)
     attempt.cancel()  # the request timed out
     retry = await render.render(job("timeout-1"))
     assert backend.finished == 1

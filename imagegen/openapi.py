@@ -1,7 +1,7 @@
 """OpenAPI 3.1 documents of the plain-HTTP surface of each function, built from the registry.
 
-``python functions/_openapi.py docs/openapi`` writes them; a test fails when they drift, and
-checks real responses against them. Each function also serves its own at ``GET /openapi.json``.
+``python -m imagegen.openapi docs/openapi`` writes them; a test fails when they drift, and checks
+real responses against them. Each function also serves its own at ``GET /openapi.json``.
 """
 
 from __future__ import annotations
