@@ -1,0 +1,76 @@
+"""Fetching models into the model cache ahead of time, for render pods that never download.
+
+``imagegen models pull`` runs this in the Job that fills the model volume
+(``knative/base/model-cache.yaml``); render pods then load from that volume with
+``HF_HUB_OFFLINE=1``. Only what the pipeline loads is fetched (diffusers'
+``DiffusionPipeline.download`` reads ``model_index.json`` and skips unused files, such as a
+repository's single-file checkpoint), into the same cache layout ``from_pretrained`` reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import is_offline_mode
+
+from imagegen.errors import DependencyUnavailable
+from imagegen.render._errors import first_line
+from imagegen.render._loading import hub_errors, hub_options, looks_like_path
+from imagegen.render.diffusers_backend import TINY_MODEL
+from imagegen.settings import Settings
+
+__all__ = ["PulledModel", "hub_models", "pull"]
+
+
+@dataclass(frozen=True)
+class PulledModel:
+    """A model in the cache: its Hub id, the snapshot directory and its size on disk."""
+
+    model: str
+    path: Path
+    size_bytes: int
+
+
+def hub_models(settings: Settings) -> list[str]:
+    """The Hub models a render service of these settings may load, each once.
+
+    The default model and the allowed ones; local directories and built-in models (``tiny``)
+    need no download.
+    """
+    names = dict.fromkeys([settings.model, *settings.allowed_models])
+    return [
+        name
+        for name in names
+        if not looks_like_path(name) and not Path(name).expanduser().exists() and name != TINY_MODEL
+    ]
+
+
+def pull(model: str, settings: Settings) -> PulledModel:
+    """Download one model's pipeline files into ``settings.model_cache_dir``.
+
+    What is already in the cache is not fetched again; with ``HF_HUB_OFFLINE`` set, the cache
+    alone must hold the model.
+
+    Raises:
+        InvalidRequest: ``model`` is no valid Hub id or names no repository (field ``model``).
+        DependencyUnavailable: The Hub is unreachable or the model gated, and it is not cached.
+    """
+    from diffusers import DiffusionPipeline
+
+    with hub_errors(model, field="model", what=f"model {model!r}"):
+        try:
+            path = Path(DiffusionPipeline.download(model, **hub_options(settings)))
+        except OSError as error:
+            # diffusers says why in a paragraph; the one fact that matters fits in a line.
+            reason = (
+                "it is not in the cache and HF_HUB_OFFLINE is set"
+                if is_offline_mode()
+                else first_line(error)
+            )
+            raise DependencyUnavailable(
+                f"model {model!r} could not be downloaded: {reason}"
+            ) from error
+    # Snapshot files are links into the cache's blobs: count what they point at.
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return PulledModel(model, path, size)

@@ -1,0 +1,79 @@
+"""``imagegen models pull`` fills the model cache; render then loads from it, offline.
+
+No Hub here: the cache is laid out as the Hub client lays it out (``models--org--name`` with a
+snapshot and ``refs/main``), holding the tiny pipeline, and ``HF_HUB_OFFLINE`` is set (the
+tests' conftest), as on a render pod.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from imagegen.cli import main
+from imagegen.render._loading import load_pipeline
+from imagegen.render.pull import hub_models
+from imagegen.render.tiny import save_tiny_flux_pipeline
+from imagegen.settings import Settings
+
+MODEL = "example-org/pulled-model"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    repo = root / f"models--{MODEL.replace('/', '--')}"
+    save_tiny_flux_pipeline(repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    return root
+
+
+def imagegen(*args: str, cache: Path, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Run the CLI in this process (its entry point, errors included); return the exit code."""
+    monkeypatch.setenv("IMAGEGEN_MODEL_CACHE_DIR", str(cache))
+    try:
+        main(list(args))
+    except SystemExit as exit:
+        return int(exit.code or 0)
+    return 0
+
+
+def test_pull_finds_a_cached_model_without_the_hub(
+    cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert imagegen("models", "pull", MODEL, "--json", cache=cache, monkeypatch=monkeypatch) == 0
+    [pulled] = json.loads(capsys.readouterr().out)
+    assert pulled["model"] == MODEL
+    snapshot = cache / f"models--{MODEL.replace('/', '--')}" / "snapshots" / COMMIT
+    assert Path(pulled["path"]) == snapshot
+    assert pulled["size_bytes"] > 10_000
+
+
+def test_pull_of_a_model_that_is_not_there_is_one_line(
+    cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = imagegen("models", "pull", "example-org/missing", cache=cache, monkeypatch=monkeypatch)
+    assert code != 0
+    [line] = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line.startswith("imagegen: error:") and "example-org/missing" in line
+    assert "could not be downloaded" in line
+
+
+def test_the_pulled_cache_is_what_render_loads_offline(cache: Path) -> None:
+    settings = Settings(model_cache_dir=cache)
+    pipe = load_pipeline(MODEL, torch.float32, settings)
+    assert type(pipe).__name__ == "FluxPipeline"
+
+
+def test_hub_models_are_the_configured_hub_ids(tmp_path: Path) -> None:
+    local = tmp_path / "local-model"
+    local.mkdir()
+    settings = Settings(
+        model="org/a", allowed_models=["org/a", "tiny", str(local), "./relative", "org/b"]
+    )
+    assert hub_models(settings) == ["org/a", "org/b"]
