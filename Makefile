@@ -15,7 +15,7 @@ $(BIN)/python:
 # CPU torch is pinned: a range that admits newer releases pulls a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[render,test]"
+	$(BIN)/pip install --quiet -e ".[render,ledger,test]"
 	touch $@
 
 demo: $(VENV)/.installed

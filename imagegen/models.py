@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     AfterValidator,
+    AnyHttpUrl,
     BaseModel,
     ConfigDict,
     Field,
@@ -162,6 +163,17 @@ class GenerationRequest(_Model):
         default_factory=dict,
         description=f"Caller data, kept with the image (≤ {MAX_METADATA_BYTES} bytes).",
     )
+    webhook: AnyHttpUrl | None = Field(
+        default=None, description="URL the ledger notifies, signed the Standard Webhooks way."
+    )
+    webhook_events: list[Literal["started", "completed", "failed"]] = Field(
+        default=["started", "completed", "failed"],
+        max_length=3,
+        description="Which webhook notifications to send.",
+    )
+    replay_of: GenerationId | None = Field(
+        default=None, description="The generation this request replays, when it is a replay."
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -204,6 +216,9 @@ class EnhancedPrompt(_Model):
     seed: int = Field(ge=0, le=MAX_SEED)
     requested_at: Annotated[datetime, AfterValidator(_aware)]
     metadata: dict[str, Any] = Field(default_factory=dict)
+    replay_of: GenerationId | None = Field(
+        default=None, description="The generation this one replays, when it is a replay."
+    )
 
 
 class RenderedImage(_Model):

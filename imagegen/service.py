@@ -6,7 +6,9 @@ import logging
 import time
 from collections.abc import Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeVar
+
+from pydantic import BaseModel
 
 from imagegen.errors import ImageGenError
 from imagegen.identity import identify
@@ -20,6 +22,7 @@ from imagegen.telemetry import instruments, tracer
 if TYPE_CHECKING:
     from imagegen.enhance import EnhanceStage
     from imagegen.enhance.memo import EnhanceMemo
+    from imagegen.ledger.recorder import Recorder
     from imagegen.persist import PersistStage
     from imagegen.plugins import PluginSet
     from imagegen.render.base import ProgressCallback, RenderBackend, RenderOutput
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["ImageGenService"]
 
 log = logging.getLogger("imagegen")
+R = TypeVar("R", bound=BaseModel)
 
 
 def _diffusers_backend(settings: Settings) -> RenderBackend:
@@ -51,6 +55,7 @@ class ImageGenService:
         backend: The render backend; default: diffusers, created on first render.
         preload: Models to load on enter.
         load_on_demand: Whether a render may load a model it has not preloaded.
+        recorder: Records each stage's event in a ledger (the CLI's local history).
     """
 
     def __init__(
@@ -62,8 +67,10 @@ class ImageGenService:
         backend: RenderBackend | None = None,
         preload: Sequence[str] = (),
         load_on_demand: bool = True,
+        recorder: Recorder | None = None,
     ) -> None:
         self.settings = settings or Settings()
+        self.recorder = recorder
         self.storage = storage or open_storage(self.settings)
         self._plugins = plugins
         self._backend = backend
@@ -131,6 +138,8 @@ class ImageGenService:
             await self._enhance_stage.aclose()
         if self._render_stage is not None:
             self._render_stage.close()
+        if self.recorder is not None:
+            self.recorder.ledger.close()
 
     async def enhance(self, request: GenerationRequest, call: Call | None = None) -> EnhancedPrompt:
         """Run the plugins and the LLM; fix every render parameter, the seed included.
@@ -143,7 +152,9 @@ class ImageGenService:
         call = call or identify(request, starts=True)
         gid, when = call.generation_id, call.requested_at
         assert gid is not None and when is not None, "a starting call has an id and a time"
-        async with _stage("enhance", gid) as stage:
+        if self.recorder is not None:
+            await self.recorder.requested(gid, request)
+        async with _stage("enhance", gid, self.recorder) as stage:
             from imagegen.enhance.memo import request_digest
 
             enhance_stage = self.enhance_stage
@@ -153,7 +164,7 @@ class ImageGenService:
             remembered = await self._memo.recall(keys, digest)
             if remembered is not None:
                 stage.outcome = "fallback" if remembered.fallback else "success"
-                return remembered
+                return await stage.emitted(remembered)
             result = await enhance_stage.run(request, generation_id=gid, now=when)
             await self._memo.remember(keys, digest, result)
             stage.span.set_attribute("imagegen.model", result.model)
@@ -161,15 +172,15 @@ class ImageGenService:
             stage.span.set_attribute("imagegen.enhance.fallback", result.fallback)
             if result.fallback:
                 stage.outcome = "fallback"
-            return result
+            return await stage.emitted(result)
 
     async def render(
         self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None
     ) -> RenderedImage:
         """Render ``job`` and store the PNG (idempotent per generation id)."""
-        async with _stage("render", job.generation_id) as stage:
+        async with _stage("render", job.generation_id, self.recorder) as stage:
             _job_attributes(stage.span, job)
-            return await self.render_stage.render(job, progress=progress)
+            return await stage.emitted(await self.render_stage.render(job, progress=progress))
 
     async def render_png(
         self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None
@@ -181,8 +192,8 @@ class ImageGenService:
 
     async def persist(self, image: RenderedImage) -> PersistedImage:
         """Write derivatives and the metadata record; build public URLs."""
-        async with _stage("persist", image.generation_id):
-            return await self.persist_stage.run(image)
+        async with _stage("persist", image.generation_id, self.recorder) as stage:
+            return await stage.emitted(await self.persist_stage.run(image))
 
     async def generate(
         self,
@@ -200,9 +211,10 @@ class ImageGenService:
 class _stage:
     """A span and the duration/outcome metrics around one stage of one generation."""
 
-    def __init__(self, stage: str, generation_id: str) -> None:
+    def __init__(self, stage: str, generation_id: str, recorder: Recorder | None = None) -> None:
         self.stage = stage
         self.generation_id = generation_id
+        self.recorder = recorder
         self.outcome = "success"
         self._cm: Any = None
         self.span: Any = None
@@ -231,6 +243,14 @@ class _stage:
         instruments().stage_duration.record(seconds, labels)
         instruments().generations.add(1, {**labels, "reason": reason} if reason else labels)
         self._cm.__exit__(exc_type, exc, tb)
+        if isinstance(exc, Exception) and self.recorder is not None:
+            await self.recorder.failed(self.stage, self.generation_id, exc)
+
+    async def emitted(self, result: R) -> R:
+        """``result`` is this stage's reply: recorded (when recording) and returned."""
+        if self.recorder is not None:
+            await self.recorder.emitted(self.stage, result)
+        return result
 
 
 def _job_attributes(span: Any, job: EnhancedPrompt) -> None:

@@ -144,6 +144,21 @@ class Settings(BaseSettings):
         default=6, ge=0, le=9, description="zlib level of PNGs: 0 fastest, 9 smallest."
     )
 
+    # Ledger
+    ledger_url: SecretStr | None = Field(
+        default=None,
+        description="postgresql://… or a SQLite path; default: ~/.local/share/imagegen/ledger.db.",
+    )
+    ledger_retention_days: int = Field(default=90, ge=0, description="History kept (0: forever).")
+    webhook_secrets: Annotated[list[SecretStr], NoDecode] = Field(
+        default=[], description="Standard Webhooks secrets (whsec_…); each signs every message."
+    )
+    webhook_allowed: CommaList = Field(
+        default=[], description="Hosts and networks webhooks may reach; empty: public addresses."
+    )
+    webhook_timeout: float = Field(default=10.0, gt=0, description="Seconds per webhook attempt.")
+    webhook_max_attempts: int = Field(default=8, ge=1, le=30)
+
     # Logs
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_prompts: bool = Field(
@@ -151,7 +166,13 @@ class Settings(BaseSettings):
     )
 
     _split = field_validator(
-        "allowed_models", "plugins", "holiday_countries", "loras", mode="before"
+        "allowed_models",
+        "plugins",
+        "holiday_countries",
+        "loras",
+        "webhook_secrets",
+        "webhook_allowed",
+        mode="before",
     )(_split_list)
 
     @field_validator("plugin_options", mode="before")

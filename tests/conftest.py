@@ -46,6 +46,8 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> It
     # Nothing local answers as Ollama unless a test starts the fake.
     monkeypatch.setenv("IMAGEGEN_OLLAMA_HOST", "http://127.0.0.1:9")
     monkeypatch.chdir(tmp_path)
+    # The CLI's local ledger goes under the user's data directory: the test's, here.
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     yield

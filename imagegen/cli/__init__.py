@@ -11,7 +11,7 @@ import sys
 import typer
 
 # Importing the command modules registers their commands on ``app``, in this order.
-from imagegen.cli import generate, models, tools  # noqa: F401
+from imagegen.cli import generate, history, models, tools  # noqa: F401
 from imagegen.cli._app import app
 from imagegen.cli.tools import functions_dir as functions_dir
 from imagegen.errors import ConfigurationError, ImageGenError, InvalidRequest

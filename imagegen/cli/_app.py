@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 if TYPE_CHECKING:
+    from imagegen.ledger.recorder import Recorder
     from imagegen.service import ImageGenService
     from imagegen.settings import Settings
 
@@ -52,4 +53,20 @@ def make_service(settings: Settings) -> ImageGenService:
     # Traces and metrics go to a collector when OTEL_EXPORTER_OTLP_ENDPOINT says so; the
     # console stays the CLI's own.
     setup_observability("imagegen-cli", settings, logs=False)
-    return ImageGenService(settings)
+    return ImageGenService(settings, recorder=_recorder(settings))
+
+
+def _recorder(settings: Settings) -> Recorder | None:
+    """What records the local history; None (and a warning) when the ledger cannot open."""
+    from imagegen.errors import ImageGenError
+    from imagegen.ledger import open_ledger
+    from imagegen.ledger.recorder import Recorder
+
+    url = settings.ledger_url.get_secret_value() if settings.ledger_url else None
+    if url and url.startswith(("http://", "https://")):
+        return None  # a cluster's ledger records the cluster's events
+    try:
+        return Recorder(open_ledger(url))
+    except (ImageGenError, OSError) as exc:
+        err.print(f"[yellow]warning:[/] history is not recorded: {exc}")
+        return None

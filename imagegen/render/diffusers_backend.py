@@ -296,11 +296,12 @@ class DiffusersBackend:
 
     @staticmethod
     def _png_text(job: EnhancedPrompt) -> dict[str, str]:
+        # Render parameters only, no generation id: a replay of the job (a new id) is then the
+        # same file, byte for byte; the id is in the key and the metadata record.
         text = {
             "prompt": job.prompt,
             "seed": str(job.seed),
             "model": job.model,
-            "generation_id": job.generation_id,
             "steps": str(job.steps),
             "guidance": f"{job.guidance:g}",
         }

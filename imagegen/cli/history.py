@@ -1,0 +1,280 @@
+"""``imagegen status``, ``history``, ``replay`` and ``ledger``: the generation ledger.
+
+Each reads the local ledger (a SQLite file; ``IMAGEGEN_LEDGER_URL`` or ``--ledger`` name another
+database) or, given an ``http(s)://`` ledger URL, the ledger function's HTTP API.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from imagegen.cli._app import AsJson, app, make_service, out, run_async, settings_from
+from imagegen.errors import InvalidRequest, NotFound
+
+if TYPE_CHECKING:
+    from imagegen.ledger import Ledger
+
+__all__ = ["history", "ledger_app", "parse_when", "replay", "status"]
+
+LedgerUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--ledger",
+        help="Ledger: a database URL or path, or the ledger function's http(s):// URL.",
+        envvar="IMAGEGEN_LEDGER_URL",
+        show_envvar=False,
+    ),
+]
+_RELATIVE = re.compile(r"^(\d+)\s*([mhdw])$")
+_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_when(text: str, *, field: str, now: datetime | None = None) -> datetime:
+    """``2026-06-01``, ``2026-06-01T12:00Z``, ``today``, or an age (``30m``, ``2h``, ``7d``)."""
+    now = now or datetime.now(UTC)
+    value = text.strip().lower()
+    if value == "today":
+        return now.replace(hour=0, minute=0, second=0, microsecond=0)
+    match = _RELATIVE.match(value)
+    if match:
+        return now - timedelta(**{_UNITS[match[2]]: int(match[1])})
+    try:
+        parsed = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise InvalidRequest(
+            f"--{field}: {text!r} is neither a date/time (ISO 8601) nor an age like 2h or 7d",
+            errors=[{"field": field, "message": "not an ISO date or an age"}],
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _is_http(url: str | None) -> bool:
+    return bool(url) and str(url).startswith(("http://", "https://"))
+
+
+def _local(url: str | None) -> Ledger:
+    from imagegen.ledger import open_ledger
+
+    return open_ledger(url)
+
+
+def _api(url: str, method: str, path: str, **params: Any) -> Any:
+    import httpx
+
+    query = {k: v for k, v in params.items() if v is not None}
+    try:
+        reply = httpx.request(method, url.rstrip("/") + path, params=query, timeout=30)
+    except httpx.HTTPError as exc:
+        raise InvalidRequest(f"ledger {url} is unreachable: {exc}") from None
+    if reply.status_code == 404:
+        raise NotFound(reply.json().get("message", "not found"))
+    if reply.status_code >= 400:
+        try:
+            message = reply.json().get("message", reply.text)
+        except ValueError:
+            message = reply.text
+        raise InvalidRequest(f"ledger answered {reply.status_code}: {message}")
+    return reply.json()
+
+
+@app.command()
+def status(
+    generation_id: Annotated[str, typer.Argument(help="The generation id.")],
+    ledger: LedgerUrl = None,
+    as_json: AsJson = False,
+) -> None:
+    """Show one generation: status, timeline, image, error."""
+    if _is_http(ledger):
+        body = _api(str(ledger), "GET", f"/generations/{generation_id}")
+    else:
+        store = _local(ledger)
+        try:
+            found = store.get(generation_id)
+        finally:
+            store.close()
+        if found is None:
+            raise NotFound(f"generation {generation_id!r} is not in the ledger")
+        body = found.model_dump(mode="json")
+    if as_json:
+        typer.echo(json.dumps(body, indent=2))
+        return
+    out.print(f"[bold]generation[/] {escape(body['generation_id'])}")
+    out.print(f"[bold]status[/]     {body['status']}")
+    if body.get("model"):
+        out.print(f"[bold]model[/]      {escape(body['model'])}  seed {body.get('seed')}")
+    if body.get("prompt"):
+        out.print(f"[bold]prompt[/]     {escape(body['prompt'])}", soft_wrap=True)
+    where = body.get("url") or body.get("location")
+    if where:
+        out.print(f"[bold]image[/]      {escape(where)}")
+    if body.get("replay_of"):
+        out.print(f"[bold]replay of[/]  {escape(body['replay_of'])}")
+    if body.get("error"):
+        stage, message = body.get("failed_stage"), body["error"]["message"]
+        out.print(f"[bold red]error[/]      {stage}: {escape(message)}")
+    for entry in body.get("timeline", []):
+        gap = entry.get("seconds_since_previous")
+        delta = f"+{gap:.2f}s" if gap is not None else ""
+        out.print(f"  {entry['time']}  {entry['type'].rsplit('.', 2)[-2:][-1]:<10} {delta}")
+
+
+@app.command()
+def history(
+    since: Annotated[
+        str | None, typer.Option(help="From this time: ISO 8601, 'today' or an age (2h, 7d).")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="Before this time (same forms).")] = None,
+    state: Annotated[
+        str | None,
+        typer.Option("--status", help="Only this status: requested … persisted, failed."),
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Only this model.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many (newest first).")] = 20,
+    ledger: LedgerUrl = None,
+    as_json: AsJson = False,
+) -> None:
+    """List recent generations, newest first."""
+    from imagegen.ledger.models import STATUS_RANK
+
+    if state is not None and state not in STATUS_RANK:
+        raise InvalidRequest(
+            f"--status must be one of {', '.join(STATUS_RANK)}",
+            errors=[{"field": "status", "message": "unknown status"}],
+        )
+    start = parse_when(since, field="since") if since else None
+    end = parse_when(until, field="until") if until else None
+    if _is_http(ledger):
+        page = _api(
+            str(ledger),
+            "GET",
+            "/generations",
+            since=start.isoformat() if start else None,
+            until=end.isoformat() if end else None,
+            status=state,
+            model=model,
+            limit=limit,
+        )
+        items = page["items"]
+    else:
+        store = _local(ledger)
+        try:
+            found = store.history(
+                status=state,  # type: ignore[arg-type]  # checked above
+                since=start,
+                until=end,
+                model=model,
+                limit=limit,
+            )
+        finally:
+            store.close()
+        items = [g.model_dump(mode="json") for g in found.items]
+    if as_json:
+        typer.echo(json.dumps(items, indent=2))
+        return
+    table = Table("created", "generation", "status", "model", "prompt", box=None)
+    for item in items:
+        prompt = item.get("prompt") or item.get("original_prompt") or ""
+        table.add_row(
+            item["created_at"][:19].replace("T", " "),
+            escape(item["generation_id"]),
+            item["status"],
+            escape(item.get("model") or ""),
+            escape(prompt[:60] + ("…" if len(prompt) > 60 else "")),
+        )
+    out.print(table)
+
+
+@app.command()
+def replay(
+    generation_id: Annotated[str, typer.Argument(help="The generation to reproduce.")],
+    start: Annotated[
+        str,
+        typer.Option(
+            "--from", help="'enhanced': the recorded prompt again; 'requested': enhance again."
+        ),
+    ] = "enhanced",
+    ledger: LedgerUrl = None,
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="Storage: a directory or s3://…")
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Generate again from the ledger's record, under a new id linked to the original."""
+    from imagegen.ledger.replay import check_from
+
+    origin = check_from(start)
+    if _is_http(ledger):
+        body = _api(str(ledger), "POST", f"/generations/{generation_id}/replay", **{"from": origin})
+        typer.echo(json.dumps(body, indent=2) if as_json else body["generation_id"])
+        return
+    from imagegen.ledger.replay import replay_job, replay_request
+
+    store = _local(ledger)
+    try:
+        job = replay_job(store, generation_id) if origin == "enhanced" else None
+        request = replay_request(store, generation_id) if origin == "requested" else None
+    finally:
+        store.close()
+    settings = settings_from(storage_url=output, ledger_url=ledger)
+
+    async def go() -> Any:
+        async with make_service(settings) as service:
+            if request is not None:
+                return (await service.generate(request))[1]
+            assert job is not None
+            if service.recorder is not None:
+                await service.recorder.emitted("enhance", job)
+            return await service.persist(await service.render(job))
+
+    persisted = run_async(go)
+    if as_json:
+        typer.echo(json.dumps(persisted.model_dump(mode="json"), indent=2))
+        return
+    out.print(f"[bold green]image[/]      {escape(persisted.url or persisted.location)}")
+    out.print(f"[bold]generation[/] {persisted.generation_id} (replay of {generation_id})")
+    out.print(f"[bold]sha256[/]     {persisted.sha256}")
+
+
+ledger_app = typer.Typer(help="Maintain the ledger: export events, prune old history.")
+app.add_typer(ledger_app, name="ledger")
+
+
+@ledger_app.command("export")
+def export(
+    since: Annotated[str | None, typer.Option(help="Events recorded from this time.")] = None,
+    ledger: LedgerUrl = None,
+) -> None:
+    """Write every recorded event to stdout as CloudEvents JSON lines."""
+    store = _local(ledger)
+    try:
+        store.export_jsonl(sys.stdout, since=parse_when(since, field="since") if since else None)
+    finally:
+        store.close()
+
+
+@ledger_app.command("prune")
+def prune(
+    days: Annotated[
+        int | None, typer.Option(help="Keep this many days; default: the retention setting.")
+    ] = None,
+    ledger: LedgerUrl = None,
+) -> None:
+    """Delete history older than the retention."""
+    keep = days if days is not None else settings_from().ledger_retention_days
+    if keep <= 0:
+        out.print("retention is 0 (keep forever): nothing pruned")
+        return
+    store = _local(ledger)
+    try:
+        deleted = store.prune(timedelta(days=keep))
+    finally:
+        store.close()
+    out.print(", ".join(f"{n} {table}" for table, n in deleted.items()) + " deleted")

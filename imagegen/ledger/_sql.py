@@ -1,0 +1,429 @@
+"""The ledger over SQL: one implementation, two dialects (:mod:`.postgres`, :mod:`.sqlite`).
+
+Statements are written once, with ``:name`` parameters; a dialect rewrites the parameter style
+and adapts values (JSON, times) to its column types. Both databases understand the same
+``INSERT ... ON CONFLICT`` upsert, row-value comparisons and ``RETURNING``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol, TextIO
+
+from imagegen.errors import InvalidRequest
+from imagegen.ledger.fold import (
+    DESCRIPTIVE_COLUMNS,
+    ONCE_COLUMNS,
+    STAGE_COLUMNS,
+    Change,
+    due_webhooks,
+    fold,
+    message_id,
+    utc,
+)
+from imagegen.ledger.models import (
+    Delivery,
+    Generation,
+    GenerationDetail,
+    GenerationPage,
+    IngestResult,
+    LedgerEvent,
+    Status,
+    TimelineEntry,
+)
+
+__all__ = ["JSON_COLUMNS", "MAX_PAGE", "TIME_COLUMNS", "Cursor", "SqlLedger"]
+
+MAX_PAGE = 500
+JSON_COLUMNS = frozenset({"data", "error", "keys", "urls", "webhook_events"})
+TIME_COLUMNS = frozenset(
+    {
+        *STAGE_COLUMNS,
+        "time",
+        "recorded_at",
+        "created_at",
+        "updated_at",
+        "next_attempt_at",
+        "delivered_at",
+    }
+)
+_EXPORT_BATCH = 1000
+
+
+class Cursor(Protocol):
+    """What a dialect's transaction offers: statements in, rows (as dicts) out."""
+
+    def query(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]: ...
+
+    def run(self, sql: str, params: dict[str, Any]) -> int: ...
+
+
+def _first_wins(column: str) -> str:
+    return f"{column} = COALESCE(generations.{column}, excluded.{column})"
+
+
+def _most_advanced_wins(column: str) -> str:
+    return (
+        f"{column} = CASE WHEN excluded.status_rank >= generations.status_rank "
+        f"THEN COALESCE(excluded.{column}, generations.{column}) "
+        f"ELSE COALESCE(generations.{column}, excluded.{column}) END"
+    )
+
+
+_GENERATION_COLUMNS = (
+    "generation_id",
+    "status",
+    "status_rank",
+    "created_at",
+    "updated_at",
+    *STAGE_COLUMNS,
+    *DESCRIPTIVE_COLUMNS,
+    *ONCE_COLUMNS,
+)
+# The rules of imagegen.ledger.fold, as one statement: concurrent writers of one generation
+# serialise on its row, and each sees the row as the one before it left it. (Built from the
+# fixed column names above, never from input.)
+UPSERT_GENERATION = (
+    f"INSERT INTO generations ({', '.join(_GENERATION_COLUMNS)}) "  # noqa: S608
+    f"VALUES ({', '.join(':' + c for c in _GENERATION_COLUMNS)}) "
+    "ON CONFLICT (generation_id) DO UPDATE SET "
+    "status = CASE WHEN excluded.status_rank > generations.status_rank "
+    "THEN excluded.status ELSE generations.status END, "
+    "status_rank = CASE WHEN excluded.status_rank > generations.status_rank "
+    "THEN excluded.status_rank ELSE generations.status_rank END, "
+    "created_at = CASE WHEN excluded.created_at < generations.created_at "
+    "THEN excluded.created_at ELSE generations.created_at END, "
+    "updated_at = excluded.updated_at, "
+    + ", ".join(
+        [_first_wins(c) for c in (*STAGE_COLUMNS, *ONCE_COLUMNS)]
+        + [_most_advanced_wins(c) for c in DESCRIPTIVE_COLUMNS]
+    )
+    + " RETURNING *"
+)
+INSERT_EVENT = (
+    "INSERT INTO ledger_events (source, id, type, subject, generation_id, time, recorded_at, data) "
+    "VALUES (:source, :id, :type, :subject, :generation_id, :time, :recorded_at, :data) "
+    "ON CONFLICT (source, id) DO NOTHING RETURNING seq"
+)
+INSERT_DELIVERY = (
+    "INSERT INTO webhook_deliveries "
+    "(msg_id, generation_id, event, url, payload, next_attempt_at, created_at) "
+    "VALUES (:msg_id, :generation_id, :event, :url, :payload, :now, :now) "
+    "ON CONFLICT (msg_id) DO NOTHING"
+)
+
+
+class SqlLedger(ABC):
+    """The ledger's operations over a dialect's transactions; see :class:`~.store.Ledger`."""
+
+    dialect: str
+    skip_locked: str = ""  # appended to the delivery claim's row selection
+
+    @abstractmethod
+    def transaction(self) -> AbstractContextManager[Cursor]:
+        """A transaction: committed when the block ends, rolled back when it raises."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the connections."""
+
+    def _now(self) -> datetime:
+        return datetime.now(UTC)
+
+    # -- recording ------------------------------------------------------------------------
+
+    def ingest(self, event: LedgerEvent) -> IngestResult:
+        """Record ``event`` once (by source + id) and fold it into its generation's row."""
+        now = self._now()
+        change = fold(event, now=now)
+        gid = change.generation_id if change else None
+        with self.transaction() as db:
+            fresh = db.query(
+                INSERT_EVENT,
+                {
+                    "source": event.source,
+                    "id": event.id,
+                    "type": event.type,
+                    "subject": event.subject,
+                    "generation_id": gid,
+                    "time": change.at if change else utc(event.time or now),
+                    "recorded_at": now,
+                    "data": event.data,
+                },
+            )
+            if not fresh or change is None:
+                return IngestResult(generation_id=gid, duplicate=not fresh)
+            row = db.query(UPSERT_GENERATION, _upsert_params(change, now))[0]
+            self._enqueue_webhooks(db, row, now)
+        return IngestResult(generation_id=gid, duplicate=False, status=row["status"])
+
+    def _enqueue_webhooks(self, db: Cursor, row: dict[str, Any], now: datetime) -> None:
+        if not row.get("webhook"):
+            return
+        generation = _generation(row)
+        for kind in due_webhooks(row["status"], row.get("webhook_events")):
+            payload = {
+                "type": f"generation.{kind}",
+                "timestamp": now.isoformat(),
+                "data": generation.model_dump(mode="json"),
+            }
+            db.run(
+                INSERT_DELIVERY,
+                {
+                    "msg_id": message_id(generation.generation_id, kind),
+                    "generation_id": generation.generation_id,
+                    "event": kind,
+                    "url": row["webhook"],
+                    "payload": json.dumps(payload, separators=(",", ":")),
+                    "now": now,
+                },
+            )
+
+    # -- queries --------------------------------------------------------------------------
+
+    def get(self, generation_id: str) -> GenerationDetail | None:
+        """The generation with its timeline and stage durations; None when unknown."""
+        with self.transaction() as db:
+            rows = db.query(
+                "SELECT * FROM generations WHERE generation_id = :gid", {"gid": generation_id}
+            )
+            if not rows:
+                return None
+            events = db.query(
+                "SELECT type, source, id, time FROM ledger_events "
+                "WHERE generation_id = :gid ORDER BY time, seq",
+                {"gid": generation_id},
+            )
+        generation = _generation(rows[0])
+        timeline: list[TimelineEntry] = []
+        previous: datetime | None = None
+        for event in events:
+            at: datetime = event["time"]
+            since = (at - previous).total_seconds() if previous is not None else None
+            timeline.append(TimelineEntry(**{**event, "seconds_since_previous": since}))
+            previous = at
+        return GenerationDetail(
+            **generation.model_dump(), timeline=timeline, durations=_durations(generation)
+        )
+
+    def history(
+        self,
+        *,
+        status: Status | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        model: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> GenerationPage:
+        """Generations first seen in ``[since, until)``, newest first, ``limit`` a page."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidRequest(
+                f"limit must be between 1 and {MAX_PAGE}",
+                errors=[{"field": "limit", "message": f"must be between 1 and {MAX_PAGE}"}],
+            )
+        where: list[str] = ["1 = 1"]
+        params: dict[str, Any] = {"limit": limit + 1}
+        if status is not None:
+            where.append("status = :status")
+            params["status"] = status
+        if model is not None:
+            where.append("model = :model")
+            params["model"] = model
+        if since is not None:
+            where.append("created_at >= :since")
+            params["since"] = utc(since)
+        if until is not None:
+            where.append("created_at < :until")
+            params["until"] = utc(until)
+        if cursor is not None:
+            where.append("(created_at, generation_id) < (:after_at, :after_id)")
+            params["after_at"], params["after_id"] = _decode_cursor(cursor)
+        with self.transaction() as db:
+            rows = db.query(
+                f"SELECT * FROM generations WHERE {' AND '.join(where)} "  # noqa: S608 - fixed parts
+                "ORDER BY created_at DESC, generation_id DESC LIMIT :limit",
+                params,
+            )
+        items = [_generation(row) for row in rows[:limit]]
+        more = len(rows) > limit
+        last = items[-1] if items else None
+        return GenerationPage(
+            items=items,
+            next_cursor=_encode_cursor(last.created_at, last.generation_id)
+            if more and last
+            else None,
+        )
+
+    def events(self, *, since: datetime | None = None) -> Iterator[LedgerEvent]:
+        """Every recorded event in the order recorded; ``since``: recorded at or after it."""
+        after = 0
+        while True:
+            with self.transaction() as db:
+                rows = db.query(
+                    "SELECT * FROM ledger_events WHERE seq > :after AND recorded_at >= :since "
+                    "ORDER BY seq LIMIT :batch",
+                    {
+                        "after": after,
+                        "since": utc(since or datetime(1970, 1, 1, tzinfo=UTC)),
+                        "batch": _EXPORT_BATCH,
+                    },
+                )
+            for row in rows:
+                yield LedgerEvent(**{k: v for k, v in row.items() if k != "seq"})
+            if len(rows) < _EXPORT_BATCH:
+                return
+            after = rows[-1]["seq"]
+
+    def generation_events(self, generation_id: str) -> list[LedgerEvent]:
+        """The events recorded for one generation, in time order."""
+        with self.transaction() as db:
+            rows = db.query(
+                "SELECT * FROM ledger_events WHERE generation_id = :gid ORDER BY time, seq",
+                {"gid": generation_id},
+            )
+        return [LedgerEvent(**{k: v for k, v in row.items() if k != "seq"}) for row in rows]
+
+    def export_jsonl(self, out: TextIO, *, since: datetime | None = None) -> int:
+        """Write every event as one structured-mode CloudEvent JSON object a line."""
+        count = 0
+        for event in self.events(since=since):
+            body = {
+                "specversion": "1.0",
+                "id": event.id,
+                "source": event.source,
+                "type": event.type,
+                **({"subject": event.subject} if event.subject else {}),
+                "time": event.time.isoformat() if event.time else None,
+                "datacontenttype": "application/json",
+                "recordedat": event.recorded_at.isoformat() if event.recorded_at else None,
+                "data": event.data,
+            }
+            out.write(json.dumps(body, separators=(",", ":"), ensure_ascii=False) + "\n")
+            count += 1
+        return count
+
+    def prune(self, older_than: timedelta) -> dict[str, int]:
+        """Forget generations untouched, and events recorded, more than ``older_than`` ago."""
+        before = self._now() - older_than
+        with self.transaction() as db:
+            return {
+                "events": db.run(
+                    "DELETE FROM ledger_events WHERE recorded_at < :before", {"before": before}
+                ),
+                "generations": db.run(
+                    "DELETE FROM generations WHERE updated_at < :before", {"before": before}
+                ),
+                "deliveries": db.run(
+                    "DELETE FROM webhook_deliveries WHERE created_at < :before "
+                    "AND state <> 'pending'",
+                    {"before": before},
+                ),
+            }
+
+    # -- webhook outbox -------------------------------------------------------------------
+
+    def claim_deliveries(self, *, limit: int = 20, lease: float = 60.0) -> list[Delivery]:
+        """Take up to ``limit`` due messages; others will not see them for ``lease`` seconds."""
+        now = self._now()
+        with self.transaction() as db:
+            rows = db.query(
+                "UPDATE webhook_deliveries SET attempts = attempts + 1, "  # noqa: S608
+                "next_attempt_at = :lease_until WHERE msg_id IN ("
+                "SELECT msg_id FROM webhook_deliveries WHERE state = 'pending' "
+                "AND next_attempt_at <= :now ORDER BY next_attempt_at LIMIT :limit"
+                f"{self.skip_locked}) "
+                "RETURNING msg_id, generation_id, event, url, payload, attempts, created_at",
+                {"now": now, "lease_until": now + timedelta(seconds=lease), "limit": limit},
+            )
+        return [Delivery(**row) for row in rows]
+
+    def finish_delivery(
+        self, msg_id: str, *, delivered: bool, error: str | None = None, retry_in: float | None
+    ) -> None:
+        """Mark a claimed message delivered, due again in ``retry_in`` s, or (None) given up."""
+        now = self._now()
+        if delivered:
+            sql = "state = 'delivered', delivered_at = :now, last_error = NULL"
+        elif retry_in is not None:
+            sql = "next_attempt_at = :next, last_error = :error"
+        else:
+            sql = "state = 'failed', last_error = :error"
+        with self.transaction() as db:
+            db.run(
+                f"UPDATE webhook_deliveries SET {sql} WHERE msg_id = :msg_id",  # noqa: S608
+                {
+                    "msg_id": msg_id,
+                    "now": now,
+                    "next": now + timedelta(seconds=retry_in or 0),
+                    "error": (error or "")[:1000],
+                },
+            )
+
+    def delivery_states(self, generation_id: str) -> dict[str, dict[str, Any]]:
+        """Webhook messages of one generation by event: state, attempts, last error."""
+        with self.transaction() as db:
+            rows = db.query(
+                "SELECT event, msg_id, state, attempts, last_error FROM webhook_deliveries "
+                "WHERE generation_id = :gid",
+                {"gid": generation_id},
+            )
+        return {row.pop("event"): row for row in rows}
+
+
+def _upsert_params(change: Change, now: datetime) -> dict[str, Any]:
+    params: dict[str, Any] = dict.fromkeys(_GENERATION_COLUMNS)
+    params.update(change.fields)
+    params.update(
+        generation_id=change.generation_id,
+        status=change.status,
+        status_rank=change.rank,
+        created_at=change.at,
+        updated_at=now,
+    )
+    params[change.stage_column] = change.at
+    return params
+
+
+def _generation(row: dict[str, Any]) -> Generation:
+    fields = {name: row[name] for name in Generation.model_fields if name in row}
+    for name in ("keys", "urls"):
+        fields[name] = fields.get(name) or {}
+    return Generation(**fields)
+
+
+def _durations(g: Generation) -> dict[str, float]:
+    spans = {
+        "enhance": (g.requested_at, g.enhanced_at),
+        "render": (g.enhanced_at, g.rendered_at),
+        "persist": (g.rendered_at, g.persisted_at),
+        "total": (g.requested_at or g.created_at, g.persisted_at or g.failed_at),
+    }
+    return {
+        name: (end - start).total_seconds()
+        for name, (start, end) in spans.items()
+        if start is not None and end is not None
+    }
+
+
+def _encode_cursor(at: datetime, generation_id: str) -> str:
+    raw = json.dumps([utc(at).isoformat(), generation_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        at, gid = json.loads(raw)
+        return utc(datetime.fromisoformat(at)), str(gid)
+    except (binascii.Error, ValueError, TypeError) as exc:
+        raise InvalidRequest(
+            "cursor is not one this ledger handed out",
+            errors=[{"field": "cursor", "message": "not a cursor from a previous page"}],
+        ) from exc

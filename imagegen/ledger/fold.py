@@ -1,0 +1,186 @@
+"""How one event changes its generation's row: the ledger's rules, free of any database.
+
+The stores apply a :class:`Change` with one ``INSERT ... ON CONFLICT DO UPDATE`` whose rules
+are the ones written here: the status only moves up :data:`STATUS_RANK`; the first time of a
+stage is kept; what the most advanced event says about the image wins.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from imagegen.errors import InvalidRequest
+from imagegen.events import (
+    GENERATION_FAILED,
+    GENERATION_REQUESTED,
+    IMAGE_PERSISTED,
+    IMAGE_RENDERED,
+    PROMPT_ENHANCED,
+    short_name,
+)
+from imagegen.ledger.models import STATUS_RANK, LedgerEvent, Status, WebhookEvent
+from imagegen.models import (
+    EnhancedPrompt,
+    GenerationFailed,
+    GenerationRequest,
+    PersistedImage,
+    RenderedImage,
+    derive_generation_id,
+)
+from imagegen.validation import parse_model
+
+__all__ = [
+    "DESCRIPTIVE_COLUMNS",
+    "STAGE_COLUMNS",
+    "Change",
+    "due_webhooks",
+    "fold",
+    "message_id",
+    "utc",
+]
+
+# type → (status it reports, column holding the first time it was seen)
+_STATUS_OF: dict[str, tuple[Status, str]] = {
+    GENERATION_REQUESTED: ("requested", "requested_at"),
+    PROMPT_ENHANCED: ("enhanced", "enhanced_at"),
+    IMAGE_RENDERED: ("rendered", "rendered_at"),
+    IMAGE_PERSISTED: ("persisted", "persisted_at"),
+    GENERATION_FAILED: ("failed", "failed_at"),
+}
+STAGE_COLUMNS = ("requested_at", "enhanced_at", "rendered_at", "persisted_at", "failed_at")
+# What events say about the image; the most advanced event's non-empty value wins.
+DESCRIPTIVE_COLUMNS = (
+    "prompt",
+    "original_prompt",
+    "seed",
+    "model",
+    "width",
+    "height",
+    "keys",
+    "urls",
+    "url",
+    "location",
+    "sha256",
+)
+# Said once, by the request or the failure: the first value is kept.
+ONCE_COLUMNS = ("failed_stage", "error", "webhook", "webhook_events", "replay_of")
+
+
+def utc(value: datetime) -> datetime:
+    """``value`` as an aware UTC datetime (naive values are taken as UTC)."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class Change:
+    """What one event says about its generation."""
+
+    generation_id: str
+    status: Status
+    at: datetime
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return STATUS_RANK[self.status]
+
+    @property
+    def stage_column(self) -> str:
+        return _STATUS_OF[_TYPE_OF_STATUS[self.status]][1]
+
+
+_TYPE_OF_STATUS = {status: event_type for event_type, (status, _) in _STATUS_OF.items()}
+
+
+def fold(event: LedgerEvent, *, now: datetime) -> Change | None:
+    """The change ``event`` makes to its generation; None when it names no generation.
+
+    Raises:
+        InvalidRequest: the type is not an imagegen event, or its data does not fit the type.
+    """
+    if event.type not in _STATUS_OF:
+        known = ", ".join(short_name(t) for t in _STATUS_OF)
+        raise InvalidRequest(
+            f"the ledger records imagegen events only ({known}), not {event.type!r}",
+            errors=[{"field": "type", "message": "not an imagegen event type"}],
+        )
+    status, _ = _STATUS_OF[event.type]
+    at = utc(event.time or now)
+    fields: dict[str, Any]
+    if event.type == GENERATION_REQUESTED:
+        request = parse_model(GenerationRequest, event.data)
+        gid = request.generation_id or event.subject
+        gid = gid or derive_generation_id(event.source, event.id)
+        fields = {
+            "original_prompt": request.prompt,
+            "seed": request.seed,
+            "model": request.model,
+            "width": request.width,
+            "height": request.height,
+            "webhook": str(request.webhook) if request.webhook else None,
+            "webhook_events": list(request.webhook_events) if request.webhook else None,
+            "replay_of": request.replay_of,
+        }
+    elif event.type == PROMPT_ENHANCED:
+        job = parse_model(EnhancedPrompt, event.data)
+        gid = job.generation_id
+        fields = {**_render_fields(job), "replay_of": job.replay_of}
+        fields["original_prompt"] = job.original_prompt
+    elif event.type == IMAGE_RENDERED:
+        image = parse_model(RenderedImage, event.data)
+        gid = image.generation_id
+        fields = {
+            **_render_fields(image.prompt),
+            "keys": {"image": image.key},
+            "location": image.location,
+            "sha256": image.sha256,
+            "replay_of": image.prompt.replay_of,
+        }
+    elif event.type == IMAGE_PERSISTED:
+        persisted = parse_model(PersistedImage, event.data)
+        gid = persisted.generation_id
+        fields = _pick(
+            persisted, "prompt", "seed", "model", "width", "height", "keys", "urls", "url"
+        )
+        fields.update(location=persisted.location, sha256=persisted.sha256)
+    else:
+        failure = parse_model(GenerationFailed, event.data)
+        found = failure.generation_id or event.subject
+        if found is None:
+            return None
+        gid = found
+        fields = {"failed_stage": failure.stage, "error": failure.error.model_dump(mode="json")}
+    return Change(gid, status, at, {k: v for k, v in fields.items() if v not in (None, {})})
+
+
+def _render_fields(job: EnhancedPrompt) -> dict[str, Any]:
+    return _pick(job, "prompt", "seed", "model", "width", "height")
+
+
+def _pick(model: BaseModel, *names: str) -> dict[str, Any]:
+    return {name: getattr(model, name) for name in names}
+
+
+def due_webhooks(status: str, webhook_events: list[str] | None) -> list[WebhookEvent]:
+    """The notifications a generation in ``status`` owes a caller who asked for these."""
+    wanted = set(webhook_events or ())
+    due: list[WebhookEvent] = []
+    if "started" in wanted:
+        due.append("started")
+    if "completed" in wanted and status == "persisted":
+        due.append("completed")
+    if "failed" in wanted and status == "failed":
+        due.append("failed")
+    return due
+
+
+def message_id(generation_id: str, event: str) -> str:
+    """The ``webhook-id`` of one notification: stable, so a redelivery is recognisable."""
+    return "msg_" + uuid.uuid5(uuid.NAMESPACE_URL, f"imagegen:webhook:{generation_id}:{event}").hex

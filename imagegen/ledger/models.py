@@ -1,0 +1,131 @@
+"""What the ledger records and answers: events as received, one row per generation, pages."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from imagegen.models import ErrorInfo
+
+__all__ = [
+    "STATUS_RANK",
+    "WEBHOOK_EVENTS",
+    "Delivery",
+    "Generation",
+    "GenerationDetail",
+    "GenerationPage",
+    "IngestResult",
+    "LedgerEvent",
+    "Status",
+    "TimelineEntry",
+    "WebhookEvent",
+]
+
+Status = Literal["requested", "enhanced", "rendered", "failed", "persisted"]
+WebhookEvent = Literal["started", "completed", "failed"]
+WEBHOOK_EVENTS: Final[tuple[WebhookEvent, ...]] = ("started", "completed", "failed")
+
+# A status only ever moves up this order, so late or redelivered events cannot undo progress.
+# `failed` outranks the working states (a late `rendered` does not revive a failed generation)
+# but not `persisted`: a stored image proves the generation succeeded, e.g. when a redelivery
+# succeeded after another delivery of the same event was reported failed.
+STATUS_RANK: Final[dict[str, int]] = {
+    "requested": 0,
+    "enhanced": 1,
+    "rendered": 2,
+    "failed": 3,
+    "persisted": 4,
+}
+
+
+class _View(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class LedgerEvent(_View):
+    """One CloudEvent as the ledger keeps it; ``source`` + ``id`` identify it."""
+
+    source: str = Field(min_length=1, max_length=1024)
+    id: str = Field(min_length=1, max_length=1024)
+    type: str = Field(min_length=1, max_length=256)
+    subject: str | None = None
+    time: datetime | None = Field(default=None, description="The event's time; default: now.")
+    data: dict[str, Any] = Field(default_factory=dict)
+    generation_id: str | None = Field(default=None, description="Set when recorded.")
+    recorded_at: datetime | None = Field(default=None, description="Set when recorded.")
+
+
+class IngestResult(_View):
+    """What recording one event did."""
+
+    generation_id: str | None
+    duplicate: bool = Field(description="True when this source + id was recorded before.")
+    status: Status | None = Field(default=None, description="The generation's status after it.")
+
+
+class Generation(_View):
+    """One generation: its current status and what is known about it so far."""
+
+    generation_id: str
+    status: Status
+    created_at: datetime = Field(description="When the generation was first seen.")
+    updated_at: datetime
+    requested_at: datetime | None = None
+    enhanced_at: datetime | None = None
+    rendered_at: datetime | None = None
+    persisted_at: datetime | None = None
+    failed_at: datetime | None = None
+    failed_stage: str | None = None
+    error: ErrorInfo | None = None
+    prompt: str | None = Field(default=None, description="The final prompt.")
+    original_prompt: str | None = None
+    seed: int | None = None
+    model: str | None = None
+    width: int | None = None
+    height: int | None = None
+    keys: dict[str, str] = Field(default_factory=dict)
+    urls: dict[str, str] = Field(default_factory=dict)
+    url: str | None = None
+    location: str | None = None
+    sha256: str | None = None
+    replay_of: str | None = Field(default=None, description="The generation this one replays.")
+
+
+class TimelineEntry(_View):
+    """One recorded event of a generation, with the time since the one before."""
+
+    type: str
+    source: str
+    id: str
+    time: datetime
+    seconds_since_previous: float | None = None
+
+
+class GenerationDetail(Generation):
+    """A generation with its timeline and the seconds each stage took."""
+
+    timeline: list[TimelineEntry] = Field(default_factory=list)
+    durations: dict[str, float] = Field(
+        default_factory=dict, description="Seconds: enhance, render, persist, total."
+    )
+
+
+class GenerationPage(_View):
+    """Generations, newest first; ``next_cursor`` fetches the next page."""
+
+    items: list[Generation]
+    next_cursor: str | None = None
+
+
+class Delivery(_View):
+    """A webhook message waiting to be (re)sent."""
+
+    msg_id: str
+    generation_id: str
+    event: WebhookEvent
+    url: str
+    payload: str = Field(description="The exact JSON body that is signed and sent.")
+    attempts: int
+    created_at: datetime

@@ -1,0 +1,76 @@
+"""Recording the in-process chain (``imagegen generate``, ``loop``, ``replay``) into a ledger.
+
+The events are the ones the functions would exchange: same types, sources and stable ids
+(:func:`imagegen.events.reply_id`), so the local history reads like a cluster's. Recording is
+best-effort here: a ledger that cannot be written costs a warning, never the image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+
+from pydantic import BaseModel
+
+from imagegen.errors import ImageGenError
+from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED, STAGES, reply_id, source_for
+from imagegen.ledger.models import LedgerEvent
+from imagegen.ledger.store import Ledger
+from imagegen.models import ErrorInfo, GenerationFailed, GenerationRequest
+
+__all__ = ["LOCAL_SOURCE", "Recorder"]
+
+log = logging.getLogger("imagegen.ledger")
+
+LOCAL_SOURCE = "/imagegen/cli"
+
+
+class Recorder:
+    """Writes a generation's events to ``ledger`` as the stages produce them."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    async def requested(self, generation_id: str, request: GenerationRequest) -> None:
+        data = request.model_copy(update={"generation_id": generation_id})
+        await self._record(
+            LOCAL_SOURCE, reply_id(generation_id, GENERATION_REQUESTED), GENERATION_REQUESTED, data
+        )
+
+    async def emitted(self, stage: str, result: BaseModel) -> None:
+        """``stage`` produced ``result`` (its reply event's data)."""
+        event_type = STAGES[stage][1]
+        gid = str(getattr(result, "generation_id", ""))
+        await self._record(source_for(stage), reply_id(gid, event_type), event_type, result)
+
+    async def failed(self, stage: str, generation_id: str, exc: BaseException) -> None:
+        code, retryable = "internal", False
+        if isinstance(exc, ImageGenError):
+            code, retryable = exc.code, exc.retryable
+        failure = GenerationFailed(
+            generation_id=generation_id,
+            stage=stage,  # type: ignore[arg-type]  # one of STAGES' names
+            error=ErrorInfo(code=code, message=str(exc)[:1000], retryable=retryable),
+            failed_at=datetime.now(UTC),
+        )
+        await self._record(
+            source_for(stage),
+            reply_id(generation_id, GENERATION_FAILED),
+            GENERATION_FAILED,
+            failure,
+        )
+
+    async def _record(self, source: str, event_id: str, event_type: str, data: BaseModel) -> None:
+        event = LedgerEvent(
+            source=source,
+            id=event_id,
+            type=event_type,
+            subject=str(getattr(data, "generation_id", "") or "") or None,
+            time=datetime.now(UTC),
+            data=data.model_dump(mode="json"),
+        )
+        try:
+            await asyncio.to_thread(self.ledger.ingest, event)
+        except Exception as exc:  # the image matters more than its history line
+            log.warning("could not record %s in the ledger: %s", event_type, exc)

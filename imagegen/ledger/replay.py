@@ -1,0 +1,76 @@
+"""Replay: the ledger alone reproduces a generation.
+
+From ``enhanced`` (the default) the recorded ``prompt.enhanced`` is sent again under a new
+generation id: same prompt, seed, model, size and steps, hence (on the same device) the same
+pixels and, since the PNG records only render parameters, the same bytes. From ``requested``
+the recorded request runs through enhancement again, at its original time.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from imagegen.errors import InvalidRequest, NotFound
+from imagegen.events import GENERATION_REQUESTED, IMAGE_RENDERED, PROMPT_ENHANCED, short_name
+from imagegen.ledger.store import Ledger
+from imagegen.models import EnhancedPrompt, GenerationRequest, new_generation_id
+
+__all__ = ["ReplayFrom", "check_from", "replay_job", "replay_request"]
+
+ReplayFrom = Literal["enhanced", "requested"]
+
+
+def _recorded(ledger: Ledger, generation_id: str, *types: str) -> tuple[str, dict[str, Any]]:
+    if ledger.get(generation_id) is None:
+        raise NotFound(f"generation {generation_id!r} is not in the ledger")
+    for event in reversed(ledger.generation_events(generation_id)):
+        if event.type in types:
+            return event.type, event.data
+    names = " or ".join(short_name(t) for t in types)
+    raise NotFound(f"generation {generation_id!r} has no recorded {names} event to replay")
+
+
+def replay_job(ledger: Ledger, generation_id: str, *, new_id: str | None = None) -> EnhancedPrompt:
+    """The recorded render job of ``generation_id``, under a new id that links back to it.
+
+    Raises:
+        NotFound: the generation, or its ``prompt.enhanced`` (or ``image.rendered``), is unknown.
+    """
+    kind, data = _recorded(ledger, generation_id, PROMPT_ENHANCED, IMAGE_RENDERED)
+    recorded = data["prompt"] if kind == IMAGE_RENDERED else data
+    job = EnhancedPrompt.model_validate(recorded)
+    return job.model_copy(
+        update={"generation_id": new_id or new_generation_id(), "replay_of": generation_id}
+    )
+
+
+def replay_request(
+    ledger: Ledger, generation_id: str, *, new_id: str | None = None
+) -> GenerationRequest:
+    """The recorded request of ``generation_id``, under a new id that links back to it.
+
+    Raises:
+        NotFound: the generation, or its ``generation.requested``, is unknown.
+    """
+    _, data = _recorded(ledger, generation_id, GENERATION_REQUESTED)
+    request = GenerationRequest.model_validate(data)
+    original = ledger.get(generation_id)
+    # Time-aware plugins saw the original time: let them see it again.
+    when = request.requested_at or (original.requested_at if original else None)
+    return request.model_copy(
+        update={
+            "generation_id": new_id or new_generation_id(),
+            "requested_at": when,
+            "replay_of": generation_id,
+        }
+    )
+
+
+def check_from(value: str) -> ReplayFrom:
+    """``value`` as a replay starting point, or a 400 naming ``from``."""
+    if value not in ("enhanced", "requested"):
+        raise InvalidRequest(
+            f"replay starts from 'enhanced' or 'requested', not {value!r}",
+            errors=[{"field": "from", "message": "must be 'enhanced' or 'requested'"}],
+        )
+    return value  # type: ignore[return-value]

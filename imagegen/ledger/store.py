@@ -1,0 +1,113 @@
+"""The ledger contract and how a URL picks its backend."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol, TextIO, runtime_checkable
+
+from imagegen.errors import InvalidRequest
+from imagegen.ledger.models import (
+    Delivery,
+    GenerationDetail,
+    GenerationPage,
+    IngestResult,
+    LedgerEvent,
+    Status,
+)
+
+__all__ = ["Ledger", "default_ledger_path", "open_ledger"]
+
+
+@runtime_checkable
+class Ledger(Protocol):
+    """Every imagegen event once, one row per generation, and the webhook outbox."""
+
+    dialect: str
+
+    def ingest(self, event: LedgerEvent) -> IngestResult:
+        """Record ``event`` once (by source + id) and fold it into its generation."""
+
+    def get(self, generation_id: str) -> GenerationDetail | None:
+        """One generation with its timeline; None when unknown."""
+
+    def history(
+        self,
+        *,
+        status: Status | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        model: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> GenerationPage:
+        """Generations newest first, a page at a time."""
+
+    def generation_events(self, generation_id: str) -> list[LedgerEvent]:
+        """One generation's events, in time order."""
+
+    def events(self, *, since: datetime | None = None) -> Iterator[LedgerEvent]:
+        """Every event, in the order recorded."""
+
+    def export_jsonl(self, out: TextIO, *, since: datetime | None = None) -> int:
+        """Write the events as JSON lines; returns how many."""
+
+    def prune(self, older_than: timedelta) -> dict[str, int]:
+        """Delete what is older than the retention; returns rows deleted by table."""
+
+    def claim_deliveries(self, *, limit: int = 20, lease: float = 60.0) -> list[Delivery]:
+        """Take due webhook messages for one attempt."""
+
+    def finish_delivery(
+        self, msg_id: str, *, delivered: bool, error: str | None = None, retry_in: float | None
+    ) -> None:
+        """Record the outcome of one attempt."""
+
+    def delivery_states(self, generation_id: str) -> dict[str, dict[str, Any]]:
+        """Webhook messages of one generation by event."""
+
+    def transaction(self) -> AbstractContextManager[Any]:
+        """A transaction on the underlying database."""
+
+    def close(self) -> None:
+        """Release the connections."""
+
+
+def default_ledger_path() -> Path:
+    """Where ``imagegen`` on a laptop keeps its ledger: ``$XDG_DATA_HOME/imagegen/ledger.db``."""
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "imagegen" / "ledger.db"
+
+
+def open_ledger(url: str | None = None) -> Ledger:
+    """Open (and migrate) the ledger ``url`` names.
+
+    Args:
+        url: ``postgresql://…`` (or ``postgres://…``), ``sqlite:///path``, a file path, or
+            None for the laptop default (:func:`default_ledger_path`).
+
+    Raises:
+        InvalidRequest: an unsupported URL scheme.
+        DependencyUnavailable: the database cannot be reached.
+    """
+    if url is None:
+        from imagegen.ledger.sqlite import SqliteLedger
+
+        return SqliteLedger(default_ledger_path())
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme in ("postgresql", "postgres"):
+        from imagegen.ledger.postgres import PostgresLedger
+
+        return PostgresLedger(url)
+    if scheme in ("sqlite", ""):
+        from imagegen.ledger.sqlite import SqliteLedger
+
+        # SQLAlchemy's form: sqlite:///relative.db, sqlite:////absolute.db
+        return SqliteLedger(url.removeprefix("sqlite:///") if scheme else url)
+    raise InvalidRequest(
+        f"unsupported ledger URL scheme {scheme!r}: use postgresql://, sqlite:/// or a path",
+        errors=[{"field": "ledger_url", "message": "unsupported scheme"}],
+    )

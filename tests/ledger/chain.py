@@ -1,0 +1,111 @@
+"""The events one generation produces, with valid data, as the functions emit them."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from imagegen.events import (
+    GENERATION_FAILED,
+    GENERATION_REQUESTED,
+    IMAGE_PERSISTED,
+    IMAGE_RENDERED,
+    PROMPT_ENHANCED,
+    reply_id,
+    source_for,
+)
+from imagegen.ledger import LedgerEvent
+
+T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+
+
+def job(
+    gid: str, *, model: str = "tiny", prompt: str = "a red fox, oil painting"
+) -> dict[str, Any]:
+    return {
+        "generation_id": gid,
+        "prompt": prompt,
+        "original_prompt": "a red fox",
+        "enhancer": "template",
+        "model": model,
+        "width": 256,
+        "height": 256,
+        "steps": 2,
+        "guidance": 0.0,
+        "seed": 42,
+        "requested_at": T0.isoformat(),
+    }
+
+
+def chain(
+    gid: str,
+    *,
+    start: datetime = T0,
+    model: str = "tiny",
+    webhook: str | None = None,
+    webhook_events: list[str] | None = None,
+) -> dict[str, LedgerEvent]:
+    """``requested``, ``enhanced``, ``rendered``, ``persisted`` and ``failed`` events of ``gid``."""
+    sha = hashlib.sha256(gid.encode()).hexdigest()
+    key = f"2026/06/01/{gid}.png"
+    request: dict[str, Any] = {"generation_id": gid, "prompt": "a red fox", "model": model}
+    if webhook:
+        request["webhook"] = webhook
+    if webhook_events is not None:
+        request["webhook_events"] = webhook_events
+    rendered = {
+        "generation_id": gid,
+        "key": key,
+        "location": f"file:///out/{key}",
+        "size": 100,
+        "sha256": sha,
+        "width": 256,
+        "height": 256,
+        "seed": 42,
+        "model": model,
+        "steps": 2,
+        "guidance": 0.0,
+        "prompt": job(gid, model=model),
+    }
+    persisted = {
+        "generation_id": gid,
+        "key": key,
+        "location": f"file:///out/{key}",
+        "url": f"https://images.example/{key}",
+        "keys": {"image": key, "thumbnail": key + ".thumb.png", "metadata": key + ".json"},
+        "urls": {"image": f"https://images.example/{key}"},
+        "metadata_location": f"file:///out/{key}.json",
+        "size": 100,
+        "sha256": sha,
+        "width": 256,
+        "height": 256,
+        "seed": 42,
+        "model": model,
+        "prompt": "a red fox, oil painting",
+        "created_at": (start + timedelta(seconds=9)).isoformat(),
+    }
+    failed = {
+        "generation_id": gid,
+        "stage": "render",
+        "error": {"code": "internal", "message": "out of memory", "retryable": False},
+        "failed_at": (start + timedelta(seconds=5)).isoformat(),
+    }
+    specs = {
+        "requested": (GENERATION_REQUESTED, "/platform/caller", request, 0),
+        "enhanced": (PROMPT_ENHANCED, source_for("enhance"), job(gid, model=model), 1),
+        "rendered": (IMAGE_RENDERED, source_for("render"), rendered, 4),
+        "persisted": (IMAGE_PERSISTED, source_for("persist"), persisted, 6),
+        "failed": (GENERATION_FAILED, source_for("render"), failed, 5),
+    }
+    return {
+        name: LedgerEvent(
+            source=source,
+            id=reply_id(gid, event_type) if name != "requested" else f"req-{gid}",
+            type=event_type,
+            subject=gid,
+            time=start + timedelta(seconds=offset),
+            data=data,
+        )
+        for name, (event_type, source, data, offset) in specs.items()
+    }

@@ -1,0 +1,96 @@
+"""The laptop's history: ``generate`` records, ``status``/``history`` read, ``replay`` redoes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imagegen.cli import main
+from tests.test_cli import SMALL
+
+# In this process: the tiny model and torch load once for all of these (the subprocess runs of
+# the command line itself are tests/test_cli.py's).
+
+
+@pytest.fixture
+def run(capsys: pytest.CaptureFixture[str]) -> Any:
+    def run_(*args: str) -> tuple[int, str, str]:
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run_
+
+
+@pytest.fixture
+def as_json(run: Any) -> Any:
+    def as_json_(*args: str) -> Any:
+        code, out, err = run(*args, "--json")
+        assert code == 0, err
+        return json.loads(out)
+
+    return as_json_
+
+
+def test_generate_records_and_replay_reproduces_the_same_png(tmp_path: Path, as_json: Any) -> None:
+    made = as_json("generate", "a lighthouse at dusk", *SMALL, "--steps", "2")
+    original = made["image"]
+    gid = original["generation_id"]
+
+    found = as_json("status", gid)
+    assert found["status"] == "persisted"
+    assert [e["type"].rsplit(".", 1)[-1] for e in found["timeline"]] == [
+        "requested",
+        "enhanced",
+        "rendered",
+        "persisted",
+    ]
+    assert found["sha256"] == original["sha256"]
+
+    again = as_json("replay", gid)
+    assert again["generation_id"] != gid
+    assert again["sha256"] == original["sha256"]
+    png = (tmp_path / "output" / again["key"]).read_bytes()
+    assert hashlib.sha256(png).hexdigest() == original["sha256"]
+    replayed = as_json("status", again["generation_id"])
+    assert replayed["replay_of"] == gid
+
+    # From the request: enhanced again (plugins, template), rendered, linked to the original.
+    anew = as_json("replay", gid, "--from", "requested")
+    status = as_json("status", anew["generation_id"])
+    assert status["replay_of"] == gid and status["status"] == "persisted"
+    assert status["original_prompt"] == "a lighthouse at dusk"
+
+    listed = as_json("history", "--since", "1h")
+    assert [g["generation_id"] for g in listed] == [
+        anew["generation_id"],
+        again["generation_id"],
+        gid,
+    ]
+
+
+def test_a_failed_generation_is_in_the_history_with_its_stage(run: Any, as_json: Any) -> None:
+    code, _, _ = run("generate", "x", "--model", "not-allowed")
+    assert code != 0
+    listed = as_json("history", "--status", "failed")
+    assert len(listed) == 1
+    (row,) = listed
+    assert row["failed_stage"] == "enhance" and row["error"]["code"] == "invalid_request"
+    assert "model" in row["error"]["message"]
+
+
+def test_unknown_ids_and_bad_options_are_one_line_errors(run: Any) -> None:
+    code, _, err = run("status", "nope")
+    assert (code, err) == (1, "imagegen: error: generation 'nope' is not in the ledger\n")
+    code, _, err = run("history", "--since", "yesterday-ish")
+    assert code == 2 and err.count("\n") == 1 and "--since" in err
+    code, _, err = run("replay", "nope", "--from", "rendered")
+    assert code == 2 and "enhanced" in err

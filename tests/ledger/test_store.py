@@ -1,0 +1,176 @@
+"""The ledger's rules, on both backends: once per event, status only forward, queries."""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import timedelta
+
+import pytest
+
+from imagegen.errors import InvalidRequest
+from imagegen.ledger import Ledger, LedgerEvent, open_ledger
+from imagegen.models import derive_generation_id
+from tests.ledger.chain import T0, chain
+
+
+def test_a_generation_moves_through_its_stages_with_a_timeline(ledger: Ledger) -> None:
+    events = chain("gen-1")
+    for name in ("requested", "enhanced", "rendered", "persisted"):
+        result = ledger.ingest(events[name])
+        assert result.status == name and not result.duplicate
+
+    found = ledger.get("gen-1")
+    assert found is not None
+    assert found.status == "persisted"
+    assert found.prompt == "a red fox, oil painting"
+    assert found.original_prompt == "a red fox"
+    assert (found.seed, found.model, found.width) == (42, "tiny", 256)
+    assert found.keys["thumbnail"].endswith(".thumb.png")
+    assert found.url == "https://images.example/2026/06/01/gen-1.png"
+    assert found.requested_at == T0
+    assert found.persisted_at == T0 + timedelta(seconds=6)
+    assert [e.type.rsplit(".", 1)[-1] for e in found.timeline] == [
+        "requested",
+        "enhanced",
+        "rendered",
+        "persisted",
+    ]
+    assert [e.seconds_since_previous for e in found.timeline] == [None, 1.0, 3.0, 2.0]
+    assert found.durations == {"enhance": 1.0, "render": 3.0, "persist": 2.0, "total": 6.0}
+
+
+def test_a_redelivered_event_is_recorded_once(ledger: Ledger) -> None:
+    event = chain("gen-1")["requested"]
+    assert not ledger.ingest(event).duplicate
+    again = ledger.ingest(event)
+    assert again.duplicate and again.generation_id == "gen-1"
+    assert len(ledger.generation_events("gen-1")) == 1
+
+
+def test_events_out_of_order_never_move_the_status_backwards(ledger: Ledger) -> None:
+    events = chain("gen-1")
+    for name in ("rendered", "requested", "persisted", "enhanced"):
+        ledger.ingest(events[name])
+    found = ledger.get("gen-1")
+    assert found is not None
+    assert found.status == "persisted"
+    # The late request still says when the generation started; the first times are kept.
+    assert found.requested_at == T0 and found.created_at == T0
+    assert found.enhanced_at == T0 + timedelta(seconds=1)
+    assert len(found.timeline) == 4
+
+
+def test_a_failure_keeps_its_stage_and_error_and_is_not_undone_by_late_progress(
+    ledger: Ledger,
+) -> None:
+    events = chain("gen-1")
+    ledger.ingest(events["requested"])
+    assert ledger.ingest(events["failed"]).status == "failed"
+    assert ledger.ingest(events["rendered"]).status == "failed"
+    found = ledger.get("gen-1")
+    assert found is not None
+    assert found.failed_stage == "render"
+    assert found.error is not None and found.error.message == "out of memory"
+    assert found.durations["total"] == 5.0
+    # A stored image outranks a failure report: the generation did succeed.
+    assert ledger.ingest(events["persisted"]).status == "persisted"
+
+
+def test_a_request_without_an_id_gets_the_one_enhance_derives(ledger: Ledger) -> None:
+    event = LedgerEvent(
+        source="/cron/dream", id="ping-1", type=chain("x")["requested"].type, data={}
+    )
+    result = ledger.ingest(event)
+    assert result.generation_id == derive_generation_id("/cron/dream", "ping-1")
+    assert ledger.get(result.generation_id) is not None
+
+
+def test_bad_events_are_refused_naming_the_field(ledger: Ledger) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        ledger.ingest(LedgerEvent(source="/x", id="1", type="com.example.other", data={}))
+    assert caught.value.fields == ["type"]
+    bad = chain("gen-1")["enhanced"].model_copy(update={"data": {"generation_id": "gen-1"}})
+    with pytest.raises(InvalidRequest) as caught:
+        ledger.ingest(bad)
+    assert "prompt" in caught.value.fields
+    assert ledger.get("gen-1") is None
+
+
+def test_history_is_newest_first_with_filters_and_keyset_pages(ledger: Ledger) -> None:
+    for n in range(7):
+        events = chain(
+            f"gen-{n}", start=T0 + timedelta(minutes=n), model="big" if n % 2 else "tiny"
+        )
+        ledger.ingest(events["requested"])
+        if n % 3 == 0:
+            ledger.ingest(events["persisted"])
+
+    seen, cursor = [], None
+    while True:
+        page = ledger.history(limit=3, cursor=cursor)
+        seen += [g.generation_id for g in page.items]
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert seen == [f"gen-{n}" for n in range(6, -1, -1)]
+
+    persisted = ledger.history(status="persisted")
+    assert [g.generation_id for g in persisted.items] == ["gen-6", "gen-3", "gen-0"]
+    assert [g.generation_id for g in ledger.history(model="big").items] == [
+        "gen-5",
+        "gen-3",
+        "gen-1",
+    ]
+    window = ledger.history(since=T0 + timedelta(minutes=2), until=T0 + timedelta(minutes=4))
+    assert [g.generation_id for g in window.items] == ["gen-3", "gen-2"]
+
+
+@pytest.mark.parametrize(
+    ("limit", "cursor", "field"), [(0, None, "limit"), (10, "bogus!", "cursor")]
+)
+def test_bad_queries_name_the_field(ledger: Ledger, limit: int, cursor: str, field: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        ledger.history(limit=limit, cursor=cursor)
+    assert caught.value.fields == [field]
+
+
+def test_events_export_as_cloudevents_json_lines(ledger: Ledger) -> None:
+    events = chain("gen-1")
+    for name in ("requested", "enhanced"):
+        ledger.ingest(events[name])
+    out = io.StringIO()
+    assert ledger.export_jsonl(out) == 2
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(x["source"], x["id"], x["type"]) for x in lines] == [
+        (events[n].source, events[n].id, events[n].type) for n in ("requested", "enhanced")
+    ]
+    assert lines[1]["data"]["prompt"] == "a red fox, oil painting"
+    assert lines[0]["specversion"] == "1.0" and lines[0]["recordedat"]
+
+
+def test_retention_prunes_what_is_older_than_the_setting(ledger: Ledger) -> None:
+    ledger.ingest(chain("gen-1")["requested"])
+    assert ledger.prune(timedelta(days=1)) == {"events": 0, "generations": 0, "deliveries": 0}
+    assert ledger.prune(timedelta(seconds=-1)) == {"events": 1, "generations": 1, "deliveries": 0}
+    assert ledger.get("gen-1") is None
+
+
+def test_migrations_run_once_and_reopening_keeps_the_rows(ledger_url: str) -> None:
+    first = open_ledger(ledger_url)
+    first.ingest(chain("gen-1")["requested"])
+    first.close()
+    second = open_ledger(ledger_url)
+    try:
+        assert second.get("gen-1") is not None
+        with second.transaction() as db:
+            rows = db.query("SELECT version, name FROM ledger_migrations", {})
+        assert rows == [{"version": 1, "name": "ledger"}]
+    finally:
+        second.close()
+
+
+def test_an_unknown_url_scheme_is_refused() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        open_ledger("mysql://db/ledger")
+    assert caught.value.fields == ["ledger_url"]

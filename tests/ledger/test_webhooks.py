@@ -1,0 +1,176 @@
+"""Webhooks: Standard Webhooks signatures, SSRF refusal, at-least-once delivery with retries."""
+
+from __future__ import annotations
+
+import base64
+import time
+from datetime import UTC, datetime
+
+import pytest
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from imagegen.errors import InvalidRequest
+from imagegen.ledger import Delivery, Ledger
+from imagegen.ledger.fold import message_id
+from imagegen.ledger.outbox import Dispatcher
+from imagegen.ledger.webhooks import AddressPolicy, WebhookRefused, WebhookSender, sign
+from tests.ledger.chain import chain
+from tests.ledger.receiver import Receiver, serve, types_of
+
+OLD = "whsec_" + base64.b64encode(b"old secret of thirty-two bytes!!").decode()
+NEW = "whsec_" + base64.b64encode(b"new secret of thirty-two bytes!!").decode()
+LOOPBACK = AddressPolicy(("127.0.0.0/8",))
+
+
+def _delivery(url: str) -> Delivery:
+    return Delivery(
+        msg_id="msg_1",
+        generation_id="gen-1",
+        event="completed",
+        url=url,
+        payload='{"type":"generation.completed","data":{}}',
+        attempts=1,
+        created_at=datetime.now(UTC),
+    )
+
+
+def test_signatures_verify_with_either_secret_during_rotation() -> None:
+    now = int(time.time())
+    body = '{"type":"generation.completed"}'
+    headers = {
+        "webhook-id": "msg_1",
+        "webhook-timestamp": str(now),
+        "webhook-signature": sign([OLD, NEW], "msg_1", now, body),
+    }
+    assert Webhook(OLD).verify(body, headers) == {"type": "generation.completed"}
+    assert Webhook(NEW).verify(body, headers) == {"type": "generation.completed"}
+    other = "whsec_" + base64.b64encode(b"x" * 32).decode()
+    with pytest.raises(WebhookVerificationError):
+        Webhook(other).verify(body, headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(OLD).verify(body + " ", headers)
+
+
+def test_a_secret_that_is_not_whsec_base64_is_refused() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        WebhookSender(["whsec_%%%"], LOOPBACK)
+    assert caught.value.fields == ["webhook_secrets"]
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("http://127.0.0.1:9/hook", ()),
+        ("http://[::1]/hook", ()),
+        ("http://169.254.169.254/latest/meta-data/", ()),
+        ("http://10.1.2.3/hook", ()),
+        ("http://100.100.100.200/", ()),
+        ("http://localhost/hook", ()),
+        ("http://8.8.8.8/hook", ("hooks.example.com",)),
+        ("http://127.0.0.1/hook", ("localhost",)),
+        ("ftp://8.8.8.8/hook", ()),
+    ],
+)
+def test_unsafe_webhook_addresses_are_refused(url: str, allowed: tuple[str, ...]) -> None:
+    with pytest.raises(WebhookRefused):
+        AddressPolicy(allowed).vet(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("http://8.8.8.8/hook", ()),
+        ("https://8.8.8.8/hook", ("8.8.8.0/24",)),
+        ("http://10.1.2.3/hook", ("10.0.0.0/8",)),
+        ("http://127.0.0.1:8080/hook", ("127.0.0.0/8",)),
+    ],
+)
+def test_public_or_allowed_addresses_pass(url: str, allowed: tuple[str, ...]) -> None:
+    _, address = AddressPolicy(allowed).vet(url)
+    assert str(address) in url
+
+
+def test_redirects_are_not_followed() -> None:
+    receiver = Receiver(OLD, fail_first=set(), slow_first=set(), slow=0)
+    with serve(receiver):
+        sender = WebhookSender([OLD], LOOPBACK, timeout=2)
+        with pytest.raises(Exception, match="redirect not followed"):
+            sender.send(_delivery(receiver.url + "/redirect"))
+        sender.close()
+    assert receiver.paths == {"/redirect": 1}
+
+
+def _dispatch_until_settled(dispatcher: Dispatcher, ledger: Ledger, gids: list[str]) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        dispatcher.run_once()
+        states = [s["state"] for g in gids for s in ledger.delivery_states(g).values()]
+        if states and all(s != "pending" for s in states):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"deliveries still pending: {states}")
+
+
+def test_every_notification_arrives_signed_despite_failing_and_slow_receivers(
+    ledger: Ledger,
+) -> None:
+    wants = {
+        "gen-a": ["started", "completed", "failed"],
+        "gen-b": ["completed"],
+        "gen-c": ["failed"],
+        "gen-d": ["started", "failed"],
+    }
+    ends = {"gen-a": "persisted", "gen-b": "persisted", "gen-c": "failed", "gen-d": "failed"}
+    expected = {
+        message_id(gid, kind): f"generation.{kind}"
+        for gid, kinds in wants.items()
+        for kind in kinds
+        if kind == "started" or (kind == "completed") == (ends[gid] == "persisted")
+    }
+    ids = sorted(expected)
+    receiver = Receiver(NEW, fail_first=set(ids[::2]), slow_first={ids[1], ids[3]}, slow=2.0)
+    with serve(receiver):
+        for gid, kinds in wants.items():
+            events = chain(gid, webhook=receiver.url + "/hook", webhook_events=kinds)
+            # The end first: a webhook owed before its request was seen is still sent.
+            ledger.ingest(events[ends[gid]])
+            ledger.ingest(events["requested"])
+            ledger.ingest(events["requested"])  # redelivered: no second message
+        sender = WebhookSender([OLD, NEW], LOOPBACK, timeout=0.5)
+        dispatcher = Dispatcher(ledger, sender, quick_tries=2, backoff=0.05, workers=4)
+        _dispatch_until_settled(dispatcher, ledger, list(wants))
+        dispatcher.stop()
+
+    assert receiver.rejected == []
+    assert set(receiver.accepted) == set(expected)
+    for msg_id, kind in expected.items():
+        assert types_of(receiver.accepted[msg_id]) == {kind}
+    # The failed and the timed-out first attempts were tried again.
+    assert all(receiver.attempts[m] >= 2 for m in {*ids[::2], ids[1], ids[3]})
+    completed = receiver.accepted[message_id("gen-a", "completed")][0]
+    assert completed["data"]["status"] == "persisted"
+    assert completed["data"]["url"].startswith("https://images.example/")
+    states = ledger.delivery_states("gen-a")
+    assert {s["state"] for s in states.values()} == {"delivered"}
+
+
+def test_refused_urls_and_exhausted_retries_end_failed(ledger: Ledger) -> None:
+    receiver = Receiver(OLD, fail_first=set(), slow_first=set(), slow=0)
+    with serve(receiver):
+        ledger.ingest(chain("gen-refused", webhook=receiver.url + "/hook")["requested"])
+        strict = WebhookSender([OLD], AddressPolicy(), timeout=0.5)
+        # Only the refusal is final at once; the loopback receiver is off limits by default.
+        Dispatcher(ledger, strict, quick_tries=1, backoff=0).run_once()
+        refused = ledger.delivery_states("gen-refused")["started"]
+        assert refused["state"] == "failed"
+        assert "non-public address" in refused["last_error"]
+        assert receiver.paths["/hook"] == 0
+
+        ledger.ingest(chain("gen-down", webhook=receiver.url + "/down")["requested"])
+        sender = WebhookSender([OLD], LOOPBACK, timeout=0.5)
+        dispatcher = Dispatcher(ledger, sender, quick_tries=2, max_attempts=3, backoff=0.01)
+        _dispatch_until_settled(dispatcher, ledger, ["gen-down"])
+        dispatcher.stop()
+    down = ledger.delivery_states("gen-down")["started"]
+    assert (down["state"], down["attempts"], down["last_error"]) == ("failed", 3, "HTTP 503")
+    assert receiver.paths["/down"] == 6  # three claims of two quick tries each
