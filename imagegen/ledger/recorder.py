@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pydantic import BaseModel
 
 from imagegen.errors import ImageGenError
-from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED, STAGES, reply_id, source_for
+from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED, reply_id, source_for
 from imagegen.ledger.models import LedgerEvent
 from imagegen.ledger.store import Ledger
 from imagegen.models import ErrorInfo, GenerationFailed, GenerationRequest
@@ -40,7 +40,10 @@ class Recorder:
 
     async def emitted(self, stage: str, result: BaseModel) -> None:
         """``stage`` produced ``result`` (its reply event's data)."""
-        event_type = STAGES[stage][1]
+        from imagegen.stages import get
+
+        event_type = get(stage).emits
+        assert event_type is not None, f"stage {stage} emits no event"
         gid = str(getattr(result, "generation_id", ""))
         await self._record(source_for(stage), reply_id(gid, event_type), event_type, result)
 
@@ -50,7 +53,7 @@ class Recorder:
             code, retryable = exc.code, exc.retryable
         failure = GenerationFailed(
             generation_id=generation_id,
-            stage=stage,  # type: ignore[arg-type]  # one of STAGES' names
+            stage=stage,
             error=ErrorInfo(code=code, message=str(exc)[:1000], retryable=retryable),
             failed_at=datetime.now(UTC),
         )
