@@ -45,6 +45,7 @@ schemas: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/otlp_overhead.py
+	$(BIN)/python benchmarks/cli_startup.py
 
 # Needs a CUDA GPU and the served model in the Hugging Face cache; under 10 minutes.
 bench-gpu: $(VENV)/.installed

@@ -1,36 +1,55 @@
 """imagegen: text to image in three stages — enhance, render, persist.
 
-Importing the package is cheap: it never imports torch or diffusers, and loads the service
-module only when :class:`ImageGenService` is first used.
+Importing the package is cheap: it imports nothing until a name is first used (the command
+line's ``--help`` pays for none of it), and never imports torch or diffusers.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
-from imagegen.errors import (
-    DependencyUnavailable,
-    ImageGenError,
-    InternalError,
-    InvalidRequest,
-    NotFound,
-    Overloaded,
-)
-from imagegen.models import (
-    Contribution,
-    EnhancedPrompt,
-    GenerationFailed,
-    GenerationRequest,
-    LoraHint,
-    PersistedImage,
-    RenderedImage,
-)
-from imagegen.settings import Settings
-
 if TYPE_CHECKING:
+    from imagegen.errors import (
+        DependencyUnavailable,
+        ImageGenError,
+        InternalError,
+        InvalidRequest,
+        NotFound,
+        Overloaded,
+    )
+    from imagegen.models import (
+        Contribution,
+        EnhancedPrompt,
+        GenerationFailed,
+        GenerationRequest,
+        LoraHint,
+        PersistedImage,
+        RenderedImage,
+    )
     from imagegen.service import ImageGenService
+    from imagegen.settings import Settings
 
 __version__ = "0.1.0"
+
+# Public name → the module that defines it, imported on first use (PEP 562).
+_LAZY = {
+    "DependencyUnavailable": "imagegen.errors",
+    "ImageGenError": "imagegen.errors",
+    "InternalError": "imagegen.errors",
+    "InvalidRequest": "imagegen.errors",
+    "NotFound": "imagegen.errors",
+    "Overloaded": "imagegen.errors",
+    "Contribution": "imagegen.models",
+    "EnhancedPrompt": "imagegen.models",
+    "GenerationFailed": "imagegen.models",
+    "GenerationRequest": "imagegen.models",
+    "LoraHint": "imagegen.models",
+    "PersistedImage": "imagegen.models",
+    "RenderedImage": "imagegen.models",
+    "ImageGenService": "imagegen.service",
+    "Settings": "imagegen.settings",
+}
 
 __all__ = [
     "Contribution",
@@ -53,8 +72,13 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "ImageGenService":
-        from imagegen.service import ImageGenService
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'imagegen' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
 
-        return ImageGenService
-    raise AttributeError(f"module 'imagegen' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

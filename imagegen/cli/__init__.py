@@ -1,6 +1,7 @@
 """The ``imagegen`` command line: the whole chain on a laptop, and tools for the functions.
 
-The commands live by concern (:mod:`imagegen.cli.generate`, :mod:`imagegen.cli.tools`) and
+The commands live by concern (:mod:`imagegen.cli.generate`, :mod:`imagegen.cli.tools`,
+:mod:`imagegen.cli.doctor`) and
 register themselves on :data:`app`; :func:`main` turns every error into one line.
 """
 
@@ -11,7 +12,7 @@ import sys
 import typer
 
 # Importing the command modules registers their commands on ``app``, in this order.
-from imagegen.cli import generate, history, models, tools  # noqa: F401
+from imagegen.cli import doctor, generate, history, models, tools  # noqa: F401
 from imagegen.cli._app import app
 from imagegen.cli.tools import functions_dir as functions_dir
 from imagegen.errors import ConfigurationError, ImageGenError, InvalidRequest
@@ -27,7 +28,7 @@ __all__ = ["app", "main"]
 def main(argv: list[str] | None = None) -> None:
     """Entry point: errors are one readable line and a non-zero exit, never a traceback."""
     try:
-        result = app(args=argv, standalone_mode=False)
+        result = app(args=argv, prog_name="imagegen", standalone_mode=False)
     except click_exceptions.UsageError as exc:
         if isinstance(exc, getattr(click_exceptions, "NoArgsIsHelpError", ())):
             sys.exit(0)

@@ -1,21 +1,38 @@
-"""The Typer application every command registers on, and what the commands share."""
+"""The Typer application every command registers on, and what the commands share.
+
+Everything here is cheap to import: ``imagegen --help`` imports this, typer and the command
+modules, and nothing a command needs only when it runs (the library, asyncio, torch).
+"""
 
 from __future__ import annotations
 
-import asyncio
+import logging
 import os
+import sys
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from imagegen.ledger.recorder import Recorder
     from imagegen.service import ImageGenService
     from imagegen.settings import Settings
 
-__all__ = ["AsJson", "app", "err", "make_service", "out", "run_async", "settings_from"]
+__all__ = [
+    "AsJson",
+    "Verbose",
+    "app",
+    "err",
+    "make_service",
+    "out",
+    "run_async",
+    "set_verbosity",
+    "settings_from",
+]
 
 app = typer.Typer(
     name="imagegen",
@@ -23,11 +40,91 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Click's plain help: typer's rich help imports a Markdown parser and costs more time than
+    # everything else ``imagegen --help`` does.
+    rich_markup_mode=None,
 )
-out = Console()
-err = Console(stderr=True)
+
+
+class _LazyConsole:
+    """A rich ``Console`` made on first use: ``--help`` never needs one."""
+
+    def __init__(self, *, stderr: bool) -> None:
+        self._stderr = stderr
+        self._console: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=self._stderr)
+        return getattr(self._console, name)
+
+
+# Typed as Console: every use goes through __getattr__ to the real one.
+out: Console = _LazyConsole(stderr=False)  # type: ignore[assignment]
+err: Console = _LazyConsole(stderr=True)  # type: ignore[assignment]
 
 AsJson = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+# The libraries' notices go to the terminal only when asked for: without it, a newcomer reads
+# the result and at most one line about what to do next.
+_LIBRARY_VERBOSITY = ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY")
+_handler: logging.Handler | None = None
+
+
+def set_verbosity(verbose: bool) -> bool:
+    """Show log lines and library warnings (``verbose``) or only errors, on stderr.
+
+    Set before a command imports the model libraries, which read their verbosity from the
+    environment when first imported. Returns ``verbose`` (usable as a Typer callback).
+    """
+    global _handler
+    for name in _LIBRARY_VERBOSITY:
+        if verbose:
+            os.environ[name] = "warning"
+        else:
+            os.environ.setdefault(name, "error")
+    if not sys.warnoptions:  # an explicit -W or PYTHONWARNINGS wins
+        warnings.simplefilter("default" if verbose else "ignore")
+    if _handler is None:
+        # A handler on the root logger: with none, Python prints every WARNING record.
+        _handler = _StderrHandler()
+        _handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(_handler)
+    _handler.setLevel(logging.INFO if verbose else logging.ERROR)
+    logging.getLogger("imagegen").setLevel(logging.INFO if verbose else logging.NOTSET)
+    return verbose
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at the time (a test may swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:  # logging must never raise
+            self.handleError(record)
+
+
+def _verbose_after_command(verbose: bool) -> bool:
+    # ``imagegen -v generate`` has already turned it on; a command's own default must not undo it.
+    return set_verbosity(True) if verbose else verbose
+
+
+_VERBOSE_HELP = "Show log lines and the libraries' warnings."
+Verbose = Annotated[
+    bool, typer.Option("--verbose", "-v", help=_VERBOSE_HELP, callback=_verbose_after_command)
+]
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help=_VERBOSE_HELP, callback=set_verbosity)
+    ] = False,
+) -> None:
+    """Text to image: enhance → render → persist, in-process or as Knative functions."""
 
 
 def settings_from(**overrides: Any) -> Settings:
@@ -39,6 +136,8 @@ def settings_from(**overrides: Any) -> Settings:
 
 def run_async(coro_factory: Callable[[], Any]) -> Any:
     """Run the coroutine ``coro_factory()`` makes to completion; return its result."""
+    import asyncio
+
     return asyncio.run(coro_factory())
 
 
@@ -47,9 +146,6 @@ def make_service(settings: Settings) -> ImageGenService:
     from imagegen.observability import setup_observability
     from imagegen.service import ImageGenService
 
-    # Keep the terminal for results: the model libraries' notices only at ERROR, unless asked.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     # Traces and metrics go to a collector when OTEL_EXPORTER_OTLP_ENDPOINT says so; the
     # console stays the CLI's own.
     setup_observability("imagegen-cli", settings, logs=False)

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import signal
+import time
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.markup import escape
 
-from imagegen.cli._app import AsJson, app, err, make_service, out, run_async, settings_from
+from imagegen.cli._app import (
+    AsJson,
+    Verbose,
+    app,
+    err,
+    make_service,
+    out,
+    run_async,
+    settings_from,
+)
 from imagegen.errors import InvalidRequest
 
 if TYPE_CHECKING:
@@ -76,12 +82,44 @@ def _report(enhanced: EnhancedPrompt, persisted: PersistedImage, as_json: bool) 
         }
         typer.echo(json.dumps(body, indent=2))
         return
-    where = persisted.url or _display_location(persisted.location)
-    out.print(f"[bold green]image[/]   {where}")
-    out.print(f"[bold]seed[/]    {persisted.seed}")
-    out.print(f"[bold]model[/]   {persisted.model}")
-    note = " (template: the LLM was unavailable)" if enhanced.fallback else ""
-    out.print(f"[bold]prompt[/]  {escape(enhanced.prompt)}{note}", soft_wrap=True)
+    from rich.markup import escape
+
+    out.print(f"[bold green]image[/]   {escape(_where(persisted))}", soft_wrap=True)
+    out.print(f"[bold]prompt[/]  {escape(enhanced.prompt)}", soft_wrap=True)
+    out.print(f"[bold]seed[/]    {persisted.seed}   [bold]model[/] {escape(persisted.model)}")
+
+
+def _where(persisted: PersistedImage) -> str:
+    """The image as a person opens it: its public URL, else a local path, else its location."""
+    return persisted.url or _display_location(persisted.location)
+
+
+async def _explain_fallback(service: ImageGenService) -> None:
+    """The one line a newcomer sees when Ollama did not write the prompt: why, and what to do."""
+    from rich.markup import escape
+
+    from imagegen.cli._ollama import check_ollama
+
+    advice = await check_ollama(service)
+    if advice.status == "ok":  # it answers now, but did not write this prompt
+        reason = "Ollama did not answer usefully (--verbose shows why)"
+    else:
+        reason = f"{advice.summary} ({advice.next_step})"
+    err.print(f"[yellow]note[/]    template prompt used: {escape(reason)}", soft_wrap=True)
+
+
+def _open(persisted: PersistedImage) -> None:
+    from rich.markup import escape
+
+    from imagegen.cli._viewer import open_in_viewer
+
+    target = _where(persisted)
+    if target.startswith("s3://"):
+        why: str | None = "it is in object storage; set IMAGEGEN_PUBLIC_BASE_URL for a URL"
+    else:
+        why = open_in_viewer(target)
+    if why is not None:
+        err.print(f"[yellow]note[/]    not opened: {escape(why)}", soft_wrap=True)
 
 
 def _display_location(location: str) -> str:
@@ -131,7 +169,11 @@ def generate(
     plugins: Plugins = None,
     no_enhance: NoEnhance = False,
     output: Output = None,
+    open_: Annotated[
+        bool, typer.Option("--open", help="Show the image in the default viewer.")
+    ] = False,
     as_json: AsJson = False,
+    verbose: Verbose = False,
 ) -> None:
     """Generate one image end to end, in this process."""
     request = _request(
@@ -149,12 +191,17 @@ def generate(
 
     async def go() -> tuple[Any, Any]:
         async with make_service(settings) as service:
-            return await _generate_one(
+            enhanced, persisted = await _generate_one(
                 service, request, show_progress=not as_json and err.is_terminal
             )
+            _report(enhanced, persisted, as_json)
+            if enhanced.fallback and not as_json:
+                await _explain_fallback(service)
+            return enhanced, persisted
 
-    enhanced, persisted = run_async(go)
-    _report(enhanced, persisted, as_json)
+    _, persisted = run_async(go)
+    if open_:
+        _open(persisted)
 
 
 @app.command()
@@ -172,8 +219,9 @@ def loop(
     no_enhance: NoEnhance = False,
     output: Output = None,
     as_json: AsJson = False,
+    verbose: Verbose = False,
 ) -> None:
-    """Generate images continuously; Ctrl-C stops after the current image."""
+    """Generate images continuously, a line per image; Ctrl-C stops after the current one."""
     if count < 0 or interval < 0:
         raise InvalidRequest("--count and --interval must not be negative")
     request = _request(
@@ -190,23 +238,59 @@ def loop(
     settings = settings_from(storage_url=output)
 
     async def go() -> int:
+        import asyncio
+        import contextlib
+        import signal
+
         stop = asyncio.Event()
         running = asyncio.get_running_loop()
         running.add_signal_handler(signal.SIGINT, stop.set)
         running.add_signal_handler(signal.SIGTERM, stop.set)
-        made = 0
+        tally = _Tally()
+        explained = False
         async with make_service(settings) as service:
-            while not stop.is_set() and (count == 0 or made < count):
+            while not stop.is_set() and (count == 0 or tally.made < count):
+                started = time.perf_counter()
                 enhanced, persisted = await _generate_one(
                     service, request, show_progress=not as_json and err.is_terminal
                 )
-                _report(enhanced, persisted, as_json)
-                made += 1
-                if interval and (count == 0 or made < count):
+                tally.add(time.perf_counter() - started)
+                if as_json:
+                    typer.echo(
+                        json.dumps(
+                            {
+                                "image": persisted.model_dump(mode="json"),
+                                "prompt": enhanced.model_dump(mode="json"),
+                            }
+                        )
+                    )
+                else:
+                    out.print(tally.line(_where(persisted), count), soft_wrap=True, markup=False)
+                    if enhanced.fallback and not explained:
+                        await _explain_fallback(service)
+                        explained = True
+                if interval and (count == 0 or tally.made < count):
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), timeout=interval)
-        return made
+        return tally.made
 
     made = run_async(go)
     if not as_json:
         err.print(f"made {made} image(s)")
+
+
+class _Tally:
+    """Images made so far and their average time, for ``loop``'s line per image."""
+
+    def __init__(self) -> None:
+        self.made = 0
+        self.seconds = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.made += 1
+        self.seconds += seconds
+
+    def line(self, where: str, count: int) -> str:
+        """``[3/10] output/....png  1.84 s/image`` (``[3]`` when the loop has no end)."""
+        of = f"/{count}" if count else ""
+        return f"[{self.made}{of}] {where}  {self.seconds / self.made:.2f} s/image"

@@ -13,8 +13,6 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
 from imagegen.cli._app import AsJson, app, make_service, out, run_async, settings_from
 from imagegen.errors import InvalidRequest, NotFound
@@ -106,6 +104,8 @@ def status(
     if as_json:
         typer.echo(json.dumps(body, indent=2))
         return
+    from rich.markup import escape  # rich only for people: --help and --json need none of it
+
     out.print(f"[bold]generation[/] {escape(body['generation_id'])}")
     out.print(f"[bold]status[/]     {body['status']}")
     if body.get("model"):
@@ -179,6 +179,9 @@ def history(
     if as_json:
         typer.echo(json.dumps(items, indent=2))
         return
+    from rich.markup import escape
+    from rich.table import Table
+
     table = Table("created", "generation", "status", "model", "prompt", box=None)
     for item in items:
         prompt = item.get("prompt") or item.get("original_prompt") or ""
@@ -238,6 +241,8 @@ def replay(
     if as_json:
         typer.echo(json.dumps(persisted.model_dump(mode="json"), indent=2))
         return
+    from rich.markup import escape
+
     out.print(f"[bold green]image[/]      {escape(persisted.url or persisted.location)}")
     out.print(f"[bold]generation[/] {persisted.generation_id} (replay of {generation_id})")
     out.print(f"[bold]sha256[/]     {persisted.sha256}")

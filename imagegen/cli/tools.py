@@ -1,4 +1,4 @@
-"""``imagegen plugins``, ``doctor``, ``serve`` and ``send``: tools around the functions."""
+"""``imagegen plugins``, ``serve`` and ``send``: tools around the functions."""
 
 from __future__ import annotations
 
@@ -9,20 +9,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
-from rich.table import Table
 
 from imagegen import stages
-from imagegen._redact import redact_url
-from imagegen.cli._app import AsJson, app, err, make_service, out, run_async, settings_from
+from imagegen.cli._app import AsJson, app, err, out, settings_from
 from imagegen.errors import ImageGenError, InvalidRequest
-from imagegen.events import GENERATION_FAILED
+from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED
 
-__all__ = ["doctor", "functions_dir", "list_plugins", "send", "serve"]
+__all__ = ["functions_dir", "list_plugins", "send", "serve"]
 
 
 @app.command(name="plugins")
 def list_plugins(as_json: AsJson = False) -> None:
     """List the discovered prompt plugins and whether they are enabled."""
+    from rich.table import Table
+
     from imagegen.plugins import PluginSet
 
     infos = PluginSet.from_settings(settings_from()).describe()
@@ -49,54 +49,6 @@ def _plain(info: Any) -> dict[str, Any]:
 
         return dataclasses.asdict(info)
     return dict(info)
-
-
-@app.command()
-def doctor() -> None:
-    """Check torch and the device, Ollama, and storage, in one table."""
-    settings = settings_from()
-    table = Table("check", "status", "detail")
-    ok = True
-
-    try:
-        from imagegen.render.diffusers_backend import DiffusersBackend
-
-        described = DiffusersBackend(settings).describe()
-        table.add_row("torch", "[green]ok[/]", ", ".join(f"{k}={v}" for k, v in described.items()))
-    except ImportError as exc:
-        table.add_row("torch", "[yellow]missing[/]", f"install the 'render' extra ({exc.name})")
-    except ImageGenError as exc:
-        table.add_row("torch", "[red]error[/]", exc.message)
-
-    async def checks() -> tuple[dict[str, Any], str | None]:
-        service = make_service(settings)
-        try:
-            ollama = await service.enhance_stage.check()
-        except ImageGenError as exc:
-            ollama = {"reachable": False, "error": exc.message}
-        storage_error = None
-        try:
-            await service.storage.check()
-        except ImageGenError as exc:
-            storage_error = exc.message
-        await service.aclose()
-        return ollama, storage_error
-
-    ollama, storage_error = run_async(checks)
-    reachable = bool(ollama.get("reachable"))
-    detail = f"{redact_url(settings.ollama_host)}: " + json.dumps(
-        {k: v for k, v in ollama.items() if k != "reachable"}
-    )
-    fallback = "" if reachable else " (template prompts will be used)"
-    table.add_row("ollama", "[green]ok[/]" if reachable else "[yellow]down[/]", detail + fallback)
-    if storage_error is None:
-        table.add_row("storage", "[green]ok[/]", settings.storage_url)
-    else:
-        ok = False
-        table.add_row("storage", "[red]error[/]", storage_error)
-    out.print(table)
-    if not ok:
-        raise typer.Exit(1)
 
 
 @app.command()
@@ -146,9 +98,9 @@ def send(
         str,
         typer.Argument(
             metavar="TYPE",
-            help="CloudEvents type; the stages consume "
-            + ", ".join(sorted({t for s in stages.all_stages() for t in s.consumes}))
-            + ".",
+            # Not the list of every consumed type: that would import every stage's models
+            # for any command's --help.
+            help=f"CloudEvents type, e.g. {GENERATION_REQUESTED}.",
         ),
     ],
     to: Annotated[str, typer.Option("--to", help="URL: a function or a broker ingress.")],

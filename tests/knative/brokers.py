@@ -60,7 +60,6 @@ __all__ = [
     "DeadLetter",
     "Delivery",
     "NoResponse",
-    "QueueProxy",
     "RoutingLoop",
     "Transport",
     "http_transport",
@@ -109,45 +108,6 @@ def http_transport(client: httpx.Client | None = None) -> Transport:
         return Delivery(response.status_code, Message(headers, response.content))
 
     return send
-
-
-class QueueProxy:
-    """Knative Serving in front of each Service: at most ``containerConcurrency`` at once.
-
-    serving ``pkg/queue/sharedmain/main.go`` (``buildBreaker``) and ``pkg/queue/breaker.go``:
-    a request beyond the limit waits for a slot, in a queue ten times the limit deep; past the
-    queue, or when the wait outlasts the request's time, the answer is 503
-    (``pkg/queue/handler.go``). ``containerConcurrency: 0`` means no limit. One pod per
-    Service (dev's render has ``max-scale: 1``); the activator's buffer before it is the queue.
-    """
-
-    def __init__(self, transport: Transport, routing: Routing, urls: Mapping[str, str]) -> None:
-        self.transport = transport
-        self._breakers: dict[str, tuple[threading.Semaphore, threading.Semaphore]] = {}
-        for name, service in routing.services.items():
-            limit = service.container_concurrency
-            if limit > 0 and name in urls:
-                self._breakers[urls[name]] = (
-                    threading.Semaphore(limit),
-                    threading.Semaphore(limit + 10 * limit),
-                )
-
-    def __call__(self, url: str, message: Message, timeout: float) -> Delivery:
-        breaker = self._breakers.get(url)
-        if breaker is None:
-            return self.transport(url, message, timeout)
-        active, pending = breaker
-        if not pending.acquire(blocking=False):
-            return Delivery(503, Message({}, b"pending request queue full"))
-        try:
-            if not active.acquire(timeout=timeout):
-                return Delivery(503, Message({}, b"context deadline exceeded"))
-            try:
-                return self.transport(url, message, timeout)
-            finally:
-                active.release()
-        finally:
-            pending.release()
 
 
 @dataclass(frozen=True)

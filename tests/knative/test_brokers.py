@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from .brokers import INGRESS_URL, Broker, Delivery, NoResponse, QueueProxy, RoutingLoop
+from .brokers import INGRESS_URL, Broker, Delivery, NoResponse, RoutingLoop
 from .cloudevents_http import Event, Message, decode
 from .routing import CHANNEL_BROKER, KAFKA_BROKER, Routing, TriggerInfo
 
@@ -383,28 +383,3 @@ def test_a_seed_reorders_deliveries() -> None:
         orders.append([e["id"] for e in cluster.received["sub"]])
     assert orders[0] == [e["id"] for e in events]
     assert sorted(orders[1]) == sorted(orders[0]) and orders[1] != orders[0]
-
-
-def test_the_queue_proxy_holds_what_exceeds_container_concurrency() -> None:
-    docs = manifests()
-    docs[1]["spec"]["template"]["spec"]["containerConcurrency"] = 1
-    routing = Routing(docs)
-    urls = {"sub": "http://sub", "dls": "http://dls"}
-    busy, most = [0], [0]
-    lock = threading.Lock()
-    second_arrived = threading.Event()
-
-    def pod(url: str, message: Message, timeout: float) -> Delivery:
-        with lock:
-            busy[0] += 1
-            most[0] = max(most[0], busy[0])
-        second_arrived.wait(0.2)  # give a second request the chance to get in alongside
-        with lock:
-            busy[0] -= 1
-        return Delivery(202)
-
-    queue = QueueProxy(pod, routing, urls)
-    broker = Broker(routing, urls, queue, broker_class=KAFKA_BROKER, redeliveries=3)
-    broker.run(event(), timeout=30)
-    broker.close()
-    assert statuses(broker) == [202] * 4 and most[0] == 1

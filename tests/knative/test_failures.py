@@ -1,4 +1,4 @@
-"""One failure path: replies carry failures; nothing binds or patches the Services."""
+"""Final failures reach the platform: the stages are bound to the broker as their K_SINK."""
 
 from __future__ import annotations
 
@@ -9,18 +9,43 @@ import pytest
 
 from .conftest import OVERLAYS
 
-# Kinds that inject into or patch the Services they select (sources.knative.dev bindings).
-BINDINGS = {"SinkBinding", "ContainerSource", "ApiServerSource"}
+
+def _selected(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expression in selector.get("matchExpressions") or []:
+        present = expression["key"] in labels
+        value = labels.get(expression["key"])
+        operator = expression["operator"]
+        if operator == "In" and value not in expression["values"]:
+            return False
+        if operator == "NotIn" and value in expression["values"]:
+            return False
+        if operator == "Exists" and not present:
+            return False
+        if operator == "DoesNotExist" and present:
+            return False
+    return True
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_nothing_binds_the_services(
+def test_every_stage_and_only_the_stages_publish_failures_to_the_broker(
     render: Callable[[str], list[dict[str, Any]]], overlay: str
 ) -> None:
-    # A SinkBinding patches the Services it selects: a second render revision at the first
-    # deploy, and a spare GPU for every rollout. Failures travel as replies instead.
     docs = render(overlay)
-    assert not [d["kind"] for d in docs if d["kind"] in BINDINGS]
-    for doc in docs:
-        labels = doc["metadata"].get("labels") or {}
-        assert "bindings.knative.dev/include" not in labels, doc["metadata"]["name"]
+    [binding] = [d for d in docs if d["kind"] == "SinkBinding"]
+    [broker] = [d for d in docs if d["kind"] == "Broker"]
+    assert binding["spec"]["sink"]["ref"]["kind"] == "Broker"
+    assert binding["spec"]["sink"]["ref"]["name"] == broker["metadata"]["name"]
+    subject = binding["spec"]["subject"]
+    assert (subject["apiVersion"], subject["kind"]) == ("serving.knative.dev/v1", "Service")
+    services = [
+        d for d in docs if d["kind"] == "Service" and d["apiVersion"] == subject["apiVersion"]
+    ]
+    bound = {
+        s["metadata"]["name"]
+        for s in services
+        if _selected(subject["selector"], s["metadata"].get("labels") or {})
+    }
+    assert bound == {"imagegen-enhance", "imagegen-render", "imagegen-persist"}

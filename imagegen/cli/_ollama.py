@@ -1,0 +1,45 @@
+"""What the command line says about Ollama: one sentence, and what to do about it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, NamedTuple
+
+from imagegen._redact import redact_url
+
+if TYPE_CHECKING:
+    from imagegen.service import ImageGenService
+    from imagegen.settings import Settings
+
+__all__ = ["Advice", "check_ollama", "ollama_advice"]
+
+
+class Advice(NamedTuple):
+    """A check's outcome as a person reads it."""
+
+    status: str  # ok, warning or error
+    summary: str  # one short sentence: what is the case
+    next_step: str  # what to do about it, as an imperative; empty when nothing is needed
+
+
+def ollama_advice(info: Mapping[str, object], settings: Settings) -> Advice:
+    """Advice from the enhance stage's Ollama check (``reachable``, ``model_available``)."""
+    host, model = redact_url(settings.ollama_host), settings.ollama_model
+    if not info.get("reachable"):
+        return Advice("warning", f"Ollama is not running at {host}", "start it with `ollama serve`")
+    if info.get("model_available") is False:
+        return Advice(
+            "warning", f"Ollama at {host} has no model {model}", f"run `ollama pull {model}`"
+        )
+    return Advice("ok", f"Ollama runs at {host} with {model}", "")
+
+
+async def check_ollama(service: ImageGenService) -> Advice:
+    """Ask Ollama now; never raises."""
+    from imagegen.errors import ImageGenError
+
+    try:
+        info = await service.enhance_stage.check()
+    except ImageGenError as exc:
+        info = {"reachable": False, "error": exc.message}
+    return ollama_advice(info, service.settings)

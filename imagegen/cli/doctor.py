@@ -1,0 +1,127 @@
+"""``imagegen doctor``: what works here, and what to do about what does not."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, NamedTuple
+
+import typer
+
+from imagegen.cli._app import AsJson, Verbose, app, make_service, out, run_async, settings_from
+
+if TYPE_CHECKING:
+    from imagegen.cli._ollama import Advice
+    from imagegen.settings import Settings
+
+__all__ = ["Check", "doctor", "run_checks"]
+
+_STYLE = {"ok": "green", "warning": "yellow", "error": "red"}
+
+
+class Check(NamedTuple):
+    """One row: what was checked, its status, one sentence, and the next step (may be empty)."""
+
+    check: str
+    status: str
+    summary: str
+    next_step: str
+
+
+def run_checks(settings: Settings) -> list[Check]:
+    """The render back end, Ollama and storage, each as a :class:`Check`; never raises."""
+    rows = [_render_check(settings)]
+
+    async def checks() -> tuple[Advice, str | None]:
+        from imagegen.cli._ollama import check_ollama
+        from imagegen.errors import ImageGenError
+
+        service = make_service(settings)
+        try:
+            ollama = await check_ollama(service)
+            try:
+                await service.storage.check()
+            except ImageGenError as exc:
+                return ollama, exc.message
+            return ollama, None
+        finally:
+            await service.aclose()
+
+    ollama, storage_error = run_async(checks)
+    if ollama.status == "ok":
+        rows.append(Check("ollama", "ok", f"{ollama.summary}.", ""))
+    else:
+        step = f"{ollama.next_step[0].upper()}{ollama.next_step[1:]}, or prompts use templates."
+        rows.append(Check("ollama", ollama.status, f"{ollama.summary}.", step))
+    rows.append(_storage_check(settings, storage_error))
+    return rows
+
+
+def _render_check(settings: Settings) -> Check:
+    from imagegen.errors import ImageGenError
+
+    try:
+        from imagegen.render.diffusers_backend import DiffusersBackend
+
+        info = DiffusersBackend(settings).describe()
+    except ImportError as exc:
+        return Check(
+            "render",
+            "warning",
+            f"{exc.name or 'torch'} is not installed: this install enhances and persists only.",
+            'Install the render extra: pip install -e ".[render]" (docs/development.md).',
+        )
+    except ImageGenError as exc:
+        return Check("render", "error", exc.message, "Check IMAGEGEN_DEVICE.")
+    device = info.get("device", "")
+    if device.startswith("unavailable"):
+        return Check(
+            "render",
+            "error",
+            f"torch {info['torch']} cannot use IMAGEGEN_DEVICE={settings.device}: {device}.",
+            "Set IMAGEGEN_DEVICE=auto (or cpu).",
+        )
+    summary = f"torch {info['torch']} renders on {device} ({info.get('dtype', '?')})."
+    if device == "cpu":
+        return Check(
+            "render",
+            "ok",
+            summary,
+            "Fine for `--model tiny`; FLUX wants a CUDA GPU (docs/deploy.md).",
+        )
+    return Check("render", "ok", summary, "")
+
+
+def _storage_check(settings: Settings, error: str | None) -> Check:
+    from imagegen._redact import redact_url
+
+    where = redact_url(settings.storage_url)
+    if error is None:
+        return Check("storage", "ok", f"Images are written to {where}.", "")
+    return Check(
+        "storage",
+        "error",
+        error if error.endswith(".") else f"{error}.",
+        "Check IMAGEGEN_STORAGE_URL and the S3 settings (docs/storage.md).",
+    )
+
+
+@app.command()
+def doctor(as_json: AsJson = False, verbose: Verbose = False) -> None:
+    """Check rendering, Ollama and storage; say what to do about each problem."""
+    rows = run_checks(settings_from())
+    failed = any(row.status == "error" for row in rows)
+    if as_json:
+        body = {"ok": not failed, "checks": [row._asdict() for row in rows]}
+        typer.echo(json.dumps(body, indent=2))
+    else:
+        from rich.markup import escape
+        from rich.table import Table
+
+        table = Table.grid(padding=(0, 2))
+        for row in rows:
+            sentence = escape(row.summary + (f" {row.next_step}" if row.next_step else ""))
+            status = f"[{_STYLE.get(row.status, 'bold')}]{row.status}[/]"
+            table.add_row(status, f"[bold]{row.check}[/]", sentence)
+        out.print(table)
+    if failed:
+        raise typer.Exit(1)

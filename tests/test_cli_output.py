@@ -1,0 +1,187 @@
+"""What a newcomer sees from the command line: the result, at most one note, a line per image."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imagegen.cli._ollama import ollama_advice
+from imagegen.cli._viewer import viewer_command
+from imagegen.settings import Settings
+from tests.fakes.ollama_server import FakeOllama
+
+SMALL = ["--model", "tiny", "--width", "256", "--height", "256"]
+NO_OLLAMA = "http://127.0.0.1:9"  # the discard port: connections are refused at once
+
+
+def imagegen(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "imagegen.cli", *args],
+        cwd=cwd,
+        env={**os.environ, "IMAGEGEN_OLLAMA_HOST": NO_OLLAMA, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _fake_viewer(tmp_path: Path) -> tuple[Path, Path]:
+    """An ``xdg-open`` on PATH that records what it was asked to show."""
+    bin_dir, record = tmp_path / "bin", tmp_path / "opened.txt"
+    bin_dir.mkdir()
+    viewer = bin_dir / "xdg-open"
+    viewer.write_text(f'#!/bin/sh\nprintf "%s" "$1" > "{record}"\n')
+    viewer.chmod(0o755)
+    return bin_dir, record
+
+
+def test_generate_prints_the_result_and_one_line_about_the_fallback(tmp_path: Path) -> None:
+    bin_dir, opened = _fake_viewer(tmp_path)
+    env = {"DISPLAY": ":0", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    result = imagegen(
+        "generate", "a blue door", *SMALL, "--seed", "9", "--open", cwd=tmp_path, env=env
+    )
+    assert result.returncode == 0, result.stderr
+
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["image", "prompt", "seed"]
+    path = lines[0].split(maxsplit=1)[1]
+    assert path.endswith(".png") and Path(path).is_file()
+    assert "a blue door" in lines[1]
+    assert re.fullmatch(r"seed\s+9\s+model tiny", lines[2])
+
+    # Library chatter (Ollama retries, transformers notices) stays hidden: one line, with the fix.
+    note = result.stderr.strip().splitlines()
+    assert len(note) == 1, result.stderr
+    assert "template prompt used" in note[0] and "not running" in note[0]
+    assert "`ollama serve`" in note[0] and NO_OLLAMA in note[0]
+
+    assert opened.read_text() == path  # the platform's viewer was started on the image
+
+
+def test_verbose_shows_the_chatter_and_open_without_a_display_says_why(tmp_path: Path) -> None:
+    env = {"DISPLAY": "", "WAYLAND_DISPLAY": "", "IMAGEGEN_OLLAMA_RETRIES": "1"}
+    result = imagegen("generate", "a fox", *SMALL, "--open", "--verbose", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "Ollama attempt 1 failed" in result.stderr  # the retry line, shown when asked
+    assert "not opened: no display here" in result.stderr
+    assert sum("template prompt used" in line for line in result.stderr.splitlines()) == 1
+
+
+def test_loop_prints_a_line_per_image_with_the_average(tmp_path: Path) -> None:
+    result = imagegen("loop", *SMALL, "--count", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2, result.stdout
+    for n, line in enumerate(lines, start=1):
+        match = re.fullmatch(rf"\[{n}/2\] (\S+\.png)  (\d+\.\d\d) s/image", line)
+        assert match, line
+        assert Path(match[1]).is_file()
+        assert float(match[2]) > 0
+    notes = result.stderr.strip().splitlines()
+    assert len(notes) == 2, result.stderr  # the fallback, explained once; then the tally
+    assert "template prompt used" in notes[0]
+    assert notes[1] == "made 2 image(s)"
+
+
+def test_doctor_rows_are_sentences_with_a_next_step(tmp_path: Path) -> None:
+    result = imagegen("doctor", cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[1]: line for line in result.stdout.splitlines() if line[:1].strip()}
+    assert set(rows) == {"render", "ollama", "storage"}
+    assert rows["render"].split()[0] == "ok"
+    assert rows["storage"].split()[0] == "ok" and "./output" in rows["storage"]
+    ollama = " ".join(line.strip() for line in result.stdout.splitlines()[1:-1])
+    assert rows["ollama"].split()[0] == "warning"
+    assert f"not running at {NO_OLLAMA}" in ollama and "`ollama serve`" in ollama
+    assert "{" not in result.stdout  # sentences, not JSON dumped into a cell
+    assert result.stderr == ""  # no library notices
+
+
+def test_doctor_json_and_a_failing_check(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("storage cannot live under a file")
+    with FakeOllama(models=()) as fake:  # running, but without the model
+        env = {"IMAGEGEN_OLLAMA_HOST": fake.url, "IMAGEGEN_STORAGE_URL": str(blocker / "out")}
+        result = imagegen("doctor", "--json", cwd=tmp_path, env=env, timeout=120)
+    assert result.returncode == 1, result.stderr
+    body = json.loads(result.stdout)
+    assert body["ok"] is False
+    checks = {c["check"]: c for c in body["checks"]}
+    assert set(checks) == {"render", "ollama", "storage"}
+    assert set(checks["render"]) == {"check", "status", "summary", "next_step"}
+    assert checks["ollama"]["status"] == "warning"
+    assert checks["ollama"]["next_step"].startswith("Run `ollama pull llama3.2`")
+    assert checks["storage"]["status"] == "error"
+    assert "IMAGEGEN_STORAGE_URL" in checks["storage"]["next_step"]
+
+
+def test_ollama_advice_for_a_running_ollama_with_the_model() -> None:
+    settings = Settings(ollama_host="http://user:secret@ollama:11434", ollama_model="llama3.2")
+    advice = ollama_advice({"reachable": True, "model_available": True}, settings)
+    assert advice.status == "ok" and advice.next_step == ""
+    assert "llama3.2" in advice.summary and "secret" not in advice.summary
+
+
+@pytest.mark.parametrize(
+    ("platform", "environ", "expected"),
+    [
+        ("darwin", {}, ["open", "/x.png"]),
+        ("linux", {"PATH": "/nowhere"}, "no display here"),
+        ("linux", {"DISPLAY": ":0", "PATH": "/nowhere"}, "xdg-open is not installed"),
+    ],
+)
+def test_viewer_command_per_platform(
+    platform: str, environ: dict[str, str], expected: list[str] | str
+) -> None:
+    command = viewer_command("/x.png", platform=platform, environ=environ)
+    if isinstance(expected, list):
+        assert command == expected
+    else:
+        assert isinstance(command, str) and command.startswith(expected)
+
+
+def test_viewer_command_on_wayland_uses_xdg_open(tmp_path: Path) -> None:
+    bin_dir, _ = _fake_viewer(tmp_path)
+    environ = {"WAYLAND_DISPLAY": "wayland-0", "PATH": str(bin_dir)}
+    assert viewer_command("/x.png", platform="linux", environ=environ) == [
+        str(bin_dir / "xdg-open"),
+        "/x.png",
+    ]
+
+
+def test_help_imports_no_library_code() -> None:
+    """``imagegen --help`` loads the CLI and typer only: no models, settings, asyncio or torch."""
+    probe = (
+        "import sys\n"
+        "from imagegen.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(' '.join(sorted(sys.modules)), file=sys.stderr)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert "Usage: imagegen" in result.stdout
+    loaded = set(result.stderr.split())
+    heavy = {"torch", "diffusers", "pydantic", "pydantic_settings", "asyncio", "rich", "httpx"}
+    assert not heavy & loaded, heavy & loaded
+    library = {"imagegen.models", "imagegen.settings", "imagegen.service", "imagegen.storage"}
+    assert not library & loaded, library & loaded
+
+
+def test_the_package_names_resolve_on_first_use() -> None:
+    """``import imagegen`` defers its imports; every public name still resolves."""
+    import imagegen
+
+    for name in imagegen.__all__:
+        assert getattr(imagegen, name) is not None, name
+    with pytest.raises(AttributeError):
+        _ = imagegen.NoSuchName
