@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from PIL import Image
 
 from imagegen._locks import KeyedLocks
+from imagegen.derivatives import make_derivatives
 from imagegen.errors import InvalidRequest, NotFound
 from imagegen.models import PersistedImage, RenderedImage
 from imagegen.settings import Settings
@@ -92,6 +93,11 @@ class PersistStage:
         # 3. Derivatives.
         thumbnail = await asyncio.to_thread(make_thumbnail, png, self.settings.thumbnail_size)
         await self._put(keys.thumbnail, thumbnail, "image/webp")
+        derivatives = await asyncio.to_thread(
+            make_derivatives, png, keys.image, self.settings.derivative_widths
+        )
+        for derivative in derivatives:
+            await self._put(derivative.key, derivative.data, derivative.content_type)
 
         # 4. Public URLs and the record, written last: its presence marks the image final.
         urls = {"image": self._url(keys.image), "thumbnail": self._url(keys.thumbnail)}
@@ -101,7 +107,12 @@ class PersistStage:
             key=keys.image,
             location=self.storage.location(keys.image),
             url=urls.get("image"),
-            keys={"image": keys.image, "thumbnail": keys.thumbnail, "metadata": keys.metadata},
+            keys={
+                "image": keys.image,
+                "thumbnail": keys.thumbnail,
+                "metadata": keys.metadata,
+                **{d.name: d.key for d in derivatives},
+            },
             urls={k: v for k, v in urls.items() if v is not None},
             metadata_location=self.storage.location(keys.metadata),
             size=image.size,

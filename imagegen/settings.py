@@ -143,6 +143,9 @@ class Settings(BaseSettings):
     png_compress_level: int = Field(
         default=6, ge=0, le=9, description="zlib level of PNGs: 0 fastest, 9 smallest."
     )
+    derivative_widths: Annotated[list[Annotated[int, Field(ge=16, le=8192)]], NoDecode] = Field(
+        default=[256, 512, 1024], description="Widths of AVIF/WebP derivatives (never upscaled)."
+    )
 
     # Ledger
     ledger_url: SecretStr | None = Field(
@@ -172,6 +175,7 @@ class Settings(BaseSettings):
         "loras",
         "webhook_secrets",
         "webhook_allowed",
+        "derivative_widths",
         mode="before",
     )(_split_list)
 

@@ -11,13 +11,17 @@ import hashlib
 import hmac
 import re
 import time
-from urllib.parse import urlencode
+from collections.abc import Mapping
+from urllib.parse import quote, urlencode
 
 from imagegen.errors import InvalidRequest
 
 __all__ = [
     "DEFAULT_TTL",
+    "GALLERY_PATH_PATTERN",
     "PUBLIC_KEY_PATTERN",
+    "canonical_query",
+    "gallery_url",
     "is_public_key",
     "public_url",
     "sign",
@@ -28,37 +32,76 @@ DEFAULT_TTL = 7 * 24 * 3600
 """Lifetime of a signed URL, in seconds, when none is given (one week)."""
 
 # Same expression as KEY_PATTERN in worker/src/keys.ts: a day folder, a generation id without
-# dots, then the full image or its thumbnail. The metadata record (.json) is deliberately absent.
+# dots, then the full image, its thumbnail or an AVIF/WebP derivative of a given width. The
+# metadata record (.json) is deliberately absent.
 PUBLIC_KEY_PATTERN = re.compile(
     r"\A[0-9]{4}/(?:0[1-9]|1[0-2])/(?:0[1-9]|[12][0-9]|3[01])"
-    r"/[A-Za-z0-9][A-Za-z0-9_-]{0,127}(?:\.png|\.thumb\.webp)\Z"
+    r"/[A-Za-z0-9][A-Za-z0-9_-]{0,127}(?:\.png|\.thumb\.webp|\.w[1-9][0-9]{0,4}\.(?:avif|webp))\Z"
 )
+
+# Same expression as GALLERY_PATTERN in worker/src/keys.ts: the gallery's latest day ("") or
+# one day ("YYYY/MM/DD/"), as signed in a private gallery link.
+GALLERY_PATH_PATTERN = re.compile(
+    r"\A(?:[0-9]{4}/(?:0[1-9]|1[0-2])/(?:0[1-9]|[12][0-9]|3[01])/)?\Z"
+)
+
+# Parameters that carry the signature itself and are never signed.
+_SIGNATURE_PARAMS = frozenset({"expires", "signature"})
 
 
 def is_public_key(key: str) -> bool:
-    """Whether ``key`` names an object the Worker serves (a full image or a thumbnail)."""
+    """Whether ``key`` names an object the Worker serves (a full image, thumbnail or derivative)."""
     return PUBLIC_KEY_PATTERN.match(key) is not None
 
 
-def _message(key: str, expires: int) -> bytes:
-    return f"/{key}\n{expires}".encode()
+def canonical_query(params: Mapping[str, str | int]) -> str:
+    """The signed form of request parameters: sorted, RFC 3986 percent-encoded, ``&``-joined.
+
+    ``expires`` and ``signature`` are left out (they carry the signature).
+    """
+    pairs = sorted(
+        (quote(name, safe="-._~"), quote(str(value), safe="-._~"))
+        for name, value in params.items()
+        if name not in _SIGNATURE_PARAMS
+    )
+    return "&".join(f"{name}={value}" for name, value in pairs)
 
 
-def sign(key: str, expires: int, secret: str) -> str:
-    """The signature of ``key`` valid until ``expires``.
+def _message(key: str, expires: int, params: Mapping[str, str | int] | None) -> bytes:
+    query = canonical_query(params or {})
+    path = f"/{key}?{query}" if query else f"/{key}"
+    return f"{path}\n{expires}".encode()
+
+
+def sign(
+    key: str, expires: int, secret: str, *, params: Mapping[str, str | int] | None = None
+) -> str:
+    """The signature of ``key`` (and its ``params``) valid until ``expires``.
 
     Args:
-        key: The object key relative to the storage prefix, without a leading slash.
+        key: The object key relative to the storage prefix, without a leading slash (or a
+            gallery path: ``""`` or ``YYYY/MM/DD/``).
         expires: Unix time in seconds after which the signature is refused.
         secret: The secret shared with the Worker (``SIGNING_SECRET``).
+        params: Request parameters the URL carries besides the signature, such as ``w``.
 
     Returns:
-        Lowercase hex of HMAC-SHA256(secret, "/" + key + "\\n" + expires).
+        Lowercase hex of HMAC-SHA256(secret, "/" + key + ["?" + canonical query] + "\\n" +
+        expires).
     """
-    return hmac.new(secret.encode(), _message(key, expires), hashlib.sha256).hexdigest()
+    message = _message(key, expires, params)
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 
-def verify(key: str, expires: int, signature: str, secret: str, *, now: int | None = None) -> bool:
+def verify(
+    key: str,
+    expires: int,
+    signature: str,
+    secret: str,
+    *,
+    now: int | None = None,
+    params: Mapping[str, str | int] | None = None,
+) -> bool:
     """Whether ``signature`` signs ``key`` and ``expires`` has not passed.
 
     Args:
@@ -67,9 +110,10 @@ def verify(key: str, expires: int, signature: str, secret: str, *, now: int | No
         signature: The hex signature carried by the URL.
         secret: The shared secret.
         now: The current Unix time; the clock when omitted.
+        params: The other request parameters the URL carries.
     """
     current = int(time.time()) if now is None else now
-    expected = sign(key, expires, secret)
+    expected = sign(key, expires, secret, params=params)
     # Compare before looking at the clock so timing does not reveal which check failed.
     matches = hmac.compare_digest(expected.encode(), signature.encode())
     return matches and current <= expires
@@ -82,12 +126,15 @@ def public_url(
     secret: str | None = None,
     ttl: int = DEFAULT_TTL,
     now: int | None = None,
+    width: int | None = None,
 ) -> str:
     """The URL at which the Worker serves ``key``.
 
     Args:
         base_url: ``IMAGEGEN_PUBLIC_BASE_URL``; a trailing slash is tolerated.
         key: The object key relative to the storage prefix, e.g. ``2026/05/01/abc.png``.
+        width: Asks for the narrowest derivative at least this wide (the ``w`` parameter; only
+            for a ``.png`` key).
         secret: When given, the URL is signed and expires ``ttl`` seconds after ``now``.
         ttl: Lifetime of a signed URL in seconds.
         now: The current Unix time; the clock when omitted.
@@ -96,27 +143,75 @@ def public_url(
         ``<base>/<key>``, followed by ``?expires=..&signature=..`` when signed.
 
     Raises:
-        InvalidRequest: ``key`` is not a served key shape, ``base_url`` is empty, or ``ttl``
-            is not positive.
+        InvalidRequest: ``key`` is not a served key shape, ``base_url`` is empty, ``width``
+            is out of range, or ``ttl`` is not positive.
     """
     errors: list[dict[str, str]] = []
-    if not base_url.strip("/"):
-        errors.append({"field": "base_url", "message": "must not be empty"})
     if not is_public_key(key):
         errors.append(
             {
                 "field": "key",
-                "message": "must look like YYYY/MM/DD/<generation-id>.png or .thumb.webp",
+                "message": "must look like YYYY/MM/DD/<generation-id>.png, .thumb.webp, "
+                ".w<width>.avif or .w<width>.webp",
             }
         )
+    if width is not None and not (1 <= width <= MAX_WIDTH and key.endswith(".png")):
+        errors.append({"field": "width", "message": f"1 to {MAX_WIDTH}, and only for a .png key"})
+    _check_signing(errors, base_url, secret, ttl)
+    params = {} if width is None else {"w": str(width)}
+    return _url(f"{base_url.rstrip('/')}/{key}", key, params, secret, ttl, now)
+
+
+def gallery_url(
+    base_url: str,
+    day: str = "",
+    *,
+    secret: str | None = None,
+    ttl: int = DEFAULT_TTL,
+    now: int | None = None,
+) -> str:
+    """The URL of the Worker's gallery: the latest day, or ``day`` (``YYYY/MM/DD``).
+
+    With ``secret``, the link is signed: a private Worker shows its gallery only through such a
+    link (``GALLERY=signed``), and signs the image URLs on the page with the same expiry.
+
+    Raises:
+        InvalidRequest: ``day`` is not a date path, ``base_url`` is empty, or ``ttl`` is not
+            positive.
+    """
+    path = f"{day.strip('/')}/" if day.strip("/") else ""
+    errors: list[dict[str, str]] = []
+    if not GALLERY_PATH_PATTERN.match(path):
+        errors.append({"field": "day", "message": "must look like YYYY/MM/DD"})
+    _check_signing(errors, base_url, secret, ttl)
+    return _url(f"{base_url.rstrip('/')}/{path}", path, {}, secret, ttl, now)
+
+
+MAX_WIDTH = 8192
+"""The largest ``w`` the Worker accepts."""
+
+
+def _check_signing(
+    errors: list[dict[str, str]], base_url: str, secret: str | None, ttl: int
+) -> None:
+    if not base_url.strip("/"):
+        errors.insert(0, {"field": "base_url", "message": "must not be empty"})
     if secret is not None and ttl <= 0:
         errors.append({"field": "ttl", "message": "must be a positive number of seconds"})
     if errors:
         raise InvalidRequest("cannot build a public URL", errors=errors)
 
-    url = f"{base_url.rstrip('/')}/{key}"
+
+def _url(
+    url: str,
+    key: str,
+    params: dict[str, str],
+    secret: str | None,
+    ttl: int,
+    now: int | None,
+) -> str:
     if secret is None:
-        return url
+        return f"{url}?{urlencode(params)}" if params else url
     expires = (int(time.time()) if now is None else now) + ttl
-    query = urlencode({"expires": expires, "signature": sign(key, expires, secret)})
-    return f"{url}?{query}"
+    signature = sign(key, expires, secret, params=params)
+    return f"{url}?{urlencode({**params, 'expires': expires, 'signature': signature})}"

@@ -39,6 +39,14 @@ async def test_generate_end_to_end(settings: Settings, tmp_path: Path) -> None:
     assert persisted.key == f"2026/11/24/{persisted.generation_id}.png"
     assert hashlib.sha256(png.read_bytes()).hexdigest() == persisted.sha256
     assert (root / persisted.keys["thumbnail"]).is_file()
+    # A 256 px image: one derivative per format at its own width, none upscaled.
+    assert {persisted.keys["avif:256"], persisted.keys["webp:256"]} == {
+        persisted.key.replace(".png", ".w256.avif"),
+        persisted.key.replace(".png", ".w256.webp"),
+    }
+    assert not any(name.endswith((":512", ":1024")) for name in persisted.keys)
+    with Image.open(root / persisted.keys["avif:256"]) as avif:
+        assert (avif.format, avif.size) == ("AVIF", (256, 256))
     record = json.loads((root / persisted.keys["metadata"]).read_text())
     assert record["request"]["prompt"] == enhanced.prompt
     assert persisted.prompt == enhanced.prompt and persisted.seed == 1
@@ -72,7 +80,14 @@ async def test_render_and_persist_are_idempotent(settings: Settings, tmp_path: P
         p2 = await service.persist(second)
         assert p1 == p2
     files = sorted(p.name for p in (tmp_path / "out").rglob("idem-1*"))
-    assert files == ["idem-1.json", "idem-1.png", "idem-1.prompt.json", "idem-1.thumb.webp"]
+    assert files == [
+        "idem-1.json",
+        "idem-1.png",
+        "idem-1.prompt.json",
+        "idem-1.thumb.webp",
+        "idem-1.w256.avif",
+        "idem-1.w256.webp",
+    ]
 
 
 async def test_persist_refuses_a_tampered_claim_check(settings: Settings) -> None:

@@ -10,7 +10,15 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from imagegen.errors import InvalidRequest
-from imagegen.urls import is_public_key, public_url, sign, verify
+from imagegen.urls import (
+    GALLERY_PATH_PATTERN,
+    canonical_query,
+    gallery_url,
+    is_public_key,
+    public_url,
+    sign,
+    verify,
+)
 
 VECTORS_PATH = Path(__file__).resolve().parents[1] / "schemas" / "signed-url-vectors.json"
 VECTORS: dict[str, Any] = json.loads(VECTORS_PATH.read_text())
@@ -36,25 +44,43 @@ def test_vectors_cover_valid_and_invalid() -> None:
 @pytest.mark.parametrize("vector", VECTORS["vectors"], ids=_name)
 def test_verify_matches_vector(vector: dict[str, Any]) -> None:
     result = verify(
-        vector["key"], vector["expires"], vector["signature"], vector["secret"], now=vector["now"]
+        vector["key"],
+        vector["expires"],
+        vector["signature"],
+        vector["secret"],
+        now=vector["now"],
+        params=vector["params"],
     )
     assert result is vector["valid"]
 
 
 @pytest.mark.parametrize("vector", VALID, ids=_name)
 def test_sign_reproduces_valid_vector(vector: dict[str, Any]) -> None:
-    assert sign(vector["key"], vector["expires"], vector["secret"]) == vector["signature"]
+    signature = sign(vector["key"], vector["expires"], vector["secret"], params=vector["params"])
+    assert signature == vector["signature"]
 
 
-# public_url only mints URLs with a positive lifetime.
-MINTABLE = [v for v in VALID if v["expires"] > v["now"]]
+# The URL builders mint URLs with a positive lifetime and no parameter but the width.
+MINTABLE = [v for v in VALID if v["expires"] > v["now"] and set(v["params"]) <= {"w"}]
 
 
 @pytest.mark.parametrize("vector", MINTABLE, ids=_name)
-def test_public_url_reproduces_valid_vector(vector: dict[str, Any]) -> None:
+def test_url_builders_reproduce_valid_vector(vector: dict[str, Any]) -> None:
     ttl = vector["expires"] - vector["now"]
-    url = public_url(BASE, vector["key"], secret=vector["secret"], ttl=ttl, now=vector["now"])
+    signing = {"secret": vector["secret"], "ttl": ttl, "now": vector["now"]}
+    if GALLERY_PATH_PATTERN.match(vector["key"]):
+        url = gallery_url(BASE, vector["key"], **signing)
+    else:
+        width = int(vector["params"]["w"]) if "w" in vector["params"] else None
+        url = public_url(BASE, vector["key"], width=width, **signing)
     assert url == vector["url"]
+
+
+def test_vectors_cover_parameters_derivatives_and_the_gallery() -> None:
+    keys = {v["key"] for v in VALID}
+    assert any(v["params"] for v in VALID)
+    assert any(k.endswith(".avif") for k in keys) and any(k.endswith(".w1024.webp") for k in keys)
+    assert "" in keys and any(k.endswith("/") for k in keys)
 
 
 @pytest.mark.parametrize("vector", VECTORS["vectors"], ids=_name)
@@ -63,7 +89,9 @@ def test_vector_url_carries_its_fields(vector: dict[str, Any]) -> None:
     assert f"{parts.scheme}://{parts.netloc}" == BASE
     assert parts.path == "/" + vector["key"]
     query = parse_qs(parts.query, keep_blank_values=True)
-    assert query == {"expires": [str(vector["expires"])], "signature": [vector["signature"]]}
+    params = {name: [value] for name, value in vector["params"].items()}
+    signed = {"expires": [str(vector["expires"])], "signature": [vector["signature"]]}
+    assert query == params | signed
 
 
 # 2. Signing and verifying
@@ -94,6 +122,18 @@ def test_verify_defaults_to_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not verify(key, 1000, signature, SECRET)
 
 
+def test_parameters_are_signed_in_canonical_order() -> None:
+    key = "2026/01/02/abc.png"
+    assert canonical_query({"w": 512, "a b": "x/y", "expires": 1}) == "a%20b=x%2Fy&w=512"
+    signature = sign(key, 1000, SECRET, params={"w": "512", "z": "1"})
+    assert signature == sign(key, 1000, SECRET, params={"z": "1", "w": "512"})
+    assert signature != sign(key, 1000, SECRET, params={"w": "256", "z": "1"})
+    assert verify(key, 1000, signature, SECRET, now=0, params={"z": "1", "w": "512"})
+    assert not verify(key, 1000, signature, SECRET, now=0)
+    # Without parameters the message is the original one: older URLs stay valid.
+    assert sign(key, 1000, SECRET, params={}) == sign(key, 1000, SECRET)
+
+
 def test_verify_refuses_non_ascii_signature() -> None:
     assert not verify("2026/01/02/abc.png", 1000, "é" * 64, SECRET, now=0)
 
@@ -106,6 +146,9 @@ def test_verify_refuses_non_ascii_signature() -> None:
     [
         "2026/05/01/abc.png",
         "2026/05/01/abc.thumb.webp",
+        "2026/05/01/abc.w256.avif",
+        "2026/05/01/abc.w1024.webp",
+        "2026/05/01/abc.w99999.webp",
         "2026/12/31/A_b-C.png",
         "2026/01/09/0.png",
         "0001/10/10/" + "a" * 128 + ".png",
@@ -121,6 +164,11 @@ def test_is_public_key_accepts(key: str) -> None:
         "2026/05/01/abc.json",
         "2026/05/01/abc.webp",
         "2026/05/01/abc.thumb.png",
+        "2026/05/01/abc.w0256.avif",
+        "2026/05/01/abc.w256.png",
+        "2026/05/01/abc.w.avif",
+        "2026/05/01/abc.w100000.webp",
+        "2026/05/01/abc.w256.AVIF",
         "2026/05/01/abc.PNG",
         "2026/05/01/a.b.png",
         "2026/05/01/_abc.png",
@@ -172,6 +220,34 @@ def test_public_url_signed_default_ttl_is_one_week(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr("imagegen.urls.time.time", lambda: 5_000.5)
     url = public_url(BASE, "2026/05/01/abc.png", secret=SECRET)
     assert parse_qs(urlsplit(url).query)["expires"] == [str(5_000 + 604_800)]
+
+
+def test_public_url_with_a_width() -> None:
+    assert public_url(BASE, "2026/05/01/abc.png", width=300).endswith("/abc.png?w=300")
+    url = public_url(BASE, "2026/05/01/abc.png", width=300, secret=SECRET, ttl=60, now=0)
+    query = parse_qs(urlsplit(url).query)
+    assert query["w"] == ["300"]
+    assert verify("2026/05/01/abc.png", 60, query["signature"][0], SECRET, now=0, params={"w": 300})
+
+
+@pytest.mark.parametrize(
+    ("key", "width"), [("2026/05/01/abc.png", 0), ("2026/05/01/abc.w256.avif", 9)]
+)
+def test_public_url_refuses_a_bad_width(key: str, width: int) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        public_url(BASE, key, width=width)
+    assert info.value.fields == ["width"]
+
+
+def test_gallery_url() -> None:
+    assert gallery_url(BASE) == f"{BASE}/"
+    assert gallery_url(BASE + "/", "2026/05/01") == f"{BASE}/2026/05/01/"
+    url = gallery_url(BASE, "2026/05/01/", secret=SECRET, ttl=60, now=0)
+    query = parse_qs(urlsplit(url).query)
+    assert verify("2026/05/01/", 60, query["signature"][0], SECRET, now=0)
+    with pytest.raises(InvalidRequest) as info:
+        gallery_url(BASE, "2026/5/1")
+    assert info.value.fields == ["day"]
 
 
 def test_public_url_refuses_bad_key() -> None:

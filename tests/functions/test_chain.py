@@ -115,6 +115,8 @@ def test_every_event_delivered_twice_yields_one_image_and_the_same_replies(
         "redelivered-1.png",
         "redelivered-1.prompt.json",
         "redelivered-1.thumb.webp",
+        "redelivered-1.w256.avif",
+        "redelivered-1.w256.webp",
     ]
 
 

@@ -28,7 +28,14 @@ export interface Env {
   S3_SECRET_ACCESS_KEY?: string;
   /** Secret. When set, every request needs a valid signed URL. */
   SIGNING_SECRET?: string;
+  /**
+   * The gallery at `/`: "on" (default without SIGNING_SECRET), "off" (default with it), or
+   * "signed" (with SIGNING_SECRET: only through a signed gallery link).
+   */
+  GALLERY?: string;
 }
+
+export type GalleryMode = "on" | "off" | "signed";
 
 export type OriginConfig =
   | { kind: "r2"; bucket: R2Bucket }
@@ -47,6 +54,7 @@ export interface Config {
   prefix: string;
   timeoutMs: number;
   signingSecret: string | null;
+  gallery: GalleryMode;
 }
 
 /** A setting is missing or malformed; the message names the setting, never its value. */
@@ -112,6 +120,18 @@ function readOrigin(env: Env): OriginConfig {
   }
 }
 
+function galleryMode(env: Env, signed: boolean): GalleryMode {
+  const value = env.GALLERY?.trim() || (signed ? "off" : "on");
+  if (value === "off") return value;
+  if (value === "on" && !signed) return value;
+  if (value === "signed" && signed) return value;
+  throw new ConfigError(
+    signed
+      ? 'GALLERY must be "off" or "signed" when SIGNING_SECRET is set'
+      : 'GALLERY must be "on" or "off" without SIGNING_SECRET',
+  );
+}
+
 /** Reads and checks every setting. Throws ConfigError naming the first bad one. */
 export function readConfig(env: Env): Config {
   const prefix = env.ORIGIN_PREFIX ?? "";
@@ -130,5 +150,6 @@ export function readConfig(env: Env): Config {
     prefix,
     timeoutMs,
     signingSecret: env.SIGNING_SECRET ? env.SIGNING_SECRET : null,
+    gallery: galleryMode(env, Boolean(env.SIGNING_SECRET)),
   };
 }

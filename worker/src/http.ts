@@ -8,11 +8,20 @@ import type { OriginObject } from "./origins";
 export const IMMUTABLE = "public, max-age=31536000, immutable";
 export const ALLOWED_METHODS = "GET, HEAD";
 
+/** How long a missing key is remembered at the edge before the origin is asked again. */
+export const NOT_FOUND_TTL = 60;
+
+// Every answer of the image origin: no script, plugin, style or frame may run in it, even if a
+// bucket object were a document (the type comes from the key, and nosniff holds browsers to it).
+export const IMAGE_CSP = "default-src 'none'; sandbox";
+
 const CORS: Record<string, string> = {
   "Access-Control-Allow-Origin": "*",
   "Access-Control-Expose-Headers":
     "Accept-Ranges, Content-Length, Content-Range, ETag, Last-Modified",
   "Cross-Origin-Resource-Policy": "cross-origin",
+  "Content-Security-Policy": IMAGE_CSP,
+  "X-Content-Type-Options": "nosniff",
 };
 
 /** A short plain-text answer (errors, 405, 416), never cached by browsers. */
@@ -38,21 +47,65 @@ export function preflightResponse(): Response {
   });
 }
 
-/** The full 200 response for an origin object, as stored in the edge cache. */
-export function storedResponse(object: OriginObject, key: string): Response {
+/** The headers of an object at `key`; the media type is the key's, never the origin's. */
+export function objectHeaders(object: OriginObject, key: string): Headers {
   const headers = new Headers(CORS);
-  const type = object.contentType;
-  headers.set(
-    "Content-Type",
-    type && type !== "application/octet-stream" ? type : contentTypeForKey(key),
-  );
+  headers.set("Content-Type", contentTypeForKey(key));
   if (object.size !== null) headers.set("Content-Length", String(object.size));
   if (object.etag !== null) headers.set("ETag", object.etag);
   if (object.lastModified !== null) headers.set("Last-Modified", object.lastModified.toUTCString());
   headers.set("Accept-Ranges", "bytes");
   headers.set("Cache-Control", IMMUTABLE);
-  headers.set("X-Content-Type-Options", "nosniff");
-  return new Response(object.body, { status: 200, headers });
+  return headers;
+}
+
+/** A remembered miss, stored in the edge cache for NOT_FOUND_TTL seconds. */
+export function notFoundMarker(): Response {
+  return textResponse(404, "Not Found", { "Cache-Control": `public, max-age=${NOT_FOUND_TTL}` });
+}
+
+/**
+ * The answer built straight from an origin read that carried the client's range, validators or
+ * method (a cache miss): 200 without body for HEAD, 206, 304 or 416.
+ */
+export function passedThrough(
+  request: Request,
+  object: OriginObject,
+  key: string,
+  cacheControl: string,
+): Response {
+  const headers = objectHeaders(object, key);
+  headers.set("Cache-Control", cacheControl);
+  switch (object.status) {
+    case 304:
+      headers.delete("Content-Length");
+      headers.delete("Content-Type");
+      return new Response(null, { status: 304, headers });
+    case 416:
+      return textResponse(416, "Range Not Satisfiable", {
+        "Content-Range": `bytes */${object.size ?? "*"}`,
+        "Accept-Ranges": "bytes",
+      });
+    case 206: {
+      const range = object.range ?? { start: 0, end: 0 };
+      headers.set("Content-Range", `bytes ${range.start}-${range.end}/${object.size ?? "*"}`);
+      headers.set("Content-Length", String(range.end - range.start + 1));
+      return new Response(request.method === "HEAD" ? null : object.body, { status: 206, headers });
+    }
+    default: {
+      // A HEAD miss asked R2 or S3 for headers only; its range is worked out from the size.
+      const range =
+        request.method === "HEAD" && object.size !== null
+          ? parseRange(request.headers.get("Range"), object.size)
+          : { kind: "none" as const };
+      if (range.kind === "partial") {
+        headers.set("Content-Range", `bytes ${range.start}-${range.end}/${object.size}`);
+        headers.set("Content-Length", String(range.end - range.start + 1));
+        return new Response(null, { status: 206, headers });
+      }
+      return new Response(request.method === "HEAD" ? null : object.body, { status: 200, headers });
+    }
+  }
 }
 
 function opaqueTag(tag: string): string {

@@ -1,21 +1,18 @@
 /**
- * Serves hosted images: `GET /<YYYY>/<MM>/<DD>/<generation-id>.png` and `.thumb.webp`.
+ * Serves hosted images (`/<YYYY>/<MM>/<DD>/<generation-id>.png`, its thumbnail and derivatives)
+ * and the gallery (`/`, `/<YYYY>/<MM>/<DD>/`).
  *
- * Request path → key check → (signature check) → edge cache → origin. Anything that is not a
- * served key shape is answered 404 before the origin is touched, and the origin URL is built only
+ * Request path → shape check → (signature check) → edge cache → origin. Anything that is not a
+ * served shape is answered 404 before the origin is touched, and the origin URL is built only
  * from configuration and the checked key, so the Worker is never an open proxy.
  */
 import { type Config, ConfigError, type Env, readConfig } from "./config";
-import {
-  ALLOWED_METHODS,
-  answer,
-  IMMUTABLE,
-  preflightResponse,
-  storedResponse,
-  textResponse,
-} from "./http";
-import { keyFromPath } from "./keys";
-import { fetchObject, OriginError } from "./origins";
+import { serveGallery } from "./gallery";
+import { ALLOWED_METHODS, IMMUTABLE, preflightResponse, textResponse } from "./http";
+import { galleryFromPath, imageParts, keyFromPath } from "./keys";
+import { acceptedFormats, availableFrom, choose, readRecord, widthParam } from "./negotiate";
+import { type Serving, serveObject } from "./objects";
+import { OriginError } from "./origins";
 import { checkSignedUrl } from "./signing";
 
 export type { Env } from "./config";
@@ -29,6 +26,22 @@ async function cacheControlFor(url: URL, key: string, config: Config): Promise<s
   return `private, max-age=${check.expires - now}`;
 }
 
+/** The key to serve for `key`: a derivative chosen by `Accept` and `w` for a full image. */
+async function representation(
+  request: Request,
+  serving: Serving,
+  key: string,
+  width: number | null,
+): Promise<string> {
+  const parts = imageParts(key);
+  if (parts === null) return key;
+  const formats = acceptedFormats(request.headers.get("Accept"));
+  if (formats.length === 0) return key;
+  const record = await readRecord(serving, parts.day, parts.id);
+  const chosen = choose(formats, width, availableFrom(record, parts.day, parts.id));
+  return chosen === null ? key : `${parts.day}/${parts.id}.w${chosen.width}.${chosen.format}`;
+}
+
 async function handle(request: Request, env: Env, ctx: ExecutionContext): Promise<Response> {
   // 1. Method
   if (request.method === "OPTIONS") return preflightResponse();
@@ -36,10 +49,11 @@ async function handle(request: Request, env: Env, ctx: ExecutionContext): Promis
     return textResponse(405, "Method Not Allowed", { Allow: ALLOWED_METHODS });
   }
 
-  // 2. Key: only the exact served shapes go further
+  // 2. Shape: only the exact served keys and gallery paths go further
   const url = new URL(request.url);
   const key = keyFromPath(url.pathname);
-  if (key === null) return textResponse(404, "Not Found");
+  const galleryPath = key === null ? galleryFromPath(url.pathname) : null;
+  if (key === null && galleryPath === null) return textResponse(404, "Not Found");
 
   // 3. Configuration
   let config: Config;
@@ -50,40 +64,38 @@ async function handle(request: Request, env: Env, ctx: ExecutionContext): Promis
     console.error(`configuration error: ${err.message}`);
     return textResponse(500, "Server Misconfigured");
   }
+  const serving: Serving = { config, ctx, cacheBase: url.origin };
 
-  // 4. Signature, when the images are private
-  const cacheControl = await cacheControlFor(url, key, config);
-  if (cacheControl instanceof Response) return cacheControl;
+  try {
+    if (galleryPath !== null)
+      return await serveGallery(request, serving, galleryPath, url.searchParams);
+    if (key === null) return textResponse(404, "Not Found");
 
-  // 5. Edge cache, keyed by the path alone so every signature of a key shares one entry
-  const cache = caches.default;
-  const cacheKey = new Request(`${url.origin}/${key}`, { method: "GET" });
-  let stored = await cache.match(cacheKey);
+    // 4. Signature, when the images are private (it covers the parameters too)
+    const cacheControl = await cacheControlFor(url, key, config);
+    if (cacheControl instanceof Response) return cacheControl;
 
-  // 6. Origin
-  if (stored === undefined) {
-    let object;
-    try {
-      object = await fetchObject(config, key);
-    } catch (err) {
-      if (!(err instanceof OriginError)) throw err;
-      console.error(`origin ${config.origin.kind} failed for ${key}: ${err.message}`);
-      return err.kind === "timeout"
-        ? textResponse(504, "Origin Timeout")
-        : textResponse(502, "Origin Unavailable");
+    // 5. Representation: format from Accept, width from w (full images only)
+    const width = widthParam(url.searchParams);
+    if (width === "invalid" || (width !== null && imageParts(key) === null)) {
+      return textResponse(
+        400,
+        "Bad Request: w must be a whole number of pixels, 1 to 8192, on a .png URL",
+      );
     }
-    if (object === null) return textResponse(404, "Not Found");
-    stored = storedResponse(object, key);
-    const copy = stored.clone();
-    ctx.waitUntil(
-      cache.put(cacheKey, copy).catch((err: unknown) => {
-        console.warn(`edge cache put failed for ${key}: ${(err as Error)?.name ?? "error"}`);
-      }),
-    );
-  }
+    const served = await representation(request, serving, key, width);
 
-  // 7. Answer: full, partial or not modified
-  return answer(request, stored, cacheControl);
+    // 6. Edge cache, then origin
+    const response = await serveObject(request, serving, served, cacheControl);
+    if (imageParts(key) !== null) response.headers.append("Vary", "Accept");
+    return response;
+  } catch (err) {
+    if (!(err instanceof OriginError)) throw err;
+    console.error(`origin ${config.origin.kind} failed for ${url.pathname}: ${err.message}`);
+    return err.kind === "timeout"
+      ? textResponse(504, "Origin Timeout")
+      : textResponse(502, "Origin Unavailable");
+  }
 }
 
 export default {

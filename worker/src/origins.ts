@@ -1,21 +1,38 @@
 /**
- * Reading an object from the configured origin: an R2 binding, an S3-compatible bucket (SigV4
- * through aws4fetch) or a public bucket URL.
+ * Reading from the configured origin: an R2 binding, an S3-compatible bucket (SigV4 through
+ * aws4fetch) or a public bucket URL.
  *
- * Every read is bounded by ORIGIN_TIMEOUT_MS. Only the fields the Worker needs are kept from the
- * origin's answer, so no origin header (and no credential) is ever passed on to a client.
+ * A read may be a HEAD (no body), carry a byte range and the client's validators, so that a
+ * cache miss costs the origin only what the client asked for. Every read is bounded by
+ * ORIGIN_TIMEOUT_MS. Only the fields the Worker needs are kept from the origin's answer, so no
+ * origin header (and no credential) is ever passed on to a client.
  */
 import { AwsClient } from "aws4fetch";
 import type { Config } from "./config";
 
+/** What the origin says about an object, with or without its bytes. */
 export interface OriginObject {
-  body: ReadableStream;
-  /** Size in bytes, when the origin says. */
+  /** The bytes asked for (all, or the range); null for HEAD and 304. */
+  body: ReadableStream | null;
+  /** Size of the whole object in bytes, when the origin says. */
   size: number | null;
   /** The entity tag, quoted as in an HTTP header. */
   etag: string | null;
   lastModified: Date | null;
-  contentType: string | null;
+  /** 200 whole object, 206 a range of it, 304 not modified, 416 range outside it. */
+  status: 200 | 206 | 304 | 416;
+  /** First and last byte of a 206 body. */
+  range: { start: number; end: number } | null;
+}
+
+/** A byte range to read: from `offset` (`length` bytes, or to the end), or the last `suffix`. */
+export type ReadRange = { offset: number; length?: number } | { suffix: number };
+
+export interface ReadOptions {
+  head?: boolean;
+  range?: ReadRange;
+  ifNoneMatch?: string;
+  ifModifiedSince?: string;
 }
 
 /** The origin could not answer: "timeout" maps to 504, "unavailable" to 502. */
@@ -38,7 +55,7 @@ function aborted(signal: AbortSignal): Promise<never> {
   });
 }
 
-async function withTimeout<T>(
+export async function withTimeout<T>(
   timeoutMs: number,
   run: (signal: AbortSignal) => Promise<T>,
 ): Promise<T> {
@@ -64,62 +81,198 @@ function parseDate(value: string | null): Date | null {
   return Number.isNaN(time) ? null : new Date(time);
 }
 
+function rangeHeader(range: ReadRange): string {
+  if ("suffix" in range) return `bytes=-${range.suffix}`;
+  const end = range.length === undefined ? "" : String(range.offset + range.length - 1);
+  return `bytes=${range.offset}-${end}`;
+}
+
 function fromHttp(response: Response): OriginObject | null {
-  if (response.status === 404) {
+  const status = response.status;
+  if (status === 404) {
     void response.body?.cancel();
     return null;
   }
-  if (response.status !== 200 || response.body === null) {
+  if (![200, 206, 304, 416].includes(status)) {
     void response.body?.cancel();
     // 403 usually means credentials or bucket policy are wrong, 3xx a misplaced base URL.
-    throw new OriginError("unavailable", `origin answered ${response.status}`);
+    throw new OriginError("unavailable", `origin answered ${status}`);
   }
-  const length = response.headers.get("Content-Length");
+  const headers = response.headers;
+  const length = headers.get("Content-Length");
+  let size = length !== null && /^\d+$/.test(length) ? Number(length) : null;
+  let range: OriginObject["range"] = null;
+  const contentRange = /^bytes (?:(\d+)-(\d+)|\*)\/(\d+)$/.exec(headers.get("Content-Range") ?? "");
+  if (status === 206 || status === 416) {
+    if (contentRange === null) throw new OriginError("unavailable", "origin range unclear");
+    size = Number(contentRange[3]);
+    if (status === 206) range = { start: Number(contentRange[1]), end: Number(contentRange[2]) };
+  }
+  const hasBody = status === 200 || status === 206;
+  if (!hasBody) void response.body?.cancel();
   return {
-    body: response.body,
-    size: length !== null && /^\d+$/.test(length) ? Number(length) : null,
-    etag: response.headers.get("ETag"),
-    lastModified: parseDate(response.headers.get("Last-Modified")),
-    contentType: response.headers.get("Content-Type"),
+    body: hasBody ? response.body : null,
+    size: status === 304 ? null : size,
+    etag: headers.get("ETag"),
+    lastModified: parseDate(headers.get("Last-Modified")),
+    status: status as OriginObject["status"],
+    range,
   };
 }
 
+async function fromR2(bucket: R2Bucket, key: string, options: ReadOptions) {
+  if (options.head) {
+    const object = await bucket.head(key);
+    return object === null ? null : r2Object(object, null, 200);
+  }
+  const onlyIf = new Headers();
+  if (options.ifNoneMatch) onlyIf.set("If-None-Match", options.ifNoneMatch);
+  if (options.ifModifiedSince) onlyIf.set("If-Modified-Since", options.ifModifiedSince);
+  let object: R2Object | R2ObjectBody | null;
+  try {
+    object = await bucket.get(key, { onlyIf, ...(options.range ? { range: options.range } : {}) });
+  } catch (err) {
+    // R2 refuses a range outside the object; answer 416 with the size, as S3 does.
+    if (options.range && /range/i.test((err as Error)?.message ?? "")) {
+      const head = await bucket.head(key);
+      return head === null ? null : r2Object(head, null, 416);
+    }
+    throw err;
+  }
+  if (object === null) return null;
+  // R2 answers a failed precondition with the object's metadata and no body.
+  if (!("body" in object)) return r2Object(object, null, 304);
+  const range = object.range as { offset?: number; length?: number } | undefined;
+  if (options.range && range !== undefined) {
+    const start = range.offset ?? 0;
+    const length = range.length ?? object.size - start;
+    return r2Object(object, object.body, 206, { start, end: start + length - 1 });
+  }
+  return r2Object(object, object.body, 200);
+}
+
+function r2Object(
+  object: R2Object,
+  body: ReadableStream | null,
+  status: OriginObject["status"],
+  range: OriginObject["range"] = null,
+): OriginObject {
+  return {
+    body,
+    size: object.size,
+    etag: object.httpEtag,
+    lastModified: object.uploaded,
+    status,
+    range,
+  };
+}
+
+function httpHeaders(options: ReadOptions): Headers {
+  const headers = new Headers();
+  if (options.range) headers.set("Range", rangeHeader(options.range));
+  if (options.ifNoneMatch) headers.set("If-None-Match", options.ifNoneMatch);
+  if (options.ifModifiedSince) headers.set("If-Modified-Since", options.ifModifiedSince);
+  return headers;
+}
+
+function s3Client(config: Config): AwsClient {
+  if (config.origin.kind !== "s3") throw new Error("not an S3 origin");
+  return new AwsClient({
+    accessKeyId: config.origin.accessKeyId,
+    secretAccessKey: config.origin.secretAccessKey,
+    service: "s3",
+    region: config.origin.region,
+    retries: S3_RETRIES,
+  });
+}
+
 /**
- * The object stored at `<ORIGIN_PREFIX><key>`, or null when the origin has none.
+ * Reads `<ORIGIN_PREFIX><key>` from the origin, or null when the origin has no such object.
  *
  * Throws OriginError when the origin fails or does not answer in time.
  */
-export function fetchObject(config: Config, key: string): Promise<OriginObject | null> {
+export function readObject(
+  config: Config,
+  key: string,
+  options: ReadOptions = {},
+): Promise<OriginObject | null> {
   const objectKey = config.prefix + key;
   const origin = config.origin;
+  const init = (signal: AbortSignal): RequestInit => ({
+    method: options.head ? "HEAD" : "GET",
+    headers: httpHeaders(options),
+    redirect: "manual",
+    signal,
+  });
   return withTimeout(config.timeoutMs, async (signal) => {
     switch (origin.kind) {
-      case "r2": {
-        const object = await origin.bucket.get(objectKey);
-        if (object === null) return null;
-        return {
-          body: object.body,
-          size: object.size,
-          etag: object.httpEtag,
-          lastModified: object.uploaded,
-          contentType: object.httpMetadata?.contentType ?? null,
-        };
-      }
+      case "r2":
+        return fromR2(origin.bucket, objectKey, options);
       case "s3": {
-        const client = new AwsClient({
-          accessKeyId: origin.accessKeyId,
-          secretAccessKey: origin.secretAccessKey,
-          service: "s3",
-          region: origin.region,
-          retries: S3_RETRIES,
-        });
         const url = `${origin.endpoint}/${origin.bucket}/${objectKey}`;
-        return fromHttp(await client.fetch(url, { method: "GET", redirect: "manual", signal }));
+        return fromHttp(await s3Client(config).fetch(url, init(signal)));
       }
-      case "public": {
-        const url = `${origin.baseUrl}/${objectKey}`;
-        return fromHttp(await fetch(url, { method: "GET", redirect: "manual", signal }));
-      }
+      case "public":
+        return fromHttp(await fetch(`${origin.baseUrl}/${objectKey}`, init(signal)));
     }
+  });
+}
+
+/** Keys under `prefix` (relative to ORIGIN_PREFIX), and with `delimiter` the folders below it. */
+export interface Listing {
+  keys: string[];
+  folders: string[];
+}
+
+function xmlText(value: string): string {
+  return value
+    .replace(/&lt;/g, "<")
+    .replace(/&gt;/g, ">")
+    .replace(/&quot;/g, '"')
+    .replace(/&apos;/g, "'")
+    .replace(/&amp;/g, "&");
+}
+
+// The ListObjectsV2 answer: <Contents><Key>..</Key>..</Contents> and
+// <CommonPrefixes><Prefix>..</Prefix></CommonPrefixes> (docs.aws.amazon.com, ListObjectsV2).
+function fromListXml(xml: string, strip: number): Listing {
+  const keys = [...xml.matchAll(/<Contents>[\s\S]*?<Key>([^<]*)<\/Key>/g)].map((m) =>
+    xmlText(m[1] ?? "").slice(strip),
+  );
+  const folders = [...xml.matchAll(/<CommonPrefixes>\s*<Prefix>([^<]*)<\/Prefix>/g)].map((m) =>
+    xmlText(m[1] ?? "").slice(strip),
+  );
+  return { keys, folders };
+}
+
+/** Lists up to 1000 keys under `prefix` (one page: a day holds fewer images than that). */
+export function listKeys(config: Config, prefix: string, delimiter?: string): Promise<Listing> {
+  const full = config.prefix + prefix;
+  const strip = config.prefix.length;
+  const origin = config.origin;
+  return withTimeout(config.timeoutMs, async (signal) => {
+    if (origin.kind === "r2") {
+      const listed = await origin.bucket.list({
+        prefix: full,
+        limit: 1000,
+        ...(delimiter ? { delimiter } : {}),
+      });
+      return {
+        keys: listed.objects.map((o) => o.key.slice(strip)),
+        folders: listed.delimitedPrefixes.map((p) => p.slice(strip)),
+      };
+    }
+    const query = new URLSearchParams({ "list-type": "2", prefix: full, "max-keys": "1000" });
+    if (delimiter) query.set("delimiter", delimiter);
+    const init: RequestInit = { method: "GET", redirect: "manual", signal };
+    const response =
+      origin.kind === "s3"
+        ? await s3Client(config).fetch(`${origin.endpoint}/${origin.bucket}?${query}`, init)
+        : await fetch(`${origin.baseUrl}?${query}`, init);
+    if (response.status !== 200) {
+      void response.body?.cancel();
+      throw new OriginError("unavailable", `origin list answered ${response.status}`);
+    }
+    return fromListXml(await response.text(), strip);
   });
 }

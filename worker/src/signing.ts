@@ -1,9 +1,10 @@
 /**
- * Signed URLs: `/<key>?expires=<unix-seconds>&signature=<hex>`.
+ * Signed URLs: `/<key>?[<params>&]expires=<unix-seconds>&signature=<hex>`.
  *
- * signature = lowercase hex of HMAC-SHA256(secret, "/" + key + "\n" + expires). The scheme is
- * specified in docs/signed-urls.md and shared with imagegen/urls.py through
- * schemas/signed-url-vectors.json.
+ * signature = lowercase hex of HMAC-SHA256(secret, "/" + key + ["?" + canonical params] + "\n" +
+ * expires), where the canonical params are every other parameter, RFC 3986-encoded, sorted and
+ * `&`-joined. The scheme is specified in docs/signed-urls.md and shared with imagegen/urls.py
+ * through schemas/signed-url-vectors.json.
  */
 
 const encoder = new TextEncoder();
@@ -15,8 +16,29 @@ export type SignatureCheck =
   | { ok: true; expires: number }
   | { ok: false; reason: "missing" | "malformed" | "mismatch" | "expired" };
 
-function message(key: string, expires: number): Uint8Array {
-  return encoder.encode(`/${key}\n${expires}`);
+const SIGNATURE_PARAMS = new Set(["expires", "signature"]);
+
+// encodeURIComponent keeps !'()* unescaped; RFC 3986 (and Python's quote) escape them.
+function rfc3986(value: string): string {
+  return encodeURIComponent(value).replace(
+    /[!'()*]/g,
+    (c) => `%${c.charCodeAt(0).toString(16).toUpperCase()}`,
+  );
+}
+
+/** The signed form of a URL's parameters, without `expires` and `signature`. */
+export function canonicalQuery(params: URLSearchParams | Record<string, string>): string {
+  const entries = params instanceof URLSearchParams ? [...params] : Object.entries(params);
+  return entries
+    .filter(([name]) => !SIGNATURE_PARAMS.has(name))
+    .map(([name, value]) => [rfc3986(name), rfc3986(value)] as const)
+    .sort(([a, x], [b, y]) => (a < b ? -1 : a > b ? 1 : x < y ? -1 : x > y ? 1 : 0))
+    .map(([name, value]) => `${name}=${value}`)
+    .join("&");
+}
+
+function message(key: string, expires: number, query: string): Uint8Array {
+  return encoder.encode(query ? `/${key}?${query}\n${expires}` : `/${key}\n${expires}`);
 }
 
 function hmacKey(secret: string, usage: "sign" | "verify"): Promise<CryptoKey> {
@@ -37,12 +59,17 @@ function hexToBytes(hex: string): Uint8Array {
   return bytes;
 }
 
-/** The lowercase hex signature of `key` valid until `expires` (Unix seconds). */
-export async function sign(key: string, expires: number, secret: string): Promise<string> {
+/** The lowercase hex signature of `key` (and `params`) valid until `expires` (Unix seconds). */
+export async function sign(
+  key: string,
+  expires: number,
+  secret: string,
+  params: URLSearchParams | Record<string, string> = {},
+): Promise<string> {
   const mac = await crypto.subtle.sign(
     "HMAC",
     await hmacKey(secret, "sign"),
-    message(key, expires),
+    message(key, expires, canonicalQuery(params)),
   );
   return Array.from(new Uint8Array(mac), (b) => b.toString(16).padStart(2, "0")).join("");
 }
@@ -53,6 +80,7 @@ async function macMatches(
   expires: number,
   signature: string,
   secret: string,
+  query: string,
 ): Promise<boolean> {
   // Only the canonical spelling (64 lowercase hex digits) is accepted.
   if (!SIGNATURE_PATTERN.test(signature)) return false;
@@ -60,7 +88,7 @@ async function macMatches(
     "HMAC",
     await hmacKey(secret, "verify"),
     hexToBytes(signature),
-    message(key, expires),
+    message(key, expires, query),
   );
 }
 
@@ -71,12 +99,14 @@ export async function verify(
   signature: string,
   secret: string,
   now: number,
+  params: URLSearchParams | Record<string, string> = {},
 ): Promise<boolean> {
-  const matches = await macMatches(key, expires, signature, secret);
+  const matches = await macMatches(key, expires, signature, secret, canonicalQuery(params));
   return matches && now <= expires;
 }
 
-/** Checks the `expires` and `signature` query parameters of a request for `key`. */
+/** Checks the `expires` and `signature` query parameters of a request for `key`; they sign
+ * every other parameter too. */
 export async function checkSignedUrl(
   params: URLSearchParams,
   key: string,
@@ -100,7 +130,7 @@ export async function checkSignedUrl(
     return { ok: false, reason: "malformed" };
   }
   const expires = Number(expiresText);
-  if (!(await macMatches(key, expires, signature, secret))) {
+  if (!(await macMatches(key, expires, signature, secret, canonicalQuery(params)))) {
     return { ok: false, reason: "mismatch" };
   }
   if (now > expires) return { ok: false, reason: "expired" };

@@ -39,17 +39,32 @@ export async function send(
   return new Response(nullBody ? null : body, response);
 }
 
-/** An R2 bucket that forwards to the real local one and counts reads. */
-export function countingBucket(delayMs = 0): { bucket: R2Bucket; gets: () => number } {
-  let gets = 0;
+/** An R2 bucket that forwards to the real local one and records every call. */
+export function countingBucket(delayMs = 0): {
+  bucket: R2Bucket;
+  gets: () => number;
+  calls: { method: string; key: string; options?: R2GetOptions }[];
+} {
+  const calls: { method: string; key: string; options?: R2GetOptions }[] = [];
+  const wait = () =>
+    delayMs > 0 ? new Promise((resolve) => setTimeout(resolve, delayMs)) : Promise.resolve();
   const bucket = {
-    async get(key: string) {
-      gets += 1;
-      if (delayMs > 0) await new Promise((resolve) => setTimeout(resolve, delayMs));
-      return env.IMAGES.get(key);
+    async get(key: string, options?: R2GetOptions) {
+      calls.push({ method: "get", key, ...(options ? { options } : {}) });
+      await wait();
+      return env.IMAGES.get(key, options);
+    },
+    async head(key: string) {
+      calls.push({ method: "head", key });
+      await wait();
+      return env.IMAGES.head(key);
+    },
+    async list(options?: R2ListOptions) {
+      calls.push({ method: "list", key: options?.prefix ?? "" });
+      return env.IMAGES.list(options);
     },
   } as unknown as R2Bucket;
-  return { bucket, gets: () => gets };
+  return { bucket, gets: () => calls.filter((c) => c.method === "get").length, calls };
 }
 
 /** Replaces the global fetch (which the Worker shares with the tests) with `handler`. */

@@ -1,6 +1,6 @@
 import { env } from "cloudflare:workers";
 import { afterEach, describe, expect, it, vi } from "vitest";
-import { parseRange } from "../src/http";
+import { NOT_FOUND_TTL, parseRange } from "../src/http";
 import { BASE, bytes, countingBucket, newKey, send } from "./helpers";
 
 const SIZE = 1000;
@@ -42,16 +42,46 @@ describe("GET and HEAD", () => {
     expect(res.headers.get("X-Content-Type-Options")).toBe("nosniff");
   });
 
-  it("falls back to the media type of the extension", async () => {
-    const png = await stored("png");
-    const thumb = await stored("thumb", "application/octet-stream");
-    expect((await send(png.url)).headers.get("Content-Type")).toBe("image/png");
-    expect((await send(thumb.url)).headers.get("Content-Type")).toBe("image/webp");
+  it.each([undefined, "application/octet-stream", "binary/octet-stream", "text/html"])(
+    "takes the media type from the key, never from the stored %s",
+    async (type) => {
+      const png = await stored("png", type);
+      const thumb = await stored("thumb", type);
+      for (const [url, expected] of [
+        [png.url, "image/png"],
+        [thumb.url, "image/webp"],
+      ] as const) {
+        const res = await send(url);
+        expect(res.headers.get("Content-Type")).toBe(expected);
+        expect(res.headers.get("Content-Security-Policy")).toBe("default-src 'none'; sandbox");
+        expect(res.headers.get("X-Content-Type-Options")).toBe("nosniff");
+      }
+    },
+  );
+
+  it("forbids scripts on every answer, errors included", async () => {
+    const { url } = await stored();
+    for (const res of [
+      await send(url),
+      await send(get(url, {}, "HEAD")),
+      await send(get(url, { Range: "bytes=0-1" })),
+      await send(`${BASE}/${newKey()}`),
+      await send(`${BASE}/nothing`),
+      await send(get(url, {}, "OPTIONS")),
+    ]) {
+      expect(res.headers.get("Content-Security-Policy")).toBe("default-src 'none'; sandbox");
+    }
   });
 
-  it("keeps the media type stored with the object", async () => {
-    const { url } = await stored("thumb", "image/webp");
-    expect((await send(url)).headers.get("Content-Type")).toBe("image/webp");
+  it("resolves dot segments as browsers do before matching the key", async () => {
+    const { key, url } = await stored();
+    const [day, name] = [key.slice(0, 10), key.slice(11)];
+    const dotted = `${BASE}/${day}/../${day.slice(8)}/./${name}`;
+    const res = await send(dotted);
+    expect(res.status).toBe(200);
+    expect(new Uint8Array(await res.arrayBuffer())).toEqual(bytes(SIZE));
+    expect((await send(url)).status).toBe(200);
+    expect((await send(`${BASE}/${day}/../../${name}`)).status).toBe(404);
   });
 
   it("answers HEAD with the headers of GET and no body", async () => {
@@ -165,11 +195,15 @@ describe("ranges", () => {
     expect((await changed.arrayBuffer()).byteLength).toBe(SIZE);
   });
 
-  it("answers HEAD with a range without a body", async () => {
+  it("answers HEAD with a range without a body, from the origin and from the cache", async () => {
     const { url } = await stored();
-    const res = await send(get(url, { Range: "bytes=0-9" }, "HEAD"));
-    expect(res.status).toBe(206);
-    expect(res.headers.get("Content-Range")).toBe(`bytes 0-9/${SIZE}`);
+    for (let i = 0; i < 2; i++) {
+      const res = await send(get(url, { Range: "bytes=0-9" }, "HEAD"));
+      expect(res.status).toBe(206);
+      expect(res.headers.get("Content-Range")).toBe(`bytes 0-9/${SIZE}`);
+      expect(res.body).toBeNull();
+      await send(url);
+    }
   });
 
   it("parses single ranges", () => {
@@ -211,22 +245,83 @@ describe("edge cache", () => {
     expect(gets()).toBe(1);
   });
 
-  it("fills the cache from a first request that asked for a range", async () => {
+  it("asks R2 for only the range on a miss, and fills the cache from a plain GET", async () => {
     const { url } = await stored();
-    const { bucket, gets } = countingBucket();
-    expect((await send(get(url, { Range: "bytes=0-9" }), { IMAGES: bucket })).status).toBe(206);
+    const { bucket, calls } = countingBucket();
+    const part = await send(get(url, { Range: "bytes=10-19" }), { IMAGES: bucket });
+    expect(part.status).toBe(206);
+    expect(part.headers.get("Content-Range")).toBe(`bytes 10-19/${SIZE}`);
+    expect(new Uint8Array(await part.arrayBuffer())).toEqual(bytes(SIZE).slice(10, 20));
+    const suffix = await send(get(url, { Range: "bytes=-10" }), { IMAGES: bucket });
+    expect(suffix.headers.get("Content-Range")).toBe(`bytes 990-999/${SIZE}`);
+    expect(calls.map((c) => c.options?.range)).toEqual([
+      { offset: 10, length: 10 },
+      { suffix: 10 },
+    ]);
+    const outside = await send(get(url, { Range: "bytes=5000-" }), { IMAGES: bucket });
+    expect(outside.status).toBe(416);
+    expect(outside.headers.get("Content-Range")).toBe(`bytes */${SIZE}`);
+
     const full = await send(url, { IMAGES: bucket });
     expect((await full.arrayBuffer()).byteLength).toBe(SIZE);
+    const gets = calls.filter((c) => c.method === "get").length;
+    expect((await send(get(url, { Range: "bytes=0-9" }), { IMAGES: bucket })).status).toBe(206);
+    expect(calls.filter((c) => c.method === "get").length).toBe(gets);
+  });
+
+  it("passes validators to R2 on a miss and reads no body for a 304", async () => {
+    const { url, object } = await stored();
+    const { bucket, calls } = countingBucket();
+    const res = await send(get(url, { "If-None-Match": object.httpEtag }), { IMAGES: bucket });
+    expect(res.status).toBe(304);
+    expect(res.headers.get("ETag")).toBe(object.httpEtag);
+    const onlyIf = calls[0]?.options?.onlyIf as Headers;
+    expect(onlyIf.get("If-None-Match")).toBe(object.httpEtag);
+    const changed = await send(get(url, { "If-None-Match": '"other"' }), { IMAGES: bucket });
+    expect(changed.status).toBe(200);
+    expect((await changed.arrayBuffer()).byteLength).toBe(SIZE);
+  });
+
+  it("answers HEAD on a miss from R2's head, without reading the object", async () => {
+    const { url, object } = await stored();
+    const { bucket, calls } = countingBucket();
+    const res = await send(get(url, {}, "HEAD"), { IMAGES: bucket });
+    expect(res.status).toBe(200);
+    expect(res.headers.get("Content-Length")).toBe(String(SIZE));
+    expect(res.headers.get("ETag")).toBe(object.httpEtag);
+    expect(calls.map((c) => c.method)).toEqual(["head"]);
+    expect((await send(get(`${BASE}/${newKey()}`, {}, "HEAD"), { IMAGES: bucket })).status).toBe(
+      404,
+    );
+  });
+
+  it("reads a key once for many simultaneous cold requests", async () => {
+    const { url } = await stored();
+    const { bucket, gets } = countingBucket(30);
+    const answers = await Promise.all(
+      Array.from({ length: 30 }, () => send(url, { IMAGES: bucket })),
+    );
+    for (const res of answers) {
+      expect(res.status).toBe(200);
+      expect(new Uint8Array(await res.arrayBuffer())).toEqual(bytes(SIZE));
+    }
     expect(gets()).toBe(1);
   });
 
-  it("does not cache a 404", async () => {
+  it("remembers a 404 for a while", async () => {
     const key = newKey();
     const { bucket, gets } = countingBucket();
-    expect((await send(`${BASE}/${key}`, { IMAGES: bucket })).status).toBe(404);
+    const first = await send(`${BASE}/${key}`, { IMAGES: bucket });
+    expect(first.status).toBe(404);
+    expect(first.headers.get("Cache-Control")).toBe("no-store");
     await env.IMAGES.put(key, "late");
-    expect((await send(`${BASE}/${key}`, { IMAGES: bucket })).status).toBe(200);
-    expect(gets()).toBe(2);
+    // Within NOT_FOUND_TTL the edge answers from its memory of the miss.
+    expect((await send(`${BASE}/${key}`, { IMAGES: bucket })).status).toBe(404);
+    expect((await send(get(`${BASE}/${key}`, {}, "HEAD"), { IMAGES: bucket })).status).toBe(404);
+    expect(gets()).toBe(1);
+    const marker = await caches.default.match(`${BASE}/${key}`);
+    expect(marker?.status).toBe(404);
+    expect(marker?.headers.get("Cache-Control")).toBe(`public, max-age=${NOT_FOUND_TTL}`);
   });
 });
 

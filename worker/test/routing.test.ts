@@ -35,8 +35,9 @@ describe("methods", () => {
 
 describe("paths that are not served keys", () => {
   const bad = [
-    "/",
     "/favicon.ico",
+    "/2026/05/01",
+    "/2026/05/",
     "/2026/05/01/abc.json",
     "/2026/05/01/abc.webp",
     "/2026/05/01/abc.thumb.png",

@@ -206,3 +206,88 @@ describe("public bucket origin", () => {
     expect((await send(`${BASE}/${newKey()}`, PUBLIC)).status).toBe(502);
   });
 });
+
+describe("S3-compatible origin on a cache miss", () => {
+  it("passes Range, validators and HEAD to the origin as they are", async () => {
+    const { calls } = mockFetch((request) => {
+      if (request.method === "HEAD") return new Response(null, objectResponse(64));
+      if (request.headers.get("If-None-Match") === '"0123456789abcdef"') {
+        return new Response(null, { status: 304, headers: { ETag: '"0123456789abcdef"' } });
+      }
+      return new Response(bytes(64).slice(8, 16), {
+        status: 206,
+        headers: {
+          "Content-Range": "bytes 8-15/64",
+          "Content-Length": "8",
+          ETag: '"0123456789abcdef"',
+        },
+      });
+    });
+    const url = `${BASE}/${newKey()}`;
+    const part = await send(new Request(url, { headers: { Range: "bytes=8-15" } }), S3);
+    expect(part.status).toBe(206);
+    expect(part.headers.get("Content-Range")).toBe("bytes 8-15/64");
+    expect(new Uint8Array(await part.arrayBuffer())).toEqual(bytes(64).slice(8, 16));
+    const same = await send(
+      new Request(url, { headers: { "If-None-Match": '"0123456789abcdef"' } }),
+      S3,
+    );
+    expect(same.status).toBe(304);
+    const head = await send(new Request(url, { method: "HEAD" }), S3);
+    expect(head.status).toBe(200);
+    expect(head.headers.get("Content-Length")).toBe("64");
+    expect(
+      calls.map((c) => [c.method, c.headers.get("Range"), c.headers.get("If-None-Match")]),
+    ).toEqual([
+      ["GET", "bytes=8-15", null],
+      ["GET", null, '"0123456789abcdef"'],
+      ["HEAD", null, null],
+    ]);
+  });
+
+  it("lists day folders and records for the gallery with ListObjectsV2", async () => {
+    const { calls } = mockFetch((request) => {
+      const params = new URL(request.url).searchParams;
+      const prefix = params.get("prefix") ?? "";
+      const folders: Record<string, string[]> = {
+        "images/": ["images/2026/"],
+        "images/2026/": ["images/2026/05/"],
+        "images/2026/05/": ["images/2026/05/01/"],
+      };
+      if (params.get("delimiter") === "/") {
+        const common = (folders[prefix] ?? [])
+          .map((p) => `<CommonPrefixes><Prefix>${p}</Prefix></CommonPrefixes>`)
+          .join("");
+        return new Response(`<ListBucketResult>${common}</ListBucketResult>`);
+      }
+      if (prefix === "images/2026/05/01/") {
+        return new Response(
+          "<ListBucketResult><Contents><Key>images/2026/05/01/a1.json</Key></Contents></ListBucketResult>",
+        );
+      }
+      const record = {
+        persisted: {
+          prompt: "fish &amp; chips",
+          seed: 1,
+          model: "m",
+          width: 8,
+          height: 8,
+          created_at: "2026-05-01T00:00:00Z",
+          keys: {},
+        },
+      };
+      return new Response(JSON.stringify(record), { headers: { "Content-Length": "" } });
+    });
+    const res = await send(`${BASE}/`, S3);
+    expect(res.status).toBe(200);
+    const html = await res.text();
+    expect(html).toContain("Images of 2026-05-01");
+    expect(html).toContain("fish &amp;amp; chips");
+    const urls = calls.map((c) => new URL(c.url));
+    expect(urls.every((u) => u.host === "s3.example.net")).toBe(true);
+    expect(urls.at(-1)?.pathname).toBe("/imagegen-images/images/2026/05/01/a1.json");
+    expect(calls.every((c) => c.headers.get("Authorization")?.startsWith("AWS4-HMAC-SHA256"))).toBe(
+      true,
+    );
+  });
+});

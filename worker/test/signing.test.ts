@@ -13,9 +13,10 @@ interface Vector {
   signature: string;
   valid: boolean;
   url: string;
+  params: Record<string, string>;
 }
 
-const vectors: Vector[] = shared.vectors;
+const vectors = shared.vectors as unknown as Vector[];
 const SECRET = "worker-test-secret";
 
 function at(unixSeconds: number): void {
@@ -40,23 +41,25 @@ describe("shared vectors", () => {
   });
 
   it.each(vectors.map((v) => [v.name, v] as const))("verify: %s", async (_, v) => {
-    expect(await verify(v.key, v.expires, v.signature, v.secret, v.now)).toBe(v.valid);
+    expect(await verify(v.key, v.expires, v.signature, v.secret, v.now, v.params)).toBe(v.valid);
   });
 
   it.each(vectors.filter((v) => v.valid).map((v) => [v.name, v] as const))(
     "sign: %s",
     async (_, v) => {
-      expect(await sign(v.key, v.expires, v.secret)).toBe(v.signature);
+      expect(await sign(v.key, v.expires, v.secret, v.params)).toBe(v.signature);
     },
   );
 
   it.each(vectors.map((v) => [v.name, v] as const))("request: %s", async (_, v) => {
-    await env.IMAGES.put(v.key, "image");
+    const gallery = v.key === "" || v.key.endsWith("/");
+    if (!gallery) await env.IMAGES.put(v.key, "image");
     at(v.now);
-    const res = await send(v.url, { SIGNING_SECRET: v.secret });
+    const res = await send(v.url, { SIGNING_SECRET: v.secret, GALLERY: "signed" });
     if (v.valid) {
       expect(res.status).toBe(200);
-      expect(res.headers.get("Cache-Control")).toBe(`private, max-age=${v.expires - v.now}`);
+      const maxAge = gallery ? 60 : v.expires - v.now;
+      expect(res.headers.get("Cache-Control")).toBe(`private, max-age=${maxAge}`);
     } else {
       expect(res.status).toBe(403);
       expect(await res.text()).toBe("Forbidden\n");

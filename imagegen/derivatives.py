@@ -1,0 +1,94 @@
+"""Derivatives of a rendered image: AVIF and WebP at a few widths, for browsers.
+
+A derivative is named by its format and its real pixel width::
+
+    YYYY/MM/DD/<generation-id>.w<width>.avif
+    YYYY/MM/DD/<generation-id>.w<width>.webp
+
+For each configured width narrower than the image there is one derivative of that width, and
+there is always one at the image's own width, so nothing is ever upscaled and a browser asking
+for any width finds a derivative at least that wide. The Worker picks among them by ``Accept``
+and ``w`` (``docs/signed-urls.md``); the widths that exist are listed in the metadata record's
+``keys`` as ``avif:<width>`` and ``webp:<width>``.
+
+Encoding is deterministic for the same input and settings (libavif and libwebp at fixed
+quality and speed), so a redelivered event writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from PIL import Image
+
+__all__ = ["FORMATS", "Derivative", "derivative_key", "derivative_widths", "make_derivatives"]
+
+# Format name → (media type, Pillow encoder options). Quality and speed are Pillow's and
+# libavif's usual web settings: AVIF at speed 6 takes ~0.25 s for 512 px on one core.
+FORMATS: dict[str, tuple[str, dict[str, int]]] = {
+    "avif": ("image/avif", {"quality": 60, "speed": 6}),
+    "webp": ("image/webp", {"quality": 80, "method": 4}),
+}
+
+
+@dataclass(frozen=True)
+class Derivative:
+    """One encoded derivative: its record name (``avif:512``), key and bytes."""
+
+    format: str
+    width: int
+    key: str
+    data: bytes
+
+    @property
+    def name(self) -> str:
+        return f"{self.format}:{self.width}"
+
+    @property
+    def content_type(self) -> str:
+        return FORMATS[self.format][0]
+
+
+def derivative_key(image_key: str, fmt: str, width: int) -> str:
+    """The key of the ``fmt`` derivative ``width`` pixels wide of the PNG at ``image_key``."""
+    if not image_key.endswith(".png"):
+        raise ValueError(f"not an image key: {image_key!r}")
+    return f"{image_key.removesuffix('.png')}.w{width}.{fmt}"
+
+
+def derivative_widths(image_width: int, widths: Iterable[int]) -> list[int]:
+    """The widths to make for an image ``image_width`` wide: those narrower, and its own."""
+    return sorted({w for w in widths if w < image_width} | {image_width})
+
+
+def _encode(image: Image.Image, fmt: str) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt.upper(), **FORMATS[fmt][1])
+    return out.getvalue()
+
+
+def make_derivatives(png: bytes, image_key: str, widths: Iterable[int]) -> list[Derivative]:
+    """Encodes every derivative of ``png`` (CPU-bound: run it off the event loop).
+
+    Args:
+        png: The stored full image.
+        image_key: Its key, ``YYYY/MM/DD/<generation-id>.png``.
+        widths: The configured target widths; those not narrower than the image are dropped.
+
+    Returns:
+        AVIF and WebP derivatives, narrowest first, each keeping the image's aspect ratio.
+    """
+    with Image.open(io.BytesIO(png)) as opened:
+        full = opened.convert("RGB")
+    result: list[Derivative] = []
+    for width in derivative_widths(full.width, widths):
+        height = max(1, round(full.height * width / full.width))
+        sized = (
+            full if width == full.width else full.resize((width, height), Image.Resampling.LANCZOS)
+        )
+        for fmt in FORMATS:
+            key = derivative_key(image_key, fmt, width)
+            result.append(Derivative(fmt, width, key, _encode(sized, fmt)))
+    return result

@@ -1,0 +1,90 @@
+/**
+ * Choosing the representation of a full image (`.png`) from `Accept` and the `w` parameter.
+ *
+ * The derivatives that exist are read from the image's metadata record (written by the persist
+ * stage, never served): its `persisted.keys` lists them as `avif:<width>` and `webp:<width>`.
+ * AVIF is preferred, then WebP, then the PNG; the width is the narrowest derivative at least `w`
+ * wide, or the widest there is (the image's own width) when none is: never upscaled.
+ */
+import { derivativeKey, recordKey } from "./keys";
+import { type Serving, wholeObject } from "./objects";
+
+export type Format = "avif" | "webp";
+const FORMATS: readonly Format[] = ["avif", "webp"];
+
+/** The largest `w` accepted; imagegen.urls.MAX_WIDTH. */
+export const MAX_WIDTH = 8192;
+
+/** The derivative formats `accept` names with a non-zero quality, AVIF first. */
+export function acceptedFormats(accept: string | null): Format[] {
+  const accepted = new Set<string>();
+  for (const part of (accept ?? "").toLowerCase().split(",")) {
+    const [type = "", ...params] = part.split(";").map((p) => p.trim());
+    const q = params.find((p) => p.startsWith("q="));
+    if (q !== undefined && !(Number(q.slice(2)) > 0)) continue;
+    // Only explicit types count: */* and image/* are sent by clients that cannot decode AVIF.
+    if (type === "image/avif") accepted.add("avif");
+    if (type === "image/webp") accepted.add("webp");
+  }
+  return FORMATS.filter((f) => accepted.has(f));
+}
+
+/** The `w` parameter: null when absent, a number, or "invalid". */
+export function widthParam(params: URLSearchParams): number | null | "invalid" {
+  const values = params.getAll("w");
+  if (values.length === 0) return null;
+  const value = values[0] ?? "";
+  if (values.length > 1 || !/^[1-9][0-9]{0,4}$/.test(value) || Number(value) > MAX_WIDTH) {
+    return "invalid";
+  }
+  return Number(value);
+}
+
+/** Widths of each derivative format of one image. */
+export type Available = Record<Format, number[]>;
+
+/**
+ * The derivatives the record of `YYYY/MM/DD/<id>` lists. Entries are believed only when the
+ * key is exactly the one the persist stage names, so a record can never point elsewhere.
+ */
+export function availableFrom(record: unknown, day: string, id: string): Available {
+  const available: Available = { avif: [], webp: [] };
+  const keys = (record as { persisted?: { keys?: unknown } } | null)?.persisted?.keys;
+  if (typeof keys !== "object" || keys === null) return available;
+  for (const [name, value] of Object.entries(keys)) {
+    const match = /^(avif|webp):([1-9][0-9]{0,4})$/.exec(name);
+    if (match === null) continue;
+    const format = match[1] as Format;
+    const width = Number(match[2]);
+    if (value === derivativeKey(day, id, format, width)) available[format].push(width);
+  }
+  available.avif.sort((a, b) => a - b);
+  available.webp.sort((a, b) => a - b);
+  return available;
+}
+
+/** The metadata record of an image (from the edge cache or the origin), or null. */
+export async function readRecord(serving: Serving, day: string, id: string): Promise<unknown> {
+  const whole = await wholeObject(serving, recordKey(day, id));
+  if (whole === null) return null;
+  try {
+    return JSON.parse(await whole.text()) as unknown;
+  } catch {
+    return null;
+  }
+}
+
+/** The derivative to serve, or null for the PNG itself. */
+export function choose(
+  formats: Format[],
+  width: number | null,
+  available: Available,
+): { format: Format; width: number } | null {
+  for (const format of formats) {
+    const widths = available[format];
+    if (widths.length === 0) continue;
+    const fits = width === null ? undefined : widths.find((w) => w >= width);
+    return { format, width: fits ?? widths[widths.length - 1] ?? 0 };
+  }
+  return null;
+}

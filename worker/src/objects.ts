@@ -1,0 +1,147 @@
+/**
+ * Serving one object key: edge cache first, then the origin, reading no more than needed.
+ *
+ * - A hit answers everything (304, 206, HEAD) from the stored full object.
+ * - A miss for a HEAD, a range or a conditional request is passed to the origin as it is
+ *   (R2 `head`/`get(key, {range, onlyIf})`, S3 `HEAD`/`Range`/`If-*`) and not cached.
+ * - A miss for a plain GET reads the whole object once per key and isolate, however many
+ *   requests wait for it, and stores it in the edge cache; a missing key is stored as a 404
+ *   for NOT_FOUND_TTL seconds.
+ */
+import type { Config } from "./config";
+import { answer, notFoundMarker, objectHeaders, passedThrough, textResponse } from "./http";
+import { type ReadOptions, type ReadRange, readObject } from "./origins";
+
+/** Where a request is served: configuration, its context, and the base of cache keys. */
+export interface Serving {
+  config: Config;
+  ctx: ExecutionContext;
+  cacheBase: string;
+}
+
+interface Whole {
+  headers: [string, string][];
+  body: ArrayBuffer;
+}
+
+// Reads in flight in this isolate, by cache key. Only plain data crosses requests (never a
+// stream), so a waiting request does no I/O on behalf of the one that started the read.
+const inflight = new Map<string, Promise<Whole | null>>();
+
+function cacheKey(serving: Serving, key: string): Request {
+  // The path alone: every signature and parameter of one key shares one entry.
+  return new Request(`${serving.cacheBase}/${key}`, { method: "GET" });
+}
+
+async function readWhole(config: Config, key: string): Promise<Whole | null> {
+  const object = await readObject(config, key);
+  if (object === null) return null;
+  const body = await new Response(object.body).arrayBuffer();
+  const headers = objectHeaders(object, key);
+  headers.set("Content-Length", String(body.byteLength));
+  return { headers: [...headers], body };
+}
+
+/**
+ * The whole object at `key` (from the edge cache or the origin), or null when there is none.
+ *
+ * Throws OriginError when the origin fails.
+ */
+export async function wholeObject(serving: Serving, key: string): Promise<Response | null> {
+  const cache = caches.default;
+  const entry = cacheKey(serving, key);
+  const hit = await cache.match(entry);
+  if (hit !== undefined) {
+    if (hit.status === 404) {
+      await hit.body?.cancel();
+      return null;
+    }
+    return hit;
+  }
+  let pending = inflight.get(entry.url);
+  if (pending === undefined) {
+    pending = readWhole(serving.config, key).finally(() => inflight.delete(entry.url));
+    inflight.set(entry.url, pending);
+    // The starting request stays alive until the read is stored, whoever else waits for it.
+    serving.ctx.waitUntil(
+      pending
+        .catch(() => undefined) // an origin failure is answered to the client, not stored
+        .then((whole) =>
+          whole === undefined
+            ? undefined
+            : cache.put(
+                entry,
+                whole === null
+                  ? notFoundMarker()
+                  : new Response(whole.body, { headers: whole.headers }),
+              ),
+        )
+        .catch((err: unknown) => {
+          console.warn(`edge cache put failed for ${key}: ${(err as Error)?.name ?? "error"}`);
+        }),
+    );
+  }
+  const whole = await pending;
+  if (whole === null) return null;
+  return new Response(whole.body.slice(0), { status: 200, headers: whole.headers });
+}
+
+/** The single byte range of a `Range` header the origin can be asked for, or null. */
+function originRange(header: string | null): ReadRange | null {
+  const match = header === null ? null : /^bytes=(\d*)-(\d*)$/.exec(header.trim());
+  if (match === null) return null;
+  const [, first = "", last = ""] = match;
+  if (first === "" && last === "") return null;
+  if (first === "") return Number(last) > 0 ? { suffix: Number(last) } : null;
+  if (last === "") return { offset: Number(first) };
+  if (Number(last) < Number(first)) return null;
+  return { offset: Number(first), length: Number(last) - Number(first) + 1 };
+}
+
+/** What of a cache miss can go to the origin as asked, or null for a plain GET. */
+function passThroughOptions(request: Request): ReadOptions | null {
+  const headers = request.headers;
+  const options: ReadOptions = {};
+  if (request.method === "HEAD") options.head = true;
+  const ifNoneMatch = headers.get("If-None-Match");
+  const ifModifiedSince = headers.get("If-Modified-Since");
+  if (ifNoneMatch !== null) options.ifNoneMatch = ifNoneMatch;
+  else if (ifModifiedSince !== null) options.ifModifiedSince = ifModifiedSince;
+  // If-Range needs the validators first: such a request takes the whole-object path.
+  const range = headers.has("If-Range") ? null : originRange(headers.get("Range"));
+  if (range !== null && !options.head) options.range = range;
+  return Object.keys(options).length > 0 ? options : null;
+}
+
+/**
+ * The answer to `request` for the object at `key`.
+ *
+ * @param cacheControl The policy for this client (immutable, or private for signed URLs).
+ * @throws OriginError when the origin fails.
+ */
+export async function serveObject(
+  request: Request,
+  serving: Serving,
+  key: string,
+  cacheControl: string,
+): Promise<Response> {
+  const cache = caches.default;
+  const entry = cacheKey(serving, key);
+  const options = passThroughOptions(request);
+  if (options !== null) {
+    const hit = await cache.match(entry);
+    if (hit !== undefined) {
+      if (hit.status === 404) return textResponse(404, "Not Found");
+      return answer(request, hit, cacheControl);
+    }
+    const object = await readObject(serving.config, key, options);
+    if (object === null) {
+      serving.ctx.waitUntil(cache.put(entry, notFoundMarker()).catch(() => undefined));
+      return textResponse(404, "Not Found");
+    }
+    return passedThrough(request, object, key, cacheControl);
+  }
+  const whole = await wholeObject(serving, key);
+  if (whole === null) return textResponse(404, "Not Found");
+  return answer(request, whole, cacheControl);
+}

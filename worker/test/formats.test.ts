@@ -1,0 +1,149 @@
+import { env } from "cloudflare:workers";
+import { afterEach, describe, expect, it, vi } from "vitest";
+import { acceptedFormats, choose } from "../src/negotiate";
+import { sign } from "../src/signing";
+import { BASE, countingBucket, newKey, send } from "./helpers";
+
+const CHROME = "image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8";
+
+/** A persisted image with derivatives at `widths` (the last is its own width), and its record. */
+async function persisted(widths = [256, 512, 768], listed = widths) {
+  const key = newKey();
+  const base = key.slice(0, -4);
+  const [day, id] = [key.slice(0, 10), key.slice(11, -4)];
+  await env.IMAGES.put(key, "png");
+  const keys: Record<string, string> = { image: key };
+  for (const width of widths) {
+    for (const format of ["avif", "webp"]) {
+      await env.IMAGES.put(`${base}.w${width}.${format}`, `${format}-${width}`);
+    }
+  }
+  for (const width of listed) {
+    keys[`avif:${width}`] = `${base}.w${width}.avif`;
+    keys[`webp:${width}`] = `${base}.w${width}.webp`;
+  }
+  await env.IMAGES.put(`${base}.json`, JSON.stringify({ persisted: { keys } }));
+  return { key, url: `${BASE}/${key}`, day, id };
+}
+
+async function body(url: string, accept?: string) {
+  const res = await send(new Request(url, { headers: accept ? { Accept: accept } : {} }));
+  return { res, text: await res.text() };
+}
+
+afterEach(() => {
+  vi.restoreAllMocks();
+  vi.useRealTimers();
+});
+
+describe("format from Accept", () => {
+  it("prefers AVIF, then WebP, then the PNG, and says it varies by Accept", async () => {
+    const { url } = await persisted();
+    for (const [accept, text, type] of [
+      [CHROME, "avif-768", "image/avif"],
+      ["image/webp,*/*", "webp-768", "image/webp"],
+      ["image/avif;q=0,image/webp", "webp-768", "image/webp"],
+      ["image/png,image/*,*/*", "png", "image/png"],
+      [undefined, "png", "image/png"],
+    ] as const) {
+      const { res, text: got } = await body(url, accept);
+      expect(res.status).toBe(200);
+      expect(got, accept).toBe(text);
+      expect(res.headers.get("Content-Type")).toBe(type);
+      expect(res.headers.get("Vary")).toBe("Accept");
+    }
+  });
+
+  it("parses Accept strictly", () => {
+    expect(acceptedFormats(CHROME)).toEqual(["avif", "webp"]);
+    expect(acceptedFormats("IMAGE/WEBP; q=0.5, image/avif;q=0.0")).toEqual(["webp"]);
+    expect(acceptedFormats("*/*")).toEqual([]);
+    expect(acceptedFormats(null)).toEqual([]);
+  });
+});
+
+describe("width from w", () => {
+  it("picks the narrowest derivative at least w wide, never upscaling", async () => {
+    const { url } = await persisted();
+    for (const [w, text] of [
+      [1, "avif-256"],
+      [256, "avif-256"],
+      [257, "avif-512"],
+      [600, "avif-768"],
+      [5000, "avif-768"],
+    ] as const) {
+      expect((await body(`${url}?w=${w}`, CHROME)).text, String(w)).toBe(text);
+    }
+    // Without a derivative format, w gives the PNG itself: nothing is resized at the edge.
+    expect((await body(`${url}?w=256`, "image/png")).text).toBe("png");
+  });
+
+  it("chooses among what exists", () => {
+    const available = { avif: [], webp: [100, 200] };
+    expect(choose(["avif", "webp"], 150, available)).toEqual({ format: "webp", width: 200 });
+    expect(choose(["avif"], 150, available)).toBeNull();
+  });
+
+  it.each(["0", "-1", "abc", "1.5", "08", "99999", ""])("w=%s answers 400", async (w) => {
+    const { url } = await persisted();
+    expect((await send(`${url}?w=${w}`)).status).toBe(400);
+  });
+
+  it("refuses w on anything but a full image", async () => {
+    const { key } = await persisted();
+    const avif = key.replace(".png", ".w256.avif");
+    expect((await send(`${BASE}/${avif}?w=100`)).status).toBe(400);
+    const direct = await body(`${BASE}/${avif}`);
+    expect(direct.text).toBe("avif-256");
+    expect(direct.res.headers.get("Content-Type")).toBe("image/avif");
+  });
+
+  it("believes only derivatives the record names as persist names them", async () => {
+    const { key, day, id } = await persisted([256], []);
+    await env.IMAGES.put(
+      `${day}/${id}.json`,
+      JSON.stringify({ persisted: { keys: { "avif:256": "2026/05/01/other.png" } } }),
+    );
+    expect((await body(`${BASE}/${key}`, CHROME)).text).toBe("png");
+  });
+
+  it("serves the PNG when there is no record", async () => {
+    const key = newKey();
+    await env.IMAGES.put(key, "png");
+    expect((await body(`${BASE}/${key}?w=300`, CHROME)).text).toBe("png");
+  });
+
+  it("reads the record once, then from the edge cache", async () => {
+    const { url } = await persisted();
+    const { bucket, calls } = countingBucket();
+    await send(new Request(`${url}?w=300`, { headers: { Accept: CHROME } }), { IMAGES: bucket });
+    await send(new Request(`${url}?w=600`, { headers: { Accept: CHROME } }), { IMAGES: bucket });
+    expect(calls.filter((c) => c.key.endsWith(".json"))).toHaveLength(1);
+  });
+});
+
+describe("signed URLs with parameters", () => {
+  const SECRET = "formats-secret";
+
+  it("covers w: a changed or added width is refused", async () => {
+    const { key, url } = await persisted();
+    vi.useFakeTimers({ toFake: ["Date"] });
+    vi.setSystemTime(1_800_000_000_000);
+    const expires = 1_800_000_600;
+    const signature = await sign(key, expires, SECRET, { w: "300" });
+    const ok = await send(
+      new Request(`${url}?w=300&expires=${expires}&signature=${signature}`, {
+        headers: { Accept: CHROME },
+      }),
+      { SIGNING_SECRET: SECRET },
+    );
+    expect(ok.status).toBe(200);
+    expect(await ok.text()).toBe("avif-512");
+    for (const query of [`w=600&`, ``, `w=300&x=1&`]) {
+      const res = await send(`${url}?${query}expires=${expires}&signature=${signature}`, {
+        SIGNING_SECRET: SECRET,
+      });
+      expect(res.status, query).toBe(403);
+    }
+  });
+});

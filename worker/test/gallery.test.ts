@@ -1,0 +1,135 @@
+import { env } from "cloudflare:workers";
+import { afterEach, describe, expect, it, vi } from "vitest";
+import { escape, galleryCsp, SCRIPT } from "../src/page";
+import { sign } from "../src/signing";
+import { BASE, send } from "./helpers";
+
+// Gallery tests use their own far-future year so no other test's objects share their days.
+let year = 3000;
+
+async function record(day: string, id: string, prompt: string, created: string, widths = [64]) {
+  const base = `${day}/${id}`;
+  await env.IMAGES.put(`${base}.png`, "png");
+  const keys: Record<string, string> = { image: `${base}.png` };
+  for (const w of widths) {
+    keys[`avif:${w}`] = `${base}.w${w}.avif`;
+    keys[`webp:${w}`] = `${base}.w${w}.webp`;
+  }
+  const persisted = {
+    keys,
+    prompt,
+    seed: 42,
+    model: "tiny",
+    width: 64,
+    height: 32,
+    created_at: created,
+  };
+  await env.IMAGES.put(`${base}.json`, JSON.stringify({ persisted }));
+  // The enhanced-prompt record of a generation is not an image record.
+  await env.IMAGES.put(`${base}.prompt.json`, "{}");
+}
+
+async function days() {
+  year += 1;
+  const y = String(year);
+  await record(`${y}/01/30`, "old", "an old lighthouse", `${y}-01-30T08:00:00Z`);
+  await record(
+    `${y}/02/01`,
+    "first",
+    'a <script>alert(1)</script> & "quotes"',
+    `${y}-02-01T09:00:00Z`,
+  );
+  await record(`${y}/02/01`, "second", "two moons", `${y}-02-01T10:00:00Z`);
+  return y;
+}
+
+afterEach(() => {
+  vi.restoreAllMocks();
+  vi.useRealTimers();
+});
+
+describe("gallery", () => {
+  it("shows the latest day, newest first, escaped, with links to earlier days", async () => {
+    const y = await days();
+    const res = await send(`${BASE}/`);
+    expect(res.status).toBe(200);
+    expect(res.headers.get("Content-Type")).toBe("text/html; charset=utf-8");
+    const html = await res.text();
+    expect(html).toContain(`Images of ${y}-02-01`);
+    expect(html.indexOf('id="second"')).toBeLessThan(html.indexOf('id="first"'));
+    expect(html).toContain("a &lt;script&gt;alert(1)&lt;/script&gt; &amp; &quot;quotes&quot;");
+    expect(html).not.toContain("<script>alert");
+    expect(html).toContain(`<source type="image/avif" srcset="/${y}/02/01/second.w64.avif 64w"`);
+    expect(html).toContain(`<source type="image/webp" srcset="/${y}/02/01/second.w64.webp 64w"`);
+    expect(html).toContain('loading="lazy"');
+    expect(html).toContain('<meta name="viewport"');
+    expect(html).toContain(`<a rel="prev" href="/${y}/01/30/">${y}-01-30</a>`);
+    expect(html).not.toContain("prompt.json");
+  });
+
+  it("shows one day with a link to the later one", async () => {
+    const y = await days();
+    const html = await (await send(`${BASE}/${y}/01/30/`)).text();
+    expect(html).toContain("an old lighthouse");
+    expect(html).not.toContain("two moons");
+    expect(html).toContain(`<a rel="next" href="/${y}/02/01/">`);
+    const empty = await (await send(`${BASE}/${y}/01/31/`)).text();
+    expect(empty).toContain("No images on this day.");
+  });
+
+  it("allows only its own script and style", async () => {
+    await days();
+    const res = await send(`${BASE}/`);
+    const csp = res.headers.get("Content-Security-Policy") ?? "";
+    expect(csp).toBe(await galleryCsp());
+    const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(SCRIPT));
+    const hash = btoa(String.fromCharCode(...new Uint8Array(digest)));
+    expect(csp).toContain(`script-src 'sha256-${hash}'`);
+    expect(csp).toContain("default-src 'none'");
+    expect(await res.text()).toContain(`<script>${SCRIPT}</script>`);
+  });
+
+  it("escapes every HTML metacharacter", () => {
+    expect(escape(`<a href="x" onclick='y'>&</a>`)).toBe(
+      "&lt;a href=&quot;x&quot; onclick=&#39;y&#39;&gt;&amp;&lt;/a&gt;",
+    );
+  });
+
+  it("is off when images are private, unless signed links are configured", async () => {
+    await days();
+    expect((await send(`${BASE}/`, { SIGNING_SECRET: "s" })).status).toBe(404);
+    expect((await send(`${BASE}/`, { GALLERY: "off" })).status).toBe(404);
+    expect((await send(`${BASE}/`, { SIGNING_SECRET: "s", GALLERY: "signed" })).status).toBe(403);
+    vi.spyOn(console, "error").mockImplementation(() => {});
+    expect((await send(`${BASE}/`, { SIGNING_SECRET: "s", GALLERY: "on" })).status).toBe(500);
+  });
+
+  it("behind a signed link, signs every URL on the page with its expiry", async () => {
+    const y = await days();
+    const secret = "gallery-secret";
+    vi.useFakeTimers({ toFake: ["Date"] });
+    vi.setSystemTime(1_800_000_000_000);
+    const expires = 1_800_000_300;
+    const day = `${y}/02/01/`;
+    const url = `${BASE}/${day}?expires=${expires}&signature=${await sign(day, expires, secret)}`;
+    const res = await send(url, { SIGNING_SECRET: secret, GALLERY: "signed" });
+    expect(res.status).toBe(200);
+    expect(res.headers.get("Cache-Control")).toBe("private, max-age=60");
+    const html = await res.text();
+    const avif = `${y}/02/01/second.w64.avif`;
+    expect(html).toContain(
+      `/${avif}?expires=${expires}&amp;signature=${await sign(avif, expires, secret)}`,
+    );
+    const prev = `${y}/01/30/`;
+    expect(html).toContain(
+      `/${prev}?expires=${expires}&amp;signature=${await sign(prev, expires, secret)}`,
+    );
+    // The image link on the page works against the Worker.
+    const image = await send(
+      `${BASE}/${avif}?expires=${expires}&signature=${await sign(avif, expires, secret)}`,
+      { SIGNING_SECRET: secret },
+    );
+    expect(image.status).toBe(404); // only the record was stored, not the derivative bytes
+    expect(image.headers.get("Cache-Control")).toBe("no-store");
+  });
+});
