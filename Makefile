@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PROMPT ?= a lighthouse on a cliff at dusk
 
-.PHONY: demo test test-python test-worker lint schemas bench bench-gpu clean
+.PHONY: demo test test-python test-worker test-browser lint schemas bench bench-gpu clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,11 @@ worker/node_modules/.package-lock.json: worker/package-lock.json
 test-worker: worker/node_modules/.package-lock.json
 	cd worker && npm test
 
-test: lint test-worker test-python
+# The Worker under wrangler dev, moto S3 as its origin, pages in Debian's Chromium.
+test-browser: worker/node_modules/.package-lock.json $(VENV)/.installed
+	cd worker && npm run test:browser
+
+test: lint test-worker test-python test-browser
 
 schemas: $(VENV)/.installed
 	$(BIN)/python -m imagegen.schemas schemas

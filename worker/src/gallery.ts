@@ -101,7 +101,10 @@ async function item(serving: Serving, key: string, link: Link): Promise<Item | n
     prompt: field(persisted.prompt),
     seed: field(persisted.seed),
     model: field(persisted.model),
-    created: field(persisted.created_at),
+    // The day of a generation is its request's; show that time, as the page's day says.
+    created:
+      field((record as { request?: { requested_at?: unknown } }).request?.requested_at) ||
+      field(persisted.created_at),
   };
 }
 
