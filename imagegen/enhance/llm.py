@@ -232,8 +232,8 @@ class OllamaEnhancer:
     async def _chat(self, messages: list[dict[str, str]], seed: int, spec: ModelSpec) -> str:
         """One chat call, in its own span and timed, whatever its outcome."""
         model = self.settings.ollama_model
-        # A failed call is expected (Ollama down): its error type goes on the span, but no
-        # formatted traceback (record_exception), which costs more than the fallback itself.
+        # A failed call is expected (Ollama down): its error goes on the span, but no formatted
+        # traceback (record_exception), which costs more than the fallback itself.
         with tracer().start_as_current_span(
             "imagegen.ollama.chat", kind=trace.SpanKind.CLIENT, record_exception=False
         ) as span:
@@ -245,6 +245,11 @@ class OllamaEnhancer:
             except BaseException as exc:
                 labels.update({"outcome": "error", "error.type": type(exc).__name__})
                 span.set_attribute("error.type", type(exc).__name__)
+                # The semantic conventions' exception event, without the optional stacktrace.
+                span.add_event(
+                    "exception",
+                    {"exception.type": type(exc).__name__, "exception.message": str(exc)},
+                )
                 raise
             finally:
                 instruments().ollama_duration.record(time.perf_counter() - started, labels)

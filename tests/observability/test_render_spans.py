@@ -56,7 +56,7 @@ def test_denoise_loop_and_decode_are_split_at_the_last_step(otel: InMemoryTeleme
     backend = DiffusersBackend(Settings(device="cpu"))
     otel.spans.clear()
     with tracer().start_as_current_span("imagegen.render.denoise") as parent:
-        _, denoise, decode = backend._denoise_and_decode(SelfDecodingPipeline(), job, None)
+        _, denoise, decode = backend._denoise_and_decode(SelfDecodingPipeline(), [job], None)
 
     spans = {s.name: s for s in otel.finished_spans()}
     loop, vae = spans["imagegen.render.denoise_loop"], spans["imagegen.render.vae_decode"]
