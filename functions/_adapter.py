@@ -44,7 +44,7 @@ from imagegen.errors import ConfigurationError, DependencyUnavailable, ImageGenE
 from imagegen.identity import generation_id, identify
 from imagegen.stages import Call, Stage
 from imagegen.stages import get as get_stage
-from imagegen.telemetry import instruments, tracer
+from imagegen.telemetry import current_stage, instruments, tracer
 from imagegen.validation import field_errors, parse_model
 
 __all__ = ["Function", "entry_point"]
@@ -211,6 +211,7 @@ class Function:
     async def _traced(self, message: Message, work: Awaitable[T]) -> tuple[T, dict[str, str]]:
         """Await ``work`` inside the caller's trace; return its result and the trace to pass on."""
         token = otel_context.attach(propagate.extract(message.carrier()))
+        current_stage.set(self.stage.name)  # this task's own context: nothing to reset
         try:
             kind = trace.SpanKind.CONSUMER if message.is_event else trace.SpanKind.SERVER
             name = f"{self.stage.name} process"

@@ -7,7 +7,6 @@ import hashlib
 import io
 import json
 import logging
-import time
 from datetime import UTC, datetime
 
 from PIL import Image
@@ -18,7 +17,6 @@ from imagegen.errors import InvalidRequest, NotFound
 from imagegen.models import PersistedImage, RenderedImage
 from imagegen.settings import Settings
 from imagegen.storage.base import GenerationKeys, Storage
-from imagegen.telemetry import instruments, tracer
 from imagegen.urls import public_url
 from imagegen.validation import parse_model
 
@@ -69,20 +67,15 @@ class PersistStage:
             return parse_model(PersistedImage, record["persisted"])
 
         # 2. Claim the image and check it is the one the event describes.
-        with tracer().start_as_current_span("imagegen.storage.get"):
-            started = time.perf_counter()
-            try:
-                png = await self.storage.get(keys.image)
-            except NotFound:
-                # A claim check that points at nothing is a bad event, not a reason to retry
-                # (Knative would retry a 404).
-                raise InvalidRequest(
-                    f"image {keys.image!r} is not in storage",
-                    errors=[{"field": "key", "message": "no stored image under this key"}],
-                ) from None
-            instruments().storage_duration.record(
-                time.perf_counter() - started, {"operation": "get", "stage": "persist"}
-            )
+        try:
+            png = await self.storage.get(keys.image)
+        except NotFound:
+            # A claim check that points at nothing is a bad event, not a reason to retry
+            # (Knative would retry a 404).
+            raise InvalidRequest(
+                f"image {keys.image!r} is not in storage",
+                errors=[{"field": "key", "message": "no stored image under this key"}],
+            ) from None
         digest = hashlib.sha256(png).hexdigest()
         if digest != image.sha256:
             raise InvalidRequest(
@@ -145,11 +138,4 @@ class PersistStage:
         )
 
     async def _put(self, key: str, data: bytes, content_type: str) -> None:
-        with tracer().start_as_current_span("imagegen.storage.put") as span:
-            span.set_attribute("imagegen.storage.key", key)
-            started = time.perf_counter()
-            await self.storage.put(key, data, content_type=content_type)
-            instruments().storage_duration.record(
-                time.perf_counter() - started, {"operation": "put", "stage": "persist"}
-            )
-            instruments().storage_bytes_written.add(len(data), {"stage": "persist"})
+        await self.storage.put(key, data, content_type=content_type)

@@ -17,7 +17,8 @@ from imagegen.settings import Settings
 from imagegen.stages import Call
 from imagegen.storage import open_storage
 from imagegen.storage.base import GenerationKeys, Storage
-from imagegen.telemetry import instruments, tracer
+from imagegen.storage.instrumented import instrumented
+from imagegen.telemetry import current_stage, instruments, tracer
 
 if TYPE_CHECKING:
     from imagegen.enhance import EnhanceStage
@@ -71,7 +72,7 @@ class ImageGenService:
     ) -> None:
         self.settings = settings or Settings()
         self.recorder = recorder
-        self.storage = storage or open_storage(self.settings)
+        self.storage = instrumented(storage or open_storage(self.settings))
         self._plugins = plugins
         self._backend = backend
         self._load_on_demand = load_on_demand
@@ -220,6 +221,7 @@ class _stage:
         self.span: Any = None
 
     async def __aenter__(self) -> _stage:
+        self._token = current_stage.set(self.stage)
         self._started = time.perf_counter()
         self._cm = tracer().start_as_current_span(f"imagegen.{self.stage}")
         self.span = self._cm.__enter__()
@@ -243,6 +245,7 @@ class _stage:
         instruments().stage_duration.record(seconds, labels)
         instruments().generations.add(1, {**labels, "reason": reason} if reason else labels)
         self._cm.__exit__(exc_type, exc, tb)
+        current_stage.reset(self._token)
         if isinstance(exc, Exception) and self.recorder is not None:
             await self.recorder.failed(self.stage, self.generation_id, exc)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from contextvars import ContextVar
 from functools import cache
 from typing import Literal, NamedTuple
 
@@ -22,6 +23,7 @@ __all__ = [
     "METRIC_NAMES",
     "Instruments",
     "MetricSpec",
+    "current_stage",
     "instruments",
     "prometheus_name",
     "prometheus_series",
@@ -29,6 +31,10 @@ __all__ = [
 ]
 
 _SCOPE = "imagegen"
+
+# The stage doing the work, for metrics recorded below it (storage calls): set by the service
+# around each stage, and by a function around its handler.
+current_stage: ContextVar[str] = ContextVar("imagegen_stage", default="none")
 
 
 @cache

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from imagegen.errors import InvalidRequest
 
-__all__ = ["dumps", "field_errors", "parse_model"]
+__all__ = ["field_errors", "parse_model"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -40,8 +39,3 @@ def parse_model(model: type[M], data: Any) -> M:
             raise InvalidRequest("body is not valid JSON", errors=errors) from None
         fields = ", ".join(dict.fromkeys(e["field"] for e in errors))
         raise InvalidRequest(f"invalid {model.__name__}: {fields}", errors=errors) from None
-
-
-def dumps(model: BaseModel) -> str:
-    """Compact JSON for an event or HTTP body."""
-    return json.dumps(model.model_dump(mode="json"), separators=(",", ":"))

@@ -234,26 +234,19 @@ class RenderStage:
         fingerprint: str,
         timings: dict[str, float],
     ) -> StoredObject:
-        started = time.perf_counter()
-        with tracer().start_as_current_span("imagegen.storage.put") as span:
-            span.set_attribute("imagegen.storage.key", keys.image)
-            stored = await self.storage.put(
-                keys.image,
-                png,
-                content_type=PNG,
-                metadata={
-                    "sha256": sha256,
-                    "job": fingerprint,
-                    "generation-id": job.generation_id,
-                    "seed": str(job.seed),
-                    "model": job.model,
-                    "timings": json.dumps(timings, separators=(",", ":")),
-                },
-            )
-        elapsed = time.perf_counter() - started
-        instruments().storage_duration.record(elapsed, {"operation": "put", "stage": "render"})
-        instruments().storage_bytes_written.add(len(png), {"stage": "render"})
-        return stored
+        return await self.storage.put(
+            keys.image,
+            png,
+            content_type=PNG,
+            metadata={
+                "sha256": sha256,
+                "job": fingerprint,
+                "generation-id": job.generation_id,
+                "seed": str(job.seed),
+                "model": job.model,
+                "timings": json.dumps(timings, separators=(",", ":")),
+            },
+        )
 
     async def _render(self, job: EnhancedPrompt, progress: ProgressCallback | None) -> RenderOutput:
         if not self.is_loaded(job.model):

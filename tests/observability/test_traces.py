@@ -64,7 +64,7 @@ def chain(otel: InMemoryTelemetry, tmp_path_factory: pytest.TempPathFactory) -> 
         for stage in STAGES:
             servers[stage] = InProcessServer(stage).start()
             servers[stage].wait("/healthz")
-        servers["render"].wait("/readyz", timeout=120)
+        servers["render"].wait("/readyz", timeout=600)
     finally:
         os.environ.clear()
         os.environ.update(saved_env)
@@ -157,7 +157,6 @@ def test_one_trace_from_the_requester_through_every_stage(
         "imagegen.render.png_encode": "imagegen.render.denoise",
         "persist process": "render process",
         "imagegen.persist": "persist process",
-        "imagegen.storage.get": "imagegen.persist",
     }
     for child, parent in expected_parents.items():
         found = named(spans, child)
@@ -165,16 +164,23 @@ def test_one_trace_from_the_requester_through_every_stage(
         for span in found:
             actual = parent_of(span, spans)
             assert actual is not None and actual.name == parent, (child, actual)
+    # Every storage call is a span under the stage that made it: the prompt memo's included.
     puts = {
         (s.attributes or {})["imagegen.storage.key"]: parent_of(s, spans)
         for s in named(spans, "imagegen.storage.put")
     }
-    assert sorted(k.rsplit(".", 1)[-1] for k in puts) == ["json", "png", "webp"]
+    assert sorted(k.split(".", 1)[-1] for k in puts) == ["json", "png", "prompt.json", "thumb.webp"]
     for key, parent in puts.items():
         assert parent is not None
-        assert parent.name == ("imagegen.render" if key.endswith(".png") else "imagegen.persist")
+        owner = {"png": "render", "prompt.json": "enhance"}.get(key.split(".", 1)[-1], "persist")
+        assert parent.name == f"imagegen.{owner}", (key, parent.name)
+    stages = {"imagegen.enhance", "imagegen.render", "imagegen.persist"}
+    for span in named(spans, "imagegen.storage.get") + named(spans, "imagegen.storage.head"):
+        parent = parent_of(span, spans)
+        assert parent is not None and parent.name in stages, span.name
     assert len(named(spans, "imagegen.plugin")) >= 1
-    assert {s.name for s in spans} <= {*expected_parents, "enhance process", "imagegen.storage.put"}
+    storage_spans = {f"imagegen.storage.{op}" for op in ("put", "get", "head")}
+    assert {s.name for s in spans} <= {*expected_parents, "enhance process", *storage_spans}
 
     # 3. CloudEvents attributes on the stage spans.
     for stage, event_type, source in (
@@ -228,6 +234,7 @@ def test_one_trace_from_the_requester_through_every_stage(
     assert has("storage_bytes_written", stage="persist")
     assert has("storage_duration", stage="render", operation="put")
     assert has("storage_duration", stage="persist", operation="get")
+    assert has("storage_bytes_written", stage="enhance")  # the prompt memo, measured too
     assert has("renders_in_flight")
     in_flight = otel.points(METRIC_NAMES["renders_in_flight"])
     assert sum(p.point.value for p in in_flight) == 0

@@ -1,0 +1,69 @@
+"""Every storage call measured in one place: a span, a duration, and the bytes written.
+
+The service wraps whatever storage it is given, so the render's PNG, persist's derivatives,
+enhance's prompt memo and the dead-letter records are all seen alike, and no call site measures.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from imagegen.storage.base import Storage, StoredObject
+from imagegen.telemetry import current_stage, instruments, tracer
+
+__all__ = ["InstrumentedStorage", "instrumented"]
+
+
+class InstrumentedStorage:
+    """``inner`` with each ``put``/``get``/``head`` traced and timed (``imagegen.storage.*``)."""
+
+    def __init__(self, inner: Storage) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)  # what is not measured: root, close, ...
+
+    @asynccontextmanager
+    async def _measured(self, operation: str, key: str) -> AsyncIterator[None]:
+        with tracer().start_as_current_span(f"imagegen.storage.{operation}") as span:
+            span.set_attribute("imagegen.storage.key", key)
+            started = time.perf_counter()
+            yield
+            labels = {"operation": operation, "stage": current_stage.get()}
+            instruments().storage_duration.record(time.perf_counter() - started, labels)
+
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str,
+        metadata: dict[str, str] | None = None,
+    ) -> StoredObject:
+        async with self._measured("put", key):
+            stored = await self.inner.put(key, data, content_type=content_type, metadata=metadata)
+        instruments().storage_bytes_written.add(len(data), {"stage": current_stage.get()})
+        return stored
+
+    async def get(self, key: str) -> bytes:
+        async with self._measured("get", key):
+            return await self.inner.get(key)
+
+    async def head(self, key: str) -> StoredObject | None:
+        async with self._measured("head", key):
+            return await self.inner.head(key)
+
+    def location(self, key: str) -> str:
+        return self.inner.location(key)
+
+    async def check(self) -> None:
+        await self.inner.check()
+
+
+def instrumented(storage: Storage) -> Storage:
+    """``storage`` measured (once: an instrumented storage is returned as it is)."""
+    return storage if isinstance(storage, InstrumentedStorage) else InstrumentedStorage(storage)
