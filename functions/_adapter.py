@@ -41,7 +41,7 @@ from pydantic import ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from imagegen.errors import ConfigurationError, DependencyUnavailable, ImageGenError, InternalError
-from imagegen.identity import generation_id, identify
+from imagegen.identity import generation_id, identify, valid_generation_id
 from imagegen.stages import Call, Stage
 from imagegen.stages import get as get_stage
 from imagegen.telemetry import current_stage, instruments, tracer
@@ -75,7 +75,7 @@ class Function:
         with self._lock:
             if self._pid == os.getpid():
                 return
-            self._pid = os.getpid()
+            self._broken = None  # what a parent process found says nothing of this one
             from imagegen.observability import setup_observability
             from imagegen.service import ImageGenService
             from imagegen.settings import Settings
@@ -91,12 +91,15 @@ class Function:
                 # and answer 503 (not ready, retried), never 400.
                 self._broken = _configuration_error(self.stage.name, exc)
                 log.error("start-up failed: %s", self._broken.message, extra=self._extra())
+                self._pid = os.getpid()
                 return
             loop = asyncio.new_event_loop()
             threading.Thread(target=loop.run_forever, name="imagegen-loop", daemon=True).start()
             self._loop = loop
             self._started = asyncio.run_coroutine_threadsafe(self._enter(), loop)
-        if not self.stage.loads_model:
+            # Last: a request thread that sees this process started finds it whole.
+            self._pid = os.getpid()
+        if not self.stage.loads_model and self._started is not None:
             self._started.exception()  # nothing to load: over in moments
 
     async def _enter(self) -> None:
@@ -221,6 +224,9 @@ class Function:
                     if value := message.attributes.get(key):
                         attribute = "spec_version" if key == "specversion" else key
                         span.set_attribute(f"cloudevents.event_{attribute}", value)
+                subject = message.attributes.get("subject")
+                if subject and valid_generation_id(subject):
+                    span.set_attribute("imagegen.generation_id", subject)
                 result = await work
                 carrier: dict[str, str] = {}
                 propagate.inject(carrier)
@@ -234,7 +240,8 @@ class Function:
         """Route one request: probes, the OpenAPI document, and ``POST /``."""
         path = request.path.rstrip("/") or "/"
         if path == "/healthz":
-            reply = json_reply({"status": "alive", "stage": self.stage.name}, 200)
+            alive = self.alive()  # the liveness probe is a process's first request: it starts
+            reply = json_reply({"status": "alive", "stage": self.stage.name}, 200 if alive else 503)
         elif path == "/readyz":
             ready, why = self.ready()
             body = {"ready": ready, "status": why, "stage": self.stage.name}
