@@ -70,7 +70,7 @@ def _pixels(png: bytes) -> Any:
 def main() -> int:
     import torch
 
-    from imagegen.modelspec import spec_for
+    from imagegen.modelspec import family_for
     from imagegen.render.diffusers_backend import DiffusersBackend
     from imagegen.settings import Settings
 
@@ -91,7 +91,7 @@ def main() -> int:
             return True
         return False
 
-    spec = spec_for(args.model)
+    spec = family_for(args.model)
     steps, guidance = spec.default_steps, spec.default_guidance
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.model}, {steps} steps")
 
@@ -104,7 +104,9 @@ def main() -> int:
         if options.get("render_fp8") and not capable:
             print(f"{name:<20} (skipped: fp8 needs compute capability 8.9+)")
             continue
-        backend = DiffusersBackend(Settings(model=args.model, device="cuda", **options))
+        backend = DiffusersBackend(
+            Settings(model=args.model, served_models=[args.model], device="cuda", **options)
+        )
         load = backend.load(args.model)
         print(f"{name:<20} load {load:6.1f} s  applied: {backend.fast_path[args.model]}")
         for size in args.sizes:

@@ -41,6 +41,7 @@ from pydantic import ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from imagegen.errors import ConfigurationError, DependencyUnavailable, ImageGenError, InternalError
+from imagegen.events import routing_attributes
 from imagegen.identity import generation_id, identify, valid_generation_id
 from imagegen.stages import Call, Stage
 from imagegen.stages import get as get_stage
@@ -185,6 +186,7 @@ class Function:
                 return json_reply(result.model_dump(mode="json"), 200)
             if location := getattr(result, "location", None):
                 extensions["dataref"] = location
+            extensions.update(routing_attributes(result))  # render Triggers route on the model
             return event_reply(
                 stage=stage.name,
                 event_type=stage.emits,

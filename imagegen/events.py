@@ -17,12 +17,14 @@ __all__ = [
     "GENERATION_REQUESTED",
     "IMAGE_PERSISTED",
     "IMAGE_RENDERED",
+    "MODEL_ATTRIBUTE",
     "PROMPT_ENHANCED",
     "SCHEMA_BASE_URL",
     "dataschema",
     "event_models",
     "event_type",
     "reply_id",
+    "routing_attributes",
     "short_name",
     "source_for",
 ]
@@ -35,6 +37,10 @@ IMAGE_PERSISTED: Final = _PREFIX + "image.persisted"
 GENERATION_FAILED: Final = _PREFIX + "generation.failed"
 # A Knative PingSource can only send this type; enhance treats it as a prompt-less request.
 DREAM_PING: Final = "dev.knative.sources.ping"
+
+# A CloudEvents extension attribute: render Triggers filter on it where several render
+# services serve different models (knative/overlays/prod).
+MODEL_ATTRIBUTE: Final = "imagegenmodel"
 
 SCHEMA_BASE_URL: Final = "https://schemas.orchestr8.dev/imagegen/"
 
@@ -78,3 +84,12 @@ def source_for(stage: str) -> str:
 def reply_id(generation_id: str, event_type: str) -> str:
     """A stable event id: a redelivered request gets a reply with the same id."""
     return uuid.uuid5(uuid.NAMESPACE_URL, f"imagegen:{generation_id}:{event_type}").hex
+
+
+def routing_attributes(data: BaseModel) -> dict[str, str]:
+    """The extension attributes Triggers route ``data``'s event on: a render job's model."""
+    from imagegen.models import EnhancedPrompt
+
+    if isinstance(data, EnhancedPrompt):
+        return {MODEL_ATTRIBUTE: data.model}
+    return {}

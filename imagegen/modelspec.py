@@ -1,43 +1,319 @@
-"""What each model family needs: default steps and guidance, and its prompt budget.
+"""Model families as data: what each model needs, allows and costs.
 
-Pure data, safe to import anywhere (enhance uses it to size prompts without torch).
+A *family* fixes how a model is driven (pipeline class, default steps and guidance, prompt
+budget, resolution rules, LoRA support); a *model* is one published checkpoint of a family
+with its size, licence and pinned Hub revision. Validation, the enhance prompt budget, the
+render backend and the model table in ``docs/models.md`` all read this table.
+
+Pure data, safe to import anywhere (enhance reads it without torch).
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-__all__ = ["ModelSpec", "spec_for"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "FAMILIES",
+    "MODELS",
+    "ModelFamily",
+    "ModelSpec",
+    "family_for",
+    "markdown_tables",
+    "request_errors",
+    "resolution_errors",
+    "spec_for",
+]
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """How one family of models is driven.
+
+    Attributes:
+        name: Short identifier (``flux2-klein``).
+        title: Human name (``FLUX.2 [klein]``).
+        pipeline: The diffusers pipeline class that runs it.
+        text_encoder: What reads the prompt.
+        default_steps: Denoising steps when a request gives none.
+        default_guidance: Guidance scale when a request gives none.
+        prompt_tokens: The text encoder's budget (``max_sequence_length``) for the whole prompt.
+        prompt_overhead: Tokens of that budget the pipeline spends around the prompt (T5's
+            end token; Qwen3's chat template).
+        subject_tokens: CLIP's budget, where the family has CLIP: the prompt's first clause
+            (its subject) must fit in it. ``None``: one encoder reads the whole prompt.
+        multiple_of: Width and height must be multiples of this (VAE factor x 2x2 packing).
+        max_pixels: Width x height at most this.
+        lora: Whether LoRA adapters can be loaded.
+        text_encoder_layers: The hidden layers whose states feed the transformer, where the
+            pipeline takes them as an argument; ``None`` for the pipeline's own choice.
+    """
+
+    name: str
+    title: str
+    pipeline: str
+    text_encoder: str
+    default_steps: int
+    default_guidance: float
+    prompt_tokens: int
+    subject_tokens: int | None
+    prompt_overhead: int = 1
+    multiple_of: int = 16
+    max_pixels: int = 2048 * 2048
+    lora: bool = True
+    text_encoder_layers: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Defaults and limits of one model family.
+    """One model of a family: the id requests name it by and what serving it takes.
 
     Attributes:
-        default_steps: Denoising steps when a request gives none.
-        default_guidance: Guidance scale when a request gives none (schnell ignores it).
-        clip_tokens: CLIP's budget: the subject should fit in it.
-        t5_tokens: T5's budget (``max_sequence_length``) for the whole prompt.
+        id: Hub id, or the name of a pipeline built offline (``tiny``).
+        family: How it is driven.
+        revision: The Hub commit pinned for it (``None``: built offline, or not pinned here;
+            set ``IMAGEGEN_MODEL_REVISIONS`` to pin one).
+        gpu_memory_gb: GPU memory to serve it in bfloat16 at 1024², in GB (estimate).
+        licence: The weights' licence.
+        commercial: Whether the licence allows commercial use; a model whose licence does
+            not is served only when ``IMAGEGEN_ALLOW_NON_COMMERCIAL`` is set.
+        offline: Built on the spot with random weights (tests and demos), never downloaded.
     """
 
-    family: str
-    default_steps: int
-    default_guidance: float
-    clip_tokens: int = 77
-    t5_tokens: int = 512
+    id: str
+    family: ModelFamily
+    revision: str | None
+    gpu_memory_gb: float | None
+    licence: str
+    commercial: bool = True
+    offline: bool = False
 
 
-_SCHNELL = ModelSpec("flux-schnell", default_steps=4, default_guidance=0.0, t5_tokens=256)
-_DEV = ModelSpec("flux-dev", default_steps=28, default_guidance=3.5, t5_tokens=512)
-_TINY = ModelSpec("tiny", default_steps=2, default_guidance=3.5, t5_tokens=256)
+# -- families ---------------------------------------------------------------------------------
+
+# Flux2KleinPipeline wraps the prompt in Qwen3's chat template, thinking turned off:
+# <|im_start|>user\n PROMPT <|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n
+_QWEN3_CHAT_TOKENS = 12
+
+# FLUX.2 [klein]: step-distilled (4 steps, guidance ignored above 1), one Qwen3 encoder whose
+# 512-token window reads the whole prompt (diffusers' Flux2KleinPipeline.tokenizer_max_length).
+FLUX2_KLEIN = ModelFamily(
+    name="flux2-klein",
+    title="FLUX.2 [klein]",
+    pipeline="Flux2KleinPipeline",
+    text_encoder="Qwen3",
+    default_steps=4,
+    default_guidance=1.0,
+    prompt_tokens=512,
+    subject_tokens=None,
+    prompt_overhead=_QWEN3_CHAT_TOKENS,
+    max_pixels=2048 * 2048,
+)
+# FLUX.1 renders up to 2 megapixels (Black Forest Labs' figure), FLUX.2 up to 4.
+_FLUX1_MAX_PIXELS = 2 * 1024 * 1024
+
+# FLUX.1: CLIP (77 tokens, the subject) plus T5 (the whole prompt). schnell is
+# timestep-distilled with T5 trained on 256 tokens and no guidance; dev is guidance-distilled.
+FLUX1_SCHNELL = ModelFamily(
+    name="flux1-schnell",
+    title="FLUX.1 [schnell]",
+    pipeline="FluxPipeline",
+    text_encoder="CLIP-L + T5-XXL",
+    default_steps=4,
+    default_guidance=0.0,
+    prompt_tokens=256,
+    subject_tokens=77,
+    max_pixels=_FLUX1_MAX_PIXELS,
+)
+FLUX1_DEV = ModelFamily(
+    name="flux1-dev",
+    title="FLUX.1 [dev]",
+    pipeline="FluxPipeline",
+    text_encoder="CLIP-L + T5-XXL",
+    default_steps=28,
+    default_guidance=3.5,
+    prompt_tokens=512,
+    subject_tokens=77,
+    max_pixels=_FLUX1_MAX_PIXELS,
+)
+# The offline tiny pipelines (imagegen.render.tiny, imagegen.render.tiny_klein): the real
+# pipeline classes with random weights; shorter prompt windows keep them fast on a CPU.
+TINY_FLUX1 = ModelFamily(
+    name="tiny-flux1",
+    title="tiny FLUX.1 (random weights)",
+    pipeline="FluxPipeline",
+    text_encoder="CLIP + T5 (tiny)",
+    default_steps=2,
+    default_guidance=3.5,
+    prompt_tokens=256,
+    subject_tokens=77,
+)
+TINY_FLUX2_KLEIN = ModelFamily(
+    name="tiny-flux2-klein",
+    title="tiny FLUX.2 [klein] (random weights)",
+    pipeline="Flux2KleinPipeline",
+    text_encoder="Qwen3 (tiny)",
+    default_steps=2,
+    default_guidance=1.0,
+    prompt_tokens=128,
+    subject_tokens=None,
+    prompt_overhead=_QWEN3_CHAT_TOKENS,
+    text_encoder_layers=(1, 2, 3),
+)
+
+FAMILIES: tuple[ModelFamily, ...] = (
+    FLUX2_KLEIN,
+    FLUX1_SCHNELL,
+    FLUX1_DEV,
+    TINY_FLUX1,
+    TINY_FLUX2_KLEIN,
+)
+
+# -- models -----------------------------------------------------------------------------------
+
+DEFAULT_MODEL = "black-forest-labs/FLUX.2-klein-4B"
+
+_APACHE = "Apache-2.0"
+_MODELS: tuple[ModelSpec, ...] = (
+    ModelSpec(
+        DEFAULT_MODEL,
+        FLUX2_KLEIN,
+        revision="e7b7dc27f91deacad38e78976d1f2b499d76a294",
+        gpu_memory_gb=13,
+        licence=_APACHE,
+    ),
+    ModelSpec(
+        "black-forest-labs/FLUX.2-klein-9B",
+        FLUX2_KLEIN,
+        revision=None,
+        gpu_memory_gb=29,
+        licence="FLUX Non-Commercial License",
+        commercial=False,
+    ),
+    ModelSpec(
+        "black-forest-labs/FLUX.1-schnell",
+        FLUX1_SCHNELL,
+        revision=None,
+        gpu_memory_gb=34,
+        licence=_APACHE,
+    ),
+    ModelSpec(
+        "black-forest-labs/FLUX.1-dev",
+        FLUX1_DEV,
+        revision=None,
+        gpu_memory_gb=34,
+        licence="FLUX.1 [dev] Non-Commercial License",
+        commercial=False,
+    ),
+    ModelSpec("tiny", TINY_FLUX1, None, None, licence=_APACHE, offline=True),
+    ModelSpec("tiny-klein", TINY_FLUX2_KLEIN, None, None, licence=_APACHE, offline=True),
+)
+MODELS: dict[str, ModelSpec] = {spec.id: spec for spec in _MODELS}
+
+_BY_PIPELINE = {"Flux2KleinPipeline": FLUX2_KLEIN, "FluxPipeline": FLUX1_DEV}
+
+
+def family_for(model: str) -> ModelFamily:
+    """The family of ``model``: a known id, a local pipeline directory, or a Hub id.
+
+    A directory named like a tiny pipeline (``…/tiny-klein``) is that pipeline saved; another
+    local directory is recognised by the pipeline class in its ``model_index.json``; any other
+    unknown name by its spelling (``klein``, ``schnell``), else FLUX.1 [dev]'s rules.
+    """
+    known = MODELS.get(model)
+    if known is not None:
+        return known.family
+    # A saved tiny pipeline keeps its name as its directory's (save_tiny_*_pipeline).
+    saved = MODELS.get(Path(model).name)
+    if saved is not None and saved.offline:
+        return saved.family
+    index = Path(model).expanduser() / "model_index.json"
+    try:
+        pipeline = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        pipeline = None
+    if pipeline in _BY_PIPELINE:
+        return _BY_PIPELINE[pipeline]
+    name = model.lower()
+    if "klein" in name:
+        return FLUX2_KLEIN
+    if "schnell" in name:
+        return FLUX1_SCHNELL
+    return FLUX1_DEV
 
 
 def spec_for(model: str) -> ModelSpec:
-    """The spec of ``model`` (hub id, local path or ``tiny``); unknown models get dev's."""
-    name = model.lower()
-    if name == "tiny" or name.endswith("/tiny") or "tiny-flux" in name:
-        return _TINY
-    if "schnell" in name:
-        return _SCHNELL
-    return _DEV
+    """The spec of ``model``; one not in the table gets its family's rules, no revision."""
+    known = MODELS.get(model)
+    if known is not None:
+        return known
+    return ModelSpec(model, family_for(model), None, None, licence="unknown")
+
+
+def resolution_errors(family: ModelFamily, width: int, height: int) -> list[dict[str, str]]:
+    """What is wrong with ``width`` x ``height`` for ``family``, one entry per field."""
+    errors = []
+    for field, value in (("width", width), ("height", height)):
+        if value % family.multiple_of:
+            errors.append(
+                {
+                    "field": field,
+                    "message": f"{family.title} needs a multiple of {family.multiple_of}",
+                }
+            )
+    if width * height > family.max_pixels:
+        errors.append(
+            {
+                "field": "width",
+                "message": f"{width}x{height} is over {family.title}'s "
+                f"{family.max_pixels / 1e6:.1f} megapixels",
+            }
+        )
+    return errors
+
+
+def request_errors(
+    model: str, width: int, height: int, served: Sequence[str]
+) -> list[dict[str, str]]:
+    """Why ``model`` at ``width`` x ``height`` cannot be rendered here: not among ``served``
+    (what the deployment's render services serve), or outside its family's rules."""
+    if model not in served:
+        return [
+            {
+                "field": "model",
+                "message": f"{model!r} is not served here; served: " + ", ".join(served),
+            }
+        ]
+    return resolution_errors(family_for(model), width, height)
+
+
+def markdown_tables() -> str:
+    """The model and family tables of ``docs/models.md``, written from this module."""
+    lines = [
+        "| model | family | GPU memory (bf16) | licence | commercial use | pinned revision |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for spec in MODELS.values():
+        memory = f"~{spec.gpu_memory_gb:g} GB" if spec.gpu_memory_gb else "CPU, no weights"
+        revision = f"`{spec.revision[:12]}`" if spec.revision else "—"
+        lines.append(
+            f"| `{spec.id}` | {spec.family.title} | {memory} | {spec.licence} | "
+            f"{'yes' if spec.commercial else 'no (opt-in)'} | {revision} |"
+        )
+    lines += [
+        "",
+        "| family | pipeline | text encoder | steps | guidance | prompt tokens | subject tokens "
+        "| max pixels | LoRA |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for family in FAMILIES:
+        lines.append(
+            f"| {family.title} | `{family.pipeline}` | {family.text_encoder} | "
+            f"{family.default_steps} | {family.default_guidance:g} | {family.prompt_tokens} | "
+            f"{family.subject_tokens or '—'} | {family.max_pixels / 1e6:.1f} MP | "
+            f"{'yes' if family.lora else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"

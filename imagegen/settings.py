@@ -15,9 +15,9 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["DEFAULT_MODEL", "PROFILE_DEFAULTS", "Settings"]
+from imagegen.modelspec import DEFAULT_MODEL, spec_for
 
-DEFAULT_MODEL = "black-forest-labs/FLUX.1-schnell"
+__all__ = ["DEFAULT_MODEL", "PROFILE_DEFAULTS", "Settings"]
 
 # Only what truly differs between a laptop/dev namespace and production.
 PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -53,11 +53,24 @@ class Settings(BaseSettings):
     profile: Literal["dev", "prod"] = "dev"
 
     # Render
-    model: str = Field(default=DEFAULT_MODEL, description="Model used when a request names none.")
-    allowed_models: CommaList = Field(
-        default=[DEFAULT_MODEL, "black-forest-labs/FLUX.1-dev", "tiny"],
-        description="Models a request may name (ids, local paths or 'tiny'); a render "
-        "function serves only its own model.",
+    model: str = Field(
+        default=DEFAULT_MODEL,
+        description="Model used when a request names none; a render service loads it.",
+    )
+    served_models: CommaList = Field(
+        default=[DEFAULT_MODEL, "black-forest-labs/FLUX.1-schnell", "tiny", "tiny-klein"],
+        validation_alias=AliasChoices(
+            "IMAGEGEN_SERVED_MODELS", "IMAGEGEN_ALLOWED_MODELS", "served_models"
+        ),
+        description="What the deployment's render services serve: the models a request may "
+        "name (ids, local paths, 'tiny', 'tiny-klein').",
+    )
+    model_revisions: dict[str, str] = Field(
+        default_factory=dict,
+        description="Hub revision per model (JSON), over the pins of the model table.",
+    )
+    allow_non_commercial: bool = Field(
+        default=False, description="Allow serving models whose licence forbids commercial use."
     )
     device: Literal["auto", "cuda", "mps", "cpu"] = Field(default="auto")
     model_cache_dir: Path | None = Field(default=None, description="Hugging Face cache directory.")
@@ -169,7 +182,7 @@ class Settings(BaseSettings):
     )
 
     _split = field_validator(
-        "allowed_models",
+        "served_models",
         "plugins",
         "holiday_countries",
         "loras",
@@ -179,10 +192,31 @@ class Settings(BaseSettings):
         mode="before",
     )(_split_list)
 
-    @field_validator("plugin_options", mode="before")
+    @field_validator("plugin_options", "model_revisions", mode="before")
     @classmethod
     def _json_options(cls, value: Any) -> Any:
         return json.loads(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _served(self) -> Settings:
+        if self.model not in self.served_models:
+            raise ValueError(
+                f"IMAGEGEN_MODEL {self.model!r} must be one of IMAGEGEN_SERVED_MODELS "
+                f"({', '.join(self.served_models)})"
+            )
+        if not self.allow_non_commercial:
+            for model in self.served_models:
+                spec = spec_for(model)
+                if not spec.commercial:
+                    raise ValueError(
+                        f"IMAGEGEN_SERVED_MODELS: {model} is under the {spec.licence}; "
+                        "set IMAGEGEN_ALLOW_NON_COMMERCIAL=true to serve it"
+                    )
+        return self
+
+    def revision_for(self, model: str) -> str | None:
+        """The Hub revision to load ``model`` at: the setting, else the table's pin."""
+        return self.model_revisions.get(model) or spec_for(model).revision
 
     @model_validator(mode="before")
     @classmethod

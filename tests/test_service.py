@@ -142,8 +142,8 @@ async def test_two_services_run_different_plugin_sets(settings: Settings) -> Non
     assert [c.plugin for c in b.contributions] == ["art_style"]
 
 
-async def test_model_must_be_allowed(settings: Settings) -> None:
-    service = ImageGenService(settings.model_copy(update={"allowed_models": ["tiny"]}))
+async def test_model_must_be_served(settings: Settings) -> None:
+    service = ImageGenService(settings.model_copy(update={"served_models": ["tiny"]}))
     with pytest.raises(InvalidRequest) as caught:
         await service.enhance(small(model="black-forest-labs/FLUX.1-dev"))
     assert caught.value.fields == ["model"]

@@ -1,4 +1,4 @@
-"""``imagegen models pull``: the configured models into the model cache, ahead of time."""
+"""``imagegen models``: the model table, and the served models pulled into the model cache."""
 
 from __future__ import annotations
 
@@ -6,12 +6,15 @@ import json
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
 from imagegen.cli._app import AsJson, app, out, settings_from
 
-__all__ = ["models_app"]
+__all__ = ["list_models", "models_app", "pull"]
 
-models_app = typer.Typer(help="The model cache that render loads from.", no_args_is_help=True)
+models_app = typer.Typer(
+    help="The model table; the model cache that render loads from.", no_args_is_help=True
+)
 app.add_typer(models_app, name="models")
 
 
@@ -19,11 +22,11 @@ app.add_typer(models_app, name="models")
 def pull(
     models: Annotated[
         list[str] | None,
-        typer.Argument(help="Hub ids (default: IMAGEGEN_MODEL and IMAGEGEN_ALLOWED_MODELS)."),
+        typer.Argument(help="Hub ids (default: the Hub models of IMAGEGEN_SERVED_MODELS)."),
     ] = None,
     as_json: AsJson = False,
 ) -> None:
-    """Download models into IMAGEGEN_MODEL_CACHE_DIR, skipping what is already there."""
+    """Download models, at their pinned revisions, into IMAGEGEN_MODEL_CACHE_DIR."""
     from imagegen.render.pull import hub_models, pull
 
     settings = settings_from()
@@ -32,7 +35,12 @@ def pull(
         typer.echo(
             json.dumps(
                 [
-                    {"model": p.model, "path": str(p.path), "size_bytes": p.size_bytes}
+                    {
+                        "model": p.model,
+                        "revision": p.revision,
+                        "path": str(p.path),
+                        "size_bytes": p.size_bytes,
+                    }
                     for p in pulled
                 ],
                 indent=2,
@@ -40,6 +48,38 @@ def pull(
         )
         return
     for p in pulled:
-        out.print(f"{p.model}: {p.size_bytes / 1e9:.1f} GB in {p.path}", markup=False)
+        revision = p.revision or "main (not pinned)"
+        out.print(f"{p.model} @ {revision}: {p.size_bytes / 1e9:.1f} GB in {p.path}", markup=False)
     if not pulled:
         out.print("no Hub models configured: nothing to pull", markup=False)
+
+
+@models_app.command(name="list")
+def list_models(as_json: AsJson = False) -> None:
+    """The model table: family, licence, pinned revision, and whether it is served here."""
+    from imagegen.modelspec import MODELS
+
+    settings = settings_from()
+    rows = [
+        {
+            "model": spec.id,
+            "family": spec.family.title,
+            "served": spec.id in settings.served_models,
+            "revision": settings.revision_for(spec.id),
+            "licence": spec.licence,
+        }
+        for spec in MODELS.values()
+    ]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("model", "family", "served", "revision", "licence")
+    for row in rows:
+        table.add_row(
+            str(row["model"]),
+            str(row["family"]),
+            "yes" if row["served"] else "no",
+            str(row["revision"] or "-"),
+            str(row["licence"]),
+        )
+    out.print(table)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from imagegen.enhance._text import fit_budget, join_fragments
 from imagegen.models import Contribution
-from imagegen.modelspec import ModelSpec
+from imagegen.modelspec import ModelFamily
 
 __all__ = ["DREAM_SUBJECTS", "compose", "dream_subject"]
 
@@ -84,7 +84,7 @@ def dream_subject(seed: int) -> str:
     return random.Random(seed).choice(DREAM_SUBJECTS)
 
 
-def compose(subject: str, contributions: Sequence[Contribution], spec: ModelSpec) -> str:
+def compose(subject: str, contributions: Sequence[Contribution], spec: ModelFamily) -> str:
     """``subject`` then each plugin's fragment, within ``spec``'s budget.
 
     The subject is kept whole (it is the caller's); trailing fragments go first when over budget.

@@ -2,8 +2,8 @@
 
 No tokenizer is loaded in the enhance stage (it must stay light), so token counts are
 estimated: one token per punctuation mark and one per started four characters of each word.
-English words average about 1.3 tokens in both CLIP's BPE and T5's SentencePiece, and this
-count is higher for nearly every word (``light`` → 2, ``photorealistic`` → 4), so a prompt
+English words average about 1.3 tokens in CLIP's and Qwen3's BPE and T5's SentencePiece, and
+this count is higher for nearly every word (``light`` → 2, ``photorealistic`` → 4), so a prompt
 that fits the estimate fits the real tokenizers.
 """
 
@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Iterable
 
-from imagegen.modelspec import ModelSpec
+from imagegen.modelspec import ModelFamily
 
 __all__ = ["clean_reply", "estimate_tokens", "fit_budget", "join_fragments"]
 
@@ -45,9 +45,8 @@ _QUOTES = {
     "`": "`",
 }
 
-# CLIP counts its start and end tokens in its 77; T5 counts its end token.
+# CLIP counts its start and end tokens in its 77.
 _CLIP_SPECIAL_TOKENS = 2
-_T5_SPECIAL_TOKENS = 1
 
 
 def estimate_tokens(text: str) -> int:
@@ -104,25 +103,27 @@ def _cut_words(text: str, budget: int) -> str:
     return " ".join(kept)
 
 
-def fit_budget(text: str, spec: ModelSpec, *, subject: bool = True) -> str:
+def fit_budget(text: str, spec: ModelFamily, *, subject: bool = True) -> str:
     """``text`` trimmed to ``spec``'s budget, at clause boundaries where possible.
 
     Args:
         text: A one-line prompt; clauses end with ``, . ; : ! ?``.
-        spec: The target model's budget.
+        spec: The target model's family, whose budget applies.
         subject: Also keep the first clause (the subject) within CLIP's budget, dropping its
-            overflow words: CLIP sees only the start of the prompt.
+            overflow words: CLIP sees only the start of the prompt. Families without CLIP
+            read the whole prompt with one encoder and ignore this.
 
     Returns:
-        The prompt, whole within T5's budget.
+        The prompt, whole within the family's prompt budget.
     """
     clauses = [c for c in _CLAUSE_END.split(text.strip()) if c]
     if not clauses:
         return ""
-    clip_budget = spec.clip_tokens - _CLIP_SPECIAL_TOKENS
-    if subject and estimate_tokens(clauses[0]) > clip_budget:
-        clauses[0] = _cut_words(clauses[0], clip_budget).rstrip(",;:") + ","
-    budget = spec.t5_tokens - _T5_SPECIAL_TOKENS
+    if subject and spec.subject_tokens is not None:
+        clip_budget = spec.subject_tokens - _CLIP_SPECIAL_TOKENS
+        if estimate_tokens(clauses[0]) > clip_budget:
+            clauses[0] = _cut_words(clauses[0], clip_budget).rstrip(",;:") + ","
+    budget = spec.prompt_tokens - spec.prompt_overhead
     kept: list[str] = []
     used = 0
     for clause in clauses:

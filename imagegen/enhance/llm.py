@@ -35,7 +35,7 @@ from imagegen.enhance._breaker import CircuitBreaker, CircuitOpen
 from imagegen.enhance._text import clean_reply, fit_budget
 from imagegen.errors import DependencyUnavailable
 from imagegen.models import Contribution
-from imagegen.modelspec import ModelSpec
+from imagegen.modelspec import ModelFamily
 from imagegen.settings import Settings
 from imagegen.telemetry import instruments, tracer
 
@@ -61,11 +61,11 @@ class MalformedReply(ValueError):
 
 
 _SYSTEM = """\
-You write prompts for the text-to-image model FLUX.
+You write prompts for the text-to-image model {model}.
 Answer with a JSON object {{"prompt": "..."}} and nothing else.
 The prompt is one paragraph of plain, concrete, visual English: no markdown, no lists, no \
 quotation marks, no preamble, no commentary.
-Begin with the main subject in a short first clause of at most {subject_words} words, then \
+Begin with the main subject in a short first clause{subject_limit}, then \
 describe the setting, composition, lighting, colours and style.
 Use at most {total_words} words in all.
 Weave in the context details where they fit the image; leave out any that do not."""
@@ -78,12 +78,18 @@ _DREAM = (
 
 
 def build_messages(
-    prompt: str | None, contributions: Sequence[Contribution], spec: ModelSpec
+    prompt: str | None, contributions: Sequence[Contribution], spec: ModelFamily
 ) -> list[dict[str, str]]:
     """The chat messages asking for a prompt (or, without ``prompt``, for a dreamed one)."""
+    # Words are at most three estimated tokens (see _text): these limits keep the reply within
+    # the family's budget. CLIP, where the family has it, reads only the subject clause.
+    subject_limit = ""
+    if spec.subject_tokens is not None:
+        subject_limit = f" of at most {(spec.subject_tokens - 2) // 3} words"
     system = _SYSTEM.format(
-        subject_words=(spec.clip_tokens - 2) // 3,
-        total_words=spec.t5_tokens // 3,
+        model=spec.title.split(" (")[0],
+        subject_limit=subject_limit,
+        total_words=(spec.prompt_tokens - spec.prompt_overhead) // 3,
     )
     parts = [_ENHANCE.format(prompt=prompt) if prompt else _DREAM]
     context = [f"- {c.plugin}: {c.text}" for c in contributions if c.text.strip()]
@@ -92,8 +98,8 @@ def build_messages(
     return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]
 
 
-def _max_tokens(spec: ModelSpec) -> int:
-    return max(256, 2 * spec.t5_tokens)
+def _max_tokens(spec: ModelFamily) -> int:
+    return max(256, 2 * spec.prompt_tokens)
 
 
 def fallback_reason(error: BaseException) -> str:
@@ -180,7 +186,7 @@ class OllamaEnhancer:
         prompt: str | None,
         contributions: Sequence[Contribution],
         seed: int,
-        spec: ModelSpec,
+        spec: ModelFamily,
     ) -> str:
         """A cleaned prompt within ``spec``'s budget; dreamed when ``prompt`` is None.
 
@@ -201,7 +207,7 @@ class OllamaEnhancer:
         prompt: str | None,
         contributions: Sequence[Contribution],
         seed: int,
-        spec: ModelSpec,
+        spec: ModelFamily,
     ) -> str:
         messages = build_messages(prompt, contributions, spec)
         retrying = AsyncRetrying(
@@ -229,7 +235,7 @@ class OllamaEnhancer:
         logger.warning("Ollama %s at %s unavailable: %s", model, host, reason)
         return DependencyUnavailable(f"Ollama model {model} at {host}: {reason}")
 
-    async def _chat(self, messages: list[dict[str, str]], seed: int, spec: ModelSpec) -> str:
+    async def _chat(self, messages: list[dict[str, str]], seed: int, spec: ModelFamily) -> str:
         """One chat call, in its own span and timed, whatever its outcome."""
         model = self.settings.ollama_model
         # A failed call is expected (Ollama down): its error goes on the span, but no formatted
@@ -254,7 +260,7 @@ class OllamaEnhancer:
             finally:
                 instruments().ollama_duration.record(time.perf_counter() - started, labels)
 
-    def _span_attributes(self, seed: int, spec: ModelSpec) -> dict[str, Any]:
+    def _span_attributes(self, seed: int, spec: ModelFamily) -> dict[str, Any]:
         host = urlsplit(self.settings.ollama_host)
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": "chat",
@@ -271,7 +277,7 @@ class OllamaEnhancer:
                 attributes["server.port"] = host.port
         return attributes
 
-    async def _chat_once(self, messages: list[dict[str, str]], seed: int, spec: ModelSpec) -> str:
+    async def _chat_once(self, messages: list[dict[str, str]], seed: int, spec: ModelFamily) -> str:
         options: dict[str, Any] = {
             "temperature": self.settings.ollama_temperature,
             "seed": seed,

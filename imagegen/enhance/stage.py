@@ -24,7 +24,7 @@ from imagegen.models import (
     LoraHint,
     derive_seed,
 )
-from imagegen.modelspec import ModelSpec, spec_for
+from imagegen.modelspec import ModelFamily, family_for, request_errors
 from imagegen.plugins import PluginSet
 from imagegen.settings import Settings
 from imagegen.telemetry import instruments, tracer
@@ -68,8 +68,9 @@ class EnhanceStage:
         """The model the request renders with, after checking what the settings constrain.
 
         Raises:
-            InvalidRequest: naming every offending field (``generation_id``, ``model``,
-                ``plugins``).
+            InvalidRequest: naming every offending field (``generation_id``, ``model`` when
+                no render service serves it, ``width``/``height`` outside the model family's
+                rules, ``plugins``).
         """
         errors: list[dict[str, str]] = []
         if not valid_generation_id(generation_id):
@@ -77,11 +78,8 @@ class EnhanceStage:
                 {"field": "generation_id", "message": "must match " + GENERATION_ID_PATTERN}
             )
         model = request.model or self.settings.model
-        if model not in self.settings.allowed_models:
-            allowed = ", ".join(self.settings.allowed_models)
-            errors.append(
-                {"field": "model", "message": f"{model!r} is not allowed; use one of {allowed}"}
-            )
+        served = self.settings.served_models
+        errors.extend(request_errors(model, request.width, request.height, served))
         try:
             self.plugins.select(request.plugins)
         except InvalidRequest as exc:
@@ -104,13 +102,13 @@ class EnhanceStage:
                 time); default the current time.
 
         Raises:
-            InvalidRequest: the request names a model, plugin or plugin option that is not
-                allowed.
+            InvalidRequest: the request names a model that is not served, a size its family
+                cannot render, or a plugin or plugin option that is not allowed.
             DependencyUnavailable: Ollama failed and ``settings.enhance_fallback`` is off.
         """
         # 1. Check inputs
         model = self.check_inputs(request, generation_id)
-        spec = spec_for(model)
+        spec = family_for(model)
         seed = request.seed if request.seed is not None else derive_seed(generation_id)
         requested_at = request_time(request.requested_at, now)
 
@@ -158,7 +156,7 @@ class EnhanceStage:
         request: GenerationRequest,
         contributions: list[Contribution],
         seed: int,
-        spec: ModelSpec,
+        spec: ModelFamily,
     ) -> tuple[str, str, bool]:
         """(prompt, enhancer, fallback) for ``request``."""
         subject = request.prompt or dream_subject(seed)

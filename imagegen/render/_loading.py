@@ -41,14 +41,18 @@ def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
 
 
-def hub_options(settings: Settings) -> dict[str, Any]:
-    """The Hub arguments of a download: ``settings.model_cache_dir`` and ``settings.hf_token``."""
+def hub_options(settings: Settings, model: str | None = None) -> dict[str, Any]:
+    """The Hub arguments of a download: ``settings.model_cache_dir`` and ``settings.hf_token``,
+    and for a model, the revision pinned for it (:meth:`Settings.revision_for`)."""
     token = settings.hf_token
     cache_dir = settings.model_cache_dir
-    return {
+    options = {
         "cache_dir": str(cache_dir) if cache_dir is not None else None,
         "token": token.get_secret_value() if token is not None else None,
     }
+    if model is not None:
+        options["revision"] = settings.revision_for(model)
+    return options
 
 
 def load_pipeline(model: str, dtype: torch.dtype, settings: Settings) -> Pipeline:
@@ -71,10 +75,10 @@ def load_pipeline(model: str, dtype: torch.dtype, settings: Settings) -> Pipelin
     else:
         # Probe the one small file first: it tells a wrong id from an unreachable Hub.
         with hub_errors(model, field="model", what=f"model {model!r}"):
-            hf_hub_download(model, "model_index.json", **hub_options(settings))
+            hf_hub_download(model, "model_index.json", **hub_options(settings, model))
         source, remote = model, True
 
-    options = hub_options(settings) if remote else {}
+    options = hub_options(settings, model) if remote else {}
     try:
         pipe: Pipeline = AutoPipelineForText2Image.from_pretrained(
             source, **{_DTYPE_ARGUMENT: dtype}, **options

@@ -15,6 +15,7 @@ from huggingface_hub import is_offline_mode
 
 from imagegen.errors import DependencyUnavailable, InvalidRequest
 from imagegen.models import LoraHint
+from imagegen.modelspec import family_for
 from imagegen.render._errors import INSTALL_HINT, field_error, first_line
 from imagegen.render._loading import Pipeline, hub_errors, hub_options, looks_like_path
 from imagegen.settings import Settings
@@ -31,7 +32,7 @@ def check_lora_support(model: str, pipe: Pipeline) -> None:
         InvalidRequest: The model does not support LoRA adapters (field ``loras``).
         DependencyUnavailable: peft is not installed.
     """
-    if not hasattr(pipe, "load_lora_weights"):
+    if not family_for(model).lora or not hasattr(pipe, "load_lora_weights"):
         raise field_error("loras", f"model {model!r} does not support LoRA adapters")
     if importlib.util.find_spec("peft") is None:
         raise DependencyUnavailable(f"LoRA adapters need peft: {INSTALL_HINT}")

@@ -15,7 +15,6 @@ from opentelemetry import trace
 
 from imagegen.errors import DependencyUnavailable
 from imagegen.models import EnhancedPrompt
-from imagegen.modelspec import spec_for
 from imagegen.render._errors import INSTALL_HINT, field_error
 from imagegen.render.base import ProgressCallback, RenderOutput
 from imagegen.render.png import encode_png
@@ -29,6 +28,7 @@ try:
     from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 
     from imagegen.render._device import select_device
+    from imagegen.render._family import build_offline, call_options
     from imagegen.render._fastpath import apply_fast_path
     from imagegen.render._loading import Pipeline, load_pipeline
     from imagegen.render._lora import LoraAdapters, check_lora_support
@@ -38,10 +38,7 @@ except ImportError as error:  # pragma: no cover - depends on the installation
         name=error.name,
     ) from error
 
-__all__ = ["TINY_MODEL", "DiffusersBackend", "select_device"]
-
-TINY_MODEL = "tiny"
-"""The model name that builds the tiny offline pipeline instead of loading one."""
+__all__ = ["DiffusersBackend", "select_device"]
 
 
 class DiffusersBackend:
@@ -75,7 +72,9 @@ class DiffusersBackend:
         return self._resolve()[1]
 
     def load(self, model: str) -> float:
-        """Load ``model`` (hub id, local directory or ``tiny``) unless loaded; return the seconds.
+        """Load ``model`` (hub id, local directory, ``tiny`` or ``tiny-klein``) unless loaded.
+
+        Returns the seconds it took (0 when already loaded).
 
         Raises:
             InvalidRequest: ``model`` names no text-to-image pipeline (field ``model``).
@@ -86,14 +85,11 @@ class DiffusersBackend:
             return 0.0
         device, dtype = self._resolve()
         started = time.perf_counter()
-        if model == TINY_MODEL:
-            from imagegen.render.tiny import build_tiny_flux_pipeline
-
-            pipe = build_tiny_flux_pipeline()
-            if dtype != torch.float32:
-                pipe.to(dtype=dtype)
-        else:
+        pipe = build_offline(model)
+        if pipe is None:
             pipe = load_pipeline(model, dtype, self._settings)
+        elif dtype != torch.float32:
+            pipe.to(dtype=dtype)
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         self.fast_path[model] = apply_fast_path(pipe, self._settings, device)
@@ -230,8 +226,7 @@ class DiffusersBackend:
         }
         if "guidance_scale" in parameters:
             kwargs["guidance_scale"] = job.guidance
-        if "max_sequence_length" in parameters:
-            kwargs["max_sequence_length"] = spec_for(job.model).t5_tokens
+        kwargs.update(call_options(pipe, job.model))
 
         last_step_at: float | None = None
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from huggingface_hub import is_offline_mode
 
 from imagegen.errors import DependencyUnavailable
+from imagegen.modelspec import MODELS
 from imagegen.render._errors import first_line
 from imagegen.render._loading import hub_errors, hub_options, looks_like_path
-from imagegen.render.diffusers_backend import TINY_MODEL
 from imagegen.settings import Settings
 
 __all__ = ["PulledModel", "hub_models", "pull"]
@@ -25,9 +25,11 @@ __all__ = ["PulledModel", "hub_models", "pull"]
 
 @dataclass(frozen=True)
 class PulledModel:
-    """A model in the cache: its Hub id, the snapshot directory and its size on disk."""
+    """A model in the cache: its Hub id, the revision asked for (None: ``main``), the snapshot
+    directory and its size on disk."""
 
     model: str
+    revision: str | None
     path: Path
     size_bytes: int
 
@@ -35,19 +37,21 @@ class PulledModel:
 def hub_models(settings: Settings) -> list[str]:
     """The Hub models a render service of these settings may load, each once.
 
-    The default model and the allowed ones; local directories and built-in models (``tiny``)
-    need no download.
+    The served models (the default among them); local directories and the models built offline
+    (``tiny``, ``tiny-klein``) need no download.
     """
-    names = dict.fromkeys([settings.model, *settings.allowed_models])
+    names = dict.fromkeys([settings.model, *settings.served_models])
     return [
         name
         for name in names
-        if not looks_like_path(name) and not Path(name).expanduser().exists() and name != TINY_MODEL
+        if not looks_like_path(name)
+        and not Path(name).expanduser().exists()
+        and not (name in MODELS and MODELS[name].offline)
     ]
 
 
 def pull(model: str, settings: Settings) -> PulledModel:
-    """Download one model's pipeline files into ``settings.model_cache_dir``.
+    """Download one model's pipeline files, at its pinned revision, into the model cache.
 
     What is already in the cache is not fetched again; with ``HF_HUB_OFFLINE`` set, the cache
     alone must hold the model.
@@ -58,9 +62,10 @@ def pull(model: str, settings: Settings) -> PulledModel:
     """
     from diffusers import DiffusionPipeline
 
+    options = hub_options(settings, model)
     with hub_errors(model, field="model", what=f"model {model!r}"):
         try:
-            path = Path(DiffusionPipeline.download(model, **hub_options(settings)))
+            path = Path(DiffusionPipeline.download(model, **options))
         except OSError as error:
             # diffusers says why in a paragraph; the one fact that matters fits in a line.
             reason = (
@@ -73,4 +78,4 @@ def pull(model: str, settings: Settings) -> PulledModel:
             ) from error
     # Snapshot files are links into the cache's blobs: count what they point at.
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    return PulledModel(model, path, size)
+    return PulledModel(model, options["revision"], path, size)

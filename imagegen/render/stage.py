@@ -23,7 +23,7 @@ from imagegen.errors import (
     Overloaded,
 )
 from imagegen.models import EnhancedPrompt, RenderedImage
-from imagegen.modelspec import spec_for
+from imagegen.modelspec import family_for, request_errors
 from imagegen.render.base import BatchRenderBackend, ProgressCallback, RenderBackend, RenderOutput
 from imagegen.render.batching import Batch, Batcher
 from imagegen.settings import Settings
@@ -147,7 +147,7 @@ class RenderStage:
         Compiled or lazily initialised kernels are built here rather than in the first
         request, and the render is timed, so admission is sized from the first request on.
         """
-        spec = spec_for(model)
+        spec = family_for(model)
         job = EnhancedPrompt(
             generation_id="warm-up",
             prompt="warm-up",
@@ -249,6 +249,11 @@ class RenderStage:
         )
 
     async def _render(self, job: EnhancedPrompt, progress: ProgressCallback | None) -> RenderOutput:
+        # The deployment's served models (the setting enhance checks too) and the family's rules.
+        errors = request_errors(job.model, job.width, job.height, self.settings.served_models)
+        if errors:
+            fields = ", ".join(dict.fromkeys(e["field"] for e in errors))
+            raise InvalidRequest(f"invalid EnhancedPrompt: {fields}", errors=errors)
         if not self.is_loaded(job.model):
             if not self._load_on_demand:
                 raise InvalidRequest(

@@ -42,6 +42,7 @@ from transformers import (
 __all__ = [
     "CLIP_MAX_LENGTH",
     "T5_MAX_LENGTH",
+    "align_tensor_data",
     "build_tiny_flux_pipeline",
     "save_tiny_flux_lora",
     "save_tiny_flux_pipeline",
@@ -56,7 +57,7 @@ T5_MAX_LENGTH = 256
 _TENSOR_ALIGNMENT = 64  # bytes; what torch's CPU allocator gives fresh tensors
 _HIDDEN = 32  # width shared by both text encoders and the transformer's text inputs
 # Widths in multiples of 16 floats keep every text-encoder and transformer tensor a multiple
-# of 64 bytes, so a file's alignment carries over to all its tensors (see _align_tensor_data).
+# of 64 bytes, so a file's alignment carries over to all its tensors (see align_tensor_data).
 _FEED_FORWARD = 64
 _LATENT_CHANNELS = 4  # packed 2x2 by FLUX, hence the transformer's 16 input channels
 
@@ -217,7 +218,7 @@ def save_tiny_flux_pipeline(path: str | Path, *, seed: int = 0) -> Path:
     target = Path(path)
     build_tiny_flux_pipeline(seed).save_pretrained(target, safe_serialization=True)
     for weights in sorted(target.glob("*/*.safetensors")):
-        _align_tensor_data(weights)
+        align_tensor_data(weights)
     return target
 
 
@@ -269,7 +270,7 @@ def save_tiny_flux_lora(path: str | Path, *, seed: int = 1, rank: int = 4) -> Pa
     return target
 
 
-def _align_tensor_data(file: Path) -> None:
+def align_tensor_data(file: Path) -> None:
     """Pad a safetensors header with spaces so the tensor data starts 64-byte aligned.
 
     Loaded weights are memory-mapped views into the file. CPU matrix kernels take a different

@@ -29,12 +29,13 @@ def test_environment_lists_and_aliases(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("IMAGEGEN_OLLAMA_HOST")
     monkeypatch.setenv("OLLAMA_HOST", "http://ollama:11434")
     monkeypatch.setenv("IMAGEGEN_HOLIDAY_COUNTRIES", "US, DE")
-    monkeypatch.setenv("IMAGEGEN_ALLOWED_MODELS", '["tiny"]')
+    monkeypatch.setenv("IMAGEGEN_MODEL", "tiny")
+    monkeypatch.setenv("IMAGEGEN_ALLOWED_MODELS", '["tiny"]')  # the former name still works
     monkeypatch.setenv("IMAGEGEN_PLUGIN_OPTIONS", '{"art_style": {"style": "ukiyo-e"}}')
     settings = Settings()
     assert settings.ollama_host == "http://ollama:11434"
     assert settings.holiday_countries == ["US", "DE"]
-    assert settings.allowed_models == ["tiny"]
+    assert settings.served_models == ["tiny"]
     assert settings.plugin_options == {"art_style": {"style": "ukiyo-e"}}
 
 
@@ -63,3 +64,47 @@ def test_bad_values_name_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IMAGEGEN_DEVICE", "tpu")
     with pytest.raises(ValidationError, match="device"):
         Settings()
+
+
+def test_the_default_model_is_flux2_klein_4b_pinned() -> None:
+    settings = Settings()
+
+    assert settings.model == "black-forest-labs/FLUX.2-klein-4B" == DEFAULT_MODEL
+    assert settings.model in settings.served_models
+    assert settings.revision_for(settings.model) == "e7b7dc27f91deacad38e78976d1f2b499d76a294"
+    assert settings.revision_for("black-forest-labs/FLUX.1-schnell") is None  # not pinned
+    assert settings.revision_for("tiny") is None
+
+
+def test_revisions_are_pinned_per_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "IMAGEGEN_MODEL_REVISIONS",
+        '{"black-forest-labs/FLUX.1-schnell": "abc123", "black-forest-labs/FLUX.2-klein-4B": "v2"}',
+    )
+    settings = Settings()
+
+    assert settings.revision_for("black-forest-labs/FLUX.1-schnell") == "abc123"
+    assert settings.revision_for("black-forest-labs/FLUX.2-klein-4B") == "v2"
+
+
+def test_the_default_model_must_be_served(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAGEGEN_SERVED_MODELS", "tiny,tiny-klein")
+
+    with pytest.raises(ValidationError, match=r"IMAGEGEN_MODEL .* must be one of"):
+        Settings()
+    assert Settings(model="tiny-klein").served_models == ["tiny", "tiny-klein"]
+
+
+@pytest.mark.parametrize(
+    "model", ["black-forest-labs/FLUX.2-klein-9B", "black-forest-labs/FLUX.1-dev"]
+)
+def test_non_commercial_models_need_the_operator_to_allow_them(
+    monkeypatch: pytest.MonkeyPatch, model: str
+) -> None:
+    monkeypatch.setenv("IMAGEGEN_MODEL", model)
+    monkeypatch.setenv("IMAGEGEN_SERVED_MODELS", model)
+
+    with pytest.raises(ValidationError, match=r"Non-Commercial License.*ALLOW_NON_COMMERCIAL"):
+        Settings()
+    monkeypatch.setenv("IMAGEGEN_ALLOW_NON_COMMERCIAL", "true")
+    assert Settings().served_models == [model]

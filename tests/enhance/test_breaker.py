@@ -11,7 +11,7 @@ from imagegen.enhance._breaker import CircuitBreaker, CircuitOpen
 from imagegen.enhance.llm import OllamaEnhancer
 from imagegen.errors import DependencyUnavailable
 from imagegen.models import GenerationRequest
-from imagegen.modelspec import spec_for
+from imagegen.modelspec import family_for
 from imagegen.settings import Settings
 from tests.enhance.conftest import MakeStage
 from tests.fakes.ollama_server import FakeOllama
@@ -137,7 +137,7 @@ async def test_ollama_down_skips_the_calls_once_open(fake_ollama: FakeOllama) ->
         ollama_breaker_cooldown=60,
     )
     enhancer = OllamaEnhancer(settings, backoff=0.01)
-    spec = spec_for("tiny")
+    spec = family_for("tiny")
     for _ in range(2):
         with pytest.raises(DependencyUnavailable, match="Connect"):
             await enhancer.write(prompt="a fox", contributions=[], seed=1, spec=spec)

@@ -9,7 +9,7 @@ import pytest
 
 from imagegen.enhance.llm import OllamaEnhancer
 from imagegen.errors import DependencyUnavailable
-from imagegen.modelspec import spec_for
+from imagegen.modelspec import family_for
 from imagegen.settings import Settings
 from tests.fakes.ollama_server import Behaviour, FakeOllama, http_error, slow
 
@@ -42,7 +42,7 @@ async def test_unavailable_error_hides_the_host_credentials(
         caplog.at_level(logging.DEBUG),
         pytest.raises(DependencyUnavailable) as caught,
     ):
-        await enhancer.write(prompt="a fox", contributions=[], seed=1, spec=spec_for("tiny"))
+        await enhancer.write(prompt="a fox", contributions=[], seed=1, spec=family_for("tiny"))
     await enhancer.aclose()
 
     host = f"http://***@127.0.0.1:{fake_ollama.port}/"

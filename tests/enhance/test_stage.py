@@ -15,7 +15,7 @@ from imagegen.enhance import EnhanceStage, PromptReply, estimate_tokens
 from imagegen.enhance._template import DREAM_SUBJECTS
 from imagegen.errors import DependencyUnavailable, InvalidRequest
 from imagegen.models import GenerationRequest, derive_seed
-from imagegen.modelspec import spec_for
+from imagegen.modelspec import family_for
 from imagegen.plugins import PluginSet
 from imagegen.settings import Settings
 from tests.enhance.conftest import MakeStage
@@ -84,11 +84,33 @@ async def test_long_replies_are_trimmed_to_the_budget(
     subject = "a red fox " + "with a remarkably bushy tail " * 20
     details = ", ".join(f"intricate detail {i} in the background" for i in range(150))
     fake_ollama.reply_with({"prompt": f"{subject}, {details}"})
-    job = await _run(stage)
-    spec = spec_for(job.model)
-    assert estimate_tokens(job.prompt) <= spec.t5_tokens
-    assert estimate_tokens(job.prompt.split(",")[0]) <= spec.clip_tokens
-    assert job.prompt.startswith("a red fox with a remarkably bushy tail")
+    # FLUX.1: CLIP reads the subject (77 tokens), T5 the whole prompt (256 for schnell).
+    schnell = await _run(stage, model="black-forest-labs/FLUX.1-schnell")
+    spec = family_for(schnell.model)
+    assert spec.subject_tokens is not None
+    assert estimate_tokens(schnell.prompt) <= spec.prompt_tokens - spec.prompt_overhead
+    assert estimate_tokens(schnell.prompt.split(",")[0]) <= spec.subject_tokens
+    assert schnell.prompt.startswith("a red fox with a remarkably bushy tail")
+    # FLUX.2 [klein] (the default): one Qwen3 window of 512 tokens, the subject kept whole.
+    klein = await _run(stage)
+    spec = family_for(klein.model)
+    assert (klein.model, spec.subject_tokens) == ("black-forest-labs/FLUX.2-klein-4B", None)
+    assert estimate_tokens(klein.prompt) <= spec.prompt_tokens - spec.prompt_overhead
+    assert klein.prompt.startswith(subject + ",")  # the whole subject, untouched
+    assert len(klein.prompt) > len(schnell.prompt)
+
+
+async def test_the_llm_is_told_the_family_budget(
+    stage: EnhanceStage, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.reply_with({"prompt": "a red fox"})
+    await _run(stage)
+    await _run(stage, model="black-forest-labs/FLUX.1-schnell")
+    klein, schnell = (r["messages"][0]["content"] for r in fake_ollama.chat_requests)
+    assert "FLUX.2 [klein]" in klein and "at most 166 words in all" in klein
+    assert "subject in a short first clause, then" in klein  # no CLIP: no subject limit
+    assert "FLUX.1 [schnell]" in schnell and "first clause of at most 25 words" in schnell
+    assert "at most 85 words in all" in schnell
 
 
 async def test_a_dream_without_prompt(stage: EnhanceStage, fake_ollama: FakeOllama) -> None:
@@ -249,18 +271,16 @@ async def test_render_parameters(stage: EnhanceStage) -> None:
         requested_at="2026-01-02T03:04:05Z",
     )
     job = await stage.run(request, generation_id="gen-7", now=NOW)
-    schnell = spec_for("black-forest-labs/FLUX.1-schnell")
-    assert (job.model, job.steps, job.guidance) == (
-        "black-forest-labs/FLUX.1-schnell",
-        schnell.default_steps,
-        0.0,
-    )
+    # The default model, FLUX.2 [klein] 4B, is step-distilled: 4 steps, guidance 1.
+    assert (job.model, job.steps, job.guidance) == ("black-forest-labs/FLUX.2-klein-4B", 4, 1.0)
     assert (job.width, job.height, job.metadata) == (512, 768, {"user": "u1"})
     assert job.seed == derive_seed("gen-7")
     assert job.requested_at == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
-    dev = await _run(stage, model="black-forest-labs/FLUX.1-dev", steps=12, guidance=0.0)
-    assert (dev.steps, dev.guidance) == (12, 0.0)
-    assert (await _run(stage, model="tiny")).steps == spec_for("tiny").default_steps
+    schnell = await _run(stage, model="black-forest-labs/FLUX.1-schnell")
+    assert (schnell.steps, schnell.guidance) == (4, 0.0)
+    explicit = await _run(stage, model="black-forest-labs/FLUX.1-schnell", steps=12, guidance=2)
+    assert (explicit.steps, explicit.guidance) == (12, 2.0)
+    assert (await _run(stage, model="tiny")).steps == family_for("tiny").default_steps
 
 
 async def test_the_time_defaults_to_now(stage: EnhanceStage) -> None:
@@ -281,11 +301,47 @@ async def test_lora_hints_are_collected(make_stage: MakeStage, tmp_path: Path) -
 # 5. Invalid requests
 
 
-async def test_a_model_not_allowed_is_invalid(stage: EnhanceStage, fake_ollama: FakeOllama) -> None:
-    with pytest.raises(InvalidRequest) as caught:
-        await _run(stage, model="someone/other-model")
-    assert caught.value.fields == ["model"]
+async def test_a_model_not_served_is_refused_before_the_llm(
+    make_stage: MakeStage, fake_ollama: FakeOllama
+) -> None:
+    stage = make_stage(served_models=["black-forest-labs/FLUX.2-klein-4B", "tiny"])
+    for model in ("someone/other-model", "black-forest-labs/FLUX.1-schnell"):
+        with pytest.raises(InvalidRequest) as caught:
+            await _run(stage, model=model)
+        assert caught.value.fields == ["model"]
+        assert caught.value.errors[0]["message"] == (
+            f"{model!r} is not served here; served: black-forest-labs/FLUX.2-klein-4B, tiny"
+        )
     assert fake_ollama.requests == []
+
+
+@pytest.mark.parametrize(
+    ("model", "width", "height", "fields"),
+    [
+        ("black-forest-labs/FLUX.2-klein-4B", 2048, 2048, []),
+        ("black-forest-labs/FLUX.1-schnell", 2048, 1024, []),
+        ("black-forest-labs/FLUX.1-schnell", 2048, 1040, ["width"]),
+        ("black-forest-labs/FLUX.1-schnell", 1536, 1536, ["width"]),
+    ],
+)
+async def test_the_family_bounds_the_pixels(
+    make_stage: MakeStage,
+    fake_ollama: FakeOllama,
+    model: str,
+    width: int,
+    height: int,
+    fields: list[str],
+) -> None:
+    # The request schema bounds each side (256-2048, multiples of 16); the family bounds
+    # the area, so a model's own limit is refused before any LLM call.
+    stage = make_stage()
+    if not fields:
+        assert (await _run(stage, model=model, width=width, height=height)).width == width
+        return
+    with pytest.raises(InvalidRequest) as caught:
+        await _run(stage, model=model, width=width, height=height, enhance=False)
+    assert caught.value.fields == fields
+    assert "megapixels" in caught.value.errors[0]["message"]
 
 
 async def test_every_problem_is_named(stage: EnhanceStage) -> None:

@@ -7,10 +7,10 @@ import pytest
 from imagegen.enhance import clean_reply, estimate_tokens, fit_budget
 from imagegen.enhance._template import DREAM_SUBJECTS, compose, dream_subject
 from imagegen.models import Contribution
-from imagegen.modelspec import spec_for
+from imagegen.modelspec import family_for
 
-SCHNELL = spec_for("black-forest-labs/FLUX.1-schnell")
-DEV = spec_for("black-forest-labs/FLUX.1-dev")
+SCHNELL = family_for("black-forest-labs/FLUX.1-schnell")
+DEV = family_for("black-forest-labs/FLUX.1-dev")
 
 
 @pytest.mark.parametrize(
@@ -56,7 +56,7 @@ def test_fit_budget_drops_trailing_clauses_past_t5() -> None:
     text = "a red fox, " + ", ".join(clauses)
     for spec in (SCHNELL, DEV):
         fitted = fit_budget(text, spec)
-        assert estimate_tokens(fitted) <= spec.t5_tokens - 1
+        assert estimate_tokens(fitted) <= spec.prompt_tokens - 1
         assert fitted.startswith("a red fox, detail number 0")
         assert fitted.endswith("extra words")  # ends on a whole clause
     assert len(fit_budget(text, DEV)) > len(fit_budget(text, SCHNELL))
@@ -66,7 +66,7 @@ def test_fit_budget_keeps_the_subject_within_clip() -> None:
     subject = "a fox " + "with a very long tail " * 30
     fitted = fit_budget(subject + ", soft light", SCHNELL)
     first = fitted.split(",")[0]
-    assert estimate_tokens(first) <= SCHNELL.clip_tokens - 2
+    assert estimate_tokens(first) <= SCHNELL.subject_tokens - 2
     assert fitted.endswith(", soft light")
     # Without the subject rule, only T5's budget applies.
     assert (
@@ -77,7 +77,7 @@ def test_fit_budget_keeps_the_subject_within_clip() -> None:
 
 def test_fit_budget_cuts_one_endless_clause() -> None:
     fitted = fit_budget("word " * 1000, SCHNELL, subject=False)
-    assert 0 < estimate_tokens(fitted) <= SCHNELL.t5_tokens - 1
+    assert 0 < estimate_tokens(fitted) <= SCHNELL.prompt_tokens - 1
 
 
 def test_template() -> None:

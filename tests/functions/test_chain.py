@@ -51,6 +51,9 @@ def check_replies(replies: list[httpx.Response], subject: str) -> dict[str, Any]
         assert reply.headers["ce-traceparent"].split("-")[1] == TRACE_ID
         assert len(reply.content) < 16 * 1024  # claim check: no image bytes in events
     rendered, persisted = replies[1].json(), replies[2].json()
+    # Render Triggers may route on the model: the enhanced event names it.
+    assert replies[0].headers["ce-imagegenmodel"] == replies[0].json()["model"] == "tiny"
+    assert "ce-imagegenmodel" not in replies[1].headers
     assert replies[1].headers["ce-dataref"] == rendered["location"]
     assert persisted["sha256"] == rendered["sha256"]
     return persisted

@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from imagegen.events import MODEL_ATTRIBUTE
+
 from .conftest import OVERLAYS, REPO
 from .routing import PING_EVENT_TYPE, Routing
 
@@ -49,13 +51,28 @@ def _function_of(routing: Routing, service: str) -> str:
     return function
 
 
+def _served(r: Routing) -> list[str]:
+    """The models the overlay's enhance accepts (IMAGEGEN_SERVED_MODELS)."""
+    [enhance] = [s for s in r.services.values() if s.function == "enhance"]
+    return [m.strip() for m in enhance.env["IMAGEGEN_SERVED_MODELS"].split(",")]
+
+
+def _sent(r: Routing, event_type: str) -> list[dict[str, str] | None]:
+    """The extension attributes events of ``event_type`` carry: enhance stamps each
+    prompt.enhanced event with its model (imagegen.events.routing_attributes)."""
+    if event_type == ENHANCED:
+        return [{MODEL_ATTRIBUTE: model} for model in _served(r)]
+    return [None]
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_event_has_exactly_one_consumer(routing: RoutingOf, overlay: str) -> None:
     r = routing(overlay)
     emitted = set().union(*REPLIES.values()) | EXTERNAL
     for event_type in sorted(emitted - {OUTPUT}):
-        triggers = r.triggers_for(event_type)
-        assert len(triggers) == 1, f"{event_type}: {[t.name for t in triggers]}"
+        for attributes in _sent(r, event_type):
+            triggers = r.triggers_for(event_type, attributes)
+            assert len(triggers) == 1, f"{event_type}: {[t.name for t in triggers]}"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -63,8 +80,24 @@ def test_each_event_reaches_the_stage_that_consumes_it(routing: RoutingOf, overl
     r = routing(overlay)
     for function, types in CONSUMES.items():
         for event_type in types:
-            [trigger] = r.triggers_for(event_type)
-            assert _function_of(r, trigger.subscriber) == function, event_type
+            for attributes in _sent(r, event_type):
+                [trigger] = r.triggers_for(event_type, attributes)
+                assert _function_of(r, trigger.subscriber) == function, event_type
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_served_model_reaches_a_render_service_that_loads_it(
+    routing: RoutingOf, overlay: str
+) -> None:
+    # "Allowed" means "served": every model enhance accepts is routed to a render Service
+    # whose IMAGEGEN_MODEL is that model, so no job waits for a Service that is not there.
+    r = routing(overlay)
+    for attributes in _sent(r, ENHANCED):
+        assert attributes is not None
+        [trigger] = r.triggers_for(ENHANCED, attributes)
+        service = r.services[trigger.subscriber]
+        assert service.env["IMAGEGEN_MODEL"] == attributes[MODEL_ATTRIBUTE], trigger.name
+        assert service.env["IMAGEGEN_SERVED_MODELS"] == ",".join(_served(r))
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -94,6 +127,9 @@ def test_every_trigger_filters_on_one_exact_known_type(routing: RoutingOf, overl
         assert all(trigger.filter.values()), f"{trigger.name}: {trigger.filter}"
         # The ping type is shared by every PingSource: that Trigger names its source too.
         expected = {"type", "source"} if trigger.filter["type"] == PING_EVENT_TYPE else {"type"}
+        # A render Trigger may also route by model (docs/models.md).
+        if trigger.filter["type"] == ENHANCED and MODEL_ATTRIBUTE in trigger.filter:
+            expected = {"type", MODEL_ATTRIBUTE}
         assert set(trigger.filter) == expected, f"{trigger.name}: {trigger.filter}"
 
 
@@ -282,5 +318,5 @@ def test_settings_accept_each_service_environment(
         assert settings.profile == ("prod" if overlay == "prod" else "dev")
     render_env = routing(overlay).services["imagegen-render"].env
     assert render_env["IMAGEGEN_MODEL"] == (
-        "tiny" if overlay == "dev" else "black-forest-labs/FLUX.1-schnell"
+        "tiny" if overlay == "dev" else "black-forest-labs/FLUX.2-klein-4B"
     )

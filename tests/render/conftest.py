@@ -70,3 +70,25 @@ def lora_dir(lora_root: Path) -> Path:
     from imagegen.render.tiny import save_tiny_flux_lora
 
     return save_tiny_flux_lora(lora_root / "sketchy")
+
+
+@pytest.fixture(scope="session")
+def klein_backend(lora_root: Path) -> Iterator[Any]:
+    """A CPU :class:`DiffusersBackend` with the tiny FLUX.2 [klein] pipeline loaded."""
+    pytest.importorskip("diffusers")
+    from imagegen.render.diffusers_backend import DiffusersBackend
+    from imagegen.settings import Settings
+
+    backend = DiffusersBackend(Settings(device="cpu", lora_dir=lora_root))
+    backend.load("tiny-klein")
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="session")
+def klein_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny [klein] pipeline saved in diffusers' layout."""
+    pytest.importorskip("diffusers")
+    from imagegen.render.tiny_klein import save_tiny_klein_pipeline
+
+    return save_tiny_klein_pipeline(tmp_path_factory.mktemp("models") / "tiny-klein")

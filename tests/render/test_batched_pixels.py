@@ -53,6 +53,6 @@ def test_a_batch_is_within_the_tolerance_of_each_job_alone(backend: Any, make_jo
 def test_each_image_keeps_its_own_text_chunks(backend: Any, make_job: MakeJob) -> None:
     from imagegen.render.png import read_png_text
 
-    jobs = [make_job(generation_id=f"t{i}", seed=i) for i in range(2)]
+    jobs = [make_job(generation_id=f"t{i}", seed=i, prompt=f"lamp {i}") for i in range(2)]
     texts = [read_png_text(o.png) for o in backend.render_batch(jobs)]
-    assert [(t["generation_id"], t["seed"]) for t in texts] == [("t0", "0"), ("t1", "1")]
+    assert [(t["prompt"], t["seed"]) for t in texts] == [("lamp 0", "0"), ("lamp 1", "1")]

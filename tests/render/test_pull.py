@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from imagegen.cli import main
+from imagegen.errors import DependencyUnavailable
 from imagegen.render._loading import load_pipeline
 from imagegen.render.pull import hub_models
 from imagegen.render.tiny import save_tiny_flux_pipeline
@@ -74,6 +75,38 @@ def test_hub_models_are_the_configured_hub_ids(tmp_path: Path) -> None:
     local = tmp_path / "local-model"
     local.mkdir()
     settings = Settings(
-        model="org/a", allowed_models=["org/a", "tiny", str(local), "./relative", "org/b"]
+        model="org/a",
+        served_models=["org/a", "tiny", "tiny-klein", str(local), "./relative", "org/b"],
     )
     assert hub_models(settings) == ["org/a", "org/b"]
+
+
+def test_render_loads_the_pinned_revision_and_no_other(cache: Path) -> None:
+    pinned = Settings(model_cache_dir=cache, model_revisions={MODEL: COMMIT})
+    assert type(load_pipeline(MODEL, torch.float32, pinned)).__name__ == "FluxPipeline"
+
+    other = Settings(model_cache_dir=cache, model_revisions={MODEL: "f" * 40})
+    with pytest.raises(DependencyUnavailable, match="not in the local cache"):
+        load_pipeline(MODEL, torch.float32, other)
+
+
+def test_pull_reports_the_pinned_revision(
+    cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("IMAGEGEN_MODEL_REVISIONS", json.dumps({MODEL: COMMIT}))
+    assert imagegen("models", "pull", MODEL, "--json", cache=cache, monkeypatch=monkeypatch) == 0
+    [pulled] = json.loads(capsys.readouterr().out)
+    assert (pulled["model"], pulled["revision"]) == (MODEL, COMMIT)
+
+
+def test_models_list_shows_the_table_and_what_is_served(
+    cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("IMAGEGEN_MODEL", "tiny-klein")
+    monkeypatch.setenv("IMAGEGEN_SERVED_MODELS", "tiny-klein")
+    assert imagegen("models", "list", "--json", cache=cache, monkeypatch=monkeypatch) == 0
+    rows = {row["model"]: row for row in json.loads(capsys.readouterr().out)}
+    assert [m for m, row in rows.items() if row["served"]] == ["tiny-klein"]
+    default = rows["black-forest-labs/FLUX.2-klein-4B"]
+    assert (default["family"], default["licence"]) == ("FLUX.2 [klein]", "Apache-2.0")
+    assert default["revision"] == "e7b7dc27f91deacad38e78976d1f2b499d76a294"

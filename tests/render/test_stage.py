@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from imagegen.errors import Overloaded
+from imagegen.errors import InvalidRequest, Overloaded
 from imagegen.models import EnhancedPrompt
 from imagegen.render.base import ProgressCallback, RenderOutput
 from imagegen.render.stage import RenderStage
@@ -133,3 +133,20 @@ async def test_another_job_under_a_rendered_generation_is_refused(tmp_path: Path
     with pytest.raises(InvalidRequest) as caught:
         await render.render(other)
     assert caught.value.fields == ["generation_id"]
+
+
+async def test_a_model_the_deployment_does_not_serve_is_refused(tmp_path: Path) -> None:
+    # Render reads the setting enhance checks: a job for another model never reaches the
+    # backend, even from a caller that skipped enhance.
+    backend = SlowBackend(0.0)
+    settings = Settings(model="tiny", served_models=["tiny"])
+    render = RenderStage(settings, LocalStorage(tmp_path), lambda: backend)
+    other = job("g-other").model_copy(update={"model": "tiny-klein"})
+
+    with pytest.raises(InvalidRequest) as caught:
+        await render.render(other)
+
+    assert caught.value.fields == ["model"]
+    assert caught.value.errors[0]["message"] == "'tiny-klein' is not served here; served: tiny"
+    assert backend.finished == 0
+    assert (await render.render(job("g-tiny"))).model == "tiny"
