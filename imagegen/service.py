@@ -15,7 +15,7 @@ from imagegen.identity import identify
 from imagegen.models import EnhancedPrompt, GenerationRequest, PersistedImage, RenderedImage
 from imagegen.settings import Settings
 from imagegen.stages import Call
-from imagegen.storage import open_storage
+from imagegen.storage import LocalStorage, open_storage
 from imagegen.storage.base import GenerationKeys, Storage
 from imagegen.storage.instrumented import instrumented
 from imagegen.telemetry import current_stage, instruments, tracer
@@ -72,7 +72,9 @@ class ImageGenService:
     ) -> None:
         self.settings = settings or Settings()
         self.recorder = recorder
-        self.storage = instrumented(storage or open_storage(self.settings))
+        store = storage or open_storage(self.settings)
+        self._local_storage = isinstance(store, LocalStorage)
+        self.storage = instrumented(store)
         self._plugins = plugins
         self._backend = backend
         self._load_on_demand = load_on_demand
@@ -119,6 +121,12 @@ class ImageGenService:
         return self._persist_stage
 
     async def __aenter__(self) -> Self:
+        # A local directory this process cannot write (an image's root-owned default, a
+        # read-only mount) would fail each request only after its work, or lose enhance's
+        # memo: refuse to start, so readiness says so. Object storage is not probed here: an
+        # outage at start-up would otherwise keep the process unready after it ends.
+        if self._local_storage:
+            await self.storage.check()
         for model in self._preload:
             await self.render_stage.load(model)
             if self.settings.render_warmup:

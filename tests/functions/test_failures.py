@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED
+from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED, IMAGE_RENDERED
 from tests.functions.clients import InProcessFunction
 from tests.functions.conftest import StartServer, base_env
 from tests.functions.servers import cloudevent_headers, post_event
@@ -142,3 +142,16 @@ def test_the_dead_letter_sink_takes_plain_json_and_keeps_every_attribute(tmp_pat
     document = deadletter.get("/openapi.json")
     assert document.status_code == 200
     assert "202" in document.json()["paths"]["/"]["post"]["responses"]
+
+
+def test_a_function_whose_storage_is_not_writable_never_turns_ready(tmp_path: Path) -> None:
+    # A directory under a regular file cannot be created, whoever the user (root included).
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = {**base_env(tmp_path / "store"), "IMAGEGEN_STORAGE_URL": str(blocker / "output")}
+    persist = InProcessFunction("persist", env)
+    ready = persist.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["status"] == "start-up failed"
+    reply = post_event(persist, IMAGE_RENDERED, {"generation_id": "x"}, subject="unwritable-1")
+    assert reply.status_code == 503, reply.text
+    assert int(reply.headers["retry-after"]) > 0
