@@ -11,11 +11,13 @@ from typing import Any, ClassVar
 __all__ = [
     "ConfigurationError",
     "DependencyUnavailable",
+    "Forbidden",
     "ImageGenError",
     "InternalError",
     "InvalidRequest",
     "NotFound",
     "Overloaded",
+    "Unauthenticated",
     "first_line",
 ]
 
@@ -77,6 +79,42 @@ class InvalidRequest(ImageGenError):
         if self.errors:
             body["errors"] = self.errors
         return body
+
+
+class Unauthenticated(ImageGenError):
+    """No credentials, or credentials that do not verify (RFC 6750: a 401 with a challenge).
+
+    Args:
+        message: What was wrong, never the credential itself.
+        error: The RFC 6750 error code for ``WWW-Authenticate`` (None when none was sent).
+    """
+
+    code = "unauthenticated"
+    status = 401
+    retryable = False
+
+    def __init__(self, message: str, *, error: str | None = "invalid_token") -> None:
+        super().__init__(message)
+        self.error = error
+
+    @property
+    def challenge(self) -> str:
+        """The ``WWW-Authenticate`` value of the answer."""
+        if self.error is None:
+            return 'Bearer realm="imagegen"'
+        return f'Bearer realm="imagegen", error="{self.error}"'
+
+
+class Forbidden(ImageGenError):
+    """Valid credentials that do not admit this caller here (e.g. another audience)."""
+
+    code = "forbidden"
+    status = 403
+    retryable = False
+
+    @property
+    def challenge(self) -> str:
+        return 'Bearer realm="imagegen", error="insufficient_scope"'
 
 
 class Overloaded(ImageGenError):

@@ -237,6 +237,10 @@ class RenderedImage(_Model):
     steps: int
     guidance: float
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds per phase.")
+    rendered_at: datetime | None = Field(
+        default=None,
+        description="When the image was stored; its first writer fixes it for every reply.",
+    )
     prompt: EnhancedPrompt
 
 
@@ -259,7 +263,9 @@ class PersistedImage(_Model):
     model: str
     prompt: str
     timings: dict[str, float] = Field(default_factory=dict)
-    created_at: datetime
+    created_at: datetime = Field(
+        description="When the image was rendered (else requested): taken from the event chain."
+    )
 
 
 class ErrorInfo(_Model):

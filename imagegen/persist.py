@@ -7,14 +7,13 @@ import hashlib
 import io
 import json
 import logging
-from datetime import UTC, datetime
 
 from PIL import Image
 
 from imagegen._locks import KeyedLocks
 from imagegen.derivatives import make_derivatives
-from imagegen.errors import InvalidRequest, NotFound
-from imagegen.models import PersistedImage, RenderedImage
+from imagegen.errors import DependencyUnavailable, InvalidRequest, NotFound
+from imagegen.models import EnhancedPrompt, PersistedImage, RenderedImage
 from imagegen.settings import Settings
 from imagegen.storage.base import GenerationKeys, Storage
 from imagegen.urls import public_url
@@ -38,8 +37,10 @@ def make_thumbnail(png: bytes, size: int) -> bytes:
 class PersistStage:
     """Finalises a rendered image: thumbnail, JSON record, public URLs.
 
-    Idempotent: when the record of a generation already exists, it is the answer, so a
-    redelivered ``image.rendered`` event gets the same reply and writes nothing new.
+    Idempotent across replicas: the record is written only if absent (first writer wins), and
+    everything in it is a function of the ``image.rendered`` event, ``created_at`` and the
+    signed URLs' expiry included. A redelivered event, or one handled by two replicas at once,
+    gets the stored record as its answer, once the event is shown to describe that record.
     """
 
     def __init__(self, settings: Settings, storage: Storage) -> None:
@@ -55,16 +56,16 @@ class PersistStage:
                 errors=[{"field": "key", "message": f"expected {keys.image!r}"}],
             )
 
-        # Deliveries of one image in flight at once finalise it once, and answer alike.
+        # Deliveries of one image in flight at once in this process finalise it once.
         async with self._generation_lock(image.generation_id):
             return await self._finalise(image, keys)
 
     async def _finalise(self, image: RenderedImage, keys: GenerationKeys) -> PersistedImage:
         # 1. An existing record means this image is already finalised.
-        if await self.storage.head(keys.metadata) is not None:
-            record = json.loads(await self.storage.get(keys.metadata))
+        existing = await self._stored_answer(image, keys)
+        if existing is not None:
             log.info("image already persisted", extra={"generation_id": image.generation_id})
-            return parse_model(PersistedImage, record["persisted"])
+            return existing
 
         # 2. Claim the image and check it is the one the event describes.
         try:
@@ -83,19 +84,45 @@ class PersistStage:
                 errors=[{"field": "sha256", "message": f"stored object has {digest}"}],
             )
 
-        # 3. Derivatives.
+        # 3. Derivatives (the same bytes from every replica; the first one stored stays).
         thumbnail = await asyncio.to_thread(make_thumbnail, png, self.settings.thumbnail_size)
-        await self._put(keys.thumbnail, thumbnail, "image/webp")
+        await self._create(keys.thumbnail, thumbnail, "image/webp")
         derivatives = await asyncio.to_thread(
             make_derivatives, png, keys.image, self.settings.derivative_widths
         )
         for derivative in derivatives:
-            await self._put(derivative.key, derivative.data, derivative.content_type)
+            await self._create(derivative.key, derivative.data, derivative.content_type)
 
         # 4. Public URLs and the record, written last: its presence marks the image final.
-        urls = {"image": self._url(keys.image), "thumbnail": self._url(keys.thumbnail)}
-        urls = {k: v for k, v in urls.items() if v is not None}
-        persisted = PersistedImage(
+        persisted = self._describe(image, keys, {d.name: d.key for d in derivatives})
+        record = {
+            "persisted": persisted.model_dump(mode="json"),
+            "request": image.prompt.model_dump(mode="json"),
+        }
+        body = json.dumps(record, indent=2).encode()
+        if await self._create(keys.metadata, body, "application/json"):
+            return persisted
+        # Another replica wrote the record first: answer with it, as it would.
+        existing = await self._stored_answer(image, keys)
+        if existing is None:
+            raise DependencyUnavailable(
+                f"the record {keys.metadata!r} was written but cannot be read yet", retry_after=1
+            )
+        return existing
+
+    def _describe(
+        self, image: RenderedImage, keys: GenerationKeys, derivatives: dict[str, str]
+    ) -> PersistedImage:
+        """The record of ``image``: a function of the event alone, whichever replica writes it."""
+        created_at = image.rendered_at or image.prompt.requested_at
+        signed_at = int(created_at.timestamp())
+        candidates = {"image": keys.image, "thumbnail": keys.thumbnail}
+        urls = {
+            name: url
+            for name, key in candidates.items()
+            if (url := self._url(key, signed_at)) is not None
+        }
+        return PersistedImage(
             generation_id=image.generation_id,
             key=keys.image,
             location=self.storage.location(keys.image),
@@ -104,9 +131,9 @@ class PersistStage:
                 "image": keys.image,
                 "thumbnail": keys.thumbnail,
                 "metadata": keys.metadata,
-                **{d.name: d.key for d in derivatives},
+                **derivatives,
             },
-            urls={k: v for k, v in urls.items() if v is not None},
+            urls=urls,
             metadata_location=self.storage.location(keys.metadata),
             size=image.size,
             sha256=image.sha256,
@@ -116,16 +143,37 @@ class PersistStage:
             model=image.model,
             prompt=image.prompt.prompt,
             timings=image.timings,
-            created_at=datetime.now(UTC),
+            created_at=created_at,
         )
-        record = {
-            "persisted": persisted.model_dump(mode="json"),
-            "request": image.prompt.model_dump(mode="json"),
-        }
-        await self._put(keys.metadata, json.dumps(record, indent=2).encode(), "application/json")
-        return persisted
 
-    def _url(self, key: str) -> str | None:
+    async def _stored_answer(
+        self, image: RenderedImage, keys: GenerationKeys
+    ) -> PersistedImage | None:
+        """The stored record's answer, once the event is shown to describe it; None if none.
+
+        Raises:
+            InvalidRequest: the event names this generation but not its image or job. Checked
+                before anything of the record is returned, so knowing a generation id is not
+                enough to read its record (a 400, not a 409 that Knative would retry).
+        """
+        if await self.storage.head(keys.metadata) is None:
+            return None
+        record = json.loads(await self.storage.get(keys.metadata))
+        stored = parse_model(PersistedImage, record["persisted"])
+        mismatched = []
+        if stored.sha256 != image.sha256 or stored.size != image.size:
+            mismatched.append({"field": "sha256", "message": "not the stored image's digest"})
+        if parse_model(EnhancedPrompt, record["request"]) != image.prompt:
+            mismatched.append({"field": "prompt", "message": "not the job the image came from"})
+        if mismatched:
+            raise InvalidRequest(
+                f"the event does not describe the image stored for generation"
+                f" {image.generation_id!r}",
+                errors=mismatched,
+            )
+        return stored
+
+    def _url(self, key: str, signed_at: int) -> str | None:
         base = self.settings.public_base_url
         if not base:
             return None
@@ -135,7 +183,8 @@ class PersistStage:
             key,
             secret=secret.get_secret_value() if secret else None,
             ttl=self.settings.signed_url_ttl,
+            now=signed_at,
         )
 
-    async def _put(self, key: str, data: bytes, content_type: str) -> None:
-        await self.storage.put(key, data, content_type=content_type)
+    async def _create(self, key: str, data: bytes, content_type: str) -> bool:
+        return await self.storage.create(key, data, content_type=content_type)

@@ -175,7 +175,7 @@ class ImageGenService:
                 stage.outcome = "fallback" if remembered.fallback else "success"
                 return await stage.emitted(remembered)
             result = await enhance_stage.run(request, generation_id=gid, now=when)
-            await self._memo.remember(keys, digest, result)
+            result = await self._memo.remember(keys, digest, result)
             stage.span.set_attribute("imagegen.model", result.model)
             stage.span.set_attribute("imagegen.seed", result.seed)
             stage.span.set_attribute("imagegen.enhance.fallback", result.fallback)

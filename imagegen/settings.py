@@ -23,8 +23,9 @@ __all__ = ["DEFAULT_MODEL", "PROFILE_DEFAULTS", "Settings"]
 PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     # dev: prompts in logs help debugging; any device will do.
     "dev": {"log_prompts": True, "device": "auto"},
-    # prod: prompts can be personal data; a render pod without its GPU must fail, not crawl.
-    "prod": {"log_prompts": False, "device": "cuda"},
+    # prod: prompts can be personal data; a render pod without its GPU must fail, not crawl;
+    # only authenticated callers may spend it.
+    "prod": {"log_prompts": False, "device": "cuda", "auth_required": True},
 }
 
 CommaList = Annotated[list[str], NoDecode]
@@ -174,6 +175,35 @@ class Settings(BaseSettings):
     )
     webhook_timeout: float = Field(default=10.0, gt=0, description="Seconds per webhook attempt.")
     webhook_max_attempts: int = Field(default=8, ge=1, le=30)
+    # Authentication (see imagegen.auth)
+    auth_required: bool = Field(
+        default=False, description="Require a bearer token on invocations (dev: off, prod: on)."
+    )
+    auth_audience: str | None = Field(
+        default=None, description="Audience an OIDC token must name; default imagegen-<function>."
+    )
+    auth_subjects: CommaList = Field(
+        default=[], description="OIDC subjects admitted; empty: any, for the right audience."
+    )
+    api_key_hashes: CommaList = Field(
+        default=[], description="sha256:<hex> of each API key accepted (rotate by overlapping)."
+    )
+    oidc_discovery_url: str = Field(
+        default="https://kubernetes.default.svc",
+        description="Where /.well-known/openid-configuration names the issuer and its JWKS.",
+    )
+    oidc_ca_file: Path | None = Field(
+        default=Path("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"),
+        description="CA bundle for the discovery URL, when the file exists.",
+    )
+    oidc_token_file: Path | None = Field(
+        default=Path("/var/run/secrets/kubernetes.io/serviceaccount/token"),
+        description="Token sent to the discovery URL, when the file exists.",
+    )
+    oidc_clock_skew: float = Field(default=60.0, ge=0, le=600, description="Leeway in seconds.")
+    oidc_jwks_ttl: float = Field(
+        default=300.0, gt=0, description="Seconds signing keys are cached."
+    )
 
     # Logs
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -189,6 +219,8 @@ class Settings(BaseSettings):
         "webhook_secrets",
         "webhook_allowed",
         "derivative_widths",
+        "auth_subjects",
+        "api_key_hashes",
         mode="before",
     )(_split_list)
 

@@ -193,3 +193,56 @@ async def test_simultaneous_persists_of_one_image_answer_alike(settings: Setting
         first, second = await asyncio.gather(service.persist(rendered), service.persist(rendered))
     assert first == second
     assert len(service.persist_stage._generation_lock) == 0  # no lock left behind
+
+
+async def test_persist_shows_a_record_only_to_the_event_that_made_it(tmp_path: Path) -> None:
+    settings = Settings(
+        storage_url=str(tmp_path / "out"),
+        public_base_url="https://img.example.com/",
+        url_signing_secret="s3cret",
+    )
+    async with ImageGenService(settings) as service:
+        job = await service.enhance(small(prompt="a secret garden", generation_id="victim-1"))
+        rendered = await service.render(job)
+        await service.persist(rendered)
+
+        # Someone who knows only the generation id (and its day) forges the claim check.
+        forged = rendered.model_copy(update={"sha256": "1" * 64})
+        with pytest.raises(InvalidRequest) as wrong_image:
+            await service.persist(forged)
+        other_job = job.model_copy(update={"prompt": "anything"})
+        with pytest.raises(InvalidRequest) as wrong_job:
+            await service.persist(rendered.model_copy(update={"prompt": other_job}))
+
+    assert wrong_image.value.fields == ["sha256"]
+    assert wrong_job.value.fields == ["prompt"]
+    for caught in (wrong_image, wrong_job):
+        text = json.dumps(caught.value.to_dict())
+        assert "secret garden" not in text and "signature" not in text
+        assert "does not describe the image stored" in caught.value.message
+
+
+async def test_replicas_persist_and_enhance_alike_on_one_store(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Two services share a store but no lock (two pods): one record, the same answers."""
+    import asyncio
+
+    signed = Settings(
+        storage_url=settings.storage_url,
+        model="tiny",
+        ollama_retries=0,
+        public_base_url="https://img.example.com",
+        url_signing_secret="k",
+    )
+    async with ImageGenService(signed) as one, ImageGenService(signed) as two:
+        request = small(prompt="a kite", generation_id="pods-1")
+        jobs = await asyncio.gather(one.enhance(request, now=NOW), two.enhance(request, now=NOW))
+        assert jobs[0] == jobs[1]
+        rendered = await one.render(jobs[0])
+        first, second = await asyncio.gather(one.persist(rendered), two.persist(rendered))
+    assert first == second
+    assert first.created_at == rendered.rendered_at
+    assert first.url is not None and "expires=" in first.url
+    files = sorted(p.name for p in (tmp_path / "out").rglob("pods-1*"))
+    assert files == ["pods-1.json", "pods-1.png", "pods-1.prompt.json", "pods-1.thumb.webp"]

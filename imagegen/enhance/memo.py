@@ -2,8 +2,9 @@
 
 An LLM's reply can differ between two deliveries of one request (Ollama up for one, down for
 the other), and so can a plugin that reads remote context. Keeping the first answer under
-``<yyyy>/<mm>/<dd>/<generation-id>.prompt.json`` makes enhance idempotent whatever the
-dependencies do. Storage trouble never fails enhance: the memo is skipped and logged.
+``<yyyy>/<mm>/<dd>/<generation-id>.prompt.json`` (written only if absent: the first replica
+wins) makes enhance idempotent whatever the dependencies do, across replicas too. Storage
+trouble never fails enhance: the memo is skipped and logged.
 """
 
 from __future__ import annotations
@@ -54,11 +55,23 @@ class EnhanceMemo:
             )
         return parse_model(EnhancedPrompt, memo["prompt"])
 
-    async def remember(self, keys: GenerationKeys, digest: str, prompt: EnhancedPrompt) -> None:
+    async def remember(
+        self, keys: GenerationKeys, digest: str, prompt: EnhancedPrompt
+    ) -> EnhancedPrompt:
+        """Keep ``prompt`` unless a replica kept one first; return the one that stands.
+
+        Raises:
+            InvalidRequest: the generation id was used by a different request.
+        """
         memo = {"request": digest, "prompt": prompt.model_dump(mode="json")}
         try:
-            await self.storage.put(
+            created = await self.storage.create(
                 keys.prompt, json.dumps(memo).encode(), content_type="application/json"
             )
         except DependencyUnavailable as exc:
             logger.warning("prompt memo not written: %s", exc.message)
+            return prompt
+        if created:
+            return prompt
+        # Another replica enhanced the same request at the same moment: its answer stands.
+        return await self.recall(keys, digest) or prompt

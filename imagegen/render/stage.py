@@ -179,9 +179,12 @@ class RenderStage:
         """Render ``job`` and store the PNG, or return the image already stored for it.
 
         Idempotent per generation id: a redelivered job is answered from storage, and two
-        deliveries in flight at once render once (the second waits for the first). Once
-        started, a render finishes and is stored even if its request is cancelled (a timeout),
-        so the retry finds the image instead of rendering it again.
+        deliveries in flight at once in one process render once (the second waits for the
+        first). Replicas that render the same job at the same moment both spend the GPU time,
+        but only the first to store the PNG writes it (a conditional write); the others answer
+        with what it stored, so every reply is the same. Once started, a render finishes and is
+        stored even if its request is cancelled (a timeout), so the retry finds the image
+        instead of rendering it again.
         """
         keys = GenerationKeys(job.generation_id, job.requested_at)
         fingerprint = job_fingerprint(job)
@@ -208,8 +211,19 @@ class RenderStage:
             sha256 = hashlib.sha256(output.png).hexdigest()
             # Timings describe the render only, so a redelivered job gets the very same reply.
             timings = {k: round(v, 4) for k, v in output.timings.items()}
-            stored = await self._put(job, keys, output.png, sha256, fingerprint, timings)
-            return self._describe(job, stored, sha256, timings)
+            rendered_at = datetime.now(UTC).replace(microsecond=0)
+            meta = _metadata(job, sha256, fingerprint, timings, rendered_at)
+            if await self._store(keys, output.png, meta, create=True):
+                return self._describe(job, keys, len(output.png), sha256, timings, rendered_at)
+            # Another replica stored this generation first: its image and timings are the
+            # answer, so both replies are the same event.
+            done = await self._stored(job, keys, fingerprint)
+            if done is not None:
+                log.info("another replica stored this image first", extra={"key": keys.image})
+                return done
+            # An object without our metadata is no finished image: replace it.
+            await self._store(keys, output.png, meta, create=False)
+            return self._describe(job, keys, len(output.png), sha256, timings, rendered_at)
 
     async def _stored(
         self, job: EnhancedPrompt, keys: GenerationKeys, fingerprint: str
@@ -223,30 +237,23 @@ class RenderStage:
                 f"generation {job.generation_id!r} was already rendered from a different job",
                 errors=[{"field": "generation_id", "message": "already rendered from another job"}],
             )
-        return self._describe(job, stored, stored.metadata["sha256"], _timings(stored))
-
-    async def _put(
-        self,
-        job: EnhancedPrompt,
-        keys: GenerationKeys,
-        png: bytes,
-        sha256: str,
-        fingerprint: str,
-        timings: dict[str, float],
-    ) -> StoredObject:
-        return await self.storage.put(
-            keys.image,
-            png,
-            content_type=PNG,
-            metadata={
-                "sha256": sha256,
-                "job": fingerprint,
-                "generation-id": job.generation_id,
-                "seed": str(job.seed),
-                "model": job.model,
-                "timings": json.dumps(timings, separators=(",", ":")),
-            },
+        return self._describe(
+            job,
+            keys,
+            stored.size,
+            stored.metadata["sha256"],
+            _timings(stored),
+            _rendered_at(stored),
         )
+
+    async def _store(
+        self, keys: GenerationKeys, png: bytes, metadata: dict[str, str], *, create: bool
+    ) -> bool:
+        """Write the PNG (``create``: only if absent); whether this call wrote it."""
+        if create:
+            return await self.storage.create(keys.image, png, content_type=PNG, metadata=metadata)
+        await self.storage.put(keys.image, png, content_type=PNG, metadata=metadata)
+        return True
 
     async def _render(self, job: EnhancedPrompt, progress: ProgressCallback | None) -> RenderOutput:
         # The deployment's served models (the setting enhance checks too) and the family's rules.
@@ -294,13 +301,19 @@ class RenderStage:
         return _Admission(self)
 
     def _describe(
-        self, job: EnhancedPrompt, stored: StoredObject, sha256: str, timings: dict[str, float]
+        self,
+        job: EnhancedPrompt,
+        keys: GenerationKeys,
+        size: int,
+        sha256: str,
+        timings: dict[str, float],
+        rendered_at: datetime | None,
     ) -> RenderedImage:
         return RenderedImage(
             generation_id=job.generation_id,
-            key=stored.key,
-            location=stored.location,
-            size=stored.size,
+            key=keys.image,
+            location=self.storage.location(keys.image),
+            size=size,
             sha256=sha256,
             width=job.width,
             height=job.height,
@@ -309,6 +322,7 @@ class RenderStage:
             steps=job.steps,
             guidance=job.guidance,
             timings=timings,
+            rendered_at=rendered_at,
             prompt=job,
         )
 
@@ -353,6 +367,33 @@ class _Admission:
     async def __aexit__(self, *exc: object) -> None:
         self.stage._admitted -= 1
         instruments().renders_in_flight.add(-1)
+
+
+def _metadata(
+    job: EnhancedPrompt,
+    sha256: str,
+    fingerprint: str,
+    timings: dict[str, float],
+    rendered_at: datetime,
+) -> dict[str, str]:
+    """What the PNG object carries, so that any replica can answer for it later."""
+    return {
+        "sha256": sha256,
+        "job": fingerprint,
+        "generation-id": job.generation_id,
+        "seed": str(job.seed),
+        "model": job.model,
+        "timings": json.dumps(timings, separators=(",", ":")),
+        "rendered-at": rendered_at.isoformat(),
+    }
+
+
+def _rendered_at(stored: StoredObject) -> datetime | None:
+    try:
+        value = datetime.fromisoformat(stored.metadata["rendered-at"])
+    except (KeyError, ValueError):
+        return None  # stored before the time was recorded
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _timings(stored: StoredObject) -> dict[str, float]:

@@ -50,6 +50,22 @@ class Storage(Protocol):
         """Write ``data`` at ``key`` atomically, replacing what is there."""
         ...
 
+    async def create(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str,
+        metadata: dict[str, str] | None = None,
+    ) -> bool:
+        """Write ``data`` at ``key`` unless an object is there already; True when this call did.
+
+        The check and the write are one step in the store itself, so of any number of writers
+        racing on one key, from any process or machine, exactly one gets True (first writer
+        wins). The others read what the winner wrote and answer with it.
+        """
+        ...
+
     async def get(self, key: str) -> bytes:
         """Read the object at ``key``; :class:`~imagegen.errors.NotFound` when absent."""
         ...

@@ -49,6 +49,22 @@ class InstrumentedStorage:
         instruments().storage_bytes_written.add(len(data), {"stage": current_stage.get()})
         return stored
 
+    async def create(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str,
+        metadata: dict[str, str] | None = None,
+    ) -> bool:
+        async with self._measured("put", key):
+            written = await self.inner.create(
+                key, data, content_type=content_type, metadata=metadata
+            )
+        if written:
+            instruments().storage_bytes_written.add(len(data), {"stage": current_stage.get()})
+        return written
+
     async def get(self, key: str) -> bytes:
         async with self._measured("get", key):
             return await self.inner.get(key)

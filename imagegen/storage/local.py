@@ -14,12 +14,20 @@ Writes go to a hidden temporary file in the same directory, are flushed to disk,
 over the target with :func:`os.replace`, so readers see the old object or the new one, never a
 partial one. A writer killed mid-way can leave a hidden ``.<name>.<random>.tmp`` file behind;
 it is never visible as an object.
+
+:meth:`LocalStorage.create` (first writer wins) holds an exclusive :func:`fcntl.flock` on the
+directory's hidden ``.create.lock`` while it checks and writes, so processes sharing the
+directory create each object once. A lock rather than an ``O_EXCL`` claim file: the object and
+its sidecar must appear together, and the kernel releases a lock when its holder dies, where a
+claim file left by a killed writer would block the key forever. An object found without its
+sidecar is such an interrupted write, and is written again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import mimetypes
 import os
@@ -33,6 +41,7 @@ from imagegen.storage.base import StoredObject, validate_key, validate_metadata
 __all__ = ["LocalStorage"]
 
 _DEFAULT_CONTENT_TYPE = "application/octet-stream"
+_CREATE_LOCK = ".create.lock"
 
 
 class LocalStorage:
@@ -69,6 +78,19 @@ class LocalStorage:
             content_type=content_type,
             metadata=meta,
         )
+
+    async def create(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str,
+        metadata: dict[str, str] | None = None,
+    ) -> bool:
+        """Write ``data`` at ``key`` unless a complete object is there; True when this call did."""
+        validate_key(key)
+        meta = validate_metadata(metadata)
+        return await asyncio.to_thread(self._create, key, data, content_type, meta)
 
     async def get(self, key: str) -> bytes:
         """Read the object at ``key``.
@@ -128,6 +150,22 @@ class LocalStorage:
         except OSError as exc:
             raise self._unavailable("cannot write to", exc) from exc
         return path
+
+    def _create(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> bool:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path.parent / _CREATE_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise self._unavailable("cannot write to", exc) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if path.is_file() and _sidecar(path).is_file():
+                return False
+            self._write(key, data, content_type, metadata)
+            return True
+        finally:
+            os.close(fd)  # releases the lock
 
     def _head(self, key: str) -> StoredObject | None:
         path = self._path(key)

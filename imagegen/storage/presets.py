@@ -8,6 +8,11 @@ Why the checksum settings: botocore 1.36 and later add CRC32 checksums to upload
 (``x-amz-sdk-checksum-algorithm``, ``x-amz-checksum-crc32`` or an ``aws-chunked`` trailer).
 Google Cloud Storage's XML API rejects those headers, so ``gcs`` computes checksums only where
 an operation requires one (``when_required``); R2 is given the same to be safe.
+
+Why ``create_if_absent``: a first-writer-wins upload is ``If-None-Match: *`` on AWS S3, R2 and
+MinIO, but GCS's XML API applies ``If-None-Match`` to reads only; its upload precondition is
+``x-goog-if-generation-match: 0`` ("no live object"), answered 412 like S3's. See
+https://cloud.google.com/storage/docs/request-preconditions.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ __all__ = [
 
 AddressingStyle = Literal["auto", "virtual", "path"]
 ChecksumMode = Literal["when_supported", "when_required"]
+CreateIfAbsent = Literal["if-none-match", "gcs-generation-match"]
 PresetName = Literal["aws", "gcs", "r2", "minio"]
 
 
@@ -51,6 +57,7 @@ class S3Options:
         connect_timeout: Seconds to open a connection.
         read_timeout: Seconds to wait for a response (or the next bytes of one).
         max_attempts: Tries per call, the first included (botocore's standard retry mode).
+        create_if_absent: The upload precondition that makes the first writer of a key win.
     """
 
     preset: PresetName = "aws"
@@ -63,6 +70,7 @@ class S3Options:
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
     max_attempts: int = 3
+    create_if_absent: CreateIfAbsent = "if-none-match"
 
 
 PRESETS: dict[str, S3Options] = {
@@ -75,6 +83,7 @@ PRESETS: dict[str, S3Options] = {
         region="auto",
         addressing_style="path",
         checksums="when_required",
+        create_if_absent="gcs-generation-match",
     ),
     "r2": S3Options(preset="r2", region="auto", addressing_style="path", checksums="when_required"),
     "minio": S3Options(preset="minio", region="us-east-1", addressing_style="path"),

@@ -7,7 +7,8 @@ backoff are botocore's own (standard mode); what is still failing afterwards is 
 * connection errors, timeouts, 5xx and throttling: :class:`DependencyUnavailable`;
 * a missing bucket or refused credentials: :class:`DependencyUnavailable` with a message that
   says so, as a deployment can be fixed without changing the request;
-* a missing object: :class:`NotFound` from ``get``, None from ``head``.
+* a missing object: :class:`NotFound` from ``get``, None from ``head``;
+* a failed upload precondition (412, another writer won): False from ``create``.
 
 Messages name the bucket and the error code, never a credential.
 """
@@ -68,6 +69,9 @@ _DENIED = {
     "SignatureDoesNotMatch",
 }
 _MISSING = {"NoSuchKey", "NotFound", "404"}
+_PRECONDITION_FAILED = {"PreconditionFailed", "412"}
+# AWS answers 409 while another conditional write of the key is in flight: "retry the upload".
+_CONFLICT_RETRIES = 5
 # GCS's XML API answers user metadata as x-goog-meta-*, which boto3 leaves out of Metadata.
 _GCS_META = "x-goog-meta-"
 _DEFAULT_CONTENT_TYPE = "application/octet-stream"
@@ -157,6 +161,50 @@ class S3Storage:
             metadata=meta,
         )
 
+    async def create(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str,
+        metadata: dict[str, str] | None = None,
+    ) -> bool:
+        """Write ``data`` at ``key`` unless an object is there; True when this call did.
+
+        One conditional PUT (``If-None-Match: *``, or GCS's generation precondition, see
+        :mod:`~imagegen.storage.presets`): the store decides atomically, and a 412 means an
+        earlier writer won.
+        """
+        object_key = self._object_key(key)
+        meta = validate_metadata(metadata)
+        md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+
+        def upload() -> object:
+            return self._client.put_object(
+                Bucket=self.bucket,
+                Key=object_key,
+                Body=data,
+                ContentType=content_type,
+                ContentMD5=md5,
+                Metadata=meta,
+                IfNoneMatch="*",
+            )
+
+        for attempt in range(_CONFLICT_RETRIES):
+            try:
+                await self._call("PutObject", upload)
+                return True
+            except _Missing:
+                raise self._no_bucket() from None
+            except _Exists:
+                return False
+            except _Conflict:
+                await asyncio.sleep(0.05 * 2**attempt)
+        raise DependencyUnavailable(
+            f"S3 bucket {self.bucket!r}: concurrent writes of {key!r} kept conflicting",
+            retry_after=1,
+        )
+
     async def get(self, key: str) -> bytes:
         """Read the object at ``key``.
 
@@ -231,11 +279,15 @@ class S3Storage:
                 f"S3 bucket {self.bucket!r} unreachable during {operation} ({type(exc).__name__})"
             ) from exc
 
-    def _client_error(self, operation: str, exc: ClientError) -> ImageGenError | _Missing:
+    def _client_error(self, operation: str, exc: ClientError) -> ImageGenError | _Outcome:
         code = str(exc.response.get("Error", {}).get("Code", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
         if code == "NoSuchBucket":
             return self._no_bucket()
+        if code in _PRECONDITION_FAILED or status == 412:
+            return _Exists()
+        if code == "ConditionalRequestConflict":
+            return _Conflict()
         if code in _MISSING or status == 404:
             return _Missing()
         if code in _DENIED or status == 403:
@@ -260,8 +312,20 @@ class S3Storage:
         )
 
 
-class _Missing(Exception):
-    """A 404 for an object; each operation turns it into its own answer."""
+class _Outcome(Exception):
+    """An answer that each operation turns into its own result."""
+
+
+class _Missing(_Outcome):
+    """A 404 for an object."""
+
+
+class _Exists(_Outcome):
+    """A 412 on a conditional upload: the object is there already."""
+
+
+class _Conflict(_Outcome):
+    """A 409 on a conditional upload: another one of the key is in flight."""
 
 
 def _user_metadata(response: dict[str, Any]) -> dict[str, str]:
@@ -300,14 +364,30 @@ def _client(options: S3Options) -> Any:
             "aws_secret_access_key": options.secret_access_key.get_secret_value(),
         }
     global _session
+    client: Any
     # Sessions are not thread-safe, clients are: one session of our own (not boto3's default
     # one, which other code may configure), used under a lock, and its model cache reused.
     with _session_lock:
         if _session is None:
             _session = boto3.session.Session()
-        return _session.client(
+        client = _session.client(
             "s3", endpoint_url=options.endpoint_url, config=config, **credentials
         )
+    if options.create_if_absent == "gcs-generation-match":
+        client.meta.events.register("before-call.s3.PutObject", _gcs_create_if_absent)
+    return client
+
+
+def _gcs_create_if_absent(params: dict[str, Any], **_: Any) -> None:
+    """Say ``If-None-Match: *`` on an upload the way GCS's XML API understands it.
+
+    Runs before signing, so the header is signed like any other. Generation 0 matches only
+    when there is no live object (https://cloud.google.com/storage/docs/request-preconditions).
+    """
+    headers = params["headers"]
+    if headers.get("If-None-Match") == "*":
+        del headers["If-None-Match"]
+        headers["x-goog-if-generation-match"] = "0"
 
 
 _session_lock = threading.Lock()

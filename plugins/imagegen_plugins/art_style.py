@@ -1,9 +1,10 @@
 """An art style for the image, drawn from a shipped list of named styles.
 
 The list is package data (``data/art_styles.json``), read with :mod:`importlib.resources` so it
-loads the same from a source checkout and an installed wheel. The draw comes from the request's
-seed; an instance never gives two different generations the same style back to back, yet gives
-a redelivered generation the style it got the first time.
+loads the same from a source checkout and an installed wheel. The draw is a pure function of the
+request's seed (see :meth:`PluginContext.rng`): any replica, at any time, gives a
+redelivered generation the style it got the first time. No per-process history takes part, so
+two different generations may well draw the same style one after the other.
 
 Options: ``style`` forces a style by name (case-insensitive).
 """
@@ -11,8 +12,6 @@ Options: ``style`` forces a style by name (case-insensitive).
 from __future__ import annotations
 
 import json
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
@@ -23,8 +22,6 @@ from imagegen.settings import Settings
 from imagegen_plugins._options import invalid_option, option_str
 
 __all__ = ["ArtStyle", "ArtStylePlugin", "load_styles"]
-
-_REMEMBERED = 256
 
 
 @dataclass(frozen=True)
@@ -59,10 +56,6 @@ class ArtStylePlugin:
         self.settings = settings
         self.styles = load_styles()
         self._by_name = {style.name.lower(): style for style in self.styles}
-        self._last: ArtStyle | None = None
-        # generation → style, so a redelivered generation draws what it drew before
-        self._picked: OrderedDict[tuple[str, int], ArtStyle] = OrderedDict()
-        self._lock = threading.Lock()
 
     def contribute(self, context: PluginContext) -> Contribution:
         """The forced or drawn style as a prompt fragment; data ``{"style": name}``."""
@@ -80,17 +73,4 @@ class ArtStylePlugin:
         )
 
     def _draw(self, context: PluginContext) -> ArtStyle:
-        key = (context.generation_id, context.seed)
-        with self._lock:
-            if key in self._picked:
-                self._picked.move_to_end(key)
-                return self._picked[key]
-            rng = context.rng()
-            style = rng.choice(self.styles)
-            if style == self._last:
-                style = rng.choice([s for s in self.styles if s != self._last])
-            self._last = style
-            self._picked[key] = style
-            if len(self._picked) > _REMEMBERED:
-                self._picked.popitem(last=False)
-            return style
+        return context.rng().choice(self.styles)

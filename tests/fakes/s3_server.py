@@ -16,10 +16,22 @@ an S3 client really sent. It can also play an outage::
 It can answer user metadata the way Google Cloud Storage does, as ``x-goog-meta-*`` headers::
 
     s3.gcs_metadata = True
+
+It can hold uploads back until several have arrived, so that writers race for certain::
+
+    s3.gate(".png", 2)                       # the first PUT of a *.png waits for a second
+
+Conditional uploads: moto (``moto/s3/responses.py``, ``put_object``) honours ``If-None-Match: *``
+but checks for the key and writes it in two steps without a lock, where S3 decides atomically;
+the proxy therefore forwards conditional uploads one at a time. It also understands GCS's
+upload precondition ``x-goog-if-generation-match: 0`` ("no live object", answered 412 when there
+is one: https://cloud.google.com/storage/docs/request-preconditions) by forwarding it to moto as
+``If-None-Match: *``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import threading
 from collections.abc import Iterator
@@ -39,7 +51,13 @@ _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "expect", "upgrad
 # Written by the proxy itself when answering.
 _SET_HERE = {"transfer-encoding", "content-length", "date", "server"}
 # Error codes S3 answers with, by status, for simulated failures.
-_ERROR_CODES = {400: "InvalidArgument", 403: "AccessDenied", 500: "InternalError", 503: "SlowDown"}
+_ERROR_CODES = {
+    400: "InvalidArgument",
+    403: "AccessDenied",
+    409: "ConditionalRequestConflict",
+    500: "InternalError",
+    503: "SlowDown",
+}
 ACCESS_KEY_ID = "test-access-key-id"
 SECRET_ACCESS_KEY = "test-secret-access-key"
 
@@ -72,6 +90,8 @@ class S3Server:
         self._fail_status: int | None = None
         self._fail_count: int | None = None
         self._hang = threading.Event()
+        self._conditional = threading.Lock()
+        self._gate: tuple[str, threading.Barrier] | None = None
         self._released = threading.Event()
         self._client: Any = None
 
@@ -169,6 +189,17 @@ class S3Server:
         finally:
             self.up()
 
+    def gate(self, suffix: str, parties: int, *, timeout: float = 60.0) -> None:
+        """Hold PUTs of keys ending in ``suffix`` until ``parties`` of them have arrived."""
+        self._gate = (suffix, threading.Barrier(parties, timeout=timeout))
+
+    def _wait_at_gate(self, method: str, path: str) -> None:
+        gate = self._gate
+        if gate is not None and method == "PUT" and path.split("?")[0].endswith(gate[0]):
+            # Not enough writers came: let this one through; the test will say so.
+            with contextlib.suppress(threading.BrokenBarrierError):
+                gate[1].wait()
+
     # Set-up shortcuts, straight to moto
 
     def client(self) -> Any:
@@ -238,6 +269,7 @@ def _handler(server: S3Server) -> type[BaseHTTPRequestHandler]:
             if server._hang.is_set():
                 server._released.wait(timeout=60)
                 return
+            server._wait_at_gate(self.command, self.path)
             if status is not None:
                 code = _ERROR_CODES.get(status, "ServiceUnavailable")
                 payload = f"<Error><Code>{code}</Code><Message>simulated</Message></Error>"
@@ -266,6 +298,20 @@ def _handler(server: S3Server) -> type[BaseHTTPRequestHandler]:
             return self.rfile.read(length) if length else b""
 
         def _forward(self, body: bytes) -> None:
+            headers = {name.lower(): value for name, value in self.headers.items()}
+            if headers.get("x-goog-if-generation-match") == "0":
+                del self.headers["x-goog-if-generation-match"]
+                self.headers["If-None-Match"] = "*"
+            elif "x-goog-if-generation-match" in headers:
+                self._respond(501, [], b"only generation 0 is modelled")
+                return
+            if self.command == "PUT" and self.headers.get("If-None-Match") == "*":
+                with server._conditional:
+                    self._forward_now(body)
+            else:
+                self._forward_now(body)
+
+        def _forward_now(self, body: bytes) -> None:
             assert server._moto is not None
             host, port = server._moto.get_host_and_port()
             upstream = http.client.HTTPConnection(host, port, timeout=30)

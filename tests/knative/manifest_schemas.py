@@ -43,6 +43,7 @@ _CORE = {
     ("v1", "ConfigMap"): "configmap.json",
     ("v1", "Secret"): "secret.json",
     ("v1", "Namespace"): "namespace.json",
+    ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicy.json",
 }
 
 # The oldest Kubernetes release Knative Eventing 1.22 and Serving 1.23 run on

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 
 import pytest
@@ -112,3 +113,42 @@ async def test_bad_metadata_is_rejected(storage: Storage, metadata: dict[str, st
 
 async def test_check_passes(storage: Storage) -> None:
     await storage.check()
+
+
+async def test_create_writes_once_first_writer_wins(storage: Storage) -> None:
+    assert await storage.create(KEYS.image, PNG, content_type="image/png", metadata={"v": "1"})
+    again = await storage.create(
+        KEYS.image, b"other", content_type="image/webp", metadata={"v": "2"}
+    )
+
+    assert again is False
+    assert await storage.get(KEYS.image) == PNG
+    head = await storage.head(KEYS.image)
+    assert head is not None
+    assert (head.content_type, head.metadata) == ("image/png", {"v": "1"})
+
+
+async def test_racing_creates_have_exactly_one_winner(storage: Storage) -> None:
+    bodies = [PNG + bytes([i]) for i in range(8)]
+    won = await asyncio.gather(
+        *(
+            storage.create(KEYS.image, body, content_type="image/png", metadata={"n": str(i)})
+            for i, body in enumerate(bodies)
+        )
+    )
+
+    assert won.count(True) == 1
+    winner = won.index(True)
+    assert await storage.get(KEYS.image) == bodies[winner]
+    head = await storage.head(KEYS.image)
+    assert head is not None and head.metadata == {"n": str(winner)}
+
+
+async def test_create_validates_like_put(storage: Storage) -> None:
+    with pytest.raises(InvalidRequest) as bad_key:
+        await storage.create("../x.png", PNG, content_type="image/png")
+    with pytest.raises(InvalidRequest) as bad_meta:
+        await storage.create(KEYS.image, PNG, content_type="image/png", metadata={"a b": "x"})
+
+    assert (bad_key.value.fields, bad_meta.value.fields) == (["key"], ["metadata"])
+    assert await storage.head(KEYS.image) is None

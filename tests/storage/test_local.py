@@ -140,6 +140,48 @@ asyncio.run(LocalStorage({str(local.root)!r}).put({KEYS.image!r}, b"new" * 100_0
     assert len(leftovers) == 1 and "/.gen-0003.png." in leftovers[0]
 
 
+async def test_create_across_processes_has_one_winner(local: LocalStorage) -> None:
+    # Four processes wait at one barrier (a file each has to see), then create the same key.
+    script = f"""
+import asyncio, os, sys, time
+from pathlib import Path
+from imagegen.storage import LocalStorage
+go = Path({str(local.root)!r}) / "go"
+while not go.exists():
+    time.sleep(0.001)
+won = asyncio.run(LocalStorage({str(local.root)!r}).create({KEYS.image!r},
+    sys.argv[1].encode() * 100_000, content_type="image/png", metadata={{"by": sys.argv[1]}}))
+print(won)
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    local.root.mkdir(parents=True)
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, name], env=env, stdout=subprocess.PIPE, text=True
+        )
+        for name in "abcd"
+    ]
+    (local.root / "go").touch()
+    answers = [writer.communicate(timeout=60)[0].strip() for writer in writers]
+
+    assert sorted(answers) == ["False", "False", "False", "True"]
+    winner = "abcd"[answers.index("True")]
+    assert await local.get(KEYS.image) == winner.encode() * 100_000
+    head = await local.head(KEYS.image)
+    assert head is not None and head.metadata == {"by": winner}
+
+
+async def test_create_rewrites_an_object_left_without_its_sidecar(local: LocalStorage) -> None:
+    # A writer killed between the object and its sidecar: the object is not complete.
+    path = local.root / KEYS.image
+    path.parent.mkdir(parents=True)
+    path.write_bytes(OLD)
+
+    assert await local.create(KEYS.image, NEW, content_type="image/png", metadata={"v": "1"})
+    assert await local.get(KEYS.image) == NEW
+    assert not await local.create(KEYS.image, OLD, content_type="image/png")
+
+
 # 3. Keys that would leave the root
 
 

@@ -127,6 +127,45 @@ async def test_aws_preset_sends_checksum_headers(s3: S3Server, make_s3: MakeS3) 
     assert checksum_headers(put) != {}
 
 
+@pytest.mark.parametrize("preset", ["aws", "r2", "minio"])
+async def test_create_is_one_put_with_if_none_match(
+    s3: S3Server, make_s3: MakeS3, preset: str
+) -> None:
+    storage = make_s3(preset)
+    assert await storage.create(KEYS.image, PNG, content_type="image/png")
+    assert not await storage.create(KEYS.image, b"late", content_type="image/png")
+
+    puts = [r for r in s3.requests if r.method == "PUT"]
+    assert [(r.header("if-none-match"), r.header("x-goog-if-generation-match")) for r in puts] == [
+        ("*", None),
+        ("*", None),
+    ]
+    assert await storage.get(KEYS.image) == PNG
+
+
+async def test_gcs_create_uses_the_generation_precondition(s3: S3Server, make_s3: MakeS3) -> None:
+    storage = make_s3("gcs")
+    assert await storage.create(KEYS.image, PNG, content_type="image/png")
+    assert not await storage.create(KEYS.image, b"late", content_type="image/png")
+    await storage.put(KEYS.thumbnail, PNG, content_type="image/png")
+
+    puts = [r for r in s3.requests if r.method == "PUT"]
+    conditions = [(r.header("if-none-match"), r.header("x-goog-if-generation-match")) for r in puts]
+    # GCS applies If-None-Match to reads only; a plain put carries no precondition at all.
+    assert conditions == [(None, "0"), (None, "0"), (None, None)]
+    # The header is signed like the others.
+    assert "x-goog-if-generation-match" in (puts[0].header("authorization") or "")
+    assert await storage.get(KEYS.image) == PNG
+
+
+async def test_create_retries_a_conditional_conflict(s3: S3Server, make_s3: MakeS3) -> None:
+    storage = make_s3()
+    s3.down(status=409, count=2)
+
+    assert await storage.create(KEYS.image, PNG, content_type="image/png")
+    assert [r.method for r in s3.requests] == ["PUT", "PUT", "PUT"]
+
+
 async def test_r2_and_minio_presets_round_trip(s3: S3Server, make_s3: MakeS3) -> None:
     for preset in ("r2", "minio"):
         storage = make_s3(preset)

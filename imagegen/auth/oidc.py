@@ -1,0 +1,206 @@
+"""Verifying Kubernetes service-account tokens (OIDC ID tokens) against the issuer's keys.
+
+Follows Knative Eventing's receivers (``knative/eventing``, ``pkg/auth/verifier.go``, which use
+``coreos/go-oidc``): fetch ``<discovery>/.well-known/openid-configuration``, take its
+``issuer`` and ``jwks_uri``, then require a signature by one of those keys, ``iss`` equal to the
+issuer, an unexpired ``exp``, and the audience among ``aud``. The API server answers discovery
+to service accounts, so the pod's own token and CA are used when mounted.
+
+Keys are cached for ``oidc_jwks_ttl`` seconds. A token naming a key not in the cache (the
+issuer rotated its keys) refreshes it at once, but at most every few seconds, so tokens with
+made-up key ids cannot turn every request into a fetch.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+
+from imagegen.errors import DependencyUnavailable, Forbidden, Unauthenticated
+
+__all__ = ["ALGORITHMS", "OidcVerifier", "SigningKeys"]
+
+log = logging.getLogger("imagegen.auth")
+
+# What Kubernetes signs service-account tokens with (RSA or ECDSA keys); never "none" or HMAC.
+ALGORITHMS = ["RS256", "RS384", "RS512", "ES256", "ES384", "ES512"]
+_MIN_REFRESH_SECONDS = 5.0
+_FETCH_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class _KeySet:
+    issuer: str
+    keys: dict[str, jwt.PyJWK]
+    fetched_at: float
+
+
+class SigningKeys:
+    """The issuer and its signing keys, fetched through discovery and cached.
+
+    Args:
+        discovery_url: Base URL of ``/.well-known/openid-configuration``.
+        ttl: Seconds a fetched key set is used before it is fetched again.
+        ca_file: CA bundle to trust for the fetches, when the file exists.
+        token_file: A bearer token to send (the pod's own), when the file exists.
+        clock: Seconds, monotonic (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        discovery_url: str,
+        *,
+        ttl: float = 300.0,
+        ca_file: Path | None = None,
+        token_file: Path | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.discovery_url = discovery_url.rstrip("/")
+        self.ttl = ttl
+        self.ca_file = ca_file
+        self.token_file = token_file
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._set: _KeySet | None = None
+
+    def get(self, kid: str) -> tuple[str, jwt.PyJWK | None]:
+        """(issuer, the key named ``kid`` or None), refreshing the cache when it is due.
+
+        Raises:
+            DependencyUnavailable: the issuer's documents cannot be fetched and nothing is cached.
+        """
+        with self._lock:
+            now = self._clock()
+            current = self._set
+            stale = current is None or now - current.fetched_at >= self.ttl
+            unknown = current is not None and kid not in current.keys
+            may_refresh = current is None or now - current.fetched_at >= _MIN_REFRESH_SECONDS
+            if stale or (unknown and may_refresh):
+                try:
+                    current = self._set = self._fetch(now)
+                except DependencyUnavailable:
+                    if current is None:
+                        raise
+                    log.warning("signing keys could not be refreshed; using the cached ones")
+            assert current is not None
+            return current.issuer, current.keys.get(kid)
+
+    def _fetch(self, now: float) -> _KeySet:
+        headers = {"Accept": "application/json"}
+        if self.token_file is not None and self.token_file.is_file():
+            headers["Authorization"] = "Bearer " + self.token_file.read_text().strip()
+        verify: ssl.SSLContext | bool = True
+        if self.ca_file is not None and self.ca_file.is_file():
+            verify = ssl.create_default_context(cafile=str(self.ca_file))
+        try:
+            with httpx.Client(timeout=_FETCH_TIMEOUT, verify=verify, headers=headers) as client:
+                discovery = _json(client, self.discovery_url + "/.well-known/openid-configuration")
+                issuer, jwks_uri = discovery.get("issuer"), discovery.get("jwks_uri")
+                if not isinstance(issuer, str) or not isinstance(jwks_uri, str):
+                    raise ValueError("the discovery document names no issuer or jwks_uri")
+                document = _json(client, jwks_uri)
+        except (httpx.HTTPError, ValueError) as exc:
+            raise DependencyUnavailable(
+                f"OIDC discovery at {self.discovery_url} failed ({type(exc).__name__})",
+                retry_after=5,
+            ) from exc
+        keys: dict[str, jwt.PyJWK] = {}
+        for entry in document.get("keys", []) if isinstance(document, dict) else []:
+            try:
+                key = jwt.PyJWK(entry)
+            except (jwt.PyJWKError, jwt.InvalidKeyError, TypeError, KeyError):
+                continue  # a key type this process cannot use: tokens signed with it fail
+            if key.key_id:
+                keys[key.key_id] = key
+        return _KeySet(issuer=issuer, keys=keys, fetched_at=now)
+
+
+def _json(client: httpx.Client, url: str) -> Any:
+    response = client.get(url)
+    response.raise_for_status()
+    return response.json()
+
+
+class OidcVerifier:
+    """Verifies one function's tokens: signed by the issuer, unexpired, for its audience.
+
+    Args:
+        keys: The issuer's signing keys.
+        audience: What ``aud`` must contain for this function.
+        leeway: Seconds of clock skew allowed on ``exp``, ``nbf`` and ``iat``.
+        subjects: Subjects admitted; empty admits any subject with the right audience.
+    """
+
+    def __init__(
+        self,
+        keys: SigningKeys,
+        *,
+        audience: str,
+        leeway: float = 60.0,
+        subjects: list[str] | None = None,
+    ) -> None:
+        self.keys = keys
+        self.audience = audience
+        self.leeway = leeway
+        self.subjects = set(subjects or [])
+
+    def verify(self, token: str) -> str:
+        """The token's subject once the token verifies.
+
+        Raises:
+            Unauthenticated: malformed, unsigned, wrongly signed, expired, not yet valid,
+                from another issuer, or signed by an unknown key.
+            Forbidden: a valid token for another audience or of a subject not admitted.
+            DependencyUnavailable: the issuer's keys cannot be fetched.
+        """
+        # 1. The header names the key; anything but an asymmetric algorithm is refused.
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.DecodeError:
+            raise Unauthenticated("the bearer token is not a well-formed JWT") from None
+        algorithm, kid = header.get("alg"), header.get("kid")
+        if algorithm not in ALGORITHMS:
+            raise Unauthenticated(f"token algorithm {algorithm!r} is not accepted")
+        if not isinstance(kid, str) or not kid:
+            raise Unauthenticated("the token names no signing key (kid)")
+        issuer, key = self.keys.get(kid)
+        if key is None:
+            raise Unauthenticated("the token is signed by a key the issuer does not publish")
+
+        # 2. Signature, issuer and times; the audience last, so that 403 means "valid token".
+        try:
+            claims = jwt.decode(
+                token,
+                key=key,
+                algorithms=[algorithm],
+                issuer=issuer,
+                leeway=self.leeway,
+                options={"require": ["exp", "iat", "iss", "aud", "sub"], "verify_aud": False},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("the token has expired") from None
+        except jwt.ImmatureSignatureError:
+            raise Unauthenticated("the token is not valid yet") from None
+        except jwt.InvalidIssuerError:
+            raise Unauthenticated("the token is from another issuer") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise Unauthenticated(f"the token has no {exc.claim!r} claim") from None
+        except jwt.InvalidTokenError:
+            raise Unauthenticated("the token's signature does not verify") from None
+
+        audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
+        if self.audience not in audiences:
+            raise Forbidden(f"the token is not for this function (audience {self.audience!r})")
+        subject = str(claims["sub"])
+        if self.subjects and subject not in self.subjects:
+            raise Forbidden(f"subject {subject!r} may not invoke this function")
+        return subject

@@ -1,0 +1,341 @@
+"""Bearer tokens: Kubernetes-style OIDC tokens against a real JWKS on loopback, and API keys."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from imagegen.auth import Authenticator, SigningKeys, hash_api_key, new_api_key
+from imagegen.errors import DependencyUnavailable, Forbidden, InvalidRequest, Unauthenticated
+from imagegen.settings import Settings
+
+AUDIENCE = "imagegen-render"
+SUBJECT = "system:serviceaccount:imagegen:oidc-broker-ingress"
+
+
+class Issuer:
+    """A Kubernetes API server's OIDC discovery: the document and the JWKS, over real HTTP.
+
+    Shaped like the API server's answers (``/.well-known/openid-configuration`` naming
+    ``jwks_uri`` at ``/openid/v1/jwks``; RS256 keys with a ``kid``).
+    """
+
+    def __init__(self) -> None:
+        self.keys: dict[str, Any] = {}
+        self.requests: list[tuple[str, str | None]] = []
+        self.up = True
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self.issuer = "https://kubernetes.default.svc.cluster.local"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def add_key(self, kid: str, key: Any | None = None) -> Any:
+        key = key or rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.keys[kid] = key
+        return key
+
+    def sign(self, claims: dict[str, Any], *, kid: str = "k1", algorithm: str = "RS256") -> str:
+        now = int(time.time())
+        body = {
+            "iss": self.issuer,
+            "aud": [AUDIENCE],
+            "sub": SUBJECT,
+            "iat": now,
+            "nbf": now,
+            "exp": now + 600,
+            **claims,
+        }
+        body = {k: v for k, v in body.items() if v is not None}
+        return jwt.encode(body, self.keys[kid], algorithm=algorithm, headers={"kid": kid})
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _jwks(self) -> dict[str, Any]:
+        keys = []
+        for kid, key in self.keys.items():
+            algorithm = "RS256" if isinstance(key, rsa.RSAPrivateKey) else "ES256"
+            jwk = json.loads(jwt.get_algorithm_by_name(algorithm).to_jwk(key.public_key()))
+            keys.append({**jwk, "kid": kid, "use": "sig", "alg": algorithm})
+        return {"keys": keys}
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        issuer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                issuer.requests.append((self.path, self.headers.get("Authorization")))
+                if not issuer.up:
+                    self.send_error(503)
+                    return
+                if self.path == "/.well-known/openid-configuration":
+                    body: dict[str, Any] = {
+                        "issuer": issuer.issuer,
+                        "jwks_uri": issuer.url + "/openid/v1/jwks",
+                        "response_types_supported": ["id_token"],
+                        "subject_types_supported": ["public"],
+                        "id_token_signing_alg_values_supported": ["RS256"],
+                    }
+                elif self.path == "/openid/v1/jwks":
+                    body = issuer._jwks()
+                else:
+                    self.send_error(404)
+                    return
+                payload = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        return Handler
+
+
+@pytest.fixture(scope="module")
+def issuer() -> Iterator[Issuer]:
+    server = Issuer()
+    server.add_key("k1")
+    yield server
+    server.close()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def gate(issuer: Issuer, clock: Clock | None = None, **settings: Any) -> Authenticator:
+    options: dict[str, Any] = {
+        "auth_required": True,
+        "oidc_discovery_url": issuer.url,
+        "oidc_ca_file": None,
+        "oidc_token_file": None,
+        **settings,
+    }
+    configured = Settings(**options)
+    keys = SigningKeys(issuer.url, ttl=configured.oidc_jwks_ttl, clock=clock or Clock())
+    return Authenticator(configured, function="render", keys=keys)
+
+
+def bearer(token: str) -> str:
+    return f"Bearer {token}"
+
+
+def test_a_valid_token_names_its_subject(issuer: Issuer) -> None:
+    principal = gate(issuer).authenticate(bearer(issuer.sign({})))
+    assert (principal.kind, principal.subject) == ("oidc", SUBJECT)
+
+
+def test_an_audience_given_as_a_string_counts(issuer: Issuer) -> None:
+    assert gate(issuer).authenticate(bearer(issuer.sign({"aud": AUDIENCE}))).kind == "oidc"
+
+
+@pytest.mark.parametrize(
+    ("claims", "message"),
+    [
+        ({"exp": int(time.time()) - 120}, "expired"),
+        ({"nbf": int(time.time()) + 600}, "not valid yet"),
+        ({"iat": int(time.time()) + 600}, "not valid yet"),
+        ({"iss": "https://other-cluster.example"}, "another issuer"),
+        ({"exp": None}, "'exp'"),
+    ],
+    ids=["expired", "not-yet-valid", "issued-in-the-future", "wrong-issuer", "no-expiry"],
+)
+def test_invalid_tokens_are_401(issuer: Issuer, claims: dict[str, Any], message: str) -> None:
+    with pytest.raises(Unauthenticated) as caught:
+        gate(issuer).authenticate(bearer(issuer.sign(claims)))
+    assert message in caught.value.message
+    assert caught.value.challenge == 'Bearer realm="imagegen", error="invalid_token"'
+
+
+def test_clock_skew_is_tolerated_within_the_leeway(issuer: Issuer) -> None:
+    token = issuer.sign({"exp": int(time.time()) - 20})
+    assert gate(issuer, oidc_clock_skew=60).authenticate(bearer(token)).kind == "oidc"
+    with pytest.raises(Unauthenticated):
+        gate(issuer, oidc_clock_skew=5).authenticate(bearer(token))
+
+
+def test_another_audience_is_403(issuer: Issuer) -> None:
+    token = issuer.sign({"aud": ["imagegen-persist"]})
+    with pytest.raises(Forbidden) as caught:
+        gate(issuer).authenticate(bearer(token))
+    assert caught.value.status == 403
+    assert "insufficient_scope" in caught.value.challenge
+    # A wrong audience on an expired token is still a 401: 403 means "valid, but not here".
+    with pytest.raises(Unauthenticated):
+        gate(issuer).authenticate(bearer(issuer.sign({"aud": ["x"], "exp": 1})))
+
+
+def test_subjects_can_be_restricted(issuer: Issuer) -> None:
+    with pytest.raises(Forbidden):
+        gate(issuer, auth_subjects="system:serviceaccount:imagegen:someone-else").authenticate(
+            bearer(issuer.sign({}))
+        )
+    assert gate(issuer, auth_subjects=SUBJECT).authenticate(bearer(issuer.sign({}))).kind == "oidc"
+
+
+def _b64(data: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+def test_alg_none_is_refused(issuer: Issuer) -> None:
+    claims = jwt.decode(issuer.sign({}), options={"verify_signature": False})
+    token = f"{_b64({'alg': 'none', 'typ': 'JWT', 'kid': 'k1'})}.{_b64(claims)}."
+    with pytest.raises(Unauthenticated) as caught:
+        gate(issuer).authenticate(bearer(token))
+    assert "'none'" in caught.value.message
+
+
+def test_an_hmac_token_keyed_with_the_public_key_is_refused(issuer: Issuer) -> None:
+    # The classic confusion attack: HS256 with the issuer's published key as the secret.
+    published = json.dumps(issuer._jwks()["keys"][0]).encode()
+    claims = jwt.decode(issuer.sign({}), options={"verify_signature": False})
+    signing_input = f"{_b64({'alg': 'HS256', 'typ': 'JWT', 'kid': 'k1'})}.{_b64(claims)}"
+    mac = hmac.new(published, signing_input.encode(), hashlib.sha256).digest()
+    token = f"{signing_input}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
+    with pytest.raises(Unauthenticated) as caught:
+        gate(issuer).authenticate(bearer(token))
+    assert "'HS256'" in caught.value.message
+
+
+def test_a_tampered_token_is_refused(issuer: Issuer) -> None:
+    header, payload, signature = issuer.sign({}).split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    claims["sub"] = "system:serviceaccount:kube-system:admin"
+    with pytest.raises(Unauthenticated) as caught:
+        gate(issuer).authenticate(bearer(f"{header}.{_b64(claims)}.{signature}"))
+    assert "signature" in caught.value.message
+
+
+def test_a_token_signed_by_an_unpublished_key_is_refused(issuer: Issuer) -> None:
+    stranger = Issuer()
+    stranger.issuer = issuer.issuer
+    stranger.add_key("k1", ec.generate_private_key(ec.SECP256R1()))
+    try:
+        token = stranger.sign({}, algorithm="ES256")
+    finally:
+        stranger.close()
+    with pytest.raises(Unauthenticated):
+        gate(issuer).authenticate(bearer(token))
+
+
+def test_key_rotation_unknown_kid_refreshes_the_keys_once(issuer: Issuer) -> None:
+    clock = Clock()
+    authenticator = gate(issuer, clock)
+    assert authenticator.authenticate(bearer(issuer.sign({}))).kind == "oidc"
+    fetches = len(issuer.requests)
+
+    # Cached: more tokens, no fetch.
+    for _ in range(3):
+        authenticator.authenticate(bearer(issuer.sign({})))
+    assert len(issuer.requests) == fetches
+
+    # The issuer rotates in a new key: an unknown kid is refused until a refresh finds it,
+    # and refreshes are rate-limited so made-up kids cannot force a fetch per request.
+    issuer.add_key("k2", ec.generate_private_key(ec.SECP256R1()))
+    try:
+        rotated = issuer.sign({}, kid="k2", algorithm="ES256")
+        with pytest.raises(Unauthenticated) as caught:
+            authenticator.authenticate(bearer(rotated))
+        assert "does not publish" in caught.value.message
+        assert len(issuer.requests) == fetches
+        clock.now += 10
+        assert authenticator.authenticate(bearer(rotated)).kind == "oidc"
+        assert len(issuer.requests) == fetches + 2  # discovery + JWKS
+        with pytest.raises(Unauthenticated):
+            authenticator.authenticate(bearer(rotated[:-4] + "AAAA"))
+    finally:
+        del issuer.keys["k2"]
+
+
+def test_issuer_down_is_retryable_until_keys_are_cached(issuer: Issuer) -> None:
+    clock = Clock()
+    authenticator = gate(issuer, clock)
+    issuer.up = False
+    try:
+        with pytest.raises(DependencyUnavailable):
+            authenticator.authenticate(bearer(issuer.sign({})))
+        issuer.up = True
+        assert authenticator.authenticate(bearer(issuer.sign({}))).kind == "oidc"
+        issuer.up = False
+        clock.now += 10_000  # stale, and the refresh fails: the cached keys still serve
+        assert authenticator.authenticate(bearer(issuer.sign({}))).kind == "oidc"
+    finally:
+        issuer.up = True
+
+
+def test_the_pods_token_authenticates_discovery(issuer: Issuer, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("pod-token\n")
+    keys = SigningKeys(issuer.url, token_file=token_file)
+    keys.get("k1")
+    assert issuer.requests[-2:] == [
+        ("/.well-known/openid-configuration", "Bearer pod-token"),
+        ("/openid/v1/jwks", "Bearer pod-token"),
+    ]
+
+
+@pytest.mark.parametrize("header", [None, "", "Bearer", "Bearer   ", "Basic dXNlcjpwYXNz", "x"])
+def test_no_bearer_token_is_401_with_a_bare_challenge(issuer: Issuer, header: str | None) -> None:
+    with pytest.raises(Unauthenticated) as caught:
+        gate(issuer).authenticate(header)
+    assert caught.value.challenge == 'Bearer realm="imagegen"'
+
+
+@pytest.mark.parametrize("token", ["a.b.c", "..", "x" * 20_000, "e30.e30.", "not-a-key"])
+def test_junk_tokens_are_401(issuer: Issuer, token: str) -> None:
+    with pytest.raises(Unauthenticated):
+        gate(issuer).authenticate(bearer(token))
+
+
+def test_api_keys_several_valid_at_once(issuer: Issuer) -> None:
+    old, old_hash = new_api_key()
+    new, new_hash = new_api_key()
+    both = gate(issuer, api_key_hashes=f"{old_hash},{new_hash}")
+    first, second = both.authenticate(bearer(old)), both.authenticate(bearer(new))
+    assert (first.kind, second.kind) == ("api-key", "api-key")
+    assert first.subject != second.subject
+    assert old not in first.subject and old_hash not in first.subject
+
+    rotated = gate(issuer, api_key_hashes=new_hash)
+    assert rotated.authenticate(bearer(new)).kind == "api-key"
+    with pytest.raises(Unauthenticated):
+        rotated.authenticate(bearer(old))
+
+
+def test_api_keys_are_stored_hashed(issuer: Issuer) -> None:
+    key, digest = new_api_key()
+    assert digest == hash_api_key(key) and key not in digest
+    assert digest.startswith("sha256:") and len(digest) == 7 + 64
+    with pytest.raises(InvalidRequest) as caught:
+        gate(issuer, api_key_hashes=key)  # the key itself, by mistake
+    assert caught.value.fields == ["api_key_hashes"]
+
+
+def test_off_admits_everyone(issuer: Issuer) -> None:
+    assert gate(issuer, auth_required=False).authenticate(None).kind == "anonymous"
+
+
+def test_on_in_prod_off_in_dev() -> None:
+    assert Settings(profile="prod").auth_required is True
+    assert Settings(profile="dev").auth_required is False
+    assert Settings(profile="prod", auth_required=False).auth_required is False

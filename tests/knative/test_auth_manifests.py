@@ -1,0 +1,71 @@
+"""Manifests for authenticated invocation: audiences, the cluster flag, who may connect."""
+
+from __future__ import annotations
+
+import subprocess
+from functools import cache
+from typing import Any
+
+import yaml
+
+from imagegen.auth import audience_for
+from imagegen.settings import Settings
+from tests.conftest import ROOT
+
+KNATIVE = ROOT / "knative"
+FUNCTIONS = ("enhance", "render", "persist", "deadletter")
+
+
+@cache
+def rendered(overlay: str) -> list[dict[str, Any]]:
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(KNATIVE / "overlays" / overlay)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def test_every_delivery_names_the_audience_its_function_accepts() -> None:
+    for overlay in ("dev", "prod"):
+        for trigger in of_kind(rendered(overlay), "Trigger"):
+            destinations = [trigger["spec"]["subscriber"]]
+            destinations.append(trigger["spec"]["delivery"]["deadLetterSink"])
+            for destination in destinations:
+                service = destination["ref"]["name"]
+                function = service.removeprefix("imagegen-")
+                assert function in FUNCTIONS, service
+                assert destination["audience"] == audience_for(function), trigger["metadata"]
+
+
+def test_the_cluster_turns_oidc_on() -> None:
+    docs = yaml.safe_load_all((KNATIVE / "cluster" / "eventing-config-features.yaml").read_text())
+    (features,) = [d for d in docs if d]
+    assert features["metadata"] == {"name": "config-features", "namespace": "knative-eventing"}
+    assert features["data"]["authentication-oidc"] == "enabled"
+
+
+def test_prod_requires_tokens_and_dev_does_not() -> None:
+    profiles = {}
+    for overlay in ("dev", "prod"):
+        (config,) = [
+            d
+            for d in of_kind(rendered(overlay), "ConfigMap")
+            if d["metadata"]["name"] == "imagegen-config"
+        ]
+        profiles[overlay] = Settings(profile=config["data"]["IMAGEGEN_PROFILE"]).auth_required
+    assert profiles == {"dev": False, "prod": True}
+
+
+def test_every_function_reads_the_api_key_hashes_and_no_overlay_ships_them() -> None:
+    for overlay in ("dev", "prod"):
+        docs = rendered(overlay)
+        for service in of_kind(docs, "Service"):
+            (container,) = service["spec"]["template"]["spec"]["containers"]
+            refs = [e["secretRef"] for e in container["envFrom"] if "secretRef" in e]
+            assert ("PingSource", "imagegen-dream") in senders
