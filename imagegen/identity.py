@@ -24,6 +24,7 @@ __all__ = [
     "event_time",
     "generation_id",
     "identify",
+    "key_time",
     "new_generation_id",
     "request_time",
     "valid_generation_id",
@@ -31,6 +32,7 @@ __all__ = [
 
 GENERATION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
 _GENERATION_ID = re.compile(GENERATION_ID_PATTERN)
+MIN_YEAR, MAX_YEAR = 1970, 2999
 
 
 def new_generation_id() -> str:
@@ -51,6 +53,23 @@ def valid_generation_id(value: str) -> bool:
 def aware(value: datetime) -> datetime:
     """``value`` with a time zone: a naive time is taken as UTC."""
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def key_time(value: datetime) -> datetime:
+    """``value`` as a request time: aware, in a four-digit year the storage keys can hold.
+
+    Raises:
+        ValueError: for a year outside 1970-2999, or an offset that carries it out of range.
+    """
+    value = aware(value)
+    # The date names the storage keys (yyyy/mm/dd): keep it a plausible four-digit year.
+    if not MIN_YEAR <= value.year <= MAX_YEAR:
+        raise ValueError(f"must be between {MIN_YEAR} and {MAX_YEAR}")
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("out of range") from None
+    return value
 
 
 def generation_id(
@@ -95,17 +114,23 @@ def event_time(attributes: Mapping[str, str]) -> datetime | None:
     """The event's ``time`` attribute, parsed (None when absent).
 
     Raises:
-        InvalidRequest: naming ``time`` when it is not an RFC 3339 timestamp.
+        InvalidRequest: naming ``time`` when it is not an RFC 3339 timestamp, or out of range.
     """
     value = attributes.get("time")
     if not value:
         return None
     try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise InvalidRequest(
             f"event time {value[:40]!r} is not an RFC 3339 timestamp",
             errors=[{"field": "time", "message": "not an RFC 3339 timestamp"}],
+        ) from None
+    try:
+        return key_time(parsed)
+    except ValueError as exc:
+        raise InvalidRequest(
+            f"event time {value[:40]!r}: {exc}", errors=[{"field": "time", "message": str(exc)}]
         ) from None
 
 

@@ -26,14 +26,16 @@ from pydantic import (
 from imagegen import stages
 from imagegen.identity import (
     GENERATION_ID_PATTERN,
-    aware,
     derive_generation_id,
+    key_time,
     new_generation_id,
 )
+from imagegen.validation import check_json_value
 
 __all__ = [
     "GENERATION_ID_PATTERN",
     "MAX_METADATA_BYTES",
+    "MAX_METADATA_DEPTH",
     "MAX_PROMPT_CHARS",
     "Contribution",
     "EnhancedPrompt",
@@ -52,8 +54,8 @@ __all__ = [
 MAX_PROMPT_CHARS = 2000
 MAX_METADATA_BYTES = 4096
 MAX_METADATA_KEYS = 32
+MAX_METADATA_DEPTH = 8
 MAX_SEED = 2**32 - 1
-MIN_YEAR, MAX_YEAR = 1970, 2999
 
 GenerationId = Annotated[str, StringConstraints(pattern=GENERATION_ID_PATTERN)]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
@@ -84,11 +86,7 @@ def _valid_timezone(value: str | None) -> str | None:
 def _aware(value: datetime | None) -> datetime | None:
     if value is None:
         return None
-    value = aware(value)
-    # The date names the storage keys (yyyy/mm/dd): keep it a plausible four-digit year.
-    if not MIN_YEAR <= value.year <= MAX_YEAR:
-        raise ValueError(f"must be between {MIN_YEAR} and {MAX_YEAR}")
-    return value
+    return key_time(value)
 
 
 def _known_stage(value: str) -> str:
@@ -104,7 +102,22 @@ StageName = Annotated[
     WithJsonSchema({"type": "string", "enum": list(stages.names())}),
 ]
 
+
 Dimension = Annotated[int, Field(ge=256, le=2048), AfterValidator(_multiple_of_16)]
+
+
+def _bounded_metadata(value: dict[str, Any]) -> dict[str, Any]:
+    # Depth and NaN first: serializing a deeply nested value would exhaust the stack.
+    check_json_value(value, max_depth=MAX_METADATA_DEPTH)
+    if len(value) > MAX_METADATA_KEYS:
+        raise ValueError(f"at most {MAX_METADATA_KEYS} keys")
+    size = len(json.dumps(value, default=str).encode())
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(f"at most {MAX_METADATA_BYTES} bytes as JSON, got {size}")
+    return value
+
+
+Metadata = Annotated[dict[str, Any], AfterValidator(_bounded_metadata)]
 
 
 class _Model(BaseModel):
@@ -159,9 +172,12 @@ class GenerationRequest(_Model):
     requested_at: Annotated[datetime | None, AfterValidator(_aware)] = Field(
         default=None, description="The request's time; fixes time-aware plugins."
     )
-    metadata: dict[str, Any] = Field(
+    metadata: Metadata = Field(
         default_factory=dict,
-        description=f"Caller data, kept with the image (≤ {MAX_METADATA_BYTES} bytes).",
+        description=(
+            f"Caller data, kept with the image (≤ {MAX_METADATA_BYTES} bytes as JSON,"
+            f" ≤ {MAX_METADATA_KEYS} keys, nested ≤ {MAX_METADATA_DEPTH} deep)."
+        ),
     )
     webhook: AnyHttpUrl | None = Field(
         default=None, description="URL the ledger notifies, signed the Standard Webhooks way."
@@ -179,16 +195,6 @@ class GenerationRequest(_Model):
     @classmethod
     def _empty_prompt_is_none(cls, value: str | None) -> str | None:
         return value or None
-
-    @field_validator("metadata")
-    @classmethod
-    def _bounded_metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
-        if len(value) > MAX_METADATA_KEYS:
-            raise ValueError(f"at most {MAX_METADATA_KEYS} keys")
-        size = len(json.dumps(value, default=str).encode())
-        if size > MAX_METADATA_BYTES:
-            raise ValueError(f"at most {MAX_METADATA_BYTES} bytes as JSON, got {size}")
-        return value
 
 
 class EnhancedPrompt(_Model):
@@ -215,7 +221,7 @@ class EnhancedPrompt(_Model):
     guidance: float = Field(ge=0.0, le=20.0)
     seed: int = Field(ge=0, le=MAX_SEED)
     requested_at: Annotated[datetime, AfterValidator(_aware)]
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
     replay_of: GenerationId | None = Field(
         default=None, description="The generation this one replays, when it is a replay."
     )

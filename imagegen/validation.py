@@ -2,15 +2,90 @@
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from imagegen.errors import InvalidRequest
 
-__all__ = ["field_errors", "parse_model"]
+__all__ = ["MAX_JSON_DEPTH", "check_json_value", "field_errors", "loads", "parse_model"]
 
 M = TypeVar("M", bound=BaseModel)
+
+MAX_JSON_DEPTH = 32
+"""Deepest nesting of arrays and objects accepted in any JSON input (events are ~4 deep)."""
+
+
+def loads(body: bytes | str, *, field: str = "body", max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Parse untrusted JSON: UTF-8 only, nesting bounded, ``NaN`` and ``Infinity`` refused.
+
+    The C parser guards its own recursion (a ``RecursionError`` past the interpreter's limit,
+    caught here); anything deeper than ``max_depth`` is refused after parsing, so no serializer
+    or validator further on ever meets a structure deep enough to exhaust the stack.
+
+    Raises:
+        InvalidRequest: naming ``field`` and saying what is wrong.
+    """
+    if isinstance(body, bytes | bytearray):
+        try:
+            text = bytes(body).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _bad(field, f"not UTF-8 (byte {exc.start})") from None
+    else:
+        text = body
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise _bad(field, f"nested deeper than {max_depth}") from None
+    except ValueError as exc:
+        reason = str(exc) if isinstance(exc, _NonFinite) else f"not valid JSON ({exc})"
+        raise _bad(field, reason) from None
+    try:
+        check_json_value(value, max_depth=max_depth)
+    except ValueError as exc:
+        raise _bad(field, str(exc)) from None
+    return value
+
+
+def check_json_value(value: Any, *, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Raise ValueError if ``value`` nests deeper than ``max_depth`` or holds NaN/Infinity.
+
+    For data that arrived already parsed (by pydantic or a caller of the library). Walks one
+    level at a time, without recursion.
+    """
+    level: list[Any] = [value]
+    depth = 0
+    while level:
+        depth += 1
+        below: list[Any] = []
+        for item in level:
+            kind = type(item)
+            if kind is dict:
+                below.extend(item.values())
+            elif kind is list or kind is tuple:
+                below.extend(item)
+            elif kind is float and not math.isfinite(item):
+                raise ValueError("NaN and Infinity are not JSON numbers")
+        if depth >= max_depth and any(type(i) in _CONTAINERS for i in below):
+            raise ValueError(f"nested deeper than {max_depth}")
+        level = below
+
+
+_CONTAINERS = (dict, list, tuple)
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NonFinite(f"{name} is not a JSON number")
+
+
+def _bad(field: str, message: str) -> InvalidRequest:
+    return InvalidRequest(f"{field}: {message}", errors=[{"field": field, "message": message}])
 
 
 def field_errors(exc: ValidationError) -> list[dict[str, str]]:

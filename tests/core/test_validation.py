@@ -1,0 +1,118 @@
+"""Untrusted JSON and times: every bad input is an InvalidRequest naming its field."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from imagegen.errors import InvalidRequest
+from imagegen.identity import event_time
+from imagegen.models import EnhancedPrompt, GenerationRequest
+from imagegen.validation import MAX_JSON_DEPTH, check_json_value, loads, parse_model
+
+
+def nested(depth: int, leaf: str = "1") -> str:
+    return '{"a":' * depth + leaf + "}" * depth
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"[" * 1000 + b"]" * 1000, "nested deeper"),  # past the parser's own recursion guard
+        (b"[" * 100_000, "nested deeper"),
+        (nested(MAX_JSON_DEPTH + 1).encode(), "nested deeper"),
+        (b"\xff", "not UTF-8"),
+        (b'{"a": "caf\xe9"}', "not UTF-8"),
+        (b'{"a": NaN}', "NaN"),
+        (b"[-Infinity]", "Infinity"),
+        (b'{"a": 1', "not valid JSON"),
+        (b"", "not valid JSON"),
+    ],
+)
+def test_bad_json_is_a_400_naming_the_field(body: bytes, message: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        loads(body, field="data")
+    assert caught.value.fields == ["data"]
+    assert message in caught.value.errors[0]["message"]
+
+
+def test_good_json_round_trips() -> None:
+    value = {"a": [1, 2.5, None, True, {"b": "[[[{{{"}], "c": "\\u00e9"}
+    assert loads(json.dumps(value).encode()) == value
+    assert loads(nested(MAX_JSON_DEPTH)) is not None
+
+
+def test_parsed_values_are_checked_without_recursion() -> None:
+    deep: object = 1
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(ValueError, match="nested deeper than 8"):
+        check_json_value(deep, max_depth=8)
+    with pytest.raises(ValueError, match="NaN"):
+        check_json_value({"a": [1, {"b": float("inf")}]})
+    check_json_value({"a": [1, {"b": 2.0}]}, max_depth=3)
+    with pytest.raises(ValueError):
+        check_json_value({"a": [1, {"b": [2]}]}, max_depth=3)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        (json.loads(nested(300)), "nested deeper than 8"),
+        ({"score": float("nan")}, "NaN"),
+        ({"score": [float("-inf")]}, "NaN and Infinity"),
+    ],
+)
+def test_metadata_is_bounded_in_every_event(metadata: object, message: str) -> None:
+    for model, extra in (
+        (GenerationRequest, {}),
+        (
+            EnhancedPrompt,
+            {
+                "generation_id": "g",
+                "prompt": "p",
+                "enhancer": "template",
+                "model": "tiny",
+                "width": 256,
+                "height": 256,
+                "steps": 2,
+                "guidance": 1.0,
+                "seed": 1,
+                "requested_at": "2026-01-01T00:00:00Z",
+            },
+        ),
+    ):
+        with pytest.raises(InvalidRequest) as caught:
+            parse_model(model, {**extra, "metadata": metadata})
+        assert caught.value.fields == ["metadata"], model
+        assert message in caught.value.errors[0]["message"]
+
+
+def test_metadata_nan_in_json_text_is_refused() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        parse_model(GenerationRequest, b'{"metadata": {"x": NaN}}')
+    assert caught.value.fields == ["metadata"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "1969-12-31T23:59:59Z",
+        "0001-01-01T00:00:00Z",
+        "9999-12-31T23:59:59-23:59",
+        "3000-01-01T00:00:00",
+        "0001-01-01T00:00:00+01:00",
+    ],
+)
+def test_event_times_out_of_range_are_a_400(value: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        event_time({"time": value})
+    assert caught.value.fields == ["time"]
+
+
+def test_event_times_in_range_are_made_aware() -> None:
+    assert event_time({"time": "2026-05-01T00:00:00"}) == datetime(2026, 5, 1, tzinfo=UTC)
+    late = datetime(2999, 12, 31, 23, 59, tzinfo=timezone(-timedelta(hours=23)))
+    assert event_time({"time": late.isoformat()}) == late
