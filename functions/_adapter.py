@@ -40,7 +40,14 @@ from opentelemetry import propagate, trace
 from pydantic import ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from imagegen.errors import ConfigurationError, DependencyUnavailable, ImageGenError, InternalError
+from imagegen.errors import (
+    ConfigurationError,
+    DependencyUnavailable,
+    Forbidden,
+    ImageGenError,
+    InternalError,
+    Unauthenticated,
+)
 from imagegen.events import routing_attributes
 from imagegen.identity import generation_id, identify, valid_generation_id
 from imagegen.stages import Call, Stage
@@ -66,6 +73,7 @@ class Function:
         self._started: Future[None] | None = None
         self._broken: ConfigurationError | None = None
         self._timeout = 60.0
+        self._auth: Any = None  # an imagegen.auth.Authenticator once started
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -87,6 +95,9 @@ class Function:
                 preload = (settings.model,) if self.stage.loads_model else ()
                 self._service = ImageGenService(settings, preload=preload, load_on_demand=False)
                 self._timeout = self.stage.timeout(settings)
+                from imagegen.auth import Authenticator
+
+                self._auth = Authenticator(settings, function=self.stage.name)
             except Exception as exc:
                 # Every request would fail alike until the environment is fixed: say it once,
                 # and answer 503 (not ready, retried), never 400.
@@ -259,8 +270,28 @@ class Function:
             error = MethodNotAllowed(f"{request.method} is not allowed; POST / instead")
             reply = error_reply(error, stage=self.stage.name, message=None, generation_id=None)
         else:
-            reply = self._post(request)
+            reply = self._refused(request) or self._post(request)
         return flask.Response(reply.body, status=reply.status, headers=dict(reply.headers))
+
+    def _refused(self, request: flask.Request) -> Reply | None:
+        """The 401/403 (or 503) for a caller who may not invoke; None for one who may.
+
+        Probes and the OpenAPI document never get here. The token is never logged: errors
+        name what was wrong with it, not what it was.
+        """
+        self.start()
+        if self._auth is None:
+            return None  # start-up failed: handle() answers the 503
+        try:
+            self._auth.authenticate(request.headers.get("Authorization"))
+        except (Unauthenticated, Forbidden) as exc:
+            reply = self._failed(exc, None, None, dispatched=False)
+            return Reply(
+                reply.status, reply.body, {**reply.headers, "WWW-Authenticate": exc.challenge}
+            )
+        except ImageGenError as exc:
+            return self._failed(exc, None, None, dispatched=False)
+        return None
 
     def _post(self, request: flask.Request) -> Reply:
         if self.stage.input_model is None:

@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from imagegen.errors import ImageGenError, InvalidRequest, first_line
 from imagegen.events import GENERATION_FAILED, dataschema, reply_id, source_for
 from imagegen.models import ErrorInfo, GenerationFailed
+from imagegen.validation import loads
 
 __all__ = [
     "MAX_BODY_BYTES",
@@ -128,9 +129,13 @@ def parse(headers: Mapping[str, str], body: bytes, *, consumes: tuple[str, ...])
                 f"event data must be application/json, got {content_type!r}",
                 errors=[{"field": "datacontenttype", "message": "must be application/json"}],
             )
+        if content_type == "application/cloudevents+json":
+            # Bounded before the SDK parses it: UTF-8, depth, no NaN (a 400 naming "event").
+            loads(body, field="event")
         try:
-            event = from_http(dict(lowered), body)
-        except CloudEventError as exc:
+            # Binary-mode data stays bytes here and is parsed below, bounded, like any body.
+            event = from_http(dict(lowered), body, data_unmarshaller=_as_bytes)
+        except (CloudEventError, ValueError) as exc:
             reason = first_line(exc)
             raise InvalidRequest(
                 f"not a valid CloudEvent: {reason}", errors=[{"field": "event", "message": reason}]
@@ -143,7 +148,7 @@ def parse(headers: Mapping[str, str], body: bytes, *, consumes: tuple[str, ...])
             )
         data = event.get_data()
         if isinstance(data, bytes | str):
-            data = _json(data)
+            data = _json(data, field="body")
         return Message(data if data is not None else {}, _attributes(event), lowered)
     if content_type != "application/json":
         raise UnsupportedMediaType(
@@ -152,7 +157,7 @@ def parse(headers: Mapping[str, str], body: bytes, *, consumes: tuple[str, ...])
                 {"field": "content-type", "message": f"unsupported {content_type or 'none'!r}"}
             ],
         )
-    return Message(_json(body), _EMPTY, lowered)
+    return Message(_json(body, field="body"), _EMPTY, lowered)
 
 
 def parse_leniently(headers: Mapping[str, str], body: bytes, *, truncated: bool) -> Message:
@@ -163,8 +168,8 @@ def parse_leniently(headers: Mapping[str, str], body: bytes, *, truncated: bool)
     """
     lowered = _lowered(headers)
     data: Any = body.decode("utf-8", "replace")
-    with contextlib.suppress(ValueError):
-        data = json.loads(body) if body else None
+    with contextlib.suppress(InvalidRequest):
+        data = loads(body) if body else None
     attributes = {k[3:]: v for k, v in lowered.items() if k.startswith("ce-")}
     if _content_type(lowered) == "application/cloudevents+json" and isinstance(data, dict):
         attributes = {k: str(v) for k, v in data.items() if k not in ("data", "data_base64")}
@@ -174,13 +179,13 @@ def parse_leniently(headers: Mapping[str, str], body: bytes, *, truncated: bool)
     return Message(data, MappingProxyType(attributes) if attributes else _EMPTY, lowered)
 
 
-def _json(body: bytes | str) -> Any:
-    try:
-        return json.loads(body or b"{}")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(
-            "body is not valid JSON", errors=[{"field": "body", "message": first_line(exc)}]
-        ) from None
+def _as_bytes(data: Any) -> Any:
+    return data
+
+
+def _json(body: bytes | str, *, field: str) -> Any:
+    """Untrusted JSON, bounded (:func:`imagegen.validation.loads`): a 400 naming ``field``."""
+    return loads(body or b"{}", field=field)
 
 
 # -- replies -------------------------------------------------------------------------------

@@ -237,7 +237,7 @@ async def test_replicas_persist_and_enhance_alike_on_one_store(
     )
     async with ImageGenService(signed) as one, ImageGenService(signed) as two:
         request = small(prompt="a kite", generation_id="pods-1")
-        jobs = await asyncio.gather(one.enhance(request, now=NOW), two.enhance(request, now=NOW))
+        jobs = await asyncio.gather(one.enhance(request), two.enhance(request))
         assert jobs[0] == jobs[1]
         rendered = await one.render(jobs[0])
         first, second = await asyncio.gather(one.persist(rendered), two.persist(rendered))

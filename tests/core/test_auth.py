@@ -6,105 +6,19 @@ import base64
 import hashlib
 import hmac
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from imagegen.auth import Authenticator, SigningKeys, hash_api_key, new_api_key
 from imagegen.errors import DependencyUnavailable, Forbidden, InvalidRequest, Unauthenticated
 from imagegen.settings import Settings
-
-AUDIENCE = "imagegen-render"
-SUBJECT = "system:serviceaccount:imagegen:oidc-broker-ingress"
-
-
-class Issuer:
-    """A Kubernetes API server's OIDC discovery: the document and the JWKS, over real HTTP.
-
-    Shaped like the API server's answers (``/.well-known/openid-configuration`` naming
-    ``jwks_uri`` at ``/openid/v1/jwks``; RS256 keys with a ``kid``).
-    """
-
-    def __init__(self) -> None:
-        self.keys: dict[str, Any] = {}
-        self.requests: list[tuple[str, str | None]] = []
-        self.up = True
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self.issuer = "https://kubernetes.default.svc.cluster.local"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def add_key(self, kid: str, key: Any | None = None) -> Any:
-        key = key or rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        self.keys[kid] = key
-        return key
-
-    def sign(self, claims: dict[str, Any], *, kid: str = "k1", algorithm: str = "RS256") -> str:
-        now = int(time.time())
-        body = {
-            "iss": self.issuer,
-            "aud": [AUDIENCE],
-            "sub": SUBJECT,
-            "iat": now,
-            "nbf": now,
-            "exp": now + 600,
-            **claims,
-        }
-        body = {k: v for k, v in body.items() if v is not None}
-        return jwt.encode(body, self.keys[kid], algorithm=algorithm, headers={"kid": kid})
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    def _jwks(self) -> dict[str, Any]:
-        keys = []
-        for kid, key in self.keys.items():
-            algorithm = "RS256" if isinstance(key, rsa.RSAPrivateKey) else "ES256"
-            jwk = json.loads(jwt.get_algorithm_by_name(algorithm).to_jwk(key.public_key()))
-            keys.append({**jwk, "kid": kid, "use": "sig", "alg": algorithm})
-        return {"keys": keys}
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        issuer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                issuer.requests.append((self.path, self.headers.get("Authorization")))
-                if not issuer.up:
-                    self.send_error(503)
-                    return
-                if self.path == "/.well-known/openid-configuration":
-                    body: dict[str, Any] = {
-                        "issuer": issuer.issuer,
-                        "jwks_uri": issuer.url + "/openid/v1/jwks",
-                        "response_types_supported": ["id_token"],
-                        "subject_types_supported": ["public"],
-                        "id_token_signing_alg_values_supported": ["RS256"],
-                    }
-                elif self.path == "/openid/v1/jwks":
-                    body = issuer._jwks()
-                else:
-                    self.send_error(404)
-                    return
-                payload = json.dumps(body).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        return Handler
+from tests.fakes.oidc_issuer import AUDIENCE, SUBJECT, Issuer
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,88 @@
+"""Invocations need a bearer token when auth is on; probes and the document never do."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from imagegen.auth import new_api_key
+from tests.fakes.oidc_issuer import Issuer
+from tests.functions.clients import InProcessFunction
+from tests.functions.conftest import base_env
+
+REQUEST = {"prompt": "a red door", "width": 256, "height": 256, "enhance": False}
+API_KEY, API_KEY_HASH = new_api_key()
+
+
+@pytest.fixture(scope="module")
+def issuer() -> Iterator[Issuer]:
+    server = Issuer()
+    server.add_key("k1")
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def enhance(issuer: Issuer, tmp_path_factory: pytest.TempPathFactory) -> InProcessFunction:
+    env = {
+        **base_env(tmp_path_factory.mktemp("auth-store")),
+        "IMAGEGEN_AUTH_REQUIRED": "true",
+        "IMAGEGEN_API_KEY_HASHES": API_KEY_HASH,
+        "IMAGEGEN_OIDC_DISCOVERY_URL": issuer.url,
+        "IMAGEGEN_OIDC_CA_FILE": "",
+        "IMAGEGEN_OIDC_TOKEN_FILE": "",
+    }
+    return InProcessFunction("enhance", env)
+
+
+def test_probes_and_the_document_stay_open(enhance: InProcessFunction) -> None:
+    for path in ("/healthz", "/readyz", "/openapi.json"):
+        assert enhance.get(path).status_code == 200, path
+
+
+def test_no_token_is_401_with_a_challenge(enhance: InProcessFunction) -> None:
+    reply = enhance.post("/", json=REQUEST)
+    assert reply.status_code == 401
+    assert reply.headers["WWW-Authenticate"] == 'Bearer realm="imagegen"'
+    assert reply.json()["error"] == "unauthenticated"
+
+
+def test_a_bad_token_is_401_and_never_logged(
+    enhance: InProcessFunction, issuer: Issuer, caplog: pytest.LogCaptureFixture
+) -> None:
+    expired = issuer.sign(
+        {"exp": 1_000_000, "iat": 999_000, "nbf": 999_000}, audience="imagegen-enhance"
+    )
+    with caplog.at_level(logging.DEBUG):
+        for token in (expired, "igk_not-a-key", expired[:-6] + "AAAAAA"):
+            reply = enhance.post("/", json=REQUEST, headers={"Authorization": f"Bearer {token}"})
+            assert reply.status_code == 401, reply.text
+            assert 'error="invalid_token"' in reply.headers["WWW-Authenticate"]
+            assert token not in reply.text
+    logged = "\n".join(r.getMessage() + str(r.__dict__) for r in caplog.records)
+    assert expired not in logged and "igk_not-a-key" not in logged
+
+
+def test_a_token_for_another_function_is_403(enhance: InProcessFunction, issuer: Issuer) -> None:
+    token = issuer.sign({}, audience="imagegen-render")
+    reply = enhance.post("/", json=REQUEST, headers={"Authorization": f"Bearer {token}"})
+    assert reply.status_code == 403
+    assert 'error="insufficient_scope"' in reply.headers["WWW-Authenticate"]
+
+
+def test_the_brokers_token_and_an_api_key_are_admitted(
+    enhance: InProcessFunction, issuer: Issuer
+) -> None:
+    token = issuer.sign({}, audience="imagegen-enhance")
+    for credential in (token, API_KEY):
+        reply = enhance.post("/", json=REQUEST, headers={"Authorization": f"Bearer {credential}"})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["prompt"]
+
+
+def test_off_in_dev(tmp_path: Path) -> None:
+    dev = InProcessFunction("enhance", base_env(tmp_path / "dev-store"))
+    assert dev.post("/", json=REQUEST).status_code == 200
