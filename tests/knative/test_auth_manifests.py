@@ -68,4 +68,43 @@ def test_every_function_reads_the_api_key_hashes_and_no_overlay_ships_them() -> 
         for service in of_kind(docs, "Service"):
             (container,) = service["spec"]["template"]["spec"]["containers"]
             refs = [e["secretRef"] for e in container["envFrom"] if "secretRef" in e]
-            assert ("PingSource", "imagegen-dream") in senders
+            assert {"name": "imagegen-api-keys", "optional": True} in refs, service["metadata"]
+        # Created in the cluster, never applied: an apply would reset real hashes.
+        assert "imagegen-api-keys" not in {d["metadata"]["name"] for d in of_kind(docs, "Secret")}
+
+
+def test_only_knative_data_paths_may_connect_to_the_functions() -> None:
+    for overlay in ("dev", "prod"):
+        docs = rendered(overlay)
+        services = {s["metadata"]["name"] for s in of_kind(docs, "Service")}
+        (policy,) = of_kind(docs, "NetworkPolicy")
+        (selector,) = policy["spec"]["podSelector"]["matchExpressions"]
+        # Knative labels every pod of a Service with serving.knative.dev/service.
+        assert selector["key"] == "serving.knative.dev/service" and selector["operator"] == "In"
+        assert set(selector["values"]) == services
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        (rule,) = policy["spec"]["ingress"]
+        assert "ports" not in rule  # queue-proxy's ports all belong to these paths
+        admitted = set()
+        for peer in rule["from"]:
+            assert set(peer) == {"namespaceSelector"}  # never a whole-cluster podSelector
+            (expression,) = peer["namespaceSelector"]["matchExpressions"]
+            assert expression["key"] == "kubernetes.io/metadata.name"
+            admitted |= set(expression["values"])
+        assert admitted == {"knative-serving", "knative-eventing", "kourier-system", "istio-system"}
+
+
+def test_prod_names_who_may_send_to_the_broker() -> None:
+    docs = rendered("prod")
+    (policy,) = of_kind(docs, "EventPolicy")
+    (target,) = policy["spec"]["to"]
+    (broker,) = of_kind(docs, "Broker")
+    assert target["ref"] == {
+        "apiVersion": "eventing.knative.dev/v1",
+        "kind": "Broker",
+        "name": broker["metadata"]["name"],
+    }
+    senders = {(f["ref"]["kind"], f["ref"]["name"]) for f in policy["spec"]["from"] if "ref" in f}
+    names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert senders <= names  # every referenced source exists in the overlay
+    assert ("PingSource", "imagegen-dream") in senders
