@@ -244,5 +244,5 @@ async def test_replicas_persist_and_enhance_alike_on_one_store(
     assert first == second
     assert first.created_at == rendered.rendered_at
     assert first.url is not None and "expires=" in first.url
-    files = sorted(p.name for p in (tmp_path / "out").rglob("pods-1*"))
-    assert files == ["pods-1.json", "pods-1.png", "pods-1.prompt.json", "pods-1.thumb.webp"]
+    files = {p.name for p in (tmp_path / "out").rglob("pods-1*")}
+    assert {"pods-1.json", "pods-1.png", "pods-1.prompt.json", "pods-1.thumb.webp"} <= files
