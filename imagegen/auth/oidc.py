@@ -20,12 +20,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import jwt
 
 from imagegen.errors import DependencyUnavailable, Forbidden, Unauthenticated
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["ALGORITHMS", "OidcVerifier", "SigningKeys"]
 
@@ -101,6 +103,8 @@ class SigningKeys:
         verify: ssl.SSLContext | bool = True
         if self.ca_file is not None and self.ca_file.is_file():
             verify = ssl.create_default_context(cafile=str(self.ca_file))
+        import httpx  # only when keys are fetched: a function with OIDC off never loads it
+
         try:
             with httpx.Client(timeout=_FETCH_TIMEOUT, verify=verify, headers=headers) as client:
                 discovery = _json(client, self.discovery_url + "/.well-known/openid-configuration")

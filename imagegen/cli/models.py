@@ -6,7 +6,6 @@ import json
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from imagegen.cli._app import AsJson, app, out, settings_from
 
@@ -73,6 +72,8 @@ def list_models(as_json: AsJson = False) -> None:
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
+    from rich.table import Table
+
     table = Table("model", "family", "served", "revision", "licence")
     for row in rows:
         table.add_row(

@@ -169,7 +169,14 @@ def test_one_trace_from_the_requester_through_every_stage(
         (s.attributes or {})["imagegen.storage.key"]: parent_of(s, spans)
         for s in named(spans, "imagegen.storage.put")
     }
-    assert sorted(k.split(".", 1)[-1] for k in puts) == ["json", "png", "prompt.json", "thumb.webp"]
+    assert sorted(k.split(".", 1)[-1] for k in puts) == [
+        "json",
+        "png",
+        "prompt.json",
+        "thumb.webp",
+        "w256.avif",
+        "w256.webp",
+    ]
     for key, parent in puts.items():
         assert parent is not None
         owner = {"png": "render", "prompt.json": "enhance"}.get(key.split(".", 1)[-1], "persist")
