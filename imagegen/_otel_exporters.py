@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, MetricExporter
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.metrics.export import MetricExporter
 
 __all__ = ["EXPORT_TIMEOUT", "env", "metric_exporter_from_env", "span_exporter_from_env"]
 
@@ -87,6 +89,8 @@ def metric_exporter_from_env() -> MetricExporter | None:
     """The exporter for metrics: console, OTLP (http/protobuf or grpc), or None."""
     kinds = _exporter_kinds("metrics")
     if "console" in kinds:
+        from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
+
         return ConsoleMetricExporter()
     found = _otlp_options("metrics") if "otlp" in kinds else None
     if found is None:

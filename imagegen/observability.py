@@ -6,7 +6,9 @@ Configured only by the standard ``OTEL_*`` variables (and ``IMAGEGEN_LOG_LEVEL``
 defaults here.
 
 - ``OTEL_SDK_DISABLED=true``: no SDK at all; spans and metrics stay no-ops (logs still work).
-- An OTLP exporter per signal when an endpoint is set for it, none otherwise. Spans go through
+- An OTLP exporter per signal when an endpoint is set for it, none otherwise. Without a metrics
+  exporter no meter provider is made: nothing would read the metrics, so the instruments stay
+  the API's no-ops and the metrics SDK is never imported. Spans go through
   a ``BatchSpanProcessor``, metrics through a ``PeriodicExportingMetricReader``: both export
   from a background thread, never on a request's path. ``OTEL_TRACES_EXPORTER`` /
   ``OTEL_METRICS_EXPORTER`` = ``none`` turn one signal's export off, ``console`` prints it.
@@ -31,20 +33,15 @@ from __future__ import annotations
 
 import atexit
 import logging
+import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics as metrics_api
 from opentelemetry import trace
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import (
-    MetricExporter,
-    MetricReader,
-    PeriodicExportingMetricReader,
-)
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -59,6 +56,10 @@ from imagegen._logging import JsonFormatter, setup_logging
 from imagegen._otel_exporters import EXPORT_TIMEOUT as EXPORT_TIMEOUT
 from imagegen._otel_exporters import env, metric_exporter_from_env, span_exporter_from_env
 from imagegen.settings import Settings
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import MetricExporter
 
 __all__ = [
     "GenerationSpanProcessor",
@@ -180,11 +181,16 @@ def create_telemetry(service_name: str, *, traces: bool = True, metrics: bool = 
     meter_provider, metric_exporter = None, None
     if metrics:
         metric_exporter = metric_exporter_from_env()
-        readers: list[MetricReader] = []
-        if metric_exporter is not None:
-            readers.append(PeriodicExportingMetricReader(metric_exporter))
+    if metric_exporter is not None:
+        # Imported here: with no exporter nothing would read the metrics, so the instruments
+        # stay the API's no-ops and start-up skips the metrics SDK (a fifth of a second).
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
         meter_provider = MeterProvider(
-            resource=resource, metric_readers=readers, shutdown_on_exit=False
+            resource=resource,
+            metric_readers=[PeriodicExportingMetricReader(metric_exporter)],
+            shutdown_on_exit=False,
         )
     return Telemetry(
         tracer_provider=tracer_provider,
@@ -226,7 +232,13 @@ def setup_observability(
         current_tracer = trace.get_tracer_provider()
         current_meter = metrics_api.get_meter_provider()
         kept_tracer = current_tracer if isinstance(current_tracer, TracerProvider) else None
-        kept_meter = current_meter if isinstance(current_meter, MeterProvider) else None
+        # Not imported yet means no SDK meter provider is in place.
+        sdk_metrics = sys.modules.get("opentelemetry.sdk.metrics")
+        kept_meter = (
+            current_meter
+            if sdk_metrics is not None and isinstance(current_meter, sdk_metrics.MeterProvider)
+            else None
+        )
         made = create_telemetry(
             service_name, traces=kept_tracer is None, metrics=kept_meter is None
         )

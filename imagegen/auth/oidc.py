@@ -22,12 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import jwt
-
 from imagegen.errors import DependencyUnavailable, Forbidden, Unauthenticated
 
 if TYPE_CHECKING:
     import httpx
+    import jwt
 
 __all__ = ["ALGORITHMS", "OidcVerifier", "SigningKeys"]
 
@@ -103,7 +102,10 @@ class SigningKeys:
         verify: ssl.SSLContext | bool = True
         if self.ca_file is not None and self.ca_file.is_file():
             verify = ssl.create_default_context(cafile=str(self.ca_file))
-        import httpx  # only when keys are fetched: a function with OIDC off never loads it
+        # Only when keys are fetched or a token checked: a function with OIDC off loads neither
+        # (PyJWT and its cryptography backends take a tenth of a second to import).
+        import httpx
+        import jwt
 
         try:
             with httpx.Client(timeout=_FETCH_TIMEOUT, verify=verify, headers=headers) as client:
@@ -166,6 +168,8 @@ class OidcVerifier:
             Forbidden: a valid token for another audience or of a subject not admitted.
             DependencyUnavailable: the issuer's keys cannot be fetched.
         """
+        import jwt
+
         # 1. The header names the key; anything but an asymmetric algorithm is refused.
         try:
             header = jwt.get_unverified_header(token)

@@ -12,6 +12,8 @@ import pytest
 from tests.conftest import ROOT
 
 HEAVY = ("torch", "diffusers", "transformers", "ollama", "tenacity", "httpx", "boto3", "botocore")
+# Loaded only when configured: PyJWT for OIDC tokens, the metrics SDK for a metrics exporter.
+HEAVY += ("jwt", "opentelemetry.sdk.metrics")
 
 SERVE = """
 import json, sys, threading, functions_framework

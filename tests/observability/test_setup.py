@@ -61,8 +61,8 @@ def test_without_an_endpoint_nothing_is_exported(made: list[Telemetry]) -> None:
     assert telemetry.span_exporter is None
     assert telemetry.metric_exporter is None
     assert [type(p) for p in processors(telemetry.tracer_provider)] == [GenerationSpanProcessor]
-    assert telemetry.meter_provider is not None
-    assert list(telemetry.meter_provider._metric_readers) == []
+    # Nothing would read the metrics: the instruments stay the API's no-ops.
+    assert telemetry.meter_provider is None
 
 
 def test_an_endpoint_configures_otlp_exporters_off_the_request_path(
@@ -128,6 +128,7 @@ def test_resource_names_the_service_and_its_knative_revision(
     monkeypatch.setenv("K_SERVICE", "imagegen-render")
     monkeypatch.setenv("K_REVISION", "imagegen-render-00007")
     monkeypatch.setenv("K_CONFIGURATION", "imagegen-render")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", REFUSED)  # metrics exported
     telemetry = make(made, "imagegen-render")
     assert telemetry.tracer_provider is not None
     attributes = telemetry.tracer_provider.resource.attributes
@@ -190,13 +191,14 @@ def test_setup_keeps_sdk_providers_in_place_and_is_idempotent(
 
 def test_setup_installs_the_global_providers_in_a_fresh_process() -> None:
     script = """
-import json
-from opentelemetry import metrics, trace
+import json, sys
+from opentelemetry import trace
 from imagegen.observability import setup_observability
 telemetry = setup_observability("imagegen-cli")
 print(json.dumps({
     "tracer": trace.get_tracer_provider() is telemetry.tracer_provider,
-    "meter": metrics.get_meter_provider() is telemetry.meter_provider,
+    # No metrics exporter: no meter provider, and the metrics SDK is never imported.
+    "meter": telemetry.meter_provider is None and "opentelemetry.sdk.metrics" not in sys.modules,
     "installed": telemetry.installed,
     "service": telemetry.tracer_provider.resource.attributes["service.name"],
     "again": setup_observability("imagegen-cli") is telemetry,
