@@ -23,12 +23,21 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-__all__ = ["FORMATS", "Derivative", "derivative_key", "derivative_widths", "make_derivatives"]
+__all__ = [
+    "FORMATS",
+    "Derivative",
+    "decode_rgb",
+    "derivative_key",
+    "derivative_widths",
+    "make_derivatives",
+    "make_thumbnail",
+]
 
-# Format name → (media type, Pillow encoder options). Quality and speed are Pillow's and
-# libavif's usual web settings: AVIF at speed 6 takes ~0.25 s for 512 px on one core.
+# Format name → (media type, Pillow encoder options). AVIF is most of persist's work: at
+# libavif's speed 6 one 256 px image took 200 ms on one core, at speed 8 70 ms, for files of
+# about the same size (docs/benchmarks.md); 8 is libavif's usual choice for on-line encoding.
 FORMATS: dict[str, tuple[str, dict[str, int]]] = {
-    "avif": ("image/avif", {"quality": 60, "speed": 6}),
+    "avif": ("image/avif", {"quality": 60, "speed": 8}),
     "webp": ("image/webp", {"quality": 80, "method": 4}),
 }
 
@@ -69,19 +78,35 @@ def _encode(image: Image.Image, fmt: str) -> bytes:
     return out.getvalue()
 
 
-def make_derivatives(png: bytes, image_key: str, widths: Iterable[int]) -> list[Derivative]:
+def decode_rgb(png: bytes) -> Image.Image:
+    """The pixels of ``png`` as RGB: decoded once for the thumbnail and every derivative."""
+    with Image.open(io.BytesIO(png)) as opened:
+        return opened.convert("RGB")
+
+
+def make_thumbnail(image: Image.Image, size: int) -> bytes:
+    """A WebP no larger than ``size`` on its longer side (deterministic for the same input)."""
+    small = image.copy()
+    small.thumbnail((size, size), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    small.save(out, format="WEBP", quality=85, method=4)
+    return out.getvalue()
+
+
+def make_derivatives(
+    png: bytes | Image.Image, image_key: str, widths: Iterable[int]
+) -> list[Derivative]:
     """Encodes every derivative of ``png`` (CPU-bound: run it off the event loop).
 
     Args:
-        png: The stored full image.
+        png: The stored full image, or its pixels from :func:`decode_rgb`.
         image_key: Its key, ``YYYY/MM/DD/<generation-id>.png``.
         widths: The configured target widths; those not narrower than the image are dropped.
 
     Returns:
         AVIF and WebP derivatives, narrowest first, each keeping the image's aspect ratio.
     """
-    with Image.open(io.BytesIO(png)) as opened:
-        full = opened.convert("RGB")
+    full = decode_rgb(png) if isinstance(png, bytes) else png
     result: list[Derivative] = []
     for width in derivative_widths(full.width, widths):
         height = max(1, round(full.height * width / full.width))

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import json
 import logging
 
-from PIL import Image
-
 from imagegen._locks import KeyedLocks
-from imagegen.derivatives import make_derivatives
+from imagegen.derivatives import Derivative, decode_rgb, make_derivatives, make_thumbnail
 from imagegen.errors import DependencyUnavailable, InvalidRequest, NotFound
 from imagegen.models import EnhancedPrompt, PersistedImage, RenderedImage
 from imagegen.settings import Settings
@@ -19,19 +16,17 @@ from imagegen.storage.base import GenerationKeys, Storage
 from imagegen.urls import public_url
 from imagegen.validation import parse_model
 
-__all__ = ["PersistStage", "make_thumbnail"]
+__all__ = ["PersistStage"]
 
 log = logging.getLogger("imagegen.persist")
 
 
-def make_thumbnail(png: bytes, size: int) -> bytes:
-    """A WebP no larger than ``size`` on its longer side (deterministic for the same input)."""
-    with Image.open(io.BytesIO(png)) as image:
-        image.load()
-        image.thumbnail((size, size), Image.Resampling.LANCZOS)
-        out = io.BytesIO()
-        image.convert("RGB").save(out, format="WEBP", quality=85, method=4)
-    return out.getvalue()
+def _encode(
+    png: bytes, image_key: str, size: int, widths: list[int]
+) -> tuple[bytes, list[Derivative]]:
+    """The thumbnail and every derivative, from one decode of ``png`` (CPU-bound)."""
+    pixels = decode_rgb(png)
+    return make_thumbnail(pixels, size), make_derivatives(pixels, image_key, widths)
 
 
 class PersistStage:
@@ -84,14 +79,19 @@ class PersistStage:
                 errors=[{"field": "sha256", "message": f"stored object has {digest}"}],
             )
 
-        # 3. Derivatives (the same bytes from every replica; the first one stored stays).
-        thumbnail = await asyncio.to_thread(make_thumbnail, png, self.settings.thumbnail_size)
-        await self._create(keys.thumbnail, thumbnail, "image/webp")
-        derivatives = await asyncio.to_thread(
-            make_derivatives, png, keys.image, self.settings.derivative_widths
+        # 3. Derivatives (the same bytes from every replica; the first one stored stays):
+        # encoded in one thread hop from one decode, written at once rather than in turn.
+        thumbnail, derivatives = await asyncio.to_thread(
+            _encode, png, keys.image, self.settings.thumbnail_size, self.settings.derivative_widths
         )
-        for derivative in derivatives:
-            await self._create(derivative.key, derivative.data, derivative.content_type)
+        written = await asyncio.gather(
+            self._create(keys.thumbnail, thumbnail, "image/webp"),
+            *(self._create(d.key, d.data, d.content_type) for d in derivatives),
+            return_exceptions=True,  # every write ends before the request does
+        )
+        for outcome in written:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
         # 4. Public URLs and the record, written last: its presence marks the image final.
         persisted = self._describe(image, keys, {d.name: d.key for d in derivatives})
