@@ -30,6 +30,9 @@ class Comparison:
 
     ``better`` says which way the ratio (project / baseline) should go: ``"lower"`` for times
     (at most ``target``), ``"higher"`` for speed-ups and rates (at least ``target``).
+    ``statistic`` picks one figure per side: ``"best"`` is the shortest time or the highest
+    rate over the rounds (what the machine can do when others leave it alone), ``"median"``
+    the median round.
     """
 
     name: str
@@ -38,26 +41,39 @@ class Comparison:
     target: float
     baseline: list[float] = field(default_factory=list)
     project: list[float] = field(default_factory=list)
-    statistic: Literal["min", "median"] = "min"
+    statistic: Literal["best", "median"] = "best"
     note: str = ""
 
+    @property
+    def is_rate(self) -> bool:
+        """A rate (higher is better and not a time): its best round is its maximum."""
+        return self.unit != "s"
+
+    def pick(self, values: list[float]) -> float:
+        if self.statistic == "median":
+            return statistics.median(values)
+        return max(values) if self.is_rate else min(values)
+
     def ratio(self) -> float:
-        pick = min if self.statistic == "min" else statistics.median
-        if self.better == "higher" and self.unit == "s":
+        if self.better == "higher" and not self.is_rate:
             # A speed-up: the baseline's time over ours.
-            return pick(self.baseline) / pick(self.project)
-        if self.better == "higher":
-            best = max if self.statistic == "min" else statistics.median
-            return best(self.project) / best(self.baseline)
-        return pick(self.project) / pick(self.baseline)
+            return self.pick(self.baseline) / self.pick(self.project)
+        return self.pick(self.project) / self.pick(self.baseline)
 
     def met(self) -> bool:
         ratio = self.ratio()
         return ratio <= self.target if self.better == "lower" else ratio >= self.target
 
+    def label(self) -> str:
+        """Which figure the ratio compares: ``min`` (times), ``max`` (rates) or ``median``."""
+        if self.statistic == "median":
+            return "median"
+        return "max" if self.is_rate else "min"
+
     def print(self) -> None:
         def summary(values: list[float]) -> str:
-            return f"min {min(values):9.4f} med {statistics.median(values):9.4f} {self.unit}"
+            best = f"max {max(values):9.4f}" if self.is_rate else f"min {min(values):9.4f}"
+            return f"{best} med {statistics.median(values):9.4f} {self.unit}"
 
         sign = "<=" if self.better == "lower" else ">="
         verdict = "met" if self.met() else "NOT MET"
@@ -65,8 +81,8 @@ class Comparison:
         print(f"    baseline  {summary(self.baseline)}")
         print(f"    project   {summary(self.project)}")
         print(
-            f"    ratio {self.ratio():6.2f}x ({self.statistic}; target {sign} {self.target:g}x)"
-            f"  {verdict}{'  ' + self.note if self.note else ''}",
+            f"    ratio {self.ratio():6.2f}x ({self.label()} against {self.label()};"
+            f" target {sign} {self.target:g}x)  {verdict}{'  ' + self.note if self.note else ''}",
             flush=True,
         )
 

@@ -34,8 +34,25 @@ def test_a_time_ratio_is_ours_over_the_baseline() -> None:
     assert row.ratio() == pytest.approx(1.2) and not row.met()
     median = Comparison("x", "s", "lower", 1.2, [1.0, 1.0, 9.0], [1.1, 1.1, 0.1], "median")
     assert median.ratio() == pytest.approx(1.1) and median.met()
+    assert (row.label(), median.label()) == ("min", "median")
 
 
-def test_a_rate_ratio_is_our_best_rate_over_the_baseline_best() -> None:
+def test_a_rate_ratio_is_our_highest_rate_over_the_baseline_highest() -> None:
     row = Comparison("x", "req/s", "higher", 0.23, baseline=[1000.0, 1200.0], project=[300.0])
     assert row.ratio() == pytest.approx(0.25) and row.met()
+    assert row.label() == "max"
+    median = Comparison(
+        "x", "req/s", "higher", 0.2, [1000.0, 1100.0, 1200.0], [100.0, 200.0, 900.0], "median"
+    )
+    assert median.ratio() == pytest.approx(200 / 1100) and not median.met()
+    assert median.label() == "median"
+
+
+def test_the_printed_row_names_the_figure_its_ratio_compares(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    Comparison("rate", "req/s", "higher", 0.1, [50.0, 40.0], [10.0, 12.0]).print()
+    Comparison("time", "s", "lower", 1.3, [1.0, 2.0], [1.5, 1.2]).print()
+    rate, time = capsys.readouterr().out.split("time\n")
+    assert "max   50.0000" in rate and "ratio   0.24x (max against max;" in rate
+    assert "min    1.2000" in time and "ratio   1.20x (min against min;" in time
