@@ -1,17 +1,20 @@
 """GPU benchmark of the served model: each fast-path option on and off, batching, start-up.
 
     python benchmarks/gpu.py [--model ID] [--sizes 512 1024] [--rounds 3] [--budget 540]
+    python benchmarks/gpu.py --device cpu --model tiny --sizes 64 --rounds 1   # a smoke run
 
-Runs only where CUDA is present (elsewhere it says so and exits 2) and stops starting new
-parts once ``--budget`` seconds have passed, so it ends within 10 minutes. The model must be
-in the Hugging Face cache (``IMAGEGEN_MODEL_CACHE_DIR`` / ``HF_HOME``): nothing is downloaded.
+Runs where CUDA is present (elsewhere it says so and exits 2, unless ``--device cpu`` asks for
+a smoke run, where the fast-path options apply nothing) and stops starting new parts once
+``--budget`` seconds have passed, so it ends within 10 minutes. The model must be in the
+Hugging Face cache (``IMAGEGEN_MODEL_CACHE_DIR`` / ``HF_HOME``): nothing is downloaded.
 
 Prints, for the model (default: ``IMAGEGEN_MODEL``):
 
 1. latency (min, median) and images/s at each size for: bf16 alone, + fused QKV,
    + regional compile, + fp8 (compute capability 8.9+, torchao installed), and all of them;
    images/s of a batch of 4 too;
-2. service overhead: ``DiffusersBackend.render`` (PNG included) against the pipeline's own call;
+2. service overhead: ``DiffusersBackend.render`` (PNG included) against the pipeline's own call
+   with the same arguments (target <= 1.05x);
 3. batched against unbatched pixels: max abs difference and PSNR per batch size;
 4. process start to ``/readyz`` of the render function with regional compile and warm-up,
    with a cold and then a warm compile cache.
@@ -20,6 +23,7 @@ Prints, for the model (default: ``IMAGEGEN_MODEL``):
 from __future__ import annotations
 
 import argparse
+import inspect
 import io
 import math
 import os
@@ -27,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +45,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "+fp8": {"render_fp8": True},
     "all": {"render_fuse_qkv": True, "render_compile": "regional", "render_fp8": True},
 }
+PARTS = ("options", "overhead", "tolerance", "startup")
 
 
 def _job(model: str, size: int, seed: int, steps: int, guidance: float) -> Any:
@@ -67,46 +73,34 @@ def _pixels(png: bytes) -> Any:
         return np.asarray(image.convert("RGB")).astype(np.int16)
 
 
-def main() -> int:
+def _synchronize(device: str) -> None:
     import torch
 
-    from imagegen.modelspec import family_for
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _backend(args: argparse.Namespace, **options: Any) -> Any:
     from imagegen.render.diffusers_backend import DiffusersBackend
     from imagegen.settings import Settings
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=Settings().model)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--budget", type=float, default=540.0)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("benchmarks/gpu.py needs a CUDA GPU; none here.", file=sys.stderr)
-        return 2
-    began = time.perf_counter()
+    return DiffusersBackend(
+        Settings(model=args.model, served_models=[args.model], device=args.device, **options)
+    )
 
-    def over_budget(part: str) -> bool:
-        if time.perf_counter() - began > args.budget:
-            print(f"(skipped: {part}; past the {args.budget:g} s budget)")
-            return True
-        return False
 
-    spec = family_for(args.model)
-    steps, guidance = spec.default_steps, spec.default_guidance
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.model}, {steps} steps")
+def options_table(args: argparse.Namespace, steps: int, guidance: float) -> None:
+    """Part 1: latency and images/s with each option (the backend is closed after each)."""
+    import torch
 
-    # 1. Each option on its own, then all together.
-    capable = torch.cuda.get_device_capability() >= (8, 9)
-    baseline_backend: DiffusersBackend | None = None
+    capable = args.device == "cuda" and torch.cuda.get_device_capability() >= (8, 9)
     for name, options in OPTIONS.items():
-        if over_budget(name):
-            break
+        if args.over_budget(name):
+            return
         if options.get("render_fp8") and not capable:
-            print(f"{name:<20} (skipped: fp8 needs compute capability 8.9+)")
+            print(f"{name:<20} (skipped: fp8 needs CUDA compute capability 8.9+)")
             continue
-        backend = DiffusersBackend(
-            Settings(model=args.model, served_models=[args.model], device="cuda", **options)
-        )
+        backend = _backend(args, **options)
         load = backend.load(args.model)
         print(f"{name:<20} load {load:6.1f} s  applied: {backend.fast_path[args.model]}")
         for size in args.sizes:
@@ -127,80 +121,149 @@ def main() -> int:
                 f"  median {statistics.median(times):6.3f} s  {1 / min(times):5.2f} img/s"
                 f"  batch of 4: {batched_rate:5.2f} img/s"
             )
-        if name == "bf16":
-            baseline_backend = backend
-        else:
-            backend.close()
-            torch.cuda.empty_cache()
+        backend.close()
 
-    assert baseline_backend is not None
-    # 2. Service overhead: render (PNG encode included) against the pipeline's own call.
-    if not over_budget("overhead"):
-        pipe = baseline_backend._pipelines[args.model]
-        size = max(args.sizes)
-        raw, served = [], []
-        for i in range(args.rounds):
-            generator = torch.Generator("cuda").manual_seed(i)
-            torch.cuda.synchronize()
-            started = time.perf_counter()
-            pipe(
-                prompt="a lighthouse",
-                width=size,
-                height=size,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                generator=generator,
-                max_sequence_length=spec.t5_tokens,
-            ).images[0]
-            torch.cuda.synchronize()
-            raw.append(time.perf_counter() - started)
-            started = time.perf_counter()
-            baseline_backend.render(_job(args.model, size, i, steps, guidance))
-            served.append(time.perf_counter() - started)
-        print(
-            f"overhead at {size}²: pipeline {min(raw):.3f} s, render {min(served):.3f} s,"
-            f" ratio {min(served) / min(raw):.3f}x (target <= 1.05x)"
-        )
 
-    # 3. Batched against unbatched pixels, bf16.
-    if not over_budget("batch tolerance"):
-        size = min(args.sizes)
-        jobs = [_job(args.model, size, 100 + i, steps, guidance) for i in range(4)]
-        alone = [_pixels(baseline_backend.render(job).png) for job in jobs]
-        for k in (2, 4):
-            outputs = baseline_backend.render_batch(jobs[:k])
-            worst, psnr = 0, math.inf
-            for index, output in enumerate(outputs):
-                diff = abs(_pixels(output.png) - alone[index])
-                worst = max(worst, int(diff.max()))
-                mse = float((diff.astype("float64") ** 2).mean())
-                psnr = min(psnr, math.inf if mse == 0 else 10 * math.log10(255**2 / mse))
-            print(f"batch of {k} vs alone at {size}²: max abs {worst}, min PSNR {psnr:.1f} dB")
-    baseline_backend.close()
+def raw_call(backend: Any, job: Any) -> Callable[[], Any]:
+    """The pipeline's own call for ``job``, with the arguments render passes it."""
+    import torch
 
-    # 4. Start-up to ready with regional compile and warm-up: cold, then warm compile cache.
-    if not over_budget("start-up"):
-        with tempfile.TemporaryDirectory() as directory:
-            tmp = Path(directory)
-            env = {
-                **os.environ,
-                "IMAGEGEN_MODEL": args.model,
-                "IMAGEGEN_ALLOWED_MODELS": args.model,
-                "IMAGEGEN_DEVICE": "cuda",
-                "IMAGEGEN_STORAGE_URL": str(tmp / "out"),
-                "IMAGEGEN_RENDER_WARMUP": "true",
-                "IMAGEGEN_RENDER_COMPILE": "regional",
-                "IMAGEGEN_RENDER_COMPILE_CACHE_DIR": str(tmp / "compile-cache"),
-            }
-            for cache in ("cold", "warm"):
-                if over_budget(f"start-up, {cache} cache"):
-                    break
-                server = Served("render", env, log_dir=tmp, threads=4)
-                try:
-                    seconds = server.ready_after(timeout=300)
-                finally:
-                    server.stop()
-                print(f"render start -> /readyz, {cache} compile cache: {seconds:6.1f} s")
+    from imagegen.render._family import call_options
+
+    pipe = backend._pipelines[job.model]
+    kwargs: dict[str, Any] = {
+        "prompt": job.prompt,
+        "width": job.width,
+        "height": job.height,
+        "num_inference_steps": job.steps,
+        **call_options(pipe, job.model),
+    }
+    if "guidance_scale" in inspect.signature(pipe.__call__).parameters:
+        kwargs["guidance_scale"] = job.guidance
+    device = backend.device.type
+
+    def call() -> Any:
+        generator = torch.Generator("cuda" if device == "cuda" else "cpu").manual_seed(job.seed)
+        image = pipe(**kwargs, generator=generator).images[0]
+        _synchronize(device)
+        return image
+
+    return call
+
+
+def overhead(backend: Any, args: argparse.Namespace, steps: int, guidance: float) -> float:
+    """Part 2: render (PNG encode included) against the pipeline's call; the min/min ratio."""
+    size = max(args.sizes)
+    raw, served = [], []
+    for i in range(args.rounds + 1):  # the first pair warms both paths up
+        job = _job(args.model, size, i, steps, guidance)
+        call = raw_call(backend, job)
+        _synchronize(args.device)
+        started = time.perf_counter()
+        call()
+        raw.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        backend.render(job)
+        served.append(time.perf_counter() - started)
+    raw, served = raw[1:], served[1:]
+    ratio = min(served) / min(raw)
+    print(
+        f"overhead at {size}²: pipeline {min(raw):.3f} s, render {min(served):.3f} s,"
+        f" ratio {ratio:.3f}x (min against min; target <= 1.05x)"
+    )
+    return ratio
+
+
+def tolerance(
+    backend: Any, args: argparse.Namespace, steps: int, guidance: float, sizes: Sequence[int]
+) -> list[tuple[int, int, float]]:
+    """Part 3: (batch size, max abs difference, min PSNR) of batched against alone renders."""
+    size = min(args.sizes)
+    jobs = [_job(args.model, size, 100 + i, steps, guidance) for i in range(max(sizes))]
+    alone = [_pixels(backend.render(job).png) for job in jobs]
+    rows = []
+    for k in sizes:
+        worst, psnr = 0, math.inf
+        for index, output in enumerate(backend.render_batch(jobs[:k])):
+            diff = abs(_pixels(output.png) - alone[index])
+            worst = max(worst, int(diff.max()))
+            mse = float((diff.astype("float64") ** 2).mean())
+            psnr = min(psnr, math.inf if mse == 0 else 10 * math.log10(255**2 / mse))
+        print(f"batch of {k} vs alone at {size}²: max abs {worst}, min PSNR {psnr:.1f} dB")
+        rows.append((k, worst, psnr))
+    return rows
+
+
+def startup(args: argparse.Namespace) -> None:
+    """Part 4: render start to ``/readyz`` (regional compile, warm-up): cold, then warm cache."""
+    with tempfile.TemporaryDirectory() as directory:
+        tmp = Path(directory)
+        env = {
+            **os.environ,
+            "IMAGEGEN_MODEL": args.model,
+            "IMAGEGEN_ALLOWED_MODELS": args.model,
+            "IMAGEGEN_DEVICE": args.device,
+            "IMAGEGEN_STORAGE_URL": str(tmp / "out"),
+            "IMAGEGEN_RENDER_WARMUP": "true",
+            "IMAGEGEN_RENDER_COMPILE": "regional",
+            "IMAGEGEN_RENDER_COMPILE_CACHE_DIR": str(tmp / "compile-cache"),
+        }
+        for cache in ("cold", "warm"):
+            if args.over_budget(f"start-up, {cache} cache"):
+                return
+            server = Served("render", env, log_dir=tmp, threads=4)
+            try:
+                seconds = server.ready_after(timeout=300)
+            finally:
+                server.stop()
+            print(f"render start -> /readyz, {cache} compile cache: {seconds:6.1f} s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import torch
+
+    from imagegen.modelspec import family_for
+    from imagegen.settings import Settings
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="default: IMAGEGEN_MODEL")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--budget", type=float, default=540.0)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 4])
+    args = parser.parse_args(argv)
+    args.model = args.model or Settings().model
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("benchmarks/gpu.py needs a CUDA GPU; none here.", file=sys.stderr)
+        return 2
+    began = time.perf_counter()
+
+    def over_budget(part: str) -> bool:
+        if time.perf_counter() - began > args.budget:
+            print(f"(skipped: {part}; past the {args.budget:g} s budget)")
+            return True
+        return False
+
+    args.over_budget = over_budget
+    spec = family_for(args.model)
+    steps, guidance = spec.default_steps, spec.default_guidance
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (smoke run)"
+    print(f"{where}, torch {torch.__version__}, {args.model}, {steps} steps")
+
+    if "options" in args.parts:
+        options_table(args, steps, guidance)
+    if {"overhead", "tolerance"} & set(args.parts):
+        backend = _backend(args)  # bf16 on CUDA, no other option
+        backend.load(args.model)
+        if "overhead" in args.parts and not over_budget("overhead"):
+            overhead(backend, args, steps, guidance)
+        if "tolerance" in args.parts and not over_budget("batch tolerance"):
+            tolerance(backend, args, steps, guidance, args.batch_sizes)
+        backend.close()
+    if "startup" in args.parts and not over_budget("start-up"):
+        startup(args)
     print(f"total {time.perf_counter() - began:.0f} s")
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
@@ -56,3 +57,42 @@ def test_the_printed_row_names_the_figure_its_ratio_compares(
     rate, time = capsys.readouterr().out.split("time\n")
     assert "max   50.0000" in rate and "ratio   0.24x (max against max;" in rate
     assert "min    1.2000" in time and "ratio   1.20x (min against min;" in time
+
+
+def test_the_gpu_script_refuses_to_run_without_cuda(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("torch")
+    import gpu
+
+    if gpu_available():
+        pytest.skip("CUDA is present: the script would run")
+    assert gpu.main(["--parts", "overhead"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_the_gpu_script_smoke_runs_its_parts_on_the_cpu(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("diffusers")
+    import gpu
+
+    from imagegen.render.batching import BATCHED_MAX_ABS_DIFF, BATCHED_MIN_PSNR
+
+    # The option table's renders are the ones below; here, that fp8 is skipped without CUDA.
+    monkeypatch.setattr(gpu, "OPTIONS", {"+fp8": gpu.OPTIONS["+fp8"]})
+    common = ["--device", "cpu", "--model", "tiny", "--sizes", "256", "--rounds", "1"]
+    parts = ["--parts", "options", "overhead", "tolerance", "--batch-sizes", "2"]
+    assert gpu.main([*common, *parts]) == 0
+    out = capsys.readouterr().out
+    assert "+fp8                 (skipped: fp8 needs CUDA compute capability 8.9+)" in out
+    ratio = re.search(r"overhead at 256²: .* ratio ([\d.]+)x", out)
+    assert ratio is not None and float(ratio.group(1)) > 0
+    found = re.search(r"batch of 2 vs alone at 256²: max abs (\d+), min PSNR ([\d.]+|inf)", out)
+    assert found is not None
+    assert int(found.group(1)) <= BATCHED_MAX_ABS_DIFF
+    assert float(found.group(2)) >= BATCHED_MIN_PSNR
+
+
+def gpu_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
