@@ -247,6 +247,17 @@ async def test_a_fixed_queue_size_wins(tmp_path: Path) -> None:
     assert stage.capacity == 2 + 3
 
 
+async def test_a_queue_of_zero_holds_one_call_and_no_more(tmp_path: Path) -> None:
+    # Knative's setting: the pod takes what one pipeline call runs; the activator queues.
+    for batch in (1, 4):
+        stage = make_stage(
+            BatchingBackend(), tmp_path, render_queue_size=0, render_batch_size=batch
+        )
+        assert stage.capacity == batch
+        stage.batcher.observe(0.01, 1)
+        assert stage.capacity == batch  # measured render times change nothing
+
+
 async def test_sixty_four_at_once_are_all_admitted_once_timed(tmp_path: Path) -> None:
     backend = BatchingBackend(seconds=0.002)
     stage = make_stage(backend, tmp_path, render_batch_size=8)
