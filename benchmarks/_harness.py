@@ -70,6 +70,19 @@ class Comparison:
             return "median"
         return "max" if self.is_rate else "min"
 
+    def markdown(self) -> str:
+        """The row as a line of the summary table that docs/benchmarks.md shows."""
+
+        def both(values: list[float]) -> str:
+            return f"{self.pick(values):.4g} / {statistics.median(values):.4g} {self.unit}"
+
+        sign = "≤" if self.better == "lower" else "≥"
+        verdict = "met" if self.met() else "**not met**"
+        return (
+            f"| {self.name} | {both(self.baseline)} | {both(self.project)} | {self.ratio():.2f}x"
+            f" ({self.label()}) | {sign} {self.target:g}x {verdict} |"
+        )
+
     def print(self) -> None:
         def summary(values: list[float]) -> str:
             best = f"max {max(values):9.4f}" if self.is_rate else f"min {min(values):9.4f}"

@@ -434,6 +434,12 @@ def main() -> None:
     logging.getLogger("imagegen").setLevel(logging.ERROR)
     rounds = 1 if args.quick else args.rounds
     chosen = set(args.only or ["burst", "ceiling", "ollama-down", "startup", "overhead", "rate"])
+    started = datetime.now(UTC)
+    print(
+        f"{started:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs, load average"
+        f" {os.getloadavg()[0]:.1f} at the start; {rounds} rounds, {TORCH_THREADS} torch thread(s)",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as directory:
         tmp = Path(directory)
         rows: list[Comparison] = []
@@ -452,6 +458,12 @@ def main() -> None:
         run("rate", lambda: rate(rounds, tmp, 16 if args.quick else 100))
     print()
     print(f"{sum(r.met() for r in rows)} of {len(rows)} targets met ({rounds} rounds)")
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+    print()
+    print("| row | baseline (best / median) | project (best / median) | ratio | target |")
+    print("| --- | --- | --- | --- | --- |")
+    for row in rows:
+        print(row.markdown())
 
 
 if __name__ == "__main__":

@@ -59,6 +59,13 @@ def test_the_printed_row_names_the_figure_its_ratio_compares(
     assert "min    1.2000" in time and "ratio   1.20x (min against min;" in time
 
 
+def test_the_summary_line_gives_both_figures_the_ratio_and_the_verdict() -> None:
+    row = Comparison("rate: x", "req/s", "higher", 0.15, [100.0, 80.0, 90.0], [10.0, 12.0, 11.0])
+    assert row.markdown() == (
+        "| rate: x | 100 / 90 req/s | 12 / 11 req/s | 0.12x (max) | ≥ 0.15x **not met** |"
+    )
+
+
 def test_the_gpu_script_refuses_to_run_without_cuda(capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("torch")
     import gpu
