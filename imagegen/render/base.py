@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from imagegen.models import EnhancedPrompt
 
-__all__ = ["BatchRenderBackend", "ProgressCallback", "RenderBackend", "RenderOutput"]
+__all__ = [
+    "BatchRenderBackend",
+    "ProgressCallback",
+    "RenderBackend",
+    "RenderOutput",
+    "TwoPhaseRenderBackend",
+]
 
 ProgressCallback = Callable[[int, int], None]
 """Called as ``progress(step, total_steps)`` after each denoising step."""
@@ -59,4 +65,24 @@ class BatchRenderBackend(RenderBackend, Protocol):
         self, jobs: list[EnhancedPrompt], *, progress: ProgressCallback | None = None
     ) -> list[RenderOutput]:
         """Render ``jobs`` together, one output per job in order; each from its own seed."""
+        ...
+
+
+@runtime_checkable
+class TwoPhaseRenderBackend(BatchRenderBackend, Protocol):
+    """A batching backend whose call splits into the pipeline's part and the encoding.
+
+    The stage holds the pipeline only for :meth:`denoise_batch`; :meth:`encode_batch` (PNG
+    encoding on the CPU) runs after the pipeline is handed to the next call, so the two overlap.
+    ``render_batch(jobs)`` is ``encode_batch(jobs, denoise_batch(jobs))``.
+    """
+
+    def denoise_batch(
+        self, jobs: list[EnhancedPrompt], *, progress: ProgressCallback | None = None
+    ) -> Any:
+        """Run the pipeline for ``jobs``; return what :meth:`encode_batch` turns into PNGs."""
+        ...
+
+    def encode_batch(self, jobs: list[EnhancedPrompt], pixels: Any) -> list[RenderOutput]:
+        """The PNGs of ``pixels`` from :meth:`denoise_batch`, one output per job in order."""
         ...

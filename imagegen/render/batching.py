@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from opentelemetry import trace
 
@@ -75,27 +76,33 @@ class Batcher:
     """Runs submitted jobs on one pipeline, one call at a time, compatible jobs together.
 
     Args:
-        run: Renders a :class:`Batch` (blocking; called in a worker thread), one output per job.
+        run: Renders a :class:`Batch` (blocking; called in a worker thread), one output per job;
+            with ``finish``, returns what ``finish`` completes instead.
         lock: Held around every call (the pipeline's lock, shared with model loading).
         max_size: Most jobs in one call; 1 disables batching.
         window: Seconds the oldest job waits for compatible jobs before its batch runs.
+        finish: Completes what ``run`` returned (PNG encoding, blocking) after the lock is
+            released, so it overlaps the next call.
     """
 
     def __init__(
         self,
-        run: Callable[[Batch], list[RenderOutput]],
+        run: Callable[[Batch], Any],
         lock: asyncio.Lock,
         *,
         max_size: int = 1,
         window: float = 0.0,
+        finish: Callable[[Batch, Any], list[RenderOutput]] | None = None,
     ) -> None:
         self._run = run
+        self._finish = finish
         self._lock = lock
         self.max_size = max_size
         self.window = window
         self._waiting: deque[_Waiting] = deque()
         self._arrived = asyncio.Event()
         self._worker: asyncio.Future[None] | None = None
+        self._delivering: set[asyncio.Future[None]] = set()
         self.running = 0
         self.running_since: float | None = None
         self.seconds_per_job: float | None = None
@@ -172,19 +179,25 @@ class Batcher:
             self.running, self.running_since = len(batch), time.perf_counter()
             try:
                 outcome = await self._call(batch)
-                results: list[RenderOutput | BaseException]
-                if not isinstance(outcome, BaseException):
-                    results = list(outcome)
-                elif len(batch) == 1:
-                    results = [outcome]
+                calls: list[tuple[list[_Waiting], _Called | BaseException]]
+                if not isinstance(outcome, BaseException) or len(batch) == 1:
+                    calls = [(batch, outcome)]
                 else:
                     # One job's failure is its own: run each alone to find which.
-                    results = []
-                    for waiting in batch:
-                        alone = await self._call([waiting])
-                        results.append(alone if isinstance(alone, BaseException) else alone[0])
+                    calls = [([waiting], await self._call([waiting])) for waiting in batch]
             finally:
                 self.running, self.running_since = 0, None
+        # The pipeline is free for the next call: what is left (PNG encoding) overlaps it.
+        task = asyncio.ensure_future(self._deliver(batch, calls))
+        self._delivering.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._delivering.discard)
+
+    async def _deliver(
+        self, batch: list[_Waiting], calls: list[tuple[list[_Waiting], _Called | BaseException]]
+    ) -> None:
+        results: list[RenderOutput | BaseException] = []
+        for jobs, called in calls:
+            results += await self._complete(jobs, called)
         for waiting, result in zip(batch, results, strict=True):
             if waiting.future.done():  # its request was cancelled meanwhile
                 continue
@@ -193,7 +206,7 @@ class Batcher:
             else:
                 waiting.future.set_result(result)
 
-    async def _call(self, batch: list[_Waiting]) -> list[RenderOutput] | BaseException:
+    async def _call(self, batch: list[_Waiting]) -> _Called | BaseException:
         """Run one call in a thread, in the first job's context; the error, if any, as a value."""
         progress_of = [w.progress for w in batch if w.progress is not None]
 
@@ -214,7 +227,29 @@ class Batcher:
         except Exception as error:  # handed to the jobs' requests, which raise it
             return error
         self.observe(time.perf_counter() - started, len(batch))
-        return outputs
+        return _Called(work, outputs)
+
+    async def _complete(
+        self, batch: list[_Waiting], called: _Called | BaseException
+    ) -> list[RenderOutput | BaseException]:
+        """Each job's output (or error) from a call, ``finish`` run on it outside the lock."""
+        if isinstance(called, BaseException):
+            return [called] * len(batch)
+        if self._finish is None:
+            return list(called.outputs)
+        try:
+            finished = await asyncio.get_running_loop().run_in_executor(
+                None, batch[0].context.run, self._finish, called.work, called.outputs
+            )
+        except Exception as error:
+            return [error] * len(batch)
+        return list(finished)
+
+
+@dataclass(frozen=True)
+class _Called:
+    work: Batch
+    outputs: Any
 
 
 def _span_context() -> trace.SpanContext:

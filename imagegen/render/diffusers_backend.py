@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import inspect
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import trace
@@ -39,6 +40,14 @@ except ImportError as error:  # pragma: no cover - depends on the installation
     ) from error
 
 __all__ = ["DiffusersBackend", "select_device"]
+
+
+@dataclass(frozen=True)
+class _Pixels:
+    """What the pipeline made for a batch: PIL images and the timings so far."""
+
+    images: list[Any]
+    timings: dict[str, float]
 
 
 class DiffusersBackend:
@@ -163,6 +172,12 @@ class DiffusersBackend:
         :meth:`render`; a larger batch gives each image within float noise of rendering it
         alone (docs/rendering.md). Timings are the batch's, shared by its images.
         """
+        return self.encode_batch(jobs, self.denoise_batch(jobs, progress=progress))
+
+    def denoise_batch(
+        self, jobs: list[EnhancedPrompt], *, progress: ProgressCallback | None = None
+    ) -> _Pixels:
+        """The pipeline's part of :meth:`render_batch`: LoRAs, denoising, VAE decoding."""
         job = jobs[0]
         pipe = self._pipelines.get(job.model)
         if pipe is None:
@@ -189,19 +204,23 @@ class DiffusersBackend:
                 pipe.disable_lora()
         timings["denoise"] = denoise
         timings["decode"] = decode
+        return _Pixels(images, timings)
 
+    def encode_batch(self, jobs: list[EnhancedPrompt], pixels: _Pixels) -> list[RenderOutput]:
+        """The CPU's part of :meth:`render_batch`: each image as a PNG with its text chunks."""
         # 4. Encode as PNG, with what is needed to reproduce the image
+        timings = dict(pixels.timings)
         encode_started = time.perf_counter()
         pngs = []
-        for image, each in zip(images, jobs, strict=True):
+        for image, each in zip(pixels.images, jobs, strict=True):
             with tracer().start_as_current_span("imagegen.render.png_encode") as span:
                 pngs.append(encode_png(image, text=self._png_text(each), level=self._png_level))
                 span.set_attribute("imagegen.png.size", len(pngs[-1]))
         timings["encode"] = time.perf_counter() - encode_started
-        timings["total"] = time.perf_counter() - started
+        timings["total"] = sum(timings.values())  # the render's own time, waits excluded
         return [
             RenderOutput(png=png, width=image.width, height=image.height, timings=dict(timings))
-            for png, image in zip(pngs, images, strict=True)
+            for png, image in zip(pngs, pixels.images, strict=True)
         ]
 
     def _denoise_and_decode(

@@ -24,7 +24,13 @@ from imagegen.errors import (
 )
 from imagegen.models import EnhancedPrompt, RenderedImage
 from imagegen.modelspec import family_for, request_errors
-from imagegen.render.base import BatchRenderBackend, ProgressCallback, RenderBackend, RenderOutput
+from imagegen.render.base import (
+    BatchRenderBackend,
+    ProgressCallback,
+    RenderBackend,
+    RenderOutput,
+    TwoPhaseRenderBackend,
+)
 from imagegen.render.batching import Batch, Batcher
 from imagegen.settings import Settings
 from imagegen.storage.base import GenerationKeys, Storage, StoredObject
@@ -89,11 +95,13 @@ class RenderStage:
         """The queue in front of the pipeline (batches only on a backend that can batch)."""
         if self._batcher is None:
             size = self.settings.render_batch_size
+            two_phase = isinstance(self.backend, TwoPhaseRenderBackend)
             self._batcher = Batcher(
                 self._run_batch,
                 self._lock,
                 max_size=size if isinstance(self.backend, BatchRenderBackend) else 1,
                 window=self.settings.render_batch_window_ms / 1000,
+                finish=self._encode_batch if two_phase else None,
             )
         return self._batcher
 
@@ -276,8 +284,11 @@ class RenderStage:
             )
         return output
 
-    def _run_batch(self, batch: Batch) -> list[RenderOutput]:
-        """One pipeline call for ``batch`` (blocking: runs in a worker thread)."""
+    def _run_batch(self, batch: Batch) -> Any:
+        """One pipeline call for ``batch`` (blocking: runs in a worker thread).
+
+        Returns the outputs, or on a two-phase backend the pixels :meth:`_encode_batch` takes.
+        """
         job = batch.jobs[0]
         links = [trace.Link(context) for context in batch.links[1:] if context.is_valid]
         with tracer().start_as_current_span("imagegen.render.denoise", links=links) as span:
@@ -288,6 +299,8 @@ class RenderStage:
             log.info("rendering", extra={"generation_ids": ids, "model": job.model})
             try:
                 backend = self.backend
+                if isinstance(backend, TwoPhaseRenderBackend):  # encoded by _encode_batch
+                    return backend.denoise_batch(batch.jobs, progress=batch.progress)
                 if len(batch.jobs) > 1 and isinstance(backend, BatchRenderBackend):
                     return backend.render_batch(batch.jobs, progress=batch.progress)
                 return [backend.render(job, progress=batch.progress)]
@@ -296,6 +309,19 @@ class RenderStage:
             except Exception as exc:
                 log.exception("render failed", extra={"generation_ids": ids})
                 raise InternalError(f"render failed: {type(exc).__name__}") from exc
+
+    def _encode_batch(self, batch: Batch, pixels: Any) -> list[RenderOutput]:
+        """PNGs of what :meth:`_run_batch` made, once the pipeline serves the next call."""
+        backend = self.backend
+        assert isinstance(backend, TwoPhaseRenderBackend)
+        try:
+            return backend.encode_batch(batch.jobs, pixels)
+        except ImageGenError:
+            raise
+        except Exception as exc:
+            ids = [each.generation_id for each in batch.jobs]
+            log.exception("PNG encoding failed", extra={"generation_ids": ids})
+            raise InternalError(f"render failed: {type(exc).__name__}") from exc
 
     def _admission(self) -> _Admission:
         return _Admission(self)

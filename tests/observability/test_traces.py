@@ -154,7 +154,8 @@ def test_one_trace_from_the_requester_through_every_stage(
         "imagegen.render.denoise": "imagegen.render",
         "imagegen.render.denoise_loop": "imagegen.render.denoise",
         "imagegen.render.vae_decode": "imagegen.render.denoise",
-        "imagegen.render.png_encode": "imagegen.render.denoise",
+        # Encoded once the pipeline is free for the next call: beside the call, not in it.
+        "imagegen.render.png_encode": "imagegen.render",
         "persist process": "render process",
         "imagegen.persist": "persist process",
     }

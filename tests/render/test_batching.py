@@ -12,9 +12,14 @@ from typing import Any
 
 import pytest
 
-from imagegen.errors import InvalidRequest, Overloaded
+from imagegen.errors import InternalError, InvalidRequest, Overloaded
 from imagegen.models import EnhancedPrompt, LoraHint
-from imagegen.render.base import BatchRenderBackend, ProgressCallback, RenderOutput
+from imagegen.render.base import (
+    BatchRenderBackend,
+    ProgressCallback,
+    RenderOutput,
+    TwoPhaseRenderBackend,
+)
 from imagegen.render.batching import batch_key
 from imagegen.render.stage import UNMEASURED_QUEUE, RenderStage
 from imagegen.settings import Settings
@@ -62,6 +67,31 @@ class BatchingBackend:
 
     def close(self) -> None:
         pass
+
+
+class TwoPhaseBackend(BatchingBackend):
+    """Splits each call: ``denoise_batch`` (the pipeline) and ``encode_batch``, held at a gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoding = threading.Event()
+        self.encode_gate = threading.Event()
+        self.encode_gate.set()
+        self.encode_fails = False
+
+    def denoise_batch(
+        self, jobs: list[EnhancedPrompt], *, progress: ProgressCallback | None = None
+    ) -> list[RenderOutput]:
+        return self.render_batch(jobs, progress=progress)
+
+    def encode_batch(
+        self, jobs: list[EnhancedPrompt], pixels: list[RenderOutput]
+    ) -> list[RenderOutput]:
+        self.encoding.set()
+        self.encode_gate.wait(10)
+        if self.encode_fails:
+            raise OSError("disk full")
+        return pixels
 
 
 def job(gid: str, **overrides: Any) -> EnhancedPrompt:
@@ -129,6 +159,34 @@ async def test_jobs_queued_behind_a_call_form_the_next_batch(tmp_path: Path) -> 
     backend.gate.set()
     await asyncio.gather(first, *rest)
     assert backend.calls == [["first"], ["q0", "q1", "q2"], ["q3", "q4"]]
+
+
+async def test_the_next_call_runs_while_the_last_one_is_encoded(tmp_path: Path) -> None:
+    backend = TwoPhaseBackend()
+    assert isinstance(backend, TwoPhaseRenderBackend)
+    backend.encode_gate.clear()
+    stage = make_stage(backend, tmp_path)
+    first = asyncio.ensure_future(stage.render_png(job("first")))
+    await asyncio.to_thread(backend.encoding.wait, 10)  # first's PNG is being encoded...
+    second = asyncio.ensure_future(stage.render_png(job("second")))
+    while backend.calls != [["first"], ["second"]]:  # ...and the pipeline renders the next
+        await asyncio.sleep(0.001)
+    assert not first.done()
+    backend.encode_gate.set()
+    outputs = await asyncio.gather(first, second)
+    assert [o.png for o in outputs] == [b"\x89PNG first", b"\x89PNG second"]
+
+
+async def test_a_failed_encoding_fails_its_jobs_with_an_internal_error(tmp_path: Path) -> None:
+    backend = TwoPhaseBackend()
+    backend.encode_fails = True
+    stage = make_stage(backend, tmp_path, render_batch_size=2, render_batch_window_ms=2000)
+    results = await asyncio.gather(
+        stage.render_png(job("a")), stage.render_png(job("b")), return_exceptions=True
+    )
+    assert [type(r) for r in results] == [InternalError, InternalError]
+    backend.encode_fails = False
+    assert (await stage.render_png(job("c"))).png == b"\x89PNG c"  # the pipeline is free
 
 
 async def test_incompatible_jobs_never_share_a_call(tmp_path: Path) -> None:
