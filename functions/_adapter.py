@@ -46,11 +46,12 @@ from imagegen.errors import (
     Forbidden,
     ImageGenError,
     InternalError,
+    InvalidRequest,
     Unauthenticated,
 )
 from imagegen.events import routing_attributes
 from imagegen.identity import generation_id, identify, valid_generation_id
-from imagegen.stages import Call, Stage
+from imagegen.stages import Call, Route, RouteCall, Stage
 from imagegen.stages import get as get_stage
 from imagegen.telemetry import current_stage, instruments, tracer
 from imagegen.validation import field_errors, parse_model
@@ -222,7 +223,10 @@ class Function:
             # Refused before the stage ran (bad input, not ready): the stage counted nothing.
             labels = {"stage": self.stage.name, "outcome": "failed", "reason": exc.code}
             instruments().generations.add(1, labels)
-        return error_reply(exc, stage=self.stage.name, message=message, generation_id=gid)
+        # A stage that emits nothing never answers with an event: beside the stage that
+        # consumes the same type, its generation.failed would report the generation twice.
+        answered = message if self.stage.emits is not None else None
+        return error_reply(exc, stage=self.stage.name, message=answered, generation_id=gid)
 
     async def _traced(self, message: Message, work: Awaitable[T]) -> tuple[T, dict[str, str]]:
         """Await ``work`` inside the caller's trace; return its result and the trace to pass on."""
@@ -250,7 +254,7 @@ class Function:
     # -- the HTTP edge ------------------------------------------------------------------------
 
     def __call__(self, request: flask.Request) -> flask.Response:
-        """Route one request: probes, the OpenAPI document, and ``POST /``."""
+        """Route one request: probes, the OpenAPI document, the stage's routes, ``POST /``."""
         path = request.path.rstrip("/") or "/"
         if path == "/healthz":
             alive = self.alive()  # the liveness probe is a process's first request: it starts
@@ -263,8 +267,18 @@ class Function:
             from imagegen.openapi import document
 
             reply = json_reply(document(self.stage), 200)
+        elif routes := [(r, p) for r in self.stage.routes if (p := r.match(path)) is not None]:
+            chosen = [(r, p) for r, p in routes if r.method == request.method]
+            if not chosen:
+                allowed = ", ".join(r.method for r, _ in routes)
+                error: ImageGenError = MethodNotAllowed(
+                    f"{request.method} is not allowed: {allowed}"
+                )
+                reply = error_reply(error, stage=self.stage.name, message=None, generation_id=None)
+            else:
+                reply = self._refused(request) or self._route(*chosen[0], request)
         elif path != "/":
-            error: ImageGenError = RouteNotFound(f"no route {request.path!r}; POST / instead")
+            error = RouteNotFound(f"no route {request.path!r}; POST / instead")
             reply = error_reply(error, stage=self.stage.name, message=None, generation_id=None)
         elif request.method != "POST":
             error = MethodNotAllowed(f"{request.method} is not allowed; POST / instead")
@@ -292,6 +306,35 @@ class Function:
         except ImageGenError as exc:
             return self._failed(exc, None, None, dispatched=False)
         return None
+
+    def _route(self, route: Route, params: dict[str, str], request: flask.Request) -> Reply:
+        """One of the stage's own routes: the query checked, the handler run, JSON out."""
+        try:
+            self.start()
+            if self._broken is not None:
+                raise self._broken
+            ready, why = self.ready()
+            if not ready:
+                raise DependencyUnavailable(
+                    f"{self.stage.name} is not ready ({why})", retry_after=15
+                )
+            query = None
+            if route.query_model is not None:
+                query = parse_model(route.query_model, request.args.to_dict())
+            elif request.args:
+                raise InvalidRequest(
+                    f"{route.path} takes no query parameters",
+                    errors=[{"field": n, "message": "unknown parameter"} for n in request.args],
+                )
+            result = self._run(route.handler(self._service, RouteCall(params=params, query=query)))
+            return json_reply(result.model_dump(mode="json"), route.status)
+        # A query is no generation: nothing for the generation counters (dispatched).
+        except ImageGenError as exc:
+            return self._failed(exc, None, params.get("generation_id"), dispatched=True)
+        except Exception:
+            log.exception("unexpected error", extra=self._extra(route=route.path))
+            error = InternalError("internal error; see the function's logs")
+            return self._failed(error, None, None, dispatched=True)
 
     def _post(self, request: flask.Request) -> Reply:
         if self.stage.input_model is None:

@@ -66,6 +66,7 @@ def document(stage: Stage) -> dict[str, Any]:
         models.append((stage.input_model, "validation"))
     if stage.output_model is not None:
         models.append((stage.output_model, "serialization"))
+    models += [(route.response_model, "serialization") for route in stage.routes]
     _, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
     schemas = {**defs.get("$defs", {}), "Error": _error_schema()}
     ok: dict[str, Any]
@@ -96,6 +97,7 @@ def document(stage: Stage) -> dict[str, Any]:
             "generation.failed event when the request can never succeed.",
         },
         "paths": {
+            **_routes(stage),
             "/": {
                 "post": {
                     "operationId": stage.name,
@@ -147,6 +149,43 @@ def document(stage: Stage) -> dict[str, Any]:
         },
         "components": {"schemas": schemas},
     }
+
+
+def _routes(stage: Stage) -> dict[str, Any]:
+    """The paths of the stage's own routes: parameters from the query model, JSON answers."""
+    paths: dict[str, Any] = {}
+    for route in stage.routes:
+        parameters = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            for name in route.parameters
+        ]
+        if route.query_model is not None:
+            schema = route.query_model.model_json_schema(by_alias=True)
+            for name, field in schema.get("properties", {}).items():
+                field = {k: v for k, v in field.items() if k != "title"}
+                description = field.pop("description", None)
+                parameter = {"name": name, "in": "query", "required": False, "schema": field}
+                if description:
+                    parameter["description"] = description
+                parameters.append(parameter)
+        responses: dict[str, Any] = {
+            str(route.status): {
+                "description": route.response_model.__doc__.strip().splitlines()[0]
+                if route.response_model.__doc__
+                else route.response_model.__name__,
+                "content": {"application/json": {"schema": _ref(route.response_model)}},
+            },
+            "401": _error("No valid credentials (when authentication is required)."),
+            "403": _error("Credentials for another audience or subject."),
+        }
+        responses |= {str(status): _error(text) for status, text in route.errors.items()}
+        responses["503"] = _error("The database is unavailable or start-up failed.", retry=True)
+        operation: dict[str, Any] = {"operationId": route.operation_id, "summary": route.summary}
+        if parameters:
+            operation["parameters"] = parameters
+        operation["responses"] = dict(sorted(responses.items()))
+        paths.setdefault(route.path, {})[route.method.lower()] = operation
+    return paths
 
 
 def _error_schema() -> dict[str, Any]:

@@ -175,6 +175,11 @@ class Settings(BaseSettings):
     )
     webhook_timeout: float = Field(default=10.0, gt=0, description="Seconds per webhook attempt.")
     webhook_max_attempts: int = Field(default=8, ge=1, le=30)
+    sink_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("IMAGEGEN_SINK_URL", "K_SINK", "sink_url"),
+        description="Where the ledger sends replays: the broker (a SinkBinding sets K_SINK).",
+    )
     # Authentication (see imagegen.auth)
     auth_required: bool = Field(
         default=False, description="Require a bearer token on invocations (dev: off, prod: on)."

@@ -31,6 +31,15 @@ LedgerUrl = Annotated[
         show_envvar=False,
     ),
 ]
+LedgerToken = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        help="API key for an http(s):// ledger that requires one (sent as a bearer token).",
+        envvar="IMAGEGEN_API_KEY",
+        show_envvar=False,
+    ),
+]
 _RELATIVE = re.compile(r"^(\d+)\s*([mhdw])$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
@@ -64,12 +73,15 @@ def _local(url: str | None) -> Ledger:
     return open_ledger(url)
 
 
-def _api(url: str, method: str, path: str, **params: Any) -> Any:
+def _api(url: str, method: str, path: str, token: str | None = None, **params: Any) -> Any:
     import httpx
 
     query = {k: v for k, v in params.items() if v is not None}
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        reply = httpx.request(method, url.rstrip("/") + path, params=query, timeout=30)
+        reply = httpx.request(
+            method, url.rstrip("/") + path, params=query, headers=headers, timeout=30
+        )
     except httpx.HTTPError as exc:
         raise InvalidRequest(f"ledger {url} is unreachable: {exc}") from None
     if reply.status_code == 404:
@@ -87,11 +99,12 @@ def _api(url: str, method: str, path: str, **params: Any) -> Any:
 def status(
     generation_id: Annotated[str, typer.Argument(help="The generation id.")],
     ledger: LedgerUrl = None,
+    token: LedgerToken = None,
     as_json: AsJson = False,
 ) -> None:
     """Show one generation: status, timeline, image, error."""
     if _is_http(ledger):
-        body = _api(str(ledger), "GET", f"/generations/{generation_id}")
+        body = _api(str(ledger), "GET", f"/generations/{generation_id}", token)
     else:
         store = _local(ledger)
         try:
@@ -139,6 +152,7 @@ def history(
     model: Annotated[str | None, typer.Option(help="Only this model.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many (newest first).")] = 20,
     ledger: LedgerUrl = None,
+    token: LedgerToken = None,
     as_json: AsJson = False,
 ) -> None:
     """List recent generations, newest first."""
@@ -156,6 +170,7 @@ def history(
             str(ledger),
             "GET",
             "/generations",
+            token,
             since=start.isoformat() if start else None,
             until=end.isoformat() if end else None,
             status=state,
@@ -205,6 +220,7 @@ def replay(
         ),
     ] = "enhanced",
     ledger: LedgerUrl = None,
+    token: LedgerToken = None,
     output: Annotated[
         str | None, typer.Option("--output", "-o", help="Storage: a directory or s3://…")
     ] = None,
@@ -215,7 +231,8 @@ def replay(
 
     origin = check_from(start)
     if _is_http(ledger):
-        body = _api(str(ledger), "POST", f"/generations/{generation_id}/replay", **{"from": origin})
+        path = f"/generations/{generation_id}/replay"
+        body = _api(str(ledger), "POST", path, token, **{"from": origin})
         typer.echo(json.dumps(body, indent=2) if as_json else body["generation_id"])
         return
     from imagegen.ledger.replay import replay_job, replay_request

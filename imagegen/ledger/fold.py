@@ -115,7 +115,14 @@ def fold(event: LedgerEvent, *, now: datetime) -> Change | None:
     at = utc(event.time or now)
     fields: dict[str, Any]
     if event.type == GENERATION_REQUESTED:
-        request = parse_model(GenerationRequest, event.data)
+        try:
+            request = parse_model(GenerationRequest, event.data)
+        except InvalidRequest:
+            # enhance answers it with generation.failed under the same id: the request is
+            # part of that generation's history, whatever it holds.
+            declared = event.data.get("generation_id")
+            gid = declared if isinstance(declared, str) and declared else event.subject
+            return Change(gid or derive_generation_id(event.source, event.id), status, at)
         gid = request.generation_id or event.subject
         gid = gid or derive_generation_id(event.source, event.id)
         fields = {

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cache
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
     from imagegen.service import ImageGenService
     from imagegen.settings import Settings
 
-__all__ = ["Call", "Handler", "Stage", "all_stages", "get", "names"]
+__all__ = ["Call", "Handler", "Route", "RouteCall", "Stage", "all_stages", "get", "names"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +47,57 @@ Handler = Callable[["ImageGenService", Any, Call], Awaitable["BaseModel | None"]
 
 
 @dataclass(frozen=True, kw_only=True)
+class RouteCall:
+    """One request to a :class:`Route`: its path parameters and its validated query."""
+
+    params: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    query: BaseModel | None = None
+
+
+_PARAMETER = re.compile(r"\{([a-z_]+)\}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Route:
+    """An HTTP route a stage serves beside ``POST /`` (the ledger's queries, for one).
+
+    The adapter authenticates it like ``POST /``, validates the query with ``query_model``
+    (a 400 naming each field) and answers the handler's model as JSON with ``status``.
+
+    Attributes:
+        method: ``GET`` or ``POST``.
+        path: A template: ``/generations/{generation_id}`` (a parameter is one path segment).
+        operation_id: The OpenAPI ``operationId``.
+        summary: One line for the OpenAPI document.
+        handler: ``await handler(service, call)`` → the response model.
+        response_model: What the handler answers.
+        query_model: The query parameters, validated; None: no parameters.
+        status: The success status.
+        errors: Documented error statuses and what each means (400, 404, ...).
+    """
+
+    method: str
+    path: str
+    operation_id: str
+    summary: str
+    handler: Callable[[ImageGenService, RouteCall], Awaitable[BaseModel]]
+    response_model: type[BaseModel]
+    query_model: type[BaseModel] | None = None
+    status: int = 200
+    errors: Mapping[int, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def parameters(self) -> tuple[str, ...]:
+        return tuple(_PARAMETER.findall(self.path))
+
+    def match(self, path: str) -> dict[str, str] | None:
+        """The path parameters when ``path`` is this route's; None otherwise."""
+        literal = re.escape(self.path).replace(r"\{", "{").replace(r"\}", "}")
+        found = re.fullmatch(_PARAMETER.sub(r"(?P<\1>[^/]+)", literal), path)
+        return {k: unquote(v) for k, v in found.groupdict().items()} if found else None
+
+
+@dataclass(frozen=True, kw_only=True)
 class Stage:
     """One stage: what it consumes and emits, its models, its handler and its limits.
 
@@ -61,6 +114,7 @@ class Stage:
         starts_generations: A request without a generation id gets one here (from the
             event's ``source`` + ``id``, else a new one), and its time from the event.
         png: Optional handler for a plain request with ``Accept: image/png``.
+        routes: Further HTTP routes (queries of the stage's own records).
     """
 
     name: str
@@ -74,6 +128,7 @@ class Stage:
     loads_model: bool = False
     starts_generations: bool = False
     png: Callable[[ImageGenService, Any], Awaitable[tuple[bytes, dict[str, str]]]] | None = None
+    routes: tuple[Route, ...] = ()
 
 
 @cache

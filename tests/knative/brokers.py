@@ -5,6 +5,19 @@ each Knative Service, accepts events at its ingress, and delivers them to every 
 Trigger's subscriber: concurrently, retrying, dead-lettering and publishing replies exactly as
 the upstream data planes do. Each rule cites the file it comes from:
 
+Both classes fan out: every Trigger whose filter matches gets its own copy of the event, and
+delivers, retries, dead-letters and publishes replies independently of the others. Channel-based:
+each Trigger is one Subscription of the broker's channel (eventing
+``pkg/reconciler/broker/trigger/trigger.go``, ``subscribeToBrokerChannel``: subscriber
+``broker-filter/triggers/<namespace>/<name>/<uid>``, reply the broker's ingress), and the
+channel dispatcher sends each event to every Subscription concurrently
+(``pkg/channel/fanout/fanout_event_handler.go``, ``dispatch``: one goroutine per subscription);
+the filter then applies that one Trigger's filter. Kafka: each Trigger is its own consumer group
+on the broker's topic (eventing-kafka-broker ``control-plane/pkg/apis/config/features.go``,
+``DefaultTriggersConsumerGroupTemplate`` ``knative-trigger-{{ .Namespace }}-{{ .Name }}``), so
+each reads every record and commits its own offsets. ``publish`` below queues one delivery per
+matching Trigger.
+
 Channel-based broker (``MTChannelBasedBroker``; knative/eventing v1.22):
 
 - ingress ``pkg/broker/ingress/ingress_handler.go`` with ``pkg/broker/ttl.go``
@@ -235,6 +248,7 @@ class Broker:
             self.accepted.append(event)
             if not triggers:
                 self.outputs.append(event)
+            # Fan-out: one independent delivery per matching Trigger (module docstring).
             for trigger in triggers:
                 for _ in range(1 + self.redeliveries):
                     self._pending.append((trigger, event))

@@ -13,7 +13,7 @@ from imagegen.settings import Settings
 from tests.conftest import ROOT
 
 KNATIVE = ROOT / "knative"
-FUNCTIONS = ("enhance", "render", "persist", "deadletter")
+FUNCTIONS = ("enhance", "render", "persist", "deadletter", "ledger")
 
 
 @cache
@@ -29,6 +29,11 @@ def rendered(overlay: str) -> list[dict[str, Any]]:
 
 def of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [d for d in docs if d["kind"] == kind]
+
+
+def functions(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Knative Services (not the plain Services beside them, e.g. the dev database's)."""
+    return [d for d in of_kind(docs, "Service") if d["apiVersion"] == "serving.knative.dev/v1"]
 
 
 def test_every_delivery_names_the_audience_its_function_accepts() -> None:
@@ -65,7 +70,7 @@ def test_prod_requires_tokens_and_dev_does_not() -> None:
 def test_every_function_reads_the_api_key_hashes_and_no_overlay_ships_them() -> None:
     for overlay in ("dev", "prod"):
         docs = rendered(overlay)
-        for service in of_kind(docs, "Service"):
+        for service in functions(docs):
             (container,) = service["spec"]["template"]["spec"]["containers"]
             refs = [e["secretRef"] for e in container["envFrom"] if "secretRef" in e]
             assert {"name": "imagegen-api-keys", "optional": True} in refs, service["metadata"]
@@ -76,7 +81,7 @@ def test_every_function_reads_the_api_key_hashes_and_no_overlay_ships_them() -> 
 def test_only_knative_data_paths_may_connect_to_the_functions() -> None:
     for overlay in ("dev", "prod"):
         docs = rendered(overlay)
-        services = {s["metadata"]["name"] for s in of_kind(docs, "Service")}
+        services = {s["metadata"]["name"] for s in functions(docs)}
         (policy,) = of_kind(docs, "NetworkPolicy")
         (selector,) = policy["spec"]["podSelector"]["matchExpressions"]
         # Knative labels every pod of a Service with serving.knative.dev/service.

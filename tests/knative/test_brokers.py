@@ -62,6 +62,19 @@ def manifests(
     ]
 
 
+def with_silent_subscriber(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``docs`` plus a Service ``log`` and a Trigger sending it what ``t`` receives."""
+    [trigger] = [d for d in docs if d["kind"] == "Trigger"]
+    [service] = [d for d in docs if d["metadata"]["name"] == "sub"]
+    log_service = {**service, "metadata": {"name": "log"}}
+    log_trigger = {
+        **trigger,
+        "metadata": {"name": "t-log"},
+        "spec": {**trigger["spec"], "subscriber": ksvc("log")},
+    }
+    return [*docs, log_service, log_trigger]
+
+
 def event(event_type: str = "ping", **extra: str) -> Event:
     return Event(
         {"specversion": "1.0", "id": "e1", "source": "/test", "type": event_type, **extra},
@@ -84,8 +97,11 @@ class Cluster:
     """Scripted subscribers by Service name, and a broker that records its backoff waits."""
 
     def __init__(self, broker_class: str, docs: list[dict[str, Any]], **options: Any) -> None:
-        self.handlers: dict[str, Handler] = {"dls": lambda m: Delivery(202)}
-        self.received: dict[str, list[Event]] = {"sub": [], "dls": []}
+        self.handlers: dict[str, Handler] = {
+            "dls": lambda m: Delivery(202),
+            "log": lambda m: Delivery(202),
+        }
+        self.received: dict[str, list[Event]] = {"sub": [], "dls": [], "log": []}
         self.waits: list[float] = []
         self.lock = threading.Lock()
         cluster = self
@@ -97,7 +113,7 @@ class Cluster:
 
         self.broker = Recording(
             Routing(docs),
-            {"sub": "http://sub", "dls": "http://dls"},
+            {"sub": "http://sub", "dls": "http://dls", "log": "http://log"},
             self.send,
             broker_class=broker_class,
             **options,
@@ -277,6 +293,28 @@ def test_a_reply_event_is_published(broker_class: str, mode: str) -> None:
     [reply] = broker.outputs  # no Trigger takes "pong"
     assert reply["type"] == "pong" and reply["id"] == "r1"
     assert not broker.dead_letters
+
+
+# Fan-out.
+
+
+@pytest.mark.parametrize("broker_class", CLASSES)
+def test_every_matching_trigger_gets_the_event_independently(broker_class: str) -> None:
+    # A replying consumer and a silent one (the ledger's shape) on the same type: each gets
+    # the event once, the reply is published once, and one's failure is not the other's.
+    cluster = Cluster(broker_class, with_silent_subscriber(manifests(retry=1)))
+    cluster.handlers["sub"] = lambda m: binary_reply("pong")
+    broker = cluster.run(event())
+    assert [e["id"] for e in cluster.received["sub"]] == ["e1"]
+    assert [e["id"] for e in cluster.received["log"]] == ["e1"]
+    assert [e["type"] for e in broker.outputs] == ["pong"]  # published once, by `sub` only
+
+    cluster = Cluster(broker_class, with_silent_subscriber(manifests(retry=1)))
+    cluster.handlers["sub"] = lambda m: Delivery(503)
+    broker = cluster.run(event())
+    assert statuses(broker, "http://sub") == [503, 503]
+    assert statuses(broker, "http://log") == [202]
+    assert [letter.trigger for letter in broker.dead_letters] == ["t"]
 
 
 # Loops and TTL.

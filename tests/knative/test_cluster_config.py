@@ -108,12 +108,16 @@ def test_serving_feature_flags_exist_upstream(render: Render) -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_cluster_enables_every_pod_feature_the_overlay_uses(render: Render, overlay: str) -> None:
     flags = _config_map(render("cluster"), "knative-serving", "config-features")
-    services = [d for d in render(overlay) if d["kind"] == "Service"]
+    services = [
+        d for d in render(overlay) if d["kind"] == "Service" and "knative" in d["apiVersion"]
+    ]
     assert not missing_features(services, flags)
 
 
 def test_prod_uses_the_gpu_placement_features(render: Render) -> None:
-    services = [d for d in render("prod") if d["kind"] == "Service"]
+    services = [
+        d for d in render("prod") if d["kind"] == "Service" and "knative" in d["apiVersion"]
+    ]
     used = {flag for _, flag in required_features(services)}
     assert {
         _FLAG + "nodeselector",

@@ -20,7 +20,7 @@ RoutingOf = Callable[[str], Routing]
 DOCKERFILES = ("Dockerfile.cpu", "Dockerfile.gpu")
 TORCH_CPU = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 PIP_INSTALLS = {
-    "Dockerfile.cpu": ["pip install .", TORCH_CPU, 'pip install ".[render]"'],
+    "Dockerfile.cpu": ['pip install ".[ledger]"', TORCH_CPU, 'pip install ".[render]"'],
     "Dockerfile.gpu": ['pip install ".[render]"'],
 }
 # What the images need from the build context.

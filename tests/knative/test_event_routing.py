@@ -1,4 +1,11 @@
-"""The rendered overlays route every event of the pipeline exactly once, without loops."""
+"""The rendered overlays route every event of the pipeline exactly once, without loops.
+
+Each event type has exactly one *replying* consumer (the next stage, whose reply continues the
+chain) and any number of subscribers that reply nothing; the ledger is one of them and hears
+every imagegen type. The broker hands each event to every matching Trigger independently
+(``brokers.py``: one Subscription per Trigger, one consumer group per Trigger), so a second
+replying consumer would fork the chain, and a silent one cannot.
+"""
 
 from __future__ import annotations
 
@@ -33,12 +40,14 @@ CONSUMES = {
     "render": {ENHANCED},
     "persist": {RENDERED},
     "deadletter": {FAILED},
+    "ledger": set(ALL_TYPES),
 }
 REPLIES = {
     "enhance": {ENHANCED, FAILED},
     "render": {RENDERED, FAILED},
     "persist": {PERSISTED, FAILED},
     "deadletter": set(),
+    "ledger": set(),
 }
 OUTPUT = PERSISTED
 # Sent from outside the pipeline: by callers, and by the PingSource.
@@ -65,14 +74,41 @@ def _sent(r: Routing, event_type: str) -> list[dict[str, str] | None]:
     return [None]
 
 
+def _functions(r: Routing, event_type: str, attributes: dict[str, str] | None) -> list[str]:
+    """The functions an event reaches: one per matching Trigger, as the broker delivers."""
+    return [_function_of(r, t.subscriber) for t in r.triggers_for(event_type, attributes)]
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_event_has_exactly_one_consumer(routing: RoutingOf, overlay: str) -> None:
+def test_every_event_has_one_replying_consumer_and_the_ledger(
+    routing: RoutingOf, overlay: str
+) -> None:
     r = routing(overlay)
     emitted = set().union(*REPLIES.values()) | EXTERNAL
-    for event_type in sorted(emitted - {OUTPUT}):
+    for event_type in sorted(emitted):
         for attributes in _sent(r, event_type):
-            triggers = r.triggers_for(event_type, attributes)
-            assert len(triggers) == 1, f"{event_type}: {[t.name for t in triggers]}"
+            functions = _functions(r, event_type, attributes)
+            replying = [f for f in functions if REPLIES[f]]
+            silent = sorted(f for f in functions if not REPLIES[f])
+            # Two replying consumers would fork the chain; the output ends it.
+            assert len(replying) == (0 if event_type in {OUTPUT, FAILED} else 1), (
+                event_type,
+                functions,
+            )
+            expected = {FAILED: ["deadletter"]}.get(event_type, [])
+            if event_type in ALL_TYPES:
+                expected = sorted([*expected, "ledger"])  # the ledger hears every type once
+            assert silent == expected, (event_type, functions)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_imagegen_type_reaches_the_ledger_once(routing: RoutingOf, overlay: str) -> None:
+    r = routing(overlay)
+    for event_type in ALL_TYPES:
+        for attributes in _sent(r, event_type):
+            assert _functions(r, event_type, attributes).count("ledger") == 1, event_type
+    # The ledger records imagegen events only: not the PingSource's ticks.
+    assert "ledger" not in _functions(r, PING_EVENT_TYPE, None)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -81,8 +117,7 @@ def test_each_event_reaches_the_stage_that_consumes_it(routing: RoutingOf, overl
     for function, types in CONSUMES.items():
         for event_type in types:
             for attributes in _sent(r, event_type):
-                [trigger] = r.triggers_for(event_type, attributes)
-                assert _function_of(r, trigger.subscriber) == function, event_type
+                assert _functions(r, event_type, attributes).count(function) == 1, event_type
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -94,7 +129,8 @@ def test_each_served_model_reaches_a_render_service_that_loads_it(
     r = routing(overlay)
     for attributes in _sent(r, ENHANCED):
         assert attributes is not None
-        [trigger] = r.triggers_for(ENHANCED, attributes)
+        routed = r.triggers_for(ENHANCED, attributes)
+        [trigger] = [t for t in routed if REPLIES[_function_of(r, t.subscriber)]]
         service = r.services[trigger.subscriber]
         assert service.env["IMAGEGEN_MODEL"] == attributes[MODEL_ATTRIBUTE], trigger.name
         assert service.env["IMAGEGEN_SERVED_MODELS"] == ",".join(_served(r))
@@ -102,11 +138,10 @@ def test_each_served_model_reaches_a_render_service_that_loads_it(
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_no_stage_consumes_the_output(routing: RoutingOf, overlay: str) -> None:
-    # Other services may subscribe to image.persisted; the pipeline itself ends there.
+    # Other services may subscribe to image.persisted; the pipeline itself ends there: no
+    # stage that replies consumes it (the ledger records it and replies nothing).
     r = routing(overlay)
-    assert not [
-        t.name for t in r.triggers_for(OUTPUT) if r.services[t.subscriber].function in CONSUMES
-    ]
+    assert not [t.name for t in r.triggers_for(OUTPUT) if REPLIES[_function_of(r, t.subscriber)]]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -165,7 +200,7 @@ def test_every_service_is_cluster_local(render: Render, overlay: str) -> None:
     # Events enter through the broker: a stage called directly would send its reply back
     # to the caller instead of on to the next stage.
     for doc in render(overlay):
-        if doc["kind"] == "Service":
+        if doc["kind"] == "Service" and "knative" in doc["apiVersion"]:
             labels = doc["metadata"].get("labels", {})
             assert labels.get("networking.knative.dev/visibility") == "cluster-local", doc[
                 "metadata"
@@ -221,9 +256,9 @@ def test_env_refs_resolve(render: Render, overlay: str) -> None:
     docs = render(overlay)
     config_maps = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
     # Created by hand, as docs/deploy.md says (test_no_overlay_applies_a_secret).
-    secrets = {"imagegen-storage", "imagegen-api-keys"}
+    secrets = {"imagegen-storage", "imagegen-api-keys", "imagegen-ledger"}
     for doc in docs:
-        if doc["kind"] != "Service":
+        if doc["kind"] != "Service" or doc["apiVersion"] != "serving.knative.dev/v1":
             continue
         for source in doc["spec"]["template"]["spec"]["containers"][0].get("envFrom", []):
             if "configMapRef" in source:
@@ -247,7 +282,7 @@ def test_the_deploy_guide_creates_every_secret_the_services_read(render: Render)
     keys = set(re.findall(r"--from-literal=(IMAGEGEN_\w+)=", guide))
     for overlay in OVERLAYS:
         for doc in render(overlay):
-            if doc["kind"] not in {"Service", "Job"}:
+            if doc["kind"] not in {"Service", "Job"} or "template" not in doc["spec"]:
                 continue
             template = doc["spec"]["template"]["spec"]
             for source in template["containers"][0].get("envFrom", []):

@@ -22,11 +22,22 @@ import httpx
 import pytest
 
 from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED, IMAGE_PERSISTED
+from imagegen.ledger import open_ledger
 from tests.fakes.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server
 from tests.functions.servers import FunctionServer, free_port
 
+from .brokers import Broker as ModelledBroker
+from .cloudevents_http import Event
 from .conftest import TARGETS
-from .routing import PING_EVENT_TYPE, Routing, ServiceInfo, TriggerInfo, render_kustomize
+from .routing import (
+    CHANNEL_BROKER,
+    KAFKA_BROKER,
+    PING_EVENT_TYPE,
+    Routing,
+    ServiceInfo,
+    TriggerInfo,
+    render_kustomize,
+)
 
 # Knative's dispatcher retries these statuses (and network errors); others are final.
 RETRIED = {404, 408, 409, 429}
@@ -50,11 +61,17 @@ class Broker:
     urls: dict[str, str]
     log: list[Delivery] = field(default_factory=list)
     outputs: list[tuple[dict[str, str], Any]] = field(default_factory=list)
+    published: list[tuple[dict[str, str], Any]] = field(default_factory=list)
+
+    def of_type(self, event_type: str) -> list[tuple[dict[str, str], Any]]:
+        """The events of ``event_type`` the broker accepted (the ledger hears them all)."""
+        return [(a, d) for a, d in self.published if a["type"] == event_type]
 
     def publish(self, attributes: dict[str, str], data: Any) -> None:
         queue = [(attributes, data)]
         while queue:
             attributes, data = queue.pop(0)
+            self.published.append((attributes, data))
             triggers = self.routing.triggers_for(attributes["type"], attributes)
             if not triggers:
                 self.outputs.append((attributes, data))
@@ -134,6 +151,8 @@ def cluster(
             "IMAGEGEN_OLLAMA_RETRIES": "0",
             "IMAGEGEN_MODEL_CACHE_DIR": str(tmp_path_factory.mktemp("models")),
             "HF_HUB_OFFLINE": "1",
+            # The ledger's Secret is not in the manifests: a SQLite file of this run.
+            "IMAGEGEN_LEDGER_URL": f"sqlite:///{tmp_path_factory.mktemp('ledger') / 'ledger.db'}",
         }
         servers = {
             name: FunctionServer(
@@ -177,12 +196,12 @@ def test_a_request_flows_through_the_triggers_to_a_stored_image(cluster: Any) ->
         {"prompt": "a lantern", "width": 256, "height": 256},
     )
 
-    assert [(d.event_type, d.subscriber) for d in broker.log] == [
+    assert [(d.event_type, d.subscriber) for d in _chain(broker.log)] == [
         (GENERATION_REQUESTED, "imagegen-enhance"),
         ("dev.orchestr8.imagegen.prompt.enhanced", "imagegen-render"),
         ("dev.orchestr8.imagegen.image.rendered", "imagegen-persist"),
     ]
-    [(attributes, persisted)] = broker.outputs
+    [(attributes, persisted)] = broker.of_type(IMAGE_PERSISTED)
     assert attributes["type"] == IMAGE_PERSISTED and attributes["subject"] == "routed-1"
     bucket, _, key = persisted["location"].removeprefix("s3://").partition("/")
     body = s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
@@ -196,7 +215,7 @@ def test_the_scheduled_ping_dreams_an_image(cluster: Any) -> None:
     broker = _broker(routing, servers)
     [source] = routing.ping_sources
     broker.publish({**_request(PING_EVENT_TYPE), "source": source}, data)
-    [(attributes, persisted)] = broker.outputs
+    [(attributes, persisted)] = broker.of_type(IMAGE_PERSISTED)
     assert attributes["type"] == IMAGE_PERSISTED
     assert persisted["prompt"]  # dreamed, since the ping carries no prompt
 
@@ -230,7 +249,7 @@ def test_a_failing_stage_is_retried_then_dead_lettered(cluster: Any, tmp_path: P
     [delivery] = [d for d in broker.log if d.subscriber == "imagegen-persist"]
     assert delivery.dead_lettered
     assert delivery.attempts == [503] * (1 + (persist_trigger.retry or 0))
-    assert broker.outputs == []
+    assert broker.of_type(IMAGE_PERSISTED) == []
 
     # The dead-letter sink recorded the event and the failing reply.
     records = [
@@ -249,7 +268,9 @@ def test_a_final_failure_reaches_the_platform_once(cluster: Any) -> None:
     broker.publish(_request(GENERATION_REQUESTED, "invalid-1"), {"width": 5})
     # The stage answers 2xx with generation.failed: not retried, not dead-lettered; the
     # broker publishes the failure, and its Trigger hands it to the dead-letter function.
-    assert [(d.event_type, d.subscriber, d.attempts, d.dead_lettered) for d in broker.log] == [
+    assert [
+        (d.event_type, d.subscriber, d.attempts, d.dead_lettered) for d in _chain(broker.log)
+    ] == [
         (GENERATION_REQUESTED, "imagegen-enhance", [200], False),
         (GENERATION_FAILED, "imagegen-deadletter", [202], False),
     ]
@@ -261,6 +282,48 @@ def test_a_final_failure_reaches_the_platform_once(cluster: Any) -> None:
     assert record["event_type"] == GENERATION_FAILED
     assert record["data"]["stage"] == "enhance"
     assert record["data"]["error"]["errors"][0]["field"] == "width"
+
+
+def _chain(log: list[Delivery]) -> list[Delivery]:
+    """The deliveries of the chain itself, without the ledger's (it hears every type)."""
+    return [d for d in log if d.subscriber != "imagegen-ledger"]
+
+
+@pytest.mark.parametrize("broker_class", [CHANNEL_BROKER, KAFKA_BROKER])
+def test_a_chain_over_the_modelled_broker_records_every_event_in_the_ledger(
+    cluster: Any, broker_class: str
+) -> None:
+    # The broker model of brokers.py (fan-out to every matching Trigger, replies published,
+    # Kafka's unordered delivery) over real HTTP to the served functions.
+    routing, servers, _ = cluster
+    broker = ModelledBroker(
+        routing,
+        {name: s.url for name, s in servers.items()},
+        broker_class=broker_class,
+        seed=14,
+    )
+    gid = f"ledgered-{broker_class.lower()}"
+    request = _request(GENERATION_REQUESTED, gid)
+    try:
+        broker.run(
+            Event(request, json.dumps({"prompt": "a heron", "width": 256, "height": 256}).encode())
+        )
+    finally:
+        broker.close()
+    assert not broker.dead_letters and not broker.lost
+    ledger_url = servers["imagegen-ledger"].url
+    accepted = {(e["type"], e["id"]) for e in broker.accepted}
+    delivered = {(a.event_type, a.event_id) for a in broker.attempts if a.target == ledger_url}
+    assert delivered == accepted and len(accepted) == 4  # requested … persisted, each once
+    assert {a.status for a in broker.attempts if a.target == ledger_url} == {202}
+    ledger = open_ledger(servers["imagegen-ledger"].env["IMAGEGEN_LEDGER_URL"])
+    try:
+        found = ledger.get(gid)
+        recorded = {(e.type, e.id) for e in ledger.generation_events(gid)}
+    finally:
+        ledger.close()
+    assert found is not None and found.status == "persisted" and found.url
+    assert recorded == accepted
 
 
 def _objects(s3: S3Server, prefix: str) -> list[dict[str, str]]:

@@ -1,4 +1,4 @@
-"""Final failures reach the platform: the stages are bound to the broker as their K_SINK."""
+"""Final failures and replays reach the broker: the stages and the ledger have it as K_SINK."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _selected(selector: dict[str, Any], labels: dict[str, str]) -> bool:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_stage_and_only_the_stages_publish_failures_to_the_broker(
+def test_the_stages_and_the_ledger_and_nothing_else_publish_to_the_broker(
     render: Callable[[str], list[dict[str, Any]]], overlay: str
 ) -> None:
     docs = render(overlay)
@@ -48,4 +48,5 @@ def test_every_stage_and_only_the_stages_publish_failures_to_the_broker(
         for s in services
         if _selected(subject["selector"], s["metadata"].get("labels") or {})
     }
-    assert bound == {"imagegen-enhance", "imagegen-render", "imagegen-persist"}
+    # The ledger publishes too: the replays it is asked for.
+    assert bound == {"imagegen-enhance", "imagegen-render", "imagegen-persist", "imagegen-ledger"}

@@ -31,7 +31,7 @@ def pod_schema_errors(pod: dict[str, Any]) -> list[str]:
 
 
 def _services(render: Render, overlay: str) -> list[dict[str, Any]]:
-    return [d for d in render(overlay) if d["kind"] == "Service"]
+    return [d for d in render(overlay) if d["kind"] == "Service" and "knative" in d["apiVersion"]]
 
 
 def _features(render: Render) -> dict[str, str]:

@@ -224,9 +224,14 @@ def test_parse_iso_duration() -> None:
 
 def test_rendered_dev_routes_the_pipeline(render: Render) -> None:
     routing = Routing(render("dev"))
-    [enhance] = routing.triggers_for("dev.orchestr8.imagegen.generation.requested")
+    # Each type also reaches the ledger, which replies nothing (test_event_routing.py).
+    requested = routing.triggers_for("dev.orchestr8.imagegen.generation.requested")
+    enhanced = routing.triggers_for("dev.orchestr8.imagegen.prompt.enhanced")
     [dream] = routing.triggers_for(PING_EVENT_TYPE)
-    [render_trigger] = routing.triggers_for("dev.orchestr8.imagegen.prompt.enhanced")
+    assert sorted(t.subscriber for t in requested) == ["imagegen-enhance", "imagegen-ledger"]
+    assert sorted(t.subscriber for t in enhanced) == ["imagegen-ledger", "imagegen-render"]
+    [enhance] = [t for t in requested if t.subscriber != "imagegen-ledger"]
+    [render_trigger] = [t for t in enhanced if t.subscriber != "imagegen-ledger"]
     assert enhance.subscriber == dream.subscriber == "imagegen-enhance"
     assert render_trigger.subscriber == "imagegen-render"
     assert render_trigger.dead_letter == "imagegen-deadletter"
@@ -241,7 +246,11 @@ def test_routing_follows_the_manifests(render: Render) -> None:
     ]
     doc["spec"]["delivery"].update(retry=9, timeout="PT1H")
     doc["spec"]["subscriber"]["ref"]["name"] = "imagegen-persist"
-    [info] = Routing(docs).triggers_for("dev.orchestr8.imagegen.prompt.enhanced")
+    [info] = [
+        t
+        for t in Routing(docs).triggers_for("dev.orchestr8.imagegen.prompt.enhanced")
+        if t.name == "imagegen-render"
+    ]
     assert (info.retry, info.timeout, info.subscriber) == (
         9,
         timedelta(hours=1),

@@ -109,3 +109,19 @@ def chain(
         )
         for name, (event_type, source, data, offset) in specs.items()
     }
+
+
+def binary(event: LedgerEvent) -> dict[str, Any]:
+    """``event`` as the broker POSTs it (binary mode): keyword arguments of ``client.post``."""
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-id": event.id,
+        "ce-source": event.source,
+        "ce-type": event.type,
+        "content-type": "application/json",
+    }
+    if event.subject:
+        headers["ce-subject"] = event.subject
+    if event.time:
+        headers["ce-time"] = event.time.isoformat()
+    return {"headers": headers, "json": event.data}

@@ -20,6 +20,7 @@ import pytest
 
 from imagegen.ledger import Ledger, open_ledger
 from tests.conftest import ROOT
+from tests.functions.clients import InProcessFunction
 
 BACKENDS = ("sqlite", "postgres")
 
@@ -90,6 +91,33 @@ def open_test_ledger(ledger_url: str) -> Iterator[Callable[[], Ledger]]:
 @pytest.fixture
 def ledger(open_test_ledger: Callable[[], Ledger]) -> Ledger:
     return open_test_ledger()
+
+
+@pytest.fixture
+def serve_ledger(ledger_url: str) -> Iterator[Callable[..., InProcessFunction]]:
+    """``serve_ledger(**env)``: the ledger function on the test's database, in this process."""
+    from imagegen.stages import ledger as ledger_stage
+
+    served: list[InProcessFunction] = []
+
+    def serve(**env: str) -> InProcessFunction:
+        served.append(InProcessFunction("ledger", {"IMAGEGEN_LEDGER_URL": ledger_url, **env}))
+        return served[-1]
+
+    yield serve
+    for function in served:
+        function.client.close()
+    for opened, dispatcher in ledger_stage._opened.values():
+        if dispatcher is not None:
+            dispatcher.stop()
+        opened.close()
+    ledger_stage._opened.clear()
+
+
+@pytest.fixture
+def function(serve_ledger: Callable[..., InProcessFunction]) -> InProcessFunction:
+    """The ledger function on the test's database, in this process."""
+    return serve_ledger()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from imagegen.auth.api_keys import hash_api_key
 from imagegen.cli import main
+from tests.ledger.chain import T0, binary, chain
 from tests.test_cli import SMALL
 
 # In this process: the tiny model and torch load once for all of these (the subprocess runs of
@@ -94,3 +97,37 @@ def test_unknown_ids_and_bad_options_are_one_line_errors(run: Any) -> None:
     assert code == 2 and err.count("\n") == 1 and "--since" in err
     code, _, err = run("replay", "nope", "--from", "rendered")
     assert code == 2 and "enhanced" in err
+
+
+def test_status_and_history_read_a_served_ledger_over_http(
+    ledger_url: str, start_server: Any, as_json: Any, run: Any
+) -> None:
+    # The ledger function as in its container (gunicorn, a real port), requiring a key.
+    key = "cli-test-key-0123456789abcdef"
+    server = start_server(
+        "ledger",
+        {
+            "IMAGEGEN_LEDGER_URL": ledger_url,
+            "IMAGEGEN_AUTH_REQUIRED": "true",
+            "IMAGEGEN_API_KEY_HASHES": hash_api_key(key),
+        },
+    )
+    bearer = {"Authorization": f"Bearer {key}"}
+    for n, gid in enumerate(("gen-1", "gen-2")):
+        events = chain(gid, start=T0 + timedelta(minutes=n))
+        for name in ("requested", "enhanced", "rendered", "persisted"):
+            sent = binary(events[name])
+            reply = server.post("/", headers={**sent["headers"], **bearer}, json=sent["json"])
+            assert reply.status_code == 202, reply.text
+
+    found = as_json("status", "gen-1", "--ledger", server.url, "--token", key)
+    assert found["status"] == "persisted" and found["durations"]["total"] == 6.0
+    listed = as_json("history", "--ledger", server.url, "--token", key, "--since", "2026-06-01")
+    assert [g["generation_id"] for g in listed] == ["gen-2", "gen-1"]
+    code, out, _ = run("history", "--ledger", server.url, "--token", key)
+    assert code == 0 and "gen-2" in out and "persisted" in out
+
+    code, _, err = run("status", "nope", "--ledger", server.url, "--token", key)
+    assert code == 1 and err.count("\n") == 1 and "nope" in err
+    code, _, err = run("status", "gen-1", "--ledger", server.url)  # no key
+    assert code != 0 and err.count("\n") == 1 and "401" in err

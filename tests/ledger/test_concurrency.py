@@ -1,4 +1,8 @@
-"""At-least-once delivery to several replicas at once: each event once, the right final status."""
+"""At-least-once delivery to several replicas at once: each event once, the right final status.
+
+The same deliveries twice: straight into two ledger instances (two replicas' pools on one
+database), and as HTTP requests to the served ledger function from eight threads.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from imagegen.ledger import Ledger, LedgerEvent
-from tests.ledger.chain import chain
+from tests.functions.clients import InProcessFunction
+from tests.ledger.chain import binary, chain
+
+WORKERS = 8
 
 
-def test_100_generations_delivered_twice_out_of_order_to_two_replicas(
-    open_test_ledger: Callable[[], Ledger],
-) -> None:
-    replicas = [open_test_ledger(), open_test_ledger()]
-    rng = random.Random(14)
+def _deliveries(seed: int) -> tuple[list[LedgerEvent], dict[str, str]]:
+    """100 generations' events, each twice, a third out of order, all shuffled; final statuses."""
+    rng = random.Random(seed)
     deliveries: list[LedgerEvent] = []
     expected: dict[str, str] = {}
     for n in range(100):
@@ -27,27 +32,59 @@ def test_100_generations_delivered_twice_out_of_order_to_two_replicas(
             rng.shuffle(names)  # a third arrive out of order
         deliveries += [events[name] for name in names] * 2
     rng.shuffle(deliveries)
-    start = threading.Barrier(8)
+    return deliveries, expected
 
-    def deliver(worker: int) -> list[bool]:
-        start.wait()
-        replica = replicas[worker % 2]
-        return [replica.ingest(event).duplicate for event in deliveries[worker::8]]
 
-    with ThreadPoolExecutor(8) as pool:
-        duplicates = [d for flags in pool.map(deliver, range(8)) for d in flags]
-
-    assert duplicates.count(False) == 400 and duplicates.count(True) == 400
-    with replicas[0].transaction() as db:
+def _check(ledger: Ledger, expected: dict[str, str]) -> None:
+    with ledger.transaction() as db:
         (events,) = db.query("SELECT count(*) AS n FROM ledger_events", {})
         (rows,) = db.query("SELECT count(*) AS n FROM generations", {})
     assert (events["n"], rows["n"]) == (400, 100)
     statuses = {}
     cursor = None
     while True:
-        page = replicas[1].history(limit=40, cursor=cursor)
+        page = ledger.history(limit=40, cursor=cursor)
         statuses.update({g.generation_id: g.status for g in page.items})
         if not (cursor := page.next_cursor):
             break
     assert statuses == expected
-    assert all(len(replicas[0].generation_events(gid)) == 4 for gid in expected)
+    assert all(len(ledger.generation_events(gid)) == 4 for gid in expected)
+
+
+def test_100_generations_delivered_twice_out_of_order_to_two_replicas(
+    open_test_ledger: Callable[[], Ledger],
+) -> None:
+    replicas = [open_test_ledger(), open_test_ledger()]
+    deliveries, expected = _deliveries(14)
+    start = threading.Barrier(WORKERS)
+
+    def deliver(worker: int) -> list[bool]:
+        start.wait()
+        replica = replicas[worker % 2]
+        return [replica.ingest(event).duplicate for event in deliveries[worker::WORKERS]]
+
+    with ThreadPoolExecutor(WORKERS) as pool:
+        duplicates = [d for flags in pool.map(deliver, range(WORKERS)) for d in flags]
+
+    assert duplicates.count(False) == 400 and duplicates.count(True) == 400
+    _check(replicas[1], expected)
+
+
+def test_100_generations_delivered_twice_out_of_order_to_the_served_function(
+    function: InProcessFunction, open_test_ledger: Callable[[], Ledger]
+) -> None:
+    deliveries, expected = _deliveries(15)
+    start = threading.Barrier(WORKERS)
+
+    def deliver(worker: int) -> list[int]:
+        start.wait()
+        return [function.post("/", **binary(e)).status_code for e in deliveries[worker::WORKERS]]
+
+    with ThreadPoolExecutor(WORKERS) as pool:
+        statuses = [s for codes in pool.map(deliver, range(WORKERS)) for s in codes]
+
+    # A redelivery is answered like the first delivery: 202, and nothing changes.
+    assert statuses == [202] * 800
+    _check(open_test_ledger(), expected)
+    for gid, status in list(expected.items())[:5]:
+        assert function.get(f"/generations/{gid}").json()["status"] == status

@@ -86,6 +86,17 @@ def test_a_request_without_an_id_gets_the_one_enhance_derives(ledger: Ledger) ->
     assert ledger.get(result.generation_id) is not None
 
 
+def test_an_invalid_request_is_recorded_and_fails_with_enhances_failure(ledger: Ledger) -> None:
+    # enhance answers it with generation.failed under the same id: one generation, both events.
+    events = chain("gen-bad")
+    request = events["requested"].model_copy(update={"data": {"width": 5}})
+    assert ledger.ingest(request).generation_id == "gen-bad"  # named by the subject
+    assert ledger.ingest(events["failed"]).status == "failed"
+    found = ledger.get("gen-bad")
+    assert found is not None and found.status == "failed" and found.original_prompt is None
+    assert [e.type for e in found.timeline] == [request.type, events["failed"].type]
+
+
 def test_bad_events_are_refused_naming_the_field(ledger: Ledger) -> None:
     with pytest.raises(InvalidRequest) as caught:
         ledger.ingest(LedgerEvent(source="/x", id="1", type="com.example.other", data={}))

@@ -1,0 +1,178 @@
+"""ledger: records every imagegen event once; status, history, webhooks (CPU, no reply).
+
+Subscribed by one Trigger per imagegen event type; it replies nothing, so it never continues
+or forks the chain (a permanent failure is a 4xx, which Knative dead-letters). Its routes
+answer ``GET /generations/{id}``, ``GET /generations`` and ``POST /generations/{id}/replay``
+(:mod:`imagegen.ledger.api`). Each event is recorded by ``source`` + ``id``
+and folded into its generation's row (:mod:`imagegen.ledger`); a redelivery changes nothing
+and is answered like the first delivery. Webhook messages the event makes due are sent from
+this process's dispatcher when ``IMAGEGEN_WEBHOOK_SECRETS`` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from imagegen.errors import InvalidRequest
+from imagegen.events import (
+    GENERATION_FAILED,
+    GENERATION_REQUESTED,
+    IMAGE_PERSISTED,
+    IMAGE_RENDERED,
+    PROMPT_ENHANCED,
+)
+from imagegen.stages import Call, Route, RouteCall, Stage
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from imagegen.ledger import Ledger
+    from imagegen.ledger.outbox import Dispatcher
+    from imagegen.service import ImageGenService
+    from imagegen.settings import Settings
+
+_opened: dict[str, tuple[Ledger, Dispatcher | None]] = {}
+_lock = threading.Lock()
+
+
+def ledger_of(settings: Settings) -> tuple[Ledger, Dispatcher | None]:
+    """This process's ledger (and webhook dispatcher) for ``settings``, opened once."""
+    from imagegen.ledger import open_ledger
+    from imagegen.ledger.outbox import Dispatcher
+    from imagegen.ledger.webhooks import AddressPolicy, WebhookSender
+
+    url = settings.ledger_url.get_secret_value() if settings.ledger_url else None
+    key = url or ""
+    with _lock:
+        if key not in _opened:
+            ledger = open_ledger(url)
+            dispatcher = None
+            if settings.webhook_secrets:
+                sender = WebhookSender(
+                    [s.get_secret_value() for s in settings.webhook_secrets],
+                    AddressPolicy(tuple(settings.webhook_allowed)),
+                    timeout=settings.webhook_timeout,
+                )
+                dispatcher = Dispatcher(ledger, sender, max_attempts=settings.webhook_max_attempts)
+                dispatcher.start()
+            _opened[key] = (ledger, dispatcher)
+        return _opened[key]
+
+
+async def _record(service: ImageGenService, data: Any, call: Call) -> None:
+    from imagegen.ledger import LedgerEvent
+
+    attributes = call.attributes
+    missing = [name for name in ("source", "id", "type") if not attributes.get(name)]
+    if missing:
+        raise InvalidRequest(
+            "the ledger records CloudEvents: " + ", ".join(missing) + " missing",
+            errors=[{"field": name, "message": "required attribute"} for name in missing],
+        )
+    if not isinstance(data, dict):
+        raise InvalidRequest(
+            "event data must be a JSON object",
+            errors=[{"field": "data", "message": "not an object"}],
+        )
+    try:
+        time = datetime.fromisoformat(attributes["time"]) if attributes.get("time") else None
+    except ValueError:
+        raise InvalidRequest(
+            "time is not RFC 3339", errors=[{"field": "time", "message": "not RFC 3339"}]
+        ) from None
+    event = LedgerEvent(
+        source=attributes["source"],
+        id=attributes["id"],
+        type=attributes["type"],
+        subject=attributes.get("subject"),
+        time=time,
+        data=data,
+    )
+    ledger, dispatcher = ledger_of(service.settings)
+    await asyncio.to_thread(ledger.ingest, event)
+    if dispatcher is not None:
+        dispatcher.wake()
+
+
+async def _detail(service: ImageGenService, call: RouteCall) -> BaseModel:
+    from imagegen.ledger import api
+
+    ledger, _ = ledger_of(service.settings)
+    return await api.detail(ledger, call.params["generation_id"])
+
+
+async def _page(service: ImageGenService, call: RouteCall) -> BaseModel:
+    from imagegen.ledger import api
+
+    ledger, _ = ledger_of(service.settings)
+    assert isinstance(call.query, api.HistoryQuery)
+    return await api.page(ledger, call.query)
+
+
+async def _replay(service: ImageGenService, call: RouteCall) -> BaseModel:
+    from imagegen.ledger import api
+
+    ledger, _ = ledger_of(service.settings)
+    assert isinstance(call.query, api.ReplayQuery)
+    return await api.replay(ledger, service.settings, call.params["generation_id"], call.query)
+
+
+def _routes() -> tuple[Route, ...]:
+    from imagegen.ledger.api import HistoryQuery, ReplayAccepted, ReplayQuery
+    from imagegen.ledger.models import GenerationDetail, GenerationPage
+
+    unknown = {404: "No such generation (or no recorded event to replay)."}
+    return (
+        Route(
+            method="GET",
+            path="/generations/{generation_id}",
+            operation_id="generation",
+            summary="One generation: status, timeline with stage durations, URLs, error.",
+            handler=_detail,
+            response_model=GenerationDetail,
+            errors=unknown,
+        ),
+        Route(
+            method="GET",
+            path="/generations",
+            operation_id="generations",
+            summary="Generations newest first, filtered; keyset pages (next_cursor).",
+            handler=_page,
+            response_model=GenerationPage,
+            query_model=HistoryQuery,
+            errors={400: "A query parameter is invalid; each is named."},
+        ),
+        Route(
+            method="POST",
+            path="/generations/{generation_id}/replay",
+            operation_id="replay",
+            summary="Generate again from the record, under a new id linked to the original.",
+            handler=_replay,
+            response_model=ReplayAccepted,
+            query_model=ReplayQuery,
+            status=202,
+            errors={**unknown, 400: "`from` is neither enhanced nor requested."},
+        ),
+    )
+
+
+STAGE = Stage(
+    name="ledger",
+    summary="Record an imagegen event once; the generation's status moves forward.",
+    consumes=(
+        GENERATION_REQUESTED,
+        PROMPT_ENHANCED,
+        IMAGE_RENDERED,
+        IMAGE_PERSISTED,
+        GENERATION_FAILED,
+    ),
+    emits=None,
+    input_model=None,
+    output_model=None,
+    handler=_record,
+    timeout=lambda settings: 30.0,
+    routes=_routes(),
+)

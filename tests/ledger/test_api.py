@@ -1,0 +1,187 @@
+"""The ledger function's HTTP API, served in this process, on both backends."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from imagegen.auth.api_keys import hash_api_key
+from imagegen.events import MODEL_ATTRIBUTE, PROMPT_ENHANCED
+from imagegen.openapi import document
+from imagegen.stages import get as get_stage
+from tests.functions.clients import InProcessFunction
+from tests.ledger.chain import T0, binary, chain
+
+
+def _record(function: InProcessFunction, gid: str, *names: str, **options: Any) -> None:
+    events = chain(gid, **options)
+    for name in names or ("requested", "enhanced", "rendered", "persisted"):
+        assert function.post("/", **binary(events[name])).status_code == 202
+
+
+def test_one_generation_with_its_timeline_durations_and_urls(function: InProcessFunction) -> None:
+    _record(function, "gen-a")
+    reply = function.get("/generations/gen-a")
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["status"] == "persisted" and body["error"] is None
+    # chain(): requested at +0 s, enhanced +1 s, rendered +4 s, persisted +6 s.
+    assert body["durations"] == {"enhance": 1.0, "render": 3.0, "persist": 2.0, "total": 6.0}
+    assert [e["seconds_since_previous"] for e in body["timeline"]] == [None, 1.0, 3.0, 2.0]
+    assert body["urls"]["image"] == body["url"] == "https://images.example/2026/06/01/gen-a.png"
+
+
+def test_a_failed_generation_names_its_stage_and_error(function: InProcessFunction) -> None:
+    _record(function, "gen-f", "requested", "enhanced", "failed")
+    body = function.get("/generations/gen-f").json()
+    assert body["status"] == "failed" and body["failed_stage"] == "render"
+    assert body["error"]["message"] == "out of memory"
+
+
+def test_an_unknown_generation_is_404(function: InProcessFunction) -> None:
+    reply = function.get("/generations/nope")
+    assert reply.status_code == 404
+    assert reply.json()["error"] == "not_found" and "nope" in reply.json()["message"]
+    assert function.post("/generations/nope/replay").status_code == 404
+
+
+def test_history_is_newest_first_in_keyset_pages_with_filters(function: InProcessFunction) -> None:
+    for n in range(5):
+        model = "big" if n % 2 else "tiny"
+        _record(function, f"gen-{n}", start=T0 + timedelta(minutes=n), model=model)
+    _record(function, "gen-x", "requested", start=T0 + timedelta(minutes=9))
+    seen: list[str] = []
+    cursor = None
+    while True:
+        query = {"limit": "2", **({"cursor": cursor} if cursor else {})}
+        page = function.client.get("/generations", params=query).json()
+        seen += [g["generation_id"] for g in page["items"]]
+        if not (cursor := page["next_cursor"]):
+            break
+    assert seen == ["gen-x", "gen-4", "gen-3", "gen-2", "gen-1", "gen-0"]
+
+    def ids(**query: str) -> list[str]:
+        reply = function.client.get("/generations", params=query)
+        assert reply.status_code == 200, reply.text
+        return [g["generation_id"] for g in reply.json()["items"]]
+
+    assert ids(status="requested") == ["gen-x"]
+    assert ids(model="big") == ["gen-3", "gen-1"]
+    since, until = (T0 + timedelta(minutes=1)).isoformat(), (T0 + timedelta(minutes=3)).isoformat()
+    assert ids(since=since, until=until) == ["gen-2", "gen-1"]
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ({"limit": "0"}, "limit"),
+        ({"limit": "many"}, "limit"),
+        ({"status": "lost"}, "status"),
+        ({"since": "yesterday-ish"}, "since"),
+        ({"cursor": "not-a-cursor"}, "cursor"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
+def test_a_bad_query_parameter_is_a_400_naming_it(
+    function: InProcessFunction, query: dict[str, str], field: str
+) -> None:
+    reply = function.client.get("/generations", params=query)
+    assert reply.status_code == 400, reply.text
+    assert [e["field"] for e in reply.json()["errors"]] == [field]
+
+
+def test_other_methods_and_paths_are_refused(function: InProcessFunction) -> None:
+    assert function.client.delete("/generations/gen-a").status_code == 405
+    assert function.get("/generations/gen-a/events").status_code == 404
+
+
+@contextmanager
+def _ingress() -> Iterator[tuple[str, list[tuple[dict[str, str], Any]]]]:
+    """A broker ingress on loopback: records each event POSTed, answers 202."""
+    received: list[tuple[dict[str, str], Any]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            received.append(({k.lower(): v for k, v in self.headers.items()}, json.loads(body)))
+            self.send_response(202)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_replay_sends_the_recorded_job_to_the_broker_under_a_new_id(
+    serve_ledger: Callable[..., InProcessFunction],
+) -> None:
+    with _ingress() as (sink, received):
+        function = serve_ledger(K_SINK=sink)
+        _record(function, "gen-r")
+        reply = function.post("/generations/gen-r/replay")
+        assert reply.status_code == 202, reply.text
+        accepted = reply.json()
+        assert reply.json()["from"] == "enhanced" and accepted["replay_of"] == "gen-r"
+        [(headers, data)] = received
+        assert headers["ce-type"] == PROMPT_ENHANCED and headers["ce-id"] == accepted["event_id"]
+        assert headers["ce-subject"] == data["generation_id"] == accepted["generation_id"]
+        assert headers[f"ce-{MODEL_ATTRIBUTE}"] == "tiny"  # render's Triggers route on it
+        original = chain("gen-r")["enhanced"].data
+        same = ("prompt", "seed", "model", "width", "height", "steps", "guidance")
+        assert {k: data[k] for k in same} == {k: original[k] for k in same}
+        assert data["replay_of"] == "gen-r" and data["generation_id"] != "gen-r"
+
+        bad = function.client.post("/generations/gen-r/replay", params={"from": "rendered"})
+        assert bad.status_code == 400 and bad.json()["errors"][0]["field"] == "from"
+        assert len(received) == 1
+
+
+def test_replay_without_a_broker_is_a_503_naming_the_setting(function: InProcessFunction) -> None:
+    _record(function, "gen-r")
+    reply = function.post("/generations/gen-r/replay")
+    assert reply.status_code == 503
+    assert [e["field"] for e in reply.json()["errors"]] == ["sink_url"]
+
+
+def test_the_api_needs_the_same_credentials_as_post(
+    serve_ledger: Callable[..., InProcessFunction],
+) -> None:
+    key = "ledger-test-key-0123456789"
+    function = serve_ledger(
+        IMAGEGEN_AUTH_REQUIRED="true", IMAGEGEN_API_KEY_HASHES=hash_api_key(key)
+    )
+    for path in ("/generations", "/generations/gen-a"):
+        refused = function.get(path)
+        assert refused.status_code == 401 and "Bearer" in refused.headers["www-authenticate"]
+    assert function.client.post("/generations/gen-a/replay").status_code == 401
+    bearer = {"Authorization": f"Bearer {key}"}
+    assert function.client.get("/generations", headers=bearer).status_code == 200
+    assert function.client.get("/generations/gen-a", headers=bearer).status_code == 404
+    assert function.get("/readyz").status_code == 200  # probes stay open
+
+
+def test_the_served_document_describes_the_routes(function: InProcessFunction) -> None:
+    served = function.get("/openapi.json").json()
+    assert served == json.loads(json.dumps(document(get_stage("ledger"))))
+    listing = served["paths"]["/generations"]["get"]
+    names = {p["name"] for p in listing["parameters"]}
+    assert names == {"status", "since", "until", "model", "limit", "cursor"}
+    detail = served["paths"]["/generations/{generation_id}"]["get"]["responses"]
+    assert {"200", "401", "404"} <= set(detail)
+    replay = served["paths"]["/generations/{generation_id}/replay"]["post"]
+    assert [p["name"] for p in replay["parameters"]] == ["generation_id", "from"]
