@@ -1,8 +1,11 @@
-"""Versioned schema migrations: plain SQL files in ``migrations/<dialect>/NNNN_name.sql``.
+"""Versioned schema migrations: plain SQL files in ``migrations/NNNN_name.sql``.
 
-Each file is applied once, in order, inside one transaction with its row in
-``ledger_migrations``; the stores run :func:`pending` at start-up under a lock, so replicas that
-start together apply each migration exactly once.
+Each file is written once, in PostgreSQL's types; for SQLite its types are rewritten to the
+storage classes the SQLite ledger uses (times as fixed-width UTC ISO-8601 text, which sorts as
+it compares; JSON as text; ``BIGSERIAL`` as an autoincrement rowid). Each file is applied once,
+in order, inside one transaction with its row in ``ledger_migrations``
+(:meth:`~imagegen.ledger._sql.SqlLedger._migrate`, under a lock on PostgreSQL, so replicas that
+start together apply each migration exactly once).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
-__all__ = ["Migration", "migrations", "statements"]
+__all__ = ["CREATE_TABLE", "Migration", "for_dialect", "migrations", "statements"]
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
@@ -28,14 +31,31 @@ class Migration:
     sql: str
 
 
+# PostgreSQL type → SQLite storage class (whole words, in this order).
+_SQLITE_TYPES = (
+    (re.compile(r"\bBIGSERIAL PRIMARY KEY\b"), "INTEGER PRIMARY KEY AUTOINCREMENT"),
+    (re.compile(r"\b(TIMESTAMPTZ|JSONB)\b"), "TEXT"),
+    (re.compile(r"\b(SMALLINT|BIGINT)\b"), "INTEGER"),
+)
+
+
+def for_dialect(sql: str, dialect: str) -> str:
+    """``sql`` (PostgreSQL) with its types as ``dialect`` stores them."""
+    if dialect == "sqlite":
+        for pattern, replacement in _SQLITE_TYPES:
+            sql = pattern.sub(replacement, sql)
+    return sql
+
+
 def migrations(dialect: str) -> list[Migration]:
-    """The migrations shipped for ``dialect`` (``postgres`` or ``sqlite``), oldest first."""
-    folder = resources.files("imagegen.ledger").joinpath("migrations", dialect)
+    """The migrations for ``dialect`` (``postgres`` or ``sqlite``), oldest first."""
+    folder = resources.files("imagegen.ledger").joinpath("migrations")
     found = []
     for entry in folder.iterdir():
         match = _NAME.match(entry.name)
         if match:
-            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
+            sql = for_dialect(entry.read_text(encoding="utf-8"), dialect)
+            found.append(Migration(int(match[1]), match[2], sql))
     found.sort(key=lambda m: m.version)
     versions = [m.version for m in found]
     if len(set(versions)) != len(versions):

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TextIO
 
 from imagegen.errors import InvalidRequest
+from imagegen.ledger._migrate import CREATE_TABLE, migrations, statements
 from imagegen.ledger.fold import (
     DESCRIPTIVE_COLUMNS,
     ONCE_COLUMNS,
@@ -38,7 +39,7 @@ from imagegen.ledger.models import (
     TimelineEntry,
 )
 
-__all__ = ["JSON_COLUMNS", "MAX_PAGE", "TIME_COLUMNS", "Cursor", "SqlLedger"]
+__all__ = ["JSON_COLUMNS", "MAX_PAGE", "RECORD", "TIME_COLUMNS", "Cursor", "SqlLedger"]
 
 MAX_PAGE = 500
 JSON_COLUMNS = frozenset({"data", "error", "keys", "urls", "webhook_events"})
@@ -64,15 +65,16 @@ class Cursor(Protocol):
     def run(self, sql: str, params: dict[str, Any]) -> int: ...
 
 
+# In the upsert, ``g`` is the generation's row as it stands, ``excluded`` what the event says.
 def _first_wins(column: str) -> str:
-    return f"{column} = COALESCE(generations.{column}, excluded.{column})"
+    return f"{column} = COALESCE(g.{column}, excluded.{column})"
 
 
 def _most_advanced_wins(column: str) -> str:
     return (
-        f"{column} = CASE WHEN excluded.status_rank >= generations.status_rank "
-        f"THEN COALESCE(excluded.{column}, generations.{column}) "
-        f"ELSE COALESCE(generations.{column}, excluded.{column}) END"
+        f"{column} = CASE WHEN excluded.status_rank >= g.status_rank "
+        f"THEN COALESCE(excluded.{column}, g.{column}) "
+        f"ELSE COALESCE(g.{column}, excluded.{column}) END"
     )
 
 
@@ -89,27 +91,35 @@ _GENERATION_COLUMNS = (
 # The rules of imagegen.ledger.fold, as one statement: concurrent writers of one generation
 # serialise on its row, and each sees the row as the one before it left it. (Built from the
 # fixed column names above, never from input.)
-UPSERT_GENERATION = (
-    f"INSERT INTO generations ({', '.join(_GENERATION_COLUMNS)}) "  # noqa: S608
+_UPSERT_GENERATION = (
+    f"INSERT INTO generations AS g ({', '.join(_GENERATION_COLUMNS)}) "  # noqa: S608
     f"VALUES ({', '.join(':' + c for c in _GENERATION_COLUMNS)}) "
     "ON CONFLICT (generation_id) DO UPDATE SET "
-    "status = CASE WHEN excluded.status_rank > generations.status_rank "
-    "THEN excluded.status ELSE generations.status END, "
-    "status_rank = CASE WHEN excluded.status_rank > generations.status_rank "
-    "THEN excluded.status_rank ELSE generations.status_rank END, "
-    "created_at = CASE WHEN excluded.created_at < generations.created_at "
-    "THEN excluded.created_at ELSE generations.created_at END, "
+    "status = CASE WHEN excluded.status_rank > g.status_rank "
+    "THEN excluded.status ELSE g.status END, "
+    "status_rank = CASE WHEN excluded.status_rank > g.status_rank "
+    "THEN excluded.status_rank ELSE g.status_rank END, "
+    "created_at = CASE WHEN excluded.created_at < g.created_at "
+    "THEN excluded.created_at ELSE g.created_at END, "
     "updated_at = excluded.updated_at, "
     + ", ".join(
         [_first_wins(c) for c in (*STAGE_COLUMNS, *ONCE_COLUMNS)]
         + [_most_advanced_wins(c) for c in DESCRIPTIVE_COLUMNS]
     )
-    + " RETURNING *"
 )
+UPSERT_GENERATION = _UPSERT_GENERATION + " RETURNING *"
 INSERT_EVENT = (
     "INSERT INTO ledger_events (source, id, type, subject, generation_id, time, recorded_at, data) "
     "VALUES (:source, :id, :type, :subject, :generation_id, :time, :recorded_at, :data) "
     "ON CONFLICT (source, id) DO NOTHING RETURNING seq"
+)
+# Both as one statement, one round trip (PostgreSQL: SQLite has no INSERT inside WITH). The row
+# is only updated when the event is new: a redelivery changes nothing and returns no row.
+RECORD = (
+    f"WITH event AS ({INSERT_EVENT}), "  # noqa: S608 - fixed parts
+    f"generation AS ({_UPSERT_GENERATION} WHERE EXISTS (SELECT 1 FROM event) RETURNING *) "
+    "SELECT EXISTS (SELECT 1 FROM event) AS fresh, generation.* "
+    "FROM (SELECT 1) AS one LEFT JOIN generation ON true"
 )
 INSERT_DELIVERY = (
     "INSERT INTO webhook_deliveries "
@@ -133,6 +143,34 @@ class SqlLedger(ABC):
     def close(self) -> None:
         """Release the connections."""
 
+    def statement(self) -> AbstractContextManager[Cursor]:
+        """Where a read runs: its own transaction here; PostgreSQL: autocommit statements."""
+        return self.transaction()
+
+    def _lock_migrations(self, db: Cursor) -> None:  # noqa: B027 - a hook: nothing here
+        """Make replicas that start together wait for each other's migrations."""
+
+    def _migrate(self) -> None:
+        """Apply the migrations not applied yet, each once, in order, in one transaction."""
+        with self.transaction() as db:
+            self._lock_migrations(db)
+            db.run(CREATE_TABLE, {})
+            done = {row["version"] for row in db.query("SELECT version FROM ledger_migrations", {})}
+            for migration in migrations(self.dialect):
+                if migration.version in done:
+                    continue
+                for statement in statements(migration.sql):
+                    db.run(statement, {})
+                db.run(
+                    "INSERT INTO ledger_migrations (version, name, applied_at) "
+                    "VALUES (:version, :name, :at)",
+                    {
+                        "version": migration.version,
+                        "name": migration.name,
+                        "at": datetime.now(UTC).isoformat(),
+                    },
+                )
+
     def _now(self) -> datetime:
         return datetime.now(UTC)
 
@@ -143,28 +181,53 @@ class SqlLedger(ABC):
         now = self._now()
         change = fold(event, now=now)
         gid = change.generation_id if change else None
-        with self.transaction() as db:
-            fresh = db.query(
-                INSERT_EVENT,
-                {
-                    "source": event.source,
-                    "id": event.id,
-                    "type": event.type,
-                    "subject": event.subject,
-                    "generation_id": gid,
-                    "time": change.at if change else utc(event.time or now),
-                    "recorded_at": now,
-                    "data": event.data,
-                },
-            )
-            if not fresh or change is None:
-                return IngestResult(generation_id=gid, duplicate=not fresh)
-            row = db.query(UPSERT_GENERATION, _upsert_params(change, now))[0]
-            self._enqueue_webhooks(db, row, now)
-        return IngestResult(generation_id=gid, duplicate=False, status=row["status"])
+        recorded = {
+            "source": event.source,
+            "id": event.id,
+            "type": event.type,
+            "subject": event.subject,
+            "generation_id": gid,
+            "time": change.at if change else utc(event.time or now),
+            "recorded_at": now,
+            "data": event.data,
+        }
+        if change is None:
+            with self.transaction() as db:
+                fresh = bool(db.query(INSERT_EVENT, recorded))
+            return IngestResult(generation_id=gid, duplicate=not fresh)
+        fresh, row = self._record(recorded, change, now)
+        status = row["status"] if fresh and row else None
+        return IngestResult(generation_id=gid, duplicate=not fresh, status=status)
 
-    def _enqueue_webhooks(self, db: Cursor, row: dict[str, Any], now: datetime) -> None:
-        if not row.get("webhook"):
+    def _record(
+        self, recorded: dict[str, Any], change: Change, now: datetime
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """Insert the event and fold it in, in one transaction; (new?, the generation's row)."""
+        with self.transaction() as db:
+            fresh = bool(db.query(INSERT_EVENT, recorded))
+            if fresh:
+                row: dict[str, Any] | None = db.query(
+                    UPSERT_GENERATION, upsert_params(change, now)
+                )[0]
+            else:
+                row = self._row(db, change.generation_id)
+            self._enqueue_webhooks(db, row, now)
+        return fresh, row
+
+    @staticmethod
+    def _row(db: Cursor, generation_id: str) -> dict[str, Any] | None:
+        found = db.query(
+            "SELECT * FROM generations WHERE generation_id = :gid", {"gid": generation_id}
+        )
+        return found[0] if found else None
+
+    def _enqueue_webhooks(self, db: Cursor, row: dict[str, Any] | None, now: datetime) -> None:
+        """Write the notifications ``row`` makes due; idempotent (a message id per event).
+
+        Also run for a redelivered event: if recording it the first time was cut short
+        before its notifications were written, the redelivery writes them.
+        """
+        if not row or not row.get("webhook"):
             return
         generation = _generation(row)
         for kind in due_webhooks(row["status"], row.get("webhook_events")):
@@ -189,18 +252,16 @@ class SqlLedger(ABC):
 
     def get(self, generation_id: str) -> GenerationDetail | None:
         """The generation with its timeline and stage durations; None when unknown."""
-        with self.transaction() as db:
-            rows = db.query(
-                "SELECT * FROM generations WHERE generation_id = :gid", {"gid": generation_id}
-            )
-            if not rows:
+        with self.statement() as db:
+            row = self._row(db, generation_id)
+            if row is None:
                 return None
             events = db.query(
                 "SELECT type, source, id, time FROM ledger_events "
                 "WHERE generation_id = :gid ORDER BY time, seq",
                 {"gid": generation_id},
             )
-        generation = _generation(rows[0])
+        generation = _generation(row)
         timeline: list[TimelineEntry] = []
         previous: datetime | None = None
         for event in events:
@@ -245,7 +306,7 @@ class SqlLedger(ABC):
         if cursor is not None:
             where.append("(created_at, generation_id) < (:after_at, :after_id)")
             params["after_at"], params["after_id"] = _decode_cursor(cursor)
-        with self.transaction() as db:
+        with self.statement() as db:
             rows = db.query(
                 f"SELECT * FROM generations WHERE {' AND '.join(where)} "  # noqa: S608 - fixed parts
                 "ORDER BY created_at DESC, generation_id DESC LIMIT :limit",
@@ -377,7 +438,7 @@ class SqlLedger(ABC):
         return {row.pop("event"): row for row in rows}
 
 
-def _upsert_params(change: Change, now: datetime) -> dict[str, Any]:
+def upsert_params(change: Change, now: datetime) -> dict[str, Any]:
     params: dict[str, Any] = dict.fromkeys(_GENERATION_COLUMNS)
     params.update(change.fields)
     params.update(

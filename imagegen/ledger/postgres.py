@@ -9,12 +9,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
+from functools import cache
 from typing import Any
 
 from imagegen.errors import DependencyUnavailable
-from imagegen.ledger._migrate import CREATE_TABLE, migrations, statements
-from imagegen.ledger._sql import SqlLedger
+from imagegen.ledger._sql import RECORD, Cursor, SqlLedger, upsert_params
+from imagegen.ledger.fold import Change
 
 __all__ = ["PostgresLedger"]
 
@@ -23,7 +24,9 @@ _PARAM = re.compile(r"(?<!:):([a-z_][a-z0-9_]*)")
 _MIGRATION_LOCK = 0x1ED6E5
 
 
+@cache
 def _pg(sql: str) -> str:
+    """``:name`` parameters as psycopg's ``%(name)s`` (statements are a fixed set: cached)."""
     return _PARAM.sub(r"%(\1)s", sql)
 
 
@@ -77,7 +80,8 @@ class PostgresLedger(SqlLedger):
             min_size=min_size,
             max_size=max_size,
             timeout=timeout,
-            kwargs={"row_factory": dict_row, "autocommit": False},
+            # transaction() opens a block explicitly; a lone statement needs no BEGIN/COMMIT.
+            kwargs={"row_factory": dict_row, "autocommit": True},
             open=False,
             name="imagegen-ledger",
         )
@@ -88,25 +92,32 @@ class PostgresLedger(SqlLedger):
             raise DependencyUnavailable(f"the ledger database is unreachable: {exc}") from None
         self._migrate()
 
-    def _migrate(self) -> None:
-        with self.transaction() as db:
-            db.query("SELECT pg_advisory_xact_lock(:key)", {"key": _MIGRATION_LOCK})
-            db.run(CREATE_TABLE, {})
-            done = {row["version"] for row in db.query("SELECT version FROM ledger_migrations", {})}
-            for migration in migrations(self.dialect):
-                if migration.version in done:
-                    continue
-                for statement in statements(migration.sql):
-                    db.run(statement, {})
-                db.run(
-                    "INSERT INTO ledger_migrations (version, name, applied_at) "
-                    "VALUES (:version, :name, :at)",
-                    {
-                        "version": migration.version,
-                        "name": migration.name,
-                        "at": datetime.now(UTC).isoformat(),
-                    },
-                )
+    def _lock_migrations(self, db: Cursor) -> None:
+        db.query("SELECT pg_advisory_xact_lock(:key)", {"key": _MIGRATION_LOCK})
+
+    def _record(
+        self, recorded: dict[str, Any], change: Change, now: datetime
+    ) -> tuple[bool, dict[str, Any] | None]:
+        # One statement in autocommit: one round trip. Webhook messages, rare, follow in a
+        # transaction of their own; a crash in between is mended by the redelivery (the
+        # delivery was never acknowledged), which writes what the event made due.
+        with self.statement() as db:
+            [result] = db.query(RECORD, {**recorded, **upsert_params(change, now)})
+        fresh = bool(result.pop("fresh"))
+        row = result if result["generation_id"] is not None else None
+        if not fresh or (row is not None and row.get("webhook")):
+            with self.transaction() as db:
+                self._enqueue_webhooks(db, row or self._row(db, change.generation_id), now)
+        return fresh, row
+
+    @contextmanager
+    def statement(self) -> Iterator[_Cursor]:
+        """A cursor whose every statement commits on its own (the pool is in autocommit)."""
+        try:
+            with self._pool.connection() as conn, conn.cursor() as cur:
+                yield _Cursor(cur, self._jsonb)
+        except self._errors as exc:
+            raise DependencyUnavailable(f"the ledger database is unavailable: {exc}") from None
 
     @contextmanager
     def transaction(self) -> Iterator[_Cursor]:

@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from imagegen.ledger._migrate import CREATE_TABLE, migrations, statements
 from imagegen.ledger._sql import JSON_COLUMNS, TIME_COLUMNS, SqlLedger
 
 __all__ = ["SqliteLedger"]
@@ -89,25 +88,6 @@ class SqliteLedger(SqlLedger):
             self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._migrate()
-
-    def _migrate(self) -> None:
-        with self.transaction() as db:
-            db.run(CREATE_TABLE, {})
-            done = {row["version"] for row in db.query("SELECT version FROM ledger_migrations", {})}
-            for migration in migrations(self.dialect):
-                if migration.version in done:
-                    continue
-                for statement in statements(migration.sql):
-                    db.run(statement, {})
-                db.run(
-                    "INSERT INTO ledger_migrations (version, name, applied_at) "
-                    "VALUES (:version, :name, :at)",
-                    {
-                        "version": migration.version,
-                        "name": migration.name,
-                        "at": datetime.now(UTC),
-                    },
-                )
 
     @contextmanager
     def transaction(self) -> Iterator[_Cursor]:
