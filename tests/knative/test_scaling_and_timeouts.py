@@ -132,6 +132,14 @@ def test_prod_renders_on_a_gpu_node_and_stays_warm(routing: RoutingOf) -> None:
     assert render.env["IMAGEGEN_PROFILE"] == "prod"
 
 
+def test_the_ledger_scales_to_zero_in_dev_and_stays_warm_in_prod(routing: RoutingOf) -> None:
+    # Status queries and webhooks should not wait for a cold start where they matter.
+    assert _scale(routing("dev").services["imagegen-ledger"], "min-scale") == 0
+    ledger = routing("prod").services["imagegen-ledger"]
+    assert _scale(ledger, "min-scale") == 1
+    assert not _requests_gpu(ledger)
+
+
 def test_prod_allows_more_enhance_and_persist_pods(routing: RoutingOf) -> None:
     for name in ("imagegen-enhance", "imagegen-persist"):
         dev = _scale(routing("dev").services[name], "max-scale") or 0
@@ -290,3 +298,21 @@ def test_containers_run_as_non_root(routing: RoutingOf, overlay: str) -> None:
         assert context["runAsNonRoot"] is True, service.name
         assert context["allowPrivilegeEscalation"] is False, service.name
         assert context["capabilities"]["drop"] == ["ALL"], service.name
+
+
+def test_the_dev_ledger_database_is_one_postgres_pod_and_prod_brings_its_own(
+    render: Callable[[str], list[dict[str, Any]]],
+) -> None:
+    # Not highly available, and says so (docs/ledger.md): one replica on one volume.
+    [database] = [d for d in render("dev") if d["kind"] == "StatefulSet"]
+    assert database["spec"]["replicas"] == 1
+    [container] = database["spec"]["template"]["spec"]["containers"]
+    assert container["image"].startswith("postgres:15")
+    [password] = [e for e in container["env"] if e["name"] == "POSTGRES_PASSWORD"]
+    # From the Secret the ledger reads its URL from, created by hand (no overlay applies it).
+    assert password["valueFrom"]["secretKeyRef"]["name"] == "imagegen-ledger"
+    assert not [d for d in render("prod") if d["kind"] == "StatefulSet"]
+    for overlay in OVERLAYS:
+        ledger = Routing(render(overlay)).services["imagegen-ledger"].manifest
+        sources = ledger["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+        assert {"secretRef": {"name": "imagegen-ledger"}} in sources
