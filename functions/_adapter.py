@@ -171,7 +171,7 @@ class Function:
                 raise self._broken
             if stage.input_model is None:  # the sink takes anything as it comes
                 data: Any = message.data
-                call = Call(attributes=message.attributes)
+                call = Call(attributes=message.attributes, headers=message.headers, raw=message.raw)
             else:
                 # 2. Check the input; the generation is known before the data is valid.
                 gid = _generation_hint(stage, message)
@@ -180,7 +180,11 @@ class Function:
                     raise DependencyUnavailable(
                         f"{stage.name} is not ready ({why})", retry_after=15
                     )
-                data = parse_model(stage.input_model, message.data)
+                if stage.direct is not None and not message.is_event:
+                    body = parse_model(stage.direct.model, message.data)
+                    data = stage.direct.complete(self._service.settings, body)
+                else:
+                    data = parse_model(stage.input_model, message.data)
                 call = identify(data, message.attributes, starts=stage.starts_generations)
                 gid = call.generation_id
             # 3. Run the stage inside the caller's trace.

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from imagegen.errors import ImageGenError, InvalidRequest, first_line
 from imagegen.events import GENERATION_FAILED, dataschema, reply_id, source_for
+from imagegen.identity import event_time
 from imagegen.models import ErrorInfo, GenerationFailed
 from imagegen.validation import loads
 
@@ -75,11 +76,13 @@ class Message:
             the sink only).
         attributes: The CloudEvents attributes as strings; empty for plain JSON.
         headers: The HTTP headers, names lower-cased.
+        raw: The body as received, where it could not be read as JSON (the sink keeps it).
     """
 
     data: Any
     attributes: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     headers: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    raw: bytes | None = None
 
     @property
     def is_event(self) -> bool:
@@ -164,19 +167,24 @@ def parse_leniently(headers: Mapping[str, str], body: bytes, *, truncated: bool)
     """Whatever arrived, as an event if it looks like one; for a sink that must lose nothing.
 
     Attributes are taken as they come (every ``ce-*`` header, or the structured envelope),
-    data that is not JSON is kept as text, and ``truncated`` is recorded as an attribute.
+    a body that is not JSON is kept as it came (``raw``; ``data`` is then its text, as far as
+    it decodes), and ``truncated`` is recorded as an attribute.
     """
     lowered = _lowered(headers)
-    data: Any = body.decode("utf-8", "replace")
-    with contextlib.suppress(InvalidRequest):
-        data = loads(body) if body else None
+    data: Any = None
+    raw: bytes | None = None
+    if body:
+        try:
+            data = loads(body)
+        except InvalidRequest:
+            data, raw = body.decode("utf-8", "replace"), body
     attributes = {k[3:]: v for k, v in lowered.items() if k.startswith("ce-")}
     if _content_type(lowered) == "application/cloudevents+json" and isinstance(data, dict):
         attributes = {k: str(v) for k, v in data.items() if k not in ("data", "data_base64")}
         data = data.get("data", data.get("data_base64"))
     if truncated:
         attributes["imagegentruncated"] = "true"
-    return Message(data, MappingProxyType(attributes) if attributes else _EMPTY, lowered)
+    return Message(data, MappingProxyType(attributes) if attributes else _EMPTY, lowered, raw)
 
 
 def _as_bytes(data: Any) -> Any:
@@ -213,7 +221,8 @@ def event_reply(
         "type": event_type,
         "source": source_for(stage),
         "id": reply_id(generation_id or cause or "unknown", event_type),
-        "time": datetime.now(UTC).isoformat(),
+        # From the data, never the clock: a redelivery to any replica answers alike.
+        "time": (getattr(data, "occurred_at", None) or datetime.now(UTC)).isoformat(),
         "datacontenttype": "application/json",
         "dataschema": dataschema(event_type),
     }
@@ -232,6 +241,13 @@ RETRIED_BY_KNATIVE = frozenset({404, 408, 409, 429})
 def is_final(status: int) -> bool:
     """Whether Knative gives up on a delivery answered with ``status`` (no retry)."""
     return 400 <= status < 500 and status not in RETRIED_BY_KNATIVE
+
+
+def _event_time(message: Message) -> datetime | None:
+    """The event's valid ``time``, if it has one (a failure may be that it has not)."""
+    with contextlib.suppress(InvalidRequest):
+        return event_time(message.attributes)
+    return None
 
 
 def error_reply(
@@ -254,7 +270,7 @@ def error_reply(
                 retryable=exc.retryable,
                 errors=getattr(exc, "errors", []),
             ),
-            failed_at=datetime.now(UTC),
+            failed_at=_event_time(message) or datetime.now(UTC),
         )
         cause = f"{message.attributes.get('source')}#{message.attributes.get('id')}"
         return event_reply(

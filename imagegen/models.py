@@ -45,6 +45,7 @@ __all__ = [
     "GenerationRequest",
     "LoraHint",
     "PersistedImage",
+    "RenderRequest",
     "RenderedImage",
     "derive_generation_id",
     "derive_seed",
@@ -226,6 +227,43 @@ class EnhancedPrompt(_Model):
         default=None, description="The generation this one replays, when it is a replay."
     )
 
+    @property
+    def occurred_at(self) -> datetime:
+        """The time of its event: the request's, fixed once for the generation."""
+        return self.requested_at
+
+
+class RenderRequest(_Model):
+    """A direct render request over plain HTTP: a prompt, and any render parameter to fix.
+
+    What a caller without enhance cannot know is filled in: a new generation id, the served
+    model and its family's steps and guidance, the current time, the seed derived from the id,
+    the enhancer "none". An enhanced prompt is a valid request as it is. Events keep the strict
+    contract: a prompt.enhanced event carries every field.
+    """
+
+    generation_id: GenerationId | None = Field(default=None, description="Default: a new id.")
+    prompt: str = Field(min_length=1, description="What to draw, handed to the model as is.")
+    original_prompt: str | None = None
+    dreamed: bool = False
+    fallback: bool = False
+    enhancer: str = Field(default="none", description="What wrote the prompt; 'none': the caller.")
+    contributions: list[Contribution] = Field(default_factory=list)
+    loras: list[LoraHint] = Field(default_factory=list)
+    model: str | None = Field(default=None, description="Default: the model render serves.")
+    width: Dimension = 1024
+    height: Dimension = 1024
+    steps: int | None = Field(default=None, ge=1, le=50, description="Default: per model.")
+    guidance: float | None = Field(default=None, ge=0.0, le=20.0, description="Default: per model.")
+    seed: int | None = Field(
+        default=None, ge=0, le=MAX_SEED, description="Default: derived from the generation id."
+    )
+    requested_at: Annotated[datetime | None, AfterValidator(_aware)] = Field(
+        default=None, description="Default: the current time."
+    )
+    metadata: Metadata = Field(default_factory=dict)
+    replay_of: GenerationId | None = None
+
 
 class RenderedImage(_Model):
     """Output of render, input of persist (event ``image.rendered``): a claim check."""
@@ -248,6 +286,11 @@ class RenderedImage(_Model):
         description="When the image was stored; its first writer fixes it for every reply.",
     )
     prompt: EnhancedPrompt
+
+    @property
+    def occurred_at(self) -> datetime:
+        """The time of its event: when the image's first writer stored it."""
+        return self.rendered_at or self.prompt.requested_at
 
 
 class PersistedImage(_Model):
@@ -273,6 +316,11 @@ class PersistedImage(_Model):
         description="When the image was rendered (else requested): taken from the event chain."
     )
 
+    @property
+    def occurred_at(self) -> datetime:
+        """The time of its event: the record's ``created_at``."""
+        return self.created_at
+
 
 class ErrorInfo(_Model):
     code: str
@@ -287,4 +335,12 @@ class GenerationFailed(_Model):
     generation_id: GenerationId | None = None
     stage: StageName
     error: ErrorInfo
-    failed_at: datetime
+    failed_at: datetime = Field(
+        description="The failing event's time, else when it was refused: every delivery of "
+        "one event fails at the same time."
+    )
+
+    @property
+    def occurred_at(self) -> datetime:
+        """The time of its event: ``failed_at``."""
+        return self.failed_at

@@ -62,8 +62,10 @@ def _ref(model: type[BaseModel] | None) -> dict[str, Any]:
 def document(stage: Stage) -> dict[str, Any]:
     """The OpenAPI document of ``stage``'s plain-HTTP surface."""
     models: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = []
-    if stage.input_model is not None:
-        models.append((stage.input_model, "validation"))
+    # A plain call may leave out what only an event carries (render's direct invoke).
+    body = stage.direct.model if stage.direct is not None else stage.input_model
+    if body is not None:
+        models.append((body, "validation"))
     if stage.output_model is not None:
         models.append((stage.output_model, "serialization"))
     models += [(route.response_model, "serialization") for route in stage.routes]
@@ -104,13 +106,18 @@ def document(stage: Stage) -> dict[str, Any]:
                     "summary": stage.summary,
                     "requestBody": {
                         "required": True,
-                        "content": {"application/json": {"schema": _ref(stage.input_model)}},
+                        "content": {"application/json": {"schema": _ref(body)}},
                     },
                     "responses": {
                         "200" if stage.output_model is not None else "202": ok,
                         "400": _error(
                             "Invalid input; every offending field is named. Not retried."
                         ),
+                        "401": _error(
+                            "No valid bearer token, where authentication is on; "
+                            "a WWW-Authenticate challenge says why."
+                        ),
+                        "403": _error("A valid token for another function or caller."),
                         "413": _error("Body larger than 1 MiB."),
                         "415": _error("Not JSON and not a CloudEvent."),
                         "429": _error("At capacity; retry after Retry-After.", retry=True),

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from imagegen.service import ImageGenService
     from imagegen.settings import Settings
 
-__all__ = ["Call", "Handler", "Route", "RouteCall", "Stage", "all_stages", "get", "names"]
+__all__ = ["Call", "Direct", "Handler", "Route", "RouteCall", "Stage", "all_stages", "get", "names"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,14 +36,32 @@ class Call:
         generation_id: The generation the request belongs to (None: not known, the sink).
         requested_at: The request's time, for a stage that starts generations.
         attributes: The CloudEvents attributes as received (empty for plain HTTP).
+        headers: The HTTP headers as received, names lower-cased (given to the sink).
+        raw: The body as received where it could not be read as JSON (given to the sink).
     """
 
     generation_id: str | None = None
     requested_at: datetime | None = None
     attributes: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    raw: bytes | None = None
 
 
 Handler = Callable[["ImageGenService", Any, Call], Awaitable["BaseModel | None"]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Direct:
+    """What a plain-HTTP body (no event) may leave out, and how the stage fills it in.
+
+    Attributes:
+        model: The body's model: the plain-HTTP surface (the OpenAPI document shows it).
+        complete: ``complete(settings, body)`` → the stage's input, with what a direct caller
+            cannot know (a generation id, the served model, the time) filled in.
+    """
+
+    model: type[BaseModel]
+    complete: Callable[[Settings, Any], BaseModel]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,6 +133,7 @@ class Stage:
             event's ``source`` + ``id``, else a new one), and its time from the event.
         png: Optional handler for a plain request with ``Accept: image/png``.
         routes: Further HTTP routes (queries of the stage's own records).
+        direct: A plain-HTTP body laxer than the event's data; None: the same ``input_model``.
     """
 
     name: str
@@ -129,6 +148,7 @@ class Stage:
     starts_generations: bool = False
     png: Callable[[ImageGenService, Any], Awaitable[tuple[bytes, dict[str, str]]]] | None = None
     routes: tuple[Route, ...] = ()
+    direct: Direct | None = None
 
 
 @cache

@@ -1,8 +1,9 @@
 """deadletter: records each event whose delivery finally failed, and each ``generation.failed``.
 
 It is the dead-letter sink of every Trigger and the subscriber of ``generation.failed``. It
-must lose nothing, so it takes whatever arrives: any event type, data that is not JSON, plain
-JSON without CloudEvents attributes. Knative adds ``knativeerrorcode``, ``knativeerrordest``
+must lose nothing, so it takes whatever arrives: any event type, any attributes, plain JSON
+without CloudEvents attributes, and a body that is not JSON at all (kept byte for byte, with
+the HTTP headers, credentials left out). Knative adds ``knativeerrorcode``, ``knativeerrordest``
 and ``knativeerrordata`` to a dead-lettered event; the last is the failing reply, base64, cut at
 1,024 bytes, so it is decoded as far as it goes and never relied on. One record per event, at
 ``failures/YYYY/MM/DD/<id>.json``: a redelivered event overwrites its own record.
@@ -18,7 +19,7 @@ import logging
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from imagegen.events import GENERATION_FAILED
 from imagegen.identity import derive_generation_id
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
     from imagegen.service import ImageGenService
 
 log = logging.getLogger("imagegen.deadletter")
+
+# Never written to storage: a record is read by people who may not hold the caller's rights.
+_CREDENTIALS = frozenset({"authorization", "proxy-authorization", "cookie"})
 
 
 class FailureRecord(BaseModel):
@@ -44,7 +48,11 @@ class FailureRecord(BaseModel):
     error_destination: str | None = None
     error_body: Any = None
     attributes: dict[str, str]
+    headers: dict[str, str] = {}
     data: Any = None
+    body_base64: str | None = Field(
+        default=None, description="The body as received, where it is not JSON."
+    )
     recorded_at: datetime
 
 
@@ -66,8 +74,9 @@ async def _record(service: ImageGenService, data: Any, call: Call) -> None:
     now = datetime.now(UTC)
     if "source" in attributes and "id" in attributes:
         name = derive_generation_id(attributes["source"], attributes["id"])
-    else:  # plain JSON: the same body lands on the same record
-        name = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+    else:  # no event: the same body lands on the same record
+        body = call.raw if call.raw is not None else json.dumps(data, sort_keys=True).encode()
+        name = hashlib.sha256(body).hexdigest()
     key = f"failures/{now:%Y/%m/%d}/{name}.json"
     gid = attributes.get("subject") or (
         data.get("generation_id") if isinstance(data, dict) else None
@@ -84,7 +93,9 @@ async def _record(service: ImageGenService, data: Any, call: Call) -> None:
         error_destination=attributes.get("knativeerrordest"),
         error_body=_decode(attributes.get("knativeerrordata")),
         attributes=attributes,
+        headers={k: v for k, v in call.headers.items() if k not in _CREDENTIALS},
         data=data,
+        body_base64=base64.b64encode(call.raw).decode() if call.raw is not None else None,
         recorded_at=now,
     )
     await service.storage.put(

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from imagegen.events import IMAGE_RENDERED, PROMPT_ENHANCED
-from imagegen.models import EnhancedPrompt, RenderedImage
-from imagegen.stages import Call, Stage
+from imagegen.identity import new_generation_id
+from imagegen.models import EnhancedPrompt, RenderedImage, RenderRequest, derive_seed
+from imagegen.modelspec import family_for
+from imagegen.stages import Call, Direct, Stage
+from imagegen.validation import parse_model
 
 if TYPE_CHECKING:
     from imagegen.service import ImageGenService
@@ -29,6 +33,22 @@ async def _render_png(
     return output.png, headers
 
 
+def _complete(settings: Settings, request: RenderRequest) -> EnhancedPrompt:
+    """The job of a direct call: what the caller left out, as enhance would have fixed it."""
+    model = request.model or settings.model
+    family = family_for(model)
+    generation_id = request.generation_id or new_generation_id()
+    filled = {
+        "generation_id": generation_id,
+        "model": model,
+        "steps": request.steps or family.default_steps,
+        "guidance": family.default_guidance if request.guidance is None else request.guidance,
+        "seed": derive_seed(generation_id) if request.seed is None else request.seed,
+        "requested_at": request.requested_at or datetime.now(UTC),
+    }
+    return parse_model(EnhancedPrompt, {**request.model_dump(), **filled})
+
+
 def _timeout(settings: Settings) -> float:
     return settings.render_timeout
 
@@ -44,4 +64,5 @@ STAGE = Stage(
     timeout=_timeout,
     loads_model=True,
     png=_render_png,
+    direct=Direct(model=RenderRequest, complete=_complete),
 )

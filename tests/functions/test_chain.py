@@ -113,6 +113,7 @@ def test_every_event_delivered_twice_yields_one_image_and_the_same_replies(
     for a, b in zip(first, second, strict=True):
         assert a.json() == b.json()
         assert a.headers["ce-id"] == b.headers["ce-id"]
+        assert a.headers["ce-time"] == b.headers["ce-time"]  # from the event, not the clock
     assert sorted(p.name for p in chain_store.rglob("redelivered-1*")) == [
         "redelivered-1.json",
         "redelivered-1.png",

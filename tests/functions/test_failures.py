@@ -5,6 +5,7 @@ events."""
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -16,6 +17,7 @@ from tests.functions.conftest import StartServer, base_env
 from tests.functions.servers import cloudevent_headers, post_event
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+SENT_AT = "2026-11-24T09:00:00Z"
 
 
 def test_a_final_failure_is_answered_2xx_with_generation_failed(
@@ -28,6 +30,7 @@ def test_a_final_failure_is_answered_2xx_with_generation_failed(
         {"width": 7},
         source="/tests",
         event_id="bad-1",
+        time=SENT_AT,
         traceparent=TRACEPARENT,
     )
     # A 2xx reply is published by the broker, and only a 2xx: the platform hears of the
@@ -40,9 +43,19 @@ def test_a_final_failure_is_answered_2xx_with_generation_failed(
     assert reply.headers["ce-subject"] == data["generation_id"]
     assert data["error"]["errors"][0]["field"] == "width"
     again = post_event(
-        enhance.url, GENERATION_REQUESTED, {"width": 7}, source="/tests", event_id="bad-1"
+        enhance.url,
+        GENERATION_REQUESTED,
+        {"width": 7},
+        source="/tests",
+        event_id="bad-1",
+        time=SENT_AT,
     )
     assert again.headers["ce-id"] == reply.headers["ce-id"]  # a redelivery: the same event
+    # The failure's time is the event's, not the clock's: a redelivery answers alike.
+    assert again.headers["ce-time"] == reply.headers["ce-time"]
+    failed_at = datetime.fromisoformat(data["failed_at"].replace("Z", "+00:00"))
+    assert datetime.fromisoformat(reply.headers["ce-time"]) == failed_at
+    assert failed_at == datetime.fromisoformat(SENT_AT.replace("Z", "+00:00"))
     other = post_event(
         enhance.url, GENERATION_REQUESTED, {"width": 7}, source="/tests", event_id="bad-2"
     )

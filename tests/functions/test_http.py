@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import re
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -11,6 +13,7 @@ import pytest
 from PIL import Image
 
 from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED, IMAGE_RENDERED, PROMPT_ENHANCED
+from imagegen.modelspec import family_for
 from tests.functions.servers import cloudevent_headers, post_event
 
 
@@ -59,6 +62,36 @@ def test_render_returns_png_when_asked(chain: dict[str, Any], chain_store) -> No
     assert reply.headers["x-imagegen-seed"] == "11"
     assert Image.open(io.BytesIO(reply.content)).size == (256, 288)
     assert sorted(chain_store.rglob("*")) == before  # nothing stored
+
+
+def test_render_invoked_directly_fills_what_the_caller_cannot_know(
+    chain: dict[str, Any], chain_store
+) -> None:
+    request = {"prompt": "a red door", "width": 256, "height": 256, "steps": 2, "seed": 3}
+    before = sorted(chain_store.rglob("*"))
+    png = chain["render"].post("/", json=request, headers={"Accept": "image/png"}, timeout=120)
+    assert png.status_code == 200, png.text
+    assert png.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(png.content)).size == (256, 256)
+    assert png.headers["x-imagegen-seed"] == "3" and png.headers["x-imagegen-model"] == "tiny"
+    assert re.fullmatch(r"[0-9a-f]{32}", png.headers["x-imagegen-generation-id"])
+    assert sorted(chain_store.rglob("*")) == before  # nothing stored
+
+    stored = chain["render"].post("/", json=request, timeout=120)
+    assert stored.status_code == 200, stored.text
+    image = stored.json()
+    job = image["prompt"]
+    assert job["enhancer"] == "none" and job["model"] == "tiny" and job["steps"] == 2
+    assert job["guidance"] == family_for("tiny").default_guidance
+    requested = datetime.fromisoformat(job["requested_at"])
+    assert abs((datetime.now(UTC) - requested).total_seconds()) < 120
+    assert image["generation_id"] != png.headers["x-imagegen-generation-id"]  # a new one each
+
+    # An event keeps the strict contract: the same body is refused, naming what is missing.
+    refused = post_event(chain["render"], PROMPT_ENHANCED, request)
+    assert refused.headers["ce-type"] == GENERATION_FAILED
+    missing = {e["field"] for e in refused.json()["error"]["errors"]}
+    assert {"generation_id", "enhancer", "model", "guidance", "requested_at"} <= missing
 
 
 def _assert_readable_4xx(

@@ -53,7 +53,7 @@ def assert_same(replies: list[httpx.Response], event_type: str) -> dict[str, Any
         assert reply.headers["ce-type"] == event_type
     first, second = replies
     assert first.json() == second.json()
-    for attribute in ("ce-id", "ce-subject", "ce-source", "ce-dataref"):
+    for attribute in ("ce-id", "ce-subject", "ce-source", "ce-dataref", "ce-time"):
         assert first.headers.get(attribute) == second.headers.get(attribute), attribute
     body: dict[str, Any] = first.json()
     return body

@@ -1,0 +1,96 @@
+"""The functions under hostile input, in this process, and what every answer must be."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, settings
+
+from imagegen.events import GENERATION_FAILED
+from tests.functions.clients import InProcessFunction
+
+# Deterministic in CI: the same inputs every run, no example database, no timing flakiness.
+settings.register_profile(
+    "fuzz",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+FUZZ = settings.get_profile("fuzz")
+
+STAGES = ("enhance", "render", "persist", "deadletter")
+
+# The only 5xx a function may answer: retryable, with Retry-After (functions.md).
+RETRYABLE = frozenset({429, 503})
+TRACE_MARKERS = ("Traceback (most recent call last)", 'File "/', "RecursionError", "Error:\n")
+
+
+def fuzz_env(store: Path) -> dict[str, str]:
+    """Settings of the functions under fuzz: the tiny model, local storage, no Ollama."""
+    return {
+        "IMAGEGEN_MODEL": "tiny",
+        "IMAGEGEN_SERVED_MODELS": "tiny",
+        "IMAGEGEN_STORAGE_URL": str(store),
+        "IMAGEGEN_OLLAMA_HOST": "http://127.0.0.1:9",
+        "IMAGEGEN_OLLAMA_RETRIES": "0",
+        "IMAGEGEN_PUBLIC_BASE_URL": "https://img.example.com",
+        "IMAGEGEN_LOG_LEVEL": "ERROR",
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+@pytest.fixture(scope="session")
+def fuzz_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Where the functions under fuzz store: in memory where the system has a tmpfs.
+
+    Thousands of records are written, each synced to disk by the local storage; on tmpfs a
+    sync costs nothing, and the code paths are the same.
+    """
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        yield tmp_path_factory.mktemp("fuzz-store")
+        return
+    store = Path(tempfile.mkdtemp(prefix="imagegen-fuzz-", dir=shm))
+    try:
+        yield store
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def functions(fuzz_store: Path) -> Iterator[dict[str, InProcessFunction]]:
+    """enhance, render, persist and deadletter on one store, started once per worker."""
+    started = {stage: InProcessFunction(stage, fuzz_env(fuzz_store)) for stage in STAGES}
+    yield started
+    for function in started.values():
+        function.client.close()
+
+
+def check(stage: str, response: httpx.Response) -> None:
+    """What every answer to hostile input must be."""
+    status, body = response.status_code, response.text
+    assert status < 500 or status in RETRYABLE, (status, body[:500])
+    if status in RETRYABLE:
+        assert int(response.headers["Retry-After"]) > 0, body[:200]
+    for marker in TRACE_MARKERS:
+        assert marker not in body, body[:500]
+    delivery = (response.request.method, response.request.url.path) == ("POST", "/")
+    if stage == "deadletter" and delivery and status < 300:
+        # A broker takes a non-empty 2xx body that is not an event for a failed delivery.
+        assert status == 202 and response.content == b"", (status, body[:200])
+        return
+    if status < 300 or response.request.method == "HEAD":
+        if response.headers.get("ce-type") == GENERATION_FAILED:  # it names what was wrong
+            assert response.json()["error"]["message"], body[:300]
+        return
+    # A plain JSON error: a code, a message, whether a retry can help.
+    error = response.json()
+    assert error["error"] and error["message"] and "retryable" in error, body[:300]

@@ -1,0 +1,72 @@
+"""Hostile input against every function: no 5xx but the retryable 503/429, no stack traces.
+
+Per function and run, at least 1,000 inputs: events drawn from the data's JSON Schema, valid
+requests mutated, raw byte junk, and abused CloudEvents headers, envelopes, content types,
+methods and paths (:mod:`tests.fuzz.inputs`). The functions run in this process
+(functions-framework's app through httpx's WSGI transport), so thousands of requests take
+seconds; the inputs are the same on every run (the ``fuzz`` profile is derandomized).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.functions.clients import InProcessFunction
+from tests.fuzz.conftest import FUZZ, STAGES, check
+from tests.fuzz.inputs import (
+    Request,
+    abused,
+    from_the_schema,
+    junk,
+    mutated,
+)
+
+# Per function: (strategy, examples, requests per example); 1,000 requests in all.
+SHARES: dict[str, tuple[Callable[[str], st.SearchStrategy[Any]], int, int]] = {
+    "schema": (from_the_schema, 75, 3),
+    "mutated": (mutated, 325, 1),
+    "junk": (junk, 225, 1),
+    "abused": (abused, 225, 1),
+}
+
+
+def send(function: InProcessFunction, request: Request) -> httpx.Response:
+    return function.client.request(
+        request.method, request.path, headers=request.headers, content=request.body
+    )
+
+
+def test_the_shares_add_up_to_a_thousand_per_function() -> None:
+    assert sum(examples * each for _, examples, each in SHARES.values()) >= 1000
+
+
+@pytest.mark.parametrize("share", sorted(SHARES))
+@pytest.mark.parametrize("stage", STAGES)
+def test_hostile_input_is_answered_4xx_or_retryable(
+    functions: dict[str, InProcessFunction], stage: str, share: str
+) -> None:
+    strategy, examples, each = SHARES[share]
+    function = functions[stage]
+    statuses: list[int] = []
+
+    @settings(FUZZ, max_examples=examples)
+    @given(drawn=strategy(stage))
+    def run(drawn: Request | list[Request]) -> None:
+        for request in drawn if isinstance(drawn, list) else [drawn]:
+            response = send(function, request)
+            statuses.append(response.status_code)
+            check(stage, response)
+            if stage == "deadletter" and (request.method, request.path) == ("POST", "/"):
+                assert response.status_code == 202, "the sink keeps whatever it is given"
+
+    run()
+    sent = len(statuses)
+    assert sent >= examples * each, f"only {sent} {share} inputs were sent to {stage}"
+    if stage != "deadletter":  # the inputs reach past the first check: answers differ
+        assert len(set(statuses)) > 1, set(statuses)
