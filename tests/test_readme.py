@@ -133,7 +133,7 @@ def test_the_local_invoke_commands_work(tmp_path: Path) -> None:
     documented = sorted(set(re.findall(r"--port (\d+)", blocks[0])))
     assert len(documented) == 3, blocks[0]
     moved = {port: str(_free_port()) for port in documented}
-    serve, event, plain = (
+    serve, event, plain, direct = (
         re.sub(r"\b(808\d)\b", lambda m: moved.get(m[1], m[1]), block) for block in blocks
     )
     # `imagegen` and `curl` as a user has them: the project's environment first on PATH.
@@ -171,6 +171,9 @@ def test_the_local_invoke_commands_work(tmp_path: Path) -> None:
         assert (tmp_path / "output" / body["key"]).is_file()
         assert (tmp_path / "lighthouse.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert json.loads((tmp_path / "enhanced.json").read_text())["seed"] == 7
+
+        subprocess.run(["bash", "-c", direct], **run)  # render from a prompt alone
+        assert (tmp_path / "door.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         for server in servers:
             os.killpg(server.pid, signal.SIGTERM)
