@@ -30,16 +30,29 @@ class ImageGenError(Exception):
         status: The HTTP status this error maps to at the function edge.
         retryable: Whether delivering the same input again can succeed.
         retry_after: Seconds a caller should wait before retrying, when retryable.
+        errors: One entry per offending field or setting: ``{"field": ..., "message": ...}``.
     """
 
     code: ClassVar[str] = "internal"
     status: ClassVar[int] = 500
     retryable: ClassVar[bool] = False
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        errors: list[dict[str, str]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        self.errors = errors or []
+
+    @property
+    def fields(self) -> list[str]:
+        """Names of the offending fields or settings, in the order found."""
+        return [e["field"] for e in self.errors]
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON body describing this error (never a stack trace)."""
@@ -50,6 +63,8 @@ class ImageGenError(Exception):
         }
         if self.retry_after is not None:
             body["retry_after"] = self.retry_after
+        if self.errors:
+            body["errors"] = self.errors
         return body
 
 
@@ -66,19 +81,7 @@ class InvalidRequest(ImageGenError):
     retryable = False
 
     def __init__(self, message: str, *, errors: list[dict[str, str]] | None = None) -> None:
-        super().__init__(message)
-        self.errors = errors or []
-
-    @property
-    def fields(self) -> list[str]:
-        """Names of the offending fields, in the order found."""
-        return [e["field"] for e in self.errors]
-
-    def to_dict(self) -> dict[str, Any]:
-        body = super().to_dict()
-        if self.errors:
-            body["errors"] = self.errors
-        return body
+        super().__init__(message, errors=errors)
 
 
 class Unauthenticated(ImageGenError):
@@ -160,19 +163,7 @@ class ConfigurationError(ImageGenError):
         errors: list[dict[str, str]] | None = None,
         retry_after: float = 30.0,
     ) -> None:
-        super().__init__(message, retry_after=retry_after)
-        self.errors = errors or []
-
-    @property
-    def fields(self) -> list[str]:
-        """Names of the offending settings, in the order found."""
-        return [e["field"] for e in self.errors]
-
-    def to_dict(self) -> dict[str, Any]:
-        body = super().to_dict()
-        if self.errors:
-            body["errors"] = self.errors
-        return body
+        super().__init__(message, retry_after=retry_after, errors=errors)
 
 
 class InternalError(ImageGenError):

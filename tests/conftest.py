@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import pytest
 
@@ -31,6 +31,40 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., FunctionServer]]:
     yield start
     for server in started:
         server.stop()
+
+
+class CliResult(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+RunCli = Callable[..., CliResult]
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> RunCli:
+    """Run the ``imagegen`` command line in this process, through its entry point.
+
+    Torch and the tiny model load once per test process; the behaviour that only a fresh
+    process shows (quiet start-up, signals) is tested with subprocesses in tests/test_cli*.py.
+    """
+    from imagegen.cli import main
+
+    def run(*args: str, env: Mapping[str, str] | None = None) -> CliResult:
+        with monkeypatch.context() as patched:
+            for name, value in (env or {}).items():
+                patched.setenv(name, value)
+            capsys.readouterr()
+            try:
+                main(list(args))
+                code = 0
+            except SystemExit as exit:
+                code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+            captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,8 @@
-"""What a newcomer sees from the command line: the result, at most one note, a line per image."""
+"""What a newcomer sees from the command line: the result, at most one note, a line per image.
+
+The first test runs the command line as a user does, in a fresh process (where library notices
+at import would show); the others run it in this process (``cli``).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import pytest
 from imagegen.cli._ollama import ollama_advice
 from imagegen.cli._viewer import viewer_command
 from imagegen.settings import Settings
+from tests.conftest import RunCli
 from tests.fakes.ollama_server import FakeOllama
 
 SMALL = ["--model", "tiny", "--width", "256", "--height", "256"]
@@ -67,17 +72,17 @@ def test_generate_prints_the_result_and_one_line_about_the_fallback(tmp_path: Pa
     assert opened.read_text() == path  # the platform's viewer was started on the image
 
 
-def test_verbose_shows_the_chatter_and_open_without_a_display_says_why(tmp_path: Path) -> None:
+def test_verbose_shows_the_chatter_and_open_without_a_display_says_why(cli: RunCli) -> None:
     env = {"DISPLAY": "", "WAYLAND_DISPLAY": "", "IMAGEGEN_OLLAMA_RETRIES": "1"}
-    result = imagegen("generate", "a fox", *SMALL, "--open", "--verbose", cwd=tmp_path, env=env)
+    result = cli("generate", "a fox", *SMALL, "--open", "--verbose", env=env)
     assert result.returncode == 0, result.stderr
     assert "Ollama attempt 1 failed" in result.stderr  # the retry line, shown when asked
     assert "not opened: no display here" in result.stderr
     assert sum("template prompt used" in line for line in result.stderr.splitlines()) == 1
 
 
-def test_loop_prints_a_line_per_image_with_the_average(tmp_path: Path) -> None:
-    result = imagegen("loop", *SMALL, "--count", "2", cwd=tmp_path)
+def test_loop_prints_a_line_per_image_with_the_average(cli: RunCli) -> None:
+    result = cli("loop", *SMALL, "--count", "2")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 2, result.stdout
@@ -92,8 +97,8 @@ def test_loop_prints_a_line_per_image_with_the_average(tmp_path: Path) -> None:
     assert notes[1] == "made 2 image(s)"
 
 
-def test_doctor_rows_are_sentences_with_a_next_step(tmp_path: Path) -> None:
-    result = imagegen("doctor", cwd=tmp_path, timeout=120)
+def test_doctor_rows_are_sentences_with_a_next_step(cli: RunCli) -> None:
+    result = cli("doctor")
     assert result.returncode == 0, result.stderr
     rows = {line.split()[1]: line for line in result.stdout.splitlines() if line[:1].strip()}
     assert set(rows) == {"render", "ollama", "storage"}
@@ -106,12 +111,12 @@ def test_doctor_rows_are_sentences_with_a_next_step(tmp_path: Path) -> None:
     assert result.stderr == ""  # no library notices
 
 
-def test_doctor_json_and_a_failing_check(tmp_path: Path) -> None:
+def test_doctor_json_and_a_failing_check(cli: RunCli, tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("storage cannot live under a file")
     with FakeOllama(models=()) as fake:  # running, but without the model
         env = {"IMAGEGEN_OLLAMA_HOST": fake.url, "IMAGEGEN_STORAGE_URL": str(blocker / "out")}
-        result = imagegen("doctor", "--json", cwd=tmp_path, env=env, timeout=120)
+        result = cli("doctor", "--json", env=env)
     assert result.returncode == 1, result.stderr
     body = json.loads(result.stdout)
     assert body["ok"] is False

@@ -26,7 +26,6 @@ from imagegen.telemetry import tracer
 try:
     import diffusers
     import torch
-    from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 
     from imagegen.render._device import select_device
     from imagegen.render._family import build_offline, call_options
@@ -253,9 +252,12 @@ class DiffusersBackend:
             pipeline: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]
         ) -> dict[str, Any]:
             nonlocal last_step_at
+            steps = getattr(pipeline, "num_timesteps", None) or job.steps
+            if step + 1 >= steps:
+                self._synchronize()  # the loop's last GPU work ends before the decode starts
             last_step_at = time.perf_counter()
             if progress is not None:
-                progress(step + 1, getattr(pipeline, "num_timesteps", None) or job.steps)
+                progress(step + 1, steps)
             return callback_kwargs
 
         if "callback_on_step_end" in parameters:
@@ -268,21 +270,9 @@ class DiffusersBackend:
             "imagegen.device": device.type,
             "imagegen.batch_size": len(jobs),
         }
+        # The pipeline denoises and decodes in one call; the last step's end splits the two
+        # phases, and their spans are written afterwards with those times.
         started = time.perf_counter()
-        if isinstance(pipe, FluxPipeline):
-            # Stop at the latents and decode here, exactly as FluxPipeline would, to time the
-            # two phases apart.
-            with tracer().start_as_current_span("imagegen.render.denoise_loop") as span:
-                span.set_attributes(loop_attributes)
-                latents = pipe(**kwargs, output_type="latent").images
-                self._synchronize()
-            denoised = time.perf_counter()
-            with tracer().start_as_current_span("imagegen.render.vae_decode"):
-                images = self._decode_flux(pipe, latents, job.width, job.height)
-            return images, denoised - started, time.perf_counter() - denoised
-
-        # Any other pipeline decodes itself: the last step's end splits the two phases, and
-        # their spans are written afterwards with those times.
         loop_span = tracer().start_span("imagegen.render.denoise_loop", attributes=loop_attributes)
         try:
             with trace.use_span(loop_span, end_on_exit=False):  # records an error on the span
@@ -296,17 +286,6 @@ class DiffusersBackend:
         loop_span.end(end_time=denoised_ns)
         tracer().start_span("imagegen.render.vae_decode", start_time=denoised_ns).end(ended_ns)
         return images, denoised - started, ended - denoised
-
-    @staticmethod
-    @torch.inference_mode()
-    def _decode_flux(pipe: Pipeline, latents: torch.Tensor, width: int, height: int) -> list[Any]:
-        """FluxPipeline's own decoding: unpack the 2x2 patches, undo the scaling, run the VAE."""
-        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        pixels = pipe.vae.decode(latents.to(pipe.vae.device), return_dict=False)[0]
-        images = list(pipe.image_processor.postprocess(pixels, output_type="pil"))
-        pipe.maybe_free_model_hooks()
-        return images
 
     @staticmethod
     def _png_text(job: EnhancedPrompt) -> dict[str, str]:

@@ -25,7 +25,7 @@ class InstrumentedStorage:
         self.name = inner.name
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)  # what is not measured: root, close, ...
+        return getattr(self.inner, name)  # what is not measured: root, bucket, ...
 
     @asynccontextmanager
     async def _measured(self, operation: str, key: str) -> AsyncIterator[None]:
@@ -36,33 +36,21 @@ class InstrumentedStorage:
             labels = {"operation": operation, "stage": current_stage.get()}
             instruments().storage_duration.record(time.perf_counter() - started, labels)
 
-    async def put(
-        self,
-        key: str,
-        data: bytes,
-        *,
-        content_type: str,
-        metadata: dict[str, str] | None = None,
-    ) -> StoredObject:
+    def _written(self, size: int) -> None:
+        instruments().storage_bytes_written.add(size, {"stage": current_stage.get()})
+
+    # The options (content_type, metadata) pass through as :class:`Storage` declares them.
+    async def put(self, key: str, data: bytes, **options: Any) -> StoredObject:
         async with self._measured("put", key):
-            stored = await self.inner.put(key, data, content_type=content_type, metadata=metadata)
-        instruments().storage_bytes_written.add(len(data), {"stage": current_stage.get()})
+            stored = await self.inner.put(key, data, **options)
+        self._written(len(data))
         return stored
 
-    async def create(
-        self,
-        key: str,
-        data: bytes,
-        *,
-        content_type: str,
-        metadata: dict[str, str] | None = None,
-    ) -> bool:
+    async def create(self, key: str, data: bytes, **options: Any) -> bool:
         async with self._measured("put", key):
-            written = await self.inner.create(
-                key, data, content_type=content_type, metadata=metadata
-            )
+            written = await self.inner.create(key, data, **options)
         if written:
-            instruments().storage_bytes_written.add(len(data), {"stage": current_stage.get()})
+            self._written(len(data))
         return written
 
     async def get(self, key: str) -> bytes:

@@ -121,10 +121,6 @@ class S3Storage:
         preset = self.options.preset
         return f"S3Storage(bucket={self.bucket!r}, prefix={self.prefix!r}, preset={preset!r})"
 
-    def close(self) -> None:
-        """Release the client's connections."""
-        self._client.close()
-
     async def put(
         self,
         key: str,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Self
 
 import functions_framework
 import httpx
@@ -50,3 +50,12 @@ class InProcessFunction:
 
     def get(self, path: str) -> httpx.Response:
         return self.client.get(path)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,4 +1,8 @@
-"""Dependencies down, capacity, crashes: retryable answers, and nothing lost or doubled."""
+"""Dependencies down, capacity, crashes: retryable answers, and nothing lost or doubled.
+
+Functions run in this process (the framework's app) except where the process itself is the
+subject: a render killed mid-request, and one whose model is still loading at start-up.
+"""
 
 from __future__ import annotations
 
@@ -6,100 +10,121 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 
 from imagegen.events import GENERATION_REQUESTED, IMAGE_RENDERED, PROMPT_ENHANCED
+from imagegen.models import EnhancedPrompt
 from tests.enhance.conftest import FakeOllama
 from tests.fakes.s3_server import SECRET_ACCESS_KEY, S3Server
+from tests.functions.clients import InProcessFunction
 from tests.functions.conftest import StartServer, base_env, s3_env
 from tests.functions.servers import post_event
 
-
-def _job(enhance_url: str, **request: object) -> dict:
-    reply = httpx.post(enhance_url, json={"prompt": "a slow painting", **request}, timeout=60)
-    assert reply.status_code == 200, reply.text
-    return reply.json()
+KILLED_SIZE, KILLED_STEPS = 1024, 2
 
 
-def test_ollama_down_falls_back_or_503(start_server: StartServer, tmp_path: Path) -> None:
+def _job(generation_id: str, *, size: int = 256, steps: int = 2) -> dict[str, Any]:
+    """What enhance would send render: a prompt.enhanced event's data."""
+    return EnhancedPrompt(
+        generation_id=generation_id,
+        prompt="a slow painting",
+        enhancer="template",
+        model="tiny",
+        width=size,
+        height=size,
+        steps=steps,
+        guidance=3.5,
+        seed=3,
+        requested_at=datetime(2026, 11, 24, 9, 0, tzinfo=UTC),
+    ).model_dump(mode="json")
+
+
+def test_ollama_down_falls_back_or_503(tmp_path: Path) -> None:
     env = base_env(tmp_path / "store")
-    fallback = start_server("enhance", env)
-    reply = post_event(
-        fallback.url, GENERATION_REQUESTED, {"prompt": "a harbour"}, subject="ollama-down-1"
-    )
+    with InProcessFunction("enhance", env) as fallback:
+        reply = post_event(
+            fallback, GENERATION_REQUESTED, {"prompt": "a harbour"}, subject="ollama-down-1"
+        )
     assert reply.status_code == 200
     assert reply.json()["fallback"] is True and reply.json()["enhancer"] == "template"
 
-    strict = start_server("enhance", {**env, "IMAGEGEN_ENHANCE_FALLBACK": "false"})
-    refused = post_event(
-        strict.url, GENERATION_REQUESTED, {"prompt": "a harbour"}, subject="ollama-down-2"
-    )
+    with InProcessFunction("enhance", {**env, "IMAGEGEN_ENHANCE_FALLBACK": "false"}) as strict:
+        refused = post_event(
+            strict, GENERATION_REQUESTED, {"prompt": "a harbour"}, subject="ollama-down-2"
+        )
     assert refused.status_code == 503
     assert int(refused.headers["retry-after"]) > 0
     assert refused.json()["retryable"] is True
 
 
-def test_ollama_up_writes_the_prompt(start_server: StartServer, tmp_path: Path) -> None:
+def test_ollama_up_writes_the_prompt(tmp_path: Path) -> None:
     with FakeOllama() as ollama:
         ollama.reply_with('{"prompt": "a quiet harbour at dawn, mist over the water"}')
         env = {**base_env(tmp_path / "store"), "IMAGEGEN_OLLAMA_HOST": ollama.url}
-        server = start_server("enhance", env)
-        reply = post_event(
-            server.url, GENERATION_REQUESTED, {"prompt": "a harbour"}, subject="ollama-up-1"
-        )
+        with InProcessFunction("enhance", env) as enhance:
+            reply = post_event(
+                enhance, GENERATION_REQUESTED, {"prompt": "a harbour"}, subject="ollama-up-1"
+            )
         assert reply.status_code == 200, reply.text
         data = reply.json()
         assert data["fallback"] is False and data["enhancer"].startswith("ollama:")
         assert data["prompt"].startswith("a quiet harbour at dawn")
 
 
-def test_storage_down_is_503_and_the_same_event_succeeds_later(
-    start_server: StartServer, tmp_path: Path
-) -> None:
+def test_storage_down_is_503_and_the_same_event_succeeds_later(tmp_path: Path) -> None:
     with S3Server() as s3:
         s3.create_bucket("images")
         env = {**base_env(tmp_path / "unused"), **s3_env(s3, "s3://images")}
-        enhance = start_server("enhance", env)
-        render = start_server("render", env)
-        render.wait("/readyz", timeout=120)
-        job = _job(enhance.url, width=256, height=256, generation_id="storage-down-1")
+        job = _job("storage-down-1")
+        with InProcessFunction("render", env) as render:
+            s3.down()
+            refused = post_event(
+                render, PROMPT_ENHANCED, job, subject="storage-down-1", event_id="r-1"
+            )
+            assert refused.status_code == 503, refused.text
+            assert int(refused.headers["retry-after"]) > 0
+            assert refused.json()["retryable"] is True
+            assert SECRET_ACCESS_KEY not in refused.text
 
-        s3.down()
-        refused = post_event(
-            render.url, PROMPT_ENHANCED, job, subject="storage-down-1", event_id="r-1"
-        )
-        assert refused.status_code == 503, refused.text
-        assert int(refused.headers["retry-after"]) > 0
-        assert refused.json()["retryable"] is True
-        assert SECRET_ACCESS_KEY not in refused.text
-
-        s3.up()
-        accepted = post_event(
-            render.url, PROMPT_ENHANCED, job, subject="storage-down-1", event_id="r-1"
-        )
+            s3.up()
+            accepted = post_event(
+                render, PROMPT_ENHANCED, job, subject="storage-down-1", event_id="r-1"
+            )
         assert accepted.status_code == 200, accepted.text
         assert accepted.headers["ce-type"] == IMAGE_RENDERED
 
 
-def test_render_at_capacity_answers_429(start_server: StartServer, tmp_path: Path) -> None:
+def test_render_at_capacity_answers_429(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from imagegen.render.diffusers_backend import DiffusersBackend
+
     env = {**base_env(tmp_path / "store"), "IMAGEGEN_RENDER_QUEUE_SIZE": "0"}
-    enhance = start_server("enhance", env)
-    render = start_server("render", env)
-    render.wait("/readyz", timeout=120)
-    jobs = [
-        _job(enhance.url, width=1024, height=1024, steps=30, generation_id=f"busy-{i}")
-        for i in range(3)
-    ]
-    with ThreadPoolExecutor(3) as pool:
-        replies = list(pool.map(lambda job: httpx.post(render.url, json=job, timeout=300), jobs))
-    statuses = sorted(r.status_code for r in replies)
-    assert statuses[0] == 200 and 429 in statuses, statuses
-    for reply in replies:
-        if reply.status_code == 429:
-            assert int(reply.headers["retry-after"]) > 0
-            assert reply.json()["error"] == "overloaded"
+    with InProcessFunction("render", env) as render:
+        # The first render holds the pipeline until the others have been answered.
+        rendering, release = threading.Event(), threading.Event()
+        render_batch = DiffusersBackend.render_batch
+
+        def held(self: DiffusersBackend, jobs: Any, **kwargs: Any) -> Any:
+            rendering.set()
+            assert release.wait(60)
+            return render_batch(self, jobs, **kwargs)
+
+        monkeypatch.setattr(DiffusersBackend, "render_batch", held)
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(render.post, "/", json=_job("busy-0"))
+            assert rendering.wait(60), "the first render never started"
+            refused = [render.post("/", json=_job(f"busy-{i}")) for i in (1, 2)]
+            release.set()
+            accepted = first.result(timeout=120)
+    assert accepted.status_code == 200, accepted.text
+    for reply in refused:
+        assert reply.status_code == 429, reply.text
+        assert int(reply.headers["retry-after"]) > 0
+        assert reply.json()["error"] == "overloaded"
 
 
 def test_render_killed_mid_request_produces_the_image_once(
@@ -107,10 +132,11 @@ def test_render_killed_mid_request_produces_the_image_once(
 ) -> None:
     store = tmp_path / "store"
     env = base_env(store)
-    enhance = start_server("enhance", env)
     render = start_server("render", env)
     render.wait("/readyz", timeout=120)
-    job = _job(enhance.url, width=1024, height=1024, steps=40, generation_id="killed-1")
+    # Long enough to be caught inside its pipeline call: the kill follows the log line by
+    # milliseconds, and the render takes seconds.
+    job = _job("killed-1", size=KILLED_SIZE, steps=KILLED_STEPS)
 
     outcome: list[object] = []
 
@@ -149,7 +175,7 @@ def test_render_killed_mid_request_produces_the_image_once(
     assert first.status_code == second.status_code == 200
     assert first.json() == second.json()
     stored = sorted(p.name for p in store.rglob("killed-1*") if not p.name.startswith("."))
-    assert stored == ["killed-1.png", "killed-1.prompt.json"]
+    assert stored == ["killed-1.png"]
 
 
 def test_render_is_not_ready_while_its_model_loads(

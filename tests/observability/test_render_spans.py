@@ -1,4 +1,4 @@
-"""A pipeline that decodes itself still gets denoising-loop and VAE-decode spans."""
+"""The denoising loop and the VAE decode get spans of their own, split at the last step."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tests.observability.conftest import InMemoryTelemetry
 
 
 class SelfDecodingPipeline:
-    """Not a FluxPipeline: steps, then its own decode, in one call."""
+    """Steps, then its own decode, in one call, like every diffusers pipeline."""
 
     def __call__(
         self,

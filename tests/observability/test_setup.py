@@ -14,16 +14,15 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased
 
 import imagegen
 from imagegen import observability
 from imagegen.observability import (
     EXPORT_TIMEOUT,
-    GenerationSpanProcessor,
     Telemetry,
     create_telemetry,
     setup_observability,
@@ -31,6 +30,7 @@ from imagegen.observability import (
 from imagegen.settings import Settings
 from tests.conftest import ROOT
 from tests.observability.blackhole import Blackhole
+from tests.observability.collector import Collector
 from tests.observability.conftest import InMemoryTelemetry
 
 REFUSED = "http://127.0.0.1:9"  # nothing listens: connections are refused at once
@@ -51,51 +51,94 @@ def make(made: list[Telemetry], service_name: str = "imagegen-test") -> Telemetr
     return telemetry
 
 
-def processors(provider: TracerProvider | None) -> list[SpanProcessor]:
-    assert provider is not None
-    return list(provider._active_span_processor._span_processors)
+def export_once(telemetry: Telemetry, span_name: str = "exported") -> None:
+    """One span and one counter through ``telemetry``'s providers, flushed to its exporters."""
+    if telemetry.tracer_provider is not None:
+        with telemetry.tracer_provider.get_tracer("tests").start_as_current_span(span_name):
+            pass
+        assert telemetry.tracer_provider.force_flush(10_000)
+    if telemetry.meter_provider is not None:
+        telemetry.meter_provider.get_meter("tests").create_counter("tests.count").add(1)
+        assert telemetry.meter_provider.force_flush(10_000)
+
+
+def seconds_to_give_up(exporter: OTLPSpanExporter) -> float:
+    """How long ``exporter``, pointed at a collector that never answers, tries one export."""
+    provider = TracerProvider()
+    with provider.get_tracer("tests").start_as_current_span("lost") as span:
+        pass
+    started = time.monotonic()
+    exporter.export([span])  # type: ignore[list-item]
+    return time.monotonic() - started
 
 
 def test_without_an_endpoint_nothing_is_exported(made: list[Telemetry]) -> None:
     telemetry = make(made)
     assert telemetry.span_exporter is None
     assert telemetry.metric_exporter is None
-    assert [type(p) for p in processors(telemetry.tracer_provider)] == [GenerationSpanProcessor]
     # Nothing would read the metrics: the instruments stay the API's no-ops.
     assert telemetry.meter_provider is None
+    assert telemetry.tracer_provider is not None
+    # The one processor in place hands the generation's attributes down to child spans.
+    spans = InMemorySpanExporter()
+    telemetry.tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    tracer = telemetry.tracer_provider.get_tracer("tests")
+    parent = {"imagegen.generation_id": "g-1"}
+    with (
+        tracer.start_as_current_span("parent", attributes=parent),
+        tracer.start_as_current_span("child"),
+    ):
+        pass
+    child = next(s for s in spans.get_finished_spans() if s.name == "child")
+    assert (child.attributes or {})["imagegen.generation_id"] == "g-1"
 
 
 def test_an_endpoint_configures_otlp_exporters_off_the_request_path(
     made: list[Telemetry], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", REFUSED)
-    telemetry = make(made)
+    with Collector() as collector:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url)
+        telemetry = make(made)
+        assert isinstance(telemetry.span_exporter, OTLPSpanExporter)
+        assert isinstance(telemetry.metric_exporter, OTLPMetricExporter)
+        export_once(telemetry)
+    assert [span.name for span in collector.spans("/v1/traces")] == ["exported"]
+    assert collector.metric_resources("/v1/metrics")
 
-    assert isinstance(telemetry.span_exporter, OTLPSpanExporter)
-    assert telemetry.span_exporter._endpoint == f"{REFUSED}/v1/traces"
-    assert telemetry.span_exporter._client._timeout == EXPORT_TIMEOUT
-    batch = [p for p in processors(telemetry.tracer_provider) if isinstance(p, BatchSpanProcessor)]
-    assert [p.span_exporter for p in batch] == [telemetry.span_exporter]
-
-    assert isinstance(telemetry.metric_exporter, OTLPMetricExporter)
-    assert telemetry.metric_exporter._endpoint == f"{REFUSED}/v1/metrics"
-    assert telemetry.meter_provider is not None
-    readers = list(telemetry.meter_provider._metric_readers)
-    assert [type(r) for r in readers] == [PeriodicExportingMetricReader]
-    assert readers[0]._exporter is telemetry.metric_exporter
+    with Blackhole() as hung:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", hung.url)
+        telemetry = make(made)
+        assert telemetry.tracer_provider is not None
+        # Spans leave in the background: ending one never waits for a collector that hangs...
+        started = time.monotonic()
+        with telemetry.tracer_provider.get_tracer("tests").start_as_current_span("quick"):
+            pass
+        assert time.monotonic() - started < EXPORT_TIMEOUT / 2
+        # ...and an export gives up after EXPORT_TIMEOUT.
+        assert isinstance(telemetry.span_exporter, OTLPSpanExporter)
+        given_up = seconds_to_give_up(telemetry.span_exporter)
+        assert EXPORT_TIMEOUT * 0.8 <= given_up < EXPORT_TIMEOUT + 3
 
 
 def test_per_signal_endpoints_timeouts_and_exporter_choice(
     made: list[Telemetry], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"{REFUSED}/custom/traces")
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "2")
-    telemetry = make(made)
-    assert isinstance(telemetry.span_exporter, OTLPSpanExporter)
-    assert telemetry.span_exporter._endpoint == f"{REFUSED}/custom/traces"
-    assert telemetry.span_exporter._client._timeout == 2.0
-    assert telemetry.metric_exporter is None  # no endpoint for metrics
+    with Collector() as collector:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"{collector.url}/custom/traces")
+        telemetry = make(made)
+        assert isinstance(telemetry.span_exporter, OTLPSpanExporter)
+        assert telemetry.metric_exporter is None  # no endpoint for metrics
+        export_once(telemetry)
+    assert collector.paths() == ["/custom/traces"]
 
+    with Blackhole() as hung:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"{hung.url}/custom/traces")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")
+        telemetry = make(made)
+        assert isinstance(telemetry.span_exporter, OTLPSpanExporter)
+        assert 0.8 <= seconds_to_give_up(telemetry.span_exporter) < 4
+
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", REFUSED)
     monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
@@ -138,10 +181,12 @@ def test_resource_names_the_service_and_its_knative_revision(
     assert attributes["faas.name"] == "imagegen-render"
     assert attributes["faas.version"] == "imagegen-render-00007"
     assert attributes["knative.configuration.name"] == "imagegen-render"
-    assert telemetry.meter_provider is not None
-    assert telemetry.meter_provider._sdk_config.resource.attributes["faas.name"] == (
-        "imagegen-render"
-    )
+    # The metrics carry the same resource.
+    with Collector() as collector:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", f"{collector.url}/v1/metrics")
+        export_once(make(made, "imagegen-render"))
+    [resource] = collector.metric_resources()
+    assert resource["faas.name"] == "imagegen-render"
 
 
 def test_otel_variables_override_the_resource_and_pick_the_sampler(
@@ -160,7 +205,7 @@ def test_otel_variables_override_the_resource_and_pick_the_sampler(
     assert attributes["deployment.environment"] == "prod"
     sampler = telemetry.tracer_provider.sampler
     assert isinstance(sampler, ParentBased)
-    assert isinstance(sampler._root, TraceIdRatioBased) and sampler._root.rate == 0.25
+    assert sampler.get_description().startswith("ParentBased{root:TraceIdRatioBased{0.25}")
 
 
 def test_sdk_disabled_means_no_providers(

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from imagegen.models import EnhancedPrompt
+from tests.render.tiny_files import FLUX_LORA_TARGETS, save_lora, save_pipeline
 
 
 @pytest.fixture
@@ -58,18 +59,18 @@ def backend(lora_root: Path) -> Iterator[Any]:
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny pipeline saved in diffusers' layout, in a directory named ``tiny``."""
     pytest.importorskip("diffusers")
-    from imagegen.render.tiny import save_tiny_flux_pipeline
+    from imagegen.render.tiny import build_tiny_flux_pipeline
 
-    return save_tiny_flux_pipeline(tmp_path_factory.mktemp("models") / "tiny")
+    return save_pipeline(build_tiny_flux_pipeline(), tmp_path_factory.mktemp("models") / "tiny")
 
 
 @pytest.fixture(scope="session")
 def lora_dir(lora_root: Path) -> Path:
     """A random LoRA for the tiny transformer, in diffusers' LoRA format, inside ``lora_root``."""
     pytest.importorskip("peft")
-    from imagegen.render.tiny import save_tiny_flux_lora
+    from imagegen.render.tiny import build_tiny_flux_pipeline
 
-    return save_tiny_flux_lora(lora_root / "sketchy")
+    return save_lora(build_tiny_flux_pipeline(), lora_root / "sketchy", targets=FLUX_LORA_TARGETS)
 
 
 @pytest.fixture(scope="session")
@@ -89,6 +90,8 @@ def klein_backend(lora_root: Path) -> Iterator[Any]:
 def klein_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny [klein] pipeline saved in diffusers' layout."""
     pytest.importorskip("diffusers")
-    from imagegen.render.tiny_klein import save_tiny_klein_pipeline
+    from imagegen.render.tiny_klein import build_tiny_klein_pipeline
 
-    return save_tiny_klein_pipeline(tmp_path_factory.mktemp("models") / "tiny-klein")
+    return save_pipeline(
+        build_tiny_klein_pipeline(), tmp_path_factory.mktemp("models") / "tiny-klein"
+    )

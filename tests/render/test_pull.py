@@ -17,8 +17,9 @@ from imagegen.cli import main
 from imagegen.errors import DependencyUnavailable
 from imagegen.render._loading import load_pipeline
 from imagegen.render.pull import hub_models
-from imagegen.render.tiny import save_tiny_flux_pipeline
+from imagegen.render.tiny import build_tiny_flux_pipeline
 from imagegen.settings import Settings
+from tests.render.tiny_files import save_pipeline
 
 MODEL = "example-org/pulled-model"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -28,7 +29,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("models")
     repo = root / f"models--{MODEL.replace('/', '--')}"
-    save_tiny_flux_pipeline(repo / "snapshots" / COMMIT)
+    save_pipeline(build_tiny_flux_pipeline(), repo / "snapshots" / COMMIT)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(COMMIT)
     return root

@@ -21,8 +21,9 @@ from imagegen.models import EnhancedPrompt, LoraHint
 from imagegen.modelspec import TINY_FLUX2_KLEIN
 from imagegen.render.diffusers_backend import DiffusersBackend
 from imagegen.render.png import read_png_text
-from imagegen.render.tiny_klein import build_tiny_klein_pipeline, save_tiny_klein_lora
+from imagegen.render.tiny_klein import build_tiny_klein_pipeline
 from imagegen.settings import Settings
+from tests.render.tiny_files import KLEIN_LORA_TARGETS, save_lora
 
 MakeJob = Callable[..., EnhancedPrompt]
 
@@ -151,7 +152,12 @@ def test_lora_changes_the_image_and_is_removed_afterwards(
     klein_backend: DiffusersBackend, make_job: MakeJob, lora_root: Path
 ) -> None:
     pytest.importorskip("peft")
-    path = save_tiny_klein_lora(lora_root / "klein-sketch")
+    path = save_lora(
+        build_tiny_klein_pipeline(),
+        lora_root / "klein-sketch",
+        targets=KLEIN_LORA_TARGETS,
+        gain=8.0,
+    )
     plain = _klein_job(make_job, seed=21)
     styled = _klein_job(make_job, seed=21, loras=[LoraHint(name="klein-sketch", path=str(path))])
 

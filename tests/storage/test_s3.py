@@ -71,11 +71,8 @@ async def test_location_without_prefix(bucket: str, make_s3: MakeS3) -> None:
 
 def test_from_url(bucket: str) -> None:
     storage = S3Storage.from_url(f"s3://{bucket}/some/prefix/")
-    try:
-        assert (storage.bucket, storage.prefix) == (bucket, "some/prefix")
-        assert storage.location("k.png") == f"s3://{bucket}/some/prefix/k.png"
-    finally:
-        storage.close()
+    assert (storage.bucket, storage.prefix) == (bucket, "some/prefix")
+    assert storage.location("k.png") == f"s3://{bucket}/some/prefix/k.png"
 
 
 @pytest.mark.parametrize(
@@ -298,11 +295,8 @@ async def test_no_credentials_at_all(s3: S3Server, bucket: str) -> None:
     from tests.storage.conftest import fast_options
 
     storage = S3Storage(bucket, options=fast_options(s3_options(endpoint_url=s3.endpoint)))
-    try:
-        with pytest.raises(DependencyUnavailable) as error:
-            await storage.put(KEYS.image, PNG, content_type="image/png")
-    finally:
-        storage.close()
+    with pytest.raises(DependencyUnavailable) as error:
+        await storage.put(KEYS.image, PNG, content_type="image/png")
     assert "credentials" in error.value.message
     assert s3.requests == []
 

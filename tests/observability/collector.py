@@ -1,0 +1,77 @@
+"""An OTLP/HTTP collector on loopback that keeps what it receives, to test exporters by it.
+
+OTLP/HTTP (opentelemetry-proto ``docs/specification.md``, "OTLP/HTTP"): a protobuf body
+POSTed to ``/v1/traces`` or ``/v1/metrics`` (or the per-signal endpoint configured), answered
+200 with an empty ``Export*ServiceResponse``.
+"""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Self
+
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+__all__ = ["Collector"]
+
+
+class Collector:
+    """Records every export as (path, body); ``url`` is the base endpoint."""
+
+    def __init__(self) -> None:
+        self.exports: list[tuple[str, bytes]] = []
+        received = self.exports
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                received.append((self.path, body))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def paths(self) -> list[str]:
+        return [path for path, _ in self.exports]
+
+    def spans(self, path: str = "/v1/traces") -> list[Any]:
+        """The spans received at ``path``, with their resources' attributes as ``resource``."""
+        found = []
+        for received, body in self.exports:
+            if received == path:
+                request = ExportTraceServiceRequest.FromString(body)
+                for resource_spans in request.resource_spans:
+                    for scope_spans in resource_spans.scope_spans:
+                        found.extend(scope_spans.spans)
+        return found
+
+    def metric_resources(self, path: str = "/v1/metrics") -> list[dict[str, str]]:
+        """The resource attributes of each batch of metrics received at ``path``."""
+        resources = []
+        for received, body in self.exports:
+            if received == path:
+                request = ExportMetricsServiceRequest.FromString(body)
+                for resource_metrics in request.resource_metrics:
+                    attributes = resource_metrics.resource.attributes
+                    resources.append({a.key: a.value.string_value for a in attributes})
+        return resources
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
