@@ -49,12 +49,15 @@ def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> 
     Torch and the tiny model load once per test process; the behaviour that only a fresh
     process shows (quiet start-up, signals) is tested with subprocesses in tests/test_cli*.py.
     """
+    from imagegen import observability
     from imagegen.cli import main
 
     def run(*args: str, env: Mapping[str, str] | None = None) -> CliResult:
         with monkeypatch.context() as patched:
             for name, value in (env or {}).items():
                 patched.setenv(name, value)
+            # Each run sets up its logging as a fresh process does, onto this test's stderr.
+            patched.setattr(observability, "_active", None)
             capsys.readouterr()
             try:
                 main(list(args))

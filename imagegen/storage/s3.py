@@ -19,13 +19,10 @@ import asyncio
 import base64
 import hashlib
 import re
-import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -44,6 +41,7 @@ from imagegen.errors import (
     InvalidRequest,
     NotFound,
 )
+from imagegen.storage._s3_client import make_client
 from imagegen.storage.base import StoredObject, validate_key, validate_metadata
 from imagegen.storage.presets import S3Options
 
@@ -92,8 +90,7 @@ class S3Storage:
         self.bucket = _check_bucket(bucket, field="bucket")
         self.prefix = _check_prefix(prefix, field="prefix")
         self.options = options or S3Options()
-        _instrument_botocore()
-        self._client = _client(self.options)
+        self._client = make_client(self.options)
 
     @classmethod
     def from_url(cls, url: str, options: S3Options | None = None) -> S3Storage:
@@ -130,23 +127,9 @@ class S3Storage:
         metadata: dict[str, str] | None = None,
     ) -> StoredObject:
         """Write ``data`` at ``key``, replacing what is there (S3 writes are atomic per object)."""
-        object_key = self._object_key(key)
-        meta = validate_metadata(metadata)
-        # Content-MD5 lets every provider check the body, GCS included, where the newer
-        # x-amz-checksum-* headers are refused (see presets).
-        md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+        upload, meta = self._upload(key, data, content_type, metadata)
         try:
-            await self._call(
-                "PutObject",
-                lambda: self._client.put_object(
-                    Bucket=self.bucket,
-                    Key=object_key,
-                    Body=data,
-                    ContentType=content_type,
-                    ContentMD5=md5,
-                    Metadata=meta,
-                ),
-            )
+            await self._call("PutObject", upload)
         except _Missing:
             raise self._no_bucket() from None
         return StoredObject(
@@ -171,21 +154,7 @@ class S3Storage:
         :mod:`~imagegen.storage.presets`): the store decides atomically, and a 412 means an
         earlier writer won.
         """
-        object_key = self._object_key(key)
-        meta = validate_metadata(metadata)
-        md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
-
-        def upload() -> object:
-            return self._client.put_object(
-                Bucket=self.bucket,
-                Key=object_key,
-                Body=data,
-                ContentType=content_type,
-                ContentMD5=md5,
-                Metadata=meta,
-                IfNoneMatch="*",
-            )
-
+        upload, _ = self._upload(key, data, content_type, metadata, IfNoneMatch="*")
         for attempt in range(_CONFLICT_RETRIES):
             try:
                 await self._call("PutObject", upload)
@@ -250,6 +219,34 @@ class S3Storage:
             await self._call("HeadBucket", lambda: self._client.head_bucket(Bucket=self.bucket))
         except _Missing:
             raise self._no_bucket() from None
+
+    def _upload(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str,
+        metadata: dict[str, str] | None,
+        **conditions: str,
+    ) -> tuple[Callable[[], object], dict[str, str]]:
+        """The PutObject call of ``data`` at ``key`` (to run in a worker thread), its metadata."""
+        object_key = self._object_key(key)
+        meta = validate_metadata(metadata)
+        # Content-MD5 lets every provider check the body, GCS included, where the newer
+        # x-amz-checksum-* headers are refused (see presets).
+        md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+
+        def call() -> object:
+            return self._client.put_object(
+                Bucket=self.bucket,
+                Key=object_key,
+                Body=data,
+                ContentType=content_type,
+                ContentMD5=md5,
+                Metadata=meta,
+                **conditions,
+            )
+
+        return call, meta
 
     def _object_key(self, key: str) -> str:
         validate_key(key)
@@ -334,80 +331,6 @@ def _user_metadata(response: dict[str, Any]) -> dict[str, str]:
             metadata[name.removeprefix(_GCS_META)] = str(value)
     metadata.update({str(k).lower(): str(v) for k, v in response.get("Metadata", {}).items()})
     return metadata
-
-
-def _client(options: S3Options) -> Any:
-    extra: dict[str, Any] = {}
-    if options.checksums is not None:
-        extra["request_checksum_calculation"] = options.checksums
-        extra["response_checksum_validation"] = options.checksums
-    config = Config(
-        region_name=options.region,
-        signature_version="s3v4",
-        s3={"addressing_style": options.addressing_style},
-        connect_timeout=options.connect_timeout,
-        read_timeout=options.read_timeout,
-        retries={"mode": "standard", "total_max_attempts": options.max_attempts},
-        # Enough for the default thread pool of asyncio.to_thread.
-        max_pool_connections=32,
-        user_agent_appid="imagegen",
-        **extra,
-    )
-    credentials: dict[str, str] = {}
-    if options.access_key_id is not None and options.secret_access_key is not None:
-        credentials = {
-            "aws_access_key_id": options.access_key_id.get_secret_value(),
-            "aws_secret_access_key": options.secret_access_key.get_secret_value(),
-        }
-    global _session
-    client: Any
-    # Sessions are not thread-safe, clients are: one session of our own (not boto3's default
-    # one, which other code may configure), used under a lock, and its model cache reused.
-    with _session_lock:
-        if _session is None:
-            _session = boto3.session.Session()
-        client = _session.client(
-            "s3", endpoint_url=options.endpoint_url, config=config, **credentials
-        )
-    if options.create_if_absent == "gcs-generation-match":
-        client.meta.events.register("before-call.s3.PutObject", _gcs_create_if_absent)
-    return client
-
-
-def _gcs_create_if_absent(params: dict[str, Any], **_: Any) -> None:
-    """Say ``If-None-Match: *`` on an upload the way GCS's XML API understands it.
-
-    Runs before signing, so the header is signed like any other. Generation 0 matches only
-    when there is no live object (https://cloud.google.com/storage/docs/request-preconditions).
-    """
-    headers = params["headers"]
-    if headers.get("If-None-Match") == "*":
-        del headers["If-None-Match"]
-        headers["x-goog-if-generation-match"] = "0"
-
-
-_session_lock = threading.Lock()
-_session: Any = None
-
-
-_instrument_lock = threading.Lock()
-_instrumented = False
-
-
-def _instrument_botocore() -> None:
-    """Trace botocore calls with OpenTelemetry, once per process (a no-op without an SDK)."""
-    global _instrumented
-    with _instrument_lock:
-        if _instrumented:
-            return
-        _instrumented = True
-        try:
-            from opentelemetry.instrumentation.botocore import BotocoreInstrumentor
-        except ImportError:
-            return
-        instrumentor = BotocoreInstrumentor()  # type: ignore[no-untyped-call]
-        if not instrumentor.is_instrumented_by_opentelemetry:
-            instrumentor.instrument()
 
 
 def _check_bucket(bucket: str, *, field: str) -> str:

@@ -106,14 +106,14 @@ def test_render_at_capacity_answers_429(tmp_path: Path, monkeypatch: pytest.Monk
     with InProcessFunction("render", env) as render:
         # The first render holds the pipeline until the others have been answered.
         rendering, release = threading.Event(), threading.Event()
-        render_batch = DiffusersBackend.render_batch
+        denoise_batch = DiffusersBackend.denoise_batch
 
         def held(self: DiffusersBackend, jobs: Any, **kwargs: Any) -> Any:
             rendering.set()
             assert release.wait(60)
-            return render_batch(self, jobs, **kwargs)
+            return denoise_batch(self, jobs, **kwargs)
 
-        monkeypatch.setattr(DiffusersBackend, "render_batch", held)
+        monkeypatch.setattr(DiffusersBackend, "denoise_batch", held)
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(render.post, "/", json=_job("busy-0"))
             assert rendering.wait(60), "the first render never started"

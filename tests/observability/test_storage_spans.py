@@ -29,11 +29,8 @@ async def test_s3_requests_are_children_of_the_storage_span(
         )
         storage = S3Storage(bucket, "images", options)
         otel.spans.clear()
-        try:
-            with tracer().start_as_current_span("imagegen.storage.put") as span:
-                await storage.put("2026/01/01/g.png", b"png", content_type="image/png")
-        finally:
-            storage.close()
+        with tracer().start_as_current_span("imagegen.storage.put") as span:
+            await storage.put("2026/01/01/g.png", b"png", content_type="image/png")
 
     spans = otel.finished_spans()
     s3_spans = [s for s in spans if s.name != "imagegen.storage.put"]

@@ -15,7 +15,7 @@ from imagegen.errors import (
     InternalError,
 )
 from imagegen.storage import GenerationKeys, S3Storage
-from imagegen.storage.s3 import _instrument_botocore
+from imagegen.storage._s3_client import _instrument_botocore
 from tests.fakes.s3_server import RecordedRequest, S3Server
 from tests.storage.conftest import MakeS3
 
