@@ -27,8 +27,10 @@ lint: $(VENV)/.installed
 	$(BIN)/mypy
 	MYPYPATH=functions $(BIN)/mypy functions/*.py
 
+# Four workers on two cores: many tests wait on servers and subprocesses. A module runs on
+# one worker (loadscope), so its module-scoped servers start once.
 test-python: $(VENV)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 4 --dist loadscope
 
 worker/node_modules/.package-lock.json: worker/package-lock.json
 	cd worker && npm ci --no-audit --no-fund
