@@ -180,6 +180,10 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("IMAGEGEN_SINK_URL", "K_SINK", "sink_url"),
         description="Where the ledger sends replays: the broker (a SinkBinding sets K_SINK).",
     )
+    sink_token_file: Path = Field(
+        default=Path("/oidc/token"),
+        description="OIDC token for the broker, sent with each replay when the file exists.",
+    )
     # Authentication (see imagegen.auth)
     auth_required: bool = Field(
         default=False, description="Require a bearer token on invocations (dev: off, prod: on)."

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -129,6 +130,9 @@ async def replay(
         **routing_attributes(data),  # render's Triggers route prompt.enhanced by model
     }
     headers, body = to_binary(CloudEvent(attributes, data.model_dump(mode="json")))
+    token = await asyncio.to_thread(_sink_token, settings.sink_token_file)
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     try:
         async with httpx.AsyncClient(timeout=10.0) as client:
             answer = await client.post(settings.sink_url, headers=headers, content=body)
@@ -147,3 +151,17 @@ async def replay(
             "event_id": attributes["id"],
         }
     )
+
+
+def _sink_token(path: Path) -> str | None:
+    """The broker's OIDC token, read afresh: Knative renews the mounted Secret before expiry.
+
+    With ``authentication-oidc`` on, the SinkBinding mounts a Secret holding a token for the
+    sink's audience at ``/oidc/token`` (knative/eventing
+    pkg/apis/sources/v1/sinkbinding_lifecycle.go, ``Do``; the ``token`` key is written by
+    pkg/reconciler/sinkbinding/sinkbinding.go, ``renewOIDCTokenSecret``). Without it, none.
+    """
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None

@@ -113,3 +113,4 @@ def test_prod_names_who_may_send_to_the_broker() -> None:
     names = {(d["kind"], d["metadata"]["name"]) for d in docs}
     assert senders <= names  # every referenced source exists in the overlay
     assert ("PingSource", "imagegen-dream") in senders
+    assert ("SinkBinding", "imagegen-ledger-replays") in senders  # the ledger's replays

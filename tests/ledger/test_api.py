@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -145,10 +146,28 @@ def test_replay_sends_the_recorded_job_to_the_broker_under_a_new_id(
         same = ("prompt", "seed", "model", "width", "height", "steps", "guidance")
         assert {k: data[k] for k in same} == {k: original[k] for k in same}
         assert data["replay_of"] == "gen-r" and data["generation_id"] != "gen-r"
+        assert "authorization" not in headers  # no token mounted: none sent
 
         bad = function.client.post("/generations/gen-r/replay", params={"from": "rendered"})
         assert bad.status_code == 400 and bad.json()["errors"][0]["field"] == "from"
         assert len(received) == 1
+
+
+def test_replay_carries_the_token_the_sink_binding_mounts(
+    serve_ledger: Callable[..., InProcessFunction], tmp_path: Path
+) -> None:
+    token_file = tmp_path / "token"
+    with _ingress() as (sink, received):
+        function = serve_ledger(K_SINK=sink, IMAGEGEN_SINK_TOKEN_FILE=str(token_file))
+        _record(function, "gen-t")
+        token_file.write_text("first.jwt\n")
+        assert function.post("/generations/gen-t/replay").status_code == 202
+        token_file.write_text("renewed.jwt")  # Knative renews the Secret before expiry
+        assert function.post("/generations/gen-t/replay").status_code == 202
+        assert [h["authorization"] for h, _ in received] == [
+            "Bearer first.jwt",
+            "Bearer renewed.jwt",
+        ]
 
 
 def test_replay_without_a_broker_is_a_503_naming_the_setting(function: InProcessFunction) -> None:
