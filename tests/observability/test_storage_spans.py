@@ -19,6 +19,13 @@ async def test_s3_requests_are_children_of_the_storage_span(
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    # botocore's instrumentation keeps the tracers of the provider it first saw; an earlier
+    # test in this process may have installed another one.
+    from opentelemetry.instrumentation.botocore import BotocoreInstrumentor
+
+    S3Storage("warm-up")  # instruments botocore, once per process
+    BotocoreInstrumentor().uninstrument()  # type: ignore[no-untyped-call]
+    BotocoreInstrumentor().instrument(tracer_provider=otel.tracer_provider)  # type: ignore[no-untyped-call]
     with S3Server() as s3:
         bucket = s3.create_bucket("traced")
         options = s3_options(
