@@ -88,10 +88,13 @@ def set_verbosity(verbose: bool) -> bool:
     if not sys.warnoptions:  # an explicit -W or PYTHONWARNINGS wins
         warnings.simplefilter("default" if verbose else "ignore")
     if _handler is None:
-        # A handler on the root logger: with none, Python prints every WARNING record.
         _handler = _StderrHandler()
         _handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        logging.getLogger().addHandler(_handler)
+    root = logging.getLogger()
+    if _handler not in root.handlers:
+        # A handler on the root logger: with none, Python prints every WARNING record. Added
+        # again if whatever set up logging since (an embedding program) took it away.
+        root.addHandler(_handler)
     _handler.setLevel(logging.INFO if verbose else logging.ERROR)
     logging.getLogger("imagegen").setLevel(logging.INFO if verbose else logging.NOTSET)
     return verbose
