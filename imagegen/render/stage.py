@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import time
@@ -24,6 +23,7 @@ from imagegen.errors import (
 )
 from imagegen.models import EnhancedPrompt, RenderedImage
 from imagegen.modelspec import family_for, request_errors
+from imagegen.render import stored_png
 from imagegen.render.base import (
     BatchRenderBackend,
     ProgressCallback,
@@ -33,7 +33,7 @@ from imagegen.render.base import (
 )
 from imagegen.render.batching import Batch, Batcher
 from imagegen.settings import Settings
-from imagegen.storage.base import GenerationKeys, Storage, StoredObject
+from imagegen.storage.base import GenerationKeys, Storage
 from imagegen.telemetry import instruments, tracer
 
 __all__ = ["RenderStage"]
@@ -195,7 +195,7 @@ class RenderStage:
         instead of rendering it again.
         """
         keys = GenerationKeys(job.generation_id, job.requested_at)
-        fingerprint = job_fingerprint(job)
+        fingerprint = stored_png.fingerprint(job)
         done = await self._stored(job, keys, fingerprint)
         if done is not None:
             log.info("image already stored; not rendering again", extra={"key": keys.image})
@@ -220,7 +220,7 @@ class RenderStage:
             # Timings describe the render only, so a redelivered job gets the very same reply.
             timings = {k: round(v, 4) for k, v in output.timings.items()}
             rendered_at = datetime.now(UTC).replace(microsecond=0)
-            meta = _metadata(job, sha256, fingerprint, timings, rendered_at)
+            meta = stored_png.metadata(job, sha256, fingerprint, timings, rendered_at)
             if await self._store(keys, output.png, meta, create=True):
                 return self._describe(job, keys, len(output.png), sha256, timings, rendered_at)
             # Another replica stored this generation first: its image and timings are the
@@ -250,8 +250,8 @@ class RenderStage:
             keys,
             stored.size,
             stored.metadata["sha256"],
-            _timings(stored),
-            _rendered_at(stored),
+            stored_png.timings(stored),
+            stored_png.rendered_at(stored),
         )
 
     async def _store(
@@ -369,11 +369,6 @@ async def _pipeline_call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise
 
 
-def job_fingerprint(job: EnhancedPrompt) -> str:
-    """A digest of everything that decides the pixels and the record of ``job``."""
-    return hashlib.sha256(job.model_dump_json().encode()).hexdigest()
-
-
 class _Admission:
     """Counts a job in; refuses it when the process already holds ``capacity`` jobs."""
 
@@ -393,38 +388,3 @@ class _Admission:
     async def __aexit__(self, *exc: object) -> None:
         self.stage._admitted -= 1
         instruments().renders_in_flight.add(-1)
-
-
-def _metadata(
-    job: EnhancedPrompt,
-    sha256: str,
-    fingerprint: str,
-    timings: dict[str, float],
-    rendered_at: datetime,
-) -> dict[str, str]:
-    """What the PNG object carries, so that any replica can answer for it later."""
-    return {
-        "sha256": sha256,
-        "job": fingerprint,
-        "generation-id": job.generation_id,
-        "seed": str(job.seed),
-        "model": job.model,
-        "timings": json.dumps(timings, separators=(",", ":")),
-        "rendered-at": rendered_at.isoformat(),
-    }
-
-
-def _rendered_at(stored: StoredObject) -> datetime | None:
-    try:
-        value = datetime.fromisoformat(stored.metadata["rendered-at"])
-    except (KeyError, ValueError):
-        return None  # stored before the time was recorded
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-
-
-def _timings(stored: StoredObject) -> dict[str, float]:
-    try:
-        value = json.loads(stored.metadata.get("timings", "{}"))
-    except ValueError:
-        return {}
-    return {str(k): float(v) for k, v in value.items()} if isinstance(value, dict) else {}

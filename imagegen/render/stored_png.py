@@ -1,0 +1,56 @@
+"""What a stored PNG carries, so that any replica can answer for it later.
+
+Render writes these as the object's metadata on the first (winning) write; a redelivery, on
+this replica or another, reads them back instead of rendering again (docs/adr/0003).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+
+from imagegen.models import EnhancedPrompt
+from imagegen.storage.base import StoredObject
+
+
+def fingerprint(job: EnhancedPrompt) -> str:
+    """A digest of everything that decides the pixels and the record of ``job``."""
+    return hashlib.sha256(job.model_dump_json().encode()).hexdigest()
+
+
+def metadata(
+    job: EnhancedPrompt,
+    sha256: str,
+    job_digest: str,
+    stage_timings: dict[str, float],
+    at: datetime,
+) -> dict[str, str]:
+    """The PNG object's metadata: ``job_digest`` is :func:`fingerprint` of ``job``."""
+    return {
+        "sha256": sha256,
+        "job": job_digest,
+        "generation-id": job.generation_id,
+        "seed": str(job.seed),
+        "model": job.model,
+        "timings": json.dumps(stage_timings, separators=(",", ":")),
+        "rendered-at": at.isoformat(),
+    }
+
+
+def rendered_at(stored: StoredObject) -> datetime | None:
+    """When the stored PNG was rendered; None for an object stored before that was kept."""
+    try:
+        value = datetime.fromisoformat(stored.metadata["rendered-at"])
+    except (KeyError, ValueError):
+        return None  # stored before the time was recorded
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def timings(stored: StoredObject) -> dict[str, float]:
+    """The stage timings the stored PNG was rendered with; empty when unreadable."""
+    try:
+        value = json.loads(stored.metadata.get("timings", "{}"))
+    except ValueError:
+        return {}
+    return {str(k): float(v) for k, v in value.items()} if isinstance(value, dict) else {}
