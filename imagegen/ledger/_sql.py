@@ -7,8 +7,6 @@ and adapts values (JSON, times) to its column types. Both databases understand t
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -17,10 +15,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TextIO
 
 from imagegen.errors import InvalidRequest
+from imagegen.ledger._cursor import decode_cursor, encode_cursor
 from imagegen.ledger._migrate import CREATE_TABLE, migrations, statements
+from imagegen.ledger._statements import (
+    INSERT_DELIVERY,
+    INSERT_EVENT,
+    UPSERT_GENERATION,
+    upsert_params,
+)
 from imagegen.ledger.fold import (
-    DESCRIPTIVE_COLUMNS,
-    ONCE_COLUMNS,
     STAGE_COLUMNS,
     Change,
     due_webhooks,
@@ -39,7 +42,7 @@ from imagegen.ledger.models import (
     TimelineEntry,
 )
 
-__all__ = ["JSON_COLUMNS", "MAX_PAGE", "RECORD", "TIME_COLUMNS", "Cursor", "SqlLedger"]
+__all__ = ["JSON_COLUMNS", "MAX_PAGE", "TIME_COLUMNS", "Cursor", "SqlLedger"]
 
 MAX_PAGE = 500
 JSON_COLUMNS = frozenset({"data", "error", "keys", "urls", "webhook_events"})
@@ -63,70 +66,6 @@ class Cursor(Protocol):
     def query(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]: ...
 
     def run(self, sql: str, params: dict[str, Any]) -> int: ...
-
-
-# In the upsert, ``g`` is the generation's row as it stands, ``excluded`` what the event says.
-def _first_wins(column: str) -> str:
-    return f"{column} = COALESCE(g.{column}, excluded.{column})"
-
-
-def _most_advanced_wins(column: str) -> str:
-    return (
-        f"{column} = CASE WHEN excluded.status_rank >= g.status_rank "
-        f"THEN COALESCE(excluded.{column}, g.{column}) "
-        f"ELSE COALESCE(g.{column}, excluded.{column}) END"
-    )
-
-
-_GENERATION_COLUMNS = (
-    "generation_id",
-    "status",
-    "status_rank",
-    "created_at",
-    "updated_at",
-    *STAGE_COLUMNS,
-    *DESCRIPTIVE_COLUMNS,
-    *ONCE_COLUMNS,
-)
-# The rules of imagegen.ledger.fold, as one statement: concurrent writers of one generation
-# serialise on its row, and each sees the row as the one before it left it. (Built from the
-# fixed column names above, never from input.)
-_UPSERT_GENERATION = (
-    f"INSERT INTO generations AS g ({', '.join(_GENERATION_COLUMNS)}) "  # noqa: S608
-    f"VALUES ({', '.join(':' + c for c in _GENERATION_COLUMNS)}) "
-    "ON CONFLICT (generation_id) DO UPDATE SET "
-    "status = CASE WHEN excluded.status_rank > g.status_rank "
-    "THEN excluded.status ELSE g.status END, "
-    "status_rank = CASE WHEN excluded.status_rank > g.status_rank "
-    "THEN excluded.status_rank ELSE g.status_rank END, "
-    "created_at = CASE WHEN excluded.created_at < g.created_at "
-    "THEN excluded.created_at ELSE g.created_at END, "
-    "updated_at = excluded.updated_at, "
-    + ", ".join(
-        [_first_wins(c) for c in (*STAGE_COLUMNS, *ONCE_COLUMNS)]
-        + [_most_advanced_wins(c) for c in DESCRIPTIVE_COLUMNS]
-    )
-)
-UPSERT_GENERATION = _UPSERT_GENERATION + " RETURNING *"
-INSERT_EVENT = (
-    "INSERT INTO ledger_events (source, id, type, subject, generation_id, time, recorded_at, data) "
-    "VALUES (:source, :id, :type, :subject, :generation_id, :time, :recorded_at, :data) "
-    "ON CONFLICT (source, id) DO NOTHING RETURNING seq"
-)
-# Both as one statement, one round trip (PostgreSQL: SQLite has no INSERT inside WITH). The row
-# is only updated when the event is new: a redelivery changes nothing and returns no row.
-RECORD = (
-    f"WITH event AS ({INSERT_EVENT}), "  # noqa: S608 - fixed parts
-    f"generation AS ({_UPSERT_GENERATION} WHERE EXISTS (SELECT 1 FROM event) RETURNING *) "
-    "SELECT EXISTS (SELECT 1 FROM event) AS fresh, generation.* "
-    "FROM (SELECT 1) AS one LEFT JOIN generation ON true"
-)
-INSERT_DELIVERY = (
-    "INSERT INTO webhook_deliveries "
-    "(msg_id, generation_id, event, url, payload, next_attempt_at, created_at) "
-    "VALUES (:msg_id, :generation_id, :event, :url, :payload, :now, :now) "
-    "ON CONFLICT (msg_id) DO NOTHING"
-)
 
 
 class SqlLedger(ABC):
@@ -305,7 +244,7 @@ class SqlLedger(ABC):
             params["until"] = utc(until)
         if cursor is not None:
             where.append("(created_at, generation_id) < (:after_at, :after_id)")
-            params["after_at"], params["after_id"] = _decode_cursor(cursor)
+            params["after_at"], params["after_id"] = decode_cursor(cursor)
         with self.statement() as db:
             rows = db.query(
                 f"SELECT * FROM generations WHERE {' AND '.join(where)} "  # noqa: S608 - fixed parts
@@ -317,7 +256,7 @@ class SqlLedger(ABC):
         last = items[-1] if items else None
         return GenerationPage(
             items=items,
-            next_cursor=_encode_cursor(last.created_at, last.generation_id)
+            next_cursor=encode_cursor(last.created_at, last.generation_id)
             if more and last
             else None,
         )
@@ -438,20 +377,6 @@ class SqlLedger(ABC):
         return {row.pop("event"): row for row in rows}
 
 
-def upsert_params(change: Change, now: datetime) -> dict[str, Any]:
-    params: dict[str, Any] = dict.fromkeys(_GENERATION_COLUMNS)
-    params.update(change.fields)
-    params.update(
-        generation_id=change.generation_id,
-        status=change.status,
-        status_rank=change.rank,
-        created_at=change.at,
-        updated_at=now,
-    )
-    params[change.stage_column] = change.at
-    return params
-
-
 def _generation(row: dict[str, Any]) -> Generation:
     fields = {name: row[name] for name in Generation.model_fields if name in row}
     for name in ("keys", "urls"):
@@ -471,20 +396,3 @@ def _durations(g: Generation) -> dict[str, float]:
         for name, (start, end) in spans.items()
         if start is not None and end is not None
     }
-
-
-def _encode_cursor(at: datetime, generation_id: str) -> str:
-    raw = json.dumps([utc(at).isoformat(), generation_id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        at, gid = json.loads(raw)
-        return utc(datetime.fromisoformat(at)), str(gid)
-    except (binascii.Error, ValueError, TypeError) as exc:
-        raise InvalidRequest(
-            "cursor is not one this ledger handed out",
-            errors=[{"field": "cursor", "message": "not a cursor from a previous page"}],
-        ) from exc

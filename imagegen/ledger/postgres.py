@@ -14,7 +14,8 @@ from functools import cache
 from typing import Any
 
 from imagegen.errors import DependencyUnavailable
-from imagegen.ledger._sql import RECORD, Cursor, SqlLedger, upsert_params
+from imagegen.ledger._sql import Cursor, SqlLedger
+from imagegen.ledger._statements import RECORD, upsert_params
 from imagegen.ledger.fold import Change
 
 __all__ = ["PostgresLedger"]

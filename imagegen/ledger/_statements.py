@@ -1,0 +1,100 @@
+"""The ledger's write statements, written once for both dialects (``:name`` parameters).
+
+The upsert is :mod:`imagegen.ledger.fold`'s rules as SQL, so that concurrent writers of one
+generation serialise on its row instead of reading and writing it in two steps.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from imagegen.ledger.fold import DESCRIPTIVE_COLUMNS, ONCE_COLUMNS, STAGE_COLUMNS, Change
+
+__all__ = [
+    "GENERATION_COLUMNS",
+    "INSERT_DELIVERY",
+    "INSERT_EVENT",
+    "RECORD",
+    "UPSERT_GENERATION",
+    "upsert_params",
+]
+
+
+# In the upsert, ``g`` is the generation's row as it stands, ``excluded`` what the event says.
+def _first_wins(column: str) -> str:
+    return f"{column} = COALESCE(g.{column}, excluded.{column})"
+
+
+def _most_advanced_wins(column: str) -> str:
+    return (
+        f"{column} = CASE WHEN excluded.status_rank >= g.status_rank "
+        f"THEN COALESCE(excluded.{column}, g.{column}) "
+        f"ELSE COALESCE(g.{column}, excluded.{column}) END"
+    )
+
+
+GENERATION_COLUMNS = (
+    "generation_id",
+    "status",
+    "status_rank",
+    "created_at",
+    "updated_at",
+    *STAGE_COLUMNS,
+    *DESCRIPTIVE_COLUMNS,
+    *ONCE_COLUMNS,
+)
+# The rules of imagegen.ledger.fold, as one statement: concurrent writers of one generation
+# serialise on its row, and each sees the row as the one before it left it. (Built from the
+# fixed column names above, never from input.)
+_UPSERT_GENERATION = (
+    f"INSERT INTO generations AS g ({', '.join(GENERATION_COLUMNS)}) "  # noqa: S608
+    f"VALUES ({', '.join(':' + c for c in GENERATION_COLUMNS)}) "
+    "ON CONFLICT (generation_id) DO UPDATE SET "
+    "status = CASE WHEN excluded.status_rank > g.status_rank "
+    "THEN excluded.status ELSE g.status END, "
+    "status_rank = CASE WHEN excluded.status_rank > g.status_rank "
+    "THEN excluded.status_rank ELSE g.status_rank END, "
+    "created_at = CASE WHEN excluded.created_at < g.created_at "
+    "THEN excluded.created_at ELSE g.created_at END, "
+    "updated_at = excluded.updated_at, "
+    + ", ".join(
+        [_first_wins(c) for c in (*STAGE_COLUMNS, *ONCE_COLUMNS)]
+        + [_most_advanced_wins(c) for c in DESCRIPTIVE_COLUMNS]
+    )
+)
+UPSERT_GENERATION = _UPSERT_GENERATION + " RETURNING *"
+INSERT_EVENT = (
+    "INSERT INTO ledger_events (source, id, type, subject, generation_id, time, recorded_at, data) "
+    "VALUES (:source, :id, :type, :subject, :generation_id, :time, :recorded_at, :data) "
+    "ON CONFLICT (source, id) DO NOTHING RETURNING seq"
+)
+# Both as one statement, one round trip (PostgreSQL: SQLite has no INSERT inside WITH). The row
+# is only updated when the event is new: a redelivery changes nothing and returns no row.
+RECORD = (
+    f"WITH event AS ({INSERT_EVENT}), "  # noqa: S608 - fixed parts
+    f"generation AS ({_UPSERT_GENERATION} WHERE EXISTS (SELECT 1 FROM event) RETURNING *) "
+    "SELECT EXISTS (SELECT 1 FROM event) AS fresh, generation.* "
+    "FROM (SELECT 1) AS one LEFT JOIN generation ON true"
+)
+INSERT_DELIVERY = (
+    "INSERT INTO webhook_deliveries "
+    "(msg_id, generation_id, event, url, payload, next_attempt_at, created_at) "
+    "VALUES (:msg_id, :generation_id, :event, :url, :payload, :now, :now) "
+    "ON CONFLICT (msg_id) DO NOTHING"
+)
+
+
+def upsert_params(change: Change, now: datetime) -> dict[str, Any]:
+    """The parameters of :data:`UPSERT_GENERATION` (and :data:`RECORD`) for ``change``."""
+    params: dict[str, Any] = dict.fromkeys(GENERATION_COLUMNS)
+    params.update(change.fields)
+    params.update(
+        generation_id=change.generation_id,
+        status=change.status,
+        status_rank=change.rank,
+        created_at=change.at,
+        updated_at=now,
+    )
+    params[change.stage_column] = change.at
+    return params
