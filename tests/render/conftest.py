@@ -42,17 +42,22 @@ def lora_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("loras")
 
 
-@pytest.fixture(scope="session")
-def backend(lora_root: Path) -> Iterator[Any]:
-    """A CPU :class:`DiffusersBackend` with the tiny model loaded and ``lora_root`` configured."""
+def _loaded(model: str, lora_root: Path) -> Iterator[Any]:
+    """A CPU :class:`DiffusersBackend` with ``model`` loaded and ``lora_root`` configured."""
     pytest.importorskip("diffusers")
     from imagegen.render.diffusers_backend import DiffusersBackend
     from imagegen.settings import Settings
 
     backend = DiffusersBackend(Settings(device="cpu", lora_dir=lora_root))
-    backend.load("tiny")
+    backend.load(model)
     yield backend
     backend.close()
+
+
+@pytest.fixture(scope="session")
+def backend(lora_root: Path) -> Iterator[Any]:
+    """A CPU :class:`DiffusersBackend` with the tiny model loaded and ``lora_root`` configured."""
+    yield from _loaded("tiny", lora_root)
 
 
 @pytest.fixture(scope="session")
@@ -76,14 +81,7 @@ def lora_dir(lora_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def klein_backend(lora_root: Path) -> Iterator[Any]:
     """A CPU :class:`DiffusersBackend` with the tiny FLUX.2 [klein] pipeline loaded."""
-    pytest.importorskip("diffusers")
-    from imagegen.render.diffusers_backend import DiffusersBackend
-    from imagegen.settings import Settings
-
-    backend = DiffusersBackend(Settings(device="cpu", lora_dir=lora_root))
-    backend.load("tiny-klein")
-    yield backend
-    backend.close()
+    yield from _loaded("tiny-klein", lora_root)
 
 
 @pytest.fixture(scope="session")
