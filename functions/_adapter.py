@@ -1,13 +1,11 @@
 """One stage as an HTTP function, in func-python's shape: start, alive, ready, handle.
 
-functions-framework owns the app, the server, the workers and body limits; this adapter owns
-the process's event loop and service, and turns each request into one call of the stage's
-handler. :mod:`_binding` turns bytes into a :class:`~_binding.Message` and outcomes into
-replies; errors become statuses only there.
+functions-framework owns the app, the server and the workers; this adapter owns the process's
+event loop and service, and turns each request into one call of the stage's handler.
+:mod:`_binding` turns bytes into a :class:`~_binding.Message` and outcomes into replies.
 
-The loop and the service start on the first request a process receives (a probe, in a
-cluster), never at import: gunicorn imports the function and then forks its workers, and
-neither threads nor CUDA survive a fork.
+The loop and the service start on a process's first request (a probe, in a cluster), never at
+import: gunicorn imports the function and then forks, and neither threads nor CUDA survive it.
 """
 
 from __future__ import annotations
@@ -25,36 +23,31 @@ import flask
 from _binding import (
     MAX_BODY_BYTES,
     Message,
-    MethodNotAllowed,
-    PayloadTooLarge,
     Reply,
-    RouteNotFound,
     error_reply,
     event_reply,
     json_reply,
     parse,
     parse_leniently,
 )
-from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
-from pydantic import ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from imagegen.errors import (
     ConfigurationError,
     DependencyUnavailable,
-    Forbidden,
     ImageGenError,
     InternalError,
     InvalidRequest,
-    Unauthenticated,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    RouteNotFound,
 )
-from imagegen.events import routing_attributes
-from imagegen.identity import generation_id, identify, valid_generation_id
+from imagegen.events import reply_attributes
+from imagegen.identity import generation_id, identify
 from imagegen.stages import Call, Route, RouteCall, Stage
 from imagegen.stages import get as get_stage
-from imagegen.telemetry import current_stage, instruments, tracer
-from imagegen.validation import field_errors, parse_model
+from imagegen.telemetry import instruments, stage_span
+from imagegen.validation import parse_model
 
 __all__ = ["Function", "entry_point"]
 
@@ -102,7 +95,7 @@ class Function:
             except Exception as exc:
                 # Every request would fail alike until the environment is fixed: say it once,
                 # and answer 503 (not ready, retried), never 400.
-                self._broken = _configuration_error(self.stage.name, exc)
+                self._broken = ConfigurationError.of(f"{self.stage.name} could not start", exc)
                 log.error("start-up failed: %s", self._broken.message, extra=self._extra())
                 self._pid = os.getpid()
                 return
@@ -138,14 +131,29 @@ class Function:
             return False, "start-up failed"  # the reason is in the log
         return True, "ready"
 
-    def _run(self, work: Awaitable[T]) -> T:
-        """Run ``work`` on the process's loop, within the stage's time budget."""
+    def _check_ready(self) -> None:
+        """Raise the 503 of a process that cannot serve: broken settings, or not ready yet."""
+        ready, why = self.ready()
+        if self._broken is not None:
+            raise self._broken
+        if not ready:
+            raise DependencyUnavailable(f"{self.stage.name} is not ready ({why})", retry_after=15)
+
+    def _run(self, work: Awaitable[T], traced: Message | None = None) -> tuple[T, dict[str, str]]:
+        """Run ``work`` on the process's loop within the stage's time budget; with ``traced``,
+        inside that message's trace. Returns the result and the trace context to pass on.
+        """
         assert self._loop is not None
 
-        async def wrapped() -> T:
-            return await work
+        async def run() -> tuple[T, dict[str, str]]:
+            if traced is None:
+                return await work, {}
+            # A task of its own on the loop: what the span sets stays in its context.
+            carrier, attributes = traced.carrier(), traced.attributes
+            with stage_span(self.stage.name, attributes, carrier, event=traced.is_event) as out:
+                return await work, out
 
-        future = asyncio.run_coroutine_threadsafe(wrapped(), self._loop)
+        future = asyncio.run_coroutine_threadsafe(run(), self._loop)
         try:
             return future.result(timeout=self._timeout)
         except FutureTimeout:
@@ -165,21 +173,14 @@ class Function:
         gid: str | None = None
         dispatched = False
         try:
-            # 1. Is the function able to serve?
-            self.start()
-            if self._broken is not None:
-                raise self._broken
+            # 1. Check the input; the generation is known before the data is valid.
             if stage.input_model is None:  # the sink takes anything as it comes
+                self._check_ready()
                 data: Any = message.data
                 call = Call(attributes=message.attributes, headers=message.headers, raw=message.raw)
             else:
-                # 2. Check the input; the generation is known before the data is valid.
                 gid = _generation_hint(stage, message)
-                ready, why = self.ready()
-                if not ready:
-                    raise DependencyUnavailable(
-                        f"{stage.name} is not ready ({why})", retry_after=15
-                    )
+                self._check_ready()
                 if stage.direct is not None and not message.is_event:
                     body = parse_model(stage.direct.model, message.data)
                     data = stage.direct.complete(self._service.settings, body)
@@ -187,35 +188,32 @@ class Function:
                     data = parse_model(stage.input_model, message.data)
                 call = identify(data, message.attributes, starts=stage.starts_generations)
                 gid = call.generation_id
-            # 3. Run the stage inside the caller's trace.
+            # 2. Run the stage inside the caller's trace.
             dispatched = True
             if stage.png is not None and not message.is_event and "image/png" in accept:
-                work_png = stage.png(self._service, data)
-                (png, headers), _ = self._run(self._traced(message, work_png))
+                (png, headers), _ = self._run(stage.png(self._service, data), message)
                 return Reply(200, png, {"Content-Type": "image/png", **headers})
-            work = stage.handler(self._service, data, call)
-            result, extensions = self._run(self._traced(message, work))
-            # 4. Reply: the next event, JSON, or nothing.
+            result, extensions = self._run(stage.handler(self._service, data, call), message)
+            # 3. Reply: the next event, JSON, or nothing.
             if result is None or stage.emits is None:
                 return Reply(202)
             if not message.is_event:
                 return json_reply(result.model_dump(mode="json"), 200)
             if location := getattr(result, "location", None):
                 extensions["dataref"] = location
-            extensions.update(routing_attributes(result))  # render Triggers route on the model
+            gid = getattr(result, "generation_id", gid)
             return event_reply(
-                stage=stage.name,
-                event_type=stage.emits,
-                data=result,
-                generation_id=getattr(result, "generation_id", gid),
-                extensions=extensions,
+                reply_attributes(stage.name, stage.emits, result, gid, extensions), result
             )
-        except ImageGenError as exc:
-            return self._failed(exc, message, gid, dispatched)
-        except Exception:
-            log.exception("unexpected error", extra=self._extra(generation_id=gid))
-            error = InternalError("internal error; see the function's logs")
-            return self._failed(error, message, gid, dispatched)
+        except Exception as exc:
+            return self._failed(self._error(exc, generation_id=gid), message, gid, dispatched)
+
+    def _error(self, exc: Exception, **fields: Any) -> ImageGenError:
+        """``exc`` as what the caller is told; anything unforeseen is logged and hidden."""
+        if isinstance(exc, ImageGenError):
+            return exc
+        log.exception("unexpected error", extra=self._extra(**fields))
+        return InternalError("internal error; see the function's logs")
 
     def _failed(
         self, exc: ImageGenError, message: Message | None, gid: str | None, dispatched: bool
@@ -232,64 +230,42 @@ class Function:
         answered = message if self.stage.emits is not None else None
         return error_reply(exc, stage=self.stage.name, message=answered, generation_id=gid)
 
-    async def _traced(self, message: Message, work: Awaitable[T]) -> tuple[T, dict[str, str]]:
-        """Await ``work`` inside the caller's trace; return its result and the trace to pass on."""
-        token = otel_context.attach(propagate.extract(message.carrier()))
-        current_stage.set(self.stage.name)  # this task's own context: nothing to reset
-        try:
-            kind = trace.SpanKind.CONSUMER if message.is_event else trace.SpanKind.SERVER
-            name = f"{self.stage.name} process"
-            with tracer().start_as_current_span(name, kind=kind) as span:
-                span.set_attribute("imagegen.stage", self.stage.name)
-                for key in ("id", "source", "type", "subject", "specversion"):
-                    if value := message.attributes.get(key):
-                        attribute = "spec_version" if key == "specversion" else key
-                        span.set_attribute(f"cloudevents.event_{attribute}", value)
-                subject = message.attributes.get("subject")
-                if subject and valid_generation_id(subject):
-                    span.set_attribute("imagegen.generation_id", subject)
-                result = await work
-                carrier: dict[str, str] = {}
-                propagate.inject(carrier)
-                return result, carrier
-        finally:
-            otel_context.detach(token)
-
     # -- the HTTP edge ------------------------------------------------------------------------
 
     def __call__(self, request: flask.Request) -> flask.Response:
         """Route one request: probes, the OpenAPI document, the stage's routes, ``POST /``."""
-        path = request.path.rstrip("/") or "/"
-        if path == "/healthz":
-            alive = self.alive()  # the liveness probe is a process's first request: it starts
-            reply = json_reply({"status": "alive", "stage": self.stage.name}, 200 if alive else 503)
-        elif path == "/readyz":
+        reply = self._dispatch(request)
+        return flask.Response(reply.body, status=reply.status, headers=dict(reply.headers))
+
+    def _dispatch(self, request: flask.Request) -> Reply:
+        path, method = request.path.rstrip("/") or "/", request.method
+        if path == "/healthz":  # the liveness probe is a process's first request: it starts
+            return json_reply(
+                {"status": "alive", "stage": self.stage.name}, 200 if self.alive() else 503
+            )
+        if path == "/readyz":
             ready, why = self.ready()
             body = {"ready": ready, "status": why, "stage": self.stage.name}
-            reply = json_reply(body, 200 if ready else 503, {} if ready else {"Retry-After": "5"})
-        elif path == "/openapi.json" and request.method == "GET":
+            return json_reply(body, 200 if ready else 503, {} if ready else {"Retry-After": "5"})
+        if path == "/openapi.json" and method == "GET":
             from imagegen.openapi import document
 
-            reply = json_reply(document(self.stage), 200)
-        elif routes := [(r, p) for r in self.stage.routes if (p := r.match(path)) is not None]:
-            chosen = [(r, p) for r, p in routes if r.method == request.method]
-            if not chosen:
-                allowed = ", ".join(r.method for r, _ in routes)
-                error: ImageGenError = MethodNotAllowed(
-                    f"{request.method} is not allowed: {allowed}"
-                )
-                reply = error_reply(error, stage=self.stage.name, message=None, generation_id=None)
-            else:
-                reply = self._refused(request) or self._route(*chosen[0], request)
-        elif path != "/":
-            error = RouteNotFound(f"no route {request.path!r}; POST / instead")
-            reply = error_reply(error, stage=self.stage.name, message=None, generation_id=None)
-        elif request.method != "POST":
-            error = MethodNotAllowed(f"{request.method} is not allowed; POST / instead")
-            reply = error_reply(error, stage=self.stage.name, message=None, generation_id=None)
-        else:
-            reply = self._refused(request) or self._post(request)
-        return flask.Response(reply.body, status=reply.status, headers=dict(reply.headers))
+            return json_reply(document(self.stage), 200)
+        routes = [(r, p) for r in self.stage.routes if (p := r.match(path)) is not None]
+        chosen = [(r, p) for r, p in routes if r.method == method]
+        refusal: ImageGenError | None = None
+        if routes and not chosen:
+            allowed = ", ".join(r.method for r, _ in routes)
+            refusal = MethodNotAllowed(f"{method} is not allowed: {allowed}")
+        elif not routes and path != "/":
+            refusal = RouteNotFound(f"no route {request.path!r}; POST / instead")
+        elif not routes and method != "POST":
+            refusal = MethodNotAllowed(f"{method} is not allowed; POST / instead")
+        if refusal is not None:
+            return error_reply(refusal, stage=self.stage.name, message=None, generation_id=None)
+        if refused := self._refused(request):
+            return refused
+        return self._route(*chosen[0], request) if chosen else self._post(request)
 
     def _refused(self, request: flask.Request) -> Reply | None:
         """The 401/403 (or 503) for a caller who may not invoke; None for one who may.
@@ -299,29 +275,26 @@ class Function:
         """
         self.start()
         if self._auth is None:
-            return None  # start-up failed: handle() answers the 503
+            return None  # start-up failed: the request is answered 503
         try:
             self._auth.authenticate(request.headers.get("Authorization"))
-        except (Unauthenticated, Forbidden) as exc:
-            reply = self._failed(exc, None, None, dispatched=False)
-            return Reply(
-                reply.status, reply.body, {**reply.headers, "WWW-Authenticate": exc.challenge}
-            )
         except ImageGenError as exc:
-            return self._failed(exc, None, None, dispatched=False)
+            reply = self._failed(exc, None, None, dispatched=False)
+            if challenge := getattr(exc, "challenge", None):
+                return Reply(
+                    reply.status, reply.body, {**reply.headers, "WWW-Authenticate": challenge}
+                )
+            return reply
         return None
 
     def _route(self, route: Route, params: dict[str, str], request: flask.Request) -> Reply:
-        """One of the stage's own routes: the query checked, the handler run, JSON out."""
+        """One of the stage's own routes: the query checked, the handler run, JSON out.
+
+        A query is no generation: nothing for the generation counters (``dispatched``).
+        """
+        gid = params.get("generation_id")
         try:
-            self.start()
-            if self._broken is not None:
-                raise self._broken
-            ready, why = self.ready()
-            if not ready:
-                raise DependencyUnavailable(
-                    f"{self.stage.name} is not ready ({why})", retry_after=15
-                )
+            self._check_ready()
             query = None
             if route.query_model is not None:
                 query = parse_model(route.query_model, request.args.to_dict())
@@ -330,38 +303,40 @@ class Function:
                     f"{route.path} takes no query parameters",
                     errors=[{"field": n, "message": "unknown parameter"} for n in request.args],
                 )
-            result = self._run(route.handler(self._service, RouteCall(params=params, query=query)))
+            result, _ = self._run(
+                route.handler(self._service, RouteCall(params=params, query=query))
+            )
             return json_reply(result.model_dump(mode="json"), route.status)
-        # A query is no generation: nothing for the generation counters (dispatched).
-        except ImageGenError as exc:
-            return self._failed(exc, None, params.get("generation_id"), dispatched=True)
-        except Exception:
-            log.exception("unexpected error", extra=self._extra(route=route.path))
-            error = InternalError("internal error; see the function's logs")
-            return self._failed(error, None, None, dispatched=True)
+        except Exception as exc:
+            return self._failed(self._error(exc, route=route.path), None, gid, dispatched=True)
 
     def _post(self, request: flask.Request) -> Reply:
-        if self.stage.input_model is None:
-            body = request.stream.read(MAX_BODY_BYTES + 1)
-            truncated = len(body) > MAX_BODY_BYTES
-            message = parse_leniently(
-                dict(request.headers), body[:MAX_BODY_BYTES], truncated=truncated
-            )
-            return self.handle(message)
         try:
-            # werkzeug refuses a body past the limit; lifted again for functions-framework,
-            # which drains the body after every request.
-            request.max_content_length = MAX_BODY_BYTES
-            try:
-                body = request.get_data()
-            except RequestEntityTooLarge:
-                raise PayloadTooLarge(f"the body is larger than {MAX_BODY_BYTES} bytes") from None
-            finally:
-                request.max_content_length = None
-            message = parse(dict(request.headers), body, consumes=self.stage.consumes)
+            message = _message(request, self.stage)
         except ImageGenError as exc:
             return self._failed(exc, None, None, dispatched=False)
         return self.handle(message, accept=request.headers.get("Accept", ""))
+
+
+def _message(request: flask.Request, stage: Stage) -> Message:
+    """The request as a :class:`Message`, its body read within ``MAX_BODY_BYTES``.
+
+    The sink keeps what fits and marks the rest cut; every other stage refuses more (413).
+    """
+    if stage.input_model is None:
+        body = request.stream.read(MAX_BODY_BYTES + 1)
+        cut = len(body) > MAX_BODY_BYTES
+        return parse_leniently(dict(request.headers), body[:MAX_BODY_BYTES], truncated=cut)
+    # werkzeug refuses a body past the limit; lifted again for functions-framework, which
+    # drains the body after every request.
+    request.max_content_length = MAX_BODY_BYTES
+    try:
+        body = request.get_data()
+    except RequestEntityTooLarge:
+        raise PayloadTooLarge(f"the body is larger than {MAX_BODY_BYTES} bytes") from None
+    finally:
+        request.max_content_length = None
+    return parse(dict(request.headers), body, consumes=stage.consumes)
 
 
 def _generation_hint(stage: Stage, message: Message) -> str | None:
@@ -370,20 +345,6 @@ def _generation_hint(stage: Stage, message: Message) -> str | None:
         return generation_id(None, message.attributes, starts=stage.starts_generations)
     except ImageGenError:
         return None
-
-
-def _configuration_error(stage: str, exc: Exception) -> ConfigurationError:
-    """What was wrong with the configuration, naming settings but never echoing values."""
-    if isinstance(exc, ValidationError):
-        errors = field_errors(exc)
-        reason = "invalid settings: " + ", ".join(e["field"] for e in errors)
-    elif isinstance(exc, ImageGenError):
-        errors = list(getattr(exc, "errors", []))
-        fields = ", ".join(e["field"] for e in errors)
-        reason = f"invalid setting: {fields}" if fields else exc.message
-    else:
-        errors, reason = [], type(exc).__name__
-    return ConfigurationError(f"{stage} could not start: {reason}", errors=errors)
 
 
 def entry_point(name: str) -> Any:

@@ -20,8 +20,8 @@ from cloudevents.exceptions import GenericException as CloudEventError
 from cloudevents.http import CloudEvent, from_http
 from pydantic import BaseModel
 
-from imagegen.errors import ImageGenError, InvalidRequest, first_line
-from imagegen.events import GENERATION_FAILED, dataschema, reply_id, source_for
+from imagegen.errors import ImageGenError, InvalidRequest, UnsupportedMediaType, first_line
+from imagegen.events import GENERATION_FAILED, is_final, reply_attributes
 from imagegen.identity import event_time
 from imagegen.models import ErrorInfo, GenerationFailed
 from imagegen.validation import loads
@@ -29,11 +29,7 @@ from imagegen.validation import loads
 __all__ = [
     "MAX_BODY_BYTES",
     "Message",
-    "MethodNotAllowed",
-    "PayloadTooLarge",
     "Reply",
-    "RouteNotFound",
-    "UnsupportedMediaType",
     "error_reply",
     "event_reply",
     "json_reply",
@@ -43,28 +39,6 @@ __all__ = [
 
 MAX_BODY_BYTES = 1024 * 1024
 _EMPTY: Mapping[str, str] = MappingProxyType({})
-
-
-class RouteNotFound(ImageGenError):
-    """No such path: the functions answer ``POST /`` and their probes."""
-
-    code = "not_found"
-    status = 404
-
-
-class MethodNotAllowed(ImageGenError):
-    code = "method_not_allowed"
-    status = 405
-
-
-class PayloadTooLarge(InvalidRequest):
-    status = 413
-    code = "payload_too_large"
-
-
-class UnsupportedMediaType(InvalidRequest):
-    status = 415
-    code = "unsupported_media_type"
 
 
 @dataclass(frozen=True)
@@ -151,7 +125,7 @@ def parse(headers: Mapping[str, str], body: bytes, *, consumes: tuple[str, ...])
             )
         data = event.get_data()
         if isinstance(data, bytes | str):
-            data = _json(data, field="body")
+            data = loads(data or b"{}", field="body")
         return Message(data if data is not None else {}, _attributes(event), lowered)
     if content_type != "application/json":
         raise UnsupportedMediaType(
@@ -160,7 +134,7 @@ def parse(headers: Mapping[str, str], body: bytes, *, consumes: tuple[str, ...])
                 {"field": "content-type", "message": f"unsupported {content_type or 'none'!r}"}
             ],
         )
-    return Message(_json(body, field="body"), _EMPTY, lowered)
+    return Message(loads(body or b"{}", field="body"), _EMPTY, lowered)
 
 
 def parse_leniently(headers: Mapping[str, str], body: bytes, *, truncated: bool) -> Message:
@@ -191,11 +165,6 @@ def _as_bytes(data: Any) -> Any:
     return data
 
 
-def _json(body: bytes | str, *, field: str) -> Any:
-    """Untrusted JSON, bounded (:func:`imagegen.validation.loads`): a 400 naming ``field``."""
-    return loads(body or b"{}", field=field)
-
-
 # -- replies -------------------------------------------------------------------------------
 
 
@@ -207,47 +176,10 @@ def json_reply(body: Any, status: int, headers: Mapping[str, str] | None = None)
     )
 
 
-def event_reply(
-    *,
-    stage: str,
-    event_type: str,
-    data: BaseModel,
-    generation_id: str | None,
-    extensions: Mapping[str, str],
-    cause: str | None = None,
-) -> Reply:
-    """A 200 carrying the next event (binary mode); its id is stable for the generation."""
-    attributes: dict[str, Any] = {
-        "type": event_type,
-        "source": source_for(stage),
-        "id": reply_id(generation_id or cause or "unknown", event_type),
-        # From the data, never the clock: a redelivery to any replica answers alike.
-        "time": (getattr(data, "occurred_at", None) or datetime.now(UTC)).isoformat(),
-        "datacontenttype": "application/json",
-        "dataschema": dataschema(event_type),
-    }
-    if generation_id:
-        attributes["subject"] = generation_id
-    attributes.update({k: v for k, v in extensions.items() if v})
-    headers, body = to_binary(CloudEvent(attributes, data.model_dump(mode="json")))
+def event_reply(attributes: Mapping[str, str], data: BaseModel) -> Reply:
+    """A 200 carrying the next event (binary mode)."""
+    headers, body = to_binary(CloudEvent(dict(attributes), data.model_dump(mode="json")))
     return Reply(200, body, headers)
-
-
-# Knative's dispatchers retry these statuses and every 5xx; any other 4xx is final
-# (eventing pkg/kncloudevents/retries.go, the default retry criteria).
-RETRIED_BY_KNATIVE = frozenset({404, 408, 409, 429})
-
-
-def is_final(status: int) -> bool:
-    """Whether Knative gives up on a delivery answered with ``status`` (no retry)."""
-    return 400 <= status < 500 and status not in RETRIED_BY_KNATIVE
-
-
-def _event_time(message: Message) -> datetime | None:
-    """The event's valid ``time``, if it has one (a failure may be that it has not)."""
-    with contextlib.suppress(InvalidRequest):
-        return event_time(message.attributes)
-    return None
 
 
 def error_reply(
@@ -261,26 +193,23 @@ def error_reply(
     retryable one (5xx, 429) is redelivered; a plain-HTTP caller reads which field was wrong.
     """
     if message is not None and message.is_event and is_final(exc.status):
+        failed_at = None  # the event's time, unless what failed is that it has none
+        with contextlib.suppress(InvalidRequest):
+            failed_at = event_time(message.attributes)
+        info = ErrorInfo(
+            code=exc.code, message=exc.message, retryable=exc.retryable, errors=exc.errors
+        )
         failed = GenerationFailed(
             generation_id=generation_id,
             stage=stage,
-            error=ErrorInfo(
-                code=exc.code,
-                message=exc.message,
-                retryable=exc.retryable,
-                errors=getattr(exc, "errors", []),
-            ),
-            failed_at=_event_time(message) or datetime.now(UTC),
+            error=info,
+            failed_at=failed_at or datetime.now(UTC),
         )
         cause = f"{message.attributes.get('source')}#{message.attributes.get('id')}"
-        return event_reply(
-            stage=stage,
-            event_type=GENERATION_FAILED,
-            data=failed,
-            generation_id=generation_id,
-            extensions=message.carrier(),
-            cause=cause,
+        attributes = reply_attributes(
+            stage, GENERATION_FAILED, failed, generation_id, message.carrier(), cause=cause
         )
+        return event_reply(attributes, failed)
     headers = {}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))

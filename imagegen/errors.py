@@ -15,9 +15,13 @@ __all__ = [
     "ImageGenError",
     "InternalError",
     "InvalidRequest",
+    "MethodNotAllowed",
     "NotFound",
     "Overloaded",
+    "PayloadTooLarge",
+    "RouteNotFound",
     "Unauthenticated",
+    "UnsupportedMediaType",
     "first_line",
 ]
 
@@ -82,6 +86,28 @@ class InvalidRequest(ImageGenError):
 
     def __init__(self, message: str, *, errors: list[dict[str, str]] | None = None) -> None:
         super().__init__(message, errors=errors)
+
+
+class PayloadTooLarge(InvalidRequest):
+    code = "payload_too_large"
+    status = 413
+
+
+class UnsupportedMediaType(InvalidRequest):
+    code = "unsupported_media_type"
+    status = 415
+
+
+class RouteNotFound(ImageGenError):
+    """No such path on a function (not an invalid request: nothing was read)."""
+
+    code = "not_found"
+    status = 404
+
+
+class MethodNotAllowed(ImageGenError):
+    code = "method_not_allowed"
+    status = 405
 
 
 class Unauthenticated(ImageGenError):
@@ -164,6 +190,27 @@ class ConfigurationError(ImageGenError):
         retry_after: float = 30.0,
     ) -> None:
         super().__init__(message, retry_after=retry_after, errors=errors)
+
+    @classmethod
+    def of(cls, summary: str, exc: Exception) -> ConfigurationError:
+        """``exc``, raised while reading the settings, as ``summary: reason``.
+
+        The reason names the settings at fault, never their values (they may be secrets).
+        """
+        from pydantic import ValidationError
+
+        if isinstance(exc, ValidationError):
+            from imagegen.validation import field_errors
+
+            errors = field_errors(exc)
+            reason = "invalid settings: " + ", ".join(e["field"] for e in errors)
+        elif isinstance(exc, ImageGenError):
+            errors = list(exc.errors)
+            fields = ", ".join(exc.fields)
+            reason = f"invalid setting: {fields}" if fields else exc.message
+        else:
+            errors, reason = [], type(exc).__name__
+        return cls(f"{summary}: {reason}", errors=errors)
 
 
 class InternalError(ImageGenError):

@@ -6,6 +6,8 @@ Transport-free: the HTTP/CloudEvents binding lives in ``functions/``.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
@@ -23,6 +25,8 @@ __all__ = [
     "dataschema",
     "event_models",
     "event_type",
+    "is_final",
+    "reply_attributes",
     "reply_id",
     "routing_attributes",
     "short_name",
@@ -84,6 +88,43 @@ def source_for(stage: str) -> str:
 def reply_id(generation_id: str, event_type: str) -> str:
     """A stable event id: a redelivered request gets a reply with the same id."""
     return uuid.uuid5(uuid.NAMESPACE_URL, f"imagegen:{generation_id}:{event_type}").hex
+
+
+def reply_attributes(
+    stage: str,
+    event_type: str,
+    data: BaseModel,
+    generation_id: str | None,
+    extensions: Mapping[str, str],
+    *,
+    cause: str | None = None,
+) -> dict[str, str]:
+    """The attributes of the event ``stage`` answers with: alike for every delivery.
+
+    The id is stable for the generation (else for ``cause``, the event that failed) and the
+    time comes from the data, never the clock, so a redelivery to any replica answers alike.
+    """
+    attributes = {
+        "type": event_type,
+        "source": source_for(stage),
+        "id": reply_id(generation_id or cause or "unknown", event_type),
+        "time": (getattr(data, "occurred_at", None) or datetime.now(UTC)).isoformat(),
+        "datacontenttype": "application/json",
+        "dataschema": dataschema(event_type),
+    }
+    if generation_id:
+        attributes["subject"] = generation_id
+    return attributes | {k: v for k, v in extensions.items() if v} | routing_attributes(data)
+
+
+# Knative's dispatchers retry these statuses and every 5xx; any other 4xx is final
+# (eventing pkg/kncloudevents/retries.go, the default retry criteria).
+RETRIED_BY_KNATIVE = frozenset({404, 408, 409, 429})
+
+
+def is_final(status: int) -> bool:
+    """Whether Knative gives up on a delivery answered with ``status`` (no retry)."""
+    return 400 <= status < 500 and status not in RETRIED_BY_KNATIVE
 
 
 def routing_attributes(data: BaseModel) -> dict[str, str]:

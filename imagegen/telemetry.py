@@ -11,12 +11,16 @@ become in Prometheus (:func:`prometheus_series`); a test keeps the three in step
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import cache
 from typing import Literal, NamedTuple
 
-from opentelemetry import metrics, trace
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, propagate, trace
+
+from imagegen.identity import valid_generation_id
 
 __all__ = [
     "METRICS",
@@ -27,6 +31,7 @@ __all__ = [
     "instruments",
     "prometheus_name",
     "prometheus_series",
+    "stage_span",
     "tracer",
 ]
 
@@ -41,6 +46,35 @@ current_stage: ContextVar[str] = ContextVar("imagegen_stage", default="none")
 def tracer() -> trace.Tracer:
     """The tracer every imagegen span comes from (looked up once: a proxy until set up)."""
     return trace.get_tracer(_SCOPE)
+
+
+@contextmanager
+def stage_span(
+    stage: str, attributes: Mapping[str, str], carrier: Mapping[str, str], *, event: bool
+) -> Iterator[dict[str, str]]:
+    """The ``<stage> process`` span of one request, inside the caller's trace (``carrier``).
+
+    Its kind is ``CONSUMER`` for a delivered event and ``SERVER`` for a plain call; it carries
+    the event's CloudEvents attributes. Yields the trace context to pass on with the reply.
+    """
+    token = otel_context.attach(propagate.extract(carrier))
+    current_stage.set(stage)
+    kind = trace.SpanKind.CONSUMER if event else trace.SpanKind.SERVER
+    try:
+        with tracer().start_as_current_span(f"{stage} process", kind=kind) as span:
+            span.set_attribute("imagegen.stage", stage)
+            for key in ("id", "source", "type", "subject", "specversion"):
+                if value := attributes.get(key):
+                    name = "spec_version" if key == "specversion" else key
+                    span.set_attribute(f"cloudevents.event_{name}", value)
+            subject = attributes.get("subject")
+            if subject and valid_generation_id(subject):
+                span.set_attribute("imagegen.generation_id", subject)
+            outgoing: dict[str, str] = {}
+            propagate.inject(outgoing)
+            yield outgoing
+    finally:
+        otel_context.detach(token)
 
 
 class MetricSpec(NamedTuple):
