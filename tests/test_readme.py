@@ -168,6 +168,9 @@ def test_the_local_invoke_commands_work(tmp_path: Path) -> None:
 
         persisted = subprocess.run(["bash", "-c", plain], **run)
         body = json.loads(persisted.stdout)
+        # Each stage's answer, when one of them was an error rather than the next stage's input.
+        answers = {f: (tmp_path / f).read_text()[:500] for f in ("enhanced.json", "rendered.json")}
+        assert "key" in body, (body, answers)
         assert (tmp_path / "output" / body["key"]).is_file()
         assert (tmp_path / "lighthouse.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert json.loads((tmp_path / "enhanced.json").read_text())["seed"] == 7
