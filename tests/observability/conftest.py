@@ -8,14 +8,13 @@ from typing import Any
 
 import pytest
 from opentelemetry import metrics, trace
-from opentelemetry.metrics import _internal as metrics_internal
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.util._once import Once
+from opentelemetry.test.globals_test import reset_metrics_globals, reset_trace_globals
 
 from imagegen.observability import GenerationSpanProcessor
 from imagegen.telemetry import instruments, tracer
@@ -54,12 +53,10 @@ class InMemoryTelemetry:
 
 def _install(tracer_provider: TracerProvider, meter_provider: MeterProvider) -> None:
     # The API lets a process set its providers once; whatever ran earlier in this test
-    # process (a CLI test, say) may have set them, so the set-once guards are reset.
-    trace._TRACER_PROVIDER_SET_ONCE = Once()
-    trace._TRACER_PROVIDER = None
+    # process (a CLI test, say) may have set them: reset with OpenTelemetry's test utilities.
+    reset_trace_globals()
     trace.set_tracer_provider(tracer_provider)
-    metrics_internal._METER_PROVIDER_SET_ONCE = Once()
-    metrics_internal._METER_PROVIDER = None
+    reset_metrics_globals()
     metrics.set_meter_provider(meter_provider)
     instruments.cache_clear()
     tracer.cache_clear()
