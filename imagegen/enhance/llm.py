@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
+from functools import cache
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -54,6 +55,12 @@ class PromptReply(BaseModel):
         min_length=1,
         description="The image prompt: one paragraph of plain descriptive English.",
     )
+
+
+@cache
+def _reply_format() -> dict[str, Any]:
+    """:class:`PromptReply`'s JSON Schema as Ollama's ``format``: made once, sent with each chat."""
+    return PromptReply.model_json_schema()
 
 
 class MalformedReply(ValueError):
@@ -140,6 +147,18 @@ def _log_retry(state: RetryCallState) -> None:
     )
 
 
+def _server_attributes(host: str) -> dict[str, Any]:
+    """``server.address`` and ``server.port`` of the Ollama at ``host``, as far as it names them."""
+    url = urlsplit(host)
+    attributes: dict[str, Any] = {}
+    if url.hostname:
+        attributes["server.address"] = url.hostname
+    with contextlib.suppress(ValueError):
+        if url.port:
+            attributes["server.port"] = url.port
+    return attributes
+
+
 class OllamaEnhancer:
     """Writes prompts with ``settings.ollama_model`` on the Ollama at ``settings.ollama_host``.
 
@@ -167,6 +186,7 @@ class OllamaEnhancer:
             threshold=settings.ollama_breaker_threshold,
             cooldown=settings.ollama_breaker_cooldown,
         )
+        self._server = _server_attributes(settings.ollama_host)
 
     @property
     def name(self) -> str:
@@ -261,21 +281,15 @@ class OllamaEnhancer:
                 instruments().ollama_duration.record(time.perf_counter() - started, labels)
 
     def _span_attributes(self, seed: int, spec: ModelFamily) -> dict[str, Any]:
-        host = urlsplit(self.settings.ollama_host)
-        attributes: dict[str, Any] = {
+        return {
             "gen_ai.operation.name": "chat",
             "gen_ai.provider.name": "ollama",
             "gen_ai.request.model": self.settings.ollama_model,
             "gen_ai.request.temperature": self.settings.ollama_temperature,
             "gen_ai.request.seed": seed,
             "gen_ai.request.max_tokens": _max_tokens(spec),
+            **self._server,
         }
-        if host.hostname:
-            attributes["server.address"] = host.hostname
-        with contextlib.suppress(ValueError):
-            if host.port:
-                attributes["server.port"] = host.port
-        return attributes
 
     async def _chat_once(self, messages: list[dict[str, str]], seed: int, spec: ModelFamily) -> str:
         options: dict[str, Any] = {
@@ -287,7 +301,7 @@ class OllamaEnhancer:
             response = await self.client.chat(
                 model=self.settings.ollama_model,
                 messages=messages,
-                format=PromptReply.model_json_schema(),
+                format=_reply_format(),
                 options=options,
                 stream=False,
             )
