@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -125,6 +126,7 @@ class FakeOllama:
         self._released = threading.Event()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._connections: set[socket.socket] = set()
 
     # Lifecycle
 
@@ -144,12 +146,21 @@ class FakeOllama:
         return self
 
     def stop(self) -> None:
-        """Close the port: clients now get "connection refused". Slow answers are cut short."""
+        """Close the port: clients now get "connection refused". Slow answers are cut short.
+
+        Open connections are cut too, as when the Ollama process ends: a kept-alive one would
+        otherwise go on answering.
+        """
         self._released.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        with self._lock:
+            connections, self._connections = list(self._connections), set()
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
@@ -212,10 +223,33 @@ class FakeOllama:
         with self._lock:
             self._requests.append(request)
 
+    def _opened(self, connection: socket.socket, is_open: bool) -> None:
+        with self._lock:
+            if is_open:
+                self._connections.add(connection)
+            else:
+                self._connections.discard(connection)
+
 
 class _Handler(BaseHTTPRequestHandler):
     owner: FakeOllama
     server_version = "FakeOllama/1.0"
+    # Ollama serves through Go's net/http: HTTP/1.1 with keep-alive on by default
+    # (net/http/server.go, Server.SetKeepAlivesEnabled: "By default, keep-alives are always
+    # enabled"), on connections with Nagle's algorithm off (net/tcpsock_posix.go, newTCPConn:
+    # setNoDelay(fd, true)). A client reuses its connection, as it does with the real one.
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def setup(self) -> None:
+        super().setup()
+        self.owner._opened(self.connection, True)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.owner._opened(self.connection, False)
 
     def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
         pass
@@ -270,7 +304,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         behaviour = self.owner._next_behaviour()
         if behaviour.delay and self.owner._released.wait(behaviour.delay):
-            return  # stopped while waiting: drop the connection unanswered
+            self.close_connection = True  # stopped while waiting: drop it unanswered
+            return
         # The client may have given up (its timeout) before the answer.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self._answer_chat(body if isinstance(body, dict) else {}, behaviour)
