@@ -50,7 +50,7 @@ async def _contribution(
     name = context.plugin
     try:
         async with asyncio.timeout(time_limit):
-            result: object = await _call(plugin.contribute, context)
+            result: object = await _call(plugin, context)
     except InvalidRequest:
         raise
     except TimeoutError as exc:
@@ -113,10 +113,20 @@ class _DaemonPool:
 _POOL = _DaemonPool("plugin")
 
 
-async def _call(fn: Callable[[PluginContext], Any], context: PluginContext) -> Contribution | None:
-    """Await ``fn(context)``; a plain function runs on a reused daemon thread."""
+async def _call(plugin: PromptPlugin, context: PluginContext) -> Contribution | None:
+    """Await ``plugin.contribute(context)``; a plain function runs on a reused daemon thread.
+
+    Unless the plugin says it never blocks (``blocking = False``): then the thread's round
+    trip would cost more than the call, and it runs here.
+    """
+    fn = plugin.contribute
     if inspect.iscoroutinefunction(fn):
         result: Any = await fn(context)
+        return result  # type: ignore[no-any-return]
+    if not getattr(plugin, "blocking", True):
+        result = fn(context)
+        if inspect.isawaitable(result):
+            result = await result
         return result  # type: ignore[no-any-return]
     loop = asyncio.get_running_loop()
     future: asyncio.Future[Any] = loop.create_future()

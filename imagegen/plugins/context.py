@@ -52,7 +52,10 @@ class PromptPlugin(Protocol):
     """Adds context to a generation's prompt.
 
     ``contribute`` may be a plain function or a coroutine function. Plain functions run in a
-    worker thread, so blocking I/O there does not stall other requests. Return None to add
+    worker thread, so blocking I/O there does not stall other requests; a plugin whose plain
+    ``contribute`` neither blocks nor computes for long may set the class attribute
+    ``blocking = False`` to run on the event loop instead, sparing each request a thread's
+    round trip (its time limit then cannot cut it short). Return None to add
     nothing; raise :class:`~imagegen.errors.InvalidRequest` for bad options (the request fails);
     any other exception only skips this plugin.
     """

@@ -32,6 +32,7 @@ class TimeOfDayPlugin:
 
     name = "time_of_day"
     description = "Light of the hour (morning, afternoon, evening, night) in the request's zone."
+    blocking = False  # a look-up in memory: runs on the event loop, no thread
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings

@@ -32,3 +32,15 @@ async def test_a_stuck_task_gets_a_new_thread_and_is_a_daemon() -> None:
     assert pool.started == 2 and sorted(names) == ["test-1", "test-2"]
     assert all(t.daemon for t in threading.enumerate() if t.name.startswith("test-"))
     stuck.set()
+
+
+class _OnTheLoop(EchoPlugin):
+    blocking = False
+
+
+async def test_a_plugin_that_never_blocks_runs_on_the_loop(settings: Settings) -> None:
+    plugins = PluginSet([EchoPlugin(name="threaded"), _OnTheLoop(name="inline")], settings=settings)
+    threaded, inline = await plugins.run(generation_id="gen-1", seed=1, now=NOW)
+    assert inline.data["thread"] == threading.current_thread().name
+    assert threaded.data["thread"] != threading.current_thread().name
+    assert inline.data["before"] == ["threaded"]
