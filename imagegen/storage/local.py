@@ -15,12 +15,13 @@ over the target with :func:`os.replace`, so readers see the old object or the ne
 partial one. A writer killed mid-way can leave a hidden ``.<name>.<random>.tmp`` file behind;
 it is never visible as an object.
 
-:meth:`LocalStorage.create` (first writer wins) holds an exclusive :func:`fcntl.flock` on the
-directory's hidden ``.create.lock`` while it checks and writes, so processes sharing the
-directory create each object once. A lock rather than an ``O_EXCL`` claim file: the object and
-its sidecar must appear together, and the kernel releases a lock when its holder dies, where a
-claim file left by a killed writer would block the key forever. An object found without its
-sidecar is such an interrupted write, and is written again.
+:meth:`LocalStorage.create` (first writer wins) writes and flushes both files under hidden
+temporary names first, then holds an exclusive :func:`fcntl.flock` on the directory's hidden
+``.create.lock`` while it checks and renames, so processes sharing the directory create each
+object once, and no writer waits behind another's flush to disk. A lock rather than an
+``O_EXCL`` claim file: the object and its sidecar must appear together, and the kernel releases
+a lock when its holder dies, where a claim file left by a killed writer would block the key
+forever. An object found without its sidecar is such an interrupted write, and is written again.
 """
 
 from __future__ import annotations
@@ -145,27 +146,36 @@ class LocalStorage:
             # new object with stale metadata (e.g. an old sha256), which makes a retry write again,
             # never new metadata that would vouch for an old object.
             _atomic_write(path, data)
-            record = {"content_type": content_type, "metadata": metadata}
-            _atomic_write(_sidecar(path), json.dumps(record, sort_keys=True).encode())
+            _atomic_write(_sidecar(path), _sidecar_record(content_type, metadata))
         except OSError as exc:
             raise self._unavailable("cannot write to", exc) from exc
         return path
 
     def _create(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> bool:
         path = self._path(key)
+        staged: list[Path] = []
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            # Flushed before the lock: only the check and the renames are serialized.
+            staged.append(_staged(path, data))
+            staged.append(_staged(_sidecar(path), _sidecar_record(content_type, metadata)))
             fd = os.open(path.parent / _CREATE_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as exc:
+            _discard(staged)
             raise self._unavailable("cannot write to", exc) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             if path.is_file() and _sidecar(path).is_file():
                 return False
-            self._write(key, data, content_type, metadata)
+            # The object first, its sidecar second, as _write does.
+            os.replace(staged.pop(0), path)
+            os.replace(staged.pop(0), _sidecar(path))
             return True
+        except OSError as exc:
+            raise self._unavailable("cannot write to", exc) from exc
         finally:
             os.close(fd)  # releases the lock
+            _discard(staged)  # what was not renamed: the loser's copies
 
     def _head(self, key: str) -> StoredObject | None:
         path = self._path(key)
@@ -198,7 +208,12 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(f".{path.name}.meta")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _sidecar_record(content_type: str, metadata: dict[str, str]) -> bytes:
+    return json.dumps({"content_type": content_type, "metadata": metadata}, sort_keys=True).encode()
+
+
+def _staged(path: Path, data: bytes) -> Path:
+    """``data`` in a new hidden file beside ``path``, flushed to disk; its path."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     # O_EXCL: never write through a file or link someone else put there; 0o666 lets the umask
     # decide the permissions, as for any newly created file.
@@ -208,10 +223,24 @@ def _atomic_write(path: Path, data: bytes) -> None:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
+    except BaseException:
+        _discard([tmp])
+        raise
+    return tmp
+
+
+def _discard(paths: list[Path]) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = _staged(path, data)
+    try:
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        _discard([tmp])
         raise
 
 

@@ -169,6 +169,8 @@ print(won)
     assert await local.get(KEYS.image) == winner.encode() * 100_000
     head = await local.head(KEYS.image)
     assert head is not None and head.metadata == {"by": winner}
+    # The losers' copies, written before the lock, are gone.
+    assert not [name for name in files_under(local.root) if name.endswith(".tmp")]
 
 
 async def test_create_rewrites_an_object_left_without_its_sidecar(local: LocalStorage) -> None:
