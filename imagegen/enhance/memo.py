@@ -64,6 +64,12 @@ class EnhanceMemo:
             InvalidRequest: the generation id was used by a different request.
         """
         memo = {"request": digest, "prompt": prompt.model_dump(mode="json")}
+        # Durable as far as the storage's create makes it, and no further is needed: the memo
+        # must be there for every replica before this reply leaves (a redelivery comes after
+        # it, to any replica, perhaps after this process died), and it must never be read half
+        # written. A completed PUT gives both; on a local disk the file is flushed before it is
+        # renamed into place, so a host that crashes keeps the whole memo or none, never a
+        # torn one that every redelivery would then fail to read.
         try:
             created = await self.storage.create(
                 keys.prompt, json.dumps(memo).encode(), content_type="application/json"
