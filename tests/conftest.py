@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import pytest
 
 if TYPE_CHECKING:
+    from tests.fakes.oidc_issuer import Issuer
     from tests.functions.servers import FunctionServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +32,16 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., FunctionServer]]:
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def issuer() -> Iterator[Issuer]:
+    """A Kubernetes API server's OIDC discovery on loopback, publishing the key ``k1``."""
+    from tests.fakes.oidc_issuer import Issuer
+
+    with Issuer() as server:
+        server.add_key("k1")
+        yield server
 
 
 class CliResult(NamedTuple):

@@ -9,13 +9,14 @@ service-account TokenRequest whose only audience is the subscriber's).
 from __future__ import annotations
 
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
+
+from tests.fakes.loopback import LoopbackServer
 
 __all__ = ["AUDIENCE", "SUBJECT", "Issuer"]
 
@@ -23,17 +24,15 @@ AUDIENCE = "imagegen-render"
 SUBJECT = "system:serviceaccount:imagegen:oidc-broker-ingress"
 
 
-class Issuer:
-    """The discovery document and the JWKS over real HTTP; ``sign`` makes tokens."""
+class Issuer(LoopbackServer):
+    """The discovery document and the JWKS over real HTTP, once started; ``sign`` makes tokens."""
 
     def __init__(self) -> None:
         self.keys: dict[str, Any] = {}
         self.requests: list[tuple[str, str | None]] = []
         self.up = True
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self.issuer = "https://kubernetes.default.svc.cluster.local"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        super().__init__(self._handler(), name="oidc-issuer")
 
     def add_key(self, kid: str, key: Any | None = None) -> Any:
         key = key or rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -60,10 +59,6 @@ class Issuer:
         }
         body = {k: v for k, v in body.items() if v is not None}
         return jwt.encode(body, self.keys[kid], algorithm=algorithm, headers={"kid": kid})
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
     def _jwks(self) -> dict[str, Any]:
         keys = []

@@ -23,9 +23,10 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Self
+
+from tests.fakes.loopback import LoopbackServer, Running
 
 __all__ = [
     "Behaviour",
@@ -105,7 +106,7 @@ def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
-class FakeOllama:
+class FakeOllama(Running):
     """A scriptable Ollama on 127.0.0.1 (a free port, kept across :meth:`stop`/:meth:`start`).
 
     Args:
@@ -124,8 +125,7 @@ class FakeOllama:
         self._requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
         self._released = threading.Event()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server: LoopbackServer | None = None
         self._connections: set[socket.socket] = set()
 
     # Lifecycle
@@ -134,15 +134,8 @@ class FakeOllama:
         """Listen (again) on :attr:`port`; a free port the first time."""
         handler = type("Handler", (_Handler,), {"owner": self})
         self._released.clear()
-        server = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
-        server.daemon_threads = True
-        server.block_on_close = False
-        self.port = server.server_address[1]
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, args=(0.05,), name="fake-ollama", daemon=True
-        )
-        self._thread.start()
+        self._server = LoopbackServer(handler, port=self.port, name="fake-ollama").start()
+        self.port = self._server.port
         return self
 
     def stop(self) -> None:
@@ -153,28 +146,13 @@ class FakeOllama:
         """
         self._released.set()
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.stop()
             self._server = None
         with self._lock:
             connections, self._connections = list(self._connections), set()
         for connection in connections:
             with contextlib.suppress(OSError):
                 connection.shutdown(socket.SHUT_RDWR)
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @property
     def url(self) -> str:

@@ -37,12 +37,13 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Self
 
 import boto3
 from moto.server import ThreadedMotoServer
+
+from tests.fakes.loopback import LoopbackServer, Running
 
 __all__ = ["RecordedRequest", "S3Server"]
 
@@ -75,7 +76,7 @@ class RecordedRequest:
         return self.headers.get(name.lower())
 
 
-class S3Server:
+class S3Server(Running):
     """moto's S3 behind a recording proxy, both on 127.0.0.1 with free ports."""
 
     def __init__(self, *, region: str = "us-east-1", gcs_metadata: bool = False) -> None:
@@ -83,7 +84,7 @@ class S3Server:
         # Answer x-amz-meta-* response headers as x-goog-meta-*, as GCS does (settable any time).
         self.gcs_metadata = gcs_metadata
         self._moto: ThreadedMotoServer | None = None
-        self._proxy: _Proxy | None = None
+        self._proxy: LoopbackServer | None = None
         self._port = 0
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []
@@ -112,17 +113,6 @@ class S3Server:
         if self._moto is not None:
             self._moto.stop()
             self._moto = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @property
     def endpoint(self) -> str:
@@ -221,16 +211,13 @@ class S3Server:
     # Internals
 
     def _start_proxy(self) -> None:
-        proxy = _Proxy(("127.0.0.1", self._port), _handler(self))
-        self._port = proxy.server_address[1]
-        self._proxy = proxy
-        threading.Thread(target=proxy.serve_forever, name="s3-proxy", daemon=True).start()
+        self._proxy = LoopbackServer(_handler(self), port=self._port, name="s3-proxy").start()
+        self._port = self._proxy.port
 
     def _stop_proxy(self) -> None:
         proxy, self._proxy = self._proxy, None
         if proxy is not None:
-            proxy.shutdown()
-            proxy.server_close()
+            proxy.stop()
 
     def _record(self, request: RecordedRequest) -> int | None:
         """Keep ``request``; return the status to fail it with, if any."""
@@ -248,11 +235,6 @@ def _rename_meta(name: str) -> str:
     if name.lower().startswith("x-amz-meta-"):
         return "x-goog-meta-" + name[len("x-amz-meta-") :]
     return name
-
-
-class _Proxy(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
 
 
 def _handler(server: S3Server) -> type[BaseHTTPRequestHandler]:

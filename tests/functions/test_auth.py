@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,14 +14,6 @@ from tests.functions.conftest import base_env
 
 REQUEST = {"prompt": "a red door", "width": 256, "height": 256, "enhance": False}
 API_KEY, API_KEY_HASH = new_api_key()
-
-
-@pytest.fixture(scope="module")
-def issuer() -> Iterator[Issuer]:
-    server = Issuer()
-    server.add_key("k1")
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,12 @@ import threading
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from tests.fakes.loopback import LoopbackServer
 
 
 class Receiver:
@@ -75,17 +77,12 @@ def serve(receiver: Receiver) -> Iterator[Receiver]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    receiver.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield receiver
-    finally:
-        receiver.closing.set()
-        server.shutdown()
-        server.server_close()
+    with LoopbackServer(Handler, name="webhook-receiver") as server:
+        receiver.url = server.url
+        try:
+            yield receiver
+        finally:
+            receiver.closing.set()
 
 
 def types_of(payloads: list[dict[str, Any]]) -> set[str]:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from imagegen.auth.api_keys import hash_api_key
 from imagegen.events import MODEL_ATTRIBUTE, PROMPT_ENHANCED
 from imagegen.openapi import document
 from imagegen.stages import get as get_stage
+from tests.fakes.loopback import LoopbackServer
 from tests.functions.clients import InProcessFunction
 from tests.ledger.chain import T0, binary, chain
 
@@ -119,13 +119,8 @@ def _ingress() -> Iterator[tuple[str, list[tuple[dict[str, str], Any]]]]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", received
-    finally:
-        server.shutdown()
-        server.server_close()
+    with LoopbackServer(Handler, name="broker-ingress") as server:
+        yield server.url, received
 
 
 def test_replay_sends_the_recorded_job_to_the_broker_under_a_new_id(

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import socket
-from types import TracebackType
-from typing import Self
+
+from tests.fakes.loopback import Running
 
 __all__ = ["Blackhole"]
 
 
-class Blackhole:
+class Blackhole(Running):
     """Listens on a free loopback port; the kernel completes handshakes, nobody reads."""
 
     def __init__(self) -> None:
@@ -19,16 +19,5 @@ class Blackhole:
         self.port = int(self._socket.getsockname()[1])
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def close(self) -> None:
+    def stop(self) -> None:
         self._socket.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

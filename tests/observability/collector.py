@@ -7,19 +7,20 @@ POSTed to ``/v1/traces`` or ``/v1/metrics`` (or the per-signal endpoint configur
 
 from __future__ import annotations
 
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Self
+from http.server import BaseHTTPRequestHandler
+from typing import Any
 
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
 )
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from tests.fakes.loopback import LoopbackServer
+
 __all__ = ["Collector"]
 
 
-class Collector:
+class Collector(LoopbackServer):
     """Records every export as (path, body); ``url`` is the base endpoint."""
 
     def __init__(self) -> None:
@@ -38,9 +39,7 @@ class Collector:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        super().__init__(Handler, name="collector")
 
     def paths(self) -> list[str]:
         return [path for path, _ in self.exports]
@@ -66,12 +65,3 @@ class Collector:
                     attributes = resource_metrics.resource.attributes
                     resources.append({a.key: a.value.string_value for a in attributes})
         return resources
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)

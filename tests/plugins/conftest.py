@@ -7,12 +7,13 @@ import json
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
 
 from imagegen.settings import Settings
+from tests.fakes.loopback import LoopbackServer
 
 NOW = datetime(2026, 11, 24, 9, 30, tzinfo=UTC)
 
@@ -63,33 +64,19 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(500, b'{"error": "boom"}')
 
 
-class JsonEndpoint:
+class JsonEndpoint(LoopbackServer):
     """A loopback HTTP server with fixed routes for the remote_context plugin."""
 
     def __init__(self) -> None:
-        released = threading.Event()
+        self.released = threading.Event()
+        super().__init__(type("Handler", (_Handler,), {"released": self.released}))
 
-        class Handler(_Handler):
-            pass
+    def at(self, path: str) -> str:
+        return self.url + path
 
-        Handler.released = released
-        self.released = released
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.server.block_on_close = False
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
-
-    def __enter__(self) -> JsonEndpoint:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> None:
         self.released.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().stop()
 
 
 @pytest.fixture

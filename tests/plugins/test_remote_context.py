@@ -32,15 +32,15 @@ async def _fetch(settings: Settings, **options: object) -> Contribution | None:
 
 
 async def test_string_values_become_context(endpoint: JsonEndpoint) -> None:
-    result = await _fetch(_settings(endpoint.url("/context")))
+    result = await _fetch(_settings(endpoint.at("/context")))
     assert result is not None
     assert result.data == {"values": {"weather": "light rain and mist", "mood": "calm"}}
     assert result.text == "light rain and mist, calm"
 
 
 async def test_the_operator_url_option_wins(endpoint: JsonEndpoint) -> None:
-    settings = _settings(endpoint.url("/text")).model_copy(
-        update={"plugin_options": {"remote_context": {"url": endpoint.url("/context")}}}
+    settings = _settings(endpoint.at("/text")).model_copy(
+        update={"plugin_options": {"remote_context": {"url": endpoint.at("/context")}}}
     )
     result = await _fetch(settings)
     assert result is not None and result.data["values"]["mood"] == "calm"
@@ -48,9 +48,9 @@ async def test_the_operator_url_option_wins(endpoint: JsonEndpoint) -> None:
 
 async def test_a_request_cannot_choose_the_url(endpoint: JsonEndpoint) -> None:
     # A caller-chosen URL would let anyone make the service fetch internal addresses.
-    result = await _fetch(_settings(endpoint.url("/context")), url="http://169.254.169.254/latest")
+    result = await _fetch(_settings(endpoint.at("/context")), url="http://169.254.169.254/latest")
     assert result is not None and result.data["values"]["mood"] == "calm"
-    assert await _fetch(_settings(None), url=endpoint.url("/context")) is None
+    assert await _fetch(_settings(None), url=endpoint.at("/context")) is None
 
 
 async def test_no_url_no_request() -> None:
@@ -62,20 +62,20 @@ async def test_unusable_answers_are_skipped(
     endpoint: JsonEndpoint, path: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="imagegen.plugins"):
-        assert await _fetch(_settings(endpoint.url(path))) is None
+        assert await _fetch(_settings(endpoint.at(path))) is None
     if path != "/empty":  # an object without text values is fine, just empty
         assert any("remote context" in r.getMessage() for r in caplog.records)
 
 
 async def test_a_slow_endpoint_is_skipped(endpoint: JsonEndpoint) -> None:
     started = time.monotonic()
-    assert await _fetch(_settings(endpoint.url("/slow"), timeout=0.3)) is None
+    assert await _fetch(_settings(endpoint.at("/slow"), timeout=0.3)) is None
     assert time.monotonic() - started < 1.5
 
 
 async def test_a_closed_port_is_skipped(endpoint: JsonEndpoint) -> None:
-    url = endpoint.url("/context")
-    endpoint.__exit__()
+    url = endpoint.at("/context")
+    endpoint.stop()
     assert await _fetch(_settings(url)) is None
 
 
@@ -100,7 +100,7 @@ def _with_secrets(url: str, *, query: bool = True) -> str:
 async def test_logs_never_show_the_url_credentials(
     endpoint: JsonEndpoint, path: str, query: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    url = _with_secrets(endpoint.url(path), query=query)
+    url = _with_secrets(endpoint.at(path), query=query)
     with caplog.at_level(logging.DEBUG, logger="imagegen"):
         assert await _fetch(_settings(url, timeout=0.3 if path == "/slow" else 5.0)) is None
     logged = "\n".join(r.getMessage() for r in caplog.records)
@@ -112,8 +112,8 @@ async def test_an_error_status_is_logged_with_its_code_and_host(
     endpoint: JsonEndpoint, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="imagegen.plugins"):
-        assert await _fetch(_settings(_with_secrets(endpoint.url("/error")))) is None
-    port = endpoint.server.server_address[1]
+        assert await _fetch(_settings(_with_secrets(endpoint.at("/error")))) is None
+    port = endpoint.port
     assert [r.getMessage() for r in caplog.records] == [
         f"remote context: http://***@127.0.0.1:{port} answered 500; skipped"
     ]
@@ -122,8 +122,8 @@ async def test_an_error_status_is_logged_with_its_code_and_host(
 async def test_a_closed_port_logs_no_credentials(
     endpoint: JsonEndpoint, caplog: pytest.LogCaptureFixture
 ) -> None:
-    url = _with_secrets(endpoint.url("/context"))
-    endpoint.__exit__()
+    url = _with_secrets(endpoint.at("/context"))
+    endpoint.stop()
     with caplog.at_level(logging.DEBUG, logger="imagegen"):
         assert await _fetch(_settings(url)) is None
     logged = "\n".join(r.getMessage() for r in caplog.records)

@@ -1,0 +1,59 @@
+"""Servers on a loopback port for the tests: started, stopped and used as a ``with`` alike."""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Self
+
+__all__ = ["LoopbackServer", "Running"]
+
+
+class Running:
+    """``with server:`` starts it and stops it; a server says what :meth:`start`/:meth:`stop` do."""
+
+    def start(self) -> Self:
+        return self
+
+    def stop(self) -> None:
+        pass
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+class LoopbackServer(Running):
+    """``handler`` answering HTTP on 127.0.0.1 from a thread of its own, once started.
+
+    Args:
+        handler: The request handler class.
+        port: The port to listen on; 0 (the default) takes a free one, read back as ``port``.
+        name: The name of the serving thread.
+    """
+
+    def __init__(
+        self, handler: type[BaseHTTPRequestHandler], *, port: int = 0, name: str = "loopback"
+    ) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+        # Requests in flight never hold up stop(): their threads are not waited for.
+        self.server.daemon_threads = True
+        self.server.block_on_close = False
+        self.port = int(self.server.server_address[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, args=(0.05,), name=name, daemon=True
+        )
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Close the port: clients now get "connection refused"."""
+        if self._thread.ident is not None:  # shutdown() waits for a loop that was never run
+            self.server.shutdown()
+            self._thread.join(timeout=5)
+        self.server.server_close()
