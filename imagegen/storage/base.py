@@ -9,7 +9,14 @@ from typing import Protocol, runtime_checkable
 
 from imagegen.errors import InvalidRequest
 
-__all__ = ["GenerationKeys", "Storage", "StoredObject", "validate_key", "validate_metadata"]
+__all__ = [
+    "GenerationKeys",
+    "ObjectStore",
+    "Storage",
+    "StoredObject",
+    "validate_key",
+    "validate_metadata",
+]
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 _META_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -81,6 +88,56 @@ class Storage(Protocol):
     async def check(self) -> None:
         """Raise DependencyUnavailable unless the store is reachable and writable."""
         ...
+
+
+class ObjectStore:
+    """What the backends' writes share: the key and metadata checked alike, the object reported
+    alike. A backend stores the bytes in :meth:`_store` and :meth:`_store_new`.
+    """
+
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str,
+        metadata: dict[str, str] | None = None,
+    ) -> StoredObject:
+        """Write ``data`` at ``key`` atomically, replacing what is there."""
+        validate_key(key)
+        meta = validate_metadata(metadata)
+        location = await self._store(key, data, content_type, meta)
+        return StoredObject(
+            key=key,
+            location=location,
+            size=len(data),
+            content_type=content_type,
+            metadata=meta,
+        )
+
+    async def create(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str,
+        metadata: dict[str, str] | None = None,
+    ) -> bool:
+        """Write ``data`` at ``key`` unless an object is there already; True when this call did."""
+        validate_key(key)
+        return await self._store_new(key, data, content_type, validate_metadata(metadata))
+
+    async def _store(
+        self, key: str, data: bytes, content_type: str, metadata: dict[str, str]
+    ) -> str:
+        """Write the checked object, replacing what is there; returns its location."""
+        raise NotImplementedError
+
+    async def _store_new(
+        self, key: str, data: bytes, content_type: str, metadata: dict[str, str]
+    ) -> bool:
+        """Write the checked object unless one is there, in one step of the store."""
+        raise NotImplementedError
 
 
 def validate_key(key: str) -> str:

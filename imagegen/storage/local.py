@@ -37,7 +37,7 @@ import tempfile
 from pathlib import Path
 
 from imagegen.errors import DependencyUnavailable, InvalidRequest, NotFound
-from imagegen.storage.base import StoredObject, validate_key, validate_metadata
+from imagegen.storage.base import ObjectStore, StoredObject, validate_key
 
 __all__ = ["LocalStorage"]
 
@@ -45,7 +45,7 @@ _DEFAULT_CONTENT_TYPE = "application/octet-stream"
 _CREATE_LOCK = ".create.lock"
 
 
-class LocalStorage:
+class LocalStorage(ObjectStore):
     """A :class:`~imagegen.storage.base.Storage` on the local file system.
 
     Args:
@@ -60,38 +60,17 @@ class LocalStorage:
     def __repr__(self) -> str:
         return f"LocalStorage(root={str(self.root)!r})"
 
-    async def put(
-        self,
-        key: str,
-        data: bytes,
-        *,
-        content_type: str,
-        metadata: dict[str, str] | None = None,
-    ) -> StoredObject:
-        """Write ``data`` at ``key`` atomically, replacing what is there."""
-        validate_key(key)
-        meta = validate_metadata(metadata)
-        path = await asyncio.to_thread(self._write, key, data, content_type, meta)
-        return StoredObject(
-            key=key,
-            location=path.as_uri(),
-            size=len(data),
-            content_type=content_type,
-            metadata=meta,
-        )
+    async def _store(
+        self, key: str, data: bytes, content_type: str, metadata: dict[str, str]
+    ) -> str:
+        path = await asyncio.to_thread(self._write, key, data, content_type, metadata)
+        return path.as_uri()
 
-    async def create(
-        self,
-        key: str,
-        data: bytes,
-        *,
-        content_type: str,
-        metadata: dict[str, str] | None = None,
+    async def _store_new(
+        self, key: str, data: bytes, content_type: str, metadata: dict[str, str]
     ) -> bool:
-        """Write ``data`` at ``key`` unless a complete object is there; True when this call did."""
-        validate_key(key)
-        meta = validate_metadata(metadata)
-        return await asyncio.to_thread(self._create, key, data, content_type, meta)
+        """Write unless a complete object is there (an object without its sidecar is not)."""
+        return await asyncio.to_thread(self._create, key, data, content_type, metadata)
 
     async def get(self, key: str) -> bytes:
         """Read the object at ``key``.

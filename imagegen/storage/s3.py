@@ -42,7 +42,7 @@ from imagegen.errors import (
     NotFound,
 )
 from imagegen.storage._s3_client import make_client
-from imagegen.storage.base import StoredObject, validate_key, validate_metadata
+from imagegen.storage.base import ObjectStore, StoredObject, validate_key
 from imagegen.storage.presets import S3Options
 
 __all__ = ["S3Storage"]
@@ -75,7 +75,7 @@ _GCS_META = "x-goog-meta-"
 _DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
 
-class S3Storage:
+class S3Storage(ObjectStore):
     """A :class:`~imagegen.storage.base.Storage` on an S3-compatible bucket.
 
     Args:
@@ -118,43 +118,24 @@ class S3Storage:
         preset = self.options.preset
         return f"S3Storage(bucket={self.bucket!r}, prefix={self.prefix!r}, preset={preset!r})"
 
-    async def put(
-        self,
-        key: str,
-        data: bytes,
-        *,
-        content_type: str,
-        metadata: dict[str, str] | None = None,
-    ) -> StoredObject:
-        """Write ``data`` at ``key``, replacing what is there (S3 writes are atomic per object)."""
-        upload, meta = self._upload(key, data, content_type, metadata)
+    async def _store(
+        self, key: str, data: bytes, content_type: str, metadata: dict[str, str]
+    ) -> str:
+        """One PutObject: S3 writes are atomic per object."""
         try:
-            await self._call("PutObject", upload)
+            await self._call("PutObject", self._upload(key, data, content_type, metadata))
         except _Missing:
             raise self._no_bucket() from None
-        return StoredObject(
-            key=key,
-            location=self.location(key),
-            size=len(data),
-            content_type=content_type,
-            metadata=meta,
-        )
+        return self.location(key)
 
-    async def create(
-        self,
-        key: str,
-        data: bytes,
-        *,
-        content_type: str,
-        metadata: dict[str, str] | None = None,
+    async def _store_new(
+        self, key: str, data: bytes, content_type: str, metadata: dict[str, str]
     ) -> bool:
-        """Write ``data`` at ``key`` unless an object is there; True when this call did.
-
-        One conditional PUT (``If-None-Match: *``, or GCS's generation precondition, see
+        """One conditional PUT (``If-None-Match: *``, or GCS's generation precondition, see
         :mod:`~imagegen.storage.presets`): the store decides atomically, and a 412 means an
         earlier writer won.
         """
-        upload, _ = self._upload(key, data, content_type, metadata, IfNoneMatch="*")
+        upload = self._upload(key, data, content_type, metadata, IfNoneMatch="*")
         for attempt in range(_CONFLICT_RETRIES):
             try:
                 await self._call("PutObject", upload)
@@ -225,12 +206,11 @@ class S3Storage:
         key: str,
         data: bytes,
         content_type: str,
-        metadata: dict[str, str] | None,
+        metadata: dict[str, str],
         **conditions: str,
-    ) -> tuple[Callable[[], object], dict[str, str]]:
-        """The PutObject call of ``data`` at ``key`` (to run in a worker thread), its metadata."""
+    ) -> Callable[[], object]:
+        """The PutObject call of ``data`` at ``key``, to run in a worker thread."""
         object_key = self._object_key(key)
-        meta = validate_metadata(metadata)
         # Content-MD5 lets every provider check the body, GCS included, where the newer
         # x-amz-checksum-* headers are refused (see presets).
         md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
@@ -242,11 +222,11 @@ class S3Storage:
                 Body=data,
                 ContentType=content_type,
                 ContentMD5=md5,
-                Metadata=meta,
+                Metadata=metadata,
                 **conditions,
             )
 
-        return call, meta
+        return call
 
     def _object_key(self, key: str) -> str:
         validate_key(key)
