@@ -33,7 +33,7 @@ __all__ = ["HistoryQuery", "ReplayAccepted", "ReplayQuery", "detail", "page", "r
 
 
 class HistoryQuery(BaseModel):
-    """``GET /generations``: filters, newest first, a page at a time."""
+    """``GET /generations``: filters, newest first, a page at a time (:meth:`Ledger.history`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -81,15 +81,7 @@ async def detail(ledger: Ledger, generation_id: str) -> GenerationDetail:
 
 async def page(ledger: Ledger, query: HistoryQuery) -> GenerationPage:
     """A page of generations, newest first."""
-    return await asyncio.to_thread(
-        ledger.history,
-        status=query.status,
-        since=query.since,
-        until=query.until,
-        model=query.model,
-        limit=query.limit,
-        cursor=query.cursor,
-    )
+    return await asyncio.to_thread(ledger.history, **query.model_dump())
 
 
 async def replay(
