@@ -10,7 +10,6 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,8 @@ import httpx
 import pytest
 
 from imagegen.events import GENERATION_REQUESTED, IMAGE_RENDERED, PROMPT_ENHANCED
-from imagegen.models import EnhancedPrompt
 from tests.enhance.conftest import FakeOllama
+from tests.fakes.render_backend import enhanced_prompt
 from tests.fakes.s3_server import SECRET_ACCESS_KEY, S3Server
 from tests.functions.clients import InProcessFunction
 from tests.functions.conftest import StartServer, base_env, s3_env
@@ -30,18 +29,10 @@ KILLED_SIZE, KILLED_STEPS = 1024, 2
 
 def _job(generation_id: str, *, size: int = 256, steps: int = 2) -> dict[str, Any]:
     """What enhance would send render: a prompt.enhanced event's data."""
-    return EnhancedPrompt(
-        generation_id=generation_id,
-        prompt="a slow painting",
-        enhancer="template",
-        model="tiny",
-        width=size,
-        height=size,
-        steps=steps,
-        guidance=3.5,
-        seed=3,
-        requested_at=datetime(2026, 11, 24, 9, 0, tzinfo=UTC),
-    ).model_dump(mode="json")
+    job = enhanced_prompt(
+        generation_id=generation_id, prompt="a slow painting", width=size, height=size, steps=steps
+    )
+    return job.model_dump(mode="json")
 
 
 def test_ollama_down_falls_back_or_503(tmp_path: Path) -> None:

@@ -8,15 +8,14 @@ holds the uploads back until both replicas have tried, so the writers race for c
 from __future__ import annotations
 
 import threading
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from imagegen.events import IMAGE_PERSISTED, IMAGE_RENDERED, PROMPT_ENHANCED
-from imagegen.models import EnhancedPrompt
 from imagegen.storage import GenerationKeys
+from tests.fakes.render_backend import enhanced_prompt
 from tests.fakes.s3_server import S3Server
 from tests.functions.conftest import StartServer, base_env, s3_env
 from tests.functions.servers import FunctionServer, cloudevent_headers
@@ -73,18 +72,7 @@ def test_two_replicas_of_render_and_persist_write_once_and_answer_alike(
         for server in renders:
             server.wait("/readyz", timeout=120)
 
-        job = EnhancedPrompt(
-            generation_id="replicas-1",
-            prompt="a lighthouse in fog",
-            enhancer="template",
-            model="tiny",
-            width=256,
-            height=256,
-            steps=2,
-            guidance=3.5,
-            seed=11,
-            requested_at=datetime(2026, 11, 24, 9, 0, tzinfo=UTC),
-        )
+        job = enhanced_prompt(generation_id="replicas-1", prompt="a lighthouse in fog", seed=11)
         keys = GenerationKeys(job.generation_id, job.requested_at)
 
         # 1. render: both replicas render; the first upload wins, the other answers with it.

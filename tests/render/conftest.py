@@ -3,37 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from imagegen.models import EnhancedPrompt
+from tests.fakes.render_backend import enhanced_prompt
 from tests.render.tiny_files import FLUX_LORA_TARGETS, save_lora, save_pipeline
 
 
 @pytest.fixture
 def make_job() -> Callable[..., EnhancedPrompt]:
     """Build an :class:`EnhancedPrompt` for the tiny model; keyword arguments override."""
-
-    def make(**overrides: Any) -> EnhancedPrompt:
-        fields: dict[str, Any] = {
-            "generation_id": "gen-1",
-            "prompt": "a lighthouse at dusk",
-            "enhancer": "passthrough",
-            "model": "tiny",
-            "width": 256,
-            "height": 256,
-            "steps": 2,
-            "guidance": 3.5,
-            "seed": 42,
-            "requested_at": datetime(2025, 1, 1, tzinfo=UTC),
-        }
-        fields.update(overrides)
-        return EnhancedPrompt(**fields)
-
-    return make
+    return enhanced_prompt
 
 
 @pytest.fixture(scope="session")
@@ -54,6 +37,16 @@ def _loaded(model: str, lora_root: Path) -> Iterator[Any]:
     backend.close()
 
 
+def _saved(model: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The offline pipeline ``model`` names, saved in diffusers' layout in a directory so named."""
+    pytest.importorskip("diffusers")
+    from imagegen.render._family import build_offline
+
+    pipe = build_offline(model)
+    assert pipe is not None, f"{model} is not built offline"
+    return save_pipeline(pipe, tmp_path_factory.mktemp("models") / model)
+
+
 @pytest.fixture(scope="session")
 def backend(lora_root: Path) -> Iterator[Any]:
     """A CPU :class:`DiffusersBackend` with the tiny model loaded and ``lora_root`` configured."""
@@ -63,10 +56,7 @@ def backend(lora_root: Path) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny pipeline saved in diffusers' layout, in a directory named ``tiny``."""
-    pytest.importorskip("diffusers")
-    from imagegen.render.tiny import build_tiny_flux_pipeline
-
-    return save_pipeline(build_tiny_flux_pipeline(), tmp_path_factory.mktemp("models") / "tiny")
+    return _saved("tiny", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -87,9 +77,4 @@ def klein_backend(lora_root: Path) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def klein_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny [klein] pipeline saved in diffusers' layout."""
-    pytest.importorskip("diffusers")
-    from imagegen.render.tiny_klein import build_tiny_klein_pipeline
-
-    return save_pipeline(
-        build_tiny_klein_pipeline(), tmp_path_factory.mktemp("models") / "tiny-klein"
-    )
+    return _saved("tiny-klein", tmp_path_factory)

@@ -6,7 +6,6 @@ import asyncio
 import math
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,10 @@ from imagegen.render.batching import batch_key
 from imagegen.render.stage import UNMEASURED_QUEUE, RenderStage
 from imagegen.settings import Settings
 from imagegen.storage import LocalStorage
+from tests.fakes.render_backend import ReadyBackend, enhanced_prompt
 
 
-class BatchingBackend:
+class BatchingBackend(ReadyBackend):
     """Records every call; each takes ``seconds``; can be held at a barrier while running."""
 
     def __init__(self, seconds: float = 0.0) -> None:
@@ -36,12 +36,6 @@ class BatchingBackend:
         self.gate.set()
         self.running = threading.Event()
         self.refuse: set[str] = set()
-
-    def load(self, model: str) -> float:
-        return 0.0
-
-    def is_loaded(self, model: str) -> bool:
-        return True
 
     def render(
         self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None
@@ -64,9 +58,6 @@ class BatchingBackend:
             RenderOutput(png=b"\x89PNG " + job.generation_id.encode(), width=8, height=8)
             for job in jobs
         ]
-
-    def close(self) -> None:
-        pass
 
 
 class TwoPhaseBackend(BatchingBackend):
@@ -95,23 +86,24 @@ class TwoPhaseBackend(BatchingBackend):
 
 
 def job(gid: str, **overrides: Any) -> EnhancedPrompt:
-    fields: dict[str, Any] = {
-        "generation_id": gid,
-        "prompt": f"prompt {gid}",
-        "enhancer": "passthrough",
-        "model": "tiny",
-        "width": 256,
-        "height": 256,
-        "steps": 1,
-        "guidance": 0.0,
-        "seed": 1,
-        "requested_at": datetime(2026, 11, 24, tzinfo=UTC),
-    }
-    return EnhancedPrompt(**{**fields, **overrides})
+    return enhanced_prompt(**{"generation_id": gid, "prompt": f"prompt {gid}", **overrides})
 
 
 def make_stage(backend: BatchingBackend, tmp_path: Path, **settings: Any) -> RenderStage:
     return RenderStage(Settings(**settings), LocalStorage(tmp_path), lambda: backend)
+
+
+async def _held_on_first(
+    tmp_path: Path, *, batch_size: int
+) -> tuple[BatchingBackend, RenderStage, asyncio.Future[RenderOutput]]:
+    """A stage batching without a window, its pipeline held on the job ``first``: what is sent
+    next waits behind that call."""
+    backend = BatchingBackend()
+    backend.gate.clear()
+    stage = make_stage(backend, tmp_path, render_batch_size=batch_size)
+    first = asyncio.ensure_future(stage.render_png(job("first")))
+    await asyncio.to_thread(backend.running.wait, 10)
+    return backend, stage, first
 
 
 def test_the_backend_double_batches() -> None:
@@ -125,7 +117,7 @@ def test_batch_key_separates_what_changes_the_call() -> None:
         {"model": "other"},
         {"width": 512},
         {"height": 512},
-        {"steps": 2},
+        {"steps": 3},
         {"guidance": 1.0},
         {"loras": [LoraHint(name="ink", path="ink.safetensors", weight=0.5)]},
     ):
@@ -149,11 +141,7 @@ async def test_compatible_jobs_within_the_window_share_one_call(tmp_path: Path) 
 
 
 async def test_jobs_queued_behind_a_call_form_the_next_batch(tmp_path: Path) -> None:
-    backend = BatchingBackend()
-    backend.gate.clear()
-    stage = make_stage(backend, tmp_path, render_batch_size=3)  # no window
-    first = asyncio.ensure_future(stage.render_png(job("first")))
-    await asyncio.to_thread(backend.running.wait, 10)
+    backend, stage, first = await _held_on_first(tmp_path, batch_size=3)
     rest = [asyncio.ensure_future(stage.render_png(job(f"q{i}"))) for i in range(5)]
     await asyncio.sleep(0.01)
     backend.gate.set()
@@ -190,11 +178,7 @@ async def test_a_failed_encoding_fails_its_jobs_with_an_internal_error(tmp_path:
 
 
 async def test_incompatible_jobs_never_share_a_call(tmp_path: Path) -> None:
-    backend = BatchingBackend()
-    backend.gate.clear()
-    stage = make_stage(backend, tmp_path, render_batch_size=4)
-    first = asyncio.ensure_future(stage.render_png(job("first")))
-    await asyncio.to_thread(backend.running.wait, 10)
+    backend, stage, first = await _held_on_first(tmp_path, batch_size=4)
     rest = [
         asyncio.ensure_future(stage.render_png(job(gid, width=w)))
         for gid, w in (("a256", 256), ("b512", 512), ("c256", 256), ("d512", 512))
@@ -207,11 +191,7 @@ async def test_incompatible_jobs_never_share_a_call(tmp_path: Path) -> None:
 
 
 async def test_a_cancelled_job_leaves_its_batch_before_it_runs(tmp_path: Path) -> None:
-    backend = BatchingBackend()
-    backend.gate.clear()
-    stage = make_stage(backend, tmp_path, render_batch_size=4)
-    first = asyncio.ensure_future(stage.render_png(job("first")))
-    await asyncio.to_thread(backend.running.wait, 10)
+    backend, stage, first = await _held_on_first(tmp_path, batch_size=4)
     kept = asyncio.ensure_future(stage.render_png(job("kept")))
     dropped = asyncio.ensure_future(stage.render_png(job("dropped")))
     await asyncio.sleep(0.01)

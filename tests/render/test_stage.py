@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,10 @@ from imagegen.render.base import ProgressCallback, RenderOutput
 from imagegen.render.stage import RenderStage
 from imagegen.settings import Settings
 from imagegen.storage import LocalStorage
+from tests.fakes.render_backend import ReadyBackend, enhanced_prompt
 
 
-class SlowBackend:
+class SlowBackend(ReadyBackend):
     """Records how many renders overlap; each takes ``seconds``."""
 
     def __init__(self, seconds: float) -> None:
@@ -28,12 +28,6 @@ class SlowBackend:
         self.finished = 0
         self.started = threading.Event()  # set once a render is running in its thread
         self._lock = threading.Lock()
-
-    def load(self, model: str) -> float:
-        return 0.0
-
-    def is_loaded(self, model: str) -> bool:
-        return True
 
     def render(
         self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None
@@ -50,23 +44,9 @@ class SlowBackend:
             png=b"\x89PNG fake " + job.generation_id.encode(), width=job.width, height=job.height
         )
 
-    def close(self) -> None:
-        pass
-
 
 def job(gid: str) -> EnhancedPrompt:
-    return EnhancedPrompt(
-        generation_id=gid,
-        prompt="p",
-        enhancer="passthrough",
-        model="tiny",
-        width=256,
-        height=256,
-        steps=1,
-        guidance=0.0,
-        seed=1,
-        requested_at=datetime(2026, 11, 24, tzinfo=UTC),
-    )
+    return enhanced_prompt(generation_id=gid, prompt="p")
 
 
 def stage(backend: SlowBackend, tmp_path: Path, queue: int) -> RenderStage:
