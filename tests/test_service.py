@@ -31,6 +31,16 @@ def settings(tmp_path: Path) -> Settings:
     return Settings(storage_url=str(tmp_path / "out"), model="tiny", ollama_retries=0)
 
 
+@pytest.fixture
+def signed(settings: Settings) -> Settings:
+    """``settings`` with public URLs, signed with the secret ``s3cret``."""
+    return Settings(
+        **settings.model_dump(include={"storage_url", "model", "ollama_retries"}),
+        public_base_url="https://img.example.com/",
+        url_signing_secret="s3cret",
+    )
+
+
 async def test_generate_end_to_end(settings: Settings, tmp_path: Path) -> None:
     async with ImageGenService(settings) as service:
         enhanced, persisted = await service.generate(small(prompt="a lighthouse", seed=1))
@@ -113,13 +123,8 @@ async def test_persist_refuses_a_tampered_claim_check(settings: Settings) -> Non
         assert missing_image.value.fields == ["key"]
 
 
-async def test_signed_public_urls(tmp_path: Path) -> None:
-    settings = Settings(
-        storage_url=str(tmp_path / "out"),
-        public_base_url="https://img.example.com/",
-        url_signing_secret="s3cret",
-    )
-    async with ImageGenService(settings) as service:
+async def test_signed_public_urls(signed: Settings) -> None:
+    async with ImageGenService(signed) as service:
         _, persisted = await service.generate(small(prompt="a key", enhance=False))
     assert persisted.url is not None
     base, query = persisted.url.split("?")
@@ -195,13 +200,8 @@ async def test_simultaneous_persists_of_one_image_answer_alike(settings: Setting
     assert len(service.persist_stage._generation_lock) == 0  # no lock left behind
 
 
-async def test_persist_shows_a_record_only_to_the_event_that_made_it(tmp_path: Path) -> None:
-    settings = Settings(
-        storage_url=str(tmp_path / "out"),
-        public_base_url="https://img.example.com/",
-        url_signing_secret="s3cret",
-    )
-    async with ImageGenService(settings) as service:
+async def test_persist_shows_a_record_only_to_the_event_that_made_it(signed: Settings) -> None:
+    async with ImageGenService(signed) as service:
         job = await service.enhance(small(prompt="a secret garden", generation_id="victim-1"))
         rendered = await service.render(job)
         await service.persist(rendered)
@@ -223,18 +223,11 @@ async def test_persist_shows_a_record_only_to_the_event_that_made_it(tmp_path: P
 
 
 async def test_replicas_persist_and_enhance_alike_on_one_store(
-    settings: Settings, tmp_path: Path
+    signed: Settings, tmp_path: Path
 ) -> None:
     """Two services share a store but no lock (two pods): one record, the same answers."""
     import asyncio
 
-    signed = Settings(
-        storage_url=settings.storage_url,
-        model="tiny",
-        ollama_retries=0,
-        public_base_url="https://img.example.com",
-        url_signing_secret="k",
-    )
     async with ImageGenService(signed) as one, ImageGenService(signed) as two:
         request = small(prompt="a kite", generation_id="pods-1")
         jobs = await asyncio.gather(one.enhance(request), two.enhance(request))

@@ -36,6 +36,16 @@ async def _succeed(breaker: CircuitBreaker) -> None:
         pass
 
 
+async def _half_open() -> CircuitBreaker:
+    """A breaker opened by one failure, its cooldown just over: the next call is the probe."""
+    clock = Clock()
+    breaker = CircuitBreaker("dep", threshold=1, cooldown=5, clock=clock)
+    await _fail(breaker)
+    clock.now += 5
+    assert breaker.state == "half_open"
+    return breaker
+
+
 async def test_opens_after_the_threshold_and_refuses_until_the_cooldown() -> None:
     clock = Clock()
     breaker = CircuitBreaker("dep", threshold=3, cooldown=30, clock=clock)
@@ -61,10 +71,7 @@ async def test_a_success_resets_the_count() -> None:
 
 
 async def test_half_open_lets_exactly_one_probe_through() -> None:
-    clock = Clock()
-    breaker = CircuitBreaker("dep", threshold=1, cooldown=5, clock=clock)
-    await _fail(breaker)
-    clock.now += 5
+    breaker = await _half_open()
     probing, release = asyncio.Event(), asyncio.Event()
 
     async def probe() -> None:
@@ -94,10 +101,7 @@ async def test_a_failed_probe_opens_it_again_for_a_full_cooldown() -> None:
 
 
 async def test_a_cancelled_probe_frees_the_slot_without_counting() -> None:
-    clock = Clock()
-    breaker = CircuitBreaker("dep", threshold=1, cooldown=5, clock=clock)
-    await _fail(breaker)
-    clock.now += 5
+    breaker = await _half_open()
 
     async def hang() -> None:
         async with breaker.call():

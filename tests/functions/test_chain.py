@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -78,27 +79,14 @@ def test_chain_with_local_storage(chain: dict[str, Any], chain_store: Path) -> N
 
 
 def test_generation_id_is_derived_from_the_request_event(chain: dict[str, Any]) -> None:
-    reply = post_event(
+    send = partial(
+        post_event,
         chain["enhance"],
         GENERATION_REQUESTED,
         {"prompt": "a cat"},
         source="/cron/dream",
-        event_id="e-1",
     )
-    again = post_event(
-        chain["enhance"],
-        GENERATION_REQUESTED,
-        {"prompt": "a cat"},
-        source="/cron/dream",
-        event_id="e-1",
-    )
-    other = post_event(
-        chain["enhance"],
-        GENERATION_REQUESTED,
-        {"prompt": "a cat"},
-        source="/cron/dream",
-        event_id="e-2",
-    )
+    reply, again, other = send(event_id="e-1"), send(event_id="e-1"), send(event_id="e-2")
     assert reply.headers["ce-subject"] == again.headers["ce-subject"] != other.headers["ce-subject"]
     assert reply.json()["generation_id"] == reply.headers["ce-subject"]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -24,15 +25,8 @@ def test_a_final_failure_is_answered_2xx_with_generation_failed(
     start_server: StartServer, tmp_path: Path
 ) -> None:
     enhance = start_server("enhance", base_env(tmp_path / "store"))
-    reply = post_event(
-        enhance.url,
-        GENERATION_REQUESTED,
-        {"width": 7},
-        source="/tests",
-        event_id="bad-1",
-        time=SENT_AT,
-        traceparent=TRACEPARENT,
-    )
+    send = partial(post_event, enhance.url, GENERATION_REQUESTED, {"width": 7}, source="/tests")
+    reply = send(event_id="bad-1", time=SENT_AT, traceparent=TRACEPARENT)
     # A 2xx reply is published by the broker, and only a 2xx: the platform hears of the
     # failure once, and the delivery is not retried.
     assert reply.status_code == 200
@@ -42,23 +36,14 @@ def test_a_final_failure_is_answered_2xx_with_generation_failed(
     # No subject was given: the generation id is derived from the request event, as on success.
     assert reply.headers["ce-subject"] == data["generation_id"]
     assert data["error"]["errors"][0]["field"] == "width"
-    again = post_event(
-        enhance.url,
-        GENERATION_REQUESTED,
-        {"width": 7},
-        source="/tests",
-        event_id="bad-1",
-        time=SENT_AT,
-    )
+    again = send(event_id="bad-1", time=SENT_AT)
     assert again.headers["ce-id"] == reply.headers["ce-id"]  # a redelivery: the same event
     # The failure's time is the event's, not the clock's: a redelivery answers alike.
     assert again.headers["ce-time"] == reply.headers["ce-time"]
     failed_at = datetime.fromisoformat(data["failed_at"].replace("Z", "+00:00"))
     assert datetime.fromisoformat(reply.headers["ce-time"]) == failed_at
     assert failed_at == datetime.fromisoformat(SENT_AT.replace("Z", "+00:00"))
-    other = post_event(
-        enhance.url, GENERATION_REQUESTED, {"width": 7}, source="/tests", event_id="bad-2"
-    )
+    other = send(event_id="bad-2")
     assert other.headers["ce-id"] != reply.headers["ce-id"]
 
 

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, settings
 
 from imagegen.events import GENERATION_FAILED
 from tests.functions.clients import InProcessFunction
+from tests.functions.conftest import base_env
 
 # Deterministic in CI: the same inputs every run, no example database, no timing flakiness.
 settings.register_profile(
@@ -34,17 +35,8 @@ TRACE_MARKERS = ("Traceback (most recent call last)", 'File "/', "RecursionError
 
 
 def fuzz_env(store: Path) -> dict[str, str]:
-    """Settings of the functions under fuzz: the tiny model, local storage, no Ollama."""
-    return {
-        "IMAGEGEN_MODEL": "tiny",
-        "IMAGEGEN_SERVED_MODELS": "tiny",
-        "IMAGEGEN_STORAGE_URL": str(store),
-        "IMAGEGEN_OLLAMA_HOST": "http://127.0.0.1:9",
-        "IMAGEGEN_OLLAMA_RETRIES": "0",
-        "IMAGEGEN_PUBLIC_BASE_URL": "https://img.example.com",
-        "IMAGEGEN_LOG_LEVEL": "ERROR",
-        "HF_HUB_OFFLINE": "1",
-    }
+    """Settings of the functions under fuzz: those of a test chain, logging errors only."""
+    return {**base_env(store), "IMAGEGEN_LOG_LEVEL": "ERROR"}
 
 
 @pytest.fixture(scope="session")

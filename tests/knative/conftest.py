@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 from collections.abc import Callable
 from functools import cache
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from .routing import Routing, render_kustomize
+from .routing import Routing, ServiceInfo, render_kustomize
 
 REPO = Path(__file__).resolve().parents[2]
 KNATIVE = REPO / "knative"
@@ -40,3 +41,16 @@ def render() -> Callable[[str], list[dict[str, Any]]]:
 def routing(render: Callable[[str], list[dict[str, Any]]]) -> Callable[[str], Routing]:
     """``routing("prod")``: the routing of one rendered overlay."""
     return lambda name: Routing(render(name))
+
+
+def service_settings(service: ServiceInfo, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The Settings a function builds from the Service's environment, and from nothing else."""
+    from imagegen import settings as settings_module
+
+    with monkeypatch.context() as patch:
+        for key in list(os.environ):
+            if key.startswith("IMAGEGEN_"):
+                patch.delenv(key)
+        for key, value in service.env.items():
+            patch.setenv(key, value)
+        return settings_module.Settings(_env_file=None)

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import yaml
 
-from .conftest import REPO
+from .conftest import REPO, service_settings
 from .routing import CHANNEL_BROKER, KAFKA_BROKER, Routing, TriggerInfo
 
 # The stage budgets as the functions compute them; load_stage is a fixture, used by name.
-from .test_function_contract import _settings, load_stage  # noqa: F401
+from .test_function_contract import load_stage  # noqa: F401
 
 RoutingOf = Callable[[str], Routing]
 DEPLOY = REPO / "docs" / "deploy.md"
@@ -70,7 +70,7 @@ def test_the_nested_timeout_table_is_what_the_manifests_say(
             broker: sum(map(_seconds, trigger.backoff_schedule(broker)))
             for broker in (CHANNEL_BROKER, KAFKA_BROKER)
         }
-        budget = load(stage).timeout(_settings(service, monkeypatch))
+        budget = load(stage).timeout(service_settings(service, monkeypatch))
         values = {
             "function budget": budget,
             "`timeoutSeconds`": pod["timeoutSeconds"],

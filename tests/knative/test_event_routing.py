@@ -10,7 +10,6 @@ replying consumer would fork the chain, and a silent one cannot.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Callable
 from datetime import timedelta
@@ -20,7 +19,7 @@ import pytest
 
 from imagegen.events import MODEL_ATTRIBUTE
 
-from .conftest import OVERLAYS, REPO
+from .conftest import OVERLAYS, REPO, service_settings
 from .routing import PING_EVENT_TYPE, Routing
 
 Render = Callable[[str], list[dict[str, Any]]]
@@ -344,14 +343,9 @@ def test_settings_accept_each_service_environment(
             if key.startswith("IMAGEGEN_") and key.removeprefix("IMAGEGEN_").lower() not in fields
         ]
         assert not unknown, f"{service.name}: not a setting: {unknown}"
-        with monkeypatch.context() as patch:
-            for key in list(os.environ):
-                if key.startswith("IMAGEGEN_"):
-                    patch.delenv(key)
-            for key, value in service.env.items():
-                patch.setenv(key, value)
-            settings = settings_module.Settings(_env_file=None)
-        assert settings.profile == ("prod" if overlay == "prod" else "dev")
+        assert service_settings(service, monkeypatch).profile == (
+            "prod" if overlay == "prod" else "dev"
+        )
     render_env = routing(overlay).services["imagegen-render"].env
     assert render_env["IMAGEGEN_MODEL"] == (
         "tiny" if overlay == "dev" else "black-forest-labs/FLUX.2-klein-4B"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -11,8 +10,8 @@ import pytest
 from imagegen import stages
 from imagegen.stages import Stage
 
-from .conftest import OVERLAYS
-from .routing import Routing, ServiceInfo
+from .conftest import OVERLAYS, service_settings
+from .routing import Routing
 from .test_event_routing import REPLIES
 
 RoutingOf = Callable[[str], Routing]
@@ -22,19 +21,6 @@ RoutingOf = Callable[[str], Routing]
 def load_stage() -> Callable[[str], Stage]:
     """``load_stage("render")``: the stage a function serves, from the stage registry."""
     return stages.get
-
-
-def _settings(service: ServiceInfo, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """The Settings the function builds from the Service's environment."""
-    from imagegen import settings as settings_module
-
-    with monkeypatch.context() as patch:
-        for key in list(os.environ):
-            if key.startswith("IMAGEGEN_"):
-                patch.delenv(key)
-        for key, value in service.env.items():
-            patch.setenv(key, value)
-        return settings_module.Settings(_env_file=None)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -77,7 +63,7 @@ def test_each_function_gives_up_before_knative_does(
     # Knative's 504 at timeoutSeconds would say nothing.
     for service in routing(overlay).services.values():
         assert service.function is not None and service.timeout_seconds is not None
-        budget = load_stage(service.function).timeout(_settings(service, monkeypatch))
+        budget = load_stage(service.function).timeout(service_settings(service, monkeypatch))
         assert budget < service.timeout_seconds, f"{service.name}: {budget} s"
 
 

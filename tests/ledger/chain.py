@@ -54,7 +54,7 @@ def chain(
         request["webhook"] = webhook
     if webhook_events is not None:
         request["webhook_events"] = webhook_events
-    rendered = {
+    image = {  # the stored PNG, as render and persist both describe it
         "generation_id": gid,
         "key": key,
         "location": f"file:///out/{key}",
@@ -64,24 +64,14 @@ def chain(
         "height": 256,
         "seed": 42,
         "model": model,
-        "steps": 2,
-        "guidance": 0.0,
-        "prompt": job(gid, model=model),
     }
+    rendered = {**image, "steps": 2, "guidance": 0.0, "prompt": job(gid, model=model)}
     persisted = {
-        "generation_id": gid,
-        "key": key,
-        "location": f"file:///out/{key}",
+        **image,
         "url": f"https://images.example/{key}",
         "keys": {"image": key, "thumbnail": key + ".thumb.png", "metadata": key + ".json"},
         "urls": {"image": f"https://images.example/{key}"},
         "metadata_location": f"file:///out/{key}.json",
-        "size": 100,
-        "sha256": sha,
-        "width": 256,
-        "height": 256,
-        "seed": 42,
-        "model": model,
         "prompt": "a red fox, oil painting",
         "created_at": (start + timedelta(seconds=9)).isoformat(),
     }

@@ -51,6 +51,14 @@ def make(made: list[Telemetry], service_name: str = "imagegen-test") -> Telemetr
     return telemetry
 
 
+def exporting_to(
+    endpoint: str, made: list[Telemetry], monkeypatch: pytest.MonkeyPatch
+) -> Telemetry:
+    """Telemetry made with ``endpoint`` as the OTLP endpoint its environment names."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+    return make(made)
+
+
 def export_once(telemetry: Telemetry, span_name: str = "exported") -> None:
     """One span and one counter through ``telemetry``'s providers, flushed to its exporters."""
     if telemetry.tracer_provider is not None:
@@ -97,8 +105,7 @@ def test_an_endpoint_configures_otlp_exporters_off_the_request_path(
     made: list[Telemetry], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with Collector() as collector:
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url)
-        telemetry = make(made)
+        telemetry = exporting_to(collector.url, made, monkeypatch)
         assert isinstance(telemetry.span_exporter, OTLPSpanExporter)
         assert isinstance(telemetry.metric_exporter, OTLPMetricExporter)
         export_once(telemetry)
@@ -106,8 +113,7 @@ def test_an_endpoint_configures_otlp_exporters_off_the_request_path(
     assert collector.metric_resources("/v1/metrics")
 
     with Blackhole() as hung:
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", hung.url)
-        telemetry = make(made)
+        telemetry = exporting_to(hung.url, made, monkeypatch)
         assert telemetry.tracer_provider is not None
         # Spans leave in the background: ending one never waits for a collector that hangs...
         started = time.monotonic()
@@ -267,8 +273,7 @@ def test_shutdown_gives_up_on_a_collector_that_never_answers(
     made: list[Telemetry], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with Blackhole() as collector:
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url)
-        telemetry = make(made)
+        telemetry = exporting_to(collector.url, made, monkeypatch)
         assert telemetry.tracer_provider is not None
         tracer = telemetry.tracer_provider.get_tracer("tests")
         for i in range(10):

@@ -22,6 +22,7 @@ from imagegen.events import (
     PROMPT_ENHANCED,
 )
 from imagegen.telemetry import METRIC_NAMES, METRICS
+from tests.functions.conftest import base_env
 from tests.functions.servers import cloudevent_headers
 from tests.observability.conftest import InMemoryTelemetry
 from tests.observability.servers import InProcessServer
@@ -42,15 +43,7 @@ class Chain:
 def chain(otel: InMemoryTelemetry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
     """enhance, render and persist served in this process over one local store."""
     workdir = tmp_path_factory.mktemp("functions")
-    env = {
-        "IMAGEGEN_MODEL": "tiny",
-        "IMAGEGEN_ALLOWED_MODELS": "tiny",
-        "IMAGEGEN_STORAGE_URL": str(workdir / "store"),
-        "IMAGEGEN_OLLAMA_HOST": "http://127.0.0.1:9",
-        "IMAGEGEN_OLLAMA_RETRIES": "0",
-        "IMAGEGEN_LOG_PROMPTS": "false",
-        "HF_HUB_OFFLINE": "1",
-    }
+    env = {**base_env(workdir / "store"), "IMAGEGEN_LOG_PROMPTS": "false"}
     saved_env, saved_cwd = dict(os.environ), Path.cwd()
     root = logging.getLogger()
     saved_logging = list(root.handlers), root.level

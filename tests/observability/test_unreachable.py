@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from imagegen.events import GENERATION_REQUESTED, PROMPT_ENHANCED
+from tests.functions.conftest import base_env
 from tests.functions.servers import FunctionServer, post_event
 from tests.observability.blackhole import Blackhole
 
@@ -16,11 +17,7 @@ def test_requests_succeed_with_an_unreachable_collector(collector: str, tmp_path
     with Blackhole() as hole:
         endpoint = hole.url if collector == "blackhole" else "http://127.0.0.1:9"
         env = {
-            "IMAGEGEN_MODEL": "tiny",
-            "IMAGEGEN_ALLOWED_MODELS": "tiny",
-            "IMAGEGEN_STORAGE_URL": str(tmp_path / "store"),
-            "IMAGEGEN_OLLAMA_HOST": "http://127.0.0.1:9",
-            "IMAGEGEN_OLLAMA_RETRIES": "0",
+            **base_env(tmp_path / "store"),
             "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
             "OTEL_EXPORTER_OTLP_TIMEOUT": "0.3",  # keeps the exit flush short
             # Export while the requests run, not only at exit.
