@@ -11,8 +11,8 @@ ahead an upcoming holiday counts, default 14), ``language``.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import date, timedelta
-from functools import lru_cache
 from typing import Any
 
 import holidays
@@ -34,9 +34,24 @@ def _pick_language(wanted: str, supported: tuple[str, ...], default: str | None)
     return next((lang for lang in supported if lang.split("_")[0] == prefix), default)
 
 
-@lru_cache(maxsize=256)
-def _year(code: str, language: str | None, year: int) -> tuple[tuple[date, tuple[str, ...]], ...]:
-    """The holidays of ``code`` (``CC`` or ``CC-SUBDIV``) in ``year``, by date."""
+_Calendar = tuple[tuple[date, tuple[str, ...]], ...]
+_CALENDARS: dict[tuple[str, str | None, int], _Calendar] = {}
+_MAX_CALENDARS = 256  # requests choose countries and languages: the oldest go first
+
+
+def _year(code: str, language: str | None, year: int) -> _Calendar:
+    """The holidays of ``code`` (``CC`` or ``CC-SUBDIV``) in ``year``, by date; built once."""
+    key = (code, language, year)
+    calendar = _CALENDARS.get(key)
+    if calendar is None:
+        calendar = _build_year(code, language, year)
+        if len(_CALENDARS) >= _MAX_CALENDARS:
+            _CALENDARS.pop(next(iter(_CALENDARS)), None)
+        _CALENDARS[key] = calendar
+    return calendar
+
+
+def _build_year(code: str, language: str | None, year: int) -> _Calendar:
     country, _, subdiv = code.upper().partition("-")
     probe = holidays.country_holidays(country, subdiv=subdiv or None)
     lang = _pick_language(
@@ -71,7 +86,7 @@ class HolidayPlugin:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
-    def contribute(self, context: PluginContext) -> Contribution | None:
+    async def contribute(self, context: PluginContext) -> Contribution | None:
         """Holidays on ``context.now``'s date and within the horizon after it."""
         options = context.options
         requested = option_list(options, self.name, "countries")
@@ -81,14 +96,29 @@ class HolidayPlugin:
         )
         language = option_str(options, self.name, "language")
         today = context.now.date()
+        years = range(today.year, (today + timedelta(days=horizon)).year + 1)
+        args = (countries, requested is not None, today, horizon, language)
+        if all((code, language, year) in _CALENDARS for code in countries for year in years):
+            return self._contribution(*args)  # look-ups in built calendars: on the loop
+        # The library computes a year's calendar, and may first import a country's module:
+        # tenths of a second, off the event loop (once per country, language and year).
+        return await asyncio.to_thread(self._contribution, *args)
 
+    def _contribution(
+        self,
+        countries: list[str],
+        requested: bool,
+        today: date,
+        horizon: int,
+        language: str | None,
+    ) -> Contribution | None:
         todays: list[dict[str, Any]] = []
         upcoming: dict[str, Any] | None = None
         for code in countries:
             try:
                 found = holidays_between(code, today, today + timedelta(days=horizon), language)
             except NotImplementedError as exc:
-                if requested is not None:
+                if requested:
                     raise invalid_option(self.name, "countries", str(exc)) from None
                 raise ValueError(f"holiday_countries: {exc}") from None
             for day, name in found:

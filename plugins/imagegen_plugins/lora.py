@@ -92,6 +92,9 @@ class LoraPlugin:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # The disk is read only for configured LoRAs (the directory, local paths): without
+        # any, a draw is arithmetic and runs on the event loop (see PromptPlugin).
+        self.blocking = settings.lora_dir is not None or bool(settings.loras)
 
     def candidates(self) -> list[LoraHint]:
         """Every LoRA this plugin may pick, by name, without duplicates."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime
 
 import pytest
@@ -10,6 +11,7 @@ from imagegen.errors import InvalidRequest
 from imagegen.models import Contribution
 from imagegen.plugins import PluginSet
 from imagegen.settings import Settings
+from imagegen_plugins import holiday
 from imagegen_plugins.holiday import HolidayPlugin
 
 
@@ -101,3 +103,22 @@ async def test_unknown_country_option_is_invalid(settings: Settings) -> None:
 async def test_unknown_configured_country_only_skips_the_plugin() -> None:
     settings = Settings(holiday_countries=["XX"])
     assert await _holiday(settings, datetime(2026, 1, 5, tzinfo=UTC)) is None
+
+
+async def test_a_calendar_is_built_off_the_event_loop_once(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[threading.Thread] = []
+    build = holiday._build_year
+
+    def recorded(code: str, language: str | None, year: int) -> holiday._Calendar:
+        built.append(threading.current_thread())
+        return build(code, language, year)
+
+    monkeypatch.setattr(holiday, "_build_year", recorded)
+    monkeypatch.setattr(holiday, "_CALENDARS", {})
+    first = await _holiday(settings, datetime(2031, 11, 24, 12, tzinfo=UTC))
+    again = await _holiday(settings, datetime(2031, 11, 25, 12, tzinfo=UTC))
+    assert first is not None and again is not None
+    assert len(built) == 1, "the second request finds the year's calendar built"
+    assert built[0] is not threading.current_thread()

@@ -88,3 +88,9 @@ def test_a_bad_probability_is_invalid(lora_dir: Path) -> None:
     with pytest.raises(InvalidRequest) as caught:
         LoraPlugin(settings).contribute(_context(settings, 1, probability=3))
     assert caught.value.fields == ["plugin_options.lora.probability"]
+
+
+def test_it_runs_on_a_thread_only_when_it_may_read_the_disk(lora_dir: Path) -> None:
+    assert LoraPlugin(Settings()).blocking is False  # no LoRA configured: a draw, no disk
+    assert LoraPlugin(Settings(lora_dir=lora_dir)).blocking is True
+    assert LoraPlugin(Settings(loras=["someone/cool-lora"])).blocking is True
