@@ -17,6 +17,7 @@ __all__ = [
     "DREAM_PING",
     "GENERATION_FAILED",
     "GENERATION_REQUESTED",
+    "IMAGE_DERIVED",
     "IMAGE_PERSISTED",
     "IMAGE_RENDERED",
     "MODEL_ATTRIBUTE",
@@ -38,6 +39,7 @@ GENERATION_REQUESTED: Final = _PREFIX + "generation.requested"  # see event_type
 PROMPT_ENHANCED: Final = _PREFIX + "prompt.enhanced"
 IMAGE_RENDERED: Final = _PREFIX + "image.rendered"
 IMAGE_PERSISTED: Final = _PREFIX + "image.persisted"
+IMAGE_DERIVED: Final = _PREFIX + "image.derived"
 GENERATION_FAILED: Final = _PREFIX + "generation.failed"
 # A Knative PingSource can only send this type; enhance treats it as a prompt-less request.
 DREAM_PING: Final = "dev.knative.sources.ping"

@@ -38,6 +38,7 @@ __all__ = [
     "MAX_METADATA_DEPTH",
     "MAX_PROMPT_CHARS",
     "Contribution",
+    "DerivedImage",
     "EnhancedPrompt",
     "ErrorInfo",
     "GenerationFailed",
@@ -319,6 +320,27 @@ class PersistedImage(_Model):
     @property
     def occurred_at(self) -> datetime:
         """The time of its event: the record's ``created_at``."""
+        return self.created_at
+
+
+class DerivedImage(_Model):
+    """Output of derive (event ``image.derived``): the AVIF/WebP derivatives of a final image.
+
+    The same content is kept as the derivatives record (``keys["record"]``), which the Worker
+    reads to choose a derivative by ``Accept`` and ``w``; until it exists the PNG is served.
+    """
+
+    generation_id: GenerationId
+    key: str = Field(description="The full image (PNG) the derivatives were made from.")
+    sha256: Sha256 = Field(description="The full image's digest.")
+    keys: dict[str, str] = Field(
+        description="Object keys: record (this record), and avif:<width>, webp:<width>."
+    )
+    created_at: datetime = Field(description="The image's created_at, from image.persisted.")
+
+    @property
+    def occurred_at(self) -> datetime:
+        """The time of its event: the image's ``created_at``, like ``image.persisted``."""
         return self.created_at
 
 

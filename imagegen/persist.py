@@ -1,4 +1,4 @@
-"""The persist stage: derivatives, the metadata record, public URLs."""
+"""The persist stage: the thumbnail, the metadata record, public URLs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import logging
 
 from imagegen._locks import KeyedLocks
-from imagegen.derivatives import Derivative, decode_rgb, make_derivatives, make_thumbnail
+from imagegen.derivatives import decode_rgb, make_thumbnail
 from imagegen.errors import DependencyUnavailable, InvalidRequest, NotFound
 from imagegen.models import EnhancedPrompt, PersistedImage, RenderedImage
 from imagegen.settings import Settings
@@ -21,16 +21,12 @@ __all__ = ["PersistStage"]
 log = logging.getLogger("imagegen.persist")
 
 
-def _encode(
-    png: bytes, image_key: str, size: int, widths: list[int]
-) -> tuple[bytes, list[Derivative]]:
-    """The thumbnail and every derivative, from one decode of ``png`` (CPU-bound)."""
-    pixels = decode_rgb(png)
-    return make_thumbnail(pixels, size), make_derivatives(pixels, image_key, widths)
-
-
 class PersistStage:
     """Finalises a rendered image: thumbnail, JSON record, public URLs.
+
+    The AVIF/WebP derivatives are not made here but by the derive stage, from this stage's
+    ``image.persisted`` (:mod:`imagegen.derive`): encoding them is most of the work, and the
+    image is final, and served as a PNG, without them.
 
     Idempotent across replicas: the record is written only if absent (first writer wins), and
     everything in it is a function of the ``image.rendered`` event, ``created_at`` and the
@@ -79,22 +75,14 @@ class PersistStage:
                 errors=[{"field": "sha256", "message": f"stored object has {digest}"}],
             )
 
-        # 3. Derivatives (the same bytes from every replica; the first one stored stays):
-        # encoded in one thread hop from one decode, written at once rather than in turn.
-        thumbnail, derivatives = await asyncio.to_thread(
-            _encode, png, keys.image, self.settings.thumbnail_size, self.settings.derivative_widths
+        # 3. The thumbnail (the same bytes from every replica; the first one stored stays).
+        thumbnail = await asyncio.to_thread(
+            lambda: make_thumbnail(decode_rgb(png), self.settings.thumbnail_size)
         )
-        written = await asyncio.gather(
-            self._create(keys.thumbnail, thumbnail, "image/webp"),
-            *(self._create(d.key, d.data, d.content_type) for d in derivatives),
-            return_exceptions=True,  # every write ends before the request does
-        )
-        for outcome in written:
-            if isinstance(outcome, BaseException):
-                raise outcome
+        await self._create(keys.thumbnail, thumbnail, "image/webp")
 
         # 4. Public URLs and the record, written last: its presence marks the image final.
-        persisted = self._describe(image, keys, {d.name: d.key for d in derivatives})
+        persisted = self._describe(image, keys)
         record = {
             "persisted": persisted.model_dump(mode="json"),
             "request": image.prompt.model_dump(mode="json"),
@@ -110,9 +98,7 @@ class PersistStage:
             )
         return existing
 
-    def _describe(
-        self, image: RenderedImage, keys: GenerationKeys, derivatives: dict[str, str]
-    ) -> PersistedImage:
+    def _describe(self, image: RenderedImage, keys: GenerationKeys) -> PersistedImage:
         """The record of ``image``: a function of the event alone, whichever replica writes it."""
         created_at = image.rendered_at or image.prompt.requested_at
         signed_at = int(created_at.timestamp())
@@ -131,7 +117,6 @@ class PersistStage:
                 "image": keys.image,
                 "thumbnail": keys.thumbnail,
                 "metadata": keys.metadata,
-                **derivatives,
             },
             urls=urls,
             metadata_location=self.storage.location(keys.metadata),

@@ -1,4 +1,4 @@
-"""``ImageGenService``: the three stages as one async API."""
+"""``ImageGenService``: the stages as one async API."""
 
 from __future__ import annotations
 
@@ -12,7 +12,13 @@ from pydantic import BaseModel
 
 from imagegen.errors import ImageGenError
 from imagegen.identity import identify
-from imagegen.models import EnhancedPrompt, GenerationRequest, PersistedImage, RenderedImage
+from imagegen.models import (
+    DerivedImage,
+    EnhancedPrompt,
+    GenerationRequest,
+    PersistedImage,
+    RenderedImage,
+)
 from imagegen.settings import Settings
 from imagegen.stages import Call
 from imagegen.storage import LocalStorage, open_storage
@@ -21,6 +27,7 @@ from imagegen.storage.instrumented import instrumented
 from imagegen.telemetry import current_stage, instruments, tracer
 
 if TYPE_CHECKING:
+    from imagegen.derive import DeriveStage
     from imagegen.enhance import EnhanceStage
     from imagegen.enhance.memo import EnhanceMemo
     from imagegen.ledger.recorder import Recorder
@@ -81,6 +88,7 @@ class ImageGenService:
         self._enhance_stage: EnhanceStage | None = None
         self._render_stage: RenderStage | None = None
         self._persist_stage: PersistStage | None = None
+        self._derive_stage: DeriveStage | None = None
         self._memo: EnhanceMemo | None = None
         self._preload = tuple(preload)
 
@@ -119,6 +127,14 @@ class ImageGenService:
 
             self._persist_stage = PersistStage(self.settings, self.storage)
         return self._persist_stage
+
+    @property
+    def derive_stage(self) -> DeriveStage:
+        if self._derive_stage is None:
+            from imagegen.derive import DeriveStage
+
+            self._derive_stage = DeriveStage(self.settings, self.storage)
+        return self._derive_stage
 
     async def __aenter__(self) -> Self:
         # A local directory this process cannot write (an image's root-owned default, a
@@ -195,9 +211,14 @@ class ImageGenService:
             return await self.render_stage.render_png(job, progress=progress)
 
     async def persist(self, image: RenderedImage) -> PersistedImage:
-        """Write derivatives and the metadata record; build public URLs."""
+        """Write the thumbnail and the metadata record; build public URLs."""
         async with _stage("persist", image.generation_id, self.recorder) as stage:
             return await stage.emitted(await self.persist_stage.run(image))
+
+    async def derive(self, image: PersistedImage) -> DerivedImage:
+        """Encode the AVIF/WebP derivatives of a persisted image and write their record."""
+        async with _stage("derive", image.generation_id, self.recorder) as stage:
+            return await stage.emitted(await self.derive_stage.run(image))
 
     async def generate(
         self,
@@ -206,10 +227,20 @@ class ImageGenService:
         call: Call | None = None,
         progress: ProgressCallback | None = None,
     ) -> tuple[EnhancedPrompt, PersistedImage]:
-        """All three stages in-process; returns the enhanced prompt and the persisted image."""
+        """Every stage in-process; returns the enhanced prompt and the persisted image."""
         enhanced = await self.enhance(request, call)
         rendered = await self.render(enhanced, progress=progress)
-        return enhanced, await self.persist(rendered)
+        return enhanced, await self.finalise(rendered)
+
+    async def finalise(self, image: RenderedImage) -> PersistedImage:
+        """Persist ``image``, then make its derivatives: the chain's end, in this process.
+
+        On Knative the derive function makes them from persist's reply; here they are made
+        before this returns, so a local image is served with them from the start.
+        """
+        persisted = await self.persist(image)
+        await self.derive(persisted)
+        return persisted
 
 
 class _stage:

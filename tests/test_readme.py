@@ -131,7 +131,7 @@ def test_the_local_invoke_commands_work(tmp_path: Path) -> None:
     blocks = _blocks(_section(_page("functions.md"), "## Invoke a function locally"))
     # The documented ports, moved to free ones: a port taken on this machine must not fail it.
     documented = sorted(set(re.findall(r"--port (\d+)", blocks[0])))
-    assert len(documented) == 3, blocks[0]
+    assert len(documented) == 4, blocks[0]
     moved = {port: str(_free_port()) for port in documented}
     serve, event, plain, direct = (
         re.sub(r"\b(808\d)\b", lambda m: moved.get(m[1], m[1]), block) for block in blocks
@@ -166,12 +166,18 @@ def test_the_local_invoke_commands_work(tmp_path: Path) -> None:
         assert "ce-type: dev.orchestr8.imagegen.prompt.enhanced" in reply.stdout.lower()
         assert "ce-subject: my-first-image" in reply.stdout.lower()
 
-        persisted = subprocess.run(["bash", "-c", plain], **run)
-        body = json.loads(persisted.stdout)
+        derived = subprocess.run(["bash", "-c", plain], **run)
+        body = json.loads(derived.stdout)
         # Each stage's answer, when one of them was an error rather than the next stage's input.
-        answers = {f: (tmp_path / f).read_text()[:500] for f in ("enhanced.json", "rendered.json")}
+        answers = {
+            f: (tmp_path / f).read_text()[:500]
+            for f in ("enhanced.json", "rendered.json", "persisted.json")
+        }
         assert "key" in body, (body, answers)
         assert (tmp_path / "output" / body["key"]).is_file()
+        assert (tmp_path / "output" / body["keys"]["avif:256"]).is_file()
+        persisted = json.loads((tmp_path / "persisted.json").read_text())
+        assert persisted["sha256"] == body["sha256"]
         assert (tmp_path / "lighthouse.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert json.loads((tmp_path / "enhanced.json").read_text())["seed"] == 7
 

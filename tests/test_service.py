@@ -49,13 +49,16 @@ async def test_generate_end_to_end(settings: Settings, tmp_path: Path) -> None:
     assert persisted.key == f"2026/11/24/{persisted.generation_id}.png"
     assert hashlib.sha256(png.read_bytes()).hexdigest() == persisted.sha256
     assert (root / persisted.keys["thumbnail"]).is_file()
-    # A 256 px image: one derivative per format at its own width, none upscaled.
-    assert {persisted.keys["avif:256"], persisted.keys["webp:256"]} == {
+    # The derivatives are made before generate returns. A 256 px image: one per format at
+    # its own width, none upscaled.
+    derived = json.loads((root / persisted.key.replace(".png", ".derivatives.json")).read_text())
+    keys = derived["derived"]["keys"]
+    assert {keys["avif:256"], keys["webp:256"]} == {
         persisted.key.replace(".png", ".w256.avif"),
         persisted.key.replace(".png", ".w256.webp"),
     }
-    assert not any(name.endswith((":512", ":1024")) for name in persisted.keys)
-    with Image.open(root / persisted.keys["avif:256"]) as avif:
+    assert not any(name.endswith((":512", ":1024")) for name in keys)
+    with Image.open(root / keys["avif:256"]) as avif:
         assert (avif.format, avif.size) == ("AVIF", (256, 256))
     record = json.loads((root / persisted.keys["metadata"]).read_text())
     assert record["request"]["prompt"] == enhanced.prompt
@@ -80,7 +83,7 @@ def pixels(png: bytes) -> bytes:
         return image.convert("RGB").tobytes()
 
 
-async def test_render_and_persist_are_idempotent(settings: Settings, tmp_path: Path) -> None:
+async def test_render_persist_and_derive_are_idempotent(settings: Settings, tmp_path: Path) -> None:
     async with ImageGenService(settings) as service:
         job = await service.enhance(small(prompt="a bridge", generation_id="idem-1"))
         first = await service.render(job)
@@ -89,8 +92,15 @@ async def test_render_and_persist_are_idempotent(settings: Settings, tmp_path: P
         p1 = await service.persist(first)
         p2 = await service.persist(second)
         assert p1 == p2
+        # The image is final without its derivatives: persist makes none.
+        files = sorted(p.name for p in (tmp_path / "out").rglob("idem-1*"))
+        assert files == ["idem-1.json", "idem-1.png", "idem-1.prompt.json", "idem-1.thumb.webp"]
+        d1 = await service.derive(p1)
+        d2 = await service.derive(p2)
+        assert d1 == d2
     files = sorted(p.name for p in (tmp_path / "out").rglob("idem-1*"))
     assert files == [
+        "idem-1.derivatives.json",
         "idem-1.json",
         "idem-1.png",
         "idem-1.prompt.json",

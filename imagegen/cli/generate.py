@@ -154,7 +154,7 @@ async def _generate_one(
 
         rendered = await service.render(enhanced, progress=progress)
         bar.update(task, description="persisting")
-        return enhanced, await service.persist(rendered)
+        return enhanced, await service.finalise(rendered)
 
 
 @app.command()

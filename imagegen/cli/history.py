@@ -252,7 +252,7 @@ def replay(
             assert job is not None
             if service.recorder is not None:
                 await service.recorder.emitted("enhance", job)
-            return await service.persist(await service.render(job))
+            return await service.finalise(await service.render(job))
 
     persisted = run_async(go)
     if as_json:

@@ -18,6 +18,7 @@ from imagegen.errors import InvalidRequest
 from imagegen.events import (
     GENERATION_FAILED,
     GENERATION_REQUESTED,
+    IMAGE_DERIVED,
     IMAGE_PERSISTED,
     IMAGE_RENDERED,
     PROMPT_ENHANCED,
@@ -25,6 +26,7 @@ from imagegen.events import (
 )
 from imagegen.ledger.models import STATUS_RANK, LedgerEvent, Status, WebhookEvent
 from imagegen.models import (
+    DerivedImage,
     EnhancedPrompt,
     GenerationFailed,
     GenerationRequest,
@@ -50,6 +52,9 @@ _STATUS_OF: dict[str, tuple[Status, str]] = {
     PROMPT_ENHANCED: ("enhanced", "enhanced_at"),
     IMAGE_RENDERED: ("rendered", "rendered_at"),
     IMAGE_PERSISTED: ("persisted", "persisted_at"),
+    # Derivatives are made from a persisted image only: the event proves the image final. Its
+    # time is the image's created_at, as image.persisted's is, whichever is recorded first.
+    IMAGE_DERIVED: ("persisted", "persisted_at"),
     GENERATION_FAILED: ("failed", "failed_at"),
 }
 STAGE_COLUMNS = ("requested_at", "enhanced_at", "rendered_at", "persisted_at", "failed_at")
@@ -96,7 +101,11 @@ class Change:
         return _STATUS_OF[_TYPE_OF_STATUS[self.status]][1]
 
 
-_TYPE_OF_STATUS = {status: event_type for event_type, (status, _) in _STATUS_OF.items()}
+_TYPE_OF_STATUS = {
+    status: event_type
+    for event_type, (status, _) in _STATUS_OF.items()
+    if event_type != IMAGE_DERIVED
+}
 
 
 def fold(event: LedgerEvent, *, now: datetime) -> Change | None:
@@ -157,6 +166,10 @@ def fold(event: LedgerEvent, *, now: datetime) -> Change | None:
             persisted, "prompt", "seed", "model", "width", "height", "keys", "urls", "url"
         )
         fields.update(location=persisted.location, sha256=persisted.sha256)
+    elif event.type == IMAGE_DERIVED:
+        # Nothing of the generation's row: what it says of the image, image.persisted said.
+        gid = parse_model(DerivedImage, event.data).generation_id
+        fields = {}
     else:
         failure = parse_model(GenerationFailed, event.data)
         found = failure.generation_id or event.subject

@@ -20,6 +20,7 @@ from imagegen.errors import InvalidRequest
 from imagegen.events import (
     GENERATION_FAILED,
     GENERATION_REQUESTED,
+    IMAGE_DERIVED,
     IMAGE_PERSISTED,
     IMAGE_RENDERED,
     PROMPT_ENHANCED,
@@ -167,6 +168,7 @@ STAGE = Stage(
         PROMPT_ENHANCED,
         IMAGE_RENDERED,
         IMAGE_PERSISTED,
+        IMAGE_DERIVED,
         GENERATION_FAILED,
     ),
     emits=None,

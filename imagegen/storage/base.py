@@ -19,6 +19,7 @@ __all__ = [
 ]
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+_IMAGE_KEY = re.compile(r"([0-9]{4})/(0[1-9]|1[0-2])/(0[1-9]|[12][0-9]|3[01])/([^/]+)\.png")
 _META_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _META_VALUE = re.compile(r"[\x20-\x7e]*")
 # S3 caps user metadata at 2 KB (names plus values); the local backend keeps the same limit.
@@ -222,3 +223,28 @@ class GenerationKeys:
     def prompt(self) -> str:
         """The enhanced prompt, kept so that a redelivered request gets the same one."""
         return validate_key(f"{self.prefix}.prompt.json")
+
+    @property
+    def derivatives(self) -> str:
+        """The derivatives record: which AVIF/WebP derivatives exist (the Worker reads it)."""
+        return validate_key(f"{self.prefix}.derivatives.json")
+
+    @classmethod
+    def of_image(cls, generation_id: str, image_key: str) -> GenerationKeys:
+        """The keys of the generation whose full image is ``image_key`` (its day names them).
+
+        Raises:
+            InvalidRequest: naming ``key``, when it is not ``YYYY/MM/DD/<generation_id>.png``.
+        """
+        found = _IMAGE_KEY.fullmatch(image_key)
+        try:
+            year, month, date = (int(part) for part in found.groups()[:3]) if found else (0, 0, 0)
+            day = datetime(year, month, date, tzinfo=UTC) if found else None
+        except ValueError:  # a day the calendar does not have
+            day = None
+        if day is None or found is None or found.group(4) != generation_id:
+            raise InvalidRequest(
+                f"key {image_key!r} does not belong to generation {generation_id!r}",
+                errors=[{"field": "key", "message": "expected YYYY/MM/DD/<generation_id>.png"}],
+            )
+        return cls(generation_id, day)

@@ -44,13 +44,14 @@ def chain_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def chain(chain_store: Path) -> Iterator[dict[str, InProcessFunction]]:
-    """enhance, render and persist over one local store, in this process, shared by a module.
+    """enhance, render, persist and derive over one local store, in this process, per module.
 
     The concerns that need real processes (gunicorn, kills, concurrency, S3) start their own
     servers with ``start_server``.
     """
     env = base_env(chain_store)
-    functions = {stage: InProcessFunction(stage, env) for stage in ("enhance", "render", "persist")}
+    stages = ("enhance", "render", "persist", "derive")
+    functions = {stage: InProcessFunction(stage, env) for stage in stages}
     yield functions
     for function in functions.values():
         function.client.close()

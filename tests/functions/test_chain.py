@@ -1,4 +1,4 @@
-"""The chain by hand: request → enhance → render → persist, each a real HTTP server."""
+"""The chain by hand: request → enhance → render → persist → derive, each a real HTTP server."""
 
 from __future__ import annotations
 
@@ -13,7 +13,13 @@ import httpx
 import pytest
 from PIL import Image
 
-from imagegen.events import GENERATION_REQUESTED, IMAGE_PERSISTED, IMAGE_RENDERED, PROMPT_ENHANCED
+from imagegen.events import (
+    GENERATION_REQUESTED,
+    IMAGE_DERIVED,
+    IMAGE_PERSISTED,
+    IMAGE_RENDERED,
+    PROMPT_ENHANCED,
+)
 from tests.fakes.s3_server import S3Server
 from tests.functions.conftest import StartServer, base_env, s3_env
 from tests.functions.servers import post_event
@@ -37,9 +43,10 @@ def run_chain(
     enhanced = post_event(servers["enhance"], GENERATION_REQUESTED, request, **attributes)
     rendered = forward(servers["render"], enhanced, PROMPT_ENHANCED)
     persisted = forward(servers["persist"], rendered, IMAGE_RENDERED)
-    assert persisted.status_code == 200, persisted.text
-    assert persisted.headers["ce-type"] == IMAGE_PERSISTED
-    return [enhanced, rendered, persisted]
+    derived = forward(servers["derive"], persisted, IMAGE_PERSISTED)
+    assert derived.status_code == 200, derived.text
+    assert derived.headers["ce-type"] == IMAGE_DERIVED
+    return [enhanced, rendered, persisted, derived]
 
 
 def check_replies(replies: list[httpx.Response], subject: str) -> dict[str, Any]:
@@ -57,6 +64,11 @@ def check_replies(replies: list[httpx.Response], subject: str) -> dict[str, Any]
     assert "ce-imagegenmodel" not in replies[1].headers
     assert replies[1].headers["ce-dataref"] == rendered["location"]
     assert persisted["sha256"] == rendered["sha256"]
+    # The derivatives: made from the persisted image, at the time of its event.
+    derived = replies[3].json()
+    assert (derived["key"], derived["sha256"]) == (persisted["key"], persisted["sha256"])
+    assert replies[3].headers["ce-time"] == replies[2].headers["ce-time"]
+    assert {"avif:256", "webp:256", "record"} <= set(derived["keys"])
     return persisted
 
 
@@ -103,6 +115,7 @@ def test_every_event_delivered_twice_yields_one_image_and_the_same_replies(
         assert a.headers["ce-id"] == b.headers["ce-id"]
         assert a.headers["ce-time"] == b.headers["ce-time"]  # from the event, not the clock
     assert sorted(p.name for p in chain_store.rglob("redelivered-1*")) == [
+        "redelivered-1.derivatives.json",
         "redelivered-1.json",
         "redelivered-1.png",
         "redelivered-1.prompt.json",
@@ -116,7 +129,8 @@ def test_chain_with_s3_storage(start_server: StartServer, tmp_path: Path) -> Non
     with S3Server() as s3:
         s3.create_bucket("images")
         env = {**base_env(tmp_path / "unused"), **s3_env(s3, "s3://images/generated")}
-        servers = {stage: start_server(stage, env) for stage in ("enhance", "render", "persist")}
+        stages = ("enhance", "render", "persist", "derive")
+        servers = {stage: start_server(stage, env) for stage in stages}
         servers["render"].wait("/readyz", timeout=120)
         replies = run_chain(
             servers,

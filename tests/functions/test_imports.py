@@ -49,6 +49,7 @@ def test_importing_the_package_loads_no_stage_machinery(tmp_path: Path) -> None:
     ("stage", "allowed"),
     [
         ("persist", set()),
+        ("derive", set()),
         ("deadletter", set()),
         ("enhance", {"ollama", "tenacity", "httpx"}),
         # accelerate (under diffusers) imports boto3 for its SageMaker config, itself.

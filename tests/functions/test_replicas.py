@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from imagegen.events import IMAGE_PERSISTED, IMAGE_RENDERED, PROMPT_ENHANCED
+from imagegen.events import IMAGE_DERIVED, IMAGE_PERSISTED, IMAGE_RENDERED, PROMPT_ENHANCED
 from imagegen.storage import GenerationKeys
 from tests.fakes.render_backend import enhanced_prompt
 from tests.fakes.s3_server import S3Server
@@ -58,7 +58,7 @@ def assert_same(replies: list[httpx.Response], event_type: str) -> dict[str, Any
     return body
 
 
-def test_two_replicas_of_render_and_persist_write_once_and_answer_alike(
+def test_two_replicas_of_render_persist_and_derive_write_once_and_answer_alike(
     start_server: StartServer, tmp_path: Path
 ) -> None:
     with S3Server() as s3:
@@ -69,6 +69,7 @@ def test_two_replicas_of_render_and_persist_write_once_and_answer_alike(
         env = {**base_env(tmp_path / "unused"), **s3_env(s3, f"s3://images/{PREFIX}")}
         renders = [start_server("render", env, wait=False) for _ in range(2)]
         persists = [start_server("persist", env) for _ in range(2)]
+        derives = [start_server("derive", env) for _ in range(2)]
         for server in renders:
             server.wait("/readyz", timeout=120)
 
@@ -103,4 +104,17 @@ def test_two_replicas_of_render_and_persist_write_once_and_answer_alike(
         before = len(s3.requests)
         again = httpx.post(persists[1].url, headers=headers, content=body, timeout=60)
         assert again.json() == persisted
+        assert all(r.method in ("GET", "HEAD") for r in s3.requests[before:])
+
+        # 4. derive, from persist's reply: one derivatives record, each derivative once.
+        s3.gate(".derivatives.json", 2)
+        headers = cloudevent_headers(IMAGE_PERSISTED, subject=job.generation_id, event_id="e-3")
+        body = httpx.Response(200, json=persisted).content
+        derived = assert_same(at_once(derives, headers, body), IMAGE_DERIVED)
+        assert versions(s3, keys.derivatives) == 1
+        assert derived["keys"]["avif:256"] == keys.image.replace(".png", ".w256.avif")
+        assert versions(s3, derived["keys"]["avif:256"]) == 1
+        before = len(s3.requests)
+        again = httpx.post(derives[0].url, headers=headers, content=body, timeout=60)
+        assert again.json() == derived
         assert all(r.method in ("GET", "HEAD") for r in s3.requests[before:])

@@ -13,7 +13,7 @@ from imagegen.settings import Settings
 from tests.conftest import ROOT
 
 KNATIVE = ROOT / "knative"
-FUNCTIONS = ("enhance", "render", "persist", "deadletter", "ledger")
+FUNCTIONS = ("enhance", "render", "persist", "derive", "deadletter", "ledger")
 
 
 @cache

@@ -116,7 +116,7 @@ def test_base_images_are_pinned_to_exact_versions(name: str, pattern: str) -> No
 def test_cpu_dockerfile_builds_both_cpu_targets() -> None:
     stages = _stages("Dockerfile.cpu")
     assert {"cpu", "render-cpu"} <= set(stages)
-    assert stages[-1] == "cpu", "the default build is the image of enhance, persist and deadletter"
+    assert stages[-1] == "cpu", "the default build is the image of the CPU functions"
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)

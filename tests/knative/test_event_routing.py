@@ -30,14 +30,16 @@ REQUESTED = PREFIX + "generation.requested"
 ENHANCED = PREFIX + "prompt.enhanced"
 RENDERED = PREFIX + "image.rendered"
 PERSISTED = PREFIX + "image.persisted"
+DERIVED = PREFIX + "image.derived"
 FAILED = PREFIX + "generation.failed"
-ALL_TYPES = (REQUESTED, ENHANCED, RENDERED, PERSISTED, FAILED)
+ALL_TYPES = (REQUESTED, ENHANCED, RENDERED, PERSISTED, DERIVED, FAILED)
 
 # The product's contract: what each function consumes and replies with.
 CONSUMES = {
     "enhance": {REQUESTED, PING_EVENT_TYPE},
     "render": {ENHANCED},
     "persist": {RENDERED},
+    "derive": {PERSISTED},
     "deadletter": {FAILED},
     "ledger": set(ALL_TYPES),
 }
@@ -45,10 +47,11 @@ REPLIES = {
     "enhance": {ENHANCED, FAILED},
     "render": {RENDERED, FAILED},
     "persist": {PERSISTED, FAILED},
+    "derive": {DERIVED, FAILED},
     "deadletter": set(),
     "ledger": set(),
 }
-OUTPUT = PERSISTED
+OUTPUT = DERIVED
 # Sent from outside the pipeline: by callers, and by the PingSource.
 EXTERNAL = {REQUESTED, PING_EVENT_TYPE}
 
@@ -137,7 +140,7 @@ def test_each_served_model_reaches_a_render_service_that_loads_it(
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_no_stage_consumes_the_output(routing: RoutingOf, overlay: str) -> None:
-    # Other services may subscribe to image.persisted; the pipeline itself ends there: no
+    # Other services may subscribe to image.derived; the pipeline itself ends there: no
     # stage that replies consumes it (the ledger records it and replies nothing).
     r = routing(overlay)
     assert not [t.name for t in r.triggers_for(OUTPUT) if REPLIES[_function_of(r, t.subscriber)]]

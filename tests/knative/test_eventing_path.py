@@ -21,7 +21,12 @@ from typing import Any
 import httpx
 import pytest
 
-from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED, IMAGE_PERSISTED
+from imagegen.events import (
+    GENERATION_FAILED,
+    GENERATION_REQUESTED,
+    IMAGE_DERIVED,
+    IMAGE_PERSISTED,
+)
 from imagegen.ledger import open_ledger
 from tests.fakes.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server
 from tests.functions.servers import FunctionServer, free_port
@@ -200,12 +205,18 @@ def test_a_request_flows_through_the_triggers_to_a_stored_image(cluster: Any) ->
         (GENERATION_REQUESTED, "imagegen-enhance"),
         ("dev.orchestr8.imagegen.prompt.enhanced", "imagegen-render"),
         ("dev.orchestr8.imagegen.image.rendered", "imagegen-persist"),
+        (IMAGE_PERSISTED, "imagegen-derive"),
     ]
     [(attributes, persisted)] = broker.of_type(IMAGE_PERSISTED)
     assert attributes["type"] == IMAGE_PERSISTED and attributes["subject"] == "routed-1"
     bucket, _, key = persisted["location"].removeprefix("s3://").partition("/")
     body = s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
     assert body[:8] == b"\x89PNG\r\n\x1a\n" and len(body) == persisted["size"]
+    # The chain ends with the derivatives, stored beside the image and recorded.
+    [(_, derived)] = broker.of_type(IMAGE_DERIVED)
+    prefix = key.removesuffix(persisted["key"])
+    for name in ("record", "avif:256", "webp:256"):
+        s3.client().head_object(Bucket=bucket, Key=prefix + derived["keys"][name])
 
 
 def test_the_scheduled_ping_dreams_an_image(cluster: Any) -> None:
@@ -314,7 +325,7 @@ def test_a_chain_over_the_modelled_broker_records_every_event_in_the_ledger(
     ledger_url = servers["imagegen-ledger"].url
     accepted = {(e["type"], e["id"]) for e in broker.accepted}
     delivered = {(a.event_type, a.event_id) for a in broker.attempts if a.target == ledger_url}
-    assert delivered == accepted and len(accepted) == 4  # requested … persisted, each once
+    assert delivered == accepted and len(accepted) == 5  # requested … derived, each once
     assert {a.status for a in broker.attempts if a.target == ledger_url} == {202}
     ledger = open_ledger(servers["imagegen-ledger"].env["IMAGEGEN_LEDGER_URL"])
     try:

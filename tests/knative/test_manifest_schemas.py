@@ -34,7 +34,10 @@ def test_overlay_renders_the_whole_pipeline(render: Render, target: str) -> None
         ("Broker", "imagegen"),
         ("PingSource", "imagegen-dream"),
         ("ConfigMap", "imagegen-config"),
-        *(("Service", f"imagegen-{n}") for n in ("enhance", "render", "persist", "deadletter")),
+        *(
+            ("Service", f"imagegen-{n}")
+            for n in ("enhance", "render", "persist", "derive", "deadletter")
+        ),
     }
     assert expected <= kinds
 

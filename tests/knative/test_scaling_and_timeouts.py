@@ -140,8 +140,8 @@ def test_the_ledger_scales_to_zero_in_dev_and_stays_warm_in_prod(routing: Routin
     assert not _requests_gpu(ledger)
 
 
-def test_prod_allows_more_enhance_and_persist_pods(routing: RoutingOf) -> None:
-    for name in ("imagegen-enhance", "imagegen-persist"):
+def test_prod_allows_more_enhance_persist_and_derive_pods(routing: RoutingOf) -> None:
+    for name in ("imagegen-enhance", "imagegen-persist", "imagegen-derive"):
         dev = _scale(routing("dev").services[name], "max-scale") or 0
         prod = _scale(routing("prod").services[name], "max-scale") or 0
         assert prod > dev, name
@@ -158,6 +158,21 @@ def test_cpu_functions_are_small_busy_and_scale_to_zero(routing: RoutingOf, over
         assert _cpu(resources["requests"]["cpu"]) <= 0.5, service.name
         assert _bytes(resources["requests"]["memory"]) <= 2**30, service.name
         assert _bytes(resources["limits"]["memory"]) <= 2 * 2**30, service.name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_derive_takes_what_its_cores_encode_and_scales_to_zero(
+    routing: RoutingOf, overlay: str
+) -> None:
+    # Encoding is CPU from start to end: a request beyond what the pod's cores encode would
+    # wait inside it, where Knative cannot move it to a new pod.
+    derive = routing(overlay).services["imagegen-derive"]
+    resources = _container(derive)["resources"]
+    cores = _cpu(resources["limits"]["cpu"])
+    assert _cpu(resources["requests"]["cpu"]) == cores
+    assert 1 <= derive.container_concurrency <= 2 * cores
+    assert _scale(derive, "min-scale") == 0
+    assert not _requests_gpu(derive)
 
 
 def render_batch_size(service: ServiceInfo) -> int:

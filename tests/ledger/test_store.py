@@ -9,6 +9,7 @@ from datetime import timedelta
 import pytest
 
 from imagegen.errors import InvalidRequest
+from imagegen.events import IMAGE_DERIVED, reply_id, source_for
 from imagegen.ledger import Ledger, LedgerEvent, open_ledger
 from imagegen.models import derive_generation_id
 from tests.ledger.chain import T0, chain
@@ -59,6 +60,40 @@ def test_events_out_of_order_never_move_the_status_backwards(ledger: Ledger) -> 
     assert found.requested_at == T0 and found.created_at == T0
     assert found.enhanced_at == T0 + timedelta(seconds=1)
     assert len(found.timeline) == 4
+
+
+def test_derivatives_prove_the_image_persisted_and_change_nothing_it_said(
+    ledger: Ledger,
+) -> None:
+    events = chain("gen-1")
+    persisted = events["persisted"]
+    key = persisted.data["key"]
+    derived = LedgerEvent(
+        source=source_for("derive"),
+        id=reply_id("gen-1", IMAGE_DERIVED),
+        type=IMAGE_DERIVED,
+        subject="gen-1",
+        time=persisted.time,  # both carry the image's created_at
+        data={
+            "generation_id": "gen-1",
+            "key": key,
+            "sha256": persisted.data["sha256"],
+            "keys": {"record": key.replace(".png", ".derivatives.json"), "avif:256": "x.avif"},
+            "created_at": persisted.data["created_at"],
+        },
+    )
+    for name in ("requested", "enhanced", "rendered"):
+        ledger.ingest(events[name])
+    # The broker delivers the two independently: the derivatives may be recorded first.
+    assert ledger.ingest(derived).status == "persisted"
+    ledger.ingest(persisted)
+    found = ledger.get("gen-1")
+    assert found is not None
+    assert found.status == "persisted" and found.persisted_at == persisted.time
+    assert found.url == "https://images.example/2026/06/01/gen-1.png"
+    assert "avif:256" not in found.keys and found.keys["image"] == key
+    assert [e.type.rsplit(".", 1)[-1] for e in found.timeline][-2:] == ["derived", "persisted"]
+    assert ledger.ingest(derived).duplicate
 
 
 def test_a_failure_keeps_its_stage_and_error_and_is_not_undone_by_late_progress(

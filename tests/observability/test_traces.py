@@ -30,7 +30,7 @@ from tests.observability.servers import InProcessServer
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
-STAGES = ("enhance", "render", "persist")
+STAGES = ("enhance", "render", "persist", "derive")
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Chain:
 
 @pytest.fixture(scope="module")
 def chain(otel: InMemoryTelemetry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
-    """enhance, render and persist served in this process over one local store."""
+    """enhance, render, persist and derive served in this process over one local store."""
     workdir = tmp_path_factory.mktemp("functions")
     env = {**base_env(workdir / "store"), "IMAGEGEN_LOG_PROMPTS": "false"}
     saved_env, saved_cwd = dict(os.environ), Path.cwd()
@@ -126,7 +126,9 @@ def test_one_trace_from_the_requester_through_every_stage(
     persisted = forward(chain.servers["persist"], rendered, IMAGE_RENDERED)
     assert persisted.status_code == 200, persisted.text
     assert persisted.headers["ce-type"] == IMAGE_PERSISTED
-    for reply in (enhanced, rendered, persisted):
+    derived = forward(chain.servers["derive"], persisted, IMAGE_PERSISTED)
+    assert derived.status_code == 200, derived.text
+    for reply in (enhanced, rendered, persisted, derived):
         assert reply.headers["ce-traceparent"].split("-")[1] == TRACE_ID
 
     spans = otel.finished_spans()
@@ -151,6 +153,8 @@ def test_one_trace_from_the_requester_through_every_stage(
         "imagegen.render.png_encode": "imagegen.render",
         "persist process": "render process",
         "imagegen.persist": "persist process",
+        "derive process": "persist process",
+        "imagegen.derive": "derive process",
     }
     for child, parent in expected_parents.items():
         found = named(spans, child)
@@ -164,6 +168,7 @@ def test_one_trace_from_the_requester_through_every_stage(
         for s in named(spans, "imagegen.storage.put")
     }
     assert sorted(k.split(".", 1)[-1] for k in puts) == [
+        "derivatives.json",
         "json",
         "png",
         "prompt.json",
@@ -173,9 +178,11 @@ def test_one_trace_from_the_requester_through_every_stage(
     ]
     for key, parent in puts.items():
         assert parent is not None
-        owner = {"png": "render", "prompt.json": "enhance"}.get(key.split(".", 1)[-1], "persist")
+        kind = key.split(".", 1)[-1]
+        owners = {"png": "render", "prompt.json": "enhance", "json": "persist"}
+        owner = owners.get(kind, "persist" if kind == "thumb.webp" else "derive")
         assert parent.name == f"imagegen.{owner}", (key, parent.name)
-    stages = {"imagegen.enhance", "imagegen.render", "imagegen.persist"}
+    stages = {"imagegen.enhance", "imagegen.render", "imagegen.persist", "imagegen.derive"}
     for span in named(spans, "imagegen.storage.get") + named(spans, "imagegen.storage.head"):
         parent = parent_of(span, spans)
         assert parent is not None and parent.name in stages, span.name
@@ -188,6 +195,7 @@ def test_one_trace_from_the_requester_through_every_stage(
         ("enhance", GENERATION_REQUESTED, "/tests/requester"),
         ("render", PROMPT_ENHANCED, "/imagegen/enhance"),
         ("persist", IMAGE_RENDERED, "/imagegen/render"),
+        ("derive", IMAGE_PERSISTED, "/imagegen/persist"),
     ):
         span = only(spans, f"{stage} process")
         assert span.kind is SpanKind.CONSUMER
@@ -233,6 +241,7 @@ def test_one_trace_from_the_requester_through_every_stage(
     assert has("denoise_step_duration", **{"imagegen.model": "tiny"})
     assert has("storage_bytes_written", stage="render")
     assert has("storage_bytes_written", stage="persist")
+    assert has("storage_bytes_written", stage="derive")
     assert has("storage_duration", stage="render", operation="put")
     assert has("storage_duration", stage="persist", operation="get")
     assert has("storage_bytes_written", stage="enhance")  # the prompt memo, measured too

@@ -1,9 +1,9 @@
-"""The origin of the Worker's browser tests: moto's S3 server on loopback, filled by persist.
+"""The origin of the Worker's browser tests: moto's S3 server on loopback, filled by imagegen.
 
-Images are made by the real persist stage (derivatives, records) from small PNGs on two days,
-one with a prompt that is an HTML script. A stray HTML document is stored at an image key, as a
-hostile or broken bucket could hold. Prints one JSON line with the endpoint and what was
-stored, then serves until its standard input closes.
+Images are made by the real persist and derive stages (records, derivatives) from small PNGs on
+two days, one with a prompt that is an HTML script. A stray HTML document is stored at an image
+key, as a hostile or broken bucket could hold. Prints one JSON line with the endpoint and what
+was stored, then serves until its standard input closes.
 
 Run from the repository root: ``.venv/bin/python worker/e2e/origin.py``.
 """
@@ -22,6 +22,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from imagegen.derive import DeriveStage
 from imagegen.models import EnhancedPrompt, RenderedImage
 from imagegen.persist import PersistStage
 from imagegen.settings import Settings
@@ -62,6 +63,7 @@ async def fill(s3: S3Server) -> list[dict[str, object]]:
     )
     storage = open_storage(settings)
     stage = PersistStage(settings, storage)
+    derive = DeriveStage(settings, storage)
     persisted = []
     for generation_id, at, prompt, color in IMAGES:
         keys = GenerationKeys(generation_id, at)
@@ -93,7 +95,9 @@ async def fill(s3: S3Server) -> list[dict[str, object]]:
             guidance=0.0,
             prompt=enhanced,
         )
-        persisted.append((await stage.run(image)).model_dump(mode="json"))
+        record = await stage.run(image)
+        await derive.run(record)
+        persisted.append(record.model_dump(mode="json"))
     # A document where an image should be, stored with an HTML type.
     await storage.put(
         "2026/12/01/rogue-1.png",

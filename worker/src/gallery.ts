@@ -8,7 +8,7 @@
  * same expiry.
  */
 import { keyFromPath } from "./keys";
-import { availableFrom, readRecord } from "./negotiate";
+import { availableDerivatives, readRecord } from "./negotiate";
 import type { Serving } from "./objects";
 import { listKeys } from "./origins";
 import { type DayLink, galleryCsp, type Item, renderPage } from "./page";
@@ -78,7 +78,7 @@ async function item(serving: Serving, key: string, link: Link): Promise<Item | n
   const record = await readRecord(serving, day, id);
   const persisted = (record as { persisted?: Record<string, unknown> } | null)?.persisted;
   if (persisted === undefined) return null;
-  const available = availableFrom(record, day, id);
+  const available = await availableDerivatives(serving, day, id, record);
   const sources: Item["sources"] = [];
   for (const format of ["avif", "webp"] as const) {
     const candidates = await Promise.all(

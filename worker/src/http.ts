@@ -59,6 +59,16 @@ export function objectHeaders(object: OriginObject, key: string): Headers {
   return headers;
 }
 
+/**
+ * `cacheControl` (IMMUTABLE, or private with a max-age) kept at most `seconds`: for an answer
+ * that is right now but will be replaced soon.
+ */
+export function heldTo(cacheControl: string, seconds: number): string {
+  const scope = cacheControl.startsWith("private") ? "private" : "public";
+  const maxAge = /max-age=(\d+)/.exec(cacheControl);
+  return `${scope}, max-age=${Math.min(seconds, maxAge ? Number(maxAge[1]) : seconds)}`;
+}
+
 /** A remembered miss, stored in the edge cache for NOT_FOUND_TTL seconds. */
 export function notFoundMarker(): Response {
   return textResponse(404, "Not Found", { "Cache-Control": `public, max-age=${NOT_FOUND_TTL}` });

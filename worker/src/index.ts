@@ -8,9 +8,16 @@
  */
 import { type Config, ConfigError, type Env, readConfig } from "./config";
 import { serveGallery } from "./gallery";
-import { ALLOWED_METHODS, IMMUTABLE, preflightResponse, textResponse } from "./http";
+import {
+  ALLOWED_METHODS,
+  IMMUTABLE,
+  NOT_FOUND_TTL,
+  heldTo,
+  preflightResponse,
+  textResponse,
+} from "./http";
 import { galleryFromPath, imageParts, keyFromPath } from "./keys";
-import { acceptedFormats, availableFrom, choose, readRecord, widthParam } from "./negotiate";
+import { acceptedFormats, availableDerivatives, choose, widthParam } from "./negotiate";
 import { type Serving, serveObject } from "./objects";
 import { OriginError } from "./origins";
 import { checkSignedUrl } from "./signing";
@@ -26,20 +33,25 @@ async function cacheControlFor(url: URL, key: string, config: Config): Promise<s
   return `private, max-age=${check.expires - now}`;
 }
 
-/** The key to serve for `key`: a derivative chosen by `Accept` and `w` for a full image. */
+/**
+ * The key to serve for `key`: a derivative chosen by `Accept` and `w` for a full image. `standIn`
+ * says the PNG is served where the client accepts a derivative format that does not exist (yet:
+ * the derive stage makes them after the image is persisted).
+ */
 async function representation(
   request: Request,
   serving: Serving,
   key: string,
   width: number | null,
-): Promise<string> {
+): Promise<{ key: string; standIn: boolean }> {
   const parts = imageParts(key);
-  if (parts === null) return key;
+  if (parts === null) return { key, standIn: false };
   const formats = acceptedFormats(request.headers.get("Accept"));
-  if (formats.length === 0) return key;
-  const record = await readRecord(serving, parts.day, parts.id);
-  const chosen = choose(formats, width, availableFrom(record, parts.day, parts.id));
-  return chosen === null ? key : `${parts.day}/${parts.id}.w${chosen.width}.${chosen.format}`;
+  if (formats.length === 0) return { key, standIn: false };
+  const available = await availableDerivatives(serving, parts.day, parts.id);
+  const chosen = choose(formats, width, available);
+  if (chosen === null) return { key, standIn: true };
+  return { key: `${parts.day}/${parts.id}.w${chosen.width}.${chosen.format}`, standIn: false };
 }
 
 async function handle(request: Request, env: Env, ctx: ExecutionContext): Promise<Response> {
@@ -85,8 +97,10 @@ async function handle(request: Request, env: Env, ctx: ExecutionContext): Promis
     }
     const served = await representation(request, serving, key, width);
 
-    // 6. Edge cache, then origin
-    const response = await serveObject(request, serving, served, cacheControl);
+    // 6. Edge cache, then origin. The PNG standing in for a derivative is kept no longer than
+    // a missing derivatives record is remembered: browsers then ask again and get the AVIF.
+    const policy = served.standIn ? heldTo(cacheControl, NOT_FOUND_TTL) : cacheControl;
+    const response = await serveObject(request, serving, served.key, policy);
     if (imageParts(key) !== null) response.headers.append("Vary", "Accept");
     return response;
   } catch (err) {

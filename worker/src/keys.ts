@@ -69,6 +69,14 @@ export function recordKey(day: string, id: string): string {
   return `${day}/${id}.json`;
 }
 
+/**
+ * The key of the derivatives record of the image `YYYY/MM/DD/<id>.png` (never served): written
+ * by the derive stage once every derivative it lists is stored.
+ */
+export function derivativesRecordKey(day: string, id: string): string {
+  return `${day}/${id}.derivatives.json`;
+}
+
 /** The key of a derivative, as imagegen/derivatives.py names it. */
 export function derivativeKey(day: string, id: string, format: string, width: number): string {
   return `${day}/${id}.w${width}.${format}`;

@@ -1,12 +1,15 @@
 /**
  * Choosing the representation of a full image (`.png`) from `Accept` and the `w` parameter.
  *
- * The derivatives that exist are read from the image's metadata record (written by the persist
- * stage, never served): its `persisted.keys` lists them as `avif:<width>` and `webp:<width>`.
- * AVIF is preferred, then WebP, then the PNG; the width is the narrowest derivative at least `w`
- * wide, or the widest there is (the image's own width) when none is: never upscaled.
+ * The derivatives that exist are read from the image's derivatives record (written by the
+ * derive stage after the image is persisted, never served): its `derived.keys` lists them as
+ * `avif:<width>` and `webp:<width>`. Images persisted before derivatives had a stage of their
+ * own list them in their metadata record's `persisted.keys` instead. Until either lists any,
+ * the PNG is served. AVIF is preferred, then WebP, then the PNG; the width is the narrowest
+ * derivative at least `w` wide, or the widest there is (the image's own width) when none is:
+ * never upscaled.
  */
-import { derivativeKey, recordKey } from "./keys";
+import { derivativeKey, derivativesRecordKey, recordKey } from "./keys";
 import { type Serving, wholeObject } from "./objects";
 
 export type Format = "avif" | "webp";
@@ -44,12 +47,14 @@ export function widthParam(params: URLSearchParams): number | null | "invalid" {
 export type Available = Record<Format, number[]>;
 
 /**
- * The derivatives the record of `YYYY/MM/DD/<id>` lists. Entries are believed only when the
- * key is exactly the one the persist stage names, so a record can never point elsewhere.
+ * The derivatives a record of `YYYY/MM/DD/<id>` lists (a derivatives record's `derived.keys`,
+ * or an older metadata record's `persisted.keys`). Entries are believed only when the key is
+ * exactly the one imagegen names, so a record can never point elsewhere.
  */
 export function availableFrom(record: unknown, day: string, id: string): Available {
   const available: Available = { avif: [], webp: [] };
-  const keys = (record as { persisted?: { keys?: unknown } } | null)?.persisted?.keys;
+  const sections = record as { persisted?: { keys?: unknown }; derived?: { keys?: unknown } };
+  const keys = sections?.derived?.keys ?? sections?.persisted?.keys;
   if (typeof keys !== "object" || keys === null) return available;
   for (const [name, value] of Object.entries(keys)) {
     const match = /^(avif|webp):([1-9][0-9]{0,4})$/.exec(name);
@@ -63,15 +68,35 @@ export function availableFrom(record: unknown, day: string, id: string): Availab
   return available;
 }
 
-/** The metadata record of an image (from the edge cache or the origin), or null. */
-export async function readRecord(serving: Serving, day: string, id: string): Promise<unknown> {
-  const whole = await wholeObject(serving, recordKey(day, id));
+async function readJson(serving: Serving, key: string): Promise<unknown> {
+  const whole = await wholeObject(serving, key);
   if (whole === null) return null;
   try {
     return JSON.parse(await whole.text()) as unknown;
   } catch {
     return null;
   }
+}
+
+/** The metadata record of an image (from the edge cache or the origin), or null. */
+export function readRecord(serving: Serving, day: string, id: string): Promise<unknown> {
+  return readJson(serving, recordKey(day, id));
+}
+
+/**
+ * The derivatives of an image that exist: those its derivatives record lists, else those of its
+ * metadata record (`record` when the caller has read it already). A missing derivatives record
+ * is remembered at the edge for NOT_FOUND_TTL seconds, so new derivatives are found that soon.
+ */
+export async function availableDerivatives(
+  serving: Serving,
+  day: string,
+  id: string,
+  record?: unknown,
+): Promise<Available> {
+  const derived = await readJson(serving, derivativesRecordKey(day, id));
+  if (derived !== null) return availableFrom(derived, day, id);
+  return availableFrom(record === undefined ? await readRecord(serving, day, id) : record, day, id);
 }
 
 /** The derivative to serve, or null for the PNG itself. */

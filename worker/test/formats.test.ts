@@ -1,28 +1,42 @@
 import { env } from "cloudflare:workers";
 import { afterEach, describe, expect, it, vi } from "vitest";
+import { IMMUTABLE, NOT_FOUND_TTL } from "../src/http";
 import { acceptedFormats, choose } from "../src/negotiate";
 import { sign } from "../src/signing";
 import { BASE, countingBucket, newKey, send } from "./helpers";
 
 const CHROME = "image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8";
 
-/** A persisted image with derivatives at `widths` (the last is its own width), and its record. */
-async function persisted(widths = [256, 512, 768], listed = widths) {
+/**
+ * A persisted image with derivatives at `widths` (the last is its own width), and its records:
+ * the metadata record, and the derivatives record listing `listed` (none when `listed` is
+ * null: not derived yet). `legacy`: listed in the metadata record instead, as persist once did.
+ */
+async function persisted(
+  widths = [256, 512, 768],
+  listed: number[] | null = widths,
+  legacy = false,
+) {
   const key = newKey();
   const base = key.slice(0, -4);
   const [day, id] = [key.slice(0, 10), key.slice(11, -4)];
   await env.IMAGES.put(key, "png");
-  const keys: Record<string, string> = { image: key };
+  const derivatives: Record<string, string> = {};
   for (const width of widths) {
     for (const format of ["avif", "webp"]) {
       await env.IMAGES.put(`${base}.w${width}.${format}`, `${format}-${width}`);
     }
   }
-  for (const width of listed) {
-    keys[`avif:${width}`] = `${base}.w${width}.avif`;
-    keys[`webp:${width}`] = `${base}.w${width}.webp`;
+  for (const width of listed ?? []) {
+    derivatives[`avif:${width}`] = `${base}.w${width}.avif`;
+    derivatives[`webp:${width}`] = `${base}.w${width}.webp`;
   }
+  const keys = { image: key, metadata: `${base}.json`, ...(legacy ? derivatives : {}) };
   await env.IMAGES.put(`${base}.json`, JSON.stringify({ persisted: { keys } }));
+  if (listed !== null && !legacy) {
+    const record = { derived: { keys: { record: `${base}.derivatives.json`, ...derivatives } } };
+    await env.IMAGES.put(`${base}.derivatives.json`, JSON.stringify(record));
+  }
   return { key, url: `${BASE}/${key}`, day, id };
 }
 
@@ -98,11 +112,11 @@ describe("width from w", () => {
     expect(direct.res.headers.get("Content-Type")).toBe("image/avif");
   });
 
-  it("believes only derivatives the record names as persist names them", async () => {
-    const { key, day, id } = await persisted([256], []);
+  it("believes only derivatives a record names as imagegen names them", async () => {
+    const { key, day, id } = await persisted([256], null);
     await env.IMAGES.put(
-      `${day}/${id}.json`,
-      JSON.stringify({ persisted: { keys: { "avif:256": "2026/05/01/other.png" } } }),
+      `${day}/${id}.derivatives.json`,
+      JSON.stringify({ derived: { keys: { "avif:256": "2026/05/01/other.png" } } }),
     );
     expect((await body(`${BASE}/${key}`, CHROME)).text).toBe("png");
   });
@@ -113,12 +127,52 @@ describe("width from w", () => {
     expect((await body(`${BASE}/${key}?w=300`, CHROME)).text).toBe("png");
   });
 
-  it("reads the record once, then from the edge cache", async () => {
+  it("reads the derivatives record once, then from the edge cache", async () => {
     const { url } = await persisted();
     const { bucket, calls } = countingBucket();
     await send(new Request(`${url}?w=300`, { headers: { Accept: CHROME } }), { IMAGES: bucket });
     await send(new Request(`${url}?w=600`, { headers: { Accept: CHROME } }), { IMAGES: bucket });
-    expect(calls.filter((c) => c.key.endsWith(".json"))).toHaveLength(1);
+    const records = calls.filter((c) => c.key.endsWith(".json")).map((c) => c.key);
+    expect(records).toEqual([url.slice(BASE.length + 1).replace(".png", ".derivatives.json")]);
+  });
+});
+
+describe("before the derivatives exist", () => {
+  it("serves the PNG, kept only as long as the missing record is remembered", async () => {
+    const { url } = await persisted([256], null);
+    const standIn = await body(url, CHROME);
+    expect(standIn.text).toBe("png");
+    expect(standIn.res.headers.get("Cache-Control")).toBe(`public, max-age=${NOT_FOUND_TTL}`);
+    expect(standIn.res.headers.get("Vary")).toBe("Accept");
+    // A client that takes no derivative format gets the PNG for good.
+    const plain = await body(url, "image/png");
+    expect(plain.res.headers.get("Cache-Control")).toBe(IMMUTABLE);
+  });
+
+  it("holds a signed URL's stand-in no longer either", async () => {
+    const { key, url } = await persisted([256], null);
+    vi.useFakeTimers({ toFake: ["Date"] });
+    vi.setSystemTime(1_800_000_000_000);
+    const expires = 1_800_000_030;
+    const signature = await sign(key, expires, "stand-in");
+    const signed = `${url}?expires=${expires}&signature=${signature}`;
+    const res = await send(new Request(signed, { headers: { Accept: CHROME } }), {
+      SIGNING_SECRET: "stand-in",
+    });
+    expect(await res.text()).toBe("png");
+    expect(res.headers.get("Cache-Control")).toBe("private, max-age=30");
+    const later = `${url}?expires=${expires + 600}&signature=${await sign(key, expires + 600, "stand-in")}`;
+    const kept = await send(new Request(later, { headers: { Accept: CHROME } }), {
+      SIGNING_SECRET: "stand-in",
+    });
+    expect(kept.headers.get("Cache-Control")).toBe(`private, max-age=${NOT_FOUND_TTL}`);
+  });
+
+  it("serves the derivatives an older metadata record lists", async () => {
+    const { url } = await persisted([256, 512], [256, 512], true);
+    const { res, text } = await body(`${url}?w=300`, CHROME);
+    expect(text).toBe("avif-512");
+    expect(res.headers.get("Cache-Control")).toBe(IMMUTABLE);
   });
 });
 

@@ -10,13 +10,13 @@ let year = 3000;
 async function record(day: string, id: string, prompt: string, created: string, widths = [64]) {
   const base = `${day}/${id}`;
   await env.IMAGES.put(`${base}.png`, "png");
-  const keys: Record<string, string> = { image: `${base}.png` };
+  const derivatives: Record<string, string> = { record: `${base}.derivatives.json` };
   for (const w of widths) {
-    keys[`avif:${w}`] = `${base}.w${w}.avif`;
-    keys[`webp:${w}`] = `${base}.w${w}.webp`;
+    derivatives[`avif:${w}`] = `${base}.w${w}.avif`;
+    derivatives[`webp:${w}`] = `${base}.w${w}.webp`;
   }
   const persisted = {
-    keys,
+    keys: { image: `${base}.png`, metadata: `${base}.json` },
     prompt,
     seed: 42,
     model: "tiny",
@@ -25,7 +25,11 @@ async function record(day: string, id: string, prompt: string, created: string, 
     created_at: created,
   };
   await env.IMAGES.put(`${base}.json`, JSON.stringify({ persisted }));
-  // The enhanced-prompt record of a generation is not an image record.
+  // The derivatives record, and the enhanced-prompt record: neither is an image record.
+  await env.IMAGES.put(
+    `${base}.derivatives.json`,
+    JSON.stringify({ derived: { keys: derivatives } }),
+  );
   await env.IMAGES.put(`${base}.prompt.json`, "{}");
 }
 

@@ -285,7 +285,11 @@ describe("S3-compatible origin on a cache miss", () => {
     expect(html).toContain("fish &amp;amp; chips");
     const urls = calls.map((c) => new URL(c.url));
     expect(urls.every((u) => u.host === "s3.example.net")).toBe(true);
-    expect(urls.at(-1)?.pathname).toBe("/imagegen-images/images/2026/05/01/a1.json");
+    // The image's record, then the record of its derivatives.
+    expect(urls.slice(-2).map((u) => u.pathname)).toEqual([
+      "/imagegen-images/images/2026/05/01/a1.json",
+      "/imagegen-images/images/2026/05/01/a1.derivatives.json",
+    ]);
     expect(calls.every((c) => c.headers.get("Authorization")?.startsWith("AWS4-HMAC-SHA256"))).toBe(
       true,
     );

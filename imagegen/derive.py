@@ -1,0 +1,126 @@
+"""The derive stage: AVIF and WebP derivatives of a persisted image, and their record."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+
+from imagegen._locks import KeyedLocks
+from imagegen.derivatives import make_derivatives
+from imagegen.errors import DependencyUnavailable, InvalidRequest, NotFound
+from imagegen.models import DerivedImage, PersistedImage
+from imagegen.settings import Settings
+from imagegen.storage.base import GenerationKeys, Storage
+from imagegen.validation import parse_model
+
+__all__ = ["DeriveStage"]
+
+log = logging.getLogger("imagegen.derive")
+
+
+class DeriveStage:
+    """Encodes the derivatives of an image persist has made final, and records them.
+
+    Runs after persist, not inside it: encoding AVIF is most of the work of finalising an image,
+    and browsers are served the PNG until the derivatives record exists. Idempotent across
+    replicas like persist: each derivative is written only if absent (encoding is deterministic,
+    so every replica writes the same bytes), and the record last, first writer wins. A
+    redelivered event, or one handled by two replicas at once, is answered with the stored
+    record, once the event is shown to be the image's ``image.persisted``.
+    """
+
+    def __init__(self, settings: Settings, storage: Storage) -> None:
+        self.settings = settings
+        self.storage = storage
+        self._generation_lock = KeyedLocks()
+
+    async def run(self, image: PersistedImage) -> DerivedImage:
+        keys = GenerationKeys.of_image(image.generation_id, image.key)
+        # Deliveries of one image in flight at once in this process encode it once.
+        async with self._generation_lock(image.generation_id):
+            await self._check_persisted(image, keys)
+            existing = await self._stored_answer(keys)
+            if existing is not None:
+                log.info("derivatives already made", extra={"generation_id": image.generation_id})
+                return existing
+            return await self._derive(image, keys)
+
+    async def _derive(self, image: PersistedImage, keys: GenerationKeys) -> DerivedImage:
+        try:
+            png = await self.storage.get(keys.image)
+        except NotFound:
+            raise InvalidRequest(
+                f"image {keys.image!r} is not in storage",
+                errors=[{"field": "key", "message": "no stored image under this key"}],
+            ) from None
+        digest = hashlib.sha256(png).hexdigest()
+        if digest != image.sha256:
+            raise InvalidRequest(
+                f"stored image {keys.image!r} does not match its record",
+                errors=[{"field": "sha256", "message": f"stored object has {digest}"}],
+            )
+        derivatives = await asyncio.to_thread(
+            make_derivatives, png, keys.image, self.settings.derivative_widths
+        )
+        written = await asyncio.gather(
+            *(self.storage.create(d.key, d.data, content_type=d.content_type) for d in derivatives),
+            return_exceptions=True,  # every write ends before the request does
+        )
+        for outcome in written:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+        # The record, written last: its presence tells the Worker every derivative it lists is
+        # stored. Its content is a function of the event and the widths of its first writer.
+        derived = DerivedImage(
+            generation_id=image.generation_id,
+            key=keys.image,
+            sha256=image.sha256,
+            keys={"record": keys.derivatives, **{d.name: d.key for d in derivatives}},
+            created_at=image.created_at,
+        )
+        body = json.dumps({"derived": derived.model_dump(mode="json")}, indent=2).encode()
+        if await self.storage.create(keys.derivatives, body, content_type="application/json"):
+            return derived
+        # Another replica wrote the record first: answer with it, as it would.
+        existing = await self._stored_answer(keys)
+        if existing is None:
+            raise DependencyUnavailable(
+                f"the record {keys.derivatives!r} was written but cannot be read yet",
+                retry_after=1,
+            )
+        return existing
+
+    async def _check_persisted(self, image: PersistedImage, keys: GenerationKeys) -> None:
+        """Raises InvalidRequest unless ``image`` is the stored record's ``image.persisted``.
+
+        Checked before anything is read or answered, so knowing a generation id is not enough
+        to have its image encoded or its derivatives record returned.
+        """
+        try:
+            record = json.loads(await self.storage.get(keys.metadata))
+        except NotFound:
+            raise InvalidRequest(
+                f"image {keys.image!r} has no record: it is not persisted",
+                errors=[{"field": "key", "message": "no persisted image under this key"}],
+            ) from None
+        stored = parse_model(PersistedImage, record["persisted"])
+        if stored != image:
+            differ = [
+                n for n in type(image).model_fields if getattr(stored, n) != getattr(image, n)
+            ]
+            raise InvalidRequest(
+                f"the event does not describe the image stored for generation"
+                f" {image.generation_id!r}",
+                errors=[{"field": n, "message": "not the stored record's"} for n in differ],
+            )
+
+    async def _stored_answer(self, keys: GenerationKeys) -> DerivedImage | None:
+        """The stored derivatives record, or None when there is none yet."""
+        try:
+            body = await self.storage.get(keys.derivatives)
+        except NotFound:
+            return None
+        return parse_model(DerivedImage, json.loads(body)["derived"])

@@ -1,0 +1,163 @@
+"""The derive stage: derivatives of a persisted image, once, whoever and however often asks."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from imagegen import ImageGenService, InvalidRequest, Settings
+from imagegen.models import EnhancedPrompt, PersistedImage, RenderedImage
+from imagegen.storage import LocalStorage
+from imagegen.storage.base import GenerationKeys
+
+NOW = datetime(2026, 11, 24, 18, 30, tzinfo=UTC)
+
+
+def png(width: int, height: int) -> bytes:
+    image = Image.new("RGB", (width, height))
+    image.putdata([(x % 256, y % 256, (x * y) % 256) for y in range(height) for x in range(width)])
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def settings(root: Path, widths: list[int]) -> Settings:
+    return Settings(storage_url=str(root), derivative_widths=widths)
+
+
+async def stored(service: ImageGenService, gid: str, width: int = 96) -> RenderedImage:
+    """A rendered image as render leaves it: the PNG stored, the claim check returned."""
+    keys = GenerationKeys(gid, NOW)
+    data = png(width, width // 2)
+    await service.storage.put(keys.image, data, content_type="image/png")
+    job = EnhancedPrompt(
+        generation_id=gid,
+        prompt="a kite",
+        enhancer="passthrough",
+        model="tiny",
+        width=256,
+        height=256,
+        steps=2,
+        guidance=0.0,
+        seed=7,
+        requested_at=NOW,
+    )
+    return RenderedImage(
+        generation_id=gid,
+        key=keys.image,
+        location=service.storage.location(keys.image),
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        width=width,
+        height=width // 2,
+        seed=7,
+        model="tiny",
+        steps=2,
+        guidance=0.0,
+        rendered_at=NOW,
+        prompt=job,
+    )
+
+
+async def test_derivatives_are_recorded_after_every_one_is_stored(tmp_path: Path) -> None:
+    async with ImageGenService(settings(tmp_path, [32, 64])) as service:
+        persisted = await service.persist(await stored(service, "d-1"))
+        derived = await service.derive(persisted)
+    assert derived.generation_id == "d-1" and derived.sha256 == persisted.sha256
+    assert derived.created_at == persisted.created_at == derived.occurred_at
+    record = json.loads((tmp_path / derived.keys["record"]).read_text())
+    assert record == {"derived": derived.model_dump(mode="json")}
+    assert derived.keys["record"] == "2026/11/24/d-1.derivatives.json"
+    names = sorted(k for k in derived.keys if k != "record")
+    assert names == ["avif:32", "avif:64", "avif:96", "webp:32", "webp:64", "webp:96"]
+    for name in names:
+        fmt, width = name.split(":")
+        with Image.open(tmp_path / derived.keys[name]) as image:
+            assert (image.format, image.width) == (fmt.upper(), int(width))
+
+
+async def test_a_redelivery_is_answered_from_the_record_without_encoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with ImageGenService(settings(tmp_path, [32])) as service:
+        persisted = await service.persist(await stored(service, "d-2"))
+        first = await service.derive(persisted)
+
+        def refuse(*args: Any) -> None:
+            raise AssertionError("encoded again")
+
+        monkeypatch.setattr("imagegen.derive.make_derivatives", refuse)
+        assert await service.derive(persisted) == first
+
+
+async def test_two_replicas_at_once_give_one_record_and_the_same_answer(tmp_path: Path) -> None:
+    """Two pods (no shared lock), even configured with different widths: the first writer's."""
+    async with (
+        ImageGenService(settings(tmp_path, [32])) as one,
+        ImageGenService(settings(tmp_path, [64])) as two,
+    ):
+        persisted = await one.persist(await stored(one, "d-3"))
+        first, second = await asyncio.gather(one.derive(persisted), two.derive(persisted))
+        third = await two.derive(persisted)
+    assert first == second == third
+    record = json.loads((tmp_path / first.keys["record"]).read_text())
+    assert record["derived"] == first.model_dump(mode="json")
+    for key in first.keys.values():
+        assert (tmp_path / key).is_file()
+
+
+async def test_a_pod_that_died_before_the_record_leaves_work_a_retry_finishes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with ImageGenService(settings(tmp_path, [32])) as service:
+        persisted = await service.persist(await stored(service, "d-4"))
+        real_create = LocalStorage.create
+
+        async def dies_at_the_record(self: LocalStorage, key: str, *args: Any, **kw: Any) -> bool:
+            if key.endswith(".derivatives.json"):
+                raise ConnectionResetError("the pod is gone")
+            return await real_create(self, key, *args, **kw)
+
+        monkeypatch.setattr(LocalStorage, "create", dies_at_the_record)
+        with pytest.raises(ConnectionResetError):
+            await service.derive(persisted)
+        assert not (tmp_path / "2026/11/24/d-4.derivatives.json").exists()
+        assert (tmp_path / "2026/11/24/d-4.w32.avif").is_file()
+        monkeypatch.setattr(LocalStorage, "create", real_create)
+        derived = await service.derive(persisted)
+    assert (tmp_path / derived.keys["record"]).is_file()
+    assert set(derived.keys) == {"record", "avif:32", "webp:32", "avif:96", "webp:96"}
+
+
+async def test_only_the_stored_images_own_event_is_derived(tmp_path: Path) -> None:
+    async with ImageGenService(settings(tmp_path, [32])) as service:
+        persisted = await service.persist(await stored(service, "d-5"))
+        unpersisted = await stored(service, "d-6")
+        cases: list[tuple[PersistedImage, list[str]]] = [
+            # Someone who knows the generation id but not its image.
+            (persisted.model_copy(update={"sha256": "1" * 64}), ["sha256"]),
+            (persisted.model_copy(update={"prompt": "anything", "seed": 8}), ["seed", "prompt"]),
+            # A key outside the generation, or an image persist has not finalised.
+            (persisted.model_copy(update={"key": "2026/11/24/d-6.png"}), ["key"]),
+            (persisted.model_copy(update={"key": "2026/02/31/d-5.png"}), ["key"]),
+            (
+                persisted.model_copy(
+                    update={"generation_id": "d-6", "key": unpersisted.key, "sha256": "2" * 64}
+                ),
+                ["key"],
+            ),
+        ]
+        for event, fields in cases:
+            with pytest.raises(InvalidRequest) as caught:
+                await service.derive(event)
+            assert caught.value.fields == fields, event
+    assert not list(tmp_path.rglob("*.derivatives.json"))
+    assert not list(tmp_path.rglob("*.avif"))
