@@ -55,6 +55,7 @@ def test_generate_records_and_replay_reproduces_the_same_png(tmp_path: Path, as_
         "enhanced",
         "rendered",
         "persisted",
+        "derived",  # the derivatives, made before the command returns
     ]
     assert found["sha256"] == original["sha256"]
 
