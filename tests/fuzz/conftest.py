@@ -27,7 +27,7 @@ settings.register_profile(
 )
 FUZZ = settings.get_profile("fuzz")
 
-STAGES = ("enhance", "render", "persist", "deadletter")
+STAGES = ("enhance", "render", "persist", "derive", "deadletter")
 
 # The only 5xx a function may answer: retryable, with Retry-After (functions.md).
 RETRYABLE = frozenset({429, 503})
@@ -59,7 +59,7 @@ def fuzz_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def functions(fuzz_store: Path) -> Iterator[dict[str, InProcessFunction]]:
-    """enhance, render, persist and deadletter on one store, started once per worker."""
+    """enhance, render, persist, derive and deadletter on one store, started once per worker."""
     started = {stage: InProcessFunction(stage, fuzz_env(fuzz_store)) for stage in STAGES}
     yield started
     for function in started.values():

@@ -105,7 +105,8 @@ def schema(stage: str) -> dict[str, Any]:
 
 
 # A valid request of each stage; the mutations start from these. enhance skips the LLM,
-# render's job is the smallest the tiny model renders, persist names an image never stored.
+# render's job is the smallest the tiny model renders, persist and derive name an image never
+# stored.
 JOB = {
     "generation_id": "fuzz-job",
     "prompt": "a red door",
@@ -135,6 +136,22 @@ VALID: dict[str, dict[str, Any]] = {
         "steps": 1,
         "guidance": 1.0,
         "prompt": JOB,
+    },
+    "derive": {
+        "generation_id": "fuzz-job",
+        "key": "2026/05/01/fuzz-job.png",
+        "location": "file:///nowhere/fuzz-job.png",
+        "url": None,
+        "keys": {"image": "2026/05/01/fuzz-job.png", "metadata": "2026/05/01/fuzz-job.json"},
+        "metadata_location": "file:///nowhere/fuzz-job.json",
+        "size": 1,
+        "sha256": "0" * 64,
+        "width": 256,
+        "height": 256,
+        "seed": 3,
+        "model": "tiny",
+        "prompt": "a red door",
+        "created_at": "2026-05-01T12:00:00Z",
     },
     "deadletter": {
         "generation_id": "fuzz-job",

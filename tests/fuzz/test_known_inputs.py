@@ -63,7 +63,7 @@ def _fields(reply: dict) -> set[str]:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("stage", ["enhance", "render", "persist"])
+@pytest.mark.parametrize("stage", ["enhance", "render", "persist", "derive"])
 def test_each_stage_refuses_it_naming_the_field(
     functions: dict[str, InProcessFunction], stage: str, case: str
 ) -> None:
