@@ -88,3 +88,38 @@ def test_a_bad_local_storage_url_does_not_load_boto3(tmp_path: Path) -> None:
         f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))\n"
     )
     assert _loaded(code, {"PATH": "/usr/bin", "HF_HUB_OFFLINE": "1"}, tmp_path) == []
+
+
+GC_STATE = """
+import gc, json, sys, functions_framework
+app = functions_framework.create_app({stage!r}, {source!r})
+imported = gc.get_freeze_count()
+status = app.test_client().get("/readyz").status_code
+print(json.dumps({{"status": status, "enabled": gc.isenabled(), "at_import": imported,
+                  "frozen": gc.get_freeze_count(), "scanned": len(gc.get_objects())}}))
+"""
+
+
+@pytest.mark.parametrize("storage", ["store", "file://host/x"], ids=["started", "broken"])
+def test_start_up_leaves_what_it_loaded_out_of_collections(storage: str, tmp_path: Path) -> None:
+    """What the function loads is frozen, at import and at start; collection stays on."""
+    env = {
+        "PATH": "/usr/bin",
+        "IMAGEGEN_STORAGE_URL": storage if "//" in storage else str(tmp_path / storage),
+        "IMAGEGEN_OLLAMA_HOST": "http://127.0.0.1:9",
+        "HF_HUB_OFFLINE": "1",
+    }
+    source = str(ROOT / "functions" / "persist.py")
+    code = GC_STATE.format(stage="persist", source=source)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    state = json.loads(result.stdout.strip().splitlines()[-1])
+    assert state["status"] == (200 if storage == "store" else 503)
+    assert state["enabled"], "start-up left garbage collection off"
+    # Frozen before gunicorn forks (at import), and again once started: a full collection in
+    # the worker would walk, and copy, every page the fork shared.
+    assert state["at_import"] > 10_000, state
+    assert state["frozen"] > state["at_import"], state
+    assert state["scanned"] < state["frozen"] // 10, state
