@@ -33,6 +33,7 @@ import json
 import mimetypes
 import os
 import secrets
+import stat
 import tempfile
 from pathlib import Path
 
@@ -110,7 +111,9 @@ class LocalStorage(ObjectStore):
     def _path(self, key: str) -> Path:
         path = self.root / validate_key(key)
         # validate_key rejects "..", but a symlink inside the root may still point outside it.
-        if not path.resolve().is_relative_to(self.root):
+        # The root was resolved once, when this storage was made: only the key's own segments
+        # are looked at, and the path is resolved in full only when one of them is a link.
+        if _has_link(self.root, key) and not path.resolve().is_relative_to(self.root):
             raise InvalidRequest(
                 f"object key {key!r} leads outside the storage root",
                 errors=[{"field": "key", "message": "resolves outside the storage root"}],
@@ -120,11 +123,10 @@ class LocalStorage(ObjectStore):
     def _write(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> Path:
         path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             # The object goes first, its metadata second: a writer killed in between leaves the
             # new object with stale metadata (e.g. an old sha256), which makes a retry write again,
             # never new metadata that would vouch for an old object.
-            _atomic_write(path, data)
+            _atomic_write(path, data, make_parent=True)
             _atomic_write(_sidecar(path), _sidecar_record(content_type, metadata))
         except OSError as exc:
             raise self._unavailable("cannot write to", exc) from exc
@@ -134,9 +136,8 @@ class LocalStorage(ObjectStore):
         path = self._path(key)
         staged: list[Path] = []
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             # Flushed before the lock: only the check and the renames are serialized.
-            staged.append(_staged(path, data))
+            staged.append(_staged(path, data, make_parent=True))
             staged.append(_staged(_sidecar(path), _sidecar_record(content_type, metadata)))
             fd = os.open(path.parent / _CREATE_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as exc:
@@ -159,11 +160,12 @@ class LocalStorage(ObjectStore):
     def _head(self, key: str) -> StoredObject | None:
         path = self._path(key)
         try:
-            size = path.stat().st_size
+            found = path.stat()
         except (FileNotFoundError, NotADirectoryError):
             return None
-        if not path.is_file():
+        if not stat.S_ISREG(found.st_mode):
             return None
+        size = found.st_size
         content_type, metadata = _read_sidecar(path)
         return StoredObject(
             key=key,
@@ -183,6 +185,19 @@ class LocalStorage(ObjectStore):
         return DependencyUnavailable(f"local storage: {what} {str(self.root)!r}: {reason}")
 
 
+def _has_link(root: Path, key: str) -> bool:
+    """Whether a segment of ``key`` under ``root`` is a symbolic link (a missing one is not)."""
+    current = str(root)
+    for segment in key.split("/"):
+        current = f"{current}/{segment}"
+        try:
+            if stat.S_ISLNK(os.lstat(current).st_mode):
+                return True
+        except (FileNotFoundError, NotADirectoryError):
+            return False  # nothing exists below a missing segment
+    return False
+
+
 def _sidecar(path: Path) -> Path:
     return path.with_name(f".{path.name}.meta")
 
@@ -191,20 +206,33 @@ def _sidecar_record(content_type: str, metadata: dict[str, str]) -> bytes:
     return json.dumps({"content_type": content_type, "metadata": metadata}, sort_keys=True).encode()
 
 
-def _staged(path: Path, data: bytes) -> Path:
-    """``data`` in a new hidden file beside ``path``, flushed to disk; its path."""
+def _staged(path: Path, data: bytes, *, make_parent: bool = False) -> Path:
+    """``data`` in a new hidden file beside ``path``, flushed to disk; its path.
+
+    With ``make_parent``, a missing directory is made first (looked for only when the file
+    cannot be created: each call here is a system call, made while other threads wait).
+    """
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     # O_EXCL: never write through a file or link someone else put there; 0o666 lets the umask
     # decide the permissions, as for any newly created file.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
     try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
+        fd = os.open(tmp, flags, 0o666)
+    except FileNotFoundError:
+        if not make_parent:
+            raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, flags, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
     except BaseException:
+        os.close(fd)
         _discard([tmp])
         raise
+    os.close(fd)
     return tmp
 
 
@@ -214,8 +242,8 @@ def _discard(paths: list[Path]) -> None:
             os.unlink(path)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = _staged(path, data)
+def _atomic_write(path: Path, data: bytes, *, make_parent: bool = False) -> None:
+    tmp = _staged(path, data, make_parent=make_parent)
     try:
         os.replace(tmp, path)
     except BaseException:
