@@ -81,8 +81,8 @@ class Batcher:
         lock: Held around every call (the pipeline's lock, shared with model loading).
         max_size: Most jobs in one call; 1 disables batching.
         window: Seconds the oldest job waits for compatible jobs before its batch runs.
-        finish: Completes what ``run`` returned (PNG encoding, blocking) after the lock is
-            released, so it overlaps the next call.
+        finish: Completes what ``run`` returned (PNG encoding, blocking), in ``run``'s thread
+            right after it, once the lock is released: it overlaps the next call.
     """
 
     def __init__(
@@ -207,7 +207,12 @@ class Batcher:
                 waiting.future.set_result(result)
 
     async def _call(self, batch: list[_Waiting]) -> _Called | BaseException:
-        """Run one call in a thread, in the first job's context; the error, if any, as a value."""
+        """Run one call in a thread, in the first job's context; the error, if any, as a value.
+
+        Returns as soon as the pipeline's part is done. ``finish`` then goes on in the same
+        thread, with no hand-over to the loop and back between the two, while the loop hands
+        the pipeline to the next call; :meth:`_complete` awaits it.
+        """
         progress_of = [w.progress for w in batch if w.progress is not None]
 
         def progress(step: int, total: int) -> None:
@@ -219,28 +224,37 @@ class Batcher:
             progress=progress if progress_of else None,
             links=[w.context.run(_span_context) for w in batch],
         )
+        loop = asyncio.get_running_loop()
+        freed: asyncio.Future[None] = loop.create_future()
+
+        def call() -> Any:
+            try:
+                outputs = self._run(work)
+            except BaseException as error:
+                loop.call_soon_threadsafe(_settle, freed, error)
+                raise
+            loop.call_soon_threadsafe(_settle, freed, None)
+            return outputs if self._finish is None else self._finish(work, outputs)
+
         started = time.perf_counter()
+        # A copy: a job run again alone (a failed batch) may start before this thread has left.
+        finished = loop.run_in_executor(None, batch[0].context.copy().run, call)
         try:
-            outputs = await asyncio.get_running_loop().run_in_executor(
-                None, batch[0].context.run, self._run, work
-            )
+            await freed
         except Exception as error:  # handed to the jobs' requests, which raise it
+            finished.add_done_callback(_retrieve)  # the same error: read, so never logged
             return error
         self.observe(time.perf_counter() - started, len(batch))
-        return _Called(work, outputs)
+        return _Called(work, finished)
 
     async def _complete(
         self, batch: list[_Waiting], called: _Called | BaseException
     ) -> list[RenderOutput | BaseException]:
-        """Each job's output (or error) from a call, ``finish`` run on it outside the lock."""
+        """Each job's output (or error) from a call, once its ``finish`` has run too."""
         if isinstance(called, BaseException):
             return [called] * len(batch)
-        if self._finish is None:
-            return list(called.outputs)
         try:
-            finished = await asyncio.get_running_loop().run_in_executor(
-                None, batch[0].context.run, self._finish, called.work, called.outputs
-            )
+            finished = await called.finished
         except Exception as error:
             return [error] * len(batch)
         return list(finished)
@@ -249,7 +263,22 @@ class Batcher:
 @dataclass(frozen=True)
 class _Called:
     work: Batch
-    outputs: Any
+    finished: asyncio.Future[Any]
+    """The outputs: ``run``'s, completed by ``finish`` when there is one."""
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _span_context() -> trace.SpanContext:

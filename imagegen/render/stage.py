@@ -196,11 +196,12 @@ class RenderStage:
         """
         keys = GenerationKeys(job.generation_id, job.requested_at)
         fingerprint = stored_png.fingerprint(job)
+        busy = job.generation_id in self._generation_lock  # another delivery is at work
         done = await self._stored(job, keys, fingerprint)
         if done is not None:
             log.info("image already stored; not rendering again", extra={"key": keys.image})
             return done
-        task = asyncio.ensure_future(self._render_once(job, keys, fingerprint, progress))
+        task = asyncio.ensure_future(self._render_once(job, keys, fingerprint, progress, busy))
         return await asyncio.shield(task)
 
     async def _render_once(
@@ -209,10 +210,12 @@ class RenderStage:
         keys: GenerationKeys,
         fingerprint: str,
         progress: ProgressCallback | None,
+        busy: bool,
     ) -> RenderedImage:
-        async with self._admission(), self._generation_lock(job.generation_id):
-            # Another delivery of the same job may have finished while this one waited.
-            done = await self._stored(job, keys, fingerprint)
+        async with self._admission(), self._generation_lock(job.generation_id) as waited:
+            # Another delivery of the same job may have finished while this one looked or
+            # waited; with none at work since before the look, storage is not asked again.
+            done = await self._stored(job, keys, fingerprint) if busy or waited else None
             if done is not None:
                 return done
             output = await self._render(job, progress)

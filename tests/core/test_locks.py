@@ -31,3 +31,25 @@ async def test_different_keys_do_not_wait_for_each_other() -> None:
 async def _enter(locks: KeyedLocks, key: str) -> None:
     async with locks(key):
         pass
+
+
+async def test_a_holder_knows_whether_anyone_was_there_before_it() -> None:
+    locks = KeyedLocks()
+    entered = asyncio.Event()
+    waited: list[bool] = []
+
+    async def first() -> None:
+        async with locks("a") as was_there:
+            waited.append(was_there)
+            entered.set()
+            await asyncio.sleep(0.01)
+
+    async def second() -> None:
+        await entered.wait()
+        assert "a" in locks
+        async with locks("a") as was_there:
+            waited.append(was_there)
+
+    await asyncio.gather(first(), second())
+    assert waited == [False, True]
+    assert "a" not in locks

@@ -15,6 +15,7 @@ from imagegen.render.base import ProgressCallback, RenderOutput
 from imagegen.render.stage import RenderStage
 from imagegen.settings import Settings
 from imagegen.storage import LocalStorage
+from imagegen.storage.base import StoredObject
 from tests.fakes.render_backend import ReadyBackend, enhanced_prompt
 
 
@@ -91,6 +92,28 @@ async def test_concurrent_deliveries_of_one_job_render_once(tmp_path: Path) -> N
     first, second = await asyncio.gather(render.render(job("dup")), render.render(job("dup")))
     assert backend.finished == 1
     assert first == second
+
+
+class CountingStorage(LocalStorage):
+    """Counts the lookups of stored objects."""
+
+    heads = 0
+
+    async def head(self, key: str) -> StoredObject | None:
+        self.heads += 1
+        return await super().head(key)
+
+
+async def test_storage_is_asked_again_only_when_another_delivery_was_at_work(
+    tmp_path: Path,
+) -> None:
+    storage = CountingStorage(tmp_path)
+    render = RenderStage(Settings(render_queue_size=4), storage, lambda: SlowBackend(0.05))
+    await render.render(job("alone"))
+    assert storage.heads == 1  # before rendering; nobody else could have stored it since
+    storage.heads = 0
+    await asyncio.gather(render.render(job("twice")), render.render(job("twice")))
+    assert storage.heads == 3  # both looked; the second looked again once the first was done
 
 
 async def test_a_cancelled_render_is_still_stored_for_the_retry(tmp_path: Path) -> None:
