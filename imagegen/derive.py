@@ -1,4 +1,4 @@
-"""The derive stage: AVIF and WebP derivatives of a persisted image, and their record."""
+"""The derive stage: thumbnail and AVIF/WebP derivatives of a persisted image; their record."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import logging
 
 from imagegen._locks import KeyedLocks
-from imagegen.derivatives import make_derivatives
+from imagegen.derivatives import Derivative, decode_rgb, make_derivatives, make_thumbnail
 from imagegen.errors import DependencyUnavailable, InvalidRequest, NotFound
 from imagegen.models import DerivedImage, PersistedImage
 from imagegen.settings import Settings
@@ -20,11 +20,19 @@ __all__ = ["DeriveStage"]
 log = logging.getLogger("imagegen.derive")
 
 
-class DeriveStage:
-    """Encodes the derivatives of an image persist has made final, and records them.
+def _encode(
+    png: bytes, image_key: str, size: int, widths: list[int]
+) -> tuple[bytes, list[Derivative]]:
+    """The thumbnail and every derivative, from one decode of ``png`` (CPU-bound)."""
+    pixels = decode_rgb(png)
+    return make_thumbnail(pixels, size), make_derivatives(pixels, image_key, widths)
 
-    Runs after persist, not inside it: encoding AVIF is most of the work of finalising an image,
-    and browsers are served the PNG until the derivatives record exists. Idempotent across
+
+class DeriveStage:
+    """Encodes the thumbnail and derivatives of an image persist has made final; records them.
+
+    Runs after persist, not inside it: encoding is most of the work of finalising an image, and
+    the Worker serves the PNG in their place until the derivatives record exists. Idempotent across
     replicas like persist: each derivative is written only if absent (encoding is deterministic,
     so every replica writes the same bytes), and the record last, first writer wins. A
     redelivered event, or one handled by two replicas at once, is answered with the stored
@@ -61,10 +69,11 @@ class DeriveStage:
                 f"stored image {keys.image!r} does not match its record",
                 errors=[{"field": "sha256", "message": f"stored object has {digest}"}],
             )
-        derivatives = await asyncio.to_thread(
-            make_derivatives, png, keys.image, self.settings.derivative_widths
+        thumbnail, derivatives = await asyncio.to_thread(
+            _encode, png, keys.image, self.settings.thumbnail_size, self.settings.derivative_widths
         )
         written = await asyncio.gather(
+            self.storage.create(keys.thumbnail, thumbnail, content_type="image/webp"),
             *(self.storage.create(d.key, d.data, content_type=d.content_type) for d in derivatives),
             return_exceptions=True,  # every write ends before the request does
         )
@@ -72,13 +81,18 @@ class DeriveStage:
             if isinstance(outcome, BaseException):
                 raise outcome
 
-        # The record, written last: its presence tells the Worker every derivative it lists is
-        # stored. Its content is a function of the event and the widths of its first writer.
+        # The record, written last: its presence tells the Worker the thumbnail and every
+        # derivative it lists are stored. Its content is a function of the event and the
+        # settings of its first writer.
         derived = DerivedImage(
             generation_id=image.generation_id,
             key=keys.image,
             sha256=image.sha256,
-            keys={"record": keys.derivatives, **{d.name: d.key for d in derivatives}},
+            keys={
+                "record": keys.derivatives,
+                "thumbnail": keys.thumbnail,
+                **{d.name: d.key for d in derivatives},
+            },
             created_at=image.created_at,
         )
         body = json.dumps({"derived": derived.model_dump(mode="json")}, indent=2).encode()

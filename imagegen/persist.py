@@ -1,14 +1,12 @@
-"""The persist stage: the thumbnail, the metadata record, public URLs."""
+"""The persist stage: the metadata record and public URLs of a rendered image."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
 
 from imagegen._locks import KeyedLocks
-from imagegen.derivatives import decode_rgb, make_thumbnail
 from imagegen.errors import DependencyUnavailable, InvalidRequest, NotFound
 from imagegen.models import EnhancedPrompt, PersistedImage, RenderedImage
 from imagegen.settings import Settings
@@ -22,11 +20,12 @@ log = logging.getLogger("imagegen.persist")
 
 
 class PersistStage:
-    """Finalises a rendered image: thumbnail, JSON record, public URLs.
+    """Finalises a rendered image: JSON record, public URLs.
 
-    The AVIF/WebP derivatives are not made here but by the derive stage, from this stage's
-    ``image.persisted`` (:mod:`imagegen.derive`): encoding them is most of the work, and the
-    image is final, and served as a PNG, without them.
+    The thumbnail and the AVIF/WebP derivatives are not made here but by the derive stage,
+    from this stage's ``image.persisted`` (:mod:`imagegen.derive`): encoding them is most of
+    the work, and the image is final, and served as a PNG, without them. The record and the
+    reply name the thumbnail's key and URL all the same: they follow from the generation.
 
     Idempotent across replicas: the record is written only if absent (first writer wins), and
     everything in it is a function of the ``image.rendered`` event, ``created_at`` and the
@@ -75,13 +74,7 @@ class PersistStage:
                 errors=[{"field": "sha256", "message": f"stored object has {digest}"}],
             )
 
-        # 3. The thumbnail (the same bytes from every replica; the first one stored stays).
-        thumbnail = await asyncio.to_thread(
-            lambda: make_thumbnail(decode_rgb(png), self.settings.thumbnail_size)
-        )
-        await self._create(keys.thumbnail, thumbnail, "image/webp")
-
-        # 4. Public URLs and the record, written last: its presence marks the image final.
+        # 3. Public URLs and the record, written last: its presence marks the image final.
         persisted = self._describe(image, keys)
         record = {
             "persisted": persisted.model_dump(mode="json"),

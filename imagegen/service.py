@@ -211,12 +211,12 @@ class ImageGenService:
             return await self.render_stage.render_png(job, progress=progress)
 
     async def persist(self, image: RenderedImage) -> PersistedImage:
-        """Write the thumbnail and the metadata record; build public URLs."""
+        """Write the metadata record; build public URLs."""
         async with _stage("persist", image.generation_id, self.recorder) as stage:
             return await stage.emitted(await self.persist_stage.run(image))
 
     async def derive(self, image: PersistedImage) -> DerivedImage:
-        """Encode the AVIF/WebP derivatives of a persisted image and write their record."""
+        """Encode the thumbnail and AVIF/WebP derivatives of a persisted image; record them."""
         async with _stage("derive", image.generation_id, self.recorder) as stage:
             return await stage.emitted(await self.derive_stage.run(image))
 

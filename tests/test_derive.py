@@ -67,7 +67,9 @@ async def stored(service: ImageGenService, gid: str, width: int = 96) -> Rendere
     )
 
 
-async def test_derivatives_are_recorded_after_every_one_is_stored(tmp_path: Path) -> None:
+async def test_thumbnail_and_derivatives_are_recorded_after_every_one_is_stored(
+    tmp_path: Path,
+) -> None:
     async with ImageGenService(settings(tmp_path, [32, 64])) as service:
         persisted = await service.persist(await stored(service, "d-1"))
         derived = await service.derive(persisted)
@@ -76,7 +78,10 @@ async def test_derivatives_are_recorded_after_every_one_is_stored(tmp_path: Path
     record = json.loads((tmp_path / derived.keys["record"]).read_text())
     assert record == {"derived": derived.model_dump(mode="json")}
     assert derived.keys["record"] == "2026/11/24/d-1.derivatives.json"
-    names = sorted(k for k in derived.keys if k != "record")
+    assert derived.keys["thumbnail"] == persisted.keys["thumbnail"] == "2026/11/24/d-1.thumb.webp"
+    with Image.open(tmp_path / derived.keys["thumbnail"]) as thumbnail:
+        assert (thumbnail.format, thumbnail.size) == ("WEBP", (96, 48))
+    names = sorted(k for k in derived.keys if k not in ("record", "thumbnail"))
     assert names == ["avif:32", "avif:64", "avif:96", "webp:32", "webp:64", "webp:96"]
     for name in names:
         fmt, width = name.split(":")
@@ -134,7 +139,7 @@ async def test_a_pod_that_died_before_the_record_leaves_work_a_retry_finishes(
         monkeypatch.setattr(LocalStorage, "create", real_create)
         derived = await service.derive(persisted)
     assert (tmp_path / derived.keys["record"]).is_file()
-    assert set(derived.keys) == {"record", "avif:32", "webp:32", "avif:96", "webp:96"}
+    assert set(derived.keys) == {"record", "thumbnail", "avif:32", "webp:32", "avif:96", "webp:96"}
 
 
 async def test_only_the_stored_images_own_event_is_derived(tmp_path: Path) -> None:

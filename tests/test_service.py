@@ -92,9 +92,9 @@ async def test_render_persist_and_derive_are_idempotent(settings: Settings, tmp_
         p1 = await service.persist(first)
         p2 = await service.persist(second)
         assert p1 == p2
-        # The image is final without its derivatives: persist makes none.
+        # The image is final without its thumbnail and derivatives: persist makes none.
         files = sorted(p.name for p in (tmp_path / "out").rglob("idem-1*"))
-        assert files == ["idem-1.json", "idem-1.png", "idem-1.prompt.json", "idem-1.thumb.webp"]
+        assert files == ["idem-1.json", "idem-1.png", "idem-1.prompt.json"]
         d1 = await service.derive(p1)
         d2 = await service.derive(p2)
         assert d1 == d2
@@ -248,4 +248,4 @@ async def test_replicas_persist_and_enhance_alike_on_one_store(
     assert first.created_at == rendered.rendered_at
     assert first.url is not None and "expires=" in first.url
     files = {p.name for p in (tmp_path / "out").rglob("pods-1*")}
-    assert {"pods-1.json", "pods-1.png", "pods-1.prompt.json", "pods-1.thumb.webp"} <= files
+    assert {"pods-1.json", "pods-1.png", "pods-1.prompt.json"} <= files

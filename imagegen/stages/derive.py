@@ -1,4 +1,4 @@
-"""derive: ``image.persisted`` → ``image.derived``: AVIF/WebP derivatives and their record (CPU)."""
+"""derive: ``image.persisted`` → ``image.derived``: thumbnail, AVIF/WebP, their record (CPU)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ async def _derive(service: ImageGenService, image: PersistedImage, call: Call) -
 
 STAGE = Stage(
     name="derive",
-    summary="Encode the AVIF and WebP derivatives of a persisted image; record them.",
+    summary="Encode the thumbnail, AVIF and WebP derivatives of a persisted image; record them.",
     consumes=(IMAGE_PERSISTED,),
     emits=IMAGE_DERIVED,
     input_model=PersistedImage,

@@ -1,4 +1,4 @@
-"""persist: ``image.rendered`` → ``image.persisted``: thumbnail, record, URLs (CPU)."""
+"""persist: ``image.rendered`` → ``image.persisted``: the record and URLs (CPU)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ async def _persist(service: ImageGenService, image: RenderedImage, call: Call) -
 
 STAGE = Stage(
     name="persist",
-    summary="Write the thumbnail and the metadata record; return URLs.",
+    summary="Write the metadata record; return URLs.",
     consumes=(IMAGE_RENDERED,),
     emits=IMAGE_PERSISTED,
     input_model=RenderedImage,

@@ -180,7 +180,7 @@ def test_one_trace_from_the_requester_through_every_stage(
         assert parent is not None
         kind = key.split(".", 1)[-1]
         owners = {"png": "render", "prompt.json": "enhance", "json": "persist"}
-        owner = owners.get(kind, "persist" if kind == "thumb.webp" else "derive")
+        owner = owners.get(kind, "derive")  # the thumbnail, derivatives and their record
         assert parent.name == f"imagegen.{owner}", (key, parent.name)
     stages = {"imagegen.enhance", "imagegen.render", "imagegen.persist", "imagegen.derive"}
     for span in named(spans, "imagegen.storage.get") + named(spans, "imagegen.storage.head"):

@@ -16,9 +16,9 @@ import {
   preflightResponse,
   textResponse,
 } from "./http";
-import { galleryFromPath, imageParts, keyFromPath } from "./keys";
+import { galleryFromPath, imageParts, keyFromPath, thumbnailParts } from "./keys";
 import { acceptedFormats, availableDerivatives, choose, widthParam } from "./negotiate";
-import { type Serving, serveObject } from "./objects";
+import { type Serving, serveObject, wholeObject } from "./objects";
 import { OriginError } from "./origins";
 import { checkSignedUrl } from "./signing";
 
@@ -35,8 +35,8 @@ async function cacheControlFor(url: URL, key: string, config: Config): Promise<s
 
 /**
  * The key to serve for `key`: a derivative chosen by `Accept` and `w` for a full image. `standIn`
- * says the PNG is served where the client accepts a derivative format that does not exist (yet:
- * the derive stage makes them after the image is persisted).
+ * says the PNG is served where the client accepts a derivative format that does not exist, or
+ * for a thumbnail that does not (yet: the derive stage makes them after the image is persisted).
  */
 async function representation(
   request: Request,
@@ -44,6 +44,12 @@ async function representation(
   key: string,
   width: number | null,
 ): Promise<{ key: string; standIn: boolean }> {
+  const thumbnail = thumbnailParts(key);
+  if (thumbnail !== null) {
+    // Made by derive after the image is persisted: until then the full image stands in.
+    if ((await wholeObject(serving, key)) !== null) return { key, standIn: false };
+    return { key: `${thumbnail.day}/${thumbnail.id}.png`, standIn: true };
+  }
   const parts = imageParts(key);
   if (parts === null) return { key, standIn: false };
   const formats = acceptedFormats(request.headers.get("Accept"));
@@ -97,8 +103,8 @@ async function handle(request: Request, env: Env, ctx: ExecutionContext): Promis
     }
     const served = await representation(request, serving, key, width);
 
-    // 6. Edge cache, then origin. The PNG standing in for a derivative is kept no longer than
-    // a missing derivatives record is remembered: browsers then ask again and get the AVIF.
+    // 6. Edge cache, then origin. The PNG standing in for a derivative or a thumbnail is kept
+    // no longer than a missing object is remembered: browsers then ask again and get it.
     const policy = served.standIn ? heldTo(cacheControl, NOT_FOUND_TTL) : cacheControl;
     const response = await serveObject(request, serving, served.key, policy);
     if (imageParts(key) !== null) response.headers.append("Vary", "Accept");

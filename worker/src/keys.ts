@@ -64,6 +64,13 @@ export function imageParts(key: string): { day: string; id: string } | null {
   return { day: match[1] ?? "", id: match[2] ?? "" };
 }
 
+/** The parts of a thumbnail key `YYYY/MM/DD/<id>.thumb.webp`, or null for any other key. */
+export function thumbnailParts(key: string): { day: string; id: string } | null {
+  const match = KEY_PATTERN.exec(key);
+  if (match === null || match[3] !== ".thumb.webp") return null;
+  return { day: match[1] ?? "", id: match[2] ?? "" };
+}
+
 /** The key of the metadata record of the image `YYYY/MM/DD/<id>.png` (never served). */
 export function recordKey(day: string, id: string): string {
   return `${day}/${id}.json`;

@@ -168,6 +168,22 @@ describe("before the derivatives exist", () => {
     expect(kept.headers.get("Cache-Control")).toBe(`private, max-age=${NOT_FOUND_TTL}`);
   });
 
+  it("serves the full image for a thumbnail not made yet, as briefly", async () => {
+    const { key } = await persisted([256], null);
+    const thumbnail = key.replace(".png", ".thumb.webp");
+    const standIn = await body(`${BASE}/${thumbnail}`);
+    expect(standIn.res.status).toBe(200);
+    expect(standIn.text).toBe("png");
+    expect(standIn.res.headers.get("Content-Type")).toBe("image/png");
+    expect(standIn.res.headers.get("Cache-Control")).toBe(`public, max-age=${NOT_FOUND_TTL}`);
+    const made = newKey("thumb");
+    await env.IMAGES.put(made, "thumb");
+    const served = await body(`${BASE}/${made}`);
+    expect(served.text).toBe("thumb");
+    expect(served.res.headers.get("Content-Type")).toBe("image/webp");
+    expect(served.res.headers.get("Cache-Control")).toBe(IMMUTABLE);
+  });
+
   it("serves the derivatives an older metadata record lists", async () => {
     const { url } = await persisted([256, 512], [256, 512], true);
     const { res, text } = await body(`${url}?w=300`, CHROME);
