@@ -157,6 +157,10 @@ class Settings(BaseSettings):
     png_compress_level: int = Field(
         default=6, ge=0, le=9, description="zlib level of PNGs: 0 fastest, 9 smallest."
     )
+    png_compress_strategy: Literal["default", "rle"] = Field(
+        default="default",
+        description="zlib strategy of PNGs: rle encodes 2-8x faster, files within ~2% on photos.",
+    )
     derivative_widths: Annotated[list[Annotated[int, Field(ge=16, le=8192)]], NoDecode] = Field(
         default=[256, 512, 1024], description="Widths of AVIF/WebP derivatives (never upscaled)."
     )

@@ -64,6 +64,7 @@ class DiffusersBackend:
         self._adapters = LoraAdapters(settings)
         self._target: tuple[torch.device, torch.dtype] | None = None
         self._png_level = settings.png_compress_level
+        self._png_strategy = settings.png_compress_strategy
         self.fast_path: dict[str, list[str]] = {}
         """The CUDA fast-path options applied to each loaded model."""
 
@@ -213,7 +214,11 @@ class DiffusersBackend:
         pngs = []
         for image, each in zip(pixels.images, jobs, strict=True):
             with tracer().start_as_current_span("imagegen.render.png_encode") as span:
-                pngs.append(encode_png(image, text=self._png_text(each), level=self._png_level))
+                text = self._png_text(each)
+                png = encode_png(
+                    image, text=text, level=self._png_level, strategy=self._png_strategy
+                )
+                pngs.append(png)
                 span.set_attribute("imagegen.png.size", len(pngs[-1]))
         timings["encode"] = time.perf_counter() - encode_started
         timings["total"] = sum(timings.values())  # the render's own time, waits excluded

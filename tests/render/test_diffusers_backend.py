@@ -58,6 +58,20 @@ def test_same_seed_gives_identical_bytes(backend: DiffusersBackend, make_job: Ma
     assert backend.render(job).png == backend.render(job).png
 
 
+def test_the_png_strategy_setting_changes_the_bytes_not_the_pixels(
+    backend: DiffusersBackend, make_job: MakeJob
+) -> None:
+    job = make_job(seed=5)
+    pixels = backend.denoise_batch([job])
+    rle = DiffusersBackend(Settings(device="cpu", png_compress_strategy="rle"))
+    [default_png] = backend.encode_batch([job], pixels)
+    [rle_png] = rle.encode_batch([job], pixels)
+
+    assert rle_png.png != default_png.png
+    assert np.array_equal(_pixels(rle_png.png), _pixels(default_png.png))
+    assert read_png_text(rle_png.png) == read_png_text(default_png.png)
+
+
 def test_different_seed_gives_different_pixels(
     backend: DiffusersBackend, make_job: MakeJob
 ) -> None:

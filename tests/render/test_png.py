@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -53,3 +54,28 @@ def test_invalid_keywords_are_refused(key: str) -> None:
 def test_reading_something_else_fails_clearly() -> None:
     with pytest.raises(ValueError, match="not a readable PNG"):
         read_png_text(b"GIF89a not a png")
+
+
+def _photo_like() -> Image.Image:
+    """Smooth gradients with a little noise: what deflate meets in a rendered image."""
+    y, x = np.mgrid[0:64, 0:96]
+    noise = np.random.default_rng(0).integers(0, 4, (64, 96))
+    pixels = np.stack([x * 2 + noise, y * 3 + noise, (x + y) + noise], axis=-1)
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def test_the_default_strategy_is_the_one_pillow_uses_for_png() -> None:
+    buffer = io.BytesIO()
+    _photo_like().save(buffer, format="PNG", compress_level=6)
+    assert encode_png(_photo_like(), text={}) == buffer.getvalue()
+
+
+def test_run_length_encoding_gives_other_bytes_for_the_same_pixels() -> None:
+    text = {"prompt": "a red fox"}
+    default = encode_png(_photo_like(), text=text)
+    rle = encode_png(_photo_like(), text=text, strategy="rle")
+    assert rle != default
+    assert rle == encode_png(_photo_like(), text=text, strategy="rle")
+    assert read_png_text(rle) == text
+    with Image.open(io.BytesIO(rle)) as decoded:
+        assert np.array_equal(np.asarray(decoded), np.asarray(_photo_like()))
