@@ -17,6 +17,7 @@ import contextvars
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,8 +82,8 @@ class Batcher:
         lock: Held around every call (the pipeline's lock, shared with model loading).
         max_size: Most jobs in one call; 1 disables batching.
         window: Seconds the oldest job waits for compatible jobs before its batch runs.
-        finish: Completes what ``run`` returned (PNG encoding, blocking), in ``run``'s thread
-            right after it, once the lock is released: it overlaps the next call.
+        finish: Completes what ``run`` returned (PNG encoding, blocking) on a thread of its
+            own, handed over by ``run``'s thread: it overlaps the next call.
     """
 
     def __init__(
@@ -102,11 +103,20 @@ class Batcher:
         self._waiting: deque[_Waiting] = deque()
         self._arrived = asyncio.Event()
         self._worker: asyncio.Future[None] | None = None
+        # The pipeline always runs on one thread, the encoding on another: each keeps its own
+        # memory and caches warm from one call to the next.
+        self._pipeline = ThreadPoolExecutor(1, thread_name_prefix="imagegen-pipeline")
+        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="imagegen-encode")
         self._delivering: set[asyncio.Future[None]] = set()
         self.running = 0
         self.running_since: float | None = None
         self.seconds_per_job: float | None = None
         """Measured seconds a job takes, at the batch sizes run (None until one ran)."""
+
+    def close(self) -> None:
+        """Let the pipeline's and the encoding's threads end once their work is done."""
+        self._pipeline.shutdown(wait=False)
+        self._encoder.shutdown(wait=False)
 
     @property
     def depth(self) -> int:
@@ -209,9 +219,9 @@ class Batcher:
     async def _call(self, batch: list[_Waiting]) -> _Called | BaseException:
         """Run one call in a thread, in the first job's context; the error, if any, as a value.
 
-        Returns as soon as the pipeline's part is done. ``finish`` then goes on in the same
-        thread, with no hand-over to the loop and back between the two, while the loop hands
-        the pipeline to the next call; :meth:`_complete` awaits it.
+        Returns as soon as the pipeline's part is done. The pipeline's thread hands what it
+        made straight to the encoding thread for ``finish`` (no round trip through the loop),
+        while the loop hands the pipeline to the next call; :meth:`_complete` awaits it.
         """
         progress_of = [w.progress for w in batch if w.progress is not None]
 
@@ -225,26 +235,34 @@ class Batcher:
             links=[w.context.run(_span_context) for w in batch],
         )
         loop = asyncio.get_running_loop()
-        freed: asyncio.Future[None] = loop.create_future()
+        freed: asyncio.Future[Any] = loop.create_future()
 
-        def call() -> Any:
+        def call() -> None:
             try:
                 outputs = self._run(work)
             except BaseException as error:
-                loop.call_soon_threadsafe(_settle, freed, error)
+                loop.call_soon_threadsafe(_settle, freed, error, None)
                 raise
-            loop.call_soon_threadsafe(_settle, freed, None)
-            return outputs if self._finish is None else self._finish(work, outputs)
+            if self._finish is not None:  # handed straight to the encoding thread
+                outputs = self._encoder.submit(
+                    contextvars.copy_context().run, self._finish, work, outputs
+                )
+            loop.call_soon_threadsafe(_settle, freed, None, outputs)
 
         started = time.perf_counter()
         # A copy: a job run again alone (a failed batch) may start before this thread has left.
-        finished = loop.run_in_executor(None, batch[0].context.copy().run, call)
+        ran = loop.run_in_executor(self._pipeline, batch[0].context.copy().run, call)
+        ran.add_done_callback(_retrieve)  # its error, if any, reaches the jobs through ``freed``
         try:
-            await freed
+            handed = await freed
         except Exception as error:  # handed to the jobs' requests, which raise it
-            finished.add_done_callback(_retrieve)  # the same error: read, so never logged
             return error
         self.observe(time.perf_counter() - started, len(batch))
+        if self._finish is None:
+            finished: asyncio.Future[Any] = loop.create_future()
+            finished.set_result(handed)
+        else:
+            finished = asyncio.wrap_future(handed)
         return _Called(work, finished)
 
     async def _complete(
@@ -267,11 +285,11 @@ class _Called:
     """The outputs: ``run``'s, completed by ``finish`` when there is one."""
 
 
-def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+def _settle(future: asyncio.Future[Any], error: BaseException | None, result: Any) -> None:
     if future.done():
         return
     if error is None:
-        future.set_result(None)
+        future.set_result(result)
     else:
         future.set_exception(error)
 

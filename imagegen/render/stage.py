@@ -130,7 +130,9 @@ class RenderStage:
         return max(1, math.ceil(self._admitted * per_job))
 
     def close(self) -> None:
-        """Release the backend's models, if it was ever created."""
+        """Release the backend's models, if it was ever created, and the batcher's threads."""
+        if self._batcher is not None:
+            self._batcher.close()
         if self._backend is not None:
             self._backend.close()
 
