@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
 from imagegen.enhance import EnhanceStage
+from imagegen.models import GenerationRequest
 from imagegen.plugins import PluginSet
 from imagegen.settings import Settings
 from tests.fakes.ollama_server import FakeOllama
@@ -15,6 +17,17 @@ from tests.fakes.ollama_server import FakeOllama
 __all__ = ["FakeOllama"]
 
 MakeStage = Callable[..., EnhanceStage]
+NOW = datetime(2026, 11, 24, 8, 15, tzinfo=UTC)
+
+
+def request(**fields: object) -> GenerationRequest:
+    """A valid request (a red fox, seed 1234) with ``fields`` changed."""
+    return GenerationRequest.model_validate({"prompt": "a red fox", "seed": 1234, **fields})
+
+
+async def run(stage: EnhanceStage, **fields: object):  # type: ignore[no-untyped-def]
+    """``stage`` run on :func:`request` for generation ``gen-1`` at :data:`NOW`."""
+    return await stage.run(request(**fields), generation_id="gen-1", now=NOW)
 
 
 @pytest.fixture

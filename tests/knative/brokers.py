@@ -54,121 +54,31 @@ Kafka broker (knative-extensions/eventing-kafka-broker, ``data-plane/dispatcher`
 
 from __future__ import annotations
 
-import base64
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 
-import httpx
-
-from .cloudevents_http import Event, MalformedEvent, Message, decode, encode_binary
+from .cloudevents_http import Event, MalformedEvent, decode, encode_binary
+from .delivery import (
+    INGRESS_URL,
+    MAX_TTL,
+    TTL,
+    Attempt,
+    DeadLetter,
+    Delivery,
+    NoResponse,
+    Outcome,
+    RoutingLoop,
+    Transport,
+    error_extensions,
+    http_transport,
+    retryable,
+)
 from .routing import CHANNEL_BROKER, KAFKA_BROKER, Routing, TriggerInfo
 
-__all__ = [
-    "Attempt",
-    "Broker",
-    "DeadLetter",
-    "Delivery",
-    "NoResponse",
-    "RoutingLoop",
-    "Transport",
-    "http_transport",
-]
-
-MAX_TTL = 255  # cmd/broker/ingress/main.go: MAX_TTL default
-TTL = "knativebrokerttl"
-ERROR_DATA_MAX = (
-    1024  # eventing: KnativeErrorDataExtensionMaxLength; kafka: KN_ERROR_DATA_MAX_BYTES
-)
-INGRESS_URL = "http://broker-ingress.knative-eventing.svc.cluster.local/ns/broker"
-
-
-class NoResponse(Exception):
-    """The subscriber could not be reached, or did not answer within the attempt timeout."""
-
-
-class RoutingLoop(RuntimeError):
-    """More events than ``max_events`` were accepted: a loop the Kafka broker never ends."""
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """What came back from one HTTP request: the status and the response message."""
-
-    status: int
-    message: Message = field(default_factory=Message)
-
-
-Transport = Callable[[str, Message, float], Delivery]
-"""POST a message to a URL within a timeout; raises NoResponse when nothing came back."""
-
-
-def http_transport(client: httpx.Client | None = None) -> Transport:
-    """A transport over real HTTP (httpx)."""
-    http = client or httpx.Client()
-
-    def send(url: str, message: Message, timeout: float) -> Delivery:
-        try:
-            response = http.post(
-                url, headers=dict(message.headers), content=message.body, timeout=timeout
-            )
-        except httpx.HTTPError as exc:
-            raise NoResponse(f"{type(exc).__name__}: {exc}") from exc
-        headers = {k.lower(): v for k, v in response.headers.items()}
-        return Delivery(response.status_code, Message(headers, response.content))
-
-    return send
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """One delivery attempt to a subscriber (status None: no response)."""
-
-    trigger: str
-    target: str
-    event_type: str
-    event_id: str
-    status: int | None
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    """An event handed to a Trigger's dead-letter sink, as the sink received it."""
-
-    trigger: str
-    event: Event
-    accepted: bool
-
-
-def retryable(status: int | None) -> bool:
-    """eventing retries.go SelectiveRetry = WebClientCloudEventSender.isRetryableStatusCode."""
-    return status is None or status >= 500 or status in {404, 408, 409, 429}
-
-
-def _error_extensions(
-    destination: str, status: int | None, body: bytes | None, *, kafka: bool
-) -> dict[str, str]:
-    extensions = {"knativeerrordest": destination}
-    if status is None or body is None:
-        return extensions
-    if kafka:
-        data = base64.b64encode(body[:ERROR_DATA_MAX]).decode()
-    else:
-        data = base64.b64encode(body).decode()[:ERROR_DATA_MAX]
-    return {**extensions, "knativeerrorcode": str(status), "knativeerrordata": data}
-
-
-@dataclass
-class _Outcome:
-    status: int | None
-    reply: Event | None = None
-    # What the dead-letter sink is told (None: the broker adds no error extensions).
-    errors: dict[str, str] | None = None
-    refusal: str | None = None  # why a 2xx reply was refused
-    retry_after: float | None = None  # the Retry-After header, in seconds
+__all__ = ["Broker"]
 
 
 class Broker:
@@ -292,7 +202,7 @@ class Broker:
 
     def _deliver(self, trigger: TriggerInfo, event: Event) -> None:
         waits = trigger.backoff_schedule(self.broker_class)
-        outcome = _Outcome(status=None)
+        outcome = Outcome(status=None)
         for attempt in range(1 + (trigger.retry or 0)):
             if attempt:
                 self._sleep(self._backoff(trigger, waits[attempt - 1].total_seconds(), outcome))
@@ -313,12 +223,12 @@ class Broker:
             if status < 300:
                 return
             # event_dispatcher.go send(): the reply could not be forwarded.
-            outcome = _Outcome(
-                status, errors=_error_extensions(INGRESS_URL, status, b"", kafka=self.kafka)
+            outcome = Outcome(
+                status, errors=error_extensions(INGRESS_URL, status, b"", kafka=self.kafka)
             )
         self._dead_letter(trigger, event, outcome)
 
-    def _backoff(self, trigger: TriggerInfo, wait: float, last: _Outcome) -> float:
+    def _backoff(self, trigger: TriggerInfo, wait: float, last: Outcome) -> float:
         # retries.go generateBackoffFn: only with retryAfterMax, only for 429 and 503.
         if self.kafka or trigger.retry_after_max is None or last.retry_after is None:
             return wait
@@ -348,7 +258,7 @@ class Broker:
             )
         return delivery
 
-    def _attempt(self, trigger: TriggerInfo, event: Event) -> _Outcome:
+    def _attempt(self, trigger: TriggerInfo, event: Event) -> Outcome:
         url = self.urls[trigger.subscriber]
         ttl = event.get(TTL)
         # filter_handler.go: the subscriber never sees the broker's TTL.
@@ -357,11 +267,11 @@ class Broker:
             # Kafka: no response, only the destination. Channel: the dispatcher's request to
             # the filter failed; the filter's host is not the subscriber, so no extensions.
             errors = {"knativeerrordest": url} if self.kafka else None
-            return _Outcome(None, errors=errors)
+            return Outcome(None, errors=errors)
         if delivery.status >= 300:
-            outcome = _Outcome(
+            outcome = Outcome(
                 delivery.status,
-                errors=_error_extensions(
+                errors=error_extensions(
                     url, delivery.status, delivery.message.body, kafka=self.kafka
                 ),
             )
@@ -371,7 +281,7 @@ class Broker:
             return outcome
         return self._reply(delivery, url, ttl)
 
-    def _reply(self, delivery: Delivery, url: str, ttl: str | None) -> _Outcome:
+    def _reply(self, delivery: Delivery, url: str, ttl: str | None) -> Outcome:
         try:
             reply = decode(delivery.message)
         except MalformedEvent as exc:
@@ -380,19 +290,19 @@ class Broker:
         if reply is None:
             if delivery.message.body:
                 return self._refused(url, "a non-empty response not recognized as CloudEvent")
-            return _Outcome(delivery.status)
+            return Outcome(delivery.status)
         if not self.kafka and ttl is not None:
             reply = reply.with_attributes(**{TTL: ttl})
-        return _Outcome(delivery.status, reply=reply)
+        return Outcome(delivery.status, reply=reply)
 
-    def _refused(self, url: str, reason: str) -> _Outcome:
+    def _refused(self, url: str, reason: str) -> Outcome:
         if self.kafka:
             # RecordDispatcherImpl.onSubscriberFailure: no response object, only the destination.
-            return _Outcome(200, errors={"knativeerrordest": url}, refusal=reason)
+            return Outcome(200, errors={"knativeerrordest": url}, refusal=reason)
         # filter_handler.go writeResponse: 502, no body, so no error extensions downstream.
-        return _Outcome(502, errors=None, refusal=reason)
+        return Outcome(502, errors=None, refusal=reason)
 
-    def _dead_letter(self, trigger: TriggerInfo, event: Event, outcome: _Outcome) -> None:
+    def _dead_letter(self, trigger: TriggerInfo, event: Event, outcome: Outcome) -> None:
         if trigger.dead_letter is None:
             with self._lock:
                 self.lost.append((trigger.name, event))
