@@ -37,41 +37,8 @@ from typing import Any
 
 import httpx
 from _harness import Comparison, interleave, served
-
-NOW = datetime(2026, 11, 24, 12, tzinfo=UTC)
-# torch's intra-op threads, the same in this process and in every served function: on a shared
-# machine, OpenMP threads spinning against other processes decide a comparison otherwise.
-TORCH_THREADS = 1
-SIZE = 256
-STEPS = 2
-
-
-def _job(gid: str, prompt: str = "a lantern in the fog") -> dict[str, Any]:
-    return {
-        "generation_id": gid,
-        "prompt": prompt,
-        "enhancer": "passthrough",
-        "model": "tiny",
-        "width": SIZE,
-        "height": SIZE,
-        "steps": STEPS,
-        "guidance": 3.5,
-        "seed": 7,
-        "requested_at": NOW.isoformat(),
-    }
-
-
-def _env(storage: Path, **extra: str) -> dict[str, str]:
-    return {
-        "OMP_NUM_THREADS": str(TORCH_THREADS),
-        "IMAGEGEN_MODEL": "tiny",
-        "IMAGEGEN_ALLOWED_MODELS": "tiny",
-        "IMAGEGEN_DEVICE": "cpu",
-        "IMAGEGEN_STORAGE_URL": str(storage),
-        "IMAGEGEN_LOG_LEVEL": "WARNING",
-        **extra,
-    }
-
+from _rate import rate
+from _workload import NOW, SIZE, STEPS, render_job, served_env, set_torch_threads, torch_threads
 
 # -- burst -------------------------------------------------------------------------------------
 
@@ -93,7 +60,7 @@ def _burst(url: str, count: int, *, at_once: bool, refused: list[int]) -> float:
         prefix = uuid.uuid4().hex[:8]
         limits = httpx.Limits(max_connections=count)
         async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-            bodies = [_job(f"b-{prefix}-{i}", f"a lantern {i}") for i in range(count)]
+            bodies = [render_job(f"b-{prefix}-{i}", f"a lantern {i}") for i in range(count)]
             started = time.perf_counter()
             if at_once:
                 await asyncio.gather(
@@ -110,7 +77,7 @@ def _burst(url: str, count: int, *, at_once: bool, refused: list[int]) -> float:
 def burst(rounds: int, tmp: Path, count: int) -> list[Comparison]:
     rows = []
     for label, batch, target in (("unbatched", "1", 0.95), ("batched x8", "8", 1.8)):
-        env = _env(tmp / f"burst-{batch}", IMAGEGEN_RENDER_BATCH_SIZE=batch)
+        env = served_env(tmp / f"burst-{batch}", IMAGEGEN_RENDER_BATCH_SIZE=batch)
         with served("render", env, log_dir=tmp, threads=count + 8) as render:
             # One request first, as after any start: the pod has timed a render.
             _burst(render.url, 1, at_once=False, refused=[])
@@ -145,7 +112,7 @@ def ceiling(rounds: int, k: int = 8) -> list[Comparison]:
 
     from imagegen.render.tiny import build_tiny_flux_pipeline
 
-    torch.set_num_threads(TORCH_THREADS)
+    torch.set_num_threads(torch_threads())
     pipe = build_tiny_flux_pipeline()
     pipe.set_progress_bar_config(disable=True)
     prompts = [f"a lantern {i}" for i in range(k)]
@@ -244,7 +211,7 @@ def ollama_down(rounds: int, requests: int) -> list[Comparison]:
 def startup(rounds: int, tmp: Path) -> list[Comparison]:
     from _harness import Served
 
-    env = _env(tmp / "startup", IMAGEGEN_OLLAMA_HOST="http://127.0.0.1:9")
+    env = served_env(tmp / "startup", IMAGEGEN_OLLAMA_HOST="http://127.0.0.1:9")
 
     def ready(stage: str) -> float:
         server = Served(stage, env, log_dir=tmp, threads=4)
@@ -277,7 +244,7 @@ def overhead(rounds: int, tmp: Path, per_round: int) -> list[Comparison]:
 
     from imagegen.render.tiny import build_tiny_flux_pipeline
 
-    torch.set_num_threads(TORCH_THREADS)
+    torch.set_num_threads(torch_threads())
     pipe = build_tiny_flux_pipeline()
     pipe.set_progress_bar_config(disable=True)
 
@@ -296,12 +263,15 @@ def overhead(rounds: int, tmp: Path, per_round: int) -> list[Comparison]:
             times.append(time.perf_counter() - started)
         return min(times)
 
-    with served("render", _env(tmp / "overhead"), log_dir=tmp) as render, httpx.Client() as client:
+    with (
+        served("render", served_env(tmp / "overhead"), log_dir=tmp) as render,
+        httpx.Client() as client,
+    ):
 
         def over_http() -> float:
             times = []
             for i in range(per_round):
-                body = _job(f"o-{uuid.uuid4().hex[:8]}", f"a lantern {i}")
+                body = render_job(f"o-{uuid.uuid4().hex[:8]}", f"a lantern {i}")
                 started = time.perf_counter()
                 client.post(render.url, json=body, timeout=600).raise_for_status()
                 times.append(time.perf_counter() - started)
@@ -321,103 +291,6 @@ def overhead(rounds: int, tmp: Path, per_round: int) -> list[Comparison]:
     ]
 
 
-# -- rate --------------------------------------------------------------------------------------
-
-
-def _rate(url: str, bodies: list[dict[str, Any]], concurrency: int) -> float:
-    async def run() -> float:
-        queue = list(bodies)
-        async with httpx.AsyncClient(timeout=60) as client:
-
-            async def worker() -> None:
-                while queue:
-                    body = queue.pop()
-                    (await client.post(url, json=body)).raise_for_status()
-
-            started = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
-            return len(bodies) / (time.perf_counter() - started)
-
-    return asyncio.run(run())
-
-
-def _stored_images(storage: Path, count: int) -> list[dict[str, Any]]:
-    """``count`` rendered images for persist: one tiny render, stored under ``count`` ids."""
-    from imagegen import ImageGenService, Settings
-    from imagegen.models import EnhancedPrompt
-    from imagegen.storage.base import GenerationKeys
-
-    async def run() -> list[dict[str, Any]]:
-        settings = Settings(model="tiny", device="cpu", storage_url=str(storage))
-        images = []
-        async with ImageGenService(settings, preload=["tiny"]) as service:
-            source = await service.render(EnhancedPrompt(**_job("source")))
-            png = await service.storage.get(source.key)
-            for i in range(count):
-                gid = f"p-{i:05d}-{uuid.uuid4().hex[:6]}"
-                key = GenerationKeys(gid, NOW).image
-                stored = await service.storage.put(key, png, content_type="image/png")
-                job = source.prompt.model_copy(update={"generation_id": gid})
-                image = source.model_copy(
-                    update={
-                        "generation_id": gid,
-                        "key": key,
-                        "location": stored.location,
-                        "prompt": job,
-                    }
-                )
-                images.append(image.model_dump(mode="json"))
-        return images
-
-    return asyncio.run(run())
-
-
-def rate(rounds: int, tmp: Path, requests: int, concurrency: int = 8) -> list[Comparison]:
-    from tests.fakes.ollama_server import FakeOllama
-
-    fake = FakeOllama().start()
-    rows = []
-    targets = {"enhance": 3 * 89 / 1160, "persist": 3 * 59 / 1160}
-    try:
-        env = _env(tmp / "rate", IMAGEGEN_OLLAMA_HOST=fake.url)
-        images = _stored_images(tmp / "rate", requests * rounds)
-        with (
-            served("hello", env, log_dir=tmp, threads=concurrency + 4) as hello,
-            served("enhance", env, log_dir=tmp, threads=concurrency + 4) as enhance,
-            served("persist", env, log_dir=tmp, threads=concurrency + 4) as persist,
-        ):
-            hello_bodies = [{"n": i} for i in range(requests)]
-            _rate(hello.url, hello_bodies, concurrency)  # warm
-            for stage, server in (("enhance", enhance), ("persist", persist)):
-                batches = iter(
-                    [images[i * requests : (i + 1) * requests] for i in range(rounds)]
-                    if stage == "persist"
-                    else [
-                        [{"prompt": f"a fox {uuid.uuid4().hex[:8]}", "model": "tiny"}] * requests
-                        for _ in range(rounds)
-                    ]
-                )
-                baseline, project = interleave(
-                    rounds,
-                    lambda: _rate(hello.url, hello_bodies, concurrency),
-                    lambda s=server, b=batches: _rate(s.url, next(b), concurrency),
-                )
-                rows.append(
-                    Comparison(
-                        f"rate: {stage} at concurrency {concurrency} vs a hello at {concurrency}",
-                        "req/s",
-                        "higher",
-                        round(targets[stage], 3),
-                        baseline,
-                        project,
-                        note="(target: 3x the rate before, as a share of the hello's)",
-                    )
-                )
-    finally:
-        fake.stop()
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -429,9 +302,8 @@ def main() -> None:
     )
     parser.add_argument("--torch-threads", type=int, default=1)
     args = parser.parse_args()
-    global TORCH_THREADS
-    TORCH_THREADS = args.torch_threads
-    os.environ["OMP_NUM_THREADS"] = str(TORCH_THREADS)
+    set_torch_threads(args.torch_threads)
+    os.environ["OMP_NUM_THREADS"] = str(torch_threads())
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("imagegen").setLevel(logging.ERROR)
     rounds = 1 if args.quick else args.rounds
@@ -439,7 +311,8 @@ def main() -> None:
     started = datetime.now(UTC)
     print(
         f"{started:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs, load average"
-        f" {os.getloadavg()[0]:.1f} at the start; {rounds} rounds, {TORCH_THREADS} torch thread(s)",
+        f" {os.getloadavg()[0]:.1f} at the start; {rounds} rounds,"
+        f" {torch_threads()} torch thread(s)",
         flush=True,
     )
     with tempfile.TemporaryDirectory() as directory:
