@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 
@@ -11,6 +10,7 @@ from imagegen._locks import KeyedLocks
 from imagegen.derivatives import Derivative, decode_rgb, make_derivatives, make_thumbnail
 from imagegen.errors import DependencyUnavailable, InvalidRequest, NotFound
 from imagegen.models import DerivedImage, PersistedImage
+from imagegen.persist import claim_image
 from imagegen.settings import Settings
 from imagegen.storage.base import GenerationKeys, Storage
 from imagegen.validation import parse_model
@@ -56,19 +56,7 @@ class DeriveStage:
             return await self._derive(image, keys)
 
     async def _derive(self, image: PersistedImage, keys: GenerationKeys) -> DerivedImage:
-        try:
-            png = await self.storage.get(keys.image)
-        except NotFound:
-            raise InvalidRequest(
-                f"image {keys.image!r} is not in storage",
-                errors=[{"field": "key", "message": "no stored image under this key"}],
-            ) from None
-        digest = hashlib.sha256(png).hexdigest()
-        if digest != image.sha256:
-            raise InvalidRequest(
-                f"stored image {keys.image!r} does not match its record",
-                errors=[{"field": "sha256", "message": f"stored object has {digest}"}],
-            )
+        png = await claim_image(self.storage, keys.image, image.sha256, described_by="its record")
         thumbnail, derivatives = await asyncio.to_thread(
             _encode, png, keys.image, self.settings.thumbnail_size, self.settings.derivative_widths
         )

@@ -14,9 +14,33 @@ from imagegen.storage.base import GenerationKeys, Storage
 from imagegen.urls import public_url
 from imagegen.validation import parse_model
 
-__all__ = ["PersistStage"]
+__all__ = ["PersistStage", "claim_image"]
 
 log = logging.getLogger("imagegen.persist")
+
+
+async def claim_image(storage: Storage, key: str, sha256: str, *, described_by: str) -> bytes:
+    """The PNG an event's claim check points at, once shown to be the one it describes.
+
+    Raises:
+        InvalidRequest: nothing is stored under ``key`` (field ``key``), or what is stored has
+            another digest (field ``sha256``). A claim check that points at nothing is a bad
+            event, not a reason to retry: Knative would retry a 404.
+    """
+    try:
+        png = await storage.get(key)
+    except NotFound:
+        raise InvalidRequest(
+            f"image {key!r} is not in storage",
+            errors=[{"field": "key", "message": "no stored image under this key"}],
+        ) from None
+    digest = hashlib.sha256(png).hexdigest()
+    if digest != sha256:
+        raise InvalidRequest(
+            f"stored image {key!r} does not match {described_by}",
+            errors=[{"field": "sha256", "message": f"stored object has {digest}"}],
+        )
+    return png
 
 
 class PersistStage:
@@ -58,21 +82,7 @@ class PersistStage:
             return existing
 
         # 2. Claim the image and check it is the one the event describes.
-        try:
-            png = await self.storage.get(keys.image)
-        except NotFound:
-            # A claim check that points at nothing is a bad event, not a reason to retry
-            # (Knative would retry a 404).
-            raise InvalidRequest(
-                f"image {keys.image!r} is not in storage",
-                errors=[{"field": "key", "message": "no stored image under this key"}],
-            ) from None
-        digest = hashlib.sha256(png).hexdigest()
-        if digest != image.sha256:
-            raise InvalidRequest(
-                f"stored image {keys.image!r} does not match the event",
-                errors=[{"field": "sha256", "message": f"stored object has {digest}"}],
-            )
+        await claim_image(self.storage, keys.image, image.sha256, described_by="the event")
 
         # 3. Public URLs and the record, written last: its presence marks the image final.
         persisted = self._describe(image, keys)
