@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,16 +16,9 @@ from imagegen import ImageGenService, InvalidRequest, Settings
 from imagegen.models import EnhancedPrompt, PersistedImage, RenderedImage
 from imagegen.storage import LocalStorage
 from imagegen.storage.base import GenerationKeys
+from tests.fakes.images import gradient_png as png
 
 NOW = datetime(2026, 11, 24, 18, 30, tzinfo=UTC)
-
-
-def png(width: int, height: int) -> bytes:
-    image = Image.new("RGB", (width, height))
-    image.putdata([(x % 256, y % 256, (x * y) % 256) for y in range(height) for x in range(width)])
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
 
 
 def settings(root: Path, widths: list[int]) -> Settings:

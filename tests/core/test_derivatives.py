@@ -10,16 +10,9 @@ from PIL import Image
 from imagegen.derivatives import derivative_key, derivative_widths, make_derivatives
 from imagegen.settings import Settings
 from imagegen.urls import is_public_key
+from tests.fakes.images import gradient_png as png
 
 KEY = "2026/05/01/gen-1.png"
-
-
-def png(width: int, height: int) -> bytes:
-    image = Image.new("RGB", (width, height))
-    image.putdata([(x % 256, y % 256, (x * y) % 256) for y in range(height) for x in range(width)])
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
 
 
 @pytest.mark.parametrize(
