@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol, runtime_checkable
@@ -91,7 +92,7 @@ class Storage(Protocol):
         ...
 
 
-class ObjectStore:
+class ObjectStore(ABC):
     """What the backends' writes share: the key and metadata checked alike, the object reported
     alike. A backend stores the bytes in :meth:`_store` and :meth:`_store_new`.
     """
@@ -128,17 +129,17 @@ class ObjectStore:
         validate_key(key)
         return await self._store_new(key, data, content_type, validate_metadata(metadata))
 
+    @abstractmethod
     async def _store(
         self, key: str, data: bytes, content_type: str, metadata: dict[str, str]
     ) -> str:
         """Write the checked object, replacing what is there; returns its location."""
-        raise NotImplementedError
 
+    @abstractmethod
     async def _store_new(
         self, key: str, data: bytes, content_type: str, metadata: dict[str, str]
     ) -> bool:
         """Write the checked object unless one is there, in one step of the store."""
-        raise NotImplementedError
 
 
 def validate_key(key: str) -> str:
