@@ -78,6 +78,10 @@ def _skipped(span: trace.Span, error: BaseException, description: str) -> None:
     span.set_status(trace.StatusCode.ERROR, description)
 
 
+Task = Callable[[], Callable[[], None]]
+"""Work for a pool thread; it returns what announces its end."""
+
+
 class _DaemonPool:
     """Reused daemon worker threads; another starts only when none is idle.
 
@@ -88,12 +92,17 @@ class _DaemonPool:
 
     def __init__(self, name: str) -> None:
         self._name = name
-        self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._tasks: queue.SimpleQueue[Task] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = 0
         self.started = 0
 
-    def submit(self, task: Callable[[], None]) -> None:
+    def submit(self, task: Task) -> None:
+        """Run ``task`` on an idle thread, or a new one; what it returns is called last.
+
+        ``task`` returns how to announce its end: that runs once the thread counts as idle
+        again, so a caller who submits the next task on hearing of it finds the thread free.
+        """
         with self._lock:
             if self._idle:
                 self._idle -= 1
@@ -105,9 +114,10 @@ class _DaemonPool:
 
     def _work(self) -> None:
         while True:
-            self._tasks.get()()
+            announce = self._tasks.get()()
             with self._lock:
                 self._idle += 1
+            announce()
 
 
 _POOL = _DaemonPool("plugin")
@@ -139,14 +149,18 @@ async def _call(plugin: PromptPlugin, context: PluginContext) -> Contribution | 
         else:
             future.set_result(value)
 
-    def target() -> None:
+    def target() -> Callable[[], None]:
         threading.current_thread().name = f"plugin-{context.plugin}"  # for logs and debuggers
         try:
             value, error = fn(context), None
         except BaseException as exc:
             value, error = None, exc
-        with contextlib.suppress(RuntimeError):  # the loop closed while the plugin ran
-            loop.call_soon_threadsafe(settle, value, error)
+
+        def announce() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed while the plugin ran
+                loop.call_soon_threadsafe(settle, value, error)
+
+        return announce
 
     # The caller's context goes along, so spans the plugin makes nest under its own.
     runner = contextvars.copy_context().run

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 
 from imagegen.plugins import PluginSet
 from imagegen.plugins._running import _POOL, _DaemonPool
@@ -21,13 +22,32 @@ async def test_sequential_calls_reuse_one_thread(settings: Settings) -> None:
     assert _POOL.started == started
 
 
+async def test_the_end_is_announced_once_the_thread_is_free_again() -> None:
+    # Whoever hears a task has ended and submits the next finds the thread idle: no new one.
+    pool = _DaemonPool("free")
+    for _ in range(20):
+        ended = threading.Event()
+        pool.submit(lambda ended=ended: ended.set)
+        assert await asyncio.to_thread(ended.wait, 10)
+    assert pool.started == 1
+
+
 async def test_a_stuck_task_gets_a_new_thread_and_is_a_daemon() -> None:
     pool = _DaemonPool("test")
     stuck, done = threading.Event(), threading.Event()
     names: list[str] = []
     # Both tasks share one queue: either thread may take the stuck one, so compare names.
-    pool.submit(lambda: (names.append(threading.current_thread().name), stuck.wait(10)))
-    pool.submit(lambda: (names.append(threading.current_thread().name), done.set()))
+
+    def task(then: Callable[[], object]) -> Callable[[], Callable[[], None]]:
+        def run() -> Callable[[], None]:
+            names.append(threading.current_thread().name)
+            then()
+            return lambda: None
+
+        return run
+
+    pool.submit(task(lambda: stuck.wait(10)))
+    pool.submit(task(done.set))
     assert await asyncio.to_thread(done.wait, 10)
     assert pool.started == 2 and sorted(names) == ["test-1", "test-2"]
     assert all(t.daemon for t in threading.enumerate() if t.name.startswith("test-"))
