@@ -14,6 +14,7 @@ from tests.fuzz.inputs import POISON, VALID, binary, plain, structured
 
 # Hostile and valid requests alike; a pass is repeated and must not leave memory behind.
 GROWTH_BOUND = 256 * 1024  # bytes per pass of 30 requests: a leak of 9 KiB a request trips it
+MEASURED_PASSES = 3
 
 
 def _one_pass(function: InProcessFunction, stage: str) -> None:
@@ -39,19 +40,20 @@ def _one_pass(function: InProcessFunction, stage: str) -> None:
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_still_alive_and_not_growing(functions: dict[str, InProcessFunction], stage: str) -> None:
+    """A leak grows every pass; a cache filling or another thread's work shows in one at most."""
     function = functions[stage]
     _one_pass(function, stage)  # caches, first-use imports and the like settle here
     gc.collect()
+    growths = []
     tracemalloc.start()
     try:
-        _one_pass(function, stage)
-        gc.collect()
-        before = tracemalloc.get_traced_memory()[0]
-        _one_pass(function, stage)
-        gc.collect()
-        growth = tracemalloc.get_traced_memory()[0] - before
+        for _ in range(MEASURED_PASSES):
+            before = tracemalloc.get_traced_memory()[0]
+            _one_pass(function, stage)
+            gc.collect()
+            growths.append(tracemalloc.get_traced_memory()[0] - before)
     finally:
         tracemalloc.stop()
-    assert growth < GROWTH_BOUND, f"{stage} kept {growth} bytes per pass of 30 requests"
+    assert min(growths) < GROWTH_BOUND, f"{stage} kept {growths} bytes in passes of 30 requests"
     assert function.get("/healthz").status_code == 200
     assert function.get("/readyz").json()["ready"] is True
