@@ -106,6 +106,14 @@ async def _held_on_first(
     return backend, stage, first
 
 
+async def _until_queued(stage: RenderStage, depth: int) -> None:
+    """Wait until ``depth`` jobs are running or waiting in the stage's batcher."""
+    deadline = time.monotonic() + 10
+    while stage.batcher.depth != depth:
+        assert time.monotonic() < deadline, f"{stage.batcher.depth} jobs queued, not {depth}"
+        await asyncio.sleep(0.001)
+
+
 def test_the_backend_double_batches() -> None:
     assert isinstance(BatchingBackend(), BatchRenderBackend)
 
@@ -143,7 +151,7 @@ async def test_compatible_jobs_within_the_window_share_one_call(tmp_path: Path) 
 async def test_jobs_queued_behind_a_call_form_the_next_batch(tmp_path: Path) -> None:
     backend, stage, first = await _held_on_first(tmp_path, batch_size=3)
     rest = [asyncio.ensure_future(stage.render_png(job(f"q{i}"))) for i in range(5)]
-    await asyncio.sleep(0.01)
+    await _until_queued(stage, 1 + 5)
     backend.gate.set()
     await asyncio.gather(first, *rest)
     assert backend.calls == [["first"], ["q0", "q1", "q2"], ["q3", "q4"]]
@@ -183,7 +191,7 @@ async def test_incompatible_jobs_never_share_a_call(tmp_path: Path) -> None:
         asyncio.ensure_future(stage.render_png(job(gid, width=w)))
         for gid, w in (("a256", 256), ("b512", 512), ("c256", 256), ("d512", 512))
     ]
-    await asyncio.sleep(0.01)
+    await _until_queued(stage, 1 + 4)
     backend.gate.set()
     await asyncio.gather(first, *rest)
     # Oldest first: the 256 batch (its two jobs), then the 512 one.
@@ -194,7 +202,7 @@ async def test_a_cancelled_job_leaves_its_batch_before_it_runs(tmp_path: Path) -
     backend, stage, first = await _held_on_first(tmp_path, batch_size=4)
     kept = asyncio.ensure_future(stage.render_png(job("kept")))
     dropped = asyncio.ensure_future(stage.render_png(job("dropped")))
-    await asyncio.sleep(0.01)
+    await _until_queued(stage, 1 + 2)
     dropped.cancel()  # its request timed out while it waited
     backend.gate.set()
     await asyncio.gather(first, kept)
