@@ -36,7 +36,7 @@ __all__ = [
 
 app = typer.Typer(
     name="imagegen",
-    help="Text to image: enhance → render → persist, in-process or as Knative functions.",
+    help="Text to image: enhance → render → persist → derive, in-process or as Knative functions.",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -127,7 +127,7 @@ def _main(
         bool, typer.Option("--verbose", "-v", help=_VERBOSE_HELP, callback=set_verbosity)
     ] = False,
 ) -> None:
-    """Text to image: enhance → render → persist, in-process or as Knative functions."""
+    """Text to image: enhance → render → persist → derive, in-process or as Knative functions."""
 
 
 def settings_from(**overrides: Any) -> Settings:
