@@ -33,13 +33,15 @@ class ImageGenError(Exception):
         code: A short machine-readable name, stable across releases.
         status: The HTTP status this error maps to at the function edge.
         retryable: Whether delivering the same input again can succeed.
-        retry_after: Seconds a caller should wait before retrying, when retryable.
+        retry_after: Seconds a caller should wait before retrying, when retryable (default:
+            the class's ``default_retry_after``).
         errors: One entry per offending field or setting: ``{"field": ..., "message": ...}``.
     """
 
     code: ClassVar[str] = "internal"
     status: ClassVar[int] = 500
     retryable: ClassVar[bool] = False
+    default_retry_after: ClassVar[float | None] = None
 
     def __init__(
         self,
@@ -50,7 +52,7 @@ class ImageGenError(Exception):
     ) -> None:
         super().__init__(message)
         self.message = message
-        self.retry_after = retry_after
+        self.retry_after = self.default_retry_after if retry_after is None else retry_after
         self.errors = errors or []
 
     @property
@@ -152,9 +154,7 @@ class Overloaded(ImageGenError):
     code = "overloaded"
     status = 429
     retryable = True
-
-    def __init__(self, message: str, *, retry_after: float = 5.0) -> None:
-        super().__init__(message, retry_after=retry_after)
+    default_retry_after = 5.0
 
 
 class DependencyUnavailable(ImageGenError):
@@ -163,9 +163,7 @@ class DependencyUnavailable(ImageGenError):
     code = "dependency_unavailable"
     status = 503
     retryable = True
-
-    def __init__(self, message: str, *, retry_after: float = 10.0) -> None:
-        super().__init__(message, retry_after=retry_after)
+    default_retry_after = 10.0
 
 
 class ConfigurationError(ImageGenError):
@@ -181,15 +179,7 @@ class ConfigurationError(ImageGenError):
     code = "not_configured"
     status = 503
     retryable = True
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        errors: list[dict[str, str]] | None = None,
-        retry_after: float = 30.0,
-    ) -> None:
-        super().__init__(message, retry_after=retry_after, errors=errors)
+    default_retry_after = 30.0
 
     @classmethod
     def of(cls, summary: str, exc: Exception) -> ConfigurationError:
