@@ -214,21 +214,6 @@ class OllamaEnhancer:
             DependencyUnavailable: Ollama is unreachable, failing, slow or replying nonsense,
                 retries included, or its circuit is open.
         """
-        try:
-            async with self.breaker.call():
-                return await self._write(prompt, contributions, seed, spec)
-        except CircuitOpen as exc:
-            # Expected while Ollama is down: one short line, no retries, no traceback.
-            model = self.settings.ollama_model
-            raise DependencyUnavailable(f"Ollama model {model}: {exc}") from exc
-
-    async def _write(
-        self,
-        prompt: str | None,
-        contributions: Sequence[Contribution],
-        seed: int,
-        spec: ModelFamily,
-    ) -> str:
         messages = build_messages(prompt, contributions, spec)
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.settings.ollama_retries + 1),
@@ -238,10 +223,16 @@ class OllamaEnhancer:
             reraise=True,
         )
         try:
-            async with asyncio.timeout(self.deadline):
+            # One write is one call of the circuit, its retries included; an open circuit
+            # refuses it before any attempt.
+            async with self.breaker.call(), asyncio.timeout(self.deadline):
                 async for attempt in retrying:
                     with attempt:
                         return await self._chat(messages, seed, spec)
+        except CircuitOpen as exc:
+            # Expected while Ollama is down: one short line, no retries, no traceback.
+            model = self.settings.ollama_model
+            raise DependencyUnavailable(f"Ollama model {model}: {exc}") from exc
         except (TimeoutError, httpx.TimeoutException) as exc:
             reason = f"no reply within {self.settings.ollama_timeout:g}s"
             raise self._unavailable(reason) from exc
