@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter
-
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics.export import MetricExporter
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 __all__ = ["EXPORT_TIMEOUT", "env", "metric_exporter_from_env", "span_exporter_from_env"]
 
@@ -60,53 +60,52 @@ def _grpc_unavailable(signal: str, protocol: str, error: ImportError | None = No
     )
 
 
-def span_exporter_from_env() -> SpanExporter | None:
-    """The exporter for spans: console, OTLP (http/protobuf or grpc), or None."""
-    kinds = _exporter_kinds("traces")
+# signal → its console exporter (module, class), and the module (under
+# ``opentelemetry.exporter.otlp.proto.<grpc|http>``) and class of its OTLP exporter. The grpc
+# package is optional; the http one is always installed.
+_EXPORTERS = {
+    "traces": (
+        ("opentelemetry.sdk.trace.export", "ConsoleSpanExporter"),
+        ("trace_exporter", "OTLPSpanExporter"),
+    ),
+    "metrics": (
+        ("opentelemetry.sdk.metrics.export", "ConsoleMetricExporter"),
+        ("metric_exporter", "OTLPMetricExporter"),
+    ),
+}
+
+
+def _exporter_from_env(signal: str) -> Any:
+    """The exporter ``OTEL_<SIGNAL>_EXPORTER`` asks for: console; OTLP over grpc when asked for
+    and installed, else http/protobuf; None for OTLP with no endpoint set, or for ``none``."""
+    (console_module, console), (module, name) = _EXPORTERS[signal]
+    kinds = _exporter_kinds(signal)
     if "console" in kinds:
-        return ConsoleSpanExporter()
-    found = _otlp_options("traces") if "otlp" in kinds else None
+        return getattr(importlib.import_module(console_module), console)()
+    found = _otlp_options(signal) if "otlp" in kinds else None
     if found is None:
         return None
     protocol, options = found
     if protocol == "grpc":
         try:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-                OTLPSpanExporter as GrpcSpanExporter,
-            )
+            grpc = importlib.import_module(f"opentelemetry.exporter.otlp.proto.grpc.{module}")
         except ImportError as error:
-            _grpc_unavailable("traces", protocol, error)
+            _grpc_unavailable(signal, protocol, error)
         else:
-            return GrpcSpanExporter(**options)  # type: ignore[no-any-return]
+            return getattr(grpc, name)(**options)
     elif protocol != "http/protobuf":
-        _grpc_unavailable("traces", protocol)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        _grpc_unavailable(signal, protocol)
+    http = importlib.import_module(f"opentelemetry.exporter.otlp.proto.http.{module}")
+    return getattr(http, name)(**options)
 
-    return OTLPSpanExporter(**options)
+
+def span_exporter_from_env() -> SpanExporter | None:
+    """The exporter for spans: console, OTLP (http/protobuf or grpc), or None."""
+    exporter: SpanExporter | None = _exporter_from_env("traces")
+    return exporter
 
 
 def metric_exporter_from_env() -> MetricExporter | None:
     """The exporter for metrics: console, OTLP (http/protobuf or grpc), or None."""
-    kinds = _exporter_kinds("metrics")
-    if "console" in kinds:
-        from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
-
-        return ConsoleMetricExporter()
-    found = _otlp_options("metrics") if "otlp" in kinds else None
-    if found is None:
-        return None
-    protocol, options = found
-    if protocol == "grpc":
-        try:
-            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
-                OTLPMetricExporter as GrpcMetricExporter,
-            )
-        except ImportError as error:
-            _grpc_unavailable("metrics", protocol, error)
-        else:
-            return GrpcMetricExporter(**options)  # type: ignore[no-any-return]
-    elif protocol != "http/protobuf":
-        _grpc_unavailable("metrics", protocol)
-    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-
-    return OTLPMetricExporter(**options)
+    exporter: MetricExporter | None = _exporter_from_env("metrics")
+    return exporter
