@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 __all__ = [
@@ -112,22 +112,9 @@ FLUX2_KLEIN = ModelFamily(
     prompt_overhead=_QWEN3_CHAT_TOKENS,
     max_pixels=2048 * 2048,
 )
-# FLUX.1 renders up to 2 megapixels (Black Forest Labs' figure), FLUX.2 up to 4.
-_FLUX1_MAX_PIXELS = 2 * 1024 * 1024
-
-# FLUX.1: CLIP (77 tokens, the subject) plus T5 (the whole prompt). schnell is
-# timestep-distilled with T5 trained on 256 tokens and no guidance; dev is guidance-distilled.
-FLUX1_SCHNELL = ModelFamily(
-    name="flux1-schnell",
-    title="FLUX.1 [schnell]",
-    pipeline="FluxPipeline",
-    text_encoder="CLIP-L + T5-XXL",
-    default_steps=4,
-    default_guidance=0.0,
-    prompt_tokens=256,
-    subject_tokens=77,
-    max_pixels=_FLUX1_MAX_PIXELS,
-)
+# FLUX.1: CLIP (77 tokens, the subject) plus T5 (the whole prompt), up to 2 megapixels (Black
+# Forest Labs' figure; FLUX.2 renders up to 4). dev is guidance-distilled; schnell is
+# timestep-distilled, with T5 trained on 256 tokens and no guidance.
 FLUX1_DEV = ModelFamily(
     name="flux1-dev",
     title="FLUX.1 [dev]",
@@ -137,30 +124,35 @@ FLUX1_DEV = ModelFamily(
     default_guidance=3.5,
     prompt_tokens=512,
     subject_tokens=77,
-    max_pixels=_FLUX1_MAX_PIXELS,
+    max_pixels=2 * 1024 * 1024,
+)
+FLUX1_SCHNELL = replace(
+    FLUX1_DEV,
+    name="flux1-schnell",
+    title="FLUX.1 [schnell]",
+    default_steps=4,
+    default_guidance=0.0,
+    prompt_tokens=256,
 )
 # The offline tiny pipelines (imagegen.render.tiny, imagegen.render.tiny_klein): the real
-# pipeline classes with random weights; shorter prompt windows keep them fast on a CPU.
-TINY_FLUX1 = ModelFamily(
+# pipeline classes with random weights; fewer steps and shorter prompt windows keep them fast
+# on a CPU. Their size is bounded by the sides alone.
+TINY_FLUX1 = replace(
+    FLUX1_DEV,
     name="tiny-flux1",
     title="tiny FLUX.1 (random weights)",
-    pipeline="FluxPipeline",
     text_encoder="CLIP + T5 (tiny)",
     default_steps=2,
-    default_guidance=3.5,
     prompt_tokens=256,
-    subject_tokens=77,
+    max_pixels=2048 * 2048,
 )
-TINY_FLUX2_KLEIN = ModelFamily(
+TINY_FLUX2_KLEIN = replace(
+    FLUX2_KLEIN,
     name="tiny-flux2-klein",
     title="tiny FLUX.2 [klein] (random weights)",
-    pipeline="Flux2KleinPipeline",
     text_encoder="Qwen3 (tiny)",
     default_steps=2,
-    default_guidance=1.0,
     prompt_tokens=128,
-    subject_tokens=None,
-    prompt_overhead=_QWEN3_CHAT_TOKENS,
     text_encoder_layers=(1, 2, 3),
 )
 
