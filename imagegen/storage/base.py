@@ -210,25 +210,28 @@ class GenerationKeys:
 
     @property
     def image(self) -> str:
-        return validate_key(f"{self.prefix}.png")
+        return self._key(".png")
 
     @property
     def thumbnail(self) -> str:
-        return validate_key(f"{self.prefix}.thumb.webp")
+        return self._key(".thumb.webp")
 
     @property
     def metadata(self) -> str:
-        return validate_key(f"{self.prefix}.json")
+        return self._key(".json")
 
     @property
     def prompt(self) -> str:
         """The enhanced prompt, kept so that a redelivered request gets the same one."""
-        return validate_key(f"{self.prefix}.prompt.json")
+        return self._key(".prompt.json")
 
     @property
     def derivatives(self) -> str:
         """The derivatives record: which AVIF/WebP derivatives exist (the Worker reads it)."""
-        return validate_key(f"{self.prefix}.derivatives.json")
+        return self._key(".derivatives.json")
+
+    def _key(self, suffix: str) -> str:
+        return validate_key(self.prefix + suffix)
 
     @classmethod
     def of_image(cls, generation_id: str, image_key: str) -> GenerationKeys:
