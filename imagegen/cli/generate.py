@@ -48,13 +48,13 @@ def _request(
     prompt: str | None,
     *,
     model: str | None,
-    seed: int | None,
     width: int,
     height: int,
     steps: int | None,
-    guidance: float | None,
     plugins: str | None,
     no_enhance: bool,
+    seed: int | None = None,
+    guidance: float | None = None,
 ) -> Any:
     from imagegen.models import GenerationRequest
     from imagegen.validation import parse_model
@@ -74,13 +74,15 @@ def _request(
     return parse_model(GenerationRequest, {k: v for k, v in data.items() if v is not None})
 
 
+def _as_json(enhanced: EnhancedPrompt, persisted: PersistedImage, indent: int | None = None) -> str:
+    """What ``--json`` prints of one image: its record and the prompt it was made from."""
+    body = {"image": persisted.model_dump(mode="json"), "prompt": enhanced.model_dump(mode="json")}
+    return json.dumps(body, indent=indent)
+
+
 def _report(enhanced: EnhancedPrompt, persisted: PersistedImage, as_json: bool) -> None:
     if as_json:
-        body = {
-            "image": persisted.model_dump(mode="json"),
-            "prompt": enhanced.model_dump(mode="json"),
-        }
-        typer.echo(json.dumps(body, indent=2))
+        typer.echo(_as_json(enhanced, persisted, indent=2))
         return
     from rich.markup import escape
 
@@ -227,11 +229,9 @@ def loop(
     request = _request(
         prompt,
         model=model,
-        seed=None,
         width=width,
         height=height,
         steps=steps,
-        guidance=None,
         plugins=plugins,
         no_enhance=no_enhance,
     )
@@ -256,14 +256,7 @@ def loop(
                 )
                 tally.add(time.perf_counter() - started)
                 if as_json:
-                    typer.echo(
-                        json.dumps(
-                            {
-                                "image": persisted.model_dump(mode="json"),
-                                "prompt": enhanced.model_dump(mode="json"),
-                            }
-                        )
-                    )
+                    typer.echo(_as_json(enhanced, persisted))
                 else:
                     out.print(tally.line(_where(persisted), count), soft_wrap=True, markup=False)
                     if enhanced.fallback and not explained:
