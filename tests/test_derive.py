@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,10 +12,10 @@ import pytest
 from PIL import Image
 
 from imagegen import ImageGenService, InvalidRequest, Settings
-from imagegen.models import EnhancedPrompt, PersistedImage, RenderedImage
+from imagegen.models import PersistedImage, RenderedImage
 from imagegen.storage import LocalStorage
-from imagegen.storage.base import GenerationKeys
 from tests.fakes.images import gradient_png as png
+from tests.fakes.images import store_rendered
 
 NOW = datetime(2026, 11, 24, 18, 30, tzinfo=UTC)
 
@@ -25,37 +24,11 @@ def settings(root: Path, widths: list[int]) -> Settings:
     return Settings(storage_url=str(root), derivative_widths=widths)
 
 
-async def stored(service: ImageGenService, gid: str, width: int = 96) -> RenderedImage:
+async def stored(service: ImageGenService, gid: str) -> RenderedImage:
     """A rendered image as render leaves it: the PNG stored, the claim check returned."""
-    keys = GenerationKeys(gid, NOW)
-    data = png(width, width // 2)
-    await service.storage.put(keys.image, data, content_type="image/png")
-    job = EnhancedPrompt(
-        generation_id=gid,
-        prompt="a kite",
-        enhancer="passthrough",
-        model="tiny",
-        width=256,
-        height=256,
-        steps=2,
-        guidance=0.0,
-        seed=7,
-        requested_at=NOW,
-    )
-    return RenderedImage(
-        generation_id=gid,
-        key=keys.image,
-        location=service.storage.location(keys.image),
-        size=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
-        width=width,
-        height=width // 2,
-        seed=7,
-        model="tiny",
-        steps=2,
-        guidance=0.0,
-        rendered_at=NOW,
-        prompt=job,
+    # Smaller than the thumbnail size (and than any job): the thumbnail keeps its size.
+    return await store_rendered(
+        service.storage, gid, NOW, png(96, 48), "a kite", job_size=(256, 256)
     )
 
 

@@ -11,7 +11,6 @@ Run from the repository root: ``.venv/bin/python worker/e2e/origin.py``.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import json
 import sys
@@ -23,11 +22,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from imagegen.derive import DeriveStage
-from imagegen.models import EnhancedPrompt, RenderedImage
 from imagegen.persist import PersistStage
 from imagegen.settings import Settings
 from imagegen.storage import open_storage
-from imagegen.storage.base import GenerationKeys
+from tests.fakes.images import store_rendered
 from tests.fakes.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server
 
 BUCKET = "images"
@@ -66,35 +64,7 @@ async def fill(s3: S3Server) -> list[dict[str, object]]:
     derive = DeriveStage(settings, storage)
     persisted = []
     for generation_id, at, prompt, color in IMAGES:
-        keys = GenerationKeys(generation_id, at)
-        data = png(color)
-        await storage.put(keys.image, data, content_type="image/png")
-        enhanced = EnhancedPrompt(
-            generation_id=generation_id,
-            prompt=prompt,
-            enhancer="passthrough",
-            model="tiny",
-            width=384,
-            height=256,
-            steps=2,
-            guidance=0.0,
-            seed=7,
-            requested_at=at,
-        )
-        image = RenderedImage(
-            generation_id=generation_id,
-            key=keys.image,
-            location=storage.location(keys.image),
-            size=len(data),
-            sha256=hashlib.sha256(data).hexdigest(),
-            width=384,
-            height=256,
-            seed=7,
-            model="tiny",
-            steps=2,
-            guidance=0.0,
-            prompt=enhanced,
-        )
+        image = await store_rendered(storage, generation_id, at, png(color), prompt)
         record = await stage.run(image)
         await derive.run(record)
         persisted.append(record.model_dump(mode="json"))
