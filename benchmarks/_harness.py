@@ -29,7 +29,8 @@ class Comparison:
     """One row: the project's figure against a baseline measured in the same run.
 
     ``better`` says which way the ratio (project / baseline) should go: ``"lower"`` for times
-    (at most ``target``), ``"higher"`` for speed-ups and rates (at least ``target``).
+    (at most ``target``), ``"higher"`` for speed-ups and rates (at least ``target``). A row
+    with no ``target`` only informs: it is neither met nor missed.
     ``statistic`` picks one figure per side: ``"best"`` is the shortest time or the highest
     rate over the rounds (what the machine can do when others leave it alone), ``"median"``
     the median round.
@@ -38,7 +39,7 @@ class Comparison:
     name: str
     unit: str
     better: Literal["lower", "higher"]
-    target: float
+    target: float | None
     baseline: list[float] = field(default_factory=list)
     project: list[float] = field(default_factory=list)
     statistic: Literal["best", "median"] = "best"
@@ -60,9 +61,25 @@ class Comparison:
             return self.pick(self.baseline) / self.pick(self.project)
         return self.pick(self.project) / self.pick(self.baseline)
 
+    @property
+    def has_target(self) -> bool:
+        return self.target is not None
+
     def met(self) -> bool:
+        if self.target is None:
+            raise ValueError(f"{self.name}: no target to meet")
         ratio = self.ratio()
         return ratio <= self.target if self.better == "lower" else ratio >= self.target
+
+    def verdict(self, *, markdown: bool = False) -> str:
+        """The target and whether it was met, as the printed line or the table says it."""
+        if self.target is None:
+            return "no target"
+        at_most = self.better == "lower"
+        sign = ("≤" if at_most else "≥") if markdown else ("<=" if at_most else ">=")
+        if markdown:
+            return f"{sign} {self.target:g}x {'met' if self.met() else '**not met**'}"
+        return f"target {sign} {self.target:g}x  {'met' if self.met() else 'NOT MET'}"
 
     def label(self) -> str:
         """Which figure the ratio compares: ``min`` (times), ``max`` (rates) or ``median``."""
@@ -76,11 +93,9 @@ class Comparison:
         def both(values: list[float]) -> str:
             return f"{self.pick(values):.4g} / {statistics.median(values):.4g} {self.unit}"
 
-        sign = "≤" if self.better == "lower" else "≥"
-        verdict = "met" if self.met() else "**not met**"
         return (
             f"| {self.name} | {both(self.baseline)} | {both(self.project)} | {self.ratio():.2f}x"
-            f" ({self.label()}) | {sign} {self.target:g}x {verdict} |"
+            f" ({self.label()}) | {self.verdict(markdown=True)} |"
         )
 
     def print(self) -> None:
@@ -88,14 +103,12 @@ class Comparison:
             best = f"max {max(values):9.4f}" if self.is_rate else f"min {min(values):9.4f}"
             return f"{best} med {statistics.median(values):9.4f} {self.unit}"
 
-        sign = "<=" if self.better == "lower" else ">="
-        verdict = "met" if self.met() else "NOT MET"
         print(f"{self.name}")
         print(f"    baseline  {summary(self.baseline)}")
         print(f"    project   {summary(self.project)}")
         print(
-            f"    ratio {self.ratio():6.2f}x ({self.label()} against {self.label()};"
-            f" target {sign} {self.target:g}x)  {verdict}{'  ' + self.note if self.note else ''}",
+            f"    ratio {self.ratio():6.2f}x ({self.label()} against {self.label()});"
+            f" {self.verdict()}{'  ' + self.note if self.note else ''}",
             flush=True,
         )
 

@@ -55,8 +55,20 @@ def test_the_printed_row_names_the_figure_its_ratio_compares(
     Comparison("rate", "req/s", "higher", 0.1, [50.0, 40.0], [10.0, 12.0]).print()
     Comparison("time", "s", "lower", 1.3, [1.0, 2.0], [1.5, 1.2]).print()
     rate, time = capsys.readouterr().out.split("time\n")
-    assert "max   50.0000" in rate and "ratio   0.24x (max against max;" in rate
-    assert "min    1.2000" in time and "ratio   1.20x (min against min;" in time
+    assert "max   50.0000" in rate and "ratio   0.24x (max against max); target >=" in rate
+    assert "min    1.2000" in time and "ratio   1.20x (min against min); target <=" in time
+
+
+def test_a_row_without_a_target_informs_and_is_neither_met_nor_missed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    row = Comparison("ceiling", "s", "higher", None, baseline=[2.4], project=[2.0])
+    assert row.ratio() == pytest.approx(1.2) and not row.has_target
+    row.print()
+    assert "ratio   1.20x (min against min); no target" in capsys.readouterr().out
+    assert row.markdown().endswith("| 1.20x (min) | no target |")
+    with pytest.raises(ValueError, match="no target"):
+        row.met()
 
 
 def test_the_summary_line_gives_both_figures_the_ratio_and_the_verdict() -> None:
