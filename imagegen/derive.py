@@ -82,6 +82,7 @@ class DeriveStage:
                 **{d.name: d.key for d in derivatives},
             },
             created_at=image.created_at,
+            replay_of=image.replay_of,
         )
         body = json.dumps({"derived": derived.model_dump(mode="json")}, indent=2).encode()
         if await self.storage.create(keys.derivatives, body, content_type="application/json"):

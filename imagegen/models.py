@@ -316,6 +316,9 @@ class PersistedImage(_Model):
     created_at: datetime = Field(
         description="When the image was rendered (else requested): taken from the event chain."
     )
+    replay_of: GenerationId | None = Field(
+        default=None, description="The generation this one replays, when it is a replay."
+    )
 
     @property
     def occurred_at(self) -> datetime:
@@ -337,6 +340,9 @@ class DerivedImage(_Model):
         description="Object keys: record (this record), and avif:<width>, webp:<width>."
     )
     created_at: datetime = Field(description="The image's created_at, from image.persisted.")
+    replay_of: GenerationId | None = Field(
+        default=None, description="The generation this one replays, when it is a replay."
+    )
 
     @property
     def occurred_at(self) -> datetime:

@@ -132,6 +132,7 @@ class PersistStage:
             prompt=image.prompt.prompt,
             timings=image.timings,
             created_at=created_at,
+            replay_of=image.prompt.replay_of,
         )
 
     async def _stored_answer(

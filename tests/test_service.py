@@ -110,6 +110,24 @@ async def test_render_persist_and_derive_are_idempotent(settings: Settings, tmp_
     ]
 
 
+async def test_every_reply_of_a_replay_names_the_generation_it_replays(
+    settings: Settings,
+) -> None:
+    # A replay from the request runs enhance again: the link must survive it, and every
+    # stage after it, so each event of the new generation says what it replays.
+    async with ImageGenService(settings) as service:
+        request = small(prompt="a harbour", generation_id="replay-2", replay_of="original-1")
+        job = await service.enhance(request)
+        rendered = await service.render(job)
+        persisted = await service.persist(rendered)
+        derived = await service.derive(persisted)
+        # A redelivery is answered from the stored records: they keep the link too.
+        again = await service.derive(await service.persist(await service.render(job)))
+    assert job.replay_of == rendered.prompt.replay_of == "original-1"
+    assert persisted.replay_of == derived.replay_of == again.replay_of == "original-1"
+    assert again == derived
+
+
 async def test_persist_refuses_a_tampered_claim_check(settings: Settings) -> None:
     async with ImageGenService(settings) as service:
         job = await service.enhance(small(prompt="a boat", generation_id="tamper-1"))

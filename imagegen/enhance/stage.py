@@ -147,6 +147,7 @@ class EnhanceStage:
             seed=seed,
             requested_at=requested_at,
             metadata=request.metadata,
+            replay_of=request.replay_of,
         )
         self._log(job)
         return job

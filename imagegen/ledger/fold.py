@@ -165,7 +165,9 @@ def fold(event: LedgerEvent, *, now: datetime) -> Change | None:
         fields = _pick(
             persisted, "prompt", "seed", "model", "width", "height", "keys", "urls", "url"
         )
-        fields.update(location=persisted.location, sha256=persisted.sha256)
+        fields.update(
+            location=persisted.location, sha256=persisted.sha256, replay_of=persisted.replay_of
+        )
     elif event.type == IMAGE_DERIVED:
         # Nothing of the generation's row: what it says of the image, image.persisted said.
         gid = parse_model(DerivedImage, event.data).generation_id
