@@ -1,10 +1,16 @@
-"""The chain by hand: request → enhance → render → persist → derive, each a real HTTP server."""
+"""The chain by hand: request → enhance → render → persist → derive, each stage's app called
+in this process through httpx (:class:`~tests.functions.clients.InProcessFunction`).
+
+The same chain over real servers, one process a stage, is ``tests/knative/test_eventing_path.py``
+(routed by the Triggers, S3 storage) and ``tests/test_readme.py`` (the documented commands).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,7 +27,8 @@ from imagegen.events import (
     PROMPT_ENHANCED,
 )
 from tests.fakes.s3_server import S3Server
-from tests.functions.conftest import StartServer, base_env, s3_env
+from tests.functions.clients import InProcessFunction
+from tests.functions.conftest import base_env, s3_env
 from tests.functions.servers import post_event
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -125,13 +132,12 @@ def test_every_event_delivered_twice_yields_one_image_and_the_same_replies(
     ]
 
 
-def test_chain_with_s3_storage(start_server: StartServer, tmp_path: Path) -> None:
-    with S3Server() as s3:
+def test_chain_with_s3_storage(tmp_path: Path) -> None:
+    with S3Server() as s3, ExitStack() as stack:
         s3.create_bucket("images")
         env = {**base_env(tmp_path / "unused"), **s3_env(s3, "s3://images/generated")}
         stages = ("enhance", "render", "persist", "derive")
-        servers = {stage: start_server(stage, env) for stage in stages}
-        servers["render"].wait("/readyz", timeout=120)
+        servers = {stage: stack.enter_context(InProcessFunction(stage, env)) for stage in stages}
         replies = run_chain(
             servers,
             {"prompt": "a red fox", "width": 256, "height": 320},
