@@ -5,8 +5,13 @@ must lose nothing, so it takes whatever arrives: any event type, any attributes,
 without CloudEvents attributes, and a body that is not JSON at all (kept byte for byte, with
 the HTTP headers, credentials left out). Knative adds ``knativeerrorcode``, ``knativeerrordest``
 and ``knativeerrordata`` to a dead-lettered event; the last is the failing reply, base64, cut at
-1,024 bytes, so it is decoded as far as it goes and never relied on. One record per event, at
-``failures/YYYY/MM/DD/<id>.json``: a redelivered event overwrites its own record.
+1,024 bytes, so it is decoded as far as it goes and never relied on.
+
+One record per event, at ``failures/YYYY/MM/DD/<name>.json``: the date is the event's ``time``
+(UTC), the name derives from its ``source`` and ``id`` (or, without them, from the body), and
+the record is written only if absent. Every redelivery of an event, on any day and at any
+replica, finds its first record and leaves it as it is. An event without a usable ``time``
+is recorded under ``failures/undated/``.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
+from imagegen.errors import InvalidRequest
 from imagegen.events import GENERATION_FAILED
-from imagegen.identity import derive_generation_id
+from imagegen.identity import derive_generation_id, event_time
 from imagegen.stages import Call, Stage
 
 if TYPE_CHECKING:
@@ -69,15 +75,31 @@ def _decode(value: str | None) -> Any:
         return text[:2000]
 
 
-async def _record(service: ImageGenService, data: Any, call: Call) -> None:
-    attributes = dict(call.attributes)
-    now = datetime.now(UTC)
+def record_key(attributes: dict[str, str], data: Any, raw: bytes | None) -> str:
+    """The key of the record of one event: a function of the event alone, never of the clock.
+
+    Args:
+        attributes: The event's attributes, as they came (none for plain JSON).
+        data: The body, parsed.
+        raw: The body as received, where it did not parse.
+    """
     if "source" in attributes and "id" in attributes:
         name = derive_generation_id(attributes["source"], attributes["id"])
     else:  # no event: the same body lands on the same record
-        body = call.raw if call.raw is not None else json.dumps(data, sort_keys=True).encode()
+        body = raw if raw is not None else json.dumps(data, sort_keys=True).encode()
         name = hashlib.sha256(body).hexdigest()
-    key = f"failures/{now:%Y/%m/%d}/{name}.json"
+    try:
+        when = event_time(attributes)
+    except InvalidRequest:  # kept as it came; it names no day
+        when = None
+    day = f"{when.astimezone(UTC):%Y/%m/%d}" if when is not None else "undated"
+    return f"failures/{day}/{name}.json"
+
+
+async def _record(service: ImageGenService, data: Any, call: Call) -> None:
+    attributes = dict(call.attributes)
+    now = datetime.now(UTC)
+    key = record_key(attributes, data, call.raw)
     gid = attributes.get("subject") or (
         data.get("generation_id") if isinstance(data, dict) else None
     )
@@ -98,11 +120,13 @@ async def _record(service: ImageGenService, data: Any, call: Call) -> None:
         body_base64=base64.b64encode(call.raw).decode() if call.raw is not None else None,
         recorded_at=now,
     )
-    await service.storage.put(
+    # First writer wins: a redelivery (another day, another replica) keeps the first record.
+    created = await service.storage.create(
         key, record.model_dump_json(indent=2).encode(), content_type="application/json"
     )
     kind = "generation failed" if record.event_type == GENERATION_FAILED else "delivery failed"
-    log.warning(kind, extra={"event_type": record.event_type, "generation_id": gid, "key": key})
+    extra = {"event_type": record.event_type, "generation_id": gid, "key": key}
+    log.warning(kind if created else f"{kind} (already recorded)", extra=extra)
 
 
 STAGE = Stage(

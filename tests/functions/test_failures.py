@@ -142,6 +142,30 @@ def test_the_dead_letter_sink_takes_plain_json_and_keeps_every_attribute(tmp_pat
     assert "202" in document.json()["paths"]["/"]["post"]["responses"]
 
 
+def test_the_dead_letter_sink_keeps_one_record_per_event_on_any_day_at_any_replica(
+    tmp_path: Path,
+) -> None:
+    store = tmp_path / "store"
+    replicas = [InProcessFunction("deadletter", base_env(store)) for _ in range(2)]
+    event = partial(cloudevent_headers, GENERATION_REQUESTED, event_id="dl-1", time=SENT_AT)
+    # The broker's first dead-lettering, then a redelivery of it (a later day, another
+    # replica, another reason): one record, the first, filed under the event's own day.
+    for replica, code in zip(replicas, ("503", "504"), strict=True):
+        reply = replica.post(headers=event(knativeerrorcode=code), content=b'{"prompt": "x"}')
+        assert reply.status_code == 202, reply.text
+    [path] = store.rglob("failures/**/*.json")
+    record = json.loads(path.read_text())
+    assert path.relative_to(store).parts[:4] == ("failures", "2026", "11", "24")
+    assert record["key"] == path.relative_to(store).as_posix()
+    assert (record["event_id"], record["error_code"]) == ("dl-1", "503")
+    # No usable time: the event names no day, and is still recorded once.
+    for replica, when in zip(replicas, ("not a time", "2026-13-45T00:00:00Z"), strict=True):
+        undated = event(event_id="dl-2", time=when)
+        assert replica.post(headers=undated, content=b"{}").status_code == 202
+    [path] = store.rglob("failures/undated/*.json")
+    assert json.loads(path.read_text())["attributes"]["time"] == "not a time"
+
+
 def test_a_function_whose_storage_is_not_writable_never_turns_ready(tmp_path: Path) -> None:
     # A directory under a regular file cannot be created, whoever the user (root included).
     blocker = tmp_path / "a-file"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,8 @@ def test_the_sink_keeps_it_whole(
     make, _ = CASES[case]
     request = make("deadletter")
     marker = f"known-{sorted(CASES).index(case)}"
+    # The cases share event ids, and the sink keeps the first record of an event: start bare.
+    shutil.rmtree(fuzz_store / "failures", ignore_errors=True)
     headers = {**request.headers, "x-case": marker}
     reply = functions["deadletter"].post(headers=headers, content=request.body)
     assert reply.status_code == 202 and reply.content == b"", reply.text
