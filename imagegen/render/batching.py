@@ -71,6 +71,10 @@ class _Waiting:
     progress: ProgressCallback | None
     future: asyncio.Future[RenderOutput]
     context: contextvars.Context
+    taken: bool = False
+    """Part of a call: it runs to the end whatever happens to its request."""
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once its call has ended, the PNG encoding included."""
 
 
 class Batcher:
@@ -136,8 +140,10 @@ class Batcher:
     ) -> RenderOutput:
         """Queue ``job`` and return its output once its batch has run.
 
-        Cancelling the caller drops the job if its batch has not started; a batch that has
-        started runs to the end (a thread cannot be stopped) and its other jobs get their images.
+        Cancelling the caller drops the job if its batch has not started. A batch that has
+        started runs to the end (a thread cannot be stopped) and its other jobs get their
+        images; the cancelled caller returns (raises) only once that call has ended, so what it
+        holds around this, an admission slot, stays held while the work runs.
         """
         waiting = _Waiting(
             job, progress, asyncio.get_running_loop().create_future(), contextvars.copy_context()
@@ -146,7 +152,13 @@ class Batcher:
         self._arrived.set()
         if self._worker is None or self._worker.done():
             self._worker = asyncio.ensure_future(self._drain())
-        return await waiting.future
+        try:
+            return await waiting.future
+        except asyncio.CancelledError:
+            while waiting.taken and not waiting.ended.is_set():
+                with contextlib.suppress(asyncio.CancelledError):  # cancelled again: still held
+                    await waiting.ended.wait()
+            raise
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
@@ -178,6 +190,7 @@ class Batcher:
             if waiting.future.done():
                 continue
             if len(taken) < self.max_size and batch_key(waiting.job) == key:
+                waiting.taken = True
                 taken.append(waiting)
             else:
                 kept.append(waiting)
@@ -185,18 +198,22 @@ class Batcher:
         return taken
 
     async def _run_batch(self, batch: list[_Waiting]) -> None:
-        async with self._lock:
-            self.running, self.running_since = len(batch), time.perf_counter()
-            try:
-                outcome = await self._call(batch)
-                calls: list[tuple[list[_Waiting], _Called | BaseException]]
-                if not isinstance(outcome, BaseException) or len(batch) == 1:
-                    calls = [(batch, outcome)]
-                else:
-                    # One job's failure is its own: run each alone to find which.
-                    calls = [([waiting], await self._call([waiting])) for waiting in batch]
-            finally:
-                self.running, self.running_since = 0, None
+        try:
+            async with self._lock:
+                self.running, self.running_since = len(batch), time.perf_counter()
+                try:
+                    outcome = await self._call(batch)
+                    calls: list[tuple[list[_Waiting], _Called | BaseException]]
+                    if not isinstance(outcome, BaseException) or len(batch) == 1:
+                        calls = [(batch, outcome)]
+                    else:
+                        # One job's failure is its own: run each alone to find which.
+                        calls = [([waiting], await self._call([waiting])) for waiting in batch]
+                finally:
+                    self.running, self.running_since = 0, None
+        except BaseException:
+            _end(batch)
+            raise
         # The pipeline is free for the next call: what is left (PNG encoding) overlaps it.
         task = asyncio.ensure_future(self._deliver(batch, calls))
         self._delivering.add(task)  # held until done: the loop keeps only weak references
@@ -205,16 +222,19 @@ class Batcher:
     async def _deliver(
         self, batch: list[_Waiting], calls: list[tuple[list[_Waiting], _Called | BaseException]]
     ) -> None:
-        results: list[RenderOutput | BaseException] = []
-        for jobs, called in calls:
-            results += await self._complete(jobs, called)
-        for waiting, result in zip(batch, results, strict=True):
-            if waiting.future.done():  # its request was cancelled meanwhile
-                continue
-            if isinstance(result, BaseException):
-                waiting.future.set_exception(result)
-            else:
-                waiting.future.set_result(result)
+        try:
+            results: list[RenderOutput | BaseException] = []
+            for jobs, called in calls:
+                results += await self._complete(jobs, called)
+            for waiting, result in zip(batch, results, strict=True):
+                if waiting.future.done():  # its request was cancelled meanwhile
+                    continue
+                if isinstance(result, BaseException):
+                    waiting.future.set_exception(result)
+                else:
+                    waiting.future.set_result(result)
+        finally:
+            _end(batch)
 
     async def _call(self, batch: list[_Waiting]) -> _Called | BaseException:
         """Run one call in a thread, in the first job's context; the error, if any, as a value.
@@ -283,6 +303,11 @@ class _Called:
     work: Batch
     finished: asyncio.Future[Any]
     """The outputs: ``run``'s, completed by ``finish`` when there is one."""
+
+
+def _end(batch: list[_Waiting]) -> None:
+    for waiting in batch:
+        waiting.ended.set()
 
 
 def _settle(future: asyncio.Future[Any], error: BaseException | None, result: Any) -> None:

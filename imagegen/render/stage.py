@@ -179,7 +179,11 @@ class RenderStage:
     async def render_png(
         self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None
     ) -> RenderOutput:
-        """Render ``job`` and return the PNG without storing it."""
+        """Render ``job`` and return the PNG without storing it.
+
+        A cancelled request (a timeout) leaves the queue if its call has not started; once it
+        has, the request keeps its admission slot until the call ends (:meth:`Batcher.submit`).
+        """
         async with self._admission():
             return await self._render(job, progress)
 

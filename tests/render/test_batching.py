@@ -211,6 +211,45 @@ async def test_a_cancelled_job_leaves_its_batch_before_it_runs(tmp_path: Path) -
     assert backend.calls == [["first"], ["kept"]]
 
 
+async def test_a_cancelled_png_request_keeps_its_slot_until_its_call_ends(tmp_path: Path) -> None:
+    backend = BatchingBackend()
+    backend.gate.clear()
+    stage = make_stage(backend, tmp_path, render_queue_size=0)  # one job at a time, no queue
+    first = asyncio.ensure_future(stage.render_png(job("first")))
+    await asyncio.to_thread(backend.running.wait, 10)
+    first.cancel()  # its request timed out: the pipeline's thread runs on
+    second = asyncio.ensure_future(stage.render_png(job("second")))
+    await asyncio.wait([first, second], return_when=asyncio.FIRST_COMPLETED)
+    # The pod still does the first job's work: a second job is refused, not queued behind it.
+    assert not first.done()
+    assert isinstance(second.exception(), Overloaded)
+    backend.gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    # Its call has ended: the slot is free again.
+    assert (await stage.render_png(job("third"))).png.endswith(b"third")
+    assert backend.calls == [["first"], ["third"]]
+
+
+async def test_a_png_request_cancelled_while_waiting_frees_its_slot_at_once(
+    tmp_path: Path,
+) -> None:
+    backend = BatchingBackend()
+    backend.gate.clear()
+    stage = make_stage(backend, tmp_path, render_queue_size=1)  # one running, one waiting
+    first = asyncio.ensure_future(stage.render_png(job("first")))
+    await asyncio.to_thread(backend.running.wait, 10)
+    dropped = asyncio.ensure_future(stage.render_png(job("dropped")))
+    await _until_queued(stage, 2)
+    dropped.cancel()  # its request timed out before its call started: nothing runs for it
+    await asyncio.wait([dropped])
+    kept = asyncio.ensure_future(stage.render_png(job("kept")))
+    await _until_queued(stage, 2)  # admitted, behind the running job
+    backend.gate.set()
+    await asyncio.gather(first, kept)
+    assert backend.calls == [["first"], ["kept"]]
+
+
 async def test_one_failing_job_fails_alone(tmp_path: Path) -> None:
     backend = BatchingBackend()
     backend.refuse = {"bad"}
