@@ -81,21 +81,40 @@ def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> 
     return run
 
 
+CALLER_SETTINGS = ("IMAGEGEN_", "OLLAMA_", "AWS_", "OTEL_")
+"""Prefixes of the caller's variables that no test sees."""
+
+
+def isolated_settings(home: Path) -> dict[str, str]:
+    """The variables every test runs under, its own data directory under ``home``."""
+    return {
+        # Nothing reaches a model hub from tests.
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        # Nothing local answers as Ollama unless a test starts the fake.
+        "IMAGEGEN_OLLAMA_HOST": "http://127.0.0.1:9",
+        # The CLI's local ledger goes under the user's data directory: the test's, here.
+        "XDG_DATA_HOME": str(home / "xdg-data"),
+    }
+
+
+def isolated_environ(home: Path) -> dict[str, str]:
+    """A whole environment as :func:`_isolated_environment` makes it, for a process started
+    outside one test (by a module-scoped fixture)."""
+    kept = {k: v for k, v in os.environ.items() if not k.startswith(CALLER_SETTINGS)}
+    return {**kept, **isolated_settings(home)}
+
+
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     """No IMAGEGEN_*/OLLAMA_*/AWS_* from the caller, no .env pick-up, logging restored."""
     saved_env = dict(os.environ)
     for name in list(os.environ):
-        if name.startswith(("IMAGEGEN_", "OLLAMA_", "AWS_", "OTEL_")):
+        if name.startswith(CALLER_SETTINGS):
             monkeypatch.delenv(name, raising=False)
-    # Nothing reaches a model hub from tests.
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    # Nothing local answers as Ollama unless a test starts the fake.
-    monkeypatch.setenv("IMAGEGEN_OLLAMA_HOST", "http://127.0.0.1:9")
+    for name, value in isolated_settings(tmp_path).items():
+        monkeypatch.setenv(name, value)
     monkeypatch.chdir(tmp_path)
-    # The CLI's local ledger goes under the user's data directory: the test's, here.
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     yield

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import pytest
 from PIL import Image
 
 from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED, PROMPT_ENHANCED
-from tests.conftest import RunCli
+from tests.conftest import RunCli, isolated_environ
 from tests.functions.conftest import StartServer, base_env
 
 SMALL = ["--model", "tiny", "--width", "256", "--height", "256"]
@@ -46,17 +49,68 @@ def test_generate_writes_png_and_record_under_output(cli: RunCli, tmp_path: Path
     assert body["prompt"]["fallback"] is True  # no Ollama on this machine
 
 
-def test_same_seed_same_pixels_from_the_cli(cli: RunCli, tmp_path: Path) -> None:
+class Interrupted(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+    output: Path
+
+
+@pytest.fixture(scope="module")
+def interrupted_loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Interrupted]:
+    """``imagegen loop`` in a fresh process, interrupted (SIGINT) during its first image.
+
+    One fresh process for two tests: the clean stop, and the pixels a fresh process renders.
+    """
+    cwd = tmp_path_factory.mktemp("loop")
+    args = ["loop", "a red kite", *SMALL, "--no-enhance", "--plugins", "", "--interval", "30"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imagegen.cli", *args, "--json"],
+        cwd=cwd,
+        env=isolated_environ(cwd),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # Interrupted once its first record is written (polling, with a deadline for a busy
+        # machine): the prompt's, before the image is rendered.
+        deadline = time.monotonic() + 300
+        while not list((cwd / "output").rglob("*.json")):
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "no record after 300 s"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+        yield Interrupted(proc.returncode, out, err, cwd / "output")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_loop_stops_cleanly_on_ctrl_c(interrupted_loop: Interrupted) -> None:
+    assert interrupted_loop.returncode == 0, interrupted_loop.stderr
+    assert "Traceback" not in interrupted_loop.stderr
+    # The image under way when interrupted is finished, and no other is begun.
+    assert len(list(interrupted_loop.output.rglob("*.png"))) == 1
+    assert len(interrupted_loop.stdout.strip().splitlines()) == 1
+
+
+def test_same_seed_same_pixels_from_the_cli(
+    cli: RunCli, interrupted_loop: Interrupted, tmp_path: Path
+) -> None:
+    # A fresh process (the loop's image), then this one, which has rendered before.
+    assert interrupted_loop.returncode == 0, interrupted_loop.stderr
+    fresh = json.loads(interrupted_loop.stdout)
+    seed = fresh["prompt"]["seed"]
+    args = ["generate", "a red kite", *SMALL, "--seed", str(seed), "--no-enhance", "--plugins", ""]
+    result = cli(*args, "--json", "--output", str(tmp_path / "again"))
+    assert result.returncode == 0, result.stderr
+    again = json.loads(result.stdout)
     digests = []
-    for run in range(2):
-        out = tmp_path / f"run{run}"
-        args = ["generate", "a red kite", *SMALL, "--seed", "5", "--no-enhance", "--plugins", ""]
-        args += ["--json", "--output", str(out)]
-        # A fresh process, then this one, which has rendered before.
-        result = imagegen(*args, cwd=tmp_path) if run == 0 else cli(*args)
-        assert result.returncode == 0, result.stderr
-        image = json.loads(result.stdout)["image"]
-        with Image.open(out / image["key"]) as png:
+    for out, body in ((interrupted_loop.output, fresh), (tmp_path / "again", again)):
+        with Image.open(out / body["image"]["key"]) as png:
             digests.append(hashlib.sha256(png.convert("RGB").tobytes()).hexdigest())
     assert digests[0] == digests[1]  # the PNG files differ only in their generation-id text chunk
 
@@ -100,29 +154,6 @@ def test_loop_makes_count_images_and_stops(cli: RunCli, tmp_path: Path) -> None:
     assert images[0]["image"]["generation_id"] != images[1]["image"]["generation_id"]
     assert all(im["prompt"]["dreamed"] for im in images)
     assert len(list((tmp_path / "output").rglob("*.png"))) == 2
-
-
-def test_loop_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
-    import signal
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "imagegen.cli", "loop", *SMALL, "--interval", "30", "--json"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    # Interrupted once its first image is written (polling, with a deadline for a busy machine).
-    deadline = time.monotonic() + 300
-    while not list((tmp_path / "output").rglob("*.json")):
-        assert proc.poll() is None, proc.communicate()[1]
-        assert time.monotonic() < deadline, "no image after 300 s"
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    assert "Traceback" not in err
-    assert len(list((tmp_path / "output").rglob("*.png"))) == 1
 
 
 def test_plugins_lists_the_built_ins(cli: RunCli) -> None:
