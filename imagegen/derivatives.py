@@ -29,8 +29,10 @@ __all__ = [
     "decode_rgb",
     "derivative_key",
     "derivative_widths",
+    "make_derivative",
     "make_derivatives",
     "make_thumbnail",
+    "parse_name",
 ]
 
 # Format name → (media type, Pillow encoder options). AVIF is most of derive's work: at
@@ -66,6 +68,14 @@ def derivative_key(image_key: str, fmt: str, width: int) -> str:
     if not image_key.endswith(".png"):
         raise ValueError(f"not an image key: {image_key!r}")
     return f"{image_key.removesuffix('.png')}.w{width}.{fmt}"
+
+
+def parse_name(name: str) -> tuple[str, int] | None:
+    """The format and width a record name (``avif:512``) stands for; None for another name."""
+    fmt, _, width = name.partition(":")
+    if fmt not in FORMATS or not width.isdigit():
+        return None
+    return fmt, int(width)
 
 
 def derivative_widths(image_width: int, widths: Iterable[int]) -> list[int]:
@@ -110,11 +120,22 @@ def make_derivatives(
     full = decode_rgb(png) if isinstance(png, bytes) else png
     result: list[Derivative] = []
     for width in derivative_widths(full.width, widths):
-        height = max(1, round(full.height * width / full.width))
-        sized = (
-            full if width == full.width else full.resize((width, height), Image.Resampling.LANCZOS)
-        )
+        sized = _sized(full, width)
         for fmt in FORMATS:
             key = derivative_key(image_key, fmt, width)
             result.append(Derivative(fmt, width, key, _encode(sized, fmt)))
     return result
+
+
+def make_derivative(pixels: Image.Image, image_key: str, fmt: str, width: int) -> Derivative:
+    """One derivative, the very bytes :func:`make_derivatives` makes for it (CPU-bound)."""
+    sized = _sized(pixels, width)
+    return Derivative(fmt, width, derivative_key(image_key, fmt, width), _encode(sized, fmt))
+
+
+def _sized(full: Image.Image, width: int) -> Image.Image:
+    """``full`` at ``width`` pixels wide, its aspect ratio kept (itself at its own width)."""
+    if width == full.width:
+        return full
+    height = max(1, round(full.height * width / full.width))
+    return full.resize((width, height), Image.Resampling.LANCZOS)

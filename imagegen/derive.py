@@ -7,7 +7,14 @@ import json
 import logging
 
 from imagegen._locks import KeyedLocks
-from imagegen.derivatives import Derivative, decode_rgb, make_derivatives, make_thumbnail
+from imagegen.derivatives import (
+    Derivative,
+    decode_rgb,
+    make_derivative,
+    make_derivatives,
+    make_thumbnail,
+    parse_name,
+)
 from imagegen.errors import DependencyUnavailable, InvalidRequest, NotFound
 from imagegen.models import DerivedImage, PersistedImage
 from imagegen.persist import claim_image
@@ -19,6 +26,8 @@ __all__ = ["DeriveStage"]
 
 log = logging.getLogger("imagegen.derive")
 
+THUMBNAIL_TYPE = "image/webp"
+
 
 def _encode(
     png: bytes, image_key: str, size: int, widths: list[int]
@@ -26,6 +35,26 @@ def _encode(
     """The thumbnail and every derivative, from one decode of ``png`` (CPU-bound)."""
     pixels = decode_rgb(png)
     return make_thumbnail(pixels, size), make_derivatives(pixels, image_key, widths)
+
+
+def _remake(
+    png: bytes, image_key: str, size: int, lost: dict[str, str]
+) -> list[tuple[str, bytes, str]]:
+    """(key, bytes, content type) of each lost object a record lists, from one decode.
+
+    ``lost`` maps record names (``thumbnail``, ``avif:512``) to keys. Encoding is deterministic,
+    so a derivative is the very file its first writer stored. CPU-bound: run it off the loop.
+    """
+    pixels = decode_rgb(png)
+    made: list[tuple[str, bytes, str]] = []
+    for name, key in lost.items():
+        if name == "thumbnail":
+            made.append((key, make_thumbnail(pixels, size), THUMBNAIL_TYPE))
+        elif (parsed := parse_name(name)) is not None:
+            derivative = make_derivative(pixels, image_key, *parsed)
+            if derivative.key == key:  # else not a key derive writes: nothing to remake
+                made.append((key, derivative.data, derivative.content_type))
+    return made
 
 
 class DeriveStage:
@@ -36,7 +65,8 @@ class DeriveStage:
     replicas like persist: each derivative is written only if absent (encoding is deterministic,
     so every replica writes the same bytes), and the record last, first writer wins. A
     redelivered event, or one handled by two replicas at once, is answered with the stored
-    record, once the event is shown to be the image's ``image.persisted``.
+    record, once the event is shown to be the image's ``image.persisted``; a redelivery first
+    remakes any object the record lists that storage has lost.
     """
 
     def __init__(self, settings: Settings, storage: Storage) -> None:
@@ -52,6 +82,7 @@ class DeriveStage:
             existing = await self._stored_answer(keys)
             if existing is not None:
                 log.info("derivatives already made", extra={"generation_id": image.generation_id})
+                await self._remake_lost(image, keys, existing)
                 return existing
             return await self._derive(image, keys)
 
@@ -60,14 +91,11 @@ class DeriveStage:
         thumbnail, derivatives = await asyncio.to_thread(
             _encode, png, keys.image, self.settings.thumbnail_size, self.settings.derivative_widths
         )
-        written = await asyncio.gather(
-            self.storage.create(keys.thumbnail, thumbnail, content_type="image/webp"),
-            *(self.storage.create(d.key, d.data, content_type=d.content_type) for d in derivatives),
-            return_exceptions=True,  # every write ends before the request does
+        await _create_all(
+            self.storage,
+            [(keys.thumbnail, thumbnail, THUMBNAIL_TYPE)]
+            + [(d.key, d.data, d.content_type) for d in derivatives],
         )
-        for outcome in written:
-            if isinstance(outcome, BaseException):
-                raise outcome
 
         # The record, written last: its presence tells the Worker the thumbnail and every
         # derivative it lists are stored. Its content is a function of the event and the
@@ -95,6 +123,38 @@ class DeriveStage:
                 retry_after=1,
             )
         return existing
+
+    async def _remake_lost(
+        self, image: PersistedImage, keys: GenerationKeys, record: DerivedImage
+    ) -> None:
+        """Writes again what ``record`` lists and storage no longer holds (a restored bucket).
+
+        Only a redelivery gets here: a first delivery writes every object before the record.
+        Its cost when nothing is lost is one HEAD per listed object, all at once. The answer
+        stays the stored record. Without the PNG it describes nothing can be remade: that is
+        logged, and the record answered all the same.
+        """
+        listed = {name: key for name, key in record.keys.items() if name != "record"}
+        found = await asyncio.gather(*(self.storage.head(key) for key in listed.values()))
+        lost = {n: k for (n, k), head in zip(listed.items(), found, strict=True) if head is None}
+        if not lost:
+            return
+        gid = image.generation_id
+        try:
+            png = await claim_image(
+                self.storage, keys.image, image.sha256, described_by="its record"
+            )
+        except InvalidRequest as exc:
+            log.warning(
+                "derivatives lost, and the image too: not remade",
+                extra={"generation_id": gid, "keys": sorted(lost.values()), "reason": str(exc)},
+            )
+            return
+        log.warning(
+            "remaking lost derivatives", extra={"generation_id": gid, "keys": sorted(lost.values())}
+        )
+        made = await asyncio.to_thread(_remake, png, keys.image, self.settings.thumbnail_size, lost)
+        await _create_all(self.storage, made)
 
     async def _check_persisted(self, image: PersistedImage, keys: GenerationKeys) -> None:
         """Raises InvalidRequest unless ``image`` is the stored record's ``image.persisted``.
@@ -127,3 +187,14 @@ class DeriveStage:
         except NotFound:
             return None
         return parse_model(DerivedImage, json.loads(body)["derived"])
+
+
+async def _create_all(storage: Storage, objects: list[tuple[str, bytes, str]]) -> None:
+    """Writes each (key, bytes, content type) if absent; every write ends before this does."""
+    written = await asyncio.gather(
+        *(storage.create(key, data, content_type=ctype) for key, data, ctype in objects),
+        return_exceptions=True,
+    )
+    for outcome in written:
+        if isinstance(outcome, BaseException):
+            raise outcome

@@ -14,6 +14,7 @@ from PIL import Image
 from imagegen import ImageGenService, InvalidRequest, Settings
 from imagegen.models import PersistedImage, RenderedImage
 from imagegen.storage import LocalStorage
+from imagegen.storage.base import StoredObject
 from tests.fakes.images import gradient_png as png
 from tests.fakes.images import store_rendered
 
@@ -64,8 +65,52 @@ async def test_a_redelivery_is_answered_from_the_record_without_encoding(
         def refuse(*args: Any) -> None:
             raise AssertionError("encoded again")
 
-        monkeypatch.setattr("imagegen.derive.make_derivatives", refuse)
+        for encoder in ("make_derivatives", "make_derivative", "make_thumbnail"):
+            monkeypatch.setattr(f"imagegen.derive.{encoder}", refuse)
         assert await service.derive(persisted) == first
+
+
+class CountingStorage(LocalStorage):
+    """Local storage that counts the objects it is asked about."""
+
+    heads = 0
+
+    async def head(self, key: str) -> StoredObject | None:
+        self.heads += 1
+        return await super().head(key)
+
+
+async def test_a_redelivery_remakes_what_the_record_lists_and_storage_lost(
+    tmp_path: Path,
+) -> None:
+    storage = CountingStorage(tmp_path)
+    async with ImageGenService(settings(tmp_path, [32, 64]), storage=storage) as service:
+        persisted = await service.persist(await stored(service, "d-lost"))
+        storage.heads = 0
+        first = await service.derive(persisted)
+        assert storage.heads == 0  # a first delivery asks about nothing it writes
+        files = {n: (tmp_path / k).read_bytes() for n, k in first.keys.items() if n != "record"}
+        # A bucket restored from a backup taken before derive wrote some of them.
+        for name in ("thumbnail", "avif:32", "webp:96"):
+            (tmp_path / first.keys[name]).unlink()
+        storage.heads = 0
+        again = await service.derive(persisted)
+        assert storage.heads == len(files)  # one look at each object the record lists
+    assert again == first
+    for name, data in files.items():
+        assert (tmp_path / first.keys[name]).read_bytes() == data, name
+
+
+async def test_lost_derivatives_of_a_lost_image_are_not_remade_and_the_record_answers(
+    tmp_path: Path,
+) -> None:
+    async with ImageGenService(settings(tmp_path, [32])) as service:
+        persisted = await service.persist(await stored(service, "d-gone"))
+        first = await service.derive(persisted)
+        for key in (first.keys["avif:32"], first.key):
+            (tmp_path / key).unlink()
+        assert await service.derive(persisted) == first  # the reply stays the same event
+    assert not (tmp_path / first.keys["avif:32"]).exists()
 
 
 async def test_two_replicas_at_once_give_one_record_and_the_same_answer(tmp_path: Path) -> None:
