@@ -65,9 +65,8 @@ class Message:
     def carrier(self) -> dict[str, str]:
         """Trace context: the HTTP headers, overridden by the CloudEvents tracing extension."""
         names = ("traceparent", "tracestate")
-        carrier = {k: v for k, v in self.headers.items() if k in names}
-        carrier.update({k: v for k, v in self.attributes.items() if k in names and v})
-        return carrier
+        headers = {k: v for k, v in self.headers.items() if k in names}
+        return headers | {k: v for k, v in self.attributes.items() if k in names and v}
 
 
 @dataclass(frozen=True)
@@ -85,10 +84,6 @@ def _lowered(headers: Mapping[str, str]) -> Mapping[str, str]:
 
 def _content_type(headers: Mapping[str, str]) -> str:
     return headers.get("content-type", "").split(";")[0].strip().lower()
-
-
-def _attributes(event: CloudEvent) -> Mapping[str, str]:
-    return MappingProxyType({k: str(v) for k, v in event.get_attributes().items() if v is not None})
 
 
 def parse(headers: Mapping[str, str], body: bytes, *, consumes: tuple[str, ...]) -> Message:
@@ -111,7 +106,7 @@ def parse(headers: Mapping[str, str], body: bytes, *, consumes: tuple[str, ...])
             loads(body, field="event")
         try:
             # Binary-mode data stays bytes here and is parsed below, bounded, like any body.
-            event = from_http(dict(lowered), body, data_unmarshaller=_as_bytes)
+            event = from_http(dict(lowered), body, data_unmarshaller=lambda data: data)
         except (CloudEventError, ValueError) as exc:
             reason = first_line(exc)
             raise InvalidRequest(
@@ -126,7 +121,8 @@ def parse(headers: Mapping[str, str], body: bytes, *, consumes: tuple[str, ...])
         data = event.get_data()
         if isinstance(data, bytes | str):
             data = loads(data or b"{}", field="body")
-        return Message(data if data is not None else {}, _attributes(event), lowered)
+        attributes = {k: str(v) for k, v in event.get_attributes().items() if v is not None}
+        return Message({} if data is None else data, MappingProxyType(attributes), lowered)
     if content_type != "application/json":
         raise UnsupportedMediaType(
             "send a CloudEvent, or JSON with Content-Type: application/json",
@@ -161,10 +157,6 @@ def parse_leniently(headers: Mapping[str, str], body: bytes, *, truncated: bool)
     return Message(data, MappingProxyType(attributes) if attributes else _EMPTY, lowered, raw)
 
 
-def _as_bytes(data: Any) -> Any:
-    return data
-
-
 # -- replies -------------------------------------------------------------------------------
 
 
@@ -196,13 +188,10 @@ def error_reply(
         failed_at = None  # the event's time, unless what failed is that it has none
         with contextlib.suppress(InvalidRequest):
             failed_at = event_time(message.attributes)
-        info = ErrorInfo(
-            code=exc.code, message=exc.message, retryable=exc.retryable, errors=exc.errors
-        )
         failed = GenerationFailed(
             generation_id=generation_id,
             stage=stage,
-            error=info,
+            error=ErrorInfo.of(exc),
             failed_at=failed_at or datetime.now(UTC),
         )
         cause = f"{message.attributes.get('source')}#{message.attributes.get('id')}"
@@ -213,4 +202,6 @@ def error_reply(
     headers = {}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    if challenge := getattr(exc, "challenge", None):  # a 401 or 403 (RFC 6750)
+        headers["WWW-Authenticate"] = challenge
     return json_reply(exc.to_dict(), exc.status, headers)

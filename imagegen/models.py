@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from imagegen import stages
+from imagegen.errors import ImageGenError
 from imagegen.identity import (
     GENERATION_ID_PATTERN,
     derive_generation_id,
@@ -355,6 +356,15 @@ class ErrorInfo(_Model):
     message: str
     retryable: bool
     errors: list[dict[str, str]] = Field(default_factory=list)
+
+    @classmethod
+    def of(cls, exc: BaseException) -> ErrorInfo:
+        """What a ``generation.failed`` says of ``exc``: its code and fields, never a trace."""
+        if isinstance(exc, ImageGenError):
+            return cls(
+                code=exc.code, message=exc.message, retryable=exc.retryable, errors=exc.errors
+            )
+        return cls(code="internal", message=str(exc)[:1000], retryable=False)
 
 
 class GenerationFailed(_Model):

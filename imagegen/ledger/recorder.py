@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 
 from pydantic import BaseModel
 
-from imagegen.errors import ImageGenError
 from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED, reply_id, source_for
 from imagegen.ledger.models import LedgerEvent
 from imagegen.ledger.store import Ledger
@@ -48,13 +47,10 @@ class Recorder:
         await self._record(source_for(stage), reply_id(gid, event_type), event_type, result)
 
     async def failed(self, stage: str, generation_id: str, exc: BaseException) -> None:
-        code, retryable = "internal", False
-        if isinstance(exc, ImageGenError):
-            code, retryable = exc.code, exc.retryable
         failure = GenerationFailed(
             generation_id=generation_id,
             stage=stage,
-            error=ErrorInfo(code=code, message=str(exc)[:1000], retryable=retryable),
+            error=ErrorInfo.of(exc),
             failed_at=datetime.now(UTC),
         )
         await self._record(
