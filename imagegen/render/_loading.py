@@ -12,7 +12,6 @@ from imagegen.render import _libraries  # noqa: F401  # isort: skip
 
 import diffusers
 import torch
-from diffusers.pipelines.auto_pipeline import AutoPipelineForText2Image
 from huggingface_hub import hf_hub_download, is_offline_mode
 from huggingface_hub.errors import (
     GatedRepoError,
@@ -79,6 +78,10 @@ def load_pipeline(model: str, dtype: torch.dtype, settings: Settings) -> Pipelin
         source, remote = model, True
 
     options = hub_options(settings, model) if remote else {}
+    # Here, not at import: it imports every pipeline diffusers has, and the offline models
+    # (``_family.build_offline``) need none of them.
+    from diffusers.pipelines.auto_pipeline import AutoPipelineForText2Image
+
     try:
         pipe: Pipeline = AutoPipelineForText2Image.from_pretrained(
             source, **{_DTYPE_ARGUMENT: dtype}, **options
