@@ -5,6 +5,8 @@ events."""
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -13,18 +15,44 @@ import httpx
 import pytest
 
 from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED, IMAGE_RENDERED
+from tests.conftest import CALLER_SETTINGS, isolated_settings
 from tests.functions.clients import InProcessFunction
 from tests.functions.conftest import StartServer, base_env
-from tests.functions.servers import cloudevent_headers, post_event
+from tests.functions.servers import FunctionServer, cloudevent_headers, post_event
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 SENT_AT = "2026-11-24T09:00:00Z"
 
 
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, FunctionServer]]:
+    """enhance and the dead-letter sink as real servers on one store, shared by this module."""
+    store = tmp_path_factory.mktemp("store")
+    logs = tmp_path_factory.mktemp("logs")
+    # Started before any test's own environment is set up: the caller's settings left out here.
+    env = {**isolated_settings(logs), **base_env(store)}
+    with pytest.MonkeyPatch.context() as patched:
+        for name in list(os.environ):
+            if name.startswith(CALLER_SETTINGS):
+                patched.delenv(name)
+        servers = {
+            stage: FunctionServer(stage, env, log_dir=logs) for stage in ("enhance", "deadletter")
+        }
+    try:
+        for server in servers.values():
+            server.start(wait=False)
+        for server in servers.values():
+            server.wait("/healthz")
+        yield servers
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
 def test_a_final_failure_is_answered_2xx_with_generation_failed(
-    start_server: StartServer, tmp_path: Path
+    served: dict[str, FunctionServer],
 ) -> None:
-    enhance = start_server("enhance", base_env(tmp_path / "store"))
+    enhance = served["enhance"]
     send = partial(post_event, enhance.url, GENERATION_REQUESTED, {"width": 7}, source="/tests")
     reply = send(event_id="bad-1", time=SENT_AT, traceparent=TRACEPARENT)
     # A 2xx reply is published by the broker, and only a 2xx: the platform hears of the
@@ -47,10 +75,8 @@ def test_a_final_failure_is_answered_2xx_with_generation_failed(
     assert other.headers["ce-id"] != reply.headers["ce-id"]
 
 
-def test_the_server_keeps_serving_after_bad_input(
-    start_server: StartServer, tmp_path: Path
-) -> None:
-    enhance = start_server("enhance", base_env(tmp_path / "store"))
+def test_the_server_keeps_serving_after_bad_input(served: dict[str, FunctionServer]) -> None:
+    enhance = served["enhance"]
     for _ in range(3):
         garbage = enhance.post(
             content=b"\xff\xfe garbage", headers={"content-type": "application/json"}
@@ -86,10 +112,11 @@ def test_retryable_failures_are_errors_not_events(
     ids=["bad-subject", "not-json-type", "bad-json", "too-large"],
 )
 def test_the_dead_letter_sink_keeps_what_a_stage_refused(
-    start_server: StartServer, tmp_path: Path, headers: dict[str, str], body: bytes
+    served: dict[str, FunctionServer], headers: dict[str, str], body: bytes
 ) -> None:
-    store = tmp_path / "store"
-    deadletter = start_server("deadletter", base_env(store))
+    deadletter = served["deadletter"]
+    store = Path(deadletter.env["IMAGEGEN_STORAGE_URL"])
+    before = set(store.rglob("failures/**/*.json"))
     sent = {
         **cloudevent_headers(GENERATION_REQUESTED, source="/tests", knativeerrorcode="400"),
         **headers,
@@ -97,7 +124,8 @@ def test_the_dead_letter_sink_keeps_what_a_stage_refused(
     reply = httpx.post(deadletter.url, headers=sent, content=body, timeout=30)
     assert reply.status_code == 202, reply.text
     assert reply.content == b""  # a 2xx reply is empty or an event: here, empty
-    [record] = [json.loads(p.read_text()) for p in store.rglob("failures/**/*.json")]
+    # One record for this delivery, whatever the sink kept before.
+    [record] = [json.loads(p.read_text()) for p in set(store.rglob("failures/**/*.json")) - before]
     assert record["event_type"] == GENERATION_REQUESTED and record["error_code"] == "400"
     assert record["data"] is not None
 
