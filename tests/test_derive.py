@@ -14,9 +14,9 @@ from PIL import Image
 from imagegen import ImageGenService, InvalidRequest, Settings
 from imagegen.models import PersistedImage, RenderedImage
 from imagegen.storage import LocalStorage
-from imagegen.storage.base import StoredObject
 from tests.fakes.images import gradient_png as png
 from tests.fakes.images import store_rendered
+from tests.fakes.storage import CountingStorage
 
 NOW = datetime(2026, 11, 24, 18, 30, tzinfo=UTC)
 
@@ -68,16 +68,6 @@ async def test_a_redelivery_is_answered_from_the_record_without_encoding(
         for encoder in ("make_derivatives", "make_derivative", "make_thumbnail"):
             monkeypatch.setattr(f"imagegen.derive.{encoder}", refuse)
         assert await service.derive(persisted) == first
-
-
-class CountingStorage(LocalStorage):
-    """Local storage that counts the objects it is asked about."""
-
-    heads = 0
-
-    async def head(self, key: str) -> StoredObject | None:
-        self.heads += 1
-        return await super().head(key)
 
 
 async def test_a_redelivery_remakes_what_the_record_lists_and_storage_lost(

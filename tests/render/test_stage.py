@@ -15,8 +15,8 @@ from imagegen.render.base import ProgressCallback, RenderOutput
 from imagegen.render.stage import RenderStage
 from imagegen.settings import Settings
 from imagegen.storage import LocalStorage
-from imagegen.storage.base import StoredObject
 from tests.fakes.render_backend import ReadyBackend, enhanced_prompt
+from tests.fakes.storage import CountingStorage
 
 
 class SlowBackend(ReadyBackend):
@@ -92,16 +92,6 @@ async def test_concurrent_deliveries_of_one_job_render_once(tmp_path: Path) -> N
     first, second = await asyncio.gather(render.render(job("dup")), render.render(job("dup")))
     assert backend.finished == 1
     assert first == second
-
-
-class CountingStorage(LocalStorage):
-    """Counts the lookups of stored objects."""
-
-    heads = 0
-
-    async def head(self, key: str) -> StoredObject | None:
-        self.heads += 1
-        return await super().head(key)
 
 
 async def test_storage_is_asked_again_only_when_another_delivery_was_at_work(
