@@ -96,6 +96,24 @@ def test_derivatives_prove_the_image_persisted_and_change_nothing_it_said(
     assert ledger.ingest(derived).duplicate
 
 
+def test_a_replay_is_known_from_its_persisted_event_and_later_events_keep_it(
+    ledger: Ledger,
+) -> None:
+    events = chain("gen-2")
+    persisted = events["persisted"]
+    replayed = persisted.model_copy(update={"data": {**persisted.data, "replay_of": "gen-1"}})
+    ledger.ingest(replayed)  # the first event the ledger hears of this generation
+    found = ledger.get("gen-2")
+    assert found is not None and found.replay_of == "gen-1"
+    for name in ("requested", "enhanced", "rendered"):  # late, and saying no replay
+        ledger.ingest(events[name])
+    found = ledger.get("gen-2")
+    assert found is not None and found.replay_of == "gen-1" and found.status == "persisted"
+    ledger.ingest(chain("gen-3")["persisted"])
+    plain = ledger.get("gen-3")
+    assert plain is not None and plain.replay_of is None
+
+
 def test_a_failure_keeps_its_stage_and_error_and_is_not_undone_by_late_progress(
     ledger: Ledger,
 ) -> None:
