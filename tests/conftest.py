@@ -6,7 +6,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pytest
 
@@ -15,6 +15,33 @@ if TYPE_CHECKING:
     from tests.functions.servers import FunctionServer
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+# Scheduling over xdist workers (``make test-python`` runs ``-n 2 --dist loadscope``): a module's
+# tests run on one worker, so its module fixtures start once. Two rules keep both workers busy
+# to the end: the modules with slow tests (those that start processes) are handed out first,
+# longest-processing-first, and the many quick modules even out the finish; and tests/fuzz is
+# one unit, as its modules share the functions its session fixture starts (a render with a model).
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)  # stable: the order within stays
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    if config.getoption("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduling(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            if nodeid.startswith("tests/fuzz/"):
+                return "tests/fuzz"
+            return str(super()._split_scope(nodeid))
+
+    config.option.loadscopereorder = False  # by test count, which says nothing of time
+    return Scheduling(config, log)
 
 
 @pytest.fixture

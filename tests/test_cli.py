@@ -89,6 +89,7 @@ def interrupted_loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Inter
             proc.communicate()
 
 
+@pytest.mark.slow
 def test_loop_stops_cleanly_on_ctrl_c(interrupted_loop: Interrupted) -> None:
     assert interrupted_loop.returncode == 0, interrupted_loop.stderr
     assert "Traceback" not in interrupted_loop.stderr

@@ -48,6 +48,7 @@ def _fake_viewer(tmp_path: Path) -> tuple[Path, Path]:
     return bin_dir, record
 
 
+@pytest.mark.slow
 def test_generate_prints_the_result_and_one_line_about_the_fallback(tmp_path: Path) -> None:
     bin_dir, opened = _fake_viewer(tmp_path)
     env = {"DISPLAY": ":0", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}

@@ -127,6 +127,7 @@ def test_the_kustomize_directories_named_in_the_docs_exist() -> None:
         assert (ROOT / directory / "kustomization.yaml").is_file(), directory
 
 
+@pytest.mark.slow
 def test_the_local_invoke_commands_work(tmp_path: Path) -> None:
     blocks = _blocks(_section(_page("functions.md"), "## Invoke a function locally"))
     # The documented ports, moved to free ones: a port taken on this machine must not fail it.

@@ -118,6 +118,7 @@ def test_render_at_capacity_answers_429(tmp_path: Path, monkeypatch: pytest.Monk
         assert reply.json()["error"] == "overloaded"
 
 
+@pytest.mark.slow
 def test_render_killed_mid_request_produces_the_image_once(
     start_server: StartServer, tmp_path: Path
 ) -> None:

@@ -45,6 +45,7 @@ def test_importing_the_package_loads_no_stage_machinery(tmp_path: Path) -> None:
     assert _loaded(code, {"PATH": "/usr/bin"}, tmp_path) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("stage", "allowed"),
     [

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from imagegen.events import IMAGE_DERIVED, IMAGE_PERSISTED, IMAGE_RENDERED, PROMPT_ENHANCED
 from imagegen.storage import GenerationKeys
@@ -58,6 +59,7 @@ def assert_same(replies: list[httpx.Response], event_type: str) -> dict[str, Any
     return body
 
 
+@pytest.mark.slow
 def test_two_replicas_of_render_persist_and_derive_write_once_and_answer_alike(
     start_server: StartServer, tmp_path: Path
 ) -> None:

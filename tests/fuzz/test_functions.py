@@ -46,6 +46,7 @@ def test_the_shares_add_up_to_a_thousand_per_function() -> None:
     assert sum(examples * each for _, examples, each in SHARES.values()) >= 1000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("share", sorted(SHARES))
 @pytest.mark.parametrize("stage", STAGES)
 def test_hostile_input_is_answered_4xx_or_retryable(

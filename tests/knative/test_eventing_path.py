@@ -193,6 +193,7 @@ def _request(event_type: str, subject: str | None = None) -> dict[str, str]:
     return attributes
 
 
+@pytest.mark.slow
 def test_a_request_flows_through_the_triggers_to_a_stored_image(cluster: Any) -> None:
     routing, servers, s3 = cluster
     broker = _broker(routing, servers)

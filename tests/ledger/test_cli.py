@@ -43,6 +43,7 @@ def as_json(run: Any) -> Any:
     return as_json_
 
 
+@pytest.mark.slow
 def test_generate_records_and_replay_reproduces_the_same_png(tmp_path: Path, as_json: Any) -> None:
     made = as_json("generate", "a lighthouse at dusk", *SMALL, "--steps", "2")
     original = made["image"]

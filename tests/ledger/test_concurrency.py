@@ -11,6 +11,8 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from imagegen.ledger import Ledger, LedgerEvent
 from tests.functions.clients import InProcessFunction
 from tests.ledger.chain import binary, chain
@@ -70,6 +72,7 @@ def test_100_generations_delivered_twice_out_of_order_to_two_replicas(
     _check(replicas[1], expected)
 
 
+@pytest.mark.slow
 def test_100_generations_delivered_twice_out_of_order_to_the_served_function(
     function: InProcessFunction, open_test_ledger: Callable[[], Ledger]
 ) -> None:

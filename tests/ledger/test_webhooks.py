@@ -128,7 +128,7 @@ def test_every_notification_arrives_signed_despite_failing_and_slow_receivers(
         if kind == "started" or (kind == "completed") == (ends[gid] == "persisted")
     }
     ids = sorted(expected)
-    receiver = Receiver(NEW, fail_first=set(ids[::2]), slow_first={ids[1], ids[3]}, slow=2.0)
+    receiver = Receiver(NEW, fail_first=set(ids[::2]), slow_first={ids[1], ids[3]}, slow=1.0)
     with serve(receiver):
         for gid, kinds in wants.items():
             events = chain(gid, webhook=receiver.url + "/hook", webhook_events=kinds)

@@ -12,6 +12,7 @@ from tests.functions.servers import FunctionServer, post_event
 from tests.observability.blackhole import Blackhole
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("collector", ["refused", "blackhole"])
 def test_requests_succeed_with_an_unreachable_collector(collector: str, tmp_path: Path) -> None:
     with Blackhole() as hole:

@@ -182,7 +182,9 @@ async def test_a_failed_encoding_fails_its_jobs_with_an_internal_error(tmp_path:
     )
     assert [type(r) for r in results] == [InternalError, InternalError]
     backend.encode_fails = False
-    assert (await stage.render_png(job("c"))).png == b"\x89PNG c"  # the pipeline is free
+    # The pipeline is free: a full batch (no waiting out the window) renders.
+    c, d = await asyncio.gather(stage.render_png(job("c")), stage.render_png(job("d")))
+    assert (c.png, d.png) == (b"\x89PNG c", b"\x89PNG d")
 
 
 async def test_incompatible_jobs_never_share_a_call(tmp_path: Path) -> None:

@@ -273,16 +273,27 @@ async def test_no_credential_in_errors(s3: S3Server, make_s3: MakeS3) -> None:
         access_key_id=SecretStr(KEY_ID),
         secret_access_key=SecretStr(SECRET),
     )
+    # A hang ends at the read timeout: a short one, as nothing is answered at all.
+    impatient = make_s3(
+        access_key_id=SecretStr(KEY_ID),
+        secret_access_key=SecretStr(SECRET),
+        read_timeout=0.5,
+    )
     errors: list[ImageGenError] = []
-    for kwargs in ({}, {"status": 503}, {"status": 403}, {"hang": True}):
+    for client, kwargs in (
+        (storage, {}),
+        (storage, {"status": 503}),
+        (storage, {"status": 403}),
+        (impatient, {"hang": True}),
+    ):
         with s3.outage(**kwargs), pytest.raises(DependencyUnavailable) as error:
-            await storage.put(KEYS.image, PNG, content_type="image/png")
+            await client.put(KEYS.image, PNG, content_type="image/png")
         errors.append(error.value)
     with pytest.raises(DependencyUnavailable) as error:
         await missing.put(KEYS.image, PNG, content_type="image/png")
     errors.append(error.value)
 
-    texts = [repr(storage), repr(storage.options)]
+    texts = [repr(storage), repr(storage.options), repr(impatient)]
     for err in errors:
         texts += [str(err), repr(err), str(err.to_dict()), str(err.__cause__)]
     for text in texts:
