@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shlex
 import signal
@@ -130,36 +131,30 @@ def test_the_kustomize_directories_named_in_the_docs_exist() -> None:
 @pytest.mark.slow
 def test_the_local_invoke_commands_work(tmp_path: Path) -> None:
     blocks = _blocks(_section(_page("functions.md"), "## Invoke a function locally"))
-    # The documented ports, moved to free ones: a port taken on this machine must not fail it.
     documented = sorted(set(re.findall(r"--port (\d+)", blocks[0])))
     assert len(documented) == 4, blocks[0]
-    moved = {port: str(_free_port()) for port in documented}
-    serve, event, plain, direct = (
-        re.sub(r"\b(808\d)\b", lambda m: moved.get(m[1], m[1]), block) for block in blocks
-    )
     # `imagegen` and `curl` as a user has them: the project's environment first on PATH.
     env = {
         **os.environ,
         "THREADS": "4",
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     }
-    servers = []
+    servers: list[subprocess.Popen[bytes]] = []
     try:
-        for line in serve.strip().splitlines():
-            command = line.rstrip("& ").strip()
-            servers.append(
-                subprocess.Popen(
-                    ["bash", "-c", command],
-                    cwd=tmp_path,
-                    env=env,
-                    start_new_session=True,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
+        # The documented ports, moved to free ones: a port taken on this machine must not fail
+        # it. Should one be taken before its server binds it all the same, that server exits
+        # and the four start again on other ports.
+        for _ in range(3):
+            moved = {port: str(_free_port()) for port in documented}
+            serve, event, plain, direct = (
+                re.sub(r"\b(808\d)\b", lambda m: moved.get(m[1], m[1]), block) for block in blocks
             )
-        ports = [int(p) for p in re.findall(r"--port (\d+)", serve)]
-        for port in ports:
-            _wait(f"http://localhost:{port}/readyz")
+            servers = _serve(serve, tmp_path, env)
+            if _all_ready(serve, servers, tmp_path):
+                break
+            _stop(servers)
+        else:
+            raise AssertionError("the servers' ports were taken three times over")
 
         run = {"cwd": tmp_path, "env": env, "capture_output": True, "text": True, "check": True}
         reply = subprocess.run(["bash", "-c", event], **run)
@@ -169,10 +164,10 @@ def test_the_local_invoke_commands_work(tmp_path: Path) -> None:
 
         derived = subprocess.run(["bash", "-c", plain], **run)
         body = json.loads(derived.stdout)
-        # Each stage's answer, when one of them was an error rather than the next stage's input.
+        # Each stage's answer and log, when one of them was an error rather than the next input.
         answers = {
-            f: (tmp_path / f).read_text()[:500]
-            for f in ("enhanced.json", "rendered.json", "persisted.json")
+            f: (tmp_path / f).read_text()[-2000:]
+            for f in ("enhanced.json", "rendered.json", "persisted.json", *_LOGS)
         }
         assert "key" in body, (body, answers)
         assert (tmp_path / "output" / body["key"]).is_file()
@@ -185,31 +180,90 @@ def test_the_local_invoke_commands_work(tmp_path: Path) -> None:
         subprocess.run(["bash", "-c", direct], **run)  # render from a prompt alone
         assert (tmp_path / "door.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
-        for server in servers:
+        _stop(servers)
+
+
+_LOGS = ("enhance.log", "render.log", "persist.log", "derive.log")
+
+
+def _serve(block: str, cwd: Path, env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
+    """Run each line of ``block`` (``imagegen serve STAGE ... &``), its output in STAGE.log."""
+    servers = []
+    for line in block.strip().splitlines():
+        stage = re.search(r"serve (\w+)", line)
+        assert stage, line
+        with (cwd / f"{stage[1]}.log").open("wb") as log:
+            servers.append(
+                subprocess.Popen(
+                    ["bash", "-c", line.rstrip("& ").strip()],
+                    cwd=cwd,
+                    env=env,
+                    start_new_session=True,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    return servers
+
+
+def _all_ready(block: str, servers: list[subprocess.Popen[bytes]], cwd: Path) -> bool:
+    """Whether every server of ``block`` answers ``/readyz`` as its own stage; False when one
+    exited because its port was taken meanwhile. Any other exit fails the test."""
+    lines = block.strip().splitlines()
+    for line, server in zip(lines, servers, strict=True):
+        found = re.search(r"serve (\w+) --port (\d+)", line)
+        assert found, line
+        stage, port = found.groups()
+        if not _wait(f"http://localhost:{port}/readyz", stage, server):
+            log = (cwd / f"{stage}.log").read_text(errors="replace")
+            assert "Address already in use" in log, f"{stage} exited:\n{log[-3000:]}"
+            return False
+    return True
+
+
+def _stop(servers: list[subprocess.Popen[bytes]]) -> None:
+    for server in servers:
+        if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
-        for server in servers:
-            try:  # gunicorn's graceful stop; a loaded machine may need longer
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(10)
+    for server in servers:
+        try:  # gunicorn's graceful stop; a loaded machine may need longer
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(10)
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port below the ephemeral range. The ports other tests' servers get (bound to port
+    0) and those of outgoing connections come from that range only, so none of them can take
+    this one before the server it is for binds it."""
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ephemeral.read_text().split()[0]) if ephemeral.exists() else 32768
+    while True:
+        port = random.randrange(low // 2, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
-def _wait(url: str, timeout: float = 120) -> None:
+def _wait(url: str, stage: str, server: subprocess.Popen[bytes], timeout: float = 120) -> bool:
+    """Wait until ``url`` answers 200 from ``stage``: True; False if ``server`` exits first.
+
+    Another test's function could answer on the port if this one never bound it."""
     deadline = time.monotonic() + timeout
     # One client for the polls: ``httpx.get`` builds a TLS context each call (~50 ms CPU).
     with httpx.Client(timeout=1) as client:
         while time.monotonic() < deadline:
+            if server.poll() is not None:
+                return False
             try:
-                if client.get(url).status_code == 200:
-                    return
-            except httpx.HTTPError:
+                reply = client.get(url)
+                if reply.status_code == 200 and reply.json()["stage"] == stage:
+                    return True
+            except (httpx.HTTPError, ValueError, KeyError):
                 pass
             time.sleep(0.1)
     raise TimeoutError(url)
