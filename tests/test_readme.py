@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +17,7 @@ import pytest
 
 from imagegen.settings import Settings
 from tests.conftest import ROOT
+from tests.functions.servers import free_port
 
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
@@ -145,7 +144,7 @@ def test_the_local_invoke_commands_work(tmp_path: Path) -> None:
         # it. Should one be taken before its server binds it all the same, that server exits
         # and the four start again on other ports.
         for _ in range(3):
-            moved = {port: str(_free_port()) for port in documented}
+            moved = {port: str(free_port()) for port in documented}
             serve, event, plain, direct = (
                 re.sub(r"\b(808\d)\b", lambda m: moved.get(m[1], m[1]), block) for block in blocks
             )
@@ -231,22 +230,6 @@ def _stop(servers: list[subprocess.Popen[bytes]]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(10)
-
-
-def _free_port() -> int:
-    """A free port below the ephemeral range. The ports other tests' servers get (bound to port
-    0) and those of outgoing connections come from that range only, so none of them can take
-    this one before the server it is for binds it."""
-    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
-    low = int(ephemeral.read_text().split()[0]) if ephemeral.exists() else 32768
-    while True:
-        port = random.randrange(low // 2, low)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
 
 
 def _wait(url: str, stage: str, server: subprocess.Popen[bytes], timeout: float = 120) -> bool:

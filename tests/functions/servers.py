@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -22,9 +23,22 @@ __all__ = ["FunctionServer", "cloudevent_headers", "free_port", "post_event"]
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free loopback port below the ephemeral range.
+
+    Ports bound to port 0 (by other tests' servers) and the source ports of outgoing
+    connections come from the ephemeral range only, so none of them can take this one between
+    now and the moment a server started on it binds it, seconds later.
+    """
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ephemeral.read_text().split()[0]) if ephemeral.exists() else 32768
+    while True:
+        port = random.randrange(low // 2, low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 class FunctionServer:
@@ -74,9 +88,11 @@ class FunctionServer:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"{self.stage} exited:\n{self.logs()}")
                 try:
-                    if client.get(self.url + path).status_code == 200:
+                    reply = client.get(self.url + path)
+                    # From this stage: not another test's function on a port it never bound.
+                    if reply.status_code == 200 and reply.json().get("stage") == self.stage:
                         return
-                except httpx.HTTPError:
+                except (httpx.HTTPError, ValueError):
                     pass
                 time.sleep(0.05)
         raise TimeoutError(f"{self.stage} {path} not 200 after {timeout}s:\n{self.logs()}")
