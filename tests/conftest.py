@@ -17,11 +17,11 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# Scheduling over xdist workers (``make test-python`` runs ``-n 2 --dist loadscope``): a module's
-# tests run on one worker, so its module fixtures start once. Two rules keep both workers busy
-# to the end: the modules with slow tests (those that start processes) are handed out first,
-# longest-processing-first, and the many quick modules even out the finish; and tests/fuzz is
-# one unit, as its modules share the functions its session fixture starts (a render with a model).
+# Scheduling over xdist workers (``make test-python`` runs ``-n 3 --dist loadscope``): a module's
+# tests run on one worker, so its module fixtures start once. Two rules keep the workers busy
+# to the end: the modules with a ``slow`` test (most start processes) are handed out first, and
+# the many quick modules even out the finish; and tests/fuzz is one unit, as its modules share
+# the functions its session fixture starts (a render with a model among them).
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
