@@ -24,7 +24,7 @@ from imagegen.stages import Call
 from imagegen.storage import LocalStorage, open_storage
 from imagegen.storage.base import GenerationKeys, Storage
 from imagegen.storage.instrumented import instrumented
-from imagegen.telemetry import current_stage, instruments, tracer
+from imagegen.telemetry import current_stage, instruments, record_error, tracer
 
 if TYPE_CHECKING:
     from imagegen.derive import DeriveStage
@@ -257,7 +257,9 @@ class _stage:
     async def __aenter__(self) -> _stage:
         self._token = current_stage.set(self.stage)
         self._started = time.perf_counter()
-        self._cm = tracer().start_as_current_span(f"imagegen.{self.stage}")
+        self._cm = tracer().start_as_current_span(
+            f"imagegen.{self.stage}", record_exception=False, set_status_on_exception=False
+        )
         self.span = self._cm.__enter__()
         self.span.set_attribute("imagegen.stage", self.stage)
         self.span.set_attribute("imagegen.generation_id", self.generation_id)
@@ -278,6 +280,8 @@ class _stage:
         labels = {"stage": self.stage, "outcome": outcome}
         instruments().stage_duration.record(seconds, labels)
         instruments().generations.add(1, {**labels, "reason": reason} if reason else labels)
+        if exc is not None:
+            record_error(self.span, exc)
         self._cm.__exit__(exc_type, exc, tb)
         current_stage.reset(self._token)
         if isinstance(exc, Exception) and self.recorder is not None:

@@ -20,6 +20,7 @@ from typing import Literal, NamedTuple
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
 
+from imagegen.errors import ImageGenError
 from imagegen.identity import valid_generation_id
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "instruments",
     "prometheus_name",
     "prometheus_series",
+    "record_error",
     "stage_span",
     "tracer",
 ]
@@ -48,6 +50,25 @@ def tracer() -> trace.Tracer:
     return trace.get_tracer(_SCOPE)
 
 
+def record_error(span: trace.Span, error: BaseException, *, traceback: bool | None = None) -> None:
+    """Mark ``span`` failed by ``error``, as the SDK does when an exception leaves a span: status
+    ``ERROR`` and the semantic conventions' ``exception`` event.
+
+    The event's stacktrace is optional, and formatting it costs more than an expected failure:
+    by default it is left out when the caller caused the error (an :class:`ImageGenError` of a
+    4xx status, whose message names what was wrong), and kept for everything else.
+    """
+    if traceback is None:
+        traceback = not (isinstance(error, ImageGenError) and error.status < 500)
+    if traceback:
+        span.record_exception(error)
+    else:  # the type fully qualified, as the SDK writes it
+        kind = type(error)
+        qualified = f"{kind.__module__}.{kind.__qualname__}".removeprefix("builtins.")
+        span.add_event("exception", {"exception.type": qualified, "exception.message": str(error)})
+    span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+
+
 @contextmanager
 def stage_span(
     stage: str, attributes: Mapping[str, str], carrier: Mapping[str, str], *, event: bool
@@ -61,7 +82,9 @@ def stage_span(
     current_stage.set(stage)
     kind = trace.SpanKind.CONSUMER if event else trace.SpanKind.SERVER
     try:
-        with tracer().start_as_current_span(f"{stage} process", kind=kind) as span:
+        with tracer().start_as_current_span(
+            f"{stage} process", kind=kind, record_exception=False, set_status_on_exception=False
+        ) as span:
             span.set_attribute("imagegen.stage", stage)
             for key in ("id", "source", "type", "subject", "specversion"):
                 if value := attributes.get(key):
@@ -72,7 +95,11 @@ def stage_span(
                 span.set_attribute("imagegen.generation_id", subject)
             outgoing: dict[str, str] = {}
             propagate.inject(outgoing)
-            yield outgoing
+            try:
+                yield outgoing
+            except BaseException as error:
+                record_error(span, error)
+                raise
     finally:
         otel_context.detach(token)
 

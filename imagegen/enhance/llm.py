@@ -38,7 +38,7 @@ from imagegen.errors import DependencyUnavailable
 from imagegen.models import Contribution
 from imagegen.modelspec import ModelFamily
 from imagegen.settings import Settings
-from imagegen.telemetry import instruments, tracer
+from imagegen.telemetry import instruments, record_error, tracer
 
 __all__ = ["MalformedReply", "OllamaEnhancer", "PromptReply", "build_messages", "fallback_reason"]
 
@@ -250,9 +250,12 @@ class OllamaEnhancer:
         """One chat call, in its own span and timed, whatever its outcome."""
         model = self.settings.ollama_model
         # A failed call is expected (Ollama down): its error goes on the span, but no formatted
-        # traceback (record_exception), which costs more than the fallback itself.
+        # traceback, which costs more than the fallback itself.
         with tracer().start_as_current_span(
-            "imagegen.ollama.chat", kind=trace.SpanKind.CLIENT, record_exception=False
+            "imagegen.ollama.chat",
+            kind=trace.SpanKind.CLIENT,
+            record_exception=False,
+            set_status_on_exception=False,
         ) as span:
             span.set_attributes(self._span_attributes(seed, spec))
             labels = {"gen_ai.request.model": model, "outcome": "success"}
@@ -262,11 +265,7 @@ class OllamaEnhancer:
             except BaseException as exc:
                 labels.update({"outcome": "error", "error.type": type(exc).__name__})
                 span.set_attribute("error.type", type(exc).__name__)
-                # The semantic conventions' exception event, without the optional stacktrace.
-                span.add_event(
-                    "exception",
-                    {"exception.type": type(exc).__name__, "exception.message": str(exc)},
-                )
+                record_error(span, exc, traceback=False)
                 raise
             finally:
                 instruments().ollama_duration.record(time.perf_counter() - started, labels)

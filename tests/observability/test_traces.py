@@ -11,9 +11,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from imagegen.errors import DependencyUnavailable, InvalidRequest
 from imagegen.events import (
     GENERATION_FAILED,
     GENERATION_REQUESTED,
@@ -21,7 +24,7 @@ from imagegen.events import (
     IMAGE_RENDERED,
     PROMPT_ENHANCED,
 )
-from imagegen.telemetry import METRIC_NAMES, METRICS
+from imagegen.telemetry import METRIC_NAMES, METRICS, record_error
 from tests.functions.conftest import base_env
 from tests.functions.servers import cloudevent_headers
 from tests.observability.conftest import InMemoryTelemetry
@@ -280,6 +283,9 @@ def test_a_failed_request_records_an_error_span_and_the_failure(
         assert exceptions and (exceptions[0].attributes or {})["exception.type"].endswith(
             "InvalidRequest"
         )
+        # The caller's mistake: its message says what was wrong; no traceback is formatted.
+        assert "model" in (exceptions[0].attributes or {})["exception.message"]
+        assert "exception.stacktrace" not in (exceptions[0].attributes or {})
     failed = [
         p
         for p in otel.points(METRIC_NAMES["generations"])
@@ -303,3 +309,38 @@ def test_a_request_refused_before_its_stage_runs_is_counted(
     reply = post(chain.servers["render"].url, headers, b'{"prompt": "no job here"}')
     assert reply.status_code == 200 and reply.headers["ce-type"] == GENERATION_FAILED
     assert refused() == before + 1
+
+
+@pytest.mark.parametrize(
+    ("error", "traceback"),
+    [
+        (InvalidRequest("width must be a multiple of 16"), False),  # the caller's doing
+        (DependencyUnavailable("storage is down"), True),  # 503: ours to look into
+        (RuntimeError("a bug"), True),
+    ],
+    ids=["400", "503", "internal"],
+)
+def test_a_failed_span_has_a_traceback_unless_the_caller_caused_it(
+    error: BaseException, traceback: bool
+) -> None:
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    try:
+        raise error
+    except BaseException as raised:
+        with provider.get_tracer("tests").start_as_current_span("failed") as span:
+            record_error(span, raised)
+    (failed,) = spans.get_finished_spans()
+    assert failed.status.status_code is StatusCode.ERROR
+    assert failed.status.description == f"{type(error).__name__}: {error}"
+    (event,) = [e for e in failed.events if e.name == "exception"]
+    attributes = event.attributes or {}
+    kind = type(error)  # fully qualified, whether the SDK formats the event or not
+    assert attributes["exception.type"] == (
+        kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+    )
+    assert attributes["exception.message"] == str(error)
+    assert ("exception.stacktrace" in attributes) is traceback
+    if traceback:
+        assert "raise error" in str(attributes["exception.stacktrace"])
