@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,15 @@ def test_progress_is_reported_once_per_step(backend: DiffusersBackend, make_job:
     backend.render(make_job(steps=3), progress=lambda step, total: calls.append((step, total)))
 
     assert calls == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_a_render_leaves_no_progress_bar_thread(
+    backend: DiffusersBackend, make_job: MakeJob
+) -> None:
+    # The pipeline makes a (disabled) tqdm bar per call; a bar starts tqdm's monitor thread.
+    backend.render(make_job(steps=1))
+
+    assert "tqdm_monitor" not in {thread.name for thread in threading.enumerate()}
 
 
 def test_timings_split_the_phases(backend: DiffusersBackend, make_job: MakeJob) -> None:
