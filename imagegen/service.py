@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -227,10 +228,50 @@ class ImageGenService:
         call: Call | None = None,
         progress: ProgressCallback | None = None,
     ) -> tuple[EnhancedPrompt, PersistedImage]:
-        """Every stage in-process; returns the enhanced prompt and the persisted image."""
-        enhanced = await self.enhance(request, call)
+        """Every stage in-process; returns the enhanced prompt and the persisted image.
+
+        The model loads while the prompt is written (:meth:`enhance_while_loading`).
+        """
+        enhanced = await self.enhance_while_loading(request, call)
         rendered = await self.render(enhanced, progress=progress)
         return enhanced, await self.finalise(rendered)
+
+    async def enhance_while_loading(
+        self, request: GenerationRequest, call: Call | None = None
+    ) -> EnhancedPrompt:
+        """:meth:`enhance`, with the model the request renders with loading meanwhile.
+
+        A first image then waits for the slower of the two, not for both: torch, diffusers and
+        the weights load while plugins and the LLM write the prompt. Nothing loads for a
+        request enhance will refuse, or where models are not loaded on demand. A load that
+        fails here is left to render, which loads again and reports the failure as its own,
+        as it does without this. Returns once both are done.
+        """
+        loading = self._load_ahead(request)
+        try:
+            return await self.enhance(request, call)
+        finally:
+            if loading is not None:
+                await loading
+
+    def _load_ahead(self, request: GenerationRequest) -> asyncio.Task[None] | None:
+        from imagegen.modelspec import request_errors
+
+        model = request.model or self.settings.model
+        served = self.settings.served_models
+        if not self._load_on_demand or request_errors(model, request.width, request.height, served):
+            return None
+        stage = self.render_stage
+        if stage.is_loaded(model):
+            return None
+
+        async def load() -> None:
+            try:
+                await stage.load(model)
+            except Exception as exc:  # render loads again and reports it in its own stage
+                log.debug("loading ahead failed; render loads again", extra={"error": str(exc)})
+
+        return asyncio.ensure_future(load())
 
     async def finalise(self, image: RenderedImage) -> PersistedImage:
         """Persist ``image``, then make its derivatives: the chain's end, in this process.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -12,9 +13,13 @@ import pytest
 from PIL import Image
 
 from imagegen import GenerationRequest, ImageGenService, InvalidRequest, Settings
-from imagegen.plugins import PluginSet
+from imagegen.errors import DependencyUnavailable
+from imagegen.models import EnhancedPrompt
+from imagegen.plugins import PluginContext, PluginSet
+from imagegen.render.base import ProgressCallback, RenderOutput
 from imagegen.storage import LocalStorage
 from imagegen.urls import verify
+from tests.fakes.render_backend import ReadyBackend
 
 NOW = datetime(2026, 11, 24, 18, 30, tzinfo=UTC)
 
@@ -267,3 +272,87 @@ async def test_replicas_persist_and_enhance_alike_on_one_store(
     assert first.url is not None and "expires=" in first.url
     files = {p.name for p in (tmp_path / "out").rglob("pods-1*")}
     assert {"pods-1.json", "pods-1.png", "pods-1.prompt.json"} <= files
+
+
+class _Meeting:
+    """A backend's load and a plugin that each wait, up to 30 s, for the other to have begun:
+    both see the other only if the model loads while the prompt is written."""
+
+    def __init__(self) -> None:
+        self.loading, self.writing = threading.Event(), threading.Event()
+        self.load_saw_writing = self.writing_saw_load = False
+
+
+class _MeetingBackend(ReadyBackend):
+    def __init__(self, meeting: _Meeting, *, fails: bool = False) -> None:
+        self.meeting, self.fails = meeting, fails
+        self.loads: list[str] = []
+
+    def load(self, model: str) -> float:
+        self.loads.append(model)
+        if self.fails:
+            raise DependencyUnavailable(f"model {model!r} could not be downloaded")
+        self.meeting.loading.set()
+        self.meeting.load_saw_writing = self.meeting.writing.wait(30)
+        return 0.0
+
+    def is_loaded(self, model: str) -> bool:
+        return not self.fails and model in self.loads
+
+    def render(
+        self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None
+    ) -> RenderOutput:
+        buffer = io.BytesIO()
+        Image.new("RGB", (job.width, job.height), "teal").save(buffer, format="PNG")
+        return RenderOutput(png=buffer.getvalue(), width=job.width, height=job.height)
+
+
+class _MeetingPlugin:
+    name = "meeting"
+    description = "waits for the model to start loading"
+
+    def __init__(self, meeting: _Meeting) -> None:
+        self.meeting = meeting
+
+    def contribute(self, context: PluginContext) -> None:
+        self.meeting.writing.set()
+        self.meeting.writing_saw_load = self.meeting.loading.wait(30)
+
+
+def _meeting_service(settings: Settings, backend: _MeetingBackend) -> ImageGenService:
+    plugins = PluginSet([_MeetingPlugin(backend.meeting)], settings=settings, timeout=60)
+    return ImageGenService(settings, plugins=plugins, backend=backend)
+
+
+async def test_the_model_loads_while_the_prompt_is_written(settings: Settings) -> None:
+    backend = _MeetingBackend(_Meeting())
+    async with _meeting_service(settings, backend) as service:
+        enhanced, persisted = await service.generate(small(prompt="a kite", enhance=False))
+        assert backend.meeting.writing_saw_load and backend.meeting.load_saw_writing
+        assert backend.loads == ["tiny"], "loaded once: render found it loaded"
+        assert persisted.model == enhanced.model == "tiny"
+
+        # The next image's model is loaded already: nothing loads ahead of it.
+        await service.generate(small(prompt="a second kite", enhance=False))
+        assert backend.loads == ["tiny"]
+
+
+async def test_a_request_enhance_refuses_loads_nothing(settings: Settings) -> None:
+    backend = _MeetingBackend(_Meeting())
+    served = settings.model_copy(update={"served_models": ["tiny"]})
+    async with _meeting_service(served, backend) as service:
+        with pytest.raises(InvalidRequest) as caught:
+            await service.generate(small(model="black-forest-labs/FLUX.1-dev"))
+    assert caught.value.fields == ["model"]
+    assert backend.loads == []
+
+
+async def test_a_load_that_fails_ahead_is_reported_by_render(settings: Settings) -> None:
+    backend = _MeetingBackend(_Meeting(), fails=True)
+    plugins = PluginSet([], settings=settings)  # nothing to meet: the load fails
+    async with ImageGenService(settings, plugins=plugins, backend=backend) as service:
+        request = small(prompt="a kite", enhance=False)
+        with pytest.raises(DependencyUnavailable, match="could not be downloaded"):
+            await service.generate(request)
+        # enhance finished (its prompt is remembered); render loaded again and failed.
+        assert backend.loads == ["tiny", "tiny"]

@@ -148,7 +148,7 @@ async def _generate_one(
         transient=True,
     ) as bar:
         task = bar.add_task("enhancing", total=None)
-        enhanced = await service.enhance(request)
+        enhanced = await service.enhance_while_loading(request)
         bar.update(task, description="denoising", total=enhanced.steps, completed=0)
 
         def progress(step: int, total: int) -> None:

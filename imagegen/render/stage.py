@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -78,6 +79,7 @@ class RenderStage:
         self.storage = storage
         self._backend_factory = backend_factory
         self._backend: RenderBackend | None = None
+        self._backend_built = threading.Lock()  # built once, by the loop or a loading thread
         self._load_on_demand = load_on_demand
         self._lock = asyncio.Lock()
         self._admitted = 0
@@ -87,7 +89,9 @@ class RenderStage:
     @property
     def backend(self) -> RenderBackend:
         if self._backend is None:
-            self._backend = self._backend_factory()
+            with self._backend_built:
+                if self._backend is None:
+                    self._backend = self._backend_factory()
         return self._backend
 
     @property
@@ -146,7 +150,9 @@ class RenderStage:
             async with self._lock:
                 if self.is_loaded(model):
                     return 0.0
-                seconds = await _pipeline_call(self.backend.load, model)
+                # The backend is built in the thread too: building it imports torch and
+                # diffusers, seconds the event loop spends on other work meanwhile.
+                seconds = await _pipeline_call(lambda: self.backend.load(model))
             instruments().model_load_duration.record(seconds, {"imagegen.model": model})
             log.info("model loaded", extra={"model": model, "seconds": round(seconds, 3)})
             return seconds

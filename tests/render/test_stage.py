@@ -143,3 +143,18 @@ async def test_a_model_the_deployment_does_not_serve_is_refused(tmp_path: Path) 
     assert caught.value.errors[0]["message"] == "'tiny-klein' is not served here; served: tiny"
     assert backend.finished == 0
     assert (await render.render(job("g-tiny"))).model == "tiny"
+
+
+async def test_loading_builds_the_backend_off_the_event_loop(tmp_path: Path) -> None:
+    # Building the backend imports torch and diffusers: seconds the loop must not be stuck in.
+    built_in: list[int] = []
+
+    def factory() -> ReadyBackend:
+        built_in.append(threading.get_ident())
+        return ReadyBackend()
+
+    render = RenderStage(Settings(), LocalStorage(tmp_path), factory)
+    await render.load("tiny")
+    await render.load("tiny")
+    assert len(built_in) == 1, "built once"
+    assert built_in[0] != threading.get_ident(), "built on the event loop's thread"
