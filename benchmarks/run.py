@@ -16,6 +16,9 @@ Rows (``--only`` takes their keys):
 - ``rate``: requests/s of enhance (instant Ollama) and persist at concurrency 8, against a
   hello at 8; the target is 3x their rate before this work (89 and 59 req/s against a hello's
   1,160), as a fraction of the hello's.
+- ``first-image``: a fresh process's wait for the first prompt and the loaded model, loading
+  while the prompt is written against enhancing, then loading; with Ollama down (default
+  retries: the offline ``imagegen generate``) and with an Ollama taking 2 s (no target).
 
 Everything uses the offline ``tiny`` model on the CPU. Rounds interleave baseline and project
 (the first of each round alternates); each row prints min and median of both and the ratio.
@@ -236,6 +239,51 @@ def startup(rounds: int, tmp: Path) -> list[Comparison]:
     return rows
 
 
+# -- first-image -------------------------------------------------------------------------------
+
+
+def first_image(rounds: int, tmp: Path) -> list[Comparison]:
+    import subprocess
+    import sys
+
+    from tests.fakes.ollama_server import FakeOllama, reply
+    from tests.functions.servers import free_port
+
+    script = Path(__file__).with_name("_first_image.py")
+
+    def wait(mode: str, ollama: str) -> float:
+        storage = tmp / f"first-{uuid.uuid4().hex[:8]}"
+        command = [sys.executable, str(script), mode, str(storage), ollama]
+        done = subprocess.run(command, check=True, capture_output=True, text=True)
+        return float(done.stdout.split()[-1])
+
+    rows = []
+    # A local LLM writing a prompt takes seconds, in a process of its own; 2 s here.
+    writer = FakeOllama().start()
+    writer.answer(reply(delay=2.0))
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens: connection refused
+    try:
+        for label, ollama in (("Ollama down", down), ("Ollama answering in 2 s", writer.url)):
+            baseline, project = interleave(
+                rounds,
+                lambda o=ollama: wait("sequential", o),
+                lambda o=ollama: wait("overlapped", o),
+            )
+            rows.append(
+                Comparison(
+                    f"first image: prompt and model, loaded while enhancing vs after it, {label}",
+                    "s",
+                    "lower",
+                    None,
+                    baseline,
+                    project,
+                )
+            )
+    finally:
+        writer.stop()
+    return rows
+
+
 # -- overhead ----------------------------------------------------------------------------------
 
 
@@ -291,6 +339,9 @@ def overhead(rounds: int, tmp: Path, per_round: int) -> list[Comparison]:
     ]
 
 
+ROWS = ["burst", "ceiling", "ollama-down", "startup", "overhead", "rate", "first-image"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -298,7 +349,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="*",
-        choices=["burst", "ceiling", "ollama-down", "startup", "overhead", "rate"],
+        choices=ROWS,
     )
     parser.add_argument("--torch-threads", type=int, default=1)
     args = parser.parse_args()
@@ -307,7 +358,7 @@ def main() -> None:
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("imagegen").setLevel(logging.ERROR)
     rounds = 1 if args.quick else args.rounds
-    chosen = set(args.only or ["burst", "ceiling", "ollama-down", "startup", "overhead", "rate"])
+    chosen = set(args.only or ROWS)
     started = datetime.now(UTC)
     print(
         f"{started:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs, load average"
@@ -332,6 +383,7 @@ def main() -> None:
         run("startup", lambda: startup(rounds, tmp))
         run("overhead", lambda: overhead(rounds, tmp, 2 if args.quick else 5))
         run("rate", lambda: rate(rounds, tmp, 16 if args.quick else 100))
+        run("first-image", lambda: first_image(rounds, tmp))
     print()
     targeted = [r for r in rows if r.has_target]
     print(f"{sum(r.met() for r in targeted)} of {len(targeted)} targets met ({rounds} rounds)")
