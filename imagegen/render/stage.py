@@ -80,6 +80,7 @@ class RenderStage:
         self._backend_factory = backend_factory
         self._backend: RenderBackend | None = None
         self._backend_built = threading.Lock()  # built once, by the loop or a loading thread
+        self._building: asyncio.Future[RenderBackend] | None = None
         self._load_on_demand = load_on_demand
         self._lock = asyncio.Lock()
         self._admitted = 0
@@ -341,6 +342,23 @@ class RenderStage:
     def _admission(self) -> _Admission:
         return _Admission(self)
 
+    async def _build_backend(self) -> None:
+        """Build the backend off the event loop the first time: it imports torch and diffusers.
+
+        Jobs that arrive meanwhile wait for the one build and go on in the order they came.
+        """
+        if self._backend is not None:
+            return
+        if self._building is None:
+            self._building = asyncio.ensure_future(asyncio.to_thread(lambda: self.backend))
+        building = self._building
+        try:
+            await asyncio.shield(building)
+        except Exception:
+            if self._building is building:
+                self._building = None  # the next job tries again
+            raise
+
     def _describe(
         self,
         job: EnhancedPrompt,
@@ -391,6 +409,7 @@ class _Admission:
         self.stage = stage
 
     async def __aenter__(self) -> None:
+        await self.stage._build_backend()  # capacity depends on what the backend can batch
         if self.stage._admitted >= self.stage.capacity:
             instruments().render_rejections.add(1)
             raise Overloaded(

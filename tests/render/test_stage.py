@@ -158,3 +158,37 @@ async def test_loading_builds_the_backend_off_the_event_loop(tmp_path: Path) -> 
     await render.load("tiny")
     assert len(built_in) == 1, "built once"
     assert built_in[0] != threading.get_ident(), "built on the event loop's thread"
+
+
+async def test_a_first_render_builds_the_backend_off_the_event_loop(tmp_path: Path) -> None:
+    built_in: list[int] = []
+    backend = SlowBackend(0.0)
+
+    def factory() -> SlowBackend:
+        built_in.append(threading.get_ident())
+        return backend
+
+    render = RenderStage(Settings(), LocalStorage(tmp_path), factory)
+    await render.render(job("first"))
+    await render.render(job("second"))
+    assert len(built_in) == 1 and built_in[0] != threading.get_ident()
+    assert backend.finished == 2
+
+
+async def test_a_backend_that_fails_to_build_is_built_again_by_the_next_job(
+    tmp_path: Path,
+) -> None:
+    attempts: list[int] = []
+    backend = SlowBackend(0.0)
+
+    def factory() -> SlowBackend:
+        attempts.append(len(attempts))
+        if len(attempts) == 1:
+            raise RuntimeError("torch is not installed")
+        return backend
+
+    render = RenderStage(Settings(), LocalStorage(tmp_path), factory)
+    with pytest.raises(RuntimeError, match="torch is not installed"):
+        await render.render(job("first"))
+    await render.render(job("second"))
+    assert len(attempts) == 2 and backend.finished == 1
