@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from pydantic import BaseModel
 
-from imagegen.errors import ImageGenError
+from imagegen.errors import ImageGenError, InvalidRequest
 from imagegen.identity import identify
 from imagegen.models import (
     DerivedImage,
@@ -247,19 +247,21 @@ class ImageGenService:
         fails here is left to render, which loads again and reports the failure as its own,
         as it does without this. Returns once both are done.
         """
-        loading = self._load_ahead(request)
+        call = call or identify(request, starts=True)
+        loading = self._load_ahead(request, call)
         try:
             return await self.enhance(request, call)
         finally:
             if loading is not None:
                 await loading
 
-    def _load_ahead(self, request: GenerationRequest) -> asyncio.Task[None] | None:
-        from imagegen.modelspec import request_errors
-
-        model = request.model or self.settings.model
-        served = self.settings.served_models
-        if not self._load_on_demand or request_errors(model, request.width, request.height, served):
+    def _load_ahead(self, request: GenerationRequest, call: Call) -> asyncio.Task[None] | None:
+        if not self._load_on_demand:
+            return None
+        assert call.generation_id is not None, "a starting call has an id"
+        try:  # enhance's own check: a request it refuses loads nothing
+            model = self.enhance_stage.check_inputs(request, call.generation_id)
+        except InvalidRequest:
             return None
         stage = self.render_stage
         if stage.is_loaded(model):

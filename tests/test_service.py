@@ -344,6 +344,10 @@ async def test_a_request_enhance_refuses_loads_nothing(settings: Settings) -> No
         with pytest.raises(InvalidRequest) as caught:
             await service.generate(small(model="black-forest-labs/FLUX.1-dev"))
     assert caught.value.fields == ["model"]
+    with pytest.raises(InvalidRequest) as caught:
+        async with _meeting_service(settings, backend) as service:
+            await service.generate(small(prompt="a kite", plugins=["no_such_plugin"]))
+    assert caught.value.fields == ["plugins"]
     assert backend.loads == []
 
 

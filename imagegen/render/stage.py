@@ -79,7 +79,7 @@ class RenderStage:
         self.storage = storage
         self._backend_factory = backend_factory
         self._backend: RenderBackend | None = None
-        self._backend_built = threading.Lock()  # built once, by the loop or a loading thread
+        self._backend_built = threading.Lock()  # built once, on or off the loop
         self._building: asyncio.Future[RenderBackend] | None = None
         self._load_on_demand = load_on_demand
         self._lock = asyncio.Lock()
@@ -151,9 +151,8 @@ class RenderStage:
             async with self._lock:
                 if self.is_loaded(model):
                     return 0.0
-                # The backend is built in the thread too: building it imports torch and
-                # diffusers, seconds the event loop spends on other work meanwhile.
-                seconds = await _pipeline_call(lambda: self.backend.load(model))
+                await self._build_backend()
+                seconds = await _pipeline_call(self.backend.load, model)
             instruments().model_load_duration.record(seconds, {"imagegen.model": model})
             log.info("model loaded", extra={"model": model, "seconds": round(seconds, 3)})
             return seconds
