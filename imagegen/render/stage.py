@@ -236,38 +236,32 @@ class RenderStage:
             timings = {k: round(v, 4) for k, v in output.timings.items()}
             rendered_at = datetime.now(UTC).replace(microsecond=0)
             meta = stored_png.metadata(job, sha256, fingerprint, timings, rendered_at)
-            if await self._store(keys, output.png, meta, create=True):
-                return self._describe(job, keys, len(output.png), sha256, timings, rendered_at)
-            # Another replica stored this generation first: its image and timings are the
-            # answer, so both replies are the same event.
-            done = await self._stored(job, keys, fingerprint)
-            if done is not None:
-                log.info("another replica stored this image first", extra={"key": keys.image})
-                return done
-            # An object without our metadata is no finished image: replace it.
-            await self._store(keys, output.png, meta, create=False)
-            return self._describe(job, keys, len(output.png), sha256, timings, rendered_at)
+            if not await self._store(keys, output.png, meta, create=True):
+                # Another replica stored this generation first: its image and timings are the
+                # answer, so both replies are the same event.
+                done = await self._stored(job, keys, fingerprint)
+                if done is not None:
+                    log.info("another replica stored this image first", extra={"key": keys.image})
+                    return done
+                # An object without our metadata is no finished image: replace it.
+                await self._store(keys, output.png, meta, create=False)
+            location = self.storage.location(keys.image)
+            return stored_png.rendered_image(
+                job,
+                keys.image,
+                location,
+                size=len(output.png),
+                sha256=sha256,
+                stage_timings=timings,
+                at=rendered_at,
+            )
 
     async def _stored(
         self, job: EnhancedPrompt, keys: GenerationKeys, fingerprint: str
     ) -> RenderedImage | None:
         """The image stored for this generation, if any; refuses one made from another job."""
         stored = await self.storage.head(keys.image)
-        if stored is None or "sha256" not in stored.metadata:
-            return None
-        if stored.metadata.get("job", fingerprint) != fingerprint:
-            raise InvalidRequest(
-                f"generation {job.generation_id!r} was already rendered from a different job",
-                errors=[{"field": "generation_id", "message": "already rendered from another job"}],
-            )
-        return self._describe(
-            job,
-            keys,
-            stored.size,
-            stored.metadata["sha256"],
-            stored_png.timings(stored),
-            stored_png.rendered_at(stored),
-        )
+        return stored_png.answer(job, stored, fingerprint, self.storage.location(keys.image))
 
     async def _store(
         self, keys: GenerationKeys, png: bytes, metadata: dict[str, str], *, create: bool
@@ -357,32 +351,6 @@ class RenderStage:
             if self._building is building:
                 self._building = None  # the next job tries again
             raise
-
-    def _describe(
-        self,
-        job: EnhancedPrompt,
-        keys: GenerationKeys,
-        size: int,
-        sha256: str,
-        timings: dict[str, float],
-        rendered_at: datetime | None,
-    ) -> RenderedImage:
-        return RenderedImage(
-            generation_id=job.generation_id,
-            key=keys.image,
-            location=self.storage.location(keys.image),
-            size=size,
-            sha256=sha256,
-            width=job.width,
-            height=job.height,
-            seed=job.seed,
-            model=job.model,
-            steps=job.steps,
-            guidance=job.guidance,
-            timings=timings,
-            rendered_at=rendered_at,
-            prompt=job,
-        )
 
 
 async def _pipeline_call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

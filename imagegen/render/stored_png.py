@@ -1,7 +1,8 @@
 """What a stored PNG carries, so that any replica can answer for it later.
 
 Render writes these as the object's metadata on the first (winning) write; a redelivery, on
-this replica or another, reads them back instead of rendering again (docs/adr/0003).
+this replica or another, reads them back instead of rendering again (docs/adr/0003), and
+:func:`answer` and :func:`rendered_image` make the same reply from either side.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import hashlib
 import json
 from datetime import UTC, datetime
 
-from imagegen.models import EnhancedPrompt
+from imagegen.errors import InvalidRequest
+from imagegen.models import EnhancedPrompt, RenderedImage
 from imagegen.storage.base import StoredObject
 
 
@@ -54,3 +56,55 @@ def timings(stored: StoredObject) -> dict[str, float]:
     except ValueError:
         return {}
     return {str(k): float(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def answer(
+    job: EnhancedPrompt, stored: StoredObject | None, job_digest: str, location: str
+) -> RenderedImage | None:
+    """The reply for ``job`` that ``stored`` holds, if it is a finished image (one written with
+    :func:`metadata`); refuses an image made from another job under the same generation id."""
+    if stored is None or "sha256" not in stored.metadata:
+        return None
+    if stored.metadata.get("job", job_digest) != job_digest:
+        raise InvalidRequest(
+            f"generation {job.generation_id!r} was already rendered from a different job",
+            errors=[{"field": "generation_id", "message": "already rendered from another job"}],
+        )
+    return rendered_image(
+        job,
+        stored.key,
+        location,
+        size=stored.size,
+        sha256=stored.metadata["sha256"],
+        stage_timings=timings(stored),
+        at=rendered_at(stored),
+    )
+
+
+def rendered_image(
+    job: EnhancedPrompt,
+    key: str,
+    location: str,
+    *,
+    size: int,
+    sha256: str,
+    stage_timings: dict[str, float],
+    at: datetime | None,
+) -> RenderedImage:
+    """The reply for ``job``'s PNG stored under ``key``: the same from every replica."""
+    return RenderedImage(
+        generation_id=job.generation_id,
+        key=key,
+        location=location,
+        size=size,
+        sha256=sha256,
+        width=job.width,
+        height=job.height,
+        seed=job.seed,
+        model=job.model,
+        steps=job.steps,
+        guidance=job.guidance,
+        timings=stage_timings,
+        rendered_at=at,
+        prompt=job,
+    )
