@@ -14,7 +14,8 @@ Prints, for the model (default: ``IMAGEGEN_MODEL``):
    + regional compile, + fp8 (compute capability 8.9+, torchao installed), and all of them;
    images/s of a batch of 4 too;
 2. service overhead: ``DiffusersBackend.render`` (PNG included) against the pipeline's own call
-   with the same arguments (target <= 1.05x);
+   with the same arguments (target <= 1.05x), and what the PNG alone costs at that size with
+   each ``IMAGEGEN_PNG_COMPRESS_STRATEGY`` (encode time, file size);
 3. batched against unbatched pixels: max abs difference and PSNR per batch size;
 4. process start to ``/readyz`` of the render function with regional compile and warm-up,
    with a cold and then a warm compile cache.
@@ -171,7 +172,31 @@ def overhead(backend: Any, args: argparse.Namespace, steps: int, guidance: float
         f"overhead at {size}²: pipeline {min(raw):.3f} s, render {min(served):.3f} s,"
         f" ratio {ratio:.3f}x (min against min; target <= 1.05x)"
     )
+    png_costs(call(), size, args.rounds)
     return ratio
+
+
+def png_costs(image: Any, size: int, rounds: int) -> dict[str, tuple[float, int]]:
+    """The PNG of one rendered ``image`` with each strategy: (best encode seconds, bytes)."""
+    from typing import get_args
+
+    from imagegen.render.png import PngStrategy, encode_png
+
+    costs = {}
+    for strategy in get_args(PngStrategy):
+        times = []
+        for _ in range(max(rounds, 1)):
+            started = time.perf_counter()
+            png = encode_png(image, text={}, strategy=strategy)
+            times.append(time.perf_counter() - started)
+        costs[strategy] = (min(times), len(png))
+    print(
+        f"PNG at {size}²: "
+        + ", ".join(
+            f"{name} {t * 1000:.0f} ms {n / 1024:.0f} KiB" for name, (t, n) in costs.items()
+        )
+    )
+    return costs
 
 
 def tolerance(
