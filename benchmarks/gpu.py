@@ -15,7 +15,7 @@ Prints, for the model (default: ``IMAGEGEN_MODEL``):
    images/s of a batch of 4 too;
 2. service overhead: ``DiffusersBackend.render`` (PNG included) against the pipeline's own call
    with the same arguments (target <= 1.05x), and what the PNG alone costs at that size with
-   each ``IMAGEGEN_PNG_COMPRESS_STRATEGY`` (encode time, file size);
+   each ``IMAGEGEN_PNG_COMPRESS_STRATEGY``, on 1 and 4 threads (encode time, file size);
 3. batched against unbatched pixels: max abs difference and PSNR per batch size;
 4. process start to ``/readyz`` of the render function with regional compile and warm-up,
    with a cold and then a warm compile cache.
@@ -176,20 +176,25 @@ def overhead(backend: Any, args: argparse.Namespace, steps: int, guidance: float
     return ratio
 
 
+PNG_THREADS = (1, 4)
+"""``IMAGEGEN_PNG_ENCODE_THREADS`` values the PNG line compares (1: Pillow's encoder)."""
+
+
 def png_costs(image: Any, size: int, rounds: int) -> dict[str, tuple[float, int]]:
-    """The PNG of one rendered ``image`` with each strategy: (best encode seconds, bytes)."""
+    """The PNG of one rendered ``image`` per strategy and thread count: (best seconds, bytes)."""
     from typing import get_args
 
     from imagegen.render.png import PngStrategy, encode_png
 
     costs = {}
     for strategy in get_args(PngStrategy):
-        times = []
-        for _ in range(max(rounds, 1)):
-            started = time.perf_counter()
-            png = encode_png(image, text={}, strategy=strategy)
-            times.append(time.perf_counter() - started)
-        costs[strategy] = (min(times), len(png))
+        for threads in PNG_THREADS:
+            times = []
+            for _ in range(max(rounds, 1)):
+                started = time.perf_counter()
+                png = encode_png(image, text={}, strategy=strategy, threads=threads)
+                times.append(time.perf_counter() - started)
+            costs[f"{strategy} x{threads}"] = (min(times), len(png))
     print(
         f"PNG at {size}²: "
         + ", ".join(

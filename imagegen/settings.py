@@ -161,6 +161,12 @@ class Settings(BaseSettings):
         default="default",
         description="zlib strategy of PNGs: rle encodes 2-8x faster, files within ~2% on photos.",
     )
+    png_encode_threads: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Threads encoding one PNG: 1 is Pillow's encoder; more compress rows in parts.",
+    )
     derivative_widths: Annotated[list[Annotated[int, Field(ge=16, le=8192)]], NoDecode] = Field(
         default=[256, 512, 1024], description="Widths of AVIF/WebP derivatives (never upscaled)."
     )

@@ -65,6 +65,7 @@ class DiffusersBackend:
         self._target: tuple[torch.device, torch.dtype] | None = None
         self._png_level = settings.png_compress_level
         self._png_strategy = settings.png_compress_strategy
+        self._png_threads = settings.png_encode_threads
         self.fast_path: dict[str, list[str]] = {}
         """The CUDA fast-path options applied to each loaded model."""
 
@@ -216,7 +217,11 @@ class DiffusersBackend:
             with tracer().start_as_current_span("imagegen.render.png_encode") as span:
                 text = self._png_text(each)
                 png = encode_png(
-                    image, text=text, level=self._png_level, strategy=self._png_strategy
+                    image,
+                    text=text,
+                    level=self._png_level,
+                    strategy=self._png_strategy,
+                    threads=self._png_threads,
                 )
                 pngs.append(png)
                 span.set_attribute("imagegen.png.size", len(pngs[-1]))

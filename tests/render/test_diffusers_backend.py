@@ -73,6 +73,21 @@ def test_the_png_strategy_setting_changes_the_bytes_not_the_pixels(
     assert read_png_text(rle_png.png) == read_png_text(default_png.png)
 
 
+def test_png_threads_encode_the_same_pixels_and_text_in_parts(
+    backend: DiffusersBackend, make_job: MakeJob
+) -> None:
+    job = make_job(seed=6)
+    pixels = backend.denoise_batch([job])
+    [alone] = backend.encode_batch([job], pixels)
+    [parts] = DiffusersBackend(Settings(device="cpu", png_encode_threads=3)).encode_batch(
+        [job], pixels
+    )
+
+    assert parts.png != alone.png  # another encoder wrote it
+    assert np.array_equal(_pixels(parts.png), _pixels(alone.png))
+    assert read_png_text(parts.png) == read_png_text(alone.png)
+
+
 def test_different_seed_gives_different_pixels(
     backend: DiffusersBackend, make_job: MakeJob
 ) -> None:

@@ -1,13 +1,21 @@
-"""PNG text chunks: round trip, non-Latin text, byte-for-byte determinism."""
+"""PNG text chunks: round trip, non-Latin text, byte-for-byte determinism; the encoder in
+parts against Pillow's."""
 
 from __future__ import annotations
 
 import io
+import struct
+import zlib
+from typing import Literal
+from unittest import mock
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
+from imagegen.render import png
 from imagegen.render.png import encode_png, read_png_text
 
 
@@ -79,3 +87,136 @@ def test_run_length_encoding_gives_other_bytes_for_the_same_pixels() -> None:
     assert read_png_text(rle) == text
     with Image.open(io.BytesIO(rle)) as decoded:
         assert np.array_equal(np.asarray(decoded), np.asarray(_photo_like()))
+
+
+def _chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """The (type, data) chunks of a PNG file, each one's CRC checked."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, at = [], 8
+    while at < len(data):
+        (length,) = struct.unpack(">I", data[at : at + 4])
+        kind, body = data[at + 4 : at + 8], data[at + 8 : at + 8 + length]
+        (crc,) = struct.unpack(">I", data[at + 8 + length : at + 12 + length])
+        assert crc == zlib.crc32(kind + body), kind
+        chunks.append((kind, body))
+        at += 12 + length
+    return chunks
+
+
+def _image_data(data: bytes) -> bytes:
+    """The filtered rows: the IDAT chunks inflated (zlib checks the stream's Adler-32)."""
+    return zlib.decompress(b"".join(body for kind, body in _chunks(data) if kind == b"IDAT"))
+
+
+@pytest.fixture
+def small_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parts of 16 KiB: small images are encoded in several parts too."""
+    monkeypatch.setattr(png, "PART_BYTES", 16 * 1024)
+
+
+def _large_photo_like(mode: str = "RGB") -> Image.Image:
+    """Tall enough for several parts: gradients, noise and a flat band."""
+    y, x = np.mgrid[0:300, 0:480]
+    noise = np.random.default_rng(1).integers(0, 6, (300, 480))
+    pixels = np.stack([x // 2 + noise, y + noise, (x + y) // 3 + noise, x % 7 * 30], axis=-1)
+    pixels[100:140] = 200  # rows Up or None filter best
+    image = Image.fromarray(pixels.astype(np.uint8), "RGBA")
+    return image if mode == "RGBA" else image.convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
+@pytest.mark.parametrize("strategy", ["default", "rle"])
+@pytest.mark.usefixtures("small_parts")
+def test_parts_hold_pillows_filtered_rows_and_decode_to_the_same_pixels(
+    mode: str, strategy: Literal["default", "rle"]
+) -> None:
+    image = _large_photo_like(mode)
+    text = {"prompt": "夕暮れの灯台", "seed": "3", "model": "tiny"}
+    assert image.width * len(mode) * image.height > 2 * png.PART_BYTES  # more than two parts
+
+    pillow = encode_png(image, text=text, strategy=strategy)
+    parts = encode_png(image, text=text, strategy=strategy, threads=4)
+
+    assert parts != pillow
+    assert _image_data(parts) == _image_data(pillow)  # the same filter on every row
+    # IHDR, the text chunks and IEND are Pillow's, byte for byte; one IDAT before IEND.
+    assert [c for c in _chunks(parts) if c[0] != b"IDAT"] == [
+        c for c in _chunks(pillow) if c[0] != b"IDAT"
+    ]
+    assert [kind for kind, _ in _chunks(parts)][-2:] == [b"IDAT", b"IEND"]
+    assert read_png_text(parts) == text
+    with Image.open(io.BytesIO(parts)) as decoded:
+        assert decoded.mode == mode
+        assert np.array_equal(np.asarray(decoded), np.asarray(image))
+
+
+@pytest.mark.usefixtures("small_parts")
+def test_the_bytes_do_not_depend_on_the_number_of_threads() -> None:
+    image, text = _large_photo_like(), {"prompt": "a red fox"}
+    made = {encode_png(image, text=text, threads=n) for n in (2, 3, 8)}
+    assert len(made) == 1
+
+
+@pytest.mark.usefixtures("small_parts")
+@pytest.mark.parametrize(("strategy", "zlib_strategy"), [("default", 1), ("rle", 3)])
+@pytest.mark.parametrize("level", [0, 1, 2, 6, 9])
+def test_every_level_makes_a_stream_zlib_reads(
+    level: int, strategy: Literal["default", "rle"], zlib_strategy: int
+) -> None:
+    image = _large_photo_like()
+    parts = encode_png(image, text={}, level=level, strategy=strategy, threads=2)
+    stream = b"".join(body for kind, body in _chunks(parts) if kind == b"IDAT")
+    # The header zlib itself writes for this level and strategy (its level flags differ).
+    reference = zlib.compressobj(level, zlib.DEFLATED, zlib.MAX_WBITS, 9, zlib_strategy)
+    assert stream[:2] == (reference.compress(b"x") + reference.flush())[:2]
+    pillow = encode_png(image, text={}, level=level, strategy=strategy)
+    assert _image_data(parts) == _image_data(pillow)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    width=st.integers(1, 40),
+    height=st.integers(1, 40),
+    mode=st.sampled_from(["L", "RGB", "RGBA"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_any_small_image_round_trips_through_parts(
+    width: int, height: int, mode: str, seed: int
+) -> None:
+    channels = len(mode)
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+    pixels[:, : width // 2] = pixels[:, :1]  # runs, so that every filter gets its turn
+    image = Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode)
+
+    with mock.patch.object(png, "PART_BYTES", 64):  # a part every few rows
+        parts = encode_png(image, text={"k": "v"}, threads=2)
+
+    assert _image_data(parts) == _image_data(encode_png(image, text={"k": "v"}))
+    with Image.open(io.BytesIO(parts)) as decoded:
+        assert np.array_equal(np.asarray(decoded), np.asarray(image))
+
+
+@pytest.mark.parametrize("strategy", ["default", "rle"])
+def test_parts_of_the_real_size_cost_almost_nothing_in_file_size(
+    strategy: Literal["default", "rle"],
+) -> None:
+    """A rendered image's size, in parts of :data:`PART_BYTES`: each part starts without the
+    history before it, which on a 1024x640 image costs well under one per cent."""
+    y, x = np.mgrid[0:640, 0:1024]
+    rng = np.random.default_rng(2)
+    smooth = np.stack([x / 5 + y / 9, y / 3, (x * y) / 3000], axis=-1) + rng.normal(
+        0, 2, (640, 1024, 3)
+    )
+    image = Image.fromarray(np.clip(smooth, 0, 255).astype(np.uint8))
+    assert image.width * 3 * image.height > 4 * png.PART_BYTES
+
+    pillow = encode_png(image, text={}, strategy=strategy)
+    parts = encode_png(image, text={}, strategy=strategy, threads=2)
+
+    assert len(parts) <= len(pillow) * 1.005, (len(parts), len(pillow))
+
+
+def test_other_modes_keep_pillows_encoder() -> None:
+    image = Image.new("P", (8, 8), 3)
+    assert encode_png(image, text={}, threads=4) == encode_png(image, text={})
