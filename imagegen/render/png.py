@@ -8,6 +8,7 @@ filtered rows as Pillow's, compressed in parts at once.
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from collections.abc import Mapping
@@ -190,6 +191,10 @@ def _filter_rows(rows: np.ndarray, above: np.ndarray | None, bpp: int) -> bytes:
 @cache
 def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="imagegen-png")
+
+
+# A forked child (gunicorn's worker) has none of its parent's threads: it makes its own pool.
+os.register_at_fork(after_in_child=_pool.cache_clear)
 
 
 def _zlib_header(level: int, strategy: int) -> bytes:

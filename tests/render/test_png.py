@@ -4,6 +4,9 @@ parts against Pillow's."""
 from __future__ import annotations
 
 import io
+import os
+import select
+import signal
 import struct
 import zlib
 from typing import Literal
@@ -220,3 +223,24 @@ def test_parts_of_the_real_size_cost_almost_nothing_in_file_size(
 def test_other_modes_keep_pillows_encoder() -> None:
     image = Image.new("P", (8, 8), 3)
     assert encode_png(image, text={}, threads=4) == encode_png(image, text={})
+
+
+def test_a_forked_child_encodes_in_parts_with_its_own_threads() -> None:
+    image = _large_photo_like()
+    expected = encode_png(image, text={}, threads=2)  # the pool now exists in this process
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            os.write(
+                writer, b"same" if encode_png(image, text={}, threads=2) == expected else b"no"
+            )
+        finally:
+            os._exit(0)
+    os.close(writer)
+    answered, _, _ = select.select([reader], [], [], 30)
+    if not answered:  # the child waits on threads it does not have
+        os.kill(child, signal.SIGKILL)
+    _, status = os.waitpid(child, 0)
+    assert answered, "the forked child never finished encoding"
+    assert os.read(reader, 16) == b"same" and status == 0
