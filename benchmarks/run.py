@@ -19,6 +19,8 @@ Rows (``--only`` takes their keys):
 - ``first-image``: a fresh process's wait for the first prompt and the loaded model, loading
   while the prompt is written against enhancing, then loading; with Ollama down (default
   retries: the offline ``imagegen generate``) and with an Ollama taking 2 s (no target).
+- ``png``: a 1024² image's PNG in parts on up to 4 threads, each strategy, against Pillow's
+  encoder at the default strategy (no target; file sizes in the note).
 
 Everything uses the offline ``tiny`` model on the CPU. Rounds interleave baseline and project
 (the first of each round alternates); each row prints min and median of both and the ratio.
@@ -40,6 +42,7 @@ from typing import Any
 
 import httpx
 from _harness import Comparison, interleave, served
+from _png import png
 from _rate import rate
 from _workload import NOW, SIZE, STEPS, render_job, served_env, set_torch_threads, torch_threads
 
@@ -339,18 +342,14 @@ def overhead(rounds: int, tmp: Path, per_round: int) -> list[Comparison]:
     ]
 
 
-ROWS = ["burst", "ceiling", "ollama-down", "startup", "overhead", "rate", "first-image"]
+ROWS = ["burst", "ceiling", "ollama-down", "startup", "overhead", "rate", "first-image", "png"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="one round, small counts (smoke)")
-    parser.add_argument(
-        "--only",
-        nargs="*",
-        choices=ROWS,
-    )
+    parser.add_argument("--only", nargs="*", choices=ROWS)
     parser.add_argument("--torch-threads", type=int, default=1)
     args = parser.parse_args()
     set_torch_threads(args.torch_threads)
@@ -384,6 +383,7 @@ def main() -> None:
         run("overhead", lambda: overhead(rounds, tmp, 2 if args.quick else 5))
         run("rate", lambda: rate(rounds, tmp, 16 if args.quick else 100))
         run("first-image", lambda: first_image(rounds, tmp))
+        run("png", lambda: png(rounds))
     print()
     targeted = [r for r in rows if r.has_target]
     print(f"{sum(r.met() for r in targeted)} of {len(targeted)} targets met ({rounds} rounds)")

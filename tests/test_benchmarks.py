@@ -120,3 +120,20 @@ def gpu_available() -> bool:
     import torch
 
     return bool(torch.cuda.is_available())
+
+
+def test_the_png_rows_time_both_strategies_on_a_photo_like_image() -> None:
+    pytest.importorskip("numpy")
+    from _png import png
+
+    rows = png(rounds=1)
+    assert [row.name.split(" in parts")[0] for row in rows] == [
+        "png: 1024² default",
+        "png: 1024² rle",
+    ]
+    for row in rows:
+        assert not row.has_target and len(row.baseline) == len(row.project) == 1
+        files = re.fullmatch(r"\(files: Pillow (\d+) KiB, in parts (\d+) KiB\)", row.note)
+        assert files is not None, row.note
+        pillow, parts = int(files[1]), int(files[2])
+        assert pillow > 1000 and abs(parts - pillow) <= pillow * 0.02  # a photograph's size

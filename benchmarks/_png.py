@@ -1,0 +1,63 @@
+"""The ``png`` rows: a 1024² PNG encoded in parts on several threads against Pillow's encoder."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from _harness import Comparison, interleave
+
+SIZE = 1024
+
+
+def photo_like(size: int = SIZE, seed: int = 0) -> Any:
+    """A stand-in for a rendered image, made offline: smooth noise at four scales, a little
+    grain. Its PNG compresses like a photograph's (docs/rendering.md#png-encoding)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    total = np.zeros((size, size, 3))
+    for scale in (4, 16, 64, 256):
+        coarse = rng.random((size // scale + 1, size // scale + 1, 3))
+        layer = Image.fromarray((coarse * 255).astype(np.uint8))
+        layer = layer.resize((size + scale, size + scale), Image.Resampling.BICUBIC)
+        total += np.asarray(layer, dtype=np.float64)[:size, :size] * scale
+    total = total / total.max() * 255 + rng.normal(0, 3, total.shape)
+    return Image.fromarray(np.clip(total, 0, 255).astype(np.uint8))
+
+
+def png(rounds: int) -> list[Comparison]:
+    from imagegen.render.png import encode_png
+
+    image = photo_like()
+    threads = min(4, os.cpu_count() or 1)
+    sizes: dict[str, int] = {}
+
+    def timed(label: str, **options: Any) -> float:
+        started = time.perf_counter()
+        sizes[label] = len(encode_png(image, text={"prompt": "a lighthouse"}, **options))
+        return time.perf_counter() - started
+
+    rows = []
+    for strategy in ("default", "rle"):
+        label = f"{strategy} x{threads}"
+        baseline, project = interleave(
+            rounds,
+            lambda: timed("pillow"),
+            lambda s=strategy, la=label: timed(la, strategy=s, threads=threads),
+        )
+        rows.append(
+            Comparison(
+                f"png: {SIZE}² {strategy} in parts on {threads} threads vs Pillow (default)",
+                "s",
+                "lower",
+                None,
+                baseline,
+                project,
+                note=f"(files: Pillow {sizes['pillow'] // 1024} KiB,"
+                f" in parts {sizes[label] // 1024} KiB)",
+            )
+        )
+    return rows
