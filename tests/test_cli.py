@@ -143,6 +143,28 @@ def test_bad_input_is_one_line_and_non_zero(
     assert "Traceback" not in result.stderr + result.stdout
 
 
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (["generate", "x"], {"IMAGEGEN_PNG_ENCODE_THREADS": "0"}, "IMAGEGEN_PNG_ENCODE_THREADS"),
+        (["generate", "x"], {"IMAGEGEN_PNG_COMPRESS_LEVEL": "99"}, "IMAGEGEN_PNG_COMPRESS_LEVEL"),
+        (["doctor"], {"IMAGEGEN_THUMBNAIL_SIZE": "big"}, "IMAGEGEN_THUMBNAIL_SIZE"),
+        (["models", "list"], {"IMAGEGEN_RENDER_BATCH_SIZE": "-2"}, "IMAGEGEN_RENDER_BATCH_SIZE"),
+        (["plugins"], {"IMAGEGEN_SIGNED_URL_TTL": "0"}, "IMAGEGEN_SIGNED_URL_TTL"),
+    ],
+)
+def test_an_invalid_setting_is_one_line_naming_its_variable(
+    cli: RunCli, args: list[str], env: dict[str, str], expected: str
+) -> None:
+    result = cli(*args, env=env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("imagegen: error: invalid settings: " + expected), lines[0]
+    assert next(iter(env.values())) not in lines[0].split("(")[0]  # values are never echoed
+    assert "Traceback" not in result.stderr + result.stdout
+
+
 def test_loop_makes_count_images_and_stops(cli: RunCli, tmp_path: Path) -> None:
     result = cli("loop", *SMALL, "--count", "2", "--json")
     assert result.returncode == 0, result.stderr

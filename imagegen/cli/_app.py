@@ -131,10 +131,28 @@ def _main(
 
 
 def settings_from(**overrides: Any) -> Settings:
-    """The settings from the environment, with the options the user gave (None: not given)."""
-    from imagegen.settings import Settings
+    """The settings from the environment, with the options the user gave (None: not given).
 
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    Raises:
+        ConfigurationError: A setting is invalid, named as the user gave it: its
+            ``IMAGEGEN_*`` variable, or the option's setting (never its value).
+    """
+    from pydantic import ValidationError
+
+    from imagegen.errors import ConfigurationError
+    from imagegen.settings import Settings
+    from imagegen.validation import field_errors
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        errors = field_errors(exc)
+        names = (e["field"].split(".")[0] for e in errors)
+        shown = (name if name in given else f"IMAGEGEN_{name.upper()}" for name in names)
+        raise ConfigurationError(
+            f"invalid settings: {', '.join(dict.fromkeys(shown))}", errors=errors
+        ) from None
 
 
 def run_async(coro_factory: Callable[[], Any]) -> Any:
