@@ -126,8 +126,8 @@ def _encode_in_parts(
     Each row is filtered as Pillow filters it (:func:`_filter_rows`), so the decompressed image
     data is Pillow's, byte for byte. Every part is deflated on its own and ends on a full
     flush, the last one with the final block, and the parts are joined into one zlib stream
-    (as pigz joins its blocks): a standard PNG, slightly larger than one stream
-    would make it (each part starts without the previous part's history).
+    (as pigz joins its blocks): a standard PNG, slightly larger than one stream would make it
+    (each part starts without the previous part's history).
     """
     import numpy as np
 
