@@ -151,6 +151,14 @@ def test_bad_input_is_one_line_and_non_zero(
         (["doctor"], {"IMAGEGEN_THUMBNAIL_SIZE": "big"}, "IMAGEGEN_THUMBNAIL_SIZE"),
         (["models", "list"], {"IMAGEGEN_RENDER_BATCH_SIZE": "-2"}, "IMAGEGEN_RENDER_BATCH_SIZE"),
         (["plugins"], {"IMAGEGEN_SIGNED_URL_TTL": "0"}, "IMAGEGEN_SIGNED_URL_TTL"),
+        (  # a rule across settings: its own message names them
+            ["plugins"],
+            {
+                "IMAGEGEN_MODEL": "black-forest-labs/FLUX.1-schnell",
+                "IMAGEGEN_SERVED_MODELS": "tiny",
+            },
+            "IMAGEGEN_MODEL 'black-forest-labs/FLUX.1-schnell' must be one of",
+        ),
     ],
 )
 def test_an_invalid_setting_is_one_line_naming_its_variable(
@@ -161,7 +169,8 @@ def test_an_invalid_setting_is_one_line_naming_its_variable(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("imagegen: error: invalid settings: " + expected), lines[0]
-    assert next(iter(env.values())) not in lines[0].split("(")[0]  # values are never echoed
+    if len(env) == 1:  # one bad value: named, never echoed
+        assert next(iter(env.values())) not in lines[0].split("(")[0]
     assert "Traceback" not in result.stderr + result.stdout
 
 

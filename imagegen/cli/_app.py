@@ -148,11 +148,13 @@ def settings_from(**overrides: Any) -> Settings:
         return Settings(**given)
     except ValidationError as exc:
         errors = field_errors(exc)
-        names = (e["field"].split(".")[0] for e in errors)
-        shown = (name if name in given else f"IMAGEGEN_{name.upper()}" for name in names)
-        raise ConfigurationError(
-            f"invalid settings: {', '.join(dict.fromkeys(shown))}", errors=errors
-        ) from None
+        named = [e for e in errors if e["field"] != "(body)"]
+        names = (e["field"].split(".")[0] for e in named)
+        shown = [name if name in given else f"IMAGEGEN_{name.upper()}" for name in names]
+        # A rule across settings names its variables in its own message.
+        across = [e["message"] for e in errors if e["field"] == "(body)"]
+        summary = "; ".join([", ".join(dict.fromkeys(shown)), *across] if shown else across)
+        raise ConfigurationError(f"invalid settings: {summary}", errors=named) from None
 
 
 def run_async(coro_factory: Callable[[], Any]) -> Any:
