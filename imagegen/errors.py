@@ -6,6 +6,7 @@ translated to status codes only at the function edge (``functions/``), never ins
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 __all__ = [
@@ -182,25 +183,32 @@ class ConfigurationError(ImageGenError):
     default_retry_after = 30.0
 
     @classmethod
-    def of(cls, summary: str, exc: Exception) -> ConfigurationError:
-        """``exc``, raised while reading the settings, as ``summary: reason``.
+    def of(
+        cls, summary: str, exc: Exception, *, name: Callable[[str], str] = str
+    ) -> ConfigurationError:
+        """``exc``, raised while reading the settings, as ``summary: reason`` (no summary: the
+        reason alone).
 
-        The reason names the settings at fault, never their values (they may be secrets).
+        The reason names the settings at fault (each as ``name`` shows it), never their values
+        (they may be secrets); a rule across settings is given in its own words.
         """
         from pydantic import ValidationError
 
         if isinstance(exc, ValidationError):
             from imagegen.validation import field_errors
 
-            errors = field_errors(exc)
-            reason = "invalid settings: " + ", ".join(e["field"] for e in errors)
+            found = field_errors(exc)
+            errors = [e for e in found if e["field"] != "(body)"]
+            named = ", ".join(dict.fromkeys(name(e["field"].split(".")[0]) for e in errors))
+            across = [e["message"] for e in found if e["field"] == "(body)"]
+            reason = "invalid settings: " + "; ".join([named, *across] if named else across)
         elif isinstance(exc, ImageGenError):
             errors = list(exc.errors)
             fields = ", ".join(exc.fields)
             reason = f"invalid setting: {fields}" if fields else exc.message
         else:
             errors, reason = [], type(exc).__name__
-        return cls(f"{summary}: {reason}", errors=errors)
+        return cls(f"{summary}: {reason}" if summary else reason, errors=errors)
 
 
 class InternalError(ImageGenError):

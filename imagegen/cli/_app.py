@@ -141,20 +141,14 @@ def settings_from(**overrides: Any) -> Settings:
 
     from imagegen.errors import ConfigurationError
     from imagegen.settings import Settings
-    from imagegen.validation import field_errors
 
     given = {k: v for k, v in overrides.items() if v is not None}
     try:
         return Settings(**given)
     except ValidationError as exc:
-        errors = field_errors(exc)
-        named = [e for e in errors if e["field"] != "(body)"]
-        names = (e["field"].split(".")[0] for e in named)
-        shown = [name if name in given else f"IMAGEGEN_{name.upper()}" for name in names]
-        # A rule across settings names its variables in its own message.
-        across = [e["message"] for e in errors if e["field"] == "(body)"]
-        summary = "; ".join([", ".join(dict.fromkeys(shown)), *across] if shown else across)
-        raise ConfigurationError(f"invalid settings: {summary}", errors=named) from None
+        raise ConfigurationError.of(
+            "", exc, name=lambda field: field if field in given else f"IMAGEGEN_{field.upper()}"
+        ) from None
 
 
 def run_async(coro_factory: Callable[[], Any]) -> Any:

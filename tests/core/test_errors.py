@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from imagegen.errors import (
+    ConfigurationError,
     DependencyUnavailable,
     ImageGenError,
     InternalError,
@@ -34,3 +35,36 @@ def test_invalid_request_lists_fields() -> None:
     error = InvalidRequest("invalid", errors=[{"field": "width", "message": "too small"}])
     assert error.fields == ["width"]
     assert error.to_dict()["errors"] == [{"field": "width", "message": "too small"}]
+
+
+def _settings_error(**values: object) -> Exception:
+    from imagegen.settings import Settings
+
+    try:
+        Settings(**values)  # type: ignore[arg-type]
+    except Exception as exc:
+        return exc
+    raise AssertionError(f"{values} were accepted")
+
+
+def test_a_configuration_error_names_the_settings_never_their_values() -> None:
+    exc = _settings_error(png_encode_threads=0, signed_url_ttl="hunter2-secret")
+    error = ConfigurationError.of("render could not start", exc)
+    summary, _, named = error.message.partition(": invalid settings: ")
+    assert summary == "render could not start"
+    assert set(named.split(", ")) == {"png_encode_threads", "signed_url_ttl"}
+    assert set(error.fields) == {"png_encode_threads", "signed_url_ttl"}
+    assert "hunter2" not in error.message + str(error.errors)
+    shown = ConfigurationError.of("", exc, name=lambda field: f"IMAGEGEN_{field.upper()}")
+    assert shown.message.startswith("invalid settings: ")
+    assert "IMAGEGEN_PNG_ENCODE_THREADS" in shown.message
+
+
+def test_a_rule_across_settings_is_given_in_its_own_words() -> None:
+    exc = _settings_error(model="black-forest-labs/FLUX.1-schnell", served_models=["tiny"])
+    error = ConfigurationError.of("enhance could not start", exc)
+    assert error.message.startswith("enhance could not start: invalid settings: IMAGEGEN_MODEL")
+    assert (
+        "(body)" not in error.message and "must be one of IMAGEGEN_SERVED_MODELS" in error.message
+    )
+    assert error.errors == []  # no field of its own to name
