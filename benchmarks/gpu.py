@@ -280,7 +280,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = family_for(args.model)
     steps, guidance = spec.default_steps, spec.default_guidance
     where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (smoke run)"
-    print(f"{where}, torch {torch.__version__}, {args.model}, {steps} steps")
+    png = Settings()
+    print(
+        f"{where}, torch {torch.__version__}, {args.model}, {steps} steps;"
+        f" render's PNG: {png.png_compress_strategy}, {png.png_encode_threads} thread(s)"
+    )
 
     if "options" in args.parts:
         options_table(args, steps, guidance)
