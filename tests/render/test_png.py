@@ -122,7 +122,8 @@ def _large_photo_like(mode: str = "RGB") -> Image.Image:
     y, x = np.mgrid[0:300, 0:480]
     noise = np.random.default_rng(1).integers(0, 6, (300, 480))
     pixels = np.stack([x // 2 + noise, y + noise, (x + y) // 3 + noise, x % 7 * 30], axis=-1)
-    pixels[100:140] = 200  # rows Up or None filter best
+    pixels[100:140] = 200  # rows Up filters best
+    pixels[200:210] = 0  # rows None filters best (it is tried first)
     image = Image.fromarray(pixels.astype(np.uint8), "RGBA")
     return image if mode == "RGBA" else image.convert(mode)
 
@@ -142,6 +143,9 @@ def test_parts_hold_pillows_filtered_rows_and_decode_to_the_same_pixels(
 
     assert parts != pillow
     assert _image_data(parts) == _image_data(pillow)  # the same filter on every row
+    stride = image.width * len(mode) + 1
+    filters = {_image_data(pillow)[row * stride] for row in range(image.height)}
+    assert filters == {0, 1, 2, 4}  # each filter Pillow tries was chosen somewhere
     # IHDR, the text chunks and IEND are Pillow's, byte for byte; one IDAT before IEND.
     assert [c for c in _chunks(parts) if c[0] != b"IDAT"] == [
         c for c in _chunks(pillow) if c[0] != b"IDAT"
