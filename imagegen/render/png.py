@@ -118,16 +118,19 @@ PART_BYTES = 1 << 18
 does not depend on how many threads made it."""
 
 
+_WINDOW = 1 << zlib.MAX_WBITS  # how far back deflate may refer: 32 KiB
+
+
 def _encode_in_parts(
     image: Image.Image, text: Mapping[str, str], level: int, strategy: int, threads: int
 ) -> bytes:
     """``image`` as PNG, its rows filtered and compressed in parts on ``threads`` threads.
 
     Each row is filtered as Pillow filters it (:func:`_filter_rows`), so the decompressed image
-    data is Pillow's, byte for byte. Every part is deflated on its own and ends on a full
-    flush, the last one with the final block, and the parts are joined into one zlib stream
-    (as pigz joins its blocks): a standard PNG, slightly larger than one stream would make it
-    (each part starts without the previous part's history).
+    data is Pillow's, byte for byte. Every part is deflated on its own, primed with the last
+    32 KiB of the part before, and ends on a full flush, the last one with the final block;
+    the parts are joined into one zlib stream, as pigz makes its blocks: a standard PNG of
+    about the size one stream would make.
     """
     import numpy as np
 
@@ -135,20 +138,26 @@ def _encode_in_parts(
     pixels = np.asarray(image, dtype=np.uint8).reshape(image.height, image.width * channels)
     rows_per_part = max(1, PART_BYTES // (pixels.shape[1] + 1))
     starts = range(0, image.height, rows_per_part)
-    last = starts[-1]
 
-    def part(start: int) -> tuple[bytes, bytes]:
+    def filtered(start: int) -> bytes:
         above = pixels[start - 1] if start else None
-        filtered = _filter_rows(pixels[start : start + rows_per_part], above, channels)
-        deflate = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS, 9, strategy)
-        flush = zlib.Z_FINISH if start == last else zlib.Z_FULL_FLUSH
-        return filtered, deflate.compress(filtered) + deflate.flush(flush)
+        return _filter_rows(pixels[start : start + rows_per_part], above, channels)
 
-    parts = list(_pool(threads).map(part, starts))
+    rows = list(_pool(threads).map(filtered, starts))
+
+    def deflated(index: int) -> bytes:
+        # Primed with the end of the part before, as pigz primes its blocks: the stream may
+        # refer back into it, since a decoder has just written it, so no part starts cold.
+        before = rows[index - 1][-_WINDOW:] if index else b""
+        deflate = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS, 9, strategy, before)
+        flush = zlib.Z_FINISH if index == len(rows) - 1 else zlib.Z_FULL_FLUSH
+        return deflate.compress(rows[index]) + deflate.flush(flush)
+
+    parts = list(_pool(threads).map(deflated, range(len(rows))))
     checksum = 1
-    for filtered, _ in parts:
-        checksum = zlib.adler32(filtered, checksum)
-    stream = _zlib_header(level, strategy) + b"".join(deflated for _, deflated in parts)
+    for part in rows:
+        checksum = zlib.adler32(part, checksum)
+    stream = _zlib_header(level, strategy) + b"".join(parts)
     header = struct.pack(">IIBBBBB", image.width, image.height, 8, color_type, 0, 0, 0)
     chunks = [_chunk(b"IHDR", header)]
     chunks += [_text_chunk(key, value) for key, value in text.items()]

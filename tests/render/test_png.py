@@ -152,6 +152,8 @@ def test_parts_hold_pillows_filtered_rows_and_decode_to_the_same_pixels(
     ]
     assert [kind for kind, _ in _chunks(parts)][-2:] == [b"IDAT", b"IEND"]
     assert read_png_text(parts) == text
+    # Each part is primed with the end of the one before: small parts cost nothing in size.
+    assert len(parts) <= len(pillow) * 1.005, (len(parts), len(pillow))
     with Image.open(io.BytesIO(parts)) as decoded:
         assert decoded.mode == mode
         assert np.array_equal(np.asarray(decoded), np.asarray(image))
@@ -208,8 +210,8 @@ def test_any_small_image_round_trips_through_parts(
 def test_parts_of_the_real_size_cost_almost_nothing_in_file_size(
     strategy: Literal["default", "rle"],
 ) -> None:
-    """A rendered image's size, in parts of :data:`PART_BYTES`: each part starts without the
-    history before it, which on a 1024x640 image costs well under one per cent."""
+    """A rendered image's size, in parts of :data:`PART_BYTES`: as one stream's, give or take
+    the zlib build (Pillow's may be another)."""
     y, x = np.mgrid[0:640, 0:1024]
     rng = np.random.default_rng(2)
     smooth = np.stack([x / 5 + y / 9, y / 3, (x * y) / 3000], axis=-1) + rng.normal(
@@ -221,7 +223,7 @@ def test_parts_of_the_real_size_cost_almost_nothing_in_file_size(
     pillow = encode_png(image, text={}, strategy=strategy)
     parts = encode_png(image, text={}, strategy=strategy, threads=2)
 
-    assert len(parts) <= len(pillow) * 1.005, (len(parts), len(pillow))
+    assert len(parts) <= len(pillow) * 1.002, (len(parts), len(pillow))
 
 
 def test_other_modes_keep_pillows_encoder() -> None:
