@@ -76,16 +76,17 @@ def encode_png(
     Raises:
         ValueError: A keyword is not a valid PNG keyword.
     """
-    for key in text:
-        _check_keyword(key)
-    if threads > 1 and image.mode in _COLOR_TYPES:
-        return _encode_in_parts(image, text, level, _zlib_strategy(strategy), threads)
     info = PngImagePlugin.PngInfo()
     for key, value in text.items():
-        if _is_latin1(value):
-            info.add_text(key, value)
-        else:
+        _check_keyword(key)
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError:
             info.add_itxt(key, value, lang="", tkey="", zip=False)
+        else:
+            info.add_text(key, value)
+    if threads > 1 and image.mode in _COLOR_TYPES:
+        return _encode_in_parts(image, info, level, _zlib_strategy(strategy), threads)
     buffer = io.BytesIO()
     image.save(
         buffer,
@@ -95,14 +96,6 @@ def encode_png(
         compress_type=_STRATEGIES[strategy],
     )
     return buffer.getvalue()
-
-
-def _is_latin1(value: str) -> bool:
-    try:
-        value.encode("latin-1")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _zlib_strategy(strategy: PngStrategy) -> int:
@@ -122,9 +115,10 @@ _WINDOW = 1 << zlib.MAX_WBITS  # how far back deflate may refer: 32 KiB
 
 
 def _encode_in_parts(
-    image: Image.Image, text: Mapping[str, str], level: int, strategy: int, threads: int
+    image: Image.Image, info: PngImagePlugin.PngInfo, level: int, strategy: int, threads: int
 ) -> bytes:
-    """``image`` as PNG, its rows filtered and compressed in parts on ``threads`` threads.
+    """``image`` as PNG, its rows filtered and compressed in parts on ``threads`` threads, with
+    the text chunks of ``info`` (made as for Pillow's encoder, so they are the same bytes).
 
     Each row is filtered as Pillow filters it (:func:`_filter_rows`), so the decompressed image
     data is Pillow's, byte for byte. Every part is deflated on its own, primed with the last
@@ -157,12 +151,16 @@ def _encode_in_parts(
     checksum = 1
     for part in rows:
         checksum = zlib.adler32(part, checksum)
-    stream = _zlib_header(level, strategy) + b"".join(parts)
+    out = io.BytesIO(b"\x89PNG\r\n\x1a\n")
+    out.seek(0, io.SEEK_END)
     header = struct.pack(">IIBBBBB", image.width, image.height, 8, color_type, 0, 0, 0)
-    chunks = [_chunk(b"IHDR", header)]
-    chunks += [_text_chunk(key, value) for key, value in text.items()]
-    chunks += [_chunk(b"IDAT", stream + struct.pack(">I", checksum)), _chunk(b"IEND", b"")]
-    return b"\x89PNG\r\n\x1a\n" + b"".join(chunks)
+    PngImagePlugin.putchunk(out, b"IHDR", header)
+    for kind, data, _ in info.chunks:  # text only: no chunk here goes after the image data
+        PngImagePlugin.putchunk(out, kind, data)
+    adler = struct.pack(">I", checksum)
+    PngImagePlugin.putchunk(out, b"IDAT", _zlib_header(level, strategy), *parts, adler)
+    PngImagePlugin.putchunk(out, b"IEND", b"")
+    return out.getvalue()
 
 
 def _filter_rows(rows: np.ndarray, above: np.ndarray | None, bpp: int) -> bytes:
@@ -222,19 +220,6 @@ def _zlib_header(level: int, strategy: int) -> bytes:
     flag = flags << 6
     flag += 31 - ((method << 8) + flag) % 31
     return bytes([method, flag])
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def _text_chunk(key: str, value: str) -> bytes:
-    """``tEXt`` for a Latin-1 value, else uncompressed UTF-8 ``iTXt``, as Pillow writes them."""
-    keyword = key.encode("latin-1")
-    if _is_latin1(value):
-        return _chunk(b"tEXt", keyword + b"\0" + value.encode("latin-1"))
-    # keyword, no compression (flag 0, method 0), empty language tag and translated keyword
-    return _chunk(b"iTXt", keyword + b"\0\0\0" + b"\0" + b"\0" + value.encode("utf-8"))
 
 
 def read_png_text(data: bytes) -> dict[str, str]:
