@@ -27,14 +27,13 @@ lint: $(VENV)/.installed
 	$(BIN)/mypy
 	MYPYPATH=functions $(BIN)/mypy functions/*.py
 
-# Each worker collects the whole suite and loads torch and the tiny model itself; about a
-# fifth of the suite's time is spent waiting for a served function or a CLI process to start.
-# On two cores, three workers fill those waits: about 5 % less wall time than two (211-224 s
-# against 222-234 s), for 7 % more CPU time; four cost a fifth more CPU time. A module runs
-# on one worker (loadscope), so its module-scoped servers start once; tests/conftest.py hands
-# out the slow modules first.
+# Two workers on two cores, a module per worker (loadscope), so a module's servers start once;
+# tests/conftest.py hands out the slow modules first. Measured on 2026-12-03: 155-166 s of wall
+# time and 246-253 CPU seconds with two workers, 182-204 s and 306-337 CPU seconds with three
+# (each worker collects the suite and imports torch itself, and a third only adds contention
+# now that the tests' torch runs on one thread per process).
 test-python: $(VENV)/.installed
-	$(BIN)/python -m pytest -q -n 3 --dist loadscope
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope
 
 worker/node_modules/.package-lock.json: worker/package-lock.json
 	cd worker && npm ci --no-audit --no-fund

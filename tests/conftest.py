@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -16,8 +17,18 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The workers share two cores with the processes they start (see the Makefile), and the tiny
+# model's tensors are small: torch's intra-op threads would only spin against each other.
+# Set before anything imports torch; a caller's own value is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The tests start about eighty Python processes (served functions, CLI runs, the workers):
+# where PYTHONDONTWRITEBYTECODE is set, each would compile the project's modules, and pytest
+# rewrite every test module's asserts, from source again.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 
-# Scheduling over xdist workers (``make test-python`` runs ``-n 3 --dist loadscope``): a module's
+
+# Scheduling over xdist workers (``make test-python`` runs ``-n 2 --dist loadscope``): a module's
 # tests run on one worker, so its module fixtures start once. Two rules keep the workers busy
 # to the end: the modules with a ``slow`` test (most start processes) are handed out first, and
 # the many quick modules even out the finish; and tests/fuzz is one unit, as its modules share
