@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import logging
 import math
@@ -152,7 +153,7 @@ class RenderStage:
                 if self.is_loaded(model):
                     return 0.0
                 await self._build_backend()
-                seconds = await _pipeline_call(self.backend.load, model)
+                seconds = await _start_up_call(self.backend.load, model)
             instruments().model_load_duration.record(seconds, {"imagegen.model": model})
             log.info("model loaded", extra={"model": model, "seconds": round(seconds, 3)})
             return seconds
@@ -343,7 +344,7 @@ class RenderStage:
         if self._backend is not None:
             return
         if self._building is None:
-            self._building = asyncio.ensure_future(asyncio.to_thread(lambda: self.backend))
+            self._building = asyncio.ensure_future(_start_up_call(lambda: self.backend))
         building = self._building
         try:
             await asyncio.shield(building)
@@ -353,19 +354,43 @@ class RenderStage:
             raise
 
 
-async def _pipeline_call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a blocking backend call in a thread; hold on to it even when cancelled.
+async def _start_up_call(fn: Callable[..., T], *args: Any) -> T:
+    """Run a blocking start-up call (the imports, a model load) on a daemon thread of its own.
 
-    A thread cannot be stopped. When the request waiting on it is cancelled (a timeout), the
-    caller still holds the pipeline lock until the thread finishes, so the next job never runs
-    on the pipeline alongside it.
+    A daemon thread, unlike the event loop's default executor, does not hold up the process's
+    exit: a process told to stop while its model loads (a pod scaled down or replaced during
+    its start) exits then, rather than after a load that may take minutes, or hang on the
+    model hub until the grace period ends in a SIGKILL.
+
+    A thread cannot be stopped: when the caller is cancelled (a timeout), it still waits for
+    the call to end, so it keeps holding the load lock and no second load runs beside it.
     """
-    call = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+    context = contextvars.copy_context()  # the caller's span, as asyncio.to_thread passes it
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if done.cancelled():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = context.run(fn, *args), None
+        except BaseException as exc:  # handed to the caller, whatever it is
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="imagegen-start-up", daemon=True).start()
     try:
-        return await asyncio.shield(call)
+        return await asyncio.shield(done)
     except asyncio.CancelledError:
         with contextlib.suppress(Exception):
-            await call
+            await done
         raise
 
 

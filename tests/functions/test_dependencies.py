@@ -181,17 +181,30 @@ def test_render_is_not_ready_while_its_model_loads(
         "HF_HUB_OFFLINE": "0",
         "HF_ENDPOINT": f"http://127.0.0.1:{hub.getsockname()[1]}",
         "HF_HOME": str(tmp_path / "hf"),
+        # Past any test's patience: the hub's silence, not a client timeout, ends nothing.
+        "HF_HUB_ETAG_TIMEOUT": "600",
+        "HF_HUB_DOWNLOAD_TIMEOUT": "600",
     }
+    downloads: list[socket.socket] = []
     try:
         render = start_server("render", env)
         assert httpx.get(render.url + "/healthz").status_code == 200
-        for _ in range(3):
+        for phase in ("importing", "downloading"):
+            if phase == "downloading":  # the load has reached the hub: it hangs there now
+                hub.settimeout(120)
+                downloads.append(hub.accept()[0])
             ready = httpx.get(render.url + "/readyz")
-            assert ready.status_code == 503 and ready.json()["status"] == "loading"
+            assert ready.status_code == 503 and ready.json()["status"] == "loading", phase
             assert int(ready.headers["retry-after"]) > 0
-            time.sleep(0.3)
-        early = httpx.post(render.url, json={"generation_id": "early"}, timeout=10)
-        assert early.status_code == 503 and int(early.headers["retry-after"]) > 0
-        assert early.json()["retryable"] is True
+            early = httpx.post(render.url, json={"generation_id": "early"}, timeout=10)
+            assert early.status_code == 503 and int(early.headers["retry-after"]) > 0
+            assert early.json()["retryable"] is True
+        # Stopped while its load hangs (a pod scaled down during its start): it exits on
+        # SIGTERM, not killed once FunctionServer.stop's grace period is over.
+        render.stop()
+        assert render.process is not None
+        assert render.process.returncode == 0, render.logs()[-2000:]
     finally:
+        for connection in downloads:
+            connection.close()
         hub.close()
