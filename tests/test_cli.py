@@ -92,7 +92,9 @@ def interrupted_loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Inter
 @pytest.mark.slow
 def test_loop_stops_cleanly_on_ctrl_c(interrupted_loop: Interrupted) -> None:
     assert interrupted_loop.returncode == 0, interrupted_loop.stderr
-    assert "Traceback" not in interrupted_loop.stderr
+    # Nothing on stderr: no traceback, and none of the notices the model libraries print while
+    # a fresh process imports them (the one place those show; test_cli_output.py).
+    assert interrupted_loop.stderr == ""
     # The image under way when interrupted is finished, and no other is begun.
     assert len(list(interrupted_loop.output.rglob("*.png"))) == 1
     assert len(interrupted_loop.stdout.strip().splitlines()) == 1
