@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import contextvars
 import inspect
 import logging
-import queue
-import threading
-from collections.abc import Callable
 from typing import Any
 
 from opentelemetry import trace
 
+from imagegen._threads import DaemonPool
 from imagegen.errors import InvalidRequest
 from imagegen.models import Contribution
 from imagegen.plugins.context import PluginContext, PromptPlugin
@@ -78,49 +74,7 @@ def _skipped(span: trace.Span, error: BaseException, description: str) -> None:
     span.set_status(trace.StatusCode.ERROR, description)
 
 
-Task = Callable[[], Callable[[], None]]
-"""Work for a pool thread; it returns what announces its end."""
-
-
-class _DaemonPool:
-    """Reused daemon worker threads; another starts only when none is idle.
-
-    Daemon threads rather than the loop's executor: a plugin that never returns is abandoned
-    after its timeout instead of holding up the loop's (and the interpreter's) shutdown. Reused
-    rather than one per call: starting a thread costs more than most plugins take.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._tasks: queue.SimpleQueue[Task] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._idle = 0
-        self.started = 0
-
-    def submit(self, task: Task) -> None:
-        """Run ``task`` on an idle thread, or a new one; what it returns is called last.
-
-        ``task`` returns how to announce its end: that runs once the thread counts as idle
-        again, so a caller who submits the next task on hearing of it finds the thread free.
-        """
-        with self._lock:
-            if self._idle:
-                self._idle -= 1
-            else:
-                self.started += 1
-                name = f"{self._name}-{self.started}"
-                threading.Thread(target=self._work, name=name, daemon=True).start()
-        self._tasks.put(task)
-
-    def _work(self) -> None:
-        while True:
-            announce = self._tasks.get()()
-            with self._lock:
-                self._idle += 1
-            announce()
-
-
-_POOL = _DaemonPool("plugin")
+_POOL = DaemonPool("plugin")
 
 
 async def _call(plugin: PromptPlugin, context: PluginContext) -> Contribution | None:
@@ -138,34 +92,7 @@ async def _call(plugin: PromptPlugin, context: PluginContext) -> Contribution | 
         if inspect.isawaitable(result):
             result = await result
         return result  # type: ignore[no-any-return]
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[Any] = loop.create_future()
-
-    def settle(value: Any, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(value)
-
-    def target() -> Callable[[], None]:
-        threading.current_thread().name = f"plugin-{context.plugin}"  # for logs and debuggers
-        try:
-            value, error = fn(context), None
-        except BaseException as exc:
-            value, error = None, exc
-
-        def announce() -> None:
-            with contextlib.suppress(RuntimeError):  # the loop closed while the plugin ran
-                loop.call_soon_threadsafe(settle, value, error)
-
-        return announce
-
-    # The caller's context goes along, so spans the plugin makes nest under its own.
-    runner = contextvars.copy_context().run
-    _POOL.submit(lambda: runner(target))
-    result = await future
+    result = await _POOL.run(fn, context, thread_name=f"plugin-{context.plugin}")
     if inspect.isawaitable(result):
         result = await result
     return result  # type: ignore[no-any-return]

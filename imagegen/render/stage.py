@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import hashlib
 import logging
 import math
@@ -17,6 +16,7 @@ from typing import Any, TypeVar
 from opentelemetry import trace
 
 from imagegen._locks import KeyedLocks
+from imagegen._threads import DaemonPool
 from imagegen.errors import (
     ImageGenError,
     InternalError,
@@ -354,8 +354,11 @@ class RenderStage:
             raise
 
 
+_START_UP = DaemonPool("imagegen-start-up")
+
+
 async def _start_up_call(fn: Callable[..., T], *args: Any) -> T:
-    """Run a blocking start-up call (the imports, a model load) on a daemon thread of its own.
+    """Run a blocking start-up call (the imports, a model load) on a daemon thread.
 
     A daemon thread, unlike the event loop's default executor, does not hold up the process's
     exit: a process told to stop while its model loads (a pod scaled down or replaced during
@@ -365,32 +368,12 @@ async def _start_up_call(fn: Callable[..., T], *args: Any) -> T:
     A thread cannot be stopped: when the caller is cancelled (a timeout), it still waits for
     the call to end, so it keeps holding the load lock and no second load runs beside it.
     """
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[T] = loop.create_future()
-    context = contextvars.copy_context()  # the caller's span, as asyncio.to_thread passes it
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if done.cancelled():
-            return
-        if error is not None:
-            done.set_exception(error)
-        else:
-            done.set_result(result)
-
-    def run() -> None:
-        try:
-            result, error = context.run(fn, *args), None
-        except BaseException as exc:  # handed to the caller, whatever it is
-            result, error = None, exc
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
-            loop.call_soon_threadsafe(settle, result, error)
-
-    threading.Thread(target=run, name="imagegen-start-up", daemon=True).start()
+    call = asyncio.ensure_future(_START_UP.run(fn, *args))
     try:
-        return await asyncio.shield(done)
+        return await asyncio.shield(call)
     except asyncio.CancelledError:
         with contextlib.suppress(Exception):
-            await done
+            await call
         raise
 
 

@@ -6,8 +6,9 @@ import asyncio
 import threading
 from collections.abc import Callable
 
+from imagegen._threads import DaemonPool
 from imagegen.plugins import PluginSet
-from imagegen.plugins._running import _POOL, _DaemonPool
+from imagegen.plugins._running import _POOL
 from imagegen.settings import Settings
 from tests.plugins.conftest import NOW
 from tests.plugins.sample_plugins import EchoPlugin
@@ -24,7 +25,7 @@ async def test_sequential_calls_reuse_one_thread(settings: Settings) -> None:
 
 async def test_the_end_is_announced_once_the_thread_is_free_again() -> None:
     # Whoever hears a task has ended and submits the next finds the thread idle: no new one.
-    pool = _DaemonPool("free")
+    pool = DaemonPool("free")
     for _ in range(20):
         ended = threading.Event()
         pool.submit(lambda ended=ended: ended.set)
@@ -33,7 +34,7 @@ async def test_the_end_is_announced_once_the_thread_is_free_again() -> None:
 
 
 async def test_a_stuck_task_gets_a_new_thread_and_is_a_daemon() -> None:
-    pool = _DaemonPool("test")
+    pool = DaemonPool("test")
     stuck, done = threading.Event(), threading.Event()
     names: list[str] = []
     # Both tasks share one queue: either thread may take the stuck one, so compare names.

@@ -1,0 +1,98 @@
+"""Blocking calls awaited from the event loop, on reused daemon threads.
+
+Daemon threads rather than the loop's default executor, whose threads the interpreter joins at
+exit: a call that never returns (a plugin stuck on a socket, a model download hanging on the
+hub) is abandoned by its caller's timeout, or left behind when the process is told to stop,
+instead of holding up the loop's and the interpreter's shutdown. Reused rather than one thread
+per call: starting a thread costs more than most calls take.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+__all__ = ["DaemonPool"]
+
+T = TypeVar("T")
+
+Task = Callable[[], Callable[[], None]]
+"""Work for a pool thread; it returns what announces its end."""
+
+
+class DaemonPool:
+    """Reused daemon worker threads; another starts only when none is idle.
+
+    Args:
+        name: The threads' names: ``<name>-1``, ``<name>-2``...
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._tasks: queue.SimpleQueue[Task] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+        self.started = 0
+
+    def submit(self, task: Task) -> None:
+        """Run ``task`` on an idle thread, or a new one; what it returns is called last.
+
+        ``task`` returns how to announce its end: that runs once the thread counts as idle
+        again, so a caller who submits the next task on hearing of it finds the thread free.
+        """
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+            else:
+                self.started += 1
+                name = f"{self._name}-{self.started}"
+                threading.Thread(target=self._work, name=name, daemon=True).start()
+        self._tasks.put(task)
+
+    async def run(self, fn: Callable[..., T], *args: Any, thread_name: str | None = None) -> T:
+        """Await ``fn(*args)`` on one of the pool's threads, in the caller's context.
+
+        The caller's context goes along (as :func:`asyncio.to_thread` passes it), so spans the
+        call makes nest under the caller's. ``thread_name`` renames the thread for the call,
+        for logs and debuggers.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+
+        def settle(value: Any, error: BaseException | None) -> None:
+            if future.done():  # the caller was cancelled meanwhile
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(value)
+
+        def task() -> Callable[[], None]:
+            if thread_name is not None:
+                threading.current_thread().name = thread_name
+            try:
+                value, error = fn(*args), None
+            except BaseException as exc:  # handed to the caller, whatever it is
+                value, error = None, exc
+
+            def announce() -> None:
+                with contextlib.suppress(RuntimeError):  # the loop closed while the call ran
+                    loop.call_soon_threadsafe(settle, value, error)
+
+            return announce
+
+        runner = contextvars.copy_context().run
+        self.submit(lambda: runner(task))
+        return await future
+
+    def _work(self) -> None:
+        while True:
+            announce = self._tasks.get()()
+            with self._lock:
+                self._idle += 1
+            announce()
