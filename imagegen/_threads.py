@@ -90,6 +90,20 @@ class DaemonPool:
         self.submit(lambda: runner(task))
         return await future
 
+    async def run_to_end(self, fn: Callable[..., T], *args: Any) -> T:
+        """:meth:`run`, but a cancelled caller still waits for the call to end.
+
+        A thread cannot be stopped: a caller that holds a lock around the call (a model load)
+        keeps holding it until the thread is done, so no second call runs beside it.
+        """
+        call = asyncio.ensure_future(self.run(fn, *args))
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await call
+            raise
+
     def _work(self) -> None:
         while True:
             announce = self._tasks.get()()

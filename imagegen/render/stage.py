@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import math
@@ -11,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from opentelemetry import trace
 
@@ -43,7 +42,6 @@ __all__ = ["RenderStage"]
 log = logging.getLogger("imagegen.render")
 
 PNG = "image/png"
-T = TypeVar("T")
 
 # Renders that may wait before any render has been timed (then the queue follows the timings).
 UNMEASURED_QUEUE = 4
@@ -153,7 +151,7 @@ class RenderStage:
                 if self.is_loaded(model):
                     return 0.0
                 await self._build_backend()
-                seconds = await _start_up_call(self.backend.load, model)
+                seconds = await _START_UP.run_to_end(self.backend.load, model)
             instruments().model_load_duration.record(seconds, {"imagegen.model": model})
             log.info("model loaded", extra={"model": model, "seconds": round(seconds, 3)})
             return seconds
@@ -344,7 +342,7 @@ class RenderStage:
         if self._backend is not None:
             return
         if self._building is None:
-            self._building = asyncio.ensure_future(_start_up_call(lambda: self.backend))
+            self._building = asyncio.ensure_future(_START_UP.run_to_end(lambda: self.backend))
         building = self._building
         try:
             await asyncio.shield(building)
@@ -355,26 +353,11 @@ class RenderStage:
 
 
 _START_UP = DaemonPool("imagegen-start-up")
-
-
-async def _start_up_call(fn: Callable[..., T], *args: Any) -> T:
-    """Run a blocking start-up call (the imports, a model load) on a daemon thread.
-
-    A daemon thread, unlike the event loop's default executor, does not hold up the process's
-    exit: a process told to stop while its model loads (a pod scaled down or replaced during
-    its start) exits then, rather than after a load that may take minutes, or hang on the
-    model hub until the grace period ends in a SIGKILL.
-
-    A thread cannot be stopped: when the caller is cancelled (a timeout), it still waits for
-    the call to end, so it keeps holding the load lock and no second load runs beside it.
-    """
-    call = asyncio.ensure_future(_START_UP.run(fn, *args))
-    try:
-        return await asyncio.shield(call)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            await call
-        raise
+"""Render's blocking start-up calls (the imports, the model load): on daemon threads, unlike the
+event loop's default executor, which the interpreter joins at exit. A process told to stop
+while its model loads (a pod scaled down or replaced during its start) exits then, rather than
+after a load that may take minutes, or hang on the model hub until the grace period ends in a
+SIGKILL."""
 
 
 class _Admission:
