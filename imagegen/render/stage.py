@@ -342,7 +342,7 @@ class RenderStage:
         if self._backend is not None:
             return
         if self._building is None:
-            self._building = asyncio.ensure_future(_START_UP.run_to_end(lambda: self.backend))
+            self._building = asyncio.ensure_future(_START_UP.run(lambda: self.backend))
         building = self._building
         try:
             await asyncio.shield(building)

@@ -181,7 +181,8 @@ def test_render_is_not_ready_while_its_model_loads(
         "HF_HUB_OFFLINE": "0",
         "HF_ENDPOINT": f"http://127.0.0.1:{hub.getsockname()[1]}",
         "HF_HOME": str(tmp_path / "hf"),
-        # Past any test's patience: the hub's silence, not a client timeout, ends nothing.
+        # Past any test's patience: the hub's silence, not a client timeout, ends nothing
+        # (huggingface_hub/constants.py reads both; 10 s each by default).
         "HF_HUB_ETAG_TIMEOUT": "600",
         "HF_HUB_DOWNLOAD_TIMEOUT": "600",
     }
