@@ -35,6 +35,33 @@ sys.dont_write_bytecode = False
 # the functions its session fixture starts (a render with a model among them).
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # With xdist, one process imports the model libraries for every function server the
+    # workers start, and forks them (tests/functions/preloaded.py).
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        import tempfile
+
+        from tests.functions import preloaded
+
+        directory = Path(tempfile.mkdtemp(prefix="imagegen-preloaded-"))
+        config.stash[_PRELOADED] = (preloaded.start(directory), directory)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    started = config.stash.get(_PRELOADED, None)
+    if started is not None:
+        import shutil
+
+        process, directory = started
+        assert process.stdin is not None
+        process.stdin.close()  # it ends, and ends what it forked
+        process.wait(30)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+_PRELOADED = pytest.StashKey[tuple[Any, Path]]()
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     slow = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow)  # stable: the order within stays
@@ -60,10 +87,12 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., FunctionServer]]:
     """Start function servers for one test; all are stopped afterwards."""
     started: list[FunctionServer] = []
 
-    def start(stage: str, env: dict[str, str], *, wait: bool = True) -> FunctionServer:
+    def start(
+        stage: str, env: dict[str, str], *, wait: bool = True, fresh: bool = False
+    ) -> FunctionServer:
         from tests.functions.servers import FunctionServer
 
-        server = FunctionServer(stage, env, log_dir=tmp_path)
+        server = FunctionServer(stage, env, log_dir=tmp_path, fresh=fresh)
         started.append(server)
         return server.start(wait=wait)
 

@@ -18,6 +18,7 @@ from typing import Any, Self
 import httpx
 
 from tests.conftest import ROOT
+from tests.functions import preloaded
 
 __all__ = ["FunctionServer", "cloudevent_headers", "free_port", "post_event"]
 
@@ -42,34 +43,36 @@ def free_port() -> int:
 
 
 class FunctionServer:
-    """One stage served exactly as in its container, on a free loopback port."""
+    """One stage served as in its container (functions-framework's command), on a free
+    loopback port.
 
-    def __init__(self, stage: str, env: Mapping[str, str], *, log_dir: Path) -> None:
+    Forked from the suite's preloaded process where there is one (:mod:`preloaded`: the model
+    libraries already imported); ``fresh`` starts a new interpreter instead, for the tests of
+    what a process does while it imports.
+    """
+
+    def __init__(
+        self, stage: str, env: Mapping[str, str], *, log_dir: Path, fresh: bool = False
+    ) -> None:
         self.stage = stage
+        self.fresh = fresh
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **env, "PORT": str(self.port), "THREADS": "4"}
         self.log_path = log_dir / f"{stage}-{self.port}.log"
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: subprocess.Popen[bytes] | preloaded.ForkedProcess | None = None
 
     def start(self, *, wait: bool = True) -> Self:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "functions_framework",
-                "--target",
-                self.stage,
-                "--source",
-                str(ROOT / "functions" / f"{self.stage}.py"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-            ],
+        source = ROOT / "functions" / f"{self.stage}.py"
+        arguments = ["--target", self.stage, "--source", str(source)]
+        arguments += ["--host", "127.0.0.1", "--port", str(self.port)]
+        forked = None
+        if not self.fresh and preloaded.compatible(self.env):
+            forked = preloaded.spawn(arguments, self.env, ROOT, self.log_path)
+        self.process = forked or subprocess.Popen(
+            [sys.executable, "-m", "functions_framework", *arguments],
             env=self.env,
-            stdout=log,
+            stdout=self.log_path.open("ab"),
             stderr=subprocess.STDOUT,
             cwd=ROOT,
             start_new_session=True,  # gunicorn and its worker share one process group

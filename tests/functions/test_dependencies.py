@@ -188,7 +188,7 @@ def test_render_is_not_ready_while_its_model_loads(
     }
     downloads: list[socket.socket] = []
     try:
-        render = start_server("render", env)
+        render = start_server("render", env, fresh=True)  # importing is one of the phases
         assert httpx.get(render.url + "/healthz").status_code == 200
         for phase in ("importing", "downloading"):
             if phase == "downloading":  # the load has reached the hub: it hangs there now
