@@ -61,8 +61,6 @@ _READ_AT_IMPORT = (
     "TORCH",
     "TRANSFORMERS",
 )
-_BASE = {"HF_HUB_OFFLINE": "1"}
-"""Set for the preloaded process: the tests' servers run offline."""
 
 
 def _read_at_import(env: Mapping[str, str]) -> dict[str, str]:
@@ -78,7 +76,7 @@ def compatible(env: Mapping[str, str]) -> bool:
 def start(directory: Path) -> subprocess.Popen[bytes]:
     """Start the preloaded process; export where it listens to this process's children."""
     path = directory / "preloaded.sock"
-    env = {**os.environ, **_BASE}
+    env = dict(os.environ)  # offline already: tests/__init__.py
     process = subprocess.Popen(
         [sys.executable, "-m", "tests.functions.preloaded", str(path)],
         env=env,
@@ -197,7 +195,7 @@ def _preload() -> None:
     """What a served function imports before it can answer: the model libraries first."""
     import boto3  # noqa: F401
     import diffusers  # noqa: F401
-    import functions_framework._cli  # noqa: F401
+    import functions_framework  # noqa: F401
     import gunicorn.app.base
     import gunicorn.workers.gthread  # noqa: F401
     import pydantic  # noqa: F401
