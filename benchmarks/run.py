@@ -12,6 +12,9 @@ Rows (``--only`` takes their keys):
   breaker) against an Ollama that answers at once (<= 1.2x).
 - ``startup``: enhance and persist, process start to ``/readyz``, against a bare
   functions-framework hello (<= 1.3x).
+- ``cold-start``: enhance and persist, process start to the first reply (sent as soon as
+  ``/readyz`` answers) against a bare hello's, and the first reply 1 s after ``/readyz`` (the
+  background warm-up done) against the next reply (no targets).
 - ``overhead``: one render over HTTP against the pipeline's own ``__call__`` (<= 1.10x, min).
 - ``rate``: requests/s of enhance (instant Ollama) and persist at concurrency 8, against a
   hello at 8; the target is 3x their rate before this work (89 and 59 req/s against a hello's
@@ -41,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _cold import cold_start
 from _harness import Comparison, interleave, served
 from _png import png
 from _rate import rate
@@ -342,7 +346,17 @@ def overhead(rounds: int, tmp: Path, per_round: int) -> list[Comparison]:
     ]
 
 
-ROWS = ["burst", "ceiling", "ollama-down", "startup", "overhead", "rate", "first-image", "png"]
+ROWS = [
+    "burst",
+    "ceiling",
+    "ollama-down",
+    "startup",
+    "cold-start",
+    "overhead",
+    "rate",
+    "first-image",
+    "png",
+]
 
 
 def main() -> None:
@@ -380,6 +394,7 @@ def main() -> None:
         # Quick: still enough requests that the median falls after the circuit opens (3 fail).
         run("ollama-down", lambda: ollama_down(rounds, 7 if args.quick else 20))
         run("startup", lambda: startup(rounds, tmp))
+        run("cold-start", lambda: cold_start(rounds, tmp))
         run("overhead", lambda: overhead(rounds, tmp, 2 if args.quick else 5))
         run("rate", lambda: rate(rounds, tmp, 16 if args.quick else 100))
         run("first-image", lambda: first_image(rounds, tmp))

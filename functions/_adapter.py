@@ -16,6 +16,7 @@ import gc
 import logging
 import os
 import threading
+import time
 from collections.abc import Awaitable
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -67,6 +68,7 @@ class Function:
         self._service: Any = None
         self._auth: Any = None  # an imagegen.auth.Authenticator once started
         self._timeout = 60.0
+        self._warming: Future[None] | None = None  # the warm-up, once begun
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -116,6 +118,7 @@ class Function:
             failed: Future[None] = Future()
             failed.set_exception(broken)
             return failed
+        self._warming = None
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._loop.run_forever, name="imagegen-loop", daemon=True).start()
         return asyncio.run_coroutine_threadsafe(self._enter(), self._loop)
@@ -126,6 +129,39 @@ class Function:
         except Exception:
             log.exception("start-up failed", extra={"stage": self.stage.name})
             raise
+
+    async def _warm_up(self) -> None:
+        assert self.stage.warm_up is not None
+        started = time.perf_counter()
+        extra = {"stage": self.stage.name}
+        try:
+            await self.stage.warm_up(self._service)
+        except Exception as exc:
+            log.warning("warm-up failed: %s: %s", type(exc).__name__, exc, extra=extra)
+        else:
+            log.info("warmed up in %.0f ms", (time.perf_counter() - started) * 1e3, extra=extra)
+        finally:
+            gc.freeze()  # what it loaded lives as long as the process, as at start-up
+
+    def _begin_warm_up(self) -> None:
+        """Start the stage's warm-up on the loop, once, when the process has turned ready.
+
+        Not before: the warm-up holds the interpreter, and the probe that says ready would
+        wait for it. A request that comes before the warm-up ends waits only for what it would
+        have built itself.
+        """
+        if self._warming is not None or self.stage.warm_up is None:
+            return
+        with self._lock:
+            if self._warming is None:
+                assert self._loop is not None
+                self._warming = asyncio.run_coroutine_threadsafe(self._warm_up(), self._loop)
+
+    def warm(self) -> bool:
+        """Whether the stage's warm-up (:attr:`Stage.warm_up`) has ended; True if it has none."""
+        if self.stage.warm_up is None:
+            return True
+        return self._warming is not None and self._warming.done()
 
     def alive(self) -> bool:
         """Whether the process can serve at all (it always can: failures show in ``ready``)."""
@@ -139,6 +175,7 @@ class Function:
             return False, "loading"
         if self._started.exception() is not None:
             return False, "start-up failed"  # the reason is in the log
+        self._begin_warm_up()
         return True, "ready"
 
     def _check_ready(self) -> None:
@@ -184,7 +221,7 @@ class Function:
             )
         if path == "/readyz":
             ready, why = self.ready()
-            body = {"ready": ready, "status": why, "stage": self.stage.name}
+            body = {"ready": ready, "status": why, "stage": self.stage.name, "warm": self.warm()}
             return json_reply(body, 200 if ready else 503, {} if ready else {"Retry-After": "5"})
         if path == "/openapi.json" and method == "GET":
             from imagegen.openapi import document

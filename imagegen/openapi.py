@@ -87,6 +87,11 @@ def document(stage: Stage) -> dict[str, Any]:
             "stage": {"type": "string"},
             "status": {"type": "string"},
             "ready": {"type": "boolean"},
+            "warm": {
+                "type": "boolean",
+                "description": "Readiness only: the background warm-up has ended (or there is"
+                " none); a first request before then waits for part of it.",
+            },
         },
     }
     return {

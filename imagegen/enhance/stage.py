@@ -197,6 +197,14 @@ class EnhanceStage:
         info["plugins"] = list(self.plugins.names)
         return info
 
+    async def warm_up(self) -> list[str]:
+        """Warm the plugins that can (:meth:`PluginSet.warm_up`); the names of those warmed.
+
+        The Ollama client and the plugins themselves were made with this stage; no request is
+        sent to Ollama.
+        """
+        return await self.plugins.warm_up()
+
     async def aclose(self) -> None:
         """Release the Ollama connections."""
         await self.enhancer.aclose()

@@ -15,7 +15,7 @@ from imagegen.models import Contribution
 from imagegen.plugins.context import PluginContext, PromptPlugin
 from imagegen.telemetry import tracer
 
-__all__ = ["run_plugin"]
+__all__ = ["run_plugin", "warm_plugin"]
 
 logger = logging.getLogger("imagegen.plugins")
 
@@ -96,3 +96,25 @@ async def _call(plugin: PromptPlugin, context: PluginContext) -> Contribution | 
     if inspect.isawaitable(result):
         result = await result
     return result  # type: ignore[no-any-return]
+
+
+async def warm_plugin(plugin: PromptPlugin, name: str) -> bool:
+    """Run ``plugin.warm_up()`` if it has one (a plain one on the plugins' threads).
+
+    Returns whether it ran and succeeded; a failure is logged, never raised: warming only
+    saves a first request some time.
+    """
+    warm_up = getattr(plugin, "warm_up", None)
+    if warm_up is None:
+        return False
+    try:
+        if inspect.iscoroutinefunction(warm_up):
+            await warm_up()
+        else:
+            result = await _POOL.run(warm_up, thread_name=f"plugin-{name}")
+            if inspect.isawaitable(result):
+                await result
+    except Exception as exc:
+        logger.warning("plugin %s could not warm up: %s: %s", name, type(exc).__name__, exc)
+        return False
+    return True

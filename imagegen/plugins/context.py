@@ -58,6 +58,11 @@ class PromptPlugin(Protocol):
     round trip (its time limit then cannot cut it short). Return None to add
     nothing; raise :class:`~imagegen.errors.InvalidRequest` for bad options (the request fails);
     any other exception only skips this plugin.
+
+    A plugin may also define ``warm_up()`` (plain or coroutine, no arguments): a function calls
+    it once, in the background, after it has started, to build what the plugin's first
+    ``contribute`` would otherwise build while a request waits (imports, tables, caches). It
+    must not change what ``contribute`` returns, and its failure is logged and ignored.
     """
 
     name: str

@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 from imagegen.errors import InvalidRequest
 from imagegen.identity import aware
 from imagegen.models import Contribution
-from imagegen.plugins._running import run_plugin
+from imagegen.plugins._running import run_plugin, warm_plugin
 from imagegen.plugins.context import PluginContext, PluginFactory, PluginInfo, PromptPlugin
 from imagegen.plugins.discovery import discover, distribution_of
 from imagegen.settings import Settings
@@ -217,6 +217,14 @@ class PluginSet:
             **self._options.get(name, {}),
             **((request_options or {}).get(name) or {}),
         }
+
+    async def warm_up(self) -> list[str]:
+        """Warm every enabled plugin that can (``warm_up()``), in order; their names.
+
+        A plugin whose warm-up fails is logged and left to build what it needs on its first
+        request, as it would have without warming.
+        """
+        return [name for name in self._order if await warm_plugin(self._plugins[name], name)]
 
     async def run(
         self,

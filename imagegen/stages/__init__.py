@@ -134,6 +134,9 @@ class Stage:
         png: Optional handler for a plain request with ``Accept: image/png``.
         routes: Further HTTP routes (queries of the stage's own records).
         direct: A plain-HTTP body laxer than the event's data; None: the same ``input_model``.
+        warm_up: ``await warm_up(service)``, once, in the background after a function has
+            started: builds what a first request would otherwise build while it waits
+            (imports, clients, tables). Readiness never waits for it; a failure is logged.
     """
 
     name: str
@@ -149,6 +152,7 @@ class Stage:
     png: Callable[[ImageGenService, Any], Awaitable[tuple[bytes, dict[str, str]]]] | None = None
     routes: tuple[Route, ...] = ()
     direct: Direct | None = None
+    warm_up: Callable[[ImageGenService], Awaitable[object]] | None = None
 
 
 @cache

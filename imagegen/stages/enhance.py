@@ -19,6 +19,12 @@ async def _enhance(
     return await service.enhance(request, call)
 
 
+async def _warm_up(service: ImageGenService) -> list[str]:
+    # The stage, its Ollama client and its plugins are made here, as a first request would
+    # make them, and the plugins that can build their tables (the holiday calendars).
+    return await service.enhance_stage.warm_up()
+
+
 def _timeout(settings: Settings) -> float:
     # Every Ollama attempt may use its whole timeout; the rest is plugins and storage.
     return settings.ollama_timeout * (settings.ollama_retries + 1) + 30
@@ -35,4 +41,5 @@ STAGE = Stage(
     handler=_enhance,
     timeout=_timeout,
     starts_generations=True,
+    warm_up=_warm_up,
 )

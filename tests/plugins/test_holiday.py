@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -122,3 +123,34 @@ async def test_a_calendar_is_built_off_the_event_loop_once(
     assert first is not None and again is not None
     assert len(built) == 1, "the second request finds the year's calendar built"
     assert built[0] is not threading.current_thread()
+
+
+async def test_warm_up_builds_the_configured_calendars_a_request_then_uses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = Settings(holiday_countries=["US", "DE-BY"], timezone="Pacific/Kiritimati")
+    built: list[tuple[str, str | None, int]] = []
+    build = holiday._build_year
+
+    def recorded(code: str, language: str | None, year: int) -> holiday._Calendar:
+        built.append((code, language, year))
+        return build(code, language, year)
+
+    monkeypatch.setattr(holiday, "_build_year", recorded)
+    monkeypatch.setattr(holiday, "_CALENDARS", {})
+    plugin = HolidayPlugin(settings)
+    plugin.warm_up()
+    # Today where the settings say, and as far as the default horizon reaches.
+    now = datetime.now(ZoneInfo(settings.timezone))
+    end = now + timedelta(days=holiday.DEFAULT_HORIZON_DAYS)
+    years = range(now.year, end.year + 1)
+    assert sorted(built) == sorted((c, None, y) for c in ("US", "DE-BY") for y in years)
+
+    built.clear()
+    await _holiday(settings, now)
+    assert built == [], "a request today finds its calendars built"
+
+
+def test_warm_up_names_an_unknown_configured_country() -> None:
+    with pytest.raises(ValueError, match=r"holiday_countries: .*XX"):
+        HolidayPlugin(Settings(holiday_countries=["XX"])).warm_up()

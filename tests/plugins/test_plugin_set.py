@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -306,3 +307,47 @@ async def test_context_fields(settings: Settings) -> None:
     assert context.options == {"k": 1} and context.settings is settings
     assert context.now == NOW and context.now.tzinfo is not None
     assert context.now.utcoffset() == UTC.utcoffset(None)
+
+
+class _Warming:
+    """A plugin with a warm-up: plain or a coroutine, succeeding or failing."""
+
+    description = "Records its warm-up."
+
+    def __init__(self, name: str, *, coroutine: bool = False, fails: bool = False) -> None:
+        self.name, self.fails, self.threads = name, fails, []
+        if coroutine:
+            self.warm_up = self._warm_async  # type: ignore[method-assign]
+
+    def warm_up(self) -> None:
+        self.threads.append(threading.current_thread())
+        if self.fails:
+            raise RuntimeError("no table today")
+
+    async def _warm_async(self) -> None:
+        self.threads.append(threading.current_thread())
+
+    def contribute(self, context: PluginContext) -> Contribution:
+        return Contribution(plugin=self.name, text=self.name)
+
+
+async def test_warm_up_warms_the_enabled_plugins_that_can(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    plain, coroutine = _Warming("plain"), _Warming("coroutine", coroutine=True)
+    failing, disabled = _Warming("failing", fails=True), _Warming("disabled")
+    plugins = PluginSet([coroutine, EchoPlugin(), failing, plain, disabled], settings=settings)
+    plugins.disable("disabled")
+
+    with caplog.at_level(logging.WARNING, logger="imagegen.plugins"):
+        warmed = await plugins.warm_up()
+
+    assert warmed == ["coroutine", "plain"], "in order; the failed one and echo (none) left out"
+    assert disabled.threads == [], "a disabled plugin is not warmed"
+    assert coroutine.threads == [threading.current_thread()], "a coroutine runs on the loop"
+    assert plain.threads and plain.threads[0] is not threading.current_thread(), "a plain one not"
+    assert failing.threads, "the failing one ran"
+    assert "plugin failing could not warm up: RuntimeError: no table today" in caplog.text
+    # Warming changes no contribution.
+    result = await plugins.run(generation_id="g", seed=1, now=NOW)
+    assert [c.plugin for c in result] == ["coroutine", "echo", "failing", "plain"]

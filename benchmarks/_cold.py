@@ -1,0 +1,98 @@
+"""The ``cold-start`` row: what a caller waits for from a process's start, and the warm-up.
+
+The ``startup`` row stops at ``/readyz``; a scaled-from-zero function answers its first request
+right after, and whatever it builds on that request (imports, clients, tables) is part of the
+cold start too. Two figures per stage, each against a baseline from the same run:
+
+- process start to the first reply, the request sent as soon as ``/readyz`` answers 200
+  (what the activator does), against a bare hello's;
+- the first reply's own latency when the request comes 1 s after ``/readyz`` (a pod that
+  turned ready before traffic: a minimum scale, a scale-up ahead of load), against the same
+  process's next reply.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+from _harness import Comparison, Served, interleave
+from _rate import _stored_images
+from _workload import served_env
+
+PAUSE = 1.0
+"""Seconds between ``/readyz`` and the first request, for the warm-up figure."""
+
+
+def _replies(
+    stage: str, env: dict[str, str], tmp: Path, bodies: Iterator[dict[str, Any]], pause: float
+) -> tuple[float, float, float]:
+    """(process start to ``/readyz``, the first reply's latency, the next reply's latency)."""
+    server = Served(stage, env, log_dir=tmp, threads=4)
+    try:
+        ready = server.ready_after()
+        time.sleep(pause)
+        with httpx.Client(timeout=60) as client:
+            latencies = []
+            for body in (next(bodies), next(bodies)):
+                started = time.perf_counter()
+                client.post(server.url, json=body).raise_for_status()
+                latencies.append(time.perf_counter() - started)
+        return ready, latencies[0], latencies[1]
+    finally:
+        server.stop()
+
+
+def cold_start(rounds: int, tmp: Path) -> list[Comparison]:
+    from tests.fakes.ollama_server import FakeOllama
+
+    fake = FakeOllama().start()
+    try:
+        env = {**os.environ, **served_env(tmp / "cold", IMAGEGEN_OLLAMA_HOST=fake.url)}
+        # Every request a new generation: a redelivery would be answered from storage.
+        images = iter(_stored_images(tmp / "cold", 4 * rounds))
+        bodies: dict[str, Callable[[], dict[str, Any]]] = {
+            "hello": lambda: {"n": 1},
+            "enhance": lambda: {"prompt": f"a fox {uuid.uuid4().hex[:8]}", "model": "tiny"},
+            "persist": lambda: next(images),
+        }
+
+        def first(stage: str, pause: float = 0.0) -> tuple[float, float, float]:
+            return _replies(stage, env, tmp, iter(bodies[stage], None), pause)
+
+        def cold(stage: str) -> float:
+            ready, latency, _ = first(stage)
+            return ready + latency
+
+        rows = []
+        for stage in ("enhance", "persist"):
+            baseline, project = interleave(rounds, lambda: cold("hello"), lambda s=stage: cold(s))
+            rows.append(
+                Comparison(
+                    f"cold start: {stage} process start -> first reply vs a bare hello's",
+                    "s",
+                    "lower",
+                    None,
+                    baseline,
+                    project,
+                )
+            )
+            paused = [first(stage, PAUSE) for _ in range(rounds)]
+            rows.append(
+                Comparison(
+                    f"warm-up: {stage}'s first reply {PAUSE:g} s after /readyz vs its next reply",
+                    "s",
+                    "lower",
+                    None,
+                    [next_ for _, _, next_ in paused],
+                    [first_ for _, first_, _ in paused],
+                )
+            )
+        return rows
+    finally:
+        fake.stop()

@@ -1,0 +1,109 @@
+"""A function warms its stage up in the background once ready: readiness never waits for it."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imagegen.stages import get
+from tests.conftest import ROOT
+from tests.functions.conftest import base_env
+
+pytestmark = pytest.mark.slow  # functions served in processes of their own
+
+
+def _until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not {what} after {timeout}s")
+        time.sleep(0.02)  # polling
+
+
+def test_a_served_enhance_turns_ready_then_warm(start_server: Any, tmp_path: Path) -> None:
+    enhance = start_server("enhance", base_env(tmp_path / "store"))
+    persist = start_server("persist", base_env(tmp_path / "store"))
+
+    _until(lambda: enhance.get("/readyz").json()["warm"], "warm")
+    ready = enhance.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    warmed = [r for r in enhance.log_records() if r.get("message", "").startswith("warmed up in")]
+    assert len(warmed) == 1 and warmed[0]["stage"] == "enhance", enhance.logs()
+    # Warm: the holiday calendars and the Ollama client were made before any request; the
+    # first request answers as every later one does (Ollama down: the template prompt).
+    reply = enhance.post("/", json={"prompt": "a lighthouse", "model": "tiny"})
+    assert reply.status_code == 200 and reply.json()["fallback"] is True
+    # A stage with nothing to warm says so from the start.
+    assert persist.get("/readyz").json() == {
+        "ready": True,
+        "status": "ready",
+        "stage": "persist",
+        "warm": True,
+    }
+
+
+@pytest.fixture
+def function_class(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Any]:
+    """The adapter's Function, imported as functions-framework imports it; settings on disk."""
+    monkeypatch.syspath_prepend(str(ROOT / "functions"))
+    for name, value in base_env(tmp_path / "store").items():
+        monkeypatch.setenv(name, value)
+    import _adapter
+
+    yield _adapter.Function
+    sys.modules.pop("_adapter", None)
+
+
+def _ready(function: Any) -> None:
+    _until(lambda: function.ready()[0], "ready")
+
+
+def test_readiness_does_not_wait_for_the_warm_up(function_class: Any) -> None:
+    begun, release = threading.Event(), threading.Event()
+    calls: list[object] = []
+
+    async def warm_up(service: object) -> None:
+        calls.append(service)
+        begun.set()
+        while not release.is_set():  # the loop stays free for requests meanwhile
+            await asyncio.sleep(0.01)
+
+    function = function_class(dataclasses.replace(get("enhance"), warm_up=warm_up))
+    assert function.warm() is False, "not begun before start-up"
+    _ready(function)
+    assert begun.wait(30), "the warm-up begins once the function is ready"
+    for _ in range(5):
+        assert function.ready() == (True, "ready")
+    assert function.warm() is False, "ready while warming"
+    release.set()
+    _until(function.warm, "warm")
+    assert len(calls) == 1, "once, however often readiness is asked"
+
+
+def test_a_failed_warm_up_is_logged_and_the_function_stays_ready(
+    function_class: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def warm_up(service: object) -> None:
+        raise OSError("no tables here")
+
+    function = function_class(dataclasses.replace(get("enhance"), warm_up=warm_up))
+    with caplog.at_level("WARNING", logger="imagegen.functions"):
+        _ready(function)
+        _until(function.warm, "warm")
+    assert function.ready() == (True, "ready")
+    assert "warm-up failed: OSError: no tables here" in caplog.text
+
+
+def test_a_stage_without_a_warm_up_is_warm(function_class: Any) -> None:
+    function = function_class(get("persist"))
+    assert function.warm() is True
+    _ready(function)
+    assert function.warm() is True
