@@ -198,12 +198,30 @@ class EnhanceStage:
         return info
 
     async def warm_up(self) -> list[str]:
-        """Warm the plugins that can (:meth:`PluginSet.warm_up`); the names of those warmed.
+        """Warm the plugins that can (:meth:`PluginSet.warm_up`) and ask Ollama for its models.
 
-        The Ollama client and the plugins themselves were made with this stage; no request is
-        sent to Ollama.
+        The question (``GET /api/tags``, as :meth:`check` asks it) opens the connection the
+        first prompt will use, and the log says once whether prompts will come from the LLM or
+        from the template. Returns the names of the plugins warmed.
         """
-        return await self.plugins.warm_up()
+        warmed = await self.plugins.warm_up()
+        info = await self.enhancer.check()
+        host, model = info["host"], info["model"]
+        if not info["reachable"]:
+            logger.warning(
+                "Ollama at %s does not answer (%s): prompts come from the template until it does",
+                host,
+                info.get("error"),
+            )
+        elif not info["model_available"]:
+            logger.warning(
+                "Ollama at %s has no model %s: prompts come from the template until it is pulled",
+                host,
+                model,
+            )
+        else:
+            logger.info("Ollama at %s has %s", host, model)
+        return warmed
 
     async def aclose(self) -> None:
         """Release the Ollama connections."""

@@ -191,6 +191,26 @@ async def test_check_names_a_missing_model(make_stage: MakeStage) -> None:
     assert info["reachable"] is True and info["model_available"] is False
 
 
+async def test_warm_up_warms_the_plugins_and_says_what_ollama_has(
+    make_stage: MakeStage, fake_ollama: FakeOllama, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="imagegen.enhance"):
+        assert await make_stage().warm_up() == ["holiday"]
+        assert await make_stage(ollama_model="mistral").warm_up() == ["holiday"]
+        fake_ollama.stop()
+        assert await make_stage().warm_up() == ["holiday"]
+    assert [r.path for r in fake_ollama.requests] == ["/api/tags", "/api/tags"]
+    assert fake_ollama.chat_requests == [], "no prompt is asked for"
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    host = fake_ollama.url
+    assert said[0] == ("INFO", f"Ollama at {host} has llama3.2")
+    assert said[1] == (
+        "WARNING",
+        f"Ollama at {host} has no model mistral: prompts come from the template until it is pulled",
+    )
+    assert said[2][0] == "WARNING" and said[2][1].startswith(f"Ollama at {host} does not answer")
+
+
 @pytest.mark.parametrize("log_prompts", [True, False])
 async def test_prompts_reach_info_logs_only_when_allowed(
     make_stage: MakeStage,
