@@ -55,6 +55,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/otlp_overhead.py
 	$(BIN)/python benchmarks/cli_startup.py
+	$(BIN)/python benchmarks/remote_context.py
 
 # Needs a CUDA GPU and the served model in the Hugging Face cache; under 10 minutes.
 # With the prod overlay's PNG settings (knative/overlays/prod/config.yaml): what render does there.

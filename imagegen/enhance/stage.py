@@ -224,5 +224,6 @@ class EnhanceStage:
         return warmed
 
     async def aclose(self) -> None:
-        """Release the Ollama connections."""
+        """Release the Ollama connections and what the plugins hold."""
         await self.enhancer.aclose()
+        await self.plugins.aclose()

@@ -62,7 +62,9 @@ class PromptPlugin(Protocol):
     A plugin may also define ``warm_up()`` (plain or coroutine, no arguments): a function calls
     it once, in the background, after it has started, to build what the plugin's first
     ``contribute`` would otherwise build while a request waits (imports, tables, caches). It
-    must not change what ``contribute`` returns, and its failure is logged and ignored.
+    must not change what ``contribute`` returns, and its failure is logged and ignored. And
+    ``aclose()`` (a coroutine): called when the plugin set is closed, to release what the
+    plugin holds (``remote_context``'s connections).
     """
 
     name: str

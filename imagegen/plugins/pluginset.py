@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
@@ -18,6 +19,8 @@ from imagegen.plugins.discovery import discover, distribution_of
 from imagegen.settings import Settings
 
 __all__ = ["DEFAULT_PLUGIN_TIMEOUT", "PluginSet"]
+
+logger = logging.getLogger("imagegen.plugins")
 
 DEFAULT_PLUGIN_TIMEOUT = 5.0
 """Seconds one plugin may take before it is skipped."""
@@ -225,6 +228,17 @@ class PluginSet:
         request, as it would have without warming.
         """
         return [name for name in self._order if await warm_plugin(self._plugins[name], name)]
+
+    async def aclose(self) -> None:
+        """Close every plugin that holds something (``aclose()``); a failure is logged."""
+        for name, plugin in self._plugins.items():
+            close = getattr(plugin, "aclose", None)
+            if close is None:
+                continue
+            try:
+                await close()
+            except Exception as exc:
+                logger.warning("plugin %s did not close: %s: %s", name, type(exc).__name__, exc)
 
     async def run(
         self,

@@ -65,6 +65,28 @@ class RemoteContextPlugin:
     ) -> None:
         self.settings = settings
         self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+        self._client_loop: asyncio.AbstractEventLoop | None = None
+
+    def _http(self) -> httpx.AsyncClient:
+        """The plugin's client on the running loop: made once, its connections kept alive.
+
+        A client per request would make a TLS context (tenths of a second of CPU on a small
+        machine, loading the CA bundle) and open a connection for each one. A client's
+        connections belong to the loop that opened them, so another loop gets its own.
+        """
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client_loop is not loop:
+            timeout = self.settings.remote_context_timeout
+            self._client = httpx.AsyncClient(timeout=timeout, transport=self._transport)
+            self._client_loop = loop
+        return self._client
+
+    async def aclose(self) -> None:
+        """Close the client's connections (the enhance stage calls this as it closes)."""
+        client, self._client = self._client, None
+        if client is not None and self._client_loop is asyncio.get_running_loop():
+            await client.aclose()
 
     async def fetch(self, url: str) -> bytes:
         """The body at ``url``, at most ``remote_context_max_bytes`` long.
@@ -75,12 +97,7 @@ class RemoteContextPlugin:
         """
         cap = self.settings.remote_context_max_bytes
         headers = {"Accept": "application/json", "User-Agent": "imagegen-remote-context"}
-        async with (
-            httpx.AsyncClient(
-                timeout=self.settings.remote_context_timeout, transport=self._transport
-            ) as client,
-            client.stream("GET", url, headers=headers) as response,
-        ):
+        async with self._http().stream("GET", url, headers=headers) as response:
             response.raise_for_status()
             declared = response.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > cap:

@@ -24,7 +24,13 @@ def settings() -> Settings:
 
 
 class _Handler(BaseHTTPRequestHandler):
+    # Keep-alive, as most HTTP servers: a client may send its next request on the connection.
+    protocol_version = "HTTP/1.1"
+    # Headers and body leave in two writes: without this, the body waits for the client's
+    # delayed ACK of the headers (Nagle), 40 ms a request on a kept-alive connection.
+    disable_nagle_algorithm = True
     released: threading.Event
+    peers: list[int]  # the client's port of each request: one per connection it opened
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -39,6 +45,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def do_GET(self) -> None:
+        self.peers.append(self.client_address[1])
         if self.path == "/context":
             body = {
                 "weather": "light rain\nand mist",
@@ -50,6 +57,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif self.path == "/big":
             self._send(200, json.dumps({"blob": "x" * 100_000}).encode())
         elif self.path == "/big-unannounced":  # no Content-Length: only reading tells the size
+            self.close_connection = True  # the end of the body is the end of the connection
             self._send(200, json.dumps({"blob": "x" * 1_000_000}).encode(), length=False)
         elif self.path == "/slow":
             self.released.wait(5)
@@ -69,7 +77,9 @@ class JsonEndpoint(LoopbackServer):
 
     def __init__(self) -> None:
         self.released = threading.Event()
-        super().__init__(type("Handler", (_Handler,), {"released": self.released}))
+        self.peers: list[int] = []
+        handler = type("Handler", (_Handler,), {"released": self.released, "peers": self.peers})
+        super().__init__(handler)
 
     def at(self, path: str) -> str:
         return self.url + path

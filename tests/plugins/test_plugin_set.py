@@ -351,3 +351,25 @@ async def test_warm_up_warms_the_enabled_plugins_that_can(
     # Warming changes no contribution.
     result = await plugins.run(generation_id="g", seed=1, now=NOW)
     assert [c.plugin for c in result] == ["coroutine", "echo", "failing", "plain"]
+
+
+async def test_closing_the_set_closes_the_plugins_that_hold_something(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    closed: list[str] = []
+
+    class Holding(EchoPlugin):
+        async def aclose(self) -> None:
+            closed.append(self.name)
+            if self.name == "broken":
+                raise OSError("socket already gone")
+
+    plugins = PluginSet(
+        [Holding(name="a"), EchoPlugin(name="b"), Holding(name="broken"), Holding(name="c")],
+        settings=settings,
+    )
+    plugins.disable("c")  # loaded, so closed too
+    with caplog.at_level(logging.WARNING, logger="imagegen.plugins"):
+        await plugins.aclose()
+    assert closed == ["a", "broken", "c"]
+    assert "plugin broken did not close: OSError: socket already gone" in caplog.text

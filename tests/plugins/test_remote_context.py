@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -128,3 +129,30 @@ async def test_a_closed_port_logs_no_credentials(
         assert await _fetch(_settings(url)) is None
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "ConnectError" in logged and "secret" not in logged
+
+
+async def test_one_client_and_connection_serve_the_requests_until_closed(
+    endpoint: JsonEndpoint,
+) -> None:
+    settings = _settings(endpoint.at("/context"))
+    plugin = RemoteContextPlugin(settings)
+    context = PluginContext("g", None, NOW, "UTC", 1, settings, plugin="remote_context")
+    for _ in range(3):
+        assert await plugin.contribute(context) is not None
+    assert len(endpoint.peers) == 3 and len(set(endpoint.peers)) == 1, "one kept-alive connection"
+
+    await plugin.aclose()
+    assert await plugin.contribute(context) is not None, "a closed plugin makes a new client"
+    assert len(set(endpoint.peers)) == 2
+    await plugin.aclose()
+
+
+def test_each_event_loop_gets_its_own_client(endpoint: JsonEndpoint) -> None:
+    settings = _settings(endpoint.at("/context"))
+    plugin = RemoteContextPlugin(settings)
+    context = PluginContext("g", None, NOW, "UTC", 1, settings, plugin="remote_context")
+    # A CLI command after another, each with its own loop: connections never cross loops.
+    first = asyncio.run(plugin.contribute(context))
+    second = asyncio.run(plugin.contribute(context))
+    assert first == second and first is not None
+    assert len(set(endpoint.peers)) == 2
