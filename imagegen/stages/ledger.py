@@ -39,14 +39,22 @@ _opened: dict[str, tuple[Ledger, Dispatcher | None]] = {}
 _lock = threading.Lock()
 
 
+def _key(settings: Settings) -> str:
+    return settings.ledger_url.get_secret_value() if settings.ledger_url else ""
+
+
 def ledger_of(settings: Settings) -> tuple[Ledger, Dispatcher | None]:
-    """This process's ledger (and webhook dispatcher) for ``settings``, opened once."""
+    """This process's ledger (and webhook dispatcher) for ``settings``, opened once.
+
+    Blocking the first time (the database is connected to and migrated, waiting up to the
+    pool's timeout while it is down): called off the event loop, as :func:`_ledger` does.
+    """
     from imagegen.ledger import open_ledger
     from imagegen.ledger.outbox import Dispatcher
     from imagegen.ledger.webhooks import AddressPolicy, WebhookSender
 
-    url = settings.ledger_url.get_secret_value() if settings.ledger_url else None
-    key = url or ""
+    key = _key(settings)
+    url = key or None
     with _lock:
         if key not in _opened:
             ledger = open_ledger(url)
@@ -61,6 +69,20 @@ def ledger_of(settings: Settings) -> tuple[Ledger, Dispatcher | None]:
                 dispatcher.start()
             _opened[key] = (ledger, dispatcher)
         return _opened[key]
+
+
+async def _ledger(service: ImageGenService) -> tuple[Ledger, Dispatcher | None]:
+    """The process's ledger: at once once opened, else opened on a worker thread."""
+    opened = _opened.get(_key(service.settings))
+    if opened is not None:
+        return opened
+    return await asyncio.to_thread(ledger_of, service.settings)
+
+
+async def _warm_up(service: ImageGenService) -> None:
+    # The database connected to, migrated, and the webhook dispatcher started before the first
+    # event needs them; a database that is down is said in the log now.
+    await _ledger(service)
 
 
 async def _record(service: ImageGenService, data: Any, call: Call) -> None:
@@ -92,7 +114,7 @@ async def _record(service: ImageGenService, data: Any, call: Call) -> None:
         time=time,
         data=data,
     )
-    ledger, dispatcher = ledger_of(service.settings)
+    ledger, dispatcher = await _ledger(service)
     await asyncio.to_thread(ledger.ingest, event)
     if dispatcher is not None:
         dispatcher.wake()
@@ -101,14 +123,14 @@ async def _record(service: ImageGenService, data: Any, call: Call) -> None:
 async def _detail(service: ImageGenService, call: RouteCall) -> BaseModel:
     from imagegen.ledger import api
 
-    ledger, _ = ledger_of(service.settings)
+    ledger, _ = await _ledger(service)
     return await api.detail(ledger, call.params["generation_id"])
 
 
 async def _page(service: ImageGenService, call: RouteCall) -> BaseModel:
     from imagegen.ledger import api
 
-    ledger, _ = ledger_of(service.settings)
+    ledger, _ = await _ledger(service)
     assert isinstance(call.query, api.HistoryQuery)
     return await api.page(ledger, call.query)
 
@@ -116,7 +138,7 @@ async def _page(service: ImageGenService, call: RouteCall) -> BaseModel:
 async def _replay(service: ImageGenService, call: RouteCall) -> BaseModel:
     from imagegen.ledger import api
 
-    ledger, _ = ledger_of(service.settings)
+    ledger, _ = await _ledger(service)
     assert isinstance(call.query, api.ReplayQuery)
     return await api.replay(ledger, service.settings, call.params["generation_id"], call.query)
 
@@ -177,4 +199,5 @@ STAGE = Stage(
     handler=_record,
     timeout=lambda settings: 30.0,
     routes=_routes(),
+    warm_up=_warm_up,
 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -106,6 +107,11 @@ def serve_ledger(ledger_url: str) -> Iterator[Callable[..., InProcessFunction]]:
 
     yield serve
     for function in served:
+        # The warm-up opens the ledger in the background: let it end before closing what it
+        # opened (a request after readiness waits for the same opening anyway).
+        deadline = time.monotonic() + 60
+        while not function.get("/readyz").json()["warm"] and time.monotonic() < deadline:
+            time.sleep(0.02)  # polling the probe
         function.client.close()
     for opened, dispatcher in ledger_stage._opened.values():
         if dispatcher is not None:

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
 from imagegen.ledger import open_ledger
 from tests.functions.clients import InProcessFunction
 from tests.ledger.chain import binary as _binary
@@ -48,3 +55,54 @@ def test_an_event_that_cannot_be_recorded_is_a_final_4xx_not_an_event(
         assert ledger.get("gen-f") is None
     finally:
         ledger.close()
+
+
+def test_the_ledger_is_opened_in_the_background_once_ready(
+    function: InProcessFunction, ledger_url: str
+) -> None:
+    from imagegen.stages import ledger as ledger_stage
+
+    deadline = time.monotonic() + 60
+    while not function.get("/readyz").json()["warm"]:
+        assert time.monotonic() < deadline, "the warm-up did not end"
+        time.sleep(0.02)  # polling the probe
+    # Opened (connected, migrated) before any event came.
+    assert list(ledger_stage._opened) == [ledger_url]
+
+
+def test_opening_the_ledger_never_holds_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A database that keeps the opening waiting (down: up to the pool's timeout) stalls only
+    the requests that need it, never the loop every request of the process runs on."""
+    import asyncio
+    import threading
+
+    import imagegen.ledger
+    from imagegen.settings import Settings
+    from imagegen.stages import ledger as ledger_stage
+
+    entered, release = threading.Event(), threading.Event()
+    real = imagegen.ledger.open_ledger
+
+    def slow_open(url: str | None = None) -> Any:
+        entered.set()
+        assert release.wait(30)
+        return real(url)
+
+    monkeypatch.setattr(imagegen.ledger, "open_ledger", slow_open)
+    monkeypatch.setattr(ledger_stage, "_opened", {})
+    service = SimpleNamespace(settings=Settings(ledger_url=str(tmp_path / "ledger.db")))
+
+    async def run() -> None:
+        opening = asyncio.create_task(ledger_stage._ledger(service))  # type: ignore[arg-type]
+        assert await asyncio.to_thread(entered.wait, 30)
+        await asyncio.sleep(0.05)  # the loop runs other work meanwhile
+        assert not opening.done()
+        release.set()
+        ledger, dispatcher = await opening
+        assert dispatcher is None
+        assert await ledger_stage._ledger(service) == (ledger, None), "opened once"
+        ledger.close()
+
+    asyncio.run(run())
