@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Self
+from typing import Literal, Self, TypeVar
 
 import httpx
 
@@ -22,6 +22,8 @@ if str(ROOT) not in sys.path:  # `python benchmarks/run.py` puts only benchmarks
 from tests.functions.servers import FunctionServer  # noqa: E402
 
 __all__ = ["ROOT", "Comparison", "Served", "interleave", "served"]
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -114,11 +116,11 @@ class Comparison:
 
 
 def interleave(
-    rounds: int, baseline: Callable[[], float], project: Callable[[], float]
-) -> tuple[list[float], list[float]]:
+    rounds: int, baseline: Callable[[], T], project: Callable[[], T]
+) -> tuple[list[T], list[T]]:
     """Alternate the two measurements, swapping which goes first each round."""
-    ours: list[float] = []
-    theirs: list[float] = []
+    ours: list[T] = []
+    theirs: list[T] = []
     for i in range(rounds):
         order = [(baseline, theirs), (project, ours)]
         for measure, into in order if i % 2 == 0 else reversed(order):

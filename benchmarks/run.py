@@ -11,10 +11,9 @@ Rows (``--only`` takes their keys):
 - ``ollama-down``: enhance's median latency with Ollama down (default retries, circuit
   breaker) against an Ollama that answers at once (<= 1.2x).
 - ``startup``: enhance and persist, process start to ``/readyz``, against a bare
-  functions-framework hello (<= 1.3x).
-- ``cold-start``: enhance and persist, process start to the first reply (sent as soon as
-  ``/readyz`` answers) against a bare hello's, and the first reply 1 s after ``/readyz`` (the
-  background warm-up done) against the next reply (no targets).
+  functions-framework hello (<= 1.3x); from the same starts, process start to the first reply
+  (sent as soon as ``/readyz`` answers) against the hello's, and the first reply 1 s after
+  ``/readyz`` (the background warm-up done) against the next reply (no targets).
 - ``overhead``: one render over HTTP against the pipeline's own ``__call__`` (<= 1.10x, min).
 - ``rate``: requests/s of enhance (instant Ollama) and persist at concurrency 8, against a
   hello at 8; the target is 3x their rate before this work (89 and 59 req/s against a hello's
@@ -44,10 +43,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _cold import cold_start
 from _harness import Comparison, interleave, served
 from _png import png
 from _rate import rate
+from _startup import startup
 from _workload import NOW, SIZE, STEPS, render_job, served_env, set_torch_threads, torch_threads
 
 # -- burst -------------------------------------------------------------------------------------
@@ -215,37 +214,6 @@ def ollama_down(rounds: int, requests: int) -> list[Comparison]:
     ]
 
 
-# -- startup -----------------------------------------------------------------------------------
-
-
-def startup(rounds: int, tmp: Path) -> list[Comparison]:
-    from _harness import Served
-
-    env = served_env(tmp / "startup", IMAGEGEN_OLLAMA_HOST="http://127.0.0.1:9")
-
-    def ready(stage: str) -> float:
-        server = Served(stage, env, log_dir=tmp, threads=4)
-        try:
-            return server.ready_after()
-        finally:
-            server.stop()
-
-    rows = []
-    for stage in ("enhance", "persist"):
-        baseline, project = interleave(rounds, lambda: ready("hello"), lambda s=stage: ready(s))
-        rows.append(
-            Comparison(
-                f"start-up: {stage} process start -> /readyz vs a bare hello",
-                "s",
-                "lower",
-                1.3,
-                baseline,
-                project,
-            )
-        )
-    return rows
-
-
 # -- first-image -------------------------------------------------------------------------------
 
 
@@ -351,7 +319,6 @@ ROWS = [
     "ceiling",
     "ollama-down",
     "startup",
-    "cold-start",
     "overhead",
     "rate",
     "first-image",
@@ -394,7 +361,6 @@ def main() -> None:
         # Quick: still enough requests that the median falls after the circuit opens (3 fail).
         run("ollama-down", lambda: ollama_down(rounds, 7 if args.quick else 20))
         run("startup", lambda: startup(rounds, tmp))
-        run("cold-start", lambda: cold_start(rounds, tmp))
         run("overhead", lambda: overhead(rounds, tmp, 2 if args.quick else 5))
         run("rate", lambda: rate(rounds, tmp, 16 if args.quick else 100))
         run("first-image", lambda: first_image(rounds, tmp))
