@@ -119,6 +119,13 @@ class Settings(BaseSettings):
     ollama_temperature: float = Field(default=0.8, ge=0.0, le=2.0)
     ollama_timeout: float = Field(default=30.0, gt=0)
     ollama_retries: int = Field(default=2, ge=0, le=10)
+    ollama_keep_alive: str | None = Field(
+        default=None,
+        # Ollama's api.Duration: a number of seconds (negative: always), or a Go duration.
+        pattern=r"^[-+]?((\d+\.?\d*|\.\d+)|((\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h))+)$",
+        description="How long Ollama keeps the model loaded after a prompt: a duration (30m,"
+        " 24h), seconds, or -1 for always; unset: Ollama's own default (5 minutes).",
+    )
     ollama_breaker_threshold: int = Field(
         default=3, ge=0, description="Failed prompts in a row that open the circuit; 0: never."
     )

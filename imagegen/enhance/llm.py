@@ -159,6 +159,21 @@ def _server_attributes(host: str) -> dict[str, Any]:
     return attributes
 
 
+def _keep_alive(setting: str | None) -> float | str | None:
+    """``ollama_keep_alive`` as Ollama reads it: a bare number is seconds, else a duration.
+
+    Ollama parses ``keep_alive`` as ``api.Duration`` (``api/types.go``): a JSON number is
+    seconds (negative: keep the model loaded), a string goes through Go's
+    ``time.ParseDuration``, which wants a unit; so ``"-1"`` from the environment is sent as -1.
+    """
+    if setting is None:
+        return None
+    try:
+        return float(setting)
+    except ValueError:
+        return setting
+
+
 class OllamaEnhancer:
     """Writes prompts with ``settings.ollama_model`` on the Ollama at ``settings.ollama_host``.
 
@@ -294,6 +309,7 @@ class OllamaEnhancer:
                 format=_reply_format(),
                 options=options,
                 stream=False,
+                keep_alive=_keep_alive(self.settings.ollama_keep_alive),
             )
         except (ValueError, TypeError) as exc:  # a 200 whose body is no chat response
             raise MalformedReply(f"unreadable response ({type(exc).__name__})") from None

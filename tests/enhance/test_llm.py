@@ -63,3 +63,29 @@ async def test_check_hides_the_host_credentials(fake_ollama: FakeOllama) -> None
     assert up["reachable"] is True and down["reachable"] is False
     assert up["host"] == f"http://***@127.0.0.1:{fake_ollama.port}/"
     assert "secret" not in json.dumps(up) + json.dumps(down)
+
+
+@pytest.mark.parametrize(
+    ("setting", "sent"),
+    [(None, None), ("30m", "30m"), ("1h30m", "1h30m"), ("-1", -1), ("300", 300)],
+)
+async def test_keep_alive_is_sent_as_ollama_reads_it(
+    fake_ollama: FakeOllama, setting: str | None, sent: object
+) -> None:
+    # api.Duration in Ollama's api/types.go: a JSON number is seconds (negative: always
+    # loaded), a string is a Go duration, which needs a unit.
+    fake_ollama.reply_with({"prompt": "a fox in the snow"})
+    settings = Settings(ollama_host=fake_ollama.url, ollama_keep_alive=setting)
+    enhancer = OllamaEnhancer(settings, backoff=0.01)
+    await enhancer.write(prompt="a fox", contributions=[], seed=1, spec=family_for("tiny"))
+    await enhancer.aclose()
+
+    (body,) = fake_ollama.chat_requests
+    assert body.get("keep_alive") == sent
+    assert ("keep_alive" in body) is (setting is not None)
+
+
+@pytest.mark.parametrize("value", ["", "300x", "5 minutes", "m", "1h-30m"])
+def test_a_keep_alive_ollama_cannot_read_is_refused_naming_the_setting(value: str) -> None:
+    with pytest.raises(ValueError, match="ollama_keep_alive"):
+        Settings(ollama_keep_alive=value)
