@@ -60,7 +60,7 @@ class PromptPlugin(Protocol):
     any other exception only skips this plugin.
 
     A plugin may also define ``warm_up()`` (plain or coroutine, no arguments): a function calls
-    it once, in the background, after it has started, to build what the plugin's first
+    it once, in the background, after it has turned ready, to build what the plugin's first
     ``contribute`` would otherwise build while a request waits (imports, tables, caches). It
     must not change what ``contribute`` returns, and its failure is logged and ignored. And
     ``aclose()`` (a coroutine): called when the plugin set is closed, to release what the

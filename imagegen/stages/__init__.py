@@ -134,8 +134,8 @@ class Stage:
         png: Optional handler for a plain request with ``Accept: image/png``.
         routes: Further HTTP routes (queries of the stage's own records).
         direct: A plain-HTTP body laxer than the event's data; None: the same ``input_model``.
-        warm_up: ``await warm_up(service)``, once, in the background after a function has
-            started: builds what a first request would otherwise build while it waits
+        warm_up: ``await warm_up(service)``, once, in the background once the function has
+            turned ready: builds what a first request would otherwise build while it waits
             (imports, clients, tables). Readiness never waits for it; a failure is logged.
     """
 
