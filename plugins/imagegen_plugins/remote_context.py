@@ -82,6 +82,12 @@ class RemoteContextPlugin:
             self._client_loop = loop
         return self._client
 
+    async def warm_up(self) -> None:
+        """Make the client (and its TLS context) when an endpoint is configured; fetch nothing."""
+        configured = self.settings.plugin_options.get(self.name, {})
+        if option_str(configured, self.name, "url") or self.settings.remote_context_url:
+            self._http()
+
     async def aclose(self) -> None:
         """Close the client's connections (the enhance stage calls this as it closes)."""
         client, self._client = self._client, None

@@ -156,3 +156,19 @@ def test_each_event_loop_gets_its_own_client(endpoint: JsonEndpoint) -> None:
     second = asyncio.run(plugin.contribute(context))
     assert first == second and first is not None
     assert len(set(endpoint.peers)) == 2
+
+
+async def test_warm_up_makes_the_client_and_fetches_nothing(endpoint: JsonEndpoint) -> None:
+    settings = _settings(endpoint.at("/context"))
+    plugin = RemoteContextPlugin(settings)
+    await plugin.warm_up()
+    client = plugin._client
+    assert client is not None and endpoint.peers == [], "made, and nothing asked of the endpoint"
+    context = PluginContext("g", None, NOW, "UTC", 1, settings, plugin="remote_context")
+    assert await plugin.contribute(context) is not None
+    assert plugin._client is client, "the first request uses the client warmed"
+    await plugin.aclose()
+
+    unconfigured = RemoteContextPlugin(_settings(None))
+    await unconfigured.warm_up()
+    assert unconfigured._client is None
