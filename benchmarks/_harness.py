@@ -49,8 +49,8 @@ class Comparison:
 
     @property
     def is_rate(self) -> bool:
-        """A rate (higher is better and not a time): its best round is its maximum."""
-        return self.unit != "s"
+        """A rate (so many per second): its best round is its maximum; any other, its minimum."""
+        return self.unit.endswith("/s")
 
     def pick(self, values: list[float]) -> float:
         if self.statistic == "median":
@@ -157,6 +157,12 @@ class Served(FunctionServer):
             start_new_session=True,
         )
         return self
+
+    @property
+    def pid(self) -> int:
+        """The served process (gunicorn's arbiter; its worker is a child of it)."""
+        assert self.process is not None
+        return self.process.pid
 
     def ready_after(self, timeout: float = 120.0) -> float:
         """Start the process; return the seconds until ``/readyz`` answers 200."""

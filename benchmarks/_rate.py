@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from pathlib import Path
@@ -28,6 +29,36 @@ def _rate(url: str, bodies: list[dict[str, Any]], concurrency: int) -> float:
             return len(bodies) / (time.perf_counter() - started)
 
     return asyncio.run(run())
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU seconds of process ``pid`` and its children (gunicorn's worker), every live thread.
+
+    From each thread's ``/proc/PID/task/TID/schedstat`` (nanoseconds on a CPU): the clock
+    ticks of ``/proc/PID/stat`` are 10 ms, as long as a hello's hundred requests.
+    """
+    pids = [pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):  # gone meanwhile
+                stat = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
+                if int(stat[1]) == pid:  # the parent's id: proc(5)
+                    pids.append(int(entry.name))
+    nanoseconds = 0
+    for each in pids:
+        for task in Path(f"/proc/{each}/task").iterdir():
+            with contextlib.suppress(OSError, IndexError):  # a thread that ended meanwhile
+                nanoseconds += int((task / "schedstat").read_text().split()[0])
+    return nanoseconds / 1e9
+
+
+def _measured(
+    url: str, pid: int, bodies: list[dict[str, Any]], concurrency: int
+) -> tuple[float, float]:
+    """(requests/s, the server's CPU milliseconds per request) over ``bodies``."""
+    before = _cpu_seconds(pid)
+    per_second = _rate(url, bodies, concurrency)
+    return per_second, (_cpu_seconds(pid) - before) * 1000 / len(bodies)
 
 
 def _stored_images(storage: Path, count: int) -> list[dict[str, Any]]:
@@ -88,8 +119,8 @@ def rate(rounds: int, tmp: Path, requests: int, concurrency: int = 8) -> list[Co
                 )
                 baseline, project = interleave(
                     rounds,
-                    lambda: _rate(hello.url, hello_bodies, concurrency),
-                    lambda s=server, b=batches: _rate(s.url, next(b), concurrency),
+                    lambda: _measured(hello.url, hello.pid, hello_bodies, concurrency),
+                    lambda s=server, b=batches: _measured(s.url, s.pid, next(b), concurrency),
                 )
                 rows.append(
                     Comparison(
@@ -97,9 +128,21 @@ def rate(rounds: int, tmp: Path, requests: int, concurrency: int = 8) -> list[Co
                         "req/s",
                         "higher",
                         round(targets[stage], 3),
-                        baseline,
-                        project,
+                        [per_second for per_second, _ in baseline],
+                        [per_second for per_second, _ in project],
                         note="(target: 3x the rate before, as a share of the hello's)",
+                    )
+                )
+                # The server's own CPU time per request: steadier than a rate on a shared
+                # machine, where the client and other processes take the cores by turns.
+                rows.append(
+                    Comparison(
+                        f"CPU per request: {stage} vs a hello, both at concurrency {concurrency}",
+                        "ms",
+                        "lower",
+                        None,
+                        [cpu for _, cpu in baseline],
+                        [cpu for _, cpu in project],
                     )
                 )
     finally:

@@ -17,7 +17,8 @@ Rows (``--only`` takes their keys):
 - ``overhead``: one render over HTTP against the pipeline's own ``__call__`` (<= 1.10x, min).
 - ``rate``: requests/s of enhance (instant Ollama) and persist at concurrency 8, against a
   hello at 8; the target is 3x their rate before this work (89 and 59 req/s against a hello's
-  1,160), as a fraction of the hello's.
+  1,160), as a fraction of the hello's. And the server's CPU time per request in the same
+  rounds (no target).
 - ``first-image``: a fresh process's wait for the first prompt and the loaded model, loading
   while the prompt is written against enhancing, then loading; with Ollama down (default
   retries: the offline ``imagegen generate``) and with an Ollama taking 2 s (no target).

@@ -137,3 +137,11 @@ def test_the_png_rows_time_both_strategies_on_a_photo_like_image() -> None:
         assert files is not None, row.note
         pillow, parts = int(files[1]), int(files[2])
         assert pillow > 1000 and abs(parts - pillow) <= pillow * 0.02  # a photograph's size
+
+
+def test_only_a_rate_counts_its_maximum_as_its_best() -> None:
+    # A time in any unit, like CPU milliseconds per request, is best at its minimum.
+    cpu = Comparison("cpu", "ms", "lower", None, baseline=[1.4, 1.2], project=[11.5, 11.2])
+    assert not cpu.is_rate and cpu.label() == "min"
+    assert cpu.ratio() == pytest.approx(11.2 / 1.2)
+    assert Comparison("r", "req/s", "higher", None, [1.0], [2.0]).is_rate
