@@ -207,17 +207,21 @@ class EnhanceStage:
         warmed = await self.plugins.warm_up()
         info = await self.enhancer.check()
         host, model = info["host"], info["model"]
+        meanwhile = (
+            "prompts come from the template"
+            if self.settings.enhance_fallback
+            else "requests are answered 503"  # IMAGEGEN_ENHANCE_FALLBACK=false
+        )
         if not info["reachable"]:
             logger.warning(
-                "Ollama at %s does not answer (%s): prompts come from the template until it does",
+                "Ollama at %s does not answer (%s): %s until it does",
                 host,
                 info.get("error"),
+                meanwhile,
             )
         elif not info["model_available"]:
             logger.warning(
-                "Ollama at %s has no model %s: prompts come from the template until it is pulled",
-                host,
-                model,
+                "Ollama at %s has no model %s: %s until it is pulled", host, model, meanwhile
             )
         else:
             logger.info("Ollama at %s has %s", host, model)

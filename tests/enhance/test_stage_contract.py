@@ -209,6 +209,18 @@ async def test_warm_up_warms_the_plugins_and_says_what_ollama_has(
         f"Ollama at {host} has no model mistral: prompts come from the template until it is pulled",
     )
     assert said[2][0] == "WARNING" and said[2][1].startswith(f"Ollama at {host} does not answer")
+    assert said[2][1].endswith(": prompts come from the template until it does")
+
+
+async def test_warm_up_says_requests_fail_where_there_is_no_fallback(
+    make_stage: MakeStage, fake_ollama: FakeOllama, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="imagegen.enhance"):
+        await make_stage(ollama_model="mistral", enhance_fallback=False).warm_up()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"Ollama at {fake_ollama.url} has no model mistral: requests are answered 503 until it"
+        " is pulled"
+    ]
 
 
 @pytest.mark.parametrize("log_prompts", [True, False])
