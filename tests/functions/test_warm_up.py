@@ -40,8 +40,8 @@ def test_a_served_enhance_turns_ready_then_warm(start_server: Any, tmp_path: Pat
     # Ollama is down in this chain: the log says so once, before any request needs it.
     down = [r for r in enhance.log_records() if "does not answer" in r.get("message", "")]
     assert len(down) == 1 and down[0]["message"].startswith("Ollama at http://127.0.0.1:9 ")
-    # Warm: the holiday calendars and the Ollama client were made before any request; the
-    # first request is answered as every later one is (Ollama down: the template prompt).
+    # Warmed before any request came; the first one is answered as any is (Ollama down: the
+    # template prompt).
     reply = enhance.post("/", json={"prompt": "a lighthouse", "model": "tiny"})
     assert reply.status_code == 200 and reply.json()["fallback"] is True
     # A stage with nothing to warm says so from the start.
