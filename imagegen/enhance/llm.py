@@ -202,6 +202,7 @@ class OllamaEnhancer:
             cooldown=settings.ollama_breaker_cooldown,
         )
         self._server = _server_attributes(settings.ollama_host)
+        self._keep_alive = _keep_alive(settings.ollama_keep_alive)
 
     @property
     def name(self) -> str:
@@ -309,7 +310,7 @@ class OllamaEnhancer:
                 format=_reply_format(),
                 options=options,
                 stream=False,
-                keep_alive=_keep_alive(self.settings.ollama_keep_alive),
+                keep_alive=self._keep_alive,
             )
         except (ValueError, TypeError) as exc:  # a 200 whose body is no chat response
             raise MalformedReply(f"unreadable response ({type(exc).__name__})") from None
