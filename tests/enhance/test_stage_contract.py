@@ -201,7 +201,8 @@ async def test_warm_up_warms_the_plugins_and_says_what_ollama_has(
         assert await make_stage().warm_up() == ["holiday"]
     assert [r.path for r in fake_ollama.requests] == ["/api/tags", "/api/tags"]
     assert fake_ollama.chat_requests == [], "no prompt is asked for"
-    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    mine = [r for r in caplog.records if r.name.startswith("imagegen.enhance")]
+    said = [(r.levelname, r.getMessage()) for r in mine]
     host = fake_ollama.url
     assert said[0] == ("INFO", f"Ollama at {host} has llama3.2")
     assert said[1] == (
@@ -217,7 +218,7 @@ async def test_warm_up_says_requests_fail_where_there_is_no_fallback(
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="imagegen.enhance"):
         await make_stage(ollama_model="mistral", enhance_fallback=False).warm_up()
-    assert [r.getMessage() for r in caplog.records] == [
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("imagegen.enhance")] == [
         f"Ollama at {fake_ollama.url} has no model mistral: requests are answered 503 until it"
         " is pulled"
     ]
