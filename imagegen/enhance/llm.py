@@ -31,6 +31,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from imagegen._http import AiohttpTransport
 from imagegen._redact import redact_url
 from imagegen.enhance._breaker import CircuitBreaker, CircuitOpen
 from imagegen.enhance._text import clean_reply, fit_budget
@@ -193,8 +194,9 @@ class OllamaEnhancer:
         self.settings = settings
         self.backoff = backoff
         self._owns_client = client is None
+        # Sent through aiohttp: httpcore's pool costs more CPU than the rest of a request.
         self.client = client or ollama.AsyncClient(
-            host=settings.ollama_host, timeout=settings.ollama_timeout
+            host=settings.ollama_host, timeout=settings.ollama_timeout, transport=AiohttpTransport()
         )
         self.breaker = CircuitBreaker(
             "ollama",

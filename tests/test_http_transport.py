@@ -1,0 +1,228 @@
+"""The aiohttp transport behind the Ollama client, against real servers on loopback.
+
+Each failure must reach the caller as the httpx exception httpcore raises for it, since the
+enhancer's retries and its fallback reasons read them (imagegen/enhance/llm.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import gzip
+import ipaddress
+import ssl
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+import httpx
+import ollama
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from imagegen._http import AiohttpTransport
+from tests.fakes.loopback import LoopbackServer
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keeps connections open, as Ollama's Go server does
+    disable_nagle_algorithm = True
+    peers: list[int]
+    released: threading.Event
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes, *headers: tuple[str, str]) -> None:
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self.peers.append(self.client_address[1])
+        if self.path == "/gzip":
+            body = gzip.compress(b"unzipped by httpx")
+            self._send(200, body, ("Content-Encoding", "gzip"))
+        elif self.path == "/moved":
+            self._send(307, b"", ("Location", "/echo?moved=1"))
+        elif self.path == "/hang-up":  # closes without a reply
+            self.close_connection = True
+        elif self.path == "/cut":  # promises more than it sends, then closes
+            self.send_response(200)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            self.wfile.write(b"only ten b")
+            self.close_connection = True
+        elif self.path == "/slow":
+            self.released.wait(10)
+            self._send(200, b"late")
+        else:
+            self.do_POST()
+
+    def do_POST(self) -> None:
+        self.peers.append(self.client_address[1])
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length)
+        echoed = f"{self.command} {self.path} {self.headers.get('X-Tag')} ".encode() + body
+        self._send(201, echoed, ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("X-Twice", "1"))
+
+
+class _Server(LoopbackServer):
+    def __init__(self) -> None:
+        self.peers: list[int] = []
+        self.released = threading.Event()
+        handler = type("Handler", (_Handler,), {"peers": self.peers, "released": self.released})
+        super().__init__(handler)
+
+    def stop(self) -> None:
+        self.released.set()
+        super().stop()
+
+
+@pytest.fixture
+def server() -> Iterator[_Server]:
+    with _Server() as running:
+        yield running
+
+
+def _client(base_url: str, **kwargs: object) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=base_url, transport=AiohttpTransport(), **kwargs)  # type: ignore[arg-type]
+
+
+async def test_a_request_and_its_reply_go_through_unchanged(server: _Server) -> None:
+    async with _client(server.url) as client:
+        response = await client.post(
+            "/echo?q=a%20b&x=%2F", content=b"payload", headers={"X-Tag": "t1"}
+        )
+    assert response.status_code == 201
+    assert response.reason_phrase == "Created"
+    assert response.text == "POST /echo?q=a%20b&x=%2F t1 payload"  # the query quoted as given
+    assert response.headers.get_list("Set-Cookie") == ["a=1", "b=2"]
+    assert response.http_version == "HTTP/1.1"
+
+
+async def test_httpx_decodes_the_body_and_follows_redirects(server: _Server) -> None:
+    async with _client(server.url, follow_redirects=True) as client:
+        assert (await client.get("/gzip")).text == "unzipped by httpx"
+        moved = await client.get("/moved")
+    assert moved.text == "GET /echo?moved=1 None "
+    assert [r.status_code for r in moved.history] == [307]
+
+
+async def test_connections_are_kept_and_reused(server: _Server) -> None:
+    async with _client(server.url) as client:
+        for _ in range(5):
+            (await client.post("/echo", content=b"x")).raise_for_status()
+    assert len(server.peers) == 5 and len(set(server.peers)) == 1
+
+
+async def test_a_refused_connection_is_a_connect_error_and_ollamas_connection_error(
+    server: _Server,
+) -> None:
+    server.stop()
+    async with _client(server.url) as client:
+        with pytest.raises(httpx.ConnectError) as raised:
+            await client.get("/echo")
+    assert not isinstance(raised.value, httpx.TimeoutException)
+    ollama_client = ollama.AsyncClient(host=server.url, transport=AiohttpTransport())
+    with pytest.raises(ConnectionError, match="Failed to connect to Ollama"):
+        await ollama_client.list()
+    await ollama_client._client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("path", "error"),
+    [("/hang-up", httpx.RemoteProtocolError), ("/cut", httpx.RemoteProtocolError)],
+)
+async def test_a_server_that_hangs_up_is_a_protocol_error(
+    server: _Server, path: str, error: type[Exception]
+) -> None:
+    async with _client(server.url) as client:
+        with pytest.raises(error):
+            await client.get(path)
+
+
+async def test_a_slow_reply_is_a_read_timeout(server: _Server) -> None:
+    async with _client(server.url, timeout=0.3) as client:
+        with pytest.raises(httpx.ReadTimeout):
+            await client.get("/slow")
+
+
+async def test_an_unresolvable_host_is_a_connect_error() -> None:
+    async with _client("http://imagegen-no-such-host.invalid") as client:
+        with pytest.raises(httpx.ConnectError):
+            await client.get("/")
+
+
+def test_each_event_loop_gets_a_session_of_its_own(server: _Server) -> None:
+    transport = AiohttpTransport()
+    client = httpx.AsyncClient(base_url=server.url, transport=transport)
+
+    async def once() -> str:
+        return (await client.post("/echo", content=b"x")).text
+
+    # Two loops one after the other, as a CLI run and then another would use one client.
+    assert asyncio.run(once()) == asyncio.run(once()) == "POST /echo None x"
+
+    async def close() -> None:
+        await client.aclose()
+
+    asyncio.run(close())
+
+
+# -- TLS -----------------------------------------------------------------------------------
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+async def test_https_verifies_the_server_against_the_given_roots(
+    server: _Server, tmp_path: Path
+) -> None:
+    cert, key = _self_signed(tmp_path)
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(cert, key)
+    server.server.socket = served.wrap_socket(server.server.socket, server_side=True)
+    url = f"https://127.0.0.1:{server.port}"
+
+    # httpx's default roots (certifi) do not know a self-signed certificate: refused.
+    async with _client(url) as client:
+        with pytest.raises(httpx.ConnectError):
+            await client.get("/echo")
+    trusting = ssl.create_default_context(cafile=str(cert))
+    async with httpx.AsyncClient(base_url=url, transport=AiohttpTransport(verify=trusting)) as ok:
+        assert (await ok.post("/echo", content=b"over TLS")).text == "POST /echo None over TLS"
