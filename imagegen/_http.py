@@ -79,6 +79,10 @@ class _Body(httpx.AsyncByteStream):
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """Sends an httpx client's requests through one aiohttp session per event loop.
 
+    Connections belong to the loop that opened them. Used from a new loop (a second
+    ``asyncio.run``), the transport opens a new session there and leaves the old loop's
+    connections to be closed when collected, as httpx's own transport cannot reuse them either.
+
     Args:
         limits: The pool's size (``max_connections``) and how long an idle connection is kept
             (``keepalive_expiry``), as an httpx transport reads them.
