@@ -21,7 +21,10 @@ temporary names first, then holds an exclusive :func:`fcntl.flock` on the direct
 object once, and no writer waits behind another's flush to disk. A lock rather than an
 ``O_EXCL`` claim file: the object and its sidecar must appear together, and the kernel releases
 a lock when its holder dies, where a claim file left by a killed writer would block the key
-forever. An object found without its sidecar is such an interrupted write, and is written again.
+forever. An object found without its sidecar is such an interrupted write, and is written again,
+unless the create would write none: one without metadata, whose content type is what the name
+says (the prompt memo, the metadata record, the derivatives), writes the object alone, one file
+and one flush, and :meth:`~LocalStorage.head` reads the same content type from the name.
 """
 
 from __future__ import annotations
@@ -134,22 +137,27 @@ class LocalStorage(ObjectStore):
 
     def _create(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> bool:
         path = self._path(key)
+        # A sidecar would say only what the name says (no metadata, the usual content type):
+        # none is written, and head() tells the same from the name.
+        sidecar = bool(metadata) or content_type != _guessed_type(path)
         staged: list[Path] = []
         try:
             # Flushed before the lock: only the check and the renames are serialized.
             staged.append(_staged(path, data, make_parent=True))
-            staged.append(_staged(_sidecar(path), _sidecar_record(content_type, metadata)))
+            if sidecar:
+                staged.append(_staged(_sidecar(path), _sidecar_record(content_type, metadata)))
             fd = os.open(path.parent / _CREATE_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as exc:
             _discard(staged)
             raise self._unavailable("cannot write to", exc) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            if path.is_file() and _sidecar(path).is_file():
+            if path.is_file() and (not sidecar or _sidecar(path).is_file()):
                 return False
             # The object first, its sidecar second, as _write does.
             os.replace(staged.pop(0), path)
-            os.replace(staged.pop(0), _sidecar(path))
+            if sidecar:
+                os.replace(staged.pop(0), _sidecar(path))
             return True
         except OSError as exc:
             raise self._unavailable("cannot write to", exc) from exc
@@ -251,8 +259,13 @@ def _atomic_write(path: Path, data: bytes, *, make_parent: bool = False) -> None
         raise
 
 
+def _guessed_type(path: Path) -> str:
+    """The content type an object's name says, which an object without a sidecar has."""
+    return mimetypes.guess_type(path.name)[0] or _DEFAULT_CONTENT_TYPE
+
+
 def _read_sidecar(path: Path) -> tuple[str, dict[str, str]]:
-    guessed = mimetypes.guess_type(path.name)[0] or _DEFAULT_CONTENT_TYPE
+    guessed = _guessed_type(path)
     try:
         record = json.loads(_sidecar(path).read_text())
     except (OSError, ValueError):

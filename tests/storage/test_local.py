@@ -140,8 +140,11 @@ asyncio.run(LocalStorage({str(local.root)!r}).put({KEYS.image!r}, b"new" * 100_0
     assert len(leftovers) == 1 and "/.gen-0003.png." in leftovers[0]
 
 
-async def test_create_across_processes_has_one_winner(local: LocalStorage) -> None:
-    # Four processes wait at one barrier (a file each has to see), then create the same key.
+@pytest.mark.parametrize("recorded", [True, False], ids=["with-sidecar", "object-alone"])
+async def test_create_across_processes_has_one_winner(local: LocalStorage, recorded: bool) -> None:
+    # Four processes wait at one barrier (a file each has to see), then create the same key:
+    # with metadata (a sidecar to write too), and without (the object alone).
+    metadata = '{"by": sys.argv[1]}' if recorded else "{}"
     script = f"""
 import asyncio, os, sys, time
 from pathlib import Path
@@ -150,7 +153,7 @@ go = Path({str(local.root)!r}) / "go"
 while not go.exists():
     time.sleep(0.001)
 won = asyncio.run(LocalStorage({str(local.root)!r}).create({KEYS.image!r},
-    sys.argv[1].encode() * 100_000, content_type="image/png", metadata={{"by": sys.argv[1]}}))
+    sys.argv[1].encode() * 100_000, content_type="image/png", metadata={metadata}))
 print(won)
 """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -168,9 +171,42 @@ print(won)
     winner = "abcd"[answers.index("True")]
     assert await local.get(KEYS.image) == winner.encode() * 100_000
     head = await local.head(KEYS.image)
-    assert head is not None and head.metadata == {"by": winner}
-    # The losers' copies, written before the lock, are gone.
-    assert not [name for name in files_under(local.root) if name.endswith(".tmp")]
+    assert head is not None and head.metadata == ({"by": winner} if recorded else {})
+    # The losers' copies, written before the lock, are gone; a sidecar only where one was due.
+    assert files_under(local.root) == sorted(
+        ["go", "2026/05/01/.create.lock", "2026/05/01/gen-0003.png"]
+        + (["2026/05/01/.gen-0003.png.meta"] if recorded else [])
+    )
+
+
+async def test_a_create_with_nothing_to_record_writes_the_object_alone(
+    local: LocalStorage,
+) -> None:
+    # The prompt memo: no metadata, the content type its name says.
+    assert await local.create(KEYS.prompt, b'{"a": 1}', content_type="application/json")
+    assert files_under(local.root) == [
+        "2026/05/01/.create.lock",  # the folder's lock, no sidecar
+        "2026/05/01/gen-0003.prompt.json",
+    ]
+    head = await local.head(KEYS.prompt)
+    assert head is not None
+    assert (head.content_type, head.metadata, head.size) == ("application/json", {}, 8)
+    # The first writer wins as with a sidecar: the object alone is a complete one.
+    assert not await local.create(KEYS.prompt, b'{"b": 2}', content_type="application/json")
+    assert await local.get(KEYS.prompt) == b'{"a": 1}'
+
+
+async def test_a_content_type_the_name_does_not_say_is_kept_in_a_sidecar(
+    local: LocalStorage,
+) -> None:
+    assert await local.create(KEYS.metadata, b"{}", content_type="application/x-ndjson")
+    assert files_under(local.root) == [
+        "2026/05/01/.create.lock",
+        "2026/05/01/.gen-0003.json.meta",
+        "2026/05/01/gen-0003.json",
+    ]
+    head = await local.head(KEYS.metadata)
+    assert head is not None and head.content_type == "application/x-ndjson"
 
 
 async def test_create_rewrites_an_object_left_without_its_sidecar(local: LocalStorage) -> None:
