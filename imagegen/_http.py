@@ -54,10 +54,8 @@ def _mapped(request: httpx.Request) -> Iterator[None]:
     except httpx.HTTPError:
         raise
     except (aiohttp.ClientError, TimeoutError) as exc:
-        for theirs, ours in _ERRORS:
-            if isinstance(exc, theirs):
-                raise ours(str(exc) or type(exc).__name__, request=request) from exc
-        raise  # unreachable: ClientError and TimeoutError end the table
+        ours = next(ours for theirs, ours in _ERRORS if isinstance(exc, theirs))  # ends with both
+        raise ours(str(exc) or type(exc).__name__, request=request) from exc
 
 
 class _Body(httpx.AsyncByteStream):
