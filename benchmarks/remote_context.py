@@ -2,9 +2,9 @@
 
 Runs enhance's plugins (the default set: time_of_day, holiday, art_style) in-process, as the
 enhance stage runs them for a request, with and without ``remote_context`` reading a JSON
-object from a loopback endpoint, in interleaved rounds; and, for comparison, the plugin with a
-new HTTP client per request (a TLS context made and a connection opened each time), which is
-what it did before it kept one. Prints min and median per request and the ratios.
+object from a loopback endpoint, in interleaved rounds; and, for comparison, the plugin sending
+through httpx's own transport (httpcore) instead of aiohttp (docs/adr/0012). Prints min and
+median per request and the ratios.
 
     python benchmarks/remote_context.py [--rounds 6] [--requests 20]
 """
@@ -23,8 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import httpx  # noqa: E402
+
 from imagegen.plugins import PluginSet  # noqa: E402
 from imagegen.settings import Settings  # noqa: E402
+from imagegen_plugins.remote_context import RemoteContextPlugin  # noqa: E402
 from tests.plugins.conftest import NOW, JsonEndpoint  # noqa: E402
 
 
@@ -34,19 +37,18 @@ async def measure(rounds: int, requests: int, url: str) -> dict[str, list[float]
         Settings(remote_context_url=url, plugins=["time_of_day", "holiday", "art_style"])
     )
     remote.enable("remote_context")
-    plugin = remote.get("remote_context")
-    aclose: Callable[[], Awaitable[None]] = plugin.aclose  # type: ignore[attr-defined]
+    settings = Settings(remote_context_url=url, plugins=["time_of_day", "holiday", "art_style"])
+    over_httpcore = PluginSet.from_settings(settings)
+    over_httpcore.add(RemoteContextPlugin(settings, transport=httpx.AsyncHTTPTransport()))
 
-    async def run(plugins: PluginSet, fresh_client: bool = False) -> None:
-        if fresh_client:
-            await aclose()
+    async def run(plugins: PluginSet) -> None:
         contributions = await plugins.run(generation_id="g", seed=1, now=NOW)
         assert "remote_context" in [c.plugin for c in contributions] or plugins is plain
 
     variants: dict[str, Callable[[], Awaitable[None]]] = {
         "without remote_context": lambda: run(plain),
         "with remote_context": lambda: run(remote),
-        "with a client per request": lambda: run(remote, fresh_client=True),
+        "with it over httpcore": lambda: run(over_httpcore),
     }
     for variant in variants.values():  # calendars built, modules imported, client made
         await variant()
@@ -59,6 +61,7 @@ async def measure(rounds: int, requests: int, url: str) -> dict[str, list[float]
                 await variants[name]()
             times[name].append((time.perf_counter() - started) / requests)
     await remote.aclose()
+    await over_httpcore.aclose()
     return times
 
 

@@ -98,7 +98,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def _tls(self) -> ssl.SSLContext:
+    def tls_context(self) -> ssl.SSLContext:
+        """The context ``https`` requests are verified with; made now if not yet (loading the
+        CA bundle takes tens of milliseconds: a warm-up can call this ahead of the first)."""
         if self._verify is None:
             self._verify = httpx.create_ssl_context()
         return self._verify
@@ -129,13 +131,18 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         timeout: dict[str, float | None] = request.extensions.get("timeout", {})
         options: dict[str, Any] = {}
         if request.url.scheme == "https":
-            options["ssl"] = self._tls()
+            options["ssl"] = self.tls_context()
             if sni := request.extensions.get("sni_hostname"):
                 options["server_hostname"] = sni
+        url = request.url
+        if url.userinfo:
+            # httpx has made the URL's credentials the Authorization header
+            # (httpx/_client.py: _build_request_auth); aiohttp refuses both at once.
+            url = url.copy_with(userinfo=b"")
         with _mapped(request):
             response = await self._current().request(
                 request.method,
-                URL(str(request.url), encoded=True),  # as httpx quoted it, not again
+                URL(str(url), encoded=True),  # as httpx quoted it, not again
                 headers=request.headers.multi_items(),
                 data=await request.aread() or None,
                 allow_redirects=False,  # httpx follows them, as the client says

@@ -7,6 +7,7 @@ enhancer's retries and its fallback reasons read them (imagegen/enhance/llm.py).
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
 import gzip
 import ipaddress
@@ -106,6 +107,22 @@ async def test_a_request_and_its_reply_go_through_unchanged(server: _Server) -> 
     assert response.text == "POST /echo?q=a%20b&x=%2F t1 payload"  # the query quoted as given
     assert response.headers.get_list("Set-Cookie") == ["a=1", "b=2"]
     assert response.http_version == "HTTP/1.1"
+
+
+async def test_credentials_in_the_url_go_as_httpx_sends_them(server: _Server) -> None:
+    # httpx turns them into a basic Authorization header; the URL sent carries none.
+    seen: list[str | None] = []
+    original = _Handler.do_POST
+
+    def record(handler: _Handler) -> None:
+        seen.append(handler.headers.get("Authorization"))
+        original(handler)
+
+    server.server.RequestHandlerClass.do_POST = record  # type: ignore[attr-defined]
+    url = server.url.replace("http://", "http://us%40er:p%3Ass@")
+    async with _client(url) as client:
+        assert (await client.post("/echo", content=b"x")).status_code == 201
+    assert seen == ["Basic " + base64.b64encode(b"us@er:p:ss").decode()]
 
 
 async def test_httpx_decodes_the_body_and_follows_redirects(server: _Server) -> None:

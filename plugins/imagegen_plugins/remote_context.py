@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from imagegen._http import AiohttpTransport
 from imagegen._redact import redact_url
 from imagegen.models import Contribution
 from imagegen.plugins import PluginContext
@@ -64,7 +65,9 @@ class RemoteContextPlugin:
         self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None
     ) -> None:
         self.settings = settings
-        self._transport = transport
+        # aiohttp under the httpx client, as for Ollama (docs/adr/0012): about a third less CPU
+        # a fetch than httpcore's pool.
+        self._transport = transport or AiohttpTransport()
         self._client: httpx.AsyncClient | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
 
@@ -87,6 +90,8 @@ class RemoteContextPlugin:
         configured = self.settings.plugin_options.get(self.name, {})
         if option_str(configured, self.name, "url") or self.settings.remote_context_url:
             self._http()
+            if isinstance(self._transport, AiohttpTransport):
+                self._transport.tls_context()
 
     async def aclose(self) -> None:
         """Close the client's connections (the enhance stage calls this as it closes)."""
