@@ -1,22 +1,26 @@
 """GPU benchmark of the served model: each fast-path option on and off, batching, start-up.
 
     python benchmarks/gpu.py [--model ID] [--sizes 512 1024] [--rounds 3] [--budget 540]
+    python benchmarks/gpu.py --random-weights DIR [...]   # FLUX.2 [klein] 4B's shapes, offline
     python benchmarks/gpu.py --device cpu --model tiny --sizes 64 --rounds 1   # a smoke run
 
 Runs where CUDA is present (elsewhere it says so and exits 2, unless ``--device cpu`` asks for
 a smoke run, where the fast-path options apply nothing) and stops starting new parts once
 ``--budget`` seconds have passed, so it ends within 10 minutes. The model must be in the
-Hugging Face cache (``IMAGEGEN_MODEL_CACHE_DIR`` / ``HF_HOME``): nothing is downloaded.
+Hugging Face cache (``IMAGEGEN_MODEL_CACHE_DIR`` / ``HF_HOME``): nothing is downloaded. Where
+the weights cannot be had, ``--random-weights DIR`` writes the default model's architecture with
+random weights to DIR (``_random_klein``) and times that: the same shapes, the same cost.
 
-Prints, for the model (default: ``IMAGEGEN_MODEL``):
+Prints, for the model (default: ``IMAGEGEN_MODEL``), each part on its own: a failing option
+or part is reported and the rest run on (the exit status is then 1):
 
-1. latency (min, median) and images/s at each size for: bf16 alone, + fused QKV,
-   + regional compile, + fp8 (compute capability 8.9+, torchao installed), and all of them;
-   images/s of a batch of 4 too;
-2. service overhead: ``DiffusersBackend.render`` (PNG included) against the pipeline's own call
+1. service overhead: ``DiffusersBackend.render`` (PNG included) against the pipeline's own call
    with the same arguments (target <= 1.05x), and what the PNG alone costs at that size with
    each ``IMAGEGEN_PNG_COMPRESS_STRATEGY``, on 1 and 4 threads (encode time, file size);
-3. batched against unbatched pixels: max abs difference and PSNR per batch size;
+2. batched against unbatched pixels: max abs difference and PSNR per batch size;
+3. latency (min, median) and images/s at each size for: bf16 alone, + fused QKV,
+   + regional compile, + fp8 (compute capability 8.9+, torchao installed), and all of them;
+   images/s of a batch of 4 too, and the peak GPU memory;
 4. process start to ``/readyz`` of the render function with regional compile and warm-up,
    with a cold and then a warm compile cache.
 """
@@ -24,6 +28,7 @@ Prints, for the model (default: ``IMAGEGEN_MODEL``):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import io
 import math
@@ -32,7 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -46,7 +51,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "+fp8": {"render_fp8": True},
     "all": {"render_fuse_qkv": True, "render_compile": "regional", "render_fp8": True},
 }
-PARTS = ("options", "overhead", "tolerance", "startup")
+PARTS = ("overhead", "tolerance", "options", "startup")
 
 
 def _job(model: str, size: int, seed: int, steps: int, guidance: float) -> Any:
@@ -91,7 +96,7 @@ def _backend(args: argparse.Namespace, **options: Any) -> Any:
 
 
 def options_table(args: argparse.Namespace, steps: int, guidance: float) -> None:
-    """Part 1: latency and images/s with each option (the backend is closed after each)."""
+    """Part 3: latency and images/s with each option (the backend is closed after each)."""
     import torch
 
     capable = args.device == "cuda" and torch.cuda.get_device_capability() >= (8, 9)
@@ -101,7 +106,20 @@ def options_table(args: argparse.Namespace, steps: int, guidance: float) -> None
         if options.get("render_fp8") and not capable:
             print(f"{name:<20} (skipped: fp8 needs CUDA compute capability 8.9+)")
             continue
-        backend = _backend(args, **options)
+        with reported(name, args.failures):
+            option_rows(args, name, options, steps, guidance)
+
+
+def option_rows(
+    args: argparse.Namespace, name: str, options: dict[str, Any], steps: int, guidance: float
+) -> None:
+    """One option's rows: load, then per size the first render, the rest, a batch of 4."""
+    import torch
+
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    backend = _backend(args, **options)
+    try:
         load = backend.load(args.model)
         print(f"{name:<20} load {load:6.1f} s  applied: {backend.fast_path[args.model]}")
         for size in args.sizes:
@@ -122,7 +140,30 @@ def options_table(args: argparse.Namespace, steps: int, guidance: float) -> None
                 f"  median {statistics.median(times):6.3f} s  {1 / min(times):5.2f} img/s"
                 f"  batch of 4: {batched_rate:5.2f} img/s"
             )
+        if args.device == "cuda":
+            print(f"    peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    finally:
         backend.close()
+
+
+@contextlib.contextmanager
+def reported(what: str, failures: list[str]) -> Iterator[None]:
+    """Run a part; a failure is printed, added to ``failures``, and the benchmark goes on.
+
+    A failure's message is printed in its first line and, for a served function's log, its
+    last ten.
+    """
+    started = time.perf_counter()
+    try:
+        yield
+    except Exception as error:  # one option failing must not lose the others' figures
+        lines = str(error).strip().splitlines() or [""]
+        print(f"{what}: failed: {type(error).__name__}: {lines[0]}")
+        for line in lines[1:][-10:]:
+            print(f"    {line[:300]}")
+        failures.append(what)
+    finally:
+        print(f"({what}: {time.perf_counter() - started:.0f} s)", flush=True)
 
 
 def raw_call(backend: Any, job: Any) -> Callable[[], Any]:
@@ -153,7 +194,7 @@ def raw_call(backend: Any, job: Any) -> Callable[[], Any]:
 
 
 def overhead(backend: Any, args: argparse.Namespace, steps: int, guidance: float) -> float:
-    """Part 2: render (PNG encode included) against the pipeline's call; the min/min ratio."""
+    """Part 1: render (PNG encode included) against the pipeline's call; the min/min ratio."""
     size = max(args.sizes)
     raw, served = [], []
     for i in range(args.rounds + 1):  # the first pair warms both paths up
@@ -207,7 +248,7 @@ def png_costs(image: Any, size: int, rounds: int) -> dict[str, tuple[float, int]
 def tolerance(
     backend: Any, args: argparse.Namespace, steps: int, guidance: float, sizes: Sequence[int]
 ) -> list[tuple[int, int, float]]:
-    """Part 3: (batch size, max abs difference, min PSNR) of batched against alone renders."""
+    """Part 2: (batch size, max abs difference, min PSNR) of batched against alone renders."""
     size = min(args.sizes)
     jobs = [_job(args.model, size, 100 + i, steps, guidance) for i in range(max(sizes))]
     alone = [_pixels(backend.render(job).png) for job in jobs]
@@ -257,6 +298,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: IMAGEGEN_MODEL")
+    parser.add_argument(
+        "--random-weights",
+        type=Path,
+        metavar="DIR",
+        help="time FLUX.2 [klein] 4B's architecture with random weights, written to DIR",
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--budget", type=float, default=540.0)
@@ -264,11 +311,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 4])
     args = parser.parse_args(argv)
-    args.model = args.model or Settings().model
     if args.device == "cuda" and not torch.cuda.is_available():
         print("benchmarks/gpu.py needs a CUDA GPU; none here.", file=sys.stderr)
         return 2
     began = time.perf_counter()
+    if args.random_weights is not None:
+        if not (args.random_weights / "model_index.json").is_file():
+            from _random_klein import build_random_klein
+
+            seconds = build_random_klein(args.random_weights, device=args.device)
+            print(f"FLUX.2 [klein] 4B, random weights, written in {seconds:.0f} s")
+        args.model = str(args.random_weights)
+    args.model = args.model or Settings().model
 
     def over_budget(part: str) -> bool:
         if time.perf_counter() - began > args.budget:
@@ -277,6 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return False
 
     args.over_budget = over_budget
+    args.failures = []
     spec = family_for(args.model)
     steps, guidance = spec.default_steps, spec.default_guidance
     where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (smoke run)"
@@ -286,19 +341,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         f" render's PNG: {png.png_compress_strategy}, {png.png_encode_threads} thread(s)"
     )
 
+    if {"overhead", "tolerance"} & set(args.parts):
+        with reported("bf16 backend", args.failures):
+            backend = _backend(args)  # bf16 on CUDA, no other option
+            try:
+                print(f"bf16 load {backend.load(args.model):.1f} s")
+                if "overhead" in args.parts and not over_budget("overhead"):
+                    with reported("overhead", args.failures):
+                        overhead(backend, args, steps, guidance)
+                if "tolerance" in args.parts and not over_budget("batch tolerance"):
+                    with reported("batch tolerance", args.failures):
+                        tolerance(backend, args, steps, guidance, args.batch_sizes)
+            finally:
+                backend.close()
     if "options" in args.parts:
         options_table(args, steps, guidance)
-    if {"overhead", "tolerance"} & set(args.parts):
-        backend = _backend(args)  # bf16 on CUDA, no other option
-        backend.load(args.model)
-        if "overhead" in args.parts and not over_budget("overhead"):
-            overhead(backend, args, steps, guidance)
-        if "tolerance" in args.parts and not over_budget("batch tolerance"):
-            tolerance(backend, args, steps, guidance, args.batch_sizes)
-        backend.close()
     if "startup" in args.parts and not over_budget("start-up"):
-        startup(args)
+        with reported("start-up", args.failures):
+            startup(args)
     print(f"total {time.perf_counter() - began:.0f} s")
+    if args.failures:
+        print(f"failed: {', '.join(args.failures)}")
+        return 1
     return 0
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -114,6 +116,53 @@ def test_the_gpu_script_smoke_runs_its_parts_on_the_cpu(
     assert found is not None
     assert int(found.group(1)) <= BATCHED_MAX_ABS_DIFF
     assert float(found.group(2)) >= BATCHED_MIN_PSNR
+
+
+def test_the_gpu_script_times_a_random_weight_klein_written_where_it_is_told(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("diffusers")
+    import gpu
+    from _random_klein import build_random_klein
+
+    from imagegen.modelspec import FLUX2_KLEIN, family_for
+    from imagegen.render._tiny import TRANSFORMER_SHAPE, VAE_SHAPE
+
+    # The published architecture, shrunk: the real text encoder's depth (the pipeline stacks
+    # its layers 9, 18 and 27), the rest a few channels wide.
+    directory = tmp_path / "klein-random"
+    build_random_klein(
+        directory,
+        device="cpu",
+        transformer={**TRANSFORMER_SHAPE, "joint_attention_dim": 48, "axes_dims_rope": (4,) * 4},
+        text_encoder={
+            "vocab_size": 300,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+            "num_hidden_layers": 27,
+        },
+        vae=VAE_SHAPE,
+    )
+    index = json.loads((directory / "model_index.json").read_text())
+    assert index["_class_name"] == "Flux2KleinPipeline" and index["is_distilled"] is True
+    assert family_for(str(directory)) is FLUX2_KLEIN
+
+    # A directory already written is timed as it is, with the family's own steps
+    common = ["--device", "cpu", "--random-weights", str(directory), "--rounds", "1"]
+    assert gpu.main([*common, "--parts", "overhead", "--sizes", "256"]) == 0
+    out = capsys.readouterr().out
+    assert f"{directory}, {FLUX2_KLEIN.default_steps} steps" in out
+    assert re.search(r"overhead at 256²: pipeline [\d.]+ s, render [\d.]+ s", out), out
+
+    # A part that fails is reported in its own line; the others still run; the exit says so
+    assert gpu.main([*common, "--parts", "overhead", "options", "--sizes", "64"]) == 1
+    out = capsys.readouterr().out
+    assert "overhead: failed: ValidationError: 2 validation errors for EnhancedPrompt" in out
+    assert "bf16: failed: ValidationError" in out and "+fused qkv: failed" in out
+    assert out.rstrip().endswith("failed: overhead, bf16, +fused qkv, +regional compile")
 
 
 def gpu_available() -> bool:
