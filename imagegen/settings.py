@@ -100,7 +100,7 @@ class Settings(BaseSettings):
         default="off", description="CUDA: torch.compile the transformer (regional: its blocks)."
     )
     render_compile_cache_dir: Path | None = Field(
-        default=None, description="CUDA: persistent torch.compile cache (on the model volume)."
+        default=None, description="CUDA: persistent torch.compile cache (a writable volume)."
     )
     render_fp8: bool = Field(
         default=False, description="CUDA 8.9+: fp8 weights and activations via torchao."

@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -63,16 +64,34 @@ def apply_fast_path(pipe: Any, settings: Settings, device: torch.device) -> list
     return applied
 
 
-def use_compile_cache(directory: Path) -> None:
-    """Keep Inductor's compiled kernels (and Triton's) under ``directory``.
+def use_compile_cache(directory: Path) -> bool:
+    """Keep Inductor's compiled kernels (and Triton's) under ``directory``, if it is writable.
 
     Inductor reads ``TORCHINDUCTOR_CACHE_DIR`` whenever it compiles, and puts Triton's cache
     beneath it unless ``TRITON_CACHE_DIR`` says otherwise; its FX graph cache is on by default.
+    A directory that cannot be written (a read-only model volume, say) is logged and left
+    alone: the pod compiles into Inductor's default cache, as without the setting, rather than
+    failing its start on every compile.
+
+    Returns:
+        Whether the cache is ``directory``.
     """
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        # Written to, not asked (os.access): a read-only mount or a foreign owner says no here.
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        log.warning(
+            "compile cache %s is not writable (%s): compiling without a persistent cache",
+            directory,
+            error,
+        )
+        return False
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    return True
 
 
 def _quantize_fp8(transformer: Any, device: torch.device) -> bool:

@@ -74,12 +74,26 @@ def test_the_compile_cache_goes_to_the_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    use_compile_cache(tmp_path / "inductor")
+    assert use_compile_cache(tmp_path / "inductor") is True
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
     assert (tmp_path / "inductor").is_dir()
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     assert cache_dir() == str(tmp_path / "inductor")
+
+
+def test_a_compile_cache_that_cannot_be_written_is_logged_and_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    blocker = tmp_path / "volume"
+    blocker.write_text("a file where the directory would be")
+    with caplog.at_level("WARNING", logger="imagegen.render"):
+        assert use_compile_cache(blocker / "torch-compile") is False
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    [record] = [r for r in caplog.records if r.name == "imagegen.render"]
+    assert "compiling without a persistent cache" in record.getMessage()
+    assert str(blocker / "torch-compile") in record.getMessage()
 
 
 @pytest.mark.gpu
