@@ -94,7 +94,7 @@ class Settings(BaseSettings):
         description="Milliseconds a render waits for compatible jobs to share its batch.",
     )
     render_warmup: bool = Field(
-        default=False, description="Render one image at start-up, before ready (times renders)."
+        default=False, description="Render an image and a full batch before ready (times renders)."
     )
     render_compile: Literal["off", "regional", "full"] = Field(
         default="off", description="CUDA: torch.compile the transformer (regional: its blocks)."

@@ -157,10 +157,13 @@ class RenderStage:
             return seconds
 
     async def warm_up(self, model: str) -> float:
-        """Render one image of the default request shape; return the seconds it took.
+        """Render one image of the default request shape, then with batching a full batch of
+        it; return the seconds they took.
 
         Compiled or lazily initialised kernels are built here rather than in the first
-        request, and the render is timed, so admission is sized from the first request on.
+        request, and the renders are timed, so admission is sized from the first request on.
+        A batch is a new shape to ``torch.compile`` (10-15 s to compile on an H200,
+        docs/benchmarks.md): warmed, the first full batch of requests does not wait for it.
         """
         spec = family_for(model)
         job = EnhancedPrompt(
@@ -177,8 +180,20 @@ class RenderStage:
         )
         started = time.perf_counter()
         await self._render(job, None)
+        batch = self.batcher.max_size
+        if batch > 1:
+            # Queued together before the batcher's worker first runs: one call of ``batch``.
+            await asyncio.gather(
+                *(
+                    self._render(job.model_copy(update={"generation_id": f"warm-up-{i}"}), None)
+                    for i in range(batch)
+                )
+            )
         seconds = time.perf_counter() - started
-        log.info("warm-up render done", extra={"model": model, "seconds": round(seconds, 3)})
+        log.info(
+            "warm-up render done",
+            extra={"model": model, "seconds": round(seconds, 3), "batch_size": batch},
+        )
         return seconds
 
     async def render_png(

@@ -345,6 +345,19 @@ async def test_a_queue_of_zero_holds_one_call_and_no_more(tmp_path: Path) -> Non
         assert stage.capacity == batch  # measured render times change nothing
 
 
+@pytest.mark.parametrize("batch_size", [1, 4])
+async def test_the_warm_up_renders_one_image_then_a_full_batch(
+    tmp_path: Path, batch_size: int
+) -> None:
+    backend = BatchingBackend(seconds=0.01)
+    stage = make_stage(backend, tmp_path, render_batch_size=batch_size)
+    assert stage.batcher.seconds_per_job is None
+    await stage.warm_up("tiny")
+    batches = [[f"warm-up-{i}" for i in range(batch_size)]] if batch_size > 1 else []
+    assert backend.calls == [["warm-up"], *batches]
+    assert stage.batcher.seconds_per_job is not None  # admission is sized from here on
+
+
 async def test_sixty_four_at_once_are_all_admitted_once_timed(tmp_path: Path) -> None:
     backend = BatchingBackend(seconds=0.002)
     stage = make_stage(backend, tmp_path, render_batch_size=8)
