@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,31 @@ def test_the_gpu_script_times_a_random_weight_klein_written_where_it_is_told(
     assert "overhead: failed: ValidationError: 2 validation errors for EnhancedPrompt" in out
     assert "bf16: failed: ValidationError" in out and "+fused qkv: failed" in out
     assert out.rstrip().endswith("failed: overhead, bf16, +fused qkv, +regional compile")
+
+
+def test_an_option_past_its_limit_is_stopped_and_the_next_runs(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("torch")
+    import gpu
+
+    ran: list[str] = []
+
+    def rows(args: object, name: str, *rest: object) -> None:
+        ran.append(name)
+        if name == "bf16":
+            time.sleep(30)  # a compile that does not end
+
+    monkeypatch.setattr(gpu, "option_rows", rows)
+    monkeypatch.setattr(gpu, "OPTIONS", {"bf16": {}, "+fused qkv": {"render_fuse_qkv": True}})
+    started = time.perf_counter()
+    argv = ["--device", "cpu", "--model", "tiny", "--parts", "options", "--option-limit", "0.5"]
+    assert gpu.main(argv) == 1
+    assert time.perf_counter() - started < 10
+    assert ran == ["bf16", "+fused qkv"]
+    out = capsys.readouterr().out
+    assert "bf16: failed: PartTimeout: past its 0.5 s limit" in out
+    assert out.rstrip().endswith("failed: bf16")
 
 
 def gpu_available() -> bool:
