@@ -18,7 +18,7 @@ from imagegen.errors import DependencyUnavailable
 from imagegen.models import EnhancedPrompt
 from imagegen.render._errors import INSTALL_HINT, field_error
 from imagegen.render.base import ProgressCallback, RenderOutput
-from imagegen.render.png import encode_png
+from imagegen.render.png import encode_filtered_png, encode_png
 from imagegen.settings import Settings
 from imagegen.telemetry import tracer
 
@@ -28,6 +28,7 @@ try:
     import torch
 
     from imagegen.render._device import select_device
+    from imagegen.render._device_png import FilteredImage, filtered_images, to_uint8
     from imagegen.render._family import build_offline, call_options
     from imagegen.render._fastpath import apply_fast_path
     from imagegen.render._loading import Pipeline, load_pipeline
@@ -43,7 +44,8 @@ __all__ = ["DiffusersBackend", "select_device"]
 
 @dataclass(frozen=True)
 class _Pixels:
-    """What the pipeline made for a batch: PIL images and the timings so far."""
+    """What the pipeline made for a batch: PIL images, or rows filtered on the device
+    (:class:`FilteredImage`), and the timings so far."""
 
     images: list[Any]
     timings: dict[str, float]
@@ -66,6 +68,9 @@ class DiffusersBackend:
         self._png_level = settings.png_compress_level
         self._png_strategy = settings.png_compress_strategy
         self._png_threads = settings.png_encode_threads
+        self.filter_on_device: bool | None = None
+        """Whether PNG rows are filtered on the device (None: on CUDA with the encoder in
+        parts, ``png_encode_threads`` above 1; ``_device_png``)."""
         self.fast_path: dict[str, list[str]] = {}
         """The CUDA fast-path options applied to each loaded model."""
 
@@ -216,13 +221,23 @@ class DiffusersBackend:
         for image, each in zip(pixels.images, jobs, strict=True):
             with tracer().start_as_current_span("imagegen.render.png_encode") as span:
                 text = self._png_text(each)
-                png = encode_png(
-                    image,
-                    text=text,
-                    level=self._png_level,
-                    strategy=self._png_strategy,
-                    threads=self._png_threads,
-                )
+                if isinstance(image, FilteredImage):
+                    png = encode_filtered_png(
+                        image.rows,
+                        mode=image.mode,
+                        text=text,
+                        level=self._png_level,
+                        strategy=self._png_strategy,
+                        threads=self._png_threads,
+                    )
+                else:
+                    png = encode_png(
+                        image,
+                        text=text,
+                        level=self._png_level,
+                        strategy=self._png_strategy,
+                        threads=self._png_threads,
+                    )
                 pngs.append(png)
                 span.set_attribute("imagegen.png.size", len(pngs[-1]))
         timings["encode"] = time.perf_counter() - encode_started
@@ -272,6 +287,9 @@ class DiffusersBackend:
 
         if "callback_on_step_end" in parameters:
             kwargs["callback_on_step_end"] = on_step_end
+        on_device = self._filters_on_device() and "output_type" in parameters
+        if on_device:
+            kwargs["output_type"] = "pt"  # quantised and filtered below, on the device
 
         loop_attributes: dict[str, str | int] = {
             "imagegen.steps": job.steps,
@@ -286,7 +304,8 @@ class DiffusersBackend:
         loop_span = tracer().start_span("imagegen.render.denoise_loop", attributes=loop_attributes)
         try:
             with trace.use_span(loop_span, end_on_exit=False):  # records an error on the span
-                images = list(pipe(**kwargs).images)
+                output = pipe(**kwargs).images
+                images = self._host_images(output) if on_device else list(output)
         except BaseException:
             loop_span.end()
             raise
@@ -296,6 +315,22 @@ class DiffusersBackend:
         loop_span.end(end_time=denoised_ns)
         tracer().start_span("imagegen.render.vae_decode", start_time=denoised_ns).end(ended_ns)
         return images, denoised - started, ended - denoised
+
+    def _filters_on_device(self) -> bool:
+        if self.filter_on_device is None:
+            self.filter_on_device = self.device.type == "cuda" and self._png_threads > 1
+        return self.filter_on_device
+
+    @staticmethod
+    def _host_images(output: torch.Tensor) -> list[Any]:
+        """A ``"pt"`` output on the host: rows filtered on the device, or PIL images of the
+        same values for channel counts the encoder in parts does not take."""
+        filtered = filtered_images(output)
+        if filtered is not None:
+            return list(filtered)
+        from PIL import Image
+
+        return [Image.fromarray(array) for array in to_uint8(output).cpu().numpy()]
 
     @staticmethod
     def _png_text(job: EnhancedPrompt) -> dict[str, str]:
