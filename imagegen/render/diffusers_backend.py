@@ -322,9 +322,11 @@ class DiffusersBackend:
         return self.filter_on_device
 
     @staticmethod
-    def _host_images(output: torch.Tensor) -> list[Any]:
+    def _host_images(output: torch.Tensor | list[torch.Tensor]) -> list[Any]:
         """A ``"pt"`` output on the host: rows filtered on the device, or PIL images of the
         same values for channel counts the encoder in parts does not take."""
+        if not isinstance(output, torch.Tensor):  # a pipeline that lists its images
+            output = torch.stack(list(output))
         filtered = filtered_images(output)
         if filtered is not None:
             return list(filtered)
