@@ -3,8 +3,8 @@
 With ``IMAGEGEN_PNG_ENCODE_THREADS`` above 1, render's PNG is the encoder in parts
 (:func:`imagegen.render.png.encode_png`): every row filtered with the filter Pillow would
 choose, then deflated in parts on several threads. On the host the filtering costs about as
-much as the deflating (a 1024² image: 35-40 ms of numpy on one core, and 30 of zlib); on the
-GPU it is a few elementwise kernels over a few megabytes. So on CUDA the pipeline returns its
+much as the deflating (a 1024² image: 35-45 ms of numpy on one core, 31 of zlib at ``rle``);
+on the GPU it is a few elementwise kernels over a few megabytes. So on CUDA the pipeline returns its
 tensor (``output_type="pt"``), the two steps diffusers' ``numpy_to_pil`` takes and the row
 filters run here, and what crosses to the host is the filtered rows: the host only deflates.
 The file is byte for byte the one the host's encoder makes of the same pixels (tested on the
