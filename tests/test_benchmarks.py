@@ -190,6 +190,18 @@ def test_an_option_past_its_limit_is_stopped_and_the_next_runs(
     assert "bf16: failed: PartTimeout: past its 0.5 s limit" in out
     assert out.rstrip().endswith("failed: bf16")
 
+    # A part started within the budget is stopped a grace period past it, whatever its limit
+    monkeypatch.setattr(gpu, "GRACE", 0.5)
+    ran.clear()
+    started = time.perf_counter()
+    argv = ["--device", "cpu", "--model", "tiny", "--parts", "options", "--budget", "0.3"]
+    assert gpu.main(argv) == 1
+    assert time.perf_counter() - started < 10
+    assert ran == ["bf16"]
+    out = capsys.readouterr().out
+    assert "bf16: failed: PartTimeout: past its" in out
+    assert "(skipped: +fused qkv; past the 0.3 s budget)" in out
+
 
 def gpu_available() -> bool:
     import torch
