@@ -327,6 +327,8 @@ class DiffusersBackend:
         same values for channel counts the encoder in parts does not take."""
         if not isinstance(output, torch.Tensor):  # a pipeline that lists its images
             output = torch.stack(list(output))
+        if output.ndim == 3:  # one image, unbatched
+            output = output[None]
         filtered = filtered_images(output)
         if filtered is not None:
             return list(filtered)

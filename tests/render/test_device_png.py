@@ -115,3 +115,16 @@ def test_a_render_filtered_on_the_device_is_the_same_file(make_job: Any) -> None
         backend.close()
     assert made[True] == made[False]
     assert made[True][0] != made[True][1]
+
+
+def test_a_listed_or_unbatched_output_is_filtered_and_other_channel_counts_stay_pil() -> None:
+    images = [torch.from_numpy(_photo_like()).permute(2, 0, 1).float() / 255 for _ in range(2)]
+    expected = _host_rows(_photo_like())
+    for output in (images, images[0], torch.stack(images)):
+        host = DiffusersBackend._host_images(output)
+        assert all(isinstance(image, FilteredImage) for image in host)
+        assert [image.rows.tobytes() for image in host] == [expected] * len(host)
+    two = torch.stack(images)[:, :2]  # grey and alpha: the host's encoder takes no such rows
+    [first, _] = DiffusersBackend._host_images(two)
+    assert isinstance(first, Image.Image) and first.mode == "LA"
+    assert np.array_equal(np.asarray(first), _photo_like()[..., :2])
