@@ -17,7 +17,8 @@ or part is reported and the rest run on (the exit status is then 1):
 
 1. service overhead: ``DiffusersBackend.render`` (PNG included) against the pipeline's own call
    with the same arguments (target <= 1.05x), and what the PNG alone costs at that size with
-   each ``IMAGEGEN_PNG_COMPRESS_STRATEGY``, on 1 and 4 threads (encode time, file size);
+   each ``IMAGEGEN_PNG_COMPRESS_STRATEGY``, on 1 and 4 threads (encode time, file size), and
+   on 4 threads with the rows filtered on the device first, as render does on CUDA;
 2. batched against unbatched pixels: max abs difference and PSNR per batch size;
 3. process start to ``/readyz`` of the render function with regional compile and warm-up,
    with a cold and then a warm compile cache;
@@ -247,7 +248,9 @@ def overhead(backend: Any, args: argparse.Namespace, steps: int, guidance: float
         f"overhead at {size}²: pipeline {min(raw):.3f} s, render {min(served):.3f} s,"
         f" ratio {ratio:.3f}x (min against min; target <= 1.05x)"
     )
-    png_costs(call(), size, args.rounds)
+    image = call()
+    png_costs(image, size, args.rounds)
+    filtered_png_costs(image, size, args.rounds, args.device)
     return ratio
 
 
@@ -272,6 +275,41 @@ def png_costs(image: Any, size: int, rounds: int) -> dict[str, tuple[float, int]
             costs[f"{strategy} x{threads}"] = (min(times), len(png))
     print(
         f"PNG at {size}²: "
+        + ", ".join(
+            f"{name} {t * 1000:.0f} ms {n / 1024:.0f} KiB" for name, (t, n) in costs.items()
+        )
+    )
+    return costs
+
+
+def filtered_png_costs(
+    image: Any, size: int, rounds: int, device: str
+) -> dict[str, tuple[float, int]]:
+    """The same PNGs with the rows filtered on ``device`` first, as render does on CUDA with
+    more than one thread (``_device_png``): (best seconds, bytes), the filtering included."""
+    import numpy as np
+    import torch
+
+    from imagegen.render._device_png import filtered_images
+    from imagegen.render.png import encode_filtered_png
+
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy())
+    tensor = (pixels.permute(2, 0, 1)[None].float() / 255).to(device)
+    costs = {}
+    for strategy in ("default", "rle"):
+        for threads in PNG_THREADS[1:]:
+            times = []
+            for _ in range(max(rounds, 1)):
+                _synchronize(device)
+                started = time.perf_counter()
+                [rows] = filtered_images(tensor) or []
+                png = encode_filtered_png(
+                    rows.rows, mode=rows.mode, text={}, strategy=strategy, threads=threads
+                )
+                times.append(time.perf_counter() - started)
+            costs[f"{strategy} x{threads}"] = (min(times), len(png))
+    print(
+        f"PNG at {size}², rows filtered on {device}: "
         + ", ".join(
             f"{name} {t * 1000:.0f} ms {n / 1024:.0f} KiB" for name, (t, n) in costs.items()
         )

@@ -113,6 +113,11 @@ def test_the_gpu_script_smoke_runs_its_parts_on_the_cpu(
     costs = dict(re.findall(r"(\w+ x\d+) \d+ ms (\d+) KiB", png.group(1)))
     assert set(costs) == {"default x1", "default x4", "rle x1", "rle x4"}, png.group(1)
     assert all(int(kib) > 0 for kib in costs.values())
+    # Rows filtered by torch (render's way on CUDA) make the host's files in parts, byte for byte
+    filtered = re.search(r"PNG at 256², rows filtered on cpu: (.*)", out)
+    assert filtered is not None, out
+    on_device = dict(re.findall(r"(\w+ x\d+) \d+ ms (\d+) KiB", filtered.group(1)))
+    assert on_device == {"default x4": costs["default x4"], "rle x4": costs["rle x4"]}
     found = re.search(r"batch of 2 vs alone at 256²: max abs (\d+), min PSNR ([\d.]+|inf)", out)
     assert found is not None
     assert int(found.group(1)) <= BATCHED_MAX_ABS_DIFF
