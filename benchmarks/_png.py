@@ -1,4 +1,5 @@
-"""The ``png`` rows: a 1024² PNG encoded in parts on several threads against Pillow's encoder."""
+"""The ``png`` rows: a 1024² PNG encoded in parts on several threads against Pillow's encoder;
+and the GPU script's PNG lines, for the image a model rendered."""
 
 from __future__ import annotations
 
@@ -61,3 +62,67 @@ def png(rounds: int) -> list[Comparison]:
             )
         )
     return rows
+
+
+PNG_THREADS = (1, 4)
+"""``IMAGEGEN_PNG_ENCODE_THREADS`` values the PNG line compares (1: Pillow's encoder)."""
+
+
+def png_costs(image: Any, size: int, rounds: int) -> dict[str, tuple[float, int]]:
+    """The PNG of one rendered ``image`` per strategy and thread count: (best seconds, bytes)."""
+    from typing import get_args
+
+    from imagegen.render.png import PngStrategy, encode_png
+
+    costs = {}
+    for strategy in get_args(PngStrategy):
+        for threads in PNG_THREADS:
+            times = []
+            for _ in range(max(rounds, 1)):
+                started = time.perf_counter()
+                png = encode_png(image, text={}, strategy=strategy, threads=threads)
+                times.append(time.perf_counter() - started)
+            costs[f"{strategy} x{threads}"] = (min(times), len(png))
+    print(
+        f"PNG at {size}²: "
+        + ", ".join(
+            f"{name} {t * 1000:.0f} ms {n / 1024:.0f} KiB" for name, (t, n) in costs.items()
+        )
+    )
+    return costs
+
+
+def filtered_png_costs(
+    image: Any, size: int, rounds: int, device: str
+) -> dict[str, tuple[float, int]]:
+    """The same PNGs with the rows filtered on ``device`` first, as render does on CUDA with
+    more than one thread (``_device_png``): (best seconds, bytes), the filtering included."""
+    import numpy as np
+    import torch
+
+    from imagegen.render._device_png import filtered_images
+    from imagegen.render.png import encode_filtered_png
+
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy())
+    tensor = (pixels.permute(2, 0, 1)[None].float() / 255).to(device)
+    costs = {}
+    for strategy in ("default", "rle"):
+        for threads in PNG_THREADS[1:]:
+            times = []
+            for _ in range(max(rounds, 1)):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                started = time.perf_counter()
+                [rows] = filtered_images(tensor) or []
+                png = encode_filtered_png(
+                    rows.rows, mode=rows.mode, text={}, strategy=strategy, threads=threads
+                )
+                times.append(time.perf_counter() - started)
+            costs[f"{strategy} x{threads}"] = (min(times), len(png))
+    print(
+        f"PNG at {size}², rows filtered on {device}: "
+        + ", ".join(
+            f"{name} {t * 1000:.0f} ms {n / 1024:.0f} KiB" for name, (t, n) in costs.items()
+        )
+    )
+    return costs

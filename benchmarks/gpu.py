@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from _harness import Served
+from _png import filtered_png_costs, png_costs
 
 OPTIONS: dict[str, dict[str, Any]] = {
     "bf16": {},
@@ -252,69 +253,6 @@ def overhead(backend: Any, args: argparse.Namespace, steps: int, guidance: float
     png_costs(image, size, args.rounds)
     filtered_png_costs(image, size, args.rounds, args.device)
     return ratio
-
-
-PNG_THREADS = (1, 4)
-"""``IMAGEGEN_PNG_ENCODE_THREADS`` values the PNG line compares (1: Pillow's encoder)."""
-
-
-def png_costs(image: Any, size: int, rounds: int) -> dict[str, tuple[float, int]]:
-    """The PNG of one rendered ``image`` per strategy and thread count: (best seconds, bytes)."""
-    from typing import get_args
-
-    from imagegen.render.png import PngStrategy, encode_png
-
-    costs = {}
-    for strategy in get_args(PngStrategy):
-        for threads in PNG_THREADS:
-            times = []
-            for _ in range(max(rounds, 1)):
-                started = time.perf_counter()
-                png = encode_png(image, text={}, strategy=strategy, threads=threads)
-                times.append(time.perf_counter() - started)
-            costs[f"{strategy} x{threads}"] = (min(times), len(png))
-    print(
-        f"PNG at {size}²: "
-        + ", ".join(
-            f"{name} {t * 1000:.0f} ms {n / 1024:.0f} KiB" for name, (t, n) in costs.items()
-        )
-    )
-    return costs
-
-
-def filtered_png_costs(
-    image: Any, size: int, rounds: int, device: str
-) -> dict[str, tuple[float, int]]:
-    """The same PNGs with the rows filtered on ``device`` first, as render does on CUDA with
-    more than one thread (``_device_png``): (best seconds, bytes), the filtering included."""
-    import numpy as np
-    import torch
-
-    from imagegen.render._device_png import filtered_images
-    from imagegen.render.png import encode_filtered_png
-
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy())
-    tensor = (pixels.permute(2, 0, 1)[None].float() / 255).to(device)
-    costs = {}
-    for strategy in ("default", "rle"):
-        for threads in PNG_THREADS[1:]:
-            times = []
-            for _ in range(max(rounds, 1)):
-                _synchronize(device)
-                started = time.perf_counter()
-                [rows] = filtered_images(tensor) or []
-                png = encode_filtered_png(
-                    rows.rows, mode=rows.mode, text={}, strategy=strategy, threads=threads
-                )
-                times.append(time.perf_counter() - started)
-            costs[f"{strategy} x{threads}"] = (min(times), len(png))
-    print(
-        f"PNG at {size}², rows filtered on {device}: "
-        + ", ".join(
-            f"{name} {t * 1000:.0f} ms {n / 1024:.0f} KiB" for name, (t, n) in costs.items()
-        )
-    )
-    return costs
 
 
 def tolerance(
