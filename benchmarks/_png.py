@@ -70,26 +70,12 @@ PNG_THREADS = (1, 4)
 
 def png_costs(image: Any, size: int, rounds: int) -> dict[str, tuple[float, int]]:
     """The PNG of one rendered ``image`` per strategy and thread count: (best seconds, bytes)."""
-    from typing import get_args
+    from imagegen.render.png import encode_png
 
-    from imagegen.render.png import PngStrategy, encode_png
+    def encode(strategy: Any, threads: int) -> bytes:
+        return encode_png(image, text={}, strategy=strategy, threads=threads)
 
-    costs = {}
-    for strategy in get_args(PngStrategy):
-        for threads in PNG_THREADS:
-            times = []
-            for _ in range(max(rounds, 1)):
-                started = time.perf_counter()
-                png = encode_png(image, text={}, strategy=strategy, threads=threads)
-                times.append(time.perf_counter() - started)
-            costs[f"{strategy} x{threads}"] = (min(times), len(png))
-    print(
-        f"PNG at {size}²: "
-        + ", ".join(
-            f"{name} {t * 1000:.0f} ms {n / 1024:.0f} KiB" for name, (t, n) in costs.items()
-        )
-    )
-    return costs
+    return _timed(f"PNG at {size}²", encode, PNG_THREADS, rounds)
 
 
 def filtered_png_costs(
@@ -105,22 +91,37 @@ def filtered_png_costs(
 
     pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy())
     tensor = (pixels.permute(2, 0, 1)[None].float() / 255).to(device)
+    if device == "cuda":
+        torch.cuda.synchronize()  # each encoding ends on the host: nothing is left queued
+
+    def encode(strategy: Any, threads: int) -> bytes:
+        [filtered] = filtered_images(tensor) or []
+        return encode_filtered_png(
+            filtered.rows, mode=filtered.mode, text={}, strategy=strategy, threads=threads
+        )
+
+    return _timed(f"PNG at {size}², rows filtered on {device}", encode, PNG_THREADS[1:], rounds)
+
+
+def _timed(
+    label: str, encode: Any, thread_counts: tuple[int, ...], rounds: int
+) -> dict[str, tuple[float, int]]:
+    """``encode(strategy, threads)`` timed per strategy and thread count, printed on one line."""
+    from typing import get_args
+
+    from imagegen.render.png import PngStrategy
+
     costs = {}
-    for strategy in ("default", "rle"):
-        for threads in PNG_THREADS[1:]:
+    for strategy in get_args(PngStrategy):
+        for threads in thread_counts:
             times = []
             for _ in range(max(rounds, 1)):
-                if device == "cuda":
-                    torch.cuda.synchronize()
                 started = time.perf_counter()
-                [rows] = filtered_images(tensor) or []
-                png = encode_filtered_png(
-                    rows.rows, mode=rows.mode, text={}, strategy=strategy, threads=threads
-                )
+                png = encode(strategy, threads)
                 times.append(time.perf_counter() - started)
             costs[f"{strategy} x{threads}"] = (min(times), len(png))
     print(
-        f"PNG at {size}², rows filtered on {device}: "
+        f"{label}: "
         + ", ".join(
             f"{name} {t * 1000:.0f} ms {n / 1024:.0f} KiB" for name, (t, n) in costs.items()
         )
