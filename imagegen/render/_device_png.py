@@ -62,10 +62,13 @@ def filter_rows(pixels: torch.Tensor, bpp: int) -> torch.Tensor:
     # Paeth's distances, in int16: a (left), b (up), c (upper left).
     a, b, c = left.to(torch.int16), up.to(torch.int16), upper_left.to(torch.int16)
     pa, pb, pc = (b - c).abs(), (a - c).abs(), (a + b - 2 * c).abs()
+    del a, b, c  # temporaries go as soon as they are used: an image's bytes twenty times at most
     paeth = torch.where((pa <= pb) & (pa <= pc), left, torch.where(pb <= pc, up, upper_left))
+    del pa, pb, pc
     candidates = torch.stack([pixels, pixels - up, pixels - left, pixels - paeth])  # uint8 wraps
-    # A byte's distance from zero is min(v, 256 - v); 0 - v wraps to 256 - v.
-    sums = torch.minimum(candidates, 0 - candidates).sum(dim=-1, dtype=torch.int32)
+    del up, left, upper_left, paeth
+    # A byte's distance from zero is min(v, 256 - v); 0 - v wraps to 256 - v (unsigned: defined).
+    sums = torch.stack([torch.minimum(c, 0 - c).sum(dim=-1, dtype=torch.int32) for c in candidates])
     chosen = sums.argmin(dim=0)  # (B, H): the first of equal sums, as Pillow keeps the earlier
     rows = candidates.gather(0, chosen[None, ..., None].expand(1, *pixels.shape))[0]
     types = torch.tensor(_FILTER_TYPES, dtype=torch.uint8, device=pixels.device)[chosen]
@@ -74,11 +77,18 @@ def filter_rows(pixels: torch.Tensor, bpp: int) -> torch.Tensor:
 
 def filtered_images(images: torch.Tensor) -> list[FilteredImage] | None:
     """A pipeline's ``(B, C, H, W)`` output as filtered rows on the host; None for channel
-    counts the encoder in parts does not take."""
+    counts the encoder in parts does not take.
+
+    One image at a time: the filter's temporaries reach about twenty times the image's bytes
+    (250 MB for a 2048² image), more than a whole batch of them could always spare at once.
+    """
     batch, channels, height, width = images.shape
     mode = MODES.get(channels)
     if mode is None:
         return None
-    pixels = to_uint8(images).reshape(batch, height, width * channels)
-    rows = filter_rows(pixels, channels).cpu().numpy()
-    return [FilteredImage(rows[i], width, height, mode) for i in range(batch)]
+    filtered = []
+    for index in range(batch):
+        pixels = to_uint8(images[index : index + 1]).reshape(1, height, width * channels)
+        rows = filter_rows(pixels, channels)[0].cpu().numpy()
+        filtered.append(FilteredImage(rows, width, height, mode))
+    return filtered
