@@ -79,8 +79,7 @@ def use_compile_cache(directory: Path) -> bool:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         # Written to, not asked (os.access): a read-only mount or a foreign owner says no here.
-        with tempfile.TemporaryFile(dir=directory):
-            pass
+        tempfile.TemporaryFile(dir=directory).close()
     except OSError as error:
         log.warning(
             "compile cache %s is not writable (%s): compiling without a persistent cache",
