@@ -20,10 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from imagegen.render.png import _COLOR_TYPES
+
 __all__ = ["FilteredImage", "filter_rows", "filtered_images", "to_uint8"]
 
-MODES = {1: "L", 3: "RGB", 4: "RGBA"}
-"""Channels to the PNG mode the encoder in parts takes."""
+MODES = {channels: mode for mode, (_, channels) in _COLOR_TYPES.items()}
+"""Channels to the PNG mode the encoder in parts takes (``png``'s own table)."""
 
 # The PNG filter type of each candidate, in the order Pillow tries them: None, Up, Sub, Paeth.
 _FILTER_TYPES = (0, 2, 1, 4)

@@ -26,9 +26,10 @@ from imagegen.telemetry import tracer
 try:
     import diffusers
     import torch
+    from diffusers.image_processor import VaeImageProcessor
 
     from imagegen.render._device import select_device
-    from imagegen.render._device_png import FilteredImage, filtered_images, to_uint8
+    from imagegen.render._device_png import FilteredImage, filtered_images
     from imagegen.render._family import build_offline, call_options
     from imagegen.render._fastpath import apply_fast_path
     from imagegen.render._loading import Pipeline, load_pipeline
@@ -221,23 +222,16 @@ class DiffusersBackend:
         for image, each in zip(pixels.images, jobs, strict=True):
             with tracer().start_as_current_span("imagegen.render.png_encode") as span:
                 text = self._png_text(each)
+                options: dict[str, Any] = {
+                    "text": text,
+                    "level": self._png_level,
+                    "strategy": self._png_strategy,
+                    "threads": self._png_threads,
+                }
                 if isinstance(image, FilteredImage):
-                    png = encode_filtered_png(
-                        image.rows,
-                        mode=image.mode,
-                        text=text,
-                        level=self._png_level,
-                        strategy=self._png_strategy,
-                        threads=self._png_threads,
-                    )
+                    png = encode_filtered_png(image.rows, mode=image.mode, **options)
                 else:
-                    png = encode_png(
-                        image,
-                        text=text,
-                        level=self._png_level,
-                        strategy=self._png_strategy,
-                        threads=self._png_threads,
-                    )
+                    png = encode_png(image, **options)
                 pngs.append(png)
                 span.set_attribute("imagegen.png.size", len(pngs[-1]))
         timings["encode"] = time.perf_counter() - encode_started
@@ -332,9 +326,8 @@ class DiffusersBackend:
         filtered = filtered_images(output)
         if filtered is not None:
             return list(filtered)
-        from PIL import Image
-
-        return [Image.fromarray(array) for array in to_uint8(output).cpu().numpy()]
+        # What the pipeline's own "pil" output would have been.
+        return list(VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(output)))
 
     @staticmethod
     def _png_text(job: EnhancedPrompt) -> dict[str, str]:

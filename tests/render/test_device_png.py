@@ -15,7 +15,13 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 
 from imagegen.render import png
-from imagegen.render._device_png import FilteredImage, filter_rows, filtered_images, to_uint8
+from imagegen.render._device_png import (
+    MODES,
+    FilteredImage,
+    filter_rows,
+    filtered_images,
+    to_uint8,
+)
 from imagegen.render.diffusers_backend import DiffusersBackend
 from imagegen.render.png import encode_filtered_png, encode_png
 from imagegen.settings import Settings
@@ -88,7 +94,7 @@ def test_quantised_values_are_diffusers_pil_values(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("channels", [1, 3, 4])
 def test_the_file_is_the_host_encoders_byte_for_byte(channels: int) -> None:
     image = _photo_like(channels=channels)
-    mode = {1: "L", 3: "RGB", 4: "RGBA"}[channels]
+    mode = MODES[channels]
     tensor = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
     [filtered] = filtered_images(tensor) or []
     assert (filtered.width, filtered.height, filtered.mode) == (96, 64, mode)
