@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 import shutil
 import subprocess
@@ -140,6 +141,49 @@ def test_gpu_image_keeps_models_in_a_volume() -> None:
     assert "HF_HOME=/models" in text
     assert "FUNCTION_TARGET=render" in text
     assert "FUNCTION_SOURCE=functions/render.py" in text
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_images_start_from_bytecode_compiled_at_build(name: str, tmp_path: Path) -> None:
+    """The image's compile step makes bytecode that a start loads instead of the sources.
+
+    The image user cannot write beside /app/functions: without bytecode made at build, every
+    start compiles the adapters. Proved by running the Dockerfile's step on a copy, then
+    replacing each source with bytes of the same size and time that do not compile: a
+    function module still loads (as functions-framework loads ``FUNCTION_SOURCE``) only from
+    the bytecode.
+    """
+    commands = [c for c in _run_commands(name) if "compileall" in c]
+    assert commands == ["python -m compileall -q functions/"], commands
+    shutil.copytree(
+        REPO / "functions", tmp_path / "functions", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}
+    command = [sys.executable, *commands[0].split()[1:]]
+    subprocess.run(command, cwd=tmp_path, env=env, check=True)
+    sources = sorted((tmp_path / "functions").glob("*.py"))
+    assert {p.name for p in sources} >= {"_adapter.py", "_binding.py", "enhance.py"}
+    for path in sources:
+        before = path.stat()
+        path.write_bytes(b"(" * before.st_size)
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    load = (
+        "import importlib.util, sys\n"
+        "spec = importlib.util.spec_from_file_location('enhance', 'functions/enhance.py')\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "sys.path.append('functions')\n"
+        "spec.loader.exec_module(module)\n"
+        "print(type(module.enhance).__name__)\n"
+    )
+    started = subprocess.run(
+        [sys.executable, "-c", load],
+        cwd=tmp_path,
+        env={**env, "PYTHONDONTWRITEBYTECODE": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert started.returncode == 0, started.stderr
+    assert started.stdout.strip() == "function"
 
 
 def _dockerignore() -> list[str]:
