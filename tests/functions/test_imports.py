@@ -76,6 +76,36 @@ def test_a_function_on_local_storage_loads_only_what_it_uses(
     assert loaded <= allowed, f"{stage} loaded {sorted(loaded - allowed)}"
 
 
+TALK_TO_OLLAMA = """
+import json, sys, functions_framework
+app = functions_framework.create_app("enhance", {source!r})
+reply = app.test_client().post("/", json={{"prompt": "a fox", "model": "tiny"}})
+assert reply.status_code == 200, reply.data
+assert reply.json["fallback"] is True, reply.json  # Ollama refused: asked over HTTP
+print(json.dumps({{"loaded": sorted(m for m in ("httpx", "rich", "pygments") if m in sys.modules),
+                  "cli": sys.modules.get("httpx._main", "absent") is None}}))
+"""
+
+
+def test_enhance_talks_http_without_loading_httpx_command_line(tmp_path: Path) -> None:
+    """httpx imports its terminal UI when click is installed; a function never loads it."""
+    env = {
+        "PATH": "/usr/bin",
+        "IMAGEGEN_STORAGE_URL": str(tmp_path / "store"),
+        "IMAGEGEN_OLLAMA_HOST": "http://127.0.0.1:9",
+        "IMAGEGEN_MODEL": "tiny",
+        "IMAGEGEN_ALLOWED_MODELS": "tiny",
+        "IMAGEGEN_OLLAMA_RETRIES": "0",
+    }
+    code = TALK_TO_OLLAMA.format(source=str(ROOT / "functions" / "enhance.py"))
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    state = json.loads(result.stdout.strip().splitlines()[-1])
+    assert state == {"loaded": ["httpx"], "cli": True}, state
+
+
 def test_a_bad_local_storage_url_does_not_load_boto3(tmp_path: Path) -> None:
     code = (
         "import sys, json\n"
