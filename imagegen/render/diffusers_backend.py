@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import inspect
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,8 @@ except ImportError as error:  # pragma: no cover - depends on the installation
     ) from error
 
 __all__ = ["DiffusersBackend", "select_device"]
+
+log = logging.getLogger("imagegen.render")
 
 
 @dataclass(frozen=True)
@@ -315,15 +318,29 @@ class DiffusersBackend:
             self.filter_on_device = self.device.type == "cuda" and self._png_threads > 1
         return self.filter_on_device
 
-    @staticmethod
-    def _host_images(output: torch.Tensor | list[torch.Tensor]) -> list[Any]:
+    def _host_images(self, output: torch.Tensor | list[torch.Tensor]) -> list[Any]:
         """A ``"pt"`` output on the host: rows filtered on the device, or PIL images of the
-        same values for channel counts the encoder in parts does not take."""
+        same values for channel counts the encoder in parts does not take.
+
+        Filtering on the device only saves host time: if the device refuses it (out of
+        memory, a kernel it lacks), the images go to the host as the pipeline's ``"pil"``
+        output would have, which the encoder in parts makes into the same files, and the
+        device is not asked again in this process.
+        """
         if not isinstance(output, torch.Tensor):  # a pipeline that lists its images
             output = torch.stack(list(output))
         if output.ndim == 3:  # one image, unbatched
             output = output[None]
-        filtered = filtered_images(output)
+        try:
+            filtered = filtered_images(output)
+        except RuntimeError as exc:  # torch's device errors, NotImplementedError included
+            self.filter_on_device = False
+            log.warning(
+                "PNG rows filtered on the host from now on: the device could not (%s: %s)",
+                type(exc).__name__,
+                exc,
+            )
+            filtered = None
         if filtered is not None:
             return list(filtered)
         # What the pipeline's own "pil" output would have been.

@@ -3,6 +3,7 @@ as the host's encoder in parts makes (torch runs the same code on the CPU here).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ pytest.importorskip("diffusers")
 import torch
 from diffusers.image_processor import VaeImageProcessor
 
-from imagegen.render import png
+from imagegen.render import diffusers_backend, png
 from imagegen.render._device_png import (
     MODES,
     FilteredImage,
@@ -130,14 +131,44 @@ def test_a_render_filtered_on_the_device_is_the_same_file(make_job: Any) -> None
     assert made[True][0] != made[True][1]
 
 
+def test_a_device_that_cannot_filter_gives_the_same_files_and_is_not_asked_again(
+    make_job: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    jobs = [make_job(generation_id=f"f{i}", seed=i, prompt=f"a lantern {i}") for i in range(2)]
+    backend = DiffusersBackend(Settings(device="cpu", png_encode_threads=2))
+    backend.load("tiny")
+    try:
+        backend.filter_on_device = False
+        expected = [output.png for output in backend.render_batch(jobs)]
+        calls = []
+
+        def refuse(images: torch.Tensor) -> None:
+            calls.append(images.shape)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB")
+
+        monkeypatch.setattr(diffusers_backend, "filtered_images", refuse)
+        backend.filter_on_device = True
+        with caplog.at_level(logging.WARNING, logger="imagegen.render"):
+            made = [output.png for output in backend.render_batch(jobs)]
+        assert made == expected
+        assert backend.filter_on_device is False
+        assert "filtered on the host from now on" in caplog.text
+        assert "OutOfMemoryError" in caplog.text
+        assert [output.png for output in backend.render_batch(jobs)] == expected
+        assert len(calls) == 1, "the device was asked again"
+    finally:
+        backend.close()
+
+
 def test_a_listed_or_unbatched_output_is_filtered_and_other_channel_counts_stay_pil() -> None:
     images = [torch.from_numpy(_photo_like()).permute(2, 0, 1).float() / 255 for _ in range(2)]
     expected = _host_rows(_photo_like())
+    backend = DiffusersBackend(Settings(device="cpu", png_encode_threads=2))
     for output in (images, images[0], torch.stack(images)):
-        host = DiffusersBackend._host_images(output)
+        host = backend._host_images(output)
         assert all(isinstance(image, FilteredImage) for image in host)
         assert [image.rows.tobytes() for image in host] == [expected] * len(host)
     two = torch.stack(images)[:, :2]  # grey and alpha: the host's encoder takes no such rows
-    [first, _] = DiffusersBackend._host_images(two)
+    [first, _] = backend._host_images(two)
     assert isinstance(first, Image.Image) and first.mode == "LA"
     assert np.array_equal(np.asarray(first), _photo_like()[..., :2])
