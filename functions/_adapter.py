@@ -15,13 +15,13 @@ import contextlib
 import gc
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Awaitable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+import _process  # noqa: F401  (first: it sets up the process the library loads into)
 import flask
 from _binding import (
     MAX_BODY_BYTES,
@@ -52,12 +52,6 @@ from imagegen.telemetry import instruments, stage_span
 from imagegen.validation import parse_model
 
 __all__ = ["Function", "entry_point"]
-
-# httpx imports its command line (rich and pygments behind it) whenever click is installed,
-# and functions-framework installs click (httpx/__init__.py: ``try: from ._main import main``
-# ``except ImportError``). No function runs it: None here is the ImportError httpx expects,
-# and the first request that talks HTTP (enhance's first prompt) does not load a terminal UI.
-sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 
 log = logging.getLogger("imagegen.functions")
 T = TypeVar("T")

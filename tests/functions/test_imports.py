@@ -82,13 +82,19 @@ app = functions_framework.create_app("enhance", {source!r})
 reply = app.test_client().post("/", json={{"prompt": "a fox", "model": "tiny"}})
 assert reply.status_code == 200, reply.data
 assert reply.json["fallback"] is True, reply.json  # Ollama refused: asked over HTTP
+loader = sys.modules["pydantic.plugin._loader"]
 print(json.dumps({{"loaded": sorted(m for m in ("httpx", "rich", "pygments") if m in sys.modules),
-                  "cli": sys.modules.get("httpx._main", "absent") is None}}))
+                  "cli": sys.modules.get("httpx._main", "absent") is None,
+                  "plugins_looked_for": loader._plugins is not None}}))
 """
 
 
-def test_enhance_talks_http_without_loading_httpx_command_line(tmp_path: Path) -> None:
-    """httpx imports its terminal UI when click is installed; a function never loads it."""
+@pytest.mark.parametrize("plugins", [None, ""], ids=["default", "plugins-allowed"])
+def test_enhance_skips_httpx_command_line_and_pydantic_plugin_scan(
+    plugins: str | None, tmp_path: Path
+) -> None:
+    """httpx imports its terminal UI when click is installed, and pydantic scans every
+    package for plugins: a function does neither, unless told to let plugins load."""
     env = {
         "PATH": "/usr/bin",
         "IMAGEGEN_STORAGE_URL": str(tmp_path / "store"),
@@ -97,13 +103,16 @@ def test_enhance_talks_http_without_loading_httpx_command_line(tmp_path: Path) -
         "IMAGEGEN_ALLOWED_MODELS": "tiny",
         "IMAGEGEN_OLLAMA_RETRIES": "0",
     }
+    if plugins is not None:
+        env["PYDANTIC_DISABLE_PLUGINS"] = plugins
     code = TALK_TO_OLLAMA.format(source=str(ROOT / "functions" / "enhance.py"))
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
     state = json.loads(result.stdout.strip().splitlines()[-1])
-    assert state == {"loaded": ["httpx"], "cli": True}, state
+    expected = {"loaded": ["httpx"], "cli": True, "plugins_looked_for": plugins == ""}
+    assert state == expected, state
 
 
 def test_a_bad_local_storage_url_does_not_load_boto3(tmp_path: Path) -> None:
