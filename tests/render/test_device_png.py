@@ -114,13 +114,18 @@ def test_rows_that_do_not_fit_the_mode_are_refused() -> None:
         encode_filtered_png(rows, mode="P", text={})
 
 
-def test_a_render_filtered_on_the_device_is_the_same_file(make_job: Any) -> None:
-    # On CUDA with the encoder in parts, render filters on the device; forced here on the CPU.
-    jobs = [make_job(generation_id=f"d{i}", seed=i, prompt=f"a lantern {i}") for i in range(2)]
+@pytest.mark.parametrize("model", ["tiny", "tiny-klein"])
+def test_a_render_filtered_on_the_device_is_the_same_file(model: str, make_job: Any) -> None:
+    # On CUDA with the encoder in parts, render filters on the device; forced here on the CPU,
+    # for both pipeline families (FLUX.2 [klein] is the default model's).
+    jobs = [
+        make_job(generation_id=f"d{i}", seed=i, prompt=f"a lantern {i}", model=model)
+        for i in range(2)
+    ]
     made = {}
     for on_device in (False, True):
         backend = DiffusersBackend(Settings(device="cpu", png_encode_threads=2))
-        backend.load("tiny")
+        backend.load(model)
         backend.filter_on_device = on_device
         pixels = backend.denoise_batch(jobs)
         kinds = {type(image) for image in pixels.images}
