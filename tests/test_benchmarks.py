@@ -108,6 +108,11 @@ def test_the_gpu_script_smoke_runs_its_parts_on_the_cpu(
     assert "+fp8                 (skipped: fp8 needs CUDA compute capability 8.9+)" in out
     ratio = re.search(r"overhead at 256²: .* ratio ([\d.]+)x", out)
     assert ratio is not None and float(ratio.group(1)) > 0
+    split = re.search(r"render's best, by phase: (.*)", out)
+    assert split is not None, out
+    seconds = dict(re.findall(r"(\w[a-z ]*?) ([\d.]+) s", split.group(1)))
+    assert set(seconds) == {"text encoder", "denoising", "decode", "png"}, split.group(1)
+    assert all(float(v) > 0 for v in seconds.values()), seconds
     png = re.search(r"PNG at 256²: (.*)", out)
     assert png is not None, out
     costs = dict(re.findall(r"(\w+ x\d+) \d+ ms (\d+) KiB", png.group(1)))
