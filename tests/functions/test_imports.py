@@ -38,6 +38,19 @@ def _loaded(code: str, env: dict[str, str], cwd: Path) -> list[str]:
     return loaded
 
 
+def _function_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A function's environment: local storage under ``tmp_path``, the tiny model, no Ollama."""
+    return {
+        "PATH": "/usr/bin",
+        "IMAGEGEN_STORAGE_URL": str(tmp_path / "store"),
+        "IMAGEGEN_OLLAMA_HOST": "http://127.0.0.1:9",
+        "IMAGEGEN_MODEL": "tiny",
+        "IMAGEGEN_ALLOWED_MODELS": "tiny",
+        "HF_HUB_OFFLINE": "1",
+        **extra,
+    }
+
+
 def test_importing_the_package_loads_no_stage_machinery(tmp_path: Path) -> None:
     code = (
         f"import imagegen, sys, json; print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
@@ -60,14 +73,7 @@ def test_importing_the_package_loads_no_stage_machinery(tmp_path: Path) -> None:
 def test_a_function_on_local_storage_loads_only_what_it_uses(
     stage: str, allowed: set[str], tmp_path: Path
 ) -> None:
-    env = {
-        "PATH": "/usr/bin",
-        "IMAGEGEN_STORAGE_URL": str(tmp_path / "store"),
-        "IMAGEGEN_OLLAMA_HOST": "http://127.0.0.1:9",
-        "IMAGEGEN_MODEL": "tiny",
-        "IMAGEGEN_ALLOWED_MODELS": "tiny",
-        "HF_HUB_OFFLINE": "1",
-    }
+    env = _function_env(tmp_path)
     source = str(ROOT / "functions" / f"{stage}.py")
     code = SERVE.format(stage=stage, source=source, heavy=HEAVY)
     if stage == "deadletter":  # the sink takes anything: a 202, not a 400
@@ -95,14 +101,7 @@ def test_enhance_skips_httpx_command_line_and_pydantic_plugin_scan(
 ) -> None:
     """httpx imports its terminal UI when click is installed, and pydantic scans every
     package for plugins: a function does neither, unless told to let plugins load."""
-    env = {
-        "PATH": "/usr/bin",
-        "IMAGEGEN_STORAGE_URL": str(tmp_path / "store"),
-        "IMAGEGEN_OLLAMA_HOST": "http://127.0.0.1:9",
-        "IMAGEGEN_MODEL": "tiny",
-        "IMAGEGEN_ALLOWED_MODELS": "tiny",
-        "IMAGEGEN_OLLAMA_RETRIES": "0",
-    }
+    env = _function_env(tmp_path, IMAGEGEN_OLLAMA_RETRIES="0")
     if plugins is not None:
         env["PYDANTIC_DISABLE_PLUGINS"] = plugins
     code = TALK_TO_OLLAMA.format(source=str(ROOT / "functions" / "enhance.py"))
