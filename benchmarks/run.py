@@ -362,8 +362,8 @@ def main() -> None:
         # Quick: still enough requests that the median falls after the circuit opens (3 fail).
         run("ollama-down", lambda: ollama_down(rounds, 7 if args.quick else 20))
         run("startup", lambda: startup(rounds, tmp))
-        # 15 calls a side per round: the best of 5 landed 1.08x to 1.8x apart from run to run on
-        # a shared 2-core host, the best of 45 1.23x to 1.51x (PNG alone: 10-12 ms of ~60-70).
+        # 15 calls a side per round: with 5, the ratio landed anywhere from 1.08x to 1.8x from run
+        # to run on a shared 2-core host; with 15, 1.23x to 1.51x (PNG alone: 10-12 ms of 55-70).
         run("overhead", lambda: overhead(rounds, tmp, 2 if args.quick else 15))
         run("rate", lambda: rate(rounds, tmp, 16 if args.quick else 100))
         run("first-image", lambda: first_image(rounds, tmp))
