@@ -23,7 +23,7 @@ from imagegen.models import (
 from imagegen.settings import Settings
 from imagegen.stages import Call
 from imagegen.storage import LocalStorage, open_storage
-from imagegen.storage.base import GenerationKeys, Storage
+from imagegen.storage.base import Storage
 from imagegen.storage.instrumented import instrumented
 from imagegen.telemetry import current_stage, instruments, record_error, tracer
 
@@ -180,14 +180,13 @@ class ImageGenService:
 
             enhance_stage = self.enhance_stage
             assert self._memo is not None
-            keys = GenerationKeys(gid, when)
             digest = request_digest(request)
-            remembered = await self._memo.recall(keys, digest)
+            remembered = await self._memo.recall(gid, digest)
             if remembered is not None:
                 stage.outcome = "fallback" if remembered.fallback else "success"
                 return await stage.emitted(remembered)
             result = await enhance_stage.run(request, generation_id=gid, now=when)
-            result = await self._memo.remember(keys, digest, result)
+            result = await self._memo.remember(gid, digest, result)
             stage.span.set_attribute("imagegen.model", result.model)
             stage.span.set_attribute("imagegen.seed", result.seed)
             stage.span.set_attribute("imagegen.enhance.fallback", result.fallback)

@@ -89,6 +89,7 @@ def pixels(png: bytes) -> bytes:
 
 
 async def test_render_persist_and_derive_are_idempotent(settings: Settings, tmp_path: Path) -> None:
+    out = tmp_path / "out"
     async with ImageGenService(settings) as service:
         job = await service.enhance(small(prompt="a bridge", generation_id="idem-1"))
         first = await service.render(job)
@@ -98,20 +99,20 @@ async def test_render_persist_and_derive_are_idempotent(settings: Settings, tmp_
         p2 = await service.persist(second)
         assert p1 == p2
         # The image is final without its thumbnail and derivatives: persist makes none.
-        files = sorted(p.name for p in (tmp_path / "out").rglob("idem-1*"))
-        assert files == ["idem-1.json", "idem-1.png", "idem-1.prompt.json"]
+        files = sorted(str(p.relative_to(out)) for p in out.rglob("idem-1*"))
+        assert files == ["2026/11/24/idem-1.json", "2026/11/24/idem-1.png", "prompts/idem-1.json"]
         d1 = await service.derive(p1)
         d2 = await service.derive(p2)
         assert d1 == d2
-    files = sorted(p.name for p in (tmp_path / "out").rglob("idem-1*"))
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("idem-1*"))
     assert files == [
-        "idem-1.derivatives.json",
-        "idem-1.json",
-        "idem-1.png",
-        "idem-1.prompt.json",
-        "idem-1.thumb.webp",
-        "idem-1.w256.avif",
-        "idem-1.w256.webp",
+        "2026/11/24/idem-1.derivatives.json",
+        "2026/11/24/idem-1.json",
+        "2026/11/24/idem-1.png",
+        "2026/11/24/idem-1.thumb.webp",
+        "2026/11/24/idem-1.w256.avif",
+        "2026/11/24/idem-1.w256.webp",
+        "prompts/idem-1.json",
     ]
 
 
@@ -215,7 +216,7 @@ async def test_a_redelivered_request_gets_the_first_prompt_even_if_ollama_change
     # Ollama is gone: the redelivery still gets the prompt the first delivery wrote.
     again = await ImageGenService(settings).enhance(request)
     assert again == first
-    assert (tmp_path / "out" / "2026/11/24/memo-1.prompt.json").is_file()
+    assert (tmp_path / "out" / "prompts/memo-1.json").is_file()
 
     with pytest.raises(InvalidRequest) as caught:
         await service.enhance(small(prompt="a crane", generation_id="memo-1"))
@@ -270,8 +271,8 @@ async def test_replicas_persist_and_enhance_alike_on_one_store(
     assert first == second
     assert first.created_at == rendered.rendered_at
     assert first.url is not None and "expires=" in first.url
-    files = {p.name for p in (tmp_path / "out").rglob("pods-1*")}
-    assert {"pods-1.json", "pods-1.png", "pods-1.prompt.json"} <= files
+    files = {str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("pods-1*")}
+    assert {"2026/11/24/pods-1.json", "2026/11/24/pods-1.png", "prompts/pods-1.json"} <= files
 
 
 class _Meeting:

@@ -1,10 +1,14 @@
 """The enhanced prompt of each generation, kept in storage so a redelivery gets the same one.
 
 An LLM's reply can differ between two deliveries of one request (Ollama up for one, down for
-the other), and so can a plugin that reads remote context. Keeping the first answer under
-``<yyyy>/<mm>/<dd>/<generation-id>.prompt.json`` (written only if absent: the first replica
-wins) makes enhance idempotent whatever the dependencies do, across replicas too. Storage
-trouble never fails enhance: the memo is skipped and logged.
+the other), and so can a plugin that reads remote context or the time of day. Keeping the first
+answer under ``prompts/<generation-id>.json`` (written only if absent: the first replica wins)
+makes enhance idempotent whatever the dependencies do, across replicas too.
+
+The memo is what makes a reply final, so storage trouble fails the request with a retryable
+503 rather than answering without it: a prompt that was not kept, or a memo that exists but
+cannot be read, would let the next delivery answer differently. A chain cannot go further
+without storage anyway (render stores the image there).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import logging
 
 from imagegen.errors import DependencyUnavailable, InvalidRequest
 from imagegen.models import EnhancedPrompt, GenerationRequest
-from imagegen.storage.base import GenerationKeys, Storage
+from imagegen.storage.base import Storage, prompt_memo_key
 from imagegen.validation import parse_model
 
 __all__ = ["EnhanceMemo", "request_digest"]
@@ -35,33 +39,32 @@ class EnhanceMemo:
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
 
-    async def recall(self, keys: GenerationKeys, digest: str) -> EnhancedPrompt | None:
+    async def recall(self, generation_id: str, digest: str) -> EnhancedPrompt | None:
         """The prompt already written for this generation, if any.
 
         Raises:
             InvalidRequest: the generation id was used by a different request.
+            DependencyUnavailable: storage cannot say whether there is one (retryable).
         """
-        try:
-            if await self.storage.head(keys.prompt) is None:
-                return None
-            memo = json.loads(await self.storage.get(keys.prompt))
-        except DependencyUnavailable as exc:
-            logger.warning("prompt memo unavailable: %s", exc.message)
+        key = prompt_memo_key(generation_id)
+        if await self.storage.head(key) is None:
             return None
+        memo = json.loads(await self.storage.get(key))
         if memo.get("request") != digest:
             raise InvalidRequest(
-                f"generation {keys.generation_id!r} was already requested with other parameters",
+                f"generation {generation_id!r} was already requested with other parameters",
                 errors=[{"field": "generation_id", "message": "already used by another request"}],
             )
         return parse_model(EnhancedPrompt, memo["prompt"])
 
     async def remember(
-        self, keys: GenerationKeys, digest: str, prompt: EnhancedPrompt
+        self, generation_id: str, digest: str, prompt: EnhancedPrompt
     ) -> EnhancedPrompt:
         """Keep ``prompt`` unless a replica kept one first; return the one that stands.
 
         Raises:
             InvalidRequest: the generation id was used by a different request.
+            DependencyUnavailable: the prompt could not be kept, or the one kept first read.
         """
         memo = {"request": digest, "prompt": prompt.model_dump(mode="json")}
         # Durable as far as the storage's create makes it, and no further is needed: the memo
@@ -70,14 +73,14 @@ class EnhanceMemo:
         # written. A completed PUT gives both; on a local disk the file is flushed before it is
         # renamed into place, so a host that crashes keeps the whole memo or none, never a
         # torn one that every redelivery would then fail to read.
-        try:
-            created = await self.storage.create(
-                keys.prompt, json.dumps(memo).encode(), content_type="application/json"
-            )
-        except DependencyUnavailable as exc:
-            logger.warning("prompt memo not written: %s", exc.message)
-            return prompt
-        if created:
+        key = prompt_memo_key(generation_id)
+        if await self.storage.create(
+            key, json.dumps(memo).encode(), content_type="application/json"
+        ):
             return prompt
         # Another replica enhanced the same request at the same moment: its answer stands.
-        return await self.recall(keys, digest) or prompt
+        kept = await self.recall(generation_id, digest)
+        if kept is None:  # written, then gone before it could be read: a deletion meanwhile
+            logger.warning("prompt memo of %s vanished after another writer kept it", generation_id)
+            raise DependencyUnavailable(f"the prompt memo of generation {generation_id!r} vanished")
+        return kept

@@ -15,6 +15,7 @@ __all__ = [
     "ObjectStore",
     "Storage",
     "StoredObject",
+    "prompt_memo_key",
     "validate_key",
     "validate_metadata",
 ]
@@ -142,6 +143,16 @@ class ObjectStore(ABC):
         """Write the checked object unless one is there, in one step of the store."""
 
 
+def prompt_memo_key(generation_id: str) -> str:
+    """Where enhance keeps a generation's prompt: ``prompts/<generation-id>.json``.
+
+    The one key without a date: a redelivery must find the memo before it knows the request's
+    time, which the memo itself fixes. An event with no ``time`` takes the moment it arrives,
+    so two deliveries either side of midnight would look under two days.
+    """
+    return validate_key(f"prompts/{generation_id}.json")
+
+
 def validate_key(key: str) -> str:
     """Return ``key`` if it is a safe relative object key.
 
@@ -219,11 +230,6 @@ class GenerationKeys:
     @property
     def metadata(self) -> str:
         return self._key(".json")
-
-    @property
-    def prompt(self) -> str:
-        """The enhanced prompt, kept so that a redelivered request gets the same one."""
-        return self._key(".prompt.json")
 
     @property
     def derivatives(self) -> str:

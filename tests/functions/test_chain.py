@@ -121,14 +121,20 @@ def test_every_event_delivered_twice_yields_one_image_and_the_same_replies(
         assert a.json() == b.json()
         assert a.headers["ce-id"] == b.headers["ce-id"]
         assert a.headers["ce-time"] == b.headers["ce-time"]  # from the event, not the clock
-    assert sorted(p.name for p in chain_store.rglob("redelivered-1*")) == [
-        "redelivered-1.derivatives.json",
-        "redelivered-1.json",
-        "redelivered-1.png",
-        "redelivered-1.prompt.json",
-        "redelivered-1.thumb.webp",
-        "redelivered-1.w256.avif",
-        "redelivered-1.w256.webp",
+    # The request again, days later, as a new event and as one without a time (which takes
+    # the moment it arrives): the generation's first prompt and time, so the same keys.
+    later = {**attrs, "event_id": "req-2", "time": "2026-11-27T23:59:59Z"}
+    untimed = {k: v for k, v in attrs.items() if k != "time"}
+    for again in (run_chain(chain, request, **later), run_chain(chain, request, **untimed)):
+        assert [r.json() for r in again] == [r.json() for r in first]
+    assert sorted(str(p.relative_to(chain_store)) for p in chain_store.rglob("redelivered-1*")) == [
+        "2026/11/24/redelivered-1.derivatives.json",
+        "2026/11/24/redelivered-1.json",
+        "2026/11/24/redelivered-1.png",
+        "2026/11/24/redelivered-1.thumb.webp",
+        "2026/11/24/redelivered-1.w256.avif",
+        "2026/11/24/redelivered-1.w256.webp",
+        "prompts/redelivered-1.json",
     ]
 
 

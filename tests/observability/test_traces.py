@@ -170,20 +170,23 @@ def test_one_trace_from_the_requester_through_every_stage(
         (s.attributes or {})["imagegen.storage.key"]: parent_of(s, spans)
         for s in named(spans, "imagegen.storage.put")
     }
-    assert sorted(k.split(".", 1)[-1] for k in puts) == [
+
+    def kind(key: str) -> str:
+        return "memo" if key.startswith("prompts/") else key.split(".", 1)[-1]
+
+    assert sorted(kind(k) for k in puts) == [
         "derivatives.json",
         "json",
+        "memo",
         "png",
-        "prompt.json",
         "thumb.webp",
         "w256.avif",
         "w256.webp",
     ]
     for key, parent in puts.items():
         assert parent is not None
-        kind = key.split(".", 1)[-1]
-        owners = {"png": "render", "prompt.json": "enhance", "json": "persist"}
-        owner = owners.get(kind, "derive")  # the thumbnail, derivatives and their record
+        owners = {"png": "render", "memo": "enhance", "json": "persist"}
+        owner = owners.get(kind(key), "derive")  # the thumbnail, derivatives and their record
         assert parent.name == f"imagegen.{owner}", (key, parent.name)
     stages = {"imagegen.enhance", "imagegen.render", "imagegen.persist", "imagegen.derive"}
     for span in named(spans, "imagegen.storage.get") + named(spans, "imagegen.storage.head"):

@@ -14,8 +14,10 @@ import pytest
 
 from imagegen.errors import DependencyUnavailable, InvalidRequest
 from imagegen.storage import GenerationKeys, LocalStorage
+from imagegen.storage.base import prompt_memo_key
 
 KEYS = GenerationKeys("gen-0003", datetime(2026, 5, 1, 23, 59, tzinfo=UTC))
+MEMO = prompt_memo_key("gen-0003")
 OLD = b"old" * 100_000
 NEW = b"new" * 100_000
 
@@ -183,17 +185,17 @@ async def test_a_create_with_nothing_to_record_writes_the_object_alone(
     local: LocalStorage,
 ) -> None:
     # The prompt memo: no metadata, the content type its name says.
-    assert await local.create(KEYS.prompt, b'{"a": 1}', content_type="application/json")
+    assert await local.create(MEMO, b'{"a": 1}', content_type="application/json")
     assert files_under(local.root) == [
-        "2026/05/01/.create.lock",  # the folder's lock, no sidecar
-        "2026/05/01/gen-0003.prompt.json",
+        "prompts/.create.lock",  # the folder's lock, no sidecar
+        "prompts/gen-0003.json",
     ]
-    head = await local.head(KEYS.prompt)
+    head = await local.head(MEMO)
     assert head is not None
     assert (head.content_type, head.metadata, head.size) == ("application/json", {}, 8)
     # The first writer wins as with a sidecar: the object alone is a complete one.
-    assert not await local.create(KEYS.prompt, b'{"b": 2}', content_type="application/json")
-    assert await local.get(KEYS.prompt) == b'{"a": 1}'
+    assert not await local.create(MEMO, b'{"b": 2}', content_type="application/json")
+    assert await local.get(MEMO) == b'{"a": 1}'
 
 
 async def test_a_content_type_the_name_does_not_say_is_kept_in_a_sidecar(
