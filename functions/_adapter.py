@@ -43,6 +43,7 @@ from imagegen.errors import (
     MethodNotAllowed,
     PayloadTooLarge,
     RouteNotFound,
+    first_line,
 )
 from imagegen.events import reply_attributes
 from imagegen.identity import generation_id, identify
@@ -54,6 +55,8 @@ from imagegen.validation import parse_model
 __all__ = ["Function", "entry_point"]
 
 log = logging.getLogger("imagegen.functions")
+_READ_ONLY = frozenset({"/healthz", "/readyz", "/openapi.json"})
+"""Paths every function serves to GET (and HEAD): the probes and the OpenAPI document."""
 T = TypeVar("T")
 
 
@@ -216,6 +219,18 @@ class Function:
     def dispatch(self, request: flask.Request) -> Reply:
         """Route one request: probes, the OpenAPI document, the stage's routes, ``POST /``."""
         path, method = request.path.rstrip("/") or "/", request.method
+        routes = {r.method: (r, p) for r in self.stage.routes if (p := r.match(path)) is not None}
+        if path in _READ_ONLY:
+            allowed = ["GET", "HEAD"]
+        else:
+            allowed = list(routes) or (["POST"] if path == "/" else [])
+        if method not in allowed:
+            refusal: ImageGenError = (
+                MethodNotAllowed(f"{method} is not allowed: {', '.join(allowed)}", allowed=allowed)
+                if allowed
+                else RouteNotFound(f"no route {request.path!r}; POST / instead")
+            )
+            return error_reply(refusal, stage=self.stage.name, message=None, generation_id=None)
         if path == "/healthz":  # the liveness probe is a process's first request: it starts
             return json_reply(
                 {"status": "alive", "stage": self.stage.name}, 200 if self.alive() else 503
@@ -224,19 +239,10 @@ class Function:
             ready, why = self.ready()
             body = {"ready": ready, "status": why, "stage": self.stage.name, "warm": self.warm()}
             return json_reply(body, 200 if ready else 503, {} if ready else {"Retry-After": "5"})
-        if path == "/openapi.json" and method == "GET":
+        if path == "/openapi.json":
             from imagegen.openapi import document
 
             return json_reply(document(self.stage), 200)
-        routes = {r.method: (r, p) for r in self.stage.routes if (p := r.match(path)) is not None}
-        allowed = list(routes) or (["POST"] if path == "/" else [])
-        if method not in allowed:
-            refusal: ImageGenError = (
-                MethodNotAllowed(f"{method} is not allowed: {', '.join(allowed)}")
-                if allowed
-                else RouteNotFound(f"no route {request.path!r}; POST / instead")
-            )
-            return error_reply(refusal, stage=self.stage.name, message=None, generation_id=None)
         # The caller, checked before anything is read: a 401 or 403, or a 503 once start-up has
         # failed. The token is never logged: errors name what was wrong with it, not what it was.
         self.start()
@@ -253,7 +259,7 @@ class Function:
         try:
             # 1. Read the body within MAX_BODY_BYTES: the sink keeps what fits and marks the rest
             #    cut, every other stage refuses more (functions-framework drains what is left).
-            body = request.stream.read(MAX_BODY_BYTES + 1)
+            body = _read_body(request)
             cut, headers = len(body) > MAX_BODY_BYTES, dict(request.headers)
             if stage.input_model is None:  # the sink takes anything as it comes
                 message = parse_leniently(headers, body[:MAX_BODY_BYTES], truncated=cut)
@@ -266,7 +272,9 @@ class Function:
                 # 2. Check the data; the event names the generation before the data is valid.
                 message = parse(headers, body, consumes=stage.consumes)
                 with contextlib.suppress(ImageGenError):
-                    gid = generation_id(None, message.attributes, starts=stage.starts_generations)
+                    named = message.data.get("generation_id")
+                    named = named if isinstance(named, str) else None
+                    gid = generation_id(named, message.attributes, starts=stage.starts_generations)
                 self._check_ready()
                 if stage.direct is not None and not message.is_event:
                     given = parse_model(stage.direct.model, message.data)
@@ -336,6 +344,26 @@ class Function:
         # consumes the same type, its generation.failed would report the generation twice.
         answered = message if self.stage.emits is not None else None
         return error_reply(exc, stage=self.stage.name, message=answered, generation_id=gid)
+
+
+def _read_body(request: flask.Request) -> bytes:
+    """Up to one byte past :data:`MAX_BODY_BYTES` of the body, as the server hands it over.
+
+    Raises:
+        InvalidRequest: naming ``body`` when the server cannot read it: a malformed chunk, a
+            client that hung up mid-body (gunicorn raises its own ``ParseException`` kinds
+            and ``NoMoreData``; werkzeug's server its own): the request's fault, not ours.
+    """
+    try:
+        return request.stream.read(MAX_BODY_BYTES + 1)
+    except Exception as exc:
+        reason = type(exc).__name__
+        if (text := first_line(exc)) != reason:
+            reason += f": {text}"
+        raise InvalidRequest(
+            f"the body could not be read ({reason})",
+            errors=[{"field": "body", "message": "could not be read"}],
+        ) from None
 
 
 def entry_point(name: str) -> Any:

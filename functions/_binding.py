@@ -7,6 +7,7 @@ events; this module decides what a stage accepts and what each outcome answers.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 from collections.abc import Mapping
@@ -86,15 +87,29 @@ def _content_type(headers: Mapping[str, str]) -> str:
     return headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+_REQUIRED = ("specversion", "id", "source", "type")
+"""The attributes every CloudEvent has, each a non-empty string (CloudEvents 1.0, section 3.1)."""
+
+
 def parse(headers: Mapping[str, str], body: bytes, *, consumes: tuple[str, ...]) -> Message:
     """A CloudEvent (binary or structured mode) of a type in ``consumes``, or plain JSON.
 
+    The data, or the plain body, must be a JSON object: a JSON string is refused, never read
+    again as JSON.
+
     Raises:
-        InvalidRequest: naming the field at fault (``event``, ``type``, ``body``).
-        UnsupportedMediaType: neither JSON nor a CloudEvent.
+        InvalidRequest: naming the field at fault (an attribute such as ``id``, ``type``,
+            ``data``, ``data_base64``, ``event``, ``body``).
+        UnsupportedMediaType: neither JSON nor a CloudEvent, or a body in a content coding.
     """
     lowered = _lowered(headers)
     content_type = _content_type(lowered)
+    coding = lowered.get("content-encoding", "identity").strip().lower()
+    if coding not in ("", "identity"):
+        raise UnsupportedMediaType(
+            f"bodies in a content coding are not accepted, got {coding[:40]!r}",
+            errors=[{"field": "content-encoding", "message": "send the body uncoded"}],
+        )
     if "ce-specversion" in lowered or content_type == "application/cloudevents+json":
         if "ce-specversion" in lowered and content_type not in ("", "application/json"):
             raise UnsupportedMediaType(
@@ -103,7 +118,13 @@ def parse(headers: Mapping[str, str], body: bytes, *, consumes: tuple[str, ...])
             )
         if content_type == "application/cloudevents+json":
             # Bounded before the SDK parses it: UTF-8, depth, no NaN (a 400 naming "event").
-            loads(body, field="event")
+            envelope = loads(body, field="event")
+            if not isinstance(envelope, dict):
+                raise _invalid("event", "must be a JSON object")
+            _check_attributes({k: envelope.get(k) for k in _REQUIRED})
+            _check_data_base64(envelope)
+        else:
+            _check_attributes({k: lowered.get(f"ce-{k}") for k in _REQUIRED})
         try:
             # Binary-mode data stays bytes here and is parsed below, bounded, like any body.
             event = from_http(dict(lowered), body, data_unmarshaller=lambda data: data)
@@ -118,11 +139,19 @@ def parse(headers: Mapping[str, str], body: bytes, *, consumes: tuple[str, ...])
                 f"this function consumes {expected}, not {event['type']}",
                 errors=[{"field": "type", "message": f"expected {expected}"}],
             )
+        # Binary mode's data is the body (bytes here); structured mode's is "data", which the
+        # SDK hands over as JSON text (cloudevents/sdk/event/base.py: UnmarshalJSON), or
+        # "data_base64", decoded to bytes. Each is parsed once: a JSON string stays a string.
+        where = "data" if content_type == "application/cloudevents+json" else "body"
         data = event.get_data()
-        if isinstance(data, bytes | str):
-            data = loads(data or b"{}", field="body")
+        if isinstance(data, str):
+            data = loads(data, field="data")
+        elif isinstance(data, bytes):
+            data = loads(data or b"{}", field="data_base64" if where == "data" else "body")
         attributes = {k: str(v) for k, v in event.get_attributes().items() if v is not None}
-        return Message({} if data is None else data, MappingProxyType(attributes), lowered)
+        return Message(
+            _an_object({} if data is None else data, where), MappingProxyType(attributes), lowered
+        )
     if content_type != "application/json":
         raise UnsupportedMediaType(
             "send a CloudEvent, or JSON with Content-Type: application/json",
@@ -130,7 +159,53 @@ def parse(headers: Mapping[str, str], body: bytes, *, consumes: tuple[str, ...])
                 {"field": "content-type", "message": f"unsupported {content_type or 'none'!r}"}
             ],
         )
-    return Message(loads(body or b"{}", field="body"), _EMPTY, lowered)
+    return Message(_an_object(loads(body or b"{}", field="body"), "body"), _EMPTY, lowered)
+
+
+def _check_attributes(found: Mapping[str, object]) -> None:
+    """Refuse an event whose required attributes are missing, empty or not strings."""
+    missing = [name for name, value in found.items() if value is None]
+    if missing:
+        raise InvalidRequest(
+            f"not a valid CloudEvent: missing {', '.join(missing)}",
+            errors=[{"field": name, "message": "required"} for name in missing],
+        )
+    bad = [name for name, value in found.items() if not isinstance(value, str) or not value]
+    if bad:
+        raise InvalidRequest(
+            f"not a valid CloudEvent: {', '.join(bad)} must be non-empty strings",
+            errors=[{"field": name, "message": "must be a non-empty string"} for name in bad],
+        )
+
+
+def _check_data_base64(envelope: Mapping[str, Any]) -> None:
+    """Structured mode's ``data_base64``: alone, and Base64 (the SDK drops what is not)."""
+    if "data_base64" not in envelope:
+        return
+    if "data" in envelope:
+        raise _invalid("data_base64", "an event has data or data_base64, not both")
+    value = envelope["data_base64"]
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        base64.b64decode(value, validate=True)
+    except ValueError:  # binascii.Error is one
+        raise _invalid("data_base64", "not Base64") from None
+
+
+def _an_object(data: Any, field: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise _invalid(field, f"must be a JSON object, not {_json_kind(data)}")
+    return data
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {str: "a string", list: "an array", bool: "a boolean", int: "a number"}
+    return "null" if value is None else kinds.get(type(value), "a number")
+
+
+def _invalid(field: str, message: str) -> InvalidRequest:
+    return InvalidRequest(f"{field}: {message}", errors=[{"field": field, "message": message}])
 
 
 def parse_leniently(headers: Mapping[str, str], body: bytes, *, truncated: bool) -> Message:
@@ -204,4 +279,6 @@ def error_reply(
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
     if challenge := getattr(exc, "challenge", None):  # a 401 or 403 (RFC 6750)
         headers["WWW-Authenticate"] = challenge
+    if allowed := getattr(exc, "allowed", None):  # a 405 (RFC 9110, section 15.5.6)
+        headers["Allow"] = ", ".join(allowed)
     return json_reply(exc.to_dict(), exc.status, headers)

@@ -6,7 +6,7 @@ translated to status codes only at the function edge (``functions/``), never ins
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 __all__ = [
@@ -109,8 +109,19 @@ class RouteNotFound(ImageGenError):
 
 
 class MethodNotAllowed(ImageGenError):
+    """A method the path does not take (RFC 9110: a 405 says which it does, in ``Allow``).
+
+    Args:
+        message: What was refused.
+        allowed: The methods the path takes.
+    """
+
     code = "method_not_allowed"
     status = 405
+
+    def __init__(self, message: str, *, allowed: Sequence[str]) -> None:
+        super().__init__(message)
+        self.allowed = tuple(allowed)
 
 
 class Unauthenticated(ImageGenError):
@@ -198,9 +209,9 @@ class ConfigurationError(ImageGenError):
             from imagegen.validation import field_errors
 
             found = field_errors(exc)
-            errors = [e for e in found if e["field"] != "(body)"]
+            errors = [e for e in found if e["field"] != "body"]
             named = ", ".join(dict.fromkeys(name(e["field"].split(".")[0]) for e in errors))
-            across = [e["message"] for e in found if e["field"] == "(body)"]
+            across = [e["message"] for e in found if e["field"] == "body"]
             reason = "invalid settings: " + "; ".join([named, *across] if named else across)
         elif isinstance(exc, ImageGenError):
             errors = list(exc.errors)

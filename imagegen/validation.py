@@ -92,7 +92,7 @@ def field_errors(exc: ValidationError) -> list[dict[str, str]]:
     """One ``{"field", "message"}`` entry per problem, the field as a dotted path."""
     out = []
     for err in exc.errors(include_url=False):
-        field = ".".join(str(p) for p in err["loc"]) or "(body)"
+        field = ".".join(str(p) for p in err["loc"]) or "body"
         message = err["msg"].removeprefix("Value error, ")
         out.append({"field": field, "message": message})
     return out

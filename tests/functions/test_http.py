@@ -147,7 +147,8 @@ def test_bad_events(chain: dict[str, Any]) -> None:
         "ce-type": GENERATION_REQUESTED,
         "content-type": "application/json",
     }
-    _assert_readable_4xx(enhance.post("/", headers=headers, content=b"{}"), "event")
+    missing = enhance.post("/", headers=headers, content=b"{}")
+    assert {e["field"] for e in _assert_readable_4xx(missing, "id")["errors"]} == {"id", "source"}
     # Wrong type for this stage.
     _assert_readable_4xx(post_event(enhance, IMAGE_RENDERED, {}), "type")
     # Malformed data.

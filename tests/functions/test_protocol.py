@@ -1,0 +1,148 @@
+"""The HTTP and CloudEvents edges of a function: what it refuses, and how it says so.
+
+Each refusal is a 4xx naming the field at fault, never a 500: a request body that is not a
+JSON object, events whose required attributes are empty or of the wrong kind, ``data_base64``
+that is not Base64, coded bodies, methods a path does not take (with ``Allow``), and bodies
+the server itself cannot read (served by gunicorn, over a raw socket).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED, PROMPT_ENHANCED
+from tests.functions.clients import InProcessFunction
+from tests.functions.conftest import StartServer, base_env
+from tests.functions.servers import cloudevent_headers
+
+STRUCTURED = {"content-type": "application/cloudevents+json"}
+
+
+@pytest.fixture(scope="module")
+def enhance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessFunction]:
+    with InProcessFunction("enhance", base_env(tmp_path_factory.mktemp("store"))) as function:
+        yield function
+
+
+def fields(reply: httpx.Response, status: int = 400) -> set[str]:
+    """The fields a plain JSON error names (and that it is one, with ``status``)."""
+    assert reply.status_code == status, reply.text
+    assert "ce-type" not in reply.headers and "Traceback" not in reply.text
+    return {e["field"] for e in reply.json()["errors"]}
+
+
+def envelope(**overrides: Any) -> dict[str, Any]:
+    event = {
+        "specversion": "1.0",
+        "type": GENERATION_REQUESTED,
+        "source": "/tests",
+        "id": "protocol-1",
+        "datacontenttype": "application/json",
+        "data": {"prompt": "a paper boat", "enhance": False},
+    }
+    return {k: v for k, v in {**event, **overrides}.items() if v is not None}
+
+
+def test_a_json_string_is_not_read_again_as_json(enhance: InProcessFunction) -> None:
+    text = json.dumps({"prompt": "double", "enhance": False})  # an object, inside a string
+    plain = enhance.post("/", json=text)
+    assert fields(plain) == {"body"} and "not a string" in plain.json()["message"]
+    binary = enhance.post("/", headers=cloudevent_headers(GENERATION_REQUESTED), json=text)
+    assert fields(binary) == {"body"}
+    structured = enhance.post("/", headers=STRUCTURED, json=envelope(data=text))
+    assert fields(structured) == {"data"}
+    for other in ([1, 2], 7, True):
+        assert fields(enhance.post("/", json=other)) == {"body"}
+
+
+@pytest.mark.parametrize(
+    ("attribute", "value"),
+    [("id", ""), ("source", ""), ("type", ""), ("id", 7), ("source", None), ("specversion", 1.0)],
+)
+def test_required_attributes_are_non_empty_strings(
+    enhance: InProcessFunction, attribute: str, value: Any
+) -> None:
+    event = envelope(**{attribute: value})  # None: left out
+    assert fields(enhance.post("/", headers=STRUCTURED, json=event)) == {attribute}
+
+
+def test_binary_attributes_are_named_when_missing_or_empty(enhance: InProcessFunction) -> None:
+    headers = cloudevent_headers(GENERATION_REQUESTED)
+    del headers["ce-id"]
+    missing = enhance.post("/", headers=headers, json={})
+    assert fields(missing) == {"id"} and "missing id" in missing.json()["message"]
+    empty = {**cloudevent_headers(GENERATION_REQUESTED), "ce-source": ""}
+    assert fields(enhance.post("/", headers=empty, json={})) == {"source"}
+
+
+def test_data_base64_is_base64_and_alone(enhance: InProcessFunction) -> None:
+    data = base64.b64encode(json.dumps({"prompt": "a kite", "enhance": False}).encode()).decode()
+    bad = envelope(data=None, data_base64="!!!")
+    assert fields(enhance.post("/", headers=STRUCTURED, json=bad)) == {"data_base64"}
+    both = envelope(data_base64=data)
+    assert fields(enhance.post("/", headers=STRUCTURED, json=both)) == {"data_base64"}
+    good = enhance.post("/", headers=STRUCTURED, json=envelope(data=None, data_base64=data))
+    assert good.status_code == 200, good.text
+    assert good.headers["ce-type"] == PROMPT_ENHANCED and good.json()["prompt"].startswith("a kite")
+
+
+def test_a_coded_body_is_refused(enhance: InProcessFunction) -> None:
+    reply = enhance.post("/", headers={"content-encoding": "gzip"}, json={"prompt": "a kite"})
+    assert fields(reply, 415) == {"content-encoding"}
+
+
+def test_a_refused_method_says_which_are_allowed(enhance: InProcessFunction) -> None:
+    cases = [("GET", "/", "POST"), ("POST", "/openapi.json", "GET, HEAD")]
+    cases += [("POST", "/healthz", "GET, HEAD"), ("DELETE", "/readyz", "GET, HEAD")]
+    for method, path, allowed in cases:
+        reply = enhance.client.request(method, path)
+        assert reply.status_code == 405, (method, path, reply.text)
+        assert reply.headers["allow"] == allowed
+        assert reply.json()["error"] == "method_not_allowed"
+    assert enhance.client.head("/readyz").status_code == 200
+
+
+def test_a_failed_event_names_the_generation_its_data_names(enhance: InProcessFunction) -> None:
+    headers = cloudevent_headers(GENERATION_REQUESTED)  # no subject
+    reply = enhance.post("/", headers=headers, json={"generation_id": "named-1", "width": 5})
+    assert reply.status_code == 200 and reply.headers["ce-type"] == GENERATION_FAILED
+    assert reply.json()["generation_id"] == reply.headers["ce-subject"] == "named-1"
+
+
+def _raw(url: str, request: bytes, *, hang_up: bool = False) -> bytes:
+    """Send ``request`` as it is; with ``hang_up``, stop writing and reading half-way."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        if hang_up:
+            sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        return received
+
+
+def test_a_body_the_server_cannot_read_is_the_requests_fault(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    server = start_server("enhance", base_env(tmp_path / "store"))
+    head = (
+        f"POST / HTTP/1.1\r\nHost: {server.url[7:]}\r\nContent-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    ).encode()
+    malformed = _raw(server.url, head + b"zz\r\nabc\r\n0\r\n\r\n")
+    cut_off = _raw(server.url, head + b'40\r\n{"prompt": ', hang_up=True)
+    for answer in (malformed, cut_off):
+        status, _, body = answer.partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 400"), answer[:300]
+        error = json.loads(body)
+        assert error["errors"] == [{"field": "body", "message": "could not be read"}]
+    assert "unexpected error" not in server.logs()
