@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections.abc import Iterable
 
 from imagegen.modelspec import ModelFamily
@@ -18,7 +19,18 @@ from imagegen.modelspec import ModelFamily
 __all__ = ["clean_reply", "estimate_tokens", "fit_budget", "join_fragments"]
 
 _PIECE = re.compile(r"[A-Za-z0-9]+|[^\sA-Za-z0-9]")
-_CLAUSE_END = re.compile(r"(?<=[,.;:!?])\s+")
+# Clauses end at ``, . ; : ! ?`` before a space, or at CJK punctuation (ideographic comma and
+# full stop, fullwidth , ; : ! ?), which takes none.
+_CJK_CLAUSE_MARKS = "\u3001\u3002\uff0c\uff1b\uff1a\uff01\uff1f"
+_CLAUSE_END = re.compile(rf"((?<=[,.;:!?])\s+|(?<=[{_CJK_CLAUSE_MARKS}])\s*)")
+_TRAILING = ",;: \u3001\uff0c\uff1b\uff1a"  # stripped from a prompt's end
+# Scripts written without spaces between words (Thai, Lao, Myanmar, Khmer, CJK, kana): a
+# space-free run in them is a sentence, and is cut inside rather than dropped whole.
+_UNSPACED = re.compile(
+    "[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3000-\u30ff\u31f0-\u31ff\u3400-\u4dbf"
+    "\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef\U00020000-\U0003ffff]"
+)
+_ASCII_ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 _FENCE = re.compile(r"```[\w+-]*")
 _HEADING = re.compile(r"(?m)^[ \t]*#{1,6}[ \t].*$")
 _LINE_MARKUP = re.compile(r"(?m)^[ \t]*(?:#{1,6}[ \t]+|>[ \t]?|[-*+•][ \t]+|\d{1,2}[.)][ \t]+)")
@@ -85,18 +97,74 @@ def join_fragments(parts: Iterable[str]) -> str:
     """Comma-joined non-empty parts, each once, in order."""
     seen: dict[str, str] = {}
     for part in parts:
-        part = part.strip().strip(",;").strip()
+        part = part.strip().strip(",;\u3001\uff0c\uff1b").strip()
         if part and part.lower() not in seen:
             seen[part.lower()] = part
     return ", ".join(seen.values())
 
 
+def _joins(before: str, after: str) -> bool:
+    """Whether ``before`` and ``after`` (adjacent characters) are one grapheme.
+
+    A subset of UAX #29 that needs no library: marks, joiners, variation selectors, emoji
+    modifiers and tags stay with their base, Hangul jamo with their syllable (flags, pairs of
+    regional indicators, are kept whole by :func:`_cut_inside`).
+    """
+    a = ord(after)
+    if unicodedata.category(after) in ("Mn", "Me", "Mc") or a in (0x200C, 0x200D):
+        return True
+    if 0xFE00 <= a <= 0xFE0F or 0xE0100 <= a <= 0xE01EF or 0x1F3FB <= a <= 0x1F3FF:
+        return True
+    if 0xE0020 <= a <= 0xE007F or ord(before) == 0x200D:
+        return True
+    if 0xDC00 <= a <= 0xDFFF and 0xD800 <= ord(before) <= 0xDBFF:  # a surrogate pair
+        return True
+    return 0x1100 <= ord(before) <= 0x11FF and (0x1160 <= a <= 0x11FF)
+
+
+def _cut_inside(word: str, budget: int, *, whole_runs: bool) -> str:
+    """The longest start of ``word`` within ``budget`` that ends on a grapheme boundary.
+
+    With ``whole_runs``, a run of ASCII letters and digits (a Latin word) is not cut either.
+    """
+    ends: list[int] = []
+    regional = 0  # regional indicators so far in a row: flags are pairs of them
+    for i in range(1, len(word)):
+        before, after = word[i - 1], word[i]
+        regional = regional + 1 if 0x1F1E6 <= ord(before) <= 0x1F1FF else 0
+        if _joins(before, after) or (regional % 2 and 0x1F1E6 <= ord(after) <= 0x1F1FF):
+            continue
+        if whole_runs and before in _ASCII_ALNUM and after in _ASCII_ALNUM:
+            continue
+        ends.append(i)
+    # A start's estimate grows with its length, so the longest one that fits is bisected.
+    low, high = 0, len(ends)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if estimate_tokens(word[: ends[middle - 1]]) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    return word[: ends[low - 1]] if low else ""
+
+
 def _cut_words(text: str, budget: int) -> str:
+    """The longest start of ``text`` within ``budget``, cut between words where it can be.
+
+    A word is cut inside when it is the first (a prompt with no spaces, or one endless word) or
+    written in a script without spaces: dropping it would drop all of it.
+    """
     kept: list[str] = []
     used = 0
     for word in text.split():
         cost = estimate_tokens(word)
         if used + cost > budget:
+            if not kept or _UNSPACED.search(word):
+                part = _cut_inside(word, budget - used, whole_runs=True)
+                if not part and not kept:
+                    part = _cut_inside(word, budget, whole_runs=False)
+                if part:
+                    kept.append(part)
             break
         kept.append(word)
         used += cost
@@ -107,31 +175,39 @@ def fit_budget(text: str, spec: ModelFamily, *, subject: bool = True) -> str:
     """``text`` trimmed to ``spec``'s budget, at clause boundaries where possible.
 
     Args:
-        text: A one-line prompt; clauses end with ``, . ; : ! ?``.
+        text: A one-line prompt; clauses end with ``, . ; : ! ?`` or CJK punctuation.
         spec: The target model's family, whose budget applies.
         subject: Also keep the first clause (the subject) within CLIP's budget, dropping its
             overflow words: CLIP sees only the start of the prompt. Families without CLIP
             read the whole prompt with one encoder and ignore this.
 
     Returns:
-        The prompt, whole within the family's prompt budget.
+        The prompt, whole within the family's prompt budget; never empty when ``text`` has
+        words. A first word over budget, or text in a script without spaces (CJK), is cut
+        inside, between graphemes.
     """
-    clauses = [c for c in _CLAUSE_END.split(text.strip()) if c]
+    parts = _CLAUSE_END.split(text.strip())
+    # Each clause with the space after it: none after CJK punctuation.
+    clauses = [
+        (c, " " if s else "") for c, s in zip(parts[::2], [*parts[1::2], ""], strict=True) if c
+    ]
     if not clauses:
         return ""
     if subject and spec.subject_tokens is not None:
         clip_budget = spec.subject_tokens - _CLIP_SPECIAL_TOKENS
-        if estimate_tokens(clauses[0]) > clip_budget:
-            clauses[0] = _cut_words(clauses[0], clip_budget).rstrip(",;:") + ","
+        if estimate_tokens(clauses[0][0]) > clip_budget:
+            # Cut to leave room for the comma that ends it, as an uncut clause's comma counts.
+            cut = _cut_words(clauses[0][0], clip_budget - 1).rstrip(",;:")
+            clauses[0] = (cut + ",", " ")
     budget = spec.prompt_tokens - spec.prompt_overhead
     kept: list[str] = []
     used = 0
-    for clause in clauses:
+    for clause, space in clauses:
         cost = estimate_tokens(clause)
         if used + cost > budget:
             if not kept:  # a single clause over budget: keep what fits of it
                 kept.append(_cut_words(clause, budget))
             break
-        kept.append(clause)
+        kept += (clause, space)
         used += cost
-    return " ".join(kept).rstrip(",;: ")
+    return "".join(kept).rstrip(_TRAILING)

@@ -81,6 +81,23 @@ async def test_long_replies_are_trimmed_to_the_budget(
     assert len(klein.prompt) > len(schnell.prompt)
 
 
+@pytest.mark.parametrize(
+    ("model", "prompt"),
+    [
+        *(("black-forest-labs/FLUX.1-schnell", p) for p in ("猫" * 300, "x" * 1500, "😀" * 300)),
+        (None, "猫" * 600),  # FLUX.2 [klein]: 500 tokens
+        (None, "😀" * 600),
+    ],
+)
+async def test_a_long_prompt_without_spaces_is_cut_not_emptied(
+    stage: EnhanceStage, model: str | None, prompt: str
+) -> None:
+    job = await _run(stage, prompt=prompt, enhance=False, width=256, height=256, model=model)
+    spec = family_for(job.model)
+    assert job.prompt and prompt.startswith(job.prompt.split(",")[0])
+    assert estimate_tokens(job.prompt) <= spec.prompt_tokens - spec.prompt_overhead
+
+
 async def test_the_llm_is_told_the_family_budget(
     stage: EnhanceStage, fake_ollama: FakeOllama
 ) -> None:

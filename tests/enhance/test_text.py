@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from imagegen.enhance import clean_reply, estimate_tokens, fit_budget
 from imagegen.enhance._template import DREAM_SUBJECTS, compose, dream_subject
 from imagegen.models import Contribution
-from imagegen.modelspec import family_for
+from imagegen.modelspec import FAMILIES, ModelFamily, family_for
 
 SCHNELL = family_for("black-forest-labs/FLUX.1-schnell")
 DEV = family_for("black-forest-labs/FLUX.1-dev")
@@ -93,3 +97,97 @@ def test_template() -> None:
     )
     assert dream_subject(5) == dream_subject(5) in DREAM_SUBJECTS
     assert len({dream_subject(s) for s in range(50)}) > 10
+
+
+# Prompts without spaces: CJK, emoji, one endless word. Each is cut inside, never emptied.
+_UNSPACED_PROMPTS = [  # each over every family's budget
+    "猫" * 600,
+    "x" * 2400,
+    "😀" * 600,
+    "👨\u200d👩\u200d👧" * 120,  # family: three people joined by ZWJs
+    "🇯🇵" * 300,  # flags: pairs of regional indicators
+    "e\u0301" * 300,  # e and a combining acute accent
+]
+
+
+def _graphemes(text: str) -> list[str]:
+    """UAX #29 grapheme clusters, as the ``regex`` package (diffusers' dependency) finds them."""
+    import regex
+
+    return list(regex.findall(r"\X", text))
+
+
+def _whole_start(fitted: str, text: str) -> bool:
+    """Whether ``fitted`` is ``text``'s start (spaces aside), ending between two graphemes."""
+    fitted, text = "".join(fitted.split()), "".join(text.split())
+    graphemes = _graphemes(text)
+    return fitted == "".join(graphemes[: len(_graphemes(fitted))])
+
+
+@pytest.mark.parametrize("text", _UNSPACED_PROMPTS)
+@pytest.mark.parametrize("spec", FAMILIES, ids=lambda spec: spec.name)
+def test_fit_budget_cuts_inside_a_word_over_budget(text: str, spec: ModelFamily) -> None:
+    budget = spec.prompt_tokens - spec.prompt_overhead
+    for subject in (True, False):
+        fitted = fit_budget(text, spec, subject=subject)
+        assert fitted and _whole_start(fitted, text)
+        assert estimate_tokens(fitted) <= budget
+        if subject and spec.subject_tokens is not None:
+            assert estimate_tokens(fitted) <= spec.subject_tokens - 2
+        elif estimate_tokens(text) > budget:
+            assert estimate_tokens(fitted) > budget - 5  # what fits is kept, not a token
+    # The pass-through and the template: the caller's prompt, cut; the fragments, dropped.
+    prompt = compose(text, [Contribution(plugin="time_of_day", text="soft morning light")], spec)
+    assert prompt and _whole_start(prompt.removesuffix(", soft morning light"), text)
+    assert estimate_tokens(prompt) <= budget
+
+
+def test_fit_budget_keeps_what_fits_of_cjk() -> None:
+    prompt = "猫が窓辺で寝ている、柔らかい朝の光、浮世絵風"
+    assert fit_budget(prompt, SCHNELL) == prompt
+    # CJK punctuation ends a clause: the subject is the first, and the rest stays.
+    assert fit_budget("猫" * 100 + "、柔らかい朝の光", SCHNELL) == "猫" * 74 + ", 柔らかい朝の光"
+    # Text after words is cut inside too, when written without spaces.
+    assert fit_budget("a cat " + "猫" * 300, SCHNELL, subject=False) == "a cat " + "猫" * 253
+    # A Latin word is still kept whole or dropped.
+    assert fit_budget("a " * 254 + "photorealistic", SCHNELL, subject=False) == "a " * 253 + "a"
+
+
+_WORD_CHARS = st.characters(
+    codec="utf-8",
+    exclude_categories=("Cs", "Zs", "Zl", "Zp", "Cc"),
+    exclude_characters=",;:\u3001\uff0c\uff1b\uff1a",
+)
+_WORDS = st.lists(
+    st.text(_WORD_CHARS, min_size=1, max_size=600)
+    | st.sampled_from(
+        ["猫", "a", "photorealistic", "😀", "🇯🇵", "e\u0301", "👨\u200d👩\u200d👧"]
+    ).map(lambda s: s * 40),
+    min_size=1,
+    max_size=12,
+)
+_SEPARATORS = st.sampled_from([" ", ", ", ". ", "、", "。", "; ", ""])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    words=_WORDS,
+    separators=st.lists(_SEPARATORS, min_size=12, max_size=12),
+    spec=st.sampled_from(FAMILIES),
+    subject=st.booleans(),
+)
+def test_fit_budget_properties(
+    words: list[str], separators: list[str], spec: ModelFamily, subject: bool
+) -> None:
+    text = "".join(w + s for w, s in zip(words, separators, strict=False))[:2000]
+    fitted = fit_budget(text, spec, subject=subject)
+    assert fitted  # the caller gave a prompt: one comes back
+    assert estimate_tokens(fitted) <= spec.prompt_tokens - spec.prompt_overhead
+    if subject and spec.subject_tokens is not None:
+        first = re.split(
+            r"(?<=[,.;:!?])\s|(?<=[\u3001\u3002\uff0c\uff1b\uff1a\uff01\uff1f])", fitted
+        )[0]
+        assert estimate_tokens(first) <= spec.subject_tokens - 2
+    else:
+        assert _whole_start(fitted, text)
+    assert fit_budget(fitted, spec, subject=subject) == fitted
