@@ -29,7 +29,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         at, gid = json.loads(raw)
         return utc(datetime.fromisoformat(at)), str(gid)
-    except (binascii.Error, ValueError, TypeError) as exc:
+    except (binascii.Error, ValueError, TypeError, OverflowError) as exc:
         raise InvalidRequest(
             "cursor is not one this ledger handed out",
             errors=[{"field": "cursor", "message": "not a cursor from a previous page"}],

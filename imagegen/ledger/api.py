@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from imagegen.errors import ConfigurationError, DependencyUnavailable, NotFound
 from imagegen.events import (
@@ -22,6 +22,7 @@ from imagegen.events import (
     routing_attributes,
     source_for,
 )
+from imagegen.identity import key_time
 from imagegen.ledger._sql import MAX_PAGE
 from imagegen.ledger.models import GenerationDetail, GenerationPage, Status
 
@@ -32,14 +33,19 @@ if TYPE_CHECKING:
 __all__ = ["HistoryQuery", "ReplayAccepted", "ReplayQuery", "detail", "page", "replay"]
 
 
+# Generations are only ever created within the service's years: a bound outside them names
+# its field (and never overflows on its way to UTC).
+_Time = Annotated[datetime, AfterValidator(key_time)]
+
+
 class HistoryQuery(BaseModel):
     """``GET /generations``: filters, newest first, a page at a time (:meth:`Ledger.history`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     status: Status | None = None
-    since: datetime | None = Field(default=None, description="Created at or after (ISO 8601).")
-    until: datetime | None = Field(default=None, description="Created before (ISO 8601).")
+    since: _Time | None = Field(default=None, description="Created at or after (ISO 8601).")
+    until: _Time | None = Field(default=None, description="Created before (ISO 8601).")
     model: str | None = Field(default=None, max_length=256)
     limit: int = Field(default=50, ge=1, le=MAX_PAGE)
     cursor: str | None = Field(

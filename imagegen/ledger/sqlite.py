@@ -26,7 +26,8 @@ def _time_text(value: datetime) -> str:
     """One fixed-width UTC form, so text order is time order."""
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat, unlike strftime's %Y, writes every year in four digits (0999, not 999).
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def _adapt(value: Any) -> Any:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from imagegen.errors import InvalidRequest
@@ -25,6 +24,7 @@ from imagegen.events import (
     IMAGE_RENDERED,
     PROMPT_ENHANCED,
 )
+from imagegen.identity import event_time
 from imagegen.stages import Call, Route, RouteCall, Stage
 
 if TYPE_CHECKING:
@@ -100,18 +100,13 @@ async def _record(service: ImageGenService, data: Any, call: Call) -> None:
             "event data must be a JSON object",
             errors=[{"field": "data", "message": "not an object"}],
         )
-    try:
-        time = datetime.fromisoformat(attributes["time"]) if attributes.get("time") else None
-    except ValueError:
-        raise InvalidRequest(
-            "time is not RFC 3339", errors=[{"field": "time", "message": "not RFC 3339"}]
-        ) from None
     event = LedgerEvent(
         source=attributes["source"],
         id=attributes["id"],
         type=attributes["type"],
         subject=attributes.get("subject"),
-        time=time,
+        # Read as every stage reads it, so the ledger records the events the chain accepts.
+        time=event_time(attributes),
         data=data,
     )
     ledger, dispatcher = await _ledger(service)
