@@ -59,6 +59,10 @@ MAX_METADATA_BYTES = 4096
 MAX_METADATA_KEYS = 32
 MAX_METADATA_DEPTH = 8
 MAX_SEED = 2**32 - 1
+MAX_STEPS = 50
+MAX_GUIDANCE = 20.0
+# A stored object's size in bytes: a signed 64-bit integer, as storage and the ledger keep it.
+MAX_OBJECT_BYTES = 2**63 - 1
 
 GenerationId = Annotated[str, StringConstraints(pattern=GENERATION_ID_PATTERN)]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
@@ -90,6 +94,10 @@ def _aware(value: datetime | None) -> datetime | None:
     if value is None:
         return None
     return key_time(value)
+
+
+# A time of the chain: aware, in a year the storage keys can hold (like the request's time).
+ChainTime = Annotated[datetime, AfterValidator(_aware)]
 
 
 def _known_stage(value: str) -> str:
@@ -156,8 +164,10 @@ class GenerationRequest(_Model):
     ) = Field(default=None, description="What to draw. Absent or empty: the enhancer dreams one.")
     width: Dimension = 1024
     height: Dimension = 1024
-    steps: int | None = Field(default=None, ge=1, le=50, description="Default: per model.")
-    guidance: float | None = Field(default=None, ge=0.0, le=20.0, description="Default: per model.")
+    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Default: per model.")
+    guidance: float | None = Field(
+        default=None, ge=0.0, le=MAX_GUIDANCE, description="Default: per model."
+    )
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     model: str | None = Field(
         default=None, max_length=200, description="One of the allowed models."
@@ -220,10 +230,10 @@ class EnhancedPrompt(_Model):
     model: str
     width: Dimension
     height: Dimension
-    steps: int = Field(ge=1, le=50)
-    guidance: float = Field(ge=0.0, le=20.0)
+    steps: int = Field(ge=1, le=MAX_STEPS)
+    guidance: float = Field(ge=0.0, le=MAX_GUIDANCE)
     seed: int = Field(ge=0, le=MAX_SEED)
-    requested_at: Annotated[datetime, AfterValidator(_aware)]
+    requested_at: ChainTime
     metadata: Metadata = Field(default_factory=dict)
     replay_of: GenerationId | None = Field(
         default=None, description="The generation this one replays, when it is a replay."
@@ -255,8 +265,10 @@ class RenderRequest(_Model):
     model: str | None = Field(default=None, description="Default: the model render serves.")
     width: Dimension = 1024
     height: Dimension = 1024
-    steps: int | None = Field(default=None, ge=1, le=50, description="Default: per model.")
-    guidance: float | None = Field(default=None, ge=0.0, le=20.0, description="Default: per model.")
+    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Default: per model.")
+    guidance: float | None = Field(
+        default=None, ge=0.0, le=MAX_GUIDANCE, description="Default: per model."
+    )
     seed: int | None = Field(
         default=None, ge=0, le=MAX_SEED, description="Default: derived from the generation id."
     )
@@ -274,16 +286,16 @@ class RenderedImage(_Model):
     key: str = Field(description="Object key relative to the storage root.")
     location: str = Field(description="URI of the stored PNG (s3://… or file://…).")
     content_type: Literal["image/png"] = "image/png"
-    size: int = Field(ge=0)
+    size: int = Field(ge=0, le=MAX_OBJECT_BYTES)
     sha256: Sha256
-    width: int
-    height: int
-    seed: int
+    width: Dimension
+    height: Dimension
+    seed: int = Field(ge=0, le=MAX_SEED)
     model: str
-    steps: int
-    guidance: float
+    steps: int = Field(ge=1, le=MAX_STEPS)
+    guidance: float = Field(ge=0.0, le=MAX_GUIDANCE)
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds per phase.")
-    rendered_at: datetime | None = Field(
+    rendered_at: ChainTime | None = Field(
         default=None,
         description="When the image was stored; its first writer fixes it for every reply.",
     )
@@ -306,15 +318,15 @@ class PersistedImage(_Model):
     urls: dict[str, str] = Field(default_factory=dict, description="Public URLs by derivative.")
     metadata_location: str
     content_type: Literal["image/png"] = "image/png"
-    size: int
+    size: int = Field(ge=0, le=MAX_OBJECT_BYTES)
     sha256: Sha256
-    width: int
-    height: int
-    seed: int
+    width: Dimension
+    height: Dimension
+    seed: int = Field(ge=0, le=MAX_SEED)
     model: str
     prompt: str
     timings: dict[str, float] = Field(default_factory=dict)
-    created_at: datetime = Field(
+    created_at: ChainTime = Field(
         description="When the image was rendered (else requested): taken from the event chain."
     )
     replay_of: GenerationId | None = Field(
@@ -340,7 +352,7 @@ class DerivedImage(_Model):
     keys: dict[str, str] = Field(
         description="Object keys: record (this record), and avif:<width>, webp:<width>."
     )
-    created_at: datetime = Field(description="The image's created_at, from image.persisted.")
+    created_at: ChainTime = Field(description="The image's created_at, from image.persisted.")
     replay_of: GenerationId | None = Field(
         default=None, description="The generation this one replays, when it is a replay."
     )
@@ -373,7 +385,7 @@ class GenerationFailed(_Model):
     generation_id: GenerationId | None = None
     stage: StageName
     error: ErrorInfo
-    failed_at: datetime = Field(
+    failed_at: ChainTime = Field(
         description="The failing event's time, else when it was refused: every delivery of "
         "one event fails at the same time."
     )

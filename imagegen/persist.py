@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 
 from imagegen._locks import KeyedLocks
 from imagegen.errors import DependencyUnavailable, InvalidRequest, NotFound
 from imagegen.models import EnhancedPrompt, PersistedImage, RenderedImage
+from imagegen.render import stored_png
 from imagegen.settings import Settings
-from imagegen.storage.base import GenerationKeys, Storage
+from imagegen.storage.base import GenerationKeys, Storage, StoredObject
 from imagegen.urls import public_url
 from imagegen.validation import parse_model
 
@@ -81,8 +84,12 @@ class PersistStage:
             log.info("image already persisted", extra={"generation_id": image.generation_id})
             return existing
 
-        # 2. Claim the image and check it is the one the event describes.
-        await claim_image(self.storage, keys.image, image.sha256, described_by="the event")
+        # 2. Claim the image and check that the event says of it what render said.
+        stored, png = await asyncio.gather(
+            self.storage.head(keys.image),
+            claim_image(self.storage, keys.image, image.sha256, described_by="the event"),
+        )
+        self._check_rendered(image, stored, len(png))
 
         # 3. Public URLs and the record, written last: its presence marks the image final.
         persisted = self._describe(image, keys)
@@ -149,18 +156,45 @@ class PersistStage:
             return None
         record = json.loads(await self.storage.get(keys.metadata))
         stored = parse_model(PersistedImage, record["persisted"])
-        mismatched = []
-        if stored.sha256 != image.sha256 or stored.size != image.size:
-            mismatched.append({"field": "sha256", "message": "not the stored image's digest"})
-        if parse_model(EnhancedPrompt, record["request"]) != image.prompt:
-            mismatched.append({"field": "prompt", "message": "not the job the image came from"})
-        if mismatched:
-            raise InvalidRequest(
-                f"the event does not describe the image stored for generation"
-                f" {image.generation_id!r}",
-                errors=mismatched,
-            )
+        job = parse_model(EnhancedPrompt, record["request"])
+        recorded = {
+            **stored.model_dump(include=_RECORDED),
+            "steps": job.steps,
+            "guidance": job.guidance,
+            "rendered_at": stored.created_at,
+            "prompt": job,
+        }
+        _refuse(image, _differences(image, recorded))
         return stored
+
+    @staticmethod
+    def _check_rendered(image: RenderedImage, stored: StoredObject | None, size: int) -> None:
+        """Refuse ``image`` unless it is render's own reply for the PNG of ``size`` bytes.
+
+        Render's reply is a function of its job and of what it stored with the PNG: the job's
+        digest, the timings and the time (:mod:`imagegen.render.stored_png`). So the job is
+        checked against that digest, and every other field against the reply which that job
+        and the stored object make. An object stored without render's metadata has only its
+        bytes and the job to check against.
+
+        Raises:
+            InvalidRequest: naming each field of the event that differs (a 400: never a 409,
+                which Knative would retry).
+        """
+        expected = stored_png.rendered_image(
+            image.prompt,
+            image.key,
+            image.location,
+            size=size,
+            sha256=image.sha256,  # already shown to be the stored bytes' digest
+            stage_timings=stored_png.timings(stored) if stored is not None else {},
+            at=stored_png.rendered_at(stored) if stored is not None else None,
+        )
+        errors = _differences(image, _claims(expected))
+        job_digest = stored.metadata.get("job") if stored is not None else None
+        if job_digest is not None and job_digest != stored_png.fingerprint(image.prompt):
+            errors.append({"field": "prompt", "message": _MESSAGES["prompt"]})
+        _refuse(image, errors)
 
     def _url(self, key: str, signed_at: int) -> str | None:
         base = self.settings.public_base_url
@@ -177,3 +211,41 @@ class PersistStage:
 
     async def _create(self, key: str, data: bytes, content_type: str) -> bool:
         return await self.storage.create(key, data, content_type=content_type)
+
+
+# What the record keeps of the event under the same name.
+_RECORDED = {"generation_id", "sha256", "size", "width", "height", "seed", "model", "timings"}
+_MESSAGES = {"prompt": "not the job the image came from", "rendered_at": "not when it was stored"}
+
+
+def _claims(image: RenderedImage) -> dict[str, object]:
+    """What ``image`` says of the stored image, by field; its time as the record keeps it."""
+    return {
+        **image.model_dump(include=_RECORDED),
+        "steps": image.steps,
+        "guidance": image.guidance,
+        "rendered_at": image.occurred_at,
+        "prompt": image.prompt,
+    }
+
+
+def _differences(image: RenderedImage, truth: Mapping[str, object]) -> list[dict[str, str]]:
+    """One error for each field where ``image`` says other than ``truth``.
+
+    The messages never say the stored value: knowing a generation id is not enough to read
+    what is stored for it.
+    """
+    claims = _claims(image)
+    return [
+        {"field": name, "message": _MESSAGES.get(name, f"not the stored image's {name}")}
+        for name, value in truth.items()
+        if claims[name] != value
+    ]
+
+
+def _refuse(image: RenderedImage, errors: list[dict[str, str]]) -> None:
+    if errors:
+        raise InvalidRequest(
+            f"the event does not describe the image stored for generation {image.generation_id!r}",
+            errors=errors,
+        )

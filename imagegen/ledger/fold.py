@@ -75,10 +75,6 @@ DESCRIPTIVE_COLUMNS = (
 )
 # Said once, by the request or the failure: the first value is kept.
 ONCE_COLUMNS = ("failed_stage", "error", "webhook", "webhook_events", "replay_of")
-# The integer columns, as PostgreSQL types them (migrations/0001_ledger.sql: seed BIGINT, width
-# and height INTEGER): a value must lie in [-bound, bound). SQLite's INTEGER holds all of these,
-# so both backends record the same events.
-_INTEGER_BOUNDS = {"seed": 2**63, "width": 2**31, "height": 2**31}
 
 
 def utc(value: datetime) -> datetime:
@@ -184,7 +180,6 @@ def fold(event: LedgerEvent, *, now: datetime) -> Change | None:
             return None
         gid = found
         fields = {"failed_stage": failure.stage, "error": failure.error.model_dump(mode="json")}
-    _check_integers(fields)
     return Change(gid, status, at, {k: v for k, v in fields.items() if v not in (None, {})})
 
 
@@ -197,22 +192,6 @@ def _event_time(value: datetime) -> datetime:
             f"event time {value.isoformat()}: {exc}",
             errors=[{"field": "time", "message": str(exc)}],
         ) from None
-
-
-def _check_integers(fields: dict[str, Any]) -> None:
-    """Refuse what the integer columns cannot hold, naming each field.
-
-    Only image.persisted's model leaves these unbounded, and its data names them as the
-    columns do; the other events' models bound them far tighter (Dimension, MAX_SEED).
-    """
-    errors = [
-        {"field": name, "message": f"must be between {-bound} and {bound - 1}"}
-        for name, bound in _INTEGER_BOUNDS.items()
-        if isinstance(fields.get(name), int) and not -bound <= fields[name] < bound
-    ]
-    if errors:
-        names = ", ".join(e["field"] for e in errors)
-        raise InvalidRequest(f"{names} out of range for the ledger", errors=errors)
 
 
 def _render_fields(job: EnhancedPrompt) -> dict[str, Any]:

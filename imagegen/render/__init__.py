@@ -1,7 +1,8 @@
 """Rendering: the backend contract, PNG encoding, and the diffusers backend.
 
 ``import imagegen.render`` stays free of torch: :class:`DiffusersBackend` (which imports torch
-and diffusers) is loaded on first access.
+and diffusers) is loaded on first access, and so is the PNG encoder (Pillow and numpy), which
+persist does not need when it reads what render stored (:mod:`imagegen.render.stored_png`).
 """
 
 from __future__ import annotations
@@ -9,10 +10,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from imagegen.render.base import ProgressCallback, RenderBackend, RenderOutput
-from imagegen.render.png import encode_png, read_png_text
 
 if TYPE_CHECKING:
     from imagegen.render.diffusers_backend import DiffusersBackend
+    from imagegen.render.png import encode_png, read_png_text
 
 __all__ = [
     "DiffusersBackend",
@@ -29,4 +30,8 @@ def __getattr__(name: str) -> Any:
         from imagegen.render.diffusers_backend import DiffusersBackend
 
         return DiffusersBackend
+    if name in ("encode_png", "read_png_text"):
+        from imagegen.render import png
+
+        return getattr(png, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,13 +1,19 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 from imagegen.errors import InvalidRequest
 from imagegen.models import (
     MAX_METADATA_BYTES,
+    DerivedImage,
+    GenerationFailed,
     GenerationRequest,
+    PersistedImage,
+    RenderedImage,
     derive_generation_id,
     derive_seed,
 )
@@ -84,3 +90,101 @@ def test_generation_ids_and_seeds_are_stable() -> None:
     assert derive_seed(gid) == derive_seed(gid)
     assert 0 <= derive_seed(gid) < 2**32
     assert parse_model(GenerationRequest, {"generation_id": gid}).generation_id == gid
+
+
+JOB: dict[str, Any] = {
+    "generation_id": "g-1",
+    "prompt": "a cat",
+    "enhancer": "passthrough",
+    "model": "tiny",
+    "width": 256,
+    "height": 256,
+    "steps": 2,
+    "guidance": 0.0,
+    "seed": 5,
+    "requested_at": "2026-11-24T18:30:00Z",
+}
+IMAGE: dict[str, Any] = {
+    "generation_id": "g-1",
+    "key": "2026/11/24/g-1.png",
+    "location": "file:///out/2026/11/24/g-1.png",
+    "size": 1000,
+    "sha256": "0" * 64,
+    "width": 256,
+    "height": 256,
+    "seed": 5,
+    "model": "tiny",
+}
+RENDERED: dict[str, Any] = {
+    **IMAGE,
+    "steps": 2,
+    "guidance": 0.0,
+    "rendered_at": "2026-11-24T18:31:00Z",
+    "prompt": JOB,
+}
+PERSISTED: dict[str, Any] = {
+    **IMAGE,
+    "keys": {"image": "2026/11/24/g-1.png"},
+    "metadata_location": "file:///out/2026/11/24/g-1.json",
+    "prompt": "a cat",
+    "created_at": "2026-11-24T18:31:00Z",
+}
+DERIVED: dict[str, Any] = {
+    "generation_id": "g-1",
+    "key": "2026/11/24/g-1.png",
+    "sha256": "0" * 64,
+    "keys": {},
+    "created_at": "2026-11-24T18:31:00Z",
+}
+FAILED: dict[str, Any] = {
+    "stage": "persist",
+    "error": {"code": "invalid_request", "message": "no", "retryable": False},
+    "failed_at": "2026-11-24T18:31:00Z",
+}
+# What the request refuses, every later model of the chain refuses too; sizes and times also
+# past what the ledger's database and the storage keys hold.
+TOO_BIG = [
+    ("width", 2**70),
+    ("width", 4096),
+    ("width", 250),
+    ("height", 2064),
+    ("seed", 2**64),
+    ("seed", 2**32),
+    ("seed", -1),
+    ("size", 10**30),
+    ("size", 2**63),
+    ("size", -1),
+]
+OUT_OF_TIME = ["9999-01-01T00:00:00Z", "3000-01-01T00:00:00Z", "1969-12-31T23:59:59Z"]
+
+
+@pytest.mark.parametrize(
+    ("model", "data", "field", "value"),
+    [
+        *[(RenderedImage, RENDERED, field, value) for field, value in TOO_BIG],
+        *[(PersistedImage, PERSISTED, field, value) for field, value in TOO_BIG],
+        (RenderedImage, RENDERED, "steps", 51),
+        (RenderedImage, RENDERED, "steps", 10**20),
+        (RenderedImage, RENDERED, "guidance", 20.5),
+        *[(RenderedImage, RENDERED, "rendered_at", when) for when in OUT_OF_TIME],
+        *[(PersistedImage, PERSISTED, "created_at", when) for when in OUT_OF_TIME],
+        *[(DerivedImage, DERIVED, "created_at", when) for when in OUT_OF_TIME],
+        *[(GenerationFailed, FAILED, "failed_at", when) for when in OUT_OF_TIME],
+    ],
+)
+def test_every_model_of_the_chain_refuses_what_the_request_refuses(
+    model: type[BaseModel], data: dict[str, Any], field: str, value: object
+) -> None:
+    parse_model(model, data)  # valid as it is
+    with pytest.raises(InvalidRequest) as caught:
+        parse_model(model, {**data, field: value})
+    assert caught.value.fields == [field]
+    assert caught.value.status == 400 and not caught.value.retryable
+
+
+def test_the_chain_s_times_are_aware() -> None:
+    naive = "2026-11-24T18:31:00"
+    rendered = parse_model(RenderedImage, {**RENDERED, "rendered_at": naive})
+    persisted = parse_model(PersistedImage, {**PERSISTED, "created_at": naive})
+    when = datetime(2026, 11, 24, 18, 31, tzinfo=UTC)
+    assert rendered.rendered_at == persisted.created_at == when

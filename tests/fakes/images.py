@@ -58,8 +58,8 @@ async def store_rendered(
         location=storage.location(keys.image),
         size=len(png),
         sha256=hashlib.sha256(png).hexdigest(),
-        width=width,
-        height=height,
+        width=job.width,  # as render's reply says: the job's size
+        height=job.height,
         seed=job.seed,
         model=job.model,
         steps=job.steps,

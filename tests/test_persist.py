@@ -1,0 +1,146 @@
+"""Persist records only what render said of the stored PNG: a claim check is checked, field by
+field, against the object in storage and the metadata render stored with it."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imagegen import GenerationRequest, ImageGenService, InvalidRequest, Settings
+from imagegen.events import GENERATION_FAILED, IMAGE_RENDERED
+from imagegen.models import RenderedImage
+from imagegen.storage.base import GenerationKeys
+from tests.functions.clients import InProcessFunction
+from tests.functions.conftest import base_env
+from tests.functions.servers import post_event
+
+NOW = datetime(2026, 11, 24, 18, 30, tzinfo=UTC)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(storage_url=str(tmp_path / "out"), model="tiny", ollama_retries=0)
+
+
+async def _rendered(service: ImageGenService, generation_id: str) -> RenderedImage:
+    """A 256 x 256 image of the tiny model, rendered and stored by the real render stage."""
+    request = GenerationRequest(
+        generation_id=generation_id,
+        prompt="a harbour",
+        width=256,
+        height=256,
+        seed=5,
+        model="tiny",
+        enhance=False,
+        requested_at=NOW,
+    )
+    return await service.render(await service.enhance(request))
+
+
+def _forgeries(rendered: RenderedImage) -> list[tuple[dict[str, Any], list[str]]]:
+    """Claim checks for the stored image that say something else of it: each with the fields
+    persist must name. Every value is one the models accept."""
+    other_job = rendered.prompt.model_copy(update={"seed": 6})
+    assert rendered.rendered_at is not None
+    return [
+        ({"width": 512}, ["width"]),
+        ({"height": 512}, ["height"]),
+        ({"size": rendered.size + 1}, ["size"]),
+        ({"seed": 6}, ["seed"]),
+        ({"model": "other"}, ["model"]),
+        ({"steps": rendered.steps + 1}, ["steps"]),
+        ({"guidance": 7.5}, ["guidance"]),
+        ({"timings": {"denoise": 99.0}}, ["timings"]),
+        ({"rendered_at": rendered.rendered_at + timedelta(hours=1)}, ["rendered_at"]),
+        ({"width": 512, "size": 1, "seed": 6}, ["size", "width", "seed"]),
+        # Another job, told consistently: its seed is the claim's, but not the stored image's.
+        ({"prompt": other_job, "seed": 6}, ["prompt"]),
+    ]
+
+
+async def test_a_claim_check_that_misdescribes_the_stored_image_is_refused_and_not_recorded(
+    settings: Settings,
+) -> None:
+    async with ImageGenService(settings) as service:
+        rendered = await _rendered(service, "forged-1")
+        record = GenerationKeys("forged-1", NOW).metadata
+        for update, fields in _forgeries(rendered):
+            with pytest.raises(InvalidRequest) as caught:
+                await service.persist(rendered.model_copy(update=update))
+            assert sorted(caught.value.fields) == sorted(fields), update
+            assert caught.value.status == 400 and not caught.value.retryable
+            assert "does not describe the image stored" in caught.value.message
+            assert await service.storage.head(record) is None, f"{update} was recorded"
+
+        # Render's own event arrives afterwards: it is recorded, as render said it.
+        persisted = await service.persist(rendered)
+    said = rendered.model_dump(include={"size", "sha256", "width", "height", "seed", "model"})
+    assert persisted.model_dump(include=set(said)) == said
+    assert persisted.timings == rendered.timings and persisted.created_at == rendered.rendered_at
+
+
+async def test_a_recorded_image_names_each_field_the_event_gets_wrong(settings: Settings) -> None:
+    async with ImageGenService(settings) as service:
+        rendered = await _rendered(service, "recorded-1")
+        first = await service.persist(rendered)
+        assert rendered.rendered_at is not None
+        cases: list[tuple[dict[str, Any], list[str]]] = [
+            # The right digest, a wrong size: the size is named, not the digest.
+            ({"size": rendered.size + 1}, ["size"]),
+            ({"width": 512}, ["width"]),
+            ({"seed": 6}, ["seed"]),
+            ({"timings": {}}, ["timings"]),
+            ({"rendered_at": rendered.rendered_at - timedelta(days=1)}, ["rendered_at"]),
+        ]
+        for update, fields in cases:
+            with pytest.raises(InvalidRequest) as caught:
+                await service.persist(rendered.model_copy(update=update))
+            assert caught.value.fields == fields, update
+        assert await service.persist(rendered) == first
+
+
+def test_the_persist_function_answers_out_of_range_values_with_a_400_naming_them(
+    tmp_path: Path,
+) -> None:
+    """Values no request could carry, which the ledger's database could not hold either."""
+    job = {
+        "generation_id": "huge-1",
+        "prompt": "a harbour",
+        "enhancer": "passthrough",
+        "model": "tiny",
+        "width": 256,
+        "height": 256,
+        "steps": 2,
+        "guidance": 0.0,
+        "seed": 5,
+        "requested_at": "2026-11-24T18:30:00Z",
+    }
+    rendered = {
+        "generation_id": "huge-1",
+        "key": "2026/11/24/huge-1.png",
+        "location": "file:///nowhere/2026/11/24/huge-1.png",
+        "size": 10**30,
+        "sha256": "0" * 64,
+        "width": 2**70,
+        "height": 256,
+        "seed": 2**64,
+        "model": "tiny",
+        "steps": 10**6,
+        "guidance": 0.0,
+        "rendered_at": "9999-01-01T00:00:00Z",
+        "prompt": job,
+    }
+    with InProcessFunction("persist", base_env(tmp_path / "store")) as persist:
+        reply = persist.post("/", json=rendered)
+        # As an event: not retried, a generation.failed naming the same fields.
+        event = post_event(persist, IMAGE_RENDERED, rendered, subject="huge-1")
+    fields = {"size", "width", "seed", "steps", "rendered_at"}
+    assert reply.status_code == 400, reply.text
+    assert {error["field"] for error in reply.json()["errors"]} == fields
+    assert event.status_code == 200 and event.headers["ce-type"] == GENERATION_FAILED
+    assert {error["field"] for error in event.json()["error"]["errors"]} == fields
+    assert not list((tmp_path / "store").rglob("*.json")), json.dumps(reply.json())
