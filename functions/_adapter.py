@@ -257,11 +257,12 @@ class Function:
         """Run the stage on one request; never raises."""
         stage, message, gid, dispatched = self.stage, None, None, False
         try:
-            # 1. Read the body within MAX_BODY_BYTES: the sink keeps what fits and marks the rest
-            #    cut, every other stage refuses more (functions-framework drains what is left).
+            # 1. Read the body within MAX_BODY_BYTES: the sink (a stage that consumes any event
+            #    and takes its data as it comes) keeps what fits and marks the rest cut; every
+            #    other stage refuses more (functions-framework drains what is left).
             body = _read_body(request)
             cut, headers = len(body) > MAX_BODY_BYTES, dict(request.headers)
-            if stage.input_model is None:  # the sink takes anything as it comes
+            if stage.input_model is None and not stage.consumes:  # the sink takes anything
                 message = parse_leniently(headers, body[:MAX_BODY_BYTES], truncated=cut)
                 self._check_ready()
                 data: Any = message.data
@@ -276,13 +277,17 @@ class Function:
                     named = named if isinstance(named, str) else None
                     gid = generation_id(named, message.attributes, starts=stage.starts_generations)
                 self._check_ready()
-                if stage.direct is not None and not message.is_event:
-                    given = parse_model(stage.direct.model, message.data)
-                    data = stage.direct.complete(self._service.settings, given)
+                if stage.input_model is None:  # events of its types, their data as it comes
+                    data = message.data
+                    call = Call(attributes=message.attributes, headers=message.headers)
                 else:
-                    data = parse_model(stage.input_model, message.data)
-                call = identify(data, message.attributes, starts=stage.starts_generations)
-                gid = call.generation_id
+                    if stage.direct is not None and not message.is_event:
+                        given = parse_model(stage.direct.model, message.data)
+                        data = stage.direct.complete(self._service.settings, given)
+                    else:
+                        data = parse_model(stage.input_model, message.data)
+                    call = identify(data, message.attributes, starts=stage.starts_generations)
+                    gid = call.generation_id
             # 3. Run the stage inside the caller's trace.
             dispatched = True
             plain = not message.is_event
@@ -310,6 +315,12 @@ class Function:
         try:
             self._check_ready()
             query = None
+            repeated = [name for name, values in request.args.lists() if len(values) > 1]
+            if repeated:  # never one of them silently: which one the caller meant is unknown
+                raise InvalidRequest(
+                    f"{', '.join(repeated)} given more than once",
+                    errors=[{"field": n, "message": "given more than once"} for n in repeated],
+                )
             if route.query_model is not None:
                 query = parse_model(route.query_model, request.args.to_dict())
             elif request.args:

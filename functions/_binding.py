@@ -89,6 +89,8 @@ def _content_type(headers: Mapping[str, str]) -> str:
 
 _REQUIRED = ("specversion", "id", "source", "type")
 """The attributes every CloudEvent has, each a non-empty string (CloudEvents 1.0, section 3.1)."""
+_SPECVERSIONS = ("1.0", "0.3")
+"""The versions the CloudEvents SDK reads (cloudevents/sdk/event: v1, v03)."""
 
 
 def parse(headers: Mapping[str, str], body: bytes, *, consumes: tuple[str, ...]) -> Message:
@@ -176,6 +178,8 @@ def _check_attributes(found: Mapping[str, object]) -> None:
             f"not a valid CloudEvent: {', '.join(bad)} must be non-empty strings",
             errors=[{"field": name, "message": "must be a non-empty string"} for name in bad],
         )
+    if found["specversion"] not in _SPECVERSIONS:
+        raise _invalid("specversion", f"not one of {', '.join(_SPECVERSIONS)}")
 
 
 def _check_data_base64(envelope: Mapping[str, Any]) -> None:

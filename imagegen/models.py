@@ -35,6 +35,7 @@ from imagegen.validation import check_json_value
 
 __all__ = [
     "GENERATION_ID_PATTERN",
+    "MAX_FINAL_PROMPT_CHARS",
     "MAX_METADATA_BYTES",
     "MAX_METADATA_DEPTH",
     "MAX_PROMPT_CHARS",
@@ -55,6 +56,10 @@ __all__ = [
 ]
 
 MAX_PROMPT_CHARS = 2000
+# The final prompt: what enhance writes fits the largest text encoder's 512 tokens (about
+# 2,600 characters by its estimate); a direct render's prompt is handed over as it is. No
+# model reads further, so this only bounds what a caller may make render tokenize.
+MAX_FINAL_PROMPT_CHARS = 4 * MAX_PROMPT_CHARS
 MAX_METADATA_BYTES = 4096
 MAX_METADATA_KEYS = 32
 MAX_METADATA_DEPTH = 8
@@ -218,8 +223,10 @@ class EnhancedPrompt(_Model):
     """
 
     generation_id: GenerationId
-    prompt: str = Field(description="The final prompt handed to the model.")
-    original_prompt: str | None = None
+    prompt: str = Field(
+        max_length=MAX_FINAL_PROMPT_CHARS, description="The final prompt handed to the model."
+    )
+    original_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     dreamed: bool = Field(default=False, description="True when no prompt was given.")
     fallback: bool = Field(default=False, description="True when the LLM was unavailable.")
     enhancer: str = Field(
@@ -255,8 +262,12 @@ class RenderRequest(_Model):
     """
 
     generation_id: GenerationId | None = Field(default=None, description="Default: a new id.")
-    prompt: str = Field(min_length=1, description="What to draw, handed to the model as is.")
-    original_prompt: str | None = None
+    prompt: str = Field(
+        min_length=1,
+        max_length=MAX_FINAL_PROMPT_CHARS,
+        description="What to draw, handed to the model as is.",
+    )
+    original_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     dreamed: bool = False
     fallback: bool = False
     enhancer: str = Field(default="none", description="What wrote the prompt; 'none': the caller.")

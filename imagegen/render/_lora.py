@@ -55,7 +55,7 @@ class LoraAdapters:
 
         Raises:
             InvalidRequest: A LoRA is not configured on this service (each one named by its
-                field, ``loras[i].path``), or cannot be loaded.
+                field, ``loras.<i>.path``, as pydantic names it), or cannot be loaded.
         """
         # Every hint is checked before anything is opened.
         sources = self._sources(loras)
@@ -68,7 +68,7 @@ class LoraAdapters:
             if lora.name in loaded:
                 pipe.delete_adapters(lora.name)
                 del loaded[lora.name]
-            self._load(pipe, lora, source, field=f"loras[{index}].path")
+            self._load(pipe, lora, source, field=f"loras.{index}.path")
             loaded[lora.name] = source
         # Bound the memory adapters take: drop the least recently used ones this job does not use.
         unused = [name for name in loaded if name not in wanted]
@@ -91,7 +91,7 @@ class LoraAdapters:
             if source is None:
                 # Neither the path nor whether it exists: the message must not tell either.
                 message = f"LoRA {lora.name!r} is not configured on this render service"
-                errors.append({"field": f"loras[{index}].path", "message": message})
+                errors.append({"field": f"loras.{index}.path", "message": message})
             else:
                 sources.append(source)
         if errors:

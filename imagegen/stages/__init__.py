@@ -124,7 +124,9 @@ class Stage:
         summary: One line for the OpenAPI document and the CLI.
         consumes: CloudEvents types accepted; empty: any event (the dead-letter sink).
         emits: The reply event type; None: no reply event (an empty 2xx).
-        input_model: The request data's model; None: taken as it comes.
+        input_model: The request data's model; None: taken as it comes (a JSON object of an
+            event of ``consumes``, checked as every stage checks events; with ``consumes``
+            empty too, anything at all, as the dead-letter sink keeps it).
         output_model: The reply data's model (None when nothing is emitted).
         handler: ``await handler(service, data, call)`` → the reply data.
         timeout: Seconds a request may take (from the settings) before a retryable 503.

@@ -8,12 +8,15 @@ from pydantic import BaseModel
 
 from imagegen.errors import InvalidRequest
 from imagegen.models import (
+    MAX_FINAL_PROMPT_CHARS,
     MAX_METADATA_BYTES,
     DerivedImage,
+    EnhancedPrompt,
     GenerationFailed,
     GenerationRequest,
     PersistedImage,
     RenderedImage,
+    RenderRequest,
     derive_generation_id,
     derive_seed,
 )
@@ -188,3 +191,13 @@ def test_the_chain_s_times_are_aware() -> None:
     persisted = parse_model(PersistedImage, {**PERSISTED, "created_at": naive})
     when = datetime(2026, 11, 24, 18, 31, tzinfo=UTC)
     assert rendered.rendered_at == persisted.created_at == when
+
+
+def test_a_final_prompt_is_bounded_as_no_text_encoder_reads_further() -> None:
+    job = RENDERED["prompt"]
+    longest = "a" * MAX_FINAL_PROMPT_CHARS
+    assert parse_model(EnhancedPrompt, {**job, "prompt": longest}).prompt == longest
+    for model, data in ((EnhancedPrompt, job), (RenderRequest, {})):
+        with pytest.raises(InvalidRequest) as caught:
+            parse_model(model, {**data, "prompt": longest + "a"})
+        assert caught.value.fields == ["prompt"]

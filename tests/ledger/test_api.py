@@ -98,6 +98,12 @@ def test_a_bad_query_parameter_is_a_400_naming_it(
     assert [e["field"] for e in reply.json()["errors"]] == [field]
 
 
+def test_a_query_parameter_given_twice_is_a_400_naming_it(function: InProcessFunction) -> None:
+    reply = function.client.get("/generations?limit=1&limit=2&status=failed")
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["errors"] == [{"field": "limit", "message": "given more than once"}]
+
+
 def test_other_methods_and_paths_are_refused(function: InProcessFunction) -> None:
     assert function.client.delete("/generations/gen-a").status_code == 405
     assert function.get("/generations/gen-a/events").status_code == 404

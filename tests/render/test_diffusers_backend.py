@@ -209,7 +209,7 @@ def test_missing_lora_is_an_invalid_request(make_job: MakeJob, lora_dir: Path) -
     with pytest.raises(InvalidRequest) as caught:
         backend.render(make_job(loras=[found, missing]))
 
-    assert caught.value.fields == ["loras[1].path"]
+    assert caught.value.fields == ["loras.1.path"]
     # The adapter that did load before the failure is not left active.
     assert backend.render(make_job(seed=6)).png == before.png
 

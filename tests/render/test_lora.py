@@ -104,7 +104,7 @@ def test_unconfigured_loras_are_refused_before_loading(
 
     error = caught.value
     assert error.message == REFUSED  # the same whether the path exists or not
-    assert error.errors == [{"field": "loras[0].path", "message": REFUSED}]
+    assert error.errors == [{"field": "loras.0.path", "message": REFUSED}]
     body = json.dumps(error.to_dict())
     assert path not in body and outside.name not in body and "passwd" not in body
     assert load_calls == []
@@ -125,7 +125,7 @@ def test_one_unconfigured_lora_refuses_the_job_before_any_is_loaded(
         with pytest.raises(InvalidRequest) as caught:
             backend.render(make_job(loras=loras))
 
-        assert caught.value.fields == ["loras[1].path", "loras[2].path"]
+        assert caught.value.fields == ["loras.1.path", "loras.2.path"]
         assert pipe.get_list_adapters() == {}
     finally:
         backend.close()
