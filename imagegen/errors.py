@@ -204,8 +204,19 @@ class ConfigurationError(ImageGenError):
         (they may be secrets); a rule across settings is given in its own words.
         """
         from pydantic import ValidationError
+        from pydantic_settings import SettingsError
 
-        if isinstance(exc, ValidationError):
+        if isinstance(exc, SettingsError):
+            # A value a settings source could not decode (bad JSON for a dict or list setting);
+            # pydantic-settings names the field only in its message.
+            import re
+
+            field = re.search(r'field "([^"]+)"', str(exc))
+            cause = exc.__cause__
+            why = f"cannot be read ({first_line(cause)})" if cause else "cannot be read"
+            errors = [{"field": field[1], "message": why}] if field else []
+            reason = f"invalid settings: {name(field[1])}" if field else first_line(exc)
+        elif isinstance(exc, ValidationError):
             from imagegen.validation import field_errors
 
             found = field_errors(exc)

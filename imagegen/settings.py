@@ -9,8 +9,10 @@ accept JSON (``["US","DE"]``) or comma-separated text (``US,DE``).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -29,6 +31,47 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 CommaList = Annotated[list[str], NoDecode]
+
+
+def _http_url(value: str | None) -> str | None:
+    """``value`` when it is an absolute http(s) URL that ``urlsplit`` (which botocore and httpx
+    build on) reads whole, port included; never echoes it (a URL may carry credentials)."""
+    if not value:
+        return value
+    try:
+        url = urlsplit(value)
+        url.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL ({exc})") from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError("not an http:// or https:// URL with a host")
+    return value
+
+
+def _ollama_host(value: str) -> str:
+    """``value`` when the Ollama client can read it: ``[http(s)://]host[:port][/path]``, the
+    forms of ``OLLAMA_HOST`` that ``_parse_host`` (ollama-python, ``ollama/_client.py``) takes."""
+    scheme, separator, rest = value.partition("://")
+    if not separator:
+        scheme, rest = "http", value
+    if scheme not in ("http", "https"):
+        raise ValueError("not an http(s):// URL or host[:port]")
+    try:
+        urlsplit(f"{scheme}://{rest}").port  # noqa: B018 - raises like _parse_host would
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL or host[:port] ({exc})") from None
+    return value
+
+
+def _time_zone(value: str) -> str:
+    """``value`` when a request could name it as its ``timezone`` (the same rule)."""
+    from imagegen.models import _valid_timezone
+
+    try:
+        _valid_timezone(value)
+    except ValueError:
+        raise ValueError("unknown IANA time zone") from None  # the value is never echoed
+    return value
 
 
 def _split_list(value: Any) -> Any:
@@ -66,7 +109,8 @@ class Settings(BaseSettings):
         description="What the deployment's render services serve: the models a request may "
         "name (ids, local paths, 'tiny', 'tiny-klein').",
     )
-    model_revisions: dict[str, str] = Field(
+    # NoDecode: the JSON is read by _json_options, so bad JSON is a validation error naming it.
+    model_revisions: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict,
         description="Hub revision per model (JSON), over the pins of the model table.",
     )
@@ -139,7 +183,7 @@ class Settings(BaseSettings):
         default=["time_of_day", "holiday", "art_style", "lora", "remote_context"],
         description="Plugins run by default, in order.",
     )
-    plugin_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    plugin_options: Annotated[dict[str, dict[str, Any]], NoDecode] = Field(default_factory=dict)
     timezone: str = Field(default="UTC", description="IANA zone for time-aware plugins.")
     holiday_countries: CommaList = Field(default=["US"])
     lora_dir: Path | None = Field(default=None, description="Directory of LoRA weights.")
@@ -181,7 +225,10 @@ class Settings(BaseSettings):
     # Ledger
     ledger_url: SecretStr | None = Field(
         default=None,
-        description="postgresql://… or a SQLite path; default: ~/.local/share/imagegen/ledger.db.",
+        description=(
+            "postgresql://… or a SQLite path; default: imagegen/ledger.db under $XDG_DATA_HOME"
+            " (else ~/.local/share)."
+        ),
     )
     ledger_retention_days: int = Field(default=90, ge=0, description="History kept (0: forever).")
     webhook_secrets: Annotated[list[SecretStr], NoDecode] = Field(
@@ -255,6 +302,10 @@ class Settings(BaseSettings):
     def _json_options(cls, value: Any) -> Any:
         return json.loads(value) if isinstance(value, str) else value
 
+    _urls = field_validator("s3_endpoint_url", "public_base_url", "sink_url")(_http_url)
+    _ollama = field_validator("ollama_host")(_ollama_host)
+    _zone = field_validator("timezone")(_time_zone)
+
     @model_validator(mode="after")
     def _served(self) -> Settings:
         if self.model not in self.served_models:
@@ -272,6 +323,31 @@ class Settings(BaseSettings):
                     )
         return self
 
+    @classmethod
+    def variables(cls, name: str) -> tuple[str, ...]:
+        """The environment variables that set the setting ``name`` (a field, or an alias of
+        one), highest precedence first; ``()`` when it is none."""
+        field = cls.model_fields.get(name)
+        if field is None:
+            field = next(
+                (f for f in cls.model_fields.values() if name in _choices(f.validation_alias)),
+                None,
+            )
+            if field is None:
+                return ()
+        aliases = _choices(field.validation_alias)
+        if aliases:  # the variables are the aliases that are no field's name
+            return tuple(a for a in aliases if a not in cls.model_fields)
+        return (f"{cls.model_config.get('env_prefix', '')}{name}".upper(),)
+
+    @classmethod
+    def variable(cls, name: str) -> str:
+        """The one variable to name for setting ``name``: the first of :meth:`variables` that
+        is set in the environment, else the first (it may be in the ``.env`` file)."""
+        names = cls.variables(name)
+        present = {key.upper() for key in os.environ}
+        return next((v for v in names if v.upper() in present), names[0] if names else name)
+
     def revision_for(self, model: str) -> str | None:
         """The Hub revision to load ``model`` at: the setting, else the table's pin."""
         return self.model_revisions.get(model) or spec_for(model).revision
@@ -285,3 +361,9 @@ class Settings(BaseSettings):
         for key, value in PROFILE_DEFAULTS.get(str(profile), {}).items():
             data.setdefault(key, value)
         return data
+
+
+def _choices(alias: Any) -> tuple[str, ...]:
+    if isinstance(alias, AliasChoices):
+        return tuple(c for c in alias.choices if isinstance(c, str))
+    return (alias,) if isinstance(alias, str) else ()

@@ -24,6 +24,11 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 
 __all__ = ["app", "main"]
 
+# A group given no command shows its help, as click's groups do (and ``imagegen`` itself):
+# never a bare "Missing command.".
+for _group in app.registered_groups:
+    _group.no_args_is_help = True
+
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: errors are one readable line and a non-zero exit, never a traceback."""
@@ -31,7 +36,8 @@ def main(argv: list[str] | None = None) -> None:
         result = app(args=argv, prog_name="imagegen", standalone_mode=False)
     except click_exceptions.UsageError as exc:
         if isinstance(exc, getattr(click_exceptions, "NoArgsIsHelpError", ())):
-            sys.exit(0)
+            exc.show()  # the help, on stderr, and exit 2: what click does without us
+            sys.exit(exc.exit_code)
         _fail(exc.format_message(), 2)
     except click_exceptions.ClickException as exc:
         _fail(exc.format_message(), exc.exit_code or 1)

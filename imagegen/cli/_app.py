@@ -138,6 +138,7 @@ def settings_from(**overrides: Any) -> Settings:
             ``IMAGEGEN_*`` variable, or the option's setting (never its value).
     """
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     from imagegen.errors import ConfigurationError
     from imagegen.settings import Settings
@@ -145,9 +146,9 @@ def settings_from(**overrides: Any) -> Settings:
     given = {k: v for k, v in overrides.items() if v is not None}
     try:
         return Settings(**given)
-    except ValidationError as exc:
+    except (ValidationError, SettingsError) as exc:
         raise ConfigurationError.of(
-            "", exc, name=lambda field: field if field in given else f"IMAGEGEN_{field.upper()}"
+            "", exc, name=lambda field: field if field in given else Settings.variable(field)
         ) from None
 
 
@@ -181,5 +182,7 @@ def _recorder(settings: Settings) -> Recorder | None:
     try:
         return Recorder(open_ledger(url))
     except (ImageGenError, OSError) as exc:
-        err.print(f"[yellow]warning:[/] history is not recorded: {exc}")
+        from rich.markup import escape  # a path may hold [brackets]
+
+        err.print(f"[yellow]warning:[/] history is not recorded: {escape(str(exc))}")
         return None

@@ -34,10 +34,19 @@ def run_checks(settings: Settings) -> list[Check]:
     async def checks() -> tuple[Advice, str | None]:
         from imagegen.cli._ollama import check_ollama
         from imagegen.errors import ImageGenError
+        from imagegen.storage import open_storage
 
-        service = make_service(settings)
+        usable, unopened = settings, None
+        try:
+            open_storage(settings)  # a URL that names no storage at all (ftp://) fails here
+        except ImageGenError as exc:
+            # Its row says so; Ollama is still asked, by a service that never writes.
+            usable, unopened = settings.model_copy(update={"storage_url": "."}), exc.message
+        service = make_service(usable)
         try:
             ollama = await check_ollama(service)
+            if unopened is not None:
+                return ollama, unopened
             try:
                 await service.storage.check()
             except ImageGenError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from imagegen.models import EnhancedPrompt, PersistedImage
     from imagegen.service import ImageGenService
 
-__all__ = ["generate", "loop"]
+__all__ = ["check_storage", "generate", "loop"]
 
 Model = Annotated[str | None, typer.Option("--model", "-m", help="Model id, local path or 'tiny'.")]
 Output = Annotated[
@@ -132,6 +133,16 @@ def _display_location(location: str) -> str:
     return location
 
 
+async def check_storage(service: ImageGenService) -> None:
+    """Fail before any work when the storage cannot take the image (what doctor checks).
+
+    The service probes only local storage at start (see ``ImageGenService.__aenter__``); a
+    command run is over when it fails, so here object storage is probed too, before a render
+    whose image would have nowhere to go.
+    """
+    await service.storage.check()
+
+
 async def _generate_one(
     service: ImageGenService, request: Any, *, show_progress: bool
 ) -> tuple[Any, Any]:
@@ -193,6 +204,7 @@ def generate(
 
     async def go() -> tuple[Any, Any]:
         async with make_service(settings) as service:
+            await check_storage(service)
             enhanced, persisted = await _generate_one(
                 service, request, show_progress=not as_json and err.is_terminal
             )
@@ -224,8 +236,16 @@ def loop(
     verbose: Verbose = False,
 ) -> None:
     """Generate images continuously, a line per image; Ctrl-C stops after the current one."""
-    if count < 0 or interval < 0:
-        raise InvalidRequest("--count and --interval must not be negative")
+    if count < 0:
+        raise InvalidRequest(
+            "--count must not be negative",
+            errors=[{"field": "count", "message": "negative"}],
+        )
+    if not (math.isfinite(interval) and interval >= 0):  # NaN compares false with anything
+        raise InvalidRequest(
+            f"--interval must be a number of seconds, 0 or more, not {interval}",
+            errors=[{"field": "interval", "message": "not a finite number, 0 or more"}],
+        )
     request = _request(
         prompt,
         model=model,
@@ -249,6 +269,7 @@ def loop(
         tally = _Tally()
         explained = False
         async with make_service(settings) as service:
+            await check_storage(service)
             while not stop.is_set() and (count == 0 or tally.made < count):
                 started = time.perf_counter()
                 enhanced, persisted = await _generate_one(

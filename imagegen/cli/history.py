@@ -52,7 +52,13 @@ def parse_when(text: str, *, field: str, now: datetime | None = None) -> datetim
         return now.replace(hour=0, minute=0, second=0, microsecond=0)
     match = _RELATIVE.match(value)
     if match:
-        return now - timedelta(**{_UNITS[match[2]]: int(match[1])})
+        try:
+            return now - timedelta(**{_UNITS[match[2]]: int(match[1])})
+        except OverflowError:
+            raise InvalidRequest(
+                f"--{field}: {text!r} reaches back further than a date can",
+                errors=[{"field": field, "message": "age out of range"}],
+            ) from None
     try:
         parsed = datetime.fromisoformat(text.strip())
     except ValueError:
@@ -73,15 +79,39 @@ def _local(url: str | None) -> Ledger:
     return open_ledger(url)
 
 
+def _checked_id(generation_id: str) -> str:
+    """``generation_id`` when it is one; an id names a URL path and storage keys."""
+    from imagegen.identity import GENERATION_ID_PATTERN, valid_generation_id
+
+    if not valid_generation_id(generation_id):
+        raise InvalidRequest(
+            f"{generation_id!r} is not a generation id",
+            errors=[{"field": "generation_id", "message": f"must match {GENERATION_ID_PATTERN}"}],
+        )
+    return generation_id
+
+
 def _api(url: str, method: str, path: str, token: str | None = None, **params: Any) -> Any:
     import httpx
 
+    if token is not None and not (token.isascii() and token.isprintable()):
+        # A header carries printable ASCII only; the key itself is never shown.
+        raise InvalidRequest(
+            "--token: an API key is printable ASCII",
+            errors=[{"field": "token", "message": "not printable ASCII"}],
+        )
     query = {k: v for k, v in params.items() if v is not None}
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         reply = httpx.request(
             method, url.rstrip("/") + path, params=query, headers=headers, timeout=30
         )
+    # Neither is an HTTPError: the URL is wrong (a bad port, a host IDNA refuses), not the network.
+    except (httpx.InvalidURL, UnicodeError) as exc:
+        raise InvalidRequest(
+            f"--ledger: {url!r} is not a valid URL: {exc}",
+            errors=[{"field": "ledger", "message": "not a valid URL"}],
+        ) from None
     except httpx.HTTPError as exc:
         raise InvalidRequest(f"ledger {url} is unreachable: {exc}") from None
     if reply.status_code == 404:
@@ -103,6 +133,7 @@ def status(
     as_json: AsJson = False,
 ) -> None:
     """Show one generation: status, timeline, image, error."""
+    _checked_id(generation_id)
     if _is_http(ledger):
         body = _api(str(ledger), "GET", f"/generations/{generation_id}", token)
     else:
@@ -197,7 +228,12 @@ def history(
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table("created", "generation", "status", "model", "prompt", box=None)
+    table = Table(box=None)
+    table.add_column("created")
+    # Whole, on a narrow terminal too: an id is there to be copied into `status` or `replay`.
+    table.add_column("generation", no_wrap=True, overflow="fold")
+    for name in ("status", "model", "prompt"):
+        table.add_column(name)
     for item in items:
         prompt = item.get("prompt") or item.get("original_prompt") or ""
         table.add_row(
@@ -230,6 +266,7 @@ def replay(
     from imagegen.ledger.replay import check_from
 
     origin = check_from(start)
+    _checked_id(generation_id)
     if _is_http(ledger):
         path = f"/generations/{generation_id}/replay"
         body = _api(str(ledger), "POST", path, token, **{"from": origin})
@@ -246,7 +283,10 @@ def replay(
     settings = settings_from(storage_url=output, ledger_url=ledger)
 
     async def go() -> Any:
+        from imagegen.cli.generate import check_storage
+
         async with make_service(settings) as service:
+            await check_storage(service)
             if request is not None:
                 return (await service.generate(request))[1]
             assert job is not None
@@ -285,15 +325,22 @@ def export(
 @ledger_app.command("prune")
 def prune(
     days: Annotated[
-        int | None, typer.Option(help="Keep this many days; default: the retention setting.")
+        int | None,
+        typer.Option(min=0, help="Keep this many days (0: forever); default: the setting."),
     ] = None,
     ledger: LedgerUrl = None,
 ) -> None:
     """Delete history older than the retention."""
     keep = days if days is not None else settings_from().ledger_retention_days
-    if keep <= 0:
+    if keep == 0:
         out.print("retention is 0 (keep forever): nothing pruned")
         return
+    try:
+        datetime.now(UTC) - timedelta(days=keep)  # the cutoff prune computes
+    except OverflowError:
+        # Named as the user gave it: the option, or the setting (whose value is never shown).
+        named = f"--days: {keep}" if days is not None else "IMAGEGEN_LEDGER_RETENTION_DAYS"
+        raise InvalidRequest(f"{named} is too many days: no date is that far back") from None
     store = _local(ledger)
     try:
         deleted = store.prune(timedelta(days=keep))

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from imagegen.cli._app import AsJson, app, out, settings_from
+from imagegen.cli._app import AsJson, app, err, out, settings_from
 
 __all__ = ["list_models", "models_app", "pull"]
 
@@ -26,10 +26,17 @@ def pull(
     as_json: AsJson = False,
 ) -> None:
     """Download models, at their pinned revisions, into IMAGEGEN_MODEL_CACHE_DIR."""
-    from imagegen.render.pull import hub_models, pull
+    from imagegen.render.pull import hub_models, needs_nothing, pull
 
     settings = settings_from()
-    pulled = [pull(name, settings) for name in (models or hub_models(settings))]
+    wanted = models or hub_models(settings)
+    # Named ones that need no download are skipped, as the default list leaves them out.
+    for name, why in ((n, needs_nothing(n)) for n in wanted):
+        if why is not None:
+            (err if as_json else out).print(
+                f"{name}: {why}, nothing to pull", markup=False, soft_wrap=True
+            )
+    pulled = [pull(name, settings) for name in wanted if needs_nothing(name) is None]
     if as_json:
         typer.echo(
             json.dumps(
@@ -49,7 +56,7 @@ def pull(
     for p in pulled:
         revision = p.revision or "main (not pinned)"
         out.print(f"{p.model} @ {revision}: {p.size_bytes / 1e9:.1f} GB in {p.path}", markup=False)
-    if not pulled:
+    if not wanted:
         out.print("no Hub models configured: nothing to pull", markup=False)
 
 

@@ -60,7 +60,10 @@ def serve(
             autocompletion=lambda: list(stages.names()),
         ),
     ],
-    port: Annotated[int, typer.Option(envvar="PORT", help="Port to listen on.")] = 8080,
+    port: Annotated[
+        # Checked here: gunicorn's own refusal of a port is a page of traceback.
+        int, typer.Option(envvar="PORT", min=1, max=65535, help="Port to listen on (1-65535).")
+    ] = 8080,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     debug: Annotated[
         bool, typer.Option(help="Flask's development server instead of gunicorn.")
@@ -111,12 +114,18 @@ def send(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the reply.")] = 600.0,
 ) -> None:
     """Post a CloudEvent and print the reply."""
+    import math
     import uuid
 
     import httpx
     from cloudevents.conversion import to_binary, to_structured
     from cloudevents.http import CloudEvent
 
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise InvalidRequest(
+            f"--timeout must be a positive number of seconds, not {timeout}",
+            errors=[{"field": "timeout", "message": "not a positive number"}],
+        )
     try:
         payload = json.loads(data)
     except ValueError as exc:
@@ -128,6 +137,12 @@ def send(
     headers, body = (to_binary if mode == "binary" else to_structured)(event)
     try:
         reply = httpx.post(to, headers=headers, content=body, timeout=timeout)
+    # Neither is an HTTPError: the URL is wrong (a bad port, a host IDNA refuses), not the network.
+    except (httpx.InvalidURL, UnicodeError) as exc:
+        raise InvalidRequest(
+            f"--to: {to!r} is not a valid URL: {exc}",
+            errors=[{"field": "to", "message": "not a valid URL"}],
+        ) from None
     except httpx.HTTPError as exc:
         raise ImageGenError(f"could not reach {to}: {exc}") from None
     ce = {k: v for k, v in reply.headers.items() if k.lower().startswith("ce-")}

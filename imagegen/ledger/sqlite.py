@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from imagegen.errors import ConfigurationError, DependencyUnavailable, first_line
 from imagegen.ledger._sql import JSON_COLUMNS, TIME_COLUMNS, SqlLedger
 
 __all__ = ["SqliteLedger"]
@@ -65,30 +67,84 @@ class _Cursor:
         return cur.rowcount
 
 
+def _write_ahead(conn: sqlite3.Connection) -> None:
+    """Put the database in WAL mode, waiting out another connection doing the same.
+
+    Two processes opening a new ledger at once (two pods, a CLI beside a function) both ask for
+    WAL; SQLite answers the second ``SQLITE_BUSY`` at once, without its busy handler (the
+    switch needs an exclusive lock, and waiting for one there could deadlock), so it is retried
+    here within the same busy timeout.
+    """
+    deadline = time.monotonic() + _BUSY_TIMEOUT_S
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorname != "SQLITE_BUSY" or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
+
+
 class SqliteLedger(SqlLedger):
     """The ledger in a SQLite file (created, with its folder, when missing).
 
     Args:
         path: The database file; ``:memory:`` for a private in-memory ledger.
+
+    Raises:
+        ConfigurationError: ``path`` cannot hold a ledger (a folder, a file that is no SQLite
+            database, a file where a folder of its path should be).
+        DependencyUnavailable: the file cannot be opened or migrated now (permissions, a full
+            disk, a lock held past the busy timeout).
     """
 
     dialect = "sqlite"
 
     def __init__(self, path: str | Path) -> None:
         if str(path) != ":memory:":
-            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
             path = Path(path).expanduser()
         self.path = path
         self._lock = threading.RLock()
+        try:
+            self._open()
+        except (FileExistsError, NotADirectoryError):
+            raise self._unusable("has a file where a folder of its path should be") from None
+        except sqlite3.OperationalError as exc:
+            raise DependencyUnavailable(f"ledger {self.path} cannot be opened: {exc}") from None
+        except sqlite3.DatabaseError:  # "file is not a database", "disk image is malformed"
+            raise self._unusable("is not a SQLite database") from None
+        except (sqlite3.Error, OSError) as exc:
+            raise DependencyUnavailable(
+                f"ledger {self.path} cannot be opened: {first_line(exc)}"
+            ) from None
+
+    def _open(self) -> None:
+        path = self.path
+        if isinstance(path, Path):
+            if path.is_dir():
+                raise self._unusable("is a folder, not a file")
+            path.parent.mkdir(parents=True, exist_ok=True)
         # One connection shared by this process's threads, one statement at a time (the lock);
         # transactions are explicit, so autocommit mode (isolation_level=None).
         self._conn = sqlite3.connect(
             path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
         )
-        if str(path) != ":memory:":
-            self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._migrate()
+        try:
+            if isinstance(path, Path):
+                _write_ahead(self._conn)
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _unusable(self, why: str) -> ConfigurationError:
+        """The ledger's path is wrong: the setting (or ``--ledger``) must change."""
+        return ConfigurationError(
+            f"ledger {self.path} {why}",
+            errors=[{"field": "ledger_url", "message": why}],
+        )
 
     @contextmanager
     def transaction(self) -> Iterator[_Cursor]:

@@ -20,7 +20,7 @@ from imagegen.render._errors import first_line
 from imagegen.render._loading import hub_errors, hub_options, looks_like_path
 from imagegen.settings import Settings
 
-__all__ = ["PulledModel", "hub_models", "pull"]
+__all__ = ["PulledModel", "hub_models", "needs_nothing", "pull"]
 
 
 @dataclass(frozen=True)
@@ -41,13 +41,16 @@ def hub_models(settings: Settings) -> list[str]:
     (``tiny``, ``tiny-klein``) need no download.
     """
     names = dict.fromkeys([settings.model, *settings.served_models])
-    return [
-        name
-        for name in names
-        if not looks_like_path(name)
-        and not Path(name).expanduser().exists()
-        and not (name in MODELS and MODELS[name].offline)
-    ]
+    return [name for name in names if not looks_like_path(name) and needs_nothing(name) is None]
+
+
+def needs_nothing(model: str) -> str | None:
+    """Why ``model`` needs no download (built offline, or a local directory); None if it does."""
+    if model in MODELS and MODELS[model].offline:
+        return "built offline"
+    if Path(model).expanduser().exists():
+        return "a local directory"
+    return None
 
 
 def pull(model: str, settings: Settings) -> PulledModel:

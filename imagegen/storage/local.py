@@ -190,7 +190,14 @@ class LocalStorage(ObjectStore):
 
     def _unavailable(self, what: str, exc: OSError) -> DependencyUnavailable:
         reason = exc.strerror or type(exc).__name__
-        return DependencyUnavailable(f"local storage: {what} {str(self.root)!r}: {reason}")
+        # The path that failed under the root, not the root (a file may stand where a key's
+        # directory goes): a read names its file, a write the directory it could not add to.
+        where = self.root
+        if exc.filename is not None:
+            failed = Path(os.fsdecode(exc.filename))
+            failed = failed if what == "cannot read from" else failed.parent
+            where = failed if failed.is_relative_to(self.root) else self.root
+        return DependencyUnavailable(f"local storage: {what} {str(where)!r}: {reason}")
 
 
 def _has_link(root: Path, key: str) -> bool:

@@ -42,13 +42,16 @@ CASES = {
         lambda s: binary(s, _valid(s, metadata={"x": 1}).replace(b'"x": 1', b'"x": NaN')),
         {"body"},
     ),
-    "specversion 2.0": (lambda s: binary(s, _valid(s), **{"ce-specversion": "2.0"}), {"event"}),
+    "specversion 2.0": (
+        lambda s: binary(s, _valid(s), **{"ce-specversion": "2.0"}),
+        {"specversion"},
+    ),
     "generation_id 5": (lambda s: binary(s, b'{"generation_id": 5}'), {"generation_id"}),
     "structured, specversion 2.0": (
         lambda s: Request(
             structured(s, _valid(s)).body.replace(b'"1.0"', b'"2.0"'), {"content-type": STRUCTURED}
         ),
-        {"event"},
+        {"specversion"},
     ),
 }
 

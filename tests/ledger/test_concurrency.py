@@ -10,6 +10,7 @@ import random
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +92,20 @@ def test_100_generations_delivered_twice_out_of_order_to_the_served_function(
     _check(open_test_ledger(), expected)
     for gid, status in list(expected.items())[:5]:
         assert function.get(f"/generations/{gid}").json()["status"] == status
+
+
+def test_connections_opening_a_new_sqlite_ledger_at_once_all_open(tmp_path: Path) -> None:
+    """Each asks for WAL mode, which SQLite refuses a second asker without waiting."""
+    from imagegen.ledger.sqlite import SqliteLedger
+
+    def opened(path: Path) -> int:
+        ledger = SqliteLedger(path)
+        try:
+            return len(list(ledger.events()))
+        finally:
+            ledger.close()
+
+    with ThreadPoolExecutor(4) as pool:
+        for round_ in range(60):
+            path = tmp_path / f"ledger-{round_}.db"
+            assert list(pool.map(opened, [path] * 4)) == [0] * 4

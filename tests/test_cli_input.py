@@ -1,0 +1,136 @@
+"""What the command line does with input it cannot use: one line naming it, and no work lost.
+
+Bad input is exit 2 and one line on stderr naming the option (never a traceback); a storage
+that cannot take the image fails before the render, not after it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from imagegen.events import GENERATION_REQUESTED
+from tests.conftest import RunCli
+from tests.test_cli import SMALL
+
+GID = "3f1c0d6e9a2b4c8e9d7f6a5b4c3d2e1f"
+NOWHERE = "http://127.0.0.1:9"  # the discard port: connections are refused at once
+
+
+def _one_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("imagegen: error:"), lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        # httpx.InvalidURL is no httpx.HTTPError: it escaped both commands as a traceback.
+        (["send", GENERATION_REQUESTED, "--to", "http://[::1"], "--to"),
+        (["status", GID, "--ledger", "http://[::1"], "--ledger"),
+        (["history", "--ledger", "http://[::1"], "--ledger"),
+        (["send", GENERATION_REQUESTED, "--to", "http://xn--a.com:9"], "--to"),  # IDNA refuses
+        (["status", GID, "--ledger", NOWHERE, "--token", "clé"], "--token"),  # no header value
+        # Out of range for the library underneath (httpx, timedelta, datetime).
+        (["send", GENERATION_REQUESTED, "--to", NOWHERE, "--timeout", "-1"], "--timeout"),
+        (["send", GENERATION_REQUESTED, "--to", NOWHERE, "--timeout", "nan"], "--timeout"),
+        (["history", "--since", "999999999w"], "--since"),
+        (["ledger", "export", "--since", "9999999999d"], "--since"),
+        (["ledger", "prune", "--days", "99999999999"], "--days"),
+        (["ledger", "prune", "--days", "-5"], "--days"),  # was "nothing pruned", exit 0
+        # An id is checked before it becomes a URL path ('a/../b' asked for 'b').
+        (["status", "a/../b", "--ledger", NOWHERE], "'a/../b'"),
+        # NaN passed the `< 0` check (and would have rendered an image, here one).
+        (["loop", "x", *SMALL, "--count", "1", "--interval", "nan"], "--interval"),
+    ],
+)
+def test_unusable_input_is_exit_2_and_one_line_naming_it(
+    cli: RunCli, args: list[str], named: str
+) -> None:
+    result = cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert named in _one_line(result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("port", ["99999", "-1"])
+def test_serve_refuses_a_port_out_of_range_before_starting(tmp_path: Path, port: str) -> None:
+    # A fresh process: without the check, the command replaces itself with gunicorn.
+    result = subprocess.run(
+        [sys.executable, "-m", "imagegen.cli", "serve", "render", "--port", port],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "--port" in _one_line(result.stderr)
+
+
+@pytest.mark.parametrize("command", [["generate", "x"], ["loop", "x", "--count", "1"]])
+def test_object_storage_without_credentials_fails_before_the_render(
+    cli: RunCli, tmp_path: Path, command: list[str]
+) -> None:
+    nothing = str(tmp_path / "no-aws-files")
+    env = {  # no credentials from anywhere: files, the instance metadata service
+        "AWS_SHARED_CREDENTIALS_FILE": nothing,
+        "AWS_CONFIG_FILE": nothing,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    result = cli(*command, *SMALL, "--output", "s3://bucket", env=env)
+    assert result.returncode == 1
+    assert "no usable credentials" in _one_line(result.stderr)
+    # Checked before anything started: no generation was begun (and none failed half-way).
+    listed = cli("history", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == []
+
+
+def test_a_file_in_the_way_of_a_key_is_named(cli: RunCli, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    output.mkdir()
+    year = datetime.now(UTC).strftime("%Y")  # the key's first segment: yyyy/mm/dd/<id>.png
+    (output / year).write_text("not a directory")
+    result = cli("generate", "x", *SMALL, "--output", str(output))
+    assert result.returncode == 1
+    line = _one_line(result.stderr)
+    assert f"{output / year}/" in line and "Not a directory" in line  # not just the root
+
+
+def test_doctor_reports_a_storage_url_it_cannot_open_as_a_row(cli: RunCli) -> None:
+    result = cli("doctor", "--json", env={"IMAGEGEN_STORAGE_URL": "ftp://example.org/images"})
+    assert result.returncode == 1, result.stderr
+    checks = {c["check"]: c for c in json.loads(result.stdout)["checks"]}
+    assert set(checks) == {"render", "ollama", "storage"}
+    assert checks["storage"]["status"] == "error"
+    assert "ftp" in checks["storage"]["summary"]
+    assert checks["ollama"]["status"] == "warning"  # still asked
+
+
+def test_models_pull_skips_a_named_model_that_needs_no_download(
+    cli: RunCli, tmp_path: Path
+) -> None:
+    local = tmp_path / "my-model"
+    local.mkdir()
+    result = cli("models", "pull", "tiny", str(local))
+    assert result.returncode == 0, result.stderr
+    assert "tiny: built offline, nothing to pull" in result.stdout
+    assert f"{local}: a local directory, nothing to pull" in result.stdout
+
+
+def test_history_shows_whole_ids_on_80_columns(cli: RunCli) -> None:
+    # A generation refused at enhance: recorded, with nothing rendered.
+    prompt = "a long prompt that fills the last column of the table " * 2
+    cli("generate", prompt, "--model", "some-organisation/some-long-model-name")
+    (listed,) = json.loads(cli("history", "--json").stdout)
+    result = cli("history", env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    assert listed["generation_id"] in result.stdout

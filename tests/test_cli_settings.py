@@ -1,0 +1,225 @@
+"""What the ``imagegen`` command line says about settings and a ledger it cannot use: one line
+naming the variable (or the ledger) and a non-zero exit, never a traceback; and the help of a
+group given no command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CliResult, RunCli
+
+SMALL = ["--model", "tiny", "--width", "256", "--height", "256"]
+SOME_ID = "733e7aba12d0499084d131cd17176267"
+
+
+def one_error_line(result: CliResult) -> str:
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("imagegen: error: "), lines[0]
+    return lines[0].removeprefix("imagegen: error: ")
+
+
+# -- a ledger that cannot be opened ----------------------------------------------------------
+
+
+def _unusable_ledger(kind: str, root: Path) -> tuple[Path, str]:
+    """A ledger path that cannot hold a ledger, and what the error says of it."""
+    if kind == "not a database":
+        path = root / "notes.db"
+        path.write_text("not a database\n")
+        return path, "is not a SQLite database"
+    if kind == "a folder":
+        path = root / "folder"
+        path.mkdir()
+        return path, "is a folder"
+    blocker = root / "blocker"  # a regular file where a folder of the path should be
+    blocker.write_text("x")
+    return blocker / "sub" / "ledger.db", "has a file where a folder of its path should be"
+
+
+KINDS = ["not a database", "a folder", "a file on its path"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["history"],
+        ["status", SOME_ID],
+        ["replay", SOME_ID],
+        ["ledger", "export"],
+        ["ledger", "prune"],
+    ],
+    ids=lambda args: "-".join(args[:2]).replace(SOME_ID, "id"),
+)
+def test_a_ledger_that_cannot_be_opened_is_one_line(
+    cli: RunCli, tmp_path: Path, kind: str, args: list[str]
+) -> None:
+    path, says = _unusable_ledger(kind, tmp_path)
+    result = cli(*args, env={"IMAGEGEN_LEDGER_URL": f"sqlite:///{path}"})
+    line = one_error_line(result)
+    assert result.returncode == 2  # the setting (or --ledger) must change
+    assert line.startswith(f"ledger {path} {says}"), line
+
+
+def test_the_ledger_option_is_checked_alike(cli: RunCli, tmp_path: Path) -> None:
+    path, says = _unusable_ledger("not a database", tmp_path)
+    result = cli("history", "--ledger", str(path))
+    assert result.returncode == 2
+    assert one_error_line(result).startswith(f"ledger {path} {says}")
+
+
+def test_generate_without_a_usable_ledger_warns_and_still_makes_the_image(
+    cli: RunCli, tmp_path: Path
+) -> None:
+    path, says = _unusable_ledger("a file on its path", tmp_path)
+    result = cli("generate", "a lighthouse", *SMALL, env={"IMAGEGEN_LEDGER_URL": str(path)})
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    warning = "".join(result.stderr.split())  # rich wraps it, a long path too, at its width
+    assert "".join(f"warning: history is not recorded: ledger {path} {says}".split()) in warning
+    assert list((tmp_path / "output").rglob("*.png"))
+
+
+def test_doctor_without_a_usable_ledger_warns_and_checks_the_rest(
+    cli: RunCli, tmp_path: Path
+) -> None:
+    path, _ = _unusable_ledger("not a database", tmp_path)
+    result = cli("doctor", "--json", env={"IMAGEGEN_LEDGER_URL": f"sqlite:///{path}"})
+    assert "Traceback" not in result.stderr
+    assert "history is not recorded" in result.stderr
+    assert '"storage"' in result.stdout
+
+
+def test_the_ledger_function_answers_503_naming_the_setting(tmp_path: Path) -> None:
+    from tests.functions.clients import InProcessFunction
+
+    path, says = _unusable_ledger("not a database", tmp_path)
+    with InProcessFunction("ledger", {"IMAGEGEN_LEDGER_URL": f"sqlite:///{path}"}) as function:
+        answer = function.get("/generations")
+    assert answer.status_code == 503, answer.text
+    body = answer.json()
+    assert body["error"] == "not_configured" and body["retryable"] is True
+    assert body["errors"] == [{"field": "ledger_url", "message": says}]
+
+
+# -- settings named by the variable the user set ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        # JSON settings with bad JSON (pydantic-settings' own decoding used to raise).
+        ({"IMAGEGEN_MODEL_REVISIONS": "notjson"}, "IMAGEGEN_MODEL_REVISIONS"),
+        ({"IMAGEGEN_PLUGIN_OPTIONS": "{bad"}, "IMAGEGEN_PLUGIN_OPTIONS"),
+        # A setting under an alias: the variable set, once prefixed.
+        ({"IMAGEGEN_SERVED_MODELS": "[x"}, "IMAGEGEN_SERVED_MODELS"),
+        ({"IMAGEGEN_ALLOWED_MODELS": "[x"}, "IMAGEGEN_ALLOWED_MODELS"),
+        ({"OLLAMA_HOST": "http://[::1"}, "OLLAMA_HOST"),
+        ({"K_SINK": "broker:8080"}, "K_SINK"),
+        # Settings that were taken as any text and failed later with a traceback.
+        ({"IMAGEGEN_TIMEZONE": "Not/AZone"}, "IMAGEGEN_TIMEZONE"),
+        ({"IMAGEGEN_OLLAMA_HOST": "http://[::1"}, "IMAGEGEN_OLLAMA_HOST"),
+        ({"IMAGEGEN_OLLAMA_HOST": "ollama:99999"}, "IMAGEGEN_OLLAMA_HOST"),
+        ({"IMAGEGEN_OLLAMA_HOST": "ftp://ollama"}, "IMAGEGEN_OLLAMA_HOST"),
+        ({"IMAGEGEN_S3_ENDPOINT_URL": "http://[::1"}, "IMAGEGEN_S3_ENDPOINT_URL"),
+        ({"IMAGEGEN_S3_ENDPOINT_URL": "minio:9000"}, "IMAGEGEN_S3_ENDPOINT_URL"),
+        ({"IMAGEGEN_PUBLIC_BASE_URL": "https://[img"}, "IMAGEGEN_PUBLIC_BASE_URL"),
+        ({"IMAGEGEN_SINK_URL": "http://[::1"}, "IMAGEGEN_SINK_URL"),
+    ],
+    ids=lambda value: "-".join(value) if isinstance(value, dict) else None,
+)
+def test_an_invalid_setting_names_the_variable_set(
+    cli: RunCli, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], named: str
+) -> None:
+    monkeypatch.delenv("IMAGEGEN_OLLAMA_HOST", raising=False)  # else it hides OLLAMA_HOST
+    result = cli("plugins", env=env)
+    line = one_error_line(result)
+    assert result.returncode == 2
+    summary = line.split(" (", 1)[0]
+    assert summary == f"invalid settings: {named}", line
+    assert next(iter(env.values())) not in line  # named, never echoed
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        (["generate", "x", *SMALL], {"IMAGEGEN_TIMEZONE": "Not/AZone"}, "IMAGEGEN_TIMEZONE"),
+        (
+            ["generate", "x", *SMALL],
+            {"IMAGEGEN_OLLAMA_HOST": "http://[::1"},
+            "IMAGEGEN_OLLAMA_HOST",
+        ),
+        (
+            ["doctor"],
+            {"IMAGEGEN_STORAGE_URL": "s3://bucket/p", "IMAGEGEN_S3_ENDPOINT_URL": "http://[::1"},
+            "IMAGEGEN_S3_ENDPOINT_URL",
+        ),
+    ],
+    ids=["generate-timezone", "generate-ollama-host", "doctor-s3-endpoint"],
+)
+def test_the_commands_that_crashed_on_a_bad_setting_say_which(
+    cli: RunCli, args: list[str], env: dict[str, str], named: str
+) -> None:
+    result = cli(*args, env=env)
+    assert result.returncode == 2
+    assert one_error_line(result).startswith(f"invalid settings: {named} ")
+
+
+def test_ollama_host_takes_the_forms_ollama_takes_and_no_other(cli: RunCli) -> None:
+    # The forms ollama-python's _parse_host documents (ollama/_client.py) ...
+    taken = [
+        "1.2.3.4",
+        ":56789",
+        "example.com:56789/path/",
+        "https://example.com",
+        "[0001:002:003:0004::1]:56789",
+        "http://[0001:002:003:0004::1]",
+    ]
+    # ... and what it cannot read (urlsplit raises in it) or send (not HTTP).
+    refused = ["http://[::1", "[::1", "ollama:99999", "ollama:port", "ftp://ollama"]
+    for host in taken:
+        result = cli("plugins", "--json", env={"IMAGEGEN_OLLAMA_HOST": host})
+        assert result.returncode == 0, (host, result.stderr)
+    for host in refused:
+        result = cli("plugins", "--json", env={"IMAGEGEN_OLLAMA_HOST": host})
+        assert result.returncode == 2, (host, result.stdout)
+        assert one_error_line(result).startswith("invalid settings: IMAGEGEN_OLLAMA_HOST ")
+
+
+def test_a_settings_source_error_is_named_by_its_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+    from imagegen.errors import ConfigurationError
+
+    class Decoded(BaseSettings):  # a dict setting decoded by pydantic-settings itself
+        model_config = SettingsConfigDict(env_prefix="IMAGEGEN_")
+        options: dict[str, str] = {}
+
+    monkeypatch.setenv("IMAGEGEN_OPTIONS", "{secret-but-bad")
+    with pytest.raises(SettingsError) as raised:
+        Decoded()
+    error = ConfigurationError.of("", raised.value, name=lambda f: f"IMAGEGEN_{f.upper()}")
+    assert error.message == "invalid settings: IMAGEGEN_OPTIONS"
+    assert error.fields == ["options"]
+    assert "secret" not in error.message + str(error.errors)
+
+
+# -- a group with no command shows its help --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "group", [[], ["models"], ["ledger"]], ids=["imagegen", "models", "ledger"]
+)
+def test_a_group_without_a_command_shows_its_help(cli: RunCli, group: list[str]) -> None:
+    result = cli(*group)
+    # click's behaviour for a group with no_args_is_help: the help on stderr, exit 2.
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"Usage: {' '.join(['imagegen', *group])} "), result.stderr
+    assert "Commands:" in result.stderr and "imagegen: error" not in result.stderr
+    assert result.stdout == ""
