@@ -1,12 +1,17 @@
 /**
  * HTTP semantics of an image response: caching headers, CORS, conditional requests (304) and
  * single byte ranges (206/416), all derived from one stored full 200 response.
+ *
+ * A HEAD answers as a GET would without its body, except that it ignores `Range` (RFC 9110
+ * §14.2: a server MUST ignore Range for methods other than GET): 200 with the whole object's
+ * Content-Length, from the edge cache and from the origin alike.
  */
 import { contentTypeForKey } from "./keys";
 import type { OriginObject } from "./origins";
 
 export const IMMUTABLE = "public, max-age=31536000, immutable";
-export const ALLOWED_METHODS = "GET, HEAD";
+/** The methods every served path answers (the `Allow` of a 405 and of a preflight's 204). */
+export const ALLOWED_METHODS = "GET, HEAD, OPTIONS";
 
 /** How long a missing key is remembered at the edge before the origin is asked again. */
 export const NOT_FOUND_TTL = 60;
@@ -34,13 +39,14 @@ export function textResponse(status: number, text: string, headers: HeadersInit 
   return response;
 }
 
-/** The answer to a CORS preflight. */
+/** The answer to a CORS preflight (or any OPTIONS) on a served path. */
 export function preflightResponse(): Response {
   return new Response(null, {
     status: 204,
     headers: {
       ...CORS,
-      "Access-Control-Allow-Methods": `${ALLOWED_METHODS}, OPTIONS`,
+      Allow: ALLOWED_METHODS,
+      "Access-Control-Allow-Methods": ALLOWED_METHODS,
       "Access-Control-Allow-Headers": "Range, If-None-Match, If-Modified-Since, If-Range",
       "Access-Control-Max-Age": "86400",
     },
@@ -77,6 +83,9 @@ export function notFoundMarker(): Response {
 /**
  * The answer built straight from an origin read that carried the client's range, validators or
  * method (a cache miss): 200 without body for HEAD, 206, 304 or 416.
+ *
+ * The validators are checked here too, as for a cache hit: R2's `head` takes none, and RFC 9110
+ * §13.1.2-3 apply to HEAD as to GET.
  */
 export function passedThrough(
   request: Request,
@@ -103,16 +112,13 @@ export function passedThrough(
       return new Response(request.method === "HEAD" ? null : object.body, { status: 206, headers });
     }
     default: {
-      // A HEAD miss asked R2 or S3 for headers only; its range is worked out from the size.
-      const range =
-        request.method === "HEAD" && object.size !== null
-          ? parseRange(request.headers.get("Range"), object.size)
-          : { kind: "none" as const };
-      if (range.kind === "partial") {
-        headers.set("Content-Range", `bytes ${range.start}-${range.end}/${object.size}`);
-        headers.set("Content-Length", String(range.end - range.start + 1));
-        return new Response(null, { status: 206, headers });
+      if (isNotModified(request, headers)) {
+        void object.body?.cancel();
+        headers.delete("Content-Length");
+        headers.delete("Content-Type");
+        return new Response(null, { status: 304, headers });
       }
+      // A HEAD asked the origin for headers only, and ignores any Range (RFC 9110 §14.2).
       return new Response(request.method === "HEAD" ? null : object.body, { status: 200, headers });
     }
   }
@@ -200,8 +206,8 @@ export async function answer(
     return new Response(null, { status: 304, headers });
   }
 
-  // 2. Byte range, cut from the full object
-  if (request.headers.has("Range") && ifRangeHolds(request, headers)) {
+  // 2. Byte range, cut from the full object (GET only: RFC 9110 §14.2)
+  if (!isHead && request.headers.has("Range") && ifRangeHolds(request, headers)) {
     const bytes = await stored.arrayBuffer();
     const range = parseRange(request.headers.get("Range"), bytes.byteLength);
     if (range.kind === "unsatisfiable") {
@@ -214,10 +220,10 @@ export async function answer(
       headers.set("Content-Range", `bytes ${range.start}-${range.end}/${bytes.byteLength}`);
       headers.set("Content-Length", String(range.end - range.start + 1));
       const part = bytes.slice(range.start, range.end + 1);
-      return new Response(isHead ? null : part, { status: 206, headers });
+      return new Response(part, { status: 206, headers });
     }
     headers.set("Content-Length", String(bytes.byteLength));
-    return new Response(isHead ? null : bytes, { status: 200, headers });
+    return new Response(bytes, { status: 200, headers });
   }
 
   // 3. The whole object, streamed

@@ -62,12 +62,11 @@ async function representation(
 
 async function handle(request: Request, env: Env, ctx: ExecutionContext): Promise<Response> {
   // 1. Method
-  if (request.method === "OPTIONS") return preflightResponse();
-  if (request.method !== "GET" && request.method !== "HEAD") {
+  if (!["GET", "HEAD", "OPTIONS"].includes(request.method)) {
     return textResponse(405, "Method Not Allowed", { Allow: ALLOWED_METHODS });
   }
 
-  // 2. Shape: only the exact served keys and gallery paths go further
+  // 2. Shape: only the exact served keys and gallery paths go further (OPTIONS included)
   const url = new URL(request.url);
   const key = keyFromPath(url.pathname);
   const galleryPath = key === null ? galleryFromPath(url.pathname) : null;
@@ -83,6 +82,13 @@ async function handle(request: Request, env: Env, ctx: ExecutionContext): Promis
     return textResponse(500, "Server Misconfigured");
   }
   const serving: Serving = { config, ctx, cacheBase: url.origin };
+
+  // OPTIONS (a CORS preflight) is answered from the path alone: it never reaches the origin
+  // and checks no signature. A gallery that is off is a 404 for every method.
+  if (request.method === "OPTIONS") {
+    if (galleryPath !== null && config.gallery === "off") return textResponse(404, "Not Found");
+    return preflightResponse();
+  }
 
   try {
     if (galleryPath !== null)

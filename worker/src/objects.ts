@@ -10,7 +10,7 @@
  */
 import type { Config } from "./config";
 import { answer, notFoundMarker, objectHeaders, passedThrough, textResponse } from "./http";
-import { type ReadOptions, type ReadRange, readObject } from "./origins";
+import { type ReadOptions, type ReadRange, readObject, readWholeObject } from "./origins";
 
 /** Where a request is served: configuration, its context, and the base of cache keys. */
 export interface Serving {
@@ -34,12 +34,13 @@ function cacheKey(serving: Serving, key: string): Request {
 }
 
 async function readWhole(config: Config, key: string): Promise<Whole | null> {
-  const object = await readObject(config, key);
-  if (object === null) return null;
-  const body = await new Response(object.body).arrayBuffer();
-  const headers = objectHeaders(object, key);
-  headers.set("Content-Length", String(body.byteLength));
-  return { headers: [...headers], body };
+  // Headers and body under one ORIGIN_TIMEOUT_MS: the read always settles, so a stalled body
+  // never holds the in-flight entry (and every later request for the key) forever.
+  const read = await readWholeObject(config, key);
+  if (read === null) return null;
+  const headers = objectHeaders(read.object, key);
+  headers.set("Content-Length", String(read.body.byteLength));
+  return { headers: [...headers], body: read.body };
 }
 
 /**
@@ -60,6 +61,8 @@ export async function wholeObject(serving: Serving, key: string): Promise<Respon
   }
   let pending = inflight.get(entry.url);
   if (pending === undefined) {
+    // Settled in every case (readWhole is bounded by the origin timeout), and removed then, so
+    // the request after a failure asks the origin again.
     pending = readWhole(serving.config, key).finally(() => inflight.delete(entry.url));
     inflight.set(entry.url, pending);
     // The starting request stays alive until the read is stored, whoever else waits for it.

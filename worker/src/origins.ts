@@ -4,7 +4,8 @@
  *
  * A read may be a HEAD (no body), carry a byte range and the client's validators, so that a
  * cache miss costs the origin only what the client asked for. Every read is bounded by
- * ORIGIN_TIMEOUT_MS. Only the fields the Worker needs are kept from the origin's answer, so no
+ * ORIGIN_TIMEOUT_MS: a whole-object read (the one that fills the edge cache) with its body, a
+ * passed-through read up to its headers (its body streams to the client as it comes). Only the fields the Worker needs are kept from the origin's answer, so no
  * origin header (and no credential) is ever passed on to a client.
  */
 import { AwsClient } from "aws4fetch";
@@ -122,6 +123,8 @@ function fromHttp(response: Response): OriginObject | null {
 
 async function fromR2(bucket: R2Bucket, key: string, options: ReadOptions) {
   if (options.head) {
+    // R2's head takes no onlyIf: the client's validators are checked against these headers
+    // by the caller (passedThrough), as for a cache hit.
     const object = await bucket.head(key);
     return object === null ? null : r2Object(object, null, 200);
   }
@@ -186,9 +189,36 @@ function s3Client(config: Config): AwsClient {
   });
 }
 
+async function originRead(
+  config: Config,
+  key: string,
+  options: ReadOptions,
+  signal: AbortSignal,
+): Promise<OriginObject | null> {
+  const objectKey = config.prefix + key;
+  const origin = config.origin;
+  const init: RequestInit = {
+    method: options.head ? "HEAD" : "GET",
+    headers: httpHeaders(options),
+    redirect: "manual",
+    signal,
+  };
+  switch (origin.kind) {
+    case "r2":
+      return fromR2(origin.bucket, objectKey, options);
+    case "s3": {
+      const url = `${origin.endpoint}/${origin.bucket}/${objectKey}`;
+      return fromHttp(await s3Client(config).fetch(url, init));
+    }
+    case "public":
+      return fromHttp(await fetch(`${origin.baseUrl}/${objectKey}`, init));
+  }
+}
+
 /**
  * Reads `<ORIGIN_PREFIX><key>` from the origin, or null when the origin has no such object.
  *
+ * Only the answer's headers are awaited: the caller passes the body on as a stream.
  * Throws OriginError when the origin fails or does not answer in time.
  */
 export function readObject(
@@ -196,25 +226,53 @@ export function readObject(
   key: string,
   options: ReadOptions = {},
 ): Promise<OriginObject | null> {
-  const objectKey = config.prefix + key;
-  const origin = config.origin;
-  const init = (signal: AbortSignal): RequestInit => ({
-    method: options.head ? "HEAD" : "GET",
-    headers: httpHeaders(options),
-    redirect: "manual",
-    signal,
-  });
-  return withTimeout(config.timeoutMs, async (signal) => {
-    switch (origin.kind) {
-      case "r2":
-        return fromR2(origin.bucket, objectKey, options);
-      case "s3": {
-        const url = `${origin.endpoint}/${origin.bucket}/${objectKey}`;
-        return fromHttp(await s3Client(config).fetch(url, init(signal)));
-      }
-      case "public":
-        return fromHttp(await fetch(`${origin.baseUrl}/${objectKey}`, init(signal)));
+  return withTimeout(config.timeoutMs, (signal) => originRead(config, key, options, signal));
+}
+
+/** All of `body`, given up (and the stream cancelled) when `signal` aborts. */
+async function readAll(body: ReadableStream | null, signal: AbortSignal): Promise<ArrayBuffer> {
+  if (body === null) return new ArrayBuffer(0);
+  const reader = body.getReader();
+  const stop = () => void reader.cancel(signal.reason).catch(() => undefined);
+  if (signal.aborted) stop();
+  else signal.addEventListener("abort", stop, { once: true });
+  try {
+    const chunks: Uint8Array[] = [];
+    let total = 0;
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      const chunk = value instanceof Uint8Array ? value : new Uint8Array(value as ArrayBuffer);
+      chunks.push(chunk);
+      total += chunk.byteLength;
     }
+    const whole = new Uint8Array(total);
+    let offset = 0;
+    for (const chunk of chunks) {
+      whole.set(chunk, offset);
+      offset += chunk.byteLength;
+    }
+    return whole.buffer;
+  } finally {
+    signal.removeEventListener("abort", stop);
+  }
+}
+
+/**
+ * Reads the whole object at `<ORIGIN_PREFIX><key>`, headers and body, or null when the origin
+ * has no such object.
+ *
+ * ORIGIN_TIMEOUT_MS bounds the whole read, not only the headers: a body that stalls answers
+ * OriginError "timeout" (and is cancelled), one that fails midway OriginError "unavailable".
+ */
+export function readWholeObject(
+  config: Config,
+  key: string,
+): Promise<{ object: OriginObject; body: ArrayBuffer } | null> {
+  return withTimeout(config.timeoutMs, async (signal) => {
+    const object = await originRead(config, key, {}, signal);
+    if (object === null) return null;
+    return { object, body: await readAll(object.body, signal) };
   });
 }
 

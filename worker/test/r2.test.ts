@@ -147,6 +147,35 @@ describe("conditional requests", () => {
     expect((await send(get(url, { "If-Modified-Since": earlier }))).status).toBe(200);
     expect((await send(get(url, { "If-Modified-Since": "yesterday" }))).status).toBe(200);
   });
+
+  // RFC 9110 §13.1.2-3 apply to HEAD as to GET. R2's head takes no onlyIf: on a miss the
+  // validators are checked against its answer, as they are against a cache hit.
+  it("answers a conditional HEAD 304 on a miss from R2's head, as on a hit", async () => {
+    const { url, object } = await stored();
+    const later = new Date(object.uploaded.getTime() + 60_000).toUTCString();
+    const earlier = new Date(object.uploaded.getTime() - 60_000).toUTCString();
+    const cases: [HeadersInit, number][] = [
+      [{ "If-None-Match": object.httpEtag }, 304],
+      [{ "If-None-Match": `W/${object.httpEtag}` }, 304],
+      [{ "If-None-Match": `"other", ${object.httpEtag}` }, 304],
+      [{ "If-None-Match": "*" }, 304],
+      [{ "If-Modified-Since": later }, 304],
+      [{ "If-None-Match": '"other"' }, 200],
+      [{ "If-Modified-Since": earlier }, 200],
+      [{ "If-None-Match": '"other"', "If-Modified-Since": later }, 200],
+    ];
+    for (const cached of [false, true]) {
+      if (cached) await send(url);
+      for (const [headers, status] of cases) {
+        const { bucket, calls } = countingBucket();
+        const res = await send(get(url, headers, "HEAD"), { IMAGES: bucket });
+        expect(res.status, `${JSON.stringify(headers)} cached=${cached}`).toBe(status);
+        expect(res.headers.get("ETag")).toBe(object.httpEtag);
+        expect(res.body).toBeNull();
+        expect(calls.map((c) => c.method)).toEqual(cached ? [] : ["head"]);
+      }
+    }
+  });
 });
 
 describe("ranges", () => {
@@ -195,14 +224,27 @@ describe("ranges", () => {
     expect((await changed.arrayBuffer()).byteLength).toBe(SIZE);
   });
 
-  it("answers HEAD with a range without a body, from the origin and from the cache", async () => {
-    const { url } = await stored();
-    for (let i = 0; i < 2; i++) {
-      const res = await send(get(url, { Range: "bytes=0-9" }, "HEAD"));
-      expect(res.status).toBe(206);
-      expect(res.headers.get("Content-Range")).toBe(`bytes 0-9/${SIZE}`);
-      expect(res.body).toBeNull();
-      await send(url);
+  // RFC 9110 §14.2: "A server MUST ignore a Range header field received with a request method
+  // that is unrecognized or for which range handling is not defined": only GET defines it.
+  it("ignores Range on HEAD: 200 with the whole length, from the origin and from the cache", async () => {
+    const { url, object } = await stored();
+    const ranges: HeadersInit[] = [
+      { Range: "bytes=0-9" },
+      { Range: "bytes=5000-" },
+      { Range: "bytes=-0" },
+      { Range: "bytes=0-9", "If-Range": object.httpEtag },
+      { Range: "bytes=0-9", "If-Range": '"changed"' },
+    ];
+    for (const cached of [false, true]) {
+      if (cached) await send(url);
+      for (const headers of ranges) {
+        const res = await send(get(url, headers, "HEAD"));
+        expect(res.status, `${JSON.stringify(headers)} cached=${cached}`).toBe(200);
+        expect(res.headers.get("Content-Length")).toBe(String(SIZE));
+        expect(res.headers.get("Content-Range")).toBeNull();
+        expect(res.headers.get("ETag")).toBe(object.httpEtag);
+        expect(res.body).toBeNull();
+      }
     }
   });
 
@@ -333,6 +375,59 @@ describe("origin failures", () => {
     const res = await send(url, { IMAGES: slow.bucket, ORIGIN_TIMEOUT_MS: "20" });
     expect(res.status).toBe(504);
     expect(res.headers.get("Cache-Control")).toBe("no-store");
+  });
+
+  it("answers 504 when R2's body stalls, and reads the key again on the next request", async () => {
+    vi.spyOn(console, "error").mockImplementation(() => {});
+    const { key, url, object } = await stored();
+    let cancelled = false;
+    const stalling = {
+      get: async () => ({
+        size: object.size,
+        httpEtag: object.httpEtag,
+        uploaded: object.uploaded,
+        body: new ReadableStream({
+          pull() {},
+          cancel() {
+            cancelled = true;
+          },
+        }),
+      }),
+    } as unknown as R2Bucket;
+    const config = { ORIGIN_TIMEOUT_MS: "50" };
+    const within2s = (res: Promise<Response>) =>
+      Promise.race([
+        res.then((r) => r.status),
+        new Promise((resolve) => setTimeout(() => resolve("no answer within 2 s"), 2000)),
+      ]);
+    expect(await within2s(send(url, { ...config, IMAGES: stalling }))).toBe(504);
+    expect(cancelled).toBe(true);
+    const healthy = countingBucket();
+    const res = send(url, { ...config, IMAGES: healthy.bucket });
+    expect(await within2s(res)).toBe(200);
+    expect(new Uint8Array(await (await res).arrayBuffer())).toEqual(bytes(SIZE));
+    expect(healthy.calls).toEqual([{ method: "get", key, options: expect.anything() }]);
+  });
+
+  it("answers 502 when R2's body fails midway", async () => {
+    vi.spyOn(console, "error").mockImplementation(() => {});
+    const { url, object } = await stored();
+    const failing = {
+      get: async () => ({
+        size: object.size,
+        httpEtag: object.httpEtag,
+        uploaded: object.uploaded,
+        body: new ReadableStream({
+          start(controller) {
+            controller.enqueue(new Uint8Array(10));
+            controller.error(new Error("stream reset"));
+          },
+        }),
+      }),
+    } as unknown as R2Bucket;
+    const res = await send(url, { IMAGES: failing });
+    expect(res.status).toBe(502);
+    expect(await res.text()).toBe("Origin Unavailable\n");
   });
 
   it("answers 502 when R2 fails", async () => {

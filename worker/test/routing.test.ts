@@ -11,7 +11,8 @@ describe("methods", () => {
   it.each(["POST", "PUT", "DELETE", "PATCH"])("%s answers 405 with Allow", async (method) => {
     const res = await send(new Request(`${BASE}/${newKey()}`, { method }));
     expect(res.status).toBe(405);
-    expect(res.headers.get("Allow")).toBe("GET, HEAD");
+    // OPTIONS is answered (204) on served paths, so it is allowed too (RFC 9110 §10.2.1).
+    expect(res.headers.get("Allow")).toBe("GET, HEAD, OPTIONS");
   });
 
   it("OPTIONS answers a CORS preflight", async () => {
@@ -30,6 +31,39 @@ describe("methods", () => {
     expect(res.headers.get("Access-Control-Allow-Methods")).toContain("GET");
     expect(res.headers.get("Access-Control-Allow-Headers")).toContain("Range");
     expect(res.headers.get("Access-Control-Max-Age")).toBe("86400");
+    expect(res.headers.get("Allow")).toBe("GET, HEAD, OPTIONS");
+  });
+
+  it("answers OPTIONS 404 where every other method is answered 404", async () => {
+    const r2 = countingBucket();
+    for (const [path, overrides] of [
+      ["/favicon.ico", {}],
+      ["/2026/05/01/abc.json", {}],
+      ["/2026/05/01/../../../secret.png", {}],
+      ["/", { GALLERY: "off" }],
+      ["/2026/05/01/", { GALLERY: "off" }],
+    ] as const) {
+      const options = await send(new Request(`${BASE}${path}`, { method: "OPTIONS" }), {
+        IMAGES: r2.bucket,
+        ...overrides,
+      });
+      const get = await send(`${BASE}${path}`, { IMAGES: r2.bucket, ...overrides });
+      expect([options.status, get.status], path).toEqual([404, 404]);
+      expect(options.headers.get("Allow")).toBeNull();
+    }
+    expect(r2.calls).toHaveLength(0);
+  });
+
+  it("answers OPTIONS 204 on served paths without reaching the origin", async () => {
+    const r2 = countingBucket();
+    for (const path of [`/${newKey()}`, `/${newKey("thumb")}`, "/", "/2026/05/01/"]) {
+      const res = await send(new Request(`${BASE}${path}`, { method: "OPTIONS" }), {
+        IMAGES: r2.bucket,
+      });
+      expect(res.status, path).toBe(204);
+      expect(res.headers.get("Allow")).toBe("GET, HEAD, OPTIONS");
+    }
+    expect(r2.calls).toHaveLength(0);
   });
 });
 

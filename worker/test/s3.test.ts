@@ -30,6 +30,39 @@ function objectResponse(size = 64): Response {
   });
 }
 
+/** An origin answer whose body never ends; `cancelled` says whether the Worker gave it up. */
+function stalled(): { response: Response; cancelled: () => boolean } {
+  let cancelled = false;
+  const body = new ReadableStream({
+    pull() {},
+    cancel() {
+      cancelled = true;
+    },
+  });
+  return { response: new Response(body, { headers: { ETag: '"x"' } }), cancelled: () => cancelled };
+}
+
+/** An origin answer whose body fails after its first bytes (a connection reset). */
+function broken(): Response {
+  let sent = false;
+  const body = new ReadableStream({
+    pull(controller) {
+      if (sent) return controller.error(new Error("connection reset"));
+      sent = true;
+      controller.enqueue(new Uint8Array(10));
+    },
+  });
+  return new Response(body, { headers: { ETag: '"x"', "Content-Length": "64" } });
+}
+
+/** The status `response` answers, or a note that it had not answered within 2 s. */
+function statusWithin2s(response: Promise<Response>): Promise<number | string> {
+  const late = new Promise<string>((resolve) =>
+    setTimeout(() => resolve("no answer within 2 s"), 2000),
+  );
+  return Promise.race([response.then((r) => r.status), late]);
+}
+
 function abortable(request: Request): Promise<Response> {
   return new Promise((_, reject) => {
     request.signal.addEventListener("abort", () =>
@@ -204,6 +237,49 @@ describe("public bucket origin", () => {
     vi.spyOn(console, "error").mockImplementation(() => {});
     mockFetch(() => new Response("boom", { status: 500 }));
     expect((await send(`${BASE}/${newKey()}`, PUBLIC)).status).toBe(502);
+  });
+
+  it("answers 502 when the body fails after the headers", async () => {
+    vi.spyOn(console, "error").mockImplementation(() => {});
+    mockFetch(broken);
+    const res = await send(`${BASE}/${newKey()}`, PUBLIC);
+    expect(res.status).toBe(502);
+    expect(await res.text()).toBe("Origin Unavailable\n");
+  });
+
+  it("bounds the body by ORIGIN_TIMEOUT_MS too: 504, and the stream is given up", async () => {
+    vi.spyOn(console, "error").mockImplementation(() => {});
+    const origin = stalled();
+    mockFetch(() => origin.response);
+    const res = send(`${BASE}/${newKey()}`, { ...PUBLIC, ORIGIN_TIMEOUT_MS: "50" });
+    expect(await statusWithin2s(res)).toBe(504);
+    expect(origin.cancelled()).toBe(true);
+  });
+
+  it("asks the origin again for a key whose last read stalled", async () => {
+    vi.spyOn(console, "error").mockImplementation(() => {});
+    const key = newKey();
+    const config = { ...PUBLIC, ORIGIN_TIMEOUT_MS: "50" };
+    mockFetch(() => stalled().response);
+    expect(await statusWithin2s(send(`${BASE}/${key}`, config))).toBe(504);
+    vi.restoreAllMocks();
+    const healthy = mockFetch(() => objectResponse());
+    expect(await statusWithin2s(send(`${BASE}/${key}`, config))).toBe(200);
+    expect(healthy.calls).toHaveLength(1);
+  });
+
+  it("bounds a record's body too: a stalled derivatives record answers 504", async () => {
+    vi.spyOn(console, "error").mockImplementation(() => {});
+    const key = newKey();
+    const { calls } = mockFetch(() => stalled().response);
+    const res = send(new Request(`${BASE}/${key}`, { headers: { Accept: "image/avif" } }), {
+      ...PUBLIC,
+      ORIGIN_TIMEOUT_MS: "50",
+    });
+    expect(await statusWithin2s(res)).toBe(504);
+    expect(calls.map((c) => new URL(c.url).pathname.split("/").pop())).toEqual([
+      key.split("/").pop()?.replace(".png", ".derivatives.json"),
+    ]);
   });
 });
 
