@@ -73,6 +73,8 @@ class _Waiting:
     context: contextvars.Context
     taken: bool = False
     """Part of a call: it runs to the end whatever happens to its request."""
+    on_start: Callable[[], None] | None = None
+    """Told when its call is formed (on the loop, so nothing can come between)."""
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once its call has ended, the PNG encoding included."""
 
@@ -105,7 +107,7 @@ class Batcher:
         self.max_size = max_size
         self.window = window
         self._waiting: deque[_Waiting] = deque()
-        self._arrived = asyncio.Event()
+        self._changed = asyncio.Event()  # a job arrived, or one waiting has gone
         self._worker: asyncio.Future[None] | None = None
         # The pipeline always runs on one thread, the encoding on another: each keeps its own
         # memory and caches warm from one call to the next.
@@ -136,25 +138,37 @@ class Batcher:
         )
 
     async def submit(
-        self, job: EnhancedPrompt, progress: ProgressCallback | None = None
+        self,
+        job: EnhancedPrompt,
+        progress: ProgressCallback | None = None,
+        *,
+        on_start: Callable[[], None] | None = None,
     ) -> RenderOutput:
         """Queue ``job`` and return its output once its batch has run.
 
-        Cancelling the caller drops the job if its batch has not started. A batch that has
-        started runs to the end (a thread cannot be stopped) and its other jobs get their
-        images; the cancelled caller returns (raises) only once that call has ended, so what it
-        holds around this, an admission slot, stays held while the work runs.
+        Cancelling the caller drops the job if its batch has not started (a batch window
+        whose jobs have all gone ends at once). A batch that has started runs to the end (a
+        thread cannot be stopped) and its other jobs get their images; the cancelled caller
+        returns (raises) only once that call has ended, so what it holds around this, an
+        admission slot, stays held while the work runs. ``on_start`` is called when the job
+        joins a call: from then on cancelling its caller no longer spares any work.
         """
         waiting = _Waiting(
-            job, progress, asyncio.get_running_loop().create_future(), contextvars.copy_context()
+            job,
+            progress,
+            asyncio.get_running_loop().create_future(),
+            contextvars.copy_context(),
+            on_start=on_start,
         )
         self._waiting.append(waiting)
-        self._arrived.set()
+        self._changed.set()
         if self._worker is None or self._worker.done():
             self._worker = asyncio.ensure_future(self._drain())
         try:
             return await waiting.future
         except asyncio.CancelledError:
+            if not waiting.taken:
+                self._changed.set()  # a window kept open for it alone ends now
             while waiting.taken and not waiting.ended.is_set():
                 with contextlib.suppress(asyncio.CancelledError):  # cancelled again: still held
                     await waiting.ended.wait()
@@ -169,13 +183,15 @@ class Batcher:
                 continue
             key = batch_key(first.job)
             deadline = loop.time() + self.window
-            while self.max_size > 1 and self._compatible(key) < self.max_size:
+            # The window waits for company while someone waits in it: once every job in it
+            # has gone (their requests timed out), it ends, and nothing runs for them.
+            while self.max_size > 1 and 0 < self._compatible(key) < self.max_size:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
-                self._arrived.clear()
+                self._changed.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                    await asyncio.wait_for(self._changed.wait(), remaining)
             batch = self._take(key)
             if batch:
                 await self._run_batch(batch)
@@ -191,6 +207,8 @@ class Batcher:
                 continue
             if len(taken) < self.max_size and batch_key(waiting.job) == key:
                 waiting.taken = True
+                if waiting.on_start is not None:
+                    waiting.on_start()
                 taken.append(waiting)
             else:
                 kept.append(waiting)

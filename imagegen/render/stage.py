@@ -25,6 +25,7 @@ from imagegen.errors import (
 from imagegen.models import EnhancedPrompt, RenderedImage
 from imagegen.modelspec import family_for, request_errors
 from imagegen.render import stored_png
+from imagegen.render._waiters import Waiters
 from imagegen.render.base import (
     BatchRenderBackend,
     ProgressCallback,
@@ -84,6 +85,7 @@ class RenderStage:
         self._lock = asyncio.Lock()
         self._admitted = 0
         self._generation_lock = KeyedLocks()  # one render per generation at a time
+        self._waiters = Waiters()  # stored renders, dropped unstarted once nobody waits
         self._batcher: Batcher | None = None
 
     @property
@@ -126,11 +128,18 @@ class RenderStage:
         return max(batch, math.floor(self.settings.render_timeout / per_job))
 
     def retry_after(self) -> int:
-        """Whole seconds until the jobs held now are done: depth x measured seconds per job."""
+        """Whole seconds until the jobs held now are done: depth x measured seconds per job.
+
+        Before any render is timed, a job is taken to need what admission assumes of it when
+        it admits a full queue untimed, ``render_timeout / capacity`` (the held jobs end
+        within the timeout), or the running call's time so far if that is longer already: a
+        client that honours it is not refused again while admission's assumption holds.
+        """
         per_job = self.batcher.seconds_per_job
-        if per_job is None:  # nothing timed yet: the running call so far is the best guess
+        if per_job is None:
             since = self.batcher.running_since
-            per_job = time.perf_counter() - since if since is not None else 1.0
+            elapsed = time.perf_counter() - since if since is not None else 0.0
+            per_job = max(self.settings.render_timeout / self.capacity, elapsed)
         return max(1, math.ceil(self._admitted * per_job))
 
     def close(self) -> None:
@@ -216,9 +225,10 @@ class RenderStage:
         deliveries in flight at once in one process render once (the second waits for the
         first). Replicas that render the same job at the same moment both spend the GPU time,
         but only the first to store the PNG writes it (a conditional write); the others answer
-        with what it stored, so every reply is the same. Once started, a render finishes and is
-        stored even if its request is cancelled (a timeout), so the retry finds the image
-        instead of rendering it again.
+        with what it stored, so every reply is the same. Once its pipeline call has started, a
+        render finishes and is stored even if its request is cancelled (a timeout), so the
+        retry finds the image instead of rendering it again; before that, it is dropped once
+        every request waiting for its generation has gone (:class:`Waiters`).
         """
         keys = GenerationKeys(job.generation_id, job.requested_at)
         fingerprint = stored_png.fingerprint(job)
@@ -227,8 +237,10 @@ class RenderStage:
         if done is not None:
             log.info("image already stored; not rendering again", extra={"key": keys.image})
             return done
-        task = asyncio.ensure_future(self._render_once(job, keys, fingerprint, progress, busy))
-        return await asyncio.shield(task)
+        return await self._waiters.wait(
+            job.generation_id,
+            lambda started: self._render_once(job, keys, fingerprint, progress, busy, started),
+        )
 
     async def _render_once(
         self,
@@ -237,6 +249,7 @@ class RenderStage:
         fingerprint: str,
         progress: ProgressCallback | None,
         busy: bool,
+        started: Callable[[], None],
     ) -> RenderedImage:
         async with self._admission(), self._generation_lock(job.generation_id) as waited:
             # Another delivery of the same job may have finished while this one looked or
@@ -244,7 +257,7 @@ class RenderStage:
             done = await self._stored(job, keys, fingerprint) if busy or waited else None
             if done is not None:
                 return done
-            output = await self._render(job, progress)
+            output = await self._render(job, progress, on_start=started)
             sha256 = hashlib.sha256(output.png).hexdigest()
             # Timings describe the render only, so a redelivered job gets the very same reply.
             timings = {k: round(v, 4) for k, v in output.timings.items()}
@@ -286,7 +299,13 @@ class RenderStage:
         await self.storage.put(keys.image, png, content_type=PNG, metadata=metadata)
         return True
 
-    async def _render(self, job: EnhancedPrompt, progress: ProgressCallback | None) -> RenderOutput:
+    async def _render(
+        self,
+        job: EnhancedPrompt,
+        progress: ProgressCallback | None,
+        *,
+        on_start: Callable[[], None] | None = None,
+    ) -> RenderOutput:
         # The deployment's served models (the setting enhance checks too) and the family's rules.
         errors = request_errors(job.model, job.width, job.height, self.settings.served_models)
         if errors:
@@ -299,7 +318,7 @@ class RenderStage:
                     errors=[{"field": "model", "message": "not loaded by this render service"}],
                 )
             await self.load(job.model)
-        output = await self.batcher.submit(job, progress)
+        output = await self.batcher.submit(job, progress, on_start=on_start)
         denoise = output.timings.get("denoise")
         if denoise is not None:
             instruments().denoise_step_duration.record(

@@ -38,13 +38,18 @@ def _complete(settings: Settings, request: RenderRequest) -> EnhancedPrompt:
     model = request.model or settings.model
     family = family_for(model)
     generation_id = request.generation_id or new_generation_id()
+    requested_at = request.requested_at or datetime.now(UTC)
+    if request.requested_at is None and request.generation_id is not None:
+        # A retry of the same body must be the same job (its fingerprint decides whether the
+        # stored image answers it): a named generation without a time is dated by the day.
+        requested_at = requested_at.replace(hour=0, minute=0, second=0, microsecond=0)
     filled = {
         "generation_id": generation_id,
         "model": model,
         "steps": request.steps or family.default_steps,
         "guidance": family.default_guidance if request.guidance is None else request.guidance,
         "seed": derive_seed(generation_id) if request.seed is None else request.seed,
-        "requested_at": request.requested_at or datetime.now(UTC),
+        "requested_at": requested_at,
     }
     return parse_model(EnhancedPrompt, {**request.model_dump(), **filled})
 

@@ -1,0 +1,112 @@
+"""Requests that give up while queued: what still runs for them, what they still hold."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from imagegen.errors import Overloaded
+from tests.render.test_batching import (
+    BatchingBackend,
+    _held_on_first,
+    _until_queued,
+    job,
+    make_stage,
+)
+
+
+async def test_a_stored_render_whose_request_left_while_queued_never_runs(tmp_path: Path) -> None:
+    backend, stage, first = await _held_on_first(tmp_path, batch_size=1)
+    dropped = asyncio.ensure_future(stage.render(job("dropped")))
+    await _until_queued(stage, 2)
+    dropped.cancel()  # its request timed out before its call started
+    await asyncio.wait([dropped])
+    assert stage._admitted == 1  # its slot is free at once: only the running job holds one
+    backend.gate.set()
+    await first
+    await asyncio.sleep(0.05)  # anything still under way for it would run now
+    assert backend.calls == [["first"]]
+    assert not list(tmp_path.rglob("dropped*"))
+    assert len(stage._waiters) == 0
+
+
+async def test_a_queued_render_runs_while_another_delivery_of_it_waits(tmp_path: Path) -> None:
+    backend, stage, first = await _held_on_first(tmp_path, batch_size=1)
+    gone = asyncio.ensure_future(stage.render(job("dup")))
+    await _until_queued(stage, 2)
+    waiting = asyncio.ensure_future(stage.render(job("dup")))  # a redelivery, behind it
+    await asyncio.sleep(0.05)
+    gone.cancel()  # the first delivery's request timed out; the redelivery still waits
+    await asyncio.wait([gone])
+    backend.gate.set()
+    await first
+    image = await waiting
+    assert backend.calls == [["first"], ["dup"]]
+    assert (tmp_path / image.key).is_file()
+
+
+async def test_a_queued_render_is_dropped_once_every_delivery_has_gone(tmp_path: Path) -> None:
+    backend, stage, first = await _held_on_first(tmp_path, batch_size=1)
+    deliveries = [asyncio.ensure_future(stage.render(job("dup"))) for _ in range(2)]
+    await _until_queued(stage, 2)
+    await asyncio.sleep(0.05)  # the second waits for the first's render
+    for delivery in deliveries:
+        delivery.cancel()
+    await asyncio.wait(deliveries)
+    assert stage._admitted == 1
+    backend.gate.set()
+    await first
+    await asyncio.sleep(0.05)
+    assert backend.calls == [["first"]]
+
+
+async def test_a_started_stored_render_still_ends_and_is_stored(tmp_path: Path) -> None:
+    backend, stage, first = await _held_on_first(tmp_path, batch_size=1)
+    backend.gate.set()
+    await first
+    backend.gate.clear()
+    backend.running.clear()
+    attempt = asyncio.ensure_future(stage.render(job("started")))
+    await asyncio.to_thread(backend.running.wait, 10)
+    attempt.cancel()  # its call is running: it runs to the end and is stored for the retry
+    backend.gate.set()
+    retry = await stage.render(job("started"))
+    assert backend.calls == [["first"], ["started"]]
+    assert (tmp_path / retry.key).is_file()
+
+
+async def test_a_window_ends_once_every_job_in_it_has_gone(tmp_path: Path) -> None:
+    backend = BatchingBackend()
+    stage = make_stage(backend, tmp_path, render_batch_size=4, render_batch_window_ms=10_000)
+    lone = asyncio.ensure_future(stage.render_png(job("lone")))
+    await _until_queued(stage, 1)
+    await asyncio.sleep(0.05)  # the window is open, waiting for company
+    lone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await lone
+    worker = stage.batcher._worker
+    assert worker is not None
+    await asyncio.wait_for(worker, 2)  # not the rest of the 10 s window
+    assert backend.calls == []
+
+
+async def test_retry_after_before_any_render_is_timed_outlasts_the_held_jobs(
+    tmp_path: Path,
+) -> None:
+    backend = BatchingBackend()
+    backend.gate.clear()
+    stage = make_stage(backend, tmp_path, render_queue_size=0, render_timeout=30)
+    first = asyncio.ensure_future(stage.render_png(job("first")))
+    await asyncio.to_thread(backend.running.wait, 10)
+    with pytest.raises(Overloaded) as refused:
+        await stage.render_png(job("refused"))
+    # Nothing timed: the held job may take what admission assumed of it, the whole timeout.
+    assert refused.value.retry_after == 30
+    backend.gate.set()
+    await first
+    # Timed now: the measured time again.
+    stage.batcher.seconds_per_job = 2.5
+    stage._admitted = 1
+    assert stage.retry_after() == 3
