@@ -7,8 +7,10 @@ issuer, an unexpired ``exp``, and the audience among ``aud``. The API server ans
 to service accounts, so the pod's own token and CA are used when mounted.
 
 Keys are cached for ``oidc_jwks_ttl`` seconds. A token naming a key not in the cache (the
-issuer rotated its keys) refreshes it at once, but at most every few seconds, so tokens with
-made-up key ids cannot turn every request into a fetch.
+issuer rotated its keys) refreshes it at once, but at most every few seconds, failed attempts
+counted, so tokens with made-up key ids (or an issuer that is down) cannot turn every request
+into a fetch. One fetch at a time, outside the lock: while it runs, tokens whose key is cached
+are checked against the cached keys, and only those that need the new keys wait for it.
 """
 
 from __future__ import annotations
@@ -71,7 +73,10 @@ class SigningKeys:
         self.token_file = token_file
         self._clock = clock
         self._lock = threading.Lock()
+        self._fetched = threading.Condition(self._lock)  # notified when a fetch ends
         self._set: _KeySet | None = None
+        self._fetching = False
+        self._attempted_at: float | None = None  # the last fetch's start, failed or not
 
     def get(self, kid: str) -> tuple[str, jwt.PyJWK | None]:
         """(issuer, the key named ``kid`` or None), refreshing the cache when it is due.
@@ -80,20 +85,49 @@ class SigningKeys:
             DependencyUnavailable: the issuer's documents cannot be fetched and nothing is cached.
         """
         with self._lock:
-            now = self._clock()
-            current = self._set
-            stale = current is None or now - current.fetched_at >= self.ttl
-            unknown = current is not None and kid not in current.keys
-            may_refresh = current is None or now - current.fetched_at >= _MIN_REFRESH_SECONDS
-            if stale or (unknown and may_refresh):
-                try:
-                    current = self._set = self._fetch(now)
-                except DependencyUnavailable:
-                    if current is None:
-                        raise
-                    log.warning("signing keys could not be refreshed; using the cached ones")
-            assert current is not None
-            return current.issuer, current.keys.get(kid)
+            while True:
+                now = self._clock()
+                current = self._set
+                if not self._due(current, kid, now):
+                    return self._answer(current, kid)
+                if not self._fetching:
+                    self._fetching = True
+                    self._attempted_at = now
+                    break
+                if current is not None and kid in current.keys:
+                    return self._answer(current, kid)  # the cached key serves meanwhile
+                self._fetched.wait()  # the key may be among those being fetched
+        # This request fetches; the others go on with the cached keys, or wait for these.
+        fetched: _KeySet | None = None
+        try:
+            fetched = self._fetch(now)
+        except DependencyUnavailable:
+            if current is None:
+                raise
+            log.warning("signing keys could not be refreshed; using the cached ones")
+        finally:
+            with self._lock:
+                self._fetching = False
+                if fetched is not None:
+                    self._set = fetched
+                self._fetched.notify_all()
+        return self._answer(fetched or current, kid)
+
+    def _due(self, current: _KeySet | None, kid: str, now: float) -> bool:
+        """Whether to fetch: nothing cached, or stale, or ``kid`` unknown; never twice within
+        the back-off, whether the last fetch failed or not."""
+        if self._attempted_at is not None and now - self._attempted_at < _MIN_REFRESH_SECONDS:
+            return False
+        return current is None or now - current.fetched_at >= self.ttl or kid not in current.keys
+
+    @staticmethod
+    def _answer(current: _KeySet | None, kid: str) -> tuple[str, jwt.PyJWK | None]:
+        if current is None:
+            raise DependencyUnavailable(
+                "OIDC signing keys are not available yet (the last fetch failed)",
+                retry_after=int(_MIN_REFRESH_SECONDS),
+            )
+        return current.issuer, current.keys.get(kid)
 
     def _fetch(self, now: float) -> _KeySet:
         headers = {"Accept": "application/json"}

@@ -52,6 +52,7 @@ TIME_COLUMNS = frozenset(
         "time",
         "recorded_at",
         "created_at",
+        "listed_at",
         "updated_at",
         "next_attempt_at",
         "delivered_at",
@@ -222,7 +223,12 @@ class SqlLedger(ABC):
         limit: int = 50,
         cursor: str | None = None,
     ) -> GenerationPage:
-        """Generations first seen in ``[since, until)``, newest first, ``limit`` a page."""
+        """Generations first seen in ``[since, until)``, newest first, ``limit`` a page.
+
+        Ordered by ``listed_at`` (the first recorded event's time, never moved), not by
+        ``created_at``, which a late earlier event moves back: a generation listed on one page
+        is on no other.
+        """
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidRequest(
                 f"limit must be between 1 and {MAX_PAGE}",
@@ -243,22 +249,19 @@ class SqlLedger(ABC):
             where.append("created_at < :until")
             params["until"] = utc(until)
         if cursor is not None:
-            where.append("(created_at, generation_id) < (:after_at, :after_id)")
+            where.append("(listed_at, generation_id) < (:after_at, :after_id)")
             params["after_at"], params["after_id"] = decode_cursor(cursor)
         with self.statement() as db:
             rows = db.query(
                 f"SELECT * FROM generations WHERE {' AND '.join(where)} "  # noqa: S608 - fixed parts
-                "ORDER BY created_at DESC, generation_id DESC LIMIT :limit",
+                "ORDER BY listed_at DESC, generation_id DESC LIMIT :limit",
                 params,
             )
-        items = [_generation(row) for row in rows[:limit]]
         more = len(rows) > limit
-        last = items[-1] if items else None
+        last = rows[limit - 1] if more else None
         return GenerationPage(
-            items=items,
-            next_cursor=encode_cursor(last.created_at, last.generation_id)
-            if more and last
-            else None,
+            items=[_generation(row) for row in rows[:limit]],
+            next_cursor=encode_cursor(last["listed_at"], last["generation_id"]) if last else None,
         )
 
     def events(self, *, since: datetime | None = None) -> Iterator[LedgerEvent]:
@@ -345,9 +348,20 @@ class SqlLedger(ABC):
         return [Delivery(**row) for row in rows]
 
     def finish_delivery(
-        self, msg_id: str, *, delivered: bool, error: str | None = None, retry_in: float | None
-    ) -> None:
-        """Mark a claimed message delivered, due again in ``retry_in`` s, or (None) given up."""
+        self,
+        msg_id: str,
+        *,
+        delivered: bool,
+        error: str | None = None,
+        retry_in: float | None,
+        attempts: int | None = None,
+    ) -> bool:
+        """Mark a claimed message delivered, due again in ``retry_in`` s, or (None) given up.
+
+        ``attempts`` (the claim's, as :meth:`claim_deliveries` returned it): only while the
+        message is still pending on that claim, so an attempt that outlived its lease cannot
+        overwrite the outcome of the claim after it. Returns whether the outcome was recorded.
+        """
         now = self._now()
         if delivered:
             sql = "state = 'delivered', delivered_at = :now, last_error = NULL"
@@ -355,16 +369,19 @@ class SqlLedger(ABC):
             sql = "next_attempt_at = :next, last_error = :error"
         else:
             sql = "state = 'failed', last_error = :error"
+        claim = "" if attempts is None else " AND state = 'pending' AND attempts = :attempts"
         with self.transaction() as db:
-            db.run(
-                f"UPDATE webhook_deliveries SET {sql} WHERE msg_id = :msg_id",  # noqa: S608
+            changed = db.run(
+                f"UPDATE webhook_deliveries SET {sql} WHERE msg_id = :msg_id{claim}",  # noqa: S608
                 {
                     "msg_id": msg_id,
                     "now": now,
                     "next": now + timedelta(seconds=retry_in or 0),
                     "error": (error or "")[:1000],
+                    "attempts": attempts,
                 },
             )
+        return changed > 0
 
     def delivery_states(self, generation_id: str) -> dict[str, dict[str, Any]]:
         """Webhook messages of one generation by event: state, attempts, last error."""

@@ -39,6 +39,7 @@ GENERATION_COLUMNS = (
     "status",
     "status_rank",
     "created_at",
+    "listed_at",
     "updated_at",
     *STAGE_COLUMNS,
     *DESCRIPTIVE_COLUMNS,
@@ -59,7 +60,8 @@ _UPSERT_GENERATION = (
     "THEN excluded.created_at ELSE g.created_at END, "
     "updated_at = excluded.updated_at, "
     + ", ".join(
-        [_first_wins(c) for c in (*STAGE_COLUMNS, *ONCE_COLUMNS)]
+        # listed_at: set by the first event, never moved (history's keyset pages rely on it).
+        [_first_wins(c) for c in ("listed_at", *STAGE_COLUMNS, *ONCE_COLUMNS)]
         + [_most_advanced_wins(c) for c in DESCRIPTIVE_COLUMNS]
     )
 )
@@ -94,6 +96,7 @@ def upsert_params(change: Change, now: datetime) -> dict[str, Any]:
         status=change.status,
         status_rank=change.rank,
         created_at=change.at,
+        listed_at=change.at,
         updated_at=now,
     )
     params[change.stage_column] = change.at

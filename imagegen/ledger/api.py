@@ -97,6 +97,7 @@ async def replay(
 
     Raises:
         NotFound: the generation, or the event to replay, is not recorded.
+        NotReplayable: the recorded event is invalid (409).
         ConfigurationError: no broker to send to (``K_SINK``).
         DependencyUnavailable: the broker did not accept the event.
     """

@@ -5,6 +5,11 @@ when a process dies. Dispatchers (one per ledger replica) claim due messages wit
 a message whose sender died is claimed again when the lease runs out. Each claim tries a few
 times at once (tenacity); after that the message is due again later, the wait doubling per
 claim, until ``max_attempts`` claims have failed.
+
+A claim's tries all end before its lease does, so no other dispatcher sends the message
+meanwhile; an outcome is recorded only while the message is still on the claim that sent it,
+so a dispatcher that overran its lease cannot overwrite a later claim's. Only as many messages
+are claimed as there are free senders, and a slow receiver holds only its own sender.
 """
 
 from __future__ import annotations
@@ -12,9 +17,16 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_exponential,
+)
 
 from imagegen.ledger.models import Delivery
 from imagegen.ledger.store import Ledger
@@ -23,6 +35,9 @@ from imagegen.ledger.webhooks import WebhookFailed, WebhookRefused, WebhookSende
 __all__ = ["Dispatcher"]
 
 log = logging.getLogger("imagegen.ledger")
+
+# Of a claim's lease, the part its tries may use: the rest is for recording the outcome.
+_LEASE_USED = 0.9
 
 
 class Dispatcher:
@@ -35,7 +50,8 @@ class Dispatcher:
         quick_tries: Tries within one claim (a blip should not wait for the next claim).
         backoff: Seconds before the second claim; doubles per claim, ± 20 % jitter.
         backoff_max: Longest wait between claims.
-        lease: Seconds a claimed message is hidden from other dispatchers.
+        lease: Seconds a claimed message is hidden from other dispatchers; a claim's tries
+            end before it does.
         workers: Messages sent at once (a slow receiver does not hold up the others).
     """
 
@@ -58,42 +74,97 @@ class Dispatcher:
         self.backoff = backoff
         self.backoff_max = backoff_max
         self.lease = lease
+        self.workers = workers
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="imagegen-webhook")
+        self._busy = 0  # messages being sent
+        self._busy_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def run_once(self) -> int:
-        """Claim the due messages and make one claim's tries at each; returns how many."""
-        claimed = self.ledger.claim_deliveries(limit=32, lease=self.lease)
-        list(self._pool.map(self._deliver, claimed))
-        return len(claimed)
+        """Claim due messages (one per free sender), make one claim's tries at each, wait for
+        those; returns how many were claimed."""
+        sending = self._claim()
+        for future in sending:
+            future.result()
+        return len(sending)
 
-    def _deliver(self, delivery: Delivery) -> None:
+    def _claim(self) -> list[Future[None]]:
+        """Claim as many due messages as there are free senders and start sending them."""
+        with self._busy_lock:
+            free = self.workers - self._busy
+        if free <= 0:
+            return []
+        claimed = self.ledger.claim_deliveries(limit=free, lease=self.lease)
+        ends = time.monotonic() + self.lease * _LEASE_USED
+        sending = []
+        for delivery in claimed:
+            with self._busy_lock:
+                self._busy += 1
+            future = self._pool.submit(self._deliver, delivery, ends)
+            future.add_done_callback(self._sent)
+            sending.append(future)
+        return sending
+
+    def _sent(self, _: Future[None]) -> None:
+        with self._busy_lock:
+            self._busy -= 1
+        self._wake.set()  # a sender is free: claim the next message
+
+    def _deliver(self, delivery: Delivery, ends: float) -> None:
+        """One claim's tries at ``delivery``, all before ``ends`` (monotonic); the outcome."""
         retrying = Retrying(
-            stop=stop_after_attempt(self.quick_tries),
+            stop=stop_after_attempt(self.quick_tries)
+            | stop_before_delay(max(0.0, ends - time.monotonic())),
             wait=wait_exponential(multiplier=0.2, max=2.0),
             retry=retry_if_exception_type(WebhookFailed),
             reraise=True,
         )
         try:
-            retrying(self.sender.send, delivery)
+            retrying(self.sender.send, delivery, deadline=ends)
         except WebhookRefused as exc:
             log.warning("webhook refused", extra={"msg_id": delivery.msg_id, "reason": exc.message})
-            self.ledger.finish_delivery(
-                delivery.msg_id, delivered=False, error=exc.message, retry_in=None
-            )
+            self._finish(delivery, delivered=False, error=exc.message, retry_in=None)
         except WebhookFailed as exc:
             retry_in = self.retry_in(delivery.attempts)
             log.info(
                 "webhook not delivered",
                 extra={"msg_id": delivery.msg_id, "reason": exc.message, "retry_in": retry_in},
             )
-            self.ledger.finish_delivery(
-                delivery.msg_id, delivered=False, error=exc.message, retry_in=retry_in
+            self._finish(delivery, delivered=False, error=exc.message, retry_in=retry_in)
+        except Exception as exc:
+            # A bug, or a URL no one foresaw: counted as a failed claim like any other, so
+            # the message ends (failed) after max_attempts instead of coming back forever.
+            retry_in = self.retry_in(delivery.attempts)
+            log.exception(
+                "webhook send raised", extra={"msg_id": delivery.msg_id, "retry_in": retry_in}
             )
+            error = f"internal error: {type(exc).__name__}"
+            self._finish(delivery, delivered=False, error=error, retry_in=retry_in)
         else:
-            self.ledger.finish_delivery(delivery.msg_id, delivered=True, retry_in=None)
+            self._finish(delivery, delivered=True, retry_in=None)
+
+    def _finish(
+        self,
+        delivery: Delivery,
+        *,
+        delivered: bool,
+        error: str | None = None,
+        retry_in: float | None,
+    ) -> None:
+        recorded = self.ledger.finish_delivery(
+            delivery.msg_id,
+            delivered=delivered,
+            error=error,
+            retry_in=retry_in,
+            attempts=delivery.attempts,
+        )
+        if not recorded:
+            log.warning(
+                "webhook outcome not recorded: the message was claimed again meanwhile",
+                extra={"msg_id": delivery.msg_id, "delivered": delivered},
+            )
 
     def retry_in(self, attempts: int) -> float | None:
         """Seconds until the next claim after ``attempts`` failed claims; None: give up."""
@@ -115,18 +186,18 @@ class Dispatcher:
             while not self._stop.is_set():
                 self._wake.clear()
                 try:
-                    busy = self.run_once()
+                    started = len(self._claim())
                 except Exception:
                     log.exception("webhook dispatch failed")
-                    busy = 0
-                if not busy:
+                    started = 0
+                if not started:  # nothing due, or every sender busy: until one is free
                     self._wake.wait(poll)
 
         self._thread = threading.Thread(target=loop, name="imagegen-webhooks", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop the loop after the current round; release the sender."""
+        """Stop claiming; wait for the messages being sent; release the sender."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:

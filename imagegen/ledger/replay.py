@@ -4,20 +4,50 @@ From ``enhanced`` (the default) the recorded ``prompt.enhanced`` is sent again u
 generation id: same prompt, seed, model, size and steps, hence (on the same device) the same
 pixels and, since the PNG records only render parameters, the same bytes. From ``requested``
 the recorded request runs through enhancement again, at its original time.
+
+A recorded event that does not validate (the ledger records invalid requests too: enhance
+fails them under the same id) cannot be replayed: a 409 naming what is wrong with it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from imagegen.errors import InvalidRequest, NotFound
 from imagegen.events import GENERATION_REQUESTED, IMAGE_RENDERED, PROMPT_ENHANCED, short_name
 from imagegen.ledger.store import Ledger
 from imagegen.models import EnhancedPrompt, GenerationRequest, new_generation_id
+from imagegen.validation import field_errors
 
-__all__ = ["ReplayFrom", "check_from", "replay_job", "replay_request"]
+__all__ = ["NotReplayable", "ReplayFrom", "check_from", "replay_job", "replay_request"]
 
 ReplayFrom = Literal["enhanced", "requested"]
+M = TypeVar("M", bound=BaseModel)
+
+
+class NotReplayable(InvalidRequest):
+    """The recorded event is invalid (it failed the generation): replaying it would fail again.
+
+    A 409: the request is fine, the generation's record is what it conflicts with.
+    """
+
+    code = "not_replayable"
+    status = 409
+
+
+def _valid(model: type[M], data: dict[str, Any], generation_id: str, event_type: str) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = field_errors(exc)
+        fields = ", ".join(dict.fromkeys(e["field"] for e in errors))
+        raise NotReplayable(
+            f"generation {generation_id!r} cannot be replayed: its recorded "
+            f"{short_name(event_type)} event is invalid ({fields})",
+            errors=errors,
+        ) from None
 
 
 def _recorded(ledger: Ledger, generation_id: str, *types: str) -> tuple[str, dict[str, Any]]:
@@ -35,10 +65,13 @@ def replay_job(ledger: Ledger, generation_id: str, *, new_id: str | None = None)
 
     Raises:
         NotFound: the generation, or its ``prompt.enhanced`` (or ``image.rendered``), is unknown.
+        NotReplayable: the recorded job is invalid.
     """
     kind, data = _recorded(ledger, generation_id, PROMPT_ENHANCED, IMAGE_RENDERED)
-    recorded = data["prompt"] if kind == IMAGE_RENDERED else data
-    job = EnhancedPrompt.model_validate(recorded)
+    recorded = data.get("prompt") if kind == IMAGE_RENDERED else data
+    if not isinstance(recorded, dict):
+        recorded = {}
+    job = _valid(EnhancedPrompt, recorded, generation_id, kind)
     return job.model_copy(
         update={"generation_id": new_id or new_generation_id(), "replay_of": generation_id}
     )
@@ -51,9 +84,10 @@ def replay_request(
 
     Raises:
         NotFound: the generation, or its ``generation.requested``, is unknown.
+        NotReplayable: the recorded request is invalid (the generation failed at enhance).
     """
     _, data = _recorded(ledger, generation_id, GENERATION_REQUESTED)
-    request = GenerationRequest.model_validate(data)
+    request = _valid(GenerationRequest, data, generation_id, GENERATION_REQUESTED)
     original = ledger.get(generation_id)
     # Time-aware plugins saw the original time: let them see it again.
     when = request.requested_at or (original.requested_at if original else None)

@@ -62,9 +62,15 @@ class Ledger(Protocol):
         """Take due webhook messages for one attempt."""
 
     def finish_delivery(
-        self, msg_id: str, *, delivered: bool, error: str | None = None, retry_in: float | None
-    ) -> None:
-        """Record the outcome of one attempt."""
+        self,
+        msg_id: str,
+        *,
+        delivered: bool,
+        error: str | None = None,
+        retry_in: float | None,
+        attempts: int | None = None,
+    ) -> bool:
+        """Record the outcome of one claim (only while still on it, given its ``attempts``)."""
 
     def delivery_states(self, generation_id: str) -> dict[str, dict[str, Any]]:
         """Webhook messages of one generation by event."""

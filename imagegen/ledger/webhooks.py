@@ -8,17 +8,24 @@ either the old or the new secret accepts messages while a secret is being rotate
 
 Server-side request forgery is refused before anything is sent: the URL's host is resolved once,
 every address must be allowed, and the request goes to that vetted address (no second lookup a
-DNS answer could change in between); redirects are never followed.
+DNS answer could change in between); redirects are never followed. An IPv6 address that carries
+an IPv4 one (IPv4-mapped, IPv4-compatible, NAT64, 6to4) is judged by the IPv4 address it
+reaches.
+
+Each attempt has one deadline for connecting, sending and the reply's status line and headers
+(the body is never read), kept by asyncio's cancellation: httpx's own timeouts bound each read,
+and a receiver trickling its reply a byte at a time would never trip them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import binascii
 import hashlib
 import hmac
 import ipaddress
 import socket
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +36,7 @@ import httpx
 
 from imagegen.errors import DependencyUnavailable, InvalidRequest
 from imagegen.ledger.models import Delivery
+from imagegen.settings import webhook_key
 
 __all__ = [
     "AddressPolicy",
@@ -45,6 +53,17 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _METADATA = (
     ipaddress.ip_network("100.100.100.200/32"),  # Alibaba Cloud
     ipaddress.ip_network("fd00:ec2::254/128"),  # AWS over IPv6
+    # Local-use NAT64 (RFC 8215): an operator's own translator, to wherever it reaches;
+    # Python before 3.12.4 counts it as global.
+    ipaddress.ip_network("64:ff9b:1::/48"),
+)
+# IPv6 prefixes whose last 32 bits are the IPv4 address reached: the NAT64 well-known prefix
+# (RFC 6052, section 2.1), IPv4-compatible addresses (RFC 4291, section 2.5.5.1, deprecated
+# but still connected to as IPv4 by some stacks) and IPv4-translated ones (RFC 2765, SIIT).
+_IPV4_IN_LAST_32 = (
+    ipaddress.IPv6Network("64:ff9b::/96"),
+    ipaddress.IPv6Network("::/96"),
+    ipaddress.IPv6Network("::ffff:0:0:0/96"),
 )
 
 
@@ -62,11 +81,10 @@ class WebhookFailed(DependencyUnavailable):
 
 def _key(secret: str) -> bytes:
     try:
-        return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
-    except binascii.Error:
+        return webhook_key(secret)
+    except ValueError as exc:
         raise InvalidRequest(
-            "a webhook secret must be 'whsec_' followed by base64",
-            errors=[{"field": "webhook_secrets", "message": "not whsec_<base64>"}],
+            str(exc), errors=[{"field": "webhook_secrets", "message": str(exc)}]
         ) from None
 
 
@@ -117,25 +135,52 @@ class AddressPolicy:
             raise WebhookRefused(f"webhook URL must be http(s) with a host: {url!r}")
         host = parts.hostname.lower().rstrip(".")
         port = parts.port or (443 if parts.scheme == "https" else 80)
+        # Not a name DNS can carry (an empty label, one over 63 characters, a name over 253):
+        # no retry can help.
+        unusable = WebhookRefused(f"webhook host {host[:100]!r} is not a valid host name")
+        if len(host) > 253:
+            raise unusable
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
             raise WebhookFailed(f"webhook host {host!r} does not resolve: {exc}") from None
+        except (UnicodeError, ValueError):  # the IDNA codec's refusal
+            raise unusable from None
         addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
         for address in addresses:
             self._check(host, address)
         return httpx.URL(url), addresses[0]
 
     def _check(self, host: str, address: IPAddress) -> None:
-        if any(address in network for network in self.networks):
+        embedded = _embedded_ipv4(address)
+        if any(a in net for a in (address, embedded) if a for net in self.networks):
             return
-        if not address.is_global or any(address in net for net in _METADATA):
+        if not _public(embedded or address):
             raise WebhookRefused(
                 f"webhook host {host!r} resolves to {address}, a non-public address; "
                 "allow its network to send there"
             )
         if self.allowed and host not in self.hosts:
             raise WebhookRefused(f"webhook host {host!r} is not on the allow-list")
+
+
+def _public(address: IPAddress) -> bool:
+    if address.is_multicast or not address.is_global:
+        return False
+    return not any(address in net for net in _METADATA)
+
+
+def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 ``address`` reaches, when it carries one."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return None
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if any(address in prefix for prefix in _IPV4_IN_LAST_32):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
 
 
 def _is_network(entry: str) -> bool:
@@ -152,7 +197,7 @@ class WebhookSender:
     Args:
         secrets: Standard Webhooks secrets (``whsec_…``); each signs every message.
         policy: Which hosts may be called.
-        timeout: Seconds for connecting and for the whole reply.
+        timeout: Seconds an attempt may take in all: connecting, sending, the reply's status.
     """
 
     def __init__(
@@ -167,8 +212,9 @@ class WebhookSender:
             _key(secret)
         self._secrets = tuple(secrets)
         self.policy = policy
-        # Redirects are never followed: a 3xx could point anywhere, vetted or not.
-        self._client = httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False)
+        self.timeout = timeout
+        # Loading the CA bundle is the slow part of a client: once, for every attempt.
+        self._tls: ssl.SSLContext = httpx.create_ssl_context()
 
     def headers(self, delivery: Delivery, timestamp: int | None = None) -> dict[str, str]:
         """The Standard Webhooks headers of one attempt (signed now, unless told when)."""
@@ -181,14 +227,24 @@ class WebhookSender:
             "webhook-signature": sign(self._secrets, delivery.msg_id, when, delivery.payload),
         }
 
-    def send(self, delivery: Delivery) -> int:
+    def send(self, delivery: Delivery, *, deadline: float | None = None) -> int:
         """POST ``delivery``; returns the receiver's 2xx status.
+
+        Args:
+            delivery: The message.
+            deadline: ``time.monotonic()`` by which the attempt ends, when sooner than
+                ``timeout`` from now (the dispatcher's lease on the message).
 
         Raises:
             WebhookRefused: the URL may not be called (a retry cannot help).
-            WebhookFailed: no 2xx reply (a retry may help).
+            WebhookFailed: no 2xx reply in time (a retry may help).
         """
         url, address = self.policy.vet(delivery.url)
+        budget = self.timeout
+        if deadline is not None:
+            budget = min(budget, deadline - time.monotonic())
+        if budget <= 0:
+            raise WebhookFailed("no time left for an attempt before the claim's lease ends")
         host = url.host
         target = url.copy_with(host=str(address))
         extensions: dict[str, Any] = {}
@@ -198,16 +254,39 @@ class WebhookSender:
         headers = self.headers(delivery)
         headers["host"] = url.netloc.decode("ascii")
         try:
-            reply = self._client.post(
-                target, content=delivery.payload, headers=headers, extensions=extensions
-            )
+            status = asyncio.run(self._post(target, headers, delivery.payload, extensions, budget))
+        except TimeoutError:
+            raise WebhookFailed(f"no reply within {budget:.3g} s") from None
         except httpx.HTTPError as exc:
             raise WebhookFailed(f"{type(exc).__name__}: {exc}") from None
-        if 300 <= reply.status_code < 400:
-            raise WebhookFailed(f"HTTP {reply.status_code}: redirect not followed")
-        if not 200 <= reply.status_code < 300:
-            raise WebhookFailed(f"HTTP {reply.status_code}")
-        return reply.status_code
+        if 300 <= status < 400:
+            raise WebhookFailed(f"HTTP {status}: redirect not followed")
+        if not 200 <= status < 300:
+            raise WebhookFailed(f"HTTP {status}")
+        return status
+
+    async def _post(
+        self,
+        target: httpx.URL,
+        headers: dict[str, str],
+        body: str,
+        extensions: dict[str, Any],
+        budget: float,
+    ) -> int:
+        """The reply's status, all of it within ``budget`` seconds (asyncio cancels the rest)."""
+        async with (
+            asyncio.timeout(budget),
+            # Redirects are never followed: a 3xx could point anywhere, vetted or not.
+            httpx.AsyncClient(
+                timeout=budget, verify=self._tls, follow_redirects=False, trust_env=False
+            ) as client,
+            # Only the status line and headers are read: the body says nothing the ledger
+            # uses, and a receiver may make it as long or as slow as it likes.
+            client.stream(
+                "POST", target, content=body, headers=headers, extensions=extensions
+            ) as reply,
+        ):
+            return reply.status_code
 
     def close(self) -> None:
-        self._client.close()
+        """Nothing to release: each attempt opens and closes its own connection."""

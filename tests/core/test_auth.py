@@ -6,6 +6,8 @@ import base64
 import hashlib
 import hmac
 import json
+import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -177,6 +179,12 @@ def test_issuer_down_is_retryable_until_keys_are_cached(issuer: Issuer) -> None:
         with pytest.raises(DependencyUnavailable):
             authenticator.authenticate(bearer(issuer.sign({})))
         issuer.up = True
+        attempts = len(issuer.requests)
+        # A failed fetch counts for the back-off too: nothing fetched for 5 s, still a 503.
+        with pytest.raises(DependencyUnavailable) as caught:
+            authenticator.authenticate(bearer(issuer.sign({})))
+        assert caught.value.retry_after == 5 and len(issuer.requests) == attempts
+        clock.now += 5
         assert authenticator.authenticate(bearer(issuer.sign({}))).kind == "oidc"
         issuer.up = False
         clock.now += 10_000  # stale, and the refresh fails: the cached keys still serve
@@ -241,3 +249,64 @@ def test_on_in_prod_off_in_dev() -> None:
     assert Settings(profile="prod").auth_required is True
     assert Settings(profile="dev").auth_required is False
     assert Settings(profile="prod", auth_required=False).auth_required is False
+
+
+def _made_up_kid(token: str, kid: str) -> str:
+    header = base64.urlsafe_b64encode(json.dumps({"alg": "RS256", "kid": kid}).encode())
+    return ".".join([header.decode().rstrip("="), *token.split(".")[1:]])
+
+
+def test_failed_refreshes_count_for_the_back_off(issuer: Issuer) -> None:
+    clock = Clock()
+    authenticator = gate(issuer, clock)
+    token = issuer.sign({})
+    authenticator.authenticate(bearer(token))
+    issuer.up = False
+    try:
+        clock.now += 10  # past the 5 s between refreshes, within the TTL
+        before = len(issuer.requests)
+        for n in range(20):  # made-up kids, the issuer down, no time passing
+            with pytest.raises(Unauthenticated):
+                authenticator.authenticate(bearer(_made_up_kid(token, f"bogus{n}")))
+        assert len(issuer.requests) - before == 1  # one discovery attempt in all
+        clock.now += 10_000  # stale now: valid tokens, served by the cached keys
+        before = len(issuer.requests)
+        for _ in range(20):
+            assert authenticator.authenticate(bearer(token)).kind == "oidc"
+        assert len(issuer.requests) - before == 1
+    finally:
+        issuer.up = True
+
+
+def test_a_hanging_refresh_holds_up_no_token_whose_key_is_cached(
+    issuer: Issuer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imagegen.auth import oidc
+
+    monkeypatch.setattr(oidc, "_FETCH_TIMEOUT", 1.0)
+    clock = Clock()
+    keys = SigningKeys(issuer.url, ttl=300, clock=clock)
+    authenticator = Authenticator(
+        Settings(
+            auth_required=True,
+            oidc_discovery_url=issuer.url,
+            oidc_ca_file=None,
+            oidc_token_file=None,
+        ),
+        function="render",
+        keys=keys,
+    )
+    token = issuer.sign({})
+    authenticator.authenticate(bearer(token))
+    with socket.create_server(("127.0.0.1", 0)) as hanging:  # accepts, never answers
+        keys.discovery_url = f"http://127.0.0.1:{hanging.getsockname()[1]}"
+        clock.now += 301  # stale: the first token refreshes
+        refreshing = threading.Thread(target=authenticator.authenticate, args=(bearer(token),))
+        refreshing.start()
+        conn, _ = hanging.accept()  # the refresh is under way
+        started = time.monotonic()
+        for _ in range(3):
+            assert authenticator.authenticate(bearer(token)).kind == "oidc"
+        assert time.monotonic() - started < 0.5
+        refreshing.join()
+        conn.close()

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from imagegen.auth.api_keys import hash_api_key
-from imagegen.events import MODEL_ATTRIBUTE, PROMPT_ENHANCED
+from imagegen.events import GENERATION_REQUESTED, MODEL_ATTRIBUTE, PROMPT_ENHANCED
+from imagegen.ledger import LedgerEvent
 from imagegen.openapi import document
 from imagegen.stages import get as get_stage
 from tests.fakes.loopback import LoopbackServer
@@ -205,3 +206,27 @@ def test_the_served_document_describes_the_routes(function: InProcessFunction) -
     assert {"200", "401", "404"} <= set(detail)
     replay = served["paths"]["/generations/{generation_id}/replay"]["post"]
     assert [p["name"] for p in replay["parameters"]] == ["generation_id", "from"]
+
+
+def test_replaying_an_invalid_recorded_request_is_a_409_naming_its_fields(
+    serve_ledger: Callable[..., InProcessFunction],
+) -> None:
+    # The ledger records invalid requests by design (enhance fails them under the same id).
+    invalid = LedgerEvent(
+        source="/platform/caller",
+        id="req-bad",
+        type=GENERATION_REQUESTED,
+        subject="gen-bad",
+        data={"generation_id": "gen-bad", "prompt": "a fox", "width": 7},
+    )
+    with _ingress() as (sink, received):
+        function = serve_ledger(K_SINK=sink)
+        assert function.post("/", **binary(invalid)).status_code == 202
+        assert function.post("/", **binary(chain("gen-bad")["failed"])).status_code == 202
+        reply = function.client.post("/generations/gen-bad/replay", params={"from": "requested"})
+        assert reply.status_code == 409, reply.text
+        body = reply.json()
+        assert body["error"] == "not_replayable" and not body["retryable"]
+        assert "generation.requested" in body["message"]
+        assert [e["field"] for e in body["errors"]] == ["width"]
+        assert received == []

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import io
 import json
+import sqlite3
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
 from imagegen.errors import InvalidRequest
 from imagegen.events import IMAGE_DERIVED, reply_id, source_for
 from imagegen.ledger import Ledger, LedgerEvent, open_ledger
+from imagegen.ledger._migrate import CREATE_TABLE, migrations, statements
 from imagegen.models import derive_generation_id
 from tests.ledger.chain import T0, chain
 
@@ -229,7 +232,7 @@ def test_migrations_run_once_and_reopening_keeps_the_rows(ledger_url: str) -> No
         assert second.get("gen-1") is not None
         with second.transaction() as db:
             rows = db.query("SELECT version, name FROM ledger_migrations", {})
-        assert rows == [{"version": 1, "name": "ledger"}]
+        assert rows == [{"version": 1, "name": "ledger"}, {"version": 2, "name": "listed_at"}]
     finally:
         second.close()
 
@@ -238,3 +241,52 @@ def test_an_unknown_url_scheme_is_refused() -> None:
     with pytest.raises(InvalidRequest) as caught:
         open_ledger("mysql://db/ledger")
     assert caught.value.fields == ["ledger_url"]
+
+
+def test_a_late_earlier_event_moves_no_generation_to_another_page(ledger: Ledger) -> None:
+    for n in range(4):
+        events = chain(f"gen-{n}", start=T0 + timedelta(minutes=n))
+        ledger.ingest(events["requested"])
+        ledger.ingest(events["persisted"])
+    # gen-x's image is recorded first; its request, 6 s earlier, arrives between two pages.
+    late = chain("gen-x", start=T0 + timedelta(minutes=2, seconds=50))
+    ledger.ingest(late["persisted"])
+    first = ledger.history(limit=2)
+    ledger.ingest(late["requested"])
+    seen = [g.generation_id for g in first.items]
+    cursor = first.next_cursor
+    while cursor:
+        page = ledger.history(limit=2, cursor=cursor)
+        seen += [g.generation_id for g in page.items]
+        cursor = page.next_cursor
+    assert sorted(seen) == ["gen-0", "gen-1", "gen-2", "gen-3", "gen-x"]
+    found = ledger.get("gen-x")
+    assert found is not None and found.created_at == T0 + timedelta(minutes=2, seconds=50)
+
+
+def test_a_ledger_made_before_listed_at_pages_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    # The ledger as migration 0001 left it, with rows.
+    first = migrations("sqlite")[0]
+    with sqlite3.connect(path) as conn:
+        conn.execute(CREATE_TABLE)
+        for statement in statements(first.sql):
+            conn.execute(statement)
+        conn.execute(
+            "INSERT INTO ledger_migrations VALUES (1, 'ledger', '2026-01-01T00:00:00+00:00')"
+        )
+        for n in range(3):
+            at = f"2026-06-01T00:0{n}:00.000000Z"
+            conn.execute(
+                "INSERT INTO generations (generation_id, status, status_rank, created_at, "
+                "updated_at) VALUES (?, 'requested', 0, ?, ?)",
+                (f"gen-{n}", at, at),
+            )
+    ledger = open_ledger(f"sqlite:///{path}")
+    try:
+        page = ledger.history(limit=2)
+        rest = ledger.history(limit=2, cursor=page.next_cursor)
+        ids = [g.generation_id for g in (*page.items, *rest.items)]
+        assert ids == ["gen-2", "gen-1", "gen-0"]
+    finally:
+        ledger.close()

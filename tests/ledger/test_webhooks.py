@@ -7,13 +7,15 @@ import time
 from datetime import UTC, datetime
 
 import pytest
+from pydantic import ValidationError
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from imagegen.errors import InvalidRequest
+from imagegen.errors import ConfigurationError, InvalidRequest
 from imagegen.ledger import Delivery, Ledger
 from imagegen.ledger.fold import message_id
 from imagegen.ledger.outbox import Dispatcher
 from imagegen.ledger.webhooks import AddressPolicy, WebhookRefused, WebhookSender, sign
+from imagegen.settings import Settings
 from tests.ledger.chain import chain
 from tests.ledger.receiver import Receiver, serve, types_of
 
@@ -69,6 +71,18 @@ def test_a_secret_that_is_not_whsec_base64_is_refused() -> None:
         ("http://8.8.8.8/hook", ("hooks.example.com",)),
         ("http://127.0.0.1/hook", ("localhost",)),
         ("ftp://8.8.8.8/hook", ()),
+        # IPv6 forms that reach an IPv4 address are judged by that address.
+        ("http://[64:ff9b::10.0.0.1]/hook", ()),  # NAT64, RFC 6052
+        ("http://[64:ff9b::169.254.169.254]/latest/meta-data/", ()),
+        ("http://[64:ff9b::127.0.0.1]/", ()),
+        ("http://[64:ff9b:1::a00:1]/", ()),  # local-use NAT64, RFC 8215
+        ("http://[2002:a00:1::]/", ()),  # 6to4 of 10.0.0.1
+        ("http://[2002:a9fe:a9fe::]/", ()),  # 6to4 of 169.254.169.254
+        ("http://[::10.0.0.1]/", ()),  # IPv4-compatible
+        ("http://[::ffff:0:7f00:1]/", ()),  # IPv4-translated (SIIT)
+        ("http://[::ffff:127.0.0.1]/", ()),  # IPv4-mapped
+        ("http://[64:ff9b::8.8.8.8]/hook", ("hooks.example.com",)),
+        ("http://224.0.0.1/", ()),  # multicast
     ],
 )
 def test_unsafe_webhook_addresses_are_refused(url: str, allowed: tuple[str, ...]) -> None:
@@ -83,11 +97,52 @@ def test_unsafe_webhook_addresses_are_refused(url: str, allowed: tuple[str, ...]
         ("https://8.8.8.8/hook", ("8.8.8.0/24",)),
         ("http://10.1.2.3/hook", ("10.0.0.0/8",)),
         ("http://127.0.0.1:8080/hook", ("127.0.0.0/8",)),
+        ("http://[64:ff9b::808:808]/hook", ()),  # NAT64 of 8.8.8.8
+        ("http://[2002:808:808::1]/hook", ()),  # 6to4 of 8.8.8.8
+        ("http://[64:ff9b::a01:203]/hook", ("10.0.0.0/8",)),  # the IPv4 network is allowed
+        ("http://[::ffff:a01:203]/hook", ("10.0.0.0/8",)),
     ],
 )
 def test_public_or_allowed_addresses_pass(url: str, allowed: tuple[str, ...]) -> None:
     _, address = AddressPolicy(allowed).vet(url)
     assert str(address) in url
+
+
+@pytest.mark.parametrize(
+    "host", ["a..example.com", "a" * 64 + ".example.com", "a" * 300, ".".join(["a" * 63] * 4)]
+)
+def test_a_host_name_dns_cannot_carry_is_refused(host: str) -> None:
+    # pydantic's AnyHttpUrl (GenerationRequest.webhook) lets these through.
+    with pytest.raises(WebhookRefused, match="not a valid host name"):
+        AddressPolicy().vet(f"http://{host}/hook")
+
+
+def _secret(size: int) -> str:
+    return "whsec_" + base64.b64encode(b"k" * size).decode()
+
+
+@pytest.mark.parametrize(
+    "secret",
+    ["whsec_", "whsec_AA==", "abcd", _secret(32).removeprefix("whsec_"), _secret(23), _secret(65)],
+)
+def test_a_secret_without_whsec_or_of_the_wrong_size_is_refused(secret: str) -> None:
+    # Standard Webhooks (spec/standard-webhooks.md): whsec_ + base64 of 24 to 64 bytes.
+    with pytest.raises(InvalidRequest) as caught:
+        WebhookSender([secret], LOOPBACK)
+    assert caught.value.fields == ["webhook_secrets"]
+    with pytest.raises(ValidationError) as invalid:
+        Settings(webhook_secrets=f"{OLD},{secret}")
+    assert "IMAGEGEN_WEBHOOK_SECRETS: secret 2 of 2" in str(invalid.value)
+    if len(secret) > 8:
+        assert secret not in str(invalid.value) and OLD not in str(invalid.value)
+    reason = ConfigurationError.of("", invalid.value, name=Settings.variable).message
+    assert reason.startswith("invalid settings: IMAGEGEN_WEBHOOK_SECRETS")
+
+
+@pytest.mark.parametrize("size", [24, 64])
+def test_secrets_of_24_to_64_bytes_are_taken(size: int) -> None:
+    WebhookSender([_secret(size)], LOOPBACK).close()
+    assert len(Settings(webhook_secrets=_secret(size)).webhook_secrets) == 1
 
 
 def test_redirects_are_not_followed() -> None:

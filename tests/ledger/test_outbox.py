@@ -1,0 +1,174 @@
+"""The webhook outbox under misbehaving receivers and URLs: every claim ends, on time, once."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+
+import pytest
+
+from imagegen.ledger import Delivery, Ledger
+from imagegen.ledger.outbox import Dispatcher
+from imagegen.ledger.webhooks import AddressPolicy, WebhookFailed, WebhookSender
+from tests.ledger.chain import chain
+from tests.ledger.receiver import Receiver, serve
+from tests.ledger.test_webhooks import LOOPBACK, OLD
+
+
+@contextmanager
+def _raw_receiver(answer: Callable[[socket.socket], None]) -> Iterator[str]:
+    """A receiver on loopback below HTTP: ``answer`` writes the reply to each connection."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def one(conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            with contextlib.suppress(OSError):  # the sender gave up
+                answer(conn)
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=one, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}/hook"
+    finally:
+        stop.set()
+        server.close()
+
+
+def _trickle(reply: bytes, every: float) -> Callable[[socket.socket], None]:
+    def answer(conn: socket.socket) -> None:
+        for byte in reply:
+            time.sleep(every)
+            conn.sendall(bytes([byte]))
+
+    return answer
+
+
+def _silent(conn: socket.socket) -> None:
+    time.sleep(30)
+
+
+def _delivery(url: str, attempts: int = 1) -> Delivery:
+    return Delivery(
+        msg_id="msg_1",
+        generation_id="gen-1",
+        event="started",
+        url=url,
+        payload="{}",
+        attempts=attempts,
+        created_at=datetime.now(UTC),
+    )
+
+
+def test_a_reply_trickled_byte_by_byte_is_cut_off_at_the_timeout() -> None:
+    # Each byte comes well within the timeout: only a deadline on the whole attempt ends it.
+    status = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+    with _raw_receiver(_trickle(status, 0.1)) as url:
+        sender = WebhookSender([OLD], LOOPBACK, timeout=0.5)
+        started = time.monotonic()
+        with pytest.raises(WebhookFailed, match="no reply within"):
+            sender.send(_delivery(url))
+        assert time.monotonic() - started < 1.5
+
+
+def test_a_slow_body_does_not_hold_the_attempt() -> None:
+    # The status decides; the body is never read, however slowly it comes.
+    def answer(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 20\r\n\r\n")
+        _trickle(b"x" * 20, 0.1)(conn)
+
+    with _raw_receiver(answer) as url:
+        sender = WebhookSender([OLD], LOOPBACK, timeout=1.0)
+        started = time.monotonic()
+        assert sender.send(_delivery(url)) == 200
+        assert time.monotonic() - started < 1.0
+
+
+def test_a_claims_tries_end_before_its_lease(ledger: Ledger) -> None:
+    with _raw_receiver(_silent) as url:
+        ledger.ingest(chain("gen-1", webhook=url)["requested"])
+        # Three tries of 10 s would outlive the 1 s lease: another replica would send too.
+        sender = WebhookSender([OLD], LOOPBACK, timeout=10)
+        dispatcher = Dispatcher(ledger, sender, quick_tries=3, lease=1.0, backoff=60)
+        started = time.monotonic()
+        assert dispatcher.run_once() == 1
+        assert time.monotonic() - started < 1.0
+        dispatcher.stop()
+    state = ledger.delivery_states("gen-1")["started"]
+    assert (state["state"], state["attempts"]) == ("pending", 1)
+    assert "no reply within" in state["last_error"]
+
+
+def test_an_outcome_is_recorded_only_on_the_claim_that_sent_it(ledger: Ledger) -> None:
+    ledger.ingest(chain("gen-1", webhook="https://hooks.example/x")["requested"])
+    [first] = ledger.claim_deliveries(lease=0)
+    [second] = ledger.claim_deliveries(lease=60)  # the first claim's lease ran out
+    assert (first.attempts, second.attempts) == (1, 2)
+    # The first sender, late, failed; the second delivered. The late one changes nothing.
+    assert ledger.finish_delivery(second.msg_id, delivered=True, retry_in=None, attempts=2)
+    late = ledger.finish_delivery(
+        first.msg_id, delivered=False, error="HTTP 503", retry_in=None, attempts=1
+    )
+    assert not late
+    state = ledger.delivery_states("gen-1")["started"]
+    assert (state["state"], state["last_error"]) == ("delivered", None)
+
+
+class _Broken(WebhookSender):
+    def send(self, delivery: Delivery, *, deadline: float | None = None) -> int:
+        raise RuntimeError("a bug")
+
+
+def test_a_send_that_raises_unexpectedly_ends_failed_after_max_attempts(ledger: Ledger) -> None:
+    ledger.ingest(chain("gen-1", webhook="https://hooks.example/x")["requested"])
+    dispatcher = Dispatcher(ledger, _Broken([OLD], AddressPolicy()), max_attempts=2, backoff=0)
+    for _ in range(4):
+        dispatcher.run_once()
+    dispatcher.stop()
+    state = ledger.delivery_states("gen-1")["started"]
+    assert (state["state"], state["attempts"]) == ("failed", 2)
+    assert state["last_error"] == "internal error: RuntimeError"
+
+
+def test_a_url_with_a_host_dns_cannot_carry_ends_failed_at_once(ledger: Ledger) -> None:
+    ledger.ingest(chain("gen-1", webhook="http://a..example.com/hook")["requested"])
+    sender = WebhookSender([OLD], AddressPolicy())
+    dispatcher = Dispatcher(ledger, sender, quick_tries=1, max_attempts=3, backoff=0, lease=0)
+    assert dispatcher.run_once() == 1
+    assert dispatcher.run_once() == 0  # not claimed again
+    dispatcher.stop()
+    state = ledger.delivery_states("gen-1")["started"]
+    assert (state["state"], state["attempts"]) == ("failed", 1)
+    assert "not a valid host name" in state["last_error"]
+
+
+def test_a_silent_receiver_does_not_hold_up_the_others(ledger: Ledger) -> None:
+    receiver = Receiver(OLD, fail_first=set(), slow_first=set(), slow=0)
+    with _raw_receiver(_silent) as silent, serve(receiver):
+        ledger.ingest(chain("gen-silent", webhook=silent)["requested"])
+        sender = WebhookSender([OLD], LOOPBACK, timeout=5)
+        dispatcher = Dispatcher(ledger, sender, quick_tries=1, workers=2)
+        dispatcher.start(poll=0.05)
+        try:
+            time.sleep(0.3)  # the silent receiver's message is being sent
+            ledger.ingest(chain("gen-fast", webhook=receiver.url + "/hook")["requested"])
+            dispatcher.wake()
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline and not receiver.accepted:
+                time.sleep(0.02)
+            assert receiver.accepted, "the healthy receiver waited for the silent one"
+        finally:
+            dispatcher.stop()
