@@ -117,7 +117,8 @@ class Function:
         except Exception as exc:
             # Every request would fail alike until the environment is fixed: say it once,
             # and answer 503 (not ready, retried), never 400.
-            broken = ConfigurationError.of(f"{self.stage.name} could not start", exc)
+            summary = f"{self.stage.name} could not start"
+            broken = ConfigurationError.of(summary, exc, name=Settings.variable)
             log.error("start-up failed: %s", broken.message, extra={"stage": self.stage.name})
             failed: Future[None] = Future()
             failed.set_exception(broken)

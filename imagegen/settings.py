@@ -8,6 +8,8 @@ accept JSON (``["US","DE"]``) or comma-separated text (``US,DE``).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 from pathlib import Path
@@ -19,7 +21,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from imagegen.modelspec import DEFAULT_MODEL, spec_for
 
-__all__ = ["DEFAULT_MODEL", "PROFILE_DEFAULTS", "Settings"]
+__all__ = ["DEFAULT_MODEL", "PROFILE_DEFAULTS", "Settings", "webhook_key"]
 
 # Only what truly differs between a laptop/dev namespace and production.
 PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -46,6 +48,32 @@ def _http_url(value: str | None) -> str | None:
     if url.scheme not in ("http", "https") or not url.hostname:
         raise ValueError("not an http:// or https:// URL with a host")
     return value
+
+
+# Standard Webhooks (standard-webhooks/standard-webhooks, spec/standard-webhooks.md, "Signature
+# scheme"): a secret is ``whsec_`` + base64 of a random key of 24 to 64 bytes.
+_WEBHOOK_KEY_BYTES = (24, 64)
+DAY_S = 86_400.0
+"""The longest any wait may be set to: far past any render or reply, and within what every
+clock waits (``threading.TIMEOUT_MAX``; an infinite or huge timeout overflows it)."""
+
+
+def webhook_key(secret: str) -> bytes:
+    """The signing key of a Standard Webhooks secret (``whsec_`` + base64 of 24 to 64 bytes).
+
+    Raises:
+        ValueError: saying what is wrong with ``secret``, never what it is.
+    """
+    if not secret.startswith("whsec_"):
+        raise ValueError("a webhook secret must start with 'whsec_'")
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except binascii.Error:
+        raise ValueError("a webhook secret must be 'whsec_' followed by base64") from None
+    low, high = _WEBHOOK_KEY_BYTES
+    if not low <= len(key) <= high:
+        raise ValueError(f"a webhook secret's key must be {low} to {high} bytes, not {len(key)}")
+    return key
 
 
 def _ollama_host(value: str) -> str:
@@ -92,6 +120,8 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         extra="ignore",
         populate_by_name=True,
+        # Errors never quote what was given: several settings are secrets.
+        hide_input_in_errors=True,
     )
 
     profile: Literal["dev", "prod"] = "dev"
@@ -151,8 +181,22 @@ class Settings(BaseSettings):
     )
     render_fuse_qkv: bool = Field(default=False, description="CUDA: fused QKV projections.")
     render_timeout: float = Field(
-        default=600.0, gt=0, description="Seconds a render request may take, queueing included."
+        default=600.0,
+        gt=0,
+        le=DAY_S,
+        allow_inf_nan=False,
+        description="Seconds a render request may take, queueing included (at most a day).",
     )
+
+    @model_validator(mode="after")
+    def _render_window(self) -> Settings:
+        # A window as long as the budget ends every lone request in a timeout, before its call.
+        if self.render_batch_window_ms / 1000 >= self.render_timeout:
+            raise ValueError(
+                f"{self.variable('render_batch_window_ms')} must be shorter than "
+                f"{self.variable('render_timeout')}"
+            )
+        return self
 
     # Enhance
     ollama_host: str = Field(
@@ -161,7 +205,7 @@ class Settings(BaseSettings):
     )
     ollama_model: str = "llama3.2"
     ollama_temperature: float = Field(default=0.8, ge=0.0, le=2.0)
-    ollama_timeout: float = Field(default=30.0, gt=0)
+    ollama_timeout: float = Field(default=30.0, gt=0, le=DAY_S, allow_inf_nan=False)
     ollama_retries: int = Field(default=2, ge=0, le=10)
     ollama_keep_alive: str | None = Field(
         default=None,
@@ -174,7 +218,11 @@ class Settings(BaseSettings):
         default=3, ge=0, description="Failed prompts in a row that open the circuit; 0: never."
     )
     ollama_breaker_cooldown: float = Field(
-        default=30.0, gt=0, description="Seconds the open circuit skips Ollama before a probe."
+        default=30.0,
+        gt=0,
+        le=DAY_S,
+        allow_inf_nan=False,
+        description="Seconds the open circuit skips Ollama before a probe.",
     )
     enhance_fallback: bool = Field(
         default=True, description="Ollama down: template prompt (true) or retryable 503 (false)."
@@ -190,7 +238,7 @@ class Settings(BaseSettings):
     loras: CommaList = Field(default=[], description="LoRA names or paths, besides lora_dir.")
     lora_probability: float = Field(default=0.25, ge=0.0, le=1.0)
     remote_context_url: str | None = None
-    remote_context_timeout: float = Field(default=2.0, gt=0)
+    remote_context_timeout: float = Field(default=2.0, gt=0, le=DAY_S, allow_inf_nan=False)
     remote_context_max_bytes: int = Field(default=16_384, gt=0)
 
     # Storage
@@ -237,7 +285,13 @@ class Settings(BaseSettings):
     webhook_allowed: CommaList = Field(
         default=[], description="Hosts and networks webhooks may reach; empty: public addresses."
     )
-    webhook_timeout: float = Field(default=10.0, gt=0, description="Seconds per webhook attempt.")
+    webhook_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        le=DAY_S,
+        allow_inf_nan=False,
+        description="Seconds per webhook attempt.",
+    )
     webhook_max_attempts: int = Field(default=8, ge=1, le=30)
     sink_url: str | None = Field(
         default=None,
@@ -275,7 +329,11 @@ class Settings(BaseSettings):
     )
     oidc_clock_skew: float = Field(default=60.0, ge=0, le=600, description="Leeway in seconds.")
     oidc_jwks_ttl: float = Field(
-        default=300.0, gt=0, description="Seconds signing keys are cached."
+        default=300.0,
+        gt=0,
+        le=DAY_S,
+        allow_inf_nan=False,
+        description="Seconds signing keys are cached.",
     )
 
     # Logs
@@ -305,6 +363,19 @@ class Settings(BaseSettings):
     _urls = field_validator("s3_endpoint_url", "public_base_url", "sink_url")(_http_url)
     _ollama = field_validator("ollama_host")(_ollama_host)
     _zone = field_validator("timezone")(_time_zone)
+
+    @model_validator(mode="after")
+    def _webhook_secrets(self) -> Settings:
+        # Named by its variable in the message itself, never quoted (they are secrets).
+        for number, secret in enumerate(self.webhook_secrets, start=1):
+            try:
+                webhook_key(secret.get_secret_value())
+            except ValueError as exc:
+                raise ValueError(
+                    f"{self.variable('webhook_secrets')}: secret {number} of "
+                    f"{len(self.webhook_secrets)} is not valid: {exc}"
+                ) from None
+        return self
 
     @model_validator(mode="after")
     def _served(self) -> Settings:

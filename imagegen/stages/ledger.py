@@ -172,7 +172,11 @@ def _routes() -> tuple[Route, ...]:
             response_model=ReplayAccepted,
             query_model=ReplayQuery,
             status=202,
-            errors={**unknown, 400: "`from` is neither enhanced nor requested."},
+            errors={
+                **unknown,
+                400: "`from` is neither enhanced nor requested.",
+                409: "The recorded event cannot be replayed (it was invalid); its fields named.",
+            },
         ),
     )
 

@@ -108,3 +108,17 @@ def test_non_commercial_models_need_the_operator_to_allow_them(
         Settings()
     monkeypatch.setenv("IMAGEGEN_ALLOW_NON_COMMERCIAL", "true")
     assert Settings().served_models == [model]
+
+
+WAITS = ["ollama_timeout", "ollama_breaker_cooldown", "remote_context_timeout"]
+WAITS += ["webhook_timeout", "oidc_jwks_ttl", "render_timeout"]
+
+
+@pytest.mark.parametrize("field", WAITS)
+@pytest.mark.parametrize("seconds", [float("inf"), float("nan"), 1e300])
+def test_a_wait_no_clock_can_keep_is_refused(field: str, seconds: float) -> None:
+    # Each ends in a timeout handed to threading or asyncio, which overflow past TIMEOUT_MAX.
+    with pytest.raises(ValidationError) as caught:
+        Settings(**{field: seconds})  # type: ignore[arg-type]
+    assert [e["loc"][0] for e in caught.value.errors()] == [field]
+    assert Settings(**{field: 86_400.0}).model_dump()[field] == 86_400.0  # a day is allowed

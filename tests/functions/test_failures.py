@@ -147,6 +147,17 @@ def test_a_misconfigured_function_answers_503_not_400(
     assert len(logs) == 1
 
 
+def test_a_misconfigured_function_names_the_variable_that_was_set(tmp_path: Path) -> None:
+    # The served models under their former name, as a deployment of before may still set them.
+    env = {**base_env(tmp_path / "store"), "IMAGEGEN_ALLOWED_MODELS": '["tiny", 7'}
+    with InProcessFunction("enhance", env) as enhance:
+        reply = post_event(enhance, GENERATION_REQUESTED, {"prompt": "fine"}, subject="cfg-2")
+    assert reply.status_code == 503, reply.text
+    message = reply.json()["message"]
+    assert message.startswith("enhance could not start: invalid settings: IMAGEGEN_ALLOWED_MODELS")
+    assert '["tiny", 7' not in reply.text  # a value is never echoed: it may be a secret
+
+
 def test_the_dead_letter_sink_takes_plain_json_and_keeps_every_attribute(tmp_path: Path) -> None:
     store = tmp_path / "store"
     deadletter = InProcessFunction("deadletter", base_env(store))
