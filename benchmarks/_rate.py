@@ -65,6 +65,7 @@ def _stored_images(storage: Path, count: int) -> list[dict[str, Any]]:
     """``count`` rendered images for persist: one tiny render, stored under ``count`` ids."""
     from imagegen import ImageGenService, Settings
     from imagegen.models import EnhancedPrompt
+    from imagegen.render import stored_png
     from imagegen.storage.base import GenerationKeys
 
     async def run() -> list[dict[str, Any]]:
@@ -73,11 +74,22 @@ def _stored_images(storage: Path, count: int) -> list[dict[str, Any]]:
         async with ImageGenService(settings, preload=["tiny"]) as service:
             source = await service.render(EnhancedPrompt(**render_job("source")))
             png = await service.storage.get(source.key)
+            assert source.rendered_at is not None
             for i in range(count):
                 gid = f"p-{i:05d}-{uuid.uuid4().hex[:6]}"
                 key = GenerationKeys(gid, NOW).image
-                stored = await service.storage.put(key, png, content_type="image/png")
                 job = source.prompt.model_copy(update={"generation_id": gid})
+                # Stored as render stores it: persist checks the event against this metadata.
+                meta = stored_png.metadata(
+                    job,
+                    source.sha256,
+                    stored_png.fingerprint(job),
+                    source.timings,
+                    source.rendered_at,
+                )
+                stored = await service.storage.put(
+                    key, png, content_type="image/png", metadata=meta
+                )
                 image = source.model_copy(
                     update={
                         "generation_id": gid,

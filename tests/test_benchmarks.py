@@ -242,3 +242,25 @@ def test_only_a_rate_counts_its_maximum_as_its_best() -> None:
     assert not cpu.is_rate and cpu.label() == "min"
     assert cpu.ratio() == pytest.approx(11.2 / 1.2)
     assert Comparison("r", "req/s", "higher", None, [1.0], [2.0]).is_rate
+
+
+def test_the_images_the_persist_rows_send_are_what_persist_accepts(tmp_path: Path) -> None:
+    """The rate and start-up rows persist copies of one render: each must pass persist's
+    check against what render stored with the PNG, or the rows measure 400s."""
+    import asyncio
+
+    from _rate import _stored_images
+
+    from imagegen import ImageGenService, Settings
+    from imagegen.models import RenderedImage
+
+    images = _stored_images(tmp_path, 2)
+
+    async def persist() -> list[str]:
+        async with ImageGenService(Settings(storage_url=str(tmp_path))) as service:
+            return [
+                (await service.persist(RenderedImage.model_validate(image))).sha256
+                for image in images
+            ]
+
+    assert asyncio.run(persist()) == [image["sha256"] for image in images]
