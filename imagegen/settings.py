@@ -54,8 +54,9 @@ def _http_url(value: str | None) -> str | None:
 # scheme"): a secret is ``whsec_`` + base64 of a random key of 24 to 64 bytes.
 _WEBHOOK_KEY_BYTES = (24, 64)
 DAY_S = 86_400.0
-"""The longest any wait may be set to: far past any render or reply, and within what every
-clock waits (``threading.TIMEOUT_MAX``; an infinite or huge timeout overflows it)."""
+Seconds = Annotated[float, Field(gt=0, le=DAY_S, allow_inf_nan=False)]
+"""A wait: finite and at most :data:`DAY_S`, far past any render or reply and within what
+every clock waits (``threading.TIMEOUT_MAX``; an infinite or huge timeout overflows it)."""
 
 
 def webhook_key(secret: str) -> bytes:
@@ -180,11 +181,8 @@ class Settings(BaseSettings):
         default=False, description="CUDA 8.9+: fp8 weights and activations via torchao."
     )
     render_fuse_qkv: bool = Field(default=False, description="CUDA: fused QKV projections.")
-    render_timeout: float = Field(
+    render_timeout: Seconds = Field(
         default=600.0,
-        gt=0,
-        le=DAY_S,
-        allow_inf_nan=False,
         description="Seconds a render request may take, queueing included (at most a day).",
     )
 
@@ -205,7 +203,7 @@ class Settings(BaseSettings):
     )
     ollama_model: str = "llama3.2"
     ollama_temperature: float = Field(default=0.8, ge=0.0, le=2.0)
-    ollama_timeout: float = Field(default=30.0, gt=0, le=DAY_S, allow_inf_nan=False)
+    ollama_timeout: Seconds = 30.0
     ollama_retries: int = Field(default=2, ge=0, le=10)
     ollama_keep_alive: str | None = Field(
         default=None,
@@ -217,12 +215,8 @@ class Settings(BaseSettings):
     ollama_breaker_threshold: int = Field(
         default=3, ge=0, description="Failed prompts in a row that open the circuit; 0: never."
     )
-    ollama_breaker_cooldown: float = Field(
-        default=30.0,
-        gt=0,
-        le=DAY_S,
-        allow_inf_nan=False,
-        description="Seconds the open circuit skips Ollama before a probe.",
+    ollama_breaker_cooldown: Seconds = Field(
+        default=30.0, description="Seconds the open circuit skips Ollama before a probe."
     )
     enhance_fallback: bool = Field(
         default=True, description="Ollama down: template prompt (true) or retryable 503 (false)."
@@ -238,7 +232,7 @@ class Settings(BaseSettings):
     loras: CommaList = Field(default=[], description="LoRA names or paths, besides lora_dir.")
     lora_probability: float = Field(default=0.25, ge=0.0, le=1.0)
     remote_context_url: str | None = None
-    remote_context_timeout: float = Field(default=2.0, gt=0, le=DAY_S, allow_inf_nan=False)
+    remote_context_timeout: Seconds = 2.0
     remote_context_max_bytes: int = Field(default=16_384, gt=0)
 
     # Storage
@@ -285,13 +279,7 @@ class Settings(BaseSettings):
     webhook_allowed: CommaList = Field(
         default=[], description="Hosts and networks webhooks may reach; empty: public addresses."
     )
-    webhook_timeout: float = Field(
-        default=10.0,
-        gt=0,
-        le=DAY_S,
-        allow_inf_nan=False,
-        description="Seconds per webhook attempt.",
-    )
+    webhook_timeout: Seconds = Field(default=10.0, description="Seconds per webhook attempt.")
     webhook_max_attempts: int = Field(default=8, ge=1, le=30)
     sink_url: str | None = Field(
         default=None,
@@ -328,13 +316,7 @@ class Settings(BaseSettings):
         description="Token sent to the discovery URL, when the file exists.",
     )
     oidc_clock_skew: float = Field(default=60.0, ge=0, le=600, description="Leeway in seconds.")
-    oidc_jwks_ttl: float = Field(
-        default=300.0,
-        gt=0,
-        le=DAY_S,
-        allow_inf_nan=False,
-        description="Seconds signing keys are cached.",
-    )
+    oidc_jwks_ttl: Seconds = Field(default=300.0, description="Seconds signing keys are cached.")
 
     # Logs
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
