@@ -26,7 +26,15 @@ from opentelemetry import trace
 from imagegen.models import EnhancedPrompt
 from imagegen.render.base import ProgressCallback, RenderOutput
 
-__all__ = ["BATCHED_MAX_ABS_DIFF", "BATCHED_MIN_PSNR", "Batch", "BatchKey", "Batcher", "batch_key"]
+__all__ = [
+    "BATCHED_MAX_ABS_DIFF",
+    "BATCHED_MIN_PSNR",
+    "Batch",
+    "BatchKey",
+    "Batcher",
+    "batch_key",
+    "work_of",
+]
 
 BatchKey = tuple[str, int, int, int, float, tuple[tuple[str, str, float], ...]]
 
@@ -42,6 +50,15 @@ BATCHED_MIN_PSNR = 70.0
 
 # Weight of the newest measurement in the running estimate of seconds per job.
 _SMOOTHING = 0.3
+
+
+def work_of(job: EnhancedPrompt) -> int:
+    """What ``job`` asks of the pipeline, relatively: its pixels times its steps.
+
+    A denoising step's cost grows with the latents it works on, so two jobs' times scale
+    with this about as their sizes and step counts do (the text encoder and the VAE aside).
+    """
+    return job.width * job.height * job.steps
 
 
 def batch_key(job: EnhancedPrompt) -> BatchKey:
@@ -118,6 +135,8 @@ class Batcher:
         self.running_since: float | None = None
         self.seconds_per_job: float | None = None
         """Measured seconds a job takes, at the batch sizes run (None until one ran)."""
+        self.work_per_job: float | None = None
+        """The :func:`work_of` of the jobs those seconds were measured on, smoothed alike."""
 
     def close(self) -> None:
         """Let the pipeline's and the encoding's threads end once their work is done."""
@@ -129,13 +148,21 @@ class Batcher:
         """Jobs waiting or running."""
         return self.running + sum(1 for w in self._waiting if not w.future.done())
 
-    def observe(self, seconds: float, jobs: int) -> None:
-        """Fold one call's duration into the estimate of seconds per job."""
-        sample = seconds / max(1, jobs)
-        previous = self.seconds_per_job
-        self.seconds_per_job = (
-            sample if previous is None else previous + _SMOOTHING * (sample - previous)
-        )
+    def observe(self, seconds: float, jobs: int, work: int | None = None) -> None:
+        """Fold one call's duration (and the :func:`work_of` of its jobs, all together) into the
+        estimate of seconds per job."""
+        self.seconds_per_job = _smoothed(self.seconds_per_job, seconds / max(1, jobs))
+        if work is not None:
+            self.work_per_job = _smoothed(self.work_per_job, work / max(1, jobs))
+
+    def estimate(self, job: EnhancedPrompt) -> float | None:
+        """Seconds ``job`` should take: the measured seconds per job, scaled by its work
+        against the work they were measured on (None until a call has been timed)."""
+        if self.seconds_per_job is None:
+            return None
+        if not self.work_per_job:
+            return self.seconds_per_job
+        return self.seconds_per_job * work_of(job) / self.work_per_job
 
     async def submit(
         self,
@@ -295,7 +322,8 @@ class Batcher:
             handed = await freed
         except Exception as error:  # handed to the jobs' requests, which raise it
             return error
-        self.observe(time.perf_counter() - started, len(batch))
+        spent = time.perf_counter() - started
+        self.observe(spent, len(batch), sum(work_of(waiting.job) for waiting in batch))
         if self._finish is None:
             finished: asyncio.Future[Any] = loop.create_future()
             finished.set_result(handed)
@@ -321,6 +349,10 @@ class _Called:
     work: Batch
     finished: asyncio.Future[Any]
     """The outputs: ``run``'s, completed by ``finish`` when there is one."""
+
+
+def _smoothed(previous: float | None, sample: float) -> float:
+    return sample if previous is None else previous + _SMOOTHING * (sample - previous)
 
 
 def _end(batch: list[_Waiting]) -> None:

@@ -83,7 +83,7 @@ class RenderStage:
         self._building: asyncio.Future[RenderBackend] | None = None
         self._load_on_demand = load_on_demand
         self._lock = asyncio.Lock()
-        self._admitted = 0
+        self._held: list[EnhancedPrompt] = []  # the jobs admitted and not yet done
         self._generation_lock = KeyedLocks()  # one render per generation at a time
         self._waiters = Waiters()  # stored renders, dropped unstarted once nobody waits
         self._batcher: Batcher | None = None
@@ -127,6 +127,27 @@ class RenderStage:
             return batch + UNMEASURED_QUEUE
         return max(batch, math.floor(self.settings.render_timeout / per_job))
 
+    @property
+    def _admitted(self) -> int:
+        return len(self._held)
+
+    def admits(self, job: EnhancedPrompt) -> bool:
+        """Whether ``job`` may join the jobs held now.
+
+        Counted against :attr:`capacity` until a render is timed, or with a fixed queue. Timed,
+        what the held jobs and ``job`` should take together (:meth:`Batcher.estimate`, scaled
+        by each job's pixels and steps) must end within ``render_timeout``, beyond a running
+        batch's worth of jobs: a 1024² job admitted on the time of 256² ones would be one the
+        pod must time out.
+        """
+        estimate = self.batcher.estimate
+        if self.settings.render_queue_size is not None or estimate(job) is None:
+            return self._admitted < self.capacity
+        if self._admitted < self.settings.render_batch_size:
+            return True
+        held = sum(estimate(each) or 0.0 for each in self._held)
+        return held + (estimate(job) or 0.0) <= self.settings.render_timeout
+
     def retry_after(self) -> int:
         """Whole seconds until the jobs held now are done: depth x measured seconds per job.
 
@@ -135,12 +156,13 @@ class RenderStage:
         within the timeout), or the running call's time so far if that is longer already: a
         client that honours it is not refused again while admission's assumption holds.
         """
-        per_job = self.batcher.seconds_per_job
-        if per_job is None:
+        if self.batcher.seconds_per_job is None:
             since = self.batcher.running_since
             elapsed = time.perf_counter() - since if since is not None else 0.0
             per_job = max(self.settings.render_timeout / self.capacity, elapsed)
-        return max(1, math.ceil(self._admitted * per_job))
+            return max(1, math.ceil(self._admitted * per_job))
+        held = sum(self.batcher.estimate(each) or 0.0 for each in self._held)
+        return max(1, math.ceil(held))
 
     def close(self) -> None:
         """Release the backend's models, if it was ever created, and the batcher's threads."""
@@ -213,7 +235,7 @@ class RenderStage:
         A cancelled request (a timeout) leaves the queue if its call has not started; once it
         has, the request keeps its admission slot until the call ends (:meth:`Batcher.submit`).
         """
-        async with self._admission():
+        async with self._admission(job):
             return await self._render(job, progress)
 
     async def render(
@@ -251,7 +273,7 @@ class RenderStage:
         busy: bool,
         started: Callable[[], None],
     ) -> RenderedImage:
-        async with self._admission(), self._generation_lock(job.generation_id) as waited:
+        async with self._admission(job), self._generation_lock(job.generation_id) as waited:
             # Another delivery of the same job may have finished while this one looked or
             # waited; with none at work since before the look, storage is not asked again.
             done = await self._stored(job, keys, fingerprint) if busy or waited else None
@@ -365,8 +387,8 @@ class RenderStage:
             log.exception("PNG encoding failed", extra={"generation_ids": ids})
             raise InternalError(f"render failed: {type(exc).__name__}") from exc
 
-    def _admission(self) -> _Admission:
-        return _Admission(self)
+    def _admission(self, job: EnhancedPrompt) -> _Admission:
+        return _Admission(self, job)
 
     async def _build_backend(self) -> None:
         """Build the backend off the event loop the first time: it imports torch and diffusers.
@@ -395,22 +417,22 @@ SIGKILL."""
 
 
 class _Admission:
-    """Counts a job in; refuses it when the process already holds ``capacity`` jobs."""
+    """Holds a job in; refuses it when the process cannot take it (:meth:`RenderStage.admits`)."""
 
-    def __init__(self, stage: RenderStage) -> None:
-        self.stage = stage
+    def __init__(self, stage: RenderStage, job: EnhancedPrompt) -> None:
+        self.stage, self.job = stage, job
 
     async def __aenter__(self) -> None:
         await self.stage._build_backend()  # capacity depends on what the backend can batch
-        if self.stage._admitted >= self.stage.capacity:
+        if not self.stage.admits(self.job):
             instruments().render_rejections.add(1)
             raise Overloaded(
-                f"render is at capacity ({self.stage.capacity} jobs); retry later",
+                f"render is at capacity ({self.stage._admitted} jobs held); retry later",
                 retry_after=self.stage.retry_after(),
             )
-        self.stage._admitted += 1
+        self.stage._held.append(self.job)
         instruments().renders_in_flight.add(1)
 
     async def __aexit__(self, *exc: object) -> None:
-        self.stage._admitted -= 1
+        self.stage._held.remove(self.job)
         instruments().renders_in_flight.add(-1)

@@ -311,9 +311,9 @@ async def test_retry_after_is_the_queue_at_the_measured_render_time(tmp_path: Pa
 async def test_retry_after_grows_with_the_render_time(tmp_path: Path) -> None:
     stage = make_stage(BatchingBackend(), tmp_path, render_queue_size=0)
     stage.batcher.observe(7.2, 1)  # as if a render had taken 7.2 s
-    stage._admitted = 1
+    stage._held = [job("held-0")]
     assert stage.retry_after() == 8  # 1 job x 7.2 s, rounded up
-    stage._admitted = 5
+    stage._held = [job(f"held-{i}") for i in range(5)]
     assert stage.retry_after() == 36
 
 
@@ -324,6 +324,26 @@ async def test_the_queue_holds_what_finishes_within_the_timeout(tmp_path: Path) 
     assert stage.capacity == 120  # 60 s / 0.5 s per job
     stage.batcher.seconds_per_job = 90.0
     assert stage.capacity == 1  # even one is late: the running slot stays
+
+
+async def test_admission_scales_the_measured_time_by_each_jobs_pixels_and_steps(
+    tmp_path: Path,
+) -> None:
+    # Timed on 256² jobs of 2 steps (0.5 s each): a 1024² job of 2 steps is 16 times the work.
+    stage = make_stage(BatchingBackend(), tmp_path, render_timeout=60)
+    small = job("small", width=256, height=256, steps=2)
+    stage.batcher.observe(1.0, 2, 2 * 256 * 256 * 2)
+    large = [job(f"large-{i}", width=1024, height=1024, steps=2) for i in range(8)]
+    assert stage.batcher.estimate(large[0]) == pytest.approx(8.0)
+    for each in large:
+        if not stage.admits(each):
+            break
+        stage._held.append(each)
+    assert len(stage._held) == 7  # 7 x 8 s end within 60 s; an eighth would not
+    assert stage.retry_after() == 56
+    assert stage.admits(small)  # 56 + 0.5 s still does
+    stage._held = [small] * 110
+    assert stage.admits(small) and not stage.admits(large[0])  # 55 s held: 0.5 s fits, 8 s not
 
 
 async def test_a_fixed_queue_size_wins(tmp_path: Path) -> None:

@@ -108,5 +108,5 @@ async def test_retry_after_before_any_render_is_timed_outlasts_the_held_jobs(
     await first
     # Timed now: the measured time again.
     stage.batcher.seconds_per_job = 2.5
-    stage._admitted = 1
+    stage._held = [job("held")]
     assert stage.retry_after() == 3
