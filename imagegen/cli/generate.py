@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from imagegen.models import EnhancedPrompt, PersistedImage
     from imagegen.service import ImageGenService
 
-__all__ = ["check_storage", "generate", "loop"]
+__all__ = ["generate", "loop"]
 
 Model = Annotated[str | None, typer.Option("--model", "-m", help="Model id, local path or 'tiny'.")]
 Output = Annotated[
@@ -133,16 +133,6 @@ def _display_location(location: str) -> str:
     return location
 
 
-async def check_storage(service: ImageGenService) -> None:
-    """Fail before any work when the storage cannot take the image (what doctor checks).
-
-    The service probes only local storage at start (see ``ImageGenService.__aenter__``); a
-    command run is over when it fails, so here object storage is probed too, before a render
-    whose image would have nowhere to go.
-    """
-    await service.storage.check()
-
-
 async def _generate_one(
     service: ImageGenService, request: Any, *, show_progress: bool
 ) -> tuple[Any, Any]:
@@ -204,7 +194,9 @@ def generate(
 
     async def go() -> tuple[Any, Any]:
         async with make_service(settings) as service:
-            await check_storage(service)
+            # Storage probed before a render whose image would have nowhere to go: the
+            # service probes only local storage at start (ImageGenService.__aenter__).
+            await service.storage.check()
             enhanced, persisted = await _generate_one(
                 service, request, show_progress=not as_json and err.is_terminal
             )
@@ -269,7 +261,7 @@ def loop(
         tally = _Tally()
         explained = False
         async with make_service(settings) as service:
-            await check_storage(service)
+            await service.storage.check()  # before a render, as above
             while not stop.is_set() and (count == 0 or tally.made < count):
                 started = time.perf_counter()
                 enhanced, persisted = await _generate_one(

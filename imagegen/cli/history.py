@@ -283,10 +283,8 @@ def replay(
     settings = settings_from(storage_url=output, ledger_url=ledger)
 
     async def go() -> Any:
-        from imagegen.cli.generate import check_storage
-
         async with make_service(settings) as service:
-            await check_storage(service)
+            await service.storage.check()  # before the render, as generate does
             if request is not None:
                 return (await service.generate(request))[1]
             assert job is not None
