@@ -8,7 +8,9 @@ defaults here.
 - ``OTEL_SDK_DISABLED=true``: no SDK at all; spans and metrics stay no-ops (logs still work).
 - An OTLP exporter per signal when an endpoint is set for it, none otherwise. Without a metrics
   exporter no meter provider is made: nothing would read the metrics, so the instruments stay
-  the API's no-ops and the metrics SDK is never imported. Spans go through
+  the API's no-ops and the metrics SDK is never imported. Without a span exporter the tracer
+  provider is :class:`~imagegen._otel_unexported.UnexportedTracerProvider`: spans have ids
+  (for the logs, and the ``traceparent`` passed on) and record nothing. Spans go through
   a ``BatchSpanProcessor``, metrics through a ``PeriodicExportingMetricReader``: both export
   from a background thread, never on a request's path. ``OTEL_TRACES_EXPORTER`` /
   ``OTEL_METRICS_EXPORTER`` = ``none`` turn one signal's export off, ``console`` prints it.
@@ -35,31 +37,25 @@ import atexit
 import logging
 import sys
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry import context as otel_context
 from opentelemetry import metrics as metrics_api
 from opentelemetry import trace
-from opentelemetry.sdk.resources import OTELResourceDetector, Resource
-from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    ConsoleSpanExporter,
-    SimpleSpanProcessor,
-    SpanExporter,
-)
 
-from imagegen import __version__
 from imagegen._logging import JsonFormatter, setup_logging
 from imagegen._otel_exporters import EXPORT_TIMEOUT as EXPORT_TIMEOUT
 from imagegen._otel_exporters import env, metric_exporter_from_env, span_exporter_from_env
+from imagegen._otel_unexported import UnexportedTracerProvider
 from imagegen.settings import Settings
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import MetricExporter
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+    from imagegen._otel_sdk import GenerationSpanProcessor as GenerationSpanProcessor
 
 __all__ = [
     "GenerationSpanProcessor",
@@ -75,40 +71,22 @@ log = logging.getLogger("imagegen.observability")
 SHUTDOWN_TIMEOUT = 5.0
 """Seconds the exit handler waits for the last spans and metrics to leave."""
 
-# Attributes a span shares with its children, so any span of a generation can be found by id.
-_INHERITED = ("imagegen.generation_id", "imagegen.stage")
-
-
-class GenerationSpanProcessor(SpanProcessor):
-    """Copies ``imagegen.generation_id`` and ``imagegen.stage`` from a span to its children.
-
-    Only spans of this process are seen, so a child of a remote parent starts without them.
-    """
-
-    def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
-        parent = trace.get_current_span(parent_context)
-        attributes: Mapping[str, Any] = getattr(parent, "attributes", None) or {}
-        for key in _INHERITED:
-            if key in attributes and (span.attributes is None or key not in span.attributes):
-                span.set_attribute(key, attributes[key])
-
-    def on_end(self, span: ReadableSpan) -> None:
-        pass
-
 
 @dataclass(frozen=True)
 class Telemetry:
     """The SDK set-up of a process.
 
     Attributes:
-        tracer_provider: The SDK tracer provider in use; None when the SDK is disabled.
+        tracer_provider: The tracer provider in use: the SDK's, or without a span exporter one
+            that records nothing (:class:`UnexportedTracerProvider`); None when the SDK is
+            disabled.
         meter_provider: The SDK meter provider in use; None when the SDK is disabled.
         span_exporter: The exporter spans leave by (None: not exported).
         metric_exporter: The exporter metrics leave by (None: not exported).
         installed: Whether the providers were made here (rather than found in place).
     """
 
-    tracer_provider: TracerProvider | None = None
+    tracer_provider: TracerProvider | UnexportedTracerProvider | None = None
     meter_provider: MeterProvider | None = None
     span_exporter: SpanExporter | None = None
     metric_exporter: MetricExporter | None = None
@@ -139,19 +117,6 @@ def _sdk_disabled() -> bool:
     return env("OTEL_SDK_DISABLED").lower() == "true"
 
 
-def resource_for(service_name: str) -> Resource:
-    """The resource: ``service_name``, the version and Knative's names; ``OTEL_*`` on top."""
-    attributes: dict[str, str] = {"service.name": service_name, "service.version": __version__}
-    knative = {
-        "K_SERVICE": "faas.name",
-        "K_REVISION": "faas.version",
-        "K_CONFIGURATION": "knative.configuration.name",
-    }
-    attributes.update({key: env(var) for var, key in knative.items() if env(var)})
-    # Resource.create puts its arguments over OTEL_RESOURCE_ATTRIBUTES; the variables win here.
-    return Resource.create(attributes).merge(OTELResourceDetector().detect())
-
-
 def create_telemetry(service_name: str, *, traces: bool = True, metrics: bool = True) -> Telemetry:
     """SDK providers configured from the ``OTEL_*`` variables, without installing them.
 
@@ -166,32 +131,30 @@ def create_telemetry(service_name: str, *, traces: bool = True, metrics: bool = 
     """
     if _sdk_disabled() or not (traces or metrics):
         return Telemetry()
-    resource = resource_for(service_name)
+    span_exporter = span_exporter_from_env() if traces else None
+    metric_exporter = metric_exporter_from_env() if metrics else None
+    tracer_provider: TracerProvider | UnexportedTracerProvider | None = None
+    meter_provider = None
+    if traces and span_exporter is None:  # nothing would read what a span records: ids only
+        tracer_provider = UnexportedTracerProvider()
+    if span_exporter is not None or metric_exporter is not None:
+        # Imported here: with nothing exported, start-up skips the SDK.
+        from imagegen._otel_sdk import resource_for, sdk_tracer_provider
 
-    tracer_provider, span_exporter = None, None
-    if traces:
-        span_exporter = span_exporter_from_env()
-        tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
-        tracer_provider.add_span_processor(GenerationSpanProcessor())
-        if isinstance(span_exporter, ConsoleSpanExporter):
-            tracer_provider.add_span_processor(SimpleSpanProcessor(span_exporter))
-        elif span_exporter is not None:
-            tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
+        resource = resource_for(service_name)
+        if span_exporter is not None:
+            tracer_provider = sdk_tracer_provider(resource, span_exporter)
+        if metric_exporter is not None:
+            # Without an exporter nothing would read the metrics: the instruments stay the
+            # API's no-ops and start-up skips the metrics SDK (a fifth of a second).
+            from opentelemetry.sdk.metrics import MeterProvider
+            from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-    meter_provider, metric_exporter = None, None
-    if metrics:
-        metric_exporter = metric_exporter_from_env()
-    if metric_exporter is not None:
-        # Imported here: with no exporter nothing would read the metrics, so the instruments
-        # stay the API's no-ops and start-up skips the metrics SDK (a fifth of a second).
-        from opentelemetry.sdk.metrics import MeterProvider
-        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-
-        meter_provider = MeterProvider(
-            resource=resource,
-            metric_readers=[PeriodicExportingMetricReader(metric_exporter)],
-            shutdown_on_exit=False,
-        )
+            meter_provider = MeterProvider(
+                resource=resource,
+                metric_readers=[PeriodicExportingMetricReader(metric_exporter)],
+                shutdown_on_exit=False,
+            )
     return Telemetry(
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
@@ -199,6 +162,15 @@ def create_telemetry(service_name: str, *, traces: bool = True, metrics: bool = 
         metric_exporter=metric_exporter,
         installed=True,
     )
+
+
+def __getattr__(name: str) -> Any:
+    # The processor needs the SDK, imported when it is first asked for (PEP 562).
+    if name == "GenerationSpanProcessor":
+        from imagegen._otel_sdk import GenerationSpanProcessor
+
+        return GenerationSpanProcessor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _lock = threading.Lock()
@@ -231,8 +203,13 @@ def setup_observability(
             return _active
         current_tracer = trace.get_tracer_provider()
         current_meter = metrics_api.get_meter_provider()
-        kept_tracer = current_tracer if isinstance(current_tracer, TracerProvider) else None
-        # Not imported yet means no SDK meter provider is in place.
+        # An SDK module not imported yet means no SDK provider of its kind is in place.
+        sdk_trace = sys.modules.get("opentelemetry.sdk.trace")
+        kept_tracer = (
+            current_tracer
+            if sdk_trace is not None and isinstance(current_tracer, sdk_trace.TracerProvider)
+            else None
+        )
         sdk_metrics = sys.modules.get("opentelemetry.sdk.metrics")
         kept_meter = (
             current_meter

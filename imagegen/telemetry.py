@@ -24,6 +24,7 @@ from imagegen.errors import ImageGenError
 from imagegen.identity import valid_generation_id
 
 __all__ = [
+    "INHERITED_ATTRIBUTES",
     "METRICS",
     "METRIC_NAMES",
     "Instruments",
@@ -38,6 +39,10 @@ __all__ = [
 ]
 
 _SCOPE = "imagegen"
+
+INHERITED_ATTRIBUTES = ("imagegen.generation_id", "imagegen.stage")
+"""What a span shares with its children, so that every span of a generation, and every log line
+written under one, names it."""
 
 # The stage doing the work, for metrics recorded below it (storage calls): set by the service
 # around each stage, and by a function around its handler.

@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace.sampling import ParentBased
 
 import imagegen
 from imagegen import _otel_exporters, observability
+from imagegen._otel_unexported import UnexportedTracerProvider
 from imagegen.observability import (
     EXPORT_TIMEOUT,
     Telemetry,
@@ -80,14 +81,33 @@ def seconds_to_give_up(exporter: OTLPSpanExporter) -> float:
     return time.monotonic() - started
 
 
-def test_without_an_endpoint_nothing_is_exported(made: list[Telemetry]) -> None:
+def test_without_an_endpoint_nothing_is_exported_and_spans_have_ids_only(
+    made: list[Telemetry],
+) -> None:
     telemetry = make(made)
     assert telemetry.span_exporter is None
     assert telemetry.metric_exporter is None
     # Nothing would read the metrics: the instruments stay the API's no-ops.
     assert telemetry.meter_provider is None
-    assert telemetry.tracer_provider is not None
-    # The one processor in place hands the generation's attributes down to child spans.
+    # Nothing would read what a span records: spans have ids (for the logs and the
+    # traceparent passed on) and record nothing.
+    assert isinstance(telemetry.tracer_provider, UnexportedTracerProvider)
+    tracer = telemetry.tracer_provider.get_tracer("tests")
+    with tracer.start_as_current_span("parent") as parent, tracer.start_as_current_span("child"):
+        child = trace.get_current_span()
+    assert not parent.is_recording() and not child.is_recording()
+    ids = parent.get_span_context(), child.get_span_context()
+    assert all(each.is_valid and each.trace_flags.sampled for each in ids)
+    assert ids[0].trace_id == ids[1].trace_id and ids[0].span_id != ids[1].span_id
+
+
+def test_an_exporter_gets_the_generation_attributes_on_child_spans(
+    made: list[Telemetry], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    telemetry = make(made)
+    assert isinstance(telemetry.tracer_provider, TracerProvider)
+    # The processor in place hands the generation's attributes down to child spans.
     spans = InMemorySpanExporter()
     telemetry.tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
     tracer = telemetry.tracer_provider.get_tracer("tests")
@@ -182,8 +202,9 @@ def test_resource_names_the_service_and_its_knative_revision(
     monkeypatch.setenv("K_REVISION", "imagegen-render-00007")
     monkeypatch.setenv("K_CONFIGURATION", "imagegen-render")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", REFUSED)  # metrics exported
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")  # and spans
     telemetry = make(made, "imagegen-render")
-    assert telemetry.tracer_provider is not None
+    assert isinstance(telemetry.tracer_provider, TracerProvider)
     attributes = telemetry.tracer_provider.resource.attributes
     assert attributes["service.name"] == "imagegen-render"
     assert attributes["service.version"] == imagegen.__version__
@@ -207,8 +228,9 @@ def test_otel_variables_override_the_resource_and_pick_the_sampler(
     monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "faas.name=override,deployment.environment=prod")
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
     monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.25")
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
     telemetry = make(made, "imagegen-render")
-    assert telemetry.tracer_provider is not None
+    assert isinstance(telemetry.tracer_provider, TracerProvider)
     attributes = telemetry.tracer_provider.resource.attributes
     assert attributes["service.name"] == "render-eu"
     assert attributes["faas.name"] == "override"
@@ -252,10 +274,12 @@ from imagegen.observability import setup_observability
 telemetry = setup_observability("imagegen-cli")
 print(json.dumps({
     "tracer": trace.get_tracer_provider() is telemetry.tracer_provider,
-    # No metrics exporter: no meter provider, and the metrics SDK is never imported.
-    "meter": telemetry.meter_provider is None and "opentelemetry.sdk.metrics" not in sys.modules,
+    "ids only": type(telemetry.tracer_provider).__name__,
+    # No metrics exporter: no meter provider.
+    "meter": telemetry.meter_provider is None,
+    # Nothing exported: the SDK is never imported.
+    "sdk": sorted(name for name in sys.modules if name.startswith("opentelemetry.sdk")),
     "installed": telemetry.installed,
-    "service": telemetry.tracer_provider.resource.attributes["service.name"],
     "again": setup_observability("imagegen-cli") is telemetry,
 }))
 """
@@ -266,9 +290,10 @@ print(json.dumps({
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {
         "tracer": True,
+        "ids only": "UnexportedTracerProvider",
         "meter": True,
+        "sdk": [],
         "installed": True,
-        "service": "imagegen-cli",
         "again": True,
     }
 
