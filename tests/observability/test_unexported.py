@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import random
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -16,8 +17,11 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
 
 from imagegen._otel_unexported import UnexportedTracerProvider
+from imagegen.events import GENERATION_REQUESTED
 from imagegen.observability import setup_logging
 from imagegen.settings import Settings
+from tests.functions.conftest import base_env
+from tests.functions.servers import FunctionServer, post_event
 
 SAMPLERS = [
     {},
@@ -118,3 +122,33 @@ def test_a_log_line_names_the_generation_and_the_trace(capsys: pytest.CaptureFix
     assert entry["stage"] == "render"
     assert entry["trace_id"] == f"{context.trace_id:032x}"
     assert entry["span_id"] == f"{context.span_id:016x}"
+
+
+@pytest.mark.slow
+def test_a_served_function_with_no_exporter_continues_the_trace_and_logs_it(
+    tmp_path: Path,
+) -> None:
+    """Enhance as it runs on Knative, no OTEL_* variable set: the reply's ``traceparent`` is
+    a child of the event's, with its sampled flag, and the log lines name both ids."""
+    env = {k: v for k, v in base_env(tmp_path / "store").items() if not k.startswith("OTEL_")}
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    with FunctionServer("enhance", env, log_dir=tmp_path) as server:
+        replies = {
+            flags: post_event(
+                server.url,
+                GENERATION_REQUESTED,
+                {"prompt": "a fox", "width": 256, "height": 256},
+                subject=f"unexported-{flags}",
+                traceparent=f"00-{trace_id}-00f067aa0ba902b7-{flags}",
+                timeout=30,
+            )
+            for flags in ("01", "00")
+        }
+        records = server.log_records()
+    for flags, reply in replies.items():
+        assert reply.status_code == 200, reply.text
+        version, traced, parent, sampled = reply.headers["ce-traceparent"].split("-")
+        assert (version, traced, sampled) == ("00", trace_id, flags)
+        assert parent != "00f067aa0ba902b7"
+        lines = [r for r in records if r.get("generation_id") == f"unexported-{flags}"]
+        assert lines and all(r["trace_id"] == trace_id for r in lines)
