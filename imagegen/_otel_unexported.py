@@ -115,18 +115,10 @@ class _Tracer(trace.Tracer):
 
     @_agnosticcontextmanager  # as the API's tracers: a context manager or a decorator
     def start_as_current_span(
-        self,
-        name: str,
-        context: Context | None = None,
-        kind: SpanKind = SpanKind.INTERNAL,
-        attributes: Attributes = None,
-        links: Sequence[trace.Link] | None = (),
-        start_time: int | None = None,
-        record_exception: bool = True,
-        set_status_on_exception: bool = True,
-        end_on_exit: bool = True,
+        self, name: str, *args: Any, end_on_exit: bool = True, **kwargs: Any
     ) -> Iterator[trace.Span]:
-        span = self.start_span(name, context, kind, attributes, links)
+        """:meth:`start_span` (the same parameters), as the current span while in use."""
+        span = self.start_span(name, *args, **kwargs)
         with trace.use_span(span, end_on_exit=end_on_exit) as current:
             yield current
 
