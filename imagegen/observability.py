@@ -10,7 +10,7 @@ defaults here.
   exporter no meter provider is made: nothing would read the metrics, so the instruments stay
   the API's no-ops and the metrics SDK is never imported. Without a span exporter the tracer
   provider is :class:`~imagegen._otel_unexported.UnexportedTracerProvider`: spans have ids
-  (for the logs, and the ``traceparent`` passed on) and record nothing. Spans go through
+  (for the logs, and the ``traceparent`` passed on) and record nothing. Exported spans go through
   a ``BatchSpanProcessor``, metrics through a ``PeriodicExportingMetricReader``: both export
   from a background thread, never on a request's path. ``OTEL_TRACES_EXPORTER`` /
   ``OTEL_METRICS_EXPORTER`` = ``none`` turn one signal's export off, ``console`` prints it.
