@@ -30,8 +30,8 @@ tqdm.tqdm.monitor_interval = 0
 # raises both thresholds itself when it frees a large mapping, up to 32 MiB and twice that, but
 # only as calls of ever larger tensors come: a render on the CPU ran 62-76 ms a call before a
 # batch had freed large enough ones and 53-55 ms after it (docs/rendering.md#the-cpu). Set from
-# the start, every call runs as fast as the last, for at most 64 MiB kept beyond what the
-# process holds.
+# the start, every call runs as fast as the last, for up to 64 MiB kept free at the top of each
+# of malloc's arenas.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # malloc.h
 MMAP_THRESHOLD = 32 << 20  # DEFAULT_MMAP_THRESHOLD_MAX on a 64-bit host: glibc's own ceiling
 TRIM_THRESHOLD = 2 * MMAP_THRESHOLD  # what glibc sets beside it
