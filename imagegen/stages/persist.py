@@ -16,6 +16,12 @@ async def _persist(service: ImageGenService, image: RenderedImage, call: Call) -
     return await service.persist(image)
 
 
+async def _warm_up(service: ImageGenService) -> None:
+    # The stage and its modules (the record, the URLs) made here, as a first event would make
+    # them: after readiness, so the probe never waits for it (adr/0011).
+    assert service.persist_stage is not None
+
+
 STAGE = Stage(
     name="persist",
     summary="Write the metadata record; return URLs.",
@@ -25,4 +31,5 @@ STAGE = Stage(
     output_model=PersistedImage,
     handler=_persist,
     timeout=lambda settings: 120.0,
+    warm_up=_warm_up,
 )

@@ -30,7 +30,7 @@ def _until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> N
 
 def test_a_served_enhance_turns_ready_then_warm(start_server: Any, tmp_path: Path) -> None:
     enhance = start_server("enhance", base_env(tmp_path / "store"))
-    persist = start_server("persist", base_env(tmp_path / "store"))
+    deadletter = start_server("deadletter", base_env(tmp_path / "store"))
 
     _until(lambda: enhance.get("/readyz").json()["warm"], "warm")
     ready = enhance.get("/readyz")
@@ -45,12 +45,19 @@ def test_a_served_enhance_turns_ready_then_warm(start_server: Any, tmp_path: Pat
     reply = enhance.post("/", json={"prompt": "a lighthouse", "model": "tiny"})
     assert reply.status_code == 200 and reply.json()["fallback"] is True
     # A stage with nothing to warm says so from the start.
-    assert persist.get("/readyz").json() == {
+    assert deadletter.get("/readyz").json() == {
         "ready": True,
         "status": "ready",
-        "stage": "persist",
+        "stage": "deadletter",
         "warm": True,
     }
+
+
+def test_persist_warms_its_stage_before_the_first_event(start_server: Any, tmp_path: Path) -> None:
+    persist = start_server("persist", base_env(tmp_path / "store"))
+    _until(lambda: persist.get("/readyz").json()["warm"], "warm")
+    warmed = [r for r in persist.log_records() if r.get("message", "").startswith("warmed up in")]
+    assert len(warmed) == 1 and warmed[0]["stage"] == "persist", persist.logs()
 
 
 @pytest.fixture
@@ -105,8 +112,15 @@ def test_a_failed_warm_up_is_logged_and_the_function_stays_ready(
     assert "warm-up failed: OSError: no tables here" in caplog.text
 
 
-def test_a_stage_without_a_warm_up_is_warm(function_class: Any) -> None:
+def test_persists_warm_up_builds_its_stage(function_class: Any) -> None:
     function = function_class(get("persist"))
+    _ready(function)
+    _until(function.warm, "warm")
+    assert function._service._persist_stage is not None  # what a first event would build
+
+
+def test_a_stage_without_a_warm_up_is_warm(function_class: Any) -> None:
+    function = function_class(get("deadletter"))
     assert function.warm() is True
     _ready(function)
     assert function.warm() is True
