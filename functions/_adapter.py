@@ -21,7 +21,7 @@ from collections.abc import Awaitable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-import _process  # noqa: F401  (first: it sets up the process the library loads into)
+import _process  # first: it sets up the process the library loads into
 import flask
 from _binding import (
     MAX_BODY_BYTES,
@@ -123,6 +123,8 @@ class Function:
             failed: Future[None] = Future()
             failed.set_exception(broken)
             return failed
+        if self.stage.warm_up is None:
+            _build_models(self.stage)  # no warm-up to build them once ready: now
         self._warming = None
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._loop.run_forever, name="imagegen-loop", daemon=True).start()
@@ -140,6 +142,7 @@ class Function:
         started = time.perf_counter()
         extra = {"stage": self.stage.name}
         try:
+            _build_models(self.stage)
             await self.stage.warm_up(self._service)
         except Exception as exc:
             log.warning("warm-up failed: %s: %s", type(exc).__name__, exc, extra=extra)
@@ -358,6 +361,14 @@ class Function:
         return error_reply(exc, stage=self.stage.name, message=answered, generation_id=gid)
 
 
+def _build_models(stage: Stage) -> None:
+    """Build the validators and serializers of the models the stage's requests use, as its
+    first request would (imagegen.models defers them)."""
+    for model in stage.models():
+        if not model.__pydantic_complete__:
+            model.model_rebuild()
+
+
 def _read_body(request: flask.Request) -> bytes:
     """Up to one byte past :data:`MAX_BODY_BYTES` of the body, as the server hands it over.
 
@@ -381,7 +392,6 @@ def _read_body(request: flask.Request) -> bytes:
 def entry_point(name: str) -> Any:
     """The functions-framework HTTP target of the stage called ``name``."""
     function = Function(get_stage(name))
-    gc.freeze()  # gunicorn forks after this import: what it loaded stays shared, unscanned
 
     def serve(request: flask.Request) -> flask.Response:
         reply = function.dispatch(request)
@@ -389,3 +399,6 @@ def entry_point(name: str) -> Any:
 
     serve.__name__ = serve.__qualname__ = name
     return serve
+
+
+_process.loaded()  # last: everything a function imports has been imported above

@@ -156,6 +156,16 @@ class Stage:
     direct: Direct | None = None
     warm_up: Callable[[ImageGenService], Awaitable[object]] | None = None
 
+    def models(self) -> tuple[type[BaseModel], ...]:
+        """The models a request to this stage may validate or write: its input (the event's
+        and the plain-HTTP body's), its reply, and the ``generation.failed`` that answers an
+        event that cannot succeed."""
+        from imagegen.models import GenerationFailed
+
+        direct = self.direct.model if self.direct is not None else None
+        candidates = (self.input_model, direct, self.output_model, GenerationFailed)
+        return tuple(dict.fromkeys(m for m in candidates if m is not None))
+
 
 @cache
 def names() -> tuple[str, ...]:

@@ -131,17 +131,27 @@ def test_a_bad_local_storage_url_does_not_load_boto3(tmp_path: Path) -> None:
 
 GC_STATE = """
 import gc, json, sys, functions_framework
+during_import = []  # collections from _process on while the adapter (all a function imports) loads
+def collected(phase, info):
+    adapter = sys.modules.get("_adapter")
+    loading = "_process" in sys.modules and not hasattr(adapter, "entry_point")
+    if phase == "start" and loading:
+        during_import.append(info["generation"])
+gc.callbacks.append(collected)
 app = functions_framework.create_app({stage!r}, {source!r})
+gc.callbacks.remove(collected)
 imported = gc.get_freeze_count()
 status = app.test_client().get("/readyz").status_code
 print(json.dumps({{"status": status, "enabled": gc.isenabled(), "at_import": imported,
+                  "during_import": during_import,
                   "frozen": gc.get_freeze_count(), "scanned": len(gc.get_objects())}}))
 """
 
 
 @pytest.mark.parametrize("storage", ["store", "file://host/x"], ids=["started", "broken"])
 def test_start_up_leaves_what_it_loaded_out_of_collections(storage: str, tmp_path: Path) -> None:
-    """What the function loads is frozen, at import and at start; collection stays on."""
+    """What the function loads is frozen, at import and at start; collection stays on, but
+    not while the function's modules load (they are never garbage)."""
     env = {
         "PATH": "/usr/bin",
         "IMAGEGEN_STORAGE_URL": storage if "//" in storage else str(tmp_path / storage),
@@ -160,5 +170,51 @@ def test_start_up_leaves_what_it_loaded_out_of_collections(storage: str, tmp_pat
     # Frozen before gunicorn forks (at import), and again once started: a full collection in
     # the worker would walk, and copy, every page the fork shared.
     assert state["at_import"] > 10_000, state
+    assert state["during_import"] == [], state
     assert state["frozen"] > state["at_import"], state
     assert state["scanned"] < state["frozen"] // 10, state
+
+
+MODELS_BUILT = """
+import json, threading, functions_framework
+from pydantic import BaseModel
+from imagegen import models
+app = functions_framework.create_app({stage!r}, {source!r})
+client, stopped = app.test_client(), threading.Event()
+def built():
+    classes = vars(models).values()
+    return sorted(c.__name__ for c in classes if isinstance(c, type) and issubclass(c, BaseModel)
+                  and c.__module__ == models.__name__ and c.__pydantic_complete__)
+at_import = built()
+while not client.get("/readyz").json["warm"] and not stopped.wait(0.02):
+    pass
+print(json.dumps({{"at_import": at_import, "ready": built()}}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("stage", "models"),
+    [
+        # Contribution and LoraHint are fields of the request and the reply: built within them.
+        ("enhance", {"GenerationRequest", "EnhancedPrompt", "GenerationFailed"}),
+        ("persist", {"RenderedImage", "PersistedImage", "GenerationFailed"}),
+        ("deadletter", {"GenerationFailed"}),  # no warm-up: built at start, before ready
+    ],
+)
+def test_a_function_builds_only_its_stages_models_and_once_ready(
+    stage: str, models: set[str], tmp_path: Path
+) -> None:
+    """imagegen.models defers its validators; a function builds those its stage uses (before
+    its first request, after readiness where it has a warm-up) and no other."""
+    code = MODELS_BUILT.format(stage=stage, source=str(ROOT / "functions" / f"{stage}.py"))
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=_function_env(tmp_path),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    built = json.loads(result.stdout.strip().splitlines()[-1])
+    assert built["at_import"] == [], built
+    assert set(built["ready"]) == models, built
