@@ -130,12 +130,14 @@ def interleave(
 
 HELLO = ROOT / "benchmarks" / "hello.py"
 """A bare functions-framework function: the floor for start-up and request overhead."""
+HELLOS = {"hello": HELLO, "hello_settings": ROOT / "benchmarks" / "hello_settings.py"}
+"""The served functions that are not stages: the hello, and the hello that reads a setting."""
 
 
 class Served(FunctionServer):
     """A function served by functions-framework with ``threads`` request threads.
 
-    ``stage="hello"`` serves :data:`HELLO` instead of a stage.
+    ``stage="hello"`` (or another name of :data:`HELLOS`) serves that file instead of a stage.
     """
 
     def __init__(self, stage: str, env: dict[str, str], *, log_dir: Path, threads: int) -> None:
@@ -143,11 +145,12 @@ class Served(FunctionServer):
         self.env["THREADS"] = str(threads)
 
     def start(self, *, wait: bool = True) -> Self:
-        if self.stage != "hello":
+        if self.stage not in HELLOS:
             return super().start(wait=wait)
         log = self.log_path.open("ab")
-        command = [sys.executable, "-m", "functions_framework", "--target", "hello"]
-        command += ["--source", str(HELLO), "--host", "127.0.0.1", "--port", str(self.port)]
+        command = [sys.executable, "-m", "functions_framework", "--target", self.stage]
+        command += ["--source", str(HELLOS[self.stage])]
+        command += ["--host", "127.0.0.1", "--port", str(self.port)]
         self.process = subprocess.Popen(
             command,
             env=self.env,

@@ -6,7 +6,8 @@ that moment, as Knative's activator sends the request that woke a scaled-to-zero
 Whatever a function builds on its first request (imports, clients, tables) is part of the
 second, never of the first. Then, from starts of their own, the first reply's latency when the
 request comes 1 s after ``/readyz`` (a pod that turned ready before its traffic: a minimum
-scale, a scale-up ahead of load) against the same process's next reply.
+scale, a scale-up ahead of load) against the same process's next reply. First, the floor: a
+hello that reads one setting with pydantic-settings, as every stage must before it is ready.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def startup(rounds: int, tmp: Path) -> list[Comparison]:
         images = iter(_stored_images(tmp / "startup", 4 * rounds))
         bodies: dict[str, Callable[[], dict[str, Any]]] = {
             "hello": lambda: {"n": 1},
+            "hello_settings": lambda: {"n": 1},
             "enhance": lambda: {"prompt": f"a fox {uuid.uuid4().hex[:8]}", "model": "tiny"},
             "persist": lambda: next(images),
         }
@@ -64,6 +66,18 @@ def startup(rounds: int, tmp: Path) -> list[Comparison]:
             return _replies(stage, env, tmp, iter(bodies[stage], None), pause)
 
         rows = []
+        # The floor under the stages' rows: their settings alone, as pydantic-settings reads them.
+        hello, floor = interleave(rounds, lambda: start("hello"), lambda: start("hello_settings"))
+        rows.append(
+            Comparison(
+                "start-up: a hello with pydantic-settings -> /readyz vs a bare hello",
+                "s",
+                "lower",
+                None,
+                [ready for ready, _, _ in hello],
+                [ready for ready, _, _ in floor],
+            )
+        )
         for stage in ("enhance", "persist"):
             hello, project = interleave(rounds, lambda: start("hello"), lambda s=stage: start(s))
             rows.append(

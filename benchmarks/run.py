@@ -13,7 +13,8 @@ Rows (``--only`` takes their keys):
 - ``startup``: enhance and persist, process start to ``/readyz``, against a bare
   functions-framework hello (<= 1.3x); from the same starts, process start to the first reply
   (sent as soon as ``/readyz`` answers) against the hello's, and the first reply 1 s after
-  ``/readyz`` (the background warm-up done) against the next reply (no targets).
+  ``/readyz`` (the background warm-up done) against the next reply (no targets); and the floor,
+  a hello that reads one setting with pydantic-settings, against the bare hello (no target).
 - ``overhead``: one render over HTTP against the pipeline's own ``__call__`` (<= 1.10x, min).
 - ``rate``: requests/s of enhance (instant Ollama) and persist at concurrency 8, against a
   hello at 8; the target is 3x their rate before this work (89 and 59 req/s against a hello's

@@ -264,3 +264,24 @@ def test_the_images_the_persist_rows_send_are_what_persist_accepts(tmp_path: Pat
             ]
 
     assert asyncio.run(persist()) == [image["sha256"] for image in images]
+
+
+@pytest.mark.slow  # two processes of functions-framework's own
+@pytest.mark.parametrize(("name", "answer"), [("hello", "ok"), ("hello_settings", "from-env")])
+def test_the_start_up_rows_hellos_serve_and_turn_ready(
+    name: str, answer: str, tmp_path: Path
+) -> None:
+    """The bare hello and the floor hello (its one setting read by pydantic-settings from the
+    environment, as a stage's are) are served as the stages are, and answer ``/readyz``."""
+    import os
+
+    import httpx
+    from _harness import Served
+
+    env = {**os.environ, "IMAGEGEN_MODEL": "from-env"}
+    server = Served(name, env, log_dir=tmp_path, threads=1)
+    try:
+        assert 0 < server.ready_after(timeout=60) < 60
+        assert httpx.post(server.url, json={}).text == answer
+    finally:
+        server.stop()
