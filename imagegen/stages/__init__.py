@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cache
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 from urllib.parse import unquote
 
 if TYPE_CHECKING:
@@ -158,13 +158,26 @@ class Stage:
 
     def models(self) -> tuple[type[BaseModel], ...]:
         """The models a request to this stage may validate or write: its input (the event's
-        and the plain-HTTP body's), its reply, and the ``generation.failed`` that answers an
-        event that cannot succeed."""
+        and the plain-HTTP body's), its reply, the ``generation.failed`` that answers an event
+        that cannot succeed, and the models of their fields (a plugin's ``Contribution``),
+        each once."""
+        from pydantic import BaseModel
+
         from imagegen.models import GenerationFailed
 
         direct = self.direct.model if self.direct is not None else None
-        candidates = (self.input_model, direct, self.output_model, GenerationFailed)
-        return tuple(dict.fromkeys(m for m in candidates if m is not None))
+        found: dict[type[BaseModel], None] = {}
+        pending: list[Any] = [self.input_model, direct, self.output_model, GenerationFailed]
+        while pending:
+            kind = pending.pop(0)
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                if kind in found:
+                    continue
+                found[kind] = None
+                pending += [field.annotation for field in kind.model_fields.values()]
+            else:  # tuple[Contribution, ...], LoraHint | None, Annotated[...]: look inside
+                pending += get_args(kind)
+        return tuple(found)
 
 
 @cache

@@ -175,6 +175,8 @@ def test_start_up_leaves_what_it_loaded_out_of_collections(storage: str, tmp_pat
     assert state["scanned"] < state["frozen"] // 10, state
 
 
+NESTED = {"Contribution", "LoraHint", "ErrorInfo"}
+
 MODELS_BUILT = """
 import json, threading, functions_framework
 from pydantic import BaseModel
@@ -195,10 +197,14 @@ print(json.dumps({{"at_import": at_import, "ready": built()}}))
 @pytest.mark.parametrize(
     ("stage", "models"),
     [
-        # Contribution and LoraHint are fields of the request and the reply: built within them.
-        ("enhance", {"GenerationRequest", "EnhancedPrompt", "GenerationFailed"}),
-        ("persist", {"RenderedImage", "PersistedImage", "GenerationFailed"}),
-        ("deadletter", {"GenerationFailed"}),  # no warm-up: built at start, before ready
+        # With the models of their fields: a plugin makes its Contribution, the error its info.
+        ("enhance", {"GenerationRequest", "EnhancedPrompt", "GenerationFailed"} | NESTED),
+        # A rendered image carries its prompt, with the prompt's fields.
+        (
+            "persist",
+            {"RenderedImage", "EnhancedPrompt", "PersistedImage", "GenerationFailed"} | NESTED,
+        ),
+        ("deadletter", {"GenerationFailed", "ErrorInfo"}),  # no warm-up: at start, before ready
     ],
 )
 def test_a_function_builds_only_its_stages_models_and_once_ready(
