@@ -175,6 +175,14 @@ def _keep_alive(setting: str | None) -> float | str | None:
         return setting
 
 
+def _zero(keep_alive: float | str | None) -> bool:
+    """Whether Ollama reads ``keep_alive`` as no time at all (``0``, ``"0s"``, ``"0h0m"``):
+    the model is unloaded after each prompt."""
+    if keep_alive is None or isinstance(keep_alive, float):
+        return keep_alive == 0
+    return not any(c in "123456789" for c in keep_alive)
+
+
 class OllamaEnhancer:
     """Writes prompts with ``settings.ollama_model`` on the Ollama at ``settings.ollama_host``.
 
@@ -328,6 +336,43 @@ class OllamaEnhancer:
         if not text:
             raise MalformedReply("reply holds an empty prompt")
         return text
+
+    @property
+    def keeps_model_loaded(self) -> bool:
+        """Whether Ollama keeps the model loaded after a prompt (``ollama_keep_alive`` is not
+        zero): only then is loading it ahead of the first prompt worth anything."""
+        return not _zero(self._keep_alive)
+
+    async def load(self) -> float:
+        """Have Ollama load the model now, as the first prompt would; the seconds it took.
+
+        A chat without messages: Ollama schedules the model's runner, loading it unless it is
+        loaded, and answers with nothing generated, ``done_reason: "load"`` (server/routes.go,
+        ``ChatHandler``); the model then stays for ``keep_alive``, as after a prompt. With a
+        zero ``keep_alive`` the same request unloads it: see :attr:`keeps_model_loaded`.
+
+        Raises:
+            DependencyUnavailable: Ollama refused, failed, or did not answer within
+                ``ollama_timeout`` (the load may go on there).
+        """
+        model = self.settings.ollama_model
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.settings.ollama_timeout):
+                await self.client.chat(
+                    model=model, messages=[], stream=False, keep_alive=self._keep_alive
+                )
+        except (TimeoutError, httpx.TimeoutException):
+            reason = f"no answer within {self.settings.ollama_timeout:g}s"
+        except (ConnectionError, httpx.HTTPError, ollama.ResponseError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        except (ValueError, TypeError) as exc:  # a 200 whose body is no chat response
+            reason = f"unreadable response ({type(exc).__name__})"
+        else:
+            return time.perf_counter() - started
+        # The host can carry credentials (user-info, a token in the query): never shown.
+        host = redact_url(self.settings.ollama_host)
+        raise DependencyUnavailable(f"Ollama at {host} did not load {model}: {reason}")
 
     async def check(self) -> dict[str, object]:
         """Whether Ollama answers and has the model (``GET /api/tags``); never raises."""

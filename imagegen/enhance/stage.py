@@ -198,11 +198,14 @@ class EnhanceStage:
         return info
 
     async def warm_up(self) -> list[str]:
-        """Warm the plugins that can (:meth:`PluginSet.warm_up`) and ask Ollama for its models.
+        """Warm the plugins that can (:meth:`PluginSet.warm_up`), ask Ollama for its models,
+        and have it load ours.
 
         The question (``GET /api/tags``, as :meth:`check` asks it) opens the connection the
         first prompt will use, and the log says once whether prompts will come from the LLM or
-        from the template. Returns the names of the plugins warmed.
+        from the template. Where Ollama has the model, it loads it now
+        (:meth:`OllamaEnhancer.load`), so the first prompt does not wait for it, unless
+        ``ollama_keep_alive`` is zero. Returns the names of the plugins warmed.
         """
         warmed = await self.plugins.warm_up()
         info = await self.enhancer.check()
@@ -223,8 +226,15 @@ class EnhanceStage:
             logger.warning(
                 "Ollama at %s has no model %s: %s until it is pulled", host, model, meanwhile
             )
+        elif not self.enhancer.keeps_model_loaded:
+            logger.info("Ollama at %s has %s (unloaded after each prompt)", host, model)
         else:
-            logger.info("Ollama at %s has %s", host, model)
+            try:
+                took = await self.enhancer.load()
+            except DependencyUnavailable as exc:
+                logger.warning("%s; the first prompt waits for it", exc.message)
+            else:
+                logger.info("Ollama at %s has %s, loaded in %.1f s", host, model, took)
         return warmed
 
     async def aclose(self) -> None:

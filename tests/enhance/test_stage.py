@@ -128,7 +128,9 @@ async def test_streaming_answers_work_too(fake_ollama: FakeOllama) -> None:
     client = ollama.AsyncClient(host=fake_ollama.url)
     parts = [
         part.message.content
-        async for part in await client.chat(model="m", messages=[], stream=True)
+        async for part in await client.chat(
+            model="llama3.2", messages=[{"role": "user", "content": "a fox"}], stream=True
+        )
     ]
     await client.close()  # type: ignore[no-untyped-call]
     assert "".join(p or "" for p in parts) == "a red fox in the snow" and len(parts) > 2

@@ -4,6 +4,7 @@ parameters, invalid requests, health, logs and imports."""
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -21,8 +22,11 @@ from tests.enhance.conftest import NOW, MakeStage
 from tests.enhance.conftest import request as _request
 from tests.enhance.conftest import run as _run
 from tests.fakes.ollama_server import (
+    Behaviour,
     FakeOllama,
+    http_error,
     not_json,
+    slow,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -199,18 +203,78 @@ async def test_warm_up_warms_the_plugins_and_says_what_ollama_has(
         assert await make_stage(ollama_model="mistral").warm_up() == ["holiday"]
         fake_ollama.stop()
         assert await make_stage().warm_up() == ["holiday"]
-    assert [r.path for r in fake_ollama.requests] == ["/api/tags", "/api/tags"]
+    # Where Ollama has the model it loads it (a chat without messages); where not, nothing.
+    assert [r.path for r in fake_ollama.requests] == ["/api/tags", "/api/chat", "/api/tags"]
     assert fake_ollama.chat_requests == [], "no prompt is asked for"
+    [load] = fake_ollama.load_requests
+    assert load["model"] == "llama3.2" and load["messages"] == [] and load["stream"] is False
     mine = [r for r in caplog.records if r.name.startswith("imagegen.enhance")]
     said = [(r.levelname, r.getMessage()) for r in mine]
     host = fake_ollama.url
-    assert said[0] == ("INFO", f"Ollama at {host} has llama3.2")
+    assert said[0][0] == "INFO"
+    assert re.fullmatch(
+        rf"Ollama at {re.escape(host)} has llama3\.2, loaded in \d+\.\d s", said[0][1]
+    )
     assert said[1] == (
         "WARNING",
         f"Ollama at {host} has no model mistral: prompts come from the template until it is pulled",
     )
     assert said[2][0] == "WARNING" and said[2][1].startswith(f"Ollama at {host} does not answer")
     assert said[2][1].endswith(": prompts come from the template until it does")
+
+
+async def test_warm_up_loads_the_model_with_the_configured_keep_alive(
+    make_stage: MakeStage, fake_ollama: FakeOllama
+) -> None:
+    await make_stage(ollama_keep_alive="30m").warm_up()
+    await make_stage(ollama_keep_alive="-1").warm_up()
+    assert [r["keep_alive"] for r in fake_ollama.load_requests] == ["30m", -1]
+
+
+@pytest.mark.parametrize("keep_alive", ["0", "0s", "0h0m"])
+async def test_warm_up_loads_nothing_where_ollama_unloads_after_each_prompt(
+    keep_alive: str,
+    make_stage: MakeStage,
+    fake_ollama: FakeOllama,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A chat without messages and a zero keep_alive is how Ollama is told to unload."""
+    with caplog.at_level(logging.INFO, logger="imagegen.enhance"):
+        await make_stage(ollama_keep_alive=keep_alive).warm_up()
+    assert fake_ollama.load_requests == []
+    assert f"Ollama at {fake_ollama.url} has llama3.2 (unloaded after each prompt)" in [
+        r.getMessage() for r in caplog.records
+    ]
+
+
+@pytest.mark.parametrize(
+    ("loading", "reason"),
+    [
+        (
+            http_error(500, "llama runner process has terminated"),
+            "ResponseError: llama runner process has terminated (status code: 500)",
+        ),
+        (slow(5.0), "no answer within 0.5s"),  # the settings' ollama_timeout
+    ],
+    ids=["fails", "slower-than-the-timeout"],
+)
+async def test_a_model_that_does_not_load_is_logged_and_the_stage_still_serves(
+    loading: Behaviour,
+    reason: str,
+    make_stage: MakeStage,
+    fake_ollama: FakeOllama,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake_ollama.loading = loading
+    stage = make_stage()
+    with caplog.at_level(logging.WARNING, logger="imagegen.enhance"):
+        assert await stage.warm_up() == ["holiday"]
+    assert [r.getMessage() for r in caplog.records if r.name == "imagegen.enhance"] == [
+        f"Ollama at {fake_ollama.url} did not load llama3.2: {reason};"
+        " the first prompt waits for it"
+    ]
+    job = await _run(stage, prompt="a fox")  # prompts are asked for as ever
+    assert job.fallback is False and job.enhancer == "ollama:llama3.2"
 
 
 async def test_warm_up_says_requests_fail_where_there_is_no_fallback(

@@ -1,8 +1,8 @@
 """A fake Ollama on loopback: a real HTTP server speaking the API the ``ollama`` client uses.
 
 Endpoints: ``POST /api/chat`` (``stream: false`` → one JSON object, ``stream: true`` → NDJSON
-chunks), ``GET /api/tags`` and ``GET /api/version``. Every request is recorded. Chat answers
-are scripted::
+chunks; without messages, a load of the model), ``GET /api/tags`` and ``GET /api/version``.
+Every request is recorded. Chat answers are scripted::
 
     with FakeOllama() as fake:
         fake.answer(reply({"prompt": "a red fox"}))   # every chat, until changed
@@ -12,12 +12,15 @@ are scripted::
         fake.stop()                                   # "down": connections refused
         fake.start()                                  # back, on the same port
         fake.chat_requests[0]["options"]["seed"]
+        fake.loading = slow(5.0)                      # loads of the model take 5 s
+        fake.load_requests                            # the chats without messages
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import threading
 from collections import deque
@@ -102,6 +105,22 @@ class RecordedRequest:
     json: Any
 
 
+def _asks_for_reply(body: Any) -> bool:
+    """Whether a chat request has messages (server/routes.go: ``len(req.Messages) == 0``)."""
+    return not isinstance(body, dict) or bool(body.get("messages"))
+
+
+def _is_zero(keep_alive: Any) -> bool:
+    """Whether ``keep_alive`` is a zero ``api.Duration`` (api/types.go: a JSON number of
+    seconds, or a Go duration string such as ``"0s"``)."""
+    if isinstance(keep_alive, int | float) and not isinstance(keep_alive, bool):
+        return keep_alive == 0
+    if isinstance(keep_alive, str):
+        numbers = re.findall(r"\d+\.?\d*|\.\d+", keep_alive)
+        return bool(numbers) and all(float(n) == 0 for n in numbers)
+    return False
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
@@ -121,6 +140,8 @@ class FakeOllama(Running):
         self.version = version
         self.port = 0
         self._default = reply()
+        self.loading = Behaviour(content="")
+        """How a load (a chat without messages) is answered: its status and delay."""
         self._queue: deque[Behaviour] = deque()
         self._requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
@@ -189,7 +210,15 @@ class FakeOllama(Running):
 
     @property
     def chat_requests(self) -> list[Any]:
-        """The JSON bodies of the ``/api/chat`` requests received."""
+        """The JSON bodies of the ``/api/chat`` requests received that ask for a reply."""
+        return [body for body in self._chats() if _asks_for_reply(body)]
+
+    @property
+    def load_requests(self) -> list[Any]:
+        """The JSON bodies of the ``/api/chat`` requests without messages: loads."""
+        return [body for body in self._chats() if not _asks_for_reply(body)]
+
+    def _chats(self) -> list[Any]:
         return [r.json for r in self.requests if r.path == "/api/chat"]
 
     def clear(self) -> None:
@@ -280,6 +309,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path != "/api/chat":
             self._send_json(404, {"error": f"{self.path} not found"})
             return
+        if not _asks_for_reply(body):
+            self._answer_load(body if isinstance(body, dict) else {})
+            return
         behaviour = self.owner._next_behaviour()
         if behaviour.delay and self.owner._released.wait(behaviour.delay):
             self.close_connection = True  # stopped while waiting: drop it unanswered
@@ -287,6 +319,35 @@ class _Handler(BaseHTTPRequestHandler):
         # The client may have given up (its timeout) before the answer.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self._answer_chat(body if isinstance(body, dict) else {}, behaviour)
+
+    def _answer_load(self, request: dict[str, Any]) -> None:
+        # Ollama's ChatHandler (server/routes.go): a model it does not have is a 404; with no
+        # messages and keep_alive 0 the model is unloaded; otherwise the model's runner is
+        # scheduled (loaded unless it is, which is the wait) and the answer is one JSON
+        # object, whatever ``stream`` says, with nothing generated: done_reason "load".
+        model = str(request.get("model", ""))
+        if model not in self.owner.models and f"{model}:latest" not in self.owner.models:
+            self._send_json(404, {"error": f"model '{model}' not found"})
+            return
+        done_reason = "unload" if _is_zero(request.get("keep_alive")) else "load"
+        behaviour = self.owner.loading if done_reason == "load" else Behaviour(content="")
+        if behaviour.delay and self.owner._released.wait(behaviour.delay):
+            self.close_connection = True  # stopped while loading: dropped unanswered
+            return
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            if behaviour.status != 200:
+                self._send_json(behaviour.status, {"error": behaviour.content})
+                return
+            self._send_json(
+                200,
+                {
+                    "model": model,
+                    "created_at": _now(),
+                    "message": {"role": "assistant", "content": ""},
+                    "done": True,
+                    "done_reason": done_reason,
+                },
+            )
 
     def _answer_chat(self, request: dict[str, Any], behaviour: Behaviour) -> None:
         content = behaviour.content
