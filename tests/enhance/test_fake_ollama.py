@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from tests.fakes.ollama_server import FakeOllama
+from tests.fakes.ollama_server import FakeOllama, http_error
 
 REQUEST = b"GET /api/version HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
@@ -39,3 +39,40 @@ def test_a_connection_serves_request_after_request_until_stopped() -> None:
     finally:
         fake.stop()
     assert [r.path for r in fake.requests] == ["/api/version", "/api/version"]
+
+
+def test_a_chat_without_messages_loads_the_model_as_ollamas_chat_handler_does() -> None:
+    """server/routes.go, ChatHandler: an unknown model is a 404; no messages loads the model
+    (``done_reason: "load"``, one JSON object), or unloads it with keep_alive 0; the first chat
+    of a model not loaded loads it too."""
+    import httpx
+
+    fake = FakeOllama().start()
+    try:
+        with httpx.Client(base_url=fake.url) as client:
+            missing = client.post("/api/chat", json={"model": "mistral", "messages": []})
+            assert missing.status_code == 404
+            assert missing.json() == {"error": "model 'mistral' not found"}
+
+            loaded = client.post("/api/chat", json={"model": "llama3.2", "messages": []})
+            assert loaded.status_code == 200
+            assert loaded.json()["done_reason"] == "load"
+            assert loaded.json()["message"] == {"role": "assistant", "content": ""}
+            chat = {"model": "llama3.2", "messages": [{"role": "user", "content": "a fox"}]}
+            assert client.post("/api/chat", json={**chat, "stream": False}).status_code == 200
+            assert fake.model_loads == [("llama3.2:latest", "load")], "loaded once"
+
+            unload = {"model": "llama3.2:latest", "messages": [], "keep_alive": "0s"}
+            assert client.post("/api/chat", json=unload).json()["done_reason"] == "unload"
+            assert client.post("/api/chat", json={**chat, "stream": False}).status_code == 200
+            assert fake.model_loads[-1] == ("llama3.2:latest", "chat"), "the chat loads it"
+
+            fake.stop()  # the process ends: it comes back with nothing loaded
+            fake.start()
+            fake.loading = http_error(500, "llama runner process has terminated")
+            failed = client.post("/api/chat", json={"model": "llama3.2", "messages": []})
+            assert failed.status_code == 500
+            assert failed.json() == {"error": "llama runner process has terminated"}
+            assert len(fake.model_loads) == 2
+    finally:
+        fake.stop()

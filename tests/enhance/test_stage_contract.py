@@ -3,6 +3,7 @@ parameters, invalid requests, health, logs and imports."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import subprocess
@@ -231,6 +232,26 @@ async def test_warm_up_loads_the_model_with_the_configured_keep_alive(
     assert [r["keep_alive"] for r in fake_ollama.load_requests] == ["30m", -1]
 
 
+async def test_after_the_warm_up_the_first_prompt_finds_the_model_loaded(
+    make_stage: MakeStage, fake_ollama: FakeOllama
+) -> None:
+    stage = make_stage()
+    await stage.warm_up()
+    job = await _run(stage, prompt="a fox")
+    assert job.fallback is False
+    assert fake_ollama.model_loads == [("llama3.2:latest", "load")], "not by the prompt"
+
+
+async def test_unloaded_after_each_prompt_each_prompt_loads_the_model(
+    make_stage: MakeStage, fake_ollama: FakeOllama
+) -> None:
+    stage = make_stage(ollama_keep_alive="0")
+    await stage.warm_up()
+    for prompt in ("a fox", "an owl"):
+        assert (await _run(stage, prompt=prompt)).fallback is False
+    assert fake_ollama.model_loads == [("llama3.2:latest", "chat")] * 2
+
+
 @pytest.mark.parametrize("keep_alive", ["0", "0s", "0h0m"])
 async def test_warm_up_loads_nothing_where_ollama_unloads_after_each_prompt(
     keep_alive: str,
@@ -247,34 +268,33 @@ async def test_warm_up_loads_nothing_where_ollama_unloads_after_each_prompt(
     ]
 
 
-@pytest.mark.parametrize(
-    ("loading", "reason"),
-    [
-        (
-            http_error(500, "llama runner process has terminated"),
-            "ResponseError: llama runner process has terminated (status code: 500)",
-        ),
-        (slow(5.0), "no answer within 0.5s"),  # the settings' ollama_timeout
-    ],
-    ids=["fails", "slower-than-the-timeout"],
-)
-async def test_a_model_that_does_not_load_is_logged_and_the_stage_still_serves(
-    loading: Behaviour,
-    reason: str,
-    make_stage: MakeStage,
-    fake_ollama: FakeOllama,
-    caplog: pytest.LogCaptureFixture,
+async def test_a_model_that_fails_to_load_is_logged_and_the_first_prompt_loads_it(
+    make_stage: MakeStage, fake_ollama: FakeOllama, caplog: pytest.LogCaptureFixture
 ) -> None:
-    fake_ollama.loading = loading
+    fake_ollama.loading = http_error(500, "llama runner process has terminated")
     stage = make_stage()
     with caplog.at_level(logging.WARNING, logger="imagegen.enhance"):
         assert await stage.warm_up() == ["holiday"]
     assert [r.getMessage() for r in caplog.records if r.name == "imagegen.enhance"] == [
-        f"Ollama at {fake_ollama.url} did not load llama3.2: {reason};"
+        f"Ollama at {fake_ollama.url} did not load llama3.2: ResponseError: llama runner"
+        " process has terminated (status code: 500); the first prompt waits for it"
+    ]
+    fake_ollama.loading = Behaviour(content="")  # it loads now: the prompt does it
+    job = await _run(stage, prompt="a fox")
+    assert job.fallback is False and job.enhancer == "ollama:llama3.2"
+    assert fake_ollama.model_loads == [("llama3.2:latest", "chat")]
+
+
+async def test_a_load_slower_than_the_timeout_is_logged_and_warm_up_ends(
+    make_stage: MakeStage, fake_ollama: FakeOllama, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_ollama.loading = slow(5.0)  # still loading when the warm-up stops waiting
+    with caplog.at_level(logging.WARNING, logger="imagegen.enhance"):
+        assert await asyncio.wait_for(make_stage().warm_up(), 3) == ["holiday"]
+    assert [r.getMessage() for r in caplog.records if r.name == "imagegen.enhance"] == [
+        f"Ollama at {fake_ollama.url} did not load llama3.2: no answer within 0.5s;"
         " the first prompt waits for it"
     ]
-    job = await _run(stage, prompt="a fox")  # prompts are asked for as ever
-    assert job.fallback is False and job.enhancer == "ollama:llama3.2"
 
 
 async def test_warm_up_says_requests_fail_where_there_is_no_fallback(

@@ -12,8 +12,9 @@ Every request is recorded. Chat answers are scripted::
         fake.stop()                                   # "down": connections refused
         fake.start()                                  # back, on the same port
         fake.chat_requests[0]["options"]["seed"]
-        fake.loading = slow(5.0)                      # loads of the model take 5 s
+        fake.loading = slow(5.0)                      # loading a model takes 5 s
         fake.load_requests                            # the chats without messages
+        fake.model_loads                              # [("llama3.2:latest", "load"), ...]
 """
 
 from __future__ import annotations
@@ -110,6 +111,11 @@ def _asks_for_reply(body: Any) -> bool:
     return not isinstance(body, dict) or bool(body.get("messages"))
 
 
+def _canonical(model: str) -> str:
+    """A model's full name: ``llama3.2`` is ``llama3.2:latest``, as Ollama resolves it."""
+    return model if ":" in model else f"{model}:latest"
+
+
 def _is_zero(keep_alive: Any) -> bool:
     """Whether ``keep_alive`` is a zero ``api.Duration`` (api/types.go: a JSON number of
     seconds, or a Go duration string such as ``"0s"``)."""
@@ -141,7 +147,12 @@ class FakeOllama(Running):
         self.port = 0
         self._default = reply()
         self.loading = Behaviour(content="")
-        """How a load (a chat without messages) is answered: its status and delay."""
+        """How a model loads, for a load (a chat without messages) or for the first chat that
+        needs it: its status and delay."""
+        self.model_loads: list[tuple[str, str]] = []
+        """Each load of a model, in order: (its name, ``"load"`` or ``"chat"``: what asked)."""
+        self._loaded: set[str] = set()
+        self._load_lock = threading.Lock()
         self._queue: deque[Behaviour] = deque()
         self._requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
@@ -166,6 +177,7 @@ class FakeOllama(Running):
         otherwise go on answering.
         """
         self._released.set()
+        self._loaded.clear()  # the process ended: nothing is loaded when it comes back
         if self._server is not None:
             self._server.stop()
             self._server = None
@@ -312,13 +324,44 @@ class _Handler(BaseHTTPRequestHandler):
         if not _asks_for_reply(body):
             self._answer_load(body if isinstance(body, dict) else {})
             return
+        request = body if isinstance(body, dict) else {}
+        model = _canonical(str(request.get("model", "")))
+        # A model it has must be loaded first (scheduleRunner): the first chat waits for that.
+        if model in self._models() and not self._schedule(model, "chat"):
+            return
         behaviour = self.owner._next_behaviour()
         if behaviour.delay and self.owner._released.wait(behaviour.delay):
             self.close_connection = True  # stopped while waiting: drop it unanswered
             return
         # The client may have given up (its timeout) before the answer.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            self._answer_chat(body if isinstance(body, dict) else {}, behaviour)
+            self._answer_chat(request, behaviour)
+        if _is_zero(request.get("keep_alive")):  # the runner expires after the request
+            self.owner._loaded.discard(model)
+
+    def _models(self) -> set[str]:
+        return {_canonical(name) for name in self.owner.models}
+
+    def _schedule(self, model: str, kind: str) -> bool:
+        """Load ``model`` unless it is loaded, as :attr:`FakeOllama.loading` says; False when
+        the request has been answered (a failed load) or dropped (stopped while loading)."""
+        # One load at a time; a request that waited for it finds the model loaded (the
+        # scheduler's pending requests, server/sched.go, wait for the runner being loaded).
+        with self.owner._load_lock:
+            if model in self.owner._loaded:
+                return True
+            behaviour = self.owner.loading
+            if behaviour.delay and self.owner._released.wait(behaviour.delay):
+                self.close_connection = True  # stopped while loading: dropped unanswered
+                return False
+            if behaviour.status != 200:
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self._send_json(behaviour.status, {"error": behaviour.content})
+                return False
+            with self.owner._lock:
+                self.owner._loaded.add(model)
+                self.owner.model_loads.append((model, kind))
+            return True
 
     def _answer_load(self, request: dict[str, Any]) -> None:
         # Ollama's ChatHandler (server/routes.go): a model it does not have is a 404; with no
@@ -326,18 +369,15 @@ class _Handler(BaseHTTPRequestHandler):
         # scheduled (loaded unless it is, which is the wait) and the answer is one JSON
         # object, whatever ``stream`` says, with nothing generated: done_reason "load".
         model = str(request.get("model", ""))
-        if model not in self.owner.models and f"{model}:latest" not in self.owner.models:
+        if _canonical(model) not in self._models():
             self._send_json(404, {"error": f"model '{model}' not found"})
             return
         done_reason = "unload" if _is_zero(request.get("keep_alive")) else "load"
-        behaviour = self.owner.loading if done_reason == "load" else Behaviour(content="")
-        if behaviour.delay and self.owner._released.wait(behaviour.delay):
-            self.close_connection = True  # stopped while loading: dropped unanswered
+        if done_reason == "unload":
+            self.owner._loaded.discard(_canonical(model))
+        elif not self._schedule(_canonical(model), "load"):
             return
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            if behaviour.status != 200:
-                self._send_json(behaviour.status, {"error": behaviour.content})
-                return
             self._send_json(
                 200,
                 {
