@@ -327,6 +327,8 @@ class _Handler(BaseHTTPRequestHandler):
         request = body if isinstance(body, dict) else {}
         model = _canonical(str(request.get("model", "")))
         # A model it has must be loaded first (scheduleRunner): the first chat waits for that.
+        # A chat for a model it does not list is answered all the same (Ollama would say 404):
+        # tests script replies for whatever model their settings name.
         if model in self._models() and not self._schedule(model, "chat"):
             return
         behaviour = self.owner._next_behaviour()
