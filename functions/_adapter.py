@@ -133,6 +133,11 @@ class Function:
     async def _enter(self) -> None:
         try:
             await self._service.__aenter__()
+            if self.stage.start is not None:
+                await self.stage.start(self._service)
+        except ImageGenError as exc:  # said in its own words: a traceback adds nothing
+            log.error("start-up failed: %s", exc.message, extra={"stage": self.stage.name})
+            raise
         except Exception:
             log.exception("start-up failed", extra={"stage": self.stage.name})
             raise

@@ -19,7 +19,7 @@ from imagegen.ledger.models import (
     TimelineEntry,
     WebhookEvent,
 )
-from imagegen.ledger.store import Ledger, default_ledger_path, open_ledger
+from imagegen.ledger.store import Ledger, backend, default_ledger_path, open_ledger
 
 __all__ = [
     "STATUS_RANK",
@@ -34,6 +34,7 @@ __all__ = [
     "Status",
     "TimelineEntry",
     "WebhookEvent",
+    "backend",
     "default_ledger_path",
     "open_ledger",
 ]

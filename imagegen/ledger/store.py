@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol, TextIO, runtime_checkable
+from typing import Any, Literal, Protocol, TextIO, runtime_checkable
 
 from imagegen.errors import InvalidRequest
 from imagegen.ledger.models import (
@@ -19,7 +19,7 @@ from imagegen.ledger.models import (
     Status,
 )
 
-__all__ = ["Ledger", "default_ledger_path", "open_ledger"]
+__all__ = ["Ledger", "backend", "default_ledger_path", "open_ledger"]
 
 
 @runtime_checkable
@@ -88,6 +88,25 @@ def default_ledger_path() -> Path:
     return Path(base) / "imagegen" / "ledger.db"
 
 
+def backend(url: str | None) -> Literal["sqlite", "postgres"]:
+    """Which backend ``url`` names (the forms :func:`open_ledger` takes); nothing is opened.
+
+    Raises:
+        InvalidRequest: an unsupported URL scheme.
+    """
+    if url is None:
+        return "sqlite"
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme in ("postgresql", "postgres"):
+        return "postgres"
+    if scheme in ("sqlite", ""):
+        return "sqlite"
+    raise InvalidRequest(
+        f"unsupported ledger URL scheme {scheme!r}: use postgresql://, sqlite:/// or a path",
+        errors=[{"field": "ledger_url", "message": "unsupported scheme"}],
+    )
+
+
 def open_ledger(url: str | None = None) -> Ledger:
     """Open (and migrate) the ledger ``url`` names.
 
@@ -99,21 +118,14 @@ def open_ledger(url: str | None = None) -> Ledger:
         InvalidRequest: an unsupported URL scheme.
         DependencyUnavailable: the database cannot be reached.
     """
-    if url is None:
-        from imagegen.ledger.sqlite import SqliteLedger
-
-        return SqliteLedger(default_ledger_path())
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    if scheme in ("postgresql", "postgres"):
+    if backend(url) == "postgres":
         from imagegen.ledger.postgres import PostgresLedger
 
+        assert url is not None
         return PostgresLedger(url)
-    if scheme in ("sqlite", ""):
-        from imagegen.ledger.sqlite import SqliteLedger
+    from imagegen.ledger.sqlite import SqliteLedger
 
-        # SQLAlchemy's form: sqlite:///relative.db, sqlite:////absolute.db
-        return SqliteLedger(url.removeprefix("sqlite:///") if scheme else url)
-    raise InvalidRequest(
-        f"unsupported ledger URL scheme {scheme!r}: use postgresql://, sqlite:/// or a path",
-        errors=[{"field": "ledger_url", "message": "unsupported scheme"}],
-    )
+    if url is None:
+        return SqliteLedger(default_ledger_path())
+    # SQLAlchemy's form: sqlite:///relative.db, sqlite:////absolute.db
+    return SqliteLedger(url[len("sqlite:///") :] if url.lower().startswith("sqlite:///") else url)

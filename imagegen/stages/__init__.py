@@ -136,6 +136,9 @@ class Stage:
         png: Optional handler for a plain request with ``Accept: image/png``.
         routes: Further HTTP routes (queries of the stage's own records).
         direct: A plain-HTTP body laxer than the event's data; None: the same ``input_model``.
+        start: ``await start(service)``, once, at start-up: what must work before the
+            function says ready (a ledger in a local file). A failure fails start-up, as broken
+            settings do: readiness says so and requests are answered 503.
         warm_up: ``await warm_up(service)``, once, in the background once the function has
             turned ready: builds what a first request would otherwise build while it waits
             (imports, clients, tables). Readiness never waits for it; a failure is logged.
@@ -154,6 +157,7 @@ class Stage:
     png: Callable[[ImageGenService, Any], Awaitable[tuple[bytes, dict[str, str]]]] | None = None
     routes: tuple[Route, ...] = ()
     direct: Direct | None = None
+    start: Callable[[ImageGenService], Awaitable[object]] | None = None
     warm_up: Callable[[ImageGenService], Awaitable[object]] | None = None
 
     def models(self) -> tuple[type[BaseModel], ...]:

@@ -79,6 +79,26 @@ async def _ledger(service: ImageGenService) -> tuple[Ledger, Dispatcher | None]:
     return await asyncio.to_thread(ledger_of, service.settings)
 
 
+async def _start(service: ImageGenService) -> None:
+    """A ledger in a local file is opened (created, migrated) before the function says ready.
+
+    A path that cannot hold one would otherwise fail every event of a ready process, and a
+    rollout that set it would replace a working revision. A database server is left to the
+    warm-up, as object storage is left to the first request: one down at start-up would keep
+    the process unready after it comes back.
+    """
+    from imagegen.errors import ConfigurationError, InvalidRequest
+    from imagegen.ledger import backend
+
+    try:
+        local = backend(_key(service.settings) or None) == "sqlite"
+    except InvalidRequest as exc:
+        name = service.settings.variable("ledger_url")
+        raise ConfigurationError(f"{name}: {exc.message}", errors=exc.errors) from None
+    if local:
+        await _ledger(service)
+
+
 async def _warm_up(service: ImageGenService) -> None:
     # The database connected to, migrated, and the webhook dispatcher started before the first
     # event needs them; a database that is down is said in the log now.
@@ -198,5 +218,6 @@ STAGE = Stage(
     handler=_record,
     timeout=lambda settings: 30.0,
     routes=_routes(),
+    start=_start,
     warm_up=_warm_up,
 )

@@ -106,3 +106,103 @@ def test_opening_the_ledger_never_holds_the_event_loop(
         ledger.close()
 
     asyncio.run(run())
+
+
+@pytest.fixture
+def serve_sqlite(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``serve_sqlite(url)``: the ledger function on ``url``; what it opened closed after."""
+    from imagegen.stages import ledger as ledger_stage
+
+    monkeypatch.setattr(ledger_stage, "_opened", {})
+    served: list[InProcessFunction] = []
+
+    def serve(url: str) -> InProcessFunction:
+        served.append(InProcessFunction("ledger", {"IMAGEGEN_LEDGER_URL": url}))
+        return served[-1]
+
+    yield serve
+    for function in served:
+        function.close()
+    for opened, _ in ledger_stage._opened.values():
+        opened.close()
+
+
+def test_a_ledger_file_is_opened_before_the_function_says_ready(
+    serve_sqlite: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import dataclasses
+
+    from imagegen.stages import ledger as ledger_stage
+
+    # No warm-up to open it meanwhile: what is open at the first 200 was opened by start-up.
+    unwarmed = dataclasses.replace(ledger_stage.STAGE, warm_up=None)
+    monkeypatch.setattr(ledger_stage, "STAGE", unwarmed)
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    function = serve_sqlite(url)
+    assert function.get("/readyz").status_code == 200
+    assert url in ledger_stage._opened, "ready before the ledger was opened"
+    reply = function.post("/", **_binary(chain("gen-s")["requested"]))
+    assert reply.status_code == 202, reply.text
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda path: path.mkdir(), "is a folder, not a file"),
+        (lambda path: path.write_bytes(b"no tables here\n" * 128), "is not a SQLite database"),
+    ],
+    ids=["folder", "not-sqlite"],
+)
+def test_a_ledger_file_that_cannot_hold_a_ledger_keeps_the_function_unready(
+    serve_sqlite: Any,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    make: Any,
+    reason: str,
+) -> None:
+    path = tmp_path / "ledger.db"
+    make(path)
+    with caplog.at_level("ERROR", logger="imagegen.functions"):
+        function = serve_sqlite(str(path))
+        ready = function.get("/readyz")
+    # Knative never routes to it, and a rollout that set the path keeps the working revision.
+    assert ready.status_code == 503
+    assert ready.json()["status"] == "start-up failed"
+    failed = [r for r in caplog.records if r.getMessage().startswith("start-up failed:")]
+    assert len(failed) == 1 and reason in failed[0].getMessage()
+    assert failed[0].exc_info is None, "its own words, no traceback"
+    # An event that comes anyway is retried (503), never refused (a 400 loses it).
+    reply = function.post("/", **_binary(chain("gen-u")["requested"]))
+    assert reply.status_code == 503, reply.text
+    assert reply.json()["error"] == "not_configured"
+    assert reason in reply.json()["message"]
+
+
+def test_a_ledger_url_of_no_backend_is_a_configuration_error(serve_sqlite: Any) -> None:
+    function = serve_sqlite("https://ledger.example.com")
+    assert function.get("/readyz").status_code == 503
+    reply = function.post("/", **_binary(chain("gen-h")["requested"]))
+    assert reply.status_code == 503, reply.text
+    error = reply.json()
+    assert error["error"] == "not_configured"
+    assert error["message"].startswith("IMAGEGEN_LEDGER_URL: unsupported ledger URL scheme")
+    assert [e["field"] for e in error["errors"]] == ["ledger_url"]
+
+
+def test_a_database_server_is_left_to_the_warm_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One down at start-up would keep the process unready after it comes back."""
+    import asyncio
+
+    import imagegen.ledger
+    from imagegen.settings import Settings
+    from imagegen.stages import ledger as ledger_stage
+
+    opened: list[str | None] = []
+    monkeypatch.setattr(imagegen.ledger, "open_ledger", lambda url=None: opened.append(url))
+    monkeypatch.setattr(ledger_stage, "_opened", {})
+    url = "postgresql://imagegen@127.0.0.1:9/imagegen"
+    service = SimpleNamespace(settings=Settings(ledger_url=url))
+    asyncio.run(ledger_stage.STAGE.start(service))  # type: ignore[misc]
+    assert opened == []
+    asyncio.run(ledger_stage.STAGE.warm_up(service))  # type: ignore[misc]
+    assert opened == [url]
