@@ -24,7 +24,7 @@ from imagegen.events import (
     PROMPT_ENHANCED,
     short_name,
 )
-from imagegen.identity import key_time
+from imagegen.identity import generation_id, key_time, valid_generation_id
 from imagegen.ledger.models import STATUS_RANK, LedgerEvent, Status, WebhookEvent
 from imagegen.models import (
     DerivedImage,
@@ -33,7 +33,6 @@ from imagegen.models import (
     GenerationRequest,
     PersistedImage,
     RenderedImage,
-    derive_generation_id,
 )
 from imagegen.validation import parse_model
 
@@ -125,16 +124,16 @@ def fold(event: LedgerEvent, *, now: datetime) -> Change | None:
     at = utc(_event_time(event.time) if event.time else now)
     fields: dict[str, Any]
     if event.type == GENERATION_REQUESTED:
+        found = _requested_generation(event)
+        if found is None:
+            return None  # enhance's generation.failed names no generation either
+        gid = found
         try:
             request = parse_model(GenerationRequest, event.data)
         except InvalidRequest:
             # enhance answers it with generation.failed under the same id: the request is
-            # part of that generation's history, whatever it holds.
-            declared = event.data.get("generation_id")
-            gid = declared if isinstance(declared, str) and declared else event.subject
-            return Change(gid or derive_generation_id(event.source, event.id), status, at)
-        gid = request.generation_id or event.subject
-        gid = gid or derive_generation_id(event.source, event.id)
+            # part of that generation's history, whatever else it holds.
+            return Change(gid, status, at)
         fields = {
             "original_prompt": request.prompt,
             "seed": request.seed,
@@ -176,11 +175,28 @@ def fold(event: LedgerEvent, *, now: datetime) -> Change | None:
     else:
         failure = parse_model(GenerationFailed, event.data)
         found = failure.generation_id or event.subject
-        if found is None:
-            return None
+        if found is None or not valid_generation_id(found):
+            return None  # a subject no generation can have: the event, under no generation
         gid = found
         fields = {"failed_stage": failure.stage, "error": failure.error.model_dump(mode="json")}
     return Change(gid, status, at, {k: v for k, v in fields.items() if v not in (None, {})})
+
+
+def _requested_generation(event: LedgerEvent) -> str | None:
+    """The generation a ``generation.requested`` starts, decided as enhance decides it
+    (:func:`~imagegen.identity.generation_id`, from the data's id, the subject, else the event's
+    source and id), valid data or not; None where enhance finds none (an id no generation can
+    have, a subject that disagrees with it): its ``generation.failed`` then names none."""
+    declared = event.data.get("generation_id")
+    attributes = {"source": event.source, "id": event.id}
+    if event.subject is not None:
+        attributes["subject"] = event.subject
+    try:
+        return generation_id(
+            declared if isinstance(declared, str) else None, attributes, starts=True
+        )
+    except InvalidRequest:
+        return None
 
 
 def _event_time(value: datetime) -> datetime:

@@ -206,3 +206,59 @@ def test_a_database_server_is_left_to_the_warm_up(monkeypatch: pytest.MonkeyPatc
     assert opened == []
     asyncio.run(ledger_stage.STAGE.warm_up(service))  # type: ignore[misc]
     assert opened == [url]
+
+
+@pytest.fixture(scope="module")
+def enhance(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The enhance function in this process (Ollama down: template prompts)."""
+    from tests.functions.conftest import base_env
+
+    with InProcessFunction("enhance", base_env(tmp_path_factory.mktemp("store"))) as served:
+        yield served
+
+
+REQUESTS = {
+    "its id": ({"generation_id": "gen-a", "prompt": "a fox"}, None),
+    "the subject's": ({"prompt": "a fox"}, "gen-b"),
+    "none: from source and id": ({"prompt": "a fox"}, None),
+    "invalid, its id": ({"generation_id": "gen-c", "width": 5}, None),
+    "invalid, the subject's": ({"width": 5}, "gen-d"),
+    "an id no generation has": ({"generation_id": "../../x", "prompt": "a fox"}, None),
+    "an id too long": ({"generation_id": "a" * 200, "prompt": "a fox"}, None),
+    "a subject no generation has": ({"prompt": "a fox"}, "../x"),
+    "id and subject disagree": ({"generation_id": "gen-e", "prompt": "a fox"}, "gen-f"),
+    "an id of no string": ({"generation_id": 7, "prompt": "a fox"}, "gen-g"),
+}
+
+
+@pytest.mark.parametrize(("data", "subject"), REQUESTS.values(), ids=REQUESTS.keys())
+def test_a_request_is_recorded_under_the_generation_enhance_answers_for(
+    function: InProcessFunction,
+    enhance: InProcessFunction,
+    ledger_url: str,
+    data: dict[str, Any],
+    subject: str | None,
+) -> None:
+    """Enhance's reply (prompt.enhanced or generation.failed) and the ledger's row name one
+    generation, or none at all: never a row of its own, under an id no stage would use."""
+    from imagegen.events import GENERATION_REQUESTED
+    from imagegen.ledger import LedgerEvent
+
+    request = LedgerEvent(
+        source="/platform/caller",
+        id="req-1",
+        type=GENERATION_REQUESTED,
+        subject=subject,
+        data=data,
+    )
+    reply = enhance.post("/", **_binary(request))
+    assert reply.status_code == 200, reply.text
+    answered = reply.json()["generation_id"]
+    assert function.post("/", **_binary(request)).status_code == 202
+    ledger = open_ledger(ledger_url)
+    try:
+        assert [e.generation_id for e in ledger.events()] == [answered]
+        rows = [g.generation_id for g in ledger.history().items]
+        assert rows == ([answered] if answered else [])
+    finally:
+        ledger.close()

@@ -153,6 +153,17 @@ def test_an_invalid_request_is_recorded_and_fails_with_enhances_failure(ledger: 
     assert [e.type for e in found.timeline] == [request.type, events["failed"].type]
 
 
+def test_a_failure_under_a_subject_no_generation_has_is_kept_under_none(ledger: Ledger) -> None:
+    failed = chain("gen-x")["failed"]
+    unnamed = failed.model_copy(
+        update={"subject": "../x", "data": {**failed.data, "generation_id": None}}
+    )
+    result = ledger.ingest(unnamed)
+    assert result.generation_id is None and not result.duplicate
+    assert [e.generation_id for e in ledger.events()] == [None]
+    assert ledger.history().items == []
+
+
 def test_bad_events_are_refused_naming_the_field(ledger: Ledger) -> None:
     with pytest.raises(InvalidRequest) as caught:
         ledger.ingest(LedgerEvent(source="/x", id="1", type="com.example.other", data={}))
