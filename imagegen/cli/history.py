@@ -153,7 +153,8 @@ def status(
     out.print(f"[bold]generation[/] {escape(body['generation_id'])}")
     out.print(f"[bold]status[/]     {body['status']}")
     if body.get("model"):
-        out.print(f"[bold]model[/]      {escape(body['model'])}  seed {body.get('seed')}")
+        seed = "" if body.get("seed") is None else f"  seed {body['seed']}"  # not drawn yet
+        out.print(f"[bold]model[/]      {escape(body['model'])}{seed}")
     if body.get("prompt"):
         out.print(f"[bold]prompt[/]     {escape(body['prompt'])}", soft_wrap=True)
     where = body.get("url") or body.get("location")

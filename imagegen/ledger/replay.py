@@ -57,7 +57,12 @@ def _recorded(ledger: Ledger, generation_id: str, *types: str) -> tuple[str, dic
         if event.type in types:
             return event.type, event.data
     names = " or ".join(short_name(t) for t in types)
-    raise NotFound(f"generation {generation_id!r} has no recorded {names} event to replay")
+    message = f"generation {generation_id!r} has no recorded {names} event to replay"
+    if GENERATION_REQUESTED not in types and any(
+        e.type == GENERATION_REQUESTED for e in ledger.generation_events(generation_id)
+    ):
+        message += "; from=requested replays its request"
+    raise NotFound(message)
 
 
 def replay_job(ledger: Ledger, generation_id: str, *, new_id: str | None = None) -> EnhancedPrompt:

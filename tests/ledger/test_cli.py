@@ -90,6 +90,16 @@ def test_a_failed_generation_is_in_the_history_with_its_stage(run: Any, as_json:
     (row,) = listed
     assert row["failed_stage"] == "enhance" and row["error"]["code"] == "invalid_request"
     assert "model" in row["error"]["message"]
+    code, out, _ = run("status", row["generation_id"])
+    assert code == 0 and "not-allowed" in out
+    assert "seed" not in out, "no seed was drawn: none is shown"
+    # Nothing enhanced to replay: the error says what can be.
+    code, _, err = run("replay", row["generation_id"])
+    assert code == 1 and err.count("\n") == 1
+    assert err.endswith(
+        "no recorded prompt.enhanced or image.rendered event to replay;"
+        " from=requested replays its request\n"
+    )
 
 
 def test_unknown_ids_and_bad_options_are_one_line_errors(run: Any) -> None:
