@@ -67,6 +67,8 @@ _DENIED = {
     "SignatureDoesNotMatch",
 }
 _MISSING = {"NoSuchKey", "NotFound", "404"}
+# A key no object has, read by check(): a valid key (storage.keys) that no generation writes.
+_PROBE_KEY = "imagegen-check/absent"
 _PRECONDITION_FAILED = {"PreconditionFailed", "412"}
 # AWS answers 409 while another conditional write of the key is in flight: "retry the upload".
 _CONFLICT_RETRIES = 5
@@ -195,11 +197,45 @@ class S3Storage(ObjectStore):
         return f"s3://{self.bucket}/{self._object_key(key)}"
 
     async def check(self) -> None:
-        """Raise DependencyUnavailable unless the bucket exists and the credentials may use it."""
+        """Raise DependencyUnavailable unless the bucket exists and the credentials may use it.
+
+        HeadBucket needs ``s3:ListBucket`` (docs.aws.amazon.com/AmazonS3/latest/API/
+        API_HeadBucket.html), as imagegen does: it reads keys that may not exist yet, and S3
+        answers a missing key 403, not 404, to credentials without it (API_GetObject.html). A
+        HeadBucket 403 has no body to say whether the credentials or the permission were
+        refused; a GET of a key that is never written does, and the error says which.
+        """
         try:
             await self._call("HeadBucket", lambda: self._client.head_bucket(Bucket=self.bucket))
         except _Missing:
             raise self._no_bucket() from None
+        except _Denied as denied:
+            raise await self._refusal(denied) from None
+
+    async def _refusal(self, denied: _Denied) -> DependencyUnavailable:
+        """What a HeadBucket 403 (``denied``) refused: the listing, or the credentials."""
+        probe = self._object_key(_PROBE_KEY)
+        try:
+            await self._call("GetObject", lambda: self._read_byte(probe))
+        except _Denied as refused:
+            if refused.s3_code == "AccessDenied":
+                return DependencyUnavailable(
+                    f"S3 bucket {self.bucket!r} may not be listed with these credentials"
+                    " (AccessDenied): imagegen needs s3:ListBucket on it, besides s3:GetObject"
+                    " and s3:PutObject on its keys (docs/storage.md#permissions)"
+                )
+            return DependencyUnavailable(
+                f"S3 refused the credentials for bucket {self.bucket!r} ({refused.s3_code}):"
+                " check IMAGEGEN_S3_ACCESS_KEY_ID and IMAGEGEN_S3_SECRET_ACCESS_KEY"
+            )
+        except (ImageGenError, _Outcome):
+            pass
+        return denied
+
+    def _read_byte(self, object_key: str) -> None:
+        """GET the first byte of ``object_key`` (the probe of :meth:`check`)."""
+        response = self._client.get_object(Bucket=self.bucket, Key=object_key, Range="bytes=0-0")
+        response["Body"].close()
 
     def _upload(
         self,
@@ -264,9 +300,14 @@ class S3Storage(ObjectStore):
         if code in _MISSING or status == 404:
             return _Missing()
         if code in _DENIED or status == 403:
-            return DependencyUnavailable(
+            check = "the credentials and the bucket's permissions"
+            if operation in ("HeadObject", "GetObject") and code in ("403", "AccessDenied"):
+                # API_GetObject.html: without s3:ListBucket, a key that does not exist is a 403.
+                check += " (s3:ListBucket included: without it a missing key is a 403 too)"
+            return _Denied(
                 f"access to S3 bucket {self.bucket!r} denied ({code or status}) during {operation}:"
-                " check the credentials and the bucket's permissions"
+                f" check {check}",
+                s3_code=code,
             )
         if code in _THROTTLING or status == 429:
             return DependencyUnavailable(
@@ -283,6 +324,14 @@ class S3Storage(ObjectStore):
         return DependencyUnavailable(
             f"S3 bucket {self.bucket!r} does not exist{where}: create it or fix storage_url"
         )
+
+
+class _Denied(DependencyUnavailable):
+    """A 403: ``s3_code`` says what was refused, where the answer has a body to say it."""
+
+    def __init__(self, message: str, *, s3_code: str) -> None:
+        super().__init__(message)
+        self.s3_code = s3_code
 
 
 class _Outcome(Exception):

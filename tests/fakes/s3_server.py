@@ -17,6 +17,16 @@ It can answer user metadata the way Google Cloud Storage does, as ``x-goog-meta-
 
     s3.gcs_metadata = True
 
+It can refuse the credentials in use as AWS does, wholly or the bucket's listing only::
+
+    s3.denied = "credentials"                # an unknown access key: 403 InvalidAccessKeyId
+    s3.denied = "listing"                    # no s3:ListBucket: HeadBucket, ListObjects and a
+                                             # missing key's GET or HEAD are 403 AccessDenied
+
+(docs.aws.amazon.com/AmazonS3/latest/API/API_HeadBucket.html: HeadBucket needs s3:ListBucket;
+API_GetObject.html and API_HeadObject.html: without it, a key that does not exist is a 403
+AccessDenied, not a 404; a HEAD's error has no body, only its status.)
+
 It can hold uploads back until several have arrived, so that writers race for certain::
 
     s3.gate(".png", 2)                       # the first PUT of a *.png waits for a second
@@ -38,9 +48,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import boto3
+from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
 
 from tests.fakes.loopback import LoopbackServer, Running
@@ -83,6 +94,8 @@ class S3Server(Running):
         self.region = region
         # Answer x-amz-meta-* response headers as x-goog-meta-*, as GCS does (settable any time).
         self.gcs_metadata = gcs_metadata
+        # What the credentials in use are refused (see the module's docstring); settable any time.
+        self.denied: Literal["credentials", "listing"] | None = None
         self._moto: ThreadedMotoServer | None = None
         self._proxy: LoopbackServer | None = None
         self._port = 0
@@ -162,7 +175,8 @@ class S3Server(Running):
             self._stop_proxy()
 
     def up(self) -> None:
-        """End any outage."""
+        """End any outage, and any refusal of the credentials (:attr:`denied`)."""
+        self.denied = None
         with self._lock:
             self._fail_status, self._fail_count = None, None
         self._hang.clear()
@@ -210,6 +224,13 @@ class S3Server(Running):
 
     # Internals
 
+    def _has_bucket(self, name: str) -> bool:
+        try:
+            self.client().head_bucket(Bucket=name)
+        except ClientError:
+            return False
+        return True
+
     def _start_proxy(self) -> None:
         self._proxy = LoopbackServer(_handler(self), port=self._port, name="s3-proxy").start()
         self._port = self._proxy.port
@@ -237,6 +258,12 @@ def _rename_meta(name: str) -> str:
     return name
 
 
+def _bucket_of(path: str) -> str | None:
+    """The bucket of a path-style request for an object; None for one on a bucket itself."""
+    bucket, _, key = path.split("?", 1)[0].lstrip("/").partition("/")
+    return bucket if key else None
+
+
 def _handler(server: S3Server) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         # HTTP/1.1 so that "Expect: 100-continue" is answered; one request per connection
@@ -253,11 +280,20 @@ def _handler(server: S3Server) -> type[BaseHTTPRequestHandler]:
                 return
             server._wait_at_gate(self.command, self.path)
             if status is not None:
-                code = _ERROR_CODES.get(status, "ServiceUnavailable")
-                payload = f"<Error><Code>{code}</Code><Message>simulated</Message></Error>"
-                self._respond(status, [("Content-Type", "application/xml")], payload.encode())
+                self._error(status, _ERROR_CODES.get(status, "ServiceUnavailable"))
+                return
+            if server.denied == "credentials":
+                self._error(403, "InvalidAccessKeyId")
+                return
+            listing = self.command in ("GET", "HEAD") and _bucket_of(self.path) is None
+            if server.denied == "listing" and listing:  # HeadBucket, ListObjects(V2)
+                self._error(403, "AccessDenied")
                 return
             self._forward(body)
+
+        def _error(self, status: int, code: str) -> None:
+            payload = f"<Error><Code>{code}</Code><Message>simulated</Message></Error>"
+            self._respond(status, [("Content-Type", "application/xml")], payload.encode())
 
         do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = do_request
 
@@ -317,6 +353,11 @@ def _handler(server: S3Server) -> type[BaseHTTPRequestHandler]:
                 return
             finally:
                 upstream.close()
+            bucket = _bucket_of(self.path)
+            missing = response.status == 404 and bucket is not None and server._has_bucket(bucket)
+            if server.denied == "listing" and missing:  # not to be told without the permission
+                self._error(403, "AccessDenied")
+                return
             # A HEAD answer's Content-Length is the object's size, not this (empty) body's.
             length = response.getheader("Content-Length") if self.command == "HEAD" else None
             self._respond(response.status, headers, payload, length=length)

@@ -254,6 +254,46 @@ async def test_access_denied_says_so(s3: S3Server, make_s3: MakeS3) -> None:
     assert "credentials" in error.value.message
 
 
+async def test_credentials_that_may_not_list_the_bucket_are_told_so(
+    s3: S3Server, make_s3: MakeS3
+) -> None:
+    """imagegen reads keys that may not exist yet (a redelivery's image, the prompt memo): S3
+    answers those 403 to credentials without s3:ListBucket, so the check asks for it."""
+    storage = make_s3()
+    s3.denied = "listing"
+    with pytest.raises(DependencyUnavailable) as error:
+        await storage.head(KEYS.image)
+    assert "s3:ListBucket" in error.value.message
+    with pytest.raises(DependencyUnavailable) as error:
+        await storage.check()
+    assert error.value.message == (
+        f"S3 bucket {storage.bucket!r} may not be listed with these credentials (AccessDenied):"
+        " imagegen needs s3:ListBucket on it, besides s3:GetObject and s3:PutObject on its keys"
+        " (docs/storage.md#permissions)"
+    )
+    # HeadBucket's 403 said nothing more; a GET of a key never written told which.
+    assert [(r.method, r.path.split("?")[0]) for r in s3.requests[-2:]] == [
+        ("HEAD", f"/{storage.bucket}"),
+        ("GET", f"/{storage.bucket}/imagegen-check/absent"),
+    ]
+    s3.up()
+    await storage.check()
+
+
+async def test_rejected_credentials_are_told_apart_from_a_missing_permission(
+    s3: S3Server, make_s3: MakeS3
+) -> None:
+    storage = make_s3()
+    s3.denied = "credentials"
+    with pytest.raises(DependencyUnavailable) as error:
+        await storage.check()
+    assert error.value.message == (
+        f"S3 refused the credentials for bucket {storage.bucket!r} (InvalidAccessKeyId):"
+        " check IMAGEGEN_S3_ACCESS_KEY_ID and IMAGEGEN_S3_SECRET_ACCESS_KEY"
+    )
+    assert error.value.retryable
+
+
 async def test_other_client_errors_are_not_retryable(s3: S3Server, make_s3: MakeS3) -> None:
     storage = make_s3()
 
