@@ -2,7 +2,9 @@
 
 Closed: calls go through; ``threshold`` failures in a row open the circuit. Open: calls are
 refused at once for ``cooldown`` seconds. Half-open: one call (the probe) goes through while
-every other is refused; its success closes the circuit, its failure opens it again.
+every other is refused; its success closes the circuit, its failure opens it again. A failure
+seen outside a call (a start-up check finding the dependency down) can open it at once
+(:meth:`CircuitBreaker.trip`).
 
 Written here rather than taken from pybreaker, which is thread-based (its coroutine support
 needs tornado) and lets every concurrent call through while half-open; an asyncio service
@@ -65,10 +67,11 @@ class CircuitBreaker:
         return self._state
 
     @asynccontextmanager
-    async def call(self) -> AsyncIterator[None]:
-        """``async with breaker.call():`` around one call of the dependency.
+    async def call(self) -> AsyncIterator[bool]:
+        """``async with breaker.call() as probe:`` around one call of the dependency.
 
         An exception leaving the block counts as a failure; a normal exit as a success.
+        ``probe`` is True for the half-open circuit's one call, which decides it.
 
         Raises:
             CircuitOpen: The circuit is open, or half-open with its probe already in flight.
@@ -79,7 +82,7 @@ class CircuitBreaker:
         probe = state == "half_open"
         self._probing = self._probing or probe
         try:
-            yield
+            yield probe
         except Exception:  # a cancelled call says nothing about the dependency
             self._failed()
             raise
@@ -88,6 +91,14 @@ class CircuitBreaker:
         finally:
             if probe:
                 self._probing = False
+
+    def trip(self, reason: str) -> None:
+        """Open the circuit now, for a full cool-down: the dependency was found down outside
+        a call (``reason`` says how). Nothing changes with a threshold of 0 (it never opens) or
+        a circuit already open."""
+        if self.threshold and self._state != "open":
+            self._opened_at = self._clock()
+            self._move("open", reason)
 
     def _failed(self) -> None:
         self._failures += 1
@@ -102,13 +113,8 @@ class CircuitBreaker:
         if self._state != "closed":
             self._move("closed")
 
-    def _move(self, state: State) -> None:
+    def _move(self, state: State, reason: str | None = None) -> None:
         previous, self._state = self._state, state
-        logger.warning(
-            "circuit %s: %s -> %s after %d consecutive failures",
-            self.name,
-            previous,
-            state,
-            self._failures,
-        )
+        why = reason or f"after {self._failures} consecutive failures"
+        logger.warning("circuit %s: %s -> %s %s", self.name, previous, state, why)
         instruments().circuit_transitions.add(1, {"dependency": self.name, "state": state})

@@ -5,7 +5,8 @@ sampled with the generation's seed, so a redelivered request gets the same reply
 errors, 5xx/429 answers and malformed replies are retried with exponential backoff (tenacity);
 a reply slower than ``ollama_timeout`` is not, since it would be as slow again. After
 ``ollama_breaker_threshold`` failed prompts in a row a circuit breaker answers at once for
-``ollama_breaker_cooldown`` seconds, then lets one probe through (:mod:`._breaker`).
+``ollama_breaker_cooldown`` seconds, then lets one probe through (:mod:`._breaker`), a single
+attempt; the enhance stage opens it at once when Ollama does not answer its warm-up.
 """
 
 from __future__ import annotations
@@ -241,17 +242,19 @@ class OllamaEnhancer:
                 retries included, or its circuit is open.
         """
         messages = build_messages(prompt, contributions, spec)
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.settings.ollama_retries + 1),
-            wait=wait_exponential(multiplier=self.backoff, max=self.backoff * 8),
-            retry=retry_if_exception(_retryable),
-            before_sleep=_log_retry,
-            reraise=True,
-        )
         try:
             # One write is one call of the circuit, its retries included; an open circuit
-            # refuses it before any attempt.
-            async with self.breaker.call(), asyncio.timeout(self.deadline):
+            # refuses it before any attempt. The probe of a circuit that opened is one attempt:
+            # it asks whether Ollama is back, and retries would only make its caller wait.
+            async with self.breaker.call() as probe, asyncio.timeout(self.deadline):
+                attempts = 1 if probe else self.settings.ollama_retries + 1
+                retrying = AsyncRetrying(
+                    stop=stop_after_attempt(attempts),
+                    wait=wait_exponential(multiplier=self.backoff, max=self.backoff * 8),
+                    retry=retry_if_exception(_retryable),
+                    before_sleep=_log_retry,
+                    reraise=True,
+                )
                 async for attempt in retrying:
                     with attempt:
                         return await self._chat(messages, seed, spec)

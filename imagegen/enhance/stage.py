@@ -222,6 +222,8 @@ class EnhanceStage:
                 info.get("error"),
                 meanwhile,
             )
+            # Known down: the first prompts need not each wait for its retries to say so again.
+            self.enhancer.breaker.trip("Ollama did not answer the warm-up")
         elif not info["model_available"]:
             logger.warning(
                 "Ollama at %s has no model %s: %s until it is pulled", host, model, meanwhile

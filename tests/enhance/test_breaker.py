@@ -14,7 +14,7 @@ from imagegen.models import GenerationRequest
 from imagegen.modelspec import family_for
 from imagegen.settings import Settings
 from tests.enhance.conftest import MakeStage
-from tests.fakes.ollama_server import FakeOllama
+from tests.fakes.ollama_server import FakeOllama, http_error
 
 
 class Clock:
@@ -163,3 +163,63 @@ async def test_open_circuit_falls_back_to_the_template_at_once(
     second = await stage.run(request, generation_id="g2")
     assert (first.enhancer, second.enhancer) == ("template", "template")
     assert second.fallback and fake_ollama.chat_requests == []
+
+
+async def test_only_the_half_open_call_is_the_probe() -> None:
+    breaker = await _half_open()
+    async with breaker.call() as probe:
+        assert probe is True
+    assert breaker.state == "closed"
+    async with breaker.call() as probe:
+        assert probe is False
+
+
+async def test_a_trip_opens_it_for_a_full_cooldown_and_says_why(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    breaker = CircuitBreaker("dep", threshold=3, cooldown=5, clock=clock)
+    with caplog.at_level(logging.WARNING, logger="imagegen.enhance"):
+        breaker.trip("not answering at start-up")
+    assert "circuit dep: closed -> open not answering at start-up" in caplog.text
+    with pytest.raises(CircuitOpen):
+        await _succeed(breaker)
+    clock.now += 4.9
+    assert breaker.state == "open"
+    clock.now += 0.1
+    await _succeed(breaker)  # the probe: Ollama is back
+    assert breaker.state == "closed"
+    never = CircuitBreaker("dep", threshold=0, cooldown=5, clock=clock)
+    never.trip("down")
+    assert never.state == "closed", "a threshold of 0 never opens it"
+
+
+async def test_the_probe_is_one_attempt(fake_ollama: FakeOllama) -> None:
+    """Retries are for an Ollama that was up; the probe only asks whether it is back."""
+    fake_ollama.answer(http_error(500))
+    settings = Settings(ollama_host=fake_ollama.url, ollama_retries=2, ollama_breaker_threshold=1)
+    enhancer = OllamaEnhancer(settings, backoff=0.01)
+    clock = Clock()
+    enhancer.breaker = CircuitBreaker("ollama", threshold=1, cooldown=5, clock=clock)
+    spec = family_for("tiny")
+    with pytest.raises(DependencyUnavailable):
+        await enhancer.write(prompt="a fox", contributions=[], seed=1, spec=spec)
+    assert len(fake_ollama.chat_requests) == 3, "closed: the attempt and its two retries"
+    clock.now += 5
+    with pytest.raises(DependencyUnavailable):
+        await enhancer.write(prompt="a fox", contributions=[], seed=1, spec=spec)
+    assert len(fake_ollama.chat_requests) == 4, "the probe: one attempt"
+    assert enhancer.breaker.state == "open"
+    await enhancer.aclose()
+
+
+async def test_ollama_down_at_the_warm_up_opens_the_circuit(
+    fake_ollama: FakeOllama, make_stage: MakeStage
+) -> None:
+    stage = make_stage(ollama_breaker_threshold=3)
+    fake_ollama.stop()
+    await stage.warm_up()
+    fake_ollama.start()  # back: the circuit stays open for its cool-down
+    job = await stage.run(GenerationRequest(prompt="a fox", model="tiny"), generation_id="g1")
+    assert job.enhancer == "template" and job.fallback
+    assert fake_ollama.chat_requests == [], "answered at once, no attempt to wait for"
