@@ -115,6 +115,6 @@ class CircuitBreaker:
 
     def _move(self, state: State, reason: str | None = None) -> None:
         previous, self._state = self._state, state
-        why = reason or f"after {self._failures} consecutive failures"
+        why = f"({reason})" if reason else f"after {self._failures} consecutive failures"
         logger.warning("circuit %s: %s -> %s %s", self.name, previous, state, why)
         instruments().circuit_transitions.add(1, {"dependency": self.name, "state": state})

@@ -181,7 +181,7 @@ async def test_a_trip_opens_it_for_a_full_cooldown_and_says_why(
     breaker = CircuitBreaker("dep", threshold=3, cooldown=5, clock=clock)
     with caplog.at_level(logging.WARNING, logger="imagegen.enhance"):
         breaker.trip("not answering at start-up")
-    assert "circuit dep: closed -> open not answering at start-up" in caplog.text
+    assert "circuit dep: closed -> open (not answering at start-up)" in caplog.text
     with pytest.raises(CircuitOpen):
         await _succeed(breaker)
     clock.now += 4.9
