@@ -125,6 +125,27 @@ def test_models_pull_skips_a_named_model_that_needs_no_download(
     assert f"{local}: a local directory, nothing to pull" in result.stdout
 
 
+def test_history_folds_the_longest_ids_beside_their_status(cli: RunCli) -> None:
+    from imagegen.events import GENERATION_REQUESTED
+    from imagegen.ledger import LedgerEvent, open_ledger
+
+    gid = "g" + "0123456789abcdef" * 7 + "0123456789abcde"  # the longest id there is
+    assert len(gid) == 128
+    ledger = open_ledger(None)  # the laptop's, where the CLI reads it
+    try:
+        data = {"generation_id": gid, "prompt": "a fox", "model": "tiny"}
+        ledger.ingest(LedgerEvent(source="/t", id="1", type=GENERATION_REQUESTED, data=data))
+    finally:
+        ledger.close()
+    result = cli("history", env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    header, *rows = result.stdout.splitlines()
+    assert max(len(line) for line in rows) <= 80
+    assert rows[0].split()[-4:] == ["requested", "tiny", "a", "fox"], "the other columns kept"
+    start, end = header.index("generation"), header.index("status")
+    assert "".join(line[start:end].strip() for line in rows) == gid, "whole, folded"
+
+
 def test_history_shows_whole_ids_on_80_columns(cli: RunCli) -> None:
     # A generation refused at enhance: recorded, with nothing rendered.
     prompt = "a long prompt that fills the last column of the table " * 2

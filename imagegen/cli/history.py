@@ -232,7 +232,9 @@ def history(
     table = Table(box=None)
     table.add_column("created")
     # Whole, on a narrow terminal too: an id is there to be copied into `status` or `replay`.
-    table.add_column("generation", no_wrap=True, overflow="fold")
+    # One of 32 characters (the ids imagegen makes) on one line; a longer one (up to 128)
+    # folded over several, rather than taking the width of every other column.
+    table.add_column("generation", min_width=32, overflow="fold")
     for name in ("status", "model", "prompt"):
         table.add_column(name)
     for item in items:
