@@ -28,6 +28,51 @@ sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
 
+def _refusal(sock: object, status: int, reason: str, message: str) -> None:
+    """gunicorn's own answer to a request it cannot parse, as JSON like every other refusal.
+
+    gunicorn refuses such a request before the function sees it (gunicorn/workers/base.py,
+    ``Worker.handle_error``: headers too large or malformed, a bad request line) and writes it
+    with ``gunicorn.util.write_error``, its one caller, as an HTML page. Here: the same status
+    and reason, the body of :class:`~imagegen.errors.ImageGenError` naming the part at fault.
+    """
+    import json
+
+    from gunicorn.util import write_nonblock
+
+    from imagegen.errors import InternalError, InvalidRequest
+
+    error: InternalError | InvalidRequest
+    if status >= 500:
+        error = InternalError("internal error; see the function's logs")
+    else:
+        lowered = message.lower()
+        field = (
+            "url"
+            if status == 414
+            else "headers"
+            if status == 431 or "header" in lowered
+            else "body"
+            if "chunk" in lowered
+            else "request"
+        )
+        error = InvalidRequest(f"{reason}: {message}", errors=[{"field": field, "message": reason}])
+    body = json.dumps(error.to_dict()).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    write_nonblock(sock, head.encode("latin-1") + body)
+
+
+try:
+    import gunicorn.util
+except ImportError:  # no gunicorn (Windows): werkzeug's server, whose refusals are rare
+    pass
+else:
+    gunicorn.util.write_error = _refusal
+
+
 def loaded() -> None:
     """The function's modules are loaded: freeze them (never scanned, shared with the workers
     gunicorn forks) and collect again if this module paused it."""

@@ -146,3 +146,31 @@ def test_a_body_the_server_cannot_read_is_the_requests_fault(
         error = json.loads(body)
         assert error["errors"] == [{"field": "body", "message": "could not be read"}]
     assert "unexpected error" not in server.logs()
+
+
+def test_what_gunicorn_refuses_itself_is_refused_in_json_too(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """gunicorn refuses some requests before the function sees them; the answer is still the
+    functions' JSON, naming the part at fault, never an HTML page."""
+    server = start_server("deadletter", base_env(tmp_path / "store"))
+    host = server.url[7:]
+
+    def sent(headers: str, line: str = "POST / HTTP/1.1") -> tuple[bytes, dict[str, Any]]:
+        request = f"{line}\r\nHost: {host}\r\n{headers}Content-Length: 2\r\nConnection: close\r\n"
+        head, _, body = _raw(server.url, request.encode() + b"\r\n{}").partition(b"\r\n\r\n")
+        assert b"\r\ncontent-type: application/json\r\n" in head.lower() + b"\r\n", head
+        return head, json.loads(body)
+
+    head, error = sent(f"X-Big: {'x' * 9000}\r\n")  # past gunicorn's 8190 bytes a field
+    assert head.startswith(b"HTTP/1.1 431 Request Header Fields Too Large")
+    assert error["error"] == "invalid_request" and not error["retryable"]
+    assert error["errors"] == [{"field": "headers", "message": "Request Header Fields Too Large"}]
+    head, error = sent("Content-Type: application/json\r\nContent-Type: text/plain\r\n")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request")
+    assert [e["field"] for e in error["errors"]] == ["headers"]
+    assert "CONTENT-TYPE" in error["message"].upper()
+    head, error = sent("", line="POST / HTTP/9.9")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request")
+    assert [e["field"] for e in error["errors"]] == ["request"]
+    assert "<html>" not in server.logs()
