@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from typing import Any
 
 from opentelemetry import trace
 
@@ -45,8 +44,13 @@ async def _contribution(
 ) -> Contribution | None:
     name = context.plugin
     try:
-        async with asyncio.timeout(time_limit):
-            result: object = await _call(plugin, context)
+        result = _begin(plugin, context)
+        if inspect.isawaitable(result):
+            # Only what is awaited can be cut short: a plain call that answered here is over.
+            async with asyncio.timeout(time_limit):
+                result = await result
+                if inspect.isawaitable(result):  # a plain function that returned a coroutine
+                    result = await result
     except InvalidRequest:
         raise
     except TimeoutError as exc:
@@ -77,25 +81,15 @@ def _skipped(span: trace.Span, error: BaseException, description: str) -> None:
 _POOL = DaemonPool("plugin")
 
 
-async def _call(plugin: PromptPlugin, context: PluginContext) -> Contribution | None:
-    """Await ``plugin.contribute(context)``; a plain function runs on a reused daemon thread.
-
-    Unless the plugin says it never blocks (``blocking = False``): then the thread's round
-    trip would cost more than the call, and it runs here.
-    """
+def _begin(plugin: PromptPlugin, context: PluginContext) -> object:
+    """``plugin.contribute(context)`` begun: a coroutine's, or a plain function's on a reused
+    daemon thread, as an awaitable; a plain function that says it never blocks
+    (``blocking = False``) is called here, where the thread's round trip would cost more than
+    the call, and its answer returned as it is."""
     fn = plugin.contribute
-    if inspect.iscoroutinefunction(fn):
-        result: Any = await fn(context)
-        return result  # type: ignore[no-any-return]
-    if not getattr(plugin, "blocking", True):
-        result = fn(context)
-        if inspect.isawaitable(result):
-            result = await result
-        return result  # type: ignore[no-any-return]
-    result = await _POOL.run(fn, context, thread_name=f"plugin-{context.plugin}")
-    if inspect.isawaitable(result):
-        result = await result
-    return result  # type: ignore[no-any-return]
+    if inspect.iscoroutinefunction(fn) or not getattr(plugin, "blocking", True):
+        return fn(context)
+    return _POOL.run(fn, context, thread_name=f"plugin-{context.plugin}")
 
 
 async def warm_plugin(plugin: PromptPlugin, name: str) -> bool:

@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
+from typing import Any
+
+import pytest
 
 from imagegen._threads import DaemonPool
 from imagegen.plugins import PluginSet
 from imagegen.plugins._running import _POOL
+from imagegen.plugins.context import PluginContext
 from imagegen.settings import Settings
 from tests.plugins.conftest import NOW
-from tests.plugins.sample_plugins import EchoPlugin
+from tests.plugins.sample_plugins import AsyncEchoPlugin, EchoPlugin
 
 
 async def test_sequential_calls_reuse_one_thread(settings: Settings) -> None:
@@ -65,3 +69,43 @@ async def test_a_plugin_that_never_blocks_runs_on_the_loop(settings: Settings) -
     assert inline.data["thread"] == threading.current_thread().name
     assert threaded.data["thread"] != threading.current_thread().name
     assert inline.data["before"] == ["threaded"]
+
+
+class _InlineButAwaited(EchoPlugin):
+    """Never blocks its caller, but answers with a coroutine that never ends."""
+
+    blocking = False
+
+    def contribute(self, context: PluginContext) -> Any:  # type: ignore[override]
+        return asyncio.Event().wait()
+
+
+async def test_what_a_plain_plugin_leaves_to_await_is_still_timed(settings: Settings) -> None:
+    plugins = PluginSet(
+        [_InlineButAwaited(name="late"), EchoPlugin()], settings=settings, timeout=0.1
+    )
+    result = await plugins.run(generation_id="gen-1", seed=1, now=NOW)
+    assert [c.plugin for c in result] == ["echo"]
+
+
+async def test_an_answer_given_at_once_sets_no_timer(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asyncio.timeout around a call that has returned could never fire: it is not made."""
+    import imagegen.plugins._running as running
+
+    timers: list[float] = []
+    real = asyncio.timeout
+
+    def counted(delay: float | None) -> asyncio.Timeout:
+        timers.append(delay or 0.0)
+        return real(delay)
+
+    monkeypatch.setattr(running.asyncio, "timeout", counted)
+    plugins = PluginSet(
+        [_OnTheLoop(name="inline"), EchoPlugin(name="threaded"), AsyncEchoPlugin()],
+        settings=settings,
+    )
+    result = await plugins.run(generation_id="gen-1", seed=1, now=NOW)
+    assert [c.plugin for c in result] == ["inline", "threaded", "async_echo"]
+    assert len(timers) == 2, "the threaded and the coroutine plugins only"
