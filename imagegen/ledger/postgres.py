@@ -6,6 +6,7 @@ Needs the ``ledger`` extra (``pip install 'imagegen[ledger]'``): imported only w
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -118,7 +119,7 @@ class PostgresLedger(SqlLedger):
             with self._pool.connection() as conn, conn.cursor() as cur:
                 yield _Cursor(cur, self._jsonb)
         except self._errors as exc:
-            raise DependencyUnavailable(f"the ledger database is unavailable: {exc}") from None
+            raise self._unavailable(exc) from None
 
     @contextmanager
     def transaction(self) -> Iterator[_Cursor]:
@@ -126,7 +127,21 @@ class PostgresLedger(SqlLedger):
             with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
                 yield _Cursor(cur, self._jsonb)
         except self._errors as exc:
-            raise DependencyUnavailable(f"the ledger database is unavailable: {exc}") from None
+            raise self._unavailable(exc) from None
+
+    def _unavailable(self, exc: Exception) -> DependencyUnavailable:
+        """The retryable error for ``exc``, once the pool's idle connections are checked.
+
+        A server that cut this connection (a restart, a failover) cut the others too: each
+        would fail the next request that drew it. ``pool.check()`` tries each now (an empty
+        query) and replaces the broken ones, so this request's redelivery, and the requests
+        after it, find live connections. Not a check on every checkout (the pool's ``check``
+        option): that costs a round trip each time, and backs off a second, then two, four...
+        between stale connections drawn in a row.
+        """
+        with contextlib.suppress(Exception):  # the server may be down: said by ``exc``
+            self._pool.check()
+        return DependencyUnavailable(f"the ledger database is unavailable: {exc}")
 
     def close(self) -> None:
         self._pool.close()
