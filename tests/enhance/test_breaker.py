@@ -36,6 +36,12 @@ async def _succeed(breaker: CircuitBreaker) -> None:
         pass
 
 
+async def _refused(enhancer: OllamaEnhancer, match: str | None = None) -> None:
+    """One prompt that Ollama, or the circuit, refuses."""
+    with pytest.raises(DependencyUnavailable, match=match):
+        await enhancer.write(prompt="a fox", contributions=[], seed=1, spec=family_for("tiny"))
+
+
 async def _half_open() -> CircuitBreaker:
     """A breaker opened by one failure, its cooldown just over: the next call is the probe."""
     clock = Clock()
@@ -141,13 +147,10 @@ async def test_ollama_down_skips_the_calls_once_open(fake_ollama: FakeOllama) ->
         ollama_breaker_cooldown=60,
     )
     enhancer = OllamaEnhancer(settings, backoff=0.01)
-    spec = family_for("tiny")
     for _ in range(2):
-        with pytest.raises(DependencyUnavailable, match="Connect"):
-            await enhancer.write(prompt="a fox", contributions=[], seed=1, spec=spec)
+        await _refused(enhancer, "Connect")
     fake_ollama.start()  # back, but the circuit stays open for its cooldown
-    with pytest.raises(DependencyUnavailable, match="circuit open"):
-        await enhancer.write(prompt="a fox", contributions=[], seed=1, spec=spec)
+    await _refused(enhancer, "circuit open")
     assert fake_ollama.chat_requests == []
     await enhancer.aclose()
 
@@ -201,13 +204,10 @@ async def test_the_probe_is_one_attempt(fake_ollama: FakeOllama) -> None:
     enhancer = OllamaEnhancer(settings, backoff=0.01)
     clock = Clock()
     enhancer.breaker = CircuitBreaker("ollama", threshold=1, cooldown=5, clock=clock)
-    spec = family_for("tiny")
-    with pytest.raises(DependencyUnavailable):
-        await enhancer.write(prompt="a fox", contributions=[], seed=1, spec=spec)
+    await _refused(enhancer)
     assert len(fake_ollama.chat_requests) == 3, "closed: the attempt and its two retries"
     clock.now += 5
-    with pytest.raises(DependencyUnavailable):
-        await enhancer.write(prompt="a fox", contributions=[], seed=1, spec=spec)
+    await _refused(enhancer)
     assert len(fake_ollama.chat_requests) == 4, "the probe: one attempt"
     assert enhancer.breaker.state == "open"
     await enhancer.aclose()
