@@ -12,10 +12,12 @@ this process's dispatcher when ``IMAGEGEN_WEBHOOK_SECRETS`` is set.
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
-from imagegen.errors import InvalidRequest
+from imagegen.errors import ImageGenError, InvalidRequest
 from imagegen.events import (
     GENERATION_FAILED,
     GENERATION_REQUESTED,
@@ -36,7 +38,11 @@ if TYPE_CHECKING:
     from imagegen.settings import Settings
 
 _opened: dict[str, tuple[Ledger, Dispatcher | None]] = {}
+_failed: dict[str, tuple[float, ImageGenError]] = {}
 _lock = threading.Lock()
+
+REOPEN_AFTER = 5.0
+"""Seconds a failed opening is the answer, at once, before the next request tries again."""
 
 
 def _key(settings: Settings) -> str:
@@ -48,6 +54,10 @@ def ledger_of(settings: Settings) -> tuple[Ledger, Dispatcher | None]:
 
     Blocking the first time (the database is connected to and migrated, waiting up to the
     pool's timeout while it is down): called off the event loop, as :func:`_ledger` does.
+    One opening at a time; one that failed is every request's answer for
+    :data:`REOPEN_AFTER` seconds, so that while the database is down the requests queued
+    behind an opening, and those after, are answered 503 at once rather than each waiting out
+    an opening of its own (ten seconds each, in turn, past the request's time budget).
     """
     from imagegen.ledger import open_ledger
     from imagegen.ledger.outbox import Dispatcher
@@ -57,7 +67,15 @@ def ledger_of(settings: Settings) -> tuple[Ledger, Dispatcher | None]:
     url = key or None
     with _lock:
         if key not in _opened:
-            ledger = open_ledger(url)
+            failed = _failed.get(key)
+            if failed is not None and time.monotonic() - failed[0] < REOPEN_AFTER:
+                raise copy.copy(failed[1])  # a copy: each raise adds to its traceback
+            try:
+                ledger = open_ledger(url)
+            except ImageGenError as exc:
+                _failed[key] = (time.monotonic(), exc)
+                raise
+            _failed.pop(key, None)
             dispatcher = None
             if settings.webhook_secrets:
                 sender = WebhookSender(

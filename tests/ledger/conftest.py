@@ -118,6 +118,7 @@ def serve_ledger(ledger_url: str) -> Iterator[Callable[..., InProcessFunction]]:
             dispatcher.stop()
         opened.close()
     ledger_stage._opened.clear()
+    ledger_stage._failed.clear()
 
 
 @pytest.fixture

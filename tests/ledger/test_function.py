@@ -114,6 +114,7 @@ def serve_sqlite(monkeypatch: pytest.MonkeyPatch) -> Any:
     from imagegen.stages import ledger as ledger_stage
 
     monkeypatch.setattr(ledger_stage, "_opened", {})
+    monkeypatch.setattr(ledger_stage, "_failed", {})
     served: list[InProcessFunction] = []
 
     def serve(url: str) -> InProcessFunction:
@@ -262,3 +263,45 @@ def test_a_request_is_recorded_under_the_generation_enhance_answers_for(
         assert rows == ([answered] if answered else [])
     finally:
         ledger.close()
+
+
+def test_while_the_database_is_down_one_opening_at_a_time_answers_every_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Requests queued behind a failed opening, and those after it, are answered 503 at
+    once (each opening waits out the pool's timeout); the next opening comes after
+    REOPEN_AFTER seconds."""
+    import asyncio
+
+    import imagegen.ledger
+    from imagegen.errors import DependencyUnavailable
+    from imagegen.settings import Settings
+    from imagegen.stages import ledger as ledger_stage
+
+    now = [1000.0]
+    opened: list[str | None] = []
+
+    def down(url: str | None = None) -> Any:
+        opened.append(url)
+        raise DependencyUnavailable("the ledger database is unreachable: refused")
+
+    monkeypatch.setattr(ledger_stage.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(imagegen.ledger, "open_ledger", down)
+    monkeypatch.setattr(ledger_stage, "_opened", {})
+    monkeypatch.setattr(ledger_stage, "_failed", {})
+    service = SimpleNamespace(settings=Settings(ledger_url="postgresql://x@127.0.0.1:9/db"))
+
+    async def requests(count: int) -> list[BaseException | object]:
+        calls = [ledger_stage._ledger(service) for _ in range(count)]  # type: ignore[arg-type]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    answers = asyncio.run(requests(4))
+    assert len(opened) == 1, "one opening for the four"
+    assert all(isinstance(a, DependencyUnavailable) and a.retryable for a in answers)
+    assert len({id(a) for a in answers}) == 4, "each its own error"
+    now[0] += ledger_stage.REOPEN_AFTER - 0.1
+    asyncio.run(requests(2))
+    assert len(opened) == 1
+    now[0] += 0.1
+    asyncio.run(requests(1))
+    assert len(opened) == 2, "tried again once the time is up"
