@@ -28,6 +28,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from imagegen.errors import ImageGenError
 from imagegen.ledger.models import Delivery
 from imagegen.ledger.store import Ledger
 from imagegen.ledger.webhooks import WebhookFailed, WebhookRefused, WebhookSender
@@ -187,6 +188,9 @@ class Dispatcher:
                 self._wake.clear()
                 try:
                     started = len(self._claim())
+                except ImageGenError as exc:  # the database down: said in a line, tried again
+                    log.warning("webhook dispatch failed: %s", exc.message)
+                    started = 0
                 except Exception:
                     log.exception("webhook dispatch failed")
                     started = 0

@@ -172,3 +172,28 @@ def test_a_silent_receiver_does_not_hold_up_the_others(ledger: Ledger) -> None:
             assert receiver.accepted, "the healthy receiver waited for the silent one"
         finally:
             dispatcher.stop()
+
+
+def test_a_database_that_is_down_is_a_line_in_the_log_and_tried_again(
+    ledger: Ledger, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imagegen.errors import DependencyUnavailable
+
+    claims = threading.Semaphore(0)
+
+    def down(**_: object) -> list[Delivery]:
+        claims.release()
+        raise DependencyUnavailable("the ledger database is unavailable: refused")
+
+    monkeypatch.setattr(ledger, "claim_deliveries", down)
+    dispatcher = Dispatcher(ledger, WebhookSender(["whsec_" + "A" * 32], LOOPBACK))
+    with caplog.at_level("WARNING", logger="imagegen.ledger"):
+        dispatcher.start(poll=0.01)
+        try:
+            for _ in range(3):  # the loop goes on
+                assert claims.acquire(timeout=10)
+        finally:
+            dispatcher.stop()
+    failed = [r for r in caplog.records if r.getMessage().startswith("webhook dispatch failed")]
+    assert failed and all(r.exc_info is None for r in failed), "one line each, no traceback"
+    assert failed[0].getMessage().endswith("the ledger database is unavailable: refused")
