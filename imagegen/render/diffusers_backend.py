@@ -207,7 +207,10 @@ class DiffusersBackend:
                 timings["lora"] = time.perf_counter() - started
 
             # 2. Denoise, then 3. decode with the VAE
-            images, denoise, decode = self._denoise_and_decode(pipe, jobs, progress)
+            try:
+                images, denoise, decode = self._denoise_and_decode(pipe, jobs, progress)
+            except torch.OutOfMemoryError:
+                raise self._out_of_memory(jobs) from None
         finally:
             # The next job starts from the bare model.
             if adapters_on:
@@ -243,6 +246,31 @@ class DiffusersBackend:
             RenderOutput(png=png, width=image.width, height=image.height, timings=dict(timings))
             for png, image in zip(pngs, pixels.images, strict=True)
         ]
+
+    def _out_of_memory(self, jobs: list[EnhancedPrompt]) -> DependencyUnavailable:
+        """What a call that ran out of accelerator memory is answered: the cache it left
+        given back, and a retryable refusal. A batch's jobs are then run one at a time by the
+        stage (each in a fraction of the memory, as any failed batch's are); one image alone
+        may fit another time, or on another replica (the memory may be another process's)."""
+        self._empty_cache()
+        job = jobs[0]
+        what = f"{job.width}x{job.height} {job.model}"
+        count = f"a batch of {len(jobs)}" if len(jobs) > 1 else "one image"
+        log.warning(
+            "out of memory for %s at %s",
+            count,
+            what,
+            extra={"generation_ids": [each.generation_id for each in jobs]},
+        )
+        return DependencyUnavailable(
+            f"out of {self.device.type} memory rendering {count} at {what}", retry_after=30
+        )
+
+    def _empty_cache(self) -> None:
+        """Give what an out-of-memory call left in the allocator's cache back to the device."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _denoise_and_decode(
         self, pipe: Pipeline, jobs: list[EnhancedPrompt], progress: ProgressCallback | None

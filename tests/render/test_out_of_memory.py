@@ -1,0 +1,80 @@
+"""A pipeline call that runs out of accelerator memory, on the real tiny pipeline.
+
+The allocation failure is raised where the pipeline call is made, as torch raises it
+(``torch.OutOfMemoryError``, "CUDA out of memory. Tried to allocate ..."): no GPU here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imagegen.errors import DependencyUnavailable
+from imagegen.models import EnhancedPrompt
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+MakeJob = Callable[..., EnhancedPrompt]
+
+
+@dataclass
+class Memory:
+    """The most images one pipeline call has the memory for; the sizes of the calls made."""
+
+    most: int = 1
+    calls: list[int] = field(default_factory=list)
+
+
+@pytest.fixture
+def memory(monkeypatch: pytest.MonkeyPatch) -> Memory:
+    from imagegen.render.diffusers_backend import DiffusersBackend
+
+    real = DiffusersBackend._denoise_and_decode
+    memory = Memory()
+
+    def allocating(self: Any, pipe: Any, jobs: list[EnhancedPrompt], progress: Any) -> Any:
+        memory.calls.append(len(jobs))
+        if len(jobs) > memory.most:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, pipe, jobs, progress)
+
+    monkeypatch.setattr(DiffusersBackend, "_denoise_and_decode", allocating)
+    return memory
+
+
+def test_a_call_that_does_not_fit_is_a_retryable_refusal(
+    backend: Any, make_job: MakeJob, memory: Memory, caplog: pytest.LogCaptureFixture
+) -> None:
+    memory.most = 0
+    jobs = [make_job(generation_id=f"m{i}", seed=40 + i) for i in range(3)]
+    for batch, what in ((jobs, "a batch of 3"), (jobs[:1], "one image")):
+        with (
+            caplog.at_level("WARNING", logger="imagegen.render"),
+            pytest.raises(DependencyUnavailable) as refused,
+        ):
+            backend.render_batch(batch)
+        assert refused.value.retryable and refused.value.status == 503
+        assert refused.value.message == f"out of cpu memory rendering {what} at 256x256 tiny"
+        assert f"out of memory for {what} at 256x256 tiny" in caplog.text
+
+
+async def test_a_batch_that_does_not_fit_is_rendered_one_image_at_a_time(
+    backend: Any, make_job: MakeJob, memory: Memory, tmp_path: Path
+) -> None:
+    """The stage runs a failed batch's jobs alone: each fits, and is bit-exact."""
+    import asyncio
+
+    from imagegen.render.stage import RenderStage
+    from imagegen.settings import Settings
+    from imagegen.storage import LocalStorage
+
+    settings = Settings(render_batch_size=3, render_batch_window_ms=2000)
+    stage = RenderStage(settings, LocalStorage(tmp_path), lambda: backend)
+    jobs = [make_job(generation_id=f"k{i}", prompt=f"a kite {i}", seed=50 + i) for i in range(3)]
+    outputs = await asyncio.gather(*(stage.render_png(job) for job in jobs))
+    assert memory.calls == [3, 1, 1, 1], "the batch, then each alone"
+    assert [o.png for o in outputs] == [backend.render(job).png for job in jobs]
