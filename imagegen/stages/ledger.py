@@ -105,7 +105,7 @@ async def _start(service: ImageGenService) -> None:
     warm-up, as object storage is left to the first request: one down at start-up would keep
     the process unready after it comes back.
     """
-    from imagegen.errors import ConfigurationError, InvalidRequest
+    from imagegen.errors import ConfigurationError
     from imagegen.ledger import backend
 
     try:
