@@ -108,13 +108,18 @@ async def _start(service: ImageGenService) -> None:
     from imagegen.errors import ConfigurationError
     from imagegen.ledger import backend
 
+    name = service.settings.variable("ledger_url")
     try:
         local = backend(_key(service.settings) or None) == "sqlite"
     except InvalidRequest as exc:
-        name = service.settings.variable("ledger_url")
         raise ConfigurationError(f"{name}: {exc.message}", errors=exc.errors) from None
     if local:
-        await _ledger(service)
+        try:
+            await _ledger(service)
+        except ConfigurationError as exc:
+            # Said to callers: the setting named, never its value (ConfigurationError's rule).
+            why = "; ".join(error["message"] for error in exc.errors) or "unusable"
+            raise ConfigurationError(f"{name}: the ledger file {why}", errors=exc.errors) from None
 
 
 async def _warm_up(service: ImageGenService) -> None:

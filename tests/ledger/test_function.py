@@ -176,7 +176,9 @@ def test_a_ledger_file_that_cannot_hold_a_ledger_keeps_the_function_unready(
     reply = function.post("/", **_binary(chain("gen-u")["requested"]))
     assert reply.status_code == 503, reply.text
     assert reply.json()["error"] == "not_configured"
-    assert reason in reply.json()["message"]
+    # The setting named, never its value (a path here, a password in a database URL).
+    assert reply.json()["message"] == f"IMAGEGEN_LEDGER_URL: the ledger file {reason}"
+    assert str(path) not in reply.text
 
 
 def test_a_ledger_url_of_no_backend_is_a_configuration_error(serve_sqlite: Any) -> None:
