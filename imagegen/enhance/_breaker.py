@@ -29,7 +29,16 @@ State = Literal["closed", "open", "half_open"]
 
 
 class CircuitOpen(Exception):
-    """The circuit is open (or its probe is in flight): the call was not made."""
+    """The circuit is open (or its probe is in flight): the call was not made.
+
+    Attributes:
+        retry_after: Seconds until a call may go through: the rest of the cool-down, or, while
+            the probe is in flight, a moment.
+    """
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class CircuitBreaker:
@@ -78,7 +87,10 @@ class CircuitBreaker:
         """
         state = self.state
         if state == "open" or (state == "half_open" and self._probing):
-            raise CircuitOpen(f"{self.name}: circuit {state.replace('_', '-')}")
+            left = self._opened_at + self.cooldown - self._clock() if state == "open" else 0.0
+            raise CircuitOpen(
+                f"{self.name}: circuit {state.replace('_', '-')}", retry_after=max(left, 1.0)
+            )
         probe = state == "half_open"
         self._probing = self._probing or probe
         try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Sequence
 from functools import cache
@@ -261,7 +262,10 @@ class OllamaEnhancer:
         except CircuitOpen as exc:
             # Expected while Ollama is down: one short line, no retries, no traceback.
             model = self.settings.ollama_model
-            raise DependencyUnavailable(f"Ollama model {model}: {exc}") from exc
+            retry_after = math.ceil(exc.retry_after)  # when the probe may go: a whole second
+            raise DependencyUnavailable(
+                f"Ollama model {model}: {exc}", retry_after=retry_after
+            ) from exc
         except (TimeoutError, httpx.TimeoutException) as exc:
             reason = f"no reply within {self.settings.ollama_timeout:g}s"
             raise self._unavailable(reason) from exc

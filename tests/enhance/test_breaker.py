@@ -223,3 +223,32 @@ async def test_ollama_down_at_the_warm_up_opens_the_circuit(
     job = await stage.run(GenerationRequest(prompt="a fox", model="tiny"), generation_id="g1")
     assert job.enhancer == "template" and job.fallback
     assert fake_ollama.chat_requests == [], "answered at once, no attempt to wait for"
+
+
+async def test_a_refusal_says_when_the_probe_may_go() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker("dep", threshold=1, cooldown=30, clock=clock)
+    await _fail(breaker)
+    clock.now += 12.5
+    with pytest.raises(CircuitOpen) as refused:
+        await _succeed(breaker)
+    assert refused.value.retry_after == pytest.approx(17.5)
+    clock.now += 17.5  # half-open: its probe in flight, the others wait a moment
+    async with breaker.call():
+        with pytest.raises(CircuitOpen) as refused:
+            await _succeed(breaker)
+        assert refused.value.retry_after == 1.0
+
+
+async def test_without_fallback_an_open_circuit_is_a_503_until_the_probe(
+    fake_ollama: FakeOllama, make_stage: MakeStage
+) -> None:
+    """Retry-After is the rest of the cool-down, never a constant: a client (or Knative with
+    retryAfterMax) comes back when a prompt can reach Ollama again."""
+    stage = make_stage(enhance_fallback=False, ollama_breaker_cooldown=30)
+    fake_ollama.stop()
+    await stage.warm_up()  # Ollama not answering: the circuit opens
+    with pytest.raises(DependencyUnavailable) as refused:
+        await stage.run(GenerationRequest(prompt="a fox", model="tiny"), generation_id="g1")
+    assert refused.value.status == 503 and "circuit open" in refused.value.message
+    assert 28 <= refused.value.retry_after <= 30
