@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -24,6 +25,12 @@ __all__ = ["PostgresLedger"]
 _PARAM = re.compile(r"(?<!:):([a-z_][a-z0-9_]*)")
 # Any constant: replicas starting together queue on it, so each migration runs once.
 _MIGRATION_LOCK = 0x1ED6E5
+# While the server is unreachable: how long a request waits for a connection (each wait has
+# the pool try one), the pool's own retries before it leaves the next try to the next request,
+# and how long one try may take (libpq's default is 130 s: a server behind a dropped route).
+DOWN_WAIT = 1.0
+RECONNECT_FOR = 2.0
+CONNECT_TIMEOUT = 5
 
 
 @cache
@@ -56,7 +63,16 @@ class PostgresLedger(SqlLedger):
         url: A libpq connection URL (``postgresql://user:password@host:5432/db``).
         min_size: Connections kept open.
         max_size: Connections at most (one per concurrent request is plenty).
-        timeout: Seconds to wait for a connection before a retryable error.
+        timeout: Seconds to wait for a connection before a retryable error, while the
+            server answers (the pool busy); while the last try to connect failed,
+            :data:`DOWN_WAIT`.
+
+    A server that goes away costs each request a second, not ``timeout``, and one that comes
+    back is used by the next request: psycopg_pool alone retries a lost connection with a
+    backoff that doubles up to five minutes, so a server back after a minute's outage waited
+    another minute for its pool, every request in between waiting ``timeout`` for nothing.
+    Here the pool's retries stop after :data:`RECONNECT_FOR` seconds and each request that
+    must wait has it try once more.
     """
 
     dialect = "postgres"
@@ -77,13 +93,34 @@ class PostgresLedger(SqlLedger):
             ) from exc
         self._errors = (psycopg.OperationalError, psycopg.errors.ConnectionTimeout)
         self._jsonb = Jsonb
+        self._timeout = timeout
+        # Monotonic times of the pool's last connection made and last one that failed.
+        self._connected = self._refused = 0.0
+        ledger = self
+
+        class _Connection(psycopg.Connection[Any]):
+            @classmethod
+            def connect(cls, *args: Any, **kwargs: Any) -> Any:
+                try:
+                    conn = super().connect(*args, **kwargs)
+                except BaseException:
+                    ledger._refused = time.monotonic()
+                    raise
+                ledger._connected = time.monotonic()
+                return conn
+
+        # transaction() opens a block explicitly; a lone statement needs no BEGIN/COMMIT.
+        kwargs: dict[str, Any] = {"row_factory": dict_row, "autocommit": True}
+        if "connect_timeout" not in psycopg.conninfo.conninfo_to_dict(url):
+            kwargs["connect_timeout"] = CONNECT_TIMEOUT
         self._pool = ConnectionPool(
             url,
+            connection_class=_Connection,
             min_size=min_size,
             max_size=max_size,
             timeout=timeout,
-            # transaction() opens a block explicitly; a lone statement needs no BEGIN/COMMIT.
-            kwargs={"row_factory": dict_row, "autocommit": True},
+            kwargs=kwargs,
+            reconnect_timeout=RECONNECT_FOR,
             open=False,
             name="imagegen-ledger",
         )
@@ -115,19 +152,34 @@ class PostgresLedger(SqlLedger):
     @contextmanager
     def statement(self) -> Iterator[_Cursor]:
         """A cursor whose every statement commits on its own (the pool is in autocommit)."""
-        try:
-            with self._pool.connection() as conn, conn.cursor() as cur:
-                yield _Cursor(cur, self._jsonb)
-        except self._errors as exc:
-            raise self._unavailable(exc) from None
+        with self._connection() as conn, conn.cursor() as cur:
+            yield _Cursor(cur, self._jsonb)
 
     @contextmanager
     def transaction(self) -> Iterator[_Cursor]:
+        with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
+            yield _Cursor(cur, self._jsonb)
+
+    @contextmanager
+    def _connection(self) -> Iterator[Any]:
         try:
-            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-                yield _Cursor(cur, self._jsonb)
+            with self._pool.connection(self._wait()) as conn:
+                try:
+                    yield conn
+                except self._errors:
+                    if conn.broken:  # cut by the server: taken as down until a connection is made
+                        self._refused = time.monotonic()
+                    raise
         except self._errors as exc:
             raise self._unavailable(exc) from None
+
+    def down(self) -> bool:
+        """Whether the server is taken as unreachable: the pool's last try to connect failed,
+        or a connection was cut, and no connection has been made since."""
+        return self._refused > self._connected
+
+    def _wait(self) -> float:
+        return DOWN_WAIT if self.down() else self._timeout
 
     def _unavailable(self, exc: Exception) -> DependencyUnavailable:
         """The retryable error for ``exc``, once the pool's idle connections are checked.
@@ -141,6 +193,11 @@ class PostgresLedger(SqlLedger):
         """
         with contextlib.suppress(Exception):  # the server may be down: said by ``exc``
             self._pool.check()
+        if self.down():
+            return DependencyUnavailable(
+                "the ledger database is unavailable: it cannot be reached",
+                retry_after=RECONNECT_FOR,
+            )
         return DependencyUnavailable(f"the ledger database is unavailable: {exc}")
 
     def close(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,5 +58,52 @@ def test_a_restart_fails_one_request_not_one_per_pooled_connection(
         assert [g.generation_id for g in ledger.history(limit=10).items] == [
             f"gen-{n}" for n in range(7, -1, -1)
         ]
+    finally:
+        ledger.close()
+
+
+def test_an_outage_fails_each_request_in_a_second_and_ends_with_the_next_request(
+    server: tuple[str, Path],
+) -> None:
+    """While the server is down, a request does not wait the pool's whole timeout for a
+    connection that cannot come: it fails retryable within a second or so. The first request
+    after the server is back is served, not one after the pool's own reconnection backoff
+    (which doubles up to minutes)."""
+    url, folder = server
+    ledger = PostgresLedger(url, min_size=2, max_size=4, timeout=30)
+    events = [chain(f"gen-{n}")["requested"] for n in range(8)]
+    try:
+        ledger.ingest(events[0])
+        subprocess.run([SCRIPT, "down", str(folder)], check=True)
+        for event in events[1:5]:
+            started = time.monotonic()
+            with pytest.raises(DependencyUnavailable) as refused:
+                ledger.ingest(event)
+            assert time.monotonic() - started < 5, "waited for the pool's timeout"
+            assert refused.value.retryable
+            assert ledger.down()
+        time.sleep(3)  # past the pool's own retries: a request must make it try again
+        subprocess.run([SCRIPT, "up", str(folder)], check=True)
+        for event in events[1:]:
+            ledger.ingest(event)
+        assert not ledger.down()
+        assert [g.generation_id for g in ledger.history(limit=10).items] == [
+            f"gen-{n}" for n in range(7, -1, -1)
+        ]
+    finally:
+        ledger.close()
+
+
+def test_a_busy_pool_is_not_a_server_down(server: tuple[str, Path]) -> None:
+    """Every connection in use: a request waits the pool's timeout, and the server is not
+    taken as down for it."""
+    url, _ = server
+    ledger = PostgresLedger(url, min_size=1, max_size=1, timeout=0.5)
+    try:
+        with ledger.statement(), pytest.raises(DependencyUnavailable):
+            ledger.ingest(chain("gen-busy")["requested"])
+        assert not ledger.down()
+        ledger.ingest(chain("gen-busy")["requested"])
+        assert ledger.get("gen-busy") is not None
     finally:
         ledger.close()
