@@ -233,6 +233,9 @@ class Function:
             allowed = ["GET", "HEAD"]
         else:
             allowed = list(routes) or (["POST"] if path == "/" else [])
+            if "GET" in routes:  # HEAD is GET without the body (RFC 9110, section 9.3.2)
+                allowed.append("HEAD")
+                routes["HEAD"] = routes["GET"]
         if method not in allowed:
             refusal: ImageGenError = (
                 MethodNotAllowed(f"{method} is not allowed: {', '.join(allowed)}", allowed=allowed)
@@ -300,7 +303,7 @@ class Function:
             # 3. Run the stage inside the caller's trace.
             dispatched = True
             plain = not message.is_event
-            if stage.png is not None and plain and "image/png" in headers.get("Accept", ""):
+            if stage.png is not None and plain and _wants_png(request.accept_mimetypes):
                 (png, more), _ = self._run(stage.png(self._service, data), message)
                 return Reply(200, png, {"Content-Type": "image/png", **more})
             result, extensions = self._run(stage.handler(self._service, data, call), message)
@@ -393,13 +396,26 @@ def _read_body(request: flask.Request) -> bytes:
         ) from None
 
 
+def _wants_png(accept: Any) -> bool:
+    """Whether ``Accept`` names ``image/png``, at a quality above 0 and no lower than JSON's.
+
+    ``image/png;q=0`` is "not acceptable" (RFC 9110, section 12.4.2); ``*/*`` alone, or no
+    ``Accept``, is the JSON reply, as before there was a PNG to give.
+    """
+    png = max((q for value, q in accept if value.lower() == "image/png"), default=0)
+    return bool(png > 0 and png >= accept.quality("application/json"))
+
+
 def entry_point(name: str) -> Any:
     """The functions-framework HTTP target of the stage called ``name``."""
     function = Function(get_stage(name))
 
     def serve(request: flask.Request) -> flask.Response:
         reply = function.dispatch(request)
-        return flask.Response(reply.body, reply.status, dict(reply.headers))
+        response = flask.Response(reply.body, reply.status, dict(reply.headers))
+        if not reply.body and "Content-Type" not in reply.headers:
+            del response.headers["Content-Type"]  # nothing said: not Flask's text/html
+        return response
 
     serve.__name__ = serve.__qualname__ = name
     return serve

@@ -10,11 +10,13 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import quote, unquote
 
 from cloudevents.conversion import to_binary
 from cloudevents.exceptions import GenericException as CloudEventError
@@ -39,6 +41,10 @@ __all__ = [
 ]
 
 MAX_BODY_BYTES = 1024 * 1024
+_QUOTED_PAIR = re.compile(r"\\(.)")
+# What a ce-* header value may hold unencoded: printable ASCII but for '"' and '%'.
+_UNENCODED = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
+_PLAIN_HEADER_VALUE = re.compile(f"[{re.escape(_UNENCODED)}]*")
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
 
@@ -112,24 +118,33 @@ def parse(headers: Mapping[str, str], body: bytes, *, consumes: tuple[str, ...])
             f"bodies in a content coding are not accepted, got {coding[:40]!r}",
             errors=[{"field": "content-encoding", "message": "send the body uncoded"}],
         )
-    if "ce-specversion" in lowered or content_type == "application/cloudevents+json":
-        if "ce-specversion" in lowered and content_type not in ("", "application/json"):
+    structured = content_type == "application/cloudevents+json"
+    # Binary mode: ce-specversion, or any required attribute's header (then the event is
+    # refused for its missing specversion, rather than its data taken as a plain body).
+    binary = not structured and any(f"ce-{name}" in lowered for name in _REQUIRED)
+    if structured or binary:
+        if binary and content_type not in ("", "application/json"):
             raise UnsupportedMediaType(
                 f"event data must be application/json, got {content_type!r}",
                 errors=[{"field": "datacontenttype", "message": "must be application/json"}],
             )
-        if content_type == "application/cloudevents+json":
+        if structured:
             # Bounded before the SDK parses it: UTF-8, depth, no NaN (a 400 naming "event").
             envelope = loads(body, field="event")
             if not isinstance(envelope, dict):
                 raise _invalid("event", "must be a JSON object")
             _check_attributes({k: envelope.get(k) for k in _REQUIRED})
+            _check_envelope(envelope)
             _check_data_base64(envelope)
+            # A structured message may carry binary mode's headers too (HTTP binding, section
+            # 3.2.3); the envelope is the event, and the SDK would take the headers for it.
+            sdk_headers = {k: v for k, v in lowered.items() if not k.startswith("ce-")}
         else:
-            _check_attributes({k: lowered.get(f"ce-{k}") for k in _REQUIRED})
+            sdk_headers = {**lowered, **_decoded_attributes(lowered)}
+            _check_attributes({k: sdk_headers.get(f"ce-{k}") for k in _REQUIRED})
         try:
             # Binary-mode data stays bytes here and is parsed below, bounded, like any body.
-            event = from_http(dict(lowered), body, data_unmarshaller=lambda data: data)
+            event = from_http(sdk_headers, body, data_unmarshaller=lambda data: data)
         except (CloudEventError, ValueError) as exc:
             reason = first_line(exc)
             raise InvalidRequest(
@@ -144,7 +159,7 @@ def parse(headers: Mapping[str, str], body: bytes, *, consumes: tuple[str, ...])
         # Binary mode's data is the body (bytes here); structured mode's is "data", which the
         # SDK hands over as JSON text (cloudevents/sdk/event/base.py: UnmarshalJSON), or
         # "data_base64", decoded to bytes. Each is parsed once: a JSON string stays a string.
-        where = "data" if content_type == "application/cloudevents+json" else "body"
+        where = "data" if structured else "body"
         data = event.get_data()
         if isinstance(data, str):
             data = loads(data, field="data")
@@ -180,6 +195,64 @@ def _check_attributes(found: Mapping[str, object]) -> None:
         )
     if found["specversion"] not in _SPECVERSIONS:
         raise _invalid("specversion", f"not one of {', '.join(_SPECVERSIONS)}")
+
+
+_STRINGS = ("datacontenttype", "dataschema", "subject", "time")
+"""The optional attributes of type String, URI-reference, URI or Timestamp: JSON strings in
+structured mode (CloudEvents 1.0, section 3.1.1; JSON event format, section 2.2)."""
+
+
+def _check_envelope(envelope: Mapping[str, Any]) -> None:
+    """Structured mode's other attributes: of their types, and data that is JSON.
+
+    The binary-mode header of ``datacontenttype`` is ``Content-Type``, refused unless JSON;
+    the envelope's own says the same of ``data``. An extension attribute is a string, a
+    number or a boolean: the JSON event format has no object or array attribute.
+    """
+    for name, value in envelope.items():
+        if value is None or name in ("data", "data_base64") or name in _REQUIRED:
+            continue
+        if name in _STRINGS and not isinstance(value, str):
+            raise _invalid(name, "must be a string")
+        if not isinstance(value, str | int | float | bool):
+            raise _invalid(
+                name, f"an attribute is a string, a number or a boolean, not {_json_kind(value)}"
+            )
+    given = envelope.get("datacontenttype")
+    if isinstance(given, str) and given.split(";")[0].strip().lower() not in (
+        "",
+        "application/json",
+    ):
+        raise UnsupportedMediaType(
+            f"event data must be application/json, got {given[:60]!r}",
+            errors=[{"field": "datacontenttype", "message": "must be application/json"}],
+        )
+
+
+def _decoded_attributes(headers: Mapping[str, str]) -> dict[str, str]:
+    """Binary mode's ``ce-*`` header values, as the HTTP binding has them decoded.
+
+    A value is unquoted (RFC 7230, section 3.2.6) if quoted, then percent-decoded as UTF-8
+    (HTTP binding, section 3.1.3.2: what senders must percent-encode is a space, ``"``,
+    ``%`` and everything outside printable ASCII). A ``%`` not followed by two hex digits is
+    kept as it came.
+
+    Raises:
+        InvalidRequest: naming the attribute whose percent-encoded bytes are not UTF-8.
+    """
+    decoded = {}
+    for key, value in headers.items():
+        if not key.startswith("ce-"):
+            continue
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = _QUOTED_PAIR.sub(r"\1", value[1:-1])
+        if "%" in value:
+            try:
+                value = unquote(value, errors="strict")
+            except UnicodeDecodeError:
+                raise _invalid(key[3:], "percent-encoded bytes that are not UTF-8") from None
+        decoded[key] = value
+    return decoded
 
 
 def _check_data_base64(envelope: Mapping[str, Any]) -> None:
@@ -227,13 +300,46 @@ def parse_leniently(headers: Mapping[str, str], body: bytes, *, truncated: bool)
             data = loads(body)
         except InvalidRequest:
             data, raw = body.decode("utf-8", "replace"), body
-    attributes = {k[3:]: v for k, v in lowered.items() if k.startswith("ce-")}
     if _content_type(lowered) == "application/cloudevents+json" and isinstance(data, dict):
-        attributes = {k: str(v) for k, v in data.items() if k not in ("data", "data_base64")}
-        data = data.get("data", data.get("data_base64"))
+        envelope = data
+        attributes = {
+            k: _canonical(v)
+            for k, v in envelope.items()
+            if k not in ("data", "data_base64") and v is not None
+        }
+        data = envelope.get("data")
+        if "data_base64" in envelope and data is None:
+            data, raw = _base64_data(envelope["data_base64"])
+    else:
+        try:
+            decoded = _decoded_attributes(lowered)
+        except InvalidRequest:  # kept as they came: the sink loses nothing
+            decoded = {k: v for k, v in lowered.items() if k.startswith("ce-")}
+        attributes = {k[3:]: v for k, v in decoded.items()}
     if truncated:
         attributes["imagegentruncated"] = "true"
     return Message(data, MappingProxyType(attributes) if attributes else _EMPTY, lowered, raw)
+
+
+def _canonical(value: Any) -> str:
+    """An attribute's canonical string (CloudEvents 1.0, section 3.1.1): ``true``, not
+    ``True``; what is no attribute type at all (an object, an array) as its JSON."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _base64_data(value: Any) -> tuple[Any, bytes | None]:
+    """Structured ``data_base64`` for the sink: its bytes as JSON where they are, else as
+    text with the bytes kept; what is not Base64 at all, as it came."""
+    try:
+        decoded = base64.b64decode(value, validate=True)
+    except (TypeError, ValueError):
+        return value, None
+    try:
+        return loads(decoded), None
+    except InvalidRequest:
+        return decoded.decode("utf-8", "replace"), decoded
 
 
 # -- replies -------------------------------------------------------------------------------
@@ -250,6 +356,9 @@ def json_reply(body: Any, status: int, headers: Mapping[str, str] | None = None)
 def event_reply(attributes: Mapping[str, str], data: BaseModel) -> Reply:
     """A 200 carrying the next event (binary mode)."""
     headers, body = to_binary(CloudEvent(dict(attributes), data.model_dump(mode="json")))
+    for name, value in headers.items():
+        if name.startswith("ce-") and not _PLAIN_HEADER_VALUE.fullmatch(value):
+            headers[name] = quote(value, safe=_UNENCODED)  # HTTP binding, section 3.1.3.2
     return Reply(200, body, headers)
 
 

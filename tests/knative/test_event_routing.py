@@ -299,10 +299,19 @@ def test_the_deploy_guide_creates_every_secret_the_services_read(render: Render)
     assert keys <= secret_settings | {"IMAGEGEN_API_KEY_HASHES"}, keys - secret_settings
 
 
-def test_enhance_gets_no_storage_credentials(routing: RoutingOf) -> None:
-    enhance = routing("prod").services["imagegen-enhance"].manifest
-    sources = enhance["spec"]["template"]["spec"]["containers"][0].get("envFrom", [])
-    assert not [s for s in sources if s.get("secretRef", {}).get("name") == "imagegen-storage"]
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_every_function_that_touches_storage_gets_its_credentials(
+    routing: RoutingOf, overlay: str
+) -> None:
+    """Enhance reads and writes its prompt memo in the bucket on every request, like the
+    stages after it the images: without the Secret, boto3 falls back to the node's own
+    credentials, and every generation stops at enhance with a 503."""
+    services = routing(overlay).services
+    for name in ("enhance", "render", "persist", "derive", "deadletter"):
+        container = services[f"imagegen-{name}"].manifest["spec"]["template"]["spec"]
+        sources = container["containers"][0].get("envFrom", [])
+        secrets = [s["secretRef"] for s in sources if "secretRef" in s]
+        assert {"name": "imagegen-storage"} in secrets, (overlay, name)
 
 
 def test_broker_classes(render: Render) -> None:
