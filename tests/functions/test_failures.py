@@ -4,6 +4,7 @@ events."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from collections.abc import Iterator
@@ -216,3 +217,37 @@ def test_a_function_whose_storage_is_not_writable_never_turns_ready(tmp_path: Pa
     reply = post_event(persist, IMAGE_RENDERED, {"generation_id": "x"}, subject="unwritable-1")
     assert reply.status_code == 503, reply.text
     assert int(reply.headers["retry-after"]) > 0
+
+
+def test_the_dead_letter_sink_keeps_structured_attributes_as_the_spec_writes_them(
+    tmp_path: Path,
+) -> None:
+    """A structured event's attributes in their canonical strings (``true``, not Python's
+    ``True``), its ``data_base64`` decoded, and binary headers percent-decoded, as a stage
+    decodes them."""
+    store = tmp_path / "store"
+    deadletter = InProcessFunction("deadletter", base_env(store))
+    data = base64.b64encode(b'{"prompt": "a kite"}').decode()
+    structured = {
+        "specversion": "1.0",
+        "type": GENERATION_REQUESTED,
+        "source": "/tests",
+        "id": "dl-structured",
+        "flag": True,
+        "count": 5,
+        "data_base64": data,
+    }
+    reply = deadletter.post(
+        headers={"content-type": "application/cloudevents+json"}, json=structured
+    )
+    assert reply.status_code == 202 and "content-type" not in reply.headers
+    binary = cloudevent_headers(GENERATION_REQUESTED, source="/t%C3%A9", event_id="dl-binary")
+    assert deadletter.post(headers=binary, content=b"{}").status_code == 202
+    records = {
+        r["event_id"]: r
+        for r in (json.loads(p.read_text()) for p in store.rglob("failures/**/*.json"))
+    }
+    kept = records["dl-structured"]
+    assert (kept["attributes"]["flag"], kept["attributes"]["count"]) == ("true", "5")
+    assert kept["data"] == {"prompt": "a kite"}
+    assert records["dl-binary"]["attributes"]["source"] == "/té"

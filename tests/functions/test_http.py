@@ -87,6 +87,15 @@ def test_render_invoked_directly_fills_what_the_caller_cannot_know(
     assert abs((datetime.now(UTC) - requested).total_seconds()) < 120
     assert image["generation_id"] != png.headers["x-imagegen-generation-id"]  # a new one each
 
+    # Accept by its qualities (RFC 9110, section 12.5.1): q=0 is "not this", JSON preferred
+    # over the PNG is JSON; */* alone is the JSON it always was.
+    for accept in ("image/png;q=0, application/json", "image/png;q=0.5, application/json", "*/*"):
+        reply = chain["render"].post("/", json=request, headers={"Accept": accept}, timeout=120)
+        assert reply.headers["content-type"] == "application/json", accept
+    png_first = {"Accept": "application/json;q=0.5, image/png"}
+    reply = chain["render"].post("/", json=request, headers=png_first, timeout=120)
+    assert reply.headers["content-type"] == "image/png"
+
     # An event keeps the strict contract: the same body is refused, naming what is missing.
     refused = post_event(chain["render"], PROMPT_ENHANCED, request)
     assert refused.headers["ce-type"] == GENERATION_FAILED

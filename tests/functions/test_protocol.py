@@ -12,6 +12,7 @@ import base64
 import json
 import socket
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -174,3 +175,90 @@ def test_what_gunicorn_refuses_itself_is_refused_in_json_too(
     assert head.startswith(b"HTTP/1.1 400 Bad Request")
     assert [e["field"] for e in error["errors"]] == ["request"]
     assert "<html>" not in server.logs()
+
+
+def test_binary_header_values_are_unquoted_and_percent_decoded(enhance: InProcessFunction) -> None:
+    """HTTP binding, section 3.1.3.2: a sender percent-encodes a space, '"', '%' and all
+    that is not printable ASCII in a ``ce-*`` header; the receiver decodes once. The same event
+    in either mode is then one generation."""
+    data = {"prompt": "a paper boat", "enhance": False}
+    event = envelope(source="/té", id="pe two", time="2026-01-07T00:00:00+01:00", data=data)
+    structured = enhance.post("/", headers=STRUCTURED, json=event)
+    assert structured.status_code == 200, structured.text
+    headers = {
+        **cloudevent_headers(GENERATION_REQUESTED, source="/t%C3%A9", event_id='"pe%20two"'),
+        "ce-time": "2026-01-07T00:00:00%2B01:00",
+    }
+    binary = enhance.post("/", headers=headers, json=data)
+    assert binary.status_code == 200, binary.text
+    assert binary.headers["ce-subject"] == structured.headers["ce-subject"]
+    assert binary.json()["requested_at"] == structured.json()["requested_at"]
+    named = {**cloudevent_headers(GENERATION_REQUESTED), "ce-subject": "boat%2D1"}
+    assert enhance.post("/", headers=named, json=data).headers["ce-subject"] == "boat-1"
+    not_utf8 = {**cloudevent_headers(GENERATION_REQUESTED), "ce-source": "/t%FF"}
+    assert fields(enhance.post("/", headers=not_utf8, json=data)) == {"source"}
+
+
+def test_a_structured_event_may_carry_binary_headers_too(enhance: InProcessFunction) -> None:
+    """HTTP binding, section 3.2: the Content-Type says structured; the envelope is the event,
+    whatever ``ce-*`` headers came with it."""
+    headers = {**cloudevent_headers(GENERATION_REQUESTED, event_id="header-id"), **STRUCTURED}
+    reply = enhance.post("/", headers=headers, json=envelope(id="envelope-id", subject="env-1"))
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["ce-subject"] == "env-1"
+
+
+def test_event_headers_without_a_specversion_are_no_plain_body(enhance: InProcessFunction) -> None:
+    """``ce-id``, ``ce-type`` and ``ce-source`` but no ``ce-specversion``: an event missing an
+    attribute, not a plain body that mints a new generation at each delivery."""
+    headers = cloudevent_headers(GENERATION_REQUESTED)
+    del headers["ce-specversion"]
+    reply = enhance.post("/", headers=headers, json={"prompt": "a kite", "enhance": False})
+    assert fields(reply) == {"specversion"}
+
+
+@pytest.mark.parametrize(
+    ("attribute", "value", "status"),
+    [
+        ("subject", 5, 400),
+        ("time", False, 400),
+        ("myextension", {"a": 1}, 400),
+        ("myextension", ["a"], 400),
+        ("datacontenttype", "text/plain", 415),
+    ],
+)
+def test_structured_attributes_are_of_their_types(
+    enhance: InProcessFunction, attribute: str, value: Any, status: int
+) -> None:
+    """The JSON event format: String attributes are JSON strings, an extension a string,
+    number or boolean; the data is JSON, as a binary-mode Content-Type must say."""
+    reply = enhance.post("/", headers=STRUCTURED, json=envelope(**{attribute: value}))
+    assert fields(reply, status) == {attribute}
+
+
+def test_structured_extensions_of_scalar_types_are_taken(enhance: InProcessFunction) -> None:
+    event = envelope(myflag=True, mycount=3, datacontenttype="application/json; charset=utf-8")
+    assert enhance.post("/", headers=STRUCTURED, json=event).status_code == 200
+
+
+def test_reply_header_values_are_percent_encoded(enhance: InProcessFunction) -> None:
+    """What a reply carries in a ``ce-*`` header is encoded as the binding says: a
+    ``tracestate`` with spaces, say."""
+    from _binding import event_reply  # functions/, on the path once a function is loaded
+
+    from imagegen.models import ErrorInfo, GenerationFailed
+
+    data = GenerationFailed(
+        stage="enhance",
+        error=ErrorInfo(code="x", message="y", retryable=False),
+        failed_at=datetime(2026, 1, 7, tzinfo=UTC),
+    )
+    attributes = {
+        "type": GENERATION_FAILED,
+        "source": "/imagegen/enhance",
+        "id": "r-1",
+        "tracestate": 'vendor=a b,other="é%"',
+    }
+    reply = event_reply(attributes, data)
+    assert reply.headers["ce-tracestate"] == "vendor=a%20b,other=%22%C3%A9%25%22"
+    assert reply.headers["ce-source"] == "/imagegen/enhance"

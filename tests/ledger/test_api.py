@@ -106,8 +106,18 @@ def test_a_query_parameter_given_twice_is_a_400_naming_it(function: InProcessFun
 
 
 def test_other_methods_and_paths_are_refused(function: InProcessFunction) -> None:
-    assert function.client.delete("/generations/gen-a").status_code == 405
+    refused = function.client.delete("/generations/gen-a")
+    assert refused.status_code == 405 and refused.headers["allow"] == "GET, HEAD"
     assert function.get("/generations/gen-a/events").status_code == 404
+
+
+def test_every_get_route_answers_head(function: InProcessFunction) -> None:
+    """RFC 9110, section 9.3.2: HEAD is GET without the body, its headers and status alike."""
+    for path in ("/generations", "/generations/gen-a", "/generations/absent"):
+        got, head = function.get(path), function.client.head(path)
+        assert head.status_code == got.status_code, path
+        assert head.headers["content-type"] == got.headers["content-type"]
+        assert head.content == b""
 
 
 @contextmanager
