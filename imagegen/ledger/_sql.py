@@ -15,11 +15,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TextIO
 
 from imagegen.errors import InvalidRequest
+from imagegen.events import IMAGE_PERSISTED
 from imagegen.ledger._cursor import decode_cursor, encode_cursor
 from imagegen.ledger._migrate import CREATE_TABLE, migrations, statements
 from imagegen.ledger._statements import (
+    CANCEL_FAILED,
     INSERT_DELIVERY,
     INSERT_EVENT,
+    PERSISTED_RECORDED,
     UPSERT_GENERATION,
     upsert_params,
 )
@@ -170,7 +173,18 @@ class SqlLedger(ABC):
         if not row or not row.get("webhook"):
             return
         generation = _generation(row)
-        for kind in due_webhooks(row["status"], row.get("webhook_events")):
+        due = due_webhooks(row["status"], row.get("webhook_events"))
+        if row["status"] == "persisted":
+            # A stored image outranks a failure report: a failed message not yet sent is not
+            # sent. And "completed" waits for image.persisted itself, which may come after
+            # image.derived: the generation it sends then has its keys, URLs and checksum.
+            gid = generation.generation_id
+            db.run(CANCEL_FAILED, {"gid": gid, "now": now})
+            if "completed" in due and not db.query(
+                PERSISTED_RECORDED, {"gid": gid, "type": IMAGE_PERSISTED}
+            ):
+                due.remove("completed")
+        for kind in due:
             payload = {
                 "type": f"generation.{kind}",
                 "timestamp": now.isoformat(),

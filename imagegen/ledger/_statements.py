@@ -12,9 +12,11 @@ from typing import Any
 from imagegen.ledger.fold import DESCRIPTIVE_COLUMNS, ONCE_COLUMNS, STAGE_COLUMNS, Change
 
 __all__ = [
+    "CANCEL_FAILED",
     "GENERATION_COLUMNS",
     "INSERT_DELIVERY",
     "INSERT_EVENT",
+    "PERSISTED_RECORDED",
     "RECORD",
     "UPSERT_GENERATION",
     "upsert_params",
@@ -78,6 +80,14 @@ RECORD = (
     f"generation AS ({_UPSERT_GENERATION} WHERE EXISTS (SELECT 1 FROM event) RETURNING *) "
     "SELECT EXISTS (SELECT 1 FROM event) AS fresh, generation.* "
     "FROM (SELECT 1) AS one LEFT JOIN generation ON true"
+)
+CANCEL_FAILED = (
+    "UPDATE webhook_deliveries SET state = 'cancelled', last_error = 'the image was persisted', "
+    "next_attempt_at = :now "
+    "WHERE generation_id = :gid AND event = 'failed' AND state = 'pending'"
+)
+PERSISTED_RECORDED = (
+    "SELECT 1 AS found FROM ledger_events WHERE generation_id = :gid AND type = :type LIMIT 1"
 )
 INSERT_DELIVERY = (
     "INSERT INTO webhook_deliveries "

@@ -243,7 +243,11 @@ def test_migrations_run_once_and_reopening_keeps_the_rows(ledger_url: str) -> No
         assert second.get("gen-1") is not None
         with second.transaction() as db:
             rows = db.query("SELECT version, name FROM ledger_migrations", {})
-        assert rows == [{"version": 1, "name": "ledger"}, {"version": 2, "name": "listed_at"}]
+        assert rows == [
+            {"version": 1, "name": "ledger"},
+            {"version": 2, "name": "listed_at"},
+            {"version": 3, "name": "deliveries_by_generation"},
+        ]
     finally:
         second.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import time
 from datetime import UTC, datetime
 
@@ -11,7 +12,8 @@ from pydantic import ValidationError
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from imagegen.errors import ConfigurationError, InvalidRequest
-from imagegen.ledger import Delivery, Ledger
+from imagegen.events import IMAGE_DERIVED, reply_id, source_for
+from imagegen.ledger import Delivery, Ledger, LedgerEvent
 from imagegen.ledger.fold import message_id
 from imagegen.ledger.outbox import Dispatcher
 from imagegen.ledger.webhooks import AddressPolicy, WebhookRefused, WebhookSender, sign
@@ -229,3 +231,50 @@ def test_refused_urls_and_exhausted_retries_end_failed(ledger: Ledger) -> None:
     down = ledger.delivery_states("gen-down")["started"]
     assert (down["state"], down["attempts"], down["last_error"]) == ("failed", 3, "HTTP 503")
     assert receiver.paths["/down"] == 6  # three claims of two quick tries each
+
+
+def _derived(persisted: LedgerEvent) -> LedgerEvent:
+    """derive's answer to ``persisted``: it may reach the ledger before ``persisted`` does."""
+    gid = persisted.data["generation_id"]
+    return LedgerEvent(
+        source=source_for("derive"),
+        id=reply_id(gid, IMAGE_DERIVED),
+        type=IMAGE_DERIVED,
+        subject=gid,
+        time=persisted.time,
+        data={
+            "generation_id": gid,
+            "key": persisted.data["key"],
+            "sha256": persisted.data["sha256"],
+            "keys": {"record": persisted.data["key"] + ".derivatives.json"},
+            "created_at": persisted.data["created_at"],
+        },
+    )
+
+
+def test_completed_waits_for_the_persisted_image_itself(ledger: Ledger) -> None:
+    """image.derived proves the image persisted, but says nothing of it: "completed" is owed
+    once image.persisted is recorded, and then carries the image's URL, keys and checksum."""
+    events = chain("gen-w", webhook="https://hooks.example/x", webhook_events=["completed"])
+    ledger.ingest(events["requested"])
+    assert ledger.ingest(_derived(events["persisted"])).status == "persisted"
+    assert "completed" not in ledger.delivery_states("gen-w")
+    ledger.ingest(events["persisted"])
+    [completed] = ledger.claim_deliveries(lease=60)
+    data = json.loads(completed.payload)["data"]
+    assert data["url"] == events["persisted"].data["url"]
+    assert data["keys"]["metadata"] and data["sha256"] == events["persisted"].data["sha256"]
+
+
+def test_a_failure_not_yet_told_is_not_told_once_the_image_is_persisted(ledger: Ledger) -> None:
+    """A stored image outranks a failure report (a failed render whose redelivery succeeded):
+    the failed message still pending is cancelled; the caller hears "completed" alone."""
+    kinds = ["completed", "failed"]
+    events = chain("gen-f", webhook="https://hooks.example/x", webhook_events=kinds)
+    for name in ("requested", "failed"):
+        ledger.ingest(events[name])
+    assert ledger.delivery_states("gen-f")["failed"]["state"] == "pending"
+    ledger.ingest(events["persisted"])
+    states = ledger.delivery_states("gen-f")
+    assert states["failed"]["state"] == "cancelled"
+    assert [d.event for d in ledger.claim_deliveries(lease=60)] == ["completed"]
