@@ -39,13 +39,36 @@ def _pg(sql: str) -> str:
     return _PARAM.sub(r"%(\1)s", sql)
 
 
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _storable(value: Any) -> Any:
+    """``value`` with what PostgreSQL's text and jsonb cannot hold as U+FFFD: NUL, and
+    surrogates, which JSON's ``\\udfff`` escapes let through but are no UTF-8.
+
+    SQLite keeps both; a valid request may carry a NUL (enhance takes it), and an event the
+    ledger is asked to record is recorded, not answered 500 at each redelivery. A lookup by
+    such a value finds nothing, as nothing can be stored under it.
+    """
+    if isinstance(value, str):
+        return _UNSTORABLE.sub("\ufffd", value) if _UNSTORABLE.search(value) else value
+    if isinstance(value, dict):
+        return {_storable(k): _storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_storable(v) for v in value]
+    return value
+
+
 class _Cursor:
     def __init__(self, cur: Any, jsonb: Any) -> None:
         self._cur = cur
         self._jsonb = jsonb
 
     def _params(self, params: dict[str, Any]) -> dict[str, Any]:
-        return {k: self._jsonb(v) if isinstance(v, dict | list) else v for k, v in params.items()}
+        return {
+            k: self._jsonb(_storable(v)) if isinstance(v, dict | list) else _storable(v)
+            for k, v in params.items()
+        }
 
     def query(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         self._cur.execute(_pg(sql), self._params(params))

@@ -28,6 +28,7 @@ from imagegen.events import (
 )
 from imagegen.identity import event_time
 from imagegen.stages import Call, Route, RouteCall, Stage
+from imagegen.validation import parse_model
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -143,14 +144,19 @@ async def _record(service: ImageGenService, data: Any, call: Call) -> None:
             "event data must be a JSON object",
             errors=[{"field": "data", "message": "not an object"}],
         )
-    event = LedgerEvent(
-        source=attributes["source"],
-        id=attributes["id"],
-        type=attributes["type"],
-        subject=attributes.get("subject"),
-        # Read as every stage reads it, so the ledger records the events the chain accepts.
-        time=event_time(attributes),
-        data=data,
+    # Validated like any input: an attribute past what the ledger keeps (an id over 1,024
+    # characters) is a 400 naming it, final for Knative, which dead-letters the event.
+    event = parse_model(
+        LedgerEvent,
+        {
+            "source": attributes["source"],
+            "id": attributes["id"],
+            "type": attributes["type"],
+            "subject": attributes.get("subject"),
+            # Read as every stage reads it, so the ledger records the events the chain accepts.
+            "time": event_time(attributes),
+            "data": data,
+        },
     )
     ledger, dispatcher = await _ledger(service)
     await asyncio.to_thread(ledger.ingest, event)

@@ -70,3 +70,38 @@ def test_a_structured_event_with_data_base64_is_recorded(
     reply = function.post("/", headers=headers, json=envelope)
     assert reply.status_code == 202, reply.text
     assert recorded(ledger_url) == [event.id]
+
+
+def test_text_postgresql_cannot_hold_is_recorded_and_found_by_nothing(
+    function: InProcessFunction, ledger_url: str
+) -> None:
+    """A NUL in a prompt (a valid request: enhance takes it) and a lone surrogate, which
+    JSON's escapes let through: recorded on either backend, never a 500 at each redelivery.
+    A lookup by such an id finds nothing, on either backend."""
+    event = chain("gen-nul")["requested"]
+    request = binary(event)
+    body = json.dumps({**event.data, "prompt": "a\x00b"})
+    reply = function.post("/", headers=request["headers"], content=body.encode())
+    assert reply.status_code == 202, reply.text
+    found = function.get("/generations/gen-nul")
+    assert found.status_code == 200 and found.json()["original_prompt"] in ("a\x00b", "a\ufffdb")
+    odd = chain("gen-surrogate")["requested"]
+    body = json.dumps({**odd.data, "metadata": {"\udfff": "v"}})
+    reply = function.post("/", headers=binary(odd)["headers"], content=body.encode())
+    assert reply.status_code == 202, reply.text
+    assert sorted(recorded(ledger_url)) == sorted([event.id, odd.id])
+    for path in ("/generations/a%00b", "/generations?model=%00"):
+        reply = function.get(path)
+        assert reply.status_code in (200, 404), reply.text
+        assert reply.status_code == 404 or reply.json()["items"] == []
+
+
+def test_an_id_longer_than_the_ledger_keeps_is_a_400_naming_it(
+    function: InProcessFunction, ledger_url: str
+) -> None:
+    request = binary(chain("gen-long")["requested"])
+    request["headers"]["ce-id"] = "x" * 2000
+    reply = function.post("/", **request)
+    assert reply.status_code == 400, reply.text
+    assert {e["field"] for e in reply.json()["errors"]} == {"id"}
+    assert recorded(ledger_url) == []
