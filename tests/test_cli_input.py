@@ -43,6 +43,10 @@ def _one_line(stderr: str) -> str:
         (["send", GENERATION_REQUESTED, "--to", NOWHERE, "--timeout", "nan"], "--timeout"),
         (["history", "--since", "999999999w"], "--since"),
         (["ledger", "export", "--since", "9999999999d"], "--since"),
+        # A time the HTTP API refuses (400) was a traceback on a local ledger, or no answer.
+        (["history", "--since", "9999-12-31T23:59:59-01:00"], "--since"),
+        (["history", "--until", "0001-01-01T00:00:00+01:00"], "--until"),
+        (["ledger", "export", "--since", "5000-01-01"], "--since"),
         (["ledger", "prune", "--days", "99999999999"], "--days"),
         (["ledger", "prune", "--days", "-5"], "--days"),  # was "nothing pruned", exit 0
         # An id is checked before it becomes a URL path ('a/../b' asked for 'b').

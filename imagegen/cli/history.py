@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from imagegen.cli._app import AsJson, app, make_service, out, run_async, settings_from
-from imagegen.errors import InvalidRequest, NotFound
+from imagegen.errors import DependencyUnavailable, InvalidRequest, NotFound
+from imagegen.identity import key_time
 
 if TYPE_CHECKING:
     from imagegen.ledger import Ledger
@@ -53,20 +54,26 @@ def parse_when(text: str, *, field: str, now: datetime | None = None) -> datetim
     match = _RELATIVE.match(value)
     if match:
         try:
-            return now - timedelta(**{_UNITS[match[2]]: int(match[1])})
+            parsed = now - timedelta(**{_UNITS[match[2]]: int(match[1])})
         except OverflowError:
             raise InvalidRequest(
                 f"--{field}: {text!r} reaches back further than a date can",
                 errors=[{"field": field, "message": "age out of range"}],
             ) from None
-    try:
-        parsed = datetime.fromisoformat(text.strip())
-    except ValueError:
+    else:
+        try:
+            parsed = datetime.fromisoformat(text.strip())
+        except ValueError:
+            raise InvalidRequest(
+                f"--{field}: {text!r} is neither a date/time (ISO 8601) nor an age like 2h or 7d",
+                errors=[{"field": field, "message": "not an ISO date or an age"}],
+            ) from None
+    try:  # the times the ledger's HTTP API takes, on a local ledger too
+        return key_time(parsed)
+    except ValueError as exc:
         raise InvalidRequest(
-            f"--{field}: {text!r} is neither a date/time (ISO 8601) nor an age like 2h or 7d",
-            errors=[{"field": field, "message": "not an ISO date or an age"}],
+            f"--{field}: {text!r} {exc}", errors=[{"field": field, "message": str(exc)}]
         ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _is_http(url: str | None) -> bool:
@@ -112,8 +119,8 @@ def _api(url: str, method: str, path: str, token: str | None = None, **params: A
             f"--ledger: {url!r} is not a valid URL: {exc}",
             errors=[{"field": "ledger", "message": "not a valid URL"}],
         ) from None
-    except httpx.HTTPError as exc:
-        raise InvalidRequest(f"ledger {url} is unreachable: {exc}") from None
+    except httpx.HTTPError as exc:  # a failure (exit 1), not the command's input
+        raise DependencyUnavailable(f"ledger {url} is unreachable: {exc}") from None
     if reply.status_code == 404:
         raise NotFound(reply.json().get("message", "not found"))
     if reply.status_code >= 400:
@@ -121,7 +128,10 @@ def _api(url: str, method: str, path: str, token: str | None = None, **params: A
             message = reply.json().get("message", reply.text)
         except ValueError:
             message = reply.text
-        raise InvalidRequest(f"ledger answered {reply.status_code}: {message}")
+        answer = f"ledger answered {reply.status_code}: {message}"
+        if reply.status_code >= 500 or reply.status_code == 429:
+            raise DependencyUnavailable(answer)  # the ledger's trouble: exit 1
+        raise InvalidRequest(answer)
     return reply.json()
 
 

@@ -109,6 +109,10 @@ def test_unknown_ids_and_bad_options_are_one_line_errors(run: Any) -> None:
     assert code == 2 and err.count("\n") == 1 and "--since" in err
     code, _, err = run("replay", "nope", "--from", "rendered")
     assert code == 2 and "enhanced" in err
+    # A ledger that cannot answer is a failure (1), not the command's input (2).
+    gid = "0123456789abcdef0123456789abcdef"
+    code, _, err = run("status", gid, "--ledger", "http://127.0.0.1:9")
+    assert code == 1 and err.count("\n") == 1 and "unreachable" in err
 
 
 def test_status_and_history_read_a_served_ledger_over_http(
