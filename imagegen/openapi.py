@@ -187,6 +187,8 @@ def _routes(stage: Stage) -> dict[str, Any]:
                 else route.response_model.__name__,
                 "content": {"application/json": {"schema": _ref(route.response_model)}},
             },
+            # Every route refuses a query parameter it does not take, or one given twice.
+            "400": _error("A query parameter is unknown, repeated or invalid; each is named."),
             "401": _error("No valid credentials (when authentication is required)."),
             "403": _error("Credentials for another audience or subject."),
         }

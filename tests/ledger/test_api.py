@@ -214,6 +214,11 @@ def test_the_served_document_describes_the_routes(function: InProcessFunction) -
     assert names == {"status", "since", "until", "model", "limit", "cursor"}
     detail = served["paths"]["/generations/{generation_id}"]["get"]["responses"]
     assert {"200", "401", "404"} <= set(detail)
+    # Every status a route answers is one its document names: an unknown parameter, a 400.
+    for path, route in (("/generations/gen-a", "/generations/{generation_id}"),):
+        answered = function.get(path + "?x=1")
+        assert answered.status_code == 400
+        assert str(answered.status_code) in served["paths"][route]["get"]["responses"]
     replay = served["paths"]["/generations/{generation_id}/replay"]["post"]
     assert [p["name"] for p in replay["parameters"]] == ["generation_id", "from"]
 
