@@ -35,6 +35,13 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
 CommaList = Annotated[list[str], NoDecode]
 
 
+def _port_problem(exc: ValueError) -> str:
+    """What is wrong with a URL's port, never the text that stood there: in
+    ``http://user:password@host`` without the ``@``, urllib takes the password for the port
+    and quotes it."""
+    return "its port is out of range" if "range" in str(exc) else "its port is not a number"
+
+
 def _http_url(value: str | None) -> str | None:
     """``value`` when it is an absolute http(s) URL that ``urlsplit`` (which botocore and httpx
     build on) reads whole, port included; never echoes it (a URL may carry credentials)."""
@@ -44,7 +51,7 @@ def _http_url(value: str | None) -> str | None:
         url = urlsplit(value)
         url.port  # noqa: B018 - raises ValueError for a port out of range or not a number
     except ValueError as exc:
-        raise ValueError(f"not a valid URL ({exc})") from None
+        raise ValueError(f"not a valid URL ({_port_problem(exc)})") from None
     if url.scheme not in ("http", "https") or not url.hostname:
         raise ValueError("not an http:// or https:// URL with a host")
     return value
@@ -88,7 +95,7 @@ def _ollama_host(value: str) -> str:
     try:
         urlsplit(f"{scheme}://{rest}").port  # noqa: B018 - raises like _parse_host would
     except ValueError as exc:
-        raise ValueError(f"not a valid URL or host[:port] ({exc})") from None
+        raise ValueError(f"not a valid URL or host[:port] ({_port_problem(exc)})") from None
     return value
 
 

@@ -129,6 +129,9 @@ def test_the_ledger_function_answers_503_naming_the_setting(tmp_path: Path) -> N
         ({"IMAGEGEN_S3_ENDPOINT_URL": "minio:9000"}, "IMAGEGEN_S3_ENDPOINT_URL"),
         ({"IMAGEGEN_PUBLIC_BASE_URL": "https://[img"}, "IMAGEGEN_PUBLIC_BASE_URL"),
         ({"IMAGEGEN_SINK_URL": "http://[::1"}, "IMAGEGEN_SINK_URL"),
+        # A password without its "@" is what urllib takes for a port, and quoted back.
+        ({"OLLAMA_HOST": "http://admin:hunter2"}, "OLLAMA_HOST"),
+        ({"IMAGEGEN_S3_ENDPOINT_URL": "https://AKIAKEY:wJalrXUtn"}, "IMAGEGEN_S3_ENDPOINT_URL"),
     ],
     ids=lambda value: "-".join(value) if isinstance(value, dict) else None,
 )
@@ -142,6 +145,7 @@ def test_an_invalid_setting_names_the_variable_set(
     summary = line.split(" (", 1)[0]
     assert summary == f"invalid settings: {named}", line
     assert next(iter(env.values())) not in line  # named, never echoed
+    assert "hunter2" not in line and "wJalrXUtn" not in line  # nor a part of it
 
 
 @pytest.mark.parametrize(

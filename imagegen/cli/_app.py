@@ -69,7 +69,7 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print machine-readable JSO
 
 # The libraries' notices go to the terminal only when asked for: without it, a newcomer reads
 # the result and at most one line about what to do next.
-_LIBRARY_VERBOSITY = ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY")
+_LIBRARY_VERBOSITY = ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "HF_HUB_VERBOSITY")
 _handler: logging.Handler | None = None
 
 
@@ -149,6 +149,11 @@ def settings_from(**overrides: Any) -> Settings:
     except (ValidationError, SettingsError) as exc:
         raise ConfigurationError.of(
             "", exc, name=lambda field: field if field in given else Settings.variable(field)
+        ) from None
+    except (UnicodeDecodeError, OSError) as exc:  # the .env file, read by python-dotenv
+        raise ConfigurationError(
+            f"invalid settings: .env cannot be read ({type(exc).__name__})",
+            errors=[{"field": ".env", "message": "not a readable UTF-8 file"}],
         ) from None
 
 

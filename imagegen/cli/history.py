@@ -7,21 +7,44 @@ database) or, given an ``http(s)://`` ledger URL, the ledger function's HTTP API
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from imagegen.cli._app import AsJson, app, make_service, out, run_async, settings_from
-from imagegen.errors import DependencyUnavailable, InvalidRequest, NotFound
+from imagegen.errors import ConfigurationError, DependencyUnavailable, InvalidRequest, NotFound
 from imagegen.identity import key_time
 
 if TYPE_CHECKING:
     from imagegen.ledger import Ledger
 
 __all__ = ["history", "ledger_app", "parse_when", "replay", "status"]
+
+
+def _or_dotenv(variable: str) -> Callable[[str | None], str | None]:
+    """An option's callback: not given, and not in the environment, ``variable`` from
+    ``./.env``, as every setting is read (python-dotenv, UTF-8; the environment wins)."""
+
+    def default(value: str | None) -> str | None:
+        if value is not None or not os.path.isfile(".env"):
+            return value
+        from dotenv import dotenv_values
+
+        try:
+            return dotenv_values(".env", encoding="utf-8").get(variable) or None
+        except (UnicodeDecodeError, OSError) as exc:
+            raise ConfigurationError(
+                f".env cannot be read ({type(exc).__name__})",
+                errors=[{"field": ".env", "message": "not a readable UTF-8 file"}],
+            ) from None
+
+    return default
+
 
 LedgerUrl = Annotated[
     str | None,
@@ -30,6 +53,17 @@ LedgerUrl = Annotated[
         help="Ledger: a database URL or path, or the ledger function's http(s):// URL.",
         envvar="IMAGEGEN_LEDGER_URL",
         show_envvar=False,
+        callback=_or_dotenv("IMAGEGEN_LEDGER_URL"),
+    ),
+]
+LedgerDatabase = Annotated[
+    str | None,
+    typer.Option(
+        "--ledger",
+        help="Ledger database: a postgresql:// or sqlite:/// URL, or a path (not http(s)://).",
+        envvar="IMAGEGEN_LEDGER_URL",
+        show_envvar=False,
+        callback=_or_dotenv("IMAGEGEN_LEDGER_URL"),
     ),
 ]
 LedgerToken = Annotated[
@@ -39,6 +73,7 @@ LedgerToken = Annotated[
         help="API key for an http(s):// ledger that requires one (sent as a bearer token).",
         envvar="IMAGEGEN_API_KEY",
         show_envvar=False,
+        callback=_or_dotenv("IMAGEGEN_API_KEY"),
     ),
 ]
 _RELATIVE = re.compile(r"^(\d+)\s*([mhdw])$")
@@ -83,6 +118,12 @@ def _is_http(url: str | None) -> bool:
 def _local(url: str | None) -> Ledger:
     from imagegen.ledger import open_ledger
 
+    if _is_http(url):  # export and prune work on the database itself
+        raise InvalidRequest(
+            "--ledger: export and prune read the ledger's database: give its postgresql:// or "
+            "sqlite:/// URL or a path, not the ledger function's http(s):// URL",
+            errors=[{"field": "ledger", "message": "a database URL or path"}],
+        )
     return open_ledger(url)
 
 
@@ -323,7 +364,7 @@ app.add_typer(ledger_app, name="ledger")
 @ledger_app.command("export")
 def export(
     since: Annotated[str | None, typer.Option(help="Events recorded from this time.")] = None,
-    ledger: LedgerUrl = None,
+    ledger: LedgerDatabase = None,
 ) -> None:
     """Write every recorded event to stdout as CloudEvents JSON lines."""
     store = _local(ledger)
@@ -339,7 +380,7 @@ def prune(
         int | None,
         typer.Option(min=0, help="Keep this many days (0: forever); default: the setting."),
     ] = None,
-    ledger: LedgerUrl = None,
+    ledger: LedgerDatabase = None,
 ) -> None:
     """Delete history older than the retention."""
     keep = days if days is not None else settings_from().ledger_retention_days

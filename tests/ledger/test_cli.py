@@ -147,3 +147,33 @@ def test_status_and_history_read_a_served_ledger_over_http(
     assert code == 1 and err.count("\n") == 1 and "nope" in err
     code, _, err = run("status", "gen-1", "--ledger", server.url)  # no key
     assert code != 0 and err.count("\n") == 1 and "401" in err
+
+
+def test_the_ledger_a_dotenv_names_is_the_one_every_command_reads(
+    tmp_path: Path, run: Any, as_json: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``.env`` is read for every setting (generate records there): status, history and
+    ledger export read the same ledger, not the default one beside it."""
+    from imagegen.ledger import open_ledger
+
+    monkeypatch.delenv("IMAGEGEN_LEDGER_URL", raising=False)
+    path = tmp_path / "from-dotenv.db"
+    (tmp_path / ".env").write_text(f"IMAGEGEN_LEDGER_URL={path}\n")
+    ledger = open_ledger(str(path))
+    try:
+        ledger.ingest(chain("gen-dotenv")["requested"])
+    finally:
+        ledger.close()
+    assert as_json("status", "gen-dotenv")["status"] == "requested"
+    assert [g["generation_id"] for g in as_json("history")] == ["gen-dotenv"]
+    code, out, err = run("ledger", "export")
+    assert code == 0 and "gen-dotenv" in out, err
+    code, _, err = run("ledger", "export", "--ledger", "http://127.0.0.1:9")
+    assert code == 2 and err.count("\n") == 1 and "database" in err
+
+
+def test_a_dotenv_that_is_not_utf8_is_one_line(tmp_path: Path, run: Any) -> None:
+    (tmp_path / ".env").write_bytes(b"IMAGEGEN_MODEL=tiny\n\xff\xfe x\n")
+    for args in (("history",), ("doctor",)):
+        code, _, err = run(*args)
+        assert code == 2 and err.count("\n") == 1 and ".env" in err, (args, err)
