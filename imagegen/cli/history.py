@@ -162,18 +162,20 @@ def _api(url: str, method: str, path: str, token: str | None = None, **params: A
         ) from None
     except httpx.HTTPError as exc:  # a failure (exit 1), not the command's input
         raise DependencyUnavailable(f"ledger {url} is unreachable: {exc}") from None
-    if reply.status_code == 404:
-        raise NotFound(reply.json().get("message", "not found"))
-    if reply.status_code >= 400:
-        try:
-            message = reply.json().get("message", reply.text)
-        except ValueError:
-            message = reply.text
-        answer = f"ledger answered {reply.status_code}: {message}"
-        if reply.status_code >= 500 or reply.status_code == 429:
-            raise DependencyUnavailable(answer)  # the ledger's trouble: exit 1
+    try:
+        body = reply.json()
+    except ValueError:  # not the ledger function answering: a proxy's page, another server
+        body = None
+    said = body.get("message") if isinstance(body, dict) else None
+    if reply.status_code >= 400 or not isinstance(body, dict | list):
+        first = reply.text.strip().splitlines()[0][:200] if reply.text.strip() else "no body"
+        answer = f"ledger answered {reply.status_code}: {said or first}"
+        if reply.status_code == 404 and said:
+            raise NotFound(said)
+        if reply.status_code < 400 or reply.status_code >= 500 or reply.status_code == 429:
+            raise DependencyUnavailable(answer)  # the ledger's trouble, or no ledger: exit 1
         raise InvalidRequest(answer)
-    return reply.json()
+    return body
 
 
 @app.command()

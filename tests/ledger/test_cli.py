@@ -177,3 +177,30 @@ def test_a_dotenv_that_is_not_utf8_is_one_line(tmp_path: Path, run: Any) -> None
     for args in (("history",), ("doctor",)):
         code, _, err = run(*args)
         assert code == 2 and err.count("\n") == 1 and ".env" in err, (args, err)
+
+
+@pytest.mark.parametrize(("status", "code"), [(200, 1), (404, 2), (502, 1)])
+def test_a_server_that_is_no_ledger_is_one_line(run: Any, status: int, code: int) -> None:
+    """An HTML page where the ledger's JSON should be (a proxy, the wrong port): one line
+    that quotes the page's first line, never a traceback or the whole page."""
+    from http.server import BaseHTTPRequestHandler
+
+    from tests.fakes.loopback import LoopbackServer
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<html>\n<body>Bad Gateway</body>\n</html>\n"
+            self.send_response(status)
+            self.send_header("content-type", "text/html")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with LoopbackServer(Page) as page:
+        for args in (("status", "0123456789abcdef0123456789abcdef"), ("history",)):
+            got, out, err = run(*args, "--ledger", page.url)
+            assert got == code and err.count("\n") == 1, (args, err)
+            assert f"ledger answered {status}: <html>" in err and "Traceback" not in out + err
