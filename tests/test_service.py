@@ -100,7 +100,12 @@ async def test_render_persist_and_derive_are_idempotent(settings: Settings, tmp_
         assert p1 == p2
         # The image is final without its thumbnail and derivatives: persist makes none.
         files = sorted(str(p.relative_to(out)) for p in out.rglob("idem-1*"))
-        assert files == ["2026/11/24/idem-1.json", "2026/11/24/idem-1.png", "prompts/idem-1.json"]
+        assert files == [
+            "2026/11/24/idem-1.json",
+            "2026/11/24/idem-1.png",
+            "prompts/idem-1.json",
+            "renders/idem-1.json",
+        ]
         d1 = await service.derive(p1)
         d2 = await service.derive(p2)
         assert d1 == d2
@@ -113,6 +118,7 @@ async def test_render_persist_and_derive_are_idempotent(settings: Settings, tmp_
         "2026/11/24/idem-1.w256.avif",
         "2026/11/24/idem-1.w256.webp",
         "prompts/idem-1.json",
+        "renders/idem-1.json",
     ]
 
 

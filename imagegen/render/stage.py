@@ -285,6 +285,7 @@ class RenderStage:
             timings = {k: round(v, 4) for k, v in output.timings.items()}
             rendered_at = datetime.now(UTC).replace(microsecond=0)
             meta = stored_png.metadata(job, sha256, fingerprint, timings, rendered_at)
+            await stored_png.claim(self.storage, job, keys)  # no image of another day's job
             if not await self._store(keys, output.png, meta, create=True):
                 # Another replica stored this generation first: its image and timings are the
                 # answer, so both replies are the same event.

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 from imagegen.errors import InvalidRequest
 from imagegen.models import EnhancedPrompt, RenderedImage
-from imagegen.storage.base import StoredObject
+from imagegen.storage.base import GenerationKeys, Storage, StoredObject
 
 
 def fingerprint(job: EnhancedPrompt) -> str:
@@ -108,3 +108,38 @@ def rendered_image(
         rendered_at=at,
         prompt=job,
     )
+
+
+def claim_key(generation_id: str) -> str:
+    """Where a generation id's claim on one image key lives: no date in it."""
+    return f"renders/{generation_id}.json"
+
+
+async def claim(storage: Storage, job: EnhancedPrompt, keys: GenerationKeys) -> None:
+    """Claim ``job``'s generation id for its image key, before its PNG is stored.
+
+    The image's key carries the request's day, so the stored PNG alone can tell a different
+    job under a rendered id from this one only on the same day: a job of another day (an event
+    dated otherwise, a direct call without a time retried after midnight) would find no PNG
+    under its own key and store a second image. The claim has no date: the first job to store
+    an id's image writes which key it stores it under (first writer wins, across replicas); a
+    job whose key is another is refused, as a different job on the same day is.
+
+    Raises:
+        InvalidRequest: the id was claimed for an image of another day.
+        DependencyUnavailable: storage cannot say.
+    """
+    key = claim_key(job.generation_id)
+    body = json.dumps({"image": keys.image}, separators=(",", ":")).encode()
+    if await storage.create(key, body, content_type="application/json"):
+        return
+    try:
+        claimed = json.loads(await storage.get(key)).get("image")
+    except (ValueError, AttributeError):
+        claimed = None  # not a claim this code wrote: it decides nothing
+    if claimed is not None and claimed != keys.image:
+        raise InvalidRequest(
+            f"generation {job.generation_id!r} was already rendered from a different job"
+            f" (as {claimed})",
+            errors=[{"field": "generation_id", "message": "already rendered from another job"}],
+        )

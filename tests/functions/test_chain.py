@@ -135,6 +135,7 @@ def test_every_event_delivered_twice_yields_one_image_and_the_same_replies(
         "2026/11/24/redelivered-1.w256.avif",
         "2026/11/24/redelivered-1.w256.webp",
         "prompts/redelivered-1.json",
+        "renders/redelivered-1.json",
     ]
 
 

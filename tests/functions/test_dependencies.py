@@ -162,8 +162,16 @@ def test_render_killed_mid_request_produces_the_image_once(
         second = post_event(again, PROMPT_ENHANCED, job, subject="killed-1", event_id="k-1")
     assert first.status_code == second.status_code == 200
     assert first.json() == second.json()
-    stored = sorted(p.name for p in store.rglob("killed-1*") if not p.name.startswith("."))
-    assert stored == ["killed-1.png"]
+    stored = sorted(
+        p.relative_to(store).parts[0] + "/" + p.name
+        for p in store.rglob("killed-1*")
+        if not p.name.startswith(".")
+    )
+    # The image once, and the id's claim on its key (render/stored_png.py: claim).
+    assert [s for s in stored if not s.startswith("renders/")] == [
+        s for s in stored if s.endswith("/killed-1.png")
+    ]
+    assert len(stored) == 2 and "renders/killed-1.json" in stored
 
 
 def test_render_is_not_ready_while_its_model_loads(

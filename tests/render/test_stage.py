@@ -128,6 +128,26 @@ async def test_another_job_under_a_rendered_generation_is_refused(tmp_path: Path
     assert caught.value.fields == ["generation_id"]
 
 
+async def test_another_job_under_a_rendered_generation_is_refused_on_any_day(
+    tmp_path: Path,
+) -> None:
+    """The image key carries the request's day: a job of the same id dated another day (an
+    event dated otherwise, a direct call without a time retried after midnight) finds no PNG
+    under its own key, and once stored a second image. The id's claim refuses it; the same
+    job again is still answered from storage."""
+    from datetime import timedelta
+
+    render = stage(SlowBackend(0.0), tmp_path, queue=4)
+    first = await render.render(job("dated"))
+    later = job("dated")
+    later = later.model_copy(update={"requested_at": later.requested_at + timedelta(days=1)})
+    with pytest.raises(InvalidRequest) as caught:
+        await render.render(later)
+    assert caught.value.fields == ["generation_id"] and first.key in caught.value.message
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("dated.png")] == [first.key]
+    assert await render.render(job("dated")) == first
+
+
 async def test_a_model_the_deployment_does_not_serve_is_refused(tmp_path: Path) -> None:
     # Render reads the setting enhance checks: a job for another model never reaches the
     # backend, even from a caller that skipped enhance.
