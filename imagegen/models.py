@@ -6,6 +6,7 @@ JSON Schema for each event payload is exported from these models into ``schemas/
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from datetime import datetime
@@ -390,6 +391,8 @@ class ErrorInfo(_Model):
             return cls(
                 code=exc.code, message=exc.message, retryable=exc.retryable, errors=exc.errors
             )
+        if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):  # Ctrl-C, a shutdown
+            return cls(code="cancelled", message="stopped before it finished", retryable=True)
         return cls(code="internal", message=str(exc)[:1000], retryable=False)
 
 

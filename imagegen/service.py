@@ -249,10 +249,18 @@ class ImageGenService:
         call = call or identify(request, starts=True)
         loading = self._load_ahead(request, call)
         try:
-            return await self.enhance(request, call)
+            enhanced = await self.enhance(request, call)
         finally:
             if loading is not None:
-                await loading
+                try:
+                    await loading
+                except asyncio.CancelledError as exc:
+                    # Cancelled (Ctrl-C) while the model loads for render: said as render's,
+                    # as it would be once render had begun; enhance's own is said by it.
+                    if self.recorder is not None and call.generation_id is not None:
+                        await self.recorder.failed("render", call.generation_id, exc)
+                    raise
+        return enhanced
 
     def _load_ahead(self, request: GenerationRequest, call: Call) -> asyncio.Task[None] | None:
         if not self._load_on_demand:
@@ -326,7 +334,9 @@ class _stage:
             record_error(self.span, exc)
         self._cm.__exit__(exc_type, exc, tb)
         current_stage.reset(self._token)
-        if isinstance(exc, Exception) and self.recorder is not None:
+        if isinstance(exc, Exception | asyncio.CancelledError) and self.recorder is not None:
+            # Cancelled (Ctrl-C in the CLI): the ledger says where it stopped, rather than
+            # showing the generation at its last stage for ever.
             await self.recorder.failed(self.stage, self.generation_id, exc)
 
     async def emitted(self, result: R) -> R:

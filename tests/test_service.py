@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -367,3 +369,73 @@ async def test_a_load_that_fails_ahead_is_reported_by_render(settings: Settings)
             await service.generate(request)
         # enhance finished (its prompt is remembered); render loaded again and failed.
         assert backend.loads == ["tiny", "tiny"]
+
+
+class _HeldBackend(ReadyBackend):
+    """Its load, or its render, waits until released: where a Ctrl-C finds the generation."""
+
+    def __init__(self, *, hold: str) -> None:
+        self.hold, self.held, self.release = hold, threading.Event(), threading.Event()
+        self.loaded = False
+
+    def _wait(self, phase: str) -> None:
+        if phase == self.hold:
+            self.held.set()
+            self.release.wait(30)
+
+    def load(self, model: str) -> float:
+        self._wait("load")
+        self.loaded = True
+        return 0.0
+
+    def is_loaded(self, model: str) -> bool:
+        return self.loaded
+
+    def render(
+        self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None
+    ) -> RenderOutput:
+        self._wait("render")
+        buffer = io.BytesIO()
+        Image.new("RGB", (job.width, job.height), "teal").save(buffer, format="PNG")
+        return RenderOutput(png=buffer.getvalue(), width=job.width, height=job.height)
+
+
+@pytest.mark.parametrize("hold", ["load", "render"])
+async def test_a_cancelled_generation_is_recorded_where_it_stopped(
+    settings: Settings, tmp_path: Path, hold: str
+) -> None:
+    """Ctrl-C in the CLI cancels the generation: the ledger says it stopped at render (the
+    model loading for it, or the render itself), retryable, instead of showing it enhanced
+    for ever."""
+    from imagegen.ledger import open_ledger
+    from imagegen.ledger.recorder import Recorder
+
+    ledger = open_ledger(str(tmp_path / "ledger.db"))
+    found_nothing = SimpleNamespace(status=None)
+    backend = _HeldBackend(hold=hold)
+    plugins = PluginSet([], settings=settings)
+    try:
+        async with ImageGenService(
+            settings, plugins=plugins, backend=backend, recorder=Recorder(ledger)
+        ) as service:
+            request = small(prompt="a kite", enhance=False, generation_id="stopped-1")
+            running = asyncio.ensure_future(service.generate(request))
+            assert await asyncio.to_thread(backend.held.wait, 30)
+            for _ in range(3000):  # until enhance has answered: what is left is render's
+                if (ledger.get("stopped-1") or found_nothing).status == "enhanced":
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("enhance never answered")
+            running.cancel()
+            backend.release.set()  # what is under way in a thread ends on its own
+            with pytest.raises(asyncio.CancelledError):
+                await running
+            found = ledger.get("stopped-1")
+        assert found is not None and found.status == "failed"
+        assert found.failed_stage == "render"
+        assert found.error is not None and found.error.code == "cancelled"
+        assert found.error.retryable
+    finally:
+        backend.release.set()
+        ledger.close()

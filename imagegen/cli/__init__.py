@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail(exc.message, 1)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
+    if result == 130:  # typer turns Ctrl-C into Exit(130), returned here without a word
+        _fail("interrupted", 130)
     if isinstance(result, int) and result:
         sys.exit(result)
 

@@ -46,7 +46,14 @@ class Chain:
 def chain(otel: InMemoryTelemetry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
     """enhance, render, persist and derive served in this process over one local store."""
     workdir = tmp_path_factory.mktemp("functions")
-    env = {**base_env(workdir / "store"), "IMAGEGEN_LOG_PROMPTS": "false"}
+    env = {
+        **base_env(workdir / "store"),
+        "IMAGEGEN_LOG_PROMPTS": "false",
+        # Ollama is down (port 9): each prompt tries it, so its failed call is traced. With
+        # the breaker, enhance's warm-up would open the circuit first whenever it finished
+        # before the first request, and the call would never be made.
+        "IMAGEGEN_OLLAMA_BREAKER_THRESHOLD": "0",
+    }
     saved_env, saved_cwd = dict(os.environ), Path.cwd()
     root = logging.getLogger()
     saved_logging = list(root.handlers), root.level
@@ -172,9 +179,12 @@ def test_one_trace_from_the_requester_through_every_stage(
     }
 
     def kind(key: str) -> str:
-        return "memo" if key.startswith("prompts/") else key.split(".", 1)[-1]
+        if key.startswith(("prompts/", "renders/")):
+            return {"prompts": "memo", "renders": "claim"}[key.split("/", 1)[0]]
+        return key.split(".", 1)[-1]
 
     assert sorted(kind(k) for k in puts) == [
+        "claim",
         "derivatives.json",
         "json",
         "memo",
@@ -185,7 +195,7 @@ def test_one_trace_from_the_requester_through_every_stage(
     ]
     for key, parent in puts.items():
         assert parent is not None
-        owners = {"png": "render", "memo": "enhance", "json": "persist"}
+        owners = {"png": "render", "claim": "render", "memo": "enhance", "json": "persist"}
         owner = owners.get(kind(key), "derive")  # the thumbnail, derivatives and their record
         assert parent.name == f"imagegen.{owner}", (key, parent.name)
     stages = {"imagegen.enhance", "imagegen.render", "imagegen.persist", "imagegen.derive"}
