@@ -71,6 +71,7 @@ def test_a_secret_that_is_not_whsec_base64_is_refused() -> None:
         ("http://100.100.100.200/", ()),
         ("http://localhost/hook", ()),
         ("http://8.8.8.8/hook", ("hooks.example.com",)),
+        ("http://8.8.8.8/hook", ("10.0.0.0/8",)),  # an allow-list: a network alone too
         ("http://127.0.0.1/hook", ("localhost",)),
         ("ftp://8.8.8.8/hook", ()),
         # IPv6 forms that reach an IPv4 address are judged by that address.
