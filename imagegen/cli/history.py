@@ -139,6 +139,22 @@ def _checked_id(generation_id: str) -> str:
     return generation_id
 
 
+def _replayable(service: Any, request: Any, generation_id: str) -> None:
+    """A recorded request these settings refuse (a model not served, a plugin not installed)
+    would only fail again, as a new failed generation: a 409 instead, nothing recorded."""
+    from imagegen.ledger.replay import NotReplayable
+
+    try:
+        service.enhance_stage.check_inputs(request, request.generation_id)
+    except InvalidRequest as exc:
+        fields = ", ".join(dict.fromkeys(e["field"] for e in exc.errors))
+        raise NotReplayable(
+            f"generation {generation_id!r} cannot be replayed here: its request is refused by"
+            f" these settings ({fields})",
+            errors=exc.errors,
+        ) from None
+
+
 def _api(url: str, method: str, path: str, token: str | None = None, **params: Any) -> Any:
     import httpx
 
@@ -342,6 +358,7 @@ def replay(
         async with make_service(settings) as service:
             await service.storage.check()  # before the render, as generate does
             if request is not None:
+                _replayable(service, request, generation_id)
                 return (await service.generate(request))[1]
             assert job is not None
             if service.recorder is not None:

@@ -94,13 +94,19 @@ def replay_request(
     _, data = _recorded(ledger, generation_id, GENERATION_REQUESTED)
     request = _valid(GenerationRequest, data, generation_id, GENERATION_REQUESTED)
     original = ledger.get(generation_id)
-    # Time-aware plugins saw the original time: let them see it again.
+    # Time-aware plugins saw the original time, and every plugin the seed enhance drew for a
+    # request without one (it derives from the id, which is new): let them see both again.
     when = request.requested_at or (original.requested_at if original else None)
+    seed = request.seed if request.seed is not None else (original.seed if original else None)
     return request.model_copy(
         update={
             "generation_id": new_id or new_generation_id(),
             "requested_at": when,
+            "seed": seed,
             "replay_of": generation_id,
+            # The original caller asked to hear of its own generation, not of an operator's
+            # replay of it: the replay notifies no one.
+            "webhook": None,
         }
     )
 

@@ -73,6 +73,9 @@ def test_generate_records_and_replay_reproduces_the_same_png(tmp_path: Path, as_
     status = as_json("status", anew["generation_id"])
     assert status["replay_of"] == gid and status["status"] == "persisted"
     assert status["original_prompt"] == "a lighthouse at dusk"
+    # The seed enhance drew for the original (none was asked for) is the replay's: the
+    # plugins choose as they did, and the template prompt is the same.
+    assert status["seed"] == found["seed"] and status["prompt"] == found["prompt"]
 
     listed = as_json("history", "--since", "1h")
     assert [g["generation_id"] for g in listed] == [
@@ -100,6 +103,10 @@ def test_a_failed_generation_is_in_the_history_with_its_stage(run: Any, as_json:
         "no recorded prompt.enhanced or image.rendered event to replay;"
         " from=requested replays its request\n"
     )
+    # Its request, replayed, would only fail again: refused, and no new generation recorded.
+    code, _, err = run("replay", row["generation_id"], "--from", "requested")
+    assert code == 2 and err.count("\n") == 1 and "model" in err, err
+    assert len(as_json("history")) == 1
 
 
 def test_unknown_ids_and_bad_options_are_one_line_errors(run: Any) -> None:

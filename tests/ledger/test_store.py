@@ -305,3 +305,20 @@ def test_a_ledger_made_before_listed_at_pages_its_rows(tmp_path: Path) -> None:
         assert ids == ["gen-2", "gen-1", "gen-0"]
     finally:
         ledger.close()
+
+
+def test_a_replayed_request_keeps_its_seed_and_time_and_notifies_no_one(ledger: Ledger) -> None:
+    """The request replayed: its original time and the seed enhance drew for it (the plugins
+    choose alike), under a new id linked back; the caller's webhook is not called for an
+    operator's replay."""
+    from imagegen.ledger.replay import replay_request
+
+    events = chain("gen-replayed", webhook="https://hooks.example/x")
+    for name in ("requested", "enhanced"):
+        ledger.ingest(events[name])
+    original = ledger.get("gen-replayed")
+    assert original is not None and original.seed is not None
+    request = replay_request(ledger, "gen-replayed", new_id="gen-again")
+    assert (request.generation_id, request.replay_of) == ("gen-again", "gen-replayed")
+    assert request.seed == original.seed and request.requested_at == original.requested_at
+    assert request.webhook is None
