@@ -64,6 +64,25 @@ def test_unusable_input_is_exit_2_and_one_line_naming_it(
     assert "Traceback" not in result.stderr + result.stdout
 
 
+def test_serve_refuses_an_address_it_cannot_listen_on_in_one_line(tmp_path: Path) -> None:
+    """A port in use, a host that is no address: one line, at once (gunicorn retries for
+    five seconds, a line each, and then a traceback)."""
+    import socket
+
+    def serve(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "imagegen.cli", "serve", "render", *args]
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        in_use = serve("--port", str(taken.getsockname()[1]))
+    assert in_use.returncode == 1, in_use.stderr
+    assert "in use" in _one_line(in_use.stderr)
+    bad_host = serve("--port", "8080", "--host", "bad host!")
+    assert bad_host.returncode == 2 and "--host" in _one_line(bad_host.stderr)
+
+
 @pytest.mark.parametrize("port", ["99999", "-1"])
 def test_serve_refuses_a_port_out_of_range_before_starting(tmp_path: Path, port: str) -> None:
     # A fresh process: without the check, the command replaces itself with gunicorn.

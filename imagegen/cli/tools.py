@@ -12,7 +12,7 @@ import typer
 
 from imagegen import stages
 from imagegen.cli._app import AsJson, app, err, out, settings_from
-from imagegen.errors import ImageGenError, InvalidRequest
+from imagegen.errors import DependencyUnavailable, ImageGenError, InvalidRequest
 from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED
 
 __all__ = ["functions_dir", "list_plugins", "send", "serve"]
@@ -76,6 +76,7 @@ def serve(
             errors=[{"field": "stage", "message": "not a registered stage"}],
         )
     source = functions_dir() / f"{stage}.py"
+    _check_bind(host, port)
     command = [sys.executable, "-m", "functions_framework", "--target", stage]
     command += ["--source", str(source), "--host", host, "--port", str(port)]
     err.print(f"serving {stage} on http://{host}:{port}")
@@ -84,9 +85,38 @@ def serve(
     os.execv(sys.executable, command + (["--debug"] if debug else []))  # noqa: S606
 
 
+def _check_bind(host: str, port: int) -> None:
+    """Refuse, in one line, an address gunicorn cannot listen on: it would retry for five
+    seconds and print a line a second before giving up (a port in use, a host that is no
+    address of this machine)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise InvalidRequest(
+            f"--host: {host!r} is not an address to listen on ({exc})",
+            errors=[{"field": "host", "message": "not an address"}],
+        ) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise DependencyUnavailable(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+            ) from None
+
+
 def functions_dir() -> Path:
     """The ``functions/`` folder of this checkout or image."""
     configured = os.environ.get("IMAGEGEN_FUNCTIONS_DIR")
+    if configured and not (Path(configured) / "_adapter.py").is_file():
+        raise InvalidRequest(
+            "IMAGEGEN_FUNCTIONS_DIR names no functions/ folder (no _adapter.py in it)",
+            errors=[{"field": "IMAGEGEN_FUNCTIONS_DIR", "message": "no functions/ folder"}],
+        )
     candidates = [Path(configured)] if configured else []
     candidates += [Path(__file__).resolve().parents[2] / "functions", Path.cwd() / "functions"]
     for candidate in candidates:
