@@ -211,3 +211,21 @@ def test_every_knative_kind_used_has_a_served_schema() -> None:
         ("sources.knative.dev/v1", "PingSource"),
     ]:
         assert schema_for(api_version, kind)["type"] == "object"
+
+
+def test_the_pull_job_can_be_applied_alone_with_the_next_models(render: Render) -> None:
+    """The runbook's rollout pulls new weights before imagegen-config names them: the Job is
+    applied alone by its label, and reads imagegen-models-next after imagegen-config (the
+    later envFrom source wins), optional so that a plain apply needs none."""
+    job = _find(render("prod"), "Job", "imagegen-models-pull")
+    assert job["metadata"]["labels"]["app.kubernetes.io/component"] == "models-pull"
+    labelled = [
+        d
+        for d in render("prod")
+        if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "models-pull"
+    ]
+    assert [d["kind"] for d in labelled] == ["Job"]
+    sources = job["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+    maps = [s["configMapRef"] for s in sources if "configMapRef" in s]
+    assert [m["name"] for m in maps] == ["imagegen-config", "imagegen-models-next"]
+    assert maps[1]["optional"] is True
