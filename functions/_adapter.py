@@ -110,6 +110,8 @@ class Function:
         try:
             settings = Settings()
             setup_observability(f"imagegen-{self.stage.name}", settings)
+            for unknown in Settings.unknown_variables():
+                log.warning(unknown, extra={"stage": self.stage.name})
             preload = (settings.model,) if self.stage.loads_model else ()
             self._service = ImageGenService(settings, preload=preload, load_on_demand=False)
             self._timeout = self.stage.timeout(settings)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -117,6 +118,11 @@ def _split_list(value: Any) -> Any:
             return json.loads(text)
         return [item.strip() for item in text.split(",") if item.strip()]
     return value
+
+
+_OTHER_VARIABLES = frozenset({"IMAGEGEN_API_KEY", "IMAGEGEN_FUNCTIONS_DIR"})
+"""``IMAGEGEN_*`` variables read outside the settings: the CLI's API key (``--token``) and
+where ``imagegen serve`` finds ``functions/``."""
 
 
 class Settings(BaseSettings):
@@ -407,6 +413,34 @@ class Settings(BaseSettings):
         names = cls.variables(name)
         present = {key.upper() for key in os.environ}
         return next((v for v in names if v.upper() in present), names[0] if names else name)
+
+    @classmethod
+    def unknown_variables(
+        cls, environ: dict[str, str] | None = None, dotenv: str | None = ".env"
+    ) -> list[str]:
+        """``IMAGEGEN_*`` variables set (in ``environ``, default the process's, or the
+        ``dotenv`` file) that no setting reads, each with the setting it most resembles: a
+        misspelled one is otherwise ignored without a word, and its default used.
+
+        Returns lines such as ``IMAGEGEN_MODLE is no setting (ignored); did you mean
+        IMAGEGEN_MODEL?``.
+        """
+        import difflib
+
+        names = {k.upper() for k in (os.environ if environ is None else environ)}
+        if dotenv is not None and os.path.isfile(dotenv):
+            from dotenv import dotenv_values
+
+            with contextlib.suppress(UnicodeDecodeError, OSError):  # said by the settings
+                names |= {k.upper() for k in dotenv_values(dotenv, encoding="utf-8")}
+        known = {v.upper() for field in cls.model_fields for v in cls.variables(field)}
+        known |= _OTHER_VARIABLES
+        found = []
+        for name in sorted(n for n in names if n.startswith("IMAGEGEN_") and n not in known):
+            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            found.append(f"{name} is no setting (ignored){hint}")
+        return found
 
     def revision_for(self, model: str) -> str | None:
         """The Hub revision to load ``model`` at: the setting, else the table's pin."""

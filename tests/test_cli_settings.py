@@ -227,3 +227,18 @@ def test_a_group_without_a_command_shows_its_help(cli: RunCli, group: list[str])
     assert result.stderr.startswith(f"Usage: {' '.join(['imagegen', *group])} "), result.stderr
     assert "Commands:" in result.stderr and "imagegen: error" not in result.stderr
     assert result.stdout == ""
+
+
+def test_a_misspelled_variable_is_a_warning_that_names_the_setting(
+    cli: RunCli, tmp_path: Path
+) -> None:
+    """IMAGEGEN_MODLE is read by no setting: the command runs with the default, and says so
+    (from the environment or the .env file)."""
+    (tmp_path / ".env").write_text("IMAGEGEN_STORAGEURL=./elsewhere\n")
+    result = cli("plugins", env={"IMAGEGEN_MODLE": "tiny"})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "imagegen: warning: IMAGEGEN_MODLE is no setting (ignored); did you mean IMAGEGEN_MODEL?",
+        "imagegen: warning: IMAGEGEN_STORAGEURL is no setting (ignored);"
+        " did you mean IMAGEGEN_STORAGE_URL?",
+    ]

@@ -145,7 +145,7 @@ def settings_from(**overrides: Any) -> Settings:
 
     given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return Settings(**given)
+        settings = Settings(**given)
     except (ValidationError, SettingsError) as exc:
         raise ConfigurationError.of(
             "", exc, name=lambda field: field if field in given else Settings.variable(field)
@@ -155,6 +155,9 @@ def settings_from(**overrides: Any) -> Settings:
             f"invalid settings: .env cannot be read ({type(exc).__name__})",
             errors=[{"field": ".env", "message": "not a readable UTF-8 file"}],
         ) from None
+    for unknown in Settings.unknown_variables():
+        err.print(f"imagegen: warning: {unknown}", markup=False, soft_wrap=True)
+    return settings
 
 
 def run_async(coro_factory: Callable[[], Any]) -> Any:

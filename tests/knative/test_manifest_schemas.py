@@ -229,3 +229,34 @@ def test_the_pull_job_can_be_applied_alone_with_the_next_models(render: Render) 
     maps = [s["configMapRef"] for s in sources if "configMapRef" in s]
     assert [m["name"] for m in maps] == ["imagegen-config", "imagegen-models-next"]
     assert maps[1]["optional"] is True
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_every_imagegen_variable_in_the_manifests_is_a_setting(
+    render: Render, overlay: str
+) -> None:
+    """A misspelled variable in a ConfigMap or a container's env is read by no one: the
+    default would serve instead, without a word but the function's warning at start-up."""
+    from imagegen.settings import Settings
+
+    names: dict[str, str] = {}
+    for doc in render(overlay):
+        if doc["kind"] == "ConfigMap":
+            names.update(dict.fromkeys(doc.get("data", {}), "x"))
+
+        def walk(node: Any) -> None:
+            if isinstance(node, dict):
+                for entry in node.get("env", []) if isinstance(node.get("env"), list) else []:
+                    names[entry["name"]] = "x"
+                for value in node.values():
+                    walk(value)
+            elif isinstance(node, list):
+                for value in node:
+                    walk(value)
+
+        walk(doc.get("spec", {}))
+    assert any(name.startswith("IMAGEGEN_") for name in names)
+    assert Settings.unknown_variables(environ=names, dotenv=None) == []
+    assert Settings.unknown_variables(environ={"IMAGEGEN_MODLE": "x"}, dotenv=None) == [
+        "IMAGEGEN_MODLE is no setting (ignored); did you mean IMAGEGEN_MODEL?"
+    ]
