@@ -46,34 +46,35 @@ def _or_dotenv(variable: str) -> Callable[[str | None], str | None]:
     return default
 
 
+def _setting_option(name: str, variable: str, help: str) -> Any:
+    """An option that defaults to ``variable``: from the environment, else ``./.env``."""
+    return typer.Option(
+        name, help=help, envvar=variable, show_envvar=False, callback=_or_dotenv(variable)
+    )
+
+
 LedgerUrl = Annotated[
     str | None,
-    typer.Option(
+    _setting_option(
         "--ledger",
-        help="Ledger: a database URL or path, or the ledger function's http(s):// URL.",
-        envvar="IMAGEGEN_LEDGER_URL",
-        show_envvar=False,
-        callback=_or_dotenv("IMAGEGEN_LEDGER_URL"),
+        "IMAGEGEN_LEDGER_URL",
+        "Ledger: a database URL or path, or the ledger function's http(s):// URL.",
     ),
 ]
 LedgerDatabase = Annotated[
     str | None,
-    typer.Option(
+    _setting_option(
         "--ledger",
-        help="Ledger database: a postgresql:// or sqlite:/// URL, or a path (not http(s)://).",
-        envvar="IMAGEGEN_LEDGER_URL",
-        show_envvar=False,
-        callback=_or_dotenv("IMAGEGEN_LEDGER_URL"),
+        "IMAGEGEN_LEDGER_URL",
+        "Ledger database: a postgresql:// or sqlite:/// URL, or a path (not http(s)://).",
     ),
 ]
 LedgerToken = Annotated[
     str | None,
-    typer.Option(
+    _setting_option(
         "--token",
-        help="API key for an http(s):// ledger that requires one (sent as a bearer token).",
-        envvar="IMAGEGEN_API_KEY",
-        show_envvar=False,
-        callback=_or_dotenv("IMAGEGEN_API_KEY"),
+        "IMAGEGEN_API_KEY",
+        "API key for an http(s):// ledger that requires one (sent as a bearer token).",
     ),
 ]
 _RELATIVE = re.compile(r"^(\d+)\s*([mhdw])$")
