@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from imagegen.errors import InvalidRequest
+
 __all__ = [
     "FORMATS",
     "Derivative",
@@ -39,8 +41,11 @@ __all__ = [
 # libavif's speed 6 one 256 px image took 200 ms on one core, at speed 8 70 ms (a 512 px
 # photo-like image 262 ms against 41 ms), for files of about the same size; 8 is libavif's
 # usual choice for on-line encoding.
+# One encoder thread: libavif's output depends on its thread count, which Pillow otherwise
+# takes from the CPUs the process may use, so replicas on different nodes (or pinned to one
+# core) would write different bytes of one derivative.
 FORMATS: dict[str, tuple[str, dict[str, int]]] = {
-    "avif": ("image/avif", {"quality": 60, "speed": 8}),
+    "avif": ("image/avif", {"quality": 60, "speed": 8, "max_threads": 1}),
     "webp": ("image/webp", {"quality": 80, "method": 4}),
 }
 
@@ -89,10 +94,34 @@ def _encode(image: Image.Image, fmt: str) -> bytes:
     return out.getvalue()
 
 
+MAX_PIXELS = 8192 * 8192
+"""The largest image derive decodes: four times any render's size (models.md), far below
+what would exhaust a derive pod's memory (a decoded RGB image is three bytes a pixel)."""
+
+
 def decode_rgb(png: bytes) -> Image.Image:
-    """The pixels of ``png`` as RGB: decoded once for the thumbnail and every derivative."""
-    with Image.open(io.BytesIO(png)) as opened:
-        return opened.convert("RGB")
+    """The pixels of ``png`` as RGB: decoded once for the thumbnail and every derivative.
+
+    Raises:
+        InvalidRequest: naming ``image`` when the stored bytes are no PNG that decodes (cut
+            short, corrupt) or one too large to decode (a decompression bomb): the same
+            bytes fail alike at every delivery, so the event can never succeed.
+    """
+    try:
+        with Image.open(io.BytesIO(png), formats=("PNG",)) as opened:
+            width, height = opened.size
+            if width * height > MAX_PIXELS:
+                raise _undecodable(f"{width}x{height} is over {MAX_PIXELS:,} pixels")
+            return opened.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise _undecodable(f"{type(exc).__name__}: {exc}") from None
+
+
+def _undecodable(why: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"the stored image cannot be decoded ({why[:200]})",
+        errors=[{"field": "image", "message": "not a PNG that decodes"}],
+    )
 
 
 def make_thumbnail(image: Image.Image, size: int) -> bytes:

@@ -41,7 +41,8 @@ async def claim_image(storage: Storage, key: str, sha256: str, *, described_by: 
     if digest != sha256:
         raise InvalidRequest(
             f"stored image {key!r} does not match {described_by}",
-            errors=[{"field": "sha256", "message": f"stored object has {digest}"}],
+            # Not the stored digest: knowing an id is not enough to learn what is stored.
+            errors=[{"field": "sha256", "message": "not the stored image's digest"}],
         )
     return png
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
 import json
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -166,3 +170,57 @@ async def test_only_the_stored_images_own_event_is_derived(tmp_path: Path) -> No
             assert caught.value.fields == fields, event
     assert not list(tmp_path.rglob("*.derivatives.json"))
     assert not list(tmp_path.rglob("*.avif"))
+
+
+def _bomb() -> bytes:
+    """A PNG of 9,000 × 9,000 pixels in a few kilobytes: 243 MB once decoded as RGB."""
+    out = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["cut short", "not a PNG", "a decompression bomb"])
+async def test_a_stored_image_that_does_not_decode_fails_the_generation(
+    tmp_path: Path, kind: str
+) -> None:
+    """Bytes persist accepted by their digest that derive cannot decode fail alike at every
+    delivery: a 400 naming the image (the function answers generation.failed), not a 500 that
+    Knative retries until it dead-letters the event."""
+    data = {"cut short": png(96, 48)[:200], "not a PNG": b"GIF89a" + b"\0" * 64}.get(kind)
+    data = data if data is not None else _bomb()
+    async with ImageGenService(settings(tmp_path, [32])) as service:
+        rendered = await stored(service, "undecodable")
+        await service.storage.put(rendered.key, data, content_type="image/png")
+        claim = rendered.model_copy(
+            update={"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        )
+        persisted = await service.persist(claim)
+        with pytest.raises(InvalidRequest) as caught:
+            await service.derive(persisted)
+    assert caught.value.fields == ["image"]
+
+
+def test_avif_bytes_do_not_depend_on_the_cpus_the_process_may_use() -> None:
+    """libavif's output depends on its thread count, which Pillow takes from the CPUs the
+    process may use (a pod pinned to one core, a replica on a larger node): derive encodes on
+    one thread, so every replica writes the same derivative."""
+    from imagegen.derivatives import make_derivative
+
+    noise = np.random.default_rng(1).integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    image = Image.fromarray(noise)
+    cpus = os.sched_getaffinity(0)
+
+    def encoded() -> tuple[bytes, bytes]:
+        out = io.BytesIO()
+        image.save(out, format="AVIF", quality=60, speed=8)  # Pillow's default threads
+        return make_derivative(image, "2026/11/24/t.png", "avif", 512).data, out.getvalue()
+
+    try:
+        os.sched_setaffinity(0, {min(cpus)})
+        pinned, pinned_default = encoded()
+    finally:
+        os.sched_setaffinity(0, cpus)
+    everywhere, everywhere_default = encoded()
+    assert pinned == everywhere
+    if len(cpus) > 1:  # the property the setting exists for: threads change the bytes
+        assert pinned_default != everywhere_default

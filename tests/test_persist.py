@@ -76,6 +76,13 @@ async def test_a_claim_check_that_misdescribes_the_stored_image_is_refused_and_n
             assert "does not describe the image stored" in caught.value.message
             assert await service.storage.head(record) is None, f"{update} was recorded"
 
+        # A wrong digest is named, and the stored one is not told: knowing an id is not
+        # enough to learn what is stored under it.
+        with pytest.raises(InvalidRequest) as caught:
+            await service.persist(rendered.model_copy(update={"sha256": "0" * 64}))
+        assert caught.value.fields == ["sha256"]
+        assert rendered.sha256 not in str(caught.value.to_dict())
+
         # Render's own event arrives afterwards: it is recorded, as render said it.
         persisted = await service.persist(rendered)
     said = rendered.model_dump(include={"size", "sha256", "width", "height", "seed", "model"})

@@ -140,7 +140,7 @@ class S3Storage(ObjectStore):
         upload = self._upload(key, data, content_type, metadata, IfNoneMatch="*")
         for attempt in range(_CONFLICT_RETRIES):
             try:
-                await self._call("PutObject", upload)
+                await self._call("PutObject", upload, conditional=True)
                 return True
             except _Missing:
                 raise self._no_bucket() from None
@@ -268,11 +268,19 @@ class S3Storage(ObjectStore):
         validate_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    async def _call(self, operation: str, call: Callable[[], T]) -> T:
+    async def _call(self, operation: str, call: Callable[[], T], *, conditional: bool = False) -> T:
         try:
             return await asyncio.to_thread(call)
         except ClientError as exc:
-            raise self._client_error(operation, exc) from exc
+            error = self._client_error(operation, exc)
+            if isinstance(error, _Exists | _Conflict) and not conditional:
+                # A 412 or a conditional write's 409 to a request that set no condition: the
+                # store's own doing (a proxy, a lock in flight), the event is fine.
+                code = "precondition failed" if isinstance(error, _Exists) else "conflict"
+                error = DependencyUnavailable(
+                    f"S3 {operation} on bucket {self.bucket!r} answered {code}", retry_after=1
+                )
+            raise error from exc
         except (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError) as exc:
             raise DependencyUnavailable(
                 f"no usable credentials for S3 bucket {self.bucket!r}: set"
@@ -313,10 +321,18 @@ class S3Storage(ObjectStore):
             return DependencyUnavailable(
                 f"S3 bucket {self.bucket!r} is throttling requests ({code or status})"
             )
-        if status >= 500 or code in ("RequestTimeout", "InternalError", "ServiceUnavailable"):
+        if status >= 500 or code in _TRANSIENT:
             return DependencyUnavailable(
                 f"S3 bucket {self.bucket!r} unavailable during {operation} ({code or status})"
             )
+        if code in _MISCONFIGURED or 300 <= status < 400:
+            # The deployment's doing, not the event's: retryable once the settings are fixed.
+            return DependencyUnavailable(
+                f"S3 {operation} on bucket {self.bucket!r} refused ({code or status}):"
+                " check the region, the endpoint and the clock (docs/storage.md)"
+            )
+        # What is left is a request S3 finds malformed (InvalidArgument, KeyTooLong,
+        # BadDigest...): this code's fault, answered as a bug.
         return InternalError(f"S3 {operation} on bucket {self.bucket!r} failed ({code or status})")
 
     def _no_bucket(self) -> DependencyUnavailable:
@@ -324,6 +340,24 @@ class S3Storage(ObjectStore):
         return DependencyUnavailable(
             f"S3 bucket {self.bucket!r} does not exist{where}: create it or fix storage_url"
         )
+
+
+# Transient answers under a 4xx status: a conflicting operation in flight on the key
+# (ErrorResponses.html: OperationAborted, 409, "try again"), a request the store timed out.
+_TRANSIENT = frozenset(
+    {"RequestTimeout", "InternalError", "ServiceUnavailable", "OperationAborted"}
+)
+# A region the endpoint will not sign for (MinIO, R2 and GCS answer it; botocore's region
+# redirect is AWS's alone), a bucket elsewhere, a clock minutes off: settings to fix.
+_MISCONFIGURED = frozenset(
+    {
+        "AuthorizationHeaderMalformed",
+        "PermanentRedirect",
+        "TemporaryRedirect",
+        "IllegalLocationConstraintException",
+        "RequestTimeTooSkewed",
+    }
+)
 
 
 class _Denied(DependencyUnavailable):

@@ -103,6 +103,7 @@ class S3Server(Running):
         self._requests: list[RecordedRequest] = []
         self._fail_status: int | None = None
         self._fail_count: int | None = None
+        self._fail_code: str | None = None
         self._hang = threading.Event()
         self._conditional = threading.Lock()
         self._gate: tuple[str, threading.Barrier] | None = None
@@ -154,7 +155,12 @@ class S3Server(Running):
     # Outages
 
     def down(
-        self, *, status: int | None = None, count: int | None = None, hang: bool = False
+        self,
+        *,
+        status: int | None = None,
+        count: int | None = None,
+        hang: bool = False,
+        code: str | None = None,
     ) -> None:
         """Make the store unavailable until :meth:`up`.
 
@@ -162,6 +168,9 @@ class S3Server(Running):
             status: Answer requests with this status instead of refusing connections, with
                 the S3 error code of :data:`_ERROR_CODES` (503: ``SlowDown``).
             count: With ``status``: only that many requests fail, then the store is back.
+            code: With ``status``: the S3 error code to answer, instead of the status's
+                usual one (``OperationAborted`` with 409, ``AuthorizationHeaderMalformed``
+                with 400, as ErrorResponses.html lists them).
             hang: Accept requests but never answer them (until ``up``), to exercise timeouts.
         """
         self.up()
@@ -170,7 +179,7 @@ class S3Server(Running):
             self._hang.set()
         elif status is not None:
             with self._lock:
-                self._fail_status, self._fail_count = status, count
+                self._fail_status, self._fail_count, self._fail_code = status, count, code
         else:
             self._stop_proxy()
 
@@ -178,7 +187,7 @@ class S3Server(Running):
         """End any outage, and any refusal of the credentials (:attr:`denied`)."""
         self.denied = None
         with self._lock:
-            self._fail_status, self._fail_count = None, None
+            self._fail_status, self._fail_count, self._fail_code = None, None, None
         self._hang.clear()
         self._released.set()
         if self._proxy is None and self._moto is not None:
@@ -240,16 +249,18 @@ class S3Server(Running):
         if proxy is not None:
             proxy.stop()
 
-    def _record(self, request: RecordedRequest) -> int | None:
-        """Keep ``request``; return the status to fail it with, if any."""
+    def _record(self, request: RecordedRequest) -> tuple[int, str] | None:
+        """Keep ``request``; return the status and S3 code to fail it with, if any."""
         with self._lock:
             self._requests.append(request)
-            status = self._fail_status
+            status, code = self._fail_status, self._fail_code
             if status is not None and self._fail_count is not None:
                 self._fail_count -= 1
                 if self._fail_count <= 0:
-                    self._fail_status = self._fail_count = None
-            return status
+                    self._fail_status = self._fail_count = self._fail_code = None
+            if status is None:
+                return None
+            return status, code or _ERROR_CODES.get(status, "ServiceUnavailable")
 
 
 def _rename_meta(name: str) -> str:
@@ -274,13 +285,13 @@ def _handler(server: S3Server) -> type[BaseHTTPRequestHandler]:
             self.close_connection = True
             body = self._read_body()
             headers = {name.lower(): value for name, value in self.headers.items()}
-            status = server._record(RecordedRequest(self.command, self.path, headers, body))
+            failure = server._record(RecordedRequest(self.command, self.path, headers, body))
             if server._hang.is_set():
                 server._released.wait(timeout=60)
                 return
             server._wait_at_gate(self.command, self.path)
-            if status is not None:
-                self._error(status, _ERROR_CODES.get(status, "ServiceUnavailable"))
+            if failure is not None:
+                self._error(*failure)
                 return
             if server.denied == "credentials":
                 self._error(403, "InvalidAccessKeyId")

@@ -294,6 +294,29 @@ async def test_rejected_credentials_are_told_apart_from_a_missing_permission(
     assert error.value.retryable
 
 
+@pytest.mark.parametrize(
+    ("status", "code", "said"),
+    [
+        # ErrorResponses.html: "A conflicting conditional operation is currently in progress
+        # against this resource. Try again."
+        (409, "OperationAborted", "unavailable"),
+        # A region MinIO, R2 or GCS will not sign for: botocore redirects only on AWS.
+        (400, "AuthorizationHeaderMalformed", "region"),
+        # A conditional write's answer to a write that set no condition: the store's doing.
+        (412, "PreconditionFailed", "precondition"),
+    ],
+)
+async def test_what_the_store_or_its_settings_cause_is_retryable(
+    s3: S3Server, make_s3: MakeS3, status: int, code: str, said: str
+) -> None:
+    """Never a 500 ("a bug") for what the event did not cause: a 503 with Retry-After,
+    redelivered once the store, or its settings, are right."""
+    storage = make_s3()
+    with s3.outage(status=status, code=code), pytest.raises(DependencyUnavailable) as error:
+        await storage.put(KEYS.image, PNG, content_type="image/png")
+    assert error.value.retryable and said in error.value.message
+
+
 async def test_other_client_errors_are_not_retryable(s3: S3Server, make_s3: MakeS3) -> None:
     storage = make_s3()
 
