@@ -173,7 +173,7 @@ async def test_only_the_stored_images_own_event_is_derived(tmp_path: Path) -> No
 
 
 def _bomb() -> bytes:
-    """A PNG of 9,000 × 9,000 pixels in a few kilobytes: 243 MB once decoded as RGB."""
+    """A PNG of 9,000 by 9,000 pixels in a few kilobytes: 243 MB once decoded as RGB."""
     out = io.BytesIO()
     Image.new("1", (9000, 9000)).save(out, format="PNG")
     return out.getvalue()
