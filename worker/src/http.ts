@@ -138,9 +138,27 @@ export function isNotModified(request: Request, headers: Headers): boolean {
       etag !== null && ifNoneMatch.split(",").some((tag) => opaqueTag(tag) === opaqueTag(etag))
     );
   }
-  const since = Date.parse(request.headers.get("If-Modified-Since") ?? "");
-  const modified = Date.parse(headers.get("Last-Modified") ?? "");
-  return !Number.isNaN(since) && !Number.isNaN(modified) && modified <= since;
+  const since = parseHttpDate(request.headers.get("If-Modified-Since"));
+  const modified = parseHttpDate(headers.get("Last-Modified"));
+  return since !== null && modified !== null && modified <= since;
+}
+
+// RFC 9110 §5.6.7: IMF-fixdate, and the obsolete RFC 850 and asctime forms a recipient must
+// still accept. Anything else is no HTTP-date, and a condition on it is ignored (§13.1.3);
+// Date.parse would take "3000" or "Foo 2099" for dates.
+const IMF_FIXDATE =
+  /^(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d{2} (?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) \d{4} \d{2}:\d{2}:\d{2} GMT$/;
+const RFC_850 =
+  /^(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday), \d{2}-(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)-\d{2} \d{2}:\d{2}:\d{2} GMT$/;
+const ASCTIME =
+  /^(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) (?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) [ \d]\d \d{2}:\d{2}:\d{2} \d{4}$/;
+
+/** The time an HTTP-date names, in ms; null when `value` is none. */
+export function parseHttpDate(value: string | null): number | null {
+  const text = value?.trim() ?? "";
+  if (!IMF_FIXDATE.test(text) && !RFC_850.test(text) && !ASCTIME.test(text)) return null;
+  const time = Date.parse(ASCTIME.test(text) ? `${text} GMT` : text);
+  return Number.isNaN(time) ? null : time;
 }
 
 /** RFC 9110 §13.1.5: a Range only applies while If-Range still names this representation. */
@@ -152,9 +170,9 @@ function ifRangeHolds(request: Request, headers: Headers): boolean {
     // Strong comparison: a weak validator never matches.
     return !value.startsWith("W/") && value === headers.get("ETag");
   }
-  const date = Date.parse(value);
-  const modified = Date.parse(headers.get("Last-Modified") ?? "");
-  return !Number.isNaN(date) && date === modified;
+  const date = parseHttpDate(value);
+  const modified = parseHttpDate(headers.get("Last-Modified"));
+  return date !== null && date === modified;
 }
 
 export type ByteRange =
@@ -196,6 +214,11 @@ export async function answer(
 ): Promise<Response> {
   const headers = new Headers(stored.headers);
   headers.set("Cache-Control", cacheControl);
+  // The cached copy's Date (and any Age) is when the origin answered, not this response: a
+  // browser would count its max-age from then (RFC 9111 §4.2.3), and a signed URL's
+  // "max-age=<seconds left>" would arrive stale. The runtime dates the response itself.
+  headers.delete("Date");
+  headers.delete("Age");
   const isHead = request.method === "HEAD";
 
   // 1. Conditional request

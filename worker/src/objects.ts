@@ -9,7 +9,14 @@
  *   for NOT_FOUND_TTL seconds.
  */
 import type { Config } from "./config";
-import { answer, notFoundMarker, objectHeaders, passedThrough, textResponse } from "./http";
+import {
+  answer,
+  notFoundMarker,
+  objectHeaders,
+  parseHttpDate,
+  passedThrough,
+  textResponse,
+} from "./http";
 import { type ReadOptions, type ReadRange, readObject, readWholeObject } from "./origins";
 
 /** Where a request is served: configuration, its context, and the base of cache keys. */
@@ -102,14 +109,22 @@ function originRange(header: string | null): ReadRange | null {
 }
 
 /** What of a cache miss can go to the origin as asked, or null for a plain GET. */
+// RFC 9110 §8.8.3: "*", or entity-tags (W/ optional, quoted, no '"' inside), comma-separated.
+const ENTITY_TAG_LIST =
+  /^\s*(?:\*|(?:W\/)?"[\x21\x23-\x7e\x80-\xff]*"(?:\s*,\s*(?:W\/)?"[\x21\x23-\x7e\x80-\xff]*")*)\s*$/;
+
 function passThroughOptions(request: Request): ReadOptions | null {
   const headers = request.headers;
   const options: ReadOptions = {};
   if (request.method === "HEAD") options.head = true;
   const ifNoneMatch = headers.get("If-None-Match");
   const ifModifiedSince = headers.get("If-Modified-Since");
-  if (ifNoneMatch !== null) options.ifNoneMatch = ifNoneMatch;
-  else if (ifModifiedSince !== null) options.ifModifiedSince = ifModifiedSince;
+  // Only validators the origin can read: R2 throws on an entity-tag that is not one, and a
+  // condition that is no valid field value is ignored (RFC 9110 §13.1.2, §13.1.3).
+  if (ifNoneMatch !== null && ENTITY_TAG_LIST.test(ifNoneMatch)) options.ifNoneMatch = ifNoneMatch;
+  else if (ifNoneMatch === null && parseHttpDate(ifModifiedSince) !== null) {
+    options.ifModifiedSince = ifModifiedSince ?? undefined;
+  }
   // If-Range needs the validators first: such a request takes the whole-object path.
   const range = headers.has("If-Range") ? null : originRange(headers.get("Range"));
   if (range !== null && !options.head) options.range = range;

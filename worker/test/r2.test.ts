@@ -148,6 +148,47 @@ describe("conditional requests", () => {
     expect((await send(get(url, { "If-Modified-Since": "yesterday" }))).status).toBe(200);
   });
 
+  // RFC 9110 §13.1.3: a recipient MUST ignore If-Modified-Since when it is no HTTP-date;
+  // §13.1.2: an If-None-Match that lists no entity-tag matches none. On a miss R2 refused
+  // such a header with an error (a 502); on a hit "3000" was taken for a year.
+  it("ignores validators that are none, on a miss and on a hit", async () => {
+    const { url } = await stored();
+    const cases: HeadersInit[] = [
+      { "If-Modified-Since": "3000" },
+      { "If-Modified-Since": "Foo 2099" },
+      { "If-None-Match": "foo" },
+      { "If-None-Match": "W/foo", Range: "bytes=0-9" },
+    ];
+    for (const cached of [false, true]) {
+      if (cached) await send(url);
+      for (const headers of cases) {
+        const res = await send(get(url, headers));
+        const expected = "Range" in headers ? 206 : 200;
+        expect(res.status, `${JSON.stringify(headers)} cached=${cached}`).toBe(expected);
+        await res.arrayBuffer();
+      }
+    }
+  });
+
+  // RFC 9111 §4.2.3: a browser ages a response from its Date. A cached copy's Date is when
+  // the origin answered, which would age a fresh max-age before it arrives.
+  it("dates a response from the cache now, not when the origin answered", async () => {
+    const { url } = await stored();
+    expect((await send(url)).status).toBe(200);
+    // The cached copy, as an edge cache keeps it an hour later: dated then, aged since.
+    const cached = await caches.default.match(url);
+    expect(cached).toBeDefined();
+    const headers = new Headers(cached!.headers);
+    headers.set("Date", new Date(Date.now() - 3_600_000).toUTCString());
+    headers.set("Age", "3600");
+    await caches.default.put(url, new Response(await cached!.arrayBuffer(), { headers }));
+    const hit = await send(url);
+    expect(hit.status).toBe(200);
+    const date = hit.headers.get("Date");
+    if (date !== null) expect(Math.abs(Date.parse(date) - Date.now())).toBeLessThan(60_000);
+    expect(hit.headers.get("Age")).toBeNull();
+  });
+
   // RFC 9110 §13.1.2-3 apply to HEAD as to GET. R2's head takes no onlyIf: on a miss the
   // validators are checked against its answer, as they are against a cache hit.
   it("answers a conditional HEAD 304 on a miss from R2's head, as on a hit", async () => {
