@@ -203,16 +203,20 @@ async function originRead(
     redirect: "manual",
     signal,
   };
-  switch (origin.kind) {
-    case "r2":
-      return fromR2(origin.bucket, objectKey, options);
-    case "s3": {
-      const url = `${origin.endpoint}/${origin.bucket}/${objectKey}`;
-      return fromHttp(await s3Client(config).fetch(url, init));
-    }
-    case "public":
-      return fromHttp(await fetch(`${origin.baseUrl}/${objectKey}`, init));
+  if (origin.kind === "r2") return fromR2(origin.bucket, objectKey, options);
+  const send = (request: RequestInit) =>
+    origin.kind === "s3"
+      ? s3Client(config).fetch(`${origin.endpoint}/${origin.bucket}/${objectKey}`, request)
+      : fetch(`${origin.baseUrl}/${objectKey}`, request);
+  const response = await send(init);
+  if (response.status === 416 && !response.headers.has("Content-Range")) {
+    // Some stores answer an unsatisfiable range without the size (moto, an XML InvalidRange
+    // body alone); the client's 416 must say it (RFC 9110 §15.5.17): a HEAD tells.
+    void response.body?.cancel();
+    const head = fromHttp(await send({ ...init, method: "HEAD", headers: {} }));
+    return head === null ? null : { ...head, body: null, status: 416, range: null };
   }
+  return fromHttp(response);
 }
 
 /**

@@ -321,6 +321,26 @@ describe("S3-compatible origin on a cache miss", () => {
     ]);
   });
 
+  // moto (the Python tests' S3) answers an unsatisfiable range with an XML body and no
+  // Content-Range; the client's 416 must still say the size (RFC 9110 §15.5.17).
+  it("answers 416 with the size when the origin's 416 does not say it", async () => {
+    const { calls } = mockFetch((request) => {
+      if (request.method === "HEAD") return new Response(null, objectResponse(64));
+      return new Response("<Error><Code>InvalidRange</Code></Error>", {
+        status: 416,
+        headers: { "Content-Type": "application/xml" },
+      });
+    });
+    const url = `${BASE}/${newKey()}`;
+    const res = await send(new Request(url, { headers: { Range: "bytes=5000-" } }), S3);
+    expect(res.status).toBe(416);
+    expect(res.headers.get("Content-Range")).toBe("bytes */64");
+    expect(calls.map((c) => [c.method, c.headers.get("Range")])).toEqual([
+      ["GET", "bytes=5000-"],
+      ["HEAD", null],
+    ]);
+  });
+
   it("lists day folders and records for the gallery with ListObjectsV2", async () => {
     const { calls } = mockFetch((request) => {
       const params = new URL(request.url).searchParams;
