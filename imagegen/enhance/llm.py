@@ -130,6 +130,12 @@ def fallback_reason(error: BaseException) -> str:
     return "unreachable"
 
 
+# What the ollama client raises for a body it cannot read: a 200 that is no chat response
+# (ValueError, TypeError), an error body that is JSON but no object (its ResponseError calls
+# .get on it: AttributeError), one nested past the parser's depth (RecursionError).
+_UNREADABLE = (ValueError, TypeError, AttributeError, KeyError, RecursionError)
+
+
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, httpx.TimeoutException):
         return False
@@ -257,8 +263,11 @@ class OllamaEnhancer:
                     reraise=True,
                 )
                 async for attempt in retrying:
+                    # Each attempt within ollama_timeout: httpx's own timeout is per read, so a
+                    # reply trickled a few bytes at a time would hold one attempt for ever.
                     with attempt:
-                        return await self._chat(messages, seed, spec)
+                        async with asyncio.timeout(self.settings.ollama_timeout):
+                            return await self._chat(messages, seed, spec)
         except CircuitOpen as exc:
             # Expected while Ollama is down: one short line, no retries, no traceback.
             model = self.settings.ollama_model
@@ -329,7 +338,7 @@ class OllamaEnhancer:
                 stream=False,
                 keep_alive=self._keep_alive,
             )
-        except (ValueError, TypeError) as exc:  # a 200 whose body is no chat response
+        except _UNREADABLE as exc:  # a body that is no chat response, or no error object
             raise MalformedReply(f"unreadable response ({type(exc).__name__})") from None
         content = response.message.content or ""
         try:
@@ -373,7 +382,7 @@ class OllamaEnhancer:
             reason = f"no answer within {self.settings.ollama_timeout:g}s"
         except (ConnectionError, httpx.HTTPError, ollama.ResponseError) as exc:
             reason = f"{type(exc).__name__}: {exc}"
-        except (ValueError, TypeError) as exc:  # a 200 whose body is no chat response
+        except _UNREADABLE as exc:  # a body that is no chat response, or no error object
             reason = f"unreadable response ({type(exc).__name__})"
         else:
             return time.perf_counter() - started
@@ -395,8 +404,8 @@ class OllamaEnhancer:
         except (TimeoutError, ConnectionError, httpx.HTTPError, ollama.ResponseError) as exc:
             info["error"] = f"{type(exc).__name__}: {exc}"
             return info
-        except (ValueError, TypeError) as exc:
-            info["error"] = f"unreadable /api/tags response: {exc}"
+        except _UNREADABLE as exc:
+            info["error"] = f"unreadable /api/tags response ({type(exc).__name__})"
             return info
         names = [m.model for m in listing.models if m.model]
         info.update(

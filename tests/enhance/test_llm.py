@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import logging
 
 import pytest
@@ -89,3 +90,39 @@ async def test_keep_alive_is_sent_as_ollama_reads_it(
 def test_a_keep_alive_ollama_cannot_read_is_refused_naming_the_setting(value: str) -> None:
     with pytest.raises(ValueError, match="ollama_keep_alive"):
         Settings(ollama_keep_alive=value)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[1]", b"null", b'"x"', b"5", b"[" * 100_000 + b"]" * 100_000],
+    ids=["array", "null", "string", "number", "nested"],
+)
+@pytest.mark.parametrize("status", [200, 500])
+async def test_a_body_that_is_no_chat_response_nor_error_object_is_unavailable(
+    fake_ollama: FakeOllama, body: bytes, status: int
+) -> None:
+    """The ollama client reads an error body with ``json.loads(...).get``: an array, a
+    string or a number there raised AttributeError (a 500 from enhance), and a body nested
+    past the parser's depth RecursionError. Either is Ollama failing: the template answers."""
+    fake_ollama.answer(Behaviour(status=status, body=body))
+    enhancer = _enhancer(fake_ollama)
+    with pytest.raises(DependencyUnavailable) as caught:
+        await enhancer.write(prompt="a fox", contributions=[], seed=1, spec=family_for("tiny"))
+    assert "unreadable" in caught.value.message or "Malformed" in caught.value.message
+    await enhancer.aclose()
+
+
+async def test_a_reply_trickled_past_the_timeout_ends_the_attempt_there(
+    fake_ollama: FakeOllama,
+) -> None:
+    """httpx's timeout is per read: a reply sent a few bytes at a time, each read in time,
+    held one attempt for as long as the sender liked. Each attempt ends at ollama_timeout."""
+    fake_ollama.answer(Behaviour(trickle=0.1))  # ~400 bytes: 2.5 s in all
+    settings = Settings(ollama_host=fake_ollama.url, ollama_timeout=0.5, ollama_retries=0)
+    enhancer = OllamaEnhancer(settings, backoff=0.01)
+    started = time.monotonic()
+    with pytest.raises(DependencyUnavailable) as caught:
+        await enhancer.write(prompt="a fox", contributions=[], seed=1, spec=family_for("tiny"))
+    assert time.monotonic() - started < 1.5, "the attempt outlived ollama_timeout"
+    assert "no reply within 0.5s" in caught.value.message
+    await enhancer.aclose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -35,10 +36,35 @@ DEV = family_for("black-forest-labs/FLUX.1-dev")
         ("a red fox\n\nLet me know if you want any changes!", "a red fox"),
         ("a snake_case_word stays, 3 * 4 stays", "a snake_case_word stays, 3 * 4 stays"),
         ("   a   red\tfox  ", "a red fox"),
+        ("a red fox\n \n\t\nI hope this helps", "a red fox"),
+        # Quotes that open the first words and close the last are the prompt's own.
+        (
+            '"Starry Night" style painting of a fox named "Rusty"',
+            '"Starry Night" style painting of a fox named "Rusty"',
+        ),
+        ("'Tis the season: a fox, 'cozy'", "'Tis the season: a fox, 'cozy'"),
+        # A lead-in names what it introduces; "two foxes" is the subject.
+        ("Here are two foxes: one red, one white", "Here are two foxes: one red, one white"),
+        ("Here's a more detailed version: a red fox", "a red fox"),
     ],
 )
 def test_clean_reply(reply: str, prompt: str) -> None:
     assert clean_reply(reply) == prompt
+
+
+@pytest.mark.parametrize(
+    "reply",
+    ["a" + "\n" * 3000 + "b", "a" + "\n " * 3000 + "b", " *a" * 20000, "**a" * 20000],
+    ids=["line breaks", "blank lines", "stars", "double stars"],
+)
+def test_clean_reply_is_linear_in_what_the_model_sends(reply: str) -> None:
+    """The cleaning runs on the event loop: patterns that backtrack held a worker for
+    seconds to minutes on a few kilobytes (3,000 line breaks: minutes). A generous bound,
+    far from those, catches their return."""
+    started = time.perf_counter()
+    cleaned = clean_reply(reply)
+    assert time.perf_counter() - started < 2.0
+    assert cleaned and "\n" not in cleaned
 
 
 def test_estimate_is_conservative() -> None:

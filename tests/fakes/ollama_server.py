@@ -54,14 +54,17 @@ class Behaviour:
     Attributes:
         content: The assistant message's content (a dict is sent as its JSON text).
         status: The HTTP status; not 200 → ``{"error": content}``.
-        body: A raw body to send instead of a chat response (for broken responses).
+        body: A raw body to send instead of a chat response, or of the error object (for
+            broken responses), with ``status``.
         delay: Seconds to wait before answering (cut short when the server stops).
+        trickle: Seconds between the body's pieces of 16 bytes (0: all at once).
     """
 
     content: str | dict[str, Any] = field(default_factory=lambda: {"prompt": DEFAULT_PROMPT})
     status: int = 200
     body: bytes | None = None
     delay: float = 0.0
+    trickle: float = 0.0
 
 
 def reply(content: str | dict[str, Any] | None = None, *, delay: float = 0.0) -> Behaviour:
@@ -394,14 +397,36 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer_chat(self, request: dict[str, Any], behaviour: Behaviour) -> None:
         content = behaviour.content
         text = json.dumps(content) if isinstance(content, dict) else content
+        if behaviour.body is not None:
+            self._send(behaviour.status, behaviour.body)
+            return
         if behaviour.status != 200:
             self._send_json(behaviour.status, {"error": text})
             return
-        if behaviour.body is not None:
-            self._send(200, behaviour.body)
+        if behaviour.trickle:
+            self._trickle(json.dumps(self._final(request, text)).encode(), behaviour.trickle)
             return
+        final = self._final(request, text)
+        if not request.get("stream", True):
+            self._send_json(200, final)
+            return
+        self._stream(final, text)
+
+    def _trickle(self, body: bytes, pause: float) -> None:
+        """``body`` a few bytes at a time: each read arrives well within a read timeout."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        for start in range(0, len(body), 16):
+            if self.owner._released.wait(pause):
+                return
+            self.wfile.write(body[start : start + 16])
+            self.wfile.flush()
+
+    def _final(self, request: dict[str, Any], text: str) -> dict[str, Any]:
         model = str(request.get("model", ""))
-        final = {
+        return {
             "model": model,
             "created_at": _now(),
             "message": {"role": "assistant", "content": text},
@@ -414,10 +439,10 @@ class _Handler(BaseHTTPRequestHandler):
             "eval_count": len(text.split()),
             "eval_duration": 700_000,
         }
-        if not request.get("stream", True):
-            self._send_json(200, final)
-            return
-        # Streaming (the API's default): content in pieces, then a final empty chunk.
+
+    def _stream(self, final: dict[str, Any], text: str) -> None:
+        """Streaming (the API's default): content in pieces, then a final empty chunk."""
+        model = final["model"]
         words = text.split(" ")
         pieces = [" ".join(words[i : i + 4]) + " " for i in range(0, len(words), 4)]
         if pieces:
