@@ -1,10 +1,10 @@
-"""OllamaEnhancer: a host with credentials in it never shows them in errors, logs or health."""
+"""OllamaEnhancer: credentials in the host never shown; whatever Ollama sends, a clear failure."""
 
 from __future__ import annotations
 
 import json
-import time
 import logging
+import time
 
 import pytest
 
