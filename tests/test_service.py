@@ -439,3 +439,21 @@ async def test_a_cancelled_generation_is_recorded_where_it_stopped(
     finally:
         backend.release.set()
         ledger.close()
+
+
+@pytest.mark.parametrize("stored", [b'{"request": "abc", "prompt": {', b"[1, 2]", b'{"x": 1}'])
+async def test_a_prompt_memo_that_cannot_be_read_is_retryable(
+    settings: Settings, tmp_path: Path, stored: bytes
+) -> None:
+    """Storage holds something under the memo's key that is no memo: enhance cannot say what
+    it answered before, and answers 503 (retried), as when storage cannot answer at all."""
+    from imagegen.storage.base import prompt_memo_key
+
+    plugins = PluginSet([], settings=settings)
+    async with ImageGenService(settings, plugins=plugins) as service:
+        await service.storage.put(
+            prompt_memo_key("memo-1"), stored, content_type="application/json"
+        )
+        with pytest.raises(DependencyUnavailable) as caught:
+            await service.enhance(small(prompt="a kite", generation_id="memo-1"))
+    assert caught.value.retryable and "memo" in caught.value.message

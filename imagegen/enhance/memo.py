@@ -49,13 +49,21 @@ class EnhanceMemo:
         key = prompt_memo_key(generation_id)
         if await self.storage.head(key) is None:
             return None
-        memo = json.loads(await self.storage.get(key))
-        if memo.get("request") != digest:
+        try:
+            memo = json.loads(await self.storage.get(key))
+            request, kept = memo.get("request"), memo["prompt"]
+        except (ValueError, AttributeError, KeyError, TypeError):
+            # Storage holds something under the key that is no memo: unreadable is what it
+            # is, and a retry is all that can help (as with a store that cannot answer).
+            raise DependencyUnavailable(
+                f"the prompt memo of generation {generation_id!r} cannot be read"
+            ) from None
+        if request != digest:
             raise InvalidRequest(
                 f"generation {generation_id!r} was already requested with other parameters",
                 errors=[{"field": "generation_id", "message": "already used by another request"}],
             )
-        return parse_model(EnhancedPrompt, memo["prompt"])
+        return parse_model(EnhancedPrompt, kept)
 
     async def remember(
         self, generation_id: str, digest: str, prompt: EnhancedPrompt

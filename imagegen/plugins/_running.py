@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
+from typing import Any
 
 from opentelemetry import trace
 
@@ -13,6 +15,7 @@ from imagegen.errors import InvalidRequest
 from imagegen.models import Contribution
 from imagegen.plugins.context import PluginContext, PromptPlugin
 from imagegen.telemetry import tracer
+from imagegen.validation import loads
 
 __all__ = ["run_plugin", "warm_plugin"]
 
@@ -67,9 +70,25 @@ async def _contribution(
         logger.warning("plugin %s returned %s, not a Contribution; skipped", name, type(result))
         span.set_status(trace.StatusCode.ERROR, f"returned {type(result).__name__}")
         return None
+    if result.data and not _json_data(result.data):
+        # It would fail the generation later, where the prompt is kept as JSON (the memo,
+        # the event): a misbehaving plugin is skipped, as one that raises is.
+        logger.warning("plugin %s returned data that is not JSON; skipped", name)
+        span.set_status(trace.StatusCode.ERROR, "returned data that is not JSON")
+        return None
     if result.plugin != name:
         result = result.model_copy(update={"plugin": name})
     return result
+
+
+def _json_data(data: dict[str, Any]) -> bool:
+    """Whether ``data`` is JSON as the prompt's events carry it: plain values, nested within
+    the depth a request's metadata may take."""
+    try:
+        loads(json.dumps(data, allow_nan=False))
+    except (TypeError, ValueError, RecursionError, InvalidRequest):
+        return False
+    return True
 
 
 def _skipped(span: trace.Span, error: BaseException, description: str) -> None:

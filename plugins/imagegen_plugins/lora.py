@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,9 @@ def _sidecar(path: Path) -> dict[str, Any]:
 
 def _hint(name: str, path: str, sidecar: dict[str, Any]) -> LoraHint:
     weight = sidecar.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, int | float):
+    # NaN and infinities pass for floats; a NaN survives the clamp below and LoraHint refuses
+    # it, which failed the whole plugin, every LoRA with it.
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
         logger.warning("LoRA %s: weight %r is not a number; using 1.0", name, weight)
         weight = 1.0
     trigger = sidecar.get("trigger")

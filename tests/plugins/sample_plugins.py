@@ -90,3 +90,26 @@ class WrongTypePlugin:
 
     def contribute(self, context: PluginContext) -> object:
         return {"text": "not a contribution"}
+
+
+class OpaqueDataPlugin:
+    """Returns a Contribution whose data no event can carry: ``kind`` says how."""
+
+    description = "Contributes data that is not JSON."
+
+    def __init__(self, kind: str) -> None:
+        self.name = f"opaque_{kind}"
+        self.kind = kind
+
+    def contribute(self, context: PluginContext) -> Contribution:
+        nested: dict[str, object] = {}
+        deep = nested
+        for _ in range(2000):
+            deep["x"] = deep = {}
+        data = {
+            "object": {"o": object()},
+            "bytes": {"b": b"\xff"},
+            "nan": {"n": float("nan")},
+            "deep": nested,
+        }[self.kind]
+        return Contribution(plugin=self.name, text="opaque", data=data)

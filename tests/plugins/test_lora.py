@@ -51,6 +51,16 @@ def test_candidates(lora_dir: Path) -> None:
     assert by_name["cool-lora"].path == "someone/cool-lora"
 
 
+@pytest.mark.parametrize("weight", ["NaN", "Infinity", "-Infinity"])
+def test_a_weight_that_is_no_finite_number_is_one(lora_dir: Path, weight: str) -> None:
+    """Python's JSON reader takes NaN and Infinity: such a weight survived the clamp, the
+    hint refused it, and the whole plugin failed, every other LoRA with it."""
+    (lora_dir / "pixel-art.json").write_text(f'{{"trigger": "pixelart style", "weight": {weight}}}')
+    by_name = {h.name: h for h in LoraPlugin(Settings(lora_dir=lora_dir)).candidates()}
+    assert by_name["pixel-art"].weight == 1.0 and by_name["pixel-art"].trigger == "pixelart style"
+    assert "heavy" in by_name
+
+
 def test_probability_one_always_picks(lora_dir: Path) -> None:
     settings = Settings(lora_dir=lora_dir, lora_probability=1.0)
     plugin = LoraPlugin(settings)

@@ -23,6 +23,7 @@ from tests.plugins.sample_plugins import (
     EchoPlugin,
     FailingPlugin,
     HangingPlugin,
+    OpaqueDataPlugin,
     StrictPlugin,
     WrongTypePlugin,
 )
@@ -148,6 +149,14 @@ async def test_a_blocking_sync_plugin_times_out(settings: Settings) -> None:
 
 async def test_a_wrong_return_type_is_skipped(settings: Settings) -> None:
     plugins = PluginSet([WrongTypePlugin(), EchoPlugin()], settings=settings)  # type: ignore[list-item]
+    assert [c.plugin for c in await _run(plugins)] == ["echo"]
+
+
+@pytest.mark.parametrize("kind", ["object", "bytes", "nan", "deep"])
+async def test_data_no_event_can_carry_is_skipped(settings: Settings, kind: str) -> None:
+    """It failed the generation with a 500 later, where the prompt is kept as JSON (the
+    memo, the event): a misbehaving plugin is skipped, as one that raises is."""
+    plugins = PluginSet([OpaqueDataPlugin(kind), EchoPlugin()], settings=settings)  # type: ignore[list-item]
     assert [c.plugin for c in await _run(plugins)] == ["echo"]
 
 
