@@ -98,9 +98,8 @@ class ImageGenService:
         if self._enhance_stage is None:
             from imagegen.enhance import EnhanceStage
             from imagegen.enhance.memo import EnhanceMemo
-            from imagegen.plugins import PluginSet
 
-            plugins = self._plugins or PluginSet.from_settings(self.settings)
+            plugins = self._plugins or _plugins_of(self.settings)
             self._enhance_stage = EnhanceStage(self.settings, plugins)
             self._memo = EnhanceMemo(self.storage)
         return self._enhance_stage
@@ -291,6 +290,23 @@ class ImageGenService:
         persisted = await self.persist(image)
         await self.derive(persisted)
         return persisted
+
+
+def _plugins_of(settings: Settings) -> PluginSet:
+    """The plugins the settings enable: a name no plugin has is the deployment's fault, a
+    :class:`ConfigurationError` (503, retried) rather than every request's 400."""
+    from imagegen.errors import ConfigurationError
+    from imagegen.plugins import PluginSet
+
+    try:
+        return PluginSet.from_settings(settings)
+    except InvalidRequest as exc:
+        variable = settings.variable("plugins")
+        reasons = "; ".join(e["message"] for e in exc.errors)
+        raise ConfigurationError(
+            f"invalid settings: {variable} ({reasons})",
+            errors=[{"field": variable, "message": reasons}],
+        ) from None
 
 
 class _stage:

@@ -10,7 +10,7 @@ from importlib.metadata import EntryPoint
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from imagegen.errors import InvalidRequest
+from imagegen.errors import ConfigurationError, ImageGenError, InvalidRequest
 from imagegen.identity import aware
 from imagegen.models import Contribution
 from imagegen.plugins._running import run_plugin, warm_plugin
@@ -221,6 +221,28 @@ class PluginSet:
             **((request_options or {}).get(name) or {}),
         }
 
+    def _whose(
+        self,
+        exc: InvalidRequest,
+        name: str,
+        options: Mapping[str, Mapping[str, Any]] | None,
+    ) -> ImageGenError:
+        """A plugin's refusal of its options, as the fault of whoever set them: the request's
+        (``exc``, a 400) or, for an option the request did not give, the deployment's (a
+        :class:`ConfigurationError`, 503: every request would fail alike until the settings
+        are fixed, and an event is retried rather than dropped)."""
+        given = (options or {}).get(name) or {}
+        prefix = f"plugin_options.{name}."
+        keys = [e["field"][len(prefix) :] for e in exc.errors if e["field"].startswith(prefix)]
+        if not keys or any(key in given for key in keys):
+            return exc
+        variable = self.settings.variable("plugin_options")
+        said = [f"{e['field']}: {e['message']}" for e in exc.errors]
+        return ConfigurationError(
+            f"invalid settings: {variable} ({'; '.join(said)})",
+            errors=[{"field": variable, "message": message} for message in said],
+        )
+
     async def warm_up(self) -> list[str]:
         """Warm every enabled plugin that can (``warm_up()``), in order; their names.
 
@@ -286,7 +308,12 @@ class PluginSet:
                 options=self.options_for(name, options),
                 contributions=tuple(contributions),
             )
-            contribution = await run_plugin(self._plugins[name], context, time_limit=self.timeout)
+            try:
+                contribution = await run_plugin(
+                    self._plugins[name], context, time_limit=self.timeout
+                )
+            except InvalidRequest as exc:
+                raise self._whose(exc, name, options) from None
             if contribution is not None:
                 contributions.append(contribution)
         return contributions

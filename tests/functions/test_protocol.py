@@ -262,3 +262,32 @@ def test_reply_header_values_are_percent_encoded(enhance: InProcessFunction) -> 
     reply = event_reply(attributes, data)
     assert reply.headers["ce-tracestate"] == "vendor=a%20b,other=%22%C3%A9%25%22"
     assert reply.headers["ce-source"] == "/imagegen/enhance"
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"IMAGEGEN_PLUGINS": "time_of_day,nope"}, "IMAGEGEN_PLUGINS"),
+        (
+            {"IMAGEGEN_PLUGIN_OPTIONS": '{"art_style": {"style": "nope"}}'},
+            "IMAGEGEN_PLUGIN_OPTIONS",
+        ),
+    ],
+)
+def test_plugin_settings_that_cannot_work_are_the_deployments_fault(
+    tmp_path: Path, env: dict[str, str], variable: str
+) -> None:
+    """A plugin no one installed, or an option the operator set that its plugin refuses:
+    every request would fail alike. A 503 naming the setting (retried, and a delivered event
+    not dropped), not the 400 or generation.failed that blames the caller."""
+    with InProcessFunction("enhance", {**base_env(tmp_path / "store"), **env}) as enhance:
+        request = {"prompt": "a paper boat", "enhance": False}
+        plain = enhance.post("/", json=request)
+        assert plain.status_code == 503, plain.text
+        assert plain.json()["error"] == "not_configured" and variable in plain.text
+        event = enhance.post("/", headers=cloudevent_headers(GENERATION_REQUESTED), json=request)
+        assert event.status_code == 503 and "ce-type" not in event.headers
+        if variable == "IMAGEGEN_PLUGIN_OPTIONS":  # the request's own option is the caller's
+            mine = {**request, "plugin_options": {"art_style": {"style": "nope"}}}
+            refused = enhance.post("/", json=mine)
+            assert fields(refused) == {"plugin_options.art_style.style"}
