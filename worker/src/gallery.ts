@@ -141,9 +141,14 @@ export async function serveGallery(
     href: await link(folder),
   });
 
-  // 3. The day's records, newest first
-  const listed = day ? (await listKeys(config, day)).keys : [];
-  const items = (await Promise.all(listed.map((key) => item(serving, key, link))))
+  // 3. The day's records, newest first: the newest uploads only are read (listing order is
+  // the ids', random), then ordered by the time each record gives.
+  const listing = day ? await listKeys(config, day) : null;
+  const records = (listing?.keys ?? [])
+    .filter((key) => RECORD_KEY.test(key))
+    .sort((a, b) => (listing?.modified.get(b) ?? 0) - (listing?.modified.get(a) ?? 0))
+    .slice(0, MAX_ITEMS);
+  const items = (await Promise.all(records.map((key) => item(serving, key, link))))
     .filter((i): i is Item => i !== null)
     .sort((a, b) => (a.created < b.created ? 1 : a.created > b.created ? -1 : 0))
     .slice(0, MAX_ITEMS);

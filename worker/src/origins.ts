@@ -280,11 +280,18 @@ export function readWholeObject(
   });
 }
 
-/** Keys under `prefix` (relative to ORIGIN_PREFIX), and with `delimiter` the folders below it. */
+/**
+ * Keys under `prefix` (relative to ORIGIN_PREFIX), and with `delimiter` the folders below it;
+ * `modified` has each key's upload time (ms), where the origin says it.
+ */
 export interface Listing {
   keys: string[];
   folders: string[];
+  modified: Map<string, number>;
 }
+
+/** Pages of 1000 keys listed at most: a day of some 800 images (12 or so keys each). */
+export const MAX_LIST_PAGES = 10;
 
 function xmlText(value: string): string {
   return value
@@ -297,44 +304,74 @@ function xmlText(value: string): string {
 
 // The ListObjectsV2 answer: <Contents><Key>..</Key>..</Contents> and
 // <CommonPrefixes><Prefix>..</Prefix></CommonPrefixes> (docs.aws.amazon.com, ListObjectsV2).
-function fromListXml(xml: string, strip: number): Listing {
-  const keys = [...xml.matchAll(/<Contents>[\s\S]*?<Key>([^<]*)<\/Key>/g)].map((m) =>
-    xmlText(m[1] ?? "").slice(strip),
-  );
+function fromListXml(xml: string, strip: number): Listing & { next: string | null } {
+  const keys: string[] = [];
+  const modified = new Map<string, number>();
+  for (const [contents] of xml.matchAll(/<Contents>[\s\S]*?<\/Contents>/g)) {
+    const key = /<Key>([^<]*)<\/Key>/.exec(contents)?.[1];
+    if (key === undefined) continue;
+    const name = xmlText(key).slice(strip);
+    keys.push(name);
+    const when = Date.parse(/<LastModified>([^<]*)<\/LastModified>/.exec(contents)?.[1] ?? "");
+    if (!Number.isNaN(when)) modified.set(name, when);
+  }
   const folders = [...xml.matchAll(/<CommonPrefixes>\s*<Prefix>([^<]*)<\/Prefix>/g)].map((m) =>
     xmlText(m[1] ?? "").slice(strip),
   );
-  return { keys, folders };
+  const truncated = /<IsTruncated>\s*true\s*<\/IsTruncated>/.test(xml);
+  const token = /<NextContinuationToken>([^<]*)<\/NextContinuationToken>/.exec(xml)?.[1];
+  return { keys, folders, modified, next: truncated && token ? xmlText(token) : null };
 }
 
-/** Lists up to 1000 keys under `prefix` (one page: a day holds fewer images than that). */
+/**
+ * Lists the keys under `prefix`, page after page, up to MAX_LIST_PAGES pages: one page (1000
+ * keys) held some 80 images, and listing order (random ids) is no order of time.
+ */
 export function listKeys(config: Config, prefix: string, delimiter?: string): Promise<Listing> {
   const full = config.prefix + prefix;
   const strip = config.prefix.length;
   const origin = config.origin;
   return withTimeout(config.timeoutMs, async (signal) => {
-    if (origin.kind === "r2") {
-      const listed = await origin.bucket.list({
-        prefix: full,
-        limit: 1000,
-        ...(delimiter ? { delimiter } : {}),
-      });
-      return {
-        keys: listed.objects.map((o) => o.key.slice(strip)),
-        folders: listed.delimitedPrefixes.map((p) => p.slice(strip)),
-      };
+    const listing: Listing = { keys: [], folders: [], modified: new Map() };
+    let cursor: string | null = null;
+    for (let page = 0; page < MAX_LIST_PAGES; page++) {
+      let next: string | null;
+      if (origin.kind === "r2") {
+        const listed = await origin.bucket.list({
+          prefix: full,
+          limit: 1000,
+          ...(delimiter ? { delimiter } : {}),
+          ...(cursor ? { cursor } : {}),
+        });
+        for (const object of listed.objects) {
+          const key = object.key.slice(strip);
+          listing.keys.push(key);
+          listing.modified.set(key, object.uploaded.getTime());
+        }
+        listing.folders.push(...listed.delimitedPrefixes.map((p) => p.slice(strip)));
+        next = listed.truncated ? listed.cursor : null;
+      } else {
+        const query = new URLSearchParams({ "list-type": "2", prefix: full, "max-keys": "1000" });
+        if (delimiter) query.set("delimiter", delimiter);
+        if (cursor) query.set("continuation-token", cursor);
+        const init: RequestInit = { method: "GET", redirect: "manual", signal };
+        const response =
+          origin.kind === "s3"
+            ? await s3Client(config).fetch(`${origin.endpoint}/${origin.bucket}?${query}`, init)
+            : await fetch(`${origin.baseUrl}?${query}`, init);
+        if (response.status !== 200) {
+          void response.body?.cancel();
+          throw new OriginError("unavailable", `origin list answered ${response.status}`);
+        }
+        const page = fromListXml(await response.text(), strip);
+        listing.keys.push(...page.keys);
+        listing.folders.push(...page.folders);
+        for (const [key, when] of page.modified) listing.modified.set(key, when);
+        next = page.next;
+      }
+      if (next === null) break;
+      cursor = next;
     }
-    const query = new URLSearchParams({ "list-type": "2", prefix: full, "max-keys": "1000" });
-    if (delimiter) query.set("delimiter", delimiter);
-    const init: RequestInit = { method: "GET", redirect: "manual", signal };
-    const response =
-      origin.kind === "s3"
-        ? await s3Client(config).fetch(`${origin.endpoint}/${origin.bucket}?${query}`, init)
-        : await fetch(`${origin.baseUrl}?${query}`, init);
-    if (response.status !== 200) {
-      void response.body?.cancel();
-      throw new OriginError("unavailable", `origin list answered ${response.status}`);
-    }
-    return fromListXml(await response.text(), strip);
+    return listing;
   });
 }

@@ -71,6 +71,33 @@ describe("gallery", () => {
     expect(html).not.toContain("prompt.json");
   });
 
+  // A day's keys come from the origin in pages of 1000, in the order of their ids (random):
+  // one page held some 80 images, an arbitrary subset of the day, the newest not among them.
+  it("shows a busy day's newest images, past the first page of its keys", async () => {
+    year += 1;
+    const day = `${year}/03/01`;
+    // 300 images of 4 keys: 1200 keys, so the newest are past the first page (ids in
+    // listing order). Three batches uploaded apart: the newest 200 are the last two.
+    for (let batch = 0; batch < 3; batch++) {
+      const ids = Array.from({ length: 100 }, (_, i) => batch * 100 + i);
+      await Promise.all(
+        ids.map((n) => {
+          const hour = String(Math.floor(n / 15)).padStart(2, "0");
+          const id = `g${String(n).padStart(3, "0")}`;
+          return record(day, id, `image ${n}`, `${year}-03-01T${hour}:00:00Z`);
+        }),
+      );
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+    const res = await send(`${BASE}/${day}/`);
+    expect(res.status).toBe(200);
+    const html = await res.text();
+    const shown = [...html.matchAll(/id="(g[0-9]{3})"/g)].map((m) => m[1]);
+    const newest = Array.from({ length: 200 }, (_, i) => `g${String(i + 100).padStart(3, "0")}`);
+    expect(new Set(shown)).toEqual(new Set(newest));
+    expect(shown[0]).toMatch(/^g(28[5-9]|29[0-9])$/); // by the records' own times
+  }, 60_000);
+
   it("shows one day with a link to the later one", async () => {
     const y = await days();
     const html = await (await send(`${BASE}/${y}/01/30/`)).text();

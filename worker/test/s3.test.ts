@@ -357,8 +357,18 @@ describe("S3-compatible origin on a cache miss", () => {
         return new Response(`<ListBucketResult>${common}</ListBucketResult>`);
       }
       if (prefix === "images/2026/05/01/") {
+        // Two pages: the record is on the second, behind a continuation token.
+        if (params.get("continuation-token") !== "page 2") {
+          return new Response(
+            "<ListBucketResult><Contents><Key>images/2026/05/01/a0.png</Key></Contents>" +
+              "<IsTruncated>true</IsTruncated>" +
+              "<NextContinuationToken>page 2</NextContinuationToken></ListBucketResult>",
+          );
+        }
         return new Response(
-          "<ListBucketResult><Contents><Key>images/2026/05/01/a1.json</Key></Contents></ListBucketResult>",
+          "<ListBucketResult><Contents><Key>images/2026/05/01/a1.json</Key>" +
+            "<LastModified>2026-05-01T00:00:01.000Z</LastModified></Contents>" +
+            "<IsTruncated>false</IsTruncated></ListBucketResult>",
         );
       }
       const record = {
