@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["DaemonPool"]
+__all__ = ["DaemonPool", "PoolExhausted"]
 
 T = TypeVar("T")
 
@@ -25,15 +25,23 @@ Task = Callable[[], Callable[[], None]]
 """Work for a pool thread; it returns what announces its end."""
 
 
+class PoolExhausted(RuntimeError):
+    """Every thread of a bounded :class:`DaemonPool` is busy (calls that never returned)."""
+
+
 class DaemonPool:
     """Reused daemon worker threads; another starts only when none is idle.
 
     Args:
         name: The threads' names: ``<name>-1``, ``<name>-2``...
+        max_threads: At most this many threads (None: no limit). A call that never returns
+            keeps its thread for good; past the limit a call is refused at once
+            (:class:`PoolExhausted`) rather than a thread started for every such call.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, max_threads: int | None = None) -> None:
         self._name = name
+        self._max = max_threads
         self._tasks: queue.SimpleQueue[Task] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = 0
@@ -48,6 +56,8 @@ class DaemonPool:
         with self._lock:
             if self._idle:
                 self._idle -= 1
+            elif self._max is not None and self.started >= self._max:
+                raise PoolExhausted(f"all {self._max} {self._name} threads are busy")
             else:
                 self.started += 1
                 name = f"{self._name}-{self.started}"

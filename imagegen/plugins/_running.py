@@ -97,7 +97,9 @@ def _skipped(span: trace.Span, error: BaseException, description: str) -> None:
     span.set_status(trace.StatusCode.ERROR, description)
 
 
-_POOL = DaemonPool("plugin")
+# Plain plugins' threads. One that hangs keeps its thread for good: past this many, a call
+# is refused (the plugin skipped, as one that raises), not a thread leaked per request.
+_POOL = DaemonPool("plugin", max_threads=128)
 
 
 def _begin(plugin: PromptPlugin, context: PluginContext) -> object:

@@ -63,6 +63,24 @@ class _OnTheLoop(EchoPlugin):
     blocking = False
 
 
+async def test_a_bounded_pool_refuses_a_call_once_every_thread_hangs(settings: Settings) -> None:
+    """A plugin that never returns keeps its thread: past the bound, a call is refused at
+    once (the plugin skipped, as one that raises) instead of a thread leaked per request."""
+    from imagegen._threads import PoolExhausted
+
+    pool = DaemonPool("bounded", max_threads=2)
+    release = threading.Event()
+    hung = [asyncio.ensure_future(pool.run(release.wait, 30)) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    with pytest.raises(PoolExhausted):
+        await pool.run(lambda: None)
+    assert pool.started == 2
+    release.set()
+    await asyncio.gather(*hung)
+    assert await pool.run(lambda: "free again") == "free again"
+    assert pool.started == 2
+
+
 async def test_a_plugin_that_never_blocks_runs_on_the_loop(settings: Settings) -> None:
     plugins = PluginSet([EchoPlugin(name="threaded"), _OnTheLoop(name="inline")], settings=settings)
     threaded, inline = await plugins.run(generation_id="gen-1", seed=1, now=NOW)
