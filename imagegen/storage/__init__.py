@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
@@ -55,6 +56,8 @@ def open_storage(settings: Settings) -> Storage:
     if scheme == "":
         if not url:
             raise _invalid(url, "empty")
+        if re.match(r"(?i)(s3|gs|file|https?):", url):  # "s3:bucket": a URL short of its //
+            raise _invalid(url, "a URL needs its // (s3://bucket/prefix, file:///path)")
         return LocalStorage(Path(url))
     if scheme == "file":
         parts = urlsplit(url)

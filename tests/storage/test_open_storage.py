@@ -228,6 +228,10 @@ def test_half_a_key_pair(values: dict[str, str], field: str) -> None:
         "s3://key:secret@bucket",
         "file://otherhost/tmp/x",
         "file:///tmp/x?y=1",
+        # A URL short of its //: a directory named "s3:bucket" is not what was meant.
+        "s3:bucket",
+        "S3:bucket/prefix",
+        "file:/tmp/x",
     ],
 )
 def test_invalid_urls(url: str) -> None:
