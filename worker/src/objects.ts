@@ -70,9 +70,11 @@ export async function wholeObject(serving: Serving, key: string): Promise<Respon
   if (pending === undefined) {
     // Settled in every case (readWhole is bounded by the origin timeout), and removed then, so
     // the request after a failure asks the origin again.
-    pending = readWhole(serving.config, key).finally(() => inflight.delete(entry.url));
+    pending = readWhole(serving.config, key);
     inflight.set(entry.url, pending);
     // The starting request stays alive until the read is stored, whoever else waits for it.
+    // The read stays in flight until then: a request in between (the thumbnail, served right
+    // after its existence was checked) takes it instead of reading the origin again.
     serving.ctx.waitUntil(
       pending
         .catch(() => undefined) // an origin failure is answered to the client, not stored
@@ -88,7 +90,8 @@ export async function wholeObject(serving: Serving, key: string): Promise<Respon
         )
         .catch((err: unknown) => {
           console.warn(`edge cache put failed for ${key}: ${(err as Error)?.name ?? "error"}`);
-        }),
+        })
+        .finally(() => inflight.delete(entry.url)),
     );
   }
   const whole = await pending;
@@ -151,6 +154,12 @@ export async function serveObject(
     if (hit !== undefined) {
       if (hit.status === 404) return textResponse(404, "Not Found");
       return answer(request, hit, cacheControl);
+    }
+    if (inflight.has(entry.url)) {
+      // The whole object is being read already: cut this answer from it, as from a hit.
+      const whole = await wholeObject(serving, key);
+      if (whole === null) return textResponse(404, "Not Found");
+      return answer(request, whole, cacheControl);
     }
     const object = await readObject(serving.config, key, options);
     if (object === null) {
