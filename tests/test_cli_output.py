@@ -131,6 +131,22 @@ def test_ollama_advice_for_a_running_ollama_with_the_model() -> None:
 
 
 @pytest.mark.parametrize(
+    ("error", "summary"),
+    [
+        ("ConnectError: [Errno 111] Connection refused", "Ollama is not running at"),
+        ("TimeoutError: ", "does not answer in time"),
+        ("ReadTimeout: timed out", "does not answer in time"),
+        ("unreadable /api/tags response (AttributeError)", "answers, but not as Ollama"),
+    ],
+)
+def test_ollama_advice_tells_a_server_that_hangs_from_none(error: str, summary: str) -> None:
+    """A server that accepts and never answers is running: "not running, start it" would
+    send the operator to start a second one."""
+    advice = ollama_advice({"reachable": False, "error": error}, Settings())
+    assert advice.status == "warning" and summary in advice.summary
+
+
+@pytest.mark.parametrize(
     ("platform", "environ", "expected"),
     [
         ("darwin", {}, ["open", "/x.png"]),

@@ -26,6 +26,15 @@ def ollama_advice(info: Mapping[str, object], settings: Settings) -> Advice:
     """Advice from the enhance stage's Ollama check (``reachable``, ``model_available``)."""
     host, model = redact_url(settings.ollama_host), settings.ollama_model
     if not info.get("reachable"):
+        error = str(info.get("error", ""))
+        if error.startswith(("TimeoutError", "ReadTimeout", "unreadable")):
+            # Something answers there, but not as Ollama: a hung server, another service.
+            what = "does not answer in time" if "Timeout" in error else "answers, but not as Ollama"
+            return Advice(
+                "warning",
+                f"the server at {host} {what}",
+                "check IMAGEGEN_OLLAMA_HOST, or restart Ollama",
+            )
         return Advice("warning", f"Ollama is not running at {host}", "start it with `ollama serve`")
     if info.get("model_available") is False:
         return Advice(
