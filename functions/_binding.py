@@ -163,8 +163,9 @@ def parse(headers: Mapping[str, str], body: bytes, *, consumes: tuple[str, ...])
         data = event.get_data()
         if isinstance(data, str):
             data = loads(data, field="data")
-        elif isinstance(data, bytes):
-            data = loads(data or b"{}", field="data_base64" if where == "data" else "body")
+        elif isinstance(data, bytes):  # an empty body is no data; "null" is data, and no object
+            field = "data_base64" if where == "data" else "body"
+            data = _an_object(loads(data, field=field), field) if data else {}
         attributes = {k: str(v) for k, v in event.get_attributes().items() if v is not None}
         return Message(
             _an_object({} if data is None else data, where), MappingProxyType(attributes), lowered

@@ -208,6 +208,14 @@ def test_a_structured_event_may_carry_binary_headers_too(enhance: InProcessFunct
     assert reply.headers["ce-subject"] == "env-1"
 
 
+def test_a_binary_body_of_null_is_no_object(enhance: InProcessFunction) -> None:
+    """An empty body is an event without data (the dreaming ping); ``null`` is data, and
+    no object: refused as a plain body of ``null`` is, not taken for no data."""
+    headers = cloudevent_headers(GENERATION_REQUESTED)
+    assert fields(enhance.post("/", headers=headers, content=b"null")) == {"body"}
+    assert enhance.post("/", headers=headers, content=b"").status_code == 200
+
+
 def test_event_headers_without_a_specversion_are_no_plain_body(enhance: InProcessFunction) -> None:
     """``ce-id``, ``ce-type`` and ``ce-source`` but no ``ce-specversion``: an event missing an
     attribute, not a plain body that mints a new generation at each delivery."""
