@@ -190,15 +190,19 @@ class PostgresLedger(SqlLedger):
                 try:
                     yield conn
                 except self._errors:
-                    if conn.broken:  # cut by the server: taken as down until a connection is made
+                    if conn.broken:  # cut by the server: taken as down until it answers again
                         self._refused = time.monotonic()
                     raise
+                if self._refused > self._connected:
+                    # A pooled connection answered: the server is up, whether or not the pool
+                    # replaced the one that was cut (one cut by a proxy, the others fine).
+                    self._connected = time.monotonic()
         except self._errors as exc:
             raise self._unavailable(exc) from None
 
     def down(self) -> bool:
         """Whether the server is taken as unreachable: the pool's last try to connect failed,
-        or a connection was cut, and no connection has been made since."""
+        or a connection was cut, and no connection has been made or used since."""
         return self._refused > self._connected
 
     def _wait(self) -> float:

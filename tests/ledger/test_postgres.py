@@ -107,3 +107,19 @@ def test_a_busy_pool_is_not_a_server_down(server: tuple[str, Path]) -> None:
         assert ledger.get("gen-busy") is not None
     finally:
         ledger.close()
+
+
+def test_a_connection_that_answers_ends_the_outage(server: tuple[str, Path]) -> None:
+    """One connection cut (by a proxy's idle timeout, say) while the server is fine: the pool
+    may not replace it, so a pooled connection that answers ends the outage too, or every
+    request after would wait a second, not the pool's timeout, for a busy pool."""
+    url, _ = server
+    ledger = PostgresLedger(url, min_size=1, max_size=1, timeout=5)
+    try:
+        ledger.ingest(chain("gen-up")["requested"])
+        ledger._refused = time.monotonic()  # as when a connection was found cut
+        assert ledger.down()
+        assert ledger.get("gen-up") is not None
+        assert not ledger.down()
+    finally:
+        ledger.close()
