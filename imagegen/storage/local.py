@@ -12,7 +12,9 @@ Extended attributes would avoid the sidecar but are not portable (tmpfs, macOS, 
 
 Writes go to a hidden temporary file in the same directory, are flushed to disk, then renamed
 over the target with :func:`os.replace`, so readers see the old object or the new one, never a
-partial one. A writer killed mid-way can leave a hidden ``.<name>.<random>.tmp`` file behind;
+partial one. The directory is flushed after the rename, and each directory a write makes after
+it is made: a rename lives in its directory's entries, so without that a write answered as done
+could vanish with a power cut, and a generation's image be rendered again. A writer killed mid-way can leave a hidden ``.<name>.<random>.tmp`` file behind;
 it is never visible as an object.
 
 :meth:`LocalStorage.create` (first writer wins) writes and flushes both files under hidden
@@ -131,6 +133,7 @@ class LocalStorage(ObjectStore):
             # never new metadata that would vouch for an old object.
             _atomic_write(path, data, make_parent=True)
             _atomic_write(_sidecar(path), _sidecar_record(content_type, metadata))
+            _sync_directory(path.parent)
         except OSError as exc:
             raise self._unavailable("cannot write to", exc) from exc
         return path
@@ -158,6 +161,7 @@ class LocalStorage(ObjectStore):
             os.replace(staged.pop(0), path)
             if sidecar:
                 os.replace(staged.pop(0), _sidecar(path))
+            _sync_directory(path.parent)
             return True
         except OSError as exc:
             raise self._unavailable("cannot write to", exc) from exc
@@ -236,7 +240,7 @@ def _staged(path: Path, data: bytes, *, make_parent: bool = False) -> Path:
     except FileNotFoundError:
         if not make_parent:
             raise
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_directories(path.parent)
         fd = os.open(tmp, flags, 0o666)
     try:
         view = memoryview(data)
@@ -249,6 +253,29 @@ def _staged(path: Path, data: bytes, *, make_parent: bool = False) -> Path:
         raise
     os.close(fd)
     return tmp
+
+
+def _make_directories(directory: Path) -> None:
+    """``directory`` and any missing parent, each made durable in its parent's entries."""
+    missing = []
+    while not directory.is_dir():
+        missing.append(directory)
+        if directory.parent == directory:
+            break
+        directory = directory.parent
+    for each in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another writer made it meanwhile
+            each.mkdir()
+        _sync_directory(each.parent)
+
+
+def _sync_directory(directory: Path) -> None:
+    """Flush ``directory``'s entries to disk: the names renamed or made in it (POSIX fsync)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _discard(paths: list[Path]) -> None:

@@ -120,6 +120,49 @@ async def test_failed_write_keeps_old_object(
     assert files_under(local.root) == ["2026/05/01/.gen-0003.png.meta", "2026/05/01/gen-0003.png"]
 
 
+@pytest.mark.parametrize("write", ["put", "create"])
+async def test_a_write_is_durable_in_its_directories_before_it_is_done(
+    local: LocalStorage, monkeypatch: pytest.MonkeyPatch, write: str
+) -> None:
+    """Renamed and made names are flushed in their directories' entries (fsync of each
+    directory after the rename or mkdir): a file flushed alone can vanish with a power cut."""
+    (local.root / "2026").mkdir(parents=True)  # the day's month and day are made by the write
+    steps: list[tuple[str, str]] = []
+    real_fsync, real_replace, real_mkdir = os.fsync, os.replace, Path.mkdir
+
+    def fsync(fd: int) -> None:
+        target = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if target.is_dir():
+            steps.append(("fsync", str(target.relative_to(local.root.parent))))
+        real_fsync(fd)
+
+    def replace(source: str | Path, target: str | Path) -> None:
+        real_replace(source, target)
+        steps.append(("rename", Path(target).name))
+
+    def mkdir(self: Path, *args: object, **kwargs: object) -> None:
+        real_mkdir(self, *args, **kwargs)  # type: ignore[arg-type]
+        steps.append(("mkdir", str(self.relative_to(local.root.parent))))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    await getattr(local, write)(KEYS.image, NEW, content_type="image/png", metadata={"v": "1"})
+    monkeypatch.undo()
+
+    root = local.root.name
+    assert steps == [
+        ("mkdir", f"{root}/2026/05"),
+        ("fsync", f"{root}/2026"),
+        ("mkdir", f"{root}/2026/05/01"),
+        ("fsync", f"{root}/2026/05"),
+        ("rename", "gen-0003.png"),
+        ("rename", ".gen-0003.png.meta"),
+        ("fsync", f"{root}/2026/05/01"),
+    ]
+    assert await local.get(KEYS.image) == NEW
+
+
 async def test_killed_writer_leaves_old_object(local: LocalStorage) -> None:
     await local.put(KEYS.image, OLD, content_type="image/png", metadata={"v": "old"})
     # A real SIGKILL, after the new bytes are written to disk but before the rename.
