@@ -62,6 +62,8 @@ def _http_url(value: str | None) -> str | None:
 # scheme"): a secret is ``whsec_`` + base64 of a random key of 24 to 64 bytes.
 _WEBHOOK_KEY_BYTES = (24, 64)
 DAY_S = 86_400.0
+MAX_SIGNED_URL_TTL = 10 * 365 * 86_400
+"""Ten years: far below where a URL's ``expires`` outgrows the 15 digits the Worker reads."""
 Seconds = Annotated[float, Field(gt=0, le=DAY_S, allow_inf_nan=False)]
 """A wait: finite and at most :data:`DAY_S`, far past any render or reply and within what
 every clock waits (``threading.TIMEOUT_MAX``; an infinite or huge timeout overflows it)."""
@@ -258,7 +260,12 @@ class Settings(BaseSettings):
     s3_secret_access_key: SecretStr | None = None
     public_base_url: str | None = Field(default=None, description="Base URL images are served at.")
     url_signing_secret: SecretStr | None = Field(default=None, description="Signs public URLs.")
-    signed_url_ttl: int = Field(default=7 * 24 * 3600, gt=0, description="Signed URL lifetime (s).")
+    signed_url_ttl: int = Field(
+        default=7 * 24 * 3600,
+        gt=0,
+        le=MAX_SIGNED_URL_TTL,
+        description="Signed URL lifetime (s), at most ten years.",
+    )
     thumbnail_size: int = Field(default=256, ge=16, le=1024)
     png_compress_level: int = Field(
         default=6, ge=0, le=9, description="zlib level of PNGs: 0 fastest, 9 smallest."

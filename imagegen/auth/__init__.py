@@ -13,9 +13,25 @@ PyJWT does the JOSE work; nothing here is hand-written cryptography.
 
 from __future__ import annotations
 
-from imagegen.auth.api_keys import hash_api_key, new_api_key
-from imagegen.auth.authenticator import Authenticator, Principal, audience_for
-from imagegen.auth.oidc import OidcVerifier, SigningKeys
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from imagegen.auth.api_keys import hash_api_key, new_api_key
+    from imagegen.auth.authenticator import Authenticator, Principal, audience_for
+    from imagegen.auth.oidc import OidcVerifier, SigningKeys
+
+# Each name from its module on first use: ``python -m imagegen.auth.api_keys`` then runs a
+# module the package has not imported already (which runpy warns of).
+_HOMES = {
+    "Authenticator": "authenticator",
+    "OidcVerifier": "oidc",
+    "Principal": "authenticator",
+    "SigningKeys": "oidc",
+    "audience_for": "authenticator",
+    "hash_api_key": "api_keys",
+    "new_api_key": "api_keys",
+}
 
 __all__ = [
     "Authenticator",
@@ -26,3 +42,10 @@ __all__ = [
     "hash_api_key",
     "new_api_key",
 ]
+
+
+def __getattr__(name: str) -> object:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{home}"), name)

@@ -72,7 +72,7 @@ class Authenticator:
 
         Raises:
             Unauthenticated: no bearer token, or one that does not verify.
-            Forbidden: a valid token for another audience or subject.
+            Forbidden: a valid token of a subject not admitted.
             DependencyUnavailable: the issuer's keys cannot be fetched.
         """
         if not self.required:

@@ -9,13 +9,17 @@ to service accounts, so the pod's own token and CA are used when mounted.
 Keys are cached for ``oidc_jwks_ttl`` seconds. A token naming a key not in the cache (the
 issuer rotated its keys) refreshes it at once, but at most every few seconds, failed attempts
 counted, so tokens with made-up key ids (or an issuer that is down) cannot turn every request
-into a fetch. One fetch at a time, outside the lock: while it runs, tokens whose key is cached
-are checked against the cached keys, and only those that need the new keys wait for it.
+into a fetch. A key missing from keys fetched before the token was issued may be one the issuer
+published since: while they cannot be fetched again (the back-off, an issuer down), that token
+is a retryable 503, not a 401 Knative would never retry. One fetch at a time, outside the lock:
+while it runs, tokens whose key is cached are checked against the cached keys, and only those
+that need the new keys wait for it.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 import threading
 import time
@@ -44,7 +48,8 @@ _FETCH_TIMEOUT = 5.0
 class _KeySet:
     issuer: str
     keys: dict[str, jwt.PyJWK]
-    fetched_at: float
+    fetched_at: float  # the monotonic clock's
+    published_at: float  # the wall clock's, as a token's ``iat`` counts
 
 
 class SigningKeys:
@@ -56,6 +61,7 @@ class SigningKeys:
         ca_file: CA bundle to trust for the fetches, when the file exists.
         token_file: A bearer token to send (the pod's own), when the file exists.
         clock: Seconds, monotonic (injectable for tests).
+        wall_clock: Seconds since the epoch, as tokens' ``iat`` (injectable for tests).
     """
 
     def __init__(
@@ -66,36 +72,45 @@ class SigningKeys:
         ca_file: Path | None = None,
         token_file: Path | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.discovery_url = discovery_url.rstrip("/")
         self.ttl = ttl
         self.ca_file = ca_file
         self.token_file = token_file
         self._clock = clock
+        self._wall_clock = wall_clock
         self._lock = threading.Lock()
         self._fetched = threading.Condition(self._lock)  # notified when a fetch ends
         self._set: _KeySet | None = None
         self._fetching = False
         self._attempted_at: float | None = None  # the last fetch's start, failed or not
 
-    def get(self, kid: str) -> tuple[str, jwt.PyJWK | None]:
+    def get(self, kid: str, issued_at: float | None = None) -> tuple[str, jwt.PyJWK | None]:
         """(issuer, the key named ``kid`` or None), refreshing the cache when it is due.
 
+        Args:
+            kid: The key a token names.
+            issued_at: The token's ``iat``, unverified: a key missing from keys fetched before
+                then may be one published since.
+
         Raises:
-            DependencyUnavailable: the issuer's documents cannot be fetched and nothing is cached.
+            DependencyUnavailable: the issuer's documents cannot be fetched and nothing is
+                cached; or ``kid`` is missing from keys fetched before ``issued_at``, and
+                they cannot be fetched again now.
         """
         with self._lock:
             while True:
                 now = self._clock()
                 current = self._set
                 if not self._due(current, kid, now):
-                    return self._answer(current, kid)
+                    return self._answer(current, kid, issued_at, now)
                 if not self._fetching:
                     self._fetching = True
                     self._attempted_at = now
                     break
                 if current is not None and kid in current.keys:
-                    return self._answer(current, kid)  # the cached key serves meanwhile
+                    return self._answer(current, kid, issued_at, now)  # the cached key serves
                 self._fetched.wait()  # the key may be among those being fetched
         # This request fetches; the others go on with the cached keys, or wait for these.
         fetched: _KeySet | None = None
@@ -111,7 +126,7 @@ class SigningKeys:
                 if fetched is not None:
                     self._set = fetched
                 self._fetched.notify_all()
-        return self._answer(fetched or current, kid)
+        return self._answer(fetched or current, kid, issued_at, now)
 
     def _due(self, current: _KeySet | None, kid: str, now: float) -> bool:
         """Whether to fetch: nothing cached, or stale, or ``kid`` unknown; never twice within
@@ -120,14 +135,30 @@ class SigningKeys:
             return False
         return current is None or now - current.fetched_at >= self.ttl or kid not in current.keys
 
-    @staticmethod
-    def _answer(current: _KeySet | None, kid: str) -> tuple[str, jwt.PyJWK | None]:
+    def _answer(
+        self, current: _KeySet | None, kid: str, issued_at: float | None, now: float
+    ) -> tuple[str, jwt.PyJWK | None]:
         if current is None:
             raise DependencyUnavailable(
                 "OIDC signing keys are not available yet (the last fetch failed)",
-                retry_after=int(_MIN_REFRESH_SECONDS),
+                retry_after=self._next_fetch_in(now),
             )
-        return current.issuer, current.keys.get(kid)
+        key = current.keys.get(kid)
+        if key is None and issued_at is not None and current.published_at < issued_at:
+            # Keys are published before tokens are signed with them: fetched after the token
+            # was issued, these would hold its key. Fetched before, they may not yet.
+            raise DependencyUnavailable(
+                "the token names a key the issuer may have published since its keys were"
+                " fetched; they cannot be fetched again yet",
+                retry_after=self._next_fetch_in(now),
+            )
+        return current.issuer, key
+
+    def _next_fetch_in(self, now: float) -> int:
+        """Whole seconds, at least 1, until the back-off lets the keys be fetched again."""
+        if self._attempted_at is None:
+            return 1
+        return max(1, math.ceil(self._attempted_at + _MIN_REFRESH_SECONDS - now))
 
     def _fetch(self, now: float) -> _KeySet:
         headers = {"Accept": "application/json"}
@@ -147,27 +178,43 @@ class SigningKeys:
                 issuer, jwks_uri = discovery.get("issuer"), discovery.get("jwks_uri")
                 if not isinstance(issuer, str) or not isinstance(jwks_uri, str):
                     raise ValueError("the discovery document names no issuer or jwks_uri")
-                document = _json(client, jwks_uri)
+                entries = _json(client, jwks_uri).get("keys")
+                if not isinstance(entries, list):
+                    raise ValueError("the JWKS document has no list of keys")
         except (httpx.HTTPError, ValueError) as exc:
             raise DependencyUnavailable(
                 f"OIDC discovery at {self.discovery_url} failed ({type(exc).__name__})",
-                retry_after=5,
+                retry_after=int(_MIN_REFRESH_SECONDS),
             ) from exc
         keys: dict[str, jwt.PyJWK] = {}
-        for entry in document.get("keys", []) if isinstance(document, dict) else []:
+        for entry in entries:
+            if not isinstance(entry, dict):
+                continue  # no JWK: nothing signs with it
             try:
                 key = jwt.PyJWK(entry)
-            except (jwt.PyJWKError, jwt.InvalidKeyError, TypeError, KeyError):
+            except (jwt.PyJWKError, jwt.InvalidKeyError, TypeError, KeyError, ValueError):
                 continue  # a key type this process cannot use: tokens signed with it fail
-            if key.key_id:
+            if isinstance(key.key_id, str) and key.key_id:
                 keys[key.key_id] = key
-        return _KeySet(issuer=issuer, keys=keys, fetched_at=now)
+        if not keys:
+            # An issuer signs with some key: none usable is a broken document (a proxy's?),
+            # which must not replace keys that work.
+            raise DependencyUnavailable(
+                f"OIDC discovery at {self.discovery_url} found no usable signing key",
+                retry_after=int(_MIN_REFRESH_SECONDS),
+            )
+        published_at = self._wall_clock()
+        return _KeySet(issuer=issuer, keys=keys, fetched_at=now, published_at=published_at)
 
 
-def _json(client: httpx.Client, url: str) -> Any:
+def _json(client: httpx.Client, url: str) -> dict[str, Any]:
+    """The JSON object at ``url``; ValueError for any other document."""
     response = client.get(url)
     response.raise_for_status()
-    return response.json()
+    document = response.json()
+    if not isinstance(document, dict):
+        raise ValueError(f"{url} answered JSON that is no object")
+    return document
 
 
 class OidcVerifier:
@@ -198,27 +245,36 @@ class OidcVerifier:
 
         Raises:
             Unauthenticated: malformed, unsigned, wrongly signed, expired, not yet valid,
-                from another issuer, or signed by an unknown key.
-            Forbidden: a valid token for another audience or of a subject not admitted.
+                from another issuer, signed by an unknown key, or for another audience.
+            Forbidden: a valid token of a subject not admitted.
             DependencyUnavailable: the issuer's keys cannot be fetched.
         """
         import jwt
 
         # 1. The header names the key; anything but an asymmetric algorithm is refused.
+        # PyJWT's own checks of the header (a kid that is no string, a bad crit) raise
+        # InvalidTokenError, of which DecodeError is one kind.
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.DecodeError:
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.InvalidTokenError:
             raise Unauthenticated("the bearer token is not a well-formed JWT") from None
         algorithm, kid = header.get("alg"), header.get("kid")
-        if algorithm not in ALGORITHMS:
+        if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
             raise Unauthenticated(f"token algorithm {algorithm!r} is not accepted")
         if not isinstance(kid, str) or not kid:
             raise Unauthenticated("the token names no signing key (kid)")
-        issuer, key = self.keys.get(kid)
+        issued_at = unverified.get("iat")
+        if isinstance(issued_at, bool) or not isinstance(issued_at, int | float):
+            issued_at = None  # refused below, once its key is found
+        elif issued_at > time.time() + self.leeway:
+            raise Unauthenticated("the token is not valid yet")
+        issuer, key = self.keys.get(kid, issued_at)
         if key is None:
             raise Unauthenticated("the token is signed by a key the issuer does not publish")
 
-        # 2. Signature, issuer and times; the audience last, so that 403 means "valid token".
+        # 2. Signature, issuer, times and audience: any of them wrong is a 401, as Knative's
+        # receivers answer (pkg/auth/verifier.go, verifyAuthN: go-oidc checks the audience).
         try:
             claims = jwt.decode(
                 token,
@@ -241,7 +297,10 @@ class OidcVerifier:
 
         audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
         if self.audience not in audiences:
-            raise Forbidden(f"the token is not for this function (audience {self.audience!r})")
+            raise Unauthenticated(
+                f"the token is not for this function (audience {self.audience!r})"
+            )
+        # 3. Who may call (Knative's verifyAuthZ: a subject no policy admits is a 403).
         subject = str(claims["sub"])
         if self.subjects and subject not in self.subjects:
             raise Forbidden(f"subject {subject!r} may not invoke this function")

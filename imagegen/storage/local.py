@@ -14,8 +14,9 @@ Writes go to a hidden temporary file in the same directory, are flushed to disk,
 over the target with :func:`os.replace`, so readers see the old object or the new one, never a
 partial one. The directory is flushed after the rename, and each directory a write makes after
 it is made: a rename lives in its directory's entries, so without that a write answered as done
-could vanish with a power cut, and a generation's image be rendered again. A writer killed mid-way can leave a hidden ``.<name>.<random>.tmp`` file behind;
-it is never visible as an object.
+could vanish with a power cut, and a generation's image be rendered again. A writer killed
+mid-way can leave a hidden ``.<name>.<random>.tmp`` file behind; it is never visible as an
+object.
 
 :meth:`LocalStorage.create` (first writer wins) writes and flushes both files under hidden
 temporary names first, then holds an exclusive :func:`fcntl.flock` on the directory's hidden

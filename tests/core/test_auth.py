@@ -7,6 +7,8 @@ import hashlib
 import hmac
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -81,22 +83,23 @@ def test_clock_skew_is_tolerated_within_the_leeway(issuer: Issuer) -> None:
         gate(issuer, oidc_clock_skew=5).authenticate(bearer(token))
 
 
-def test_another_audience_is_403(issuer: Issuer) -> None:
+def test_another_audience_is_401_as_knative_answers_it(issuer: Issuer) -> None:
+    # knative/eventing pkg/auth/verifier.go: go-oidc checks the audience with the signature,
+    # and verifyAuthN answers any failure of it 401; only verifyAuthZ (the subject) is a 403.
     token = issuer.sign({"aud": ["imagegen-persist"]})
-    with pytest.raises(Forbidden) as caught:
+    with pytest.raises(Unauthenticated) as caught:
         gate(issuer).authenticate(bearer(token))
-    assert caught.value.status == 403
-    assert "insufficient_scope" in caught.value.challenge
-    # A wrong audience on an expired token is still a 401: 403 means "valid, but not here".
-    with pytest.raises(Unauthenticated):
-        gate(issuer).authenticate(bearer(issuer.sign({"aud": ["x"], "exp": 1})))
+    assert caught.value.status == 401
+    assert caught.value.challenge == 'Bearer realm="imagegen", error="invalid_token"'
+    assert "audience 'imagegen-render'" in caught.value.message
 
 
 def test_subjects_can_be_restricted(issuer: Issuer) -> None:
-    with pytest.raises(Forbidden):
+    with pytest.raises(Forbidden) as caught:
         gate(issuer, auth_subjects="system:serviceaccount:imagegen:someone-else").authenticate(
             bearer(issuer.sign({}))
         )
+    assert caught.value.status == 403 and "insufficient_scope" in caught.value.challenge
     assert gate(issuer, auth_subjects=SUBJECT).authenticate(bearer(issuer.sign({}))).kind == "oidc"
 
 
@@ -155,12 +158,15 @@ def test_key_rotation_unknown_kid_refreshes_the_keys_once(issuer: Issuer) -> Non
 
     # The issuer rotates in a new key: an unknown kid is refused until a refresh finds it,
     # and refreshes are rate-limited so made-up kids cannot force a fetch per request.
+    # A token issued after the keys were fetched may name one published since: until the
+    # back-off lets them be fetched again it is a 503 Knative retries, never a 401 it would not.
     issuer.add_key("k2", ec.generate_private_key(ec.SECP256R1()))
     try:
-        rotated = issuer.sign({}, kid="k2", algorithm="ES256")
-        with pytest.raises(Unauthenticated) as caught:
+        rotated = issuer.sign({"iat": int(time.time()) + 2}, kid="k2", algorithm="ES256")
+        clock.now += 3
+        with pytest.raises(DependencyUnavailable) as unavailable:
             authenticator.authenticate(bearer(rotated))
-        assert "does not publish" in caught.value.message
+        assert unavailable.value.retry_after == 2  # the back-off's 5 s, 3 of them gone
         assert len(issuer.requests) == fetches
         clock.now += 10
         assert authenticator.authenticate(bearer(rotated)).kind == "oidc"
@@ -265,9 +271,12 @@ def test_failed_refreshes_count_for_the_back_off(issuer: Issuer) -> None:
     try:
         clock.now += 10  # past the 5 s between refreshes, within the TTL
         before = len(issuer.requests)
-        for n in range(20):  # made-up kids, the issuer down, no time passing
+        # Made-up kids on tokens issued before the keys were fetched, the issuer down, no time
+        # passing: no key of theirs can have been published since.
+        old = issuer.sign({"iat": int(time.time()) - 100})
+        for n in range(20):
             with pytest.raises(Unauthenticated):
-                authenticator.authenticate(bearer(_made_up_kid(token, f"bogus{n}")))
+                authenticator.authenticate(bearer(_made_up_kid(old, f"bogus{n}")))
         assert len(issuer.requests) - before == 1  # one discovery attempt in all
         clock.now += 10_000  # stale now: valid tokens, served by the cached keys
         before = len(issuer.requests)
@@ -310,3 +319,86 @@ def test_a_hanging_refresh_holds_up_no_token_whose_key_is_cached(
         assert time.monotonic() - started < 0.5
         refreshing.join()
         conn.close()
+
+
+def _token_with_header(issuer: Issuer, header: dict[str, Any]) -> str:
+    return ".".join([_b64(header), *issuer.sign({}).split(".")[1:]])
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"alg": "RS256", "kid": 1},
+        {"alg": "RS256", "kid": ["k1"]},
+        {"alg": "RS256", "kid": "k1", "crit": "x"},
+        {"alg": ["RS256"], "kid": "k1"},
+    ],
+    ids=["kid-number", "kid-list", "crit-not-a-list", "alg-list"],
+)
+def test_a_header_pyjwt_refuses_is_401_not_an_error(issuer: Issuer, header: dict[str, Any]) -> None:
+    with pytest.raises(Unauthenticated) as caught:
+        gate(issuer).authenticate(bearer(_token_with_header(issuer, header)))
+    assert caught.value.challenge == 'Bearer realm="imagegen", error="invalid_token"'
+
+
+def test_a_key_missing_from_keys_fetched_after_the_token_was_issued_is_401(
+    issuer: Issuer,
+) -> None:
+    """Made-up kids stay 401s, the back-off or an issuer down notwithstanding."""
+    clock = Clock()
+    authenticator = gate(issuer, clock)
+    authenticator.authenticate(bearer(issuer.sign({})))
+    clock.now += 1  # within the back-off: no fetch
+    issued_before = issuer.sign({"iat": int(time.time()) - 30})
+    with pytest.raises(Unauthenticated) as caught:
+        authenticator.authenticate(bearer(_made_up_kid(issued_before, "bogus")))
+    assert "does not publish" in caught.value.message
+    # Issued in the future beyond the leeway: refused as such, before any key is looked up.
+    future = issuer.sign({"iat": int(time.time()) + 600})
+    with pytest.raises(Unauthenticated) as caught:
+        authenticator.authenticate(bearer(_made_up_kid(future, "bogus")))
+    assert "not valid yet" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("discovery", "jwks"),
+    [
+        ([1, 2], None),
+        (None, {"keys": {"kid": "k1"}}),
+        (None, [{"kid": "k1"}]),
+        (None, {"keys": ["k1", 7, None]}),
+    ],
+    ids=["discovery-a-list", "keys-an-object", "jwks-a-list", "keys-not-objects"],
+)
+def test_issuer_documents_of_the_wrong_shape_are_an_outage_not_an_error(
+    issuer: Issuer, discovery: Any, jwks: Any
+) -> None:
+    clock = Clock()
+    authenticator = gate(issuer, clock)
+    token = issuer.sign({})
+    issuer.documents = {"discovery": discovery, "jwks": jwks}
+    try:
+        with pytest.raises(DependencyUnavailable) as caught:
+            authenticator.authenticate(bearer(token))
+        assert caught.value.retry_after == 5
+        issuer.documents = {}
+        clock.now += 5
+        assert authenticator.authenticate(bearer(token)).kind == "oidc"
+        # Cached keys keep serving when a refresh finds a document of the wrong shape.
+        issuer.documents = {"discovery": discovery, "jwks": jwks}
+        clock.now += 10_000
+        assert authenticator.authenticate(bearer(token)).kind == "oidc"
+    finally:
+        issuer.documents = {}
+
+
+def test_the_api_key_command_runs_without_a_warning() -> None:
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-m", "imagegen.auth.api_keys"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0 and done.stderr == ""
+    key, digest = (line.split()[1] for line in done.stdout.splitlines())
+    assert hash_api_key(key) == digest

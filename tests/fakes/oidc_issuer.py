@@ -31,6 +31,8 @@ class Issuer(LoopbackServer):
         self.keys: dict[str, Any] = {}
         self.requests: list[tuple[str, str | None]] = []
         self.up = True
+        # Documents served in place of the real ones ("discovery", "jwks"): any JSON at all.
+        self.documents: dict[str, Any] = {}
         self.issuer = "https://kubernetes.default.svc.cluster.local"
         super().__init__(self._handler(), name="oidc-issuer")
 
@@ -78,7 +80,7 @@ class Issuer(LoopbackServer):
                     self.send_error(503)
                     return
                 if self.path == "/.well-known/openid-configuration":
-                    body: dict[str, Any] = {
+                    body: Any = {
                         "issuer": issuer.issuer,
                         "jwks_uri": issuer.url + "/openid/v1/jwks",
                         "response_types_supported": ["id_token"],
@@ -90,6 +92,9 @@ class Issuer(LoopbackServer):
                 else:
                     self.send_error(404)
                     return
+                document = "discovery" if self.path.startswith("/.well-known") else "jwks"
+                if issuer.documents.get(document) is not None:
+                    body = issuer.documents[document]
                 payload = json.dumps(body).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")

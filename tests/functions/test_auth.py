@@ -57,11 +57,40 @@ def test_a_bad_token_is_401_and_never_logged(
     assert expired not in logged and "igk_not-a-key" not in logged
 
 
-def test_a_token_for_another_function_is_403(enhance: InProcessFunction, issuer: Issuer) -> None:
+def test_a_token_for_another_function_is_401(enhance: InProcessFunction, issuer: Issuer) -> None:
     token = issuer.sign({}, audience="imagegen-render")
     reply = enhance.post("/", json=REQUEST, headers={"Authorization": f"Bearer {token}"})
+    assert reply.status_code == 401
+    assert 'error="invalid_token"' in reply.headers["WWW-Authenticate"]
+    assert "audience 'imagegen-enhance'" in reply.json()["message"]
+
+
+def test_a_token_of_a_subject_not_admitted_is_403(issuer: Issuer, tmp_path: Path) -> None:
+    env = {
+        **base_env(tmp_path / "store"),
+        "IMAGEGEN_AUTH_REQUIRED": "true",
+        "IMAGEGEN_AUTH_SUBJECTS": "system:serviceaccount:imagegen:someone-else",
+        "IMAGEGEN_OIDC_DISCOVERY_URL": issuer.url,
+        "IMAGEGEN_OIDC_CA_FILE": "",
+        "IMAGEGEN_OIDC_TOKEN_FILE": "",
+    }
+    token = issuer.sign({}, audience="imagegen-enhance")
+    reply = InProcessFunction("enhance", env).post(
+        "/", json=REQUEST, headers={"Authorization": f"Bearer {token}"}
+    )
     assert reply.status_code == 403
     assert 'error="insufficient_scope"' in reply.headers["WWW-Authenticate"]
+
+
+def test_a_token_header_of_the_wrong_types_is_401_not_500(
+    enhance: InProcessFunction, issuer: Issuer
+) -> None:
+    # No signature needed to send one: the answer must be a refusal, never a stack trace.
+    header = "eyJhbGciOiJSUzI1NiIsImtpZCI6MX0"  # {"alg":"RS256","kid":1}
+    token = ".".join([header, *issuer.sign({}, audience="imagegen-enhance").split(".")[1:]])
+    reply = enhance.post("/", json=REQUEST, headers={"Authorization": f"Bearer {token}"})
+    assert reply.status_code == 401, reply.text
+    assert reply.json()["error"] == "unauthenticated"
 
 
 def test_the_brokers_token_and_an_api_key_are_admitted(
