@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
+import re
 import sys
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
@@ -21,6 +23,10 @@ __all__ = ["JsonFormatter", "route_library_logs", "setup_logging"]
 _PROMPT_KEYS = frozenset({"prompt", "original_prompt", "final_prompt"})
 # Model libraries that log through a plain-text stderr handler of their own, not propagating.
 _LIBRARIES = ("transformers", "diffusers", "huggingface_hub")
+# What the model libraries quote of a prompt: diffusers' pipelines warn with the part of it the
+# text encoder cut (``The following part of your input was truncated because CLIP can only
+# handle sequences up to 77 tokens: [...]``, and the same for ``max_sequence_length``).
+_QUOTED_INPUT = re.compile(r"(part of your input was truncated\b[^:]*):.*", re.DOTALL)
 # Attributes every LogRecord has; anything else was passed with ``extra=``.
 _RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
@@ -30,12 +36,14 @@ class JsonFormatter(logging.Formatter):
 
     ``generation_id`` and ``stage`` come from the record's extras, else from the current span
     (``imagegen.generation_id``, ``imagegen.stage``); ``trace_id`` and ``span_id`` from the
-    current span. Every value in ``secrets`` is replaced by ``***`` wherever it appears.
+    current span. Every value in ``secrets`` is replaced by ``***`` wherever it appears, in
+    the values before they are written, so a line stays JSON whatever a secret is.
 
     Args:
         stage: The stage to name when neither the record nor the span does.
         secrets: Values that must never appear in a log line.
-        log_prompts: Whether ``prompt`` extras are written.
+        log_prompts: Whether ``prompt`` extras, and the text a model library quotes of a
+            prompt (:data:`_QUOTED_INPUT`), are written.
     """
 
     def __init__(
@@ -48,15 +56,18 @@ class JsonFormatter(logging.Formatter):
         super().__init__()
         self.stage = stage
         self.log_prompts = log_prompts
-        # The JSON-escaped form too: a secret with a quote or backslash is written escaped.
-        forms = {form for s in secrets if s for form in (s, json.dumps(s)[1:-1])}
+        # Its repr too: a secret with a quote or backslash logged with %r is written escaped.
+        forms = {form for s in secrets if s for form in (s, repr(s)[1:-1])}
         self._secrets = sorted(forms, key=len, reverse=True)
 
     def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if not self.log_prompts and record.name.split(".")[0] in _LIBRARIES:
+            message = _QUOTED_INPUT.sub(r"\1: (withheld: prompts are not logged)", message)
         entry: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
-            "message": record.getMessage(),
+            "message": message,
             "logger": record.name,
         }
         span = trace.get_current_span()
@@ -79,19 +90,35 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info and record.exc_info[0] is not None:
             entry["error_type"] = record.exc_info[0].__name__
             entry["exception"] = self.formatException(record.exc_info)
-        line = json.dumps(entry, default=str)
-        # Redacted last, over the whole line: message, extras and tracebacks alike.
-        for secret in self._secrets:
-            line = line.replace(secret, "***")
-        return line
+        return json.dumps(self._clean(entry), default=str)
+
+    def _clean(self, value: Any) -> Any:
+        """``value`` as JSON can hold it: secrets redacted in every string (keys included),
+        keys made strings, NaN and infinities written as strings."""
+        if isinstance(value, str):
+            for secret in self._secrets:
+                value = value.replace(secret, "***")
+            return value
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)
+        if isinstance(value, Mapping):
+            return {self._clean(str(k)): self._clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple | set | frozenset):
+            return [self._clean(each) for each in value]
+        if isinstance(value, bool | int | float) or value is None:
+            return value
+        return self._clean(str(value))  # what json.dumps(default=str) would write, redacted
 
 
 def _secret_values(settings: Settings) -> list[str]:
-    return [
-        value.get_secret_value()
-        for name in type(settings).model_fields
-        if isinstance(value := getattr(settings, name), SecretStr) and value.get_secret_value()
-    ]
+    """Every secret setting's value, those in lists (the webhook secrets) included."""
+    values = []
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        for each in value if isinstance(value, list) else [value]:
+            if isinstance(each, SecretStr) and each.get_secret_value():
+                values.append(each.get_secret_value())
+    return values
 
 
 def setup_logging(settings: Settings, stage: str | None = None) -> None:

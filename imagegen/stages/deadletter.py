@@ -121,9 +121,10 @@ async def _record(service: ImageGenService, data: Any, call: Call) -> None:
         recorded_at=now,
     )
     # First writer wins: a redelivery (another day, another replica) keeps the first record.
-    created = await service.storage.create(
-        key, record.model_dump_json(indent=2).encode(), content_type="application/json"
-    )
+    # Written by json, escaped to ASCII: a lone surrogate in the data (JSON's "\ud800", which
+    # pydantic refuses to write as UTF-8) is kept as it came.
+    body = json.dumps(record.model_dump(mode="json"), indent=2).encode()
+    created = await service.storage.create(key, body, content_type="application/json")
     kind = "generation failed" if record.event_type == GENERATION_FAILED else "delivery failed"
     extra = {"event_type": record.event_type, "generation_id": gid, "key": key}
     log.warning(kind if created else f"{kind} (already recorded)", extra=extra)

@@ -182,6 +182,18 @@ def test_the_dead_letter_sink_takes_plain_json_and_keeps_every_attribute(tmp_pat
     assert "202" in document.json()["paths"]["/"]["post"]["responses"]
 
 
+def test_the_dead_letter_sink_keeps_data_with_a_lone_surrogate(tmp_path: Path) -> None:
+    # Valid JSON ("\ud800" is an escape JSON allows) that is no Unicode text: pydantic will not
+    # write it as UTF-8, and the sink must still keep it, not answer 500 to every redelivery.
+    store = tmp_path / "store"
+    deadletter = InProcessFunction("deadletter", base_env(store))
+    body = b'{"prompt": "a door \\ud800 ajar", "n": 1}'
+    reply = deadletter.post(headers={"content-type": "application/json"}, content=body)
+    assert reply.status_code == 202 and reply.content == b"", reply.text
+    [record] = [json.loads(p.read_text()) for p in store.rglob("failures/**/*.json")]
+    assert record["data"] == {"prompt": "a door \ud800 ajar", "n": 1}
+
+
 def test_the_dead_letter_sink_keeps_one_record_per_event_on_any_day_at_any_replica(
     tmp_path: Path,
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -126,3 +127,71 @@ def test_model_library_warnings_are_json_lines(capsys: pytest.CaptureFixture[str
     [warning] = [e for e in entries if e["logger"] == "py.warnings"]
     assert "torch_dtype is deprecated" in warning["message"]
     assert all(e["stage"] == "render" for e in entries)
+
+
+@pytest.mark.parametrize("log_prompts", [False, True])
+def test_the_part_of_a_prompt_a_text_encoder_cut_is_logged_only_when_allowed(
+    log_prompts: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # diffusers' FLUX pipeline warns with the words past CLIP's 77 tokens and past T5's
+    # max_sequence_length: most prompts an LLM writes are longer than that.
+    from datetime import UTC, datetime
+
+    from imagegen.models import EnhancedPrompt
+
+    settings = Settings(
+        model="tiny", device="cpu", storage_url=str(tmp_path), log_prompts=log_prompts
+    )
+    prompt = " ".join(["lantern"] * 300) + " at Ingrid's house, 12 Elm Street"
+    job = EnhancedPrompt(
+        generation_id=f"cut-{log_prompts}",
+        prompt=prompt,
+        enhancer="passthrough",
+        model="tiny",
+        width=256,
+        height=256,
+        steps=1,
+        guidance=3.5,
+        seed=1,
+        requested_at=datetime.now(UTC),
+    )
+
+    async def render() -> None:
+        async with ImageGenService(settings) as service:
+            await service.render(job)
+
+    logging.captureWarnings(False)
+    try:
+        setup_logging(settings, "render")
+        asyncio.run(render())
+    finally:
+        logging.captureWarnings(False)
+    cut = [e for e in lines(capsys.readouterr().err) if "input was truncated" in e["message"]]
+    assert len(cut) == 2  # CLIP's and T5's
+    text = json.dumps(cut)
+    assert ("Elm Street" in text) is log_prompts
+    assert ("withheld" in text) is not log_prompts
+
+
+def test_a_line_is_json_whatever_its_values_and_secrets(capsys: pytest.CaptureFixture[str]) -> None:
+    settings = Settings(
+        url_signing_secret=SecretStr("503"),
+        webhook_secrets=[SecretStr("whsec_" + "A" * 32)],
+        s3_secret_access_key=SecretStr("it's a \\secret"),
+    )
+    setup_logging(settings, "persist")
+    log = logging.getLogger("imagegen.test")
+    log.warning("status %s", 503, extra={"ratio": float("nan"), "by": {(1, 2): "x"}})
+    log.warning("key %r", "it's a \\secret")
+    log.warning("webhook whsec_%s", "A" * 32)
+    err = capsys.readouterr().err
+
+    def strict(constant: str) -> None:
+        raise ValueError(f"{constant} is no JSON")
+
+    entries = [json.loads(line, parse_constant=strict) for line in err.splitlines()]
+    assert entries[0]["message"] == "status ***"
+    assert entries[0]["ratio"] == "nan" and entries[0]["by"] == {"(1, 2)": "x"}
+    assert entries[1]["message"] == 'key "***"'  # its repr, quoted with " as it holds a '
+    assert "secret" not in err
+    assert entries[2]["message"] == "webhook ***"
