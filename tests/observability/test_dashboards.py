@@ -106,3 +106,36 @@ def test_alert_rules_are_complete() -> None:
         assert rule["labels"]["severity"] in {"info", "warning", "critical"}, rule["alert"]
         assert rule["annotations"]["summary"], rule["alert"]
         assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["alert"]
+
+
+def _refused_by_caller() -> set[str]:
+    """Reasons a generation is counted failed for what its caller sent: every error code of a
+    4xx answer (render's 429 included) but a missing object (``not_found``: the image an event
+    names), as the adapter counts them (a path or method no stage takes is not counted)."""
+    from imagegen import errors
+
+    codes = {
+        cls.code
+        for cls in _subclasses(errors.ImageGenError)
+        if 400 <= cls.status < 500 and cls not in (errors.RouteNotFound, errors.MethodNotAllowed)
+    }
+    return codes - {"not_found"}
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [cls] + [each for sub in cls.__subclasses__() for each in _subclasses(sub)]
+
+
+def _reasons(rule: str, operator: str) -> set[str]:
+    [expr] = [r["expr"] for r in alert_rules() if r["alert"] == rule]
+    [pattern] = re.findall(rf'reason\s*{operator}\s*"([^"]*)"', expr)
+    return set(pattern.split("|"))
+
+
+def test_the_critical_failure_alert_leaves_out_what_callers_get_refused() -> None:
+    # Four bad tokens from a port scanner, or four 429s Knative retries, page no one; a stage
+    # failing on its own (storage, the model, a timeout, a bug) does.
+    refused = _refused_by_caller()
+    assert {"invalid_request", "unauthenticated", "forbidden", "overloaded"} <= refused
+    assert _reasons("ImagegenGenerationFailures", "!~") == refused
+    assert _reasons("ImagegenInvalidRequestsHigh", "=~") == refused - {"overloaded"}

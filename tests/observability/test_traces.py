@@ -324,6 +324,25 @@ def test_a_request_refused_before_its_stage_runs_is_counted(
     assert refused() == before + 1
 
 
+def test_a_path_or_method_no_stage_takes_is_no_generation(
+    chain: Chain, otel: InMemoryTelemetry
+) -> None:
+    def failed() -> float:
+        return sum(
+            p.point.value
+            for p in otel.points(METRIC_NAMES["generations"])
+            if (p.attributes or {}).get("outcome") == "failed"
+        )
+
+    before = failed()
+    url = chain.servers["render"].url
+    assert httpx.get(url + "/wp-login.php", timeout=10).status_code == 404
+    assert httpx.delete(url + "/", timeout=10).status_code == 405
+    refused = post(url, {"content-type": "text/plain"}, b"hello")
+    assert refused.status_code == 415
+    assert failed() == before + 1  # the body render cannot read, not the path or the method
+
+
 @pytest.mark.parametrize(
     ("error", "traceback"),
     [
