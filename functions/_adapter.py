@@ -222,7 +222,7 @@ class Function:
         except TimeoutError:  # concurrent.futures' own, since Python 3.11
             future.cancel()
             raise DependencyUnavailable(
-                f"{self.stage.name} took longer than {self._timeout:.0f}s"
+                f"{self.stage.name} took longer than {self._timeout:g}s"
             ) from None
 
     # -- requests -----------------------------------------------------------------------------

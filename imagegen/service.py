@@ -342,7 +342,7 @@ class _stage:
             outcome, reason = self.outcome, ""
         else:
             outcome = "failed"
-            reason = exc.code if isinstance(exc, ImageGenError) else "internal"
+            reason = _reason(exc)
         labels = {"stage": self.stage, "outcome": outcome}
         instruments().stage_duration.record(seconds, labels)
         instruments().generations.add(1, {**labels, "reason": reason} if reason else labels)
@@ -360,6 +360,14 @@ class _stage:
         if self.recorder is not None:
             await self.recorder.emitted(self.stage, result)
         return result
+
+
+def _reason(error: BaseException) -> str:
+    """The ``reason`` a failed stage is counted with: its error's code; ``cancelled`` for a
+    stage stopped from outside (past its function's timeout, Ctrl-C), which is no bug."""
+    if isinstance(error, ImageGenError):
+        return error.code
+    return "cancelled" if isinstance(error, asyncio.CancelledError) else "internal"
 
 
 def _job_attributes(span: Any, job: EnhancedPrompt) -> None:

@@ -204,8 +204,8 @@ METRICS: dict[str, MetricSpec] = {
         "imagegen.storage.duration",
         "histogram",
         "s",
-        "Latency of storage operations.",
-        ("stage", "operation"),
+        "Latency of storage operations, those that fail included.",
+        ("stage", "operation", "outcome"),
         _FAST,
     ),
 }

@@ -34,9 +34,13 @@ class InstrumentedStorage:
         with tracer().start_as_current_span(f"imagegen.storage.{operation}") as span:
             span.set_attribute("imagegen.storage.key", key)
             started = time.perf_counter()
-            yield
-            labels = {"operation": operation, "stage": current_stage.get()}
-            instruments().storage_duration.record(time.perf_counter() - started, labels)
+            outcome = "failed"  # a call that raises is timed too: a slow timeout is slow
+            try:
+                yield
+                outcome = "success"
+            finally:
+                labels = {"operation": operation, "stage": current_stage.get(), "outcome": outcome}
+                instruments().storage_duration.record(time.perf_counter() - started, labels)
 
     def _written(self, size: int) -> None:
         instruments().storage_bytes_written.add(size, {"stage": current_stage.get()})

@@ -46,3 +46,29 @@ async def test_s3_requests_are_children_of_the_storage_span(
     assert put.parent is not None and put.parent.span_id == span.get_span_context().span_id
     assert put.context.trace_id == span.get_span_context().trace_id
     assert SECRET_ACCESS_KEY not in str(dict(put.attributes or {}))
+
+
+async def test_a_storage_call_that_fails_is_timed_too(
+    otel: InMemoryTelemetry, tmp_path: Path
+) -> None:
+    from imagegen.errors import NotFound
+    from imagegen.storage import LocalStorage
+    from imagegen.storage.instrumented import instrumented
+    from imagegen.telemetry import METRIC_NAMES
+
+    def count(outcome: str) -> int:
+        return sum(
+            p.point.count
+            for p in otel.points(METRIC_NAMES["storage_duration"])
+            if (p.attributes or {}).get("operation") == "get"
+            and (p.attributes or {}).get("outcome") == outcome
+        )
+
+    before = {outcome: count(outcome) for outcome in ("success", "failed")}
+    storage = instrumented(LocalStorage(tmp_path))
+    await storage.put("2026/01/01/g.png", b"png", content_type="image/png")
+    assert await storage.get("2026/01/01/g.png") == b"png"
+    with pytest.raises(NotFound):
+        await storage.get("2026/01/01/missing.png")
+    assert count("success") == before["success"] + 1
+    assert count("failed") == before["failed"] + 1

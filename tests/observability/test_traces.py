@@ -376,3 +376,37 @@ def test_a_failed_span_has_a_traceback_unless_the_caller_caused_it(
     assert ("exception.stacktrace" in attributes) is traceback
     if traceback:
         assert "raise error" in str(attributes["exception.stacktrace"])
+
+
+def test_a_stage_stopped_from_outside_is_counted_cancelled_not_a_bug(
+    otel: InMemoryTelemetry,
+) -> None:
+    # The function cancels a stage past its timeout (and answers 503): no "internal" failure,
+    # which the critical alert reads as a bug.
+    import asyncio
+
+    from imagegen.service import _stage
+
+    def counted(reason: str) -> float:
+        return sum(
+            p.point.value
+            for p in otel.points(METRIC_NAMES["generations"])
+            if p.attributes == {"stage": "render", "outcome": "failed", "reason": reason}
+        )
+
+    before = {reason: counted(reason) for reason in ("cancelled", "internal")}
+
+    async def stopped() -> None:
+        async def stage() -> None:
+            async with _stage("render", "obs-cancelled-1"):
+                await asyncio.sleep(60)
+
+        task = asyncio.ensure_future(stage())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(stopped())
+    assert counted("cancelled") == before["cancelled"] + 1
+    assert counted("internal") == before["internal"]
