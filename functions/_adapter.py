@@ -202,9 +202,12 @@ class Function:
                 raise failure
             raise DependencyUnavailable(f"{self.stage.name} is not ready ({why})", retry_after=15)
 
-    def _run(self, work: Awaitable[T], traced: Message | None = None) -> tuple[T, dict[str, str]]:
+    def _run(
+        self, work: Awaitable[T], traced: Message | None = None, generation_id: str | None = None
+    ) -> tuple[T, dict[str, str]]:
         """Run ``work`` on the process's loop within the stage's time budget; with ``traced``,
-        inside that message's trace. Returns the result and the trace context to pass on.
+        inside that message's trace, its span naming ``generation_id``. Returns the result and
+        the trace context to pass on.
         """
         assert self._loop is not None
 
@@ -213,7 +216,10 @@ class Function:
                 return await work, {}
             # A task of its own on the loop: what the span sets stays in its context.
             carrier, attributes = traced.carrier(), traced.attributes
-            with stage_span(self.stage.name, attributes, carrier, event=traced.is_event) as out:
+            event = traced.is_event
+            with stage_span(
+                self.stage.name, attributes, carrier, event=event, generation_id=generation_id
+            ) as out:
                 return await work, out
 
         future = asyncio.run_coroutine_threadsafe(run(), self._loop)
@@ -306,9 +312,9 @@ class Function:
             dispatched = True
             plain = not message.is_event
             if stage.png is not None and plain and _wants_png(request.accept_mimetypes):
-                (png, more), _ = self._run(stage.png(self._service, data), message)
+                (png, more), _ = self._run(stage.png(self._service, data), message, gid)
                 return Reply(200, png, {"Content-Type": "image/png", **more})
-            result, extensions = self._run(stage.handler(self._service, data, call), message)
+            result, extensions = self._run(stage.handler(self._service, data, call), message, gid)
             # 4. Reply: the next event, JSON, or nothing.
             if result is None or stage.emits is None:
                 return Reply(202)

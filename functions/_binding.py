@@ -70,10 +70,13 @@ class Message:
         return bool(self.attributes)
 
     def carrier(self) -> dict[str, str]:
-        """Trace context: the HTTP headers, overridden by the CloudEvents tracing extension."""
+        """Trace context: the CloudEvents tracing extension's where its ``traceparent`` is
+        one, else the HTTP headers'; a ``tracestate`` goes with its own ``traceparent``."""
         names = ("traceparent", "tracestate")
-        headers = {k: v for k, v in self.headers.items() if k in names}
-        return headers | {k: v for k, v in self.attributes.items() if k in names and v}
+        extension = {k: v for k, v in self.attributes.items() if k in names and v}
+        if _is_traceparent(extension.get("traceparent", "")):
+            return extension
+        return {k: v for k, v in self.headers.items() if k in names}
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,19 @@ class Reply:
     status: int
     body: bytes = b""
     headers: Mapping[str, str] = field(default_factory=dict)
+
+
+# W3C Trace Context, section 3.2 (``traceparent``): version, trace-id, parent-id, flags, in
+# lower-case hex; version ff and all-zero ids are invalid; only a later version than 00 may
+# append fields.
+_TRACEPARENT = re.compile(
+    r"(?!ff)([0-9a-f]{2})-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}(-.*)?"
+)
+
+
+def _is_traceparent(value: str) -> bool:
+    match = _TRACEPARENT.fullmatch(value)
+    return match is not None and not (match[1] == "00" and match[2] is not None)
 
 
 def _lowered(headers: Mapping[str, str]) -> Mapping[str, str]:

@@ -76,12 +76,19 @@ def record_error(span: trace.Span, error: BaseException, *, traceback: bool | No
 
 @contextmanager
 def stage_span(
-    stage: str, attributes: Mapping[str, str], carrier: Mapping[str, str], *, event: bool
+    stage: str,
+    attributes: Mapping[str, str],
+    carrier: Mapping[str, str],
+    *,
+    event: bool,
+    generation_id: str | None = None,
 ) -> Iterator[dict[str, str]]:
     """The ``<stage> process`` span of one request, inside the caller's trace (``carrier``).
 
     Its kind is ``CONSUMER`` for a delivered event and ``SERVER`` for a plain call; it carries
-    the event's CloudEvents attributes. Yields the trace context to pass on with the reply.
+    the event's CloudEvents attributes, and the generation's id: ``generation_id`` (what the
+    function derived, for a request that names none), else the event's ``subject``. Yields the
+    trace context to pass on with the reply.
     """
     token = otel_context.attach(propagate.extract(carrier))
     current_stage.set(stage)
@@ -95,9 +102,9 @@ def stage_span(
                 if value := attributes.get(key):
                     name = "spec_version" if key == "specversion" else key
                     span.set_attribute(f"cloudevents.event_{name}", value)
-            subject = attributes.get("subject")
-            if subject and valid_generation_id(subject):
-                span.set_attribute("imagegen.generation_id", subject)
+            named = generation_id or attributes.get("subject")
+            if named and valid_generation_id(named):
+                span.set_attribute("imagegen.generation_id", named)
             outgoing: dict[str, str] = {}
             propagate.inject(outgoing)
             try:

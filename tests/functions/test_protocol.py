@@ -299,3 +299,38 @@ def test_plugin_settings_that_cannot_work_are_the_deployments_fault(
             mine = {**request, "plugin_options": {"art_style": {"style": "nope"}}}
             refused = enhance.post("/", json=mine)
             assert fields(refused) == {"plugin_options.art_style.style"}
+
+
+@pytest.mark.parametrize(
+    "extension",
+    [
+        "garbage",
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",  # all-zero trace id
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",  # 00 has 4 fields
+        "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",  # version ff
+    ],
+)
+def test_a_tracing_extension_that_is_no_traceparent_leaves_the_http_one(
+    enhance: InProcessFunction, extension: str
+) -> None:
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    headers = cloudevent_headers(GENERATION_REQUESTED, traceparent=extension)
+    headers["traceparent"] = f"00-{trace_id}-b7ad6b7169203331-01"
+    reply = enhance.post(
+        "/", headers=headers, json={"prompt": "a fox", "width": 256, "height": 256}
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["ce-traceparent"].split("-")[1] == trace_id
+
+
+def test_a_valid_tracing_extension_wins_over_the_http_header(enhance: InProcessFunction) -> None:
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    headers = cloudevent_headers(
+        GENERATION_REQUESTED, traceparent=f"00-{trace_id}-00f067aa0ba902b7-01"
+    )
+    headers["traceparent"] = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    reply = enhance.post(
+        "/", headers=headers, json={"prompt": "a fox", "width": 256, "height": 256}
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["ce-traceparent"].split("-")[1] == trace_id

@@ -307,6 +307,20 @@ def test_a_failed_request_records_an_error_span_and_the_failure(
     assert failed and failed[0].point.value >= 1
 
 
+def test_the_process_span_names_the_generation_a_request_does_not(
+    chain: Chain, otel: InMemoryTelemetry
+) -> None:
+    # A requester seldom names the generation (no subject, no id in the data): enhance derives
+    # its id, and the root span of the stage, which carries the request's status, names it too.
+    otel.spans.clear()
+    headers = cloudevent_headers(GENERATION_REQUESTED, event_id="obs-unnamed-1")
+    body = json.dumps({"prompt": "a fox", "width": 256, "height": 256}).encode()
+    reply = post(chain.servers["enhance"].url, headers, body)
+    assert reply.status_code == 200, reply.text
+    span = only(otel.finished_spans(), "enhance process")
+    assert (span.attributes or {})["imagegen.generation_id"] == reply.headers["ce-subject"]
+
+
 def test_a_request_refused_before_its_stage_runs_is_counted(
     chain: Chain, otel: InMemoryTelemetry
 ) -> None:
