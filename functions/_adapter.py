@@ -49,7 +49,7 @@ from imagegen.events import reply_attributes
 from imagegen.identity import generation_id, identify
 from imagegen.stages import Call, Route, RouteCall, Stage
 from imagegen.stages import get as get_stage
-from imagegen.telemetry import instruments, stage_span
+from imagegen.telemetry import count_from_zero, instruments, stage_span
 from imagegen.validation import parse_model
 
 __all__ = ["Function", "entry_point"]
@@ -110,6 +110,8 @@ class Function:
         try:
             settings = Settings()
             setup_observability(f"imagegen-{self.stage.name}", settings)
+            if self.stage.emits is not None:  # the sinks' requests are no generations
+                count_from_zero(self.stage.name)
             for unknown in Settings.unknown_variables():
                 log.warning(unknown, extra={"stage": self.stage.name})
             preload = (settings.model,) if self.stage.loads_model else ()

@@ -29,6 +29,7 @@ __all__ = [
     "METRIC_NAMES",
     "Instruments",
     "MetricSpec",
+    "count_from_zero",
     "current_stage",
     "instruments",
     "prometheus_name",
@@ -257,6 +258,32 @@ def instruments() -> Instruments:
                 spec.name, unit=spec.unit, description=spec.description
             )
     return Instruments(**created)  # type: ignore[arg-type]
+
+
+# The failures an alert counts by reason, and the outcomes a dashboard rates: each stage's
+# series of them exist from its process's start.
+COUNTED_FROM_ZERO = (
+    {"outcome": "success"},
+    {"outcome": "fallback"},
+    *(
+        {"outcome": "failed", "reason": reason}
+        for reason in ("internal", "dependency_unavailable", "not_configured", "not_found")
+    ),
+    {"outcome": "failed", "reason": "cancelled"},
+)
+
+
+def count_from_zero(stage: str) -> None:
+    """Start ``stage``'s :data:`COUNTED_FROM_ZERO` generation series at 0.
+
+    Each process is an ``instance`` of its own to Prometheus, and functions scale to zero:
+    a series first exported at 1 has no earlier sample, so ``increase()`` and ``rate()`` never
+    see that first count, and a pod that fails once and is scaled away fails unseen.
+    """
+    counter = instruments().generations
+    for labels in COUNTED_FROM_ZERO:
+        if labels["outcome"] != "fallback" or stage == "enhance":
+            counter.add(0, {"stage": stage, **labels})
 
 
 # How the collector's Prometheus exporters name OTLP metrics (the default translation,

@@ -321,6 +321,18 @@ def test_the_process_span_names_the_generation_a_request_does_not(
     assert (span.attributes or {})["imagegen.generation_id"] == reply.headers["ce-subject"]
 
 
+def test_each_stage_counts_its_generations_from_zero(chain: Chain, otel: InMemoryTelemetry) -> None:
+    # A series a new pod first exports at 1 has no earlier sample: Prometheus' increase()
+    # never sees that count, and a failure of a pod scaled away since goes unalerted.
+    from imagegen.telemetry import COUNTED_FROM_ZERO
+
+    series = [p.attributes for p in otel.points(METRIC_NAMES["generations"])]
+    for stage in ("enhance", "render", "persist", "derive"):
+        for labels in COUNTED_FROM_ZERO:
+            if labels["outcome"] != "fallback" or stage == "enhance":
+                assert {"stage": stage, **labels} in series, (stage, labels)
+
+
 def test_a_request_refused_before_its_stage_runs_is_counted(
     chain: Chain, otel: InMemoryTelemetry
 ) -> None:
