@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -47,6 +48,41 @@ def test_generate_writes_png_and_record_under_output(cli: RunCli, tmp_path: Path
     assert image["key"].endswith(f"{image['generation_id']}.png")
     assert len(image["key"].split("/")) == 4  # yyyy/mm/dd/<id>.png
     assert body["prompt"]["fallback"] is True  # no Ollama on this machine
+
+
+def test_generate_on_a_terminal_shows_its_progress_and_makes_the_image(tmp_path: Path) -> None:
+    """On a terminal (a real pseudo-terminal here) the progress bar holds the console: the
+    path the pipes of every other test never take."""
+    import os
+    import pty
+    import select
+
+    env = {**os.environ, "IMAGEGEN_OLLAMA_HOST": "http://127.0.0.1:9", "COLUMNS": "100"}
+    command = [sys.executable, "-m", "imagegen.cli", "generate", "a fox", *SMALL, "--seed", "3"]
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the terminal is its stdin, stdout and stderr
+        os.chdir(tmp_path)
+        os.execve(sys.executable, command, env)
+    seen, deadline = b"", time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 1.0)
+            if ready:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode(errors="replace"))  # colours
+    assert os.waitstatus_to_exitcode(status) == 0, text[-2000:]
+    assert "Traceback" not in text and "enhancing" in text  # the bar was drawn
+    [png] = (tmp_path / "output").rglob("*.png")
+    assert png.name in text  # the result, printed after the bar
 
 
 class Interrupted(NamedTuple):

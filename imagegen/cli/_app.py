@@ -54,11 +54,23 @@ class _LazyConsole:
         self._console: Console | None = None
 
     def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    @property
+    def real(self) -> Console:
         if self._console is None:
             from rich.console import Console
 
             self._console = Console(stderr=self._stderr)
-        return getattr(self._console, name)
+        return self._console
+
+    # ``with console:`` (rich's Live and Progress hold the console so), which looks the
+    # methods up on the class, never through __getattr__.
+    def __enter__(self) -> Console:
+        return self.real.__enter__()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.real.__exit__(*exc_info)
 
 
 # Typed as Console: every use goes through __getattr__ to the real one.
