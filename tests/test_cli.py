@@ -233,6 +233,31 @@ def test_plugins_lists_the_built_ins(cli: RunCli) -> None:
     assert {"time_of_day", "holiday", "art_style", "lora", "remote_context"} <= names
 
 
+def test_a_plugin_that_cannot_load_is_one_line_and_a_row_with_its_error(
+    cli: RunCli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dist_info = tmp_path / "site" / "broken_plugin-1.0.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 1\n")
+    (dist_info / "entry_points.txt").write_text("[imagegen.plugins]\nbroken = no_such_mod:P\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    env = {"IMAGEGEN_PLUGINS": "time_of_day,broken"}
+
+    made = cli("generate", "a fox", *SMALL, env=env)
+    assert made.returncode == 2
+    [line] = made.stderr.strip().splitlines()
+    assert "IMAGEGEN_PLUGINS" in line and "'broken' cannot be loaded" in line
+    assert line.count("cannot be loaded") == 1  # said once, not again as a detail
+
+    listed = cli("plugins", env=env)
+    assert listed.returncode == 0, listed.stderr
+    [row] = [line for line in listed.stdout.splitlines() if "broken" in line]
+    assert "yes" in row and "cannot be" in row
+    as_json = {p["name"]: p for p in json.loads(cli("plugins", "--json", env=env).stdout)}
+    assert as_json["broken"]["enabled"] is True and as_json["time_of_day"]["enabled"] is True
+    assert "ModuleNotFoundError" in as_json["broken"]["error"]
+
+
 def test_send_posts_an_event_and_prints_the_reply(
     cli: RunCli, start_server: StartServer, tmp_path: Path
 ) -> None:

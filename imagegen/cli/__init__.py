@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         _fail("aborted", 130)
     except (InvalidRequest, ConfigurationError) as exc:
-        details = "; ".join(f"{e['field']}: {e['message']}" for e in exc.errors)
+        # The details the message does not say already (a setting's refusal says its reasons).
+        said = [e for e in exc.errors if e["message"] not in exc.message]
+        details = "; ".join(f"{e['field']}: {e['message']}" for e in said)
         _fail(exc.message + (f" ({details})" if details else ""), 2)
     except ImageGenError as exc:
         _fail(exc.message, 1)

@@ -21,22 +21,39 @@ __all__ = ["functions_dir", "list_plugins", "send", "serve"]
 @app.command(name="plugins")
 def list_plugins(as_json: AsJson = False) -> None:
     """List the discovered prompt plugins and whether they are enabled."""
+    import dataclasses
+
+    from rich.markup import escape
     from rich.table import Table
 
     from imagegen.plugins import PluginSet
 
-    infos = PluginSet.from_settings(settings_from()).describe()
+    settings = settings_from()
+    # Nothing loaded up front: a plugin that cannot load is a row with its error, not a failure
+    # of the listing that should show it. Names no installed plugin has are still refused.
+    plugin_set = PluginSet.from_settings(settings, names=[])
+    unknown = [name for name in settings.plugins if name not in plugin_set.available]
+    if unknown:
+        PluginSet.from_settings(settings)  # refuses them, as every command does
+    enabled = list(dict.fromkeys(settings.plugins))
+    infos = sorted(
+        (dataclasses.replace(info, enabled=info.name in enabled) for info in plugin_set.describe()),
+        key=lambda info: enabled.index(info.name) if info.name in enabled else len(enabled),
+    )
     if as_json:
         typer.echo(json.dumps([_plain(i) for i in infos], indent=2))
         return
     table = Table("plugin", "enabled", "description", "from")
     for info in infos:
         row = _plain(info)
+        description = str(row.get("description", ""))
+        if row.get("error"):
+            description = f"cannot be loaded: {row['error']}"
         table.add_row(
-            str(row.get("name")),
+            escape(str(row.get("name"))),
             "yes" if row.get("enabled") else "no",
-            str(row.get("description", "")),
-            str(row.get("source") or row.get("module") or ""),
+            escape(description),
+            escape(str(row.get("source") or row.get("module") or "")),
         )
     out.print(table)
 

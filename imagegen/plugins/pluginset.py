@@ -10,7 +10,7 @@ from importlib.metadata import EntryPoint
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from imagegen.errors import ConfigurationError, ImageGenError, InvalidRequest
+from imagegen.errors import ConfigurationError, ImageGenError, InvalidRequest, first_line
 from imagegen.identity import aware
 from imagegen.models import Contribution
 from imagegen.plugins._running import run_plugin, warm_plugin
@@ -144,13 +144,26 @@ class PluginSet:
         """Enable exactly ``names``, in this order.
 
         Raises:
-            InvalidRequest: naming ``plugins`` for names this set does not know.
+            InvalidRequest: naming ``plugins`` for names this set does not know, or whose
+                plugin cannot be loaded (its module, its factory or what that returns).
         """
         unknown = [n for n in names if n not in self.available]
         if unknown:
             raise _unknown(unknown, self.available, "plugins")
+        broken = []
         for name in names:
-            self.get(name)
+            try:
+                self.get(name)
+            except Exception as exc:  # a plugin's own code: anything may go wrong in it
+                broken.append(
+                    {
+                        "field": "plugins",
+                        "message": f"plugin {name!r} cannot be loaded"
+                        f" ({type(exc).__name__}: {first_line(exc)})",
+                    }
+                )
+        if broken:
+            raise InvalidRequest("plugin(s) cannot be loaded", errors=broken)
         self._order = list(dict.fromkeys(names))
 
     def set_options(self, name: str, options: Mapping[str, Any]) -> None:

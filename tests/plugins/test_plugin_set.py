@@ -275,9 +275,9 @@ def test_discovered_but_not_enabled_is_listed(settings: Settings) -> None:
     assert infos["echo"].description == "Echoes its context."
 
 
-def test_a_broken_entry_point_is_reported(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settings: Settings
-) -> None:
+@pytest.fixture
+def installed_broken(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A distribution 'broken-plugin' whose entry point 'broken' names no module."""
     dist_info = tmp_path / "broken_plugin-1.0.dist-info"
     dist_info.mkdir()
     (dist_info / "METADATA").write_text(
@@ -287,10 +287,18 @@ def test_a_broken_entry_point_is_reported(
         "[imagegen.plugins]\nbroken = no_such_module_here:Plugin\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
+
+
+@pytest.mark.usefixtures("installed_broken")
+def test_a_broken_entry_point_is_reported(settings: Settings) -> None:
     infos = {i.name: i for i in PluginSet.from_settings(settings).describe()}
     assert infos["broken"].error is not None and "ModuleNotFoundError" in infos["broken"].error
-    with pytest.raises(ModuleNotFoundError):
-        PluginSet.from_settings(settings, names=["broken"])
+    # Enabled, it is a refusal naming the setting and what failed, never the import's traceback.
+    with pytest.raises(InvalidRequest) as caught:
+        PluginSet.from_settings(settings, names=["time_of_day", "broken"])
+    assert caught.value.fields == ["plugins"]
+    [error] = caught.value.errors
+    assert "'broken' cannot be loaded (ModuleNotFoundError" in error["message"]
 
 
 async def test_context_fields(settings: Settings) -> None:
