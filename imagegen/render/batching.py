@@ -1,12 +1,13 @@
 """Micro-batching: compatible render jobs gathered for a short window, run as one pipeline call.
 
 A pipeline runs one call at a time. Jobs wait in arrival order; when the pipeline is free, the
-oldest waiting job opens a batch, waits up to the window for compatible jobs (same
-:func:`batch_key`), and the batch runs as one call with one generator per image. With a batch
-size of 1 every job runs alone, exactly as it would without a queue.
+oldest waiting job opens a batch, waits for compatible jobs (same :func:`batch_key`) until its
+window, counted from its arrival, is over, and the batch runs as one call with one generator
+per image. With a batch size of 1 every job runs alone, exactly as it would without a queue.
 
 The queue also measures what admission needs: how long a job takes (per image, at the batch
-sizes actually run) and how many jobs are waiting or running.
+sizes actually run), how long its call's outputs take to finish after the pipeline is done with
+them (the PNG encoding), and how many jobs are waiting or running.
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ class _Waiting:
     progress: ProgressCallback | None
     future: asyncio.Future[RenderOutput]
     context: contextvars.Context
+    arrived: float
+    """When it was queued: its window counts from then, however many calls ran before it."""
     taken: bool = False
     """Part of a call: it runs to the end whatever happens to its request."""
     on_start: Callable[[], None] | None = None
@@ -104,9 +107,11 @@ class Batcher:
             with ``finish``, returns what ``finish`` completes instead.
         lock: Held around every call (the pipeline's lock, shared with model loading).
         max_size: Most jobs in one call; 1 disables batching.
-        window: Seconds the oldest job waits for compatible jobs before its batch runs.
+        window: Seconds the oldest job waits, from its arrival, for compatible jobs before its
+            batch runs: a job that waited that long behind earlier calls runs at the next.
         finish: Completes what ``run`` returned (PNG encoding, blocking) on a thread of its
             own, handed over by ``run``'s thread: it overlaps the next call.
+        clock: Monotonic seconds, for the window (a test's fake clock).
     """
 
     def __init__(
@@ -117,9 +122,11 @@ class Batcher:
         max_size: int = 1,
         window: float = 0.0,
         finish: Callable[[Batch, Any], list[RenderOutput]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._run = run
         self._finish = finish
+        self._clock = clock
         self._lock = lock
         self.max_size = max_size
         self.window = window
@@ -137,6 +144,10 @@ class Batcher:
         """Measured seconds a job takes, at the batch sizes run (None until one ran)."""
         self.work_per_job: float | None = None
         """The :func:`work_of` of the jobs those seconds were measured on, smoothed alike."""
+        self.finish_seconds: float | None = None
+        """Measured seconds from a call's end to its outputs, waiting for the encoding thread
+        included: what each of its jobs still waits once the pipeline is free (None until one
+        ended)."""
 
     def close(self) -> None:
         """Let the pipeline's and the encoding's threads end once their work is done."""
@@ -155,14 +166,22 @@ class Batcher:
         if work is not None:
             self.work_per_job = _smoothed(self.work_per_job, work / max(1, jobs))
 
+    def observe_finish(self, seconds: float) -> None:
+        """Fold the seconds from one call's end to its outputs into :attr:`finish_seconds`."""
+        self.finish_seconds = _smoothed(self.finish_seconds, seconds)
+
     def estimate(self, job: EnhancedPrompt) -> float | None:
-        """Seconds ``job`` should take: the measured seconds per job, scaled by its work
-        against the work they were measured on (None until a call has been timed)."""
+        """Seconds ``job`` should take: the measured seconds per job, scaled up by its work
+        against the work they were measured on (None until a call has been timed).
+
+        Never scaled down: a job's text encoding, VAE decode and call overhead do not shrink
+        with its pixels and steps, so after a large job a small one is not taken to be cheap.
+        """
         if self.seconds_per_job is None:
             return None
         if not self.work_per_job:
             return self.seconds_per_job
-        return self.seconds_per_job * work_of(job) / self.work_per_job
+        return self.seconds_per_job * max(1.0, work_of(job) / self.work_per_job)
 
     async def submit(
         self,
@@ -185,6 +204,7 @@ class Batcher:
             progress,
             asyncio.get_running_loop().create_future(),
             contextvars.copy_context(),
+            self._clock(),
             on_start=on_start,
         )
         self._waiting.append(waiting)
@@ -202,18 +222,17 @@ class Batcher:
             raise
 
     async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
         while self._waiting:
             first = self._waiting[0]
             if first.future.done():  # cancelled while waiting
                 self._waiting.popleft()
                 continue
             key = batch_key(first.job)
-            deadline = loop.time() + self.window
+            deadline = first.arrived + self.window  # windows queued behind calls never add up
             # The window waits for company while someone waits in it: once every job in it
             # has gone (their requests timed out), it ends, and nothing runs for them.
             while self.max_size > 1 and 0 < self._compatible(key) < self.max_size:
-                remaining = deadline - loop.time()
+                remaining = deadline - self._clock()
                 if remaining <= 0:
                     break
                 self._changed.clear()
@@ -252,13 +271,23 @@ class Batcher:
                     if not isinstance(outcome, BaseException) or len(batch) == 1:
                         calls = [(batch, outcome)]
                     else:
-                        # One job's failure is its own: run each alone to find which.
-                        calls = [([waiting], await self._call([waiting])) for waiting in batch]
+                        # One job's failure is its own: run each alone to find which. One
+                        # whose request has left needs no answer (a started stored render's
+                        # task is never cancelled: its retry waits for the image).
+                        calls = [
+                            ([w], outcome if w.future.done() else await self._call([w]))
+                            for w in batch
+                        ]
                 finally:
                     self.running, self.running_since = 0, None
-        except BaseException:
+        except BaseException as error:
+            # Not an Exception (those come back as values): the jobs' requests get it too,
+            # rather than wait for an answer that never comes.
+            _fail(batch, error)
             _end(batch)
-            raise
+            if isinstance(error, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
+                raise
+            return  # the queue goes on with the next call
         # The pipeline is free for the next call: what is left (PNG encoding) overlaps it.
         task = asyncio.ensure_future(self._deliver(batch, calls))
         self._delivering.add(task)  # held until done: the loop keeps only weak references
@@ -322,14 +351,14 @@ class Batcher:
             handed = await freed
         except Exception as error:  # handed to the jobs' requests, which raise it
             return error
-        spent = time.perf_counter() - started
-        self.observe(spent, len(batch), sum(work_of(waiting.job) for waiting in batch))
+        ended = time.perf_counter()
+        self.observe(ended - started, len(batch), sum(work_of(waiting.job) for waiting in batch))
         if self._finish is None:
             finished: asyncio.Future[Any] = loop.create_future()
             finished.set_result(handed)
         else:
             finished = asyncio.wrap_future(handed)
-        return _Called(work, finished)
+        return _Called(work, finished, ended)
 
     async def _complete(
         self, batch: list[_Waiting], called: _Called | BaseException
@@ -341,6 +370,7 @@ class Batcher:
             finished = await called.finished
         except Exception as error:
             return [error] * len(batch)
+        self.observe_finish(time.perf_counter() - called.ended)
         return list(finished)
 
 
@@ -349,10 +379,22 @@ class _Called:
     work: Batch
     finished: asyncio.Future[Any]
     """The outputs: ``run``'s, completed by ``finish`` when there is one."""
+    ended: float
+    """When the pipeline's part ended (``time.perf_counter``)."""
 
 
 def _smoothed(previous: float | None, sample: float) -> float:
     return sample if previous is None else previous + _SMOOTHING * (sample - previous)
+
+
+def _fail(batch: list[_Waiting], error: BaseException) -> None:
+    for waiting in batch:
+        if waiting.future.done():
+            continue
+        if isinstance(error, asyncio.CancelledError):
+            waiting.future.cancel()
+        else:
+            waiting.future.set_exception(error)
 
 
 def _end(batch: list[_Waiting]) -> None:

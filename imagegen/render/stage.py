@@ -116,8 +116,10 @@ class RenderStage:
         """Jobs one process holds at once: the running batch plus the queue.
 
         ``render_queue_size`` fixes the queue. Unset, the process holds what it can finish
-        within ``render_timeout`` at the measured seconds per job (``UNMEASURED_QUEUE`` waiting
-        jobs until a render has been timed), so a job it admits is not one it must time out.
+        within ``render_timeout`` at the measured seconds per job, less what the last of them
+        still waits after its call (:attr:`Batcher.finish_seconds`; ``UNMEASURED_QUEUE``
+        waiting jobs until a render has been timed), so a job it admits is not one it must
+        time out.
         """
         batch = self.settings.render_batch_size
         if self.settings.render_queue_size is not None:
@@ -125,7 +127,8 @@ class RenderStage:
         per_job = self.batcher.seconds_per_job
         if per_job is None:
             return batch + UNMEASURED_QUEUE
-        return max(batch, math.floor(self.settings.render_timeout / per_job))
+        within = self.settings.render_timeout - (self.batcher.finish_seconds or 0.0)
+        return max(batch, math.floor(within / per_job))
 
     @property
     def _admitted(self) -> int:
@@ -136,7 +139,8 @@ class RenderStage:
 
         Counted against :attr:`capacity` until a render is timed, or with a fixed queue. Timed,
         what the held jobs and ``job`` should take together (:meth:`Batcher.estimate`, scaled
-        by each job's pixels and steps) must end within ``render_timeout``, beyond a running
+        by each job's pixels and steps), and then ``job``'s encoding after its call
+        (:attr:`Batcher.finish_seconds`), must end within ``render_timeout``, beyond a running
         batch's worth of jobs: a 1024² job admitted on the time of 256² ones would be one the
         pod must time out.
         """
@@ -146,7 +150,8 @@ class RenderStage:
         if self._admitted < self.settings.render_batch_size:
             return True
         held = sum(estimate(each) or 0.0 for each in self._held)
-        return held + (estimate(job) or 0.0) <= self.settings.render_timeout
+        finish = self.batcher.finish_seconds or 0.0
+        return held + (estimate(job) or 0.0) + finish <= self.settings.render_timeout
 
     def retry_after(self) -> int:
         """Whole seconds until the jobs held now are done: depth x measured seconds per job.
@@ -245,7 +250,8 @@ class RenderStage:
 
         Idempotent per generation id: a redelivered job is answered from storage, and two
         deliveries in flight at once in one process render once (the second waits for the
-        first). Replicas that render the same job at the same moment both spend the GPU time,
+        first, holding no admission slot: it takes one only if it must render after all).
+        Replicas that render the same job at the same moment both spend the GPU time,
         but only the first to store the PNG writes it (a conditional write); the others answer
         with what it stored, so every reply is the same. Once its pipeline call has started, a
         render finishes and is stored even if its request is cancelled (a timeout), so the
@@ -273,38 +279,51 @@ class RenderStage:
         busy: bool,
         started: Callable[[], None],
     ) -> RenderedImage:
-        async with self._admission(job), self._generation_lock(job.generation_id) as waited:
+        # The lock first: a delivery that waits for another's image needs no pipeline time,
+        # so it holds no admission slot (with a queue of 0 it would be refused otherwise).
+        async with self._generation_lock(job.generation_id) as waited:
             # Another delivery of the same job may have finished while this one looked or
             # waited; with none at work since before the look, storage is not asked again.
             done = await self._stored(job, keys, fingerprint) if busy or waited else None
             if done is not None:
                 return done
-            output = await self._render(job, progress, on_start=started)
-            sha256 = hashlib.sha256(output.png).hexdigest()
-            # Timings describe the render only, so a redelivered job gets the very same reply.
-            timings = {k: round(v, 4) for k, v in output.timings.items()}
-            rendered_at = datetime.now(UTC).replace(microsecond=0)
-            meta = stored_png.metadata(job, sha256, fingerprint, timings, rendered_at)
-            await stored_png.claim(self.storage, job, keys)  # no image of another day's job
-            if not await self._store(keys, output.png, meta, create=True):
-                # Another replica stored this generation first: its image and timings are the
-                # answer, so both replies are the same event.
-                done = await self._stored(job, keys, fingerprint)
-                if done is not None:
-                    log.info("another replica stored this image first", extra={"key": keys.image})
-                    return done
-                # An object without our metadata is no finished image: replace it.
-                await self._store(keys, output.png, meta, create=False)
-            location = self.storage.location(keys.image)
-            return stored_png.rendered_image(
-                job,
-                keys.image,
-                location,
-                size=len(output.png),
-                sha256=sha256,
-                stage_timings=timings,
-                at=rendered_at,
-            )
+            async with self._admission(job):
+                return await self._render_and_store(job, keys, fingerprint, progress, started)
+
+    async def _render_and_store(
+        self,
+        job: EnhancedPrompt,
+        keys: GenerationKeys,
+        fingerprint: str,
+        progress: ProgressCallback | None,
+        started: Callable[[], None],
+    ) -> RenderedImage:
+        output = await self._render(job, progress, on_start=started)
+        sha256 = hashlib.sha256(output.png).hexdigest()
+        # Timings describe the render only, so a redelivered job gets the very same reply.
+        timings = {k: round(v, 4) for k, v in output.timings.items()}
+        rendered_at = datetime.now(UTC).replace(microsecond=0)
+        meta = stored_png.metadata(job, sha256, fingerprint, timings, rendered_at)
+        await stored_png.claim(self.storage, job, keys)  # no image of another day's job
+        if not await self._store(keys, output.png, meta, create=True):
+            # Another replica stored this generation first: its image and timings are the
+            # answer, so both replies are the same event.
+            done = await self._stored(job, keys, fingerprint)
+            if done is not None:
+                log.info("another replica stored this image first", extra={"key": keys.image})
+                return done
+            # An object without our metadata is no finished image: replace it.
+            await self._store(keys, output.png, meta, create=False)
+        location = self.storage.location(keys.image)
+        return stored_png.rendered_image(
+            job,
+            keys.image,
+            location,
+            size=len(output.png),
+            sha256=sha256,
+            stage_timings=timings,
+            at=rendered_at,
+        )
 
     async def _stored(
         self, job: EnhancedPrompt, keys: GenerationKeys, fingerprint: str

@@ -19,7 +19,7 @@ from imagegen.render.base import (
     RenderOutput,
     TwoPhaseRenderBackend,
 )
-from imagegen.render.batching import batch_key
+from imagegen.render.batching import Batcher, batch_key
 from imagegen.render.stage import UNMEASURED_QUEUE, RenderStage
 from imagegen.settings import Settings
 from imagegen.storage import LocalStorage
@@ -61,7 +61,8 @@ class BatchingBackend(ReadyBackend):
 
 
 class TwoPhaseBackend(BatchingBackend):
-    """Splits each call: ``denoise_batch`` (the pipeline) and ``encode_batch``, held at a gate."""
+    """Splits each call: ``denoise_batch`` (the pipeline) and ``encode_batch``, held at a gate;
+    each encoding takes ``encode_seconds``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -69,6 +70,7 @@ class TwoPhaseBackend(BatchingBackend):
         self.encode_gate = threading.Event()
         self.encode_gate.set()
         self.encode_fails = False
+        self.encode_seconds = 0.0
 
     def denoise_batch(
         self, jobs: list[EnhancedPrompt], *, progress: ProgressCallback | None = None
@@ -80,9 +82,36 @@ class TwoPhaseBackend(BatchingBackend):
     ) -> list[RenderOutput]:
         self.encoding.set()
         self.encode_gate.wait(10)
+        time.sleep(self.encode_seconds)
         if self.encode_fails:
             raise OSError("disk full")
         return pixels
+
+
+class Fatal(BaseException):
+    """Not an :class:`Exception`: what no ``except Exception`` on its way catches."""
+
+
+class FatalBackend(BatchingBackend):
+    """Raises :class:`Fatal` from a call with the job ``fatal`` in it."""
+
+    def render_batch(
+        self, jobs: list[EnhancedPrompt], *, progress: ProgressCallback | None = None
+    ) -> list[RenderOutput]:
+        outputs = super().render_batch(jobs, progress=progress)
+        if any(job.generation_id == "fatal" for job in jobs):
+            raise Fatal
+        return outputs
+
+
+class Clock:
+    """Monotonic seconds that move only when a test moves them."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def job(gid: str, **overrides: Any) -> EnhancedPrompt:
@@ -155,6 +184,31 @@ async def test_jobs_queued_behind_a_call_form_the_next_batch(tmp_path: Path) -> 
     backend.gate.set()
     await asyncio.gather(first, *rest)
     assert backend.calls == [["first"], ["q0", "q1", "q2"], ["q3", "q4"]]
+
+
+async def test_a_window_counts_from_its_jobs_arrival_not_from_the_last_call() -> None:
+    clock = Clock()
+    backend = BatchingBackend()
+    backend.gate.clear()
+    batcher = Batcher(
+        lambda batch: backend.render_batch(batch.jobs),
+        asyncio.Lock(),
+        max_size=2,
+        window=10.0,
+        clock=clock,
+    )
+    first = [asyncio.ensure_future(batcher.submit(job(f"first-{i}"))) for i in range(2)]
+    await asyncio.to_thread(backend.running.wait, 10)  # a full batch: no window
+    # One job each of three keys queues behind that call: no company comes for any of them.
+    rest = [asyncio.ensure_future(batcher.submit(job(f"steps-{n}", steps=n))) for n in (3, 4, 5)]
+    while batcher.depth != 2 + 3:
+        await asyncio.sleep(0.001)
+    clock.now += 10.0  # each has waited out its window behind the running call
+    backend.gate.set()
+    # One call after another, at once: not a fresh 10 s window before each.
+    await asyncio.wait_for(asyncio.gather(*first, *rest), 5)
+    assert backend.calls == [["first-0", "first-1"], ["steps-3"], ["steps-4"], ["steps-5"]]
+    batcher.close()
 
 
 async def test_the_next_call_runs_while_the_last_one_is_encoded(tmp_path: Path) -> None:
@@ -266,6 +320,24 @@ async def test_one_failing_job_fails_alone(tmp_path: Path) -> None:
     ]
     assert backend.calls[0] == ["ok1", "bad", "ok2"]  # then each alone
     assert sorted(backend.calls[1:]) == [["bad"], ["ok1"], ["ok2"]]
+
+
+async def test_an_error_that_is_no_exception_reaches_its_job_and_the_queue_goes_on(
+    tmp_path: Path,
+) -> None:
+    backend = FatalBackend()
+    backend.gate.clear()
+    stage = make_stage(backend, tmp_path)
+    fatal = asyncio.ensure_future(stage.render_png(job("fatal")))
+    await asyncio.to_thread(backend.running.wait, 10)
+    after = asyncio.ensure_future(stage.render_png(job("after")))
+    await _until_queued(stage, 2)
+    backend.gate.set()
+    with pytest.raises(Fatal):
+        await asyncio.wait_for(fatal, 5)
+    # Nothing new arrives to restart the queue: the job behind it runs all the same.
+    assert (await asyncio.wait_for(after, 5)).png == b"\x89PNG after"
+    assert stage._admitted == 0
 
 
 async def test_redeliveries_in_one_batch_render_and_store_once(tmp_path: Path) -> None:

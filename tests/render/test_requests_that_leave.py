@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from imagegen.errors import Overloaded
+from imagegen.errors import InvalidRequest, Overloaded
 from tests.render.test_batching import (
     BatchingBackend,
     _held_on_first,
@@ -75,6 +75,55 @@ async def test_a_started_stored_render_still_ends_and_is_stored(tmp_path: Path) 
     retry = await stage.render(job("started"))
     assert backend.calls == [["first"], ["started"]]
     assert (tmp_path / retry.key).is_file()
+
+
+async def test_a_redelivery_waits_for_the_render_under_way_without_taking_a_slot(
+    tmp_path: Path,
+) -> None:
+    backend = BatchingBackend()
+    backend.gate.clear()
+    stage = make_stage(backend, tmp_path, render_queue_size=0)  # one job at a time, no queue
+    gone = asyncio.ensure_future(stage.render(job("dup")))
+    await asyncio.to_thread(backend.running.wait, 10)
+    gone.cancel()  # its request timed out; its call runs on, to store the image
+    await asyncio.wait([gone])
+    retry = asyncio.ensure_future(stage.render(job("dup")))
+    # Refused at once, or waiting behind the render for its generation's lock.
+    while not retry.done() and stage._generation_lock._locks["dup"][1] < 2:
+        await asyncio.sleep(0.001)
+    assert not retry.done()
+    assert stage._admitted == 1  # the render under way holds the one slot
+    backend.gate.set()
+    image = await retry
+    assert (tmp_path / image.key).is_file()
+    assert backend.calls == [["dup"]]
+    assert stage._admitted == 0
+
+
+async def test_a_failed_batch_renders_again_only_the_jobs_still_awaited(tmp_path: Path) -> None:
+    backend = BatchingBackend()
+    backend.gate.clear()
+    backend.refuse = {"bad"}
+    stage = make_stage(backend, tmp_path, render_batch_size=4, render_batch_window_ms=10_000)
+    ok, bad, left = (
+        asyncio.ensure_future(stage.render_png(job(gid))) for gid in ("ok", "bad", "left")
+    )
+    stored = asyncio.ensure_future(stage.render(job("stored")))
+    await asyncio.to_thread(backend.running.wait, 10)  # the four share one call
+    left.cancel()  # a PNG request gone: nobody needs its image
+    stored.cancel()  # a stored render's request gone: its retry needs the image
+    backend.gate.set()
+    assert (await ok).png == b"\x89PNG ok"
+    with pytest.raises(InvalidRequest):
+        await bad
+    for gone in (left, stored):
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+    retry = await stage.render(job("stored"))
+    assert (tmp_path / retry.key).is_file()
+    # In the order they arrived (a stored render looks in storage first), then each alone.
+    assert sorted(backend.calls[0]) == ["bad", "left", "ok", "stored"]
+    assert sorted(backend.calls[1:]) == [["bad"], ["ok"], ["stored"]]
 
 
 async def test_a_window_ends_once_every_job_in_it_has_gone(tmp_path: Path) -> None:
