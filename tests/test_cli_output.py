@@ -146,6 +146,28 @@ def test_ollama_advice_tells_a_server_that_hangs_from_none(error: str, summary: 
     assert advice.status == "warning" and summary in advice.summary
 
 
+def test_doctor_tells_another_http_server_from_no_ollama(cli: RunCli) -> None:
+    """A web server answering 404 where Ollama should be (a wrong port) is no Ollama that is
+    not running: what the real check of it says."""
+    import threading
+    from http.server import HTTPServer, SimpleHTTPRequestHandler
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        host = f"http://127.0.0.1:{server.server_port}"
+        result = cli("doctor", "--json", env={"IMAGEGEN_OLLAMA_HOST": host})
+    finally:
+        server.shutdown()
+        server.server_close()
+    checks = {c["check"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["ollama"]["summary"] == f"The server at {host} answers, but not as Ollama."
+
+
 @pytest.mark.parametrize(
     ("platform", "environ", "expected"),
     [

@@ -27,12 +27,13 @@ def ollama_advice(info: Mapping[str, object], settings: Settings) -> Advice:
     host, model = redact_url(settings.ollama_host), settings.ollama_model
     if not info.get("reachable"):
         error = str(info.get("error", ""))
-        if error.startswith(("TimeoutError", "ReadTimeout", "unreadable")):
-            # Something answers there, but not as Ollama: a hung server, another service.
+        # Something is there, but does not answer as Ollama: a hung server, or another service
+        # (an HTTP error status for /api/tags: ollama's ResponseError).
+        if error.startswith(("TimeoutError", "ReadTimeout", "unreadable", "ResponseError")):
             what = "does not answer in time" if "Timeout" in error else "answers, but not as Ollama"
             return Advice(
                 "warning",
-                f"the server at {host} {what}",
+                f"The server at {host} {what}",
                 "check IMAGEGEN_OLLAMA_HOST, or restart Ollama",
             )
         return Advice("warning", f"Ollama is not running at {host}", "start it with `ollama serve`")

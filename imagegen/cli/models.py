@@ -79,15 +79,17 @@ def list_models(as_json: AsJson = False) -> None:
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table("model", "family", "served", "revision", "licence")
     for row in rows:
+        # As written: "FLUX.2 [klein]" is no markup to rich.
         table.add_row(
-            str(row["model"]),
-            str(row["family"]),
+            escape(str(row["model"])),
+            escape(str(row["family"])),
             "yes" if row["served"] else "no",
-            str(row["revision"] or "-"),
-            str(row["licence"]),
+            escape(str(row["revision"] or "-")),
+            escape(str(row["licence"])),
         )
     out.print(table)

@@ -111,3 +111,7 @@ def test_models_list_shows_the_table_and_what_is_served(
     default = rows["black-forest-labs/FLUX.2-klein-4B"]
     assert (default["family"], default["licence"]) == ("FLUX.2 [klein]", "Apache-2.0")
     assert default["revision"] == "e7b7dc27f91deacad38e78976d1f2b499d76a294"
+    # The table says the names as written: "[klein]" is no rich markup.
+    assert imagegen("models", "list", cache=cache, monkeypatch=monkeypatch) == 0
+    table = capsys.readouterr().out
+    assert "[klein]" in table  # on a line of its own where the column wraps
