@@ -136,6 +136,41 @@ def test_loop_stops_cleanly_on_ctrl_c(interrupted_loop: Interrupted) -> None:
     assert len(interrupted_loop.stdout.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_the_loop_now_and_says_what_was_made(tmp_path: Path) -> None:
+    args = ["loop", "a kite", "--model", "tiny", "--width", "512", "--height", "512"]
+    args += ["--steps", "50", "--no-enhance", "--plugins", ""]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imagegen.cli", *args],
+        cwd=tmp_path,
+        env=isolated_environ(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not list((tmp_path / "output").rglob("*.json")):  # the prompt's record: rendering
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "no record after 300 s"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)  # the first is handled: the loop would stop after this image
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert err.splitlines() == [
+        "stopping after this image; Ctrl-C again to stop now",
+        "made 0 image(s)",
+        "imagegen: error: interrupted",
+    ]
+    assert not list((tmp_path / "output").rglob("*.png"))
+
+
 def test_same_seed_same_pixels_from_the_cli(
     cli: RunCli, interrupted_loop: Interrupted, tmp_path: Path
 ) -> None:

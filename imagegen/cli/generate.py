@@ -249,6 +249,8 @@ def loop(
     )
     settings = settings_from(storage_url=output)
 
+    tally = _Tally()
+
     async def go() -> int:
         import asyncio
         import contextlib
@@ -256,9 +258,16 @@ def loop(
 
         stop = asyncio.Event()
         running = asyncio.get_running_loop()
-        running.add_signal_handler(signal.SIGINT, stop.set)
+
+        def first_interrupt() -> None:
+            # The next Ctrl-C is Python's own again: it stops the image under way too.
+            running.remove_signal_handler(signal.SIGINT)
+            if not stop.is_set() and not as_json:
+                err.print("stopping after this image; Ctrl-C again to stop now", markup=False)
+            stop.set()
+
+        running.add_signal_handler(signal.SIGINT, first_interrupt)
         running.add_signal_handler(signal.SIGTERM, stop.set)
-        tally = _Tally()
         explained = False
         async with make_service(settings) as service:
             await service.storage.check()  # before a render, as above
@@ -280,9 +289,11 @@ def loop(
                         await asyncio.wait_for(stop.wait(), timeout=interval)
         return tally.made
 
-    made = run_async(go)
-    if not as_json:
-        err.print(f"made {made} image(s)")
+    try:
+        run_async(go)
+    finally:  # what was made is said, whatever stopped the loop
+        if not as_json:
+            err.print(f"made {tally.made} image(s)")
 
 
 class _Tally:
