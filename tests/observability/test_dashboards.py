@@ -117,7 +117,10 @@ def _refused_by_caller() -> set[str]:
     codes = {
         cls.code
         for cls in _subclasses(errors.ImageGenError)
-        if 400 <= cls.status < 500 and cls not in (errors.RouteNotFound, errors.MethodNotAllowed)
+        # The stages' errors (the ledger's own answer its queries, which count no generation).
+        if cls.__module__ == errors.__name__
+        and 400 <= cls.status < 500
+        and cls not in (errors.RouteNotFound, errors.MethodNotAllowed)
     }
     return codes - {"not_found"}
 
