@@ -242,26 +242,34 @@ class ImageGenService:
         A first image then waits for the slower of the two, not for both: torch, diffusers and
         the weights load while plugins and the LLM write the prompt. Nothing loads for a
         request enhance will refuse, or where models are not loaded on demand. A load that
-        fails here is left to render, which loads again and reports the failure as its own,
-        as it does without this. Returns once both are done.
+        fails as imagegen says (the model not cached and the Hub unreachable: after the Hub's
+        retries) is raised once the prompt is written, as render's failure, rather than tried
+        all over again by render; anything else is left to render, which loads again. Returns
+        once both are done.
         """
         call = call or identify(request, starts=True)
         loading = self._load_ahead(request, call)
+        failed: ImageGenError | None = None
         try:
             enhanced = await self.enhance(request, call)
         finally:
             if loading is not None:
                 try:
-                    await loading
+                    failed = await loading
                 except asyncio.CancelledError as exc:
                     # Cancelled (Ctrl-C) while the model loads for render: said as render's,
                     # as it would be once render had begun; enhance's own is said by it.
                     if self.recorder is not None and call.generation_id is not None:
                         await self.recorder.failed("render", call.generation_id, exc)
                     raise
+        if failed is not None:
+            async with _stage("render", enhanced.generation_id, self.recorder):
+                raise failed
         return enhanced
 
-    def _load_ahead(self, request: GenerationRequest, call: Call) -> asyncio.Task[None] | None:
+    def _load_ahead(
+        self, request: GenerationRequest, call: Call
+    ) -> asyncio.Task[ImageGenError | None] | None:
         if not self._load_on_demand:
             return None
         assert call.generation_id is not None, "a starting call has an id"
@@ -273,11 +281,14 @@ class ImageGenService:
         if stage.is_loaded(model):
             return None
 
-        async def load() -> None:
+        async def load() -> ImageGenError | None:
             try:
                 await stage.load(model)
+            except ImageGenError as exc:  # render's failure: raised once the prompt is written
+                return exc
             except Exception as exc:  # render loads again and reports it in its own stage
                 log.debug("loading ahead failed; render loads again", extra={"error": str(exc)})
+            return None
 
         return asyncio.ensure_future(load())
 

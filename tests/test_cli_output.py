@@ -95,7 +95,7 @@ def test_doctor_rows_are_sentences_with_a_next_step(cli: RunCli) -> None:
     result = cli("doctor")
     assert result.returncode == 0, result.stderr
     rows = {line.split()[1]: line for line in result.stdout.splitlines() if line[:1].strip()}
-    assert set(rows) == {"render", "ollama", "storage"}
+    assert set(rows) == {"render", "model", "ollama", "storage"}
     assert rows["render"].split()[0] == "ok"
     assert rows["storage"].split()[0] == "ok" and "./output" in rows["storage"]
     ollama = " ".join(line.strip() for line in result.stdout.splitlines()[1:-1])
@@ -115,12 +115,35 @@ def test_doctor_json_and_a_failing_check(cli: RunCli, tmp_path: Path) -> None:
     body = json.loads(result.stdout)
     assert body["ok"] is False
     checks = {c["check"]: c for c in body["checks"]}
-    assert set(checks) == {"render", "ollama", "storage"}
+    assert set(checks) == {"render", "model", "ollama", "storage"}
     assert set(checks["render"]) == {"check", "status", "summary", "next_step"}
     assert checks["ollama"]["status"] == "warning"
     assert checks["ollama"]["next_step"].startswith("Run `ollama pull llama3.2`")
     assert checks["storage"]["status"] == "error"
     assert "IMAGEGEN_STORAGE_URL" in checks["storage"]["next_step"]
+
+
+@pytest.mark.parametrize(
+    ("model", "status", "said"),
+    [
+        ("black-forest-labs/FLUX.2-klein-4B", "warning", "not in the model cache"),
+        ("tiny", "ok", "built here"),
+        ("./no-pipeline-here", "error", "no diffusers pipeline directory"),
+    ],
+)
+def test_doctor_says_whether_the_model_loads_without_a_download(
+    cli: RunCli, tmp_path: Path, model: str, status: str, said: str
+) -> None:
+    # Offline, a model that is not cached fails the first image only after the Hub's retries.
+    (tmp_path / "no-pipeline-here").mkdir()
+    env = {"IMAGEGEN_MODEL": model, "IMAGEGEN_SERVED_MODELS": model}
+    env["IMAGEGEN_MODEL_CACHE_DIR"] = str(tmp_path / "cache")
+    result = cli("doctor", "--json", env=env)
+    checks = {c["check"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["model"]["status"] == status and said in checks["model"]["summary"]
+    assert result.returncode == (1 if status == "error" else 0)
+    if status == "warning":
+        assert "imagegen models pull" in checks["model"]["next_step"]
 
 
 def test_ollama_advice_for_a_running_ollama_with_the_model() -> None:

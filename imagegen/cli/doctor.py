@@ -28,8 +28,11 @@ class Check(NamedTuple):
 
 
 def run_checks(settings: Settings) -> list[Check]:
-    """The render back end, Ollama and storage, each as a :class:`Check`; never raises."""
+    """The render back end, the model, Ollama and storage, each as a :class:`Check`; never
+    raises."""
     rows = [_render_check(settings)]
+    if rows[0].status == "ok":
+        rows.append(_model_check(settings))
 
     async def checks() -> tuple[Advice, str | None]:
         from imagegen.cli._ollama import check_ollama
@@ -100,6 +103,46 @@ def _render_check(settings: Settings) -> Check:
     return Check("render", "ok", summary, "")
 
 
+def _model_check(settings: Settings) -> Check:
+    """Whether ``settings.model`` loads here without a download (the cache, a directory, or
+    built offline): an image's first render otherwise fetches gigabytes, or fails offline."""
+    from pathlib import Path
+
+    from huggingface_hub import try_to_load_from_cache
+
+    from imagegen.render._loading import hub_options, looks_like_path
+    from imagegen.render.pull import needs_nothing
+
+    model = settings.model
+    local = Path(model).expanduser()
+    if local.exists() or looks_like_path(model):
+        if (local / "model_index.json").is_file():
+            return Check("model", "ok", f"Model {model} is a pipeline directory.", "")
+        return Check(
+            "model",
+            "error",
+            f"IMAGEGEN_MODEL={model} is no diffusers pipeline directory (no model_index.json).",
+            "Point IMAGEGEN_MODEL at one, or name a Hub model (imagegen models list).",
+        )
+    if needs_nothing(model) is not None:
+        return Check("model", "ok", f"Model {model} is built here, random weights: noise.", "")
+    options = hub_options(settings, model)
+    try:
+        found = try_to_load_from_cache(
+            model, "model_index.json", cache_dir=options["cache_dir"], revision=options["revision"]
+        )
+    except ValueError:  # no valid Hub id: render says so, naming the field
+        found = None
+    if isinstance(found, str):
+        return Check("model", "ok", f"Model {model} is in the model cache.", "")
+    return Check(
+        "model",
+        "warning",
+        f"Model {model} is not in the model cache: the first image downloads it, or fails offline.",
+        "Run `imagegen models pull` first, or use `--model tiny` to try the chain.",
+    )
+
+
 def _storage_check(settings: Settings, error: str | None) -> Check:
     from imagegen._redact import redact_url
 
@@ -116,7 +159,7 @@ def _storage_check(settings: Settings, error: str | None) -> Check:
 
 @app.command()
 def doctor(as_json: AsJson = False, verbose: Verbose = False) -> None:
-    """Check rendering, Ollama and storage; say what to do about each problem."""
+    """Check rendering, the model, Ollama and storage; say what to do about each problem."""
     rows = run_checks(settings_from())
     failed = any(row.status == "error" for row in rows)
     if as_json:

@@ -118,7 +118,8 @@ def hub_errors(repo_id: str, *, field: str, what: str) -> Iterator[None]:
     except LocalEntryNotFoundError as error:
         reason = "HF_HUB_OFFLINE is set" if is_offline_mode() else "the Hub is unreachable"
         raise DependencyUnavailable(
-            f"{what} is not in the local cache and {reason}: download {repo_id} first"
+            f"{what} is not in the local cache and {reason}: pull it first"
+            f" (imagegen models pull {repo_id})"
         ) from error
     except HfHubHTTPError as error:
         if error.response is not None and error.response.status_code in (400, 404):

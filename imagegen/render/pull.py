@@ -70,12 +70,15 @@ def pull(model: str, settings: Settings) -> PulledModel:
         try:
             path = Path(DiffusionPipeline.download(model, **options))
         except OSError as error:
-            # diffusers says why in a paragraph; the one fact that matters fits in a line.
-            reason = (
-                "it is not in the cache and HF_HUB_OFFLINE is set"
-                if is_offline_mode()
-                else first_line(error)
-            )
+            # diffusers says why in a paragraph (an OSError of its own, with no errno: the Hub
+            # could not be reached and the cache lacks the files); the fact fits in a line. An
+            # OSError of the system (a full disk) says its own.
+            if is_offline_mode():
+                reason = "it is not in the cache and HF_HUB_OFFLINE is set"
+            elif error.errno is None:
+                reason = "it is not in the cache and the Hub cannot be reached"
+            else:
+                reason = first_line(error)
             raise DependencyUnavailable(
                 f"model {model!r} could not be downloaded: {reason}"
             ) from error

@@ -66,6 +66,39 @@ def test_pull_of_a_model_that_is_not_there_is_one_line(
     assert "could not be downloaded" in line
 
 
+@pytest.mark.parametrize(
+    ("raised", "said"),
+    [
+        # diffusers' own OSError (no errno) when the Hub cannot be reached (its message a
+        # paragraph that ends in advice about local_files_only): said in a line.
+        (
+            OSError(
+                "Cannot load model example-org/missing: model is not cached locally and an"
+                " error occurred while trying to fetch metadata from the Hub. Please check out"
+                " the root cause in the stacktrace above. " + "x" * 400
+            ),
+            "it is not in the cache and the Hub cannot be reached",
+        ),
+        (OSError(28, "No space left on device"), "[Errno 28] No space left on device"),
+    ],
+)
+def test_a_pull_that_fails_says_why_in_a_line(
+    monkeypatch: pytest.MonkeyPatch, raised: OSError, said: str
+) -> None:
+    from diffusers import DiffusionPipeline
+
+    from imagegen.render import pull as pulling
+
+    def fails(*args: object, **kwargs: object) -> str:
+        raise raised
+
+    monkeypatch.setattr(DiffusionPipeline, "download", fails)
+    monkeypatch.setattr(pulling, "is_offline_mode", lambda: False)  # the conftest sets it
+    with pytest.raises(DependencyUnavailable) as caught:
+        pulling.pull("example-org/missing", Settings())
+    assert caught.value.message == f"model 'example-org/missing' could not be downloaded: {said}"
+
+
 def test_the_pulled_cache_is_what_render_loads_offline(cache: Path) -> None:
     settings = Settings(model_cache_dir=cache)
     pipe = load_pipeline(MODEL, torch.float32, settings)
@@ -115,3 +148,19 @@ def test_models_list_shows_the_table_and_what_is_served(
     assert imagegen("models", "list", cache=cache, monkeypatch=monkeypatch) == 0
     table = capsys.readouterr().out
     assert "[klein]" in table  # on a line of its own where the column wraps
+
+
+def test_doctor_finds_a_pulled_model_in_the_cache(
+    cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("IMAGEGEN_MODEL", MODEL)
+    monkeypatch.setenv("IMAGEGEN_SERVED_MODELS", MODEL)
+    monkeypatch.setenv("IMAGEGEN_OLLAMA_HOST", "http://127.0.0.1:9")
+    imagegen("doctor", "--json", cache=cache, monkeypatch=monkeypatch)
+    checks = {c["check"]: c for c in json.loads(capsys.readouterr().out)["checks"]}
+    assert checks["model"] == {
+        "check": "model",
+        "status": "ok",
+        "summary": f"Model {MODEL} is in the model cache.",
+        "next_step": "",
+    }
