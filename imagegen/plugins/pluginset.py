@@ -221,7 +221,18 @@ class PluginSet:
             return list(self._order)
         unknown = [n for n in selection if n not in self._order]
         if unknown:
-            raise _unknown(unknown, self._order, "plugins")
+            # One installed but not enabled is the deployment's choice, and said as such.
+            variable = self.settings.variable("plugins")
+            errors = [
+                {
+                    "field": "plugins",
+                    "message": f"plugin {n!r} is installed but not enabled ({variable})",
+                }
+                if n in self.available
+                else _unknown([n], self._order, "plugins").errors[0]
+                for n in unknown
+            ]
+            raise InvalidRequest(f"plugin(s) not enabled: {', '.join(unknown)}", errors=errors)
         return list(dict.fromkeys(selection))
 
     def options_for(

@@ -185,6 +185,10 @@ async def test_unknown_or_disabled_selection_is_invalid(settings: Settings) -> N
         await _run(plugins, selection=["a", "nope", "b"])
     assert caught.value.fields == ["plugins", "plugins"]
     assert "nope" in caught.value.errors[0]["message"]
+    # There, but disabled: said so, with what enables it, not "unknown".
+    assert caught.value.errors[1]["message"] == (
+        "plugin 'b' is installed but not enabled (IMAGEGEN_PLUGINS)"
+    )
 
 
 # 5. Configuration per set
