@@ -175,7 +175,11 @@ class GenerationRequest(_Model):
     height: Dimension = 1024
     steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Default: per model.")
     guidance: float | None = Field(
-        default=None, ge=0.0, le=MAX_GUIDANCE, description="Default: per model."
+        default=None,
+        ge=0.0,
+        le=MAX_GUIDANCE,
+        allow_inf_nan=False,
+        description="Default: per model.",
     )
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     model: str | None = Field(
@@ -242,7 +246,7 @@ class EnhancedPrompt(_Model):
     width: Dimension
     height: Dimension
     steps: int = Field(ge=1, le=MAX_STEPS)
-    guidance: float = Field(ge=0.0, le=MAX_GUIDANCE)
+    guidance: float = Field(ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
     seed: int = Field(ge=0, le=MAX_SEED)
     requested_at: ChainTime
     metadata: Metadata = Field(default_factory=dict)
@@ -282,7 +286,11 @@ class RenderRequest(_Model):
     height: Dimension = 1024
     steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Default: per model.")
     guidance: float | None = Field(
-        default=None, ge=0.0, le=MAX_GUIDANCE, description="Default: per model."
+        default=None,
+        ge=0.0,
+        le=MAX_GUIDANCE,
+        allow_inf_nan=False,
+        description="Default: per model.",
     )
     seed: int | None = Field(
         default=None, ge=0, le=MAX_SEED, description="Default: derived from the generation id."
@@ -308,7 +316,7 @@ class RenderedImage(_Model):
     seed: int = Field(ge=0, le=MAX_SEED)
     model: str
     steps: int = Field(ge=1, le=MAX_STEPS)
-    guidance: float = Field(ge=0.0, le=MAX_GUIDANCE)
+    guidance: float = Field(ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds per phase.")
     rendered_at: ChainTime | None = Field(
         default=None,

@@ -276,7 +276,8 @@ def request_errors(
         return [
             {
                 "field": "model",
-                "message": f"{model!r} is not served here; served: " + ", ".join(served),
+                "message": f"{model!r} is not served here; served (IMAGEGEN_SERVED_MODELS): "
+                + ", ".join(served),
             }
         ]
     return resolution_errors(family_for(model), width, height)

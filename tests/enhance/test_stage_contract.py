@@ -129,7 +129,8 @@ async def test_a_model_not_served_is_refused_before_the_llm(
             await _run(stage, model=model)
         assert caught.value.fields == ["model"]
         assert caught.value.errors[0]["message"] == (
-            f"{model!r} is not served here; served: black-forest-labs/FLUX.2-klein-4B, tiny"
+            f"{model!r} is not served here; served (IMAGEGEN_SERVED_MODELS):"
+            " black-forest-labs/FLUX.2-klein-4B, tiny"
         )
     assert fake_ollama.requests == []
 

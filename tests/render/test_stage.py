@@ -160,7 +160,9 @@ async def test_a_model_the_deployment_does_not_serve_is_refused(tmp_path: Path) 
         await render.render(other)
 
     assert caught.value.fields == ["model"]
-    assert caught.value.errors[0]["message"] == "'tiny-klein' is not served here; served: tiny"
+    assert caught.value.errors[0]["message"] == (
+        "'tiny-klein' is not served here; served (IMAGEGEN_SERVED_MODELS): tiny"
+    )
     assert backend.finished == 0
     assert (await render.render(job("g-tiny"))).model == "tiny"
 
