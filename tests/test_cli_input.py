@@ -131,7 +131,7 @@ def test_doctor_reports_a_storage_url_it_cannot_open_as_a_row(cli: RunCli) -> No
     result = cli("doctor", "--json", env={"IMAGEGEN_STORAGE_URL": "ftp://example.org/images"})
     assert result.returncode == 1, result.stderr
     checks = {c["check"]: c for c in json.loads(result.stdout)["checks"]}
-    assert set(checks) == {"render", "ollama", "storage"}
+    assert set(checks) == {"render", "model", "ollama", "storage"}
     assert checks["storage"]["status"] == "error"
     assert "ftp" in checks["storage"]["summary"]
     assert checks["ollama"]["status"] == "warning"  # still asked
@@ -164,9 +164,12 @@ def test_history_folds_the_longest_ids_beside_their_status(cli: RunCli) -> None:
     assert result.returncode == 0, result.stderr
     header, *rows = result.stdout.splitlines()
     assert max(len(line) for line in rows) <= 80
-    assert rows[0].split()[-4:] == ["requested", "tiny", "a", "fox"], "the other columns kept"
+    # Under 100 columns the model is left out (status shows it), the time shortened.
+    assert rows[0].split()[-3:] == ["requested", "a", "fox"], "the other columns kept"
     start, end = header.index("generation"), header.index("status")
     assert "".join(line[start:end].strip() for line in rows) == gid, "whole, folded"
+    wide = cli("history", env={"COLUMNS": "120"}).stdout.splitlines()
+    assert wide[1].split()[-4:] == ["requested", "tiny", "a", "fox"]
 
 
 def test_history_shows_whole_ids_on_80_columns(cli: RunCli) -> None:
@@ -178,3 +181,6 @@ def test_history_shows_whole_ids_on_80_columns(cli: RunCli) -> None:
     assert result.returncode == 0, result.stderr
     assert max(len(line) for line in result.stdout.splitlines()) <= 80
     assert listed["generation_id"] in result.stdout
+    # One line per generation: the prompt cut with an ellipsis, not folded into fragments.
+    [row] = [line for line in result.stdout.splitlines()[1:] if line.strip()]
+    assert listed["generation_id"] in row and "a long" in row and row.rstrip().endswith("…")

@@ -291,9 +291,16 @@ def loop(
 
     try:
         run_async(go)
-    finally:  # what was made is said, whatever stopped the loop
+    except Exception:
+        if tally.made and not as_json:  # what was made before the failure
+            err.print(f"made {tally.made} image(s)")
+        raise
+    except BaseException:  # Ctrl-C a second time: what was made, then "interrupted"
         if not as_json:
             err.print(f"made {tally.made} image(s)")
+        raise
+    if not as_json:
+        err.print(f"made {tally.made} image(s)")
 
 
 class _Tally:

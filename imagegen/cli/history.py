@@ -299,24 +299,45 @@ def history(
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(box=None)
-    table.add_column("created")
-    # Whole, on a narrow terminal too: an id is there to be copied into `status` or `replay`.
-    # One of 32 characters (the ids imagegen makes) on one line; a longer one (up to 128)
-    # folded over several, rather than taking the width of every other column.
-    table.add_column("generation", min_width=32, overflow="fold")
-    for name in ("status", "model", "prompt"):
-        table.add_column(name)
+    # A line per generation. On a narrow terminal (under 100 columns) the time is shorter and
+    # the model left out (``status`` shows it); the prompt takes what the other columns leave
+    # (each pads a character a side), cut short with an ellipsis, never folded into fragments.
+    narrow = out.width < _NARROW
+    headers = ["created", "generation", "status"] + ([] if narrow else ["model"]) + ["prompt"]
+    rows = []
     for item in items:
-        prompt = item.get("prompt") or item.get("original_prompt") or ""
-        table.add_row(
-            item["created_at"][:19].replace("T", " "),
-            escape(item["generation_id"]),
-            item["status"],
-            escape(item.get("model") or ""),
-            escape(prompt[:60] + ("…" if len(prompt) > 60 else "")),
-        )
+        created = item["created_at"][:19].replace("T", " ")
+        row = [created[5:16] if narrow else created, item["generation_id"], item["status"]]
+        if not narrow:
+            row.append(item.get("model") or "")
+        row.append(item.get("prompt") or item.get("original_prompt") or "")
+        rows.append(row)
+    widths = [
+        max([len(header), *(len(row[i]) for row in rows)]) for i, header in enumerate(headers)
+    ]
+    # An id beyond 32 characters (up to 128) folds, as a model's beyond _MODEL_WIDTH does.
+    widths[1] = 32
+    if not narrow:
+        widths[3] = min(widths[3], _MODEL_WIDTH)
+    room = max(12, min(60, out.width - sum(widths[:-1]) - 2 * len(headers)))
+    table = Table(box=None)
+    for header in headers:
+        if header == "generation":  # whole: an id is there to be copied into status or replay
+            table.add_column(header, min_width=32, overflow="fold")
+        elif header == "model":
+            table.add_column(header, overflow="fold", max_width=_MODEL_WIDTH)
+        else:
+            table.add_column(header, no_wrap=True)
+    for row in rows:
+        prompt = row[-1] if len(row[-1]) <= room else row[-1][: room - 1] + "…"
+        table.add_row(*(escape(cell) for cell in row[:-1]), escape(prompt))
     out.print(table)
+
+
+_MODEL_WIDTH = 24
+"""Characters of a model's id on one line of ``history``; a longer id folds."""
+_NARROW = 100
+"""Terminals narrower than this get ``history`` without its model column."""
 
 
 @app.command()
