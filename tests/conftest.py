@@ -128,14 +128,17 @@ def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> 
     process shows (quiet start-up, signals) is tested with subprocesses in tests/test_cli*.py.
     """
     from imagegen import observability
-    from imagegen.cli import main
+    from imagegen.cli import _app, main
 
     def run(*args: str, env: Mapping[str, str] | None = None) -> CliResult:
         with monkeypatch.context() as patched:
             for name, value in (env or {}).items():
                 patched.setenv(name, value)
-            # Each run sets up its logging as a fresh process does, onto this test's stderr.
+            # Each run sets up its logging as a fresh process does, onto this test's stderr,
+            # and its consoles, which read the terminal's width (COLUMNS) when made.
             patched.setattr(observability, "_active", None)
+            for console in (_app.out, _app.err):
+                patched.setattr(console, "_console", None)
             capsys.readouterr()
             try:
                 main(list(args))
