@@ -13,6 +13,11 @@ or exactness for speed (docs/rendering.md says which costs what):
 - ``render_compile_cache_dir``: Inductor's cache on a persistent volume, so a warm start loads
   compiled kernels instead of compiling them again.
 
+Where LoRAs are configured (``loras``, ``lora_dir``) neither fusing nor compiling is applied:
+peft adapts the separate query, key and value projections, which a fused transformer no longer
+calls (the adapters would change nothing), and every new set of adapters changes the blocks a
+full-graph compile guards on, until torch's recompile limit (8) fails every render after it.
+
 Importing this module imports torch.
 """
 
@@ -46,13 +51,20 @@ def apply_fast_path(pipe: Any, settings: Settings, device: torch.device) -> list
     if device.type != "cuda" or transformer is None:
         return []
     applied: list[str] = []
+    loras = bool(settings.loras or settings.lora_dir)
+    for wanted, option in (
+        (settings.render_fuse_qkv, "IMAGEGEN_RENDER_FUSE_QKV"),
+        (settings.render_compile != "off", "IMAGEGEN_RENDER_COMPILE"),
+    ):
+        if wanted and loras:
+            log.warning("%s is not applied: LoRAs are configured (docs/rendering.md)", option)
     # Fuse before quantising (the fused projection is quantised as one) and compile last.
-    if settings.render_fuse_qkv:
+    if settings.render_fuse_qkv and not loras:
         transformer.fuse_qkv_projections()
         applied.append("fused_qkv")
     if settings.render_fp8 and _quantize_fp8(transformer, device):
         applied.append("fp8")
-    if settings.render_compile != "off":
+    if settings.render_compile != "off" and not loras:
         if settings.render_compile_cache_dir is not None:
             use_compile_cache(settings.render_compile_cache_dir)
         if settings.render_compile == "regional":
@@ -87,9 +99,7 @@ def use_compile_cache(directory: Path) -> bool:
             error,
         )
         return False
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
-    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
-    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)  # its FX and autograd caches: on
     return True
 
 

@@ -207,10 +207,16 @@ class DiffusersBackend:
                 timings["lora"] = time.perf_counter() - started
 
             # 2. Denoise, then 3. decode with the VAE
+            out_of_memory = False
             try:
                 images, denoise, decode = self._denoise_and_decode(pipe, jobs, progress)
             except torch.OutOfMemoryError:
-                raise self._out_of_memory(jobs) from None
+                out_of_memory = True
+            if out_of_memory:
+                # Out of the handler: the error's traceback, and the latents and activations
+                # its frames hold, are gone before the cache is given back, and the refusal
+                # (which the stage holds while it runs a batch's jobs alone) holds none of it.
+                raise self._out_of_memory(jobs)
         finally:
             # The next job starts from the bare model.
             if adapters_on:

@@ -62,6 +62,38 @@ def test_a_call_that_does_not_fit_is_a_retryable_refusal(
         assert f"out of memory for {what} at 256x256 tiny" in caplog.text
 
 
+def test_a_refusal_holds_none_of_the_memory_of_the_call_that_failed(
+    backend: Any, make_job: MakeJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tensors a call allocated before it ran out are freed before the cache is given
+    back, and the refusal, which the stage holds while it runs a batch's jobs alone, keeps
+    no traceback that would hold them."""
+    import weakref
+
+    from imagegen.render.diffusers_backend import DiffusersBackend
+
+    held: list[weakref.ref[Any]] = []
+    alive_at_empty_cache: list[bool] = []
+
+    def allocating(self: Any, pipe: Any, jobs: list[EnhancedPrompt], progress: Any) -> Any:
+        latents = torch.zeros(1024, 1024)  # what the call had allocated when it ran out
+        held.append(weakref.ref(latents))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    real_empty = DiffusersBackend._empty_cache
+
+    def empty_cache(self: Any) -> None:
+        alive_at_empty_cache.append(held[-1]() is not None)
+        real_empty(self)
+
+    monkeypatch.setattr(DiffusersBackend, "_denoise_and_decode", allocating)
+    monkeypatch.setattr(DiffusersBackend, "_empty_cache", empty_cache)
+    with pytest.raises(DependencyUnavailable) as refused:
+        backend.render_batch([make_job(generation_id="held-1")])
+    assert alive_at_empty_cache == [False]
+    assert refused.value.__context__ is None and refused.value.__cause__ is None
+
+
 async def test_a_batch_that_does_not_fit_is_rendered_one_image_at_a_time(
     backend: Any, make_job: MakeJob, memory: Memory, tmp_path: Path
 ) -> None:
