@@ -43,7 +43,7 @@ def served_env(storage: Path, **extra: str) -> dict[str, str]:
     return {
         "OMP_NUM_THREADS": str(torch_threads()),
         "IMAGEGEN_MODEL": "tiny",
-        "IMAGEGEN_ALLOWED_MODELS": "tiny",
+        "IMAGEGEN_SERVED_MODELS": "tiny",
         "IMAGEGEN_DEVICE": "cpu",
         "IMAGEGEN_STORAGE_URL": str(storage),
         "IMAGEGEN_LOG_LEVEL": "WARNING",

@@ -2,7 +2,7 @@
 
     python benchmarks/gpu.py [--model ID] [--sizes 512 1024] [--rounds 3] [--budget 540]
     python benchmarks/gpu.py --random-weights DIR [...]   # FLUX.2 [klein] 4B's shapes, offline
-    python benchmarks/gpu.py --device cpu --model tiny --sizes 64 --rounds 1   # a smoke run
+    python benchmarks/gpu.py --device cpu --model tiny --sizes 256 --rounds 1  # a smoke run
 
 Runs where CUDA is present (elsewhere it says so and exits 2, unless ``--device cpu`` asks for
 a smoke run, where the fast-path options apply nothing), stops starting new parts once
@@ -116,8 +116,12 @@ def options_table(args: argparse.Namespace, steps: int, guidance: float) -> None
         if args.over_budget(name):
             return
         if options.get("render_fp8") and not capable:
-            print(f"{name:<20} (skipped: fp8 needs CUDA compute capability 8.9+)")
-            continue
+            if len(options) == 1:
+                print(f"{name:<20} (skipped: fp8 needs CUDA compute capability 8.9+)")
+                continue
+            # The other options together are still worth a row on a GPU without fp8.
+            name = f"{name} but fp8"
+            options = {k: v for k, v in options.items() if k != "render_fp8"}
         with reported(name, args.failures, limit=min(args.option_limit, args.time_left())):
             option_rows(args, name, options, steps, guidance)
 
@@ -310,7 +314,7 @@ def startup(args: argparse.Namespace) -> None:
         env = {
             **os.environ,
             "IMAGEGEN_MODEL": args.model,
-            "IMAGEGEN_ALLOWED_MODELS": args.model,
+            "IMAGEGEN_SERVED_MODELS": args.model,
             "IMAGEGEN_DEVICE": args.device,
             "IMAGEGEN_STORAGE_URL": str(tmp / "out"),
             "IMAGEGEN_RENDER_WARMUP": "true",

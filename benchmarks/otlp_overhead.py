@@ -80,7 +80,7 @@ def run_variant(variant: str, requests: int, warmup: int, blackhole: str) -> dic
     workdir = Path(tempfile.mkdtemp(prefix="otlp-bench-"))
     env.update(
         IMAGEGEN_MODEL="tiny",
-        IMAGEGEN_ALLOWED_MODELS="tiny",
+        IMAGEGEN_SERVED_MODELS="tiny",
         IMAGEGEN_STORAGE_URL=str(workdir / "store"),
         IMAGEGEN_OLLAMA_HOST="http://127.0.0.1:9",
         IMAGEGEN_OLLAMA_RETRIES="0",

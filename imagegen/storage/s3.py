@@ -325,6 +325,15 @@ class S3Storage(ObjectStore):
             return DependencyUnavailable(
                 f"S3 bucket {self.bucket!r} unavailable during {operation} ({code or status})"
             )
+        if operation == "HeadObject" and code in ("", str(status)):
+            # A HEAD's answer has no body, so no reason (botocore names the status as the
+            # code): a 409 is an operation in flight on the key, a 400 most likely a region
+            # the endpoint will not sign for. Neither is the event's doing.
+            return DependencyUnavailable(
+                f"S3 HeadObject on bucket {self.bucket!r} refused ({status}; a HEAD says no"
+                " more): retry, and check the region, the endpoint and the clock"
+                " (docs/storage.md)"
+            )
         if code in _MISCONFIGURED or 300 <= status < 400:
             # The deployment's doing, not the event's: retryable once the settings are fixed.
             return DependencyUnavailable(

@@ -317,6 +317,20 @@ async def test_what_the_store_or_its_settings_cause_is_retryable(
     assert error.value.retryable and said in error.value.message
 
 
+@pytest.mark.parametrize(
+    ("status", "code"), [(409, "OperationAborted"), (400, "AuthorizationHeaderMalformed")]
+)
+async def test_a_head_refused_without_a_reason_is_retryable(
+    s3: S3Server, make_s3: MakeS3, status: int, code: str
+) -> None:
+    """A HEAD's answer has no body: botocore gives the status as the code, and the store's
+    reason (a conflict in flight, a region it will not sign for) is not there to tell."""
+    storage = make_s3()
+    with s3.outage(status=status, code=code), pytest.raises(DependencyUnavailable) as error:
+        await storage.head(KEYS.image)
+    assert error.value.retryable and f"({status}; a HEAD says no more)" in error.value.message
+
+
 async def test_other_client_errors_are_not_retryable(s3: S3Server, make_s3: MakeS3) -> None:
     storage = make_s3()
 
