@@ -110,8 +110,7 @@ class Function:
         try:
             settings = Settings()
             setup_observability(f"imagegen-{self.stage.name}", settings)
-            if self.stage.emits is not None:  # the sinks' requests are no generations
-                count_from_zero(self.stage.name)
+            count_from_zero(self.stage.name, sink=self.stage.emits is None)
             for unknown in Settings.unknown_variables():
                 log.warning(unknown, extra={"stage": self.stage.name})
             preload = (settings.model,) if self.stage.loads_model else ()
@@ -318,7 +317,11 @@ class Function:
                 return Reply(200, png, {"Content-Type": "image/png", **more})
             result, extensions = self._run(stage.handler(self._service, data, call), message, gid)
             # 4. Reply: the next event, JSON, or nothing.
-            if result is None or stage.emits is None:
+            if stage.emits is None:  # a sink: the dead-letter records, the ledger
+                labels = {"stage": stage.name, "outcome": "recorded"}
+                instruments().sink_deliveries.add(1, labels)
+                return Reply(202)
+            if result is None:
                 return Reply(202)
             if plain:
                 return json_reply(result.model_dump(mode="json"), 200)
@@ -369,9 +372,12 @@ class Function:
             exc = InternalError("internal error; see the function's logs")
         level = logging.WARNING if exc.status < 500 else logging.ERROR
         log.log(level, "request failed: %s", exc.message, extra={**extra, "status": exc.status})
-        if not dispatched:
+        labels = {"stage": self.stage.name, "outcome": "failed", "reason": exc.code}
+        if self.stage.emits is None:
+            # A sink's delivery that failed: a record the broker may drop once it gives up.
+            instruments().sink_deliveries.add(1, labels)
+        elif not dispatched:
             # Refused before the stage ran (bad input, not ready): the stage counted nothing.
-            labels = {"stage": self.stage.name, "outcome": "failed", "reason": exc.code}
             instruments().generations.add(1, labels)
         # A stage that emits nothing never answers with an event: beside the stage that
         # consumes the same type, its generation.failed would report the generation twice.

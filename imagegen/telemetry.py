@@ -27,6 +27,7 @@ __all__ = [
     "INHERITED_ATTRIBUTES",
     "METRICS",
     "METRIC_NAMES",
+    "SINK_COUNTED_FROM_ZERO",
     "Instruments",
     "MetricSpec",
     "count_from_zero",
@@ -149,6 +150,14 @@ METRICS: dict[str, MetricSpec] = {
         "Stage outcomes: success, fallback, failed (with the error code as reason).",
         ("stage", "outcome", "reason"),
     ),
+    "sink_deliveries": MetricSpec(
+        "imagegen.sink.deliveries",
+        "counter",
+        "{delivery}",
+        "Deliveries to the dead-letter sink and the ledger: recorded, or failed (with the"
+        " error code as reason).",
+        ("stage", "outcome", "reason"),
+    ),
     "ollama_duration": MetricSpec(
         "imagegen.ollama.duration",
         "histogram",
@@ -225,6 +234,7 @@ METRIC_NAMES: dict[str, str] = {key: spec.name for key, spec in METRICS.items()}
 class Instruments(NamedTuple):
     stage_duration: metrics.Histogram
     generations: metrics.Counter
+    sink_deliveries: metrics.Counter
     ollama_duration: metrics.Histogram
     enhance_fallbacks: metrics.Counter
     circuit_transitions: metrics.Counter
@@ -273,13 +283,25 @@ COUNTED_FROM_ZERO = (
 )
 
 
-def count_from_zero(stage: str) -> None:
-    """Start ``stage``'s :data:`COUNTED_FROM_ZERO` generation series at 0.
+SINK_COUNTED_FROM_ZERO = (
+    {"outcome": "recorded"},
+    {"outcome": "failed", "reason": "dependency_unavailable"},
+    {"outcome": "failed", "reason": "internal"},
+)
+
+
+def count_from_zero(stage: str, *, sink: bool = False) -> None:
+    """Start ``stage``'s :data:`COUNTED_FROM_ZERO` generation series at 0 (a sink's
+    :data:`SINK_COUNTED_FROM_ZERO` delivery series).
 
     Each process is an ``instance`` of its own to Prometheus, and functions scale to zero:
     a series first exported at 1 has no earlier sample, so ``increase()`` and ``rate()`` never
     see that first count, and a pod that fails once and is scaled away fails unseen.
     """
+    if sink:
+        for labels in SINK_COUNTED_FROM_ZERO:
+            instruments().sink_deliveries.add(0, {"stage": stage, **labels})
+        return
     counter = instruments().generations
     for labels in COUNTED_FROM_ZERO:
         if labels["outcome"] != "fallback" or stage == "enhance":

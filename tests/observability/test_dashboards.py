@@ -142,3 +142,4 @@ def test_the_critical_failure_alert_leaves_out_what_callers_get_refused() -> Non
     assert {"invalid_request", "unauthenticated", "forbidden", "overloaded"} <= refused
     assert _reasons("ImagegenGenerationFailures", "!~") == refused
     assert _reasons("ImagegenInvalidRequestsHigh", "=~") == refused - {"overloaded"}
+    assert _reasons("ImagegenSinkCannotRecord", "!~") == refused - {"overloaded"}

@@ -436,3 +436,53 @@ def test_a_stage_stopped_from_outside_is_counted_cancelled_not_a_bug(
     asyncio.run(stopped())
     assert counted("cancelled") == before["cancelled"] + 1
     assert counted("internal") == before["internal"]
+
+
+def test_the_dead_letter_sinks_deliveries_are_counted(
+    otel: InMemoryTelemetry, tmp_path: Path
+) -> None:
+    # What the sink could not record, the broker drops once its retries are spent: counted
+    # (and alerted on), where the sinks count no generation.
+    import shutil
+
+    def counted(**labels: str) -> float:
+        return sum(
+            p.point.value
+            for p in otel.points(METRIC_NAMES["sink_deliveries"])
+            if p.attributes == {"stage": "deadletter", **labels}
+        )
+
+    store = tmp_path / "store"
+    saved_env, saved_cwd = dict(os.environ), Path.cwd()
+    root = logging.getLogger()
+    saved_logging = list(root.handlers), root.level
+    os.environ.update(base_env(store))
+    os.chdir(tmp_path)
+    try:
+        sink = InProcessServer("deadletter").start()
+        sink.wait("/healthz")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+        root.handlers, root.level = saved_logging
+    try:
+        recorded, failed = (
+            counted(outcome="recorded"),
+            counted(outcome="failed", reason="dependency_unavailable"),
+        )
+        headers = cloudevent_headers(GENERATION_REQUESTED, event_id="sink-1")
+        assert post(sink.url, headers, b"{}").status_code == 202
+        assert counted(outcome="recorded") == recorded + 1
+        shutil.rmtree(store / "failures")
+        (store / "failures").write_text("a file where the records go: storage fails")
+        headers = cloudevent_headers(GENERATION_REQUESTED, event_id="sink-2")
+        assert post(sink.url, headers, b"{}").status_code == 503
+        assert counted(outcome="failed", reason="dependency_unavailable") == failed + 1
+        assert not [
+            p
+            for p in otel.points(METRIC_NAMES["generations"])
+            if (p.attributes or {}).get("stage") == "deadletter"
+        ]
+    finally:
+        sink.stop()
