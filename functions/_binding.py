@@ -13,7 +13,6 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 from urllib.parse import quote, unquote
@@ -183,6 +182,11 @@ def parse(headers: Mapping[str, str], body: bytes, *, consumes: tuple[str, ...])
             field = "data_base64" if where == "data" else "body"
             data = _an_object(loads(data, field=field), field) if data else {}
         attributes = {k: str(v) for k, v in event.get_attributes().items() if v is not None}
+        sent_time = "time" in envelope if structured else "ce-time" in sdk_headers
+        if not sent_time:
+            # The SDK's CloudEvent gives an event without a time the clock's (cloudevents/
+            # http/event.py, __init__): no time was sent, and each delivery would differ.
+            attributes.pop("time", None)
         return Message(
             _an_object({} if data is None else data, where), MappingProxyType(attributes), lowered
         )
@@ -372,7 +376,10 @@ def json_reply(body: Any, status: int, headers: Mapping[str, str] | None = None)
 
 def event_reply(attributes: Mapping[str, str], data: BaseModel) -> Reply:
     """A 200 carrying the next event (binary mode)."""
-    headers, body = to_binary(CloudEvent(dict(attributes), data.model_dump(mode="json")))
+    event = CloudEvent(dict(attributes), data.model_dump(mode="json"))
+    if "time" not in attributes:
+        del event["time"]  # the SDK's default, the clock's: a redelivery would differ in it
+    headers, body = to_binary(event)
     for name, value in headers.items():
         if name.startswith("ce-") and not _PLAIN_HEADER_VALUE.fullmatch(value):
             headers[name] = quote(value, safe=_UNENCODED)  # HTTP binding, section 3.1.3.2
@@ -390,14 +397,13 @@ def error_reply(
     retryable one (5xx, 429) is redelivered; a plain-HTTP caller reads which field was wrong.
     """
     if message is not None and message.is_event and is_final(exc.status):
-        failed_at = None  # the event's time, unless what failed is that it has none
+        # The event's time, none where it has none (or what failed is its time): every
+        # delivery of one event is answered alike, never with the clock's time.
+        failed_at = None
         with contextlib.suppress(InvalidRequest):
             failed_at = event_time(message.attributes)
         failed = GenerationFailed(
-            generation_id=generation_id,
-            stage=stage,
-            error=ErrorInfo.of(exc),
-            failed_at=failed_at or datetime.now(UTC),
+            generation_id=generation_id, stage=stage, error=ErrorInfo.of(exc), failed_at=failed_at
         )
         cause = f"{message.attributes.get('source')}#{message.attributes.get('id')}"
         attributes = reply_attributes(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
@@ -104,16 +103,19 @@ def reply_attributes(
     """The attributes of the event ``stage`` answers with: alike for every delivery.
 
     The id is stable for the generation (else for ``cause``, the event that failed) and the
-    time comes from the data, never the clock, so a redelivery to any replica answers alike.
+    time comes from the data, never the clock (none where the data has none: a failure of an
+    event without a time), so a redelivery to any replica answers alike.
     """
     attributes = {
         "type": event_type,
         "source": source_for(stage),
         "id": reply_id(generation_id or cause or "unknown", event_type),
-        "time": (getattr(data, "occurred_at", None) or datetime.now(UTC)).isoformat(),
         "datacontenttype": "application/json",
         "dataschema": dataschema(event_type),
     }
+    occurred = getattr(data, "occurred_at", None)
+    if occurred is not None:
+        attributes["time"] = occurred.isoformat()
     if generation_id:
         attributes["subject"] = generation_id
     return attributes | {k: v for k, v in extensions.items() if v} | routing_attributes(data)

@@ -410,12 +410,13 @@ class GenerationFailed(_Model):
     generation_id: GenerationId | None = None
     stage: StageName
     error: ErrorInfo
-    failed_at: ChainTime = Field(
-        description="The failing event's time, else when it was refused: every delivery of "
-        "one event fails at the same time."
+    failed_at: ChainTime | None = Field(
+        default=None,
+        description="The failing event's time; null when it had none (a clock's time would "
+        "differ between deliveries of one event, which must fail alike).",
     )
 
     @property
-    def occurred_at(self) -> datetime:
-        """The time of its event: ``failed_at``."""
+    def occurred_at(self) -> datetime | None:
+        """The time of its event: ``failed_at`` (None: the event it reports had none)."""
         return self.failed_at

@@ -76,6 +76,34 @@ def test_a_final_failure_is_answered_2xx_with_generation_failed(
     assert other.headers["ce-id"] != reply.headers["ce-id"]
 
 
+def test_a_failure_of_an_event_without_a_time_is_answered_alike_and_recorded_once(
+    served: dict[str, FunctionServer],
+) -> None:
+    """No clock in the answer: every delivery of the refused event gets the same event (no
+    ``time``, ``failed_at`` null), which the dead-letter sink files once, undated, on any day."""
+    enhance, sink = served["enhance"], served["deadletter"]
+    send = partial(post_event, enhance.url, GENERATION_REQUESTED, {"width": 17}, source="/tests")
+    first, again = send(event_id="untimed-1"), send(event_id="untimed-1")
+    assert first.status_code == again.status_code == 200
+    assert first.headers["ce-type"] == GENERATION_FAILED
+    assert "ce-time" not in first.headers and first.json()["failed_at"] is None
+    assert first.content == again.content
+    same = ("ce-id", "ce-source", "ce-subject", "ce-type")
+    assert [first.headers[h] for h in same] == [again.headers[h] for h in same]
+    for reply in (first, again):  # delivered to the sink, as the broker would
+        headers = {k: v for k, v in reply.headers.items() if k.lower().startswith("ce-")}
+        headers["content-type"] = "application/json"
+        assert sink.post("/", headers=headers, content=reply.content).status_code == 202
+    store = Path(sink.env["IMAGEGEN_STORAGE_URL"])
+    gid = first.headers["ce-subject"]
+    records = [
+        p
+        for p in store.rglob("failures/**/*.json")
+        if json.loads(p.read_text())["generation_id"] == gid
+    ]
+    assert [p.parent.name for p in records] == ["undated"]
+
+
 def test_the_server_keeps_serving_after_bad_input(served: dict[str, FunctionServer]) -> None:
     enhance = served["enhance"]
     for _ in range(3):

@@ -334,3 +334,20 @@ def test_a_valid_tracing_extension_wins_over_the_http_header(enhance: InProcessF
     )
     assert reply.status_code == 200, reply.text
     assert reply.headers["ce-traceparent"].split("-")[1] == trace_id
+
+
+def test_an_event_without_a_time_is_read_without_one(enhance: InProcessFunction) -> None:
+    """The SDK's CloudEvent gives an event that has no time the clock's: not one that was
+    sent, and different at each delivery."""
+    from _binding import parse  # functions/, on the path once a function is loaded
+
+    binary = {**cloudevent_headers(GENERATION_REQUESTED), "content-type": "application/json"}
+    envelope = {"specversion": "1.0", "type": GENERATION_REQUESTED, "source": "/t", "id": "1"}
+    for headers, body in (
+        (binary, b"{}"),
+        ({"content-type": "application/cloudevents+json"}, json.dumps(envelope).encode()),
+    ):
+        assert "time" not in parse(headers, body, consumes=(GENERATION_REQUESTED,)).attributes
+    timed = {**binary, "ce-time": "2026-12-01T10:00:00Z"}
+    read = parse(timed, b"{}", consumes=(GENERATION_REQUESTED,)).attributes
+    assert read["time"].startswith("2026-12-01T10:00:00")

@@ -72,16 +72,19 @@ def test_fused_qkv_keeps_the_transformer_output(pipe: Any) -> None:
 
 @pytest.mark.parametrize("configured", [{"loras": "style-a"}, {"lora_dir": "/models/loras"}])
 def test_with_loras_configured_neither_fusing_nor_compiling_is_applied(
-    pipe: Any, configured: dict[str, str], caplog: pytest.LogCaptureFixture
+    pipe: Any, configured: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A fused transformer never calls the projections peft adapts; and each new adapter set
     # is a recompile, past torch's limit of 8 a failure of every render (fullgraph=True).
+    from imagegen.render import _fastpath
+
+    said: list[str] = []
+    monkeypatch.setattr(_fastpath.log, "warning", lambda message, *args: said.append(args[0]))
     settings = Settings(render_compile="regional", render_fuse_qkv=True, **configured)
     assert apply_fast_path(pipe, settings, torch.device("cuda")) == []
     assert not _fused(pipe.transformer)
     assert not any(_compiled(m) for m in pipe.transformer.modules())
-    said = [r.getMessage() for r in caplog.records if "LoRAs are configured" in r.getMessage()]
-    assert len(said) == 2
+    assert said == ["IMAGEGEN_RENDER_FUSE_QKV", "IMAGEGEN_RENDER_COMPILE"]
 
 
 def test_the_compile_cache_goes_to_the_directory(
