@@ -373,7 +373,9 @@ class Function:
         level = logging.WARNING if exc.status < 500 else logging.ERROR
         log.log(level, "request failed: %s", exc.message, extra={**extra, "status": exc.status})
         labels = {"stage": self.stage.name, "outcome": "failed", "reason": exc.code}
-        if self.stage.emits is None:
+        if "route" in fields:
+            pass  # a query of the stage's own routes (the ledger's): no delivery, no generation
+        elif self.stage.emits is None:
             # A sink's delivery that failed: a record the broker may drop once it gives up.
             instruments().sink_deliveries.add(1, labels)
         elif not dispatched:

@@ -8,6 +8,7 @@ new id and the current time.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 from collections.abc import Mapping
@@ -41,8 +42,15 @@ def new_generation_id() -> str:
 
 
 def derive_generation_id(source: str, event_id: str) -> str:
-    """The generation id of a request event that names none: stable for ``source`` + ``id``."""
-    return uuid.uuid5(uuid.NAMESPACE_URL, f"{source}#{event_id}").hex
+    """The generation id of a request event that names none: stable for ``source`` + ``id``.
+
+    ``uuid.uuid5`` of the two, computed as it computes it (RFC 4122, section 4.3: SHA-1 of the
+    namespace and the name's UTF-8), but with lone surrogates encoded as they came (an event's
+    JSON may escape one): the same id for every other name, and no error for those.
+    """
+    name = f"{source}#{event_id}".encode("utf-8", "surrogatepass")
+    digest = hashlib.sha1(uuid.NAMESPACE_URL.bytes + name, usedforsecurity=False).digest()
+    return uuid.UUID(bytes=digest[:16], version=5).hex
 
 
 def valid_generation_id(value: str) -> bool:

@@ -155,9 +155,12 @@ def test_a_second_ctrl_c_stops_the_loop_now_and_says_what_was_made(tmp_path: Pat
             assert time.monotonic() < deadline, "no record after 300 s"
             time.sleep(0.1)
         proc.send_signal(signal.SIGINT)
-        time.sleep(0.3)  # the first is handled: the loop would stop after this image
+        assert proc.stderr is not None
+        said = proc.stderr.readline()  # the first is handled: the loop stops after this image
+        assert said == "stopping after this image; Ctrl-C again to stop now\n"
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=300)
+        _, rest = proc.communicate(timeout=300)
+        err = said + rest
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -275,7 +278,10 @@ def test_a_plugin_that_cannot_load_is_one_line_and_a_row_with_its_error(
     dist_info = tmp_path / "site" / "broken_plugin-1.0.dist-info"
     dist_info.mkdir(parents=True)
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 1\n")
-    (dist_info / "entry_points.txt").write_text("[imagegen.plugins]\nbroken = no_such_mod:P\n")
+    (dist_info / "entry_points.txt").write_text(
+        "[imagegen.plugins]\nbroken = no_such_mod:P\n"
+        "keyless = tests.plugins.sample_plugins:needing_a_key\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     env = {"IMAGEGEN_PLUGINS": "time_of_day,broken"}
 
@@ -292,6 +298,10 @@ def test_a_plugin_that_cannot_load_is_one_line_and_a_row_with_its_error(
     as_json = {p["name"]: p for p in json.loads(cli("plugins", "--json", env=env).stdout)}
     assert as_json["broken"]["enabled"] is True and as_json["time_of_day"]["enabled"] is True
     assert "ModuleNotFoundError" in as_json["broken"]["error"]
+    # A factory that fails (its configuration missing) is said in its row too, once enabled.
+    keyless = {"IMAGEGEN_PLUGINS": "keyless"}
+    rows = {p["name"]: p for p in json.loads(cli("plugins", "--json", env=keyless).stdout)}
+    assert rows["keyless"]["error"] == "RuntimeError: WEATHER_API_KEY is not set"
 
 
 def test_send_posts_an_event_and_prints_the_reply(

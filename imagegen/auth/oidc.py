@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     import httpx
     import jwt
 
-__all__ = ["ALGORITHMS", "OidcVerifier", "SigningKeys"]
+__all__ = ["ALGORITHMS", "KeyNotFetched", "OidcVerifier", "SigningKeys"]
 
 log = logging.getLogger("imagegen.auth")
 
@@ -42,6 +42,14 @@ log = logging.getLogger("imagegen.auth")
 ALGORITHMS = ["RS256", "RS384", "RS512", "ES256", "ES384", "ES512"]
 _MIN_REFRESH_SECONDS = 5.0
 _FETCH_TIMEOUT = 5.0
+
+
+class KeyNotFetched(DependencyUnavailable):
+    """A token's key is not among keys fetched before it was issued, and they cannot be
+    fetched again yet: retried (a rotation is seen within seconds), and a code of its own,
+    since anyone can send such a token (alerts leave it out)."""
+
+    code = "key_not_fetched"
 
 
 @dataclass(frozen=True)
@@ -144,14 +152,19 @@ class SigningKeys:
                 retry_after=self._next_fetch_in(now),
             )
         key = current.keys.get(kid)
-        if key is None and issued_at is not None and current.published_at < issued_at:
-            # Keys are published before tokens are signed with them: fetched after the token
-            # was issued, these would hold its key. Fetched before, they may not yet.
-            raise DependencyUnavailable(
-                "the token names a key the issuer may have published since its keys were"
-                " fetched; they cannot be fetched again yet",
-                retry_after=self._next_fetch_in(now),
-            )
+        # Keys are published before tokens are signed with them: fetched after the token was
+        # issued (an iat ahead of this clock counts as now), these would hold its key.
+        # Fetched before, they may not yet.
+        # In whole seconds, as iat counts: keys fetched in the second the token was issued,
+        # or in the second this asks (keys just fetched), are taken to hold its key.
+        if key is None and issued_at is not None:
+            issued = math.floor(min(issued_at, self._wall_clock()))
+            if math.floor(current.published_at) < issued:
+                raise KeyNotFetched(
+                    "the token names a key the issuer may have published since its keys were"
+                    " fetched; they cannot be fetched again yet",
+                    retry_after=self._next_fetch_in(now),
+                )
         return current.issuer, key
 
     def _next_fetch_in(self, now: float) -> int:

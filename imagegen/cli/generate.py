@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -260,10 +261,18 @@ def loop(
         running = asyncio.get_running_loop()
 
         def first_interrupt() -> None:
-            # The next Ctrl-C is Python's own again: it stops the image under way too.
+            # The next Ctrl-C is Python's own again: it stops the image under way too. Two
+            # that came before the loop ran this once are both queued here: the second is
+            # raised again, for Python's handler.
             running.remove_signal_handler(signal.SIGINT)
-            if not stop.is_set() and not as_json:
-                err.print("stopping after this image; Ctrl-C again to stop now", markup=False)
+            if stop.is_set():
+                signal.raise_signal(signal.SIGINT)
+                return
+            if not as_json:
+                # Written at once, past rich's buffer: a Ctrl-C while rich writes would leave
+                # the line in it, to be written again with the next.
+                sys.stderr.write("stopping after this image; Ctrl-C again to stop now\n")
+                sys.stderr.flush()
             stop.set()
 
         running.add_signal_handler(signal.SIGINT, first_interrupt)

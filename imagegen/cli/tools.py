@@ -21,6 +21,7 @@ __all__ = ["functions_dir", "list_plugins", "send", "serve"]
 @app.command(name="plugins")
 def list_plugins(as_json: AsJson = False) -> None:
     """List the discovered prompt plugins and whether they are enabled."""
+    import contextlib
     import dataclasses
 
     from rich.markup import escape
@@ -36,6 +37,9 @@ def list_plugins(as_json: AsJson = False) -> None:
     if unknown:
         PluginSet.from_settings(settings)  # refuses them, as every command does
     enabled = list(dict.fromkeys(settings.plugins))
+    for name in enabled:  # made as a request would make them: what fails is said in its row
+        with contextlib.suppress(Exception):
+            plugin_set.get(name)
     infos = sorted(
         (dataclasses.replace(info, enabled=info.name in enabled) for info in plugin_set.describe()),
         key=lambda info: enabled.index(info.name) if info.name in enabled else len(enabled),

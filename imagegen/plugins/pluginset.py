@@ -120,11 +120,12 @@ class PluginSet:
             ep = self._entry_points[name]
             try:
                 factory: PluginFactory = ep.load()
-                plugin = factory(self.settings)
+                plugin: object = factory(self.settings)  # a plugin's code: checked below
             except Exception as exc:
                 self._errors[name] = f"{type(exc).__name__}: {exc}"
                 raise
             if not isinstance(plugin, PromptPlugin):
+                self._errors[name] = f"TypeError: {ep.value} made no PromptPlugin"
                 raise TypeError(f"entry point {ep.value} did not return a PromptPlugin")
             self._plugins[name] = plugin
         return self._plugins[name]

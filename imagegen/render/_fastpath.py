@@ -99,7 +99,10 @@ def use_compile_cache(directory: Path) -> bool:
             error,
         )
         return False
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)  # its FX and autograd caches: on
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
+    # On by default in recent torch; said for the older ones the render extra admits.
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
     return True
 
 

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from imagegen.errors import NotFound
 from imagegen.storage.base import Storage, StoredObject
 from imagegen.telemetry import current_stage, instruments, tracer
 
@@ -38,6 +39,9 @@ class InstrumentedStorage:
             try:
                 yield
                 outcome = "success"
+            except NotFound:
+                outcome = "missing"  # an answer, and often the expected one (a first delivery)
+                raise
             finally:
                 labels = {"operation": operation, "stage": current_stage.get(), "outcome": outcome}
                 instruments().storage_duration.record(time.perf_counter() - started, labels)

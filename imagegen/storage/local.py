@@ -162,13 +162,16 @@ class LocalStorage(ObjectStore):
             os.replace(staged.pop(0), path)
             if sidecar:
                 os.replace(staged.pop(0), _sidecar(path))
-            _sync_directory(path.parent)
-            return True
         except OSError as exc:
             raise self._unavailable("cannot write to", exc) from exc
         finally:
             os.close(fd)  # releases the lock
             _discard(staged)  # what was not renamed: the loser's copies
+        try:
+            _sync_directory(path.parent)  # outside the lock: no writer waits behind the flush
+        except OSError as exc:
+            raise self._unavailable("cannot write to", exc) from exc
+        return True
 
     def _head(self, key: str) -> StoredObject | None:
         path = self._path(key)

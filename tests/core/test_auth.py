@@ -32,7 +32,9 @@ class Clock:
         return self.now
 
 
-def gate(issuer: Issuer, clock: Clock | None = None, **settings: Any) -> Authenticator:
+def gate(
+    issuer: Issuer, clock: Clock | None = None, wall: Clock | None = None, **settings: Any
+) -> Authenticator:
     options: dict[str, Any] = {
         "auth_required": True,
         "oidc_discovery_url": issuer.url,
@@ -41,7 +43,12 @@ def gate(issuer: Issuer, clock: Clock | None = None, **settings: Any) -> Authent
         **settings,
     }
     configured = Settings(**options)
-    keys = SigningKeys(issuer.url, ttl=configured.oidc_jwks_ttl, clock=clock or Clock())
+    keys = SigningKeys(
+        issuer.url,
+        ttl=configured.oidc_jwks_ttl,
+        clock=clock or Clock(),
+        wall_clock=wall or time.time,
+    )
     return Authenticator(configured, function="render", keys=keys)
 
 
@@ -146,8 +153,9 @@ def test_a_token_signed_by_an_unpublished_key_is_refused(issuer: Issuer) -> None
 
 
 def test_key_rotation_unknown_kid_refreshes_the_keys_once(issuer: Issuer) -> None:
-    clock = Clock()
-    authenticator = gate(issuer, clock)
+    clock, wall = Clock(), Clock()
+    wall.now = float(int(time.time()))
+    authenticator = gate(issuer, clock, wall)
     assert authenticator.authenticate(bearer(issuer.sign({}))).kind == "oidc"
     fetches = len(issuer.requests)
 
@@ -162,11 +170,13 @@ def test_key_rotation_unknown_kid_refreshes_the_keys_once(issuer: Issuer) -> Non
     # back-off lets them be fetched again it is a 503 Knative retries, never a 401 it would not.
     issuer.add_key("k2", ec.generate_private_key(ec.SECP256R1()))
     try:
-        rotated = issuer.sign({"iat": int(time.time()) + 2}, kid="k2", algorithm="ES256")
         clock.now += 3
+        wall.now += 3
+        rotated = issuer.sign({"iat": int(wall.now)}, kid="k2", algorithm="ES256")
         with pytest.raises(DependencyUnavailable) as unavailable:
             authenticator.authenticate(bearer(rotated))
         assert unavailable.value.retry_after == 2  # the back-off's 5 s, 3 of them gone
+        assert unavailable.value.code == "key_not_fetched"  # alerts leave it out
         assert len(issuer.requests) == fetches
         clock.now += 10
         assert authenticator.authenticate(bearer(rotated)).kind == "oidc"
@@ -353,6 +363,12 @@ def test_a_key_missing_from_keys_fetched_after_the_token_was_issued_is_401(
     with pytest.raises(Unauthenticated) as caught:
         authenticator.authenticate(bearer(_made_up_kid(issued_before, "bogus")))
     assert "does not publish" in caught.value.message
+    # Issued ahead of this clock (within the leeway): as if now, so keys fetched this second
+    # are taken to hold its key; no 503 anyone could ask for again and again.
+    ahead = issuer.sign({"iat": int(time.time()) + 30})
+    clock.now += 10  # past the back-off: the unknown kid fetches the keys again
+    with pytest.raises(Unauthenticated):
+        authenticator.authenticate(bearer(_made_up_kid(ahead, "bogus2")))
     # Issued in the future beyond the leeway: refused as such, before any key is looked up.
     future = issuer.sign({"iat": int(time.time()) + 600})
     with pytest.raises(Unauthenticated) as caught:

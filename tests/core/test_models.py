@@ -201,3 +201,21 @@ def test_a_final_prompt_is_bounded_as_no_text_encoder_reads_further() -> None:
         with pytest.raises(InvalidRequest) as caught:
             parse_model(model, {**data, "prompt": longest + "a"})
         assert caught.value.fields == ["prompt"]
+
+
+@pytest.mark.parametrize(
+    ("source", "event_id"),
+    [("/cron/dream", "ping-1"), ("//a/b?c", "é ü 🐈"), ("", ""), ("/s", "a\ud800b")],
+)
+def test_a_derived_generation_id_is_uuid5_of_source_and_id(source: str, event_id: str) -> None:
+    import uuid
+
+    from imagegen.identity import derive_generation_id as derived
+
+    name = f"{source}#{event_id}"
+    if "\ud800" in name:  # uuid5 cannot encode it: the same hash of its bytes as they came
+        first = derived(source, event_id)
+        assert first == derived(source, event_id) and len(first) == 32
+        assert first != derived(source, event_id.replace("\ud800", "x"))
+    else:
+        assert derived(source, event_id) == uuid.uuid5(uuid.NAMESPACE_URL, name).hex

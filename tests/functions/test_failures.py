@@ -220,6 +220,14 @@ def test_the_dead_letter_sink_keeps_data_with_a_lone_surrogate(tmp_path: Path) -
     assert reply.status_code == 202 and reply.content == b"", reply.text
     [record] = [json.loads(p.read_text()) for p in store.rglob("failures/**/*.json")]
     assert record["data"] == {"prompt": "a door \ud800 ajar", "n": 1}
+    # In the event's id or source too: the record's key is derived from them.
+    for attribute in ("id", "source"):
+        envelope = {"specversion": "1.0", "type": "t", "source": "/s", "id": "e-1"}
+        envelope[attribute] += "\ud800"
+        structured = {"content-type": "application/cloudevents+json"}
+        reply = deadletter.post(headers=structured, content=json.dumps(envelope).encode())
+        assert reply.status_code == 202, reply.text
+    assert len(list(store.rglob("failures/**/*.json"))) == 3
 
 
 def test_the_dead_letter_sink_keeps_one_record_per_event_on_any_day_at_any_replica(

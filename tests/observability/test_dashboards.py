@@ -138,8 +138,13 @@ def _reasons(rule: str, operator: str) -> set[str]:
 def test_the_critical_failure_alert_leaves_out_what_callers_get_refused() -> None:
     # Four bad tokens from a port scanner, or four 429s Knative retries, page no one; a stage
     # failing on its own (storage, the model, a timeout, a bug) does.
+    from imagegen.auth.oidc import KeyNotFetched
+
     refused = _refused_by_caller()
     assert {"invalid_request", "unauthenticated", "forbidden", "overloaded"} <= refused
-    assert _reasons("ImagegenGenerationFailures", "!~") == refused
+    # A 503 anyone can cause with a token naming an unknown key (retried, gone in seconds
+    # after a real rotation): no page either.
+    unverified = {KeyNotFetched.code}
+    assert _reasons("ImagegenGenerationFailures", "!~") == refused | unverified
     assert _reasons("ImagegenInvalidRequestsHigh", "=~") == refused - {"overloaded"}
-    assert _reasons("ImagegenSinkCannotRecord", "!~") == refused - {"overloaded"}
+    assert _reasons("ImagegenSinkCannotRecord", "!~") == refused - {"overloaded"} | unverified

@@ -51,7 +51,7 @@ async def test_s3_requests_are_children_of_the_storage_span(
 async def test_a_storage_call_that_fails_is_timed_too(
     otel: InMemoryTelemetry, tmp_path: Path
 ) -> None:
-    from imagegen.errors import NotFound
+    from imagegen.errors import DependencyUnavailable, NotFound
     from imagegen.storage import LocalStorage
     from imagegen.storage.instrumented import instrumented
     from imagegen.telemetry import METRIC_NAMES
@@ -64,11 +64,19 @@ async def test_a_storage_call_that_fails_is_timed_too(
             and (p.attributes or {}).get("outcome") == outcome
         )
 
-    before = {outcome: count(outcome) for outcome in ("success", "failed")}
+    before = {outcome: count(outcome) for outcome in ("success", "missing", "failed")}
     storage = instrumented(LocalStorage(tmp_path))
     await storage.put("2026/01/01/g.png", b"png", content_type="image/png")
     assert await storage.get("2026/01/01/g.png") == b"png"
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFound):  # an answer, often the one expected: no failure
         await storage.get("2026/01/01/missing.png")
+
+    async def unavailable(key: str) -> bytes:
+        raise DependencyUnavailable("local storage: cannot read")
+
+    storage.inner.get = unavailable  # type: ignore[attr-defined]  # the disk gone
+    with pytest.raises(DependencyUnavailable):  # a read that fails
+        await storage.get("2026/01/01/g.png")
     assert count("success") == before["success"] + 1
+    assert count("missing") == before["missing"] + 1
     assert count("failed") == before["failed"] + 1

@@ -486,3 +486,36 @@ def test_the_dead_letter_sinks_deliveries_are_counted(
         ]
     finally:
         sink.stop()
+
+
+def test_a_ledger_query_that_fails_is_no_delivery_it_could_not_record(
+    otel: InMemoryTelemetry, tmp_path: Path
+) -> None:
+    def failed() -> float:
+        return sum(
+            p.point.value
+            for p in otel.points(METRIC_NAMES["sink_deliveries"])
+            if (p.attributes or {}).get("stage") == "ledger"
+            and (p.attributes or {}).get("outcome") == "failed"
+        )
+
+    saved_env, saved_cwd = dict(os.environ), Path.cwd()
+    root = logging.getLogger()
+    saved_logging = list(root.handlers), root.level
+    os.environ.update(base_env(tmp_path / "store"))
+    os.environ["IMAGEGEN_LEDGER_URL"] = str(tmp_path / "ledger.db")
+    os.chdir(tmp_path)
+    try:
+        ledger = InProcessServer("ledger").start()
+        ledger.wait("/healthz")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+        root.handlers, root.level = saved_logging
+    try:
+        before = failed()
+        assert httpx.get(ledger.url + "/generations/" + "0" * 32, timeout=30).status_code == 404
+        assert failed() == before  # a query's 404 pages no one
+    finally:
+        ledger.stop()

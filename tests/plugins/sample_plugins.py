@@ -113,3 +113,8 @@ class OpaqueDataPlugin:
             "deep": nested,
         }[self.kind]
         return Contribution(plugin=self.name, text="opaque", data=data)
+
+
+def needing_a_key(settings: Settings) -> EchoPlugin:
+    """A plugin's factory that fails as one does without its configuration."""
+    raise RuntimeError("WEATHER_API_KEY is not set")
