@@ -3,6 +3,7 @@ where a fresh process is what is tested (pixels, signals, servers, errors before
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -100,8 +101,18 @@ def interrupted_loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Inter
     """
     cwd = tmp_path_factory.mktemp("loop")
     args = ["loop", "a red kite", *SMALL, "--no-enhance", "--plugins", "", "--interval", "30"]
+    with rendering(cwd, *args, "--json") as proc:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+        yield Interrupted(proc.returncode, out, err, cwd / "output")
+
+
+@contextlib.contextmanager
+def rendering(cwd: Path, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """``imagegen ARGS`` in a fresh process, once it renders: its first record (the prompt's,
+    written before the image) is there (polled, with a deadline for a busy machine)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "imagegen.cli", *args, "--json"],
+        [sys.executable, "-m", "imagegen.cli", *args],
         cwd=cwd,
         env=isolated_environ(cwd),
         stdout=subprocess.PIPE,
@@ -109,16 +120,12 @@ def interrupted_loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Inter
         text=True,
     )
     try:
-        # Interrupted once its first record is written (polling, with a deadline for a busy
-        # machine): the prompt's, before the image is rendered.
         deadline = time.monotonic() + 300
         while not list((cwd / "output").rglob("*.json")):
             assert proc.poll() is None, proc.communicate()[1]
             assert time.monotonic() < deadline, "no record after 300 s"
             time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=300)
-        yield Interrupted(proc.returncode, out, err, cwd / "output")
+        yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -140,20 +147,7 @@ def test_loop_stops_cleanly_on_ctrl_c(interrupted_loop: Interrupted) -> None:
 def test_a_second_ctrl_c_stops_the_loop_now_and_says_what_was_made(tmp_path: Path) -> None:
     args = ["loop", "a kite", "--model", "tiny", "--width", "512", "--height", "512"]
     args += ["--steps", "50", "--no-enhance", "--plugins", ""]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "imagegen.cli", *args],
-        cwd=tmp_path,
-        env=isolated_environ(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while not list((tmp_path / "output").rglob("*.json")):  # the prompt's record: rendering
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "no record after 300 s"
-            time.sleep(0.1)
+    with rendering(tmp_path, *args) as proc:
         proc.send_signal(signal.SIGINT)
         assert proc.stderr is not None
         said = proc.stderr.readline()  # the first is handled: the loop stops after this image
@@ -161,10 +155,6 @@ def test_a_second_ctrl_c_stops_the_loop_now_and_says_what_was_made(tmp_path: Pat
         proc.send_signal(signal.SIGINT)
         _, rest = proc.communicate(timeout=300)
         err = said + rest
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 130, err
     assert err.splitlines() == [
         "stopping after this image; Ctrl-C again to stop now",

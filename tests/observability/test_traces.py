@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -54,30 +55,49 @@ def chain(otel: InMemoryTelemetry, tmp_path_factory: pytest.TempPathFactory) -> 
         # before the first request, and the call would never be made.
         "IMAGEGEN_OLLAMA_BREAKER_THRESHOLD": "0",
     }
+    otel.spans.clear()
+    servers: dict[str, InProcessServer] = {}
+    try:
+        with starting_in(env, workdir):
+            for stage in STAGES:
+                servers[stage] = InProcessServer(stage).start()
+                servers[stage].wait("/healthz")
+            servers["render"].wait("/readyz", timeout=600)
+        yield Chain(servers, otel.finished_spans())
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+@contextlib.contextmanager
+def starting_in(env: dict[str, str], cwd: Path) -> Iterator[None]:
+    """The environment and the directory (no .env file picked up) functions start in here;
+    the process's own, and its logging, restored after. Each function reads its settings once,
+    on its first request: they only have to hold until then."""
     saved_env, saved_cwd = dict(os.environ), Path.cwd()
     root = logging.getLogger()
     saved_logging = list(root.handlers), root.level
     os.environ.update(env)
-    os.chdir(workdir)  # no .env file is picked up
-    otel.spans.clear()
-    servers: dict[str, InProcessServer] = {}
+    os.chdir(cwd)
     try:
-        # Each function reads its settings once, on its first request: the environment
-        # only has to hold until then.
-        for stage in STAGES:
-            servers[stage] = InProcessServer(stage).start()
-            servers[stage].wait("/healthz")
-        servers["render"].wait("/readyz", timeout=600)
+        yield
     finally:
         os.environ.clear()
         os.environ.update(saved_env)
         os.chdir(saved_cwd)
         root.handlers, root.level = saved_logging
+
+
+@contextlib.contextmanager
+def served_alone(stage: str, env: dict[str, str], cwd: Path) -> Iterator[InProcessServer]:
+    """One function in this process, started in ``env`` and ``cwd``, stopped after."""
+    server = InProcessServer(stage)
     try:
-        yield Chain(servers, otel.finished_spans())
+        with starting_in(env, cwd):
+            server.start().wait("/healthz")
+        yield server
     finally:
-        for server in servers.values():
-            server.stop()
+        server.stop()
 
 
 def post(url: str, headers: dict[str, str], body: bytes) -> httpx.Response:
@@ -100,6 +120,15 @@ def parent_of(span: ReadableSpan, spans: list[ReadableSpan]) -> ReadableSpan | N
 
 def named(spans: list[ReadableSpan], name: str) -> list[ReadableSpan]:
     return [s for s in spans if s.name == name]
+
+
+def counted(otel: InMemoryTelemetry, metric: str, **labels: str) -> float:
+    """The sum of ``metric``'s points (its key in METRIC_NAMES) that carry ``labels``."""
+    return sum(
+        p.point.value
+        for p in otel.points(METRIC_NAMES[metric])
+        if labels.items() <= (p.attributes or {}).items()
+    )
 
 
 def only(spans: list[ReadableSpan], name: str) -> ReadableSpan:
@@ -354,11 +383,7 @@ def test_a_path_or_method_no_stage_takes_is_no_generation(
     chain: Chain, otel: InMemoryTelemetry
 ) -> None:
     def failed() -> float:
-        return sum(
-            p.point.value
-            for p in otel.points(METRIC_NAMES["generations"])
-            if (p.attributes or {}).get("outcome") == "failed"
-        )
+        return counted(otel, "generations", outcome="failed")
 
     before = failed()
     url = chain.servers["render"].url
@@ -413,14 +438,10 @@ def test_a_stage_stopped_from_outside_is_counted_cancelled_not_a_bug(
 
     from imagegen.service import _stage
 
-    def counted(reason: str) -> float:
-        return sum(
-            p.point.value
-            for p in otel.points(METRIC_NAMES["generations"])
-            if p.attributes == {"stage": "render", "outcome": "failed", "reason": reason}
-        )
+    def failed(reason: str) -> float:
+        return counted(otel, "generations", stage="render", outcome="failed", reason=reason)
 
-    before = {reason: counted(reason) for reason in ("cancelled", "internal")}
+    before = {reason: failed(reason) for reason in ("cancelled", "internal")}
 
     async def stopped() -> None:
         async def stage() -> None:
@@ -434,8 +455,8 @@ def test_a_stage_stopped_from_outside_is_counted_cancelled_not_a_bug(
             await task
 
     asyncio.run(stopped())
-    assert counted("cancelled") == before["cancelled"] + 1
-    assert counted("internal") == before["internal"]
+    assert failed("cancelled") == before["cancelled"] + 1
+    assert failed("internal") == before["internal"]
 
 
 def test_the_dead_letter_sinks_deliveries_are_counted(
@@ -445,77 +466,36 @@ def test_the_dead_letter_sinks_deliveries_are_counted(
     # (and alerted on), where the sinks count no generation.
     import shutil
 
-    def counted(**labels: str) -> float:
-        return sum(
-            p.point.value
-            for p in otel.points(METRIC_NAMES["sink_deliveries"])
-            if p.attributes == {"stage": "deadletter", **labels}
-        )
+    def sunk(**labels: str) -> float:
+        return counted(otel, "sink_deliveries", stage="deadletter", **labels)
 
     store = tmp_path / "store"
-    saved_env, saved_cwd = dict(os.environ), Path.cwd()
-    root = logging.getLogger()
-    saved_logging = list(root.handlers), root.level
-    os.environ.update(base_env(store))
-    os.chdir(tmp_path)
-    try:
-        sink = InProcessServer("deadletter").start()
-        sink.wait("/healthz")
-    finally:
-        os.environ.clear()
-        os.environ.update(saved_env)
-        os.chdir(saved_cwd)
-        root.handlers, root.level = saved_logging
-    try:
-        recorded, failed = (
-            counted(outcome="recorded"),
-            counted(outcome="failed", reason="dependency_unavailable"),
-        )
+    with served_alone("deadletter", base_env(store), tmp_path) as sink:
+        recorded = sunk(outcome="recorded")
+        failed = sunk(outcome="failed", reason="dependency_unavailable")
         headers = cloudevent_headers(GENERATION_REQUESTED, event_id="sink-1")
         assert post(sink.url, headers, b"{}").status_code == 202
-        assert counted(outcome="recorded") == recorded + 1
+        assert sunk(outcome="recorded") == recorded + 1
         shutil.rmtree(store / "failures")
         (store / "failures").write_text("a file where the records go: storage fails")
         headers = cloudevent_headers(GENERATION_REQUESTED, event_id="sink-2")
         assert post(sink.url, headers, b"{}").status_code == 503
-        assert counted(outcome="failed", reason="dependency_unavailable") == failed + 1
+        assert sunk(outcome="failed", reason="dependency_unavailable") == failed + 1
         assert not [
             p
             for p in otel.points(METRIC_NAMES["generations"])
             if (p.attributes or {}).get("stage") == "deadletter"
         ]
-    finally:
-        sink.stop()
 
 
 def test_a_ledger_query_that_fails_is_no_delivery_it_could_not_record(
     otel: InMemoryTelemetry, tmp_path: Path
 ) -> None:
     def failed() -> float:
-        return sum(
-            p.point.value
-            for p in otel.points(METRIC_NAMES["sink_deliveries"])
-            if (p.attributes or {}).get("stage") == "ledger"
-            and (p.attributes or {}).get("outcome") == "failed"
-        )
+        return counted(otel, "sink_deliveries", stage="ledger", outcome="failed")
 
-    saved_env, saved_cwd = dict(os.environ), Path.cwd()
-    root = logging.getLogger()
-    saved_logging = list(root.handlers), root.level
-    os.environ.update(base_env(tmp_path / "store"))
-    os.environ["IMAGEGEN_LEDGER_URL"] = str(tmp_path / "ledger.db")
-    os.chdir(tmp_path)
-    try:
-        ledger = InProcessServer("ledger").start()
-        ledger.wait("/healthz")
-    finally:
-        os.environ.clear()
-        os.environ.update(saved_env)
-        os.chdir(saved_cwd)
-        root.handlers, root.level = saved_logging
-    try:
+    env = {**base_env(tmp_path / "store"), "IMAGEGEN_LEDGER_URL": str(tmp_path / "ledger.db")}
+    with served_alone("ledger", env, tmp_path) as ledger:
         before = failed()
         assert httpx.get(ledger.url + "/generations/" + "0" * 32, timeout=30).status_code == 404
         assert failed() == before  # a query's 404 pages no one
-    finally:
-        ledger.stop()
