@@ -220,8 +220,10 @@ class ConfigurationError(ImageGenError):
             from imagegen.validation import field_errors
 
             found = field_errors(exc)
-            errors = [e for e in found if e["field"] != "body"]
-            named = ", ".join(dict.fromkeys(name(e["field"].split(".")[0]) for e in errors))
+            # Each named as the reason names it: the variable set (OLLAMA_HOST, say, where
+            # pydantic reports the first of a setting's aliases).
+            errors = [_named(e, name) for e in found if e["field"] != "body"]
+            named = ", ".join(dict.fromkeys(e["field"].split(".")[0] for e in errors))
             across = [e["message"] for e in found if e["field"] == "body"]
             reason = "invalid settings: " + "; ".join([named, *across] if named else across)
         elif isinstance(exc, ImageGenError):
@@ -231,6 +233,11 @@ class ConfigurationError(ImageGenError):
         else:
             errors, reason = [], type(exc).__name__
         return cls(f"{summary}: {reason}" if summary else reason, errors=errors)
+
+
+def _named(error: dict[str, str], name: Callable[[str], str]) -> dict[str, str]:
+    head, dot, rest = error["field"].partition(".")
+    return {**error, "field": f"{name(head)}{dot}{rest}"}
 
 
 class InternalError(ImageGenError):

@@ -241,6 +241,33 @@ def test_an_invalid_setting_is_one_line_naming_its_variable(
     assert "Traceback" not in result.stderr + result.stdout
 
 
+def test_a_setting_given_by_its_other_name_is_named_as_given(
+    cli: RunCli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("IMAGEGEN_OLLAMA_HOST", raising=False)  # OLLAMA_HOST is the one read
+    result = cli("generate", "x", *SMALL, env={"OLLAMA_HOST": "http://[::1"})
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("imagegen: error: invalid settings: OLLAMA_HOST (OLLAMA_HOST: not a")
+    assert "IMAGEGEN_OLLAMA_HOST" not in line
+
+
+def test_a_malformed_ollama_host_the_setting_overrides_breaks_nothing(tmp_path: Path) -> None:
+    """The ollama package parses OLLAMA_HOST when imported (its default client): a fresh
+    process, where IMAGEGEN_OLLAMA_HOST names the host, imports it and renders alike."""
+    env = {**isolated_environ(tmp_path), "OLLAMA_HOST": "http://[::1"}
+    env["IMAGEGEN_OLLAMA_HOST"] = "http://127.0.0.1:9"
+    done = subprocess.run(
+        [sys.executable, "-c", "import imagegen.enhance, os; print(os.environ['OLLAMA_HOST'])"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "http://[::1\n"  # the variable as it was, for whatever else reads it
+
+
 def test_loop_makes_count_images_and_stops(cli: RunCli, tmp_path: Path) -> None:
     result = cli("loop", *SMALL, "--count", "2", "--json")
     assert result.returncode == 0, result.stderr

@@ -22,7 +22,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-import ollama
 from opentelemetry import trace
 from pydantic import BaseModel, Field, ValidationError
 from tenacity import (
@@ -36,6 +35,7 @@ from tenacity import (
 from imagegen._http import AiohttpTransport
 from imagegen._redact import redact_url
 from imagegen.enhance._breaker import CircuitBreaker, CircuitOpen
+from imagegen.enhance._ollama import ollama
 from imagegen.enhance._text import clean_reply, fit_budget
 from imagegen.errors import DependencyUnavailable
 from imagegen.models import Contribution

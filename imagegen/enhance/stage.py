@@ -10,9 +10,9 @@ import logging
 from collections.abc import Sequence
 from datetime import datetime
 
-import ollama
 from opentelemetry import trace
 
+from imagegen.enhance._ollama import ollama
 from imagegen.enhance._template import compose, dream_subject
 from imagegen.enhance.llm import DEFAULT_BACKOFF, OllamaEnhancer, fallback_reason
 from imagegen.errors import DependencyUnavailable, InvalidRequest
