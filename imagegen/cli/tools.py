@@ -21,7 +21,6 @@ __all__ = ["functions_dir", "list_plugins", "send", "serve"]
 @app.command(name="plugins")
 def list_plugins(as_json: AsJson = False) -> None:
     """List the discovered prompt plugins and whether they are enabled."""
-    import contextlib
     import dataclasses
 
     from rich.markup import escape
@@ -30,16 +29,16 @@ def list_plugins(as_json: AsJson = False) -> None:
     from imagegen.plugins import PluginSet
 
     settings = settings_from()
-    # Nothing loaded up front: a plugin that cannot load is a row with its error, not a failure
-    # of the listing that should show it. Names no installed plugin has are still refused.
-    plugin_set = PluginSet.from_settings(settings, names=[])
-    unknown = [name for name in settings.plugins if name not in plugin_set.available]
-    if unknown:
-        PluginSet.from_settings(settings)  # refuses them, as every command does
     enabled = list(dict.fromkeys(settings.plugins))
-    for name in enabled:  # made as a request would make them: what fails is said in its row
-        with contextlib.suppress(Exception):
-            plugin_set.get(name)
+    # Enabled as a request would enable them; a plugin that cannot load is a row with its
+    # error, not a failure of the listing that should show it. Names no installed plugin has
+    # are still refused, as every command refuses them.
+    plugin_set = PluginSet.from_settings(settings, names=[])
+    try:
+        plugin_set.set_order(enabled)
+    except InvalidRequest:
+        if any(name not in plugin_set.available for name in enabled):
+            raise
     infos = sorted(
         (dataclasses.replace(info, enabled=info.name in enabled) for info in plugin_set.describe()),
         key=lambda info: enabled.index(info.name) if info.name in enabled else len(enabled),
