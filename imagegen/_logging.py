@@ -90,7 +90,7 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info and record.exc_info[0] is not None:
             entry["error_type"] = record.exc_info[0].__name__
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(self._clean(entry), default=str)
+        return json.dumps(self._clean(entry))  # only JSON types are left
 
     def _clean(self, value: Any) -> Any:
         """``value`` as JSON can hold it: secrets redacted in every string (keys included),
