@@ -20,6 +20,8 @@ from urllib.parse import quote, unquote
 from cloudevents.conversion import to_binary
 from cloudevents.exceptions import GenericException as CloudEventError
 from cloudevents.http import CloudEvent, from_http
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from pydantic import BaseModel
 
 from imagegen.errors import ImageGenError, InvalidRequest, UnsupportedMediaType, first_line
@@ -87,17 +89,14 @@ class Reply:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
-# W3C Trace Context, section 3.2 (``traceparent``): version, trace-id, parent-id, flags, in
-# lower-case hex; version ff and all-zero ids are invalid; only a later version than 00 may
-# append fields.
-_TRACEPARENT = re.compile(
-    r"(?!ff)([0-9a-f]{2})-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}(-.*)?"
-)
+_W3C = TraceContextTextMapPropagator()
 
 
 def _is_traceparent(value: str) -> bool:
-    match = _TRACEPARENT.fullmatch(value)
-    return match is not None and not (match[1] == "00" and match[2] is not None)
+    """Whether ``value`` is a W3C ``traceparent``, as OpenTelemetry's propagator reads one
+    (version ff, all-zero ids and extra fields after version 00 are not)."""
+    context = _W3C.extract({"traceparent": value})
+    return trace.get_current_span(context).get_span_context().is_valid
 
 
 def _lowered(headers: Mapping[str, str]) -> Mapping[str, str]:
