@@ -156,22 +156,24 @@ class LocalStorage(ObjectStore):
             raise self._unavailable("cannot write to", exc) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            if path.is_file() and (not sidecar or _sidecar(path).is_file()):
-                return False
-            # The object first, its sidecar second, as _write does.
-            os.replace(staged.pop(0), path)
-            if sidecar:
-                os.replace(staged.pop(0), _sidecar(path))
+            created = not (path.is_file() and (not sidecar or _sidecar(path).is_file()))
+            if created:
+                # The object first, its sidecar second, as _write does.
+                os.replace(staged.pop(0), path)
+                if sidecar:
+                    os.replace(staged.pop(0), _sidecar(path))
         except OSError as exc:
             raise self._unavailable("cannot write to", exc) from exc
         finally:
             os.close(fd)  # releases the lock
             _discard(staged)  # what was not renamed: the loser's copies
         try:
-            _sync_directory(path.parent)  # outside the lock: no writer waits behind the flush
+            # Outside the lock: no writer waits behind the flush. The loser flushes too: the
+            # winner's renames may not be on disk yet, and the loser answers from that object.
+            _sync_directory(path.parent)
         except OSError as exc:
             raise self._unavailable("cannot write to", exc) from exc
-        return True
+        return created
 
     def _head(self, key: str) -> StoredObject | None:
         path = self._path(key)

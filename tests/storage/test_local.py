@@ -163,6 +163,29 @@ async def test_a_write_is_durable_in_its_directories_before_it_is_done(
     assert await local.get(KEYS.image) == NEW
 
 
+async def test_a_create_that_finds_the_object_flushes_its_directory_before_it_answers(
+    local: LocalStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loser of a race answers from the winner's object: the winner's renames may not be
+    on disk yet (its flush comes after its lock), so the loser flushes the directory too."""
+    assert await local.create(KEYS.image, NEW, content_type="image/png")
+    flushed: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        target = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if target.is_dir():
+            flushed.append(str(target.relative_to(local.root)))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert not await local.create(KEYS.image, OLD, content_type="image/png")
+    monkeypatch.undo()
+
+    assert flushed == ["2026/05/01"]
+    assert await local.get(KEYS.image) == NEW
+
+
 async def test_killed_writer_leaves_old_object(local: LocalStorage) -> None:
     await local.put(KEYS.image, OLD, content_type="image/png", metadata={"v": "old"})
     # A real SIGKILL, after the new bytes are written to disk but before the rename.
