@@ -31,6 +31,8 @@ _MIGRATION_LOCK = 0x1ED6E5
 DOWN_WAIT = 1.0
 RECONNECT_FOR = 2.0
 CONNECT_TIMEOUT = 5
+# A generation's row, locked until the transaction ends: its webhook messages are written from it.
+LOCK_ROW = "SELECT * FROM generations WHERE generation_id = :gid FOR UPDATE"
 
 
 @cache
@@ -169,7 +171,12 @@ class PostgresLedger(SqlLedger):
         row = result if result["generation_id"] is not None else None
         if not fresh or (row is not None and row.get("webhook")):
             with self.transaction() as db:
-                self._enqueue_webhooks(db, row or self._row(db, change.generation_id), now)
+                # The row read again, and locked until the messages are written: another
+                # replica may have recorded a later event since (image.persisted after this
+                # generation.failed), and its upsert now waits for this commit, so its own
+                # messages (the failed one cancelled) are written from what this one wrote.
+                locked = db.query(LOCK_ROW, {"gid": change.generation_id})
+                self._enqueue_webhooks(db, locked[0] if locked else None, now)
         return fresh, row
 
     @contextmanager

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -109,3 +110,36 @@ def test_connections_opening_a_new_sqlite_ledger_at_once_all_open(tmp_path: Path
         for round_ in range(60):
             path = tmp_path / f"ledger-{round_}.db"
             assert list(pool.map(opened, [path] * 4)) == [0] * 4
+
+
+def test_a_failure_recorded_as_the_image_is_persisted_elsewhere_is_not_told(
+    open_test_ledger: Callable[[], Ledger],
+) -> None:
+    """Replica A records generation.failed and is paused (a preempted thread) before it writes
+    the messages that event makes due; meanwhile replica B records image.persisted. The
+    stored image outranks the failure: the caller hears "completed" and never "failed"."""
+    a, b = open_test_ledger(), open_test_ledger()
+    events = chain(
+        "gen-race", webhook="https://hooks.example/x", webhook_events=["completed", "failed"]
+    )
+    for name in ("requested", "enhanced", "rendered"):
+        b.ingest(events[name])
+    enqueue = a._enqueue_webhooks  # type: ignore[attr-defined]
+    enqueuing = threading.Event()
+
+    def paused(*args: object) -> None:
+        enqueuing.set()
+        time.sleep(0.5)
+        enqueue(*args)
+
+    a._enqueue_webhooks = paused  # type: ignore[attr-defined]
+    failing = threading.Thread(target=a.ingest, args=(events["failed"],))
+    failing.start()
+    assert enqueuing.wait(10)
+    b.ingest(events["persisted"])
+    failing.join()
+
+    assert b.get("gen-race").status == "persisted"
+    states = {kind: state["state"] for kind, state in b.delivery_states("gen-race").items()}
+    assert states.get("failed", "cancelled") == "cancelled"
+    assert [d.event for d in b.claim_deliveries(lease=60)] == ["completed"]
