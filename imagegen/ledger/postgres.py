@@ -15,7 +15,7 @@ from datetime import datetime
 from functools import cache
 from typing import Any
 
-from imagegen.errors import DependencyUnavailable
+from imagegen.errors import ConfigurationError, DependencyUnavailable
 from imagegen.ledger._sql import Cursor, SqlLedger
 from imagegen.ledger._statements import RECORD, upsert_params
 from imagegen.ledger.fold import Change
@@ -32,7 +32,28 @@ DOWN_WAIT = 1.0
 RECONNECT_FOR = 2.0
 CONNECT_TIMEOUT = 5
 # A generation's row, locked until the transaction ends: its webhook messages are written from it.
+_NO_DRIVER = "a PostgreSQL ledger needs psycopg: pip install 'imagegen[ledger]'"
 LOCK_ROW = "SELECT * FROM generations WHERE generation_id = :gid FOR UPDATE"
+
+
+def read_url(url: str) -> dict[str, Any]:
+    """The connection parameters ``url`` gives, as libpq reads them.
+
+    Raises:
+        ConfigurationError: libpq cannot read it. Its own message is not passed on: it quotes
+            the part it cannot read, often a password (one with a bare ``%``).
+    """
+    try:
+        import psycopg
+    except ImportError as exc:  # pragma: no cover - depends on the installed extras
+        raise DependencyUnavailable(_NO_DRIVER) from exc
+    try:
+        return psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.Error:
+        why = "is no PostgreSQL connection URL (a '%' in it is written %25)"
+        raise ConfigurationError(
+            f"the ledger URL {why}", errors=[{"field": "ledger_url", "message": why}]
+        ) from None
 
 
 @cache
@@ -113,9 +134,7 @@ class PostgresLedger(SqlLedger):
             from psycopg.types.json import Jsonb
             from psycopg_pool import ConnectionPool
         except ImportError as exc:  # pragma: no cover - depends on the installed extras
-            raise DependencyUnavailable(
-                "a PostgreSQL ledger needs psycopg: pip install 'imagegen[ledger]'"
-            ) from exc
+            raise DependencyUnavailable(_NO_DRIVER) from exc
         self._errors = (psycopg.OperationalError, psycopg.errors.ConnectionTimeout)
         self._jsonb = Jsonb
         self._timeout = timeout
@@ -136,7 +155,7 @@ class PostgresLedger(SqlLedger):
 
         # transaction() opens a block explicitly; a lone statement needs no BEGIN/COMMIT.
         kwargs: dict[str, Any] = {"row_factory": dict_row, "autocommit": True}
-        if "connect_timeout" not in psycopg.conninfo.conninfo_to_dict(url):
+        if "connect_timeout" not in read_url(url):
             kwargs["connect_timeout"] = CONNECT_TIMEOUT
         self._pool = ConnectionPool(
             url,

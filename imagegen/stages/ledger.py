@@ -114,13 +114,20 @@ async def _start(service: ImageGenService) -> None:
         local = backend(_key(service.settings) or None) == "sqlite"
     except InvalidRequest as exc:
         raise ConfigurationError(f"{name}: {exc.message}", errors=exc.errors) from None
-    if local:
+    if not local:
+        from imagegen.ledger.postgres import read_url
+
         try:
-            await _ledger(service)
+            read_url(_key(service.settings))  # no connection: a URL that cannot work, said now
         except ConfigurationError as exc:
-            # Said to callers: the setting named, never its value (ConfigurationError's rule).
-            why = "; ".join(error["message"] for error in exc.errors) or "unusable"
-            raise ConfigurationError(f"{name}: the ledger file {why}", errors=exc.errors) from None
+            raise ConfigurationError(f"{name}: {exc.message}", errors=exc.errors) from None
+        return
+    try:
+        await _ledger(service)
+    except ConfigurationError as exc:
+        # Said to callers: the setting named, never its value (ConfigurationError's rule).
+        why = "; ".join(error["message"] for error in exc.errors) or "unusable"
+        raise ConfigurationError(f"{name}: the ledger file {why}", errors=exc.errors) from None
 
 
 async def _warm_up(service: ImageGenService) -> None:

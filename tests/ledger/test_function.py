@@ -192,6 +192,25 @@ def test_a_ledger_url_of_no_backend_is_a_configuration_error(serve_sqlite: Any) 
     assert [e["field"] for e in error["errors"]] == ["ledger_url"]
 
 
+def test_a_database_url_psycopg_cannot_read_is_a_configuration_error_that_hides_it(
+    serve_sqlite: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A generated password with a bare ``%``: libpq's refusal quotes it, so it is not passed on.
+    The URL is read at start-up: the function stays unready, and a rollout that set it fails."""
+    with caplog.at_level("DEBUG"):
+        function = serve_sqlite("postgresql://app:Hunter2%ZZsecret@127.0.0.1:9/imagegen")
+        assert function.get("/readyz").status_code == 503  # known without a connection
+        replies = [function.post("/", **_binary(chain("gen-p")["requested"])) for _ in range(2)]
+    for reply in replies:
+        assert reply.status_code == 503, reply.text
+        error = reply.json()
+        assert error["error"] == "not_configured"
+        assert error["message"].startswith("IMAGEGEN_LEDGER_URL: the ledger URL is no PostgreSQL")
+        assert [e["field"] for e in error["errors"]] == ["ledger_url"]
+    logged = "\n".join(r.getMessage() + str(r.exc_info) for r in caplog.records)
+    assert "Hunter2" not in logged + "".join(reply.text for reply in replies)
+
+
 def test_a_database_server_is_left_to_the_warm_up(monkeypatch: pytest.MonkeyPatch) -> None:
     """One down at start-up would keep the process unready after it comes back."""
     import asyncio
