@@ -8,6 +8,7 @@ import json
 from datetime import datetime
 
 from imagegen.errors import InvalidRequest
+from imagegen.identity import valid_generation_id
 from imagegen.ledger.fold import utc
 
 __all__ = ["decode_cursor", "encode_cursor"]
@@ -28,7 +29,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         at, gid = json.loads(raw)
-        return utc(datetime.fromisoformat(at)), str(gid)
+        if not (isinstance(gid, str) and valid_generation_id(gid)):
+            raise ValueError("no generation id")  # never a row's: no string a database can bind
+        return utc(datetime.fromisoformat(at)), gid
     except (binascii.Error, ValueError, TypeError, OverflowError) as exc:
         raise InvalidRequest(
             "cursor is not one this ledger handed out",

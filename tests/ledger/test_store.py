@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import sqlite3
@@ -204,8 +205,20 @@ def test_history_is_newest_first_with_filters_and_keyset_pages(ledger: Ledger) -
     assert [g.generation_id for g in window.items] == ["gen-3", "gen-2"]
 
 
+def _cursor(*position: object) -> str:
+    return base64.urlsafe_b64encode(json.dumps(list(position)).encode()).decode()
+
+
 @pytest.mark.parametrize(
-    ("limit", "cursor", "field"), [(0, None, "limit"), (10, "bogus!", "cursor")]
+    ("limit", "cursor", "field"),
+    [
+        (0, None, "limit"),
+        (10, "bogus!", "cursor"),
+        (10, _cursor("2026-01-01T00:00:00", "\udfff"), "cursor"),  # SQLite cannot bind it
+        (10, _cursor("2026-01-01T00:00:00", 7), "cursor"),
+        (10, _cursor("2026-01-01T00:00:00", "../x"), "cursor"),
+    ],
+    ids=["limit", "not-base64", "lone-surrogate", "id-of-no-string", "no-generation-id"],
 )
 def test_bad_queries_name_the_field(ledger: Ledger, limit: int, cursor: str, field: str) -> None:
     with pytest.raises(InvalidRequest) as caught:
