@@ -12,6 +12,7 @@ import re
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from datetime import time as dt_time
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -82,11 +83,16 @@ _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
 def parse_when(text: str, *, field: str, now: datetime | None = None) -> datetime:
-    """``2026-06-01``, ``2026-06-01T12:00Z``, ``today``, or an age (``30m``, ``2h``, ``7d``)."""
+    """``2026-06-01``, ``2026-06-01T12:00Z``, ``today``, or an age (``30m``, ``2h``, ``7d``).
+
+    A date or time without an offset, and ``today``'s midnight, are in this machine's time zone
+    (``TZ``), as the person typing them means them.
+    """
     now = now or datetime.now(UTC)
     value = text.strip().lower()
     if value == "today":
-        return now.replace(hour=0, minute=0, second=0, microsecond=0)
+        # Midnight of the local day, with the offset of that moment (a DST change's day too).
+        return datetime.combine(now.astimezone().date(), dt_time()).astimezone()
     match = _RELATIVE.match(value)
     if match:
         try:
@@ -99,7 +105,9 @@ def parse_when(text: str, *, field: str, now: datetime | None = None) -> datetim
     else:
         try:
             parsed = datetime.fromisoformat(text.strip())
-        except ValueError:
+            if parsed.tzinfo is None:
+                parsed = parsed.astimezone()  # read as local time, given its offset
+        except (ValueError, OverflowError):
             raise InvalidRequest(
                 f"--{field}: {text!r} is neither a date/time (ISO 8601) nor an age like 2h or 7d",
                 errors=[{"field": field, "message": "not an ISO date or an age"}],

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import timedelta
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +109,33 @@ def test_a_failed_generation_is_in_the_history_with_its_stage(run: Any, as_json:
     code, _, err = run("replay", row["generation_id"], "--from", "requested")
     assert code == 2 and err.count("\n") == 1 and "model" in err, err
     assert len(as_json("history")) == 1
+
+
+@pytest.fixture
+def in_los_angeles(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """This process in America/Los_Angeles (``TZ``), as a laptop there is."""
+    monkeypatch.setenv("TZ", "America/Los_Angeles")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.usefixtures("in_los_angeles")
+def test_times_without_an_offset_are_the_machines_local_times() -> None:
+    from imagegen.cli.history import parse_when
+
+    # 17:30 in Los Angeles is 00:30 UTC the next day: "today" is still the local 1 June.
+    now = datetime(2026, 6, 2, 0, 30, tzinfo=UTC)
+    today = parse_when("today", field="since", now=now)
+    assert today == datetime(2026, 6, 1, 7, 0, tzinfo=UTC)
+    assert parse_when("2026-06-01", field="since") == datetime(2026, 6, 1, 7, 0, tzinfo=UTC)
+    assert parse_when("2026-06-01T12:00", field="since") == datetime(2026, 6, 1, 19, 0, tzinfo=UTC)
+    # An offset given is kept. A DST change's day starts at midnight's offset (-07:00 on
+    # 1 November, which is -08:00 from 02:00 on), not at the offset of the moment asked.
+    assert parse_when("2026-06-01T12:00Z", field="since") == datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+    winter = parse_when("today", field="since", now=datetime(2026, 11, 1, 20, 0, tzinfo=UTC))
+    assert winter == datetime(2026, 11, 1, 7, 0, tzinfo=UTC)
 
 
 def test_unknown_ids_and_bad_options_are_one_line_errors(run: Any) -> None:
