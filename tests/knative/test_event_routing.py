@@ -20,6 +20,7 @@ import pytest
 from imagegen.events import MODEL_ATTRIBUTE
 
 from .conftest import OVERLAYS, REPO, service_settings
+from .cron import schedule_refusal
 from .routing import PING_EVENT_TYPE, Routing
 
 Render = Callable[[str], list[dict[str, Any]]]
@@ -243,7 +244,7 @@ def test_pingsource_dreams_through_the_broker(render: Render, overlay: str) -> N
     }
     assert json.loads(spec["data"]) == {}, "dreaming sends no prompt"
     assert spec["contentType"] == "application/json"
-    assert re.fullmatch(r"(\S+ ){4}\S+", spec["schedule"]), spec["schedule"]
+    assert schedule_refusal(spec["schedule"], spec.get("timezone", "")) is None, spec
     # eventing pkg/apis/sources/v1/ping_lifecycle.go PingSourceSource.
     metadata = ping["metadata"]
     source = f"/apis/v1/namespaces/{metadata['namespace']}/pingsources/{metadata['name']}"
@@ -251,6 +252,27 @@ def test_pingsource_dreams_through_the_broker(render: Render, overlay: str) -> N
     assert r.services[trigger.subscriber].function == "enhance"
     # Another namespace's PingSource on the same broker does not dream here.
     assert not r.triggers_for(PING_EVENT_TYPE, {"source": source.replace("/pingsources/", "/x/")})
+
+
+@pytest.mark.parametrize(
+    ("schedule", "timezone", "field"),
+    [
+        ("99 * * * *", "", "schedule"),
+        ("*/0 * * * *", "", "schedule"),
+        ("0 9 * * mon-fry", "", "schedule"),
+        ("0 9 * *", "", "schedule"),
+        ("@every 1h", "", "schedule"),
+        ("0 9 * * *", "Mars/Olympus", "timezone"),
+        ("0 9 * * mon-fri", "Europe/Berlin", None),
+        ("30 */2 1,15 jan-jun *", "", None),
+        ("@daily", "", None),
+    ],
+)
+def test_the_schedule_rules_refuse_what_knative_refuses(
+    schedule: str, timezone: str, field: str | None
+) -> None:
+    refusal = schedule_refusal(schedule, timezone)
+    assert (refusal and refusal[0]) == field, refusal
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from .autoscaling import refusals
 from .conftest import OVERLAYS
 from .manifest_schemas import CRD_DIR
 from .routing import Routing, ServiceInfo, parse_go_duration
@@ -222,6 +223,41 @@ def test_annotations_are_known_knative_ones(routing: RoutingOf, overlay: str) ->
     for service in routing(overlay).services.values():
         unknown = set(service.annotations) - KNOWN_ANNOTATIONS
         assert not unknown, f"{service.name}: {unknown}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_autoscaling_values_are_ones_the_webhook_admits(routing: RoutingOf, overlay: str) -> None:
+    for service in routing(overlay).services.values():
+        assert refusals(service.annotations) == [], service.name
+
+
+@pytest.mark.parametrize(
+    ("annotations", "refused"),
+    [
+        ({"metric": "concurency"}, "metric"),
+        ({"metric": "cpu"}, "metric"),
+        ({"target": "0"}, "target"),
+        ({"target": "0.001"}, "target"),
+        ({"target-utilization-percentage": "120"}, "target-utilization-percentage"),
+        ({"target-burst-capacity": "-2"}, "target-burst-capacity"),
+        ({"min-scale": "3", "max-scale": "2"}, "max-scale=2 is less than min-scale=3"),
+        ({"min-scale": "-1"}, "min-scale"),
+        ({"initial-scale": "0"}, "initial-scale"),
+        ({"scale-down-delay": "2h"}, "scale-down-delay"),
+        ({"scale-down-delay": "1.5s"}, "scale-down-delay"),
+        ({"window": "5s"}, "window"),
+        ({"activation-scale": "1"}, "activation-scale"),
+        ({"class": "kpa.autoscaling.knative.dev", "metric-aggregation-algorithm": "x"}, "metric-"),
+    ],
+)
+def test_the_webhook_rules_refuse_what_knative_refuses(
+    annotations: dict[str, str], refused: str
+) -> None:
+    """The check above can fail: each value here is one Knative's webhook refuses."""
+    (refusal,) = refusals({AUTOSCALING + k: v for k, v in annotations.items()})
+    assert refusal.startswith(refused)
+    admitted = {"metric": "rps", "target": "0.01", "min-scale": "2", "max-scale": "2"}
+    assert refusals({AUTOSCALING + k: v for k, v in admitted.items()}) == []
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
