@@ -27,6 +27,18 @@ __all__ = [
 ]
 
 
+MAX_MESSAGE = 1000
+"""Characters of an error's message kept; the rest is said as ``…``."""
+MAX_ERRORS = 20
+"""Field entries an error lists; the last says how many more there were."""
+MAX_ENTRY = 200
+"""Characters kept of each field name and field message."""
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class ImageGenError(Exception):
     """Base class of every error raised by imagegen.
 
@@ -51,10 +63,21 @@ class ImageGenError(Exception):
         retry_after: float | None = None,
         errors: list[dict[str, str]] | None = None,
     ) -> None:
+        # Bounded: a message or a field name may quote the input, and the error is answered,
+        # logged and sent on as an event (a broker refuses a record over its limit, 1 MB on
+        # Kafka): 80,000 unknown fields, or a key of a megabyte, are said in a few KiB.
+        message = _cut(message, MAX_MESSAGE)
         super().__init__(message)
         self.message = message
         self.retry_after = self.default_retry_after if retry_after is None else retry_after
-        self.errors = errors or []
+        errors = errors or []
+        self.errors = [
+            {name: _cut(str(text), MAX_ENTRY) for name, text in entry.items()}
+            for entry in errors[:MAX_ERRORS]
+        ]
+        if len(errors) > MAX_ERRORS:
+            more = len(errors) - MAX_ERRORS
+            self.errors[-1] = {"field": "…", "message": f"{more + 1} more, not listed"}
 
     @property
     def fields(self) -> list[str]:

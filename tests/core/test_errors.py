@@ -68,3 +68,16 @@ def test_a_rule_across_settings_is_given_in_its_own_words() -> None:
         "(body)" not in error.message and "must be one of IMAGEGEN_SERVED_MODELS" in error.message
     )
     assert error.errors == []  # no field of its own to name
+
+
+def test_an_error_says_what_it_quotes_in_bounded_space() -> None:
+    errors = [{"field": f"f{n}", "message": "x" * 1000} for n in range(25)]
+    error = InvalidRequest("y" * 5000, errors=errors)
+    assert (
+        len(error.message) == 1000 and error.message.endswith("…") and str(error) == error.message
+    )
+    assert [e["field"] for e in error.errors[:19]] == [f"f{n}" for n in range(19)]
+    assert all(len(e["message"]) == 200 for e in error.errors[:19])
+    assert error.errors[19] == {"field": "…", "message": "6 more, not listed"}
+    small = InvalidRequest("bad", errors=errors[:20])
+    assert small.errors == [{"field": f"f{n}", "message": "x" * 199 + "…"} for n in range(20)]

@@ -104,6 +104,32 @@ def test_a_failure_of_an_event_without_a_time_is_answered_alike_and_recorded_onc
     assert [p.parent.name for p in records] == ["undated"]
 
 
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({f"field_{n}": 0 for n in range(40_000)}, "field_0"),  # 40,000 unknown fields
+        ({"prompt": "a fox", "é" * 150_000: 1}, "é" * 10),  # 900 KB of JSON: \u00e9 each
+    ],
+    ids=["many-fields", "a-huge-field-name"],
+)
+def test_a_refusal_quotes_the_input_in_a_few_kib_at_most(
+    served: dict[str, FunctionServer], body: dict[str, object], field: str
+) -> None:
+    """An answer, a log line and a generation.failed event repeat what was refused: bounded,
+    so that a broker can publish the event (Kafka refuses a record over 1 MB) and a log line
+    stays a line."""
+    enhance = served["enhance"]
+    refused = enhance.post(json=body)
+    failed = post_event(enhance.url, GENERATION_REQUESTED, body, source="/tests", event_id="big")
+    assert refused.status_code == 400 and failed.headers["ce-type"] == GENERATION_FAILED
+    for error in (refused.json(), failed.json()["error"]):
+        assert error["errors"][0]["field"].startswith(field)
+        assert len(error["errors"]) <= 20
+    assert len(refused.content) < 16 * 1024 and len(failed.content) < 16 * 1024
+    logged = [r for r in enhance.log_records() if r.get("message", "").startswith("request")]
+    assert logged and max(len(json.dumps(r)) for r in logged[-2:]) < 16 * 1024
+
+
 def test_the_server_keeps_serving_after_bad_input(served: dict[str, FunctionServer]) -> None:
     enhance = served["enhance"]
     for _ in range(3):
