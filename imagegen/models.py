@@ -125,7 +125,7 @@ Dimension = Annotated[int, Field(ge=256, le=2048), AfterValidator(_multiple_of_1
 
 def _bounded_metadata(value: dict[str, Any]) -> dict[str, Any]:
     # Depth and NaN first: serializing a deeply nested value would exhaust the stack.
-    check_json_value(value, max_depth=MAX_METADATA_DEPTH)
+    check_json_value(value, max_depth=MAX_METADATA_DEPTH, text=True)
     if len(value) > MAX_METADATA_KEYS:
         raise ValueError(f"at most {MAX_METADATA_KEYS} keys")
     size = len(json.dumps(value, default=str).encode())
@@ -135,6 +135,14 @@ def _bounded_metadata(value: dict[str, Any]) -> dict[str, Any]:
 
 
 Metadata = Annotated[dict[str, Any], AfterValidator(_bounded_metadata)]
+
+
+def _json_options(value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    check_json_value(value, text=True)
+    return value
+
+
+PluginOptions = Annotated[dict[str, dict[str, Any]], AfterValidator(_json_options)]
 
 
 class _Model(BaseModel):
@@ -191,7 +199,7 @@ class GenerationRequest(_Model):
         max_length=32,
         description="Plugins to run, in order; default: the configured set.",
     )
-    plugin_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    plugin_options: PluginOptions = Field(default_factory=dict)
     timezone: Annotated[str | None, AfterValidator(_valid_timezone)] = Field(
         default=None, description="IANA zone for time-aware plugins; default: the configured zone."
     )

@@ -49,11 +49,13 @@ def loads(body: bytes | str, *, field: str = "body", max_depth: int = MAX_JSON_D
     return value
 
 
-def check_json_value(value: Any, *, max_depth: int = MAX_JSON_DEPTH) -> None:
+def check_json_value(value: Any, *, max_depth: int = MAX_JSON_DEPTH, text: bool = False) -> None:
     """Raise ValueError if ``value`` nests deeper than ``max_depth`` or holds NaN/Infinity.
 
     For data that arrived already parsed (by pydantic or a caller of the library). Walks one
-    level at a time, without recursion.
+    level at a time, without recursion. With ``text``, a key or string that is no UTF-8 text (a
+    lone surrogate, which JSON's ``\\ud800`` escape makes) is refused too: free-form values
+    that are stored, digested or sent on as UTF-8 could not be.
     """
     level: list[Any] = [value]
     depth = 0
@@ -64,10 +66,17 @@ def check_json_value(value: Any, *, max_depth: int = MAX_JSON_DEPTH) -> None:
             kind = type(item)
             if kind is dict:
                 below.extend(item.values())
+                if text:
+                    below.extend(item)
             elif kind is list or kind is tuple:
                 below.extend(item)
             elif kind is float and not math.isfinite(item):
                 raise ValueError("NaN and Infinity are not JSON numbers")
+            elif kind is str and text and not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError("holds a lone surrogate: not UTF-8 text") from None
         if depth >= max_depth and any(type(i) in _CONTAINERS for i in below):
             raise ValueError(f"nested deeper than {max_depth}")
         level = below

@@ -130,6 +130,31 @@ def test_a_refusal_quotes_the_input_in_a_few_kib_at_most(
     assert logged and max(len(json.dumps(r)) for r in logged[-2:]) < 16 * 1024
 
 
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"prompt": "a fox", "metadata": {"k": "\ud800"}}, "metadata"),
+        ({"prompt": "a fox", "metadata": {"\udfff": 1}}, "metadata"),
+        (
+            {"prompt": "a fox", "plugin_options": {"art_style": {"style": "\ud800"}}},
+            "plugin_options",
+        ),
+    ],
+    ids=["metadata-value", "metadata-key", "plugin-option"],
+)
+def test_a_lone_surrogate_in_free_form_values_is_refused_naming_the_field(
+    served: dict[str, FunctionServer], body: dict[str, object], field: str
+) -> None:
+    """JSON's ``\\ud800`` escape makes a string no UTF-8 can hold: the request is refused (its
+    digest, the stored memo and the events are UTF-8), never a 500 retried until dead-lettered."""
+    enhance = served["enhance"]
+    refused = enhance.post(content=json.dumps(body), headers={"content-type": "application/json"})
+    assert refused.status_code == 400, refused.text
+    assert [e["field"] for e in refused.json()["errors"]] == [field]
+    failed = post_event(enhance.url, GENERATION_REQUESTED, body, source="/tests", event_id="sur")
+    assert failed.status_code == 200 and failed.headers["ce-type"] == GENERATION_FAILED
+
+
 def test_the_server_keeps_serving_after_bad_input(served: dict[str, FunctionServer]) -> None:
     enhance = served["enhance"]
     for _ in range(3):
