@@ -300,7 +300,7 @@ class Settings(BaseSettings):
         default=[], description="Hosts and networks webhooks may reach; empty: public addresses."
     )
     webhook_timeout: Seconds = Field(default=10.0, description="Seconds per webhook attempt.")
-    webhook_max_attempts: int = Field(default=8, ge=1, le=30)
+    webhook_max_attempts: int = Field(default=15, ge=1, le=30)
     sink_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("IMAGEGEN_SINK_URL", "K_SINK", "sink_url"),

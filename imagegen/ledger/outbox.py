@@ -4,7 +4,13 @@ A message is written in the same transaction as the event that makes it due, so 
 when a process dies. Dispatchers (one per ledger replica) claim due messages with a lease:
 a message whose sender died is claimed again when the lease runs out. Each claim tries a few
 times at once (tenacity); after that the message is due again later, the wait doubling per
-claim, until ``max_attempts`` claims have failed.
+claim, until ``max_attempts`` claims have failed: by default the last claim comes about a day
+after the first, as Standard Webhooks recommends ("a retry schedule spanning multiple days,
+with an exponential backoff", spec/standard-webhooks.md, "Deliverability and reliability").
+
+A receiver that asks to be sent less (429, 502, 504, or any reply with ``Retry-After``) is not
+tried again within the claim, and its next claim waits for what ``Retry-After`` asked, up to
+``backoff_max``; one that answers 410 Gone ends the message (state ``failed``) at once.
 
 A claim's tries all end before its lease does, so no other dispatcher sends the message
 meanwhile; an outcome is recorded only while the message is still on the claim that sent it,
@@ -22,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from tenacity import (
     Retrying,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_attempt,
     stop_before_delay,
     wait_exponential,
@@ -48,9 +54,10 @@ class Dispatcher:
         ledger: Where the messages wait.
         sender: Signs and sends one message.
         max_attempts: Claims before a message is given up (state ``failed``).
-        quick_tries: Tries within one claim (a blip should not wait for the next claim).
+        quick_tries: Tries within one claim (a blip should not wait for the next claim); a
+            receiver that asks to be sent less gets one.
         backoff: Seconds before the second claim; doubles per claim, ± 20 % jitter.
-        backoff_max: Longest wait between claims.
+        backoff_max: Longest wait between claims, a receiver's ``Retry-After`` included.
         lease: Seconds a claimed message is hidden from other dispatchers; a claim's tries
             end before it does.
         workers: Messages sent at once (a slow receiver does not hold up the others).
@@ -61,10 +68,10 @@ class Dispatcher:
         ledger: Ledger,
         sender: WebhookSender,
         *,
-        max_attempts: int = 8,
+        max_attempts: int = 15,
         quick_tries: int = 3,
         backoff: float = 5.0,
-        backoff_max: float = 3600.0,
+        backoff_max: float = 43200.0,
         lease: float = 120.0,
         workers: int = 4,
     ) -> None:
@@ -119,19 +126,24 @@ class Dispatcher:
             stop=stop_after_attempt(self.quick_tries)
             | stop_before_delay(max(0.0, ends - time.monotonic())),
             wait=wait_exponential(multiplier=0.2, max=2.0),
-            retry=retry_if_exception_type(WebhookFailed),
+            retry=retry_if_exception(_worth_another_try),
             reraise=True,
         )
         try:
             retrying(self.sender.send, delivery, deadline=ends)
-        except WebhookRefused as exc:
+        except WebhookRefused as exc:  # a refused URL, or a receiver gone (410)
             log.warning("webhook refused", extra={"msg_id": delivery.msg_id, "reason": exc.message})
             self._finish(delivery, delivered=False, error=exc.message, retry_in=None)
         except WebhookFailed as exc:
-            retry_in = self.retry_in(delivery.attempts)
+            retry_in = self.retry_in(delivery.attempts, retry_after=exc.retry_after)
             log.info(
                 "webhook not delivered",
-                extra={"msg_id": delivery.msg_id, "reason": exc.message, "retry_in": retry_in},
+                extra={
+                    "msg_id": delivery.msg_id,
+                    "reason": exc.message,
+                    "status": exc.status_code,
+                    "retry_in": retry_in,
+                },
             )
             self._finish(delivery, delivered=False, error=exc.message, retry_in=retry_in)
         except Exception as exc:
@@ -167,12 +179,21 @@ class Dispatcher:
                 extra={"msg_id": delivery.msg_id, "delivered": delivered},
             )
 
-    def retry_in(self, attempts: int) -> float | None:
-        """Seconds until the next claim after ``attempts`` failed claims; None: give up."""
+    def retry_in(self, attempts: int, *, retry_after: float | None = None) -> float | None:
+        """Seconds until the next claim after ``attempts`` failed claims; None: give up.
+
+        Args:
+            attempts: Failed claims so far, the last included.
+            retry_after: Seconds the receiver's ``Retry-After`` asked for: the wait is at
+                least that, up to ``backoff_max``.
+        """
         if attempts >= self.max_attempts:
             return None
         wait: float = min(self.backoff_max, self.backoff * 2.0 ** (attempts - 1))
-        return wait * random.uniform(0.8, 1.2)
+        wait *= random.uniform(0.8, 1.2)
+        if retry_after is not None:
+            wait = max(wait, min(retry_after, self.backoff_max))
+        return wait
 
     # -- background loop ------------------------------------------------------------------
 
@@ -208,3 +229,10 @@ class Dispatcher:
             self._thread.join()
         self._pool.shutdown()
         self.sender.close()
+
+
+def _worth_another_try(exc: BaseException) -> bool:
+    """Whether a failed try is tried again within the claim: not when the receiver asked to
+    be sent less (Standard Webhooks: 429 and 502/504 "throttle", ``Retry-After`` "should be
+    taken into consideration when scheduling the next attempt")."""
+    return isinstance(exc, WebhookFailed) and not exc.throttled

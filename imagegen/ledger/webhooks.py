@@ -15,6 +15,10 @@ reaches.
 Each attempt has one deadline for connecting, sending and the reply's status line and headers
 (the body is never read), kept by asyncio's cancellation: httpx's own timeouts bound each read,
 and a receiver trickling its reply a byte at a time would never trip them.
+
+A reply other than 2xx is answered as the specification's "Delivery success and failure" asks:
+``410 Gone`` ends the message (:class:`WebhookGone`); any other failure carries its status and
+the reply's ``Retry-After`` (:func:`retry_after`) for the dispatcher to schedule by.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -39,10 +45,13 @@ from imagegen.ledger.models import Delivery
 from imagegen.settings import webhook_key
 
 __all__ = [
+    "RETRY_AFTER_MAX",
     "AddressPolicy",
     "WebhookFailed",
+    "WebhookGone",
     "WebhookRefused",
     "WebhookSender",
+    "retry_after",
     "sign",
 ]
 
@@ -66,6 +75,13 @@ _IPV4_IN_LAST_32 = (
     ipaddress.IPv6Network("::ffff:0:0:0/96"),
 )
 
+# Standard Webhooks (standard-webhooks/standard-webhooks, spec/standard-webhooks.md, "Delivery
+# success and failure"): 429 means a rate limit was met, 502 and 504 a receiver under load;
+# "it's recommended to throttle" all three, so they are not tried again at once.
+_THROTTLE = frozenset({429, 502, 504})
+# The longest wait a Retry-After is taken at: a receiver cannot park a message for months.
+RETRY_AFTER_MAX = 86400.0
+
 
 class WebhookRefused(InvalidRequest):
     """The webhook URL may not be called (scheme, host or address not allowed)."""
@@ -73,10 +89,58 @@ class WebhookRefused(InvalidRequest):
     code = "webhook_refused"
 
 
+class WebhookGone(WebhookRefused):
+    """The receiver answered 410 Gone: it wants no more messages at this URL."""
+
+    code = "webhook_gone"
+
+
 class WebhookFailed(DependencyUnavailable):
-    """The receiver did not accept the message (network error, timeout, non-2xx)."""
+    """The receiver did not accept the message (network error, timeout, non-2xx).
+
+    Args:
+        message: What went wrong.
+        status: The reply's status; None when there was no reply.
+        retry_after: Seconds the reply's ``Retry-After`` asked to wait; None when it asked
+            for nothing (or nothing readable).
+    """
 
     code = "webhook_failed"
+
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after  # what the receiver asked for, not a default
+        self.status_code = status
+
+    @property
+    def throttled(self) -> bool:
+        """Whether the receiver asked to be sent less (429, 502, 504, or a ``Retry-After``):
+        no try before the next round, and that round not before ``retry_after``."""
+        return self.status_code in _THROTTLE or self.retry_after is not None
+
+
+def retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds a ``Retry-After`` value asks to wait, at most :data:`RETRY_AFTER_MAX`.
+
+    RFC 9110, section 10.2.3: delay-seconds (digits only) or an HTTP-date (IMF-fixdate, or the
+    obsolete RFC 850 and asctime forms a recipient should still read; a date in the past is no
+    wait). Anything else is None: the header is ignored, not the reply.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return min(float(value), RETRY_AFTER_MAX)  # float(): any length, at worst inf
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # asctime carries no zone; every HTTP-date is in UTC
+        when = when.replace(tzinfo=UTC)
+    wait = (when - (now or datetime.now(UTC))).total_seconds()
+    return min(max(0.0, wait), RETRY_AFTER_MAX)
 
 
 def _key(secret: str) -> bytes:
@@ -236,8 +300,10 @@ class WebhookSender:
                 ``timeout`` from now (the dispatcher's lease on the message).
 
         Raises:
+            WebhookGone: the receiver answered 410 (a retry cannot help).
             WebhookRefused: the URL may not be called (a retry cannot help).
-            WebhookFailed: no 2xx reply in time (a retry may help).
+            WebhookFailed: no 2xx reply in time (a retry may help); with the reply's status
+                and ``Retry-After`` when there was one.
         """
         url, address = self.policy.vet(delivery.url)
         budget = self.timeout
@@ -254,16 +320,28 @@ class WebhookSender:
         headers = self.headers(delivery)
         headers["host"] = url.netloc.decode("ascii")
         try:
-            status = asyncio.run(self._post(target, headers, delivery.payload, extensions, budget))
+            status, wait = asyncio.run(
+                self._post(target, headers, delivery.payload, extensions, budget)
+            )
         except TimeoutError:
             raise WebhookFailed(f"no reply within {budget:.3g} s") from None
         except httpx.HTTPError as exc:
             raise WebhookFailed(f"{type(exc).__name__}: {exc}") from None
-        if 300 <= status < 400:
-            raise WebhookFailed(f"HTTP {status}: redirect not followed")
-        if not 200 <= status < 300:
-            raise WebhookFailed(f"HTTP {status}")
-        return status
+        if 200 <= status < 300:
+            return status
+        # Standard Webhooks (spec/standard-webhooks.md, "Delivery success and failure"):
+        # 410 Gone says the receiver is "no longer interested in receiving webhooks from this
+        # source", and the sender should "stop sending it messages".
+        if status == 410:
+            raise WebhookGone("HTTP 410: the receiver is gone; the message is not sent again")
+        reason = (
+            f"HTTP {status}: redirect not followed" if 300 <= status < 400 else f"HTTP {status}"
+        )
+        # "Some responses may also include a Retry-After header (e.g. 503 Service Unavailable),
+        # which should be taken into consideration when scheduling the next attempt."
+        if wait is not None:
+            reason += f", Retry-After {wait:.0f} s"
+        raise WebhookFailed(reason, status=status, retry_after=wait)
 
     async def _post(
         self,
@@ -272,8 +350,9 @@ class WebhookSender:
         body: str,
         extensions: dict[str, Any],
         budget: float,
-    ) -> int:
-        """The reply's status, all of it within ``budget`` seconds (asyncio cancels the rest)."""
+    ) -> tuple[int, float | None]:
+        """The reply's status and ``Retry-After`` wait, all within ``budget`` seconds (asyncio
+        cancels the rest)."""
         async with (
             asyncio.timeout(budget),
             # Redirects are never followed: a 3xx could point anywhere, vetted or not.
@@ -286,7 +365,7 @@ class WebhookSender:
                 "POST", target, content=body, headers=headers, extensions=extensions
             ) as reply,
         ):
-            return reply.status_code
+            return reply.status_code, retry_after(reply.headers.get("retry-after"))
 
     def close(self) -> None:
         """Nothing to release: each attempt opens and closes its own connection."""

@@ -8,16 +8,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 
 import pytest
 
 from imagegen.ledger import Delivery, Ledger
 from imagegen.ledger.outbox import Dispatcher
 from imagegen.ledger.webhooks import AddressPolicy, WebhookFailed, WebhookSender
+from imagegen.settings import Settings
 from tests.ledger.chain import chain
 from tests.ledger.receiver import Receiver, serve
-from tests.ledger.test_webhooks import LOOPBACK, OLD
+from tests.ledger.test_webhooks import LOOPBACK, OLD, answering
 
 
 @contextmanager
@@ -197,3 +199,121 @@ def test_a_database_that_is_down_is_a_line_in_the_log_and_tried_again(
     failed = [r for r in caplog.records if r.getMessage().startswith("webhook dispatch failed")]
     assert failed and all(r.exc_info is None for r in failed), "one line each, no traceback"
     assert failed[0].getMessage().endswith("the ledger database is unavailable: refused")
+
+
+def _due_in(ledger: Ledger, gid: str) -> float:
+    """Seconds until ``gid``'s message is due again."""
+    with ledger.transaction() as db:
+        (row,) = db.query(
+            "SELECT next_attempt_at FROM webhook_deliveries WHERE generation_id = :gid",
+            {"gid": gid},
+        )
+    due: datetime = row["next_attempt_at"]
+    return (due - datetime.now(UTC)).total_seconds()
+
+
+def _in_two_minutes() -> str:
+    return format_datetime(datetime.now(UTC) + timedelta(seconds=120), usegmt=True)
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after"), [(429, "120"), (503, "120"), (503, "http-date"), (302, "120")]
+)
+def test_a_receiver_that_asks_to_wait_gets_one_try_and_its_wait(
+    ledger: Ledger, status: int, retry_after: str
+) -> None:
+    # Standard Webhooks: Retry-After "should be taken into consideration when scheduling the
+    # next attempt"; quick tries would ignore it.
+    if retry_after == "http-date":
+        retry_after = _in_two_minutes()
+    with answering(status, {"Retry-After": retry_after}) as (url, got):
+        ledger.ingest(chain("gen-1", webhook=url)["requested"])
+        sender = WebhookSender([OLD], LOOPBACK, timeout=2)
+        dispatcher = Dispatcher(ledger, sender, quick_tries=3, backoff=0.01)
+        assert dispatcher.run_once() == 1
+        assert dispatcher.run_once() == 0  # not due before the wait asked for
+        dispatcher.stop()
+    assert len(got) == 1
+    state = ledger.delivery_states("gen-1")["started"]
+    assert (state["state"], state["attempts"]) == ("pending", 1)
+    assert state["last_error"].startswith(f"HTTP {status}")
+    assert "Retry-After 1" in state["last_error"]  # 120 s, or 119 of a date
+    assert 110 < _due_in(ledger, "gen-1") <= 120
+
+
+@pytest.mark.parametrize("status", [429, 502, 504])
+def test_a_throttling_receiver_gets_one_try_a_round(ledger: Ledger, status: int) -> None:
+    # Standard Webhooks: on 429, 502 and 504 "it's recommended to throttle".
+    with answering(status) as (url, got):
+        ledger.ingest(chain("gen-1", webhook=url)["requested"])
+        sender = WebhookSender([OLD], LOOPBACK, timeout=2)
+        dispatcher = Dispatcher(ledger, sender, quick_tries=3, backoff=60)
+        assert dispatcher.run_once() == 1
+        dispatcher.stop()
+    assert len(got) == 1
+    assert ledger.delivery_states("gen-1")["started"]["last_error"] == f"HTTP {status}"
+    assert 45 < _due_in(ledger, "gen-1") <= 72  # the backoff's, ± 20 %
+
+
+def test_a_retry_after_that_is_no_wait_is_ignored(ledger: Ledger) -> None:
+    with answering(503, {"Retry-After": "soon"}) as (url, got):
+        ledger.ingest(chain("gen-1", webhook=url)["requested"])
+        sender = WebhookSender([OLD], LOOPBACK, timeout=2)
+        dispatcher = Dispatcher(ledger, sender, quick_tries=2, backoff=60)
+        assert dispatcher.run_once() == 1
+        dispatcher.stop()
+    assert len(got) == 2  # quick tries as for any 503
+    assert ledger.delivery_states("gen-1")["started"]["last_error"] == "HTTP 503"
+    assert 45 < _due_in(ledger, "gen-1") <= 72
+
+
+def test_a_retry_after_is_heeded_up_to_backoff_max(ledger: Ledger) -> None:
+    with answering(429, {"Retry-After": "86400"}) as (url, _):
+        ledger.ingest(chain("gen-1", webhook=url)["requested"])
+        sender = WebhookSender([OLD], LOOPBACK, timeout=2)
+        dispatcher = Dispatcher(ledger, sender, backoff=1, backoff_max=30)
+        assert dispatcher.run_once() == 1
+        dispatcher.stop()
+    assert 25 < _due_in(ledger, "gen-1") <= 30
+
+
+def test_a_retry_after_sooner_than_the_backoff_does_not_hasten_the_next_round(
+    ledger: Ledger,
+) -> None:
+    dispatcher = Dispatcher(ledger, WebhookSender([OLD], LOOPBACK), backoff=300)
+    for _ in range(20):
+        assert 240 <= (dispatcher.retry_in(1, retry_after=10) or 0) <= 360
+    assert dispatcher.retry_in(dispatcher.max_attempts, retry_after=10) is None
+    dispatcher.stop()
+
+
+def test_a_receiver_gone_ends_the_message_at_once(ledger: Ledger) -> None:
+    # Standard Webhooks: on 410 Gone the sender should "stop sending it messages".
+    with answering(410) as (url, got):
+        ledger.ingest(chain("gen-1", webhook=url)["requested"])
+        sender = WebhookSender([OLD], LOOPBACK, timeout=2)
+        dispatcher = Dispatcher(ledger, sender, quick_tries=3, max_attempts=3, backoff=0)
+        assert dispatcher.run_once() == 1
+        assert dispatcher.run_once() == 0  # not claimed again
+        dispatcher.stop()
+    assert len(got) == 1
+    state = ledger.delivery_states("gen-1")["started"]
+    assert (state["state"], state["attempts"]) == ("failed", 1)
+    assert state["last_error"].startswith("HTTP 410: the receiver is gone")
+
+
+def test_the_default_schedule_spans_about_a_day(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Standard Webhooks recommends "a retry schedule spanning multiple days, with an
+    # exponential backoff"; a receiver down overnight still gets its messages.
+    monkeypatch.setattr("imagegen.ledger.outbox.random.uniform", lambda low, high: 1.0)
+    rounds = Settings.model_fields["webhook_max_attempts"].default
+    dispatcher = Dispatcher(ledger, WebhookSender([OLD], LOOPBACK), max_attempts=rounds)
+    waits = [dispatcher.retry_in(n) for n in range(1, rounds)]
+    assert dispatcher.retry_in(rounds) is None
+    dispatcher.stop()
+    assert all(w is not None for w in waits)
+    hours = sum(w or 0 for w in waits) / 3600
+    assert 20 < hours < 30
+    assert waits[0] == 5 and (waits[-1] or 0) <= 12 * 3600

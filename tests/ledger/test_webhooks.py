@@ -5,7 +5,12 @@ from __future__ import annotations
 import base64
 import json
 import time
-from datetime import UTC, datetime
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -16,8 +21,18 @@ from imagegen.events import IMAGE_DERIVED, reply_id, source_for
 from imagegen.ledger import Delivery, Ledger, LedgerEvent
 from imagegen.ledger.fold import message_id
 from imagegen.ledger.outbox import Dispatcher
-from imagegen.ledger.webhooks import AddressPolicy, WebhookRefused, WebhookSender, sign
+from imagegen.ledger.webhooks import (
+    RETRY_AFTER_MAX,
+    AddressPolicy,
+    WebhookFailed,
+    WebhookGone,
+    WebhookRefused,
+    WebhookSender,
+    retry_after,
+    sign,
+)
 from imagegen.settings import Settings
+from tests.fakes.loopback import LoopbackServer
 from tests.ledger.chain import chain
 from tests.ledger.receiver import Receiver, serve, types_of
 
@@ -156,6 +171,85 @@ def test_redirects_are_not_followed() -> None:
             sender.send(_delivery(receiver.url + "/redirect"))
         sender.close()
     assert receiver.paths == {"/redirect": 1}
+
+
+@contextmanager
+def answering(
+    status: int, headers: dict[str, str] | None = None
+) -> Iterator[tuple[str, list[str]]]:
+    """A receiver on loopback answering every message ``status`` with ``headers``; yields its
+    URL and the ``webhook-id`` of each message it got, in order."""
+    got: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            got.append(self.headers["webhook-id"])
+            self.send_response(status)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with LoopbackServer(Handler, name="webhook-receiver") as server:
+        yield server.url + "/hook", got
+
+
+NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("120", 120.0),
+        (" 7 ", 7.0),
+        ("0", 0.0),
+        ("9" * 400, RETRY_AFTER_MAX),  # more than a day asks for a day
+        # RFC 9110, section 5.6.7: IMF-fixdate, and the obsolete forms a recipient reads too.
+        ("Mon, 01 Jun 2026 12:01:30 GMT", 90.0),
+        ("Monday, 01-Jun-26 12:01:30 GMT", 90.0),
+        ("Mon Jun  1 12:01:30 2026", 90.0),
+        ("Mon, 01 Jun 2026 11:00:00 GMT", 0.0),  # already past: no wait
+        ("Tue, 01 Jun 2027 12:00:00 GMT", RETRY_AFTER_MAX),
+    ],
+)
+def test_retry_after_is_delay_seconds_or_an_http_date(value: str, seconds: float) -> None:
+    assert retry_after(value, now=NOW) == seconds
+
+
+@pytest.mark.parametrize(
+    "value", [None, "", "soon", "-5", "1.5", "120s", "\u0661\u0662", "2026-06-01"]
+)
+def test_a_retry_after_that_is_neither_is_ignored(value: str | None) -> None:
+    assert retry_after(value, now=NOW) is None
+
+
+def test_a_failed_reply_carries_its_status_and_retry_after() -> None:
+    sender = WebhookSender([OLD], LOOPBACK, timeout=2)
+    later = format_datetime(datetime.now(UTC) + timedelta(seconds=600), usegmt=True)
+    with answering(503, {"Retry-After": later}) as (url, _), pytest.raises(WebhookFailed) as caught:
+        sender.send(_delivery(url))
+    assert caught.value.status_code == 503
+    assert 590 <= (caught.value.retry_after or 0) <= 600
+    assert caught.value.throttled
+    assert caught.value.message.startswith("HTTP 503, Retry-After ")
+    with answering(500) as (url, _), pytest.raises(WebhookFailed) as caught:
+        sender.send(_delivery(url))
+    assert (caught.value.status_code, caught.value.retry_after) == (500, None)
+    assert not caught.value.throttled
+    assert caught.value.message == "HTTP 500"
+
+
+def test_410_gone_is_final() -> None:
+    # Standard Webhooks: the receiver is "no longer interested"; a retry cannot help.
+    sender = WebhookSender([OLD], LOOPBACK, timeout=2)
+    with answering(410) as (url, got), pytest.raises(WebhookGone, match="gone") as caught:
+        sender.send(_delivery(url))
+    assert isinstance(caught.value, WebhookRefused)
+    assert len(got) == 1
 
 
 def _dispatch_until_settled(dispatcher: Dispatcher, ledger: Ledger, gids: list[str]) -> None:
