@@ -8,13 +8,21 @@ parameters (the OpenAPI document and the 400s that name a field both come from t
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from imagegen.errors import ConfigurationError, DependencyUnavailable, NotFound
+from imagegen.errors import (
+    ConfigurationError,
+    DependencyUnavailable,
+    InternalError,
+    InvalidRequest,
+    NotFound,
+    first_line,
+)
 from imagegen.events import (
     GENERATION_REQUESTED,
     PROMPT_ENHANCED,
@@ -91,11 +99,22 @@ async def page(ledger: Ledger, query: HistoryQuery) -> GenerationPage:
 
 
 async def replay(
-    ledger: Ledger, settings: Settings, generation_id: str, query: ReplayQuery
+    ledger: Ledger,
+    settings: Settings,
+    generation_id: str,
+    query: ReplayQuery,
+    *,
+    idempotency_key: str | None = None,
 ) -> ReplayAccepted:
     """Send the recorded job (or request) of ``generation_id`` to the broker, under a new id.
 
+    With ``idempotency_key`` (the ``Idempotency-Key`` header, IETF
+    draft-ietf-httpapi-idempotency-key-header) the new id is derived from it, the generation and
+    the starting point: a POST retried with the same key sends the same event (its id and
+    generation), which the broker's consumers take once; without one, each POST is a replay.
+
     Raises:
+        InvalidRequest: an ``Idempotency-Key`` that is not 1-255 printable ASCII characters.
         NotFound: the generation, or the event to replay, is not recorded.
         NotReplayable: the recorded event is invalid (409).
         ConfigurationError: no broker to send to (``K_SINK``).
@@ -107,11 +126,14 @@ async def replay(
 
     from imagegen.ledger.replay import replay_job, replay_request
 
+    new_id = None
+    if idempotency_key is not None:
+        new_id = replay_id(generation_id, query.start, _checked_key(idempotency_key))
     if query.start == "enhanced":
-        data: BaseModel = await asyncio.to_thread(replay_job, ledger, generation_id)
+        data: BaseModel = await asyncio.to_thread(replay_job, ledger, generation_id, new_id=new_id)
         event_type = PROMPT_ENHANCED
     else:
-        data = await asyncio.to_thread(replay_request, ledger, generation_id)
+        data = await asyncio.to_thread(replay_request, ledger, generation_id, new_id=new_id)
         event_type = GENERATION_REQUESTED
     if not settings.sink_url:
         raise ConfigurationError(
@@ -135,12 +157,15 @@ async def replay(
     try:
         async with httpx.AsyncClient(timeout=10.0) as client:
             answer = await client.post(settings.sink_url, headers=headers, content=body)
-    except httpx.HTTPError as exc:
-        raise DependencyUnavailable(f"the broker is unreachable: {exc}", retry_after=5) from None
-    if answer.status_code >= 300:
+    except httpx.TimeoutException:
         raise DependencyUnavailable(
-            f"the broker answered {answer.status_code} to the replay", retry_after=5
-        )
+            "the broker did not answer within 10 s (the replay may have been accepted)",
+            retry_after=5,
+        ) from None
+    except httpx.HTTPError as exc:
+        why = first_line(exc)
+        raise DependencyUnavailable(f"the broker is unreachable: {why}", retry_after=5) from None
+    _check_broker_answer(answer.status_code)
     return ReplayAccepted.model_validate(
         {
             "generation_id": new_id,
@@ -150,6 +175,40 @@ async def replay(
             "event_id": attributes["id"],
         }
     )
+
+
+def replay_id(generation_id: str, start: str, key: str) -> str:
+    """The new generation id of the replay ``key`` names: the same for every retry of it."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"imagegen:replay:{generation_id}:{start}:{key}").hex
+
+
+def _checked_key(key: str) -> str:
+    if not (0 < len(key) <= 255 and key.isascii() and key.isprintable()):
+        why = "1-255 printable ASCII characters"
+        raise InvalidRequest(
+            f"Idempotency-Key: must be {why}",
+            errors=[{"field": "Idempotency-Key", "message": why}],
+        )
+    return key
+
+
+def _check_broker_answer(status: int) -> None:
+    """Raise what a broker's answer to the replay means for its caller; a 2xx is accepted.
+
+    The broker's ingress answers 202 for an accepted event, 400 for one it cannot read, 401 or
+    403 for a token it refuses (authentication-oidc, an EventPolicy), 404 for no such broker,
+    429 or 5xx when it cannot take it now (knative/eventing pkg/broker/ingress/ingress_handler.go).
+    Only the last are worth the caller's retry: the others wait for an operator.
+    """
+    if 200 <= status < 300:
+        return
+    said = f"the broker answered {status} to the replay"
+    if status in (401, 403, 404):
+        why = "its K_SINK, or the token for it, is refused"
+        raise ConfigurationError(f"{said}: {why}", errors=[{"field": "sink_url", "message": why}])
+    if status == 429 or status >= 500:
+        raise DependencyUnavailable(said, retry_after=5)
+    raise InternalError(f"{said}: the event was refused")
 
 
 def _sink_token(path: Path) -> str | None:

@@ -66,10 +66,12 @@ class Direct:
 
 @dataclass(frozen=True, kw_only=True)
 class RouteCall:
-    """One request to a :class:`Route`: its path parameters and its validated query."""
+    """One request to a :class:`Route`: its path parameters, its validated query, and its
+    headers (names in lower case)."""
 
     params: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     query: BaseModel | None = None
+    headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
 _PARAMETER = re.compile(r"\{([a-z_]+)\}")

@@ -191,7 +191,13 @@ async def _replay(service: ImageGenService, call: RouteCall) -> BaseModel:
 
     ledger, _ = await _ledger(service)
     assert isinstance(call.query, api.ReplayQuery)
-    return await api.replay(ledger, service.settings, call.params["generation_id"], call.query)
+    return await api.replay(
+        ledger,
+        service.settings,
+        call.params["generation_id"],
+        call.query,
+        idempotency_key=call.headers.get("idempotency-key"),
+    )
 
 
 def _routes() -> tuple[Route, ...]:

@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from functools import partial
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
@@ -121,15 +122,15 @@ def test_every_get_route_answers_head(function: InProcessFunction) -> None:
 
 
 @contextmanager
-def _ingress() -> Iterator[tuple[str, list[tuple[dict[str, str], Any]]]]:
-    """A broker ingress on loopback: records each event POSTed, answers 202."""
+def _ingress(status: int = 202) -> Iterator[tuple[str, list[tuple[dict[str, str], Any]]]]:
+    """A broker ingress on loopback: records each event POSTed, answers ``status``."""
     received: list[tuple[dict[str, str], Any]] = []
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("content-length", 0)))
             received.append(({k.lower(): v for k, v in self.headers.items()}, json.loads(body)))
-            self.send_response(202)
+            self.send_response(status)
             self.send_header("content-length", "0")
             self.end_headers()
 
@@ -163,6 +164,61 @@ def test_replay_sends_the_recorded_job_to_the_broker_under_a_new_id(
         bad = function.client.post("/generations/gen-r/replay", params={"from": "rendered"})
         assert bad.status_code == 400 and bad.json()["errors"][0]["field"] == "from"
         assert len(received) == 1
+
+
+@pytest.mark.parametrize(
+    ("broker", "status", "code", "retryable"),
+    [
+        (403, 503, "not_configured", True),  # a token or an EventPolicy refused: an operator's
+        (404, 503, "not_configured", True),  # no such broker: K_SINK
+        (400, 500, "internal", False),  # an event the broker cannot read: never a retry
+        (429, 503, "dependency_unavailable", True),
+        (503, 503, "dependency_unavailable", True),
+    ],
+)
+def test_a_broker_refusing_the_replay_is_said_as_what_it_means(
+    serve_ledger: Callable[..., InProcessFunction],
+    broker: int,
+    status: int,
+    code: str,
+    retryable: bool,
+) -> None:
+    with _ingress(broker) as (sink, received):
+        function = serve_ledger(K_SINK=sink)
+        _record(function, "gen-b")
+        reply = function.post("/generations/gen-b/replay")
+        assert len(received) == 1
+    assert reply.status_code == status, reply.text
+    error = reply.json()
+    assert (error["error"], error["retryable"]) == (code, retryable)
+    assert f"answered {broker}" in error["message"]
+
+
+def test_a_replay_retried_with_its_idempotency_key_is_the_same_replay(
+    serve_ledger: Callable[..., InProcessFunction],
+) -> None:
+    """A caller that got no answer (a broker slow to answer, a connection cut) and retries with
+    the same Idempotency-Key sends the same event again: its id and generation, which the
+    broker's consumers take once. Another key, or none, is another replay."""
+    with _ingress() as (sink, received):
+        function = serve_ledger(K_SINK=sink)
+        _record(function, "gen-i")
+        send = partial(function.client.post, "/generations/gen-i/replay")
+        first = send(headers={"Idempotency-Key": "retry-1"})
+        again = send(headers={"Idempotency-Key": "retry-1"})
+        other = send(headers={"Idempotency-Key": "retry-2"})
+        requested = send(headers={"Idempotency-Key": "retry-1"}, params={"from": "requested"})
+        plain = [send(), send()]
+        bad = send(headers={"Idempotency-Key": "x" * 256})
+    replies = [first, again, other, requested, *plain]
+    assert [r.status_code for r in replies] == [202] * 6, [r.text for r in replies]
+    assert first.json() == again.json()
+    ids = [r.json()["generation_id"] for r in replies]
+    assert len(set(ids)) == 5  # the retry alone repeats one
+    assert received[0][0]["ce-id"] == received[1][0]["ce-id"]
+    assert received[0][1] == received[1][1]  # the same event's data
+    assert bad.status_code == 400 and bad.json()["errors"][0]["field"] == "Idempotency-Key"
+    assert len(received) == 6
 
 
 def test_replay_carries_the_token_the_sink_binding_mounts(
