@@ -353,7 +353,8 @@ class Function:
                     f"{route.path} takes no query parameters",
                     errors=[{"field": n, "message": "unknown parameter"} for n in request.args],
                 )
-            call = RouteCall(params=params, query=query)
+            headers = {name.lower(): value for name, value in request.headers.items()}
+            call = RouteCall(params=params, query=query, headers=headers)
             result, _ = self._run(route.handler(self._service, call))
             return json_reply(result.model_dump(mode="json"), route.status)
         except Exception as exc:
