@@ -115,10 +115,19 @@ class Dispatcher:
             sending.append(future)
         return sending
 
-    def _sent(self, _: Future[None]) -> None:
+    def _sent(self, future: Future[None]) -> None:
         with self._busy_lock:
             self._busy -= 1
         self._wake.set()  # a sender is free: claim the next message
+        failed = future.exception()
+        if failed is not None:
+            # The outcome could not be recorded (the database down after the send): said here,
+            # where nothing else would; the message is claimed again once its lease runs out.
+            log.error(
+                "webhook outcome not recorded: %s: %s; sent again after its lease",
+                type(failed).__name__,
+                failed,
+            )
 
     def _deliver(self, delivery: Delivery, ends: float) -> None:
         """One claim's tries at ``delivery``, all before ``ends`` (monotonic); the outcome."""

@@ -201,6 +201,41 @@ def test_a_database_that_is_down_is_a_line_in_the_log_and_tried_again(
     assert failed[0].getMessage().endswith("the ledger database is unavailable: refused")
 
 
+def test_an_outcome_that_cannot_be_recorded_is_a_line_in_the_log(
+    ledger: Ledger, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The send went, and the database is gone when its outcome is written: the sender's
+    thread is the only one to know, so it says so (the message is sent again later)."""
+    from imagegen.errors import DependencyUnavailable
+
+    finished = threading.Event()
+
+    def down(*_: object, **__: object) -> bool:
+        finished.set()
+        raise DependencyUnavailable("the ledger database is unavailable: refused")
+
+    receiver = Receiver(OLD, fail_first=set(), slow_first=set(), slow=0)
+    with serve(receiver):
+        ledger.ingest(chain("gen-lost", webhook=receiver.url + "/hook")["requested"])
+        monkeypatch.setattr(ledger, "finish_delivery", down)
+        dispatcher = Dispatcher(ledger, WebhookSender([OLD], LOOPBACK), quick_tries=1)
+        with caplog.at_level("ERROR", logger="imagegen.ledger"):
+            dispatcher.start(poll=0.05)
+            try:
+                assert finished.wait(10)
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline and not caplog.records:
+                    time.sleep(0.02)
+            finally:
+                dispatcher.stop()
+    assert receiver.accepted
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [
+        "webhook outcome not recorded: DependencyUnavailable: the ledger database is"
+        " unavailable: refused; sent again after its lease"
+    ]
+
+
 def _due_in(ledger: Ledger, gid: str) -> float:
     """Seconds until ``gid``'s message is due again."""
     with ledger.transaction() as db:
