@@ -9,7 +9,7 @@ import logging
 from imagegen._locks import KeyedLocks
 from imagegen.derivatives import (
     Derivative,
-    decode_rgb,
+    decode_pixels,
     make_derivative,
     make_derivatives,
     make_thumbnail,
@@ -17,10 +17,9 @@ from imagegen.derivatives import (
 )
 from imagegen.errors import DependencyUnavailable, InvalidRequest, NotFound
 from imagegen.models import DerivedImage, PersistedImage
-from imagegen.persist import claim_image
+from imagegen.persist import claim_image, load_record, record_part
 from imagegen.settings import Settings
 from imagegen.storage.base import GenerationKeys, Storage
-from imagegen.validation import parse_model
 
 __all__ = ["DeriveStage"]
 
@@ -30,28 +29,32 @@ THUMBNAIL_TYPE = "image/webp"
 
 
 def _encode(
-    png: bytes, image_key: str, size: int, widths: list[int]
+    png: bytes, image: PersistedImage, thumbnail_size: int, widths: list[int]
 ) -> tuple[bytes, list[Derivative]]:
-    """The thumbnail and every derivative, from one decode of ``png`` (CPU-bound)."""
-    pixels = decode_rgb(png)
-    return make_thumbnail(pixels, size), make_derivatives(pixels, image_key, widths)
+    """The thumbnail and every derivative, from one decode of ``png`` (CPU-bound).
+
+    The PNG is decoded only at the size ``image``'s record gives: persist checked its digest,
+    not its pixels, and its header is read before anything is decoded.
+    """
+    pixels = decode_pixels(png, size=(image.width, image.height))
+    return make_thumbnail(pixels, thumbnail_size), make_derivatives(pixels, image.key, widths)
 
 
 def _remake(
-    png: bytes, image_key: str, size: int, lost: dict[str, str]
+    png: bytes, image: PersistedImage, thumbnail_size: int, lost: dict[str, str]
 ) -> list[tuple[str, bytes, str]]:
     """(key, bytes, content type) of each lost object a record lists, from one decode.
 
     ``lost`` maps record names (``thumbnail``, ``avif:512``) to keys. Encoding is deterministic,
     so a derivative is the very file its first writer stored. CPU-bound: run it off the loop.
     """
-    pixels = decode_rgb(png)
+    pixels = decode_pixels(png, size=(image.width, image.height))
     made: list[tuple[str, bytes, str]] = []
     for name, key in lost.items():
         if name == "thumbnail":
-            made.append((key, make_thumbnail(pixels, size), THUMBNAIL_TYPE))
+            made.append((key, make_thumbnail(pixels, thumbnail_size), THUMBNAIL_TYPE))
         elif (parsed := parse_name(name)) is not None:
-            derivative = make_derivative(pixels, image_key, *parsed)
+            derivative = make_derivative(pixels, image.key, *parsed)
             if derivative.key == key:  # else not a key derive writes: nothing to remake
                 made.append((key, derivative.data, derivative.content_type))
     return made
@@ -89,7 +92,7 @@ class DeriveStage:
     async def _derive(self, image: PersistedImage, keys: GenerationKeys) -> DerivedImage:
         png = await claim_image(self.storage, keys.image, image.sha256, described_by="its record")
         thumbnail, derivatives = await asyncio.to_thread(
-            _encode, png, keys.image, self.settings.thumbnail_size, self.settings.derivative_widths
+            _encode, png, image, self.settings.thumbnail_size, self.settings.derivative_widths
         )
         await _create_all(
             self.storage,
@@ -153,7 +156,7 @@ class DeriveStage:
         log.warning(
             "remaking lost derivatives", extra={"generation_id": gid, "keys": sorted(lost.values())}
         )
-        made = await asyncio.to_thread(_remake, png, keys.image, self.settings.thumbnail_size, lost)
+        made = await asyncio.to_thread(_remake, png, image, self.settings.thumbnail_size, lost)
         await _create_all(self.storage, made)
 
     async def _check_persisted(self, image: PersistedImage, keys: GenerationKeys) -> None:
@@ -161,15 +164,20 @@ class DeriveStage:
 
         Checked before anything is read or answered, so knowing a generation id is not enough
         to have its image encoded or its derivatives record returned.
+
+        Raises:
+            DependencyUnavailable: the metadata record is corrupt (a 503 naming it, retried
+                until an operator repairs it: :func:`imagegen.persist.corrupt_record`).
         """
         try:
-            record = json.loads(await self.storage.get(keys.metadata))
+            body = await self.storage.get(keys.metadata)
         except NotFound:
             raise InvalidRequest(
                 f"image {keys.image!r} has no record: it is not persisted",
                 errors=[{"field": "key", "message": "no persisted image under this key"}],
             ) from None
-        stored = parse_model(PersistedImage, record["persisted"])
+        record = load_record(keys.metadata, body)
+        stored = record_part(keys.metadata, record, "persisted", PersistedImage)
         if stored != image:
             differ = [
                 n for n in type(image).model_fields if getattr(stored, n) != getattr(image, n)
@@ -181,12 +189,19 @@ class DeriveStage:
             )
 
     async def _stored_answer(self, keys: GenerationKeys) -> DerivedImage | None:
-        """The stored derivatives record, or None when there is none yet."""
+        """The stored derivatives record, or None when there is none yet.
+
+        Raises:
+            DependencyUnavailable: the record is corrupt (a 503 naming it:
+                :func:`imagegen.persist.corrupt_record`).
+        """
         try:
             body = await self.storage.get(keys.derivatives)
         except NotFound:
             return None
-        return parse_model(DerivedImage, json.loads(body)["derived"])
+        return record_part(
+            keys.derivatives, load_record(keys.derivatives, body), "derived", DerivedImage
+        )
 
 
 async def _create_all(storage: Storage, objects: list[tuple[str, bytes, str]]) -> None:

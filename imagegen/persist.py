@@ -7,6 +7,9 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from imagegen._locks import KeyedLocks
 from imagegen.errors import DependencyUnavailable, InvalidRequest, NotFound
@@ -17,9 +20,11 @@ from imagegen.storage.base import GenerationKeys, Storage, StoredObject
 from imagegen.urls import public_url
 from imagegen.validation import parse_model
 
-__all__ = ["PersistStage", "claim_image"]
+__all__ = ["PersistStage", "claim_image", "corrupt_record", "load_record", "record_part"]
 
 log = logging.getLogger("imagegen.persist")
+
+M = TypeVar("M", bound=BaseModel)
 
 
 async def claim_image(storage: Storage, key: str, sha256: str, *, described_by: str) -> bytes:
@@ -45,6 +50,56 @@ async def claim_image(storage: Storage, key: str, sha256: str, *, described_by: 
             errors=[{"field": "sha256", "message": "not the stored image's digest"}],
         )
     return png
+
+
+def load_record(key: str, body: bytes) -> dict[str, Any]:
+    """The JSON object of the record stored under ``key`` (a metadata or derivatives record).
+
+    Raises:
+        DependencyUnavailable: the record is corrupt (:func:`corrupt_record`).
+    """
+    try:
+        record = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, bad UTF-8
+        raise corrupt_record(key, f"not JSON: {type(exc).__name__}") from None
+    if not isinstance(record, dict):
+        raise corrupt_record(key, "not a JSON object")
+    return record
+
+
+def record_part(key: str, record: Mapping[str, Any], part: str, model: type[M]) -> M:
+    """``record[part]`` of the record stored under ``key``, as ``model``.
+
+    Raises:
+        DependencyUnavailable: the part is missing or is not a valid ``model``
+            (:func:`corrupt_record`).
+    """
+    if part not in record:
+        raise corrupt_record(key, f"no {part!r}")
+    try:
+        return parse_model(model, record[part])
+    except InvalidRequest as exc:
+        fields = ", ".join(dict.fromkeys(exc.fields)) or "its shape"
+        raise corrupt_record(key, f"{part!r} is no valid {model.__name__}: {fields}") from None
+
+
+def corrupt_record(key: str, why: str) -> DependencyUnavailable:
+    """The error for a stored record that cannot be read (empty, cut short, not ours).
+
+    A 503, retried, rather than a 400 or a 500. The event is fine and the store answers: what
+    is wrong is one object, which an operator must repair or remove. Records are written once,
+    first writer wins, so no delivery can overwrite or mend it; but a 400 would fail the
+    generation for good over an object that can be repaired. Nor may it count as missing:
+    derive refuses an image without a metadata record as not persisted (a 400), and a writer
+    that took it for absent would find its create refused by the very object it cannot read.
+    Retried, the event waits for the repair: once the record is removed, the next delivery of
+    its writer's event writes it again, the same record its first writer wrote.
+    """
+    return DependencyUnavailable(
+        f"the stored record {key!r} is corrupt ({why[:200]}): it is written once, so no"
+        " retry mends it; repair or remove it",
+        retry_after=60,
+    )
 
 
 class PersistStage:
@@ -152,12 +207,13 @@ class PersistStage:
             InvalidRequest: the event names this generation but not its image or job. Checked
                 before anything of the record is returned, so knowing a generation id is not
                 enough to read its record (a 400, not a 409 that Knative would retry).
+            DependencyUnavailable: the stored record is corrupt (:func:`corrupt_record`).
         """
         if await self.storage.head(keys.metadata) is None:
             return None
-        record = json.loads(await self.storage.get(keys.metadata))
-        stored = parse_model(PersistedImage, record["persisted"])
-        job = parse_model(EnhancedPrompt, record["request"])
+        record = load_record(keys.metadata, await self.storage.get(keys.metadata))
+        stored = record_part(keys.metadata, record, "persisted", PersistedImage)
+        job = record_part(keys.metadata, record, "request", EnhancedPrompt)
         recorded = {
             **stored.model_dump(include=_RECORDED),
             "steps": job.steps,

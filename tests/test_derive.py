@@ -15,12 +15,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagegen import ImageGenService, InvalidRequest, Settings
+from imagegen import DependencyUnavailable, ImageGenService, InvalidRequest, Settings
+from imagegen.events import IMAGE_PERSISTED
 from imagegen.models import PersistedImage, RenderedImage
 from imagegen.storage import LocalStorage
 from tests.fakes.images import gradient_png as png
 from tests.fakes.images import store_rendered
 from tests.fakes.storage import CountingStorage
+from tests.functions.clients import InProcessFunction
+from tests.functions.conftest import base_env
+from tests.functions.servers import post_event
 
 NOW = datetime(2026, 11, 24, 18, 30, tzinfo=UTC)
 
@@ -31,10 +35,8 @@ def settings(root: Path, widths: list[int]) -> Settings:
 
 async def stored(service: ImageGenService, gid: str) -> RenderedImage:
     """A rendered image as render leaves it: the PNG stored, the claim check returned."""
-    # Smaller than the thumbnail size (and than any job): the thumbnail keeps its size.
-    return await store_rendered(
-        service.storage, gid, NOW, png(96, 48), "a kite", job_size=(256, 256)
-    )
+    # The smallest size a job may ask for, which is also the thumbnail's: it keeps its size.
+    return await store_rendered(service.storage, gid, NOW, png(256, 256), "a kite")
 
 
 async def test_thumbnail_and_derivatives_are_recorded_after_every_one_is_stored(
@@ -50,9 +52,9 @@ async def test_thumbnail_and_derivatives_are_recorded_after_every_one_is_stored(
     assert derived.keys["record"] == "2026/11/24/d-1.derivatives.json"
     assert derived.keys["thumbnail"] == persisted.keys["thumbnail"] == "2026/11/24/d-1.thumb.webp"
     with Image.open(tmp_path / derived.keys["thumbnail"]) as thumbnail:
-        assert (thumbnail.format, thumbnail.size) == ("WEBP", (96, 48))
+        assert (thumbnail.format, thumbnail.size) == ("WEBP", (256, 256))
     names = sorted(k for k in derived.keys if k not in ("record", "thumbnail"))
-    assert names == ["avif:32", "avif:64", "avif:96", "webp:32", "webp:64", "webp:96"]
+    assert names == ["avif:256", "avif:32", "avif:64", "webp:256", "webp:32", "webp:64"]
     for name in names:
         fmt, width = name.split(":")
         with Image.open(tmp_path / derived.keys[name]) as image:
@@ -85,7 +87,7 @@ async def test_a_redelivery_remakes_what_the_record_lists_and_storage_lost(
         assert storage.heads == 0  # a first delivery asks about nothing it writes
         files = {n: (tmp_path / k).read_bytes() for n, k in first.keys.items() if n != "record"}
         # A bucket restored from a backup taken before derive wrote some of them.
-        for name in ("thumbnail", "avif:32", "webp:96"):
+        for name in ("thumbnail", "avif:32", "webp:256"):
             (tmp_path / first.keys[name]).unlink()
         storage.heads = 0
         again = await service.derive(persisted)
@@ -143,7 +145,14 @@ async def test_a_pod_that_died_before_the_record_leaves_work_a_retry_finishes(
         monkeypatch.setattr(LocalStorage, "create", real_create)
         derived = await service.derive(persisted)
     assert (tmp_path / derived.keys["record"]).is_file()
-    assert set(derived.keys) == {"record", "thumbnail", "avif:32", "webp:32", "avif:96", "webp:96"}
+    assert set(derived.keys) == {
+        "record",
+        "thumbnail",
+        "avif:32",
+        "webp:32",
+        "avif:256",
+        "webp:256",
+    }
 
 
 async def test_only_the_stored_images_own_event_is_derived(tmp_path: Path) -> None:
@@ -172,22 +181,14 @@ async def test_only_the_stored_images_own_event_is_derived(tmp_path: Path) -> No
     assert not list(tmp_path.rglob("*.avif"))
 
 
-def _bomb() -> bytes:
-    """A PNG of 9,000 by 9,000 pixels in a few kilobytes: 243 MB once decoded as RGB."""
-    out = io.BytesIO()
-    Image.new("1", (9000, 9000)).save(out, format="PNG")
-    return out.getvalue()
-
-
-@pytest.mark.parametrize("kind", ["cut short", "not a PNG", "a decompression bomb"])
+@pytest.mark.parametrize("kind", ["cut short", "not a PNG"])
 async def test_a_stored_image_that_does_not_decode_fails_the_generation(
     tmp_path: Path, kind: str
 ) -> None:
     """Bytes persist accepted by their digest that derive cannot decode fail alike at every
     delivery: a 400 naming the image (the function answers generation.failed), not a 500 that
     Knative retries until it dead-letters the event."""
-    data = {"cut short": png(96, 48)[:200], "not a PNG": b"GIF89a" + b"\0" * 64}.get(kind)
-    data = data if data is not None else _bomb()
+    data = {"cut short": png(256, 256)[:200], "not a PNG": b"GIF89a" + b"\0" * 64}[kind]
     async with ImageGenService(settings(tmp_path, [32])) as service:
         rendered = await stored(service, "undecodable")
         await service.storage.put(rendered.key, data, content_type="image/png")
@@ -224,3 +225,116 @@ def test_avif_bytes_do_not_depend_on_the_cpus_the_process_may_use() -> None:
     assert pinned == everywhere
     if len(cpus) > 1:  # the property the setting exists for: threads change the bytes
         assert pinned_default != everywhere_default
+
+
+def _sized_png(width: int, height: int) -> bytes:
+    """A PNG of any size in a few bytes (one bit a pixel, all black)."""
+    out = io.BytesIO()
+    Image.new("1", (width, height)).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("size", "fields"),
+    [
+        ((16384, 16), ["width", "height"]),  # wider than WebP takes
+        ((512, 256), ["width"]),
+        ((2048, 2048), ["width", "height"]),  # render's largest, but not this image's size
+        # A decompression bomb: a few kilobytes, 243 MB once decoded as RGB.
+        ((9000, 9000), ["width", "height"]),
+    ],
+)
+async def test_a_stored_image_not_of_its_records_size_is_refused_before_it_is_decoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: tuple[int, int], fields: list[str]
+) -> None:
+    """persist checks the digest, not the pixels: the PNG's header must give the record's size,
+    or derive answers a 400 naming what differs, having decoded nothing."""
+    data = _sized_png(*size)
+    async with ImageGenService(settings(tmp_path, [32])) as service:
+        rendered = await store_rendered(
+            service.storage, "misdescribed", NOW, data, "a kite", job_size=(256, 256)
+        )
+        persisted = await service.persist(rendered)
+
+        def refuse(*args: Any) -> None:
+            raise AssertionError("decoded")
+
+        monkeypatch.setattr("PIL.ImageFile.ImageFile.load", refuse)
+        with pytest.raises(InvalidRequest) as caught:
+            await service.derive(persisted)
+    assert caught.value.fields == fields
+    assert str(size[0]) not in caught.value.message  # what is stored is not told
+    assert not list(tmp_path.rglob("*.webp")) and not list(tmp_path.rglob("*.derivatives.json"))
+
+
+def test_the_decoded_size_covers_every_image_render_can_make() -> None:
+    """The pixel bound was measured against a derive pod's memory for render's largest image;
+    a larger render size must come with a new measurement (``MAX_PIXELS``)."""
+    from imagegen.derivatives import MAX_PIXELS
+
+    sides = PersistedImage.model_json_schema()["properties"]
+    assert sides["width"]["maximum"] * sides["height"]["maximum"] <= MAX_PIXELS
+
+
+@pytest.mark.parametrize("size", [(16384, 16), (70000, 1)])
+def test_pixels_an_encoder_cannot_take_are_a_400_naming_the_image(size: tuple[int, int]) -> None:
+    """libwebp takes at most 16,383 pixels a side (a ValueError from Pillow), libavif refuses
+    others (a RuntimeError): the same pixels fail at every delivery, never a 500 retried."""
+    from imagegen.derivatives import make_derivatives
+
+    with pytest.raises(InvalidRequest) as caught:
+        make_derivatives(Image.new("RGB", size), "2026/11/24/t.png", [])
+    assert caught.value.fields == ["image"]
+
+
+# Records as storage may hand them back: emptied, cut short, or not the record at all.
+CORRUPT = {
+    "empty": b"",
+    "cut short": b'{"derived": {"generation_id": "d-',
+    "not UTF-8": b"\xff\xfe{}",
+    "not an object": b"[1, 2]",
+    "its part missing": b'{"other": {}}',
+    "its part invalid": b'{"persisted": {"generation_id": 5}, "derived": {"keys": 5}}',
+}
+
+
+@pytest.mark.parametrize("record", ["metadata", "derivatives"])
+@pytest.mark.parametrize("kind", list(CORRUPT))
+async def test_a_corrupt_record_is_a_503_naming_it_at_every_delivery(
+    tmp_path: Path, record: str, kind: str
+) -> None:
+    """Records are written once: a corrupt one is never mended by a retry, and a 400 would
+    fail the generation over an object an operator can repair. The event waits, retried."""
+    async with ImageGenService(settings(tmp_path, [32])) as service:
+        persisted = await service.persist(await stored(service, "d-corrupt"))
+        await service.derive(persisted)
+        keys = {"metadata": persisted.keys["metadata"], "derivatives": "2026/11/24/d-corrupt"}
+        key = keys[record] if record == "metadata" else f"{keys[record]}.derivatives.json"
+        (tmp_path / key).write_bytes(CORRUPT[kind])
+        for _ in range(2):
+            with pytest.raises(DependencyUnavailable) as caught:
+                await service.derive(persisted)
+            error = caught.value
+            assert (error.status, error.retryable) == (503, True)
+            assert f"the stored record {key!r} is corrupt" in error.message
+
+
+def test_the_derive_function_answers_a_corrupt_record_with_a_503_and_no_trace(
+    tmp_path: Path,
+) -> None:
+    store = tmp_path / "store"
+
+    async def persisted() -> PersistedImage:
+        async with ImageGenService(settings(store, [32])) as service:
+            return await service.persist(await stored(service, "d-http"))
+
+    event = asyncio.run(persisted())
+    (store / "2026/11/24/d-http.derivatives.json").write_bytes(b"")
+    with InProcessFunction("derive", base_env(store)) as derive:
+        reply = post_event(derive, IMAGE_PERSISTED, event.model_dump(mode="json"))
+    assert reply.status_code == 503, reply.text
+    assert "Retry-After" in reply.headers
+    body = reply.json()
+    assert body["error"] == "dependency_unavailable"
+    assert "'2026/11/24/d-http.derivatives.json' is corrupt" in body["message"]
+    assert "Traceback" not in reply.text

@@ -10,10 +10,18 @@ from typing import Any
 
 import pytest
 
-from imagegen import GenerationRequest, ImageGenService, InvalidRequest, Settings
+from imagegen import (
+    DependencyUnavailable,
+    GenerationRequest,
+    ImageGenService,
+    InvalidRequest,
+    Settings,
+)
 from imagegen.events import GENERATION_FAILED, IMAGE_RENDERED
 from imagegen.models import RenderedImage
 from imagegen.storage.base import GenerationKeys
+from tests.fakes.images import gradient_png as png
+from tests.fakes.images import store_rendered
 from tests.functions.clients import InProcessFunction
 from tests.functions.conftest import base_env
 from tests.functions.servers import post_event
@@ -151,3 +159,39 @@ def test_the_persist_function_answers_out_of_range_values_with_a_400_naming_them
     assert event.status_code == 200 and event.headers["ce-type"] == GENERATION_FAILED
     assert {error["field"] for error in event.json()["error"]["errors"]} == fields
     assert not list((tmp_path / "store").rglob("*.json")), json.dumps(reply.json())
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        b"",
+        b'{"persisted": {"generation_id": "corrupt-1", "ke',
+        b'"a string"',
+        b'{"persisted": {}}',
+        b'{"persisted": {"generation_id": 5}, "request": {}}',
+    ],
+    ids=["empty", "cut short", "not an object", "no request", "invalid"],
+)
+async def test_a_corrupt_record_is_a_503_naming_it_at_every_redelivery(
+    tmp_path: Path, corrupt: bytes
+) -> None:
+    """The record is written once: no retry mends a corrupt one, and a 400 would fail the
+    generation over an object an operator can repair. The event waits, retried."""
+    store = tmp_path / "out"
+    async with ImageGenService(Settings(storage_url=str(store))) as service:
+        rendered = await store_rendered(service.storage, "corrupt-1", NOW, png(256, 256), "a bay")
+        await service.persist(rendered)
+        record = GenerationKeys("corrupt-1", NOW).metadata
+        (store / record).write_bytes(corrupt)
+        for _ in range(2):
+            with pytest.raises(DependencyUnavailable) as caught:
+                await service.persist(rendered)
+            assert (caught.value.status, caught.value.retryable) == (503, True)
+            assert f"the stored record {record!r} is corrupt" in caught.value.message
+    assert (store / record).read_bytes() == corrupt  # written once: left for the operator
+
+    with InProcessFunction("persist", base_env(store)) as persist:
+        reply = post_event(persist, IMAGE_RENDERED, rendered.model_dump(mode="json"))
+    assert reply.status_code == 503 and "Retry-After" in reply.headers, reply.text
+    assert reply.json()["error"] == "dependency_unavailable"
+    assert "Traceback" not in reply.text

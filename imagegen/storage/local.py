@@ -27,7 +27,9 @@ a lock when its holder dies, where a claim file left by a killed writer would bl
 forever. An object found without its sidecar is such an interrupted write, and is written again,
 unless the create would write none: one without metadata, whose content type is what the name
 says (the prompt memo, the metadata record, the derivatives), writes the object alone, one file
-and one flush, and :meth:`~LocalStorage.head` reads the same content type from the name.
+and one flush, and :meth:`~LocalStorage.head` reads the same content type from the name. What a
+name says of the names imagegen writes (``.png``, ``.json``, ``.webp``, ``.avif``) is fixed
+here, the same on every host; of any other, the host's MIME types say it.
 """
 
 from __future__ import annotations
@@ -49,6 +51,15 @@ from imagegen.storage.base import ObjectStore, StoredObject, validate_key
 __all__ = ["LocalStorage"]
 
 _DEFAULT_CONTENT_TYPE = "application/octet-stream"
+# The content types of the names imagegen writes, fixed here rather than taken from the host's
+# MIME database: Python 3.11's own table has no .webp, so without /etc/mime.types one name
+# would have two content types, and whether its object gets a sidecar would depend on the host.
+_CONTENT_TYPES = {
+    ".png": "image/png",
+    ".json": "application/json",
+    ".webp": "image/webp",
+    ".avif": "image/avif",
+}
 _CREATE_LOCK = ".create.lock"
 
 
@@ -301,7 +312,8 @@ def _atomic_write(path: Path, data: bytes, *, make_parent: bool = False) -> None
 
 def _guessed_type(path: Path) -> str:
     """The content type an object's name says, which an object without a sidecar has."""
-    return mimetypes.guess_type(path.name)[0] or _DEFAULT_CONTENT_TYPE
+    known = _CONTENT_TYPES.get(path.suffix)
+    return known or mimetypes.guess_type(path.name)[0] or _DEFAULT_CONTENT_TYPE
 
 
 def _read_sidecar(path: Path) -> tuple[str, dict[str, str]]:

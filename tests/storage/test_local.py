@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import mimetypes
 import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -275,6 +277,37 @@ async def test_a_content_type_the_name_does_not_say_is_kept_in_a_sidecar(
     ]
     head = await local.head(KEYS.metadata)
     assert head is not None and head.content_type == "application/x-ndjson"
+
+
+@pytest.fixture
+def host_without_mime_types(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A host without /etc/mime.types (a slim container image): Python's own table alone."""
+    monkeypatch.setattr(mimetypes, "knownfiles", [])
+    mimetypes.init()
+    yield
+    monkeypatch.undo()
+    mimetypes.init()
+
+
+@pytest.mark.usefixtures("host_without_mime_types")
+async def test_the_names_imagegen_writes_say_their_content_type_on_any_host(
+    local: LocalStorage,
+) -> None:
+    """Python 3.11 knows no .webp of its own: the thumbnail and WebP derivatives would be
+    written with a sidecar on one host and without on another."""
+    written = {
+        KEYS.thumbnail: "image/webp",
+        "2026/05/01/gen-0003.w256.webp": "image/webp",
+        "2026/05/01/gen-0003.w256.avif": "image/avif",
+        KEYS.derivatives: "application/json",
+        KEYS.image: "image/png",
+    }
+    for key, content_type in written.items():
+        assert await local.create(key, b"x", content_type=content_type)
+    assert not [name for name in files_under(local.root) if name.endswith(".meta")]
+    for key, content_type in written.items():
+        head = await local.head(key)
+        assert head is not None and head.content_type == content_type, key
 
 
 async def test_create_rewrites_an_object_left_without_its_sidecar(local: LocalStorage) -> None:
