@@ -29,6 +29,11 @@ export interface Env {
   /** Secret. When set, every request needs a valid signed URL. */
   SIGNING_SECRET?: string;
   /**
+   * Secret, optional, during a rotation: the secret SIGNING_SECRET held before. URLs it signed
+   * stay valid; the Worker never signs with it.
+   */
+  SIGNING_SECRET_PREVIOUS?: string;
+  /**
    * The gallery at `/`: "on" (default without SIGNING_SECRET), "off" (default with it), or
    * "signed" (with SIGNING_SECRET: only through a signed gallery link).
    */
@@ -53,7 +58,10 @@ export interface Config {
   origin: OriginConfig;
   prefix: string;
   timeoutMs: number;
+  /** Signs the gallery's links; null when images are public. */
   signingSecret: string | null;
+  /** Every secret a signature may be made with: SIGNING_SECRET, then SIGNING_SECRET_PREVIOUS. */
+  verifyingSecrets: readonly string[];
   gallery: GalleryMode;
 }
 
@@ -145,11 +153,18 @@ export function readConfig(env: Env): Config {
       throw new ConfigError("ORIGIN_TIMEOUT_MS must be a positive whole number of milliseconds");
     }
   }
+  const signingSecret = env.SIGNING_SECRET ? env.SIGNING_SECRET : null;
+  const previous = env.SIGNING_SECRET_PREVIOUS ? env.SIGNING_SECRET_PREVIOUS : null;
+  if (previous !== null && signingSecret === null) {
+    // Without SIGNING_SECRET nothing is checked: the images would be public.
+    throw new ConfigError("SIGNING_SECRET_PREVIOUS is set but SIGNING_SECRET is not");
+  }
   return {
     origin: readOrigin(env),
     prefix,
     timeoutMs,
-    signingSecret: env.SIGNING_SECRET ? env.SIGNING_SECRET : null,
-    gallery: galleryMode(env, Boolean(env.SIGNING_SECRET)),
+    signingSecret,
+    verifyingSecrets: [signingSecret, previous].filter((s): s is string => s !== null),
+    gallery: galleryMode(env, signingSecret !== null),
   };
 }

@@ -1,54 +1,168 @@
 /**
- * The gallery: `GET /` shows the latest day with images, `GET /YYYY/MM/DD/` one day.
+ * The gallery: `GET /` shows the latest day with images, `GET /YYYY/MM/DD/` one day, in pages of
+ * MAX_ITEMS images (`?page=2` and on), newest first.
  *
- * Data comes from the bucket itself: day folders are found by listing with a `/` delimiter
- * (years, then months, then days, newest first and only as far as needed), and a day's images
- * from its metadata records (`YYYY/MM/DD/<id>.json`, read through the edge cache; they never
- * change). With GALLERY=signed the page needs a signed link and signs every URL on it with the
- * same expiry.
+ * Data comes from the bucket itself: day folders from listings with a `/` delimiter (days.ts), a
+ * day's images from its metadata records (`YYYY/MM/DD/<id>.json`, read through the edge cache;
+ * they never change). What a page shows is kept in the edge cache for PAGE_MAX_AGE seconds, and
+ * a day's list of records as long, so a page costs the origin nothing meanwhile. With
+ * GALLERY=signed the page needs a signed link and signs every URL on it with the same expiry.
  */
-import { keyFromPath } from "./keys";
+import { AFTER_EVERY_DAY, dayExists, type Folders, folderLister, take, walk } from "./days";
+import { textResponse } from "./http";
 import { availableDerivatives, readRecord } from "./negotiate";
-import type { Serving } from "./objects";
+import { cachedJson, type Serving } from "./objects";
 import { listKeys } from "./origins";
 import { type DayLink, galleryCsp, type Item, renderPage } from "./page";
 import { checkSignedUrl, sign } from "./signing";
-import { textResponse } from "./http";
 
-/** Links to this many earlier days under each page. */
+/** Links to this many earlier days under each page; `/` falls back as far for a day with images. */
 export const EARLIER_DAYS = 7;
-/** At most this many images on a page (a day's newest). */
+/** At most this many images on a page. */
 export const MAX_ITEMS = 200;
-const PAGE_MAX_AGE = 60;
+/** Pages of 1000 keys listed for a day: some 4,500 images (about 11 keys each). */
+export const MAX_DAY_LIST_PAGES = 50;
+/** Seconds a page is kept, at the edge and in browsers. */
+export const PAGE_MAX_AGE = 60;
 
-const RECORD_KEY = /^([0-9]{4}\/[0-9]{2}\/[0-9]{2})\/([A-Za-z0-9][A-Za-z0-9_-]{0,127})\.json$/;
+const RECORD_KEY = /^[0-9]{4}\/[0-9]{2}\/[0-9]{2}\/([A-Za-z0-9][A-Za-z0-9_-]{0,127})\.json$/;
 
-/** Day folders (`YYYY/MM/DD/`), newest first, listed lazily. */
-async function* daysNewestFirst(serving: Serving): AsyncGenerator<string> {
-  const folders = async (prefix: string, shape: RegExp) =>
-    (await listKeys(serving.config, prefix, "/")).folders
-      .filter((f) => shape.test(f))
-      .sort()
-      .reverse();
-  for (const year of await folders("", /^[0-9]{4}\/$/)) {
-    for (const month of await folders(year, /^[0-9]{4}\/[0-9]{2}\/$/)) {
-      yield* await folders(month, /^[0-9]{4}\/[0-9]{2}\/[0-9]{2}\/$/);
-    }
-  }
+/** A day's records, newest upload first, and whether the listing reached the end of the day. */
+interface DayIndex {
+  ids: string[];
+  complete: boolean;
 }
 
-/** The day to show, the next later day and up to EARLIER_DAYS earlier ones. */
-async function neighbours(serving: Serving, wanted: string) {
-  let day = wanted;
-  let later: string | null = null;
-  const earlier: string[] = [];
-  for await (const folder of daysNewestFirst(serving)) {
-    if (day === "") day = folder;
-    if (folder > day) later = folder;
-    else if (folder < day) earlier.push(folder);
-    if (earlier.length >= EARLIER_DAYS) break;
+/** One image of a page, as stored in the edge cache: everything but its (signed) URLs. */
+interface Shown {
+  id: string;
+  width: number;
+  height: number;
+  prompt: string;
+  seed: string;
+  model: string;
+  created: string;
+  avif: number[];
+  webp: number[];
+}
+
+/** What a page shows: the day, its neighbours, one page of its images. */
+interface PageData {
+  day: string;
+  later: string | null;
+  earlier: string[];
+  items: Shown[];
+  page: number;
+  pages: number;
+  complete: boolean;
+}
+
+/** A day's records, each day listed once per request (the edge cache keeps it for the next). */
+type DayIndexes = (day: string) => Promise<DayIndex>;
+
+function dayIndexes(serving: Serving): DayIndexes {
+  const read = new Map<string, Promise<DayIndex>>();
+  return (day) => {
+    let index = read.get(day);
+    if (index === undefined) {
+      index = dayIndex(serving, day);
+      read.set(day, index);
+    }
+    return index;
+  };
+}
+
+function dayIndex(serving: Serving, day: string): Promise<DayIndex> {
+  return cachedJson(serving, `_gallery/day/${day}`, PAGE_MAX_AGE, async () => {
+    const listing = await listKeys(serving.config, day, { maxPages: MAX_DAY_LIST_PAGES });
+    if (!listing.complete) {
+      console.warn(`gallery: ${day} holds more than ${MAX_DAY_LIST_PAGES} pages of keys`);
+    }
+    // Listing order is the ids' (random): the newest uploads come from the whole listing.
+    const uploaded = (key: string) => listing.modified.get(key) ?? 0;
+    const ids = listing.keys
+      .filter((key) => RECORD_KEY.test(key))
+      .sort((a, b) => uploaded(b) - uploaded(a) || (a < b ? -1 : 1))
+      .map((key) => RECORD_KEY.exec(key)?.[1] ?? "");
+    return { ids, complete: listing.complete };
+  });
+}
+
+function isObject(value: unknown): value is Record<string, unknown> {
+  return typeof value === "object" && value !== null && !Array.isArray(value);
+}
+
+function field(value: unknown): string {
+  return typeof value === "string" || typeof value === "number" ? String(value) : "";
+}
+
+function dimension(value: unknown): number {
+  const n = Number(value);
+  return Number.isInteger(n) && n > 0 ? n : 1;
+}
+
+/** The image `id` of the day folder `folder` as its records describe it, or null. */
+async function shown(serving: Serving, folder: string, id: string): Promise<Shown | null> {
+  const day = folder.slice(0, -1);
+  const record = await readRecord(serving, day, id);
+  const persisted = isObject(record) ? record.persisted : undefined;
+  if (!isObject(record) || !isObject(persisted)) {
+    // Gone since the listing, or no metadata record: the rest of the day is still shown.
+    if (record !== null) console.warn(`gallery: ${day}/${id}.json is no metadata record, skipped`);
+    return null;
   }
-  return { day, later, earlier };
+  const available = await availableDerivatives(serving, day, id, record);
+  const request = isObject(record.request) ? record.request : {};
+  return {
+    id,
+    width: dimension(persisted.width),
+    height: dimension(persisted.height),
+    prompt: field(persisted.prompt),
+    seed: field(persisted.seed),
+    model: field(persisted.model),
+    // The day of a generation is its request's; show that time, as the page's day says.
+    created: field(request.requested_at) || field(persisted.created_at),
+    avif: available.avif,
+    webp: available.webp,
+  };
+}
+
+/**
+ * The day `/` shows: the newest with a record among the newest EARLIER_DAYS + 1, else the newest.
+ * Render writes an image before persist writes its record, so a new day may hold images only.
+ */
+async function latestDay(folders: Folders, indexes: DayIndexes): Promise<string> {
+  let newest = "";
+  let tried = 0;
+  for await (const day of walk(folders, AFTER_EVERY_DAY, "older")) {
+    newest ||= day;
+    if ((await indexes(day)).ids.length > 0) return day;
+    if (++tried > EARLIER_DAYS) break;
+  }
+  return newest;
+}
+
+/** What the page `page` of `path` shows, or null when there is no such page (404). */
+async function pageData(serving: Serving, path: string, page: number): Promise<PageData | null> {
+  const folders = folderLister(serving.config);
+  const indexes = dayIndexes(serving);
+  // 1. The day, and the days around it
+  const day = path === "" ? await latestDay(folders, indexes) : path;
+  const earlier = day ? await take(walk(folders, day, "older"), EARLIER_DAYS) : [];
+  if (path !== "" && earlier.length === 0 && !(await dayExists(folders, day))) {
+    return null; // before the oldest day
+  }
+  const [later = null] = day ? await take(walk(folders, day, "newer"), 1) : [];
+
+  // 2. One page of its records, newest upload first, then by each record's own time
+  const index = day ? await indexes(day) : { ids: [], complete: true };
+  const pages = Math.max(1, Math.ceil(index.ids.length / MAX_ITEMS));
+  if (page > pages) return null;
+  const ids = index.ids.slice((page - 1) * MAX_ITEMS, page * MAX_ITEMS);
+  const items = (await Promise.all(ids.map((id) => shown(serving, day, id))))
+    .filter((i): i is Shown => i !== null)
+    .sort((a, b) => (a.created < b.created ? 1 : a.created > b.created ? -1 : 0));
+  return { day, later, earlier, items, page, pages, complete: index.complete };
 }
 
 type Link = (key: string, params?: Record<string, string>) => Promise<string>;
@@ -65,47 +179,29 @@ function linker(expires: number | null, secret: string | null): Link {
   };
 }
 
-function field(value: unknown): string {
-  return typeof value === "string" || typeof value === "number" ? String(value) : "";
-}
-
-async function item(serving: Serving, key: string, link: Link): Promise<Item | null> {
-  const match = RECORD_KEY.exec(key);
-  if (match === null) return null;
-  const [, day = "", id = ""] = match;
-  const image = `${day}/${id}.png`;
-  if (keyFromPath(`/${image}`) === null) return null;
-  const record = await readRecord(serving, day, id);
-  const persisted = (record as { persisted?: Record<string, unknown> } | null)?.persisted;
-  if (persisted === undefined) return null;
-  const available = await availableDerivatives(serving, day, id, record);
+async function item(data: Shown, day: string, link: Link): Promise<Item> {
+  const image = `${day}${data.id}.png`;
   const sources: Item["sources"] = [];
   for (const format of ["avif", "webp"] as const) {
     const candidates = await Promise.all(
-      available[format].map(async (width) => ({
-        url: await link(`${day}/${id}.w${width}.${format}`),
+      data[format].map(async (width) => ({
+        url: await link(`${day}${data.id}.w${width}.${format}`),
         width,
       })),
     );
     sources.push({ type: `image/${format}`, candidates });
   }
-  const width = Number(persisted.width);
-  const height = Number(persisted.height);
-  return {
-    id,
-    href: await link(image),
-    fallback: await link(image),
-    sources,
-    width: Number.isInteger(width) && width > 0 ? width : 1,
-    height: Number.isInteger(height) && height > 0 ? height : 1,
-    prompt: field(persisted.prompt),
-    seed: field(persisted.seed),
-    model: field(persisted.model),
-    // The day of a generation is its request's; show that time, as the page's day says.
-    created:
-      field((record as { request?: { requested_at?: unknown } }).request?.requested_at) ||
-      field(persisted.created_at),
-  };
+  const { id, width, height, prompt, seed, model, created } = data;
+  const href = await link(image);
+  return { id, href, fallback: href, sources, width, height, prompt, seed, model, created };
+}
+
+/** The `page` parameter: 1 when absent, a page number, or null when it is none. */
+function pageParam(params: URLSearchParams): number | null {
+  const values = params.getAll("page");
+  if (values.length === 0) return 1;
+  const value = values[0] ?? "";
+  return values.length === 1 && /^[1-9][0-9]{0,5}$/.test(value) ? Number(value) : null;
 }
 
 /**
@@ -127,37 +223,38 @@ export async function serveGallery(
   let cacheControl = `public, max-age=${PAGE_MAX_AGE}`;
   if (config.gallery === "signed" && config.signingSecret !== null) {
     const now = Math.floor(Date.now() / 1000);
-    const check = await checkSignedUrl(params, path, config.signingSecret, now);
+    const check = await checkSignedUrl(params, path, config.verifyingSecrets, now);
     if (!check.ok) return textResponse(403, "Forbidden");
     expires = check.expires;
     cacheControl = `private, max-age=${Math.min(PAGE_MAX_AGE, expires - now)}`;
   }
+  const page = pageParam(params);
+  if (page === null) return textResponse(400, "Bad Request: page must be a page number");
+
+  // 2. What the page shows, from the edge cache or the origin
+  const data = await cachedJson(serving, `_gallery/page/${path}?page=${page}`, PAGE_MAX_AGE, () =>
+    pageData(serving, path, page),
+  );
+  if (data === null) return textResponse(404, "Not Found");
+
+  // 3. Its links, signed for this request
   const link = linker(expires, config.signingSecret);
-
-  // 2. Days: this one, its neighbours
-  const { day, later, earlier } = await neighbours(serving, path);
-  const dayLink = async (folder: string): Promise<DayLink> => ({
+  const dayLink = async (folder: string, n = 1): Promise<DayLink> => ({
     day: folder.slice(0, -1).replaceAll("/", "-"),
-    href: await link(folder),
+    href: await (n === 1 ? link(folder) : link(folder, { page: String(n) })),
   });
-
-  // 3. The day's records, newest first: the newest uploads only are read (listing order is
-  // the ids', random), then ordered by the time each record gives.
-  const listing = day ? await listKeys(config, day) : null;
-  const records = (listing?.keys ?? [])
-    .filter((key) => RECORD_KEY.test(key))
-    .sort((a, b) => (listing?.modified.get(b) ?? 0) - (listing?.modified.get(a) ?? 0))
-    .slice(0, MAX_ITEMS);
-  const items = (await Promise.all(records.map((key) => item(serving, key, link))))
-    .filter((i): i is Item => i !== null)
-    .sort((a, b) => (a.created < b.created ? 1 : a.created > b.created ? -1 : 0))
-    .slice(0, MAX_ITEMS);
-
   const html = renderPage({
-    day: day ? day.slice(0, -1).replaceAll("/", "-") : "",
-    items,
-    earlier: await Promise.all(earlier.map(dayLink)),
-    later: later === null ? null : await dayLink(later),
+    day: data.day ? data.day.slice(0, -1).replaceAll("/", "-") : "",
+    items: await Promise.all(data.items.map((i) => item(i, data.day, link))),
+    earlier: await Promise.all(data.earlier.map((d) => dayLink(d))),
+    later: data.later === null ? null : await dayLink(data.later),
+    pages: {
+      current: data.page,
+      count: data.pages,
+      newer: data.page > 1 ? (await dayLink(data.day, data.page - 1)).href : null,
+      older: data.page < data.pages ? (await dayLink(data.day, data.page + 1)).href : null,
+    },
+    complete: data.complete,
   });
   const headers = {
     "Content-Type": "text/html; charset=utf-8",

@@ -27,7 +27,7 @@ export type { Env } from "./config";
 async function cacheControlFor(url: URL, key: string, config: Config): Promise<string | Response> {
   if (config.signingSecret === null) return IMMUTABLE;
   const now = Math.floor(Date.now() / 1000);
-  const check = await checkSignedUrl(url.searchParams, key, config.signingSecret, now);
+  const check = await checkSignedUrl(url.searchParams, key, config.verifyingSecrets, now);
   if (!check.ok) return textResponse(403, "Forbidden");
   // The signed URL stops working at `expires`; no cache may keep serving it longer.
   return `private, max-age=${check.expires - now}`;

@@ -99,6 +99,33 @@ export async function wholeObject(serving: Serving, key: string): Promise<Respon
   return new Response(whole.body.slice(0), { status: 200, headers: whole.headers });
 }
 
+/**
+ * The value of `compute()`, kept in the edge cache under `name` for `maxAge` seconds and shared
+ * meanwhile by every request of this data centre: for what the Worker derives from many origin
+ * reads (the gallery's listings). `name` is a path no object key can take.
+ */
+export async function cachedJson<T>(
+  serving: Serving,
+  name: string,
+  maxAge: number,
+  compute: () => Promise<T>,
+): Promise<T> {
+  const cache = caches.default;
+  const entry = new Request(`${serving.cacheBase}/${name}`, { method: "GET" });
+  const hit = await cache.match(entry);
+  if (hit !== undefined) return (await hit.json()) as T;
+  const value = await compute();
+  const stored = new Response(JSON.stringify(value), {
+    headers: { "Content-Type": "application/json", "Cache-Control": `public, max-age=${maxAge}` },
+  });
+  serving.ctx.waitUntil(
+    cache.put(entry, stored).catch((err: unknown) => {
+      console.warn(`edge cache put failed for ${name}: ${(err as Error)?.name ?? "error"}`);
+    }),
+  );
+  return value;
+}
+
 /** The single byte range of a `Range` header the origin can be asked for, or null. */
 function originRange(header: string | null): ReadRange | null {
   const match = header === null ? null : /^bytes=(\d*)-(\d*)$/.exec(header.trim());

@@ -35,6 +35,10 @@ export interface Page {
   items: Item[];
   earlier: DayLink[];
   later: DayLink | null;
+  /** The day's pages: this one, how many, and the links to the next newer and older one. */
+  pages: { current: number; count: number; newer: string | null; older: string | null };
+  /** False when the day holds more than the gallery lists: some of its images are not shown. */
+  complete: boolean;
 }
 
 const ESCAPES: Record<string, string> = {
@@ -129,6 +133,18 @@ export function renderPage(page: Page): string {
   const items = page.items.length
     ? `<ol class="grid">${page.items.map(entry).join("")}</ol>`
     : `<p>No images on this day.</p>`;
+  const { current, count, newer, older } = page.pages;
+  const pages =
+    count > 1
+      ? `<nav aria-label="Pages">` +
+        (newer ? `<a href="${escape(newer)}">Newer images</a>` : "") +
+        `<span>Page ${current} of ${count}</span>` +
+        (older ? `<a href="${escape(older)}">Older images</a>` : "") +
+        `</nav>`
+      : "";
+  const partial = page.complete
+    ? ""
+    : `<p class="meta">This day holds more images than the gallery lists: some are not shown.</p>`;
   const links = [
     page.later
       ? `<a rel="next" href="${escape(page.later.href)}">Later: ${escape(page.later.day)}</a>`
@@ -148,8 +164,8 @@ export function renderPage(page: Page): string {
 </head>
 <body>
 <h1>${escape(title)}</h1>
-${items}
-<nav aria-label="Days">${links}</nav>
+${partial}${items}
+${pages}<nav aria-label="Days">${links}</nav>
 <p class="meta">Keys: <kbd>j</kbd>/<kbd>→</kbd> next, <kbd>k</kbd>/<kbd>←</kbd> previous,
 <kbd>Enter</kbd> open, <kbd>[</kbd> earlier day, <kbd>]</kbd> later day.</p>
 <script>${SCRIPT}</script>

@@ -105,12 +105,17 @@ export async function verify(
   return matches && now <= expires;
 }
 
-/** Checks the `expires` and `signature` query parameters of a request for `key`; they sign
- * every other parameter too. */
+/**
+ * Checks the `expires` and `signature` query parameters of a request for `key`; they sign every
+ * other parameter too.
+ *
+ * @param secrets The signature may be made with any of them (the current secret, and the
+ *   previous one during a rotation); each is compared in constant time, every one of them.
+ */
 export async function checkSignedUrl(
   params: URLSearchParams,
   key: string,
-  secret: string,
+  secrets: string | readonly string[],
   now: number,
 ): Promise<SignatureCheck> {
   const expiresValues = params.getAll("expires");
@@ -130,9 +135,13 @@ export async function checkSignedUrl(
     return { ok: false, reason: "malformed" };
   }
   const expires = Number(expiresText);
-  if (!(await macMatches(key, expires, signature, secret, canonicalQuery(params)))) {
-    return { ok: false, reason: "mismatch" };
-  }
+  const query = canonicalQuery(params);
+  const matches = await Promise.all(
+    (typeof secrets === "string" ? [secrets] : secrets).map((secret) =>
+      macMatches(key, expires, signature, secret, query),
+    ),
+  );
+  if (!matches.includes(true)) return { ok: false, reason: "mismatch" };
   if (now > expires) return { ok: false, reason: "expired" };
   return { ok: true, expires };
 }

@@ -2,7 +2,8 @@ import { env } from "cloudflare:workers";
 import { afterEach, describe, expect, it, vi } from "vitest";
 import { escape, galleryCsp, SCRIPT } from "../src/page";
 import { sign } from "../src/signing";
-import { BASE, send } from "./helpers";
+import { MAX_DAY_LIST_PAGES, MAX_ITEMS } from "../src/gallery";
+import { BASE, countingBucket, newBase, send } from "./helpers";
 
 // Gallery tests use their own far-future year so no other test's objects share their days.
 let year = 3000;
@@ -55,7 +56,7 @@ afterEach(() => {
 describe("gallery", () => {
   it("shows the latest day, newest first, escaped, with links to earlier days", async () => {
     const y = await days();
-    const res = await send(`${BASE}/`);
+    const res = await send(`${newBase()}/`);
     expect(res.status).toBe(200);
     expect(res.headers.get("Content-Type")).toBe("text/html; charset=utf-8");
     const html = await res.text();
@@ -162,5 +163,187 @@ describe("gallery", () => {
     );
     expect(image.status).toBe(404); // only the record was stored, not the derivative bytes
     expect(image.headers.get("Cache-Control")).toBe("no-store");
+  });
+});
+
+/**
+ * An R2 bucket holding one day of `count` images, `KEYS_PER_IMAGE` keys each, listed as R2 lists
+ * (key order, `limit` keys a page, a cursor to the next): image `n` was uploaded at minute `n`,
+ * and its id is a hash of `n`, so listing order is no order of time. `dayLists` counts the
+ * listings of the day's keys.
+ */
+const KEYS_PER_IMAGE = 10;
+function busyDay(day: string, count: number) {
+  const id = (n: number) => `i${((n * 2654435761) % 2 ** 32).toString(16).padStart(8, "0")}`;
+  const suffixes = [".png", ".json", ".thumb.webp", ".derivatives.json", ".w64.avif"];
+  while (suffixes.length < KEYS_PER_IMAGE) suffixes.push(`.w${suffixes.length}.webp`);
+  const keys: { key: string; n: number }[] = [];
+  for (let n = 0; n < count; n++) {
+    for (const suffix of suffixes) keys.push({ key: `${day}${id(n)}${suffix}`, n });
+  }
+  keys.sort((a, b) => (a.key < b.key ? -1 : 1));
+  const start = Date.UTC(3500, 0, 1);
+  let dayLists = 0;
+  const bucket = {
+    async list(options: R2ListOptions) {
+      const prefix = options.prefix ?? "";
+      if (options.delimiter) {
+        const below = [day.slice(0, 5), day.slice(0, 8), day].filter(
+          (folder) => folder.startsWith(prefix) && folder.length > prefix.length,
+        );
+        return { objects: [], delimitedPrefixes: below.slice(0, 1), truncated: false };
+      }
+      dayLists += 1;
+      const from = Number(options.cursor ?? 0);
+      const page = keys.filter((k) => k.key.startsWith(prefix)).slice(from, from + 1000);
+      const next = from + page.length;
+      const objects = page.map((k) => ({ key: k.key, uploaded: new Date(start + k.n * 60_000) }));
+      return { objects, delimitedPrefixes: [], truncated: next < keys.length, cursor: `${next}` };
+    },
+    async get(key: string) {
+      const n = keys.find((k) => k.key === key)?.n;
+      if (n === undefined || !key.endsWith(".json") || key.endsWith(".derivatives.json")) {
+        return null;
+      }
+      const created = new Date(start + n * 60_000).toISOString();
+      const body = JSON.stringify({ persisted: { prompt: `image ${n}`, created_at: created } });
+      const uploaded = new Date(start);
+      return { body: new Response(body).body, size: body.length, httpEtag: '"r"', uploaded };
+    },
+    async head() {
+      return null;
+    },
+  } as unknown as R2Bucket;
+  return { bucket, id, dayLists: () => dayLists };
+}
+
+function shownIds(html: string): string[] {
+  return [...html.matchAll(/<li class="item" id="([^"]+)"/g)].map((m) => m[1] ?? "");
+}
+
+describe("gallery on a busy day", () => {
+  it("shows the newest first, and every image through its pages", async () => {
+    const day = "3500/01/01/";
+    const count = 2 * MAX_ITEMS + 50; // 4,500 keys: five list pages
+    const { bucket, id, dayLists } = busyDay(day, count);
+    const first = await send(`${BASE}/${day}`, { IMAGES: bucket });
+    expect(first.status).toBe(200);
+    const html = await first.text();
+    const newest = Array.from({ length: MAX_ITEMS }, (_, i) => id(count - 1 - i));
+    expect(shownIds(html)).toEqual(newest);
+    expect(html).toContain("<span>Page 1 of 3</span>");
+    expect(html).toContain(`<a href="/${day}?page=2">Older images</a>`);
+    expect(html).not.toContain("holds more images than the gallery lists");
+
+    const seen = new Set(shownIds(html));
+    for (const page of [2, 3]) {
+      const res = await send(`${BASE}/${day}?page=${page}`, { IMAGES: bucket });
+      expect(res.status).toBe(200);
+      const text = await res.text();
+      expect(text).toContain(`<span>Page ${page} of 3</span>`);
+      expect(text).toContain(page === 2 ? `href="/${day}">Newer images` : `?page=2">Newer`);
+      for (const shown of shownIds(text)) seen.add(shown);
+    }
+    expect(seen.size).toBe(count);
+    // The day's 4,500 keys were listed once (five pages of 1000), for all three pages.
+    expect(dayLists()).toBe(5);
+
+    expect((await send(`${BASE}/${day}?page=4`, { IMAGES: bucket })).status).toBe(404);
+    expect((await send(`${BASE}/${day}?page=0`, { IMAGES: bucket })).status).toBe(400);
+    expect((await send(`${BASE}/${day}?page=x`, { IMAGES: bucket })).status).toBe(400);
+  }, 60_000);
+
+  it("says so when a day holds more keys than it lists", async () => {
+    vi.spyOn(console, "warn").mockImplementation(() => {});
+    const day = "3500/02/01/";
+    const count = (MAX_DAY_LIST_PAGES * 1000) / KEYS_PER_IMAGE + 100;
+    const { bucket } = busyDay(day, count);
+    const res = await send(`${BASE}/${day}`, { IMAGES: bucket });
+    expect(res.status).toBe(200);
+    const html = await res.text();
+    expect(html).toContain("This day holds more images than the gallery lists");
+    expect(shownIds(html)).toHaveLength(MAX_ITEMS);
+  }, 60_000);
+});
+
+describe("gallery costs", () => {
+  it("lists only the folders between the day and its neighbours", async () => {
+    year += 1;
+    const first = year;
+    year += 2;
+    for (const y of [first, first + 1, first + 2]) {
+      for (let m = 1; m <= 12; m++) {
+        const month = String(m).padStart(2, "0");
+        await record(`${y}/${month}/01`, `m${month}`, "p", `${y}-${month}-01T00:00:00Z`);
+      }
+    }
+    const { bucket, calls } = countingBucket();
+    const res = await send(`${BASE}/${first + 1}/06/01/`, { IMAGES: bucket });
+    expect(res.status).toBe(200);
+    const html = await res.text();
+    expect(html).toContain(`<a rel="next" href="/${first + 1}/07/01/">`);
+    expect(html).toContain(`<a rel="prev" href="/${first + 1}/05/01/">`);
+    const listed = calls.filter((c) => c.method === "list").map((c) => c.key);
+    // Nothing past the later day, nothing before the seventh earlier one.
+    expect(listed.filter((prefix) => prefix.startsWith(`${first + 2}/`))).toEqual([]);
+    expect(listed.filter((prefix) => prefix.startsWith(`${first}/0`))).toEqual([]);
+    // The years, the months of two years, the days of nine months, and the day itself.
+    expect(listed.length).toBeLessThanOrEqual(13);
+  });
+
+  it("answers 404 for a day before the oldest, after one listing", async () => {
+    await days();
+    const { bucket, calls } = countingBucket();
+    const res = await send(`${BASE}/0001/01/01/`, { IMAGES: bucket });
+    expect(res.status).toBe(404);
+    expect(calls.filter((c) => c.method === "list")).toHaveLength(1);
+  });
+
+  it("keeps a page at the edge for a minute: a repeat costs the origin nothing", async () => {
+    const y = await days();
+    const base = newBase();
+    for (const path of ["/", `/${y}/02/01/`]) {
+      const { bucket, calls } = countingBucket();
+      const first = await send(`${base}${path}`, { IMAGES: bucket });
+      expect(first.status).toBe(200);
+      expect(first.headers.get("Cache-Control")).toBe("public, max-age=60");
+      expect(calls.length).toBeGreaterThan(0);
+      calls.length = 0;
+      const again = await send(`${base}${path}`, { IMAGES: bucket });
+      expect(await again.text()).toBe(await first.text());
+      expect(calls).toEqual([]);
+    }
+  });
+});
+
+describe("gallery records", () => {
+  it("drops a record that is no metadata record, and shows the rest of the day", async () => {
+    year += 1;
+    const day = `${year}/04/01`;
+    await record(day, "good", "a good one", `${year}-04-01T10:00:00Z`);
+    const warnings = vi.spyOn(console, "warn").mockImplementation(() => {});
+    const bad = [{ persisted: null }, { persisted: "text" }, [1, 2], "just text", null, 7];
+    for (const [i, value] of bad.entries()) {
+      await env.IMAGES.put(`${day}/bad${i}.png`, "png");
+      await env.IMAGES.put(`${day}/bad${i}.json`, JSON.stringify(value));
+    }
+    await env.IMAGES.put(`${day}/broken.json`, "{ not json");
+    const res = await send(`${BASE}/${day}/`);
+    expect(res.status).toBe(200);
+    const html = await res.text();
+    expect(shownIds(html)).toEqual(["good"]);
+    expect(warnings.mock.calls.map((c) => String(c[0])).join("\n")).toContain(`${day}/bad0.json`);
+  });
+
+  it("shows on / the newest day with a record, while the newest holds images only", async () => {
+    year += 1;
+    await record(`${year}/06/01`, "persisted", "persisted", `${year}-06-01T23:59:00Z`);
+    // Rendered just after midnight: the image is stored, its record not yet.
+    await env.IMAGES.put(`${year}/06/02/rendered.png`, "png");
+    const res = await send(`${newBase()}/`);
+    const html = await res.text();
+    expect(html).toContain(`Images of ${year}-06-01`);
+    expect(shownIds(html)).toEqual(["persisted"]);
+    expect(html).toContain(`<a rel="next" href="/${year}/06/02/">`);
   });
 });

@@ -15,6 +15,15 @@ export function newKey(kind: "png" | "thumb" = "png", day = "2026/05/01"): strin
   return `${day}/${id}${kind === "png" ? ".png" : ".thumb.webp"}`;
 }
 
+/**
+ * A base URL of its own: the gallery's pages are cached at the edge by path, so a test that
+ * reads `/` with its own base never sees the page another test left there.
+ */
+export function newBase(): string {
+  counter += 1;
+  return `https://t${counter}.img.example.com`;
+}
+
 /** Bytes 0..n-1 (mod 256), so any slice shows where it was cut from. */
 export function bytes(n: number): Uint8Array {
   return Uint8Array.from({ length: n }, (_, i) => i % 256);

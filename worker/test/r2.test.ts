@@ -246,6 +246,33 @@ describe("ranges", () => {
     },
   );
 
+  // R2 refuses a range starting exactly at the end with an error that names no range (miniflare
+  // src/workers/r2/bucket.worker.ts `#get`): the Worker decides from the object's size.
+  it.each(["bytes=1000-1005", "bytes=1000-1000", "bytes=1000-", "bytes=-0"])(
+    "%s answers 416 with the size on a miss as on a hit",
+    async (range) => {
+      const { url } = await stored();
+      const miss = await send(get(url, { Range: range }));
+      expect(miss.status).toBe(416);
+      expect(miss.headers.get("Content-Range")).toBe(`bytes */${SIZE}`);
+      await send(url);
+      const hit = await send(get(url, { Range: range }));
+      expect(hit.status).toBe(416);
+      expect(hit.headers.get("Content-Range")).toBe(`bytes */${SIZE}`);
+    },
+  );
+
+  it("answers 502, not 416, when R2 fails a satisfiable range", async () => {
+    const { url } = await stored();
+    vi.spyOn(console, "error").mockImplementation(() => {});
+    const failing = {
+      get: () => Promise.reject(new Error("We encountered an internal error (range)")),
+      head: (k: string) => env.IMAGES.head(k),
+    } as unknown as R2Bucket;
+    const res = await send(get(url, { Range: "bytes=0-9" }), { IMAGES: failing });
+    expect(res.status).toBe(502);
+  });
+
   it.each(["bytes=0-1,5-6", "items=0-1", "bytes=20-10", "bytes=x-"])(
     "%s is ignored: the whole object",
     async (range) => {

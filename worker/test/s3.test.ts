@@ -1,6 +1,7 @@
 import { afterEach, describe, expect, it, vi } from "vitest";
 import type { Env } from "../src/config";
-import { BASE, bytes, mockFetch, newKey, send } from "./helpers";
+import { NOT_FOUND_TTL } from "../src/http";
+import { BASE, bytes, mockFetch, newBase, newKey, send } from "./helpers";
 
 const ACCESS_KEY_ID = "AKIDEXAMPLE0123456789";
 const SECRET_ACCESS_KEY = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
@@ -168,16 +169,19 @@ describe("S3-compatible origin", () => {
     await expectNoSecret(res, logged);
   });
 
-  it("answers 502 when the bucket refuses the credentials", async () => {
-    const logged = captureLogs();
-    const { calls } = mockFetch(
-      () => new Response("<Error><Code>AccessDenied</Code></Error>", { status: 403 }),
-    );
-    const res = await send(`${BASE}/${newKey()}`, S3);
-    expect(res.status).toBe(502);
-    expect(calls).toHaveLength(1);
-    await expectNoSecret(res, logged);
-  });
+  it.each(["SignatureDoesNotMatch", "InvalidAccessKeyId"])(
+    "answers 502 when the bucket refuses the credentials (%s)",
+    async (code) => {
+      const logged = captureLogs();
+      const { calls } = mockFetch(
+        () => new Response(`<Error><Code>${code}</Code></Error>`, { status: 403 }),
+      );
+      const res = await send(`${BASE}/${newKey()}`, S3);
+      expect(res.status).toBe(502);
+      expect(calls).toHaveLength(1);
+      await expectNoSecret(res, logged);
+    },
+  );
 
   it("answers 502 on a network error", async () => {
     const logged = captureLogs();
@@ -198,6 +202,48 @@ describe("S3-compatible origin", () => {
     expect(await res.clone().text()).toBe("Origin Timeout\n");
     expect(calls[0]?.signal.aborted).toBe(true);
     await expectNoSecret(res, logged);
+  });
+});
+
+// Amazon S3 answers 403 AccessDenied for a key that does not exist when the caller may not list
+// the bucket (docs.aws.amazon.com/AmazonS3/latest/API/API_GetObject.html, "Permissions"): the
+// usual public-read bucket policy, and keys granted s3:GetObject alone.
+describe("a bucket that may not be listed", () => {
+  const PUBLIC: Partial<Env> = {
+    ORIGIN: "public",
+    PUBLIC_ORIGIN_URL: "https://bucket.s3.example.net",
+  };
+
+  function unlisted(request: Request): Response {
+    if (request.url.endsWith(".png") && !request.url.includes("missing")) return objectResponse();
+    // S3 answers a HEAD without a body.
+    const body = request.method === "HEAD" ? null : "<Error><Code>AccessDenied</Code></Error>";
+    return new Response(body, { status: 403, headers: { "Content-Type": "application/xml" } });
+  }
+
+  it("reads its 403 as a missing key, and says so once", async () => {
+    const warnings = vi.spyOn(console, "warn").mockImplementation(() => {});
+    mockFetch(unlisted);
+    for (const config of [PUBLIC, S3]) {
+      const key = newKey();
+      const avif = { Accept: "image/avif,image/webp,*/*" };
+      // The derivatives and metadata records are not written yet: the PNG is served.
+      const browser = await send(new Request(`${BASE}/${key}`, { headers: avif }), config);
+      expect(browser.status).toBe(200);
+      expect(browser.headers.get("Content-Type")).toBe("image/png");
+      expect(browser.headers.get("Cache-Control")).toBe(`public, max-age=${NOT_FOUND_TTL}`);
+      // So is a thumbnail not made yet.
+      const thumb = await send(`${BASE}/${key.replace(".png", ".thumb.webp")}`, config);
+      expect(thumb.status).toBe(200);
+      expect(thumb.headers.get("Content-Type")).toBe("image/png");
+      // An image that does not exist is a 404, for GET and HEAD.
+      const missing = `${BASE}/${newKey().replace("gen_", "missing_")}`;
+      expect((await send(missing, config)).status).toBe(404);
+      const head = new Request(missing.replace(".png", ".thumb.webp"), { method: "HEAD" });
+      expect((await send(head, config)).status).toBe(404);
+    }
+    const said = warnings.mock.calls.map((call) => String(call[0]));
+    expect(said.filter((line) => line.includes("s3:ListBucket"))).toHaveLength(1);
   });
 });
 
@@ -384,7 +430,7 @@ describe("S3-compatible origin on a cache miss", () => {
       };
       return new Response(JSON.stringify(record), { headers: { "Content-Length": "" } });
     });
-    const res = await send(`${BASE}/`, S3);
+    const res = await send(`${newBase()}/`, S3);
     expect(res.status).toBe(200);
     const html = await res.text();
     expect(html).toContain("Images of 2026-05-01");

@@ -146,6 +146,50 @@ describe("when SIGNING_SECRET is set", () => {
   });
 });
 
+describe("rotating the secret", () => {
+  const NOW = 1_800_000_000;
+  const OLD = "worker-test-secret-old";
+  const ROTATING = { SIGNING_SECRET: SECRET, SIGNING_SECRET_PREVIOUS: OLD };
+
+  it("accepts URLs signed with SIGNING_SECRET_PREVIOUS, and with SIGNING_SECRET", async () => {
+    const key = newKey();
+    await env.IMAGES.put(key, "image");
+    at(NOW);
+    for (const secret of [OLD, SECRET]) {
+      const res = await send(await signedUrl(key, NOW + 600, secret), ROTATING);
+      expect(res.status, secret).toBe(200);
+      expect(res.headers.get("Cache-Control")).toBe("private, max-age=600");
+    }
+    // Any other secret, an expired URL, and the previous secret once it is removed: 403.
+    expect((await send(await signedUrl(key, NOW + 600, "other"), ROTATING)).status).toBe(403);
+    expect((await send(await signedUrl(key, NOW - 1, OLD), ROTATING)).status).toBe(403);
+    const removed = await send(await signedUrl(key, NOW + 600, OLD), { SIGNING_SECRET: SECRET });
+    expect(removed.status).toBe(403);
+  });
+
+  it("signs the gallery's links with SIGNING_SECRET only", async () => {
+    const day = "1999/01/01/";
+    await env.IMAGES.put(`${day}rotated.png`, "png");
+    await env.IMAGES.put(`${day}rotated.json`, JSON.stringify({ persisted: { prompt: "p" } }));
+    at(NOW);
+    const link = `${BASE}/${day}?expires=${NOW + 600}&signature=${await sign(day, NOW + 600, OLD)}`;
+    const res = await send(link, { ...ROTATING, GALLERY: "signed" });
+    expect(res.status).toBe(200);
+    const image = `${day}rotated.png`;
+    expect(await res.text()).toContain(
+      `/${image}?expires=${NOW + 600}&amp;signature=${await sign(image, NOW + 600, SECRET)}`,
+    );
+  });
+
+  it("refuses SIGNING_SECRET_PREVIOUS without SIGNING_SECRET: the images would be public", async () => {
+    const errors = vi.spyOn(console, "error").mockImplementation(() => {});
+    const res = await send(`${BASE}/${newKey()}`, { SIGNING_SECRET_PREVIOUS: OLD });
+    expect(res.status).toBe(500);
+    expect(errors.mock.calls.join(" ")).toContain("SIGNING_SECRET_PREVIOUS");
+    expect(errors.mock.calls.join(" ")).not.toContain(OLD);
+  });
+});
+
 describe("when SIGNING_SECRET is not set", () => {
   it("needs no signature and ignores one", async () => {
     const key = newKey();
