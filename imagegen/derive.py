@@ -113,6 +113,7 @@ class DeriveStage:
                 **{d.name: d.key for d in derivatives},
             },
             created_at=image.created_at,
+            persisted_at=image.persisted_at,
             replay_of=image.replay_of,
         )
         body = json.dumps({"derived": derived.model_dump(mode="json")}, indent=2).encode()

@@ -28,6 +28,7 @@ __all__ = [
     "key_time",
     "new_generation_id",
     "request_time",
+    "stage_time",
     "valid_generation_id",
 ]
 
@@ -56,6 +57,13 @@ def derive_generation_id(source: str, event_id: str) -> str:
 def valid_generation_id(value: str) -> bool:
     """Whether ``value`` is a generation id (it names storage keys, so it is strict)."""
     return _GENERATION_ID.match(value) is not None
+
+
+def stage_time() -> datetime:
+    """Now, in UTC, to the millisecond: when a stage did its work, kept with what it wrote
+    (``enhanced_at``, ``rendered_at``, ``persisted_at``) so that every delivery says the same."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 def aware(value: datetime) -> datetime:

@@ -257,6 +257,11 @@ class EnhancedPrompt(_Model):
     guidance: float = Field(ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
     seed: int = Field(ge=0, le=MAX_SEED)
     requested_at: ChainTime
+    enhanced_at: ChainTime | None = Field(
+        default=None,
+        description="When enhance first wrote this prompt; kept with it, so every delivery "
+        "says the same. Null for a job enhance did not write (a direct render request).",
+    )
     metadata: Metadata = Field(default_factory=dict)
     replay_of: GenerationId | None = Field(
         default=None, description="The generation this one replays, when it is a replay."
@@ -305,6 +310,9 @@ class RenderRequest(_Model):
     )
     requested_at: Annotated[datetime | None, AfterValidator(_aware)] = Field(
         default=None, description="Default: the current time."
+    )
+    enhanced_at: Annotated[datetime | None, AfterValidator(_aware)] = Field(
+        default=None, description="When enhance wrote the prompt, if it did."
     )
     metadata: Metadata = Field(default_factory=dict)
     replay_of: GenerationId | None = None
@@ -360,6 +368,11 @@ class PersistedImage(_Model):
     created_at: ChainTime = Field(
         description="When the image was rendered (else requested): taken from the event chain."
     )
+    persisted_at: ChainTime | None = Field(
+        default=None,
+        description="When persist's first writer wrote the record; null in a record written "
+        "before it was kept.",
+    )
     replay_of: GenerationId | None = Field(
         default=None, description="The generation this one replays, when it is a replay."
     )
@@ -384,6 +397,9 @@ class DerivedImage(_Model):
         description="Object keys: record (this record), and avif:<width>, webp:<width>."
     )
     created_at: ChainTime = Field(description="The image's created_at, from image.persisted.")
+    persisted_at: ChainTime | None = Field(
+        default=None, description="The image's persisted_at, from image.persisted."
+    )
     replay_of: GenerationId | None = Field(
         default=None, description="The generation this one replays, when it is a replay."
     )

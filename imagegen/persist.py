@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from imagegen._locks import KeyedLocks
 from imagegen.errors import DependencyUnavailable, InvalidRequest, NotFound
+from imagegen.identity import stage_time
 from imagegen.models import EnhancedPrompt, PersistedImage, RenderedImage
 from imagegen.render import stored_png
 from imagegen.settings import Settings
@@ -112,8 +113,9 @@ class PersistStage:
 
     Idempotent across replicas: the record is written only if absent (first writer wins), and
     everything in it is a function of the ``image.rendered`` event, ``created_at`` and the
-    signed URLs' expiry included. A redelivered event, or one handled by two replicas at once,
-    gets the stored record as its answer, once the event is shown to describe that record.
+    signed URLs' expiry included, but ``persisted_at``, its first writer's clock. A redelivered
+    event, or one handled by two replicas at once, gets the stored record as its answer, once
+    the event is shown to describe that record.
     """
 
     def __init__(self, settings: Settings, storage: Storage) -> None:
@@ -165,7 +167,8 @@ class PersistStage:
         return existing
 
     def _describe(self, image: RenderedImage, keys: GenerationKeys) -> PersistedImage:
-        """The record of ``image``: a function of the event alone, whichever replica writes it."""
+        """The record of ``image``: a function of the event alone, whichever replica writes it,
+        but for ``persisted_at`` (now: a replica that loses the race answers the stored one)."""
         created_at = image.rendered_at or image.prompt.requested_at
         signed_at = int(created_at.timestamp())
         candidates = {"image": keys.image, "thumbnail": keys.thumbnail}
@@ -195,6 +198,7 @@ class PersistStage:
             prompt=image.prompt.prompt,
             timings=image.timings,
             created_at=created_at,
+            persisted_at=stage_time(),
             replay_of=image.prompt.replay_of,
         )
 

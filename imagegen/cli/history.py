@@ -378,7 +378,8 @@ def replay(
 
     store = _local(ledger)
     try:
-        job = replay_job(store, generation_id) if origin == "enhanced" else None
+        now = datetime.now(UTC)
+        job = replay_job(store, generation_id, enhanced_at=now) if origin == "enhanced" else None
         request = replay_request(store, generation_id) if origin == "requested" else None
     finally:
         store.close()

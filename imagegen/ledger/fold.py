@@ -3,6 +3,12 @@
 The stores apply a :class:`Change` with one ``INSERT ... ON CONFLICT DO UPDATE`` whose rules
 are the ones written here: the status only moves up :data:`STATUS_RANK`; the first time of a
 stage is kept; what the most advanced event says about the image wins.
+
+A stage's time is when the stage did its work: a request's own time; ``enhanced_at`` and
+``persisted_at``, which enhance and persist keep with what they wrote; the image's
+``rendered_at``; for a failure, when it is first recorded. (An event's ``time`` is often
+another's: every delivery of an event must answer alike, so enhance's reply carries the
+request's time and persist's the render's.)
 """
 
 from __future__ import annotations
@@ -52,8 +58,8 @@ _STATUS_OF: dict[str, tuple[Status, str]] = {
     PROMPT_ENHANCED: ("enhanced", "enhanced_at"),
     IMAGE_RENDERED: ("rendered", "rendered_at"),
     IMAGE_PERSISTED: ("persisted", "persisted_at"),
-    # Derivatives are made from a persisted image only: the event proves the image final. Its
-    # time is the image's created_at, as image.persisted's is, whichever is recorded first.
+    # Derivatives are made from a persisted image only: the event proves the image final. It
+    # carries the image's persisted_at, as image.persisted does, whichever is recorded first.
     IMAGE_DERIVED: ("persisted", "persisted_at"),
     GENERATION_FAILED: ("failed", "failed_at"),
 }
@@ -147,6 +153,7 @@ def fold(event: LedgerEvent, *, now: datetime) -> Change | None:
     elif event.type == PROMPT_ENHANCED:
         job = parse_model(EnhancedPrompt, event.data)
         gid = job.generation_id
+        at = utc(job.enhanced_at or at)
         fields = {**_render_fields(job), "replay_of": job.replay_of}
         fields["original_prompt"] = job.original_prompt
     elif event.type == IMAGE_RENDERED:
@@ -162,6 +169,7 @@ def fold(event: LedgerEvent, *, now: datetime) -> Change | None:
     elif event.type == IMAGE_PERSISTED:
         persisted = parse_model(PersistedImage, event.data)
         gid = persisted.generation_id
+        at = utc(persisted.persisted_at or at)
         fields = _pick(
             persisted, "prompt", "seed", "model", "width", "height", "keys", "urls", "url"
         )
@@ -170,7 +178,9 @@ def fold(event: LedgerEvent, *, now: datetime) -> Change | None:
         )
     elif event.type == IMAGE_DERIVED:
         # Nothing of the generation's row: what it says of the image, image.persisted said.
-        gid = parse_model(DerivedImage, event.data).generation_id
+        derived = parse_model(DerivedImage, event.data)
+        gid = derived.generation_id
+        at = utc(derived.persisted_at or at)
         fields = {}
     else:
         failure = parse_model(GenerationFailed, event.data)
@@ -178,6 +188,9 @@ def fold(event: LedgerEvent, *, now: datetime) -> Change | None:
         if found is None or not valid_generation_id(found):
             return None  # a subject no generation can have: the event, under no generation
         gid = found
+        # Its time is the failing event's (every delivery answers alike): the request's, for a
+        # failed enhance or render. When it failed is when it is first recorded.
+        at = now
         fields = {"failed_stage": failure.stage, "error": failure.error.model_dump(mode="json")}
     return Change(gid, status, at, {k: v for k, v in fields.items() if v not in (None, {})})
 

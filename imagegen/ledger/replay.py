@@ -11,6 +11,7 @@ fails them under the same id) cannot be replayed: a 409 naming what is wrong wit
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -65,8 +66,19 @@ def _recorded(ledger: Ledger, generation_id: str, *types: str) -> tuple[str, dic
     raise NotFound(message)
 
 
-def replay_job(ledger: Ledger, generation_id: str, *, new_id: str | None = None) -> EnhancedPrompt:
+def replay_job(
+    ledger: Ledger,
+    generation_id: str,
+    *,
+    new_id: str | None = None,
+    enhanced_at: datetime | None = None,
+) -> EnhancedPrompt:
     """The recorded render job of ``generation_id``, under a new id that links back to it.
+
+    ``enhanced_at`` is when the replay's job counts as written: the time of the event that
+    sends it when None (the ledger's replay sends it now, and its retries say the same), the
+    replay's own moment where the job goes straight to render (the CLI). The request's time
+    stays the original's: it names the image's day, and the pixels depend on neither.
 
     Raises:
         NotFound: the generation, or its ``prompt.enhanced`` (or ``image.rendered``), is unknown.
@@ -78,7 +90,12 @@ def replay_job(ledger: Ledger, generation_id: str, *, new_id: str | None = None)
         recorded = {}
     job = _valid(EnhancedPrompt, recorded, generation_id, kind)
     return job.model_copy(
-        update={"generation_id": new_id or new_generation_id(), "replay_of": generation_id}
+        update={
+            "generation_id": new_id or new_generation_id(),
+            "replay_of": generation_id,
+            # Not the original's: the new generation's job is written when it is replayed.
+            "enhanced_at": enhanced_at,
+        }
     )
 
 

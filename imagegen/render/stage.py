@@ -22,6 +22,7 @@ from imagegen.errors import (
     InvalidRequest,
     Overloaded,
 )
+from imagegen.identity import stage_time
 from imagegen.models import EnhancedPrompt, RenderedImage
 from imagegen.modelspec import family_for, request_errors
 from imagegen.render import stored_png
@@ -302,7 +303,7 @@ class RenderStage:
         sha256 = hashlib.sha256(output.png).hexdigest()
         # Timings describe the render only, so a redelivered job gets the very same reply.
         timings = {k: round(v, 4) for k, v in output.timings.items()}
-        rendered_at = datetime.now(UTC).replace(microsecond=0)
+        rendered_at = stage_time()
         meta = stored_png.metadata(job, sha256, fingerprint, timings, rendered_at)
         await stored_png.claim(self.storage, job, keys)  # no image of another day's job
         if not await self._store(keys, output.png, meta, create=True):

@@ -17,8 +17,12 @@ from imagegen.storage.base import GenerationKeys, Storage, StoredObject
 
 
 def fingerprint(job: EnhancedPrompt) -> str:
-    """A digest of everything that decides the pixels and the record of ``job``."""
-    return hashlib.sha256(job.model_dump_json().encode()).hexdigest()
+    """A digest of everything that decides the pixels and the record of ``job``.
+
+    Not ``enhanced_at``: when enhance wrote the job decides neither, and a job kept before
+    that time was (none) must still match the image rendered from it.
+    """
+    return hashlib.sha256(job.model_dump_json(exclude={"enhanced_at"}).encode()).hexdigest()
 
 
 def metadata(

@@ -97,6 +97,42 @@ def test_chain_with_local_storage(chain: dict[str, Any], chain_store: Path) -> N
     assert persisted["url"] == f"https://img.example.com/{persisted['key']}"
 
 
+def test_the_ledger_times_each_stage_from_what_the_stages_say(
+    chain: dict[str, Any], tmp_path: Path
+) -> None:
+    """The replies' ``time`` attributes are another stage's (enhance's the request's, persist's
+    the render's, so that a redelivery answers alike); the stages' own times are in their data,
+    and the ledger's timeline and durations are read from them."""
+    import time
+
+    from imagegen.ledger import open_ledger
+
+    request = {"prompt": "a quiet harbour", "width": 256, "height": 256, "seed": 3}
+    sent = post_event(chain["enhance"], GENERATION_REQUESTED, request, subject="chain-timed-1")
+    replies = [sent]
+    for stage, kind in (("render", PROMPT_ENHANCED), ("persist", IMAGE_RENDERED)):
+        time.sleep(0.3)  # stages apart, as a broker's hops and a queue make them
+        replies.append(forward(chain[stage], replies[-1], kind))
+    replies.append(forward(chain["derive"], replies[-1], IMAGE_PERSISTED))
+    ledger = InProcessFunction("ledger", {"IMAGEGEN_LEDGER_URL": str(tmp_path / "l.db")})
+    with ledger:
+        for reply in reversed(replies):  # in any order: the times are the stages' own
+            headers = {k: v for k, v in reply.headers.items() if k.lower().startswith("ce-")}
+            headers["content-type"] = "application/json"
+            assert ledger.post("/", headers=headers, content=reply.content).status_code < 300
+    store = open_ledger(str(tmp_path / "l.db"))
+    try:
+        found = store.get("chain-timed-1")
+    finally:
+        store.close()
+    assert found is not None and found.status == "persisted"
+    assert found.enhanced_at is not None and found.rendered_at is not None
+    assert found.persisted_at is not None
+    assert found.enhanced_at < found.rendered_at < found.persisted_at
+    assert found.durations["render"] >= 0.3 and found.durations["persist"] >= 0.3
+    assert found.durations["persist"] < 60
+
+
 def test_generation_id_is_derived_from_the_request_event(chain: dict[str, Any]) -> None:
     send = partial(
         post_event,

@@ -21,9 +21,14 @@ T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
 
 def job(
-    gid: str, *, model: str = "tiny", prompt: str = "a red fox, oil painting"
+    gid: str,
+    *,
+    model: str = "tiny",
+    prompt: str = "a red fox, oil painting",
+    enhanced_at: datetime | None = None,
 ) -> dict[str, Any]:
-    return {
+    written = {"enhanced_at": enhanced_at.isoformat()} if enhanced_at else {}
+    return written | {
         "generation_id": gid,
         "prompt": prompt,
         "original_prompt": "a red fox",
@@ -46,7 +51,14 @@ def chain(
     webhook: str | None = None,
     webhook_events: list[str] | None = None,
 ) -> dict[str, LedgerEvent]:
-    """``requested``, ``enhanced``, ``rendered``, ``persisted`` and ``failed`` events of ``gid``."""
+    """``requested``, ``enhanced``, ``rendered``, ``persisted`` and ``failed`` events of ``gid``.
+
+    Timed as the stages time them: enhance took 1 s, render 3 s, persist 2 s; each event's
+    ``time`` is the one its stage gives it (enhance's and a render failure's the request's,
+    persist's the render's), the stages' own times in their data.
+    """
+    at = {name: start + timedelta(seconds=s) for name, s in (("enhanced", 1), ("rendered", 4))}
+    enhanced_job = job(gid, model=model, enhanced_at=at["enhanced"])
     sha = hashlib.sha256(gid.encode()).hexdigest()
     key = f"2026/06/01/{gid}.png"
     request: dict[str, Any] = {"generation_id": gid, "prompt": "a red fox", "model": model}
@@ -65,7 +77,13 @@ def chain(
         "seed": 42,
         "model": model,
     }
-    rendered = {**image, "steps": 2, "guidance": 0.0, "prompt": job(gid, model=model)}
+    rendered = {
+        **image,
+        "steps": 2,
+        "guidance": 0.0,
+        "prompt": enhanced_job,
+        "rendered_at": at["rendered"].isoformat(),
+    }
     persisted = {
         **image,
         "url": f"https://images.example/{key}",
@@ -73,20 +91,21 @@ def chain(
         "urls": {"image": f"https://images.example/{key}"},
         "metadata_location": f"file:///out/{key}.json",
         "prompt": "a red fox, oil painting",
-        "created_at": (start + timedelta(seconds=9)).isoformat(),
+        "created_at": at["rendered"].isoformat(),
+        "persisted_at": (start + timedelta(seconds=6)).isoformat(),
     }
     failed = {
         "generation_id": gid,
         "stage": "render",
         "error": {"code": "internal", "message": "out of memory", "retryable": False},
-        "failed_at": (start + timedelta(seconds=5)).isoformat(),
+        "failed_at": start.isoformat(),  # the failing prompt.enhanced's time
     }
     specs = {
         "requested": (GENERATION_REQUESTED, "/platform/caller", request, 0),
-        "enhanced": (PROMPT_ENHANCED, source_for("enhance"), job(gid, model=model), 1),
+        "enhanced": (PROMPT_ENHANCED, source_for("enhance"), enhanced_job, 0),
         "rendered": (IMAGE_RENDERED, source_for("render"), rendered, 4),
-        "persisted": (IMAGE_PERSISTED, source_for("persist"), persisted, 6),
-        "failed": (GENERATION_FAILED, source_for("render"), failed, 5),
+        "persisted": (IMAGE_PERSISTED, source_for("persist"), persisted, 4),
+        "failed": (GENERATION_FAILED, source_for("render"), failed, 0),
     }
     return {
         name: LedgerEvent(
