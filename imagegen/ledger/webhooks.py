@@ -188,8 +188,8 @@ class AddressPolicy:
     def hosts(self) -> frozenset[str]:
         return frozenset(e.lower().rstrip(".") for e in self.allowed if not _is_network(e))
 
-    def vet(self, url: str) -> tuple[httpx.URL, IPAddress]:
-        """The URL and the one address to send to.
+    def vet(self, url: str) -> tuple[httpx.URL, list[IPAddress]]:
+        """The URL and the addresses to send to, in the resolver's order, each one allowed.
 
         Raises:
             WebhookRefused: the scheme, host or an address is not allowed.
@@ -210,10 +210,11 @@ class AddressPolicy:
             raise WebhookFailed(f"webhook host {host!r} does not resolve: {exc}") from None
         except (UnicodeError, ValueError):  # the IDNA codec's refusal
             raise unusable from None
-        addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+        found = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+        addresses = list(dict.fromkeys(found))
         for address in addresses:
             self._check(host, address)
-        return httpx.URL(url), addresses[0]
+        return httpx.URL(url), addresses
 
     def _check(self, host: str, address: IPAddress) -> None:
         embedded = _embedded_ipv4(address)
@@ -305,28 +306,37 @@ class WebhookSender:
             WebhookFailed: no 2xx reply in time (a retry may help); with the reply's status
                 and ``Retry-After`` when there was one.
         """
-        url, address = self.policy.vet(delivery.url)
+        url, addresses = self.policy.vet(delivery.url)
         budget = self.timeout
         if deadline is not None:
             budget = min(budget, deadline - time.monotonic())
         if budget <= 0:
             raise WebhookFailed("no time left for an attempt before the claim's lease ends")
-        host = url.host
-        target = url.copy_with(host=str(address))
+        ends = time.monotonic() + budget
         extensions: dict[str, Any] = {}
         if url.scheme == "https":
             # TLS still checks the certificate against the name, not the address.
-            extensions["sni_hostname"] = host
+            extensions["sni_hostname"] = url.host
         headers = self.headers(delivery)
         headers["host"] = url.netloc.decode("ascii")
-        try:
-            status, wait = asyncio.run(
-                self._post(target, headers, delivery.payload, extensions, budget)
-            )
-        except TimeoutError:
-            raise WebhookFailed(f"no reply within {budget:.3g} s") from None
-        except httpx.HTTPError as exc:
-            raise WebhookFailed(f"{type(exc).__name__}: {exc}") from None
+        # Each address in turn while none can be connected to (an IPv6 address first where
+        # the pod has no IPv6 route, one server of several down): nothing was sent to it.
+        for index, address in enumerate(addresses):
+            target = url.copy_with(host=str(address))
+            left = ends - time.monotonic()
+            try:
+                status, wait = asyncio.run(
+                    self._post(target, headers, delivery.payload, extensions, left)
+                )
+                break
+            except TimeoutError:
+                raise WebhookFailed(f"no reply within {budget:.3g} s") from None
+            except httpx.ConnectError as exc:
+                if index + 1 < len(addresses) and ends - time.monotonic() > 0:
+                    continue
+                raise WebhookFailed(f"ConnectError: {exc}") from None
+            except httpx.HTTPError as exc:
+                raise WebhookFailed(f"{type(exc).__name__}: {exc}") from None
         if 200 <= status < 300:
             return status
         # Standard Webhooks (spec/standard-webhooks.md, "Delivery success and failure"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -122,8 +123,8 @@ def test_unsafe_webhook_addresses_are_refused(url: str, allowed: tuple[str, ...]
     ],
 )
 def test_public_or_allowed_addresses_pass(url: str, allowed: tuple[str, ...]) -> None:
-    _, address = AddressPolicy(allowed).vet(url)
-    assert str(address) in url
+    _, addresses = AddressPolicy(allowed).vet(url)
+    assert [str(a) in url for a in addresses] == [True]
 
 
 @pytest.mark.parametrize(
@@ -250,6 +251,26 @@ def test_410_gone_is_final() -> None:
         sender.send(_delivery(url))
     assert isinstance(caught.value, WebhookRefused)
     assert len(got) == 1
+
+
+def test_a_host_whose_first_address_refuses_is_sent_to_at_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A name with several addresses (an AAAA first on a pod without IPv6, one server of a
+    pool down): each is tried in the resolver's order until one connects."""
+    sender = WebhookSender([OLD], LOOPBACK, timeout=5)
+    with answering(204) as (url, got):
+        port = int(url.split(":")[2].split("/")[0])
+        resolved = [  # 127.0.0.2: loopback, but nothing listens there
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.2", port)),
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
+        ]
+        monkeypatch.setattr(socket, "getaddrinfo", lambda *_, **__: resolved)
+        assert sender.send(_delivery(f"http://hooks.test:{port}/hook")) == 204
+        assert len(got) == 1
+        monkeypatch.setattr(socket, "getaddrinfo", lambda *_, **__: resolved[:1])
+        with pytest.raises(WebhookFailed, match="ConnectError"):
+            sender.send(_delivery(f"http://hooks.test:{port}/hook"))
 
 
 def _dispatch_until_settled(dispatcher: Dispatcher, ledger: Ledger, gids: list[str]) -> None:
