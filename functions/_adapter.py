@@ -69,6 +69,9 @@ class Function:
         self._pid: int | None = None
         self._started: Future[None] = Future()  # start-up: done, failed, or loading the model
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_ended: str | None = None  # why the loop's thread ended, once it has
+        self._waiting: set[Future[Any]] = set()  # requests' work on the loop, until answered
+        self._waiting_lock = threading.Lock()
         self._service: Any = None
         self._auth: Any = None  # an imagegen.auth.Authenticator once started
         self._timeout = 60.0
@@ -129,9 +132,47 @@ class Function:
         if self.stage.warm_up is None:
             _build_models(self.stage)  # no warm-up to build them once ready: now
         self._warming = None
-        self._loop = asyncio.new_event_loop()
-        threading.Thread(target=self._loop.run_forever, name="imagegen-loop", daemon=True).start()
+        self._loop, self._loop_ended = asyncio.new_event_loop(), None
+        threading.Thread(target=self._serve_loop, name="imagegen-loop", daemon=True).start()
         return asyncio.run_coroutine_threadsafe(self._enter(), self._loop)
+
+    def _serve_loop(self) -> None:
+        """The loop's thread: run the loop for as long as the process lives.
+
+        The loop only stops when something on it raises what asyncio lets through
+        (``SystemExit``, ``KeyboardInterrupt`` from a task). Nothing could then run on it
+        again: the process says so, once, turns not ready and not alive (to be restarted),
+        and fails at once the requests that were waiting on it rather than at their timeout.
+        """
+        assert self._loop is not None
+        why = "stopped"
+        try:
+            self._loop.run_forever()
+        except BaseException as exc:
+            why = f"{type(exc).__name__}: {first_line(exc)}".rstrip(": ")
+            log.critical(
+                "the event loop ended (%s); answering 503 until restarted",
+                why,
+                exc_info=True,
+                extra={"stage": self.stage.name},
+            )
+        else:
+            log.critical(
+                "the event loop stopped; answering 503 until restarted",
+                extra={"stage": self.stage.name},
+            )
+        finally:
+            self._loop_ended = why
+            with self._waiting_lock:
+                waiting, self._waiting = list(self._waiting), set()
+            for future in waiting:
+                with contextlib.suppress(Exception):  # one answered meanwhile
+                    future.set_exception(self._loop_gone())
+
+    def _loop_gone(self) -> DependencyUnavailable:
+        return DependencyUnavailable(
+            f"{self.stage.name} cannot serve: its event loop ended ({self._loop_ended})"
+        )
 
     async def _enter(self) -> None:
         try:
@@ -180,13 +221,16 @@ class Function:
         return self._warming is not None and self._warming.done()
 
     def alive(self) -> bool:
-        """Whether the process can serve at all (it always can: failures show in ``ready``)."""
+        """Whether the process can serve at all: it can unless its event loop has ended
+        (other failures show in ``ready``)."""
         self.start()
-        return True
+        return self._loop_ended is None
 
     def ready(self) -> tuple[bool, str]:
         """(ready, why): ready once start-up, the model load included, has succeeded."""
         self.start()
+        if self._loop_ended is not None:
+            return False, "event loop ended"  # the reason is in the log
         if not self._started.done():
             return False, "loading"
         if self._started.exception() is not None:
@@ -224,13 +268,20 @@ class Function:
                 return await work, out
 
         future = asyncio.run_coroutine_threadsafe(run(), self._loop)
+        with self._waiting_lock:
+            self._waiting.add(future)
         try:
+            if self._loop_ended is not None:  # ended as the work was handed over
+                raise self._loop_gone()
             return future.result(timeout=self._timeout)
         except TimeoutError:  # concurrent.futures' own, since Python 3.11
             future.cancel()
             raise DependencyUnavailable(
                 f"{self.stage.name} took longer than {self._timeout:g}s"
             ) from None
+        finally:
+            with self._waiting_lock:
+                self._waiting.discard(future)
 
     # -- requests -----------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["DaemonPool", "PoolExhausted"]
+__all__ = ["AbortedCall", "DaemonPool", "PoolExhausted"]
 
 T = TypeVar("T")
 
@@ -27,6 +27,16 @@ Task = Callable[[], Callable[[], None]]
 
 class PoolExhausted(RuntimeError):
     """Every thread of a bounded :class:`DaemonPool` is busy (calls that never returned)."""
+
+
+class AbortedCall(RuntimeError):
+    """A call on a pool thread raised what is no :class:`Exception` (``SystemExit``,
+    ``KeyboardInterrupt``, a ``CancelledError`` of its own); the original is its cause.
+
+    On a worker thread none of them ends the process or cancels anything: raised as they are
+    in the awaiting task, the first two would stop the event loop itself (asyncio re-raises
+    them out of ``run_forever``) and the last would pass for the caller's cancellation.
+    """
 
 
 class DaemonPool:
@@ -70,6 +80,9 @@ class DaemonPool:
         The caller's context goes along (as :func:`asyncio.to_thread` passes it), so spans the
         call makes nest under the caller's. ``thread_name`` renames the thread for the call,
         for logs and debuggers.
+
+        Raises:
+            AbortedCall: ``fn`` raised what is no :class:`Exception` (``SystemExit``...).
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
@@ -85,10 +98,14 @@ class DaemonPool:
         def task() -> Callable[[], None]:
             if thread_name is not None:
                 threading.current_thread().name = thread_name
+            error: BaseException | None
             try:
                 value, error = fn(*args), None
-            except BaseException as exc:  # handed to the caller, whatever it is
+            except Exception as exc:  # handed to the caller as it is
                 value, error = None, exc
+            except BaseException as exc:  # handed over as an Exception: see AbortedCall
+                value, error = None, AbortedCall(f"the call raised {type(exc).__name__}")
+                error.__cause__ = exc
 
             def announce() -> None:
                 with contextlib.suppress(RuntimeError):  # the loop closed while the call ran

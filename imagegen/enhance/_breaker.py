@@ -72,7 +72,7 @@ class CircuitBreaker:
     def state(self) -> State:
         """The state now (an open circuit whose cool-down has passed reads ``half_open``)."""
         if self._state == "open" and self._clock() - self._opened_at >= self.cooldown:
-            self._move("half_open")
+            self._move("half_open", f"cool-down of {self.cooldown:g}s over")
         return self._state
 
     @asynccontextmanager
@@ -114,19 +114,19 @@ class CircuitBreaker:
 
     def _failed(self) -> None:
         self._failures += 1
-        if self._state == "half_open" or (
-            self.threshold and self._failures >= self.threshold and self._state == "closed"
-        ):
+        if self._state == "half_open":
             self._opened_at = self._clock()
-            self._move("open")
+            self._move("open", "the probe failed")
+        elif self.threshold and self._failures >= self.threshold and self._state == "closed":
+            self._opened_at = self._clock()
+            self._move("open", f"{self._failures} consecutive failures")
 
     def _succeeded(self) -> None:
         self._failures = 0
         if self._state != "closed":
-            self._move("closed")
+            self._move("closed", "the probe succeeded")
 
-    def _move(self, state: State, reason: str | None = None) -> None:
+    def _move(self, state: State, reason: str) -> None:
         previous, self._state = self._state, state
-        why = f"({reason})" if reason else f"after {self._failures} consecutive failures"
-        logger.warning("circuit %s: %s -> %s %s", self.name, previous, state, why)
+        logger.warning("circuit %s: %s -> %s (%s)", self.name, previous, state, reason)
         instruments().circuit_transitions.add(1, {"dependency": self.name, "state": state})

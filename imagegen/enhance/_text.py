@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 from imagegen.modelspec import ModelFamily
 
-__all__ = ["clean_reply", "estimate_tokens", "fit_budget", "join_fragments"]
+__all__ = ["clean_reply", "estimate_tokens", "fit_budget", "join_fragments", "unusable"]
 
 _PIECE = re.compile(r"[A-Za-z0-9]+|[^\sA-Za-z0-9]")
 # Clauses end at ``, . ; : ! ?`` before a space, or at CJK punctuation (ideographic comma and
@@ -55,6 +55,18 @@ _CHATTER = re.compile(
     r"\b.*\Z",
     re.IGNORECASE | re.DOTALL,
 )
+# A negative prompt is what the image must not show: never part of the prompt. It starts at
+# its label ("Negative prompt:", or "Negative:" opening a line) and runs to the reply's end.
+_NEGATIVE = re.compile(
+    r"\bnegative[ _-]?prompts?[ \t]*:|^[ \t]*negatives?[ \t]*:", re.IGNORECASE | re.MULTILINE
+)
+# Midjourney's parameters (``--ar 16:9 --v 6 --no text``) close a prompt's line: not words a
+# diffusion model should read.
+_FLAGS = re.compile(r"(?:^|[ \t])--[A-Za-z][^\n]*", re.MULTILINE)
+# "Subject: a red fox": a label of one to three words opening a line of a structured reply.
+_LABEL = re.compile(r"[ \t]*[A-Za-z]+(?:[ \t][A-Za-z]+){0,2}[ \t]*:[ \t]+(?=\S)")
+_ITEM = "\x00"  # marks a line that was a list item or a labelled line until lines are joined
+_ENDS_CLAUSE = tuple(",.;:!?\u3001\u3002\uff0c\uff1b\uff1a\uff01\uff1f")
 # More than any budget's prompt (512 tokens): what is past it is cut before cleaning.
 MAX_REPLY_CHARS = 16_000
 # Opening → closing quote: ASCII, curly double and single, guillemets, German low-high, backtick.
@@ -91,22 +103,84 @@ def _strip_quotes(text: str) -> str:
 
 
 def clean_reply(text: str) -> str:
-    """The bare prompt in an LLM reply: no preamble, quotes, markdown or line breaks."""
-    text = _FENCE.sub("", text[:MAX_REPLY_CHARS])
+    """The bare prompt in an LLM reply: no preamble, quotes, markdown, negative prompt,
+    Midjourney parameters or line breaks (list items and labelled lines become clauses)."""
+    text = _FENCE.sub("", text[:MAX_REPLY_CHARS].replace(_ITEM, ""))
     text = _CHATTER.sub("", text.strip())
     text = _STRONG.sub(r"\2", text)
     text = _EMPHASIS.sub(r"\1", text)
     without_headings = _HEADING.sub("", text)
     if without_headings.strip():  # a heading is a title, unless it is all there is
         text = without_headings
-    text = _LINE_MARKUP.sub("", text)
+    if negative := _NEGATIVE.search(text):
+        text = text[: negative.start()].rstrip(" \t\n([{-")
+    text = _FLAGS.sub("", text)
+    text = _items(text)
     for _ in range(3):  # "Sure! Here is your prompt:" then "Prompt:" and the like
         stripped = _strip_quotes(_PREAMBLE.sub("", text.strip(), count=1))
         if stripped == text:
             break
         text = stripped
-    text = re.sub(r"\s+", " ", text).strip()
-    return _strip_quotes(text)
+    return _strip_quotes(_join_lines(text))
+
+
+def _items(text: str) -> str:
+    """``text`` with list markup and (where two lines or more have them) labels taken off
+    its lines, each such line marked as an item (:data:`_ITEM`) for :func:`_join_lines`."""
+    lines = text.split("\n")
+    labelled = sum(1 for line in lines if _LABEL.match(line)) >= 2
+    marked = []
+    for line in lines:
+        bare = _LINE_MARKUP.sub("", line, count=1)
+        if labelled:
+            bare = _LABEL.sub("", bare, count=1)
+        marked.append(_ITEM + bare if bare != line else line)
+    return "\n".join(marked)
+
+
+def _join_lines(text: str) -> str:
+    """One line: an item (or a line opening with a capital after one that ends no clause)
+    joins as a clause, after a comma; a line that goes on a sentence, with a space."""
+    parts: list[str] = []
+    for line in text.split("\n"):
+        item = line.lstrip().startswith(_ITEM)
+        line = " ".join(line.replace(_ITEM, "").split())
+        if not line:
+            continue
+        if parts and not parts[-1].endswith(_ENDS_CLAUSE) and (item or line[0].isupper()):
+            parts[-1] += ","
+        parts.append(line)
+    return " ".join(parts)
+
+
+# A reply that declines (or talks about itself) rather than describing an image.
+_REFUSAL = re.compile(
+    r"\W*(?:i(?:['\u2019]m| am) sorry|sorry,|i apologi[sz]e|my apologies|unfortunately,"
+    r"|as an ai\b|as a language model|i(?:['\u2019]m| am) (?:not able|unable)"
+    r"|i (?:can ?not|can['\u2019]?t|won['\u2019]?t|will not|am not able)\b)",
+    re.IGNORECASE,
+)
+_LETTERS = re.compile(r"[^\W\d_]+")
+MIN_WORDS = 3
+"""Words a usable prompt has at least (in scripts without spaces, characters)."""
+
+
+def unusable(prompt: str) -> str | None:
+    """Why a cleaned LLM reply is no image prompt, or None when it is one.
+
+    A reply with no letters (``...``, the placeholder of an example), one of fewer than
+    :data:`MIN_WORDS` words (``N/A``), or a refusal (``I'm sorry, but I can't``) describes
+    no image: better the template's prompt than that one.
+    """
+    runs = _LETTERS.findall(prompt)
+    if not runs:
+        return "no letters"
+    words = sum(len(run) if _UNSPACED.search(run) else 1 for run in runs)
+    if words < MIN_WORDS:
+        return f"{words} word{'s' if words > 1 else ''}"
+    if _REFUSAL.match(prompt):
+        return "a refusal"
+    return None
 
 
 def join_fragments(parts: Iterable[str]) -> str:

@@ -1,9 +1,14 @@
 """Writing prompts with an LLM served by Ollama.
 
 The reply is constrained to a JSON schema (``format=``) generated from :class:`PromptReply`, and
-sampled with the generation's seed, so a redelivered request gets the same reply. Connection
-errors, 5xx/429 answers and malformed replies are retried with exponential backoff (tenacity);
-a reply slower than ``ollama_timeout`` is not, since it would be as slow again. After
+sampled with the generation's seed, so a redelivered request gets the same reply. Thinking is
+turned off (``think: false``): Ollama turns it on for a model that can think unless told, and
+the thinking tokens count against ``num_predict``, which they can use up before the reply.
+Connection errors, 5xx/429 answers and malformed replies (no JSON prompt, one cut at
+``num_predict``, or no usable prompt: no words, a refusal) are retried with exponential backoff
+(tenacity); a malformed reply with the next seed, since the same seed and temperature sample
+the same reply again, and not at all at temperature 0, where the seed changes nothing. A reply
+slower than ``ollama_timeout`` is not retried, since it would be as slow again. After
 ``ollama_breaker_threshold`` failed prompts in a row a circuit breaker answers at once for
 ``ollama_breaker_cooldown`` seconds, then lets one probe through (:mod:`._breaker`), a single
 attempt; the enhance stage opens it at once when Ollama does not answer its warm-up.
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import math
 import time
@@ -36,9 +42,9 @@ from imagegen._http import AiohttpTransport
 from imagegen._redact import redact_url
 from imagegen.enhance._breaker import CircuitBreaker, CircuitOpen
 from imagegen.enhance._ollama import ollama
-from imagegen.enhance._text import clean_reply, fit_budget
+from imagegen.enhance._text import clean_reply, fit_budget, unusable
 from imagegen.errors import DependencyUnavailable
-from imagegen.models import Contribution
+from imagegen.models import MAX_SEED, Contribution
 from imagegen.modelspec import ModelFamily
 from imagegen.settings import Settings
 from imagegen.telemetry import instruments, record_error, tracer
@@ -72,7 +78,7 @@ class MalformedReply(ValueError):
 
 _SYSTEM = """\
 You write prompts for the text-to-image model {model}.
-Answer with a JSON object {{"prompt": "..."}} and nothing else.
+Answer with a JSON object whose one key, "prompt", holds the prompt, and nothing else.
 The prompt is one paragraph of plain, concrete, visual English: no markdown, no lists, no \
 quotation marks, no preamble, no commentary.
 Begin with the main subject in a short first clause{subject_limit}, then \
@@ -136,12 +142,44 @@ def fallback_reason(error: BaseException) -> str:
 _UNREADABLE = (ValueError, TypeError, AttributeError, KeyError, RecursionError)
 
 
-def _retryable(exc: BaseException) -> bool:
+def _retryable(exc: BaseException, *, sampled: bool) -> bool:
+    """Whether another attempt may succeed where ``exc`` ended this one; a malformed reply
+    only where the next seed samples another (``sampled``: the temperature is above 0)."""
     if isinstance(exc, httpx.TimeoutException):
         return False
     if isinstance(exc, ollama.ResponseError):
         return exc.status_code >= 500 or exc.status_code == 429
-    return isinstance(exc, ConnectionError | httpx.TransportError | MalformedReply)
+    if isinstance(exc, MalformedReply):
+        return sampled
+    return isinstance(exc, ConnectionError | httpx.TransportError)
+
+
+def _seed(seed: int, malformed: int) -> int:
+    """The seed of an attempt after ``malformed`` malformed replies: the same seed (and
+    temperature) would sample the same reply, so each such retry takes the next one."""
+    return (seed + malformed) % (MAX_SEED + 1)
+
+
+@cache
+def _sends_think() -> bool:
+    """Whether the installed ``ollama`` client takes ``think`` (added in its 0.5)."""
+    return "think" in inspect.signature(ollama.AsyncClient.chat).parameters
+
+
+_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
+
+
+def _without_thinking(content: str) -> str:
+    """``content`` without the thinking a model wrote inline (``<think>…</think>``), as one
+    does where Ollama does not parse its thinking out (an older server, a template without the
+    tags); an opened block never closed (cut at ``num_predict``) runs to the end."""
+    end = content.rfind(_THINK_CLOSE)
+    if end != -1:
+        content = content[end + len(_THINK_CLOSE) :]
+    start = content.find(_THINK_OPEN)
+    if start != -1:
+        content = content[:start]
+    return content.strip()
 
 
 def _log_retry(state: RetryCallState) -> None:
@@ -255,19 +293,25 @@ class OllamaEnhancer:
             # it asks whether Ollama is back, and retries would only make its caller wait.
             async with self.breaker.call() as probe, asyncio.timeout(self.deadline):
                 attempts = 1 if probe else self.settings.ollama_retries + 1
+                sampled = self.settings.ollama_temperature > 0
                 retrying = AsyncRetrying(
                     stop=stop_after_attempt(attempts),
                     wait=wait_exponential(multiplier=self.backoff, max=self.backoff * 8),
-                    retry=retry_if_exception(_retryable),
+                    retry=retry_if_exception(lambda exc: _retryable(exc, sampled=sampled)),
                     before_sleep=_log_retry,
                     reraise=True,
                 )
+                malformed = 0
                 async for attempt in retrying:
                     # Each attempt within ollama_timeout: httpx's own timeout is per read, so a
                     # reply trickled a few bytes at a time would hold one attempt for ever.
                     with attempt:
-                        async with asyncio.timeout(self.settings.ollama_timeout):
-                            return await self._chat(messages, seed, spec)
+                        try:
+                            async with asyncio.timeout(self.settings.ollama_timeout):
+                                return await self._chat(messages, _seed(seed, malformed), spec)
+                        except MalformedReply:
+                            malformed += 1
+                            raise
         except CircuitOpen as exc:
             # Expected while Ollama is down: one short line, no retries, no traceback.
             model = self.settings.ollama_model
@@ -329,6 +373,10 @@ class OllamaEnhancer:
             "seed": seed,
             "num_predict": _max_tokens(spec),
         }
+        # Thinking off: Ollama turns it on for a model that can think unless ``think`` is sent
+        # (server/routes.go, ChatHandler), and it spends num_predict before the reply. A model
+        # that cannot think takes false as unset; only true is refused (400) there.
+        extra: dict[str, Any] = {"think": False} if _sends_think() else {}
         try:
             response = await self.client.chat(
                 model=self.settings.ollama_model,
@@ -337,20 +385,29 @@ class OllamaEnhancer:
                 options=options,
                 stream=False,
                 keep_alive=self._keep_alive,
+                **extra,
             )
         except _UNREADABLE as exc:  # a body that is no chat response, or no error object
             raise MalformedReply(f"unreadable response ({type(exc).__name__})") from None
-        content = response.message.content or ""
+        content = _without_thinking(response.message.content or "")
+        # The content is never logged: it may echo the caller's prompt.
+        if response.done_reason == "length":
+            thinking = getattr(response.message, "thinking", None) or ""
+            spent = f", {len(thinking)} characters of it thinking" if thinking else ""
+            raise MalformedReply(
+                f"reply cut at num_predict ({options['num_predict']} tokens{spent})"
+            )
         try:
             reply = PromptReply.model_validate_json(content)
         except ValidationError:
-            # The content is not logged: it may echo the caller's prompt.
             raise MalformedReply(
                 f"reply is not a JSON object with a 'prompt' ({len(content)} characters)"
             ) from None
         text = fit_budget(clean_reply(reply.prompt), spec)
         if not text:
             raise MalformedReply("reply holds an empty prompt")
+        if why := unusable(text):
+            raise MalformedReply(f"reply holds no usable prompt ({why})")
         return text
 
     @property

@@ -16,7 +16,12 @@ from imagegen.enhance._ollama import ollama
 from imagegen.enhance._template import compose, dream_subject
 from imagegen.enhance.llm import DEFAULT_BACKOFF, OllamaEnhancer, fallback_reason
 from imagegen.errors import DependencyUnavailable, InvalidRequest
-from imagegen.identity import GENERATION_ID_PATTERN, request_time, valid_generation_id
+from imagegen.identity import (
+    GENERATION_ID_PATTERN,
+    request_time,
+    stage_time,
+    valid_generation_id,
+)
 from imagegen.models import (
     Contribution,
     EnhancedPrompt,
@@ -70,7 +75,8 @@ class EnhanceStage:
         Raises:
             InvalidRequest: naming every offending field (``generation_id``, ``model`` when
                 no render service serves it, ``width``/``height`` outside the model family's
-                rules, ``plugins``).
+                rules, ``plugins``, ``plugin_options`` naming no enabled plugin or an option
+                its plugin does not declare).
         """
         errors: list[dict[str, str]] = []
         if not valid_generation_id(generation_id):
@@ -84,6 +90,7 @@ class EnhanceStage:
             self.plugins.select(request.plugins)
         except InvalidRequest as exc:
             errors.extend(exc.errors)
+        errors.extend(self.plugins.option_errors(request.plugin_options))
         if errors:
             fields = ", ".join(dict.fromkeys(e["field"] for e in errors))
             raise InvalidRequest(f"invalid GenerationRequest: {fields}", errors=errors)
@@ -146,6 +153,7 @@ class EnhanceStage:
             guidance=spec.default_guidance if request.guidance is None else request.guidance,
             seed=seed,
             requested_at=requested_at,
+            enhanced_at=stage_time(),  # kept in the memo with the prompt: said alike
             metadata=request.metadata,
             replay_of=request.replay_of,
         )

@@ -11,7 +11,7 @@ from typing import Any
 from opentelemetry import trace
 
 from imagegen._threads import DaemonPool
-from imagegen.errors import InvalidRequest
+from imagegen.errors import ConfigurationError, InvalidRequest
 from imagegen.models import Contribution
 from imagegen.plugins.context import PluginContext, PromptPlugin
 from imagegen.telemetry import tracer
@@ -34,6 +34,7 @@ async def run_plugin(
 
     Raises:
         InvalidRequest: the plugin rejected its options.
+        ConfigurationError: the plugin rejected an option only the operator sets.
     """
     with tracer().start_as_current_span("imagegen.plugin") as span:
         span.set_attribute("imagegen.plugin.name", context.plugin)
@@ -54,13 +55,22 @@ async def _contribution(
                 result = await result
                 if inspect.isawaitable(result):  # a plain function that returned a coroutine
                     result = await result
-    except InvalidRequest:
+    except (InvalidRequest, ConfigurationError):
         raise
     except TimeoutError as exc:
         logger.warning("plugin %s timed out after %.2fs; skipped", name, time_limit)
         _skipped(span, exc, f"timed out after {time_limit:g}s")
         return None
-    except Exception as exc:
+    except asyncio.CancelledError as exc:
+        if _cancelled():
+            raise  # the request itself: its timeout, its caller gone
+        # The plugin's own (a task of its that was cancelled, or raised outright): a failure.
+        logger.warning("plugin %s raised CancelledError; skipped", name, exc_info=True)
+        _skipped(span, exc, "failed: CancelledError")
+        return None
+    except BaseException as exc:  # a plugin cannot stop the process's loop
+        # SystemExit, KeyboardInterrupt and the like, raised on the loop, would end the
+        # event loop's thread, and every later request with it.
         logger.warning("plugin %s failed; skipped", name, exc_info=True)
         _skipped(span, exc, f"failed: {type(exc).__name__}")
         return None
@@ -79,6 +89,12 @@ async def _contribution(
     if result.plugin != name:
         result = result.model_copy(update={"plugin": name})
     return result
+
+
+def _cancelled() -> bool:
+    """Whether the running task is being cancelled (a ``CancelledError`` seen now is its own)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _json_data(data: dict[str, Any]) -> bool:
@@ -129,7 +145,12 @@ async def warm_plugin(plugin: PromptPlugin, name: str) -> bool:
             result = await _POOL.run(warm_up, thread_name=f"plugin-{name}")
             if inspect.isawaitable(result):
                 await result
-    except Exception as exc:
+    except asyncio.CancelledError:
+        if _cancelled():
+            raise
+        logger.warning("plugin %s could not warm up: CancelledError", name)
+        return False
+    except BaseException as exc:  # as in contribute: skipped, never fatal
         logger.warning("plugin %s could not warm up: %s: %s", name, type(exc).__name__, exc)
         return False
     return True

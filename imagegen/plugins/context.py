@@ -57,7 +57,11 @@ class PromptPlugin(Protocol):
     ``blocking = False`` to run on the event loop instead, sparing each request a thread's
     round trip (its time limit then cannot cut it short). Return None to add
     nothing; raise :class:`~imagegen.errors.InvalidRequest` for bad options (the request fails);
-    any other exception only skips this plugin.
+    any other exception only skips this plugin (raise
+    :class:`~imagegen.errors.ConfigurationError` for an option only the operator sets).
+
+    A plugin may declare ``option_names``, the keys of its options: a request that gives it
+    any other key is refused, naming it. One that declares none takes any key.
 
     A plugin may also define ``warm_up()`` (plain or coroutine, no arguments): a function calls
     it once, in the background, after it has turned ready, to build what the plugin's first

@@ -246,6 +246,40 @@ class PluginSet:
             **((request_options or {}).get(name) or {}),
         }
 
+    def option_errors(
+        self, options: Mapping[str, Mapping[str, Any]] | None
+    ) -> list[dict[str, str]]:
+        """What is wrong with a request's ``plugin_options``, one entry per field.
+
+        A name that is no enabled plugin's is refused (``plugin_options.<name>``), and so is a
+        key the plugin does not declare among its ``option_names``
+        (``plugin_options.<plugin>.<key>``); a plugin that declares none takes any key.
+        """
+        errors: list[dict[str, str]] = []
+        for name, given in (options or {}).items():
+            if name not in self._order:
+                enabled = ", ".join(self._order) or "none"
+                errors.append(
+                    {
+                        "field": f"plugin_options.{name}",
+                        "message": f"no enabled plugin {name!r}; enabled: {enabled}",
+                    }
+                )
+                continue
+            declared = getattr(self._plugins[name], "option_names", None)
+            if declared is None or not isinstance(given, Mapping):
+                continue
+            known = ", ".join(declared) or "none"
+            errors.extend(
+                {
+                    "field": f"plugin_options.{name}.{key}",
+                    "message": f"unknown option of plugin {name!r}; known: {known}",
+                }
+                for key in given
+                if key not in declared
+            )
+        return errors
+
     def _whose(
         self,
         exc: InvalidRequest,
@@ -312,10 +346,15 @@ class PluginSet:
             selection: The request's ``plugins``; default every enabled plugin.
 
         Raises:
-            InvalidRequest: ``selection`` names a plugin that is not enabled, or a plugin
+            InvalidRequest: ``selection`` names a plugin that is not enabled, ``options`` one
+                that is not enabled or an option its plugin does not declare, or a plugin
                 rejected its options.
+            ConfigurationError: a plugin rejected the options the settings give it.
         """
         names = self.select(selection)
+        if errors := self.option_errors(options):
+            fields = ", ".join(e["field"] for e in errors)
+            raise InvalidRequest(f"invalid plugin_options: {fields}", errors=errors)
         zone = timezone or self.settings.timezone
         base = PluginContext(
             generation_id=generation_id,

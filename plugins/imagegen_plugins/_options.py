@@ -5,15 +5,28 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from imagegen.errors import InvalidRequest
+from imagegen.errors import ConfigurationError, InvalidRequest
+from imagegen.settings import Settings
 
-__all__ = ["invalid_option", "option_float", "option_list", "option_str"]
+__all__ = ["invalid_option", "invalid_setting", "option_float", "option_list", "option_str"]
 
 
 def invalid_option(plugin: str, key: str, message: str) -> InvalidRequest:
     """An :class:`InvalidRequest` naming ``plugin_options.<plugin>.<key>``."""
     field = f"plugin_options.{plugin}.{key}"
     return InvalidRequest(f"{field}: {message}", errors=[{"field": field, "message": message}])
+
+
+def invalid_setting(settings: Settings, refused: InvalidRequest) -> ConfigurationError:
+    """``refused`` (:func:`invalid_option`) as the operator's fault: for an option a plugin reads
+    from the settings only, whatever a request gives. A 503 naming the setting, as the plugin
+    set answers for any operator's option a plugin refuses."""
+    variable = settings.variable("plugin_options")
+    said = [f"{e['field']}: {e['message']}" for e in refused.errors]
+    return ConfigurationError(
+        f"invalid settings: {variable} ({'; '.join(said)})",
+        errors=[{"field": variable, "message": message} for message in said],
+    )
 
 
 def option_float(

@@ -52,6 +52,7 @@ class ArtStylePlugin:
     name = "art_style"
     description = "An art style drawn from a list of named styles; option 'style' forces one."
     blocking = False  # a look-up in memory: runs on the event loop, no thread
+    option_names = ("style",)
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings

@@ -83,6 +83,7 @@ class HolidayPlugin:
 
     name = "holiday"
     description = "Today's holidays and the nearest upcoming one (holidays library)."
+    option_names = ("countries", "horizon_days", "language")
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

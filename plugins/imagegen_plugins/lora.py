@@ -92,6 +92,7 @@ class LoraPlugin:
 
     name = "lora"
     description = "Sometimes picks a LoRA from lora_dir/loras; adds its trigger word."
+    option_names = ("probability",)
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

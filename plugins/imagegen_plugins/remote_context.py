@@ -21,10 +21,11 @@ import httpx
 
 from imagegen._http import AiohttpTransport
 from imagegen._redact import redact_url
+from imagegen.errors import InvalidRequest
 from imagegen.models import Contribution
 from imagegen.plugins import PluginContext
 from imagegen.settings import Settings
-from imagegen_plugins._options import invalid_option, option_str
+from imagegen_plugins._options import invalid_option, invalid_setting, option_str
 
 __all__ = ["MAX_VALUES", "MAX_VALUE_CHARS", "RemoteContextPlugin", "TooLarge"]
 
@@ -60,6 +61,8 @@ class RemoteContextPlugin:
 
     name = "remote_context"
     description = "String values of a JSON object fetched from remote_context_url."
+    # ``url`` is read from the operator's options only; a request's is accepted and ignored.
+    option_names = ("url",)
 
     def __init__(
         self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None
@@ -123,15 +126,19 @@ class RemoteContextPlugin:
     async def contribute(self, context: PluginContext) -> Contribution | None:
         """The endpoint's string values; None when unconfigured, slow, failing or malformed."""
         # Only the operator picks the endpoint: a URL from a request would let any caller make
-        # the service fetch arbitrary (internal) addresses.
+        # the service fetch arbitrary (internal) addresses. So a bad one is the operator's
+        # fault (a 503 naming the setting), even where the request gave a url of its own.
         configured = self.settings.plugin_options.get(self.name, {})
-        option = option_str(configured, self.name, "url")
+        try:
+            option = option_str(configured, self.name, "url")
+            if option is not None and urlsplit(option).scheme not in ("http", "https"):
+                raise invalid_option(self.name, "url", "must be an http(s) URL")
+        except InvalidRequest as exc:
+            raise invalid_setting(self.settings, exc) from None
         url = option or self.settings.remote_context_url
         if not url:
             return None
         if urlsplit(url).scheme not in ("http", "https"):
-            if option is not None:
-                raise invalid_option(self.name, "url", "must be an http(s) URL")
             logger.warning("remote_context_url is not an http(s) URL; skipped")
             return None
         timeout = self.settings.remote_context_timeout

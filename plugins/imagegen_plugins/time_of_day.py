@@ -33,6 +33,7 @@ class TimeOfDayPlugin:
     name = "time_of_day"
     description = "Light of the hour (morning, afternoon, evening, night) in the request's zone."
     blocking = False  # a look-up in memory: runs on the event loop, no thread
+    option_names = ()  # none: an option given for it is refused
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings

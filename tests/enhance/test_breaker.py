@@ -137,6 +137,29 @@ async def test_state_changes_are_logged(caplog: pytest.LogCaptureFixture) -> Non
     assert "circuit ollama: closed -> open" in caplog.text
 
 
+async def test_each_transition_is_logged_with_its_own_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    breaker = CircuitBreaker("ollama", threshold=2, cooldown=5, clock=clock)
+    with caplog.at_level(logging.WARNING, logger="imagegen.enhance"):
+        await _fail(breaker)
+        await _fail(breaker)
+        clock.now += 5
+        await _fail(breaker)  # the probe
+        clock.now += 5
+        await _succeed(breaker)  # the next probe
+        breaker.trip("Ollama did not answer the warm-up")
+    assert [r.getMessage() for r in caplog.records] == [
+        "circuit ollama: closed -> open (2 consecutive failures)",
+        "circuit ollama: open -> half_open (cool-down of 5s over)",
+        "circuit ollama: half_open -> open (the probe failed)",
+        "circuit ollama: open -> half_open (cool-down of 5s over)",
+        "circuit ollama: half_open -> closed (the probe succeeded)",
+        "circuit ollama: closed -> open (Ollama did not answer the warm-up)",
+    ]
+
+
 async def test_ollama_down_skips_the_calls_once_open(fake_ollama: FakeOllama) -> None:
     fake_ollama.stop()
     settings = Settings(

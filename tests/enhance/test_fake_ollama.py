@@ -1,10 +1,14 @@
-"""The fake Ollama keeps to the connection rules of Ollama's Go HTTP server."""
+"""The fake Ollama keeps to the rules of Ollama's Go HTTP server: connections, loads,
+thinking and num_predict."""
 
 from __future__ import annotations
 
 import socket
+from typing import Any
 
-from tests.fakes.ollama_server import FakeOllama, http_error
+import httpx
+
+from tests.fakes.ollama_server import FakeOllama, http_error, reply
 
 REQUEST = b"GET /api/version HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
@@ -45,8 +49,6 @@ def test_a_chat_without_messages_loads_the_model_as_ollamas_chat_handler_does() 
     """server/routes.go, ChatHandler: an unknown model is a 404; no messages loads the model
     (``done_reason: "load"``, one JSON object), or unloads it with keep_alive 0; the first chat
     of a model not loaded loads it too."""
-    import httpx
-
     fake = FakeOllama().start()
     try:
         with httpx.Client(base_url=fake.url) as client:
@@ -74,5 +76,64 @@ def test_a_chat_without_messages_loads_the_model_as_ollamas_chat_handler_does() 
             assert failed.status_code == 500
             assert failed.json() == {"error": "llama runner process has terminated"}
             assert len(fake.model_loads) == 2
+    finally:
+        fake.stop()
+
+
+def _chat(client: httpx.Client, model: str, **fields: Any) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": "a fox"}], "stream": False}
+    return client.post("/api/chat", json={**body, **fields})
+
+
+def test_think_is_read_as_ollamas_chat_handler_reads_it() -> None:
+    """api/types.go, ThinkValue: a bool or "high", "medium", "low"; server/routes.go,
+    ChatHandler: unset is on for a model that can think, and on is refused for one that
+    cannot."""
+    fake = FakeOllama(models=("llama3.2:latest", "qwen3:latest")).start()
+    fake.thinking_models.add("qwen3:latest")
+    fake.answer(reply({"prompt": "a fox"}, thinking="hmm, a fox"))
+    try:
+        with httpx.Client(base_url=fake.url) as client:
+            for think in (None, True, "high"):
+                fields = {} if think is None else {"think": think}
+                thought = _chat(client, "qwen3", **fields).json()
+                assert thought["message"]["thinking"] == "hmm, a fox"
+            for model in ("qwen3", "llama3.2"):
+                plain = _chat(client, model, think=False).json()
+                assert plain["message"] == {"role": "assistant", "content": '{"prompt": "a fox"}'}
+            assert "thinking" not in _chat(client, "llama3.2").json()["message"]
+            refused = _chat(client, "llama3.2", think=True)
+            assert refused.status_code == 400
+            assert refused.json() == {"error": '"llama3.2" does not support thinking'}
+            for bad in ("max", 3):
+                assert _chat(client, "qwen3", think=bad).status_code == 400
+    finally:
+        fake.stop()
+
+
+def test_thinking_and_the_reply_share_num_predict() -> None:
+    """runner/ollamarunner/runner.go: a sequence ends once numPredicted >= numPredict, with
+    done_reason "length"; the thinking is generated first, from the same budget."""
+    fake = FakeOllama(models=("qwen3:latest",)).start()
+    fake.thinking_models.add("qwen3:latest")
+    fake.answer(reply("one two three four", thinking="a b c d e f"))
+    try:
+        with httpx.Client(base_url=fake.url) as client:
+
+            def answer(num_predict: int, **fields: Any) -> Any:
+                options = {"num_predict": num_predict}
+                return _chat(client, "qwen3", options=options, **fields).json()
+
+            spent = answer(4)
+            assert spent["message"] == {"role": "assistant", "content": "", "thinking": "a b c d"}
+            assert (spent["done_reason"], spent["eval_count"]) == ("length", 4)
+            cut = answer(8)
+            assert cut["message"]["content"] == "one two"
+            assert (cut["done_reason"], cut["eval_count"]) == ("length", 8)
+            whole = answer(10)
+            assert (whole["done_reason"], whole["eval_count"]) == ("stop", 10)
+            unlimited = answer(-1, think=False)
+            assert unlimited["message"] == {"role": "assistant", "content": "one two three four"}
+            assert unlimited["done_reason"] == "stop"
     finally:
         fake.stop()

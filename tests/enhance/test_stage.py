@@ -63,7 +63,8 @@ async def test_long_replies_are_trimmed_to_the_budget(
     stage: EnhanceStage, fake_ollama: FakeOllama
 ) -> None:
     subject = "a red fox " + "with a remarkably bushy tail " * 20
-    details = ", ".join(f"intricate detail {i} in the background" for i in range(150))
+    # Over every budget, yet within num_predict (Ollama cuts a longer reply: done_reason length).
+    details = ", ".join(f"intricate detail {i} in the background" for i in range(60))
     fake_ollama.reply_with({"prompt": f"{subject}, {details}"})
     # FLUX.1: CLIP reads the subject (77 tokens), T5 the whole prompt (256 for schnell).
     schnell = await _run(stage, model="black-forest-labs/FLUX.1-schnell")

@@ -31,8 +31,27 @@ DEV = family_for("black-forest-labs/FLUX.1-dev")
         ("# A fox\n\na red fox\nin the snow", "a red fox in the snow"),
         ("```\na red fox\n```", "a red fox"),
         ('```text\n"a red fox"\n```', "a red fox"),
-        ("- a red fox\n- snowy forest\n- morning light", "a red fox snowy forest morning light"),
-        ("1. a red fox\n2) snow", "a red fox snow"),
+        # A list's items, and labelled lines, are clauses: not run together as one.
+        ("- a red fox\n- snowy forest\n- morning light", "a red fox, snowy forest, morning light"),
+        ("1. a red fox\n2) snow", "a red fox, snow"),
+        (
+            "**Subject:** A red fox\n**Setting:** a snowy birch forest\n**Light:** dawn",
+            "A red fox, a snowy birch forest, dawn",
+        ),
+        ("Tokyo: a neon street at night", "Tokyo: a neon street at night"),  # one line: no label
+        ("A red fox in the snow\nSoft dawn light", "A red fox in the snow, Soft dawn light"),
+        ("A red fox, soft light.\nSnowy birches", "A red fox, soft light. Snowy birches"),
+        # A negative prompt says what the image must not show: cut, not folded in.
+        (
+            "A red fox in the snow\n\nNegative prompt: blurry, lowres, watermark",
+            "A red fox in the snow",
+        ),
+        ("A red fox in the snow. **Negative Prompt:** blurry", "A red fox in the snow."),
+        ("A red fox (negative prompt: blurry, text)", "A red fox"),
+        ("A red fox\nNegative: blurry", "A red fox"),
+        # Midjourney's parameters are no words for a diffusion model.
+        ("A red fox in the snow --ar 16:9 --v 6 --no text", "A red fox in the snow"),
+        ("a fox -- in the snow", "a fox -- in the snow"),
         ("a red fox\n\nLet me know if you want any changes!", "a red fox"),
         ("a snake_case_word stays, 3 * 4 stays", "a snake_case_word stays, 3 * 4 stays"),
         ("   a   red\tfox  ", "a red fox"),

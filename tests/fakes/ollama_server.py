@@ -15,6 +15,22 @@ Every request is recorded. Chat answers are scripted::
         fake.loading = slow(5.0)                      # loading a model takes 5 s
         fake.load_requests                            # the chats without messages
         fake.model_loads                              # [("llama3.2:latest", "load"), ...]
+        fake.thinking_models.add("qwen3:latest")      # a model that can think
+        fake.answer(reply(thinking="Okay, the user wants a fox..."))  # what it thinks, if on
+
+Thinking and ``num_predict`` are modelled as Ollama has them:
+
+- ``think`` is a bool or one of ``"high"``, ``"medium"``, ``"low"``; anything else is a 400
+  (api/types.go, ``ThinkValue.UnmarshalJSON``). Unset, it is on for a model that can think;
+  true (or a level) for a model that cannot is a 400 ``"<model>" does not support thinking``
+  (server/routes.go, ``ChatHandler``: ``if req.Think == nil { req.Think = &api.ThinkValue{Value:
+  true} }``). A server older than ``think`` ignores the field: Go's ``encoding/json``, under
+  gin's ``ShouldBindJSON``, skips unknown fields.
+- The thinking, when on, is generated first and answered apart as ``message.thinking``; the
+  reply follows in ``content``. Both count against ``options.num_predict`` (runner/
+  ollamarunner/runner.go: a sequence ends once ``numPredicted >= numPredict``, with
+  ``DoneReasonLength``), so thinking that uses it up leaves ``content`` empty and
+  ``done_reason`` ``"length"``. Tokens are counted here as words separated by spaces.
 """
 
 from __future__ import annotations
@@ -58,6 +74,7 @@ class Behaviour:
             broken responses), with ``status``.
         delay: Seconds to wait before answering (cut short when the server stops).
         trickle: Seconds between the body's pieces of 16 bytes (0: all at once).
+        thinking: What the model thinks before it answers, where thinking is on.
     """
 
     content: str | dict[str, Any] = field(default_factory=lambda: {"prompt": DEFAULT_PROMPT})
@@ -65,12 +82,17 @@ class Behaviour:
     body: bytes | None = None
     delay: float = 0.0
     trickle: float = 0.0
+    thinking: str = ""
 
 
-def reply(content: str | dict[str, Any] | None = None, *, delay: float = 0.0) -> Behaviour:
+def reply(
+    content: str | dict[str, Any] | None = None, *, delay: float = 0.0, thinking: str = ""
+) -> Behaviour:
     """A normal answer; ``content`` defaults to ``{"prompt": DEFAULT_PROMPT}``."""
     return Behaviour(
-        content={"prompt": DEFAULT_PROMPT} if content is None else content, delay=delay
+        content={"prompt": DEFAULT_PROMPT} if content is None else content,
+        delay=delay,
+        thinking=thinking,
     )
 
 
@@ -130,6 +152,35 @@ def _is_zero(keep_alive: Any) -> bool:
     return False
 
 
+_THINK_LEVELS = ("high", "medium", "low")
+
+
+def _think_error(think: Any) -> str | None:
+    """Why Ollama refuses ``think`` as it reads the request (api/types.go), or None."""
+    if think is None or isinstance(think, bool) or think in _THINK_LEVELS:
+        return None
+    if isinstance(think, str):
+        return f'invalid think value: "{think}" (must be "high", "medium", "low", true, or false)'
+    return 'think must be a boolean or string ("high", "medium", "low", true, or false)'
+
+
+def _cut(text: str, tokens: int | None) -> tuple[str, int, bool]:
+    """``text`` within ``tokens`` (None: no limit): (what is generated, its tokens, cut)."""
+    words = text.split(" ") if text else []
+    if tokens is None or len(words) <= tokens:
+        return text, len(words), False
+    return " ".join(words[: max(tokens, 0)]), max(tokens, 0), True
+
+
+def _pieces(text: str) -> list[str]:
+    """``text`` in pieces of four words, as a stream sends it (none for no text)."""
+    words = text.split(" ") if text else []
+    pieces = [" ".join(words[i : i + 4]) + " " for i in range(0, len(words), 4)]
+    if pieces:
+        pieces[-1] = pieces[-1][:-1]
+    return pieces
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
@@ -146,6 +197,8 @@ class FakeOllama(Running):
         self, *, models: tuple[str, ...] = ("llama3.2:latest",), version: str = "0.6.0"
     ) -> None:
         self.models = list(models)
+        self.thinking_models: set[str] = set()
+        """The models that can think (``thinking`` among their capabilities), full names."""
         self.version = version
         self.port = 0
         self._default = reply()
@@ -403,14 +456,26 @@ class _Handler(BaseHTTPRequestHandler):
         if behaviour.status != 200:
             self._send_json(behaviour.status, {"error": text})
             return
-        if behaviour.trickle:
-            self._trickle(json.dumps(self._final(request, text)).encode(), behaviour.trickle)
+        think = request.get("think")
+        if (error := _think_error(think)) is not None:
+            self._send_json(400, {"error": error})
             return
-        final = self._final(request, text)
+        model = str(request.get("model", ""))
+        if _canonical(model) in self.owner.thinking_models:
+            thinks = think is None or think is True or think in _THINK_LEVELS
+        elif think is True or think in _THINK_LEVELS:
+            self._send_json(400, {"error": f'"{model}" does not support thinking'})
+            return
+        else:
+            thinks = False
+        final = self._final(request, text, behaviour.thinking if thinks else "")
+        if behaviour.trickle:
+            self._trickle(json.dumps(final).encode(), behaviour.trickle)
+            return
         if not request.get("stream", True):
             self._send_json(200, final)
             return
-        self._stream(final, text)
+        self._stream(final)
 
     def _trickle(self, body: bytes, pause: float) -> None:
         """``body`` a few bytes at a time: each read arrives well within a read timeout."""
@@ -424,37 +489,49 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body[start : start + 16])
             self.wfile.flush()
 
-    def _final(self, request: dict[str, Any], text: str) -> dict[str, Any]:
+    def _final(self, request: dict[str, Any], text: str, thinking: str) -> dict[str, Any]:
+        """The last (or only) chunk: thinking first, then the reply, within num_predict."""
         model = str(request.get("model", ""))
+        options = request.get("options")
+        limit = options.get("num_predict") if isinstance(options, dict) else None
+        budget = limit if isinstance(limit, int) and limit > 0 else None  # -1, unset: none
+        thinking, thought, cut = _cut(thinking, budget)
+        if cut:
+            text, said = "", 0
+        else:
+            text, said, cut = _cut(text, None if budget is None else budget - thought)
+        message = {"role": "assistant", "content": text}
+        if thinking:  # omitempty in api.Message
+            message["thinking"] = thinking
         return {
             "model": model,
             "created_at": _now(),
-            "message": {"role": "assistant", "content": text},
+            "message": message,
             "done": True,
-            "done_reason": "stop",
+            "done_reason": "length" if cut else "stop",
             "total_duration": 1_000_000,
             "load_duration": 100_000,
             "prompt_eval_count": 42,
             "prompt_eval_duration": 200_000,
-            "eval_count": len(text.split()),
+            "eval_count": thought + said,
             "eval_duration": 700_000,
         }
 
-    def _stream(self, final: dict[str, Any], text: str) -> None:
-        """Streaming (the API's default): content in pieces, then a final empty chunk."""
-        model = final["model"]
-        words = text.split(" ")
-        pieces = [" ".join(words[i : i + 4]) + " " for i in range(0, len(words), 4)]
-        if pieces:
-            pieces[-1] = pieces[-1][:-1]
+    def _stream(self, final: dict[str, Any]) -> None:
+        """Streaming (the API's default): the thinking, then the content, in pieces; then a
+        final empty chunk."""
+        model, message = final["model"], final["message"]
         lines = [
             {
                 "model": model,
                 "created_at": _now(),
-                "message": {"role": "assistant", "content": piece},
+                "message": {"role": "assistant", "content": "", key: piece}
+                if key == "thinking"
+                else {"role": "assistant", key: piece},
                 "done": False,
             }
-            for piece in pieces
+            for key in ("thinking", "content")
+            for piece in _pieces(message.get(key, ""))
         ]
         lines.append({**final, "message": {"role": "assistant", "content": ""}})
         payload = b"".join(json.dumps(line).encode() + b"\n" for line in lines)

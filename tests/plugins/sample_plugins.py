@@ -118,3 +118,55 @@ class OpaqueDataPlugin:
 def needing_a_key(settings: Settings) -> EchoPlugin:
     """A plugin's factory that fails as one does without its configuration."""
     raise RuntimeError("WEATHER_API_KEY is not set")
+
+
+class RaisingPlugin:
+    """Raises what is no Exception, on the event loop (a coroutine) or on its thread."""
+
+    description = "Raises SystemExit, KeyboardInterrupt or CancelledError."
+
+    def __init__(self, name: str, error: type[BaseException], *, on_loop: bool = True) -> None:
+        self.name = name
+        self.error = error
+        if on_loop:
+            self.contribute = self._on_loop  # type: ignore[method-assign]
+
+    def contribute(self, context: PluginContext) -> Contribution:
+        raise self.error()
+
+    async def _on_loop(self, context: PluginContext) -> Contribution:
+        raise self.error()
+
+
+def exiting(settings: Settings) -> RaisingPlugin:
+    return RaisingPlugin("exiting", SystemExit)
+
+
+def interrupting(settings: Settings) -> RaisingPlugin:
+    return RaisingPlugin("interrupting", KeyboardInterrupt)
+
+
+def cancelling(settings: Settings) -> RaisingPlugin:
+    return RaisingPlugin("cancelling", asyncio.CancelledError)
+
+
+def exiting_on_its_thread(settings: Settings) -> RaisingPlugin:
+    return RaisingPlugin("exiting_on_its_thread", SystemExit, on_loop=False)
+
+
+class LoopStopping:
+    """Leaves a callback on the event loop that raises SystemExit there, outside any task:
+    asyncio lets it end ``run_forever``, so no plugin runner can catch it."""
+
+    name = "loop_stopping"
+    description = "Ends the event loop."
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings
+
+    async def contribute(self, context: PluginContext) -> None:
+        def exit_() -> None:
+            raise SystemExit("a plugin's callback exited")
+
+        asyncio.get_running_loop().call_soon(exit_)
+        await asyncio.sleep(3600)

@@ -73,7 +73,7 @@ async def test_option_precedence_request_over_set_over_settings() -> None:
     settings = Settings(plugin_options={"echo": everywhere})
     plugins = PluginSet([EchoPlugin()], settings=settings)
     plugins.set_options("echo", {"b": "set", "c": "set"})
-    [result] = await _run(plugins, options={"echo": {"c": "request"}, "other": {"x": 1}})
+    [result] = await _run(plugins, options={"echo": {"c": "request"}})
     assert result.data["options"] == {"a": "settings", "b": "set", "c": "request"}
 
 
@@ -165,6 +165,45 @@ async def test_invalid_options_fail_the_request(settings: Settings) -> None:
     with pytest.raises(InvalidRequest) as caught:
         await _run(plugins, options={"strict": {"bad": True}})
     assert caught.value.fields == ["plugin_options.strict.bad"]
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"art_style": {"styel": "Ukiyo-e"}}, "plugin_options.art_style.styel"),  # misspelt
+        ({"art_styel": {"style": "Ukiyo-e"}}, "plugin_options.art_styel"),  # no such plugin
+        ({"lora": {"probability": 1.0}}, "plugin_options.lora"),  # installed, not enabled
+        ({"time_of_day": {"hour": 5}}, "plugin_options.time_of_day.hour"),  # takes none
+    ],
+)
+async def test_an_option_no_enabled_plugin_declares_is_refused_by_name(
+    settings: Settings, options: dict[str, dict[str, object]], field: str
+) -> None:
+    plugins = PluginSet.from_settings(settings, names=["time_of_day", "art_style"])
+    with pytest.raises(InvalidRequest) as caught:
+        await _run(plugins, options=options)
+    assert caught.value.fields == [field]
+    assert caught.value.status == 400
+
+
+async def test_a_plugin_that_declares_no_option_names_takes_any_option(
+    settings: Settings,
+) -> None:
+    plugins = PluginSet([EchoPlugin()], settings=settings)
+    [result] = await _run(plugins, options={"echo": {"whatever": 1}})
+    assert result.data["options"] == {"whatever": 1}
+
+
+def test_the_built_ins_declare_the_options_they_read(settings: Settings) -> None:
+    plugins = PluginSet.from_settings(settings, names=BUILTINS)
+    declared = {name: plugins.get(name).option_names for name in BUILTINS}  # type: ignore[attr-defined]
+    assert declared == {
+        "time_of_day": (),
+        "holiday": ("countries", "horizon_days", "language"),
+        "art_style": ("style",),
+        "lora": ("probability",),
+        "remote_context": ("url",),
+    }
 
 
 # 4. Selection per request

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from imagegen.errors import InvalidRequest
+from imagegen.errors import ConfigurationError
 from imagegen.models import Contribution
-from imagegen.plugins import PluginContext
+from imagegen.plugins import PluginContext, PluginSet
 from imagegen.settings import Settings
 from imagegen_plugins.remote_context import RemoteContextPlugin
 from tests.plugins.conftest import NOW, JsonEndpoint
@@ -54,6 +54,25 @@ async def test_a_request_cannot_choose_the_url(endpoint: JsonEndpoint) -> None:
     assert await _fetch(_settings(None), url=endpoint.at("/context")) is None
 
 
+async def test_the_operators_bad_url_is_the_operators_fault_whatever_the_request_gives(
+    endpoint: JsonEndpoint,
+) -> None:
+    """The plugin reads the operator's url alone: a request's is ignored, so a bad one is
+    never the request's fault (a 400 that drops the event), but the setting's (a 503)."""
+    settings = _settings(None).model_copy(
+        update={
+            "plugins": ["remote_context"],
+            "plugin_options": {"remote_context": {"url": "ftp://internal"}},
+        }
+    )
+    plugins = PluginSet.from_settings(settings)
+    for options in ({}, {"remote_context": {"url": endpoint.at("/context")}}):
+        with pytest.raises(ConfigurationError) as caught:
+            await plugins.run(generation_id="g", seed=1, now=NOW, options=options)
+        assert caught.value.status == 503
+        assert caught.value.fields == ["IMAGEGEN_PLUGIN_OPTIONS"]
+
+
 async def test_no_url_no_request() -> None:
     assert await _fetch(_settings(None)) is None
 
@@ -84,9 +103,11 @@ async def test_only_http_urls(endpoint: JsonEndpoint) -> None:
     configured = _settings(None).model_copy(
         update={"plugin_options": {"remote_context": {"url": "file:///etc/passwd"}}}
     )
-    with pytest.raises(InvalidRequest) as caught:
+    with pytest.raises(ConfigurationError) as caught:  # the operator's: a 503, not a 400
         await _fetch(configured)
-    assert caught.value.fields == ["plugin_options.remote_context.url"]
+    [error] = caught.value.errors
+    assert error["field"] == "IMAGEGEN_PLUGIN_OPTIONS"
+    assert error["message"].startswith("plugin_options.remote_context.url:")
     assert await _fetch(_settings("file:///etc/passwd")) is None
 
 

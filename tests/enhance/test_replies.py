@@ -1,0 +1,88 @@
+"""What an LLM answers that is no prompt, and thinking models: never the image's prompt,
+and never the same attempt twice."""
+
+from __future__ import annotations
+
+import pytest
+
+from imagegen.enhance import EnhanceStage
+from imagegen.enhance.llm import build_messages
+from imagegen.modelspec import family_for
+from tests.enhance.conftest import MakeStage
+from tests.enhance.conftest import run as _run
+from tests.fakes.ollama_server import FakeOllama, http_error, reply
+
+THINKING = "Okay, the user wants a fox in the snow, so let me think about the light " * 40
+
+
+@pytest.mark.parametrize(
+    "said",
+    [
+        "...",  # the placeholder of an example, echoed
+        "N/A",
+        "I'm sorry, but I can't help with that request.",
+        "As an AI language model, I cannot create images, but here is a fox.",
+    ],
+)
+async def test_a_reply_that_describes_no_image_falls_back(
+    stage: EnhanceStage, fake_ollama: FakeOllama, said: str
+) -> None:
+    fake_ollama.reply_with({"prompt": said})
+    job = await _run(stage)
+    assert (job.fallback, job.enhancer) == (True, "template")
+    assert job.prompt.startswith("a red fox")
+    assert len(fake_ollama.chat_requests) == 2  # retried once (ollama_retries=1), then given up
+
+
+def test_the_system_prompt_shows_no_placeholder_to_echo() -> None:
+    [system, _] = build_messages("a red fox", [], family_for("tiny"))
+    assert "..." not in system["content"] and '"prompt"' in system["content"]
+
+
+async def test_thinking_is_turned_off(stage: EnhanceStage, fake_ollama: FakeOllama) -> None:
+    # A model that can think thinks unless told not to (server/routes.go, ChatHandler), and its
+    # thinking spends num_predict before the reply: here all of it.
+    fake_ollama.thinking_models.add("llama3.2:latest")
+    fake_ollama.answer(reply({"prompt": "a red fox in the snow"}, thinking=THINKING))
+    job = await _run(stage)
+    assert (job.prompt, job.fallback) == ("a red fox in the snow", False)
+    [chat] = fake_ollama.chat_requests
+    assert chat["think"] is False
+
+
+async def test_thinking_written_inline_is_not_the_reply(
+    stage: EnhanceStage, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.reply_with('<think>\nThe user wants a fox.\n</think>\n\n{"prompt": "a red fox"}')
+    job = await _run(stage)
+    assert (job.prompt, job.fallback) == ("a red fox", False)
+
+
+async def test_a_reply_cut_at_num_predict_is_retried_with_the_next_seed(
+    stage: EnhanceStage, fake_ollama: FakeOllama
+) -> None:
+    # Too long for num_predict: the JSON is cut, done_reason "length". The same seed and
+    # temperature would sample the same reply: the retry takes the next seed.
+    fake_ollama.reply_with({"prompt": "a red fox " * 400})
+    job = await _run(stage)
+    assert job.fallback is True
+    assert [chat["options"]["seed"] for chat in fake_ollama.chat_requests] == [1234, 1235]
+
+
+async def test_a_malformed_reply_is_not_retried_at_temperature_zero(
+    make_stage: MakeStage, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.reply_with({"prompt": "N/A"})
+    job = await _run(make_stage(ollama_temperature=0.0))
+    assert job.fallback is True
+    assert len(fake_ollama.chat_requests) == 1  # greedy: another seed samples the same
+
+
+async def test_a_connection_failure_is_retried_with_the_same_seed(
+    stage: EnhanceStage, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.enqueue(http_error(503))
+    fake_ollama.reply_with({"prompt": "a red fox, second try"})
+    job = await _run(stage)
+    assert job.fallback is False
+    assert [chat["options"]["seed"] for chat in fake_ollama.chat_requests] == [1234, 1234]

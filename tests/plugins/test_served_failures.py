@@ -1,0 +1,88 @@
+"""A plugin that raises what is no Exception, through the served enhance function: skipped,
+and the process goes on serving; one that ends the event loop turns the process unready."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fakes.ollama_server import FakeOllama
+from tests.functions.clients import InProcessFunction
+from tests.functions.conftest import base_env
+
+Serve = Callable[[str], InProcessFunction]
+
+_ENTRY_POINTS = """\
+[imagegen.plugins]
+exiting = tests.plugins.sample_plugins:exiting
+interrupting = tests.plugins.sample_plugins:interrupting
+cancelling = tests.plugins.sample_plugins:cancelling
+exiting_on_its_thread = tests.plugins.sample_plugins:exiting_on_its_thread
+loop_stopping = tests.plugins.sample_plugins:LoopStopping
+"""
+
+
+@pytest.fixture
+def serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Serve]:
+    """``serve("a,b")``: the enhance function, in this process, with plugins ``a,b`` enabled
+    (installed as a third-party package declares them) and a fake Ollama writing prompts."""
+    dist_info = tmp_path / "site" / "raising_plugins-1.0.dist-info"
+    dist_info.mkdir(parents=True)
+    metadata = "Metadata-Version: 2.1\nName: raising-plugins\nVersion: 1\n"
+    (dist_info / "METADATA").write_text(metadata)
+    (dist_info / "entry_points.txt").write_text(_ENTRY_POINTS)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    functions: list[InProcessFunction] = []
+    with FakeOllama() as fake:
+        fake.reply_with({"prompt": "a calm lake at dawn, mist over the water"})
+
+        def start(plugins: str) -> InProcessFunction:
+            env = {
+                **base_env(tmp_path / "store"),
+                "IMAGEGEN_OLLAMA_HOST": fake.url,
+                "IMAGEGEN_PLUGINS": plugins,
+            }
+            function = InProcessFunction("enhance", env, timeout=30)
+            functions.append(function)
+            return function
+
+        yield start
+        for function in functions:
+            function.close()
+
+
+@pytest.mark.parametrize(
+    "plugin", ["exiting", "interrupting", "cancelling", "exiting_on_its_thread"]
+)
+def test_a_plugin_raising_what_is_no_exception_is_skipped(serve: Serve, plugin: str) -> None:
+    enhance = serve(f"{plugin},time_of_day")
+
+    for seed in (1, 2):  # the first request, and the next: the process still serves
+        answer = enhance.post("/", json={"prompt": "a calm lake", "seed": seed})
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert [c["plugin"] for c in body["contributions"]] == ["time_of_day"]
+        assert body["enhancer"].startswith("ollama:") and not body["fallback"]
+    assert enhance.get("/readyz").status_code == 200
+
+
+def test_a_process_whose_event_loop_ended_is_unready_and_answers_at_once(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    enhance = serve("loop_stopping")
+
+    started = time.monotonic()
+    answer = enhance.post("/", json={"prompt": "a calm lake", "seed": 1})
+    assert answer.status_code == 503, answer.text
+    assert "event loop ended" in answer.json()["message"]
+    again = enhance.post("/", json={"prompt": "a calm lake", "seed": 2})
+    assert again.status_code == 503
+    assert time.monotonic() - started < 10  # not the stage's timeout, request after request
+    ready = enhance.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["status"] == "event loop ended"
+    assert enhance.get("/healthz").status_code == 503  # only a restart brings it back
+    ended = [r for r in caplog.records if "event loop ended" in r.getMessage()]
+    assert ended and "SystemExit" in ended[0].getMessage()
