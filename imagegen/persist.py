@@ -112,8 +112,8 @@ class PersistStage:
     reply name the thumbnail's key and URL all the same: they follow from the generation.
 
     Idempotent across replicas: the record is written only if absent (first writer wins), and
-    everything in it is a function of the ``image.rendered`` event, ``created_at`` and the
-    signed URLs' expiry included, but ``persisted_at``, its first writer's clock. A redelivered
+    everything in it is a function of the ``image.rendered`` event, ``created_at`` included, but
+    ``persisted_at`` and the signed URLs' expiry, from its first writer's clock. A redelivered
     event, or one handled by two replicas at once, gets the stored record as its answer, once
     the event is shown to describe that record.
     """
@@ -168,9 +168,13 @@ class PersistStage:
 
     def _describe(self, image: RenderedImage, keys: GenerationKeys) -> PersistedImage:
         """The record of ``image``: a function of the event alone, whichever replica writes it,
-        but for ``persisted_at`` (now: a replica that loses the race answers the stored one)."""
+        but for ``persisted_at`` and the signed URLs' expiry, which count from now (a replica
+        that loses the race answers the stored record)."""
         created_at = image.rendered_at or image.prompt.requested_at
-        signed_at = int(created_at.timestamp())
+        persisted_at = stage_time()
+        # Signed URLs last their TTL from when the record is written, not from the render: an
+        # event persisted late (a dead letter delivered again a week on) gets URLs that work.
+        signed_at = int(persisted_at.timestamp())
         candidates = {"image": keys.image, "thumbnail": keys.thumbnail}
         urls = {
             name: url
@@ -198,7 +202,7 @@ class PersistStage:
             prompt=image.prompt.prompt,
             timings=image.timings,
             created_at=created_at,
-            persisted_at=stage_time(),
+            persisted_at=persisted_at,
             replay_of=image.prompt.replay_of,
         )
 

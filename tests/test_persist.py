@@ -195,3 +195,28 @@ async def test_a_corrupt_record_is_a_503_naming_it_at_every_redelivery(
     assert reply.status_code == 503 and "Retry-After" in reply.headers, reply.text
     assert reply.json()["error"] == "dependency_unavailable"
     assert "Traceback" not in reply.text
+
+
+async def test_signed_urls_last_their_ttl_from_when_the_record_is_written(tmp_path: Path) -> None:
+    """An image rendered a month ago and persisted now (a dead letter delivered again, a
+    backlog) gets URLs that work for the whole TTL, not ones that expired before they were
+    handed out."""
+    from urllib.parse import parse_qs, urlsplit
+
+    settings = Settings(
+        storage_url=str(tmp_path / "out"),
+        model="tiny",
+        public_base_url="https://img.example.com/",
+        url_signing_secret="s3cret",
+    )
+    month_ago = datetime.now(UTC) - timedelta(days=30)
+    async with ImageGenService(settings) as service:
+        rendered = await store_rendered(service.storage, "late", month_ago, png(256, 256), "a kite")
+        before = datetime.now(UTC)
+        persisted = await service.persist(rendered)
+    assert persisted.persisted_at is not None and persisted.persisted_at >= before.replace(
+        microsecond=before.microsecond // 1000 * 1000
+    )
+    for url in persisted.urls.values():
+        expires = int(parse_qs(urlsplit(url).query)["expires"][0])
+        assert expires == int(persisted.persisted_at.timestamp()) + settings.signed_url_ttl
