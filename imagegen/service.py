@@ -175,17 +175,14 @@ class ImageGenService:
         if self.recorder is not None:
             await self.recorder.requested(gid, request)
         async with _stage("enhance", gid, self.recorder) as stage:
-            from imagegen.enhance.memo import request_digest
-
             enhance_stage = self.enhance_stage
             assert self._memo is not None
-            digest = request_digest(request)
-            remembered = await self._memo.recall(gid, digest)
+            remembered = await self._memo.recall(gid, request)
             if remembered is not None:
                 stage.outcome = "fallback" if remembered.fallback else "success"
                 return await stage.emitted(remembered)
             result = await enhance_stage.run(request, generation_id=gid, now=when)
-            result = await self._memo.remember(gid, digest, result)
+            result = await self._memo.remember(gid, request, result)
             stage.span.set_attribute("imagegen.model", result.model)
             stage.span.set_attribute("imagegen.seed", result.seed)
             stage.span.set_attribute("imagegen.enhance.fallback", result.fallback)

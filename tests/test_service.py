@@ -458,3 +458,57 @@ async def test_a_prompt_memo_that_cannot_be_read_is_retryable(
         with pytest.raises(DependencyUnavailable) as caught:
             await service.enhance(small(prompt="a kite", generation_id="memo-1"))
     assert caught.value.retryable and "memo" in caught.value.message
+
+
+async def test_a_prompt_memo_is_recognised_across_releases_and_spellings(
+    settings: Settings,
+) -> None:
+    """The request a memo was kept for is recognised whether a default was written out or
+    left to the model, and under the digest memos were kept under before defaults were left
+    out: a redelivery in flight across an upgrade is still the same request, not a 400."""
+    from imagegen.enhance.memo import _digest_with_defaults, request_digest
+    from imagegen.storage.base import prompt_memo_key
+
+    plugins = PluginSet([], settings=settings)
+    async with ImageGenService(settings, plugins=plugins) as service:
+        first = await service.enhance(small(prompt="a kite", generation_id="memo-2"))
+        spelled = small(prompt="a kite", generation_id="memo-2", enhance=True, plugins=None)
+        assert await service.enhance(spelled) == first
+        # A memo as an earlier release kept it: the digest of every field, defaults included.
+        earlier = small(prompt="a kite", generation_id="memo-3")
+        memo = {"request": _digest_with_defaults(earlier), "prompt": first.model_dump(mode="json")}
+        await service.storage.put(
+            prompt_memo_key("memo-3"), json.dumps(memo).encode(), content_type="application/json"
+        )
+        assert await service.enhance(earlier) == first
+        with pytest.raises(InvalidRequest, match="other parameters"):
+            await service.enhance(small(prompt="a kite", generation_id="memo-3", seed=9))
+
+    class Later(GenerationRequest):  # a release with one more field, at its default
+        added: int = 0
+
+    assert request_digest(Later.model_validate(earlier.model_dump())) == request_digest(earlier)
+
+
+async def test_a_prompt_memo_removed_as_it_is_read_is_written_again(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gone between its HEAD and its GET (a lifecycle rule, an operator): none is kept, and the
+    prompt is written again, not answered with a 404 that fails the generation for good."""
+    from imagegen.errors import NotFound
+
+    plugins = PluginSet([], settings=settings)
+    async with ImageGenService(settings, plugins=plugins) as service:
+        first = await service.enhance(small(prompt="a kite", generation_id="memo-4"))
+        real_get = service.storage.get
+        removed = []
+
+        async def get(key: str) -> bytes:
+            if key.startswith("prompts/") and not removed:
+                removed.append(key)
+                raise NotFound(f"no object at {key!r}")
+            return await real_get(key)
+
+        monkeypatch.setattr(service.storage, "get", get)
+        again = await service.enhance(small(prompt="a kite", generation_id="memo-4"))
+    assert removed and again.prompt == first.prompt

@@ -17,7 +17,7 @@ import hashlib
 import json
 import logging
 
-from imagegen.errors import DependencyUnavailable, InvalidRequest
+from imagegen.errors import DependencyUnavailable, InvalidRequest, NotFound
 from imagegen.models import EnhancedPrompt, GenerationRequest
 from imagegen.storage.base import Storage, prompt_memo_key
 from imagegen.validation import parse_model
@@ -28,7 +28,17 @@ logger = logging.getLogger("imagegen.enhance")
 
 
 def request_digest(request: GenerationRequest) -> str:
-    """A digest of what was asked, the generation id aside."""
+    """A digest of what was asked, the generation id aside.
+
+    Fields left at their defaults are left out: a release that adds a field (with a default)
+    must still recognise the requests it finds in flight, whose memos were written before.
+    """
+    body = request.model_dump_json(exclude={"generation_id"}, exclude_defaults=True)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _digest_with_defaults(request: GenerationRequest) -> str:
+    """The digest memos were kept under before :func:`request_digest` left defaults out."""
     body = request.model_dump_json(exclude={"generation_id"})
     return hashlib.sha256(body.encode()).hexdigest()
 
@@ -39,7 +49,7 @@ class EnhanceMemo:
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
 
-    async def recall(self, generation_id: str, digest: str) -> EnhancedPrompt | None:
+    async def recall(self, generation_id: str, request: GenerationRequest) -> EnhancedPrompt | None:
         """The prompt already written for this generation, if any.
 
         Raises:
@@ -51,14 +61,16 @@ class EnhanceMemo:
             return None
         try:
             memo = json.loads(await self.storage.get(key))
-            request, kept = memo.get("request"), memo["prompt"]
+            asked, kept = memo.get("request"), memo["prompt"]
+        except NotFound:
+            return None  # removed since the head (a lifecycle rule): none is kept
         except (ValueError, AttributeError, KeyError, TypeError):
             # Storage holds something under the key that is no memo: unreadable is what it
             # is, and a retry is all that can help (as with a store that cannot answer).
             raise DependencyUnavailable(
                 f"the prompt memo of generation {generation_id!r} cannot be read"
             ) from None
-        if request != digest:
+        if asked not in (request_digest(request), _digest_with_defaults(request)):
             raise InvalidRequest(
                 f"generation {generation_id!r} was already requested with other parameters",
                 errors=[{"field": "generation_id", "message": "already used by another request"}],
@@ -66,7 +78,7 @@ class EnhanceMemo:
         return parse_model(EnhancedPrompt, kept)
 
     async def remember(
-        self, generation_id: str, digest: str, prompt: EnhancedPrompt
+        self, generation_id: str, request: GenerationRequest, prompt: EnhancedPrompt
     ) -> EnhancedPrompt:
         """Keep ``prompt`` unless a replica kept one first; return the one that stands.
 
@@ -74,7 +86,7 @@ class EnhanceMemo:
             InvalidRequest: the generation id was used by a different request.
             DependencyUnavailable: the prompt could not be kept, or the one kept first read.
         """
-        memo = {"request": digest, "prompt": prompt.model_dump(mode="json")}
+        memo = {"request": request_digest(request), "prompt": prompt.model_dump(mode="json")}
         # Durable as far as the storage's create makes it, and no further is needed: the memo
         # must be there for every replica before this reply leaves (a redelivery comes after
         # it, to any replica, perhaps after this process died), and it must never be read half
@@ -87,7 +99,7 @@ class EnhanceMemo:
         ):
             return prompt
         # Another replica enhanced the same request at the same moment: its answer stands.
-        kept = await self.recall(generation_id, digest)
+        kept = await self.recall(generation_id, request)
         if kept is None:  # written, then gone before it could be read: a deletion meanwhile
             logger.warning("prompt memo of %s vanished after another writer kept it", generation_id)
             raise DependencyUnavailable(f"the prompt memo of generation {generation_id!r} vanished")
