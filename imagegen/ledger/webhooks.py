@@ -30,6 +30,7 @@ import hmac
 import ipaddress
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -188,11 +189,17 @@ class AddressPolicy:
     def hosts(self) -> frozenset[str]:
         return frozenset(e.lower().rstrip(".") for e in self.allowed if not _is_network(e))
 
-    def vet(self, url: str) -> tuple[httpx.URL, list[IPAddress]]:
+    def vet(self, url: str, *, timeout: float | None = None) -> tuple[httpx.URL, list[IPAddress]]:
         """The URL and the addresses to send to, in the resolver's order, each one allowed.
+
+        Args:
+            url: The webhook URL.
+            timeout: Seconds the resolver may take (None: its own limits, tens of seconds
+                where a name server does not answer).
 
         Raises:
             WebhookRefused: the scheme, host or an address is not allowed.
+            WebhookFailed: the host does not resolve, or not within ``timeout``.
         """
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -205,7 +212,17 @@ class AddressPolicy:
         if len(host) > 253:
             raise unusable
         try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            host.encode("idna")  # what the resolver would refuse, found without asking it
+        except UnicodeError:
+            raise unusable from None
+        if timeout is not None and timeout <= 0:
+            raise WebhookFailed("no time left for an attempt before the claim's lease ends")
+        try:
+            infos = _resolve(host, port, timeout)
+        except TimeoutError:
+            raise WebhookFailed(
+                f"webhook host {host!r} did not resolve within {timeout:.3g} s"
+            ) from None
         except socket.gaierror as exc:
             raise WebhookFailed(f"webhook host {host!r} does not resolve: {exc}") from None
         except (UnicodeError, ValueError):  # the IDNA codec's refusal
@@ -227,6 +244,32 @@ class AddressPolicy:
             )
         if self.allowed and host not in self.hosts:
             raise WebhookRefused(f"webhook host {host!r} is not on the allow-list")
+
+
+def _resolve(host: str, port: int, timeout: float | None) -> list[Any]:
+    """``socket.getaddrinfo`` of ``host``, given up after ``timeout`` seconds.
+
+    The resolver cannot be interrupted: it goes on in a daemon thread of its own, and its
+    answer, when it comes, is dropped.
+    """
+    if timeout is None:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    outcome: list[Any] = []
+
+    def resolve() -> None:
+        try:
+            outcome.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except BaseException as exc:  # handed to the caller
+            outcome.append(exc)
+
+    thread = threading.Thread(target=resolve, name="imagegen-webhook-dns", daemon=True)
+    thread.start()
+    thread.join(max(0.0, timeout))
+    if not outcome:
+        raise TimeoutError
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return list(outcome[0])
 
 
 def _public(address: IPAddress) -> bool:
@@ -306,13 +349,13 @@ class WebhookSender:
             WebhookFailed: no 2xx reply in time (a retry may help); with the reply's status
                 and ``Retry-After`` when there was one.
         """
-        url, addresses = self.policy.vet(delivery.url)
         budget = self.timeout
         if deadline is not None:
             budget = min(budget, deadline - time.monotonic())
-        if budget <= 0:
-            raise WebhookFailed("no time left for an attempt before the claim's lease ends")
         ends = time.monotonic() + budget
+        # The name is resolved within the attempt's time too: a name server that does not
+        # answer must not hold the attempt past the claim's lease.
+        url, addresses = self.policy.vet(delivery.url, timeout=budget)
         extensions: dict[str, Any] = {}
         if url.scheme == "https":
             # TLS still checks the certificate against the name, not the address.

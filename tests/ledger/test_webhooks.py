@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -271,6 +272,28 @@ def test_a_host_whose_first_address_refuses_is_sent_to_at_the_next(
         monkeypatch.setattr(socket, "getaddrinfo", lambda *_, **__: resolved[:1])
         with pytest.raises(WebhookFailed, match="ConnectError"):
             sender.send(_delivery(f"http://hooks.test:{port}/hook"))
+
+
+def test_a_name_server_that_does_not_answer_ends_the_attempt_in_its_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The lookup is part of the attempt: one that hangs (a name server that drops queries)
+    ends it within the attempt's time, so no claim outlives its lease."""
+    release = threading.Event()
+
+    def hanging(*_: object, **__: object) -> list[object]:
+        release.wait(30)
+        raise socket.gaierror("gave up")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    sender = WebhookSender([OLD], LOOPBACK, timeout=0.3)
+    started = time.monotonic()
+    try:
+        with pytest.raises(WebhookFailed, match=r"did not resolve within 0\.3 s"):
+            sender.send(_delivery("http://hooks.test/hook"))
+    finally:
+        release.set()
+    assert time.monotonic() - started < 2
 
 
 def _dispatch_until_settled(dispatcher: Dispatcher, ledger: Ledger, gids: list[str]) -> None:
