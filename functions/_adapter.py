@@ -76,6 +76,7 @@ class Function:
         self._auth: Any = None  # an imagegen.auth.Authenticator once started
         self._timeout = 60.0
         self._warming: Future[None] | None = None  # the warm-up, once begun
+        self._said_ready = False  # whether ready() has said so yet
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -131,7 +132,7 @@ class Function:
             return failed
         if self.stage.warm_up is None:
             _build_models(self.stage)  # no warm-up to build them once ready: now
-        self._warming = None
+        self._warming, self._said_ready = None, False
         self._loop, self._loop_ended = asyncio.new_event_loop(), None
         threading.Thread(target=self._serve_loop, name="imagegen-loop", daemon=True).start()
         return asyncio.run_coroutine_threadsafe(self._enter(), self._loop)
@@ -204,7 +205,8 @@ class Function:
         """Start the stage's warm-up on the loop, once, when the process has turned ready.
 
         Not before: the warm-up holds the interpreter, and the probe that says ready would
-        wait for it. A request that comes before the warm-up ends waits only for what it would
+        wait for it; and not before that probe's answer is sent (:meth:`replied`), for the
+        same reason. A request that comes before the warm-up ends waits only for what it would
         have built itself.
         """
         if self._warming is not None or self.stage.warm_up is None:
@@ -235,8 +237,15 @@ class Function:
             return False, "loading"
         if self._started.exception() is not None:
             return False, "start-up failed"  # the reason is in the log
-        self._begin_warm_up()
+        if self._said_ready:  # where no server closes its answers (a test client): now
+            self._begin_warm_up()
+        self._said_ready = True
         return True, "ready"
+
+    def replied(self) -> None:
+        """After each answer has been sent: the warm-up begins once the process is ready."""
+        if self._warming is None and self.stage.warm_up is not None and self.ready()[0]:
+            self._begin_warm_up()
 
     def _check_ready(self) -> None:
         """Raise the 503 of a process that cannot serve: broken settings, or not ready yet."""
@@ -485,6 +494,7 @@ def entry_point(name: str) -> Any:
         response = flask.Response(reply.body, reply.status, dict(reply.headers))
         if not reply.body and "Content-Type" not in reply.headers:
             del response.headers["Content-Type"]  # nothing said: not Flask's text/html
+        response.call_on_close(function.replied)  # the server closes it once it is sent
         return response
 
     serve.__name__ = serve.__qualname__ = name

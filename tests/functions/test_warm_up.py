@@ -73,7 +73,14 @@ def function_class(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[
 
 
 def _ready(function: Any) -> None:
-    _until(lambda: function.ready()[0], "ready")
+    """Probe until ready, each answer sent as a server sends it (then :meth:`replied`)."""
+
+    def probed() -> bool:
+        ready = function.ready()[0]
+        function.replied()
+        return bool(ready)
+
+    _until(probed, "ready")
 
 
 def test_readiness_does_not_wait_for_the_warm_up(function_class: Any) -> None:
@@ -92,10 +99,26 @@ def test_readiness_does_not_wait_for_the_warm_up(function_class: Any) -> None:
     assert begun.wait(30), "the warm-up begins once the function is ready"
     for _ in range(5):
         assert function.ready() == (True, "ready")
+        function.replied()
     assert function.warm() is False, "ready while warming"
     release.set()
     _until(function.warm, "warm")
     assert len(calls) == 1, "once, however often readiness is asked"
+
+
+def test_the_warm_up_begins_once_the_ready_answer_is_sent(function_class: Any) -> None:
+    """It holds the interpreter: begun while the probe that says ready is being answered, it
+    would delay that answer."""
+    begun = threading.Event()
+
+    async def warm_up(service: object) -> None:
+        begun.set()
+
+    function = function_class(dataclasses.replace(get("enhance"), warm_up=warm_up))
+    _until(lambda: function.ready()[0], "ready")  # asked, not yet answered
+    assert not begun.wait(0.2) and function.warm() is False
+    function.replied()
+    assert begun.wait(30)
 
 
 def test_a_failed_warm_up_is_logged_and_the_function_stays_ready(
