@@ -18,7 +18,12 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from imagegen.modelspec import DEFAULT_MODEL, spec_for
 
@@ -139,6 +144,23 @@ class Settings(BaseSettings):
         # Errors never quote what was given: several settings are secrets.
         hide_input_in_errors=True,
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """pydantic-settings' sources in its order, the ``.env`` one only where there is such a
+        file: looking for one that is not there walks every setting all the same, a few ms of
+        each function's start."""
+        files = getattr(dotenv_settings, "env_file", None)
+        named = [files] if isinstance(files, str | Path) else list(files or ())
+        dotenv = [dotenv_settings] if any(Path(f).expanduser().is_file() for f in named) else []
+        return (init_settings, env_settings, *dotenv, file_secret_settings)
 
     profile: Literal["dev", "prod"] = "dev"
 
