@@ -34,17 +34,7 @@ interface DayIndex {
 }
 
 /** One image of a page, as stored in the edge cache: everything but its (signed) URLs. */
-interface Shown {
-  id: string;
-  width: number;
-  height: number;
-  prompt: string;
-  seed: string;
-  model: string;
-  created: string;
-  avif: number[];
-  webp: number[];
-}
+type Shown = Omit<Item, "href" | "fallback" | "sources"> & { avif: number[]; webp: number[] };
 
 /** What a page shows: the day, its neighbours, one page of its images. */
 interface PageData {
