@@ -117,6 +117,10 @@ class SqlLedger(ABC):
     def _now(self) -> datetime:
         return datetime.now(UTC)
 
+    def _lease_clock(self) -> datetime:
+        """The time claims and their leases are reckoned in: one clock for every replica."""
+        return self._now()  # one host's file: its clock is every connection's
+
     # -- recording ------------------------------------------------------------------------
 
     def ingest(self, event: LedgerEvent) -> IngestResult:
@@ -348,7 +352,7 @@ class SqlLedger(ABC):
 
     def claim_deliveries(self, *, limit: int = 20, lease: float = 60.0) -> list[Delivery]:
         """Take up to ``limit`` due messages; others will not see them for ``lease`` seconds."""
-        now = self._now()
+        now = self._lease_clock()
         with self.transaction() as db:
             rows = db.query(
                 "UPDATE webhook_deliveries SET attempts = attempts + 1, "  # noqa: S608
@@ -376,7 +380,7 @@ class SqlLedger(ABC):
         message is still pending on that claim, so an attempt that outlived its lease cannot
         overwrite the outcome of the claim after it. Returns whether the outcome was recorded.
         """
-        now = self._now()
+        now = self._lease_clock()
         if delivered:
             sql = "state = 'delivered', delivered_at = :now, last_error = NULL"
         elif retry_in is not None:

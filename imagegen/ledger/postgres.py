@@ -198,6 +198,14 @@ class PostgresLedger(SqlLedger):
                 self._enqueue_webhooks(db, locked[0] if locked else None, now)
         return fresh, row
 
+    def _lease_clock(self) -> datetime:
+        """The database server's clock: replicas' own clocks may disagree by more than a lease,
+        and one that runs ahead would claim a message another is still sending."""
+        with self.statement() as db:
+            [row] = db.query("SELECT clock_timestamp() AS now", {})
+        now: datetime = row["now"]
+        return now
+
     @contextmanager
     def statement(self) -> Iterator[_Cursor]:
         """A cursor whose every statement commits on its own (the pool is in autocommit)."""

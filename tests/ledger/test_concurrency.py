@@ -9,15 +9,18 @@ from __future__ import annotations
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from imagegen.ledger import Ledger, LedgerEvent
+from imagegen.ledger import Ledger, LedgerEvent, open_ledger
 from tests.functions.clients import InProcessFunction
 from tests.ledger.chain import binary, chain
+from tests.ledger.conftest import schema_url
 
 WORKERS = 8
 
@@ -143,3 +146,28 @@ def test_a_failure_recorded_as_the_image_is_persisted_elsewhere_is_not_told(
     states = {kind: state["state"] for kind, state in b.delivery_states("gen-race").items()}
     assert states.get("failed", "cancelled") == "cancelled"
     assert [d.event for d in b.claim_deliveries(lease=60)] == ["completed"]
+
+
+def test_a_replica_whose_clock_runs_ahead_does_not_claim_a_leased_message(
+    postgres_url: str,
+) -> None:
+    """Leases are reckoned by the database server's clock, not each replica's: one an hour
+    ahead would otherwise take a message another replica is sending, and send it twice."""
+    import psycopg
+
+    schema = "t_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    a = open_ledger(schema_url(postgres_url, schema))
+    b = open_ledger(schema_url(postgres_url, schema))
+    try:
+        events = chain("gen-clock", webhook="https://hooks.example/x", webhook_events=["started"])
+        a.ingest(events["requested"])
+        assert [d.event for d in a.claim_deliveries(lease=60)] == ["started"]
+        b._now = lambda: datetime.now(UTC) + timedelta(hours=1)  # type: ignore[method-assign]
+        assert b.claim_deliveries(lease=60) == []
+    finally:
+        a.close()
+        b.close()
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
