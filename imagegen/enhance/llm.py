@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import math
 import time
@@ -158,12 +157,6 @@ def _seed(seed: int, malformed: int) -> int:
     """The seed of an attempt after ``malformed`` malformed replies: the same seed (and
     temperature) would sample the same reply, so each such retry takes the next one."""
     return (seed + malformed) % (MAX_SEED + 1)
-
-
-@cache
-def _sends_think() -> bool:
-    """Whether the installed ``ollama`` client takes ``think`` (added in its 0.5)."""
-    return "think" in inspect.signature(ollama.AsyncClient.chat).parameters
 
 
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
@@ -376,7 +369,6 @@ class OllamaEnhancer:
         # Thinking off: Ollama turns it on for a model that can think unless ``think`` is sent
         # (server/routes.go, ChatHandler), and it spends num_predict before the reply. A model
         # that cannot think takes false as unset; only true is refused (400) there.
-        extra: dict[str, Any] = {"think": False} if _sends_think() else {}
         try:
             response = await self.client.chat(
                 model=self.settings.ollama_model,
@@ -385,7 +377,7 @@ class OllamaEnhancer:
                 options=options,
                 stream=False,
                 keep_alive=self._keep_alive,
-                **extra,
+                think=False,
             )
         except _UNREADABLE as exc:  # a body that is no chat response, or no error object
             raise MalformedReply(f"unreadable response ({type(exc).__name__})") from None
