@@ -33,13 +33,16 @@ def request_digest(request: GenerationRequest) -> str:
     Fields left at their defaults are left out: a release that adds a field (with a default)
     must still recognise the requests it finds in flight, whose memos were written before.
     """
-    body = request.model_dump_json(exclude={"generation_id"}, exclude_defaults=True)
-    return hashlib.sha256(body.encode()).hexdigest()
+    return _digest(request, defaults=False)
 
 
 def _digest_with_defaults(request: GenerationRequest) -> str:
     """The digest memos were kept under before :func:`request_digest` left defaults out."""
-    body = request.model_dump_json(exclude={"generation_id"})
+    return _digest(request, defaults=True)
+
+
+def _digest(request: GenerationRequest, *, defaults: bool) -> str:
+    body = request.model_dump_json(exclude={"generation_id"}, exclude_defaults=not defaults)
     return hashlib.sha256(body.encode()).hexdigest()
 
 

@@ -8,7 +8,6 @@ parameters (the OpenAPI document and the 400s that name a field both come from t
 from __future__ import annotations
 
 import asyncio
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
@@ -30,7 +29,7 @@ from imagegen.events import (
     routing_attributes,
     source_for,
 )
-from imagegen.identity import key_time
+from imagegen.identity import derive_generation_id, key_time
 from imagegen.ledger._sql import MAX_PAGE
 from imagegen.ledger.models import GenerationDetail, GenerationPage, Status
 
@@ -178,8 +177,9 @@ async def replay(
 
 
 def replay_id(generation_id: str, start: str, key: str) -> str:
-    """The new generation id of the replay ``key`` names: the same for every retry of it."""
-    return uuid.uuid5(uuid.NAMESPACE_URL, f"imagegen:replay:{generation_id}:{start}:{key}").hex
+    """The new generation id of the replay ``key`` names: the same for every retry of it, as a
+    request event's is for its source and id."""
+    return derive_generation_id(f"imagegen:replay:{generation_id}:{start}", key)
 
 
 def _checked_key(key: str) -> str:

@@ -57,6 +57,14 @@ def _int_ge0(value: str | None) -> tuple[int, bool]:
     return (number, True) if 0 <= number <= INT32_MAX else (0, False)
 
 
+def _atoi(value: str) -> int | None:
+    """Go's ``strconv.Atoi``: None where it fails."""
+    try:
+        return int(value, 10)
+    except ValueError:
+        return None
+
+
 def _duration(value: str) -> timedelta | None:
     try:
         return parse_go_duration(value)
@@ -89,13 +97,11 @@ def refusals(annotations: Mapping[str, str], config: AutoscalerConfig | None = N
     if "max-scale" in ann and limit and (high > limit or high == 0):
         errors.append(f"max-scale: {high} outside 1..{limit}")
     if "activation-scale" in ann:
-        try:
-            activation = int(ann["activation-scale"], 10)
-        except ValueError:
+        activation = _atoi(ann["activation-scale"])
+        if activation is None:
             errors.append(f"activation-scale: {ann['activation-scale']}")
-        else:
-            if low > activation or (high != 0 and high < activation) or activation < 2:
-                errors.append(f"activation-scale: {activation} (min {low}, max {high})")
+        elif low > activation or (high != 0 and high < activation) or activation < 2:
+            errors.append(f"activation-scale: {activation} (min {low}, max {high})")
     # validateFloats
     for key, (least, most) in (
         ("panic-window-percentage", PANIC_WINDOW_PERCENTAGE),
@@ -141,11 +147,9 @@ def refusals(annotations: Mapping[str, str], config: AutoscalerConfig | None = N
         errors.append(f"metric-aggregation-algorithm: {ann['metric-aggregation-algorithm']}")
     # validateInitialScale
     if "initial-scale" in ann:
-        try:
-            initial = int(ann["initial-scale"], 10)
-        except ValueError:
+        initial = _atoi(ann["initial-scale"])
+        if initial is None:
             errors.append(f"initial-scale: {ann['initial-scale']}")
-        else:
-            if initial < 0 or (initial == 0 and not config.allow_zero_initial_scale):
-                errors.append(f"initial-scale: {initial}")
+        elif initial < 0 or (initial == 0 and not config.allow_zero_initial_scale):
+            errors.append(f"initial-scale: {initial}")
     return errors
