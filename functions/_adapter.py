@@ -49,7 +49,7 @@ from imagegen.events import reply_attributes
 from imagegen.identity import generation_id, identify
 from imagegen.stages import Call, Route, RouteCall, Stage
 from imagegen.stages import get as get_stage
-from imagegen.telemetry import count_from_zero, instruments, stage_span
+from imagegen.telemetry import count_from_zero, instruments, stage_span, within_trace
 from imagegen.validation import parse_model
 
 __all__ = ["Function", "entry_point"]
@@ -257,11 +257,17 @@ class Function:
             raise DependencyUnavailable(f"{self.stage.name} is not ready ({why})", retry_after=15)
 
     def _run(
-        self, work: Awaitable[T], traced: Message | None = None, generation_id: str | None = None
+        self,
+        work: Awaitable[T],
+        traced: Message | None = None,
+        generation_id: str | None = None,
+        *,
+        spanned: dict[str, str] | None = None,
     ) -> tuple[T, dict[str, str]]:
         """Run ``work`` on the process's loop within the stage's time budget; with ``traced``,
         inside that message's trace, its span naming ``generation_id``. Returns the result and
-        the trace context to pass on.
+        the trace context to pass on; ``spanned`` gets that context as soon as the span starts,
+        for a failure to be logged and answered under the span that failed.
         """
         assert self._loop is not None
 
@@ -274,6 +280,8 @@ class Function:
             with stage_span(
                 self.stage.name, attributes, carrier, event=event, generation_id=generation_id
             ) as out:
+                if spanned is not None:
+                    spanned.update(out)
                 return await work, out
 
         future = asyncio.run_coroutine_threadsafe(run(), self._loop)
@@ -337,6 +345,7 @@ class Function:
     def handle(self, request: flask.Request) -> Reply:
         """Run the stage on one request; never raises."""
         stage, message, gid, dispatched = self.stage, None, None, False
+        spanned: dict[str, str] = {}  # the stage span's context, once it has started
         try:
             # 1. Read the body within MAX_BODY_BYTES: the sink (a stage that consumes any event
             #    and takes its data as it comes) keeps what fits and marks the rest cut; every
@@ -373,9 +382,11 @@ class Function:
             dispatched = True
             plain = not message.is_event
             if stage.png is not None and plain and _wants_png(request.accept_mimetypes):
-                (png, more), _ = self._run(stage.png(self._service, data), message, gid)
+                drawn = stage.png(self._service, data)
+                (png, more), _ = self._run(drawn, message, gid, spanned=spanned)
                 return Reply(200, png, {"Content-Type": "image/png", **more})
-            result, extensions = self._run(stage.handler(self._service, data, call), message, gid)
+            work = stage.handler(self._service, data, call)
+            result, extensions = self._run(work, message, gid, spanned=spanned)
             # 4. Reply: the next event, JSON, or nothing.
             if stage.emits is None:  # a sink: the dead-letter records, the ledger
                 labels = {"stage": stage.name, "outcome": "recorded"}
@@ -390,7 +401,9 @@ class Function:
             attributes = reply_attributes(stage.name, stage.emits, result, gid, extensions)
             return event_reply(attributes, result)
         except Exception as exc:
-            return self._failed(exc, message, dispatched=dispatched, generation_id=gid)
+            return self._failed(
+                exc, message, dispatched=dispatched, spanned=spanned, generation_id=gid
+            )
 
     def _route(self, route: Route, params: dict[str, str], request: flask.Request) -> Reply:
         """One of the stage's own routes: the query checked, the handler run, JSON out.
@@ -422,17 +435,29 @@ class Function:
             return self._failed(exc, None, dispatched=True, generation_id=gid, route=route.path)
 
     def _failed(
-        self, exc: Exception, message: Message | None, *, dispatched: bool, **fields: Any
+        self,
+        exc: Exception,
+        message: Message | None,
+        *,
+        dispatched: bool,
+        spanned: dict[str, str] | None = None,
+        **fields: Any,
     ) -> Reply:
         """The reply to ``exc``, logged with ``fields``; anything unforeseen is logged whole and
         hidden. The ``generation_id`` among ``fields`` is the one a ``generation.failed`` names.
+
+        Logged and answered in the trace of the stage span that failed (``spanned``), else in
+        the caller's: the line saying why a request failed is the one an operator starts from,
+        and a ``generation.failed`` hangs off the span that failed, as a reply off its own.
         """
         gid, extra = fields.get("generation_id"), {"stage": self.stage.name, **fields}
-        if not isinstance(exc, ImageGenError):
-            log.exception("unexpected error", extra=extra)
-            exc = InternalError("internal error; see the function's logs")
-        level = logging.WARNING if exc.status < 500 else logging.ERROR
-        log.log(level, "request failed: %s", exc.message, extra={**extra, "status": exc.status})
+        carrier = spanned or (message.carrier() if message is not None else {})
+        with within_trace(carrier):
+            if not isinstance(exc, ImageGenError):
+                log.exception("unexpected error", extra=extra)
+                exc = InternalError("internal error; see the function's logs")
+            level = logging.WARNING if exc.status < 500 else logging.ERROR
+            log.log(level, "request failed: %s", exc.message, extra={**extra, "status": exc.status})
         labels = {"stage": self.stage.name, "outcome": "failed", "reason": exc.code}
         if "route" in fields:
             pass  # a query of the stage's own routes (the ledger's): no delivery, no generation
@@ -445,7 +470,9 @@ class Function:
         # A stage that emits nothing never answers with an event: beside the stage that
         # consumes the same type, its generation.failed would report the generation twice.
         answered = message if self.stage.emits is not None else None
-        return error_reply(exc, stage=self.stage.name, message=answered, generation_id=gid)
+        return error_reply(
+            exc, stage=self.stage.name, message=answered, generation_id=gid, carrier=carrier
+        )
 
 
 def _build_models(stage: Stage) -> None:

@@ -386,7 +386,12 @@ def event_reply(attributes: Mapping[str, str], data: BaseModel) -> Reply:
 
 
 def error_reply(
-    exc: ImageGenError, *, stage: str, message: Message | None, generation_id: str | None
+    exc: ImageGenError,
+    *,
+    stage: str,
+    message: Message | None,
+    generation_id: str | None,
+    carrier: dict[str, str] | None = None,
 ) -> Reply:
     """The answer to a failure: for an event that cannot succeed, a ``generation.failed`` event.
 
@@ -394,6 +399,8 @@ def error_reply(
     broker publishes a 2xx reply and nothing else, so the platform hears of it exactly once,
     and the delivery is not retried. Every other failure is a JSON error with its status: a
     retryable one (5xx, 429) is redelivered; a plain-HTTP caller reads which field was wrong.
+    ``carrier`` is the trace context the event goes on in (the span that failed); by default,
+    the message's own.
     """
     if message is not None and message.is_event and is_final(exc.status):
         # The event's time, none where it has none (or what failed is its time): every
@@ -406,7 +413,12 @@ def error_reply(
         )
         cause = f"{message.attributes.get('source')}#{message.attributes.get('id')}"
         attributes = reply_attributes(
-            stage, GENERATION_FAILED, failed, generation_id, message.carrier(), cause=cause
+            stage,
+            GENERATION_FAILED,
+            failed,
+            generation_id,
+            carrier or message.carrier(),
+            cause=cause,
         )
         return event_reply(attributes, failed)
     headers = {}

@@ -38,6 +38,7 @@ __all__ = [
     "record_error",
     "stage_span",
     "tracer",
+    "within_trace",
 ]
 
 _SCOPE = "imagegen"
@@ -114,6 +115,17 @@ def stage_span(
             except BaseException as error:
                 record_error(span, error)
                 raise
+    finally:
+        otel_context.detach(token)
+
+
+@contextmanager
+def within_trace(carrier: Mapping[str, str]) -> Iterator[None]:
+    """Inside the trace context ``carrier`` names, as the current one: what is logged under it
+    names its trace and span, after the span itself has ended."""
+    token = otel_context.attach(propagate.extract(carrier))
+    try:
+        yield
     finally:
         otel_context.detach(token)
 

@@ -9,6 +9,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -25,6 +26,7 @@ from imagegen.events import (
     IMAGE_RENDERED,
     PROMPT_ENHANCED,
 )
+from imagegen.observability import JsonFormatter
 from imagegen.telemetry import METRIC_NAMES, METRICS, record_error
 from tests.functions.conftest import base_env
 from tests.functions.servers import cloudevent_headers
@@ -334,6 +336,65 @@ def test_a_failed_request_records_an_error_span_and_the_failure(
         if p.attributes == {"stage": "enhance", "outcome": "failed", "reason": "invalid_request"}
     ]
     assert failed and failed[0].point.value >= 1
+
+
+class _FailureLines(logging.Handler):
+    """The JSON of each "request failed" line, formatted as it is written (the trace context
+    a formatter reads is the one current then)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.formatter = JsonFormatter()
+        self.entries: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("request failed"):
+            self.entries.append(json.loads(self.format(record)))
+
+
+def test_a_failure_is_logged_and_answered_under_the_span_that_failed(
+    chain: Chain, otel: InMemoryTelemetry
+) -> None:
+    otel.spans.clear()
+    lines = _FailureLines()
+    logger = logging.getLogger("imagegen.functions")
+    logger.addHandler(lines)
+    try:
+        headers = cloudevent_headers(
+            GENERATION_REQUESTED, subject="obs-failed-2", traceparent=TRACEPARENT
+        )
+        body = json.dumps({"prompt": "a fox", "model": "not-allowed"}).encode()
+        reply = post(chain.servers["enhance"].url, headers, body)
+    finally:
+        logger.removeHandler(lines)
+    assert reply.headers["ce-type"] == GENERATION_FAILED
+    process = only(otel.finished_spans(), "enhance process").context
+    # The failure event goes on from the span that failed, not from the caller's.
+    _, trace_id, span_id, _ = reply.headers["ce-traceparent"].split("-")
+    assert (trace_id, span_id) == (TRACE_ID, f"{process.span_id:016x}")
+    # The line an operator starts from names the trace and the span it failed in.
+    [entry] = lines.entries
+    assert entry["generation_id"] == "obs-failed-2"
+    assert (entry["trace_id"], entry["span_id"]) == (TRACE_ID, f"{process.span_id:016x}")
+
+
+def test_a_request_refused_before_its_span_is_logged_in_the_callers_trace(
+    chain: Chain, otel: InMemoryTelemetry
+) -> None:
+    lines = _FailureLines()
+    logger = logging.getLogger("imagegen.functions")
+    logger.addHandler(lines)
+    try:
+        headers = cloudevent_headers(
+            GENERATION_REQUESTED, subject="obs-refused-1", traceparent=TRACEPARENT
+        )
+        reply = post(chain.servers["enhance"].url, headers, b'{"prompt": "a fox", "width": "wide"}')
+    finally:
+        logger.removeHandler(lines)
+    assert reply.headers["ce-type"] == GENERATION_FAILED
+    assert reply.headers["ce-traceparent"] == TRACEPARENT
+    [entry] = lines.entries
+    assert (entry["trace_id"], entry["span_id"]) == (TRACE_ID, PARENT_ID)
 
 
 def test_the_process_span_names_the_generation_a_request_does_not(
