@@ -12,6 +12,7 @@ ahead an upcoming holiday counts, default 14), ``language``.
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -26,6 +27,12 @@ from imagegen_plugins._options import invalid_option, option_float, option_list,
 __all__ = ["DEFAULT_HORIZON_DAYS", "HolidayPlugin", "holidays_between"]
 
 DEFAULT_HORIZON_DAYS = 14
+
+log = logging.getLogger("imagegen_plugins.holiday")
+
+# Configured countries the library does not know: named once in the log, then left out. The
+# warm-up names them at start; a request still uses the others.
+_UNKNOWN_CONFIGURED: set[str] = set()
 
 
 def _pick_language(wanted: str, supported: tuple[str, ...], default: str | None) -> str | None:
@@ -135,7 +142,10 @@ class HolidayPlugin:
             except NotImplementedError as exc:
                 if requested:
                     raise invalid_option(self.name, "countries", str(exc)) from None
-                raise ValueError(f"holiday_countries: {exc}") from None
+                if code not in _UNKNOWN_CONFIGURED:
+                    _UNKNOWN_CONFIGURED.add(code)
+                    log.warning("holiday_countries: %s; %s left out", exc, code)
+                continue
             for day, name in found:
                 entry = {"name": name, "date": day.isoformat(), "country": code}
                 if day == today:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -101,9 +102,22 @@ async def test_unknown_country_option_is_invalid(settings: Settings) -> None:
     assert caught.value.fields == ["plugin_options.holiday.countries"]
 
 
-async def test_unknown_configured_country_only_skips_the_plugin() -> None:
-    settings = Settings(holiday_countries=["XX"])
-    assert await _holiday(settings, datetime(2026, 1, 5, tzinfo=UTC)) is None
+async def test_an_unknown_configured_country_is_left_out_and_named_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(holiday, "_UNKNOWN_CONFIGURED", set())
+    alone = Settings(holiday_countries=["XX"])
+    with caplog.at_level(logging.WARNING, logger="imagegen_plugins.holiday"):
+        assert await _holiday(alone, datetime(2026, 1, 5, tzinfo=UTC)) is None
+        # The countries the library knows still count: the Fourth of July is on its day.
+        beside = Settings(holiday_countries=["XX", "US"])
+        for _ in range(3):
+            result = await _holiday(beside, datetime(2026, 7, 4, 12, tzinfo=UTC))
+            assert result is not None
+            assert [t["country"] for t in result.data["today"]] == ["US"]
+    named = [r for r in caplog.records if "XX" in r.getMessage()]
+    assert len(named) == 1, "named once, not at every request"
+    assert named[0].exc_info is None and "holiday_countries" in named[0].getMessage()
 
 
 async def test_a_calendar_is_built_off_the_event_loop_once(
