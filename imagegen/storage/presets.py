@@ -7,18 +7,24 @@ preset named by ``s3_preset``, then botocore's own defaults (and the ``AWS_*`` v
 Why the checksum settings: botocore 1.36 and later add CRC32 checksums to uploads by default
 (``x-amz-sdk-checksum-algorithm``, ``x-amz-checksum-crc32`` or an ``aws-chunked`` trailer).
 Google Cloud Storage's XML API rejects those headers, so ``gcs`` computes checksums only where
-an operation requires one (``when_required``); R2 is given the same to be safe.
+an operation requires one (``when_required``); R2 and MinIO are given the same to be safe. Over
+HTTPS the default is an ``aws-chunked`` body with no ``Content-Length``, which MinIO releases
+before RELEASE.2023-05-18T00-05-36Z answer 411 MissingContentLength (minio/minio#16484 taught
+``PutObjectHandler`` that upload). Every upload still carries ``Content-MD5``.
 
 Why ``create_if_absent``: a first-writer-wins upload is ``If-None-Match: *`` on AWS S3, R2 and
 MinIO, but GCS's XML API applies ``If-None-Match`` to reads only; its upload precondition is
 ``x-goog-if-generation-match: 0`` ("no live object"), answered 412 like S3's. See
-https://cloud.google.com/storage/docs/request-preconditions.
+https://cloud.google.com/storage/docs/request-preconditions. So an endpoint on GCS's own host
+is refused under another preset, whose precondition GCS would ignore (two writers of a key would
+both win), and one on R2's under any preset but ``r2``, ``gcs``'s precondition included.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 
@@ -86,7 +92,9 @@ PRESETS: dict[str, S3Options] = {
         create_if_absent="gcs-generation-match",
     ),
     "r2": S3Options(preset="r2", region="auto", addressing_style="path", checksums="when_required"),
-    "minio": S3Options(preset="minio", region="us-east-1", addressing_style="path"),
+    "minio": S3Options(
+        preset="minio", region="us-east-1", addressing_style="path", checksums="when_required"
+    ),
 }
 """The named presets; :func:`s3_options` applies explicit settings over them."""
 
@@ -94,6 +102,19 @@ PRESETS: dict[str, S3Options] = {
 _ENDPOINT_EXAMPLES = {
     "r2": "https://<account-id>.r2.cloudflarestorage.com",
     "minio": "http://minio.<namespace>.svc:9000",
+}
+# Hosts that are one provider's, a subdomain included (bucket.storage.googleapis.com,
+# <account-id>.eu.r2.cloudflarestorage.com), with the preset each needs.
+_PROVIDER_HOSTS = {
+    "storage.googleapis.com": ("gcs", "Google Cloud Storage"),
+    "r2.cloudflarestorage.com": ("r2", "Cloudflare R2"),
+}
+# What each upload precondition is on the wire. GCS applies If-None-Match to reads only
+# (request-preconditions, above); GCS's header is none of those R2 lists as implemented
+# (https://developers.cloudflare.com/r2/api/s3/api/).
+_PRECONDITION_HEADERS: dict[CreateIfAbsent, str] = {
+    "if-none-match": "If-None-Match: *",
+    "gcs-generation-match": "x-goog-if-generation-match: 0",
 }
 
 
@@ -110,7 +131,8 @@ def s3_options(
 
     Raises:
         ConfigurationError: for an unknown preset (field ``s3_preset``), a preset that needs an
-            endpoint and got none (``s3_endpoint_url``), or half a key pair.
+            endpoint and got none (``s3_endpoint_url``), an endpoint of GCS or R2 under
+            another provider's preset (``s3_preset``), or half a key pair.
     """
     name = preset or "aws"
     if name not in PRESETS:
@@ -123,6 +145,7 @@ def s3_options(
             f"the {name} preset needs s3_endpoint_url, e.g. {_ENDPOINT_EXAMPLES[name]}",
             errors=[{"field": "s3_endpoint_url", "message": f"required by the {name} preset"}],
         )
+    _check_provider(name, endpoint_url)
     if (access_key_id is None) != (secret_access_key is None):
         missing = "s3_secret_access_key" if secret_access_key is None else "s3_access_key_id"
         raise ConfigurationError(
@@ -138,6 +161,28 @@ def s3_options(
         access_key_id=access_key_id,
         secret_access_key=secret_access_key,
     )
+
+
+def _check_provider(preset: str, endpoint_url: str | None) -> None:
+    """Refuse an endpoint on GCS's or R2's host under a preset that is not its provider's."""
+    try:
+        host = (urlsplit(endpoint_url or "").hostname or "").rstrip(".")
+    except ValueError:
+        return  # botocore says what is wrong with it
+    for domain, (wanted, provider) in _PROVIDER_HOSTS.items():
+        if preset == wanted or not (host == domain or host.endswith(f".{domain}")):
+            continue
+        message = f"s3_endpoint_url {host} is {provider}: set s3_preset={wanted}"
+        condition = PRESETS[preset].create_if_absent
+        if condition != PRESETS[wanted].create_if_absent:
+            message += (
+                f" ({provider} ignores the {preset} preset's {_PRECONDITION_HEADERS[condition]}"
+                " on uploads: two writers of a key would both win)"
+            )
+        raise ConfigurationError(
+            message,
+            errors=[{"field": "s3_preset", "message": f"{wanted} for an endpoint on {domain}"}],
+        )
 
 
 def s3_options_from_settings(settings: Settings) -> S3Options:

@@ -58,6 +58,8 @@ _THROTTLING = {
     "RequestLimitExceeded",
     "TooManyRequests",
 }
+# R2 answers credentials it does not know 401 Unauthorized, where S3 answers 403
+# (https://developers.cloudflare.com/r2/api/error-codes/): both are a refusal.
 _DENIED = {
     "AccessDenied",
     "AllAccessDisabled",
@@ -65,7 +67,9 @@ _DENIED = {
     "InvalidAccessKeyId",
     "InvalidToken",
     "SignatureDoesNotMatch",
+    "Unauthorized",
 }
+_DENIED_STATUSES = {401, 403}
 _MISSING = {"NoSuchKey", "NotFound", "404"}
 # A key no object has, read by check(): a valid key (storage.keys) that no generation writes.
 _PROBE_KEY = "imagegen-check/absent"
@@ -203,20 +207,30 @@ class S3Storage(ObjectStore):
         API_HeadBucket.html), as imagegen does: it reads keys that may not exist yet, and S3
         answers a missing key 403, not 404, to credentials without it (API_GetObject.html). A
         HeadBucket 403 has no body to say whether the credentials or the permission were
-        refused; a GET of a key that is never written does, and the error says which.
+        refused; a GET of a key that is never written does, and the error says which. Where
+        that GET answers 404, the bucket is usable as imagegen uses it whatever HeadBucket
+        said: credentials with object permissions only read missing keys as missing (GCS's
+        HEAD of a bucket wants storage.buckets.get, which its object roles lack:
+        cloud.google.com/storage/docs/access-control/iam-xml).
         """
         try:
             await self._call("HeadBucket", lambda: self._client.head_bucket(Bucket=self.bucket))
         except _Missing:
             raise self._no_bucket() from None
         except _Denied as denied:
-            raise await self._refusal(denied) from None
+            refusal = await self._refusal(denied)
+            if refusal is not None:
+                raise refusal from None
 
-    async def _refusal(self, denied: _Denied) -> DependencyUnavailable:
-        """What a HeadBucket 403 (``denied``) refused: the listing, or the credentials."""
+    async def _refusal(self, denied: _Denied) -> DependencyUnavailable | None:
+        """What a refused HeadBucket (``denied``) refused: the listing, the credentials, or
+        nothing imagegen needs (None: a missing key reads as missing).
+        """
         probe = self._object_key(_PROBE_KEY)
         try:
             await self._call("GetObject", lambda: self._read_byte(probe))
+        except _Missing:
+            return None
         except _Denied as refused:
             if refused.s3_code == "AccessDenied":
                 return DependencyUnavailable(
@@ -307,7 +321,7 @@ class S3Storage(ObjectStore):
             return _Conflict()
         if code in _MISSING or status == 404:
             return _Missing()
-        if code in _DENIED or status == 403:
+        if code in _DENIED or status in _DENIED_STATUSES:
             check = "the credentials and the bucket's permissions"
             if operation in ("HeadObject", "GetObject") and code in ("403", "AccessDenied"):
                 # API_GetObject.html: without s3:ListBucket, a key that does not exist is a 403.

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import tomllib
 from collections.abc import Iterator
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ import pytest
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSPreparedRequest, AWSRequest, AWSResponse
 from botocore.credentials import Credentials
+from packaging.requirements import Requirement
 
 from imagegen.errors import ConfigurationError
 from imagegen.settings import Settings
@@ -163,12 +166,25 @@ def test_s3_minio(opened: list[Storage]) -> None:
     storage = open_s3(
         opened, storage_url="s3://imgs", s3_preset="minio", s3_endpoint_url="http://minio:9000"
     )
+    # MinIO before RELEASE.2023-05-18T00-05-36Z answers botocore's default upload over HTTPS
+    # (aws-chunked, no Content-Length) 411 MissingContentLength (minio/minio#16484).
     assert client_config(storage) == {
         "endpoint": "http://minio:9000",
         "region": "us-east-1",
         "addressing": "path",
-        "checksums": ("when_supported", "when_supported"),
+        "checksums": ("when_required", "when_required"),
     }
+
+
+def test_the_boto3_floor_has_the_checksum_settings() -> None:
+    """The gcs, r2 and minio presets set request_checksum_calculation, which botocore has from
+    1.36.0 (boto3 1.36 requires it): under a lower floor the client of those presets would
+    not be made (botocore 1.35's Config refuses the argument)."""
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    requirements = [Requirement(line) for line in project["project"]["dependencies"]]
+    (boto3,) = [r for r in requirements if r.name == "boto3"]
+    assert "1.35.99" not in boto3.specifier
+    assert version("boto3") in boto3.specifier
 
 
 def test_explicit_settings_override_the_preset(opened: list[Storage]) -> None:
@@ -195,6 +211,65 @@ def test_preset_without_its_endpoint(preset: str) -> None:
         open_storage(settings(storage_url="s3://bucket", s3_preset=preset))
     assert error.value.fields == ["s3_endpoint_url"]
     assert "s3_endpoint_url" in error.value.message
+
+
+@pytest.mark.parametrize(
+    ("values", "wanted", "ignored"),
+    [
+        # https://cloud.google.com/storage/docs/request-preconditions: GCS applies
+        # If-None-Match to reads only, so every writer of a key would win, silently.
+        ({"s3_endpoint_url": "https://storage.googleapis.com"}, "gcs", "If-None-Match: *"),
+        (
+            {"s3_preset": "minio", "s3_endpoint_url": "https://Storage.GoogleAPIs.com.:443"},
+            "gcs",
+            "If-None-Match: *",
+        ),
+        (
+            {"s3_preset": "r2", "s3_endpoint_url": "https://my-bucket.storage.googleapis.com"},
+            "gcs",
+            "If-None-Match: *",
+        ),
+        # GCS's precondition header is not R2's.
+        ({"s3_preset": "gcs", "s3_endpoint_url": R2_ENDPOINT}, "r2", "x-goog-if-generation-match"),
+        # R2 honours If-None-Match; the r2 preset is still the one its settings come from.
+        ({"s3_endpoint_url": R2_ENDPOINT}, "r2", None),
+        (
+            {
+                "s3_preset": "minio",
+                "s3_endpoint_url": "https://0123abcd.eu.r2.cloudflarestorage.com",
+            },
+            "r2",
+            None,
+        ),
+    ],
+)
+def test_a_providers_endpoint_needs_its_preset(
+    values: dict[str, str], wanted: str, ignored: str | None
+) -> None:
+    with pytest.raises(ConfigurationError) as error:
+        open_storage(settings(storage_url="s3://bucket", **values))
+    assert error.value.fields == ["s3_preset"]
+    assert f": set s3_preset={wanted}" in error.value.message
+    if ignored is None:
+        assert "both win" not in error.value.message
+    else:
+        assert ignored in error.value.message
+        assert error.value.message.endswith("on uploads: two writers of a key would both win)")
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "https://storage.googleapis.com.example.net",
+        "https://notstorage.googleapis.com",
+        "https://r2.cloudflarestorage.com.example.net",
+    ],
+)
+def test_hosts_that_only_look_like_a_providers_are_not_refused(
+    opened: list[Storage], endpoint: str
+) -> None:
+    storage = open_s3(opened, storage_url="s3://bucket", s3_endpoint_url=endpoint)
+    assert storage.options.endpoint_url == endpoint
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import pytest
@@ -168,9 +169,13 @@ async def test_r2_and_minio_presets_round_trip(s3: S3Server, make_s3: MakeS3) ->
         storage = make_s3(preset)
         await storage.put(KEYS.image, PNG, content_type="image/png")
         assert await storage.get(KEYS.image) == PNG
-    r2_put = s3.requests[0]
-    assert checksum_headers(r2_put) == {}
+    r2_put, _, minio_put, _ = s3.requests
     assert "/auto/s3/aws4_request" in (r2_put.header("authorization") or "")
+    # No flexible checksums, so no aws-chunked body over HTTPS either, which MinIO before
+    # RELEASE.2023-05-18T00-05-36Z answers 411 (minio/minio#16484); Content-MD5 checks the body.
+    for put in (r2_put, minio_put):
+        assert checksum_headers(put) == {}
+        assert put.header("content-md5") and put.header("content-length") == str(len(PNG))
 
 
 # 3. Failures
@@ -292,6 +297,63 @@ async def test_rejected_credentials_are_told_apart_from_a_missing_permission(
         " check IMAGEGEN_S3_ACCESS_KEY_ID and IMAGEGEN_S3_SECRET_ACCESS_KEY"
     )
     assert error.value.retryable
+
+
+async def test_credentials_for_objects_only_pass_the_check(
+    s3: S3Server, bucket: str, make_s3: MakeS3
+) -> None:
+    """GCS's HEAD of a bucket wants storage.buckets.get, which its object roles lack
+    (cloud.google.com/storage/docs/access-control/iam-xml): HeadBucket is refused, yet a
+    missing key reads as missing, which is all imagegen asks of the bucket."""
+    storage = make_s3("gcs")
+    s3.down(status=403, count=1)
+
+    await storage.check()
+
+    assert [(r.method, r.path.split("?")[0]) for r in s3.requests] == [
+        ("HEAD", f"/{bucket}"),
+        ("GET", f"/{bucket}/imagegen-check/absent"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("attempt", "said"),
+    [
+        # HeadBucket's 401 has no body; the probe's GET says what was refused.
+        (lambda s: s.check(), "(Unauthorized): check IMAGEGEN_S3_ACCESS_KEY_ID"),
+        (
+            lambda s: s.put(KEYS.image, PNG, content_type="image/png"),
+            "denied (Unauthorized) during PutObject",
+        ),
+        (
+            lambda s: s.create(KEYS.image, PNG, content_type="image/png"),
+            "denied (Unauthorized) during PutObject",
+        ),
+        (lambda s: s.get(KEYS.image), "denied (Unauthorized) during GetObject"),
+        (lambda s: s.head(KEYS.image), "denied (401) during HeadObject"),
+    ],
+    ids=["check", "put", "create", "get", "head"],
+)
+async def test_unauthorized_is_refused_credentials(
+    s3: S3Server,
+    make_s3: MakeS3,
+    attempt: Callable[[S3Storage], Awaitable[object]],
+    said: str,
+) -> None:
+    """R2 answers credentials it does not know 401 Unauthorized where S3 answers 403
+    (developers.cloudflare.com/r2/api/error-codes/): the same error, naming the credentials."""
+    storage = make_s3("r2")
+    refused: dict[int, DependencyUnavailable] = {}
+    for status, code in ((401, "Unauthorized"), (403, "InvalidAccessKeyId")):
+        with s3.outage(status=status, code=code), pytest.raises(DependencyUnavailable) as error:
+            await attempt(storage)
+        refused[status] = error.value
+
+    unauthorized, forbidden = refused[401], refused[403]
+    assert type(unauthorized) is type(forbidden)
+    assert (unauthorized.status, unauthorized.retryable) == (forbidden.status, True)
+    assert said in unauthorized.message
+    assert "credentials" in unauthorized.message
 
 
 @pytest.mark.parametrize(
