@@ -4,20 +4,23 @@ Follows Knative Eventing's receivers (``knative/eventing``, ``pkg/auth/verifier.
 ``coreos/go-oidc``): fetch ``<discovery>/.well-known/openid-configuration``, take its
 ``issuer`` and ``jwks_uri``, then require a signature by one of those keys, ``iss`` equal to the
 issuer, an unexpired ``exp``, and the audience among ``aud``. The API server answers discovery
-to service accounts, so the pod's own token and CA are used when mounted.
+to service accounts, so the pod's own token and CA are used when mounted; the token goes only
+to the discovery URL's origin.
 
 Keys are cached for ``oidc_jwks_ttl`` seconds. A token naming a key not in the cache (the
 issuer rotated its keys) refreshes it at once, but at most every few seconds, failed attempts
 counted, so tokens with made-up key ids (or an issuer that is down) cannot turn every request
 into a fetch. A key missing from keys fetched before the token was issued may be one the issuer
 published since: while they cannot be fetched again (the back-off, an issuer down), that token
-is a retryable 503, not a 401 Knative would never retry. One fetch at a time, outside the lock:
-while it runs, tokens whose key is cached are checked against the cached keys, and only those
-that need the new keys wait for it.
+is a retryable 503, not a 401 Knative would never retry. One fetch at a time, in a thread of
+its own and within one deadline: while it runs, tokens whose key is cached are checked against
+the cached keys (stale ones included: the request that finds them stale does not wait either),
+and only those that need the new keys wait for it, until its deadline at most.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import ssl
@@ -41,7 +44,11 @@ log = logging.getLogger("imagegen.auth")
 # What Kubernetes signs service-account tokens with (RSA or ECDSA keys); never "none" or HMAC.
 ALGORITHMS = ["RS256", "RS384", "RS512", "ES256", "ES384", "ES512"]
 _MIN_REFRESH_SECONDS = 5.0
+# Seconds for a whole fetch, discovery and JWKS, by the clock on the wall: httpx's timeouts
+# bound each read, and an issuer that answers a byte at a time would never meet them.
 _FETCH_TIMEOUT = 5.0
+# Far more than an issuer's few keys take: a document past it is no JWKS.
+_MAX_DOCUMENT_BYTES = 1 << 20
 
 
 class KeyNotFetched(DependencyUnavailable):
@@ -56,7 +63,7 @@ class KeyNotFetched(DependencyUnavailable):
 class _KeySet:
     issuer: str
     keys: dict[str, jwt.PyJWK]
-    fetched_at: float  # the monotonic clock's
+    fetched_at: float  # the monotonic clock's, when the fetch began
     published_at: float  # the wall clock's, as a token's ``iat`` counts
 
 
@@ -67,7 +74,8 @@ class SigningKeys:
         discovery_url: Base URL of ``/.well-known/openid-configuration``.
         ttl: Seconds a fetched key set is used before it is fetched again.
         ca_file: CA bundle to trust for the fetches, when the file exists.
-        token_file: A bearer token to send (the pod's own), when the file exists.
+        token_file: A bearer token to send (the pod's own) to the discovery URL and a
+            ``jwks_uri`` over TLS, when the file exists.
         clock: Seconds, monotonic (injectable for tests).
         wall_clock: Seconds since the epoch, as tokens' ``iat`` (injectable for tests).
     """
@@ -93,48 +101,44 @@ class SigningKeys:
         self._set: _KeySet | None = None
         self._fetching = False
         self._attempted_at: float | None = None  # the last fetch's start, failed or not
+        # When the fetch under way gives up, by time.monotonic(): waiting for it is bounded
+        # in real time, whatever ``clock`` says.
+        self._deadline = 0.0
+        self._failure = "no fetch has ended yet"  # why the last fetch failed
 
-    def get(self, kid: str, issued_at: float | None = None) -> tuple[str, jwt.PyJWK | None]:
+    @property
+    def fetching(self) -> bool:
+        """Whether a fetch is under way."""
+        return self._fetching
+
+    def get(
+        self, kid: str, issued_at: float | None = None, *, leeway: float = 0.0
+    ) -> tuple[str, jwt.PyJWK | None]:
         """(issuer, the key named ``kid`` or None), refreshing the cache when it is due.
 
         Args:
             kid: The key a token names.
             issued_at: The token's ``iat``, unverified: a key missing from keys fetched before
                 then may be one published since.
+            leeway: Seconds the issuer's clock may be behind this one's.
 
         Raises:
-            DependencyUnavailable: the issuer's documents cannot be fetched and nothing is
-                cached; or ``kid`` is missing from keys fetched before ``issued_at``, and
-                they cannot be fetched again now.
+            DependencyUnavailable: the issuer's documents cannot be fetched (within the fetch's
+                deadline) and nothing is cached; or ``kid`` is missing from keys fetched before
+                ``issued_at``, and they cannot be fetched again now.
         """
+        arrived = self._clock()
         with self._lock:
             while True:
                 now = self._clock()
                 current = self._set
-                if not self._due(current, kid, now):
-                    return self._answer(current, kid, issued_at, now)
-                if not self._fetching:
-                    self._fetching = True
-                    self._attempted_at = now
-                    break
-                if current is not None and kid in current.keys:
-                    return self._answer(current, kid, issued_at, now)  # the cached key serves
-                self._fetched.wait()  # the key may be among those being fetched
-        # This request fetches; the others go on with the cached keys, or wait for these.
-        fetched: _KeySet | None = None
-        try:
-            fetched = self._fetch(now)
-        except DependencyUnavailable:
-            if current is None:
-                raise
-            log.warning("signing keys could not be refreshed; using the cached ones")
-        finally:
-            with self._lock:
-                self._fetching = False
-                if fetched is not None:
-                    self._set = fetched
-                self._fetched.notify_all()
-        return self._answer(fetched or current, kid, issued_at, now)
+                if not self._fetching and self._due(current, kid, now):
+                    self._start_fetch(now)
+                waiting = current is None or kid not in current.keys
+                remaining = self._deadline - time.monotonic()
+                if not (self._fetching and waiting and remaining > 0):
+                    return self._answer(current, kid, issued_at, leeway, arrived, now)
+                self._fetched.wait(remaining)  # the key may be among those being fetched
 
     def _due(self, current: _KeySet | None, kid: str, now: float) -> bool:
         """Whether to fetch: nothing cached, or stale, or ``kid`` unknown; never twice within
@@ -143,28 +147,69 @@ class SigningKeys:
             return False
         return current is None or now - current.fetched_at >= self.ttl or kid not in current.keys
 
+    def _start_fetch(self, now: float) -> None:
+        """Starts a fetch in a thread of its own (the lock held): a request needing its keys
+        waits for it until its deadline, and the fetch itself ends soon after."""
+        self._fetching = True
+        self._attempted_at = now
+        self._deadline = time.monotonic() + _FETCH_TIMEOUT
+        threading.Thread(
+            target=self._refresh, args=(now, self._deadline), name="oidc-keys", daemon=True
+        ).start()
+
+    def _refresh(self, now: float, deadline: float) -> None:
+        fetched: _KeySet | None = None
+        failure = ""
+        try:
+            fetched = self._fetch(now, deadline)
+        except DependencyUnavailable as exc:
+            failure = exc.message
+            cached = "using the cached ones" if self._set is not None else "none are cached"
+            log.warning("signing keys could not be fetched (%s); %s", failure, cached)
+        except Exception as exc:  # a thread of its own: nobody else would hear of it
+            failure = f"{type(exc).__name__} fetching them"
+            log.exception("signing keys could not be fetched")
+        finally:
+            with self._lock:
+                self._fetching = False
+                if fetched is not None:
+                    self._set = fetched
+                else:
+                    self._failure = failure or "the fetch failed"
+                self._fetched.notify_all()
+
     def _answer(
-        self, current: _KeySet | None, kid: str, issued_at: float | None, now: float
+        self,
+        current: _KeySet | None,
+        kid: str,
+        issued_at: float | None,
+        leeway: float,
+        arrived: float,
+        now: float,
     ) -> tuple[str, jwt.PyJWK | None]:
         if current is None:
+            reason = "a fetch is under way" if self._fetching else self._failure
             raise DependencyUnavailable(
-                "OIDC signing keys are not available yet (the last fetch failed)",
+                f"OIDC signing keys are not available yet ({reason})",
                 retry_after=self._next_fetch_in(now),
             )
         key = current.keys.get(kid)
-        # Keys are published before tokens are signed with them: fetched after the token was
-        # issued (an iat ahead of this clock counts as now), these would hold its key.
-        # Fetched before, they may not yet.
-        # In whole seconds, as iat counts: keys fetched in the second the token was issued,
-        # or in the second this asks (keys just fetched), are taken to hold its key.
-        if key is None and issued_at is not None:
-            issued = math.floor(min(issued_at, self._wall_clock()))
-            if math.floor(current.published_at) < issued:
-                raise KeyNotFetched(
-                    "the token names a key the issuer may have published since its keys were"
-                    " fetched; they cannot be fetched again yet",
-                    retry_after=self._next_fetch_in(now),
-                )
+        # Keys are published before tokens are signed with them: fetched once this request
+        # had come, these would hold its key. Fetched before, they may not yet, if fetched
+        # before the token was issued: in whole seconds, as iat counts (keys fetched in the
+        # second it was issued are taken to hold its key), and the issuer's clock may be
+        # ``leeway`` seconds behind the one that stamped ``published_at``.
+        if (
+            key is None
+            and issued_at is not None
+            and current.fetched_at < arrived
+            and math.floor(current.published_at) < math.floor(issued_at) + leeway
+        ):
+            raise KeyNotFetched(
+                "the token names a key the issuer may have published since its keys were"
+                " fetched; they cannot be fetched again yet",
+                retry_after=self._next_fetch_in(now),
+            )
         return current.issuer, key
 
     def _next_fetch_in(self, now: float) -> int:
@@ -173,30 +218,50 @@ class SigningKeys:
             return 1
         return max(1, math.ceil(self._attempted_at + _MIN_REFRESH_SECONDS - now))
 
-    def _fetch(self, now: float) -> _KeySet:
-        headers = {"Accept": "application/json"}
+    def _fetch(self, now: float, deadline: float) -> _KeySet:
+        credentials: dict[str, str] = {}
         if self.token_file is not None and self.token_file.is_file():
-            headers["Authorization"] = "Bearer " + self.token_file.read_text().strip()
+            credentials["Authorization"] = "Bearer " + self.token_file.read_text().strip()
         verify: ssl.SSLContext | bool = True
         if self.ca_file is not None and self.ca_file.is_file():
-            verify = ssl.create_default_context(cafile=str(self.ca_file))
+            # The cluster's CA beside the system's: a managed cluster's API server may name its
+            # JWKS on a public host (a certificate of a public CA).
+            verify = ssl.create_default_context()
+            verify.load_verify_locations(cafile=str(self.ca_file))
         # Only when keys are fetched or a token checked: a function with OIDC off loads neither
         # (PyJWT and its cryptography backends take a tenth of a second to import).
         import httpx
         import jwt
 
         try:
-            with httpx.Client(timeout=_FETCH_TIMEOUT, verify=verify, headers=headers) as client:
-                discovery = _json(client, self.discovery_url + "/.well-known/openid-configuration")
+            discovery_url = httpx.URL(self.discovery_url + "/.well-known/openid-configuration")
+            with httpx.Client(verify=verify, headers={"Accept": "application/json"}) as client:
+                discovery = _json(client, discovery_url, credentials, deadline)
                 issuer, jwks_uri = discovery.get("issuer"), discovery.get("jwks_uri")
                 if not isinstance(issuer, str) or not isinstance(jwks_uri, str):
                     raise ValueError("the discovery document names no issuer or jwks_uri")
-                entries = _json(client, jwks_uri).get("keys")
+                # The pod's token goes where discovery went, and to the jwks_uri the discovery
+                # document names over TLS, never in clear text to another origin. The API server
+                # names its keys at its advertised address (https://<node-ip>:6443/openid/v1/jwks
+                # on kubeadm and kind: kubernetes/kubernetes pkg/serviceaccount/
+                # openidmetadata.go), which answers only an authenticated caller (the
+                # system:service-account-issuer-discovery binding); Knative's verifier sends
+                # the same token there (knative/eventing pkg/auth/verifier.go, getHTTPClient:
+                # the API server's own client, whose transport adds it to every request).
+                jwks_url = httpx.URL(jwks_uri)
+                if discovery_url.scheme == "https" and jwks_url.scheme != "https":
+                    raise ValueError("the discovery document names a jwks_uri not over https")
+                trusted = jwks_url.scheme == "https" or _origin(jwks_url) == _origin(discovery_url)
+                jwks = _json(client, jwks_url, credentials if trusted else {}, deadline)
+                entries = jwks.get("keys")
                 if not isinstance(entries, list):
                     raise ValueError("the JWKS document has no list of keys")
-        except (httpx.HTTPError, ValueError) as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError, TimeoutError) as exc:
+            detail = type(exc).__name__
+            if not isinstance(exc, httpx.HTTPError):
+                detail += f": {exc}"  # said by this module or httpx, never by the issuer
             raise DependencyUnavailable(
-                f"OIDC discovery at {self.discovery_url} failed ({type(exc).__name__})",
+                f"OIDC discovery at {self.discovery_url} failed ({detail})",
                 retry_after=int(_MIN_REFRESH_SECONDS),
             ) from exc
         keys: dict[str, jwt.PyJWK] = {}
@@ -220,11 +285,30 @@ class SigningKeys:
         return _KeySet(issuer=issuer, keys=keys, fetched_at=now, published_at=published_at)
 
 
-def _json(client: httpx.Client, url: str) -> dict[str, Any]:
-    """The JSON object at ``url``; ValueError for any other document."""
-    response = client.get(url)
-    response.raise_for_status()
-    document = response.json()
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    """Scheme, host and port, the default port spelled out, as browsers compare origins."""
+    port = url.port or {"http": 80, "https": 443}.get(url.scheme)
+    return url.scheme, url.host, port
+
+
+def _json(
+    client: httpx.Client, url: httpx.URL, headers: dict[str, str], deadline: float
+) -> dict[str, Any]:
+    """The JSON object at ``url``, read whole by ``deadline``; ValueError for any other
+    document, TimeoutError past the deadline."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError(f"{url} was not asked for within {_FETCH_TIMEOUT:g} s")
+    with client.stream("GET", url, headers=headers, timeout=remaining) as reply:
+        reply.raise_for_status()
+        body = bytearray()
+        for chunk in reply.iter_bytes():
+            body += chunk
+            if len(body) > _MAX_DOCUMENT_BYTES:
+                raise ValueError(f"{url} answered more than {_MAX_DOCUMENT_BYTES} bytes")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} was not read within {_FETCH_TIMEOUT:g} s")
+    document = json.loads(body)
     if not isinstance(document, dict):
         raise ValueError(f"{url} answered JSON that is no object")
     return document
@@ -280,9 +364,12 @@ class OidcVerifier:
         issued_at = unverified.get("iat")
         if isinstance(issued_at, bool) or not isinstance(issued_at, int | float):
             issued_at = None  # refused below, once its key is found
+        elif isinstance(issued_at, float) and not math.isfinite(issued_at):
+            # NaN and ±Infinity, which Python's JSON reads: no time at all, so none.
+            issued_at = None
         elif issued_at > time.time() + self.leeway:
             raise Unauthenticated("the token is not valid yet")
-        issuer, key = self.keys.get(kid, issued_at)
+        issuer, key = self.keys.get(kid, issued_at, leeway=self.leeway)
         if key is None:
             raise Unauthenticated("the token is signed by a key the issuer does not publish")
 

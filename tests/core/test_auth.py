@@ -6,11 +6,13 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from imagegen.auth import Authenticator, SigningKeys, hash_api_key, new_api_key
+from imagegen.auth.oidc import KeyNotFetched
 from imagegen.errors import DependencyUnavailable, Forbidden, InvalidRequest, Unauthenticated
 from imagegen.settings import Settings
 from tests.fakes.oidc_issuer import AUDIENCE, SUBJECT, Issuer
@@ -54,6 +57,14 @@ def gate(
 
 def bearer(token: str) -> str:
     return f"Bearer {token}"
+
+
+def eventually(condition: Callable[[], bool], within: float = 5.0) -> None:
+    """Waits for what a fetch in the background does."""
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "not within the time given"
+        time.sleep(0.01)
 
 
 def test_a_valid_token_names_its_subject(issuer: Issuer) -> None:
@@ -205,6 +216,7 @@ def test_issuer_down_is_retryable_until_keys_are_cached(issuer: Issuer) -> None:
         issuer.up = False
         clock.now += 10_000  # stale, and the refresh fails: the cached keys still serve
         assert authenticator.authenticate(bearer(issuer.sign({}))).kind == "oidc"
+        eventually(lambda: not authenticator.oidc.keys.fetching)
     finally:
         issuer.up = True
 
@@ -292,6 +304,7 @@ def test_failed_refreshes_count_for_the_back_off(issuer: Issuer) -> None:
         before = len(issuer.requests)
         for _ in range(20):
             assert authenticator.authenticate(bearer(token)).kind == "oidc"
+        eventually(lambda: not authenticator.oidc.keys.fetching)
         assert len(issuer.requests) - before == 1
     finally:
         issuer.up = True
@@ -319,16 +332,15 @@ def test_a_hanging_refresh_holds_up_no_token_whose_key_is_cached(
     authenticator.authenticate(bearer(token))
     with socket.create_server(("127.0.0.1", 0)) as hanging:  # accepts, never answers
         keys.discovery_url = f"http://127.0.0.1:{hanging.getsockname()[1]}"
-        clock.now += 301  # stale: the first token refreshes
-        refreshing = threading.Thread(target=authenticator.authenticate, args=(bearer(token),))
-        refreshing.start()
-        conn, _ = hanging.accept()  # the refresh is under way
+        clock.now += 301  # stale: the first token starts a refresh, and does not wait for it
         started = time.monotonic()
+        assert authenticator.authenticate(bearer(token)).kind == "oidc"
+        conn, _ = hanging.accept()  # the refresh is under way
         for _ in range(3):
             assert authenticator.authenticate(bearer(token)).kind == "oidc"
         assert time.monotonic() - started < 0.5
-        refreshing.join()
         conn.close()
+        eventually(lambda: not keys.fetching)
 
 
 def _token_with_header(issuer: Issuer, header: dict[str, Any]) -> str:
@@ -359,7 +371,8 @@ def test_a_key_missing_from_keys_fetched_after_the_token_was_issued_is_401(
     authenticator = gate(issuer, clock)
     authenticator.authenticate(bearer(issuer.sign({})))
     clock.now += 1  # within the back-off: no fetch
-    issued_before = issuer.sign({"iat": int(time.time()) - 30})
+    # Issued before the keys were fetched by more than the clocks may differ (the leeway).
+    issued_before = issuer.sign({"iat": int(time.time()) - 100})
     with pytest.raises(Unauthenticated) as caught:
         authenticator.authenticate(bearer(_made_up_kid(issued_before, "bogus")))
     assert "does not publish" in caught.value.message
@@ -374,6 +387,221 @@ def test_a_key_missing_from_keys_fetched_after_the_token_was_issued_is_401(
     with pytest.raises(Unauthenticated) as caught:
         authenticator.authenticate(bearer(_made_up_kid(future, "bogus")))
     assert "not valid yet" in caught.value.message
+
+
+def test_a_rotation_within_the_clock_skew_is_retried_not_refused(issuer: Issuer) -> None:
+    """This pod's clock 2 s ahead of the issuer's: a key the issuer published just after the
+    keys were fetched, by its own clock, is still a 503 Knative retries, not a lost event."""
+    clock, wall = Clock(), Clock()
+    fetched = int(time.time())  # by the issuer's clock
+    wall.now = float(fetched + 2)
+    authenticator = gate(issuer, clock, wall, oidc_clock_skew=5)
+    authenticator.authenticate(bearer(issuer.sign({})))
+    # Clocks further apart than the leeway are not allowed for: a key missing is a 401.
+    strict = gate(issuer, clock, wall, oidc_clock_skew=1)
+    strict.authenticate(bearer(issuer.sign({})))
+    issuer.add_key("k2", ec.generate_private_key(ec.SECP256R1()))
+    try:
+        clock.now += 1  # within the back-off: no fetch
+        wall.now += 1
+        rotated = issuer.sign({"iat": fetched + 1}, kid="k2", algorithm="ES256")
+        with pytest.raises(KeyNotFetched):
+            authenticator.authenticate(bearer(rotated))
+        with pytest.raises(Unauthenticated):
+            strict.authenticate(bearer(rotated))
+    finally:
+        del issuer.keys["k2"]
+
+
+def _claims_as_written(header: dict[str, Any], claims: str) -> str:
+    """A token whose claims are the JSON text given, unsigned: anyone can send one."""
+    payload = base64.urlsafe_b64encode(claims.encode()).rstrip(b"=").decode()
+    return f"{_b64(header)}.{payload}.AAAA"
+
+
+@pytest.mark.parametrize("kid", ["k1", "bogus"])
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e999", "-1e999"])
+def test_an_iat_that_is_no_time_is_401_not_an_error(issuer: Issuer, kid: str, value: str) -> None:
+    # Python's JSON (PyJWT's) reads NaN and Infinity; they must not reach the clock's sums.
+    clock = Clock()
+    authenticator = gate(issuer, clock)
+    authenticator.authenticate(bearer(issuer.sign({})))
+    clock.now += 1  # keys cached, fetched before this token came
+    token = _claims_as_written({"alg": "RS256", "kid": kid}, f'{{"iat": {value}, "sub": "x"}}')
+    with pytest.raises(Unauthenticated):
+        authenticator.authenticate(bearer(token))
+
+
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_signed_times_that_are_no_times_are_401(issuer: Issuer, claim: str, value: float) -> None:
+    # PyJWT refuses these itself (int() of them fails); the issuer's signature changes nothing.
+    with pytest.raises(Unauthenticated):
+        gate(issuer).authenticate(bearer(issuer.sign({claim: value})))
+
+
+def test_a_slow_issuer_holds_no_request_past_the_fetch_deadline(
+    issuer: Issuer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imagegen.auth import oidc
+
+    monkeypatch.setattr(oidc, "_FETCH_TIMEOUT", 0.5)
+    document = json.dumps({"issuer": issuer.issuer, "jwks_uri": issuer.url + "/openid/v1/jwks"})
+    stop = threading.Event()
+
+    def drip(conn: socket.socket) -> None:
+        # A byte every 0.1 s: each read well within httpx's timeout, the whole taking seconds.
+        with conn:
+            conn.recv(65536)
+            head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            conn.sendall(f"{head}Content-Length: {len(document)}\r\n\r\n".encode())
+            for byte in document.encode():
+                if stop.wait(0.1):
+                    return
+                conn.sendall(bytes([byte]))
+
+    def serve(server: socket.socket) -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # closed
+            threading.Thread(target=drip, args=(conn,), daemon=True).start()
+
+    with socket.create_server(("127.0.0.1", 0)) as slow:
+        slow.settimeout(0.05)
+        threading.Thread(target=serve, args=(slow,), daemon=True).start()
+        keys = SigningKeys(f"http://127.0.0.1:{slow.getsockname()[1]}", clock=Clock())
+        authenticator = Authenticator(
+            Settings(auth_required=True, oidc_ca_file=None, oidc_token_file=None),
+            function="render",
+            keys=keys,
+        )
+        token = issuer.sign({})
+        answers: list[tuple[object, float]] = []
+
+        def ask() -> None:
+            started = time.monotonic()
+            try:
+                answer: object = authenticator.authenticate(bearer(token))
+            except DependencyUnavailable as exc:
+                answer = exc
+            answers.append((answer, time.monotonic() - started))
+
+        # Nothing cached: the first request starts the fetch, the second waits for it.
+        asking = [threading.Thread(target=ask) for _ in range(2)]
+        for thread in asking:
+            thread.start()
+        for thread in asking:
+            thread.join(timeout=30)
+        try:
+            assert len(answers) == 2
+            for answer, took in answers:
+                assert isinstance(answer, DependencyUnavailable) and answer.retry_after == 5
+                assert took < 2.0  # the deadline's 0.5 s and a margin: not the document's 10 s
+            eventually(lambda: not keys.fetching)  # the fetch ends too, not long after
+        finally:
+            stop.set()
+
+
+def test_a_fetch_that_hangs_past_its_deadline_holds_no_request_longer(
+    issuer: Issuer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resolving the issuer's name, for one, is no read httpx's timeouts bound."""
+    from imagegen.auth import oidc
+
+    clock = Clock()
+    authenticator = gate(issuer, clock)
+    authenticator.authenticate(bearer(issuer.sign({})))
+    released = threading.Event()
+
+    def hanging(*args: object) -> dict[str, Any]:
+        released.wait(10)
+        raise TimeoutError("released")
+
+    monkeypatch.setattr(oidc, "_FETCH_TIMEOUT", 0.5)
+    monkeypatch.setattr(oidc, "_json", hanging)
+    clock.now += 10  # past the back-off: an unknown kid fetches, and waits for the keys
+    token = _made_up_kid(issuer.sign({}), "k2")
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyNotFetched) as caught:
+            authenticator.authenticate(bearer(token))
+        assert time.monotonic() - started < 2.0  # the deadline's 0.5 s and a margin
+        assert caught.value.retry_after == 5  # no time has passed by ``clock``
+        # Meanwhile the cached keys serve, as ever.
+        assert authenticator.authenticate(bearer(issuer.sign({}))).kind == "oidc"
+    finally:
+        released.set()
+        eventually(lambda: not authenticator.oidc.keys.fetching)
+
+
+def test_the_pods_token_goes_in_clear_text_to_the_discovery_origin_alone(
+    issuer: Issuer, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("pod-token\n")
+    elsewhere = Issuer()  # the same host, another port: another origin
+    elsewhere.keys = issuer.keys
+    with elsewhere:
+        issuer.documents["discovery"] = {
+            "issuer": issuer.issuer,
+            "jwks_uri": elsewhere.url + "/openid/v1/jwks",
+        }
+        try:
+            _, key = SigningKeys(issuer.url, token_file=token_file).get("k1")
+        finally:
+            issuer.documents = {}
+    assert key is not None
+    assert issuer.requests[-1] == ("/.well-known/openid-configuration", "Bearer pod-token")
+    assert elsewhere.requests == [("/openid/v1/jwks", None)]
+
+
+def test_the_pods_token_goes_to_a_jwks_uri_over_tls_elsewhere(tmp_path: Path) -> None:
+    # As the API server of kubeadm and kind names its keys: at its advertised address, another
+    # origin than kubernetes.default.svc, answering only an authenticated caller.
+    token_file = tmp_path / "token"
+    token_file.write_text("pod-token\n")
+    api, advertised = Issuer(), Issuer()
+    ca_file = api.serve_tls(tmp_path)
+    advertised.serve_tls(tmp_path)  # the same cluster's certificate
+    advertised.add_key("k1")
+    with api, advertised:
+        jwks_uri = advertised.url + "/openid/v1/jwks"
+        api.documents["discovery"] = {"issuer": api.issuer, "jwks_uri": jwks_uri}
+        _, key = SigningKeys(api.url, ca_file=ca_file, token_file=token_file).get("k1")
+    assert key is not None
+    assert api.requests == [("/.well-known/openid-configuration", "Bearer pod-token")]
+    assert advertised.requests == [("/openid/v1/jwks", "Bearer pod-token")]
+
+
+def test_a_jwks_uri_in_clear_text_after_https_discovery_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("pod-token\n")
+    plain, tls = Issuer(), Issuer()
+    ca_file = tls.serve_tls(tmp_path)
+    tls.add_key("k1")
+    plain.keys = tls.keys
+    with plain, tls:
+        jwks_uri = plain.url + "/openid/v1/jwks"
+        tls.documents["discovery"] = {"issuer": tls.issuer, "jwks_uri": jwks_uri}
+        keys = SigningKeys(tls.url, ca_file=ca_file, token_file=token_file)
+        with (
+            caplog.at_level(logging.WARNING, "imagegen.auth"),
+            pytest.raises(DependencyUnavailable) as caught,
+        ):
+            keys.get("k1")
+        assert "jwks_uri not over https" in caught.value.message
+        assert "jwks_uri not over https" in caplog.text
+        assert tls.requests == [("/.well-known/openid-configuration", "Bearer pod-token")]
+        assert plain.requests == []
+        # Named over https, the same keys are fetched.
+        tls.documents = {}
+        assert SigningKeys(tls.url, ca_file=ca_file).get("k1")[1] is not None
 
 
 @pytest.mark.parametrize(
@@ -404,6 +632,7 @@ def test_issuer_documents_of_the_wrong_shape_are_an_outage_not_an_error(
         issuer.documents = {"discovery": discovery, "jwks": jwks}
         clock.now += 10_000
         assert authenticator.authenticate(bearer(token)).kind == "oidc"
+        eventually(lambda: not authenticator.oidc.keys.fetching)
     finally:
         issuer.documents = {}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 from pathlib import Path
 
@@ -91,6 +92,18 @@ def test_a_token_header_of_the_wrong_types_is_401_not_500(
     reply = enhance.post("/", json=REQUEST, headers={"Authorization": f"Bearer {token}"})
     assert reply.status_code == 401, reply.text
     assert reply.json()["error"] == "unauthenticated"
+
+
+def test_an_iat_that_is_no_time_is_401_not_500(enhance: InProcessFunction) -> None:
+    # Unsigned, naming no key the issuer has: Python's JSON reads NaN and Infinity. Each is
+    # sent twice: the first may fetch the keys, the second finds them just fetched.
+    header = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImJvZ3VzIn0"  # {"alg":"RS256","kid":"bogus"}
+    for issued_at in ("NaN", "NaN", "-Infinity", "-Infinity", "Infinity"):
+        claims = base64.urlsafe_b64encode(f'{{"iat": {issued_at}, "sub": "x"}}'.encode())
+        token = f"{header}.{claims.decode().rstrip('=')}.AAAA"
+        reply = enhance.post("/", json=REQUEST, headers={"Authorization": f"Bearer {token}"})
+        assert reply.status_code == 401, (issued_at, reply.text)
+        assert reply.json()["error"] == "unauthenticated"
 
 
 def test_the_brokers_token_and_an_api_key_are_admitted(
