@@ -19,6 +19,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     StringConstraints,
     WithJsonSchema,
     field_validator,
@@ -37,6 +38,7 @@ from imagegen.validation import check_json_value
 __all__ = [
     "GENERATION_ID_PATTERN",
     "MAX_FINAL_PROMPT_CHARS",
+    "MAX_LORAS",
     "MAX_METADATA_BYTES",
     "MAX_METADATA_DEPTH",
     "MAX_PROMPT_CHARS",
@@ -67,6 +69,9 @@ MAX_METADATA_DEPTH = 8
 MAX_SEED = 2**32 - 1
 MAX_STEPS = 50
 MAX_GUIDANCE = 20.0
+# LoRAs one job applies. Render keeps as many adapters loaded per model (imagegen.render._lora),
+# so a job never holds more than that at once, nor drops one of its own to load another.
+MAX_LORAS = 8
 # A stored object's size in bytes: a signed 64-bit integer, as storage and the ledger keep it.
 MAX_OBJECT_BYTES = 2**63 - 1
 
@@ -155,10 +160,26 @@ class _Model(BaseModel):
 class LoraHint(_Model):
     """A LoRA the render stage applies: chosen by the ``lora`` plugin."""
 
-    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+    # The adapter's name in the pipeline: torch refuses a "." in a module's name.
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")]
     path: str = Field(description="Local file/directory or hub id of the LoRA weights.")
     weight: float = Field(default=1.0, ge=0.0, le=2.0)
     trigger: str | None = Field(default=None, max_length=200)
+
+
+def _distinct_loras(value: list[LoraHint]) -> list[LoraHint]:
+    # Each name is an adapter of its own. One path under two names loads the same weights twice
+    # for nothing: their deltas add up, as one adapter at the sum of the weights would.
+    for field in ("name", "path"):
+        given = [getattr(lora, field) for lora in value]
+        repeated = sorted({each for each in given if given.count(each) > 1})
+        if repeated:
+            raise ValueError(f"each LoRA once: {field} {', '.join(map(repr, repeated))} repeated")
+    return value
+
+
+# The LoRAs render applies to a job.
+Loras = Annotated[list[LoraHint], Field(max_length=MAX_LORAS), AfterValidator(_distinct_loras)]
 
 
 class Contribution(_Model):
@@ -249,7 +270,7 @@ class EnhancedPrompt(_Model):
         description="What wrote the prompt: 'ollama:<model>', 'template', 'passthrough'."
     )
     contributions: list[Contribution] = Field(default_factory=list)
-    loras: list[LoraHint] = Field(default_factory=list)
+    loras: Loras = Field(default_factory=list)
     model: str
     width: Dimension
     height: Dimension
@@ -266,11 +287,25 @@ class EnhancedPrompt(_Model):
     replay_of: GenerationId | None = Field(
         default=None, description="The generation this one replays, when it is a replay."
     )
+    # Not data: no event carries it (see dated_by_day).
+    _dated_by_day: bool = PrivateAttr(default=False)
 
     @property
     def occurred_at(self) -> datetime:
         """The time of its event: the request's, fixed once for the generation."""
         return self.requested_at
+
+    @property
+    def dated_by_day(self) -> bool:
+        """Whether ``requested_at`` is only the day of a direct call that named its generation
+        but no time; render dates such a job by the day its generation was first rendered."""
+        return self._dated_by_day
+
+    def as_dated_by_day(self) -> EnhancedPrompt:
+        """This job, marked :attr:`dated_by_day`."""
+        job = self.model_copy()
+        job._dated_by_day = True
+        return job
 
 
 class RenderRequest(_Model):
@@ -293,7 +328,7 @@ class RenderRequest(_Model):
     fallback: bool = False
     enhancer: str = Field(default="none", description="What wrote the prompt; 'none': the caller.")
     contributions: list[Contribution] = Field(default_factory=list)
-    loras: list[LoraHint] = Field(default_factory=list)
+    loras: Loras = Field(default_factory=list)
     model: str | None = Field(default=None, description="Default: the model render serves.")
     width: Dimension = 1024
     height: Dimension = 1024

@@ -23,6 +23,7 @@ from imagegen.identity import (
     valid_generation_id,
 )
 from imagegen.models import (
+    MAX_LORAS,
     Contribution,
     EnhancedPrompt,
     GenerationRequest,
@@ -40,10 +41,24 @@ logger = logging.getLogger("imagegen.enhance")
 
 
 def _loras(contributions: Sequence[Contribution]) -> list[LoraHint]:
+    """The plugins' LoRA hints as render takes them: each name and each path once, the first
+    given kept, at most :data:`MAX_LORAS` (a plugin's hints beyond are left out, and said)."""
     found: dict[str, LoraHint] = {}
+    paths: set[str] = set()
     for contribution in contributions:
         for hint in contribution.loras:
-            found.setdefault(hint.name, hint)
+            if hint.name in found or hint.path in paths:
+                continue
+            if len(found) == MAX_LORAS:
+                logger.warning(
+                    "plugin %s: LoRA %s left out (a job applies at most %d)",
+                    contribution.plugin,
+                    hint.name,
+                    MAX_LORAS,
+                )
+                continue
+            found[hint.name] = hint
+            paths.add(hint.path)
     return list(found.values())
 
 

@@ -14,15 +14,13 @@ from pathlib import Path
 from huggingface_hub import is_offline_mode
 
 from imagegen.errors import DependencyUnavailable, InvalidRequest
-from imagegen.models import LoraHint
+from imagegen.models import MAX_LORAS, LoraHint
 from imagegen.modelspec import family_for
 from imagegen.render._errors import INSTALL_HINT, field_error, first_line
 from imagegen.render._loading import Pipeline, hub_errors, hub_options, looks_like_path
 from imagegen.settings import Settings
 
-__all__ = ["MAX_ADAPTERS", "LoraAdapters", "check_lora_support"]
-
-MAX_ADAPTERS = 8  # LoRA adapters kept loaded per model; the least recently used go first
+__all__ = ["LoraAdapters", "check_lora_support"]
 
 
 def check_lora_support(model: str, pipe: Pipeline) -> None:
@@ -55,7 +53,8 @@ class LoraAdapters:
 
         Raises:
             InvalidRequest: A LoRA is not configured on this service (each one named by its
-                field, ``loras.<i>.path``, as pydantic names it), or cannot be loaded.
+                field, ``loras.<i>.path``, as pydantic names it), or cannot be loaded; two
+                name the same weights (``loras``).
         """
         # Every hint is checked before anything is opened.
         sources = self._sources(loras)
@@ -70,9 +69,10 @@ class LoraAdapters:
                 del loaded[lora.name]
             self._load(pipe, lora, source, field=f"loras.{index}.path")
             loaded[lora.name] = source
-        # Bound the memory adapters take: drop the least recently used ones this job does not use.
+        # Bound the memory adapters take: drop the least recently used ones this job does not
+        # use. A job names at most MAX_LORAS, so as many stay loaded per model.
         unused = [name for name in loaded if name not in wanted]
-        for name in unused[: max(0, len(loaded) - MAX_ADAPTERS)]:
+        for name in unused[: max(0, len(loaded) - MAX_LORAS)]:
             pipe.delete_adapters(name)
             del loaded[name]
         pipe.set_adapters(list(wanted), adapter_weights=[lora.weight for lora in wanted.values()])
@@ -96,6 +96,13 @@ class LoraAdapters:
                 sources.append(source)
         if errors:
             raise InvalidRequest("; ".join(error["message"] for error in errors), errors=errors)
+        # Paths that differ as written ("dir/", "dir/../dir") may still name the same weights.
+        first: dict[str, str] = {}
+        for lora, source in zip(loras, sources, strict=True):
+            if source in first:
+                message = f"LoRAs {first[source]!r} and {lora.name!r} are the same weights"
+                raise field_error("loras", message)
+            first[source] = lora.name
         return sources
 
     def _configured(self, path: str) -> str | None:

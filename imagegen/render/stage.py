@@ -86,6 +86,7 @@ class RenderStage:
         self._lock = asyncio.Lock()
         self._held: list[EnhancedPrompt] = []  # the jobs admitted and not yet done
         self._generation_lock = KeyedLocks()  # one render per generation at a time
+        self._stores = 0  # images this process stored (or found stored by another replica)
         self._waiters = Waiters()  # stored renders, dropped unstarted once nobody waits
         self._batcher: Batcher | None = None
 
@@ -257,19 +258,50 @@ class RenderStage:
         with what it stored, so every reply is the same. Once its pipeline call has started, a
         render finishes and is stored even if its request is cancelled (a timeout), so the
         retry finds the image instead of rendering it again; before that, it is dropped once
-        every request waiting for its generation has gone (:class:`Waiters`).
+        every request waiting for its generation has gone (:class:`Waiters`). A different job
+        under a generation id already rendered is refused: a direct call dated by the day
+        before it is rendered (:meth:`_as_claimed`), any other when it claims the id.
         """
         keys = GenerationKeys(job.generation_id, job.requested_at)
         fingerprint = stored_png.fingerprint(job)
         busy = job.generation_id in self._generation_lock  # another delivery is at work
+        stores = self._stores  # one that starts and stores while this one looks moves it
         done = await self._stored(job, keys, fingerprint)
+        if done is None and job.dated_by_day:  # a round trip more: only where the day may move
+            job, done = await self._as_claimed(job, keys)
+            keys = GenerationKeys(job.generation_id, job.requested_at)
+            fingerprint = stored_png.fingerprint(job)
         if done is not None:
             log.info("image already stored; not rendering again", extra={"key": keys.image})
             return done
         return await self._waiters.wait(
             job.generation_id,
-            lambda started: self._render_once(job, keys, fingerprint, progress, busy, started),
+            lambda started: self._render_once(
+                job, keys, fingerprint, progress, started, busy=busy, stores=stores
+            ),
         )
+
+    async def _as_claimed(
+        self, job: EnhancedPrompt, keys: GenerationKeys
+    ) -> tuple[EnhancedPrompt, RenderedImage | None]:
+        """``job``, whose image is not stored under ``keys``, as its generation's claim dates it,
+        and the image stored for it then, if any.
+
+        A job dated only by the day of a direct call (:attr:`EnhancedPrompt.dated_by_day`) is
+        the job of the day its generation was rendered: a retry after midnight gets the same
+        reply; one claimed for another key is refused here, before it is rendered.
+
+        Raises:
+            InvalidRequest: The generation id was rendered from a different job.
+        """
+        image = await stored_png.claimed(self.storage, job.generation_id)
+        day = stored_png.claimed_day(job.generation_id, image) if job.dated_by_day else None
+        if day is None or day == job.requested_at:
+            stored_png.check_claim(job, keys, image)
+            return job, None
+        job = job.model_copy(update={"requested_at": day})
+        keys = GenerationKeys(job.generation_id, day)
+        return job, await self._stored(job, keys, stored_png.fingerprint(job))
 
     async def _render_once(
         self,
@@ -277,19 +309,26 @@ class RenderStage:
         keys: GenerationKeys,
         fingerprint: str,
         progress: ProgressCallback | None,
-        busy: bool,
         started: Callable[[], None],
+        *,
+        busy: bool,
+        stores: int,
     ) -> RenderedImage:
         # The lock first: a delivery that waits for another's image needs no pipeline time,
         # so it holds no admission slot (with a queue of 0 it would be refused otherwise).
         async with self._generation_lock(job.generation_id) as waited:
             # Another delivery of the same job may have finished while this one looked or
-            # waited; with none at work since before the look, storage is not asked again.
-            done = await self._stored(job, keys, fingerprint) if busy or waited else None
+            # waited (one that started after the look, too: a slow look, and this process
+            # stored an image meanwhile); with none at work and none stored since before the
+            # look, storage is not asked again.
+            again = busy or waited or self._stores != stores
+            done = await self._stored(job, keys, fingerprint) if again else None
             if done is not None:
                 return done
             async with self._admission(job):
-                return await self._render_and_store(job, keys, fingerprint, progress, started)
+                done = await self._render_and_store(job, keys, fingerprint, progress, started)
+            self._stores += 1  # before the lock is let go: the next holder sees it
+            return done
 
     async def _render_and_store(
         self,

@@ -11,7 +11,7 @@ import hashlib
 import json
 from datetime import UTC, datetime
 
-from imagegen.errors import InvalidRequest
+from imagegen.errors import InvalidRequest, NotFound
 from imagegen.models import EnhancedPrompt, RenderedImage
 from imagegen.storage.base import GenerationKeys, Storage, StoredObject
 
@@ -119,15 +119,55 @@ def claim_key(generation_id: str) -> str:
     return f"renders/{generation_id}.json"
 
 
+async def claimed(storage: Storage, generation_id: str) -> str | None:
+    """The image key ``generation_id`` is claimed for; None while it is not (or its claim is
+    not one this code wrote: it decides nothing).
+
+    Raises:
+        DependencyUnavailable: storage cannot say.
+    """
+    try:
+        image = json.loads(await storage.get(claim_key(generation_id))).get("image")
+    except (NotFound, ValueError, AttributeError):
+        return None
+    return image if isinstance(image, str) else None
+
+
+def claimed_day(generation_id: str, image: str | None) -> datetime | None:
+    """The day (midnight, UTC) of the image key ``generation_id`` is claimed for, if any."""
+    if image is None:
+        return None
+    try:
+        return GenerationKeys.of_image(generation_id, image).requested_at
+    except InvalidRequest:  # not a key this code claims
+        return None
+
+
+def check_claim(job: EnhancedPrompt, keys: GenerationKeys, image: str | None) -> None:
+    """Refuse ``job`` when its id is claimed (``image``, from :func:`claimed`) for another key.
+
+    Raises:
+        InvalidRequest: the id was claimed for an image of another day.
+    """
+    if image is not None and image != keys.image:
+        raise InvalidRequest(
+            f"generation {job.generation_id!r} was already rendered from a different job"
+            f" (as {image})",
+            errors=[{"field": "generation_id", "message": "already rendered from another job"}],
+        )
+
+
 async def claim(storage: Storage, job: EnhancedPrompt, keys: GenerationKeys) -> None:
     """Claim ``job``'s generation id for its image key, before its PNG is stored.
 
     The image's key carries the request's day, so the stored PNG alone can tell a different
     job under a rendered id from this one only on the same day: a job of another day (an event
-    dated otherwise, a direct call without a time retried after midnight) would find no PNG
-    under its own key and store a second image. The claim has no date: the first job to store
-    an id's image writes which key it stores it under (first writer wins, across replicas); a
-    job whose key is another is refused, as a different job on the same day is.
+    dated otherwise) would find no PNG under its own key and store a second image. The claim
+    has no date: the first job to store an id's image writes which key it stores it under
+    (first writer wins, across replicas); a job whose key is another is refused, as a
+    different job on the same day is. A direct call dated by the day has render look at the
+    claim before it renders too (:func:`claimed`): its day is the claim's; this write decides
+    between jobs that looked at once.
 
     Raises:
         InvalidRequest: the id was claimed for an image of another day.
@@ -137,13 +177,4 @@ async def claim(storage: Storage, job: EnhancedPrompt, keys: GenerationKeys) -> 
     body = json.dumps({"image": keys.image}, separators=(",", ":")).encode()
     if await storage.create(key, body, content_type="application/json"):
         return
-    try:
-        claimed = json.loads(await storage.get(key)).get("image")
-    except (ValueError, AttributeError):
-        claimed = None  # not a claim this code wrote: it decides nothing
-    if claimed is not None and claimed != keys.image:
-        raise InvalidRequest(
-            f"generation {job.generation_id!r} was already rendered from a different job"
-            f" (as {claimed})",
-            errors=[{"field": "generation_id", "message": "already rendered from another job"}],
-        )
+    check_claim(job, keys, await claimed(storage, job.generation_id))

@@ -39,9 +39,11 @@ def _complete(settings: Settings, request: RenderRequest) -> EnhancedPrompt:
     family = family_for(model)
     generation_id = request.generation_id or new_generation_id()
     requested_at = request.requested_at or datetime.now(UTC)
-    if request.requested_at is None and request.generation_id is not None:
+    by_day = request.requested_at is None and request.generation_id is not None
+    if by_day:
         # A retry of the same body must be the same job (its fingerprint decides whether the
-        # stored image answers it): a named generation without a time is dated by the day.
+        # stored image answers it): a named generation without a time is dated by the day,
+        # and by render, once the generation is rendered, by that day (a retry after midnight).
         requested_at = requested_at.replace(hour=0, minute=0, second=0, microsecond=0)
     filled = {
         "generation_id": generation_id,
@@ -51,7 +53,8 @@ def _complete(settings: Settings, request: RenderRequest) -> EnhancedPrompt:
         "seed": derive_seed(generation_id) if request.seed is None else request.seed,
         "requested_at": requested_at,
     }
-    return parse_model(EnhancedPrompt, {**request.model_dump(), **filled})
+    job = parse_model(EnhancedPrompt, {**request.model_dump(), **filled})
+    return job.as_dated_by_day() if by_day else job
 
 
 def _timeout(settings: Settings) -> float:

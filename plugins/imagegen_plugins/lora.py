@@ -32,7 +32,8 @@ _MAX_WEIGHT = 2.0
 
 
 def _safe_name(text: str) -> str:
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", text).lstrip("._-")[:128]
+    # A LoraHint's name: no "." either, which torch refuses in the adapter's module name.
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", text).lstrip("_-")[:128]
     return name or "lora"
 
 

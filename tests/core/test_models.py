@@ -9,6 +9,7 @@ from pydantic import BaseModel
 from imagegen.errors import InvalidRequest
 from imagegen.models import (
     MAX_FINAL_PROMPT_CHARS,
+    MAX_LORAS,
     MAX_METADATA_BYTES,
     DerivedImage,
     EnhancedPrompt,
@@ -201,6 +202,32 @@ def test_a_final_prompt_is_bounded_as_no_text_encoder_reads_further() -> None:
         with pytest.raises(InvalidRequest) as caught:
             parse_model(model, {**data, "prompt": longest + "a"})
         assert caught.value.fields == ["prompt"]
+
+
+def _loras(count: int, **same: str) -> list[dict[str, str]]:
+    return [{"name": f"l{i}", "path": f"/loras/l{i}", **same} for i in range(count)]
+
+
+@pytest.mark.parametrize(
+    ("loras", "field"),
+    [
+        # Each name is an adapter render loads and holds: as many as it keeps per model.
+        (_loras(MAX_LORAS + 1), "loras"),
+        (_loras(2, name="twice"), "loras"),
+        (_loras(2, path="/loras/same"), "loras"),  # the same weights, added up
+        # torch refuses a "." in an adapter's name: refused here, naming the name.
+        ([{"name": "my.lora", "path": "/loras/my.lora"}], "loras.0.name"),
+    ],
+)
+def test_a_job_s_loras_are_bounded_and_each_given_once(
+    loras: list[dict[str, str]], field: str
+) -> None:
+    most = parse_model(RenderRequest, {"prompt": "p", "loras": _loras(MAX_LORAS)})
+    assert len(most.loras) == MAX_LORAS
+    for model, data in ((EnhancedPrompt, JOB), (RenderRequest, {"prompt": "p"})):
+        with pytest.raises(InvalidRequest) as caught:
+            parse_model(model, {**data, "loras": loras})
+        assert caught.value.fields == [field]
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ import pytest
 
 from imagegen.enhance import EnhanceStage
 from imagegen.errors import InvalidRequest
-from imagegen.models import derive_seed
+from imagegen.models import MAX_LORAS, Contribution, LoraHint, derive_seed
 from imagegen.modelspec import family_for
 from imagegen.plugins import PluginSet
 from imagegen.settings import Settings
@@ -120,6 +120,32 @@ async def test_lora_hints_are_collected(make_stage: MakeStage, tmp_path: Path) -
     job = await _run(make_stage(**settings_overrides), enhance=False)
     assert [(h.name, h.weight, h.trigger) for h in job.loras] == [("pixel", 0.6, "pixelart")]
     assert job.prompt == "a red fox, pixelart"
+
+
+class _ManyLoras:
+    """A plugin naming more LoRAs than a job applies, and one file under two names."""
+
+    name = "many_loras"
+    description = "LoRA hints, too many"
+
+    async def contribute(self, context: object) -> Contribution:
+        hints = [LoraHint(name=n, path="/loras/one.safetensors") for n in ("twin", "twin2")]
+        hints += [LoraHint(name=f"l{i}", path=f"/loras/{i}.safetensors") for i in range(12)]
+        hints.append(LoraHint(name="l0", path="/loras/other.safetensors"))
+        return Contribution(plugin=self.name, text="", loras=hints)
+
+
+async def test_lora_hints_past_what_render_takes_are_left_out(
+    make_stage: MakeStage, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(plugins=["many_loras"])
+    plugins = PluginSet([_ManyLoras()], settings=settings)
+    with caplog.at_level(logging.WARNING, logger="imagegen.enhance"):
+        job = await _run(make_stage(plugins), enhance=False)
+    # Each name and each path once, the first given kept, as many as a job applies.
+    assert [h.name for h in job.loras] == ["twin"] + [f"l{i}" for i in range(MAX_LORAS - 1)]
+    assert len({h.path for h in job.loras}) == MAX_LORAS
+    assert "left out" in caplog.text
 
 
 # 5. Invalid requests

@@ -155,3 +155,41 @@ def test_configured_loras_apply(
 
     assert all(np.abs(image - plain).mean() > 0 for image in styled)
     assert load_calls == [str(lora_dir.resolve()), str(outside)]
+
+
+def test_one_lora_s_weights_under_two_names_are_refused_before_loading(
+    backend: DiffusersBackend, make_job: MakeJob, lora_dir: Path, load_calls: list[str]
+) -> None:
+    # The paths differ as written, not once resolved: the same weights, added up, loaded twice.
+    loras = [
+        LoraHint(name="sketchy", path=str(lora_dir)),
+        LoraHint(name="again", path=f"{lora_dir}/../{lora_dir.name}"),
+    ]
+
+    with pytest.raises(InvalidRequest) as caught:
+        backend.render(make_job(loras=loras))
+
+    assert caught.value.fields == ["loras"]
+    assert caught.value.message == "LoRAs 'sketchy' and 'again' are the same weights"
+    assert load_calls == []
+
+
+def test_a_lora_file_named_with_dots_is_applied_as_the_plugin_names_it(
+    backend: DiffusersBackend, make_job: MakeJob, lora_root: Path, lora_dir: Path
+) -> None:
+    # torch refuses a "." in an adapter's name, so a LoraHint's name has none: the lora plugin
+    # names "sketchy.v2.safetensors" without it, and render applies it.
+    from imagegen_plugins.lora import find_loras
+
+    weights = lora_dir / "pytorch_lora_weights.safetensors"
+    dotted = lora_root / "sketchy.v2.safetensors"
+    dotted.write_bytes(weights.read_bytes())
+    try:
+        hint = next(hint for hint in find_loras(lora_root) if hint.path == str(dotted))
+        assert hint.name == "sketchy-v2"
+        plain = _pixels(backend.render(make_job(seed=6)).png).astype(int)
+        styled = _pixels(backend.render(make_job(seed=6, loras=[hint])).png).astype(int)
+    finally:
+        dotted.unlink()
+
+    assert np.abs(styled - plain).mean() > 0

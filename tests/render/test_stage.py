@@ -15,6 +15,7 @@ from imagegen.render.base import ProgressCallback, RenderOutput
 from imagegen.render.stage import RenderStage
 from imagegen.settings import Settings
 from imagegen.storage import LocalStorage
+from imagegen.storage.base import StoredObject
 from tests.fakes.render_backend import ReadyBackend, enhanced_prompt
 from tests.fakes.storage import CountingStorage
 
@@ -106,6 +107,40 @@ async def test_storage_is_asked_again_only_when_another_delivery_was_at_work(
     assert storage.heads == 3  # both looked; the second looked again once the first was done
 
 
+class _SlowFirstLook(LocalStorage):
+    """The first look for a stored image answers only once :attr:`answer` is set, with what it
+    saw before (S3 under load)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.looking = asyncio.Event()
+        self.answer = asyncio.Event()
+
+    async def head(self, key: str) -> StoredObject | None:
+        found = await super().head(key)
+        if not self.looking.is_set():
+            self.looking.set()
+            await self.answer.wait()
+        return found
+
+
+async def test_a_delivery_whose_look_is_slow_does_not_render_what_another_stored_meanwhile(
+    tmp_path: Path,
+) -> None:
+    # The second delivery starts, renders and stores while the first still waits for its look:
+    # no delivery was at work when the first looked, and the first never waits for the lock.
+    backend = SlowBackend(0.0)
+    storage = _SlowFirstLook(tmp_path)
+    render = RenderStage(Settings(render_queue_size=4), storage, lambda: backend)
+    slow = asyncio.ensure_future(render.render(job("slow-look")))
+    await storage.looking.wait()
+    fast = await render.render(job("slow-look"))
+    storage.answer.set()
+
+    assert await slow == fast
+    assert backend.finished == 1
+
+
 async def test_a_cancelled_render_is_still_stored_for_the_retry(tmp_path: Path) -> None:
     backend = SlowBackend(0.2)
     render = stage(backend, tmp_path, queue=4)
@@ -132,12 +167,14 @@ async def test_another_job_under_a_rendered_generation_is_refused_on_any_day(
     tmp_path: Path,
 ) -> None:
     """The image key carries the request's day: a job of the same id dated another day (an
-    event dated otherwise, a direct call without a time retried after midnight) finds no PNG
-    under its own key, and once stored a second image. The id's claim refuses it; the same
-    job again is still answered from storage."""
+    event dated otherwise) finds no PNG under its own key, and once stored a second image. The
+    id's claim refuses it (once rendered: a look at the claim before each render would cost
+    every render a round trip, for a caller's mistake); the same job again is still answered
+    from storage."""
     from datetime import timedelta
 
-    render = stage(SlowBackend(0.0), tmp_path, queue=4)
+    backend = SlowBackend(0.0)
+    render = stage(backend, tmp_path, queue=4)
     first = await render.render(job("dated"))
     later = job("dated")
     later = later.model_copy(update={"requested_at": later.requested_at + timedelta(days=1)})
