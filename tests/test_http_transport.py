@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
 import gzip
-import ipaddress
 import ssl
 import threading
 from collections.abc import Iterator
@@ -20,13 +18,10 @@ from pathlib import Path
 import httpx
 import ollama
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from imagegen._http import AiohttpTransport
 from tests.fakes.loopback import LoopbackServer
+from tests.fakes.tls import self_signed
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -197,40 +192,10 @@ def test_each_event_loop_gets_a_session_of_its_own(server: _Server) -> None:
 # -- TLS -----------------------------------------------------------------------------------
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 async def test_https_verifies_the_server_against_the_given_roots(
     server: _Server, tmp_path: Path
 ) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path / "cert.pem", tmp_path / "key.pem")
     served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     served.load_cert_chain(cert, key)
     server.server.socket = served.wrap_socket(server.server.socket, server_side=True)

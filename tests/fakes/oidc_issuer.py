@@ -8,8 +8,6 @@ service-account TokenRequest whose only audience is the subscriber's).
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import ssl
 import time
@@ -18,12 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.fakes.loopback import LoopbackServer
+from tests.fakes.tls import self_signed
 
 __all__ = ["AUDIENCE", "SUBJECT", "Issuer"]
 
@@ -49,33 +45,7 @@ class Issuer(LoopbackServer):
         serving from one directory share its certificate, as one cluster's API servers do."""
         cert_path, key_path = directory / "ca.crt", directory / "tls.key"
         if not cert_path.exists():
-            key = ec.generate_private_key(ec.SECP256R1())
-            name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-            now = datetime.datetime.now(datetime.UTC)
-            certificate = (
-                x509.CertificateBuilder()
-                .subject_name(name)
-                .issuer_name(name)
-                .public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + datetime.timedelta(hours=1))
-                .add_extension(
-                    x509.SubjectAlternativeName(
-                        [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                    ),
-                    critical=False,
-                )
-                .sign(key, hashes.SHA256())
-            )
-            cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-            key_path.write_bytes(
-                key.private_bytes(
-                    serialization.Encoding.PEM,
-                    serialization.PrivateFormat.PKCS8,
-                    serialization.NoEncryption(),
-                )
-            )
+            self_signed(cert_path, key_path)
         served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         served.load_cert_chain(cert_path, key_path)
         self.server.socket = served.wrap_socket(self.server.socket, server_side=True)

@@ -352,48 +352,45 @@ class _FailureLines(logging.Handler):
             self.entries.append(json.loads(self.format(record)))
 
 
-def test_a_failure_is_logged_and_answered_under_the_span_that_failed(
-    chain: Chain, otel: InMemoryTelemetry
-) -> None:
-    otel.spans.clear()
+@pytest.fixture
+def failure_lines() -> Iterator[_FailureLines]:
     lines = _FailureLines()
     logger = logging.getLogger("imagegen.functions")
     logger.addHandler(lines)
-    try:
-        headers = cloudevent_headers(
-            GENERATION_REQUESTED, subject="obs-failed-2", traceparent=TRACEPARENT
-        )
-        body = json.dumps({"prompt": "a fox", "model": "not-allowed"}).encode()
-        reply = post(chain.servers["enhance"].url, headers, body)
-    finally:
-        logger.removeHandler(lines)
+    yield lines
+    logger.removeHandler(lines)
+
+
+def test_a_failure_is_logged_and_answered_under_the_span_that_failed(
+    chain: Chain, otel: InMemoryTelemetry, failure_lines: _FailureLines
+) -> None:
+    otel.spans.clear()
+    headers = cloudevent_headers(
+        GENERATION_REQUESTED, subject="obs-failed-2", traceparent=TRACEPARENT
+    )
+    body = json.dumps({"prompt": "a fox", "model": "not-allowed"}).encode()
+    reply = post(chain.servers["enhance"].url, headers, body)
     assert reply.headers["ce-type"] == GENERATION_FAILED
     process = only(otel.finished_spans(), "enhance process").context
     # The failure event goes on from the span that failed, not from the caller's.
     _, trace_id, span_id, _ = reply.headers["ce-traceparent"].split("-")
     assert (trace_id, span_id) == (TRACE_ID, f"{process.span_id:016x}")
     # The line an operator starts from names the trace and the span it failed in.
-    [entry] = lines.entries
+    [entry] = failure_lines.entries
     assert entry["generation_id"] == "obs-failed-2"
     assert (entry["trace_id"], entry["span_id"]) == (TRACE_ID, f"{process.span_id:016x}")
 
 
 def test_a_request_refused_before_its_span_is_logged_in_the_callers_trace(
-    chain: Chain, otel: InMemoryTelemetry
+    chain: Chain, failure_lines: _FailureLines
 ) -> None:
-    lines = _FailureLines()
-    logger = logging.getLogger("imagegen.functions")
-    logger.addHandler(lines)
-    try:
-        headers = cloudevent_headers(
-            GENERATION_REQUESTED, subject="obs-refused-1", traceparent=TRACEPARENT
-        )
-        reply = post(chain.servers["enhance"].url, headers, b'{"prompt": "a fox", "width": "wide"}')
-    finally:
-        logger.removeHandler(lines)
+    headers = cloudevent_headers(
+        GENERATION_REQUESTED, subject="obs-refused-1", traceparent=TRACEPARENT
+    )
+    reply = post(chain.servers["enhance"].url, headers, b'{"prompt": "a fox", "width": "wide"}')
     assert reply.headers["ce-type"] == GENERATION_FAILED
     assert reply.headers["ce-traceparent"] == TRACEPARENT
-    [entry] = lines.entries
+    [entry] = failure_lines.entries
     assert (entry["trace_id"], entry["span_id"]) == (TRACE_ID, PARENT_ID)
 
 
