@@ -52,10 +52,14 @@ class Comparison:
         """A rate (so many per second): its best round is its maximum; any other, its minimum."""
         return self.unit.endswith("/s")
 
+    def best(self, values: list[float]) -> float:
+        """The best round: a rate's maximum, any other figure's minimum."""
+        return max(values) if self.is_rate else min(values)
+
     def pick(self, values: list[float]) -> float:
         if self.statistic == "median":
             return statistics.median(values)
-        return max(values) if self.is_rate else min(values)
+        return self.best(values)
 
     def ratio(self) -> float:
         if self.better == "higher" and not self.is_rate:
@@ -68,6 +72,7 @@ class Comparison:
         return self.target is not None
 
     def met(self) -> bool:
+        """Against the target as given: it is rounded only where printed."""
         if self.target is None:
             raise ValueError(f"{self.name}: no target to meet")
         ratio = self.ratio()
@@ -80,8 +85,8 @@ class Comparison:
         at_most = self.better == "lower"
         sign = ("≤" if at_most else "≥") if markdown else ("<=" if at_most else ">=")
         if markdown:
-            return f"{sign} {self.target:g}x {'met' if self.met() else '**not met**'}"
-        return f"target {sign} {self.target:g}x  {'met' if self.met() else 'NOT MET'}"
+            return f"{sign} {self.target:.3g}x {'met' if self.met() else '**not met**'}"
+        return f"target {sign} {self.target:.3g}x  {'met' if self.met() else 'NOT MET'}"
 
     def label(self) -> str:
         """Which figure the ratio compares: ``min`` (times), ``max`` (rates) or ``median``."""
@@ -93,7 +98,7 @@ class Comparison:
         """The row as a line of the summary table that docs/benchmarks.md shows."""
 
         def both(values: list[float]) -> str:
-            return f"{self.pick(values):.4g} / {statistics.median(values):.4g} {self.unit}"
+            return f"{self.best(values):.4g} / {statistics.median(values):.4g} {self.unit}"
 
         return (
             f"| {self.name} | {both(self.baseline)} | {both(self.project)} | {self.ratio():.2f}x"
@@ -102,7 +107,7 @@ class Comparison:
 
     def print(self) -> None:
         def summary(values: list[float]) -> str:
-            best = f"max {max(values):9.4f}" if self.is_rate else f"min {min(values):9.4f}"
+            best = f"{'max' if self.is_rate else 'min'} {self.best(values):9.4f}"
             return f"{best} med {statistics.median(values):9.4f} {self.unit}"
 
         print(f"{self.name}")

@@ -78,24 +78,31 @@ def png_costs(image: Any, size: int, rounds: int) -> dict[str, tuple[float, int]
     return _timed(f"PNG at {size}²", encode, PNG_THREADS, rounds)
 
 
-def filtered_png_costs(
-    image: Any, size: int, rounds: int, device: str
-) -> dict[str, tuple[float, int]]:
-    """The same PNGs with the rows filtered on ``device`` first, as render does on CUDA with
-    more than one thread (``_device_png``): (best seconds, bytes), the filtering included."""
+def pipeline_output(image: Any, device: Any, dtype: Any) -> Any:
+    """A PIL ``image`` as a pipeline's ``"pt"`` output: ``(1, C, H, W)`` in [0, 1], in
+    ``dtype`` (bfloat16 on CUDA) on ``device``."""
     import numpy as np
+    import torch
+
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy())
+    return (pixels.permute(2, 0, 1)[None].float() / 255).to(device=device, dtype=dtype)
+
+
+def filtered_png_costs(images: Any, size: int, rounds: int) -> dict[str, tuple[float, int]]:
+    """The same PNGs from a pipeline's ``"pt"`` output ``images`` (one image, on its device,
+    in its dtype), the rows filtered there first, as render does on CUDA with more than one
+    thread (``_device_png``): (best seconds, bytes), the filtering included."""
     import torch
 
     from imagegen.render._device_png import filtered_images
     from imagegen.render.png import encode_filtered_png
 
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy())
-    tensor = (pixels.permute(2, 0, 1)[None].float() / 255).to(device)
+    device = images.device.type
     if device == "cuda":
         torch.cuda.synchronize()  # each encoding ends on the host: nothing is left queued
 
     def encode(strategy: Any, threads: int) -> bytes:
-        [filtered] = filtered_images(tensor) or []
+        [filtered] = filtered_images(images) or []
         return encode_filtered_png(
             filtered.rows, mode=filtered.mode, text={}, strategy=strategy, threads=threads
         )

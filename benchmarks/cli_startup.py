@@ -2,10 +2,11 @@
 
     python benchmarks/cli_startup.py [--rounds N]
 
-Each round runs, one after another in the same order, ``python -c pass`` (the interpreter alone:
-the baseline), ``imagegen --help`` (the installed console script, as a user runs it),
-``imagegen generate --help`` and ``python -c "import imagegen"``. Interleaving the rounds puts
-each command and the baseline under the same machine load. Prints min and median seconds and
+Each round runs, one after another, ``python -c pass`` (the interpreter alone: the baseline),
+``imagegen --help`` (the installed console script, as a user runs it), ``imagegen generate
+--help`` and ``python -c "import imagegen"``, each round starting one command further on, so
+that none always runs first or always after the same one. Interleaving the rounds puts each
+command and the baseline under the same machine load. Prints min and median seconds and
 the ratio of medians to the baseline, and whether ``imagegen --help`` meets its target
 (0.25 s, median). Exits 1 when it does not and ``--check`` is given.
 """
@@ -53,8 +54,10 @@ def main() -> int:
     times: dict[str, list[float]] = {name: [] for name in commands}
     for command in commands.values():  # one warm-up each: page cache, .pyc files
         _time(command)
-    for _ in range(args.rounds):
-        for name, command in commands.items():
+    order = list(commands.items())
+    for round_ in range(args.rounds):
+        shift = round_ % len(order)
+        for name, command in order[shift:] + order[:shift]:
             times[name].append(_time(command))
 
     baseline = statistics.median(times["python -c pass (baseline)"])

@@ -16,16 +16,18 @@ Prints, for the model (default: ``IMAGEGEN_MODEL``), each part on its own: a fai
 or part is reported and the rest run on (the exit status is then 1):
 
 1. service overhead: ``DiffusersBackend.render`` (PNG included) against the pipeline's own call
-   with the same arguments (target <= 1.05x), and what the PNG alone costs at that size with
-   each ``IMAGEGEN_PNG_COMPRESS_STRATEGY``, on 1 and 4 threads (encode time, file size), and
-   on 4 threads with the rows filtered on the device first, as render does on CUDA;
+   with the same arguments and output type (target <= 1.05x), in interleaved rounds, and what
+   the PNG alone costs at that size with each ``IMAGEGEN_PNG_COMPRESS_STRATEGY``, on 1 and 4
+   threads (encode time, file size), and on 4 threads with the rows filtered on the device
+   first, as render does on CUDA;
 2. batched against unbatched pixels: max abs difference and PSNR per batch size;
 3. process start to ``/readyz`` of the render function with regional compile and warm-up,
    with a cold and then a warm compile cache;
 4. latency (min, median) and images/s at each size for: bf16 alone, + fused QKV,
    + regional compile, + fp8 (compute capability 8.9+, torchao installed), and all of them
-   (each stopped after ``--option-limit`` seconds); images/s of a batch of 4 too, and the peak
-   GPU memory; at 1024², the target (<= 0.35 s per image) met or not.
+   (each stopped after ``--option-limit`` seconds; each size compiled from a fresh state and
+   empty caches); images/s of a batch of 4 too, and the peak GPU memory; at 1024², the target
+   (<= 0.35 s per image) met or not.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import argparse
 import contextlib
 import inspect
 import io
+import itertools
 import math
 import os
 import signal
@@ -47,8 +50,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from _harness import Served
-from _png import filtered_png_costs, png_costs
+from _harness import Served, interleave
+from _png import filtered_png_costs, pipeline_output, png_costs
 
 OPTIONS: dict[str, dict[str, Any]] = {
     "bf16": {},
@@ -107,6 +110,33 @@ def _backend(args: argparse.Namespace, **options: Any) -> Any:
     )
 
 
+COMPILE_CACHES = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+"""Where Inductor and Triton keep compiled kernels on disk (the environment names them)."""
+
+
+@contextlib.contextmanager
+def fresh_compile_state() -> Iterator[None]:
+    """Compile as a new process with empty caches would: torch's compiled code and its caches
+    in memory reset, Inductor's and Triton's on-disk caches in a new temporary folder; the
+    environment is given back afterwards. Harmless where nothing compiles (``--device cpu``)."""
+    import torch
+
+    saved = {name: os.environ.get(name) for name in COMPILE_CACHES}
+    with tempfile.TemporaryDirectory(prefix="gpu-bench-compile-") as directory:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(directory) / "inductor")
+        os.environ["TRITON_CACHE_DIR"] = str(Path(directory) / "triton")
+        torch.compiler.reset()
+        try:
+            yield
+        finally:
+            torch.compiler.reset()
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
 def options_table(args: argparse.Namespace, steps: int, guidance: float) -> None:
     """Part 4: latency and images/s with each option (the backend is closed after each)."""
     import torch
@@ -129,32 +159,39 @@ def options_table(args: argparse.Namespace, steps: int, guidance: float) -> None
 def option_rows(
     args: argparse.Namespace, name: str, options: dict[str, Any], steps: int, guidance: float
 ) -> None:
-    """One option's rows: load, then per size the first render, the rest, a batch of 4."""
+    """One option's rows: load, then per size the first render, the rest, a batch of 4.
+
+    Each size compiles (where the option compiles) from a fresh state, as a process serving
+    that size alone would: no graph or kernel of another option or size is reused, and no
+    graph made dynamic by having seen the other size.
+    """
     import torch
 
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    backend = _backend(args, **options)
+    # The compile caches are fresh_compile_state's, not IMAGEGEN_RENDER_COMPILE_CACHE_DIR's.
+    backend = _backend(args, render_compile_cache_dir=None, **options)
     try:
         load = backend.load(args.model)
         print(f"{name:<20} load {load:6.1f} s  applied: {backend.fast_path[args.model]}")
         for size in args.sizes:
-            started = time.perf_counter()
-            backend.render(_job(args.model, size, 0, steps, guidance))  # compiles, if it does
-            first = time.perf_counter() - started
-            times = []
-            for i in range(args.rounds):
+            with fresh_compile_state():
                 started = time.perf_counter()
-                backend.render(_job(args.model, size, i + 1, steps, guidance))
-                times.append(time.perf_counter() - started)
-            # A new batch shape compiles again: the first batch is not the one timed.
-            backend.render_batch(
-                [_job(args.model, size, 20 + i, steps, guidance) for i in range(4)]
-            )
-            batch = [_job(args.model, size, 10 + i, steps, guidance) for i in range(4)]
-            started = time.perf_counter()
-            backend.render_batch(batch)
-            batched_rate = len(batch) / (time.perf_counter() - started)
+                backend.render(_job(args.model, size, 0, steps, guidance))  # compiles, if it does
+                first = time.perf_counter() - started
+                times = []
+                for i in range(args.rounds):
+                    started = time.perf_counter()
+                    backend.render(_job(args.model, size, i + 1, steps, guidance))
+                    times.append(time.perf_counter() - started)
+                # A new batch shape compiles again: the first batch is not the one timed.
+                backend.render_batch(
+                    [_job(args.model, size, 20 + i, steps, guidance) for i in range(4)]
+                )
+                batch = [_job(args.model, size, 10 + i, steps, guidance) for i in range(4)]
+                started = time.perf_counter()
+                backend.render_batch(batch)
+                batched_rate = len(batch) / (time.perf_counter() - started)
             target = ""
             if size == TARGET_SIZE:
                 verdict = "met" if min(times) <= TARGET_SECONDS else "not met"
@@ -207,12 +244,19 @@ def reported(what: str, failures: list[str], limit: float | None = None) -> Iter
 
 
 def raw_call(backend: Any, job: Any) -> Callable[[], Any]:
-    """The pipeline's own call for ``job``, with the arguments render passes it."""
+    """The pipeline's own call for ``job``, with the arguments render passes it.
+
+    Its output type too: on CUDA with more than one PNG thread render asks for ``"pt"`` (the
+    pixels stay on the device, quantised and filtered there), elsewhere the default ``"pil"``.
+    The call returns its image (a PIL image, or a ``(C, H, W)`` tensor) once the device's
+    work has ended.
+    """
     import torch
 
     from imagegen.render._family import call_options
 
     pipe = backend._pipelines[job.model]
+    parameters = inspect.signature(pipe.__call__).parameters
     kwargs: dict[str, Any] = {
         "prompt": job.prompt,
         "width": job.width,
@@ -220,8 +264,10 @@ def raw_call(backend: Any, job: Any) -> Callable[[], Any]:
         "num_inference_steps": job.steps,
         **call_options(pipe, job.model),
     }
-    if "guidance_scale" in inspect.signature(pipe.__call__).parameters:
+    if "guidance_scale" in parameters:
         kwargs["guidance_scale"] = job.guidance
+    if backend._filters_on_device() and "output_type" in parameters:
+        kwargs["output_type"] = "pt"  # as render's call (diffusers_backend.render_batch)
     device = backend.device.type
 
     def call() -> Any:
@@ -231,6 +277,24 @@ def raw_call(backend: Any, job: Any) -> Callable[[], Any]:
         return image
 
     return call
+
+
+def host_image(output: Any, rounds: int) -> Any:
+    """The raw call's image as a PIL image. A ``"pt"`` output is converted as diffusers'
+    ``"pil"`` output is (to the host, then quantised there), the conversion timed (best of
+    ``rounds``) and printed: what the pipeline's default output would add to its call."""
+    import torch
+    from diffusers.image_processor import VaeImageProcessor
+
+    if not isinstance(output, torch.Tensor):
+        return output
+    times = []
+    for _ in range(max(rounds, 1)):
+        started = time.perf_counter()
+        [image] = VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(output[None]))
+        times.append(time.perf_counter() - started)
+    print(f'    the "pt" output as a PIL image (what "pil" adds): {min(times) * 1000:.0f} ms')
+    return image
 
 
 def phases(backend: Any, job: Any, timings: dict[str, float], rounds: int) -> dict[str, float]:
@@ -261,29 +325,49 @@ def phases(backend: Any, job: Any, timings: dict[str, float], rounds: int) -> di
 
 
 def overhead(backend: Any, args: argparse.Namespace, steps: int, guidance: float) -> float:
-    """Part 1: render (PNG encode included) against the pipeline's call; the min/min ratio."""
+    """Part 1: render (PNG encode included) against the pipeline's call; the min/min ratio.
+
+    Interleaved rounds, the side that goes first alternating; each round's two sides render
+    the same job.
+    """
     size = max(args.sizes)
-    raw, served, timings = [], [], []
-    for i in range(args.rounds + 1):  # the first pair warms both paths up
-        job = _job(args.model, size, i, steps, guidance)
-        call = raw_call(backend, job)
+    seeds = {"raw": itertools.count(), "render": itertools.count()}
+    timings = []
+
+    def pipeline_alone() -> float:
+        call = raw_call(backend, _job(args.model, size, next(seeds["raw"]), steps, guidance))
         _synchronize(args.device)
         started = time.perf_counter()
         call()
-        raw.append(time.perf_counter() - started)
+        return time.perf_counter() - started
+
+    def through_render() -> float:
+        job = _job(args.model, size, next(seeds["render"]), steps, guidance)
+        _synchronize(args.device)
         started = time.perf_counter()
         timings.append(backend.render(job).timings)
-        served.append(time.perf_counter() - started)
-    raw, served, timings = raw[1:], served[1:], timings[1:]
+        return time.perf_counter() - started
+
+    pipeline_alone(), through_render()  # the first pair warms both paths up
+    timings.clear()
+    raw, served = interleave(args.rounds, pipeline_alone, through_render)
     ratio = min(served) / min(raw)
     print(
         f"overhead at {size}²: pipeline {min(raw):.3f} s, render {min(served):.3f} s,"
         f" ratio {ratio:.3f}x (min against min; target <= 1.05x)"
     )
+    job = _job(args.model, size, 0, steps, guidance)
     phases(backend, job, timings[served.index(min(served))], args.rounds)
-    image = call()
+    output = raw_call(backend, job)()
+    image = host_image(output, args.rounds)
     png_costs(image, size, args.rounds)
-    filtered_png_costs(image, size, args.rounds, args.device)
+    # What render filters: the pipeline's own tensor where it asks for one, else the same
+    # pixels in the pipeline's dtype on its device.
+    if image is output:
+        pixels = pipeline_output(image, backend.device, backend.dtype)
+    else:
+        pixels = output[None]
+    filtered_png_costs(pixels, size, args.rounds)
     return ratio
 
 
@@ -320,6 +404,8 @@ def startup(args: argparse.Namespace) -> None:
             "IMAGEGEN_RENDER_WARMUP": "true",
             "IMAGEGEN_RENDER_COMPILE": "regional",
             "IMAGEGEN_RENDER_COMPILE_CACHE_DIR": str(tmp / "compile-cache"),
+            # Triton's cache beside it, never one the environment names: cold means empty.
+            "TRITON_CACHE_DIR": str(tmp / "triton-cache"),
         }
         for cache in ("cold", "warm"):
             if args.over_budget(f"start-up, {cache} cache"):

@@ -81,6 +81,115 @@ def test_the_summary_line_gives_both_figures_the_ratio_and_the_verdict() -> None
     )
 
 
+def test_the_tables_best_column_is_the_best_round_whatever_the_ratio_compares() -> None:
+    row = Comparison("x", "s", "lower", 1.2, [3.0, 1.0, 2.0], [0.5, 0.4, 0.6], "median")
+    assert row.markdown().startswith("| x | 1 / 2 s | 0.4 / 0.5 s | 0.25x (median) |")
+    rate = Comparison("r", "req/s", "higher", None, [9.0, 7.0, 8.0], [2.0, 1.0, 3.0], "median")
+    assert rate.markdown().startswith("| r | 9 / 8 req/s | 3 / 2 req/s |")
+
+
+def test_a_target_is_met_as_given_and_rounded_only_where_printed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # 3 x 89/1160 is 0.23017...: a ratio of 0.2301 misses it, though both print as 0.23.
+    row = Comparison("x", "req/s", "higher", 3 * 89 / 1160, [1000.0], [230.1])
+    assert not row.met()
+    assert row.markdown().endswith("| 0.23x (max) | ≥ 0.23x **not met** |")
+    row.print()
+    assert "target >= 0.23x  NOT MET" in capsys.readouterr().out
+
+
+def test_the_ollama_down_rows_give_the_median_mean_and_95th_percentile() -> None:
+    from _ollama_down import _rows
+
+    baseline = [[0.01] * 7, [0.02] * 7]
+    project = [[1.5, 1.5, 1.5, *[0.001] * 4], [1.7, 1.5, 1.3, *[0.001] * 4]]
+    rows = _rows("down: {statistic}", baseline, project, target=1.2, first=3)
+    assert [row.name for row in rows] == ["down: p50", "down: mean", "down: p95"]
+    assert [row.target for row in rows] == [1.2, None, None]
+    assert rows[0].note == "(the first 3: 1.60, 1.50, 1.40 s; then the circuit is open)"
+    assert rows[0].project == [0.001, 0.001] and rows[0].met()
+    assert rows[1].project == pytest.approx([4.5 / 7 + 0.004 / 7, 4.5 / 7 + 0.004 / 7])
+    assert rows[2].project == pytest.approx([1.5, 1.64])  # 1.5 + 0.7 of the way to 1.7
+
+
+def test_the_hanging_ollama_accepts_connections_and_never_answers() -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    from _ollama_down import hanging_server
+
+    with hanging_server() as url:
+        address = urlsplit(url)
+        with socket.create_connection((address.hostname, address.port), timeout=5) as sock:
+            sock.sendall(b"GET /api/tags HTTP/1.1\r\nHost: ollama\r\n\r\n")
+            sock.settimeout(0.2)
+            with pytest.raises(TimeoutError):
+                sock.recv(1)
+    with (
+        pytest.raises(ConnectionRefusedError),
+        socket.create_connection((address.hostname, address.port), timeout=5),
+    ):
+        pass
+
+
+def test_the_cpu_time_of_a_served_process_counts_threads_that_have_ended() -> None:
+    import subprocess
+
+    from _rate import _cpu_seconds
+
+    # A thread that spins for 0.3 s of CPU, then ends; the process then waits for its stdin.
+    script = (
+        "import sys, threading, time\n"
+        "def spin():\n"
+        "    end = time.thread_time() + 0.3\n"
+        "    while time.thread_time() < end: pass\n"
+        "t = threading.Thread(target=spin); t.start(); t.join()\n"
+        "print('done', flush=True); sys.stdin.read()\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None and process.stdout.readline() == "done\n"
+        assert _cpu_seconds(process.pid) >= 0.3
+    finally:
+        process.communicate("")
+
+
+def test_the_cli_start_up_rounds_rotate_which_command_goes_first(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import cli_startup
+
+    commands = {"python -c pass (baseline)": ["a"], "imagegen --help": ["b"], "other": ["c"]}
+    ran: list[str] = []
+    monkeypatch.setattr(cli_startup, "_commands", lambda: commands)
+    monkeypatch.setattr(cli_startup, "_time", lambda command: ran.append(command[0]) or 0.1)
+    monkeypatch.setattr(sys, "argv", ["cli_startup.py", "--rounds", "4"])
+    assert cli_startup.main() == 0
+    assert "".join(ran) == "abc" + "abc" + "bca" + "cab" + "abc"  # the warm-ups, then 4 rounds
+    assert "imagegen --help" in capsys.readouterr().out
+
+
+def test_each_options_compile_starts_from_fresh_caches(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torch")
+    import os
+
+    import gpu
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/somewhere/warm")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    seen = []
+    for _ in range(2):
+        with gpu.fresh_compile_state():
+            seen.append({name: os.environ[name] for name in gpu.COMPILE_CACHES})
+            assert all(Path(path).parent.is_dir() for path in seen[-1].values())
+    assert seen[0] != seen[1] and "/somewhere/warm" not in seen[0].values()
+    assert os.environ["TRITON_CACHE_DIR"] == "/somewhere/warm"
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+
+
 def test_the_gpu_script_refuses_to_run_without_cuda(capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("torch")
     import gpu
