@@ -102,14 +102,18 @@ def reply_attributes(
 ) -> dict[str, str]:
     """The attributes of the event ``stage`` answers with: alike for every delivery.
 
-    The id is stable for the generation (else for ``cause``, the event that failed) and the
-    time comes from the data, never the clock (none where the data has none: a failure of an
-    event without a time), so a redelivery to any replica answers alike.
+    The id is stable for the generation and, for a failure, ``cause``, the event that failed
+    (its ``source#id``): a generation's stage answers one event (first writer wins), but may
+    fail on two different requests naming it, two events the sinks and the ledger, keyed on
+    ``source`` and ``id`` as CloudEvents has them unique, must both keep. The time comes from
+    the data, never the clock (none where the data has none: a failure of an event without a
+    time), so a redelivery to any replica answers alike.
     """
+    named = ":".join(part for part in (generation_id, cause) if part) or "unknown"
     attributes = {
         "type": event_type,
         "source": source_for(stage),
-        "id": reply_id(generation_id or cause or "unknown", event_type),
+        "id": reply_id(named, event_type),
         "datacontenttype": "application/json",
         "dataschema": dataschema(event_type),
     }

@@ -126,17 +126,46 @@ def request_time(declared: datetime | None, fallback: datetime | None = None) ->
     return aware(declared or fallback or datetime.now(UTC))
 
 
+# RFC 3339, section 5.6 (date-time): "T" and "Z" in either case (its note to section 5.6), any
+# number of fraction digits, an offset of hours and minutes. Python's ISO 8601 reader takes
+# more (a date alone, a space, offsets with seconds) that a CloudEvents SDK refuses, and
+# refuses what RFC 3339 allows (a lower-case "t", a leap second).
+_RFC3339 = re.compile(
+    r"(?P<date>\d{4}-\d{2}-\d{2})[Tt](?P<minute>\d{2}:\d{2}):(?P<second>\d{2})"
+    r"(?P<fraction>\.\d+)?(?P<offset>[Zz]|[+-]\d{2}:\d{2})",
+    re.ASCII,
+)
+
+
+def parse_rfc3339(value: str) -> datetime:
+    """An RFC 3339 timestamp, aware; a leap second (``:60``) is the last microsecond before
+    the next minute (Python has none), so the order of times is kept.
+
+    Raises:
+        ValueError: ``value`` is no RFC 3339 timestamp.
+    """
+    found = _RFC3339.fullmatch(value)
+    if found is None:
+        raise ValueError(f"{value[:40]!r} is not an RFC 3339 timestamp")
+    offset = found["offset"].upper().replace("Z", "+00:00")
+    second, fraction = found["second"], found["fraction"] or ""
+    if second == "60":  # RFC 3339, section 5.7: only in the last minute of a day, UTC
+        second, fraction = "59", ".999999"
+    return datetime.fromisoformat(f"{found['date']}T{found['minute']}:{second}{fraction}{offset}")
+
+
 def event_time(attributes: Mapping[str, str]) -> datetime | None:
     """The event's ``time`` attribute, parsed (None when absent).
 
     Raises:
-        InvalidRequest: naming ``time`` when it is not an RFC 3339 timestamp, or out of range.
+        InvalidRequest: naming ``time`` when it is not an RFC 3339 timestamp (an empty one
+            included), or out of range.
     """
     value = attributes.get("time")
-    if not value:
+    if value is None:
         return None
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        parsed = parse_rfc3339(value)
     except ValueError:
         raise InvalidRequest(
             f"event time {value[:40]!r} is not an RFC 3339 timestamp",

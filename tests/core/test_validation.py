@@ -112,7 +112,41 @@ def test_event_times_out_of_range_are_a_400(value: str) -> None:
     assert caught.value.fields == ["time"]
 
 
-def test_event_times_in_range_are_made_aware() -> None:
-    assert event_time({"time": "2026-05-01T00:00:00"}) == datetime(2026, 5, 1, tzinfo=UTC)
+def test_event_times_in_range_are_read() -> None:
     late = datetime(2999, 12, 31, 23, 59, tzinfo=timezone(-timedelta(hours=23)))
     assert event_time({"time": late.isoformat()}) == late
+    assert event_time({}) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        # RFC 3339, section 5.6: "T" and "Z" in either case, any number of fraction digits.
+        ("2026-01-07T10:00:00Z", datetime(2026, 1, 7, 10, tzinfo=UTC)),
+        ("2026-01-07t10:00:00z", datetime(2026, 1, 7, 10, tzinfo=UTC)),
+        ("2026-01-07T10:00:00.123456789Z", datetime(2026, 1, 7, 10, 0, 0, 123456, tzinfo=UTC)),
+        ("2026-01-07T15:30:00+05:30", datetime(2026, 1, 7, 10, tzinfo=UTC)),
+        # A leap second (section 5.7): before the next minute, after the one it ends.
+        ("2016-12-31T23:59:60Z", datetime(2016, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)),
+    ],
+)
+def test_event_times_are_rfc_3339(value: str, expected: datetime) -> None:
+    assert event_time({"time": value}) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",  # sent, and empty: no timestamp
+        "2026-01-07",  # a date alone
+        "2026-01-07T10:00:00",  # no offset: RFC 3339 has none naive
+        "2026-01-07 10:00:00Z",  # a space
+        "2026-W02-3T10:00:00Z",  # an ISO week date
+        "2026-01-07T10:00:00+05:30:15",  # an offset with seconds
+        "2026-01-07T10:00Z",  # no seconds
+    ],
+)
+def test_event_times_other_than_rfc_3339_are_a_400(value: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        event_time({"time": value})
+    assert caught.value.fields == ["time"]

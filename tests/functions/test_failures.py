@@ -76,6 +76,23 @@ def test_a_final_failure_is_answered_2xx_with_generation_failed(
     assert other.headers["ce-id"] != reply.headers["ce-id"]
 
 
+def test_two_requests_failing_for_one_generation_are_two_events(
+    served: dict[str, FunctionServer],
+) -> None:
+    """CloudEvents has ``source`` and ``id`` unique per distinct event, and the sinks and the
+    ledger keep one event per pair: two different requests naming one generation that both
+    fail are two failures, each answered alike at every delivery."""
+    enhance = served["enhance"]
+    send = partial(post_event, enhance.url, GENERATION_REQUESTED, source="/tests", subject="twice")
+    wide = send({"width": 7}, event_id="twice-1", time=SENT_AT)
+    high = send({"height": 7}, event_id="twice-2", time=SENT_AT)
+    assert wide.headers["ce-type"] == high.headers["ce-type"] == GENERATION_FAILED
+    assert wide.headers["ce-subject"] == high.headers["ce-subject"] == "twice"
+    assert wide.headers["ce-id"] != high.headers["ce-id"]
+    again = send({"width": 7}, event_id="twice-1", time=SENT_AT)
+    assert again.headers["ce-id"] == wide.headers["ce-id"]
+
+
 def test_a_failure_of_an_event_without_a_time_is_answered_alike_and_recorded_once(
     served: dict[str, FunctionServer],
 ) -> None:

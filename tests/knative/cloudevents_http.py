@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -66,12 +67,25 @@ def encode_binary(event: Event) -> Message:
     return Message(headers, event.data)
 
 
+# What Go's time.Parse(time.RFC3339Nano, v) takes: an upper-case "T" and "Z" (the layout's
+# literals), any fraction, seconds below 60 (Go has no leap second).
+_GO_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:(?P<second>\d{2})(\.\d+)?(Z|[+-]\d{2}:\d{2})", re.ASCII
+)
+
+
 def _check(attributes: Mapping[str, str]) -> None:
     missing = [name for name in REQUIRED if not attributes.get(name)]
     if missing:
         raise MalformedEvent(f"missing required attributes: {', '.join(missing)}")
     if attributes["specversion"] != "1.0":
         raise MalformedEvent(f"unsupported specversion {attributes['specversion']!r}")
+    # sdk-go reads "time" as a Timestamp (v2/types/value.go, ToTime/ParseTime:
+    # time.Parse(time.RFC3339Nano, v)); binding.ToEvent fails on one it cannot read.
+    if "time" in attributes:
+        found = _GO_RFC3339.fullmatch(attributes["time"])
+        if found is None or int(found["second"]) > 59:
+            raise MalformedEvent(f"time {attributes['time']!r} is not RFC 3339 as Go reads it")
 
 
 def decode(message: Message) -> Event | None:

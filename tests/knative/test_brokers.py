@@ -13,7 +13,7 @@ from datetime import timedelta
 
 import pytest
 
-from .cloudevents_http import Message
+from .cloudevents_http import MalformedEvent, Message, decode
 from .delivery import INGRESS_URL, Delivery, NoResponse, RoutingLoop
 from .routing import CHANNEL_BROKER, KAFKA_BROKER, Routing, TriggerInfo
 from .scripted import (
@@ -312,3 +312,27 @@ def test_a_seed_reorders_deliveries() -> None:
         orders.append([e["id"] for e in cluster.received["sub"]])
     assert orders[0] == [e["id"] for e in events]
     assert sorted(orders[1]) == sorted(orders[0]) and orders[1] != orders[0]
+
+
+# The reply's time, as sdk-go reads it.
+
+
+@pytest.mark.parametrize(
+    ("value", "read"),
+    [
+        ("2026-01-07T10:00:00Z", True),
+        ("2026-01-07T10:00:00.123456789+05:30", True),
+        ("2026-01-07t10:00:00z", False),  # RFC 3339 allows it; Go's layout does not
+        ("2016-12-31T23:59:60Z", False),  # a leap second: Go has none
+        ("2026-01-07T10:00:00", False),
+        ("2026-01-07T10:00:00+05:30:15", False),
+    ],
+)
+def test_a_reply_time_is_read_as_sdk_go_reads_it(value: str, read: bool) -> None:
+    headers = {"ce-specversion": "1.0", "ce-id": "1", "ce-source": "/s", "ce-type": "t"}
+    message = Message({**headers, "ce-time": value, "content-type": "application/json"}, b"{}")
+    if read:
+        assert decode(message) is not None
+    else:
+        with pytest.raises(MalformedEvent, match="time"):
+            decode(message)
