@@ -404,8 +404,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _served(self) -> Settings:
         if self.model not in self.served_models:
+            # The choices are said, not the value given (none of a setting's values is echoed).
             raise ValueError(
-                f"IMAGEGEN_MODEL {self.model!r} must be one of IMAGEGEN_SERVED_MODELS "
+                "IMAGEGEN_MODEL must be one of IMAGEGEN_SERVED_MODELS "
                 f"({', '.join(self.served_models)})"
             )
         if not self.allow_non_commercial:

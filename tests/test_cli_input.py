@@ -53,6 +53,13 @@ def _one_line(stderr: str) -> str:
         (["status", "a/../b", "--ledger", NOWHERE], "'a/../b'"),
         # NaN passed the `< 0` check (and would have rendered an image, here one).
         (["loop", "x", *SMALL, "--count", "1", "--interval", "nan"], "--interval"),
+        # Named as the option typed, not as the setting it gives (storage_url).
+        (["generate", "x", *SMALL, "--output", ""], "error: --output '': empty"),
+        (["generate", "x", *SMALL, "-o", "ftp://u:p@host/x"], "error: --output 'ftp://***@host/x'"),
+        (["history", "--limit", "0"], "--limit"),
+        (["history", "--limit", "501"], "--limit"),
+        # Path("") is ".": an empty name was "a local directory, nothing to pull".
+        (["models", "pull", ""], "a model name is empty"),
     ],
 )
 def test_unusable_input_is_exit_2_and_one_line_naming_it(
@@ -131,10 +138,31 @@ def test_doctor_reports_a_storage_url_it_cannot_open_as_a_row(cli: RunCli) -> No
     result = cli("doctor", "--json", env={"IMAGEGEN_STORAGE_URL": "ftp://example.org/images"})
     assert result.returncode == 1, result.stderr
     checks = {c["check"]: c for c in json.loads(result.stdout)["checks"]}
-    assert set(checks) == {"render", "model", "ollama", "storage"}
+    assert set(checks) == {"render", "model", "ollama", "storage", "plugins", "ledger"}
     assert checks["storage"]["status"] == "error"
     assert "ftp" in checks["storage"]["summary"]
     assert checks["ollama"]["status"] == "warning"  # still asked
+
+
+def test_models_pull_refuses_a_file_before_pulling_anything(cli: RunCli, tmp_path: Path) -> None:
+    (tmp_path / "README.md").write_text("# not a model\n")
+    result = cli("models", "pull", "tiny", "README.md")
+    assert result.returncode == 2
+    assert _one_line(result.stderr) == (
+        "imagegen: error: 'README.md' is a file here, not a pipeline directory or a Hub id"
+    )
+    assert result.stdout == ""  # nothing said of tiny: refused before any pull
+
+
+def test_history_help_gives_the_limit_range(cli: RunCli) -> None:
+    assert "1<=x<=500" in cli("history", "--help", env={"COLUMNS": "200"}).stdout
+
+
+def test_the_limit_the_cli_allows_is_the_ledgers() -> None:
+    from imagegen.cli.history import _MAX_PAGE
+    from imagegen.ledger._sql import MAX_PAGE
+
+    assert _MAX_PAGE == MAX_PAGE
 
 
 def test_models_pull_skips_a_named_model_that_needs_no_download(

@@ -95,10 +95,11 @@ def test_doctor_rows_are_sentences_with_a_next_step(cli: RunCli) -> None:
     result = cli("doctor")
     assert result.returncode == 0, result.stderr
     rows = {line.split()[1]: line for line in result.stdout.splitlines() if line[:1].strip()}
-    assert set(rows) == {"render", "model", "ollama", "storage"}
+    assert set(rows) == {"render", "model", "ollama", "storage", "plugins", "ledger"}
     assert rows["render"].split()[0] == "ok"
+    assert rows["plugins"].split()[0] == "ok" and rows["ledger"].split()[0] == "ok"
     assert rows["storage"].split()[0] == "ok" and "./output" in rows["storage"]
-    ollama = " ".join(line.strip() for line in result.stdout.splitlines()[1:-1])
+    ollama = " ".join(line.strip() for line in result.stdout.splitlines())
     assert rows["ollama"].split()[0] == "warning"
     assert f"not running at {NO_OLLAMA}" in ollama and "`ollama serve`" in ollama
     assert "{" not in result.stdout  # sentences, not JSON dumped into a cell
@@ -115,12 +116,58 @@ def test_doctor_json_and_a_failing_check(cli: RunCli, tmp_path: Path) -> None:
     body = json.loads(result.stdout)
     assert body["ok"] is False
     checks = {c["check"]: c for c in body["checks"]}
-    assert set(checks) == {"render", "model", "ollama", "storage"}
+    assert set(checks) == {"render", "model", "ollama", "storage", "plugins", "ledger"}
     assert set(checks["render"]) == {"check", "status", "summary", "next_step"}
     assert checks["ollama"]["status"] == "warning"
     assert checks["ollama"]["next_step"].startswith("Run `ollama pull llama3.2`")
     assert checks["storage"]["status"] == "error"
     assert "IMAGEGEN_STORAGE_URL" in checks["storage"]["next_step"]
+
+
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        ({"IMAGEGEN_PLUGINS": "nope"}, "IMAGEGEN_PLUGINS: unknown plugin 'nope'"),
+        (
+            {"IMAGEGEN_PLUGIN_OPTIONS": '{"art_style": {"style": "nonexistent"}}'},
+            "IMAGEGEN_PLUGIN_OPTIONS: plugin_options.art_style.style: unknown art style",
+        ),
+    ],
+)
+def test_doctor_fails_plugin_settings_that_fail_every_generation(
+    cli: RunCli, env: dict[str, str], said: str
+) -> None:
+    result = cli("doctor", "--json", env=env)
+    assert result.returncode == 1, result.stderr
+    checks = {c["check"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["plugins"]["status"] == "error" and checks["plugins"]["summary"].startswith(said)
+
+
+def test_plugins_shows_the_options_a_plugin_refuses(cli: RunCli) -> None:
+    env = {"IMAGEGEN_PLUGIN_OPTIONS": '{"art_style": {"style": "nonexistent"}}'}
+    result = cli("plugins", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    errors = {row["name"]: row["error"] for row in json.loads(result.stdout)}
+    assert "unknown art style 'nonexistent'" in errors["art_style"]
+    assert errors["time_of_day"] is None
+    result = cli("plugins", env={**env, "COLUMNS": "200"})
+    assert "refuses its options: plugin_options.art_style.style: unknown art style" in result.stdout
+
+
+def test_doctor_checks_the_ledger_without_making_one(cli: RunCli, tmp_path: Path) -> None:
+    made = tmp_path / "xdg-data" / "imagegen" / "ledger.db"
+    checks = {c["check"]: c for c in json.loads(cli("doctor", "--json").stdout)["checks"]}
+    assert checks["ledger"]["status"] == "ok" and str(made) in checks["ledger"]["summary"]
+    assert not made.exists() and not made.parent.exists()
+
+    damaged = tmp_path / "damaged.db"
+    damaged.write_bytes(b"SQLite format 3\x00" + b"\xa5" * 8192)
+    result = cli("doctor", "--json", env={"IMAGEGEN_LEDGER_URL": str(damaged)})
+    assert result.returncode == 1, result.stderr
+    checks = {c["check"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["ledger"]["status"] == "error"
+    assert checks["ledger"]["summary"].startswith(f"ledger {damaged} ")
+    assert "IMAGEGEN_LEDGER_URL" in checks["ledger"]["next_step"]
 
 
 @pytest.mark.parametrize(
@@ -245,3 +292,30 @@ def test_the_package_names_resolve_on_first_use() -> None:
         assert getattr(imagegen, name) is not None, name
     with pytest.raises(AttributeError):
         _ = imagegen.NoSuchName
+
+
+def test_status_lines_stay_whole_and_show_a_local_image_as_its_path(
+    cli: RunCli, tmp_path: Path
+) -> None:
+    """Piped, or on a narrow terminal, a path or id is never folded into pieces; a local image
+    is its path, as generate shows it, not a percent-encoded file:// URL."""
+    from imagegen.ledger import open_ledger
+    from tests.ledger.chain import chain
+
+    folder = tmp_path / "a folder with spaces and a long name" / "2026" / "06" / "01"
+    gid = "0123456789abcdef0123456789abcdef"
+    events = chain(gid)
+    data = {k: v for k, v in events["persisted"].data.items() if k not in ("url", "urls")}
+    data["location"] = (folder / f"{gid}.png").as_uri()
+    ledger = open_ledger(str(tmp_path / "l.db"))
+    try:
+        for name in ("requested", "enhanced", "rendered"):
+            ledger.ingest(events[name])
+        ledger.ingest(events["persisted"].model_copy(update={"data": data}))
+    finally:
+        ledger.close()
+
+    result = cli("status", gid, "--ledger", str(tmp_path / "l.db"), env={"COLUMNS": "40"})
+    assert result.returncode == 0, result.stderr
+    assert f"image      {folder / gid}.png\n" in result.stdout
+    assert f"generation {gid}\n" in result.stdout

@@ -4,6 +4,7 @@ group given no command."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -79,19 +80,21 @@ def test_generate_without_a_usable_ledger_warns_and_still_makes_the_image(
     result = cli("generate", "a lighthouse", *SMALL, env={"IMAGEGEN_LEDGER_URL": str(path)})
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
-    warning = "".join(result.stderr.split())  # rich wraps it, a long path too, at its width
-    assert "".join(f"warning: history is not recorded: ledger {path} {says}".split()) in warning
+    # One line, whatever the width: a long path is not folded into pieces.
+    assert f"warning: history is not recorded: ledger {path} {says}\n" in result.stderr
     assert list((tmp_path / "output").rglob("*.png"))
 
 
-def test_doctor_without_a_usable_ledger_warns_and_checks_the_rest(
+def test_doctor_without_a_usable_ledger_fails_its_row_and_checks_the_rest(
     cli: RunCli, tmp_path: Path
 ) -> None:
-    path, _ = _unusable_ledger("not a database", tmp_path)
+    path, says = _unusable_ledger("not a database", tmp_path)
     result = cli("doctor", "--json", env={"IMAGEGEN_LEDGER_URL": f"sqlite:///{path}"})
-    assert "Traceback" not in result.stderr
-    assert "history is not recorded" in result.stderr
-    assert '"storage"' in result.stdout
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    checks = {c["check"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["ledger"]["status"] == "error"
+    assert checks["ledger"]["summary"] == f"ledger {path} {says}."
+    assert checks["storage"]["status"] == "ok"
 
 
 def test_the_ledger_function_answers_503_naming_the_setting(tmp_path: Path) -> None:
@@ -242,3 +245,27 @@ def test_a_misspelled_variable_is_a_warning_that_names_the_setting(
         "imagegen: warning: IMAGEGEN_STORAGEURL is no setting (ignored);"
         " did you mean IMAGEGEN_STORAGE_URL?",
     ]
+
+
+def test_a_dotenv_line_that_cannot_be_parsed_is_a_warning(cli: RunCli, tmp_path: Path) -> None:
+    """python-dotenv skips it and says so only as a log record: the value meant is not set."""
+    (tmp_path / ".env").write_text("IMAGEGEN_MODEL=tiny\nIMAGEGEN_STEPS 4\n")
+    for args in (["models", "list", "--json"], ["history"]):
+        result = cli(*args)
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == "imagegen: warning: .env line 2 cannot be parsed (ignored)\n"
+
+
+def test_a_relative_xdg_data_home_is_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The XDG Base Directory specification: a relative path is invalid, and ignored."""
+    from imagegen.ledger import default_ledger_path
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_DATA_HOME", "relative/data")
+    assert (
+        default_ledger_path() == tmp_path / "home" / ".local" / "share" / "imagegen" / "ledger.db"
+    )
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert default_ledger_path() == tmp_path / "data" / "imagegen" / "ledger.db"

@@ -10,7 +10,8 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -26,6 +27,7 @@ __all__ = [
     "AsJson",
     "Verbose",
     "app",
+    "dotenv_warnings",
     "err",
     "make_service",
     "out",
@@ -140,6 +142,11 @@ def _main(
     ] = False,
 ) -> None:
     """Text to image: enhance → render → persist → derive, in-process or as Knative functions."""
+    _unparsed.clear()  # a command's own warnings (one process may run several: tests)
+
+
+_FLAGS = {"storage_url": "--output", "ledger_url": "--ledger"}
+"""The options that give a setting, by the setting: an error names what the user typed."""
 
 
 def settings_from(**overrides: Any) -> Settings:
@@ -147,7 +154,8 @@ def settings_from(**overrides: Any) -> Settings:
 
     Raises:
         ConfigurationError: A setting is invalid, named as the user gave it: its
-            ``IMAGEGEN_*`` variable, or the option's setting (never its value).
+            ``IMAGEGEN_*`` variable, or the option (never its value).
+        InvalidRequest: ``--output`` names no storage.
     """
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
@@ -157,10 +165,15 @@ def settings_from(**overrides: Any) -> Settings:
 
     given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        settings = Settings(**given)
+        with dotenv_warnings():
+            settings = Settings(**given)
     except (ValidationError, SettingsError) as exc:
         raise ConfigurationError.of(
-            "", exc, name=lambda field: field if field in given else Settings.variable(field)
+            "",
+            exc,
+            name=lambda field: (
+                _FLAGS.get(field, field) if field in given else Settings.variable(field)
+            ),
         ) from None
     except (UnicodeDecodeError, OSError) as exc:  # the .env file, read by python-dotenv
         raise ConfigurationError(
@@ -169,7 +182,64 @@ def settings_from(**overrides: Any) -> Settings:
         ) from None
     for unknown in Settings.unknown_variables():
         err.print(f"imagegen: warning: {unknown}", markup=False, soft_wrap=True)
+    if "storage_url" in given:
+        _check_output(settings)
     return settings
+
+
+def _check_output(settings: Settings) -> None:
+    """Refuse an ``--output`` that names no storage as the option (the storage itself opens
+    it later, and would name the setting)."""
+    from imagegen._redact import redact_url
+    from imagegen.errors import ConfigurationError, InvalidRequest
+    from imagegen.storage import open_storage
+
+    try:
+        open_storage(settings)  # nothing is written or reached
+    except ConfigurationError as exc:
+        if "storage_url" not in exc.fields:
+            raise
+        why = exc.errors[exc.fields.index("storage_url")]["message"]
+        raise InvalidRequest(
+            f"--output {redact_url(settings.storage_url)!r}: {why}",
+            errors=[{"field": "output", "message": why}],
+        ) from None
+
+
+_unparsed: set[int] = set()
+"""Lines of ``.env`` said to be ignored already: each is said once a command, however often
+the command reads the file."""
+
+
+class _DotenvLines(logging.Handler):
+    """Collects the lines python-dotenv reports it cannot parse (and then skips)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[int] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.args and isinstance(record.args, tuple) and isinstance(record.args[0], int):
+            self.lines.append(record.args[0])
+
+
+@contextmanager
+def dotenv_warnings() -> Iterator[None]:
+    """Say, as one warning line each, the ``.env`` lines read in the block that python-dotenv
+    cannot parse: it skips them, and says so only as a log record (seen with ``-v``)."""
+    source = logging.getLogger("dotenv.main")
+    lines = _DotenvLines()
+    source.addHandler(lines)
+    try:
+        yield
+    finally:
+        source.removeHandler(lines)
+        for line in dict.fromkeys(lines.lines):
+            if line not in _unparsed:
+                _unparsed.add(line)
+                err.print(
+                    f"imagegen: warning: .env line {line} cannot be parsed (ignored)", markup=False
+                )
 
 
 def run_async(coro_factory: Callable[[], Any]) -> Any:
@@ -179,15 +249,16 @@ def run_async(coro_factory: Callable[[], Any]) -> Any:
     return asyncio.run(coro_factory())
 
 
-def make_service(settings: Settings) -> ImageGenService:
-    """An in-process service, with traces and metrics set up for the CLI."""
+def make_service(settings: Settings, *, record: bool = True) -> ImageGenService:
+    """An in-process service, with traces and metrics set up for the CLI; ``record``: into
+    the local history (the ledger is opened, and created, now)."""
     from imagegen.observability import setup_observability
     from imagegen.service import ImageGenService
 
     # Traces and metrics go to a collector when OTEL_EXPORTER_OTLP_ENDPOINT says so; the
     # console stays the CLI's own.
     setup_observability("imagegen-cli", settings, logs=False)
-    return ImageGenService(settings, recorder=_recorder(settings))
+    return ImageGenService(settings, recorder=_recorder(settings) if record else None)
 
 
 def _recorder(settings: Settings) -> Recorder | None:
@@ -204,5 +275,7 @@ def _recorder(settings: Settings) -> Recorder | None:
     except (ImageGenError, OSError) as exc:
         from rich.markup import escape  # a path may hold [brackets]
 
-        err.print(f"[yellow]warning:[/] history is not recorded: {escape(str(exc))}")
+        err.print(
+            f"[yellow]warning:[/] history is not recorded: {escape(str(exc))}", soft_wrap=True
+        )
         return None

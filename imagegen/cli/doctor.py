@@ -28,13 +28,13 @@ class Check(NamedTuple):
 
 
 def run_checks(settings: Settings) -> list[Check]:
-    """The render back end, the model, Ollama and storage, each as a :class:`Check`; never
-    raises."""
+    """The render back end, the model, Ollama, storage, the prompt plugins and the ledger,
+    each as a :class:`Check`; never raises."""
     rows = [_render_check(settings)]
     if rows[0].status == "ok":
         rows.append(_model_check(settings))
 
-    async def checks() -> tuple[Advice, str | None]:
+    async def checks() -> tuple[Advice, str | None, Check]:
         from imagegen.cli._ollama import check_ollama
         from imagegen.errors import ImageGenError
         from imagegen.storage import open_storage
@@ -45,26 +45,29 @@ def run_checks(settings: Settings) -> list[Check]:
         except ImageGenError as exc:
             # Its row says so; Ollama is still asked, by a service that never writes.
             usable, unopened = settings.model_copy(update={"storage_url": "."}), exc.message
-        service = make_service(usable)
+        service = make_service(usable, record=False)  # the ledger has its own row
         try:
             ollama = await check_ollama(service)
+            plugins = await _plugins_check(settings)
             if unopened is not None:
-                return ollama, unopened
+                return ollama, unopened, plugins
             try:
                 await service.storage.check()
             except ImageGenError as exc:
-                return ollama, exc.message
-            return ollama, None
+                return ollama, exc.message, plugins
+            return ollama, None, plugins
         finally:
             await service.aclose()
 
-    ollama, storage_error = run_async(checks)
+    ollama, storage_error, plugins = run_async(checks)
     if ollama.status == "ok":
         rows.append(Check("ollama", "ok", f"{ollama.summary}.", ""))
     else:
         step = f"{ollama.next_step[0].upper()}{ollama.next_step[1:]}, or prompts use templates."
         rows.append(Check("ollama", ollama.status, f"{ollama.summary}.", step))
     rows.append(_storage_check(settings, storage_error))
+    rows.append(plugins)
+    rows.append(_ledger_check(settings))
     return rows
 
 
@@ -157,9 +160,78 @@ def _storage_check(settings: Settings, error: str | None) -> Check:
     )
 
 
+async def _plugins_check(settings: Settings) -> Check:
+    """The plugins the settings enable, as a generation enables them, and the options the
+    settings give them: a name no plugin has, or an option refused, fails every generation."""
+    from imagegen.cli.tools import refused_options
+    from imagegen.errors import ImageGenError
+    from imagegen.plugins import PluginSet
+
+    try:
+        plugin_set = PluginSet.from_settings(settings)
+    except ImageGenError as exc:
+        reasons = "; ".join(e["message"] for e in exc.errors) or exc.message
+        return Check(
+            "plugins", "error", f"{settings.variable('plugins')}: {reasons}.", _PLUGINS_STEP
+        )
+    refused = await refused_options(plugin_set)
+    if refused:
+        said = "; ".join(refused.values())
+        return Check(
+            "plugins", "error", f"{settings.variable('plugin_options')}: {said}.", _PLUGINS_STEP
+        )
+    names = ", ".join(plugin_set.names) or "none"
+    return Check("plugins", "ok", f"Prompt plugins enabled: {names}.", "")
+
+
+_PLUGINS_STEP = (
+    "Check IMAGEGEN_PLUGINS and IMAGEGEN_PLUGIN_OPTIONS (imagegen plugins, docs/plugins.md)."
+)
+
+
+def _ledger_check(settings: Settings) -> Check:
+    """Whether the local history can be recorded and read; a ledger not yet made is not made
+    here (the first image makes it)."""
+    import os
+
+    from imagegen._redact import redact_url
+    from imagegen.errors import ImageGenError
+    from imagegen.ledger import ledger_path, open_ledger
+
+    url = settings.ledger_url.get_secret_value() if settings.ledger_url else None
+    step = "Check IMAGEGEN_LEDGER_URL, or move the file aside for a new history (docs/ledger.md)."
+    if url and url.startswith(("http://", "https://")):
+        return Check(
+            "ledger", "ok", f"The cluster's ledger at {redact_url(url)} keeps history.", ""
+        )
+    try:
+        path = ledger_path(url)
+        if path is not None and not path.exists():
+            parent = next(p for p in path.parents if p.exists())  # the root exists
+            if not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
+                return Check(
+                    "ledger", "error", f"Ledger {path} cannot be created under {parent}.", step
+                )
+            return Check("ledger", "ok", f"History goes to {path} (made by the first image).", "")
+        ledger = open_ledger(url)
+        try:
+            # A damaged file opens, and fails only when it is read: the latest page is read.
+            page = ledger.history(limit=50)
+        finally:
+            ledger.close()
+    except ImageGenError as exc:
+        message = exc.message
+        return Check("ledger", "error", message if message.endswith(".") else f"{message}.", step)
+    where = path if path is not None else "the ledger database"
+    if page.unreadable:
+        ids = ", ".join(page.unreadable)
+        return Check("ledger", "warning", f"Ledger {where} has unreadable records: {ids}.", step)
+    return Check("ledger", "ok", f"History is recorded in {where}.", "")
+
+
 @app.command()
 def doctor(as_json: AsJson = False, verbose: Verbose = False) -> None:
-    """Check rendering, the model, Ollama and storage; say what to do about each problem."""
+    """Check rendering, the model, Ollama, storage, plugins and the ledger; say what to do."""
     rows = run_checks(settings_from())
     failed = any(row.status == "error" for row in rows)
     if as_json:

@@ -17,11 +17,22 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from imagegen.cli._app import AsJson, app, make_service, out, run_async, settings_from
+from imagegen.cli._app import (
+    AsJson,
+    app,
+    dotenv_warnings,
+    err,
+    make_service,
+    out,
+    run_async,
+    settings_from,
+)
 from imagegen.errors import ConfigurationError, DependencyUnavailable, InvalidRequest, NotFound
 from imagegen.identity import key_time
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
+
     from imagegen.ledger import Ledger
 
 __all__ = ["history", "ledger_app", "parse_when", "replay", "status"]
@@ -37,7 +48,8 @@ def _or_dotenv(variable: str) -> Callable[[str | None], str | None]:
         from dotenv import dotenv_values
 
         try:
-            return dotenv_values(".env", encoding="utf-8").get(variable) or None
+            with dotenv_warnings():
+                return dotenv_values(".env", encoding="utf-8").get(variable) or None
         except (UnicodeDecodeError, OSError) as exc:
             raise ConfigurationError(
                 f".env cannot be read ({type(exc).__name__})",
@@ -164,8 +176,26 @@ def _replayable(service: Any, request: Any, generation_id: str) -> None:
         ) from None
 
 
-def _api(url: str, method: str, path: str, token: str | None = None, **params: Any) -> Any:
+def _api(
+    url: str,
+    method: str,
+    path: str,
+    token: str | None = None,
+    *,
+    shape: type[BaseModel],
+    **params: Any,
+) -> dict[str, Any]:
+    """The ledger API's answer to a request, as JSON (read as ``shape`` first).
+
+    Raises:
+        DependencyUnavailable: unreachable, a server error, or a success not in ``shape``'s
+            shape (another server on that port, an older or newer ledger).
+    """
     import httpx
+    from pydantic import ValidationError
+
+    from imagegen._redact import redact_url
+    from imagegen.validation import field_errors
 
     if token is not None and not (token.isascii() and token.isprintable()):
         # A header carries printable ASCII only; the key itself is never shown.
@@ -200,7 +230,14 @@ def _api(url: str, method: str, path: str, token: str | None = None, **params: A
         if reply.status_code < 400 or reply.status_code >= 500 or reply.status_code == 429:
             raise DependencyUnavailable(answer)  # the ledger's trouble, or no ledger: exit 1
         raise InvalidRequest(answer)
-    return body
+    try:
+        return shape.model_validate(body).model_dump(mode="json")
+    except ValidationError as exc:
+        wrong = field_errors(exc)[0]
+        raise DependencyUnavailable(
+            f"{redact_url(url)} answered {reply.status_code}, but not as the ledger API"
+            f" ({wrong['field']}: {wrong['message']})"
+        ) from None
 
 
 @app.command()
@@ -213,7 +250,10 @@ def status(
     """Show one generation: status, timeline, image, error."""
     _checked_id(generation_id)
     if _is_http(ledger):
-        body = _api(str(ledger), "GET", f"/generations/{generation_id}", token)
+        from imagegen.ledger.models import GenerationDetail
+
+        path = f"/generations/{generation_id}"
+        body = _api(str(ledger), "GET", path, token, shape=GenerationDetail)
     else:
         store = _local(ledger)
         try:
@@ -228,25 +268,38 @@ def status(
         return
     from rich.markup import escape  # rich only for people: --help and --json need none of it
 
-    out.print(f"[bold]generation[/] {escape(body['generation_id'])}")
-    out.print(f"[bold]status[/]     {body['status']}")
+    from imagegen.cli.generate import _display_location
+
+    # Each a line however narrow the terminal or wherever it is piped: an id, a path or a URL
+    # is there to be copied whole.
+    lines = [
+        f"[bold]generation[/] {escape(body['generation_id'])}",
+        f"[bold]status[/]     {body['status']}",
+    ]
     if body.get("model"):
         seed = "" if body.get("seed") is None else f"  seed {body['seed']}"  # not drawn yet
-        out.print(f"[bold]model[/]      {escape(body['model'])}{seed}")
+        lines.append(f"[bold]model[/]      {escape(body['model'])}{seed}")
     if body.get("prompt"):
-        out.print(f"[bold]prompt[/]     {escape(body['prompt'])}", soft_wrap=True)
-    where = body.get("url") or body.get("location")
-    if where:
-        out.print(f"[bold]image[/]      {escape(where)}")
+        lines.append(f"[bold]prompt[/]     {escape(body['prompt'])}")
+    where = body.get("url") or (body.get("location") and _display_location(body["location"]))
+    if where:  # as generate shows it: a local image as its path
+        lines.append(f"[bold]image[/]      {escape(where)}")
     if body.get("replay_of"):
-        out.print(f"[bold]replay of[/]  {escape(body['replay_of'])}")
+        lines.append(f"[bold]replay of[/]  {escape(body['replay_of'])}")
     if body.get("error"):
         stage, message = body.get("failed_stage"), body["error"]["message"]
-        out.print(f"[bold red]error[/]      {stage}: {escape(message)}")
+        lines.append(f"[bold red]error[/]      {stage}: {escape(message)}")
     for entry in body.get("timeline", []):
         gap = entry.get("seconds_since_previous")
         delta = f"+{gap:.2f}s" if gap is not None else ""
-        out.print(f"  {entry['time']}  {entry['type'].rsplit('.', 2)[-2:][-1]:<10} {delta}")
+        lines.append(f"  {entry['time']}  {entry['type'].rsplit('.', 2)[-2:][-1]:<10} {delta}")
+    for line in lines:
+        out.print(line, soft_wrap=True)
+
+
+_MAX_PAGE = 500
+"""The ledger's largest page (``imagegen.ledger._sql.MAX_PAGE``, not imported: ``--help`` would
+load the library)."""
 
 
 @app.command()
@@ -260,7 +313,9 @@ def history(
         typer.Option("--status", help="Only this status: requested … persisted, failed."),
     ] = None,
     model: Annotated[str | None, typer.Option(help="Only this model.")] = None,
-    limit: Annotated[int, typer.Option(help="At most this many (newest first).")] = 20,
+    limit: Annotated[
+        int, typer.Option(min=1, max=_MAX_PAGE, help="At most this many (newest first).")
+    ] = 20,
     ledger: LedgerUrl = None,
     token: LedgerToken = None,
     as_json: AsJson = False,
@@ -276,11 +331,14 @@ def history(
     start = parse_when(since, field="since") if since else None
     end = parse_when(until, field="until") if until else None
     if _is_http(ledger):
+        from imagegen.ledger.models import GenerationPage
+
         page = _api(
             str(ledger),
             "GET",
             "/generations",
             token,
+            shape=GenerationPage,
             since=start.isoformat() if start else None,
             until=end.isoformat() if end else None,
             status=state,
@@ -301,6 +359,14 @@ def history(
         finally:
             store.close()
         items = [g.model_dump(mode="json") for g in found.items]
+        if found.unreadable:
+            # The others are listed; ``status`` of one of these says what cannot be read.
+            err.print(
+                f"imagegen: warning: ledger {store.where} has unreadable records, not listed:"
+                f" {', '.join(found.unreadable)} (`imagegen status ID` says why)",
+                markup=False,
+                soft_wrap=True,
+            )
     if as_json:
         typer.echo(json.dumps(items, indent=2))
         return
@@ -370,8 +436,10 @@ def replay(
     origin = check_from(start)
     _checked_id(generation_id)
     if _is_http(ledger):
+        from imagegen.ledger.api import ReplayAccepted
+
         path = f"/generations/{generation_id}/replay"
-        body = _api(str(ledger), "POST", path, token, **{"from": origin})
+        body = _api(str(ledger), "POST", path, token, shape=ReplayAccepted, **{"from": origin})
         typer.echo(json.dumps(body, indent=2) if as_json else body["generation_id"])
         return
     from imagegen.ledger.replay import replay_job, replay_request
@@ -402,9 +470,14 @@ def replay(
         return
     from rich.markup import escape
 
-    out.print(f"[bold green]image[/]      {escape(persisted.url or persisted.location)}")
-    out.print(f"[bold]generation[/] {persisted.generation_id} (replay of {generation_id})")
-    out.print(f"[bold]sha256[/]     {persisted.sha256}")
+    from imagegen.cli.generate import _where
+
+    out.print(f"[bold green]image[/]      {escape(_where(persisted))}", soft_wrap=True)
+    out.print(
+        f"[bold]generation[/] {persisted.generation_id} (replay of {generation_id})",
+        soft_wrap=True,
+    )
+    out.print(f"[bold]sha256[/]     {persisted.sha256}", soft_wrap=True)
 
 
 ledger_app = typer.Typer(help="Maintain the ledger: export events, prune old history.")

@@ -26,10 +26,12 @@ def pull(
     as_json: AsJson = False,
 ) -> None:
     """Download models, at their pinned revisions, into IMAGEGEN_MODEL_CACHE_DIR."""
-    from imagegen.render.pull import hub_models, needs_nothing, pull
+    from imagegen.render.pull import check_name, hub_models, needs_nothing, pull
 
     settings = settings_from()
     wanted = models or hub_models(settings)
+    for name in wanted:  # every name, before the first download
+        check_name(name)
     # Named ones that need no download are skipped, as the default list leaves them out.
     for name, why in ((n, needs_nothing(n)) for n in wanted):
         if why is not None:

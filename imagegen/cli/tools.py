@@ -11,11 +11,11 @@ from typing import Annotated, Any, Literal
 import typer
 
 from imagegen import stages
-from imagegen.cli._app import AsJson, app, err, out, settings_from
+from imagegen.cli._app import AsJson, app, err, out, run_async, settings_from
 from imagegen.errors import DependencyUnavailable, ImageGenError, InvalidRequest
 from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED
 
-__all__ = ["functions_dir", "list_plugins", "send", "serve"]
+__all__ = ["functions_dir", "list_plugins", "refused_options", "send", "serve"]
 
 
 @app.command(name="plugins")
@@ -39,8 +39,14 @@ def list_plugins(as_json: AsJson = False) -> None:
     except InvalidRequest:
         if any(name not in plugin_set.available for name in enabled):
             raise
+    refused = run_async(lambda: refused_options(plugin_set))
     infos = sorted(
-        (dataclasses.replace(info, enabled=info.name in enabled) for info in plugin_set.describe()),
+        (
+            dataclasses.replace(
+                info, enabled=info.name in enabled, error=info.error or refused.get(info.name)
+            )
+            for info in plugin_set.describe()
+        ),
         key=lambda info: enabled.index(info.name) if info.name in enabled else len(enabled),
     )
     if as_json:
@@ -50,7 +56,9 @@ def list_plugins(as_json: AsJson = False) -> None:
     for info in infos:
         row = _plain(info)
         description = str(row.get("description", ""))
-        if row.get("error"):
+        if row.get("name") in refused:
+            description = f"refuses its options: {row['error']}"
+        elif row.get("error"):
             description = f"cannot be loaded: {row['error']}"
         table.add_row(
             escape(str(row.get("name"))),
@@ -59,6 +67,32 @@ def list_plugins(as_json: AsJson = False) -> None:
             escape(str(row.get("source") or row.get("module") or "")),
         )
     out.print(table)
+
+
+async def refused_options(plugin_set: Any) -> dict[str, str]:
+    """The enabled plugins that refuse the options the settings give them, each with why.
+
+    Each runs once on a test prompt, as a generation runs it: a plugin reads its options when
+    it runs, and one it refuses fails every generation alike.
+    """
+    from datetime import UTC, datetime
+
+    refused: dict[str, str] = {}
+    try:
+        for name in plugin_set.names:
+            try:
+                await plugin_set.run(
+                    generation_id="0" * 32,
+                    seed=0,
+                    now=datetime.now(UTC),
+                    prompt="a test",
+                    selection=[name],
+                )
+            except ImageGenError as exc:
+                refused[name] = "; ".join(e["message"] for e in exc.errors) or exc.message
+    finally:
+        await plugin_set.aclose()
+    return refused
 
 
 def _plain(info: Any) -> dict[str, Any]:

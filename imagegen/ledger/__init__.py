@@ -19,7 +19,7 @@ from imagegen.ledger.models import (
     TimelineEntry,
     WebhookEvent,
 )
-from imagegen.ledger.store import Ledger, backend, default_ledger_path, open_ledger
+from imagegen.ledger.store import Ledger, backend, default_ledger_path, ledger_path, open_ledger
 
 __all__ = [
     "STATUS_RANK",
@@ -36,5 +36,6 @@ __all__ = [
     "WebhookEvent",
     "backend",
     "default_ledger_path",
+    "ledger_path",
     "open_ledger",
 ]

@@ -8,13 +8,17 @@ and adapts values (JSON, times) to its column types. Both databases understand t
 from __future__ import annotations
 
 import json
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol, TextIO
+from typing import Any, Protocol, TextIO, TypeVar
 
-from imagegen.errors import InvalidRequest
+from pydantic import ValidationError
+
+from imagegen.errors import InternalError, InvalidRequest
 from imagegen.events import IMAGE_PERSISTED
 from imagegen.ledger._cursor import decode_cursor, encode_cursor
 from imagegen.ledger._migrate import CREATE_TABLE, migrations, statements
@@ -45,7 +49,10 @@ from imagegen.ledger.models import (
     TimelineEntry,
 )
 
-__all__ = ["JSON_COLUMNS", "MAX_PAGE", "TIME_COLUMNS", "Cursor", "SqlLedger"]
+__all__ = ["JSON_COLUMNS", "MAX_PAGE", "TIME_COLUMNS", "Cursor", "SqlLedger", "Unreadable"]
+
+logger = logging.getLogger(__name__)
+_M = TypeVar("_M", Generation, LedgerEvent, TimelineEntry)
 
 MAX_PAGE = 500
 JSON_COLUMNS = frozenset({"data", "error", "keys", "urls", "webhook_events"})
@@ -64,6 +71,21 @@ TIME_COLUMNS = frozenset(
 _EXPORT_BATCH = 1000
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """A stored value its column's type cannot be read from (not written by this ledger: by
+    hand, another program, a damaged file); the row it is in is reported, never half-read."""
+
+    column: str
+
+
+class _UnreadableRow(ValueError):
+    """A row no model of this version reads: the columns at fault, in its message."""
+
+    def __init__(self, columns: list[str]) -> None:
+        super().__init__(", ".join(dict.fromkeys(columns)) or "the row")
+
+
 class Cursor(Protocol):
     """What a dialect's transaction offers: statements in, rows (as dicts) out."""
 
@@ -77,6 +99,7 @@ class SqlLedger(ABC):
 
     dialect: str
     skip_locked: str = ""  # appended to the delivery claim's row selection
+    where: str = "database"  # how an error names this ledger (a file's path, never a URL)
 
     @abstractmethod
     def transaction(self) -> AbstractContextManager[Cursor]:
@@ -113,6 +136,13 @@ class SqlLedger(ABC):
                         "at": datetime.now(UTC).isoformat(),
                     },
                 )
+
+    def _unreadable(self, what: str, exc: _UnreadableRow) -> InternalError:
+        """A record ``what`` names cannot be read: its columns said, never their values."""
+        return InternalError(
+            f"ledger {self.where} has an unreadable record ({what}: {exc})",
+            errors=[{"field": "ledger", "message": f"{what} cannot be read"}],
+        )
 
     def _now(self) -> datetime:
         return datetime.now(UTC)
@@ -219,14 +249,19 @@ class SqlLedger(ABC):
                 "WHERE generation_id = :gid ORDER BY time, seq",
                 {"gid": generation_id},
             )
-        generation = _generation(row)
-        timeline: list[TimelineEntry] = []
-        previous: datetime | None = None
-        for event in events:
-            at: datetime = event["time"]
-            since = (at - previous).total_seconds() if previous is not None else None
-            timeline.append(TimelineEntry(**{**event, "seconds_since_previous": since}))
-            previous = at
+        what = f"generation {generation_id}"
+        try:
+            generation = _generation(row)
+            timeline: list[TimelineEntry] = []
+            previous: datetime | None = None
+            for event in events:
+                what = f"event {event['source']} {event['id']}"
+                at = _checked(event)["time"]
+                since = (at - previous).total_seconds() if previous is not None else None
+                timeline.append(_model(TimelineEntry, {**event, "seconds_since_previous": since}))
+                previous = at
+        except _UnreadableRow as exc:
+            raise self._unreadable(what, exc) from None
         return GenerationDetail(
             **generation.model_dump(), timeline=timeline, durations=_durations(generation)
         )
@@ -245,7 +280,8 @@ class SqlLedger(ABC):
 
         Ordered by ``listed_at`` (the first recorded event's time, never moved), not by
         ``created_at``, which a late earlier event moves back: a generation listed on one page
-        is on no other.
+        is on no other. A generation whose row cannot be read is left out of the items, logged
+        and named in the page's :attr:`~.models.GenerationPage.unreadable`.
         """
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidRequest(
@@ -277,13 +313,40 @@ class SqlLedger(ABC):
             )
         more = len(rows) > limit
         last = rows[limit - 1] if more else None
-        return GenerationPage(
-            items=[_generation(row) for row in rows[:limit]],
+        if last is not None and isinstance(last["listed_at"], Unreadable):
+            # The next page starts after this row's position, which cannot be read.
+            what = f"generation {last['generation_id']}"
+            raise self._unreadable(what, _UnreadableRow(["listed_at"]))
+        items, unreadable = [], []
+        for row in rows[:limit]:
+            try:
+                items.append(_generation(row))
+            except _UnreadableRow as exc:
+                unreadable.append(row["generation_id"])
+                logger.warning("%s", self._unreadable(f"generation {row['generation_id']}", exc))
+        page = GenerationPage(
+            items=items,
             next_cursor=encode_cursor(last["listed_at"], last["generation_id"]) if last else None,
         )
+        page._unreadable = unreadable
+        return page
 
     def events(self, *, since: datetime | None = None) -> Iterator[LedgerEvent]:
-        """Every recorded event in the order recorded; ``since``: recorded at or after it."""
+        """Every recorded event in the order recorded; ``since``: recorded at or after it.
+
+        Raises:
+            InternalError: an event's row cannot be read (named).
+        """
+        for row in self._event_rows(since):
+            yield self._event(row)
+
+    def _event(self, row: dict[str, Any]) -> LedgerEvent:
+        try:
+            return _model(LedgerEvent, {k: v for k, v in row.items() if k != "seq"})
+        except _UnreadableRow as exc:
+            raise self._unreadable(f"event {row['source']} {row['id']}", exc) from None
+
+    def _event_rows(self, since: datetime | None) -> Iterator[dict[str, Any]]:
         after = 0
         while True:
             with self.transaction() as db:
@@ -296,8 +359,7 @@ class SqlLedger(ABC):
                         "batch": _EXPORT_BATCH,
                     },
                 )
-            for row in rows:
-                yield LedgerEvent(**{k: v for k, v in row.items() if k != "seq"})
+            yield from rows
             if len(rows) < _EXPORT_BATCH:
                 return
             after = rows[-1]["seq"]
@@ -309,12 +371,23 @@ class SqlLedger(ABC):
                 "SELECT * FROM ledger_events WHERE generation_id = :gid ORDER BY time, seq",
                 {"gid": generation_id},
             )
-        return [LedgerEvent(**{k: v for k, v in row.items() if k != "seq"}) for row in rows]
+        return [self._event(row) for row in rows]
 
     def export_jsonl(self, out: TextIO, *, since: datetime | None = None) -> int:
-        """Write every event as one structured-mode CloudEvent JSON object a line."""
+        """Write every event as one structured-mode CloudEvent JSON object a line.
+
+        Raises:
+            InternalError: after every readable event is written, when some could not be read
+                (the first named, with how many).
+        """
         count = 0
-        for event in self.events(since=since):
+        unreadable: list[InternalError] = []
+        for row in self._event_rows(since):
+            try:
+                event = self._event(row)
+            except InternalError as exc:  # the others are still written
+                unreadable.append(exc)
+                continue
             body = {
                 "specversion": "1.0",
                 "id": event.id,
@@ -328,6 +401,13 @@ class SqlLedger(ABC):
             }
             out.write(json.dumps(body, separators=(",", ":"), ensure_ascii=False) + "\n")
             count += 1
+        if unreadable:
+            first, more = unreadable[0], len(unreadable) - 1
+            others = f" and {more} more" if more else ""
+            raise InternalError(
+                f"{first.message}{others}, not exported ({count} events were)",
+                errors=first.errors,
+            )
         return count
 
     def prune(self, older_than: timedelta) -> dict[str, int]:
@@ -412,11 +492,36 @@ class SqlLedger(ABC):
         return {row.pop("event"): row for row in rows}
 
 
+def _checked(row: dict[str, Any]) -> dict[str, Any]:
+    """``row``, all of whose values were read.
+
+    Raises:
+        _UnreadableRow: a value is :class:`Unreadable`.
+    """
+    bad = [value.column for value in row.values() if isinstance(value, Unreadable)]
+    if bad:
+        raise _UnreadableRow(bad)
+    return row
+
+
+def _model(model: type[_M], row: dict[str, Any]) -> _M:
+    """``row`` as ``model``.
+
+    Raises:
+        _UnreadableRow: a value is unreadable, or not what ``model`` takes (a newer version's
+            status, say).
+    """
+    try:
+        return model(**_checked(row))
+    except ValidationError as exc:
+        raise _UnreadableRow([str(e["loc"][0]) for e in exc.errors() if e["loc"]]) from None
+
+
 def _generation(row: dict[str, Any]) -> Generation:
     fields = {name: row[name] for name in Generation.model_fields if name in row}
     for name in ("keys", "urls"):
         fields[name] = fields.get(name) or {}
-    return Generation(**fields)
+    return _model(Generation, fields)
 
 
 def _durations(g: Generation) -> dict[str, float]:

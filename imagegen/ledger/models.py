@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from imagegen.models import ErrorInfo
 
@@ -117,6 +117,13 @@ class GenerationPage(_View):
 
     items: list[Generation]
     next_cursor: str | None = None
+    _unreadable: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def unreadable(self) -> list[str]:
+        """The generations of this page whose records cannot be read, left out of ``items``
+        (not part of the API's answer: the ledger logs them)."""
+        return self._unreadable
 
 
 class Delivery(_View):

@@ -16,8 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from imagegen.errors import ConfigurationError, DependencyUnavailable, first_line
-from imagegen.ledger._sql import JSON_COLUMNS, TIME_COLUMNS, SqlLedger
+from imagegen.errors import ConfigurationError, DependencyUnavailable, InternalError, first_line
+from imagegen.ledger._sql import JSON_COLUMNS, TIME_COLUMNS, SqlLedger, Unreadable
 
 __all__ = ["SqliteLedger"]
 
@@ -43,11 +43,18 @@ def _adapt(value: Any) -> Any:
 def _convert(name: str, value: Any) -> Any:
     if value is None:
         return None
-    if name in TIME_COLUMNS:
-        return datetime.fromisoformat(value)
-    if name in JSON_COLUMNS:
-        return json.loads(value)
+    try:
+        if name in TIME_COLUMNS:
+            return datetime.fromisoformat(value)
+        if name in JSON_COLUMNS:
+            return json.loads(value)
+    except (TypeError, ValueError):  # not as written here: by hand, another program
+        return Unreadable(name)
     return value
+
+
+_DAMAGED = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
+"""What SQLite says of a file whose pages are damaged (found only when they are read)."""
 
 
 class _Cursor:
@@ -105,6 +112,7 @@ class SqliteLedger(SqlLedger):
         if str(path) != ":memory:":
             path = Path(path).expanduser()
         self.path = path
+        self.where = str(path)
         self._lock = threading.RLock()
         try:
             self._open()
@@ -148,7 +156,7 @@ class SqliteLedger(SqlLedger):
 
     @contextmanager
     def transaction(self) -> Iterator[_Cursor]:
-        with self._lock:
+        with self._lock, self._damage():
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield _Cursor(self._conn)
@@ -156,6 +164,16 @@ class SqliteLedger(SqlLedger):
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
+
+    @contextmanager
+    def _damage(self) -> Iterator[None]:
+        """A damaged file, found by a statement after it opened, said in one line."""
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            if exc.sqlite_errorname not in _DAMAGED:
+                raise
+            raise InternalError(f"ledger {self.path} is unreadable: {exc}") from None
 
     def close(self) -> None:
         with self._lock:

@@ -19,7 +19,7 @@ from imagegen.ledger.models import (
     Status,
 )
 
-__all__ = ["Ledger", "backend", "default_ledger_path", "open_ledger"]
+__all__ = ["Ledger", "backend", "default_ledger_path", "ledger_path", "open_ledger"]
 
 
 @runtime_checkable
@@ -27,6 +27,8 @@ class Ledger(Protocol):
     """Every imagegen event once, one row per generation, and the webhook outbox."""
 
     dialect: str
+    where: str
+    """How an error names this ledger: a file's path, never a URL (it may hold a password)."""
 
     def ingest(self, event: LedgerEvent) -> IngestResult:
         """Record ``event`` once (by source + id) and fold it into its generation."""
@@ -83,8 +85,14 @@ class Ledger(Protocol):
 
 
 def default_ledger_path() -> Path:
-    """Where ``imagegen`` on a laptop keeps its ledger: ``$XDG_DATA_HOME/imagegen/ledger.db``."""
-    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    """Where ``imagegen`` on a laptop keeps its ledger: ``$XDG_DATA_HOME/imagegen/ledger.db``.
+
+    A relative ``XDG_DATA_HOME`` is ignored, as unset: the XDG Base Directory specification
+    holds such a path invalid (it would name another file in each working directory).
+    """
+    base = os.environ.get("XDG_DATA_HOME", "")
+    if not os.path.isabs(base):
+        base = str(Path.home() / ".local" / "share")
     return Path(base) / "imagegen" / "ledger.db"
 
 
@@ -107,6 +115,22 @@ def backend(url: str | None) -> Literal["sqlite", "postgres"]:
     )
 
 
+def ledger_path(url: str | None) -> Path | None:
+    """The SQLite file ``url`` names (the forms :func:`open_ledger` takes); None for PostgreSQL
+    or ``:memory:``. Nothing is opened.
+
+    Raises:
+        InvalidRequest: an unsupported URL scheme.
+    """
+    if backend(url) == "postgres":
+        return None
+    if url is None:
+        return default_ledger_path()
+    # SQLAlchemy's form: sqlite:///relative.db, sqlite:////absolute.db
+    path = url[len("sqlite:///") :] if url.lower().startswith("sqlite:///") else url
+    return None if path == ":memory:" else Path(path).expanduser()
+
+
 def open_ledger(url: str | None = None) -> Ledger:
     """Open (and migrate) the ledger ``url`` names.
 
@@ -125,7 +149,4 @@ def open_ledger(url: str | None = None) -> Ledger:
         return PostgresLedger(url)
     from imagegen.ledger.sqlite import SqliteLedger
 
-    if url is None:
-        return SqliteLedger(default_ledger_path())
-    # SQLAlchemy's form: sqlite:///relative.db, sqlite:////absolute.db
-    return SqliteLedger(url[len("sqlite:///") :] if url.lower().startswith("sqlite:///") else url)
+    return SqliteLedger(ledger_path(url) or ":memory:")

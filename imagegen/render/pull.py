@@ -14,13 +14,13 @@ from pathlib import Path
 
 from huggingface_hub import is_offline_mode
 
-from imagegen.errors import DependencyUnavailable
+from imagegen.errors import DependencyUnavailable, InvalidRequest
 from imagegen.modelspec import MODELS
 from imagegen.render._errors import first_line
 from imagegen.render._loading import hub_errors, hub_options, looks_like_path
 from imagegen.settings import Settings
 
-__all__ = ["PulledModel", "hub_models", "needs_nothing", "pull"]
+__all__ = ["PulledModel", "check_name", "hub_models", "needs_nothing", "pull"]
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,26 @@ def needs_nothing(model: str) -> str | None:
     """Why ``model`` needs no download (built offline, or a local directory); None if it does."""
     if model in MODELS and MODELS[model].offline:
         return "built offline"
-    if Path(model).expanduser().exists():
+    if model and Path(model).expanduser().is_dir():  # Path("") is ".", this folder
         return "a local directory"
     return None
+
+
+def check_name(model: str) -> None:
+    """Refuse a name that is no model before anything is fetched.
+
+    Raises:
+        InvalidRequest: ``model`` is empty, or names something here that is not a directory
+            (field ``model``).
+    """
+    if not model.strip():
+        raise InvalidRequest(
+            "a model name is empty", errors=[{"field": "model", "message": "empty"}]
+        )
+    local = Path(model).expanduser()
+    if local.exists() and not local.is_dir():
+        why = "is a file here, not a pipeline directory or a Hub id"
+        raise InvalidRequest(f"{model!r} {why}", errors=[{"field": "model", "message": why}])
 
 
 def pull(model: str, settings: Settings) -> PulledModel:
@@ -60,11 +77,13 @@ def pull(model: str, settings: Settings) -> PulledModel:
     alone must hold the model.
 
     Raises:
-        InvalidRequest: ``model`` is no valid Hub id or names no repository (field ``model``).
+        InvalidRequest: ``model`` is empty, a file, no valid Hub id or names no repository
+            (field ``model``).
         DependencyUnavailable: The Hub is unreachable or the model gated, and it is not cached.
     """
     from diffusers import DiffusionPipeline
 
+    check_name(model)
     options = hub_options(settings, model)
     with hub_errors(model, field="model", what=f"model {model!r}"):
         try:

@@ -240,3 +240,142 @@ def test_a_server_that_is_no_ledger_is_one_line(run: Any, status: int, code: int
             got, out, err = run(*args, "--ledger", page.url)
             assert got == code and err.count("\n") == 1, (args, err)
             assert f"ledger answered {status}: <html>" in err and "Traceback" not in out + err
+
+
+def _ledger_of_three(path: Path) -> None:
+    from imagegen.ledger import open_ledger
+
+    ledger = open_ledger(str(path))
+    try:
+        for gid in ("gen-1", "gen-2", "gen-3"):
+            for name in ("requested", "enhanced"):
+                ledger.ingest(chain(gid)[name])
+    finally:
+        ledger.close()
+
+
+@pytest.mark.parametrize(
+    ("damage", "column"),
+    [
+        ("UPDATE generations SET created_at = 'not a time'", "created_at"),
+        ("UPDATE generations SET keys = '{not json'", "keys"),
+        ("UPDATE generations SET status = 'archived'", "status"),  # a newer version's status
+    ],
+)
+def test_an_unreadable_generation_is_named_and_the_others_listed(
+    tmp_path: Path, run: Any, damage: str, column: str
+) -> None:
+    """A row another program (or a newer version) wrote: ``history`` lists the others and
+    names it once; ``status`` of it says what cannot be read. Never a traceback."""
+    import sqlite3
+
+    path = tmp_path / "l.db"
+    _ledger_of_three(path)
+    with sqlite3.connect(path) as db:
+        db.execute(f"{damage} WHERE generation_id = 'gen-2'")
+    db.close()
+
+    code, out, err = run("history", "--ledger", str(path))
+    assert code == 0 and "gen-1" in out and "gen-3" in out and "gen-2" not in out
+    assert err == (
+        f"imagegen: warning: ledger {path} has unreadable records, not listed: gen-2"
+        " (`imagegen status ID` says why)\n"
+    )
+    code, out, err = run("status", "gen-2", "--ledger", str(path))
+    assert (code, out) == (1, "")
+    assert err == (
+        f"imagegen: error: ledger {path} has an unreadable record (generation gen-2: {column})\n"
+    )
+    code, _, _ = run("status", "gen-1", "--ledger", str(path))
+    assert code == 0
+
+
+def test_unreadable_events_are_named_and_the_others_exported(tmp_path: Path, run: Any) -> None:
+    import sqlite3
+
+    path = tmp_path / "l.db"
+    _ledger_of_three(path)
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE ledger_events SET data = '{not json' WHERE generation_id = 'gen-2'")
+    db.close()
+
+    code, out, err = run("ledger", "export", "--ledger", str(path))
+    assert code == 1 and len(out.splitlines()) == 4 and "gen-2" not in out
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"imagegen: error: ledger {path} has an unreadable record (event ")
+    assert err.endswith(": data) and 1 more, not exported (4 events were)\n")
+
+
+def test_a_damaged_ledger_file_is_one_line(tmp_path: Path, run: Any) -> None:
+    """Pages damaged after the header (a disk error, a copy cut short): SQLite opens the file
+    and finds the damage only when a statement reads them."""
+    import sqlite3
+
+    from imagegen.ledger import open_ledger
+
+    path = tmp_path / "l.db"
+    ledger = open_ledger(str(path))
+    try:
+        for n in range(200):
+            for name in ("requested", "enhanced"):
+                ledger.ingest(chain(f"gen-{n}")[name])
+    finally:
+        ledger.close()
+    with sqlite3.connect(path) as db:
+        size = db.execute("PRAGMA page_size").fetchone()[0]
+    db.close()
+    with path.open("r+b") as file:
+        for page in range(10, 60):
+            file.seek(page * size)
+            file.write(b"\xa5" * size)
+
+    for args in (("history",), ("status", "gen-2"), ("ledger", "export")):
+        code, _, err = run(*args, "--ledger", str(path))
+        assert code == 1, (args, err)
+        assert (
+            err
+            == f"imagegen: error: ledger {path} is unreadable: database disk image is malformed\n"
+        )
+
+
+@pytest.mark.parametrize(
+    ("body", "wrong"),
+    [
+        ({"status": "ok"}, "generation_id: Field required"),  # a health check's answer
+        ([], "Input should be a valid dictionary"),
+        ({"items": [{"generation_id": "gen-1", "status": "persisted"}]}, "created_at"),
+    ],
+)
+def test_json_that_is_not_the_ledger_api_is_one_line(run: Any, body: Any, wrong: str) -> None:
+    """A 200 with JSON of another shape (another service on that port, another version)."""
+    from http.server import BaseHTTPRequestHandler
+
+    from tests.fakes.loopback import LoopbackServer
+
+    class Json(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            raw = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        do_POST = do_GET
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with LoopbackServer(Json) as server:
+        for args in (("status", "gen-1"), ("history",), ("replay", "gen-1")):
+            code, out, err = run(*args, "--ledger", server.url)
+            assert (code, out) == (1, ""), (args, err)
+            assert err.startswith(
+                f"imagegen: error: {server.url} answered 200, but not as the ledger API ("
+            )
+            assert err.count("\n") == 1, (args, err)
+        said = (
+            run("history", "--ledger", server.url)[2]
+            + run("status", "gen-1", "--ledger", server.url)[2]
+        )
+        assert wrong in said
