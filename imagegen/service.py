@@ -92,6 +92,9 @@ class ImageGenService:
         self._derive_stage: DeriveStage | None = None
         self._memo: EnhanceMemo | None = None
         self._preload = tuple(preload)
+        # Loads begun ahead of a render (:meth:`enhance_while_loading`), held until they end:
+        # one whose enhance failed goes on unawaited, and the loop keeps only weak references.
+        self._loading: set[asyncio.Future[ImageGenError | None]] = set()
 
     @property
     def enhance_stage(self) -> EnhanceStage:
@@ -153,13 +156,18 @@ class ImageGenService:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Release the models and clients held by this service."""
-        if self._enhance_stage is not None:
-            await self._enhance_stage.aclose()
+        """Release the models and clients held by this service; a render under way stops at
+        its next denoising step, and nothing of it is stored."""
+        # The render first, and at once: nothing a cancellation (a second Ctrl-C) interrupts
+        # comes before it, so the process never waits for a whole render as it exits.
         if self._render_stage is not None:
             self._render_stage.close()
-        if self.recorder is not None:
-            self.recorder.ledger.close()
+        try:
+            if self._enhance_stage is not None:
+                await self._enhance_stage.aclose()
+        finally:
+            if self.recorder is not None:
+                self.recorder.ledger.close()
 
     async def enhance(self, request: GenerationRequest, call: Call | None = None) -> EnhancedPrompt:
         """Run the plugins and the LLM; fix every render parameter, the seed included.
@@ -242,23 +250,26 @@ class ImageGenService:
         fails as imagegen says (the model not cached and the Hub unreachable: after the Hub's
         retries) is raised once the prompt is written, as render's failure, rather than tried
         all over again by render; anything else is left to render, which loads again. Returns
-        once both are done.
+        once both are done. An enhance that fails, or is cancelled, is raised at once, not
+        after the load (minutes for a large model, or its download): the load goes on by
+        itself, for the next render in this process, which finds the model loaded or waits
+        for the same load.
         """
         call = call or identify(request, starts=True)
         loading = self._load_ahead(request, call)
-        failed: ImageGenError | None = None
+        enhanced = await self.enhance(request, call)
+        if loading is None:
+            return enhanced
         try:
-            enhanced = await self.enhance(request, call)
-        finally:
-            if loading is not None:
-                try:
-                    failed = await loading
-                except asyncio.CancelledError as exc:
-                    # Cancelled (Ctrl-C) while the model loads for render: said as render's,
-                    # as it would be once render had begun; enhance's own is said by it.
-                    if self.recorder is not None and call.generation_id is not None:
-                        await self.recorder.failed("render", call.generation_id, exc)
-                    raise
+            # Shielded: a cancelled wait (Ctrl-C) ends at once; the load, in a thread, cannot
+            # be stopped and ends by itself.
+            failed = await asyncio.shield(loading)
+        except asyncio.CancelledError as exc:
+            # Cancelled while the model loads for render: said as render's, as it would be
+            # once render had begun; enhance's own is said by it.
+            if self.recorder is not None and call.generation_id is not None:
+                await self.recorder.failed("render", call.generation_id, exc)
+            raise
         if failed is not None:
             async with _stage("render", enhanced.generation_id, self.recorder):
                 raise failed
@@ -287,7 +298,10 @@ class ImageGenService:
                 log.debug("loading ahead failed; render loads again", extra={"error": str(exc)})
             return None
 
-        return asyncio.ensure_future(load())
+        task = asyncio.ensure_future(load())
+        self._loading.add(task)
+        task.add_done_callback(self._loading.discard)
+        return task
 
     async def finalise(self, image: RenderedImage) -> PersistedImage:
         """Persist ``image``, then make its derivatives: the chain's end, in this process.

@@ -442,6 +442,110 @@ async def test_a_cancelled_generation_is_recorded_where_it_stopped(
         ledger.close()
 
 
+async def test_an_enhance_that_fails_is_raised_without_waiting_for_the_load_ahead(
+    settings: Settings,
+) -> None:
+    """Enhance's failure, known in moments, is not held back until the model loading ahead
+    for render has loaded (minutes for FLUX, or its download); the load goes on by itself,
+    and the process's next generation (``imagegen loop``) renders with the model it loaded."""
+    from imagegen.storage.base import prompt_memo_key
+
+    backend = _HeldBackend(hold="load")
+    loads: list[str] = []
+    held_load = backend.load
+
+    def load(model: str) -> float:
+        loads.append(model)
+        return held_load(model)
+
+    backend.load = load  # type: ignore[method-assign]
+    plugins = PluginSet([], settings=settings)
+    try:
+        async with ImageGenService(settings, plugins=plugins, backend=backend) as service:
+            # Storage holds no memo under the memo's key: enhance refuses, after its checks.
+            await service.storage.put(prompt_memo_key("memo-1"), b"[1, 2]", content_type="x")
+            request = small(prompt="a kite", enhance=False, generation_id="memo-1")
+            with pytest.raises(DependencyUnavailable, match="memo"):
+                await asyncio.wait_for(service.generate(request), 60)
+            assert await asyncio.to_thread(backend.held.wait, 30), "the load had begun"
+            assert not backend.loaded, "raised while the model was still loading"
+
+            backend.release.set()
+            again = small(prompt="a kite", enhance=False, generation_id="next-1")
+            _, persisted = await asyncio.wait_for(service.generate(again), 60)
+        assert persisted.generation_id == "next-1"
+        assert loads == ["tiny"], "the load left behind was the one the next render used"
+    finally:
+        backend.release.set()
+
+
+_Held = tuple[ProgressCallback, list[int], threading.Event, threading.Event]
+
+
+def _held_at_step(held: int) -> _Held:
+    """A progress report that waits, at the end of step ``held``, until told to go on; the
+    steps it reported; set once it waits; what tells it to go on."""
+    steps: list[int] = []
+    reached, go_on = threading.Event(), threading.Event()
+
+    def progress(step: int, total: int) -> None:
+        steps.append(step)
+        if step == held:
+            reached.set()
+            go_on.wait(60)
+
+    return progress, steps, reached, go_on
+
+
+@pytest.mark.parametrize("held", [1, 50])
+async def test_closing_the_service_stops_its_render_at_the_next_step(
+    settings: Settings, tmp_path: Path, held: int
+) -> None:
+    """Leaving the service (the CLI's Ctrl-C) interrupts the real pipeline's call at its next
+    step's end: the process exits without rendering the rest, and nothing is stored; a call
+    past its last step when the service closed is dropped all the same."""
+    progress, steps, reached, go_on = _held_at_step(held)
+    plugins = PluginSet([], settings=settings)
+    try:
+        async with ImageGenService(settings, plugins=plugins) as service:
+            job = await service.enhance(small(prompt="a kite", enhance=False, steps=50))
+            rendering = asyncio.ensure_future(service.render(job, progress=progress))
+            assert await asyncio.to_thread(reached.wait, 120), "the render never reached it"
+        go_on.set()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(rendering, 60)
+    finally:
+        go_on.set()
+    assert steps == list(range(1, held + 1))
+    assert not list((tmp_path / "out").rglob("*.png"))
+
+
+async def test_a_render_whose_request_is_cancelled_still_ends_and_is_stored(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Only closing interrupts: a started render whose request goes (a server's timeout)
+    runs to the end and is stored, so the retry finds it."""
+    progress, steps, reached, go_on = _held_at_step(1)
+    plugins = PluginSet([], settings=settings)
+    try:
+        async with ImageGenService(settings, plugins=plugins) as service:
+            job = await service.enhance(small(prompt="a kite", enhance=False, steps=4))
+            rendering = asyncio.ensure_future(service.render(job, progress=progress))
+            assert await asyncio.to_thread(reached.wait, 120), "the render never began"
+            rendering.cancel()
+            go_on.set()
+            with pytest.raises(asyncio.CancelledError):
+                await rendering
+            retried = await asyncio.wait_for(service.render(job), 120)
+        assert steps == [1, 2, 3, 4]
+        assert [png.name for png in (tmp_path / "out").rglob("*.png")] == [
+            f"{job.generation_id}.png"
+        ]
+        assert retried.generation_id == job.generation_id
+    finally:
+        go_on.set()
+
+
 @pytest.mark.parametrize("stored", [b'{"request": "abc", "prompt": {', b"[1, 2]", b'{"x": 1}'])
 async def test_a_prompt_memo_that_cannot_be_read_is_retryable(
     settings: Settings, tmp_path: Path, stored: bytes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -192,8 +193,10 @@ def generate(
         no_enhance=no_enhance,
     )
     settings = settings_from(storage_url=output)
+    stopped_by: list[int] = []
 
     async def go() -> tuple[Any, Any]:
+        _cancel_on_termination(stopped_by)
         async with make_service(settings) as service:
             # Storage probed before a render whose image would have nowhere to go: the
             # service probes only local storage at start (ImageGenService.__aenter__).
@@ -206,9 +209,36 @@ def generate(
                 await _explain_fallback(service)
             return enhanced, persisted
 
-    _, persisted = run_async(go)
+    try:
+        _, persisted = run_async(go)
+    except BaseException:
+        if stopped_by:  # cancelled by the signal: its conventional status, 128 + its number
+            raise typer.Exit(128 + stopped_by[0]) from None
+        raise
     if open_:
         _open(persisted)
+
+
+def _cancel_on_termination(stopped_by: list[int]) -> None:
+    """SIGTERM and SIGHUP (``timeout``, systemd, a closed terminal) cancel the running task, as
+    Ctrl-C does, so the ledger records where the generation stopped rather than showing it at
+    its last stage for ever; the first one's number goes into ``stopped_by``."""
+    import asyncio
+    import signal
+
+    running, task = asyncio.get_running_loop(), asyncio.current_task()
+    assert task is not None, "called from a task"
+
+    def stop(signum: int) -> None:
+        if not stopped_by:
+            stopped_by.append(signum)
+            task.cancel()
+
+    for name in ("SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)  # Windows has no SIGHUP
+        if signum is not None:
+            with contextlib.suppress(NotImplementedError):  # nor signal handlers on its loops
+                running.add_signal_handler(signum, stop, signum)
 
 
 @app.command()
@@ -254,7 +284,6 @@ def loop(
 
     async def go() -> int:
         import asyncio
-        import contextlib
         import signal
 
         stop = asyncio.Event()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -74,7 +75,8 @@ class Batch:
 
     Attributes:
         jobs: Compatible jobs, in arrival order.
-        progress: Reports each step to every job that asked for progress.
+        progress: Reports each step to every job that asked for progress; raises, at a step's
+            end, in a call the batcher's closing interrupts (:meth:`Batcher.close`).
         links: The span contexts of the requests the jobs came from (one trace each).
     """
 
@@ -138,6 +140,7 @@ class Batcher:
         self._pipeline = ThreadPoolExecutor(1, thread_name_prefix="imagegen-pipeline")
         self._encoder = ThreadPoolExecutor(1, thread_name_prefix="imagegen-encode")
         self._delivering: set[asyncio.Future[None]] = set()
+        self._closed = threading.Event()  # read at each step's end, in the pipeline's thread
         self.running = 0
         self.running_since: float | None = None
         self.seconds_per_job: float | None = None
@@ -150,7 +153,15 @@ class Batcher:
         ended)."""
 
     def close(self) -> None:
-        """Let the pipeline's and the encoding's threads end once their work is done."""
+        """Interrupt the call under way at its next denoising step; let the pipeline's and the
+        encoding's threads end once their work is done.
+
+        Only the end of the service closes the queue (a server never does: its started calls
+        run to the end, :meth:`submit`). What a call interrupted so made is dropped, nothing
+        of it stored, and its jobs' requests are cancelled; a process that exits then waits a
+        step for the pipeline's thread rather than the rest of the call.
+        """
+        self._closed.set()
         self._pipeline.shutdown(wait=False)
         self._encoder.shutdown(wait=False)
 
@@ -194,7 +205,8 @@ class Batcher:
 
         Cancelling the caller drops the job if its batch has not started (a batch window
         whose jobs have all gone ends at once). A batch that has started runs to the end (a
-        thread cannot be stopped) and its other jobs get their images; the cancelled caller
+        thread cannot be stopped; only :meth:`close` stops it, at a step's end) and its other
+        jobs get their images; the cancelled caller
         returns (raises) only once that call has ended, so what it holds around this, an
         admission slot, stays held while the work runs. ``on_start`` is called when the job
         joins a call: from then on cancelling its caller no longer spares any work.
@@ -318,14 +330,18 @@ class Batcher:
         while the loop hands the pipeline to the next call; :meth:`_complete` awaits it.
         """
         progress_of = [w.progress for w in batch if w.progress is not None]
+        closed = self._closed
 
         def progress(step: int, total: int) -> None:
+            # The one point of a call where it can stop: a backend reports each step's end.
+            if closed.is_set():
+                raise _Interrupted
             for report in progress_of:
                 report(step, total)
 
         work = Batch(
             jobs=[w.job for w in batch],
-            progress=progress if progress_of else None,
+            progress=progress,
             links=[w.context.run(_span_context) for w in batch],
         )
         loop = asyncio.get_running_loop()
@@ -334,13 +350,15 @@ class Batcher:
         def call() -> None:
             try:
                 outputs = self._run(work)
+                if closed.is_set():  # closed after its last step: dropped all the same
+                    raise _Interrupted
+                if self._finish is not None:  # handed straight to the encoding thread
+                    outputs = self._encoder.submit(
+                        contextvars.copy_context().run, self._finish, work, outputs
+                    )
             except BaseException as error:
                 loop.call_soon_threadsafe(_settle, freed, error, None)
                 raise
-            if self._finish is not None:  # handed straight to the encoding thread
-                outputs = self._encoder.submit(
-                    contextvars.copy_context().run, self._finish, work, outputs
-                )
             loop.call_soon_threadsafe(_settle, freed, None, outputs)
 
         started = time.perf_counter()
@@ -374,6 +392,18 @@ class Batcher:
         return list(finished)
 
 
+class _Interrupted(BaseException):
+    """Raised in the pipeline's thread, from the report of a step's end, by a call the
+    batcher's closing interrupts (:meth:`Batcher.close`).
+
+    No :class:`Exception`, as a cancellation is not: a backend's or the stage's ``except
+    Exception`` lets it through, so it is neither logged as a failed render nor run again.
+    Raised rather than setting a diffusers pipeline's interrupt flag: with that flag the
+    pipeline still decodes the half-denoised latents, an image nobody wants, which at large
+    sizes takes as long as several steps.
+    """
+
+
 @dataclass(frozen=True)
 class _Called:
     work: Batch
@@ -391,7 +421,8 @@ def _fail(batch: list[_Waiting], error: BaseException) -> None:
     for waiting in batch:
         if waiting.future.done():
             continue
-        if isinstance(error, asyncio.CancelledError):
+        # An interrupted call's jobs are cancelled: the service closing has ended them.
+        if isinstance(error, asyncio.CancelledError | _Interrupted):
             waiting.future.cancel()
         else:
             waiting.future.set_exception(error)

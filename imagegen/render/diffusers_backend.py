@@ -166,6 +166,9 @@ class DiffusersBackend:
         (VAE and conversion to pixels), ``encode`` (PNG), ``lora`` (when the job has any) and
         ``total``.
 
+        ``progress`` is called at each step's end, in the pipeline's loop: what it raises ends
+        the call there, with nothing decoded (how the render stage interrupts a call).
+
         Raises:
             InvalidRequest: ``job.model`` is not loaded, or a LoRA is not configured here or
                 cannot be used (``loras``).

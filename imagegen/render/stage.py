@@ -172,7 +172,11 @@ class RenderStage:
         return max(1, math.ceil(held))
 
     def close(self) -> None:
-        """Release the backend's models, if it was ever created, and the batcher's threads."""
+        """Release the backend's models, if it was ever created, and the batcher's threads.
+
+        A render under way stops at its next denoising step, nothing of it stored, and its
+        requests are cancelled (:meth:`Batcher.close`): the service is ending.
+        """
         if self._batcher is not None:
             self._batcher.close()
         if self._backend is not None:
@@ -257,7 +261,8 @@ class RenderStage:
         but only the first to store the PNG writes it (a conditional write); the others answer
         with what it stored, so every reply is the same. Once its pipeline call has started, a
         render finishes and is stored even if its request is cancelled (a timeout), so the
-        retry finds the image instead of rendering it again; before that, it is dropped once
+        retry finds the image instead of rendering it again, unless the stage is closed
+        meanwhile (:meth:`close`); before that, it is dropped once
         every request waiting for its generation has gone (:class:`Waiters`). A different job
         under a generation id already rendered is refused: a direct call dated by the day
         before it is rendered (:meth:`_as_claimed`), any other when it claims the id.

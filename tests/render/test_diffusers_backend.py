@@ -139,6 +139,41 @@ def test_progress_is_reported_once_per_step(backend: DiffusersBackend, make_job:
     assert calls == [(1, 3), (2, 3), (3, 3)]
 
 
+def test_a_progress_report_that_raises_ends_the_call_at_that_step_undecoded(
+    backend: DiffusersBackend, make_job: MakeJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """How the render stage interrupts a call (its batcher closed): what the report of a step
+    raises ends the pipeline's loop there, with no decode of the half-denoised latents, and
+    leaves the pipeline as it was for the next call."""
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+
+    job = make_job(steps=6)
+    before = backend.render(job).png
+
+    class Stop(BaseException):
+        pass
+
+    reported: list[int] = []
+    decoded: list[int] = []
+    decode = AutoencoderKL.decode
+
+    def counted(self: AutoencoderKL, *args: Any, **kwargs: Any) -> Any:
+        decoded.append(1)
+        return decode(self, *args, **kwargs)
+
+    def progress(step: int, total: int) -> None:
+        reported.append(step)
+        if step == 2:
+            raise Stop
+
+    monkeypatch.setattr(AutoencoderKL, "decode", counted)
+    with pytest.raises(Stop):
+        backend.render(job, progress=progress)
+
+    assert reported == [1, 2] and decoded == []
+    assert backend.render(job).png == before and decoded == [1]
+
+
 def test_a_render_leaves_no_progress_bar_thread(
     backend: DiffusersBackend, make_job: MakeJob
 ) -> None:
