@@ -343,13 +343,30 @@ class RenderStage:
         progress: ProgressCallback | None,
         started: Callable[[], None],
     ) -> RenderedImage:
-        output = await self._render(job, progress, on_start=started)
+        # The claim (no image of another day's job) is written while the pipeline runs: a
+        # round trip to the store, off the render's time. Begun once the job joins a call, so
+        # a job refused before (a model not served) claims nothing.
+        claiming: list[asyncio.Future[None]] = []
+
+        def on_start() -> None:
+            started()
+            claiming.append(asyncio.ensure_future(stored_png.claim(self.storage, job, keys)))
+
+        try:
+            output = await self._render(job, progress, on_start=on_start)
+        except BaseException:
+            for claim in claiming:  # its outcome no longer decides anything
+                claim.add_done_callback(_retrieved)
+            raise
         sha256 = hashlib.sha256(output.png).hexdigest()
         # Timings describe the render only, so a redelivered job gets the very same reply.
         timings = {k: round(v, 4) for k, v in output.timings.items()}
         rendered_at = stage_time()
         meta = stored_png.metadata(job, sha256, fingerprint, timings, rendered_at)
-        await stored_png.claim(self.storage, job, keys)  # no image of another day's job
+        if claiming:
+            await claiming[0]
+        else:  # a backend that never said its call began
+            await stored_png.claim(self.storage, job, keys)
         if not await self._store(keys, output.png, meta, create=True):
             # Another replica stored this generation first: its image and timings are the
             # answer, so both replies are the same event.
@@ -501,3 +518,10 @@ class _Admission:
     async def __aexit__(self, *exc: object) -> None:
         self.stage._held.remove(self.job)
         instruments().renders_in_flight.add(-1)
+
+
+def _retrieved(claim: asyncio.Future[None]) -> None:
+    """Takes a claim's outcome that nobody awaits (its render failed): never a warning that
+    an exception was never retrieved."""
+    if not claim.cancelled():
+        claim.exception()

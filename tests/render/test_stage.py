@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from imagegen.errors import InvalidRequest, Overloaded
 from imagegen.models import EnhancedPrompt
+from imagegen.render import stored_png
 from imagegen.render.base import ProgressCallback, RenderOutput
 from imagegen.render.stage import RenderStage
 from imagegen.settings import Settings
@@ -183,6 +185,46 @@ async def test_another_job_under_a_rendered_generation_is_refused_on_any_day(
     assert caught.value.fields == ["generation_id"] and first.key in caught.value.message
     assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("dated.png")] == [first.key]
     assert await render.render(job("dated")) == first
+
+
+class _ClaimWatcher(SlowBackend):
+    """Looks for the generation's claim while its pipeline call runs."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(0.0)
+        self.root = root
+        self.claimed_during: list[bool] = []
+
+    def render(
+        self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None
+    ) -> RenderOutput:
+        claim = self.root / stored_png.claim_key(job.generation_id)
+        deadline = time.monotonic() + 10  # a loaded machine's loop may be slow to write it
+        while not claim.exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        self.claimed_during.append(claim.exists())
+        return super().render(job, progress=progress)
+
+
+async def test_the_claim_is_written_while_the_pipeline_runs(tmp_path: Path) -> None:
+    backend = _ClaimWatcher(tmp_path)
+    render = RenderStage(Settings(), LocalStorage(tmp_path), lambda: backend)
+    rendered = await render.render(job("claimed-early"))
+    assert backend.claimed_during == [True]
+    claim = json.loads((tmp_path / stored_png.claim_key("claimed-early")).read_text())
+    assert claim == {"image": rendered.key}
+
+
+async def test_a_job_refused_before_its_call_claims_nothing(tmp_path: Path) -> None:
+    backend = SlowBackend(0.0)
+    settings = Settings(model="tiny", served_models=["tiny"])
+    render = RenderStage(settings, LocalStorage(tmp_path), lambda: backend)
+    other = job("never-claimed").model_copy(update={"model": "tiny-klein"})
+    with pytest.raises(InvalidRequest):
+        await render.render(other)
+    assert not (tmp_path / stored_png.claim_key("never-claimed")).exists()
+    # The same id, as a job this deployment serves, is then rendered.
+    assert (await render.render(job("never-claimed"))).key.endswith("never-claimed.png")
 
 
 async def test_a_model_the_deployment_does_not_serve_is_refused(tmp_path: Path) -> None:
