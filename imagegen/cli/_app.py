@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from imagegen.ledger.recorder import Recorder
+    from imagegen.models import PersistedImage
     from imagegen.service import ImageGenService
     from imagegen.settings import Settings
 
@@ -27,8 +28,10 @@ __all__ = [
     "AsJson",
     "Verbose",
     "app",
+    "display_location",
     "dotenv_warnings",
     "err",
+    "image_where",
     "make_service",
     "out",
     "run_async",
@@ -228,11 +231,15 @@ def dotenv_warnings() -> Iterator[None]:
     """Say, as one warning line each, the ``.env`` lines read in the block that python-dotenv
     cannot parse: it skips them, and says so only as a log record (seen with ``-v``)."""
     source = logging.getLogger("dotenv.main")
-    lines = _DotenvLines()
+    lines, level = _DotenvLines(), source.level
     source.addHandler(lines)
+    # Its records are made whatever level logging was set up with (IMAGEGEN_LOG_LEVEL=ERROR,
+    # a program embedding the CLI): this line is the command's own, not a log record.
+    source.setLevel(logging.WARNING)
     try:
         yield
     finally:
+        source.setLevel(level)
         source.removeHandler(lines)
         for line in dict.fromkeys(lines.lines):
             if line not in _unparsed:
@@ -240,6 +247,20 @@ def dotenv_warnings() -> Iterator[None]:
                 err.print(
                     f"imagegen: warning: .env line {line} cannot be parsed (ignored)", markup=False
                 )
+
+
+def display_location(location: str) -> str:
+    """A stored object's location as a person reads it: a local file's path, else as it is."""
+    if location.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        return unquote(urlparse(location).path)
+    return location
+
+
+def image_where(persisted: PersistedImage) -> str:
+    """The image as a person opens it: its public URL, else a local path, else its location."""
+    return persisted.url or display_location(persisted.location)
 
 
 def run_async(coro_factory: Callable[[], Any]) -> Any:

@@ -16,6 +16,7 @@ from imagegen.cli._app import (
     Verbose,
     app,
     err,
+    image_where,
     make_service,
     out,
     run_async,
@@ -89,14 +90,9 @@ def _report(enhanced: EnhancedPrompt, persisted: PersistedImage, as_json: bool) 
         return
     from rich.markup import escape
 
-    out.print(f"[bold green]image[/]   {escape(_where(persisted))}", soft_wrap=True)
+    out.print(f"[bold green]image[/]   {escape(image_where(persisted))}", soft_wrap=True)
     out.print(f"[bold]prompt[/]  {escape(enhanced.prompt)}", soft_wrap=True)
     out.print(f"[bold]seed[/]    {persisted.seed}   [bold]model[/] {escape(persisted.model)}")
-
-
-def _where(persisted: PersistedImage) -> str:
-    """The image as a person opens it: its public URL, else a local path, else its location."""
-    return persisted.url or _display_location(persisted.location)
 
 
 async def _explain_fallback(service: ImageGenService) -> None:
@@ -118,21 +114,13 @@ def _open(persisted: PersistedImage) -> None:
 
     from imagegen.cli._viewer import open_in_viewer
 
-    target = _where(persisted)
+    target = image_where(persisted)
     if target.startswith("s3://"):
         why: str | None = "it is in object storage; set IMAGEGEN_PUBLIC_BASE_URL for a URL"
     else:
         why = open_in_viewer(target)
     if why is not None:
         err.print(f"[yellow]note[/]    not opened: {escape(why)}", soft_wrap=True)
-
-
-def _display_location(location: str) -> str:
-    if location.startswith("file://"):
-        from urllib.parse import unquote, urlparse
-
-        return unquote(urlparse(location).path)
-    return location
 
 
 async def _generate_one(
@@ -318,7 +306,8 @@ def loop(
                 if as_json:
                     typer.echo(_as_json(enhanced, persisted))
                 else:
-                    out.print(tally.line(_where(persisted), count), soft_wrap=True, markup=False)
+                    line = tally.line(image_where(persisted), count)
+                    out.print(line, soft_wrap=True, markup=False)
                     if enhanced.fallback and not explained:
                         await _explain_fallback(service)
                         explained = True

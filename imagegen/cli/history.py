@@ -268,7 +268,7 @@ def status(
         return
     from rich.markup import escape  # rich only for people: --help and --json need none of it
 
-    from imagegen.cli.generate import _display_location
+    from imagegen.cli._app import display_location
 
     # Each a line however narrow the terminal or wherever it is piped: an id, a path or a URL
     # is there to be copied whole.
@@ -281,7 +281,7 @@ def status(
         lines.append(f"[bold]model[/]      {escape(body['model'])}{seed}")
     if body.get("prompt"):
         lines.append(f"[bold]prompt[/]     {escape(body['prompt'])}")
-    where = body.get("url") or (body.get("location") and _display_location(body["location"]))
+    where = body.get("url") or (body.get("location") and display_location(body["location"]))
     if where:  # as generate shows it: a local image as its path
         lines.append(f"[bold]image[/]      {escape(where)}")
     if body.get("replay_of"):
@@ -470,9 +470,9 @@ def replay(
         return
     from rich.markup import escape
 
-    from imagegen.cli.generate import _where
+    from imagegen.cli._app import image_where
 
-    out.print(f"[bold green]image[/]      {escape(_where(persisted))}", soft_wrap=True)
+    out.print(f"[bold green]image[/]      {escape(image_where(persisted))}", soft_wrap=True)
     out.print(
         f"[bold]generation[/] {persisted.generation_id} (replay of {generation_id})",
         soft_wrap=True,

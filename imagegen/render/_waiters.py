@@ -10,6 +10,7 @@ runs, and no admission slot is held, for a request that has gone (docs/adr/0005)
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from typing import Any, TypeVar
 __all__ = ["Waiters"]
 
 T = TypeVar("T")
+
+log = logging.getLogger("imagegen.render")
 
 Work = Callable[[Callable[[], None]], Coroutine[Any, Any, T]]
 """A stored render, given what to call once its pipeline call has started."""
@@ -65,3 +68,13 @@ class Waiters:
         renders.remove(render)
         if not renders:
             del self._renders[generation_id]
+        failure = None if render.task.cancelled() else render.task.exception()
+        if failure is not None and not self._requests[generation_id]:
+            # A started render that failed once its requests had gone: nobody else says so
+            # (asyncio would, as an exception never retrieved, when the task is collected).
+            log.error(
+                "render of %s failed after its requests had gone",
+                generation_id,
+                exc_info=failure,
+                extra={"generation_id": generation_id},
+            )

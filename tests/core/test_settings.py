@@ -90,7 +90,7 @@ def test_revisions_are_pinned_per_model(monkeypatch: pytest.MonkeyPatch) -> None
 def test_the_default_model_must_be_served(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IMAGEGEN_SERVED_MODELS", "tiny,tiny-klein")
 
-    with pytest.raises(ValidationError, match=r"IMAGEGEN_MODEL .* must be one of"):
+    with pytest.raises(ValidationError, match=r"IMAGEGEN_MODEL must be one of"):
         Settings()
     assert Settings(model="tiny-klein").served_models == ["tiny", "tiny-klein"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,30 @@ async def test_a_started_stored_render_still_ends_and_is_stored(tmp_path: Path) 
     retry = await stage.render(job("started"))
     assert backend.calls == [["first"], ["started"]]
     assert (tmp_path / retry.key).is_file()
+
+
+async def test_a_started_render_that_fails_once_its_request_left_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend, stage, first = await _held_on_first(tmp_path, batch_size=1)
+    backend.gate.set()
+    await first
+    backend.gate.clear()
+    backend.running.clear()
+    backend.refuse.add("orphan")
+    attempt = asyncio.ensure_future(stage.render(job("orphan")))
+    await asyncio.to_thread(backend.running.wait, 10)
+    attempt.cancel()  # its call is running; nobody will hear how it ends
+    await asyncio.wait([attempt])
+    with caplog.at_level(logging.ERROR, logger="imagegen.render"):
+        backend.gate.set()
+        for _ in range(200):  # the render ends in its own task
+            if len(stage._waiters) == 0:
+                break
+            await asyncio.sleep(0.01)
+    assert len(stage._waiters) == 0
+    [record] = [r for r in caplog.records if "after its requests had gone" in r.getMessage()]
+    assert record.exc_info is not None and isinstance(record.exc_info[1], InvalidRequest)
 
 
 async def test_a_redelivery_waits_for_the_render_under_way_without_taking_a_slot(
