@@ -221,6 +221,10 @@ def test_the_gpu_script_smoke_runs_its_parts_on_the_cpu(
     assert split is not None, out
     seconds = dict(re.findall(r"(\w[a-z ]*?) ([\d.]+) s", split.group(1)))
     assert set(seconds) == {"text encoder", "denoising", "decode", "png"}, split.group(1)
+    # The denoising is what the render's denoise phase leaves once the encoder, timed alone,
+    # is taken out: on the tiny model two steps, which a loaded machine's encoder run can
+    # outlast (then none, never less).
+    assert float(seconds.pop("denoising")) >= 0
     assert all(float(v) > 0 for v in seconds.values()), seconds
     png = re.search(r"PNG at 256²: (.*)", out)
     assert png is not None, out
