@@ -514,7 +514,11 @@ def _wants_png(accept: Any) -> bool:
 
 def entry_point(name: str) -> Any:
     """The functions-framework HTTP target of the stage called ``name``."""
-    function = Function(get_stage(name))
+    stage = get_stage(name)
+    function = Function(stage)
+    if stage.input_model is not None or stage.consumes:
+        # Not the sink, which keeps whatever comes, merged headers too: a refusal loses it.
+        _process.refuse_repeated_event_attributes()
 
     def serve(request: flask.Request) -> flask.Response:
         reply = function.dispatch(request)

@@ -73,6 +73,41 @@ else:
     gunicorn.util.write_error = _refusal
 
 
+# The attributes of a binary-mode event, each one value: repeated, gunicorn would join them
+# with commas into one the sender never meant (gunicorn/http/wsgi.py, a WSGI environ holds one
+# value per name), where sdk-go takes the first (v2/protocol/http/message.go, ReadBinary:
+# ``v[0]``): one message, two events. CloudEvents 1.0's context attributes, and those of its
+# distributed tracing extension.
+_SINGLE_VALUED = frozenset(
+    f"CE-{name}"
+    for name in (
+        "ID",
+        "SOURCE",
+        "SPECVERSION",
+        "TYPE",
+        "DATACONTENTTYPE",
+        "DATASCHEMA",
+        "SUBJECT",
+        "TIME",
+        "TRACEPARENT",
+        "TRACESTATE",
+    )
+)
+
+
+def refuse_repeated_event_attributes() -> None:
+    """Have gunicorn refuse a request that repeats a ``ce-*`` attribute's header, as it refuses
+    a repeated ``Host`` or ``Content-Type`` (RFC 9110, section 5.3): a 400 naming the header,
+    written by :func:`_refusal`. A no-op where gunicorn has no such rule (before 23.0)."""
+    try:
+        from gunicorn.http import message
+    except ImportError:
+        return
+    singletons = getattr(message, "RFC9110_5_3_SINGLETON_FIELDS", None)
+    if isinstance(singletons, frozenset):
+        message.RFC9110_5_3_SINGLETON_FIELDS = singletons | _SINGLE_VALUED
+
+
 def loaded() -> None:
     """The function's modules are loaded: freeze them (never scanned, shared with the workers
     gunicorn forks) and collect again if this module paused it."""

@@ -177,6 +177,31 @@ def test_what_gunicorn_refuses_itself_is_refused_in_json_too(
     assert "<html>" not in server.logs()
 
 
+def test_a_repeated_event_attribute_is_refused_not_joined(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """A server joins a repeated header's values with commas; sdk-go takes the first. The one
+    message would be two events: a stage refuses it, naming the header; the dead-letter sink,
+    which keeps whatever comes, records it as it came."""
+    env = base_env(tmp_path / "store")
+    attributes = (
+        f"ce-specversion: 1.0\r\nce-type: {GENERATION_REQUESTED}\r\n"
+        "ce-source: /tests\r\nce-id: twice-a\r\nce-id: twice-b\r\n"
+    )
+    for name, status in (("enhance", b"400"), ("deadletter", b"202")):
+        server = start_server(name, env)
+        request = (
+            f"POST / HTTP/1.1\r\nHost: {server.url[7:]}\r\n{attributes}"
+            "Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+        )
+        head, _, body = _raw(server.url, request.encode()).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 " + status), (name, head)
+        if name == "enhance":
+            error = json.loads(body)
+            assert [e["field"] for e in error["errors"]] == ["headers"]
+            assert "CE-ID" in error["message"].upper()
+
+
 def test_binary_header_values_are_unquoted_and_percent_decoded(enhance: InProcessFunction) -> None:
     """HTTP binding, section 3.1.3.2: a sender percent-encodes a space, '"', '%' and all
     that is not printable ASCII in a ``ce-*`` header; the receiver decodes once. The same event
