@@ -11,6 +11,7 @@ import importlib.util
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
 from huggingface_hub import is_offline_mode
 
 from imagegen.errors import DependencyUnavailable, InvalidRequest
@@ -134,6 +135,10 @@ class LoraAdapters:
             )
             try:
                 load(str(location), adapter_name=lora.name, **options)
+            except torch.OutOfMemoryError:
+                # A RuntimeError too, but the device's state, not the file's: retryable
+                # (the backend's out-of-memory refusal), never a 400.
+                raise
             except (OSError, ValueError, KeyError, RuntimeError) as error:
                 raise field_error(
                     field, f"LoRA {lora.name!r} cannot be loaded: {first_line(error)}"

@@ -15,7 +15,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from imagegen.errors import DependencyUnavailable
+from imagegen.errors import ConfigurationError, DependencyUnavailable
 from imagegen.models import EnhancedPrompt
 from imagegen.render._errors import INSTALL_HINT, field_error
 from imagegen.render.base import ProgressCallback, RenderOutput
@@ -26,6 +26,7 @@ from imagegen.telemetry import tracer
 # The private modules import torch, diffusers and huggingface_hub too.
 try:
     import diffusers
+    import numpy as np
     import torch
     from diffusers.image_processor import VaeImageProcessor
 
@@ -200,18 +201,19 @@ class DiffusersBackend:
 
         adapters_on = False
         try:
-            # 1. Activate the job's LoRA adapters (loaded once, then cached by name)
-            if job.loras:
-                with tracer().start_as_current_span("imagegen.render.lora") as span:
-                    span.set_attribute("imagegen.loras", [lora.name for lora in job.loras])
-                    check_lora_support(job.model, pipe)
-                    adapters_on = True  # before loading: a model's first adapter comes enabled
-                    self._adapters.activate(job.model, pipe, job.loras)
-                timings["lora"] = time.perf_counter() - started
-
-            # 2. Denoise, then 3. decode with the VAE
             out_of_memory = False
             try:
+                # 1. Activate the job's LoRA adapters (loaded once, then cached by name); their
+                # weights take device memory as the call's activations do.
+                if job.loras:
+                    with tracer().start_as_current_span("imagegen.render.lora") as span:
+                        span.set_attribute("imagegen.loras", [lora.name for lora in job.loras])
+                        check_lora_support(job.model, pipe)
+                        adapters_on = True  # before loading: a model's first adapter comes enabled
+                        self._adapters.activate(job.model, pipe, job.loras)
+                    timings["lora"] = time.perf_counter() - started
+
+                # 2. Denoise, then 3. decode with the VAE
                 images, denoise, decode = self._denoise_and_decode(pipe, jobs, progress)
             except torch.OutOfMemoryError:
                 out_of_memory = True
@@ -324,6 +326,10 @@ class DiffusersBackend:
         on_device = self._filters_on_device() and "output_type" in parameters
         if on_device:
             kwargs["output_type"] = "pt"  # quantised and filtered below, on the device
+        elif "output_type" in parameters:
+            # The floats "pil" quantises (diffusers' VaeImageProcessor.postprocess: pt_to_numpy,
+            # then numpy_to_pil), checked before they are: a NaN would quantise to black.
+            kwargs["output_type"] = "np"
 
         loop_attributes: dict[str, str | int] = {
             "imagegen.steps": job.steps,
@@ -339,7 +345,18 @@ class DiffusersBackend:
         try:
             with trace.use_span(loop_span, end_on_exit=False):  # records an error on the span
                 output = pipe(**kwargs).images
-                images = self._host_images(output) if on_device else list(output)
+                if on_device:
+                    pixels = _batched(output)
+                    # One reduction and one sync, before the rows' own copy to the host.
+                    self._check_finite(jobs, torch.isfinite(pixels).flatten(1).all(1).tolist())
+                    images = self._host_images(pixels)
+                elif kwargs.get("output_type") == "np":
+                    floats = np.asarray(output)
+                    floats = floats if floats.ndim == 4 else floats[None]
+                    self._check_finite(jobs, np.isfinite(floats).reshape(len(floats), -1).all(1))
+                    images = list(VaeImageProcessor.numpy_to_pil(floats))
+                else:
+                    images = list(output)
         except BaseException:
             loop_span.end()
             raise
@@ -349,6 +366,40 @@ class DiffusersBackend:
         loop_span.end(end_time=denoised_ns)
         tracer().start_span("imagegen.render.vae_decode", start_time=denoised_ns).end(ended_ns)
         return images, denoised - started, ended - denoised
+
+    def _check_finite(self, jobs: list[EnhancedPrompt], finite: Any) -> None:
+        """Refuse a call any of whose images has a pixel that is not a number.
+
+        diffusers clamps the decoded pixels to [0, 1], which keeps a NaN, and quantising makes
+        it 0: the image would be stored black, and the job said to succeed. In float16 (GPUs
+        before Ampere, ``_device``) FLUX.2 [klein]'s Qwen3 text encoder overflows: transformers'
+        models/qwen3/modeling_qwen3.py has none of the float16 clamps of t5/modeling_t5.py.
+
+        A :class:`ConfigurationError`, retryable: the request is fine, and this replica would
+        fail it again, but another, on a GPU with bfloat16, need not; the cause is the
+        deployment's device (logged as an error for its operator). The stage runs a failed
+        batch's jobs alone, so only those whose own pixels are not finite fail.
+        """
+        failed = [job.generation_id for job, ok in zip(jobs, finite, strict=True) if not ok]
+        if not failed:
+            return
+        job = jobs[0]
+        dtype = str(self.dtype).removeprefix("torch.")
+        where = f"{dtype} on {self.device.type}"
+        if self.dtype == torch.float16:
+            remedy = (
+                "serve this model from a GPU with bfloat16 (Ampere or newer), "
+                "or set IMAGEGEN_DEVICE=cpu"
+            )
+        else:
+            remedy = "check the model's weights, or set IMAGEGEN_DEVICE to another device"
+        count = f"{len(failed)} of {len(jobs)} images" if len(jobs) > 1 else "the image"
+        message = f"{job.model} made non-finite pixels (NaN) in {count}, in {where}: {remedy}"
+        log.error("%s; nothing stored", message, extra={"generation_ids": failed})
+        raise ConfigurationError(
+            message,
+            errors=[{"field": "IMAGEGEN_DEVICE", "message": f"{job.model} fails in {where}"}],
+        )
 
     def _filters_on_device(self) -> bool:
         if self.filter_on_device is None:
@@ -364,10 +415,7 @@ class DiffusersBackend:
         output would have, which the encoder in parts makes into the same files, and the
         device is not asked again in this process.
         """
-        if not isinstance(output, torch.Tensor):  # a pipeline that lists its images
-            output = torch.stack(list(output))
-        if output.ndim == 3:  # one image, unbatched
-            output = output[None]
+        output = _batched(output)
         try:
             filtered = filtered_images(output)
         except RuntimeError as exc:  # torch's device errors, NotImplementedError included
@@ -410,3 +458,10 @@ class DiffusersBackend:
         """Wait for queued GPU work, so a timestamp marks its end."""
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+
+
+def _batched(output: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """A ``"pt"`` output as one ``(B, C, H, W)`` tensor."""
+    if not isinstance(output, torch.Tensor):  # a pipeline that lists its images
+        output = torch.stack(list(output))
+    return output if output.ndim == 4 else output[None]  # one image, unbatched

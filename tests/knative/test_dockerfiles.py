@@ -274,3 +274,36 @@ def test_the_default_storage_belongs_to_the_image_user(name: str, target: str) -
         args for instruction, args in chain if instruction == "RUN" and directory in args.split()
     ]
     assert owned and created, f"{target}: {directory} is not created for {user}"
+
+
+@pytest.mark.parametrize("compilers", [(), ("gcc",), ("clang",)])
+def test_the_gpu_image_has_a_c_compiler_for_triton(tmp_path: Path, compilers: tuple[str]) -> None:
+    """Triton builds each kernel's launcher with $CC, else gcc, else clang
+    (triton/runtime/build.py): the image installs gcc, small, only where its base has neither.
+
+    The Dockerfile's step is run with ``apt-get`` and ``rm`` stubbed (nothing is installed or
+    removed), on a PATH that has the compilers named and nothing else.
+    """
+    [step] = [
+        arguments
+        for instruction, arguments in _instructions("Dockerfile.gpu")
+        if instruction == "RUN" and "apt-get install" in arguments
+    ]
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    calls = tmp_path / "calls"
+    for name in ("apt-get", "rm", *compilers):
+        stub = stubs / name
+        stub.write_text(f'#!/bin/sh\necho "{name} $*" >> {calls}\n')
+        stub.chmod(0o755)
+    # -f: the lists' glob is passed to the stub as written, not matched against this machine.
+    subprocess.run(["/bin/sh", "-fc", step], env={"PATH": str(stubs)}, check=True)
+    made = calls.read_text().splitlines() if calls.exists() else []
+    if compilers:
+        assert made == []
+    else:
+        assert made == [
+            "apt-get update",
+            "apt-get install -y --no-install-recommends gcc libc6-dev",
+            "rm -rf /var/lib/apt/lists/*",
+        ]

@@ -110,3 +110,52 @@ async def test_a_batch_that_does_not_fit_is_rendered_one_image_at_a_time(
     outputs = await asyncio.gather(*(stage.render_png(job) for job in jobs))
     assert memory.calls == [3, 1, 1, 1], "the batch, then each alone"
     assert [o.png for o in outputs] == [backend.render(job).png for job in jobs]
+
+
+@pytest.fixture
+def lora_backend(lora_dir: Path) -> Any:
+    """A CPU backend of its own, whose tiny pipeline may take the LoRA ``lora_dir``."""
+    pytest.importorskip("peft")
+    from imagegen.render.diffusers_backend import DiffusersBackend
+    from imagegen.settings import Settings
+
+    backend = DiffusersBackend(Settings(device="cpu", lora_dir=lora_dir.parent))
+    backend.load("tiny")
+    yield backend
+    backend.close()
+
+
+@pytest.mark.parametrize("where", ["load_lora_weights", "set_adapters"])
+def test_a_lora_that_does_not_fit_is_a_retryable_refusal(
+    lora_backend: Any,
+    lora_dir: Path,
+    make_job: MakeJob,
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+) -> None:
+    """torch's OutOfMemoryError is a RuntimeError, which a LoRA file that cannot be loaded
+    raises too: loading or activating adapters out of memory is the device's state, not the
+    request's, and is refused as a call that does not fit is."""
+    from imagegen.models import LoraHint
+
+    pipe = lora_backend._pipelines["tiny"]
+    emptied: list[bool] = []
+    real_empty = type(lora_backend)._empty_cache
+
+    def allocating(*args: Any, **kwargs: Any) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB")
+
+    def empty_cache(self: Any) -> None:
+        emptied.append(True)
+        real_empty(self)
+
+    monkeypatch.setattr(pipe, where, allocating)
+    monkeypatch.setattr(type(lora_backend), "_empty_cache", empty_cache)
+    job = make_job(generation_id="lora-1", loras=[LoraHint(name="sketchy", path=str(lora_dir))])
+    with pytest.raises(DependencyUnavailable) as refused:
+        lora_backend.render(job)
+    assert refused.value.retryable and refused.value.status == 503
+    assert refused.value.message == "out of cpu memory rendering one image at 256x256 tiny"
+    assert emptied == [True]
+    monkeypatch.undo()  # the device has the memory again: the same job renders
+    assert lora_backend.render(job).png
