@@ -212,3 +212,14 @@ def test_history_shows_whole_ids_on_80_columns(cli: RunCli) -> None:
     # One line per generation: the prompt cut with an ellipsis, not folded into fragments.
     [row] = [line for line in result.stdout.splitlines()[1:] if line.strip()]
     assert listed["generation_id"] in row and "a long" in row and row.rstrip().endswith("…")
+
+
+def test_models_list_shows_each_id_whole_at_80_columns(cli: RunCli) -> None:
+    """The id is what a user types and the served column says which: never cut to fit."""
+    from imagegen.modelspec import MODELS
+
+    result = cli("models", "list", env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    for spec in MODELS.values():
+        assert any(line.split()[:1] == [spec.id] for line in result.stdout.splitlines()), spec.id

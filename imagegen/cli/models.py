@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated
 
 import typer
@@ -10,6 +11,8 @@ import typer
 from imagegen.cli._app import AsJson, app, err, out, settings_from
 
 __all__ = ["list_models", "models_app", "pull"]
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 models_app = typer.Typer(
     help="The model table; the model cache that render loads from.", no_args_is_help=True
@@ -81,17 +84,29 @@ def list_models(as_json: AsJson = False) -> None:
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
+    from rich import box
     from rich.markup import escape
-    from rich.table import Table
+    from rich.table import Column, Table
 
-    table = Table("model", "family", "served", "revision", "licence")
+    # The id is what a user types: whole, never cut to the terminal's width (the other
+    # columns wrap instead). The revision as the Hub shows a commit, 12 digits; --json has all.
+    widest = max((len(str(row["model"])) for row in rows), default=5)
+    table = Table(
+        Column("model", no_wrap=True, min_width=widest),
+        "family",
+        "served",
+        Column("revision", no_wrap=True, min_width=12),
+        "licence",
+        box=box.SIMPLE_HEAD,
+    )
     for row in rows:
+        revision = str(row["revision"] or "-")
         # As written: "FLUX.2 [klein]" is no markup to rich.
         table.add_row(
             escape(str(row["model"])),
             escape(str(row["family"])),
             "yes" if row["served"] else "no",
-            escape(str(row["revision"] or "-")),
+            escape(revision[:12] if _COMMIT.fullmatch(revision) else revision),
             escape(str(row["licence"])),
         )
     out.print(table)
