@@ -1,12 +1,18 @@
-"""The light of the hour: morning, afternoon, evening or night in the request's time zone."""
+"""The light of the hour: morning, afternoon, evening or night in the request's time zone.
+
+A prompt that names its own light ("at dusk", "a moonlit street") keeps it: the plugin then
+adds nothing, rather than the clock's light beside the caller's.
+"""
 
 from __future__ import annotations
+
+import re
 
 from imagegen.models import Contribution
 from imagegen.plugins import PluginContext
 from imagegen.settings import Settings
 
-__all__ = ["PERIODS", "TimeOfDayPlugin", "period_of"]
+__all__ = ["PERIODS", "TimeOfDayPlugin", "names_its_light", "period_of"]
 
 # (first hour, period, prompt fragment), by first hour; hours before 5 are night.
 PERIODS: tuple[tuple[int, str, str], ...] = (
@@ -16,6 +22,20 @@ PERIODS: tuple[tuple[int, str, str], ...] = (
     (17, "evening", "warm evening glow, golden hour light"),
     (21, "night", "night scene, moonlight and glowing artificial lights"),
 )
+
+
+# Words that set a scene's time of day or its light (English, as the fragments are).
+_OWN_LIGHT = re.compile(
+    r"\b(dawn|daybreak|sunrise|morning|noon|midday|afternoon|daylight|dusk|sunset|sundown"
+    r"|twilight|evening|golden hour|blue hour|night|nighttime|midnight|moonlit|moonlight"
+    r"|starlit|starry)\b",
+    re.IGNORECASE,
+)
+
+
+def names_its_light(prompt: str | None) -> bool:
+    """Whether ``prompt`` says when its scene is (dusk, night, ...)."""
+    return prompt is not None and _OWN_LIGHT.search(prompt) is not None
 
 
 def period_of(hour: int) -> tuple[str, str]:
@@ -38,8 +58,10 @@ class TimeOfDayPlugin:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings
 
-    def contribute(self, context: PluginContext) -> Contribution:
-        """The period of ``context.now`` and its light."""
+    def contribute(self, context: PluginContext) -> Contribution | None:
+        """The period of ``context.now`` and its light; none for a prompt naming its own."""
+        if names_its_light(context.prompt):
+            return None
         period, text = period_of(context.now.hour)
         return Contribution(
             plugin=self.name,

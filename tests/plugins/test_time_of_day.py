@@ -39,3 +39,23 @@ async def test_uses_the_request_zone(settings: Settings) -> None:
     assert "morning light" in utc.text
     assert la.data["period"] == "night" and la.data["hour"] == 0
     assert "night" in la.text
+
+
+@pytest.mark.parametrize(
+    ("prompt", "kept"),
+    [
+        ("a lighthouse on a cliff at dusk", True),
+        ("a MOONLIT street", True),
+        ("the golden hour over a lake", True),
+        ("a lighthouse on a cliff", False),
+        ("a nightingale on a branch", False),  # a word that only begins like one
+        (None, False),  # dreamed: the clock's light
+    ],
+)
+async def test_a_prompt_naming_its_own_light_keeps_it(
+    settings: Settings, prompt: str | None, kept: bool
+) -> None:
+    plugins = PluginSet([TimeOfDayPlugin(settings)], settings=settings)
+    now = datetime(2026, 6, 1, 9, 0, tzinfo=UTC)
+    found = await plugins.run(generation_id="g", seed=1, now=now, prompt=prompt)
+    assert (found == []) is kept, found
