@@ -136,8 +136,9 @@ async def replay(
         event_type = GENERATION_REQUESTED
     if not settings.sink_url:
         raise ConfigurationError(
-            "no broker to send the replay to: K_SINK is not set",
-            errors=[{"field": "sink_url", "message": "required to replay"}],
+            "no broker to send the replay to: set IMAGEGEN_SINK_URL (on Knative, a SinkBinding"
+            " sets K_SINK)",
+            errors=[{"field": "IMAGEGEN_SINK_URL", "message": "required to replay"}],
         )
     new_id = str(data.generation_id)  # type: ignore[attr-defined]
     attributes = {

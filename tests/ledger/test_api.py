@@ -242,7 +242,8 @@ def test_replay_without_a_broker_is_a_503_naming_the_setting(function: InProcess
     _record(function, "gen-r")
     reply = function.post("/generations/gen-r/replay")
     assert reply.status_code == 503
-    assert [e["field"] for e in reply.json()["errors"]] == ["sink_url"]
+    assert [e["field"] for e in reply.json()["errors"]] == ["IMAGEGEN_SINK_URL"]
+    assert "set IMAGEGEN_SINK_URL" in reply.json()["message"]
 
 
 def test_the_api_needs_the_same_credentials_as_post(
