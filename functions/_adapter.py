@@ -126,7 +126,7 @@ class Function:
             # and answer 503 (not ready, retried), never 400.
             summary = f"{self.stage.name} could not start"
             broken = ConfigurationError.of(summary, exc, name=Settings.variable)
-            log.error("start-up failed: %s", broken.message, extra={"stage": self.stage.name})
+            log.error("start-up failed: %s", broken.explained(), extra={"stage": self.stage.name})
             failed: Future[None] = Future()
             failed.set_exception(broken)
             return failed

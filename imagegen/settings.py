@@ -13,6 +13,7 @@ import binascii
 import contextlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -457,12 +458,7 @@ class Settings(BaseSettings):
         """
         import difflib
 
-        names = {k.upper() for k in (os.environ if environ is None else environ)}
-        if dotenv is not None and os.path.isfile(dotenv):
-            from dotenv import dotenv_values
-
-            with contextlib.suppress(UnicodeDecodeError, OSError):  # said by the settings
-                names |= {k.upper() for k in dotenv_values(dotenv, encoding="utf-8")}
+        names = set(_given(environ, dotenv))
         known = {v.upper() for field in cls.model_fields for v in cls.variables(field)}
         known |= _OTHER_VARIABLES
         found = []
@@ -471,6 +467,22 @@ class Settings(BaseSettings):
             hint = f"; did you mean {close[0]}?" if close else ""
             found.append(f"{name} is no setting (ignored){hint}")
         return found
+
+    @classmethod
+    def given_as(cls, name: str, value: object) -> str:
+        """The setting ``name`` at ``value`` as a message says it: ``IMAGEGEN_DEVICE=cuda``,
+        and, where none of its variables is set (the environment, ``.env``) but the profile's
+        defaults give it that value, ``IMAGEGEN_DEVICE=cuda (set by IMAGEGEN_PROFILE=prod)``:
+        a user who never set the variable is told what did."""
+        said = f"{cls.variable(name)}={value}"
+        given = _given()
+        if any(v.upper() in given for v in cls.variables(name)):
+            return said
+        profile = given.get(cls.variable("profile"), cls.model_fields["profile"].default)
+        defaults = PROFILE_DEFAULTS.get(str(profile), {})
+        if name in defaults and defaults[name] == value:
+            return f"{said} (set by {cls.variable('profile')}={profile})"
+        return said
 
     def revision_for(self, model: str) -> str | None:
         """The Hub revision to load ``model`` at: the setting, else the table's pin."""
@@ -485,6 +497,20 @@ class Settings(BaseSettings):
         for key, value in PROFILE_DEFAULTS.get(str(profile), {}).items():
             data.setdefault(key, value)
         return data
+
+
+def _given(environ: Mapping[str, str] | None = None, dotenv: str | None = ".env") -> dict[str, str]:
+    """The variables set, by their upper-case names: ``environ`` (default the process's) over
+    the ``dotenv`` file, as the settings read them; an unreadable file adds none (the settings
+    say why)."""
+    given: dict[str, str] = {}
+    if dotenv is not None and os.path.isfile(dotenv):
+        from dotenv import dotenv_values
+
+        with contextlib.suppress(UnicodeDecodeError, OSError):
+            given = {k.upper(): v or "" for k, v in dotenv_values(dotenv, encoding="utf-8").items()}
+    given.update((k.upper(), v) for k, v in (os.environ if environ is None else environ).items())
+    return given
 
 
 def _choices(alias: Any) -> tuple[str, ...]:

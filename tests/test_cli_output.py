@@ -124,6 +124,27 @@ def test_doctor_json_and_a_failing_check(cli: RunCli, tmp_path: Path) -> None:
     assert "IMAGEGEN_STORAGE_URL" in checks["storage"]["next_step"]
 
 
+def test_a_device_the_profile_asks_for_is_said_as_the_profiles(cli: RunCli) -> None:
+    """IMAGEGEN_PROFILE=prod on a laptop: the render fails naming what set the device, and
+    doctor still checks the model."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    env = {"IMAGEGEN_PROFILE": "prod"}
+    said = "IMAGEGEN_DEVICE=cuda (set by IMAGEGEN_PROFILE=prod) asks for a CUDA GPU, but none"
+    made = cli("generate", "a fox", *SMALL, "--no-enhance", env=env)
+    assert made.returncode == 1
+    [line] = made.stderr.strip().splitlines()
+    assert line.startswith(f"imagegen: error: {said}"), line
+    result = cli("doctor", "--json", env=env)
+    assert result.returncode == 1, result.stderr
+    checks = {c["check"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["render"]["status"] == "error"
+    assert checks["render"]["summary"].startswith(said)
+    assert checks["model"]["status"] in ("ok", "warning")  # checked all the same
+
+
 @pytest.mark.parametrize(
     ("env", "said"),
     [
@@ -131,6 +152,14 @@ def test_doctor_json_and_a_failing_check(cli: RunCli, tmp_path: Path) -> None:
         (
             {"IMAGEGEN_PLUGIN_OPTIONS": '{"art_style": {"style": "nonexistent"}}'},
             "IMAGEGEN_PLUGIN_OPTIONS: plugin_options.art_style.style: unknown art style",
+        ),
+        (  # a misspelt key, ignored before: a random style drawn all the same
+            {"IMAGEGEN_PLUGIN_OPTIONS": '{"art_style": {"stlye": "ukiyo-e"}}'},
+            "IMAGEGEN_PLUGIN_OPTIONS: plugin_options.art_style.stlye: unknown option",
+        ),
+        (
+            {"IMAGEGEN_PLUGIN_OPTIONS": '{"weather": {"a": 1}}'},
+            "IMAGEGEN_PLUGIN_OPTIONS: plugin_options.weather: no enabled plugin 'weather'",
         ),
     ],
 )
@@ -152,6 +181,21 @@ def test_plugins_shows_the_options_a_plugin_refuses(cli: RunCli) -> None:
     assert errors["time_of_day"] is None
     result = cli("plugins", env={**env, "COLUMNS": "200"})
     assert "refuses its options: plugin_options.art_style.style: unknown art style" in result.stdout
+
+
+def test_an_option_no_plugin_reads_fails_generate_in_one_line(cli: RunCli) -> None:
+    env = {"IMAGEGEN_PLUGIN_OPTIONS": '{"art_style": {"stlye": "ukiyo-e"}}'}
+    result = cli("generate", "a fox", *SMALL, "--no-enhance", env=env)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line == (
+        "imagegen: error: invalid settings: IMAGEGEN_PLUGIN_OPTIONS"
+        " (plugin_options.art_style.stlye: unknown option of plugin 'art_style'; known: style)"
+    )
+    listed = {row["name"]: row for row in json.loads(cli("plugins", "--json", env=env).stdout)}
+    assert listed["art_style"]["error"] == (
+        "plugin_options.art_style.stlye: unknown option of plugin 'art_style'; known: style"
+    )
 
 
 def test_doctor_checks_the_ledger_without_making_one(cli: RunCli, tmp_path: Path) -> None:

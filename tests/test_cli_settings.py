@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -150,6 +153,28 @@ def test_an_invalid_setting_names_the_variable_set(
     assert summary == f"invalid settings: {named}", line
     assert next(iter(env.values())) not in line  # named, never echoed
     assert "hunter2" not in line and "wJalrXUtn" not in line  # nor a part of it
+
+
+def test_serve_refuses_settings_that_cannot_work_before_starting(tmp_path: Path) -> None:
+    """It said where it served and kept running, answering 503 to every request; a fresh
+    process, as the command replaces itself with the server once the checks pass."""
+    from tests.functions.servers import free_port
+
+    env = {**os.environ, "IMAGEGEN_TIMEZONE": "Mars/Base"}
+    command = [sys.executable, "-m", "imagegen.cli", "serve", "enhance"]
+    result = subprocess.run(
+        [*command, "--port", str(free_port())],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        "imagegen: error: invalid settings: IMAGEGEN_TIMEZONE (unknown IANA time zone)"
+    )
+    assert "serving" not in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize(

@@ -49,12 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         _fail("aborted", 130)
     except (InvalidRequest, ConfigurationError) as exc:
-        # The details the message does not say already (a setting's refusal says its reasons).
-        said = [e for e in exc.errors if e["message"] not in exc.message]
-        details = "; ".join(f"{e['field']}: {e['message']}" for e in said)
-        if len(said) == 1 and exc.message.endswith(said[0]["field"]):
-            details = said[0]["message"]  # the one field the message ends naming
-        _fail(exc.message + (f" ({details})" if details else ""), 2)
+        _fail(exc.explained(), 2)  # a setting's refusal says its reasons
     except ImageGenError as exc:
         _fail(exc.message, 1)
     except KeyboardInterrupt:

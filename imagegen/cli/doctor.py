@@ -31,7 +31,7 @@ def run_checks(settings: Settings) -> list[Check]:
     """The render back end, the model, Ollama, storage, the prompt plugins and the ledger,
     each as a :class:`Check`; never raises."""
     rows = [_render_check(settings)]
-    if rows[0].status == "ok":
+    if rows[0].status != "warning":  # torch is there: the model is checked, device or not
         rows.append(_model_check(settings))
 
     async def checks() -> tuple[Advice, str | None, Check]:
@@ -89,12 +89,10 @@ def _render_check(settings: Settings) -> Check:
         return Check("render", "error", exc.message, "Check IMAGEGEN_DEVICE.")
     device = info.get("device", "")
     if device.startswith("unavailable"):
-        return Check(
-            "render",
-            "error",
-            f"torch {info['torch']} cannot use IMAGEGEN_DEVICE={settings.device}: {device}.",
-            "Set IMAGEGEN_DEVICE=auto (or cpu).",
-        )
+        # The reason names the setting, and the profile where that set it: not the variable
+        # alone, which a user of IMAGEGEN_PROFILE=prod never set.
+        why = device.removeprefix("unavailable: ")
+        return Check("render", "error", f"{why}.", "Set IMAGEGEN_DEVICE=auto (or cpu).")
     summary = f"torch {info['torch']} renders on {device} ({info.get('dtype', '?')})."
     if device == "cpu":
         return Check(
@@ -164,16 +162,17 @@ async def _plugins_check(settings: Settings) -> Check:
     """The plugins the settings enable, as a generation enables them, and the options the
     settings give them: a name no plugin has, or an option refused, fails every generation."""
     from imagegen.cli.tools import refused_options
-    from imagegen.errors import ImageGenError
+    from imagegen.errors import ConfigurationError, ImageGenError
     from imagegen.plugins import PluginSet
 
     try:
         plugin_set = PluginSet.from_settings(settings)
     except ImageGenError as exc:
         reasons = "; ".join(e["message"] for e in exc.errors) or exc.message
-        return Check(
-            "plugins", "error", f"{settings.variable('plugins')}: {reasons}.", _PLUGINS_STEP
-        )
+        # The options' refusal names its variable; the names' (InvalidRequest) does not.
+        options = isinstance(exc, ConfigurationError) and exc.fields
+        variable = exc.fields[0] if options else settings.variable("plugins")
+        return Check("plugins", "error", f"{variable}: {reasons}.", _PLUGINS_STEP)
     refused = await refused_options(plugin_set)
     if refused:
         said = "; ".join(refused.values())

@@ -72,14 +72,22 @@ def list_plugins(as_json: AsJson = False) -> None:
 async def refused_options(plugin_set: Any) -> dict[str, str]:
     """The enabled plugins that refuse the options the settings give them, each with why.
 
-    Each runs once on a test prompt, as a generation runs it: a plugin reads its options when
-    it runs, and one it refuses fails every generation alike.
+    A key the plugin does not declare is refused as a generation refuses it; then each runs
+    once on a test prompt, as a generation runs it: a plugin reads its options when it runs,
+    and one it refuses fails every generation alike.
     """
     from datetime import UTC, datetime
 
     refused: dict[str, str] = {}
+    for error in plugin_set.option_errors(plugin_set.settings.plugin_options):
+        name = error["field"].split(".")[1]  # plugin_options.<plugin>[.<key>]
+        if name in plugin_set.names:
+            said = f"{error['field']}: {error['message']}"
+            refused[name] = f"{refused[name]}; {said}" if name in refused else said
     try:
         for name in plugin_set.names:
+            if name in refused:
+                continue
             try:
                 await plugin_set.run(
                     generation_id="0" * 32,
@@ -130,6 +138,9 @@ def serve(
             errors=[{"field": "stage", "message": "not a registered stage"}],
         )
     source = functions_dir() / f"{stage}.py"
+    # Refused here in one line, as every command refuses them: the function would start, say
+    # where it serves, and answer 503 to each request until stopped.
+    settings_from()
     _check_bind(host, port)
     command = [sys.executable, "-m", "functions_framework", "--target", stage]
     command += ["--source", str(source), "--host", host, "--port", str(port)]

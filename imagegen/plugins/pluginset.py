@@ -73,10 +73,15 @@ class PluginSet:
         """Discover the installed plugins and enable ``names`` (default ``settings.plugins``).
 
         ``extra`` plugin objects join the discovered ones (they win on a name clash) and run
-        after the named ones. Only enabled plugins are instantiated.
+        after the named ones. Only enabled plugins are instantiated. Where the settings enable
+        them (no ``names``), ``settings.plugin_options`` is checked as a request's is
+        (:meth:`option_errors`): an option no enabled plugin would read fails every generation
+        alike, rather than be ignored.
 
         Raises:
             InvalidRequest: naming ``plugins`` when a name is neither discovered nor in extra.
+            ConfigurationError: naming ``plugin_options``' variable for options that name no
+                enabled plugin, or a key their plugin does not declare.
         """
         wanted = list(dict.fromkeys(settings.plugins if names is None else names))
         plugin_set = cls(settings=settings, timeout=timeout)
@@ -88,6 +93,8 @@ class PluginSet:
         if unknown:
             raise _unknown(unknown, plugin_set.available, "plugins")
         plugin_set.set_order([*wanted, *(p.name for p in extra)])
+        if names is None and (errors := plugin_set.option_errors(settings.plugin_options)):
+            raise plugin_set._settings_fault([f"{e['field']}: {e['message']}" for e in errors])
         return plugin_set
 
     # Configuration
@@ -295,8 +302,11 @@ class PluginSet:
         keys = [e["field"][len(prefix) :] for e in exc.errors if e["field"].startswith(prefix)]
         if not keys or any(key in given for key in keys):
             return exc
+        return self._settings_fault([f"{e['field']}: {e['message']}" for e in exc.errors])
+
+    def _settings_fault(self, said: list[str]) -> ConfigurationError:
+        """``said`` (``plugin_options.<plugin>…: why``, each) as the settings' fault."""
         variable = self.settings.variable("plugin_options")
-        said = [f"{e['field']}: {e['message']}" for e in exc.errors]
         return ConfigurationError(
             f"invalid settings: {variable} ({'; '.join(said)})",
             errors=[{"field": variable, "message": message} for message in said],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from imagegen.errors import DependencyUnavailable
+from imagegen.settings import Settings
 
 __all__ = ["select_device"]
 
@@ -24,11 +25,15 @@ def select_device(requested: str) -> tuple[torch.device, torch.dtype]:
         return torch.device("cuda"), torch.bfloat16 if bf16 else torch.float16
     if requested in ("auto", "mps") and torch.backends.mps.is_available():
         return torch.device("mps"), torch.bfloat16
+    # Named as the user can change it: the variable, or the profile that set it.
     if requested == "cuda":
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only"
         raise DependencyUnavailable(
-            f"device 'cuda' requested but no CUDA GPU is usable: torch {torch.__version__}, {build}"
+            f"{Settings.given_as('device', requested)} asks for a CUDA GPU, but none is usable:"
+            f" torch {torch.__version__}, {build}"
         )
     if requested == "mps":
-        raise DependencyUnavailable("device 'mps' requested but Apple MPS is not available")
+        raise DependencyUnavailable(
+            f"{Settings.given_as('device', requested)} asks for Apple MPS, which is not available"
+        )
     return torch.device("cpu"), torch.float32

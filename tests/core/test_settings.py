@@ -25,6 +25,24 @@ def test_prod_profile_changes_only_its_defaults(monkeypatch: pytest.MonkeyPatch)
     assert Settings().log_prompts is True
 
 
+def test_a_value_the_profile_set_is_said_as_the_profiles(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A user who never set IMAGEGEN_DEVICE is told it was the profile's: told to change
+    IMAGEGEN_DEVICE alone, they looked for a variable they never set."""
+    monkeypatch.setenv("IMAGEGEN_PROFILE", "prod")
+    said = "IMAGEGEN_DEVICE=cuda (set by IMAGEGEN_PROFILE=prod)"
+    assert Settings.given_as("device", Settings().device) == said
+    assert Settings.given_as("model", "tiny") == "IMAGEGEN_MODEL=tiny"  # no profile's
+    monkeypatch.setenv("IMAGEGEN_DEVICE", "cuda")  # set, to the profile's value all the same
+    assert Settings.given_as("device", "cuda") == "IMAGEGEN_DEVICE=cuda"
+    monkeypatch.delenv("IMAGEGEN_DEVICE")
+    monkeypatch.delenv("IMAGEGEN_PROFILE")
+    assert Settings.given_as("device", "cuda") == "IMAGEGEN_DEVICE=cuda"  # dev's is auto
+    (tmp_path / ".env").write_text("IMAGEGEN_PROFILE=prod\n")  # read as the settings read it
+    assert Settings.given_as("device", "cuda") == said
+
+
 def test_environment_lists_and_aliases(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("IMAGEGEN_OLLAMA_HOST")
     monkeypatch.setenv("OLLAMA_HOST", "http://ollama:11434")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 from collections.abc import Iterator
 from datetime import datetime
@@ -253,6 +254,25 @@ def test_a_misconfigured_function_names_the_variable_that_was_set(tmp_path: Path
     message = reply.json()["message"]
     assert message.startswith("enhance could not start: invalid settings: IMAGEGEN_ALLOWED_MODELS")
     assert '["tiny", 7' not in reply.text  # a value is never echoed: it may be a secret
+
+
+def test_a_misconfigured_function_logs_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reason was in the 503's body alone: a function no request had reached yet logged
+    the variable, not what is wrong with it."""
+    env = {**base_env(tmp_path / "store"), "IMAGEGEN_TIMEZONE": "Mars/Base"}
+    with (
+        caplog.at_level(logging.ERROR, logger="imagegen.functions"),
+        InProcessFunction("enhance", env) as enhance,
+    ):
+        assert enhance.get("/readyz").status_code == 503
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("start-up")]
+    assert line == (
+        "start-up failed: enhance could not start:"
+        " invalid settings: IMAGEGEN_TIMEZONE (unknown IANA time zone)"
+    )
+    assert "Mars" not in caplog.text  # a value is never echoed
 
 
 def test_the_dead_letter_sink_takes_plain_json_and_keeps_every_attribute(tmp_path: Path) -> None:

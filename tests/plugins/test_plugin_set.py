@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from imagegen.errors import InvalidRequest
+from imagegen.errors import ConfigurationError, InvalidRequest
 from imagegen.models import Contribution
 from imagegen.plugins import PluginContext, PluginSet, PromptPlugin
 from imagegen.settings import Settings
@@ -184,6 +184,35 @@ async def test_an_option_no_enabled_plugin_declares_is_refused_by_name(
         await _run(plugins, options=options)
     assert caught.value.fields == [field]
     assert caught.value.status == 400
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        ({"art_style": {"stlye": "ukiyo-e"}}, "plugin_options.art_style.stlye: unknown option"),
+        ({"weather": {"a": 1}}, "plugin_options.weather: no enabled plugin 'weather'"),
+        ({"lora": {"probability": 1.0}}, "plugin_options.lora: no enabled plugin 'lora'"),
+    ],
+)
+def test_the_settings_options_are_checked_as_a_requests_are(
+    options: dict[str, dict[str, object]], said: str
+) -> None:
+    """Not ignored: a misspelt key drew a random style for every generation, while the same
+    key in a request is a 400. The deployment's fault, naming the variable."""
+    settings = Settings(plugins=["time_of_day", "art_style"], plugin_options=options)
+    with pytest.raises(ConfigurationError) as caught:
+        PluginSet.from_settings(settings)
+    assert caught.value.fields == ["IMAGEGEN_PLUGIN_OPTIONS"]
+    assert caught.value.message.startswith(f"invalid settings: IMAGEGEN_PLUGIN_OPTIONS ({said}")
+    # A set of other plugins than the settings enable (the listing's) is not checked.
+    assert PluginSet.from_settings(settings, names=[]).names == ()
+
+
+def test_the_settings_options_of_enabled_plugins_pass(settings: Settings) -> None:
+    options = {"art_style": {"style": "ukiyo-e"}, "extra_echo": {"any": 1}}
+    configured = settings.model_copy(update={"plugin_options": options})
+    plugins = PluginSet.from_settings(configured, extra=[EchoPlugin(name="extra_echo")])
+    assert "art_style" in plugins.names and "extra_echo" in plugins.names
 
 
 async def test_a_plugin_that_declares_no_option_names_takes_any_option(
