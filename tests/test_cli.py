@@ -108,9 +108,10 @@ def interrupted_loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Inter
 
 
 @contextlib.contextmanager
-def rendering(cwd: Path, *args: str) -> Iterator[subprocess.Popen[str]]:
+def rendering(cwd: Path, *args: str, until: str = "**/*.json") -> Iterator[subprocess.Popen[str]]:
     """``imagegen ARGS`` in a fresh process, once it renders: its first record (the prompt's,
-    written before the image) is there (polled, with a deadline for a busy machine)."""
+    written before the image) is there, or what ``until`` matches under ``output`` (polled, with
+    a deadline for a busy machine)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "imagegen.cli", *args],
         cwd=cwd,
@@ -121,7 +122,7 @@ def rendering(cwd: Path, *args: str) -> Iterator[subprocess.Popen[str]]:
     )
     try:
         deadline = time.monotonic() + 300
-        while not list((cwd / "output").rglob("*.json")):
+        while not list((cwd / "output").glob(until)):
             assert proc.poll() is None, proc.communicate()[1]
             assert time.monotonic() < deadline, "no record after 300 s"
             time.sleep(0.1)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import NamedTuple
 import pytest
 
 from tests.conftest import RunCli, isolated_environ
+from tests.test_cli import rendering
 
 RENDER = ["generate", "a kite", "--model", "tiny", "--no-enhance", "--plugins", ""]
 
@@ -140,27 +140,11 @@ def test_a_termination_stops_generate_and_is_recorded(
     """``timeout``, systemd or a closed terminal: the generation is recorded as stopped where
     it was, as a Ctrl-C's is, and the exit status is the conventional 128 + the signal."""
     args = [*RENDER, "--width", "1024", "--height", "1024", "--steps", "50"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "imagegen.cli", *args],
-        cwd=tmp_path,
-        env=isolated_environ(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 300
-        # The prompt is written (and remembered) before the render begins.
-        while not list((tmp_path / "output" / "prompts").glob("*.json")):
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "no prompt after 300 s"
-            time.sleep(0.1)
+    # Once the render has begun: its generation is claimed as its pipeline call starts (the
+    # prompt's record comes before, while enhance may still be at work).
+    with rendering(tmp_path, *args, until="renders/*.json") as proc:
         proc.send_signal(signum)
         out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == code, err
     assert err == f"imagegen: error: {said}\n"
     assert out == ""
