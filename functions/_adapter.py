@@ -326,7 +326,9 @@ class Function:
             )
         if path == "/readyz":
             ready, why = self.ready()
-            body = {"ready": ready, "status": why, "stage": self.stage.name, "warm": self.warm()}
+            # Warm only once ready: a render still loading has no warm-up of its own to end.
+            warm = ready and self.warm()
+            body = {"ready": ready, "status": why, "stage": self.stage.name, "warm": warm}
             return json_reply(body, 200 if ready else 503, {} if ready else {"Retry-After": "5"})
         if path == "/openapi.json":
             from imagegen.openapi import document

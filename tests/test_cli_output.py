@@ -133,10 +133,13 @@ def test_a_device_the_profile_asks_for_is_said_as_the_profiles(cli: RunCli) -> N
         pytest.skip("needs a machine without CUDA")
     env = {"IMAGEGEN_PROFILE": "prod"}
     said = "IMAGEGEN_DEVICE=cuda (set by IMAGEGEN_PROFILE=prod) asks for a CUDA GPU, but none"
-    made = cli("generate", "a fox", *SMALL, "--no-enhance", env=env)
-    assert made.returncode == 1
-    [line] = made.stderr.strip().splitlines()
-    assert line.startswith(f"imagegen: error: {said}"), line
+    for enhance in ([], ["--no-enhance"]):
+        made = cli("generate", "a fox", *SMALL, *enhance, env=env)
+        assert made.returncode == 1
+        [line] = made.stderr.strip().splitlines()
+        assert line.startswith(f"imagegen: error: {said}"), line
+        # Said before the prompt is written, not once it is.
+        assert not list(Path("output").rglob("*.json")), enhance
     result = cli("doctor", "--json", env=env)
     assert result.returncode == 1, result.stderr
     checks = {c["check"]: c for c in json.loads(result.stdout)["checks"]}

@@ -27,6 +27,7 @@ from imagegen.errors import InvalidRequest
 if TYPE_CHECKING:
     from imagegen.models import EnhancedPrompt, PersistedImage
     from imagegen.service import ImageGenService
+    from imagegen.settings import Settings
 
 __all__ = ["generate", "loop"]
 
@@ -189,6 +190,7 @@ def generate(
             # Storage probed before a render whose image would have nowhere to go: the
             # service probes only local storage at start (ImageGenService.__aenter__).
             await service.storage.check()
+            _check_device(settings)
             enhanced, persisted = await _generate_one(
                 service, request, show_progress=not as_json and err.is_terminal
             )
@@ -205,6 +207,18 @@ def generate(
         raise
     if open_:
         _open(persisted)
+
+
+def _check_device(settings: Settings) -> None:
+    """A device the settings name and this machine lacks (a ``prod`` profile on a laptop),
+    said before the prompt is written rather than once it is."""
+    if settings.device not in ("cuda", "mps"):
+        return  # auto, cpu: always one to render on
+    try:
+        from imagegen.render.diffusers_backend import select_device
+    except ImportError:
+        return  # no render extra: render says what to install
+    select_device(settings.device)
 
 
 def _cancel_on_termination(stopped_by: list[int]) -> None:
@@ -297,6 +311,7 @@ def loop(
         explained = False
         async with make_service(settings) as service:
             await service.storage.check()  # before a render, as above
+            _check_device(settings)
             while not stop.is_set() and (count == 0 or tally.made < count):
                 started = time.perf_counter()
                 enhanced, persisted = await _generate_one(

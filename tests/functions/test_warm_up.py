@@ -147,3 +147,13 @@ def test_a_stage_without_a_warm_up_is_warm(function_class: Any) -> None:
     assert function.warm() is True
     _ready(function)
     assert function.warm() is True
+
+
+def test_a_function_that_is_not_ready_is_not_warm(tmp_path: Path) -> None:
+    """render has no warm-up of its own (its model load is its start): not ready, not warm."""
+    from tests.functions.clients import InProcessFunction
+
+    env = {**base_env(tmp_path / "store"), "IMAGEGEN_TIMEZONE": "Mars/Base"}
+    reply = InProcessFunction("render", env).client.get("/readyz")
+    assert reply.status_code == 503
+    assert reply.json()["ready"] is False and reply.json()["warm"] is False
