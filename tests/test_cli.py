@@ -51,31 +51,51 @@ def test_generate_writes_png_and_record_under_output(cli: RunCli, tmp_path: Path
     assert body["prompt"]["fallback"] is True  # no Ollama on this machine
 
 
+def on_a_terminal(cwd: Path, args: list[str], env: dict[str, str]) -> tuple[int, int]:
+    """``imagegen ARGS`` in a fresh process on a real pseudo-terminal (its stdin, stdout and
+    stderr), in ``cwd``: its pid, and the terminal's end to read."""
+    import os
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child
+        os.chdir(cwd)
+        os.execve(sys.executable, [sys.executable, "-m", "imagegen.cli", *args], env)
+    return pid, fd
+
+
+def terminal_output(fd: int, *, seconds: float) -> Iterator[bytes]:
+    """What the terminal ``fd`` shows, a chunk at a time, until its process closes it or
+    ``seconds`` have passed."""
+    import os
+    import select
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if not ready:
+            continue
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            return
+        if not chunk:
+            return
+        yield chunk
+
+
 def test_generate_on_a_terminal_shows_its_progress_and_makes_the_image(tmp_path: Path) -> None:
     """On a terminal (a real pseudo-terminal here) the progress bar holds the console: the
     path the pipes of every other test never take."""
     import os
-    import pty
-    import select
 
     env = {**os.environ, "IMAGEGEN_OLLAMA_HOST": "http://127.0.0.1:9", "COLUMNS": "100"}
-    command = [sys.executable, "-m", "imagegen.cli", "generate", "a fox", *SMALL, "--seed", "3"]
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: the terminal is its stdin, stdout and stderr
-        os.chdir(tmp_path)
-        os.execve(sys.executable, command, env)
-    seen, deadline = b"", time.monotonic() + 300
+    args = ["generate", "a fox", *SMALL, "--seed", "3"]
+    pid, fd = on_a_terminal(tmp_path, args, env)
+    seen = b""
     try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], 1.0)
-            if ready:
-                try:
-                    chunk = os.read(fd, 4096)
-                except OSError:  # EIO: the child closed the terminal
-                    break
-                if not chunk:
-                    break
-                seen += chunk
+        for chunk in terminal_output(fd, seconds=300):
+            seen += chunk
         _, status = os.waitpid(pid, 0)
     finally:
         os.close(fd)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -14,7 +13,7 @@ from typing import NamedTuple
 import pytest
 
 from tests.conftest import RunCli, isolated_environ
-from tests.test_cli import rendering
+from tests.test_cli import on_a_terminal, rendering, terminal_output
 
 RENDER = ["generate", "a kite", "--model", "tiny", "--no-enhance", "--plugins", ""]
 
@@ -49,32 +48,15 @@ def _ctrl_c_during_a_long_render(cwd: Path, *, again: bool) -> _Stopped:
     """``imagegen generate`` of a long render on a terminal (a real pseudo-terminal), whose
     progress bar shows each step: Ctrl-C once a few steps are done, and (``again``) a second
     Ctrl-C as soon as the first is said."""
-    import pty
-    import select
-
     env = {**isolated_environ(cwd), "COLUMNS": "100"}
     args = [*RENDER, "--width", "2048", "--height", "2048", "--steps", "50"]
-    command = [sys.executable, "-m", "imagegen.cli", *args]
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: the terminal is its stdin, stdout and stderr
-        os.chdir(cwd)
-        os.execve(sys.executable, command, env)
+    pid, fd = on_a_terminal(cwd, args, env)
     seen = ""
     paced: list[tuple[float, int]] = []  # (when, steps done) as the bar shows them
     interrupted_at: float | None = None
     said = False
-    deadline = time.monotonic() + 400
     try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], 0.5)
-            if not ready:
-                continue
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not chunk:
-                break
+        for chunk in terminal_output(fd, seconds=400):
             seen += chunk.decode(errors="replace")
             if interrupted_at is None:
                 done = [int(n) for n in re.findall(r"(\d+)/50 steps", seen[-400:])]
