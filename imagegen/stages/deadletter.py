@@ -7,11 +7,14 @@ the HTTP headers, credentials left out). Knative adds ``knativeerrorcode``, ``kn
 and ``knativeerrordata`` to a dead-lettered event; the last is the failing reply, base64, cut at
 1,024 bytes, so it is decoded as far as it goes and never relied on.
 
-One record per event, at ``failures/YYYY/MM/DD/<name>.json``: the date is the event's ``time``
-(UTC), the name derives from its ``source`` and ``id`` (or, without them, from the body), and
-the record is written only if absent. Every redelivery of an event, on any day and at any
-replica, finds its first record and leaves it as it is. An event without a usable ``time``
-is recorded under ``failures/undated/``.
+One record per event and failed destination, at ``failures/YYYY/MM/DD/<name>.json``: the date
+is the event's ``time`` (UTC), the name derives from its ``source`` and ``id`` (or, without
+them, from the body) and, for a dead-lettered event, from ``knativeerrordest``; the record is
+written only if absent. Every redelivery of an event, on any day and at any replica, finds its
+first record and leaves it as it is, while one event that failed at two subscribers (render and
+the ledger both hear ``prompt.enhanced``; the ledger's Trigger dead-letters a
+``generation.failed`` this sink also hears directly) leaves a record of each failure. An event
+without a usable ``time`` is recorded under ``failures/undated/``.
 """
 
 from __future__ import annotations
@@ -78,6 +81,10 @@ def _decode(value: str | None) -> Any:
 def record_key(attributes: dict[str, str], data: Any, raw: bytes | None) -> str:
     """The key of the record of one event: a function of the event alone, never of the clock.
 
+    A dead-lettered event's key also names the subscriber it failed at (``knativeerrordest``,
+    the same in every redelivery of that dead-lettering; its ``knativeerrorcode`` is not):
+    ``<name>.<digest of the destination>.json`` beside the event's own ``<name>.json``.
+
     Args:
         attributes: The event's attributes, as they came (none for plain JSON).
         data: The body, parsed.
@@ -88,6 +95,10 @@ def record_key(attributes: dict[str, str], data: Any, raw: bytes | None) -> str:
     else:  # no event: the same body lands on the same record
         body = raw if raw is not None else json.dumps(data, sort_keys=True).encode()
         name = hashlib.sha256(body).hexdigest()
+    destination = attributes.get("knativeerrordest")
+    if destination:
+        digest = hashlib.sha256(destination.encode("utf-8", "surrogatepass")).hexdigest()
+        name = f"{name}.{digest[:16]}"
     try:
         when = event_time(attributes)
     except InvalidRequest:  # kept as it came; it names no day

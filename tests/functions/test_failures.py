@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED, IMAGE_RENDERED
+from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED, IMAGE_RENDERED, PROMPT_ENHANCED
 from tests.conftest import CALLER_SETTINGS, isolated_settings
 from tests.functions.clients import InProcessFunction
 from tests.functions.conftest import StartServer, base_env
@@ -340,6 +340,38 @@ def test_the_dead_letter_sink_keeps_one_record_per_event_on_any_day_at_any_repli
         assert replica.post(headers=undated, content=b"{}").status_code == 202
     [path] = store.rglob("failures/undated/*.json")
     assert json.loads(path.read_text())["attributes"]["time"] == "not a time"
+
+
+def test_one_event_failing_at_two_subscribers_leaves_a_record_of_each(tmp_path: Path) -> None:
+    """render and the ledger both hear ``prompt.enhanced``, and this sink hears
+    ``generation.failed`` directly as well as dead-lettered by the ledger's Trigger: each
+    failure its own record, each kept once through its redeliveries."""
+    store = tmp_path / "store"
+    replicas = [InProcessFunction("deadletter", base_env(store)) for _ in range(2)]
+    render = "http://imagegen-render.imagegen.svc.cluster.local"
+    ledger = "http://imagegen-ledger.imagegen.svc.cluster.local"
+    event = partial(cloudevent_headers, PROMPT_ENHANCED, event_id="pe-1", time=SENT_AT)
+    failed = partial(cloudevent_headers, GENERATION_FAILED, event_id="gf-1", time=SENT_AT)
+    sent = [
+        event(knativeerrordest=render, knativeerrorcode="503"),
+        event(knativeerrordest=ledger, knativeerrorcode="500"),
+        event(knativeerrordest=render, knativeerrorcode="504"),  # a redelivery
+        failed(),  # heard directly, then dead-lettered by the ledger's Trigger
+        failed(knativeerrordest=ledger, knativeerrorcode="500"),
+        failed(knativeerrordest=ledger, knativeerrorcode="502"),  # a redelivery
+    ]
+    for i, headers in enumerate(sent):
+        reply = replicas[i % 2].post(headers=headers, content=b'{"generation_id": "g"}')
+        assert reply.status_code == 202, reply.text
+    records = [json.loads(p.read_text()) for p in store.rglob("failures/**/*.json")]
+    kept = {(r["event_id"], r["error_destination"], r["error_code"]) for r in records}
+    assert len(records) == len(kept) == 4
+    assert kept == {
+        ("gf-1", None, None),
+        ("gf-1", ledger, "500"),
+        ("pe-1", ledger, "500"),
+        ("pe-1", render, "503"),
+    }
 
 
 def test_a_function_whose_storage_is_not_writable_never_turns_ready(tmp_path: Path) -> None:
