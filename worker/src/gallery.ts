@@ -86,6 +86,15 @@ function field(value: unknown): string {
   return typeof value === "string" || typeof value === "number" ? String(value) : "";
 }
 
+/**
+ * An RFC 3339 time in UTC (`2026-11-24T16:30:00.000Z`), or `value` as it came when it is none.
+ * A request's time keeps the offset its client sent: the page shows UTC, and sorts by instant.
+ */
+function utc(value: string): string {
+  const instant = Date.parse(value);
+  return Number.isNaN(instant) ? value : new Date(instant).toISOString();
+}
+
 function dimension(value: unknown): number {
   const n = Number(value);
   return Number.isInteger(n) && n > 0 ? n : 1;
@@ -111,7 +120,7 @@ async function shown(serving: Serving, folder: string, id: string): Promise<Show
     seed: field(persisted.seed),
     model: field(persisted.model),
     // The day of a generation is its request's; show that time, as the page's day says.
-    created: field(request.requested_at) || field(persisted.created_at),
+    created: utc(field(request.requested_at) || field(persisted.created_at)),
     avif: available.avif,
     webp: available.webp,
   };

@@ -335,6 +335,32 @@ describe("gallery records", () => {
     expect(warnings.mock.calls.map((c) => String(c[0])).join("\n")).toContain(`${day}/bad0.json`);
   });
 
+  it("shows each request's time in UTC, and orders the day by instant", async () => {
+    year += 1;
+    const day = `${year}/05/02`;
+    // Times as clients sent them, offsets kept: 04:30, 03:00 and 05:00 UTC on 05-02.
+    const sent = {
+      west: `${year}-05-01T23:30:00-05:00`,
+      east: `${year}-05-02T05:00:00+02:00`,
+      utc: `${year}-05-02T05:00:00Z`,
+    };
+    for (const [id, requested] of Object.entries(sent)) {
+      await record(day, id, id, "");
+      const key = `${day}/${id}.json`;
+      const stored = (await (await env.IMAGES.get(key))?.json()) as Record<string, unknown>;
+      await env.IMAGES.put(
+        key,
+        JSON.stringify({ ...stored, request: { requested_at: requested } }),
+      );
+    }
+    const html = await (await send(`${newBase()}/${day}/`)).text();
+    expect(shownIds(html)).toEqual(["utc", "west", "east"]);
+    expect(html).toContain(
+      `<time datetime="${year}-05-02T04:30:00.000Z">${year}-05-02 04:30 UTC</time>`,
+    );
+    expect(html).toContain(`${year}-05-02 03:00 UTC`);
+  });
+
   it("shows on / the newest day with a record, while the newest holds images only", async () => {
     year += 1;
     await record(`${year}/06/01`, "persisted", "persisted", `${year}-06-01T23:59:00Z`);
