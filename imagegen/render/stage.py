@@ -17,6 +17,7 @@ from opentelemetry import trace
 from imagegen._locks import KeyedLocks
 from imagegen._threads import DaemonPool
 from imagegen.errors import (
+    DependencyUnavailable,
     ImageGenError,
     InternalError,
     InvalidRequest,
@@ -48,6 +49,10 @@ PNG = "image/png"
 # Renders that may wait before any render has been timed (then the queue follows the timings).
 UNMEASURED_QUEUE = 4
 
+# Seconds a job for a model this Service does not load waits before its retry: about what a
+# GPU revision of the model's own needs to start.
+_UNLOADED_RETRY_AFTER = 60.0
+
 
 class RenderStage:
     """Renders :class:`EnhancedPrompt` jobs on one backend and stores them under their keys.
@@ -65,7 +70,7 @@ class RenderStage:
         backend_factory: Builds the backend on first use (keeps torch out of processes that
             never render).
         load_on_demand: Load a model the first time a job asks for it. Servers preload instead
-            and refuse models they do not serve.
+            and answer a job for another model with a retryable 503 (a routing disagreement).
     """
 
     def __init__(
@@ -417,9 +422,15 @@ class RenderStage:
             raise InvalidRequest(f"invalid EnhancedPrompt: {fields}", errors=errors)
         if not self.is_loaded(job.model):
             if not self._load_on_demand:
-                raise InvalidRequest(
-                    f"model {job.model!r} is not served here",
-                    errors=[{"field": "model", "message": "not loaded by this render service"}],
+                # The deployment serves the model and its Trigger sent the job here: the
+                # routing and this Service's IMAGEGEN_MODEL disagree, as while a model is
+                # rolled out. The job is fine, so it is retried, and dead-lettered (kept for
+                # re-sending) if the disagreement outlasts the retries: never failed for good.
+                raise DependencyUnavailable(
+                    f"model {job.model!r} is served by this deployment but not loaded by this "
+                    f"render service ({self.settings.model!r}): its Trigger and its "
+                    "IMAGEGEN_MODEL disagree",
+                    retry_after=_UNLOADED_RETRY_AFTER,
                 )
             await self.load(job.model)
         output = await self.batcher.submit(job, progress, on_start=on_start)

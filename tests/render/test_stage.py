@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from imagegen.errors import InvalidRequest, Overloaded
+from imagegen.errors import DependencyUnavailable, InvalidRequest, Overloaded
 from imagegen.models import EnhancedPrompt
 from imagegen.render import stored_png
 from imagegen.render.base import ProgressCallback, RenderOutput
@@ -293,3 +293,28 @@ async def test_a_backend_that_fails_to_build_is_built_again_by_the_next_job(
         await render.render(job("first"))
     await render.render(job("second"))
     assert len(attempts) == 2 and backend.finished == 1
+
+
+async def test_a_served_model_this_service_does_not_load_is_retried_not_failed(
+    tmp_path: Path,
+) -> None:
+    # Two render Services, one model each, routed by Trigger: a job reaching the one that
+    # does not load its model (a rollout under way) is fine, and must come back, not fail.
+    class OneModel(SlowBackend):
+        def is_loaded(self, model: str) -> bool:
+            return model == "tiny"
+
+    backend = OneModel(0.0)
+    settings = Settings(model="tiny", served_models=["tiny", "tiny-klein"])
+    render = RenderStage(settings, LocalStorage(tmp_path), lambda: backend, load_on_demand=False)
+    await render.load("tiny")
+    other = job("g-elsewhere").model_copy(update={"model": "tiny-klein"})
+
+    with pytest.raises(DependencyUnavailable) as caught:
+        await render.render(other)
+
+    assert caught.value.retryable and caught.value.status == 503
+    assert caught.value.retry_after is not None and caught.value.retry_after >= 30
+    assert "'tiny-klein'" in str(caught.value) and "IMAGEGEN_MODEL" in str(caught.value)
+    assert backend.finished == 0
+    assert not (tmp_path / stored_png.claim_key("g-elsewhere")).exists()
