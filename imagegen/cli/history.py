@@ -320,7 +320,7 @@ def history(
     token: LedgerToken = None,
     as_json: AsJson = False,
 ) -> None:
-    """List recent generations, newest first."""
+    """List recent generations, newest first, at local times (as --since/--until read them)."""
     from imagegen.ledger.models import STATUS_RANK
 
     if state is not None and state not in STATUS_RANK:
@@ -380,7 +380,9 @@ def history(
     headers = ["created", "generation", "status"] + ([] if narrow else ["model"]) + ["prompt"]
     rows = []
     for item in items:
-        created = item["created_at"][:19].replace("T", " ")
+        # In this machine's time zone (TZ): the one --since and --until read a time in.
+        at = datetime.fromisoformat(item["created_at"]).astimezone()
+        created = at.strftime("%Y-%m-%d %H:%M:%S")
         row = [created[5:16] if narrow else created, item["generation_id"], item["status"]]
         if not narrow:
             row.append(item.get("model") or "")

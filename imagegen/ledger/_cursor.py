@@ -15,7 +15,7 @@ __all__ = ["decode_cursor", "encode_cursor"]
 
 
 def encode_cursor(at: datetime, generation_id: str) -> str:
-    """An opaque keyset position: the last row's ``(listed_at, generation_id)``."""
+    """An opaque keyset position: the last row's ``(LISTED_KEY, generation_id)``."""
     raw = json.dumps([utc(at).isoformat(), generation_id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 

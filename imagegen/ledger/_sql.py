@@ -26,7 +26,9 @@ from imagegen.ledger._statements import (
     CANCEL_FAILED,
     INSERT_DELIVERY,
     INSERT_EVENT,
+    LISTED_KEY,
     PERSISTED_RECORDED,
+    PRUNE,
     UPSERT_GENERATION,
     upsert_params,
 )
@@ -49,7 +51,16 @@ from imagegen.ledger.models import (
     TimelineEntry,
 )
 
-__all__ = ["JSON_COLUMNS", "MAX_PAGE", "TIME_COLUMNS", "Cursor", "SqlLedger", "Unreadable"]
+__all__ = [
+    "AFTER",
+    "HISTORY_PAGE",
+    "JSON_COLUMNS",
+    "MAX_PAGE",
+    "TIME_COLUMNS",
+    "Cursor",
+    "SqlLedger",
+    "Unreadable",
+]
 
 logger = logging.getLogger(__name__)
 _M = TypeVar("_M", Generation, LedgerEvent, TimelineEntry)
@@ -63,12 +74,21 @@ TIME_COLUMNS = frozenset(
         "recorded_at",
         "created_at",
         "listed_at",
+        "listed_key",
         "updated_at",
         "next_attempt_at",
         "delivered_at",
     }
 )
 _EXPORT_BATCH = 1000
+# A page of history, its conditions in ``{where}``; AFTER, the condition a cursor adds. Its
+# second part says nothing the first does not: SQLite seeks an index on an expression by a
+# range on that expression, never by a row value (it would read the index from its start).
+HISTORY_PAGE = (
+    f"SELECT *, {LISTED_KEY} AS listed_key FROM generations WHERE {{where}} "  # noqa: S608
+    f"ORDER BY {LISTED_KEY} DESC, generation_id DESC LIMIT :limit"
+)
+AFTER = f"({LISTED_KEY}, generation_id) < (:after_at, :after_id) AND {LISTED_KEY} <= :after_at"
 
 
 @dataclass(frozen=True)
@@ -278,10 +298,11 @@ class SqlLedger(ABC):
     ) -> GenerationPage:
         """Generations first seen in ``[since, until)``, newest first, ``limit`` a page.
 
-        Ordered by ``listed_at`` (the first recorded event's time, never moved), not by
-        ``created_at``, which a late earlier event moves back: a generation listed on one page
-        is on no other. A generation whose row cannot be read is left out of the items, logged
-        and named in the page's :attr:`~.models.GenerationPage.unreadable`.
+        Ordered by ``listed_at`` (the first recorded event's time, never moved; ``created_at``
+        where a replica older than it left none), not by ``created_at``, which a late earlier
+        event moves back: a generation listed on one page is on no other. A generation whose
+        row cannot be read is left out of the items, logged and named in the page's
+        :attr:`~.models.GenerationPage.unreadable`.
         """
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidRequest(
@@ -303,17 +324,13 @@ class SqlLedger(ABC):
             where.append("created_at < :until")
             params["until"] = utc(until)
         if cursor is not None:
-            where.append("(listed_at, generation_id) < (:after_at, :after_id)")
+            where.append(AFTER)
             params["after_at"], params["after_id"] = decode_cursor(cursor)
         with self.statement() as db:
-            rows = db.query(
-                f"SELECT * FROM generations WHERE {' AND '.join(where)} "  # noqa: S608 - fixed parts
-                "ORDER BY listed_at DESC, generation_id DESC LIMIT :limit",
-                params,
-            )
+            rows = db.query(HISTORY_PAGE.format(where=" AND ".join(where)), params)
         more = len(rows) > limit
         last = rows[limit - 1] if more else None
-        if last is not None and isinstance(last["listed_at"], Unreadable):
+        if last is not None and isinstance(last["listed_key"], Unreadable):
             # The next page starts after this row's position, which cannot be read.
             what = f"generation {last['generation_id']}"
             raise self._unreadable(what, _UnreadableRow(["listed_at"]))
@@ -326,7 +343,7 @@ class SqlLedger(ABC):
                 logger.warning("%s", self._unreadable(f"generation {row['generation_id']}", exc))
         page = GenerationPage(
             items=items,
-            next_cursor=encode_cursor(last["listed_at"], last["generation_id"]) if last else None,
+            next_cursor=encode_cursor(last["listed_key"], last["generation_id"]) if last else None,
         )
         page._unreadable = unreadable
         return page
@@ -414,19 +431,7 @@ class SqlLedger(ABC):
         """Forget generations untouched, and events recorded, more than ``older_than`` ago."""
         before = self._now() - older_than
         with self.transaction() as db:
-            return {
-                "events": db.run(
-                    "DELETE FROM ledger_events WHERE recorded_at < :before", {"before": before}
-                ),
-                "generations": db.run(
-                    "DELETE FROM generations WHERE updated_at < :before", {"before": before}
-                ),
-                "deliveries": db.run(
-                    "DELETE FROM webhook_deliveries WHERE created_at < :before "
-                    "AND state <> 'pending'",
-                    {"before": before},
-                ),
-            }
+            return {name: db.run(sql, {"before": before}) for name, sql in PRUNE.items()}
 
     # -- webhook outbox -------------------------------------------------------------------
 

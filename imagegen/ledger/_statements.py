@@ -1,4 +1,5 @@
-"""The ledger's write statements, written once for both dialects (``:name`` parameters).
+"""The ledger's write statements and history's key, written once for both dialects (``:name``
+parameters).
 
 The upsert is :mod:`imagegen.ledger.fold`'s rules as SQL, so that concurrent writers of one
 generation serialise on its row instead of reading and writing it in two steps.
@@ -16,7 +17,9 @@ __all__ = [
     "GENERATION_COLUMNS",
     "INSERT_DELIVERY",
     "INSERT_EVENT",
+    "LISTED_KEY",
     "PERSISTED_RECORDED",
+    "PRUNE",
     "RECORD",
     "UPSERT_GENERATION",
     "upsert_params",
@@ -36,6 +39,10 @@ def _most_advanced_wins(column: str) -> str:
     )
 
 
+# History's order and cursor (newest first). listed_at alone is NULL in rows a replica older
+# than migration 0002 inserts during a rolling update; those are listed by created_at. Written
+# as migration 0005's indexes write it: any other spelling and neither database uses them.
+LISTED_KEY = "COALESCE(listed_at, created_at)"
 GENERATION_COLUMNS = (
     "generation_id",
     "status",
@@ -47,12 +54,12 @@ GENERATION_COLUMNS = (
     *DESCRIPTIVE_COLUMNS,
     *ONCE_COLUMNS,
 )
+_INTO = f"INSERT INTO generations AS g ({', '.join(GENERATION_COLUMNS)}) "
+_ROW = ", ".join(":" + c for c in GENERATION_COLUMNS)
 # The rules of imagegen.ledger.fold, as one statement: concurrent writers of one generation
 # serialise on its row, and each sees the row as the one before it left it. (Built from the
 # fixed column names above, never from input.)
-_UPSERT_GENERATION = (
-    f"INSERT INTO generations AS g ({', '.join(GENERATION_COLUMNS)}) "  # noqa: S608
-    f"VALUES ({', '.join(':' + c for c in GENERATION_COLUMNS)}) "
+_ON_CONFLICT = (
     "ON CONFLICT (generation_id) DO UPDATE SET "
     "status = CASE WHEN excluded.status_rank > g.status_rank "
     "THEN excluded.status ELSE g.status END, "
@@ -61,23 +68,30 @@ _UPSERT_GENERATION = (
     "created_at = CASE WHEN excluded.created_at < g.created_at "
     "THEN excluded.created_at ELSE g.created_at END, "
     "updated_at = excluded.updated_at, "
+    # listed_at: set by the first event, never moved (history's keyset pages rely on it). A row
+    # without one (inserted by a replica older than migration 0002) is listed by its created_at
+    # (LISTED_KEY): that is the value it keeps, not this event's time, or it would move.
+    "listed_at = COALESCE(g.listed_at, g.created_at), "
     + ", ".join(
-        # listed_at: set by the first event, never moved (history's keyset pages rely on it).
-        [_first_wins(c) for c in ("listed_at", *STAGE_COLUMNS, *ONCE_COLUMNS)]
+        [_first_wins(c) for c in (*STAGE_COLUMNS, *ONCE_COLUMNS)]
         + [_most_advanced_wins(c) for c in DESCRIPTIVE_COLUMNS]
     )
 )
-UPSERT_GENERATION = _UPSERT_GENERATION + " RETURNING *"
+UPSERT_GENERATION = f"{_INTO}VALUES ({_ROW}) {_ON_CONFLICT} RETURNING *"
 INSERT_EVENT = (
     "INSERT INTO ledger_events (source, id, type, subject, generation_id, time, recorded_at, data) "
     "VALUES (:source, :id, :type, :subject, :generation_id, :time, :recorded_at, :data) "
     "ON CONFLICT (source, id) DO NOTHING RETURNING seq"
 )
-# Both as one statement, one round trip (PostgreSQL: SQLite has no INSERT inside WITH). The row
-# is only updated when the event is new: a redelivery changes nothing and returns no row.
+# Both as one statement, one round trip (PostgreSQL: SQLite has no INSERT inside WITH). The
+# generation's row is only written when the event is new: a redelivery changes nothing and
+# returns no row. The guard is on the row the INSERT selects, not on its DO UPDATE, which
+# would leave the insert unguarded: a duplicate naming a generation with no row yet (a caller
+# reusing a request's source and id for another) would create that row, and its webhooks.
 RECORD = (
     f"WITH event AS ({INSERT_EVENT}), "  # noqa: S608 - fixed parts
-    f"generation AS ({_UPSERT_GENERATION} WHERE EXISTS (SELECT 1 FROM event) RETURNING *) "
+    f"generation AS ({_INTO}SELECT {_ROW} WHERE EXISTS (SELECT 1 FROM event) "
+    f"{_ON_CONFLICT} RETURNING *) "
     "SELECT EXISTS (SELECT 1 FROM event) AS fresh, generation.* "
     "FROM (SELECT 1) AS one LEFT JOIN generation ON true"
 )
@@ -95,6 +109,15 @@ INSERT_DELIVERY = (
     "VALUES (:msg_id, :generation_id, :event, :url, :payload, :now, :now) "
     "ON CONFLICT (msg_id) DO NOTHING"
 )
+
+
+# What prune deletes, by name (each by an indexed time: migrations 0001 and 0004).
+PRUNE = {
+    "events": "DELETE FROM ledger_events WHERE recorded_at < :before",
+    "generations": "DELETE FROM generations WHERE updated_at < :before",
+    "deliveries": "DELETE FROM webhook_deliveries WHERE created_at < :before "
+    "AND state <> 'pending'",
+}
 
 
 def upsert_params(change: Change, now: datetime) -> dict[str, Any]:

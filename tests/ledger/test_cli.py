@@ -138,6 +138,18 @@ def test_times_without_an_offset_are_the_machines_local_times() -> None:
     assert winter == datetime(2026, 11, 1, 7, 0, tzinfo=UTC)
 
 
+@pytest.mark.usefixtures("in_los_angeles")
+def test_history_shows_the_local_times_its_options_read(tmp_path: Path, run: Any) -> None:
+    """Listed at the local time that --since reads: 12:00 UTC is 05:00 in Los Angeles."""
+    path = tmp_path / "l.db"
+    _ledger_of_three(path)  # requested at T0, 12:00 UTC
+    code, out, err = run("history", "--ledger", str(path), "--since", "2026-06-01T05:00")
+    assert code == 0 and "gen-1" in out, err
+    assert "06-01 05:00" in out and "12:00" not in out, out
+    code, out, _ = run("history", "--ledger", str(path), "--since", "2026-06-01T05:01")
+    assert code == 0 and "gen-1" not in out
+
+
 def test_unknown_ids_and_bad_options_are_one_line_errors(run: Any) -> None:
     code, _, err = run("status", "nope")
     assert (code, err) == (1, "imagegen: error: generation 'nope' is not in the ledger\n")

@@ -8,6 +8,7 @@ import json
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +16,8 @@ from imagegen.errors import InvalidRequest
 from imagegen.events import IMAGE_DERIVED, reply_id, source_for
 from imagegen.ledger import Ledger, LedgerEvent, open_ledger
 from imagegen.ledger._migrate import CREATE_TABLE, migrations, statements
+from imagegen.ledger._sql import AFTER, HISTORY_PAGE
+from imagegen.ledger._statements import PRUNE
 from imagegen.models import derive_generation_id
 from tests.ledger.chain import T0, chain
 
@@ -261,6 +264,8 @@ def test_migrations_run_once_and_reopening_keeps_the_rows(ledger_url: str) -> No
             {"version": 1, "name": "ledger"},
             {"version": 2, "name": "listed_at"},
             {"version": 3, "name": "deliveries_by_generation"},
+            {"version": 4, "name": "prune_indexes"},
+            {"version": 5, "name": "listed_key"},
         ]
     finally:
         second.close()
@@ -319,6 +324,100 @@ def test_a_ledger_made_before_listed_at_pages_its_rows(tmp_path: Path) -> None:
         assert ids == ["gen-2", "gen-1", "gen-0"]
     finally:
         ledger.close()
+
+
+def test_a_request_id_reused_for_another_generation_writes_nothing_of_it(ledger: Ledger) -> None:
+    """A caller sending a second request under its first one's source and id: to the ledger
+    that is the first event again, so the second generation gets no row and no webhook."""
+    first = chain("gen-one")["requested"]
+    ledger.ingest(first)
+    second = chain("gen-two", webhook="https://hooks.example/x")["requested"]
+    result = ledger.ingest(second.model_copy(update={"id": first.id, "subject": None}))
+    assert result.duplicate and result.status is None
+    assert ledger.get("gen-two") is None
+    assert ledger.delivery_states("gen-two") == {}
+    kept = ledger.get("gen-one")
+    assert kept is not None and kept.status == "requested" and len(kept.timeline) == 1
+
+
+def _insert_as_before_listed_at(ledger: Ledger, gid: str, at: datetime) -> None:
+    """A row as a replica older than migration 0002 inserts it (a rolling update): no
+    listed_at. (Still accepted: that replica must keep working until it is replaced.)"""
+    with ledger.transaction() as db:
+        db.run(
+            "INSERT INTO generations (generation_id, status, status_rank, created_at, "
+            "updated_at, requested_at) VALUES (:gid, 'requested', 0, :at, :at, :at)",
+            {"gid": gid, "at": at},
+        )
+
+
+def _pages(ledger: Ledger, limit: int, cursor: str | None = None, **filters: Any) -> list[str]:
+    """The ids of every page from ``cursor`` on, in order."""
+    seen: list[str] = []
+    while True:
+        page = ledger.history(limit=limit, cursor=cursor, **filters)
+        seen += [g.generation_id for g in page.items]
+        if not (cursor := page.next_cursor):
+            return seen
+
+
+def test_rows_without_listed_at_are_each_on_one_page_in_order(ledger: Ledger) -> None:
+    for n in range(6):
+        at = T0 + timedelta(minutes=n)
+        if n % 2:
+            _insert_as_before_listed_at(ledger, f"gen-{n}", at)
+        else:
+            ledger.ingest(chain(f"gen-{n}", start=at)["requested"])
+    newest_first = [f"gen-{n}" for n in range(5, -1, -1)]
+    for limit in (1, 2, 4):  # each such row ends a page, begins one, is inside one
+        assert _pages(ledger, limit) == newest_first
+    assert _pages(ledger, 1, status="requested") == newest_first
+
+
+def test_a_row_without_listed_at_keeps_its_place_when_its_next_event_arrives(
+    ledger: Ledger,
+) -> None:
+    _insert_as_before_listed_at(ledger, "gen-0", T0)
+    for n in (1, 2, 3):
+        ledger.ingest(chain(f"gen-{n}", start=T0 + timedelta(minutes=n))["requested"])
+    first = ledger.history(limit=2)
+    # gen-0's prompt, enhanced long after, is recorded between two pages.
+    ledger.ingest(chain("gen-0", start=T0 + timedelta(minutes=10))["enhanced"])
+    rest = _pages(ledger, 2, cursor=first.next_cursor)
+    assert [g.generation_id for g in first.items] + rest == ["gen-3", "gen-2", "gen-1", "gen-0"]
+
+
+def _plan(ledger: Ledger, sql: str, params: dict[str, Any]) -> str:
+    """How the database would run ``sql``: PostgreSQL's EXPLAIN, SQLite's query plan."""
+    with ledger.transaction() as db:
+        if ledger.dialect == "postgres":
+            # An empty table is cheapest read whole: asked not to, it says what it could use.
+            db.run("SET LOCAL enable_seqscan = off", {})
+            return "\n".join(row["QUERY PLAN"] for row in db.query(f"EXPLAIN {sql}", params))
+        return "\n".join(row["detail"] for row in db.query(f"EXPLAIN QUERY PLAN {sql}", params))
+
+
+@pytest.mark.parametrize(
+    ("sql", "index"),
+    [
+        (PRUNE["events"], "ledger_events_recorded"),
+        (PRUNE["generations"], "generations_updated"),
+        (PRUNE["deliveries"], "webhook_deliveries_created"),
+        (HISTORY_PAGE.format(where=AFTER), "generations_listed"),
+        (HISTORY_PAGE.format(where=f"status = :status AND {AFTER}"), "generations_status"),
+        (HISTORY_PAGE.format(where=f"model = :model AND {AFTER}"), "generations_model"),
+    ],
+    ids=["prune-events", "prune-generations", "prune-deliveries", "page", "status", "model"],
+)
+def test_prune_and_history_pages_seek_an_index(ledger: Ledger, sql: str, index: str) -> None:
+    """Each seeks its rows in an index (a page in its order, no sort), never reads the table."""
+    params = {"before": T0, "after_at": T0, "after_id": "gen-1", "limit": 3}
+    plan = _plan(ledger, sql, {**params, "status": "persisted", "model": "tiny"})
+    if ledger.dialect == "postgres":
+        assert index in plan and "Index Cond" in plan and "Sort" not in plan, plan
+    else:
+        assert f"USING INDEX {index} (" in plan and "B-TREE" not in plan, plan
+        assert plan.startswith("SEARCH"), plan
 
 
 def test_a_replayed_request_keeps_its_seed_and_time_and_notifies_no_one(ledger: Ledger) -> None:
