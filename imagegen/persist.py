@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import logging
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+from PIL import Image
 from pydantic import BaseModel
 
 from imagegen._locks import KeyedLocks
@@ -39,10 +41,7 @@ async def claim_image(storage: Storage, key: str, sha256: str, *, described_by: 
     try:
         png = await storage.get(key)
     except NotFound:
-        raise InvalidRequest(
-            f"image {key!r} is not in storage",
-            errors=[{"field": "key", "message": "no stored image under this key"}],
-        ) from None
+        raise _missing(key) from None
     digest = hashlib.sha256(png).hexdigest()
     if digest != sha256:
         raise InvalidRequest(
@@ -51,6 +50,13 @@ async def claim_image(storage: Storage, key: str, sha256: str, *, described_by: 
             errors=[{"field": "sha256", "message": "not the stored image's digest"}],
         )
     return png
+
+
+def _missing(key: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"image {key!r} is not in storage",
+        errors=[{"field": "key", "message": "no stored image under this key"}],
+    )
 
 
 def load_record(key: str, body: bytes) -> dict[str, Any]:
@@ -136,20 +142,30 @@ class PersistStage:
             return await self._finalise(image, keys)
 
     async def _finalise(self, image: RenderedImage, keys: GenerationKeys) -> PersistedImage:
-        # 1. An existing record means this image is already finalised.
-        existing = await self._stored_answer(image, keys)
+        # 1. An existing record means this image is already finalised. The image's head is
+        # asked for at the same time: a first delivery needs it next, so it costs no round
+        # trip of its own (a redelivery's goes unused).
+        existing, stored = await asyncio.gather(
+            self._stored_answer(image, keys), self.storage.head(keys.image)
+        )
         if existing is not None:
             log.info("image already persisted", extra={"generation_id": image.generation_id})
             return existing
 
-        # 2. Claim the image and check that the event says of it what render said.
-        stored, png = await asyncio.gather(
-            self.storage.head(keys.image),
-            claim_image(self.storage, keys.image, image.sha256, described_by="the event"),
-        )
-        self._check_rendered(image, stored, len(png))
+        # 2. Check what the event says of the object before reading it: one of another size
+        # than the event's (render's PNGs are a few MiB, a pod has 1 GiB) is never downloaded.
+        if stored is None:
+            raise _missing(keys.image)
+        if stored.size != image.size:
+            self._check_rendered(image, stored, stored.size)  # names size, and all else wrong
 
-        # 3. Public URLs and the record, written last: its presence marks the image final.
+        # 3. Claim the image and check that the event says of it what render said, and that
+        # it is a PNG of the size the event gives: derive would fail it for good otherwise,
+        # and the Worker serve it as a PNG.
+        png = await claim_image(self.storage, keys.image, image.sha256, described_by="the event")
+        self._check_rendered(image, stored, len(png), _png_size(png))
+
+        # 4. Public URLs and the record, written last: its presence marks the image final.
         persisted = self._describe(image, keys)
         record = {
             "persisted": persisted.model_dump(mode="json"),
@@ -233,7 +249,12 @@ class PersistStage:
         return stored
 
     @staticmethod
-    def _check_rendered(image: RenderedImage, stored: StoredObject | None, size: int) -> None:
+    def _check_rendered(
+        image: RenderedImage,
+        stored: StoredObject | None,
+        size: int,
+        dimensions: tuple[int, int] | str | None = None,
+    ) -> None:
         """Refuse ``image`` unless it is render's own reply for the PNG of ``size`` bytes.
 
         Render's reply is a function of its job and of what it stored with the PNG: the job's
@@ -242,9 +263,13 @@ class PersistStage:
         and the stored object make. An object stored without render's metadata has only its
         bytes and the job to check against.
 
+        Args:
+            dimensions: The stored PNG's (width, height) from its header (:func:`_png_size`),
+                or why it has none; None when its bytes have not been read.
+
         Raises:
-            InvalidRequest: naming each field of the event that differs (a 400: never a 409,
-                which Knative would retry).
+            InvalidRequest: naming each field of the event that differs, and ``image`` when
+                the stored object is no PNG (a 400: never a 409, which Knative would retry).
         """
         expected = stored_png.rendered_image(
             image.prompt,
@@ -256,6 +281,11 @@ class PersistStage:
             at=stored_png.rendered_at(stored) if stored is not None else None,
         )
         errors = _differences(image, _claims(expected))
+        if isinstance(dimensions, str):
+            errors.append({"field": "image", "message": dimensions})
+        elif dimensions is not None:
+            header = _differences(image, dict(zip(("width", "height"), dimensions, strict=True)))
+            errors += [error for error in header if error not in errors]
         job_digest = stored.metadata.get("job") if stored is not None else None
         if job_digest is not None and job_digest != stored_png.fingerprint(image.prompt):
             errors.append({"field": "prompt", "message": _MESSAGES["prompt"]})
@@ -306,6 +336,21 @@ def _differences(image: RenderedImage, truth: Mapping[str, object]) -> list[dict
         for name, value in truth.items()
         if claims[name] != value
     ]
+
+
+def _png_size(png: bytes) -> tuple[int, int] | str:
+    """The (width, height) in ``png``'s header, or why it has none; no pixel is decoded.
+
+    A header too large for Pillow to open (a decompression bomb: far over any size render
+    makes) is said as such, whether Pillow refuses it or, told to, warns of it as an error.
+    """
+    try:
+        with Image.open(io.BytesIO(png), formats=("PNG",)) as opened:
+            return opened.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return "a PNG larger than any render makes"
+    except (OSError, SyntaxError, ValueError, EOFError):  # not a PNG, or one cut short
+        return "not a PNG"
 
 
 def _refuse(image: RenderedImage, errors: list[dict[str, str]]) -> None:

@@ -64,6 +64,37 @@ def _http_url(value: str | None) -> str | None:
     return value
 
 
+def _served_base_url(value: str | None) -> str | None:
+    """``value`` when it is an :func:`_http_url` with nothing after its host but ``/``.
+
+    The Worker takes an object's key from the whole path of a request (``worker/src/keys.ts``)
+    and a public URL is ``<base>/<key>``: a path in the base puts the key under it, a query or
+    a fragment swallows it, and every URL persist writes is broken for good (records are
+    written once). Other URLs keep their paths: a broker's ingress or an endpoint may need one.
+    """
+    value = _http_url(value)
+    if not value:
+        return value
+    # The separators, not the parts: "https://host?" has an empty query, and breaks all the same.
+    before_fragment, hash_mark, _ = value.partition("#")
+    found = [
+        what
+        for what, present in (
+            ("a path", urlsplit(value).path not in ("", "/")),
+            ("a query", "?" in before_fragment),
+            ("a fragment", bool(hash_mark)),
+        )
+        if present
+    ]
+    if found:
+        listed = f"{', '.join(found[:-1])} and {found[-1]}" if len(found) > 1 else found[0]
+        raise ValueError(
+            f"has {listed}: the Worker serves keys at the root of its host, so give its origin"
+            " alone (https://host[:port])"
+        )
+    return value
+
+
 # Standard Webhooks (standard-webhooks/standard-webhooks, spec/standard-webhooks.md, "Signature
 # scheme"): a secret is ``whsec_`` + base64 of a random key of 24 to 64 bytes.
 _WEBHOOK_KEY_BYTES = (24, 64)
@@ -281,7 +312,9 @@ class Settings(BaseSettings):
     s3_addressing_style: Literal["auto", "virtual", "path"] | None = None
     s3_access_key_id: SecretStr | None = None
     s3_secret_access_key: SecretStr | None = None
-    public_base_url: str | None = Field(default=None, description="Base URL images are served at.")
+    public_base_url: str | None = Field(
+        default=None, description="The Worker's origin, https://host[:port]: keys at its root."
+    )
     url_signing_secret: SecretStr | None = Field(default=None, description="Signs public URLs.")
     signed_url_ttl: int = Field(
         default=7 * 24 * 3600,
@@ -385,7 +418,8 @@ class Settings(BaseSettings):
     def _json_options(cls, value: Any) -> Any:
         return json.loads(value) if isinstance(value, str) else value
 
-    _urls = field_validator("s3_endpoint_url", "public_base_url", "sink_url")(_http_url)
+    _urls = field_validator("s3_endpoint_url", "sink_url")(_http_url)
+    _served_base = field_validator("public_base_url")(_served_base_url)
     _ollama = field_validator("ollama_host")(_ollama_host)
     _zone = field_validator("timezone")(_time_zone)
 

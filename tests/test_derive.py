@@ -181,14 +181,21 @@ async def test_only_the_stored_images_own_event_is_derived(tmp_path: Path) -> No
     assert not list(tmp_path.rglob("*.avif"))
 
 
+def _recorded_without_reading_the_header(monkeypatch: pytest.MonkeyPatch) -> None:
+    """persist as it was before it read the PNG's header: records it wrote may describe bytes
+    that are no PNG of their size, and derive must still refuse them."""
+    monkeypatch.setattr("imagegen.persist._png_size", lambda png: (256, 256))
+
+
 @pytest.mark.parametrize("kind", ["cut short", "not a PNG"])
 async def test_a_stored_image_that_does_not_decode_fails_the_generation(
-    tmp_path: Path, kind: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
-    """Bytes persist accepted by their digest that derive cannot decode fail alike at every
-    delivery: a 400 naming the image (the function answers generation.failed), not a 500 that
-    Knative retries until it dead-letters the event."""
+    """Bytes a record describes that derive cannot decode fail alike at every delivery: a 400
+    naming the image (the function answers generation.failed), not a 500 that Knative retries
+    until it dead-letters the event."""
     data = {"cut short": png(256, 256)[:200], "not a PNG": b"GIF89a" + b"\0" * 64}[kind]
+    _recorded_without_reading_the_header(monkeypatch)
     async with ImageGenService(settings(tmp_path, [32])) as service:
         rendered = await stored(service, "undecodable")
         await service.storage.put(rendered.key, data, content_type="image/png")
@@ -247,9 +254,10 @@ def _sized_png(width: int, height: int) -> bytes:
 async def test_a_stored_image_not_of_its_records_size_is_refused_before_it_is_decoded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: tuple[int, int], fields: list[str]
 ) -> None:
-    """persist checks the digest, not the pixels: the PNG's header must give the record's size,
-    or derive answers a 400 naming what differs, having decoded nothing."""
+    """The PNG's header must give the record's size, or derive answers a 400 naming what
+    differs, having decoded nothing."""
     data = _sized_png(*size)
+    _recorded_without_reading_the_header(monkeypatch)
     async with ImageGenService(settings(tmp_path, [32])) as service:
         rendered = await store_rendered(
             service.storage, "misdescribed", NOW, data, "a kite", job_size=(256, 256)

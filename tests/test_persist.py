@@ -3,12 +3,17 @@ field, against the object in storage and the metadata render stored with it."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import struct
+import zlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from imagegen import (
     DependencyUnavailable,
@@ -18,8 +23,10 @@ from imagegen import (
     Settings,
 )
 from imagegen.events import GENERATION_FAILED, IMAGE_RENDERED
-from imagegen.models import RenderedImage
-from imagegen.storage.base import GenerationKeys
+from imagegen.models import EnhancedPrompt, RenderedImage
+from imagegen.render import stored_png
+from imagegen.storage import LocalStorage
+from imagegen.storage.base import GenerationKeys, Storage
 from tests.fakes.images import gradient_png as png
 from tests.fakes.images import store_rendered
 from tests.functions.clients import InProcessFunction
@@ -220,3 +227,173 @@ async def test_signed_urls_last_their_ttl_from_when_the_record_is_written(tmp_pa
     for url in persisted.urls.values():
         expires = int(parse_qs(urlsplit(url).query)["expires"][0])
         assert expires == int(persisted.persisted_at.timestamp()) + settings.signed_url_ttl
+
+
+# Objects at an image key that render did not make: stored with the metadata render writes.
+
+JOB_SIZE = (256, 256)
+
+
+async def _stored_as_render(
+    storage: Storage, generation_id: str, data: bytes, *, timings: str | None = None
+) -> RenderedImage:
+    """``data`` stored at a 256 x 256 job's image key with the metadata render writes, and
+    render's own reply for it: only the bytes (or, given, the stored ``timings``) are not
+    render's."""
+    job = EnhancedPrompt(
+        generation_id=generation_id,
+        prompt="a kite",
+        enhancer="passthrough",
+        model="tiny",
+        width=JOB_SIZE[0],
+        height=JOB_SIZE[1],
+        steps=2,
+        guidance=0.0,
+        seed=7,
+        requested_at=NOW,
+    )
+    keys = GenerationKeys(generation_id, NOW)
+    sha256 = hashlib.sha256(data).hexdigest()
+    said = {"render": 0.5}
+    metadata = stored_png.metadata(job, sha256, stored_png.fingerprint(job), said, NOW)
+    if timings is not None:
+        metadata["timings"] = timings
+    await storage.put(keys.image, data, content_type="image/png", metadata=metadata)
+    return stored_png.rendered_image(
+        job,
+        keys.image,
+        storage.location(keys.image),
+        size=len(data),
+        sha256=sha256,
+        stage_timings=said,
+        at=NOW,
+    )
+
+
+def _png_of(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("1", (width, height)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _bomb_header(width: int, height: int) -> bytes:
+    """A PNG's signature and header for ``width`` x ``height`` pixels, and no pixels: Pillow
+    refuses to open it at all (over twice its ``MAX_IMAGE_PIXELS``)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    ("data", "fields"),
+    [
+        (_png_of(*JOB_SIZE), []),  # render's own: recorded
+        (b"GIF89a" + bytes(64), ["image"]),
+        (_png_of(*JOB_SIZE)[:20], ["image"]),  # cut short inside its header
+        (_png_of(512, 256), ["width"]),
+        (_png_of(2000, 16), ["width", "height"]),
+        (_bomb_header(20_000, 20_000), ["image"]),
+    ],
+    ids=["png", "gif", "cut short", "wider", "other size", "bomb"],
+)
+async def test_a_stored_object_that_is_no_png_of_the_events_size_is_refused_unrecorded(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, data: bytes, fields: list[str]
+) -> None:
+    """The digest matched and render's metadata too, so persist recorded the object as the
+    event's 256 x 256 PNG: the Worker served it as one, and derive failed the generation for
+    good, after the reply had said it was final. Only its header is read, no pixel decoded."""
+
+    def refuse(*args: Any) -> None:
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr("PIL.ImageFile.ImageFile.load", refuse)
+    async with ImageGenService(settings) as service:
+        rendered = await _stored_as_render(service.storage, "odd-1", data)
+        record = GenerationKeys("odd-1", NOW).metadata
+        if not fields:
+            persisted = await service.persist(rendered)
+            assert (persisted.width, persisted.height) == JOB_SIZE
+            return
+        for _ in range(2):  # a redelivery: the same answer
+            with pytest.raises(InvalidRequest) as caught:
+                await service.persist(rendered)
+            assert caught.value.fields == fields
+            assert (caught.value.status, caught.value.retryable) == (400, False)
+        assert await service.storage.head(record) is None
+
+
+async def test_the_persist_function_fails_the_generation_of_a_stored_object_that_is_no_png(
+    tmp_path: Path,
+) -> None:
+    """At the edge: generation.failed naming the image, neither a success nor a 500."""
+    store = tmp_path / "store"
+    rendered = await _stored_as_render(LocalStorage(str(store)), "gif-1", b"GIF89a" + bytes(64))
+    with InProcessFunction("persist", base_env(store)) as persist:
+        reply = post_event(persist, IMAGE_RENDERED, rendered.model_dump(mode="json"))
+    assert reply.status_code == 200 and reply.headers["ce-type"] == GENERATION_FAILED
+    assert [error["field"] for error in reply.json()["error"]["errors"]] == ["image"]
+    assert not (store / GenerationKeys("gif-1", NOW).metadata).exists()
+
+
+@pytest.mark.parametrize("timings", ['{"render":"fast"}', '{"render":null}', '{"render":NaN}'])
+async def test_stored_timings_that_are_no_numbers_are_read_as_none(
+    settings: Settings, timings: str
+) -> None:
+    """Metadata render did not write raised a bare ValueError or TypeError: a 500, retried
+    at every delivery. Unreadable, they are no timings, to render and persist alike."""
+    async with ImageGenService(settings) as service:
+        rendered = await _stored_as_render(
+            service.storage, "foreign-1", png(*JOB_SIZE), timings=timings
+        )
+        with pytest.raises(InvalidRequest) as caught:
+            await service.persist(rendered)  # says timings the object does not hold
+        assert caught.value.fields == ["timings"]
+
+        # What render answers for the object on a redelivery is what persist takes.
+        job, keys = rendered.prompt, GenerationKeys("foreign-1", NOW)
+        stored = await service.storage.head(keys.image)
+        fingerprint = stored_png.fingerprint(job)
+        answer = stored_png.answer(job, stored, fingerprint, rendered.location)
+        assert answer is not None and answer.timings == {}
+        persisted = await service.persist(answer)
+    assert persisted.timings == {}
+
+
+async def test_an_object_of_another_size_than_the_event_says_is_refused_unread(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """persist read the whole object, then named its digest: 64 MiB under an event of 1000
+    bytes was read into a pod of 1 GiB. The size is checked first, from the object's head."""
+    async with ImageGenService(settings) as service:
+        rendered = await _stored_as_render(service.storage, "huge-1", bytes(8 << 20))
+        missing = await _stored_as_render(service.storage, "none-1", png(*JOB_SIZE))
+        (Path(settings.storage_url) / missing.key).unlink()
+        read: list[str] = []
+        get = service.storage.get
+
+        async def spy(key: str) -> bytes:
+            read.append(key)
+            return await get(key)
+
+        monkeypatch.setattr(service.storage, "get", spy)
+        claim = rendered.model_copy(update={"size": 1000, "sha256": "0" * 64})
+        with pytest.raises(InvalidRequest) as caught:
+            await service.persist(claim)
+        assert caught.value.fields == ["size"]
+
+        # Nothing under the key: named as before, and nothing read either.
+        with pytest.raises(InvalidRequest) as caught:
+            await service.persist(missing)
+        assert caught.value.fields == ["key"]
+        assert read == []
+
+        # Of the size the event gives, the object is read, and its digest checked.
+        with pytest.raises(InvalidRequest) as caught:
+            await service.persist(rendered.model_copy(update={"sha256": "0" * 64}))
+        assert caught.value.fields == ["sha256"]
+    assert read == [rendered.key]

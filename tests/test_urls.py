@@ -8,8 +8,10 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from pydantic import ValidationError
 
 from imagegen.errors import InvalidRequest
+from imagegen.settings import Settings
 from imagegen.urls import (
     GALLERY_PATH_PATTERN,
     canonical_query,
@@ -207,6 +209,37 @@ def test_public_url_joins_with_one_slash(base: str) -> None:
 def test_public_url_keeps_a_base_path() -> None:
     url = public_url("https://cdn.example.com/images/", "2026/05/01/abc.thumb.webp")
     assert url == "https://cdn.example.com/images/2026/05/01/abc.thumb.webp"
+
+
+@pytest.mark.parametrize(
+    "base",
+    [
+        "https://img.example.com",
+        "https://img.example.com/",
+        "http://127.0.0.1:8787",
+        "https://img.example.com/images",
+        "https://img.example.com/images/",
+        "https://img.example.com/?v=1",
+        "https://img.example.com?",
+        "https://img.example.com/#top",
+    ],
+)
+def test_every_base_the_settings_take_makes_urls_whose_path_is_the_key(base: str) -> None:
+    """The Worker takes the key from the whole path (``keyFromPath`` in worker/src/keys.ts)
+    and checks the signature over it: a base the settings take must not put anything before
+    the key or after it, or every URL persist writes, once and for good, is broken."""
+    key = "2026/05/01/abc.png"
+    try:
+        taken = Settings(public_base_url=base).public_base_url
+    except ValidationError as refused:
+        assert "the Worker serves keys at the root of its host" in str(refused)
+        return
+    assert taken is not None
+    url = urlsplit(public_url(taken, key, secret=SECRET, ttl=60, now=0))
+    assert (url.path, url.fragment) == (f"/{key}", "")
+    query = parse_qs(url.query)
+    assert set(query) == {"expires", "signature"}
+    assert verify(url.path.removeprefix("/"), 60, query["signature"][0], SECRET, now=0)
 
 
 def test_public_url_signed_expires_after_ttl() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from datetime import UTC, datetime
 
 from imagegen.errors import InvalidRequest, NotFound
@@ -54,12 +55,24 @@ def rendered_at(stored: StoredObject) -> datetime | None:
 
 
 def timings(stored: StoredObject) -> dict[str, float]:
-    """The stage timings the stored PNG was rendered with; empty when unreadable."""
+    """The stage timings the stored PNG was rendered with; empty when unreadable.
+
+    Unreadable includes JSON that is no object of finite numbers (``{"render": "fast"}``,
+    ``{"render": null}``, ``NaN``): metadata render did not write. Raising would make a 500
+    that every delivery of the event meets again. Empty, it is what render answers for the
+    object as well (:func:`answer`), and persist refuses an event that claims other timings,
+    naming ``timings``.
+    """
     try:
         value = json.loads(stored.metadata.get("timings", "{}"))
-    except ValueError:
+        if not isinstance(value, dict):
+            return {}
+        # OverflowError: an integer too large for a float.
+        read = {str(k): float(v) for k, v in value.items()}
+    except (ValueError, TypeError, OverflowError):
         return {}
-    return {str(k): float(v) for k, v in value.items()} if isinstance(value, dict) else {}
+    # A non-finite number has no JSON: an event carrying it back could never match.
+    return read if all(math.isfinite(v) for v in read.values()) else {}
 
 
 def answer(

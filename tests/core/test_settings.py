@@ -140,3 +140,47 @@ def test_a_wait_no_clock_can_keep_is_refused(field: str, seconds: float) -> None
         Settings(**{field: seconds})  # type: ignore[arg-type]
     assert [e["loc"][0] for e in caught.value.errors()] == [field]
     assert Settings(**{field: 86_400.0}).model_dump()[field] == 86_400.0  # a day is allowed
+
+
+@pytest.mark.parametrize(
+    ("base", "found"),
+    [
+        ("https://img.example.com/images", "a path"),
+        ("https://img.example.com/images/", "a path"),
+        ("https://img.example.com//", "a path"),
+        ("https://img.example.com/?v=1", "a query"),
+        ("https://img.example.com?", "a query"),  # an empty query breaks the URLs all the same
+        ("https://img.example.com/#top", "a fragment"),
+        ("https://img.example.com#", "a fragment"),
+        ("https://img.example.com/i?v=1#top", "a path, a query and a fragment"),
+    ],
+)
+def test_a_public_base_url_with_anything_after_its_host_is_refused(base: str, found: str) -> None:
+    """The Worker reads an object's key from the whole path (worker/src/keys.ts) and persist
+    writes ``<base>/<key>`` into records written once: a base with a path, a query or a
+    fragment broke every public URL for good, and was taken."""
+    with pytest.raises(ValidationError) as caught:
+        Settings(public_base_url=base)
+    [error] = caught.value.errors()
+    assert error["loc"] == ("public_base_url",)
+    assert f"has {found}: the Worker serves keys at the root of its host" in error["msg"]
+    assert base not in str(caught.value)  # said, never echoed (a URL may carry credentials)
+
+
+@pytest.mark.parametrize(
+    "base", ["https://img.example.com", "https://img.example.com/", "http://127.0.0.1:8787/"]
+)
+def test_a_public_base_url_that_is_an_origin_is_taken_as_given(base: str) -> None:
+    assert Settings(public_base_url=base).public_base_url == base
+
+
+def test_only_the_public_base_url_must_be_an_origin() -> None:
+    """The other URLs may need their paths: a broker's ingress has one (K_SINK), an S3
+    endpoint or Ollama behind a proxy may."""
+    paths = {
+        "sink_url": "http://broker-ingress.knative-eventing.svc.cluster.local/imagegen/default",
+        "s3_endpoint_url": "https://storage.example.com/s3",
+        "ollama_host": "http://proxy.example.com/ollama",
+    }
+    settings = Settings(**paths)  # type: ignore[arg-type]
+    assert settings.model_dump(include=set(paths)) == paths
