@@ -6,20 +6,24 @@ import asyncio
 import inspect
 import json
 import logging
-from typing import Any
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from opentelemetry import trace
 
-from imagegen._threads import DaemonPool
+from imagegen._threads import DaemonPool, PoolExhausted
 from imagegen.errors import ConfigurationError, InvalidRequest
 from imagegen.models import Contribution
 from imagegen.plugins.context import PluginContext, PromptPlugin
 from imagegen.telemetry import tracer
 from imagegen.validation import loads
 
-__all__ = ["run_plugin", "warm_plugin"]
+__all__ = ["MAX_RUNNING", "Busy", "run_plugin", "warm_plugin"]
 
 logger = logging.getLogger("imagegen.plugins")
+
+T = TypeVar("T")
 
 
 async def run_plugin(
@@ -57,6 +61,11 @@ async def _contribution(
                     result = await result
     except (InvalidRequest, ConfigurationError):
         raise
+    except (Busy, PoolExhausted) as exc:
+        # Refused before it began: said in a line, no traceback (nothing of the plugin ran).
+        logger.warning("plugin %s skipped: %s", name, exc)
+        _skipped(span, exc, "skipped: no thread for it")
+        return None
     except TimeoutError as exc:
         logger.warning("plugin %s timed out after %.2fs; skipped", name, time_limit)
         _skipped(span, exc, f"timed out after {time_limit:g}s")
@@ -117,6 +126,54 @@ def _skipped(span: trace.Span, error: BaseException, description: str) -> None:
 # is refused (the plugin skipped, as one that raises), not a thread leaked per request.
 _POOL = DaemonPool("plugin", max_threads=128)
 
+MAX_RUNNING = 32
+"""Calls of one plain plugin that may run at once on the plugins' threads. A call that never
+returns keeps its thread: without a share, one hung plugin took every thread within a few
+hundred requests, and every plain plugin was skipped from then on. A quarter of the pool: the
+others still run beside up to three plugins that hang."""
+
+
+class Busy(RuntimeError):
+    """A plain plugin already has :data:`MAX_RUNNING` calls running (hung, most likely)."""
+
+
+class _Running:
+    """How many calls of each plain plugin are running on the pool's threads, by name.
+
+    Counted up on the loop as a call is handed to a thread, down on that thread as the call
+    ends: a call its caller has stopped waiting for (timed out) counts until it returns.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: dict[str, int] = {}
+
+    def begin(self, name: str) -> None:
+        """Count one more call of ``name``.
+
+        Raises:
+            Busy: ``name`` already has :data:`MAX_RUNNING` calls running.
+        """
+        with self._lock:
+            running = self._calls.get(name, 0)
+            if running >= MAX_RUNNING:
+                raise Busy(f"{running} calls of it still running, at most {MAX_RUNNING}")
+            self._calls[name] = running + 1
+
+    def end(self, name: str) -> None:
+        """Count one call of ``name`` the fewer."""
+        with self._lock:
+            running = self._calls.pop(name, 0) - 1
+            if running > 0:
+                self._calls[name] = running
+
+    def of(self, name: str) -> int:
+        """The calls of ``name`` running now."""
+        return self._calls.get(name, 0)
+
+
+_RUNNING = _Running()
+
 
 def _begin(plugin: PromptPlugin, context: PluginContext) -> object:
     """``plugin.contribute(context)`` begun: a coroutine's, or a plain function's on a reused
@@ -126,7 +183,33 @@ def _begin(plugin: PromptPlugin, context: PluginContext) -> object:
     fn = plugin.contribute
     if inspect.iscoroutinefunction(fn) or not getattr(plugin, "blocking", True):
         return fn(context)
-    return _POOL.run(fn, context, thread_name=f"plugin-{context.plugin}")
+    return _on_thread(context.plugin, fn, context)
+
+
+async def _on_thread(name: str, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on the plugins' threads, counted in plugin ``name``'s share until it returns.
+
+    Raises:
+        Busy: ``name`` has :data:`MAX_RUNNING` calls running already.
+        PoolExhausted: every thread of the pool is taken.
+    """
+    _RUNNING.begin(name)
+    started = False
+
+    def call(*args: Any) -> T:
+        nonlocal started
+        started = True
+        try:
+            return fn(*args)
+        finally:
+            _RUNNING.end(name)
+
+    try:
+        return await _POOL.run(call, *args, thread_name=f"plugin-{name}")
+    except PoolExhausted:
+        if not started:  # refused before it began: no thread will count it down
+            _RUNNING.end(name)
+        raise
 
 
 async def warm_plugin(plugin: PromptPlugin, name: str) -> bool:
@@ -142,7 +225,7 @@ async def warm_plugin(plugin: PromptPlugin, name: str) -> bool:
         if inspect.iscoroutinefunction(warm_up):
             await warm_up()
         else:
-            result = await _POOL.run(warm_up, thread_name=f"plugin-{name}")
+            result = await _on_thread(name, warm_up)
             if inspect.isawaitable(result):
                 await result
     except asyncio.CancelledError:

@@ -76,12 +76,14 @@ class PluginSet:
         after the named ones. Only enabled plugins are instantiated. Where the settings enable
         them (no ``names``), ``settings.plugin_options`` is checked as a request's is
         (:meth:`option_errors`): an option no enabled plugin would read fails every generation
-        alike, rather than be ignored.
+        alike, rather than be ignored. So are the settings each enabled plugin reads, where it
+        says what is wrong with them (``setting_errors(time_limit)``: :meth:`setting_errors`).
 
         Raises:
             InvalidRequest: naming ``plugins`` when a name is neither discovered nor in extra.
             ConfigurationError: naming ``plugin_options``' variable for options that name no
-                enabled plugin, or a key their plugin does not declare.
+                enabled plugin, or a key their plugin does not declare; and the variable of
+                each setting an enabled plugin refuses.
         """
         wanted = list(dict.fromkeys(settings.plugins if names is None else names))
         plugin_set = cls(settings=settings, timeout=timeout)
@@ -93,8 +95,12 @@ class PluginSet:
         if unknown:
             raise _unknown(unknown, plugin_set.available, "plugins")
         plugin_set.set_order([*wanted, *(p.name for p in extra)])
-        if names is None and (errors := plugin_set.option_errors(settings.plugin_options)):
-            raise plugin_set._settings_fault([f"{e['field']}: {e['message']}" for e in errors])
+        if names is None:
+            options = plugin_set.option_errors(settings.plugin_options)
+            said = [("plugin_options", f"{e['field']}: {e['message']}") for e in options]
+            said += [(e["field"], e["message"]) for e in plugin_set.setting_errors()]
+            if said:
+                raise plugin_set._settings_fault(said)
         return plugin_set
 
     # Configuration
@@ -287,6 +293,28 @@ class PluginSet:
             )
         return errors
 
+    def setting_errors(self) -> list[dict[str, str]]:
+        """What the enabled plugins find wrong with the settings they read, one entry per
+        setting (``field``: its name in :class:`~imagegen.settings.Settings`).
+
+        A plugin may define ``setting_errors(time_limit)``, ``time_limit`` being the seconds
+        each of its calls gets, to be asked once, where the set is made from the settings,
+        rather than fail (or log) at every request. One whose check raises is logged, not
+        refused: the plugin's own failure is no fault of the settings.
+        """
+        errors: list[dict[str, str]] = []
+        for name in self._order:
+            check = getattr(self._plugins[name], "setting_errors", None)
+            if check is None:
+                continue
+            try:
+                errors.extend(check(self.timeout))
+            except Exception as exc:  # a plugin's own code
+                logger.warning(
+                    "plugin %s could not check its settings: %s: %s", name, type(exc).__name__, exc
+                )
+        return errors
+
     def _whose(
         self,
         exc: InvalidRequest,
@@ -302,14 +330,20 @@ class PluginSet:
         keys = [e["field"][len(prefix) :] for e in exc.errors if e["field"].startswith(prefix)]
         if not keys or any(key in given for key in keys):
             return exc
-        return self._settings_fault([f"{e['field']}: {e['message']}" for e in exc.errors])
+        return self._settings_fault(
+            [("plugin_options", f"{e['field']}: {e['message']}") for e in exc.errors]
+        )
 
-    def _settings_fault(self, said: list[str]) -> ConfigurationError:
-        """``said`` (``plugin_options.<plugin>…: why``, each) as the settings' fault."""
-        variable = self.settings.variable("plugin_options")
+    def _settings_fault(self, said: list[tuple[str, str]]) -> ConfigurationError:
+        """``said``, (setting, why) each, as the settings' fault, naming each one's variable:
+        ``invalid settings: IMAGEGEN_PLUGIN_OPTIONS (why; why)``."""
+        named: dict[str, list[str]] = {}
+        for setting, message in said:
+            named.setdefault(self.settings.variable(setting), []).append(message)
+        summary = "; ".join(f"{variable} ({'; '.join(why)})" for variable, why in named.items())
         return ConfigurationError(
-            f"invalid settings: {variable} ({'; '.join(said)})",
-            errors=[{"field": variable, "message": message} for message in said],
+            f"invalid settings: {summary}",
+            errors=[{"field": v, "message": m} for v, why in named.items() for m in why],
         )
 
     async def warm_up(self) -> list[str]:

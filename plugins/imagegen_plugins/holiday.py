@@ -2,17 +2,22 @@
 
 Movable feasts (Easter, Thanksgiving, lunar new year...) come from the library's calendars, so
 they are right every year. Countries are ISO codes, optionally with a subdivision: ``US``,
-``DE-BY``. Holiday names are in English where the library has an English translation (option
-``language`` picks another), so the prompt reads the same on every host.
+``DE-BY`` (any case; as ``holidays.list_supported_countries()`` lists them). Holiday names are
+in English where the library has an English translation (option ``language`` picks another),
+so the prompt reads the same on every host.
 
 Options: ``countries`` (overrides ``settings.holiday_countries``), ``horizon_days`` (how far
-ahead an upcoming holiday counts, default 14), ``language``.
+ahead an upcoming holiday counts, default 14), ``language``. A request names at most
+:data:`MAX_COUNTRIES` countries, each one the library lists (its financial markets, ``NYSE``,
+are no countries).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from collections.abc import Mapping
 from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -24,9 +29,13 @@ from imagegen.plugins import PluginContext
 from imagegen.settings import Settings
 from imagegen_plugins._options import invalid_option, option_float, option_list, option_str
 
-__all__ = ["DEFAULT_HORIZON_DAYS", "HolidayPlugin", "holidays_between"]
+__all__ = ["DEFAULT_HORIZON_DAYS", "MAX_COUNTRIES", "HolidayPlugin", "holidays_between"]
 
 DEFAULT_HORIZON_DAYS = 14
+MAX_COUNTRIES = 16
+"""Distinct countries a request may name: built calendars are read on the event loop, so what
+one request makes it read is bounded (a country is a calendar per year of the horizon)."""
+_MAX_GIVEN = 1024  # characters of the option's text, or items of its list: read on the loop
 
 log = logging.getLogger("imagegen_plugins.holiday")
 
@@ -42,25 +51,74 @@ def _pick_language(wanted: str, supported: tuple[str, ...], default: str | None)
     return next((lang for lang in supported if lang.split("_")[0] == prefix), default)
 
 
+# The library's countries, each with its subdivisions by their upper-case spelling: the library
+# finds a country by getattr on its module, so any other name is either refused or one of its
+# constants (``JAN``) or financial markets (``NYSE``). Listing them imports every country's
+# module (tenths of a second): made once, off the event loop.
+_SUPPORTED: dict[str, dict[str, str]] | None = None
+
+
+def _supported() -> dict[str, dict[str, str]]:
+    """The library's countries (aliases too: ``UK``, ``GBR``), made on the first call."""
+    global _SUPPORTED
+    if _SUPPORTED is None:
+        listed = holidays.list_supported_countries()
+        _SUPPORTED = {
+            country.upper(): {subdiv.upper(): subdiv for subdiv in subdivs}
+            for country, subdivs in listed.items()
+        }
+    return _SUPPORTED
+
+
+def _shown(text: str, limit: int = 24) -> str:
+    """``text`` quoted for a message, cut short: a request's code may be of any length."""
+    return repr(text if len(text) <= limit else f"{text[:limit]}...")
+
+
+def _canonical(code: str) -> str:
+    """``code`` (``CC`` or ``CC-SUBDIV``, any case) as the library spells it.
+
+    Raises:
+        NotImplementedError: the library lists no such country, or no such subdivision of it.
+    """
+    country, dash, subdiv = code.strip().upper().partition("-")
+    subdivisions = _supported().get(country)
+    if subdivisions is None:
+        raise NotImplementedError(f"unknown country {_shown(country)}")
+    if not dash:
+        return country
+    spelt = subdivisions.get(subdiv)
+    if spelt is None:
+        raise NotImplementedError(f"country {country} has no subdivision {_shown(subdiv)}")
+    return f"{country}-{spelt}"
+
+
 _Calendar = tuple[tuple[date, tuple[str, ...]], ...]
 _CALENDARS: dict[tuple[str, str | None, int], _Calendar] = {}
 _MAX_CALENDARS = 256  # requests choose countries and languages: the oldest go first
+# Calendars are built on worker threads, several at once: evicting (iterating the dict) while
+# another inserts would raise, and two inserting past the cap at once would overrun it.
+_CALENDARS_LOCK = threading.Lock()
 
 
 def _year(code: str, language: str | None, year: int) -> _Calendar:
-    """The holidays of ``code`` (``CC`` or ``CC-SUBDIV``) in ``year``, by date; built once."""
+    """The holidays of ``code`` (canonical: :func:`_canonical`) in ``year``, by date; built once."""
     key = (code, language, year)
-    calendar = _CALENDARS.get(key)
+    with _CALENDARS_LOCK:
+        calendar = _CALENDARS.get(key)
     if calendar is None:
+        # Built outside the lock: look-ups of built calendars never wait on a build.
         calendar = _build_year(code, language, year)
-        if len(_CALENDARS) >= _MAX_CALENDARS:
-            _CALENDARS.pop(next(iter(_CALENDARS)), None)
-        _CALENDARS[key] = calendar
+        with _CALENDARS_LOCK:
+            if key not in _CALENDARS:
+                if len(_CALENDARS) >= _MAX_CALENDARS:
+                    _CALENDARS.pop(next(iter(_CALENDARS)))
+                _CALENDARS[key] = calendar
     return calendar
 
 
 def _build_year(code: str, language: str | None, year: int) -> _Calendar:
-    country, _, subdiv = code.upper().partition("-")
+    country, _, subdiv = code.partition("-")
     probe = holidays.country_holidays(country, subdiv=subdiv or None)
     lang = _pick_language(
         language or "en_US", tuple(probe.supported_languages), probe.default_language
@@ -77,6 +135,7 @@ def holidays_between(
     Raises:
         NotImplementedError: the country or subdivision is unknown to the library.
     """
+    code = _canonical(code)
     found: list[tuple[date, str]] = []
     for year in range(start.year, end.year + 1):
         for day, names in _year(code, language, year):
@@ -100,52 +159,101 @@ class HolidayPlugin:
 
         The library imports every country's module with the first calendar it builds, which
         takes tenths of a second: done here, a function's first request does not wait for it.
+
+        Raises:
+            ValueError: naming the configured countries the library does not know (the others
+                are built all the same).
         """
         today = datetime.now(ZoneInfo(self.settings.timezone)).date()
+        unknown = []
         for code in self.settings.holiday_countries:
             try:
                 holidays_between(code, today, today + timedelta(days=DEFAULT_HORIZON_DAYS))
             except NotImplementedError as exc:
-                raise ValueError(f"holiday_countries: {exc}") from None
+                unknown.append(str(exc))
+        if unknown:
+            raise ValueError(f"holiday_countries: {'; '.join(unknown)}")
 
     async def contribute(self, context: PluginContext) -> Contribution | None:
         """Holidays on ``context.now``'s date and within the horizon after it."""
         options = context.options
-        requested = option_list(options, self.name, "countries")
-        countries = requested if requested is not None else self.settings.holiday_countries
+        requested = self._requested(options)
         horizon = int(
             option_float(options, self.name, "horizon_days", DEFAULT_HORIZON_DAYS, low=0, high=366)
         )
         language = option_str(options, self.name, "language")
+        if _SUPPORTED is None:
+            await asyncio.to_thread(_supported)  # imports every country's module: once
+        codes = self._codes(requested)
         today = context.now.date()
         years = range(today.year, (today + timedelta(days=horizon)).year + 1)
-        args = (countries, requested is not None, today, horizon, language)
-        if all((code, language, year) in _CALENDARS for code in countries for year in years):
+        args = (codes, today, horizon, language)
+        if all((code, language, year) in _CALENDARS for code in codes for year in years):
             return self._contribution(*args)  # look-ups in built calendars: on the loop
-        # The library computes a year's calendar, and may first import a country's module:
-        # tenths of a second, off the event loop (once per country, language and year).
+        # The library computes a year's calendar: tenths of a second, off the event loop (once
+        # per country, language and year).
         return await asyncio.to_thread(self._contribution, *args)
 
+    def _requested(self, options: Mapping[str, Any]) -> list[str] | None:
+        """The request's countries, each once (in upper case); None when it names none.
+
+        Counted before anything reads them, as they are read on the event loop: a request
+        may repeat one code a hundred thousand times, in text or in a list.
+
+        Raises:
+            InvalidRequest: naming ``plugin_options.holiday.countries``: more than
+                :data:`MAX_COUNTRIES` distinct countries, or given in more than
+                :data:`_MAX_GIVEN` characters (text) or items (a list).
+        """
+        given = options.get("countries")
+        if isinstance(given, str | list) and len(given) > _MAX_GIVEN:
+            unit = "characters" if isinstance(given, str) else "items"
+            raise invalid_option(
+                self.name, "countries", f"too long: {len(given)} {unit}, at most {_MAX_GIVEN}"
+            )
+        requested = option_list(options, self.name, "countries")
+        if requested is None:
+            return None
+        distinct = list(dict.fromkeys(code.upper() for code in requested))
+        if len(distinct) > MAX_COUNTRIES:
+            raise invalid_option(
+                self.name,
+                "countries",
+                f"at most {MAX_COUNTRIES} distinct countries, got {len(distinct)}",
+            )
+        return distinct
+
+    def _codes(self, requested: list[str] | None) -> list[str]:
+        """The countries to read, canonical and each once: the request's, else the settings'.
+
+        A request's unknown code is its fault (a 400 naming the option); a configured one is
+        named once in the log and left out, the others still read.
+
+        Raises:
+            InvalidRequest: naming ``plugin_options.holiday.countries``.
+        """
+        codes: list[str] = []
+        unknown: list[str] = []
+        for code in self.settings.holiday_countries if requested is None else requested:
+            try:
+                codes.append(_canonical(code))
+            except NotImplementedError as exc:
+                if requested is not None:
+                    unknown.append(str(exc))
+                elif code not in _UNKNOWN_CONFIGURED:
+                    _UNKNOWN_CONFIGURED.add(code)
+                    log.warning("holiday_countries: %s; %s left out", exc, code)
+        if unknown:
+            raise invalid_option(self.name, "countries", "; ".join(unknown))
+        return list(dict.fromkeys(codes))
+
     def _contribution(
-        self,
-        countries: list[str],
-        requested: bool,
-        today: date,
-        horizon: int,
-        language: str | None,
+        self, codes: list[str], today: date, horizon: int, language: str | None
     ) -> Contribution | None:
         todays: list[dict[str, Any]] = []
         upcoming: dict[str, Any] | None = None
-        for code in countries:
-            try:
-                found = holidays_between(code, today, today + timedelta(days=horizon), language)
-            except NotImplementedError as exc:
-                if requested:
-                    raise invalid_option(self.name, "countries", str(exc)) from None
-                if code not in _UNKNOWN_CONFIGURED:
-                    _UNKNOWN_CONFIGURED.add(code)
-                    log.warning("holiday_countries: %s; %s left out", exc, code)
-                continue
+        for code in codes:
+            found = holidays_between(code, today, today + timedelta(days=horizon), language)
             for day, name in found:
                 entry = {"name": name, "date": day.isoformat(), "country": code}
                 if day == today:

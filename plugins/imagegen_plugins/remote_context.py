@@ -3,9 +3,11 @@
 The endpoint (``settings.remote_context_url``, or the operator's
 ``plugin_options.remote_context.url``; never a request's) must answer a JSON object; its
 string values become the fragment. The body is read streamed and dropped past
-``remote_context_max_bytes``; the whole fetch is bounded by ``remote_context_timeout``. Only
-data is read: nothing fetched is ever imported or evaluated. A slow, failing or malformed
-endpoint is logged and adds nothing.
+``remote_context_max_bytes``, as sent and once decompressed; the whole fetch is bounded by
+``remote_context_timeout``, which must be below the plugins' time limit. Only data is read:
+nothing fetched is ever imported or evaluated. A slow, failing or malformed endpoint is logged
+and adds nothing; a URL that cannot be fetched, or a timeout the plugin could never wait for,
+is refused where the plugin set is made (:meth:`RemoteContextPlugin.setting_errors`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import json
 import logging
 import re
+import zlib
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,7 +27,7 @@ from imagegen._redact import redact_url
 from imagegen.errors import InvalidRequest
 from imagegen.models import Contribution
 from imagegen.plugins import PluginContext
-from imagegen.settings import Settings
+from imagegen.settings import Settings, _http_url
 from imagegen_plugins._options import invalid_option, invalid_setting, option_str
 
 __all__ = ["MAX_VALUES", "MAX_VALUE_CHARS", "RemoteContextPlugin", "TooLarge"]
@@ -44,6 +47,40 @@ def _origin(url: str) -> str:
     """Where ``url`` points, for logs: its user-info, path and query can hold tokens."""
     parts = urlsplit(redact_url(url))
     return f"{parts.scheme}://{parts.netloc}"
+
+
+def _url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be fetched, in words that never quote it (it may hold a token); None
+    when it can: an absolute http(s) URL with a host, as every URL setting is held to, that the
+    client parses too."""
+    try:
+        _http_url(url)
+    except ValueError as exc:
+        return str(exc)
+    try:
+        httpx.URL(url)
+    except httpx.InvalidURL:
+        return "not a valid URL"
+    return None
+
+
+def _decoder(response: httpx.Response) -> Any:
+    """A decompressor for the body's ``Content-Encoding``, or None where it is sent as it is.
+
+    Raises:
+        httpx.DecodingError: an encoding the plugin does not decode (it asks for gzip only).
+    """
+    encodings = [
+        coding.strip().lower()
+        for coding in response.headers.get("content-encoding", "").split(",")
+        if coding.strip().lower() not in ("", "identity")
+    ]
+    if not encodings:
+        return None
+    if encodings in (["gzip"], ["x-gzip"]):
+        return zlib.decompressobj(zlib.MAX_WBITS | 16)
+    said = ", ".join(encodings)[:64]
+    raise httpx.DecodingError(f"Content-Encoding {said} not supported", request=response.request)
 
 
 def _values(document: dict[str, Any]) -> dict[str, str]:
@@ -102,25 +139,79 @@ class RemoteContextPlugin:
         if client is not None and self._client_loop is asyncio.get_running_loop():
             await client.aclose()
 
+    def setting_errors(self, time_limit: float) -> list[dict[str, str]]:
+        """What is wrong with the settings this plugin reads, one entry per setting (its name as
+        ``field``); asked once, where the plugin set is made from the settings.
+
+        The endpoint's URL, the setting's or the operator's option, must be one the client can
+        fetch. With an endpoint, ``remote_context_timeout`` must be below ``time_limit``, the
+        seconds each call of the plugin gets: it is cut off there, whatever the setting says.
+        """
+        errors: list[dict[str, str]] = []
+        configured = self.settings.plugin_options.get(self.name, {})
+        option = configured.get("url")
+        if option is not None and option != "":
+            problem = _url_problem(option) if isinstance(option, str) else "must be text"
+            if problem:
+                said = f"plugin_options.{self.name}.url: {problem}"
+                errors.append({"field": "plugin_options", "message": said})
+        url = self.settings.remote_context_url
+        if url and (problem := _url_problem(url)):
+            errors.append({"field": "remote_context_url", "message": problem})
+        timeout = self.settings.remote_context_timeout
+        if (option or url) and timeout >= time_limit:
+            errors.append(
+                {
+                    "field": "remote_context_timeout",
+                    "message": f"{timeout:g}s is not below the plugins' time limit"
+                    f" ({time_limit:g}s), which would cut the fetch off first",
+                }
+            )
+        return errors
+
     async def fetch(self, url: str) -> bytes:
-        """The body at ``url``, at most ``remote_context_max_bytes`` long.
+        """The body at ``url``, at most ``remote_context_max_bytes`` long, as sent and decoded.
+
+        The body is read raw and decompressed here, a chunk at a time and never past the cap: a
+        few hundred compressed kilobytes may decompress to gigabytes, which the client's own
+        decoding would make whole before the cap could be checked. The endpoint is asked for
+        gzip or nothing, but may send gzip unasked.
 
         Raises:
-            httpx.HTTPError: the request failed or the status is not 2xx.
+            httpx.HTTPError: the request failed or the status is not 2xx; a
+                :class:`httpx.DecodingError` for a body it cannot decompress.
             TooLarge: the body is over the cap.
         """
         cap = self.settings.remote_context_max_bytes
-        headers = {"Accept": "application/json", "User-Agent": "imagegen-remote-context"}
+        headers = {
+            "Accept": "application/json",
+            "Accept-Encoding": "gzip",
+            "User-Agent": "imagegen-remote-context",
+        }
         async with self._http().stream("GET", url, headers=headers) as response:
             response.raise_for_status()
             declared = response.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > cap:
                 raise TooLarge(f"Content-Length {declared} over {cap} bytes")
+            decoder = _decoder(response)
+            sent = 0
             body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > cap:
+            async for chunk in response.aiter_raw():
+                sent += len(chunk)
+                if sent > cap:
                     raise TooLarge(f"body over {cap} bytes")
+                if decoder is None:
+                    body += chunk
+                    continue
+                try:
+                    # One byte past the cap at most: enough to know the body is over it.
+                    body += decoder.decompress(chunk, cap - len(body) + 1)
+                except zlib.error as exc:
+                    raise httpx.DecodingError(f"gzip: {exc}", request=response.request) from None
+                if len(body) > cap:
+                    raise TooLarge(f"body over {cap} bytes, decompressed")
+            if decoder is not None and not decoder.eof:
+                raise httpx.DecodingError("gzip body cut short", request=response.request)
             return bytes(body)
 
     async def contribute(self, context: PluginContext) -> Contribution | None:
@@ -128,18 +219,20 @@ class RemoteContextPlugin:
         # Only the operator picks the endpoint: a URL from a request would let any caller make
         # the service fetch arbitrary (internal) addresses. So a bad one is the operator's
         # fault (a 503 naming the setting), even where the request gave a url of its own.
+        # The plugin set made from the settings refuses both at start-up (setting_errors);
+        # a set made otherwise meets them here.
         configured = self.settings.plugin_options.get(self.name, {})
         try:
             option = option_str(configured, self.name, "url")
-            if option is not None and urlsplit(option).scheme not in ("http", "https"):
-                raise invalid_option(self.name, "url", "must be an http(s) URL")
+            if option is not None and (problem := _url_problem(option)):
+                raise invalid_option(self.name, "url", problem)
         except InvalidRequest as exc:
             raise invalid_setting(self.settings, exc) from None
         url = option or self.settings.remote_context_url
         if not url:
             return None
-        if urlsplit(url).scheme not in ("http", "https"):
-            logger.warning("remote_context_url is not an http(s) URL; skipped")
+        if not option and (problem := _url_problem(url)):
+            logger.warning("remote_context_url: %s; skipped", problem)
             return None
         timeout = self.settings.remote_context_timeout
         try:
@@ -154,10 +247,14 @@ class RemoteContextPlugin:
             status = exc.response.status_code
             logger.warning("remote context: %s answered %d; skipped", _origin(url), status)
             return None
+        except httpx.DecodingError as exc:  # its message is the plugin's own: no URL in it
+            logger.warning("remote context: %s from %s; skipped", exc, _origin(url))
+            return None
         except httpx.HTTPError as exc:
             logger.warning("remote context: %s from %s; skipped", type(exc).__name__, _origin(url))
             return None
-        except (TooLarge, ValueError) as exc:
+        except (TooLarge, ValueError, RecursionError) as exc:
+            # RecursionError: JSON nested deeper than the parser recurses, well under the cap.
             logger.warning("remote context: %s: %s; skipped", type(exc).__name__, exc)
             return None
         if not isinstance(document, dict):

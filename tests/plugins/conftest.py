@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import gzip
 import json
 import threading
+import zlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler
@@ -23,6 +26,16 @@ def settings() -> Settings:
     return Settings(timezone="UTC", holiday_countries=["US"])
 
 
+@functools.cache
+def gzip_bomb() -> bytes:
+    """A JSON object of 16 MB once decompressed, about 16 KB gzipped (made without the 16 MB)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+    parts = [packer.compress(b'{"blob": "')]
+    parts += [packer.compress(b" " * (1 << 20)) for _ in range(16)]
+    parts += [packer.compress(b'"}'), packer.flush()]
+    return b"".join(parts)
+
+
 class _Handler(BaseHTTPRequestHandler):
     # Keep-alive, as most HTTP servers: a client may send its next request on the connection.
     protocol_version = "HTTP/1.1"
@@ -35,9 +48,13 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
-    def _send(self, status: int, body: bytes, *, length: bool = True) -> None:
+    def _send(
+        self, status: int, body: bytes, *, length: bool = True, encoding: str | None = None
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
+        if encoding is not None:
+            self.send_header("Content-Encoding", encoding)
         if length:
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -68,6 +85,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, b'["a", "b"]')
         elif self.path == "/empty":
             self._send(200, b'{"n": 1}')
+        elif self.path == "/deep":  # 4000 bytes, nested deeper than the parser recurses
+            self._send(200, b"[" * 2000 + b"]" * 2000)
+        elif self.path == "/gzip":  # sent gzipped, as asked
+            self._send(200, gzip.compress(b'{"weather": "fog"}'), encoding="gzip")
+        elif self.path == "/gzip-bomb":  # no Content-Length: only decompressing tells the size
+            self.close_connection = True
+            self._send(200, gzip_bomb(), length=False, encoding="gzip")
+        elif self.path == "/gzip-cut":
+            self._send(200, gzip.compress(b'{"weather": "fog"}')[:-12], encoding="gzip")
+        elif self.path == "/brotli":  # an encoding not asked for, and not decoded
+            self._send(200, b'{"weather": "fog"}', encoding="br")
         else:
             self._send(500, b'{"error": "boom"}')
 

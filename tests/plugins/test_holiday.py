@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -168,3 +169,109 @@ async def test_warm_up_builds_the_configured_calendars_a_request_then_uses(
 def test_warm_up_names_an_unknown_configured_country() -> None:
     with pytest.raises(ValueError, match=r"holiday_countries: .*XX"):
         HolidayPlugin(Settings(holiday_countries=["XX"])).warm_up()
+
+
+async def test_a_request_names_at_most_sixteen_distinct_countries(settings: Settings) -> None:
+    """Built calendars are read on the event loop: what one request makes it read is bounded.
+    A code repeated (in any case) counts once."""
+    when = datetime(2026, 7, 4, 12, tzinfo=UTC)
+    repeated = await _holiday(settings, when, countries=",".join(["US", "us", "Us"] * 100))
+    assert repeated is not None and [t["country"] for t in repeated.data["today"]] == ["US"]
+    seventeen = sorted(holiday._supported())[:17]
+    assert await _holiday(settings, when, countries=seventeen[:16]) is not None
+    for countries in (seventeen, ",".join(["US"] * 200_000), ["US"] * 200_000):
+        with pytest.raises(InvalidRequest) as caught:
+            await _holiday(settings, when, countries=countries)
+        assert caught.value.fields == ["plugin_options.holiday.countries"]
+
+
+@pytest.mark.parametrize(
+    "code",
+    # The library's constants and financial markets (found by getattr on its module, as its
+    # countries are), and subdivisions it does not list.
+    ["JAN", "HOLIDAY_NAME_DELIMITER", "NYSE", "ECB", "US-", "DE-ZZ", "-US"],
+)
+async def test_only_the_countries_the_library_lists_are_countries(
+    settings: Settings, code: str
+) -> None:
+    """Not skipped with a traceback (a 200 that drops the valid countries beside), nor taken
+    for a country: the caller's mistake, a 400 naming the option."""
+    with pytest.raises(InvalidRequest) as caught:
+        await _holiday(settings, datetime(2026, 7, 4, 12, tzinfo=UTC), countries=["US", code])
+    assert caught.value.fields == ["plugin_options.holiday.countries"]
+
+
+async def test_subdivisions_are_matched_whatever_their_case(settings: Settings) -> None:
+    when = datetime(2026, 3, 30, tzinfo=UTC)
+    for code in ("us-ca", "US-CA"):
+        result = await _holiday(settings, when, countries=[code])
+        assert result is not None and result.data["upcoming"]["name"] == "Cesar Chavez Day"
+        assert result.data["upcoming"]["country"] == "US-CA"
+    augsburg = await _holiday(settings, datetime(2026, 8, 1, tzinfo=UTC), countries="de-augsburg")
+    assert augsburg is not None and augsburg.data["upcoming"]["country"] == "DE-Augsburg"
+
+
+async def test_a_configured_constant_of_the_library_is_left_out_and_named_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(holiday, "_UNKNOWN_CONFIGURED", set())
+    beside = Settings(holiday_countries=["JAN", "NYSE", "US"])
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            result = await _holiday(beside, datetime(2026, 7, 4, 12, tzinfo=UTC))
+            assert result is not None
+            assert [t["country"] for t in result.data["today"]] == ["US"]
+    for code in ("JAN", "NYSE"):
+        named = [r for r in caplog.records if repr(code) in r.getMessage()]
+        assert len(named) == 1, f"{code} named once, not at every request"
+        assert named[0].exc_info is None and "holiday_countries" in named[0].getMessage()
+    assert not [r for r in caplog.records if r.exc_info], "no traceback"
+
+
+def test_warm_up_builds_the_known_countries_and_names_every_unknown_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    built: list[str] = []
+    build = holiday._build_year
+
+    def recorded(code: str, language: str | None, year: int) -> holiday._Calendar:
+        built.append(code)
+        return build(code, language, year)
+
+    monkeypatch.setattr(holiday, "_build_year", recorded)
+    monkeypatch.setattr(holiday, "_CALENDARS", {})
+    plugin = HolidayPlugin(Settings(holiday_countries=["JAN", "US", "XX"]))
+    with pytest.raises(ValueError, match=r"holiday_countries: .*'JAN'.*'XX'"):
+        plugin.warm_up()
+    assert set(built) == {"US"}
+
+
+def test_the_calendar_cache_is_shared_safely_by_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calendars are built on worker threads, several at once: one evicting while another
+    inserts raised 'dictionary changed size during iteration', and the cap was overrun."""
+    monkeypatch.setattr(holiday, "_build_year", lambda code, language, year: ())
+    monkeypatch.setattr(holiday, "_CALENDARS", {})
+    monkeypatch.setattr(holiday, "_MAX_CALENDARS", 8)  # evicting at nearly every insert
+    errors: list[BaseException] = []
+    sizes: list[int] = []
+
+    def build(worker: int) -> None:
+        try:
+            for i in range(20_000):
+                holiday._year(f"C{worker}", str(i), 2026)
+                sizes.append(len(holiday._CALENDARS))
+        except Exception as exc:
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch as often as they can
+    try:
+        threads = [threading.Thread(target=build, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    assert max(sizes) <= 8

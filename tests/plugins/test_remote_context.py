@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import tracemalloc
 
 import pytest
 
@@ -13,11 +14,12 @@ from imagegen.models import Contribution
 from imagegen.plugins import PluginContext, PluginSet
 from imagegen.settings import Settings
 from imagegen_plugins.remote_context import RemoteContextPlugin
-from tests.plugins.conftest import NOW, JsonEndpoint
+from tests.plugins.conftest import NOW, JsonEndpoint, gzip_bomb
 
 
-def _settings(url: str | None, *, timeout: float = 5.0) -> Settings:
-    """Settings for ``url``; ``timeout`` short only where the endpoint is made to hang."""
+def _settings(url: str | None, *, timeout: float = 4.0) -> Settings:
+    """Settings for ``url``; ``timeout`` short only where the endpoint is made to hang (and
+    below the plugins' time limit, as a plugin set refuses it otherwise)."""
     return Settings(
         remote_context_url=url,
         remote_context_timeout=timeout,
@@ -58,14 +60,18 @@ async def test_the_operators_bad_url_is_the_operators_fault_whatever_the_request
     endpoint: JsonEndpoint,
 ) -> None:
     """The plugin reads the operator's url alone: a request's is ignored, so a bad one is
-    never the request's fault (a 400 that drops the event), but the setting's (a 503)."""
+    never the request's fault (a 400 that drops the event), but the setting's (a 503): where
+    the plugin set is made from the settings, and at each request of a set made otherwise."""
     settings = _settings(None).model_copy(
         update={
             "plugins": ["remote_context"],
             "plugin_options": {"remote_context": {"url": "ftp://internal"}},
         }
     )
-    plugins = PluginSet.from_settings(settings)
+    with pytest.raises(ConfigurationError) as refused:
+        PluginSet.from_settings(settings)
+    assert refused.value.fields == ["IMAGEGEN_PLUGIN_OPTIONS"]
+    plugins = PluginSet([RemoteContextPlugin(settings)], settings=settings)
     for options in ({}, {"remote_context": {"url": endpoint.at("/context")}}):
         with pytest.raises(ConfigurationError) as caught:
             await plugins.run(generation_id="g", seed=1, now=NOW, options=options)
@@ -77,7 +83,21 @@ async def test_no_url_no_request() -> None:
     assert await _fetch(_settings(None)) is None
 
 
-@pytest.mark.parametrize("path", ["/big", "/big-unannounced", "/text", "/list", "/error", "/empty"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/big",
+        "/big-unannounced",
+        "/text",
+        "/list",
+        "/error",
+        "/empty",
+        "/deep",
+        "/gzip-bomb",
+        "/gzip-cut",
+        "/brotli",
+    ],
+)
 async def test_unusable_answers_are_skipped(
     endpoint: JsonEndpoint, path: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -193,3 +213,102 @@ async def test_warm_up_makes_the_client_and_fetches_nothing(endpoint: JsonEndpoi
     unconfigured = RemoteContextPlugin(_settings(None))
     await unconfigured.warm_up()
     assert unconfigured._client is None
+
+
+async def test_a_gzipped_answer_is_decompressed(endpoint: JsonEndpoint) -> None:
+    result = await _fetch(_settings(endpoint.at("/gzip")))
+    assert result is not None and result.data == {"values": {"weather": "fog"}}
+
+
+async def test_a_gzip_bomb_is_dropped_before_it_is_decompressed(endpoint: JsonEndpoint) -> None:
+    """16 KB that decompress to 16 MB, without a Content-Length: the client's own decoding made
+    each chunk whole (megabytes) before the cap could be checked; within the cap, only a few
+    kilobytes are ever made."""
+    bomb = gzip_bomb()  # made before tracing: the endpoint's, not the plugin's
+    assert len(bomb) < 32_768
+    tracemalloc.start()
+    try:
+        assert await _fetch(_settings(endpoint.at("/gzip-bomb"))) is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2_000_000, f"{peak} bytes at the peak"
+
+
+async def test_json_nested_too_deep_is_skipped_with_the_plugins_warning(
+    endpoint: JsonEndpoint, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under the size cap, deep enough that the parser raises RecursionError: skipped in the
+    plugin's own words, not as a plugin that failed (a traceback at every request)."""
+    settings = _settings(endpoint.at("/deep"))
+    plugins = PluginSet([RemoteContextPlugin(settings)], settings=settings)
+    with caplog.at_level(logging.WARNING, logger="imagegen.plugins"):
+        assert await plugins.run(generation_id="g", seed=1, now=NOW) == []
+    said = [r for r in caplog.records if r.name == "imagegen.plugins"]
+    assert [r.getMessage().split(":")[:2] for r in said] == [["remote context", " RecursionError"]]
+    assert said[0].exc_info is None
+
+
+@pytest.mark.parametrize(
+    ("update", "variable"),
+    [
+        ({"remote_context_url": "http://[::1/"}, "IMAGEGEN_REMOTE_CONTEXT_URL"),
+        ({"remote_context_url": "http://h:abc/ctx"}, "IMAGEGEN_REMOTE_CONTEXT_URL"),
+        ({"remote_context_url": "http://h\x00/ctx"}, "IMAGEGEN_REMOTE_CONTEXT_URL"),
+        ({"remote_context_url": "ftp://internal"}, "IMAGEGEN_REMOTE_CONTEXT_URL"),
+        (
+            {"plugin_options": {"remote_context": {"url": "http://[::1/"}}},
+            "IMAGEGEN_PLUGIN_OPTIONS",
+        ),
+        (
+            {"remote_context_url": "http://127.0.0.1/ctx", "remote_context_timeout": 5.0},
+            "IMAGEGEN_REMOTE_CONTEXT_TIMEOUT",
+        ),
+        (
+            {
+                "plugin_options": {"remote_context": {"url": "http://127.0.0.1/ctx"}},
+                "remote_context_timeout": 30.0,
+            },
+            "IMAGEGEN_REMOTE_CONTEXT_TIMEOUT",
+        ),
+    ],
+)
+def test_the_endpoint_settings_are_refused_where_the_plugin_set_is_made(
+    update: dict[str, object], variable: str
+) -> None:
+    """Named once, as the settings' fault, where the plugin set is made: not a traceback at
+    every request (a URL urllib cannot split), nor a timeout the plugin is cut off before."""
+    settings = Settings(plugins=["remote_context"]).model_copy(update=update)
+    with pytest.raises(ConfigurationError) as refused:
+        PluginSet.from_settings(settings)
+    assert refused.value.fields == [variable]
+    assert refused.value.message.startswith(f"invalid settings: {variable} (")
+    assert "::1" not in refused.value.message and "abc" not in refused.value.message
+
+
+def test_the_endpoint_settings_that_can_work_are_taken() -> None:
+    base = Settings(plugins=["remote_context"])
+    for update in (
+        {"remote_context_url": "https://user:token@example.org/ctx?x=1"},
+        {"remote_context_url": "http://127.0.0.1:8080/ctx", "remote_context_timeout": 4.9},
+        {"remote_context_timeout": 30.0},  # no endpoint: nothing waits on it
+    ):
+        assert PluginSet.from_settings(base.model_copy(update=update)).names == ("remote_context",)
+    # A plugin set given a longer time limit takes a longer fetch.
+    longer = base.model_copy(
+        update={"remote_context_url": "http://127.0.0.1/ctx", "remote_context_timeout": 30.0}
+    )
+    assert PluginSet.from_settings(longer, timeout=60).names == ("remote_context",)
+
+
+async def test_a_url_that_cannot_be_split_is_skipped_in_a_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """In a plugin set made without the settings' check: a warning, not a plugin that failed."""
+    settings = _settings("http://[::1/")
+    plugins = PluginSet([RemoteContextPlugin(settings)], settings=settings)
+    with caplog.at_level(logging.WARNING, logger="imagegen.plugins"):
+        assert await plugins.run(generation_id="g", seed=1, now=NOW) == []
+    said = [r for r in caplog.records if r.name == "imagegen.plugins"]
+    assert len(said) == 1 and said[0].exc_info is None
+    assert said[0].getMessage().startswith("remote_context_url: not a valid URL")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+import imagegen.plugins._running as running
 from imagegen._threads import DaemonPool
 from imagegen.plugins import PluginSet
 from imagegen.plugins._running import _POOL
@@ -127,3 +129,72 @@ async def test_an_answer_given_at_once_sets_no_timer(
     result = await plugins.run(generation_id="gen-1", seed=1, now=NOW)
     assert [c.plugin for c in result] == ["inline", "threaded", "async_echo"]
     assert len(timers) == 2, "the threaded and the coroutine plugins only"
+
+
+class _Hangs(EchoPlugin):
+    """Blocks its thread until released, as a call on a socket that never answers."""
+
+    def __init__(self, release: threading.Event, *, name: str) -> None:
+        super().__init__(name=name)
+        self.release = release
+
+    def contribute(self, context: PluginContext) -> Any:
+        self.release.wait(30)
+        return super().contribute(context)
+
+
+async def _until_none_running(name: str) -> None:
+    for _ in range(500):
+        if running._RUNNING.of(name) == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"calls of {name} still counted as running")
+
+
+async def test_a_hung_plugin_takes_only_its_share_of_the_threads(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A call that never returns keeps its thread: one hung plugin took every thread of the
+    pool, and every plain plugin was skipped from then on, until the process restarted."""
+    monkeypatch.setattr(running, "_POOL", DaemonPool("shared", max_threads=6))
+    monkeypatch.setattr(running, "MAX_RUNNING", 2)
+    release = threading.Event()
+    plugins = PluginSet(
+        [_Hangs(release, name="hangs"), EchoPlugin(name="good")], settings=settings, timeout=0.05
+    )
+    try:
+        with caplog.at_level(logging.WARNING, logger="imagegen.plugins"):
+            for i in range(10):
+                result = await plugins.run(generation_id=f"gen-{i}", seed=i, now=NOW)
+                assert [c.plugin for c in result] == ["good"], f"request {i}"
+        assert running._RUNNING.of("hangs") == 2
+        assert running._POOL.started <= 3, "two hung threads, and one for the rest"
+        refused = [r for r in caplog.records if "skipped: 2 calls" in r.getMessage()]
+        assert len(refused) == 8
+        assert refused[0].getMessage().startswith("plugin hangs skipped: ")
+        assert all(r.exc_info is None for r in refused)
+    finally:
+        release.set()
+    await _until_none_running("hangs")
+    result = await plugins.run(generation_id="gen-after", seed=1, now=NOW)
+    assert [c.plugin for c in result] == ["hangs", "good"], "its calls ended: it runs again"
+
+
+async def test_a_call_the_pool_refuses_is_not_counted_as_running(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(running, "_POOL", DaemonPool("single", max_threads=1))
+    monkeypatch.setattr(running, "MAX_RUNNING", 3)
+    release = threading.Event()
+    plugins = PluginSet(
+        [_Hangs(release, name="hangs"), EchoPlugin(name="good")], settings=settings, timeout=0.05
+    )
+    try:
+        for i in range(5):  # the one thread hangs: "good" is refused by the pool each time
+            assert await plugins.run(generation_id=f"gen-{i}", seed=i, now=NOW) == []
+            assert running._RUNNING.of("good") == 0
+    finally:
+        release.set()
+    await _until_none_running("hangs")
+    result = await plugins.run(generation_id="gen-after", seed=1, now=NOW)
+    assert [c.plugin for c in result] == ["hangs", "good"]
