@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from functools import cache
 from typing import Any
@@ -14,6 +15,16 @@ from tests.conftest import ROOT
 
 KNATIVE = ROOT / "knative"
 FUNCTIONS = ("enhance", "render", "persist", "derive", "deadletter", "ledger")
+# Where each networking layer's gateway for cluster-local Services runs, i.e. the pods that
+# connect to a function pod when a caller uses its cluster-local name: Kourier's gateway in
+# kourier-system (net-kourier), Istio's knative-local-gateway in istio-system (net-istio),
+# Contour's internal Envoy in contour-internal (net-contour config/config-contour.yaml,
+# visibility ClusterLocal: service contour-internal/envoy; ExternalIP: contour-external/envoy).
+INGRESS_NAMESPACES = {
+    "Kourier": "kourier-system",
+    "Istio": "istio-system",
+    "Contour": "contour-internal",
+}
 
 
 @cache
@@ -96,7 +107,33 @@ def test_only_knative_data_paths_may_connect_to_the_functions() -> None:
             (expression,) = peer["namespaceSelector"]["matchExpressions"]
             assert expression["key"] == "kubernetes.io/metadata.name"
             admitted |= set(expression["values"])
-        assert admitted == {"knative-serving", "knative-eventing", "kourier-system", "istio-system"}
+        assert admitted == {"knative-serving", "knative-eventing", *INGRESS_NAMESPACES.values()}
+        # Only the ingresses' cluster-local gateways are admitted (contour-external is not):
+        # which holds while no function is exposed outside the cluster.
+        for service in functions(docs):
+            labels = service["metadata"]["labels"]
+            assert labels["networking.knative.dev/visibility"] == "cluster-local", labels
+
+
+def test_every_networking_layer_the_guide_names_is_admitted() -> None:
+    # docs/deploy.md's prerequisites name the networking layers Knative may run on here; the
+    # NetworkPolicy must admit the namespace of each one's cluster-local gateway.
+    text = " ".join((ROOT / "docs" / "deploy.md").read_text().split())
+    prerequisites = text.split("## Prerequisites", 1)[1]
+    match = re.search(r"with a networking layer \(([^);]*)", prerequisites)
+    assert match, "the prerequisites name the networking layers"
+    layers = set(re.split(r",\s*|\s+or\s+", match[1].strip()))
+    assert layers == set(INGRESS_NAMESPACES), layers
+    (policy,) = of_kind(rendered("prod"), "NetworkPolicy")
+    (rule,) = policy["spec"]["ingress"]
+    admitted = {
+        value
+        for peer in rule["from"]
+        for expression in peer["namespaceSelector"]["matchExpressions"]
+        for value in expression["values"]
+    }
+    for layer in layers:
+        assert INGRESS_NAMESPACES[layer] in admitted, layer
 
 
 def test_prod_names_who_may_send_to_the_broker() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from .conftest import OVERLAYS
+from .conftest import OVERLAYS, REPO
 from .manifest_schemas import CRD_DIR
 
 Render = Callable[[str], list[dict[str, Any]]]
@@ -157,6 +157,29 @@ def test_eventing_allows_the_delivery_timeouts(render: Render) -> None:
             "timeout" in d["spec"].get("delivery", {})
             for d in render(overlay)
             if d["kind"] == "Trigger"
+        )
+
+
+# Data keys (not only `_example`) that Knative Eventing's release sets in config-features
+# (eventing config/core/configmaps/features.yaml: `authentication-oidc: "disabled"`). Whoever
+# applied the release owns them, so a server-side apply of another value by the field manager
+# imagegen is answered with a conflict unless it forces (docs/deploy.md, section 1).
+UPSTREAM_EVENTING_FEATURE_KEYS = {"authentication-oidc": "disabled"}
+
+
+def test_the_readme_applies_the_cluster_settings_the_way_that_works(render: Render) -> None:
+    ours = _config_map(render("cluster"), "knative-eventing", "config-features")
+    contested = {k for k, v in UPSTREAM_EVENTING_FEATURE_KEYS.items() if ours.get(k, v) != v}
+    assert contested, "knative/cluster changes no key the release sets: nothing to force"
+    commands = [
+        line.split(" #", 1)[0].split()
+        for line in (REPO / "README.md").read_text().splitlines()
+        if line.startswith("kubectl apply") and "knative/cluster" in line
+    ]
+    assert commands, "the README applies knative/cluster"
+    for args in commands:
+        assert {"--server-side", "--field-manager=imagegen", "--force-conflicts"} <= set(args), (
+            f"{' '.join(args)}: conflicts on {sorted(contested)} on a standard install"
         )
 
 

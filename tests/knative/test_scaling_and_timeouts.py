@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from .autoscaling import refusals
-from .conftest import OVERLAYS
+from .conftest import OVERLAYS, REPO
 from .manifest_schemas import CRD_DIR
 from .routing import Routing, ServiceInfo, parse_go_duration
 
@@ -57,6 +57,22 @@ KNOWN_ANNOTATIONS = {
     "serving.knative.dev/rollout-duration",
 }
 CPU_FUNCTIONS = ("enhance", "persist", "deadletter")
+
+# The GPU node prod's render is sized for (overlays/prod/render.yaml): a GKE g2-standard-8,
+# one NVIDIA L4, 8 vCPU, 32 GiB, as GKE makes it. GKE labels a GPU node with its accelerator
+# type and, in a cluster that also has nodes without GPUs, taints it
+# nvidia.com/gpu=present:NoSchedule (GKE docs, "Run GPUs in GKE Standard node pools"); nodes
+# with Google-installed drivers carry no NVIDIA GPU Feature Discovery labels (nvidia.com/gpu.*).
+GKE_L4_NODE: dict[str, Any] = {
+    "labels": {
+        "cloud.google.com/gke-accelerator": "nvidia-l4",
+        "node.kubernetes.io/instance-type": "g2-standard-8",
+        "kubernetes.io/os": "linux",
+    },
+    "taints": [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}],
+    "cpu": 8,
+    "memory_gib": 32,
+}
 
 
 def _upstream_default(file: str, key: str) -> str:
@@ -131,6 +147,73 @@ def test_prod_renders_on_a_gpu_node_and_stays_warm(routing: RoutingOf) -> None:
     assert min_scale is not None and min_scale >= 1
     assert (_scale(render, "initial-scale") or 0) >= min_scale
     assert render.env["IMAGEGEN_PROFILE"] == "prod"
+
+
+def _tolerates(toleration: dict[str, Any], taint: dict[str, Any]) -> bool:
+    """Kubernetes' rule (k8s.io/api core/v1 toleration.go, Toleration.ToleratesTaint)."""
+    if toleration.get("effect") and toleration["effect"] != taint["effect"]:
+        return False
+    operator = toleration.get("operator", "Equal")
+    if not toleration.get("key"):
+        return bool(operator == "Exists")  # an empty key with Exists tolerates every taint
+    if toleration["key"] != taint["key"]:
+        return False
+    return bool(operator == "Exists" or toleration.get("value", "") == taint.get("value", ""))
+
+
+def _gke_allocatable(cpu: int, memory_gib: float) -> tuple[float, float]:
+    """What GKE leaves to pods on a Standard node (GKE docs, "Plan node sizes": memory and CPU
+    reservations, and a 100 MiB eviction threshold): cores, GiB."""
+    memory_tiers = [(4, 0.25), (4, 0.20), (8, 0.10), (112, 0.06), (float("inf"), 0.02)]
+    cpu_tiers = [(1, 0.06), (1, 0.01), (2, 0.005), (float("inf"), 0.0025)]
+
+    def reserved(total: float, tiers: list[tuple[float, float]]) -> float:
+        taken, left = 0.0, total
+        for size, share in tiers:
+            part = min(left, size)
+            taken, left = taken + part * share, left - part
+        return taken
+
+    eviction_gib = 100 / 1024
+    memory = memory_gib - reserved(memory_gib, memory_tiers) - eviction_gib
+    return cpu - reserved(cpu, cpu_tiers), memory
+
+
+def test_prod_render_fits_the_gke_l4_node_it_is_sized_for(routing: RoutingOf) -> None:
+    # The node selector, the toleration and the memory must describe the same node: a selector
+    # of another platform's labels matches no GKE node, and render stays Pending.
+    render = _render(routing("prod"))
+    pod = _pod(render)
+    selector = pod["nodeSelector"]
+    labels = GKE_L4_NODE["labels"]
+    assert selector.items() <= labels.items(), f"no GKE L4 node carries {selector}"
+    for taint in GKE_L4_NODE["taints"]:
+        assert any(_tolerates(t, taint) for t in pod["tolerations"]), taint
+    cpu, memory_gib = _gke_allocatable(GKE_L4_NODE["cpu"], GKE_L4_NODE["memory_gib"])
+    requests = _container(render)["resources"]["requests"]
+    assert _cpu(requests["cpu"]) <= cpu
+    assert _bytes(requests["memory"]) <= memory_gib * 2**30
+    # The rules above can refuse: GPU Feature Discovery's labels, another taint.
+    assert not {"nvidia.com/gpu.product": "NVIDIA-L4"}.items() <= labels.items()
+    assert not _tolerates({"key": "nvidia.com/gpu", "value": "true"}, GKE_L4_NODE["taints"][0])
+    assert _tolerates({"operator": "Exists"}, GKE_L4_NODE["taints"][0])
+
+
+def test_prod_names_a_read_write_many_class_for_the_model_volume(
+    render: Callable[[str], list[dict[str, Any]]],
+) -> None:
+    # Without storageClassName the cluster's default class is used, ReadWriteOnce only on GKE
+    # (Persistent Disk), EKS (EBS) and AKS (Azure Disk): the claim would stay Pending and render
+    # never start. "" would ask for no class at all (pre-provisioned volumes only).
+    [claim] = [d for d in render("prod") if d["kind"] == "PersistentVolumeClaim"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    name = claim["spec"].get("storageClassName")
+    assert name, "prod must name the model volume's ReadWriteMany StorageClass"
+    # Kubernetes ValidatePersistentVolumeClaimSpec: ValidateClassName, a DNS subdomain.
+    label = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+    assert len(name) <= 253 and re.fullmatch(rf"{label}(\.{label})*", name), name
+    # The placeholder is one the deploy guide tells the deployer to replace.
+    assert f"`{name}`" in (REPO / "docs" / "deploy.md").read_text()
 
 
 def test_the_ledger_scales_to_zero_in_dev_and_stays_warm_in_prod(routing: RoutingOf) -> None:
@@ -271,15 +354,25 @@ def test_server_threads_leave_room_for_probes(routing: RoutingOf, overlay: str) 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_delivery_outlasts_the_revision_timeout(routing: RoutingOf, overlay: str) -> None:
+    """A Trigger's `timeout` bounds the delivery to its subscriber and to its dead-letter sink
+    alike: the dispatcher sends to the sink with the Trigger's own retry config, RequestTimeout
+    included (eventing pkg/kncloudevents/event_dispatcher.go, Dispatcher.send; the Kafka
+    broker's dead-letter sender is built from the same egress config, eventing-kafka-broker
+    data-plane/dispatcher ConsumerVerticleBuilder.createDeadLetterSinkRecordSender). It must
+    outlast both Services' timeoutSeconds, or the broker cuts an answer Knative still serves
+    (triggers.yaml: the function's budget < timeoutSeconds < the Trigger's timeout)."""
     r = routing(overlay)
     for trigger in r.triggers:
-        service = r.services[trigger.subscriber]
-        pod = _pod(service)
-        timeout = pod["timeoutSeconds"]
-        assert timeout <= MAX_REVISION_TIMEOUT_S, f"{service.name}: above Knative's maximum"
-        assert pod.get("responseStartTimeoutSeconds", timeout) <= timeout, service.name
-        assert trigger.timeout is not None
-        assert trigger.timeout >= timedelta(seconds=timeout), trigger.name
+        assert trigger.timeout is not None, trigger.name
+        assert trigger.dead_letter is not None, f"{trigger.name}: no dead-letter sink"
+        targets = (("subscriber", trigger.subscriber), ("deadLetterSink", trigger.dead_letter))
+        for role, name in targets:
+            service = r.services[name]
+            pod = _pod(service)
+            timeout = pod["timeoutSeconds"]
+            assert timeout <= MAX_REVISION_TIMEOUT_S, f"{service.name}: above Knative's maximum"
+            assert pod.get("responseStartTimeoutSeconds", timeout) <= timeout, service.name
+            assert trigger.timeout > timedelta(seconds=timeout), (trigger.name, role, service.name)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -334,9 +427,17 @@ def test_probes_use_the_health_endpoints(routing: RoutingOf, overlay: str) -> No
         port = container["ports"][0]["containerPort"]
         assert container["readinessProbe"]["httpGet"]["path"] == "/readyz", service.name
         assert container["livenessProbe"]["httpGet"]["path"] == "/healthz", service.name
-        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        # Knative fills in the port of readiness and liveness probes, so they may leave it out
+        # (serving pkg/reconciler/revision/resources: queue.go moves the readiness probe to
+        # queue-proxy with the user port, deploy.go rewriteUserLivenessProbe), but it passes a
+        # startup probe to the pod unchanged, and Kubernetes refuses an HTTP probe without a
+        # port (test_revision_pods.py models both).
+        for probe in ("readinessProbe", "livenessProbe"):
             if probe in container:
                 assert container[probe]["httpGet"].get("port", port) == port, (service.name, probe)
+        if "startupProbe" in container:
+            startup = container["startupProbe"]["httpGet"]
+            assert startup.get("port") == port, (service.name, "startupProbe needs its port")
     render = _container(_render(routing(overlay)))
     # Without a startup probe the liveness probe would kill a pod still loading its model.
     assert render["startupProbe"]["httpGet"]["path"] == "/readyz"
