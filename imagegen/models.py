@@ -17,6 +17,7 @@ from pydantic import (
     AfterValidator,
     AnyHttpUrl,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -191,8 +192,24 @@ class Contribution(_Model):
     loras: list[LoraHint] = Field(default_factory=list)
 
 
+def _time_text(value: object) -> object:
+    # pydantic reads a number, or a string of digits, as Unix seconds: a caller's wrong type,
+    # not a time, the same in JSON and in a Python mapping (event data arrives as one).
+    if isinstance(value, str) and value.strip().lstrip("+-").replace(".", "", 1).isdigit():
+        raise ValueError("must be an RFC 3339 date-time, not a number of seconds")
+    if value is not None and not isinstance(value, str | datetime):
+        raise ValueError("must be an RFC 3339 date-time string")
+    return value
+
+
 class GenerationRequest(_Model):
     """Input of the enhance stage (event ``generation.requested``)."""
+
+    # Strict: a value of the wrong JSON type is a 400 naming its field, never converted ("1024"
+    # a width, true a seed, "yes" enhance); an integer is still a number for guidance. Not
+    # requested_at: a time is a string in JSON and in event data parsed from it, which strict
+    # Python validation refuses; _time_text refuses the other types there.
+    model_config = ConfigDict(strict=True)
 
     generation_id: GenerationId | None = Field(
         default=None, description="Set by the caller or derived from the request event."
@@ -224,8 +241,10 @@ class GenerationRequest(_Model):
     timezone: Annotated[str | None, AfterValidator(_valid_timezone)] = Field(
         default=None, description="IANA zone for time-aware plugins; default: the configured zone."
     )
-    requested_at: Annotated[datetime | None, AfterValidator(_aware)] = Field(
-        default=None, description="The request's time; fixes time-aware plugins."
+    requested_at: Annotated[
+        datetime | None, BeforeValidator(_time_text), AfterValidator(_aware)
+    ] = Field(
+        default=None, strict=False, description="The request's time; fixes time-aware plugins."
     )
     metadata: Metadata = Field(
         default_factory=dict,

@@ -4,7 +4,9 @@ Closed: calls go through; ``threshold`` failures in a row open the circuit. Open
 refused at once for ``cooldown`` seconds. Half-open: one call (the probe) goes through while
 every other is refused; its success closes the circuit, its failure opens it again. A failure
 seen outside a call (a start-up check finding the dependency down) can open it at once
-(:meth:`CircuitBreaker.trip`).
+(:meth:`CircuitBreaker.trip`). A call that started before the circuit last opened changes
+nothing when it ends: it says how the dependency was before that, and only the probe decides
+an open circuit.
 
 Written here rather than taken from pybreaker, which is thread-based (its coroutine support
 needs tornado) and lets every concurrent call through while half-open; an asyncio service
@@ -66,6 +68,7 @@ class CircuitBreaker:
         self._state: State = "closed"
         self._failures = 0
         self._opened_at = 0.0
+        self._openings = 0  # times the circuit opened: a call's outcome counts in its own
         self._probing = False
 
     @property
@@ -93,13 +96,19 @@ class CircuitBreaker:
             )
         probe = state == "half_open"
         self._probing = self._probing or probe
+        # A call that was in flight when the circuit opened would otherwise close it, while
+        # open, on a success, or reopen it on a failure while the probe is in flight: neither
+        # says anything about the dependency now.
+        openings = self._openings
         try:
             yield probe
         except Exception:  # a cancelled call says nothing about the dependency
-            self._failed()
+            if openings == self._openings:
+                self._failed()
             raise
         else:
-            self._succeeded()
+            if openings == self._openings:
+                self._succeeded()
         finally:
             if probe:
                 self._probing = False
@@ -128,5 +137,7 @@ class CircuitBreaker:
 
     def _move(self, state: State, reason: str) -> None:
         previous, self._state = self._state, state
+        if state == "open":
+            self._openings += 1
         logger.warning("circuit %s: %s -> %s (%s)", self.name, previous, state, reason)
         instruments().circuit_transitions.add(1, {"dependency": self.name, "state": state})

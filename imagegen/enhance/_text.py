@@ -38,15 +38,38 @@ _LINE_MARKUP = re.compile(r"(?m)^[ \t]*(?:#{1,6}[ \t]+|>[ \t]?|[-*+•][ \t]+|\d
 # of the reply (quadratic: 20,000 stars took 17 s).
 _STRONG = re.compile(r"(\*\*|__)(.{1,300}?)\1", re.DOTALL)
 _EMPHASIS = re.compile(r"(?<![\w*])\*(?=\S)(.{1,300}?)(?<=\S)\*(?![\w*])", re.DOTALL)
+# "Certainly!", "Sure thing," opening a reply: with the mark after it, never a prompt's word
+# ("Certainly the finest fox" keeps it).
+_INTERJECTION = (
+    r"(?:sure(?: thing)?|okay|ok|certainly|of course|absolutely|alright|all right|great"
+    r"|gladly|yes|happy to help|here you go)[!,.]"
+)
 _PREAMBLE = re.compile(
-    r"^\s*(?:(?:sure|okay|ok|certainly|of course|absolutely)\b[,!.]?\s*)?"
+    rf"^\s*(?:{_INTERJECTION}\s*|(?:sure|okay|ok|certainly|of course|absolutely)\b\s*)?"
     # "Here is your enhanced prompt:", not "Here are two foxes:": the lead-in names what
-    # it introduces.
+    # it introduces; a short clause may open it ("As requested, here is the prompt:").
+    r"(?:(?:[a-z]+[ \t]){0,3}[a-z]+,[ \t]*)?"
     r"(?:here(?:'s|\u2019s| is| are)\b[^:\n]{0,100}?"
     r"\b(?:prompts?|descriptions?|versions?|rewrites?|captions?)\b[^:\n]{0,40}:"
     r"|(?:\w+\s){0,2}prompt\s*:)\s*",
     re.IGNORECASE,
 )
+# An interjection alone before the prompt ("Certainly! A red fox").
+_INTERJECTED = re.compile(rf"^\s*{_INTERJECTION}\s*(?=\S)", re.IGNORECASE)
+# A title line above the prompt ("Title: Winter Fox", "**Title:** …"): a name, not the image.
+_TITLE = re.compile(r"\A\s*title[ \t]*:[^\n]*\n\s*(?=\S)", re.IGNORECASE)
+# The reply's first line announcing several prompts before a numbered list of them: one
+# prompt is wanted, and the first is the one the model led with.
+# A lead-in ("Here are three prompts you could use:") or a short label ("Three options:"), not
+# a prompt that has a list ("A triptych of three versions of a fox:").
+_SEVERAL = re.compile(
+    rf"\A\s*(?:{_INTERJECTION}\s*)?"
+    r"(?:here(?:'s|\u2019s| is| are)\b[^:\n]{0,60}?|(?:\w+[ \t]){0,2})"
+    r"\b(?:prompts|options|variations|versions|alternatives|descriptions|captions)\b"
+    r"[^:\n]{0,40}:[ \t]*$",
+    re.IGNORECASE | re.MULTILINE,
+)
+_NUMBERED = re.compile(r"^[ \t]*(\d{1,2})[.)][ \t]+", re.MULTILINE)
 # A blank line (spaces and tabs only on it), then the sign-off. Neither whitespace run can
 # backtrack into the other: "\n\s*\n\s*" was cubic in a run of line breaks (1,000 took 15 s
 # on the event loop).
@@ -109,19 +132,35 @@ def clean_reply(text: str) -> str:
     text = _CHATTER.sub("", text.strip())
     text = _STRONG.sub(r"\2", text)
     text = _EMPHASIS.sub(r"\1", text)
+    text = _TITLE.sub("", text, count=1)
     without_headings = _HEADING.sub("", text)
     if without_headings.strip():  # a heading is a title, unless it is all there is
         text = without_headings
     if negative := _NEGATIVE.search(text):
         text = text[: negative.start()].rstrip(" \t\n([{-")
     text = _FLAGS.sub("", text)
-    text = _items(text)
+    text = _items(_first_of_several(text))
     for _ in range(3):  # "Sure! Here is your prompt:" then "Prompt:" and the like
         stripped = _strip_quotes(_PREAMBLE.sub("", text.strip(), count=1))
         if stripped == text:
             break
         text = stripped
-    return _strip_quotes(_join_lines(text))
+    return _strip_quotes(_join_lines(_INTERJECTED.sub("", text, count=1)))
+
+
+def _first_of_several(text: str) -> str:
+    """The first prompt of a numbered list of them that a line announces (``Here are three
+    prompts:`` then ``1. …`` ``2. …``), or ``text`` as it is: a list with no such line is the
+    parts of one prompt, joined later."""
+    announced = _SEVERAL.search(text)
+    if announced is None:
+        return text
+    items = list(_NUMBERED.finditer(text, announced.end()))
+    if len(items) < 2 or (items[0].group(1), items[1].group(1)) != ("1", "2"):
+        return text
+    if text[announced.end() : items[0].start()].strip():  # the list must follow the line
+        return text
+    return text[items[0].end() : items[1].start()].strip()
 
 
 def _items(text: str) -> str:

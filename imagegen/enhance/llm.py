@@ -1,7 +1,10 @@
 """Writing prompts with an LLM served by Ollama.
 
 The reply is constrained to a JSON schema (``format=``) generated from :class:`PromptReply`, and
-sampled with the generation's seed, so a redelivered request gets the same reply. Thinking is
+sampled with the generation's seed, so a redelivered request gets the same reply. Ollama does not
+always apply the schema (a model that can think, with thinking off, on some servers: see
+:func:`_parse_reply`), so a reply that is no bare JSON is read for the first JSON object in it,
+in a code fence or between a preamble and a sign-off, before it counts as malformed. Thinking is
 turned off (``think: false``): Ollama turns it on for a model that can think unless told, and
 the thinking tokens count against ``num_predict``, which they can use up before the reply.
 Connection errors, 5xx/429 answers and malformed replies (no JSON prompt, one cut at
@@ -18,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
+import re
 import time
 from collections.abc import Sequence
 from functools import cache
@@ -42,7 +47,7 @@ from imagegen._redact import redact_url
 from imagegen.enhance._breaker import CircuitBreaker, CircuitOpen
 from imagegen.enhance._ollama import ollama
 from imagegen.enhance._text import clean_reply, fit_budget, unusable
-from imagegen.errors import DependencyUnavailable
+from imagegen.errors import DependencyUnavailable, first_line
 from imagegen.models import MAX_SEED, Contribution
 from imagegen.modelspec import ModelFamily
 from imagegen.settings import Settings
@@ -159,6 +164,59 @@ def _seed(seed: int, malformed: int) -> int:
     return (seed + malformed) % (MAX_SEED + 1)
 
 
+# A Markdown code fence's opening line (```json).
+_FENCE_OPEN = re.compile(r"```[\w+.-]*[ \t]*\n")
+
+
+def _first_object(content: str) -> dict[str, Any] | None:
+    """The JSON object at the first ``{`` in ``content``'s first code fence, or else at its
+    first ``{``; None if neither starts one. What follows the object (a sign-off, the fence's
+    closing) is not read."""
+    starts = [content.find("{")]
+    if fence := _FENCE_OPEN.search(content):  # before a preamble's own braces, if any
+        starts.insert(0, content.find("{", fence.end()))
+    for start in dict.fromkeys(starts):
+        if start == -1:
+            continue
+        try:
+            value, _ = json.JSONDecoder().raw_decode(content, start)
+        except (ValueError, RecursionError):  # not JSON there, or nested past the parser's depth
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+def _parse_reply(content: str) -> str:
+    """The prompt in the LLM's reply.
+
+    Bare JSON, as ``format`` constrains it; else the first JSON object in it: Ollama samples
+    a model that can think and has a built-in parser without the format until thinking text
+    appears (server/routes.go, ChatHandler: ``currentFormat = nil``), so with thinking off it
+    may answer in a code fence, after a preamble or before a sign-off. A prompt that is
+    itself such an object, as a string (``{"prompt": "{\\"prompt\\": …}"}``), is unwrapped.
+
+    Raises:
+        MalformedReply: no JSON object with a string ``prompt`` in it.
+    """
+    try:
+        prompt = PromptReply.model_validate_json(content).prompt
+    except ValidationError:
+        try:
+            prompt = PromptReply.model_validate(_first_object(content)).prompt
+        except ValidationError:
+            raise MalformedReply(
+                f"reply is not a JSON object with a 'prompt' ({len(content)} characters)"
+            ) from None
+    # Each level is shorter than the one around it: this ends.
+    while prompt.lstrip().startswith("{"):
+        try:
+            prompt = PromptReply.model_validate_json(prompt).prompt
+        except ValidationError:
+            break
+    return prompt
+
+
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 
 
@@ -175,14 +233,37 @@ def _without_thinking(content: str) -> str:
     return content.strip()
 
 
+_MAX_SAID = 300
+"""Characters of an error's text kept in a log line and a fallback's reason: an error body
+can be a whole page (a proxy's 502 in HTML), logged on every attempt."""
+# Ollama's ChatHandler (server/routes.go) answers a model it does not have with a 404
+# "model 'x' not found" ("..., try pulling it first" from the scheduler); a 404 naming no model
+# is another server, or a wrong path in the host, which pulling does not mend.
+_MISSING_MODEL = re.compile(r"\bmodel\b.*\bnot found\b", re.IGNORECASE | re.DOTALL)
+
+
+def _said(exc: BaseException, model: str | None = None) -> str:
+    """``exc`` as one short line, for a log and a fallback's reason; for Ollama's 404 of
+    ``model``, with the command that mends it."""
+    if not isinstance(exc, ollama.ResponseError):
+        return f"{type(exc).__name__}: {first_line(exc, _MAX_SAID)}"
+    error = str(exc.error)
+    text = " ".join(error.split())  # an HTML page's lines, as one
+    if len(text) > _MAX_SAID:
+        text = f"{text[: _MAX_SAID - 1]}… ({len(error)} characters)"
+    said = f"ResponseError: {text} (status code: {exc.status_code})"
+    if model and exc.status_code == 404 and _MISSING_MODEL.search(text):
+        said += f"; pull it first: ollama pull {model}"
+    return said
+
+
 def _log_retry(state: RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome is not None else None
     wait = state.next_action.sleep if state.next_action is not None else 0.0
     logger.warning(
-        "Ollama attempt %d failed (%s: %s); retrying in %.2fs",
+        "Ollama attempt %d failed (%s); retrying in %.2fs",
         state.attempt_number,
-        type(exc).__name__,
-        exc,
+        _said(exc) if exc is not None else "no error",
         wait,
     )
 
@@ -316,7 +397,7 @@ class OllamaEnhancer:
             reason = f"no reply within {self.settings.ollama_timeout:g}s"
             raise self._unavailable(reason) from exc
         except (ConnectionError, httpx.HTTPError, ollama.ResponseError, MalformedReply) as exc:
-            raise self._unavailable(f"{type(exc).__name__}: {exc}") from exc
+            raise self._unavailable(_said(exc, self.settings.ollama_model)) from exc
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
     def _unavailable(self, reason: str) -> DependencyUnavailable:
@@ -389,13 +470,7 @@ class OllamaEnhancer:
             raise MalformedReply(
                 f"reply cut at num_predict ({options['num_predict']} tokens{spent})"
             )
-        try:
-            reply = PromptReply.model_validate_json(content)
-        except ValidationError:
-            raise MalformedReply(
-                f"reply is not a JSON object with a 'prompt' ({len(content)} characters)"
-            ) from None
-        text = fit_budget(clean_reply(reply.prompt), spec)
+        text = fit_budget(clean_reply(_parse_reply(content)), spec)
         if not text:
             raise MalformedReply("reply holds an empty prompt")
         if why := unusable(text):
@@ -430,7 +505,7 @@ class OllamaEnhancer:
         except (TimeoutError, httpx.TimeoutException):
             reason = f"no answer within {self.settings.ollama_timeout:g}s"
         except (ConnectionError, httpx.HTTPError, ollama.ResponseError) as exc:
-            reason = f"{type(exc).__name__}: {exc}"
+            reason = _said(exc, model)
         except _UNREADABLE as exc:  # a body that is no chat response, or no error object
             reason = f"unreadable response ({type(exc).__name__})"
         else:
@@ -451,7 +526,7 @@ class OllamaEnhancer:
             async with asyncio.timeout(min(self.settings.ollama_timeout, 10.0)):
                 listing = await self.client.list()
         except (TimeoutError, ConnectionError, httpx.HTTPError, ollama.ResponseError) as exc:
-            info["error"] = f"{type(exc).__name__}: {exc}"
+            info["error"] = _said(exc)
             return info
         except _UNREADABLE as exc:
             info["error"] = f"unreadable /api/tags response ({type(exc).__name__})"

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -66,6 +67,63 @@ def test_each_invalid_field_is_named(field: str, value: object) -> None:
     assert caught.value.fields == [field] or caught.value.fields[0].startswith(field)
     assert field in caught.value.message
     assert caught.value.status == 400 and not caught.value.retryable
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("width", "1024"),
+        ("height", 1024.0),
+        ("steps", "4"),
+        ("seed", True),
+        ("seed", "7"),
+        ("guidance", True),
+        ("guidance", "3.5"),
+        ("enhance", "yes"),
+        ("enhance", 1),
+        ("requested_at", 1700000000),
+        ("requested_at", "1700000000"),
+        ("requested_at", True),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_refused_not_converted(field: str, value: object) -> None:
+    """``{"seed": true}`` was seed 1, ``"width": "1024"`` 1024, ``"enhance": "yes"`` True,
+    ``"requested_at": 1700000000`` a time in 2023: each answered 200. Event data arrives as a
+    mapping parsed from JSON, a plain body as JSON text: both refuse it, naming the field."""
+    for data in ({field: value}, json.dumps({field: value})):
+        with pytest.raises(InvalidRequest) as caught:
+            parse_model(GenerationRequest, data)
+        assert caught.value.fields == [field] and caught.value.status == 400
+
+
+@pytest.mark.parametrize(
+    ("data", "read"),
+    [
+        (
+            {"requested_at": "2026-11-24T10:00:00Z"},
+            {"requested_at": datetime(2026, 11, 24, 10, tzinfo=UTC)},
+        ),
+        (
+            {"requested_at": "2026-11-24T11:00:00+01:00"},
+            {"requested_at": datetime(2026, 11, 24, 10, tzinfo=UTC)},
+        ),
+        ({"guidance": 3}, {"guidance": 3.0}),
+        ({"seed": 0, "width": 256, "enhance": False}, {"seed": 0, "width": 256, "enhance": False}),
+        ({"webhook": "https://hooks.example/x"}, {}),
+    ],
+)
+def test_values_of_their_json_type_are_read(data: dict[str, Any], read: dict[str, Any]) -> None:
+    for given in (data, json.dumps(data)):
+        request = parse_model(GenerationRequest, given)
+        assert {name: getattr(request, name) for name in read} == read
+
+
+def test_python_callers_give_python_values() -> None:
+    at = datetime(2026, 11, 24, 10, tzinfo=UTC)
+    request = GenerationRequest(prompt="a fox", width=256, seed=3, requested_at=at)
+    assert (request.width, request.seed, request.requested_at) == (256, 3, at)
+    assert GenerationRequest.model_validate(request.model_dump()) == request
+    assert GenerationRequest.model_validate(request.model_dump(mode="json")) == request
 
 
 def test_every_offending_field_is_named_at_once() -> None:

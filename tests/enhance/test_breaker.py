@@ -275,3 +275,71 @@ async def test_without_fallback_an_open_circuit_is_a_503_until_the_probe(
         await stage.run(GenerationRequest(prompt="a fox", model="tiny"), generation_id="g1")
     assert refused.value.status == 503 and "circuit open" in refused.value.message
     assert 28 <= refused.value.retry_after <= 30
+
+
+class Held:
+    """A call of ``breaker`` begun now and held until :meth:`end`; ``outcome`` is its task."""
+
+    def __init__(self, breaker: CircuitBreaker) -> None:
+        self._release = asyncio.Event()
+        self._error: Exception | None = None
+        self._started = asyncio.Event()
+        self.outcome = asyncio.ensure_future(self._call(breaker))
+
+    async def _call(self, breaker: CircuitBreaker) -> None:
+        async with breaker.call():
+            self._started.set()
+            await self._release.wait()
+            if self._error is not None:
+                raise self._error
+
+    @classmethod
+    async def begin(cls, breaker: CircuitBreaker) -> Held:
+        held = cls(breaker)
+        await held._started.wait()
+        return held
+
+    async def end(self, error: Exception | None = None) -> None:
+        """End the call: a success, or a failure raising ``error``."""
+        self._error = error
+        self._release.set()
+        await asyncio.gather(self.outcome, return_exceptions=True)
+
+
+async def test_a_call_begun_before_the_circuit_opened_does_not_close_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """It answered for the dependency as it was before it failed: no probe has run, and the
+    circuit stays open for its cool-down."""
+    breaker = CircuitBreaker("dep", threshold=1, cooldown=5, clock=Clock())
+    earlier = await Held.begin(breaker)
+    with caplog.at_level(logging.WARNING, logger="imagegen.enhance"):
+        await _fail(breaker)  # opens it
+        await earlier.end()  # ... then the earlier call succeeds
+    assert breaker.state == "open"
+    assert [r.getMessage() for r in caplog.records] == [
+        "circuit dep: closed -> open (1 consecutive failures)"
+    ]
+
+
+async def test_a_call_begun_before_the_circuit_opened_does_not_decide_the_probe(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    breaker = CircuitBreaker("dep", threshold=2, cooldown=5, clock=clock)
+    earlier = await Held.begin(breaker)
+    await _fail(breaker)
+    await _fail(breaker)  # opens it
+    clock.now += 5
+    probe = await Held.begin(breaker)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="imagegen.enhance"):
+        await earlier.end(RuntimeError("down"))  # fails while the probe is in flight
+        assert breaker.state == "half_open", "the probe has not failed"
+        await probe.end()
+    assert breaker.state == "closed"
+    assert [r.getMessage() for r in caplog.records] == [
+        "circuit dep: half_open -> closed (the probe succeeded)"
+    ]
+    await _fail(breaker)  # the first failure since it closed: the earlier one does not count
+    assert breaker.state == "closed"

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from tests.fakes.ollama_server import FakeOllama, http_error, reply
+from tests.fakes.ollama_server import FakeOllama, format_ignored, http_error, reply
 
 REQUEST = b"GET /api/version HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
@@ -135,5 +135,47 @@ def test_thinking_and_the_reply_share_num_predict() -> None:
             unlimited = answer(-1, think=False)
             assert unlimited["message"] == {"role": "assistant", "content": "one two three four"}
             assert unlimited["done_reason"] == "stop"
+    finally:
+        fake.stop()
+
+
+FENCED = '```json\n{"prompt": "a fox"}\n```'
+
+
+def test_format_is_applied_as_ollamas_chat_handler_applies_it() -> None:
+    """server/routes.go, ChatHandler: a model that can think and has a built-in parser is
+    sampled with ``currentFormat = nil`` until thinking text is followed by content, so with
+    think off its reply is not constrained; ``forceImmediate`` (v0.21.1 gemma4, v0.31.2 every
+    parser with thinking support) applies it at once; before v0.12.4 it always applied."""
+    models = ("llama3.2:latest", "qwen3:latest", "gemma4:latest", "hybrid:latest")
+    fake = FakeOllama(models=models).start()
+    fake.thinking_models.update(models[1:])
+    fake.parsers.update(
+        {"qwen3:latest": "qwen3-thinking", "gemma4:latest": "gemma4", "hybrid:latest": "qwen3"}
+    )
+    fake.answer(format_ignored(FENCED, {"prompt": "a fox"}))
+    schema = {"type": "object", "properties": {"prompt": {"type": "string"}}}
+    try:
+        with httpx.Client(base_url=fake.url) as client:
+
+            def content(version: str, model: str, **fields: Any) -> str:
+                fake.version = version
+                answer = _chat(client, model, **fields).json()
+                return str(answer["message"]["content"])
+
+            constrained = '{"prompt": "a fox"}'
+            assert content("0.12.3", "qwen3", format=schema, think=False) == constrained
+            assert content("0.12.4", "qwen3", format=schema, think=False) == FENCED
+            assert content("0.12.4", "llama3.2", format=schema, think=False) == constrained
+            assert content("0.12.4", "qwen3", think=False) == FENCED, "no format asked"
+            assert content("0.21.1", "gemma4", format=schema, think=False) == constrained
+            assert content("0.21.1", "qwen3", format=schema, think=False) == FENCED
+            assert content("0.31.2", "qwen3", format=schema, think=False) == constrained
+            assert content("0.31.2", "hybrid", format=schema, think=False) == FENCED
+            fake.answer(format_ignored(FENCED, {"prompt": "a fox"}, thinking="hmm"))
+            # Thinking text, then content: sampled again with the format.
+            assert content("0.12.4", "qwen3", format=schema) == constrained
+            fake.answer(format_ignored(FENCED, {"prompt": "a fox"}))
+            assert content("0.12.4", "qwen3", format=schema) == FENCED, "thought nothing"
     finally:
         fake.stop()

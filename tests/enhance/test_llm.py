@@ -126,3 +126,51 @@ async def test_a_reply_trickled_past_the_timeout_ends_the_attempt_there(
     assert time.monotonic() - started < 1.5, "the attempt outlived ollama_timeout"
     assert "no reply within 0.5s" in caught.value.message
     await enhancer.aclose()
+
+
+async def test_an_error_page_is_logged_cut_on_every_attempt(
+    fake_ollama: FakeOllama, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A proxy before Ollama answers its own 502 page: 200 KB of HTML was logged whole on
+    each attempt, and again in the reason of the fallback."""
+    page = "<html>\n<head><title>502 Bad Gateway</title></head>\n" + "x" * 200_000 + "</html>"
+    fake_ollama.answer(Behaviour(status=502, body=page.encode()))
+    enhancer = _enhancer(fake_ollama)
+    with caplog.at_level(logging.WARNING), pytest.raises(DependencyUnavailable) as caught:
+        await enhancer.write(prompt="a fox", contributions=[], seed=1, spec=family_for("tiny"))
+    await enhancer.aclose()
+
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 2, "the retry, then the fallback"
+    assert all(len(line) < 600 for line in lines), max(map(len, lines))
+    for said in [*lines, caught.value.message]:
+        assert "502 Bad Gateway" in said and "(status code: 502)" in said
+
+
+@pytest.mark.parametrize(
+    ("error", "hinted"),
+    [
+        ("model 'llama3.2' not found", True),  # server/routes.go, ChatHandler
+        ('model "llama3.2" not found, try pulling it first', True),  # handleScheduleError
+        ("404 page not found", False),  # not Ollama's chat (a wrong path in the host)
+    ],
+)
+async def test_a_model_not_pulled_says_how_to_pull_it(
+    fake_ollama: FakeOllama, caplog: pytest.LogCaptureFixture, error: str, hinted: bool
+) -> None:
+    fake_ollama.answer(http_error(404, error))
+    enhancer = _enhancer(fake_ollama)
+    with caplog.at_level(logging.WARNING), pytest.raises(DependencyUnavailable) as caught:
+        await enhancer.write(prompt="a fox", contributions=[], seed=1, spec=family_for("tiny"))
+    await enhancer.aclose()
+
+    for said in (caught.value.message, _logged(caplog)):
+        assert ("ollama pull llama3.2" in said) is hinted, said
+
+
+async def test_loading_a_model_not_pulled_says_how_to_pull_it(fake_ollama: FakeOllama) -> None:
+    fake_ollama.models.clear()  # a load of it is a 404 (server/routes.go, ChatHandler)
+    enhancer = _enhancer(fake_ollama)
+    with pytest.raises(DependencyUnavailable, match=r"ollama pull llama3\.2"):
+        await enhancer.load()
+    await enhancer.aclose()

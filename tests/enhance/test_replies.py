@@ -3,6 +3,8 @@ and never the same attempt twice."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from imagegen.enhance import EnhanceStage
@@ -10,7 +12,7 @@ from imagegen.enhance.llm import build_messages
 from imagegen.modelspec import family_for
 from tests.enhance.conftest import MakeStage
 from tests.enhance.conftest import run as _run
-from tests.fakes.ollama_server import FakeOllama, http_error, reply
+from tests.fakes.ollama_server import FakeOllama, format_ignored, http_error, reply
 
 THINKING = "Okay, the user wants a fox in the snow, so let me think about the light " * 40
 
@@ -86,3 +88,44 @@ async def test_a_connection_failure_is_retried_with_the_same_seed(
     job = await _run(stage)
     assert job.fallback is False
     assert [chat["options"]["seed"] for chat in fake_ollama.chat_requests] == [1234, 1234]
+
+
+FOX = "a red fox curled in fresh snow, soft dawn light"
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        f'```json\n{{"prompt": "{FOX}"}}\n```',
+        f'Here is your prompt:\n{{"prompt": "{FOX}"}}',
+        f'{{"prompt": "{FOX}"}}\nLet me know if you want changes!',
+        f'Here is your prompt in {{JSON}}:\n```\n{{"prompt": "{FOX}"}}\n```\nEnjoy!',
+    ],
+    ids=["fenced", "preamble", "sign-off", "braces-before-the-fence"],
+)
+async def test_json_that_ollama_did_not_constrain_is_read(
+    make_stage: MakeStage, fake_ollama: FakeOllama, written: str
+) -> None:
+    """Ollama v0.12.4 to v0.31.1 samples a model that can think and has a built-in parser
+    without ``format`` while no thinking text has appeared, and with ``think: false`` none
+    does (server/routes.go, ChatHandler): the model writes JSON as it likes. Read as
+    malformed, each such reply was retried, fell back, and three in a row opened the circuit
+    of an Ollama that was answering."""
+    fake_ollama.version = "0.12.4"
+    fake_ollama.thinking_models.add("qwen3:latest")
+    fake_ollama.parsers["qwen3:latest"] = "qwen3-thinking"
+    fake_ollama.answer(format_ignored(written, {"prompt": "constrained"}))
+    stage = make_stage(ollama_model="qwen3", ollama_breaker_threshold=3)
+    for _ in range(3):
+        job = await _run(stage)
+        assert (job.prompt, job.fallback, job.enhancer) == (FOX, False, "ollama:qwen3")
+    assert len(fake_ollama.chat_requests) == 3, "one attempt each"
+    assert stage.enhancer.breaker.state == "closed"
+
+
+async def test_a_prompt_that_is_itself_the_json_object_is_unwrapped(
+    stage: EnhanceStage, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.reply_with({"prompt": json.dumps({"prompt": FOX})})
+    job = await _run(stage)
+    assert (job.prompt, job.fallback) == (FOX, False)

@@ -65,10 +65,49 @@ DEV = family_for("black-forest-labs/FLUX.1-dev")
         # A lead-in names what it introduces; "two foxes" is the subject.
         ("Here are two foxes: one red, one white", "Here are two foxes: one red, one white"),
         ("Here's a more detailed version: a red fox", "a red fox"),
+        # Lead-ins: an interjection alone, a clause before "here is", a title line.
+        ("Certainly! A red fox in snow", "A red fox in snow"),
+        ("Sure thing,\nA red fox in snow", "A red fox in snow"),
+        ("Of course!\n\nA red fox in snow", "A red fox in snow"),
+        ("As requested, here is the prompt: a red fox in snow", "a red fox in snow"),
+        ("Title: Winter Fox\n\nA red fox curled in snow", "A red fox curled in snow"),
+        ("**Title:** Winter Fox\nA red fox curled in snow", "A red fox curled in snow"),
+        # Several prompts announced: the first, not all of them run together.
+        (
+            "Here are three prompts:\n1. A red fox in snow\n2. A wolf\n3. An owl",
+            "A red fox in snow",
+        ),
+        (  # a list inside one prompt, not several prompts
+            "A triptych of three versions of a fox:\n1. in snow\n2. in rain",
+            "A triptych of three versions of a fox: in snow, in rain",
+        ),
+        (
+            "Sure!\n\nThree prompt options:\n\n1. **A red fox** in snow\n\n2. A wolf",
+            "A red fox in snow",
+        ),
     ],
 )
 def test_clean_reply(reply: str, prompt: str) -> None:
     assert clean_reply(reply) == prompt
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "Certainly the finest fox in the snow",  # a word of the sentence, not an interjection
+        "Great white shark under a red sky",
+        "1990s street scene, neon signs",
+        "Title card of a silent film, a fox in snow",
+        "Title: Winter Fox",  # all there is
+        "Certainly!",
+        "A red fox, here is the den: a hollow under birch roots",
+    ],
+)
+def test_clean_reply_keeps_every_word_of_a_prompt(reply: str) -> None:
+    """What looks like a lead-in but is the prompt's own words stays: a word dropped from a
+    prompt changes the image, a lead-in kept only adds a word."""
+    words = re.findall(r"\w+", reply)
+    assert re.findall(r"\w+", clean_reply(reply)) == words
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,8 @@ Every request is recorded. Chat answers are scripted::
         fake.model_loads                              # [("llama3.2:latest", "load"), ...]
         fake.thinking_models.add("qwen3:latest")      # a model that can think
         fake.answer(reply(thinking="Okay, the user wants a fox..."))  # what it thinks, if on
+        fake.version, fake.parsers["qwen3:latest"] = "0.12.4", "qwen3-thinking"
+        fake.answer(format_ignored('```json\n{"prompt": "a fox"}\n```'))  # where unconstrained
 
 Thinking and ``num_predict`` are modelled as Ollama has them:
 
@@ -31,6 +33,20 @@ Thinking and ``num_predict`` are modelled as Ollama has them:
   ollamarunner/runner.go: a sequence ends once ``numPredicted >= numPredict``, with
   ``DoneReasonLength``), so thinking that uses it up leaves ``content`` empty and
   ``done_reason`` ``"length"``. Tokens are counted here as words separated by spaces.
+
+``format`` (structured outputs) is applied as server/routes.go, ``ChatHandler``, applies it.
+Scripted answers say what the model writes under it (``content``) and, where it differs, without
+it (``unconstrained``, e.g. :func:`format_ignored`'s fenced or preambled JSON):
+
+- Before v0.12.4 it constrains every reply from the first token.
+- From v0.12.4 (commit 77060d462, "routes: structured outputs for gpt-oss") a model that can
+  think and has a built-in parser (:attr:`FakeOllama.parsers`, Modelfile ``PARSER``) or thinks
+  (the generic thinking parser) is sampled first with ``currentFormat = nil``; the format is
+  applied, in a second request, only once thinking text was followed by content. With no
+  thinking (``think: false``, or a model that thought nothing) the reply is never constrained.
+- ``forceImmediate`` then applies it from the start with ``think: false``: from v0.21.1
+  (5d1021603) for the ``gemma4`` parser only, from v0.31.2 (892e7f6be) for every parser whose
+  ``HasThinkingSupport()`` is true (model/parsers/parsers.go, ``ParserForName``).
 """
 
 from __future__ import annotations
@@ -53,6 +69,7 @@ __all__ = [
     "FakeOllama",
     "RecordedRequest",
     "broken_body",
+    "format_ignored",
     "http_error",
     "missing_fields",
     "not_json",
@@ -75,6 +92,8 @@ class Behaviour:
         delay: Seconds to wait before answering (cut short when the server stops).
         trickle: Seconds between the body's pieces of 16 bytes (0: all at once).
         thinking: What the model thinks before it answers, where thinking is on.
+        unconstrained: What the model writes where Ollama does not apply ``format`` (see the
+            module docstring); None: ``content``, as under the format.
     """
 
     content: str | dict[str, Any] = field(default_factory=lambda: {"prompt": DEFAULT_PROMPT})
@@ -83,6 +102,7 @@ class Behaviour:
     delay: float = 0.0
     trickle: float = 0.0
     thinking: str = ""
+    unconstrained: str | None = None
 
 
 def reply(
@@ -99,6 +119,18 @@ def reply(
 def not_json(text: str = "Sure! A fox, in the snow, I think?") -> Behaviour:
     """An answer whose content is not JSON (a model ignoring ``format``)."""
     return Behaviour(content=text)
+
+
+def format_ignored(
+    text: str, content: str | dict[str, Any] | None = None, *, thinking: str = ""
+) -> Behaviour:
+    """A model that writes ``text`` (fenced JSON, a preamble before it) where Ollama does not
+    apply ``format``, and ``content`` (default ``{"prompt": DEFAULT_PROMPT}``) where it does."""
+    return Behaviour(
+        content={"prompt": DEFAULT_PROMPT} if content is None else content,
+        thinking=thinking,
+        unconstrained=text,
+    )
 
 
 def missing_fields() -> Behaviour:
@@ -164,6 +196,29 @@ def _think_error(think: Any) -> str | None:
     return 'think must be a boolean or string ("high", "medium", "low", true, or false)'
 
 
+# The built-in parsers (model/parsers/parsers.go, ParserForName) and their HasThinkingSupport();
+# a PARSER not named here has none: ParserForName returns nil.
+_PARSER_THINKS = {
+    **dict.fromkeys(
+        ("qwen3", "qwen3-coder", "qwen3-vl-instruct", "ministral", "passthrough", "olmo3"),
+        False,
+    ),
+    **dict.fromkeys(("functiongemma", "gemma4-no-thinking", "glm-ocr", "lfm2"), False),
+    **dict.fromkeys(
+        ("qwen3-thinking", "qwen3.5", "ornith", "qwen3-vl-thinking", "harmony", "cogito"), True
+    ),
+    **dict.fromkeys(("deepseek3", "olmo3-think", "nemotron-3-nano", "nemotron-3.5-nano"), True),
+    **dict.fromkeys(("glm-4.7", "gemma4", "lfm2-thinking", "laguna", "poolside-v1"), True),
+    **dict.fromkeys(("cohere", "glimmer"), True),
+}
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """``0.12.4`` (or ``0.12.4-rc7``) as a tuple to compare; unreadable: the newest."""
+    found = re.match(r"(\d+)\.(\d+)\.(\d+)", text)
+    return tuple(int(n) for n in found.groups()) if found else (1 << 31,)
+
+
 def _cut(text: str, tokens: int | None) -> tuple[str, int, bool]:
     """``text`` within ``tokens`` (None: no limit): (what is generated, its tokens, cut)."""
     words = text.split(" ") if text else []
@@ -199,6 +254,8 @@ class FakeOllama(Running):
         self.models = list(models)
         self.thinking_models: set[str] = set()
         """The models that can think (``thinking`` among their capabilities), full names."""
+        self.parsers: dict[str, str] = {}
+        """Each model's built-in parser (its Modelfile's ``PARSER``), by full name."""
         self.version = version
         self.port = 0
         self._default = reply()
@@ -468,7 +525,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         else:
             thinks = False
-        final = self._final(request, text, behaviour.thinking if thinks else "")
+        thinking = behaviour.thinking if thinks else ""
+        if behaviour.unconstrained is not None and not self._constrained(request, thinking):
+            text = behaviour.unconstrained
+        final = self._final(request, text, thinking)
         if behaviour.trickle:
             self._trickle(json.dumps(final).encode(), behaviour.trickle)
             return
@@ -476,6 +536,33 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, final)
             return
         self._stream(final)
+
+    def _constrained(self, request: dict[str, Any], thinking: str) -> bool:
+        """Whether Ollama applies ``format`` to the reply it sends (server/routes.go,
+        ChatHandler; the rules are in the module docstring)."""
+        if request.get("format") is None:
+            return False
+        version = _version(self.owner.version)
+        if version < (0, 12, 4):
+            return True
+        model = _canonical(str(request.get("model", "")))
+        parser = self.owner.parsers.get(model)
+        builtin = parser in _PARSER_THINKS  # ParserForName(m.Config.Parser) != nil
+        think = request.get("think")
+        # thinkingState: think on (unset is on for a model that can think) and the template's
+        # thinking tags, which every model that can think has here.
+        generic = think is None or think is True or think in _THINK_LEVELS
+        if model not in self.owner.thinking_models or not (builtin or generic):
+            return True
+        if version >= (0, 31, 2):
+            force = builtin and _PARSER_THINKS[str(parser)] and think is False
+        elif version >= (0, 21, 1):
+            force = parser == "gemma4" and think is False
+        else:
+            force = False
+        # Withheld (currentFormat = nil) until thinking text is followed by content; then the
+        # request is made again with the format, and that is the reply sent.
+        return force or bool(thinking)
 
     def _trickle(self, body: bytes, pause: float) -> None:
         """``body`` a few bytes at a time: each read arrives well within a read timeout."""

@@ -139,6 +139,11 @@ BAD_REQUESTS = [
     pytest.param({"json": {"colour": "red"}}, "colour", id="unknown-field"),
     pytest.param({"json": {"model": "not-allowed"}}, "model", id="model-not-allowed"),
     pytest.param({"json": {"plugins": ["no_such_plugin"]}}, "plugins", id="unknown-plugin"),
+    # A value of the wrong JSON type is refused, not converted (it was: 200).
+    pytest.param({"json": {"width": "1024"}}, "width", id="width-a-string"),
+    pytest.param({"json": {"seed": True}}, "seed", id="seed-a-bool"),
+    pytest.param({"json": {"enhance": "yes"}}, "enhance", id="enhance-a-string"),
+    pytest.param({"json": {"requested_at": 1700000000}}, "requested_at", id="time-a-number"),
 ]
 
 
