@@ -107,16 +107,19 @@ def field_errors(exc: ValidationError) -> list[dict[str, str]]:
     return out
 
 
-def parse_model(model: type[M], data: Any) -> M:
+def parse_model(model: type[M], data: Any, *, strict: bool | None = None) -> M:
     """Validate ``data`` (a mapping, JSON text or bytes) as ``model``.
+
+    Args:
+        strict: Overrides the model's own strictness (None: as the model says).
 
     Raises:
         InvalidRequest: naming every offending field.
     """
     try:
         if isinstance(data, str | bytes | bytearray):
-            return model.model_validate_json(data)
-        return model.model_validate(data)
+            return model.model_validate_json(data, strict=strict)
+        return model.model_validate(data, strict=strict)
     except ValidationError as exc:
         errors = field_errors(exc)
         if any(e["message"].startswith("Invalid JSON") for e in errors):

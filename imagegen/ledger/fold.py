@@ -135,7 +135,9 @@ def fold(event: LedgerEvent, *, now: datetime) -> Change | None:
             return None  # enhance's generation.failed names no generation either
         gid = found
         try:
-            request = parse_model(GenerationRequest, event.data)
+            # Read as recorded, types converted: a request recorded before enhance read its
+            # types strictly ("1024" a width) was served, and its history keeps its prompt.
+            request = parse_model(GenerationRequest, event.data, strict=False)
         except InvalidRequest:
             # enhance answers it with generation.failed under the same id: the request is
             # part of that generation's history, whatever else it holds.

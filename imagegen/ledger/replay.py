@@ -40,7 +40,10 @@ class NotReplayable(InvalidRequest):
 
 def _valid(model: type[M], data: dict[str, Any], generation_id: str, event_type: str) -> M:
     try:
-        return model.model_validate(data)
+        # Types converted (strict=False): a request recorded before enhance read its types
+        # strictly ("1024" a width) was served, and is replayed with its values as they are
+        # meant; the replay sends them in their own types.
+        return model.model_validate(data, strict=False)
     except ValidationError as exc:
         errors = field_errors(exc)
         fields = ", ".join(dict.fromkeys(e["field"] for e in errors))

@@ -16,6 +16,7 @@ import pytest
 from imagegen.auth.api_keys import hash_api_key
 from imagegen.events import GENERATION_REQUESTED, MODEL_ATTRIBUTE, PROMPT_ENHANCED
 from imagegen.ledger import LedgerEvent
+from imagegen.models import GenerationRequest
 from imagegen.openapi import document
 from imagegen.stages import get as get_stage
 from tests.fakes.loopback import LoopbackServer
@@ -302,3 +303,27 @@ def test_replaying_an_invalid_recorded_request_is_a_409_naming_its_fields(
         assert "generation.requested" in body["message"]
         assert [e["field"] for e in body["errors"]] == ["width"]
         assert received == []
+
+
+def test_a_request_recorded_with_values_in_other_types_is_listed_and_replayed_in_its_own(
+    serve_ledger: Callable[..., InProcessFunction],
+) -> None:
+    # enhance took "1024" as a width before it read types strictly: such a request was served,
+    # and its history and replay still read it, sending the values in their own types.
+    recorded = LedgerEvent(
+        source="/platform/caller",
+        id="req-lax",
+        type=GENERATION_REQUESTED,
+        subject="gen-lax",
+        data={"generation_id": "gen-lax", "prompt": "a fox", "width": "512", "seed": "7"},
+    )
+    with _ingress() as (sink, received):
+        function = serve_ledger(K_SINK=sink)
+        assert function.post("/", **binary(recorded)).status_code == 202
+        shown = function.client.get("/generations/gen-lax").json()
+        assert (shown["original_prompt"], shown["seed"]) == ("a fox", 7)
+        reply = function.client.post("/generations/gen-lax/replay", params={"from": "requested"})
+        assert reply.status_code == 202, reply.text
+        [(_, data)] = received
+        assert (data["width"], data["seed"]) == (512, 7)
+        assert GenerationRequest.model_validate(data).width == 512  # as enhance reads it
