@@ -27,7 +27,9 @@ async def test_the_time_from_a_call_to_its_outputs_is_measured(tmp_path: Path) -
     assert stage.batcher.finish_seconds is None
     await stage.render_png(job("a"))
     finish = stage.batcher.finish_seconds
-    assert finish is not None and finish >= 0.2
+    # The encode's 0.2 s sleep, read on another clock than the one that slept: a few
+    # microseconds either way (0.19998 s was seen), never the near-zero of a call left out.
+    assert finish is not None and finish >= 0.19
 
 
 async def test_a_small_job_is_never_estimated_below_the_measured_time_per_job(
