@@ -55,6 +55,11 @@ def test_a_chat_without_messages_loads_the_model_as_ollamas_chat_handler_does() 
             missing = client.post("/api/chat", json={"model": "mistral", "messages": []})
             assert missing.status_code == 404
             assert missing.json() == {"error": "model 'mistral' not found"}
+            # A chat for it too, before anything is scheduled: nothing is loaded, no reply.
+            asked = _chat(client, "Mistral")
+            assert asked.status_code == 404
+            assert asked.json() == {"error": "model 'Mistral' not found"}
+            assert fake.model_loads == []
 
             loaded = client.post("/api/chat", json={"model": "llama3.2", "messages": []})
             assert loaded.status_code == 200

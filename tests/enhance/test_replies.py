@@ -112,6 +112,7 @@ async def test_json_that_ollama_did_not_constrain_is_read(
     malformed, each such reply was retried, fell back, and three in a row opened the circuit
     of an Ollama that was answering."""
     fake_ollama.version = "0.12.4"
+    fake_ollama.models.append("qwen3:latest")
     fake_ollama.thinking_models.add("qwen3:latest")
     fake_ollama.parsers["qwen3:latest"] = "qwen3-thinking"
     fake_ollama.answer(format_ignored(written, {"prompt": "constrained"}))

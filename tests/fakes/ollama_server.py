@@ -438,11 +438,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer_load(body if isinstance(body, dict) else {})
             return
         request = body if isinstance(body, dict) else {}
-        model = _canonical(str(request.get("model", "")))
-        # A model it has must be loaded first (scheduleRunner): the first chat waits for that.
-        # A chat for a model it does not list is answered all the same (Ollama would say 404):
-        # tests script replies for whatever model their settings name.
-        if model in self._models() and not self._schedule(model, "chat"):
+        named = str(request.get("model", ""))
+        model = _canonical(named)
+        # Ollama's ChatHandler (server/routes.go): a model it does not have is a 404 naming it
+        # as the request did, before anything is scheduled; one it has must be loaded first
+        # (scheduleRunner): the first chat waits for that.
+        if model not in self._models():
+            self._send_json(404, {"error": f"model '{named}' not found"})
+            return
+        if not self._schedule(model, "chat"):
             return
         behaviour = self.owner._next_behaviour()
         if behaviour.delay and self.owner._released.wait(behaviour.delay):
