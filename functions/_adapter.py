@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import io
 import logging
 import os
 import threading
@@ -57,6 +58,8 @@ __all__ = ["Function", "entry_point"]
 log = logging.getLogger("imagegen.functions")
 _READ_ONLY = frozenset({"/healthz", "/readyz", "/openapi.json"})
 """Paths every function serves to GET (and HEAD): the probes and the OpenAPI document."""
+_BODY_READ = "imagegen.body_read"
+"""The WSGI environ key :func:`_read_body` sets once it has read a request's body to its end."""
 T = TypeVar("T")
 
 
@@ -117,6 +120,8 @@ class Function:
             count_from_zero(self.stage.name, sink=self.stage.emits is None)
             for unknown in Settings.unknown_variables():
                 log.warning(unknown, extra={"stage": self.stage.name})
+            for warning in settings.start_up_warnings():
+                log.warning(warning, extra={"stage": self.stage.name})
             preload = (settings.model,) if self.stage.loads_model else ()
             self._service = ImageGenService(settings, preload=preload, load_on_demand=False)
             self._timeout = self.stage.timeout(settings)
@@ -336,10 +341,13 @@ class Function:
             return json_reply(document(self.stage), 200)
         # The caller, checked before anything is read: a 401 or 403, or a 503 once start-up has
         # failed. The token is never logged: errors name what was wrong with it, not what it was.
+        # Then its kind against what the route admits: an event sink takes the broker's token
+        # only, never an API key (a 403).
         self.start()
         try:
             if self._auth is not None:  # None: start-up failed, and the request is answered 503
-                self._auth.authenticate(request.headers.get("Authorization"))
+                caller = self._auth.authenticate(request.headers.get("Authorization"))
+                caller.admit(*self.stage.callers_of(routes[method][0] if routes else None))
         except ImageGenError as exc:
             return self._failed(exc, None, dispatched=False, generation_id=None)
         return self._route(*routes[method], request) if routes else self.handle(request)
@@ -351,7 +359,7 @@ class Function:
         try:
             # 1. Read the body within MAX_BODY_BYTES: the sink (a stage that consumes any event
             #    and takes its data as it comes) keeps what fits and marks the rest cut; every
-            #    other stage refuses more (functions-framework drains what is left).
+            #    other stage refuses more (the rest is left unread: `_unread_body_left`).
             body = _read_body(request)
             cut, headers = len(body) > MAX_BODY_BYTES, dict(request.headers)
             if stage.input_model is None and not stage.consumes:  # the sink takes anything
@@ -493,7 +501,7 @@ def _read_body(request: flask.Request) -> bytes:
             and ``NoMoreData``; werkzeug's server its own): the request's fault, not ours.
     """
     try:
-        return request.stream.read(MAX_BODY_BYTES + 1)
+        body = request.stream.read(MAX_BODY_BYTES + 1)
     except Exception as exc:
         reason = type(exc).__name__
         if (text := first_line(exc)) != reason:
@@ -502,6 +510,28 @@ def _read_body(request: flask.Request) -> bytes:
             f"the body could not be read ({reason})",
             errors=[{"field": "body", "message": "could not be read"}],
         ) from None
+    if len(body) <= MAX_BODY_BYTES:  # gunicorn's read stops short only at the body's end
+        request.environ[_BODY_READ] = True
+    return body
+
+
+def _unread_body_left(response: flask.Response) -> flask.Response:
+    """Leave what the request did not read of its body unread, whatever the answer.
+
+    functions-framework's after-request hook reads all that is left of the body into memory,
+    unbounded, before the answer goes out (``read_request``: ``flask.request.get_data()``;
+    it skips only a streamed answer, such as its own 404). An answer sent before the body's
+    end (a 401, 403, 405, 413, a probe's 200, the sink's 202 of the first MiB) waited for an
+    upload of any size and held it whole: an unauthenticated 800 MB POST grew a worker past
+    the pod's 512 MiB, and slow uploads held every thread. With an empty stream it reads
+    nothing. gunicorn then discards at most 64 KiB of the rest within 5 s and closes the
+    connection where more is left (gthread's ``_keepalive_after``); a ``Connection: close``
+    of ours would change nothing, as gunicorn drops the header. A body read to its end keeps
+    the connection alive.
+    """
+    if not flask.request.environ.get(_BODY_READ):
+        flask.request.stream = io.BytesIO()  # werkzeug's cached_property: setting it is public
+    return response
 
 
 def _wants_png(accept: Any) -> bool:
@@ -523,6 +553,9 @@ def entry_point(name: str) -> Any:
         _process.refuse_repeated_event_attributes()
 
     def serve(request: flask.Request) -> flask.Response:
+        # Before the app's own after-request hooks (Flask's ``process_response``), and on an
+        # answer to an exception too.
+        flask.after_this_request(_unread_body_left)
         reply = function.dispatch(request)
         response = flask.Response(reply.body, reply.status, dict(reply.headers))
         if not reply.body and "Content-Type" not in reply.headers:

@@ -56,7 +56,9 @@ def derive_generation_id(source: str, event_id: str) -> str:
 
 def valid_generation_id(value: str) -> bool:
     """Whether ``value`` is a generation id (it names storage keys, so it is strict)."""
-    return _GENERATION_ID.match(value) is not None
+    # fullmatch: Python's ``$`` also matches before a final newline, so ``match`` took
+    # "id\n" (a ``ce-subject: id%0A``), which the models' pattern (pydantic's engine) refuses.
+    return _GENERATION_ID.fullmatch(value) is not None
 
 
 def stage_time() -> datetime:

@@ -55,6 +55,34 @@ def _error(description: str, retry: bool = False) -> dict[str, Any]:
     return response
 
 
+def _secured() -> list[dict[str, list[str]]]:
+    """What an invocation needs: the bearer token (the probes and the document need none)."""
+    return [{"bearer": []}]
+
+
+def _bearer(stage: Stage) -> dict[str, Any]:
+    """The security scheme of every invocation of ``stage``: ``Authorization: Bearer``.
+
+    The document is the same whatever the settings (it is committed, and served as such), so it
+    declares the token required and says where it is not.
+    """
+    from imagegen.auth import audience_for
+    from imagegen.settings import Settings
+
+    def variable(name: str) -> str:
+        return Settings.variables(name)[0]
+
+    return {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key, or a Kubernetes-issued OIDC token for the audience "
+        f"{audience_for(stage.name)} (unless {variable('auth_audience')} names another). "
+        f"Required where {variable('auth_required')} is on, as it is by default with "
+        f"{variable('profile')}=prod. A missing or invalid token is a 401; a valid one this "
+        "function does not admit, a 403. The probes and this document take none.",
+    }
+
+
 def _ref(model: type[BaseModel] | None) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{model.__name__}"} if model is not None else {}
 
@@ -109,6 +137,7 @@ def document(stage: Stage) -> dict[str, Any]:
                 "post": {
                     "operationId": stage.name,
                     "summary": stage.summary,
+                    "security": _secured(),
                     "requestBody": {
                         "required": True,
                         "content": {"application/json": {"schema": _ref(body)}},
@@ -159,7 +188,7 @@ def document(stage: Stage) -> dict[str, Any]:
                 }
             },
         },
-        "components": {"schemas": schemas},
+        "components": {"schemas": schemas, "securitySchemes": {"bearer": _bearer(stage)}},
     }
 
 
@@ -194,7 +223,11 @@ def _routes(stage: Stage) -> dict[str, Any]:
         }
         responses |= {str(status): _error(text) for status, text in route.errors.items()}
         responses["503"] = _error("The database is unavailable or start-up failed.", retry=True)
-        operation: dict[str, Any] = {"operationId": route.operation_id, "summary": route.summary}
+        operation: dict[str, Any] = {
+            "operationId": route.operation_id,
+            "summary": route.summary,
+            "security": _secured(),
+        }
         if parameters:
             operation["parameters"] = parameters
         operation["responses"] = dict(sorted(responses.items()))

@@ -502,6 +502,17 @@ class Settings(BaseSettings):
             found.append(f"{name} is no setting (ignored){hint}")
         return found
 
+    def start_up_warnings(self) -> list[str]:
+        """What a process should warn of once, at start-up: a safeguard of the prod profile
+        turned off by a setting, which it would otherwise do without a word."""
+        found = []
+        if self.profile == "prod" and not self.auth_required:
+            found.append(
+                f"{self.variable('auth_required')}=false with {self.variable('profile')}=prod: "
+                "authentication is off, every invocation is admitted without a token"
+            )
+        return found
+
     @classmethod
     def given_as(cls, name: str, value: object) -> str:
         """The setting ``name`` at ``value`` as a message says it: ``IMAGEGEN_DEVICE=cuda``,

@@ -7,6 +7,8 @@ the audience the Trigger's ``subscriber.audience`` names (``knative/eventing``,
 receivers do (``pkg/auth/verifier.go``): issuer and keys from the discovery document at
 ``oidc_discovery_url``, signature, expiry, then the audience. Platform services that call a
 function directly use API keys instead, kept only as SHA-256 hashes (``api_key_hashes``).
+Which of the two a route accepts, each stage declares (:mod:`imagegen.auth.callers`): the event
+sinks take the broker's token only.
 
 PyJWT does the JOSE work; nothing here is hand-written cryptography.
 """
@@ -19,12 +21,16 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from imagegen.auth.api_keys import hash_api_key, new_api_key
     from imagegen.auth.authenticator import Authenticator, Principal, audience_for
+    from imagegen.auth.callers import ANY_CALLER, BROKER, Caller
     from imagegen.auth.oidc import OidcVerifier, SigningKeys
 
 # Each name from its module on first use: ``python -m imagegen.auth.api_keys`` then runs a
 # module the package has not imported already (which runpy warns of).
 _HOMES = {
+    "ANY_CALLER": "callers",
+    "BROKER": "callers",
     "Authenticator": "authenticator",
+    "Caller": "callers",
     "OidcVerifier": "oidc",
     "Principal": "authenticator",
     "SigningKeys": "oidc",
@@ -34,7 +40,10 @@ _HOMES = {
 }
 
 __all__ = [
+    "ANY_CALLER",
+    "BROKER",
     "Authenticator",
+    "Caller",
     "OidcVerifier",
     "Principal",
     "SigningKeys",

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
 
 from imagegen.auth.api_keys import ApiKeys
+from imagegen.auth.callers import Caller, admit, bearer_token, credential_kind
 from imagegen.auth.oidc import OidcVerifier, SigningKeys
 from imagegen.errors import Unauthenticated
 from imagegen.settings import Settings
@@ -28,8 +30,17 @@ class Principal:
     ``subject`` never holds a secret: for an API key it names the key by its hash's prefix.
     """
 
-    kind: Literal["oidc", "api-key", "anonymous"]
+    kind: Caller | Literal["anonymous"]
     subject: str
+
+    def admit(self, callers: Collection[Caller], what: str) -> None:
+        """Refuse this caller unless ``what`` accepts its kind of credential; ``anonymous``
+        (authentication off) is admitted everywhere.
+
+        Raises:
+            Forbidden: an API key where only the broker's token is accepted (an event sink).
+        """
+        admit(self.kind, callers, what=what)
 
 
 ANONYMOUS = Principal("anonymous", "")
@@ -77,13 +88,12 @@ class Authenticator:
         """
         if not self.required:
             return ANONYMOUS
-        scheme, _, token = (authorization or "").strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
+        token = bearer_token(authorization)
+        if not token:
             raise Unauthenticated("a bearer token is required", error=None)
         if len(token) > _MAX_TOKEN_CHARS:
             raise Unauthenticated("the bearer token is too long")
-        if token.count(".") == 2:
+        if credential_kind(token) == "oidc":
             return Principal("oidc", self.oidc.verify(token))
         matched = self.api_keys.match(token)
         if matched is None:

@@ -10,7 +10,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from imagegen.ledger.fold import DESCRIPTIVE_COLUMNS, ONCE_COLUMNS, STAGE_COLUMNS, Change
+from imagegen.ledger.fold import (
+    DESCRIPTIVE_COLUMNS,
+    ONCE_COLUMNS,
+    REQUEST_COLUMNS,
+    STAGE_COLUMNS,
+    Change,
+)
 
 __all__ = [
     "CANCEL_FAILED",
@@ -29,6 +35,15 @@ __all__ = [
 # In the upsert, ``g`` is the generation's row as it stands, ``excluded`` what the event says.
 def _first_wins(column: str) -> str:
     return f"{column} = COALESCE(g.{column}, excluded.{column})"
+
+
+def _first_request_wins(column: str) -> str:
+    # The event is a generation.requested (it sets requested_at) and the row has none recorded
+    # yet; SET reads g as it was before this update, in both dialects.
+    return (
+        f"{column} = CASE WHEN g.requested_at IS NULL AND excluded.requested_at IS NOT NULL "
+        f"THEN excluded.{column} ELSE g.{column} END"
+    )
 
 
 def _most_advanced_wins(column: str) -> str:
@@ -53,6 +68,7 @@ GENERATION_COLUMNS = (
     *STAGE_COLUMNS,
     *DESCRIPTIVE_COLUMNS,
     *ONCE_COLUMNS,
+    *REQUEST_COLUMNS,
 )
 _INTO = f"INSERT INTO generations AS g ({', '.join(GENERATION_COLUMNS)}) "
 _ROW = ", ".join(":" + c for c in GENERATION_COLUMNS)
@@ -75,6 +91,7 @@ _ON_CONFLICT = (
     + ", ".join(
         [_first_wins(c) for c in (*STAGE_COLUMNS, *ONCE_COLUMNS)]
         + [_most_advanced_wins(c) for c in DESCRIPTIVE_COLUMNS]
+        + [_first_request_wins(c) for c in REQUEST_COLUMNS]
     )
 )
 UPSERT_GENERATION = f"{_INTO}VALUES ({_ROW}) {_ON_CONFLICT} RETURNING *"

@@ -2,7 +2,8 @@
 
 The stores apply a :class:`Change` with one ``INSERT ... ON CONFLICT DO UPDATE`` whose rules
 are the ones written here: the status only moves up :data:`STATUS_RANK`; the first time of a
-stage is kept; what the most advanced event says about the image wins.
+stage is kept; what the most advanced event says about the image wins; where the generation's
+messages go (:data:`REQUEST_COLUMNS`) only the first ``generation.requested`` recorded says.
 
 A stage's time is when the stage did its work: a request's own time; ``enhanced_at`` and
 ``persisted_at``, which enhance and persist keep with what they wrote; the image's
@@ -44,6 +45,8 @@ from imagegen.validation import parse_model
 
 __all__ = [
     "DESCRIPTIVE_COLUMNS",
+    "ONCE_COLUMNS",
+    "REQUEST_COLUMNS",
     "STAGE_COLUMNS",
     "Change",
     "due_webhooks",
@@ -79,7 +82,13 @@ DESCRIPTIVE_COLUMNS = (
     "sha256",
 )
 # Said once, by the request or the failure: the first value is kept.
-ONCE_COLUMNS = ("failed_stage", "error", "webhook", "webhook_events", "replay_of")
+ONCE_COLUMNS = ("failed_stage", "error", "replay_of")
+# Where the generation's webhook messages go: said by the first generation.requested recorded
+# for it, the one that sets requested_at, and by no other event. A second request naming the
+# same generation_id (another source and id) may not name a webhook the first left out: it
+# would be sent the generation's prompt and image URLs, signed by the ledger. An event recorded
+# before the request (a prompt.enhanced that overtook it) leaves them to the request.
+REQUEST_COLUMNS = ("webhook", "webhook_events")
 
 
 def utc(value: datetime) -> datetime:

@@ -19,6 +19,8 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, get_args
 from urllib.parse import unquote
 
+from imagegen.auth.callers import ANY_CALLER, Caller
+
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
@@ -94,6 +96,8 @@ class Route:
         query_model: The query parameters, validated; None: no parameters.
         status: The success status.
         errors: Documented error statuses and what each means (400, 404, ...).
+        callers: The kinds of credential it accepts where authentication is on
+            (:mod:`imagegen.auth.callers`); a valid one of another kind is a 403.
     """
 
     method: str
@@ -105,6 +109,7 @@ class Route:
     query_model: type[BaseModel] | None = None
     status: int = 200
     errors: Mapping[int, str] = field(default_factory=lambda: MappingProxyType({}))
+    callers: frozenset[Caller] = ANY_CALLER
 
     @property
     def parameters(self) -> tuple[str, ...]:
@@ -137,6 +142,9 @@ class Stage:
             event's ``source`` + ``id``, else a new one), and its time from the event.
         png: Optional handler for a plain request with ``Accept: image/png``.
         routes: Further HTTP routes (queries of the stage's own records).
+        callers: The kinds of credential ``POST /`` accepts where authentication is on
+            (:mod:`imagegen.auth.callers`): an event sink, which the broker alone feeds, takes
+            its OIDC token only (``BROKER``); a valid API key there is a 403.
         direct: A plain-HTTP body laxer than the event's data; None: the same ``input_model``.
         start: ``await start(service)``, once, at start-up: what must work before the
             function says ready (a ledger in a local file). A failure fails start-up, as broken
@@ -161,6 +169,14 @@ class Stage:
     direct: Direct | None = None
     start: Callable[[ImageGenService], Awaitable[object]] | None = None
     warm_up: Callable[[ImageGenService], Awaitable[object]] | None = None
+    callers: frozenset[Caller] = ANY_CALLER
+
+    def callers_of(self, route: Route | None) -> tuple[frozenset[Caller], str]:
+        """Who may call ``route`` (None: ``POST /``), and the route as a refusal names it: the
+        arguments of :meth:`Principal.admit <imagegen.auth.Principal.admit>`."""
+        if route is None:
+            return self.callers, f"POST / of {self.name}"
+        return route.callers, f"{route.method} {route.path} of {self.name}"
 
     def models(self) -> tuple[type[BaseModel], ...]:
         """The models a request to this stage may validate or write: its input (the event's

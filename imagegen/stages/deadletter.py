@@ -1,9 +1,10 @@
 """deadletter: records each event whose delivery finally failed, and each ``generation.failed``.
 
-It is the dead-letter sink of every Trigger and the subscriber of ``generation.failed``. It
-must lose nothing, so it takes whatever arrives: any event type, any attributes, plain JSON
-without CloudEvents attributes, and a body that is not JSON at all (kept byte for byte, with
-the HTTP headers, credentials left out). Knative adds ``knativeerrorcode``, ``knativeerrordest``
+It is the dead-letter sink of every Trigger and the subscriber of ``generation.failed``, fed by
+the broker alone: it takes the broker's OIDC token, never an API key. It must lose nothing, so
+it takes whatever arrives: any event type, any attributes, plain JSON without CloudEvents
+attributes, and a body that is not JSON at all (kept byte for byte, with the HTTP headers,
+credentials left out). Knative adds ``knativeerrorcode``, ``knativeerrordest``
 and ``knativeerrordata`` to a dead-lettered event; the last is the failing reply, base64, cut at
 1,024 bytes, so it is decoded as far as it goes and never relied on.
 
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
+from imagegen.auth.callers import BROKER
 from imagegen.errors import InvalidRequest
 from imagegen.events import GENERATION_FAILED
 from imagegen.identity import derive_generation_id, event_time
@@ -150,4 +152,5 @@ STAGE = Stage(
     output_model=None,
     handler=_record,
     timeout=lambda settings: 60.0,
+    callers=BROKER,
 )

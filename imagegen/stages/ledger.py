@@ -1,7 +1,9 @@
 """ledger: records every imagegen event once; status, history, webhooks (CPU, no reply).
 
 Subscribed by one Trigger per imagegen event type; it replies nothing, so it never continues
-or forks the chain (a permanent failure is a 4xx, which Knative dead-letters). Its routes
+or forks the chain (a permanent failure is a 4xx, which Knative dead-letters). Events come from
+the broker alone: ``POST /`` takes its OIDC token, never an API key, which would let a platform
+service write any event into a generation's record (a webhook, an image URL). Its routes
 answer ``GET /generations/{id}``, ``GET /generations`` and ``POST /generations/{id}/replay``
 (:mod:`imagegen.ledger.api`). Each event is recorded by ``source`` + ``id``
 and folded into its generation's row (:mod:`imagegen.ledger`); a redelivery changes nothing
@@ -17,6 +19,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from imagegen.auth.callers import BROKER
 from imagegen.errors import ImageGenError, InvalidRequest
 from imagegen.events import (
     GENERATION_FAILED,
@@ -262,4 +265,5 @@ STAGE = Stage(
     routes=_routes(),
     start=_start,
     warm_up=_warm_up,
+    callers=BROKER,  # the routes, queries and replays, take API keys too
 )

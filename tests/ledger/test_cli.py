@@ -14,6 +14,7 @@ import pytest
 
 from imagegen.auth.api_keys import hash_api_key
 from imagegen.cli import main
+from tests.fakes.oidc_issuer import Issuer
 from tests.ledger.chain import T0, binary, chain
 from tests.test_cli import SMALL
 
@@ -164,9 +165,10 @@ def test_unknown_ids_and_bad_options_are_one_line_errors(run: Any) -> None:
 
 
 def test_status_and_history_read_a_served_ledger_over_http(
-    ledger_url: str, start_server: Any, as_json: Any, run: Any
+    ledger_url: str, start_server: Any, as_json: Any, run: Any, issuer: Issuer
 ) -> None:
-    # The ledger function as in its container (gunicorn, a real port), requiring a key.
+    # The ledger function as in its container (gunicorn, a real port), requiring a token: the
+    # broker's to record events, a key to read them.
     key = "cli-test-key-0123456789abcdef"
     server = start_server(
         "ledger",
@@ -174,9 +176,12 @@ def test_status_and_history_read_a_served_ledger_over_http(
             "IMAGEGEN_LEDGER_URL": ledger_url,
             "IMAGEGEN_AUTH_REQUIRED": "true",
             "IMAGEGEN_API_KEY_HASHES": hash_api_key(key),
+            "IMAGEGEN_OIDC_DISCOVERY_URL": issuer.url,
+            "IMAGEGEN_OIDC_CA_FILE": "",
+            "IMAGEGEN_OIDC_TOKEN_FILE": "",
         },
     )
-    bearer = {"Authorization": f"Bearer {key}"}
+    bearer = {"Authorization": f"Bearer {issuer.sign({}, audience='imagegen-ledger')}"}
     for n, gid in enumerate(("gen-1", "gen-2")):
         events = chain(gid, start=T0 + timedelta(minutes=n))
         for name in ("requested", "enhanced", "rendered", "persisted"):

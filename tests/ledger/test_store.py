@@ -17,7 +17,9 @@ from imagegen.events import IMAGE_DERIVED, reply_id, source_for
 from imagegen.ledger import Ledger, LedgerEvent, open_ledger
 from imagegen.ledger._migrate import CREATE_TABLE, migrations, statements
 from imagegen.ledger._sql import AFTER, HISTORY_PAGE
-from imagegen.ledger._statements import PRUNE
+from imagegen.ledger._statements import PRUNE, UPSERT_GENERATION, upsert_params
+from imagegen.ledger.fold import Change
+from imagegen.ledger.models import Status
 from imagegen.models import derive_generation_id
 from tests.ledger.chain import T0, chain
 
@@ -338,6 +340,75 @@ def test_a_request_id_reused_for_another_generation_writes_nothing_of_it(ledger:
     assert ledger.delivery_states("gen-two") == {}
     kept = ledger.get("gen-one")
     assert kept is not None and kept.status == "requested" and len(kept.timeline) == 1
+
+
+def _webhook(ledger: Ledger, gid: str) -> tuple[str | None, list[str] | None]:
+    """Where ``gid``'s webhook messages go, and which, as its row keeps them."""
+    with ledger.transaction() as db:
+        [row] = db.query(
+            "SELECT webhook, webhook_events FROM generations WHERE generation_id = :gid",
+            {"gid": gid},
+        )
+    return row["webhook"], row["webhook_events"]
+
+
+def _another_request(gid: str, webhook: str) -> LedgerEvent:
+    """A second ``generation.requested`` naming ``gid``: another source and id, a webhook."""
+    event = chain(gid, webhook=webhook, webhook_events=["completed"])["requested"]
+    return event.model_copy(update={"source": "/elsewhere", "id": f"again-{gid}"})
+
+
+def test_only_the_first_request_of_a_generation_says_where_its_webhooks_go(
+    ledger: Ledger,
+) -> None:
+    """A second request naming a generation may not name a webhook the first left out (it
+    would be sent that generation's prompt and image URLs, signed by the ledger), nor change
+    the one the first named."""
+    events = chain("gen-quiet")
+    ledger.ingest(events["requested"])
+    second = ledger.ingest(_another_request("gen-quiet", "https://hooks.example/other"))
+    assert not second.duplicate and second.generation_id == "gen-quiet"
+    for name in ("enhanced", "rendered", "persisted"):
+        ledger.ingest(events[name])
+    assert _webhook(ledger, "gen-quiet") == (None, None)
+    assert ledger.delivery_states("gen-quiet") == {}
+
+    ledger.ingest(chain("gen-told", webhook="https://hooks.example/mine")["requested"])
+    ledger.ingest(_another_request("gen-told", "https://hooks.example/other"))
+    assert _webhook(ledger, "gen-told") == (
+        "https://hooks.example/mine",
+        ["started", "completed", "failed"],
+    )
+
+
+def test_a_request_recorded_after_its_enhanced_event_still_names_the_webhook(
+    ledger: Ledger,
+) -> None:
+    events = chain("gen-late", webhook="https://hooks.example/mine", webhook_events=["started"])
+    ledger.ingest(events["enhanced"])  # overtook its request: the row is made without it
+    assert _webhook(ledger, "gen-late") == (None, None)
+    ledger.ingest(events["requested"])
+    assert _webhook(ledger, "gen-late") == ("https://hooks.example/mine", ["started"])
+    assert ledger.delivery_states("gen-late")["started"]["state"] == "pending"
+    ledger.ingest(_another_request("gen-late", "https://hooks.example/other"))
+    assert _webhook(ledger, "gen-late") == ("https://hooks.example/mine", ["started"])
+
+
+def test_the_upsert_takes_a_webhook_from_a_request_only(ledger: Ledger) -> None:
+    """The upsert's own rule, whatever the fold hands it: of the changes to an existing row,
+    only the one recording its first request (it sets ``requested_at``) names the webhook."""
+    hook = {"webhook": "https://hooks.example/other", "webhook_events": ["completed"]}
+
+    def upsert(status: Status, fields: dict[str, Any]) -> None:
+        with ledger.transaction() as db:
+            db.query(UPSERT_GENERATION, upsert_params(Change("gen-sql", status, T0, fields), T0))
+
+    upsert("enhanced", {})  # the row, made before its request
+    upsert("rendered", hook)
+    assert _webhook(ledger, "gen-sql") == (None, None)
+    upsert("requested", {})
+    upsert("persisted", hook)
+    assert _webhook(ledger, "gen-sql") == (None, None)
 
 
 def _insert_as_before_listed_at(ledger: Ledger, gid: str, at: datetime) -> None:
