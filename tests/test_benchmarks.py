@@ -173,7 +173,6 @@ def test_the_cli_start_up_rounds_rotate_which_command_goes_first(
 
 
 def test_each_options_compile_starts_from_fresh_caches(monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("torch")
     import os
 
     import gpu
@@ -191,7 +190,6 @@ def test_each_options_compile_starts_from_fresh_caches(monkeypatch: pytest.Monke
 
 
 def test_the_gpu_script_refuses_to_run_without_cuda(capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("torch")
     import gpu
 
     if gpu_available():
@@ -203,7 +201,6 @@ def test_the_gpu_script_refuses_to_run_without_cuda(capsys: pytest.CaptureFixtur
 def test_the_gpu_script_smoke_runs_its_parts_on_the_cpu(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytest.importorskip("diffusers")
     import gpu
 
     from imagegen.render.batching import BATCHED_MAX_ABS_DIFF, BATCHED_MIN_PSNR
@@ -245,7 +242,6 @@ def test_the_gpu_script_smoke_runs_its_parts_on_the_cpu(
 def test_the_gpu_script_times_a_random_weight_klein_written_where_it_is_told(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    pytest.importorskip("diffusers")
     import gpu
     from _random_klein import build_random_klein
 
@@ -296,7 +292,6 @@ def test_the_gpu_script_times_a_random_weight_klein_written_where_it_is_told(
 def test_an_option_past_its_limit_is_stopped_and_the_next_runs(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytest.importorskip("torch")
     import gpu
 
     ran: list[str] = []
@@ -337,7 +332,6 @@ def gpu_available() -> bool:
 
 
 def test_the_png_rows_time_both_strategies_on_a_photo_like_image() -> None:
-    pytest.importorskip("numpy")
     from _png import png
 
     rows = png(rounds=1)

@@ -220,6 +220,18 @@ async def test_a_trip_opens_it_for_a_full_cooldown_and_says_why(
     assert never.state == "closed", "a threshold of 0 never opens it"
 
 
+async def test_a_trip_of_an_open_circuit_does_not_extend_its_cooldown() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker("dep", threshold=3, cooldown=5, clock=clock)
+    breaker.trip("not answering at start-up")
+    clock.now += 4
+    breaker.trip("still not answering")  # already open: the cool-down runs from the first
+    clock.now += 1
+    assert breaker.state == "half_open"
+    await _succeed(breaker)  # the probe goes through on the first trip's schedule
+    assert breaker.state == "closed"
+
+
 async def test_the_probe_is_one_attempt(fake_ollama: FakeOllama) -> None:
     """Retries are for an Ollama that was up; the probe only asks whether it is back."""
     fake_ollama.answer(http_error(500))

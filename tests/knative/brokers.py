@@ -25,15 +25,22 @@ Channel-based broker (``MTChannelBasedBroker``; knative/eventing v1.22):
   reply; an event with TTL <= 0 is refused with 400: the loop protection).
 - delivery ``pkg/kncloudevents/event_dispatcher.go`` (``send``, ``executeRequest``) and
   ``retries.go`` (``SelectiveRetry``: 5xx, 404, 408, 409, 429 and no response are retried;
-  backoff; ``Retry-After`` only with ``retryAfterMax``, which needs the ``delivery-retryafter``
-  feature); the dead-letter sink gets the original event with ``knativeerrordest``,
-  ``knativeerrorcode`` and ``knativeerrordata`` (base64, cut to 1,024 characters), is retried
-  like the subscriber, and its reply is discarded; a reply that cannot be published to the
-  ingress dead-letters the original event.
+  backoff, none without both ``backoffPolicy`` and ``backoffDelay``; ``Retry-After``, seconds
+  or an HTTP-date (``parseRetryAfterDuration``), only with ``retryAfterMax``, which needs the
+  ``delivery-retryafter`` feature); the dead-letter sink gets the original event with
+  ``knativeerrordest``, ``knativeerrorcode`` and ``knativeerrordata`` (base64, cut to 1,024
+  characters), is retried like the subscriber, and its reply is discarded; a reply that cannot
+  be published to the ingress dead-letters the original event. A subscriber that cannot be
+  reached is a 500 whose body is ``dispatch error: …`` (``executeRequest``), which the filter
+  hands on (below); one that does not answer within the timeout leaves no error extensions.
 - filter ``pkg/broker/filter/filter_handler.go``: the TTL is removed before the subscriber sees
   the event and put back on its reply; a 2xx reply that is neither empty nor a CloudEvent, or
   a malformed CloudEvent, becomes a 502 ("The response MUST be either empty or a valid
-  CloudEvent"), which is retried and finally dead-lettered without error extensions.
+  CloudEvent"), which is retried and finally dead-lettered without error extensions. A failed
+  request to the subscriber is answered with its status (500 where nothing came back) and an
+  ``ErrExtensionInfo`` body (``pkg/broker/err_extension.go``: the subscriber's URL and its
+  body), which the dispatcher unwraps into the error extensions
+  (``event_dispatcher.go`` ``dispatchExecutionInfoTransformers``).
 
 Kafka broker (knative-extensions/eventing-kafka-broker, ``data-plane/dispatcher``):
 
@@ -57,8 +64,9 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime
 
 from .cloudevents_http import Event, MalformedEvent, decode, encode_binary
 from .delivery import (
@@ -74,6 +82,7 @@ from .delivery import (
     Transport,
     error_extensions,
     http_transport,
+    retry_after_seconds,
     retryable,
 )
 from .routing import CHANNEL_BROKER, KAFKA_BROKER, Routing, TriggerInfo
@@ -94,6 +103,7 @@ class Broker:
         seed: Shuffle the order in which pending deliveries start.
         max_events: Accept at most this many events (a Kafka routing loop never ends).
         workers: Deliveries in flight at once.
+        clock: The time an HTTP-date ``Retry-After`` is reckoned from (default: now, UTC).
     """
 
     def __init__(
@@ -108,6 +118,7 @@ class Broker:
         seed: int | None = None,
         max_events: int = 200,
         workers: int = 8,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.routing = routing
         self.urls = dict(urls)
@@ -119,6 +130,7 @@ class Broker:
         self.redeliveries = redeliveries
         self.random = random.Random(seed) if seed is not None else None
         self.max_events = max_events
+        self.clock = clock or (lambda: datetime.now(UTC))
         self.attempts: list[Attempt] = []
         self.dead_letters: list[DeadLetter] = []
         self.accepted: list[Event] = []
@@ -240,22 +252,17 @@ class Broker:
         if seconds > 0:
             time.sleep(seconds * self.time_scale)
 
-    def _send(self, trigger: TriggerInfo, url: str, event: Event) -> Delivery | None:
+    def _send(self, trigger: TriggerInfo, url: str, event: Event) -> Delivery | NoResponse:
+        """One request: what came back, or why nothing did."""
         timeout = trigger.timeout.total_seconds() if trigger.timeout else 60.0
+        delivery: Delivery | NoResponse
         try:
             delivery = self.transport(url, encode_binary(event), timeout)
-        except NoResponse:
-            delivery = None
+        except NoResponse as failure:
+            delivery = failure
+        status = delivery.status if isinstance(delivery, Delivery) else None
         with self._lock:
-            self.attempts.append(
-                Attempt(
-                    trigger.name,
-                    url,
-                    event["type"],
-                    event["id"],
-                    None if delivery is None else delivery.status,
-                )
-            )
+            self.attempts.append(Attempt(trigger.name, url, event["type"], event["id"], status))
         return delivery
 
     def _attempt(self, trigger: TriggerInfo, event: Event) -> Outcome:
@@ -263,11 +270,8 @@ class Broker:
         ttl = event.get(TTL)
         # filter_handler.go: the subscriber never sees the broker's TTL.
         delivery = self._send(trigger, url, event.with_attributes(**{TTL: None}))
-        if delivery is None:
-            # Kafka: no response, only the destination. Channel: the dispatcher's request to
-            # the filter failed; the filter's host is not the subscriber, so no extensions.
-            errors = {"knativeerrordest": url} if self.kafka else None
-            return Outcome(None, errors=errors)
+        if isinstance(delivery, NoResponse):
+            return Outcome(None, errors=self._unanswered(url, delivery))
         if delivery.status >= 300:
             outcome = Outcome(
                 delivery.status,
@@ -275,11 +279,29 @@ class Broker:
                     url, delivery.status, delivery.message.body, kafka=self.kafka
                 ),
             )
-            retry_after = delivery.message.header("retry-after")
-            if retry_after is not None and retry_after.isdigit():
-                outcome.retry_after = float(retry_after)
+            outcome.retry_after = retry_after_seconds(
+                delivery.message.header("retry-after"), now=self.clock()
+            )
             return outcome
         return self._reply(delivery, url, ttl)
+
+    def _unanswered(self, url: str, failure: NoResponse) -> dict[str, str] | None:
+        """What the dead-letter sink is told of a subscriber that gave no response."""
+        if self.kafka:
+            # RecordDispatcherImpl.onSubscriberFailure: no response, only the destination.
+            return {"knativeerrordest": url}
+        if failure.timed_out:
+            # The filter's own request has no timeout (pkg/kncloudevents/http_client.go): the
+            # dispatcher's request to the filter ends first, and its "dispatch error" names
+            # the filter and is no ErrExtensionInfo, so dispatchExecutionInfoTransformers
+            # adds no extension at all.
+            return None
+        # event_dispatcher.go executeRequest: ResponseCode 500, ResponseBody "dispatch error:
+        # " + the client's error (Go's url.Error: Post "<url>": <cause>; the cause is this
+        # transport's words, not Go's). The filter answers that 500 with ErrExtensionInfo{the
+        # subscriber's URL, that body} (filter_handler.go send), which the dispatcher unwraps.
+        body = f'dispatch error: Post "{url}": {failure}'.encode()
+        return error_extensions(url, 500, body, kafka=False)
 
     def _reply(self, delivery: Delivery, url: str, ttl: str | None) -> Outcome:
         try:
@@ -316,8 +338,8 @@ class Broker:
             if attempt:
                 self._sleep(waits[attempt - 1].total_seconds())
             delivery = self._send(trigger, url, letter)
-            status = None if delivery is None else delivery.status
-            if delivery is not None and status is not None and status < 300:
+            status = delivery.status if isinstance(delivery, Delivery) else None
+            if isinstance(delivery, Delivery) and status is not None and status < 300:
                 accepted = True
                 if self.kafka:
                     # The dead-letter sink's reply goes through the same response handler.

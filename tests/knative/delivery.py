@@ -2,16 +2,19 @@
 
 What goes over the wire and what comes back: the transport, the statuses that are retried
 (eventing ``pkg/kncloudevents/retries.go`` ``SelectiveRetry``; eventing-kafka-broker
-``WebClientCloudEventSender.isRetryableStatusCode``) and the error extensions a dead-letter
-sink is told (eventing ``pkg/kncloudevents/event_dispatcher.go``; eventing-kafka-broker
+``WebClientCloudEventSender.isRetryableStatusCode``), how a ``Retry-After`` is read (eventing
+``retries.go`` ``parseRetryAfterDuration``) and the error extensions a dead-letter sink is
+told (eventing ``pkg/kncloudevents/event_dispatcher.go``; eventing-kafka-broker
 ``RecordDispatcherImpl.java``).
 """
 
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 import httpx
 
@@ -26,7 +29,17 @@ INGRESS_URL = "http://broker-ingress.knative-eventing.svc.cluster.local/ns/broke
 
 
 class NoResponse(Exception):
-    """The subscriber could not be reached, or did not answer within the attempt timeout."""
+    """The subscriber could not be reached, or did not answer within the attempt timeout.
+
+    Args:
+        reason: What failed, as the HTTP client says it.
+        timed_out: Nothing came back within the attempt timeout (otherwise the connection
+            failed: refused, reset, no such host).
+    """
+
+    def __init__(self, reason: str, *, timed_out: bool = False) -> None:
+        super().__init__(reason)
+        self.timed_out = timed_out
 
 
 class RoutingLoop(RuntimeError):
@@ -54,6 +67,8 @@ def http_transport(client: httpx.Client | None = None) -> Transport:
             response = http.post(
                 url, headers=dict(message.headers), content=message.body, timeout=timeout
             )
+        except httpx.TimeoutException as exc:
+            raise NoResponse(f"{type(exc).__name__}: {exc}", timed_out=True) from exc
         except httpx.HTTPError as exc:
             raise NoResponse(f"{type(exc).__name__}: {exc}") from exc
         headers = {k.lower(): v for k, v in response.headers.items()}
@@ -98,6 +113,87 @@ def error_extensions(
     else:
         data = base64.b64encode(body).decode()[:ERROR_DATA_MAX]
     return {**extensions, "knativeerrorcode": str(status), "knativeerrordata": data}
+
+
+# Go's strconv.ParseInt(s, 10, 64): an optional sign, then ASCII digits, within int64.
+_GO_INT = re.compile(r"[+-]?[0-9]+")
+_INT64 = 2**63
+# Go's time.Parse of http.ParseTime's layouts (net/http/header.go, timeFormats): names of days
+# and months in any case, a space of the layout matching a run of spaces (time/format.go
+# skip), "15" one or two digits, "05" optionally followed by a fraction.
+_SHORT_DAY = r"(?i:sun|mon|tue|wed|thu|fri|sat)"
+_LONG_DAY = r"(?i:sunday|monday|tuesday|wednesday|thursday|friday|saturday)"
+_MONTH = r"(?P<month>(?i:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec))"
+_CLOCK = r"(?P<hour>[0-9]{1,2}):(?P<minute>[0-9]{2}):(?P<second>[0-9]{2})(?P<fraction>[.,][0-9]+)?"
+# time/format.go parseTimeZone: GMT with an optional signed hour (at most 23), or three to
+# five upper-case letters, four or five only ending in T (and WITA, ChST, MeST).
+_ZONE = r"(?P<zone>GMT(?:[+-][0-9]+)?|ChST|MeST|WITA|[A-Z]{3,4}T|[A-Z]{3})"
+_HTTP_DATES = (
+    # http.TimeFormat, "Mon, 02 Jan 2006 15:04:05 GMT"
+    re.compile(
+        rf"{_SHORT_DAY}, +(?P<day>[0-9]{{2}}) +{_MONTH} +(?P<year>[0-9]{{4}}) +{_CLOCK} +GMT"
+    ),
+    # time.RFC850, "Monday, 02-Jan-06 15:04:05 MST"
+    re.compile(
+        rf"{_LONG_DAY}, +(?P<day>[0-9]{{2}})-{_MONTH}-(?P<yy>[0-9]{{2}}) +{_CLOCK} +{_ZONE}"
+    ),
+    # time.ANSIC, "Mon Jan _2 15:04:05 2006": "_2", a day padded with a space or not
+    re.compile(rf"{_SHORT_DAY} +{_MONTH} +(?P<day>[0-9]{{1,2}}) +{_CLOCK} +(?P<year>[0-9]{{4}})"),
+)
+_MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+
+
+def retry_after_seconds(value: str | None, *, now: datetime) -> float | None:
+    """The wait a ``Retry-After`` value asks for, as the channel-based broker reads it.
+
+    eventing ``pkg/kncloudevents/retries.go`` ``parseRetryAfterDuration`` (knative/eventing
+    main at 8cf4c4b, as in v1.22): ``strconv.ParseInt(value, 10, 64)`` seconds, else
+    ``http.ParseTime(value)`` (an HTTP-date in any of its three layouts) less now
+    (``time.Until``: in the past, negative). Go's own details are kept: a header value is
+    trimmed (net/textproto), seconds past ``time.Duration``'s range wrap around as its int64
+    nanoseconds do, and the clock is read as UTC whatever zone follows it: ``time.Parse``
+    labels the time with a zone unknown to the dispatcher (whose local zone is UTC), even
+    ``GMT+3``, without moving it. Checked against Go 1.19's net/http and strconv on the
+    cases of ``test_brokers.py``.
+
+    Returns:
+        Seconds, possibly negative; None where the value is absent or unreadable (upstream:
+        0, which no backoff is shorter than, so it changes nothing either).
+    """
+    if value is None:
+        return None
+    value = value.strip(" \t")
+    if _GO_INT.fullmatch(value) and -_INT64 <= int(value) < _INT64:
+        nanoseconds = (int(value) * 10**9 + _INT64) % 2**64 - _INT64  # Duration * time.Second
+        return nanoseconds / 10**9
+    for layout in _HTTP_DATES:
+        found = layout.fullmatch(value)
+        if found is None:
+            continue
+        fields = found.groupdict()
+        year = int(fields["year"]) if fields.get("year") else None
+        if year is None:  # "06": 69-99 are 1969-1999, the rest 2000-2068 (time/format.go)
+            yy = int(fields["yy"])
+            year = yy + (1900 if yy >= 69 else 2000)
+        zone = fields.get("zone") or ""
+        if zone.startswith("GMT") and len(zone) > 3 and abs(int(zone[3:])) > 23:
+            return None  # parseSignedOffset refuses it: no zone, no match
+        try:
+            at = datetime(
+                year,
+                _MONTHS.index(fields["month"].lower()) + 1,
+                int(fields["day"]),
+                int(fields["hour"]),
+                int(fields["minute"]),
+                int(fields["second"]),
+                tzinfo=UTC,
+            )
+        except ValueError:  # a day, hour, minute or second out of range
+            return None
+        fraction = float("0." + fields["fraction"][1:]) if fields["fraction"] else 0.0
+        at += timedelta(seconds=fraction)
+        return (at - now).total_seconds()
+    return None
 
 
 @dataclass

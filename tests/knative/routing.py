@@ -43,6 +43,9 @@ PING_EVENT_TYPE = "dev.knative.sources.ping"
 
 CHANNEL_BROKER = "MTChannelBasedBroker"
 KAFKA_BROKER = "Kafka"
+KAFKA_DEFAULT_BACKOFF_DELAY = timedelta(milliseconds=1000)
+"""The Kafka broker's backoff delay where a Trigger with ``retry`` sets none (see
+:meth:`TriggerInfo.backoff_schedule`)."""
 BROKER_CLASS_ANNOTATION = "eventing.knative.dev/broker.class"
 
 _KSVC_API = "serving.knative.dev/v1"
@@ -176,24 +179,38 @@ class TriggerInfo:
         return True
 
     def backoff_schedule(self, broker_class: str = CHANNEL_BROKER) -> list[timedelta]:
-        """The waits before retry 1, 2, … as each broker computes them.
+        """The waits before retry 1, 2, … as each broker computes them (one per retry).
 
         Channel-based (eventing ``pkg/kncloudevents/retries.go``, ``RetryConfigFromDeliverySpec``;
         go-retryablehttp counts attempts from 0): exponential ``delay * 2**n``, linear
-        ``delay * n``, for n = 0, 1, …
+        ``delay * n``, for n = 0, 1, … Only with both ``backoffPolicy`` and ``backoffDelay``:
+        otherwise the ``Backoff`` of ``NoRetries()`` stays, which returns 0, and every retry
+        follows at once (no webhook defaults either: ``pkg/apis/duck/v1/delivery_defaults.go``).
 
         Kafka (``data-plane/dispatcher/.../impl/http/WebClientCloudEventSender.java``:
         ``retry()`` applies the policy to ``retryCounter + 1``, ``computeRetryPolicy``):
-        exponential ``delay * 2**(n+1)``, linear ``delay * (n+1)``: each wait twice as long.
+        exponential ``delay * 2**(n+1)``, linear ``delay * (n+1)``: each wait twice as long; a
+        delay of 0 waits 0. With ``retry`` set, the control plane fills in what is missing
+        (``control-plane/pkg/core/config/utils.go``, ``EgressConfigFromDelivery``): the delay
+        ``BROKER_DEFAULT_BACKOFF_DELAY_MS`` (1000 in
+        ``control-plane/config/eventing-kafka-broker/200-controller/500-controller.yaml``) and
+        the policy exponential (``BackoffPolicyFromString``). knative-extensions/
+        eventing-kafka-broker main at 7d8fe89.
         """
-        if not self.retry or self.backoff_delay is None or self.backoff_policy is None:
+        if not self.retry:
             return []
+        policy, delay = self.backoff_policy, self.backoff_delay
+        if broker_class == KAFKA_BROKER:
+            policy = policy or "exponential"
+            delay = KAFKA_DEFAULT_BACKOFF_DELAY if delay is None else delay
+        elif policy is None or delay is None:
+            return [timedelta(0)] * self.retry
         shift = 1 if broker_class == KAFKA_BROKER else 0
-        if self.backoff_policy == "exponential":
-            return [self.backoff_delay * 2 ** (n + shift) for n in range(self.retry)]
-        if self.backoff_policy == "linear":
-            return [self.backoff_delay * (n + shift) for n in range(self.retry)]
-        raise ValueError(f"Trigger {self.name}: unknown backoffPolicy {self.backoff_policy!r}")
+        if policy == "exponential":
+            return [delay * 2 ** (n + shift) for n in range(self.retry)]
+        if policy == "linear":
+            return [delay * (n + shift) for n in range(self.retry)]
+        raise ValueError(f"Trigger {self.name}: unknown backoffPolicy {policy!r}")
 
 
 @dataclass(frozen=True)

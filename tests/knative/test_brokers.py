@@ -9,12 +9,13 @@ from __future__ import annotations
 import base64
 import json
 import threading
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
 from .cloudevents_http import MalformedEvent, Message, decode
-from .delivery import INGRESS_URL, Delivery, NoResponse, RoutingLoop
+from .delivery import INGRESS_URL, Delivery, NoResponse, RoutingLoop, retry_after_seconds
 from .routing import CHANNEL_BROKER, KAFKA_BROKER, Routing, TriggerInfo
 from .scripted import (
     Cluster,
@@ -26,6 +27,16 @@ from .scripted import (
 )
 
 CLASSES = (CHANNEL_BROKER, KAFKA_BROKER)
+NOW = datetime(2026, 1, 7, 10, 0, 0, tzinfo=UTC)  # a Wednesday
+
+
+def _without(docs: list[dict[str, Any]], *keys: str) -> list[dict[str, Any]]:
+    """``docs`` with these fields taken out of the Trigger's ``delivery``."""
+    for doc in docs:
+        if doc["kind"] == "Trigger":
+            for key in keys:
+                del doc["spec"]["delivery"][key]
+    return docs
 
 
 # Filters.
@@ -58,6 +69,37 @@ def test_backoff_schedules() -> None:
     linear = TriggerInfo(**{**trigger.__dict__, "backoff_policy": "linear"})
     assert linear.backoff_schedule(CHANNEL_BROKER) == [timedelta(seconds=s) for s in (0, 1, 2)]
     assert linear.backoff_schedule(KAFKA_BROKER) == [timedelta(seconds=s) for s in (1, 2, 3)]
+
+
+@pytest.mark.parametrize(
+    ("missing", "channel", "kafka"),
+    [
+        # Channel: no Backoff of its own without both (retries.go); Kafka: the control plane's
+        # default delay of 1 s, exponential by default (core/config/utils.go).
+        (("backoffPolicy", "backoffDelay"), [0, 0], [2, 4]),
+        (("backoffPolicy",), [0, 0], [2, 4]),
+        (("backoffDelay",), [0, 0], [2, 4]),
+    ],
+)
+def test_a_retry_without_its_backoff_takes_each_brokers_default(
+    missing: tuple[str, ...], channel: list[float], kafka: list[float]
+) -> None:
+    [trigger] = Routing(_without(manifests(retry=2), *missing)).triggers
+    assert trigger.backoff_schedule(CHANNEL_BROKER) == [timedelta(seconds=s) for s in channel]
+    assert trigger.backoff_schedule(KAFKA_BROKER) == [timedelta(seconds=s) for s in kafka]
+
+
+@pytest.mark.parametrize(
+    ("broker_class", "waits"), [(CHANNEL_BROKER, [0.0, 0.0]), (KAFKA_BROKER, [2.0, 4.0])]
+)
+def test_a_retry_without_backoff_is_delivered_again(broker_class: str, waits: list[float]) -> None:
+    docs = _without(manifests(retry=2), "backoffPolicy", "backoffDelay")
+    cluster = Cluster(broker_class, docs)
+    cluster.handlers["sub"] = lambda m: Delivery(503)
+    broker = cluster.run(event())
+    assert statuses(broker) == [503, 503, 503]
+    assert cluster.waits == waits  # the channel broker's at once
+    assert [letter.accepted for letter in broker.dead_letters] == [True]
 
 
 @pytest.mark.parametrize(
@@ -111,6 +153,51 @@ def test_retry_after(broker_class: str, delivery: dict[str, str], waits: list[fl
     cluster.handlers["sub"] = lambda m: next(answers)
     broker = cluster.run(event())
     assert statuses(broker) == [429, 202] and cluster.waits == waits
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("20", 20.0),
+        ("+20", 20.0),  # strconv.ParseInt takes a sign
+        ("-5", -5.0),  # less than any backoff: the backoff is waited
+        (" 20\t", 20.0),  # net/textproto trims a header's value
+        ("20.5", None),
+        ("\uff12\uff10", None),  # digits, but not ASCII ones: not for ParseInt
+        ("soon", None),
+        ("", None),
+        ("9223372037", -9223372036709551616 / 10**9),  # Duration's int64 ns wrap around
+        # http.ParseTime's three layouts (net/http/header.go).
+        ("Wed, 07 Jan 2026 10:00:20 GMT", 20.0),
+        ("wed, 07 JAN 2026 10:00:20 GMT", 20.0),
+        ("Wed, 07 Jan 2026 10:00:20.5 GMT", 20.5),
+        ("Wed, 07 Jan 2026 09:59:00 GMT", -60.0),
+        ("Wednesday, 07-Jan-26 10:00:20 GMT", 20.0),
+        ("Wednesday, 07-Jan-26 10:00:20 CET", 20.0),  # unknown to the dispatcher: offset 0
+        ("Wednesday, 07-Jan-26 10:00:20 GMT+3", 20.0),  # the zone labels it, never moves it
+        ("Wed Jan  7 10:00:20 2026", 20.0),
+        ("Wed Jan 7 10:00:20 2026", 20.0),
+        ("Wed,  07 Jan 2026 10:00:20 GMT", 20.0),  # a layout's space: a run of spaces
+        ("Wed, 07 Jan 2026 10:00:20 UTC", None),  # TimeFormat says GMT
+        ("Wed, 7 Jan 2026 10:00:20 GMT", None),  # "02": two digits
+        ("Wed, 32 Jan 2026 10:00:20 GMT", None),
+        ("Wednesday, 07-Jan-26 10:00:20 GMT+24", None),
+    ],
+)
+def test_retry_after_is_read_as_the_channel_broker_reads_it(
+    value: str, seconds: float | None
+) -> None:
+    assert retry_after_seconds(value, now=NOW) == seconds
+
+
+def test_a_retry_after_date_is_waited_until() -> None:
+    cluster = Cluster(CHANNEL_BROKER, manifests(retry=1, retryAfterMax="PT30S"), clock=lambda: NOW)
+    answers = iter(
+        [Delivery(503, Message({"retry-after": "Wed, 07 Jan 2026 10:00:20 GMT"})), Delivery(202)]
+    )
+    cluster.handlers["sub"] = lambda m: next(answers)
+    broker = cluster.run(event())
+    assert statuses(broker) == [503, 202] and cluster.waits == [20.0]
 
 
 # Replies.
@@ -270,18 +357,46 @@ def test_kafka_publishes_the_dead_letter_sinks_reply_and_refuses_a_bad_one() -> 
     assert len(broker.lost) == 1
 
 
-@pytest.mark.parametrize("broker_class", CLASSES)
-def test_no_response_is_retried(broker_class: str) -> None:
+@pytest.mark.parametrize(
+    ("broker_class", "told"),
+    [
+        # executeRequest's 500 and "dispatch error", handed on by the filter
+        (CHANNEL_BROKER, {"code": "500", "data": 'dispatch error: Post "http://sub": refused'}),
+        (KAFKA_BROKER, {}),  # RecordDispatcherImpl: the destination alone
+    ],
+)
+def test_no_response_is_retried_and_dead_lettered(broker_class: str, told: dict[str, str]) -> None:
     cluster = Cluster(broker_class, manifests(retry=2))
 
     def unreachable(message: Message) -> Delivery:
-        raise NoResponse("connection refused")
+        raise NoResponse("refused")
 
     cluster.handlers["sub"] = unreachable
     broker = cluster.run(event())
     assert statuses(broker) == [None, None, None]
     [letter] = broker.dead_letters
-    assert ("knativeerrorcode" in letter.event.attributes) is False
+    errors = {k: v for k, v in letter.event.attributes.items() if k.startswith("knativeerror")}
+    assert errors.pop("knativeerrordest") == "http://sub"
+    if "knativeerrordata" in errors:
+        errors["knativeerrordata"] = base64.b64decode(errors["knativeerrordata"]).decode()
+    assert errors == {f"knativeerror{k}": v for k, v in told.items()}
+
+
+@pytest.mark.parametrize(
+    ("broker_class", "told"), [(CHANNEL_BROKER, set()), (KAFKA_BROKER, {"knativeerrordest"})]
+)
+def test_a_subscriber_past_the_timeout_is_dead_lettered(broker_class: str, told: set[str]) -> None:
+    """The channel dispatcher's own request times out, to the filter: nothing to unwrap."""
+    cluster = Cluster(broker_class, manifests(retry=1, timeout="PT1S"))
+
+    def silent(message: Message) -> Delivery:
+        raise NoResponse("ReadTimeout: timed out", timed_out=True)
+
+    cluster.handlers["sub"] = silent
+    broker = cluster.run(event())
+    assert statuses(broker) == [None, None]
+    [letter] = broker.dead_letters
+    assert {k for k in letter.event.attributes if k.startswith("knativeerror")} == told
 
 
 # Concurrency, duplicates and order.

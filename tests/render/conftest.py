@@ -27,7 +27,6 @@ def lora_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _loaded(model: str, lora_root: Path) -> Iterator[Any]:
     """A CPU :class:`DiffusersBackend` with ``model`` loaded and ``lora_root`` configured."""
-    pytest.importorskip("diffusers")
     from imagegen.render.diffusers_backend import DiffusersBackend
     from imagegen.settings import Settings
 
@@ -39,7 +38,6 @@ def _loaded(model: str, lora_root: Path) -> Iterator[Any]:
 
 def _saved(model: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The offline pipeline ``model`` names, saved in diffusers' layout in a directory so named."""
-    pytest.importorskip("diffusers")
     from imagegen.render._family import build_offline
 
     pipe = build_offline(model)
@@ -62,7 +60,6 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def lora_dir(lora_root: Path) -> Path:
     """A random LoRA for the tiny transformer, in diffusers' LoRA format, inside ``lora_root``."""
-    pytest.importorskip("peft")
     from imagegen.render.tiny import build_tiny_flux_pipeline
 
     return save_lora(build_tiny_flux_pipeline(), lora_root / "sketchy", targets=FLUX_LORA_TARGETS)

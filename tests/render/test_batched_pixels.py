@@ -8,13 +8,10 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from imagegen.models import EnhancedPrompt
 from imagegen.render.batching import BATCHED_MAX_ABS_DIFF, BATCHED_MIN_PSNR
-
-pytest.importorskip("diffusers")
 
 MakeJob = Callable[..., EnhancedPrompt]
 

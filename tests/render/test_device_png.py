@@ -8,12 +8,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
-
-pytest.importorskip("diffusers")
-
 import torch
 from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
 
 from imagegen.render import diffusers_backend, png
 from imagegen.render._device_png import (

@@ -8,14 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub.constants
 import numpy as np
 import pytest
-from PIL import Image
-
-pytest.importorskip("diffusers")
-
-import huggingface_hub.constants
 import torch
+from PIL import Image
 
 from imagegen.errors import DependencyUnavailable, InvalidRequest
 from imagegen.models import EnhancedPrompt, LoraHint

@@ -6,11 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-pytest.importorskip("diffusers")
-
 import numpy as np
+import pytest
 import torch
 
 from imagegen.render._family import build_offline, call_options

@@ -27,7 +27,6 @@ def test_import_does_not_load_torch(module: str) -> None:
 
 
 def test_backend_is_reachable_from_the_package() -> None:
-    pytest.importorskip("diffusers")
     import imagegen.render
     from imagegen.render.diffusers_backend import DiffusersBackend
 

@@ -12,9 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("diffusers")
-pytest.importorskip("peft")
-
 from imagegen.errors import InvalidRequest
 from imagegen.models import EnhancedPrompt, LoraHint
 from imagegen.render.diffusers_backend import DiffusersBackend

@@ -13,15 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from imagegen.errors import ConfigurationError
 from imagegen.models import EnhancedPrompt
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
-
-from imagegen.render.diffusers_backend import DiffusersBackend  # noqa: E402
-from imagegen.settings import Settings  # noqa: E402
+from imagegen.render.diffusers_backend import DiffusersBackend
+from imagegen.settings import Settings
 
 MakeJob = Callable[..., EnhancedPrompt]
 POISON = "~"

@@ -11,12 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from imagegen.errors import DependencyUnavailable
 from imagegen.models import EnhancedPrompt
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
 
 MakeJob = Callable[..., EnhancedPrompt]
 
@@ -115,7 +113,6 @@ async def test_a_batch_that_does_not_fit_is_rendered_one_image_at_a_time(
 @pytest.fixture
 def lora_backend(lora_dir: Path) -> Any:
     """A CPU backend of its own, whose tiny pipeline may take the LoRA ``lora_dir``."""
-    pytest.importorskip("peft")
     from imagegen.render.diffusers_backend import DiffusersBackend
     from imagegen.settings import Settings
 

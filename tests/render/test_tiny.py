@@ -7,9 +7,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-pytest.importorskip("diffusers")
-
 import torch
 from diffusers import FluxPipeline
 

@@ -10,12 +10,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
-
-pytest.importorskip("diffusers")
-
 import torch
 from diffusers import Flux2KleinPipeline
+from PIL import Image
 
 from imagegen.models import EnhancedPrompt, LoraHint
 from imagegen.modelspec import TINY_FLUX2_KLEIN
@@ -151,7 +148,6 @@ def test_saved_and_reloaded_pipeline_renders_the_same_pixels(
 def test_lora_changes_the_image_and_is_removed_afterwards(
     klein_backend: DiffusersBackend, make_job: MakeJob, lora_root: Path
 ) -> None:
-    pytest.importorskip("peft")
     path = save_lora(
         build_tiny_klein_pipeline(),
         lora_root / "klein-sketch",
