@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -423,7 +424,8 @@ def error_reply(
         return event_reply(attributes, failed)
     headers = {}
     if exc.retry_after is not None:
-        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+        # Up, never down: a caller back before the wait is over meets the same refusal.
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     if challenge := getattr(exc, "challenge", None):  # a 401 or 403 (RFC 6750)
         headers["WWW-Authenticate"] = challenge
     if allowed := getattr(exc, "allowed", None):  # a 405 (RFC 9110, section 15.5.6)

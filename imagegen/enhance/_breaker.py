@@ -117,7 +117,9 @@ class CircuitBreaker:
         """Open the circuit now, for a full cool-down: the dependency was found down outside
         a call (``reason`` says how). Nothing changes with a threshold of 0 (it never opens) or
         a circuit already open."""
-        if self.threshold and self._state != "open":
+        # The state as it reads now: an open circuit past its cool-down is half-open, and
+        # opens again for a full one.
+        if self.threshold and self.state != "open":
             self._opened_at = self._clock()
             self._move("open", reason)
 

@@ -232,6 +232,16 @@ async def test_a_trip_of_an_open_circuit_does_not_extend_its_cooldown() -> None:
     assert breaker.state == "closed"
 
 
+def test_a_trip_after_the_cooldown_opens_the_circuit_again() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker("dep", threshold=3, cooldown=5, clock=clock)
+    breaker.trip("not answering at start-up")
+    clock.now += 6  # over, though nothing has read the state since
+    breaker.trip("still not answering")
+    clock.now += 1
+    assert breaker.state == "open", "a full cool-down from the second trip"
+
+
 async def test_the_probe_is_one_attempt(fake_ollama: FakeOllama) -> None:
     """Retries are for an Ollama that was up; the probe only asks whether it is back."""
     fake_ollama.answer(http_error(500))

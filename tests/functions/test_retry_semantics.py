@@ -166,12 +166,12 @@ def test_a_misconfigured_function_asks_for_the_configuration_errors_wait(
 
 @pytest.mark.parametrize(
     ("retry_after", "header"),
-    [(0.2, "1"), (17.5, "18"), (30.0, "30")],
+    [(0.2, "1"), (4.4, "5"), (16.5, "17"), (17.5, "18"), (30.0, "30")],
 )
 def test_the_error_reply_says_retry_after_in_whole_seconds_at_least_one(
     monkeypatch: pytest.MonkeyPatch, retry_after: float, header: str
 ) -> None:
-    """RFC 9110, section 10.2.3: ``Retry-After`` is a whole number of seconds."""
+    """RFC 9110, section 10.2.3: ``Retry-After`` is a whole number of seconds, rounded up."""
     monkeypatch.syspath_prepend(str(ROOT / "functions"))
     binding = importlib.import_module("_binding")
     exc = Overloaded("at capacity", retry_after=retry_after)
