@@ -9,7 +9,6 @@ hard-coded here: it all comes from ``kubectl kustomize knative/overlays/dev``.
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 import uuid
@@ -34,6 +33,7 @@ from tests.functions.servers import FunctionServer, free_port
 from .brokers import Broker as ModelledBroker
 from .cloudevents_http import Event
 from .conftest import TARGETS
+from .delivery import error_extensions
 from .routing import (
     CHANNEL_BROKER,
     KAFKA_BROKER,
@@ -92,32 +92,41 @@ class Broker:
         self.log.append(record)
         timeout = trigger.timeout.total_seconds() if trigger.timeout else 60.0
         waits = trigger.backoff_schedule()
-        response: httpx.Response | None = None
+        url = self.urls[trigger.subscriber]
+        # The last attempt's error extensions, as the channel broker adds them (brokers.py
+        # models the rules, citing eventing's event_dispatcher.go and filter_handler.go): the
+        # subscriber's status and body; a 500 and "dispatch error: …" where it could not be
+        # reached; none where it did not answer within the timeout.
+        extensions: dict[str, str] = {}
         for attempt in range(1 + (trigger.retry or 0)):
             if attempt:
                 time.sleep(waits[attempt - 1].total_seconds() * BACKOFF_SCALE)
             try:
-                response = _post(self.urls[trigger.subscriber], attributes, data, timeout)
-            except httpx.HTTPError:
+                response = _post(url, attributes, data, timeout)
+            except httpx.TimeoutException:
                 record.attempts.append(0)
+                extensions = {}
+                continue
+            except httpx.HTTPError as exc:
+                record.attempts.append(0)
+                extensions = _error_extensions(url, 500, f'dispatch error: Post "{url}": {exc}')
                 continue
             record.attempts.append(response.status_code)
             if response.status_code < 300:
                 return _reply_of(response)
+            extensions = _error_extensions(url, response.status_code, response.content)
             if response.status_code < 500 and response.status_code not in RETRIED:
                 break
         record.dead_lettered = True
         assert trigger.dead_letter is not None, f"{trigger.name} has no dead-letter sink"
-        extensions = {
-            "knativeerrordest": self.urls[trigger.subscriber],
-            "knativeerrorcode": str(response.status_code if response is not None else 0),
-            "knativeerrordata": base64.b64encode(
-                response.content if response is not None else b""
-            ).decode(),
-        }
         sink = _post(self.urls[trigger.dead_letter], {**attributes, **extensions}, data, 60)
         assert sink.status_code < 300, sink.text
         return None
+
+
+def _error_extensions(url: str, status: int, body: bytes | str) -> dict[str, str]:
+    data = body.encode() if isinstance(body, str) else body
+    return error_extensions(url, status, data, kafka=False)
 
 
 def _post(url: str, attributes: dict[str, str], data: Any, timeout: float) -> httpx.Response:
