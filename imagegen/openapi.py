@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from imagegen import __version__, stages
+from imagegen.auth.callers import Caller
 from imagegen.stages import Stage
 
 __all__ = ["document", "render_documents", "write_documents"]
@@ -60,25 +61,51 @@ def _secured() -> list[dict[str, list[str]]]:
     return [{"bearer": []}]
 
 
+def _variable(name: str) -> str:
+    """The environment variable of the setting ``name``, as the documents name it."""
+    from imagegen.settings import Settings
+
+    return Settings.variables(name)[0]
+
+
+def _forbidden(callers: frozenset[Caller]) -> dict[str, Any]:
+    """The 403 of an operation that admits ``callers``: a valid token it does not admit."""
+    refused = f"a subject outside {_variable('auth_subjects')}"
+    if "api-key" not in callers:
+        refused += ", or an API key"
+    return _error(f"A valid token this function does not admit: {refused}.")
+
+
 def _bearer(stage: Stage) -> dict[str, Any]:
     """The security scheme of every invocation of ``stage``: ``Authorization: Bearer``.
 
     The document is the same whatever the settings (it is committed, and served as such), so it
-    declares the token required and says where it is not.
+    declares the token required and says where it is not, and which operations take the
+    broker's OIDC token only (:attr:`Stage.callers`, :attr:`Route.callers`).
     """
     from imagegen.auth import audience_for
-    from imagegen.settings import Settings
 
-    def variable(name: str) -> str:
-        return Settings.variables(name)[0]
-
+    operations = [("POST /", stage.callers)]
+    operations += [(f"{route.method} {route.path}", route.callers) for route in stage.routes]
+    oidc_only = [name for name, callers in operations if "api-key" not in callers]
+    token = (
+        f"a Kubernetes-issued OIDC token for the audience {audience_for(stage.name)} "
+        f"(unless {_variable('auth_audience')} names another)"
+    )
+    said = (
+        f"An API key, or {token}"
+        if len(oidc_only) < len(operations)
+        else token[0].upper() + token[1:]
+    )
+    if oidc_only:
+        takes = "takes" if len(oidc_only) == 1 else "take"
+        said += f"; {', '.join(oidc_only)} {takes} the broker's OIDC token only, never an API key"
     return {
         "type": "http",
         "scheme": "bearer",
-        "description": "An API key, or a Kubernetes-issued OIDC token for the audience "
-        f"{audience_for(stage.name)} (unless {variable('auth_audience')} names another). "
-        f"Required where {variable('auth_required')} is on, as it is by default with "
-        f"{variable('profile')}=prod. A missing or invalid token is a 401; a valid one this "
+        "description": f"{said}. "
+        f"Required where {_variable('auth_required')} is on, as it is by default with "
+        f"{_variable('profile')}=prod. A missing or invalid token is a 401; a valid one this "
         "function does not admit, a 403. The probes and this document take none.",
     }
 
@@ -151,7 +178,7 @@ def document(stage: Stage) -> dict[str, Any]:
                             "No valid bearer token, where authentication is on; "
                             "a WWW-Authenticate challenge says why."
                         ),
-                        "403": _error("A valid token for another function or caller."),
+                        "403": _forbidden(stage.callers),
                         "413": _error("Body larger than 1 MiB."),
                         "415": _error("Not JSON and not a CloudEvent."),
                         "429": _error("At capacity; retry after Retry-After.", retry=True),
@@ -219,7 +246,7 @@ def _routes(stage: Stage) -> dict[str, Any]:
             # Every route refuses a query parameter it does not take, or one given twice.
             "400": _error("A query parameter is unknown, repeated or invalid; each is named."),
             "401": _error("No valid credentials (when authentication is required)."),
-            "403": _error("Credentials for another audience or subject."),
+            "403": _forbidden(route.callers),
         }
         responses |= {str(status): _error(text) for status, text in route.errors.items()}
         responses["503"] = _error("The database is unavailable or start-up failed.", retry=True)
