@@ -26,6 +26,20 @@ def base_env(store: Path) -> dict[str, str]:
     }
 
 
+def auth_env(issuer_url: str, *api_key_hashes: str) -> dict[str, str]:
+    """Authentication on: OIDC tokens of the test issuer at ``issuer_url`` (over plain HTTP, no
+    token of the pod's own), and API keys of ``api_key_hashes``."""
+    env = {
+        "IMAGEGEN_AUTH_REQUIRED": "true",
+        "IMAGEGEN_OIDC_DISCOVERY_URL": issuer_url,
+        "IMAGEGEN_OIDC_CA_FILE": "",
+        "IMAGEGEN_OIDC_TOKEN_FILE": "",
+    }
+    if api_key_hashes:
+        env["IMAGEGEN_API_KEY_HASHES"] = ",".join(api_key_hashes)
+    return env
+
+
 def s3_env(s3: S3Server, storage_url: str) -> dict[str, str]:
     """The settings of a function storing in the test S3 server."""
     return {

@@ -11,16 +11,18 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
 
 import httpx
+import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import CALLER_SETTINGS, ROOT
 from tests.functions import preloaded
 
-__all__ = ["FunctionServer", "cloudevent_headers", "free_port", "post_event"]
+__all__ = ["FunctionServer", "cloudevent_headers", "free_port", "post_event", "serving"]
 
 
 def free_port() -> int:
@@ -137,6 +139,32 @@ class FunctionServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextmanager
+def serving(
+    stages: Iterable[str], env: Mapping[str, str], *, log_dir: Path
+) -> Iterator[dict[str, FunctionServer]]:
+    """``stages`` as real servers on ``env``, started together, each answering ``/healthz``
+    before the block; stopped at its end.
+
+    Made before any test's own environment is set up (a module's fixture): the caller's own
+    settings (:data:`~tests.conftest.CALLER_SETTINGS`) are left out of what they inherit.
+    """
+    with pytest.MonkeyPatch.context() as patched:
+        for name in list(os.environ):
+            if name.startswith(CALLER_SETTINGS):
+                patched.delenv(name)
+        servers = {stage: FunctionServer(stage, env, log_dir=log_dir) for stage in stages}
+    try:
+        for server in servers.values():
+            server.start(wait=False)
+        for server in servers.values():
+            server.wait("/healthz")
+        yield servers
+    finally:
+        for server in servers.values():
+            server.stop()
 
 
 def cloudevent_headers(

@@ -11,7 +11,7 @@ import pytest
 from imagegen.auth import new_api_key
 from tests.fakes.oidc_issuer import Issuer
 from tests.functions.clients import InProcessFunction
-from tests.functions.conftest import base_env
+from tests.functions.conftest import auth_env, base_env
 
 REQUEST = {"prompt": "a red door", "width": 256, "height": 256, "enhance": False}
 API_KEY, API_KEY_HASH = new_api_key()
@@ -21,11 +21,7 @@ API_KEY, API_KEY_HASH = new_api_key()
 def enhance(issuer: Issuer, tmp_path_factory: pytest.TempPathFactory) -> InProcessFunction:
     env = {
         **base_env(tmp_path_factory.mktemp("auth-store")),
-        "IMAGEGEN_AUTH_REQUIRED": "true",
-        "IMAGEGEN_API_KEY_HASHES": API_KEY_HASH,
-        "IMAGEGEN_OIDC_DISCOVERY_URL": issuer.url,
-        "IMAGEGEN_OIDC_CA_FILE": "",
-        "IMAGEGEN_OIDC_TOKEN_FILE": "",
+        **auth_env(issuer.url, API_KEY_HASH),
     }
     return InProcessFunction("enhance", env)
 
@@ -69,11 +65,8 @@ def test_a_token_for_another_function_is_401(enhance: InProcessFunction, issuer:
 def test_a_token_of_a_subject_not_admitted_is_403(issuer: Issuer, tmp_path: Path) -> None:
     env = {
         **base_env(tmp_path / "store"),
-        "IMAGEGEN_AUTH_REQUIRED": "true",
+        **auth_env(issuer.url),
         "IMAGEGEN_AUTH_SUBJECTS": "system:serviceaccount:imagegen:someone-else",
-        "IMAGEGEN_OIDC_DISCOVERY_URL": issuer.url,
-        "IMAGEGEN_OIDC_CA_FILE": "",
-        "IMAGEGEN_OIDC_TOKEN_FILE": "",
     }
     token = issuer.sign({}, audience="imagegen-enhance")
     reply = InProcessFunction("enhance", env).post(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 from collections.abc import Iterator
 from datetime import datetime
 from functools import partial
@@ -17,10 +16,10 @@ import httpx
 import pytest
 
 from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED, IMAGE_RENDERED, PROMPT_ENHANCED
-from tests.conftest import CALLER_SETTINGS, isolated_settings
+from tests.conftest import isolated_settings
 from tests.functions.clients import InProcessFunction
 from tests.functions.conftest import StartServer, base_env
-from tests.functions.servers import FunctionServer, cloudevent_headers, post_event
+from tests.functions.servers import FunctionServer, cloudevent_headers, post_event, serving
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 SENT_AT = "2026-11-24T09:00:00Z"
@@ -31,24 +30,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Funct
     """enhance and the dead-letter sink as real servers on one store, shared by this module."""
     store = tmp_path_factory.mktemp("store")
     logs = tmp_path_factory.mktemp("logs")
-    # Started before any test's own environment is set up: the caller's settings left out here.
     env = {**isolated_settings(logs), **base_env(store)}
-    with pytest.MonkeyPatch.context() as patched:
-        for name in list(os.environ):
-            if name.startswith(CALLER_SETTINGS):
-                patched.delenv(name)
-        servers = {
-            stage: FunctionServer(stage, env, log_dir=logs) for stage in ("enhance", "deadletter")
-        }
-    try:
-        for server in servers.values():
-            server.start(wait=False)
-        for server in servers.values():
-            server.wait("/healthz")
+    with serving(("enhance", "deadletter"), env, log_dir=logs) as servers:
         yield servers
-    finally:
-        for server in servers.values():
-            server.stop()
 
 
 def test_a_final_failure_is_answered_2xx_with_generation_failed(

@@ -13,7 +13,7 @@ from imagegen.auth import new_api_key
 from imagegen.openapi import render_documents
 from tests.fakes.oidc_issuer import Issuer
 from tests.functions.clients import InProcessFunction
-from tests.functions.conftest import base_env
+from tests.functions.conftest import auth_env, base_env
 
 DOCUMENTS = {
     name.removesuffix(".json"): json.loads(text) for name, text in render_documents().items()
@@ -49,11 +49,7 @@ def test_the_documents_say_what_a_function_with_auth_on_does(
     env = {
         **base_env(tmp_path / "store"),
         "IMAGEGEN_LEDGER_URL": str(tmp_path / "ledger.db"),
-        "IMAGEGEN_AUTH_REQUIRED": "true",
-        "IMAGEGEN_API_KEY_HASHES": API_KEY_HASH,
-        "IMAGEGEN_OIDC_DISCOVERY_URL": issuer.url,
-        "IMAGEGEN_OIDC_CA_FILE": "",
-        "IMAGEGEN_OIDC_TOKEN_FILE": "",
+        **auth_env(issuer.url, API_KEY_HASH),
     }
     function = InProcessFunction(stage, env)
     served = function.get("/openapi.json")

@@ -18,7 +18,7 @@ from imagegen.stages import all_stages
 from tests.fakes.loopback import LoopbackServer
 from tests.fakes.oidc_issuer import Issuer
 from tests.functions.clients import InProcessFunction
-from tests.functions.conftest import base_env
+from tests.functions.conftest import auth_env, base_env
 from tests.ledger.chain import binary, chain
 
 API_KEY, API_KEY_HASH = new_api_key()
@@ -53,11 +53,7 @@ def sinks(issuer: Issuer, store: Path) -> Iterator[dict[str, InProcessFunction]]
     with LoopbackServer(_Ingress, name="broker-ingress") as broker:
         env = {
             **base_env(store / "objects"),
-            "IMAGEGEN_AUTH_REQUIRED": "true",
-            "IMAGEGEN_API_KEY_HASHES": API_KEY_HASH,
-            "IMAGEGEN_OIDC_DISCOVERY_URL": issuer.url,
-            "IMAGEGEN_OIDC_CA_FILE": "",
-            "IMAGEGEN_OIDC_TOKEN_FILE": "",
+            **auth_env(issuer.url, API_KEY_HASH),
             "IMAGEGEN_LEDGER_URL": url,
             "K_SINK": broker.url,
         }

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import select
 import socket
 import time
@@ -22,10 +21,10 @@ import httpx
 import pytest
 
 from imagegen.auth import new_api_key
-from tests.conftest import CALLER_SETTINGS, isolated_settings
+from tests.conftest import isolated_settings
 from tests.fakes.oidc_issuer import SUBJECT, Issuer
-from tests.functions.conftest import base_env
-from tests.functions.servers import FunctionServer
+from tests.functions.conftest import auth_env, base_env
+from tests.functions.servers import FunctionServer, serving
 
 MiB = 1024 * 1024
 BODY = 200 * MiB
@@ -47,28 +46,11 @@ def served(
     env = {
         **isolated_settings(logs),
         **base_env(tmp_path_factory.mktemp("store")),
-        "IMAGEGEN_AUTH_REQUIRED": "true",
-        "IMAGEGEN_API_KEY_HASHES": API_KEY_HASH,
+        **auth_env(issuer.url, API_KEY_HASH),
         "IMAGEGEN_AUTH_SUBJECTS": SUBJECT,
-        "IMAGEGEN_OIDC_DISCOVERY_URL": issuer.url,
-        "IMAGEGEN_OIDC_CA_FILE": "",
-        "IMAGEGEN_OIDC_TOKEN_FILE": "",
     }
-    # Started before any test's own environment is set up: the caller's settings left out here.
-    with pytest.MonkeyPatch.context() as patched:
-        for name in list(os.environ):
-            if name.startswith(CALLER_SETTINGS):
-                patched.delenv(name)
-        servers = {s: FunctionServer(s, env, log_dir=logs) for s in ("enhance", "deadletter")}
-    try:
-        for server in servers.values():
-            server.start(wait=False)
-        for server in servers.values():
-            server.wait("/healthz")
+    with serving(("enhance", "deadletter"), env, log_dir=logs) as servers:
         yield servers
-    finally:
-        for server in servers.values():
-            server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import pytest
 from imagegen.auth.api_keys import hash_api_key
 from imagegen.cli import main
 from tests.fakes.oidc_issuer import Issuer
+from tests.functions.conftest import auth_env
 from tests.ledger.chain import T0, binary, chain
 from tests.test_cli import SMALL
 
@@ -172,14 +173,7 @@ def test_status_and_history_read_a_served_ledger_over_http(
     key = "cli-test-key-0123456789abcdef"
     server = start_server(
         "ledger",
-        {
-            "IMAGEGEN_LEDGER_URL": ledger_url,
-            "IMAGEGEN_AUTH_REQUIRED": "true",
-            "IMAGEGEN_API_KEY_HASHES": hash_api_key(key),
-            "IMAGEGEN_OIDC_DISCOVERY_URL": issuer.url,
-            "IMAGEGEN_OIDC_CA_FILE": "",
-            "IMAGEGEN_OIDC_TOKEN_FILE": "",
-        },
+        {"IMAGEGEN_LEDGER_URL": ledger_url, **auth_env(issuer.url, hash_api_key(key))},
     )
     bearer = {"Authorization": f"Bearer {issuer.sign({}, audience='imagegen-ledger')}"}
     for n, gid in enumerate(("gen-1", "gen-2")):
