@@ -43,9 +43,11 @@ CommaList = Annotated[list[str], NoDecode]
 
 
 def _port_problem(exc: ValueError) -> str:
-    """What is wrong with a URL's port, never the text that stood there: in
-    ``http://user:password@host`` without the ``@``, urllib takes the password for the port
-    and quotes it."""
+    """What ``urlsplit`` found wrong with a URL's host or port, never the text that stood
+    there: in ``http://user:password@host`` without the ``@``, urllib takes the password for
+    the port and quotes it."""
+    if "IPv6" in str(exc):  # "Invalid IPv6 URL": a "[" without its "]", or the reverse
+        return "its IPv6 host is not enclosed in [ and ]"
     return "its port is out of range" if "range" in str(exc) else "its port is not a number"
 
 

@@ -184,3 +184,22 @@ def test_only_the_public_base_url_must_be_an_origin() -> None:
     }
     settings = Settings(**paths)  # type: ignore[arg-type]
     assert settings.model_dump(include=set(paths)) == paths
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "said"),
+    [
+        ("ollama_host", "http://[::1/", "its IPv6 host is not enclosed in [ and ]"),
+        ("sink_url", "http://::1]:8080/", "its IPv6 host is not enclosed in [ and ]"),
+        ("sink_url", "http://broker:99999/", "its port is out of range"),
+        ("s3_endpoint_url", "http://user:s3cret-pass/", "its port is not a number"),
+    ],
+)
+def test_a_url_that_cannot_be_split_is_said_for_what_it_is(
+    field: str, value: str, said: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(**{field: value})  # type: ignore[arg-type]
+    [error] = caught.value.errors()
+    assert error["loc"] == (field,) and said in error["msg"]
+    assert value not in str(caught.value)  # never echoed (a URL may carry credentials)
