@@ -273,10 +273,12 @@ def test_a_misspelled_variable_is_a_warning_that_names_the_setting(
     ]
 
 
-def test_a_dotenv_line_that_cannot_be_parsed_is_a_warning(cli: RunCli, tmp_path: Path) -> None:
+def test_a_dotenv_line_that_cannot_be_parsed_is_a_warning(
+    cli: RunCli, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """python-dotenv skips it and says so only as a log record: the value meant is not set.
     Said whatever level logging was set up with before (this process's earlier commands)."""
-    logging.getLogger().setLevel(logging.ERROR)
+    caplog.set_level(logging.ERROR)  # the root's level, put back after the test
     (tmp_path / ".env").write_text("IMAGEGEN_MODEL=tiny\nIMAGEGEN_STEPS 4\n")
     for args in (["models", "list", "--json"], ["history"]):
         result = cli(*args)

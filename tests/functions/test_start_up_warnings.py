@@ -39,14 +39,18 @@ def test_prod_with_authentication_turned_off_is_warned_of_once(
 ) -> None:
     env = {**base_env(tmp_path / "store"), "IMAGEGEN_PROFILE": "prod", **settings}
     # On the functions' logger itself: start-up sets the root logger's handlers anew.
-    kept = _Kept()
-    logger = logging.getLogger("imagegen.functions")
+    # Its own level too: logging is set up once per process, and the root's level is whatever
+    # the first function started here asked for (another module's may have said ERROR).
+    kept, logger = _Kept(), logging.getLogger("imagegen.functions")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
     logger.addHandler(kept)
     try:
         enhance = InProcessFunction("enhance", env)
         enhance.get("/healthz")  # a later request: started already, nothing said again
     finally:
         logger.removeHandler(kept)
+        logger.setLevel(level)
     said = [r for r in kept.records if AUTH_OFF in r.getMessage()]
     assert len(said) == warned, [r.getMessage() for r in kept.records]
     for record in said:

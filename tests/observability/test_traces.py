@@ -356,9 +356,14 @@ class _FailureLines(logging.Handler):
 def failure_lines() -> Iterator[_FailureLines]:
     lines = _FailureLines()
     logger = logging.getLogger("imagegen.functions")
+    # Its own level: the root's is whatever the first function started in this process set up
+    # (logging is set up once per process; another module's may have asked for ERROR only).
+    level = logger.level
+    logger.setLevel(logging.WARNING)
     logger.addHandler(lines)
     yield lines
     logger.removeHandler(lines)
+    logger.setLevel(level)
 
 
 def test_a_failure_is_logged_and_answered_under_the_span_that_failed(
