@@ -7,9 +7,15 @@
  * they never change). What a page shows is kept in the edge cache for PAGE_MAX_AGE seconds, and
  * a day's list of records as long, so a page costs the origin nothing meanwhile. With
  * GALLERY=signed the page needs a signed link and signs every URL on it with the same expiry.
+ *
+ * A `<picture>` does not fall back to its `<img>` when a `<source>` it picked answers 404, so a
+ * derivative is offered only when its object is in the day's listing as well as in its record
+ * (a bucket restored without its derivatives keeps the records that list them). The listing is
+ * the one the day's records come from: the check costs no request.
  */
 import { AFTER_EVERY_DAY, dayExists, type Folders, folderLister, take, walk } from "./days";
 import { textResponse } from "./http";
+import { derivativeKey, derivativeParts } from "./keys";
 import { availableDerivatives, readRecord } from "./negotiate";
 import { cachedJson, type Serving } from "./objects";
 import { listKeys } from "./origins";
@@ -27,10 +33,14 @@ export const PAGE_MAX_AGE = 60;
 
 const RECORD_KEY = /^[0-9]{4}\/[0-9]{2}\/[0-9]{2}\/([A-Za-z0-9][A-Za-z0-9_-]{0,127})\.json$/;
 
-/** A day's records, newest upload first, and whether the listing reached the end of the day. */
+/**
+ * A day's records, newest upload first, whether the listing reached the end of the day, and the
+ * derivative objects it holds (their keys less the day folder).
+ */
 interface DayIndex {
   ids: string[];
   complete: boolean;
+  derivatives: string[];
 }
 
 /** One image of a page, as stored in the edge cache: everything but its (signed) URLs. */
@@ -74,7 +84,13 @@ function dayIndex(serving: Serving, day: string): Promise<DayIndex> {
       .filter((key) => RECORD_KEY.test(key))
       .sort((a, b) => uploaded(b) - uploaded(a) || (a < b ? -1 : 1))
       .map((key) => RECORD_KEY.exec(key)?.[1] ?? "");
-    return { ids, complete: listing.complete };
+    // Past an incomplete listing a derivative is not known to exist, and is not offered: the
+    // PNG shows instead (the listing is in key order, so only the last image listed can lose
+    // some of its derivatives that way).
+    const derivatives = listing.keys
+      .filter((key) => derivativeParts(key) !== null)
+      .map((key) => key.slice(day.length));
+    return { ids, complete: listing.complete, derivatives };
   });
 }
 
@@ -100,8 +116,16 @@ function dimension(value: unknown): number {
   return Number.isInteger(n) && n > 0 ? n : 1;
 }
 
-/** The image `id` of the day folder `folder` as its records describe it, or null. */
-async function shown(serving: Serving, folder: string, id: string): Promise<Shown | null> {
+/**
+ * The image `id` of the day folder `folder` as its records describe it, or null. `stored`: the
+ * derivative objects the day's listing holds (keys less the day folder).
+ */
+async function shown(
+  serving: Serving,
+  folder: string,
+  id: string,
+  stored: ReadonlySet<string>,
+): Promise<Shown | null> {
   const day = folder.slice(0, -1);
   const record = await readRecord(serving, day, id);
   const persisted = isObject(record) ? record.persisted : undefined;
@@ -110,7 +134,11 @@ async function shown(serving: Serving, folder: string, id: string): Promise<Show
     if (record !== null) console.warn(`gallery: ${day}/${id}.json is no metadata record, skipped`);
     return null;
   }
-  const available = await availableDerivatives(serving, day, id, record);
+  const listed = await availableDerivatives(serving, day, id, record);
+  const held = (format: "avif" | "webp") =>
+    listed[format].filter((w) =>
+      stored.has(derivativeKey(day, id, format, w).slice(folder.length)),
+    );
   const request = isObject(record.request) ? record.request : {};
   return {
     id,
@@ -121,8 +149,8 @@ async function shown(serving: Serving, folder: string, id: string): Promise<Show
     model: field(persisted.model),
     // The day of a generation is its request's; show that time, as the page's day says.
     created: utc(field(request.requested_at) || field(persisted.created_at)),
-    avif: available.avif,
-    webp: available.webp,
+    avif: held("avif"),
+    webp: held("webp"),
   };
 }
 
@@ -154,11 +182,13 @@ async function pageData(serving: Serving, path: string, page: number): Promise<P
   const [later = null] = day ? await take(walk(folders, day, "newer"), 1) : [];
 
   // 2. One page of its records, newest upload first, then by each record's own time
-  const index = day ? await indexes(day) : { ids: [], complete: true };
+  const index = day ? await indexes(day) : { ids: [], complete: true, derivatives: [] };
   const pages = Math.max(1, Math.ceil(index.ids.length / MAX_ITEMS));
   if (page > pages) return null;
   const ids = index.ids.slice((page - 1) * MAX_ITEMS, page * MAX_ITEMS);
-  const items = (await Promise.all(ids.map((id) => shown(serving, day, id))))
+  // An index cached before it kept derivatives (for PAGE_MAX_AGE after a deploy) offers none.
+  const stored = new Set(index.derivatives ?? []);
+  const items = (await Promise.all(ids.map((id) => shown(serving, day, id, stored))))
     .filter((i): i is Shown => i !== null)
     .sort((a, b) => (a.created < b.created ? 1 : a.created > b.created ? -1 : 0));
   return { day, later, earlier, items, page, pages, complete: index.complete };

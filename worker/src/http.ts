@@ -1,5 +1,5 @@
 /**
- * HTTP semantics of an image response: caching headers, CORS, conditional requests (304) and
+ * HTTP semantics of an image response: caching headers, CORS, conditional requests (412, 304) and
  * single byte ranges (206/416), all derived from one stored full 200 response.
  *
  * A HEAD answers as a GET would without its body, except that it ignores `Range` (RFC 9110
@@ -47,7 +47,8 @@ export function preflightResponse(): Response {
       ...CORS,
       Allow: ALLOWED_METHODS,
       "Access-Control-Allow-Methods": ALLOWED_METHODS,
-      "Access-Control-Allow-Headers": "Range, If-None-Match, If-Modified-Since, If-Range",
+      "Access-Control-Allow-Headers":
+        "Range, If-Match, If-None-Match, If-Modified-Since, If-Unmodified-Since, If-Range",
       "Access-Control-Max-Age": "86400",
     },
   });
@@ -82,24 +83,33 @@ export function notFoundMarker(): Response {
 
 /**
  * The answer built straight from an origin read that carried the client's range, validators or
- * method (a cache miss): 200 without body for HEAD, 206, 304 or 416.
+ * method (a cache miss): 200 without body for HEAD, 206, 304, 412 or 416. Null when the origin
+ * answered 304 to a condition that does not hold for the metadata it sent: the caller reads the
+ * object as for a plain GET.
  *
- * The validators are checked here too, as for a cache hit: R2's `head` takes none, and RFC 9110
- * §13.1.2-3 apply to HEAD as to GET.
+ * The preconditions are checked here, in RFC 9110 §13.2.2's order, against the origin's metadata,
+ * as for a cache hit: R2's `head` takes none, If-Match and If-Unmodified-Since never go to the
+ * origin, and §13.1 applies to HEAD as to GET. An origin's 304 is only passed on when the
+ * Worker finds the same: workerd's R2 binding keeps If-Modified-Since as an unsigned count of
+ * ms (src/workerd/api/r2-bucket.c++, initOnlyIf), so a date before 1970 wraps around and would
+ * make a 304 of any object.
  */
 export function passedThrough(
   request: Request,
   object: OriginObject,
   key: string,
   cacheControl: string,
-): Response {
+): Response | null {
   const headers = objectHeaders(object, key);
   headers.set("Cache-Control", cacheControl);
+  const condition = evaluatePreconditions(request, headers);
+  if (condition !== null) {
+    void object.body?.cancel();
+    return conditionalResponse(condition, headers);
+  }
   switch (object.status) {
     case 304:
-      headers.delete("Content-Length");
-      headers.delete("Content-Type");
-      return new Response(null, { status: 304, headers });
+      return null;
     case 416:
       return textResponse(416, "Range Not Satisfiable", {
         "Content-Range": `bytes */${object.size ?? "*"}`,
@@ -112,12 +122,6 @@ export function passedThrough(
       return new Response(request.method === "HEAD" ? null : object.body, { status: 206, headers });
     }
     default: {
-      if (isNotModified(request, headers)) {
-        void object.body?.cancel();
-        headers.delete("Content-Length");
-        headers.delete("Content-Type");
-        return new Response(null, { status: 304, headers });
-      }
       // A HEAD asked the origin for headers only, and ignores any Range (RFC 9110 §14.2).
       return new Response(request.method === "HEAD" ? null : object.body, { status: 200, headers });
     }
@@ -126,6 +130,27 @@ export function passedThrough(
 
 function opaqueTag(tag: string): string {
   return tag.trim().replace(/^W\//, "");
+}
+
+/**
+ * RFC 9110 §13.1.1, §13.1.4: whether If-Match (strong comparison; `*` holds for any object
+ * there is) or, only without it, If-Unmodified-Since fails against the representation's
+ * `headers`. An If-Unmodified-Since that is no HTTP-date, or an object of no known
+ * modification time, is ignored (§13.1.4).
+ */
+export function isPreconditionFailed(request: Request, headers: Headers): boolean {
+  const ifMatch = request.headers.get("If-Match");
+  if (ifMatch !== null) {
+    if (ifMatch.trim() === "*") return false;
+    // §8.8.3.2: strong comparison, so neither tag may be weak; a value that lists no
+    // entity-tag matches none.
+    const etag = headers.get("ETag");
+    if (etag === null || etag.startsWith("W/")) return true;
+    return !ifMatch.split(",").some((tag) => tag.trim() === etag);
+  }
+  const since = parseHttpDate(request.headers.get("If-Unmodified-Since"));
+  const modified = parseHttpDate(headers.get("Last-Modified"));
+  return since !== null && modified !== null && modified > since;
 }
 
 /** RFC 9110 §13.1.1-2: If-None-Match (weak comparison) wins over If-Modified-Since. */
@@ -159,6 +184,24 @@ export function parseHttpDate(value: string | null): number | null {
   if (!IMF_FIXDATE.test(text) && !RFC_850.test(text) && !ASCTIME.test(text)) return null;
   const time = Date.parse(ASCTIME.test(text) ? `${text} GMT` : text);
   return Number.isNaN(time) ? null : time;
+}
+
+/**
+ * RFC 9110 §13.2.2's order for a GET or HEAD: If-Match, else If-Unmodified-Since (412), then
+ * If-None-Match, else If-Modified-Since (304); null when the request goes on (to If-Range).
+ */
+export function evaluatePreconditions(request: Request, headers: Headers): 304 | 412 | null {
+  if (isPreconditionFailed(request, headers)) return 412;
+  if (isNotModified(request, headers)) return 304;
+  return null;
+}
+
+/** The answer to a failed precondition, with the representation's `headers`. */
+function conditionalResponse(status: 304 | 412, headers: Headers): Response {
+  if (status === 412) return textResponse(412, "Precondition Failed");
+  headers.delete("Content-Length");
+  headers.delete("Content-Type");
+  return new Response(null, { status: 304, headers });
 }
 
 /** RFC 9110 §13.1.5: a Range only applies while If-Range still names this representation. */
@@ -221,12 +264,11 @@ export async function answer(
   headers.delete("Age");
   const isHead = request.method === "HEAD";
 
-  // 1. Conditional request
-  if (isNotModified(request, headers)) {
+  // 1. Preconditions (RFC 9110 §13.2.2): 412, then 304
+  const condition = evaluatePreconditions(request, headers);
+  if (condition !== null) {
     await stored.body?.cancel();
-    headers.delete("Content-Length");
-    headers.delete("Content-Type");
-    return new Response(null, { status: 304, headers });
+    return conditionalResponse(condition, headers);
   }
 
   // 2. Byte range, cut from the full object (GET only: RFC 9110 §14.2)

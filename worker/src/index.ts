@@ -16,9 +16,9 @@ import {
   preflightResponse,
   textResponse,
 } from "./http";
-import { galleryFromPath, imageParts, keyFromPath, thumbnailParts } from "./keys";
-import { acceptedFormats, availableDerivatives, choose, widthParam } from "./negotiate";
-import { type Serving, serveObject, wholeObject } from "./objects";
+import { derivativeKey, galleryFromPath, imageParts, keyFromPath, thumbnailParts } from "./keys";
+import { acceptedFormats, availableDerivatives, candidates, widthParam } from "./negotiate";
+import { objectExists, type Serving, serveObject } from "./objects";
 import { OriginError } from "./origins";
 import { checkSignedUrl } from "./signing";
 
@@ -36,7 +36,8 @@ async function cacheControlFor(url: URL, key: string, config: Config): Promise<s
 /**
  * The key to serve for `key`: a derivative chosen by `Accept` and `w` for a full image. `standIn`
  * says the PNG is served where the client accepts a derivative format that does not exist, or
- * for a thumbnail that does not (yet: the derive stage makes them after the image is persisted).
+ * for a thumbnail that does not (yet: the derive stage makes them after the image is persisted),
+ * or that a better derivative the record lists is missing from the bucket.
  */
 async function representation(
   request: Request,
@@ -47,7 +48,7 @@ async function representation(
   const thumbnail = thumbnailParts(key);
   if (thumbnail !== null) {
     // Made by derive after the image is persisted: until then the full image stands in.
-    if ((await wholeObject(serving, key)) !== null) return { key, standIn: false };
+    if (await objectExists(serving, key)) return { key, standIn: false };
     return { key: `${thumbnail.day}/${thumbnail.id}.png`, standIn: true };
   }
   const parts = imageParts(key);
@@ -55,9 +56,17 @@ async function representation(
   const formats = acceptedFormats(request.headers.get("Accept"));
   if (formats.length === 0) return { key, standIn: false };
   const available = await availableDerivatives(serving, parts.day, parts.id);
-  const chosen = choose(formats, width, available);
-  if (chosen === null) return { key, standIn: true };
-  return { key: `${parts.day}/${parts.id}.w${chosen.width}.${chosen.format}`, standIn: false };
+  // The record may list derivatives the bucket no longer holds (a bucket restored without them:
+  // imagegen/derive.py `_remake_lost` makes them again). Each candidate is looked up before it
+  // is served, at most one a format (the lookup is the read that serves it); past a missing
+  // one, what is served stands in, held as briefly, so clients come back for the better one.
+  let skipped = false;
+  for (const candidate of candidates(formats, width, available)) {
+    const derivative = derivativeKey(parts.day, parts.id, candidate.format, candidate.width);
+    if (await objectExists(serving, derivative)) return { key: derivative, standIn: skipped };
+    skipped = true;
+  }
+  return { key, standIn: true };
 }
 
 async function handle(request: Request, env: Env, ctx: ExecutionContext): Promise<Response> {

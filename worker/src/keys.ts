@@ -71,6 +71,20 @@ export function thumbnailParts(key: string): { day: string; id: string } | null 
   return { day: match[1] ?? "", id: match[2] ?? "" };
 }
 
+/**
+ * The parts of a derivative key `YYYY/MM/DD/<id>.w<width>.<avif|webp>`, or null for any other
+ * key.
+ */
+export function derivativeParts(
+  key: string,
+): { day: string; id: string; format: "avif" | "webp"; width: number } | null {
+  const match = KEY_PATTERN.exec(key);
+  const suffix = /^\.w([1-9][0-9]*)\.(avif|webp)$/.exec(match?.[3] ?? "");
+  if (match === null || suffix === null) return null;
+  const format = suffix[2] === "avif" ? "avif" : "webp";
+  return { day: match[1] ?? "", id: match[2] ?? "", format, width: Number(suffix[1]) };
+}
+
 /** The key of the metadata record of the image `YYYY/MM/DD/<id>.png` (never served). */
 export function recordKey(day: string, id: string): string {
   return `${day}/${id}.json`;

@@ -7,7 +7,9 @@
  * own list them in their metadata record's `persisted.keys` instead. Until either lists any,
  * the PNG is served. AVIF is preferred, then WebP, then the PNG; the width is the narrowest
  * derivative at least `w` wide, or the widest there is (the image's own width) when none is:
- * never upscaled.
+ * never upscaled. A record may list a derivative whose object is gone (a bucket restored
+ * without them, until imagegen/derive.py `_remake_lost` makes them again): the caller tries
+ * the candidates in order and serves the first that exists.
  */
 import { derivativeKey, derivativesRecordKey, recordKey } from "./keys";
 import { type Serving, wholeObject } from "./objects";
@@ -99,17 +101,31 @@ export async function availableDerivatives(
   return availableFrom(record === undefined ? await readRecord(serving, day, id) : record, day, id);
 }
 
-/** The derivative to serve, or null for the PNG itself. */
+/**
+ * The derivatives to serve, best first: for each accepted format that lists any, the width the
+ * rule above picks among its widths. One a format, so trying them all costs at most a lookup a
+ * format, and never gives a narrower image than asked for.
+ */
+export function candidates(
+  formats: Format[],
+  width: number | null,
+  available: Available,
+): { format: Format; width: number }[] {
+  const found: { format: Format; width: number }[] = [];
+  for (const format of formats) {
+    const widths = available[format];
+    if (widths.length === 0) continue;
+    const fits = width === null ? undefined : widths.find((w) => w >= width);
+    found.push({ format, width: fits ?? widths[widths.length - 1] ?? 0 });
+  }
+  return found;
+}
+
+/** The derivative to serve when every listed one exists, or null for the PNG itself. */
 export function choose(
   formats: Format[],
   width: number | null,
   available: Available,
 ): { format: Format; width: number } | null {
-  for (const format of formats) {
-    const widths = available[format];
-    if (widths.length === 0) continue;
-    const fits = width === null ? undefined : widths.find((w) => w >= width);
-    return { format, width: fits ?? widths[widths.length - 1] ?? 0 };
-  }
-  return null;
+  return candidates(formats, width, available)[0] ?? null;
 }

@@ -1,9 +1,11 @@
 /**
  * Serving one object key: edge cache first, then the origin, reading no more than needed.
  *
- * - A hit answers everything (304, 206, HEAD) from the stored full object.
+ * - A hit answers everything (412, 304, 206, HEAD) from the stored full object.
  * - A miss for a HEAD, a range or a conditional request is passed to the origin as it is
- *   (R2 `head`/`get(key, {range, onlyIf})`, S3 `HEAD`/`Range`/`If-*`) and not cached.
+ *   (R2 `head`/`get(key, {range, onlyIf})`, S3 `HEAD`/`Range`/`If-None-Match`/
+ *   `If-Modified-Since`) and not cached; the preconditions are judged against the metadata the
+ *   origin answers with, as against a hit.
  * - A miss for a plain GET reads the whole object once per key and isolate, however many
  *   requests wait for it, and stores it in the edge cache; a missing key is stored as a 404
  *   for NOT_FOUND_TTL seconds.
@@ -100,6 +102,19 @@ export async function wholeObject(serving: Serving, key: string): Promise<Respon
 }
 
 /**
+ * Whether the object at `key` exists, by the same cached, coalesced read as wholeObject: a
+ * request that serves it next takes that read, and a missing key is remembered at the edge for
+ * NOT_FOUND_TTL seconds, so a check costs the origin at most one read a key.
+ *
+ * Throws OriginError when the origin fails.
+ */
+export async function objectExists(serving: Serving, key: string): Promise<boolean> {
+  const whole = await wholeObject(serving, key);
+  await whole?.body?.cancel();
+  return whole !== null;
+}
+
+/**
  * The value of `compute()`, kept in the edge cache under `name` for `maxAge` seconds and shared
  * meanwhile by every request of this data centre: for what the Worker derives from many origin
  * reads (the gallery's listings). `name` is a path no object key can take.
@@ -148,13 +163,19 @@ function passThroughOptions(request: Request): ReadOptions | null {
   const options: ReadOptions = {};
   if (request.method === "HEAD") options.head = true;
   const ifNoneMatch = headers.get("If-None-Match");
-  const ifModifiedSince = headers.get("If-Modified-Since");
+  const since = parseHttpDate(headers.get("If-Modified-Since"));
   // Only validators the origin can read: R2 throws on an entity-tag that is not one, and a
   // condition that is no valid field value is ignored (RFC 9110 §13.1.2, §13.1.3).
   if (ifNoneMatch !== null && ENTITY_TAG_LIST.test(ifNoneMatch)) options.ifNoneMatch = ifNoneMatch;
-  else if (ifNoneMatch === null && parseHttpDate(ifModifiedSince) !== null) {
-    options.ifModifiedSince = ifModifiedSince ?? undefined;
+  else if (ifNoneMatch === null && since !== null && since >= 0) {
+    // A date before 1970 can never make a 304 (every object was stored since), and workerd's R2
+    // binding keeps it as an unsigned count of ms (src/workerd/api/r2-bucket.c++, initOnlyIf):
+    // it wrapped around to the far future, and R2 answered 304 for any object. It is sent as
+    // the instant the Worker read, in IMF-fixdate, so the origin judges what a hit judges.
+    options.ifModifiedSince = new Date(since).toUTCString();
   }
+  // If-Match and If-Unmodified-Since (412) stay here: they are judged against the metadata the
+  // origin answers with (passedThrough), as on a hit, for every kind of origin alike.
   // If-Range needs the validators first: such a request takes the whole-object path.
   const range = headers.has("If-Range") ? null : originRange(headers.get("Range"));
   if (range !== null && !options.head) options.range = range;
@@ -193,7 +214,10 @@ export async function serveObject(
       serving.ctx.waitUntil(cache.put(entry, notFoundMarker()).catch(() => undefined));
       return textResponse(404, "Not Found");
     }
-    return passedThrough(request, object, key, cacheControl);
+    const passed = passedThrough(request, object, key, cacheControl);
+    if (passed !== null) return passed;
+    // The origin answered 304 where its own metadata says modified (see passedThrough): the
+    // answer comes from the whole object, as for a plain GET.
   }
   const whole = await wholeObject(serving, key);
   if (whole === null) return textResponse(404, "Not Found");

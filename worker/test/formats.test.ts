@@ -1,7 +1,7 @@
 import { env } from "cloudflare:workers";
 import { afterEach, describe, expect, it, vi } from "vitest";
 import { IMMUTABLE, NOT_FOUND_TTL } from "../src/http";
-import { acceptedFormats, choose } from "../src/negotiate";
+import { acceptedFormats, candidates, choose } from "../src/negotiate";
 import { sign } from "../src/signing";
 import { BASE, countingBucket, newKey, send } from "./helpers";
 
@@ -189,6 +189,53 @@ describe("before the derivatives exist", () => {
     const { res, text } = await body(`${url}?w=300`, CHROME);
     expect(text).toBe("avif-512");
     expect(res.headers.get("Cache-Control")).toBe(IMMUTABLE);
+  });
+});
+
+// A bucket restored from a backup keeps the derivatives records and may lack the objects they
+// list (imagegen/derive.py `_remake_lost` makes them again): the canonical URL must still
+// answer, with what there is, and not for long.
+describe("after the derivatives are lost", () => {
+  it("serves the next format that exists, then the PNG, each held briefly", async () => {
+    const image = await persisted([256, 512]);
+    const base = image.key.slice(0, -4);
+    await env.IMAGES.delete([`${base}.w512.avif`, `${base}.w256.avif`]);
+    const webp = await body(`${image.url}?w=300`, CHROME);
+    expect(webp.res.status).toBe(200);
+    expect(webp.text).toBe("webp-512");
+    expect(webp.res.headers.get("Content-Type")).toBe("image/webp");
+    expect(webp.res.headers.get("Cache-Control")).toBe(`public, max-age=${NOT_FOUND_TTL}`);
+    expect(webp.res.headers.get("Vary")).toBe("Accept");
+
+    const lost = await persisted([256, 512]);
+    const derivatives = [256, 512].flatMap((w) => ["avif", "webp"].map((f) => `.w${w}.${f}`));
+    await env.IMAGES.delete(derivatives.map((suffix) => lost.key.replace(".png", suffix)));
+    const url = lost.url;
+    for (const target of [url, `${url}?w=300`]) {
+      const png = await body(target, CHROME);
+      expect(png.res.status, target).toBe(200);
+      expect(png.text).toBe("png");
+      expect(png.res.headers.get("Content-Type")).toBe("image/png");
+      expect(png.res.headers.get("Cache-Control")).toBe(`public, max-age=${NOT_FOUND_TTL}`);
+    }
+    // A range or a HEAD of the canonical URL is answered from the PNG as well.
+    const head = await send(new Request(url, { method: "HEAD", headers: { Accept: CHROME } }));
+    expect(head.status).toBe(200);
+    expect(head.headers.get("Content-Type")).toBe("image/png");
+    // Each missing object is looked up once, then remembered at the edge with the others.
+    const { bucket, calls } = countingBucket();
+    await send(new Request(`${url}?w=300`, { headers: { Accept: CHROME } }), { IMAGES: bucket });
+    expect(calls).toEqual([]);
+  });
+
+  it("tries at most one width a format, never a narrower one than asked", () => {
+    const available = { avif: [256, 512], webp: [256, 512] };
+    expect(candidates(["avif", "webp"], 300, available)).toEqual([
+      { format: "avif", width: 512 },
+      { format: "webp", width: 512 },
+    ]);
+    expect(candidates(["webp"], null, available)).toEqual([{ format: "webp", width: 512 }]);
+    expect(candidates(["avif"], 300, { avif: [], webp: [512] })).toEqual([]);
   });
 });
 

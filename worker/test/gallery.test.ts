@@ -8,7 +8,19 @@ import { BASE, countingBucket, newBase, send } from "./helpers";
 // Gallery tests use their own far-future year so no other test's objects share their days.
 let year = 3000;
 
-async function record(day: string, id: string, prompt: string, created: string, widths = [64]) {
+/**
+ * An image of `day` with its metadata record, and derivatives at `widths` listed in its
+ * derivatives record; `stored` of them are in the bucket (all unless told: a bucket restored
+ * without its derivatives keeps the records that list them).
+ */
+async function record(
+  day: string,
+  id: string,
+  prompt: string,
+  created: string,
+  widths = [64],
+  stored: string[] = widths.flatMap((w) => [`w${w}.avif`, `w${w}.webp`]),
+) {
   const base = `${day}/${id}`;
   await env.IMAGES.put(`${base}.png`, "png");
   const derivatives: Record<string, string> = { record: `${base}.derivatives.json` };
@@ -16,6 +28,7 @@ async function record(day: string, id: string, prompt: string, created: string, 
     derivatives[`avif:${w}`] = `${base}.w${w}.avif`;
     derivatives[`webp:${w}`] = `${base}.w${w}.webp`;
   }
+  for (const name of stored) await env.IMAGES.put(`${base}.${name}`, name);
   const persisted = {
     keys: { image: `${base}.png`, metadata: `${base}.json` },
     prompt,
@@ -161,8 +174,38 @@ describe("gallery", () => {
       `${BASE}/${avif}?expires=${expires}&signature=${await sign(avif, expires, secret)}`,
       { SIGNING_SECRET: secret },
     );
-    expect(image.status).toBe(404); // only the record was stored, not the derivative bytes
-    expect(image.headers.get("Cache-Control")).toBe("no-store");
+    expect(image.status).toBe(200);
+    expect(await image.text()).toBe("w64.avif");
+    expect(image.headers.get("Cache-Control")).toBe("private, max-age=300");
+  });
+
+  // <picture> takes the first <source> whose type the browser decodes, and shows nothing when
+  // that URL answers 404: it never falls back to its <img>. A record that lists derivatives
+  // the bucket lost (restored from a backup without them) must not offer them.
+  it("offers only derivatives whose objects the bucket holds", async () => {
+    year += 1;
+    const day = `${year}/03/07`;
+    await record(day, "all", "p", `${year}-03-07T10:00:00Z`, [64, 128]);
+    await record(day, "webp", "p", `${year}-03-07T09:00:00Z`, [64, 128], ["w64.webp"]);
+    await record(day, "none", "p", `${year}-03-07T08:00:00Z`, [64], []);
+    const { bucket, calls } = countingBucket();
+    const res = await send(`${newBase()}/${day}/`, { IMAGES: bucket });
+    expect(res.status).toBe(200);
+    const items = Object.fromEntries(
+      [...(await res.text()).matchAll(/<li class="item" id="([^"]+)"[\s\S]*?<\/li>/g)].map((m) => [
+        m[1],
+        m[0],
+      ]),
+    );
+    expect(items.all).toContain(`srcset="/${day}/all.w64.avif 64w, /${day}/all.w128.avif 128w"`);
+    expect(items.all).toContain(`srcset="/${day}/all.w64.webp 64w, /${day}/all.w128.webp 128w"`);
+    expect(items.webp).toContain(`<source type="image/webp" srcset="/${day}/webp.w64.webp 64w"`);
+    expect(items.webp).not.toContain("avif");
+    expect(items.webp).not.toContain("w128");
+    expect(items.none).not.toContain("<source");
+    expect(items.none).toContain(`<img src="/${day}/none.png"`);
+    // Known from the listing the day's records come from: no derivative object is read.
+    expect(calls.filter((c) => /\.w\d+\./.test(c.key))).toEqual([]);
   });
 });
 

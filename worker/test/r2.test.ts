@@ -219,6 +219,122 @@ describe("conditional requests", () => {
   });
 });
 
+describe("preconditions before 1970 and false 304s", () => {
+  // workerd's R2 binding keeps If-Modified-Since as an unsigned count of ms
+  // (src/workerd/api/r2-bucket.c++, initOnlyIf): a date before 1970 wrapped around to the far
+  // future, and R2 answered a miss 304 for an object the date is older than.
+  it("answers 200 to an If-Modified-Since before 1970, on a miss and on a hit", async () => {
+    for (const since of ["Wed, 31 Dec 1969 23:59:59 GMT", "Thu Jan  1 00:00:00 1900"]) {
+      for (const cached of [false, true]) {
+        const { url } = await stored();
+        if (cached) await send(url);
+        for (const [headers, method, status] of [
+          [{}, "GET", 200],
+          [{ Range: "bytes=0-9" }, "GET", 206],
+          [{}, "HEAD", 200],
+        ] as const) {
+          const { bucket, calls } = countingBucket();
+          const request = get(url, { ...headers, "If-Modified-Since": since }, method);
+          const res = await send(request, { IMAGES: bucket });
+          expect(res.status, `${since} ${method} cached=${cached}`).toBe(status);
+          if (method === "GET")
+            expect((await res.arrayBuffer()).byteLength).toBe(status === 206 ? 10 : SIZE);
+          // Never asked of R2: no object is older than 1970, so the date can make no 304.
+          for (const call of calls) {
+            expect(
+              (call.options?.onlyIf as Headers | undefined)?.has("If-Modified-Since"),
+            ).not.toBe(true);
+          }
+        }
+      }
+    }
+  });
+
+  // Whatever made an origin answer 304 (a date it read otherwise, a tag it compared otherwise),
+  // the Worker answers 304 only when the origin's own ETag and Last-Modified say so.
+  it("passes on an origin's 304 only when the metadata it sent agrees", async () => {
+    // An R2 that fails every condition: the metadata without a body, as for a failed onlyIf.
+    const bucket = {
+      async get(key: string, options?: R2GetOptions) {
+        const onlyIf = options?.onlyIf as Headers | undefined;
+        if (onlyIf !== undefined && [...onlyIf].length > 0) return env.IMAGES.head(key);
+        return env.IMAGES.get(key, options);
+      },
+      head: (key: string) => env.IMAGES.head(key),
+    } as unknown as R2Bucket;
+    const minute = (object: R2Object, sign: number) =>
+      new Date(object.uploaded.getTime() + sign * 60_000).toUTCString();
+    const cases: [(object: R2Object) => Record<string, string>, number][] = [
+      [() => ({ "If-None-Match": '"other"' }), 200],
+      [() => ({ "If-None-Match": '"other"', Range: "bytes=0-9" }), 206],
+      [(o) => ({ "If-Modified-Since": minute(o, -1) }), 200],
+      [(o) => ({ "If-None-Match": o.httpEtag }), 304],
+      [(o) => ({ "If-Modified-Since": minute(o, 1) }), 304],
+    ];
+    for (const [headers, status] of cases) {
+      const { url, object } = await stored(); // a miss each time
+      const res = await send(get(url, headers(object)), { IMAGES: bucket });
+      expect(res.status, JSON.stringify(headers(object))).toBe(status);
+      const length = { 200: SIZE, 206: 10, 304: 0 }[status];
+      expect((await res.arrayBuffer()).byteLength).toBe(length);
+    }
+  });
+});
+
+// RFC 9110 §13.2.2: If-Match (strong comparison, §13.1.1), else If-Unmodified-Since (§13.1.4),
+// answer 412; then If-None-Match, else If-Modified-Since, answer 304; then If-Range.
+describe("If-Match and If-Unmodified-Since", () => {
+  it("answers 412 when one fails, before any 304 or range, on a miss and on a hit", async () => {
+    const minute = (object: R2Object, sign: number) =>
+      new Date(object.uploaded.getTime() + sign * 60_000).toUTCString();
+    // [headers of the request for `object`, GET status, HEAD status]
+    const cases: [(object: R2Object) => Record<string, string>, number, number][] = [
+      [() => ({ "If-Match": '"other"' }), 412, 412],
+      [(o) => ({ "If-Match": `W/${o.httpEtag}` }), 412, 412],
+      [() => ({ "If-Match": "foo" }), 412, 412],
+      [(o) => ({ "If-Match": o.httpEtag }), 200, 200],
+      [(o) => ({ "If-Match": `"other", ${o.httpEtag}` }), 200, 200],
+      [() => ({ "If-Match": "*" }), 200, 200],
+      [(o) => ({ "If-Unmodified-Since": minute(o, -1) }), 412, 412],
+      [() => ({ "If-Unmodified-Since": "Wed, 31 Dec 1969 23:59:59 GMT" }), 412, 412],
+      [(o) => ({ "If-Unmodified-Since": minute(o, 1) }), 200, 200],
+      [() => ({ "If-Unmodified-Since": "yesterday" }), 200, 200],
+      // If-Unmodified-Since counts only without If-Match (§13.1.4).
+      [(o) => ({ "If-Match": o.httpEtag, "If-Unmodified-Since": minute(o, -1) }), 200, 200],
+      // 412 before 304 (§13.2.2 steps 1-2, then 3-4).
+      [(o) => ({ "If-Match": '"other"', "If-None-Match": o.httpEtag }), 412, 412],
+      [
+        (o) => ({ "If-Unmodified-Since": minute(o, -1), "If-Modified-Since": minute(o, 1) }),
+        412,
+        412,
+      ],
+      [(o) => ({ "If-Match": o.httpEtag, "If-None-Match": o.httpEtag }), 304, 304],
+      // ... and before the range (step 5); a HEAD ignores Range.
+      [() => ({ "If-Match": '"other"', Range: "bytes=0-9" }), 412, 412],
+      [(o) => ({ "If-Match": o.httpEtag, Range: "bytes=0-9" }), 206, 200],
+      [(o) => ({ "If-Unmodified-Since": minute(o, -1), Range: `bytes=${SIZE}-` }), 412, 412],
+    ];
+    for (const method of ["GET", "HEAD"]) {
+      for (const cached of [false, true]) {
+        for (const [headers, getStatus, headStatus] of cases) {
+          // An object of its own for each case, so a miss never becomes the next case's hit.
+          const { url, object } = await stored();
+          if (cached) await send(url);
+          const res = await send(get(url, headers(object), method));
+          const expected = method === "GET" ? getStatus : headStatus;
+          const what = `${method} ${JSON.stringify(headers(object))} cached=${cached}`;
+          expect(res.status, what).toBe(expected);
+          if (expected === 412) {
+            expect(res.headers.get("Cache-Control"), what).toBe("no-store");
+            expect(res.headers.get("Access-Control-Allow-Origin")).toBe("*");
+          }
+          await res.arrayBuffer();
+        }
+      }
+    }
+  });
+});
+
 describe("ranges", () => {
   it.each([
     ["bytes=0-99", 0, 99],

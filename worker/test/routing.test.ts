@@ -29,7 +29,19 @@ describe("methods", () => {
     expect(res.status).toBe(204);
     expect(res.headers.get("Access-Control-Allow-Origin")).toBe("*");
     expect(res.headers.get("Access-Control-Allow-Methods")).toContain("GET");
-    expect(res.headers.get("Access-Control-Allow-Headers")).toContain("Range");
+    const allowed = res.headers.get("Access-Control-Allow-Headers")?.split(", ");
+    // Every request header the Worker reads (RFC 9110 §13.1, §14.2): a cross-origin fetch that
+    // sends one of them is preflighted, and refused unless it is listed.
+    for (const header of [
+      "Range",
+      "If-Match",
+      "If-None-Match",
+      "If-Modified-Since",
+      "If-Unmodified-Since",
+      "If-Range",
+    ]) {
+      expect(allowed, header).toContain(header);
+    }
     expect(res.headers.get("Access-Control-Max-Age")).toBe("86400");
     expect(res.headers.get("Allow")).toBe("GET, HEAD, OPTIONS");
   });
