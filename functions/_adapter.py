@@ -33,7 +33,9 @@ from _binding import (
     json_reply,
     parse,
     parse_leniently,
+    trace_carrier,
 )
+from opentelemetry import context as otel_context
 
 from imagegen.errors import (
     ConfigurationError,
@@ -50,7 +52,17 @@ from imagegen.events import reply_attributes
 from imagegen.identity import generation_id, identify
 from imagegen.stages import Call, Route, RouteCall, Stage
 from imagegen.stages import get as get_stage
-from imagegen.telemetry import count_from_zero, instruments, stage_span, within_trace
+from imagegen.telemetry import (
+    HttpRequest,
+    answered,
+    count_from_zero,
+    instruments,
+    record_error,
+    server_span,
+    stage_span,
+    trace_extension,
+    within_trace,
+)
 from imagegen.validation import parse_model
 
 __all__ = ["Function", "entry_point"]
@@ -268,26 +280,44 @@ class Function:
         generation_id: str | None = None,
         *,
         spanned: dict[str, str] | None = None,
+        http: HttpRequest | None = None,
+        within: otel_context.Context | None = None,
     ) -> tuple[T, dict[str, str]]:
         """Run ``work`` on the process's loop within the stage's time budget; with ``traced``,
-        inside that message's trace, its span naming ``generation_id``. Returns the result and
-        the trace context to pass on; ``spanned`` gets that context as soon as the span starts,
-        for a failure to be logged and answered under the span that failed.
+        inside that message's trace, its span naming ``generation_id`` (and, for a plain call,
+        its request, ``http``). Returns the result and the trace context to pass on;
+        ``spanned`` gets that context as soon as the span starts, for a failure to be logged
+        and answered under the span that failed. Without ``traced``, ``work`` runs in the
+        trace context ``within`` (a route's span), if any: a task on the loop starts in the
+        loop's own context, not the request thread's.
         """
         assert self._loop is not None
 
         async def run() -> tuple[T, dict[str, str]]:
             if traced is None:
-                return await work, {}
+                token = otel_context.attach(within) if within is not None else None
+                try:
+                    return await work, {}
+                finally:
+                    if token is not None:
+                        otel_context.detach(token)
             # A task of its own on the loop: what the span sets stays in its context.
             carrier, attributes = traced.carrier(), traced.attributes
             event = traced.is_event
             with stage_span(
-                self.stage.name, attributes, carrier, event=event, generation_id=generation_id
+                self.stage.name,
+                attributes,
+                carrier,
+                event=event,
+                generation_id=generation_id,
+                http=http,
             ) as out:
                 if spanned is not None:
                     spanned.update(out)
-                return await work, out
+                result = await work
+                if not event:  # the plain call's SERVER span says what it is answered
+                    answered(self._answers(result))
+                return result, out
 
         future = asyncio.run_coroutine_threadsafe(run(), self._loop)
         with self._waiting_lock:
@@ -391,12 +421,13 @@ class Function:
             # 3. Run the stage inside the caller's trace.
             dispatched = True
             plain = not message.is_event
+            http = _http_request(request, "/")
             if stage.png is not None and plain and _wants_png(request.accept_mimetypes):
                 drawn = stage.png(self._service, data)
-                (png, more), _ = self._run(drawn, message, gid, spanned=spanned)
+                (png, more), _ = self._run(drawn, message, gid, spanned=spanned, http=http)
                 return Reply(200, png, {"Content-Type": "image/png", **more})
             work = stage.handler(self._service, data, call)
-            result, extensions = self._run(work, message, gid, spanned=spanned)
+            result, extensions = self._run(work, message, gid, spanned=spanned, http=http)
             # 4. Reply: the next event, JSON, or nothing.
             if stage.emits is None:  # a sink: the dead-letter records, the ledger
                 labels = {"stage": stage.name, "outcome": "recorded"}
@@ -415,34 +446,51 @@ class Function:
                 exc, message, dispatched=dispatched, spanned=spanned, generation_id=gid
             )
 
-    def _route(self, route: Route, params: dict[str, str], request: flask.Request) -> Reply:
-        """One of the stage's own routes: the query checked, the handler run, JSON out.
+    def _answers(self, result: object) -> int:
+        """The status :meth:`handle` answers a plain call's ``result`` with (its step 4): 202
+        from a sink or for no result, else 200."""
+        return 202 if self.stage.emits is None or result is None else 200
 
-        A query is no generation: nothing for the generation counters (``dispatched``).
+    def _route(self, route: Route, params: dict[str, str], request: flask.Request) -> Reply:
+        """One of the stage's own routes, in a ``SERVER`` span of its own inside the caller's
+        trace (its W3C ``traceparent`` header): the query checked, the handler run, JSON out.
+
+        A query is no generation: nothing for the generation counters (``dispatched``). The
+        handler runs, and a failure is logged, under the route's span: a replay's event goes
+        on in its trace (:func:`imagegen.ledger.api.replay`).
         """
-        try:
-            self._check_ready()
-            query = None
-            repeated = [name for name, values in request.args.lists() if len(values) > 1]
-            if repeated:  # never one of them silently: which one the caller meant is unknown
-                raise InvalidRequest(
-                    f"{', '.join(repeated)} given more than once",
-                    errors=[{"field": n, "message": "given more than once"} for n in repeated],
+        carrier = trace_carrier(dict(request.headers))
+        with server_span(_http_request(request, route.path), carrier) as span:
+            try:
+                self._check_ready()
+                query = None
+                repeated = [name for name, values in request.args.lists() if len(values) > 1]
+                if repeated:  # never one of them silently: which one the caller meant is unknown
+                    raise InvalidRequest(
+                        f"{', '.join(repeated)} given more than once",
+                        errors=[{"field": n, "message": "given more than once"} for n in repeated],
+                    )
+                if route.query_model is not None:
+                    query = parse_model(route.query_model, request.args.to_dict())
+                elif request.args:
+                    raise InvalidRequest(
+                        f"{route.path} takes no query parameters",
+                        errors=[{"field": n, "message": "unknown parameter"} for n in request.args],
+                    )
+                headers = {name.lower(): value for name, value in request.headers.items()}
+                call = RouteCall(params=params, query=query, headers=headers)
+                within = otel_context.get_current()
+                result, _ = self._run(route.handler(self._service, call), within=within)
+                reply = json_reply(result.model_dump(mode="json"), route.status)
+            except Exception as exc:
+                gid, here = params.get("generation_id"), trace_extension()
+                reply = self._failed(
+                    exc, None, dispatched=True, spanned=here, generation_id=gid, route=route.path
                 )
-            if route.query_model is not None:
-                query = parse_model(route.query_model, request.args.to_dict())
-            elif request.args:
-                raise InvalidRequest(
-                    f"{route.path} takes no query parameters",
-                    errors=[{"field": n, "message": "unknown parameter"} for n in request.args],
-                )
-            headers = {name.lower(): value for name, value in request.headers.items()}
-            call = RouteCall(params=params, query=query, headers=headers)
-            result, _ = self._run(route.handler(self._service, call))
-            return json_reply(result.model_dump(mode="json"), route.status)
-        except Exception as exc:
-            gid = params.get("generation_id")
-            return self._failed(exc, None, dispatched=True, generation_id=gid, route=route.path)
+                record_error(span, exc, http_status=reply.status)
+                return reply
+            answered(reply.status, span)
+            return reply
 
     def _failed(
         self,
@@ -532,6 +580,11 @@ def _unread_body_left(response: flask.Response) -> flask.Response:
     if not flask.request.environ.get(_BODY_READ):
         flask.request.stream = io.BytesIO()  # werkzeug's cached_property: setting it is public
     return response
+
+
+def _http_request(request: flask.Request, route: str) -> HttpRequest:
+    """What a ``SERVER`` span says of ``request``, served by ``route`` (a path template)."""
+    return HttpRequest(request.method, request.path, route, request.scheme)
 
 
 def _wants_png(accept: Any) -> bool:

@@ -21,7 +21,6 @@ from urllib.parse import quote, unquote
 from cloudevents.conversion import to_binary
 from cloudevents.exceptions import GenericException as CloudEventError
 from cloudevents.http import CloudEvent, from_http
-from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from pydantic import BaseModel
 
@@ -40,6 +39,7 @@ __all__ = [
     "json_reply",
     "parse",
     "parse_leniently",
+    "trace_carrier",
 ]
 
 MAX_BODY_BYTES = 1024 * 1024
@@ -73,12 +73,14 @@ class Message:
 
     def carrier(self) -> dict[str, str]:
         """Trace context: the CloudEvents tracing extension's where its ``traceparent`` is
-        one, else the HTTP headers'; a ``tracestate`` goes with its own ``traceparent``."""
-        names = ("traceparent", "tracestate")
-        extension = {k: v for k, v in self.attributes.items() if k in names and v}
-        if _is_traceparent(extension.get("traceparent", "")):
-            return extension
-        return {k: v for k, v in self.headers.items() if k in names}
+        one, else the HTTP headers'; a ``tracestate`` goes with its own ``traceparent``.
+
+        What the W3C propagator accepts, as it writes it: every reply passes this on, and a
+        stage that answers before its span starts (a ``generation.failed``) must not echo a
+        ``traceparent`` or ``tracestate`` the next one would refuse (:func:`_w3c_only`).
+        """
+        extension = _w3c_only(self.attributes)
+        return extension if "traceparent" in extension else _w3c_only(self.headers)
 
 
 @dataclass(frozen=True)
@@ -93,11 +95,28 @@ class Reply:
 _W3C = TraceContextTextMapPropagator()
 
 
-def _is_traceparent(value: str) -> bool:
-    """Whether ``value`` is a W3C ``traceparent``, as OpenTelemetry's propagator reads one
-    (version ff, all-zero ids and extra fields after version 00 are not)."""
-    context = _W3C.extract({"traceparent": value})
-    return trace.get_current_span(context).get_span_context().is_valid
+def trace_carrier(headers: Mapping[str, str]) -> dict[str, str]:
+    """The W3C trace context of a plain HTTP request's ``headers`` (a route's caller), as
+    :meth:`Message.carrier` reads it: only what the W3C propagator accepts."""
+    return _w3c_only(_lowered(headers))
+
+
+def _w3c_only(carrier: Mapping[str, str]) -> dict[str, str]:
+    """``carrier``'s ``traceparent`` and ``tracestate``, read and written again by
+    OpenTelemetry's W3C propagator: empty where the ``traceparent`` is none.
+
+    The propagator drops what W3C Trace Context (Level 1) has a receiver drop: a
+    ``traceparent`` of version ``ff``, with an all-zero ``trace-id`` or ``parent-id``, or with
+    fields after version ``00``'s four ("traceparent Header Field Values"), and then its
+    ``tracestate`` too ("Tracestate Header": a vendor that failed to parse ``traceparent``
+    MUST NOT attempt to parse ``tracestate``); and a ``tracestate`` of more than 32
+    list-members, or with a member it cannot parse ("tracestate Header Field Values"). A
+    higher version is passed on as ``00`` ("Versioning of traceparent").
+    """
+    context = _W3C.extract({k: v for k, v in carrier.items() if k in _W3C.fields and v})
+    written: dict[str, str] = {}
+    _W3C.inject(written, context)
+    return written
 
 
 def _lowered(headers: Mapping[str, str]) -> Mapping[str, str]:

@@ -37,6 +37,7 @@ import atexit
 import logging
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -93,24 +94,32 @@ class Telemetry:
     installed: bool = False
 
     def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT) -> bool:
-        """Flush and stop the providers; give up after ``timeout`` seconds.
+        """Flush and stop the providers, side by side; give up after ``timeout`` seconds.
+
+        Each provider stops in a daemon thread of its own, both within one deadline: a span
+        exporter stuck on a dead collector neither holds the exit up nor keeps the last
+        metrics (a failure counted just before exit) from leaving, as it would if the meter
+        provider waited its turn behind it.
 
         Returns:
-            Whether everything was flushed in time.
+            Whether both were flushed in time.
         """
-        tracer_provider, meter_provider = self.tracer_provider, self.meter_provider
-
-        def stop() -> None:
-            if tracer_provider is not None:
-                tracer_provider.shutdown()
-            if meter_provider is not None:
-                meter_provider.shutdown(timeout_millis=timeout * 1000)
-
-        # A daemon thread: an exporter stuck on a dead collector must not hold the exit up.
-        worker = threading.Thread(target=stop, name="otel-shutdown", daemon=True)
-        worker.start()
-        worker.join(timeout)
-        return not worker.is_alive()
+        deadline = time.monotonic() + timeout
+        stops = {}
+        if self.tracer_provider is not None:
+            stops["traces"] = self.tracer_provider.shutdown
+        if self.meter_provider is not None:
+            meter_provider = self.meter_provider
+            stops["metrics"] = lambda: meter_provider.shutdown(timeout_millis=timeout * 1000)
+        workers = [
+            threading.Thread(target=stop, name=f"otel-shutdown-{signal}", daemon=True)
+            for signal, stop in stops.items()
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        return not any(worker.is_alive() for worker in workers)
 
 
 def _sdk_disabled() -> bool:

@@ -10,6 +10,7 @@ become in Prometheus (:func:`prometheus_series`); a test keeps the three in step
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -28,15 +29,20 @@ __all__ = [
     "METRICS",
     "METRIC_NAMES",
     "SINK_COUNTED_FROM_ZERO",
+    "HttpRequest",
     "Instruments",
     "MetricSpec",
+    "answered",
     "count_from_zero",
     "current_stage",
+    "http_status",
     "instruments",
     "prometheus_name",
     "prometheus_series",
     "record_error",
+    "server_span",
     "stage_span",
+    "trace_extension",
     "tracer",
     "within_trace",
 ]
@@ -58,13 +64,24 @@ def tracer() -> trace.Tracer:
     return trace.get_tracer(_SCOPE)
 
 
-def record_error(span: trace.Span, error: BaseException, *, traceback: bool | None = None) -> None:
+def record_error(
+    span: trace.Span,
+    error: BaseException,
+    *,
+    traceback: bool | None = None,
+    http_status: int | None = None,
+) -> None:
     """Mark ``span`` failed by ``error``, as the SDK does when an exception leaves a span: status
     ``ERROR`` and the semantic conventions' ``exception`` event.
 
     The event's stacktrace is optional, and formatting it costs more than an expected failure:
     by default it is left out when the caller caused the error (an :class:`ImageGenError` of a
     4xx status, whose message names what was wrong), and kept for everything else.
+
+    Args:
+        http_status: For the ``SERVER`` span of an HTTP request, the status it is answered
+            with (:func:`answered`): a 4xx is the client's error, and leaves the span's status
+            unset.
     """
     if traceback is None:
         traceback = not (isinstance(error, ImageGenError) and error.status < 500)
@@ -74,7 +91,75 @@ def record_error(span: trace.Span, error: BaseException, *, traceback: bool | No
         kind = type(error)
         qualified = f"{kind.__module__}.{kind.__qualname__}".removeprefix("builtins.")
         span.add_event("exception", {"exception.type": qualified, "exception.message": str(error)})
+    if http_status is not None:
+        answered(http_status, span, error)
+        return
     span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+
+
+class HttpRequest(NamedTuple):
+    """What the ``SERVER`` span of one HTTP request says of it (OpenTelemetry semantic
+    conventions, HTTP server spans: ``http.request.method``, ``url.path``, ``url.scheme``,
+    ``http.route``)."""
+
+    method: str
+    path: str
+    route: str
+    scheme: str = "http"
+
+
+def _http_attributes(span: trace.Span, request: HttpRequest) -> None:
+    span.set_attribute("http.request.method", request.method)
+    span.set_attribute("url.path", request.path)
+    span.set_attribute("url.scheme", request.scheme)
+    span.set_attribute("http.route", request.route)
+
+
+def answered(
+    status: int, span: trace.Span | None = None, error: BaseException | None = None
+) -> None:
+    """Say on an HTTP request's ``SERVER`` span (by default the current one) what it was
+    answered: ``http.response.status_code``, and for a 5xx the status ``ERROR`` and
+    ``error.type``.
+
+    OpenTelemetry semantic conventions, HTTP spans ("Status"): a ``SERVER`` span's status
+    MUST be left unset for a 4xx (the client's error, not the server's) and for 1xx-3xx, and
+    is ``ERROR`` for a 5xx; ``error.type`` is then the status code, as a string.
+    """
+    if span is None:
+        span = trace.get_current_span()
+    span.set_attribute("http.response.status_code", status)
+    if status >= 500:
+        span.set_attribute("error.type", str(status))
+        why = f"{type(error).__name__}: {error}" if error is not None else None
+        span.set_status(trace.Status(trace.StatusCode.ERROR, why))
+
+
+def http_status(error: BaseException) -> int:
+    """The status the function edge answers ``error`` with: its own for an
+    :class:`ImageGenError`; 503 for a stage cancelled past its time budget (what
+    ``functions/_adapter.py`` ``Function._run`` raises then); 500 for anything else."""
+    if isinstance(error, ImageGenError):
+        return error.status
+    return 503 if isinstance(error, asyncio.CancelledError) else 500
+
+
+_TRACE_EXTENSION = ("traceparent", "tracestate")
+"""The CloudEvents Distributed Tracing extension's attributes (cloudevents/spec
+``cloudevents/extensions/distributed-tracing.md``): W3C Trace Context's two headers."""
+
+
+def trace_extension() -> dict[str, str]:
+    """The current trace context as the CloudEvents Distributed Tracing extension's attributes.
+
+    What the configured propagators (``OTEL_PROPAGATORS``) write, but for ``traceparent`` and
+    ``tracestate``, is left out: another format's field (AWS X-Ray's ``X-Amzn-Trace-Id``, B3's
+    ``b3``, ``baggage``) is no attribute of that extension, and most are no valid attribute
+    name at all (CloudEvents 1.0, section 3.1.1: lower-case letters and digits only).
+    """
+    written: dict[str, str] = {}
+    propagate.inject(written)
+    return {name: written[name] for name in _TRACE_EXTENSION if written.get(name)}
 
 
 @contextmanager
@@ -85,13 +170,22 @@ def stage_span(
     *,
     event: bool,
     generation_id: str | None = None,
+    http: HttpRequest | None = None,
 ) -> Iterator[dict[str, str]]:
     """The ``<stage> process`` span of one request, inside the caller's trace (``carrier``).
 
     Its kind is ``CONSUMER`` for a delivered event and ``SERVER`` for a plain call; it carries
     the event's CloudEvents attributes, and the generation's id: ``generation_id`` (what the
     function derived, for a request that names none), else the event's ``subject``. Yields the
-    trace context to pass on with the reply.
+    trace context to pass on with the reply (:func:`trace_extension`).
+
+    A plain call's span carries its request (``http``) and the status a failure is answered
+    with; its status stays unset for a 4xx (:func:`answered`). The caller says what a success
+    is answered with, by :func:`answered`, before the span ends. An event's span is marked
+    ``ERROR`` by any failure, a bad event included: its processing failed (semantic
+    conventions, ``docs/general/recording-errors.md``: an operation that ends with an error
+    SHOULD set the span status ``Error``; the rule that leaves a 4xx unset is the HTTP
+    conventions', for HTTP ``SERVER`` spans, and the messaging ones have none like it).
     """
     token = otel_context.attach(propagate.extract(carrier))
     current_stage.set(stage)
@@ -108,13 +202,38 @@ def stage_span(
             named = generation_id or attributes.get("subject")
             if named and valid_generation_id(named):
                 span.set_attribute("imagegen.generation_id", named)
-            outgoing: dict[str, str] = {}
-            propagate.inject(outgoing)
+            server = None if event else http
+            if server is not None:
+                _http_attributes(span, server)
             try:
-                yield outgoing
+                yield trace_extension()
             except BaseException as error:
-                record_error(span, error)
+                status = http_status(error) if server is not None else None
+                record_error(span, error, http_status=status)
                 raise
+    finally:
+        otel_context.detach(token)
+
+
+@contextmanager
+def server_span(request: HttpRequest, carrier: Mapping[str, str]) -> Iterator[trace.Span]:
+    """The ``SERVER`` span of one HTTP request of a stage's own routes (the ledger's queries
+    and replays), inside the caller's trace (``carrier``), current while it lasts.
+
+    Named ``{method} {route}`` (semantic conventions, HTTP server spans: the route template,
+    never the path, which would make a name per generation). The caller says what the request
+    was answered with (:func:`answered`, or :func:`record_error` with ``http_status``).
+    """
+    token = otel_context.attach(propagate.extract(carrier))
+    try:
+        with tracer().start_as_current_span(
+            f"{request.method} {request.route}",
+            kind=trace.SpanKind.SERVER,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            _http_attributes(span, request)
+            yield span
     finally:
         otel_context.detach(token)
 

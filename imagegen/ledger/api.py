@@ -32,6 +32,7 @@ from imagegen.events import (
 from imagegen.identity import derive_generation_id, key_time
 from imagegen.ledger._sql import MAX_PAGE
 from imagegen.ledger.models import GenerationDetail, GenerationPage, Status
+from imagegen.telemetry import trace_extension
 
 if TYPE_CHECKING:
     from imagegen.ledger.store import Ledger
@@ -149,6 +150,9 @@ async def replay(
         "time": datetime.now(UTC).isoformat(),
         "datacontenttype": "application/json",
         **routing_attributes(data),  # render's Triggers route prompt.enhanced by model
+        # The replay goes on in its caller's trace, from the request's span, as a stage's reply
+        # event does (the CloudEvents Distributed Tracing extension).
+        **trace_extension(),
     }
     headers, body = to_binary(CloudEvent(attributes, data.model_dump(mode="json")))
     token = await asyncio.to_thread(_sink_token, settings.sink_token_file)

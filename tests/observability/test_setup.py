@@ -314,6 +314,27 @@ def test_shutdown_gives_up_on_a_collector_that_never_answers(
         assert time.monotonic() - started < 3.0  # bounded by the timeout, not the exporter's
 
 
+def test_a_trace_exporter_that_hangs_never_keeps_the_last_metrics_in(
+    made: list[Telemetry], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The providers stop side by side: the last count (a failure just before exit) leaves
+    # while the span exporter waits on a collector that never answers.
+    with Blackhole() as hung, Collector() as collector:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"{hung.url}/v1/traces")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", f"{collector.url}/v1/metrics")
+        telemetry = make(made)
+        assert telemetry.tracer_provider is not None and telemetry.meter_provider is not None
+        with telemetry.tracer_provider.get_tracer("tests").start_as_current_span("stuck"):
+            pass
+        telemetry.meter_provider.get_meter("tests").create_counter("tests.count").add(1)
+        started = time.monotonic()
+        flushed = telemetry.shutdown(timeout=2.0)
+        waited = time.monotonic() - started
+        assert collector.paths() == ["/v1/metrics"]
+    assert not flushed  # the spans did not leave
+    assert waited < 2.0 + 1.0  # one deadline for both, not one each
+
+
 def test_a_console_program_may_keep_its_own_logging(
     otel: InMemoryTelemetry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
