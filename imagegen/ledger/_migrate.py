@@ -6,6 +6,10 @@ it compares; JSON as text; ``BIGSERIAL`` as an autoincrement rowid). Each file i
 in order, inside one transaction with its row in ``ledger_migrations``
 (:meth:`~imagegen.ledger._sql.SqlLedger._migrate`, under a lock on PostgreSQL, so replicas that
 start together apply each migration exactly once).
+
+A file named ``NNNN_name.postgres.sql`` (or ``.sqlite.sql``) is that dialect's alone: what one
+database needs and the other does not (PostgreSQL's B-tree rows are limited in size, SQLite's
+are not). The other dialect records its version with nothing to run, so both keep one sequence.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from importlib import resources
 
 __all__ = ["CREATE_TABLE", "Migration", "for_dialect", "migrations", "statements"]
 
-_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)(?:\.(postgres|sqlite))?\.sql$")
 
 CREATE_TABLE = (
     "CREATE TABLE IF NOT EXISTS ledger_migrations "
@@ -54,8 +58,9 @@ def migrations(dialect: str) -> list[Migration]:
     for entry in folder.iterdir():
         match = _NAME.match(entry.name)
         if match:
-            sql = for_dialect(entry.read_text(encoding="utf-8"), dialect)
-            found.append(Migration(int(match[1]), match[2], sql))
+            only = match[3]
+            text = entry.read_text(encoding="utf-8") if only in (None, dialect) else ""
+            found.append(Migration(int(match[1]), match[2], for_dialect(text, dialect)))
     found.sort(key=lambda m: m.version)
     versions = [m.version for m in found]
     if len(set(versions)) != len(versions):

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol, TextIO, TypeVar
+from typing import Any, Literal, Protocol, TextIO, TypeVar
 
 from pydantic import ValidationError
 
@@ -71,6 +71,7 @@ TIME_COLUMNS = frozenset(
     {
         *STAGE_COLUMNS,
         "time",
+        "time_attribute",
         "recorded_at",
         "created_at",
         "listed_at",
@@ -185,6 +186,7 @@ class SqlLedger(ABC):
             "subject": event.subject,
             "generation_id": gid,
             "time": change.at if change else utc(event.time or now),
+            "time_attribute": utc(event.time) if event.time else None,
             "recorded_at": now,
             "data": event.data,
         }
@@ -381,11 +383,15 @@ class SqlLedger(ABC):
                 return
             after = rows[-1]["seq"]
 
-    def generation_events(self, generation_id: str) -> list[LedgerEvent]:
-        """The events recorded for one generation, in time order."""
+    def generation_events(
+        self, generation_id: str, *, order: Literal["time", "recorded"] = "time"
+    ) -> list[LedgerEvent]:
+        """The events recorded for one generation, in time order, or in the order recorded
+        (``recorded``: the first is the one the generation's row took its request from)."""
+        by = "time, seq" if order == "time" else "seq"
         with self.transaction() as db:
             rows = db.query(
-                "SELECT * FROM ledger_events WHERE generation_id = :gid ORDER BY time, seq",
+                f"SELECT * FROM ledger_events WHERE generation_id = :gid ORDER BY {by}",  # noqa: S608
                 {"gid": generation_id},
             )
         return [self._event(row) for row in rows]
@@ -401,17 +407,20 @@ class SqlLedger(ABC):
         unreadable: list[InternalError] = []
         for row in self._event_rows(since):
             try:
-                event = self._event(row)
+                event = self._event(row)  # time_attribute checked readable with the rest
             except InternalError as exc:  # the others are still written
                 unreadable.append(exc)
                 continue
+            # The time attribute as received (migration 0007), not the stage's time the ledger
+            # orders by: absent where the event carried none.
+            sent: datetime | None = row.get("time_attribute")
             body = {
                 "specversion": "1.0",
                 "id": event.id,
                 "source": event.source,
                 "type": event.type,
                 **({"subject": event.subject} if event.subject else {}),
-                "time": event.time.isoformat() if event.time else None,
+                **({"time": sent.isoformat()} if sent else {}),
                 "datacontenttype": "application/json",
                 "recordedat": event.recorded_at.isoformat() if event.recorded_at else None,
                 "data": event.data,
@@ -464,6 +473,11 @@ class SqlLedger(ABC):
         ``attempts`` (the claim's, as :meth:`claim_deliveries` returned it): only while the
         message is still pending on that claim, so an attempt that outlived its lease cannot
         overwrite the outcome of the claim after it. Returns whether the outcome was recorded.
+
+        A delivery is recorded too where the message was cancelled while this claim was
+        sending it (the image persisted meanwhile, :data:`~._statements.CANCEL_FAILED`): the
+        receiver has it, and only a message not yet sent is cancelled. A failed send leaves it
+        cancelled.
         """
         now = self._lease_clock()
         if delivered:
@@ -472,7 +486,8 @@ class SqlLedger(ABC):
             sql = "next_attempt_at = :next, last_error = :error"
         else:
             sql = "state = 'failed', last_error = :error"
-        claim = "" if attempts is None else " AND state = 'pending' AND attempts = :attempts"
+        states = "('pending', 'cancelled')" if delivered else "('pending')"
+        claim = "" if attempts is None else f" AND state IN {states} AND attempts = :attempts"
         with self.transaction() as db:
             changed = db.run(
                 f"UPDATE webhook_deliveries SET {sql} WHERE msg_id = :msg_id{claim}",  # noqa: S608

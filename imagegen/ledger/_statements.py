@@ -95,10 +95,17 @@ _ON_CONFLICT = (
     )
 )
 UPSERT_GENERATION = f"{_INTO}VALUES ({_ROW}) {_ON_CONFLICT} RETURNING *"
+# No conflict target: an event is unique by (source, id) under a different index in each
+# dialect (PostgreSQL: by their digests, migration 0006; SQLite: by the values), and an insert
+# without a target has every unique index for its arbiter (PostgreSQL's INSERT, "ON CONFLICT
+# Clause"; SQLite's "upsert" page: the last ON CONFLICT clause may omit it). ledger_events has
+# no other unique index than its seq, which the insert never sets.
 INSERT_EVENT = (
-    "INSERT INTO ledger_events (source, id, type, subject, generation_id, time, recorded_at, data) "
-    "VALUES (:source, :id, :type, :subject, :generation_id, :time, :recorded_at, :data) "
-    "ON CONFLICT (source, id) DO NOTHING RETURNING seq"
+    "INSERT INTO ledger_events "
+    "(source, id, type, subject, generation_id, time, time_attribute, recorded_at, data) "
+    "VALUES (:source, :id, :type, :subject, :generation_id, :time, :time_attribute, "
+    ":recorded_at, :data) "
+    "ON CONFLICT DO NOTHING RETURNING seq"
 )
 # Both as one statement, one round trip (PostgreSQL: SQLite has no INSERT inside WITH). The
 # generation's row is only written when the event is new: a redelivery changes nothing and

@@ -5,11 +5,12 @@ are the ones written here: the status only moves up :data:`STATUS_RANK`; the fir
 stage is kept; what the most advanced event says about the image wins; where the generation's
 messages go (:data:`REQUEST_COLUMNS`) only the first ``generation.requested`` recorded says.
 
-A stage's time is when the stage did its work: a request's own time; ``enhanced_at`` and
-``persisted_at``, which enhance and persist keep with what they wrote; the image's
-``rendered_at``; for a failure, when it is first recorded. (An event's ``time`` is often
-another's: every delivery of an event must answer alike, so enhance's reply carries the
-request's time and persist's the render's.)
+A stage's time is when the stage did its work: a request's ``requested_at`` (its data's, else
+the event's time, as enhance takes it: :func:`~imagegen.identity.request_time`; a replay's, the
+event's); ``enhanced_at`` and ``persisted_at``, which enhance and persist keep with what they
+wrote; the image's ``rendered_at``; for a failure, when it is first recorded. (An event's
+``time`` is often another's: every delivery of an event must answer alike, so enhance's reply
+carries the request's time and persist's the render's.)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from imagegen.events import (
     PROMPT_ENHANCED,
     short_name,
 )
-from imagegen.identity import generation_id, key_time, valid_generation_id
+from imagegen.identity import generation_id, key_time, request_time, valid_generation_id
 from imagegen.ledger.models import STATUS_RANK, LedgerEvent, Status, WebhookEvent
 from imagegen.models import (
     DerivedImage,
@@ -151,6 +152,11 @@ def fold(event: LedgerEvent, *, now: datetime) -> Change | None:
             # enhance answers it with generation.failed under the same id: the request is
             # part of that generation's history, whatever else it holds.
             return Change(gid, status, at)
+        # The request's time as enhance takes it: the data's, else the event's (else now).
+        # Not a replay's: its data carries the original's time, for the plugins to see again
+        # (replay.replay_request); it was requested when its event says, and is listed then.
+        if request.replay_of is None:
+            at = utc(request_time(request.requested_at, at))
         fields = {
             "original_prompt": request.prompt,
             "seed": request.seed,
@@ -170,6 +176,7 @@ def fold(event: LedgerEvent, *, now: datetime) -> Change | None:
     elif event.type == IMAGE_RENDERED:
         image = parse_model(RenderedImage, event.data)
         gid = image.generation_id
+        at = utc(image.rendered_at or at)
         fields = {
             **_render_fields(image.prompt),
             "keys": {"image": image.key},

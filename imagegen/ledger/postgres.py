@@ -7,20 +7,29 @@ Needs the ``ledger`` extra (``pip install 'imagegen[ledger]'``): imported only w
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import cache
 from typing import Any
 
-from imagegen.errors import ConfigurationError, DependencyUnavailable
+from imagegen.errors import (
+    ConfigurationError,
+    DependencyUnavailable,
+    InvalidRequest,
+    first_line,
+)
 from imagegen.ledger._sql import Cursor, SqlLedger
 from imagegen.ledger._statements import RECORD, upsert_params
+from imagegen.ledger._text import storable
 from imagegen.ledger.fold import Change
 
 __all__ = ["PostgresLedger"]
+
+logger = logging.getLogger(__name__)
 
 _PARAM = re.compile(r"(?<!:):([a-z_][a-z0-9_]*)")
 # Any constant: replicas starting together queue on it, so each migration runs once.
@@ -62,24 +71,16 @@ def _pg(sql: str) -> str:
     return _PARAM.sub(r"%(\1)s", sql)
 
 
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+def _in_utc(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with its times in UTC, as SQLite's are.
 
-
-def _storable(value: Any) -> Any:
-    """``value`` with what PostgreSQL's text and jsonb cannot hold as U+FFFD: NUL, and
-    surrogates, which JSON's ``\\udfff`` escapes let through but are no UTF-8.
-
-    SQLite keeps both; a valid request may carry a NUL (enhance takes it), and an event the
-    ledger is asked to record is recorded, not answered 500 at each redelivery. A lookup by
-    such a value finds nothing, as nothing can be stored under it.
+    psycopg returns a ``timestamptz`` in the session's TimeZone, which is the server's default
+    (``postgresql.conf``) or whatever the URL's ``options`` set: the API, webhooks and exports
+    would otherwise say the same instant as ``+02:00`` on one server and ``Z`` on another.
+    Converted here, not by a ``TimeZone`` startup option, which a pooler in between
+    (PgBouncer) may refuse or drop.
     """
-    if isinstance(value, str):
-        return _UNSTORABLE.sub("\ufffd", value) if _UNSTORABLE.search(value) else value
-    if isinstance(value, dict):
-        return {_storable(k): _storable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_storable(v) for v in value]
-    return value
+    return {k: v.astimezone(UTC) if isinstance(v, datetime) else v for k, v in row.items()}
 
 
 class _Cursor:
@@ -89,13 +90,13 @@ class _Cursor:
 
     def _params(self, params: dict[str, Any]) -> dict[str, Any]:
         return {
-            k: self._jsonb(_storable(v)) if isinstance(v, dict | list) else _storable(v)
+            k: self._jsonb(storable(v)) if isinstance(v, dict | list) else storable(v)
             for k, v in params.items()
         }
 
     def query(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         self._cur.execute(_pg(sql), self._params(params))
-        return list(self._cur.fetchall())
+        return [_in_utc(row) for row in self._cur.fetchall()]
 
     def run(self, sql: str, params: dict[str, Any]) -> int:
         self._cur.execute(_pg(sql), self._params(params))
@@ -136,6 +137,10 @@ class PostgresLedger(SqlLedger):
         except ImportError as exc:  # pragma: no cover - depends on the installed extras
             raise DependencyUnavailable(_NO_DRIVER) from exc
         self._errors = (psycopg.OperationalError, psycopg.errors.ConnectionTimeout)
+        # Refusals of a value, which a retry would meet again: not the database unavailable.
+        # ProgramLimitExceeded (SQLSTATE class 54) is an OperationalError in psycopg, so it is
+        # caught before self._errors.
+        self._refusals = (psycopg.errors.ProgramLimitExceeded, psycopg.DataError)
         self._jsonb = Jsonb
         self._timeout = timeout
         # Monotonic times of the pool's last connection made and last one that failed.
@@ -231,8 +236,25 @@ class PostgresLedger(SqlLedger):
                     # A pooled connection answered: the server is up, whether or not the pool
                     # replaced the one that was cut (one cut by a proxy, the others fine).
                     self._connected = time.monotonic()
+        except self._refusals as exc:
+            raise self._refused_value(exc) from None
         except self._errors as exc:
             raise self._unavailable(exc) from None
+
+    @staticmethod
+    def _refused_value(exc: Exception) -> InvalidRequest:
+        """The final error for a value PostgreSQL will not hold: a 400, which no redelivery
+        can change. The server's text is logged, not answered: it may quote the value (a
+        row of another caller's event, a credential in a URL)."""
+        state = getattr(exc, "sqlstate", None)
+        logger.warning(
+            "the ledger database refused a value (SQLSTATE %s): %s", state, first_line(exc)
+        )
+        why = "has a value the ledger database refuses"
+        return InvalidRequest(
+            f"the event {why} (SQLSTATE {state})",
+            errors=[{"field": "event", "message": why}],
+        )
 
     def down(self) -> bool:
         """Whether the server is taken as unreachable: the pool's last try to connect failed,

@@ -55,9 +55,17 @@ def _valid(model: type[M], data: dict[str, Any], generation_id: str, event_type:
 
 
 def _recorded(ledger: Ledger, generation_id: str, *types: str) -> tuple[str, dict[str, Any]]:
+    """The type and data of the event of ``types`` to replay: the first ``generation.requested``
+    recorded, whose request the generation's row holds (another naming the same generation
+    later, from another source, changes nothing of it: fold.REQUEST_COLUMNS), else the latest
+    in time (the last job written)."""
     if ledger.get(generation_id) is None:
         raise NotFound(f"generation {generation_id!r} is not in the ledger")
-    for event in reversed(ledger.generation_events(generation_id)):
+    if types == (GENERATION_REQUESTED,):
+        candidates = ledger.generation_events(generation_id, order="recorded")
+    else:
+        candidates = list(reversed(ledger.generation_events(generation_id)))
+    for event in candidates:
         if event.type in types:
             return event.type, event.data
     names = " or ".join(short_name(t) for t in types)

@@ -18,6 +18,7 @@ from typing import Any
 
 from imagegen.errors import ConfigurationError, DependencyUnavailable, InternalError, first_line
 from imagegen.ledger._sql import JSON_COLUMNS, TIME_COLUMNS, SqlLedger, Unreadable
+from imagegen.ledger._text import storable
 
 __all__ = ["SqliteLedger"]
 
@@ -33,11 +34,12 @@ def _time_text(value: datetime) -> str:
 
 
 def _adapt(value: Any) -> Any:
+    """``value`` as a parameter: text as :func:`~._text.storable` makes it (PostgreSQL alike)."""
     if isinstance(value, datetime):
         return _time_text(value)
     if isinstance(value, dict | list):
-        return json.dumps(value, separators=(",", ":"))
-    return value
+        return json.dumps(storable(value), separators=(",", ":"))
+    return storable(value)
 
 
 def _convert(name: str, value: Any) -> Any:

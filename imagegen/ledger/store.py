@@ -48,8 +48,10 @@ class Ledger(Protocol):
     ) -> GenerationPage:
         """Generations newest first, a page at a time."""
 
-    def generation_events(self, generation_id: str) -> list[LedgerEvent]:
-        """One generation's events, in time order."""
+    def generation_events(
+        self, generation_id: str, *, order: Literal["time", "recorded"] = "time"
+    ) -> list[LedgerEvent]:
+        """One generation's events, in time order, or in the order recorded."""
 
     def events(self, *, since: datetime | None = None) -> Iterator[LedgerEvent]:
         """Every event, in the order recorded."""

@@ -364,19 +364,25 @@ class WebhookSender:
         headers["host"] = url.netloc.decode("ascii")
         # Each address in turn while none can be connected to (an IPv6 address first where
         # the pod has no IPv6 route, one server of several down): nothing was sent to it.
+        # One that drops the SYNs never refuses: its connect may take only its share of what
+        # is left (the last address all of it), so the others are still tried within the
+        # attempt, as a client's "Happy Eyeballs" (RFC 8305, section 5) moves on by a timer.
         for index, address in enumerate(addresses):
             target = url.copy_with(host=str(address))
             left = ends - time.monotonic()
+            connect = left / (len(addresses) - index)
             try:
                 status, wait = asyncio.run(
-                    self._post(target, headers, delivery.payload, extensions, left)
+                    self._post(target, headers, delivery.payload, extensions, left, connect)
                 )
                 break
             except TimeoutError:
                 raise WebhookFailed(f"no reply within {budget:.3g} s") from None
-            except httpx.ConnectError as exc:
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 if index + 1 < len(addresses) and ends - time.monotonic() > 0:
                     continue
+                if isinstance(exc, httpx.ConnectTimeout):
+                    raise WebhookFailed(f"no connection within {budget:.3g} s") from None
                 raise WebhookFailed(f"ConnectError: {exc}") from None
             except httpx.HTTPError as exc:
                 raise WebhookFailed(f"{type(exc).__name__}: {exc}") from None
@@ -403,14 +409,18 @@ class WebhookSender:
         body: str,
         extensions: dict[str, Any],
         budget: float,
+        connect: float,
     ) -> tuple[int, float | None]:
         """The reply's status and ``Retry-After`` wait, all within ``budget`` seconds (asyncio
-        cancels the rest)."""
+        cancels the rest), the connection made within ``connect`` of them."""
         async with (
             asyncio.timeout(budget),
             # Redirects are never followed: a 3xx could point anywhere, vetted or not.
             httpx.AsyncClient(
-                timeout=budget, verify=self._tls, follow_redirects=False, trust_env=False
+                timeout=httpx.Timeout(budget, connect=connect),
+                verify=self._tls,
+                follow_redirects=False,
+                trust_env=False,
             ) as client,
             # Only the status line and headers are read: the body says nothing the ledger
             # uses, and a receiver may make it as long or as slow as it likes.

@@ -128,6 +128,10 @@ def function(serve_ledger: Callable[..., InProcessFunction]) -> InProcessFunctio
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    # Any test that uses a ledger runs on both backends.
-    if "ledger_url" in metafunc.fixturenames:
+    # Any test that uses a ledger runs on both backends, unless it names its own (what only
+    # one of them has): parametrize("ledger_url", ["postgres"], indirect=True).
+    named = metafunc.definition.iter_markers("parametrize")
+    if "ledger_url" in metafunc.fixturenames and not any(
+        m.args and m.args[0] == "ledger_url" for m in named
+    ):
         metafunc.parametrize("ledger_url", BACKENDS, indirect=True)

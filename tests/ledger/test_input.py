@@ -84,7 +84,8 @@ def test_text_postgresql_cannot_hold_is_recorded_and_found_by_nothing(
     reply = function.post("/", headers=request["headers"], content=body.encode())
     assert reply.status_code == 202, reply.text
     found = function.get("/generations/gen-nul")
-    assert found.status_code == 200 and found.json()["original_prompt"] in ("a\x00b", "a\ufffdb")
+    # As PostgreSQL must store it, so SQLite stores it too: both answer alike.
+    assert found.status_code == 200 and found.json()["original_prompt"] == "a\ufffdb"
     odd = chain("gen-surrogate")["requested"]
     body = json.dumps({**odd.data, "metadata": {"\udfff": "v"}})
     reply = function.post("/", headers=binary(odd)["headers"], content=body.encode())
@@ -105,3 +106,78 @@ def test_an_id_longer_than_the_ledger_keeps_is_a_400_naming_it(
     assert reply.status_code == 400, reply.text
     assert {e["field"] for e in reply.json()["errors"]} == {"id"}
     assert recorded(ledger_url) == []
+
+
+def test_a_lone_surrogate_in_any_text_the_ledger_stores_is_recorded_as_u_fffd(
+    function: InProcessFunction, ledger_url: str
+) -> None:
+    """A lone surrogate (JSON's ``\\udfff`` escape) in an attribute or in data the row keeps
+    (the subject; image.persisted's prompt, URL, location; image.rendered's key) is recorded as
+    U+FFFD on both backends, as PostgreSQL must: never a 500 at each redelivery."""
+    events = chain("gen-odd")
+    request = binary(events["requested"])
+    request["headers"]["ce-subject"] = "gen-odd"
+    reply = function.post("/", **request)
+    assert reply.status_code == 202, reply.text
+    odd = "\udfff"
+    changes = {
+        "rendered": {"key": f"2026/06/01/gen-odd{odd}.png", "location": f"s3://b/{odd}"},
+        "persisted": {"prompt": f"fox {odd}", "url": f"https://x.example/{odd}", "model": odd},
+    }
+    for name, change in changes.items():
+        event = binary(events[name])
+        body = json.dumps({**events[name].data, **change})
+        for _ in range(2):  # and its redelivery
+            reply = function.post("/", headers=event["headers"], content=body.encode())
+            assert reply.status_code == 202, reply.text
+    envelope = {
+        "specversion": "1.0",
+        "id": "req-odd",
+        "source": "/caller",
+        "type": events["requested"].type,
+        "subject": f"gen-odd2{odd}",
+        "datacontenttype": "application/json",
+        "data": {"prompt": "a fox"},
+    }
+    headers = {"content-type": "application/cloudevents+json"}
+    reply = function.post("/", headers=headers, content=json.dumps(envelope).encode())
+    assert reply.status_code == 202, reply.text
+    found = function.get("/generations/gen-odd").json()
+    assert (found["prompt"], found["url"], found["model"]) == (
+        "fox \ufffd",
+        "https://x.example/\ufffd",
+        "\ufffd",
+    )
+    assert function.get("/generations").status_code == 200
+    ledger = open_ledger(ledger_url)
+    try:
+        subjects = {e.id: e.subject for e in ledger.events()}
+    finally:
+        ledger.close()
+    assert subjects["req-odd"] == "gen-odd2\ufffd"
+
+
+def test_an_id_and_source_of_1024_characters_each_are_recorded_whatever_their_bytes(
+    function: InProcessFunction, ledger_url: str
+) -> None:
+    """1,024 characters is what the ledger takes of an id and a source; in UTF-8 those of CJK
+    are 3 KiB, over PostgreSQL's B-tree row (2,704 bytes), which once made such an event a 503
+    at every redelivery. Recorded once on both backends; the redelivery is a duplicate."""
+    event = chain("gen-cjk")["requested"]
+    wide = "".join(chr(0x4E00 + n) for n in range(1024))
+    envelope = {
+        "specversion": "1.0",
+        "id": wide,
+        "source": "/" + wide[1:],
+        "type": event.type,
+        "datacontenttype": "application/json",
+        "data": event.data,
+    }
+    headers = {"content-type": "application/cloudevents+json"}
+    for _ in range(2):
+        reply = function.post("/", headers=headers, json=envelope)
+        assert reply.status_code == 202, reply.text
+    assert recorded(ledger_url) == [wide]
+    other = {**envelope, "id": wide[:-1] + "\u9fff"}  # one character apart: another event
+    assert function.post("/", headers=headers, json=other).status_code == 202
+    assert sorted(recorded(ledger_url)) == sorted([wide, other["id"]])

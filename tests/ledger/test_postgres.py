@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from imagegen.errors import DependencyUnavailable
+from imagegen.errors import DependencyUnavailable, InvalidRequest
 from imagegen.ledger.postgres import PostgresLedger
 from tests.conftest import ROOT
 from tests.ledger.chain import chain
@@ -121,5 +121,32 @@ def test_a_connection_that_answers_ends_the_outage(server: tuple[str, Path]) -> 
         assert ledger.down()
         assert ledger.get("gen-up") is not None
         assert not ledger.down()
+    finally:
+        ledger.close()
+
+
+@pytest.mark.parametrize("ledger_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize(
+    ("sql", "sqlstate"),
+    [
+        ("SELECT '{{{{{{{1}}}}}}}'::int[] AS v", "54000"),  # ProgramLimitExceeded
+        ("SELECT 1 / (SELECT 0) AS v", "22012"),  # a DataError
+    ],
+)
+def test_a_value_postgresql_refuses_is_a_400_that_quotes_nothing(
+    ledger_url: str, sql: str, sqlstate: str
+) -> None:
+    """A limit or a value the server refuses (an index row too large, a value out of range) is
+    the same at every redelivery: a final 400, not "the database is unavailable" (a 503
+    retried for ever); the server's text, which may quote the value, is logged, not answered."""
+    ledger = PostgresLedger(ledger_url)
+    try:
+        with pytest.raises(InvalidRequest) as caught, ledger.statement() as db:
+            db.query(sql, {})
+        assert not caught.value.retryable and caught.value.status == 400
+        assert caught.value.fields == ["event"]
+        assert sqlstate in caught.value.message
+        assert "dimensions" not in caught.value.message and "zero" not in caught.value.message
+        assert ledger.get("gen-none") is None  # the connection is still usable
     finally:
         ledger.close()

@@ -268,6 +268,9 @@ def test_migrations_run_once_and_reopening_keeps_the_rows(ledger_url: str) -> No
             {"version": 3, "name": "deliveries_by_generation"},
             {"version": 4, "name": "prune_indexes"},
             {"version": 5, "name": "listed_key"},
+            # PostgreSQL's alone (0006_event_key.postgres.sql): SQLite records it, runs nothing.
+            {"version": 6, "name": "event_key"},
+            {"version": 7, "name": "time_attribute"},
         ]
     finally:
         second.close()
@@ -506,3 +509,80 @@ def test_a_replayed_request_keeps_its_seed_and_time_and_notifies_no_one(ledger: 
     assert (request.generation_id, request.replay_of) == ("gen-again", "gen-replayed")
     assert request.seed == original.seed and request.requested_at == original.requested_at
     assert request.webhook is None
+
+
+def test_a_replay_from_requested_sends_the_request_the_generation_took(ledger: Ledger) -> None:
+    """Another generation.requested naming the same generation (another source and id), later
+    in time, says nothing of where its messages go (fold.REQUEST_COLUMNS): the first recorded
+    is the generation's request, and the one replayed, not the latest by a caller-chosen time."""
+    from imagegen.ledger.replay import replay_request
+
+    events = chain("gen-first", webhook="https://hooks.example/x")
+    ledger.ingest(events["requested"])
+    first = events["requested"]
+    other = LedgerEvent(
+        source="/someone/else",
+        id="other-1",
+        type=first.type,
+        subject="gen-first",
+        time=T0 + timedelta(minutes=5),
+        data={"generation_id": "gen-first", "prompt": "something else", "model": "tiny"},
+    )
+    ledger.ingest(other)
+    ledger.ingest(events["enhanced"])
+    assert replay_request(ledger, "gen-first").prompt == "a red fox"
+
+
+def test_each_stage_time_is_when_its_stage_did_its_work(ledger: Ledger) -> None:
+    """image.rendered's time is its data's rendered_at, a request's its data's requested_at
+    (as enhance takes it), whatever time attribute their events carry, or none."""
+    events = chain("gen-timed")
+    untimed = {
+        name: events[name].model_copy(update={"time": None}) for name in ("requested", "rendered")
+    }
+    untimed["requested"] = untimed["requested"].model_copy(
+        update={"data": {**events["requested"].data, "requested_at": T0.isoformat()}}
+    )
+    for name in ("requested", "enhanced", "rendered", "persisted"):
+        ledger.ingest(untimed.get(name, events[name]))
+    found = ledger.get("gen-timed")
+    assert found is not None
+    assert (found.requested_at, found.rendered_at) == (T0, T0 + timedelta(seconds=4))
+    assert found.durations == {"enhance": 1.0, "render": 3.0, "persist": 2.0, "total": 6.0}
+
+
+def test_times_are_answered_in_utc_whatever_the_sessions_time_zone(ledger_url: str) -> None:
+    """PostgreSQL answers a timestamptz in the session's TimeZone (the server's default, or a
+    URL's options): the ledger answers UTC, as SQLite does, in the API, pages and webhooks."""
+    if ledger_url.startswith("postgresql"):
+        ledger_url = ledger_url.replace("options=", "options=-cTimeZone%3DAsia/Kolkata%20", 1)
+    ledger = open_ledger(ledger_url)
+    try:
+        ledger.ingest(chain("gen-utc", webhook="https://hooks.example/x")["requested"])
+        found = ledger.get("gen-utc")
+        assert found is not None
+        listed = ledger.history(limit=1).items[0]
+        [message] = ledger.claim_deliveries(lease=60)
+        sent = json.loads(message.payload)["data"]
+        for at in (found.created_at, found.updated_at, found.timeline[0].time, listed.created_at):
+            assert at.utcoffset() == timedelta(0), at
+        assert sent["created_at"] == "2026-06-01T12:00:00Z"
+    finally:
+        ledger.close()
+
+
+def test_an_export_carries_each_events_time_attribute_as_received(ledger: Ledger) -> None:
+    """The ledger keeps a stage's time for its timeline (often another event's, or its own
+    clock where the event had none); an export gives the attribute the event came with, and
+    none where it came with none."""
+    events = chain("gen-sent")
+    untimed = events["requested"].model_copy(update={"time": None})
+    for event in (untimed, events["enhanced"], events["failed"]):
+        ledger.ingest(event)
+    out = io.StringIO()
+    ledger.export_jsonl(out)
+    lines = {json.loads(line)["type"]: json.loads(line) for line in out.getvalue().splitlines()}
+    assert "time" not in lines[untimed.type]
+    for name in ("enhanced", "failed"):
+        event = events[name]
+        assert datetime.fromisoformat(lines[event.type]["time"]) == event.time

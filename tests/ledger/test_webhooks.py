@@ -274,6 +274,53 @@ def test_a_host_whose_first_address_refuses_is_sent_to_at_the_next(
             sender.send(_delivery(f"http://hooks.test:{port}/hook"))
 
 
+@contextmanager
+def dropping_syns(port: int) -> Iterator[None]:
+    """127.0.0.2:``port`` as a host that drops SYNs (a firewall, a dead route): a listener
+    that never accepts, its queue full, so Linux drops each new SYN and the connect hangs."""
+    hole = socket.socket()
+    fillers: list[socket.socket] = []
+    try:
+        hole.bind(("127.0.0.2", port))
+        hole.listen(0)
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            fillers.append(filler)
+            filler.connect_ex(("127.0.0.2", port))
+        time.sleep(0.2)  # the handshakes that fit the queue complete
+        yield
+    finally:
+        for filler in fillers:
+            filler.close()
+        hole.close()
+
+
+def test_a_host_whose_first_address_drops_the_connect_is_sent_to_at_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An address that never answers the connect (SYNs dropped) takes only its share of the
+    attempt's time, then the next address is tried, as after a refused connect; the attempt
+    keeps its overall limit."""
+    sender = WebhookSender([OLD], LOOPBACK, timeout=3)
+    with answering(204) as (url, got):
+        port = int(url.split(":")[2].split("/")[0])
+        resolved = [
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.2", port)),
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
+        ]
+        monkeypatch.setattr(socket, "getaddrinfo", lambda *_, **__: resolved)
+        with dropping_syns(port):
+            started = time.monotonic()
+            assert sender.send(_delivery(f"http://hooks.test:{port}/hook")) == 204
+            assert time.monotonic() - started < 3 and len(got) == 1
+            monkeypatch.setattr(socket, "getaddrinfo", lambda *_, **__: resolved[:1])
+            started = time.monotonic()
+            with pytest.raises(WebhookFailed, match=r"within 3 s"):  # the overall limit
+                sender.send(_delivery(f"http://hooks.test:{port}/hook"))
+            assert time.monotonic() - started < 4
+
+
 def test_a_name_server_that_does_not_answer_ends_the_attempt_in_its_time(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -417,3 +464,33 @@ def test_a_failure_not_yet_told_is_not_told_once_the_image_is_persisted(ledger: 
     states = ledger.delivery_states("gen-f")
     assert states["failed"]["state"] == "cancelled"
     assert [d.event for d in ledger.claim_deliveries(lease=60)] == ["completed"]
+
+
+def test_a_failure_being_told_when_the_image_is_persisted_is_recorded_as_told(
+    ledger: Ledger,
+) -> None:
+    """Only a message not yet sent is cancelled: one a dispatcher is sending when the image is
+    persisted reaches its receiver, and its delivery is recorded, followed by "completed"; one
+    whose send fails stays cancelled (never told)."""
+    kinds = ["completed", "failed"]
+    for gid, delivered in (("gen-told", True), ("gen-untold", False)):
+        events = chain(gid, webhook="https://hooks.example/x", webhook_events=kinds)
+        for name in ("requested", "failed"):
+            ledger.ingest(events[name])
+        [sending] = ledger.claim_deliveries(lease=60)
+        assert sending.event == "failed"
+        ledger.ingest(events["persisted"])  # while the failed message is being sent
+        assert (
+            ledger.finish_delivery(
+                sending.msg_id,
+                delivered=delivered,
+                error=None if delivered else "HTTP 500",
+                retry_in=None if delivered else 5.0,
+                attempts=sending.attempts,
+            )
+            is delivered
+        )
+        states = ledger.delivery_states(gid)
+        assert states["failed"]["state"] == ("delivered" if delivered else "cancelled")
+        [completed] = ledger.claim_deliveries(lease=60)
+        assert (completed.generation_id, completed.event) == (gid, "completed")
