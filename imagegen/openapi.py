@@ -127,7 +127,12 @@ def document(stage: Stage) -> dict[str, Any]:
     _, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
     schemas = {**defs.get("$defs", {}), "Error": _error_schema()}
     ok: dict[str, Any]
-    if stage.output_model is None:
+    if _takes_anything(stage):
+        ok = {
+            "description": "Recorded, or found already recorded (an empty body): whatever the "
+            "body, JSON or not, an event or not, of any size (cut at 1 MiB)."
+        }
+    elif stage.output_model is None:
         ok = {"description": "Accepted; nothing to say (an empty body)."}
     else:
         ok = {
@@ -154,9 +159,7 @@ def document(stage: Stage) -> dict[str, Any]:
         "info": {
             "title": f"imagegen {stage.name}",
             "version": __version__,
-            "description": "Plain HTTP/JSON invoke. The same endpoint accepts CloudEvents "
-            "(binary or structured mode) and then replies 200 with the next event, or with a "
-            "generation.failed event when the request can never succeed.",
+            "description": _about(stage),
         },
         "paths": {
             **_routes(stage),
@@ -169,23 +172,7 @@ def document(stage: Stage) -> dict[str, Any]:
                         "required": True,
                         "content": {"application/json": {"schema": _ref(body)}},
                     },
-                    "responses": {
-                        "200" if stage.output_model is not None else "202": ok,
-                        "400": _error(
-                            "Invalid input; every offending field is named. Not retried."
-                        ),
-                        "401": _error(
-                            "No valid bearer token, where authentication is on; "
-                            "a WWW-Authenticate challenge says why."
-                        ),
-                        "403": _forbidden(stage.callers),
-                        "413": _error("Body larger than 1 MiB."),
-                        "415": _error("Not JSON and not a CloudEvent."),
-                        "429": _error("At capacity; retry after Retry-After.", retry=True),
-                        "503": _error(
-                            "A dependency is unavailable or the model is loading.", retry=True
-                        ),
-                    },
+                    "responses": _responses(stage, ok),
                 }
             },
             "/healthz": {
@@ -217,6 +204,55 @@ def document(stage: Stage) -> dict[str, Any]:
         },
         "components": {"schemas": schemas, "securitySchemes": {"bearer": _bearer(stage)}},
     }
+
+
+def _takes_anything(stage: Stage) -> bool:
+    """Whether ``POST /`` takes any body at all: a stage of no event type in particular (empty
+    ``consumes``) and no input model, the dead-letter sink, keeps whatever comes, as the
+    function's adapter reads it (so never a 400, 413 or 415)."""
+    return not stage.consumes and stage.input_model is None
+
+
+def _refuses_at_capacity(stage: Stage) -> bool:
+    """Whether ``POST /`` may answer 429: only render holds jobs for its model and refuses those
+    beyond its capacity (:class:`~imagegen.errors.Overloaded`, from
+    :mod:`imagegen.render.stage`). The registry declares no capacity, so the narrowest rule
+    that names that stage: the one stage that loads a model."""
+    return stage.loads_model
+
+
+def _about(stage: Stage) -> str:
+    if _takes_anything(stage):
+        return (
+            "Takes any body: CloudEvents (binary or structured mode, valid or not) and plain "
+            "JSON or bytes alike, and answers 202 with an empty body once it is recorded."
+        )
+    return (
+        "Plain HTTP/JSON invoke. The same endpoint accepts CloudEvents (binary or structured "
+        "mode) and then replies 200 with the next event, or with a generation.failed event "
+        "when the request can never succeed."
+    )
+
+
+def _responses(stage: Stage, ok: dict[str, Any]) -> dict[str, Any]:
+    """The answers of ``POST /``: only those ``stage`` can give."""
+    responses: dict[str, Any] = {"200" if stage.output_model is not None else "202": ok}
+    if not _takes_anything(stage):
+        responses["400"] = _error("Invalid input; every offending field is named. Not retried.")
+    responses["401"] = _error(
+        "No valid bearer token, where authentication is on; a WWW-Authenticate challenge says why."
+    )
+    responses["403"] = _forbidden(stage.callers)
+    if not _takes_anything(stage):
+        responses["413"] = _error("Body larger than 1 MiB.")
+        responses["415"] = _error("Not JSON and not a CloudEvent.")
+    if _refuses_at_capacity(stage):
+        responses["429"] = _error("At capacity; retry after Retry-After.", retry=True)
+    loading = " or the model is loading" if stage.loads_model else ""
+    responses["503"] = _error(
+        f"Not ready, misconfigured, a dependency unavailable{loading}.", retry=True
+    )
+    return responses
 
 
 def _routes(stage: Stage) -> dict[str, Any]:

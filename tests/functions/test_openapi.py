@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,6 +14,8 @@ from openapi_spec_validator import validate
 from imagegen import stages
 from imagegen.openapi import render_documents
 from tests.conftest import ROOT
+from tests.functions.clients import InProcessFunction
+from tests.functions.conftest import base_env
 
 STAGE_MODELS = [s.name for s in stages.all_stages() if s.output_model is not None]
 
@@ -70,3 +73,40 @@ def test_request_schemas_reject_what_the_functions_reject(stage: str) -> None:
     request = doc["paths"]["/"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"unexpected": 1}, {**request, "components": doc["components"]})
+
+
+def _post_responses(stage: str) -> set[str]:
+    doc = json.loads(render_documents()[f"{stage}.json"])
+    return set(doc["paths"]["/"]["post"]["responses"])
+
+
+def test_only_a_stage_that_refuses_at_capacity_documents_429() -> None:
+    # Overloaded is raised by render's admission alone (imagegen/render/stage.py).
+    documented = {s.name for s in stages.all_stages() if "429" in _post_responses(s.name)}
+    assert documented == {"render"}
+    assert "Retry-After" in json.loads(render_documents()["render.json"])["paths"]["/"]["post"][
+        "responses"
+    ]["429"].get("headers", {})
+
+
+def test_the_sink_documents_what_it_answers_to_any_body(tmp_path: Path) -> None:
+    sink = stages.get("deadletter")
+    assert sink.consumes == () and sink.input_model is None  # it takes any body
+    assert _post_responses("deadletter") == {"202", "401", "403", "503"}
+    doc = json.loads(render_documents()["deadletter.json"])
+    assert "202" in doc["info"]["description"]
+    function = InProcessFunction("deadletter", base_env(tmp_path / "store"))
+    try:
+        assert function.get("/openapi.json").json() == doc
+        bodies: list[dict[str, Any]] = [
+            {"json": {"unexpected": 1}},
+            {"content": b"\xff not json", "headers": {"content-type": "text/plain"}},
+            {"content": b"x" * (1024 * 1024 + 1), "headers": {"content-type": "text/plain"}},
+            {"json": {"x": 1}, "headers": {"ce-specversion": "2.0", "ce-type": "nothing.known"}},
+        ]
+        for body in bodies:
+            reply = function.post("/", **body)
+            assert str(reply.status_code) in _post_responses("deadletter"), reply.text[:200]
+            assert (reply.status_code, reply.content) == (202, b"")
+    finally:
+        function.close()
