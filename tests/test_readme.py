@@ -258,3 +258,31 @@ def test_the_quick_start_commands_exist() -> None:
     assert "make test" in (ROOT / ".ci" / "run").read_text()  # CI runs the README's test command
     for target in re.findall(r"^make (\w+)", "\n".join(_blocks(_page("development.md"))), re.M):
         assert re.search(rf"^{target}:", makefile, flags=re.M), target
+
+
+def test_the_events_table_is_the_stage_registrys() -> None:
+    """docs/events.md says its table is the registry's: every stage has its row, naming each
+    type it consumes and the one it replies with; no row names a stage there is not."""
+    from imagegen.stages import all_stages
+
+    text = _page("events.md")
+    table = text[text.index("| stage |") :].split("\n\n", 1)[0].splitlines()[2:]
+    rows = {
+        cells[0]: cells[1:]
+        for line in table
+        for cells in [[c.strip() for c in line.strip().strip("|").split(" | ")]]
+    }
+    stages = {stage.name: stage for stage in all_stages()}
+    assert set(stages) <= set(rows), f"stages without a row: {set(stages) - set(rows)}"
+    for name, (consumes, replies, source) in rows.items():
+        stage = stages.get(name)
+        if stage is None:
+            assert name.startswith("any,"), f"a row for {name!r}, which is no stage"
+            continue
+        for kind in stage.consumes if stage.emits is not None else ():
+            assert f"`{kind}`" in consumes, f"{name}: {kind} is not in its row"
+        if stage.emits is None:
+            assert replies.startswith("nothing"), f"{name} replies nothing, its row says {replies}"
+        else:
+            assert replies == f"`{stage.emits}`", name
+            assert source == f"`/imagegen/{name}`", name
