@@ -18,6 +18,7 @@ quality and speed), so a redelivered event writes the same bytes.
 from __future__ import annotations
 
 import io
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ __all__ = [
     "make_derivatives",
     "make_thumbnail",
     "parse_name",
+    "unshowable",
 ]
 
 # Format name → (media type, Pillow encoder options). AVIF is most of derive's work: at
@@ -106,11 +108,13 @@ def _encode(image: Image.Image, fmt: str, **options: int) -> bytes:
 MAX_PIXELS = 2048 * 2048
 """The largest image derive decodes: render's largest (2048 on a side, ``Dimension`` in
 :mod:`imagegen.models`); derive decodes an image only at the size its record gives, read from
-the PNG's header first. Measured in a fresh process for an image this large, the thumbnail and
-the derivatives at 256, 512, 1024 and 2048 px of the costliest PNG to decode (noise, 16-bit
-RGBA with an ICC profile, 28 MiB) peak at 232 MiB of RSS, 80 MiB of it the imports and the
-PNG's bytes; render's own 8-bit RGB noise at 191 MiB. So a request needs under 200 MiB, and a
-derive pod's two at once stay well within its 1 GiB."""
+the PNG's header first, and reads only a PNG of at most
+:data:`~imagegen.models.MAX_PNG_BYTES` (40 MiB), refused from its record's size before. Measured
+in a fresh process for the largest PNG allowed (40 MiB: 2048 x 2048 16-bit RGBA noise, the
+costliest to decode, with an ICC profile and a private chunk filling it up), its decode, the
+thumbnail and the derivatives at 256, 512, 1024 and 2048 px peak at 245 MiB of RSS, 55 MiB of
+it the imports and the PNG's bytes; render's own 8-bit RGB noise (12 MiB) at 191 MiB. So a
+request needs under 250 MiB, and a derive pod's two at once stay well within its 1 GiB."""
 
 
 _SRGB = ImageCms.createProfile("sRGB")
@@ -138,10 +142,60 @@ def decode_pixels(png: bytes, *, size: tuple[int, int] | None = None) -> Image.I
                 raise _misdescribed(opened.size, size)
             if width * height > MAX_PIXELS:
                 raise _undecodable(f"{width}x{height} is over {MAX_PIXELS:,} pixels")
+            if (why := unshowable(png, opened)) is not None:
+                raise InvalidRequest(
+                    f"the stored image cannot be shown as a browser shows it ({why})",
+                    errors=[{"field": "image", "message": why}],
+                )
             opened.load()
-            return _srgb(opened)
+            return _srgb(opened, _header(png))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise _undecodable(f"{type(exc).__name__}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class _Header:
+    """What Pillow does not tell of a PNG: its sample depth and colour type, and the types of
+    the chunks before its pixels."""
+
+    depth: int
+    colour_type: int
+    chunks: frozenset[bytes]
+
+
+def _header(png: bytes) -> _Header:
+    """``png``'s header, once Pillow has opened it (so its chunks up to the pixels are whole).
+
+    IHDR is the first chunk (PNG spec 5.6): its bit depth and colour type are bytes 24 and 25
+    of the file, after the signature (8), the chunk's length and type (8), width and height
+    (8) (PNG spec 11.2.2). Every chunk is its length (4 bytes), type (4), data, CRC (4) (PNG
+    spec 5.3); the colour space chunks come before the first IDAT (PNG spec 5.6).
+    """
+    chunks: set[bytes] = set()
+    at = 8
+    while at + 8 <= len(png):
+        length, kind = struct.unpack_from(">I4s", png, at)
+        if kind == b"IDAT":
+            break
+        chunks.add(kind)
+        at += 12 + length
+    return _Header(depth=png[24], colour_type=png[25], chunks=frozenset(chunks))
+
+
+def unshowable(png: bytes, opened: Image.Image) -> str | None:
+    """Why ``png`` (opened by Pillow, not loaded) cannot be shown as a browser shows it, or
+    None: persist refuses such a PNG, which derive would fail for good, before its record.
+
+    One case: 16-bit truecolour with a ``tRNS`` colour. A pixel is transparent only where all
+    16 bits of each sample equal the key's (PNG spec 11.3.2.1), but Pillow reads 16-bit RGB
+    as 8-bit, keeping each sample's high byte (``"RGB;16B"`` in PngImagePlugin's ``_MODES``),
+    and has no mode that keeps all 16: the exact comparison cannot be made. Render never
+    writes such a file (8-bit RGB, no ``tRNS``).
+    """
+    header = _header(png)
+    if header.colour_type == 2 and header.depth == 16 and "transparency" in opened.info:
+        return "a 16-bit RGB PNG with a transparent colour (tRNS), which cannot be read exactly"
+    return None
 
 
 def _misdescribed(found: tuple[int, int], recorded: tuple[int, int]) -> InvalidRequest:
@@ -164,15 +218,22 @@ def _undecodable(why: str) -> InvalidRequest:
     )
 
 
-def _srgb(image: Image.Image) -> Image.Image:
+def _srgb(image: Image.Image, header: _Header) -> Image.Image:
     """``image`` (any PNG mode) as 8-bit sRGB, RGB or RGBA, as a browser shows the PNG.
 
     16 bits a sample become 8 by their high byte, as Pillow reads 16-bit colour PNGs; any
     transparency (an alpha channel, a palette's or a ``tRNS`` colour) is kept as alpha, dropped
-    only where every pixel is opaque; an embedded ICC profile is applied, converting to sRGB,
-    and no format of derivative carries one. A profile that cannot be read, or that is not for
-    the image's colours, is ignored, as browsers ignore it.
+    only where every pixel is opaque. The colour space is the one of highest precedence that
+    the PNG gives (PNG 3rd edition, 4.3 "Colour space information": cICP, then iCCP, then sRGB,
+    then cHRM and gAMA): an embedded ICC profile is applied, converting to sRGB; with neither
+    a profile nor a ``cICP`` or ``sRGB`` chunk, a ``gAMA`` chunk's transfer function is
+    (:func:`_gamma_corrected`); no format of derivative carries a profile. A profile that
+    cannot be read, or that is not for the image's colours, is ignored, as browsers ignore it,
+    and the next chunk down taken. ``cICP`` itself is not applied (Pillow does not read it):
+    it only outranks ``gAMA``. Nor is ``cHRM``: primaries other than sRGB's are not converted.
     """
+    if header.colour_type == 0 and header.depth < 8 and image.mode == "L":
+        _scale_grey_key(image, header.depth)
     transparent = "transparency" in image.info
     pixels: Image.Image
     if image.mode.startswith("I"):
@@ -187,8 +248,11 @@ def _srgb(image: Image.Image) -> Image.Image:
     else:
         pixels = image.convert("L" if image.mode in ("1", "L") else "RGB")
     profile = image.info.get("icc_profile")
-    if profile:
-        pixels = _profiled(pixels, profile)
+    converted = _profiled(pixels, profile) if profile else None
+    if converted is not None:
+        pixels = converted
+    elif b"cICP" not in header.chunks and "srgb" not in image.info:
+        pixels = _gamma_corrected(pixels, image.info.get("gamma"))
     result = pixels.convert("RGBA" if "A" in pixels.mode else "RGB")
     if result.mode == "RGBA" and result.getchannel("A").getextrema() == (255, 255):
         result = result.convert("RGB")
@@ -196,16 +260,61 @@ def _srgb(image: Image.Image) -> Image.Image:
     return result
 
 
-def _profiled(pixels: Image.Image, profile: bytes) -> Image.Image:
-    """``pixels`` (L, LA, RGB or RGBA) converted from ``profile`` to sRGB; as they are when
-    the profile cannot be read or is not for their colours."""
+def _scale_grey_key(image: Image.Image, depth: int) -> None:
+    """Makes ``image``'s ``tRNS`` grey key (1, 2 or 4 bits) one of its 8-bit samples.
+
+    Pillow scales grey samples under 8 bits to 8 (its ``"L;2"`` and ``"L;4"`` unpackers: 3 is
+    255) but keeps the key as stored (``PngImageFile.chunk_tRNS``), so no pixel matched it and
+    nothing was transparent. A pixel is transparent where its sample equals the key (PNG spec
+    11.3.2.1): scaled alike, the key matches the same pixels. A key no sample can equal (over
+    ``2**depth - 1``) makes none transparent.
+    """
+    key = image.info.get("transparency")
+    if not isinstance(key, int):
+        return
+    top = (1 << depth) - 1
+    if key > top:
+        del image.info["transparency"]
+    else:
+        image.info["transparency"] = key * 255 // top
+
+
+# libpng corrects no gamma within 5% of the display's (pnglibconf.h, PNG_GAMMA_THRESHOLD_FIXED
+# 5000 of PNG_FP_1 100000): a file gamma within it of sRGB's nominal 1/2.2 is taken as sRGB.
+_GAMMA_TOLERANCE = 0.05
+
+
+def _gamma_corrected(pixels: Image.Image, gamma: object) -> Image.Image:
+    """``pixels`` (L, LA, RGB or RGBA) whose samples were encoded with the ``gAMA`` chunk's
+    ``gamma``, re-encoded for sRGB; as they are without one, or with one near sRGB's.
+
+    A ``gAMA`` value is the exponent that took light to samples (PNG spec 11.3.3.2: sample =
+    light ** gamma), so light is sample ** (1 / gamma); sRGB encodes light by its own curve
+    (IEC 61966-2-1: 12.92 L up to 0.0031308, else 1.055 L ** (1 / 2.4) - 0.055). One 256-entry
+    table for each colour band, alpha unchanged.
+    """
+    if not isinstance(gamma, float) or gamma <= 0 or abs(gamma * 2.2 - 1) <= _GAMMA_TOLERANCE:
+        return pixels  # none, an invalid 0 (PNG spec 11.3.3.2 forbids it), or sRGB's own
+    table = []
+    for sample in range(256):
+        light = (sample / 255) ** (1 / gamma)
+        encoded = 12.92 * light if light <= 0.0031308 else 1.055 * light ** (1 / 2.4) - 0.055
+        table.append(min(255, max(0, round(encoded * 255))))
+    colours = len(pixels.mode.removesuffix("A"))
+    alpha = list(range(256)) if pixels.mode.endswith("A") else []
+    return pixels.point(table * colours + alpha)
+
+
+def _profiled(pixels: Image.Image, profile: bytes) -> Image.Image | None:
+    """``pixels`` (L, LA, RGB or RGBA) converted from ``profile`` to sRGB; None when the
+    profile cannot be read or is not for their colours."""
     alpha = pixels.getchannel("A") if "A" in pixels.mode else None
     colour = pixels.convert(pixels.mode.removesuffix("A")) if alpha is not None else pixels
     try:
         source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
         converted = ImageCms.profileToProfile(colour, source, _SRGB, outputMode="RGB")
     except (ImageCms.PyCMSError, OSError):  # OSError: a profile that does not parse
-        return pixels
+        return None
     assert converted is not None  # not converted in place
     if alpha is not None:
         converted.putalpha(alpha)

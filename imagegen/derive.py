@@ -90,7 +90,12 @@ class DeriveStage:
             return await self._derive(image, keys)
 
     async def _derive(self, image: PersistedImage, keys: GenerationKeys) -> DerivedImage:
-        png = await claim_image(self.storage, keys.image, image.sha256, described_by="its record")
+        # The record's size is the stored object's (persist checked it): one larger than any
+        # render makes, in a record written before persist refused such objects, is refused
+        # unread, not read whole into the pod (claim_image).
+        png = await claim_image(
+            self.storage, keys.image, image.sha256, size=image.size, described_by="its record"
+        )
         thumbnail, derivatives = await asyncio.to_thread(
             _encode, png, image, self.settings.thumbnail_size, self.settings.derivative_widths
         )
@@ -102,7 +107,8 @@ class DeriveStage:
 
         # The record, written last: its presence tells the Worker the thumbnail and every
         # derivative it lists are stored. Its content is a function of the event and the
-        # settings of its first writer.
+        # settings of its first writer, the thumbnail's size among them, so a redelivery
+        # remakes a lost object as that writer made it.
         derived = DerivedImage(
             generation_id=image.generation_id,
             key=keys.image,
@@ -112,6 +118,7 @@ class DeriveStage:
                 "thumbnail": keys.thumbnail,
                 **{d.name: d.key for d in derivatives},
             },
+            thumbnail_size=self.settings.thumbnail_size,
             created_at=image.created_at,
             persisted_at=image.persisted_at,
             replay_of=image.replay_of,
@@ -146,7 +153,11 @@ class DeriveStage:
         gid = image.generation_id
         try:
             png = await claim_image(
-                self.storage, keys.image, image.sha256, described_by="its record"
+                self.storage,
+                keys.image,
+                image.sha256,
+                size=image.size,
+                described_by="its record",
             )
         except InvalidRequest as exc:
             log.warning(
@@ -157,7 +168,10 @@ class DeriveStage:
         log.warning(
             "remaking lost derivatives", extra={"generation_id": gid, "keys": sorted(lost.values())}
         )
-        made = await asyncio.to_thread(_remake, png, image, self.settings.thumbnail_size, lost)
+        # The thumbnail at its first writer's size, which the record keeps; a record written
+        # before it was kept has only the current setting to go by.
+        thumbnail_size = record.thumbnail_size or self.settings.thumbnail_size
+        made = await asyncio.to_thread(_remake, png, image, thumbnail_size, lost)
         await _create_all(self.storage, made)
 
     async def _check_persisted(self, image: PersistedImage, keys: GenerationKeys) -> None:

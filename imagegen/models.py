@@ -42,6 +42,7 @@ __all__ = [
     "MAX_LORAS",
     "MAX_METADATA_BYTES",
     "MAX_METADATA_DEPTH",
+    "MAX_PNG_BYTES",
     "MAX_PROMPT_CHARS",
     "Contribution",
     "DerivedImage",
@@ -127,6 +128,16 @@ StageName = Annotated[
 
 
 Dimension = Annotated[int, Field(ge=256, le=2048), AfterValidator(_multiple_of_16)]
+
+# The most bytes a stored PNG may take: what render's largest image (2048 x 2048, ``Dimension``)
+# can be at the widest samples PNG has, 16-bit RGBA, 8 bytes a pixel (PNG spec 11.2.2, IHDR):
+# 32 MiB; and 8 MiB of headroom for one filter byte a row (2 KiB, PNG spec 7.3), zlib's stored
+# blocks where nothing compresses (5 bytes in 65,535: 3 KiB, RFC 1951 3.2.4), a chunk's 12
+# bytes for each 8 KiB IDAT (libpng's: 48 KiB) and the chunks beside the pixels (an ICC
+# profile, text): 40 MiB. Render's own PNGs, 8-bit RGB, are at most 12 MiB. A larger object
+# is no image of render's, however few its pixels (a huge ancillary chunk): persist refuses it
+# from its HEAD, derive from its record, so neither ever reads it into a pod.
+MAX_PNG_BYTES = 2048 * 2048 * 8 + (8 << 20)
 
 
 def _bounded_metadata(value: dict[str, Any]) -> dict[str, Any]:
@@ -449,6 +460,14 @@ class DerivedImage(_Model):
     sha256: Sha256 = Field(description="The full image's digest.")
     keys: dict[str, str] = Field(
         description="Object keys: record (this record), and avif:<width>, webp:<width>."
+    )
+    # Kept so that a lost thumbnail is remade to the same bytes whatever the setting is now.
+    thumbnail_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="The longer side, in pixels, that the thumbnail was made no larger than: "
+        "its first writer's IMAGEGEN_THUMBNAIL_SIZE; null in a record written before it was "
+        "kept (a lost thumbnail is then remade at the current setting).",
     )
     created_at: ChainTime = Field(description="The image's created_at, from image.persisted.")
     persisted_at: ChainTime | None = Field(

@@ -14,30 +14,46 @@ from PIL import Image
 from pydantic import BaseModel
 
 from imagegen._locks import KeyedLocks
+from imagegen.derivatives import unshowable
 from imagegen.errors import DependencyUnavailable, InvalidRequest, NotFound
 from imagegen.identity import stage_time
-from imagegen.models import EnhancedPrompt, PersistedImage, RenderedImage
+from imagegen.models import MAX_PNG_BYTES, EnhancedPrompt, PersistedImage, RenderedImage
 from imagegen.render import stored_png
 from imagegen.settings import Settings
 from imagegen.storage.base import GenerationKeys, Storage, StoredObject
 from imagegen.urls import public_url
 from imagegen.validation import parse_model
 
-__all__ = ["PersistStage", "claim_image", "corrupt_record", "load_record", "record_part"]
+__all__ = [
+    "PersistStage",
+    "check_png_bytes",
+    "claim_image",
+    "corrupt_record",
+    "load_record",
+    "record_part",
+]
 
 log = logging.getLogger("imagegen.persist")
 
 M = TypeVar("M", bound=BaseModel)
 
 
-async def claim_image(storage: Storage, key: str, sha256: str, *, described_by: str) -> bytes:
+async def claim_image(
+    storage: Storage, key: str, sha256: str, *, size: int, described_by: str
+) -> bytes:
     """The PNG an event's claim check points at, once shown to be the one it describes.
 
+    Args:
+        size: The stored object's size in bytes, as the event (or its record) gives it: one
+            larger than any render makes is refused before anything is read.
+
     Raises:
-        InvalidRequest: nothing is stored under ``key`` (field ``key``), or what is stored has
+        InvalidRequest: ``size`` is over :data:`~imagegen.models.MAX_PNG_BYTES` (field
+            ``size``), nothing is stored under ``key`` (field ``key``), or what is stored has
             another digest (field ``sha256``). A claim check that points at nothing is a bad
             event, not a reason to retry: Knative would retry a 404.
     """
+    check_png_bytes(key, size)
     try:
         png = await storage.get(key)
     except NotFound:
@@ -50,6 +66,22 @@ async def claim_image(storage: Storage, key: str, sha256: str, *, described_by: 
             errors=[{"field": "sha256", "message": "not the stored image's digest"}],
         )
     return png
+
+
+def check_png_bytes(key: str, size: int) -> None:
+    """Refuses the object under ``key`` unread when its ``size`` is more than a PNG of render's
+    can take (:data:`~imagegen.models.MAX_PNG_BYTES`): a PNG large in bytes but not in pixels
+    (a huge ancillary chunk) passed the pixel checks, and was read whole into a pod of 1 GiB at
+    every delivery, which killed it.
+
+    Raises:
+        InvalidRequest: naming ``size`` (a 400: the same bytes are as large at every delivery).
+    """
+    if size > MAX_PNG_BYTES:
+        raise InvalidRequest(
+            f"image {key!r} is larger than any render makes ({MAX_PNG_BYTES:,} bytes at most)",
+            errors=[{"field": "size", "message": "larger than any render makes"}],
+        )
 
 
 def _missing(key: str) -> InvalidRequest:
@@ -153,16 +185,20 @@ class PersistStage:
             return existing
 
         # 2. Check what the event says of the object before reading it: one of another size
-        # than the event's (render's PNGs are a few MiB, a pod has 1 GiB) is never downloaded.
+        # than the event's, or larger than any render makes (render's PNGs are a few MiB, a
+        # pod has 1 GiB), is never downloaded.
         if stored is None:
             raise _missing(keys.image)
         if stored.size != image.size:
             self._check_rendered(image, stored, stored.size)  # names size, and all else wrong
+        check_png_bytes(keys.image, stored.size)
 
         # 3. Claim the image and check that the event says of it what render said, and that
         # it is a PNG of the size the event gives: derive would fail it for good otherwise,
         # and the Worker serve it as a PNG.
-        png = await claim_image(self.storage, keys.image, image.sha256, described_by="the event")
+        png = await claim_image(
+            self.storage, keys.image, image.sha256, size=stored.size, described_by="the event"
+        )
         self._check_rendered(image, stored, len(png), _png_size(png))
 
         # 4. Public URLs and the record, written last: its presence marks the image final.
@@ -342,11 +378,13 @@ def _png_size(png: bytes) -> tuple[int, int] | str:
     """The (width, height) in ``png``'s header, or why it has none; no pixel is decoded.
 
     A header too large for Pillow to open (a decompression bomb: far over any size render
-    makes) is said as such, whether Pillow refuses it or, told to, warns of it as an error.
+    makes) is said as such, whether Pillow refuses it or, told to, warns of it as an error;
+    so is a PNG that derive cannot show as a browser does
+    (:func:`imagegen.derivatives.unshowable`), which it would fail for good.
     """
     try:
         with Image.open(io.BytesIO(png), formats=("PNG",)) as opened:
-            return opened.size
+            return unshowable(png, opened) or opened.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return "a PNG larger than any render makes"
     except (OSError, SyntaxError, ValueError, EOFError):  # not a PNG, or one cut short

@@ -7,6 +7,8 @@ import hashlib
 import io
 import json
 import os
+import struct
+import zlib
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from PIL import Image
 
 from imagegen import DependencyUnavailable, ImageGenService, InvalidRequest, Settings
 from imagegen.events import IMAGE_PERSISTED
-from imagegen.models import PersistedImage, RenderedImage
+from imagegen.models import MAX_PNG_BYTES, PersistedImage, RenderedImage
 from imagegen.storage import LocalStorage
 from tests.fakes.images import gradient_png as png
 from tests.fakes.images import store_rendered
@@ -208,6 +210,43 @@ async def test_a_stored_image_that_does_not_decode_fails_the_generation(
     assert caught.value.fields == ["image"]
 
 
+async def test_a_record_of_a_png_larger_than_any_render_makes_is_refused_unread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record written before persist bounded an image's bytes may describe a PNG of few
+    pixels and hundreds of MiB (a huge ancillary chunk): derive read and decoded it whole, and
+    the pod was killed at every delivery. The record's size, the stored object's, refuses it
+    before anything is read: a 400 naming ``size``."""
+    base = png(256, 256)
+    body = bytes(MAX_PNG_BYTES + 1 - len(base) - 12)
+    chunk = (
+        struct.pack(">I", len(body))
+        + b"prIv"
+        + body
+        + struct.pack(">I", zlib.crc32(b"prIv" + body))
+    )
+    data = base[:-12] + chunk + base[-12:]  # before IEND, the last 12 bytes
+    async with ImageGenService(settings(tmp_path, [32])) as service:
+        rendered = await store_rendered(service.storage, "chunky", NOW, data, "a kite")
+        with monkeypatch.context() as before:  # persist as it was: no bound on the bytes
+            before.setattr("imagegen.persist.MAX_PNG_BYTES", 2**63 - 1)
+            persisted = await service.persist(rendered)
+        read: list[str] = []
+        get = service.storage.get
+
+        async def spy(key: str) -> bytes:
+            read.append(key)
+            return await get(key)
+
+        monkeypatch.setattr(service.storage, "get", spy)
+        for _ in range(2):
+            with pytest.raises(InvalidRequest) as caught:
+                await service.derive(persisted)
+            assert caught.value.fields == ["size"]
+    assert persisted.key not in read
+    assert not list(tmp_path.rglob("*.webp")) and not list(tmp_path.rglob("*.derivatives.json"))
+
+
 def test_avif_bytes_do_not_depend_on_the_cpus_the_process_may_use() -> None:
     """libavif's output depends on its thread count, which Pillow takes from the CPUs the
     process may use (a pod pinned to one core, a replica on a larger node): derive encodes on
@@ -346,3 +385,33 @@ def test_the_derive_function_answers_a_corrupt_record_with_a_503_and_no_trace(
     assert body["error"] == "dependency_unavailable"
     assert "'2026/11/24/d-http.derivatives.json' is corrupt" in body["message"]
     assert "Traceback" not in reply.text
+
+
+async def test_a_lost_thumbnail_is_remade_at_its_first_writers_size(tmp_path: Path) -> None:
+    """The record keeps the thumbnail's size: a redelivery to a replica configured otherwise
+    (a rollout that changed ``IMAGEGEN_THUMBNAIL_SIZE``) remade it at its own, other bytes
+    under the same key. A record written before the size was kept remakes it at the setting."""
+    first_settings = Settings(storage_url=str(tmp_path), thumbnail_size=256, derivative_widths=[])
+    other_settings = Settings(storage_url=str(tmp_path), thumbnail_size=128, derivative_widths=[])
+    async with ImageGenService(first_settings) as one:
+        rendered = await store_rendered(one.storage, "d-thumb", NOW, png(512, 512), "a kite")
+        persisted = await one.persist(rendered)
+        first = await one.derive(persisted)
+    assert first.thumbnail_size == 256
+    thumbnail = tmp_path / first.keys["thumbnail"]
+    made = thumbnail.read_bytes()
+    thumbnail.unlink()  # a bucket restored without it
+    async with ImageGenService(other_settings) as two:
+        assert await two.derive(persisted) == first
+        assert thumbnail.read_bytes() == made
+
+        # A record from before: without the size, the current setting is all there is.
+        record = tmp_path / first.keys["record"]
+        old = json.loads(record.read_text())
+        del old["derived"]["thumbnail_size"]
+        record.write_text(json.dumps(old))
+        thumbnail.unlink()
+        again = await two.derive(persisted)
+    assert again.thumbnail_size is None and again.keys == first.keys
+    with Image.open(thumbnail) as remade:
+        assert remade.size == (128, 128)

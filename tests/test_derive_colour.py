@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import struct
+import zlib
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ from typing import Any
 import pytest
 from PIL import Image, ImageCms
 
-from imagegen import ImageGenService, Settings
+from imagegen import ImageGenService, InvalidRequest, Settings
+from imagegen.derivatives import decode_pixels
 from tests.fakes.images import store_rendered
 
 NOW = datetime(2026, 11, 24, 18, 30, tzinfo=UTC)
@@ -59,6 +61,48 @@ def _half_transparent_grey() -> Image.Image:
     return image
 
 
+def _raw_png(
+    depth: int, colour_type: int, rows: list[bytes], *chunks: tuple[bytes, bytes]
+) -> bytes:
+    """A 256 x 256 PNG Pillow cannot write: ``rows`` of samples as they are packed (PNG spec
+    7.2), each after filter type 0, and ``chunks`` (type, data) between IHDR and IDAT. A chunk
+    is its length, type, data and CRC-32 over type and data (PNG spec 5.3)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", *SIZE, depth, colour_type, 0, 0, 0)
+    pixels = zlib.compress(b"".join(b"\0" + row for row in rows))
+    body = b"".join(chunk(kind, data) for kind, data in chunks)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + body
+        + chunk(b"IDAT", pixels)
+        + chunk(b"IEND", b"")
+    )
+
+
+def _half_keyed_grey(depth: int) -> bytes:
+    """Grey at ``depth`` bits: on the left its largest value, which ``tRNS`` makes transparent;
+    on the right black. Pillow scaled the samples to 8 bits but not the key, so nothing was."""
+    top = (1 << depth) - 1
+    per_byte = 8 // depth
+    left = sum(top << (depth * i) for i in range(per_byte))  # one byte of ``top`` samples
+    row = bytes([left]) * (128 // per_byte) + bytes(128 // per_byte)
+    return _raw_png(depth, 0, [row] * SIZE[1], (b"tRNS", struct.pack(">H", top)))
+
+
+def _grey_rgb(*chunks: tuple[bytes, bytes]) -> bytes:
+    """8-bit RGB, every sample 128, with ``chunks``."""
+    return _raw_png(8, 2, [bytes([128]) * 3 * SIZE[0]] * SIZE[1], *chunks)
+
+
+LINEAR_GAMMA = (b"gAMA", struct.pack(">I", 100_000))  # gamma 1.0: samples proportional to light
+
+
 # Each stored PNG, and (x, y) → the RGBA a browser shows there.
 CASES: dict[str, tuple[bytes, dict[tuple[int, int], tuple[int, int, int, int]]]] = {
     "16-bit grey": (
@@ -85,6 +129,35 @@ CASES: dict[str, tuple[bytes, dict[tuple[int, int], tuple[int, int, int, int]]]]
         _png(Image.new("RGB", SIZE, (128, 128, 128)), icc_profile=_linear_light_profile()),
         {(128, 128): (188, 188, 188, 255)},
     ),
+    # With no cICP, iCCP or sRGB chunk, browsers apply gAMA (PNG spec 11.3.3.2): its 128 is
+    # linear light's 128, sRGB's 188, as the linear-light profile's.
+    "RGB, gAMA 1.0": (_grey_rgb(LINEAR_GAMMA), {(128, 128): (188, 188, 188, 255)}),
+    # sRGB and cICP outrank gAMA (PNG 3rd edition, 4.3: cICP, iCCP, sRGB, then cHRM and gAMA).
+    "RGB, gAMA 1.0 and sRGB": (
+        _grey_rgb((b"sRGB", b"\0"), LINEAR_GAMMA),
+        {(128, 128): (128, 128, 128, 255)},
+    ),
+    "RGB, gAMA 1.0 and cICP sRGB": (
+        _grey_rgb((b"cICP", bytes([1, 13, 0, 1])), LINEAR_GAMMA),  # BT.709 primaries, sRGB curve
+        {(128, 128): (128, 128, 128, 255)},
+    ),
+    "RGB, gAMA 1/2.2": (
+        _grey_rgb((b"gAMA", struct.pack(">I", 45_455))),
+        {(128, 128): (128, 128, 128, 255)},
+    ),
+    # A grey key under 8 bits is compared with the samples as stored (PNG spec 11.3.2.1).
+    "2-bit grey, tRNS": (
+        _half_keyed_grey(2),
+        {(32, 128): (255, 255, 255, 0), (224, 128): (0, 0, 0, 255)},
+    ),
+    "4-bit grey, tRNS": (
+        _half_keyed_grey(4),
+        {(32, 128): (255, 255, 255, 0), (224, 128): (0, 0, 0, 255)},
+    ),
+    "1-bit grey, tRNS": (
+        _half_keyed_grey(1),
+        {(32, 128): (255, 255, 255, 0), (224, 128): (0, 0, 0, 255)},
+    ),
 }
 
 
@@ -109,3 +182,32 @@ async def test_every_format_shows_the_png_as_a_browser_does(tmp_path: Path, case
                 # whatever the encoder keeps, and never seen.
                 compared = range(0 if want[3] else 3, 4)
                 assert all(abs(got[i] - want[i]) <= 4 for i in compared), (name, (x, y), got)
+
+
+def _rgb16_keyed() -> bytes:
+    """16-bit RGB whose ``tRNS`` colour is (65535, 0, 0): on the left (65280, 0, 0), opaque,
+    as every sample must match all 16 bits; on the right the key, transparent. Pillow reads
+    both as (255, 0, 0), and compared the key's low byte: neither or both were transparent."""
+    left = struct.pack(">HHH", 65280, 0, 0) * 128
+    right = struct.pack(">HHH", 65535, 0, 0) * 128
+    return _raw_png(16, 2, [left + right] * SIZE[1], (b"tRNS", struct.pack(">HHH", 65535, 0, 0)))
+
+
+async def test_a_16_bit_rgb_png_with_a_transparent_colour_is_refused_naming_the_image(
+    tmp_path: Path,
+) -> None:
+    """Pillow cannot read its samples' 16 bits, so which pixels are transparent cannot be
+    known: persist refuses it before its record, and derive, for a record written before, at
+    every delivery, as a 400 naming the image; nothing is encoded."""
+    data = _rgb16_keyed()
+    with pytest.raises(InvalidRequest) as caught:
+        decode_pixels(data, size=SIZE)
+    assert caught.value.fields == ["image"]
+
+    settings = Settings(storage_url=str(tmp_path), derivative_widths=[64])
+    async with ImageGenService(settings) as service:
+        rendered = await store_rendered(service.storage, "rgb16", NOW, data, "a flag")
+        with pytest.raises(InvalidRequest) as caught:
+            await service.persist(rendered)
+    assert caught.value.fields == ["image"]
+    assert not list(tmp_path.rglob("*.json")) and not list(tmp_path.rglob("*.webp"))

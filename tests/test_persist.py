@@ -23,7 +23,7 @@ from imagegen import (
     Settings,
 )
 from imagegen.events import GENERATION_FAILED, IMAGE_RENDERED
-from imagegen.models import EnhancedPrompt, RenderedImage
+from imagegen.models import MAX_PNG_BYTES, EnhancedPrompt, RenderedImage
 from imagegen.render import stored_png
 from imagegen.storage import LocalStorage
 from imagegen.storage.base import GenerationKeys, Storage
@@ -397,3 +397,57 @@ async def test_an_object_of_another_size_than_the_event_says_is_refused_unread(
             await service.persist(rendered.model_copy(update={"sha256": "0" * 64}))
         assert caught.value.fields == ["sha256"]
     assert read == [rendered.key]
+
+
+def _with_private_chunk(png: bytes, size: int) -> bytes:
+    """``png`` with a private ancillary chunk (``prIv``) before its end, ``size`` bytes in all:
+    a PNG as valid as before, of the same pixels, larger in bytes alone."""
+    body = bytes(size - len(png) - 12)
+    chunk = (
+        struct.pack(">I", len(body))
+        + b"prIv"
+        + body
+        + struct.pack(">I", zlib.crc32(b"prIv" + body))
+    )
+    return png[:-12] + chunk + png[-12:]  # the last 12 bytes: IEND
+
+
+def test_the_byte_bound_covers_every_png_render_can_make() -> None:
+    """Render's largest image at PNG's widest samples (16-bit RGBA, 8 bytes a pixel) fits,
+    with room for the filter bytes, deflate's framing and an ICC profile."""
+    sides = RenderedImage.model_json_schema()["properties"]
+    largest = sides["width"]["maximum"] * sides["height"]["maximum"] * 8
+    assert largest + (4 << 20) <= MAX_PNG_BYTES <= 64 << 20
+
+
+async def test_a_png_larger_in_bytes_than_any_render_makes_is_refused_unread(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 256 x 256 PNG made 340 MiB by one ancillary chunk passed every check: its size was
+    the event's, its header the job's. persist read it whole, derive decoded it whole, and a
+    pod of 1 GiB was killed at every delivery. It is refused from its HEAD, never read."""
+    data = _with_private_chunk(png(*JOB_SIZE), MAX_PNG_BYTES + 1)
+    async with ImageGenService(settings) as service:
+        rendered = await _stored_as_render(service.storage, "chunky-1", data)
+        read: list[str] = []
+        get = service.storage.get
+
+        async def spy(key: str) -> bytes:
+            read.append(key)
+            return await get(key)
+
+        monkeypatch.setattr(service.storage, "get", spy)
+        for _ in range(2):  # a redelivery: the same answer
+            with pytest.raises(InvalidRequest) as caught:
+                await service.persist(rendered)
+            assert caught.value.fields == ["size"]
+            assert "larger than any render makes" in caught.value.message
+        assert await service.storage.head(GenerationKeys("chunky-1", NOW).metadata) is None
+        assert read == []
+
+        # One byte less is a PNG render could have made: read, and recorded.
+        fitting = _with_private_chunk(png(*JOB_SIZE), MAX_PNG_BYTES)
+        persisted = await service.persist(
+            await _stored_as_render(service.storage, "chunky-2", fitting)
+        )
+    assert persisted.size == MAX_PNG_BYTES
