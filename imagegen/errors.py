@@ -84,13 +84,14 @@ class ImageGenError(Exception):
         """Names of the offending fields or settings, in the order found."""
         return [e["field"] for e in self.errors]
 
-    def explained(self) -> str:
+    def explained(self, name: Callable[[str], str] = str) -> str:
         """The message with the reasons of its fields it does not say already, as one line
         (``invalid settings: IMAGEGEN_TIMEZONE (unknown IANA time zone)``): what a person
-        reads where the JSON body's ``errors`` are not shown (the CLI, a start-up log)."""
+        reads where the JSON body's ``errors`` are not shown (the CLI, a start-up log). Each
+        field is named as ``name`` shows it (a setting as its variable)."""
         said = [e for e in self.errors if e.get("message") and e["message"] not in self.message]
-        reasons = "; ".join(f"{e['field']}: {e['message']}" for e in said)
-        if len(said) == 1 and self.message.endswith(said[0]["field"]):
+        reasons = "; ".join(f"{name(e['field'])}: {e['message']}" for e in said)
+        if len(said) == 1 and self.message.endswith(name(said[0]["field"])):
             reasons = said[0]["message"]  # the one field the message ends naming
         return f"{self.message} ({reasons})" if reasons else self.message
 

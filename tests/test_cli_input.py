@@ -7,6 +7,7 @@ that cannot take the image fails before the render, not after it.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -54,8 +55,21 @@ def _one_line(stderr: str) -> str:
         # NaN passed the `< 0` check (and would have rendered an image, here one).
         (["loop", "x", *SMALL, "--count", "1", "--interval", "nan"], "--interval"),
         # Named as the option typed, not as the setting it gives (storage_url).
-        (["generate", "x", *SMALL, "--output", ""], "error: --output '': empty"),
-        (["generate", "x", *SMALL, "-o", "ftp://u:p@host/x"], "error: --output 'ftp://***@host/x'"),
+        # ... and never showing what was typed (a URL may hold a key).
+        (["generate", "x", *SMALL, "--output", ""], "error: --output: empty"),
+        (["generate", "x", *SMALL, "-o", "ftp://u:p@host/x"], "error: --output: unsupported"),
+        (["generate", "x", *SMALL, "-o", "s3://"], "error: --output: not a valid bucket name"),
+        # An empty model was the default model, without a word.
+        (["generate", "x", "--model", ""], "error: --model: empty"),
+        (["loop", "x", "--model", " ", "--count", "1"], "error: --model: empty"),
+        # No URL to post to was "could not reach", exit 1.
+        (["send", GENERATION_REQUESTED, "--to", "notaurl"], "error: --to: 'notaurl'"),
+        (["send", GENERATION_REQUESTED, "--to", "ftp://host/x"], "error: --to: 'ftp://host/x'"),
+        (["send", GENERATION_REQUESTED, "--to", "http://"], "error: --to: 'http://'"),
+        # A header value (binary mode) was blamed on --to.
+        (["send", "généré", "--to", NOWHERE], "error: TYPE: "),
+        (["send", GENERATION_REQUESTED, "--to", NOWHERE, "--source", "/é"], "error: --source: "),
+        (["send", GENERATION_REQUESTED, "--to", NOWHERE, "--subject", "é"], "error: --subject: "),
         (["history", "--limit", "0"], "--limit"),
         (["history", "--limit", "501"], "--limit"),
         # Path("") is ".": an empty name was "a local directory, nothing to pull".
@@ -132,6 +146,56 @@ def test_a_file_in_the_way_of_a_key_is_named(cli: RunCli, tmp_path: Path) -> Non
     assert result.returncode == 1
     line = _one_line(result.stderr)
     assert f"{output / year}/" in line and "Not a directory" in line  # not just the root
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("ftp://AKIA0000:hunter2@example.org/images", "unsupported scheme 'ftp'"),
+        ("s3://", "not a valid bucket name"),
+        ("s3://AKIA0000:hunter2@bucket", "expected s3://bucket[/prefix]"),
+    ],
+)
+@pytest.mark.parametrize("command", [["generate", "x"], ["loop", "x", "--count", "1"]])
+def test_a_storage_url_setting_that_names_no_storage_is_named_by_its_variable(
+    cli: RunCli, url: str, why: str, command: list[str]
+) -> None:
+    """Never by the field (storage_url), never with the value: it may hold a key."""
+    result = cli(*command, *SMALL, env={"IMAGEGEN_STORAGE_URL": url})
+    assert result.returncode == 2, result.stderr
+    line = _one_line(result.stderr)
+    assert line.startswith(f"imagegen: error: invalid IMAGEGEN_STORAGE_URL: {why}"), line
+    assert "hunter2" not in line and "AKIA" not in line and "example.org" not in line
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"IMAGEGEN_S3_PRESET": "r2"},  # an endpoint the preset needs
+        {"IMAGEGEN_S3_ENDPOINT_URL": "https://storage.googleapis.com"},  # another's endpoint
+        {"IMAGEGEN_S3_ACCESS_KEY_ID": "AKIAEXAMPLE"},  # half a key pair
+    ],
+)
+def test_an_s3_setting_refused_is_named_by_its_variable(cli: RunCli, env: dict[str, str]) -> None:
+    """The preset checks name the variables a person sets, in the message and its reasons."""
+    result = cli("generate", "x", *SMALL, env={"IMAGEGEN_STORAGE_URL": "s3://bucket", **env})
+    assert result.returncode == 2, result.stderr
+    line = _one_line(result.stderr)
+    assert "IMAGEGEN_S3_" in line, line
+    assert not re.search(r"(?<![A-Z_])s3_[a-z_]+", line), line
+    assert "AKIAEXAMPLE" not in line
+
+
+@pytest.mark.parametrize("output", ["afile", "afile/sub"])
+def test_an_output_that_is_a_file_is_said_to_be_one(
+    cli: RunCli, tmp_path: Path, output: str
+) -> None:
+    """Not mkdir's "File exists" (or "Not a directory"): which path is a file."""
+    (tmp_path / "afile").write_text("not a directory")
+    result = cli("generate", "x", *SMALL, "--output", output)
+    assert result.returncode == 1
+    line = _one_line(result.stderr)
+    assert line.endswith(f"{str(tmp_path / 'afile')!r} is a file, not a directory"), line
 
 
 def test_doctor_reports_a_storage_url_it_cannot_open_as_a_row(cli: RunCli) -> None:

@@ -366,3 +366,173 @@ def test_status_lines_stay_whole_and_show_a_local_image_as_its_path(
     assert result.returncode == 0, result.stderr
     assert f"image      {folder / gid}.png\n" in result.stdout
     assert f"generation {gid}\n" in result.stdout
+
+
+HOSTILE = "a kite\x1b]0;owned\x07 \x1b[2J\rover\x9b31m the\tsea\nat dusk\x7f"
+"""A prompt (an LLM's, for an enhanced one) that would retitle the terminal, clear it, move
+the cursor (C0 and C1 alike) and break a table's line, were it printed as it is."""
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def test_stored_text_reaches_the_terminal_without_its_control_characters(
+    cli: RunCli, tmp_path: Path
+) -> None:
+    made = cli("generate", HOSTILE, *SMALL, "--no-enhance", "--plugins", "", "--json")
+    assert made.returncode == 0, made.stderr
+    body = json.loads(made.stdout)
+    assert body["prompt"]["prompt"] == HOSTILE  # the request is as typed; --json is exact
+    gid = body["image"]["generation_id"]
+
+    shown = cli("generate", HOSTILE, *SMALL, "--no-enhance", "--plugins", "")
+    assert shown.returncode == 0, shown.stderr
+    assert "prompt  a kite\ufffd]0;owned\ufffd \ufffd[2J\ufffdover\ufffd31m the" in shown.stdout
+    assert "\nat dusk\ufffd\n" in shown.stdout  # the prompt's own newline, kept
+    for args in (["history"], ["status", gid]):
+        result = cli(*args, env={"COLUMNS": "200"})
+        assert result.returncode == 0, result.stderr
+        assert not CONTROL.search(result.stdout), (args, result.stdout)
+    listed = cli("history", env={"COLUMNS": "200"})
+    # One line a generation: the table's cell has neither the newline nor the tab.
+    assert len(listed.stdout.strip().splitlines()) == 3
+    assert json.loads(cli("history", "--json").stdout)[0]["prompt"] == HOSTILE
+
+
+@pytest.mark.parametrize(
+    ("text", "one_line", "shown"),
+    [
+        ("a\x1b[31mb\x9bc\x7f", False, "a\ufffd[31mb\ufffdc\ufffd"),
+        ("line\nnext\tcol\r", False, "line\nnext\tcol\ufffd"),
+        ("line\nnext\tcol", True, "line\ufffdnext\ufffdcol"),
+        # A file name's byte 0x9b (os.fsdecode keeps it as U+DC9B): C1 to an 8-bit terminal.
+        ("caf\udce9\udc9b", False, "caf\udce9\ufffd"),
+        ("[bold]é ✓", True, "[bold]é ✓"),
+    ],
+    ids=["escapes", "newline-kept", "cell", "file-name-bytes", "printable"],
+)
+def test_printable_replaces_control_characters_only(text: str, one_line: bool, shown: str) -> None:
+    from imagegen.cli._app import printable
+
+    assert ascii(printable(text, one_line=one_line)) == ascii(shown)  # reportable as ASCII
+
+
+def test_the_progress_bar_shows_no_step_count_before_it_is_known(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Enhancing, and loading the model meanwhile, have no steps: not ``0/None steps``."""
+    import asyncio
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from imagegen.cli import generate as generate_command
+
+    terminal = io.StringIO()
+    console = Console(file=terminal, force_terminal=True, width=100)
+    monkeypatch.setattr(generate_command, "err", console)
+
+    class Service:
+        async def enhance_while_loading(self, request: object) -> object:
+            await asyncio.sleep(0.5)  # the bar is drawn meanwhile, ten times a second
+            return SimpleNamespace(steps=4)
+
+        async def render(self, enhanced: object, *, progress: object) -> str:
+            for step in range(1, 5):
+                progress(step, 4)  # type: ignore[operator]
+                await asyncio.sleep(0.15)
+            return "rendered"
+
+        async def finalise(self, rendered: str) -> str:
+            return "persisted"
+
+    result = asyncio.run(generate_command._generate_one(Service(), None, show_progress=True))
+    assert result == (SimpleNamespace(steps=4), "persisted")
+    drawn = terminal.getvalue()
+    assert "enhancing" in drawn and "3/4 steps" in drawn
+    assert "None" not in drawn
+
+
+def test_a_local_image_is_shown_at_its_own_path_whatever_its_bytes(tmp_path: Path) -> None:
+    """A folder whose name is no UTF-8 (Latin-1 here): the path printed is the file's own,
+    byte for byte, where stdout is strict UTF-8 too; no U+FFFD."""
+    from tests.conftest import isolated_environ
+
+    folder = os.fsencode(tmp_path) + b"/caf\xe9"
+    env = {**isolated_environ(tmp_path), "PYTHONIOENCODING": "utf-8:strict"}
+    args = [b"generate", b"x", *(a.encode() for a in SMALL), b"--no-enhance", b"-o", folder]
+    result = subprocess.run(
+        [sys.executable, "-m", "imagegen.cli", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    [png] = list(Path(os.fsdecode(folder)).rglob("*.png"))
+    assert b"image   " + os.fsencode(png) + b"\n" in result.stdout
+
+
+def test_display_location_is_the_files_path() -> None:
+    from imagegen.cli._app import display_location
+
+    path = Path(os.fsdecode(b"/srv/caf\xe9 [1]/x%y.png"))
+    assert os.fsencode(display_location(path.as_uri())) == os.fsencode(path)
+
+
+def _run(args: list[str], cwd: Path, **redirect: object) -> subprocess.CompletedProcess[str]:
+    from tests.conftest import isolated_environ
+
+    return subprocess.run(
+        [sys.executable, "-m", "imagegen.cli", *args],
+        cwd=cwd,
+        env=isolated_environ(cwd),
+        text=True,
+        timeout=300,
+        **redirect,  # type: ignore[call-overload]
+    )
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")
+def test_output_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
+    with open("/dev/full", "w") as full:
+        result = _run(["models", "list"], tmp_path, stdout=full, stderr=subprocess.PIPE)
+    assert result.returncode == 1
+    assert result.stderr == "imagegen: error: cannot write output: No space left on device\n"
+
+
+def test_a_closed_stdout_is_one_line_and_a_closed_stderr_keeps_the_exit_status(
+    tmp_path: Path,
+) -> None:
+    def closed(fd: int) -> object:
+        return lambda: os.close(fd)
+
+    json_out = _run(
+        ["models", "list", "--json"], tmp_path, stderr=subprocess.PIPE, preexec_fn=closed(1)
+    )
+    assert json_out.returncode == 1  # not 0, having written nothing
+    assert json_out.stderr == "imagegen: error: cannot write output: standard output is closed\n"
+    table = _run(["models", "list"], tmp_path, stderr=subprocess.PIPE, preexec_fn=closed(1))
+    assert (table.returncode, table.stderr) == (json_out.returncode, json_out.stderr)
+
+    refused = _run(
+        ["history", "--limit", "0"], tmp_path, stdout=subprocess.PIPE, preexec_fn=closed(2)
+    )
+    assert refused.returncode == 2  # what it would have said, said nowhere
+    listed = _run(["history", "--json"], tmp_path, stdout=subprocess.PIPE, preexec_fn=closed(2))
+    assert (listed.returncode, listed.stdout) == (0, "[]\n")
+
+
+def test_generate_says_where_the_image_is_when_its_output_cannot_be_written(
+    cli: RunCli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full")
+    with open("/dev/full", "w") as full:
+        monkeypatch.setattr(sys, "stdout", full)
+        result = cli("generate", "x", *SMALL, "--no-enhance", "--json")
+    assert result.returncode == 1
+    assert result.stderr == (
+        "imagegen: error: cannot write output: No space left on device"
+        " (the image is stored: see `imagegen history`)\n"
+    )
+    assert len(list((tmp_path / "output").rglob("*.png"))) == 1

@@ -77,6 +77,63 @@ def test_the_ledger_option_is_checked_alike(cli: RunCli, tmp_path: Path) -> None
     assert one_error_line(result).startswith(f"ledger {path} {says}")
 
 
+READERS = [
+    ["history"],
+    ["status", SOME_ID],
+    ["replay", SOME_ID],
+    ["ledger", "export"],
+    ["ledger", "prune", "--days", "30"],
+]
+"""The commands that read (or prune) the ledger: none of them makes one."""
+
+
+@pytest.mark.parametrize(
+    "args", READERS, ids=lambda args: "-".join(args[:2]).replace(SOME_ID, "id")
+)
+@pytest.mark.parametrize("form", ["path", "sqlite URL"])
+def test_a_ledger_option_naming_no_file_is_refused_and_not_made(
+    cli: RunCli, tmp_path: Path, args: list[str], form: str
+) -> None:
+    """A typo in --ledger is not an empty history: the file (and its folders) are not made."""
+    path = tmp_path / "typo" / "ledger.db"
+    given = str(path) if form == "path" else f"sqlite:///{path}"
+    result = cli(*args, "--ledger", given)
+    assert one_error_line(result) == f"--ledger: {path} does not exist"
+    assert result.returncode == 2
+    assert not (tmp_path / "typo").exists()
+
+
+@pytest.mark.parametrize("setting", [False, True], ids=["default", "IMAGEGEN_LEDGER_URL"])
+def test_no_ledger_yet_is_no_generation_yet_and_none_is_made(
+    cli: RunCli, tmp_path: Path, setting: bool
+) -> None:
+    """The ledger generate records into (the default, or the setting's) not made yet: nothing
+    recorded, said as such by each command; the file is made by the first generation only."""
+    from imagegen.ledger import default_ledger_path
+
+    path = tmp_path / "data" / "ledger.db" if setting else default_ledger_path()
+    env = {"IMAGEGEN_LEDGER_URL": str(path)} if setting else {}
+    listed = cli("history", "--json", env=env)
+    assert (listed.returncode, listed.stdout, listed.stderr) == (0, "[]\n", "")
+    for args in (["status", SOME_ID], ["replay", SOME_ID]):
+        result = cli(*args, env=env)
+        assert result.returncode == 1
+        assert one_error_line(result) == f"generation '{SOME_ID}' is not in the ledger"
+    exported = cli("ledger", "export", env=env)
+    assert (exported.returncode, exported.stdout, exported.stderr) == (0, "", "")
+    pruned = cli("ledger", "prune", "--days", "30", env=env)
+    assert pruned.returncode == 0, pruned.stderr
+    assert pruned.stdout == "no generation recorded yet: nothing pruned\n"
+    assert not path.parent.exists()
+
+
+def test_export_refuses_a_bad_since_before_it_opens_the_ledger(cli: RunCli, tmp_path: Path) -> None:
+    path, _ = _unusable_ledger("not a database", tmp_path)
+    result = cli("ledger", "export", "--since", "soon", "--ledger", str(path))
+    assert result.returncode == 2
+    assert one_error_line(result).startswith("--since: 'soon'")
+
+
 def test_generate_without_a_usable_ledger_warns_and_still_makes_the_image(
     cli: RunCli, tmp_path: Path
 ) -> None:

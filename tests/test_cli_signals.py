@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -163,3 +165,74 @@ def test_verbose_shows_an_unexpected_errors_traceback(cli: RunCli) -> None:
     assert traceback[0] == "Traceback (most recent call last):"
     assert traceback[-1] == "KeyError: 'width'"
     assert said == "imagegen: error: internal error (KeyError: 'width')"
+
+
+def _wait_for(cwd: Path, pattern: str, count: int, proc: subprocess.Popen[str]) -> None:
+    """Until ``count`` files under ``cwd/output`` match ``pattern`` (polled, with a deadline for
+    a busy machine)."""
+    deadline = time.monotonic() + 300
+    while len(list((cwd / "output").glob(pattern))) < count:
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, f"no {pattern} after 300 s"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signum", "code", "said"),
+    [(signal.SIGTERM, 143, "terminated"), (signal.SIGHUP, 129, "hung up")],
+)
+def test_a_termination_stops_replay_and_is_recorded(
+    tmp_path: Path, signum: int, code: int, said: str
+) -> None:
+    """``replay`` stops as ``generate`` does: the replay recorded as cancelled where it was,
+    never left at ``enhanced`` for ever, and 128 + the signal."""
+    from imagegen.ledger import open_ledger
+
+    args = [*RENDER, "--width", "1024", "--height", "1024", "--steps", "50"]
+    with rendering(tmp_path, *args, until="renders/*.json") as proc:  # the original, stopped
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    [memo] = (tmp_path / "output" / "prompts").glob("*.json")
+    replay = subprocess.Popen(
+        [sys.executable, "-m", "imagegen.cli", "replay", memo.stem],
+        cwd=tmp_path,
+        env=isolated_environ(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for(tmp_path, "renders/*.json", 2, replay)  # the replay's render has begun
+        replay.send_signal(signum)
+        out, err = replay.communicate(timeout=120)
+    finally:
+        if replay.poll() is None:
+            replay.kill()
+            replay.communicate()
+    assert replay.returncode == code, err
+    assert err == f"imagegen: error: {said}\n"
+    assert out == ""
+    ledger = open_ledger(str(tmp_path / "xdg-data" / "imagegen" / "ledger.db"))
+    try:
+        [again] = [g for g in ledger.history(limit=10).items if g.generation_id != memo.stem]
+        found = ledger.get(again.generation_id)
+    finally:
+        ledger.close()
+    assert found is not None and found.replay_of == memo.stem
+    assert (found.status, found.failed_stage) == ("failed", "render")
+    assert found.error is not None and found.error.code == "cancelled"
+
+
+@pytest.mark.slow
+def test_a_hang_up_stops_the_loop_after_its_image_with_129(tmp_path: Path) -> None:
+    """A closed terminal stops ``loop`` as SIGTERM does: after the image under way, which is
+    stored, and then 128 + SIGHUP."""
+    args = ["loop", "a kite", "--model", "tiny", "--width", "256", "--height", "256"]
+    with rendering(tmp_path, *args, "--no-enhance", "--plugins", "", "--json") as proc:
+        proc.send_signal(signal.SIGHUP)
+        out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 129, err
+    assert err == "imagegen: error: hung up\n"
+    assert len(out.strip().splitlines()) == 1
+    assert len(list((tmp_path / "output").rglob("*.png"))) == 1

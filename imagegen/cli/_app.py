@@ -6,12 +6,14 @@ modules, and nothing a command needs only when it runs (the library, asyncio, to
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -26,14 +28,20 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AsJson",
+    "CannotWrite",
     "Verbose",
     "app",
+    "cancel_on_termination",
     "display_location",
     "dotenv_warnings",
     "err",
+    "failed_write",
     "image_where",
     "make_service",
+    "markup",
     "out",
+    "output_after",
+    "printable",
     "run_async",
     "set_verbosity",
     "settings_from",
@@ -185,27 +193,26 @@ def settings_from(**overrides: Any) -> Settings:
         ) from None
     for unknown in Settings.unknown_variables():
         err.print(f"imagegen: warning: {unknown}", markup=False, soft_wrap=True)
-    if "storage_url" in given:
-        _check_output(settings)
+    if "storage_url" in overrides:  # a command that stores images: --output, or the setting
+        _check_output(settings, option="storage_url" in given)
     return settings
 
 
-def _check_output(settings: Settings) -> None:
-    """Refuse an ``--output`` that names no storage as the option (the storage itself opens
-    it later, and would name the setting)."""
-    from imagegen._redact import redact_url
+def _check_output(settings: Settings, *, option: bool) -> None:
+    """Refuse a storage URL that names no storage before anything is done, named as the user
+    gave it: ``--output`` (bad input), else the setting's variable (never the URL: it may
+    hold a key)."""
     from imagegen.errors import ConfigurationError, InvalidRequest
     from imagegen.storage import open_storage
 
     try:
         open_storage(settings)  # nothing is written or reached
     except ConfigurationError as exc:
-        if "storage_url" not in exc.fields:
-            raise
+        if "storage_url" not in exc.fields or not option:
+            raise  # the storage names the setting by its variable
         why = exc.errors[exc.fields.index("storage_url")]["message"]
         raise InvalidRequest(
-            f"--output {redact_url(settings.storage_url)!r}: {why}",
-            errors=[{"field": "output", "message": why}],
+            f"--output: {why}", errors=[{"field": "output", "message": why}]
         ) from None
 
 
@@ -250,17 +257,102 @@ def dotenv_warnings() -> Iterator[None]:
 
 
 def display_location(location: str) -> str:
-    """A stored object's location as a person reads it: a local file's path, else as it is."""
-    if location.startswith("file://"):
-        from urllib.parse import unquote, urlparse
+    """A stored object's location as a person reads it: a local file's path, else as it is.
 
-        return unquote(urlparse(location).path)
+    The path is the file's own: bytes that are no UTF-8 come back as Python keeps them in a
+    file name (surrogateescape), and are written to a terminal or a pipe as they were.
+    """
+    if location.startswith("file://"):
+        from urllib.parse import unquote_to_bytes, urlparse
+
+        return os.fsdecode(unquote_to_bytes(urlparse(location).path))
     return location
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\udc80-\udc9f]")
+_CONTROL_IN_A_CELL = re.compile(r"[\x00-\x1f\x7f-\x9f\udc80-\udc9f]")
+
+
+def printable(text: str, *, one_line: bool = False) -> str:
+    """``text`` (a prompt, a model's name, a path, an error: anything stored or received) as
+    a terminal may show it: each control character U+FFFD, a newline and a tab kept unless
+    ``one_line`` (a table's cell).
+
+    Control characters are C0, DEL and C1, and the bytes 0x80-0x9f of a file name that is no
+    UTF-8 (which a terminal in 8-bit mode reads as C1): an ``ESC [`` from a prompt an LLM
+    wrote must not move the cursor, retitle the window or hide what follows. ``--json``
+    output needs none of this: JSON escapes them all.
+    """
+    return (_CONTROL_IN_A_CELL if one_line else _CONTROL).sub("\ufffd", text)
+
+
+def markup(text: str, *, one_line: bool = False) -> str:
+    """:func:`printable` ``text``, its ``[`` escaped for rich markup (a path may hold one)."""
+    from rich.markup import escape
+
+    return escape(printable(text, one_line=one_line))
 
 
 def image_where(persisted: PersistedImage) -> str:
     """The image as a person opens it: its public URL, else a local path, else its location."""
     return persisted.url or display_location(persisted.location)
+
+
+_WRITE_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in ("ENOSPC", "EDQUOT", "EFBIG", "EIO", "EBADF")
+    if hasattr(errno, name)
+)
+
+
+def failed_write(exc: BaseException) -> bool:
+    """Whether ``exc`` is a write to stdout or stderr that failed (a full disk, a closed
+    descriptor). A closed pipe (EPIPE: ``| head``) is not one: click ends the command then,
+    quietly, with exit 1. What imagegen writes to files and storage raises its own errors."""
+    return isinstance(exc, OSError) and exc.filename is None and exc.errno in _WRITE_ERRNOS
+
+
+class CannotWrite(Exception):
+    """The output could not be written once the command's work was done: said with where
+    that work is (``done``)."""
+
+    def __init__(self, error: OSError, *, done: str) -> None:
+        super().__init__(error.strerror or str(error))
+        self.error, self.done = error, done
+
+
+@contextmanager
+def output_after(done: str) -> Iterator[None]:
+    """Writing the output of work already done (an image stored): a failed write in the
+    block is :class:`CannotWrite`, saying ``done``."""
+    try:
+        yield
+    except OSError as exc:
+        if not failed_write(exc):
+            raise
+        raise CannotWrite(exc, done=done) from None
+
+
+def cancel_on_termination(stopped_by: list[int]) -> None:
+    """SIGTERM and SIGHUP (``timeout``, systemd, a closed terminal) cancel the running task, as
+    Ctrl-C does, so the ledger records where the generation stopped rather than showing it at
+    its last stage for ever; the first one's number goes into ``stopped_by``."""
+    import asyncio
+    import signal
+
+    running, task = asyncio.get_running_loop(), asyncio.current_task()
+    assert task is not None, "called from a task"
+
+    def stop(signum: int) -> None:
+        if not stopped_by:
+            stopped_by.append(signum)
+            task.cancel()
+
+    for name in ("SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)  # Windows has no SIGHUP
+        if signum is not None:
+            with suppress(NotImplementedError):  # nor signal handlers on its loops
+                running.add_signal_handler(signum, stop, signum)
 
 
 def run_async(coro_factory: Callable[[], Any]) -> Any:
@@ -294,9 +386,7 @@ def _recorder(settings: Settings) -> Recorder | None:
     try:
         return Recorder(open_ledger(url))
     except (ImageGenError, OSError) as exc:
-        from rich.markup import escape  # a path may hold [brackets]
-
         err.print(
-            f"[yellow]warning:[/] history is not recorded: {escape(str(exc))}", soft_wrap=True
+            f"[yellow]warning:[/] history is not recorded: {markup(str(exc))}", soft_wrap=True
         )
         return None

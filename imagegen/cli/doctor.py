@@ -7,7 +7,16 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import typer
 
-from imagegen.cli._app import AsJson, Verbose, app, make_service, out, run_async, settings_from
+from imagegen.cli._app import (
+    AsJson,
+    Verbose,
+    app,
+    make_service,
+    markup,
+    out,
+    run_async,
+    settings_from,
+)
 
 if TYPE_CHECKING:
     from imagegen.cli._ollama import Advice
@@ -237,12 +246,13 @@ def doctor(as_json: AsJson = False, verbose: Verbose = False) -> None:
         body = {"ok": not failed, "checks": [row._asdict() for row in rows]}
         typer.echo(json.dumps(body, indent=2))
     else:
-        from rich.markup import escape
         from rich.table import Table
 
         table = Table.grid(padding=(0, 2))
         for row in rows:
-            sentence = escape(row.summary + (f" {row.next_step}" if row.next_step else ""))
+            sentence = markup(
+                row.summary + (f" {row.next_step}" if row.next_step else ""), one_line=True
+            )
             status = f"[{_STYLE.get(row.status, 'bold')}]{row.status}[/]"
             table.add_row(status, f"[bold]{row.check}[/]", sentence)
         out.print(table)

@@ -15,10 +15,14 @@ from imagegen.cli._app import (
     AsJson,
     Verbose,
     app,
+    cancel_on_termination,
     err,
     image_where,
     make_service,
+    markup,
     out,
+    output_after,
+    printable,
     run_async,
     settings_from,
 )
@@ -64,6 +68,8 @@ def _request(
     from imagegen.models import GenerationRequest
     from imagegen.validation import parse_model
 
+    if model is not None and not model.strip():  # not the default model, said so or not
+        raise InvalidRequest("--model: empty", errors=[{"field": "model", "message": "empty"}])
     data: dict[str, Any] = {
         "prompt": prompt,
         "model": model,
@@ -85,21 +91,22 @@ def _as_json(enhanced: EnhancedPrompt, persisted: PersistedImage, indent: int | 
     return json.dumps(body, indent=indent)
 
 
-def _report(enhanced: EnhancedPrompt, persisted: PersistedImage, as_json: bool) -> None:
-    if as_json:
-        typer.echo(_as_json(enhanced, persisted, indent=2))
-        return
-    from rich.markup import escape
+STORED = "the image is stored: see `imagegen history`"
+"""What a failure to write the output says of the image it was to show."""
 
-    out.print(f"[bold green]image[/]   {escape(image_where(persisted))}", soft_wrap=True)
-    out.print(f"[bold]prompt[/]  {escape(enhanced.prompt)}", soft_wrap=True)
-    out.print(f"[bold]seed[/]    {persisted.seed}   [bold]model[/] {escape(persisted.model)}")
+
+def _report(enhanced: EnhancedPrompt, persisted: PersistedImage, as_json: bool) -> None:
+    with output_after(STORED):
+        if as_json:
+            typer.echo(_as_json(enhanced, persisted, indent=2))
+            return
+        out.print(f"[bold green]image[/]   {markup(image_where(persisted))}", soft_wrap=True)
+        out.print(f"[bold]prompt[/]  {markup(enhanced.prompt)}", soft_wrap=True)
+        out.print(f"[bold]seed[/]    {persisted.seed}   [bold]model[/] {markup(persisted.model)}")
 
 
 async def _explain_fallback(service: ImageGenService) -> None:
     """The one line a newcomer sees when Ollama did not write the prompt: why, and what to do."""
-    from rich.markup import escape
-
     from imagegen.cli._ollama import check_ollama
 
     advice = await check_ollama(service)
@@ -107,12 +114,10 @@ async def _explain_fallback(service: ImageGenService) -> None:
         reason = "Ollama did not answer usefully (--verbose shows why)"
     else:
         reason = f"{advice.summary} ({advice.next_step})"
-    err.print(f"[yellow]note[/]    template prompt used: {escape(reason)}", soft_wrap=True)
+    err.print(f"[yellow]note[/]    template prompt used: {markup(reason)}", soft_wrap=True)
 
 
 def _open(persisted: PersistedImage) -> None:
-    from rich.markup import escape
-
     from imagegen.cli._viewer import open_in_viewer
 
     target = image_where(persisted)
@@ -121,7 +126,7 @@ def _open(persisted: PersistedImage) -> None:
     else:
         why = open_in_viewer(target)
     if why is not None:
-        err.print(f"[yellow]note[/]    not opened: {escape(why)}", soft_wrap=True)
+        err.print(f"[yellow]note[/]    not opened: {markup(why)}", soft_wrap=True)
 
 
 async def _generate_one(
@@ -134,17 +139,23 @@ async def _generate_one(
     with Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
-        TextColumn("{task.completed}/{task.total} steps"),
+        TextColumn("{task.fields[steps]}"),  # none while their number is not known
         TimeElapsedColumn(),
         console=err,
         transient=True,
     ) as bar:
-        task = bar.add_task("enhancing", total=None)
+        task = bar.add_task("enhancing", total=None, steps="")
         enhanced = await service.enhance_while_loading(request)
-        bar.update(task, description="denoising", total=enhanced.steps, completed=0)
+        bar.update(
+            task,
+            description="denoising",
+            total=enhanced.steps,
+            completed=0,
+            steps=f"0/{enhanced.steps} steps",
+        )
 
         def progress(step: int, total: int) -> None:
-            bar.update(task, completed=step, total=total)
+            bar.update(task, completed=step, total=total, steps=f"{step}/{total} steps")
 
         rendered = await service.render(enhanced, progress=progress)
         bar.update(task, description="persisting")
@@ -185,7 +196,7 @@ def generate(
     stopped_by: list[int] = []
 
     async def go() -> tuple[Any, Any]:
-        _cancel_on_termination(stopped_by)
+        cancel_on_termination(stopped_by)
         async with make_service(settings) as service:
             # Storage probed before a render whose image would have nowhere to go: the
             # service probes only local storage at start (ImageGenService.__aenter__).
@@ -219,28 +230,6 @@ def _check_device(settings: Settings) -> None:
     except ImportError:
         return  # no render extra: render says what to install
     select_device(settings.device)
-
-
-def _cancel_on_termination(stopped_by: list[int]) -> None:
-    """SIGTERM and SIGHUP (``timeout``, systemd, a closed terminal) cancel the running task, as
-    Ctrl-C does, so the ledger records where the generation stopped rather than showing it at
-    its last stage for ever; the first one's number goes into ``stopped_by``."""
-    import asyncio
-    import signal
-
-    running, task = asyncio.get_running_loop(), asyncio.current_task()
-    assert task is not None, "called from a task"
-
-    def stop(signum: int) -> None:
-        if not stopped_by:
-            stopped_by.append(signum)
-            task.cancel()
-
-    for name in ("SIGTERM", "SIGHUP"):
-        signum = getattr(signal, name, None)  # Windows has no SIGHUP
-        if signum is not None:
-            with contextlib.suppress(NotImplementedError):  # nor signal handlers on its loops
-                running.add_signal_handler(signum, stop, signum)
 
 
 @app.command()
@@ -283,6 +272,7 @@ def loop(
     settings = settings_from(storage_url=output)
 
     tally = _Tally()
+    stopped_by: list[int] = []
 
     async def go() -> int:
         import asyncio
@@ -306,8 +296,23 @@ def loop(
                 sys.stderr.flush()
             stop.set()
 
+        task = asyncio.current_task()
+        assert task is not None, "run as a task"
+
+        def terminated(signum: int) -> None:
+            # The first stops the loop after this image, as a first Ctrl-C does; another stops
+            # the image under way too, recorded where it stopped (generate's way).
+            if stopped_by:
+                task.cancel()
+                return
+            stopped_by.append(signum)
+            stop.set()
+
         running.add_signal_handler(signal.SIGINT, first_interrupt)
-        running.add_signal_handler(signal.SIGTERM, stop.set)
+        for name in ("SIGTERM", "SIGHUP"):
+            signum = getattr(signal, name, None)  # Windows has no SIGHUP
+            if signum is not None:
+                running.add_signal_handler(signum, terminated, signum)
         explained = False
         async with make_service(settings) as service:
             await service.storage.check()  # before a render, as above
@@ -318,11 +323,12 @@ def loop(
                     service, request, show_progress=not as_json and err.is_terminal
                 )
                 tally.add(time.perf_counter() - started)
-                if as_json:
-                    typer.echo(_as_json(enhanced, persisted))
-                else:
-                    line = tally.line(image_where(persisted), count)
-                    out.print(line, soft_wrap=True, markup=False)
+                with output_after(f"{tally.made} image(s) made and stored"):
+                    if as_json:
+                        typer.echo(_as_json(enhanced, persisted))
+                    else:
+                        line = tally.line(printable(image_where(persisted)), count)
+                        out.print(line, soft_wrap=True, markup=False)
                     if enhanced.fallback and not explained:
                         await _explain_fallback(service)
                         explained = True
@@ -340,9 +346,13 @@ def loop(
     except BaseException:  # Ctrl-C a second time: what was made, then "interrupted"
         if not as_json:
             err.print(f"made {tally.made} image(s)")
+        if stopped_by:  # a second SIGTERM or SIGHUP cancelled the image under way
+            raise typer.Exit(128 + stopped_by[0]) from None
         raise
     if not as_json:
         err.print(f"made {tally.made} image(s)")
+    if stopped_by:  # stopped by SIGTERM or SIGHUP: its conventional status, as generate's
+        raise typer.Exit(128 + stopped_by[0])
 
 
 class _Tally:

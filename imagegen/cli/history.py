@@ -20,10 +20,14 @@ import typer
 from imagegen.cli._app import (
     AsJson,
     app,
+    cancel_on_termination,
     dotenv_warnings,
     err,
     make_service,
+    markup,
     out,
+    output_after,
+    printable,
     run_async,
     settings_from,
 )
@@ -136,8 +140,16 @@ def _is_http(url: str | None) -> bool:
     return bool(url) and str(url).startswith(("http://", "https://"))
 
 
-def _local(url: str | None) -> Ledger:
-    from imagegen.ledger import open_ledger
+def _local(url: str | None, ctx: typer.Context) -> Ledger | None:
+    """The ledger database ``url`` names, which these commands only read (or prune): never
+    made here. None when it is the setting's, or the default, and no generation has been
+    recorded into it yet.
+
+    Raises:
+        InvalidRequest: ``--ledger`` names the ledger function, or a file that is not there
+            (a typo, which would otherwise read as an empty history).
+    """
+    from imagegen.ledger import ledger_path, open_ledger
 
     if _is_http(url):  # export and prune work on the database itself
         raise InvalidRequest(
@@ -145,7 +157,16 @@ def _local(url: str | None) -> Ledger:
             "sqlite:/// URL or a path, not the ledger function's http(s):// URL",
             errors=[{"field": "ledger", "message": "a database URL or path"}],
         )
-    return open_ledger(url)
+    try:
+        return open_ledger(url, must_exist=True)
+    except NotFound:
+        source = ctx.get_parameter_source("ledger")
+        if source is None or source.name != "COMMANDLINE":
+            return None  # the ledger generate records into: nothing recorded yet
+        raise InvalidRequest(
+            f"--ledger: {ledger_path(url)} does not exist",
+            errors=[{"field": "ledger", "message": "does not exist"}],
+        ) from None
 
 
 def _checked_id(generation_id: str) -> str:
@@ -242,6 +263,7 @@ def _api(
 
 @app.command()
 def status(
+    ctx: typer.Context,
     generation_id: Annotated[str, typer.Argument(help="The generation id.")],
     ledger: LedgerUrl = None,
     token: LedgerToken = None,
@@ -255,44 +277,46 @@ def status(
         path = f"/generations/{generation_id}"
         body = _api(str(ledger), "GET", path, token, shape=GenerationDetail)
     else:
-        store = _local(ledger)
-        try:
-            found = store.get(generation_id)
-        finally:
-            store.close()
+        store = _local(ledger, ctx)
+        found = None
+        if store is not None:
+            try:
+                found = store.get(generation_id)
+            finally:
+                store.close()
         if found is None:
             raise NotFound(f"generation {generation_id!r} is not in the ledger")
         body = found.model_dump(mode="json")
     if as_json:
         typer.echo(json.dumps(body, indent=2))
         return
-    from rich.markup import escape  # rich only for people: --help and --json need none of it
-
     from imagegen.cli._app import display_location
 
     # Each a line however narrow the terminal or wherever it is piped: an id, a path or a URL
-    # is there to be copied whole.
+    # is there to be copied whole. Every value as a terminal may show it: a prompt (an LLM's),
+    # a path or an error may hold control characters.
     lines = [
-        f"[bold]generation[/] {escape(body['generation_id'])}",
-        f"[bold]status[/]     {body['status']}",
+        f"[bold]generation[/] {markup(body['generation_id'], one_line=True)}",
+        f"[bold]status[/]     {markup(str(body['status']), one_line=True)}",
     ]
     if body.get("model"):
         seed = "" if body.get("seed") is None else f"  seed {body['seed']}"  # not drawn yet
-        lines.append(f"[bold]model[/]      {escape(body['model'])}{seed}")
+        lines.append(f"[bold]model[/]      {markup(body['model'], one_line=True)}{seed}")
     if body.get("prompt"):
-        lines.append(f"[bold]prompt[/]     {escape(body['prompt'])}")
+        lines.append(f"[bold]prompt[/]     {markup(body['prompt'])}")
     where = body.get("url") or (body.get("location") and display_location(body["location"]))
     if where:  # as generate shows it: a local image as its path
-        lines.append(f"[bold]image[/]      {escape(where)}")
+        lines.append(f"[bold]image[/]      {markup(where, one_line=True)}")
     if body.get("replay_of"):
-        lines.append(f"[bold]replay of[/]  {escape(body['replay_of'])}")
+        lines.append(f"[bold]replay of[/]  {markup(body['replay_of'], one_line=True)}")
     if body.get("error"):
         stage, message = body.get("failed_stage"), body["error"]["message"]
-        lines.append(f"[bold red]error[/]      {stage}: {escape(message)}")
+        lines.append(f"[bold red]error[/]      {markup(f'{stage}: {message}')}")
     for entry in body.get("timeline", []):
         gap = entry.get("seconds_since_previous")
         delta = f"+{gap:.2f}s" if gap is not None else ""
-        lines.append(f"  {entry['time']}  {entry['type'].rsplit('.', 2)[-2:][-1]:<10} {delta}")
+        kind = markup(str(entry["type"]).rsplit(".", 2)[-1], one_line=True)
+        lines.append(f"  {markup(str(entry['time']), one_line=True)}  {kind:<10} {delta}")
     for line in lines:
         out.print(line, soft_wrap=True)
 
@@ -304,6 +328,7 @@ load the library)."""
 
 @app.command()
 def history(
+    ctx: typer.Context,
     since: Annotated[
         str | None, typer.Option(help="From this time: ISO 8601, 'today' or an age (2h, 7d).")
     ] = None,
@@ -347,30 +372,34 @@ def history(
         )
         items = page["items"]
     else:
-        store = _local(ledger)
-        try:
-            found = store.history(
-                status=state,  # type: ignore[arg-type]  # checked above
-                since=start,
-                until=end,
-                model=model,
-                limit=limit,
-            )
-        finally:
-            store.close()
-        items = [g.model_dump(mode="json") for g in found.items]
-        if found.unreadable:
-            # The others are listed; ``status`` of one of these says what cannot be read.
-            err.print(
-                f"imagegen: warning: ledger {store.where} has unreadable records, not listed:"
-                f" {', '.join(found.unreadable)} (`imagegen status ID` says why)",
-                markup=False,
-                soft_wrap=True,
-            )
+        store = _local(ledger, ctx)
+        if store is None:  # nothing recorded yet
+            items = []
+        else:
+            try:
+                found = store.history(
+                    status=state,  # type: ignore[arg-type]  # checked above
+                    since=start,
+                    until=end,
+                    model=model,
+                    limit=limit,
+                )
+            finally:
+                store.close()
+            items = [g.model_dump(mode="json") for g in found.items]
+            if found.unreadable:
+                # The others are listed; ``status`` of one of these says what cannot be read.
+                unreadable = printable(", ".join(found.unreadable), one_line=True)
+                err.print(
+                    f"imagegen: warning: ledger {printable(store.where, one_line=True)} has"
+                    f" unreadable records, not listed: {unreadable} (`imagegen status ID` says"
+                    " why)",
+                    markup=False,
+                    soft_wrap=True,
+                )
     if as_json:
         typer.echo(json.dumps(items, indent=2))
         return
-    from rich.markup import escape
     from rich.table import Table
 
     # A line per generation. On a narrow terminal (under 100 columns) the time is shorter and
@@ -387,7 +416,8 @@ def history(
         if not narrow:
             row.append(item.get("model") or "")
         row.append(item.get("prompt") or item.get("original_prompt") or "")
-        rows.append(row)
+        # A cell is one line: no control character moves the cursor or ends the line.
+        rows.append([printable(str(cell), one_line=True) for cell in row])
     widths = [
         max([len(header), *(len(row[i]) for row in rows)]) for i, header in enumerate(headers)
     ]
@@ -406,7 +436,7 @@ def history(
             table.add_column(header, no_wrap=True)
     for row in rows:
         prompt = row[-1] if len(row[-1]) <= room else row[-1][: room - 1] + "…"
-        table.add_row(*(escape(cell) for cell in row[:-1]), escape(prompt))
+        table.add_row(*(markup(cell) for cell in row[:-1]), markup(prompt))
     out.print(table)
 
 
@@ -418,6 +448,7 @@ _NARROW = 100
 
 @app.command()
 def replay(
+    ctx: typer.Context,
     generation_id: Annotated[str, typer.Argument(help="The generation to reproduce.")],
     start: Annotated[
         str,
@@ -446,7 +477,9 @@ def replay(
         return
     from imagegen.ledger.replay import replay_job, replay_request
 
-    store = _local(ledger)
+    store = _local(ledger, ctx)
+    if store is None:  # nothing recorded yet
+        raise NotFound(f"generation {generation_id!r} is not in the ledger")
     try:
         now = datetime.now(UTC)
         job = replay_job(store, generation_id, enhanced_at=now) if origin == "enhanced" else None
@@ -454,8 +487,10 @@ def replay(
     finally:
         store.close()
     settings = settings_from(storage_url=output, ledger_url=ledger)
+    stopped_by: list[int] = []
 
     async def go() -> Any:
+        cancel_on_termination(stopped_by)  # recorded where it stopped, as generate's
         async with make_service(settings) as service:
             await service.storage.check()  # before the render, as generate does
             if request is not None:
@@ -466,20 +501,25 @@ def replay(
                 await service.recorder.emitted("enhance", job)
             return await service.finalise(await service.render(job))
 
-    persisted = run_async(go)
-    if as_json:
-        typer.echo(json.dumps(persisted.model_dump(mode="json"), indent=2))
-        return
-    from rich.markup import escape
-
+    try:
+        persisted = run_async(go)
+    except BaseException:
+        if stopped_by:  # cancelled by SIGTERM or SIGHUP: 128 + its number, as generate's
+            raise typer.Exit(128 + stopped_by[0]) from None
+        raise
     from imagegen.cli._app import image_where
+    from imagegen.cli.generate import STORED
 
-    out.print(f"[bold green]image[/]      {escape(image_where(persisted))}", soft_wrap=True)
-    out.print(
-        f"[bold]generation[/] {persisted.generation_id} (replay of {generation_id})",
-        soft_wrap=True,
-    )
-    out.print(f"[bold]sha256[/]     {persisted.sha256}", soft_wrap=True)
+    with output_after(STORED):
+        if as_json:
+            typer.echo(json.dumps(persisted.model_dump(mode="json"), indent=2))
+            return
+        out.print(f"[bold green]image[/]      {markup(image_where(persisted))}", soft_wrap=True)
+        out.print(
+            f"[bold]generation[/] {persisted.generation_id} (replay of {generation_id})",
+            soft_wrap=True,
+        )
+        out.print(f"[bold]sha256[/]     {persisted.sha256}", soft_wrap=True)
 
 
 ledger_app = typer.Typer(help="Maintain the ledger: export events, prune old history.")
@@ -488,19 +528,24 @@ app.add_typer(ledger_app, name="ledger")
 
 @ledger_app.command("export")
 def export(
+    ctx: typer.Context,
     since: Annotated[str | None, typer.Option(help="Events recorded from this time.")] = None,
     ledger: LedgerDatabase = None,
 ) -> None:
     """Write every recorded event to stdout as CloudEvents JSON lines."""
-    store = _local(ledger)
+    start = parse_when(since, field="since") if since else None  # refused before it opens
+    store = _local(ledger, ctx)
+    if store is None:  # nothing recorded yet: no line
+        return
     try:
-        store.export_jsonl(sys.stdout, since=parse_when(since, field="since") if since else None)
+        store.export_jsonl(sys.stdout, since=start)
     finally:
         store.close()
 
 
 @ledger_app.command("prune")
 def prune(
+    ctx: typer.Context,
     days: Annotated[
         int | None,
         typer.Option(min=0, help="Keep this many days (0: forever); default: the setting."),
@@ -518,7 +563,10 @@ def prune(
         # Named as the user gave it: the option, or the setting (whose value is never shown).
         named = f"--days: {keep}" if days is not None else "IMAGEGEN_LEDGER_RETENTION_DAYS"
         raise InvalidRequest(f"{named} is too many days: no date is that far back") from None
-    store = _local(ledger)
+    store = _local(ledger, ctx)
+    if store is None:
+        out.print("no generation recorded yet: nothing pruned")
+        return
     try:
         deleted = store.prune(timedelta(days=keep))
     finally:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from imagegen.cli._app import AsJson, app, err, out, settings_from
+from imagegen.cli._app import AsJson, app, err, markup, out, settings_from
 
 __all__ = ["list_models", "models_app", "pull"]
 
@@ -85,7 +85,6 @@ def list_models(as_json: AsJson = False) -> None:
         typer.echo(json.dumps(rows, indent=2))
         return
     from rich import box
-    from rich.markup import escape
     from rich.table import Column, Table
 
     # The id is what a user types: whole, never cut to the terminal's width (the other
@@ -103,10 +102,10 @@ def list_models(as_json: AsJson = False) -> None:
         revision = str(row["revision"] or "-")
         # As written: "FLUX.2 [klein]" is no markup to rich.
         table.add_row(
-            escape(str(row["model"])),
-            escape(str(row["family"])),
+            markup(str(row["model"]), one_line=True),
+            markup(str(row["family"]), one_line=True),
             "yes" if row["served"] else "no",
-            escape(revision[:12] if _COMMIT.fullmatch(revision) else revision),
-            escape(str(row["licence"])),
+            markup(revision[:12] if _COMMIT.fullmatch(revision) else revision, one_line=True),
+            markup(str(row["licence"]), one_line=True),
         )
     out.print(table)

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 import typer
 
 from imagegen import stages
-from imagegen.cli._app import AsJson, app, err, out, run_async, settings_from
+from imagegen.cli._app import AsJson, app, err, markup, out, run_async, settings_from
 from imagegen.errors import DependencyUnavailable, ImageGenError, InvalidRequest
 from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED
 
@@ -23,7 +23,6 @@ def list_plugins(as_json: AsJson = False) -> None:
     """List the discovered prompt plugins and whether they are enabled."""
     import dataclasses
 
-    from rich.markup import escape
     from rich.table import Table
 
     from imagegen.plugins import PluginSet
@@ -61,10 +60,10 @@ def list_plugins(as_json: AsJson = False) -> None:
         elif row.get("error"):
             description = f"cannot be loaded: {row['error']}"
         table.add_row(
-            escape(str(row.get("name"))),
+            markup(str(row.get("name")), one_line=True),
             "yes" if row.get("enabled") else "no",
-            escape(description),
-            escape(str(row.get("source") or row.get("module") or "")),
+            markup(description, one_line=True),
+            markup(str(row.get("source") or row.get("module") or ""), one_line=True),
         )
     out.print(table)
 
@@ -190,6 +189,25 @@ def functions_dir() -> Path:
     raise InvalidRequest("functions/ not found; run from a checkout or set IMAGEGEN_FUNCTIONS_DIR")
 
 
+def _check_to(to: str) -> None:
+    """Refuse a ``--to`` that is no http(s) URL with a host before anything is sent: it is
+    bad input (exit 2), not a server that could not be reached."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(to)
+    except ValueError as exc:  # a bracketed host that is no IPv6 address
+        raise InvalidRequest(
+            f"--to: {to!r} is not a valid URL: {exc}",
+            errors=[{"field": "to", "message": "not a valid URL"}],
+        ) from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise InvalidRequest(
+            f"--to: {to!r} is not an http:// or https:// URL with a host",
+            errors=[{"field": "to", "message": "not an http:// or https:// URL with a host"}],
+        )
+
+
 @app.command()
 def send(
     event_type: Annotated[
@@ -225,15 +243,24 @@ def send(
         payload = json.loads(data)
     except ValueError as exc:
         raise InvalidRequest(f"--data is not valid JSON: {exc}") from None
+    _check_to(to)
     attributes = {"type": event_type, "source": source, "id": uuid.uuid4().hex}
     if subject:
         attributes["subject"] = subject
+    if mode == "binary":  # each attribute a header (ce-type, ...), of printable ASCII only
+        for name, value in (("TYPE", event_type), ("--source", source), ("--subject", subject)):
+            if value and not (value.isascii() and value.isprintable()):
+                raise InvalidRequest(
+                    f"{name}: in binary mode an attribute is a header: printable ASCII only"
+                    " (--mode structured sends it in the body)",
+                    errors=[{"field": name.lstrip("-").lower(), "message": "printable ASCII only"}],
+                )
     event = CloudEvent(attributes, payload)
     headers, body = (to_binary if mode == "binary" else to_structured)(event)
     try:
         reply = httpx.post(to, headers=headers, content=body, timeout=timeout)
-    # Neither is an HTTPError: the URL is wrong (a bad port, a host IDNA refuses), not the network.
-    except (httpx.InvalidURL, UnicodeError) as exc:
+    # None is an HTTPError: the URL is wrong (a bad port, a host IDNA refuses), not the network.
+    except (httpx.InvalidURL, httpx.UnsupportedProtocol, UnicodeError) as exc:
         raise InvalidRequest(
             f"--to: {to!r} is not a valid URL: {exc}",
             errors=[{"field": "to", "message": "not a valid URL"}],

@@ -16,7 +16,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from imagegen.errors import ConfigurationError, DependencyUnavailable, InternalError, first_line
+from imagegen.errors import (
+    ConfigurationError,
+    DependencyUnavailable,
+    InternalError,
+    NotFound,
+    first_line,
+)
 from imagegen.ledger._sql import JSON_COLUMNS, TIME_COLUMNS, SqlLedger, Unreadable
 from imagegen.ledger._text import storable
 
@@ -96,12 +102,15 @@ def _write_ahead(conn: sqlite3.Connection) -> None:
 
 
 class SqliteLedger(SqlLedger):
-    """The ledger in a SQLite file (created, with its folder, when missing).
+    """The ledger in a SQLite file (created, with its folder, when missing unless
+    ``must_exist``).
 
     Args:
         path: The database file; ``:memory:`` for a private in-memory ledger.
+        must_exist: the file is opened only if it is there: neither it nor its folder is made.
 
     Raises:
+        NotFound: ``must_exist``, and the file is not there.
         ConfigurationError: ``path`` cannot hold a ledger (a folder, a file that is no SQLite
             database, a file where a folder of its path should be).
         DependencyUnavailable: the file cannot be opened or migrated now (permissions, a full
@@ -110,10 +119,11 @@ class SqliteLedger(SqlLedger):
 
     dialect = "sqlite"
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, must_exist: bool = False) -> None:
         if str(path) != ":memory:":
             path = Path(path).expanduser()
         self.path = path
+        self._must_exist = must_exist
         self.where = str(path)
         self._lock = threading.RLock()
         try:
@@ -131,14 +141,27 @@ class SqliteLedger(SqlLedger):
 
     def _open(self) -> None:
         path = self.path
+        target: str | Path = path
         if isinstance(path, Path):
             if path.is_dir():
                 raise self._unusable("is a folder, not a file")
-            path.parent.mkdir(parents=True, exist_ok=True)
+            if self._must_exist:
+                try:
+                    path.stat()  # a file where a folder should be: NotADirectoryError
+                except FileNotFoundError:
+                    raise NotFound(f"ledger {path} does not exist") from None
+                # Read-write, never create: gone since, it is an error, not a new ledger.
+                target = f"{path.absolute().as_uri()}?mode=rw"
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
         # One connection shared by this process's threads, one statement at a time (the lock);
         # transactions are explicit, so autocommit mode (isolation_level=None).
         self._conn = sqlite3.connect(
-            path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            target,
+            timeout=_BUSY_TIMEOUT_S,
+            isolation_level=None,
+            check_same_thread=False,
+            uri=target is not path,
         )
         try:
             if isinstance(path, Path):

@@ -133,15 +133,18 @@ def ledger_path(url: str | None) -> Path | None:
     return None if path == ":memory:" else Path(path).expanduser()
 
 
-def open_ledger(url: str | None = None) -> Ledger:
+def open_ledger(url: str | None = None, *, must_exist: bool = False) -> Ledger:
     """Open (and migrate) the ledger ``url`` names.
 
     Args:
         url: ``postgresql://…`` (or ``postgres://…``), ``sqlite:///path``, a file path, or
             None for the laptop default (:func:`default_ledger_path`).
+        must_exist: a SQLite file that is not there is not made (nor its folders): what
+            only reads the ledger.
 
     Raises:
         InvalidRequest: an unsupported URL scheme.
+        NotFound: ``must_exist``, and the SQLite file is not there.
         DependencyUnavailable: the database cannot be reached.
     """
     if backend(url) == "postgres":
@@ -151,4 +154,4 @@ def open_ledger(url: str | None = None) -> Ledger:
         return PostgresLedger(url)
     from imagegen.ledger.sqlite import SqliteLedger
 
-    return SqliteLedger(ledger_path(url) or ":memory:")
+    return SqliteLedger(ledger_path(url) or ":memory:", must_exist=must_exist)

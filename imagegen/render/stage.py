@@ -372,16 +372,22 @@ class RenderStage:
             await claiming[0]
         else:  # a backend that never said its call began
             await stored_png.claim(self.storage, job, keys)
-        if not await self._store(keys, output.png, meta, create=True):
+        location = self.storage.location(keys.image)
+        if not await self.storage.create(keys.image, output.png, content_type=PNG, metadata=meta):
             # Another replica stored this generation first: its image and timings are the
             # answer, so both replies are the same event.
-            done = await self._stored(job, keys, fingerprint)
+            stored = await self.storage.head(keys.image)
+            done = stored_png.answer(job, stored, fingerprint, location)
             if done is not None:
                 log.info("another replica stored this image first", extra={"key": keys.image})
                 return done
-            # An object without our metadata is no finished image: replace it.
-            await self._store(keys, output.png, meta, create=False)
-        location = self.storage.location(keys.image)
+            # Never replaced here. create() refuses only a complete object: S3 stores an
+            # object and its metadata in one PutObject, and LocalStorage.create writes again an
+            # object found without its sidecar (an interrupted write), while a sidecar it cannot
+            # read fails the head above, retried. So what is there was not written by render
+            # (a copy by hand, another tool), and a put over it would race: two replicas that
+            # both found it would each store their own image and announce it.
+            raise stored_png.not_rendered(job, keys.image, gone=stored is None)
         return stored_png.rendered_image(
             job,
             keys.image,
@@ -398,15 +404,6 @@ class RenderStage:
         """The image stored for this generation, if any; refuses one made from another job."""
         stored = await self.storage.head(keys.image)
         return stored_png.answer(job, stored, fingerprint, self.storage.location(keys.image))
-
-    async def _store(
-        self, keys: GenerationKeys, png: bytes, metadata: dict[str, str], *, create: bool
-    ) -> bool:
-        """Write the PNG (``create``: only if absent); whether this call wrote it."""
-        if create:
-            return await self.storage.create(keys.image, png, content_type=PNG, metadata=metadata)
-        await self.storage.put(keys.image, png, content_type=PNG, metadata=metadata)
-        return True
 
     async def _render(
         self,

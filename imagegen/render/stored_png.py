@@ -12,7 +12,7 @@ import json
 import math
 from datetime import UTC, datetime
 
-from imagegen.errors import InvalidRequest, NotFound
+from imagegen.errors import DependencyUnavailable, ImageGenError, InvalidRequest, NotFound
 from imagegen.models import EnhancedPrompt, RenderedImage
 from imagegen.storage.base import GenerationKeys, Storage, StoredObject
 
@@ -95,6 +95,29 @@ def answer(
         sha256=stored.metadata["sha256"],
         stage_timings=timings(stored),
         at=rendered_at(stored),
+    )
+
+
+def not_rendered(job: EnhancedPrompt, key: str, *, gone: bool) -> ImageGenError:
+    """The error for a refused store of ``job``'s PNG under ``key`` where :func:`answer` found
+    no finished image: an object render did not write, or (``gone``) none at all.
+
+    Not retried when the object is not render's: no delivery of the job can store its image
+    while it is there, and none may replace it (see the caller). The error names the key; once
+    an operator has removed the object, the dead-lettered event can be sent again. One that
+    was gone by the time it was read was removed meanwhile: the key is free, and a retry
+    stores the image.
+    """
+    if gone:
+        return DependencyUnavailable(
+            f"the object at {key!r} was removed while generation {job.generation_id!r} was"
+            " being stored: retry",
+            retry_after=1,
+        )
+    return InvalidRequest(
+        f"an object render did not write is stored at {key!r}, the image key of generation"
+        f" {job.generation_id!r}: remove it, then send the event again",
+        errors=[{"field": "generation_id", "message": f"its image key {key} holds another object"}],
     )
 
 

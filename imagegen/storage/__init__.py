@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
-from imagegen._redact import redact_url
 from imagegen.errors import ConfigurationError
 from imagegen.storage.base import (
     GenerationKeys,
@@ -49,27 +48,29 @@ def open_storage(settings: Settings) -> Storage:
 
     Raises:
         ConfigurationError: naming ``storage_url`` (or the ``s3_*`` field at fault) when the
-            configuration cannot work.
+            configuration cannot work; a URL that names no storage is said by its variable
+            (``IMAGEGEN_STORAGE_URL``), never shown.
     """
     url = settings.storage_url.strip()
     scheme = urlsplit(url).scheme if "://" in url else ""
     if scheme == "":
         if not url:
-            raise _invalid(url, "empty")
+            raise _invalid("empty")
         if re.match(r"(?i)(s3|gs|file|https?):", url):  # "s3:bucket": a URL short of its //
-            raise _invalid(url, "a URL needs its // (s3://bucket/prefix, file:///path)")
+            raise _invalid("a URL needs its // (s3://bucket/prefix, file:///path)")
         return LocalStorage(Path(url))
     if scheme == "file":
         parts = urlsplit(url)
         if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
-            raise _invalid(url, "expected file:///absolute/path")
+            raise _invalid("expected file:///absolute/path")
         return LocalStorage(Path(unquote(parts.path)))
     if scheme == "s3":
         from imagegen.storage.s3 import S3Storage
 
         return S3Storage.from_url(url, s3_options_from_settings(settings))
-    hint = " (Google Cloud Storage: s3://bucket with s3_preset=gcs)" if scheme == "gs" else ""
-    raise _invalid(url, f"unsupported scheme {scheme!r}; use a path, file:// or s3://{hint}")
+    gcs = f" (Google Cloud Storage: s3://bucket with {_variable('s3_preset')}=gcs)"
+    hint = gcs if scheme == "gs" else ""
+    raise _invalid(f"unsupported scheme {scheme!r}; use a path, file:// or s3://{hint}")
 
 
 def __getattr__(name: str) -> object:
@@ -81,8 +82,16 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _invalid(url: str, message: str) -> ConfigurationError:
+def _variable(field: str) -> str:
+    from imagegen.settings import Settings
+
+    return Settings.variable(field)
+
+
+def _invalid(message: str) -> ConfigurationError:
+    # Named by its variable, never shown: a URL may carry a key (redacted or not, its
+    # remainder can still be a bucket or a path nobody meant to publish in a log).
     return ConfigurationError(
-        f"invalid storage_url {redact_url(url)!r}: {message}",
+        f"invalid {_variable('storage_url')}: {message}",
         errors=[{"field": "storage_url", "message": message}],
     )

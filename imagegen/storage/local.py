@@ -30,6 +30,12 @@ says (the prompt memo, the metadata record, the derivatives), writes the object 
 and one flush, and :meth:`~LocalStorage.head` reads the same content type from the name. What a
 name says of the names imagegen writes (``.png``, ``.json``, ``.webp``, ``.avif``) is fixed
 here, the same on every host; of any other, the host's MIME types say it.
+
+Only a missing sidecar means an object has no metadata. One that is there but cannot be read
+(EIO, EMFILE, ESTALE, EACCES) fails the read as any read error does, retryably, and one that
+does not parse is corrupt (a 503 too, as :func:`imagegen.persist.corrupt_record`): taken for
+"no metadata", a passing fault would make a finished image look unfinished, so that persist
+failed its generation for good and render stored a second image under the first one's reply.
 """
 
 from __future__ import annotations
@@ -120,6 +126,18 @@ class LocalStorage(ObjectStore):
         """Raise DependencyUnavailable unless the root can be created and written to."""
         try:
             await asyncio.to_thread(self._probe)
+        except (FileExistsError, NotADirectoryError) as exc:
+            # mkdir's "File exists" of the root, "Not a directory" of a folder above it.
+            file = next(
+                (p for p in (self.root, *self.root.parents) if p.exists()),
+                None,
+            )
+            if file is None or file.is_dir():
+                raise self._unavailable("cannot write to", exc) from exc
+            raise DependencyUnavailable(
+                f"local storage: cannot write to {str(self.root)!r}: {str(file)!r} is a file,"
+                " not a directory"
+            ) from exc
         except OSError as exc:
             raise self._unavailable("cannot write to", exc) from exc
 
@@ -317,17 +335,44 @@ def _guessed_type(path: Path) -> str:
 
 
 def _read_sidecar(path: Path) -> tuple[str, dict[str, str]]:
+    """The content type and user metadata of the object at ``path``, from its sidecar.
+
+    Raises:
+        OSError: the sidecar is there but cannot be read (EIO, EMFILE, ESTALE, EACCES...):
+            :meth:`LocalStorage.head` answers it retryable, as an S3 read error is. Taken for
+            "no metadata" it would make persist fail the generation for good (an event compared
+            with empty metadata) and render, on a redelivery, store a second image.
+        DependencyUnavailable: the sidecar does not parse (:func:`_corrupt_sidecar`).
+    """
     guessed = _guessed_type(path)
+    sidecar = _sidecar(path)
     try:
-        record = json.loads(_sidecar(path).read_text())
-    except (OSError, ValueError):
-        # No sidecar (a file copied in by hand) or a damaged one: the object is still served.
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        # No sidecar: a file copied in by hand, a writer killed before it (create writes
+        # that object again), or an object whose name says all (no metadata).
         return guessed, {}
-    if not isinstance(record, dict):
-        return guessed, {}
-    content_type = record.get("content_type")
-    metadata = record.get("metadata")
-    return (
-        content_type if isinstance(content_type, str) else guessed,
-        {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {},
+    except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, bad UTF-8
+        raise _corrupt_sidecar(sidecar, f"not JSON: {type(exc).__name__}") from None
+    content_type = record.get("content_type") if isinstance(record, dict) else None
+    metadata = record.get("metadata") if isinstance(record, dict) else None
+    if not isinstance(content_type, str) or not isinstance(metadata, dict):
+        # The one shape _sidecar_record writes, both fields always.
+        raise _corrupt_sidecar(sidecar, "not a content type and a metadata object")
+    return content_type, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _corrupt_sidecar(sidecar: Path, why: str) -> DependencyUnavailable:
+    """The error for a sidecar that cannot be read, as for a corrupt stored record.
+
+    Sidecars are renamed into place whole and flushed first (:func:`_staged`), so one that does
+    not parse was damaged afterwards. Answered as :func:`imagegen.persist.corrupt_record`
+    answers a corrupt record, and for its reasons: a 503, retried, until an operator repairs or
+    removes it (removed, create writes the object again); not "no metadata", which would fail
+    the generation for good (persist) or store a second image (render), nor a 400 or a 500.
+    """
+    return DependencyUnavailable(
+        f"local storage: the sidecar {str(sidecar)!r} is corrupt ({why}): repair it, or"
+        " remove it with its object",
+        retry_after=60,
     )

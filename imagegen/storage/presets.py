@@ -15,9 +15,14 @@ before RELEASE.2023-05-18T00-05-36Z answer 411 MissingContentLength (minio/minio
 Why ``create_if_absent``: a first-writer-wins upload is ``If-None-Match: *`` on AWS S3, R2 and
 MinIO, but GCS's XML API applies ``If-None-Match`` to reads only; its upload precondition is
 ``x-goog-if-generation-match: 0`` ("no live object"), answered 412 like S3's. See
-https://cloud.google.com/storage/docs/request-preconditions. So an endpoint on GCS's own host
-is refused under another preset, whose precondition GCS would ignore (two writers of a key would
-both win), and one on R2's under any preset but ``r2``, ``gcs``'s precondition included.
+https://cloud.google.com/storage/docs/request-preconditions. So an endpoint on a Google APIs
+host (any ``*.googleapis.com``: ``storage.googleapis.com``, a regional
+``storage.<region>.rep.googleapis.com``, a Private Service Connect endpoint
+``storage-<endpoint>.p.googleapis.com``) is refused under another preset, whose precondition GCS
+would ignore (two writers of a key would both win), and one on R2's under any preset but ``r2``,
+``gcs``'s precondition included. A host these rules do not know (a proxy, a private DNS name)
+is caught by the storage itself, which checks that the store refuses a second conditional
+upload before its first create (:meth:`imagegen.storage.s3.S3Storage.check`).
 """
 
 from __future__ import annotations
@@ -104,9 +109,13 @@ _ENDPOINT_EXAMPLES = {
     "minio": "http://minio.<namespace>.svc:9000",
 }
 # Hosts that are one provider's, a subdomain included (bucket.storage.googleapis.com,
-# <account-id>.eu.r2.cloudflarestorage.com), with the preset each needs.
+# <account-id>.eu.r2.cloudflarestorage.com), with the preset each needs. Every googleapis.com
+# host is Google's, and of its APIs only Cloud Storage's XML API speaks S3: Private Service
+# Connect endpoints are named storage-<endpoint>.p.googleapis.com
+# (https://cloud.google.com/vpc/docs/about-accessing-google-apis-endpoints), regional ones
+# storage.<region>.rep.googleapis.com (https://cloud.google.com/storage/docs/regional-endpoints).
 _PROVIDER_HOSTS = {
-    "storage.googleapis.com": ("gcs", "Google Cloud Storage"),
+    "googleapis.com": ("gcs", "Google Cloud Storage"),
     "r2.cloudflarestorage.com": ("r2", "Cloudflare R2"),
 }
 # What each upload precondition is on the wire. GCS applies If-None-Match to reads only
@@ -134,22 +143,26 @@ def s3_options(
             endpoint and got none (``s3_endpoint_url``), an endpoint of GCS or R2 under
             another provider's preset (``s3_preset``), or half a key pair.
     """
-    name = preset or "aws"
+    from imagegen.settings import Settings
+
+    name, variable = preset or "aws", Settings.variable
     if name not in PRESETS:
         raise ConfigurationError(
-            f"unknown S3 preset {name!r}",
+            f"unknown S3 preset {name!r} in {variable('s3_preset')}",
             errors=[{"field": "s3_preset", "message": f"one of {', '.join(PRESETS)}"}],
         )
     if name in _ENDPOINT_EXAMPLES and not endpoint_url:
         raise ConfigurationError(
-            f"the {name} preset needs s3_endpoint_url, e.g. {_ENDPOINT_EXAMPLES[name]}",
+            f"the {name} preset needs {variable('s3_endpoint_url')},"
+            f" e.g. {_ENDPOINT_EXAMPLES[name]}",
             errors=[{"field": "s3_endpoint_url", "message": f"required by the {name} preset"}],
         )
     _check_provider(name, endpoint_url)
     if (access_key_id is None) != (secret_access_key is None):
         missing = "s3_secret_access_key" if secret_access_key is None else "s3_access_key_id"
         raise ConfigurationError(
-            "s3_access_key_id and s3_secret_access_key are set together or not at all",
+            f"{variable('s3_access_key_id')} and {variable('s3_secret_access_key')} are set"
+            " together or not at all",
             errors=[{"field": missing, "message": "missing while its pair is set"}],
         )
     base = PRESETS[name]
@@ -172,7 +185,10 @@ def _check_provider(preset: str, endpoint_url: str | None) -> None:
     for domain, (wanted, provider) in _PROVIDER_HOSTS.items():
         if preset == wanted or not (host == domain or host.endswith(f".{domain}")):
             continue
-        message = f"s3_endpoint_url {host} is {provider}: set s3_preset={wanted}"
+        from imagegen.settings import Settings
+
+        endpoint, chosen = Settings.variable("s3_endpoint_url"), Settings.variable("s3_preset")
+        message = f"{endpoint} {host} is {provider}: set {chosen}={wanted}"
         condition = PRESETS[preset].create_if_absent
         if condition != PRESETS[wanted].create_if_absent:
             message += (

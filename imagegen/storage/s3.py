@@ -8,7 +8,10 @@ backoff are botocore's own (standard mode); what is still failing afterwards is 
 * a missing bucket or refused credentials: :class:`DependencyUnavailable` with a message that
   says so, as a deployment can be fixed without changing the request;
 * a missing object: :class:`NotFound` from ``get``, None from ``head``;
-* a failed upload precondition (412, another writer won): False from ``create``.
+* a failed upload precondition (412, another writer won): False from ``create``;
+* a store that ignores the upload precondition (MinIO before RELEASE.2024-05-07T06-41-25Z,
+  GCS under a preset other than ``gcs``): :class:`ConfigurationError`, from the first
+  ``create`` (or :meth:`S3Storage.check`), before anything of a generation is written.
 
 Messages name the bucket and the error code, never a credential.
 """
@@ -32,7 +35,6 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 
-from imagegen._redact import redact_url
 from imagegen.errors import (
     ConfigurationError,
     DependencyUnavailable,
@@ -43,7 +45,7 @@ from imagegen.errors import (
 )
 from imagegen.storage._s3_client import make_client
 from imagegen.storage.base import ObjectStore, StoredObject, validate_key
-from imagegen.storage.presets import S3Options
+from imagegen.storage.presets import _PRECONDITION_HEADERS, S3Options
 
 __all__ = ["S3Storage"]
 
@@ -74,6 +76,13 @@ _MISSING = {"NoSuchKey", "NotFound", "404"}
 # A key no object has, read by check(): a valid key (storage.keys) that no generation writes.
 _PROBE_KEY = "imagegen-check/absent"
 _PRECONDITION_FAILED = {"PreconditionFailed", "412"}
+# Written only with the upload precondition, to see that the store honours it
+# (S3Storage._check_conditional_writes); under the prefix of _PROBE_KEY, never a generation's.
+_CONDITIONS_PROBE_KEY = "imagegen-check/create-if-absent"
+_CONDITIONS_PROBE_BODY = (
+    b"Written by imagegen, only if absent, to check that this store refuses an upload over an"
+    b" existing object when asked to (docs/storage.md#first-writer-wins).\n"
+)
 # AWS answers 409 while another conditional write of the key is in flight: "retry the upload".
 _CONFLICT_RETRIES = 5
 # GCS's XML API answers user metadata as x-goog-meta-*, which boto3 leaves out of Metadata.
@@ -97,6 +106,9 @@ class S3Storage(ObjectStore):
         self.prefix = _check_prefix(prefix, field="prefix")
         self.options = options or S3Options()
         self._client = make_client(self.options)
+        # Once shown, per storage; a store found to ignore it is asked again next time (it
+        # may be upgraded meanwhile, and the error is retried).
+        self._conditions_honoured = False
 
     @classmethod
     def from_url(cls, url: str, options: S3Options | None = None) -> S3Storage:
@@ -113,12 +125,13 @@ class S3Storage(ObjectStore):
             or "@" in parts.netloc
             or ":" in parts.netloc
         ):
-            raise _bad_url(url, "expected s3://bucket[/prefix]")
-        return cls(
-            _check_bucket(parts.netloc, field="storage_url"),
-            _check_prefix(parts.path, field="storage_url"),
-            options,
-        )
+            raise _bad_url("expected s3://bucket[/prefix]")
+        try:
+            bucket = _check_bucket(parts.netloc, field="storage_url")
+            prefix = _check_prefix(parts.path, field="storage_url")
+        except ConfigurationError as exc:  # said of the setting, not of the part shown
+            raise _bad_url(exc.errors[0]["message"]) from None
+        return cls(bucket, prefix, options)
 
     def __repr__(self) -> str:
         preset = self.options.preset
@@ -139,8 +152,16 @@ class S3Storage(ObjectStore):
     ) -> bool:
         """One conditional PUT (``If-None-Match: *``, or GCS's generation precondition, see
         :mod:`~imagegen.storage.presets`): the store decides atomically, and a 412 means an
-        earlier writer won.
+        earlier writer won. The first one of a storage is preceded by the check that the store
+        honours the precondition (:meth:`_check_conditional_writes`).
         """
+        await self._check_conditional_writes()
+        return await self._create(key, data, content_type, metadata)
+
+    async def _create(
+        self, key: str, data: bytes, content_type: str, metadata: dict[str, str]
+    ) -> bool:
+        """The conditional PUT of :meth:`_store_new`; True when it wrote, False on a 412."""
         upload = self._upload(key, data, content_type, metadata, IfNoneMatch="*")
         for attempt in range(_CONFLICT_RETRIES):
             try:
@@ -201,7 +222,9 @@ class S3Storage(ObjectStore):
         return f"s3://{self.bucket}/{self._object_key(key)}"
 
     async def check(self) -> None:
-        """Raise DependencyUnavailable unless the bucket exists and the credentials may use it.
+        """Raise DependencyUnavailable unless the bucket exists and the credentials may use it,
+        ConfigurationError unless the store honours conditional writes
+        (:meth:`_check_conditional_writes`, which costs one or two uploads, once).
 
         HeadBucket needs ``s3:ListBucket`` (docs.aws.amazon.com/AmazonS3/latest/API/
         API_HeadBucket.html), as imagegen does: it reads keys that may not exist yet, and S3
@@ -221,6 +244,54 @@ class S3Storage(ObjectStore):
             refusal = await self._refusal(denied)
             if refusal is not None:
                 raise refusal from None
+        # What the first create would ask, asked here: `imagegen doctor` says it before a
+        # generation does. Function start-up does not call check() on object storage.
+        await self._check_conditional_writes()
+
+    async def _check_conditional_writes(self) -> None:
+        """Raise ConfigurationError unless the store refuses an upload over an existing object
+        when the upload says so; asked once per storage.
+
+        A store may take the precondition and ignore it: MinIO before RELEASE.2024-05-07T06-41-
+        25Z (minio/minio#19682) compares ``*`` with the ETag and overwrites; GCS's XML API
+        applies ``If-None-Match`` to reads only (cloud.google.com/storage/docs/request-
+        preconditions), which is why the ``gcs`` preset sends ``x-goog-if-generation-match: 0``,
+        and an endpoint the presets do not know as GCS's gets another preset. Every create would
+        then say True to every writer: two images, two replies. Nothing in one answer tells, so
+        the probe key is created with the precondition until a create is refused (412): once,
+        where an earlier probe left it, else twice. A store that ignores the precondition never
+        answers 412. The key stays: it is one small object, written once ever, and deleting it
+        would need s3:DeleteObject, which imagegen's credentials need not have
+        (docs/storage.md#permissions).
+
+        Raises:
+            ConfigurationError: naming ``s3_preset``, when both creates were answered as done.
+            DependencyUnavailable: the store could not be asked (as for any create).
+        """
+        if self._conditions_honoured:
+            return
+        for _ in range(2):
+            created = await self._create(
+                _CONDITIONS_PROBE_KEY, _CONDITIONS_PROBE_BODY, "text/plain", {}
+            )
+            if not created:
+                self._conditions_honoured = True
+                return
+        raise self._conditions_ignored()
+
+    def _conditions_ignored(self) -> ConfigurationError:
+        from imagegen.settings import Settings
+
+        variable = Settings.variable("s3_preset")
+        header = _PRECONDITION_HEADERS[self.options.create_if_absent]
+        where = f" at {self.options.endpoint_url}" if self.options.endpoint_url else ""
+        return ConfigurationError(
+            f"S3 bucket {self.bucket!r}{where} does not honour conditional writes: an upload"
+            f" with {header} replaced an existing object, so two writers of a key would both"
+            f" win. Run MinIO RELEASE.2024-05-07T06-41-25Z or later; for Google Cloud Storage,"
+            f" set {variable}=gcs (docs/storage.md#first-writer-wins)",
+            errors=[{"field": "s3_preset", "message": f"the store ignores {header} on uploads"}],
+        )
 
     async def _refusal(self, denied: _Denied) -> DependencyUnavailable | None:
         """What a refused HeadBucket (``denied``) refused: the listing, the credentials, or
@@ -441,8 +512,10 @@ def _check_prefix(prefix: str, *, field: str) -> str:
         ) from None
 
 
-def _bad_url(url: str, message: str) -> ConfigurationError:
+def _bad_url(message: str) -> ConfigurationError:
+    from imagegen.settings import Settings
+
     return ConfigurationError(
-        f"invalid storage_url {redact_url(url)!r}: {message}",
+        f"invalid {Settings.variable('storage_url')}: {message}",
         errors=[{"field": "storage_url", "message": message}],
     )

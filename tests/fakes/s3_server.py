@@ -27,6 +27,16 @@ It can refuse the credentials in use as AWS does, wholly or the bucket's listing
 API_GetObject.html and API_HeadObject.html: without it, a key that does not exist is a 403
 AccessDenied, not a 404; a HEAD's error has no body, only its status.)
 
+It can ignore the upload precondition as some stores do, taking it and overwriting the object::
+
+    s3.ignores_conditions = True             # If-None-Match and x-goog-if-generation-match
+                                             # dropped from every PUT before moto sees it
+
+(MinIO before RELEASE.2024-05-07T06-41-25Z compares ``If-None-Match: *`` with the object's ETag
+and overwrites, minio/minio#19682; GCS's XML API applies ``If-None-Match`` to reads only,
+https://cloud.google.com/storage/docs/request-preconditions, so under a preset other than
+``gcs`` its uploads overwrite too.)
+
 It can hold uploads back until several have arrived, so that writers race for certain::
 
     s3.gate(".png", 2)                       # the first PUT of a *.png waits for a second
@@ -96,6 +106,8 @@ class S3Server(Running):
         self.gcs_metadata = gcs_metadata
         # What the credentials in use are refused (see the module's docstring); settable any time.
         self.denied: Literal["credentials", "listing"] | None = None
+        # Drop the upload preconditions (see the module's docstring); settable any time.
+        self.ignores_conditions = False
         self._moto: ThreadedMotoServer | None = None
         self._proxy: LoopbackServer | None = None
         self._port = 0
@@ -184,8 +196,10 @@ class S3Server(Running):
             self._stop_proxy()
 
     def up(self) -> None:
-        """End any outage, and any refusal of the credentials (:attr:`denied`)."""
+        """End any outage, any refusal of the credentials (:attr:`denied`), and any ignoring
+        of the upload preconditions (:attr:`ignores_conditions`)."""
         self.denied = None
+        self.ignores_conditions = False
         with self._lock:
             self._fail_status, self._fail_count, self._fail_code = None, None, None
         self._hang.clear()
@@ -327,6 +341,10 @@ def _handler(server: S3Server) -> type[BaseHTTPRequestHandler]:
             return self.rfile.read(length) if length else b""
 
         def _forward(self, body: bytes) -> None:
+            if server.ignores_conditions and self.command == "PUT":
+                # Taken and ignored: the object is written over, answered 200 as any upload.
+                del self.headers["If-None-Match"]
+                del self.headers["x-goog-if-generation-match"]
             headers = {name.lower(): value for name, value in self.headers.items()}
             if headers.get("x-goog-if-generation-match") == "0":
                 del self.headers["x-goog-if-generation-match"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import mimetypes
 import os
@@ -11,6 +12,7 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -321,6 +323,70 @@ async def test_create_rewrites_an_object_left_without_its_sidecar(local: LocalSt
     assert not await local.create(KEYS.image, OLD, content_type="image/png")
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.EMFILE, "Too many open files"),
+        OSError(errno.EIO, "Input/output error"),
+        OSError(errno.ESTALE, "Stale file handle"),
+        PermissionError(errno.EACCES, "Permission denied"),
+    ],
+    ids=["EMFILE", "EIO", "ESTALE", "EACCES"],
+)
+async def test_a_sidecar_that_cannot_be_read_is_an_error_to_retry_not_no_metadata(
+    local: LocalStorage, monkeypatch: pytest.MonkeyPatch, error: OSError
+) -> None:
+    """Read as "no metadata", a passing fault would make a finished image look unfinished:
+    persist would fail its generation for good, render store a second image."""
+    await local.put(KEYS.image, b"png", content_type="image/png", metadata={"sha256": "x"})
+    read_text = Path.read_text
+
+    def failing(self: Path, *args: Any, **kwargs: Any) -> str:
+        if self.name.endswith(".meta"):
+            raise type(error)(error.errno, error.strerror, str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", failing)
+    with pytest.raises(DependencyUnavailable) as raised:
+        await local.head(KEYS.image)
+    monkeypatch.undo()
+
+    assert raised.value.retryable and raised.value.status == 503
+    assert error.strerror in raised.value.message
+    assert ".gen-0003.png.meta" in raised.value.message  # the file that failed
+    head = await local.head(KEYS.image)  # the fault passed: the metadata is there
+    assert head is not None and head.metadata == {"sha256": "x"}
+
+
+@pytest.mark.parametrize(
+    "sidecar",
+    [
+        b'{"content_type": "image/png", "metadata": {"sha2',  # cut short
+        b"\xff\xfe not UTF-8",
+        b"[]",
+        b'{"content_type": "image/png"}',
+        b'{"content_type": 1, "metadata": {}}',
+    ],
+    ids=["cut-short", "not-utf8", "not-an-object", "no-metadata", "content-type-not-text"],
+)
+async def test_a_sidecar_that_does_not_parse_is_corrupt_as_a_stored_record_is(
+    local: LocalStorage, sidecar: bytes
+) -> None:
+    """Answered as imagegen.persist.corrupt_record answers a corrupt record: a 503 naming it,
+    retried until an operator repairs it; create does not write over it either."""
+    await local.put(KEYS.image, b"png", content_type="image/png", metadata={"sha256": "x"})
+    (local.root / "2026/05/01/.gen-0003.png.meta").write_bytes(sidecar)
+
+    with pytest.raises(DependencyUnavailable) as raised:
+        await local.head(KEYS.image)
+
+    assert raised.value.retryable and raised.value.retry_after == 60
+    assert "2026/05/01/.gen-0003.png.meta" in raised.value.message
+    assert "corrupt" in raised.value.message
+    assert not await local.create(KEYS.image, NEW, content_type="image/png", metadata={"v": "1"})
+    assert await local.get(KEYS.image) == b"png"
+
+
 # 3. Keys that would leave the root
 
 
@@ -378,3 +444,17 @@ async def test_check_fails_when_root_cannot_be_created(tmp_path: Path) -> None:
     assert str(storage.root) in error.value.message
     with pytest.raises(DependencyUnavailable):
         await storage.put("a.png", b"png", content_type="image/png")
+
+
+@pytest.mark.parametrize("root", ["afile", "afile/sub/dir"])
+async def test_a_root_that_is_a_file_or_under_one_is_said_to_be_a_file(
+    tmp_path: Path, root: str
+) -> None:
+    """Not mkdir's "File exists" (or "Not a directory"): which path is a file."""
+    (tmp_path / "afile").write_text("not a directory")
+    with pytest.raises(DependencyUnavailable) as error:
+        await LocalStorage(tmp_path / root).check()
+    assert error.value.message == (
+        f"local storage: cannot write to {str(tmp_path / root)!r}:"
+        f" {str(tmp_path / 'afile')!r} is a file, not a directory"
+    )

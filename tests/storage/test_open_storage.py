@@ -210,7 +210,7 @@ def test_preset_without_its_endpoint(preset: str) -> None:
     with pytest.raises(ConfigurationError) as error:
         open_storage(settings(storage_url="s3://bucket", s3_preset=preset))
     assert error.value.fields == ["s3_endpoint_url"]
-    assert "s3_endpoint_url" in error.value.message
+    assert "IMAGEGEN_S3_ENDPOINT_URL" in error.value.message
 
 
 @pytest.mark.parametrize(
@@ -226,6 +226,20 @@ def test_preset_without_its_endpoint(preset: str) -> None:
         ),
         (
             {"s3_preset": "r2", "s3_endpoint_url": "https://my-bucket.storage.googleapis.com"},
+            "gcs",
+            "If-None-Match: *",
+        ),
+        # Any googleapis.com host: a Private Service Connect endpoint
+        # (https://cloud.google.com/vpc/docs/about-accessing-google-apis-endpoints), a regional
+        # one (https://cloud.google.com/storage/docs/regional-endpoints).
+        (
+            {"s3_preset": "minio", "s3_endpoint_url": "https://storage-myep.p.googleapis.com"},
+            "gcs",
+            "If-None-Match: *",
+        ),
+        ({"s3_endpoint_url": "https://storage-myep.p.googleapis.com"}, "gcs", "If-None-Match: *"),
+        (
+            {"s3_endpoint_url": "https://storage.europe-west3.rep.googleapis.com"},
             "gcs",
             "If-None-Match: *",
         ),
@@ -249,7 +263,7 @@ def test_a_providers_endpoint_needs_its_preset(
     with pytest.raises(ConfigurationError) as error:
         open_storage(settings(storage_url="s3://bucket", **values))
     assert error.value.fields == ["s3_preset"]
-    assert f": set s3_preset={wanted}" in error.value.message
+    assert f": set IMAGEGEN_S3_PRESET={wanted}" in error.value.message
     if ignored is None:
         assert "both win" not in error.value.message
     else:
@@ -261,7 +275,7 @@ def test_a_providers_endpoint_needs_its_preset(
     "endpoint",
     [
         "https://storage.googleapis.com.example.net",
-        "https://notstorage.googleapis.com",
+        "https://notgoogleapis.com",
         "https://r2.cloudflarestorage.com.example.net",
     ],
 )
@@ -326,4 +340,21 @@ def test_credentials_in_a_url_are_not_echoed(url: str) -> None:
 def test_gs_url_points_at_the_preset() -> None:
     with pytest.raises(ConfigurationError) as error:
         open_storage(settings(storage_url="gs://bucket"))
-    assert "s3_preset=gcs" in error.value.message
+    assert "IMAGEGEN_S3_PRESET=gcs" in error.value.message  # as it is set
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("ftp://host/x", "unsupported scheme 'ftp'; use a path, file:// or s3://"),
+        ("s3://", "not a valid bucket name"),
+        ("s3://Bad_Bucket/x", "not a valid bucket name"),
+        ("s3://bucket/../x", "the prefix must be a safe relative path"),
+        ("s3://key:secret@bucket/x", "expected s3://bucket[/prefix]"),
+    ],
+)
+def test_an_invalid_url_is_named_by_its_variable_never_shown(url: str, why: str) -> None:
+    with pytest.raises(ConfigurationError) as error:
+        open_storage(settings(storage_url=url))
+    assert error.value.message == f"invalid IMAGEGEN_STORAGE_URL: {why}"
+    assert error.value.errors == [{"field": "storage_url", "message": why}]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -24,9 +25,15 @@ KEYS = GenerationKeys("gen-0002", datetime(2026, 5, 1, tzinfo=UTC))
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 4096
 SECRET = "very-secret-key-value-9f3a"
 KEY_ID = "AKIAEXAMPLEKEYID1234"
+PROBE_KEY = "imagegen-check/create-if-absent"
 
 # Headers of botocore's flexible checksums (header or aws-chunked trailer forms).
 CHECKSUM_HEADERS = ("x-amz-sdk-checksum-algorithm", "x-amz-trailer", "x-amz-decoded-content-length")
+
+
+def probe(request: RecordedRequest) -> bool:
+    """Whether ``request`` is the check of conditional writes a storage makes once."""
+    return f"/{PROBE_KEY}" in request.path
 
 
 def checksum_headers(request: RecordedRequest) -> dict[str, str]:
@@ -134,10 +141,11 @@ async def test_create_is_one_put_with_if_none_match(
     assert not await storage.create(KEYS.image, b"late", content_type="image/png")
 
     puts = [r for r in s3.requests if r.method == "PUT"]
+    # Before the first: the check that the store honours the precondition, with it too.
+    assert [probe(r) for r in puts] == [True, True, False, False]
     assert [(r.header("if-none-match"), r.header("x-goog-if-generation-match")) for r in puts] == [
-        ("*", None),
-        ("*", None),
-    ]
+        ("*", None)
+    ] * 4
     assert await storage.get(KEYS.image) == PNG
 
 
@@ -147,7 +155,7 @@ async def test_gcs_create_uses_the_generation_precondition(s3: S3Server, make_s3
     assert not await storage.create(KEYS.image, b"late", content_type="image/png")
     await storage.put(KEYS.thumbnail, PNG, content_type="image/png")
 
-    puts = [r for r in s3.requests if r.method == "PUT"]
+    puts = [r for r in s3.requests if r.method == "PUT" and not probe(r)]
     conditions = [(r.header("if-none-match"), r.header("x-goog-if-generation-match")) for r in puts]
     # GCS applies If-None-Match to reads only; a plain put carries no precondition at all.
     assert conditions == [(None, "0"), (None, "0"), (None, None)]
@@ -158,6 +166,8 @@ async def test_gcs_create_uses_the_generation_precondition(s3: S3Server, make_s3
 
 async def test_create_retries_a_conditional_conflict(s3: S3Server, make_s3: MakeS3) -> None:
     storage = make_s3()
+    await storage.check()  # the check of conditional writes, done
+    s3.clear()
     s3.down(status=409, count=2)
 
     assert await storage.create(KEYS.image, PNG, content_type="image/png")
@@ -178,7 +188,95 @@ async def test_r2_and_minio_presets_round_trip(s3: S3Server, make_s3: MakeS3) ->
         assert put.header("content-md5") and put.header("content-length") == str(len(PNG))
 
 
-# 3. Failures
+# 3. A store that ignores the upload precondition
+
+
+@pytest.mark.parametrize("preset", ["aws", "r2", "minio", "gcs"])
+async def test_a_store_that_honours_conditional_writes_is_checked_once(
+    s3: S3Server, bucket: str, make_s3: MakeS3, preset: str
+) -> None:
+    """moto honours If-None-Match: * on PutObject (moto/s3/responses.py, put_object), and the
+    proxy models GCS's x-goog-if-generation-match: 0 with it."""
+    storage = make_s3(preset)
+    assert await storage.create(KEYS.image, PNG, content_type="image/png")
+    assert await storage.create(KEYS.metadata, b"{}", content_type="application/json")
+
+    probes = [(r.method, probe(r)) for r in s3.requests]
+    # Created, then refused (412): proof enough, and never asked again by this storage.
+    assert probes == [("PUT", True), ("PUT", True), ("PUT", False), ("PUT", False)]
+    # The probe key stays, written once: nothing deletes (docs/storage.md#permissions).
+    assert s3.client().head_object(Bucket=bucket, Key=PROBE_KEY)["ContentType"] == "text/plain"
+    s3.clear()
+    again = make_s3(preset)  # another process: the key left by the first is refusal enough
+    assert not await again.create(KEYS.image, b"late", content_type="image/png")
+    assert [probe(r) for r in s3.requests] == [True, False]
+
+
+@pytest.mark.parametrize("preset", ["aws", "minio", "gcs"])
+async def test_a_store_that_ignores_conditional_writes_is_refused_before_the_first_create(
+    s3: S3Server, bucket: str, make_s3: MakeS3, preset: str
+) -> None:
+    """MinIO before RELEASE.2024-05-07T06-41-25Z (minio/minio#19682), or GCS behind a host
+    the presets do not know under the aws or minio preset: every create would be answered as
+    done, so two writers of a key would both win, two images and two replies."""
+    storage = make_s3(preset)
+    s3.ignores_conditions = True
+
+    with pytest.raises(ConfigurationError) as error:
+        await storage.create(KEYS.image, PNG, content_type="image/png")
+
+    assert error.value.retryable and error.value.fields == ["s3_preset"]
+    message = error.value.message
+    assert "does not honour conditional writes" in message
+    assert "IMAGEGEN_S3_PRESET=gcs" in message and "MinIO RELEASE.2024-05-07T06-41-25Z" in message
+    wire = "x-goog-if-generation-match: 0" if preset == "gcs" else "If-None-Match: *"
+    assert wire in message
+    # Nothing of the generation was written.
+    assert [probe(r) for r in s3.requests] == [True, True]
+    with pytest.raises(ConfigurationError):  # not cached: asked again, and refused again
+        await storage.check()
+    s3.ignores_conditions = False  # the store is upgraded: the next create goes through
+    assert await storage.create(KEYS.image, PNG, content_type="image/png")
+
+
+async def test_two_writers_on_a_store_that_ignores_conditional_writes_both_fail(
+    s3: S3Server, bucket: str, make_s3: MakeS3
+) -> None:
+    """The reviewer's case: two replicas racing on one key were both told they won."""
+    s3.ignores_conditions = True
+    first, second = make_s3("minio"), make_s3("minio")
+
+    results = await asyncio.gather(
+        first.create(KEYS.image, b"A", content_type="image/png"),
+        second.create(KEYS.image, b"B", content_type="image/png"),
+        return_exceptions=True,
+    )
+
+    assert [type(result) for result in results] == [ConfigurationError, ConfigurationError]
+    assert not [r for r in s3.requests if r.path.endswith(KEYS.image)]
+
+
+async def test_check_says_the_store_ignores_conditional_writes(
+    s3: S3Server, make_s3: MakeS3
+) -> None:
+    """What `imagegen doctor` calls: it says so before any generation is stored."""
+    s3.ignores_conditions = True
+    with pytest.raises(ConfigurationError) as error:
+        await make_s3("minio").check()
+    assert "IMAGEGEN_S3_PRESET" in error.value.message
+
+
+async def test_the_check_of_conditional_writes_fails_retryably_when_the_store_does(
+    s3: S3Server, make_s3: MakeS3
+) -> None:
+    storage = make_s3()
+    s3.down(status=503, count=1)
+    with pytest.raises(DependencyUnavailable):
+        await storage.create(KEYS.image, PNG, content_type="image/png")
+    assert await storage.create(KEYS.image, PNG, content_type="image/png")
+
+
+# 4. Failures
 
 
 async def test_storage_down_is_retryable_and_fast_then_recovers(
@@ -313,6 +411,8 @@ async def test_credentials_for_objects_only_pass_the_check(
     assert [(r.method, r.path.split("?")[0]) for r in s3.requests] == [
         ("HEAD", f"/{bucket}"),
         ("GET", f"/{bucket}/imagegen-check/absent"),
+        ("PUT", f"/{bucket}/{PROBE_KEY}"),  # conditional writes: created, then refused
+        ("PUT", f"/{bucket}/{PROBE_KEY}"),
     ]
 
 
@@ -451,7 +551,7 @@ async def test_no_credentials_at_all(s3: S3Server, bucket: str) -> None:
     assert s3.requests == []
 
 
-# 4. Tracing
+# 5. Tracing
 
 
 def test_botocore_is_instrumented_once(make_s3: MakeS3) -> None:
