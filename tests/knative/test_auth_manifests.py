@@ -13,6 +13,8 @@ from imagegen.auth import audience_for
 from imagegen.settings import Settings
 from tests.conftest import ROOT
 
+from .knative_pod import revision_pod
+
 KNATIVE = ROOT / "knative"
 FUNCTIONS = ("enhance", "render", "persist", "derive", "deadletter", "ledger")
 # Where each networking layer's gateway for cluster-local Services runs, i.e. the pods that
@@ -94,10 +96,19 @@ def test_only_knative_data_paths_may_connect_to_the_functions() -> None:
         docs = rendered(overlay)
         services = {s["metadata"]["name"] for s in functions(docs)}
         (policy,) = of_kind(docs, "NetworkPolicy")
-        (selector,) = policy["spec"]["podSelector"]["matchExpressions"]
-        # Knative labels every pod of a Service with serving.knative.dev/service.
-        assert selector["key"] == "serving.knative.dev/service" and selector["operator"] == "In"
-        assert set(selector["values"]) == services
+        selector = policy["spec"]["podSelector"]
+        # Every function's revision pods are selected, and no other pod of the namespace.
+        selected = {
+            s["metadata"]["name"]
+            for s in functions(docs)
+            if label_selector_matches(selector, revision_pod(s)["metadata"]["labels"])
+        }
+        assert selected == services
+        for doc in docs:
+            template = (doc.get("spec") or {}).get("template") or {}
+            if doc["kind"] in {"Job", "Deployment", "StatefulSet"}:
+                labels = (template.get("metadata") or {}).get("labels") or {}
+                assert not label_selector_matches(selector, labels), doc["metadata"]["name"]
         assert policy["spec"]["policyTypes"] == ["Ingress"]
         (rule,) = policy["spec"]["ingress"]
         assert "ports" not in rule  # queue-proxy's ports all belong to these paths
@@ -151,3 +162,70 @@ def test_prod_names_who_may_send_to_the_broker() -> None:
     assert senders <= names  # every referenced source exists in the overlay
     assert ("PingSource", "imagegen-dream") in senders
     assert ("SinkBinding", "imagegen-ledger-replays") in senders  # the ledger's replays
+
+
+def label_selector_matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a metav1.LabelSelector selects an object with these labels.
+
+    Kubernetes apimachinery pkg/apis/meta/v1/helpers.go LabelSelectorAsSelector: every
+    matchLabels pair is an ``=`` requirement, every matchExpression one of In, NotIn, Exists,
+    DoesNotExist; all must hold (pkg/labels/selector.go Requirement.Matches: NotIn and
+    DoesNotExist hold where the key is absent). An empty selector selects everything.
+    """
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expression in selector.get("matchExpressions") or []:
+        key, operator = expression["key"], expression["operator"]
+        values = set(expression.get("values") or [])
+        present = key in labels
+        if operator == "In" and not (present and labels[key] in values):
+            return False
+        if operator == "NotIn" and present and labels[key] in values:
+            return False
+        if operator == "Exists" and not present:
+            return False
+        if operator == "DoesNotExist" and present:
+            return False
+    return True
+
+
+def test_a_function_copied_under_another_name_is_still_behind_the_network_policy() -> None:
+    """docs/deploy.md, "Serving several models": a render Service copied for another model
+    must be selected without editing the policy, through the template label every function
+    carries; a Service whose template lost the label would not be, which the check above
+    catches for the shipped ones."""
+    for overlay in ("dev", "prod"):
+        docs = rendered(overlay)
+        (policy,) = of_kind(docs, "NetworkPolicy")
+        selector = policy["spec"]["podSelector"]
+        (render,) = [s for s in functions(docs) if s["metadata"]["name"] == "imagegen-render"]
+        copy = yaml.safe_load(yaml.safe_dump(render))
+        copy["metadata"]["name"] = "imagegen-render-flux1-schnell"
+        labels = revision_pod(copy)["metadata"]["labels"]
+        assert label_selector_matches(selector, labels), (overlay, selector)
+        # Every shipped function's pods carry what the policy selects on, from their template.
+        for service in functions(docs):
+            template_labels = service["spec"]["template"]["metadata"]["labels"]
+            for key, value in (selector.get("matchLabels") or {}).items():
+                assert template_labels.get(key) == value, service["metadata"]["name"]
+
+
+def test_label_selector_semantics() -> None:
+    selector = {
+        "matchLabels": {"a": "1"},
+        "matchExpressions": [{"key": "s", "operator": "Exists"}],
+    }
+    assert label_selector_matches(selector, {"a": "1", "s": "x"})
+    assert not label_selector_matches(selector, {"a": "1"})
+    assert not label_selector_matches(selector, {"a": "2", "s": "x"})
+    names = {"matchExpressions": [{"key": "s", "operator": "In", "values": ["x"]}]}
+    assert label_selector_matches(names, {"s": "x"})
+    assert not label_selector_matches(names, {"s": "y"})
+    assert label_selector_matches(
+        {"matchExpressions": [{"key": "s", "operator": "NotIn", "values": ["x"]}]}, {}
+    )
+    assert not label_selector_matches(
+        {"matchExpressions": [{"key": "s", "operator": "DoesNotExist"}]}, {"s": "x"}
+    )
+    assert label_selector_matches({}, {})

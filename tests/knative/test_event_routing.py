@@ -16,11 +16,13 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+import yaml
 
 from imagegen.events import MODEL_ATTRIBUTE
 
 from .conftest import OVERLAYS, REPO, service_settings
 from .cron import schedule_refusal
+from .manifest_schemas import CRD_DIR
 from .routing import PING_EVENT_TYPE, Routing
 
 Render = Callable[[str], list[dict[str, Any]]]
@@ -210,20 +212,39 @@ def test_every_service_is_cluster_local(render: Render, overlay: str) -> None:
             ]
 
 
+def _eventtype_storage_version() -> str:
+    """The apiVersion the EventType CRD stores (its version marked ``storage: true``)."""
+    for doc in yaml.safe_load_all((CRD_DIR / "eventing-eventtype.yaml").read_text()):
+        if doc and doc.get("kind") == "CustomResourceDefinition":
+            [version] = [v["name"] for v in doc["spec"]["versions"] if v.get("storage")]
+            return f"{doc['spec']['group']}/{version}"
+    raise AssertionError("no EventType CRD")
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_event_types_are_registered_with_their_schemas(render: Render, overlay: str) -> None:
     broker = Routing(render(overlay)).broker
+    # Written in the version the CRD stores: a v1beta3 object is converted to v1beta2 for
+    # storage (eventing pkg/apis/eventing/v1beta2/eventtype_conversion.go, ConvertFrom
+    # *v1beta3), which keeps only the type, source and schemadata attributes, so a v1beta3
+    # dataschema would be lost and every apply would change the object again.
+    stored = _eventtype_storage_version()
+    assert stored == "eventing.knative.dev/v1beta2"
     registered = {}
     for doc in render(overlay):
         if doc["kind"] != "EventType":
             continue
+        assert doc["apiVersion"] == stored, doc["metadata"]["name"]
         assert doc["spec"]["reference"] == {
             "apiVersion": "eventing.knative.dev/v1",
             "kind": "Broker",
             "name": broker,
         }
-        attributes = {a["name"]: a.get("value") for a in doc["spec"]["attributes"]}
-        registered[attributes["type"]] = attributes["dataschema"]
+        # v1beta2 EventTypeSpec.Validate (eventing pkg/apis/eventing/v1beta2/
+        # eventtype_validation.go): ErrMissingField("type") when spec.type is empty.
+        assert doc["spec"].get("type"), doc["metadata"]["name"]
+        assert doc["spec"].get("description"), doc["metadata"]["name"]
+        registered[doc["spec"]["type"]] = doc["spec"]["schema"]
     assert sorted(registered) == sorted(ALL_TYPES)
     for event_type, url in registered.items():
         name = event_type.removeprefix(PREFIX)

@@ -115,9 +115,9 @@ TYPOS: list[tuple[str, str, str, Callable[[dict[str, Any]], None], str]] = [
     (
         "EventType",
         "imagegen-image-rendered",
-        "attribute field",
-        lambda d: d["spec"]["attributes"][0].update(vaule="x"),
-        "vaule",
+        "spec field",
+        lambda d: d["spec"].update(dataschema="x"),
+        "dataschema",
     ),
     (
         "ConfigMap",
@@ -207,7 +207,7 @@ def test_every_knative_kind_used_has_a_served_schema() -> None:
         ("serving.knative.dev/v1", "Service"),
         ("eventing.knative.dev/v1", "Broker"),
         ("eventing.knative.dev/v1", "Trigger"),
-        ("eventing.knative.dev/v1beta3", "EventType"),
+        ("eventing.knative.dev/v1beta2", "EventType"),
         ("sources.knative.dev/v1", "PingSource"),
     ]:
         assert schema_for(api_version, kind)["type"] == "object"
