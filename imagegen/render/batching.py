@@ -5,9 +5,11 @@ oldest waiting job opens a batch, waits for compatible jobs (same :func:`batch_k
 window, counted from its arrival, is over, and the batch runs as one call with one generator
 per image. With a batch size of 1 every job runs alone, exactly as it would without a queue.
 
-The queue also measures what admission needs: how long a job takes (per image, at the batch
-sizes actually run), how long its call's outputs take to finish after the pipeline is done with
-them (the PNG encoding), and how many jobs are waiting or running.
+The queue also measures what admission needs: what a call costs for its work
+(:class:`CallCost`), how long its call's outputs take to finish after the pipeline is done with
+them (the PNG encoding), and how many jobs are waiting or running; and it tells how long the
+pipeline needs for a set of held jobs (:meth:`Batcher.backlog`), each batch key a call of its
+own.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import math
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +37,7 @@ __all__ = [
     "Batch",
     "BatchKey",
     "Batcher",
+    "CallCost",
     "batch_key",
     "work_of",
 ]
@@ -50,17 +54,75 @@ Float reductions depend on the batch shape, so batching moves a few values by on
 BATCHED_MIN_PSNR = 70.0
 """The least PSNR (dB) of a batched CPU render against the same job rendered alone."""
 
-# Weight of the newest measurement in the running estimate of seconds per job.
+# Weight of the newest measurement in the running estimate of the seconds after a call.
 _SMOOTHING = 0.3
+
+# Calls the cost of a call is fitted over: enough to average out noise, few enough to follow a
+# change (a recompiled shape, another LoRA set) within a few calls.
+_CALLS_FITTED = 16
 
 
 def work_of(job: EnhancedPrompt) -> int:
     """What ``job`` asks of the pipeline, relatively: its pixels times its steps.
 
-    A denoising step's cost grows with the latents it works on, so two jobs' times scale
-    with this about as their sizes and step counts do (the text encoder and the VAE aside).
+    A denoising step's cost grows with the latents it works on, so a call's time grows with
+    the work of its jobs together (pixels x steps x images) about as this does; what does not
+    grow with it is the call's overhead (:class:`CallCost`).
     """
     return job.width * job.height * job.steps
+
+
+class CallCost:
+    """Seconds a pipeline call takes for its work: ``overhead + rate x work``.
+
+    ``work`` is the :func:`work_of` of a call's jobs together. The line is fitted by least
+    squares over the last calls timed (a bounded window), so it scales down as well as up: a
+    small job after a large one costs the overhead and its own share, not the large job's
+    time, and a batch of images that costs little more than one image is taken to. While the
+    calls timed are all of one work (one call, say), the overhead cannot be told from the rate
+    and the time is taken in proportion to the work; the first call of another size fits both
+    (the warm-up with batching times two sizes: one image, then a full batch). A fit that
+    makes either part negative (noise between calls of close sizes) keeps the other alone.
+    """
+
+    def __init__(self, window: int = _CALLS_FITTED) -> None:
+        self._calls: deque[tuple[float, float]] = deque(maxlen=window)
+        self.overhead = 0.0
+        """Seconds of a call whatever its work (text encoding, VAE set-up, launch)."""
+        self.rate = 0.0
+        """Seconds per unit of work."""
+
+    @property
+    def timed(self) -> bool:
+        """Whether any call has been timed."""
+        return bool(self._calls)
+
+    def observe(self, work: float, seconds: float) -> None:
+        """Fold one call of ``work`` that took ``seconds`` into the fit."""
+        self._calls.append((work, seconds))
+        count = len(self._calls)
+        mean_work = sum(w for w, _ in self._calls) / count
+        mean_seconds = sum(t for _, t in self._calls) / count
+        spread = sum((w - mean_work) ** 2 for w, _ in self._calls)
+        if mean_work <= 0:
+            self.overhead, self.rate = mean_seconds, 0.0
+            return
+        if spread <= 0:  # one work only: in proportion
+            self.overhead, self.rate = 0.0, mean_seconds / mean_work
+            return
+        rate = sum((w - mean_work) * (t - mean_seconds) for w, t in self._calls) / spread
+        overhead = mean_seconds - rate * mean_work
+        if rate < 0:  # no measurable growth with the work: a constant
+            self.overhead, self.rate = mean_seconds, 0.0
+        elif overhead < 0:  # no measurable overhead: through the origin
+            squares = sum(w * w for w, _ in self._calls)
+            self.overhead, self.rate = 0.0, sum(w * t for w, t in self._calls) / squares
+        else:
+            self.overhead, self.rate = overhead, rate
+
+    def __call__(self, work: float) -> float:
+        """Seconds a call of ``work`` should take (meaningful once :attr:`timed`)."""
+        return self.overhead + self.rate * work
 
 
 def batch_key(job: EnhancedPrompt) -> BatchKey:
@@ -97,6 +159,10 @@ class _Waiting:
     """Part of a call: it runs to the end whatever happens to its request."""
     on_start: Callable[[], None] | None = None
     """Told when its call is formed (on the loop, so nothing can come between)."""
+    keep: bool = False
+    """Its output is wanted once its request has gone (a stored render, which the retry finds
+    in storage): its call runs to the end. Otherwise a call whose jobs' requests have all gone
+    stops at its next step's end."""
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once its call has ended, the PNG encoding included."""
 
@@ -143,10 +209,11 @@ class Batcher:
         self._closed = threading.Event()  # read at each step's end, in the pipeline's thread
         self.running = 0
         self.running_since: float | None = None
-        self.seconds_per_job: float | None = None
-        """Measured seconds a job takes, at the batch sizes run (None until one ran)."""
-        self.work_per_job: float | None = None
-        """The :func:`work_of` of the jobs those seconds were measured on, smoothed alike."""
+        self._in_call: list[_Waiting] = []  # the running call's jobs
+        self._finishing: set[_Waiting] = set()  # jobs whose call ended, outputs not delivered
+        self._stop: threading.Event | None = None  # set once the running call is not wanted
+        self.cost = CallCost()
+        """What a call costs for its work, fitted over the calls timed."""
         self.finish_seconds: float | None = None
         """Measured seconds from a call's end to its outputs, waiting for the encoding thread
         included: what each of its jobs still waits once the pipeline is free (None until one
@@ -157,9 +224,9 @@ class Batcher:
         encoding's threads end once their work is done.
 
         Only the end of the service closes the queue (a server never does: its started calls
-        run to the end, :meth:`submit`). What a call interrupted so made is dropped, nothing
-        of it stored, and its jobs' requests are cancelled; a process that exits then waits a
-        step for the pipeline's thread rather than the rest of the call.
+        run on while someone waits for them, :meth:`submit`). What a call interrupted so made
+        is dropped, nothing of it stored, and its jobs' requests are cancelled; a process that
+        exits then waits a step for the pipeline's thread rather than the rest of the call.
         """
         self._closed.set()
         self._pipeline.shutdown(wait=False)
@@ -170,29 +237,74 @@ class Batcher:
         """Jobs waiting or running."""
         return self.running + sum(1 for w in self._waiting if not w.future.done())
 
-    def observe(self, seconds: float, jobs: int, work: int | None = None) -> None:
-        """Fold one call's duration (and the :func:`work_of` of its jobs, all together) into the
-        estimate of seconds per job."""
-        self.seconds_per_job = _smoothed(self.seconds_per_job, seconds / max(1, jobs))
-        if work is not None:
-            self.work_per_job = _smoothed(self.work_per_job, work / max(1, jobs))
+    @property
+    def timed(self) -> bool:
+        """Whether a call has been timed: admission follows :meth:`backlog` from then on."""
+        return self.cost.timed
+
+    def observe(self, seconds: float, jobs: Sequence[EnhancedPrompt]) -> None:
+        """Fold one call of ``jobs`` that took ``seconds`` into :attr:`cost`."""
+        self.cost.observe(sum(work_of(job) for job in jobs), seconds)
 
     def observe_finish(self, seconds: float) -> None:
         """Fold the seconds from one call's end to its outputs into :attr:`finish_seconds`."""
         self.finish_seconds = _smoothed(self.finish_seconds, seconds)
 
-    def estimate(self, job: EnhancedPrompt) -> float | None:
-        """Seconds ``job`` should take: the measured seconds per job, scaled up by its work
-        against the work they were measured on (None until a call has been timed).
-
-        Never scaled down: a job's text encoding, VAE decode and call overhead do not shrink
-        with its pixels and steps, so after a large job a small one is not taken to be cheap.
-        """
-        if self.seconds_per_job is None:
+    def estimate(self, jobs: Sequence[EnhancedPrompt]) -> float | None:
+        """Seconds one call of ``jobs`` should take (None until a call has been timed)."""
+        if not self.cost.timed:
             return None
-        if not self.work_per_job:
-            return self.seconds_per_job
-        return self.seconds_per_job * max(1.0, work_of(job) / self.work_per_job)
+        return self.cost(sum(work_of(job) for job in jobs))
+
+    def pending(self, jobs: Iterable[EnhancedPrompt]) -> dict[BatchKey, list[EnhancedPrompt]]:
+        """Those of ``jobs`` that still need a call, by batch key: not in the running call,
+        nor in one that has ended (each job object counted once per time it is there)."""
+        done = Counter(id(w.job) for w in (*self._in_call, *self._finishing))
+        groups: dict[BatchKey, list[EnhancedPrompt]] = {}
+        for job in jobs:
+            if done[id(job)] > 0:
+                done[id(job)] -= 1
+                continue
+            groups.setdefault(batch_key(job), []).append(job)
+        return groups
+
+    def calls(self, jobs: Iterable[EnhancedPrompt]) -> int:
+        """The calls the pipeline runs before it is done with ``jobs``: the running one, and
+        for each batch key ``ceil(n / max_size)`` (jobs of different keys never share one)."""
+        groups = self.pending(jobs).values()
+        return bool(self._in_call) + sum(math.ceil(len(g) / self.max_size) for g in groups)
+
+    def backlog(self, jobs: Iterable[EnhancedPrompt]) -> float | None:
+        """Seconds until the pipeline is done with ``jobs`` (None until a call has been timed).
+
+        The running call costs its estimate, or its time so far if it has overrun that (a
+        new shape compiling, a stalled device: what it has taken, it may take again). The
+        jobs still waiting cost, per batch key, ``ceil(n / max_size)`` calls, each at
+        :attr:`cost` for its own number of jobs.
+        """
+        if not self.cost.timed:
+            return None
+        seconds = 0.0
+        if self._in_call:
+            estimate = self.cost(sum(work_of(w.job) for w in self._in_call))
+            seconds += max(estimate, self.running_for)
+        for group in self.pending(jobs).values():
+            full, rest = divmod(len(group), self.max_size)
+            work = work_of(group[0])
+            seconds += full * self.cost(self.max_size * work)
+            seconds += self.cost(rest * work) if rest else 0.0
+        return seconds
+
+    def joins(self, job: EnhancedPrompt, jobs: Iterable[EnhancedPrompt]) -> bool:
+        """Whether ``job`` would share a call with some of ``jobs`` still waiting."""
+        group = self.pending(jobs).get(batch_key(job), [])
+        return len(group) % self.max_size != 0
+
+    @property
+    def running_for(self) -> float:
+        """Seconds the running call has run so far (0 with none running)."""
+        since = self.running_since
+        return time.perf_counter() - since if since is not None else 0.0
 
     async def submit(
         self,
@@ -200,16 +312,18 @@ class Batcher:
         progress: ProgressCallback | None = None,
         *,
         on_start: Callable[[], None] | None = None,
+        keep: bool = False,
     ) -> RenderOutput:
         """Queue ``job`` and return its output once its batch has run.
 
         Cancelling the caller drops the job if its batch has not started (a batch window
-        whose jobs have all gone ends at once). A batch that has started runs to the end (a
-        thread cannot be stopped; only :meth:`close` stops it, at a step's end) and its other
-        jobs get their images; the cancelled caller
-        returns (raises) only once that call has ended, so what it holds around this, an
-        admission slot, stays held while the work runs. ``on_start`` is called when the job
-        joins a call: from then on cancelling its caller no longer spares any work.
+        whose jobs have all gone ends at once). A batch that has started runs on for its
+        other jobs, and to the end for a job to ``keep`` (a stored render: the retry finds
+        its image); once the requests of all its jobs have gone and none is to be kept, it
+        stops at its next step's end (a thread is stopped only there; :meth:`close` stops
+        every call so). The cancelled caller returns (raises) only once that call has ended,
+        so what it holds around this, an admission slot, stays held while the pipeline works
+        for it. ``on_start`` is called when the job joins a call.
         """
         waiting = _Waiting(
             job,
@@ -218,6 +332,7 @@ class Batcher:
             contextvars.copy_context(),
             self._clock(),
             on_start=on_start,
+            keep=keep,
         )
         self._waiting.append(waiting)
         self._changed.set()
@@ -228,6 +343,8 @@ class Batcher:
         except asyncio.CancelledError:
             if not waiting.taken:
                 self._changed.set()  # a window kept open for it alone ends now
+            elif self._stop is not None and waiting in self._in_call and self._unwanted():
+                self._stop.set()  # nobody waits for what the running call makes
             while waiting.taken and not waiting.ended.is_set():
                 with contextlib.suppress(asyncio.CancelledError):  # cancelled again: still held
                     await waiting.ended.wait()
@@ -254,6 +371,9 @@ class Batcher:
             if batch:
                 await self._run_batch(batch)
 
+    def _unwanted(self) -> bool:
+        return all(w.future.cancelled() and not w.keep for w in self._in_call)
+
     def _compatible(self, key: BatchKey) -> int:
         return sum(1 for w in self._waiting if not w.future.done() and batch_key(w.job) == key)
 
@@ -277,6 +397,7 @@ class Batcher:
         try:
             async with self._lock:
                 self.running, self.running_since = len(batch), time.perf_counter()
+                self._in_call = batch
                 try:
                     outcome = await self._call(batch)
                     calls: list[tuple[list[_Waiting], _Called | BaseException]]
@@ -291,7 +412,7 @@ class Batcher:
                             for w in batch
                         ]
                 finally:
-                    self.running, self.running_since = 0, None
+                    self.running, self.running_since, self._in_call = 0, None, []
         except BaseException as error:
             # Not an Exception (those come back as values): the jobs' requests get it too,
             # rather than wait for an answer that never comes.
@@ -301,6 +422,7 @@ class Batcher:
                 raise
             return  # the queue goes on with the next call
         # The pipeline is free for the next call: what is left (PNG encoding) overlaps it.
+        self._finishing.update(batch)
         task = asyncio.ensure_future(self._deliver(batch, calls))
         self._delivering.add(task)  # held until done: the loop keeps only weak references
         task.add_done_callback(self._delivering.discard)
@@ -320,6 +442,7 @@ class Batcher:
                 else:
                     waiting.future.set_result(result)
         finally:
+            self._finishing.difference_update(batch)
             _end(batch)
 
     async def _call(self, batch: list[_Waiting]) -> _Called | BaseException:
@@ -331,10 +454,11 @@ class Batcher:
         """
         progress_of = [w.progress for w in batch if w.progress is not None]
         closed = self._closed
+        stop = self._stop = threading.Event()
 
         def progress(step: int, total: int) -> None:
             # The one point of a call where it can stop: a backend reports each step's end.
-            if closed.is_set():
+            if closed.is_set() or stop.is_set():
                 raise _Interrupted
             for report in progress_of:
                 report(step, total)
@@ -350,7 +474,7 @@ class Batcher:
         def call() -> None:
             try:
                 outputs = self._run(work)
-                if closed.is_set():  # closed after its last step: dropped all the same
+                if closed.is_set() or stop.is_set():  # after its last step: dropped all the same
                     raise _Interrupted
                 if self._finish is not None:  # handed straight to the encoding thread
                     outputs = self._encoder.submit(
@@ -370,7 +494,7 @@ class Batcher:
         except Exception as error:  # handed to the jobs' requests, which raise it
             return error
         ended = time.perf_counter()
-        self.observe(ended - started, len(batch), sum(work_of(waiting.job) for waiting in batch))
+        self.observe(ended - started, [waiting.job for waiting in batch])
         if self._finish is None:
             finished: asyncio.Future[Any] = loop.create_future()
             finished.set_result(handed)
@@ -394,7 +518,8 @@ class Batcher:
 
 class _Interrupted(BaseException):
     """Raised in the pipeline's thread, from the report of a step's end, by a call the
-    batcher's closing interrupts (:meth:`Batcher.close`).
+    batcher's closing interrupts (:meth:`Batcher.close`), or one that nobody waits for any more
+    (:meth:`Batcher.submit`).
 
     No :class:`Exception`, as a cancellation is not: a backend's or the stage's ``except
     Exception`` lets it through, so it is neither logged as a failed render nor run again.

@@ -49,6 +49,13 @@ PNG = "image/png"
 # Renders that may wait before any render has been timed (then the queue follows the timings).
 UNMEASURED_QUEUE = 4
 
+# Retry-After before any call has been timed: the running call's time so far for each call the
+# held jobs need, never less than the floor (a client is not sent back at once, again and
+# again) nor more than the cap (a guess, not a measure: the first call to end times the pod,
+# and the next answer follows the timings).
+UNTIMED_RETRY_AFTER_FLOOR = 2.0
+UNTIMED_RETRY_AFTER_CAP = 30.0
+
 # Seconds a job for a model this Service does not load waits before its retry: about what a
 # GPU revision of the model's own needs to start.
 _UNLOADED_RETRY_AFTER = 60.0
@@ -59,8 +66,9 @@ class RenderStage:
 
     A diffusers pipeline keeps per-call state, so pipeline calls are serialized; with
     ``settings.render_batch_size`` above 1, compatible jobs share a call (:mod:`batching`).
-    Jobs beyond :attr:`capacity` are refused with :class:`Overloaded`, whose ``retry_after``
-    is the time the jobs already held take at the measured render time. A job whose image is
+    Jobs it cannot finish within ``render_timeout`` are refused with :class:`Overloaded`
+    (:meth:`admits`), whose ``retry_after`` is the time the pipeline needs for the jobs already
+    held (:meth:`retry_after`). A job whose image is
     already stored is answered from storage without rendering again, which makes redelivered
     events idempotent.
 
@@ -120,22 +128,13 @@ class RenderStage:
 
     @property
     def capacity(self) -> int:
-        """Jobs one process holds at once: the running batch plus the queue.
-
-        ``render_queue_size`` fixes the queue. Unset, the process holds what it can finish
-        within ``render_timeout`` at the measured seconds per job, less what the last of them
-        still waits after its call (:attr:`Batcher.finish_seconds`; ``UNMEASURED_QUEUE``
-        waiting jobs until a render has been timed), so a job it admits is not one it must
-        time out.
+        """Jobs one process holds at once where they are counted: one call's worth (what the
+        backend batches) plus the queue, ``render_queue_size`` or, until a call has been
+        timed, ``UNMEASURED_QUEUE``. Once timed, with no fixed queue, :meth:`admits` sizes the
+        queue by the time the jobs need instead.
         """
-        batch = self.settings.render_batch_size
-        if self.settings.render_queue_size is not None:
-            return batch + self.settings.render_queue_size
-        per_job = self.batcher.seconds_per_job
-        if per_job is None:
-            return batch + UNMEASURED_QUEUE
-        within = self.settings.render_timeout - (self.batcher.finish_seconds or 0.0)
-        return max(batch, math.floor(within / per_job))
+        queue = self.settings.render_queue_size
+        return self.batcher.max_size + (UNMEASURED_QUEUE if queue is None else queue)
 
     @property
     def _admitted(self) -> int:
@@ -144,37 +143,44 @@ class RenderStage:
     def admits(self, job: EnhancedPrompt) -> bool:
         """Whether ``job`` may join the jobs held now.
 
-        Counted against :attr:`capacity` until a render is timed, or with a fixed queue. Timed,
-        what the held jobs and ``job`` should take together (:meth:`Batcher.estimate`, scaled
-        by each job's pixels and steps), and then ``job``'s encoding after its call
-        (:attr:`Batcher.finish_seconds`), must end within ``render_timeout``, beyond a running
-        batch's worth of jobs: a 1024² job admitted on the time of 256² ones would be one the
-        pod must time out.
+        Counted against :attr:`capacity` until a call is timed, or with a fixed queue. Timed,
+        the pipeline's time for the held jobs and ``job`` (:meth:`Batcher.backlog`: the
+        running call, then a call per batch key and batch of waiting jobs, each at the fitted
+        cost of a call of its work), and then ``job``'s encoding after its call
+        (:attr:`Batcher.finish_seconds`), must end within ``render_timeout``: a 1024² job
+        admitted on the time of 256² ones, or jobs of other sizes on the time of a batch's
+        share, would be ones the pod must time out. An idle pod takes any job, and one that
+        joins a batch still waiting for company is taken while the held jobs are fewer than
+        a call (:attr:`Batcher.max_size`) holds.
         """
-        estimate = self.batcher.estimate
-        if self.settings.render_queue_size is not None or estimate(job) is None:
+        batcher = self.batcher
+        if self.settings.render_queue_size is not None or not batcher.timed:
             return self._admitted < self.capacity
-        if self._admitted < self.settings.render_batch_size:
+        if self._admitted == 0:
             return True
-        held = sum(estimate(each) or 0.0 for each in self._held)
-        finish = self.batcher.finish_seconds or 0.0
-        return held + (estimate(job) or 0.0) + finish <= self.settings.render_timeout
+        if self._admitted < batcher.max_size and batcher.joins(job, self._held):
+            return True
+        backlog = batcher.backlog([*self._held, job]) or 0.0
+        finish = batcher.finish_seconds or 0.0
+        return backlog + finish <= self.settings.render_timeout
 
     def retry_after(self) -> int:
-        """Whole seconds until the jobs held now are done: depth x measured seconds per job.
+        """Whole seconds until the pipeline is done with the jobs held now
+        (:meth:`Batcher.backlog`, the running call at no less than its time so far), at
+        least 1.
 
-        Before any render is timed, a job is taken to need what admission assumes of it when
-        it admits a full queue untimed, ``render_timeout / capacity`` (the held jobs end
-        within the timeout), or the running call's time so far if that is longer already: a
-        client that honours it is not refused again while admission's assumption holds.
+        Before any call is timed nothing says what a call costs: each call the held jobs
+        need is taken to cost the running call's time so far, between
+        ``UNTIMED_RETRY_AFTER_FLOOR`` and ``UNTIMED_RETRY_AFTER_CAP`` in all. A client that
+        honours it comes back soon after the first call has ended, and is then answered from
+        the timings.
         """
-        if self.batcher.seconds_per_job is None:
-            since = self.batcher.running_since
-            elapsed = time.perf_counter() - since if since is not None else 0.0
-            per_job = max(self.settings.render_timeout / self.capacity, elapsed)
-            return max(1, math.ceil(self._admitted * per_job))
-        held = sum(self.batcher.estimate(each) or 0.0 for each in self._held)
-        return max(1, math.ceil(held))
+        batcher = self.batcher
+        backlog = batcher.backlog(self._held)
+        if backlog is None:
+            backlog = batcher.calls(self._held) * batcher.running_for
+            backlog = min(max(backlog, UNTIMED_RETRY_AFTER_FLOOR), UNTIMED_RETRY_AFTER_CAP)
+        return max(1, math.ceil(backlog))
 
     def close(self) -> None:
         """Release the backend's models, if it was ever created, and the batcher's threads.
@@ -249,7 +255,9 @@ class RenderStage:
         """Render ``job`` and return the PNG without storing it.
 
         A cancelled request (a timeout) leaves the queue if its call has not started; once it
-        has, the request keeps its admission slot until the call ends (:meth:`Batcher.submit`).
+        has, the request keeps its admission slot until the call ends, which is at its next
+        denoising step's end once every request in it has gone, since nothing of it is stored
+        (:meth:`Batcher.submit`).
         """
         async with self._admission(job):
             return await self._render(job, progress)
@@ -358,7 +366,7 @@ class RenderStage:
             claiming.append(asyncio.ensure_future(stored_png.claim(self.storage, job, keys)))
 
         try:
-            output = await self._render(job, progress, on_start=on_start)
+            output = await self._render(job, progress, on_start=on_start, stored=True)
         except BaseException:
             for claim in claiming:  # its outcome no longer decides anything
                 claim.add_done_callback(_retrieved)
@@ -411,7 +419,10 @@ class RenderStage:
         progress: ProgressCallback | None,
         *,
         on_start: Callable[[], None] | None = None,
+        stored: bool = False,
     ) -> RenderOutput:
+        # A ``stored`` render's call runs to the end even once its request has gone: its
+        # retry finds the image in storage. Any other call is wanted only while someone waits.
         # The deployment's served models (the setting enhance checks too) and the family's rules.
         errors = request_errors(job.model, job.width, job.height, self.settings.served_models)
         if errors:
@@ -430,7 +441,7 @@ class RenderStage:
                     retry_after=_UNLOADED_RETRY_AFTER,
                 )
             await self.load(job.model)
-        output = await self.batcher.submit(job, progress, on_start=on_start)
+        output = await self.batcher.submit(job, progress, on_start=on_start, keep=stored)
         denoise = output.timings.get("denoise")
         if denoise is not None:
             instruments().denoise_step_duration.record(

@@ -1,4 +1,4 @@
-"""Admission once renders are timed: what a job is taken to cost, and what follows its call."""
+"""Admission once renders are timed: what a call is taken to cost, and what follows it."""
 
 from __future__ import annotations
 
@@ -6,14 +6,27 @@ from pathlib import Path
 
 import pytest
 
+from imagegen.models import EnhancedPrompt
+from imagegen.render.base import ProgressCallback, RenderOutput
+from imagegen.render.batching import CallCost
+from imagegen.render.stage import UNMEASURED_QUEUE
+from tests.fakes.render_backend import ReadyBackend
 from tests.render.test_batching import BatchingBackend, TwoPhaseBackend, job, make_stage
+
+
+class UnbatchedBackend(ReadyBackend):
+    """Renders one job a call: no ``render_batch``."""
+
+    def render(
+        self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None
+    ) -> RenderOutput:
+        return RenderOutput(png=b"\x89PNG", width=8, height=8)
 
 
 async def test_admission_leaves_room_for_what_follows_the_last_call(tmp_path: Path) -> None:
     stage = make_stage(BatchingBackend(), tmp_path, render_timeout=10)
-    stage.batcher.observe(1.0, 1)
+    stage.batcher.observe(1.0, [job("timed")])
     stage.batcher.observe_finish(2.0)  # its PNG is encoded once the pipeline is done with it
-    assert stage.capacity == 8  # (10 s - 2 s) / 1 s per job
     stage._held = [job(f"held-{i}") for i in range(7)]
     assert stage.admits(job("eighth"))  # 8 x 1 s, then 2 s of encoding: 10 s
     stage._held.append(job("eighth"))
@@ -32,18 +45,97 @@ async def test_the_time_from_a_call_to_its_outputs_is_measured(tmp_path: Path) -
     assert finish is not None and finish >= 0.19
 
 
-async def test_a_small_job_is_never_estimated_below_the_measured_time_per_job(
+async def test_a_small_job_after_a_large_one_is_estimated_at_its_own_size(
     tmp_path: Path,
 ) -> None:
-    # One 1024² job of 8 steps took 1 s: a 256² job of 2 steps is 1/64 of its work, but its
-    # text encoding, VAE decode and PNG do not shrink with it.
+    # One 1024² job of 8 steps took 1.6 s, the only call timed: a 256² job of 2 steps, 1/64
+    # of its work, is taken in proportion until a call of another size measures the overhead.
     stage = make_stage(BatchingBackend(), tmp_path, render_timeout=10)
-    stage.batcher.observe(1.0, 1, 1024 * 1024 * 8)
+    stage.batcher.observe(1.6, [job("large", width=1024, height=1024, steps=8)])
     small = job("small", width=256, height=256, steps=2)
-    assert stage.batcher.estimate(small) == 1.0
-    larger = job("larger", width=1024, height=1024, steps=16)
-    assert stage.batcher.estimate(larger) == pytest.approx(2.0)  # larger jobs still scale
-    stage._held = [small] * 9
-    assert stage.admits(small)  # 10 x 1 s
-    stage._held.append(small)
-    assert not stage.admits(small)
+    assert stage.batcher.estimate([small]) == pytest.approx(1.6 / 64)
+    stage._held = [small] * 20  # 0.5 s of work: a nearly idle pod takes more
+    assert stage.admits(small)
+    assert stage.retry_after() == 1
+
+
+async def test_a_call_costs_its_overhead_and_a_rate_per_work() -> None:
+    cost = CallCost()
+    assert not cost.timed
+    for work, seconds in ((1.0, 0.3), (4.0, 0.6), (16.0, 1.8)):  # 0.2 s + 0.1 s per unit
+        cost.observe(work, seconds)
+    assert (cost.overhead, cost.rate) == (pytest.approx(0.2), pytest.approx(0.1))
+    assert cost(2.0) == pytest.approx(0.4)  # down as well as up
+    assert cost(64.0) == pytest.approx(6.6)
+
+
+async def test_a_batch_that_costs_what_one_image_costs_is_all_overhead() -> None:
+    cost = CallCost()
+    cost.observe(1.0, 0.4)  # the warm-up: one image...
+    cost.observe(8.0, 0.4)  # ...then a full batch, in the same time
+    assert (cost.overhead, cost.rate) == (pytest.approx(0.4), 0.0)
+
+
+async def test_a_fit_with_a_negative_part_keeps_the_other() -> None:
+    shrinking = CallCost()
+    shrinking.observe(1.0, 0.5)
+    shrinking.observe(2.0, 0.3)  # noise: larger and faster
+    assert (shrinking.overhead, shrinking.rate) == (pytest.approx(0.4), 0.0)
+    proportional = CallCost()
+    proportional.observe(1.0, 0.1)
+    proportional.observe(2.0, 0.5)  # a line through these starts below zero
+    assert proportional.overhead == 0.0
+    assert proportional(2.0) == pytest.approx(2 * (0.1 + 2 * 0.5) / 5)
+
+
+async def test_the_cost_follows_the_last_calls() -> None:
+    cost = CallCost(window=4)
+    for _ in range(4):
+        cost.observe(1.0, 10.0)  # a cold start: compiling
+    for _ in range(4):
+        cost.observe(1.0, 0.5)
+    assert cost(1.0) == pytest.approx(0.5)
+
+
+async def test_jobs_of_other_sizes_each_cost_a_whole_call(tmp_path: Path) -> None:
+    # A call takes 0.4 s whatever its batch (the warm-up's one image and its full batch):
+    # twelve jobs of twelve sizes are twelve calls, 4.8 s, not twelve shares of a batch.
+    stage = make_stage(BatchingBackend(), tmp_path, render_batch_size=8, render_timeout=3)
+    stage.batcher.observe(0.4, [job("warm-up")])
+    stage.batcher.observe(0.4, [job(f"warm-up-{i}") for i in range(8)])
+    sizes = [job(f"w{i}", width=256 + 16 * i) for i in range(12)]
+    for each in sizes:
+        if not stage.admits(each):
+            break
+        stage._held.append(each)
+    assert len(stage._held) == 7  # 7 x 0.4 s end within 3 s; an eighth would not
+    assert stage.retry_after() == 3  # 2.8 s
+    assert stage.admits(job("joins", width=256))  # shares a call with w0: no call more
+
+
+async def test_a_batch_of_one_key_costs_its_calls(tmp_path: Path) -> None:
+    stage = make_stage(BatchingBackend(), tmp_path, render_batch_size=4, render_timeout=60)
+    stage.batcher.observe(1.0, [job("warm-up")])
+    stage.batcher.observe(4.0, [job(f"warm-up-{i}") for i in range(4)])  # 1 s per image
+    stage._held = [job(f"held-{i}") for i in range(9)]  # calls of 4, 4 and 1
+    assert stage.retry_after() == 9
+    assert stage.batcher.calls(stage._held) == 3
+
+
+async def test_a_held_batch_is_counted_by_what_the_backend_batches(tmp_path: Path) -> None:
+    # A backend that cannot batch runs one job a call, whatever the batch size set.
+    stage = make_stage(UnbatchedBackend(), tmp_path, render_batch_size=4, render_timeout=10)
+    assert stage.batcher.max_size == 1
+    stage.batcher.observe(6.0, [job("timed")])
+    stage._held = [job("running")]
+    assert not stage.admits(job("same"))  # 12 s: not a second image of one call
+    assert stage.capacity == 1 + UNMEASURED_QUEUE
+
+
+async def test_a_held_job_lets_in_only_what_shares_its_call(tmp_path: Path) -> None:
+    stage = make_stage(BatchingBackend(), tmp_path, render_batch_size=4, render_timeout=10)
+    stage.batcher.observe(6.0, [job("timed")])
+    stage.batcher.observe(6.0, [job(f"timed-{i}") for i in range(4)])
+    stage._held = [job("waiting", width=256)]
+    assert stage.admits(job("joins", width=256))  # the same call: 6 s
+    assert not stage.admits(job("other", width=512))  # a call of its own: 12 s

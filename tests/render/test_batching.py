@@ -368,7 +368,7 @@ async def test_retry_after_is_the_queue_at_the_measured_render_time(tmp_path: Pa
     backend = BatchingBackend(seconds=0.05)
     stage = make_stage(backend, tmp_path, render_queue_size=2)
     await stage.render_png(job("timed"))
-    per_job = stage.batcher.seconds_per_job
+    per_job = stage.batcher.estimate([job("timed")])
     assert per_job is not None and per_job >= 0.05
     backend.gate.clear()
     held = [asyncio.ensure_future(stage.render_png(job(f"h{i}"))) for i in range(3)]
@@ -382,7 +382,7 @@ async def test_retry_after_is_the_queue_at_the_measured_render_time(tmp_path: Pa
 
 async def test_retry_after_grows_with_the_render_time(tmp_path: Path) -> None:
     stage = make_stage(BatchingBackend(), tmp_path, render_queue_size=0)
-    stage.batcher.observe(7.2, 1)  # as if a render had taken 7.2 s
+    stage.batcher.observe(7.2, [job("timed")])  # as if a render had taken 7.2 s
     stage._held = [job("held-0")]
     assert stage.retry_after() == 8  # 1 job x 7.2 s, rounded up
     stage._held = [job(f"held-{i}") for i in range(5)]
@@ -392,10 +392,16 @@ async def test_retry_after_grows_with_the_render_time(tmp_path: Path) -> None:
 async def test_the_queue_holds_what_finishes_within_the_timeout(tmp_path: Path) -> None:
     stage = make_stage(BatchingBackend(), tmp_path, render_timeout=60)
     assert stage.capacity == 1 + UNMEASURED_QUEUE  # nothing timed yet
-    stage.batcher.observe(0.5, 1)
-    assert stage.capacity == 120  # 60 s / 0.5 s per job
-    stage.batcher.seconds_per_job = 90.0
-    assert stage.capacity == 1  # even one is late: the running slot stays
+    stage.batcher.observe(0.5, [job("timed")])
+    stage._held = [job(f"held-{i}") for i in range(119)]
+    assert stage.admits(job("last"))  # 120 x 0.5 s: 60 s
+    stage._held.append(job("last"))
+    assert not stage.admits(job("late"))
+    stage = make_stage(BatchingBackend(), tmp_path, render_timeout=60)
+    stage.batcher.observe(90.0, [job("timed")])
+    assert stage.admits(job("alone"))  # even one is late: an idle pod still takes it
+    stage._held = [job("alone")]
+    assert not stage.admits(job("second"))
 
 
 async def test_admission_scales_the_measured_time_by_each_jobs_pixels_and_steps(
@@ -404,9 +410,9 @@ async def test_admission_scales_the_measured_time_by_each_jobs_pixels_and_steps(
     # Timed on 256² jobs of 2 steps (0.5 s each): a 1024² job of 2 steps is 16 times the work.
     stage = make_stage(BatchingBackend(), tmp_path, render_timeout=60)
     small = job("small", width=256, height=256, steps=2)
-    stage.batcher.observe(1.0, 2, 2 * 256 * 256 * 2)
+    stage.batcher.observe(1.0, [small, small])
     large = [job(f"large-{i}", width=1024, height=1024, steps=2) for i in range(8)]
-    assert stage.batcher.estimate(large[0]) == pytest.approx(8.0)
+    assert stage.batcher.estimate(large[:1]) == pytest.approx(8.0)
     for each in large:
         if not stage.admits(each):
             break
@@ -422,7 +428,7 @@ async def test_a_fixed_queue_size_wins(tmp_path: Path) -> None:
     stage = make_stage(
         BatchingBackend(), tmp_path, render_queue_size=3, render_batch_size=2, render_timeout=60
     )
-    stage.batcher.observe(0.01, 1)
+    stage.batcher.observe(0.01, [job("timed")])
     assert stage.capacity == 2 + 3
 
 
@@ -433,7 +439,7 @@ async def test_a_queue_of_zero_holds_one_call_and_no_more(tmp_path: Path) -> Non
             BatchingBackend(), tmp_path, render_queue_size=0, render_batch_size=batch
         )
         assert stage.capacity == batch
-        stage.batcher.observe(0.01, 1)
+        stage.batcher.observe(0.01, [job("timed")])
         assert stage.capacity == batch  # measured render times change nothing
 
 
@@ -443,11 +449,11 @@ async def test_the_warm_up_renders_one_image_then_a_full_batch(
 ) -> None:
     backend = BatchingBackend(seconds=0.01)
     stage = make_stage(backend, tmp_path, render_batch_size=batch_size)
-    assert stage.batcher.seconds_per_job is None
+    assert not stage.batcher.timed
     await stage.warm_up("tiny")
     batches = [[f"warm-up-{i}" for i in range(batch_size)]] if batch_size > 1 else []
     assert backend.calls == [["warm-up"], *batches]
-    assert stage.batcher.seconds_per_job is not None  # admission is sized from here on
+    assert stage.batcher.timed  # admission is sized from here on
 
 
 async def test_sixty_four_at_once_are_all_admitted_once_timed(tmp_path: Path) -> None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from pathlib import Path
 
 import pytest
 
 from imagegen.errors import InvalidRequest, Overloaded
+from imagegen.models import EnhancedPrompt
+from imagegen.render.base import ProgressCallback, RenderOutput
 from tests.render.test_batching import (
     BatchingBackend,
     _held_on_first,
@@ -166,21 +169,85 @@ async def test_a_window_ends_once_every_job_in_it_has_gone(tmp_path: Path) -> No
     assert backend.calls == []
 
 
-async def test_retry_after_before_any_render_is_timed_outlasts_the_held_jobs(
+class SteppingBackend(BatchingBackend):
+    """Renders ``steps`` steps, each once the test releases it, reporting each step's end."""
+
+    def __init__(self, steps: int = 10) -> None:
+        super().__init__()
+        self.steps = steps
+        self.step = threading.Semaphore(0)
+        self.reported = 0
+
+    def render_batch(
+        self, jobs: list[EnhancedPrompt], *, progress: ProgressCallback | None = None
+    ) -> list[RenderOutput]:
+        self.calls.append([job.generation_id for job in jobs])
+        self.running.set()
+        for step in range(1, self.steps + 1):
+            assert self.step.acquire(timeout=10)
+            if progress is not None:
+                progress(step, self.steps)
+            self.reported = step
+        return [
+            RenderOutput(png=b"\x89PNG " + j.generation_id.encode(), width=8, height=8)
+            for j in jobs
+        ]
+
+
+async def _step(backend: SteppingBackend, reported: int) -> None:
+    """Release one step of the running call and wait until its end has been reported."""
+    backend.step.release()
+    while backend.reported < reported:
+        await asyncio.sleep(0.001)
+
+
+async def test_a_png_call_whose_requests_have_all_gone_stops_at_its_next_step(
     tmp_path: Path,
 ) -> None:
-    backend = BatchingBackend()
-    backend.gate.clear()
-    stage = make_stage(backend, tmp_path, render_queue_size=0, render_timeout=30)
-    first = asyncio.ensure_future(stage.render_png(job("first")))
+    backend = SteppingBackend(steps=10)
+    stage = make_stage(backend, tmp_path, render_queue_size=0)
+    gone = asyncio.ensure_future(stage.render_png(job("gone")))
     await asyncio.to_thread(backend.running.wait, 10)
-    with pytest.raises(Overloaded) as refused:
+    await _step(backend, 1)
+    gone.cancel()  # its request timed out: nothing of its call is stored, nobody wants it
+    await asyncio.sleep(0)  # the cancellation reaches its task
+    with pytest.raises(Overloaded):  # until the step under way ends, the pipeline is busy
         await stage.render_png(job("refused"))
-    # Nothing timed: the held job may take what admission assumed of it, the whole timeout.
-    assert refused.value.retry_after == 30
-    backend.gate.set()
-    await first
-    # Timed now: the measured time again.
-    stage.batcher.seconds_per_job = 2.5
-    stage._held = [job("held")]
-    assert stage.retry_after() == 3
+    backend.step.release()  # the second step's end: the call stops there
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert backend.reported == 1 and stage._admitted == 0
+    for _ in range(backend.steps):
+        backend.step.release()
+    assert (await stage.render_png(job("next"))).png.endswith(b"next")
+    assert backend.calls == [["gone"], ["next"]]
+
+
+async def test_a_call_runs_on_while_one_of_its_requests_still_waits(tmp_path: Path) -> None:
+    backend = SteppingBackend(steps=3)
+    stage = make_stage(backend, tmp_path, render_batch_size=2, render_batch_window_ms=2000)
+    gone = asyncio.ensure_future(stage.render_png(job("gone")))
+    kept = asyncio.ensure_future(stage.render_png(job("kept")))
+    await asyncio.to_thread(backend.running.wait, 10)
+    gone.cancel()
+    for _ in range(backend.steps):
+        backend.step.release()
+    assert (await kept).png.endswith(b"kept")
+    assert backend.calls == [["gone", "kept"]] and backend.reported == 3
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+
+
+async def test_a_started_stored_render_runs_every_step_once_its_request_left(
+    tmp_path: Path,
+) -> None:
+    backend = SteppingBackend(steps=3)
+    stage = make_stage(backend, tmp_path)
+    attempt = asyncio.ensure_future(stage.render(job("stored")))
+    await asyncio.to_thread(backend.running.wait, 10)
+    attempt.cancel()  # its retry is answered from storage: the call runs to the end
+    for _ in range(backend.steps):
+        backend.step.release()
+    retry = await stage.render(job("stored"))
+    assert backend.reported == 3 and backend.calls == [["stored"]]
+    assert (tmp_path / retry.key).is_file()
