@@ -6,7 +6,10 @@ every other is refused; its success closes the circuit, its failure opens it aga
 seen outside a call (a start-up check finding the dependency down) can open it at once
 (:meth:`CircuitBreaker.trip`). A call that started before the circuit last opened changes
 nothing when it ends: it says how the dependency was before that, and only the probe decides
-an open circuit.
+an open circuit. An error the caller marks as no sign of the dependency's health (``exclude``,
+as pybreaker's ``exclude``: a business error, not a system one) counts as a success, as
+pybreaker counts it (``pybreaker/__init__.py``, ``CircuitBreaker.is_system_error`` and
+``CircuitBreakerState._handle_error``): the dependency answered.
 
 Written here rather than taken from pybreaker, which is thread-based (its coroutine support
 needs tornado) and lets every concurrent call through while half-open; an asyncio service
@@ -51,6 +54,8 @@ class CircuitBreaker:
         threshold: Consecutive failures that open the circuit; 0 never opens it.
         cooldown: Seconds the circuit stays open before one probe goes through.
         clock: Monotonic seconds (tests pass their own).
+        exclude: Whether an error leaving a call says nothing against the dependency (it
+            answered, and the answer was of no use): such a call counts as a success.
     """
 
     def __init__(
@@ -60,11 +65,13 @@ class CircuitBreaker:
         threshold: int,
         cooldown: float,
         clock: Callable[[], float] = time.monotonic,
+        exclude: Callable[[BaseException], bool] = lambda exc: False,
     ) -> None:
         self.name = name
         self.threshold = threshold
         self.cooldown = cooldown
         self._clock = clock
+        self._exclude = exclude
         self._state: State = "closed"
         self._failures = 0
         self._opened_at = 0.0
@@ -82,7 +89,8 @@ class CircuitBreaker:
     async def call(self) -> AsyncIterator[bool]:
         """``async with breaker.call() as probe:`` around one call of the dependency.
 
-        An exception leaving the block counts as a failure; a normal exit as a success.
+        An exception leaving the block counts as a failure, unless ``exclude`` says it does
+        not; a normal exit (or an excluded exception) as a success.
         ``probe`` is True for the half-open circuit's one call, which decides it.
 
         Raises:
@@ -102,9 +110,12 @@ class CircuitBreaker:
         openings = self._openings
         try:
             yield probe
-        except Exception:  # a cancelled call says nothing about the dependency
+        except Exception as exc:  # a cancelled call says nothing about the dependency
             if openings == self._openings:
-                self._failed()
+                if self._exclude(exc):
+                    self._succeeded()
+                else:
+                    self._failed()
             raise
         else:
             if openings == self._openings:

@@ -1,10 +1,15 @@
 """Cleaning an LLM's reply into a bare prompt, and fitting prompts to a model's budget.
 
 No tokenizer is loaded in the enhance stage (it must stay light), so token counts are
-estimated: one token per punctuation mark and one per started four characters of each word.
-English words average about 1.3 tokens in CLIP's and Qwen3's BPE and T5's SentencePiece, and
-this count is higher for nearly every word (``light`` → 2, ``photorealistic`` → 4), so a prompt
-that fits the estimate fits the real tokenizers.
+estimated: one token per started four letters of each run of ASCII letters, one per digit and
+per ASCII punctuation mark, and one per UTF-8 byte of any other character. English words
+average about 1.3 tokens in CLIP's and Qwen3's BPE and T5's SentencePiece, and this count is
+higher for nearly every word (``light`` → 2, ``photorealistic`` → 4). CLIP's pre-tokenizer
+splits every digit off on its own (``[\\p{N}]`` in its pattern: ``simple_tokenizer.py`` in
+openai/CLIP, ``tokenizer.py`` in open_clip), as Qwen's does, so ``2024`` is four tokens; and a
+byte-level BPE spends at most one token per byte of a character it has no merge for (``狐`` is
+three bytes, and often three tokens). So a prompt that fits the estimate fits the real
+tokenizers.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from imagegen.modelspec import ModelFamily
 
 __all__ = ["clean_reply", "estimate_tokens", "fit_budget", "join_fragments", "unusable"]
 
-_PIECE = re.compile(r"[A-Za-z0-9]+|[^\sA-Za-z0-9]")
+# A run of ASCII letters, or one other character that is no space.
+_PIECE = re.compile(r"[A-Za-z]+|[^\sA-Za-z]")
 # Clauses end at ``, . ; : ! ?`` before a space, or at CJK punctuation (ideographic comma and
 # full stop, fullwidth , ; : ! ?), which takes none.
 _CJK_CLAUSE_MARKS = "\u3001\u3002\uff0c\uff1b\uff1a\uff01\uff1f"
@@ -109,8 +115,10 @@ _CLIP_SPECIAL_TOKENS = 2
 
 def estimate_tokens(text: str) -> int:
     """A conservative token count of ``text`` for CLIP and T5 (see the module docstring)."""
+    # A piece that is no letters is one character: a digit or an ASCII mark is one byte.
     return sum(
-        math.ceil(len(piece) / 4) if piece[0].isalnum() else 1 for piece in _PIECE.findall(text)
+        math.ceil(len(piece) / 4) if piece[0] in _ASCII_ALNUM else len(piece.encode())
+        for piece in _PIECE.findall(text)
     )
 
 
@@ -204,12 +212,20 @@ MIN_WORDS = 3
 """Words a usable prompt has at least (in scripts without spaces, characters)."""
 
 
+def _latin(letter: str) -> bool:
+    """Whether ``letter`` is of the Latin script (``é``, ``ß`` and the fullwidth letters included):
+    its Unicode name says so (``LATIN SMALL LETTER E WITH ACUTE``)."""
+    return letter < "\u0080" or "LATIN" in unicodedata.name(letter, "")
+
+
 def unusable(prompt: str) -> str | None:
     """Why a cleaned LLM reply is no image prompt, or None when it is one.
 
     A reply with no letters (``...``, the placeholder of an example), one of fewer than
-    :data:`MIN_WORDS` words (``N/A``), or a refusal (``I'm sorry, but I can't``) describes
-    no image: better the template's prompt than that one.
+    :data:`MIN_WORDS` words (``N/A``), a refusal (``I'm sorry, but I can't``), or one written
+    mostly in another script than Latin (the prompt is asked for in English, the language
+    FLUX's text encoders were trained on; a name in its own script among English words is
+    fine) is no prompt to send: better the template's prompt than that one.
     """
     runs = _LETTERS.findall(prompt)
     if not runs:
@@ -219,6 +235,10 @@ def unusable(prompt: str) -> str | None:
         return f"{words} word{'s' if words > 1 else ''}"
     if _REFUSAL.match(prompt):
         return "a refusal"
+    letters = "".join(runs)  # digits and marks aside
+    other = sum(1 for letter in letters if not _latin(letter))
+    if 2 * other > len(letters):
+        return f"not English: {other} of its {len(letters)} letters not Latin"
     return None
 
 

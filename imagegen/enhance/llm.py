@@ -14,7 +14,12 @@ the same reply again, and not at all at temperature 0, where the seed changes no
 slower than ``ollama_timeout`` is not retried, since it would be as slow again. After
 ``ollama_breaker_threshold`` failed prompts in a row a circuit breaker answers at once for
 ``ollama_breaker_cooldown`` seconds, then lets one probe through (:mod:`._breaker`), a single
-attempt; the enhance stage opens it at once when Ollama does not answer its warm-up.
+attempt; the enhance stage opens it at once when Ollama does not answer its warm-up. A prompt
+fails there when Ollama seems down: no connection, no reply in time, an error status (a 404 for
+a model not pulled and a 400 too: each fails every prompt alike, until the configuration is
+mended), a body that is no chat response. A malformed reply is no failure there: Ollama
+answered, and the model wrote no usable prompt for this request (a refusal, say); it still
+falls back, but other prompts go on being sent, and as the probe it closes the circuit.
 """
 
 from __future__ import annotations
@@ -80,6 +85,17 @@ class MalformedReply(ValueError):
     """The LLM answered, but not with a usable prompt."""
 
 
+class UnreadableResponse(MalformedReply):
+    """Ollama's answer was no chat response at all (no JSON object, a proxy's page): retried as
+    a malformed reply, but, unlike one, a failure for the circuit breaker."""
+
+
+def _answered(exc: BaseException) -> bool:
+    """Whether ``exc`` ended a prompt with Ollama answering as it should (a reply that holds no
+    usable prompt): for the circuit breaker, a success."""
+    return isinstance(exc, MalformedReply) and not isinstance(exc, UnreadableResponse)
+
+
 _SYSTEM = """\
 You write prompts for the text-to-image model {model}.
 Answer with a JSON object whose one key, "prompt", holds the prompt, and nothing else.
@@ -101,8 +117,10 @@ def build_messages(
     prompt: str | None, contributions: Sequence[Contribution], spec: ModelFamily
 ) -> list[dict[str, str]]:
     """The chat messages asking for a prompt (or, without ``prompt``, for a dreamed one)."""
-    # Words are at most three estimated tokens (see _text): these limits keep the reply within
-    # the family's budget. CLIP, where the family has it, reads only the subject clause.
+    # An English word is at most three estimated tokens, nearly always (see _text; numbers and
+    # other scripts cost more): these limits keep the reply within the family's budget, and
+    # fit_budget cuts what is past it. CLIP, where the family has it, reads only the subject
+    # clause.
     subject_limit = ""
     if spec.subject_tokens is not None:
         subject_limit = f" of at most {(spec.subject_tokens - 2) // 3} words"
@@ -303,6 +321,32 @@ def _zero(keep_alive: float | str | None) -> bool:
     return not any(c in "123456789" for c in keep_alive)
 
 
+def _resolved(name: str) -> tuple[str, str, str, str]:
+    """A model's name as Ollama resolves it, to compare: host, namespace, model and tag,
+    lower-case (``llama3.2``, ``library/llama3.2`` and
+    ``registry.ollama.ai/library/llama3.2:latest`` are one model).
+
+    types/model/name.go: ``ParseName`` reads ``[host/][namespace/]model[:tag][+build][@digest]``
+    (an ``http://`` or ``https://`` before it dropped) and fills what is missing from
+    ``FillDefault``, ``registry.ollama.ai/library/?:latest``; ``Name.EqualFold`` compares two
+    names ASCII case-insensitively. ``/api/tags`` lists them without the defaults
+    (``DisplayShortest``) and without a build, so neither build nor digest is compared.
+    """
+    if name.startswith("http://"):
+        name = name.removeprefix("http://")
+    else:
+        name = name.removeprefix("https://")
+    head, _, last = name.partition("@")[0].rpartition("/")
+    model, _, tag = last.partition("+")[0].partition(":")
+    host, _, namespace = head.rpartition("/")
+    return (
+        (host or "registry.ollama.ai").lower(),
+        (namespace or "library").lower(),
+        model.lower(),
+        (tag or "latest").lower(),
+    )
+
+
 class OllamaEnhancer:
     """Writes prompts with ``settings.ollama_model`` on the Ollama at ``settings.ollama_host``.
 
@@ -330,6 +374,7 @@ class OllamaEnhancer:
             "ollama",
             threshold=settings.ollama_breaker_threshold,
             cooldown=settings.ollama_breaker_cooldown,
+            exclude=_answered,
         )
         self._server = _server_attributes(settings.ollama_host)
         self._keep_alive = _keep_alive(settings.ollama_keep_alive)
@@ -365,6 +410,7 @@ class OllamaEnhancer:
             # One write is one call of the circuit, its retries included; an open circuit
             # refuses it before any attempt. The probe of a circuit that opened is one attempt:
             # it asks whether Ollama is back, and retries would only make its caller wait.
+            # A malformed reply leaving it is a success there (_answered): Ollama answered.
             async with self.breaker.call() as probe, asyncio.timeout(self.deadline):
                 attempts = 1 if probe else self.settings.ollama_retries + 1
                 sampled = self.settings.ollama_temperature > 0
@@ -461,7 +507,7 @@ class OllamaEnhancer:
                 think=False,
             )
         except _UNREADABLE as exc:  # a body that is no chat response, or no error object
-            raise MalformedReply(f"unreadable response ({type(exc).__name__})") from None
+            raise UnreadableResponse(f"unreadable response ({type(exc).__name__})") from None
         content = _without_thinking(response.message.content or "")
         # The content is never logged: it may echo the caller's prompt.
         if response.done_reason == "length":
@@ -535,7 +581,7 @@ class OllamaEnhancer:
         info.update(
             reachable=True,
             models=names,
-            model_available=model in names or f"{model}:latest" in names,
+            model_available=_resolved(model) in {_resolved(name) for name in names},
         )
         return info
 

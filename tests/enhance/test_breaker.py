@@ -14,7 +14,7 @@ from imagegen.models import GenerationRequest
 from imagegen.modelspec import family_for
 from imagegen.settings import Settings
 from tests.enhance.conftest import MakeStage
-from tests.fakes.ollama_server import FakeOllama, http_error
+from tests.fakes.ollama_server import Behaviour, FakeOllama, http_error, not_json, reply
 
 
 class Clock:
@@ -365,3 +365,99 @@ async def test_a_call_begun_before_the_circuit_opened_does_not_decide_the_probe(
     ]
     await _fail(breaker)  # the first failure since it closed: the earlier one does not count
     assert breaker.state == "closed"
+
+
+class Refused(Exception):
+    """An error the dependency answered with: no sign of its health (``exclude``)."""
+
+
+async def test_an_excluded_error_counts_as_a_success() -> None:
+    """As pybreaker's ``exclude``: the count starts again, and a probe so ended closes it."""
+    clock = Clock()
+    breaker = CircuitBreaker(
+        "dep", threshold=2, cooldown=5, clock=clock, exclude=lambda e: isinstance(e, Refused)
+    )
+    for _ in range(3):
+        await _fail(breaker)
+        await _fail(breaker)  # opens it
+        clock.now += 5
+        with pytest.raises(Refused):
+            async with breaker.call() as probe:
+                raise Refused("no")
+        assert probe is True
+        assert breaker.state == "closed", "the probe was answered"
+    await _fail(breaker)
+    with pytest.raises(Refused):
+        async with breaker.call():
+            raise Refused("no")
+    await _fail(breaker)
+    assert breaker.state == "closed", "the refusal between two failures reset the count"
+
+
+REFUSAL = {"prompt": "I'm sorry, but I can't help with creating that image."}
+
+
+def _enhancer(fake: FakeOllama) -> OllamaEnhancer:
+    """Opens its circuit at the first failure, for 0.2 s."""
+    settings = Settings(
+        ollama_host=fake.url,
+        ollama_timeout=0.5,
+        ollama_retries=1,
+        ollama_breaker_threshold=1,
+        ollama_breaker_cooldown=0.2,
+    )
+    return OllamaEnhancer(settings, backoff=0.01)
+
+
+@pytest.mark.parametrize(
+    "behaviour",
+    [reply(REFUSAL), reply({"prompt": "..."}), not_json(), reply({"prompt": "一只红狐狸睡在雪中"})],
+    ids=["refusal", "no-words", "not-json", "not-english"],
+)
+async def test_a_malformed_reply_is_no_failure_of_ollama(
+    fake_ollama: FakeOllama, behaviour: Behaviour
+) -> None:
+    """Three refused prompts opened the circuit for every caller, Ollama healthy: a reply
+    that holds no usable prompt falls back for its own request only."""
+    enhancer = _enhancer(fake_ollama)
+    fake_ollama.answer(behaviour)
+    for _ in range(3):
+        await _refused(enhancer, "MalformedReply")
+    assert enhancer.breaker.state == "closed"
+    fake_ollama.answer(reply())
+    spec = family_for("tiny")
+    assert await enhancer.write(prompt="a fox", contributions=[], seed=1, spec=spec)
+    await enhancer.aclose()
+
+
+async def test_a_malformed_reply_to_the_probe_closes_the_circuit(fake_ollama: FakeOllama) -> None:
+    enhancer = _enhancer(fake_ollama)
+    fake_ollama.answer(http_error(503))
+    await _refused(enhancer, "503")
+    assert enhancer.breaker.state == "open"
+    await asyncio.sleep(0.2)
+    assert enhancer.breaker.state == "half_open"
+    fake_ollama.answer(reply(REFUSAL))
+    await _refused(enhancer, "a refusal")  # the probe: Ollama is back, the model refused
+    assert enhancer.breaker.state == "closed"
+    await enhancer.aclose()
+
+
+@pytest.mark.parametrize(
+    "behaviour",
+    [
+        Behaviour(body=b"[1]"),  # a 200 that is no chat response: unreadable
+        http_error(404, "model 'llama3.2' not found"),  # every prompt fails alike
+        http_error(400, "invalid options"),
+        http_error(429, "busy"),
+    ],
+    ids=["unreadable", "404", "400", "429"],
+)
+async def test_an_unreadable_body_or_an_error_status_is_a_failure(
+    fake_ollama: FakeOllama, behaviour: Behaviour
+) -> None:
+    enhancer = _enhancer(fake_ollama)
+    fake_ollama.answer(behaviour)
+    await _refused(enhancer)
+    assert enhancer.breaker.state == "open"
+    await enhancer.aclose()

@@ -184,3 +184,23 @@ def test_format_is_applied_as_ollamas_chat_handler_applies_it() -> None:
             assert content("0.12.4", "qwen3", format=schema) == FENCED, "thought nothing"
     finally:
         fake.stop()
+
+
+def test_model_names_resolve_as_ollamas_parse_name() -> None:
+    """types/model/name.go: ParseName fills host, namespace and tag from
+    registry.ollama.ai/library/?:latest; EqualFold compares them case-insensitively."""
+    fake = FakeOllama(models=("llama3.2:latest", "someone/mistral:7b")).start()
+    try:
+        with httpx.Client(base_url=fake.url) as client:
+            for name in (
+                "llama3.2",
+                "library/llama3.2",
+                "registry.ollama.ai/library/LLAMA3.2:latest",
+                "someone/mistral:7b",
+                "registry.ollama.ai/someone/mistral:7b",
+            ):
+                assert _chat(client, name).status_code == 200, name
+            for name in ("llama3.2:1b", "someone/llama3.2", "mistral:7b", "other.ai/llama3.2"):
+                assert _chat(client, name).status_code == 404, name
+    finally:
+        fake.stop()

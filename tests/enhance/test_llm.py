@@ -174,3 +174,29 @@ async def test_loading_a_model_not_pulled_says_how_to_pull_it(fake_ollama: FakeO
     with pytest.raises(DependencyUnavailable, match=r"ollama pull llama3\.2"):
         await enhancer.load()
     await enhancer.aclose()
+
+
+@pytest.mark.parametrize(
+    ("setting", "listed"),
+    [
+        ("llama3.2", True),
+        ("llama3.2:latest", True),
+        ("library/llama3.2", True),
+        ("registry.ollama.ai/library/llama3.2:latest", True),
+        ("https://registry.ollama.ai/library/llama3.2", True),
+        ("Llama3.2", True),  # Name.EqualFold: ASCII case aside
+        ("llama3.2:1b", False),
+        ("someone/llama3.2", False),
+        ("example.com/library/llama3.2", False),
+    ],
+)
+async def test_the_model_is_found_under_any_name_ollama_resolves_to_it(
+    fake_ollama: FakeOllama, setting: str, listed: bool
+) -> None:
+    """types/model/name.go, ParseName: a name is filled in from registry.ollama.ai/library/
+    ?:latest; ``library/llama3.2`` read as missing, and the warm-up was skipped."""
+    settings = Settings(ollama_host=fake_ollama.url, ollama_model=setting, ollama_timeout=0.5)
+    enhancer = OllamaEnhancer(settings, backoff=0.01)
+    info = await enhancer.check()
+    await enhancer.aclose()
+    assert info["model_available"] is listed

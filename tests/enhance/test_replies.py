@@ -36,6 +36,45 @@ async def test_a_reply_that_describes_no_image_falls_back(
     assert len(fake_ollama.chat_requests) == 2  # retried once (ollama_retries=1), then given up
 
 
+@pytest.mark.parametrize(
+    "said",
+    [
+        "一只毛色鲜红的小狐狸蜷缩在白雪覆盖的白桦林中央、柔和的晨光、水彩画风格",
+        "Рыжая лиса спит в заснеженном березовом лесу, мягкий утренний свет, акварель",
+        "雪の白樺林で眠る赤い狐、柔らかな朝の光、水彩画 fox",
+    ],
+    ids=["chinese", "russian", "japanese"],
+)
+async def test_a_reply_not_in_english_is_retried_then_falls_back(
+    stage: EnhanceStage, fake_ollama: FakeOllama, said: str
+) -> None:
+    """The prompt is asked for in English, which FLUX's encoders read: a reply in another
+    script was the image's prompt, and CLIP read little of it."""
+    fake_ollama.reply_with({"prompt": said})
+    job = await _run(stage)
+    assert (job.fallback, job.enhancer) == (True, "template")
+    assert len(fake_ollama.chat_requests) == 2  # retried once with the next seed
+    seeds = [chat["options"]["seed"] for chat in fake_ollama.chat_requests]
+    assert seeds == [1234, 1235]
+
+
+@pytest.mark.parametrize(
+    "said",
+    [
+        "a red fox asleep in a snowy birch forest, soft morning light, watercolor",
+        "a portrait of Hokusai (葛飾北斎) at his desk, Mount Fuji (富士山) behind, ukiyo-e",
+    ],
+    ids=["english", "english-with-names"],
+)
+async def test_a_request_in_another_language_gets_the_english_reply(
+    stage: EnhanceStage, fake_ollama: FakeOllama, said: str
+) -> None:
+    fake_ollama.reply_with({"prompt": said})
+    job = await _run(stage, prompt="一只睡在雪中的红狐狸")
+    assert (job.fallback, job.enhancer) == (False, "ollama:llama3.2")
+    assert job.prompt.startswith(said.split(",")[0])
+
+
 def test_the_system_prompt_shows_no_placeholder_to_echo() -> None:
     [system, _] = build_messages("a red fox", [], family_for("tiny"))
     assert "..." not in system["content"] and '"prompt"' in system["content"]

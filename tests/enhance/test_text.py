@@ -130,9 +130,38 @@ def test_estimate_is_conservative() -> None:
     assert estimate_tokens("a cat") == 2
     assert estimate_tokens("light,") == 3
     assert estimate_tokens("photorealistic") == 4
+    assert estimate_tokens("GT500") == 4  # a digit is a token (CLIP splits each off)
+    assert estimate_tokens("狐") == 3  # a token per UTF-8 byte
     # Typical English runs about 1.3 real tokens a word; the estimate stays above that.
     text = "a quiet harbour at dawn with mist over the water and fishing boats returning home"
     assert estimate_tokens(text) >= 1.3 * len(text.split())
+
+
+# Real CLIP token counts (without its start and end tokens) of these strings, computed once
+# with open_clip's SimpleTokenizer (open_clip/tokenizer.py, bpe_simple_vocab_16e6.txt.gz, the
+# vocabulary of openai/CLIP's simple_tokenizer.py): len(SimpleTokenizer().encode(text)).
+# CLIP's pre-tokenizer splits off every digit (``[\p{N}]``), and its byte-level BPE spends up to
+# a token per UTF-8 byte of a character it has few merges for: the estimate charges both.
+_CLIP_COUNTS = {
+    "a red fox in a snowy birch forest, soft morning light, watercolor": 14,
+    "A 1967 Ford Mustang GT500 on Route 66 at 5:45 pm on 12/24/2024, 35mm f/1.8 1/250s ISO 400": 51,
+    "1234567890 0.5 3.14159 1,000,000": 29,
+    "café crème brûlée on a Parisian terrace, Zürich, São Paulo, naïve façade": 27,
+    "一只毛色鲜红的小狐狸蜷缩在白雪覆盖的白桦林中央": 63,
+    "富士山の夕焼け、桜の花びら、浮世絵スタイル": 39,
+    "Красная лиса спит в снегу, акварель": 36,
+    "Ωμέγα ἀλώπηξ ὕπνος": 34,
+    "ثعلب أحمر نائم في الثلج": 22,
+    "a fox 🦊 in the snow ❄️ with 🇯🇵 flag": 11,
+    "portrait of Hokusai (葛飾北斎) painting the Great Wave off Kanagawa": 25,
+}
+
+
+@pytest.mark.parametrize(("text", "clip"), _CLIP_COUNTS.items(), ids=range(len(_CLIP_COUNTS)))
+def test_estimate_is_at_least_clips_count_of_digits_and_other_scripts(text: str, clip: int) -> None:
+    """A 1967 Ford … 12/24/2024 was estimated at 57 tokens, CLIP's 82 with its own two; 70
+    Chinese characters at 65, CLIP's 176: a subject within the estimate overran CLIP's 77."""
+    assert estimate_tokens(text) >= clip
 
 
 def test_fit_budget_keeps_short_prompts() -> None:
@@ -219,7 +248,9 @@ def test_fit_budget_cuts_inside_a_word_over_budget(text: str, spec: ModelFamily)
         if subject and spec.subject_tokens is not None:
             assert estimate_tokens(fitted) <= spec.subject_tokens - 2
         elif estimate_tokens(text) > budget:
-            assert estimate_tokens(fitted) > budget - 5  # what fits is kept, not a token
+            # What fits is kept: short of the budget by less than one more grapheme.
+            grapheme = max(estimate_tokens(g) for g in _graphemes(text))
+            assert estimate_tokens(fitted) > budget - grapheme
     # The pass-through and the template: the caller's prompt, cut; the fragments, dropped.
     prompt = compose(text, [Contribution(plugin="time_of_day", text="soft morning light")], spec)
     assert prompt and _whole_start(prompt.removesuffix(", soft morning light"), text)
@@ -230,9 +261,10 @@ def test_fit_budget_keeps_what_fits_of_cjk() -> None:
     prompt = "猫が窓辺で寝ている、柔らかい朝の光、浮世絵風"
     assert fit_budget(prompt, SCHNELL) == prompt
     # CJK punctuation ends a clause: the subject is the first, and the rest stays.
-    assert fit_budget("猫" * 100 + "、柔らかい朝の光", SCHNELL) == "猫" * 74 + ", 柔らかい朝の光"
-    # Text after words is cut inside too, when written without spaces.
-    assert fit_budget("a cat " + "猫" * 300, SCHNELL, subject=False) == "a cat " + "猫" * 253
+    # Each 猫 is three UTF-8 bytes, three tokens: 24 of them and the comma are CLIP's 75.
+    assert fit_budget("猫" * 100 + "、柔らかい朝の光", SCHNELL) == "猫" * 24 + ", 柔らかい朝の光"
+    # Text after words is cut inside too, when written without spaces: 2 + 3 * 84 <= 255.
+    assert fit_budget("a cat " + "猫" * 300, SCHNELL, subject=False) == "a cat " + "猫" * 84
     # A Latin word is still kept whole or dropped.
     assert fit_budget("a " * 254 + "photorealistic", SCHNELL, subject=False) == "a " * 253 + "a"
 

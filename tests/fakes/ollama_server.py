@@ -169,8 +169,27 @@ def _asks_for_reply(body: Any) -> bool:
 
 
 def _canonical(model: str) -> str:
-    """A model's full name: ``llama3.2`` is ``llama3.2:latest``, as Ollama resolves it."""
-    return model if ":" in model else f"{model}:latest"
+    """A model's name as Ollama resolves it, lower-case: ``llama3.2``, ``library/llama3.2``
+    and ``registry.ollama.ai/library/Llama3.2:latest`` are all ``llama3.2:latest``.
+
+    types/model/name.go: ``ParseName`` reads ``[host/][namespace/]model[:tag][+build][@digest]``
+    (an ``http://`` or ``https://`` before it dropped) and fills what is missing from
+    ``FillDefault``, ``registry.ollama.ai/library/?:latest``; ``Name.EqualFold`` compares
+    names ASCII case-insensitively. The default host and namespace are left off again here, as
+    ``/api/tags`` lists such a model (``DisplayShortest``). Build and digest are not compared.
+    """
+    if model.startswith("http://"):
+        model = model.removeprefix("http://")
+    else:
+        model = model.removeprefix("https://")
+    head, _, last = model.partition("@")[0].rpartition("/")
+    name, _, tag = last.partition("+")[0].partition(":")
+    host, _, namespace = head.rpartition("/")
+    if namespace in ("", "library") and host in ("", "registry.ollama.ai"):
+        head = ""
+    else:
+        head = f"{host or 'registry.ollama.ai'}/{namespace or 'library'}/"
+    return f"{head}{name}:{tag or 'latest'}".lower()
 
 
 def _is_zero(keep_alive: Any) -> bool:
@@ -522,7 +541,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(400, {"error": error})
             return
         model = str(request.get("model", ""))
-        if _canonical(model) in self.owner.thinking_models:
+        if _canonical(model) in {_canonical(name) for name in self.owner.thinking_models}:
             thinks = think is None or think is True or think in _THINK_LEVELS
         elif think is True or think in _THINK_LEVELS:
             self._send_json(400, {"error": f'"{model}" does not support thinking'})
@@ -550,13 +569,14 @@ class _Handler(BaseHTTPRequestHandler):
         if version < (0, 12, 4):
             return True
         model = _canonical(str(request.get("model", "")))
-        parser = self.owner.parsers.get(model)
+        parser = {_canonical(name): p for name, p in self.owner.parsers.items()}.get(model)
         builtin = parser in _PARSER_THINKS  # ParserForName(m.Config.Parser) != nil
         think = request.get("think")
         # thinkingState: think on (unset is on for a model that can think) and the template's
         # thinking tags, which every model that can think has here.
         generic = think is None or think is True or think in _THINK_LEVELS
-        if model not in self.owner.thinking_models or not (builtin or generic):
+        thinking_models = {_canonical(name) for name in self.owner.thinking_models}
+        if model not in thinking_models or not (builtin or generic):
             return True
         if version >= (0, 31, 2):
             force = builtin and _PARSER_THINKS[str(parser)] and think is False
