@@ -617,6 +617,14 @@ def entry_point(name: str) -> Any:
         return response
 
     serve.__name__ = serve.__qualname__ = name
+    if flask.has_app_context():  # functions-framework's create_app imports this module in one
+        # Its _configure_app, run after the import, answers /robots.txt and /favicon.ico with
+        # a view of its own (endpoint "error": flask.abort(404), an HTML page); that 404 goes
+        # through the app's error handlers, and then answers as any unknown path: JSON.
+        def not_found(_: Exception) -> flask.Response:
+            return serve(flask.request)
+
+        flask.current_app.register_error_handler(404, not_found)
     return serve
 
 

@@ -174,7 +174,16 @@ def parse(headers: Mapping[str, str], body: bytes, *, consumes: tuple[str, ...])
             # 3.2.3); the envelope is the event, and the SDK would take the headers for it.
             sdk_headers = {k: v for k, v in lowered.items() if not k.startswith("ce-")}
         else:
-            sdk_headers = {**lowered, **_decoded_attributes(lowered)}
+            # Binary mode's datacontenttype is Content-Type, checked above, and no ce- header
+            # (HTTP binding, sections 3.1.1 and 3.1.3.1). The SDK's reader would take a
+            # ce-datacontenttype too, the later header winning (cloudevents/sdk/event/base.py:
+            # UnmarshalBinary), and its writer never sends one (MarshalBinary): dropped, so
+            # the event's datacontenttype is the Content-Type that was checked.
+            sdk_headers = {
+                k: v
+                for k, v in {**lowered, **_decoded_attributes(lowered)}.items()
+                if k != "ce-datacontenttype"
+            }
             _check_attributes({k: sdk_headers.get(f"ce-{k}") for k in _REQUIRED})
         try:
             # Binary-mode data stays bytes here and is parsed below, bounded, like any body.

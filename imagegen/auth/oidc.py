@@ -392,8 +392,15 @@ class OidcVerifier:
             raise Unauthenticated("the token is from another issuer") from None
         except jwt.MissingRequiredClaimError as exc:
             raise Unauthenticated(f"the token has no {exc.claim!r} claim") from None
-        except jwt.InvalidTokenError:
+        except jwt.InvalidSignatureError:
             raise Unauthenticated("the token's signature does not verify") from None
+        except jwt.InvalidAlgorithmError:  # the key published under its kid is of another kind
+            raise Unauthenticated("the token's algorithm is not its signing key's") from None
+        except jwt.InvalidTokenError as exc:
+            claim = _invalid_claim(exc, unverified)
+            if claim is None:
+                raise Unauthenticated("the token is not valid") from None
+            raise Unauthenticated(f"the token's {claim!r} claim is invalid") from None
 
         audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
         if self.audience not in audiences:
@@ -405,3 +412,31 @@ class OidcVerifier:
         if self.subjects and subject not in self.subjects:
             raise Forbidden(f"subject {subject!r} may not invoke this function")
         return subject
+
+
+def _invalid_claim(error: Exception, payload: dict[str, Any]) -> str | None:
+    """The claim a PyJWT claim error is about, or None where it names none.
+
+    PyJWT raises a class of its own for a bad ``sub``, ``iat``, ``jti`` or ``aud``, but a
+    plain ``DecodeError`` for an ``exp`` or ``nbf`` that ``int()`` refuses (jwt/api_jwt.py:
+    ``_validate_exp``, ``_validate_nbf``); the payload, read already, says which.
+    """
+    from jwt import exceptions
+
+    by_class = {
+        exceptions.InvalidSubjectError: "sub",
+        exceptions.InvalidIssuedAtError: "iat",
+        exceptions.InvalidJTIError: "jti",
+        exceptions.InvalidAudienceError: "aud",
+    }
+    for kind, claim in by_class.items():
+        if isinstance(error, kind):
+            return claim
+    if isinstance(error, exceptions.DecodeError):
+        for claim in ("exp", "nbf"):
+            if claim in payload:
+                try:
+                    int(payload[claim])
+                except (ValueError, TypeError, OverflowError):
+                    return claim
+    return None

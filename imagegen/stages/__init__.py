@@ -17,7 +17,6 @@ from datetime import datetime
 from functools import cache
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, get_args
-from urllib.parse import unquote
 
 from imagegen.auth.callers import ANY_CALLER, Caller
 
@@ -116,10 +115,15 @@ class Route:
         return tuple(_PARAMETER.findall(self.path))
 
     def match(self, path: str) -> dict[str, str] | None:
-        """The path parameters when ``path`` is this route's; None otherwise."""
+        """The path parameters when ``path``, percent-decoded already, is this route's; None
+        otherwise.
+
+        The server decodes the path once (werkzeug's ``PATH_INFO``); decoding its parameters
+        again would read ``%252e`` as ``.`` (RFC 3986, section 2.4: never decode twice).
+        """
         literal = re.escape(self.path).replace(r"\{", "{").replace(r"\}", "}")
         found = re.fullmatch(_PARAMETER.sub(r"(?P<\1>[^/]+)", literal), path)
-        return {k: unquote(v) for k, v in found.groupdict().items()} if found else None
+        return found.groupdict() if found else None
 
 
 @dataclass(frozen=True, kw_only=True)

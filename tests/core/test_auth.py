@@ -94,6 +94,30 @@ def test_invalid_tokens_are_401(issuer: Issuer, claims: dict[str, Any], message:
     assert caught.value.challenge == 'Bearer realm="imagegen", error="invalid_token"'
 
 
+@pytest.mark.parametrize(
+    ("claims", "claim"),
+    [
+        ({"sub": 5}, "sub"),
+        ({"iat": "soon"}, "iat"),
+        ({"jti": 5}, "jti"),
+        ({"exp": "soon"}, "exp"),
+        ({"nbf": "soon"}, "nbf"),
+    ],
+)
+def test_a_signed_claim_pyjwt_refuses_is_named_not_the_signature(
+    issuer: Issuer, claims: dict[str, Any], claim: str
+) -> None:
+    # PyJWT's claim errors (jwt/exceptions.py: InvalidSubjectError, InvalidIssuedAtError,
+    # InvalidJTIError; a DecodeError for exp and nbf) are InvalidTokenErrors too, but the
+    # signature verified: only InvalidSignatureError says it did not.
+    token = issuer.sign(claims)
+    with pytest.raises(Unauthenticated) as caught:
+        gate(issuer).authenticate(bearer(token))
+    assert caught.value.message == f"the token's {claim!r} claim is invalid"
+    assert caught.value.challenge == 'Bearer realm="imagegen", error="invalid_token"'
+    assert token not in caught.value.message
+
+
 def test_clock_skew_is_tolerated_within_the_leeway(issuer: Issuer) -> None:
     token = issuer.sign({"exp": int(time.time()) - 20})
     assert gate(issuer, oidc_clock_skew=60).authenticate(bearer(token)).kind == "oidc"

@@ -380,3 +380,54 @@ def test_an_event_without_a_time_is_read_without_one(enhance: InProcessFunction)
     timed = {**binary, "ce-time": "2026-12-01T10:00:00Z"}
     read = parse(timed, b"{}", consumes=(GENERATION_REQUESTED,)).attributes
     assert read["time"].startswith("2026-12-01T10:00:00")
+
+
+def test_a_binary_ce_datacontenttype_header_is_not_the_events(enhance: InProcessFunction) -> None:
+    """HTTP binding, sections 3.1.1 and 3.1.3.1: in binary mode ``datacontenttype`` is the
+    Content-Type, the one checked for JSON, and no ``ce-`` header; a ``ce-datacontenttype``,
+    before or after the Content-Type, does not become the event's."""
+    from _binding import parse  # functions/, on the path once a function is loaded
+
+    ce = cloudevent_headers(GENERATION_REQUESTED)
+    del ce["content-type"]
+    json_type, other = {"content-type": "application/json"}, {"ce-datacontenttype": "text/plain"}
+    for headers in ({**ce, **json_type, **other}, {**ce, **other, **json_type}):
+        read = parse(headers, b"{}", consumes=(GENERATION_REQUESTED,)).attributes
+        assert read["datacontenttype"] == "application/json"
+    untyped = parse({**ce, **other}, b"{}", consumes=(GENERATION_REQUESTED,)).attributes
+    assert "datacontenttype" not in untyped
+
+
+def test_robots_and_favicon_are_the_json_404_of_any_unknown_path(
+    enhance: InProcessFunction,
+) -> None:
+    """functions-framework gives these two paths a view of its own, an HTML 404
+    (functions_framework/__init__.py, _configure_app: endpoint "error"); here they answer as
+    every path without a route does."""
+    unknown = enhance.client.get("/nope")
+    assert unknown.status_code == 404 and unknown.json()["error"] == "not_found"
+    for path in ("/robots.txt", "/favicon.ico"):
+        for method in ("GET", "POST", "HEAD"):
+            reply = enhance.client.request(method, path, content=b"{")
+            assert reply.status_code == 404, (method, path, reply.text)
+            assert reply.headers["content-type"] == unknown.headers["content-type"]
+            if method != "HEAD":
+                assert reply.json() == {
+                    **unknown.json(),
+                    "message": f"no route {path!r}; POST / instead",
+                }
+
+
+def test_robots_and_favicon_leave_a_body_unread_when_served(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """An upload to either answers at once, its body unread, as an unknown path's does."""
+    server = start_server("enhance", base_env(tmp_path / "store"))
+    for path in ("/favicon.ico", "/robots.txt"):
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {server.url[7:]}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {100 << 20}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        status, _, body = _raw(server.url, head + b"{", hang_up=True).partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 404"), status
+        assert json.loads(body)["error"] == "not_found"

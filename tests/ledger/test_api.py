@@ -56,6 +56,18 @@ def test_an_unknown_generation_is_404(function: InProcessFunction) -> None:
     assert function.post("/generations/nope/replay").status_code == 404
 
 
+def test_a_path_parameter_is_percent_decoded_once(function: InProcessFunction) -> None:
+    """RFC 3986, section 2.4: the server decodes the path; the route does not again, so
+    ``%252e%252e`` is the id ``%2e%2e``, never ``..``."""
+    _record(function, "gen-d")
+    assert function.get("/generations/gen%2Dd").status_code == 200  # decoded once: gen-d
+    twice = function.get("/generations/gen%252Dd")
+    assert twice.status_code == 404, twice.text
+    assert "gen%2Dd" in twice.json()["message"]
+    dots = function.get("/generations/%252e%252e")
+    assert dots.status_code == 404 and "%2e%2e" in dots.json()["message"]
+
+
 def test_history_is_newest_first_in_keyset_pages_with_filters(function: InProcessFunction) -> None:
     for n in range(5):
         model = "big" if n % 2 else "tiny"
