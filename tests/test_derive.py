@@ -23,7 +23,7 @@ from imagegen.models import MAX_PNG_BYTES, PersistedImage, RenderedImage
 from imagegen.storage import LocalStorage
 from tests.fakes.images import gradient_png as png
 from tests.fakes.images import store_rendered
-from tests.fakes.storage import CountingStorage
+from tests.fakes.storage import CountingStorage, reads_of
 from tests.functions.clients import InProcessFunction
 from tests.functions.conftest import base_env
 from tests.functions.servers import post_event
@@ -231,14 +231,7 @@ async def test_a_record_of_a_png_larger_than_any_render_makes_is_refused_unread(
         with monkeypatch.context() as before:  # persist as it was: no bound on the bytes
             before.setattr("imagegen.persist.MAX_PNG_BYTES", 2**63 - 1)
             persisted = await service.persist(rendered)
-        read: list[str] = []
-        get = service.storage.get
-
-        async def spy(key: str) -> bytes:
-            read.append(key)
-            return await get(key)
-
-        monkeypatch.setattr(service.storage, "get", spy)
+        read = reads_of(service.storage, monkeypatch)
         for _ in range(2):
             with pytest.raises(InvalidRequest) as caught:
                 await service.derive(persisted)

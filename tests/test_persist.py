@@ -29,6 +29,7 @@ from imagegen.storage import LocalStorage
 from imagegen.storage.base import GenerationKeys, Storage
 from tests.fakes.images import gradient_png as png
 from tests.fakes.images import store_rendered
+from tests.fakes.storage import reads_of
 from tests.functions.clients import InProcessFunction
 from tests.functions.conftest import base_env
 from tests.functions.servers import post_event
@@ -373,14 +374,7 @@ async def test_an_object_of_another_size_than_the_event_says_is_refused_unread(
         rendered = await _stored_as_render(service.storage, "huge-1", bytes(8 << 20))
         missing = await _stored_as_render(service.storage, "none-1", png(*JOB_SIZE))
         (Path(settings.storage_url) / missing.key).unlink()
-        read: list[str] = []
-        get = service.storage.get
-
-        async def spy(key: str) -> bytes:
-            read.append(key)
-            return await get(key)
-
-        monkeypatch.setattr(service.storage, "get", spy)
+        read = reads_of(service.storage, monkeypatch)
         claim = rendered.model_copy(update={"size": 1000, "sha256": "0" * 64})
         with pytest.raises(InvalidRequest) as caught:
             await service.persist(claim)
@@ -429,14 +423,7 @@ async def test_a_png_larger_in_bytes_than_any_render_makes_is_refused_unread(
     data = _with_private_chunk(png(*JOB_SIZE), MAX_PNG_BYTES + 1)
     async with ImageGenService(settings) as service:
         rendered = await _stored_as_render(service.storage, "chunky-1", data)
-        read: list[str] = []
-        get = service.storage.get
-
-        async def spy(key: str) -> bytes:
-            read.append(key)
-            return await get(key)
-
-        monkeypatch.setattr(service.storage, "get", spy)
+        read = reads_of(service.storage, monkeypatch)
         for _ in range(2):  # a redelivery: the same answer
             with pytest.raises(InvalidRequest) as caught:
                 await service.persist(rendered)

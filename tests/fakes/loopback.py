@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Self
+from typing import Any, Self
 
-__all__ = ["LoopbackServer", "Running"]
+__all__ = ["LoopbackServer", "Running", "broker_ingress"]
 
 
 class Running:
@@ -66,3 +69,24 @@ class LoopbackServer(Running):
             self.server.shutdown()
             self._thread.join(timeout=5)
         self.server.server_close()
+
+
+@contextmanager
+def broker_ingress(status: int = 202) -> Iterator[tuple[str, list[tuple[dict[str, str], Any]]]]:
+    """A broker ingress on loopback: its URL, and the headers (lower-case) and JSON body of each
+    event POSTed to it; every POST answered ``status``."""
+    received: list[tuple[dict[str, str], Any]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            received.append(({k.lower(): v for k, v in self.headers.items()}, json.loads(body)))
+            self.send_response(status)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with LoopbackServer(Handler, name="broker-ingress") as server:
+        yield server.url, received

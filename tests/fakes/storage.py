@@ -1,11 +1,13 @@
-"""Local storage that counts the lookups of stored objects: how often a stage asks storage."""
+"""Storage that says what a stage asks of it: how often it looks objects up, which it reads."""
 
 from __future__ import annotations
 
-from imagegen.storage import LocalStorage
-from imagegen.storage.base import StoredObject
+import pytest
 
-__all__ = ["CountingStorage"]
+from imagegen.storage import LocalStorage
+from imagegen.storage.base import Storage, StoredObject
+
+__all__ = ["CountingStorage", "reads_of"]
 
 
 class CountingStorage(LocalStorage):
@@ -16,3 +18,16 @@ class CountingStorage(LocalStorage):
     async def head(self, key: str) -> StoredObject | None:
         self.heads += 1
         return await super().head(key)
+
+
+def reads_of(storage: Storage, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The keys ``storage`` is asked to read (``get``) from now on, in order."""
+    read: list[str] = []
+    get = storage.get
+
+    async def spy(key: str) -> bytes:
+        read.append(key)
+        return await get(key)
+
+    monkeypatch.setattr(storage, "get", spy)
+    return read

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import timedelta
 from functools import partial
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ from imagegen.ledger import LedgerEvent
 from imagegen.models import GenerationRequest
 from imagegen.openapi import document
 from imagegen.stages import get as get_stage
-from tests.fakes.loopback import LoopbackServer
+from tests.fakes.loopback import broker_ingress
 from tests.functions.clients import InProcessFunction
 from tests.ledger.chain import T0, binary, chain
 
@@ -134,30 +132,10 @@ def test_every_get_route_answers_head(function: InProcessFunction) -> None:
         assert head.content == b""
 
 
-@contextmanager
-def _ingress(status: int = 202) -> Iterator[tuple[str, list[tuple[dict[str, str], Any]]]]:
-    """A broker ingress on loopback: records each event POSTed, answers ``status``."""
-    received: list[tuple[dict[str, str], Any]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("content-length", 0)))
-            received.append(({k.lower(): v for k, v in self.headers.items()}, json.loads(body)))
-            self.send_response(status)
-            self.send_header("content-length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    with LoopbackServer(Handler, name="broker-ingress") as server:
-        yield server.url, received
-
-
 def test_replay_sends_the_recorded_job_to_the_broker_under_a_new_id(
     serve_ledger: Callable[..., InProcessFunction],
 ) -> None:
-    with _ingress() as (sink, received):
+    with broker_ingress() as (sink, received):
         function = serve_ledger(K_SINK=sink)
         _record(function, "gen-r")
         reply = function.post("/generations/gen-r/replay")
@@ -196,7 +174,7 @@ def test_a_broker_refusing_the_replay_is_said_as_what_it_means(
     code: str,
     retryable: bool,
 ) -> None:
-    with _ingress(broker) as (sink, received):
+    with broker_ingress(broker) as (sink, received):
         function = serve_ledger(K_SINK=sink)
         _record(function, "gen-b")
         reply = function.post("/generations/gen-b/replay")
@@ -213,7 +191,7 @@ def test_a_replay_retried_with_its_idempotency_key_is_the_same_replay(
     """A caller that got no answer (a broker slow to answer, a connection cut) and retries with
     the same Idempotency-Key sends the same event again: its id and generation, which the
     broker's consumers take once. Another key, or none, is another replay."""
-    with _ingress() as (sink, received):
+    with broker_ingress() as (sink, received):
         function = serve_ledger(K_SINK=sink)
         _record(function, "gen-i")
         send = partial(function.client.post, "/generations/gen-i/replay")
@@ -238,7 +216,7 @@ def test_replay_carries_the_token_the_sink_binding_mounts(
     serve_ledger: Callable[..., InProcessFunction], tmp_path: Path
 ) -> None:
     token_file = tmp_path / "token"
-    with _ingress() as (sink, received):
+    with broker_ingress() as (sink, received):
         function = serve_ledger(K_SINK=sink, IMAGEGEN_SINK_TOKEN_FILE=str(token_file))
         _record(function, "gen-t")
         token_file.write_text("first.jwt\n")
@@ -304,7 +282,7 @@ def test_replaying_an_invalid_recorded_request_is_a_409_naming_its_fields(
         subject="gen-bad",
         data={"generation_id": "gen-bad", "prompt": "a fox", "width": 7},
     )
-    with _ingress() as (sink, received):
+    with broker_ingress() as (sink, received):
         function = serve_ledger(K_SINK=sink)
         assert function.post("/", **binary(invalid)).status_code == 202
         assert function.post("/", **binary(chain("gen-bad")["failed"])).status_code == 202
@@ -329,7 +307,7 @@ def test_a_request_recorded_with_values_in_other_types_is_listed_and_replayed_in
         subject="gen-lax",
         data={"generation_id": "gen-lax", "prompt": "a fox", "width": "512", "seed": "7"},
     )
-    with _ingress() as (sink, received):
+    with broker_ingress() as (sink, received):
         function = serve_ledger(K_SINK=sink)
         assert function.post("/", **binary(recorded)).status_code == 202
         shown = function.client.get("/generations/gen-lax").json()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -35,7 +34,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED, PROMPT_ENHANCED
 from imagegen.telemetry import trace_extension, tracer
 from tests.conftest import ROOT
-from tests.fakes.loopback import LoopbackServer
+from tests.fakes.loopback import broker_ingress
 from tests.functions.clients import InProcessFunction
 from tests.functions.conftest import base_env
 from tests.functions.servers import cloudevent_headers
@@ -202,26 +201,6 @@ def test_a_reply_event_carries_no_other_propagators_fields_and_no_baggage(
 # -- the ledger's routes: a SERVER span, and a replay in its caller's trace -----------------
 
 
-@contextmanager
-def ingress() -> Iterator[tuple[str, list[dict[str, str]]]]:
-    """A broker ingress on loopback: the headers of each event POSTed; answered 202."""
-    received: list[dict[str, str]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("content-length", 0)))
-            received.append({k.lower(): v for k, v in self.headers.items()})
-            self.send_response(202)
-            self.send_header("content-length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    with LoopbackServer(Handler, name="broker-ingress") as server:
-        yield server.url, received
-
-
 def ledger(tmp_path: Path, **env: str) -> InProcessFunction:
     return InProcessFunction(
         "ledger",
@@ -237,7 +216,7 @@ def test_a_replay_goes_on_in_its_callers_trace_from_a_server_span(
     otel: InMemoryTelemetry, tmp_path: Path
 ) -> None:
     route = "/generations/{generation_id}/replay"
-    with ingress() as (sink, received), ledger(tmp_path, IMAGEGEN_SINK_URL=sink) as function:
+    with broker_ingress() as (sink, received), ledger(tmp_path, IMAGEGEN_SINK_URL=sink) as function:
         for event in chain("gen-trace").values():
             function.post(**binary(event))
         otel.spans.clear()
@@ -258,7 +237,7 @@ def test_a_replay_goes_on_in_its_callers_trace_from_a_server_span(
     }
     assert span.status.status_code is StatusCode.UNSET
     # The replayed event hangs off the route's span (the CloudEvents tracing extension).
-    [sent] = received
+    [(sent, _)] = received
     assert sent["ce-traceparent"] == f"00-{TRACE_ID}-{span.context.span_id:016x}-01"
     assert sent["ce-tracestate"] == "vendor=1"
 
