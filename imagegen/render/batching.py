@@ -30,6 +30,7 @@ from opentelemetry import trace
 
 from imagegen.models import EnhancedPrompt
 from imagegen.render.base import ProgressCallback, RenderOutput
+from imagegen.render.cost import CallCost, work_of
 
 __all__ = [
     "BATCHED_MAX_ABS_DIFF",
@@ -37,9 +38,7 @@ __all__ = [
     "Batch",
     "BatchKey",
     "Batcher",
-    "CallCost",
     "batch_key",
-    "work_of",
 ]
 
 BatchKey = tuple[str, int, int, int, float, tuple[tuple[str, str, float], ...]]
@@ -56,73 +55,6 @@ BATCHED_MIN_PSNR = 70.0
 
 # Weight of the newest measurement in the running estimate of the seconds after a call.
 _SMOOTHING = 0.3
-
-# Calls the cost of a call is fitted over: enough to average out noise, few enough to follow a
-# change (a recompiled shape, another LoRA set) within a few calls.
-_CALLS_FITTED = 16
-
-
-def work_of(job: EnhancedPrompt) -> int:
-    """What ``job`` asks of the pipeline, relatively: its pixels times its steps.
-
-    A denoising step's cost grows with the latents it works on, so a call's time grows with
-    the work of its jobs together (pixels x steps x images) about as this does; what does not
-    grow with it is the call's overhead (:class:`CallCost`).
-    """
-    return job.width * job.height * job.steps
-
-
-class CallCost:
-    """Seconds a pipeline call takes for its work: ``overhead + rate x work``.
-
-    ``work`` is the :func:`work_of` of a call's jobs together. The line is fitted by least
-    squares over the last calls timed (a bounded window), so it scales down as well as up: a
-    small job after a large one costs the overhead and its own share, not the large job's
-    time, and a batch of images that costs little more than one image is taken to. While the
-    calls timed are all of one work (one call, say), the overhead cannot be told from the rate
-    and the time is taken in proportion to the work; the first call of another size fits both
-    (the warm-up with batching times two sizes: one image, then a full batch). A fit that
-    makes either part negative (noise between calls of close sizes) keeps the other alone.
-    """
-
-    def __init__(self, window: int = _CALLS_FITTED) -> None:
-        self._calls: deque[tuple[float, float]] = deque(maxlen=window)
-        self.overhead = 0.0
-        """Seconds of a call whatever its work (text encoding, VAE set-up, launch)."""
-        self.rate = 0.0
-        """Seconds per unit of work."""
-
-    @property
-    def timed(self) -> bool:
-        """Whether any call has been timed."""
-        return bool(self._calls)
-
-    def observe(self, work: float, seconds: float) -> None:
-        """Fold one call of ``work`` that took ``seconds`` into the fit."""
-        self._calls.append((work, seconds))
-        count = len(self._calls)
-        mean_work = sum(w for w, _ in self._calls) / count
-        mean_seconds = sum(t for _, t in self._calls) / count
-        spread = sum((w - mean_work) ** 2 for w, _ in self._calls)
-        if mean_work <= 0:
-            self.overhead, self.rate = mean_seconds, 0.0
-            return
-        if spread <= 0:  # one work only: in proportion
-            self.overhead, self.rate = 0.0, mean_seconds / mean_work
-            return
-        rate = sum((w - mean_work) * (t - mean_seconds) for w, t in self._calls) / spread
-        overhead = mean_seconds - rate * mean_work
-        if rate < 0:  # no measurable growth with the work: a constant
-            self.overhead, self.rate = mean_seconds, 0.0
-        elif overhead < 0:  # no measurable overhead: through the origin
-            squares = sum(w * w for w, _ in self._calls)
-            self.overhead, self.rate = 0.0, sum(w * t for w, t in self._calls) / squares
-        else:
-            self.overhead, self.rate = overhead, rate
-
-    def __call__(self, work: float) -> float:
-        """Seconds a call of ``work`` should take (meaningful once :attr:`timed`)."""
-        return self.overhead + self.rate * work
 
 
 def batch_key(job: EnhancedPrompt) -> BatchKey:

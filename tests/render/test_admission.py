@@ -8,7 +8,7 @@ import pytest
 
 from imagegen.models import EnhancedPrompt
 from imagegen.render.base import ProgressCallback, RenderOutput
-from imagegen.render.batching import CallCost
+from imagegen.render.cost import CallCost
 from imagegen.render.stage import UNMEASURED_QUEUE
 from tests.fakes.render_backend import ReadyBackend
 from tests.render.test_batching import BatchingBackend, TwoPhaseBackend, job, make_stage
