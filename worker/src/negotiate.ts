@@ -120,12 +120,3 @@ export function candidates(
   }
   return found;
 }
-
-/** The derivative to serve when every listed one exists, or null for the PNG itself. */
-export function choose(
-  formats: Format[],
-  width: number | null,
-  available: Available,
-): { format: Format; width: number } | null {
-  return candidates(formats, width, available)[0] ?? null;
-}

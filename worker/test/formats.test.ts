@@ -1,7 +1,7 @@
 import { env } from "cloudflare:workers";
 import { afterEach, describe, expect, it, vi } from "vitest";
 import { IMMUTABLE, NOT_FOUND_TTL } from "../src/http";
-import { acceptedFormats, candidates, choose } from "../src/negotiate";
+import { acceptedFormats, candidates } from "../src/negotiate";
 import { sign } from "../src/signing";
 import { BASE, countingBucket, newKey, send } from "./helpers";
 
@@ -94,8 +94,8 @@ describe("width from w", () => {
 
   it("chooses among what exists", () => {
     const available = { avif: [], webp: [100, 200] };
-    expect(choose(["avif", "webp"], 150, available)).toEqual({ format: "webp", width: 200 });
-    expect(choose(["avif"], 150, available)).toBeNull();
+    expect(candidates(["avif", "webp"], 150, available)).toEqual([{ format: "webp", width: 200 }]);
+    expect(candidates(["avif"], 150, available)).toEqual([]);
   });
 
   it.each(["0", "-1", "abc", "1.5", "08", "99999", ""])("w=%s answers 400", async (w) => {
