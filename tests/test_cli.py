@@ -59,6 +59,11 @@ def on_a_terminal(cwd: Path, args: list[str], env: dict[str, str]) -> tuple[int,
 
     pid, fd = pty.fork()
     if pid == 0:  # the child
+        # As a terminal's shell starts its foreground job: SIGINT and SIGQUIT at their
+        # defaults, even where the tests run in a background job, which ignores both (and a
+        # process keeps a signal ignored that it started with ignored).
+        for signum in (signal.SIGINT, signal.SIGQUIT):
+            signal.signal(signum, signal.SIG_DFL)
         os.chdir(cwd)
         os.execve(sys.executable, [sys.executable, "-m", "imagegen.cli", *args], env)
     return pid, fd
