@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,19 +30,31 @@ def invalid_setting(settings: Settings, refused: InvalidRequest) -> Configuratio
     )
 
 
+def _shown(value: Any, limit: int = 32) -> str:
+    """``value`` as a message quotes it, cut short: a request's number may have any length."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
 def option_float(
     options: Mapping[str, Any], plugin: str, key: str, default: float, *, low: float, high: float
 ) -> float:
-    """A number option within [low, high]."""
+    """A finite number option within [low, high]."""
     value = options.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise invalid_option(plugin, key, f"must be a number, got {value!r}")
+        raise invalid_option(plugin, key, f"must be a number, got {_shown(value)}")
     try:
         number = float(value)
     except ValueError:
-        raise invalid_option(plugin, key, f"must be a number, got {value!r}") from None
+        number = math.nan
+    except OverflowError:  # an integer too large for a float (JSON's have any length)
+        number = math.inf
+    if math.isnan(number):
+        raise invalid_option(plugin, key, f"must be a number, got {_shown(value)}")
     if not low <= number <= high:
-        raise invalid_option(plugin, key, f"must be between {low} and {high}, got {number}")
+        raise invalid_option(plugin, key, f"must be between {low} and {high}, got {_shown(value)}")
     return number
 
 

@@ -3,8 +3,10 @@
 Movable feasts (Easter, Thanksgiving, lunar new year...) come from the library's calendars, so
 they are right every year. Countries are ISO codes, optionally with a subdivision: ``US``,
 ``DE-BY`` (any case; as ``holidays.list_supported_countries()`` lists them). Holiday names are
-in English where the library has an English translation (option ``language`` picks another),
-so the prompt reads the same on every host.
+in English where the library has an English translation (option ``language`` picks another:
+``de``, ``en-GB``, any case; a country without it falls back to English), so the prompt reads
+the same on every host. A feast is named on its own date only, not again on the weekday it
+is observed.
 
 Options: ``countries`` (overrides ``settings.holiday_countries``), ``horizon_days`` (how far
 ahead an upcoming holiday counts, default 14), ``language``. A request names at most
@@ -44,18 +46,16 @@ log = logging.getLogger("imagegen_plugins.holiday")
 _UNKNOWN_CONFIGURED: set[str] = set()
 
 
-def _pick_language(wanted: str, supported: tuple[str, ...], default: str | None) -> str | None:
-    if wanted in supported:
-        return wanted
-    prefix = wanted.split("_")[0]
-    return next((lang for lang in supported if lang.split("_")[0] == prefix), default)
-
-
 # The library's countries, each with its subdivisions by their upper-case spelling: the library
 # finds a country by getattr on its module, so any other name is either refused or one of its
 # constants (``JAN``) or financial markets (``NYSE``). Listing them imports every country's
 # module (tenths of a second): made once, off the event loop.
 _SUPPORTED: dict[str, dict[str, str]] | None = None
+# Each country's (languages its names come in, the language it uses when given none), made
+# with _SUPPORTED; and every language some country's names come in, in lower case, with the
+# first part of each (``pt`` of ``pt_BR``).
+_LANGUAGES: dict[str, tuple[tuple[str, ...], str | None]] = {}
+_ANY_LANGUAGE: set[str] = set()
 
 
 def _supported() -> dict[str, dict[str, str]]:
@@ -63,11 +63,61 @@ def _supported() -> dict[str, dict[str, str]]:
     global _SUPPORTED
     if _SUPPORTED is None:
         listed = holidays.list_supported_countries()
+        for country in listed:
+            entity = getattr(holidays, country)  # the country's class: read, not built
+            supported = tuple(entity.supported_languages)
+            _LANGUAGES[country.upper()] = (supported, entity.default_language)
+            _ANY_LANGUAGE.update(lang.lower() for lang in supported)
+            _ANY_LANGUAGE.update(_base(lang) for lang in supported)
         _SUPPORTED = {
             country.upper(): {subdiv.upper(): subdiv for subdiv in subdivs}
             for country, subdivs in listed.items()
         }
     return _SUPPORTED
+
+
+def _base(language: str) -> str:
+    return language.split("_")[0].lower()
+
+
+def _english(supported: tuple[str, ...]) -> str | None:
+    if "en_US" in supported:
+        return "en_US"
+    return next((lang for lang in supported if _base(lang) == "en"), None)
+
+
+def _spelling(wanted: str) -> str:
+    """``wanted`` in lower case with ``_`` between its parts (``en-US`` is ``en_us``).
+
+    Raises:
+        ValueError: no country's names come in it, nor in its first part.
+    """
+    spelt = wanted.strip().replace("-", "_").lower()
+    if spelt not in _ANY_LANGUAGE and _base(spelt) not in _ANY_LANGUAGE:
+        raise ValueError(f"no calendar has names in {_shown(wanted)}")
+    return spelt
+
+
+def _language(code: str, wanted: str | None) -> str | None:
+    """The language ``code``'s (canonical) names are read in, for a request's ``wanted`` one.
+
+    ``wanted`` is matched in any case, ``-`` or ``_`` between its parts (``en-US``, ``DE``),
+    first as given, then by its first part (``en`` is ``en_GB`` in GB). A country without
+    it reads in English where it has English, else in its own language.
+
+    Raises:
+        ValueError: no country's names come in ``wanted`` (:func:`_spelling`).
+    """
+    supported, default = _LANGUAGES[code.partition("-")[0]]
+    if wanted is not None:
+        spelt = _spelling(wanted)
+        by_lower = {lang.lower(): lang for lang in supported}
+        found = by_lower.get(spelt) or next(
+            (lang for lang in supported if _base(lang) == _base(spelt)), None
+        )
+        if found is not None:
+            return found
+    return _english(supported) or default
 
 
 def _shown(text: str, limit: int = 24) -> str:
@@ -118,12 +168,15 @@ def _year(code: str, language: str | None, year: int) -> _Calendar:
 
 
 def _build_year(code: str, language: str | None, year: int) -> _Calendar:
+    """The calendar of ``code`` in ``year``, names in ``language`` (:func:`_language`'s).
+
+    Without observed days: a feast falling on a weekend is kept on its date, not named a
+    second time on the weekday it is observed ("Independence Day (observed)").
+    """
     country, _, subdiv = code.partition("-")
-    probe = holidays.country_holidays(country, subdiv=subdiv or None)
-    lang = _pick_language(
-        language or "en_US", tuple(probe.supported_languages), probe.default_language
+    calendar = holidays.country_holidays(
+        country, subdiv=subdiv or None, years=year, language=language, observed=False
     )
-    calendar = holidays.country_holidays(country, subdiv=subdiv or None, years=year, language=lang)
     return tuple((day, tuple(calendar.get_list(day))) for day in sorted(calendar))
 
 
@@ -132,13 +185,17 @@ def holidays_between(
 ) -> list[tuple[date, str]]:
     """Every (date, name) of country ``code`` from ``start`` to ``end``, both included.
 
+    Names are in ``language`` where the country has it, else in English (:func:`_language`).
+
     Raises:
         NotImplementedError: the country or subdivision is unknown to the library.
+        ValueError: no country's names come in ``language``.
     """
     code = _canonical(code)
+    resolved = _language(code, language)
     found: list[tuple[date, str]] = []
     for year in range(start.year, end.year + 1):
-        for day, names in _year(code, language, year):
+        for day, names in _year(code, resolved, year):
             if start <= day <= end:
                 found.extend((day, name) for name in names)
     return found
@@ -185,10 +242,17 @@ class HolidayPlugin:
         if _SUPPORTED is None:
             await asyncio.to_thread(_supported)  # imports every country's module: once
         codes = self._codes(requested)
+        if language is not None:
+            try:
+                _spelling(language)
+            except ValueError as exc:
+                raise invalid_option(self.name, "language", str(exc)) from None
+        languages = [_language(code, language) for code in codes]
         today = context.now.date()
         years = range(today.year, (today + timedelta(days=horizon)).year + 1)
         args = (codes, today, horizon, language)
-        if all((code, language, year) in _CALENDARS for code in codes for year in years):
+        built = zip(codes, languages, strict=True)
+        if all((code, lang, year) in _CALENDARS for code, lang in built for year in years):
             return self._contribution(*args)  # look-ups in built calendars: on the loop
         # The library computes a year's calendar: tenths of a second, off the event loop (once
         # per country, language and year).

@@ -1,8 +1,9 @@
 """A LoRA for the render stage, picked now and then from the configured ones.
 
-Candidates are the ``*.safetensors`` files and the sub-directories of ``settings.lora_dir``,
-plus ``settings.loras`` (names of those, local paths or hub ids). A sidecar ``<name>.json``
-next to a candidate may give its ``trigger`` word and ``weight``::
+Candidates are the LoRAs in ``settings.lora_dir`` (a ``*.safetensors`` file, or a directory
+holding diffusers' ``pytorch_lora_weights.safetensors``; hidden entries and ``lost+found`` are
+no LoRAs), plus ``settings.loras`` (names of those, local paths or hub ids). A sidecar
+``<name>.json`` next to a candidate may give its ``trigger`` word and ``weight``::
 
     {"trigger": "pixelart style", "weight": 0.8}
 
@@ -29,6 +30,20 @@ __all__ = ["LoraPlugin", "find_loras", "lora_from_path"]
 logger = logging.getLogger("imagegen.plugins")
 
 _MAX_WEIGHT = 2.0
+# The file diffusers' ``load_lora_weights`` reads from a directory given no ``weight_name``
+# (``LORA_WEIGHT_NAME_SAFE`` in diffusers/loaders/lora_base.py); render loads a directory so.
+_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+# Entries a file system or a tool puts beside the LoRAs: never one.
+_NOT_LORAS = frozenset({"lost+found"})
+# Entries left out (a folder without the weights file, a second file of one LoRA name): named
+# once in the log, not at every draw.
+_LEFT_OUT: set[str] = set()
+
+
+def _left_out(entry: Path, why: str, *args: object) -> None:
+    if str(entry) not in _LEFT_OUT:
+        _LEFT_OUT.add(str(entry))
+        logger.warning("lora_dir: %s left out: " + why, entry, *args)
 
 
 def _safe_name(text: str) -> str:
@@ -75,17 +90,38 @@ def lora_from_path(path: Path) -> LoraHint:
     return _hint(_safe_name(stem), str(path), _sidecar(path.parent / f"{stem}.json"))
 
 
+def _is_lora(entry: Path) -> bool:
+    """Whether ``entry`` holds weights render can load: not a hidden entry (``.cache``,
+    ``.ipynb_checkpoints``), nor ``lost+found``, nor a folder without the weights file."""
+    if entry.name.startswith(".") or entry.name in _NOT_LORAS:
+        return False
+    if entry.is_dir():
+        if (entry / _WEIGHTS_FILE).is_file():
+            return True
+        _left_out(entry, "a folder without %s", _WEIGHTS_FILE)
+        return False
+    return entry.is_file() and entry.suffix == ".safetensors"
+
+
 def find_loras(directory: Path) -> list[LoraHint]:
-    """The LoRAs in ``directory``, by name; an absent directory has none."""
+    """The LoRAs in ``directory``, by name; an absent directory has none.
+
+    Entries are read in sorted order: of two whose names make the same LoRA name
+    (``ink.v2.safetensors``, ``ink-v2.safetensors``), the first is kept, the other named in
+    the log once.
+    """
     if not directory.is_dir():
         logger.warning("lora_dir %s is not a directory", directory)
         return []
-    found = [
-        lora_from_path(entry)
-        for entry in directory.iterdir()
-        if entry.is_dir() or (entry.is_file() and entry.suffix == ".safetensors")
-    ]
-    return sorted(found, key=lambda hint: hint.name)
+    found: dict[str, LoraHint] = {}
+    for entry in sorted(directory.iterdir(), key=lambda path: path.name):
+        if not _is_lora(entry):
+            continue
+        hint = lora_from_path(entry)
+        kept = found.setdefault(hint.name, hint)
+        if kept is not hint:
+            _left_out(entry, "%s is LoRA %s already", kept.path, hint.name)
+    return sorted(found.values(), key=lambda hint: hint.name)
 
 
 class LoraPlugin:

@@ -83,13 +83,30 @@ def _decoder(response: httpx.Response) -> Any:
     raise httpx.DecodingError(f"Content-Encoding {said} not supported", request=response.request)
 
 
+def _encodable(text: str) -> bool:
+    """Whether ``text`` is UTF-8 text: JSON's ``\\ud800`` escape makes a lone surrogate, which
+    no event can carry."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _values(document: dict[str, Any]) -> dict[str, str]:
+    """The document's string values (at most :data:`MAX_VALUES`), blanks folded, each cut
+    short; one that is not UTF-8 text is logged and left out, the others kept."""
     values: dict[str, str] = {}
     for key, value in document.items():
         if len(values) == MAX_VALUES:
             break
         if isinstance(value, str) and (text := re.sub(r"\s+", " ", value).strip()):
-            values[str(key)[:64]] = text[:MAX_VALUE_CHARS]
+            name, text = str(key)[:64], text[:MAX_VALUE_CHARS]
+            if not (_encodable(name) and _encodable(text)):
+                # ascii(): the key itself may hold the surrogate, which a log line cannot.
+                logger.warning("remote context: %s is not UTF-8 text; left out", ascii(name))
+                continue
+            values[name] = text
     return values
 
 

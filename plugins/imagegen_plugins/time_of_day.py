@@ -24,11 +24,13 @@ PERIODS: tuple[tuple[int, str, str], ...] = (
 )
 
 
-# Words that set a scene's time of day or its light (English, as the fragments are).
+# Words that set a scene's time of day or its light (English, as the fragments are), plurals
+# too ("quiet mornings", "two sunsets"); whole words only ("nightingale" is none).
 _OWN_LIGHT = re.compile(
-    r"\b(dawn|daybreak|sunrise|morning|noon|midday|afternoon|daylight|dusk|sunset|sundown"
-    r"|twilight|evening|golden hour|blue hour|night|nighttime|midnight|moonlit|moonlight"
-    r"|starlit|starry)\b",
+    r"\b(?:(?:dawn|daybreak|sunrise|morning|noon|afternoon|dusk|sunset|sundown|twilight"
+    r"|evening|night|midnight|moonrise|golden[\s-]+hour|blue[\s-]+hour)s?"
+    r"|midday|noontime|daylight|daytime|sunlight|sunlit|nightfall|nighttime|tonight"
+    r"|overnight|after[\s-]+dark|moonlit|moonlight|starlit|starlight|starry)\b",
     re.IGNORECASE,
 )
 

@@ -83,6 +83,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, b"def evil(): pass")
         elif self.path == "/list":
             self._send(200, b'["a", "b"]')
+        elif self.path == "/surrogate":  # JSON's escapes make a lone surrogate, no UTF-8 text
+            self._send(200, b'{"a": "snow \\ud800 storm", "\\udc00": "hail", "mood": "calm"}')
         elif self.path == "/empty":
             self._send(200, b'{"n": 1}')
         elif self.path == "/deep":  # 4000 bytes, nested deeper than the parser recurses

@@ -76,6 +76,84 @@ async def test_names_default_to_english(settings: Settings) -> None:
     assert result is not None and result.data["upcoming"]["name"] == "Easter Monday"
 
 
+@pytest.mark.parametrize("language", [None, "en", "en-US", "EN", "en_us", " En-gb ", "fr"])
+async def test_a_language_is_matched_loosely_and_falls_back_to_english(
+    settings: Settings, language: str | None
+) -> None:
+    """Any case, "-" or "_"; where the country has no names in it (Japan has none in French),
+    English, not the country's own language in an English prompt."""
+    options = {"countries": "JP"} if language is None else {"countries": "JP", "language": language}
+    result = await _holiday(settings, datetime(2026, 1, 1, 12, tzinfo=UTC), **options)
+    assert result is not None
+    assert [t["name"] for t in result.data["today"]] == ["New Year's Day"]
+    assert result.data["upcoming"]["name"] == "Coming of Age Day"
+
+
+async def test_a_language_the_country_has_is_used(settings: Settings) -> None:
+    japanese = await _holiday(settings, datetime(2026, 1, 1, 12, tzinfo=UTC), countries="JP")
+    for spelt in ("ja", "JA", "ja-JP"):
+        result = await _holiday(
+            settings, datetime(2026, 1, 1, 12, tzinfo=UTC), countries="JP", language=spelt
+        )
+        assert result is not None and japanese is not None
+        assert result.data["today"][0]["name"] == "元日" != japanese.data["today"][0]["name"]
+    german = await _holiday(
+        settings, datetime(2027, 3, 27, tzinfo=UTC), countries="DE", language="De"
+    )
+    assert german is not None and german.data["upcoming"]["name"] == "Ostermontag"
+
+
+@pytest.mark.parametrize("language", ["english", "klingon", "xx", "-", "  "])
+async def test_a_language_no_calendar_has_is_refused(settings: Settings, language: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        await _holiday(settings, datetime(2026, 1, 1, 12, tzinfo=UTC), language=language)
+    assert caught.value.fields == ["plugin_options.holiday.language"]
+
+
+async def test_calendars_are_kept_by_the_language_they_are_read_in(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kept by the request's spelling, every spelling of English built the calendar anew and
+    pushed the others out of the cache."""
+    built: list[tuple[str, str | None, int]] = []
+    build = holiday._build_year
+
+    def recorded(code: str, language: str | None, year: int) -> holiday._Calendar:
+        built.append((code, language, year))
+        return build(code, language, year)
+
+    monkeypatch.setattr(holiday, "_build_year", recorded)
+    monkeypatch.setattr(holiday, "_CALENDARS", {})
+    when = datetime(2033, 6, 1, 12, tzinfo=UTC)
+    await _holiday(settings, when)
+    for spelt in ("en", "EN", "en-US", "en_US", "fr", "ja"):  # the US has none in French
+        await _holiday(settings, when, language=spelt)
+    assert built == [("US", "en_US", 2033)]
+
+
+@pytest.mark.parametrize(
+    ("when", "today", "upcoming"),
+    [
+        # 2027: the Fourth of July is a Sunday, observed on Monday the 5th.
+        (datetime(2027, 7, 4, 12, tzinfo=UTC), ["Independence Day"], None),
+        (datetime(2027, 7, 5, 12, tzinfo=UTC), [], None),
+        # 2026: a Saturday, observed on Friday the 3rd, before the feast.
+        (datetime(2026, 7, 2, 12, tzinfo=UTC), [], ("Independence Day", "2026-07-04")),
+    ],
+)
+async def test_a_feast_is_named_on_its_day_not_again_where_observed(
+    settings: Settings, when: datetime, today: list[str], upcoming: tuple[str, str] | None
+) -> None:
+    """Both were named: "Independence Day festivities, subtle hints of the coming
+    Independence Day (observed)"."""
+    result = await _holiday(settings, when, countries="US", horizon_days=7)
+    data = {"today": [], "upcoming": None} if result is None else result.data
+    assert [t["name"] for t in data["today"]] == today
+    coming = data["upcoming"]
+    assert (coming and (coming["name"], coming["date"])) == upcoming
+    assert result is None or "observed" not in result.text
+
+
 async def test_horizon_and_nothing_near(settings: Settings) -> None:
     when = datetime(2026, 11, 1, tzinfo=UTC)
     result = await _holiday(settings, when)
@@ -84,9 +162,19 @@ async def test_horizon_and_nothing_near(settings: Settings) -> None:
 
 
 async def test_nearest_across_countries_and_the_year_end(settings: Settings) -> None:
-    result = await _holiday(settings, datetime(2026, 12, 27, tzinfo=UTC), countries=["US", "GB"])
+    # On Christmas Day the nearest is GB's Boxing Day; the US has nothing until New Year.
+    result = await _holiday(settings, datetime(2026, 12, 25, tzinfo=UTC), countries=["US", "GB"])
     assert result is not None
-    assert result.data["upcoming"]["date"] == "2026-12-28"  # GB: Boxing Day (observed)
+    assert result.data["upcoming"] == {
+        "name": "Boxing Day",
+        "date": "2026-12-26",
+        "country": "GB",
+        "days": 1,
+    }
+    # Boxing Day 2026 is a Saturday, observed on Monday the 28th: a day off, but no second
+    # feast, so after it the nearest is the New Year, across the year end.
+    after = await _holiday(settings, datetime(2026, 12, 27, tzinfo=UTC), countries=["US", "GB"])
+    assert after is not None and after.data["upcoming"]["date"] == "2027-01-01"
     newyear = await _holiday(settings, datetime(2026, 12, 30, tzinfo=UTC), countries=["US"])
     assert newyear is not None and newyear.data["upcoming"]["date"] == "2027-01-01"
 
@@ -159,7 +247,8 @@ async def test_warm_up_builds_the_configured_calendars_a_request_then_uses(
     now = datetime.now(ZoneInfo(settings.timezone))
     end = now + timedelta(days=holiday.DEFAULT_HORIZON_DAYS)
     years = range(now.year, end.year + 1)
-    assert sorted(built) == sorted((c, None, y) for c in ("US", "DE-BY") for y in years)
+    # Names in English, as a request giving no language reads them.
+    assert sorted(built) == sorted((c, "en_US", y) for c in ("US", "DE-BY") for y in years)
 
     built.clear()
     await _holiday(settings, now)

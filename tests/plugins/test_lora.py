@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ import pytest
 from imagegen.errors import InvalidRequest
 from imagegen.plugins import PluginContext
 from imagegen.settings import Settings
-from imagegen_plugins.lora import LoraPlugin
+from imagegen_plugins import lora
+from imagegen_plugins.lora import LoraPlugin, find_loras
 from tests.plugins.conftest import NOW
 
 
@@ -59,6 +61,59 @@ def test_a_weight_that_is_no_finite_number_is_one(lora_dir: Path, weight: str) -
     by_name = {h.name: h for h in LoraPlugin(Settings(lora_dir=lora_dir)).candidates()}
     assert by_name["pixel-art"].weight == 1.0 and by_name["pixel-art"].trigger == "pixelart style"
     assert "heavy" in by_name
+
+
+def test_only_entries_holding_weights_are_candidates(
+    lora_dir: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a file system or a tool leaves beside the LoRAs is none: drawn, it failed the
+    generation for good (render cannot load it)."""
+    monkeypatch.setattr(lora, "_LEFT_OUT", set())
+    (lora_dir / "lost+found").mkdir()
+    (lora_dir / ".cache" / "huggingface").mkdir(parents=True)
+    (lora_dir / ".ipynb_checkpoints").mkdir()
+    (lora_dir / ".ipynb_checkpoints" / "pytorch_lora_weights.safetensors").write_bytes(b"\0")
+    (lora_dir / "._pixel-art.safetensors").write_bytes(b"\0")  # macOS's resource fork
+    (lora_dir / "notes").mkdir()  # a folder, but no weights file render would load
+    (lora_dir / "notes" / "todo.txt").write_text("train more")
+    settings = Settings(lora_dir=lora_dir, lora_probability=1.0)
+    with caplog.at_level(logging.WARNING, logger="imagegen.plugins"):
+        for _ in range(3):
+            names = [hint.name for hint in LoraPlugin(settings).candidates()]
+            assert names == ["heavy", "pixel-art", "sketch", "watercolor"]
+    [named] = [r.getMessage() for r in caplog.records if "notes" in r.getMessage()]
+    assert "pytorch_lora_weights.safetensors" in named, "named once, with what it lacks"
+    plugin = LoraPlugin(settings)
+    drawn = [plugin.contribute(_context(settings, seed)) for seed in range(100)]
+    assert {c.loras[0].name for c in drawn if c is not None} == set(names)
+
+
+def test_two_files_of_one_name_keep_the_first_in_sorted_order(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A LoRA's name holds no "." ("ink.v2" is "ink-v2"): which of two such files was kept
+    followed the directory's listing order, and the other vanished without a word."""
+    monkeypatch.setattr(lora, "_LEFT_OUT", set())
+    root = tmp_path / "loras"
+    root.mkdir()
+    for name in ("ink.v2.safetensors", "ink-v2.safetensors", "ink_v2.safetensors"):
+        (root / name).write_bytes(b"\0")
+    listed = Path.iterdir
+
+    def reversed_listing(self: Path) -> list[Path]:
+        return sorted(listed(self), reverse=True)
+
+    with caplog.at_level(logging.WARNING, logger="imagegen.plugins"):
+        first = find_loras(root)
+        monkeypatch.setattr(Path, "iterdir", reversed_listing)
+        again = find_loras(root)
+    assert first == again
+    assert [(h.name, Path(h.path).name) for h in first] == [
+        ("ink-v2", "ink-v2.safetensors"),
+        ("ink_v2", "ink_v2.safetensors"),
+    ]
+    [named] = [r.getMessage() for r in caplog.records]
+    assert "ink.v2.safetensors" in named and "ink-v2" in named, "named once, not per listing"
 
 
 def test_probability_one_always_picks(lora_dir: Path) -> None:

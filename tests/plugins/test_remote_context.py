@@ -41,6 +41,20 @@ async def test_string_values_become_context(endpoint: JsonEndpoint) -> None:
     assert result.text == "light rain and mist, calm"
 
 
+async def test_a_value_that_is_no_utf8_text_is_left_out_the_others_kept(
+    endpoint: JsonEndpoint, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No event carries a lone surrogate: the whole reply was refused as the plugin's crash."""
+    settings = _settings(endpoint.at("/surrogate")).model_copy(update={"plugins": []})
+    plugins = PluginSet([RemoteContextPlugin(settings)], settings=settings)
+    with caplog.at_level(logging.WARNING):
+        [result] = await plugins.run(generation_id="g", seed=1, now=NOW)
+    assert result.data == {"values": {"mood": "calm"}} and result.text == "calm"
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and all("not UTF-8 text; left out" in line for line in said), said
+    assert not [r for r in caplog.records if r.exc_info], "no traceback"
+
+
 async def test_the_operator_url_option_wins(endpoint: JsonEndpoint) -> None:
     settings = _settings(endpoint.at("/text")).model_copy(
         update={"plugin_options": {"remote_context": {"url": endpoint.at("/context")}}}

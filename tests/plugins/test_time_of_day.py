@@ -48,7 +48,17 @@ async def test_uses_the_request_zone(settings: Settings) -> None:
         ("a MOONLIT street", True),
         ("the golden hour over a lake", True),
         ("a lighthouse on a cliff", False),
+        # Plurals and compounds: "bright afternoon daylight" was added to each of these.
+        ("a harbour at nightfall", True),
+        ("rainy nights in Tokyo", True),
+        ("two sunsets over Tatooine", True),
+        ("quiet mornings by the sea", True),
+        ("a city after dark", True),
+        ("a sunlit meadow", True),
+        ("a street lit by starlight", True),
         ("a nightingale on a branch", False),  # a word that only begins like one
+        ("a mornington crescent sign", False),
+        ("a sunsetter awning", False),
         (None, False),  # dreamed: the clock's light
     ],
 )
