@@ -272,6 +272,10 @@ def _routes(stage: Stage) -> dict[str, Any]:
                 if description:
                     parameter["description"] = description
                 parameters.append(parameter)
+        parameters += [
+            {"name": name, "in": "header", "required": False, **spec}
+            for name, spec in route.headers.items()
+        ]
         responses: dict[str, Any] = {
             str(route.status): {
                 "description": route.response_model.__doc__.strip().splitlines()[0]

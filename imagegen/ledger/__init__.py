@@ -18,6 +18,7 @@ from imagegen.ledger.models import (
     Status,
     TimelineEntry,
     WebhookEvent,
+    WebhookMessage,
 )
 from imagegen.ledger.store import Ledger, backend, default_ledger_path, ledger_path, open_ledger
 
@@ -34,6 +35,7 @@ __all__ = [
     "Status",
     "TimelineEntry",
     "WebhookEvent",
+    "WebhookMessage",
     "backend",
     "default_ledger_path",
     "ledger_path",

@@ -49,6 +49,7 @@ from imagegen.ledger.models import (
     LedgerEvent,
     Status,
     TimelineEntry,
+    WebhookMessage,
 )
 
 __all__ = [
@@ -241,11 +242,9 @@ class SqlLedger(ABC):
             ):
                 due.remove("completed")
         for kind in due:
-            payload = {
-                "type": f"generation.{kind}",
-                "timestamp": now.isoformat(),
-                "data": generation.model_dump(mode="json"),
-            }
+            payload = WebhookMessage(
+                type=f"generation.{kind}", timestamp=now, data=generation
+            ).model_dump(mode="json")
             db.run(
                 INSERT_DELIVERY,
                 {

@@ -150,8 +150,9 @@ def fold(event: LedgerEvent, *, now: datetime) -> Change | None:
             request = parse_model(GenerationRequest, event.data, strict=False)
         except InvalidRequest:
             # enhance answers it with generation.failed under the same id: the request is
-            # part of that generation's history, whatever else it holds.
-            return Change(gid, status, at)
+            # part of that generation's history, whatever else it holds, and its caller is
+            # told of the failure where the request says how.
+            return Change(gid, status, at, _said(_webhook_of_invalid(event.data)))
         # The request's time as enhance takes it: the data's, else the event's (else now).
         # Not a replay's: its data carries the original's time, for the plugins to see again
         # (replay.replay_request); it was requested when its event says, and is listed then.
@@ -163,9 +164,8 @@ def fold(event: LedgerEvent, *, now: datetime) -> Change | None:
             "model": request.model,
             "width": request.width,
             "height": request.height,
-            "webhook": str(request.webhook) if request.webhook else None,
-            "webhook_events": list(request.webhook_events) if request.webhook else None,
             "replay_of": request.replay_of,
+            **_webhook_of(request),
         }
     elif event.type == PROMPT_ENHANCED:
         job = parse_model(EnhancedPrompt, event.data)
@@ -210,7 +210,34 @@ def fold(event: LedgerEvent, *, now: datetime) -> Change | None:
         # failed enhance or render. When it failed is when it is first recorded.
         at = now
         fields = {"failed_stage": failure.stage, "error": failure.error.model_dump(mode="json")}
-    return Change(gid, status, at, {k: v for k, v in fields.items() if v not in (None, {})})
+    return Change(gid, status, at, _said(fields))
+
+
+def _said(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` without those the event leaves unsaid (None, an empty mapping)."""
+    return {k: v for k, v in fields.items() if v not in (None, {})}
+
+
+def _webhook_of(request: GenerationRequest) -> dict[str, Any]:
+    """Where ``request``'s webhook messages go (:data:`REQUEST_COLUMNS`); None without one."""
+    if request.webhook is None:
+        return {"webhook": None, "webhook_events": None}
+    return {"webhook": str(request.webhook), "webhook_events": list(request.webhook_events)}
+
+
+def _webhook_of_invalid(data: dict[str, Any]) -> dict[str, Any]:
+    """Where the messages of a request whose data is invalid go: its ``webhook`` and
+    ``webhook_events`` validated on their own, by :class:`GenerationRequest` as a valid request's
+    are, so that its caller is told it started and failed; none where they are invalid too.
+
+    Only the URL's form is checked here, as for a valid request: the sender's address rules
+    (:class:`~imagegen.ledger.webhooks.AddressPolicy`) apply when each message is sent.
+    """
+    where = {name: data[name] for name in REQUEST_COLUMNS if name in data}
+    try:
+        return _webhook_of(parse_model(GenerationRequest, where, strict=False))
+    except InvalidRequest:
+        return {}
 
 
 def _requested_generation(event: LedgerEvent) -> str | None:

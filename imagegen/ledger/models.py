@@ -21,6 +21,7 @@ __all__ = [
     "Status",
     "TimelineEntry",
     "WebhookEvent",
+    "WebhookMessage",
 ]
 
 Status = Literal["requested", "enhanced", "rendered", "failed", "persisted"]
@@ -136,3 +137,13 @@ class Delivery(_View):
     payload: str = Field(description="The exact JSON body that is signed and sent.")
     attempts: int
     created_at: datetime
+
+
+class WebhookMessage(_View):
+    """The body of one webhook message: its times in UTC, written ``…Z`` as the API writes them."""
+
+    type: str = Field(description="generation.started, generation.completed or generation.failed.")
+    timestamp: datetime = Field(
+        description="When the event that made the message due was recorded."
+    )
+    data: Generation

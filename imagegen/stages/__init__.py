@@ -95,6 +95,8 @@ class Route:
         query_model: The query parameters, validated; None: no parameters.
         status: The success status.
         errors: Documented error statuses and what each means (400, 404, ...).
+        headers: Request headers it reads, each an optional OpenAPI header parameter: its
+            name, and its ``schema`` and ``description`` (the handler checks the value).
         callers: The kinds of credential it accepts where authentication is on
             (:mod:`imagegen.auth.callers`); a valid one of another kind is a 403.
     """
@@ -108,6 +110,7 @@ class Route:
     query_model: type[BaseModel] | None = None
     status: int = 200
     errors: Mapping[int, str] = field(default_factory=lambda: MappingProxyType({}))
+    headers: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: MappingProxyType({}))
     callers: frozenset[Caller] = ANY_CALLER
 
     @property

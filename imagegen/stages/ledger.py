@@ -239,8 +239,18 @@ def _routes() -> tuple[Route, ...]:
             status=202,
             errors={
                 **unknown,
-                400: "`from` is neither enhanced nor requested.",
+                400: "A query parameter is unknown, repeated or invalid (`from` is neither "
+                "enhanced nor requested), or the `Idempotency-Key` header is not 1-255 printable "
+                "ASCII characters; each is named.",
                 409: "The recorded event cannot be replayed (it was invalid); its fields named.",
+            },
+            headers={
+                "Idempotency-Key": {
+                    "schema": {"type": "string", "pattern": "^[\\x20-\\x7e]{1,255}$"},
+                    "description": "The same key, generation and `from` make the same replay: "
+                    "one new id, and a retry sends the same event again, which the stages take "
+                    "once. Without it, each call is a new replay.",
+                }
             },
         ),
     )

@@ -268,7 +268,48 @@ def test_the_served_document_describes_the_routes(function: InProcessFunction) -
         assert answered.status_code == 400
         assert str(answered.status_code) in served["paths"][route]["get"]["responses"]
     replay = served["paths"]["/generations/{generation_id}/replay"]["post"]
-    assert [p["name"] for p in replay["parameters"]] == ["generation_id", "from"]
+    assert [p["name"] for p in replay["parameters"]] == ["generation_id", "from", "Idempotency-Key"]
+    assert [p["in"] for p in replay["parameters"]] == ["path", "query", "header"]
+
+
+@pytest.mark.parametrize(
+    "key", ["a", " ", "~" * 255, "x" * 256, "", "tab\tinside", "caf\u00e9", "\x7f", "key-1:2/3"]
+)
+def test_the_documented_idempotency_key_is_the_one_a_replay_takes(key: str) -> None:
+    import re
+
+    from imagegen.errors import InvalidRequest
+    from imagegen.ledger.api import _checked_key
+
+    replay = document(get_stage("ledger"))["paths"]["/generations/{generation_id}/replay"]["post"]
+    [header] = [p for p in replay["parameters"] if p["in"] == "header"]
+    assert header["name"] == "Idempotency-Key" and not header["required"]
+    documented = re.fullmatch(header["schema"]["pattern"].strip("^$"), key) is not None
+    try:
+        taken = _checked_key(key) == key
+    except InvalidRequest:
+        taken = False
+    assert documented == taken
+
+
+def test_every_400_a_replay_answers_is_the_one_its_document_describes(
+    function: InProcessFunction,
+) -> None:
+    _record(function, "gen-d")
+    served = function.get("/openapi.json").json()
+    described = served["paths"]["/generations/{generation_id}/replay"]["post"]["responses"]
+    said = described["400"]["description"]
+    send = partial(function.client.post, "/generations/gen-d/replay")
+    for reply, field in (
+        (send(params={"from": "rendered"}), "from"),
+        (send(params={"form": "enhanced"}), "form"),
+        (send(headers={"Idempotency-Key": "x" * 256}), "Idempotency-Key"),
+        (send(headers={"Idempotency-Key": "tab\tinside"}), "Idempotency-Key"),
+    ):
+        assert reply.status_code == 400, reply.text
+        assert [e["field"] for e in reply.json()["errors"]] == [field]
+    assert "`from`" in said and "unknown" in said
+    assert "`Idempotency-Key`" in said and "1-255 printable ASCII" in said
 
 
 def test_replaying_an_invalid_recorded_request_is_a_409_naming_its_fields(

@@ -494,3 +494,106 @@ def test_a_failure_being_told_when_the_image_is_persisted_is_recorded_as_told(
         assert states["failed"]["state"] == ("delivered" if delivered else "cancelled")
         [completed] = ledger.claim_deliveries(lease=60)
         assert (completed.generation_id, completed.event) == (gid, "completed")
+
+
+def _invalid_request(gid: str, **request: Any) -> dict[str, LedgerEvent]:
+    """``gid``'s request with ``request`` in its data and a width no model draws, and the
+    ``generation.failed`` enhance answers it with (under the same id)."""
+    events = chain(gid)
+    data = {**events["requested"].data, "width": 100000, **request}
+    refused = {
+        **events["failed"].data,
+        "stage": "enhance",
+        "error": {"code": "invalid_request", "message": "invalid width", "retryable": False},
+    }
+    return {
+        "requested": events["requested"].model_copy(update={"data": data}),
+        "failed": events["failed"].model_copy(
+            update={"source": source_for("enhance"), "data": refused}
+        ),
+    }
+
+
+def test_a_request_enhance_refuses_still_tells_its_caller_it_started_and_failed(
+    ledger: Ledger,
+) -> None:
+    receiver = Receiver(NEW, fail_first=set(), slow_first=set(), slow=0)
+    with serve(receiver):
+        events = _invalid_request("gen-invalid", webhook=receiver.url + "/hook")
+        ledger.ingest(events["requested"])
+        assert ledger.ingest(events["failed"]).status == "failed"
+        dispatcher = Dispatcher(ledger, WebhookSender([NEW], LOOPBACK, timeout=0.5), backoff=0)
+        _dispatch_until_settled(dispatcher, ledger, ["gen-invalid"])
+        dispatcher.stop()
+    assert receiver.rejected == []
+    started = receiver.accepted[message_id("gen-invalid", "started")]
+    failed = receiver.accepted[message_id("gen-invalid", "failed")]
+    assert (types_of(started), types_of(failed)) == ({"generation.started"}, {"generation.failed"})
+    told = failed[0]["data"]
+    assert (told["status"], told["failed_stage"]) == ("failed", "enhance")
+    assert told["error"]["code"] == "invalid_request"
+    assert set(receiver.accepted) == {
+        message_id("gen-invalid", "started"),
+        message_id("gen-invalid", "failed"),
+    }
+
+
+def test_an_invalid_request_tells_only_the_events_it_asked_for(ledger: Ledger) -> None:
+    events = _invalid_request(
+        "gen-asked", webhook="https://hooks.example/x", webhook_events=["failed"]
+    )
+    ledger.ingest(events["requested"])
+    assert ledger.delivery_states("gen-asked") == {}
+    ledger.ingest(events["failed"])
+    assert list(ledger.delivery_states("gen-asked")) == ["failed"]
+    [message] = ledger.claim_deliveries(lease=60)
+    assert message.url == "https://hooks.example/x"
+
+
+def test_the_webhook_of_an_invalid_request_meets_the_senders_address_rules(
+    ledger: Ledger,
+) -> None:
+    receiver = Receiver(OLD, fail_first=set(), slow_first=set(), slow=0)
+    with serve(receiver):
+        events = _invalid_request("gen-local", webhook=receiver.url + "/hook")
+        ledger.ingest(events["requested"])
+        # The loopback receiver is off limits by default, for this request as for a valid one.
+        strict = WebhookSender([OLD], AddressPolicy(), timeout=0.5)
+        Dispatcher(ledger, strict, quick_tries=1, backoff=0).run_once()
+    refused = ledger.delivery_states("gen-local")["started"]
+    assert refused["state"] == "failed" and "non-public address" in refused["last_error"]
+    assert receiver.paths["/hook"] == 0
+
+
+@pytest.mark.parametrize(
+    "request_webhook",
+    [
+        {"webhook": "not a url"},
+        {"webhook": "ftp://hooks.example/x"},
+        {"webhook": "https://hooks.example/x", "webhook_events": ["finished"]},
+        {"webhook": "https://hooks.example/x", "webhook_events": "failed"},
+        {"webhook": "https://hooks.example/x", "webhook_events": ["failed"] * 4},
+        {"webhook": 42},
+    ],
+)
+def test_an_invalid_request_whose_webhook_is_invalid_too_tells_nobody(
+    ledger: Ledger, request_webhook: dict[str, Any]
+) -> None:
+    events = _invalid_request("gen-mute", **request_webhook)
+    ledger.ingest(events["requested"])
+    assert ledger.ingest(events["failed"]).status == "failed"
+    assert ledger.delivery_states("gen-mute") == {}
+    assert ledger.claim_deliveries(lease=60) == []
+
+
+def test_a_message_timestamp_is_utc_written_as_the_api_writes_times(ledger: Ledger) -> None:
+    ledger.ingest(chain("gen-z", webhook="https://hooks.example/x")["requested"])
+    [started] = ledger.claim_deliveries(lease=60)
+    body = json.loads(started.payload)
+    # The message is due when its event is recorded: the generation's updated_at, to the
+    # microsecond and written alike.
+    assert body["timestamp"].endswith("Z") and "+" not in body["timestamp"]
+    assert body["timestamp"] == body["data"]["updated_at"]
+    recorded = datetime.fromisoformat(body["timestamp"])
+    assert recorded.utcoffset() == timedelta(0)
+    assert abs(datetime.now(UTC) - recorded) < timedelta(minutes=1)
