@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
+
+from PIL import Image
 
 from imagegen._locks import KeyedLocks
 from imagegen.derivatives import (
@@ -26,6 +29,8 @@ __all__ = ["DeriveStage"]
 log = logging.getLogger("imagegen.derive")
 
 THUMBNAIL_TYPE = "image/webp"
+# The event from which persist writes the metadata record derive reads.
+_PERSIST_INPUT = "image.rendered"
 
 
 def _encode(
@@ -99,16 +104,19 @@ class DeriveStage:
         thumbnail, derivatives = await asyncio.to_thread(
             _encode, png, image, self.settings.thumbnail_size, self.settings.derivative_widths
         )
-        await _create_all(
+        created = await _create_all(
             self.storage,
             [(keys.thumbnail, thumbnail, THUMBNAIL_TYPE)]
             + [(d.key, d.data, d.content_type) for d in derivatives],
         )
+        thumbnail_size = self.settings.thumbnail_size
+        if not created[0]:  # an earlier writer's thumbnail is the one stored
+            thumbnail_size = await self._stored_thumbnail_size(keys, thumbnail, thumbnail_size)
 
         # The record, written last: its presence tells the Worker the thumbnail and every
         # derivative it lists are stored. Its content is a function of the event and the
-        # settings of its first writer, the thumbnail's size among them, so a redelivery
-        # remakes a lost object as that writer made it.
+        # settings of its first writer, the stored thumbnail's size among them, so a
+        # redelivery remakes a lost object as that writer made it.
         derived = DerivedImage(
             generation_id=image.generation_id,
             key=keys.image,
@@ -118,7 +126,7 @@ class DeriveStage:
                 "thumbnail": keys.thumbnail,
                 **{d.name: d.key for d in derivatives},
             },
-            thumbnail_size=self.settings.thumbnail_size,
+            thumbnail_size=thumbnail_size,
             created_at=image.created_at,
             persisted_at=image.persisted_at,
             replay_of=image.replay_of,
@@ -134,6 +142,38 @@ class DeriveStage:
                 retry_after=1,
             )
         return existing
+
+    async def _stored_thumbnail_size(
+        self, keys: GenerationKeys, made: bytes, thumbnail_size: int
+    ) -> int:
+        """The size to record for the thumbnail an earlier writer stored, ``made`` being this
+        delivery's at ``thumbnail_size``: ``thumbnail_size`` when the two have the same
+        dimensions, else the stored one's longer side.
+
+        A replica configured with another ``IMAGEGEN_THUMBNAIL_SIZE`` (a rollout), or one that
+        died before its record, may have stored it. Both sizes make the same pixels when the
+        dimensions agree; else the stored thumbnail's longer side is the size it was made at, or
+        the image's own when that is smaller, which no thumbnail is made larger than. Either
+        way a lost thumbnail is remade at the recorded size to the bytes stored now. Read from
+        the WebP's header, no pixel decoded; one that is gone or cannot be read is recorded at
+        ``thumbnail_size``, as though this delivery's had been stored.
+        """
+        try:
+            stored = await self.storage.get(keys.thumbnail)
+            with Image.open(io.BytesIO(stored), formats=("WEBP",)) as opened:
+                dimensions = opened.size
+            with Image.open(io.BytesIO(made), formats=("WEBP",)) as opened:
+                if opened.size == dimensions:
+                    return thumbnail_size
+        except NotFound:
+            return thumbnail_size
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            log.warning(
+                "a stored thumbnail that cannot be read: recorded at this replica's size",
+                extra={"key": keys.thumbnail, "reason": f"{type(exc).__name__}: {exc}"[:200]},
+            )
+            return thumbnail_size
+        return max(dimensions)
 
     async def _remake_lost(
         self, image: PersistedImage, keys: GenerationKeys, record: DerivedImage
@@ -182,7 +222,9 @@ class DeriveStage:
 
         Raises:
             DependencyUnavailable: the metadata record is corrupt (a 503 naming it, retried
-                until an operator repairs it: :func:`imagegen.persist.corrupt_record`).
+                until an operator repairs it: :func:`imagegen.persist.corrupt_record`). Its
+                writer is persist, whose event was answered before this one was sent: the
+                message says to repair it, not to remove it, which would fail this event.
         """
         try:
             body = await self.storage.get(keys.metadata)
@@ -191,8 +233,10 @@ class DeriveStage:
                 f"image {keys.image!r} has no record: it is not persisted",
                 errors=[{"field": "key", "message": "no persisted image under this key"}],
             ) from None
-        record = load_record(keys.metadata, body)
-        stored = record_part(keys.metadata, record, "persisted", PersistedImage)
+        record = load_record(keys.metadata, body, written_from=_PERSIST_INPUT)
+        stored = record_part(
+            keys.metadata, record, "persisted", PersistedImage, written_from=_PERSIST_INPUT
+        )
         if stored != image:
             differ = [
                 n for n in type(image).model_fields if getattr(stored, n) != getattr(image, n)
@@ -219,12 +263,19 @@ class DeriveStage:
         )
 
 
-async def _create_all(storage: Storage, objects: list[tuple[str, bytes, str]]) -> None:
-    """Writes each (key, bytes, content type) if absent; every write ends before this does."""
+async def _create_all(storage: Storage, objects: list[tuple[str, bytes, str]]) -> list[bool]:
+    """Writes each (key, bytes, content type) if absent; every write ends before this does.
+
+    Returns:
+        For each object, in order, whether this call stored it (False: one was there).
+    """
     written = await asyncio.gather(
         *(storage.create(key, data, content_type=ctype) for key, data, ctype in objects),
         return_exceptions=True,
     )
+    created: list[bool] = []
     for outcome in written:
         if isinstance(outcome, BaseException):
             raise outcome
+        created.append(outcome)
+    return created

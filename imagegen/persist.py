@@ -10,7 +10,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from PIL import Image
+from PIL import Image, ImageFile
 from pydantic import BaseModel
 
 from imagegen._locks import KeyedLocks
@@ -91,8 +91,11 @@ def _missing(key: str) -> InvalidRequest:
     )
 
 
-def load_record(key: str, body: bytes) -> dict[str, Any]:
+def load_record(key: str, body: bytes, *, written_from: str | None = None) -> dict[str, Any]:
     """The JSON object of the record stored under ``key`` (a metadata or derivatives record).
+
+    Args:
+        written_from: As for :func:`corrupt_record`.
 
     Raises:
         DependencyUnavailable: the record is corrupt (:func:`corrupt_record`).
@@ -100,29 +103,41 @@ def load_record(key: str, body: bytes) -> dict[str, Any]:
     try:
         record = json.loads(body)
     except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, bad UTF-8
-        raise corrupt_record(key, f"not JSON: {type(exc).__name__}") from None
+        why = f"not JSON: {type(exc).__name__}"
+        raise corrupt_record(key, why, written_from=written_from) from None
     if not isinstance(record, dict):
-        raise corrupt_record(key, "not a JSON object")
+        raise corrupt_record(key, "not a JSON object", written_from=written_from)
     return record
 
 
-def record_part(key: str, record: Mapping[str, Any], part: str, model: type[M]) -> M:
+def record_part(
+    key: str,
+    record: Mapping[str, Any],
+    part: str,
+    model: type[M],
+    *,
+    written_from: str | None = None,
+) -> M:
     """``record[part]`` of the record stored under ``key``, as ``model``.
+
+    Args:
+        written_from: As for :func:`corrupt_record`.
 
     Raises:
         DependencyUnavailable: the part is missing or is not a valid ``model``
             (:func:`corrupt_record`).
     """
     if part not in record:
-        raise corrupt_record(key, f"no {part!r}")
+        raise corrupt_record(key, f"no {part!r}", written_from=written_from)
     try:
         return parse_model(model, record[part])
     except InvalidRequest as exc:
         fields = ", ".join(dict.fromkeys(exc.fields)) or "its shape"
-        raise corrupt_record(key, f"{part!r} is no valid {model.__name__}: {fields}") from None
+        why = f"{part!r} is no valid {model.__name__}: {fields}"
+        raise corrupt_record(key, why, written_from=written_from) from None
 
 
-def corrupt_record(key: str, why: str) -> DependencyUnavailable:
+def corrupt_record(key: str, why: str, *, written_from: str | None = None) -> DependencyUnavailable:
     """The error for a stored record that cannot be read (empty, cut short, not ours).
 
     A 503, retried, rather than a 400 or a 500. The event is fine and the store answers: what
@@ -131,12 +146,27 @@ def corrupt_record(key: str, why: str) -> DependencyUnavailable:
     generation for good over an object that can be repaired. Nor may it count as missing:
     derive refuses an image without a metadata record as not persisted (a 400), and a writer
     that took it for absent would find its create refused by the very object it cannot read.
-    Retried, the event waits for the repair: once the record is removed, the next delivery of
-    its writer's event writes it again, the same record its first writer wrote.
+    Retried, the event waits for the repair.
+
+    Args:
+        written_from: None when the event being answered is the one that writes the record:
+            removed, it is written again at the next delivery, the same record its first
+            writer wrote. Else the type of the event that does (``image.rendered`` for the
+            metadata record derive reads): that event was answered long ago, so removing the
+            record only turns the next delivery into a 400 ("no record"), and the message
+            says to repair it, or to send that event again once it is removed
+            (``docs/runbook.md``, "Repair a corrupt record").
     """
+    if written_from is None:
+        remedy = "repair or remove it: the next delivery writes it again"
+    else:
+        remedy = (
+            f"repair it (runbook: Repair a corrupt record); removed, it is written again only"
+            f" when its generation's {written_from} event is sent again"
+        )
     return DependencyUnavailable(
         f"the stored record {key!r} is corrupt ({why[:200]}): it is written once, so no"
-        " retry mends it; repair or remove it",
+        f" retry mends it; {remedy}",
         retry_after=60,
     )
 
@@ -380,15 +410,38 @@ def _png_size(png: bytes) -> tuple[int, int] | str:
     A header too large for Pillow to open (a decompression bomb: far over any size render
     makes) is said as such, whether Pillow refuses it or, told to, warns of it as an error;
     so is a PNG that derive cannot show as a browser does
-    (:func:`imagegen.derivatives.unshowable`), which it would fail for good.
+    (:func:`imagegen.derivatives.unshowable`), which it would fail for good, or one not whole
+    (:func:`_unfinished`).
     """
     try:
         with Image.open(io.BytesIO(png), formats=("PNG",)) as opened:
-            return unshowable(png, opened) or opened.size
+            size = opened.size
+            why = unshowable(png, opened) or _unfinished(opened)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return "a PNG larger than any render makes"
-    except (OSError, SyntaxError, ValueError, EOFError):  # not a PNG, or one cut short
+    except (OSError, SyntaxError, ValueError, EOFError):  # not a PNG, or one cut in its header
         return "not a PNG"
+    return why or size
+
+
+def _unfinished(opened: ImageFile.ImageFile) -> str | None:
+    """Why the PNG ``opened`` (opened by Pillow, not loaded) is not whole, or None.
+
+    Pillow's ``verify()`` walks the chunks from the first IDAT to IEND, each checked to be as
+    long as it says and to match its CRC (those before IDAT were when it opened). So a PNG
+    cut short anywhere is refused, in its pixel data included (derive's decode fails it for
+    good), as is one without IEND or with a chunk damaged (libpng, and so a browser, refuses a
+    critical chunk whose CRC is wrong). Each byte is read once, for the CRCs, and nothing is
+    inflated: a deflate stream written wrong inside chunks whose CRCs match it is left to
+    derive's decode.
+    """
+    if not opened.tile:  # no IDAT before IEND
+        return "a PNG without pixel data"
+    try:
+        opened.verify()
+    except (OSError, SyntaxError, ValueError, EOFError):
+        return "a PNG cut short or damaged"
+    return None
 
 
 def _refuse(image: RenderedImage, errors: list[dict[str, str]]) -> None:

@@ -67,33 +67,40 @@ def _http_url(value: str | None) -> str | None:
 
 
 def _served_base_url(value: str | None) -> str | None:
-    """``value`` when it is an :func:`_http_url` with nothing after its host but ``/``.
+    """``value`` when it is an :func:`_http_url` with no user name or password, and nothing
+    after its host but ``/``.
 
     The Worker takes an object's key from the whole path of a request (``worker/src/keys.ts``)
     and a public URL is ``<base>/<key>``: a path in the base puts the key under it, a query or
     a fragment swallows it, and every URL persist writes is broken for good (records are
-    written once). Other URLs keep their paths: a broker's ingress or an endpoint may need one.
+    written once). Credentials in it would be in every URL written into records and events,
+    for anyone given one to read. Other URLs keep their paths: a broker's ingress or an
+    endpoint may need one.
     """
     value = _http_url(value)
     if not value:
         return value
-    # The separators, not the parts: "https://host?" has an empty query, and breaks all the same.
+    # The separators, not the parts: "https://host?" has an empty query, and breaks all the same;
+    # "https://@host" has an empty user name.
+    parts = urlsplit(value)
     before_fragment, hash_mark, _ = value.partition("#")
     found = [
         what
         for what, present in (
-            ("a path", urlsplit(value).path not in ("", "/")),
+            ("a path", parts.path not in ("", "/")),
             ("a query", "?" in before_fragment),
             ("a fragment", bool(hash_mark)),
         )
         if present
     ]
+    problems = []
+    if "@" in parts.netloc:
+        problems.append("has a user name or password, which every public URL would carry")
     if found:
         listed = f"{', '.join(found[:-1])} and {found[-1]}" if len(found) > 1 else found[0]
-        raise ValueError(
-            f"has {listed}: the Worker serves keys at the root of its host, so give its origin"
-            " alone (https://host[:port])"
-        )
+        problems.append(f"has {listed}: the Worker serves keys at the root of its host")
+    if problems:
+        raise ValueError(f"{'; '.join(problems)}, so give its origin alone (https://host[:port])")
     return value
 
 

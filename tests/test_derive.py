@@ -357,6 +357,40 @@ async def test_a_corrupt_record_is_a_503_naming_it_at_every_delivery(
             error = caught.value
             assert (error.status, error.retryable) == (503, True)
             assert f"the stored record {key!r} is corrupt" in error.message
+            if record == "derivatives":  # derive's own: a retry writes it again
+                assert "repair or remove it: the next delivery writes it again" in error.message
+
+
+async def test_a_corrupt_metadata_record_is_to_be_repaired_not_removed(tmp_path: Path) -> None:
+    """derive reads persist's record, and persist's image.rendered was answered long ago: the
+    message said to remove it, which turned derive's next delivery into a 400 that failed the
+    generation. It says to repair it, and the repair the runbook gives lets derive go on."""
+    async with ImageGenService(settings(tmp_path, [32])) as service:
+        rendered = await stored(service, "d-repair")
+        persisted = await service.persist(rendered)
+        record = tmp_path / persisted.keys["metadata"]
+        record.write_bytes(b'{"persisted": ')
+        with pytest.raises(DependencyUnavailable) as caught:
+            await service.derive(persisted)
+        message = caught.value.message
+        assert (caught.value.status, caught.value.retryable) == (503, True)
+        assert "repair it (runbook: Repair a corrupt record)" in message
+        assert "generation's image.rendered event is sent again" in message
+        assert "repair or remove it" not in message
+
+        record.unlink()  # what the message must not advise: the event then fails for good
+        with pytest.raises(InvalidRequest) as removed:
+            await service.derive(persisted)
+        assert (removed.value.status, removed.value.fields) == (400, ["key"])
+
+        # Written again from the image.persisted and image.rendered events' data.
+        events = {
+            "persisted": persisted.model_dump(mode="json"),
+            "request": rendered.model_dump(mode="json")["prompt"],
+        }
+        record.write_text(json.dumps(events))
+        derived = await service.derive(persisted)
+    assert (derived.key, derived.sha256) == (persisted.key, persisted.sha256)
 
 
 def test_the_derive_function_answers_a_corrupt_record_with_a_503_and_no_trace(
@@ -408,3 +442,62 @@ async def test_a_lost_thumbnail_is_remade_at_its_first_writers_size(tmp_path: Pa
     assert again.thumbnail_size is None and again.keys == first.keys
     with Image.open(thumbnail) as remade:
         assert remade.size == (128, 128)
+
+
+async def _dies_before_the_record(
+    service: ImageGenService, persisted: PersistedImage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``service`` derives ``persisted`` and dies before its record: its objects are stored."""
+    real_create = LocalStorage.create
+
+    async def dies_at_the_record(self: LocalStorage, key: str, *args: Any, **kw: Any) -> bool:
+        if key.endswith(".derivatives.json"):
+            raise ConnectionResetError("the pod is gone")
+        return await real_create(self, key, *args, **kw)
+
+    monkeypatch.setattr(LocalStorage, "create", dies_at_the_record)
+    with pytest.raises(ConnectionResetError):
+        await service.derive(persisted)
+    monkeypatch.setattr(LocalStorage, "create", real_create)
+
+
+def _sized(root: Path, thumbnail_size: int) -> Settings:
+    return Settings(storage_url=str(root), thumbnail_size=thumbnail_size, derivative_widths=[])
+
+
+async def test_a_thumbnail_an_earlier_writer_stored_is_recorded_at_its_own_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica (thumbnails of 256) stored the thumbnail and died before the record; the
+    redelivery went to one configured otherwise (128), whose create lost to that thumbnail:
+    its record said 128 of a 256 px thumbnail, and one lost was remade at 128 under its key."""
+    async with ImageGenService(_sized(tmp_path, 256)) as one:
+        rendered = await store_rendered(one.storage, "d-thumb-race", NOW, png(512, 256), "a kite")
+        persisted = await one.persist(rendered)
+        await _dies_before_the_record(one, persisted, monkeypatch)
+    thumbnail = tmp_path / persisted.keys["thumbnail"]
+    made = thumbnail.read_bytes()
+    with Image.open(thumbnail) as stored:
+        assert stored.size == (256, 128)
+
+    async with ImageGenService(_sized(tmp_path, 128)) as two:
+        derived = await two.derive(persisted)
+        assert derived.thumbnail_size == 256  # the stored thumbnail's, not this replica's
+        record = json.loads((tmp_path / derived.keys["record"]).read_text())
+        assert record["derived"]["thumbnail_size"] == 256
+        thumbnail.unlink()  # a bucket restored without it
+        assert await two.derive(persisted) == derived
+    assert thumbnail.read_bytes() == made
+
+
+async def test_a_stored_thumbnail_of_the_same_pixels_keeps_this_replicas_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An image smaller than either size has one thumbnail, itself, whichever size made it."""
+    async with ImageGenService(_sized(tmp_path, 512)) as one:
+        rendered = await store_rendered(one.storage, "d-thumb-same", NOW, png(256, 256), "a kite")
+        persisted = await one.persist(rendered)
+        await _dies_before_the_record(one, persisted, monkeypatch)
+    async with ImageGenService(_sized(tmp_path, 384)) as two:
+        derived = await two.derive(persisted)
+    assert derived.thumbnail_size == 384

@@ -196,6 +196,7 @@ async def test_a_corrupt_record_is_a_503_naming_it_at_every_redelivery(
                 await service.persist(rendered)
             assert (caught.value.status, caught.value.retryable) == (503, True)
             assert f"the stored record {record!r} is corrupt" in caught.value.message
+            assert "repair or remove it: the next delivery writes it again" in caught.value.message
     assert (store / record).read_bytes() == corrupt  # written once: left for the operator
 
     with InProcessFunction("persist", base_env(store)) as persist:
@@ -290,6 +291,15 @@ def _bomb_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
 
+_RENDERED = png(*JOB_SIZE)
+
+
+def _damaged(data: bytes, kind: bytes) -> bytes:
+    """``data`` with one byte of its first ``kind`` chunk flipped, its CRC left as it was."""
+    at = data.index(kind) + 4
+    return data[:at] + bytes([data[at] ^ 1]) + data[at + 1 :]
+
+
 @pytest.mark.parametrize(
     ("data", "fields"),
     [
@@ -299,15 +309,31 @@ def _bomb_header(width: int, height: int) -> bytes:
         (_png_of(512, 256), ["width"]),
         (_png_of(2000, 16), ["width", "height"]),
         (_bomb_header(20_000, 20_000), ["image"]),
+        (_RENDERED[: len(_RENDERED) // 2], ["image"]),  # cut inside its pixel data (IDAT)
+        (_RENDERED[:-12], ["image"]),  # every pixel, but no IEND
+        (_damaged(_RENDERED, b"IDAT"), ["image"]),
+        (_bomb_header(*JOB_SIZE), ["image"]),  # a header, and no pixel data at all
     ],
-    ids=["png", "gif", "cut short", "wider", "other size", "bomb"],
+    ids=[
+        "png",
+        "gif",
+        "cut short",
+        "wider",
+        "other size",
+        "bomb",
+        "cut in its pixels",
+        "no end",
+        "a damaged chunk",
+        "no pixels",
+    ],
 )
 async def test_a_stored_object_that_is_no_png_of_the_events_size_is_refused_unrecorded(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, data: bytes, fields: list[str]
 ) -> None:
     """The digest matched and render's metadata too, so persist recorded the object as the
     event's 256 x 256 PNG: the Worker served it as one, and derive failed the generation for
-    good, after the reply had said it was final. Only its header is read, no pixel decoded."""
+    good, after the reply had said it was final. A PNG cut short in its pixel data was taken
+    too, its header being whole. Its chunks are read, no pixel decoded."""
 
     def refuse(*args: Any) -> None:
         raise AssertionError("decoded")

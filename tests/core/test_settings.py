@@ -168,6 +168,34 @@ def test_a_public_base_url_with_anything_after_its_host_is_refused(base: str, fo
 
 
 @pytest.mark.parametrize(
+    "base",
+    [
+        "https://alice:s3cr3t@img.example.com",
+        "https://alice@img.example.com/",
+        "https://:s3cr3t@img.example.com:8443",
+        "https://@img.example.com",
+    ],
+)
+def test_a_public_base_url_with_credentials_is_refused(base: str) -> None:
+    """persist writes ``<base>/<key>`` into every record and event: a user name or password
+    in the base was taken, and handed to everyone given a URL."""
+    with pytest.raises(ValidationError) as caught:
+        Settings(public_base_url=base)
+    [error] = caught.value.errors()
+    assert error["loc"] == ("public_base_url",)
+    assert "has a user name or password" in error["msg"]
+    assert "s3cr3t" not in str(caught.value) and "alice" not in str(caught.value)
+
+
+def test_credentials_and_a_path_in_a_public_base_url_are_both_named() -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(public_base_url="https://alice:s3cr3t@img.example.com/images")
+    [error] = caught.value.errors()
+    assert "has a user name or password" in error["msg"]
+    assert "has a path: the Worker serves keys at the root of its host" in error["msg"]
+
+
+@pytest.mark.parametrize(
     "base", ["https://img.example.com", "https://img.example.com/", "http://127.0.0.1:8787/"]
 )
 def test_a_public_base_url_that_is_an_origin_is_taken_as_given(base: str) -> None:
