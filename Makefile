@@ -12,7 +12,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# CPU torch is pinned: a range that admits newer releases pulls a multi-GB CUDA build.
+# torch is pinned to the CPU wheel pip finds at hand (find-links); a range admitting newer
+# releases, or PyPI's own Linux wheel, is a multi-GB CUDA build (docs/development.md).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[render,ledger,test]"
