@@ -326,7 +326,13 @@ def _an_object(data: Any, field: str) -> dict[str, Any]:
 
 
 def _json_kind(value: Any) -> str:
-    kinds = {str: "a string", list: "an array", bool: "a boolean", int: "a number"}
+    kinds = {
+        str: "a string",
+        list: "an array",
+        dict: "an object",
+        bool: "a boolean",
+        int: "a number",
+    }
     return "null" if value is None else kinds.get(type(value), "a number")
 
 

@@ -14,6 +14,11 @@ code written against httpx (and ollama, which turns an ``httpx.ConnectError`` in
 timeout, and a server that closes the connection before answering is a
 ``RemoteProtocolError``. (``httpx-aiohttp`` 0.2 maps every ``ClientConnectionError``, a refused
 connection included, to ``ConnectTimeout``, which is why it is not used.)
+
+A body can be capped (``max_body``): httpx reads a whole non-streamed body into memory, so a
+server that answers with hundreds of megabytes would take the process with it. A body longer
+than the cap, whether its ``Content-Length`` says so (nothing of it is read) or it is chunked
+(read up to the cap), raises :class:`BodyTooLarge` and closes the connection.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import aiohttp
 import httpx
 from yarl import URL
 
-__all__ = ["AiohttpTransport"]
+__all__ = ["AiohttpTransport", "BodyTooLarge"]
 
 # (aiohttp's exception, httpx's) from the most specific; the first match wins.
 # aiohttp/client_exceptions.py: both timeouts below derive from ServerTimeoutError, which is a
@@ -47,6 +52,11 @@ _ERRORS: tuple[tuple[type[BaseException], type[httpx.TransportError]], ...] = (
 )
 
 
+class BodyTooLarge(httpx.RemoteProtocolError):
+    """A response body longer than the transport's cap; raised as httpcore raises a header
+    past h11's limit, a protocol error of the peer's."""
+
+
 @contextmanager
 def _mapped(request: httpx.Request) -> Iterator[None]:
     try:
@@ -61,13 +71,30 @@ def _mapped(request: httpx.Request) -> Iterator[None]:
 class _Body(httpx.AsyncByteStream):
     """A response body read from aiohttp as it arrives; closing it frees the connection."""
 
-    def __init__(self, response: aiohttp.ClientResponse, request: httpx.Request) -> None:
+    def __init__(
+        self, response: aiohttp.ClientResponse, request: httpx.Request, limit: int | None
+    ) -> None:
         self._response = response
         self._request = request
+        self._limit = limit
+
+    def _too_large(self, size: str) -> BodyTooLarge:
+        return BodyTooLarge(
+            f"response body of {size} is over the {self._limit} bytes allowed",
+            request=self._request,
+        )
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        limit = self._limit
+        declared = self._response.content_length
+        if limit is not None and declared is not None and declared > limit:
+            raise self._too_large(f"{declared} bytes")  # unread: aclose closes the connection
+        read = 0
         with _mapped(self._request):
             async for chunk in self._response.content.iter_any():
+                read += len(chunk)
+                if limit is not None and read > limit:
+                    raise self._too_large(f"more than {limit} bytes")
                 yield chunk
 
     async def aclose(self) -> None:
@@ -86,15 +113,22 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             (``keepalive_expiry``), as an httpx transport reads them.
         verify: The TLS context for ``https`` URLs; default httpx's (certifi's roots, or
             ``SSL_CERT_FILE``/``SSL_CERT_DIR``), made on the first ``https`` request.
+        max_body: The most bytes of a response body read, as sent (before httpx decodes
+            it); a longer one raises :class:`BodyTooLarge`. None: no cap.
     """
 
     def __init__(
-        self, *, limits: httpx.Limits | None = None, verify: ssl.SSLContext | None = None
+        self,
+        *,
+        limits: httpx.Limits | None = None,
+        verify: ssl.SSLContext | None = None,
+        max_body: int | None = None,
     ) -> None:
         limits = limits or httpx.Limits(max_connections=100, keepalive_expiry=5.0)
         self._limit = limits.max_connections or 0  # aiohttp: 0 is no limit
         self._keepalive = limits.keepalive_expiry
         self._verify = verify
+        self._max_body = max_body
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -162,7 +196,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return httpx.Response(
             response.status,
             headers=list(response.raw_headers),
-            stream=_Body(response, request),
+            stream=_Body(response, request, self._max_body),
             request=request,
             extensions=extensions,
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -33,6 +34,7 @@ from imagegen.identity import (
     derive_generation_id,
     key_time,
     new_generation_id,
+    parse_rfc3339,
 )
 from imagegen.validation import check_json_value
 
@@ -44,6 +46,7 @@ __all__ = [
     "MAX_METADATA_DEPTH",
     "MAX_PNG_BYTES",
     "MAX_PROMPT_CHARS",
+    "PROMPT_REFUSED_CHARACTERS",
     "Contribution",
     "DerivedImage",
     "EnhancedPrompt",
@@ -58,6 +61,7 @@ __all__ = [
     "derive_generation_id",
     "derive_seed",
     "new_generation_id",
+    "prompt_text",
 ]
 
 MAX_PROMPT_CHARS = 2000
@@ -204,13 +208,53 @@ class Contribution(_Model):
 
 
 def _time_text(value: object) -> object:
-    # pydantic reads a number, or a string of digits, as Unix seconds: a caller's wrong type,
-    # not a time, the same in JSON and in a Python mapping (event data arrives as one).
-    if isinstance(value, str) and value.strip().lstrip("+-").replace(".", "", 1).isdigit():
-        raise ValueError("must be an RFC 3339 date-time, not a number of seconds")
-    if value is not None and not isinstance(value, str | datetime):
+    # A string is read by the rule of the `time` attribute (imagegen.identity), not by
+    # pydantic's, which takes a date, a time without an offset (as UTC) or a number of seconds
+    # and refuses a leap second. Any other type is a caller's mistake, the same in JSON and in
+    # a Python mapping (event data arrives as one); a datetime comes from the library's API.
+    if isinstance(value, str):
+        if value.strip().lstrip("+-").replace(".", "", 1).isdigit():
+            raise ValueError("must be an RFC 3339 date-time, not a number of seconds")
+        try:
+            return parse_rfc3339(value)
+        except ValueError:
+            raise ValueError(
+                "must be an RFC 3339 date-time with its offset (2026-01-02T03:04:05Z)"
+            ) from None
+    if value is not None and not isinstance(value, datetime):
         raise ValueError("must be an RFC 3339 date-time string")
     return value
+
+
+# What a prompt may not hold: C0 and C1 control characters (tab, line feed and carriage return
+# aside: they are spaces) and the bidirectional embeddings, overrides and isolates, which
+# reorder what is shown (a file name, a PNG's text) without changing what the model reads.
+PROMPT_REFUSED_CHARACTERS = re.compile(
+    "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]"
+)
+_PROMPT_SPACES = str.maketrans("\t\n\r", "   ")
+
+
+def prompt_text(value: str) -> str:
+    """``value`` by the prompt rule: tab, line feed and carriage return become spaces.
+
+    Applied before a prompt's edges are stripped, which would take a C1 control character
+    (NEL, U+0085, is whitespace to Python) there without a word.
+
+    Raises:
+        ValueError: ``value`` holds another control character, or a bidirectional override
+            or isolate (:data:`PROMPT_REFUSED_CHARACTERS`), naming the first.
+    """
+    if found := PROMPT_REFUSED_CHARACTERS.search(value):
+        raise ValueError(
+            f"holds the control character U+{ord(found.group()):04X} at {found.start()}"
+        )
+    return value.translate(_PROMPT_SPACES)
+
+
+def _prompt_rule(value: object) -> object:
+    # A value of another type is left to the field's own validation, which names its type.
+    return prompt_text(value) if isinstance(value, str) else value
 
 
 class GenerationRequest(_Model):
@@ -226,7 +270,12 @@ class GenerationRequest(_Model):
         default=None, description="Set by the caller or derived from the request event."
     )
     prompt: (
-        Annotated[str, StringConstraints(strip_whitespace=True, max_length=MAX_PROMPT_CHARS)] | None
+        Annotated[
+            str,
+            BeforeValidator(_prompt_rule),
+            StringConstraints(strip_whitespace=True, max_length=MAX_PROMPT_CHARS),
+        ]
+        | None
     ) = Field(default=None, description="What to draw. Absent or empty: the enhancer dreams one.")
     width: Dimension = 1024
     height: Dimension = 1024
@@ -348,7 +397,7 @@ class RenderRequest(_Model):
     """
 
     generation_id: GenerationId | None = Field(default=None, description="Default: a new id.")
-    prompt: str = Field(
+    prompt: Annotated[str, BeforeValidator(_prompt_rule)] = Field(
         min_length=1,
         max_length=MAX_FINAL_PROMPT_CHARS,
         description="What to draw, handed to the model as is.",
@@ -373,9 +422,9 @@ class RenderRequest(_Model):
     seed: int | None = Field(
         default=None, ge=0, le=MAX_SEED, description="Default: derived from the generation id."
     )
-    requested_at: Annotated[datetime | None, AfterValidator(_aware)] = Field(
-        default=None, description="Default: the current time."
-    )
+    requested_at: Annotated[
+        datetime | None, BeforeValidator(_time_text), AfterValidator(_aware)
+    ] = Field(default=None, description="Default: the current time.")
     enhanced_at: Annotated[datetime | None, AfterValidator(_aware)] = Field(
         default=None, description="When enhance wrote the prompt, if it did."
     )

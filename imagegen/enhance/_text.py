@@ -19,6 +19,7 @@ import re
 import unicodedata
 from collections.abc import Iterable
 
+from imagegen.models import PROMPT_REFUSED_CHARACTERS
 from imagegen.modelspec import ModelFamily
 
 __all__ = ["clean_reply", "estimate_tokens", "fit_budget", "join_fragments", "unusable"]
@@ -135,8 +136,13 @@ def _strip_quotes(text: str) -> str:
 
 def clean_reply(text: str) -> str:
     """The bare prompt in an LLM reply: no preamble, quotes, markdown, negative prompt,
-    Midjourney parameters or line breaks (list items and labelled lines become clauses)."""
-    text = _FENCE.sub("", text[:MAX_REPLY_CHARS].replace(_ITEM, ""))
+    Midjourney parameters or line breaks (list items and labelled lines become clauses).
+
+    The prompt rule of a request (:func:`imagegen.models.prompt_text`) holds for the reply:
+    the characters a request may not hold are dropped here, and its tabs and line breaks end
+    as spaces."""
+    text = PROMPT_REFUSED_CHARACTERS.sub("", text[:MAX_REPLY_CHARS])  # _ITEM among them
+    text = _FENCE.sub("", text)
     text = _CHATTER.sub("", text.strip())
     text = _STRONG.sub(r"\2", text)
     text = _EMPHASIS.sub(r"\1", text)

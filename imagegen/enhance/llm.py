@@ -47,7 +47,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from imagegen._http import AiohttpTransport
+from imagegen._http import AiohttpTransport, BodyTooLarge
 from imagegen._redact import redact_url
 from imagegen.enhance._breaker import CircuitBreaker, CircuitOpen
 from imagegen.enhance._ollama import ollama
@@ -58,12 +58,25 @@ from imagegen.modelspec import ModelFamily
 from imagegen.settings import Settings
 from imagegen.telemetry import instruments, record_error, tracer
 
-__all__ = ["MalformedReply", "OllamaEnhancer", "PromptReply", "build_messages", "fallback_reason"]
+__all__ = [
+    "MAX_RESPONSE_BYTES",
+    "MalformedReply",
+    "OllamaEnhancer",
+    "PromptReply",
+    "answered",
+    "build_messages",
+    "fallback_reason",
+]
 
 logger = logging.getLogger("imagegen.enhance")
 
 DEFAULT_BACKOFF = 0.5
 """Seconds before the first retry; each next wait doubles."""
+
+MAX_RESPONSE_BYTES = 1 << 20
+"""The most bytes of an Ollama response read. A reply is bounded by ``num_predict`` (at most
+about 1,000 tokens: a few kilobytes, some tens streamed); a longer body is no chat response, and
+reading it whole could take the pod's memory."""
 
 
 class PromptReply(BaseModel):
@@ -90,9 +103,9 @@ class UnreadableResponse(MalformedReply):
     a malformed reply, but, unlike one, a failure for the circuit breaker."""
 
 
-def _answered(exc: BaseException) -> bool:
+def answered(exc: BaseException | None) -> bool:
     """Whether ``exc`` ended a prompt with Ollama answering as it should (a reply that holds no
-    usable prompt): for the circuit breaker, a success."""
+    usable prompt): for the circuit breaker, a success; for the stage, no reason to retry."""
     return isinstance(exc, MalformedReply) and not isinstance(exc, UnreadableResponse)
 
 
@@ -367,14 +380,18 @@ class OllamaEnhancer:
         self.backoff = backoff
         self._owns_client = client is None
         # Sent through aiohttp: httpcore's pool costs more CPU than the rest of a request.
+        # Bodies uncompressed, as Ollama sends them: the cap counts the bytes as sent.
         self.client = client or ollama.AsyncClient(
-            host=settings.ollama_host, timeout=settings.ollama_timeout, transport=AiohttpTransport()
+            host=settings.ollama_host,
+            timeout=settings.ollama_timeout,
+            transport=AiohttpTransport(max_body=MAX_RESPONSE_BYTES),
+            headers={"Accept-Encoding": "identity"},
         )
         self.breaker = CircuitBreaker(
             "ollama",
             threshold=settings.ollama_breaker_threshold,
             cooldown=settings.ollama_breaker_cooldown,
-            exclude=_answered,
+            exclude=answered,
         )
         self._server = _server_attributes(settings.ollama_host)
         self._keep_alive = _keep_alive(settings.ollama_keep_alive)
@@ -410,7 +427,7 @@ class OllamaEnhancer:
             # One write is one call of the circuit, its retries included; an open circuit
             # refuses it before any attempt. The probe of a circuit that opened is one attempt:
             # it asks whether Ollama is back, and retries would only make its caller wait.
-            # A malformed reply leaving it is a success there (_answered): Ollama answered.
+            # A malformed reply leaving it is a success there (answered): Ollama answered.
             async with self.breaker.call() as probe, asyncio.timeout(self.deadline):
                 attempts = 1 if probe else self.settings.ollama_retries + 1
                 sampled = self.settings.ollama_temperature > 0
@@ -508,6 +525,8 @@ class OllamaEnhancer:
             )
         except _UNREADABLE as exc:  # a body that is no chat response, or no error object
             raise UnreadableResponse(f"unreadable response ({type(exc).__name__})") from None
+        except BodyTooLarge as exc:
+            raise UnreadableResponse(f"unreadable response: {exc}") from None
         content = _without_thinking(response.message.content or "")
         # The content is never logged: it may echo the caller's prompt.
         if response.done_reason == "length":

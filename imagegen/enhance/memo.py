@@ -20,7 +20,6 @@ import logging
 from imagegen.errors import DependencyUnavailable, InvalidRequest, NotFound
 from imagegen.models import EnhancedPrompt, GenerationRequest
 from imagegen.storage.base import Storage, prompt_memo_key
-from imagegen.validation import parse_model
 
 __all__ = ["EnhanceMemo", "request_digest"]
 
@@ -64,12 +63,19 @@ class EnhanceMemo:
             return None
         try:
             memo = json.loads(await self.storage.get(key))
-            asked, kept = memo.get("request"), memo["prompt"]
+            asked, kept = memo["request"], memo["prompt"]
+            if not isinstance(asked, str):
+                raise TypeError("the request's digest is no string")
+            # Fields this release does not know are left out: a newer release, mid-rollout,
+            # may have kept one (an optional field added to the prompt), and the prompt it
+            # kept is still the generation's.
+            prompt = EnhancedPrompt.model_validate(kept, extra="ignore")
         except NotFound:
             return None  # removed since the head (a lifecycle rule): none is kept
         except (ValueError, AttributeError, KeyError, TypeError):
-            # Storage holds something under the key that is no memo: unreadable is what it
-            # is, and a retry is all that can help (as with a store that cannot answer).
+            # Storage holds something under the key that is no memo (ValidationError is a
+            # ValueError): unreadable is what it is, and a retry is all that can help (as
+            # with a store that cannot answer).
             raise DependencyUnavailable(
                 f"the prompt memo of generation {generation_id!r} cannot be read"
             ) from None
@@ -78,7 +84,7 @@ class EnhanceMemo:
                 f"generation {generation_id!r} was already requested with other parameters",
                 errors=[{"field": "generation_id", "message": "already used by another request"}],
             )
-        return parse_model(EnhancedPrompt, kept)
+        return prompt
 
     async def remember(
         self, generation_id: str, request: GenerationRequest, prompt: EnhancedPrompt

@@ -14,7 +14,7 @@ from opentelemetry import trace
 
 from imagegen.enhance._ollama import ollama
 from imagegen.enhance._template import compose, dream_subject
-from imagegen.enhance.llm import DEFAULT_BACKOFF, OllamaEnhancer, fallback_reason
+from imagegen.enhance.llm import DEFAULT_BACKOFF, OllamaEnhancer, answered, fallback_reason
 from imagegen.errors import DependencyUnavailable, InvalidRequest
 from imagegen.identity import (
     GENERATION_ID_PATTERN,
@@ -192,7 +192,10 @@ class EnhanceStage:
                 prompt=request.prompt, contributions=contributions, seed=seed, spec=spec
             )
         except DependencyUnavailable as exc:
-            if not self.settings.enhance_fallback:
+            # Without the fallback, only Ollama's absence is a 503: a reply that holds no
+            # usable prompt is an answer, and a redelivery, sampled with the same seeds, would
+            # get the same one. That request takes the template, fallback or not.
+            if not self.settings.enhance_fallback and not answered(exc.__cause__):
                 raise
             logger.warning("enhance: the LLM is unavailable; using the template prompt")
             reason = fallback_reason(exc)

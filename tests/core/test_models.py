@@ -140,8 +140,23 @@ def test_malformed_json_is_invalid_request() -> None:
         parse_model(GenerationRequest, b"{not json")
 
 
-def test_naive_request_time_is_taken_as_utc() -> None:
-    request = parse_model(GenerationRequest, {"requested_at": "2026-11-24T10:00:00"})
+def test_a_request_time_without_an_offset_is_refused_as_the_time_attribute_is() -> None:
+    """requested_at is an RFC 3339 timestamp, read by the `time` attribute's rule."""
+    for value in ("2026-11-24T10:00:00", "2026-11-24", "2026-11-24 10:00:00Z"):
+        with pytest.raises(InvalidRequest) as caught:
+            parse_model(GenerationRequest, {"requested_at": value})
+        assert caught.value.errors == [
+            {
+                "field": "requested_at",
+                "message": "must be an RFC 3339 date-time with its offset (2026-01-02T03:04:05Z)",
+            }
+        ]
+    leap = parse_model(GenerationRequest, {"requested_at": "2016-12-31T23:59:60Z"})
+    assert leap.requested_at == datetime(2016, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+
+
+def test_a_naive_request_time_given_in_python_is_taken_as_utc() -> None:
+    request = GenerationRequest(requested_at=datetime(2026, 11, 24, 10))
     assert request.requested_at == datetime(2026, 11, 24, 10, tzinfo=UTC)
 
 

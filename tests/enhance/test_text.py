@@ -307,3 +307,14 @@ def test_fit_budget_properties(
     else:
         assert _whole_start(fitted, text)
     assert fit_budget(fitted, spec, subject=subject) == fitted
+
+
+def test_a_reply_follows_the_prompt_rule_of_a_request() -> None:
+    """What a request may not hold is dropped from a reply (an escape sequence, a right-to-left
+    override); its tabs and line breaks end as spaces, so the reply is a valid request's prompt."""
+    from imagegen.models import GenerationRequest
+
+    reply = "a red\x1b fox\u202e in\tthe\r\nsnow\x85 at\x00 dusk\u2066, \x7fink\u2069 wash\x0c"
+    cleaned = clean_reply(reply)
+    assert cleaned == "a red fox in the snow at dusk, ink wash"
+    assert GenerationRequest(prompt=cleaned).prompt == cleaned

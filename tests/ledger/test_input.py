@@ -75,22 +75,35 @@ def test_a_structured_event_with_data_base64_is_recorded(
 def test_text_postgresql_cannot_hold_is_recorded_and_found_by_nothing(
     function: InProcessFunction, ledger_url: str
 ) -> None:
-    """A NUL in a prompt (a valid request: enhance takes it) and a lone surrogate, which
-    JSON's escapes let through: recorded on either backend, never a 500 at each redelivery.
-    A lookup by such an id finds nothing, on either backend."""
+    """A NUL in a request's metadata (a valid request) or in its prompt (one enhance refuses,
+    which is part of the generation's history all the same), and a lone surrogate, which
+    JSON's escapes let through: recorded on either backend, as U+FFFD where PostgreSQL must,
+    never a 500 at each redelivery. A lookup by such an id finds nothing, on either backend."""
     event = chain("gen-nul")["requested"]
-    request = binary(event)
-    body = json.dumps({**event.data, "prompt": "a\x00b"})
-    reply = function.post("/", headers=request["headers"], content=body.encode())
+    body = json.dumps({**event.data, "metadata": {"note": "a\x00b"}})
+    reply = function.post("/", headers=binary(event)["headers"], content=body.encode())
     assert reply.status_code == 202, reply.text
     found = function.get("/generations/gen-nul")
-    # As PostgreSQL must store it, so SQLite stores it too: both answer alike.
-    assert found.status_code == 200 and found.json()["original_prompt"] == "a\ufffdb"
+    assert found.status_code == 200 and found.json()["original_prompt"] == event.data["prompt"]
+    refused = chain("gen-nul-prompt")["requested"]
+    body = json.dumps({**refused.data, "prompt": "a\x00b"})
+    reply = function.post("/", headers=binary(refused)["headers"], content=body.encode())
+    assert reply.status_code == 202, reply.text
+    found = function.get("/generations/gen-nul-prompt")
+    assert found.status_code == 200 and found.json()["original_prompt"] is None
     odd = chain("gen-surrogate")["requested"]
     body = json.dumps({**odd.data, "metadata": {"\udfff": "v"}})
     reply = function.post("/", headers=binary(odd)["headers"], content=body.encode())
     assert reply.status_code == 202, reply.text
-    assert sorted(recorded(ledger_url)) == sorted([event.id, odd.id])
+    assert sorted(recorded(ledger_url)) == sorted([event.id, refused.id, odd.id])
+    ledger = open_ledger(ledger_url)
+    try:
+        # As PostgreSQL must store them, so SQLite stores them too: both answer alike.
+        stored = {each.id: each.data for each in ledger.events()}
+    finally:
+        ledger.close()
+    assert stored[event.id]["metadata"] == {"note": "a\ufffdb"}
+    assert stored[refused.id]["prompt"] == "a\ufffdb"
     for path in ("/generations/a%00b", "/generations?model=%00"):
         reply = function.get(path)
         assert reply.status_code in (200, 404), reply.text
