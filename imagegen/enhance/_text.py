@@ -24,6 +24,9 @@ from imagegen.modelspec import ModelFamily
 
 __all__ = ["clean_reply", "estimate_tokens", "fit_budget", "join_fragments", "unusable"]
 
+# Tab, line feed and carriage return: spaces, as in a request's prompt.
+_SPACES = str.maketrans("\t\n\r", "   ")
+
 # A run of ASCII letters, or one other character that is no space.
 _PIECE = re.compile(r"[A-Za-z]+|[^\sA-Za-z]")
 # Clauses end at ``, . ; : ! ?`` before a space, or at CJK punctuation (ideographic comma and
@@ -249,9 +252,14 @@ def unusable(prompt: str) -> str | None:
 
 
 def join_fragments(parts: Iterable[str]) -> str:
-    """Comma-joined non-empty parts, each once, in order."""
+    """Comma-joined non-empty parts, each once, in order.
+
+    A plugin's fragment follows the prompt rule of a request (:func:`clean_reply`): the
+    characters a request may not hold are dropped, its tabs and line breaks become spaces.
+    """
     seen: dict[str, str] = {}
     for part in parts:
+        part = PROMPT_REFUSED_CHARACTERS.sub("", part).translate(_SPACES)
         part = part.strip().strip(",;\u3001\uff0c\uff1b").strip()
         if part and part.lower() not in seen:
             seen[part.lower()] = part
