@@ -378,7 +378,7 @@ class Function:
             if self._auth is not None:  # None: start-up failed, and the request is answered 503
                 caller = self._auth.authenticate(request.headers.get("Authorization"))
                 caller.admit(*self.stage.callers_of(routes[method][0] if routes else None))
-        except ImageGenError as exc:
+        except Exception as exc:  # anything unforeseen too: a JSON 500, never Flask's HTML page
             return self._failed(exc, None, dispatched=False, generation_id=None)
         return self._route(*routes[method], request) if routes else self.handle(request)
 

@@ -361,13 +361,10 @@ class OidcVerifier:
             raise Unauthenticated(f"token algorithm {algorithm!r} is not accepted")
         if not isinstance(kid, str) or not kid:
             raise Unauthenticated("the token names no signing key (kid)")
-        issued_at = unverified.get("iat")
-        if isinstance(issued_at, bool) or not isinstance(issued_at, int | float):
-            issued_at = None  # refused below, once its key is found
-        elif isinstance(issued_at, float) and not math.isfinite(issued_at):
-            # NaN and ±Infinity, which Python's JSON reads: no time at all, so none.
-            issued_at = None
-        elif issued_at > time.time() + self.leeway:
+        # An iat that is no time (see _numeric_date) is taken as none here, and refused once
+        # the signature verifies (step 2).
+        issued_at = _numeric_date(unverified.get("iat"))
+        if issued_at is not None and issued_at > time.time() + self.leeway:
             raise Unauthenticated("the token is not valid yet")
         issuer, key = self.keys.get(kid, issued_at, leeway=self.leeway)
         if key is None:
@@ -402,6 +399,11 @@ class OidcVerifier:
                 raise Unauthenticated("the token is not valid") from None
             raise Unauthenticated(f"the token's {claim!r} claim is invalid") from None
 
+        # PyJWT int()s the times it checks: a string of digits or a boolean passes it, though
+        # RFC 7519 (section 2) makes each a NumericDate, a JSON number.
+        for claim in ("exp", "nbf", "iat"):
+            if claim in claims and _numeric_date(claims[claim]) is None:
+                raise Unauthenticated(f"the token's {claim!r} claim is invalid")
         audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
         if self.audience not in audiences:
             raise Unauthenticated(
@@ -412,6 +414,22 @@ class OidcVerifier:
         if self.subjects and subject not in self.subjects:
             raise Forbidden(f"subject {subject!r} may not invoke this function")
         return subject
+
+
+def _numeric_date(value: object) -> float | None:
+    """``value`` as seconds since the epoch, or None where it is no NumericDate: anything but a
+    JSON number (a boolean or a string of digits included), or a number no float holds.
+
+    Python's JSON reads NaN, ±Infinity and integers of any length: none of them is a time, and
+    an integer past a float's range would overflow the sums a time goes into.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) else None
 
 
 def _invalid_claim(error: Exception, payload: dict[str, Any]) -> str | None:

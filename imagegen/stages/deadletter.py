@@ -35,6 +35,7 @@ from imagegen.errors import InvalidRequest
 from imagegen.events import GENERATION_FAILED
 from imagegen.identity import derive_generation_id, event_time
 from imagegen.stages import Call, Stage
+from imagegen.validation import loads
 
 if TYPE_CHECKING:
     from imagegen.service import ImageGenService
@@ -68,6 +69,13 @@ class FailureRecord(BaseModel):
 
 
 def _decode(value: str | None) -> Any:
+    """``knativeerrordata`` as far as it decodes: its JSON, else its text; never an error.
+
+    Parsed as any untrusted JSON is (:func:`imagegen.validation.loads`): the reply, cut at
+    1,024 bytes, may nest past the interpreter's recursion limit (``[[[…``) or past what the
+    record's serializer writes, or hold NaN, which no JSON record may; such a reply is kept as
+    its text, and the record is written all the same.
+    """
     if not value:
         return None
     try:
@@ -75,8 +83,8 @@ def _decode(value: str | None) -> Any:
     except (binascii.Error, ValueError):
         text = value
     try:
-        return json.loads(text)
-    except ValueError:
+        return loads(text, field="knativeerrordata")
+    except InvalidRequest:
         return text[:2000]
 
 

@@ -444,9 +444,14 @@ def _claims_as_written(header: dict[str, Any], claims: str) -> str:
 
 
 @pytest.mark.parametrize("kid", ["k1", "bogus"])
-@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e999", "-1e999"])
+@pytest.mark.parametrize(
+    "value",
+    ["NaN", "Infinity", "-Infinity", "1e999", "-1e999", "1" + "0" * 400, "-1" + "0" * 400],
+    ids=["NaN", "Infinity", "-Infinity", "1e999", "-1e999", "10**400", "-10**400"],
+)
 def test_an_iat_that_is_no_time_is_401_not_an_error(issuer: Issuer, kid: str, value: str) -> None:
-    # Python's JSON (PyJWT's) reads NaN and Infinity; they must not reach the clock's sums.
+    # Python's JSON (PyJWT's) reads NaN, Infinity and integers no float holds; they must not
+    # reach the clock's sums.
     clock = Clock()
     authenticator = gate(issuer, clock)
     authenticator.authenticate(bearer(issuer.sign({})))
@@ -462,6 +467,30 @@ def test_signed_times_that_are_no_times_are_401(issuer: Issuer, claim: str, valu
     # PyJWT refuses these itself (int() of them fails); the issuer's signature changes nothing.
     with pytest.raises(Unauthenticated):
         gate(issuer).authenticate(bearer(issuer.sign({claim: value})))
+
+
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+@pytest.mark.parametrize("kind", ["digits", "true", "10**400"])
+def test_signed_times_that_are_no_json_numbers_are_401(
+    issuer: Issuer, claim: str, kind: str
+) -> None:
+    # RFC 7519 (section 2): a NumericDate is a JSON number. PyJWT int()s what it checks, so
+    # each of these passed it, signed by the issuer, and was taken for a time.
+    now = int(time.time())
+    valid = {"exp": now + 600, "nbf": now, "iat": now}[claim]
+    value = {"digits": str(valid), "true": True, "10**400": 10**400}[kind]
+    with pytest.raises(Unauthenticated) as caught:
+        gate(issuer).authenticate(bearer(issuer.sign({claim: value})))
+    # Where PyJWT's own reading already refuses it (true as exp is 1, 1970; a time far
+    # ahead), it says so; else the claim is named.
+    refused_as_a_time = {
+        ("exp", "true"): "the token has expired",
+        ("nbf", "10**400"): "the token is not valid yet",
+        ("iat", "10**400"): "the token is not valid yet",
+    }
+    expected = refused_as_a_time.get((claim, kind), f"the token's {claim!r} claim is invalid")
+    assert caught.value.message == expected
+    assert caught.value.challenge == 'Bearer realm="imagegen", error="invalid_token"'
 
 
 def test_a_slow_issuer_holds_no_request_past_the_fetch_deadline(

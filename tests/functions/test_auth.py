@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from imagegen.auth import new_api_key
+from imagegen.auth import Authenticator, Principal, new_api_key
 from tests.fakes.oidc_issuer import Issuer
 from tests.functions.clients import InProcessFunction
 from tests.functions.conftest import auth_env, base_env
@@ -91,12 +91,30 @@ def test_an_iat_that_is_no_time_is_401_not_500(enhance: InProcessFunction) -> No
     # Unsigned, naming no key the issuer has: Python's JSON reads NaN and Infinity. Each is
     # sent twice: the first may fetch the keys, the second finds them just fetched.
     header = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImJvZ3VzIn0"  # {"alg":"RS256","kid":"bogus"}
-    for issued_at in ("NaN", "NaN", "-Infinity", "-Infinity", "Infinity"):
+    # Integers of 400 digits, which no float holds, as much as NaN.
+    huge = "1" + "0" * 400
+    for issued_at in ("NaN", "NaN", "-Infinity", "-Infinity", "Infinity", f"-{huge}", f"-{huge}"):
         claims = base64.urlsafe_b64encode(f'{{"iat": {issued_at}, "sub": "x"}}'.encode())
         token = f"{header}.{claims.decode().rstrip('=')}.AAAA"
         reply = enhance.post("/", json=REQUEST, headers={"Authorization": f"Bearer {token}"})
         assert reply.status_code == 401, (issued_at, reply.text)
         assert reply.json()["error"] == "unauthenticated"
+
+
+def test_an_error_authentication_did_not_foresee_is_a_json_500(
+    enhance: InProcessFunction, issuer: Issuer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not Flask's HTML page: the same JSON failure as any request's, logged whole.
+    def broken(self: Authenticator, authorization: str | None) -> Principal:
+        raise OverflowError("int too large to convert to float")
+
+    monkeypatch.setattr(Authenticator, "authenticate", broken)
+    token = issuer.sign({}, audience="imagegen-enhance")
+    reply = enhance.post("/", json=REQUEST, headers={"Authorization": f"Bearer {token}"})
+    assert reply.status_code == 500, reply.text
+    assert reply.headers["Content-Type"].startswith("application/json")
+    assert reply.json()["error"] == "internal"
+    assert "OverflowError" not in reply.text
 
 
 def test_the_brokers_token_and_an_api_key_are_admitted(
