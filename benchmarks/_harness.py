@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:  # `python benchmarks/run.py` puts only benchmarks
 
 from tests.functions.servers import FunctionServer  # noqa: E402
 
-__all__ = ["ROOT", "Comparison", "Served", "interleave", "served"]
+__all__ = ["ROOT", "Comparison", "Served", "absolute_verdict", "interleave", "rotated", "served"]
 
 T = TypeVar("T")
 
@@ -131,6 +131,22 @@ def interleave(
         for measure, into in order if i % 2 == 0 else reversed(order):
             into.append(measure())
     return theirs, ours
+
+
+def rotated(items: list[T], round_: int) -> list[T]:
+    """``items`` starting ``round_`` places on: each round another one goes first.
+
+    With more than two arms, rotating (not swapping) also changes which arm runs after which,
+    so no arm always follows the same one.
+    """
+    shift = round_ % len(items) if items else 0
+    return items[shift:] + items[:shift]
+
+
+def absolute_verdict(value: float, target: float, *, at_most: bool, unit: str) -> str:
+    """A figure held against a target in its own unit: ``target <= 5 ms  met``."""
+    met = value <= target if at_most else value >= target
+    return f"target {'<=' if at_most else '>='} {target:g} {unit}  {'met' if met else 'NOT MET'}"
 
 
 HELLO = ROOT / "benchmarks" / "hello.py"

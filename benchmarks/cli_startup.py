@@ -7,8 +7,12 @@ Each round runs, one after another, ``python -c pass`` (the interpreter alone: t
 --help`` and ``python -c "import imagegen"``, each round starting one command further on, so
 that none always runs first or always after the same one. Interleaving the rounds puts each
 command and the baseline under the same machine load. Prints min and median seconds and
-the ratio of medians to the baseline, and whether ``imagegen --help`` meets its target
-(0.25 s, median). Exits 1 when it does not and ``--check`` is given.
+the ratio of medians to the baseline; then the figure the target judges: ``imagegen --help``'s
+own time, each round's ``imagegen --help`` less that round's ``python -c pass`` (what the
+command line adds to the interpreter's start, whatever the machine's interpreter costs), min
+and median, and whether its median meets the target (at most 0.22 s: the 0.25 s a user waits
+for ``imagegen --help``, less the 0.03 s an idle machine's interpreter takes to start). Exits 1
+when it does not and ``--check`` is given.
 """
 
 from __future__ import annotations
@@ -22,7 +26,11 @@ import sys
 import time
 from pathlib import Path
 
-TARGET_HELP_S = 0.25
+from _harness import absolute_verdict, rotated
+
+BASELINE = "python -c pass (baseline)"
+TARGET_OWN_S = 0.22
+"""The most ``imagegen --help`` may add to the interpreter's start (median over the rounds)."""
 
 
 def _commands() -> dict[str, list[str]]:
@@ -31,7 +39,7 @@ def _commands() -> dict[str, list[str]]:
     if imagegen is None:
         raise SystemExit("the imagegen console script is not installed (pip install -e .)")
     return {
-        "python -c pass (baseline)": [sys.executable, "-c", "pass"],
+        BASELINE: [sys.executable, "-c", "pass"],
         "imagegen --help": [imagegen, "--help"],
         "imagegen generate --help": [imagegen, "generate", "--help"],
         "python -c 'import imagegen'": [sys.executable, "-c", "import imagegen"],
@@ -54,28 +62,40 @@ def main() -> int:
     times: dict[str, list[float]] = {name: [] for name in commands}
     for command in commands.values():  # one warm-up each: page cache, .pyc files
         _time(command)
-    order = list(commands.items())
     for round_ in range(args.rounds):
-        shift = round_ % len(order)
-        for name, command in order[shift:] + order[:shift]:
+        for name, command in rotated(list(commands.items()), round_):
             times[name].append(_time(command))
 
-    baseline = statistics.median(times["python -c pass (baseline)"])
-    print(f"{'command':<30} {'min':>8} {'median':>8}  vs baseline ({args.rounds} rounds)")
+    for line in report(times, args.rounds):
+        print(line)
+    return 0 if own_met(times) or not args.check else 1
+
+
+def _own(times: dict[str, list[float]]) -> list[float]:
+    """``imagegen --help`` less ``python -c pass`` of the same round: the CLI's own time."""
+    help_times, base_times = times["imagegen --help"], times[BASELINE]
+    return [h - b for h, b in zip(help_times, base_times, strict=True)]
+
+
+def own_met(times: dict[str, list[float]]) -> bool:
+    """Whether the CLI's own time, median over the rounds, meets its target."""
+    return statistics.median(_own(times)) <= TARGET_OWN_S
+
+
+def report(times: dict[str, list[float]], rounds: int) -> list[str]:
+    """The printed lines: each command's min and median, then the judged figure."""
+    baseline = statistics.median(times[BASELINE])
+    lines = [f"{'command':<30} {'min':>8} {'median':>8}  vs baseline ({rounds} rounds, medians)"]
     for name, samples in times.items():
         median = statistics.median(samples)
-        print(f"{name:<30} {min(samples):>7.3f}s {median:>7.3f}s  x{median / baseline:.1f}")
-    help_times, base_times = times["imagegen --help"], times["python -c pass (baseline)"]
-    help_median = statistics.median(help_times)
-    # The CLI's own share, round by round: what is left after the interpreter's start.
-    own = statistics.median(h - b for h, b in zip(help_times, base_times, strict=True))
-    met = help_median <= TARGET_HELP_S
-    verdict = "met" if met else "MISSED"
-    print(
-        f"imagegen --help median {help_median:.3f}s (the CLI's own share {own:.3f}s): "
-        f"target {TARGET_HELP_S}s {verdict}"
+        lines.append(f"{name:<30} {min(samples):>7.3f}s {median:>7.3f}s  x{median / baseline:.1f}")
+    own = _own(times)
+    lines.append(
+        f"imagegen --help's own time (less python -c pass of the same round) min {min(own):.3f}s"
+        f" median {statistics.median(own):.3f}s: judged on the median,"
+        f" {absolute_verdict(statistics.median(own), TARGET_OWN_S, at_most=True, unit='s')}"
     )
-    return 0 if met or not args.check else 1
+    return lines
 
 
 if __name__ == "__main__":

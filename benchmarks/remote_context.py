@@ -1,8 +1,8 @@
 """What the remote_context plugin adds to each enhance request.
 
-Runs enhance's plugins (the default set: time_of_day, holiday, art_style) in-process, as the
-enhance stage runs them for a request, with and without ``remote_context`` reading a JSON
-object from a loopback endpoint, in interleaved rounds; and, for comparison, the plugin sending
+Runs time_of_day, holiday and art_style in-process, as the enhance stage runs its plugins for
+a request, with and without ``remote_context`` reading a JSON object from a loopback endpoint,
+in interleaved rounds (the first variant rotates); and, for comparison, the plugin sending
 through httpx's own transport (httpcore) instead of aiohttp (docs/adr/0012). Prints min and
 median per request and the ratios.
 
@@ -24,20 +24,22 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
+from _harness import rotated  # noqa: E402
 
 from imagegen.plugins import PluginSet  # noqa: E402
 from imagegen.settings import Settings  # noqa: E402
 from imagegen_plugins.remote_context import RemoteContextPlugin  # noqa: E402
 from tests.plugins.conftest import NOW, JsonEndpoint  # noqa: E402
 
+THREE = ["time_of_day", "holiday", "art_style"]
+"""The plugins every variant runs: the only difference between them is ``remote_context``."""
+
 
 async def measure(rounds: int, requests: int, url: str) -> dict[str, list[float]]:
-    plain = PluginSet.from_settings(Settings())
-    remote = PluginSet.from_settings(
-        Settings(remote_context_url=url, plugins=["time_of_day", "holiday", "art_style"])
-    )
+    plain = PluginSet.from_settings(Settings(plugins=THREE))
+    remote = PluginSet.from_settings(Settings(remote_context_url=url, plugins=THREE))
     remote.enable("remote_context")
-    settings = Settings(remote_context_url=url, plugins=["time_of_day", "holiday", "art_style"])
+    settings = Settings(remote_context_url=url, plugins=THREE)
     over_httpcore = PluginSet.from_settings(settings)
     over_httpcore.add(RemoteContextPlugin(settings, transport=httpx.AsyncHTTPTransport()))
 
@@ -53,9 +55,8 @@ async def measure(rounds: int, requests: int, url: str) -> dict[str, list[float]
     for variant in variants.values():  # calendars built, modules imported, client made
         await variant()
     times: dict[str, list[float]] = {name: [] for name in variants}
-    names = list(variants)
     for i in range(rounds):
-        for name in names[i % len(names) :] + names[: i % len(names)]:  # the first rotates
+        for name in rotated(list(variants), i):
             started = time.perf_counter()
             for _ in range(requests):
                 await variants[name]()

@@ -284,7 +284,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="one round, small counts (smoke)")
-    parser.add_argument("--only", nargs="*", choices=ROWS)
+    parser.add_argument("--only", nargs="+", choices=ROWS)
     parser.add_argument("--torch-threads", type=int, default=1)
     args = parser.parse_args()
     set_torch_threads(args.torch_threads)

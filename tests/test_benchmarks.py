@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -396,3 +398,171 @@ def test_the_start_up_rows_hellos_serve_and_turn_ready(
         assert httpx.post(server.url, json={}).text == answer
     finally:
         server.stop()
+
+
+def test_a_rotation_starts_each_round_one_arm_further_on() -> None:
+    from _harness import rotated
+
+    assert [rotated(["a", "b", "c"], i) for i in range(4)] == [
+        ["a", "b", "c"],
+        ["b", "c", "a"],
+        ["c", "a", "b"],
+        ["a", "b", "c"],
+    ]
+    assert rotated([], 3) == []
+
+
+def test_an_absolute_target_says_met_or_not_met_beside_its_figure() -> None:
+    from _harness import absolute_verdict
+
+    assert absolute_verdict(4.9, 5.0, at_most=True, unit="ms") == "target <= 5 ms  met"
+    assert absolute_verdict(5.1, 5.0, at_most=True, unit="ms") == "target <= 5 ms  NOT MET"
+    assert absolute_verdict(499.0, 500, at_most=False, unit="events/s") == (
+        "target >= 500 events/s  NOT MET"
+    )
+
+
+def test_the_remote_context_baseline_runs_the_same_plugins_less_remote_context(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    import remote_context
+
+    from imagegen.plugins import PluginSet
+    from tests.plugins.conftest import JsonEndpoint
+
+    ran: list[list[str]] = []
+    run = PluginSet.run
+
+    async def spy(self: PluginSet, **kwargs: Any) -> Any:
+        contributions = await run(self, **kwargs)
+        ran.append(list(self.names))
+        assert [c.plugin for c in contributions] == list(self.names)  # each one contributed
+        return contributions
+
+    monkeypatch.setattr(PluginSet, "run", spy)
+    with JsonEndpoint() as endpoint:
+        asyncio.run(remote_context.measure(1, 1, endpoint.at("/context")))
+    three = ["time_of_day", "holiday", "art_style"]
+    # The warm-up call of each variant, then one round of one request each.
+    assert ran[:3] == [three, [*three, "remote_context"], [*three, "remote_context"]]
+
+
+def test_the_otlp_rounds_rotate_the_variants_and_print_min_median_and_ratios(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import otlp_overhead
+
+    calls: list[str] = []
+    mean = {"baseline": [2.0, 4.0, 3.0], "disabled": [2.0, 2.0, 2.0]}
+
+    def fake(variant: str, requests: int, warmup: int, blackhole: str) -> dict[str, float]:
+        calls.append(variant)
+        value = mean.get(variant, [3.0, 3.0, 3.0])[calls.count(variant) - 1]
+        return {"mean_ms": value, "p50_ms": 1.0, "p95_ms": 5.0, "process_s": 1.0}
+
+    monkeypatch.setattr(otlp_overhead, "run_variant", fake)
+    monkeypatch.setattr(sys, "argv", ["otlp_overhead.py", "--rounds", "3"])
+    otlp_overhead.main()
+    assert calls == [
+        *("baseline", "disabled", "refused", "blackhole"),
+        *("disabled", "refused", "blackhole", "baseline"),
+        *("refused", "blackhole", "baseline", "disabled"),
+    ]
+    out = capsys.readouterr().out
+    # The baseline's rounds are 2, 4, 3 ms: min 2, median 3; disabled is 2 every round.
+    assert re.search(r"baseline +2\.00 +3\.00 .* 1\.00x /  1\.00x", out)
+    assert re.search(r"disabled +2\.00 +2\.00 .* 1\.00x /  0\.67x", out)
+    assert "min against min, median against median; no target" in out
+
+
+def test_the_cpu_figure_of_a_round_reads_at_least_a_hundred_ticks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import _rate
+
+    clock = {"ticks": 0, "sent": 0}
+
+    def serve(url: str, bodies: list[dict[str, Any]], concurrency: int) -> float:
+        clock["sent"] += len(bodies)
+        clock["ticks"] += len(bodies) // 10  # a hello: a tick every ten requests
+        return 500.0 if clock["sent"] == len(bodies) else 1.0  # only the first batch's rate
+
+    monkeypatch.setattr(_rate, "_rate", serve)
+    monkeypatch.setattr(_rate, "_ticks", lambda pid: clock["ticks"])
+    bodies = [{"n": i} for i in range(100)]
+    measured = _rate._measured("u", 1, lambda: bodies, 8)
+    assert measured == _rate._Round(500.0, 100, 1000)
+    assert measured.cpu_ms == pytest.approx(100 * 1000 / os.sysconf("SC_CLK_TCK") / 1000)
+
+    # A pool that runs dry ends the round with what it read.
+    pool = iter([bodies, bodies])
+    clock.update(ticks=0, sent=0)
+    assert _rate._measured("u", 1, lambda: next(pool, []), 8) == _rate._Round(500.0, 20, 200)
+
+
+def test_the_cpu_row_gives_its_resolution_and_refuses_a_round_of_no_tick() -> None:
+    from _rate import _cpu_row, _Round
+
+    tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
+    hello = [_Round(500.0, 120, 1000), _Round(480.0, 104, 1000)]
+    ours = [_Round(80.0, 130, 100), _Round(90.0, 125, 100)]
+    row = _cpu_row("enhance", 8, hello, ours)
+    assert row.baseline == pytest.approx([120 * tick_ms / 1000, 104 * tick_ms / 1000])
+    assert row.project == pytest.approx([130 * tick_ms / 100, 125 * tick_ms / 100])
+    assert row.note == (
+        f"(clock ticks of {tick_ms:g} ms, the fewest in a round: hello 104, enhance 125;"
+        " a round's figure within 1.0%)"
+    )
+    with pytest.raises(ValueError, match="no clock tick"):
+        _cpu_row("enhance", 8, [_Round(500.0, 0, 16)], ours)
+
+
+def test_the_ledger_prints_each_target_with_its_verdict() -> None:
+    from ledger import get_report, ingest_report
+
+    ingest = ingest_report(
+        {"bare insert": [1000.0, 1100.0], "transaction": [400.0, 500.0], "ledger": [480.0, 510]}
+    )
+    assert ingest[-1].endswith("ledger median 495/s: target >= 500 events/s  NOT MET")
+    p50 = {"SELECT 1": [0.1, 0.2], "Ledger.get": [0.5, 0.7], "GET /generations/{id}": [4, 7.0]}
+    p95 = {name: [1.0, 1.0] for name in p50}
+    get = get_report(p50, p95, 100)
+    assert "target" not in get[1]
+    assert get[2].endswith("p50 median target <= 5 ms  met")
+    assert get[3].endswith("p50 median target <= 5 ms  NOT MET")
+
+
+def test_the_cli_start_up_judges_its_own_time_over_the_interpreters_start(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import cli_startup
+
+    # A slow interpreter: imagegen --help takes 0.35 s, 0.15 s of it its own.
+    commands = {"python -c pass (baseline)": ["0.20"], "imagegen --help": ["0.35"]}
+    monkeypatch.setattr(cli_startup, "_commands", lambda: commands)
+    monkeypatch.setattr(cli_startup, "_time", lambda command: float(command[0]))
+    monkeypatch.setattr(sys, "argv", ["cli_startup.py", "--rounds", "3", "--check"])
+    assert cli_startup.main() == 0
+    assert "own time (less python -c pass of the same round) min 0.150s median 0.150s" in (
+        capsys.readouterr().out
+    )
+    commands["imagegen --help"] = ["0.46"]
+    assert cli_startup.main() == 1
+    assert "target <= 0.22 s  NOT MET" in capsys.readouterr().out
+
+
+def test_only_needs_at_least_one_row(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import run
+
+    def ran(threads: int) -> None:  # past the arguments: every row would run
+        raise AssertionError("--only with no names was accepted")
+
+    monkeypatch.setattr(run, "set_torch_threads", ran)
+    monkeypatch.setattr(sys, "argv", ["run.py", "--only"])
+    with pytest.raises(SystemExit) as exited:
+        run.main()
+    assert exited.value.code == 2 and "--only" in capsys.readouterr().err
