@@ -1,4 +1,4 @@
-"""imagegen: text to image in three stages — enhance, render, persist.
+"""imagegen: text to image in stages — enhance, render, persist, then derive.
 
 Importing the package is cheap: it imports nothing until a name is first used (the command
 line's ``--help`` pays for none of it), and never imports torch or diffusers.
@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from imagegen.errors import (
+        ConfigurationError,
         DependencyUnavailable,
         ImageGenError,
         InternalError,
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     )
     from imagegen.models import (
         Contribution,
+        DerivedImage,
         EnhancedPrompt,
         GenerationFailed,
         GenerationRequest,
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
         PersistedImage,
         RenderedImage,
     )
+    from imagegen.plugins import PluginSet
     from imagegen.service import ImageGenService
     from imagegen.settings import Settings
 
@@ -34,6 +37,7 @@ __version__ = "0.1.0"
 
 # Public name → the module that defines it, imported on first use (PEP 562).
 _LAZY = {
+    "ConfigurationError": "imagegen.errors",
     "DependencyUnavailable": "imagegen.errors",
     "ImageGenError": "imagegen.errors",
     "InternalError": "imagegen.errors",
@@ -41,6 +45,7 @@ _LAZY = {
     "NotFound": "imagegen.errors",
     "Overloaded": "imagegen.errors",
     "Contribution": "imagegen.models",
+    "DerivedImage": "imagegen.models",
     "EnhancedPrompt": "imagegen.models",
     "GenerationFailed": "imagegen.models",
     "GenerationRequest": "imagegen.models",
@@ -48,12 +53,15 @@ _LAZY = {
     "PersistedImage": "imagegen.models",
     "RenderedImage": "imagegen.models",
     "ImageGenService": "imagegen.service",
+    "PluginSet": "imagegen.plugins",
     "Settings": "imagegen.settings",
 }
 
 __all__ = [
+    "ConfigurationError",
     "Contribution",
     "DependencyUnavailable",
+    "DerivedImage",
     "EnhancedPrompt",
     "GenerationFailed",
     "GenerationRequest",
@@ -65,6 +73,7 @@ __all__ = [
     "NotFound",
     "Overloaded",
     "PersistedImage",
+    "PluginSet",
     "RenderedImage",
     "Settings",
     "__version__",

@@ -40,7 +40,8 @@ def _cut(text: str, limit: int) -> str:
 
 
 class ImageGenError(Exception):
-    """Base class of every error raised by imagegen.
+    """Base class of every error imagegen's calls raise (building a model or ``Settings`` from
+    bad values raises pydantic's ``ValidationError``, which names them).
 
     Attributes:
         code: A short machine-readable name, stable across releases.

@@ -51,7 +51,7 @@ def _diffusers_backend(settings: Settings) -> RenderBackend:
 
 
 class ImageGenService:
-    """Enhance, render and persist images; everything injected, nothing global.
+    """Enhance, render, persist and derive images; everything injected, nothing global.
 
     Use it as an async context manager: entering loads the models named in ``preload``
     (the render function preloads its model at start-up), leaving releases them. Each stage's
@@ -102,7 +102,8 @@ class ImageGenService:
             from imagegen.enhance import EnhanceStage
             from imagegen.enhance.memo import EnhanceMemo
 
-            plugins = self._plugins or _plugins_of(self.settings)
+            # Given, it is used as it is, empty too (an empty set is falsy: it has a length).
+            plugins = self._plugins if self._plugins is not None else _plugins_of(self.settings)
             self._enhance_stage = EnhanceStage(self.settings, plugins)
             self._memo = EnhanceMemo(self.storage)
         return self._enhance_stage

@@ -337,6 +337,9 @@ def test_the_package_names_resolve_on_first_use() -> None:
 
     for name in imagegen.__all__:
         assert getattr(imagegen, name) is not None, name
+    # What the library's calls return or raise, and what they take, by the names docs use.
+    for name in ("DerivedImage", "ConfigurationError", "PluginSet"):
+        assert name in imagegen.__all__, name
     with pytest.raises(AttributeError):
         _ = imagegen.NoSuchName
 

@@ -189,6 +189,14 @@ async def test_two_services_run_different_plugin_sets(settings: Settings) -> Non
     assert [c.plugin for c in b.contributions] == ["art_style"]
 
 
+async def test_an_empty_plugin_set_given_runs_no_plugin(settings: Settings) -> None:
+    # Not IMAGEGEN_PLUGINS' set in its stead, though an empty set is falsy (it has a length).
+    assert settings.plugins, "the configured set must not be empty for this to tell"
+    service = ImageGenService(settings, plugins=PluginSet([], settings=settings))
+    enhanced = await service.enhance(small(prompt="a fox", enhance=False))
+    assert enhanced.contributions == [] and enhanced.prompt == "a fox"
+
+
 async def test_model_must_be_served(settings: Settings) -> None:
     service = ImageGenService(settings.model_copy(update={"served_models": ["tiny"]}))
     with pytest.raises(InvalidRequest) as caught:
