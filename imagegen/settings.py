@@ -66,6 +66,26 @@ def _http_url(value: str | None) -> str | None:
     return value
 
 
+def _ledger_url(value: SecretStr | None) -> SecretStr | None:
+    """``value`` when it names a ledger: a database URL or path, as the ledger's store reads
+    them (:func:`imagegen.ledger.store.backend`), or the ledger function's :func:`_http_url`
+    (which the command line reads); never echoes it (a URL may hold a password)."""
+    if value is None:
+        return value
+    url = value.get_secret_value()
+    if url.lower().startswith(("http://", "https://")):
+        _http_url(url)
+        return value
+    from imagegen.errors import InvalidRequest
+    from imagegen.ledger.store import backend
+
+    try:
+        backend(url)
+    except InvalidRequest as exc:
+        raise ValueError(f"{exc.message}, or the ledger function's http(s):// URL") from None
+    return value
+
+
 def _served_base_url(value: str | None) -> str | None:
     """``value`` when it is an :func:`_http_url` with no user name or password, and nothing
     after its host but ``/``.
@@ -429,6 +449,7 @@ class Settings(BaseSettings):
 
     _urls = field_validator("s3_endpoint_url", "sink_url")(_http_url)
     _served_base = field_validator("public_base_url")(_served_base_url)
+    _ledger = field_validator("ledger_url")(_ledger_url)
     _ollama = field_validator("ollama_host")(_ollama_host)
     _zone = field_validator("timezone")(_time_zone)
 

@@ -380,24 +380,37 @@ CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 def test_stored_text_reaches_the_terminal_without_its_control_characters(
     cli: RunCli, tmp_path: Path
 ) -> None:
-    made = cli("generate", HOSTILE, *SMALL, "--no-enhance", "--plugins", "", "--json")
-    assert made.returncode == 0, made.stderr
-    body = json.loads(made.stdout)
-    assert body["prompt"]["prompt"] == HOSTILE  # the request is as typed; --json is exact
-    gid = body["image"]["generation_id"]
+    """A prompt typed with control characters is refused, in one line that holds none; one
+    stored with them (an LLM's prompt kept before that rule, an event another producer sent)
+    is shown without them, one line a generation in the table, and exact in ``--json``."""
+    from imagegen.ledger import default_ledger_path, open_ledger
+    from tests.ledger.chain import chain
 
-    shown = cli("generate", HOSTILE, *SMALL, "--no-enhance", "--plugins", "")
-    assert shown.returncode == 0, shown.stderr
-    assert "prompt  a kite\ufffd]0;owned\ufffd \ufffd[2J\ufffdover\ufffd31m the" in shown.stdout
-    assert "\nat dusk\ufffd\n" in shown.stdout  # the prompt's own newline, kept
-    for args in (["history"], ["status", gid]):
+    refused = cli("generate", HOSTILE, *SMALL, "--no-enhance", "--plugins", "")
+    assert refused.returncode == 2, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and "prompt" in refused.stderr
+    assert not CONTROL.search(refused.stderr), refused.stderr
+    made = cli("generate", "a kite", *SMALL, "--no-enhance", "--plugins", "")
+    assert made.returncode == 0, made.stderr
+
+    events = chain("gen-hostile")
+    events["enhanced"].data["prompt"] = HOSTILE
+    ledger = open_ledger(str(default_ledger_path()))
+    try:
+        for name in ("requested", "enhanced"):
+            ledger.ingest(events[name])
+    finally:
+        ledger.close()
+    for args in (["history"], ["status", "gen-hostile"]):
         result = cli(*args, env={"COLUMNS": "200"})
         assert result.returncode == 0, result.stderr
+        assert "a kite" in result.stdout and "over" in result.stdout, result.stdout
         assert not CONTROL.search(result.stdout), (args, result.stdout)
     listed = cli("history", env={"COLUMNS": "200"})
     # One line a generation: the table's cell has neither the newline nor the tab.
-    assert len(listed.stdout.strip().splitlines()) == 3
-    assert json.loads(cli("history", "--json").stdout)[0]["prompt"] == HOSTILE
+    assert len(listed.stdout.strip().splitlines()) == 3  # the header, two generations
+    exact = json.loads(cli("history", "--json").stdout)
+    assert [g["prompt"] for g in exact if g["generation_id"] == "gen-hostile"] == [HOSTILE]
 
 
 @pytest.mark.parametrize(
@@ -445,11 +458,14 @@ def test_the_progress_bar_shows_no_step_count_before_it_is_known(
                 await asyncio.sleep(0.15)
             return "rendered"
 
-        async def finalise(self, rendered: str) -> str:
+        async def persist(self, rendered: str) -> str:
             return "persisted"
 
+        async def derive(self, persisted: str) -> str:
+            return "derived"
+
     result = asyncio.run(generate_command._generate_one(Service(), None, show_progress=True))
-    assert result == (SimpleNamespace(steps=4), "persisted")
+    assert result == (SimpleNamespace(steps=4), "persisted", None)  # derivatives made
     drawn = terminal.getvalue()
     assert "enhancing" in drawn and "3/4 steps" in drawn
     assert "None" not in drawn

@@ -384,9 +384,21 @@ def _recorder(settings: Settings) -> Recorder | None:
     if url and url.startswith(("http://", "https://")):
         return None  # a cluster's ledger records the cluster's events
     try:
-        return Recorder(open_ledger(url))
+        ledger = open_ledger(url)
     except (ImageGenError, OSError) as exc:
-        err.print(
-            f"[yellow]warning:[/] history is not recorded: {markup(str(exc))}", soft_wrap=True
-        )
+        _not_recorded(exc)
         return None
+    said: list[Exception] = []
+
+    def failed(exc: Exception) -> None:
+        # A ledger that opens and then cannot be written (damaged pages, a full disk): said
+        # once, as one that cannot open is; the log line is seen only with -v.
+        if not said:
+            said.append(exc)
+            _not_recorded(exc)
+
+    return Recorder(ledger, on_failure=failed)
+
+
+def _not_recorded(exc: BaseException) -> None:
+    err.print(f"[yellow]warning:[/] history is not recorded: {markup(str(exc))}", soft_wrap=True)

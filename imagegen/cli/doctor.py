@@ -19,6 +19,8 @@ from imagegen.cli._app import (
 )
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from imagegen.cli._ollama import Advice
     from imagegen.settings import Settings
 
@@ -46,11 +48,13 @@ def run_checks(settings: Settings) -> list[Check]:
     async def checks() -> tuple[Advice, str | None, Check]:
         from imagegen.cli._ollama import check_ollama
         from imagegen.errors import ImageGenError
-        from imagegen.storage import open_storage
+        from imagegen.storage import LocalStorage, open_storage
 
-        usable, unopened = settings, None
+        usable, unopened, local = settings, None, None
         try:
-            open_storage(settings)  # a URL that names no storage at all (ftp://) fails here
+            # A URL that names no storage at all (ftp://) fails here.
+            store = open_storage(settings)
+            local = store.root if isinstance(store, LocalStorage) else None
         except ImageGenError as exc:
             # Its row says so; Ollama is still asked, by a service that never writes.
             usable, unopened = settings.model_copy(update={"storage_url": "."}), exc.message
@@ -60,6 +64,8 @@ def run_checks(settings: Settings) -> list[Check]:
             plugins = await _plugins_check(settings)
             if unopened is not None:
                 return ollama, unopened, plugins
+            if local is not None and not local.exists():
+                return ollama, _unmade_folder(local), plugins
             try:
                 await service.storage.check()
             except ImageGenError as exc:
@@ -151,6 +157,17 @@ def _model_check(settings: Settings) -> Check:
         f"Model {model} is not in the model cache: the first image downloads it, or fails offline.",
         "Run `imagegen models pull` first, or use `--model tiny` to try the chain.",
     )
+
+
+def _unmade_folder(root: Path) -> str | None:
+    """Why images could not go into ``root``, a folder not made yet, found without making
+    it (the first image does): the nearest folder above it that exists must be writable."""
+    import os
+
+    parent = next(p for p in root.parents if p.exists())  # the file system's root exists
+    if parent.is_dir() and os.access(parent, os.W_OK | os.X_OK):
+        return None
+    return f"Local storage {root} cannot be created under {parent}"
 
 
 def _storage_check(settings: Settings, error: str | None) -> Check:

@@ -29,11 +29,11 @@ from imagegen.cli._app import (
 from imagegen.errors import InvalidRequest
 
 if TYPE_CHECKING:
-    from imagegen.models import EnhancedPrompt, PersistedImage
+    from imagegen.models import EnhancedPrompt, PersistedImage, RenderedImage
     from imagegen.service import ImageGenService
     from imagegen.settings import Settings
 
-__all__ = ["generate", "loop"]
+__all__ = ["finish", "generate", "loop", "warn_underived"]
 
 Model = Annotated[str | None, typer.Option("--model", "-m", help="Model id, local path or 'tiny'.")]
 Output = Annotated[
@@ -129,13 +129,42 @@ def _open(persisted: PersistedImage) -> None:
         err.print(f"[yellow]note[/]    not opened: {markup(why)}", soft_wrap=True)
 
 
+async def finish(
+    service: ImageGenService, rendered: RenderedImage
+) -> tuple[PersistedImage, str | None]:
+    """Persist ``rendered``, then make its derivatives, as ``service.finalise`` does.
+
+    Returns the persisted image and, when its derivatives could not be made (a full disk),
+    why: the PNG and its record are stored, so the image is made all the same.
+    """
+    from imagegen.errors import ImageGenError
+
+    persisted = await service.persist(rendered)
+    try:
+        await service.derive(persisted)
+    except (ImageGenError, OSError) as exc:  # the history records it as derive's failure
+        return persisted, str(exc)
+    return persisted, None
+
+
+def warn_underived(why: str | None) -> None:
+    """The one line that says an image's derivatives were not made, and why."""
+    if why is not None:
+        err.print(
+            "[yellow]warning:[/] the thumbnail and WebP/AVIF derivatives were not made:"
+            f" {markup(why)} (the image is stored)",
+            soft_wrap=True,
+        )
+
+
 async def _generate_one(
     service: ImageGenService, request: Any, *, show_progress: bool
-) -> tuple[Any, Any]:
+) -> tuple[Any, Any, str | None]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     if not show_progress:
-        return await service.generate(request)
+        enhanced = await service.enhance_while_loading(request)
+        return enhanced, *await finish(service, await service.render(enhanced))
     with Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -159,7 +188,7 @@ async def _generate_one(
 
         rendered = await service.render(enhanced, progress=progress)
         bar.update(task, description="persisting")
-        return enhanced, await service.finalise(rendered)
+        return enhanced, *await finish(service, rendered)
 
 
 @app.command()
@@ -202,10 +231,12 @@ def generate(
             # service probes only local storage at start (ImageGenService.__aenter__).
             await service.storage.check()
             _check_device(settings)
-            enhanced, persisted = await _generate_one(
+            enhanced, persisted, underived = await _generate_one(
                 service, request, show_progress=not as_json and err.is_terminal
             )
             _report(enhanced, persisted, as_json)
+            with output_after(STORED):
+                warn_underived(underived)
             if enhanced.fallback and not as_json:
                 await _explain_fallback(service)
             return enhanced, persisted
@@ -319,7 +350,7 @@ def loop(
             _check_device(settings)
             while not stop.is_set() and (count == 0 or tally.made < count):
                 started = time.perf_counter()
-                enhanced, persisted = await _generate_one(
+                enhanced, persisted, underived = await _generate_one(
                     service, request, show_progress=not as_json and err.is_terminal
                 )
                 tally.add(time.perf_counter() - started)
@@ -329,6 +360,7 @@ def loop(
                     else:
                         line = tally.line(printable(image_where(persisted)), count)
                         out.print(line, soft_wrap=True, markup=False)
+                    warn_underived(underived)
                     if enhanced.fallback and not explained:
                         await _explain_fallback(service)
                         explained = True

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from imagegen.ledger import Ledger
+    from imagegen.settings import Settings
 
 __all__ = ["history", "ledger_app", "parse_when", "replay", "status"]
 
@@ -169,6 +170,15 @@ def _local(url: str | None, ctx: typer.Context) -> Ledger | None:
         ) from None
 
 
+def _settings(ctx: typer.Context, ledger: str | None, **overrides: Any) -> Settings:
+    """The settings, refused before anything is read as every command refuses them: a
+    ledger URL that names no ledger (an unsupported scheme, a port out of range) is named
+    ``--ledger`` where the option gave it, else by its variable."""
+    source = ctx.get_parameter_source("ledger")
+    given = source is not None and source.name == "COMMANDLINE"
+    return settings_from(ledger_url=ledger if given else None, **overrides)
+
+
 def _checked_id(generation_id: str) -> str:
     """``generation_id`` when it is one; an id names a URL path and storage keys."""
     from imagegen.identity import GENERATION_ID_PATTERN, valid_generation_id
@@ -271,6 +281,7 @@ def status(
 ) -> None:
     """Show one generation: status, timeline, image, error."""
     _checked_id(generation_id)
+    _settings(ctx, ledger)
     if _is_http(ledger):
         from imagegen.ledger.models import GenerationDetail
 
@@ -355,6 +366,7 @@ def history(
         )
     start = parse_when(since, field="since") if since else None
     end = parse_when(until, field="until") if until else None
+    _settings(ctx, ledger)
     if _is_http(ledger):
         from imagegen.ledger.models import GenerationPage
 
@@ -468,6 +480,7 @@ def replay(
 
     origin = check_from(start)
     _checked_id(generation_id)
+    settings = _settings(ctx, ledger, storage_url=output)
     if _is_http(ledger):
         from imagegen.ledger.api import ReplayAccepted
 
@@ -486,40 +499,46 @@ def replay(
         request = replay_request(store, generation_id) if origin == "requested" else None
     finally:
         store.close()
-    settings = settings_from(storage_url=output, ledger_url=ledger)
     stopped_by: list[int] = []
 
     async def go() -> Any:
+        from imagegen.cli.generate import finish
+
         cancel_on_termination(stopped_by)  # recorded where it stopped, as generate's
         async with make_service(settings) as service:
             await service.storage.check()  # before the render, as generate does
+            enhanced = job
             if request is not None:
                 _replayable(service, request, generation_id)
-                return (await service.generate(request))[1]
-            assert job is not None
-            if service.recorder is not None:
-                await service.recorder.emitted("enhance", job)
-            return await service.finalise(await service.render(job))
+                enhanced = await service.enhance_while_loading(request)
+            else:
+                assert job is not None
+                if service.recorder is not None:
+                    await service.recorder.emitted("enhance", job)
+            assert enhanced is not None
+            return await finish(service, await service.render(enhanced))
 
     try:
-        persisted = run_async(go)
+        persisted, underived = run_async(go)
     except BaseException:
         if stopped_by:  # cancelled by SIGTERM or SIGHUP: 128 + its number, as generate's
             raise typer.Exit(128 + stopped_by[0]) from None
         raise
     from imagegen.cli._app import image_where
-    from imagegen.cli.generate import STORED
+    from imagegen.cli.generate import STORED, warn_underived
 
     with output_after(STORED):
         if as_json:
             typer.echo(json.dumps(persisted.model_dump(mode="json"), indent=2))
-            return
-        out.print(f"[bold green]image[/]      {markup(image_where(persisted))}", soft_wrap=True)
-        out.print(
-            f"[bold]generation[/] {persisted.generation_id} (replay of {generation_id})",
-            soft_wrap=True,
-        )
-        out.print(f"[bold]sha256[/]     {persisted.sha256}", soft_wrap=True)
+        else:
+            where = markup(image_where(persisted))
+            out.print(f"[bold green]image[/]      {where}", soft_wrap=True)
+            out.print(
+                f"[bold]generation[/] {persisted.generation_id} (replay of {generation_id})",
+                soft_wrap=True,
+            )
+            out.print(f"[bold]sha256[/]     {persisted.sha256}", soft_wrap=True)
+        warn_underived(underived)
 
 
 ledger_app = typer.Typer(help="Maintain the ledger: export events, prune old history.")
@@ -534,6 +553,7 @@ def export(
 ) -> None:
     """Write every recorded event to stdout as CloudEvents JSON lines."""
     start = parse_when(since, field="since") if since else None  # refused before it opens
+    _settings(ctx, ledger)
     store = _local(ledger, ctx)
     if store is None:  # nothing recorded yet: no line
         return
@@ -553,7 +573,8 @@ def prune(
     ledger: LedgerDatabase = None,
 ) -> None:
     """Delete history older than the retention."""
-    keep = days if days is not None else settings_from().ledger_retention_days
+    settings = _settings(ctx, ledger)
+    keep = days if days is not None else settings.ledger_retention_days
     if keep == 0:
         out.print("retention is 0 (keep forever): nothing pruned")
         return

@@ -196,7 +196,9 @@ def _check_to(to: str) -> None:
 
     try:
         parts = urlsplit(to)
-    except ValueError as exc:  # a bracketed host that is no IPv6 address
+        # Read here: httpx takes a port past 65535 modulo 65536, another port altogether.
+        parts.port  # noqa: B018
+    except ValueError as exc:  # a bracketed host that is no IPv6 address, a bad port
         raise InvalidRequest(
             f"--to: {to!r} is not a valid URL: {exc}",
             errors=[{"field": "to", "message": "not a valid URL"}],

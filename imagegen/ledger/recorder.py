@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from pydantic import BaseModel
@@ -26,10 +27,17 @@ LOCAL_SOURCE = "/imagegen/cli"
 
 
 class Recorder:
-    """Writes a generation's events to ``ledger`` as the stages produce them."""
+    """Writes a generation's events to ``ledger`` as the stages produce them.
 
-    def __init__(self, ledger: Ledger) -> None:
+    ``on_failure`` hears of each event that could not be recorded (after it is logged): a
+    caller that shows a person what happened says so where a log line would go unseen.
+    """
+
+    def __init__(
+        self, ledger: Ledger, *, on_failure: Callable[[Exception], None] | None = None
+    ) -> None:
         self.ledger = ledger
+        self.on_failure = on_failure
 
     async def requested(self, generation_id: str, request: GenerationRequest) -> None:
         data = request.model_copy(update={"generation_id": generation_id})
@@ -73,3 +81,5 @@ class Recorder:
             await asyncio.to_thread(self.ledger.ingest, event)
         except Exception as exc:  # the image matters more than its history line
             log.warning("could not record %s in the ledger: %s", event_type, exc)
+            if self.on_failure is not None:
+                self.on_failure(exc)
