@@ -20,10 +20,14 @@ __all__ = [
     "validate_metadata",
 ]
 
-_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+# One segment is one file name on local storage: ext4, XFS and APFS take 255 bytes; the
+# local backend's hidden temporary and sidecar names add to a segment, so 200 leaves room.
+_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")
 _IMAGE_KEY = re.compile(r"([0-9]{4})/(0[1-9]|1[0-2])/(0[1-9]|[12][0-9]|3[01])/([^/]+)\.png")
 _META_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
-_META_VALUE = re.compile(r"[\x20-\x7e]*")
+# Printable ASCII, no space at either end: S3 sends a value as an HTTP header's, whose
+# surrounding whitespace is no part of it (RFC 9110, section 5.5), so it would come back trimmed.
+_META_VALUE = re.compile(r"(?:[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?)?")
 # S3 caps user metadata at 2 KB (names plus values); the local backend keeps the same limit.
 _META_MAX_BYTES = 2048
 
@@ -180,7 +184,8 @@ def validate_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
     makes the local backend refuse what S3 would refuse, so the backends stay interchangeable.
 
     Raises:
-        InvalidRequest: naming ``metadata``, for bad names, non-ASCII values or over 2 KB in all.
+        InvalidRequest: naming ``metadata``, for bad names, non-ASCII values, values with a space
+            at either end, or over 2 KB in all.
     """
     result: dict[str, str] = {}
     for name, value in (metadata or {}).items():
@@ -193,7 +198,12 @@ def validate_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
         if not isinstance(value, str) or not _META_VALUE.fullmatch(value):
             raise InvalidRequest(
                 f"invalid metadata value for {name!r}",
-                errors=[{"field": "metadata", "message": f"{name!r}: not printable ASCII text"}],
+                errors=[
+                    {
+                        "field": "metadata",
+                        "message": f"{name!r}: not printable ASCII text without edge spaces",
+                    }
+                ],
             )
         result[lowered] = value
     if sum(len(k) + len(v) for k, v in result.items()) > _META_MAX_BYTES:

@@ -35,6 +35,7 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 
+from imagegen._redact import redact_url
 from imagegen.errors import (
     ConfigurationError,
     DependencyUnavailable,
@@ -284,7 +285,7 @@ class S3Storage(ObjectStore):
 
         variable = Settings.variable("s3_preset")
         header = _PRECONDITION_HEADERS[self.options.create_if_absent]
-        where = f" at {self.options.endpoint_url}" if self.options.endpoint_url else ""
+        where = f" at {redact_url(self.options.endpoint_url)}" if self.options.endpoint_url else ""
         return ConfigurationError(
             f"S3 bucket {self.bucket!r}{where} does not honour conditional writes: an upload"
             f" with {header} replaced an existing object, so two writers of a key would both"
@@ -430,7 +431,7 @@ class S3Storage(ObjectStore):
         return InternalError(f"S3 {operation} on bucket {self.bucket!r} failed ({code or status})")
 
     def _no_bucket(self) -> DependencyUnavailable:
-        where = f" at {self.options.endpoint_url}" if self.options.endpoint_url else ""
+        where = f" at {redact_url(self.options.endpoint_url)}" if self.options.endpoint_url else ""
         return DependencyUnavailable(
             f"S3 bucket {self.bucket!r} does not exist{where}: create it or fix storage_url"
         )

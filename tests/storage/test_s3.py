@@ -347,6 +347,20 @@ async def test_missing_bucket_says_so(s3: S3Server, make_s3: MakeS3) -> None:
         assert "'no-such-bucket-here' does not exist" in error.value.message
 
 
+async def test_an_endpoints_password_is_never_said(s3: S3Server, make_s3: MakeS3) -> None:
+    # boto3 connects to an endpoint written with a user and password; messages say where
+    # without them (imagegen._redact.redact_url).
+    scheme, rest = s3.endpoint.split("://")
+    storage = make_s3(
+        bucket_name="no-such-bucket-here", endpoint_url=f"{scheme}://me:pw-in-url@{rest}"
+    )
+
+    with pytest.raises(DependencyUnavailable) as error:
+        await storage.check()
+    assert "does not exist at" in error.value.message and rest in error.value.message
+    assert "pw-in-url" not in error.value.message
+
+
 async def test_access_denied_says_so(s3: S3Server, make_s3: MakeS3) -> None:
     storage = make_s3()
 
