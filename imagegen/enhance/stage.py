@@ -98,7 +98,7 @@ class EnhanceStage:
             errors.append(
                 {"field": "generation_id", "message": "must match " + GENERATION_ID_PATTERN}
             )
-        model = request.model or self.settings.model
+        model = request.model if request.model is not None else self.settings.model
         served = self.settings.served_models
         errors.extend(request_errors(model, request.width, request.height, served))
         try:

@@ -209,17 +209,18 @@ class Batcher:
     def backlog(self, jobs: Iterable[EnhancedPrompt]) -> float | None:
         """Seconds until the pipeline is done with ``jobs`` (None until a call has been timed).
 
-        The running call costs its estimate, or its time so far if it has overrun that (a
-        new shape compiling, a stalled device: what it has taken, it may take again). The
-        jobs still waiting cost, per batch key, ``ceil(n / max_size)`` calls, each at
-        :attr:`cost` for its own number of jobs.
+        The running call costs what is left of its estimate, or, once it has overrun that (a
+        new shape compiling, a stalled device), its time so far: what it has taken, it may
+        take again. The jobs still waiting cost, per batch key, ``ceil(n / max_size)`` calls,
+        each at :attr:`cost` for its own number of jobs.
         """
         if not self.cost.timed:
             return None
         seconds = 0.0
         if self._in_call:
             estimate = self.cost(sum(work_of(w.job) for w in self._in_call))
-            seconds += max(estimate, self.running_for)
+            running = self.running_for
+            seconds += estimate - running if running < estimate else running
         for group in self.pending(jobs).values():
             full, rest = divmod(len(group), self.max_size)
             work = work_of(group[0])

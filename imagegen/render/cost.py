@@ -74,5 +74,16 @@ class CallCost:
             self.overhead, self.rate = overhead, rate
 
     def __call__(self, work: float) -> float:
-        """Seconds a call of ``work`` should take (meaningful once :attr:`timed`)."""
+        """Seconds a call of ``work`` should take (meaningful once :attr:`timed`): the mean
+        time of the calls of that very work in the window, where there are some, else the
+        fitted line's.
+
+        A call's time grows faster than its work at larger sizes (attention over more
+        tokens, the VAE), so a line through one 2048² call and a few 1024² ones would put
+        the next 1024² call at several times what such calls take; the calls of its own
+        work say it best.
+        """
+        same = [seconds for done, seconds in self._calls if done == work]
+        if same:
+            return sum(same) / len(same)
         return self.overhead + self.rate * work

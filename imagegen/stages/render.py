@@ -35,7 +35,7 @@ async def _render_png(
 
 def _complete(settings: Settings, request: RenderRequest) -> EnhancedPrompt:
     """The job of a direct call: what the caller left out, as enhance would have fixed it."""
-    model = request.model or settings.model
+    model = request.model if request.model is not None else settings.model
     family = family_for(model)
     generation_id = request.generation_id or new_generation_id()
     requested_at = request.requested_at or datetime.now(UTC)

@@ -61,6 +61,16 @@ def test_a_prompt_with_a_control_character_is_refused_naming_it(
     assert failed_fields(send(enhance, {**ASK, "prompt": prompt})) == {"prompt"}
 
 
+def test_an_empty_model_is_refused_naming_it_not_taken_as_the_default(
+    enhance: InProcessFunction,
+) -> None:
+    # Absent or null is the default model; an empty name is a mistake, as "nope" is.
+    plain = enhance.post("/", json={**ASK, "model": ""})
+    assert plain.status_code == 400, plain.text
+    assert {e["field"] for e in plain.json()["errors"]} == {"model"}
+    assert enhance.post("/", json={**ASK, "model": None}).status_code == 200
+
+
 def test_tabs_and_line_breaks_in_a_prompt_are_spaces(enhance: InProcessFunction) -> None:
     reply = enhance.post(
         "/", json={**ASK, "prompt": "a paper\tboat\r\non a pond\n", "enhance": False}

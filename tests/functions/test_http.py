@@ -153,6 +153,15 @@ def test_bad_plain_requests(chain: dict[str, Any], kwargs: dict, field: str) -> 
     _assert_readable_4xx(chain["enhance"].post("/", timeout=30, **kwargs), field, status)
 
 
+def test_an_empty_model_is_refused_by_render_not_taken_as_its_default(
+    chain: dict[str, Any], chain_store
+) -> None:
+    before = sorted(chain_store.rglob("*"))
+    request = {"prompt": "a red door", "width": 256, "height": 256, "steps": 2, "model": ""}
+    _assert_readable_4xx(chain["render"].post("/", json=request, timeout=120), "model")
+    assert sorted(chain_store.rglob("*")) == before  # nothing rendered, nothing stored
+
+
 def test_bad_events(chain: dict[str, Any]) -> None:
     enhance = chain["enhance"]
     # Missing required attributes (no ce-id, no ce-source).

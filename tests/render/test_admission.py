@@ -85,7 +85,19 @@ async def test_a_fit_with_a_negative_part_keeps_the_other() -> None:
     proportional.observe(1.0, 0.1)
     proportional.observe(2.0, 0.5)  # a line through these starts below zero
     assert proportional.overhead == 0.0
-    assert proportional(2.0) == pytest.approx(2 * (0.1 + 2 * 0.5) / 5)
+    assert proportional(3.0) == pytest.approx(3 * (0.1 + 2 * 0.5) / 5)
+
+
+async def test_a_call_of_a_work_timed_costs_what_those_calls_took() -> None:
+    # A call's time grows faster than its work at larger sizes: one call four times the
+    # pixels takes thirteen times as long. A line through it would put the next small call
+    # at over 3x its time; the calls of that work say what it takes.
+    cost = CallCost()
+    for _ in range(3):
+        cost.observe(4.0, 4.6)  # 1024², 20 steps, say
+    cost.observe(12.8, 61.5)  # one 2048², 16 steps
+    assert cost(4.0) == pytest.approx(4.6)
+    assert cost(8.0) > cost(4.0)  # another work still goes by the line
 
 
 async def test_the_cost_follows_the_last_calls() -> None:

@@ -44,6 +44,19 @@ async def test_a_running_call_that_overruns_its_estimate_counts_its_time_so_far(
     await running
 
 
+async def test_a_running_call_counts_what_is_left_of_its_estimate(tmp_path: Path) -> None:
+    backend = BatchingBackend()
+    stage = make_stage(backend, tmp_path, render_queue_size=0, render_timeout=120)
+    stage.batcher.observe(10.0, [job("timed")])
+    running = await _running(backend, stage, "nearly-done")
+    stage.batcher.running_since = time.perf_counter() - 9  # 1 s of its 10 left
+    with pytest.raises(Overloaded) as refused:
+        await stage.render_png(job("next"))
+    assert refused.value.retry_after <= 2  # not the 10 s of a call just begun
+    backend.gate.set()
+    await running
+
+
 async def test_what_waits_behind_an_overrunning_call_is_added(tmp_path: Path) -> None:
     backend = BatchingBackend()
     stage = make_stage(backend, tmp_path, render_timeout=120)
