@@ -4,6 +4,8 @@ look (which make nothing)."""
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import subprocess
 import threading
@@ -43,9 +45,10 @@ def test_a_ledger_that_opens_but_cannot_be_written_is_said_once(
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
+def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A 200 KB file system: the tiny model's PNG (150 KB) and its record fit, and its
-    derivatives do not."""
+    derivatives do not. Where no tmpfs can be mounted (not root), a folder whose derivative
+    files fail as a full disk fails them: ``ENOSPC`` as their bytes are written."""
     disk = tmp_path / "disk"
     disk.mkdir()
     mount = shutil.which("mount")
@@ -54,12 +57,23 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         capture_output=True,
         check=False,
     )
-    if not made or made.returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    try:
-        yield disk
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
+    if made and made.returncode == 0:
+        try:
+            yield disk
+        finally:
+            subprocess.run(["umount", str(disk)], check=True)
+        return
+    from imagegen.storage import local
+
+    staged = local._staged
+
+    def full(path: Path, data: bytes, **kwargs: bool) -> Path:
+        if path.suffix in (".webp", ".avif"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return staged(path, data, **kwargs)
+
+    monkeypatch.setattr(local, "_staged", full)
+    yield disk
 
 
 @pytest.mark.parametrize(
