@@ -132,19 +132,9 @@ async def test_a_pod_that_died_before_the_record_leaves_work_a_retry_finishes(
 ) -> None:
     async with ImageGenService(settings(tmp_path, [32])) as service:
         persisted = await service.persist(await stored(service, "d-4"))
-        real_create = LocalStorage.create
-
-        async def dies_at_the_record(self: LocalStorage, key: str, *args: Any, **kw: Any) -> bool:
-            if key.endswith(".derivatives.json"):
-                raise ConnectionResetError("the pod is gone")
-            return await real_create(self, key, *args, **kw)
-
-        monkeypatch.setattr(LocalStorage, "create", dies_at_the_record)
-        with pytest.raises(ConnectionResetError):
-            await service.derive(persisted)
+        await _dies_before_the_record(service, persisted, monkeypatch)
         assert not (tmp_path / "2026/11/24/d-4.derivatives.json").exists()
         assert (tmp_path / "2026/11/24/d-4.w32.avif").is_file()
-        monkeypatch.setattr(LocalStorage, "create", real_create)
         derived = await service.derive(persisted)
     assert (tmp_path / derived.keys["record"]).is_file()
     assert set(derived.keys) == {

@@ -110,11 +110,8 @@ async def test_a_language_no_calendar_has_is_refused(settings: Settings, languag
     assert caught.value.fields == ["plugin_options.holiday.language"]
 
 
-async def test_calendars_are_kept_by_the_language_they_are_read_in(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Kept by the request's spelling, every spelling of English built the calendar anew and
-    pushed the others out of the cache."""
+def _recording_builds(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str | None, int]]:
+    """An empty calendar cache, and the (country, language, year) of each calendar built."""
     built: list[tuple[str, str | None, int]] = []
     build = holiday._build_year
 
@@ -124,6 +121,15 @@ async def test_calendars_are_kept_by_the_language_they_are_read_in(
 
     monkeypatch.setattr(holiday, "_build_year", recorded)
     monkeypatch.setattr(holiday, "_CALENDARS", {})
+    return built
+
+
+async def test_calendars_are_kept_by_the_language_they_are_read_in(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kept by the request's spelling, every spelling of English built the calendar anew and
+    pushed the others out of the cache."""
+    built = _recording_builds(monkeypatch)
     when = datetime(2033, 6, 1, 12, tzinfo=UTC)
     await _holiday(settings, when)
     for spelt in ("en", "EN", "en-US", "en_US", "fr", "ja"):  # the US has none in French
@@ -232,15 +238,7 @@ async def test_warm_up_builds_the_configured_calendars_a_request_then_uses(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     settings = Settings(holiday_countries=["US", "DE-BY"], timezone="Pacific/Kiritimati")
-    built: list[tuple[str, str | None, int]] = []
-    build = holiday._build_year
-
-    def recorded(code: str, language: str | None, year: int) -> holiday._Calendar:
-        built.append((code, language, year))
-        return build(code, language, year)
-
-    monkeypatch.setattr(holiday, "_build_year", recorded)
-    monkeypatch.setattr(holiday, "_CALENDARS", {})
+    built = _recording_builds(monkeypatch)
     plugin = HolidayPlugin(settings)
     plugin.warm_up()
     # Today where the settings say, and as far as the default horizon reaches.
