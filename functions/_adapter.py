@@ -30,6 +30,8 @@ from _binding import (
     Reply,
     error_reply,
     event_reply,
+    fit_error_body,
+    is_delivery,
     json_reply,
     parse,
     parse_leniently,
@@ -253,7 +255,9 @@ class Function:
         if not self._started.done():
             return False, "loading"
         if self._started.exception() is not None:
-            return False, "start-up failed"  # the reason is in the log
+            # The reason is in the log, and in the 503 of a request (:meth:`_check_ready`): not
+            # here, where a probe path answers whoever asks, authenticated or not.
+            return False, "start-up failed"
         if self._said_ready:  # where no server closes its answers (a test client): now
             self._begin_warm_up()
         self._said_ready = True
@@ -271,6 +275,8 @@ class Function:
             failure = self._started.exception() if self._started.done() else None
             if isinstance(failure, ConfigurationError):
                 raise failure
+            if isinstance(failure, ImageGenError):  # in imagegen's words, never a traceback
+                why = f"{why}: {failure.message[:500]}"
             raise DependencyUnavailable(f"{self.stage.name} is not ready ({why})", retry_after=15)
 
     def _run(
@@ -610,7 +616,10 @@ def entry_point(name: str) -> Any:
         # answer to an exception too.
         flask.after_this_request(_unread_body_left)
         reply = function.dispatch(request)
-        response = flask.Response(reply.body, reply.status, dict(reply.headers))
+        body = reply.body
+        if reply.status >= 300 and is_delivery(request.headers.keys(), request.content_type):
+            body = fit_error_body(body)  # a broker keeps it; a longer one can crash its dispatcher
+        response = flask.Response(body, reply.status, dict(reply.headers))
         if not reply.body and "Content-Type" not in reply.headers:
             del response.headers["Content-Type"]  # nothing said: not Flask's text/html
         response.call_on_close(function.replied)  # the server closes it once it is sent

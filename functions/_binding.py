@@ -12,7 +12,7 @@ import contextlib
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -31,11 +31,14 @@ from imagegen.models import ErrorInfo, GenerationFailed
 from imagegen.validation import loads
 
 __all__ = [
+    "DELIVERED_ERROR_BODY_MAX",
     "MAX_BODY_BYTES",
     "Message",
     "Reply",
     "error_reply",
     "event_reply",
+    "fit_error_body",
+    "is_delivery",
     "json_reply",
     "parse",
     "parse_leniently",
@@ -406,6 +409,69 @@ def json_reply(body: Any, status: int, headers: Mapping[str, str] | None = None)
         json.dumps(body, separators=(",", ":"), default=str).encode(),
         {"Content-Type": "application/json", **(headers or {})},
     )
+
+
+DELIVERED_ERROR_BODY_MAX = 768
+"""The most bytes of an error's body answered to a broker's delivery. Knative's dispatcher keeps
+a failed delivery's body as the ``knativeerrordata`` extension, base64 in at most 1,024
+characters, and encodes it into a buffer of that size: a longer body runs past the buffer
+(knative/eventing pkg/kncloudevents/event_dispatcher.go, ``dispatchExecutionInfoTransformers``:
+``base64.StdEncoding.Encode(encodedBuf, httpResponseBody)`` with ``encodedBuf`` cut to
+``KnativeErrorDataExtensionMaxLength``), which panics the channel-based broker's dispatcher
+and loses the event instead of dead-lettering it. 768 bytes encode to exactly 1,024."""
+
+
+_FITTED_MESSAGE_CHARS = 240
+"""What a delivered error's message keeps, before any field it names is left out."""
+
+
+def is_delivery(header_names: Iterable[str], content_type: str | None) -> bool:
+    """Whether a request is a CloudEvent as a broker delivers it (binary or structured mode)."""
+    structured = (content_type or "").lower().startswith("application/cloudevents")
+    return structured or any(name.lower() == "ce-specversion" for name in header_names)
+
+
+def fit_error_body(body: bytes, limit: int = DELIVERED_ERROR_BODY_MAX) -> bytes:
+    """A JSON error body of at most ``limit`` bytes, still JSON naming what was wrong: its
+    message and each field's message cut short first (they quote what was sent), then the
+    fields named cut from the end (``errors_left_out`` says how many), then the message cut
+    further. Returned as it is when it fits or is no JSON object."""
+    if len(body) <= limit:
+        return body
+    try:
+        error = json.loads(body)
+    except ValueError:
+        return body[:limit]
+    if not isinstance(error, dict):
+        return body[:limit]
+
+    def encoded(value: dict[str, Any]) -> bytes:
+        return json.dumps(value, separators=(",", ":"), default=str).encode()
+
+    def cut(value: object, chars: int) -> str:
+        text = str(value)
+        return text if len(text) <= chars else text[:chars] + "..."
+
+    error["message"] = cut(error.get("message", ""), _FITTED_MESSAGE_CHARS)
+    if isinstance(error.get("errors"), list):
+        error["errors"] = [
+            {**e, "message": cut(e.get("message", ""), 80)} if isinstance(e, dict) else e
+            for e in error["errors"]
+        ]
+    errors, left_out = list(error.get("errors") or []), 0
+    while errors and len(encoded(error)) > limit:
+        errors.pop()
+        left_out += 1
+        error = {**error, "errors": errors, "errors_left_out": left_out}
+    while len(encoded(error)) > limit and len(error["message"]) > 3:
+        over = len(encoded(error)) - limit
+        error = {
+            **error,
+            "message": cut(error["message"][:-3], max(0, len(error["message"]) - 3 - over)),
+        }
+    if len(encoded(error)) > limit:  # a code or other field no one should make this long
+        error = {"error": cut(error.get("error"), 64), "retryable": error.get("retryable")}
+    return encoded(error)
 
 
 def event_reply(attributes: Mapping[str, str], data: BaseModel) -> Reply:

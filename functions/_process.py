@@ -65,12 +65,23 @@ def _refusal(sock: object, status: int, reason: str, message: str) -> None:
     write_nonblock(sock, head.encode("latin-1") + body)
 
 
+DRAIN_SECONDS = 3600
+"""How long gunicorn lets requests in flight finish after SIGTERM (``graceful_timeout``; its
+default, 30 s, is shorter than any stage's time budget, and functions-framework's
+``GunicornApplication`` sets only ``bind``, ``workers``, ``threads``, ``loglevel`` and
+``timeout``). Longer than any grace period the pod gets (Knative's ``timeoutSeconds``): the
+kubelet's SIGKILL, not gunicorn, ends a request that outlives it."""
+
 try:
+    import gunicorn.config
     import gunicorn.util
 except ImportError:  # no gunicorn (Windows): werkzeug's server, whose refusals are rare
     pass
 else:
     gunicorn.util.write_error = _refusal
+    # Read when gunicorn makes its Config, after the function is imported (a Setting's class
+    # default: gunicorn/config.py, GracefulTimeout).
+    gunicorn.config.GracefulTimeout.default = DRAIN_SECONDS
 
 
 # The attributes of a binary-mode event, each one value: repeated, gunicorn would join them

@@ -368,6 +368,9 @@ def test_a_function_whose_storage_is_not_writable_never_turns_ready(tmp_path: Pa
     assert ready.status_code == 503 and ready.json()["status"] == "start-up failed"
     reply = post_event(persist, IMAGE_RENDERED, {"generation_id": "x"}, subject="unwritable-1")
     assert reply.status_code == 503, reply.text
+    # Why, in the answer a dead letter keeps too, not only in the log; never at the probe's
+    # path, which answers whoever asks.
+    assert "a-file" in reply.json()["message"] and "a-file" not in ready.text
     assert int(reply.headers["retry-after"]) > 0
 
 

@@ -209,3 +209,24 @@ def test_huge_body_is_refused(chain: dict[str, Any]) -> None:
 def test_methods_and_routes(chain: dict[str, Any]) -> None:
     _assert_readable_4xx(chain["enhance"].get("/"), status=405)
     _assert_readable_4xx(chain["enhance"].post("/nope", json={}), status=404)
+
+
+def test_an_error_answered_to_a_delivery_fits_what_a_channel_dispatcher_keeps(
+    chain: dict[str, Any],
+) -> None:
+    """A broker keeps a failed delivery's body as ``knativeerrordata``; the channel-based
+    broker's dispatcher panics on one over 768 bytes (``_binding.DELIVERED_ERROR_BODY_MAX``),
+    so an error answered to a delivery is cut to fit, still JSON naming what was wrong; a
+    plain caller's is whole."""
+    long_type = "com.example." + "x" * 900  # quoted by the message: a body of over 768 bytes
+    delivered = post_event(chain["persist"], long_type, {})
+    assert delivered.status_code == 400 and len(delivered.content) <= 768, delivered.content
+    body = _assert_readable_4xx(delivered, "type")
+    assert body["error"] == "invalid_request" and body["retryable"] is False
+    # A plain call, many fields wrong: its answer is not cut, however long.
+    wrong = {f"field_{i:03}": i for i in range(60)}
+    plain = chain["enhance"].post("/", json=wrong, timeout=30)
+    assert plain.status_code == 400 and len(plain.content) > 768
+    answer = plain.json()
+    assert "errors_left_out" not in answer and not answer["message"].endswith("...")
+    assert len(answer["errors"]) > 10  # as validation names them, none left out here

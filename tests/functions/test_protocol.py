@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,8 +19,11 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED, PROMPT_ENHANCED
+from tests.conftest import ROOT
 from tests.functions.clients import InProcessFunction
 from tests.functions.conftest import StartServer, base_env
 from tests.functions.servers import cloudevent_headers
@@ -431,3 +435,51 @@ def test_robots_and_favicon_leave_a_body_unread_when_served(
         status, _, body = _raw(server.url, head + b"{", hang_up=True).partition(b"\r\n\r\n")
         assert status.startswith(b"HTTP/1.1 404"), status
         assert json.loads(body)["error"] == "not_found"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    message=st.text(max_size=3000),
+    fields=st.lists(st.tuples(st.text(max_size=80), st.text(max_size=400)), max_size=40),
+    code=st.sampled_from(["invalid_request", "dependency_unavailable", "x" * 900]),
+)
+def test_a_delivered_error_body_fits_768_bytes_and_stays_json(
+    message: str, fields: list[tuple[str, str]], code: str
+) -> None:
+    functions = str(ROOT / "functions")  # where functions-framework finds the adapters
+    if functions not in sys.path:
+        sys.path.insert(0, functions)
+    from _binding import DELIVERED_ERROR_BODY_MAX, fit_error_body
+
+    error = {
+        "error": code,
+        "message": message,
+        "retryable": False,
+        "errors": [{"field": f, "message": m} for f, m in fields],
+    }
+    body = json.dumps(error, separators=(",", ":")).encode()
+    fitted = fit_error_body(body)
+    assert len(fitted) <= DELIVERED_ERROR_BODY_MAX
+    kept = json.loads(fitted)
+    assert kept["retryable"] is False
+    if len(body) <= DELIVERED_ERROR_BODY_MAX:
+        assert fitted == body
+    elif len(code) < 100:  # the fields named first, as many as fit, in order
+        named = [e["field"] for e in kept.get("errors", [])]
+        assert named == [f for f, _ in fields][: len(named)]
+        assert kept.get("errors_left_out", 0) == len(fields) - len(named)
+
+
+def test_the_server_lets_requests_in_flight_finish_past_gunicorns_30_s() -> None:
+    """After SIGTERM gunicorn waits ``graceful_timeout`` for requests in flight, then kills its
+    workers; functions-framework's server leaves it at gunicorn's 30 s, less than any stage's
+    budget. The function's process sets it past any grace period the pod gets."""
+    functions = str(ROOT / "functions")
+    if functions not in sys.path:
+        sys.path.insert(0, functions)
+    import _process
+    import flask
+    from functions_framework._http.gunicorn import GunicornApplication
+
+    server = GunicornApplication(flask.Flask("t"), "127.0.0.1", 0, False)
+    assert server.cfg.graceful_timeout == _process.DRAIN_SECONDS >= 600  # render's timeoutSeconds

@@ -28,9 +28,10 @@ Channel-based broker (``MTChannelBasedBroker``; knative/eventing v1.22):
   backoff, none without both ``backoffPolicy`` and ``backoffDelay``; ``Retry-After``, seconds
   or an HTTP-date (``parseRetryAfterDuration``), only with ``retryAfterMax``, which needs the
   ``delivery-retryafter`` feature); the dead-letter sink gets the original event with
-  ``knativeerrordest``, ``knativeerrorcode`` and ``knativeerrordata`` (base64, cut to 1,024
-  characters), is retried like the subscriber, and its reply is discarded; a reply that cannot
-  be published to the ingress dead-letters the original event. A subscriber that cannot be
+  ``knativeerrordest``, ``knativeerrorcode`` and ``knativeerrordata`` (base64 of a body of at
+  most 768 bytes: a longer one panics the dispatcher, and the event is lost), is retried like
+  the subscriber, and its reply is discarded; a reply that cannot be published to the ingress
+  dead-letters the original event. A subscriber that cannot be
   reached is a 500 whose body is ``dispatch error: …`` (``executeRequest``), which the filter
   hands on (below); one that does not answer within the timeout leaves no error extensions.
 - filter ``pkg/broker/filter/filter_handler.go``: the TTL is removed before the subscriber sees
@@ -76,6 +77,7 @@ from .delivery import (
     Attempt,
     DeadLetter,
     Delivery,
+    DispatcherPanic,
     NoResponse,
     Outcome,
     RoutingLoop,
@@ -137,6 +139,7 @@ class Broker:
         self.outputs: list[Event] = []  # accepted events no Trigger wanted
         self.refused_replies: list[tuple[str, str]] = []  # (trigger, reason)
         self.lost: list[tuple[str, Event]] = []  # neither delivered nor dead-lettered
+        self.panics: list[str] = []  # Triggers whose delivery ended the channel dispatcher
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._pending: list[tuple[TriggerInfo, Event]] = []
@@ -218,7 +221,13 @@ class Broker:
         for attempt in range(1 + (trigger.retry or 0)):
             if attempt:
                 self._sleep(self._backoff(trigger, waits[attempt - 1].total_seconds(), outcome))
-            outcome = self._attempt(trigger, event)
+            try:
+                outcome = self._attempt(trigger, event)
+            except DispatcherPanic:
+                with self._lock:
+                    self.lost.append((trigger.name, event))
+                    self.panics.append(trigger.name)
+                return
             if outcome.refusal is not None:
                 with self._lock:
                     self.refused_replies.append((trigger.name, outcome.refusal))

@@ -102,16 +102,34 @@ def retryable(status: int | None) -> bool:
     return status is None or status >= 500 or status in {404, 408, 409, 429}
 
 
+class DispatcherPanic(Exception):
+    """The channel dispatcher's process ends: what it was delivering is neither delivered nor
+    dead-lettered."""
+
+
 def error_extensions(
     destination: str, status: int | None, body: bytes | None, *, kafka: bool
 ) -> dict[str, str]:
+    """The extensions a dead letter carries of a failed delivery whose answer was ``body``.
+
+    Raises:
+        DispatcherPanic: on the channel-based broker, a body longer than 768 bytes. Its
+            ``dispatchExecutionInfoTransformers`` (pkg/kncloudevents/event_dispatcher.go) makes
+            a buffer of ``min(EncodedLen(len(body)), 1024)`` bytes and base64-encodes the whole
+            body into it: ``base64.StdEncoding.Encode`` writes past the end and panics ("index
+            out of range [1024] with length 1024", knative-extensions/eventing-natss#434), in
+            the dispatch's goroutine, so the process ends. Kafka cuts the body first
+            (RecordDispatcherImpl.java, ``KN_ERROR_DATA_MAX_BYTES``).
+    """
     extensions = {"knativeerrordest": destination}
     if status is None or body is None:
         return extensions
     if kafka:
         data = base64.b64encode(body[:ERROR_DATA_MAX]).decode()
+    elif len(base64.b64encode(body)) > ERROR_DATA_MAX:
+        raise DispatcherPanic(f"index out of range [{ERROR_DATA_MAX}] with length {ERROR_DATA_MAX}")
     else:
-        data = base64.b64encode(body).decode()[:ERROR_DATA_MAX]
+        data = base64.b64encode(body).decode()
     return {**extensions, "knativeerrorcode": str(status), "knativeerrordata": data}
 
 

@@ -168,7 +168,7 @@ def test_a_ledger_file_that_cannot_hold_a_ledger_keeps_the_function_unready(
         ready = function.get("/readyz")
     # Knative never routes to it, and a rollout that set the path keeps the working revision.
     assert ready.status_code == 503
-    assert ready.json()["status"] == "start-up failed"
+    assert ready.json()["status"] == "start-up failed"  # why: in the log, and a request's 503
     failed = [r for r in caplog.records if r.getMessage().startswith("start-up failed:")]
     assert len(failed) == 1 and reason in failed[0].getMessage()
     assert failed[0].exc_info is None, "its own words, no traceback"
