@@ -74,13 +74,34 @@ class LoopbackServer(Running):
 @contextmanager
 def broker_ingress(status: int = 202) -> Iterator[tuple[str, list[tuple[dict[str, str], Any]]]]:
     """A broker ingress on loopback: its URL, and the headers (lower-case) and JSON body of each
-    event POSTed to it; every POST answered ``status``."""
+    event POSTed to it; every valid event answered ``status``.
+
+    As knative/eventing's ingress (pkg/broker/ingress/ingress_handler.go, ``ServeHTTP``): a
+    request that is no valid CloudEvent (``binding.ToEvent`` fails, or ``event.Validate``) is
+    a 400 and is not taken, nor is an event whose ``knativebrokerttl`` has run out (at or below
+    0, pkg/broker/ttl.go).
+    """
+    from tests.knative.cloudevents_http import MalformedEvent, Message, decode
+
     received: list[tuple[dict[str, str], Any]] = []
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("content-length", 0)))
-            received.append(({k.lower(): v for k, v in self.headers.items()}, json.loads(body)))
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            try:
+                event = decode(Message(headers, body))
+            except MalformedEvent:
+                event = None
+            ttl = event.get("knativebrokerttl") if event is not None else None
+            if event is None or (
+                ttl is not None and not (ttl.lstrip("-").isdigit() and int(ttl) > 0)
+            ):
+                self.send_response(400)
+                self.send_header("content-length", "0")
+                self.end_headers()
+                return
+            received.append((headers, json.loads(body)))
             self.send_response(status)
             self.send_header("content-length", "0")
             self.end_headers()

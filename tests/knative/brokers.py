@@ -263,7 +263,12 @@ class Broker:
 
     def _send(self, trigger: TriggerInfo, url: str, event: Event) -> Delivery | NoResponse:
         """One request: what came back, or why nothing did."""
-        timeout = trigger.timeout.total_seconds() if trigger.timeout else 60.0
+        # Without the Trigger's timeout: none on the channel broker (pkg/kncloudevents/
+        # http_client.go sets none; DoWithRetries only the configured one), 600 s on Kafka's
+        # (WebClientCloudEventSender.java, DEFAULT_TIMEOUT_MS).
+        timeout: float | None = trigger.timeout.total_seconds() if trigger.timeout else None
+        if timeout is None and self.kafka:
+            timeout = 600.0
         delivery: Delivery | NoResponse
         try:
             delivery = self.transport(url, encode_binary(event), timeout)

@@ -54,7 +54,7 @@ class Delivery:
     message: Message = field(default_factory=Message)
 
 
-Transport = Callable[[str, Message, float], Delivery]
+Transport = Callable[[str, Message, float | None], Delivery]
 """POST a message to a URL within a timeout; raises NoResponse when nothing came back."""
 
 
@@ -62,7 +62,7 @@ def http_transport(client: httpx.Client | None = None) -> Transport:
     """A transport over real HTTP (httpx)."""
     http = client or httpx.Client()
 
-    def send(url: str, message: Message, timeout: float) -> Delivery:
+    def send(url: str, message: Message, timeout: float | None) -> Delivery:
         try:
             response = http.post(
                 url, headers=dict(message.headers), content=message.body, timeout=timeout

@@ -97,6 +97,7 @@ class Cluster:
             "log": lambda m: Delivery(202),
         }
         self.received: dict[str, list[Event]] = {"sub": [], "dls": [], "log": []}
+        self.timeouts: list[float | None] = []  # each request's, as the broker sets it
         self.waits: list[float] = []
         self.lock = threading.Lock()
         cluster = self
@@ -114,12 +115,13 @@ class Cluster:
             **options,
         )
 
-    def send(self, url: str, message: Message, timeout: float) -> Delivery:
+    def send(self, url: str, message: Message, timeout: float | None) -> Delivery:
         name = url.removeprefix("http://")
         received = decode(message)
         assert received is not None, "the broker sends CloudEvents"
         with self.lock:
             self.received[name].append(received)
+            self.timeouts.append(timeout)
         return self.handlers[name](message)
 
     def run(self, *events: Event) -> Broker:

@@ -462,3 +462,17 @@ def test_a_reply_time_is_read_as_sdk_go_reads_it(value: str, read: bool) -> None
     else:
         with pytest.raises(MalformedEvent, match="time"):
             decode(message)
+
+
+@pytest.mark.parametrize(
+    ("broker_class", "timeout"), [(CHANNEL_BROKER, None), (KAFKA_BROKER, 600.0)]
+)
+def test_a_trigger_without_a_timeout_waits_as_its_broker_does(
+    broker_class: str, timeout: float | None
+) -> None:
+    # Channel: no timeout at all (pkg/kncloudevents/http_client.go); Kafka: 600 s
+    # (WebClientCloudEventSender.java, DEFAULT_TIMEOUT_MS).
+    cluster = Cluster(broker_class, manifests(retry=0))
+    cluster.handlers["sub"] = lambda m: Delivery(202)
+    cluster.run(event())
+    assert cluster.timeouts == [timeout]

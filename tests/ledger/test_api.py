@@ -358,3 +358,17 @@ def test_a_request_recorded_with_values_in_other_types_is_listed_and_replayed_in
         [(_, data)] = received
         assert (data["width"], data["seed"]) == (512, 7)
         assert GenerationRequest.model_validate(data).width == 512  # as enhance reads it
+
+
+def test_the_broker_ingress_stand_in_refuses_what_knatives_refuses() -> None:
+    """As pkg/broker/ingress/ingress_handler.go: no valid CloudEvent, or a spent TTL, is a 400
+    and taken by no one; what the replay tests see sent is what a broker would take."""
+    import httpx
+
+    event = {"ce-specversion": "1.0", "ce-id": "1", "ce-source": "/t", "ce-type": "t.x"}
+    with broker_ingress() as (url, received):
+        plain = httpx.post(url, json={"a": 1})
+        spent = httpx.post(url, json={}, headers={**event, "ce-knativebrokerttl": "0"})
+        taken = httpx.post(url, json={}, headers={**event, "ce-knativebrokerttl": "3"})
+    assert (plain.status_code, spent.status_code, taken.status_code) == (400, 400, 202)
+    assert [headers["ce-id"] for headers, _ in received] == ["1"]
