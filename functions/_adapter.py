@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -449,7 +449,12 @@ class Function:
             return event_reply(attributes, result)
         except Exception as exc:
             return self._failed(
-                exc, message, dispatched=dispatched, spanned=spanned, generation_id=gid
+                exc,
+                message,
+                dispatched=dispatched,
+                spanned=spanned,
+                headers=dict(request.headers),
+                generation_id=gid,
             )
 
     def _answers(self, result: object) -> int:
@@ -505,6 +510,7 @@ class Function:
         *,
         dispatched: bool,
         spanned: dict[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
         **fields: Any,
     ) -> Reply:
         """The reply to ``exc``, logged with ``fields``; anything unforeseen is logged whole and
@@ -516,6 +522,17 @@ class Function:
         """
         gid, extra = fields.get("generation_id"), {"stage": self.stage.name, **fields}
         carrier = spanned or (message.carrier() if message is not None else {})
+        if not carrier and headers is not None:
+            # Refused before it was read as an event (a body that is no JSON, another type):
+            # the caller's trace from its headers, a binary-mode event's ce-traceparent first.
+            raw = {k.lower(): v for k, v in headers.items()}
+            carrier = trace_carrier(
+                {
+                    k.removeprefix("ce-"): raw[k]
+                    for k in ("ce-traceparent", "ce-tracestate")
+                    if k in raw
+                }
+            ) or trace_carrier(raw)
         with within_trace(carrier):
             if not isinstance(exc, ImageGenError):
                 log.exception("unexpected error", extra=extra)

@@ -24,9 +24,23 @@ def env(name: str) -> str:
     return os.environ.get(name, "").strip()
 
 
+_EXPORTER_KINDS = ("otlp", "console", "none")
+
+
 def _exporter_kinds(signal: str) -> set[str]:
-    value = env(f"OTEL_{signal.upper()}_EXPORTER") or "otlp"
-    return {part.strip().lower() for part in value.split(",") if part.strip()}
+    """What ``OTEL_<SIGNAL>_EXPORTER`` names: ``otlp``, ``console`` or ``none``, one of them.
+
+    The variable is a list (OpenTelemetry's SDK configuration), but one exporter is made: of
+    ``otlp`` and ``console`` together, ``console`` (a developer's), with a warning, as for a
+    kind not installed here (``zipkin``), which exports nothing.
+    """
+    name = f"OTEL_{signal.upper()}_EXPORTER"
+    kinds = {part.strip().lower() for part in (env(name) or "otlp").split(",") if part.strip()}
+    if unknown := sorted(kinds - set(_EXPORTER_KINDS)):
+        log.warning("%s: %s not supported (otlp, console or none); ignored", name, unknown)
+    if {"otlp", "console"} <= kinds:
+        log.warning("%s: one exporter is made: console, not otlp", name)
+    return kinds
 
 
 def _otlp_options(signal: str) -> tuple[str, dict[str, Any]] | None:

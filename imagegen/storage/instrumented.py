@@ -13,7 +13,7 @@ from typing import Any
 
 from imagegen.errors import NotFound
 from imagegen.storage.base import Storage, StoredObject
-from imagegen.telemetry import current_stage, instruments, tracer
+from imagegen.telemetry import current_stage, instruments, record_error, tracer
 
 __all__ = ["InstrumentedStorage", "instrumented"]
 
@@ -32,7 +32,10 @@ class InstrumentedStorage:
     # generator and two more awaits on every storage call.
     @contextmanager
     def _measured(self, operation: str, key: str) -> Iterator[None]:
-        with tracer().start_as_current_span(f"imagegen.storage.{operation}") as span:
+        # The span's failures marked here, not by the SDK: a miss is an answer, no error.
+        with tracer().start_as_current_span(
+            f"imagegen.storage.{operation}", record_exception=False, set_status_on_exception=False
+        ) as span:
             span.set_attribute("imagegen.storage.key", key)
             started = time.perf_counter()
             outcome = "failed"  # a call that raises is timed too: a slow timeout is slow
@@ -40,7 +43,12 @@ class InstrumentedStorage:
                 yield
                 outcome = "success"
             except NotFound:
-                outcome = "missing"  # an answer, and often the expected one (a first delivery)
+                # An answer, and often the expected one (a first delivery): no error, no trace.
+                outcome = "missing"
+                span.set_attribute("imagegen.storage.found", False)
+                raise
+            except BaseException as exc:
+                record_error(span, exc)
                 raise
             finally:
                 labels = {"operation": operation, "stage": current_stage.get(), "outcome": outcome}

@@ -195,6 +195,27 @@ def test_grpc_is_used_when_installed_else_http_with_a_warning(
     assert any("grpc" in m and "http/protobuf" in m for m in warnings), warnings
 
 
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [("otlp,console", "console, not otlp"), ("zipkin", "['zipkin'] not supported")],
+)
+def test_an_exporter_list_that_is_not_all_made_says_so(
+    made: list[Telemetry],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    value: str,
+    said: str,
+) -> None:
+    # OTEL_TRACES_EXPORTER is a list; one exporter is made, and a kind not installed here
+    # exports nothing: never silently.
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", REFUSED)
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", value)
+    with caplog.at_level(logging.WARNING, logger="imagegen.observability"):
+        make(made)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any("OTEL_TRACES_EXPORTER" in m and said in m for m in warnings), warnings
+
+
 def test_resource_names_the_service_and_its_knative_revision(
     made: list[Telemetry], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -233,6 +233,11 @@ def test_one_trace_from_the_requester_through_every_stage(
     for span in named(spans, "imagegen.storage.get") + named(spans, "imagegen.storage.head"):
         parent = parent_of(span, spans)
         assert parent is not None and parent.name in stages, span.name
+        # A miss (derive's first look for its record, say) is an answer: no error, no trace.
+        assert span.status.status_code is not StatusCode.ERROR, span.attributes
+        assert not span.events, (span.attributes, span.events)
+    missed = [s for s in spans if (s.attributes or {}).get("imagegen.storage.found") is False]
+    assert missed, "a first delivery looks for what is not there yet"
     assert len(named(spans, "imagegen.plugin")) >= 1
     storage_spans = {f"imagegen.storage.{op}" for op in ("put", "get", "head")}
     assert {s.name for s in spans} <= {*expected_parents, "enhance process", *storage_spans}
@@ -395,6 +400,21 @@ def test_a_request_refused_before_its_span_is_logged_in_the_callers_trace(
     reply = post(chain.servers["enhance"].url, headers, b'{"prompt": "a fox", "width": "wide"}')
     assert reply.headers["ce-type"] == GENERATION_FAILED
     assert reply.headers["ce-traceparent"] == TRACEPARENT
+    [entry] = failure_lines.entries
+    assert (entry["trace_id"], entry["span_id"]) == (TRACE_ID, PARENT_ID)
+
+
+@pytest.mark.parametrize(
+    ("body", "event_type"),
+    [(b"{not json", GENERATION_REQUESTED), (b"{}", IMAGE_PERSISTED)],
+    ids=["no-json", "another-type"],
+)
+def test_a_request_refused_before_it_is_read_as_an_event_is_logged_in_the_callers_trace(
+    chain: Chain, failure_lines: _FailureLines, body: bytes, event_type: str
+) -> None:
+    headers = cloudevent_headers(event_type, subject="obs-unread-1", traceparent=TRACEPARENT)
+    reply = post(chain.servers["enhance"].url, headers, body)
+    assert reply.status_code == 400, reply.text
     [entry] = failure_lines.entries
     assert (entry["trace_id"], entry["span_id"]) == (TRACE_ID, PARENT_ID)
 
