@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from imagegen.cli._app import AsJson, app, err, markup, out, settings_from
+from imagegen.cli._app import AsJson, app, err, markup, out, printable, settings_from
+from imagegen.errors import ImageGenError
 
 __all__ = ["list_models", "models_app", "pull"]
 
@@ -41,7 +42,23 @@ def pull(
             (err if as_json else out).print(
                 f"{name}: {why}, nothing to pull", markup=False, soft_wrap=True
             )
-    pulled = [pull(name, settings) for name in wanted if needs_nothing(name) is None]
+    # Each in turn, each said as it ends: one that fails neither hides those pulled before it
+    # nor stops those after it; the command fails at its end, with the last failure's line.
+    pulled, failure = [], None
+    for name in (n for n in wanted if needs_nothing(n) is None):
+        try:
+            done = pull(name, settings)
+        except ImageGenError as exc:
+            if failure is not None:
+                said = f"imagegen: error: {printable(failure.message)}"
+                err.print(said, markup=False, soft_wrap=True)
+            failure = exc
+            continue
+        pulled.append(done)
+        if not as_json:
+            revision = done.revision or "main (not pinned)"
+            line = f"{done.model} @ {revision}: {done.size_bytes / 1e9:.1f} GB in {done.path}"
+            out.print(line, markup=False)
     if as_json:
         typer.echo(
             json.dumps(
@@ -57,11 +74,9 @@ def pull(
                 indent=2,
             )
         )
-        return
-    for p in pulled:
-        revision = p.revision or "main (not pinned)"
-        out.print(f"{p.model} @ {revision}: {p.size_bytes / 1e9:.1f} GB in {p.path}", markup=False)
-    if not wanted:
+    if failure is not None:
+        raise failure
+    if not wanted and not as_json:
         out.print("no Hub models configured: nothing to pull", markup=False)
 
 

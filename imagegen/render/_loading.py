@@ -81,14 +81,24 @@ def load_pipeline(model: str, dtype: torch.dtype, settings: Settings) -> Pipelin
     # Here, not at import: it imports every pipeline diffusers has, and the offline models
     # (``_family.build_offline``) need none of them.
     from diffusers.pipelines.auto_pipeline import AutoPipelineForText2Image
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
+    # Their bars on stderr are no log lines (a server's are JSON), and the command line shows
+    # its own progress.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     try:
         pipe: Pipeline = AutoPipelineForText2Image.from_pretrained(
             source, **{_DTYPE_ARGUMENT: dtype}, **options
         )
-    except ValueError as error:
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        # KeyError, TypeError, AttributeError: a model_index.json of another shape ({}, a list,
+        # a null class name), which diffusers reads without checking.
         raise field_error(
-            "model", f"{model!r} is not a text-to-image pipeline: {first_line(error)}"
+            "model",
+            f"{model!r} is not a text-to-image pipeline: {type(error).__name__}:"
+            f" {first_line(error)}",
         ) from error
     except OSError as error:
         if remote:

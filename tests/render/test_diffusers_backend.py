@@ -346,3 +346,30 @@ def test_tiny_renders_in_bfloat16_on_cuda(make_job: MakeJob) -> None:
     assert backend.describe()["dtype"] == "bfloat16"
     assert (first.width, first.height) == (256, 384)
     assert first.png == second.png
+
+
+@pytest.mark.parametrize("index", ["{}", '{"_class_name": null}', "[]"])
+def test_a_model_index_of_another_shape_is_an_invalid_request(
+    tiny_dir: Path, tmp_path: Path, index: str
+) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    (broken / "model_index.json").write_text(index)
+    with pytest.raises(InvalidRequest, match="not a text-to-image pipeline") as caught:
+        DiffusersBackend(Settings(device="cpu")).load(str(broken))
+    assert caught.value.fields == ["model"]
+
+
+def test_loading_a_pipeline_draws_no_progress_bar(
+    tiny_dir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # A server's stderr holds JSON log lines only; the command line shows its own progress.
+    capfd.readouterr()
+    backend = DiffusersBackend(Settings(device="cpu"))
+    try:
+        backend.load(str(tiny_dir))
+    finally:
+        backend.close()
+    assert "Loading pipeline components" not in capfd.readouterr().err

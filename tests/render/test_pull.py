@@ -66,6 +66,20 @@ def test_pull_of_a_model_that_is_not_there_is_one_line(
     assert "could not be downloaded" in line
 
 
+def test_pulling_several_reports_each_and_fails_at_the_end(
+    cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # One missing before and one after the model that is there: that one is pulled and said,
+    # each failure said in its line, and the command fails at its end.
+    names = ["example-org/missing-1", MODEL, "example-org/missing-2"]
+    assert imagegen("models", "pull", *names, cache=cache, monkeypatch=monkeypatch) == 1
+    said = capsys.readouterr()
+    assert said.out.startswith(f"{MODEL} @ ") and "missing" not in said.out
+    errors = [line for line in said.err.splitlines() if line.startswith("imagegen: error:")]
+    assert len(errors) == 2
+    assert "missing-1" in errors[0] and "missing-2" in errors[1]
+
+
 @pytest.mark.parametrize(
     ("raised", "said"),
     [
