@@ -77,6 +77,12 @@ _BODY_READ = "imagegen.body_read"
 T = TypeVar("T")
 
 
+START_AGAIN_SECONDS = 30.0
+"""Seconds after a failed start-up before a probe or request begins it again (the model load
+of render, the storage check): a process recovers once what it waited for is there, without
+the startup probe's restart. Each try that fails logs its line."""
+
+
 class Function:
     """The process-wide state of one stage's function: settings, service, loop, readiness."""
 
@@ -94,6 +100,7 @@ class Function:
         self._timeout = 60.0
         self._warming: Future[None] | None = None  # the warm-up, once begun
         self._said_ready = False  # whether ready() has said so yet
+        self._failed_at: float | None = None  # when a failed start-up was first seen
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -255,6 +262,7 @@ class Function:
         if not self._started.done():
             return False, "loading"
         if self._started.exception() is not None:
+            self._start_again()
             # The reason is in the log, and in the 503 of a request (:meth:`_check_ready`): not
             # here, where a probe path answers whoever asks, authenticated or not.
             return False, "start-up failed"
@@ -262,6 +270,24 @@ class Function:
             self._begin_warm_up()
         self._said_ready = True
         return True, "ready"
+
+    def _start_again(self) -> None:
+        """Begin start-up again, :data:`START_AGAIN_SECONDS` after it failed, where it got as
+        far as its loop: what it waited for (a model pulled into the cache, a directory made
+        writable, storage back) may be there now. Settings that failed to read fail again
+        until the process is restarted with others, so those are not tried again."""
+        if self._loop is None or self._loop_ended is not None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if not self._started.done() or self._started.exception() is None:
+                return  # another thread began it again meanwhile
+            if self._failed_at is None:
+                self._failed_at = now
+            if now - self._failed_at < START_AGAIN_SECONDS:
+                return
+            self._failed_at = None
+            self._started = asyncio.run_coroutine_threadsafe(self._enter(), self._loop)
 
     def replied(self) -> None:
         """After each answer has been sent: the warm-up begins once the process is ready."""

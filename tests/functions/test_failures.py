@@ -358,6 +358,31 @@ def test_one_event_failing_at_two_subscribers_leaves_a_record_of_each(tmp_path: 
     }
 
 
+def test_a_function_whose_start_up_failed_starts_again_once_it_can(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What start-up waited for comes later (a folder made writable, a model pulled): the
+    process turns ready without a restart, its start-up begun again after a pause."""
+    import sys
+    import time
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = {**base_env(tmp_path / "store"), "IMAGEGEN_STORAGE_URL": str(blocker / "output")}
+    persist = InProcessFunction("persist", env)
+    adapter = sys.modules["_adapter"]  # functions/_adapter.py, loaded with the function
+    monkeypatch.setattr(adapter, "START_AGAIN_SECONDS", 0.2)
+    assert persist.get("/readyz").status_code == 503
+    time.sleep(0.3)
+    assert persist.get("/readyz").status_code == 503  # tried again, and failed again
+    blocker.unlink()  # the folder can be made now
+    deadline = time.monotonic() + 10
+    while persist.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "never started again"
+        time.sleep(0.1)
+    assert (blocker / "output").is_dir()
+
+
 def test_a_function_whose_storage_is_not_writable_never_turns_ready(tmp_path: Path) -> None:
     # A directory under a regular file cannot be created, whoever the user (root included).
     blocker = tmp_path / "a-file"
