@@ -11,6 +11,7 @@ Pure data, safe to import anywhere (enhance reads it without torch).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,6 +23,7 @@ __all__ = [
     "ModelFamily",
     "ModelSpec",
     "family_for",
+    "known_spec",
     "markdown_tables",
     "request_errors",
     "resolution_errors",
@@ -204,6 +206,20 @@ _MODELS: tuple[ModelSpec, ...] = (
     ModelSpec("tiny-klein", TINY_FLUX2_KLEIN, None, None, licence=_APACHE, offline=True),
 )
 MODELS: dict[str, ModelSpec] = {spec.id: spec for spec in _MODELS}
+# The Hub resolves a repository's id in any case, so its licence, revision and family must
+# too: ``black-forest-labs/flux.1-dev`` is FLUX.1 [dev], under its non-commercial licence.
+_HUB_IDS = {spec.id.lower(): spec for spec in _MODELS if "/" in spec.id}
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def known_spec(model: str) -> ModelSpec | None:
+    """The table's spec of ``model``: its id as written, or a Hub id of the table in another
+    case; None for any other name."""
+    known = MODELS.get(model)
+    if known is None and _HUB_ID.fullmatch(model):
+        known = _HUB_IDS.get(model.lower())
+    return known
+
 
 _BY_PIPELINE = {"Flux2KleinPipeline": FLUX2_KLEIN, "FluxPipeline": FLUX1_DEV}
 
@@ -215,7 +231,7 @@ def family_for(model: str) -> ModelFamily:
     local directory is recognised by the pipeline class in its ``model_index.json``; any other
     unknown name by its spelling (``klein``, ``schnell``), else FLUX.1 [dev]'s rules.
     """
-    known = MODELS.get(model)
+    known = known_spec(model)
     if known is not None:
         return known.family
     # A saved tiny pipeline keeps its name as its directory's (save_tiny_*_pipeline).
@@ -239,7 +255,7 @@ def family_for(model: str) -> ModelFamily:
 
 def spec_for(model: str) -> ModelSpec:
     """The spec of ``model``; one not in the table gets its family's rules, no revision."""
-    known = MODELS.get(model)
+    known = known_spec(model)
     if known is not None:
         return known
     return ModelSpec(model, family_for(model), None, None, licence="unknown")

@@ -336,3 +336,14 @@ def test_a_derived_generation_id_is_uuid5_of_source_and_id(source: str, event_id
         assert first != derived(source, event_id.replace("\ud800", "x"))
     else:
         assert derived(source, event_id) == uuid.uuid5(uuid.NAMESPACE_URL, name).hex
+
+
+def test_a_table_hub_id_in_another_case_has_its_revision_and_family() -> None:
+    from imagegen.modelspec import MODELS, family_for, spec_for
+
+    pinned = next(s for s in MODELS.values() if s.revision and "/" in s.id)
+    other = pinned.id.upper()
+    assert spec_for(other).revision == pinned.revision
+    assert family_for(other) is pinned.family
+    # A local path is no Hub id, whatever its case.
+    assert spec_for("./" + other).revision is None

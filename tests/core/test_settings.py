@@ -114,7 +114,14 @@ def test_the_default_model_must_be_served(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 @pytest.mark.parametrize(
-    "model", ["black-forest-labs/FLUX.2-klein-9B", "black-forest-labs/FLUX.1-dev"]
+    "model",
+    [
+        "black-forest-labs/FLUX.2-klein-9B",
+        "black-forest-labs/FLUX.1-dev",
+        # The Hub resolves an id in any case: so does the licence.
+        "black-forest-labs/flux.1-dev",
+        "Black-Forest-Labs/FLUX.2-KLEIN-9B",
+    ],
 )
 def test_non_commercial_models_need_the_operator_to_allow_them(
     monkeypatch: pytest.MonkeyPatch, model: str
