@@ -9,6 +9,7 @@ repository's single-file checkpoint), into the same cache layout ``from_pretrain
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from imagegen.render._errors import first_line
 from imagegen.render._loading import hub_errors, hub_options, looks_like_path
 from imagegen.settings import Settings
 
-__all__ = ["PulledModel", "check_name", "hub_models", "needs_nothing", "pull"]
+__all__ = ["PulledModel", "check_name", "hub_models", "incomplete", "needs_nothing", "pull"]
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,79 @@ def pull(model: str, settings: Settings) -> PulledModel:
             raise DependencyUnavailable(
                 f"model {model!r} could not be downloaded: {reason}"
             ) from error
+    if why := incomplete(path):
+        raise DependencyUnavailable(
+            f"model {model!r} in the cache is incomplete: {why}; remove {path} and pull again"
+        )
     # Snapshot files are links into the cache's blobs: count what they point at.
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return PulledModel(model, options["revision"], path, size)
+
+
+_WEIGHTS = ("*.safetensors", "*.bin")
+
+
+def incomplete(snapshot: Path) -> str | None:
+    """What a pipeline snapshot lacks for render to load it, or None: read from its files'
+    headers and sizes only, nothing of the weights loaded.
+
+    Each component ``model_index.json`` names has its folder; a model component (one with a
+    ``config.json``) has weights; every shard a ``*.index.json`` names is there; and each
+    ``.safetensors`` file is as long as its header says (an 8-byte little-endian length, that
+    many bytes of JSON, then the tensors up to the largest ``data_offsets`` end: the format's
+    own layout, huggingface/safetensors).
+    """
+    try:
+        index = json.loads((snapshot / "model_index.json").read_text())
+    except (OSError, ValueError) as error:
+        return f"model_index.json cannot be read ({first_line(error)})"
+    if not isinstance(index, dict):
+        return "model_index.json is no JSON object"
+    for name, value in index.items():
+        if name.startswith("_") or not (isinstance(value, list) and value and value[0]):
+            continue  # metadata, or a component the pipeline goes without
+        folder = snapshot / name
+        if not folder.is_dir():
+            return f"its {name} is missing"
+        if (folder / "config.json").is_file() and not any(
+            next(folder.glob(pattern), None) for pattern in _WEIGHTS
+        ):
+            return f"its {name} has no weights"
+    for shards in snapshot.rglob("*.index.json"):
+        try:
+            named = set(json.loads(shards.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return f"{shards.relative_to(snapshot)} cannot be read"
+        for shard in sorted(named):
+            if not (shards.parent / str(shard)).is_file():
+                return f"{shards.parent.relative_to(snapshot) / str(shard)} is missing"
+    for weights in sorted(snapshot.rglob("*.safetensors")):
+        if why := _unwhole_safetensors(weights):
+            return f"{weights.relative_to(snapshot)} {why}"
+    return None
+
+
+def _unwhole_safetensors(path: Path) -> str | None:
+    """Why a ``.safetensors`` file is not whole (cut short, no header), or None."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as file:
+            head = file.read(8)
+            if len(head) < 8:
+                return "is cut short"
+            length = int.from_bytes(head, "little")
+            if length > size - 8:
+                return "is cut short"
+            header = json.loads(file.read(length))
+    except (OSError, ValueError) as error:
+        return f"cannot be read ({first_line(error)})"
+    if not isinstance(header, dict):
+        return "has no header"
+    ends = [
+        v["data_offsets"][1]
+        for k, v in header.items()
+        if k != "__metadata__" and isinstance(v, dict) and isinstance(v.get("data_offsets"), list)
+    ]
+    if 8 + length + max(ends, default=0) > size:
+        return "is cut short"
+    return None

@@ -80,6 +80,60 @@ def test_pulling_several_reports_each_and_fails_at_the_end(
     assert "missing-1" in errors[0] and "missing-2" in errors[1]
 
 
+def _broken_copy(cache: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A cache of its own holding a copy of the pulled model: (the cache, its snapshot)."""
+    import shutil
+
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    return copy, copy / f"models--{MODEL.replace('/', '--')}" / "snapshots" / COMMIT
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        ("cut", "transformer/diffusion_pytorch_model.safetensors is cut short"),
+        ("no-vae", "its vae is missing"),
+        ("no-weights", "its transformer has no weights"),
+        ("no-shard", "transformer/diffusion_pytorch_model-00002-of-00002.safetensors is missing"),
+    ],
+)
+def test_a_snapshot_render_cannot_load_fails_the_pull(
+    cache: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    damage: str,
+    said: str,
+) -> None:
+    import shutil
+
+    broken, snapshot = _broken_copy(cache, tmp_path)
+    weights = snapshot / "transformer" / "diffusion_pytorch_model.safetensors"
+    if damage == "cut":  # a download cut short, kept
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2])
+    elif damage == "no-vae":
+        shutil.rmtree(snapshot / "vae")
+    elif damage == "no-weights":
+        weights.unlink()
+    else:  # an index naming a second shard that never came
+        shard = "diffusion_pytorch_model-00002-of-00002.safetensors"
+        index = {"metadata": {}, "weight_map": {"a": weights.name, "b": shard}}
+        (weights.parent / "diffusion_pytorch_model.safetensors.index.json").write_text(
+            json.dumps(index)
+        )
+    assert imagegen("models", "pull", MODEL, cache=broken, monkeypatch=monkeypatch) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line.startswith("imagegen: error:") and "is incomplete" in line and said in line
+
+
+def test_a_whole_snapshot_is_complete(cache: Path) -> None:
+    from imagegen.render.pull import incomplete
+
+    assert incomplete(cache / f"models--{MODEL.replace('/', '--')}" / "snapshots" / COMMIT) is None
+
+
 @pytest.mark.parametrize(
     ("raised", "said"),
     [
