@@ -160,6 +160,9 @@ const ENTITY_TAG_LIST =
 
 function passThroughOptions(request: Request): ReadOptions | null {
   const headers = request.headers;
+  // If-Range needs the validators first, and an origin answering a condition whole would not
+  // cut the range it holds for: such a request takes the whole-object path, as on a hit.
+  if (headers.has("If-Range") && headers.has("Range") && request.method !== "HEAD") return null;
   const options: ReadOptions = {};
   if (request.method === "HEAD") options.head = true;
   const ifNoneMatch = headers.get("If-None-Match");
@@ -176,8 +179,7 @@ function passThroughOptions(request: Request): ReadOptions | null {
   }
   // If-Match and If-Unmodified-Since (412) stay here: they are judged against the metadata the
   // origin answers with (passedThrough), as on a hit, for every kind of origin alike.
-  // If-Range needs the validators first: such a request takes the whole-object path.
-  const range = headers.has("If-Range") ? null : originRange(headers.get("Range"));
+  const range = originRange(headers.get("Range"));
   if (range !== null && !options.head) options.range = range;
   return Object.keys(options).length > 0 ? options : null;
 }

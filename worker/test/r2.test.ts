@@ -408,6 +408,23 @@ describe("ranges", () => {
     expect((await changed.arrayBuffer()).byteLength).toBe(SIZE);
   });
 
+  // A miss with another validator beside If-Range went to the origin whole (the range dropped
+  // for If-Range, the validator kept) and was passed through as a 200: a hit answered 206.
+  it.each([
+    ["If-None-Match", '"other"'],
+    ["If-Modified-Since", "Thu, 01 Jan 2015 00:00:00 GMT"],
+  ])("applies If-Range with %s beside it alike on a miss and a hit", async (name, value) => {
+    const { url, object } = await stored();
+    const headers = { Range: "bytes=0-9", "If-Range": object.httpEtag, [name]: value };
+    for (const cached of [false, true]) {
+      if (cached) await send(url);
+      const res = await send(get(url, headers));
+      expect(res.status, `cached=${cached}`).toBe(206);
+      expect(res.headers.get("Content-Range")).toBe(`bytes 0-9/${SIZE}`);
+      expect((await res.arrayBuffer()).byteLength).toBe(10);
+    }
+  });
+
   // RFC 9110 §14.2: "A server MUST ignore a Range header field received with a request method
   // that is unrecognized or for which range handling is not defined": only GET defines it.
   it("ignores Range on HEAD: 200 with the whole length, from the origin and from the cache", async () => {
