@@ -54,6 +54,8 @@ from imagegen.ledger.models import (
 
 __all__ = [
     "AFTER",
+    "BUSY",
+    "BUSY_RETRY_AFTER",
     "HISTORY_PAGE",
     "JSON_COLUMNS",
     "MAX_PAGE",
@@ -83,6 +85,10 @@ TIME_COLUMNS = frozenset(
     }
 )
 _EXPORT_BATCH = 1000
+# What a write that met another (a deadlock, a lock not granted in time: PostgreSQL's SQLSTATE
+# class 40 and 55P03; SQLite's lock held past its busy timeout) answers, retryable, on both.
+BUSY = "the ledger database could not complete the write now (it met another write); retry"
+BUSY_RETRY_AFTER = 1.0
 # A page of history, its conditions in ``{where}``; AFTER, the condition a cursor adds. Its
 # second part says nothing the first does not: SQLite seeks an index on an expression by a
 # range on that expression, never by a row value (it would read the index from its start).
@@ -90,6 +96,11 @@ HISTORY_PAGE = (
     f"SELECT *, {LISTED_KEY} AS listed_key FROM generations WHERE {{where}} "  # noqa: S608
     f"ORDER BY {LISTED_KEY} DESC, generation_id DESC LIMIT :limit"
 )
+# The request the generation's row took its webhook from first (migration 0008), then the order
+# recorded. Not the lowest seq alone: on PostgreSQL seq is drawn before the row is locked, so of
+# two requests recorded at once the one with the lower seq may upsert second. A row without
+# the columns (recorded before 0008, or by a replica older than it) falls back to seq.
+_TOOK_REQUEST = "CASE WHEN e.source = g.request_source AND e.id = g.request_id THEN 0 ELSE 1 END"
 AFTER = f"({LISTED_KEY}, generation_id) < (:after_at, :after_id) AND {LISTED_KEY} <= :after_at"
 
 
@@ -132,32 +143,65 @@ class SqlLedger(ABC):
         """Release the connections."""
 
     def statement(self) -> AbstractContextManager[Cursor]:
-        """Where a read runs: its own transaction here; PostgreSQL: autocommit statements."""
+        """Where a read runs: one that takes no write lock (SQLite: a deferred transaction, which
+        WAL lets read while another process writes; PostgreSQL: autocommit statements)."""
         return self.transaction()
+
+    # Whether ledger_migrations exists (a row when it does): read before anything is written.
+    migrations_table: str = ""
 
     def _lock_migrations(self, db: Cursor) -> None:  # noqa: B027 - a hook: nothing here
         """Make replicas that start together wait for each other's migrations."""
 
+    def _applied(self, db: Cursor) -> set[int]:
+        """The versions ``ledger_migrations`` records (none before the first migration)."""
+        if not db.query(self.migrations_table, {}):
+            return set()
+        return {row["version"] for row in db.query("SELECT version FROM ledger_migrations", {})}
+
     def _migrate(self) -> None:
-        """Apply the migrations not applied yet, each once, in order, in one transaction."""
-        with self.transaction() as db:
-            self._lock_migrations(db)
-            db.run(CREATE_TABLE, {})
-            done = {row["version"] for row in db.query("SELECT version FROM ledger_migrations", {})}
-            for migration in migrations(self.dialect):
-                if migration.version in done:
-                    continue
-                for statement in statements(migration.sql):
-                    db.run(statement, {})
-                db.run(
-                    "INSERT INTO ledger_migrations (version, name, applied_at) "
-                    "VALUES (:version, :name, :at)",
-                    {
-                        "version": migration.version,
-                        "name": migration.name,
-                        "at": datetime.now(UTC).isoformat(),
-                    },
-                )
+        """Apply the migrations not applied yet, each once, in order, in one transaction.
+
+        The versions applied are read first, by a read that takes no write lock: opening a
+        ledger with nothing to apply (every open but the first after an upgrade) never waits
+        for another process's write. Only when one is pending is the lock taken, and the
+        versions read again under it: another process may have applied them meanwhile.
+        """
+        known = migrations(self.dialect)
+        with self.statement() as db:
+            done = self._applied(db)
+        if not {migration.version for migration in known} <= done:
+            with self.transaction() as db:
+                self._lock_migrations(db)
+                db.run(CREATE_TABLE, {})
+                done = self._applied(db)
+                for migration in known:
+                    if migration.version in done:
+                        continue
+                    for statement in statements(migration.sql):
+                        db.run(statement, {})
+                    db.run(
+                        "INSERT INTO ledger_migrations (version, name, applied_at) "
+                        "VALUES (:version, :name, :at)",
+                        {
+                            "version": migration.version,
+                            "name": migration.name,
+                            "at": datetime.now(UTC).isoformat(),
+                        },
+                    )
+        newest, highest = max(done, default=0), max(m.version for m in known)
+        if newest > highest:
+            # Not refused: a replica of the release before keeps running against the schema
+            # the next one migrated, through a rolling update or a rollback (docs/ledger.md,
+            # "Schema and backends"); what that migration changed may still fail its writes.
+            logger.warning(
+                "ledger %s records schema migration %04d, newer than this release knows "
+                "(%04d): a newer release migrated it, and what that migration changed may fail "
+                "this release's writes",
+                self.where,
+                newest,
+                highest,
+            )
 
     def _unreadable(self, what: str, exc: _UnreadableRow) -> InternalError:
         """A record ``what`` names cannot be read: its columns said, never their values."""
@@ -207,7 +251,8 @@ class SqlLedger(ABC):
             fresh = bool(db.query(INSERT_EVENT, recorded))
             if fresh:
                 row: dict[str, Any] | None = db.query(
-                    UPSERT_GENERATION, upsert_params(change, now)
+                    UPSERT_GENERATION,
+                    upsert_params(change, now, event=(recorded["source"], recorded["id"])),
                 )[0]
             else:
                 row = self._row(db, change.generation_id)
@@ -367,7 +412,7 @@ class SqlLedger(ABC):
     def _event_rows(self, since: datetime | None) -> Iterator[dict[str, Any]]:
         after = 0
         while True:
-            with self.transaction() as db:
+            with self.statement() as db:
                 rows = db.query(
                     "SELECT * FROM ledger_events WHERE seq > :after AND recorded_at >= :since "
                     "ORDER BY seq LIMIT :batch",
@@ -387,10 +432,12 @@ class SqlLedger(ABC):
     ) -> list[LedgerEvent]:
         """The events recorded for one generation, in time order, or in the order recorded
         (``recorded``: the first is the one the generation's row took its request from)."""
-        by = "time, seq" if order == "time" else "seq"
-        with self.transaction() as db:
+        by = "e.time, e.seq" if order == "time" else f"{_TOOK_REQUEST}, e.seq"
+        with self.statement() as db:
             rows = db.query(
-                f"SELECT * FROM ledger_events WHERE generation_id = :gid ORDER BY {by}",  # noqa: S608
+                "SELECT e.* FROM ledger_events AS e "  # noqa: S608 - fixed parts
+                "LEFT JOIN generations AS g ON g.generation_id = e.generation_id "
+                f"WHERE e.generation_id = :gid ORDER BY {by}",
                 {"gid": generation_id},
             )
         return [self._event(row) for row in rows]
@@ -502,7 +549,7 @@ class SqlLedger(ABC):
 
     def delivery_states(self, generation_id: str) -> dict[str, dict[str, Any]]:
         """Webhook messages of one generation by event: state, attempts, last error."""
-        with self.transaction() as db:
+        with self.statement() as db:
             rows = db.query(
                 "SELECT event, msg_id, state, attempts, last_error FROM webhook_deliveries "
                 "WHERE generation_id = :gid",

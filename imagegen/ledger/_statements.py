@@ -27,6 +27,7 @@ __all__ = [
     "PERSISTED_RECORDED",
     "PRUNE",
     "RECORD",
+    "REQUEST_EVENT_COLUMNS",
     "UPSERT_GENERATION",
     "upsert_params",
 ]
@@ -54,6 +55,11 @@ def _most_advanced_wins(column: str) -> str:
     )
 
 
+# Which generation.requested the row took REQUEST_COLUMNS from, by its source and id (migration
+# 0008): set by the same CASE in the same upsert, so it names that request whichever of two
+# requests recorded at once drew the lower seq. Replay sends it (SqlLedger.generation_events).
+REQUEST_EVENT_COLUMNS = ("request_source", "request_id")
+
 # History's order and cursor (newest first). listed_at alone is NULL in rows a replica older
 # than migration 0002 inserts during a rolling update; those are listed by created_at. Written
 # as migration 0005's indexes write it: any other spelling and neither database uses them.
@@ -69,6 +75,7 @@ GENERATION_COLUMNS = (
     *DESCRIPTIVE_COLUMNS,
     *ONCE_COLUMNS,
     *REQUEST_COLUMNS,
+    *REQUEST_EVENT_COLUMNS,
 )
 _INTO = f"INSERT INTO generations AS g ({', '.join(GENERATION_COLUMNS)}) "
 _ROW = ", ".join(":" + c for c in GENERATION_COLUMNS)
@@ -91,7 +98,7 @@ _ON_CONFLICT = (
     + ", ".join(
         [_first_wins(c) for c in (*STAGE_COLUMNS, *ONCE_COLUMNS)]
         + [_most_advanced_wins(c) for c in DESCRIPTIVE_COLUMNS]
-        + [_first_request_wins(c) for c in REQUEST_COLUMNS]
+        + [_first_request_wins(c) for c in (*REQUEST_COLUMNS, *REQUEST_EVENT_COLUMNS)]
     )
 )
 UPSERT_GENERATION = f"{_INTO}VALUES ({_ROW}) {_ON_CONFLICT} RETURNING *"
@@ -144,8 +151,11 @@ PRUNE = {
 }
 
 
-def upsert_params(change: Change, now: datetime) -> dict[str, Any]:
-    """The parameters of :data:`UPSERT_GENERATION` (and :data:`RECORD`) for ``change``."""
+def upsert_params(
+    change: Change, now: datetime, *, event: tuple[str, str] | None = None
+) -> dict[str, Any]:
+    """The parameters of :data:`UPSERT_GENERATION` (and :data:`RECORD`) for ``change``, made by
+    the event whose ``(source, id)`` is ``event``."""
     params: dict[str, Any] = dict.fromkeys(GENERATION_COLUMNS)
     params.update(change.fields)
     params.update(
@@ -157,4 +167,6 @@ def upsert_params(change: Change, now: datetime) -> dict[str, Any]:
         updated_at=now,
     )
     params[change.stage_column] = change.at
+    if event is not None and change.stage_column == "requested_at":
+        params["request_source"], params["request_id"] = event
     return params

@@ -22,7 +22,7 @@ from imagegen.errors import (
     InvalidRequest,
     first_line,
 )
-from imagegen.ledger._sql import Cursor, SqlLedger
+from imagegen.ledger._sql import BUSY, BUSY_RETRY_AFTER, Cursor, SqlLedger
 from imagegen.ledger._statements import RECORD, upsert_params
 from imagegen.ledger._text import storable
 from imagegen.ledger.fold import Change
@@ -125,6 +125,8 @@ class PostgresLedger(SqlLedger):
     dialect = "postgres"
     # Replicas claiming webhook messages at once each take different ones.
     skip_locked = " FOR UPDATE SKIP LOCKED"
+    # In the search_path, as every statement's tables are.
+    migrations_table = "SELECT 1 AS found WHERE to_regclass('ledger_migrations') IS NOT NULL"
 
     def __init__(
         self, url: str, *, min_size: int = 1, max_size: int = 8, timeout: float = 10.0
@@ -190,7 +192,13 @@ class PostgresLedger(SqlLedger):
         # transaction of their own; a crash in between is mended by the redelivery (the
         # delivery was never acknowledged), which writes what the event made due.
         with self.statement() as db:
-            [result] = db.query(RECORD, {**recorded, **upsert_params(change, now)})
+            [result] = db.query(
+                RECORD,
+                {
+                    **recorded,
+                    **upsert_params(change, now, event=(recorded["source"], recorded["id"])),
+                },
+            )
         fresh = bool(result.pop("fresh"))
         row = result if result["generation_id"] is not None else None
         if not fresh or (row is not None and row.get("webhook")):
@@ -273,7 +281,18 @@ class PostgresLedger(SqlLedger):
         after it, find live connections. Not a check on every checkout (the pool's ``check``
         option): that costs a round trip each time, and backs off a second, then two, four...
         between stale connections drawn in a row.
+
+        The server's text is logged with its SQLSTATE, not answered: it spans lines (a
+        deadlock's DETAIL names other sessions' processes and rows) and a connection error's
+        names the host and user. The answer says what happened in general terms.
         """
+        state = getattr(exc, "sqlstate", None)
+        logger.warning("the ledger database failed a statement (SQLSTATE %s): %s", state, exc)
+        # SQLSTATE class 40 (a deadlock, a serialization failure) and 55P03 (lock_timeout): a
+        # write that met another, which a retry resolves. psycopg makes each a subclass of
+        # OperationalError of its own, not of TransactionRollback: matched by code.
+        if state is not None and (state.startswith("40") or state == "55P03"):
+            return DependencyUnavailable(BUSY, retry_after=BUSY_RETRY_AFTER)
         with contextlib.suppress(Exception):  # the server may be down: said by ``exc``
             self._pool.check()
         if self.down():
@@ -281,7 +300,10 @@ class PostgresLedger(SqlLedger):
                 "the ledger database is unavailable: it cannot be reached",
                 retry_after=RECONNECT_FOR,
             )
-        return DependencyUnavailable(f"the ledger database is unavailable: {exc}")
+        code = f" (SQLSTATE {state})" if state else ""
+        return DependencyUnavailable(
+            f"the ledger database is unavailable: it could not answer now{code}"
+        )
 
     def close(self) -> None:
         self._pool.close()

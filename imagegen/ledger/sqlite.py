@@ -1,12 +1,15 @@
 """The embedded ledger: one SQLite file, standard library only (a laptop's default).
 
 Writers take the database lock at ``BEGIN IMMEDIATE`` and wait for it (busy timeout), so
-several ``imagegen`` processes can record into one file; WAL keeps readers off writers' backs.
+several ``imagegen`` processes can record into one file. Reads take no lock a writer holds: each
+runs in a deferred transaction, which in WAL mode reads the last commit while another process
+writes (SQLite's "Write-Ahead Logging", "Concurrency").
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -23,10 +26,19 @@ from imagegen.errors import (
     NotFound,
     first_line,
 )
-from imagegen.ledger._sql import JSON_COLUMNS, TIME_COLUMNS, SqlLedger, Unreadable
+from imagegen.ledger._sql import (
+    BUSY,
+    BUSY_RETRY_AFTER,
+    JSON_COLUMNS,
+    TIME_COLUMNS,
+    SqlLedger,
+    Unreadable,
+)
 from imagegen.ledger._text import storable
 
 __all__ = ["SqliteLedger"]
+
+logger = logging.getLogger(__name__)
 
 _BUSY_TIMEOUT_S = 30.0
 
@@ -63,6 +75,9 @@ def _convert(name: str, value: Any) -> Any:
 
 _DAMAGED = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
 """What SQLite says of a file whose pages are damaged (found only when they are read)."""
+_BUSY = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED"})
+"""What SQLite says of a lock another connection held past the busy timeout (primary codes:
+an extended code, ``SQLITE_BUSY_SNAPSHOT`` say, is matched by its prefix)."""
 
 
 class _Cursor:
@@ -118,6 +133,9 @@ class SqliteLedger(SqlLedger):
     """
 
     dialect = "sqlite"
+    migrations_table = (
+        "SELECT 1 AS found FROM sqlite_master WHERE type = 'table' AND name = 'ledger_migrations'"
+    )
 
     def __init__(self, path: str | Path, *, must_exist: bool = False) -> None:
         if str(path) != ":memory:":
@@ -132,6 +150,10 @@ class SqliteLedger(SqlLedger):
             raise self._unusable("has a file where a folder of its path should be") from None
         except sqlite3.OperationalError as exc:
             raise DependencyUnavailable(f"ledger {self.path} cannot be opened: {exc}") from None
+        except DependencyUnavailable as exc:  # its lock held past the busy timeout
+            raise DependencyUnavailable(
+                f"ledger {self.path} cannot be opened: {exc.message}", retry_after=exc.retry_after
+            ) from None
         except sqlite3.DatabaseError:  # "file is not a database", "disk image is malformed"
             raise self._unusable("is not a SQLite database") from None
         except (sqlite3.Error, OSError) as exc:
@@ -181,8 +203,20 @@ class SqliteLedger(SqlLedger):
 
     @contextmanager
     def transaction(self) -> Iterator[_Cursor]:
-        with self._lock, self._damage():
-            self._conn.execute("BEGIN IMMEDIATE")
+        with self._within("BEGIN IMMEDIATE") as cursor:
+            yield cursor
+
+    @contextmanager
+    def statement(self) -> Iterator[_Cursor]:
+        """A read: a deferred transaction, one snapshot for its statements, which takes no lock
+        a writer waits for or holds (WAL mode; a ``:memory:`` ledger has one connection)."""
+        with self._within("BEGIN DEFERRED") as cursor:
+            yield cursor
+
+    @contextmanager
+    def _within(self, begin: str) -> Iterator[_Cursor]:
+        with self._lock, self._errors():
+            self._conn.execute(begin)
             try:
                 yield _Cursor(self._conn)
             except BaseException:
@@ -191,14 +225,19 @@ class SqliteLedger(SqlLedger):
             self._conn.execute("COMMIT")
 
     @contextmanager
-    def _damage(self) -> Iterator[None]:
-        """A damaged file, found by a statement after it opened, said in one line."""
+    def _errors(self) -> Iterator[None]:
+        """A damaged file, found by a statement after it opened, said in one line; a lock held
+        past the busy timeout, retryable, as PostgreSQL's lock conflicts are answered."""
         try:
             yield
         except sqlite3.DatabaseError as exc:
-            if exc.sqlite_errorname not in _DAMAGED:
-                raise
-            raise InternalError(f"ledger {self.path} is unreadable: {exc}") from None
+            name = exc.sqlite_errorname or ""
+            if name in _DAMAGED:
+                raise InternalError(f"ledger {self.path} is unreadable: {exc}") from None
+            if "_".join(name.split("_")[:2]) in _BUSY:
+                logger.warning("ledger %s: %s (%s)", self.path, exc, name)
+                raise DependencyUnavailable(BUSY, retry_after=BUSY_RETRY_AFTER) from None
+            raise
 
     def close(self) -> None:
         with self._lock:

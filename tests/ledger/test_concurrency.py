@@ -171,3 +171,73 @@ def test_a_replica_whose_clock_runs_ahead_does_not_claim_a_leased_message(
         b.close()
         with psycopg.connect(postgres_url, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def _request(gid: str, who: str) -> LedgerEvent:
+    """A ``generation.requested`` naming ``gid`` from caller ``who``, with a webhook of its own."""
+    return LedgerEvent(
+        source=f"/caller/{who}",
+        id=f"{who}-{gid}",
+        type="dev.orchestr8.imagegen.generation.requested",
+        subject=gid,
+        time=datetime(2026, 6, 1, 12, tzinfo=UTC),
+        data={
+            "generation_id": gid,
+            "prompt": f"prompt {who}",
+            "webhook": f"https://h.example/{who}",
+        },
+    )
+
+
+@pytest.mark.parametrize("ledger_url", ["postgres"], indirect=True)
+def test_of_two_requests_recorded_at_once_replay_sends_the_one_the_row_took(
+    open_test_ledger: Callable[[], Ledger],
+) -> None:
+    """PostgreSQL draws an event's seq before its upsert waits for the row's lock: the request
+    with the lower seq can reach the row second, and take nothing of it. Replay sends the one
+    whose webhook the row took, not the lowest seq."""
+    from imagegen.ledger._statements import RECORD, upsert_params
+    from imagegen.ledger.fold import fold
+    from imagegen.ledger.postgres import LOCK_ROW
+    from imagegen.ledger.replay import replay_request
+
+    a, b = open_test_ledger(), open_test_ledger()
+    gid = "gen-race"
+    a.ingest(chain(gid)["enhanced"])  # the row is there before either request
+    first, second = _request(gid, "first"), _request(gid, "second")
+    with b.transaction() as db:  # b: a replica recording `second`, its row lock taken first
+        db.query(LOCK_ROW, {"gid": gid})
+        [holder] = db.query("SELECT pg_backend_pid() AS pid", {})
+        recording = threading.Thread(target=a.ingest, args=(first,))
+        recording.start()
+        deadline = time.monotonic() + 10
+        with a.statement() as watch:  # until `first` (its seq drawn) waits for that lock
+            while not watch.query(
+                "SELECT 1 AS waiting FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))",
+                {"pid": holder["pid"]},
+            ):
+                assert time.monotonic() < deadline, "the request never waited for the row"
+                time.sleep(0.01)  # polling the server's view of the wait
+        now = datetime.now(UTC)
+        change = fold(second, now=now)
+        assert change is not None
+        recorded = {
+            **second.model_dump(include={"source", "id", "type", "subject", "data"}),
+            "generation_id": gid,
+            "time": change.at,
+            "time_attribute": second.time,
+            "recorded_at": now,
+        }
+        db.query(
+            RECORD,
+            {**recorded, **upsert_params(change, now, event=(second.source, second.id))},
+        )
+    recording.join(timeout=10)
+    with a.statement() as db:
+        order = db.query(
+            "SELECT id FROM ledger_events WHERE type = :type ORDER BY seq", {"type": first.type}
+        )
+        [row] = db.query("SELECT webhook FROM generations WHERE generation_id = :gid", {"gid": gid})
+    assert [r["id"] for r in order] == [first.id, second.id]  # `first` has the lower seq
+    assert row["webhook"] == "https://h.example/second"  # but `second` reached the row first
+    assert replay_request(a, gid).prompt == "prompt second"

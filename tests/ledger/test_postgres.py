@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import logging.handlers
 import subprocess
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from imagegen.errors import DependencyUnavailable, InvalidRequest
+from imagegen.ledger._sql import BUSY
 from imagegen.ledger.postgres import PostgresLedger
 from tests.conftest import ROOT
-from tests.ledger.chain import chain
+from tests.functions.clients import InProcessFunction
+from tests.ledger.chain import binary, chain
 
 SCRIPT = str(ROOT / ".ci" / "postgres")
 
@@ -150,3 +155,56 @@ def test_a_value_postgresql_refuses_is_a_400_that_quotes_nothing(
         assert ledger.get("gen-none") is None  # the connection is still usable
     finally:
         ledger.close()
+
+
+@pytest.mark.parametrize("ledger_url", ["postgres"], indirect=True)
+def test_a_deadlock_is_a_503_in_general_terms_its_details_logged(
+    ledger_url: str,
+    serve_ledger: Callable[..., InProcessFunction],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server's text spans lines and names other sessions' processes and rows: logged with
+    its SQLSTATE, not answered. The answer says the write met another, to be retried."""
+    import psycopg
+
+    # The function's logging replaces the root's handlers (pytest's among them): listened to
+    # where the ledger logs.
+    logged = logging.handlers.BufferingHandler(capacity=1000)
+    monkeypatch.setattr(logging.getLogger("imagegen.ledger.postgres"), "handlers", [logged])
+    function = serve_ledger()
+    events = chain("gen-dl")
+    assert function.post("/", **binary(events["requested"])).status_code == 202
+    enhanced = events["enhanced"]
+    with psycopg.connect(ledger_url) as other:
+        # The ledger's session detects the deadlock (after its deadlock_timeout, 1 s), so it
+        # is the one whose transaction is ended.
+        other.execute("SET deadlock_timeout = '60s'")
+        other.execute("SELECT 1 FROM generations WHERE generation_id = 'gen-dl' FOR UPDATE")
+        pid = other.info.backend_pid
+        answers: list[Any] = []
+        recording = threading.Thread(
+            target=lambda: answers.append(function.post("/", **binary(enhanced)))
+        )
+        recording.start()  # inserts the event, then waits for the row
+        with psycopg.connect(ledger_url, autocommit=True) as watch:
+            deadline = time.monotonic() + 10
+            while not watch.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))", (pid,)
+            ).fetchall():
+                assert time.monotonic() < deadline, "the ledger never waited for the row"
+                time.sleep(0.01)  # polling the server's view of the wait
+        # The same event: waits for the ledger's insert, which waits for this row lock.
+        other.execute(
+            "INSERT INTO ledger_events (source, id, type, generation_id, time, recorded_at, "
+            "data) VALUES (%s, %s, %s, 'gen-dl', now(), now(), '{}')",
+            (enhanced.source, enhanced.id, enhanced.type),
+        )
+        other.rollback()
+        recording.join(timeout=30)
+    [answer] = answers
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["retry-after"] == "1"
+    assert answer.json()["message"] == BUSY and answer.json()["retryable"] is True
+    assert "DETAIL" not in answer.text and "Process" not in answer.text
+    said = [r.getMessage() for r in logged.buffer if "SQLSTATE 40P01" in r.getMessage()]
+    assert said and "deadlock detected" in said[0] and "DETAIL" in said[0]

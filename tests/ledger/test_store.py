@@ -271,9 +271,35 @@ def test_migrations_run_once_and_reopening_keeps_the_rows(ledger_url: str) -> No
             # PostgreSQL's alone (0006_event_key.postgres.sql): SQLite records it, runs nothing.
             {"version": 6, "name": "event_key"},
             {"version": 7, "name": "time_attribute"},
+            {"version": 8, "name": "request_event"},
         ]
     finally:
         second.close()
+
+
+def test_a_ledger_a_newer_release_migrated_opens_with_a_warning_naming_both_versions(
+    ledger_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not refused: a replica of the release before keeps running through a rolling update or
+    a rollback (docs/ledger.md); but what it may then fail to write is said at open."""
+    first = open_ledger(ledger_url)
+    highest = max(m.version for m in migrations(first.dialect))
+    with first.transaction() as db:
+        db.run(
+            "INSERT INTO ledger_migrations (version, name, applied_at) VALUES (:v, 'next', :at)",
+            {"v": highest + 1, "at": "2027-01-01T00:00:00+00:00"},
+        )
+    first.close()
+    caplog.clear()
+    second = open_ledger(ledger_url)
+    try:
+        assert second.get("gen-none") is None
+    finally:
+        second.close()
+    [warning] = [r for r in caplog.records if "newer than this release" in r.getMessage()]
+    assert warning.levelname == "WARNING"
+    assert f"migration {highest + 1:04d}" in warning.getMessage()
+    assert f"knows ({highest:04d})" in warning.getMessage()
 
 
 def test_an_unknown_url_scheme_is_refused() -> None:
@@ -586,3 +612,24 @@ def test_an_export_carries_each_events_time_attribute_as_received(ledger: Ledger
     for name in ("enhanced", "failed"):
         event = events[name]
         assert datetime.fromisoformat(lines[event.type]["time"]) == event.time
+
+
+def test_a_row_recorded_before_migration_0008_replays_its_first_recorded_request(
+    ledger: Ledger,
+) -> None:
+    """Rows without the request that took them (recorded before 0008, or by a replica older
+    than it during a rolling update) replay the request recorded first, as before."""
+    from imagegen.ledger.replay import replay_request
+
+    events = chain("gen-old")
+    ledger.ingest(events["requested"])
+    other = _another_request("gen-old", "https://hooks.example/other")
+    ledger.ingest(other.model_copy(update={"data": {**other.data, "prompt": "another"}}))
+    with ledger.transaction() as db:
+        changed = db.run(
+            "UPDATE generations SET request_source = NULL, request_id = NULL "
+            "WHERE generation_id = :gid AND request_id = :id",
+            {"gid": "gen-old", "id": events["requested"].id},
+        )
+    assert changed == 1  # the row named the request recorded first
+    assert replay_request(ledger, "gen-old").prompt == "a red fox"

@@ -1,0 +1,136 @@
+"""The SQLite ledger beside another process writing the same file: reads never wait for it, and
+a write that waits past the busy timeout is a retryable 503, as on PostgreSQL."""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from imagegen.errors import DependencyUnavailable
+from imagegen.ledger import open_ledger
+from imagegen.ledger._sql import BUSY
+from tests.functions.clients import InProcessFunction
+from tests.ledger.chain import binary, chain
+
+pytestmark = pytest.mark.parametrize("ledger_url", ["sqlite"], indirect=True)
+
+BUSY_TIMEOUT_S = 2.0  # the ledger's is 30 s: a read that waited for the writer fails in 2
+
+
+@pytest.fixture
+def short_busy_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("imagegen.ledger.sqlite._BUSY_TIMEOUT_S", BUSY_TIMEOUT_S)
+
+
+@pytest.fixture
+def path(ledger_url: str, short_busy_timeout: None) -> Path:
+    """A ledger file with one generation recorded."""
+    path = Path(ledger_url.removeprefix("sqlite:///"))
+    ledger = open_ledger(ledger_url)
+    events = chain("gen-1", webhook="https://hooks.example/x")
+    ledger.ingest(events["requested"])
+    ledger.ingest(events["enhanced"])
+    ledger.close()
+    return path
+
+
+@pytest.fixture
+def writing(path: Path) -> Iterator[None]:
+    """Another process in a write transaction on ``path``, with a row not yet committed."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys, time\n"
+            f"c = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
+            "c.execute('BEGIN IMMEDIATE')\n"
+            "c.execute(\"DELETE FROM generations WHERE generation_id = 'gen-1'\")\n"
+            "print('writing', flush=True)\n"
+            "sys.stdin.read()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline() == "writing\n"
+    try:
+        yield
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+
+def test_reads_and_opening_answer_at_once_while_another_process_writes(
+    path: Path, writing: None
+) -> None:
+    """WAL lets a reader read the last commit beside a writer; a read that asked for the write
+    lock (BEGIN IMMEDIATE) waited out the busy timeout, then failed."""
+    started = time.monotonic()
+    ledger = open_ledger(f"sqlite:///{path}")  # nothing to migrate: no lock taken
+    try:
+        found = ledger.get("gen-1")  # as last committed: the writer's delete is not seen
+        assert found is not None and found.status == "enhanced"
+        assert [g.generation_id for g in ledger.history().items] == ["gen-1"]
+        assert len(ledger.generation_events("gen-1", order="recorded")) == 2
+        assert ledger.delivery_states("gen-1")["started"]["state"] == "pending"
+        out = io.StringIO()
+        assert ledger.export_jsonl(out) == 2
+    finally:
+        ledger.close()
+    assert time.monotonic() - started < BUSY_TIMEOUT_S / 2
+
+
+def test_the_function_answers_a_status_query_while_another_process_writes(
+    path: Path, writing: None, serve_ledger: Callable[..., InProcessFunction]
+) -> None:
+    function = serve_ledger()
+    started = time.monotonic()
+    answer = function.get("/generations/gen-1")
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["status"] == "enhanced"
+    assert time.monotonic() - started < BUSY_TIMEOUT_S / 2
+
+
+def test_a_write_that_waits_past_the_busy_timeout_is_a_retryable_503(
+    path: Path,
+    writing: None,
+    serve_ledger: Callable[..., InProcessFunction],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """As PostgreSQL's lock conflicts are answered (test_postgres): a fixed message, logged
+    with what SQLite said, not a 500 that Knative would not retry."""
+    ledger = open_ledger(f"sqlite:///{path}")
+    try:
+        with pytest.raises(DependencyUnavailable) as caught:
+            ledger.ingest(chain("gen-1")["rendered"])
+    finally:
+        ledger.close()
+    assert caught.value.message == BUSY and caught.value.retry_after == 1.0
+    assert "SQLITE_BUSY" in caplog.text
+
+    answer = serve_ledger().post("/", **binary(chain("gen-1")["persisted"]))
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["message"] == BUSY and answer.headers["retry-after"] == "1"
+
+
+def test_a_ledger_migrated_before_0008_is_migrated_on_open(path: Path) -> None:
+    """Opening reads the versions applied without a lock; one pending is applied under it."""
+    with sqlite3.connect(path) as conn:
+        conn.execute("DELETE FROM ledger_migrations WHERE version = 8")
+        conn.execute("ALTER TABLE generations DROP COLUMN request_source")
+        conn.execute("ALTER TABLE generations DROP COLUMN request_id")
+    ledger = open_ledger(f"sqlite:///{path}")
+    try:
+        with ledger.statement() as db:
+            versions = db.query("SELECT version FROM ledger_migrations ORDER BY version", {})
+        assert [row["version"] for row in versions] == list(range(1, 9))
+    finally:
+        ledger.close()
