@@ -24,6 +24,7 @@ __all__ = [
     "ModelSpec",
     "family_for",
     "known_spec",
+    "looks_like_path",
     "markdown_tables",
     "request_errors",
     "resolution_errors",
@@ -212,6 +213,11 @@ _HUB_IDS = {spec.id.lower(): spec for spec in _MODELS if "/" in spec.id}
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` can only be a filesystem path (a hub id is ``name`` or ``owner/name``)."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+
+
 def known_spec(model: str) -> ModelSpec | None:
     """The table's spec of ``model``: its id as written, or a Hub id of the table in another
     case; None for any other name."""
@@ -223,28 +229,76 @@ def known_spec(model: str) -> ModelSpec | None:
 
 _BY_PIPELINE = {"Flux2KleinPipeline": FLUX2_KLEIN, "FluxPipeline": FLUX1_DEV}
 
+# What tells a saved tiny pipeline (``save_pretrained`` of imagegen.render.tiny or tiny_klein)
+# from a published checkpoint of the same pipeline class, whatever its folder is called: its
+# components' configs. No published FLUX has one transformer block of each kind or text encoders
+# 16 or 32 wide; the [klein] one names its encoder's depth too, the 3 layers TINY_FLUX2_KLEIN
+# reads (a deeper encoder is read at the real model's layers, 9, 18 and 27).
+_SAVED_OFFLINE: dict[str, dict[str, dict[str, object]]] = {
+    "tiny": {
+        "transformer": {"num_layers": 1, "num_single_layers": 1},
+        "text_encoder": {"hidden_size": 32},
+        "text_encoder_2": {"d_model": 32},
+    },
+    "tiny-klein": {
+        "transformer": {"num_layers": 1, "num_single_layers": 1},
+        "text_encoder": {"hidden_size": 16, "num_hidden_layers": 3},
+    },
+}
+
+
+def _json_object(path: Path) -> dict[str, object] | None:
+    """The JSON object in ``path``; None for a file that is missing, unreadable or no object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _config_has(component: Path, wanted: dict[str, object]) -> bool:
+    """Whether the ``config.json`` of ``component`` holds each of ``wanted``'s values."""
+    config = _json_object(component / "config.json")
+    return config is not None and all(config.get(k) == v for k, v in wanted.items())
+
+
+def _saved_family(directory: Path) -> ModelFamily | None:
+    """The family of the pipeline saved in ``directory``, read from its files: the class
+    ``model_index.json`` names (``_class_name``), then its components' configs, which tell a
+    saved tiny pipeline from a published model. None where they say nothing known."""
+    index = _json_object(directory / "model_index.json")
+    pipeline = index.get("_class_name") if index is not None else None
+    if not isinstance(pipeline, str):
+        return None
+    for name, components in _SAVED_OFFLINE.items():
+        spec = MODELS[name]
+        if spec.family.pipeline != pipeline:
+            continue
+        if all(_config_has(directory / c, wanted) for c, wanted in components.items()):
+            return spec.family
+    return _BY_PIPELINE.get(pipeline)
+
 
 def family_for(model: str) -> ModelFamily:
     """The family of ``model``: a known id, a local pipeline directory, or a Hub id.
 
-    A directory named like a tiny pipeline (``…/tiny-klein``) is that pipeline saved; another
-    local directory is recognised by the pipeline class in its ``model_index.json``; any other
-    unknown name by its spelling (``klein``, ``schnell``), else FLUX.1 [dev]'s rules.
+    A local directory is read for what it holds, never for its name: the pipeline class in its
+    ``model_index.json`` and its components' configs (a saved tiny pipeline is the tiny family
+    in any folder). A name whose directory is not here (enhance runs where render's files are
+    not) or holds no pipeline is read by its spelling: a tiny pipeline's name as its last part
+    (``…/tiny-klein``), else ``klein`` or ``schnell`` in it, else FLUX.1 [dev]'s rules.
     """
     known = known_spec(model)
     if known is not None:
         return known.family
-    # A saved tiny pipeline keeps its name as its directory's (save_tiny_*_pipeline).
-    saved = MODELS.get(Path(model).name)
-    if saved is not None and saved.offline:
-        return saved.family
-    index = Path(model).expanduser() / "model_index.json"
-    try:
-        pipeline = json.loads(index.read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError):
-        pipeline = None
-    if pipeline in _BY_PIPELINE:
-        return _BY_PIPELINE[pipeline]
+    local = Path(model).expanduser()
+    saved = _saved_family(local)
+    if saved is not None:
+        return saved
+    if not (local / "model_index.json").is_file():
+        offline = MODELS.get(local.name)
+        if offline is not None and offline.offline:
+            return offline.family
     name = model.lower()
     if "klein" in name:
         return FLUX2_KLEIN

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from imagegen.cli._app import AsJson, app, err, markup, out, printable, settings_from
 from imagegen.errors import ImageGenError
 
+if TYPE_CHECKING:
+    from imagegen.settings import Settings
+
 __all__ = ["list_models", "models_app", "pull"]
 
 _COMMIT = re.compile(r"[0-9a-f]{40}")
+_NARROW = 100  # columns: under it, the table leaves "here" out
 
 models_app = typer.Typer(
     help="The model table; the model cache that render loads from.", no_args_is_help=True
@@ -82,20 +86,28 @@ def pull(
 
 @models_app.command(name="list")
 def list_models(as_json: AsJson = False) -> None:
-    """The model table: family, licence, pinned revision, and whether it is served here."""
-    from imagegen.modelspec import MODELS
+    """The model table and every served model: family, licence, pinned revision, whether it
+    is served here, and what this machine holds of it."""
+    from imagegen.modelspec import MODELS, known_spec, spec_for
 
     settings = settings_from()
-    rows = [
-        {
-            "model": spec.id,
-            "family": spec.family.title,
-            "served": spec.id in settings.served_models,
-            "revision": settings.revision_for(spec.id),
-            "licence": spec.licence,
-        }
-        for spec in MODELS.values()
-    ]
+    # The table's models, then each served one it lacks by that name (a local directory, another
+    # Hub id, a table id in another case), in the order served: everything render may load.
+    names = [*MODELS, *(m for m in settings.served_models if m not in MODELS)]
+    rows = []
+    for name in names:
+        spec = spec_for(name)
+        rows.append(
+            {
+                "model": name,
+                "family": spec.family.title,
+                "served": name in settings.served_models,
+                "revision": settings.revision_for(name),
+                "licence": spec.licence,
+                "in_table": known_spec(name) is not None,
+                "here": _held_here(name, settings),
+            }
+        )
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -104,23 +116,62 @@ def list_models(as_json: AsJson = False) -> None:
 
     # The id is what a user types: whole, never cut to the terminal's width (the other
     # columns wrap instead). The revision as the Hub shows a commit, 12 digits; --json has all.
+    # Under 100 columns "here" is left out (a sixth column would cut the family and licence to
+    # a few letters each); --json has it.
     widest = max((len(str(row["model"])) for row in rows), default=5)
+    narrow = out.width < _NARROW
     table = Table(
         Column("model", no_wrap=True, min_width=widest),
         "family",
         "served",
         Column("revision", no_wrap=True, min_width=12),
         "licence",
+        *([] if narrow else ["here"]),
         box=box.SIMPLE_HEAD,
     )
     for row in rows:
         revision = str(row["revision"] or "-")
+        # Not in the table, its licence is not known here: why is said instead.
+        licence = str(row["licence"]) if row["in_table"] else "not in the table"
         # As written: "FLUX.2 [klein]" is no markup to rich.
         table.add_row(
             markup(str(row["model"]), one_line=True),
             markup(str(row["family"]), one_line=True),
             "yes" if row["served"] else "no",
             markup(revision[:12] if _COMMIT.fullmatch(revision) else revision, one_line=True),
-            markup(str(row["licence"]), one_line=True),
+            markup(licence, one_line=True),
+            *([] if narrow else [markup(str(row["here"]), one_line=True)]),
         )
     out.print(table)
+
+
+def _held_here(model: str, settings: Settings) -> str:
+    """What this machine holds of ``model``, read from the disk alone (nothing fetched, no
+    folder made): built offline, a pipeline directory, or its snapshot at the revision render
+    loads in the model cache (``IMAGEGEN_MODEL_CACHE_DIR``, else the Hub client's own)."""
+    from pathlib import Path
+
+    from imagegen.modelspec import MODELS, looks_like_path
+
+    if model in MODELS and MODELS[model].offline:
+        return "built offline"
+    local = Path(model).expanduser() if model else None
+    if local is not None and local.exists():
+        if (local / "model_index.json").is_file():
+            return "directory"
+        return "no pipeline"  # no model_index.json: render refuses it
+    if looks_like_path(model):
+        return "no directory"
+    from huggingface_hub import try_to_load_from_cache
+
+    cache = settings.model_cache_dir
+    try:
+        found = try_to_load_from_cache(
+            model,
+            "model_index.json",
+            cache_dir=str(cache) if cache is not None else None,
+            revision=settings.revision_for(model),
+        )
+    except ValueError:  # no valid Hub id: render refuses it, naming the field
+        return "no Hub id"
+    return "cached" if isinstance(found, str) else "not cached"

@@ -23,21 +23,24 @@ from huggingface_hub.errors import (
 from packaging.version import Version
 
 from imagegen.errors import DependencyUnavailable
+from imagegen.modelspec import looks_like_path
 from imagegen.render._errors import field_error, first_line
 from imagegen.settings import Settings
 
-__all__ = ["Pipeline", "hub_errors", "hub_options", "load_pipeline", "looks_like_path"]
+__all__ = [
+    "Pipeline",
+    "hub_errors",
+    "hub_options",
+    "load_pipeline",
+    "looks_like_path",
+    "revision_said",
+]
 
 Pipeline = Any
 """A diffusers ``DiffusionPipeline``; diffusers' own hints resolve to placeholder classes."""
 
 # diffusers 0.42 renamed ``torch_dtype`` to ``dtype``; older releases ignore ``dtype``.
 _DTYPE_ARGUMENT = "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
-
-
-def looks_like_path(name: str) -> bool:
-    """Whether ``name`` can only be a filesystem path (a hub id is ``name`` or ``owner/name``)."""
-    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
 
 
 def hub_options(settings: Settings, model: str | None = None) -> dict[str, Any]:
@@ -52,6 +55,16 @@ def hub_options(settings: Settings, model: str | None = None) -> dict[str, Any]:
     if model is not None:
         options["revision"] = settings.revision_for(model)
     return options
+
+
+def revision_said(settings: Settings, model: str) -> str:
+    """The revision ``model`` loads at, as a message says it, with where its pin is set: which
+    snapshot the model cache must hold (:meth:`Settings.revision_for`)."""
+    revision = settings.revision_for(model)
+    if revision is None:
+        return "revision main (not pinned)"
+    where = "IMAGEGEN_MODEL_REVISIONS" if settings.model_revisions.get(model) else "the model table"
+    return f"revision {revision} (pinned by {where})"
 
 
 def load_pipeline(model: str, dtype: torch.dtype, settings: Settings) -> Pipeline:
@@ -73,7 +86,9 @@ def load_pipeline(model: str, dtype: torch.dtype, settings: Settings) -> Pipelin
         raise field_error("model", f"no such model directory: {model!r}")
     else:
         # Probe the one small file first: it tells a wrong id from an unreachable Hub.
-        with hub_errors(model, field="model", what=f"model {model!r}"):
+        # Said at its revision: offline, the operator pulls that snapshot, no other.
+        what = f"model {model!r} at {revision_said(settings, model)}"
+        with hub_errors(model, field="model", what=what):
             hf_hub_download(model, "model_index.json", **hub_options(settings, model))
         source, remote = model, True
 
@@ -103,7 +118,8 @@ def load_pipeline(model: str, dtype: torch.dtype, settings: Settings) -> Pipelin
     except OSError as error:
         if remote:
             raise DependencyUnavailable(
-                f"model {model!r} could not be downloaded: {first_line(error)}"
+                f"model {model!r} at {revision_said(settings, model)} could not be downloaded:"
+                f" {first_line(error).rstrip('.')}; pull it first (imagegen models pull {model})"
             ) from error
         raise field_error("model", f"{model!r} cannot be loaded: {first_line(error)}") from error
     return pipe

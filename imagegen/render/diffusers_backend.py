@@ -32,7 +32,7 @@ try:
 
     from imagegen.render._device import select_device
     from imagegen.render._device_png import FilteredImage, filtered_images
-    from imagegen.render._family import build_offline, call_options
+    from imagegen.render._family import build_offline, call_options, check_text_encoder
     from imagegen.render._fastpath import apply_fast_path
     from imagegen.render._loading import Pipeline, load_pipeline
     from imagegen.render._lora import LoraAdapters, check_lora_support
@@ -108,6 +108,7 @@ class DiffusersBackend:
         pipe = build_offline(model)
         if pipe is None:
             pipe = load_pipeline(model, dtype, self._settings)
+            check_text_encoder(pipe, model)
         elif dtype != torch.float32:
             pipe.to(dtype=dtype)
         pipe.to(device)

@@ -18,7 +18,7 @@ from huggingface_hub import is_offline_mode
 from imagegen.errors import DependencyUnavailable, InvalidRequest
 from imagegen.modelspec import MODELS
 from imagegen.render._errors import first_line
-from imagegen.render._loading import hub_errors, hub_options, looks_like_path
+from imagegen.render._loading import hub_errors, hub_options, looks_like_path, revision_said
 from imagegen.settings import Settings
 
 __all__ = ["PulledModel", "check_name", "hub_models", "incomplete", "needs_nothing", "pull"]
@@ -86,7 +86,9 @@ def pull(model: str, settings: Settings) -> PulledModel:
 
     check_name(model)
     options = hub_options(settings, model)
-    with hub_errors(model, field="model", what=f"model {model!r}"):
+    # Said at its revision: the snapshot the cache must hold for render, no other.
+    what = f"model {model!r} at {revision_said(settings, model)}"
+    with hub_errors(model, field="model", what=what):
         try:
             path = Path(DiffusionPipeline.download(model, **options))
         except OSError as error:
@@ -99,12 +101,10 @@ def pull(model: str, settings: Settings) -> PulledModel:
                 reason = "it is not in the cache and the Hub cannot be reached"
             else:
                 reason = first_line(error)
-            raise DependencyUnavailable(
-                f"model {model!r} could not be downloaded: {reason}"
-            ) from error
+            raise DependencyUnavailable(f"{what} could not be downloaded: {reason}") from error
     if why := incomplete(path):
         raise DependencyUnavailable(
-            f"model {model!r} in the cache is incomplete: {why}; remove {path} and pull again"
+            f"{what} in the cache is incomplete: {why}; remove {path} and pull again"
         )
     # Snapshot files are links into the cache's blobs: count what they point at.
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

@@ -164,7 +164,9 @@ def test_a_pull_that_fails_says_why_in_a_line(
     monkeypatch.setattr(pulling, "is_offline_mode", lambda: False)  # the conftest sets it
     with pytest.raises(DependencyUnavailable) as caught:
         pulling.pull("example-org/missing", Settings())
-    assert caught.value.message == f"model 'example-org/missing' could not be downloaded: {said}"
+    assert caught.value.message == (
+        f"model 'example-org/missing' at revision main (not pinned) could not be downloaded: {said}"
+    )
 
 
 def test_the_pulled_cache_is_what_render_loads_offline(cache: Path) -> None:
