@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -272,9 +273,7 @@ def test_a_snapshot_cached_in_part_offline_names_its_pinned_revision(
     _names_the_pin(caught.value.message)
 
 
-def test_render_that_cannot_start_offline_names_the_pinned_revision(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_render_that_cannot_start_offline_names_the_pinned_revision(tmp_path: Path) -> None:
     from imagegen.events import PROMPT_ENHANCED
     from tests.fakes.render_backend import enhanced_prompt
     from tests.functions.clients import InProcessFunction
@@ -284,15 +283,25 @@ def test_render_that_cannot_start_offline_names_the_pinned_revision(
     env = {**base_env(tmp_path / "store"), **_offline_env(tmp_path)}
     del env["IMAGEGEN_ALLOWED_MODELS"]
     job = enhanced_prompt(model=PINNED, generation_id="offline-1").model_dump(mode="json")
-    with InProcessFunction("render", env) as render:
-        ready = render.get("/readyz")
-        refused = post_event(render, PROMPT_ENHANCED, job, subject="offline-1")
+    # A handler on the function's logger itself: its logging set-up may stop records
+    # propagating to the root, where caplog listens.
+    kept: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = kept.append  # type: ignore[method-assign]
+    functions_log = logging.getLogger("imagegen.functions")
+    functions_log.addHandler(handler)
+    try:
+        with InProcessFunction("render", env) as render:
+            ready = render.get("/readyz")
+            refused = post_event(render, PROMPT_ENHANCED, job, subject="offline-1")
+    finally:
+        functions_log.removeHandler(handler)
 
     assert ready.status_code == 503 and ready.json()["status"] == "start-up failed"
     assert refused.status_code == 503, refused.text
     assert refused.json()["retryable"] is True
     _names_the_pin(refused.json()["message"])
-    # The function's log: JSON lines on stderr, the start-up's failure among them.
-    records = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line[:1] == "{"]
-    [logged] = [r["message"] for r in records if r["message"].startswith("start-up failed")]
+    # The function's log: the start-up's failure among its records.
+    messages = [r.getMessage() for r in kept]
+    [logged] = [m for m in messages if m.startswith("start-up failed")]
     _names_the_pin(logged)
