@@ -91,12 +91,6 @@ def derive_seed(generation_id: str) -> int:
     return int.from_bytes(digest[:4], "big")
 
 
-def _multiple_of_16(value: int) -> int:
-    if value % 16:
-        raise ValueError(f"must be a multiple of 16, got {value}")
-    return value
-
-
 def _valid_timezone(value: str | None) -> str | None:
     if value is None:
         return None
@@ -113,10 +107,6 @@ def _aware(value: datetime | None) -> datetime | None:
     return key_time(value)
 
 
-# A time of the chain: aware, in a year the storage keys can hold (like the request's time).
-ChainTime = Annotated[datetime, AfterValidator(_aware)]
-
-
 def _known_stage(value: str) -> str:
     if value not in stages.names():
         raise ValueError(f"unknown stage {value!r}; one of {', '.join(stages.names())}")
@@ -131,7 +121,19 @@ StageName = Annotated[
 ]
 
 
-Dimension = Annotated[int, Field(ge=256, le=2048), AfterValidator(_multiple_of_16)]
+def _multiple_of_16(value: int) -> int:
+    if value % 16:
+        raise ValueError(f"must be a multiple of 16, got {value}")
+    return value
+
+
+# Checked after the range (pydantic's own multiple_of comes first: 100 would be "a multiple of
+# 16", not "at least 256"), and published in the JSON Schemas as multipleOf all the same.
+Dimension = Annotated[
+    int,
+    Field(ge=256, le=2048, json_schema_extra={"multipleOf": 16}),
+    AfterValidator(_multiple_of_16),
+]
 
 # The most bytes a stored PNG may take: what render's largest image (2048 x 2048, ``Dimension``)
 # can be at the widest samples PNG has, 16-bit RGBA, 8 bytes a pixel (PNG spec 11.2.2, IHDR):
@@ -149,9 +151,11 @@ def _bounded_metadata(value: dict[str, Any]) -> dict[str, Any]:
     check_json_value(value, max_depth=MAX_METADATA_DEPTH, text=True)
     if len(value) > MAX_METADATA_KEYS:
         raise ValueError(f"at most {MAX_METADATA_KEYS} keys")
-    size = len(json.dumps(value, default=str).encode())
+    # Bytes as stored and sent: compact JSON in UTF-8, so "é" is 2 bytes, not the 6 of "\u00e9".
+    text = json.dumps(value, default=str, ensure_ascii=False, separators=(",", ":"))
+    size = len(text.encode())
     if size > MAX_METADATA_BYTES:
-        raise ValueError(f"at most {MAX_METADATA_BYTES} bytes as JSON, got {size}")
+        raise ValueError(f"at most {MAX_METADATA_BYTES} bytes as UTF-8 JSON, got {size}")
     return value
 
 
@@ -170,7 +174,13 @@ class _Model(BaseModel):
     # Validators and serializers built on first use, not at import: a function builds the
     # few its stage uses (``Stage.models``, after readiness when it has a warm-up), never the
     # rest, and ``import imagegen.models`` takes half the time.
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+    # Strict: a value of the wrong JSON type is a 400 naming its field, never converted ("1024"
+    # a width, true a seed, "yes" a flag), on every stage's input as on the request's. Event
+    # data arrives as a mapping parsed from JSON, a plain body as JSON text: pydantic's strict
+    # rules are the same for both here (an integer is still a number for a float field; a
+    # string a Literal's value), but for times, a string in JSON that strict validation of a
+    # mapping refuses: each time field reads it by its own rule first (``ChainTime``).
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True, strict=True)
 
 
 class LoraHint(_Model):
@@ -226,6 +236,13 @@ def _time_text(value: object) -> object:
     return value
 
 
+# A time of the chain: an RFC 3339 string with its offset (or a datetime from the library's
+# API), aware, in a year the storage keys can hold.
+ChainTime = Annotated[datetime, BeforeValidator(_time_text), AfterValidator(_aware)]
+# One that may be null: the rule around the union, so that an error names the field alone.
+MaybeTime = Annotated[datetime | None, BeforeValidator(_time_text), AfterValidator(_aware)]
+
+
 # What a prompt may not hold: C0 and C1 control characters (tab, line feed and carriage return
 # aside: they are spaces) and the bidirectional embeddings, overrides and isolates, which
 # reorder what is shown (a file name, a PNG's text) without changing what the model reads.
@@ -257,14 +274,21 @@ def _prompt_rule(value: object) -> object:
     return prompt_text(value) if isinstance(value, str) else value
 
 
+def _prompt_checked(value: object) -> object:
+    # The prompt rule's refusals for a prompt already written (by enhance, or read back from a
+    # record): refused as a request's prompt is, but never changed, so the job read is the job
+    # written (its fingerprint, the record's digest).
+    if isinstance(value, str):
+        prompt_text(value)
+    return value
+
+
+# A prompt of the chain: what enhance wrote, or a direct caller gave.
+WrittenPrompt = Annotated[str, BeforeValidator(_prompt_checked)]
+
+
 class GenerationRequest(_Model):
     """Input of the enhance stage (event ``generation.requested``)."""
-
-    # Strict: a value of the wrong JSON type is a 400 naming its field, never converted ("1024"
-    # a width, true a seed, "yes" enhance); an integer is still a number for guidance. Not
-    # requested_at: a time is a string in JSON and in event data parsed from it, which strict
-    # Python validation refuses; _time_text refuses the other types there.
-    model_config = ConfigDict(strict=True)
 
     generation_id: GenerationId | None = Field(
         default=None, description="Set by the caller or derived from the request event."
@@ -301,20 +325,22 @@ class GenerationRequest(_Model):
     timezone: Annotated[str | None, AfterValidator(_valid_timezone)] = Field(
         default=None, description="IANA zone for time-aware plugins; default: the configured zone."
     )
-    requested_at: Annotated[
-        datetime | None, BeforeValidator(_time_text), AfterValidator(_aware)
-    ] = Field(
-        default=None, strict=False, description="The request's time; fixes time-aware plugins."
+    requested_at: MaybeTime = Field(
+        default=None, description="The request's time; fixes time-aware plugins."
     )
     metadata: Metadata = Field(
         default_factory=dict,
         description=(
-            f"Caller data, kept with the image (≤ {MAX_METADATA_BYTES} bytes as JSON,"
-            f" ≤ {MAX_METADATA_KEYS} keys, nested ≤ {MAX_METADATA_DEPTH} deep)."
+            f"Caller data, kept with the image (≤ {MAX_METADATA_BYTES} bytes as compact UTF-8"
+            f" JSON, ≤ {MAX_METADATA_KEYS} keys, nested ≤ {MAX_METADATA_DEPTH} deep)."
         ),
     )
     webhook: AnyHttpUrl | None = Field(
-        default=None, description="URL the ledger notifies, signed the Standard Webhooks way."
+        default=None,
+        description="URL the ledger notifies, signed the Standard Webhooks way.",
+        # What AnyHttpUrl takes, said in the schema: the http and https schemes alone, in any
+        # case (a URL's scheme is case-insensitive, RFC 3986 3.1).
+        json_schema_extra={"pattern": "^[Hh][Tt][Tt][Pp][Ss]?:"},
     )
     webhook_events: list[Literal["started", "completed", "failed"]] = Field(
         default=["started", "completed", "failed"],
@@ -339,10 +365,10 @@ class EnhancedPrompt(_Model):
     """
 
     generation_id: GenerationId
-    prompt: str = Field(
+    prompt: WrittenPrompt = Field(
         max_length=MAX_FINAL_PROMPT_CHARS, description="The final prompt handed to the model."
     )
-    original_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    original_prompt: WrittenPrompt | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     dreamed: bool = Field(default=False, description="True when no prompt was given.")
     fallback: bool = Field(default=False, description="True when the LLM was unavailable.")
     enhancer: str = Field(
@@ -357,7 +383,7 @@ class EnhancedPrompt(_Model):
     guidance: float = Field(ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
     seed: int = Field(ge=0, le=MAX_SEED)
     requested_at: ChainTime
-    enhanced_at: ChainTime | None = Field(
+    enhanced_at: MaybeTime = Field(
         default=None,
         description="When enhance first wrote this prompt; kept with it, so every delivery "
         "says the same. Null for a job enhance did not write (a direct render request).",
@@ -402,7 +428,7 @@ class RenderRequest(_Model):
         max_length=MAX_FINAL_PROMPT_CHARS,
         description="What to draw, handed to the model as is.",
     )
-    original_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    original_prompt: WrittenPrompt | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     dreamed: bool = False
     fallback: bool = False
     enhancer: str = Field(default="none", description="What wrote the prompt; 'none': the caller.")
@@ -422,10 +448,8 @@ class RenderRequest(_Model):
     seed: int | None = Field(
         default=None, ge=0, le=MAX_SEED, description="Default: derived from the generation id."
     )
-    requested_at: Annotated[
-        datetime | None, BeforeValidator(_time_text), AfterValidator(_aware)
-    ] = Field(default=None, description="Default: the current time.")
-    enhanced_at: Annotated[datetime | None, AfterValidator(_aware)] = Field(
+    requested_at: MaybeTime = Field(default=None, description="Default: the current time.")
+    enhanced_at: MaybeTime = Field(
         default=None, description="When enhance wrote the prompt, if it did."
     )
     metadata: Metadata = Field(default_factory=dict)
@@ -448,7 +472,7 @@ class RenderedImage(_Model):
     steps: int = Field(ge=1, le=MAX_STEPS)
     guidance: float = Field(ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds per phase.")
-    rendered_at: ChainTime | None = Field(
+    rendered_at: MaybeTime = Field(
         default=None,
         description="When the image was stored; its first writer fixes it for every reply.",
     )
@@ -477,12 +501,12 @@ class PersistedImage(_Model):
     height: Dimension
     seed: int = Field(ge=0, le=MAX_SEED)
     model: str
-    prompt: str
+    prompt: WrittenPrompt
     timings: dict[str, float] = Field(default_factory=dict)
     created_at: ChainTime = Field(
         description="When the image was rendered (else requested): taken from the event chain."
     )
-    persisted_at: ChainTime | None = Field(
+    persisted_at: MaybeTime = Field(
         default=None,
         description="When persist's first writer wrote the record; null in a record written "
         "before it was kept.",
@@ -519,7 +543,7 @@ class DerivedImage(_Model):
         "kept (a lost thumbnail is then remade at the current setting).",
     )
     created_at: ChainTime = Field(description="The image's created_at, from image.persisted.")
-    persisted_at: ChainTime | None = Field(
+    persisted_at: MaybeTime = Field(
         default=None, description="The image's persisted_at, from image.persisted."
     )
     replay_of: GenerationId | None = Field(
@@ -556,7 +580,7 @@ class GenerationFailed(_Model):
     generation_id: GenerationId | None = None
     stage: StageName
     error: ErrorInfo
-    failed_at: ChainTime | None = Field(
+    failed_at: MaybeTime = Field(
         default=None,
         description="The failing event's time; null when it had none (a clock's time would "
         "differ between deliveries of one event, which must fail alike).",

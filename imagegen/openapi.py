@@ -168,10 +168,7 @@ def document(stage: Stage) -> dict[str, Any]:
                     "operationId": stage.name,
                     "summary": stage.summary,
                     "security": _secured(),
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": _ref(body)}},
-                    },
+                    "requestBody": _request_body(stage, body),
                     "responses": _responses(stage, ok),
                 }
             },
@@ -225,13 +222,48 @@ def _about(stage: Stage) -> str:
     if _takes_anything(stage):
         return (
             "Takes any body: CloudEvents (binary or structured mode, valid or not) and plain "
-            "JSON or bytes alike, and answers 202 with an empty body once it is recorded."
+            "JSON or bytes alike, and answers 202 with an empty body once it is recorded (or "
+            "found already recorded), 503 while storage is unavailable."
+        )
+    if stage.emits is None:
+        # An event sink (the ledger): it answers no event, and an event it cannot record is a
+        # 400 the broker does not retry, but dead-letters; there is no plain invoke.
+        return (
+            f"Records CloudEvents (binary or structured mode) of the types {_types(stage)}, "
+            "and answers 202 with an empty body once the event is recorded (or found already "
+            "recorded). Plain JSON without CloudEvents attributes, an event of another type, "
+            "and one whose data does not fit its type (but a generation.requested: recorded, "
+            "as the request enhance refuses) are a 400 naming what is wrong. It never answers "
+            "with an event."
         )
     return (
         "Plain HTTP/JSON invoke. The same endpoint accepts CloudEvents (binary or structured "
         "mode) and then replies 200 with the next event, or with a generation.failed event "
         "when the request can never succeed."
     )
+
+
+def _types(stage: Stage) -> str:
+    from imagegen.events import short_name
+
+    return ", ".join(short_name(event_type) for event_type in stage.consumes)
+
+
+def _request_body(stage: Stage, body: type[BaseModel] | None) -> dict[str, Any]:
+    """``POST /``'s body: the model it validates, else what the stage takes as it comes."""
+    request: dict[str, Any] = {
+        "required": True,
+        "content": {"application/json": {"schema": _ref(body)}},
+    }
+    if body is None and not _takes_anything(stage):
+        request["description"] = (
+            f"A CloudEvent of one of the types {_types(stage)}: in binary mode its data, each "
+            "as schemas/<type>.json publishes it (the dataschema attribute), in structured "
+            "mode (application/cloudevents+json) the whole event."
+        )
+    elif body is None:
+        request["description"] = "Anything: JSON or not, an event or not."
+    return request
 
 
 def _responses(stage: Stage, ok: dict[str, Any]) -> dict[str, Any]:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -381,8 +383,8 @@ def test_stored_text_reaches_the_terminal_without_its_control_characters(
     cli: RunCli, tmp_path: Path
 ) -> None:
     """A prompt typed with control characters is refused, in one line that holds none; one
-    stored with them (an LLM's prompt kept before that rule, an event another producer sent)
-    is shown without them, one line a generation in the table, and exact in ``--json``."""
+    stored with them (kept before every stage refused them) is shown without them, one line a
+    generation in the table, and exact in ``--json``."""
     from imagegen.ledger import default_ledger_path, open_ledger
     from tests.ledger.chain import chain
 
@@ -394,13 +396,17 @@ def test_stored_text_reaches_the_terminal_without_its_control_characters(
     assert made.returncode == 0, made.stderr
 
     events = chain("gen-hostile")
-    events["enhanced"].data["prompt"] = HOSTILE
     ledger = open_ledger(str(default_ledger_path()))
     try:
         for name in ("requested", "enhanced"):
             ledger.ingest(events[name])
     finally:
         ledger.close()
+    # Kept before the rule refused it on every stage: written where the ledger keeps it.
+    with closing(sqlite3.connect(default_ledger_path())) as db, db:
+        db.execute(
+            "UPDATE generations SET prompt = ? WHERE generation_id = 'gen-hostile'", (HOSTILE,)
+        )
     for args in (["history"], ["status", "gen-hostile"]):
         result = cli(*args, env={"COLUMNS": "200"})
         assert result.returncode == 0, result.stderr

@@ -277,11 +277,158 @@ def test_every_model_of_the_chain_refuses_what_the_request_refuses(
 
 
 def test_the_chain_s_times_are_aware() -> None:
-    naive = "2026-11-24T18:31:00"
-    rendered = parse_model(RenderedImage, {**RENDERED, "rendered_at": naive})
-    persisted = parse_model(PersistedImage, {**PERSISTED, "created_at": naive})
+    # A naive datetime from the library's API is UTC; on the wire a time carries its offset.
+    naive = datetime(2026, 11, 24, 18, 31)
+    image = RenderedImage.model_validate({**RENDERED, "rendered_at": naive})
+    record = PersistedImage.model_validate({**PERSISTED, "created_at": naive})
     when = datetime(2026, 11, 24, 18, 31, tzinfo=UTC)
-    assert rendered.rendered_at == persisted.created_at == when
+    assert image.rendered_at == record.created_at == when
+    east = parse_model(RenderedImage, {**RENDERED, "rendered_at": "2026-11-24T19:31:00+01:00"})
+    assert east.rendered_at == when
+
+
+# What every stage reads from the wire, in each JSON type but its own: each was converted
+# ("256" a width, true a seed, 1765000000 a time in seconds, a date alone its midnight in UTC).
+WRONG_TYPES = [
+    *[
+        (EnhancedPrompt, JOB, field, value)
+        for field, value in [
+            ("width", "256"),
+            ("height", 256.0),
+            ("steps", "2"),
+            ("seed", True),
+            ("seed", "5"),
+            ("guidance", "1.5"),
+            ("guidance", True),
+            ("dreamed", "yes"),
+            ("fallback", 1),
+            ("requested_at", 1765000000),
+            ("requested_at", "1765000000"),
+            ("requested_at", "2026-12-05"),
+            ("requested_at", "2026-12-05T01:00:00"),
+            ("enhanced_at", 1765000000),
+            ("enhanced_at", "2026-12-05 01:00:00Z"),
+        ]
+    ],
+    *[
+        (RenderRequest, {"prompt": "p"}, field, value)
+        for field, value in [
+            ("width", "256"),
+            ("steps", "2"),
+            ("seed", "3"),
+            ("guidance", "1.5"),
+            ("dreamed", "yes"),
+            ("requested_at", "2026-12-05"),
+            ("enhanced_at", "2026-12-05T01:00:00"),
+        ]
+    ],
+    *[
+        (RenderedImage, RENDERED, field, value)
+        for field, value in [
+            ("width", "256"),
+            ("seed", "5"),
+            ("size", "1000"),
+            ("size", 1000.0),
+            ("steps", True),
+            ("timings", {"render": "1.5"}),
+            ("rendered_at", 1765000000),
+            ("rendered_at", "2026-11-24T18:31:00"),
+        ]
+    ],
+    *[
+        (PersistedImage, PERSISTED, field, value)
+        for field, value in [
+            ("width", "256"),
+            ("seed", "5"),
+            ("size", "1000"),
+            ("created_at", "2026-11-24"),
+            ("persisted_at", 1765000000),
+        ]
+    ],
+    (DerivedImage, DERIVED, "thumbnail_size", "256"),
+    (DerivedImage, DERIVED, "created_at", 1765000000),
+    (GenerationFailed, FAILED, "failed_at", "2026-11-24T18:31:00"),
+]
+
+
+@pytest.mark.parametrize(("model", "data", "field", "value"), WRONG_TYPES)
+def test_every_model_of_the_chain_reads_its_json_types_strictly(
+    model: type[BaseModel], data: dict[str, Any], field: str, value: object
+) -> None:
+    """As the request is read: event data (a mapping parsed from JSON) and a plain body (JSON
+    text) alike refuse a value of another JSON type, naming the field, never converting it."""
+    parse_model(model, data)  # valid as it is
+    for given in ({**data, field: value}, json.dumps({**data, field: value})):
+        with pytest.raises(InvalidRequest) as caught:
+            parse_model(model, given)
+        assert caught.value.fields[0].split(".")[0] == field, caught.value.errors
+        assert caught.value.status == 400 and not caught.value.retryable
+
+
+def test_a_json_integer_is_a_number_for_every_float_of_the_chain() -> None:
+    # JSON has one number type: 1 is as much a guidance as 1.0.
+    for given in ({**RENDERED, "guidance": 1, "timings": {"render": 2}},):
+        for data in (given, json.dumps(given)):
+            image = parse_model(RenderedImage, data)
+            assert (image.guidance, image.timings) == (1.0, {"render": 2.0})
+    assert parse_model(EnhancedPrompt, {**JOB, "guidance": 3}).guidance == 3.0
+
+
+@pytest.mark.parametrize(
+    ("model", "data", "field"),
+    [
+        (EnhancedPrompt, JOB, "prompt"),
+        (EnhancedPrompt, JOB, "original_prompt"),
+        (RenderRequest, {"prompt": "p"}, "prompt"),
+        (RenderRequest, {"prompt": "p"}, "original_prompt"),
+        (RenderedImage, RENDERED, "prompt.prompt"),
+        (PersistedImage, PERSISTED, "prompt"),
+    ],
+)
+@pytest.mark.parametrize("prompt", ["evil\u202egnp.exe \x1b[31m", "a\x00fox", "a \u2066fox\u2069"])
+def test_every_prompt_of_the_chain_holds_to_the_prompt_rule(
+    model: type[BaseModel], data: dict[str, Any], field: str, prompt: str
+) -> None:
+    """A prompt.enhanced event, an image.rendered's job, a persisted record refuse a control or
+    bidirectional character as a request and a plain render body do, naming the field."""
+    *outer, name = field.split(".")
+    given = json.loads(json.dumps(data))
+    inner = given
+    for part in outer:
+        inner = inner[part]
+    inner[name] = prompt
+    for each in (given, json.dumps(given)):
+        with pytest.raises(InvalidRequest) as caught:
+            parse_model(model, each)
+        assert caught.value.fields == [field]
+
+
+def test_a_written_prompt_is_read_as_it_was_written() -> None:
+    # Refused characters aside, a job's prompt is never changed on reading: its fingerprint,
+    # and the record's digest, are of what was written.
+    job = parse_model(
+        EnhancedPrompt, {**JOB, "prompt": "a cat\non a mat\t", "original_prompt": "a"}
+    )
+    assert job.prompt == "a cat\non a mat\t"
+    assert parse_model(PersistedImage, {**PERSISTED, "prompt": "a\ncat"}).prompt == "a\ncat"
+
+
+def test_metadata_is_measured_in_bytes_of_compact_utf8_json() -> None:
+    """≤ 4 KiB as stored: 1,000 "é" are 2,011 bytes (not 6,012 with each as \\u00e9)."""
+    accented = {"k": "é" * 1000}
+    assert parse_model(GenerationRequest, {"metadata": accented}).metadata == accented
+    # {"k":"…"} is 8 bytes around the text: the text of the largest is 4,088 bytes.
+    largest = {"k": "猫" * 1362 + "ab"}  # 3 bytes a character: 4,086 + 2
+    assert len(json.dumps(largest, ensure_ascii=False, separators=(",", ":")).encode()) == 4096
+    assert parse_model(GenerationRequest, {"metadata": largest}).metadata == largest
+    with pytest.raises(InvalidRequest) as caught:
+        parse_model(GenerationRequest, {"metadata": {"k": largest["k"] + "c"}})
+    assert caught.value.errors == [
+        {
+            "field": "metadata",
+            "message": f"at most {MAX_METADATA_BYTES} bytes as UTF-8 JSON, got 4097",
+        }
+    ]
 
 
 def test_a_final_prompt_is_bounded_as_no_text_encoder_reads_further() -> None:
