@@ -21,6 +21,7 @@ import typer
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from imagegen.ledger import Ledger
     from imagegen.ledger.recorder import Recorder
     from imagegen.models import PersistedImage
     from imagegen.service import ImageGenService
@@ -39,12 +40,14 @@ __all__ = [
     "image_where",
     "make_service",
     "markup",
+    "newer_schema_said",
     "out",
     "output_after",
     "printable",
     "run_async",
     "set_verbosity",
     "settings_from",
+    "warn_newer_schema",
 ]
 
 app = typer.Typer(
@@ -388,6 +391,7 @@ def _recorder(settings: Settings) -> Recorder | None:
     except (ImageGenError, OSError) as exc:
         _not_recorded(exc)
         return None
+    warn_newer_schema(ledger)
     said: list[Exception] = []
 
     def failed(exc: Exception) -> None:
@@ -398,6 +402,25 @@ def _recorder(settings: Settings) -> Recorder | None:
             _not_recorded(exc)
 
     return Recorder(ledger, on_failure=failed)
+
+
+def newer_schema_said(ledger: Ledger) -> str | None:
+    """What to tell a person of a ledger a newer imagegen migrated (opened all the same, as a
+    replica of the release before is: docs/ledger.md), or None; a log line says it only
+    with ``-v``."""
+    if ledger.newer_schema is None:
+        return None
+    theirs, ours = ledger.newer_schema
+    return (
+        f"ledger {ledger.where} was migrated by a newer imagegen (schema {theirs:04d}; this one "
+        f"knows up to {ours:04d}): upgrade imagegen, or what it writes there may fail"
+    )
+
+
+def warn_newer_schema(ledger: Ledger) -> None:
+    """Say :func:`newer_schema_said` as a warning line, if there is something to say."""
+    if (said := newer_schema_said(ledger)) is not None:
+        err.print(f"[yellow]warning:[/] {markup(said)}", soft_wrap=True)
 
 
 def _not_recorded(exc: BaseException) -> None:

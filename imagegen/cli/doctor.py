@@ -13,6 +13,7 @@ from imagegen.cli._app import (
     app,
     make_service,
     markup,
+    newer_schema_said,
     out,
     run_async,
     settings_from,
@@ -248,6 +249,8 @@ def _ledger_check(settings: Settings) -> Check:
         message = exc.message
         return Check("ledger", "error", message if message.endswith(".") else f"{message}.", step)
     where = path if path is not None else "the ledger database"
+    if (newer := newer_schema_said(ledger)) is not None:
+        return Check("ledger", "warning", f"The {newer}.", "Upgrade imagegen (docs/ledger.md).")
     if page.unreadable:
         ids = ", ".join(page.unreadable)
         return Check("ledger", "warning", f"Ledger {where} has unreadable records: {ids}.", step)

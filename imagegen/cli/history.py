@@ -30,6 +30,7 @@ from imagegen.cli._app import (
     printable,
     run_async,
     settings_from,
+    warn_newer_schema,
 )
 from imagegen.errors import ConfigurationError, DependencyUnavailable, InvalidRequest, NotFound
 from imagegen.identity import key_time
@@ -159,7 +160,7 @@ def _local(url: str | None, ctx: typer.Context) -> Ledger | None:
             errors=[{"field": "ledger", "message": "a database URL or path"}],
         )
     try:
-        return open_ledger(url, must_exist=True)
+        ledger = open_ledger(url, must_exist=True)
     except NotFound:
         source = ctx.get_parameter_source("ledger")
         if source is None or source.name != "COMMANDLINE":
@@ -168,6 +169,8 @@ def _local(url: str | None, ctx: typer.Context) -> Ledger | None:
             f"--ledger: {ledger_path(url)} does not exist",
             errors=[{"field": "ledger", "message": "does not exist"}],
         ) from None
+    warn_newer_schema(ledger)
+    return ledger
 
 
 def _settings(ctx: typer.Context, ledger: str | None, **overrides: Any) -> Settings:

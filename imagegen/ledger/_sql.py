@@ -149,6 +149,9 @@ class SqlLedger(ABC):
 
     # Whether ledger_migrations exists (a row when it does): read before anything is written.
     migrations_table: str = ""
+    newer_schema: tuple[int, int] | None = None
+    """(the database's schema version, the highest this release knows) where a newer release
+    migrated the database; None otherwise. Set at open."""
 
     def _lock_migrations(self, db: Cursor) -> None:  # noqa: B027 - a hook: nothing here
         """Make replicas that start together wait for each other's migrations."""
@@ -190,6 +193,7 @@ class SqlLedger(ABC):
                         },
                     )
         newest, highest = max(done, default=0), max(m.version for m in known)
+        self.newer_schema = (newest, highest) if newest > highest else None
         if newest > highest:
             # Not refused: a replica of the release before keeps running against the schema
             # the next one migrated, through a rolling update or a rollback (docs/ledger.md,

@@ -29,6 +29,9 @@ class Ledger(Protocol):
     dialect: str
     where: str
     """How an error names this ledger: a file's path, never a URL (it may hold a password)."""
+    newer_schema: tuple[int, int] | None
+    """(the database's schema version, the highest this release knows) where a newer release
+    migrated it (opened all the same: docs/ledger.md); None otherwise."""
 
     def ingest(self, event: LedgerEvent) -> IngestResult:
         """Record ``event`` once (by source + id) and fold it into its generation."""

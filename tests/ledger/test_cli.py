@@ -152,6 +152,37 @@ def test_history_shows_the_local_times_its_options_read(tmp_path: Path, run: Any
     assert code == 0 and "gen-1" not in out
 
 
+def test_a_ledger_a_newer_imagegen_migrated_is_read_with_a_warning(
+    tmp_path: Path, run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read all the same (as a replica of the release before does), but said on the terminal,
+    not only in a log line seen with -v: what this release writes there may fail."""
+    import sqlite3
+    from contextlib import closing
+
+    from imagegen.ledger._migrate import migrations
+
+    path = tmp_path / "l.db"
+    _ledger_of_three(path)
+    newest = max(m.version for m in migrations("sqlite"))
+    with closing(sqlite3.connect(path)) as db, db:
+        db.execute(
+            "INSERT INTO ledger_migrations (version, name, applied_at) VALUES (?, 'next', ?)",
+            (newest + 1, "2027-01-01T00:00:00+00:00"),
+        )
+    warning = (
+        f"ledger {path} was migrated by a newer imagegen (schema {newest + 1:04d}; this one "
+        f"knows up to {newest:04d}): upgrade imagegen"
+    )
+    code, out, err = run("history", "--ledger", str(path))
+    assert code == 0 and "gen-1" in out, err
+    assert warning in " ".join(err.split()), err
+    monkeypatch.setenv("IMAGEGEN_LEDGER_URL", str(path))
+    code, out, _ = run("doctor", "--json")
+    [row] = [c for c in json.loads(out)["checks"] if c["check"] == "ledger"]
+    assert row["status"] == "warning" and warning in row["summary"], row
+
+
 def test_unknown_ids_and_bad_options_are_one_line_errors(run: Any) -> None:
     code, _, err = run("status", "nope")
     assert (code, err) == (1, "imagegen: error: generation 'nope' is not in the ledger\n")
