@@ -131,14 +131,22 @@ class Function:
 
     def _start(self) -> Future[None]:
         from imagegen.auth import Authenticator
-        from imagegen.observability import setup_observability
+        from imagegen.observability import setup_logging, setup_observability
         from imagegen.service import ImageGenService
         from imagegen.settings import Settings
 
+        settings: Settings | None = None
         try:
-            settings = Settings()
-            setup_observability(f"imagegen-{self.stage.name}", settings)
-            count_from_zero(self.stage.name, sink=self.stage.emits is None)
+            try:
+                settings = Settings()
+            finally:
+                # Settings or none: the line saying why start-up failed is JSON like any other,
+                # and the 503s that follow are counted (the SDK reads only OTEL_* variables).
+                if settings is None:
+                    setup_logging(None, self.stage.name)  # the defaults
+                service = f"imagegen-{self.stage.name}"
+                setup_observability(service, settings, logs=settings is not None)
+                count_from_zero(self.stage.name, sink=self.stage.emits is None)
             for unknown in Settings.unknown_variables():
                 log.warning(unknown, extra={"stage": self.stage.name})
             for warning in settings.start_up_warnings():
@@ -411,7 +419,10 @@ class Function:
                 caller = self._auth.authenticate(request.headers.get("Authorization"))
                 caller.admit(*self.stage.callers_of(routes[method][0] if routes else None))
         except Exception as exc:  # anything unforeseen too: a JSON 500, never Flask's HTML page
-            return self._failed(exc, None, dispatched=False, generation_id=None)
+            # A refused query of the stage's own routes (the ledger's) is no delivery: named by
+            # its route, it is not counted.
+            named = {"route": routes[method][0].path} if routes else {}
+            return self._failed(exc, None, dispatched=False, generation_id=None, **named)
         return self._route(*routes[method], request) if routes else self.handle(request)
 
     def handle(self, request: flask.Request) -> Reply:
@@ -650,6 +661,7 @@ def entry_point(name: str) -> Any:
     """The functions-framework HTTP target of the stage called ``name``."""
     stage = get_stage(name)
     function = Function(stage)
+    _process.serves(name)
     if stage.input_model is not None or stage.consumes:
         # Not the sink, which keeps whatever comes, merged headers too: a refusal loses it.
         _process.refuse_repeated_event_attributes()

@@ -72,16 +72,51 @@ default, 30 s, is shorter than any stage's time budget, and functions-framework'
 ``timeout``). Longer than any grace period the pod gets (Knative's ``timeoutSeconds``): the
 kubelet's SIGKILL, not gunicorn, ends a request that outlives it."""
 
+_stage: str | None = None  # the stage this process serves, once its function is imported
+
+
+def serves(stage: str) -> None:
+    """Name the stage this process serves: gunicorn's own log lines name it too."""
+    global _stage
+    _stage = stage
+
+
 try:
     import gunicorn.config
+    import gunicorn.glogging
     import gunicorn.util
 except ImportError:  # no gunicorn (Windows): werkzeug's server, whose refusals are rare
     pass
 else:
+
+    class JsonLogger(gunicorn.glogging.Logger):
+        """gunicorn's logger, writing its lines (a worker killed, a port in use, the access
+        log when on) as the library's: one JSON object per line, with ``time``, ``level``,
+        ``message``, ``logger`` and ``stage``.
+
+        ``Logger.setup`` gives ``gunicorn.error`` (and ``gunicorn.access``) a handler of its
+        own with a plain-text formatter (gunicorn/glogging.py, ``_set_handler``); here, each
+        such handler gets the library's formatter instead, at every setup (a reload's too).
+        The settings are not read in the master: the values given to secret settings'
+        variables are redacted as given.
+        """
+
+        def setup(self, cfg: gunicorn.config.Config) -> None:
+            super().setup(cfg)
+            from imagegen._logging import JsonFormatter
+
+            formatter = JsonFormatter.from_environment(_stage)
+            for log in (self.error_log, self.access_log):
+                for handler in log.handlers:
+                    if getattr(handler, "_gunicorn", False):  # gunicorn's mark on its own
+                        handler.setFormatter(formatter)
+
     gunicorn.util.write_error = _refusal
     # Read when gunicorn makes its Config, after the function is imported (a Setting's class
-    # default: gunicorn/config.py, GracefulTimeout).
+    # default: gunicorn/config.py, GracefulTimeout and LoggerClass, which takes a class as
+    # well as a path: validate_class, util.load_class). functions-framework sets neither.
     gunicorn.config.GracefulTimeout.default = DRAIN_SECONDS
+    gunicorn.config.LoggerClass.default = JsonLogger
 
 
 # The attributes of a binary-mode event, each one value: repeated, gunicorn would join them

@@ -8,6 +8,7 @@ import logging
 import math
 import re
 import sys
+import typing
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from opentelemetry import trace
 from pydantic import SecretStr
 
-from imagegen.settings import Settings
+from imagegen.settings import Settings, _given
 
 __all__ = ["JsonFormatter", "route_library_logs", "setup_logging"]
 
@@ -59,6 +60,13 @@ class JsonFormatter(logging.Formatter):
         # Its repr too: a secret with a quote or backslash logged with %r is written escaped.
         forms = {form for s in secrets if s for form in (s, repr(s)[1:-1])}
         self._secrets = sorted(forms, key=len, reverse=True)
+
+    @classmethod
+    def from_environment(cls, stage: str | None = None) -> JsonFormatter:
+        """A formatter for lines written without the settings (they could not be read, or are
+        not read yet: gunicorn's own lines): prompts left out, and every value given to a
+        secret setting's variable (the environment over ``.env``) redacted as it was given."""
+        return cls(stage, secrets=_given_secret_values())
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
@@ -121,18 +129,60 @@ def _secret_values(settings: Settings) -> list[str]:
     return values
 
 
-def setup_logging(settings: Settings, stage: str | None = None) -> None:
-    """JSON log lines on stderr at ``settings.log_level``; the settings' secrets redacted."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JsonFormatter(stage, secrets=_secret_values(settings), log_prompts=settings.log_prompts)
-    )
+def _is_secret(annotation: Any) -> bool:
+    """Whether a setting of this type holds secrets (``SecretStr``, optional or in a list)."""
+    return annotation is SecretStr or any(_is_secret(arg) for arg in typing.get_args(annotation))
+
+
+def _given_secret_values() -> list[str]:
+    """What the secret settings' variables are set to (the environment over ``.env``), as
+    given: the values to redact where the settings could not be read. A list's variable (the
+    webhook secrets, comma-separated) is redacted whole and item by item."""
+    given = _given()
+    values = []
+    for name, field in Settings.model_fields.items():
+        if not _is_secret(field.annotation):
+            continue
+        for variable in Settings.variables(name):
+            value = given.get(variable.upper(), "")
+            values.append(value)
+            if typing.get_origin(field.annotation) is list:
+                values += [item.strip() for item in value.split(",")]
+    return [value for value in values if value]
+
+
+def setup_logging(settings: Settings | None, stage: str | None = None) -> None:
+    """JSON log lines on stderr at ``settings.log_level``; the settings' secrets redacted.
+
+    ``settings`` None: the settings could not be read, and the process still logs why as JSON
+    lines: at the default level, no prompts, and every value given to a secret setting's
+    variable redacted. As :func:`logging.basicConfig`, that is a no-op where the root logger
+    has handlers already (a set-up of this process's own, an embedding program's): the
+    settings that would say otherwise are unknown.
+    """
     root = logging.getLogger()
+    if settings is None and root.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    if settings is None:
+        level = Settings.model_fields["log_level"].default
+        formatter = JsonFormatter.from_environment(stage)
+    else:
+        level = settings.log_level
+        secrets = _secret_values(settings)
+        formatter = JsonFormatter(stage, secrets=secrets, log_prompts=settings.log_prompts)
+    handler.setFormatter(formatter)
     root.handlers = [handler]
-    root.setLevel(settings.log_level)
+    root.setLevel(level)
     # httpx logs every request line at INFO, full URL included (credentials, query tokens).
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    # botocore logs each request at DEBUG with its headers (botocore/endpoint.py, "Sending http
+    # request"), SigV4's Authorization among them, and the string it signs (botocore/auth.py):
+    # a signature that can be replayed for minutes. urllib3 and s3transfer log the requests'
+    # URLs, presigned ones included. Their INFO lines (where credentials were found) stay.
+    for name in ("botocore", "boto3", "s3transfer", "urllib3"):
+        logging.getLogger(name).setLevel(max(logging.INFO, root.level))
     route_library_logs()
 
 

@@ -263,7 +263,13 @@ class MetricSpec(NamedTuple):
 # Bucket boundaries in seconds: the SDK's default ones are meant for milliseconds.
 _FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _STEP = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-_SLOW = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+# Each latency alert's threshold is a boundary (observability/prometheus/alerts.yaml: persist
+# 15 s, enhance 30 s, render 90 s, below its 120 s timeout): read exactly, not interpolated
+# across a bucket.
+_SLOW = (
+    *(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0),
+    *(60.0, 90.0, 120.0, 300.0, 600.0),
+)
 
 METRICS: dict[str, MetricSpec] = {
     "stage_duration": MetricSpec(

@@ -7,7 +7,7 @@ enhance's prompt memo and the dead-letter records are all seen alike, and no cal
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -31,7 +31,9 @@ class InstrumentedStorage:
     # A plain context manager: nothing in it awaits, and an async one costs an async
     # generator and two more awaits on every storage call.
     @contextmanager
-    def _measured(self, operation: str, key: str) -> Iterator[None]:
+    def _measured(self, operation: str, key: str) -> Iterator[Callable[[], None]]:
+        """Time and trace one call; what it yields says the call found no object (a ``head``
+        answering None), as a ``get`` says it by raising :class:`NotFound`: alike, a miss."""
         # The span's failures marked here, not by the SDK: a miss is an answer, no error.
         with tracer().start_as_current_span(
             f"imagegen.storage.{operation}", record_exception=False, set_status_on_exception=False
@@ -39,18 +41,25 @@ class InstrumentedStorage:
             span.set_attribute("imagegen.storage.key", key)
             started = time.perf_counter()
             outcome = "failed"  # a call that raises is timed too: a slow timeout is slow
+            missed = False
+
+            def missing() -> None:
+                nonlocal missed
+                missed = True
+
             try:
-                yield
-                outcome = "success"
+                yield missing
+                outcome = "missing" if missed else "success"
             except NotFound:
                 # An answer, and often the expected one (a first delivery): no error, no trace.
                 outcome = "missing"
-                span.set_attribute("imagegen.storage.found", False)
                 raise
             except BaseException as exc:
                 record_error(span, exc)
                 raise
             finally:
+                if outcome == "missing":
+                    span.set_attribute("imagegen.storage.found", False)
                 labels = {"operation": operation, "stage": current_stage.get(), "outcome": outcome}
                 instruments().storage_duration.record(time.perf_counter() - started, labels)
 
@@ -76,8 +85,11 @@ class InstrumentedStorage:
             return await self.inner.get(key)
 
     async def head(self, key: str) -> StoredObject | None:
-        with self._measured("head", key):
-            return await self.inner.head(key)
+        with self._measured("head", key) as missing:
+            found = await self.inner.head(key)
+            if found is None:
+                missing()
+            return found
 
     def location(self, key: str) -> str:
         return self.inner.location(key)

@@ -23,7 +23,7 @@ __all__ = ["Collector"]
 class Collector(LoopbackServer):
     """Records every export as (path, body); ``url`` is the base endpoint."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, port: int = 0) -> None:
         self.exports: list[tuple[str, bytes]] = []
         received = self.exports
 
@@ -39,7 +39,7 @@ class Collector(LoopbackServer):
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        super().__init__(Handler, name="collector")
+        super().__init__(Handler, port=port, name="collector")
 
     def paths(self) -> list[str]:
         return [path for path, _ in self.exports]
@@ -65,3 +65,23 @@ class Collector(LoopbackServer):
                     attributes = resource_metrics.resource.attributes
                     resources.append({a.key: a.value.string_value for a in attributes})
         return resources
+
+    def counts(self, name: str, path: str = "/v1/metrics") -> dict[frozenset[tuple[str, str]], int]:
+        """The latest value of each series of the counter ``name`` received at ``path``, by its
+        attributes (string-valued, as the functions' counters have)."""
+        latest: dict[frozenset[tuple[str, str]], int] = {}
+        for received, body in self.exports:
+            if received != path:
+                continue
+            request = ExportMetricsServiceRequest.FromString(body)
+            for resource_metrics in request.resource_metrics:
+                for scope_metrics in resource_metrics.scope_metrics:
+                    for metric in scope_metrics.metrics:
+                        if metric.name != name:
+                            continue
+                        for point in metric.sum.data_points:
+                            labels = frozenset(
+                                (a.key, a.value.string_value) for a in point.attributes
+                            )
+                            latest[labels] = point.as_int
+        return latest

@@ -148,3 +148,43 @@ def test_the_critical_failure_alert_leaves_out_what_callers_get_refused() -> Non
     assert _reasons("ImagegenGenerationFailures", "!~") == refused | unverified
     assert _reasons("ImagegenInvalidRequestsHigh", "=~") == refused - {"overloaded"}
     assert _reasons("ImagegenSinkCannotRecord", "!~") == refused - {"overloaded"} | unverified
+
+
+def _threshold(rule: str, stage: str) -> tuple[str, float]:
+    """The selector and threshold of ``stage``'s line in a ``histogram_quantile`` alert."""
+    [expr] = [r["expr"] for r in alert_rules() if r["alert"] == rule]
+    [(selector, threshold)] = re.findall(
+        rf'\{{(stage="{stage}"[^}}]*)\}}\[\w+\]\)\)\)\s*>\s*([\d.]+)', expr
+    )
+    return selector, float(threshold)
+
+
+def test_the_render_latency_alert_fires_before_renders_time_out() -> None:
+    # A p95 over the timeout comes only from renders that already time out: the alert must
+    # warn before, on the renders that succeed, at a bucket boundary (read exactly, where a
+    # threshold inside a bucket is interpolated, histogram_quantile).
+    manifest = yaml.safe_load((ROOT / "knative" / "base" / "render.yaml").read_text())
+    [container] = manifest["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    timeout = float(env["IMAGEGEN_RENDER_TIMEOUT"])
+    selector, threshold = _threshold("ImagegenStageLatencyHigh", "render")
+    assert 'outcome="success"' in selector
+    assert threshold <= 0.75 * timeout
+    assert threshold in METRICS["stage_duration"].buckets
+    for stage in ("enhance", "persist"):
+        assert _threshold("ImagegenStageLatencyHigh", stage)[1] in METRICS["stage_duration"].buckets
+
+
+def test_alerts_on_enhance_traffic_count_only_the_requests_it_admitted() -> None:
+    # Requests refused for what their caller sent (a scanner's, without a token) are no
+    # traffic: they neither page "nothing persisted" nor dilute the fallback ratio.
+    from imagegen.auth.oidc import KeyNotFetched
+
+    admitted = _reasons("ImagegenNoSuccessfulGeneration", "!~")
+    assert admitted == _refused_by_caller() - {"overloaded"} | {KeyNotFetched.code}
+    [expr] = [r["expr"] for r in alert_rules() if r["alert"] == "ImagegenEnhanceFallbackRatioHigh"]
+    ratio = re.findall(r"imagegen_generations_total\{([^}]*)\}", expr)
+    assert ratio == [
+        'stage="enhance", outcome="fallback"',
+        'stage="enhance", outcome=~"success|fallback"',
+    ]

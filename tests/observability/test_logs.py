@@ -195,3 +195,34 @@ def test_a_line_is_json_whatever_its_values_and_secrets(capsys: pytest.CaptureFi
     assert entries[1]["message"] == 'key "***"'  # its repr, quoted with " as it holds a '
     assert "secret" not in err
     assert entries[2]["message"] == "webhook ***"
+
+
+async def test_an_s3_request_at_debug_logs_no_signature(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """botocore logs each request's headers at DEBUG, its SigV4 ``Authorization`` (a signature
+    anyone can replay for minutes) among them; the dev profile logs at DEBUG."""
+    from imagegen.storage import open_storage
+    from tests.fakes.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server
+
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with S3Server() as s3:
+        s3.create_bucket("debugged")
+        settings = Settings(
+            storage_url="s3://debugged/images",
+            s3_endpoint_url=s3.endpoint,
+            s3_preset="minio",
+            s3_access_key_id=SecretStr(ACCESS_KEY_ID),
+            s3_secret_access_key=SecretStr(SECRET_ACCESS_KEY),
+            log_level="DEBUG",
+        )
+        setup_logging(settings, "persist")
+        storage = open_storage(settings)
+        await storage.put("2026/01/01/g.png", b"png", content_type="image/png")
+        assert await storage.get("2026/01/01/g.png") == b"png"
+        logging.getLogger("imagegen.test").debug("stored")
+    err = capsys.readouterr().err
+    assert any(e["message"] == "stored" for e in lines(err))  # DEBUG is on
+    assert "Signature=" not in err and "AWS4-HMAC-SHA256 Credential" not in err

@@ -80,3 +80,32 @@ async def test_a_storage_call_that_fails_is_timed_too(
     assert count("success") == before["success"] + 1
     assert count("missing") == before["missing"] + 1
     assert count("failed") == before["failed"] + 1
+
+
+async def test_a_head_that_finds_nothing_is_a_miss_as_a_get_is(
+    otel: InMemoryTelemetry, tmp_path: Path
+) -> None:
+    from imagegen.storage import LocalStorage
+    from imagegen.storage.instrumented import instrumented
+    from imagegen.telemetry import METRIC_NAMES
+
+    def count(operation: str, outcome: str) -> int:
+        return sum(
+            p.point.count
+            for p in otel.points(METRIC_NAMES["storage_duration"])
+            if (p.attributes or {}).get("operation") == operation
+            and (p.attributes or {}).get("outcome") == outcome
+        )
+
+    before = {outcome: count("head", outcome) for outcome in ("success", "missing")}
+    storage = instrumented(LocalStorage(tmp_path))
+    await storage.put("2026/01/01/g.png", b"png", content_type="image/png")
+    otel.spans.clear()
+    assert await storage.head("2026/01/01/g.png") is not None
+    assert await storage.head("2026/01/01/missing.png") is None
+    assert count("head", "success") == before["success"] + 1
+    assert count("head", "missing") == before["missing"] + 1
+    found, missed = [s for s in otel.finished_spans() if s.name == "imagegen.storage.head"]
+    assert "imagegen.storage.found" not in (found.attributes or {})
+    assert (missed.attributes or {})["imagegen.storage.found"] is False
+    assert missed.status.is_ok  # an answer, no error
