@@ -421,8 +421,10 @@ class Function:
         except Exception as exc:  # anything unforeseen too: a JSON 500, never Flask's HTML page
             # A refused query of the stage's own routes (the ledger's) is no delivery: named by
             # its route, it is not counted.
-            named = {"route": routes[method][0].path} if routes else {}
-            return self._failed(exc, None, dispatched=False, generation_id=None, **named)
+            route = routes[method][0].path if routes else None
+            if route is not None:
+                return self._failed(exc, None, dispatched=False, generation_id=None, route=route)
+            return self._failed(exc, None, dispatched=False, generation_id=None)
         return self._route(*routes[method], request) if routes else self.handle(request)
 
     def handle(self, request: flask.Request) -> Reply:

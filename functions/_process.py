@@ -89,7 +89,7 @@ except ImportError:  # no gunicorn (Windows): werkzeug's server, whose refusals 
     pass
 else:
 
-    class JsonLogger(gunicorn.glogging.Logger):
+    class JsonLogger(gunicorn.glogging.Logger):  # type: ignore[misc]  # gunicorn has no types
         """gunicorn's logger, writing its lines (a worker killed, a port in use, the access
         log when on) as the library's: one JSON object per line, with ``time``, ``level``,
         ``message``, ``logger`` and ``stage``.
