@@ -23,6 +23,7 @@ from imagegen.models import DerivedImage, PersistedImage
 from imagegen.persist import claim_image, load_record, record_part
 from imagegen.settings import Settings
 from imagegen.storage.base import GenerationKeys, Storage
+from imagegen.telemetry import answered_again
 
 __all__ = ["DeriveStage"]
 
@@ -91,6 +92,7 @@ class DeriveStage:
             if existing is not None:
                 log.info("derivatives already made", extra={"generation_id": image.generation_id})
                 await self._remake_lost(image, keys, existing)
+                answered_again()
                 return existing
             return await self._derive(image, keys)
 
@@ -141,6 +143,7 @@ class DeriveStage:
                 f"the record {keys.derivatives!r} was written but cannot be read yet",
                 retry_after=1,
             )
+        answered_again()
         return existing
 
     async def _stored_thumbnail_size(

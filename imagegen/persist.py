@@ -21,6 +21,7 @@ from imagegen.models import MAX_PNG_BYTES, EnhancedPrompt, PersistedImage, Rende
 from imagegen.render import stored_png
 from imagegen.settings import Settings
 from imagegen.storage.base import GenerationKeys, Storage, StoredObject
+from imagegen.telemetry import answered_again
 from imagegen.urls import public_url
 from imagegen.validation import parse_model
 
@@ -212,6 +213,7 @@ class PersistStage:
         )
         if existing is not None:
             log.info("image already persisted", extra={"generation_id": image.generation_id})
+            answered_again()
             return existing
 
         # 2. Check what the event says of the object before reading it: one of another size
@@ -246,6 +248,7 @@ class PersistStage:
             raise DependencyUnavailable(
                 f"the record {keys.metadata!r} was written but cannot be read yet", retry_after=1
             )
+        answered_again()
         return existing
 
     def _describe(self, image: RenderedImage, keys: GenerationKeys) -> PersistedImage:

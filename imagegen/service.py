@@ -25,7 +25,15 @@ from imagegen.stages import Call
 from imagegen.storage import LocalStorage, open_storage
 from imagegen.storage.base import Storage
 from imagegen.storage.instrumented import instrumented
-from imagegen.telemetry import current_stage, instruments, record_error, tracer
+from imagegen.telemetry import (
+    REDELIVERED,
+    current_stage,
+    instruments,
+    on_redelivery,
+    record_error,
+    redelivery_done,
+    tracer,
+)
 
 if TYPE_CHECKING:
     from imagegen.derive import DeriveStage
@@ -188,7 +196,7 @@ class ImageGenService:
             assert self._memo is not None
             remembered = await self._memo.recall(gid, request)
             if remembered is not None:
-                stage.outcome = "fallback" if remembered.fallback else "success"
+                stage.outcome = REDELIVERED  # counted when its first delivery wrote it
                 return await stage.emitted(remembered)
             result = await enhance_stage.run(request, generation_id=gid, now=when)
             result = await self._memo.remember(gid, request, result)
@@ -352,7 +360,11 @@ class _stage:
         self.span = self._cm.__enter__()
         self.span.set_attribute("imagegen.stage", self.stage)
         self.span.set_attribute("imagegen.generation_id", self.generation_id)
+        self._hook = on_redelivery(self._redelivered)
         return self
+
+    def _redelivered(self) -> None:
+        self.outcome = REDELIVERED
 
     async def __aexit__(
         self,
@@ -372,6 +384,7 @@ class _stage:
         if exc is not None:
             record_error(self.span, exc)
         self._cm.__exit__(exc_type, exc, tb)
+        redelivery_done(self._hook)
         current_stage.reset(self._token)
         if isinstance(exc, Exception | asyncio.CancelledError) and self.recorder is not None:
             # Cancelled (Ctrl-C in the CLI): the ledger says where it stopped, rather than

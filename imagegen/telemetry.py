@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from functools import cache
 from typing import Literal, NamedTuple
 
@@ -28,18 +28,22 @@ __all__ = [
     "INHERITED_ATTRIBUTES",
     "METRICS",
     "METRIC_NAMES",
+    "REDELIVERED",
     "SINK_COUNTED_FROM_ZERO",
     "HttpRequest",
     "Instruments",
     "MetricSpec",
     "answered",
+    "answered_again",
     "count_from_zero",
     "current_stage",
     "http_status",
     "instruments",
+    "on_redelivery",
     "prometheus_name",
     "prometheus_series",
     "record_error",
+    "redelivery_done",
     "server_span",
     "stage_span",
     "trace_extension",
@@ -56,6 +60,36 @@ written under one, names it."""
 # The stage doing the work, for metrics recorded below it (storage calls): set by the service
 # around each stage, and by a function around its handler.
 current_stage: ContextVar[str] = ContextVar("imagegen_stage", default="none")
+
+REDELIVERED = "redelivered"
+"""The outcome of a stage that answered with what an earlier delivery of the same event (or
+another replica handling it at once) made: a stored image, a record, a remembered prompt.
+Counted apart from ``success``, so that at-least-once redelivery adds no image, record or
+prompt to a count of them."""
+
+# Where the stage around the current call is told it answers from storage: a hook the service
+# sets around each stage (imagegen.service._stage), called by :func:`answered_again`.
+_redelivery_hook: ContextVar[Callable[[], None] | None] = ContextVar(
+    "imagegen_redelivery_hook", default=None
+)
+
+
+def answered_again() -> None:
+    """Say that the current stage's answer is what an earlier delivery made (its outcome is
+    :data:`REDELIVERED`); nothing outside a stage."""
+    hook = _redelivery_hook.get()
+    if hook is not None:
+        hook()
+
+
+def on_redelivery(hook: Callable[[], None]) -> Token[Callable[[], None] | None]:
+    """Have :func:`answered_again` call ``hook`` in this context; reset with the token."""
+    return _redelivery_hook.set(hook)
+
+
+def redelivery_done(token: Token[Callable[[], None] | None]) -> None:
+    """Undo :func:`on_redelivery`."""
+    _redelivery_hook.reset(token)
 
 
 @cache
@@ -284,7 +318,8 @@ METRICS: dict[str, MetricSpec] = {
         "imagegen.generations",
         "counter",
         "{generation}",
-        "Stage outcomes: success, fallback, failed (with the error code as reason).",
+        "Stage outcomes: success, fallback, redelivered (answered with what an earlier delivery"
+        " made), failed (with the error code as reason).",
         ("stage", "outcome", "reason"),
     ),
     "sink_deliveries": MetricSpec(

@@ -38,7 +38,7 @@ from imagegen.render.base import (
 from imagegen.render.batching import Batch, Batcher
 from imagegen.settings import Settings
 from imagegen.storage.base import GenerationKeys, Storage
-from imagegen.telemetry import instruments, tracer
+from imagegen.telemetry import answered_again, instruments, tracer
 
 __all__ = ["RenderStage"]
 
@@ -291,6 +291,7 @@ class RenderStage:
             fingerprint = stored_png.fingerprint(job)
         if done is not None:
             log.info("image already stored; not rendering again", extra={"key": keys.image})
+            answered_again()
             return done
         return await self._waiters.wait(
             job.generation_id,

@@ -582,3 +582,40 @@ def test_a_ledger_query_that_fails_is_no_delivery_it_could_not_record(
         before = failed()
         assert httpx.get(ledger.url + "/generations/" + "0" * 32, timeout=30).status_code == 404
         assert failed() == before  # a query's 404 pages no one
+
+
+def test_a_redelivered_event_is_counted_redelivered_not_another_success(
+    chain: Chain, otel: InMemoryTelemetry
+) -> None:
+    """At least once: every stage answers a second delivery with what the first made (the
+    remembered prompt, the stored image, the record, the derivatives), and counts it apart, so
+    a count of images persisted or of prompts written is one per generation."""
+
+    def by_stage() -> dict[str, dict[str, float]]:
+        return {
+            stage: {
+                outcome: counted(otel, "generations", stage=stage, outcome=outcome)
+                for outcome in ("success", "fallback", "redelivered")
+            }
+            for stage in ("enhance", "render", "persist", "derive")
+        }
+
+    before = by_stage()
+    request = {"prompt": "a lighthouse twice", "width": 256, "height": 256, "seed": 3}
+    headers = cloudevent_headers(
+        GENERATION_REQUESTED, event_id="obs-twice-1", subject="obs-twice-1"
+    )
+    body = json.dumps(request).encode()
+    replies = {}
+    for _ in range(2):  # each event delivered twice, as a broker's retry would
+        replies["enhance"] = post(chain.servers["enhance"].url, headers, body)
+        replies["render"] = forward(chain.servers["render"], replies["enhance"], PROMPT_ENHANCED)
+        replies["persist"] = forward(chain.servers["persist"], replies["render"], IMAGE_RENDERED)
+        replies["derive"] = forward(chain.servers["derive"], replies["persist"], IMAGE_PERSISTED)
+        assert all(r.status_code == 200 for r in replies.values()), replies
+    after = by_stage()
+
+    for stage in ("enhance", "render", "persist", "derive"):
+        made = {o: after[stage][o] - before[stage][o] for o in after[stage]}
+        first = "fallback" if stage == "enhance" else "success"  # Ollama is down here
+        assert made == {**{"success": 0, "fallback": 0}, first: 1, "redelivered": 1}, stage
