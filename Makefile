@@ -13,9 +13,13 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 # torch is pinned to the CPU wheel pip finds at hand (find-links); a range admitting newer
-# releases, or PyPI's own Linux wheel, is a multi-GB CUDA build (docs/development.md).
+# releases, or PyPI's own Linux wheel, is a multi-GB CUDA build (docs/development.md). On Linux
+# with no find-links configured, the wheel comes from PyTorch's CPU index.
+TORCH_INDEX ?= $(shell [ "$$(uname -s)" = Linux ] && [ -z "$$PIP_FIND_LINKS" ] \
+	&& ! $(PYTHON) -m pip config list 2>/dev/null | grep -q find-links \
+	&& echo --index-url https://download.pytorch.org/whl/cpu)
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet torch==2.13.0 $(TORCH_INDEX)
 	$(BIN)/pip install --quiet -e ".[render,ledger,test]"
 	touch $@
 
