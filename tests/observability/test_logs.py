@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,30 @@ def test_http_client_request_lines_never_reach_the_logs() -> None:
     assert not logging.getLogger("httpcore").isEnabledFor(logging.INFO)
 
 
+@pytest.fixture
+def library_warnings() -> Iterator[None]:
+    """The model libraries at their default verbosity, warnings on, for this test: each reads
+    its verbosity once, when first imported, and an in-process run of the command line
+    earlier in this process (TRANSFORMERS_VERBOSITY=error, warnings ignored) may have set it."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = (transformers_logging, diffusers_logging)
+    levels = [library.get_verbosity() for library in libraries]
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        for library in libraries:
+            library.set_verbosity_warning()
+        try:
+            yield
+        finally:
+            for library, level in zip(libraries, levels, strict=True):
+                library.set_verbosity(level)
+
+
+@pytest.mark.usefixtures("library_warnings")
 def test_model_library_warnings_are_json_lines(capsys: pytest.CaptureFixture[str]) -> None:
     import importlib
     import warnings
@@ -130,6 +155,7 @@ def test_model_library_warnings_are_json_lines(capsys: pytest.CaptureFixture[str
 
 
 @pytest.mark.parametrize("log_prompts", [False, True])
+@pytest.mark.usefixtures("library_warnings")
 def test_the_part_of_a_prompt_a_text_encoder_cut_is_logged_only_when_allowed(
     log_prompts: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
