@@ -2,6 +2,7 @@
 // driven by Debian's Chromium through playwright-core. Run: `npm run test:browser`.
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
+import { createHmac } from "node:crypto";
 import { mkdirSync } from "node:fs";
 import { createServer } from "node:net";
 import { dirname, join } from "node:path";
@@ -26,11 +27,15 @@ const CHROMIUM_ARGS = [
   "--disable-sync",
 ];
 
+// The signed gallery's secret (a second Worker with GALLERY=signed).
+const SECRET = "e2e-signing-secret";
+
 let origin;
-let worker;
+let workers = [];
 let browser;
 let info;
 let base;
+let signedBase;
 
 function freePort() {
   return new Promise((resolve, reject) => {
@@ -71,6 +76,30 @@ async function waitFor(url, deadlineMs) {
   throw new Error(`${url} not ready: ${last}`);
 }
 
+async function startWorker(name, vars) {
+  const port = await freePort();
+  const args = ["wrangler", "dev", "--ip", "127.0.0.1", "--port", String(port)];
+  for (const [name, value] of Object.entries(vars)) args.push("--var", `${name}:${value}`);
+  // Each its own state directory: two `wrangler dev` share none.
+  args.push("--persist-to", join(OUTPUT, `.wrangler-${name}`));
+  const worker = spawn("npx", args, {
+    cwd: WORKER,
+    stdio: ["ignore", "ignore", "inherit"],
+    detached: true,
+    env: { ...process.env, WRANGLER_SEND_METRICS: "false", CI: "1" },
+  });
+  workers.push(worker);
+  const url = `http://127.0.0.1:${port}`;
+  await waitFor(`${url}/favicon.ico`, 90_000);
+  return url;
+}
+
+/** A signed link to `key` (docs/signed-urls.md), valid until `expires`. */
+function signedPath(key, expires) {
+  const signature = createHmac("sha256", SECRET).update(`/${key}\n${expires}`).digest("hex");
+  return `/${key}?expires=${expires}&signature=${signature}`;
+}
+
 before(async () => {
   console.time("origin");
   mkdirSync(OUTPUT, { recursive: true });
@@ -82,7 +111,6 @@ before(async () => {
   console.timeEnd("origin");
   console.time("wrangler dev");
 
-  const port = await freePort();
   const vars = {
     ORIGIN: "s3",
     S3_ENDPOINT: info.endpoint,
@@ -92,16 +120,8 @@ before(async () => {
     S3_ACCESS_KEY_ID: info.access_key_id,
     S3_SECRET_ACCESS_KEY: info.secret_access_key,
   };
-  const args = ["wrangler", "dev", "--ip", "127.0.0.1", "--port", String(port)];
-  for (const [name, value] of Object.entries(vars)) args.push("--var", `${name}:${value}`);
-  worker = spawn("npx", args, {
-    cwd: WORKER,
-    stdio: ["ignore", "ignore", "inherit"],
-    detached: true,
-    env: { ...process.env, WRANGLER_SEND_METRICS: "false", CI: "1" },
-  });
-  base = `http://127.0.0.1:${port}`;
-  await waitFor(`${base}/favicon.ico`, 90_000);
+  base = await startWorker("public", vars);
+  signedBase = await startWorker("signed", { ...vars, SIGNING_SECRET: SECRET, GALLERY: "signed" });
   console.timeEnd("wrangler dev");
 
   // Playwright starts Chromium with a fresh, empty profile directory of its own.
@@ -110,7 +130,7 @@ before(async () => {
 
 after(async () => {
   await browser?.close();
-  if (worker?.pid) process.kill(-worker.pid, "SIGTERM");
+  for (const worker of workers) if (worker.pid) process.kill(-worker.pid, "SIGTERM");
   origin?.stdin.end();
 });
 
@@ -127,6 +147,8 @@ async function gallery(page, path = "/") {
 
 test("the gallery shows the latest day, and every image loads", async () => {
   const page = await browser.newPage({ viewport: { width: 1280, height: 1600 } });
+  const failed = [];
+  page.on("response", (r) => r.status() >= 400 && failed.push(`${r.status()} ${r.url()}`));
   const dialogs = await gallery(page);
   assert.equal(await page.title(), "Images of 2026-12-01");
   const items = page.locator(".item");
@@ -152,6 +174,38 @@ test("the gallery shows the latest day, and every image loads", async () => {
   }
   assert.deepEqual(dialogs, []);
   await page.screenshot({ path: join(OUTPUT, "gallery.png"), fullPage: true });
+  await page.close();
+  // Nothing the page asked for failed.
+  assert.deepEqual(failed, []);
+});
+
+test("a signed page's images load after its link expired, and the link says it expired", async () => {
+  const page = await browser.newPage({ viewport: { width: 390, height: 844 } });
+  // Images requested only once the link has expired, as lazy images scrolled to late are.
+  const expires = Math.floor(Date.now() / 1000) + 3;
+  const expired = new Promise((resolve) => setTimeout(resolve, (expires + 2) * 1000 - Date.now()));
+  await page.route(/\.(png|avif|webp)\?/, async (route) => {
+    await expired;
+    await route.continue();
+  });
+  const response = await page.goto(`${signedBase}${signedPath("2026/12/01/", expires)}`);
+  assert.equal(response.status(), 200);
+  await expired;
+  const images = page.locator(".item img");
+  assert.equal(await images.count(), 3);
+  for (const img of await images.all()) {
+    await img.scrollIntoViewIfNeeded();
+    await page.waitForFunction((el) => el.complete, await img.elementHandle());
+    const { naturalWidth, currentSrc } = await img.evaluate((el) => ({
+      naturalWidth: el.naturalWidth,
+      currentSrc: el.currentSrc,
+    }));
+    assert.ok(naturalWidth > 0, `${currentSrc} did not load`);
+  }
+  // The day links carry the page's own expiry: the earlier day answers that the link expired.
+  const [earlier] = await Promise.all([page.waitForNavigation(), page.keyboard.press("[")]);
+  assert.equal(earlier.status(), 403);
+  assert.equal(await page.title(), "This link has expired");
   await page.close();
 });
 

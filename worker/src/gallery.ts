@@ -6,20 +6,21 @@
  * day's images from its metadata records (`YYYY/MM/DD/<id>.json`, read through the edge cache;
  * they never change). What a page shows is kept in the edge cache for PAGE_MAX_AGE seconds, and
  * a day's list of records as long, so a page costs the origin nothing meanwhile. With
- * GALLERY=signed the page needs a signed link and signs every URL on it with the same expiry.
+ * GALLERY=signed the page needs a signed link and signs its links with the same expiry, its
+ * images IMAGE_GRACE later (they load lazily, while the page is open).
  *
  * A `<picture>` does not fall back to its `<img>` when a `<source>` it picked answers 404, so a
  * derivative is offered only when its object is in the day's listing as well as in its record
  * (a bucket restored without its derivatives keeps the records that list them). The listing is
  * the one the day's records come from: the check costs no request.
  */
-import { AFTER_EVERY_DAY, dayExists, type Folders, folderLister, take, walk } from "./days";
+import { AFTER_EVERY_DAY, dayExists, type Folders, folderLister, walk } from "./days";
 import { textResponse } from "./http";
 import { derivativeKey, derivativeParts } from "./keys";
 import { availableDerivatives, readRecord } from "./negotiate";
 import { cachedJson, type Serving } from "./objects";
 import { listKeys } from "./origins";
-import { type DayLink, galleryCsp, type Item, renderPage } from "./page";
+import { type DayLink, galleryCsp, type Item, renderMessage, renderPage } from "./page";
 import { checkSignedUrl, sign } from "./signing";
 
 /** Links to this many earlier days under each page; `/` falls back as far for a day with images. */
@@ -30,6 +31,11 @@ export const MAX_ITEMS = 200;
 export const MAX_DAY_LIST_PAGES = 50;
 /** Seconds a page is kept, at the edge and in browsers. */
 export const PAGE_MAX_AGE = 60;
+/**
+ * Seconds a signed page's image URLs outlive its link: images load lazily, as they are scrolled
+ * to, so a page served just before its link expires keeps showing them for this long.
+ */
+export const IMAGE_GRACE = 3600;
 
 const RECORD_KEY = /^[0-9]{4}\/[0-9]{2}\/[0-9]{2}\/([A-Za-z0-9][A-Za-z0-9_-]{0,127})\.json$/;
 
@@ -79,6 +85,8 @@ function dayIndex(serving: Serving, day: string): Promise<DayIndex> {
       console.warn(`gallery: ${day} holds more than ${MAX_DAY_LIST_PAGES} pages of keys`);
     }
     // Listing order is the ids' (random): the newest uploads come from the whole listing.
+    // Upload times are whole seconds (S3's LastModified): within one, id order is arbitrary,
+    // but the same for every page.
     const uploaded = (key: string) => listing.modified.get(key) ?? 0;
     const ids = listing.keys
       .filter((key) => RECORD_KEY.test(key))
@@ -155,6 +163,61 @@ async function shown(
 }
 
 /**
+ * Whether the day folder `day` holds a metadata record, from one page of its listing (kept at the
+ * edge like the day's records). A day of more than a page of keys counts as holding one: a folder
+ * without records holds the few images rendered before their records were written.
+ */
+function holdsRecords(serving: Serving, day: string): Promise<boolean> {
+  return cachedJson(serving, `_gallery/held/${day}`, PAGE_MAX_AGE, async () => {
+    const listing = await listKeys(serving.config, day, { maxPages: 1 });
+    return !listing.complete || listing.keys.some((key) => RECORD_KEY.test(key));
+  });
+}
+
+/**
+ * Up to `count` days of `days` that hold a record, looking at `limit` days at most (checked in
+ * parallel, `count` at a time, so only the folders this needs are listed).
+ */
+async function daysWithRecords(
+  serving: Serving,
+  days: AsyncIterator<string>,
+  count: number,
+  limit: number,
+): Promise<string[]> {
+  const found: string[] = [];
+  let tried = 0;
+  while (found.length < count && tried < limit) {
+    const batch: string[] = [];
+    while (batch.length < Math.min(count - found.length, limit - tried)) {
+      const next = await days.next();
+      if (next.done) break;
+      batch.push(next.value);
+    }
+    if (batch.length === 0) break;
+    tried += batch.length;
+    const held = await Promise.all(batch.map((day) => holdsRecords(serving, day)));
+    found.push(...batch.filter((_, i) => held[i]));
+  }
+  await days.return?.();
+  return found;
+}
+
+/** Whether the day folder `YYYY/MM/DD/` names a calendar date (not 02/31). */
+export function isCalendarDay(folder: string): boolean {
+  const [year, month, day] = folder.split("/").map(Number);
+  if (year === undefined || month === undefined || day === undefined) return false;
+  const date = new Date(0);
+  // setUTCFullYear, not Date.UTC: that one reads years 0 to 99 as 1900 to 1999.
+  date.setUTCFullYear(year, month - 1, day);
+  return date.getUTCMonth() === month - 1 && date.getUTCDate() === day;
+}
+
+/** Today's day folder, in UTC as the keys are: it may hold no images yet. */
+function today(): string {
+  return `${new Date().toISOString().slice(0, 10).replaceAll("-", "/")}/`;
+}
+
+/**
  * The day `/` shows: the newest with a record among the newest EARLIER_DAYS + 1, else the newest.
  * Render writes an image before persist writes its record, so a new day may hold images only.
  */
@@ -173,13 +236,16 @@ async function latestDay(folders: Folders, indexes: DayIndexes): Promise<string>
 async function pageData(serving: Serving, path: string, page: number): Promise<PageData | null> {
   const folders = folderLister(serving.config);
   const indexes = dayIndexes(serving);
-  // 1. The day, and the days around it
+  // 1. The day (one that does not exist is a 404, but for today's), and the days around it
+  // that hold records: a folder of images only shows nothing.
+  if (path !== "" && path !== today() && !(await dayExists(folders, path))) return null;
   const day = path === "" ? await latestDay(folders, indexes) : path;
-  const earlier = day ? await take(walk(folders, day, "older"), EARLIER_DAYS) : [];
-  if (path !== "" && earlier.length === 0 && !(await dayExists(folders, day))) {
-    return null; // before the oldest day
-  }
-  const [later = null] = day ? await take(walk(folders, day, "newer"), 1) : [];
+  const around = (direction: "older" | "newer", count: number, limit: number) =>
+    day ? daysWithRecords(serving, walk(folders, day, direction), count, limit) : [];
+  const [earlier, [later = null]] = await Promise.all([
+    around("older", EARLIER_DAYS, 2 * EARLIER_DAYS),
+    around("newer", 1, EARLIER_DAYS + 1),
+  ]);
 
   // 2. One page of its records, newest upload first, then by each record's own time
   const index = day ? await indexes(day) : { ids: [], complete: true, derivatives: [] };
@@ -233,6 +299,27 @@ function pageParam(params: URLSearchParams): number | null {
   return values.length === 1 && /^[1-9][0-9]{0,5}$/.test(value) ? Number(value) : null;
 }
 
+/** A gallery error as a small HTML page under the gallery's policy, never cached. */
+async function messageResponse(
+  request: Request,
+  status: number,
+  title: string,
+  text: string,
+  home: boolean,
+): Promise<Response> {
+  const html = renderMessage(title, text, home);
+  return new Response(request.method === "HEAD" ? null : html, {
+    status,
+    headers: {
+      "Content-Type": "text/html; charset=utf-8",
+      "Content-Security-Policy": await galleryCsp(),
+      "X-Content-Type-Options": "nosniff",
+      "Referrer-Policy": "no-referrer",
+      "Cache-Control": "no-store",
+    },
+  });
+}
+
 /**
  * The gallery page for `path` (`""` for the latest day, or `YYYY/MM/DD/`).
  *
@@ -250,31 +337,43 @@ export async function serveGallery(
   // 1. A signed link when the images are private
   let expires: number | null = null;
   let cacheControl = `public, max-age=${PAGE_MAX_AGE}`;
-  if (config.gallery === "signed" && config.signingSecret !== null) {
+  const signed = config.gallery === "signed" && config.signingSecret !== null;
+  // Behind signed links `/` needs one too: error pages link to it only when it is public.
+  const fail = (status: number, title: string, text: string) =>
+    messageResponse(request, status, title, text, !signed);
+  if (signed) {
     const now = Math.floor(Date.now() / 1000);
     const check = await checkSignedUrl(params, path, config.verifyingSecrets, now);
-    if (!check.ok) return textResponse(403, "Forbidden");
+    if (!check.ok && check.reason === "expired") {
+      return fail(403, "This link has expired", "Ask whoever shared it for a new link.");
+    }
+    if (!check.ok) return fail(403, "Forbidden", "This page needs a valid signed link.");
     expires = check.expires;
     cacheControl = `private, max-age=${Math.min(PAGE_MAX_AGE, expires - now)}`;
   }
   const page = pageParam(params);
-  if (page === null) return textResponse(400, "Bad Request: page must be a page number");
+  if (page === null) return fail(400, "Bad Request", "The page must be a page number.");
+  if (path !== "" && !isCalendarDay(path)) {
+    return fail(404, "Not Found", "There is no such day.");
+  }
 
   // 2. What the page shows, from the edge cache or the origin
   const data = await cachedJson(serving, `_gallery/page/${path}?page=${page}`, PAGE_MAX_AGE, () =>
     pageData(serving, path, page),
   );
-  if (data === null) return textResponse(404, "Not Found");
+  if (data === null) return fail(404, "Not Found", "There are no images here.");
 
-  // 3. Its links, signed for this request
+  // 3. Its links, signed for this request; its images for IMAGE_GRACE longer, so those scrolled
+  // to after the link expired still load while the page is open.
   const link = linker(expires, config.signingSecret);
+  const imageLink = linker(expires === null ? null : expires + IMAGE_GRACE, config.signingSecret);
   const dayLink = async (folder: string, n = 1): Promise<DayLink> => ({
     day: folder.slice(0, -1).replaceAll("/", "-"),
     href: await (n === 1 ? link(folder) : link(folder, { page: String(n) })),
   });
   const html = renderPage({
     day: data.day ? data.day.slice(0, -1).replaceAll("/", "-") : "",
-    items: await Promise.all(data.items.map((i) => item(i, data.day, link))),
+    items: await Promise.all(data.items.map((i) => item(i, data.day, imageLink))),
     earlier: await Promise.all(data.earlier.map((d) => dayLink(d))),
     later: data.later === null ? null : await dayLink(data.later),
     pages: {

@@ -3,8 +3,9 @@
  * and the gallery (`/`, `/<YYYY>/<MM>/<DD>/`).
  *
  * Request path → shape check → (signature check) → edge cache → origin. Anything that is not a
- * served shape is answered 404 before the origin is touched, and the origin URL is built only
- * from configuration and the checked key, so the Worker is never an open proxy.
+ * served shape is answered 404 before the origin is touched (`/favicon.ico` 204, a day without
+ * its trailing slash a redirect), and the origin URL is built only from configuration and the
+ * checked key, so the Worker is never an open proxy.
  */
 import { type Config, ConfigError, type Env, readConfig } from "./config";
 import { serveGallery } from "./gallery";
@@ -16,13 +17,28 @@ import {
   preflightResponse,
   textResponse,
 } from "./http";
-import { derivativeKey, galleryFromPath, imageParts, keyFromPath, thumbnailParts } from "./keys";
+import {
+  derivativeKey,
+  galleryFromPath,
+  imageParts,
+  keyFromPath,
+  slashlessGalleryDay,
+  thumbnailParts,
+} from "./keys";
 import { acceptedFormats, availableDerivatives, candidates, widthParam } from "./negotiate";
 import { objectExists, type Serving, serveObject } from "./objects";
 import { OriginError } from "./origins";
 import { checkSignedUrl } from "./signing";
 
 export type { Env } from "./config";
+
+/**
+ * The answer to `/favicon.ico`, which every browser asks for: no content, kept a day, so no
+ * console error and no request to the origin.
+ */
+function faviconResponse(): Response {
+  return new Response(null, { status: 204, headers: { "Cache-Control": "public, max-age=86400" } });
+}
 
 async function cacheControlFor(url: URL, key: string, config: Config): Promise<string | Response> {
   if (config.signingSecret === null) return IMMUTABLE;
@@ -77,9 +93,14 @@ async function handle(request: Request, env: Env, ctx: ExecutionContext): Promis
 
   // 2. Shape: only the exact served keys and gallery paths go further (OPTIONS included)
   const url = new URL(request.url);
+  if (url.pathname === "/favicon.ico" && request.method !== "OPTIONS") return faviconResponse();
   const key = keyFromPath(url.pathname);
   const galleryPath = key === null ? galleryFromPath(url.pathname) : null;
-  if (key === null && galleryPath === null) return textResponse(404, "Not Found");
+  // A day without its trailing slash is redirected to the day's page (GET and HEAD).
+  const slashless = key === null && galleryPath === null ? slashlessGalleryDay(url.pathname) : null;
+  if (key === null && galleryPath === null && slashless === null) {
+    return textResponse(404, "Not Found");
+  }
 
   // 3. Configuration
   let config: Config;
@@ -94,9 +115,19 @@ async function handle(request: Request, env: Env, ctx: ExecutionContext): Promis
 
   // OPTIONS (a CORS preflight) is answered from the path alone: it never reaches the origin
   // and checks no signature. A gallery that is off is a 404 for every method.
+  const isGallery = galleryPath !== null || slashless !== null;
   if (request.method === "OPTIONS") {
-    if (galleryPath !== null && config.gallery === "off") return textResponse(404, "Not Found");
+    if (isGallery && config.gallery === "off") return textResponse(404, "Not Found");
     return preflightResponse();
+  }
+  if (slashless !== null) {
+    if (config.gallery === "off") return textResponse(404, "Not Found");
+    // The query goes along as it came: a signed link's signature covers the day folder with
+    // its slash (docs/signed-urls.md), so a signed link that lost its slash works again.
+    return new Response(null, {
+      status: 301,
+      headers: { Location: `/${slashless}${url.search}`, "Cache-Control": "no-store" },
+    });
   }
 
   try {

@@ -49,6 +49,15 @@ export function galleryFromPath(pathname: string): string | null {
 }
 
 /**
+ * The gallery day folder a request path names without its trailing slash (`/YYYY/MM/DD`), with
+ * that slash, or null: redirected to the gallery path.
+ */
+export function slashlessGalleryDay(pathname: string): string | null {
+  const path = pathOf(pathname);
+  return path !== null && path !== "" && GALLERY_PATTERN.test(`${path}/`) ? `${path}/` : null;
+}
+
+/**
  * The media type of a served key, decided by its name alone: whatever type the origin stored
  * (or failed to store) is never trusted.
  */

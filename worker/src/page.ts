@@ -101,6 +101,19 @@ export function galleryCsp(): Promise<string> {
   return csp;
 }
 
+/** Longest alt text, in characters: a prompt may run to thousands, and it names the link. */
+export const ALT_LENGTH = 150;
+
+/** `prompt` cut to ALT_LENGTH characters (never inside a surrogate pair), marked when cut. */
+export function shortText(prompt: string, length = ALT_LENGTH): string {
+  const chars = Array.from(prompt);
+  if (chars.length <= length) return prompt;
+  return `${chars
+    .slice(0, length - 1)
+    .join("")
+    .trimEnd()}…`;
+}
+
 function picture(item: Item): string {
   const sizes = "(max-width: 34rem) 100vw, 22rem";
   const sources = item.sources
@@ -112,15 +125,19 @@ function picture(item: Item): string {
     .join("");
   return (
     `<picture>${sources}<img src="${escape(item.fallback)}" width="${item.width}" ` +
-    `height="${item.height}" loading="lazy" decoding="async" alt="${escape(item.prompt)}">` +
+    `height="${item.height}" loading="lazy" decoding="async" dir="auto" ` +
+    `alt="${escape(shortText(item.prompt))}">` +
     `</picture>`
   );
 }
 
 function entry(item: Item): string {
+  // The image's alt names its link. A prompt the alt holds whole is hidden from assistive
+  // technology below it, so it is announced once; a longer one is read out in full there.
+  const repeated = shortText(item.prompt) === item.prompt ? ' aria-hidden="true"' : "";
   return (
     `<li class="item" id="${escape(item.id)}"><a href="${escape(item.href)}">${picture(item)}</a>` +
-    `<p class="prompt">${escape(item.prompt)}</p><p class="meta">` +
+    `<p class="prompt" dir="auto"${repeated}>${escape(item.prompt)}</p><p class="meta">` +
     `<span>seed ${escape(item.seed)}</span><span>${escape(item.model)}</span>` +
     `<span><time datetime="${escape(item.created)}">${escape(item.created.slice(0, 16).replace("T", " "))} UTC</time></span>` +
     `</p></li>`
@@ -163,12 +180,39 @@ export function renderPage(page: Page): string {
 <style>${STYLE}</style>
 </head>
 <body>
+<main>
 <h1>${escape(title)}</h1>
 ${partial}${items}
-${pages}<nav aria-label="Days">${links}</nav>
+${pages}</main>
+<nav aria-label="Days">${links}</nav>
 <p class="meta">Keys: <kbd>j</kbd>/<kbd>→</kbd> next, <kbd>k</kbd>/<kbd>←</kbd> previous,
 <kbd>Enter</kbd> open, <kbd>[</kbd> earlier day, <kbd>]</kbd> later day.</p>
 <script>${SCRIPT}</script>
+</body>
+</html>
+`;
+}
+
+/**
+ * A gallery error as a small page: `title` as its heading, `text` below it, and a link to the
+ * latest day where that link works (`home`: not behind signed links, where `/` needs one too).
+ */
+export function renderMessage(title: string, text: string, home: boolean): string {
+  const link = home ? `\n<p><a href="/">Latest images</a></p>` : "";
+  return `<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>${escape(title)}</title>
+<style>${STYLE}</style>
+</head>
+<body>
+<main>
+<h1>${escape(title)}</h1>
+<p>${escape(text)}</p>${link}
+</main>
 </body>
 </html>
 `;

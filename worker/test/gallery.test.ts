@@ -1,8 +1,8 @@
 import { env } from "cloudflare:workers";
 import { afterEach, describe, expect, it, vi } from "vitest";
-import { escape, galleryCsp, SCRIPT } from "../src/page";
+import { ALT_LENGTH, escape, galleryCsp, SCRIPT } from "../src/page";
 import { sign } from "../src/signing";
-import { MAX_DAY_LIST_PAGES, MAX_ITEMS } from "../src/gallery";
+import { IMAGE_GRACE, isCalendarDay, MAX_DAY_LIST_PAGES, MAX_ITEMS } from "../src/gallery";
 import { BASE, countingBucket, newBase, send } from "./helpers";
 
 // Gallery tests use their own far-future year so no other test's objects share their days.
@@ -118,8 +118,84 @@ describe("gallery", () => {
     expect(html).toContain("an old lighthouse");
     expect(html).not.toContain("two moons");
     expect(html).toContain(`<a rel="next" href="/${y}/02/01/">`);
-    const empty = await (await send(`${BASE}/${y}/01/31/`)).text();
-    expect(empty).toContain("No images on this day.");
+  });
+
+  it("answers 404 for a day that does not exist or is no date, but not for today", async () => {
+    const y = await days();
+    vi.useFakeTimers({ toFake: ["Date"] });
+    vi.setSystemTime(Date.UTC(Number(y), 1, 2, 0, 30));
+    // Not even a bucket folder makes 02/31 a day.
+    await record(`${y}/02/31`, "impossible", "p", `${y}-03-03T10:00:00Z`);
+    for (const path of [`/${y}/01/31/`, `/${y}/02/03/`, `/${y}/02/31/`, "/2027/02/29/"]) {
+      const res = await send(`${newBase()}${path}`);
+      expect(res.status, path).toBe(404);
+      expect(res.headers.get("Content-Type")).toBe("text/html; charset=utf-8");
+    }
+    // Today's day (UTC), with no folder yet: an empty day, linked to the one before.
+    const today = await send(`${newBase()}/${y}/02/02/`);
+    expect(today.status).toBe(200);
+    const html = await today.text();
+    expect(html).toContain("No images on this day.");
+    expect(html).toContain(`<a rel="prev" href="/${y}/02/01/">`);
+    expect(isCalendarDay("2028/02/29/")).toBe(true); // a leap year
+    expect(isCalendarDay("0001/12/31/")).toBe(true);
+    expect(isCalendarDay("2100/02/29/")).toBe(false);
+  });
+
+  it("links to neighbouring days that hold records only", async () => {
+    year += 1;
+    await record(`${year}/07/01`, "a", "first", `${year}-07-01T10:00:00Z`);
+    // Images whose records were never written: a folder the gallery shows nothing of.
+    await env.IMAGES.put(`${year}/07/02/rendered.png`, "png");
+    await env.IMAGES.put(`${year}/07/31/rendered.png`, "png");
+    await record(`${year}/07/03`, "c", "third", `${year}-07-03T10:00:00Z`);
+    const first = await (await send(`${newBase()}/${year}/07/01/`)).text();
+    expect(first).toContain(`<a rel="next" href="/${year}/07/03/">`);
+    const third = await (await send(`${newBase()}/${year}/07/03/`)).text();
+    expect(third).toContain(`<a rel="prev" href="/${year}/07/01/">`);
+    expect(third).not.toContain(`/${year}/07/02/`);
+    expect(third).not.toContain(`rel="next"`);
+  });
+
+  it("lays out each prompt in its own direction, named once and briefly", async () => {
+    year += 1;
+    const day = `${year}/08/01`;
+    const hebrew = "חתול על גג, 2 ירחים!";
+    const long = `a lighthouse ${"and a long tail of words ".repeat(90)}`.trim();
+    await record(day, "rtl", hebrew, `${year}-08-01T10:00:00Z`);
+    await record(day, "long", long, `${year}-08-01T09:00:00Z`);
+    const html = await (await send(`${newBase()}/${day}/`)).text();
+    expect(html).toMatch(/<main>\s*<h1>[^]*<ol class="grid">[^]*<\/ol>[^]*<\/main>/);
+    const items = Object.fromEntries(
+      [...html.matchAll(/<li class="item" id="([^"]+)"[\s\S]*?<\/li>/g)].map((m) => [m[1], m[0]]),
+    );
+    // The alt text names the link: whole when short, the paragraph then hidden from screen readers.
+    expect(items.rtl).toContain(`dir="auto" alt="${hebrew}">`);
+    expect(items.rtl).toContain(`<p class="prompt" dir="auto" aria-hidden="true">${hebrew}</p>`);
+    // A long prompt: a cut alt names the link, and the whole prompt is read out below it.
+    const alt = /alt="([^"]*)"/.exec(items.long ?? "")?.[1] ?? "";
+    expect(Array.from(alt).length).toBeLessThanOrEqual(ALT_LENGTH);
+    expect(Array.from(alt).length).toBeGreaterThan(ALT_LENGTH - 10);
+    expect(alt.endsWith("…")).toBe(true);
+    expect(long.startsWith(alt.slice(0, -1))).toBe(true);
+    expect(items.long).toContain(`<p class="prompt" dir="auto">${long}</p>`);
+  });
+
+  it("answers errors as pages under its policy, with a link to the latest day", async () => {
+    const y = await days();
+    for (const [query, status] of [
+      ["?page=0", 400],
+      ["?page=2", 404],
+    ] as const) {
+      const res = await send(`${newBase()}/${y}/02/01/${query}`);
+      expect(res.status, query).toBe(status);
+      expect(res.headers.get("Content-Type")).toBe("text/html; charset=utf-8");
+      expect(res.headers.get("Content-Security-Policy")).toBe(await galleryCsp());
+      expect(res.headers.get("Cache-Control")).toBe("no-store");
+      const html = await res.text();
+      expect(html).toContain("<!doctype html>");
+      expect(html).toContain('<a href="/">');
+    }
   });
 
   it("allows only its own script and style", async () => {
@@ -161,22 +237,35 @@ describe("gallery", () => {
     expect(res.status).toBe(200);
     expect(res.headers.get("Cache-Control")).toBe("private, max-age=60");
     const html = await res.text();
-    const avif = `${y}/02/01/second.w64.avif`;
-    expect(html).toContain(
-      `/${avif}?expires=${expires}&amp;signature=${await sign(avif, expires, secret)}`,
-    );
     const prev = `${y}/01/30/`;
     expect(html).toContain(
       `/${prev}?expires=${expires}&amp;signature=${await sign(prev, expires, secret)}`,
     );
-    // The image link on the page works against the Worker.
-    const image = await send(
-      `${BASE}/${avif}?expires=${expires}&signature=${await sign(avif, expires, secret)}`,
-      { SIGNING_SECRET: secret },
+    // Images, which load as they are scrolled to, are signed IMAGE_GRACE longer than the link.
+    const avif = `${y}/02/01/second.w64.avif`;
+    const until = expires + IMAGE_GRACE;
+    const signed = `/${avif}?expires=${until}&amp;signature=${await sign(avif, until, secret)}`;
+    expect(html).toContain(signed);
+    expect(html).not.toContain(
+      `?expires=${expires}&amp;signature=${await sign(avif, expires, secret)}`,
     );
+
+    // After the link expired: the page's images still load, the page says it expired.
+    vi.setSystemTime((expires + 10) * 1000);
+    const image = await send(`${BASE}${signed.replaceAll("&amp;", "&")}`, {
+      SIGNING_SECRET: secret,
+    });
     expect(image.status).toBe(200);
     expect(await image.text()).toBe("w64.avif");
-    expect(image.headers.get("Cache-Control")).toBe("private, max-age=300");
+    expect(image.headers.get("Cache-Control")).toBe(`private, max-age=${IMAGE_GRACE - 10}`);
+    const expired = await send(url, { SIGNING_SECRET: secret, GALLERY: "signed" });
+    expect(expired.status).toBe(403);
+    expect(expired.headers.get("Content-Type")).toBe("text/html; charset=utf-8");
+    expect(expired.headers.get("Content-Security-Policy")).toBe(await galleryCsp());
+    const text = await expired.text();
+    expect(text).toContain("<h1>This link has expired</h1>");
+    // Behind signed links `/` needs a signature too: no link to it.
+    expect(text).not.toContain('href="/"');
   });
 
   // <picture> takes the first <source> whose type the browser decodes, and shows nothing when
@@ -330,8 +419,9 @@ describe("gallery costs", () => {
     // Nothing past the later day, nothing before the seventh earlier one.
     expect(listed.filter((prefix) => prefix.startsWith(`${first + 2}/`))).toEqual([]);
     expect(listed.filter((prefix) => prefix.startsWith(`${first}/0`))).toEqual([]);
-    // The years, the months of two years, the days of nine months, and the day itself.
-    expect(listed.length).toBeLessThanOrEqual(13);
+    // The years, the months of two years, the days of nine months, the day itself, and one
+    // page of each of its eight neighbours (whether it holds records).
+    expect(listed.length).toBeLessThanOrEqual(21);
   });
 
   it("answers 404 for a day before the oldest, after one listing", async () => {
@@ -413,6 +503,7 @@ describe("gallery records", () => {
     const html = await res.text();
     expect(html).toContain(`Images of ${year}-06-01`);
     expect(shownIds(html)).toEqual(["persisted"]);
-    expect(html).toContain(`<a rel="next" href="/${year}/06/02/">`);
+    // The newest day shows nothing yet: no link leads there.
+    expect(html).not.toContain(`/${year}/06/02/`);
   });
 });

@@ -1,6 +1,7 @@
 import { env, exports } from "cloudflare:workers";
 import { afterEach, describe, expect, it, vi } from "vitest";
 import { isPublicKey, keyFromPath } from "../src/keys";
+import { sign } from "../src/signing";
 import { BASE, countingBucket, mockFetch, newKey, send } from "./helpers";
 
 afterEach(() => {
@@ -49,7 +50,7 @@ describe("methods", () => {
   it("answers OPTIONS 404 where every other method is answered 404", async () => {
     const r2 = countingBucket();
     for (const [path, overrides] of [
-      ["/favicon.ico", {}],
+      ["/robots.txt", {}],
       ["/2026/05/01/abc.json", {}],
       ["/2026/05/01/../../../secret.png", {}],
       ["/", { GALLERY: "off" }],
@@ -81,9 +82,9 @@ describe("methods", () => {
 
 describe("paths that are not served keys", () => {
   const bad = [
-    "/favicon.ico",
-    "/2026/05/01",
+    "/robots.txt",
     "/2026/05/",
+    "/2026/13/01",
     "/2026/05/01/abc.json",
     "/2026/05/01/abc.webp",
     "/2026/05/01/abc.thumb.png",
@@ -128,6 +129,47 @@ describe("paths that are not served keys", () => {
     const res = await send(`${BASE}/${key}?origin=https://evil.example&url=https://evil.example/x`);
     expect(res.status).toBe(200);
     expect(calls).toHaveLength(0);
+  });
+});
+
+describe("paths answered without the origin", () => {
+  it("/favicon.ico answers 204, kept a day", async () => {
+    const r2 = countingBucket();
+    for (const method of ["GET", "HEAD"]) {
+      const res = await send(new Request(`${BASE}/favicon.ico`, { method }), { IMAGES: r2.bucket });
+      expect(res.status, method).toBe(204);
+      expect(res.headers.get("Cache-Control")).toBe("public, max-age=86400");
+    }
+    expect(r2.calls).toHaveLength(0);
+  });
+
+  it("redirects a day without its trailing slash to the day's page, query and all", async () => {
+    const r2 = countingBucket();
+    for (const [path, location] of [
+      ["/2026/05/01", "/2026/05/01/"],
+      ["/2026/05/01?page=2", "/2026/05/01/?page=2"],
+      ["/2026/05/01?expires=9&signature=ab", "/2026/05/01/?expires=9&signature=ab"],
+    ]) {
+      const res = await send(`${BASE}${path}`, { IMAGES: r2.bucket });
+      expect(res.status, path).toBe(301);
+      expect(res.headers.get("Location")).toBe(location);
+    }
+    expect(r2.calls).toHaveLength(0);
+    // No gallery: nothing to redirect to.
+    expect((await send(`${BASE}/2026/05/01`, { GALLERY: "off" })).status).toBe(404);
+  });
+
+  it("keeps a signed day link that lost its slash valid through the redirect", async () => {
+    const day = "2026/05/01/";
+    await env.IMAGES.put(`${day}slash.png`, "png");
+    const secret = "slash-secret";
+    const expires = Math.floor(Date.now() / 1000) + 600;
+    const query = `?expires=${expires}&signature=${await sign(day, expires, secret)}`;
+    const overrides = { SIGNING_SECRET: secret, GALLERY: "signed" };
+    const res = await send(`${BASE}/2026/05/01${query}`, overrides);
+    expect(res.status).toBe(301);
+    const target = await send(`${BASE}${res.headers.get("Location")}`, overrides);
+    expect(target.status).toBe(200);
   });
 });
 
