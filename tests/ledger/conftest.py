@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -97,8 +97,6 @@ def ledger(open_test_ledger: Callable[[], Ledger]) -> Ledger:
 @pytest.fixture
 def serve_ledger(ledger_url: str) -> Iterator[Callable[..., InProcessFunction]]:
     """``serve_ledger(**env)``: the ledger function on the test's database, in this process."""
-    from imagegen.stages import ledger as ledger_stage
-
     served: list[InProcessFunction] = []
 
     def serve(**env: str) -> InProcessFunction:
@@ -106,13 +104,20 @@ def serve_ledger(ledger_url: str) -> Iterator[Callable[..., InProcessFunction]]:
         return served[-1]
 
     yield serve
+    close_served_ledgers(served)
+
+
+def close_served_ledgers(served: Iterable[InProcessFunction]) -> None:
+    """Close ledger functions served in this process, and the ledgers they opened."""
+    from imagegen.stages import ledger as ledger_stage
+
     for function in served:
         # The warm-up opens the ledger in the background: let it end before closing what it
         # opened (a request after readiness waits for the same opening anyway).
         deadline = time.monotonic() + 60
         while not function.get("/readyz").json()["warm"] and time.monotonic() < deadline:
             time.sleep(0.02)  # polling the probe
-        function.client.close()
+        function.close()
     for opened, dispatcher in ledger_stage._opened.values():
         if dispatcher is not None:
             dispatcher.stop()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 from imagegen.auth.api_keys import hash_api_key
 from imagegen.telemetry import METRIC_NAMES
 from tests.functions.clients import InProcessFunction
+from tests.ledger.conftest import close_served_ledgers
 from tests.observability.conftest import InMemoryTelemetry
 
 KEY = "ledger-test-key-0123456789"
@@ -19,8 +19,6 @@ KEY = "ledger-test-key-0123456789"
 @pytest.fixture
 def ledger(tmp_path: Path) -> Iterator[InProcessFunction]:
     """The ledger function on SQLite, authentication on (one API key), in this process."""
-    from imagegen.stages import ledger as ledger_stage
-
     env = {
         "IMAGEGEN_LEDGER_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
         "IMAGEGEN_AUTH_REQUIRED": "true",
@@ -28,16 +26,7 @@ def ledger(tmp_path: Path) -> Iterator[InProcessFunction]:
     }
     function = InProcessFunction("ledger", env)
     yield function
-    deadline = time.monotonic() + 60  # the warm-up opens the ledger: let it end first
-    while not function.get("/readyz").json()["warm"] and time.monotonic() < deadline:
-        time.sleep(0.02)  # polling the probe
-    function.close()
-    for opened, dispatcher in ledger_stage._opened.values():
-        if dispatcher is not None:
-            dispatcher.stop()
-        opened.close()
-    ledger_stage._opened.clear()
-    ledger_stage._failed.clear()
+    close_served_ledgers([function])
 
 
 def test_a_refused_query_is_no_failed_delivery(

@@ -170,6 +170,22 @@ export function renderPage(page: Page): string {
       (d, i) => `<a${i === 0 ? ' rel="prev"' : ""} href="${escape(d.href)}">${escape(d.day)}</a>`,
     ),
   ].join("");
+  return documentOf(
+    title,
+    `<main>
+<h1>${escape(title)}</h1>
+${partial}${items}
+${pages}</main>
+<nav aria-label="Days">${links}</nav>
+<p class="meta">Keys: <kbd>j</kbd>/<kbd>→</kbd> next, <kbd>k</kbd>/<kbd>←</kbd> previous,
+<kbd>Enter</kbd> open, <kbd>[</kbd> earlier day, <kbd>]</kbd> later day.</p>
+<script>${SCRIPT}</script>
+`,
+  );
+}
+
+/** A whole page titled `title` around `body` (HTML already escaped), under the gallery's style. */
+function documentOf(title: string, body: string): string {
   return `<!doctype html>
 <html lang="en">
 <head>
@@ -180,15 +196,7 @@ export function renderPage(page: Page): string {
 <style>${STYLE}</style>
 </head>
 <body>
-<main>
-<h1>${escape(title)}</h1>
-${partial}${items}
-${pages}</main>
-<nav aria-label="Days">${links}</nav>
-<p class="meta">Keys: <kbd>j</kbd>/<kbd>→</kbd> next, <kbd>k</kbd>/<kbd>←</kbd> previous,
-<kbd>Enter</kbd> open, <kbd>[</kbd> earlier day, <kbd>]</kbd> later day.</p>
-<script>${SCRIPT}</script>
-</body>
+${body}</body>
 </html>
 `;
 }
@@ -199,21 +207,12 @@ ${pages}</main>
  */
 export function renderMessage(title: string, text: string, home: boolean): string {
   const link = home ? `\n<p><a href="/">Latest images</a></p>` : "";
-  return `<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="referrer" content="no-referrer">
-<title>${escape(title)}</title>
-<style>${STYLE}</style>
-</head>
-<body>
-<main>
+  return documentOf(
+    title,
+    `<main>
 <h1>${escape(title)}</h1>
 <p>${escape(text)}</p>${link}
 </main>
-</body>
-</html>
-`;
+`,
+  );
 }
