@@ -31,9 +31,12 @@ Channel-based broker (``MTChannelBasedBroker``; knative/eventing v1.22):
   ``knativeerrordest``, ``knativeerrorcode`` and ``knativeerrordata`` (base64 of a body of at
   most 768 bytes: a longer one panics the dispatcher, and the event is lost), is retried like
   the subscriber, and its reply is discarded; a reply that cannot be published to the ingress
-  dead-letters the original event. A subscriber that cannot be
-  reached is a 500 whose body is ``dispatch error: …`` (``executeRequest``), which the filter
-  hands on (below); one that does not answer within the timeout leaves no error extensions.
+  dead-letters the original event. With ``authentication-oidc`` on (``oidc``, as
+  ``knative/cluster/eventing-config-features.yaml`` sets it), dead letters go through the
+  filter's ``/dls`` path (below), which judges the sink's 2xx reply as it does a subscriber's.
+  A subscriber that cannot be reached is a 500 whose body is ``dispatch error: …``
+  (``executeRequest``), which the filter hands on (below); one that does not answer within
+  the timeout leaves no error extensions.
 - filter ``pkg/broker/filter/filter_handler.go``: the TTL is removed before the subscriber sees
   the event and put back on its reply; a 2xx reply that is neither empty nor a CloudEvent, or
   a malformed CloudEvent, becomes a 502 ("The response MUST be either empty or a valid
@@ -41,7 +44,13 @@ Channel-based broker (``MTChannelBasedBroker``; knative/eventing v1.22):
   request to the subscriber is answered with its status (500 where nothing came back) and an
   ``ErrExtensionInfo`` body (``pkg/broker/err_extension.go``: the subscriber's URL and its
   body), which the dispatcher unwraps into the error extensions
-  (``event_dispatcher.go`` ``dispatchExecutionInfoTransformers``).
+  (``event_dispatcher.go`` ``dispatchExecutionInfoTransformers``). With OIDC the Trigger's
+  Subscription names ``broker-filter/triggers/<namespace>/<name>/<uid>/dls`` as its
+  dead-letter sink (``pkg/reconciler/broker/trigger/trigger.go``
+  ``subscribeToBrokerChannel``), and ``handleDispatchToDLSRequest`` forwards the dead letter
+  to the real sink through the same ``send`` and ``writeResponse``: a non-empty 2xx reply
+  that is not a CloudEvent, or a malformed one, is a 502 to the dispatcher, which retries it
+  and, once out of retries, drops the event ("unable to complete request to either …").
 
 Kafka broker (knative-extensions/eventing-kafka-broker, ``data-plane/dispatcher``):
 
@@ -106,6 +115,9 @@ class Broker:
         max_events: Accept at most this many events (a Kafka routing loop never ends).
         workers: Deliveries in flight at once.
         clock: The time an HTTP-date ``Retry-After`` is reckoned from (default: now, UTC).
+        oidc: Eventing's ``authentication-oidc`` feature (default: on, as
+            ``knative/cluster/eventing-config-features.yaml`` sets it); on the channel-based
+            broker it routes dead letters through the filter (module docstring).
     """
 
     def __init__(
@@ -121,6 +133,7 @@ class Broker:
         max_events: int = 200,
         workers: int = 8,
         clock: Callable[[], datetime] | None = None,
+        oidc: bool = True,
     ) -> None:
         self.routing = routing
         self.urls = dict(urls)
@@ -133,6 +146,7 @@ class Broker:
         self.random = random.Random(seed) if seed is not None else None
         self.max_events = max_events
         self.clock = clock or (lambda: datetime.now(UTC))
+        self.oidc = oidc
         self.attempts: list[Attempt] = []
         self.dead_letters: list[DeadLetter] = []
         self.accepted: list[Event] = []
@@ -150,6 +164,11 @@ class Broker:
     @property
     def kafka(self) -> bool:
         return self.broker_class == KAFKA_BROKER
+
+    @property
+    def _via_filter(self) -> bool:
+        """Dead letters go through the filter's ``/dls`` path (channel-based broker, OIDC)."""
+        return self.oidc and not self.kafka
 
     # Ingress.
 
@@ -353,6 +372,12 @@ class Broker:
                 self._sleep(waits[attempt - 1].total_seconds())
             delivery = self._send(trigger, url, letter)
             status = delivery.status if isinstance(delivery, Delivery) else None
+            if isinstance(delivery, Delivery) and delivery.status < 300 and self._via_filter:
+                refusal = self._dead_letter_refusal(delivery)
+                if refusal is not None:
+                    with self._lock:
+                        self.refused_replies.append((trigger.name, refusal))
+                    status = 502  # the filter's answer, which the dispatcher retries
             if isinstance(delivery, Delivery) and status is not None and status < 300:
                 accepted = True
                 if self.kafka:
@@ -374,3 +399,22 @@ class Broker:
                 self.lost.append((trigger.name, event))
         if reply is not None:
             self.publish(reply)
+
+    def _dead_letter_refusal(self, delivery: Delivery) -> str | None:
+        """Why the filter's ``/dls`` path answers the sink's 2xx with 502 (None: it does not).
+
+        eventing ``pkg/broker/filter/filter_handler.go`` (knative-v1.22.2, 532b01f; unchanged
+        on main at 8cf4c4b): ``handleDispatchToDLSRequest`` calls ``send`` with ``skipTTL``,
+        whose ``writeResponse`` answers 502 for a non-empty body of no CloudEvent encoding
+        ("The response MUST be either empty or a valid CloudEvent") and for one that
+        ``binding.ToEvent`` cannot read; an empty body keeps the sink's status, and a valid
+        CloudEvent goes back to the dispatcher, which discards it (``event_dispatcher.go``
+        ``send``: ``deadLetterResponse`` is only finished).
+        """
+        try:
+            reply = decode(delivery.message)
+        except MalformedEvent as exc:
+            return f"dead-letter sink reply: malformed CloudEvent: {exc}"
+        if reply is None and delivery.message.body:
+            return "dead-letter sink reply: a non-empty response not recognized as CloudEvent"
+        return None

@@ -13,8 +13,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+import yaml
 
+from .brokers import Broker
 from .cloudevents_http import MalformedEvent, Message, decode
+from .conftest import KNATIVE
 from .delivery import INGRESS_URL, Delivery, NoResponse, RoutingLoop, retry_after_seconds
 from .routing import CHANNEL_BROKER, KAFKA_BROKER, Routing, TriggerInfo
 from .scripted import (
@@ -366,6 +369,66 @@ def test_kafka_publishes_the_dead_letter_sinks_reply_and_refuses_a_bad_one() -> 
     broker = cluster.run(event())
     assert [letter.accepted for letter in broker.dead_letters] == [False]
     assert len(broker.lost) == 1
+
+
+_NO_EVENT = Delivery(202, Message({"content-type": "application/json"}, b'{"recorded": true}'))
+_MALFORMED = Delivery(202, Message({"ce-specversion": "1.0", "ce-type": "x"}, b"{}"))
+
+
+@pytest.mark.parametrize("reply", [_NO_EVENT, _MALFORMED], ids=["no-event", "malformed"])
+def test_with_oidc_the_filter_fails_a_dead_letter_sinks_reply_that_is_no_event(
+    reply: Delivery,
+) -> None:
+    # filter_handler.go handleDispatchToDLSRequest -> writeResponse: 502, which the channel
+    # dispatcher retries and then gives up on: the event is lost.
+    cluster = Cluster(CHANNEL_BROKER, manifests(retry=2))
+    cluster.handlers["sub"] = lambda m: Delivery(500)
+    cluster.handlers["dls"] = lambda m: reply
+    broker = cluster.run(event())
+    assert statuses(broker, "http://dls") == [202, 202, 202]  # every try reached the sink
+    assert [letter.accepted for letter in broker.dead_letters] == [False]
+    assert [trigger for trigger, _ in broker.lost] == ["t"]
+    assert [trigger for trigger, _ in broker.refused_replies] == ["t"] * 3
+    assert cluster.waits[-2:] == [1.0, 2.0]  # the dead letter's own backoff
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [Delivery(202), binary_reply("failure.recorded", 200)],
+    ids=["empty", "event"],
+)
+def test_with_oidc_an_empty_or_event_reply_of_the_dead_letter_sink_is_accepted(
+    reply: Delivery,
+) -> None:
+    cluster = Cluster(CHANNEL_BROKER, manifests(retry=2))
+    cluster.handlers["sub"] = lambda m: Delivery(500)
+    cluster.handlers["dls"] = lambda m: reply
+    broker = cluster.run(event())
+    assert statuses(broker, "http://dls") == [reply.status]
+    assert [letter.accepted for letter in broker.dead_letters] == [True]
+    # The dispatcher discards the filter's answer: nothing is published, nothing refused.
+    assert not broker.lost and not broker.refused_replies
+    assert [e["type"] for e in broker.accepted] == ["ping"]
+
+
+def test_without_oidc_the_channel_dispatcher_takes_any_2xx_of_the_dead_letter_sink() -> None:
+    # event_dispatcher.go executeRequest: a 2xx with no event encoding is discarded.
+    cluster = Cluster(CHANNEL_BROKER, manifests(retry=2), oidc=False)
+    cluster.handlers["sub"] = lambda m: Delivery(500)
+    cluster.handlers["dls"] = lambda m: _NO_EVENT
+    broker = cluster.run(event())
+    assert statuses(broker, "http://dls") == [202]
+    assert [letter.accepted for letter in broker.dead_letters] == [True]
+    assert not broker.lost and not broker.refused_replies
+
+
+def test_the_broker_model_assumes_oidc_as_the_cluster_sets_it() -> None:
+    features_file = KNATIVE / "cluster" / "eventing-config-features.yaml"
+    (features,) = [d for d in yaml.safe_load_all(features_file.read_text()) if d]
+    enabled = features["data"].get("authentication-oidc") == "enabled"
+    broker = Broker(Routing(manifests()), {}, lambda url, message, timeout: Delivery(202))
+    broker.close()
+    assert broker.oidc is enabled
 
 
 @pytest.mark.parametrize(

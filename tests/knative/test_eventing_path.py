@@ -347,6 +347,35 @@ def test_a_chain_over_the_modelled_broker_records_every_event_in_the_ledger(
     assert recorded == accepted
 
 
+def test_the_dead_letter_functions_reply_passes_the_filters_dls_check(cluster: Any) -> None:
+    # With OIDC (as knative/cluster sets it) the channel broker sends dead letters through the
+    # filter's /dls path, which fails a 2xx reply that is neither empty nor a CloudEvent
+    # (brokers.py): the dead-letter function's own reply must pass it.
+    routing, servers, _ = cluster
+    unreachable = "http://127.0.0.1:9"  # discard's port, closed: enhance's attempts fail
+    broker = ModelledBroker(
+        routing,
+        {**{name: s.url for name, s in servers.items()}, "imagegen-enhance": unreachable},
+        broker_class=CHANNEL_BROKER,
+    )
+    assert broker.oidc
+    try:
+        broker.run(
+            Event(
+                _request(GENERATION_REQUESTED, "oidc-dls-1"),
+                json.dumps({"prompt": "a moth", "width": 256, "height": 256}).encode(),
+            )
+        )
+    finally:
+        broker.close()
+    sink = servers["imagegen-deadletter"].url
+    [letter] = broker.dead_letters
+    assert letter.event["type"] == GENERATION_REQUESTED
+    assert letter.event["knativeerrordest"] == unreachable
+    assert letter.accepted and not broker.lost and not broker.refused_replies
+    assert [a.status for a in broker.attempts if a.target == sink] == [202]
+
+
 def _objects(s3: S3Server, prefix: str) -> list[dict[str, str]]:
     client = s3.client()
     out = []
