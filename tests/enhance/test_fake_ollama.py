@@ -116,6 +116,69 @@ def test_think_is_read_as_ollamas_chat_handler_reads_it() -> None:
         fake.stop()
 
 
+def test_think_is_read_with_the_body_before_the_model_is_looked_up() -> None:
+    """server/routes.go, ChatHandler (ollama fb3076099): ``ShouldBindJSON`` reads ``think``
+    (api/types.go, ThinkValue.UnmarshalJSON) before ``getModel``, so a bad one is a 400 even
+    for a model Ollama does not have, or a load; a model that cannot think is refused thinking
+    after the lookup and an unload, but before ``scheduleRunner``: nothing loads or answers."""
+    fake = FakeOllama(models=("llama3.2:latest",)).start()
+    fake.enqueue(reply("kept for the next chat"))
+    try:
+        with httpx.Client(base_url=fake.url) as client:
+            unknown = _chat(client, "mistral", think="max")
+            assert unknown.status_code == 400
+            assert unknown.json() == {
+                "error": 'invalid think value: "max" (must be "high", "medium", "low", true, '
+                "or false)"
+            }
+            assert _chat(client, "mistral", think=3).json() == {
+                "error": 'think must be a boolean or string ("high", "medium", "low", true, '
+                "or false)"
+            }
+            load = {"model": "llama3.2", "messages": []}
+            assert client.post("/api/chat", json={**load, "think": "max"}).status_code == 400
+            assert _chat(client, "mistral", think=True).status_code == 404, "then the model"
+
+            for refused in (
+                _chat(client, "llama3.2", think="low"),
+                client.post("/api/chat", json={**load, "think": True}),
+            ):
+                assert refused.status_code == 400
+                assert refused.json() == {"error": '"llama3.2" does not support thinking'}
+            assert fake.model_loads == [], "refused before the model is scheduled"
+            unload = {**load, "keep_alive": 0, "think": True}
+            assert client.post("/api/chat", json=unload).json()["done_reason"] == "unload"
+
+            kept = _chat(client, "llama3.2", think=False).json()
+            assert kept["message"]["content"] == "kept for the next chat", "nothing generated"
+    finally:
+        fake.stop()
+
+
+def test_think_max_is_accepted_from_the_release_that_added_it() -> None:
+    """api/types.go, ThinkValue.UnmarshalJSON: "max" from c2ebb4d57 (v0.21.3-rc0, released in
+    v0.22.0), a level like the others: thinking on, checked against no model but whether it
+    can think."""
+    fake = FakeOllama(models=("llama3.2:latest", "gpt-oss:20b"), version="0.21.2").start()
+    fake.thinking_models.add("gpt-oss:20b")
+    fake.answer(reply({"prompt": "a fox"}, thinking="hmm, a fox"))
+    try:
+        with httpx.Client(base_url=fake.url) as client:
+            assert _chat(client, "gpt-oss:20b", think="max").status_code == 400
+            for version in ("0.21.3-rc0", "0.22.0", "0.33.0-rc2"):
+                fake.version = version
+                thought = _chat(client, "gpt-oss:20b", think="max").json()
+                assert thought["message"]["thinking"] == "hmm, a fox"
+                refused = _chat(client, "llama3.2", think="max")
+                assert refused.json() == {"error": '"llama3.2" does not support thinking'}
+                assert _chat(client, "gpt-oss:20b", think="MAX").json() == {
+                    "error": 'invalid think value: "MAX" (must be "high", "medium", "low", '
+                    '"max", true, or false)'
+                }
+    finally:
+        fake.stop()
+
+
 def test_thinking_and_the_reply_share_num_predict() -> None:
     """runner/ollamarunner/runner.go: a sequence ends once numPredicted >= numPredict, with
     done_reason "length"; the thinking is generated first, from the same budget."""

@@ -22,12 +22,22 @@ Every request is recorded. Chat answers are scripted::
 
 Thinking and ``num_predict`` are modelled as Ollama has them:
 
-- ``think`` is a bool or one of ``"high"``, ``"medium"``, ``"low"``; anything else is a 400
-  (api/types.go, ``ThinkValue.UnmarshalJSON``). Unset, it is on for a model that can think;
-  true (or a level) for a model that cannot is a 400 ``"<model>" does not support thinking``
-  (server/routes.go, ``ChatHandler``: ``if req.Think == nil { req.Think = &api.ThinkValue{Value:
-  true} }``). A server older than ``think`` ignores the field: Go's ``encoding/json``, under
-  gin's ``ShouldBindJSON``, skips unknown fields.
+- ``think`` is a bool or one of ``"high"``, ``"medium"``, ``"low"`` and, from v0.21.3-rc0
+  (commit c2ebb4d57, "api: accept "max" as a think value"; first released in v0.22.0),
+  ``"max"``; anything else is a 400 (api/types.go, ``ThinkValue.UnmarshalJSON``). No level is
+  checked against the model: a level is thinking on, whichever model (gpt-oss's harmony parser
+  reads ``"max"`` as ``"high"``). As Ollama reads ``think`` while it binds the body
+  (server/routes.go, ``ChatHandler``: ``c.ShouldBindJSON(&req)``, before ``getModel``), a bad
+  one is that 400 even for a model it does not have, and for a chat without messages.
+- Unset, ``think`` is on for a model that can think; true (or a level) for a model that cannot
+  is a 400 ``"<model>" does not support thinking`` (server/routes.go, ``ChatHandler``: ``if
+  req.Think == nil { req.Think = &api.ThinkValue{Value: true} }``), given after the model is
+  looked up (an unknown one is the 404) and after an unload (no messages, ``keep_alive`` 0), but
+  before ``scheduleRunner``: nothing is loaded, for a chat or a load, and nothing is generated.
+  These rules are read at ollama/ollama fb3076099 (v0.33.0-rc2), and kept at every
+  :attr:`FakeOllama.version` but ``"max"``'s. (A server older than ``think``, v0.9.0, would
+  ignore the field: Go's ``encoding/json``, under gin's ``ShouldBindJSON``, skips unknown
+  fields; that is not modelled.)
 - The thinking, when on, is generated first and answered apart as ``message.thinking``; the
   reply follows in ``content``. Both count against ``options.num_predict`` (runner/
   ollamarunner/runner.go: a sequence ends once ``numPredicted >= numPredict``, with
@@ -204,15 +214,29 @@ def _is_zero(keep_alive: Any) -> bool:
 
 
 _THINK_LEVELS = ("high", "medium", "low")
+# api/types.go, ThinkValue.UnmarshalJSON: "max" is accepted from c2ebb4d57 (v0.21.3-rc0).
+_THINK_MAX_FROM = (0, 21, 3)
 
 
-def _think_error(think: Any) -> str | None:
-    """Why Ollama refuses ``think`` as it reads the request (api/types.go), or None."""
-    if think is None or isinstance(think, bool) or think in _THINK_LEVELS:
+def _think_error(think: Any, version: str) -> str | None:
+    """Why Ollama at ``version`` refuses ``think`` as it binds the request, or None.
+
+    api/types.go, ``ThinkValue.UnmarshalJSON``: a bool, else one of the levels, else an error;
+    JSON null leaves the pointer nil without calling it. Go's ``encoding/json`` hands the error
+    back as it is, and ``ChatHandler`` answers it as a 400 (``ShouldBindJSON``).
+    """
+    levels = _THINK_LEVELS + (("max",) if _version(version) >= _THINK_MAX_FROM else ())
+    if think is None or isinstance(think, bool) or think in levels:
         return None
+    allowed = ", ".join(f'"{level}"' for level in levels) + ", true, or false"
     if isinstance(think, str):
-        return f'invalid think value: "{think}" (must be "high", "medium", "low", true, or false)'
-    return 'think must be a boolean or string ("high", "medium", "low", true, or false)'
+        return f'invalid think value: "{think}" (must be {allowed})'
+    return f"think must be a boolean or string ({allowed})"
+
+
+def _think_on(think: Any) -> bool:
+    """``ThinkValue.Bool()`` (api/types.go) of a ``think`` that was read: true or any level."""
+    return think is True or isinstance(think, str)
 
 
 # The built-in parsers (model/parsers/parsers.go, ParserForName) and their HasThinkingSupport();
@@ -453,17 +477,24 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path != "/api/chat":
             self._send_json(404, {"error": f"{self.path} not found"})
             return
-        if not _asks_for_reply(body):
-            self._answer_load(body if isinstance(body, dict) else {})
-            return
         request = body if isinstance(body, dict) else {}
+        # server/routes.go, ChatHandler: ``think`` is read as the body is bound, first of all.
+        if (error := _think_error(request.get("think"), self.owner.version)) is not None:
+            self._send_json(400, {"error": error})
+            return
+        if not _asks_for_reply(body):
+            self._answer_load(request)
+            return
         named = str(request.get("model", ""))
         model = _canonical(named)
         # Ollama's ChatHandler (server/routes.go): a model it does not have is a 404 naming it
-        # as the request did, before anything is scheduled; one it has must be loaded first
+        # as the request did, before anything is scheduled; thinking asked of a model that
+        # cannot is a 400, before scheduleRunner too; a model it has must be loaded first
         # (scheduleRunner): the first chat waits for that.
         if model not in self._models():
             self._send_json(404, {"error": f"model '{named}' not found"})
+            return
+        if self._refuses_thinking(request):
             return
         if not self._schedule(model, "chat"):
             return
@@ -479,6 +510,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _models(self) -> set[str]:
         return {_canonical(name) for name in self.owner.models}
+
+    def _can_think(self, model: str) -> bool:
+        return _canonical(model) in {_canonical(name) for name in self.owner.thinking_models}
+
+    def _refuses_thinking(self, request: dict[str, Any]) -> bool:
+        """Answer the 400 and say True where thinking is asked of a model that cannot think
+        (server/routes.go, ChatHandler: ``req.Think != nil && req.Think.Bool()`` without
+        ``model.CapabilityThinking``, checked before ``scheduleRunner``)."""
+        model = str(request.get("model", ""))
+        if self._can_think(model) or not _think_on(request.get("think")):
+            return False
+        self._send_json(400, {"error": f'"{model}" does not support thinking'})
+        return True
 
     def _schedule(self, model: str, kind: str) -> bool:
         """Load ``model`` unless it is loaded, as :attr:`FakeOllama.loading` says; False when
@@ -503,9 +547,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer_load(self, request: dict[str, Any]) -> None:
         # Ollama's ChatHandler (server/routes.go): a model it does not have is a 404; with no
-        # messages and keep_alive 0 the model is unloaded; otherwise the model's runner is
-        # scheduled (loaded unless it is, which is the wait) and the answer is one JSON
-        # object, whatever ``stream`` says, with nothing generated: done_reason "load".
+        # messages and keep_alive 0 the model is unloaded; otherwise thinking asked of a model
+        # that cannot is a 400, then the model's runner is scheduled (loaded unless it is,
+        # which is the wait) and the answer is one JSON object, whatever ``stream`` says, with
+        # nothing generated: done_reason "load".
         model = str(request.get("model", ""))
         if _canonical(model) not in self._models():
             self._send_json(404, {"error": f"model '{model}' not found"})
@@ -513,7 +558,7 @@ class _Handler(BaseHTTPRequestHandler):
         done_reason = "unload" if _is_zero(request.get("keep_alive")) else "load"
         if done_reason == "unload":
             self.owner._loaded.discard(_canonical(model))
-        elif not self._schedule(_canonical(model), "load"):
+        elif self._refuses_thinking(request) or not self._schedule(_canonical(model), "load"):
             return
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self._send_json(
@@ -536,18 +581,12 @@ class _Handler(BaseHTTPRequestHandler):
         if behaviour.status != 200:
             self._send_json(behaviour.status, {"error": text})
             return
+        # ``think`` was read and checked against the model before (do_POST): unset is on for a
+        # model that can think, and a model that cannot was asked for no thinking.
         think = request.get("think")
-        if (error := _think_error(think)) is not None:
-            self._send_json(400, {"error": error})
-            return
-        model = str(request.get("model", ""))
-        if _canonical(model) in {_canonical(name) for name in self.owner.thinking_models}:
-            thinks = think is None or think is True or think in _THINK_LEVELS
-        elif think is True or think in _THINK_LEVELS:
-            self._send_json(400, {"error": f'"{model}" does not support thinking'})
-            return
-        else:
-            thinks = False
+        thinks = self._can_think(str(request.get("model", ""))) and (
+            think is None or _think_on(think)
+        )
         thinking = behaviour.thinking if thinks else ""
         if behaviour.unconstrained is not None and not self._constrained(request, thinking):
             text = behaviour.unconstrained
@@ -574,7 +613,7 @@ class _Handler(BaseHTTPRequestHandler):
         think = request.get("think")
         # thinkingState: think on (unset is on for a model that can think) and the template's
         # thinking tags, which every model that can think has here.
-        generic = think is None or think is True or think in _THINK_LEVELS
+        generic = think is None or _think_on(think)
         thinking_models = {_canonical(name) for name in self.owner.thinking_models}
         if model not in thinking_models or not (builtin or generic):
             return True
