@@ -68,6 +68,9 @@ class DiffusersBackend:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._pipelines: dict[str, Pipeline] = {}
+        # Each loaded pipeline's family arguments (call_options), decided once at its load: a
+        # local directory's family is read from its files.
+        self._call_options: dict[str, dict[str, Any]] = {}
         self._adapters = LoraAdapters(settings)
         self._target: tuple[torch.device, torch.dtype] | None = None
         self._png_level = settings.png_compress_level
@@ -114,6 +117,7 @@ class DiffusersBackend:
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         self.fast_path[model] = apply_fast_path(pipe, self._settings, device)
+        self._call_options[model] = call_options(pipe, model)
         self._pipelines[model] = pipe
         return time.perf_counter() - started
 
@@ -124,6 +128,7 @@ class DiffusersBackend:
     def close(self) -> None:
         """Drop every pipeline and give the accelerator memory back."""
         self._pipelines.clear()
+        self._call_options.clear()
         self._adapters.clear()
         gc.collect()
         if self._target is not None and self._target[0].type == "cuda":
@@ -306,7 +311,7 @@ class DiffusersBackend:
         }
         if "guidance_scale" in parameters:
             kwargs["guidance_scale"] = job.guidance
-        kwargs.update(call_options(pipe, job.model))
+        kwargs.update(self._call_options[job.model])
 
         last_step_at: float | None = None
 
