@@ -371,6 +371,15 @@ def test_kafka_publishes_the_dead_letter_sinks_reply_and_refuses_a_bad_one() -> 
     assert len(broker.lost) == 1
 
 
+def _dead_lettered(reply: Delivery) -> tuple[Cluster, Broker]:
+    """A channel-broker delivery its subscriber fails (500), dead-lettered to a sink that
+    answers ``reply``."""
+    cluster = Cluster(CHANNEL_BROKER, manifests(retry=2))
+    cluster.handlers["sub"] = lambda m: Delivery(500)
+    cluster.handlers["dls"] = lambda m: reply
+    return cluster, cluster.run(event())
+
+
 _NO_EVENT = Delivery(202, Message({"content-type": "application/json"}, b'{"recorded": true}'))
 _MALFORMED = Delivery(202, Message({"ce-specversion": "1.0", "ce-type": "x"}, b"{}"))
 
@@ -381,10 +390,7 @@ def test_with_oidc_the_filter_fails_a_dead_letter_sinks_reply_that_is_no_event(
 ) -> None:
     # filter_handler.go handleDispatchToDLSRequest -> writeResponse: 502, which the channel
     # dispatcher retries and then gives up on: the event is lost.
-    cluster = Cluster(CHANNEL_BROKER, manifests(retry=2))
-    cluster.handlers["sub"] = lambda m: Delivery(500)
-    cluster.handlers["dls"] = lambda m: reply
-    broker = cluster.run(event())
+    cluster, broker = _dead_lettered(reply)
     assert statuses(broker, "http://dls") == [202, 202, 202]  # every try reached the sink
     assert [letter.accepted for letter in broker.dead_letters] == [False]
     assert [trigger for trigger, _ in broker.lost] == ["t"]
@@ -400,10 +406,7 @@ def test_with_oidc_the_filter_fails_a_dead_letter_sinks_reply_that_is_no_event(
 def test_with_oidc_an_empty_or_event_reply_of_the_dead_letter_sink_is_accepted(
     reply: Delivery,
 ) -> None:
-    cluster = Cluster(CHANNEL_BROKER, manifests(retry=2))
-    cluster.handlers["sub"] = lambda m: Delivery(500)
-    cluster.handlers["dls"] = lambda m: reply
-    broker = cluster.run(event())
+    _, broker = _dead_lettered(reply)
     assert statuses(broker, "http://dls") == [reply.status]
     assert [letter.accepted for letter in broker.dead_letters] == [True]
     # The dispatcher discards the filter's answer: nothing is published, nothing refused.
