@@ -68,8 +68,8 @@ class DiffusersBackend:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._pipelines: dict[str, Pipeline] = {}
-        # Each loaded pipeline's family arguments (call_options), decided once at its load: a
-        # local directory's family is read from its files.
+        # Each model's family arguments (call_options), decided at its first call, not at every
+        # one: a local directory's family is read from its files.
         self._call_options: dict[str, dict[str, Any]] = {}
         self._adapters = LoraAdapters(settings)
         self._target: tuple[torch.device, torch.dtype] | None = None
@@ -117,7 +117,6 @@ class DiffusersBackend:
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         self.fast_path[model] = apply_fast_path(pipe, self._settings, device)
-        self._call_options[model] = call_options(pipe, model)
         self._pipelines[model] = pipe
         return time.perf_counter() - started
 
@@ -311,7 +310,10 @@ class DiffusersBackend:
         }
         if "guidance_scale" in parameters:
             kwargs["guidance_scale"] = job.guidance
-        kwargs.update(self._call_options[job.model])
+        options = self._call_options.get(job.model)
+        if options is None:
+            options = self._call_options[job.model] = call_options(pipe, job.model)
+        kwargs.update(options)
 
         last_step_at: float | None = None
 
