@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Awaitable, Mapping
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import _process  # first: it sets up the process the library loads into
 import flask
@@ -66,6 +66,9 @@ from imagegen.telemetry import (
     within_trace,
 )
 from imagegen.validation import parse_model
+
+if TYPE_CHECKING:
+    from imagegen.settings import Settings
 
 __all__ = ["Function", "entry_point"]
 
@@ -131,22 +134,16 @@ class Function:
 
     def _start(self) -> Future[None]:
         from imagegen.auth import Authenticator
-        from imagegen.observability import setup_logging, setup_observability
         from imagegen.service import ImageGenService
         from imagegen.settings import Settings
 
-        settings: Settings | None = None
         try:
             try:
                 settings = Settings()
-            finally:
-                # Settings or none: the line saying why start-up failed is JSON like any other,
-                # and the 503s that follow are counted (the SDK reads only OTEL_* variables).
-                if settings is None:
-                    setup_logging(None, self.stage.name)  # the defaults
-                service = f"imagegen-{self.stage.name}"
-                setup_observability(service, settings, logs=settings is not None)
-                count_from_zero(self.stage.name, sink=self.stage.emits is None)
+            except Exception:
+                self._observe(None)
+                raise
+            self._observe(settings)
             for unknown in Settings.unknown_variables():
                 log.warning(unknown, extra={"stage": self.stage.name})
             for warning in settings.start_up_warnings():
@@ -170,6 +167,18 @@ class Function:
         self._loop, self._loop_ended = asyncio.new_event_loop(), None
         threading.Thread(target=self._serve_loop, name="imagegen-loop", daemon=True).start()
         return asyncio.run_coroutine_threadsafe(self._enter(), self._loop)
+
+    def _observe(self, settings: Settings | None) -> None:
+        """Logs and the SDK for this process, from ``settings``; without them (they could not
+        be read) the line saying why start-up failed is JSON like any other, and the 503s that
+        follow are counted (the SDK reads only ``OTEL_*`` variables)."""
+        from imagegen.observability import setup_logging, setup_observability
+
+        if settings is None:
+            setup_logging(None, self.stage.name)  # the defaults
+        service = f"imagegen-{self.stage.name}"
+        setup_observability(service, settings, logs=settings is not None)
+        count_from_zero(self.stage.name, sink=self.stage.emits is None)
 
     def _serve_loop(self) -> None:
         """The loop's thread: run the loop for as long as the process lives.
