@@ -17,7 +17,7 @@ from imagegen.errors import ConfigurationError, InvalidRequest
 from imagegen.models import Contribution
 from imagegen.plugins.context import PluginContext, PromptPlugin
 from imagegen.telemetry import tracer
-from imagegen.validation import loads
+from imagegen.validation import check_json_value, loads
 
 __all__ = ["MAX_RUNNING", "Busy", "run_plugin", "warm_plugin"]
 
@@ -108,9 +108,11 @@ def _cancelled() -> bool:
 
 def _json_data(data: dict[str, Any]) -> bool:
     """Whether ``data`` is JSON as the prompt's events carry it: plain values, nested within
-    the depth a request's metadata may take."""
+    the depth a request's metadata may take, its keys and strings UTF-8 text (a lone surrogate,
+    as ``json.loads`` makes of a split ``\\ud83d`` escape, goes through JSON's own round trip
+    escaped, and no event or memo written as UTF-8 could hold it)."""
     try:
-        loads(json.dumps(data, allow_nan=False))
+        check_json_value(loads(json.dumps(data, allow_nan=False)), text=True)
     except (TypeError, ValueError, RecursionError, InvalidRequest):
         return False
     return True

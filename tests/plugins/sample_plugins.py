@@ -111,6 +111,9 @@ class OpaqueDataPlugin:
             "bytes": {"b": b"\xff"},
             "nan": {"n": float("nan")},
             "deep": nested,
+            # A remote reply's split emoji escape, read by ``json.loads``: no UTF-8 text.
+            "surrogate": {"weather": "sunny \ud83d"},
+            "surrogate_key": {"\udc00": 1},
         }[self.kind]
         return Contribution(plugin=self.name, text="opaque", data=data)
 

@@ -152,7 +152,7 @@ async def test_a_wrong_return_type_is_skipped(settings: Settings) -> None:
     assert [c.plugin for c in await _run(plugins)] == ["echo"]
 
 
-@pytest.mark.parametrize("kind", ["object", "bytes", "nan", "deep"])
+@pytest.mark.parametrize("kind", ["object", "bytes", "nan", "deep", "surrogate", "surrogate_key"])
 async def test_data_no_event_can_carry_is_skipped(settings: Settings, kind: str) -> None:
     """It failed the generation with a 500 later, where the prompt is kept as JSON (the
     memo, the event): a misbehaving plugin is skipped, as one that raises is."""
