@@ -1,21 +1,26 @@
 """The values Knative Serving's webhook accepts in ``autoscaling.knative.dev/*`` annotations.
 
 A rule-by-rule reading of knative/serving ``pkg/apis/autoscaling/annotation_validation.go``
-(``ValidateAnnotations``) with the bounds of ``pkg/apis/autoscaling/register.go``, under the
-defaults of ``config-autoscaler`` (``config/core/configmaps/autoscaler.yaml``: the KPA class,
-no max-scale limit, no zero initial scale). :func:`refusals` lists what the webhook would refuse
-in one Service's annotations; an empty list is a Service the API server admits.
+(``ValidateAnnotations``, v1.23 line) with the bounds of ``pkg/apis/autoscaling/register.go``,
+under the defaults of ``config-autoscaler`` (``config/core/configmaps/autoscaler.yaml``: the KPA
+class, no max-scale limit, no zero initial scale). Each annotation is read as the webhook reads
+it, through register.go's ``kmap.KeyPriority`` alias list (``min-scale`` then the legacy
+``minScale``, …): the first alias present wins, and two aliases given together are not refused
+(knative.dev/pkg ``kmap/lookup.go``, ``KeyPriority.Get``). :func:`refusals` lists what the webhook
+would refuse in one Service's annotations, each naming the alias it read; an empty list is a
+Service the API server admits.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
 from .routing import parse_go_duration
 
-__all__ = ["AutoscalerConfig", "refusals"]
+__all__ = ["ALIASES", "AutoscalerConfig", "refusals"]
 
 PREFIX = "autoscaling.knative.dev/"
 KPA = "kpa.autoscaling.knative.dev"
@@ -27,6 +32,45 @@ PANIC_WINDOW_PERCENTAGE = (1.0, 100.0)
 PANIC_THRESHOLD_PERCENTAGE = (110.0, 1000.0)
 ALGORITHMS = ("linear", "weighted-exponential", "weightedExponential")
 INT32_MAX = 2**31 - 1
+# strconv.Atoi / ParseInt(v, 10, …): an optional sign, then ASCII digits (no spaces, no "_").
+_GO_INT = re.compile(r"[+-]?[0-9]+")
+
+# register.go's kmap.KeyPriority lists, under the prefix, highest priority first.
+ALIASES: dict[str, tuple[str, ...]] = {
+    "class": ("class",),
+    "initial-scale": ("initial-scale", "initialScale"),
+    "max-scale": ("max-scale", "maxScale"),
+    "metric": ("metric",),
+    "metric-aggregation-algorithm": ("metric-aggregation-algorithm", "metricAggregationAlgorithm"),
+    "activation-scale": ("activation-scale",),
+    "min-scale": ("min-scale", "minScale"),
+    "panic-threshold-percentage": ("panic-threshold-percentage", "panicThresholdPercentage"),
+    "panic-window-percentage": ("panic-window-percentage", "panicWindowPercentage"),
+    "scale-down-delay": ("scale-down-delay", "scaleDownDelay"),
+    "scale-to-zero-pod-retention-period": (
+        "scale-to-zero-pod-retention-period",
+        "scaleToZeroPodRetentionPeriod",
+    ),
+    "target": ("target",),
+    "target-burst-capacity": ("target-burst-capacity", "targetBurstCapacity"),
+    "target-utilization-percentage": (
+        "target-utilization-percentage",
+        "targetUtilizationPercentage",
+    ),
+    "window": ("window",),
+}
+
+
+def _resolve(annotations: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """Each key of :data:`ALIASES` that is set: (the alias read, its value), as
+    ``KeyPriority.Get`` picks it."""
+    resolved = {}
+    for key, aliases in ALIASES.items():
+        for alias in aliases:
+            if PREFIX + alias in annotations:
+                resolved[key] = (alias, annotations[PREFIX + alias])
+                break
+    return resolved
 
 
 @dataclass(frozen=True)
@@ -50,19 +94,15 @@ def _int_ge0(value: str | None) -> tuple[int, bool]:
     """``getIntGE0``: (the value, whether it is valid); absent is 0."""
     if value is None:
         return 0, True
-    try:
-        number = int(value, 10)
-    except ValueError:
+    if not _GO_INT.fullmatch(value):
         return 0, False
+    number = int(value, 10)
     return (number, True) if 0 <= number <= INT32_MAX else (0, False)
 
 
 def _atoi(value: str) -> int | None:
     """Go's ``strconv.Atoi``: None where it fails."""
-    try:
-        return int(value, 10)
-    except ValueError:
-        return None
+    return int(value, 10) if _GO_INT.fullmatch(value) else None
 
 
 def _duration(value: str) -> timedelta | None:
@@ -79,7 +119,9 @@ def _whole_seconds(value: timedelta) -> bool:
 def refusals(annotations: Mapping[str, str], config: AutoscalerConfig | None = None) -> list[str]:
     """What the webhook refuses in ``annotations`` (keys as written), in its order."""
     config = config or AutoscalerConfig()
-    ann = {k.removeprefix(PREFIX): v for k, v in annotations.items() if k.startswith(PREFIX)}
+    found = _resolve(annotations)
+    ann = {key: value for key, (_, value) in found.items()}
+    name = {key: alias for key, (alias, _) in found.items()}
     errors: list[str] = []
     # validateClass
     klass = ann.get("class")
@@ -89,13 +131,15 @@ def refusals(annotations: Mapping[str, str], config: AutoscalerConfig | None = N
     low, low_ok = _int_ge0(ann.get("min-scale"))
     high, high_ok = _int_ge0(ann.get("max-scale"))
     errors += [
-        f"{k}: {ann[k]}" for k, ok in (("min-scale", low_ok), ("max-scale", high_ok)) if not ok
+        f"{name[k]}: {ann[k]}"
+        for k, ok in (("min-scale", low_ok), ("max-scale", high_ok))
+        if not ok
     ]
     if high != 0 and high < low:
         errors.append(f"max-scale={high} is less than min-scale={low}")
     limit = config.max_scale_limit
     if "max-scale" in ann and limit and (high > limit or high == 0):
-        errors.append(f"max-scale: {high} outside 1..{limit}")
+        errors.append(f"{name['max-scale']}: {high} outside 1..{limit}")
     if "activation-scale" in ann:
         activation = _atoi(ann["activation-scale"])
         if activation is None:
@@ -111,7 +155,7 @@ def refusals(annotations: Mapping[str, str], config: AutoscalerConfig | None = N
         if key in ann:
             number = _float(ann[key])
             if number is None or number < least or number > most:
-                errors.append(f"{key}: {ann[key]}")
+                errors.append(f"{name[key]}: {ann[key]}")
     if "target" in ann:
         number = _float(ann["target"])
         if number is None or number < TARGET_MIN:
@@ -119,7 +163,7 @@ def refusals(annotations: Mapping[str, str], config: AutoscalerConfig | None = N
     if "target-burst-capacity" in ann:
         number = _float(ann["target-burst-capacity"])
         if number is None or (number < 0 and number != -1):
-            errors.append(f"target-burst-capacity: {ann['target-burst-capacity']}")
+            errors.append(f"{name['target-burst-capacity']}: {ann['target-burst-capacity']}")
     # validateWindow, validateLastPodRetention, validateScaleDownDelay
     if "window" in ann:
         window = _duration(ann["window"])
@@ -128,28 +172,30 @@ def refusals(annotations: Mapping[str, str], config: AutoscalerConfig | None = N
     if "scale-to-zero-pod-retention-period" in ann:
         retention = _duration(ann["scale-to-zero-pod-retention-period"])
         if retention is None or not timedelta(0) <= retention <= WINDOW_MAX:
-            errors.append(
-                f"scale-to-zero-pod-retention-period: {ann['scale-to-zero-pod-retention-period']}"
-            )
+            key = "scale-to-zero-pod-retention-period"
+            errors.append(f"{name[key]}: {ann[key]}")
     if "scale-down-delay" in ann:
         delay = _duration(ann["scale-down-delay"])
         if delay is None or not timedelta(0) <= delay <= WINDOW_MAX or not _whole_seconds(delay):
-            errors.append(f"scale-down-delay: {ann['scale-down-delay']}")
-    # validateMetric: the KPA scales on concurrency or rps; the HPA on anything but "".
+            errors.append(f"{name['scale-down-delay']}: {ann['scale-down-delay']}")
+    # validateMetric: the KPA scales on concurrency or rps; the HPA on anything but ""; a class
+    # annotation, even empty, replaces the configured class.
     if "metric" in ann:
         metric = ann["metric"]
-        if (klass or config.pod_autoscaler_class) == KPA and metric not in ("concurrency", "rps"):
+        scaler = klass if klass is not None else config.pod_autoscaler_class
+        if scaler == KPA and metric not in ("concurrency", "rps"):
             errors.append(f"metric: {metric} (the KPA scales on concurrency or rps)")
-        if (klass or config.pod_autoscaler_class) == HPA and metric == "":
+        if scaler == HPA and metric == "":
             errors.append("metric: empty")
     # validateAlgorithm: checked for an explicit KPA class only.
     if klass == KPA and ann.get("metric-aggregation-algorithm", "") not in ("", *ALGORITHMS):
-        errors.append(f"metric-aggregation-algorithm: {ann['metric-aggregation-algorithm']}")
+        key = "metric-aggregation-algorithm"
+        errors.append(f"{name[key]}: {ann[key]}")
     # validateInitialScale
     if "initial-scale" in ann:
         initial = _atoi(ann["initial-scale"])
         if initial is None:
-            errors.append(f"initial-scale: {ann['initial-scale']}")
+            errors.append(f"{name['initial-scale']}: {ann['initial-scale']}")
         elif initial < 0 or (initial == 0 and not config.allow_zero_initial_scale):
-            errors.append(f"initial-scale: {initial}")
+            errors.append(f"{name['initial-scale']}: {initial}")
     return errors

@@ -287,6 +287,21 @@ def test_pingsource_dreams_through_the_broker(render: Render, overlay: str) -> N
         ("0 9 * * mon-fri", "Europe/Berlin", None),
         ("30 */2 1,15 jan-jun *", "", None),
         ("@daily", "", None),
+        # robfig/cron v3 Parse: the schedule's own CRON_TZ=/TZ= prefix, when spec.timezone is
+        # empty.
+        ("CRON_TZ=Europe/Berlin 0 9 * * mon-fri", "", None),
+        ("TZ=Europe/Berlin   @daily", "", None),
+        ("CRON_TZ=Mars/Olympus 0 9 * * *", "", "timezone"),
+        ("CRON_TZ=Europe/Berlin", "", "schedule"),
+        # Both: ping_validation.go puts CRON_TZ=<timezone> first, and the schedule's own prefix
+        # is left as a field.
+        ("CRON_TZ=Europe/Berlin 0 9 * * *", "Europe/Berlin", "schedule"),
+        ("TZ=UTC 0 0 9 * * *", "UTC", "schedule"),
+        # A descriptor is matched exactly: only the prefix's cut trims the spaces around it.
+        (" @daily", "", "schedule"),
+        (" @daily", "Europe/Berlin", None),
+        ("0 9 * * *", "Local", None),
+        ("", "", "schedule"),
     ],
 )
 def test_the_schedule_rules_refuse_what_knative_refuses(

@@ -87,26 +87,34 @@ def test_a_patch_listed_as_a_resource_is_refused(render: Render) -> None:
     patch["metadata"]["name"] = "imagegen-render-next"
     assert trigger_spec_errors(patch) == [
         "spec.broker: missing field(s)",
-        "spec.subscriber[ref, uri]: expected at least one, got none",
+        "spec.subscriber.ref, spec.subscriber.uri: expected at least one, got none",
     ]
+
+
+def _spec_errors(**spec: Any) -> list[str]:
+    """trigger_spec_errors of a Trigger in namespace ``ns`` with ``spec``."""
+    return trigger_spec_errors({"metadata": {"namespace": "ns"}, "spec": spec})
+
+
+_REF = {"apiVersion": "serving.knative.dev/v1", "kind": "Service", "name": "s"}
+_GOOD = {"broker": "b", "subscriber": {"ref": _REF}}
 
 
 def test_trigger_validation_rules() -> None:
-    base = {"metadata": {"namespace": "ns"}, "spec": {"broker": "b"}}
-
     def errors(**spec: Any) -> list[str]:
-        doc = copy.deepcopy(base)
-        doc["spec"].update(spec)
-        return trigger_spec_errors(doc)
+        return _spec_errors(broker="b", **spec)
 
-    ref = {"apiVersion": "serving.knative.dev/v1", "kind": "Service", "name": "s"}
+    ref = _REF
     assert errors(subscriber={"ref": ref}) == []
     assert errors(subscriber={"uri": "http://example.com/x"}) == []
     assert errors(subscriber={"uri": "/relative"}) == [
-        "spec.subscriberuri: invalid value: Relative URI is not allowed when Ref and "
+        "spec.subscriber.uri: invalid value: Relative URI is not allowed when Ref and "
         "[apiVersion, kind, name] is absent"
     ]
-    assert "Absolute URI" in errors(subscriber={"ref": ref, "uri": "http://x/"})[0]
+    assert errors(subscriber={"ref": ref, "uri": "http://x/"}) == [
+        "spec.subscriber[apiVersion, kind, name], spec.subscriber.ref, spec.subscriber.uri: "
+        "Absolute URI is not allowed when Ref or [apiVersion, kind, name] is present"
+    ]
     assert errors(subscriber={"ref": {"kind": "Service"}}) == [
         "spec.subscriber.ref.name: missing field(s)",
         "spec.subscriber.ref.apiVersion: missing field(s)",
@@ -114,14 +122,64 @@ def test_trigger_validation_rules() -> None:
     assert errors(subscriber={"ref": {**ref, "namespace": "other"}}) == [
         "spec.subscriber.ref.namespace: mismatched namespaces"
     ]
-    good = {"ref": ref}
-    assert errors(subscriber=good, filter={"attributes": {"Type": "x"}}) == [
-        "spec.filter.attributes: Invalid attribute name: 'Type'"
+    assert destination_errors({}) == ["ref, uri: expected at least one, got none"]
+
+
+def test_trigger_filter_holds_only_attributes() -> None:
+    """ValidateAttributeFilters: ``spec.filter`` has ``attributes`` and nothing else to check;
+    the dialects live in ``spec.filters``."""
+    assert _spec_errors(**_GOOD, filter={"attributes": {"Type": "x", "source": "y"}}) == [
+        'spec.filter.attributes[Type]: invalid key name "Type"'
     ]
-    assert errors(subscriber=good, filter={"all": [{"exact": {"a": "1", "b": "2"}}]}) == [
-        "spec.filter.all.[0].exact: Exact can have only one key-value"
+    assert _spec_errors(**_GOOD, filter={"attributes": {"type": "x", "imagegenmodel": "m"}}) == []
+    # Not fields of TriggerFilter: the API server prunes them, the webhook never sees them.
+    assert _spec_errors(**_GOOD, filter={"all": [{"exact": {"a": "1", "b": "2"}}]}) == []
+
+
+def test_trigger_broker_and_broker_ref_are_one_of() -> None:
+    broker_ref = {"apiVersion": "eventing.knative.dev/v1", "kind": "Broker", "name": "b"}
+    subscriber = _GOOD["subscriber"]
+    assert _spec_errors(brokerRef=broker_ref, subscriber=subscriber) == []
+    assert _spec_errors(broker="b", brokerRef=broker_ref, subscriber=subscriber) == [
+        "spec.broker, spec.brokerRef: expected exactly one, got both"
     ]
-    assert destination_errors({}) == ["[ref, uri]: expected at least one, got none"]
+    assert _spec_errors(subscriber=subscriber) == ["spec.broker: missing field(s)"]
+    # cross-namespace-event-links is off by default: no namespace, and the error's path is
+    # spec.namespace, as upstream builds it.
+    assert _spec_errors(brokerRef={**broker_ref, "namespace": "other"}, subscriber=subscriber) == [
+        "spec.namespace: must not set the field(s)"
+    ]
+
+
+def test_trigger_filters_dialects() -> None:
+    """ValidateSubscriptionAPIFiltersList: one dialect per filter, lowercase attribute names,
+    nested filters the same; several keys in one ``exact`` are fine."""
+    assert _spec_errors(**_GOOD, filters=[{"exact": {"type": "a", "source": "b"}}]) == []
+    assert _spec_errors(**_GOOD, filters=[{"all": [{"exact": {"a": "1"}}, {"not": {}}]}]) == []
+    assert _spec_errors(**_GOOD, filters=[{"exact": {"Type": "a"}}]) == [
+        'spec.filters[0].exact[Type]: invalid key name "Type"'
+    ]
+    assert _spec_errors(**_GOOD, filters=[{"exact": {"type": "a"}, "prefix": {"x": "b"}}]) == [
+        "multiple dialects found, filters can have only one dialect set"
+    ]
+    assert _spec_errors(**_GOOD, filters=[{"not": {"suffix": {"type": "a"}}, "any": [{}]}]) == [
+        "multiple dialects found, filters can have only one dialect set"
+    ]
+    nested = [{"all": [{"exact": {"a": "1"}}, {"not": {"suffix": {"X": "y"}}}]}]
+    assert _spec_errors(**_GOOD, filters=nested) == [
+        'spec.filters[0].all[1].not.suffix[X]: invalid key name "X"'
+    ]
+    # Upstream re-indexes the errors already collected at each step of the list, so an
+    # error in the first of two filters is reported at [1][0].
+    two = [{"prefix": {"Bad": "x"}}, {"exact": {"ok": "y"}}]
+    assert _spec_errors(**_GOOD, filters=two) == [
+        'spec.filters[1][0].prefix[Bad]: invalid key name "Bad"'
+    ]
+
+
+def test_trigger_filters_cesql_is_not_guessed() -> None:
+    with pytest.raises(NotImplementedError, match="CloudEvents SQL"):
+        _spec_errors(**_GOOD, filters=[{"cesql": "type = 'a'"}])
 
 
 # deploy.md section 4: the model volume's Job runs, and completes, before render starts.

@@ -343,6 +343,32 @@ def test_the_webhook_rules_refuse_what_knative_refuses(
     assert refusals({AUTOSCALING + k: v for k, v in admitted.items()}) == []
 
 
+@pytest.mark.parametrize(
+    ("annotations", "refused"),
+    [
+        # register.go's kmap.KeyPriority: the legacy camelCase keys are read too.
+        ({"minScale": "5", "maxScale": "2"}, ["max-scale=2 is less than min-scale=5"]),
+        ({"min-scale": "5", "maxScale": "2"}, ["max-scale=2 is less than min-scale=5"]),
+        ({"initialScale": "0"}, ["initialScale: 0"]),
+        ({"scaleDownDelay": "2h"}, ["scaleDownDelay: 2h"]),
+        ({"targetBurstCapacity": "-2"}, ["targetBurstCapacity: -2"]),
+        ({"panicWindowPercentage": "0.5"}, ["panicWindowPercentage: 0.5"]),
+        ({"minScale": "1_0"}, ["minScale: 1_0"]),
+        # The first alias present wins (KeyPriority.Get); two together are not refused.
+        ({"min-scale": "1", "minScale": "9", "max-scale": "2"}, []),
+        ({"max-scale": "0", "maxScale": "1", "min-scale": "3"}, []),
+        # Keys outside the alias lists are not read.
+        ({"min_scale": "9", "max-scale": "2"}, []),
+        # An empty class annotation replaces the configured KPA: metric is then not checked.
+        ({"class": "", "metric": "cpu"}, []),
+    ],
+)
+def test_the_webhook_reads_each_annotation_through_its_aliases(
+    annotations: dict[str, str], refused: list[str]
+) -> None:
+    assert refusals({AUTOSCALING + k: v for k, v in annotations.items()}) == refused
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_server_threads_leave_room_for_probes(routing: RoutingOf, overlay: str) -> None:
     for service in routing(overlay).services.values():
