@@ -18,13 +18,19 @@ connection included, to ``ConnectTimeout``, which is why it is not used.)
 A body can be capped (``max_body``): httpx reads a whole non-streamed body into memory, so a
 server that answers with hundreds of megabytes would take the process with it. A body longer
 than the cap, whether its ``Content-Length`` says so (nothing of it is read) or it is chunked
-(read up to the cap), raises :class:`BodyTooLarge` and closes the connection.
+(read up to the cap), raises :class:`BodyTooLarge` and closes the connection. The cap holds on
+the body as sent and once decompressed: a few hundred compressed kilobytes can decompress to
+gigabytes, which httpx, decoding a whole body before anyone can count it, would hold at once. So
+a capped transport decompresses gzip and deflate itself, a chunk at a time and never more than
+one byte past the cap, and hands httpx the decoded body without its ``Content-Encoding``; any
+other coding (br, zstd, one stacked on another) it cannot bound, and refuses.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+import zlib
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -68,15 +74,75 @@ def _mapped(request: httpx.Request) -> Iterator[None]:
         raise ours(str(exc) or type(exc).__name__, request=request) from exc
 
 
+def _codings(response: aiohttp.ClientResponse) -> list[str]:
+    """The body's content codings, in the order they were applied, ``identity`` left out."""
+    return [
+        coding
+        for value in response.headers.getall("Content-Encoding", ())
+        for coding in (part.strip().lower() for part in value.split(","))
+        if coding not in ("", "identity")
+    ]
+
+
+class _Decoder:
+    """Decompresses one gzip or deflate body, never more than asked for at a time.
+
+    As httpx decodes them (``httpx/_decoders.py``): ``gzip`` and ``x-gzip`` as one gzip member,
+    ``deflate`` as a zlib stream or, where its first bytes are no zlib header, as raw deflate
+    (servers send both under that name).
+    """
+
+    def __init__(self, coding: str) -> None:
+        self._gzip = coding != "deflate"
+        self._first = not self._gzip  # deflate: zlib or raw, told by the first bytes
+        self._zlib = zlib.decompressobj(zlib.MAX_WBITS | 16 if self._gzip else zlib.MAX_WBITS)
+
+    @property
+    def done(self) -> bool:
+        """Whether the compressed stream came to its end."""
+        return self._zlib.eof
+
+    def decompress(self, data: bytes, most: int) -> bytes:
+        """``data`` decompressed, at most ``most`` bytes of it (``most`` > 0). Less than
+        ``most`` means all of ``data`` was decoded (zlib keeps the rest in ``unconsumed_tail``
+        only when the output is full), so asking for one byte past the cap tells a body over it.
+
+        Raises:
+            zlib.error: ``data`` is no such stream.
+        """
+        first, self._first = self._first, False
+        try:
+            return self._zlib.decompress(data, most)
+        except zlib.error:
+            if not first:
+                raise
+            self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
+            return self._zlib.decompress(data, most)
+
+
+# What a capped transport decodes itself; httpx's other decoders (br, zstd, where their
+# packages are installed) decode a whole body with no bound.
+_BOUNDED = frozenset({"gzip", "x-gzip", "deflate"})
+
+
 class _Body(httpx.AsyncByteStream):
-    """A response body read from aiohttp as it arrives; closing it frees the connection."""
+    """A response body read from aiohttp as it arrives; closing it frees the connection.
+
+    With a cap, a body sent in ``codings`` is decompressed here, where it is one coding the
+    transport can bound, or refused; the cap counts both the bytes as sent and those decoded.
+    """
 
     def __init__(
-        self, response: aiohttp.ClientResponse, request: httpx.Request, limit: int | None
+        self,
+        response: aiohttp.ClientResponse,
+        request: httpx.Request,
+        limit: int | None,
+        codings: list[str],
     ) -> None:
         self._response = response
         self._request = request
         self._limit = limit
+        self._codings = codings
 
     def _too_large(self, size: str) -> BodyTooLarge:
         return BodyTooLarge(
@@ -84,18 +150,42 @@ class _Body(httpx.AsyncByteStream):
             request=self._request,
         )
 
+    def _undecodable(self, why: str) -> httpx.DecodingError:
+        return httpx.DecodingError(why, request=self._request)
+
     async def __aiter__(self) -> AsyncIterator[bytes]:
         limit = self._limit
         declared = self._response.content_length
         if limit is not None and declared is not None and declared > limit:
             raise self._too_large(f"{declared} bytes")  # unread: aclose closes the connection
-        read = 0
+        decoder: _Decoder | None = None
+        refused = ""  # a coding it cannot bound: refused once there is a body (not for HEAD)
+        if limit is not None and self._codings:
+            if len(self._codings) == 1 and self._codings[0] in _BOUNDED:
+                decoder = _Decoder(self._codings[0])
+            else:
+                refused = ", ".join(self._codings)[:64]
+        read = decoded = 0
         with _mapped(self._request):
             async for chunk in self._response.content.iter_any():
+                if refused:
+                    raise self._undecodable(f"Content-Encoding {refused} not supported")
                 read += len(chunk)
                 if limit is not None and read > limit:
                     raise self._too_large(f"more than {limit} bytes")
-                yield chunk
+                if decoder is not None and limit is not None:
+                    try:
+                        # One byte past the cap at most: enough to know the body is over it.
+                        chunk = decoder.decompress(chunk, limit - decoded + 1)
+                    except zlib.error as exc:
+                        raise self._undecodable(f"{self._codings[0]}: {exc}") from None
+                    decoded += len(chunk)
+                    if decoded > limit:
+                        raise self._too_large(f"more than {limit} bytes once decompressed")
+                if chunk:
+                    yield chunk
+        if decoder is not None and read and not decoder.done:
+            raise self._undecodable(f"{self._codings[0]} body cut short")
 
     async def aclose(self) -> None:
         self._response.release()  # back to the pool if read to its end, else closed
@@ -113,8 +203,11 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             (``keepalive_expiry``), as an httpx transport reads them.
         verify: The TLS context for ``https`` URLs; default httpx's (certifi's roots, or
             ``SSL_CERT_FILE``/``SSL_CERT_DIR``), made on the first ``https`` request.
-        max_body: The most bytes of a response body read, as sent (before httpx decodes
-            it); a longer one raises :class:`BodyTooLarge`. None: no cap.
+        max_body: The most bytes of a response body read, as sent and once decompressed; a
+            longer one raises :class:`BodyTooLarge`. A gzip or deflate body is then decoded
+            here and reaches httpx without its ``Content-Encoding`` and ``Content-Length``
+            (``aiter_raw`` too yields it decoded); any other coding raises
+            :class:`httpx.DecodingError`. None: no cap, and httpx decodes the body.
     """
 
     def __init__(
@@ -193,10 +286,18 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         extensions: dict[str, Any] = {"http_version": b"HTTP/1.1"}
         if response.reason:
             extensions["reason_phrase"] = response.reason.encode("ascii", "replace")
+        headers = list(response.raw_headers)
+        codings = _codings(response) if self._max_body is not None else []
+        if codings:
+            # Decoded here, so not again by httpx; and the length sent is not the length handed
+            # over. Go's transport does the same where it decompresses a body itself
+            # (net/http/transport.go, persistConn.readLoop: Header.Del both, ContentLength -1).
+            dropped = (b"content-encoding", b"content-length")
+            headers = [(name, value) for name, value in headers if name.lower() not in dropped]
         return httpx.Response(
             response.status,
-            headers=list(response.raw_headers),
-            stream=_Body(response, request, self._max_body),
+            headers=headers,
+            stream=_Body(response, request, self._max_body, codings),
             request=request,
             extensions=extensions,
         )

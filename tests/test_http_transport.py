@@ -11,6 +11,8 @@ import base64
 import gzip
 import ssl
 import threading
+import tracemalloc
+import zlib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -19,9 +21,27 @@ import httpx
 import ollama
 import pytest
 
-from imagegen._http import AiohttpTransport
+from imagegen._http import AiohttpTransport, BodyTooLarge
 from tests.fakes.loopback import LoopbackServer
 from tests.fakes.tls import self_signed
+
+
+def _raw_deflate(data: bytes) -> bytes:
+    compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return compressor.compress(data) + compressor.flush()
+
+
+# A small cap, and bodies to send in a content coding under it and over it.
+CAP = 64 * 1024
+PLAIN = b'{"reply": "' + b"a fox in the snow " * 1000 + b'"}'  # 18 KB, under the cap
+BOMB = 4 * 1024 * 1024  # zeros, sent as about 4 KB of gzip
+_CODED = {
+    "gzip": gzip.compress(PLAIN),
+    "zlib": zlib.compress(PLAIN),
+    "raw": _raw_deflate(PLAIN),
+    "cut": gzip.compress(PLAIN),
+    "bomb": gzip.compress(bytes(BOMB)),
+}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -33,19 +53,35 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         pass
 
-    def _send(self, status: int, body: bytes, *headers: tuple[str, str]) -> None:
+    def _send(
+        self, status: int, body: bytes, *headers: tuple[str, str], chunked: bool = False
+    ) -> None:
         self.send_response(status)
         for name, value in headers:
             self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
+        if not chunked:
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        self.wfile.write(body)
+        for start in range(0, len(body), 1024):  # as Go's net/http sends a long body
+            piece = body[start : start + 1024]
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        self.wfile.write(b"0\r\n\r\n")
 
     def do_GET(self) -> None:
         self.peers.append(self.client_address[1])
         if self.path == "/gzip":
             body = gzip.compress(b"unzipped by httpx")
             self._send(200, body, ("Content-Encoding", "gzip"))
+        elif self.path.startswith("/coded/"):  # /coded/<Content-Encoding>/<name of a body>
+            _, _, coding, name = self.path.split("/")
+            body = _CODED[name]
+            if name == "cut":  # its framing whole, its gzip stream not
+                body = body[: len(body) // 2]
+            self._send(200, body, ("Content-Encoding", coding), chunked=name == "bomb")
         elif self.path == "/moved":
             self._send(307, b"", ("Location", "/echo?moved=1"))
         elif self.path == "/hang-up":  # closes without a reply
@@ -187,6 +223,91 @@ def test_each_event_loop_gets_a_session_of_its_own(server: _Server) -> None:
         await client.aclose()
 
     asyncio.run(close())
+
+
+# -- A capped body ------------------------------------------------------------------------
+
+
+def _capped(base_url: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=base_url, transport=AiohttpTransport(max_body=CAP))
+
+
+async def _peak(base_url: str, path: str) -> tuple[bytes | Exception, int]:
+    """What a capped client's GET of ``path`` gives, and the most memory it held at once
+    (a client of its own, its session made in the count)."""
+    tracemalloc.start()
+    try:
+        async with _capped(base_url) as client:
+            try:
+                got: bytes | Exception = (await client.get(path)).content
+            except httpx.HTTPError as exc:
+                got = exc
+        return got, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+async def test_a_compression_bomb_is_over_the_cap_once_decompressed(server: _Server) -> None:
+    # 4 KB as sent, chunked, far under the cap; 4 MiB decoded, which httpx would make whole.
+    assert len(_CODED["bomb"]) < CAP
+    plain, usual = await _peak(server.url, "/coded/gzip/gzip")
+    assert plain == PLAIN
+    refused, peak = await _peak(server.url, "/coded/gzip/bomb")
+    assert isinstance(refused, BodyTooLarge)
+    assert str(refused).startswith(f"response body of more than {CAP} bytes once decompressed")
+    # Decoding stopped one byte past the cap: no more held than for a body under it, and a cap.
+    assert peak < usual + 2 * CAP
+
+
+async def test_ollamas_client_refuses_a_compression_bomb(server: _Server) -> None:
+    """Unasked gzip, as the enhancer's client (``Accept-Encoding: identity``) may still get."""
+
+    def chat(handler: _Handler) -> None:
+        handler.rfile.read(int(handler.headers["Content-Length"]))
+        handler._send(200, _CODED["bomb"], ("Content-Encoding", "gzip"))
+
+    server.server.RequestHandlerClass.do_POST = chat  # type: ignore[attr-defined]
+    client = ollama.AsyncClient(
+        host=server.url,
+        transport=AiohttpTransport(max_body=CAP),
+        headers={"Accept-Encoding": "identity"},
+    )
+    try:
+        with pytest.raises(BodyTooLarge):
+            await client.chat(model="m", messages=[{"role": "user", "content": "a fox"}])
+    finally:
+        await client._client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("coding", "name"),
+    [("gzip", "gzip"), ("x-gzip", "gzip"), ("deflate", "zlib"), ("deflate", "raw")],
+)
+async def test_a_compressed_body_under_the_cap_is_decoded_once(
+    server: _Server, coding: str, name: str
+) -> None:
+    async with _capped(server.url) as client:
+        response = await client.get(f"/coded/{coding}/{name}")
+    assert response.content == PLAIN
+    assert "Content-Encoding" not in response.headers
+    assert "Content-Length" not in response.headers  # the length as sent, not handed over
+
+
+@pytest.mark.parametrize(
+    ("path", "said"),
+    [
+        ("/coded/br/gzip", "Content-Encoding br not supported"),  # decoded unbounded, if at all
+        ("/coded/gzip,gzip/gzip", "Content-Encoding gzip, gzip not supported"),
+        ("/coded/deflate/gzip", "deflate: Error -3"),  # neither zlib nor raw deflate
+        ("/coded/gzip/cut", "gzip body cut short"),
+    ],
+)
+async def test_a_body_it_cannot_decode_within_the_cap_is_refused(
+    server: _Server, path: str, said: str
+) -> None:
+    async with _capped(server.url) as client:
+        with pytest.raises(httpx.DecodingError, match=said):
+            await client.get(path)
 
 
 # -- TLS -----------------------------------------------------------------------------------
