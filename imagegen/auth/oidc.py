@@ -104,7 +104,6 @@ class SigningKeys:
         # When the fetch under way gives up, by time.monotonic(): waiting for it is bounded
         # in real time, whatever ``clock`` says.
         self._deadline = 0.0
-        self._failure = "no fetch has ended yet"  # why the last fetch failed
 
     @property
     def fetching(self) -> bool:
@@ -159,23 +158,19 @@ class SigningKeys:
 
     def _refresh(self, now: float, deadline: float) -> None:
         fetched: _KeySet | None = None
-        failure = ""
         try:
             fetched = self._fetch(now, deadline)
         except DependencyUnavailable as exc:
-            failure = exc.message
+            # Why is said here only: it names internal addresses and causes (see _answer).
             cached = "using the cached ones" if self._set is not None else "none are cached"
-            log.warning("signing keys could not be fetched (%s); %s", failure, cached)
-        except Exception as exc:  # a thread of its own: nobody else would hear of it
-            failure = f"{type(exc).__name__} fetching them"
+            log.warning("signing keys could not be fetched (%s); %s", exc.message, cached)
+        except Exception:  # a thread of its own: nobody else would hear of it
             log.exception("signing keys could not be fetched")
         finally:
             with self._lock:
                 self._fetching = False
                 if fetched is not None:
                     self._set = fetched
-                else:
-                    self._failure = failure or "the fetch failed"
                 self._fetched.notify_all()
 
     def _answer(
@@ -188,10 +183,10 @@ class SigningKeys:
         now: float,
     ) -> tuple[str, jwt.PyJWK | None]:
         if current is None:
-            reason = "a fetch is under way" if self._fetching else self._failure
+            # Answered to a caller not yet authenticated: a refusal says what was wrong, not
+            # the issuer's internal URL or why its fetch failed, which _refresh logs.
             raise DependencyUnavailable(
-                f"OIDC signing keys are not available yet ({reason})",
-                retry_after=self._next_fetch_in(now),
+                "OIDC signing keys are not available yet", retry_after=self._next_fetch_in(now)
             )
         key = current.keys.get(kid)
         # Keys are published before tokens are signed with them: fetched once this request
