@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -59,8 +60,22 @@ def fuzz_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def functions(fuzz_store: Path) -> Iterator[dict[str, InProcessFunction]]:
-    """enhance, render, persist, derive and deadletter on one store, started once per worker."""
-    started = {stage: InProcessFunction(stage, fuzz_env(fuzz_store)) for stage in STAGES}
+    """enhance, render, persist, derive and deadletter on one store, started once per worker.
+
+    Starting a function sets up this process's logging (the root logger's handler and level:
+    ERROR here); the logging of the tests that follow on this worker is put back as it was.
+    Session-scoped, this runs before any test's own restoring fixture saves the root logger.
+    """
+    root = logging.getLogger()
+    # Those it sets levels on (imagegen._logging.setup_logging) included, existing or not.
+    names = {*root.manager.loggerDict, "httpx", "httpcore", "botocore", "boto3", "s3transfer"}
+    loggers = [root, *(logging.getLogger(name) for name in sorted(names | {"urllib3"}))]
+    saved = [(logger, list(logger.handlers), logger.level) for logger in loggers]
+    try:
+        started = {stage: InProcessFunction(stage, fuzz_env(fuzz_store)) for stage in STAGES}
+    finally:
+        for logger, handlers, level in saved:
+            logger.handlers, logger.level = handlers, level
     yield started
     for function in started.values():
         function.client.close()
