@@ -3,7 +3,8 @@
 The endpoint (``settings.remote_context_url``, or the operator's
 ``plugin_options.remote_context.url``; never a request's) must answer a JSON object; its
 string values become the fragment. The body is read streamed and dropped past
-``remote_context_max_bytes``, as sent and once decompressed; the whole fetch is bounded by
+``remote_context_max_bytes``, as sent and once decompressed (the transport's cap,
+:class:`~imagegen._http.AiohttpTransport`'s ``max_body``); the whole fetch is bounded by
 ``remote_context_timeout``, which must be below the plugins' time limit. Only data is read:
 nothing fetched is ever imported or evaluated. A slow, failing or malformed endpoint is logged
 and adds nothing; a URL that cannot be fetched, or a timeout the plugin could never wait for,
@@ -16,13 +17,12 @@ import asyncio
 import json
 import logging
 import re
-import zlib
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
-from imagegen._http import AiohttpTransport
+from imagegen._http import AiohttpTransport, BodyTooLarge
 from imagegen._redact import redact_url
 from imagegen.errors import InvalidRequest
 from imagegen.models import Contribution
@@ -62,25 +62,6 @@ def _url_problem(url: str) -> str | None:
     except httpx.InvalidURL:
         return "not a valid URL"
     return None
-
-
-def _decoder(response: httpx.Response) -> Any:
-    """A decompressor for the body's ``Content-Encoding``, or None where it is sent as it is.
-
-    Raises:
-        httpx.DecodingError: an encoding the plugin does not decode (it asks for gzip only).
-    """
-    encodings = [
-        coding.strip().lower()
-        for coding in response.headers.get("content-encoding", "").split(",")
-        if coding.strip().lower() not in ("", "identity")
-    ]
-    if not encodings:
-        return None
-    if encodings in (["gzip"], ["x-gzip"]):
-        return zlib.decompressobj(zlib.MAX_WBITS | 16)
-    said = ", ".join(encodings)[:64]
-    raise httpx.DecodingError(f"Content-Encoding {said} not supported", request=response.request)
 
 
 def _encodable(text: str) -> bool:
@@ -123,8 +104,10 @@ class RemoteContextPlugin:
     ) -> None:
         self.settings = settings
         # aiohttp under the httpx client, as for Ollama (docs/adr/0012): about a third less CPU
-        # a fetch than httpcore's pool.
-        self._transport = transport or AiohttpTransport()
+        # a fetch than httpcore's pool. Its cap bounds the body as sent and once decompressed,
+        # a chunk at a time; a transport given here should be made with that cap too (fetch
+        # still drops a body past it, but cannot bound what one chunk decompresses to).
+        self._transport = transport or AiohttpTransport(max_body=settings.remote_context_max_bytes)
         self._client: httpx.AsyncClient | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
 
@@ -189,10 +172,12 @@ class RemoteContextPlugin:
     async def fetch(self, url: str) -> bytes:
         """The body at ``url``, at most ``remote_context_max_bytes`` long, as sent and decoded.
 
-        The body is read raw and decompressed here, a chunk at a time and never past the cap: a
-        few hundred compressed kilobytes may decompress to gigabytes, which the client's own
-        decoding would make whole before the cap could be checked. The endpoint is asked for
-        gzip or nothing, but may send gzip unasked.
+        The plugin's own transport holds the cap: it decompresses gzip and deflate a chunk at a
+        time, never past the cap (a few hundred compressed kilobytes may decompress to
+        gigabytes), and refuses codings it cannot bound. The endpoint is asked for gzip or
+        nothing, but may send a coding unasked. The lengths are counted here as well, for a
+        transport given without that cap: the body is then dropped once past it, though httpx
+        has decoded each chunk whole by the time it is counted.
 
         Raises:
             httpx.HTTPError: the request failed or the status is not 2xx; a
@@ -205,31 +190,19 @@ class RemoteContextPlugin:
             "Accept-Encoding": "gzip",
             "User-Agent": "imagegen-remote-context",
         }
-        async with self._http().stream("GET", url, headers=headers) as response:
-            response.raise_for_status()
-            declared = response.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > cap:
-                raise TooLarge(f"Content-Length {declared} over {cap} bytes")
-            decoder = _decoder(response)
-            sent = 0
-            body = bytearray()
-            async for chunk in response.aiter_raw():
-                sent += len(chunk)
-                if sent > cap:
-                    raise TooLarge(f"body over {cap} bytes")
-                if decoder is None:
+        body = bytearray()
+        try:
+            async with self._http().stream("GET", url, headers=headers) as response:
+                response.raise_for_status()
+                async for chunk in response.aiter_bytes():
+                    if response.num_bytes_downloaded > cap:  # as sent, where httpx decodes
+                        raise TooLarge(f"body over {cap} bytes")
+                    if len(body) + len(chunk) > cap:
+                        raise TooLarge(f"body over {cap} bytes, decompressed")
                     body += chunk
-                    continue
-                try:
-                    # One byte past the cap at most: enough to know the body is over it.
-                    body += decoder.decompress(chunk, cap - len(body) + 1)
-                except zlib.error as exc:
-                    raise httpx.DecodingError(f"gzip: {exc}", request=response.request) from None
-                if len(body) > cap:
-                    raise TooLarge(f"body over {cap} bytes, decompressed")
-            if decoder is not None and not decoder.eof:
-                raise httpx.DecodingError("gzip body cut short", request=response.request)
-            return bytes(body)
+        except BodyTooLarge as exc:  # the transport's cap; its message holds no URL
+            raise TooLarge(str(exc)) from None
+        return bytes(body)
 
     async def contribute(self, context: PluginContext) -> Contribution | None:
         """The endpoint's string values; None when unconfigured, slow, failing or malformed."""

@@ -7,8 +7,10 @@ import logging
 import time
 import tracemalloc
 
+import httpx
 import pytest
 
+from imagegen._http import AiohttpTransport
 from imagegen.errors import ConfigurationError
 from imagegen.models import Contribution
 from imagegen.plugins import PluginContext, PluginSet
@@ -27,11 +29,22 @@ def _settings(url: str | None, *, timeout: float = 4.0) -> Settings:
     )
 
 
-async def _fetch(settings: Settings, **options: object) -> Contribution | None:
+async def _fetch(
+    settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None, **options: object
+) -> Contribution | None:
     context = PluginContext(
         "g", None, NOW, "UTC", 1, settings, options=options, plugin="remote_context"
     )
-    return await RemoteContextPlugin(settings).contribute(context)
+    plugin = RemoteContextPlugin(settings, transport=transport)
+    try:
+        return await plugin.contribute(context)
+    finally:
+        await plugin.aclose()
+
+
+def _said(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The plugin's records only: an exporter thread left by another test may log meanwhile."""
+    return [r.getMessage() for r in caplog.records if r.name.startswith("imagegen.plugins")]
 
 
 async def test_string_values_become_context(endpoint: JsonEndpoint) -> None:
@@ -247,6 +260,81 @@ async def test_a_gzip_bomb_is_dropped_before_it_is_decompressed(endpoint: JsonEn
     finally:
         tracemalloc.stop()
     assert peak < 2_000_000, f"{peak} bytes at the peak"
+
+
+@pytest.mark.parametrize("path", ["/big", "/big-unannounced", "/gzip-bomb"])
+async def test_a_body_over_the_cap_is_skipped_as_too_large(
+    endpoint: JsonEndpoint, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Announced, unannounced or compressed: the transport's cap, in the plugin's own line."""
+    with caplog.at_level(logging.WARNING, logger="imagegen.plugins"):
+        assert await _fetch(_settings(endpoint.at(path))) is None
+    [line] = _said(caplog)
+    assert line.startswith("remote context: TooLarge: ") and line.endswith("; skipped"), line
+    assert "4096 bytes" in line
+
+
+@pytest.mark.parametrize(
+    ("path", "why"),
+    [
+        ("/brotli", "Content-Encoding br not supported"),
+        ("/gzip-cut", "gzip body cut short"),
+    ],
+)
+async def test_a_body_it_cannot_decode_is_skipped_in_a_line_naming_the_host(
+    endpoint: JsonEndpoint, path: str, why: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="imagegen.plugins"):
+        assert await _fetch(_settings(endpoint.at(path))) is None
+    port = endpoint.port
+    assert _said(caplog) == [f"remote context: {why} from http://127.0.0.1:{port}; skipped"]
+
+
+async def test_a_body_within_the_cap_as_sent_is_capped_once_decompressed(
+    endpoint: JsonEndpoint, caplog: pytest.LogCaptureFixture
+) -> None:
+    """16 KB sent, under a 64 KiB cap, that decompress to 16 MB: only the cap on the decoded
+    body drops it, and the transport decodes no more than the cap (httpx's decoding makes each
+    chunk whole, megabytes, before anyone can count it)."""
+    settings = _settings(endpoint.at("/gzip-bomb")).model_copy(
+        update={"remote_context_max_bytes": 65_536}
+    )
+    assert len(gzip_bomb()) < 65_536  # made before tracing: the endpoint's, not the plugin's
+    tracemalloc.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="imagegen.plugins"):
+            assert await _fetch(settings) is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    [line] = _said(caplog)
+    assert line.startswith("remote context: TooLarge: ") and "decompressed" in line, line
+    assert peak < 2_000_000, f"{peak} bytes at the peak"
+
+
+@pytest.mark.parametrize("transport", [AiohttpTransport, httpx.AsyncHTTPTransport])
+@pytest.mark.parametrize(("path", "cap"), [("/big-unannounced", 4096), ("/gzip-bomb", 65_536)])
+async def test_a_transport_given_without_the_cap_still_drops_a_body_past_it(
+    endpoint: JsonEndpoint,
+    transport: type[httpx.AsyncBaseTransport],
+    path: str,
+    cap: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A caller's transport (httpcore's, an uncapped aiohttp one) decodes a body whole: the
+    plugin still keeps no more than the cap, as sent and decompressed."""
+    settings = _settings(endpoint.at(path)).model_copy(update={"remote_context_max_bytes": cap})
+    with caplog.at_level(logging.WARNING, logger="imagegen.plugins"):
+        assert await _fetch(settings, transport=transport()) is None
+    [line] = _said(caplog)
+    assert line.startswith(f"remote context: TooLarge: body over {cap} bytes"), line
+
+
+async def test_a_transport_given_without_the_cap_still_reads_a_gzipped_answer(
+    endpoint: JsonEndpoint,
+) -> None:
+    result = await _fetch(_settings(endpoint.at("/gzip")), transport=httpx.AsyncHTTPTransport())
+    assert result is not None and result.data == {"values": {"weather": "fog"}}
 
 
 async def test_json_nested_too_deep_is_skipped_with_the_plugins_warning(
