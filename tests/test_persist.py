@@ -367,6 +367,35 @@ async def test_the_persist_function_fails_the_generation_of_a_stored_object_that
     assert not (store / GenerationKeys("gif-1", NOW).metadata).exists()
 
 
+@pytest.mark.parametrize("linked", ["2026", "2026/11"], ids=["root-entry", "deeper"])
+async def test_a_folder_linked_outside_the_root_is_a_retryable_503_not_a_failed_generation(
+    tmp_path: Path, linked: str
+) -> None:
+    """A folder of the storage moved onto another disk and linked back: the deployment's doing
+    (no key leaves the root), so the event is retried, never failed for good with its image
+    orphaned. A link among the root's own entries is found at start-up (not ready), one deeper
+    by the request that meets it; either way a 503 naming the setting and the link."""
+    store, other = tmp_path / "store", tmp_path / "other-disk"
+    rendered = await _stored_as_render(LocalStorage(str(store)), "linked-1", _RENDERED)
+    (other / linked).parent.mkdir(parents=True)
+    (store / linked).rename(other / linked)
+    (store / linked).symlink_to(other / linked, target_is_directory=True)
+    data = rendered.model_dump(mode="json")
+
+    with InProcessFunction("persist", base_env(store)) as persist:
+        event = post_event(persist, IMAGE_RENDERED, data, subject="linked-1")
+        reply = persist.post("/", json=data)
+    for answer in (event, reply):
+        assert answer.status_code == 503 and "Retry-After" in answer.headers, answer.text
+        assert "ce-type" not in answer.headers  # no generation.failed
+        body = answer.json()
+        assert (body["error"], body["retryable"]) == ("not_configured", True)
+        assert [error["field"] for error in body["errors"]] == ["storage_url"]
+        assert f"{str(store / linked)!r} is a symbolic link that leads outside" in body["message"]
+    assert (other / GenerationKeys("linked-1", NOW).image).exists()
+    assert not (other / GenerationKeys("linked-1", NOW).metadata).exists()
+
+
 @pytest.mark.parametrize("timings", ['{"render":"fast"}', '{"render":null}', '{"render":NaN}'])
 async def test_stored_timings_that_are_no_numbers_are_read_as_none(
     settings: Settings, timings: str

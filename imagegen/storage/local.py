@@ -36,6 +36,15 @@ Only a missing sidecar means an object has no metadata. One that is there but ca
 does not parse is corrupt (a 503 too, as :func:`imagegen.persist.corrupt_record`): taken for
 "no metadata", a passing fault would make a finished image look unfinished, so that persist
 failed its generation for good and render stored a second image under the first one's reply.
+
+A symbolic link under the root is followed while it leads to another place under the root, and
+refused when it leads outside it (a folder of the root linked onto another disk, say): a
+:class:`~imagegen.errors.ConfigurationError` (503, retried) naming ``storage_url``. Keys are
+validated (no ``..``, no absolute path), so no event can make such a link: it is the
+deployment's doing, as a misconfigured bucket is for S3, and failing the event for good would
+dead-letter a valid generation and orphan its image. :meth:`LocalStorage.check` looks for such
+links among the root's own entries, so that ``imagegen doctor`` and a function's start-up say
+so before an event meets one.
 """
 
 from __future__ import annotations
@@ -49,9 +58,10 @@ import os
 import secrets
 import stat
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
-from imagegen.errors import DependencyUnavailable, InvalidRequest, NotFound
+from imagegen.errors import ConfigurationError, DependencyUnavailable, NotFound
 from imagegen.storage.base import ObjectStore, StoredObject, validate_key
 
 __all__ = ["LocalStorage"]
@@ -123,7 +133,15 @@ class LocalStorage(ObjectStore):
         return self._path(key).as_uri()
 
     async def check(self) -> None:
-        """Raise DependencyUnavailable unless the root can be created and written to."""
+        """Raise unless the root can be created and written to, and no link among its entries
+        leads outside it.
+
+        Raises:
+            DependencyUnavailable: the root cannot be created or written to.
+            ConfigurationError: naming ``storage_url``, for each link among the root's own
+                entries that leads outside it (deeper links are met, and refused, by the keys
+                under them: walking the whole tree here would cost a read of every folder).
+        """
         try:
             await asyncio.to_thread(self._probe)
         except (FileExistsError, NotADirectoryError) as exc:
@@ -147,12 +165,10 @@ class LocalStorage(ObjectStore):
         path = self.root / validate_key(key)
         # validate_key rejects "..", but a symlink inside the root may still point outside it.
         # The root was resolved once, when this storage was made: only the key's own segments
-        # are looked at, and the path is resolved in full only when one of them is a link.
-        if _has_link(self.root, key) and not path.resolve().is_relative_to(self.root):
-            raise InvalidRequest(
-                f"object key {key!r} leads outside the storage root",
-                errors=[{"field": "key", "message": "resolves outside the storage root"}],
-            )
+        # are looked at, and a segment is resolved only when it is a link.
+        link = _link_leading_out(self.root, key)
+        if link is not None:
+            raise self._links_leading_out([link])
         return path
 
     def _write(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> Path:
@@ -226,6 +242,32 @@ class LocalStorage(ObjectStore):
         self.root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=self.root, prefix=".check."):
             pass
+        with os.scandir(self.root) as entries:
+            links = [Path(e.path) for e in entries if e.is_symlink()]
+        leading_out = sorted(p for p in links if not _inside(p, self.root))
+        if leading_out:
+            raise self._links_leading_out(leading_out)
+
+    def _links_leading_out(self, links: Sequence[Path]) -> ConfigurationError:
+        """The error for links under the root that lead outside it.
+
+        The deployment's doing, not the event's (keys cannot leave the root): retried, as
+        :class:`~imagegen.storage.s3.S3Storage` answers a misconfigured bucket, rather than a
+        400 that would fail a valid generation for good. Each link is named, as every local
+        storage error names paths, only under the root: where it leads is the operator's to
+        read (``ls -l``), not a caller's.
+        """
+        from imagegen.settings import Settings
+
+        names = ", ".join(repr(str(link)) for link in links)
+        said = "is a symbolic link that leads" if len(links) == 1 else "are links that lead"
+        where = ", ".join(repr(str(link.relative_to(self.root))) for link in links)
+        return ConfigurationError(
+            f"local storage: {names} {said} outside the storage root: mount the other disk at"
+            f" the root ({Settings.variable('storage_url')}) itself, or under it, not through a"
+            " link (docs/storage.md)",
+            errors=[{"field": "storage_url", "message": f"a link leads outside the root: {where}"}],
+        )
 
     def _unavailable(self, what: str, exc: OSError) -> DependencyUnavailable:
         reason = exc.strerror or type(exc).__name__
@@ -239,17 +281,28 @@ class LocalStorage(ObjectStore):
         return DependencyUnavailable(f"local storage: {what} {str(where)!r}: {reason}")
 
 
-def _has_link(root: Path, key: str) -> bool:
-    """Whether a segment of ``key`` under ``root`` is a symbolic link (a missing one is not)."""
+def _link_leading_out(root: Path, key: str) -> Path | None:
+    """The first segment of ``key`` under ``root`` that is a symbolic link leading outside
+    ``root``, or None (a missing segment is no link)."""
     current = str(root)
     for segment in key.split("/"):
         current = f"{current}/{segment}"
         try:
-            if stat.S_ISLNK(os.lstat(current).st_mode):
-                return True
+            linked = stat.S_ISLNK(os.lstat(current).st_mode)
         except (FileNotFoundError, NotADirectoryError):
-            return False  # nothing exists below a missing segment
-    return False
+            return None  # nothing exists below a missing segment
+        if linked and not _inside(Path(current), root):
+            return Path(current)
+    return None
+
+
+def _inside(link: Path, root: Path) -> bool:
+    """Whether ``link`` resolves to a place under ``root``; a loop of links does not (Python
+    3.11's ``resolve`` raises RuntimeError for one, later ones OSError): no key can lead there."""
+    try:
+        return link.resolve().is_relative_to(root)
+    except (RuntimeError, OSError):
+        return False
 
 
 def _sidecar(path: Path) -> Path:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from imagegen.errors import DependencyUnavailable, InvalidRequest
+from imagegen.errors import ConfigurationError, DependencyUnavailable
 from imagegen.storage import GenerationKeys, LocalStorage
 from imagegen.storage.base import prompt_memo_key
 
@@ -387,33 +387,54 @@ async def test_a_sidecar_that_does_not_parse_is_corrupt_as_a_stored_record_is(
     assert await local.get(KEYS.image) == b"png"
 
 
-# 3. Keys that would leave the root
+# 3. Keys and links that would leave the root
 
 
-async def test_symlinked_directory_escape_is_rejected(local: LocalStorage, tmp_path: Path) -> None:
+def assert_refused_link(error: ConfigurationError, link: Path, outside: Path) -> None:
+    """The deployment's doing, not the key's: a 503 retried, naming the setting and the link,
+    never where the link leads (outside the root, which no storage error names)."""
+    assert (error.status, error.retryable, error.code) == (503, True, "not_configured")
+    assert error.fields == ["storage_url"]
+    assert f"local storage: {str(link)!r} is a symbolic link that leads outside" in error.message
+    assert "IMAGEGEN_STORAGE_URL" in error.message
+    assert str(outside) not in str(error.to_dict())
+
+
+async def test_symlinked_directory_escape_is_refused_as_configuration(
+    local: LocalStorage, tmp_path: Path
+) -> None:
+    """A folder of the root linked onto another disk: every key under it is refused, retryably,
+    and nothing is written there."""
     outside = tmp_path / "outside"
     outside.mkdir()
     local.root.mkdir(parents=True)
     (local.root / "2026").symlink_to(outside, target_is_directory=True)
 
-    with pytest.raises(InvalidRequest) as error:
-        await local.put(KEYS.image, b"png", content_type="image/png")
-
-    assert error.value.fields == ["key"]
+    for attempt in (
+        local.put(KEYS.image, b"png", content_type="image/png"),
+        local.create(KEYS.metadata, b"{}", content_type="application/json"),
+        local.head(KEYS.image),
+        local.get(KEYS.image),
+    ):
+        with pytest.raises(ConfigurationError) as error:
+            await attempt
+        assert_refused_link(error.value, local.root / "2026", outside)
     assert list(outside.iterdir()) == []
 
 
-async def test_symlinked_file_escape_is_rejected(local: LocalStorage, tmp_path: Path) -> None:
+async def test_symlinked_file_escape_is_refused_as_configuration(
+    local: LocalStorage, tmp_path: Path
+) -> None:
     secret = tmp_path / "secret.txt"
     secret.write_text("secret")
     local.root.mkdir(parents=True)
     (local.root / "link.png").symlink_to(secret)
 
     for attempt in (local.get("link.png"), local.head("link.png")):
-        with pytest.raises(InvalidRequest) as error:
+        with pytest.raises(ConfigurationError) as error:
             await attempt
-        assert error.value.fields == ["key"]
-    with pytest.raises(InvalidRequest):
+        assert_refused_link(error.value, local.root / "link.png", secret)
+    with pytest.raises(ConfigurationError):
         local.location("link.png")
 
 
@@ -432,6 +453,48 @@ async def test_check_creates_the_root(tmp_path: Path) -> None:
     await storage.check()
     assert storage.root.is_dir()
     assert list(storage.root.iterdir()) == []
+
+
+async def test_check_names_the_root_entries_that_link_outside_it(tmp_path: Path) -> None:
+    """Said before an event meets the link (doctor, a function's start-up); a link that stays
+    under the root, or one below the root's own entries, is not looked for here."""
+    outside = tmp_path / "other-disk"
+    (outside / "2026").mkdir(parents=True)
+    (outside / "2027").mkdir()
+    storage = LocalStorage(tmp_path / "out")
+    (storage.root / "renders").mkdir(parents=True)
+    (storage.root / "alias").symlink_to(storage.root / "renders", target_is_directory=True)
+    (storage.root / "renders" / "deep").symlink_to(outside, target_is_directory=True)
+    await storage.check()
+
+    (storage.root / "2026").symlink_to(outside / "2026", target_is_directory=True)
+    with pytest.raises(ConfigurationError) as error:
+        await storage.check()
+    assert_refused_link(error.value, storage.root / "2026", outside)
+    assert error.value.errors == [
+        {"field": "storage_url", "message": "a link leads outside the root: '2026'"}
+    ]
+
+    (storage.root / "2027").symlink_to(outside / "2027", target_is_directory=True)
+    with pytest.raises(ConfigurationError) as error:
+        await storage.check()
+    assert error.value.message.startswith(
+        f"local storage: {str(storage.root / '2026')!r}, {str(storage.root / '2027')!r}"
+        " are links that lead outside the storage root"
+    )
+    assert error.value.errors[0]["message"].endswith("'2026', '2027'")
+
+
+async def test_a_loop_of_links_is_refused_as_configuration_not_a_500(tmp_path: Path) -> None:
+    """``Path.resolve`` raises RuntimeError on a loop (Python 3.11): that was an internal error."""
+    storage = LocalStorage(tmp_path / "out")
+    storage.root.mkdir(parents=True)
+    (storage.root / "2026").symlink_to(storage.root / "2027")
+    (storage.root / "2027").symlink_to(storage.root / "2026")
+    with pytest.raises(ConfigurationError):
+        await storage.put("2026/a.png", b"png", content_type="image/png")
+    with pytest.raises(ConfigurationError):
+        await storage.check()
 
 
 async def test_check_fails_when_root_cannot_be_created(tmp_path: Path) -> None:
