@@ -8,7 +8,7 @@ import io
 import json
 import struct
 import zlib
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,43 @@ async def test_a_claim_check_that_misdescribes_the_stored_image_is_refused_and_n
     said = rendered.model_dump(include={"size", "sha256", "width", "height", "seed", "model"})
     assert persisted.model_dump(include=set(said)) == said
     assert persisted.timings == rendered.timings and persisted.created_at == rendered.rendered_at
+
+
+async def test_renders_reply_to_the_same_job_written_otherwise_is_recorded(
+    settings: Settings,
+) -> None:
+    """Render answers a retried call from storage when its job is the same one written
+    otherwise (the metadata's keys in another order, the time at another offset); its reply
+    carries that call's job, which persist takes as the job the image came from."""
+    async with ImageGenService(settings) as service:
+        request = GenerationRequest(
+            generation_id="rewritten-1",
+            prompt="a kite",
+            model="tiny",
+            width=JOB_SIZE[0],
+            height=JOB_SIZE[1],
+            steps=2,
+            seed=7,
+            metadata={"b": "2", "a": "1"},
+            requested_at=NOW,
+        )
+        job = await service.enhance(request)
+        await service.render(job)
+        rewritten = job.model_copy(
+            update={
+                "metadata": {"a": "1", "b": "2"},
+                "requested_at": NOW.astimezone(timezone(timedelta(hours=2))),
+            }
+        )
+        again = await service.render(rewritten)
+        assert again.prompt.metadata == {"a": "1", "b": "2"}
+        persisted = await service.persist(again)
+        assert persisted.sha256 == again.sha256
+
+        other = rewritten.model_copy(update={"metadata": {"a": "1", "b": "3"}})
+        with pytest.raises(InvalidRequest) as caught:
+            await service.persist(again.model_copy(update={"prompt": other}))
+        assert caught.value.fields == ["prompt"]
 
 
 async def test_a_recorded_image_names_each_field_the_event_gets_wrong(settings: Settings) -> None:

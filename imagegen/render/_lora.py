@@ -3,6 +3,10 @@
 Only the LoRAs the operator configured are loaded: ``settings.loras`` and what lies inside
 ``settings.lora_dir``. A hint's ``path`` comes with the event, so loading whatever it names would
 let any caller read files of this machine or fetch any repository from the Hub.
+
+What the settings alone decide (:func:`check_loras`) needs no torch: the render stage refuses a
+job for it before the job is admitted or queued. torch, diffusers and the Hub's client are
+imported where adapters are loaded.
 """
 
 from __future__ import annotations
@@ -10,18 +14,18 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
-import torch
-from huggingface_hub import is_offline_mode
+from typing import TYPE_CHECKING
 
 from imagegen.errors import DependencyUnavailable, InvalidRequest
 from imagegen.models import MAX_LORAS, LoraHint
-from imagegen.modelspec import family_for
+from imagegen.modelspec import family_for, looks_like_path
 from imagegen.render._errors import INSTALL_HINT, field_error, first_line
-from imagegen.render._loading import Pipeline, hub_errors, hub_options, looks_like_path
 from imagegen.settings import Settings
 
-__all__ = ["LoraAdapters", "check_lora_support"]
+if TYPE_CHECKING:
+    from imagegen.render._loading import Pipeline
+
+__all__ = ["LoraAdapters", "check_lora_support", "check_loras"]
 
 
 def check_lora_support(model: str, pipe: Pipeline) -> None:
@@ -32,9 +36,80 @@ def check_lora_support(model: str, pipe: Pipeline) -> None:
         DependencyUnavailable: peft is not installed.
     """
     if not family_for(model).lora or not hasattr(pipe, "load_lora_weights"):
-        raise field_error("loras", f"model {model!r} does not support LoRA adapters")
+        raise _unsupported(model)
     if importlib.util.find_spec("peft") is None:
         raise DependencyUnavailable(f"LoRA adapters need peft: {INSTALL_HINT}")
+
+
+def check_loras(settings: Settings, model: str, loras: Sequence[LoraHint]) -> None:
+    """Refuse ``loras`` for a job of ``model`` for what ``settings`` alone decide: no pipeline,
+    no torch, nothing opened. The refusals of :meth:`LoraAdapters.activate` and
+    :func:`check_lora_support`, word for word, so a job gets the same 400 before its call as
+    in it.
+
+    Raises:
+        InvalidRequest: ``model``'s family takes no LoRA adapters (``loras``); a LoRA is not
+            configured on this service (``loras.<i>.path``); two name the same weights
+            (``loras``).
+    """
+    if not loras:
+        return
+    if not family_for(model).lora:
+        raise _unsupported(model)
+    configured_sources(settings, loras)
+
+
+def configured_sources(settings: Settings, loras: Sequence[LoraHint]) -> list[str]:
+    """Where to load each of ``loras`` from, or an error naming every one not configured.
+
+    Raises:
+        InvalidRequest: as :func:`check_loras` says.
+    """
+    sources: list[str] = []
+    errors: list[dict[str, str]] = []
+    for index, lora in enumerate(loras):
+        source = _configured(settings, lora.path)
+        if source is None:
+            # Neither the path nor whether it exists: the message must not tell either.
+            message = f"LoRA {lora.name!r} is not configured on this render service"
+            errors.append({"field": f"loras.{index}.path", "message": message})
+        else:
+            sources.append(source)
+    if errors:
+        raise InvalidRequest("; ".join(error["message"] for error in errors), errors=errors)
+    # Paths that differ as written ("dir/", "dir/../dir") may still name the same weights.
+    first: dict[str, str] = {}
+    for lora, source in zip(loras, sources, strict=True):
+        if source in first:
+            message = f"LoRAs {first[source]!r} and {lora.name!r} are the same weights"
+            raise field_error("loras", message)
+        first[source] = lora.name
+    return sources
+
+
+def _unsupported(model: str) -> InvalidRequest:
+    return field_error("loras", f"model {model!r} does not support LoRA adapters")
+
+
+def _configured(settings: Settings, path: str) -> str | None:
+    """``path`` as loaded when the operator configured it, else None.
+
+    An entry of ``settings.loras`` as written (or with ``~`` expanded, as the lora plugin
+    gives it), or a file or directory inside ``settings.lora_dir`` once symlinks and ``..``
+    are resolved: then its resolved path, so what is loaded is what was checked.
+    """
+    lora_dir = settings.lora_dir
+    try:
+        if any(path in (e, str(Path(e).expanduser())) for e in settings.loras):
+            return path
+        if lora_dir is None:
+            return None
+        root = lora_dir.expanduser().resolve()
+        target = Path(path).expanduser().resolve()
+        inside = target != root and target.is_relative_to(root) and target.exists()
+    except (OSError, RuntimeError, ValueError):  # unreadable, a symlink loop, a NUL byte
+        return None
+    return str(target) if inside else None
 
 
 class LoraAdapters:
@@ -57,8 +132,9 @@ class LoraAdapters:
                 field, ``loras.<i>.path``, as pydantic names it), or cannot be loaded; two
                 name the same weights (``loras``).
         """
-        # Every hint is checked before anything is opened.
-        sources = self._sources(loras)
+        # Every hint is checked before anything is opened: again here, as the stage checked it
+        # before the call, for a backend used without the stage, and for a file removed since.
+        sources = configured_sources(self._settings, loras)
         wanted = {lora.name: lora for lora in loras}
         loaded = self._loaded.setdefault(model, {})
         for index, (lora, source) in enumerate(zip(loras, sources, strict=True)):
@@ -83,50 +159,12 @@ class LoraAdapters:
         """Forget every adapter (their pipelines are being dropped)."""
         self._loaded.clear()
 
-    def _sources(self, loras: Sequence[LoraHint]) -> list[str]:
-        """Where to load each of ``loras`` from, or an error naming every one not configured."""
-        sources: list[str] = []
-        errors: list[dict[str, str]] = []
-        for index, lora in enumerate(loras):
-            source = self._configured(lora.path)
-            if source is None:
-                # Neither the path nor whether it exists: the message must not tell either.
-                message = f"LoRA {lora.name!r} is not configured on this render service"
-                errors.append({"field": f"loras.{index}.path", "message": message})
-            else:
-                sources.append(source)
-        if errors:
-            raise InvalidRequest("; ".join(error["message"] for error in errors), errors=errors)
-        # Paths that differ as written ("dir/", "dir/../dir") may still name the same weights.
-        first: dict[str, str] = {}
-        for lora, source in zip(loras, sources, strict=True):
-            if source in first:
-                message = f"LoRAs {first[source]!r} and {lora.name!r} are the same weights"
-                raise field_error("loras", message)
-            first[source] = lora.name
-        return sources
-
-    def _configured(self, path: str) -> str | None:
-        """``path`` as loaded when the operator configured it, else None.
-
-        An entry of ``settings.loras`` as written (or with ``~`` expanded, as the lora plugin
-        gives it), or a file or directory inside ``settings.lora_dir`` once symlinks and
-        ``..`` are resolved: then its resolved path, so what is loaded is what was checked.
-        """
-        lora_dir = self._settings.lora_dir
-        try:
-            if any(path in (e, str(Path(e).expanduser())) for e in self._settings.loras):
-                return path
-            if lora_dir is None:
-                return None
-            root = lora_dir.expanduser().resolve()
-            target = Path(path).expanduser().resolve()
-            inside = target != root and target.is_relative_to(root) and target.exists()
-        except (OSError, RuntimeError, ValueError):  # unreadable, a symlink loop, a NUL byte
-            return None
-        return str(target) if inside else None
-
     def _load(self, pipe: Pipeline, lora: LoraHint, path: str, *, field: str) -> None:
+        import torch
+        from huggingface_hub import is_offline_mode
+
+        from imagegen.render._loading import hub_errors, hub_options
+
         source = Path(path).expanduser()
         load: Callable[..., None] = pipe.load_lora_weights
         if source.exists():

@@ -97,6 +97,9 @@ class _Waiting:
     stops at its next step's end."""
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once its call has ended, the PNG encoding included."""
+    held: bool = False
+    """Its caller holds it on once its call has ended (storing its PNG) and says when it lets
+    go (:meth:`Batcher.release`)."""
 
 
 class Batcher:
@@ -143,6 +146,7 @@ class Batcher:
         self.running_since: float | None = None
         self._in_call: list[_Waiting] = []  # the running call's jobs
         self._finishing: set[_Waiting] = set()  # jobs whose call ended, outputs not delivered
+        self._past_call: list[_Waiting] = []  # held jobs whose call ended, not yet let go
         self._stop: threading.Event | None = None  # set once the running call is not wanted
         self.cost = CallCost()
         """What a call costs for its work, fitted over the calls timed."""
@@ -190,8 +194,10 @@ class Batcher:
 
     def pending(self, jobs: Iterable[EnhancedPrompt]) -> dict[BatchKey, list[EnhancedPrompt]]:
         """Those of ``jobs`` that still need a call, by batch key: not in the running call,
-        nor in one that has ended (each job object counted once per time it is there)."""
-        done = Counter(id(w.job) for w in (*self._in_call, *self._finishing))
+        nor in one that has ended, its outputs being finished or, for a job submitted
+        ``held``, delivered and its caller not done with them (storing its PNG: the pipeline
+        owes it nothing). Each job object is counted once per time it is there."""
+        done = Counter(id(w.job) for w in (*self._in_call, *self._finishing, *self._past_call))
         groups: dict[BatchKey, list[EnhancedPrompt]] = {}
         for job in jobs:
             if done[id(job)] > 0:
@@ -246,6 +252,7 @@ class Batcher:
         *,
         on_start: Callable[[], None] | None = None,
         keep: bool = False,
+        held: bool = False,
     ) -> RenderOutput:
         """Queue ``job`` and return its output once its batch has run.
 
@@ -256,7 +263,9 @@ class Batcher:
         stops at its next step's end (a thread is stopped only there; :meth:`close` stops
         every call so). The cancelled caller returns (raises) only once that call has ended,
         so what it holds around this, an admission slot, stays held while the pipeline works
-        for it. ``on_start`` is called when the job joins a call.
+        for it. ``on_start`` is called when the job joins a call. A ``held`` job is one its
+        caller goes on holding once its call has ended (to store its output): it is counted
+        as done, never as a call still to run (:meth:`pending`), until :meth:`release`.
         """
         waiting = _Waiting(
             job,
@@ -266,6 +275,7 @@ class Batcher:
             self._clock(),
             on_start=on_start,
             keep=keep,
+            held=held,
         )
         self._waiting.append(waiting)
         self._changed.set()
@@ -303,6 +313,14 @@ class Batcher:
             batch = self._take(key)
             if batch:
                 await self._run_batch(batch)
+
+    def release(self, job: EnhancedPrompt) -> None:
+        """``job``, submitted ``held``, is no longer held by its caller: forget it. A job that
+        never joined a call (cancelled while it waited, refused) is not there: nothing to do."""
+        for index, waiting in enumerate(self._past_call):
+            if waiting.job is job:
+                del self._past_call[index]
+                return
 
     def _unwanted(self) -> bool:
         return all(w.future.cancelled() and not w.keep for w in self._in_call)
@@ -350,7 +368,7 @@ class Batcher:
             # Not an Exception (those come back as values): the jobs' requests get it too,
             # rather than wait for an answer that never comes.
             _fail(batch, error)
-            _end(batch)
+            self._end(batch)
             if isinstance(error, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
                 raise
             return  # the queue goes on with the next call
@@ -376,7 +394,15 @@ class Batcher:
                     waiting.future.set_result(result)
         finally:
             self._finishing.difference_update(batch)
-            _end(batch)
+            self._end(batch)
+
+    def _end(self, batch: list[_Waiting]) -> None:
+        """Its call has ended for each job of ``batch``: those still held stay counted as done
+        until their callers let go (:meth:`release`)."""
+        for waiting in batch:
+            if waiting.held:
+                self._past_call.append(waiting)
+            waiting.ended.set()
 
     async def _call(self, batch: list[_Waiting]) -> _Called | BaseException:
         """Run one call in a thread, in the first job's context; the error, if any, as a value.
@@ -484,11 +510,6 @@ def _fail(batch: list[_Waiting], error: BaseException) -> None:
             waiting.future.cancel()
         else:
             waiting.future.set_exception(error)
-
-
-def _end(batch: list[_Waiting]) -> None:
-    for waiting in batch:
-        waiting.ended.set()
 
 
 def _settle(future: asyncio.Future[Any], error: BaseException | None, result: Any) -> None:

@@ -1,7 +1,7 @@
 """The render backend that runs diffusers pipelines (FLUX and any other text-to-image model).
 
 Importing this module imports torch and diffusers: it and its private helpers (``_device``,
-``_loading``, ``_lora``) are the one place in imagegen that does.
+``_loading``; ``_lora`` where it loads adapters) are the one place in imagegen that does.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from imagegen.render.png import encode_filtered_png, encode_png
 from imagegen.settings import Settings
 from imagegen.telemetry import tracer
 
-# The private modules import torch, diffusers and huggingface_hub too.
+# The private modules import torch, diffusers and huggingface_hub too (``_lora`` once it
+# loads adapters: what the settings alone decide of LoRAs needs none of them).
 try:
     import diffusers
     import numpy as np

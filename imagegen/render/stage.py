@@ -27,6 +27,7 @@ from imagegen.identity import stage_time
 from imagegen.models import EnhancedPrompt, RenderedImage
 from imagegen.modelspec import family_for, request_errors
 from imagegen.render import stored_png
+from imagegen.render._lora import check_loras
 from imagegen.render._waiters import Waiters
 from imagegen.render.base import (
     BatchRenderBackend,
@@ -232,13 +233,17 @@ class RenderStage:
             requested_at=datetime.now(UTC),
         )
         started = time.perf_counter()
-        await self._render(job, None)
+        await self._render(job, None, held=False)
         batch = self.batcher.max_size
         if batch > 1:
             # Queued together before the batcher's worker first runs: one call of ``batch``.
             await asyncio.gather(
                 *(
-                    self._render(job.model_copy(update={"generation_id": f"warm-up-{i}"}), None)
+                    self._render(
+                        job.model_copy(update={"generation_id": f"warm-up-{i}"}),
+                        None,
+                        held=False,
+                    )
                     for i in range(batch)
                 )
             )
@@ -257,8 +262,10 @@ class RenderStage:
         A cancelled request (a timeout) leaves the queue if its call has not started; once it
         has, the request keeps its admission slot until the call ends, which is at its next
         denoising step's end once every request in it has gone, since nothing of it is stored
-        (:meth:`Batcher.submit`).
+        (:meth:`Batcher.submit`). A job that can never be rendered here is refused before it
+        is admitted (:meth:`_check`).
         """
+        self._check(job)
         async with self._admission(job):
             return await self._render(job, progress)
 
@@ -344,6 +351,7 @@ class RenderStage:
             done = await self._stored(job, keys, fingerprint) if again else None
             if done is not None:
                 return done
+            self._check(job)  # a 400 whatever the pod holds: never a 429, no slot taken
             async with self._admission(job):
                 done = await self._render_and_store(job, keys, fingerprint, progress, started)
             self._stores += 1  # before the lock is let go: the next holder sees it
@@ -359,12 +367,18 @@ class RenderStage:
     ) -> RenderedImage:
         # The claim (no image of another day's job) is written while the pipeline runs: a
         # round trip to the store, off the render's time. Begun once the job joins a call, so
-        # a job refused before (a model not served) claims nothing.
+        # a job refused before (a model not served, a LoRA not configured: _check) claims
+        # nothing. A job with LoRAs claims once its call has made its image: its adapters are
+        # loaded in the call, which may still refuse it for good (weights that cannot be
+        # loaded, a Hub repository not found), and a claim cannot be taken back safely (a
+        # job of its key in another process may rely on it), so it would refuse the id to
+        # every job of another day although no image of it exists.
         claiming: list[asyncio.Future[None]] = []
 
         def on_start() -> None:
             started()
-            claiming.append(asyncio.ensure_future(stored_png.claim(self.storage, job, keys)))
+            if not job.loras:
+                claiming.append(asyncio.ensure_future(stored_png.claim(self.storage, job, keys)))
 
         try:
             output = await self._render(job, progress, on_start=on_start, stored=True)
@@ -379,7 +393,7 @@ class RenderStage:
         meta = stored_png.metadata(job, sha256, fingerprint, timings, rendered_at)
         if claiming:
             await claiming[0]
-        else:  # a backend that never said its call began
+        else:  # a job with LoRAs, or a backend that never said its call began
             await stored_png.claim(self.storage, job, keys)
         location = self.storage.location(keys.image)
         if not await self.storage.create(keys.image, output.png, content_type=PNG, metadata=meta):
@@ -414,6 +428,21 @@ class RenderStage:
         stored = await self.storage.head(keys.image)
         return stored_png.answer(job, stored, fingerprint, self.storage.location(keys.image))
 
+    def _check(self, job: EnhancedPrompt) -> None:
+        """Refuse ``job`` for what the settings alone decide, before it is admitted or queued,
+        so it is a 400 whether or not the pod is busy: the deployment's served models (the
+        setting enhance checks too), the family's rules, and the LoRAs configured here (the
+        backend checks them again in the call, where it loads them).
+
+        Raises:
+            InvalidRequest: naming each field refused.
+        """
+        errors = request_errors(job.model, job.width, job.height, self.settings.served_models)
+        if errors:
+            fields = ", ".join(dict.fromkeys(e["field"] for e in errors))
+            raise InvalidRequest(f"invalid EnhancedPrompt: {fields}", errors=errors)
+        check_loras(self.settings, job.model, job.loras)
+
     async def _render(
         self,
         job: EnhancedPrompt,
@@ -421,14 +450,13 @@ class RenderStage:
         *,
         on_start: Callable[[], None] | None = None,
         stored: bool = False,
+        held: bool = True,
     ) -> RenderOutput:
         # A ``stored`` render's call runs to the end even once its request has gone: its
         # retry finds the image in storage. Any other call is wanted only while someone waits.
-        # The deployment's served models (the setting enhance checks too) and the family's rules.
-        errors = request_errors(job.model, job.width, job.height, self.settings.served_models)
-        if errors:
-            fields = ", ".join(dict.fromkeys(e["field"] for e in errors))
-            raise InvalidRequest(f"invalid EnhancedPrompt: {fields}", errors=errors)
+        # ``held``: ``job`` is admitted (:class:`_Admission`, which lets the batcher know when
+        # it is let go), as every job but the warm-up's.
+        self._check(job)  # checked before admission too; the warm-up's job is not admitted
         if not self.is_loaded(job.model):
             if not self._load_on_demand:
                 # The deployment serves the model and its Trigger sent the job here: the
@@ -442,7 +470,7 @@ class RenderStage:
                     retry_after=_UNLOADED_RETRY_AFTER,
                 )
             await self.load(job.model)
-        output = await self.batcher.submit(job, progress, on_start=on_start, keep=stored)
+        output = await self.batcher.submit(job, progress, on_start=on_start, keep=stored, held=held)
         denoise = output.timings.get("denoise")
         if denoise is not None:
             instruments().denoise_step_duration.record(
@@ -536,6 +564,7 @@ class _Admission:
         instruments().renders_in_flight.add(1)
 
     async def __aexit__(self, *exc: object) -> None:
+        self.stage.batcher.release(self.job)  # its call, if any, no longer counted as done
         self.stage._held.remove(self.job)
         instruments().renders_in_flight.add(-1)
 

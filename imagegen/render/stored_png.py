@@ -18,12 +18,46 @@ from imagegen.storage.base import GenerationKeys, Storage, StoredObject
 
 
 def fingerprint(job: EnhancedPrompt) -> str:
-    """A digest of everything that decides the pixels and the record of ``job``.
+    """A digest of everything that decides the pixels and the record of ``job``, as its JSON
+    is written: the ``job`` metadata of every stored PNG, which persist checks an event's
+    ``prompt`` against.
 
     Not ``enhanced_at``: when enhance wrote the job decides neither, and a job kept before
-    that time was (none) must still match the image rendered from it.
+    that time was (none) must still match the image rendered from it. The same job written
+    otherwise (its metadata's keys in another order, its time at another offset) has another
+    digest: :func:`canonical_fingerprint` is the one that tells them apart.
     """
     return hashlib.sha256(job.model_dump_json(exclude={"enhanced_at"}).encode()).hexdigest()
+
+
+def canonical_fingerprint(job: EnhancedPrompt) -> str:
+    """:func:`fingerprint` of ``job`` however its JSON was written: every time in UTC, every
+    object's keys sorted.
+
+    Stored beside :func:`fingerprint` (``job-canonical``) rather than in its place: PNGs stored
+    before it was kept carry only the other, and persist, of any release, compares an event
+    with that one.
+    """
+    utc = job.model_copy(update={"requested_at": job.requested_at.astimezone(UTC)})
+    data = utc.model_dump(mode="json", exclude={"enhanced_at"})
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def matches(job: EnhancedPrompt, stored: StoredObject, job_digest: str | None = None) -> bool:
+    """Whether the PNG ``stored`` was rendered from ``job`` (``job_digest``: its
+    :func:`fingerprint`, when known): the digest it was stored with, either form; one stored
+    without (by hand, or before digests were kept) says nothing against it.
+
+    A redelivered event carries the bytes of its first delivery, so its :func:`fingerprint`
+    is the stored one, whichever release stored it; the same job written otherwise (a direct
+    call retried with its metadata in another order) matches by :func:`canonical_fingerprint`.
+    """
+    digest = stored.metadata.get("job")
+    if digest is None or digest == (job_digest or fingerprint(job)):
+        return True
+    canonical = stored.metadata.get("job-canonical")
+    return canonical is not None and canonical == canonical_fingerprint(job)
 
 
 def metadata(
@@ -37,6 +71,7 @@ def metadata(
     return {
         "sha256": sha256,
         "job": job_digest,
+        "job-canonical": canonical_fingerprint(job),
         "generation-id": job.generation_id,
         "seed": str(job.seed),
         "model": job.model,
@@ -80,9 +115,9 @@ def answer(
 ) -> RenderedImage | None:
     """The reply for ``job`` that ``stored`` holds, if it is a finished image (one written with
     :func:`metadata`); refuses an image made from another job under the same generation id."""
-    if stored is None or "sha256" not in stored.metadata:
+    if stored is None or not _finished(stored):
         return None
-    if stored.metadata.get("job", job_digest) != job_digest:
+    if not matches(job, stored, job_digest):
         raise InvalidRequest(
             f"generation {job.generation_id!r} was already rendered from a different job",
             errors=[{"field": "generation_id", "message": "already rendered from another job"}],
@@ -213,4 +248,19 @@ async def claim(storage: Storage, job: EnhancedPrompt, keys: GenerationKeys) -> 
     body = json.dumps({"image": keys.image}, separators=(",", ":")).encode()
     if await storage.create(key, body, content_type="application/json"):
         return
-    check_claim(job, keys, await claimed(storage, job.generation_id))
+    image = await claimed(storage, job.generation_id)
+    if image is not None and image != keys.image and not _finished(await storage.head(image)):
+        # Claimed by a job whose image is not stored: its render failed, or another process
+        # renders it now. Refused all the same: the claim cannot tell which, nor be taken
+        # back safely while a job under its key may still store. Not called "rendered".
+        raise InvalidRequest(
+            f"generation {job.generation_id!r} is claimed by a different job (for {image}),"
+            " whose image is not stored: its render failed or is under way",
+            errors=[{"field": "generation_id", "message": "claimed by another job"}],
+        )
+    check_claim(job, keys, image)
+
+
+def _finished(stored: StoredObject | None) -> bool:
+    """Whether ``stored`` is a finished image, one written with :func:`metadata`."""
+    return stored is not None and "sha256" in stored.metadata

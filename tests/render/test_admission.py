@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from imagegen.models import EnhancedPrompt
 from imagegen.render.base import ProgressCallback, RenderOutput
 from imagegen.render.cost import CallCost
-from imagegen.render.stage import UNMEASURED_QUEUE
+from imagegen.render.stage import UNMEASURED_QUEUE, RenderStage
+from imagegen.settings import Settings
+from imagegen.storage import LocalStorage
 from tests.fakes.render_backend import ReadyBackend
 from tests.render.test_batching import BatchingBackend, TwoPhaseBackend, job, make_stage
 
@@ -151,3 +155,44 @@ async def test_a_held_job_lets_in_only_what_shares_its_call(tmp_path: Path) -> N
     stage._held = [job("waiting", width=256)]
     assert stage.admits(job("joins", width=256))  # the same call: 6 s
     assert not stage.admits(job("other", width=512))  # a call of its own: 12 s
+
+
+class _SlowUpload(LocalStorage):
+    """Holds each PNG's create until ``release`` is set: a slow PutObject."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.storing = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def create(self, key: str, data: bytes, **options: Any) -> bool:
+        if key.endswith(".png"):
+            self.storing.set()
+            await self.release.wait()
+        return await super().create(key, data, **options)
+
+
+async def test_a_job_whose_png_is_being_stored_is_no_call_still_to_run(tmp_path: Path) -> None:
+    """Its call has ended: it is held until its PNG is stored, but the pipeline owes it
+    nothing, so neither admission nor Retry-After counts a call for it."""
+    storage = _SlowUpload(tmp_path)
+    backend = BatchingBackend()
+    stage = RenderStage(Settings(render_timeout=30), storage, lambda: backend)
+    for _ in range(8):
+        stage.batcher.observe(20.0, [job("timed")])  # a call takes 20 s
+    storing = asyncio.ensure_future(stage.render(job("storing")))
+    try:
+        await asyncio.wait_for(storage.storing.wait(), 10)
+        assert [held.generation_id for held in stage._held] == ["storing"]
+        assert stage.batcher.backlog(stage._held) == 0.0
+        assert stage.retry_after() == 1
+        next_job = job("next")
+        assert stage.admits(next_job)  # its own call only: 20 s of 30
+        rendered = await stage.render_png(next_job)
+        assert rendered.png.endswith(b"next")
+    finally:
+        storage.release.set()
+        await storing
+        stage.close()
+    assert stage._held == []
+    assert stage.batcher._past_call == []

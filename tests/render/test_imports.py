@@ -11,7 +11,9 @@ from tests.conftest import ROOT
 
 
 @pytest.mark.parametrize(
-    "module", ["imagegen.render", "imagegen.render.png", "imagegen.render.base"]
+    "module",
+    # The stage checks a job's LoRAs against the settings (render._lora) before admission.
+    ["imagegen.render", "imagegen.render.png", "imagegen.render.base", "imagegen.render.stage"],
 )
 def test_import_does_not_load_torch(module: str) -> None:
     code = (

@@ -14,8 +14,11 @@ from PIL import Image
 
 from imagegen.errors import InvalidRequest
 from imagegen.models import EnhancedPrompt, LoraHint
+from imagegen.render import stored_png
 from imagegen.render.diffusers_backend import DiffusersBackend
 from imagegen.settings import Settings
+from imagegen.storage.base import GenerationKeys
+from tests.fakes.render_backend import enhanced_prompt
 
 MakeJob = Callable[..., EnhancedPrompt]
 REFUSED = "LoRA 'evil' is not configured on this render service"
@@ -190,3 +193,98 @@ def test_a_lora_file_named_with_dots_is_applied_as_the_plugin_names_it(
         dotted.unlink()
 
     assert np.abs(styled - plain).mean() > 0
+
+
+# -- The stage refuses what its settings decide before admission -----------------------------
+
+
+async def _busy_stage(tmp_path: Path, **settings: Any) -> tuple[Any, Any, Any]:
+    """A render stage with no queue (``render_queue_size=0``), its one call held running."""
+    import asyncio
+
+    from tests.render.test_batching import BatchingBackend, make_stage
+
+    backend = BatchingBackend()
+    backend.gate.clear()
+    stage = make_stage(backend, tmp_path, render_queue_size=0, **settings)
+    running = asyncio.ensure_future(stage.render(enhanced_prompt(generation_id="running")))
+    await asyncio.to_thread(backend.running.wait, 10)
+    return backend, stage, running
+
+
+@pytest.mark.parametrize("accept_png", [False, True])
+async def test_an_unconfigured_lora_is_refused_not_told_to_retry_while_the_pod_is_busy(
+    tmp_path: Path, accept_png: bool
+) -> None:
+    """The job can never be rendered here: a 400 naming the LoRA, never a 429 with a
+    Retry-After, and it takes no slot, nor waits in the queue."""
+    from imagegen.errors import Overloaded
+
+    backend, stage, running = await _busy_stage(tmp_path, loras=["ink"])
+    evil = enhanced_prompt(generation_id="evil", loras=[LoraHint(name="evil", path="evil")])
+    try:
+        with pytest.raises(InvalidRequest) as caught:
+            await (stage.render_png(evil) if accept_png else stage.render(evil))
+        assert caught.value.errors == [{"field": "loras.0.path", "message": REFUSED}]
+        # A configured LoRA passes the check, and is the 429 the full pod answers.
+        ink = enhanced_prompt(generation_id="ink", loras=[LoraHint(name="ink", path="ink")])
+        with pytest.raises(Overloaded):
+            await stage.render(ink)
+    finally:
+        backend.gate.set()
+        await running
+        stage.close()
+    assert backend.calls == [["running"]]
+    assert not (tmp_path / stored_png.claim_key("evil")).exists()
+
+
+async def test_loras_for_a_model_that_takes_none_are_refused_before_admission(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataclasses import replace
+
+    from imagegen.errors import Overloaded
+    from imagegen.modelspec import family_for
+
+    def without_loras(model: str) -> Any:  # a family that takes no LoRA adapters
+        return replace(family_for(model), lora=False)
+
+    monkeypatch.setattr("imagegen.render._lora.family_for", without_loras)
+    backend, stage, running = await _busy_stage(tmp_path, loras=["ink"])
+    ink = enhanced_prompt(generation_id="ink", loras=[LoraHint(name="ink", path="ink")])
+    try:
+        with pytest.raises(InvalidRequest) as caught:
+            await stage.render(ink)
+    finally:
+        backend.gate.set()
+        await running
+        stage.close()
+    assert not isinstance(caught.value, Overloaded)
+    assert caught.value.fields == ["loras"]
+    assert caught.value.message == "model 'tiny' does not support LoRA adapters"
+
+
+async def test_a_job_its_call_refuses_for_a_lora_leaves_no_claim(tmp_path: Path) -> None:
+    """A configured LoRA the call cannot load (weights gone bad, a Hub repository removed) is a
+    400 from inside the call. Nothing of the job is stored, so the same id may still be
+    rendered, by a corrected job of another day too, not refused as "already rendered"."""
+    from datetime import timedelta
+
+    from tests.render.test_batching import BatchingBackend, make_stage
+
+    backend = BatchingBackend()
+    backend.refuse = {"fixed"}  # the backend's refusal of the LoRA job, in its call
+    stage = make_stage(backend, tmp_path, loras=["ink"])
+    styled = enhanced_prompt(generation_id="fixed", loras=[LoraHint(name="ink", path="ink")])
+    try:
+        with pytest.raises(InvalidRequest):
+            await stage.render(styled)
+        assert backend.calls == [["fixed"]]
+        assert not (tmp_path / stored_png.claim_key("fixed")).exists()
+        backend.refuse = set()
+        later = styled.requested_at + timedelta(days=1)
+        corrected = styled.model_copy(update={"loras": [], "requested_at": later})
+        rendered = await stage.render(corrected)
+    finally:
+        stage.close()
+    assert rendered.key == GenerationKeys("fixed", later).image

@@ -318,3 +318,83 @@ async def test_a_served_model_this_service_does_not_load_is_retried_not_failed(
     assert "'tiny-klein'" in str(caught.value) and "IMAGEGEN_MODEL" in str(caught.value)
     assert backend.finished == 0
     assert not (tmp_path / stored_png.claim_key("g-elsewhere")).exists()
+
+
+async def test_a_claim_whose_image_is_not_stored_is_not_called_rendered(tmp_path: Path) -> None:
+    """A job claimed its id and stored no image (its render failed, or a pod died): a job of
+    another day under that id is still refused (the claim cannot tell a failed render from one
+    under way elsewhere), but not as "already rendered"."""
+    from datetime import timedelta
+
+    from imagegen.storage.base import GenerationKeys
+
+    storage = LocalStorage(tmp_path)
+    first = job("unstored")
+    first_key = GenerationKeys(first.generation_id, first.requested_at).image
+    await stored_png.claim(storage, first, GenerationKeys(first.generation_id, first.requested_at))
+    later = first.model_copy(update={"requested_at": first.requested_at + timedelta(days=1)})
+    render = stage(SlowBackend(0.0), tmp_path, queue=4)
+
+    with pytest.raises(InvalidRequest) as caught:
+        await render.render(later)
+
+    assert caught.value.fields == ["generation_id"]
+    assert "already rendered" not in caught.value.message
+    assert first_key in caught.value.message and "not stored" in caught.value.message
+    assert not list(tmp_path.rglob("*.png"))
+
+
+def _reordered(job: EnhancedPrompt) -> EnhancedPrompt:
+    """``job`` as a retry may write it: its metadata's keys in another order, its time at +02:00."""
+    from datetime import timedelta, timezone
+
+    later = job.requested_at.astimezone(timezone(timedelta(hours=2)))
+    metadata = dict(reversed(list(job.metadata.items())))
+    return job.model_copy(update={"metadata": metadata, "requested_at": later})
+
+
+async def test_the_same_job_written_otherwise_is_answered_from_storage(tmp_path: Path) -> None:
+    backend = SlowBackend(0.0)
+    render = stage(backend, tmp_path, queue=4)
+    first = job("written").model_copy(update={"metadata": {"a": "1", "b": {"y": 2, "x": 1}}})
+    rendered = await render.render(first)
+    again = _reordered(first)
+    assert again.model_dump_json() != first.model_dump_json()
+
+    answered = await render.render(again)
+
+    assert backend.finished == 1
+    assert (answered.key, answered.sha256) == (rendered.key, rendered.sha256)
+    # Another job is still another: a value changed, not only where it is written.
+    other = first.model_copy(update={"metadata": {"a": "1", "b": {"y": 2, "x": 3}}})
+    with pytest.raises(InvalidRequest) as caught:
+        await render.render(other)
+    assert caught.value.fields == ["generation_id"]
+
+
+async def test_a_png_stored_with_the_digest_of_before_answers_its_redelivery(
+    tmp_path: Path,
+) -> None:
+    """A PNG stored by the release before carries only the digest of the job's JSON as it was
+    written: a redelivered event (its first delivery's bytes) is answered from it."""
+    import hashlib
+
+    from imagegen.storage.base import GenerationKeys
+
+    storage = LocalStorage(tmp_path)
+    first = job("before").model_copy(update={"metadata": {"b": "2", "a": "1"}})
+    key = GenerationKeys(first.generation_id, first.requested_at).image
+    png = b"\x89PNG stored before"
+    digest = hashlib.sha256(first.model_dump_json(exclude={"enhanced_at"}).encode()).hexdigest()
+    sha256 = hashlib.sha256(png).hexdigest()
+    meta = stored_png.metadata(first, sha256, digest, {}, first.requested_at)
+    meta.pop("job-canonical", None)  # what that release wrote
+    await storage.create(key, png, content_type="image/png", metadata=meta)
+    backend = SlowBackend(0.0)
+    render = stage(backend, tmp_path, queue=4)
+
+    answered = await render.render(EnhancedPrompt.model_validate_json(first.model_dump_json()))
+
+    assert backend.finished == 0 and answered.sha256 == sha256
+    # persist, of either release, checks an event against the digest of its job as written.
+    assert stored_png.fingerprint(first) == digest
