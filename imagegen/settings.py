@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
@@ -153,9 +154,31 @@ def webhook_key(secret: str) -> bytes:
     return key
 
 
+_EMPTY_IS_UNSET = frozenset({"IMAGEGEN_OLLAMA_HOST", "OLLAMA_HOST"})
+"""Variables that count as unset when empty, as Ollama reads an empty ``OLLAMA_HOST``
+(ollama-python's ``_parse_host``: the default host; pydantic-settings' ``env_ignore_empty``, for
+these alone): the next of them, or the default, is read instead. Else an empty
+``IMAGEGEN_OLLAMA_HOST`` would hide ``OLLAMA_HOST`` from the settings, and the Ollama client,
+given an empty host, would read that itself, unchecked (``host or os.getenv('OLLAMA_HOST')``)."""
+
+
+def _drop_empty(source: PydanticBaseSettingsSource) -> None:
+    """Forget the variables of :data:`_EMPTY_IS_UNSET` that ``source`` found empty."""
+    if isinstance(source, EnvSettingsSource):  # the environment, and the .env file
+        source.env_vars = {
+            name: value
+            for name, value in source.env_vars.items()
+            if value or name.upper() not in _EMPTY_IS_UNSET
+        }
+
+
 def _ollama_host(value: str) -> str:
     """``value`` when the Ollama client can read it: ``[http(s)://]host[:port][/path]``, the
-    forms of ``OLLAMA_HOST`` that ``_parse_host`` (ollama-python, ``ollama/_client.py``) takes."""
+    forms of ``OLLAMA_HOST`` that ``_parse_host`` (ollama-python, ``ollama/_client.py``) takes.
+
+    Never empty: the client would take an empty host for none, and read ``OLLAMA_HOST``."""
+    if not value:
+        raise ValueError("empty: give a host, or leave it unset for the default")
     scheme, separator, rest = value.partition("://")
     if not separator:
         scheme, rest = "http", value
@@ -221,6 +244,8 @@ class Settings(BaseSettings):
         files = getattr(dotenv_settings, "env_file", None)
         named = [files] if isinstance(files, str | Path) else list(files or ())
         dotenv = [dotenv_settings] if any(Path(f).expanduser().is_file() for f in named) else []
+        for source in (env_settings, *dotenv):
+            _drop_empty(source)
         return (init_settings, env_settings, *dotenv, file_secret_settings)
 
     profile: Literal["dev", "prod"] = "dev"
@@ -506,7 +531,11 @@ class Settings(BaseSettings):
         """The one variable to name for setting ``name``: the first of :meth:`variables` that
         is set in the environment, else the first (it may be in the ``.env`` file)."""
         names = cls.variables(name)
-        present = {key.upper() for key in os.environ}
+        present = {
+            key.upper()
+            for key, value in os.environ.items()
+            if value or key.upper() not in _EMPTY_IS_UNSET
+        }
         return next((v for v in names if v.upper() in present), names[0] if names else name)
 
     @classmethod

@@ -1,11 +1,17 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+from imagegen.events import GENERATION_REQUESTED
 from imagegen.settings import DEFAULT_MODEL, Settings
+from tests.conftest import RunCli
+from tests.functions.clients import InProcessFunction
+from tests.functions.conftest import base_env
+from tests.functions.servers import post_event
 
 
 def test_defaults_are_a_laptop() -> None:
@@ -238,3 +244,67 @@ def test_a_url_that_cannot_be_split_is_said_for_what_it_is(
     [error] = caught.value.errors()
     assert error["loc"] == (field,) and said in error["msg"]
     assert value not in str(caught.value)  # never echoed (a URL may carry credentials)
+
+
+# -- an empty Ollama host ---------------------------------------------------------------------
+
+NO_OLLAMA = "http://127.0.0.1:47100"  # nothing listens there
+
+
+def test_an_empty_ollama_host_is_unset(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Read as Ollama reads an empty OLLAMA_HOST (ollama-python's ``_parse_host``): unset. An
+    empty IMAGEGEN_OLLAMA_HOST hid OLLAMA_HOST, and the client then read that itself, unchecked."""
+    monkeypatch.setenv("IMAGEGEN_OLLAMA_HOST", "")
+    monkeypatch.setenv("OLLAMA_HOST", "http://a:1")
+    assert Settings().ollama_host == "http://a:1"
+    monkeypatch.setenv("OLLAMA_HOST", "")
+    assert Settings().ollama_host == "http://127.0.0.1:11434"
+    monkeypatch.delenv("IMAGEGEN_OLLAMA_HOST")
+    assert Settings().ollama_host == "http://127.0.0.1:11434"
+    # An empty variable gives way to the .env file as an unset one does.
+    monkeypatch.setenv("IMAGEGEN_OLLAMA_HOST", "")
+    (tmp_path / ".env").write_text("IMAGEGEN_OLLAMA_HOST=\nOLLAMA_HOST=http://c:3\n")
+    assert Settings().ollama_host == "http://c:3"
+
+
+def test_an_empty_ollama_host_given_as_an_argument_is_refused() -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(ollama_host="")
+    [error] = caught.value.errors()
+    assert error["loc"] == ("ollama_host",) and "empty" in error["msg"]
+
+
+@pytest.mark.parametrize("command", [["doctor"], ["generate", "x", "--model", "tiny"]])
+def test_an_empty_ollama_host_does_not_let_a_bad_ollama_host_through(
+    cli: RunCli, command: list[str]
+) -> None:
+    """It reached the Ollama client unchecked: an internal error (ValueError), exit 1."""
+    env = {"IMAGEGEN_OLLAMA_HOST": "", "OLLAMA_HOST": "localhost:99999"}
+    result = cli(*command, env=env)
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        "imagegen: error: invalid settings: OLLAMA_HOST (not a valid URL or host[:port]"
+        " (its port is out of range))"
+    )
+
+
+def test_doctor_names_the_ollama_host_an_empty_variable_gave_way_to(cli: RunCli) -> None:
+    result = cli("doctor", "--json", env={"IMAGEGEN_OLLAMA_HOST": "", "OLLAMA_HOST": NO_OLLAMA})
+    [ollama] = [c for c in json.loads(result.stdout)["checks"] if c["check"] == "ollama"]
+    assert ollama["summary"] == f"Ollama is not running at {NO_OLLAMA}."
+
+
+def test_the_enhance_function_answers_503_naming_the_ollama_host_set(tmp_path: Path) -> None:
+    """The Ollama client, given an empty host, read the bad one itself: enhance fell back to
+    its template for every request, and said nothing of the setting."""
+    env = {**base_env(tmp_path / "store"), "IMAGEGEN_OLLAMA_HOST": "", "OLLAMA_HOST": ":99999"}
+    with InProcessFunction("enhance", env) as enhance:
+        assert enhance.get("/readyz").status_code == 503
+        reply = post_event(enhance, GENERATION_REQUESTED, {"prompt": "a fox"}, subject="host-1")
+    assert reply.status_code == 503, reply.text
+    body = reply.json()
+    assert body["error"] == "not_configured"
+    assert body["message"] == "enhance could not start: invalid settings: OLLAMA_HOST"
+    why = "not a valid URL or host[:port] (its port is out of range)"
+    assert body["errors"] == [{"field": "OLLAMA_HOST", "message": why}]
