@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -26,6 +27,7 @@ from imagegen.errors import (
     NotFound,
     first_line,
 )
+from imagegen.ledger._migrate import migrations
 from imagegen.ledger._sql import (
     BUSY,
     BUSY_RETRY_AFTER,
@@ -116,20 +118,54 @@ def _write_ahead(conn: sqlite3.Connection) -> None:
             time.sleep(0.005)
 
 
+_NO_SHM = frozenset({"SQLITE_CANTOPEN", "SQLITE_READONLY_DIRECTORY", "SQLITE_READONLY_CANTINIT"})
+"""What a read-only connection meets reading a WAL-mode database whose ``-shm`` and ``-wal``
+files are not there and cannot be made beside it (SQLite 3.22+, "Write-Ahead Logging",
+"Read-Only Databases": such a database is read where they exist, or can be made, or the file
+is opened ``immutable``)."""
+
+
+class _CannotRead(DependencyUnavailable):
+    """A read-only ledger that cannot be read as it is: the message says what it needs."""
+
+
+_CANNOT_WRITE = frozenset({"SQLITE_READONLY", "SQLITE_CANTOPEN", *_NO_SHM})
+"""What opening a file this process may not write for writing meets (at its first write)."""
+
+
+def _file_uri(path: Path, query: str) -> str:
+    return f"{path.absolute().as_uri()}?{query}"
+
+
+def _read_only_mount(path: Path) -> bool:
+    """Whether ``path`` is on a file system mounted read-only (which nothing can write)."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 class SqliteLedger(SqlLedger):
     """The ledger in a SQLite file (created, with its folder, when missing unless
-    ``must_exist``).
+    ``must_exist`` or ``read_only``).
 
     Args:
         path: The database file; ``:memory:`` for a private in-memory ledger.
         must_exist: the file is opened only if it is there: neither it nor its folder is made.
+        read_only: what only reads the ledger: the file is opened only if it is there, and
+            read-only (``mode=ro``), so a ledger this process may not write is read all the
+            same, and nothing is written to it: a file with no ledger in it (an empty one) reads
+            as an empty ledger, and a write (:meth:`transaction`) fails. Only a schema
+            migration still to apply opens it for writing, to apply it.
 
     Raises:
-        NotFound: ``must_exist``, and the file is not there.
+        NotFound: ``must_exist`` or ``read_only``, and the file is not there.
         ConfigurationError: ``path`` cannot hold a ledger (a folder, a file that is no SQLite
             database, a file where a folder of its path should be).
         DependencyUnavailable: the file cannot be opened or migrated now (permissions, a full
-            disk, a lock held past the busy timeout).
+            disk, a lock held past the busy timeout; ``read_only``: a WAL-mode file in a folder
+            this process cannot write, without the ``-shm`` and ``-wal`` files SQLite reads it
+            by).
     """
 
     dialect = "sqlite"
@@ -137,11 +173,15 @@ class SqliteLedger(SqlLedger):
         "SELECT 1 AS found FROM sqlite_master WHERE type = 'table' AND name = 'ledger_migrations'"
     )
 
-    def __init__(self, path: str | Path, *, must_exist: bool = False) -> None:
+    def __init__(
+        self, path: str | Path, *, must_exist: bool = False, read_only: bool = False
+    ) -> None:
         if str(path) != ":memory:":
             path = Path(path).expanduser()
         self.path = path
-        self._must_exist = must_exist
+        self._must_exist = must_exist or read_only
+        self.read_only = read_only
+        self._writes_refused = False
         self.where = str(path)
         self._lock = threading.RLock()
         try:
@@ -150,6 +190,8 @@ class SqliteLedger(SqlLedger):
             raise self._unusable("has a file where a folder of its path should be") from None
         except sqlite3.OperationalError as exc:
             raise DependencyUnavailable(f"ledger {self.path} cannot be opened: {exc}") from None
+        except _CannotRead as exc:  # says what it needs
+            raise DependencyUnavailable(exc.message) from None
         except DependencyUnavailable as exc:  # its lock held past the busy timeout
             raise DependencyUnavailable(
                 f"ledger {self.path} cannot be opened: {exc.message}", retry_after=exc.retry_after
@@ -172,27 +214,99 @@ class SqliteLedger(SqlLedger):
                     path.stat()  # a file where a folder should be: NotADirectoryError
                 except FileNotFoundError:
                     raise NotFound(f"ledger {path} does not exist") from None
+                if self.read_only and self._open_read_only(path):
+                    return
                 # Read-write, never create: gone since, it is an error, not a new ledger.
-                target = f"{path.absolute().as_uri()}?mode=rw"
+                target = _file_uri(path, "mode=rw")
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = self._connect(target)
+        try:
+            try:
+                if isinstance(path, Path):
+                    _write_ahead(self._conn)
+                self._conn.execute("PRAGMA synchronous=NORMAL")
+                self._migrate()
+            except sqlite3.OperationalError as exc:
+                if not self.read_only or exc.sqlite_errorname not in _CANNOT_WRITE:
+                    raise
+                raise _CannotRead(
+                    f"ledger {path} cannot be read before the schema migrations this release "
+                    f"adds are applied to it, which needs write access to it ({exc})"
+                ) from None
+            if self.read_only:  # migrated: from here on it reads only, as opened for
+                self._read_only_now()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _read_only_now(self) -> None:
+        """Refuse writes from now on: :meth:`transaction` here, and SQLite's ``query_only``
+        below it (a read-only connection already refuses them; a migrated one, opened for
+        writing to apply a migration, so refuses them too)."""
+        self._conn.execute("PRAGMA query_only=ON")
+        self._writes_refused = True
+
+    def _connect(self, target: str | Path) -> sqlite3.Connection:
         # One connection shared by this process's threads, one statement at a time (the lock);
         # transactions are explicit, so autocommit mode (isolation_level=None).
-        self._conn = sqlite3.connect(
+        return sqlite3.connect(
             target,
             timeout=_BUSY_TIMEOUT_S,
             isolation_level=None,
             check_same_thread=False,
-            uri=target is not path,
+            uri=isinstance(target, str) and target.startswith("file:"),
         )
+
+    def _open_read_only(self, path: Path) -> bool:
+        """Open ``path`` read-only; False where a migration is still to apply (the caller opens
+        it for writing, to apply it). Nothing is written to the file.
+
+        A file with no ledger in it (empty: nothing recorded yet) reads as an empty ledger, kept
+        in memory: its schema is not written into the file.
+        """
+        self._conn = self._connect(_file_uri(path, "mode=ro"))
         try:
-            if isinstance(path, Path):
-                _write_ahead(self._conn)
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._migrate()
+            try:
+                with self.statement() as db:
+                    done = self._applied(db)
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorname not in _NO_SHM:
+                    raise
+                self._conn.close()
+                self._conn = self._without_shm(path)
+                with self.statement() as db:
+                    done = self._applied(db)
+            if done and not {m.version for m in migrations(self.dialect)} <= done:
+                self._conn.close()
+                return False
+            if not done:
+                self._conn.close()
+                self._conn = self._connect(":memory:")
+            self._migrate()  # nothing to apply on the file: reads the versions, warns if newer
+            self._read_only_now()
         except BaseException:
             self._conn.close()
             raise
+        return True
+
+    def _without_shm(self, path: Path) -> sqlite3.Connection:
+        """A connection to a WAL-mode ``path`` whose ``-shm``/``-wal`` files SQLite cannot make.
+
+        On a file system mounted read-only nothing can write the file while it is read, so it
+        is opened ``immutable`` (SQLite's "URI filenames": read with no locks and no ``-shm``);
+        a ``-wal`` file there, holding commits not yet in the database, would be ignored, so
+        that is refused as the rest. Elsewhere the file's owner may write it meanwhile, and a
+        reader without the ``-shm`` file cannot see where: refused, saying what is needed.
+        """
+        wal = path.with_name(path.name + "-wal")
+        if _read_only_mount(path) and not wal.exists():
+            return self._connect(_file_uri(path, "mode=ro&immutable=1"))
+        raise _CannotRead(
+            f"ledger {path} cannot be read without write access to {path.parent}: SQLite "
+            f"reads a WAL-mode database only beside its {path.name}-shm and -wal files, "
+            "which are not there (they are while a process that writes the ledger has it open)"
+        )
 
     def _unusable(self, why: str) -> ConfigurationError:
         """The ledger's path is wrong: the setting (or ``--ledger``) must change."""
@@ -203,6 +317,8 @@ class SqliteLedger(SqlLedger):
 
     @contextmanager
     def transaction(self) -> Iterator[_Cursor]:
+        if self._writes_refused:
+            raise InternalError(f"ledger {self.path} is open read-only: it cannot be written")
         with self._within("BEGIN IMMEDIATE") as cursor:
             yield cursor
 

@@ -136,7 +136,9 @@ def ledger_path(url: str | None) -> Path | None:
     return None if path == ":memory:" else Path(path).expanduser()
 
 
-def open_ledger(url: str | None = None, *, must_exist: bool = False) -> Ledger:
+def open_ledger(
+    url: str | None = None, *, must_exist: bool = False, read_only: bool = False
+) -> Ledger:
     """Open (and migrate) the ledger ``url`` names.
 
     Args:
@@ -144,10 +146,15 @@ def open_ledger(url: str | None = None, *, must_exist: bool = False) -> Ledger:
             None for the laptop default (:func:`default_ledger_path`).
         must_exist: a SQLite file that is not there is not made (nor its folders): what
             only reads the ledger.
+        read_only: ``must_exist``, and a SQLite file is opened read-only: one this process may
+            not write is read, nothing is written to it (one with no ledger in it, an empty
+            file, reads as an empty ledger), and writes fail (``InternalError``). Only a
+            migration still to apply opens it for writing. A PostgreSQL database is opened as
+            without it.
 
     Raises:
         InvalidRequest: an unsupported URL scheme.
-        NotFound: ``must_exist``, and the SQLite file is not there.
+        NotFound: ``must_exist`` or ``read_only``, and the SQLite file is not there.
         DependencyUnavailable: the database cannot be reached.
     """
     if backend(url) == "postgres":
@@ -157,4 +164,4 @@ def open_ledger(url: str | None = None, *, must_exist: bool = False) -> Ledger:
         return PostgresLedger(url)
     from imagegen.ledger.sqlite import SqliteLedger
 
-    return SqliteLedger(ledger_path(url) or ":memory:", must_exist=must_exist)
+    return SqliteLedger(ledger_path(url) or ":memory:", must_exist=must_exist, read_only=read_only)
