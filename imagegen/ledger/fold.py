@@ -172,7 +172,6 @@ def fold(event: LedgerEvent, *, now: datetime) -> Change | None:
         gid = job.generation_id
         at = utc(job.enhanced_at or at)
         fields = {**_render_fields(job), "replay_of": job.replay_of}
-        fields["original_prompt"] = job.original_prompt
     elif event.type == IMAGE_RENDERED:
         image = parse_model(RenderedImage, event.data)
         gid = image.generation_id
@@ -269,7 +268,9 @@ def _event_time(value: datetime) -> datetime:
 
 
 def _render_fields(job: EnhancedPrompt) -> dict[str, Any]:
-    return _pick(job, "prompt", "seed", "model", "width", "height")
+    """What a stage's job says of its generation: the request's prompt too, for a request
+    whose own event comes late or never."""
+    return _pick(job, "prompt", "original_prompt", "seed", "model", "width", "height")
 
 
 def _pick(model: BaseModel, *names: str) -> dict[str, Any]:

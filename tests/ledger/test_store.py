@@ -71,6 +71,17 @@ def test_events_out_of_order_never_move_the_status_backwards(ledger: Ledger) -> 
     assert len(found.timeline) == 4
 
 
+@pytest.mark.parametrize("name", ["enhanced", "rendered"])
+def test_a_stages_event_alone_records_what_its_job_says(ledger: Ledger, name: str) -> None:
+    """Delivered at least once and in any order: the request's event may come late or never
+    (a dead letter), and the job each later stage carries says the request's prompt too."""
+    ledger.ingest(chain("gen-1")[name])
+    found = ledger.get("gen-1")
+    assert found is not None and found.status == name
+    assert (found.prompt, found.original_prompt) == ("a red fox, oil painting", "a red fox")
+    assert (found.seed, found.model, found.width, found.height) == (42, "tiny", 256, 256)
+
+
 def test_derivatives_prove_the_image_persisted_and_change_nothing_it_said(
     ledger: Ledger,
 ) -> None:
