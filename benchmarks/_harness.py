@@ -36,6 +36,8 @@ class Comparison:
     ``statistic`` picks one figure per side: ``"best"`` is the shortest time or the highest
     rate over the rounds (what the machine can do when others leave it alone), ``"median"``
     the median round.
+    ``held`` says why the target is not judged in this run (the conditions it needs were not
+    there): the row then prints the target and the reason, and counts as having none.
     """
 
     name: str
@@ -46,6 +48,7 @@ class Comparison:
     project: list[float] = field(default_factory=list)
     statistic: Literal["best", "median"] = "best"
     note: str = ""
+    held: str = ""
 
     @property
     def is_rate(self) -> bool:
@@ -69,12 +72,15 @@ class Comparison:
 
     @property
     def has_target(self) -> bool:
-        return self.target is not None
+        """A target judged in this run: one given, and not held back."""
+        return self.target is not None and not self.held
 
     def met(self) -> bool:
         """Against the target as given: it is rounded only where printed."""
         if self.target is None:
             raise ValueError(f"{self.name}: no target to meet")
+        if self.held:
+            raise ValueError(f"{self.name}: target not judged: {self.held}")
         ratio = self.ratio()
         return ratio <= self.target if self.better == "lower" else ratio >= self.target
 
@@ -84,6 +90,10 @@ class Comparison:
             return "no target"
         at_most = self.better == "lower"
         sign = ("≤" if at_most else "≥") if markdown else ("<=" if at_most else ">=")
+        if self.held:
+            if markdown:
+                return f"{sign} {self.target:.3g}x not judged ({self.held})"
+            return f"target {sign} {self.target:.3g}x  not judged: {self.held}"
         if markdown:
             return f"{sign} {self.target:.3g}x {'met' if self.met() else '**not met**'}"
         return f"target {sign} {self.target:.3g}x  {'met' if self.met() else 'NOT MET'}"

@@ -13,7 +13,9 @@ the weights cannot be had, ``--random-weights DIR`` writes the default model's a
 random weights to DIR (``_random_klein``) and times that: the same shapes, the same cost.
 
 Prints, for the model (default: ``IMAGEGEN_MODEL``), each part on its own: a failing option
-or part is reported and the rest run on (the exit status is then 1):
+or part is reported and the rest run on (the exit status is then 1). Each part sets every
+fast-path setting to what it names, the rest off (``FAST_PATH_OFF``), whatever ``IMAGEGEN_*``
+the environment sets, and prints them:
 
 1. service overhead: ``DiffusersBackend.render`` (PNG included) against the pipeline's own call
    with the same arguments and output type (target <= 1.05x), in interleaved rounds, and what
@@ -60,6 +62,18 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "+fp8": {"render_fp8": True},
     "all": {"render_fuse_qkv": True, "render_compile": "regional", "render_fp8": True},
 }
+FAST_PATH_OFF: dict[str, Any] = {
+    "render_fuse_qkv": False,
+    "render_compile": "off",
+    "render_fp8": False,
+    "render_compile_cache_dir": None,
+    "loras": [],
+    "lora_dir": None,
+}
+"""Every setting the CUDA fast path reads (``imagegen/render/_fastpath.py``; LoRAs turn fusing
+and compiling off), off: each row runs with the options it names on top of these, whatever
+``IMAGEGEN_*`` the environment sets (``IMAGEGEN_RENDER_COMPILE=regional`` must not compile
+the bf16 row)."""
 PARTS = ("overhead", "tolerance", "startup", "options")
 """In the order they run: the options table, whose compiles take longest and vary most, last."""
 GRACE = 60.0
@@ -101,13 +115,26 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _backend(args: argparse.Namespace, **options: Any) -> Any:
-    from imagegen.render.diffusers_backend import DiffusersBackend
+def _settings(args: argparse.Namespace, **options: Any) -> Any:
+    """Render's settings for a row: the fast path off (:data:`FAST_PATH_OFF`), ``options`` on."""
     from imagegen.settings import Settings
 
-    return DiffusersBackend(
-        Settings(model=args.model, served_models=[args.model], device=args.device, **options)
-    )
+    chosen = {**FAST_PATH_OFF, **options}
+    return Settings(model=args.model, served_models=[args.model], device=args.device, **chosen)
+
+
+def fast_path(settings: Any) -> str:
+    """The fast-path settings a row ran with, as a line: ``render_fuse_qkv=False ...``."""
+    return " ".join(f"{name}={getattr(settings, name)!r}" for name in FAST_PATH_OFF)
+
+
+def _backend(args: argparse.Namespace, label: str, **options: Any) -> Any:
+    """A backend for the row ``label``, its fast-path settings printed."""
+    from imagegen.render.diffusers_backend import DiffusersBackend
+
+    settings = _settings(args, **options)
+    print(f"{label}: {fast_path(settings)}")
+    return DiffusersBackend(settings)
 
 
 COMPILE_CACHES = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
@@ -169,8 +196,8 @@ def option_rows(
 
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    # The compile caches are fresh_compile_state's, not IMAGEGEN_RENDER_COMPILE_CACHE_DIR's.
-    backend = _backend(args, render_compile_cache_dir=None, **options)
+    # The compile caches are fresh_compile_state's: render_compile_cache_dir stays None.
+    backend = _backend(args, name, **options)
     try:
         load = backend.load(args.model)
         print(f"{name:<20} load {load:6.1f} s  applied: {backend.fast_path[args.model]}")
@@ -391,22 +418,44 @@ def tolerance(
     return rows
 
 
+def startup_env(args: argparse.Namespace, tmp: Path) -> dict[str, str]:
+    """The served render's environment for part 3: regional compile and the warm-up, the rest
+    of the fast path off (:data:`FAST_PATH_OFF`) whatever this environment sets."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in ("IMAGEGEN_LORAS", "IMAGEGEN_LORA_DIR")
+    }
+    return {
+        **env,
+        "IMAGEGEN_MODEL": args.model,
+        "IMAGEGEN_SERVED_MODELS": args.model,
+        "IMAGEGEN_DEVICE": args.device,
+        "IMAGEGEN_STORAGE_URL": str(tmp / "out"),
+        "IMAGEGEN_RENDER_WARMUP": "true",
+        "IMAGEGEN_RENDER_FUSE_QKV": "false",
+        "IMAGEGEN_RENDER_FP8": "false",
+        "IMAGEGEN_RENDER_COMPILE": "regional",
+        "IMAGEGEN_RENDER_COMPILE_CACHE_DIR": str(tmp / "compile-cache"),
+        # Triton's cache beside it, never one the environment names: cold means empty.
+        "TRITON_CACHE_DIR": str(tmp / "triton-cache"),
+    }
+
+
 def startup(args: argparse.Namespace) -> None:
     """Part 3: render start to ``/readyz`` (regional compile, warm-up): cold, then warm cache."""
     with tempfile.TemporaryDirectory() as directory:
         tmp = Path(directory)
-        env = {
-            **os.environ,
-            "IMAGEGEN_MODEL": args.model,
-            "IMAGEGEN_SERVED_MODELS": args.model,
-            "IMAGEGEN_DEVICE": args.device,
-            "IMAGEGEN_STORAGE_URL": str(tmp / "out"),
-            "IMAGEGEN_RENDER_WARMUP": "true",
-            "IMAGEGEN_RENDER_COMPILE": "regional",
-            "IMAGEGEN_RENDER_COMPILE_CACHE_DIR": str(tmp / "compile-cache"),
-            # Triton's cache beside it, never one the environment names: cold means empty.
-            "TRITON_CACHE_DIR": str(tmp / "triton-cache"),
-        }
+        env = startup_env(args, tmp)
+        shown = " ".join(
+            f"{name}={env[name]}"
+            for name in (
+                "IMAGEGEN_RENDER_FUSE_QKV",
+                "IMAGEGEN_RENDER_COMPILE",
+                "IMAGEGEN_RENDER_FP8",
+            )
+        )
+        print(f"render start-up: {shown}, no LoRAs")
         for cache in ("cold", "warm"):
             if args.over_budget(f"start-up, {cache} cache"):
                 return
@@ -479,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if {"overhead", "tolerance"} & set(args.parts):
         with reported("bf16 backend", args.failures, limit=time_left()):
-            backend = _backend(args)  # bf16 on CUDA, no other option
+            backend = _backend(args, "bf16 backend")  # bf16 on CUDA, no other option
             try:
                 print(f"bf16 load {backend.load(args.model):.1f} s")
                 if "overhead" in args.parts and not over_budget("overhead"):

@@ -21,8 +21,9 @@ Rows (``--only`` takes their keys):
   with the library's default PNG settings and with the prod overlay's.
 - ``rate``: requests/s of enhance (instant Ollama) and persist at concurrency 8, against a
   hello at 8; the target is 3x their rate before this work (89 and 59 req/s against a hello's
-  1,160), as a fraction of the hello's. And the server's CPU time per request in the same
-  rounds (no target).
+  1,160), as a fraction of the hello's, judged only where other processes took at most 10 % of
+  the machine's CPU in every round (under load the hello's rate falls more than a stage's). And
+  the server's CPU time per request in the same rounds (no target).
 - ``first-image``: a fresh process's wait for the first prompt and the loaded model, loading
   while the prompt is written against enhancing, then loading; with Ollama down (default
   retries: the offline ``imagegen generate``) and with an Ollama taking 2 s (no target).
