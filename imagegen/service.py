@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
@@ -189,10 +189,16 @@ class ImageGenService:
         call = call or identify(request, starts=True)
         gid, when = call.generation_id, call.requested_at
         assert gid is not None and when is not None, "a starting call has an id and a time"
-        if self.recorder is not None:
-            await self.recorder.requested(gid, request)
-        async with _stage("enhance", gid, self.recorder) as stage:
+        async with _stage("enhance", gid) as stage:
             enhance_stage = self.enhance_stage
+            if self.recorder is not None:
+                # Inputs checked first: a request refused as bad input (a model not served, a
+                # plugin not installed) is no generation, and the history records none of it.
+                enhance_stage.check_inputs(request, gid)
+                # From here on a failure is recorded, a cancellation during this very write
+                # included: it is said as enhance's once the write is done, never before it.
+                stage.recorder = self.recorder
+                await _to_its_end(self.recorder.requested(gid, request))
             assert self._memo is not None
             remembered = await self._memo.recall(gid, request)
             if remembered is not None:
@@ -396,6 +402,22 @@ class _stage:
         if self.recorder is not None:
             await self.recorder.emitted(self.stage, result)
         return result
+
+
+async def _to_its_end(write: Coroutine[Any, Any, None]) -> None:
+    """Await ``write`` to its end even when this task is cancelled meanwhile, then go on
+    with the cancellation.
+
+    A ledger write runs in a thread, and commits whatever its awaiting task does: what is
+    recorded after it (the stage's failure) comes after it, and the ledger is not closed
+    under it as the service ends.
+    """
+    task = asyncio.ensure_future(write)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task  # the thread's time, a moment; cancelled again, it is given up at once
+        raise
 
 
 def _reason(error: BaseException) -> str:

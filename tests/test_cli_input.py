@@ -85,6 +85,16 @@ def test_unusable_input_is_exit_2_and_one_line_naming_it(
     assert "Traceback" not in result.stderr + result.stdout
 
 
+@pytest.mark.parametrize("refused", [["--model", "nope"], ["--plugins", "nope"]])
+def test_a_request_generate_refuses_is_not_recorded(cli: RunCli, refused: list[str]) -> None:
+    """Bad input (exit 2) is no generation: the history lists none."""
+    result = cli("generate", "x", "--width", "256", "--height", "256", *refused)
+    assert result.returncode == 2, result.stderr
+    assert "invalid GenerationRequest: " in _one_line(result.stderr)
+    listed = cli("history", "--json")
+    assert (listed.returncode, json.loads(listed.stdout)) == (0, [])
+
+
 def test_serve_refuses_an_address_it_cannot_listen_on_in_one_line(tmp_path: Path) -> None:
     """A port in use, a host that is no address: one line, at once (gunicorn retries for
     five seconds, a line each, and then a traceback)."""
@@ -265,9 +275,16 @@ def test_history_folds_the_longest_ids_beside_their_status(cli: RunCli) -> None:
 
 
 def test_history_shows_whole_ids_on_80_columns(cli: RunCli) -> None:
-    # A generation refused at enhance: recorded, with nothing rendered.
+    from imagegen.ledger import LedgerEvent, open_ledger
+
+    # A generation requested, with nothing rendered yet.
     prompt = "a long prompt that fills the last column of the table " * 2
-    cli("generate", prompt, "--model", "some-organisation/some-long-model-name")
+    data = {"generation_id": GID, "prompt": prompt, "model": "some-organisation/some-long-name"}
+    ledger = open_ledger(None)  # the laptop's, where the CLI reads it
+    try:
+        ledger.ingest(LedgerEvent(source="/t", id="1", type=GENERATION_REQUESTED, data=data))
+    finally:
+        ledger.close()
     (listed,) = json.loads(cli("history", "--json").stdout)
     result = cli("history", env={"COLUMNS": "80"})
     assert result.returncode == 0, result.stderr

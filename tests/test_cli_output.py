@@ -561,3 +561,21 @@ def test_generate_says_where_the_image_is_when_its_output_cannot_be_written(
         " (the image is stored: see `imagegen history`)\n"
     )
     assert len(list((tmp_path / "output").rglob("*.png"))) == 1
+
+
+def test_an_image_a_ledger_functions_url_does_not_record_is_not_said_to_be_listed(
+    cli: RunCli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the history not recorded here, the failure to write says the image is stored,
+    and sends no one to a history that does not list it."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full")
+    function = {"IMAGEGEN_LEDGER_URL": "http://127.0.0.1:47009"}
+    with open("/dev/full", "w") as full:
+        monkeypatch.setattr(sys, "stdout", full)
+        result = cli("generate", "x", *SMALL, "--no-enhance", "--json", env=function)
+    assert result.returncode == 1
+    assert result.stderr.endswith(
+        "\nimagegen: error: cannot write output: No space left on device (the image is stored)\n"
+    )
+    assert len(list((tmp_path / "output").rglob("*.png"))) == 1

@@ -146,6 +146,23 @@ def test_generate_without_a_usable_ledger_warns_and_still_makes_the_image(
     assert list((tmp_path / "output").rglob("*.png"))
 
 
+def test_generate_with_a_ledger_functions_url_says_the_history_is_not_recorded(
+    cli: RunCli, tmp_path: Path
+) -> None:
+    """A ledger function records its cluster's events: nothing this process makes reaches it,
+    and that is said rather than recording nowhere without a word."""
+    result = cli(
+        "generate", "a lighthouse", *SMALL, env={"IMAGEGEN_LEDGER_URL": "http://127.0.0.1:47009"}
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        "warning: history is not recorded: IMAGEGEN_LEDGER_URL is a ledger function's URL,"
+        " which records a cluster's generations, not this machine's\n"
+    ) in result.stderr
+    assert list((tmp_path / "output").rglob("*.png"))
+    assert not (tmp_path / "xdg-data" / "imagegen").exists()
+
+
 def test_doctor_without_a_usable_ledger_fails_its_row_and_checks_the_rest(
     cli: RunCli, tmp_path: Path
 ) -> None:

@@ -136,6 +136,46 @@ def test_a_termination_stops_generate_and_is_recorded(
     assert _recorded(tmp_path) == ("failed", "render", "cancelled")
 
 
+_CTRL_C_AS_TYPER_LOADS = """\
+import os, signal, sys
+
+
+class CtrlC:
+    \"\"\"Ctrl-C, as a terminal sends it, as the first of the commands' libraries loads.\"\"\"
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "typer":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+
+sys.meta_path.insert(0, CtrlC())
+"""
+
+
+@pytest.mark.parametrize("started", ["script", "module"])
+def test_ctrl_c_as_the_commands_load_is_one_line(tmp_path: Path, started: str) -> None:
+    """A Ctrl-C in the first moments, while typer and the commands are imported, ends as one
+    later does: one line and 130, never a traceback. The signal is sent as that import
+    begins (a ``sitecustomize`` that runs before anything of imagegen is imported)."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_CTRL_C_AS_TYPER_LOADS)
+    script = Path(sys.executable).parent / "imagegen"  # the console script, as installed
+    command = [str(script)] if started == "script" else [sys.executable, "-m", "imagegen.cli"]
+    result = subprocess.run(
+        [*command, "history"],
+        cwd=tmp_path,
+        env={**isolated_environ(tmp_path), "PYTHONPATH": str(hook)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (result.returncode, result.stderr) == (130, "imagegen: error: interrupted\n")
+    assert result.stdout == ""
+
+
 @pytest.fixture
 def broken(monkeypatch: pytest.MonkeyPatch) -> None:
     """``generate`` fails as nothing in imagegen expects (a bug's ``KeyError``)."""

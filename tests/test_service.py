@@ -10,12 +10,16 @@ import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from PIL import Image
 
 from imagegen import GenerationRequest, ImageGenService, InvalidRequest, Settings
 from imagegen.errors import DependencyUnavailable
+from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED
+from imagegen.ledger import Ledger
+from imagegen.ledger.models import IngestResult, LedgerEvent
 from imagegen.models import EnhancedPrompt
 from imagegen.plugins import PluginContext, PluginSet
 from imagegen.render.base import ProgressCallback, RenderOutput
@@ -447,6 +451,102 @@ async def test_a_cancelled_generation_is_recorded_where_it_stopped(
         assert found.error.retryable
     finally:
         backend.release.set()
+        ledger.close()
+
+
+class _HeldLedger:
+    """A real ledger whose write of a ``generation.requested`` waits until released: where a
+    Ctrl-C finds a generation that has only just begun."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.held, self.release, self.written = (threading.Event() for _ in range(3))
+        self.overtaken = threading.Event()
+        """Set when another event is written while the request's write waits."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.ledger, name)
+
+    def ingest(self, event: LedgerEvent) -> IngestResult:
+        if event.type != GENERATION_REQUESTED:
+            if self.held.is_set() and not self.written.is_set():
+                self.overtaken.set()
+            return self.ledger.ingest(event)
+        self.held.set()
+        self.release.wait(30)
+        try:
+            return self.ledger.ingest(event)
+        finally:
+            self.written.set()
+
+
+async def test_a_generation_cancelled_as_its_request_is_recorded_is_recorded_at_enhance(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A Ctrl-C while the request is written to the ledger (in a thread, which commits all the
+    same): the generation is recorded as cancelled at enhance, after its request, rather than
+    left requested for ever."""
+    from imagegen.ledger import open_ledger
+    from imagegen.ledger.recorder import Recorder
+
+    ledger = open_ledger(str(tmp_path / "ledger.db"))
+    held = _HeldLedger(ledger)
+    plugins = PluginSet([], settings=settings)
+    try:
+        async with ImageGenService(
+            settings, plugins=plugins, backend=ReadyBackend(), recorder=Recorder(held)
+        ) as service:
+            request = small(prompt="a kite", enhance=False, generation_id="stopped-2")
+            running = asyncio.ensure_future(service.generate(request))
+            assert await asyncio.to_thread(held.held.wait, 30)
+            running.cancel()
+            # Time for the cancellation to be recorded ahead of the request, were it not
+            # held back until the request is written.
+            overtaken = await asyncio.to_thread(held.overtaken.wait, 1)
+            held.release.set()
+            with pytest.raises(asyncio.CancelledError):
+                await running
+            assert await asyncio.to_thread(held.written.wait, 30)
+            assert not overtaken, "the failure was recorded before the request"
+            found = ledger.get("stopped-2")
+            recorded = [e.type for e in ledger.generation_events("stopped-2", order="recorded")]
+        assert found is not None and found.status == "failed"
+        assert found.failed_stage == "enhance"
+        assert found.error is not None and found.error.code == "cancelled"
+        assert recorded == [GENERATION_REQUESTED, GENERATION_FAILED]
+    finally:
+        held.release.set()
+        ledger.close()
+
+
+async def test_a_request_refused_as_bad_input_is_not_recorded(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A model not served, a plugin not installed: refused before anything is recorded, so
+    the history lists no generation that never was one (the CLI's exit 2)."""
+    from imagegen.ledger import open_ledger
+    from imagegen.ledger.recorder import Recorder
+
+    ledger = open_ledger(str(tmp_path / "ledger.db"))
+    served = settings.model_copy(update={"served_models": ["tiny"]})
+    refused = [
+        small(model="black-forest-labs/FLUX.1-dev", generation_id="refused-1"),
+        small(prompt="a kite", plugins=["no_such_plugin"], generation_id="refused-2"),
+    ]
+    try:
+        async with ImageGenService(
+            served, backend=_HeldBackend(hold="nothing"), recorder=Recorder(ledger)
+        ) as service:
+            for request in refused:
+                with pytest.raises(InvalidRequest):
+                    await service.generate(request)
+            assert ledger.history(limit=10).items == []
+            # A request it takes is recorded, as ever.
+            _, persisted = await service.generate(small(prompt="a kite", enhance=False))
+            [recorded] = ledger.history(limit=10).items
+        assert recorded.generation_id == persisted.generation_id
+        assert recorded.status == "persisted"
+    finally:
         ledger.close()
 
 

@@ -1,169 +1,53 @@
 """The ``imagegen`` command line: the whole chain on a laptop, and tools for the functions.
 
-The commands live by concern (:mod:`imagegen.cli.generate`, :mod:`imagegen.cli.tools`,
-:mod:`imagegen.cli.doctor`) and
-register themselves on :data:`app`; :func:`main` turns every error into one line.
+The ``imagegen`` script and ``python -m imagegen.cli`` start at :func:`main`. This module
+imports nothing else: the commands (typer, click, the command modules, in
+:mod:`imagegen.cli._main`) are imported by :func:`main`, where a Ctrl-C that comes while they
+load is said as one line, as it is once they have.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import logging
-import os
-import signal
 import sys
-from typing import NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import typer
-
-# Importing the command modules registers their commands on ``app``, in this order.
-from imagegen.cli import doctor, generate, history, models, tools  # noqa: F401
-from imagegen.cli._app import CannotWrite, app, failed_write, printable
-from imagegen.cli.tools import functions_dir as functions_dir
-from imagegen.errors import ConfigurationError, ImageGenError, InvalidRequest, first_line
-
-try:  # recent typer releases carry their own copy of click
-    from typer._click import exceptions as click_exceptions
-except ImportError:  # pragma: no cover - older typer uses click itself
-    from click import exceptions as click_exceptions  # type: ignore[no-redef]
+if TYPE_CHECKING:
+    from imagegen.cli._main import app as app
+    from imagegen.cli.tools import functions_dir as functions_dir
 
 __all__ = ["app", "main"]
-
-# A group given no command shows its help, as click's groups do (and ``imagegen`` itself):
-# never a bare "Missing command.".
-for _group in app.registered_groups:
-    _group.no_args_is_help = True
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: errors are one readable line and a non-zero exit, never a traceback."""
-    if sys.stderr is None:  # started with stderr closed (2>&-): what it says goes nowhere
-        sys.stderr = _devnull(2)
-    if sys.stdout is None:  # started with stdout closed (>&-): nothing to write the result to
-        sys.stdout = _devnull(1)
-        _fail("cannot write output: standard output is closed", 1)
-    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
-        # A file name's bytes that are no UTF-8 (kept by os.fsdecode) are written as they are,
-        # as the C locale's stdout writes them, and the path printed is the file's.
-        sys.stdout.reconfigure(errors="surrogateescape")
     try:
-        result = app(args=argv, prog_name="imagegen", standalone_mode=False)
-        sys.stdout.flush()  # here, not at exit: a failure to write is said as one
-    except click_exceptions.UsageError as exc:
-        if isinstance(exc, getattr(click_exceptions, "NoArgsIsHelpError", ())):
-            exc.show()  # the help, on stderr, and exit 2: what click does without us
-            sys.exit(exc.exit_code)
-        _fail(exc.format_message(), 2)
-    except click_exceptions.ClickException as exc:
-        _fail(exc.format_message(), exc.exit_code or 1)
-    except typer.Abort:
-        _fail("aborted", 130)
-    except ConfigurationError as exc:
-        _fail(exc.explained(_variable), 2)  # a setting's refusal says its reasons
-    except InvalidRequest as exc:
-        _fail(exc.explained(), 2)
-    except ImageGenError as exc:
-        _fail(exc.message, 1)
+        from imagegen.cli._main import run
     except KeyboardInterrupt:
-        _stopped(130)
-    except CannotWrite as exc:
-        _cannot_write(exc.error, exc.done)
-    except OSError as exc:
-        if exc.errno == errno.EPIPE:  # a pipe closed early (| head): quiet, as click ends it
-            _discard(sys.stdout)
-            sys.exit(1)
-        if not failed_write(exc):
-            _internal_error(exc)
-        _cannot_write(exc)
-    except Exception as exc:  # a bug, or a failure nothing above names: still one line
-        _internal_error(exc)
-    # typer turns Ctrl-C into Exit(130), returned here without a word; generate's SIGTERM and
-    # SIGHUP come back as 143 and 129 alike.
-    if result in _STOPPED:
-        _stopped(result)
-    if isinstance(result, int) and result:
-        sys.exit(result)
+        _interrupted()
+    run(argv)
 
 
-_STOPPED = {130: "interrupted", 143: "terminated", 129: "hung up"}
-"""The exit status of a command a signal stopped (128 + its number: SIGINT, SIGTERM, SIGHUP)
-and what is said of it."""
-
-
-def _stopped(code: int) -> NoReturn:
-    """Exit after a signal stopped the command.
-
-    The interpreter then waits for the threads still at work: a render, which stops at its next
-    denoising step. Another signal meanwhile ends the process at once, rather than break into
-    that wait with a traceback (and torch's threads, still running, torn down with the
-    interpreter: an abort).
-    """
-
-    def now(signum: int, frame: object) -> None:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(code)
-
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
-        signum = getattr(signal, name, None)  # Windows has no SIGHUP
-        if signum is not None:
-            signal.signal(signum, now)
-    _fail(_STOPPED[code], code)
-
-
-def _internal_error(exc: Exception) -> NoReturn:
-    """One line for an error no handler above expects; its traceback with ``-v``."""
-    said, kind = first_line(exc), type(exc).__name__
-    what = kind if said == kind else f"{kind}: {said}"
-    if logging.NOTSET < logging.getLogger("imagegen").level <= logging.INFO:  # -v set it so
-        import traceback
-
-        traceback.print_exception(exc)
-        _fail(f"internal error ({what})", 1)
-    _fail(f"internal error ({what}); run with -v for the traceback", 1)
-
-
-def _cannot_write(error: OSError, done: str = "") -> NoReturn:
-    """Exit after writing the output failed: a full disk, a closed descriptor."""
-    _discard(sys.stdout)  # what is still buffered, flushed at exit, would fail again
-    said = f"cannot write output: {error.strerror or first_line(error)}"
-    _fail(f"{said} ({done})" if done else said, 1)
-
-
-def _variable(field: str) -> str:
-    """A setting's field as the variable a person sets; any other name as it is."""
-    from imagegen.settings import Settings
-
-    return Settings.variable(field) if field in Settings.model_fields else field
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    try:  # the exit status says it all the same where stderr is closed or full
-        sys.stderr.write(f"imagegen: error: {printable(message)}\n")
+def _interrupted() -> NoReturn:
+    """Exit as a command Ctrl-C stopped does (:func:`imagegen.cli._main.run`): one line, 130."""
+    # With stderr closed (2>&-) or full, the exit status says it all the same.
+    with contextlib.suppress(Exception):
+        sys.stderr.write("imagegen: error: interrupted\n")
         sys.stderr.flush()
-    except Exception:
-        _discard(sys.stderr)
-    sys.exit(code)
+    sys.exit(130)
 
 
-def _discard(stream: object) -> None:
-    """Send what is written to ``stream`` from now on (what it still buffers too) nowhere:
-    flushed at exit, it would fail again, and the interpreter then exits 120."""
-    with contextlib.suppress(Exception):  # not a file (a test's capture), or closed
-        fd = stream.fileno()  # type: ignore[attr-defined]
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, fd)
-        os.close(devnull)
+# The application and a helper, for code that imports them from here; loaded on first use
+# (PEP 562), as the package ``imagegen`` loads its names.
+_LAZY = {"app": "imagegen.cli._main", "functions_dir": "imagegen.cli.tools"}
 
 
-def _devnull(fd: int) -> TextIO:
-    """A text stream on ``fd``, opened on the null device: a descriptor left closed would be
-    taken by the next file opened (the ledger's database), and a library writing to it
-    would write into that file."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    if devnull != fd:
-        os.dup2(devnull, fd)
-        os.close(devnull)
-    return open(fd, "w", closefd=False)  # the process's, for its whole life
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'imagegen.cli' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value

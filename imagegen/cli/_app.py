@@ -385,7 +385,15 @@ def _recorder(settings: Settings) -> Recorder | None:
 
     url = settings.ledger_url.get_secret_value() if settings.ledger_url else None
     if url and url.startswith(("http://", "https://")):
-        return None  # a cluster's ledger records the cluster's events
+        # A ledger function records the events its cluster's broker delivers; nothing this
+        # process makes reaches it, and there is no local ledger to record into instead.
+        variable = settings.variable("ledger_url")
+        err.print(
+            f"[yellow]warning:[/] history is not recorded: {variable} is a ledger function's"
+            " URL, which records a cluster's generations, not this machine's",
+            soft_wrap=True,
+        )
+        return None
     try:
         ledger = open_ledger(url)
     except (ImageGenError, OSError) as exc:

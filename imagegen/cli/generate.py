@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from imagegen.service import ImageGenService
     from imagegen.settings import Settings
 
-__all__ = ["finish", "generate", "loop", "warn_underived"]
+__all__ = ["finish", "generate", "loop", "stored", "warn_underived"]
 
 Model = Annotated[str | None, typer.Option("--model", "-m", help="Model id, local path or 'tiny'.")]
 Output = Annotated[
@@ -91,12 +91,18 @@ def _as_json(enhanced: EnhancedPrompt, persisted: PersistedImage, indent: int | 
     return json.dumps(body, indent=indent)
 
 
-STORED = "the image is stored: see `imagegen history`"
-"""What a failure to write the output says of the image it was to show."""
+def stored(service: ImageGenService) -> str:
+    """What a failure to write the output says of the image it was to show: that it is
+    stored, and where it is listed when this process records the history."""
+    if service.recorder is None:  # a ledger function's URL, or a ledger that cannot open
+        return "the image is stored"
+    return "the image is stored: see `imagegen history`"
 
 
-def _report(enhanced: EnhancedPrompt, persisted: PersistedImage, as_json: bool) -> None:
-    with output_after(STORED):
+def _report(
+    enhanced: EnhancedPrompt, persisted: PersistedImage, as_json: bool, *, done: str
+) -> None:
+    with output_after(done):
         if as_json:
             typer.echo(_as_json(enhanced, persisted, indent=2))
             return
@@ -234,8 +240,8 @@ def generate(
             enhanced, persisted, underived = await _generate_one(
                 service, request, show_progress=not as_json and err.is_terminal
             )
-            _report(enhanced, persisted, as_json)
-            with output_after(STORED):
+            _report(enhanced, persisted, as_json, done=stored(service))
+            with output_after(stored(service)):
                 warn_underived(underived)
             if enhanced.fallback and not as_json:
                 await _explain_fallback(service)

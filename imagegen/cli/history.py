@@ -142,10 +142,11 @@ def _is_http(url: str | None) -> bool:
     return bool(url) and str(url).startswith(("http://", "https://"))
 
 
-def _local(url: str | None, ctx: typer.Context) -> Ledger | None:
+def _local(url: str | None, ctx: typer.Context, *, read_only: bool = True) -> Ledger | None:
     """The ledger database ``url`` names, which these commands only read (or prune): never
-    made here. None when it is the setting's, or the default, and no generation has been
-    recorded into it yet.
+    made here, and, but to prune, opened read-only (a SQLite file this user may not write is
+    read, and nothing is written to it). None when it is the setting's, or the default, and
+    no generation has been recorded into it yet.
 
     Raises:
         InvalidRequest: ``--ledger`` names the ledger function, or a file that is not there
@@ -160,7 +161,7 @@ def _local(url: str | None, ctx: typer.Context) -> Ledger | None:
             errors=[{"field": "ledger", "message": "a database URL or path"}],
         )
     try:
-        ledger = open_ledger(url, must_exist=True)
+        ledger = open_ledger(url, must_exist=True, read_only=read_only)
     except NotFound:
         source = ctx.get_parameter_source("ledger")
         if source is None or source.name != "COMMANDLINE":
@@ -505,7 +506,7 @@ def replay(
     stopped_by: list[int] = []
 
     async def go() -> Any:
-        from imagegen.cli.generate import finish
+        from imagegen.cli.generate import finish, stored
 
         cancel_on_termination(stopped_by)  # recorded where it stopped, as generate's
         async with make_service(settings) as service:
@@ -519,18 +520,18 @@ def replay(
                 if service.recorder is not None:
                     await service.recorder.emitted("enhance", job)
             assert enhanced is not None
-            return await finish(service, await service.render(enhanced))
+            return *await finish(service, await service.render(enhanced)), stored(service)
 
     try:
-        persisted, underived = run_async(go)
+        persisted, underived, done = run_async(go)
     except BaseException:
         if stopped_by:  # cancelled by SIGTERM or SIGHUP: 128 + its number, as generate's
             raise typer.Exit(128 + stopped_by[0]) from None
         raise
     from imagegen.cli._app import image_where
-    from imagegen.cli.generate import STORED, warn_underived
+    from imagegen.cli.generate import warn_underived
 
-    with output_after(STORED):
+    with output_after(done):
         if as_json:
             typer.echo(json.dumps(persisted.model_dump(mode="json"), indent=2))
         else:
@@ -587,7 +588,7 @@ def prune(
         # Named as the user gave it: the option, or the setting (whose value is never shown).
         named = f"--days: {keep}" if days is not None else "IMAGEGEN_LEDGER_RETENTION_DAYS"
         raise InvalidRequest(f"{named} is too many days: no date is that far back") from None
-    store = _local(ledger, ctx)
+    store = _local(ledger, ctx, read_only=False)
     if store is None:
         out.print("no generation recorded yet: nothing pruned")
         return

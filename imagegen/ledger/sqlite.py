@@ -268,15 +268,13 @@ class SqliteLedger(SqlLedger):
         self._conn = self._connect(_file_uri(path, "mode=ro"))
         try:
             try:
-                with self.statement() as db:
-                    done = self._applied(db)
+                done = self._versions()
             except sqlite3.OperationalError as exc:
                 if exc.sqlite_errorname not in _NO_SHM:
                     raise
                 self._conn.close()
                 self._conn = self._without_shm(path)
-                with self.statement() as db:
-                    done = self._applied(db)
+                done = self._versions()
             if done and not {m.version for m in migrations(self.dialect)} <= done:
                 self._conn.close()
                 return False
@@ -289,6 +287,14 @@ class SqliteLedger(SqlLedger):
             self._conn.close()
             raise
         return True
+
+    def _versions(self) -> set[int]:
+        """The migrations the file records, read on the connection itself: a file that is no
+        SQLite database raises ``sqlite3.DatabaseError`` to the caller, which says the path
+        cannot hold a ledger (as opening it for writing does), not that a ledger is damaged."""
+        if not self._conn.execute(self.migrations_table).fetchall():
+            return set()
+        return {row[0] for row in self._conn.execute("SELECT version FROM ledger_migrations")}
 
     def _without_shm(self, path: Path) -> sqlite3.Connection:
         """A connection to a WAL-mode ``path`` whose ``-shm``/``-wal`` files SQLite cannot make.

@@ -89,9 +89,37 @@ def test_generate_records_and_replay_reproduces_the_same_png(tmp_path: Path, as_
     ]
 
 
+def _failed_at_enhance(gid: str, model: str) -> None:
+    """A generation whose request enhance refused, as a cluster's ledger records it (the
+    command line refuses such a request before it records anything): its request, and the
+    failure enhance answered it with, in the laptop's ledger."""
+    from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED, source_for
+    from imagegen.ledger import LedgerEvent, open_ledger
+
+    message = f"invalid GenerationRequest: model ({model!r} is not served here)"
+    failed = {
+        "generation_id": gid,
+        "stage": "enhance",
+        "error": {"code": "invalid_request", "message": message, "retryable": False},
+        "failed_at": T0.isoformat(),
+    }
+    request = {"generation_id": gid, "prompt": "x", "model": model}
+    ledger = open_ledger(None)
+    try:
+        for source, type_, data in (
+            ("/platform/caller", GENERATION_REQUESTED, request),
+            (source_for("enhance"), GENERATION_FAILED, failed),
+        ):
+            event = LedgerEvent(
+                source=source, id=type_, type=type_, subject=gid, time=T0, data=data
+            )
+            ledger.ingest(event)
+    finally:
+        ledger.close()
+
+
 def test_a_failed_generation_is_in_the_history_with_its_stage(run: Any, as_json: Any) -> None:
-    code, _, _ = run("generate", "x", "--model", "not-allowed")
-    assert code != 0
+    _failed_at_enhance("gen-refused", "not-allowed")
     listed = as_json("history", "--status", "failed")
     assert len(listed) == 1
     (row,) = listed
@@ -421,3 +449,34 @@ def test_json_that_is_not_the_ledger_api_is_one_line(run: Any, body: Any, wrong:
             + run("status", "gen-1", "--ledger", server.url)[2]
         )
         assert wrong in said
+
+
+def test_the_reading_commands_write_nothing_to_the_ledger(tmp_path: Path, run: Any) -> None:
+    """history, status and export only read: an empty file stays empty (it was made a
+    database), a ledger's bytes stay as they were; prune, which deletes, opens it to write."""
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    for args in (["history"], ["status", "gen-1"], ["ledger", "export"]):
+        code, _, err = run(*args, "--ledger", str(empty))
+        assert code in (0, 1) and "Traceback" not in err, err
+        assert empty.stat().st_size == 0, args
+    code, out, err = run("history", "--ledger", str(empty), "--json")
+    assert (code, json.loads(out)) == (0, []), err
+
+    from imagegen.ledger import open_ledger
+
+    path = tmp_path / "ledger.db"
+    ledger = open_ledger(str(path))
+    try:
+        for event in chain("gen-1").values():
+            ledger.ingest(event)
+    finally:
+        ledger.close()
+    before = path.read_bytes(), path.stat().st_mtime_ns
+    for args in (["history"], ["status", "gen-1"], ["ledger", "export"]):
+        code, _, err = run(*args, "--ledger", str(path))
+        assert code == 0, err
+        assert (path.read_bytes(), path.stat().st_mtime_ns) == before, args
+    # Opened to write: read-only, its delete would fail (exit 1).
+    code, out, err = run("ledger", "prune", "--days", "1", "--ledger", str(path))
+    assert code == 0 and "deleted" in out, err
