@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from typing import Any, Literal, Protocol, TextIO, TypeVar
 
 from pydantic import ValidationError
 
 from imagegen.errors import InternalError, InvalidRequest
-from imagegen.events import IMAGE_PERSISTED
+from imagegen.events import IMAGE_DERIVED, IMAGE_PERSISTED
 from imagegen.ledger._cursor import decode_cursor, encode_cursor
 from imagegen.ledger._migrate import CREATE_TABLE, migrations, statements
 from imagegen.ledger._statements import (
@@ -33,6 +36,7 @@ from imagegen.ledger._statements import (
     upsert_params,
 )
 from imagegen.ledger.fold import (
+    _STATUS_OF,
     STAGE_COLUMNS,
     Change,
     due_webhooks,
@@ -41,6 +45,7 @@ from imagegen.ledger.fold import (
     utc,
 )
 from imagegen.ledger.models import (
+    STATUS_RANK,
     Delivery,
     Generation,
     GenerationDetail,
@@ -102,6 +107,18 @@ HISTORY_PAGE = (
 # the columns (recorded before 0008, or by a replica older than it) falls back to seq.
 _TOOK_REQUEST = "CASE WHEN e.source = g.request_source AND e.id = g.request_id THEN 0 ELSE 1 END"
 AFTER = f"({LISTED_KEY}, generation_id) < (:after_at, :after_id) AND {LISTED_KEY} <= :after_at"
+# Events of one time (image.derived carries its image's persisted_at, as image.persisted does)
+# in the order of the chain: by the status each reports, as the generation's row ranks them
+# (STATUS_RANK: a failure after rendered, before persisted), image.derived after the
+# image.persisted it is made from; then in the order recorded.
+_CHAIN_ORDER = sorted(
+    _STATUS_OF, key=lambda kind: (STATUS_RANK[_STATUS_OF[kind][0]], kind == IMAGE_DERIVED)
+)
+_IN_CHAIN = (
+    "CASE type "
+    + " ".join(f"WHEN '{kind}' THEN {n}" for n, kind in enumerate(_CHAIN_ORDER))
+    + f" ELSE {len(_CHAIN_ORDER)} END"
+)
 
 
 @dataclass(frozen=True)
@@ -315,8 +332,8 @@ class SqlLedger(ABC):
             if row is None:
                 return None
             events = db.query(
-                "SELECT type, source, id, time FROM ledger_events "
-                "WHERE generation_id = :gid ORDER BY time, seq",
+                "SELECT type, source, id, time FROM ledger_events "  # noqa: S608 - fixed parts
+                f"WHERE generation_id = :gid ORDER BY time, {_IN_CHAIN}, seq",
                 {"gid": generation_id},
             )
         what = f"generation {generation_id}"
@@ -494,20 +511,59 @@ class SqlLedger(ABC):
 
     # -- webhook outbox -------------------------------------------------------------------
 
+    @cached_property
+    def _sending(self) -> _Sending:
+        return _Sending()
+
     def claim_deliveries(self, *, limit: int = 20, lease: float = 60.0) -> list[Delivery]:
-        """Take up to ``limit`` due messages; others will not see them for ``lease`` seconds."""
+        """Take up to ``limit`` due messages, the longest due first; others will not see them
+        for ``lease`` seconds.
+
+        At most one message per receiver (:func:`_receiver`), and none for a receiver that a
+        message this ledger claimed is still being sent to (its outcome not recorded, its lease
+        not over): a receiver that does not answer holds one of this process's senders, and
+        the messages to others are claimed meanwhile. Each receiver's messages go one at a
+        time, in the order due, from each process.
+        """
         now = self._lease_clock()
+        taken = self._sending.receivers()
+        picked: list[tuple[str, str]] = []  # (msg_id, receiver)
         with self.transaction() as db:
-            rows = db.query(
-                "UPDATE webhook_deliveries SET attempts = attempts + 1, "  # noqa: S608
-                "next_attempt_at = :lease_until WHERE msg_id IN ("
-                "SELECT msg_id FROM webhook_deliveries WHERE state = 'pending' "
-                "AND next_attempt_at <= :now ORDER BY next_attempt_at LIMIT :limit"
-                f"{self.skip_locked}) "
-                "RETURNING msg_id, generation_id, event, url, payload, attempts, created_at",
-                {"now": now, "lease_until": now + timedelta(seconds=lease), "limit": limit},
-            )
-        return [Delivery(**row) for row in rows]
+            while len(picked) < limit:
+                want = limit - len(picked)
+                # The receivers taken so far left out by the database, so each round finds at
+                # least one more (a row's receiver is a prefix of its URL), and the due messages
+                # of a receiver being sent to are never read, however many wait.
+                skip = sorted(taken)
+                params: dict[str, Any] = {"now": now, "limit": want}
+                for n, prefix in enumerate(skip):
+                    params[f"p{n}"], params[f"n{n}"] = prefix, len(prefix)
+                rows = db.query(
+                    "SELECT msg_id, url FROM webhook_deliveries "  # noqa: S608 - fixed parts
+                    "WHERE state = 'pending' AND next_attempt_at <= :now"
+                    + "".join(f" AND substr(url, 1, :n{n}) <> :p{n}" for n in range(len(skip)))
+                    + f" ORDER BY next_attempt_at, msg_id LIMIT :limit{self.skip_locked}",
+                    params,
+                )
+                for row in rows:
+                    to = _receiver(row["url"])
+                    if to not in taken and len(picked) < limit:
+                        taken.add(to)
+                        picked.append((row["msg_id"], to))
+                if len(rows) < want:
+                    break
+            claimed = []
+            for msg_id, _ in picked:
+                claimed += db.query(
+                    "UPDATE webhook_deliveries SET attempts = attempts + 1, "
+                    "next_attempt_at = :lease_until WHERE msg_id = :msg_id "
+                    "RETURNING msg_id, generation_id, event, url, payload, attempts, created_at",
+                    {"msg_id": msg_id, "lease_until": now + timedelta(seconds=lease)},
+                )
+        deliveries = [Delivery(**row) for row in claimed]
+        for delivery, (_, to) in zip(deliveries, picked, strict=True):
+            self._sending.add(delivery.msg_id, to, delivery.attempts, lease)
+        return deliveries
 
     def finish_delivery(
         self,
@@ -529,6 +585,21 @@ class SqlLedger(ABC):
         receiver has it, and only a message not yet sent is cancelled. A failed send leaves it
         cancelled.
         """
+        try:
+            return self._finish_delivery(msg_id, delivered, error, retry_in, attempts)
+        finally:
+            # The claim is over, its outcome recorded or not (then the message is due again
+            # when its lease ends): its receiver may be sent the next message.
+            self._sending.done(msg_id, attempts)
+
+    def _finish_delivery(
+        self,
+        msg_id: str,
+        delivered: bool,
+        error: str | None,
+        retry_in: float | None,
+        attempts: int | None,
+    ) -> bool:
         now = self._lease_clock()
         if delivered:
             sql = "state = 'delivered', delivered_at = :now, last_error = NULL"
@@ -560,6 +631,47 @@ class SqlLedger(ABC):
                 {"gid": generation_id},
             )
         return {row.pop("event"): row for row in rows}
+
+
+def _receiver(url: str) -> str:
+    """Who a webhook message goes to: its URL up to its path, the path's ``/`` included
+    (scheme, host and port; a request's webhook is kept as pydantic writes an http(s) URL,
+    its host in lower case and its path at least ``/``)."""
+    scheme, separator, rest = url.partition("://")
+    ends = [at for at in (rest.find(mark) for mark in "/?#") if at >= 0]
+    if not separator or not ends:
+        return url
+    end = min(ends)
+    return url[: len(scheme) + len(separator) + end + (rest[end] == "/")]
+
+
+class _Sending:
+    """The messages a ledger claimed and recorded no outcome of yet, until their lease ends:
+    the receivers its next claim leaves out. Only this process's claims: another replica sends
+    each receiver one message at a time of its own."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._claims: dict[str, tuple[str, int, float]] = {}  # msg_id → receiver, claim, end
+
+    def add(self, msg_id: str, to: str, attempts: int, lease: float) -> None:
+        with self._lock:
+            self._claims[msg_id] = (to, attempts, time.monotonic() + lease)
+
+    def done(self, msg_id: str, attempts: int | None) -> None:
+        """The claim ``attempts`` of ``msg_id`` is over (None: whichever it is)."""
+        with self._lock:
+            claim = self._claims.get(msg_id)
+            if claim is not None and attempts in (None, claim[1]):
+                del self._claims[msg_id]
+
+    def receivers(self) -> set[str]:
+        """The receivers of the claims whose lease is not over."""
+        now = time.monotonic()
+        with self._lock:
+            for msg_id in [m for m, (_, _, end) in self._claims.items() if end <= now]:
+                del self._claims[msg_id]
+            return {to for to, _, _ in self._claims.values()}
 
 
 def _checked(row: dict[str, Any]) -> dict[str, Any]:

@@ -62,9 +62,13 @@ class HistoryQuery(BaseModel):
 
 
 class ReplayQuery(BaseModel):
-    """``POST /generations/{id}/replay``: where the replay starts."""
+    """``POST /generations/{id}/replay``: where the replay starts.
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    Taken by its alias alone: ``start`` is unknown to the API, a 400 naming it, as any
+    parameter the document does not list.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     start: Literal["enhanced", "requested"] = Field(
         default="enhanced",

@@ -15,7 +15,10 @@ tried again within the claim, and its next claim waits for what ``Retry-After`` 
 A claim's tries all end before its lease does, so no other dispatcher sends the message
 meanwhile; an outcome is recorded only while the message is still on the claim that sent it,
 so a dispatcher that overran its lease cannot overwrite a later claim's. Only as many messages
-are claimed as there are free senders, and a slow receiver holds only its own sender.
+are claimed as there are free senders, and at most one per receiver (scheme, host and port) at
+a time: a receiver that is slow or never answers holds one sender, however many messages it
+has waiting, and only its own messages wait for it. That holds in each replica (its ledger
+knows what it is sending); two replicas may each send the same receiver one message at once.
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ class Dispatcher:
         backoff_max: Longest wait between claims, a receiver's ``Retry-After`` included.
         lease: Seconds a claimed message is hidden from other dispatchers; a claim's tries
             end before it does.
-        workers: Messages sent at once (a slow receiver does not hold up the others).
+        workers: Messages sent at once, one per receiver (a slow receiver holds one sender,
+            not the others' messages).
     """
 
     def __init__(
@@ -99,7 +103,8 @@ class Dispatcher:
         return len(sending)
 
     def _claim(self) -> list[Future[None]]:
-        """Claim as many due messages as there are free senders and start sending them."""
+        """Claim as many due messages as there are free senders, one per receiver not being
+        sent to already (:meth:`Ledger.claim_deliveries`), and start sending them."""
         with self._busy_lock:
             free = self.workers - self._busy
         if free <= 0:

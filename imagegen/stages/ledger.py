@@ -208,6 +208,9 @@ def _routes() -> tuple[Route, ...]:
     from imagegen.ledger.models import GenerationDetail, GenerationPage
 
     unknown = {404: "No such generation (or no recorded event to replay)."}
+    # InternalError (500, never retryable): a row another program, a newer version or a damaged
+    # disk wrote, named but never half-read (docs/ledger.md).
+    unreadable = "The ledger cannot read the generation's record, or an event of it; named"
     return (
         Route(
             method="GET",
@@ -216,7 +219,7 @@ def _routes() -> tuple[Route, ...]:
             summary="One generation: status, timeline with stage durations, URLs, error.",
             handler=_detail,
             response_model=GenerationDetail,
-            errors=unknown,
+            errors={**unknown, 500: f"{unreadable}."},
         ),
         Route(
             method="GET",
@@ -226,7 +229,11 @@ def _routes() -> tuple[Route, ...]:
             handler=_page,
             response_model=GenerationPage,
             query_model=HistoryQuery,
-            errors={400: "A query parameter is invalid; each is named."},
+            errors={
+                400: "A query parameter is invalid; each is named.",
+                500: "The ledger cannot read where the page's last generation is listed, so no "
+                "next page can start after it; named. (Other unreadable rows are left out.)",
+            },
         ),
         Route(
             method="POST",
@@ -243,6 +250,8 @@ def _routes() -> tuple[Route, ...]:
                 "enhanced nor requested), or the `Idempotency-Key` header is not 1-255 printable "
                 "ASCII characters; each is named.",
                 409: "The recorded event cannot be replayed (it was invalid); its fields named.",
+                500: f"{unreadable}; or the broker refused the event as one it cannot read (its "
+                "400). Not worth a retry.",
             },
             headers={
                 "Idempotency-Key": {

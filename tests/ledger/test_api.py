@@ -13,7 +13,7 @@ import pytest
 
 from imagegen.auth.api_keys import hash_api_key
 from imagegen.events import GENERATION_REQUESTED, MODEL_ATTRIBUTE, PROMPT_ENHANCED
-from imagegen.ledger import LedgerEvent
+from imagegen.ledger import LedgerEvent, open_ledger
 from imagegen.models import GenerationRequest
 from imagegen.openapi import document
 from imagegen.stages import get as get_stage
@@ -272,6 +272,71 @@ def test_the_served_document_describes_the_routes(function: InProcessFunction) -
     assert [p["in"] for p in replay["parameters"]] == ["path", "query", "header"]
 
 
+def _answered_as_documented(served: dict[str, Any], path: str, method: str, reply: Any) -> None:
+    """``reply``'s status is one the route's document names, its body the schema it gives."""
+    import jsonschema
+
+    documented = served["paths"][path][method]["responses"][str(reply.status_code)]
+    schema = documented["content"]["application/json"]["schema"]
+    name = schema["$ref"].rsplit("/", 1)[-1]
+    jsonschema.validate(reply.json(), served["components"]["schemas"][name])
+
+
+def _damage(ledger_url: str, sql: str) -> None:
+    """A row as another program (or a newer version) might leave it."""
+    ledger = open_ledger(ledger_url)
+    try:
+        with ledger.transaction() as db:
+            db.run(sql, {})
+    finally:
+        ledger.close()
+
+
+def test_a_record_the_ledger_cannot_read_is_a_documented_500(
+    serve_ledger: Callable[..., InProcessFunction], ledger_url: str
+) -> None:
+    with broker_ingress() as (sink, received):
+        function = serve_ledger(K_SINK=sink)
+        served = function.get("/openapi.json").json()
+        _record(function, "gen-u")
+        _damage(ledger_url, "UPDATE generations SET status = 'archived'")  # a newer status
+        detail = function.get("/generations/gen-u")
+        replay = function.post("/generations/gen-u/replay")
+        assert received == []
+    for reply in (detail, replay):
+        assert reply.status_code == 500, reply.text
+        error = reply.json()
+        assert (error["error"], error["retryable"]) == ("internal", False)
+        assert error["message"].endswith("has an unreadable record (generation gen-u: status)")
+    _answered_as_documented(served, "/generations/{generation_id}", "get", detail)
+    _answered_as_documented(served, "/generations/{generation_id}/replay", "post", replay)
+
+
+def test_a_broker_that_cannot_read_the_replay_is_a_documented_500(
+    serve_ledger: Callable[..., InProcessFunction],
+) -> None:
+    with broker_ingress(400) as (sink, _):
+        function = serve_ledger(K_SINK=sink)
+        _record(function, "gen-b")
+        reply = function.post("/generations/gen-b/replay")
+    assert reply.status_code == 500, reply.text
+    served = function.get("/openapi.json").json()
+    _answered_as_documented(served, "/generations/{generation_id}/replay", "post", reply)
+
+
+@pytest.mark.parametrize("ledger_url", ["sqlite"], indirect=True)  # PostgreSQL's types hold
+def test_a_page_whose_last_position_cannot_be_read_is_a_documented_500(
+    function: InProcessFunction, ledger_url: str
+) -> None:
+    for gid in ("gen-1", "gen-2"):
+        _record(function, gid, "requested")
+    _damage(ledger_url, "UPDATE generations SET listed_at = 'not a time'")
+    reply = function.client.get("/generations", params={"limit": 1})
+    assert reply.status_code == 500, reply.text
+    served = function.get("/openapi.json").json()
+    _answered_as_documented(served, "/generations", "get", reply)
+
+
 @pytest.mark.parametrize(
     "key", ["a", " ", "~" * 255, "x" * 256, "", "tab\tinside", "caf\u00e9", "\x7f", "key-1:2/3"]
 )
@@ -310,6 +375,25 @@ def test_every_400_a_replay_answers_is_the_one_its_document_describes(
         assert [e["field"] for e in reply.json()["errors"]] == [field]
     assert "`from`" in said and "unknown" in said
     assert "`Idempotency-Key`" in said and "1-255 printable ASCII" in said
+
+
+def test_replay_takes_its_starting_point_by_its_documented_name_alone(
+    serve_ledger: Callable[..., InProcessFunction],
+) -> None:
+    """`from` is the parameter; the field's name in the code (`start`) is unknown, a 400
+    naming it, and nothing is sent."""
+    with broker_ingress() as (sink, received):
+        function = serve_ledger(K_SINK=sink)
+        _record(function, "gen-s")
+        send = partial(function.client.post, "/generations/gen-s/replay")
+        for query in ({"start": "requested"}, {"start": "requested", "from": "enhanced"}):
+            reply = send(params=query)
+            assert reply.status_code == 400, reply.text
+            assert [e["field"] for e in reply.json()["errors"]] == ["start"]
+        assert received == []
+        taken = send(params={"from": "requested"})
+        assert taken.status_code == 202 and taken.json()["from"] == "requested"
+        assert [headers["ce-type"] for headers, _ in received] == [GENERATION_REQUESTED]
 
 
 def test_replaying_an_invalid_recorded_request_is_a_409_naming_its_fields(

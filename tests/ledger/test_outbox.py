@@ -176,6 +176,73 @@ def test_a_silent_receiver_does_not_hold_up_the_others(ledger: Ledger) -> None:
             dispatcher.stop()
 
 
+def test_a_receiver_that_never_answers_holds_one_sender_however_many_messages_it_has(
+    ledger: Ledger,
+) -> None:
+    """More messages to a silent receiver than there are senders: it is sent one at a time,
+    and a message to another receiver goes while that one is still unanswered."""
+    connections: list[float] = []
+
+    def silent(conn: socket.socket) -> None:
+        connections.append(time.monotonic())
+        time.sleep(30)
+
+    receiver = Receiver(OLD, fail_first=set(), slow_first=set(), slow=0)
+    with _raw_receiver(silent) as url, serve(receiver):
+        slow = [f"gen-slow-{n}" for n in range(4)]
+        for gid in slow:
+            ledger.ingest(chain(gid, webhook=url, webhook_events=["started"])["requested"])
+        sender = WebhookSender([OLD], LOOPBACK, timeout=2)
+        dispatcher = Dispatcher(ledger, sender, quick_tries=1, workers=2)
+        dispatcher.start(poll=0.05)
+        try:
+            deadline = time.monotonic() + 10
+            while not connections and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert connections, "the silent receiver was never sent to"
+            fast = chain("gen-fast", webhook=receiver.url + "/hook", webhook_events=["started"])
+            ledger.ingest(fast["requested"])
+            dispatcher.wake()
+            while not receiver.accepted and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert receiver.accepted, "the answering receiver was never sent its message"
+            # Delivered while the silent receiver's first message is still unanswered: no
+            # outcome of any of them recorded yet, and only one of them sent.
+            outcomes = [ledger.delivery_states(gid)["started"]["last_error"] for gid in slow]
+            assert outcomes == [None] * len(slow)
+            assert len(connections) == 1
+        finally:
+            dispatcher.stop()
+    assert ledger.delivery_states("gen-fast")["started"]["state"] == "delivered"
+
+
+def test_a_claim_takes_one_message_a_receiver_and_none_of_a_receiver_being_sent_to(
+    ledger: Ledger,
+) -> None:
+    for gid, url in [
+        ("gen-a1", "https://a.example/hook"),
+        ("gen-b1", "https://b.example:8443/hook"),
+        ("gen-a2", "https://a.example/other?x=1"),
+        ("gen-b2", "https://b.example/hook"),  # another port: another receiver
+    ]:
+        ledger.ingest(chain(gid, webhook=url, webhook_events=["started"])["requested"])
+    first = ledger.claim_deliveries(limit=10, lease=60)
+    assert [d.generation_id for d in first] == ["gen-a1", "gen-b1", "gen-b2"]
+    assert ledger.claim_deliveries(limit=10, lease=60) == []  # each being sent to
+    a1 = first[0]
+    ledger.finish_delivery(a1.msg_id, delivered=False, error="HTTP 500", retry_in=60, attempts=1)
+    assert [d.generation_id for d in ledger.claim_deliveries(limit=10, lease=60)] == ["gen-a2"]
+    # A claim whose lease ran out, its outcome never recorded, no longer holds its receiver.
+    ledger.ingest(
+        chain("gen-c1", webhook="https://c.example/", webhook_events=["started"])["requested"]
+    )
+    ledger.ingest(
+        chain("gen-c2", webhook="https://c.example/", webhook_events=["started"])["requested"]
+    )
+    assert [d.generation_id for d in ledger.claim_deliveries(lease=0)] == ["gen-c1"]
+    assert [d.generation_id for d in ledger.claim_deliveries(lease=60)] == ["gen-c2"]
+
+
 def test_a_database_that_is_down_is_a_line_in_the_log_and_tried_again(
     ledger: Ledger, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -116,6 +116,37 @@ def test_derivatives_prove_the_image_persisted_and_change_nothing_it_said(
     assert ledger.ingest(derived).duplicate
 
 
+def test_events_of_one_time_are_in_the_timeline_in_the_chains_order(ledger: Ledger) -> None:
+    """image.derived carries its image's persisted_at, as image.persisted does: recorded first,
+    it still follows the image.persisted it is made from, whichever the order recorded."""
+    events = chain("gen-1")
+    persisted = events["persisted"]
+    derived = LedgerEvent(
+        source=source_for("derive"),
+        id=reply_id("gen-1", IMAGE_DERIVED),
+        type=IMAGE_DERIVED,
+        subject="gen-1",
+        time=persisted.time,
+        data={
+            "generation_id": "gen-1",
+            "key": persisted.data["key"],
+            "sha256": persisted.data["sha256"],
+            "keys": {"record": "gen-1.derivatives.json"},
+            "created_at": persisted.data["created_at"],
+            "persisted_at": persisted.data["persisted_at"],
+        },
+    )
+    for event in (events["requested"], events["enhanced"], events["rendered"], derived):
+        ledger.ingest(event)
+    ledger.ingest(persisted)
+    found = ledger.get("gen-1")
+    assert found is not None
+    kinds = [e.type.rsplit(".", 1)[-1] for e in found.timeline]
+    assert kinds == ["requested", "enhanced", "rendered", "persisted", "derived"]
+    assert found.timeline[-1].time == found.timeline[-2].time == found.persisted_at
+    assert found.timeline[-1].seconds_since_previous == 0.0
+
+
 def test_a_replay_is_known_from_its_persisted_event_and_later_events_keep_it(
     ledger: Ledger,
 ) -> None:

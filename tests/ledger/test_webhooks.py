@@ -474,7 +474,9 @@ def test_a_failure_being_told_when_the_image_is_persisted_is_recorded_as_told(
     whose send fails stays cancelled (never told)."""
     kinds = ["completed", "failed"]
     for gid, delivered in (("gen-told", True), ("gen-untold", False)):
-        events = chain(gid, webhook="https://hooks.example/x", webhook_events=kinds)
+        # A receiver each: the first's "completed" stays claimed, and a receiver being sent
+        # to is sent nothing else meanwhile.
+        events = chain(gid, webhook=f"https://{gid}.example/x", webhook_events=kinds)
         for name in ("requested", "failed"):
             ledger.ingest(events[name])
         [sending] = ledger.claim_deliveries(lease=60)
