@@ -22,7 +22,7 @@ from typing import Any, Literal, Protocol, TextIO, TypeVar
 from pydantic import ValidationError
 
 from imagegen.errors import InternalError, InvalidRequest
-from imagegen.events import IMAGE_DERIVED, IMAGE_PERSISTED
+from imagegen.events import IMAGE_PERSISTED
 from imagegen.ledger._cursor import decode_cursor, encode_cursor
 from imagegen.ledger._migrate import CREATE_TABLE, migrations, statements
 from imagegen.ledger._statements import (
@@ -36,7 +36,7 @@ from imagegen.ledger._statements import (
     upsert_params,
 )
 from imagegen.ledger.fold import (
-    _STATUS_OF,
+    CHAIN_ORDER,
     STAGE_COLUMNS,
     Change,
     due_webhooks,
@@ -45,7 +45,6 @@ from imagegen.ledger.fold import (
     utc,
 )
 from imagegen.ledger.models import (
-    STATUS_RANK,
     Delivery,
     Generation,
     GenerationDetail,
@@ -108,16 +107,11 @@ HISTORY_PAGE = (
 _TOOK_REQUEST = "CASE WHEN e.source = g.request_source AND e.id = g.request_id THEN 0 ELSE 1 END"
 AFTER = f"({LISTED_KEY}, generation_id) < (:after_at, :after_id) AND {LISTED_KEY} <= :after_at"
 # Events of one time (image.derived carries its image's persisted_at, as image.persisted does)
-# in the order of the chain: by the status each reports, as the generation's row ranks them
-# (STATUS_RANK: a failure after rendered, before persisted), image.derived after the
-# image.persisted it is made from; then in the order recorded.
-_CHAIN_ORDER = sorted(
-    _STATUS_OF, key=lambda kind: (STATUS_RANK[_STATUS_OF[kind][0]], kind == IMAGE_DERIVED)
-)
+# in the order of the chain (CHAIN_ORDER), then in the order recorded.
 _IN_CHAIN = (
     "CASE type "
-    + " ".join(f"WHEN '{kind}' THEN {n}" for n, kind in enumerate(_CHAIN_ORDER))
-    + f" ELSE {len(_CHAIN_ORDER)} END"
+    + " ".join(f"WHEN '{kind}' THEN {n}" for n, kind in enumerate(CHAIN_ORDER))
+    + f" ELSE {len(CHAIN_ORDER)} END"
 )
 
 

@@ -45,6 +45,7 @@ from imagegen.models import (
 from imagegen.validation import parse_model
 
 __all__ = [
+    "CHAIN_ORDER",
     "DESCRIPTIVE_COLUMNS",
     "ONCE_COLUMNS",
     "REQUEST_COLUMNS",
@@ -67,6 +68,12 @@ _STATUS_OF: dict[str, tuple[Status, str]] = {
     IMAGE_DERIVED: ("persisted", "persisted_at"),
     GENERATION_FAILED: ("failed", "failed_at"),
 }
+CHAIN_ORDER: tuple[str, ...] = tuple(
+    sorted(_STATUS_OF, key=lambda kind: (STATUS_RANK[_STATUS_OF[kind][0]], kind == IMAGE_DERIVED))
+)
+"""The event types in the chain's order: by the status each reports, as the generation's row
+ranks them (a failure after rendered, before persisted), ``image.derived`` after the
+``image.persisted`` it is made from."""
 STAGE_COLUMNS = ("requested_at", "enhanced_at", "rendered_at", "persisted_at", "failed_at")
 # What events say about the image; the most advanced event's non-empty value wins.
 DESCRIPTIVE_COLUMNS = (
