@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 
+from tests.knative.delivery import TTL, ingress_ttl
+
 __all__ = ["LoopbackServer", "Running", "broker_ingress"]
 
 
@@ -76,10 +78,10 @@ def broker_ingress(status: int = 202) -> Iterator[tuple[str, list[tuple[dict[str
     """A broker ingress on loopback: its URL, and the headers (lower-case) and JSON body of each
     event POSTed to it; every valid event answered ``status``.
 
-    As knative/eventing's ingress (pkg/broker/ingress/ingress_handler.go, ``ServeHTTP``): a
-    request that is no valid CloudEvent (``binding.ToEvent`` fails, or ``event.Validate``) is
-    a 400 and is not taken, nor is an event whose ``knativebrokerttl`` has run out (at or below
-    0, pkg/broker/ttl.go).
+    As knative/eventing's ingress (pkg/broker/ingress/ingress_handler.go, ``ServeHTTP`` and
+    ``receive``): a request that is no valid CloudEvent (``binding.ToEvent`` fails, or
+    ``event.Validate``) is a 400 and is not taken, nor is an event whose ``knativebrokerttl``,
+    once the ingress has defaulted and reduced it (:func:`ingress_ttl`), is at or below 0.
     """
     from tests.knative.cloudevents_http import MalformedEvent, Message, decode
 
@@ -93,10 +95,7 @@ def broker_ingress(status: int = 202) -> Iterator[tuple[str, list[tuple[dict[str
                 event = decode(Message(headers, body))
             except MalformedEvent:
                 event = None
-            ttl = event.get("knativebrokerttl") if event is not None else None
-            if event is None or (
-                ttl is not None and not (ttl.lstrip("-").isdigit() and int(ttl) > 0)
-            ):
+            if event is None or ingress_ttl(event.get(TTL)) <= 0:
                 self.send_response(400)
                 self.send_header("content-length", "0")
                 self.end_headers()

@@ -358,11 +358,38 @@ def test_one_event_failing_at_two_subscribers_leaves_a_record_of_each(tmp_path: 
     }
 
 
+class _Failures(logging.Handler):
+    """How many start-ups have failed, as the functions' log says it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += record.getMessage().startswith("start-up failed")
+
+
+@pytest.fixture
+def start_up_failures() -> Iterator[_Failures]:
+    # On the functions' logger itself: start-up sets the root logger's handlers anew (and
+    # caplog's with them), and its level to whatever the first function started here asked.
+    failures, logger = _Failures(), logging.getLogger("imagegen.functions")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    logger.addHandler(failures)
+    try:
+        yield failures
+    finally:
+        logger.removeHandler(failures)
+        logger.setLevel(level)
+
+
 def test_a_function_whose_start_up_failed_starts_again_once_it_can(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_up_failures: _Failures
 ) -> None:
     """What start-up waited for comes later (a folder made writable, a model pulled): the
-    process turns ready without a restart, its start-up begun again after a pause."""
+    process turns ready without a restart, its start-up begun again after a pause, and again
+    after a pause each time it fails again."""
     import sys
     import time
 
@@ -373,14 +400,23 @@ def test_a_function_whose_start_up_failed_starts_again_once_it_can(
     adapter = sys.modules["_adapter"]  # functions/_adapter.py, loaded with the function
     monkeypatch.setattr(adapter, "START_AGAIN_SECONDS", 0.2)
     assert persist.get("/readyz").status_code == 503
+    assert start_up_failures.count == 1
     time.sleep(0.3)
-    assert persist.get("/readyz").status_code == 503  # tried again, and failed again
+    assert persist.get("/readyz").status_code == 503  # and start-up is begun again
+    # That 503 comes before the second start-up ends: the folder stays unmakeable until it
+    # has failed too, so that only a third start-up, begun after another pause, can succeed.
+    deadline = time.monotonic() + 10
+    while start_up_failures.count < 2:
+        assert time.monotonic() < deadline, "start-up was not begun again"
+        time.sleep(0.01)
+    assert persist.get("/readyz").status_code == 503
     blocker.unlink()  # the folder can be made now
     deadline = time.monotonic() + 10
     while persist.get("/readyz").status_code != 200:
         assert time.monotonic() < deadline, "never started again"
         time.sleep(0.1)
     assert (blocker / "output").is_dir()
+    assert start_up_failures.count == 2
 
 
 def test_a_function_whose_storage_is_not_writable_never_turns_ready(tmp_path: Path) -> None:

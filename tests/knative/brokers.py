@@ -81,7 +81,6 @@ from datetime import UTC, datetime
 from .cloudevents_http import Event, MalformedEvent, decode, encode_binary
 from .delivery import (
     INGRESS_URL,
-    MAX_TTL,
     TTL,
     Attempt,
     DeadLetter,
@@ -93,6 +92,7 @@ from .delivery import (
     Transport,
     error_extensions,
     http_transport,
+    ingress_ttl,
     retry_after_seconds,
     retryable,
 )
@@ -175,11 +175,7 @@ class Broker:
     def publish(self, event: Event) -> int:
         """Send an event to the broker's ingress; returns its HTTP status (202 or 400)."""
         if not self.kafka:
-            raw = event.get(TTL)
-            try:
-                ttl = int(raw) - 1 if raw is not None else MAX_TTL
-            except ValueError:
-                ttl = MAX_TTL
+            ttl = ingress_ttl(event.get(TTL))
             event = event.with_attributes(**{TTL: str(ttl)})
             if ttl <= 0:
                 return 400

@@ -11,6 +11,7 @@ told (eventing ``pkg/kncloudevents/event_dispatcher.go``; eventing-kafka-broker
 from __future__ import annotations
 
 import base64
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,62 @@ from .cloudevents_http import Event, Message
 
 MAX_TTL = 255  # cmd/broker/ingress/main.go: MAX_TTL default
 TTL = "knativebrokerttl"
+
+
+_INT32 = 2**31
+_DIGITS = r"[0-9](?:_?[0-9])*"
+_HEX_DIGITS = r"[0-9a-f](?:_?[0-9a-f])*"
+# What Go's strconv.ParseFloat(v, 64) reads (src/strconv/atof.go, special and readFloat): a
+# sign, then a decimal mantissa with an optional e exponent, or a 0x mantissa with a required
+# p exponent; "_" only between digits (underscoreOK); "inf"/"infinity" with a sign, "nan"
+# without; any case; nothing around it, not even a space (" 3" is no number to Go).
+_GO_DECIMAL = re.compile(
+    rf"[+-]?(?:{_DIGITS}(?:\.(?:{_DIGITS})?)?|\.{_DIGITS})(?:e[+-]?{_DIGITS})?", re.I | re.A
+)
+_GO_HEX = re.compile(
+    rf"[+-]?0x(?:_?{_HEX_DIGITS}(?:\.(?:{_HEX_DIGITS})?)?|\.{_HEX_DIGITS})p[+-]?{_DIGITS}",
+    re.I | re.A,
+)
+_GO_SPECIAL = re.compile(r"[+-]?inf(?:inity)?|nan", re.I | re.A)
+
+
+def _go_int32(value: int) -> int:
+    """``value`` wrapped into Go's int32, as Go's integer arithmetic wraps it."""
+    return (value + _INT32) % (2 * _INT32) - _INT32
+
+
+def ingress_ttl(raw: str | None) -> int:
+    """The ``knativebrokerttl`` the channel-based broker's ingress gives an event that came
+    with ``raw`` (None: none); it refuses the event when this is 0 or less.
+
+    knative/eventing knative-v1.22.2: ``pkg/broker/ingress/ingress_handler.go`` ``receive``
+    runs the ``TTLDefaulter`` of ``pkg/broker/ttl.go`` (wired in
+    ``cmd/broker/ingress/main.go`` with ``MAX_TTL``, 255) before it checks the TTL: a missing
+    TTL, or one ``cetypes.ToInteger`` cannot read, becomes 255; any other is reduced by one in
+    int32, floored at 0. ``ToInteger`` is cloudevents/sdk-go v2.16.1 ``v2/types/value.go``
+    ``ParseInteger``: ``strconv.ParseFloat``, an error outside int32's range, else the value
+    truncated toward zero by ``int32(f)`` ("3.0" and "+3" are 3, "1.9" is 1, "0x1p2" is 4).
+    """
+    if raw is None:
+        return MAX_TTL
+    if _GO_SPECIAL.fullmatch(raw):
+        value = float(raw)
+    elif _GO_DECIMAL.fullmatch(raw):
+        value = float(raw)  # Python reads "_" between digits as Go does
+    elif _GO_HEX.fullmatch(raw):
+        try:
+            value = float.fromhex(raw.replace("_", ""))
+        except OverflowError:  # ParseFloat: ±Inf and ErrRange
+            return MAX_TTL
+    else:
+        return MAX_TTL
+    if value > _INT32 - 1 or value < -_INT32:  # never true of NaN, as in Go
+        return MAX_TTL
+    # int32(NaN) is left to the platform by the Go spec; on amd64 (CVTTSD2SL) it is -2**31.
+    ttl = -_INT32 if math.isnan(value) else math.trunc(value)
+    return max(_go_int32(ttl - 1), 0)
+
+
 ERROR_DATA_MAX = (
     1024  # eventing: KnativeErrorDataExtensionMaxLength; kafka: KN_ERROR_DATA_MAX_BYTES
 )

@@ -446,13 +446,53 @@ def test_a_request_recorded_with_values_in_other_types_is_listed_and_replayed_in
 
 def test_the_broker_ingress_stand_in_refuses_what_knatives_refuses() -> None:
     """As pkg/broker/ingress/ingress_handler.go: no valid CloudEvent, or a spent TTL, is a 400
-    and taken by no one; what the replay tests see sent is what a broker would take."""
+    and taken by no one; what the replay tests see sent is what a broker would take.
+
+    The ingress defaults and reduces the TTL before it checks it (pkg/broker/ttl.go,
+    ``TTLDefaulter``): none, or one sdk-go's ``ParseInteger`` (``strconv.ParseFloat``) cannot
+    read, is 255; any other is one less, so an event that came with 1 is refused.
+    """
     import httpx
 
-    event = {"ce-specversion": "1.0", "ce-id": "1", "ce-source": "/t", "ce-type": "t.x"}
+    event = {"ce-specversion": "1.0", "ce-source": "/t", "ce-type": "t.x"}
+    sent = {
+        # TTL (None: absent) -> status, as a knative-v1.22.2 ingress answers it
+        "0": 400,
+        "1": 400,  # 1 - 1
+        "-1": 400,
+        "-7": 400,
+        "1.9": 400,  # int32(1.9) == 1
+        "2": 202,
+        "3": 202,
+        "+3": 202,  # ParseFloat takes a sign
+        "3.0": 202,
+        "0x1p2": 202,  # a hexadecimal float: 4
+        "abc": 202,  # unreadable: 255
+        "": 202,
+        None: 202,
+    }
     with broker_ingress() as (url, received):
         plain = httpx.post(url, json={"a": 1})
-        spent = httpx.post(url, json={}, headers={**event, "ce-knativebrokerttl": "0"})
-        taken = httpx.post(url, json={}, headers={**event, "ce-knativebrokerttl": "3"})
-    assert (plain.status_code, spent.status_code, taken.status_code) == (400, 400, 202)
-    assert [headers["ce-id"] for headers, _ in received] == ["1"]
+        answered = {
+            ttl: httpx.post(
+                url,
+                json={},
+                headers={**event, "ce-id": f"ttl-{ttl}"}
+                | ({} if ttl is None else {"ce-knativebrokerttl": ttl}),
+            ).status_code
+            for ttl in sent
+        }
+        # Go reads no space around a number: " 1" is unreadable, so 255, not 0.
+        spaced = httpx.post(
+            url,
+            content=json.dumps(
+                {"specversion": "1.0", "id": "spaced", "source": "/t", "type": "t.x"}
+                | {"knativebrokerttl": " 1"}
+            ),
+            headers={"content-type": "application/cloudevents+json"},
+        )
+    assert plain.status_code == 400
+    assert answered == sent
+    assert spaced.status_code == 202
+    taken = [headers.get("ce-id") or body["id"] for headers, body in received]
+    assert taken == [f"ttl-{ttl}" for ttl, status in sent.items() if status == 202] + ["spaced"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from imagegen.errors import InvalidRequest, Overloaded
 from imagegen.models import EnhancedPrompt
 from imagegen.render.base import ProgressCallback, RenderOutput
+from imagegen.render.stage import RenderStage
 from tests.render.test_batching import (
     BatchingBackend,
     _held_on_first,
@@ -19,6 +21,15 @@ from tests.render.test_batching import (
     job,
     make_stage,
 )
+
+
+async def _until_waiting(stage: RenderStage, generation_id: str, requests: int) -> None:
+    """Wait until ``requests`` deliveries of ``generation_id`` wait for its render: each first
+    looks in storage (a thread of its own, as long as the machine makes it), then joins."""
+    deadline = time.monotonic() + 10
+    while (waiting := stage._waiters._requests[generation_id]) != requests:
+        assert time.monotonic() < deadline, f"{waiting} requests wait, not {requests}"
+        await asyncio.sleep(0.001)
 
 
 async def test_a_stored_render_whose_request_left_while_queued_never_runs(tmp_path: Path) -> None:
@@ -41,7 +52,7 @@ async def test_a_queued_render_runs_while_another_delivery_of_it_waits(tmp_path:
     gone = asyncio.ensure_future(stage.render(job("dup")))
     await _until_queued(stage, 2)
     waiting = asyncio.ensure_future(stage.render(job("dup")))  # a redelivery, behind it
-    await asyncio.sleep(0.05)
+    await _until_waiting(stage, "dup", 2)
     gone.cancel()  # the first delivery's request timed out; the redelivery still waits
     await asyncio.wait([gone])
     backend.gate.set()
@@ -55,7 +66,7 @@ async def test_a_queued_render_is_dropped_once_every_delivery_has_gone(tmp_path:
     backend, stage, first = await _held_on_first(tmp_path, batch_size=1)
     deliveries = [asyncio.ensure_future(stage.render(job("dup"))) for _ in range(2)]
     await _until_queued(stage, 2)
-    await asyncio.sleep(0.05)  # the second waits for the first's render
+    await _until_waiting(stage, "dup", 2)  # the second waits for the first's render
     for delivery in deliveries:
         delivery.cancel()
     await asyncio.wait(deliveries)
