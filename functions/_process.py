@@ -117,6 +117,12 @@ else:
     # well as a path: validate_class, util.load_class). functions-framework sets neither.
     gunicorn.config.GracefulTimeout.default = DRAIN_SECONDS
     gunicorn.config.LoggerClass.default = JsonLogger
+    # gunicorn 25.1+ serves ``gunicornc`` on a Unix socket at $XDG_RUNTIME_DIR/gunicorn.ctl, else
+    # ~/.gunicorn/gunicorn.ctl (gunicorn/config.py, ControlSocket): no function uses it, a home
+    # it cannot write (a read-only root file system, an arbitrary UID) is an ERROR at every
+    # start, and the functions on one host would share the one path. Off, where it exists.
+    if hasattr(gunicorn.config, "ControlSocketDisable"):
+        gunicorn.config.ControlSocketDisable.default = True
 
 
 # The attributes of a binary-mode event, each one value: repeated, gunicorn would join them

@@ -8,6 +8,7 @@ import errno
 import os
 import shutil
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from imagegen.render._errors import INSTALL_HINT
 from tests.conftest import RunCli
 
 SMALL = ["--model", "tiny", "--width", "256", "--height", "256", "--steps", "2"]
@@ -235,3 +237,37 @@ def test_doctor_checks_a_storage_folder_not_made_by_the_folder_above(
     assert rows["blocked"]["status"] == "error"
     assert f"cannot be created under {tmp_path / 'afile'}" in rows["blocked"]["summary"]
     assert not (tmp_path / "new").exists()
+
+
+@pytest.fixture
+def no_render_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An install without the render extra (the CPU functions' ``.[ledger]``): diffusers cannot
+    be imported, as None in ``sys.modules`` tells the import system, and the backend's module
+    is imported again."""
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    monkeypatch.delitem(sys.modules, "imagegen.render.diffusers_backend", raising=False)
+
+
+@pytest.mark.usefixtures("no_render_extra")
+def test_generate_without_the_render_extra_says_what_to_install(cli: RunCli) -> None:
+    result = cli("generate", "x", *SMALL)
+
+    assert result.returncode == 2, result.stderr  # the installation, as a setting: not a bug
+    assert result.stderr.splitlines() == [
+        "imagegen: error: rendering needs the render extra (diffusers is not installed): "
+        + INSTALL_HINT
+    ]
+    assert "pip install 'imagegen[render]'" in INSTALL_HINT  # an installed package's way
+    assert "pip install -e '.[render]'" in INSTALL_HINT  # and a checkout's
+
+
+@pytest.mark.usefixtures("no_render_extra")
+def test_doctor_without_the_render_extra_says_the_same_command(cli: RunCli) -> None:
+    import json
+
+    result = cli("doctor", "--json")
+
+    row = {row["check"]: row for row in json.loads(result.stdout)["checks"]}["render"]
+    assert row["status"] == "warning"
+    assert row["summary"].startswith("diffusers is not installed")
+    assert row["next_step"] == f"Install the render extra: {INSTALL_HINT}."

@@ -128,6 +128,36 @@ def test_serve_refuses_a_port_out_of_range_before_starting(tmp_path: Path, port:
     assert "--port" in _one_line(result.stderr)
 
 
+def test_serve_from_an_installed_package_says_where_functions_are_found(
+    cli: RunCli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wheel carries no functions/: outside a checkout and the image's /app, serve says
+    where they are found rather than look in site-packages."""
+    from imagegen.cli import tools
+    from imagegen.errors import InvalidRequest
+    from tests.conftest import ROOT
+
+    site = tmp_path / "site-packages"
+    monkeypatch.setattr(tools, "__file__", str(site / "imagegen" / "cli" / "tools.py"))
+
+    result = cli("serve", "persist")
+
+    assert result.returncode == 2, result.stderr
+    assert _one_line(result.stderr) == (
+        "imagegen: error: functions/ not found: an installed imagegen has none; run from a"
+        " checkout or the image's /app, or set IMAGEGEN_FUNCTIONS_DIR to a functions/ folder"
+    )
+    (site / "functions").mkdir(parents=True)  # another distribution's top-level package
+    (site / "functions" / "_adapter.py").write_text("")
+    with pytest.raises(InvalidRequest):
+        tools.functions_dir()
+    monkeypatch.setenv("IMAGEGEN_FUNCTIONS_DIR", str(ROOT / "functions"))
+    assert tools.functions_dir() == ROOT / "functions"
+    monkeypatch.delenv("IMAGEGEN_FUNCTIONS_DIR")
+    monkeypatch.chdir(ROOT)  # as in the image: /app/functions
+    assert tools.functions_dir() == ROOT / "functions"
+
+
 @pytest.mark.parametrize("command", [["generate", "x"], ["loop", "x", "--count", "1"]])
 def test_object_storage_without_credentials_fails_before_the_render(
     cli: RunCli, tmp_path: Path, command: list[str]

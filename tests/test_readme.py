@@ -260,6 +260,22 @@ def test_the_quick_start_commands_exist() -> None:
         assert re.search(rf"^{target}:", makefile, flags=re.M), target
 
 
+def test_the_quick_start_names_what_the_tests_need() -> None:
+    """A fresh machine's `make test` needs what CI installs (.ci/run's Debian packages) and
+    what CI only checks for: the README's Quick start names each."""
+    quick = " ".join(_section(README.read_text(), "## Quick start").split()).lower()
+    run = (ROOT / ".ci" / "run").read_text()
+    installed = re.findall(r"apt-get install -y -qq ([\w.-]+)", run)
+    required = re.findall(r"ci: (.+?) is required", run)
+    assert installed and required, "the packages and commands .ci/run installs and checks"
+    for package in installed:  # postgresql-15
+        assert package.replace("-", " ") in quick, package
+    for what in required:  # kubectl (with kustomize v5), Node.js 20 or newer
+        assert what.split()[0].lower() in quick, what
+        for detail in re.findall(r"\(with ([^)]+)\)", what):
+            assert detail.lower() in quick, what
+
+
 def test_the_events_table_is_the_stage_registrys() -> None:
     """docs/events.md says its table is the registry's: every stage has its row, naming each
     type it consumes and the one it replies with; no row names a stage there is not."""

@@ -89,6 +89,7 @@ def run_checks(settings: Settings) -> list[Check]:
 
 def _render_check(settings: Settings) -> Check:
     from imagegen.errors import ImageGenError
+    from imagegen.render._errors import INSTALL_HINT
 
     try:
         from imagegen.render.diffusers_backend import DiffusersBackend
@@ -99,7 +100,7 @@ def _render_check(settings: Settings) -> Check:
             "render",
             "warning",
             f"{exc.name or 'torch'} is not installed: this install enhances and persists only.",
-            'Install the render extra: pip install -e ".[render]" (docs/development.md).',
+            f"Install the render extra: {INSTALL_HINT}.",
         )
     except ImageGenError as exc:
         return Check("render", "error", exc.message, "Check IMAGEGEN_DEVICE.")

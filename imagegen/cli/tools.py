@@ -174,19 +174,30 @@ def _check_bind(host: str, port: int) -> None:
 
 
 def functions_dir() -> Path:
-    """The ``functions/`` folder of this checkout or image."""
+    """The ``functions/`` folder: ``IMAGEGEN_FUNCTIONS_DIR``, else the checkout imagegen is
+    imported from (an editable install), else the current directory's (the image's ``/app``).
+
+    An installed package carries no ``functions/``: they are the deployment's adapters, copied
+    into the images beside it, not part of the library.
+    """
     configured = os.environ.get("IMAGEGEN_FUNCTIONS_DIR")
     if configured and not (Path(configured) / "_adapter.py").is_file():
         raise InvalidRequest(
             "IMAGEGEN_FUNCTIONS_DIR names no functions/ folder (no _adapter.py in it)",
             errors=[{"field": "IMAGEGEN_FUNCTIONS_DIR", "message": "no functions/ folder"}],
         )
+    checkout = Path(__file__).resolve().parents[2]  # site-packages, for an installed package
     candidates = [Path(configured)] if configured else []
-    candidates += [Path(__file__).resolve().parents[2] / "functions", Path.cwd() / "functions"]
+    if (checkout / "pyproject.toml").is_file():
+        candidates.append(checkout / "functions")
+    candidates.append(Path.cwd() / "functions")
     for candidate in candidates:
         if (candidate / "_adapter.py").is_file():
             return candidate
-    raise InvalidRequest("functions/ not found; run from a checkout or set IMAGEGEN_FUNCTIONS_DIR")
+    raise InvalidRequest(
+        "functions/ not found: an installed imagegen has none; run from a checkout or"
+        " the image's /app, or set IMAGEGEN_FUNCTIONS_DIR to a functions/ folder"
+    )
 
 
 def _check_to(to: str) -> None:

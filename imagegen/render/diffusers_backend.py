@@ -17,11 +17,25 @@ from opentelemetry import trace
 
 from imagegen.errors import ConfigurationError, DependencyUnavailable
 from imagegen.models import EnhancedPrompt
-from imagegen.render._errors import INSTALL_HINT, field_error
+from imagegen.render._errors import INSTALL_HINT, field_error, first_line
 from imagegen.render.base import ProgressCallback, RenderOutput
 from imagegen.render.png import encode_filtered_png, encode_png
 from imagegen.settings import Settings
 from imagegen.telemetry import tracer
+
+
+class RenderExtraMissing(ConfigurationError, ImportError):
+    """The render extra (torch, diffusers...) is not installed: every render fails alike until
+    it is. A :class:`ConfigurationError` (one line and exit 2 on the command line, 503 at the
+    function edge), and an :class:`ImportError`, as a missing optional dependency is to Python
+    code that probes for it."""
+
+    def __init__(self, error: ImportError) -> None:
+        missing = isinstance(error, ModuleNotFoundError) and error.name
+        why = f"{error.name} is not installed" if missing else first_line(error)
+        super().__init__(f"rendering needs the render extra ({why}): {INSTALL_HINT}")
+        self.name = error.name
+
 
 # The private modules import torch, diffusers and huggingface_hub too (``_lora`` once it
 # loads adapters: what the settings alone decide of LoRAs needs none of them).
@@ -37,11 +51,8 @@ try:
     from imagegen.render._fastpath import apply_fast_path
     from imagegen.render._loading import Pipeline, load_pipeline
     from imagegen.render._lora import LoraAdapters, check_lora_support
-except ImportError as error:  # pragma: no cover - depends on the installation
-    raise ImportError(
-        f"rendering needs the render extra: {INSTALL_HINT} ({error})",
-        name=error.name,
-    ) from error
+except ImportError as error:  # an install without the render extra
+    raise RenderExtraMissing(error) from error
 
 __all__ = ["DiffusersBackend", "select_device"]
 
