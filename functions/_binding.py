@@ -132,15 +132,24 @@ def _content_type(headers: Mapping[str, str]) -> str:
 
 _REQUIRED = ("specversion", "id", "source", "type")
 """The attributes every CloudEvent has, each a non-empty string (CloudEvents 1.0, section 3.1)."""
-_SPECVERSIONS = ("1.0", "0.3")
-"""The versions the CloudEvents SDK reads (cloudevents/sdk/event: v1, v03)."""
+_SPECVERSIONS = ("1.0",)
+"""The versions read. The CloudEvents SDK reads 0.3 too (cloudevents/sdk/event: v03), but as
+1.0, its ``datacontentencoding`` ignored: Base64 data would be refused as data of the wrong
+kind. Knative's sources and broker send 1.0."""
+_ATTRIBUTE_NAME = re.compile("[a-z0-9]+")
+"""An attribute's name: lower-case ASCII letters and digits (CloudEvents 1.0.2, section 3.1.1:
+"MUST")."""
+_LATIN1_MARKER = "imagegenlatin1"
+"""The sink's attribute naming the binary-mode attributes whose header bytes were no UTF-8,
+kept each byte as its Latin-1 character."""
 
 
 def parse(headers: Mapping[str, str], body: bytes, *, consumes: tuple[str, ...]) -> Message:
     """A CloudEvent (binary or structured mode) of a type in ``consumes``, or plain JSON.
 
     The data, or the plain body, must be a JSON object: a JSON string is refused, never read
-    again as JSON.
+    again as JSON. Header values are as WSGI gives them, each byte a Latin-1 character (PEP
+    3333); a ``ce-*`` value's bytes are read as UTF-8.
 
     Raises:
         InvalidRequest: naming the field at fault (an attribute such as ``id``, ``type``,
@@ -184,7 +193,7 @@ def parse(headers: Mapping[str, str], body: bytes, *, consumes: tuple[str, ...])
             # the event's datacontenttype is the Content-Type that was checked.
             sdk_headers = {
                 k: v
-                for k, v in {**lowered, **_decoded_attributes(lowered)}.items()
+                for k, v in {**lowered, **_binary_attributes(lowered)}.items()
                 if k != "ce-datacontenttype"
             }
             _check_attributes({k: sdk_headers.get(f"ce-{k}") for k in _REQUIRED})
@@ -262,7 +271,15 @@ def _check_envelope(envelope: Mapping[str, Any]) -> None:
     number or a boolean: the JSON event format has no object or array attribute.
     """
     for name, value in envelope.items():
-        if value is None or name in ("data", "data_base64") or name in _REQUIRED:
+        if name in ("data", "data_base64"):
+            continue
+        # sdk-go refuses such a name whatever its value (v2/event/event_unmarshal.go: every
+        # other member through EventContextV1.SetExtension, v2/event/extensions.go:
+        # validateExtensionName), though it takes upper-case letters and lower-cases them; the
+        # JSON format's member names are the attributes' own, and the spec's MUST stands.
+        if not _ATTRIBUTE_NAME.fullmatch(name):
+            raise _invalid(name, "an attribute name is lower-case letters (a-z) and digits")
+        if value is None or name in _REQUIRED:
             continue
         if name in _STRINGS and not isinstance(value, str):
             raise _invalid(name, "must be a string")
@@ -281,30 +298,65 @@ def _check_envelope(envelope: Mapping[str, Any]) -> None:
         )
 
 
-def _decoded_attributes(headers: Mapping[str, str]) -> dict[str, str]:
-    """Binary mode's ``ce-*`` header values, as the HTTP binding has them decoded.
+def _binary_attributes(headers: Mapping[str, str]) -> dict[str, str]:
+    """Binary mode's ``ce-*`` headers, their values decoded (:func:`_header_text`).
 
-    A value is unquoted (RFC 7230, section 3.2.6) if quoted, then percent-decoded as UTF-8
-    (HTTP binding, section 3.1.3.2: what senders must percent-encode is a space, ``"``,
-    ``%`` and everything outside printable ASCII). A ``%`` not followed by two hex digits is
-    kept as it came.
+    A header name's case is no part of it (RFC 9110, section 5.1): ``headers`` are lower-cased,
+    and the rest of the name must be an attribute's. sdk-go (Knative's broker) reads a name as
+    much, lower-casing it, and refuses one with other characters (v2/protocol/http/message.go:
+    ReadBinary; v2/event/extensions.go: validateExtensionName). gunicorn drops a header whose
+    name has ``_`` before the function sees it (its ``header_map``, ``drop`` by default).
 
     Raises:
-        InvalidRequest: naming the attribute whose percent-encoded bytes are not UTF-8.
+        InvalidRequest: naming the attribute whose name is none, or whose value is no UTF-8.
     """
     decoded = {}
     for key, value in headers.items():
         if not key.startswith("ce-"):
             continue
-        if len(value) >= 2 and value[0] == value[-1] == '"':
-            value = _QUOTED_PAIR.sub(r"\1", value[1:-1])
-        if "%" in value:
-            try:
-                value = unquote(value, errors="strict")
-            except UnicodeDecodeError:
-                raise _invalid(key[3:], "percent-encoded bytes that are not UTF-8") from None
-        decoded[key] = value
+        name = key[3:]
+        if not _ATTRIBUTE_NAME.fullmatch(name):
+            raise _invalid(name, "an attribute name is lower-case letters (a-z) and digits")
+        text = _utf8(value)
+        if text is None:
+            raise _invalid(name, "header bytes that are not UTF-8")
+        try:
+            decoded[key] = _header_text(text)
+        except UnicodeDecodeError:
+            raise _invalid(name, "percent-encoded bytes that are not UTF-8") from None
     return decoded
+
+
+def _utf8(value: str) -> str | None:
+    """A header value's bytes, as WSGI gives them (each a Latin-1 character, PEP 3333), read
+    as UTF-8; None where they are not UTF-8.
+
+    sdk-go writes and reads ``ce-*`` values as they are, never percent-encoded
+    (v2/protocol/http/write_request.go: SetAttribute, SetExtension; message.go: ReadBinary;
+    cloudevents/sdk-go#1331, cloudevents/spec#1397), and Go's net/http sends bytes from 0x80
+    as they are: a source ``/café`` from Knative's broker arrives as its UTF-8 bytes.
+    """
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:  # a character past U+00FF: no bytes a server gave
+        return None
+
+
+def _header_text(value: str) -> str:
+    """A ``ce-*`` header's text as the HTTP binding has it decoded (section 3.1.3.2): unquoted
+    if quoted (RFC 7230, section 3.2.6), then percent-decoded once as UTF-8; what senders must
+    percent-encode is a space, ``"``, ``%`` and everything outside printable ASCII, so a
+    character sent as it is stays itself. A ``%`` not followed by two hex digits is kept.
+
+    Raises:
+        UnicodeDecodeError: the percent-encoded bytes are not UTF-8.
+    """
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        value = _QUOTED_PAIR.sub(r"\1", value[1:-1])
+    if "%" in value:
+        # unquote decodes the ASCII runs only: a non-ASCII character is kept as it is.
+        value = unquote(value, errors="strict")
+    return value
 
 
 def _check_data_base64(envelope: Mapping[str, Any]) -> None:
@@ -348,7 +400,11 @@ def parse_leniently(headers: Mapping[str, str], body: bytes, *, truncated: bool)
 
     Attributes are taken as they come (every ``ce-*`` header, or the structured envelope),
     a body that is not JSON is kept as it came (``raw``; ``data`` is then its text, as far as
-    it decodes), and ``truncated`` is recorded as an attribute.
+    it decodes), and ``truncated`` is recorded as an attribute. A ``ce-*`` value is decoded as
+    :func:`parse` decodes it, where it can be: one whose percent-encoded bytes are no UTF-8 is
+    kept as it came; one whose bytes are no UTF-8, each byte as its Latin-1 character (the
+    bytes again, read back as Latin-1), its name then listed in the ``imagegenlatin1``
+    attribute.
     """
     lowered = _lowered(headers)
     data: Any = None
@@ -369,11 +425,20 @@ def parse_leniently(headers: Mapping[str, str], body: bytes, *, truncated: bool)
         if "data_base64" in envelope and data is None:
             data, raw = _base64_data(envelope["data_base64"])
     else:
-        try:
-            decoded = _decoded_attributes(lowered)
-        except InvalidRequest:  # kept as they came: the sink loses nothing
-            decoded = {k: v for k, v in lowered.items() if k.startswith("ce-")}
-        attributes = {k[3:]: v for k, v in decoded.items()}
+        attributes, latin1 = {}, list[str]()
+        for key, value in lowered.items():
+            if not key.startswith("ce-"):
+                continue
+            text = _utf8(value)
+            if text is None:  # kept as it came, and said so: the sink loses nothing
+                attributes[key[3:]] = value
+                latin1.append(key[3:])
+                continue
+            with contextlib.suppress(UnicodeDecodeError):
+                text = _header_text(text)
+            attributes[key[3:]] = text
+        if latin1:
+            attributes[_LATIN1_MARKER] = ",".join(latin1)
     if truncated:
         attributes["imagegentruncated"] = "true"
     return Message(data, MappingProxyType(attributes) if attributes else _EMPTY, lowered, raw)

@@ -228,6 +228,126 @@ def test_binary_header_values_are_unquoted_and_percent_decoded(enhance: InProces
     assert fields(enhance.post("/", headers=not_utf8, json=data)) == {"source"}
 
 
+def _binary_request(url: str, attributes: bytes, body: bytes) -> tuple[bytes, bytes]:
+    """A binary-mode event whose ``ce-*`` header lines are ``attributes``, bytes as they are;
+    the answer's head and body."""
+    request = (
+        f"POST / HTTP/1.1\r\nHost: {url[7:]}\r\n".encode()
+        + attributes
+        + f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n".encode()
+        + b"Connection: close\r\n\r\n"
+        + body
+    )
+    head, _, answer = _raw(url, request).partition(b"\r\n\r\n")
+    return head, answer
+
+
+def _header(head: bytes, name: str) -> str:
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        key, _, value = line.partition(":")
+        if key.strip().lower() == name:
+            return value.strip()
+    raise AssertionError(f"no {name} in {head!r}")
+
+
+def test_raw_utf8_header_values_are_read_as_utf8(start_server: StartServer, tmp_path: Path) -> None:
+    """sdk-go, and so Knative's broker, writes a ``ce-*`` value as it is, never
+    percent-encoded (cloudevents/sdk-go#1331): an ``é`` arrives as its two UTF-8 bytes, which
+    the server hands over each byte a Latin-1 character (PEP 3333). Read as UTF-8, the event is
+    its structured form: one generation. Bytes that are no UTF-8 are refused, naming the
+    attribute; the dead-letter sink keeps them, each byte its Latin-1 character, and says so."""
+    store = tmp_path / "store"
+    enhance = start_server("enhance", base_env(store))
+    data = {"prompt": "a paper boat", "enhance": False}
+    event = envelope(source="/café", id="raw-1", data=data)
+    structured = enhance.post(headers=STRUCTURED, json=event)
+    assert structured.status_code == 200, structured.text
+    required = f"ce-specversion: 1.0\r\nce-type: {GENERATION_REQUESTED}\r\nce-id: raw-1\r\n"
+    body = json.dumps(data).encode()
+    head, answer = _binary_request(
+        enhance.url, required.encode() + "ce-source: /café\r\n".encode(), body
+    )
+    assert head.startswith(b"HTTP/1.1 200"), head + answer
+    assert _header(head, "ce-subject") == structured.headers["ce-subject"]
+    latin1 = required.encode() + b"ce-source: /caf\xe9\r\n"  # the Latin-1 byte: no UTF-8
+    head, answer = _binary_request(enhance.url, latin1, body)
+    assert head.startswith(b"HTTP/1.1 400"), head + answer
+    assert [e["field"] for e in json.loads(answer)["errors"]] == ["source"]
+
+    deadletter = start_server("deadletter", base_env(store))
+    for event_id, subject in ((b"dl-raw-1", b"x\xc3\xa9"), (b"dl-raw-2", b"x\xe9")):
+        attributes = (
+            f"ce-specversion: 1.0\r\nce-type: {GENERATION_REQUESTED}\r\n".encode()
+            + "ce-source: /café\r\n".encode()
+            + b"ce-id: "
+            + event_id
+            + b"\r\nce-subject: "
+            + subject
+            + b"\r\n"
+        )
+        head, answer = _binary_request(deadletter.url, attributes, b"{}")
+        assert head.startswith(b"HTTP/1.1 202"), head + answer
+    records = {
+        r["event_id"]: r["attributes"]
+        for r in (json.loads(p.read_text()) for p in store.rglob("failures/**/*.json"))
+    }
+    assert records["dl-raw-1"]["source"] == records["dl-raw-2"]["source"] == "/café"
+    assert records["dl-raw-1"]["subject"] == "xé" and "imagegenlatin1" not in records["dl-raw-1"]
+    assert records["dl-raw-2"]["subject"].encode("latin-1") == b"x\xe9"
+    assert records["dl-raw-2"]["imagegenlatin1"] == "subject"
+
+
+def test_only_cloudevents_1_0_is_read(enhance: InProcessFunction) -> None:
+    """CloudEvents 0.3 would be read as 1.0 is, its ``datacontentencoding`` ignored: its
+    Base64 data a string, refused as if the data were at fault. Refused by its version."""
+    data = base64.b64encode(json.dumps({"prompt": "a kite", "enhance": False}).encode()).decode()
+    event = envelope(specversion="0.3", datacontentencoding="base64", data=data)
+    assert fields(enhance.post("/", headers=STRUCTURED, json=event)) == {"specversion"}
+    old = envelope(specversion="0.3")
+    assert fields(enhance.post("/", headers=STRUCTURED, json=old)) == {"specversion"}
+    headers = {
+        **cloudevent_headers(GENERATION_REQUESTED),
+        "ce-specversion": "0.3",
+        "ce-datacontentencoding": "base64",
+    }
+    reply = enhance.post("/", headers=headers, content=data.encode())
+    assert fields(reply) == {"specversion"} and "not one of 1.0" in reply.json()["message"]
+
+
+@pytest.mark.parametrize("name", ["Bad_Name", "badName", "my-ext", "café", ""])
+def test_structured_extension_names_are_lower_case_letters_and_digits(
+    enhance: InProcessFunction, name: str
+) -> None:
+    """CloudEvents 1.0, section 3.1.1: an attribute name MUST consist of lower-case ASCII
+    letters and digits; the JSON event format's member names are the attributes' own."""
+    for value in ("x", None):
+        event = {**envelope(), name: value}
+        assert fields(enhance.post("/", headers=STRUCTURED, json=event)) == {name}
+
+
+def test_binary_extension_names_are_read_as_sdk_go_reads_them(
+    enhance: InProcessFunction, tmp_path: Path
+) -> None:
+    """A header name's case is no part of it (RFC 9110, section 5.1): ``ce-MyExt`` is the
+    extension ``myext``. sdk-go refuses a name of other characters (v2/event/extensions.go,
+    validateExtensionName). The dead-letter sink keeps any name."""
+    data = {"prompt": "a paper boat", "enhance": False}
+    cased = {**cloudevent_headers(GENERATION_REQUESTED), "ce-MyExt": "x"}
+    assert enhance.post("/", headers=cased, json=data).status_code == 200
+    dashed = {**cloudevent_headers(GENERATION_REQUESTED), "ce-my-ext": "x"}
+    assert fields(enhance.post("/", headers=dashed, json=data)) == {"my-ext"}
+    deadletter = InProcessFunction("deadletter", base_env(tmp_path / "store"))
+    dashed["ce-id"] = "dl-dashed"
+    assert deadletter.post(headers=dashed, content=b"{}").status_code == 202
+    structured = {**envelope(id="dl-named"), "Bad_Name": "x"}
+    assert deadletter.post(headers=STRUCTURED, json=structured).status_code == 202
+    records = {
+        r["event_id"]: r["attributes"]
+        for r in (json.loads(p.read_text()) for p in (tmp_path / "store").rglob("*.json"))
+    }
+    assert records["dl-dashed"]["my-ext"] == "x" and records["dl-named"]["Bad_Name"] == "x"
+
+
 def test_a_structured_event_may_carry_binary_headers_too(enhance: InProcessFunction) -> None:
     """HTTP binding, section 3.2: the Content-Type says structured; the envelope is the event,
     whatever ``ce-*`` headers came with it."""
@@ -483,3 +603,27 @@ def test_the_server_lets_requests_in_flight_finish_past_gunicorns_30_s() -> None
 
     server = GunicornApplication(flask.Flask("t"), "127.0.0.1", 0, False)
     assert server.cfg.graceful_timeout == _process.DRAIN_SECONDS >= 600  # render's timeoutSeconds
+
+
+@pytest.mark.slow
+def test_the_server_opens_no_control_socket(start_server: StartServer, tmp_path: Path) -> None:
+    """gunicorn 25.1+ serves ``gunicornc`` on a socket at ``$XDG_RUNTIME_DIR/gunicorn.ctl``, else
+    ``~/.gunicorn/gunicorn.ctl`` (gunicorn/config.py, ControlSocket), which no function uses:
+    with a home it cannot write (a read-only root file system, an arbitrary UID) it logged an
+    ERROR at every start, and the functions on one host shared the one path."""
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    no_home = tmp_path / "not-a-directory"
+    no_home.write_text("")
+    env = base_env(tmp_path / "store")
+    # A fresh interpreter: gunicorn reads these for the socket's path as it is imported.
+    shared = start_server("persist", {**env, "XDG_RUNTIME_DIR": str(runtime)}, fresh=True)
+    unwritable = start_server(
+        "persist", {**env, "XDG_RUNTIME_DIR": "", "HOME": str(no_home)}, fresh=True
+    )
+    for server in (shared, unwritable):
+        server.wait("/readyz")
+
+    assert list(runtime.iterdir()) == []
+    errors = [r for server in (shared, unwritable) for r in server.log_records()]
+    assert [r["message"] for r in errors if r.get("level") == "ERROR"] == []
