@@ -517,8 +517,13 @@ class SqlLedger(ABC):
         message this ledger claimed is still being sent to (its outcome not recorded, its lease
         not over): a receiver that does not answer holds one of this process's senders, and
         the messages to others are claimed meanwhile. Each receiver's messages go one at a
-        time, in the order due, from each process.
+        time, in the order due, from each process. Claims of this ledger are made one at a
+        time: the receivers one leaves out are those the claims before it took.
         """
+        with self._sending.claiming:
+            return self._claim_deliveries(limit, lease)
+
+    def _claim_deliveries(self, limit: int, lease: float) -> list[Delivery]:
         now = self._lease_clock()
         taken = self._sending.receivers()
         picked: list[tuple[str, str]] = []  # (msg_id, receiver)
@@ -647,6 +652,8 @@ class _Sending:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._claims: dict[str, tuple[str, int, float]] = {}  # msg_id → receiver, claim, end
+        self.claiming = threading.Lock()
+        """Held by a claim from its reading of the receivers taken to its adding of its own."""
 
     def add(self, msg_id: str, to: str, attempts: int, lease: float) -> None:
         with self._lock:

@@ -154,9 +154,10 @@ class SqliteLedger(SqlLedger):
         must_exist: the file is opened only if it is there: neither it nor its folder is made.
         read_only: what only reads the ledger: the file is opened only if it is there, and
             read-only (``mode=ro``), so a ledger this process may not write is read all the
-            same, and nothing is written to it: a file with no ledger in it (an empty one) reads
-            as an empty ledger, and a write (:meth:`transaction`) fails. Only a schema
-            migration still to apply opens it for writing, to apply it.
+            same, and nothing is written into it (SQLite may make its empty ``-wal`` and
+            ``-shm`` files beside it, where the folder lets it): a file with no ledger in it
+            (an empty one) reads as an empty ledger, and a write (:meth:`transaction`) fails.
+            Only a schema migration still to apply opens it for writing, to apply it.
 
     Raises:
         NotFound: ``must_exist`` or ``read_only``, and the file is not there.

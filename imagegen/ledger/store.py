@@ -147,10 +147,10 @@ def open_ledger(
         must_exist: a SQLite file that is not there is not made (nor its folders): what
             only reads the ledger.
         read_only: ``must_exist``, and a SQLite file is opened read-only: one this process may
-            not write is read, nothing is written to it (one with no ledger in it, an empty
-            file, reads as an empty ledger), and writes fail (``InternalError``). Only a
-            migration still to apply opens it for writing. A PostgreSQL database is opened as
-            without it.
+            not write is read, nothing is written into it (SQLite may leave its empty ``-wal``
+            and ``-shm`` beside it; one with no ledger in it, an empty file, reads as an empty
+            ledger), and writes fail (``InternalError``). Only a migration still to apply opens
+            it for writing. A PostgreSQL database is opened as without it.
 
     Raises:
         InvalidRequest: an unsupported URL scheme.

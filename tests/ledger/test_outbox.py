@@ -243,6 +243,28 @@ def test_a_claim_takes_one_message_a_receiver_and_none_of_a_receiver_being_sent_
     assert [d.generation_id for d in ledger.claim_deliveries(lease=60)] == ["gen-c2"]
 
 
+def test_claims_made_at_once_take_each_receiver_once(ledger: Ledger) -> None:
+    """Claims of one ledger from several threads: none takes a receiver another has taken."""
+    for n in range(60):
+        url = f"https://r{n % 12}.example/hook"
+        ledger.ingest(chain(f"gen-{n}", webhook=url, webhook_events=["started"])["requested"])
+    start = threading.Barrier(4)
+    claimed: list[Delivery] = []
+
+    def claim() -> None:
+        start.wait()
+        for _ in range(3):
+            claimed.extend(ledger.claim_deliveries(limit=3, lease=600))
+
+    threads = [threading.Thread(target=claim) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    receivers = [d.url for d in claimed]
+    assert len(receivers) == len(set(receivers)) == 12, sorted(receivers)
+
+
 def test_a_database_that_is_down_is_a_line_in_the_log_and_tried_again(
     ledger: Ledger, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
