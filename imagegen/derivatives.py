@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import struct
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ __all__ = [
     "make_derivatives",
     "make_thumbnail",
     "parse_name",
+    "pixel_data_fault",
     "unshowable",
 ]
 
@@ -147,6 +149,8 @@ def decode_pixels(png: bytes, *, size: tuple[int, int] | None = None) -> Image.I
                     f"the stored image cannot be shown as a browser shows it ({why})",
                     errors=[{"field": "image", "message": why}],
                 )
+            if (why := pixel_data_fault(png)) is not None:
+                raise _undecodable(why)  # Pillow would fill the missing rows with black
             opened.load()
             return _srgb(opened, _header(png))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -155,46 +159,156 @@ def decode_pixels(png: bytes, *, size: tuple[int, int] | None = None) -> Image.I
 
 @dataclass(frozen=True)
 class _Header:
-    """What Pillow does not tell of a PNG: its sample depth and colour type, and the types of
-    the chunks before its pixels."""
+    """What Pillow does not tell of a PNG: its IHDR fields, its ``cICP`` chunk's data, and
+    where its first IDAT chunk starts."""
 
+    width: int
+    height: int
     depth: int
     colour_type: int
-    chunks: frozenset[bytes]
+    interlaced: bool
+    cicp: bytes | None
+    pixels_at: int
 
 
 def _header(png: bytes) -> _Header:
     """``png``'s header, once Pillow has opened it (so its chunks up to the pixels are whole).
 
-    IHDR is the first chunk (PNG spec 5.6): its bit depth and colour type are bytes 24 and 25
-    of the file, after the signature (8), the chunk's length and type (8), width and height
-    (8) (PNG spec 11.2.2). Every chunk is its length (4 bytes), type (4), data, CRC (4) (PNG
-    spec 5.3); the colour space chunks come before the first IDAT (PNG spec 5.6).
+    IHDR is the first chunk (PNG spec 5.6): its width, height, bit depth, colour type,
+    compression, filter and interlace methods start at byte 16 of the file, after the
+    signature (8) and the chunk's length and type (8) (PNG spec 11.2.2). Every chunk is its
+    length (4 bytes), type (4), data, CRC (4) (PNG spec 5.3); the colour space chunks come
+    before the first IDAT (PNG spec 5.6).
     """
-    chunks: set[bytes] = set()
+    width, height, depth, colour_type, _, _, interlace = struct.unpack_from(">IIBBBBB", png, 16)
+    cicp: bytes | None = None
     at = 8
     while at + 8 <= len(png):
         length, kind = struct.unpack_from(">I4s", png, at)
         if kind == b"IDAT":
             break
-        chunks.add(kind)
+        if kind == b"cICP" and cicp is None:
+            cicp = png[at + 8 : at + 8 + length]
         at += 12 + length
-    return _Header(depth=png[24], colour_type=png[25], chunks=frozenset(chunks))
+    return _Header(
+        width=width,
+        height=height,
+        depth=depth,
+        colour_type=colour_type,
+        interlaced=interlace == 1,
+        cicp=cicp,
+        pixels_at=at,
+    )
+
+
+# A cICP chunk's colour primaries, transfer characteristics and matrix coefficients for sRGB
+# (Rec. ITU-T H.273 tables 2-4: BT.709 primaries, IEC 61966-2-1's curve, RGB; PNG 3rd edition
+# 11.3.2.6 allows only matrix coefficients 0), and its full range flags: 1 full, 0 narrow.
+_SRGB_CICP = bytes([1, 13, 0])
+_RANGES = (0, 1)
 
 
 def unshowable(png: bytes, opened: Image.Image) -> str | None:
     """Why ``png`` (opened by Pillow, not loaded) cannot be shown as a browser shows it, or
     None: persist refuses such a PNG, which derive would fail for good, before its record.
 
-    One case: 16-bit truecolour with a ``tRNS`` colour. A pixel is transparent only where all
-    16 bits of each sample equal the key's (PNG spec 11.3.2.1), but Pillow reads 16-bit RGB
-    as 8-bit, keeping each sample's high byte (``"RGB;16B"`` in PngImagePlugin's ``_MODES``),
-    and has no mode that keeps all 16: the exact comparison cannot be made. Render never
-    writes such a file (8-bit RGB, no ``tRNS``).
+    Two cases, neither of which render writes (8-bit RGB, no ``tRNS``, no ``cICP``):
+
+    - 16-bit truecolour with a ``tRNS`` colour. A pixel is transparent only where all 16 bits
+      of each sample equal the key's (PNG spec 11.3.2.1), but Pillow reads 16-bit RGB as
+      8-bit, keeping each sample's high byte (``"RGB;16B"`` in PngImagePlugin's ``_MODES``),
+      and has no mode that keeps all 16: the exact comparison cannot be made.
+    - A ``cICP`` chunk that gives any colour space but sRGB (wide gamut such as BT.2020 or
+      Display P3, HDR curves such as PQ or HLG), or that is not four bytes. ``cICP`` outranks
+      every other colour chunk (PNG 3rd edition 4.3: decoders that recognise it ignore
+      ``iCCP``, ``sRGB``, ``cHRM`` and ``gAMA``), and browsers honour it, so an ``iCCP``
+      profile beside it is not what a browser shows, and nothing here converts from the
+      colour spaces H.273 names but through an ICC profile.
     """
     header = _header(png)
     if header.colour_type == 2 and header.depth == 16 and "transparency" in opened.info:
         return "a 16-bit RGB PNG with a transparent colour (tRNS), which cannot be read exactly"
+    if header.cicp is not None and (
+        len(header.cicp) != 4 or header.cicp[:3] != _SRGB_CICP or header.cicp[3] not in _RANGES
+    ):
+        return "a PNG whose cICP chunk gives a colour space other than sRGB"
+    return None
+
+
+# Samples each channel of each colour type has (PNG spec 11.2.2, table 11.1).
+_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+# Adam7's passes, each (first column, first row, column step, row step) (PNG spec 8.2).
+_ADAM7 = (
+    (0, 0, 8, 8),
+    (4, 0, 8, 8),
+    (0, 4, 4, 8),
+    (2, 0, 4, 4),
+    (0, 2, 2, 4),
+    (1, 0, 2, 2),
+    (0, 1, 1, 2),
+)
+_INFLATE_PIECE = 1 << 16  # the most inflated bytes held at once
+
+
+def _pixel_data_size(header: _Header) -> int:
+    """How many bytes ``header``'s image inflates to: each row of each pass (the whole image
+    when not interlaced) its filter type byte and its samples packed to whole bytes (PNG
+    spec 7.2, 7.3); a pass with no pixel has no row (PNG spec 8.2)."""
+    bits = _CHANNELS[header.colour_type] * header.depth
+    passes = _ADAM7 if header.interlaced else ((0, 0, 1, 1),)
+    size = 0
+    for column, row, column_step, row_step in passes:
+        columns = max(0, -(-(header.width - column) // column_step))
+        rows = max(0, -(-(header.height - row) // row_step))
+        if columns and rows:
+            size += rows * (1 + (columns * bits + 7) // 8)
+    return size
+
+
+def pixel_data_fault(png: bytes) -> str | None:
+    """Why ``png``'s pixel data is not exactly its image, or None: persist refuses such a
+    PNG, which derive would fail for good, before its record, and derive before decoding.
+
+    The IDAT chunks' data, joined, is one zlib stream (PNG spec 10.1) that inflates to each
+    row of the image (:func:`_pixel_data_size`). Pillow fills rows the stream lacks with black
+    and ignores any it has beyond them; so it is inflated once here, 64 KiB in and out at a
+    time (none of it kept), and refused unless it ends, its Adler-32 check
+    matching, at exactly that size. Data after the stream's end is ignored, as libpng warns of
+    it and reads on ("Extra compressed data", a benign error). ``png`` has been opened by
+    Pillow (its chunks before IDAT whole); an IDAT chunk cut short is refused here too.
+    """
+    header = _header(png)
+    expected = _pixel_data_size(header)
+    inflater = zlib.decompressobj()
+    inflated = 0
+    view = memoryview(png)
+    at = header.pixels_at
+    try:
+        while at + 8 <= len(png) and not inflater.eof:
+            length, kind = struct.unpack_from(">I4s", png, at)
+            if kind != b"IDAT":  # IDAT chunks are consecutive (PNG spec 5.6)
+                break
+            end = min(at + 8 + length, len(png))
+            # The input too in pieces: zlib copies what a call leaves unread, which for one
+            # large chunk would be copied again at every piece of output.
+            for start in range(at + 8, end, _INFLATE_PIECE):
+                data: bytes | memoryview = view[start : min(start + _INFLATE_PIECE, end)]
+                while data and not inflater.eof:
+                    inflated += len(inflater.decompress(data, _INFLATE_PIECE))
+                    if inflated > expected:
+                        return "a PNG whose pixel data is longer than its image"
+                    data = inflater.unconsumed_tail
+            at += 12 + length
+        while not inflater.eof and (rest := inflater.decompress(b"", _INFLATE_PIECE)):
+            inflated += len(rest)  # what a full piece held back
+            if inflated > expected:
+                return "a PNG whose pixel data is longer than its image"
+    except zlib.error:
+        return "a PNG whose pixel data does not inflate"
+    if at > len(png):
+        return "a PNG cut short in its pixel data"
+    if not inflater.eof or inflated < expected:
+        return "a PNG whose pixel data ends before its image does"
     return None
 
 
@@ -225,12 +339,14 @@ def _srgb(image: Image.Image, header: _Header) -> Image.Image:
     transparency (an alpha channel, a palette's or a ``tRNS`` colour) is kept as alpha, dropped
     only where every pixel is opaque. The colour space is the one of highest precedence that
     the PNG gives (PNG 3rd edition, 4.3 "Colour space information": cICP, then iCCP, then sRGB,
-    then cHRM and gAMA): an embedded ICC profile is applied, converting to sRGB; with neither
-    a profile nor a ``cICP`` or ``sRGB`` chunk, a ``gAMA`` chunk's transfer function is
+    then cHRM and gAMA). A ``cICP`` chunk says sRGB (:func:`unshowable` refused any other):
+    every other colour chunk is ignored, and a narrow-range image's samples are stretched to
+    full range (:func:`_full_range`). Else an embedded ICC profile is applied, converting to
+    sRGB; with neither a profile nor an ``sRGB`` chunk, a ``gAMA`` chunk's transfer function is
     (:func:`_gamma_corrected`); no format of derivative carries a profile. A profile that
     cannot be read, or that is not for the image's colours, is ignored, as browsers ignore it,
-    and the next chunk down taken. ``cICP`` itself is not applied (Pillow does not read it):
-    it only outranks ``gAMA``. Nor is ``cHRM``: primaries other than sRGB's are not converted.
+    and the next chunk down taken. ``cHRM`` is not applied: primaries other than sRGB's are not
+    converted.
     """
     if header.colour_type == 0 and header.depth < 8 and image.mode == "L":
         _scale_grey_key(image, header.depth)
@@ -248,10 +364,12 @@ def _srgb(image: Image.Image, header: _Header) -> Image.Image:
     else:
         pixels = image.convert("L" if image.mode in ("1", "L") else "RGB")
     profile = image.info.get("icc_profile")
-    converted = _profiled(pixels, profile) if profile else None
-    if converted is not None:
+    if header.cicp is not None:
+        if header.cicp[3] == 0:
+            pixels = _full_range(pixels)
+    elif profile and (converted := _profiled(pixels, profile)) is not None:
         pixels = converted
-    elif b"cICP" not in header.chunks and "srgb" not in image.info:
+    elif "srgb" not in image.info:
         pixels = _gamma_corrected(pixels, image.info.get("gamma"))
     result = pixels.convert("RGBA" if "A" in pixels.mode else "RGB")
     if result.mode == "RGBA" and result.getchannel("A").getextrema() == (255, 255):
@@ -300,6 +418,24 @@ def _gamma_corrected(pixels: Image.Image, gamma: object) -> Image.Image:
         light = (sample / 255) ** (1 / gamma)
         encoded = 12.92 * light if light <= 0.0031308 else 1.055 * light ** (1 / 2.4) - 0.055
         table.append(min(255, max(0, round(encoded * 255))))
+    return _colours_mapped(pixels, table)
+
+
+def _full_range(pixels: Image.Image) -> Image.Image:
+    """``pixels`` (L, LA, RGB or RGBA) of a narrow-range image stretched to full range.
+
+    A narrow-range sample of ``d`` bits is ``2 ** (d - 8) * (219 E + 16)`` for the value ``E``
+    from 0 to 1 (Rec. ITU-T H.273 8.3, with matrix coefficients 0 for R, G and B alike), so at
+    8 bits ``E`` is ``(sample - 16) / 219``, outside 16 to 235 clipped. Applied to the 8-bit
+    samples: a 16-bit sample's high byte, a sample under 8 bits as Pillow scales it. Alpha is
+    not a colour and stays as stored.
+    """
+    table = [min(255, max(0, round((sample - 16) * 255 / 219))) for sample in range(256)]
+    return _colours_mapped(pixels, table)
+
+
+def _colours_mapped(pixels: Image.Image, table: list[int]) -> Image.Image:
+    """``pixels`` (L, LA, RGB or RGBA) with each colour sample ``s`` made ``table[s]``."""
     colours = len(pixels.mode.removesuffix("A"))
     alpha = list(range(256)) if pixels.mode.endswith("A") else []
     return pixels.point(table * colours + alpha)

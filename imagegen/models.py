@@ -532,7 +532,8 @@ class DerivedImage(_Model):
     key: str = Field(description="The full image (PNG) the derivatives were made from.")
     sha256: Sha256 = Field(description="The full image's digest.")
     keys: dict[str, str] = Field(
-        description="Object keys: record (this record), and avif:<width>, webp:<width>."
+        description="Object keys: record (this record), thumbnail (the WebP thumbnail), "
+        "and avif:<width>, webp:<width> (each derivative)."
     )
     # Kept so that a lost thumbnail is remade to the same bytes whatever the setting is now.
     thumbnail_size: int | None = Field(

@@ -14,7 +14,7 @@ from PIL import Image, ImageFile
 from pydantic import BaseModel
 
 from imagegen._locks import KeyedLocks
-from imagegen.derivatives import unshowable
+from imagegen.derivatives import pixel_data_fault, unshowable
 from imagegen.errors import DependencyUnavailable, InvalidRequest, NotFound
 from imagegen.identity import stage_time
 from imagegen.models import MAX_PNG_BYTES, EnhancedPrompt, PersistedImage, RenderedImage
@@ -420,7 +420,7 @@ def _png_size(png: bytes) -> tuple[int, int] | str:
     try:
         with Image.open(io.BytesIO(png), formats=("PNG",)) as opened:
             size = opened.size
-            why = unshowable(png, opened) or _unfinished(opened)
+            why = unshowable(png, opened) or _unfinished(png, opened)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return "a PNG larger than any render makes"
     except (OSError, SyntaxError, ValueError, EOFError):  # not a PNG, or one cut in its header
@@ -428,16 +428,16 @@ def _png_size(png: bytes) -> tuple[int, int] | str:
     return why or size
 
 
-def _unfinished(opened: ImageFile.ImageFile) -> str | None:
-    """Why the PNG ``opened`` (opened by Pillow, not loaded) is not whole, or None.
+def _unfinished(png: bytes, opened: ImageFile.ImageFile) -> str | None:
+    """Why ``png`` (``opened`` by Pillow, not loaded) is not whole, or None.
 
     Pillow's ``verify()`` walks the chunks from the first IDAT to IEND, each checked to be as
     long as it says and to match its CRC (those before IDAT were when it opened). So a PNG
-    cut short anywhere is refused, in its pixel data included (derive's decode fails it for
-    good), as is one without IEND or with a chunk damaged (libpng, and so a browser, refuses a
-    critical chunk whose CRC is wrong). Each byte is read once, for the CRCs, and nothing is
-    inflated: a deflate stream written wrong inside chunks whose CRCs match it is left to
-    derive's decode.
+    cut short anywhere is refused, as is one without IEND or with a chunk damaged (libpng, and
+    so a browser, refuses a critical chunk whose CRC is wrong). Then the pixel data is
+    inflated, once, never whole in memory, and refused unless it is exactly the image's rows
+    (:func:`imagegen.derivatives.pixel_data_fault`, derive's own check): a stream that stops
+    early inside whole chunks would be decoded with black rows. No pixel is decoded.
     """
     if not opened.tile:  # no IDAT before IEND
         return "a PNG without pixel data"
@@ -445,7 +445,7 @@ def _unfinished(opened: ImageFile.ImageFile) -> str | None:
         opened.verify()
     except (OSError, SyntaxError, ValueError, EOFError):
         return "a PNG cut short or damaged"
-    return None
+    return pixel_data_fault(png)
 
 
 def _refuse(image: RenderedImage, errors: list[dict[str, str]]) -> None:

@@ -95,12 +95,25 @@ def _half_keyed_grey(depth: int) -> bytes:
     return _raw_png(depth, 0, [row] * SIZE[1], (b"tRNS", struct.pack(">H", top)))
 
 
-def _grey_rgb(*chunks: tuple[bytes, bytes]) -> bytes:
-    """8-bit RGB, every sample 128, with ``chunks``."""
-    return _raw_png(8, 2, [bytes([128]) * 3 * SIZE[0]] * SIZE[1], *chunks)
+def _grey_rgb(*chunks: tuple[bytes, bytes], sample: int = 128) -> bytes:
+    """8-bit RGB, every sample ``sample``, with ``chunks``."""
+    return _raw_png(8, 2, [bytes([sample]) * 3 * SIZE[0]] * SIZE[1], *chunks)
 
 
 LINEAR_GAMMA = (b"gAMA", struct.pack(">I", 100_000))  # gamma 1.0: samples proportional to light
+# An iCCP chunk: the profile's name, its end, compression method 0 and the deflated profile
+# (PNG spec 11.3.3.3).
+LINEAR_ICCP = (b"iCCP", b"linear\0\0" + zlib.compress(_linear_light_profile()))
+
+
+def _cicp(
+    primaries: int, transfer: int, matrix: int = 0, full_range: int = 1
+) -> tuple[bytes, bytes]:
+    """A cICP chunk (PNG 3rd edition 11.3.2.6): Rec. ITU-T H.273 code points and range."""
+    return (b"cICP", bytes([primaries, transfer, matrix, full_range]))
+
+
+SRGB_CICP = _cicp(1, 13)  # BT.709 primaries, sRGB curve, RGB, full range
 
 
 # Each stored PNG, and (x, y) → the RGBA a browser shows there.
@@ -138,8 +151,22 @@ CASES: dict[str, tuple[bytes, dict[tuple[int, int], tuple[int, int, int, int]]]]
         {(128, 128): (128, 128, 128, 255)},
     ),
     "RGB, gAMA 1.0 and cICP sRGB": (
-        _grey_rgb((b"cICP", bytes([1, 13, 0, 1])), LINEAR_GAMMA),  # BT.709 primaries, sRGB curve
+        _grey_rgb(SRGB_CICP, LINEAR_GAMMA),
         {(128, 128): (128, 128, 128, 255)},
+    ),
+    # cICP outranks iCCP too: decoders that recognise it ignore the profile.
+    "RGB, cICP sRGB and a linear-light profile": (
+        _grey_rgb(SRGB_CICP, LINEAR_ICCP),
+        {(128, 128): (128, 128, 128, 255)},
+    ),
+    # Narrow range (H.273 8.3): 16 is black, 235 white, so 60 is (60 - 16) / 219 of the way.
+    "RGB, narrow-range cICP sRGB and a linear-light profile": (
+        _grey_rgb(_cicp(1, 13, full_range=0), LINEAR_ICCP, LINEAR_GAMMA, sample=60),
+        {(128, 128): (51, 51, 51, 255)},
+    ),
+    "RGB, narrow-range cICP sRGB, white": (
+        _grey_rgb(_cicp(1, 13, full_range=0), sample=235),
+        {(128, 128): (255, 255, 255, 255)},
     ),
     "RGB, gAMA 1/2.2": (
         _grey_rgb((b"gAMA", struct.pack(">I", 45_455))),
@@ -207,6 +234,37 @@ async def test_a_16_bit_rgb_png_with_a_transparent_colour_is_refused_naming_the_
     settings = Settings(storage_url=str(tmp_path), derivative_widths=[64])
     async with ImageGenService(settings) as service:
         rendered = await store_rendered(service.storage, "rgb16", NOW, data, "a flag")
+        with pytest.raises(InvalidRequest) as caught:
+            await service.persist(rendered)
+    assert caught.value.fields == ["image"]
+    assert not list(tmp_path.rglob("*.json")) and not list(tmp_path.rglob("*.webp"))
+
+
+@pytest.mark.parametrize(
+    "cicp",
+    [
+        _cicp(9, 16),  # BT.2020 primaries, PQ: HDR
+        _cicp(12, 13),  # Display P3
+        _cicp(1, 13, matrix=1),  # YCbCr, which PNG does not allow
+        _cicp(1, 13, full_range=2),
+        (b"cICP", bytes([1, 13, 0])),
+    ],
+    ids=["BT.2020 PQ", "Display P3", "YCbCr", "no such range", "three bytes"],
+)
+async def test_a_png_whose_cicp_is_not_srgb_is_refused_naming_the_image(
+    tmp_path: Path, cicp: tuple[bytes, bytes]
+) -> None:
+    """cICP outranks the profile beside it, and browsers honour it: derivatives made from the
+    profile would not show what the PNG shows, so persist refuses it before its record, and
+    derive, for a record written before, at every delivery; nothing is encoded."""
+    data = _grey_rgb(cicp, LINEAR_ICCP)
+    with pytest.raises(InvalidRequest) as caught:
+        decode_pixels(data, size=SIZE)
+    assert caught.value.fields == ["image"]
+
+    settings = Settings(storage_url=str(tmp_path), derivative_widths=[64])
+    async with ImageGenService(settings) as service:
+        rendered = await store_rendered(service.storage, "cicp", NOW, data, "a flag")
         with pytest.raises(InvalidRequest) as caught:
             await service.persist(rendered)
     assert caught.value.fields == ["image"]

@@ -391,6 +391,39 @@ async def test_a_stored_object_that_is_no_png_of_the_events_size_is_refused_unre
         assert await service.storage.head(record) is None
 
 
+@pytest.mark.parametrize("rows", [10, JOB_SIZE[1] + 1], ids=["fewer rows", "more rows"])
+async def test_a_png_whose_pixel_data_is_not_its_rows_is_refused_unrecorded(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, rows: int
+) -> None:
+    """Every chunk whole and of its CRC, the deflate stream complete, but holding other than
+    the header's rows: the verify of chunks took it, and derive then decoded the missing rows
+    as black. The stream is inflated, never decoded, and refused naming the image."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    at = _RENDERED.index(b"IDAT") - 4
+    (length,) = struct.unpack_from(">I", _RENDERED, at)
+    scanlines = zlib.decompress(_RENDERED[at + 8 : at + 8 + length])
+    row = len(scanlines) // JOB_SIZE[1]
+    other = (scanlines * 2)[: rows * row]
+    data = _RENDERED[:at] + chunk(b"IDAT", zlib.compress(other)) + chunk(b"IEND", b"")
+    assert _RENDERED.count(b"IDAT") == 1 and _RENDERED.endswith(chunk(b"IEND", b""))
+
+    def refuse(*args: Any) -> None:
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr("PIL.ImageFile.ImageFile.load", refuse)
+    async with ImageGenService(settings) as service:
+        rendered = await _stored_as_render(service.storage, "rows-1", data)
+        with pytest.raises(InvalidRequest) as caught:
+            await service.persist(rendered)
+        assert caught.value.fields == ["image"]
+        assert await service.storage.head(GenerationKeys("rows-1", NOW).metadata) is None
+
+
 async def test_the_persist_function_fails_the_generation_of_a_stored_object_that_is_no_png(
     tmp_path: Path,
 ) -> None:
