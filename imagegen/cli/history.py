@@ -1,7 +1,9 @@
 """``imagegen status``, ``history``, ``replay`` and ``ledger``: the generation ledger.
 
 Each reads the local ledger (a SQLite file; ``IMAGEGEN_LEDGER_URL`` or ``--ledger`` name another
-database) or, given an ``http(s)://`` ledger URL, the ledger function's HTTP API.
+database) or, given an ``http(s)://`` ledger URL, the ledger function's HTTP API. ``replay``
+then records its new generation as ``generate`` does (through the ledger function it asks the
+function to replay, and its cluster renders), and ``ledger prune`` deletes.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from imagegen.ledger import Ledger
+    from imagegen.models import EnhancedPrompt
     from imagegen.settings import Settings
 
 __all__ = ["history", "ledger_app", "parse_when", "replay", "status"]
@@ -209,6 +212,30 @@ def _replayable(service: Any, request: Any, generation_id: str) -> None:
             f" these settings ({fields})",
             errors=exc.errors,
         ) from None
+
+
+def _renderable(settings: Settings, job: EnhancedPrompt, generation_id: str) -> None:
+    """A recorded job that render refuses under these settings before it admits it (a model
+    not served, a size outside its family's rules, a LoRA not configured: the render stage's
+    own checks) would only fail there, as a new failed generation: refused as
+    :func:`_replayable` refuses a request, before anything is recorded."""
+    from imagegen.ledger.replay import NotReplayable
+    from imagegen.modelspec import request_errors
+    from imagegen.render._lora import check_loras  # imports no torch
+
+    errors = request_errors(job.model, job.width, job.height, settings.served_models)
+    if not errors:
+        try:
+            check_loras(settings, job.model, job.loras)
+        except InvalidRequest as exc:
+            errors = exc.errors
+    if errors:
+        fields = ", ".join(dict.fromkeys(e["field"] for e in errors))
+        raise NotReplayable(
+            f"generation {generation_id!r} cannot be replayed here: its recorded job is refused"
+            f" by these settings ({fields})",
+            errors=errors,
+        )
 
 
 def _api(
@@ -475,7 +502,10 @@ def replay(
     ledger: LedgerUrl = None,
     token: LedgerToken = None,
     output: Annotated[
-        str | None, typer.Option("--output", "-o", help="Storage: a directory or s3://…")
+        str | None,
+        typer.Option(
+            "--output", "-o", help="Storage: a directory or s3://… (a local ledger's replay)."
+        ),
     ] = None,
     as_json: AsJson = False,
 ) -> None:
@@ -484,6 +514,14 @@ def replay(
 
     origin = check_from(start)
     _checked_id(generation_id)
+    if _is_http(ledger) and output is not None:
+        # The ledger function sends the recorded event to its cluster's broker: the cluster
+        # renders it into its own storage, which no option of this command chooses.
+        raise InvalidRequest(
+            "--output: a replay through the ledger function is rendered by its cluster, into"
+            " the cluster's storage; --output applies to a replay from a local ledger",
+            errors=[{"field": "output", "message": "not with an http(s):// ledger"}],
+        )
     settings = _settings(ctx, ledger, storage_url=output)
     if _is_http(ledger):
         from imagegen.ledger.api import ReplayAccepted
@@ -503,6 +541,8 @@ def replay(
         request = replay_request(store, generation_id) if origin == "requested" else None
     finally:
         store.close()
+    if job is not None:
+        _renderable(settings, job, generation_id)
     stopped_by: list[int] = []
 
     async def go() -> Any:

@@ -19,8 +19,8 @@ from imagegen.storage.base import GenerationKeys, Storage, StoredObject
 
 def fingerprint(job: EnhancedPrompt) -> str:
     """A digest of everything that decides the pixels and the record of ``job``, as its JSON
-    is written: the ``job`` metadata of every stored PNG, which persist checks an event's
-    ``prompt`` against.
+    is written: the ``job`` metadata of every stored PNG, one of the two digests that
+    :func:`matches` (render's and persist's check) compares a job with.
 
     Not ``enhanced_at``: when enhance wrote the job decides neither, and a job kept before
     that time was (none) must still match the image rendered from it. The same job written
@@ -35,8 +35,8 @@ def canonical_fingerprint(job: EnhancedPrompt) -> str:
     object's keys sorted.
 
     Stored beside :func:`fingerprint` (``job-canonical``) rather than in its place: PNGs stored
-    before it was kept carry only the other, and persist, of any release, compares an event
-    with that one.
+    before it was kept carry only the other, and persist of a release before it compares an
+    event with that one alone; :func:`matches` accepts either.
     """
     utc = job.model_copy(update={"requested_at": job.requested_at.astimezone(UTC)})
     data = utc.model_dump(mode="json", exclude={"enhanced_at"})

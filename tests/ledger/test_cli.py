@@ -480,3 +480,60 @@ def test_the_reading_commands_write_nothing_to_the_ledger(tmp_path: Path, run: A
     # Opened to write: read-only, its delete would fail (exit 1).
     code, out, err = run("ledger", "prune", "--days", "1", "--ledger", str(path))
     assert code == 0 and "deleted" in out, err
+
+
+@pytest.mark.parametrize(
+    ("settings", "loras", "field"),
+    [
+        # A job of a model this machine does not serve.
+        ({"IMAGEGEN_SERVED_MODELS": "tiny-klein", "IMAGEGEN_MODEL": "tiny-klein"}, [], "model"),
+        # A job with a LoRA not configured here.
+        ({}, [{"name": "style", "path": "/elsewhere/style.safetensors"}], "loras"),
+    ],
+)
+def test_a_recorded_job_these_settings_refuse_is_refused_before_it_is_recorded(
+    run: Any,
+    as_json: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    settings: dict[str, str],
+    loras: list[dict[str, str]],
+    field: str,
+) -> None:
+    """Replayed from ``enhanced``, a job that render refuses here would only fail again, as
+    a new failed generation: refused as input (exit 2, one line), nothing recorded."""
+    from imagegen.ledger import open_ledger
+
+    events = chain("gen-elsewhere")
+    enhanced = events["enhanced"]
+    events["enhanced"] = enhanced.model_copy(update={"data": {**enhanced.data, "loras": loras}})
+    ledger = open_ledger(None)
+    try:
+        for name in ("requested", "enhanced"):  # the job replayed: the latest written
+            ledger.ingest(events[name])
+    finally:
+        ledger.close()
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    code, out, err = run("replay", "gen-elsewhere")
+    assert (code, out) == (2, ""), err
+    assert [g["generation_id"] for g in as_json("history")] == ["gen-elsewhere"]
+    assert err.count("\n") == 1 and field in err and "gen-elsewhere" in err, err
+    assert not (Path("output").exists() and any(Path("output").rglob("*.png")))
+
+
+def test_replay_through_the_ledger_function_refuses_an_output(
+    tmp_path: Path, run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ledger function's replay renders on its cluster, into the cluster's storage:
+    ``--output`` would be ignored, so it is refused before anything is sent (the port answers
+    nothing: a request sent would be exit 1, unreachable)."""
+    gid = "0123456789abcdef0123456789abcdef"
+    output = tmp_path / "elsewhere"
+    for flag in ("--output", "-o"):
+        code, out, err = run("replay", gid, "--ledger", "http://127.0.0.1:9", flag, str(output))
+        assert (code, out) == (2, ""), err
+        assert err.count("\n") == 1 and "--output" in err and "unreachable" not in err, err
+    monkeypatch.setenv("IMAGEGEN_LEDGER_URL", "https://127.0.0.1:9")
+    code, _, err = run("replay", gid, "-o", str(output))
+    assert code == 2 and err.count("\n") == 1 and "--output" in err, err
+    assert not output.exists()
