@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from functools import cache
@@ -20,6 +21,7 @@ from typing import Literal, NamedTuple
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
+from opentelemetry.metrics import CallbackOptions, Observation
 
 from imagegen.errors import ImageGenError
 from imagegen.identity import valid_generation_id
@@ -39,6 +41,7 @@ __all__ = [
     "current_stage",
     "http_status",
     "instruments",
+    "observe",
     "on_redelivery",
     "prometheus_name",
     "prometheus_series",
@@ -287,7 +290,7 @@ class MetricSpec(NamedTuple):
     """One metric: what the code records and what the dashboards may rely on."""
 
     name: str
-    kind: Literal["histogram", "counter", "updowncounter"]
+    kind: Literal["histogram", "counter", "updowncounter", "gauge"]
     unit: str
     description: str
     attributes: tuple[str, ...]
@@ -397,6 +400,24 @@ METRICS: dict[str, MetricSpec] = {
         ("stage", "operation", "outcome"),
         _FAST,
     ),
+    # No receiver attribute: receivers are URLs each caller chooses, a series apiece without
+    # bound; the log lines name them (imagegen/ledger/outbox.py).
+    "webhook_deliveries": MetricSpec(
+        "imagegen.webhook.deliveries",
+        "counter",
+        "{delivery}",
+        "Outcomes of the ledger's webhook claims: delivered, retried (due again later), failed"
+        " (given up after the last claim) or refused (a URL not allowed, a receiver gone: 410).",
+        ("outcome",),
+    ),
+    "webhook_backlog": MetricSpec(
+        "imagegen.webhook.backlog",
+        "gauge",
+        "{message}",
+        "Webhook messages due and not being sent, in the whole ledger (each replica reports"
+        " the same total).",
+        (),
+    ),
 }
 
 METRIC_NAMES: dict[str, str] = {key: spec.name for key, spec in METRICS.items()}
@@ -416,6 +437,40 @@ class Instruments(NamedTuple):
     render_rejections: metrics.Counter
     storage_bytes_written: metrics.Counter
     storage_duration: metrics.Histogram
+    webhook_deliveries: metrics.Counter
+    webhook_backlog: metrics.ObservableGauge
+
+
+# What each observable gauge reports, by instrument: the sources the code that knows the
+# value registered (:func:`observe`), read at each collection, from the SDK's reader thread.
+_gauge_sources: dict[str, list[Callable[[], float | None]]] = {}
+_gauge_lock = threading.Lock()
+
+
+def observe(key: str, source: Callable[[], float | None]) -> Callable[[], None]:
+    """Have the gauge ``key`` of :data:`METRICS` report what ``source`` returns at each
+    collection (summed over the sources registered; None: nothing to say now); returns what
+    stops it."""
+    with _gauge_lock:
+        _gauge_sources.setdefault(key, []).append(source)
+
+    def stop() -> None:
+        with _gauge_lock:
+            sources = _gauge_sources.get(key, [])
+            if source in sources:
+                sources.remove(source)
+
+    return stop
+
+
+def _observed(key: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    def collect(options: CallbackOptions) -> Iterable[Observation]:
+        with _gauge_lock:
+            sources = list(_gauge_sources.get(key, ()))
+        values = [value for value in (source() for source in sources) if value is not None]
+        return [Observation(sum(values))] if values else []
+
+    return collect
 
 
 @cache
@@ -434,6 +489,13 @@ def instruments() -> Instruments:
         elif spec.kind == "counter":
             created[key] = meter.create_counter(
                 spec.name, unit=spec.unit, description=spec.description
+            )
+        elif spec.kind == "gauge":
+            created[key] = meter.create_observable_gauge(
+                spec.name,
+                callbacks=[_observed(key)],
+                unit=spec.unit,
+                description=spec.description,
             )
         else:
             created[key] = meter.create_up_down_counter(

@@ -157,7 +157,10 @@ def fallback_reason(error: BaseException) -> str:
     """Why the LLM could not write a prompt, in a word for metrics: the error's cause.
 
     ``timeout``, ``error_response`` (Ollama answered with an error status),
-    ``malformed_reply``, ``circuit_open`` (not called: it kept failing) or ``unreachable``.
+    ``malformed_reply`` (an answer holding no usable prompt, or one that cannot be read: no
+    chat response, past the size cap, a body that cannot be decoded), ``circuit_open`` (not
+    called: it kept failing) or ``unreachable`` (no answer: the connection refused, reset or
+    cut, a name that does not resolve).
     """
     cause = error.__cause__ or error
     if isinstance(cause, CircuitOpen):
@@ -525,7 +528,9 @@ class OllamaEnhancer:
             )
         except _UNREADABLE as exc:  # a body that is no chat response, or no error object
             raise UnreadableResponse(f"unreadable response ({type(exc).__name__})") from None
-        except BodyTooLarge as exc:
+        except (BodyTooLarge, httpx.DecodingError) as exc:
+            # A body past the cap, or one that cannot be decoded (a coding the transport does
+            # not take, such as br; a corrupt gzip): Ollama's answer, unread, as a proxy's page.
             raise UnreadableResponse(f"unreadable response: {exc}") from None
         content = _without_thinking(response.message.content or "")
         # The content is never logged: it may echo the caller's prompt.

@@ -1,4 +1,5 @@
-"""Every storage call measured in one place: a span, a duration, and the bytes written.
+"""Every storage call measured in one place: a span, a duration, and the bytes written (of a
+``location``, which only names an object, only a failure).
 
 The service wraps whatever storage it is given, so the render's PNG, persist's derivatives,
 enhance's prompt memo and the dead-letter records are all seen alike, and no call site measures.
@@ -19,7 +20,8 @@ __all__ = ["InstrumentedStorage", "instrumented"]
 
 
 class InstrumentedStorage:
-    """``inner`` with each ``put``/``get``/``head`` traced and timed (``imagegen.storage.*``)."""
+    """``inner`` with each ``put``/``get``/``head``, and each ``location`` that fails, traced and
+    timed (``imagegen.storage.*``)."""
 
     def __init__(self, inner: Storage) -> None:
         self.inner = inner
@@ -92,7 +94,21 @@ class InstrumentedStorage:
             return found
 
     def location(self, key: str) -> str:
-        return self.inner.location(key)
+        # Only a failure is measured (local storage: a link leading outside the root). The name
+        # is computed on every request, in microseconds (S3: a string; local: a look at the
+        # key's links), where a span and a histogram point would cost several times that and
+        # put a span of no interest in every trace.
+        started, started_ns = time.perf_counter(), time.time_ns()
+        try:
+            return self.inner.location(key)
+        except BaseException as exc:
+            failed = tracer().start_span("imagegen.storage.location", start_time=started_ns)
+            failed.set_attribute("imagegen.storage.key", key)
+            record_error(failed, exc)
+            failed.end()
+            labels = {"operation": "location", "stage": current_stage.get(), "outcome": "failed"}
+            instruments().storage_duration.record(time.perf_counter() - started, labels)
+            raise
 
     async def check(self) -> None:
         await self.inner.check()

@@ -148,3 +148,61 @@ async def test_a_chunked_reply_is_read_no_further_than_the_cap(
             break
         await __import__("asyncio").sleep(0.05)
     assert sent and sent[0] < _Chunked.total // 4  # the connection was closed, not drained
+
+
+class _Encoded(BaseHTTPRequestHandler):
+    """Ollama's chat response under a ``Content-Encoding`` its body is not in: ``br`` (which
+    the enhancer's transport does not decode) or a gzip that is not gzip; counts the chats."""
+
+    protocol_version = "HTTP/1.1"
+    coding: str
+    body: bytes
+    chats: list[int]
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.chats.append(1)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Encoding", self.coding)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+
+@pytest.fixture(params=[("br", b"\x0b\x02\x80hello"), ("gzip", b"not gzip at all")])
+def encoded(request: pytest.FixtureRequest) -> Iterator[tuple[str, list[int]]]:
+    coding, body = request.param
+    chats: list[int] = []
+    handler = type("Handler", (_Encoded,), {"coding": coding, "body": body, "chats": chats})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", chats
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+async def test_a_reply_that_cannot_be_decoded_is_an_unreadable_one(
+    encoded: tuple[str, list[int]],
+) -> None:
+    """Counted as a reply past the cap is: malformed (no outage of Ollama's), retried with the
+    next seed, and a failure for the circuit."""
+    url, chats = encoded
+    settings = Settings(ollama_host=url, ollama_retries=2, ollama_temperature=0.8)
+    enhancer = OllamaEnhancer(settings.model_copy(update={"ollama_breaker_threshold": 1}))
+    try:
+        with pytest.raises(DependencyUnavailable) as caught:
+            await enhancer.write(prompt="a fox", contributions=[], seed=1, spec=SPEC)
+        assert fallback_reason(caught.value) == "malformed_reply"
+        assert "unreadable response" in caught.value.message
+        assert len(chats) == 3  # a sampled reply is asked for again, as one past the cap
+        assert enhancer.breaker.state == "open"
+    finally:
+        await enhancer.aclose()

@@ -441,3 +441,90 @@ def test_the_default_schedule_spans_about_a_day(
     hours = sum(w or 0 for w in waits) / 3600
     assert 20 < hours < 30
     assert waits[0] == 5 and (waits[-1] or 0) <= 12 * 3600
+
+
+def _said(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str, dict[str, object]]]:
+    """The outbox's lines: level, message, and what they name."""
+    keys = ("msg_id", "generation_id", "receiver", "status", "attempts", "retry_in")
+    return [
+        (r.levelname, r.getMessage(), {k: getattr(r, k) for k in keys if hasattr(r, k)})
+        for r in caplog.records
+        if r.name == "imagegen.ledger"
+    ]
+
+
+def test_a_failed_claim_names_its_generation_and_receiver_and_giving_up_is_a_warning(
+    ledger: Ledger, caplog: pytest.LogCaptureFixture
+) -> None:
+    with answering(503) as (url, got):
+        # What the caller put in the URL (a user-info, a token in the query, the path) is
+        # theirs: only scheme, host and port name the receiver in a line.
+        port = url.split(":")[2].split("/")[0]
+        secret = url.replace("://", "://hook-user:hook-pass@") + "?token=s3cret"
+        ledger.ingest(chain("gen-1", webhook=secret, webhook_events=["started"])["requested"])
+        sender = WebhookSender([OLD], LOOPBACK, timeout=2)
+        dispatcher = Dispatcher(ledger, sender, quick_tries=1, max_attempts=2, backoff=0)
+        with caplog.at_level("INFO", logger="imagegen.ledger"):
+            assert dispatcher.run_once() == 1  # a routine retry
+            assert dispatcher.run_once() == 1  # the last claim: given up
+        dispatcher.stop()
+    assert len(got) == 2
+    said = _said(caplog)
+    assert [(level, message) for level, message, _ in said] == [
+        ("INFO", "webhook not delivered"),
+        ("WARNING", "webhook given up"),
+    ]
+    for _, _, named in said:
+        assert named["generation_id"] == "gen-1"
+        assert named["receiver"] == f"http://127.0.0.1:{port}"
+        assert named["status"] == 503
+    assert [named["attempts"] for _, _, named in said] == [1, 2]
+    everything = " ".join(str(vars(r)) for r in caplog.records)
+    for kept_out in ("hook-user", "hook-pass", "s3cret", "/hook"):
+        assert kept_out not in everything
+    assert ledger.delivery_states("gen-1")["started"]["state"] == "failed"
+
+
+def test_a_receiver_gone_is_a_warning_naming_generation_and_receiver(
+    ledger: Ledger, caplog: pytest.LogCaptureFixture
+) -> None:
+    with answering(410) as (url, _):
+        ledger.ingest(chain("gen-1", webhook=url, webhook_events=["started"])["requested"])
+        dispatcher = Dispatcher(ledger, WebhookSender([OLD], LOOPBACK, timeout=2))
+        with caplog.at_level("INFO", logger="imagegen.ledger"):
+            assert dispatcher.run_once() == 1
+        dispatcher.stop()
+    [(level, message, named)] = _said(caplog)
+    assert (level, message) == ("WARNING", "webhook refused")
+    assert named["generation_id"] == "gen-1"
+    assert named["receiver"] == url.removesuffix("/hook")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://u:p@Hooks.Example/x?token=t#f", "https://hooks.example"),
+        ("https://hooks.example:8443/x", "https://hooks.example:8443"),
+        ("http://[::1]:9000/x", "http://[::1]:9000"),
+        ("http://[::1/x", "***"),
+    ],
+)
+def test_a_receiver_is_shown_by_scheme_host_and_port_only(url: str, shown: str) -> None:
+    from imagegen.ledger.outbox import _receiver
+
+    assert _receiver(url) == shown
+
+
+def test_the_backlog_counts_the_messages_due_and_not_being_sent(ledger: Ledger) -> None:
+    for gid in ("gen-a", "gen-b", "gen-c", "gen-d"):
+        url = f"https://{gid}.example/hook"
+        ledger.ingest(chain(gid, webhook=url, webhook_events=["started"])["requested"])
+    dispatcher = Dispatcher(ledger, WebhookSender([OLD], LOOPBACK))
+    assert dispatcher.backlog() == 4
+    sending, later, delivered = ledger.claim_deliveries(limit=3, lease=60)
+    ledger.finish_delivery(later.msg_id, delivered=False, retry_in=600, attempts=1)
+    ledger.finish_delivery(delivered.msg_id, delivered=True, retry_in=None, attempts=1)
+    # Being sent (leased), due later, delivered: none waits; the fourth does.
+    assert dispatcher.backlog() == 1
+    assert sending.generation_id != "gen-d"
+    dispatcher.stop()

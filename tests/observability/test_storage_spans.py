@@ -109,3 +109,44 @@ async def test_a_head_that_finds_nothing_is_a_miss_as_a_get_is(
     assert "imagegen.storage.found" not in (found.attributes or {})
     assert (missed.attributes or {})["imagegen.storage.found"] is False
     assert missed.status.is_ok  # an answer, no error
+
+
+async def test_a_location_that_fails_is_timed_and_traced_one_that_names_is_not(
+    otel: InMemoryTelemetry, tmp_path: Path
+) -> None:
+    """A local folder linked outside the root fails each key under it (docs/storage.md), the
+    name of an object too: that failure shows, as any storage call's does. The names given on
+    every request are not measured."""
+    from opentelemetry.trace import StatusCode
+
+    from imagegen.errors import ConfigurationError
+    from imagegen.storage import LocalStorage
+    from imagegen.storage.instrumented import instrumented
+    from imagegen.telemetry import METRIC_NAMES
+
+    def count(outcome: str) -> int:
+        return sum(
+            p.point.count
+            for p in otel.points(METRIC_NAMES["storage_duration"])
+            if (p.attributes or {}).get("operation") == "location"
+            and (p.attributes or {}).get("outcome") == outcome
+        )
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "failures").mkdir(parents=True)
+    outside.mkdir()
+    (root / "failures" / "undated").symlink_to(outside)
+    storage = instrumented(LocalStorage(root))
+    before = {outcome: count(outcome) for outcome in ("success", "failed")}
+    otel.spans.clear()
+    assert storage.location("2026/01/01/g.png") == (root / "2026/01/01/g.png").as_uri()
+    with pytest.raises(ConfigurationError, match="leads outside the storage root"):
+        storage.location("failures/undated/x.json")
+    assert count("success") == before["success"]
+    assert count("failed") == before["failed"] + 1
+    [span] = otel.finished_spans()
+    assert span.name == "imagegen.storage.location"
+    assert span.status.status_code is StatusCode.ERROR
+    assert (span.attributes or {})["imagegen.storage.key"] == "failures/undated/x.json"
+    assert span.end_time is not None and span.start_time is not None
+    assert span.end_time >= span.start_time
