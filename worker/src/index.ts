@@ -54,8 +54,10 @@ async function cacheControlFor(url: URL, key: string, config: Config): Promise<s
  * says the PNG is served where the client accepts a derivative format that does not exist, or
  * for a thumbnail that does not (yet: the derive stage makes them after the image is persisted),
  * or that a better derivative the record lists is missing from the bucket.
+ *
+ * Throws OriginError when a lookup fails.
  */
-async function representation(
+async function negotiated(
   request: Request,
   serving: Serving,
   key: string,
@@ -65,7 +67,7 @@ async function representation(
   if (thumbnail !== null) {
     // Made by derive after the image is persisted: until then the full image stands in.
     if (await objectExists(serving, key)) return { key, standIn: false };
-    return { key: `${thumbnail.day}/${thumbnail.id}.png`, standIn: true };
+    return { key: pngKey(key), standIn: true };
   }
   const parts = imageParts(key);
   if (parts === null) return { key, standIn: false };
@@ -83,6 +85,38 @@ async function representation(
     skipped = true;
   }
   return { key, standIn: true };
+}
+
+/** The full image of a served key: the key itself, or the PNG a thumbnail was made from. */
+function pngKey(key: string): string {
+  const thumbnail = thumbnailParts(key);
+  return thumbnail === null ? key : `${thumbnail.day}/${thumbnail.id}.png`;
+}
+
+/**
+ * The representation to serve (see negotiated). A format or a thumbnail improves on the PNG, and
+ * a failed lookup must not cost the image: where the origin fails or times out on a record, a
+ * derivative or a thumbnail, the PNG stands in, held as briefly as for a missing record, and the
+ * failure is not remembered, so the next request looks again. Only a failure to read the PNG
+ * itself answers 502 or 504.
+ */
+async function representation(
+  request: Request,
+  serving: Serving,
+  key: string,
+  width: number | null,
+): Promise<{ key: string; standIn: boolean }> {
+  try {
+    return await negotiated(request, serving, key, width);
+  } catch (err) {
+    if (!(err instanceof OriginError)) throw err;
+    const png = pngKey(key);
+    console.warn(
+      `origin ${serving.config.origin.kind} failed choosing the representation of ${key} ` +
+        `(${err.message}): ${png} stands in`,
+    );
+    return { key: png, standIn: true };
+  }
 }
 
 async function handle(request: Request, env: Env, ctx: ExecutionContext): Promise<Response> {
@@ -149,8 +183,9 @@ async function handle(request: Request, env: Env, ctx: ExecutionContext): Promis
     }
     const served = await representation(request, serving, key, width);
 
-    // 6. Edge cache, then origin. The PNG standing in for a derivative or a thumbnail is kept
-    // no longer than a missing object is remembered: browsers then ask again and get it.
+    // 6. Edge cache, then origin. The PNG standing in for a derivative or a thumbnail (missing,
+    // or its lookup failed) is kept no longer than a missing object is remembered: browsers
+    // then ask again and get it.
     const policy = served.standIn ? heldTo(cacheControl, NOT_FOUND_TTL) : cacheControl;
     const response = await serveObject(request, serving, served.key, policy);
     if (imageParts(key) !== null) response.headers.append("Vary", "Accept");

@@ -7,8 +7,8 @@
  *   `If-Modified-Since`) and not cached; the preconditions are judged against the metadata the
  *   origin answers with, as against a hit.
  * - A miss for a plain GET reads the whole object once per key and isolate, however many
- *   requests wait for it, and stores it in the edge cache; a missing key is stored as a 404
- *   for NOT_FOUND_TTL seconds.
+ *   requests wait for it (they share its bytes), and stores it in the edge cache; a missing key
+ *   is stored as a 404 for NOT_FOUND_TTL seconds (not a HEAD's 403: see DENIED_HEAD).
  */
 import type { Config } from "./config";
 import {
@@ -19,7 +19,13 @@ import {
   passedThrough,
   textResponse,
 } from "./http";
-import { type ReadOptions, type ReadRange, readObject, readWholeObject } from "./origins";
+import {
+  DENIED_HEAD,
+  type ReadOptions,
+  type ReadRange,
+  readObject,
+  readWholeObject,
+} from "./origins";
 
 /** Where a request is served: configuration, its context, and the base of cache keys. */
 export interface Serving {
@@ -98,7 +104,12 @@ export async function wholeObject(serving: Serving, key: string): Promise<Respon
   }
   const whole = await pending;
   if (whole === null) return null;
-  return new Response(whole.body.slice(0), { status: 200, headers: whole.headers });
+  // Every waiter (and the edge cache's copy) reads the same bytes, never a copy of its own: an
+  // isolate answers many requests at once within 128 MB. workerd takes a BufferSource body by
+  // reference, neither copying nor detaching it (src/workerd/api/http.c++
+  // `Body::extractBody`: "The spec would have us create a copy of the input buffer here, but
+  // that would be a sad waste"), so one response read to the end leaves the others whole.
+  return new Response(new Uint8Array(whole.body), { status: 200, headers: whole.headers });
 }
 
 /**
@@ -212,6 +223,9 @@ export async function serveObject(
       return answer(request, whole, cacheControl);
     }
     const object = await readObject(serving.config, key, options);
+    // A HEAD's 403 may be a refusal, not a miss: a 404 to this HEAD, and nothing stored, so a
+    // GET of the key reads the origin's code (a 502 for wrong credentials).
+    if (object === DENIED_HEAD) return textResponse(404, "Not Found");
     if (object === null) {
       serving.ctx.waitUntil(cache.put(entry, notFoundMarker()).catch(() => undefined));
       return textResponse(404, "Not Found");

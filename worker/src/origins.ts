@@ -208,8 +208,17 @@ function s3Client(config: Config): AwsClient {
 // and API_HeadObject.html, "Permissions"). The usual public-read bucket policy and least-privilege
 // keys grant s3:GetObject alone. Wrong credentials answer 403 with another code
 // (InvalidAccessKeyId, SignatureDoesNotMatch: .../API/ErrorResponses.html) and stay failures. A
-// HEAD answer has no body to tell them apart: its 403 is read as missing too.
+// HEAD answer has no body to tell them apart: its 403 answers the client 404 too, but as
+// DENIED_HEAD, a miss that is not remembered.
 let deniedLogged = false;
+
+/**
+ * What a HEAD answered 403 reads as: nothing to serve, but not known to be missing. S3 sends a
+ * HEAD's error without its body (API_HeadObject.html), so a missing key in a bucket that may not
+ * be listed and a refused request (wrong credentials, a skewed clock) look alike; the GET that
+ * follows reads the code and gets its own answer.
+ */
+export const DENIED_HEAD = "denied-head";
 
 async function deniedAsMissing(response: Response, kind: string, head: boolean): Promise<boolean> {
   if (head) void response.body?.cancel();
@@ -219,9 +228,9 @@ async function deniedAsMissing(response: Response, kind: string, head: boolean):
   if (!deniedLogged) {
     deniedLogged = true;
     console.warn(
-      `origin ${kind} answered 403 AccessDenied: read as a missing key (a bucket that does not ` +
-        "grant s3:ListBucket answers so for keys that do not exist); if every image is missing, " +
-        "check that s3:GetObject is granted",
+      `origin ${kind} answered 403${head ? " to a HEAD" : " AccessDenied"}: read as a missing ` +
+        "key (a bucket that does not grant s3:ListBucket answers so for keys that do not " +
+        "exist); if every image is missing, check that s3:GetObject is granted",
     );
   }
   return true;
@@ -232,7 +241,7 @@ async function originRead(
   key: string,
   options: ReadOptions,
   signal: AbortSignal,
-): Promise<OriginObject | null> {
+): Promise<OriginObject | null | typeof DENIED_HEAD> {
   const objectKey = config.prefix + key;
   const origin = config.origin;
   const init: RequestInit = {
@@ -248,7 +257,8 @@ async function originRead(
       : fetch(`${origin.baseUrl}/${objectKey}`, request);
   const response = await send(init);
   if (response.status === 403) {
-    if (await deniedAsMissing(response, origin.kind, init.method === "HEAD")) return null;
+    const head = init.method === "HEAD";
+    if (await deniedAsMissing(response, origin.kind, head)) return head ? DENIED_HEAD : null;
     throw new OriginError("unavailable", "origin answered 403");
   }
   if (response.status === 416 && !response.headers.has("Content-Range")) {
@@ -262,7 +272,8 @@ async function originRead(
 }
 
 /**
- * Reads `<ORIGIN_PREFIX><key>` from the origin, or null when the origin has no such object.
+ * Reads `<ORIGIN_PREFIX><key>` from the origin, or null when the origin has no such object;
+ * DENIED_HEAD when a HEAD was answered 403.
  *
  * Only the answer's headers are awaited: the caller passes the body on as a stream.
  * Throws OriginError when the origin fails or does not answer in time.
@@ -271,7 +282,7 @@ export function readObject(
   config: Config,
   key: string,
   options: ReadOptions = {},
-): Promise<OriginObject | null> {
+): Promise<OriginObject | null | typeof DENIED_HEAD> {
   return withTimeout(config.timeoutMs, (signal) => originRead(config, key, options, signal));
 }
 
@@ -317,7 +328,8 @@ export function readWholeObject(
 ): Promise<{ object: OriginObject; body: ArrayBuffer } | null> {
   return withTimeout(config.timeoutMs, async (signal) => {
     const object = await originRead(config, key, {}, signal);
-    if (object === null) return null;
+    // A GET's 403 is judged by its code (deniedAsMissing): DENIED_HEAD is a HEAD's alone.
+    if (object === null || object === DENIED_HEAD) return null;
     return { object, body: await readAll(object.body, signal) };
   });
 }

@@ -239,6 +239,102 @@ describe("after the derivatives are lost", () => {
   });
 });
 
+/**
+ * The local bucket, except that a read of a key `fault` names fails ("error") or never answers
+ * ("stall"); `reads` has every key read.
+ */
+function faultyBucket(fault: (key: string) => "error" | "stall" | null) {
+  const reads: string[] = [];
+  const bucket = {
+    async get(key: string, options?: R2GetOptions) {
+      reads.push(key);
+      const kind = fault(key);
+      if (kind === "error") throw new Error("We encountered an internal error. Please try again.");
+      if (kind === "stall") return new Promise<never>(() => {});
+      return env.IMAGES.get(key, options);
+    },
+    async head(key: string) {
+      reads.push(key);
+      return env.IMAGES.head(key);
+    },
+  } as unknown as R2Bucket;
+  return { bucket, reads };
+}
+
+// Choosing a format improves on the PNG and must never cost the image: a lookup that fails is
+// answered as one that found nothing, briefly, and the next request looks again.
+describe("when a lookup fails", () => {
+  it("serves the PNG, held briefly, whichever lookup fails or times out", async () => {
+    for (const [failing, kind] of [
+      [".derivatives.json", "error"],
+      [".derivatives.json", "stall"],
+      [".w512.avif", "error"],
+      [".w512.avif", "stall"],
+    ] as const) {
+      const what = `${failing} ${kind}`;
+      const warnings = vi.spyOn(console, "warn").mockImplementation(() => {});
+      const errors = vi.spyOn(console, "error").mockImplementation(() => {});
+      const { url, key } = await persisted([256, 512]);
+      const { bucket } = faultyBucket((k) => (k.endsWith(failing) ? kind : null));
+      const config = { IMAGES: bucket, ORIGIN_TIMEOUT_MS: "100" };
+      const res = await send(new Request(`${url}?w=300`, { headers: { Accept: CHROME } }), config);
+      expect(res.status, what).toBe(200);
+      expect(await res.text(), what).toBe("png");
+      expect(res.headers.get("Content-Type")).toBe("image/png");
+      expect(res.headers.get("Cache-Control")).toBe(`public, max-age=${NOT_FOUND_TTL}`);
+      expect(res.headers.get("Vary")).toBe("Accept");
+      // Said once, naming the image, and not as an error: the client got an image.
+      expect(warnings, what).toHaveBeenCalledOnce();
+      expect(String(warnings.mock.calls[0]?.[0])).toContain(key);
+      expect(errors).not.toHaveBeenCalled();
+      // The failure is not remembered: once the origin answers, the derivative is served.
+      const healthy = await body(`${url}?w=300`, CHROME);
+      expect(healthy.text, what).toBe("avif-512");
+      expect(healthy.res.headers.get("Cache-Control")).toBe(IMMUTABLE);
+      vi.restoreAllMocks();
+    }
+  });
+
+  it("serves the PNG when the older metadata record cannot be read", async () => {
+    vi.spyOn(console, "warn").mockImplementation(() => {});
+    // Listed in the metadata record, as before derivatives had a record of their own.
+    const { key, url } = await persisted([256], [256], true);
+    const metadata = key.replace(".png", ".json");
+    const { bucket, reads } = faultyBucket((k) => (k === metadata ? "error" : null));
+    const res = await send(new Request(url, { headers: { Accept: CHROME } }), { IMAGES: bucket });
+    expect(res.status).toBe(200);
+    expect(await res.text()).toBe("png");
+    expect(res.headers.get("Cache-Control")).toBe(`public, max-age=${NOT_FOUND_TTL}`);
+    expect(reads).toContain(metadata);
+    expect((await body(url, CHROME)).text).toBe("avif-256");
+  });
+
+  it("serves the full image for a thumbnail that cannot be read, as briefly", async () => {
+    vi.spyOn(console, "warn").mockImplementation(() => {});
+    const { key } = await persisted([256], null);
+    const thumbnail = key.replace(".png", ".thumb.webp");
+    await env.IMAGES.put(thumbnail, "thumb");
+    const { bucket } = faultyBucket((k) => (k === thumbnail ? "error" : null));
+    const res = await send(`${BASE}/${thumbnail}`, { IMAGES: bucket });
+    expect(res.status).toBe(200);
+    expect(await res.text()).toBe("png");
+    expect(res.headers.get("Content-Type")).toBe("image/png");
+    expect(res.headers.get("Cache-Control")).toBe(`public, max-age=${NOT_FOUND_TTL}`);
+    expect((await body(`${BASE}/${thumbnail}`)).text).toBe("thumb");
+  });
+
+  it("answers 502 only when the image itself cannot be read", async () => {
+    vi.spyOn(console, "warn").mockImplementation(() => {});
+    const errors = vi.spyOn(console, "error").mockImplementation(() => {});
+    const { url } = await persisted([256]);
+    const { bucket } = faultyBucket(() => "error");
+    const res = await send(new Request(url, { headers: { Accept: CHROME } }), { IMAGES: bucket });
+    expect(res.status).toBe(502);
+    expect(res.headers.get("Cache-Control")).toBe("no-store");
+    expect(errors).toHaveBeenCalledOnce();
+  });
+});
+
 describe("signed URLs with parameters", () => {
   const SECRET = "formats-secret";
 

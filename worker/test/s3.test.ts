@@ -247,6 +247,42 @@ describe("a bucket that may not be listed", () => {
   });
 });
 
+// S3 answers a HEAD without a body, so its 403 cannot say whether the key is missing
+// (AccessDenied) or the request was refused (SignatureDoesNotMatch, InvalidAccessKeyId, a
+// skewed clock): the HEAD is answered 404, and nothing is remembered for the GET that follows.
+describe("a HEAD answered 403", () => {
+  it("is a 404 not remembered: a later GET gets the origin's own answer", async () => {
+    vi.spyOn(console, "warn").mockImplementation(() => {});
+    vi.spyOn(console, "error").mockImplementation(() => {});
+    for (const [code, status] of [
+      ["SignatureDoesNotMatch", 502],
+      ["InvalidAccessKeyId", 502],
+      ["AccessDenied", 404],
+    ] as const) {
+      const key = newKey();
+      const { calls } = mockFetch(
+        (request) =>
+          new Response(request.method === "HEAD" ? null : `<Error><Code>${code}</Code></Error>`, {
+            status: 403,
+          }),
+      );
+      const head = await send(new Request(`${BASE}/${key}`, { method: "HEAD" }), S3);
+      expect(head.status, code).toBe(404);
+      expect(head.headers.get("Cache-Control")).toBe("no-store");
+      expect(await caches.default.match(`${BASE}/${key}`), code).toBeUndefined();
+      const get = await send(`${BASE}/${key}`, S3);
+      expect(get.status, code).toBe(status);
+      expect(
+        calls.map((c) => c.method),
+        code,
+      ).toEqual(["HEAD", "GET"]);
+      vi.restoreAllMocks();
+      vi.spyOn(console, "warn").mockImplementation(() => {});
+      vi.spyOn(console, "error").mockImplementation(() => {});
+    }
+  });
+});
+
 describe("public bucket origin", () => {
   const PUBLIC: Partial<Env> = {
     ORIGIN: "public",
@@ -314,18 +350,53 @@ describe("public bucket origin", () => {
     expect(healthy.calls).toHaveLength(1);
   });
 
-  it("bounds a record's body too: a stalled derivatives record answers 504", async () => {
-    vi.spyOn(console, "error").mockImplementation(() => {});
+  it("bounds a record's body too: a stalled derivatives record is given up for the PNG", async () => {
+    const warnings = vi.spyOn(console, "warn").mockImplementation(() => {});
     const key = newKey();
-    const { calls } = mockFetch(() => stalled().response);
+    const record = stalled();
+    const { calls } = mockFetch((request) =>
+      request.url.endsWith(".derivatives.json") ? record.response : objectResponse(),
+    );
     const res = send(new Request(`${BASE}/${key}`, { headers: { Accept: "image/avif" } }), {
       ...PUBLIC,
       ORIGIN_TIMEOUT_MS: "50",
     });
-    expect(await statusWithin2s(res)).toBe(504);
+    expect(await statusWithin2s(res)).toBe(200);
+    expect((await res).headers.get("Cache-Control")).toBe(`public, max-age=${NOT_FOUND_TTL}`);
+    expect(record.cancelled()).toBe(true);
+    expect(warnings).toHaveBeenCalledOnce();
     expect(calls.map((c) => new URL(c.url).pathname.split("/").pop())).toEqual([
       key.split("/").pop()?.replace(".png", ".derivatives.json"),
+      key.split("/").pop(),
     ]);
+  });
+
+  it("answers 502 to a browser only when the image fails, not when its record does", async () => {
+    vi.spyOn(console, "warn").mockImplementation(() => {});
+    const errors = vi.spyOn(console, "error").mockImplementation(() => {});
+    const chrome = { Accept: "image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8" };
+    const key = newKey();
+    // One transient refusal of the derivatives record (S3's 503 SlowDown).
+    let refused = false;
+    mockFetch((request) => {
+      if (request.url.endsWith(".derivatives.json") && !refused) {
+        refused = true;
+        return new Response("<Error><Code>SlowDown</Code></Error>", { status: 503 });
+      }
+      if (request.url.endsWith(".json")) return new Response(null, { status: 404 });
+      return objectResponse();
+    });
+    const res = await send(new Request(`${BASE}/${key}`, { headers: chrome }), PUBLIC);
+    expect(res.status).toBe(200);
+    expect(res.headers.get("Content-Type")).toBe("image/png");
+    expect(errors).not.toHaveBeenCalled();
+    vi.restoreAllMocks();
+    vi.spyOn(console, "warn").mockImplementation(() => {});
+    vi.spyOn(console, "error").mockImplementation(() => {});
+    mockFetch(() => new Response("<Error><Code>SlowDown</Code></Error>", { status: 503 }));
+    expect(
+      (await send(new Request(`${BASE}/${newKey()}`, { headers: chrome }), PUBLIC)).status,
+    ).toBe(502);
   });
 });
 
