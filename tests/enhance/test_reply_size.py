@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -121,19 +122,25 @@ class _Chunked(BaseHTTPRequestHandler):
             self.sent.append(sent)
 
 
-@pytest.fixture
-def chunked() -> Iterator[tuple[str, list[int]]]:
-    sent: list[int] = []
-    handler = type("Handler", (_Chunked,), {"sent": sent})
+@contextmanager
+def _serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """``handler`` served on a free loopback port: its URL."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", sent
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+@pytest.fixture
+def chunked() -> Iterator[tuple[str, list[int]]]:
+    sent: list[int] = []
+    with _serving(type("Handler", (_Chunked,), {"sent": sent})) as url:
+        yield url, sent
 
 
 async def test_a_chunked_reply_is_read_no_further_than_the_cap(
@@ -178,15 +185,8 @@ def encoded(request: pytest.FixtureRequest) -> Iterator[tuple[str, list[int]]]:
     coding, body = request.param
     chats: list[int] = []
     handler = type("Handler", (_Encoded,), {"coding": coding, "body": body, "chats": chats})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", chats
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with _serving(handler) as url:
+        yield url, chats
 
 
 async def test_a_reply_that_cannot_be_decoded_is_an_unreadable_one(
