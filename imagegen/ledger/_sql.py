@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -86,6 +85,7 @@ TIME_COLUMNS = frozenset(
         "updated_at",
         "next_attempt_at",
         "delivered_at",
+        "sending_until",
     }
 )
 _EXPORT_BATCH = 1000
@@ -312,6 +312,7 @@ class SqlLedger(ABC):
                     "generation_id": generation.generation_id,
                     "event": kind,
                     "url": row["webhook"],
+                    "receiver": _receiver(row["webhook"]),
                     "payload": json.dumps(payload, separators=(",", ":")),
                     "now": now,
                 },
@@ -506,33 +507,45 @@ class SqlLedger(ABC):
     # -- webhook outbox -------------------------------------------------------------------
 
     @cached_property
-    def _sending(self) -> _Sending:
-        return _Sending()
+    def _claiming(self) -> threading.Lock:
+        """Held by each claim of this ledger: claims from one process's threads follow each
+        other, each seeing the receivers the one before it took, instead of leaving out the
+        rows another holds locked (PostgreSQL) or waiting for the database lock (SQLite)."""
+        return threading.Lock()
 
     def claim_deliveries(self, *, limit: int = 20, lease: float = 60.0) -> list[Delivery]:
         """Take up to ``limit`` due messages, the longest due first; others will not see them
         for ``lease`` seconds.
 
         At most one message per receiver (:func:`_receiver`), and none for a receiver that a
-        message this ledger claimed is still being sent to (its outcome not recorded, its lease
-        not over): a receiver that does not answer holds one of this process's senders, and
-        the messages to others are claimed meanwhile. Each receiver's messages go one at a
-        time, in the order due, from each process. Claims of this ledger are made one at a
-        time: the receivers one leaves out are those the claims before it took.
+        message is still being sent to, by any replica sharing the database (its outcome not
+        recorded, its lease not over: ``sending_until``, migration 0009): a receiver that does
+        not answer holds one sender, and the messages to others are claimed meanwhile. Each
+        receiver's messages go one at a time, in the order due.
         """
-        with self._sending.claiming:
+        with self._claiming:
             return self._claim_deliveries(limit, lease)
 
     def _claim_deliveries(self, limit: int, lease: float) -> list[Delivery]:
         now = self._lease_clock()
-        taken = self._sending.receivers()
         picked: list[tuple[str, str]] = []  # (msg_id, receiver)
         with self.transaction() as db:
+            # SQLite: the transaction holds the database's write lock from its start (BEGIN
+            # IMMEDIATE), so the receivers read here stay the ones being sent to until it ends.
+            taken = {
+                row["receiver"]
+                for row in db.query(
+                    "SELECT DISTINCT receiver FROM webhook_deliveries "
+                    "WHERE sending_until > :now AND receiver IS NOT NULL",
+                    {"now": now},
+                )
+            }
             while len(picked) < limit:
                 want = limit - len(picked)
                 # The receivers taken so far left out by the database, so each round finds at
-                # least one more (a row's receiver is a prefix of its URL), and the due messages
-                # of a receiver being sent to are never read, however many wait.
+                # least one more (a row's receiver is a prefix of its URL, also where a row
+                # written before migration 0009 has none), and the due messages of a receiver
+                # being sent to are never read, however many wait.
                 skip = sorted(taken)
                 params: dict[str, Any] = {"now": now, "limit": want}
                 for n, prefix in enumerate(skip):
@@ -546,23 +559,60 @@ class SqlLedger(ABC):
                 )
                 for row in rows:
                     to = _receiver(row["url"])
-                    if to not in taken and len(picked) < limit:
-                        taken.add(to)
+                    if to in taken or len(picked) == limit:
+                        continue
+                    taken.add(to)  # taken by this claim, or by another: left out either way
+                    if self._hold_receiver(db, to, now):
                         picked.append((row["msg_id"], to))
                 if len(rows) < want:
                     break
             claimed = []
-            for msg_id, _ in picked:
+            for msg_id, to in picked:
+                # next_attempt_at and sending_until both at the lease's end: the message is not
+                # due before it (what a replica older than 0009 claims by, and the backlog
+                # counts), and its receiver is being sent to until then, or until the outcome.
                 claimed += db.query(
                     "UPDATE webhook_deliveries SET attempts = attempts + 1, "
-                    "next_attempt_at = :lease_until WHERE msg_id = :msg_id "
+                    "next_attempt_at = :lease_until, sending_until = :lease_until, "
+                    "receiver = :receiver WHERE msg_id = :msg_id "
                     "RETURNING msg_id, generation_id, event, url, payload, attempts, created_at",
-                    {"msg_id": msg_id, "lease_until": now + timedelta(seconds=lease)},
+                    {
+                        "msg_id": msg_id,
+                        "receiver": to,
+                        "lease_until": now + timedelta(seconds=lease),
+                    },
                 )
-        deliveries = [Delivery(**row) for row in claimed]
-        for delivery, (_, to) in zip(deliveries, picked, strict=True):
-            self._sending.add(delivery.msg_id, to, delivery.attempts, lease)
-        return deliveries
+        return [Delivery(**row) for row in claimed]
+
+    def _hold_receiver(self, db: Cursor, receiver: str, now: datetime) -> bool:
+        """Whether this claim may send ``receiver`` a message: no other claim is taking one for
+        it, and none it took is being sent. Nothing to do on SQLite, whose claims run one at a
+        time (BEGIN IMMEDIATE), each after the last committed its marks.
+
+        PostgreSQL runs claims at once, in READ COMMITTED: ``FOR UPDATE SKIP LOCKED`` keeps two
+        of them from taking one row, not from taking two rows of one receiver, and the
+        receivers read at the start miss a claim that commits after that read. So a claim takes
+        a lock on the receiver for the rest of its transaction (``pg_try_advisory_xact_lock``
+        on its ``hashtext``, namespaced; not waiting: a receiver another claim holds is left
+        out), then reads again whether the receiver is being sent to, in a statement of its
+        own, whose snapshot is taken after the lock was granted: a claim that held the lock
+        before released it at its end, after its commit became visible, so its mark is seen.
+        Two receivers of one hash only leave each other out of a claim, never send at once.
+        """
+        if self.dialect != "postgres":
+            return True
+        [held] = db.query(
+            "SELECT pg_try_advisory_xact_lock(CAST(:space AS INTEGER), hashtext(:receiver)) "
+            "AS held",
+            {"space": _RECEIVER_LOCKS, "receiver": receiver},
+        )
+        if not held["held"]:
+            return False
+        return not db.query(
+            "SELECT 1 AS found FROM webhook_deliveries "
+            "WHERE receiver = :receiver AND sending_until > :now LIMIT 1",
+            {"receiver": receiver, "now": now},
+        )
 
     def finish_delivery(
         self,
@@ -584,12 +634,7 @@ class SqlLedger(ABC):
         receiver has it, and only a message not yet sent is cancelled. A failed send leaves it
         cancelled.
         """
-        try:
-            return self._finish_delivery(msg_id, delivered, error, retry_in, attempts)
-        finally:
-            # The claim is over, its outcome recorded or not (then the message is due again
-            # when its lease ends): its receiver may be sent the next message.
-            self._sending.done(msg_id, attempts)
+        return self._finish_delivery(msg_id, delivered, error, retry_in, attempts)
 
     def _finish_delivery(
         self,
@@ -608,17 +653,29 @@ class SqlLedger(ABC):
             sql = "state = 'failed', last_error = :error"
         states = "('pending', 'cancelled')" if delivered else "('pending')"
         claim = "" if attempts is None else f" AND state IN {states} AND attempts = :attempts"
+        params = {
+            "msg_id": msg_id,
+            "now": now,
+            "next": now + timedelta(seconds=retry_in or 0),
+            "error": (error or "")[:1000],
+            "attempts": attempts,
+        }
+        # The claim is over, its outcome recorded or not: its receiver may be sent the next
+        # message (its mark cleared, migration 0009). Not where a later claim took the message
+        # (another attempts): that claim's mark stands.
+        mine = "" if attempts is None else " AND attempts = :attempts"
         with self.transaction() as db:
             changed = db.run(
-                f"UPDATE webhook_deliveries SET {sql} WHERE msg_id = :msg_id{claim}",  # noqa: S608
-                {
-                    "msg_id": msg_id,
-                    "now": now,
-                    "next": now + timedelta(seconds=retry_in or 0),
-                    "error": (error or "")[:1000],
-                    "attempts": attempts,
-                },
+                f"UPDATE webhook_deliveries SET {sql}, sending_until = NULL "  # noqa: S608
+                f"WHERE msg_id = :msg_id{claim}",
+                params,
             )
+            if not changed:  # cancelled meanwhile, and not sent: no outcome, the mark cleared
+                db.run(
+                    "UPDATE webhook_deliveries SET sending_until = NULL "  # noqa: S608
+                    f"WHERE msg_id = :msg_id AND sending_until IS NOT NULL{mine}",
+                    params,
+                )
         return changed > 0
 
     def delivery_states(self, generation_id: str) -> dict[str, dict[str, Any]]:
@@ -632,6 +689,11 @@ class SqlLedger(ABC):
         return {row.pop("event"): row for row in rows}
 
 
+# The namespace of the receivers' advisory locks (the first key of the two-key form), apart from
+# the migrations' lock (one bigint key) and other programs' locks on the database: "imgr".
+_RECEIVER_LOCKS = 0x696D6772
+
+
 def _receiver(url: str) -> str:
     """Who a webhook message goes to: its URL up to its path, the path's ``/`` included
     (scheme, host and port; a request's webhook is kept as pydantic writes an http(s) URL,
@@ -642,37 +704,6 @@ def _receiver(url: str) -> str:
         return url
     end = min(ends)
     return url[: len(scheme) + len(separator) + end + (rest[end] == "/")]
-
-
-class _Sending:
-    """The messages a ledger claimed and recorded no outcome of yet, until their lease ends:
-    the receivers its next claim leaves out. Only this process's claims: another replica sends
-    each receiver one message at a time of its own."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._claims: dict[str, tuple[str, int, float]] = {}  # msg_id → receiver, claim, end
-        self.claiming = threading.Lock()
-        """Held by a claim from its reading of the receivers taken to its adding of its own."""
-
-    def add(self, msg_id: str, to: str, attempts: int, lease: float) -> None:
-        with self._lock:
-            self._claims[msg_id] = (to, attempts, time.monotonic() + lease)
-
-    def done(self, msg_id: str, attempts: int | None) -> None:
-        """The claim ``attempts`` of ``msg_id`` is over (None: whichever it is)."""
-        with self._lock:
-            claim = self._claims.get(msg_id)
-            if claim is not None and attempts in (None, claim[1]):
-                del self._claims[msg_id]
-
-    def receivers(self) -> set[str]:
-        """The receivers of the claims whose lease is not over."""
-        now = time.monotonic()
-        with self._lock:
-            for msg_id in [m for m, (_, _, end) in self._claims.items() if end <= now]:
-                del self._claims[msg_id]
-            return {to for to, _, _ in self._claims.values()}
 
 
 def _checked(row: dict[str, Any]) -> dict[str, Any]:

@@ -134,10 +134,12 @@ CANCEL_FAILED = (
 PERSISTED_RECORDED = (
     "SELECT 1 AS found FROM ledger_events WHERE generation_id = :gid AND type = :type LIMIT 1"
 )
+# receiver: who the message goes to (_sql._receiver of its URL, migration 0009), by which a
+# claim finds the receivers being sent to. A replica older than 0009 inserts none.
 INSERT_DELIVERY = (
     "INSERT INTO webhook_deliveries "
-    "(msg_id, generation_id, event, url, payload, next_attempt_at, created_at) "
-    "VALUES (:msg_id, :generation_id, :event, :url, :payload, :now, :now) "
+    "(msg_id, generation_id, event, url, receiver, payload, next_attempt_at, created_at) "
+    "VALUES (:msg_id, :generation_id, :event, :url, :receiver, :payload, :now, :now) "
     "ON CONFLICT (msg_id) DO NOTHING"
 )
 

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from typing import Any
 
 import pytest
 
@@ -263,6 +264,161 @@ def test_claims_made_at_once_take_each_receiver_once(ledger: Ledger) -> None:
         thread.join()
     receivers = [d.url for d in claimed]
     assert len(receivers) == len(set(receivers)) == 12, sorted(receivers)
+
+
+def _webhooks(ledger: Ledger, receivers: int, each: int) -> None:
+    """``each`` messages due to each of ``receivers`` receivers (one generation a message)."""
+    for n in range(receivers * each):
+        url = f"https://r{n % receivers}.example/hook/{n}"
+        ledger.ingest(chain(f"gen-{n}", webhook=url, webhook_events=["started"])["requested"])
+
+
+def _receivers(claimed: list[Delivery]) -> list[str]:
+    from imagegen.ledger._sql import _receiver
+
+    return sorted(_receiver(d.url) for d in claimed)
+
+
+def test_replicas_claiming_at_once_take_each_receiver_once(
+    open_test_ledger: Callable[[], Ledger],
+) -> None:
+    """Two ledgers on one database (two replicas), claiming from several threads each: while
+    a claim's lease lasts, no other claim, of either, takes its receiver."""
+    replicas = [open_test_ledger(), open_test_ledger()]
+    _webhooks(replicas[0], receivers=12, each=5)
+    start = threading.Barrier(8)
+    claimed: list[Delivery] = []
+
+    def claim(ledger: Ledger) -> None:
+        start.wait()
+        for _ in range(4):
+            claimed.extend(ledger.claim_deliveries(limit=2, lease=600))
+
+    threads = [threading.Thread(target=claim, args=(replicas[n % 2],)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    taken = _receivers(claimed)
+    assert len(taken) == len(set(taken)) == 12, taken
+
+
+@pytest.mark.parametrize("ledger_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize(
+    ("pause_at", "first", "second"),
+    [
+        # The other claim takes the receiver and commits after this one read the receivers
+        # being sent to: this one's rows are picked after that commit.
+        ("sending_until >", [], ["gen-0"]),
+        # The other claim runs whole while this one has marked its message, not committed.
+        ("sending_until = :lease_until", ["gen-0"], []),
+    ],
+)
+def test_claims_of_two_replicas_at_once_take_a_receiver_once(
+    open_test_ledger: Callable[[], Ledger],
+    monkeypatch: pytest.MonkeyPatch,
+    pause_at: str,
+    first: list[str],
+    second: list[str],
+) -> None:
+    """PostgreSQL runs claims at once (READ COMMITTED), each on rows the other has not locked:
+    never two messages of one receiver. (SQLite runs claims one at a time.)"""
+    one, other = open_test_ledger(), open_test_ledger()
+    _webhooks(one, receivers=1, each=2)
+    opened = one.transaction
+    meanwhile: list[Delivery] = []
+    ran: list[bool] = []
+
+    @contextmanager
+    def paused() -> Iterator[Any]:
+        with opened() as db:
+            read = db.query
+
+            def query(sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+                rows = read(sql, params)
+                if pause_at in sql and not ran:
+                    ran.append(True)
+                    meanwhile.extend(other.claim_deliveries(lease=60))
+                return rows
+
+            monkeypatch.setattr(db, "query", query)
+            yield db
+
+    monkeypatch.setattr(one, "transaction", paused)
+    # limit=1: this claim's rows locked are the one it takes, the other's are free to select.
+    assert [d.generation_id for d in one.claim_deliveries(limit=1, lease=60)] == first
+    assert [d.generation_id for d in meanwhile] == second
+
+
+def test_a_receiver_being_sent_to_by_one_replica_is_left_out_by_another_until_its_outcome(
+    open_test_ledger: Callable[[], Ledger],
+) -> None:
+    one, other = open_test_ledger(), open_test_ledger()
+    _webhooks(one, receivers=2, each=2)  # r0: gen-0, gen-2; r1: gen-1, gen-3
+    first = one.claim_deliveries(limit=10, lease=60)
+    assert [d.generation_id for d in first] == ["gen-0", "gen-1"]
+    assert other.claim_deliveries(limit=10, lease=60) == []
+    assert one.claim_deliveries(limit=10, lease=60) == []
+    # An outcome frees its receiver, whichever it is, for either replica.
+    sent, failed = first
+    assert one.finish_delivery(sent.msg_id, delivered=True, retry_in=None, attempts=1)
+    assert [d.generation_id for d in other.claim_deliveries(limit=10, lease=60)] == ["gen-2"]
+    assert one.finish_delivery(
+        failed.msg_id, delivered=False, error="HTTP 500", retry_in=600, attempts=1
+    )
+    assert [d.generation_id for d in other.claim_deliveries(limit=10, lease=60)] == ["gen-3"]
+
+
+def test_a_lease_that_passed_frees_its_receiver_for_another_replica(
+    open_test_ledger: Callable[[], Ledger],
+) -> None:
+    one, other = open_test_ledger(), open_test_ledger()
+    _webhooks(one, receivers=1, each=3)
+    [late] = one.claim_deliveries(lease=0.5)
+    assert late.generation_id == "gen-0"
+    assert other.claim_deliveries(lease=60) == []
+    time.sleep(0.6)  # the lease passes, the outcome never recorded
+    # Oldest due first: gen-1 was due before gen-0's lease ended.
+    assert [d.generation_id for d in other.claim_deliveries(lease=60)] == ["gen-1"]
+    assert one.claim_deliveries(lease=60) == []
+    # The late outcome of the claim whose lease passed is recorded, and leaves the receiver
+    # to the claim after it.
+    assert one.finish_delivery(late.msg_id, delivered=False, error="late", retry_in=0, attempts=1)
+    assert one.claim_deliveries(lease=60) == []
+
+
+def test_messages_waiting_when_migration_0009_applies_go_one_at_a_time_a_receiver(
+    ledger_url: str, open_test_ledger: Callable[[], Ledger]
+) -> None:
+    """Rows from before the migration (or inserted by a replica of the release before, during
+    a rolling update) name no receiver: a claim reckons it from the URL, and holds it."""
+    before = open_test_ledger()
+    _webhooks(before, receivers=2, each=2)
+    with before.transaction() as db:  # the ledger as 0008 left it, its messages pending
+        db.run("DROP INDEX webhook_deliveries_sending", {})
+        db.run("ALTER TABLE webhook_deliveries DROP COLUMN sending_until", {})
+        db.run("ALTER TABLE webhook_deliveries DROP COLUMN receiver", {})
+        db.run("DELETE FROM ledger_migrations WHERE version = 9", {})
+    before.close()
+    one, other = open_test_ledger(), open_test_ledger()
+    with one.transaction() as db:
+        rows = db.query("SELECT receiver, sending_until FROM webhook_deliveries", {})
+    assert rows == [{"receiver": None, "sending_until": None}] * 4
+    assert [d.generation_id for d in one.claim_deliveries(limit=10, lease=60)] == [
+        "gen-0",
+        "gen-1",
+    ]
+    assert other.claim_deliveries(limit=10, lease=60) == []
+    with one.transaction() as db:
+        marked = db.query(
+            "SELECT generation_id, receiver FROM webhook_deliveries "
+            "WHERE sending_until IS NOT NULL ORDER BY generation_id",
+            {},
+        )
+    assert marked == [
+        {"generation_id": "gen-0", "receiver": "https://r0.example/"},
+        {"generation_id": "gen-1", "receiver": "https://r1.example/"},
+    ]
 
 
 def test_a_database_that_is_down_is_a_line_in_the_log_and_tried_again(

@@ -314,6 +314,7 @@ def test_migrations_run_once_and_reopening_keeps_the_rows(ledger_url: str) -> No
             {"version": 6, "name": "event_key"},
             {"version": 7, "name": "time_attribute"},
             {"version": 8, "name": "request_event"},
+            {"version": 9, "name": "receiver_lease"},
         ]
     finally:
         second.close()
