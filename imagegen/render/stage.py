@@ -456,7 +456,8 @@ class RenderStage:
         # retry finds the image in storage. Any other call is wanted only while someone waits.
         # ``held``: ``job`` is admitted (:class:`_Admission`, which lets the batcher know when
         # it is let go), as every job but the warm-up's.
-        self._check(job)  # checked before admission too; the warm-up's job is not admitted
+        if not held:  # an admitted job was checked before its admission; the warm-up's was not
+            self._check(job)
         if not self.is_loaded(job.model):
             if not self._load_on_demand:
                 # The deployment serves the model and its Trigger sent the job here: the
