@@ -327,6 +327,18 @@ def test_an_option_past_its_limit_is_stopped_and_the_next_runs(
     assert "(skipped: +fused qkv; past the 0.3 s budget)" in out
 
 
+def test_the_gpu_budget_counts_from_the_run_s_start(capsys: pytest.CaptureFixture[str]) -> None:
+    # Run as a script, the clock starts at its import, before torch's: a run whose import took
+    # past its budget starts no part, and its total counts the import.
+    import gpu
+
+    argv = ["--device", "cpu", "--model", "tiny", "--parts", "startup", "--budget", "50"]
+    assert gpu.main(argv, started=time.perf_counter() - 100) == 0
+    out = capsys.readouterr().out
+    assert "(skipped: start-up; past the 50 s budget)" in out
+    assert re.search(r"^total 10\d s$", out, re.MULTILINE), out
+
+
 def gpu_available() -> bool:
     import torch
 

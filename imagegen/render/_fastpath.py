@@ -155,7 +155,7 @@ def _quantize_fp8(transformer: Any, device: torch.device) -> bool:
     try:
         quantization = importlib.import_module("torchao.quantization")
     except ImportError:
-        log.warning("fp8 needs torchao (pip install torchao); running in bfloat16")
+        log.warning("fp8 needs torchao (pip install 'imagegen[fp8]'); running in bfloat16")
         return False
     config = getattr(quantization, "Float8DynamicActivationFloat8WeightConfig", None)
     if config is not None:

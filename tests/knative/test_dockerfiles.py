@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +23,7 @@ DOCKERFILES = ("Dockerfile.cpu", "Dockerfile.gpu")
 TORCH_CPU = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 PIP_INSTALLS = {
     "Dockerfile.cpu": ['pip install ".[ledger]"', TORCH_CPU, 'pip install ".[render]"'],
-    "Dockerfile.gpu": ['pip install ".[render]"'],
+    "Dockerfile.gpu": ['pip install ".[${EXTRAS}]"'],
 }
 # What the images need from the build context.
 CONTEXT_PATHS = ("pyproject.toml", "README.md", "imagegen", "plugins", "functions")
@@ -97,6 +98,22 @@ def test_cpu_and_gpu_images_use_the_same_torch() -> None:
     assert version
     froms = [args for instruction, args in _instructions("Dockerfile.gpu") if instruction == "ARG"]
     assert any(f"pytorch/pytorch:{version[1]}-cuda" in arg for arg in froms), froms
+
+
+def test_the_gpu_image_installs_extras_that_exist_fp8_s_among_them() -> None:
+    # IMAGEGEN_RENDER_FP8 needs torchao: the image the docs name for it must have it.
+    args = dict(
+        arguments.split("=", 1)
+        for instruction, arguments in _instructions("Dockerfile.gpu")
+        if instruction == "ARG"
+    )
+    extras = args["EXTRAS"].split(",")
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert set(extras) <= set(declared), extras
+    assert "render" in extras and "fp8" in extras
+    assert any(requirement.startswith("torchao") for requirement in declared["fp8"])
 
 
 @pytest.mark.parametrize(
