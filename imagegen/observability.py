@@ -22,7 +22,8 @@ defaults here.
   (``K_CONFIGURATION``).
 - ``OTEL_TRACES_SAMPLER`` (+ ``_ARG``), ``OTEL_PROPAGATORS``, ``OTEL_BSP_*``,
   ``OTEL_METRIC_EXPORT_*`` and the exporters' headers, TLS and compression variables are read
-  by the SDK itself.
+  by the SDK itself. A propagator ``OTEL_PROPAGATORS`` names that is not installed is refused
+  here (:func:`check_propagators`), in imagegen's words.
 
 A tracer or meter provider that is already an SDK provider (tests install in-memory ones) is
 kept as it is. Providers installed here are flushed at exit, within a bounded time.
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import sys
 import threading
 import time
@@ -47,7 +49,7 @@ from opentelemetry import trace
 from imagegen._logging import JsonFormatter, setup_logging
 from imagegen._otel_exporters import EXPORT_TIMEOUT as EXPORT_TIMEOUT
 from imagegen._otel_exporters import env, metric_exporter_from_env, span_exporter_from_env
-from imagegen._otel_unexported import UnexportedTracerProvider
+from imagegen.errors import ConfigurationError
 from imagegen.settings import Settings
 
 if TYPE_CHECKING:
@@ -57,11 +59,13 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
     from imagegen._otel_sdk import GenerationSpanProcessor as GenerationSpanProcessor
+    from imagegen._otel_unexported import UnexportedTracerProvider
 
 __all__ = [
     "GenerationSpanProcessor",
     "JsonFormatter",
     "Telemetry",
+    "check_propagators",
     "create_telemetry",
     "setup_logging",
     "setup_observability",
@@ -126,6 +130,45 @@ def _sdk_disabled() -> bool:
     return env("OTEL_SDK_DISABLED").lower() == "true"
 
 
+_PROPAGATORS = "OTEL_PROPAGATORS"
+_PROPAGATOR_GROUP = "opentelemetry_propagator"
+"""The entry-point group OpenTelemetry loads ``OTEL_PROPAGATORS``' names from."""
+
+
+def check_propagators() -> None:
+    """Refuse an ``OTEL_PROPAGATORS`` that names a propagator not installed here.
+
+    OpenTelemetry's API reads the variable once, as ``opentelemetry.propagate`` is first
+    imported (imagegen imports it with :mod:`imagegen.telemetry`), and raises a bare
+    ``ValueError`` for a name no installed package provides (``b3`` needs
+    ``opentelemetry-propagator-b3``); this says the same before that import, naming the
+    variable and what is installed. Its rules are the API's
+    (``opentelemetry/propagate/__init__.py``, ``_load_propagators``): comma-separated names,
+    each stripped, looked up in the ``opentelemetry_propagator`` entry points; ``none``
+    (any case) ends the list with no propagator at all; unset or empty, the default (blank is
+    no name, refused).
+
+    Raises:
+        ConfigurationError: A name is not installed (an empty one included).
+    """
+    configured = os.environ.get(_PROPAGATORS)  # as the API reads it: unstripped
+    if not configured:
+        return
+    from importlib.metadata import entry_points
+
+    installed = sorted({ep.name for ep in entry_points(group=_PROPAGATOR_GROUP)})
+    for name in (part.strip() for part in configured.split(",")):
+        if name.lower() == "none":
+            return
+        if name not in installed:
+            said = f"no propagator {name!r} is installed" if name else "an empty name"
+            reason = f"{said}; installed: {', '.join(installed) or 'none'}"
+            raise ConfigurationError(
+                f"invalid settings: {_PROPAGATORS}",
+                errors=[{"field": _PROPAGATORS, "message": reason}],
+            )
+
+
 def create_telemetry(service_name: str, *, traces: bool = True, metrics: bool = True) -> Telemetry:
     """SDK providers configured from the ``OTEL_*`` variables, without installing them.
 
@@ -145,6 +188,8 @@ def create_telemetry(service_name: str, *, traces: bool = True, metrics: bool = 
     tracer_provider: TracerProvider | UnexportedTracerProvider | None = None
     meter_provider = None
     if traces and span_exporter is None:  # nothing would read what a span records: ids only
+        from imagegen._otel_unexported import UnexportedTracerProvider
+
         tracer_provider = UnexportedTracerProvider()
     if span_exporter is not None or metric_exporter is not None:
         # Imported here: with nothing exported, start-up skips the SDK.
@@ -200,11 +245,16 @@ def setup_observability(
         settings: Log level, prompt logging and the secrets to redact; default
             ``Settings()``.
         logs: Whether to install the JSON log handler (a console program may keep its own).
+
+    Raises:
+        ConfigurationError: ``OTEL_PROPAGATORS`` names a propagator not installed
+            (:func:`check_propagators`).
     """
     global _active
     with _lock:
         if _active is not None:
             return _active
+        check_propagators()
         if logs:
             setup_logging(settings or Settings(), service_name.removeprefix("imagegen-"))
         if _sdk_disabled():

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
+from opentelemetry import context as otel_context
 from pydantic import BaseModel
 
 from imagegen.errors import ImageGenError, InvalidRequest
@@ -45,7 +48,7 @@ if TYPE_CHECKING:
     from imagegen.render.base import ProgressCallback, RenderBackend, RenderOutput
     from imagegen.render.stage import RenderStage
 
-__all__ = ["ImageGenService"]
+__all__ = ["ImageGenService", "one_trace"]
 
 log = logging.getLogger("imagegen")
 R = TypeVar("R", bound=BaseModel)
@@ -250,9 +253,10 @@ class ImageGenService:
 
         The model loads while the prompt is written (:meth:`enhance_while_loading`).
         """
-        enhanced = await self.enhance_while_loading(request, call)
-        rendered = await self.render(enhanced, progress=progress)
-        return enhanced, await self.finalise(rendered)
+        with one_trace():
+            enhanced = await self.enhance_while_loading(request, call)
+            rendered = await self.render(enhanced, progress=progress)
+            return enhanced, await self.finalise(rendered)
 
     async def enhance_while_loading(
         self, request: GenerationRequest, call: Call | None = None
@@ -324,9 +328,10 @@ class ImageGenService:
         On Knative the derive function makes them from persist's reply; here they are made
         before this returns, so a local image is served with them from the start.
         """
-        persisted = await self.persist(image)
-        await self.derive(persisted)
-        return persisted
+        with one_trace():
+            persisted = await self.persist(image)
+            await self.derive(persisted)
+            return persisted
 
 
 def _plugins_of(settings: Settings) -> PluginSet:
@@ -346,6 +351,38 @@ def _plugins_of(settings: Settings) -> PluginSet:
         ) from None
 
 
+class _Chain:
+    """The trace context the next stage of a generation run in this process starts in."""
+
+    def __init__(self) -> None:
+        self.context: otel_context.Context | None = None  # None: the current one
+
+
+_chain: ContextVar[_Chain | None] = ContextVar("imagegen_chain", default=None)
+
+
+@contextmanager
+def one_trace() -> Iterator[None]:
+    """Run the stages of one generation, in this process, as one trace.
+
+    On Knative each stage's span is the child of the span that sent its event (the event's
+    ``traceparent``, :func:`imagegen.telemetry.trace_extension`): within this, each stage's
+    ``imagegen.<stage>`` span is the child of the one before it, the same chain. The first
+    starts in the current trace context: a caller's span, or none, and it starts the trace. A
+    parent-based sampler then decides once, for the first, and the later stages follow it.
+    Within another, the outer one goes on. One generation at a time: the stages awaited in
+    turn, as :meth:`ImageGenService.generate` awaits them.
+    """
+    if _chain.get() is not None:
+        yield
+        return
+    token = _chain.set(_Chain())
+    try:
+        yield
+    finally:
+        _chain.reset(token)
+
+
 class _stage:
     """A span and the duration/outcome metrics around one stage of one generation."""
 
@@ -360,10 +397,16 @@ class _stage:
     async def __aenter__(self) -> _stage:
         self._token = current_stage.set(self.stage)
         self._started = time.perf_counter()
+        chain = _chain.get()
         self._cm = tracer().start_as_current_span(
-            f"imagegen.{self.stage}", record_exception=False, set_status_on_exception=False
+            f"imagegen.{self.stage}",
+            context=chain.context if chain is not None else None,
+            record_exception=False,
+            set_status_on_exception=False,
         )
         self.span = self._cm.__enter__()
+        if chain is not None:  # the next stage's parent: this one, as its event would say
+            chain.context = otel_context.get_current()
         self.span.set_attribute("imagegen.stage", self.stage)
         self.span.set_attribute("imagegen.generation_id", self.generation_id)
         self._hook = on_redelivery(self._redelivered)

@@ -168,14 +168,20 @@ def settings_from(**overrides: Any) -> Settings:
 
     Raises:
         ConfigurationError: A setting is invalid, named as the user gave it: its
-            ``IMAGEGEN_*`` variable, or the option (never its value).
+            ``IMAGEGEN_*`` variable, or the option (never its value); or ``OTEL_PROPAGATORS``
+            names a propagator not installed.
         InvalidRequest: ``--output`` names no storage.
     """
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
 
     from imagegen.errors import ConfigurationError
+    from imagegen.observability import check_propagators
     from imagegen.settings import Settings
+
+    # Before anything imports OpenTelemetry's propagators, which would fail as a bare
+    # ValueError: refused as any setting that cannot work is.
+    check_propagators()
 
     given = {k: v for k, v in overrides.items() if v is not None}
     try:

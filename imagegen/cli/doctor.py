@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from typing import TYPE_CHECKING, NamedTuple
 
 import typer
@@ -20,6 +22,7 @@ from imagegen.cli._app import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
 
     from imagegen.cli._ollama import Advice
@@ -258,10 +261,49 @@ def _ledger_check(settings: Settings) -> Check:
     return Check("ledger", "ok", f"History is recorded in {where}.", "")
 
 
+def _telemetry_check() -> Check | None:
+    """An ``error`` row when the ``OTEL_*`` settings cannot work (a propagator not installed);
+    None when they can."""
+    from imagegen.errors import ConfigurationError
+    from imagegen.observability import check_propagators
+
+    try:
+        check_propagators()
+    except ConfigurationError as exc:
+        return Check(
+            "telemetry",
+            "error",
+            "; ".join(f"{e['field']}: {e['message']}" for e in exc.errors) + ".",
+            "Name installed ones (tracecontext,baggage by default), or install the package of"
+            " the one named; other commands refuse it until then (docs/observability.md).",
+        )
+    return None
+
+
+@contextlib.contextmanager
+def _set_aside(check: Check | None) -> Iterator[None]:
+    """The other checks as though ``OTEL_PROPAGATORS`` were unset, when its ``check`` failed:
+    OpenTelemetry's API reads it as it is first imported, and a name it cannot load fails
+    that import, wherever it comes (``opentelemetry/propagate/__init__.py``)."""
+    if check is None:
+        yield
+        return
+    saved = os.environ.pop("OTEL_PROPAGATORS", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["OTEL_PROPAGATORS"] = saved
+
+
 @app.command()
 def doctor(as_json: AsJson = False, verbose: Verbose = False) -> None:
     """Check rendering, the model, Ollama, storage, plugins and the ledger; say what to do."""
-    rows = run_checks(settings_from())
+    telemetry = _telemetry_check()
+    with _set_aside(telemetry):
+        rows = run_checks(settings_from())
+    if telemetry is not None:
+        rows.append(telemetry)
     failed = any(row.status == "error" for row in rows)
     if as_json:
         body = {"ok": not failed, "checks": [row._asdict() for row in rows]}

@@ -166,11 +166,19 @@ def warn_underived(why: str | None) -> None:
 async def _generate_one(
     service: ImageGenService, request: Any, *, show_progress: bool
 ) -> tuple[Any, Any, str | None]:
+    """One image, enhance to derive: one trace, as :meth:`ImageGenService.generate` makes."""
+    from imagegen.service import one_trace
+
+    with one_trace():
+        if not show_progress:
+            enhanced = await service.enhance_while_loading(request)
+            return enhanced, *await finish(service, await service.render(enhanced))
+        return await _with_progress(service, request)
+
+
+async def _with_progress(service: ImageGenService, request: Any) -> tuple[Any, Any, str | None]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    if not show_progress:
-        enhanced = await service.enhance_while_loading(request)
-        return enhanced, *await finish(service, await service.render(enhanced))
     with Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),

@@ -547,20 +547,22 @@ def replay(
 
     async def go() -> Any:
         from imagegen.cli.generate import finish, stored
+        from imagegen.service import one_trace
 
         cancel_on_termination(stopped_by)  # recorded where it stopped, as generate's
         async with make_service(settings) as service:
             await service.storage.check()  # before the render, as generate does
-            enhanced = job
-            if request is not None:
-                _replayable(service, request, generation_id)
-                enhanced = await service.enhance_while_loading(request)
-            else:
-                assert job is not None
-                if service.recorder is not None:
-                    await service.recorder.emitted("enhance", job)
-            assert enhanced is not None
-            return *await finish(service, await service.render(enhanced)), stored(service)
+            with one_trace():  # the new generation's: from its first stage, enhance or render
+                enhanced = job
+                if request is not None:
+                    _replayable(service, request, generation_id)
+                    enhanced = await service.enhance_while_loading(request)
+                else:
+                    assert job is not None
+                    if service.recorder is not None:
+                        await service.recorder.emitted("enhance", job)
+                assert enhanced is not None
+                return *await finish(service, await service.render(enhanced)), stored(service)
 
     try:
         persisted, underived, done = run_async(go)

@@ -25,9 +25,10 @@ def list_plugins(as_json: AsJson = False) -> None:
 
     from rich.table import Table
 
+    settings = settings_from()  # first: the plugins import OpenTelemetry (OTEL_PROPAGATORS)
+
     from imagegen.plugins import PluginSet
 
-    settings = settings_from()
     enabled = list(dict.fromkeys(settings.plugins))
     # Enabled as a request would enable them; a plugin that cannot load is a row with its
     # error, not a failure of the listing that should show it. Names no installed plugin has
