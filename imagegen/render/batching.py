@@ -218,7 +218,8 @@ class Batcher:
         The running call costs what is left of its estimate, or, once it has overrun that (a
         new shape compiling, a stalled device), its time so far: what it has taken, it may
         take again. The jobs still waiting cost, per batch key, ``ceil(n / max_size)`` calls,
-        each at :attr:`cost` for its own number of jobs.
+        each at :attr:`cost` for its own number of jobs: a call of fewer jobs than the calls
+        timed, while those were all of one size, at their whole time (:class:`CallCost`).
         """
         if not self.cost.timed:
             return None

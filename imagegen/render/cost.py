@@ -31,11 +31,18 @@ class CallCost:
     ``work`` is the :func:`work_of` of a call's jobs together. The line is fitted by least
     squares over the last calls timed (a bounded window), so it scales down as well as up: a
     small job after a large one costs the overhead and its own share, not the large job's
-    time, and a batch of images that costs little more than one image is taken to. While the
-    calls timed are all of one work (one call, say), the overhead cannot be told from the rate
-    and the time is taken in proportion to the work; the first call of another size fits both
-    (the warm-up with batching times two sizes: one image, then a full batch). A fit that
+    time, and a batch of images that costs little more than one image is taken to. A fit that
     makes either part negative (noise between calls of close sizes) keeps the other alone.
+
+    While the calls timed are all of one work ``w0`` (one call, say, or only full batches),
+    the overhead cannot be told from the rate, and a call of work ``w`` is taken to cost
+    ``t0 x max(1, w / w0)``, ``t0`` their mean time: what a call of work ``w`` takes at most
+    on any line with both parts non-negative through ``(w0, t0)``. Taken in proportion
+    instead, a batch of one image after full ones would cost a share of a call that on a GPU
+    costs as much as the full one, and admission would take jobs the pod must time out;
+    taken as all overhead, a full batch after one image would cost that image's time. The
+    first call of another size fits both parts (the warm-up with batching times two sizes:
+    one image, then a full batch).
     """
 
     def __init__(self, window: int = _CALLS_FITTED) -> None:
@@ -44,6 +51,9 @@ class CallCost:
         """Seconds of a call whatever its work (text encoding, VAE set-up, launch)."""
         self.rate = 0.0
         """Seconds per unit of work."""
+        self.floor = 0.0
+        """Seconds no call is taken to take less than: while the calls timed are all of one
+        work, their mean time (a smaller call may cost all of it); 0 once the line is fitted."""
 
     @property
     def timed(self) -> bool:
@@ -57,11 +67,13 @@ class CallCost:
         mean_work = sum(w for w, _ in self._calls) / count
         mean_seconds = sum(t for _, t in self._calls) / count
         spread = sum((w - mean_work) ** 2 for w, _ in self._calls)
+        self.floor = 0.0
         if mean_work <= 0:
             self.overhead, self.rate = mean_seconds, 0.0
             return
-        if spread <= 0:  # one work only: in proportion
+        if spread <= 0:  # one work only: its time below it, in proportion above it
             self.overhead, self.rate = 0.0, mean_seconds / mean_work
+            self.floor = mean_seconds
             return
         rate = sum((w - mean_work) * (t - mean_seconds) for w, t in self._calls) / spread
         overhead = mean_seconds - rate * mean_work
@@ -76,7 +88,7 @@ class CallCost:
     def __call__(self, work: float) -> float:
         """Seconds a call of ``work`` should take (meaningful once :attr:`timed`): the mean
         time of the calls of that very work in the window, where there are some, else the
-        fitted line's.
+        fitted line's, never below :attr:`floor`.
 
         A call's time grows faster than its work at larger sizes (attention over more
         tokens, the VAE), so a line through one 2048² call and a few 1024² ones would put
@@ -86,4 +98,4 @@ class CallCost:
         same = [seconds for done, seconds in self._calls if done == work]
         if same:
             return sum(same) / len(same)
-        return self.overhead + self.rate * work
+        return max(self.floor, self.overhead + self.rate * work)

@@ -50,6 +50,15 @@ PNG = "image/png"
 # Renders that may wait before any render has been timed (then the queue follows the timings).
 UNMEASURED_QUEUE = 4
 
+# The share of render_timeout a timed pod fills with estimated work. The estimate is the mean
+# of past calls, so about half of all calls take longer than it, and a queue filled to the
+# timeout times out its last jobs whenever its calls run slow on the whole: a burst of
+# requests brings PNG encoding and storing onto the cores the pipeline uses (on CPU, and the
+# host thread that drives a GPU), which the calls timed before it never competed with, and
+# storing the PNG and the reply are not estimated at all. The margin is a share, not a
+# number of seconds, as such a slowdown is: the longer the queue, the more it adds up to.
+ADMITTED_SHARE_OF_TIMEOUT = 0.85
+
 # Retry-After before any call has been timed: the running call's time so far for each call the
 # held jobs need, never less than the floor (a client is not sent back at once, again and
 # again) nor more than the cap (a guess, not a measure: the first call to end times the pod,
@@ -67,7 +76,7 @@ class RenderStage:
 
     A diffusers pipeline keeps per-call state, so pipeline calls are serialized; with
     ``settings.render_batch_size`` above 1, compatible jobs share a call (:mod:`batching`).
-    Jobs it cannot finish within ``render_timeout`` are refused with :class:`Overloaded`
+    Jobs it cannot finish well within ``render_timeout`` are refused with :class:`Overloaded`
     (:meth:`admits`), whose ``retry_after`` is the time the pipeline needs for the jobs already
     held (:meth:`retry_after`). A job whose image is
     already stored is answered from storage without rendering again, which makes redelivered
@@ -148,8 +157,9 @@ class RenderStage:
         the pipeline's time for the held jobs and ``job`` (:meth:`Batcher.backlog`: the
         running call, then a call per batch key and batch of waiting jobs, each at the fitted
         cost of a call of its work), and then ``job``'s encoding after its call
-        (:attr:`Batcher.finish_seconds`), must end within ``render_timeout``: a 1024² job
-        admitted on the time of 256² ones, or jobs of other sizes on the time of a batch's
+        (:attr:`Batcher.finish_seconds`), must end within ``ADMITTED_SHARE_OF_TIMEOUT`` of
+        ``render_timeout``, the rest a margin for calls slower than their estimate: a 1024²
+        job admitted on the time of 256² ones, or jobs of other sizes on the time of a batch's
         share, would be ones the pod must time out. An idle pod takes any job, and one that
         joins a batch still waiting for company is taken while the held jobs are fewer than
         a call (:attr:`Batcher.max_size`) holds.
@@ -163,7 +173,7 @@ class RenderStage:
             return True
         backlog = batcher.backlog([*self._held, job]) or 0.0
         finish = batcher.finish_seconds or 0.0
-        return backlog + finish <= self.settings.render_timeout
+        return backlog + finish <= ADMITTED_SHARE_OF_TIMEOUT * self.settings.render_timeout
 
     def retry_after(self) -> int:
         """Whole seconds until the pipeline is done with the jobs held now

@@ -392,9 +392,9 @@ async def test_retry_after_grows_with_the_render_time(tmp_path: Path) -> None:
 async def test_the_queue_holds_what_finishes_within_the_timeout(tmp_path: Path) -> None:
     stage = make_stage(BatchingBackend(), tmp_path, render_timeout=60)
     assert stage.capacity == 1 + UNMEASURED_QUEUE  # nothing timed yet
-    stage.batcher.observe(0.5, [job("timed")])
-    stage._held = [job(f"held-{i}") for i in range(119)]
-    assert stage.admits(job("last"))  # 120 x 0.5 s: 60 s
+    stage.batcher.observe(0.4, [job("timed")])
+    stage._held = [job(f"held-{i}") for i in range(126)]
+    assert stage.admits(job("last"))  # 127 x 0.4 s: 50.8 s, within 51 s (a margin of 9 s)
     stage._held.append(job("last"))
     assert not stage.admits(job("late"))
     stage = make_stage(BatchingBackend(), tmp_path, render_timeout=60)
@@ -408,8 +408,9 @@ async def test_admission_scales_the_measured_time_by_each_jobs_pixels_and_steps(
     tmp_path: Path,
 ) -> None:
     # Timed on 256² jobs of 2 steps (0.5 s each): a 1024² job of 2 steps is 16 times the work.
-    stage = make_stage(BatchingBackend(), tmp_path, render_timeout=60)
+    stage = make_stage(BatchingBackend(), tmp_path, render_timeout=70)  # 59.5 s admitted
     small = job("small", width=256, height=256, steps=2)
+    stage.batcher.observe(0.5, [small])
     stage.batcher.observe(1.0, [small, small])
     large = [job(f"large-{i}", width=1024, height=1024, steps=2) for i in range(8)]
     assert stage.batcher.estimate(large[:1]) == pytest.approx(8.0)
@@ -417,7 +418,7 @@ async def test_admission_scales_the_measured_time_by_each_jobs_pixels_and_steps(
         if not stage.admits(each):
             break
         stage._held.append(each)
-    assert len(stage._held) == 7  # 7 x 8 s end within 60 s; an eighth would not
+    assert len(stage._held) == 7  # 7 x 8 s end within 59.5 s; an eighth would not
     assert stage.retry_after() == 56
     assert stage.admits(small)  # 56 + 0.5 s still does
     stage._held = [small] * 110
