@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Coroutine, Iterator, Sequence
@@ -207,12 +208,15 @@ class ImageGenService:
             if remembered is not None:
                 stage.outcome = REDELIVERED  # counted when its first delivery wrote it
                 return await stage.emitted(remembered)
-            result = await enhance_stage.run(request, generation_id=gid, now=when)
-            result = await self._memo.remember(gid, request, result)
+            # Another delivery at once (this process or another replica) may keep its prompt
+            # first: this one then answers with it, counted redelivered (answered_again), as
+            # the delivery that kept it was counted with its own outcome.
+            keep = functools.partial(self._memo.remember, gid, request)
+            result = await enhance_stage.run(request, generation_id=gid, now=when, keep=keep)
             stage.span.set_attribute("imagegen.model", result.model)
             stage.span.set_attribute("imagegen.seed", result.seed)
             stage.span.set_attribute("imagegen.enhance.fallback", result.fallback)
-            if result.fallback:
+            if result.fallback and stage.outcome != REDELIVERED:
                 stage.outcome = "fallback"
             return await stage.emitted(result)
 

@@ -20,6 +20,7 @@ import logging
 from imagegen.errors import DependencyUnavailable, InvalidRequest, NotFound
 from imagegen.models import EnhancedPrompt, GenerationRequest
 from imagegen.storage.base import Storage, prompt_memo_key
+from imagegen.telemetry import answered_again
 
 __all__ = ["EnhanceMemo", "request_digest"]
 
@@ -89,7 +90,9 @@ class EnhanceMemo:
     async def remember(
         self, generation_id: str, request: GenerationRequest, prompt: EnhancedPrompt
     ) -> EnhancedPrompt:
-        """Keep ``prompt`` unless a replica kept one first; return the one that stands.
+        """Keep ``prompt`` unless a replica kept one first; return the one that stands:
+        ``prompt`` itself, or the one kept first (the current stage then answers again,
+        :func:`~imagegen.telemetry.answered_again`, as the delivery that kept it was counted).
 
         Raises:
             InvalidRequest: the generation id was used by a different request.
@@ -112,4 +115,5 @@ class EnhanceMemo:
         if kept is None:  # written, then gone before it could be read: a deletion meanwhile
             logger.warning("prompt memo of %s vanished after another writer kept it", generation_id)
             raise DependencyUnavailable(f"the prompt memo of generation {generation_id!r} vanished")
+        answered_again()
         return kept

@@ -7,7 +7,7 @@ request, its generation id and its time: a redelivered request yields the same j
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 
 from opentelemetry import trace
@@ -112,7 +112,12 @@ class EnhanceStage:
         return model
 
     async def run(
-        self, request: GenerationRequest, *, generation_id: str, now: datetime | None = None
+        self,
+        request: GenerationRequest,
+        *,
+        generation_id: str,
+        now: datetime | None = None,
+        keep: Callable[[EnhancedPrompt], Awaitable[EnhancedPrompt]] | None = None,
     ) -> EnhancedPrompt:
         """Enhance ``request`` into a render job.
 
@@ -122,6 +127,10 @@ class EnhanceStage:
                 gives none.
             now: The request's time when ``request.requested_at`` is unset (e.g. the event's
                 time); default the current time.
+            keep: Keeps the job written here and returns the generation's job: this one, or
+                one another delivery kept first (:meth:`EnhanceMemo.remember`), which is then
+                returned instead, and this one is neither counted (a fallback) nor logged
+                as written.
 
         Raises:
             InvalidRequest: the request names a model that is not served, a size its family
@@ -157,7 +166,7 @@ class EnhanceStage:
             prompt=prompt,
             original_prompt=request.prompt,
             dreamed=request.prompt is None,
-            fallback=fallback,
+            fallback=fallback is not None,
             enhancer=enhancer,
             contributions=contributions,
             loras=_loras(contributions),
@@ -172,6 +181,15 @@ class EnhanceStage:
             metadata=request.metadata,
             replay_of=request.replay_of,
         )
+
+        # 5. Keep it, unless another delivery kept its own first: that one is the answer
+        kept = job if keep is None else await keep(job)
+        if kept is not job:
+            logger.info("enhanced %s: answered from the kept prompt", generation_id)
+            return kept
+        if fallback is not None:
+            instruments().enhance_fallbacks.add(1, {"reason": fallback})
+            trace.get_current_span().add_event("imagegen.enhance.fallback", {"reason": fallback})
         self._log(job)
         return job
 
@@ -181,12 +199,12 @@ class EnhanceStage:
         contributions: list[Contribution],
         seed: int,
         spec: ModelFamily,
-    ) -> tuple[str, str, bool]:
-        """(prompt, enhancer, fallback) for ``request``."""
+    ) -> tuple[str, str, str | None]:
+        """(prompt, enhancer, why the template stands in for the LLM or None) for ``request``."""
         subject = request.prompt or dream_subject(seed)
         if not request.enhance:
             enhancer = "passthrough" if request.prompt else "template"
-            return compose(subject, contributions, spec), enhancer, False
+            return compose(subject, contributions, spec), enhancer, None
         try:
             text = await self.enhancer.write(
                 prompt=request.prompt, contributions=contributions, seed=seed, spec=spec
@@ -198,11 +216,8 @@ class EnhanceStage:
             if not self.settings.enhance_fallback and not answered(exc.__cause__):
                 raise
             logger.warning("enhance: the LLM is unavailable; using the template prompt")
-            reason = fallback_reason(exc)
-            instruments().enhance_fallbacks.add(1, {"reason": reason})
-            trace.get_current_span().add_event("imagegen.enhance.fallback", {"reason": reason})
-            return compose(subject, contributions, spec), "template", True
-        return text, self.enhancer.name, False
+            return compose(subject, contributions, spec), "template", fallback_reason(exc)
+        return text, self.enhancer.name, None
 
     def _log(self, job: EnhancedPrompt) -> None:
         extra = f" prompt={job.prompt!r}" if self.settings.log_prompts else ""

@@ -359,7 +359,8 @@ class RenderStage:
             # look, storage is not asked again.
             again = busy or waited or self._stores != stores
             done = await self._stored(job, keys, fingerprint) if again else None
-            if done is not None:
+            if done is not None:  # what the other delivery stored: its image, counted by it
+                answered_again()
                 return done
             self._check(job)  # a 400 whatever the pod holds: never a 429, no slot taken
             async with self._admission(job):
@@ -413,6 +414,7 @@ class RenderStage:
             done = stored_png.answer(job, stored, fingerprint, location)
             if done is not None:
                 log.info("another replica stored this image first", extra={"key": keys.image})
+                answered_again()  # the image is the other replica's, counted by it
                 return done
             # Never replaced here. create() refuses only a complete object: S3 stores an
             # object and its metadata in one PutObject, and LocalStorage.create writes again an

@@ -1,13 +1,17 @@
-"""One generation through the three real functions, traced and measured in this process."""
+"""One generation through the three real functions, traced and measured in this process; and
+the outcomes a generation's stages count when two deliveries of one event meet."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from imagegen import GenerationRequest, ImageGenService, Settings
 from imagegen.errors import DependencyUnavailable, InvalidRequest
 from imagegen.events import (
     GENERATION_FAILED,
@@ -26,8 +31,13 @@ from imagegen.events import (
     IMAGE_RENDERED,
     PROMPT_ENHANCED,
 )
+from imagegen.models import EnhancedPrompt
 from imagegen.observability import JsonFormatter
+from imagegen.plugins import PluginContext, PluginSet
+from imagegen.render.base import ProgressCallback, RenderOutput
+from imagegen.storage import LocalStorage
 from imagegen.telemetry import METRIC_NAMES, METRICS, record_error
+from tests.fakes.render_backend import ReadyBackend, enhanced_prompt
 from tests.functions.conftest import base_env
 from tests.functions.servers import cloudevent_headers
 from tests.observability.conftest import InMemoryTelemetry
@@ -619,3 +629,117 @@ def test_a_redelivered_event_is_counted_redelivered_not_another_success(
         made = {o: after[stage][o] - before[stage][o] for o in after[stage]}
         first = "fallback" if stage == "enhance" else "success"  # Ollama is down here
         assert made == {**{"success": 0, "fallback": 0}, first: 1, "redelivered": 1}, stage
+
+
+OUTCOMES = ("success", "fallback", "redelivered", "failed")
+
+
+def outcomes(otel: InMemoryTelemetry, stage: str) -> dict[str, float]:
+    return {o: counted(otel, "generations", stage=stage, outcome=o) for o in OUTCOMES}
+
+
+def made_since(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {o: after[o] - before[o] for o in OUTCOMES}
+
+
+class _Replica(ReadyBackend):
+    """Renders bytes of its own (two replicas' images of one job differ, as real renders may);
+    with ``together``, each render waits until as many renders have begun, on any replica."""
+
+    def __init__(self, name: str, together: threading.Barrier | None = None) -> None:
+        self.name, self.together = name, together
+        self.renders = 0
+
+    def render(
+        self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None
+    ) -> RenderOutput:
+        self.renders += 1
+        if self.together is not None:
+            self.together.wait()
+        png = b"\x89PNG " + self.name.encode() + job.generation_id.encode()
+        return RenderOutput(png=png, width=job.width, height=job.height)
+
+
+async def test_two_deliveries_of_one_job_at_once_render_once_and_count_one_success(
+    otel: InMemoryTelemetry, tmp_path: Path
+) -> None:
+    """The second waits for the first's render in this process and answers with its image."""
+    job = enhanced_prompt(generation_id="outcome-render-1", prompt="p")
+    backend = _Replica("a")
+    before = outcomes(otel, "render")
+    async with ImageGenService(Settings(), storage=LocalStorage(tmp_path), backend=backend) as one:
+        first, second = await asyncio.gather(one.render(job), one.render(job))
+    assert first == second and backend.renders == 1
+    made = made_since(before, outcomes(otel, "render"))
+    assert made == {"success": 1, "fallback": 0, "redelivered": 1, "failed": 0}
+
+
+async def test_a_replica_that_stores_its_image_second_counts_redelivered(
+    otel: InMemoryTelemetry, tmp_path: Path
+) -> None:
+    """Two replicas render one job at the same moment: both spend the GPU time, one image is
+    stored, and the replica whose store is refused answers with it, as one redelivered."""
+    job = enhanced_prompt(generation_id="outcome-render-2", prompt="p")
+    together = threading.Barrier(2, timeout=30)  # both looked, found nothing, and render
+    a, b = _Replica("a", together), _Replica("b", together)
+    before = outcomes(otel, "render")
+    async with (
+        ImageGenService(Settings(), storage=LocalStorage(tmp_path), backend=a) as one,
+        ImageGenService(Settings(), storage=LocalStorage(tmp_path), backend=b) as two,
+    ):
+        first, second = await asyncio.gather(one.render(job), two.render(job))
+    assert a.renders == b.renders == 1
+    assert first == second  # the image stored first answers both
+    made = made_since(before, outcomes(otel, "render"))
+    assert made == {"success": 1, "fallback": 0, "redelivered": 1, "failed": 0}
+
+
+class _Together:
+    """A plugin that waits, up to 30 s, until as many deliveries run it: each has looked for
+    its generation's prompt memo, found none, and goes on to write a prompt of its own."""
+
+    name = "together"
+    description = "waits for the other deliveries"
+
+    def __init__(self, deliveries: int) -> None:
+        self.barrier = threading.Barrier(deliveries, timeout=30)
+
+    def contribute(self, context: PluginContext) -> None:
+        self.barrier.wait()
+
+
+async def test_two_deliveries_of_one_request_at_once_count_one_prompt(
+    otel: InMemoryTelemetry, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both write a template prompt (Ollama is down); the one kept first is the answer to
+    both, and the other is counted redelivered, its fallback not counted: a prompt thrown
+    away is none of the generation's."""
+    settings = Settings(
+        storage_url=str(tmp_path / "out"),
+        model="tiny",
+        ollama_host="http://127.0.0.1:49151",  # nothing listens: a refused connection
+        ollama_retries=0,
+    )
+    plugins = PluginSet([_Together(2)], settings=settings, timeout=60)
+    request = GenerationRequest.model_validate(
+        {
+            "prompt": "a kite",
+            "generation_id": "outcome-enhance-1",
+            "width": 256,
+            "height": 256,
+            "model": "tiny",
+            "requested_at": datetime(2026, 11, 24, 18, 30, tzinfo=UTC),
+        }
+    )
+    before = outcomes(otel, "enhance")
+    fallbacks = counted(otel, "enhance_fallbacks")
+    caplog.set_level(logging.INFO, logger="imagegen.enhance")
+    async with ImageGenService(settings, plugins=plugins) as one:
+        first, second = await asyncio.gather(one.enhance(request), one.enhance(request))
+    assert first == second and first.fallback
+    made = made_since(before, outcomes(otel, "enhance"))
+    assert made == {"success": 0, "fallback": 1, "redelivered": 1, "failed": 0}
+    assert counted(otel, "enhance_fallbacks") == fallbacks + 1
+    said = [r.getMessage() for r in caplog.records if r.name == "imagegen.enhance"]
+    assert len([m for m in said if m.startswith("enhanced outcome-enhance-1: enhancer=")]) == 1
+    assert "enhanced outcome-enhance-1: answered from the kept prompt" in said
