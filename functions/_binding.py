@@ -14,14 +14,14 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cache
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
 from cloudevents.conversion import to_binary
 from cloudevents.exceptions import GenericException as CloudEventError
 from cloudevents.http import CloudEvent, from_http
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from pydantic import BaseModel
 
 from imagegen.errors import ImageGenError, InvalidRequest, UnsupportedMediaType, first_line
@@ -29,6 +29,9 @@ from imagegen.events import GENERATION_FAILED, is_final, reply_attributes
 from imagegen.identity import event_time
 from imagegen.models import ErrorInfo, GenerationFailed
 from imagegen.validation import loads
+
+if TYPE_CHECKING:
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 __all__ = [
     "DELIVERED_ERROR_BODY_MAX",
@@ -95,7 +98,13 @@ class Reply:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
-_W3C = TraceContextTextMapPropagator()
+@cache
+def _w3c() -> TraceContextTextMapPropagator:
+    """W3C Trace Context's propagator, made on a request's first trace context: its module (and
+    ``opentelemetry.propagators.textmap``) is no part of what a probe needs."""
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    return TraceContextTextMapPropagator()
 
 
 def trace_carrier(headers: Mapping[str, str]) -> dict[str, str]:
@@ -116,9 +125,10 @@ def _w3c_only(carrier: Mapping[str, str]) -> dict[str, str]:
     list-members, or with a member it cannot parse ("tracestate Header Field Values"). A
     higher version is passed on as ``00`` ("Versioning of traceparent").
     """
-    context = _W3C.extract({k: v for k, v in carrier.items() if k in _W3C.fields and v})
+    w3c = _w3c()
+    context = w3c.extract({k: v for k, v in carrier.items() if k in w3c.fields and v})
     written: dict[str, str] = {}
-    _W3C.inject(written, context)
+    w3c.inject(written, context)
     return written
 
 

@@ -139,7 +139,7 @@ def check_propagators() -> None:
     """Refuse an ``OTEL_PROPAGATORS`` that names a propagator not installed here.
 
     OpenTelemetry's API reads the variable once, as ``opentelemetry.propagate`` is first
-    imported (imagegen imports it with :mod:`imagegen.telemetry`), and raises a bare
+    imported (imagegen, on a request's first trace context), and raises a bare
     ``ValueError`` for a name no installed package provides (``b3`` needs
     ``opentelemetry-propagator-b3``); this says the same before that import, naming the
     variable and what is installed. Its rules are the API's

@@ -17,10 +17,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from functools import cache
+from types import ModuleType
 from typing import Literal, NamedTuple
 
 from opentelemetry import context as otel_context
-from opentelemetry import metrics, propagate, trace
+from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from imagegen.errors import ImageGenError
@@ -186,6 +187,19 @@ _TRACE_EXTENSION = ("traceparent", "tracestate")
 ``cloudevents/extensions/distributed-tracing.md``): W3C Trace Context's two headers."""
 
 
+@cache
+def _propagate() -> ModuleType:
+    """``opentelemetry.propagate``, imported on a request's first trace context, not at start.
+
+    Its import builds the ``OTEL_PROPAGATORS`` propagators (``tracecontext,baggage`` by
+    default: entry points, the baggage module and their patterns), a few milliseconds no probe
+    needs; by then :func:`imagegen.observability.setup_observability` has checked the variable.
+    """
+    from opentelemetry import propagate
+
+    return propagate
+
+
 def trace_extension() -> dict[str, str]:
     """The current trace context as the CloudEvents Distributed Tracing extension's attributes.
 
@@ -195,7 +209,7 @@ def trace_extension() -> dict[str, str]:
     name at all (CloudEvents 1.0, section 3.1.1: lower-case letters and digits only).
     """
     written: dict[str, str] = {}
-    propagate.inject(written)
+    _propagate().inject(written)
     return {name: written[name] for name in _TRACE_EXTENSION if written.get(name)}
 
 
@@ -224,7 +238,7 @@ def stage_span(
     SHOULD set the span status ``Error``; the rule that leaves a 4xx unset is the HTTP
     conventions', for HTTP ``SERVER`` spans, and the messaging ones have none like it).
     """
-    token = otel_context.attach(propagate.extract(carrier))
+    token = otel_context.attach(_propagate().extract(carrier))
     current_stage.set(stage)
     kind = trace.SpanKind.CONSUMER if event else trace.SpanKind.SERVER
     try:
@@ -261,7 +275,7 @@ def server_span(request: HttpRequest, carrier: Mapping[str, str]) -> Iterator[tr
     never the path, which would make a name per generation). The caller says what the request
     was answered with (:func:`answered`, or :func:`record_error` with ``http_status``).
     """
-    token = otel_context.attach(propagate.extract(carrier))
+    token = otel_context.attach(_propagate().extract(carrier))
     try:
         with tracer().start_as_current_span(
             f"{request.method} {request.route}",
@@ -279,7 +293,7 @@ def server_span(request: HttpRequest, carrier: Mapping[str, str]) -> Iterator[tr
 def within_trace(carrier: Mapping[str, str]) -> Iterator[None]:
     """Inside the trace context ``carrier`` names, as the current one: what is logged under it
     names its trace and span, after the span itself has ended."""
-    token = otel_context.attach(propagate.extract(carrier))
+    token = otel_context.attach(_propagate().extract(carrier))
     try:
         yield
     finally:

@@ -224,3 +224,71 @@ def test_a_function_builds_only_its_stages_models_and_once_ready(
     built = json.loads(result.stdout.strip().splitlines()[-1])
     assert built["at_import"] == [], built
     assert set(built["ready"]) == models, built
+
+
+# What only a request's trace context needs: OTEL_PROPAGATORS' propagators (the baggage one
+# with them) and W3C Trace Context's, none of which a probe uses.
+REQUEST_ONLY = ("opentelemetry.propagate", "opentelemetry.baggage", "opentelemetry.propagators")
+REQUEST_ONLY += ("opentelemetry.trace.propagation.tracecontext",)
+
+READY_THEN_REQUEST = """
+import json, sys, functions_framework
+app = functions_framework.create_app({stage!r}, {source!r})
+client = app.test_client()
+ready = client.get("/readyz")  # left open: the warm-up begins once it is closed
+assert ready.status_code == 200, ready.data
+at_ready = sorted(m for m in {modules!r} if m in sys.modules)
+parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+reply = client.post("/", json={{"width": 1}}, headers={{"traceparent": parent}})
+assert reply.status_code == 400, reply.data
+print(json.dumps({{"at_ready": at_ready}}))
+"""
+
+
+@pytest.mark.parametrize("stage", ["enhance", "persist"])
+def test_readiness_loads_no_trace_propagators(stage: str, tmp_path: Path) -> None:
+    """The propagators are imported by the first request that reads a trace context, not
+    before ``/readyz`` answers; that request is still logged in its caller's trace."""
+    source = str(ROOT / "functions" / f"{stage}.py")
+    code = READY_THEN_REQUEST.format(stage=stage, source=source, modules=REQUEST_ONLY)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=_function_env(tmp_path),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    state = json.loads(result.stdout.strip().splitlines()[-1])
+    assert state["at_ready"] == [], state
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    failed = [line for line in lines if line["message"].startswith("request failed")]
+    assert [line.get("trace_id") for line in failed] == ["0af7651916cd43dd8448eb211c80319c"]
+
+
+BAD_PROPAGATOR = """
+import json, functions_framework
+app = functions_framework.create_app("persist", {source!r})
+ready = app.test_client().get("/readyz")
+print(json.dumps({{"status": ready.status_code, "body": ready.json}}))
+"""
+
+
+def test_a_propagator_not_installed_is_a_start_up_failure_not_an_import_error(
+    tmp_path: Path,
+) -> None:
+    """With the propagators imported by the first request, ``OTEL_PROPAGATORS`` naming one not
+    installed is said at start-up in imagegen's words (``check_propagators``): not ready, as
+    for any setting that cannot work, instead of the API's ValueError while importing."""
+    code = BAD_PROPAGATOR.format(source=str(ROOT / "functions" / "persist.py"))
+    env = _function_env(tmp_path, OTEL_PROPAGATORS="tracecontext,b3")
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    state = json.loads(result.stdout.strip().splitlines()[-1])
+    assert state["status"] == 503 and state["body"]["status"] == "start-up failed", state
+    # Said before the JSON log handler is installed (the check comes first), as Python's
+    # last-resort handler writes it.
+    said = [line for line in result.stderr.splitlines() if "start-up failed" in line]
+    assert len(said) == 1 and "no propagator 'b3' is installed" in said[0], result.stderr
