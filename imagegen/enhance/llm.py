@@ -314,27 +314,53 @@ def _server_attributes(host: str) -> dict[str, Any]:
     return attributes
 
 
-def _keep_alive(setting: str | None) -> float | str | None:
-    """``ollama_keep_alive`` as Ollama reads it: a bare number is seconds, else a duration.
+_LONGEST = (2**63 - 1) / 1e9
+"""The longest Go ``time.Duration``, in seconds (about 292 years): ``time.ParseDuration``
+refuses a longer one."""
 
-    Ollama parses ``keep_alive`` as ``api.Duration`` (``api/types.go``): a JSON number is
-    seconds (negative: keep the model loaded), a string goes through Go's
-    ``time.ParseDuration``, which wants a unit; so ``"-1"`` from the environment is sent as -1.
+
+def _keep_alive(setting: str | None) -> float | str | None:
+    """``ollama_keep_alive`` as every Ollama version reads it alike: seconds, or a duration.
+
+    Ollama parses ``keep_alive`` as ``api.Duration`` (``api/types.go``,
+    ``Duration.UnmarshalJSON``): a JSON number is seconds (negative: keep the model loaded), a
+    string goes through Go's ``time.ParseDuration``, which wants a unit; so ``"-1"`` from the
+    environment is sent as -1. Before v0.11.8 (ollama 108153243, "fix keep alive") a number
+    was cut to whole seconds (``time.Duration(int(t) * int(time.Second))``): ``0.5`` was 0,
+    which unloads the model after each prompt. A fraction is therefore sent as seconds in a
+    duration, ``"0.5s"``, which every version reads as written; written out in full, as
+    ``ParseDuration`` takes no exponent (``1e-05s`` is an error).
     """
     if setting is None:
         return None
     try:
-        return float(setting)
+        seconds = float(setting)
     except ValueError:
         return setting
+    if 0 < seconds < _LONGEST and not seconds.is_integer():
+        return f"{seconds:.9f}".rstrip("0").rstrip(".") + "s"  # to the nanosecond, Go's unit
+    return seconds
 
 
-def _zero(keep_alive: float | str | None) -> bool:
-    """Whether Ollama reads ``keep_alive`` as no time at all (``0``, ``"0s"``, ``"0h0m"``):
-    the model is unloaded after each prompt."""
-    if keep_alive is None or isinstance(keep_alive, float):
-        return keep_alive == 0
-    return not any(c in "123456789" for c in keep_alive)
+_GO_UNITS = {
+    "ns": 1e-9,
+    **dict.fromkeys(("us", "µs", "μs"), 1e-6),  # time.ParseDuration's three spellings
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_GO_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+
+
+def _seconds(keep_alive: float | str) -> float:
+    """``keep_alive`` (as :func:`_keep_alive` sends it) in seconds; negative: for ever."""
+    if isinstance(keep_alive, float):
+        return keep_alive
+    # A Go duration (the setting's pattern admits no other string): a sign, then parts such
+    # as 1h30m or 1.5s, summed as time.ParseDuration sums them.
+    seconds = sum(float(n) * _GO_UNITS[unit] for n, unit in _GO_DURATION_PART.findall(keep_alive))
+    return -seconds if keep_alive.startswith("-") else seconds
 
 
 def _resolved(name: str) -> tuple[str, str, str, str]:
@@ -549,9 +575,18 @@ class OllamaEnhancer:
 
     @property
     def keeps_model_loaded(self) -> bool:
-        """Whether Ollama keeps the model loaded after a prompt (``ollama_keep_alive`` is not
-        zero): only then is loading it ahead of the first prompt worth anything."""
-        return not _zero(self._keep_alive)
+        """Whether Ollama keeps the model loaded after a prompt for a second or more
+        (``ollama_keep_alive`` unset, negative, or at least 1 s): only then is loading it
+        ahead of the first prompt worth anything.
+
+        Under a second, the load would not last: a zero ``keep_alive`` unloads the model, and
+        Ollama before v0.12.4 unloads it on a load whose ``keep_alive`` is under a second
+        (server/routes.go, ``ChatHandler``: ``int(req.KeepAlive.Seconds()) == 0``, until
+        ollama 35ac4eb12, "fix keep alive"); later ones unload it within that second.
+        """
+        if self._keep_alive is None:
+            return True
+        return not 0 <= _seconds(self._keep_alive) < 1
 
     async def load(self) -> float:
         """Have Ollama load the model now, as the first prompt would; the seconds it took.
@@ -559,7 +594,8 @@ class OllamaEnhancer:
         A chat without messages: Ollama schedules the model's runner, loading it unless it is
         loaded, and answers with nothing generated, ``done_reason: "load"`` (server/routes.go,
         ``ChatHandler``); the model then stays for ``keep_alive``, as after a prompt. With a
-        zero ``keep_alive`` the same request unloads it: see :attr:`keeps_model_loaded`.
+        zero ``keep_alive`` (or, on some versions, one under a second) the same request unloads
+        it: see :attr:`keeps_model_loaded`.
 
         Raises:
             DependencyUnavailable: Ollama refused, failed, or did not answer within
@@ -592,10 +628,15 @@ class OllamaEnhancer:
             "model": model,
             "reachable": False,
         }
+        wait = min(self.settings.ollama_timeout, 10.0)
         try:
-            async with asyncio.timeout(min(self.settings.ollama_timeout, 10.0)):
+            async with asyncio.timeout(wait):
                 listing = await self.client.list()
-        except (TimeoutError, ConnectionError, httpx.HTTPError, ollama.ResponseError) as exc:
+        except (TimeoutError, httpx.TimeoutException):
+            # Either timeout, ours or httpx's read timeout, says only its type: name the wait.
+            info["error"] = f"no answer within {wait:g}s"
+            return info
+        except (ConnectionError, httpx.HTTPError, ollama.ResponseError) as exc:
             info["error"] = _said(exc)
             return info
         except _UNREADABLE as exc:

@@ -7,6 +7,7 @@ import socket
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.fakes.ollama_server import FakeOllama, format_ignored, http_error, reply
 
@@ -81,6 +82,37 @@ def test_a_chat_without_messages_loads_the_model_as_ollamas_chat_handler_does() 
             assert failed.status_code == 500
             assert failed.json() == {"error": "llama runner process has terminated"}
             assert len(fake.model_loads) == 2
+    finally:
+        fake.stop()
+
+
+@pytest.mark.parametrize(
+    ("version", "load_unloads", "chat_unloads"),
+    [
+        # api/types.go, Duration.UnmarshalJSON: a number cut to whole seconds before v0.11.8;
+        # server/routes.go, ChatHandler: int(req.KeepAlive.Seconds()) == 0 expires the runner
+        # of a load before v0.11.8 and from v0.12.0 until v0.12.4.
+        ("0.6.0", {0, 0.5, "0s", "500ms", "0.9s"}, {0, 0.5, "0s"}),
+        ("0.11.8", {0, "0s"}, {0, "0s"}),
+        ("0.12.0", {0, 0.5, "0s", "500ms", "0.9s"}, {0, "0s"}),
+        ("0.12.4", {0, "0s"}, {0, "0s"}),
+    ],
+)
+def test_keep_alive_is_read_as_ollama_at_each_version_reads_it(
+    version: str, load_unloads: set[object], chat_unloads: set[object]
+) -> None:
+    fake = FakeOllama(version=version).start()
+    try:
+        with httpx.Client(base_url=fake.url) as client:
+            for keep_alive in (0, 0.5, 1.5, -0.5, "0s", "500ms", "0.9s", "1s", "-500ms"):
+                load = {"model": "llama3.2", "messages": [], "keep_alive": keep_alive}
+                answer = client.post("/api/chat", json=load).json()["done_reason"]
+                assert (answer == "unload") is (keep_alive in load_unloads), keep_alive
+                assert _chat(client, "llama3.2", keep_alive=keep_alive).status_code == 200
+                loads = len(fake.model_loads)
+                assert _chat(client, "llama3.2").status_code == 200
+                reloaded = len(fake.model_loads) > loads
+                assert reloaded is (keep_alive in chat_unloads), keep_alive
     finally:
         fake.stop()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 
 import pytest
@@ -66,9 +67,35 @@ async def test_check_hides_the_host_credentials(fake_ollama: FakeOllama) -> None
     assert "secret" not in json.dumps(up) + json.dumps(down)
 
 
+async def test_check_of_an_ollama_that_never_answers_says_how_long_it_waited() -> None:
+    """A port that takes connections but never answers (a hung Ollama) was reported as
+    "TimeoutError: TimeoutError", naming neither the wait nor what it waited for."""
+    with socket.create_server(("127.0.0.1", 0)) as hung:
+        port = hung.getsockname()[1]
+        settings = Settings(ollama_host=f"http://127.0.0.1:{port}", ollama_timeout=0.5)
+        enhancer = OllamaEnhancer(settings, backoff=0.01)
+        info = await enhancer.check()
+        await enhancer.aclose()
+    assert info["reachable"] is False
+    assert info["error"] == "no answer within 0.5s"
+
+
 @pytest.mark.parametrize(
     ("setting", "sent"),
-    [(None, None), ("30m", "30m"), ("1h30m", "1h30m"), ("-1", -1), ("300", 300)],
+    [
+        (None, None),
+        ("30m", "30m"),
+        ("1h30m", "1h30m"),
+        ("-1", -1),
+        ("300", 300),
+        ("-0.5", -0.5),
+        # Ollama before v0.11.8 cut a number to whole seconds (0.5 was 0: unloaded after each
+        # prompt); a duration string is read as written by every version.
+        ("0.5", "0.5s"),
+        (".9", "0.9s"),
+        ("+2.25", "2.25s"),
+        ("0.0000001", "0.0000001s"),  # time.ParseDuration takes no exponent (1e-07s)
+    ],
 )
 async def test_keep_alive_is_sent_as_ollama_reads_it(
     fake_ollama: FakeOllama, setting: str | None, sent: object

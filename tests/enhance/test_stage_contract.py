@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -271,12 +272,26 @@ async def test_warm_up_warms_the_plugins_and_says_what_ollama_has(
     assert said[2][1].endswith(": prompts come from the template until it does")
 
 
+async def test_warm_up_of_an_ollama_that_never_answers_says_how_long_it_waited(
+    make_stage: MakeStage, caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as hung:  # takes connections, never answers
+        host = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        with caplog.at_level(logging.WARNING, logger="imagegen.enhance"):
+            await make_stage(ollama_host=host).warm_up()
+    assert (
+        f"Ollama at {host} does not answer (no answer within 0.5s): prompts come from the"
+        " template until it does"
+    ) in [r.getMessage() for r in caplog.records]
+
+
 async def test_warm_up_loads_the_model_with_the_configured_keep_alive(
     make_stage: MakeStage, fake_ollama: FakeOllama
 ) -> None:
-    await make_stage(ollama_keep_alive="30m").warm_up()
-    await make_stage(ollama_keep_alive="-1").warm_up()
-    assert [r["keep_alive"] for r in fake_ollama.load_requests] == ["30m", -1]
+    for keep_alive in ("30m", "-1", "1s", "1.5", "-0.5", "-500ms"):
+        await make_stage(ollama_keep_alive=keep_alive).warm_up()
+    sent = [r["keep_alive"] for r in fake_ollama.load_requests]
+    assert sent == ["30m", -1, "1s", "1.5s", -0.5, "-500ms"]
 
 
 async def test_after_the_warm_up_the_first_prompt_finds_the_model_loaded(
@@ -299,14 +314,16 @@ async def test_unloaded_after_each_prompt_each_prompt_loads_the_model(
     assert fake_ollama.model_loads == [("llama3.2:latest", "chat")] * 2
 
 
-@pytest.mark.parametrize("keep_alive", ["0", "0s", "0h0m"])
+@pytest.mark.parametrize("keep_alive", ["0", "0s", "0h0m", "-0", "0.5", ".9", "500ms", "0.9s"])
 async def test_warm_up_loads_nothing_where_ollama_unloads_after_each_prompt(
     keep_alive: str,
     make_stage: MakeStage,
     fake_ollama: FakeOllama,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A chat without messages and a zero keep_alive is how Ollama is told to unload."""
+    """A chat without messages and a zero keep_alive is how Ollama is told to unload; before
+    v0.12.4, one under a second too (a load with 0.5 unloaded the model, logged as loaded), and
+    after it the model would be gone within that second."""
     with caplog.at_level(logging.INFO, logger="imagegen.enhance"):
         await make_stage(ollama_keep_alive=keep_alive).warm_up()
     assert fake_ollama.load_requests == []

@@ -57,12 +57,19 @@ it (``unconstrained``, e.g. :func:`format_ignored`'s fenced or preambled JSON):
 - ``forceImmediate`` then applies it from the start with ``think: false``: from v0.21.1
   (5d1021603) for the ``gemma4`` parser only, from v0.31.2 (892e7f6be) for every parser whose
   ``HasThinkingSupport()`` is true (model/parsers/parsers.go, ``ParserForName``).
+
+``keep_alive`` is read as api/types.go reads it, at :attr:`FakeOllama.version`: a number of
+seconds cut to whole seconds before v0.11.8 (so ``0.5`` is 0), a Go duration string as written.
+A zero one unloads the model after a chat; a chat without messages unloads it where
+``ChatHandler`` expires the runner (:func:`_expires_on_load`: before v0.12.4, on most versions,
+for any ``keep_alive`` under a second).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import socket
 import threading
@@ -202,15 +209,64 @@ def _canonical(model: str) -> str:
     return f"{head}{name}:{tag or 'latest'}".lower()
 
 
-def _is_zero(keep_alive: Any) -> bool:
-    """Whether ``keep_alive`` is a zero ``api.Duration`` (api/types.go: a JSON number of
-    seconds, or a Go duration string such as ``"0s"``)."""
+# api/types.go, Duration.UnmarshalJSON: a JSON number is seconds, cut to whole seconds
+# (``time.Duration(int(t) * int(time.Second))``) before 108153243 ("fix keep alive", v0.11.8)
+# and read as it is from then (``time.Duration(t * float64(time.Second))``).
+_EXACT_NUMBER_FROM = (0, 11, 8)
+_GO_UNITS = {
+    "ns": 1e-9,
+    **dict.fromkeys(("us", "µs", "μs"), 1e-6),
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_GO_DURATION = re.compile(r"[-+]?(0|((\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h))+)")
+_GO_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+
+
+def _keep_alive(keep_alive: Any, version: str) -> float | None:
+    """``keep_alive`` in seconds as Ollama at ``version`` reads it (``inf``: for ever), or None
+    where it is unset or not modelled.
+
+    api/types.go, ``Duration.UnmarshalJSON``: a negative number is ``math.MaxInt64``; a
+    non-negative one is seconds, whole ones only before v0.11.8 (:data:`_EXACT_NUMBER_FROM`);
+    a string is a Go duration (``time.ParseDuration``), negative: ``math.MaxInt64`` too.
+    """
     if isinstance(keep_alive, int | float) and not isinstance(keep_alive, bool):
-        return keep_alive == 0
-    if isinstance(keep_alive, str):
-        numbers = re.findall(r"\d+\.?\d*|\.\d+", keep_alive)
-        return bool(numbers) and all(float(n) == 0 for n in numbers)
-    return False
+        if keep_alive < 0:
+            return math.inf
+        exact = _version(version) >= _EXACT_NUMBER_FROM
+        return float(keep_alive) if exact else float(int(keep_alive))
+    if isinstance(keep_alive, str) and _GO_DURATION.fullmatch(keep_alive):
+        parts = _GO_DURATION_PART.findall(keep_alive)
+        seconds = sum(float(n) * _GO_UNITS[unit] for n, unit in parts)
+        return math.inf if keep_alive.startswith("-") and seconds > 0 else seconds
+    return None
+
+
+def _expires_on_load(keep_alive: Any, version: str) -> bool:
+    """Whether a chat without messages unloads the model rather than loading it.
+
+    server/routes.go, ``ChatHandler`` ("expire the runner"): ``int(req.KeepAlive.Seconds())
+    == 0``, any ``keep_alive`` under a second, before v0.11.8 (108153243) and again from
+    v0.12.0 (8b894933a, "engine: add remote proxy") until v0.12.4 (35ac4eb12, "fix keep
+    alive"); ``req.KeepAlive.Duration == 0`` otherwise.
+    """
+    seconds = _keep_alive(keep_alive, version)
+    if seconds is None:
+        return False
+    v = _version(version)
+    if v < _EXACT_NUMBER_FROM or (0, 12, 0) <= v < (0, 12, 4):
+        return 0 <= seconds < 1
+    return seconds == 0
+
+
+def _expires_after_chat(keep_alive: Any, version: str) -> bool:
+    """Whether the model is unloaded as soon as a chat is answered: server/sched.go, a runner
+    gone idle with ``sessionDuration <= 0`` is unloaded at once. (A positive one keeps it that
+    long; that expiry is not modelled: the model stays.)"""
+    return _keep_alive(keep_alive, version) == 0
 
 
 _THINK_LEVELS = ("high", "medium", "low")
@@ -505,7 +561,7 @@ class _Handler(BaseHTTPRequestHandler):
         # The client may have given up (its timeout) before the answer.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self._answer_chat(request, behaviour)
-        if _is_zero(request.get("keep_alive")):  # the runner expires after the request
+        if _expires_after_chat(request.get("keep_alive"), self.owner.version):
             self.owner._loaded.discard(model)
 
     def _models(self) -> set[str]:
@@ -547,7 +603,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer_load(self, request: dict[str, Any]) -> None:
         # Ollama's ChatHandler (server/routes.go): a model it does not have is a 404; with no
-        # messages and keep_alive 0 the model is unloaded; otherwise thinking asked of a model
+        # messages and keep_alive 0 (under a second, on some versions: _expires_on_load) the
+        # model is unloaded; otherwise thinking asked of a model
         # that cannot is a 400, then the model's runner is scheduled (loaded unless it is,
         # which is the wait) and the answer is one JSON object, whatever ``stream`` says, with
         # nothing generated: done_reason "load".
@@ -555,7 +612,8 @@ class _Handler(BaseHTTPRequestHandler):
         if _canonical(model) not in self._models():
             self._send_json(404, {"error": f"model '{model}' not found"})
             return
-        done_reason = "unload" if _is_zero(request.get("keep_alive")) else "load"
+        expires = _expires_on_load(request.get("keep_alive"), self.owner.version)
+        done_reason = "unload" if expires else "load"
         if done_reason == "unload":
             self.owner._loaded.discard(_canonical(model))
         elif self._refuses_thinking(request) or not self._schedule(_canonical(model), "load"):
