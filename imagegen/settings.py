@@ -67,6 +67,13 @@ def _http_url(value: str | None) -> str | None:
     return value
 
 
+def _required_http_url(value: str) -> str:
+    """An :func:`_http_url` for a setting that has a default and no "off": empty is refused."""
+    if not value:
+        raise ValueError("empty: give an http:// or https:// URL, or leave it unset")
+    return _http_url(value) or value
+
+
 def _ledger_url(value: SecretStr | None) -> SecretStr | None:
     """``value`` when it names a ledger: a database URL or path, as the ledger's store reads
     them (:func:`imagegen.ledger.store.backend`), or the ledger function's :func:`_http_url`
@@ -81,10 +88,51 @@ def _ledger_url(value: SecretStr | None) -> SecretStr | None:
     from imagegen.ledger.store import backend
 
     try:
-        backend(url)
+        kind = backend(url)
     except InvalidRequest as exc:
         raise ValueError(f"{exc.message}, or the ledger function's http(s):// URL") from None
+    problem = _postgres_url_problem(url) if kind == "postgres" else None
+    if problem:
+        raise ValueError(f"not a valid PostgreSQL URL ({problem})")
     return value
+
+
+def _postgres_url_problem(url: str) -> str | None:
+    """What libpq would refuse in the ports of ``url`` before connecting, never the text that
+    stood there; None when they are fine.
+
+    libpq's URI (PostgreSQL's docs, "Connection URIs"): ``postgresql://[user@]host[:port]
+    [,host[:port]...][/dbname][?port=...]``, each port a number from 1 to 65535 (libpq's
+    ``fe-connect.c``: "invalid port number"), or empty for the default. psycopg's parser
+    (``conninfo_to_dict``) passes any port on, and the ledger would say it is ready and fail
+    every query; it is not used here either way: importing psycopg would cost every function's
+    start.
+    """
+    from urllib.parse import unquote  # libpq decodes %xx in every part
+
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        return _port_problem(exc)
+    ports = []
+    for host in parts.netloc.rpartition("@")[2].split(","):
+        if host.startswith("["):  # an IPv6 address: [::1]:5432
+            _, bracket, rest = host.partition("]")
+            if not bracket or (rest and not rest.startswith(":")):
+                return "its IPv6 host is not enclosed in [ and ]"
+            ports.append(rest[1:])
+        else:
+            ports.append(host.partition(":")[2])
+    for pair in parts.query.split("&"):
+        name, _, given = pair.partition("=")
+        if name == "port":
+            ports.extend(given.split(","))
+    for port in filter(None, map(unquote, ports)):
+        if not port.isascii() or not port.isdigit():
+            return "its port is not a number"
+        if not 1 <= int(port) <= 65535:
+            return "its port is out of range"
+    return None
 
 
 def _served_base_url(value: str | None) -> str | None:
@@ -152,6 +200,74 @@ def webhook_key(secret: str) -> bytes:
     if not low <= len(key) <= high:
         raise ValueError(f"a webhook secret's key must be {low} to {high} bytes, not {len(key)}")
     return key
+
+
+# An HMAC is no stronger than its key (NIST SP 800-107 Rev. 1): 16 random bytes give 128 bits.
+# RFC 2104, section 3, discourages keys shorter than the hash's output (32 bytes for SHA-256),
+# which the documented `openssl rand -hex 32` gives. The Worker takes a secret of any length,
+# and an empty one for none (worker/src/config.ts): the check is the functions'.
+MIN_SIGNING_SECRET_BYTES = 16
+
+
+def _signing_secret(value: SecretStr | None) -> SecretStr | None:
+    """``value`` when it is long enough to sign URLs with; never echoes it.
+
+    Empty is refused, not taken for unset: ``$(openssl rand -hex 32)`` that failed leaves the
+    variable empty, and every URL persist writes, in records written once, would be unsigned.
+    """
+    if value is None:
+        return value
+    size = len(value.get_secret_value().encode())
+    if not size:
+        raise ValueError("empty: give a random secret (openssl rand -hex 32), or leave it unset")
+    if size < MIN_SIGNING_SECRET_BYTES:
+        raise ValueError(f"shorter than {MIN_SIGNING_SECRET_BYTES} bytes: use openssl rand -hex 32")
+    return value
+
+
+def _not_emptied(value: Any) -> Any:
+    """``value``, unless it is text that names no entry: an empty ``IMAGEGEN_WEBHOOK_SECRETS``
+    (a command that failed to make one) would turn webhooks off without a word, not on."""
+    if isinstance(value, str) and not _split_list(value):
+        raise ValueError("empty: give one or more whsec_ secrets, or leave it unset")
+    return value
+
+
+def _webhook_allowed(value: list[str]) -> list[str]:
+    """``value`` when each entry is a network or an address, as the webhook sender reads them
+    (``ipaddress.ip_network``, :class:`imagegen.ledger.webhooks.AddressPolicy`), or a host
+    name; never echoes one. Anything else would be read as a host name no URL has, and allow
+    nothing without a word (``10.0.0.0/33``: no network)."""
+    import ipaddress
+
+    for number, entry in enumerate(value, start=1):
+        try:
+            ipaddress.ip_network(entry, strict=False)
+            continue
+        except ValueError:
+            pass
+        host = entry.rstrip(".")
+        try:
+            host.encode("idna")  # what the sender refuses of a URL's host (an empty label ...)
+        except UnicodeError:
+            host = ""
+        if not host or len(host) > 253 or any(c in "/:@" or c.isspace() for c in entry):
+            raise ValueError(
+                f"entry {number} of {len(value)} is neither a network (10.0.0.0/8), an address"
+                " nor a host name"
+            )
+    return value
+
+
+def _keep_alive_duration(value: str | None) -> str | None:
+    """``value`` when Ollama reads it as a duration (its ``api.Duration``: a number of
+    seconds, negative for always, or a Go duration such as ``1h30m``)."""
+    import re
+
+    unit = r"(\d+\.?\d*|\.\d+)"
+    if value is None or re.fullmatch(rf"[-+]?({unit}|({unit}(ns|us|µs|μs|ms|s|m|h))+)", value):
+        return value
+    raise ValueError("not a duration: give one such as 30m or 24h, seconds, or -1 for always")
 
 
 _EMPTY_IS_UNSET = frozenset({"IMAGEGEN_OLLAMA_HOST", "OLLAMA_HOST"})
@@ -289,6 +405,7 @@ class Settings(BaseSettings):
         default=0.0,
         ge=0.0,
         le=10_000.0,
+        allow_inf_nan=False,
         description="Milliseconds a render waits for compatible jobs to share its batch.",
     )
     render_warmup: bool = Field(
@@ -325,13 +442,12 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("IMAGEGEN_OLLAMA_HOST", "OLLAMA_HOST", "ollama_host"),
     )
     ollama_model: str = "llama3.2"
-    ollama_temperature: float = Field(default=0.8, ge=0.0, le=2.0)
+    ollama_temperature: float = Field(default=0.8, ge=0.0, le=2.0, allow_inf_nan=False)
     ollama_timeout: Seconds = 30.0
     ollama_retries: int = Field(default=2, ge=0, le=10)
     ollama_keep_alive: str | None = Field(
         default=None,
-        # Ollama's api.Duration: a number of seconds (negative: always), or a Go duration.
-        pattern=r"^[-+]?((\d+\.?\d*|\.\d+)|((\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h))+)$",
+        # Ollama's api.Duration, checked by _keep_alive_duration (a pattern's error quotes it).
         description="How long Ollama keeps the model loaded after a prompt: a duration (30m,"
         " 24h), seconds, or -1 for always; unset: Ollama's own default (5 minutes).",
     )
@@ -353,7 +469,7 @@ class Settings(BaseSettings):
     holiday_countries: CommaList = Field(default=["US"])
     lora_dir: Path | None = Field(default=None, description="Directory of LoRA weights.")
     loras: CommaList = Field(default=[], description="LoRA names or paths, besides lora_dir.")
-    lora_probability: float = Field(default=0.25, ge=0.0, le=1.0)
+    lora_probability: float = Field(default=0.25, ge=0.0, le=1.0, allow_inf_nan=False)
     remote_context_url: str | None = None
     remote_context_timeout: Seconds = 2.0
     remote_context_max_bytes: int = Field(default=16_384, gt=0)
@@ -445,7 +561,9 @@ class Settings(BaseSettings):
         default=Path("/var/run/secrets/kubernetes.io/serviceaccount/token"),
         description="Token sent to the discovery URL, when the file exists.",
     )
-    oidc_clock_skew: float = Field(default=60.0, ge=0, le=600, description="Leeway in seconds.")
+    oidc_clock_skew: float = Field(
+        default=60.0, ge=0, le=600, allow_inf_nan=False, description="Leeway in seconds."
+    )
     oidc_jwks_ttl: Seconds = Field(default=300.0, description="Seconds signing keys are cached.")
 
     # Logs
@@ -473,10 +591,24 @@ class Settings(BaseSettings):
         return json.loads(value) if isinstance(value, str) else value
 
     _urls = field_validator("s3_endpoint_url", "sink_url")(_http_url)
+    _discovery = field_validator("oidc_discovery_url")(_required_http_url)
     _served_base = field_validator("public_base_url")(_served_base_url)
     _ledger = field_validator("ledger_url")(_ledger_url)
     _ollama = field_validator("ollama_host")(_ollama_host)
     _zone = field_validator("timezone")(_time_zone)
+    _keep_alive = field_validator("ollama_keep_alive")(_keep_alive_duration)
+    _signing = field_validator("url_signing_secret")(_signing_secret)
+    _allowed = field_validator("webhook_allowed")(_webhook_allowed)
+    # Runs before _split (pydantic runs "before" validators last defined first): only the
+    # text given tells an empty variable from an unset one.
+    _no_empty_secrets = field_validator("webhook_secrets", mode="before")(_not_emptied)
+
+    @field_validator("served_models")
+    @classmethod
+    def _some_served(cls, value: list[str]) -> list[str]:
+        if not value:  # else said as "IMAGEGEN_MODEL must be one of IMAGEGEN_SERVED_MODELS ()"
+            raise ValueError("empty: name the models the render services serve")
+        return value
 
     @model_validator(mode="after")
     def _webhook_secrets(self) -> Settings:
@@ -563,12 +695,22 @@ class Settings(BaseSettings):
 
     def start_up_warnings(self) -> list[str]:
         """What a process should warn of once, at start-up: a safeguard of the prod profile
-        turned off by a setting, which it would otherwise do without a word."""
+        turned off by a setting, or settings measured not to work together, which it would
+        otherwise do without a word."""
         found = []
         if self.profile == "prod" and not self.auth_required:
             found.append(
                 f"{self.variable('auth_required')}=false with {self.variable('profile')}=prod: "
                 "authentication is off, every invocation is admitted without a token"
+            )
+        if self.render_fp8 and self.render_compile != "off":
+            # Warned of, not refused: measured on one software stack (docs/benchmarks.md).
+            found.append(
+                f"{self.variable('render_fp8')}=true with "
+                f"{self.variable('render_compile')}={self.render_compile}: the first render of "
+                "this pair had not finished after 370 s as measured (torch 2.11, torchao 0.17;"
+                f" docs/benchmarks.md); with {self.variable('render_warmup')}=true a render pod"
+                " may never become ready"
             )
         return found
 

@@ -194,6 +194,13 @@ def test_a_file_in_the_way_of_a_key_is_named(cli: RunCli, tmp_path: Path) -> Non
         ("ftp://AKIA0000:hunter2@example.org/images", "unsupported scheme 'ftp'"),
         ("s3://", "not a valid bucket name"),
         ("s3://AKIA0000:hunter2@bucket", "expected s3://bucket[/prefix]"),
+        # Names S3 refuses (InvalidBucketName), which failed every write as a bug.
+        ("s3://xn--example.org/images", "not a valid S3 bucket name (the prefix xn-- is reserved)"),
+        (
+            "s3://example.org-s3alias",
+            "not a valid S3 bucket name (the suffix -s3alias is reserved)",
+        ),
+        ("s3://192.168.1.1/images", "not a valid S3 bucket name (formatted as an IP address)"),
     ],
 )
 @pytest.mark.parametrize("command", [["generate", "x"], ["loop", "x", "--count", "1"]])

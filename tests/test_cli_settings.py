@@ -229,6 +229,85 @@ def test_an_invalid_setting_names_the_variable_set(
     assert "hunter2" not in line and "wJalrXUtn" not in line  # nor a part of it
 
 
+@pytest.mark.parametrize(
+    ("args", "env", "said"),
+    [
+        # Taken as any text: ready, and every request needing OIDC answered 503.
+        (
+            ["plugins"],
+            {"IMAGEGEN_OIDC_DISCOVERY_URL": "https://alice:hunter2@issuer:99999"},
+            "IMAGEGEN_OIDC_DISCOVERY_URL (not a valid URL (its port is out of range))",
+        ),
+        # Taken: the ledger was ready and answered 503; history waited 10 s, then "unreachable".
+        (
+            ["history"],
+            {"IMAGEGEN_LEDGER_URL": "postgresql://pg:hunter2@127.0.0.1:abc/db"},
+            "IMAGEGEN_LEDGER_URL (not a valid PostgreSQL URL (its port is not a number))",
+        ),
+        (
+            ["history"],
+            {"IMAGEGEN_LEDGER_URL": "postgresql://pg:hunter2@127.0.0.1:99999/db"},
+            "IMAGEGEN_LEDGER_URL (not a valid PostgreSQL URL (its port is out of range))",
+        ),
+        # Empty, it signed nothing: public URLs unsigned, written once into every record.
+        (
+            ["plugins"],
+            {"IMAGEGEN_URL_SIGNING_SECRET": ""},
+            "IMAGEGEN_URL_SIGNING_SECRET (empty: give a random secret (openssl rand -hex 32),"
+            " or leave it unset)",
+        ),
+        (
+            ["plugins"],
+            {"IMAGEGEN_URL_SIGNING_SECRET": "hunter2"},
+            "IMAGEGEN_URL_SIGNING_SECRET (shorter than 16 bytes: use openssl rand -hex 32)",
+        ),
+        (
+            ["plugins"],
+            {"IMAGEGEN_WEBHOOK_SECRETS": ""},
+            "IMAGEGEN_WEBHOOK_SECRETS (empty: give one or more whsec_ secrets, or leave it unset)",
+        ),
+        (
+            ["plugins"],
+            {"IMAGEGEN_WEBHOOK_ALLOWED": "hunter2.example.com/99"},
+            "IMAGEGEN_WEBHOOK_ALLOWED (entry 1 of 1 is neither a network (10.0.0.0/8), an"
+            " address nor a host name)",
+        ),
+        # It quoted its regular expression.
+        (
+            ["plugins"],
+            {"IMAGEGEN_OLLAMA_KEEP_ALIVE": "hunter2"},
+            "IMAGEGEN_OLLAMA_KEEP_ALIVE (not a duration: give one such as 30m or 24h, seconds,"
+            " or -1 for always)",
+        ),
+        # They said "less than or equal to ...".
+        (
+            ["plugins"],
+            {"IMAGEGEN_RENDER_BATCH_WINDOW_MS": "nan"},
+            "IMAGEGEN_RENDER_BATCH_WINDOW_MS (Input should be a finite number)",
+        ),
+        (
+            ["plugins"],
+            {"IMAGEGEN_OLLAMA_TEMPERATURE": "inf"},
+            "IMAGEGEN_OLLAMA_TEMPERATURE (Input should be a finite number)",
+        ),
+        # It said "IMAGEGEN_MODEL must be one of IMAGEGEN_SERVED_MODELS ()".
+        (
+            ["plugins"],
+            {"IMAGEGEN_SERVED_MODELS": ""},
+            "IMAGEGEN_SERVED_MODELS (empty: name the models the render services serve)",
+        ),
+    ],
+    ids=lambda value: "-".join(value) if isinstance(value, dict) else None,
+)
+def test_a_setting_that_cannot_work_is_refused_in_words(
+    cli: RunCli, args: list[str], env: dict[str, str], said: str
+) -> None:
+    result = cli(*args, env=env)
+    assert result.returncode == 2, result.stderr
+    assert one_error_line(result) == f"invalid settings: {said}"
+    assert "hunter2" not in result.stderr + result.stdout  # named, never echoed
+
+
 def test_serve_refuses_settings_that_cannot_work_before_starting(tmp_path: Path) -> None:
     """It said where it served and kept running, answering 503 to every request; a fresh
     process, as the command replaces itself with the server once the checks pass."""

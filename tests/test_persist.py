@@ -253,7 +253,7 @@ async def test_signed_urls_last_their_ttl_from_when_the_record_is_written(tmp_pa
         storage_url=str(tmp_path / "out"),
         model="tiny",
         public_base_url="https://img.example.com/",
-        url_signing_secret="s3cret",
+        url_signing_secret="s3cret-of-16-bytes",
     )
     month_ago = datetime.now(UTC) - timedelta(days=30)
     async with ImageGenService(settings) as service:

@@ -28,6 +28,7 @@ from imagegen.urls import verify
 from tests.fakes.render_backend import ReadyBackend
 
 NOW = datetime(2026, 11, 24, 18, 30, tzinfo=UTC)
+SIGNING_SECRET = "s3cret-of-16-bytes"
 
 
 def small(**kwargs: object) -> GenerationRequest:
@@ -44,11 +45,11 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def signed(settings: Settings) -> Settings:
-    """``settings`` with public URLs, signed with the secret ``s3cret``."""
+    """``settings`` with public URLs, signed with :data:`SIGNING_SECRET`."""
     return Settings(
         **settings.model_dump(include={"storage_url", "model", "ollama_retries"}),
         public_base_url="https://img.example.com/",
-        url_signing_secret="s3cret",
+        url_signing_secret=SIGNING_SECRET,
     )
 
 
@@ -176,7 +177,7 @@ async def test_signed_public_urls(signed: Settings) -> None:
     base, query = persisted.url.split("?")
     assert base == f"https://img.example.com/{persisted.key}"
     params = dict(part.split("=") for part in query.split("&"))
-    assert verify(persisted.key, int(params["expires"]), params["signature"], "s3cret")
+    assert verify(persisted.key, int(params["expires"]), params["signature"], SIGNING_SECRET)
     assert set(persisted.urls) == {"image", "thumbnail"}
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from imagegen._redact import redact_url
 from imagegen.errors import DependencyUnavailable, Forbidden, Unauthenticated
 
 if TYPE_CHECKING:
@@ -109,6 +110,11 @@ class SigningKeys:
     def fetching(self) -> bool:
         """Whether a fetch is under way."""
         return self._fetching
+
+    @property
+    def where(self) -> str:
+        """The discovery URL as messages and logs say it: without a user name or password."""
+        return redact_url(self.discovery_url)
 
     def get(
         self, kid: str, issued_at: float | None = None, *, leeway: float = 0.0
@@ -256,7 +262,7 @@ class SigningKeys:
             if not isinstance(exc, httpx.HTTPError):
                 detail += f": {exc}"  # said by this module or httpx, never by the issuer
             raise DependencyUnavailable(
-                f"OIDC discovery at {self.discovery_url} failed ({detail})",
+                f"OIDC discovery at {self.where} failed ({detail})",
                 retry_after=int(_MIN_REFRESH_SECONDS),
             ) from exc
         keys: dict[str, jwt.PyJWK] = {}
@@ -273,7 +279,7 @@ class SigningKeys:
             # An issuer signs with some key: none usable is a broken document (a proxy's?),
             # which must not replace keys that work.
             raise DependencyUnavailable(
-                f"OIDC discovery at {self.discovery_url} found no usable signing key",
+                f"OIDC discovery at {self.where} found no usable signing key",
                 retry_after=int(_MIN_REFRESH_SECONDS),
             )
         published_at = self._wall_clock()

@@ -52,8 +52,15 @@ __all__ = ["S3Storage"]
 
 T = TypeVar("T")
 
-# S3 allows 3-63 characters; GCS allows underscores and up to 222 with dots. Accept the union.
+# S3 allows 3-63 characters; GCS allows underscores and up to 222 with dots. Accept the union
+# under every preset, and S3's own rules (_s3_bucket_problem) under every preset but gcs.
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
+# AWS S3 User Guide, "Bucket naming rules" (general purpose buckets): names reserved for
+# access points, Object Lambda, Multi-Region Access Points, directory and table buckets, and
+# IDNA. S3 answers a request on such a bucket InvalidBucketName.
+_S3_RESERVED_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+_S3_RESERVED_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
+_IP_ADDRESS_FORM = re.compile(r"\d+\.\d+\.\d+\.\d+")
 _THROTTLING = {
     "SlowDown",
     "Throttling",
@@ -103,9 +110,9 @@ class S3Storage(ObjectStore):
     name = "s3"
 
     def __init__(self, bucket: str, prefix: str = "", options: S3Options | None = None) -> None:
-        self.bucket = _check_bucket(bucket, field="bucket")
-        self.prefix = _check_prefix(prefix, field="prefix")
         self.options = options or S3Options()
+        self.bucket = _check_bucket(bucket, field="bucket", preset=self.options.preset)
+        self.prefix = _check_prefix(prefix, field="prefix")
         self._client = make_client(self.options)
         # Once shown, per storage; a store found to ignore it is asked again next time (it
         # may be upgraded meanwhile, and the error is retried).
@@ -128,7 +135,8 @@ class S3Storage(ObjectStore):
         ):
             raise _bad_url("expected s3://bucket[/prefix]")
         try:
-            bucket = _check_bucket(parts.netloc, field="storage_url")
+            preset = (options or S3Options()).preset
+            bucket = _check_bucket(parts.netloc, field="storage_url", preset=preset)
             prefix = _check_prefix(parts.path, field="storage_url")
         except ConfigurationError as exc:  # said of the setting, not of the part shown
             raise _bad_url(exc.errors[0]["message"]) from None
@@ -422,6 +430,12 @@ class S3Storage(ObjectStore):
             )
         if code in _MISCONFIGURED or 300 <= status < 400:
             # The deployment's doing, not the event's: retryable once the settings are fixed.
+            if code == "InvalidBucketName":  # a store with rules beyond its preset's
+                why = "the store refuses the bucket's name (InvalidBucketName)"
+                return ConfigurationError(
+                    f"S3 {operation} on bucket {self.bucket!r} refused: {why}; fix storage_url",
+                    errors=[{"field": "storage_url", "message": why}],
+                )
             return DependencyUnavailable(
                 f"S3 {operation} on bucket {self.bucket!r} refused ({code or status}):"
                 " check the region, the endpoint and the clock (docs/storage.md)"
@@ -443,10 +457,12 @@ _TRANSIENT = frozenset(
     {"RequestTimeout", "InternalError", "ServiceUnavailable", "OperationAborted"}
 )
 # A region the endpoint will not sign for (MinIO, R2 and GCS answer it; botocore's region
-# redirect is AWS's alone), a bucket elsewhere, a clock minutes off: settings to fix.
+# redirect is AWS's alone), a bucket elsewhere, a clock minutes off, a bucket name the store
+# refuses (ErrorResponses.html: InvalidBucketName, 400): settings to fix.
 _MISCONFIGURED = frozenset(
     {
         "AuthorizationHeaderMalformed",
+        "InvalidBucketName",
         "PermanentRedirect",
         "TemporaryRedirect",
         "IllegalLocationConstraintException",
@@ -491,13 +507,51 @@ def _user_metadata(response: dict[str, Any]) -> dict[str, str]:
     return metadata
 
 
-def _check_bucket(bucket: str, *, field: str) -> str:
+def _check_bucket(bucket: str, *, field: str, preset: str) -> str:
+    """``bucket`` when the store of ``preset`` takes it as a name.
+
+    Raises:
+        ConfigurationError: naming ``field``; the name itself only in the summary.
+    """
+    problem = None
     if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+        problem = "not a valid bucket name"
+    elif preset != "gcs":  # GCS has rules of its own (underscores, 222 characters with dots)
+        why = _s3_bucket_problem(bucket)
+        problem = f"not a valid S3 bucket name ({why})" if why else None
+    if problem:
         raise ConfigurationError(
-            f"invalid bucket name {bucket!r}",
-            errors=[{"field": field, "message": "not a valid bucket name"}],
+            f"invalid bucket name {bucket!r}", errors=[{"field": field, "message": problem}]
         )
     return bucket
+
+
+def _s3_bucket_problem(bucket: str) -> str | None:
+    """Which of S3's bucket naming rules ``bucket`` breaks, said without the name; None for
+    none. It already has the shape of :data:`_BUCKET`, with no two dots in a row.
+
+    AWS S3 User Guide, "Bucket naming rules", general purpose buckets: 3 to 63 characters;
+    lowercase letters, digits, dots and hyphens; a letter or digit first and last; no two
+    adjacent dots; not formatted as an IP address; none of the reserved prefixes and suffixes.
+    A hyphen next to a dot is refused too: each part between dots is a DNS label, which
+    begins and ends with a letter or digit (RFC 1123), as virtual-hosted-style addressing
+    needs; S3 and MinIO answer InvalidBucketName.
+    """
+    if len(bucket) > 63:
+        return "more than 63 characters"
+    if "_" in bucket:
+        return "an underscore"
+    if ".-" in bucket or "-." in bucket:
+        return "a hyphen next to a dot"
+    if _IP_ADDRESS_FORM.fullmatch(bucket):
+        return "formatted as an IP address"
+    prefix = next((p for p in _S3_RESERVED_PREFIXES if bucket.startswith(p)), None)
+    if prefix:
+        return f"the prefix {prefix} is reserved"
+    suffix = next((s for s in _S3_RESERVED_SUFFIXES if bucket.endswith(s)), None)
+    if suffix:
+        return f"the suffix {suffix} is reserved"
+    return None
 
 
 def _check_prefix(prefix: str, *, field: str) -> str:

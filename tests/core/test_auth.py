@@ -264,6 +264,25 @@ def test_issuer_down_is_a_503_that_names_neither_its_url_nor_why(
     assert f"OIDC discovery at {issuer.url} failed (HTTPStatusError)" in caplog.text
 
 
+def test_a_discovery_url_with_credentials_is_logged_without_them(
+    issuer: Issuer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The failed fetch's log line quoted the URL whole, password and all."""
+    keys = SigningKeys(f"https://alice:hunter2@127.0.0.1:{issuer.port}", clock=Clock())
+    issuer.up = False
+    try:
+        with (
+            caplog.at_level(logging.WARNING, "imagegen.auth"),
+            pytest.raises(DependencyUnavailable),
+        ):
+            keys.get("k1")
+        eventually(lambda: not keys.fetching)
+    finally:
+        issuer.up = True
+    assert f"OIDC discovery at https://***@127.0.0.1:{issuer.port} failed" in caplog.text
+    assert "hunter2" not in caplog.text and "alice" not in caplog.text
+
+
 def test_the_pods_token_authenticates_discovery(issuer: Issuer, tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("pod-token\n")

@@ -308,3 +308,161 @@ def test_the_enhance_function_answers_503_naming_the_ollama_host_set(tmp_path: P
     assert body["message"] == "enhance could not start: invalid settings: OLLAMA_HOST"
     why = "not a valid URL or host[:port] (its port is out of range)"
     assert body["errors"] == [{"field": "OLLAMA_HOST", "message": why}]
+
+
+# -- settings that were taken as given and failed later -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("notaurl", "not an http:// or https:// URL with a host"),
+        ("", "empty: give an http:// or https:// URL, or leave it unset"),
+        ("ftp://issuer.example.com", "not an http:// or https:// URL with a host"),
+        ("https://alice:s3cr3t@issuer:99999", "its port is out of range"),
+    ],
+)
+def test_an_oidc_discovery_url_that_is_no_http_url_is_refused(url: str, said: str) -> None:
+    """It was taken as any text: the function said it was ready and answered every request
+    that needed OIDC 503."""
+    with pytest.raises(ValidationError) as caught:
+        Settings(oidc_discovery_url=url)
+    [error] = caught.value.errors()
+    assert error["loc"] == ("oidc_discovery_url",) and said in error["msg"]
+    assert "s3cr3t" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("postgresql://pg:s3cr3t@127.0.0.1:abc/db", "its port is not a number"),
+        ("postgres://pg:s3cr3t@127.0.0.1:99999/db", "its port is out of range"),
+        ("postgresql://pg:s3cr3t@db:0/db", "its port is out of range"),
+        ("postgresql://pg:s3cr3t@db-1:5432,db-2:x/db", "its port is not a number"),
+        ("postgresql://pg:s3cr3t@[::1:5432/db", "its IPv6 host is not enclosed in [ and ]"),
+        ("postgresql:///db?host=/run/postgresql&port=s3cr3t", "its port is not a number"),
+    ],
+)
+def test_a_postgresql_ledger_url_whose_port_libpq_refuses_is_refused(url: str, said: str) -> None:
+    """It was taken: the ledger said it was ready and answered every request 503, and the
+    command line waited ten seconds to call the database unreachable."""
+    with pytest.raises(ValidationError) as caught:
+        Settings(ledger_url=url)
+    [error] = caught.value.errors()
+    assert error["loc"] == ("ledger_url",)
+    assert error["msg"] == f"Value error, not a valid PostgreSQL URL ({said})"
+    assert "s3cr3t" not in str(caught.value)  # the URL holds a password: never echoed
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://pg:pw@db:5432/imagegen",
+        "postgresql://pg:pw@db/imagegen",  # the default port
+        "postgresql://pg:pw@db-1:5432,db-2:5433/imagegen",  # libpq's several hosts
+        "postgresql://pg:pw@[::1]:5432/imagegen",
+        "postgresql:///imagegen?host=/run/postgresql&port=5433",
+        "postgresql://pg:pw@db:%35432/imagegen",  # percent-encoded, as libpq decodes it
+    ],
+)
+def test_a_postgresql_ledger_url_libpq_reads_is_taken(url: str) -> None:
+    settings = Settings(ledger_url=url)
+    assert settings.ledger_url is not None and settings.ledger_url.get_secret_value() == url
+
+
+@pytest.mark.parametrize(
+    ("secret", "said"),
+    [
+        ("", "empty: give a random secret (openssl rand -hex 32), or leave it unset"),
+        ("s3cr3t-15-bytes", "shorter than 16 bytes: use openssl rand -hex 32"),
+    ],
+)
+def test_an_empty_or_short_url_signing_secret_is_refused(
+    monkeypatch: pytest.MonkeyPatch, secret: str, said: str
+) -> None:
+    """``bool(SecretStr(""))`` is False: an empty secret (a failed ``$(openssl rand -hex 32)``)
+    gave unsigned URLs, written once into every record, without a word."""
+    monkeypatch.setenv("IMAGEGEN_URL_SIGNING_SECRET", secret)
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    [error] = caught.value.errors()
+    assert error["loc"] == ("url_signing_secret",) and error["msg"] == f"Value error, {said}"
+    if secret:
+        assert secret not in str(caught.value)
+    monkeypatch.setenv("IMAGEGEN_URL_SIGNING_SECRET", "0123456789abcdef")  # 16 bytes
+    assert Settings().url_signing_secret is not None
+
+
+FINITE = ["render_batch_window_ms", "ollama_temperature", "lora_probability", "oidc_clock_skew"]
+
+
+@pytest.mark.parametrize("field", FINITE)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_float_setting_refuses_what_is_no_finite_number_as_such(
+    monkeypatch: pytest.MonkeyPatch, field: str, value: str
+) -> None:
+    """As a wait does: nan was said to be "less than or equal to" its bound."""
+    monkeypatch.setenv(f"IMAGEGEN_{field.upper()}", value)
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    [error] = caught.value.errors()
+    assert error["loc"] == (field,) and error["msg"] == "Input should be a finite number"
+
+
+@pytest.mark.parametrize("value", ["30m", "24h", "1h30m", "300", "-1", "2.5s", "+5m", ".5h"])
+def test_a_keep_alive_ollama_reads_is_taken(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("IMAGEGEN_OLLAMA_KEEP_ALIVE", value)
+    assert Settings().ollama_keep_alive == value
+
+
+@pytest.mark.parametrize("value", ["", "forever", "5 m", "1d", "m", "30m\n"])
+def test_a_keep_alive_ollama_cannot_read_is_said_in_words(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """It quoted the regular expression it failed."""
+    monkeypatch.setenv("IMAGEGEN_OLLAMA_KEEP_ALIVE", value)
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    [error] = caught.value.errors()
+    assert error["loc"] == ("ollama_keep_alive",)
+    assert error["msg"] == (
+        "Value error, not a duration: give one such as 30m or 24h, seconds, or -1 for always"
+    )
+
+
+@pytest.mark.parametrize("value", ["", " , ", "[]"])
+def test_no_served_models_is_refused_by_name(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    """It was said as "IMAGEGEN_MODEL must be one of IMAGEGEN_SERVED_MODELS ()"."""
+    monkeypatch.setenv("IMAGEGEN_SERVED_MODELS", value)
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    [error] = caught.value.errors()
+    assert error["loc"] == ("IMAGEGEN_SERVED_MODELS",)  # pydantic names an alias's first
+    assert error["msg"] == "Value error, empty: name the models the render services serve"
+
+
+FP8_COMPILED = "IMAGEGEN_RENDER_FP8=true with IMAGEGEN_RENDER_COMPILE="
+
+
+@pytest.mark.parametrize(
+    ("fp8", "compile_", "warned"),
+    [
+        ("true", "regional", True),
+        ("true", "full", True),
+        ("true", "off", False),
+        ("false", "regional", False),
+    ],
+)
+def test_fp8_with_compile_is_warned_of_at_start_up(
+    monkeypatch: pytest.MonkeyPatch, fp8: str, compile_: str, warned: bool
+) -> None:
+    """Its first render had not finished after 370 s when measured (docs/benchmarks.md): with
+    the warm-up, a render pod would never become ready. Warned of, not refused."""
+    monkeypatch.setenv("IMAGEGEN_RENDER_FP8", fp8)
+    monkeypatch.setenv("IMAGEGEN_RENDER_COMPILE", compile_)
+    said = [w for w in Settings().start_up_warnings() if w.startswith(FP8_COMPILED)]
+    assert len(said) == warned
+    if warned:
+        assert said[0].startswith(f"{FP8_COMPILED}{compile_}: ")
+        assert "had not finished after 370 s" in said[0]
+        assert "torch 2.11, torchao 0.17" in said[0] and "IMAGEGEN_RENDER_WARMUP" in said[0]

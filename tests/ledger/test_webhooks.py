@@ -165,6 +165,56 @@ def test_secrets_of_24_to_64_bytes_are_taken(size: int) -> None:
     assert len(Settings(webhook_secrets=_secret(size)).webhook_secrets) == 1
 
 
+@pytest.mark.parametrize("value", ["", " ", " , "])
+def test_an_empty_secrets_variable_is_refused_not_taken_for_none(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """A command that failed to make a secret left it empty: the dispatcher did not start and
+    every message waited in the outbox, without a word."""
+    monkeypatch.setenv("IMAGEGEN_WEBHOOK_SECRETS", value)
+    with pytest.raises(ValidationError) as invalid:
+        Settings()
+    reason = ConfigurationError.of("", invalid.value, name=Settings.variable).message
+    assert reason == "invalid settings: IMAGEGEN_WEBHOOK_SECRETS"
+    [error] = invalid.value.errors()
+    assert error["msg"] == "Value error, empty: give one or more whsec_ secrets, or leave it unset"
+    monkeypatch.delenv("IMAGEGEN_WEBHOOK_SECRETS")
+    assert Settings().webhook_secrets == []  # unset: no webhooks, as documented
+
+
+@pytest.mark.parametrize(
+    "entry",
+    ["10.0.0.0/33", "not a host/99", "hooks.example.com/24", "hooks.example.com:8443", "a..b"],
+)
+def test_an_allowed_entry_that_is_no_network_address_or_host_is_refused(entry: str) -> None:
+    """It was taken for a host name no URL has: ``10.0.0.0/33`` allowed nothing, silently."""
+    with pytest.raises(ValidationError) as invalid:
+        Settings(webhook_allowed=f"127.0.0.0/8,{entry}")
+    reason = ConfigurationError.of("", invalid.value, name=Settings.variable).message
+    assert reason == "invalid settings: IMAGEGEN_WEBHOOK_ALLOWED"
+    [error] = invalid.value.errors()
+    assert error["msg"] == (
+        "Value error, entry 2 of 2 is neither a network (10.0.0.0/8), an address nor a host name"
+    )
+    assert entry not in str(invalid.value)
+
+
+def test_allowed_networks_addresses_and_hosts_are_taken_as_the_policy_reads_them() -> None:
+    entries = [
+        "10.0.0.0/8",
+        "192.168.1.7",
+        "fd00::/8",
+        "::1",
+        "hooks.example.com",
+        "b\u00fccher.de.",
+    ]
+    settings = Settings(webhook_allowed=",".join(entries))
+    assert settings.webhook_allowed == entries
+    policy = AddressPolicy(tuple(settings.webhook_allowed))
+    assert len(policy.networks) == 4
+    assert policy.hosts == {"hooks.example.com", "b\u00fccher.de"}
+
+
 def test_redirects_are_not_followed() -> None:
     receiver = Receiver(OLD, fail_first=set(), slow_first=set(), slow=0)
     with serve(receiver):

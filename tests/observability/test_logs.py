@@ -201,7 +201,7 @@ def test_the_part_of_a_prompt_a_text_encoder_cut_is_logged_only_when_allowed(
 
 def test_a_line_is_json_whatever_its_values_and_secrets(capsys: pytest.CaptureFixture[str]) -> None:
     settings = Settings(
-        url_signing_secret=SecretStr("503"),
+        hf_token=SecretStr("503"),  # a secret that is also a number said in a line
         webhook_secrets=[SecretStr("whsec_" + "A" * 32)],
         s3_secret_access_key=SecretStr("it's a \\secret"),
     )

@@ -358,3 +358,54 @@ def test_an_invalid_url_is_named_by_its_variable_never_shown(url: str, why: str)
         open_storage(settings(storage_url=url))
     assert error.value.message == f"invalid IMAGEGEN_STORAGE_URL: {why}"
     assert error.value.errors == [{"field": "storage_url", "message": why}]
+
+
+# AWS S3 User Guide, "Bucket naming rules" (general purpose buckets): names S3 answers
+# InvalidBucketName, which the union of S3's and GCS's character rules let through.
+S3_REFUSES = [
+    ("xn--bucket", "the prefix xn-- is reserved"),
+    ("sthree-bucket", "the prefix sthree- is reserved"),
+    ("amzn-s3-demo-bucket", "the prefix amzn-s3-demo- is reserved"),
+    ("bucket-s3alias", "the suffix -s3alias is reserved"),
+    ("bucket--ol-s3", "the suffix --ol-s3 is reserved"),
+    ("bucket.mrap", "the suffix .mrap is reserved"),
+    ("bucket--x-s3", "the suffix --x-s3 is reserved"),
+    ("bucket--table-s3", "the suffix --table-s3 is reserved"),
+    ("192.168.1.1", "formatted as an IP address"),
+    ("bucket.-x", "a hyphen next to a dot"),
+    ("bucket-.x", "a hyphen next to a dot"),
+    ("b" * 64, "more than 63 characters"),
+    ("my_bucket", "an underscore"),
+]
+
+
+@pytest.mark.parametrize("preset", [None, "aws", "r2", "minio"])
+@pytest.mark.parametrize(("bucket", "why"), S3_REFUSES, ids=[b[:20] for b, _ in S3_REFUSES])
+def test_a_bucket_name_s3_refuses_is_refused_by_the_variable(
+    preset: str | None, bucket: str, why: str
+) -> None:
+    """It was taken, and every write failed as a bug (a 500 that is never retried)."""
+    endpoint = {"s3_endpoint_url": "http://127.0.0.1:50101"} if preset in ("r2", "minio") else {}
+    with pytest.raises(ConfigurationError) as error:
+        open_storage(settings(storage_url=f"s3://{bucket}/images", s3_preset=preset, **endpoint))
+    said = f"not a valid S3 bucket name ({why})"
+    assert error.value.message == f"invalid IMAGEGEN_STORAGE_URL: {said}"
+    assert error.value.errors == [{"field": "storage_url", "message": said}]
+
+
+@pytest.mark.parametrize("bucket", ["my_bucket", "b" * 64, "a" * 63 + "." + "b" * 63])
+def test_gcs_keeps_its_own_bucket_names(opened: list[Storage], bucket: str) -> None:
+    """GCS takes underscores, and up to 222 characters with dots: refused under the other
+    presets, taken under gcs."""
+    gcs = {"s3_preset": "gcs", "s3_access_key_id": "GOOG1EXAMPLE", "s3_secret_access_key": "x"}
+    assert open_s3(opened, storage_url=f"s3://{bucket}", **gcs).bucket == bucket
+    with pytest.raises(ConfigurationError):
+        open_storage(settings(storage_url=f"s3://{bucket}"))
+
+
+@pytest.mark.parametrize(
+    "bucket",
+    ["abc", "my-bucket", "my.bucket.example.com", "b" * 63, "xn-bucket", "s3alias", "1.2.3"],
+)
+def test_a_bucket_name_s3_takes_is_taken(opened: list[Storage], bucket: str) -> None:
+    assert open_s3(opened, storage_url=f"s3://{bucket}").bucket == bucket

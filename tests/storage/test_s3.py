@@ -493,6 +493,22 @@ async def test_what_the_store_or_its_settings_cause_is_retryable(
     assert error.value.retryable and said in error.value.message
 
 
+async def test_a_bucket_name_the_store_refuses_is_a_configuration_error(
+    s3: S3Server, make_s3: MakeS3
+) -> None:
+    """ErrorResponses.html: InvalidBucketName, 400, for a name the store's rules refuse (a
+    store whose rules go beyond its preset's). It was answered as a bug: a 500, never retried."""
+    storage = make_s3()
+    with (
+        s3.outage(status=400, code="InvalidBucketName"),
+        pytest.raises(ConfigurationError) as error,
+    ):
+        await storage.put(KEYS.image, PNG, content_type="image/png")
+    assert error.value.retryable and error.value.status == 503
+    assert error.value.fields == ["storage_url"]
+    assert "InvalidBucketName" in error.value.message
+
+
 @pytest.mark.parametrize(
     ("status", "code"), [(409, "OperationAborted"), (400, "AuthorizationHeaderMalformed")]
 )
