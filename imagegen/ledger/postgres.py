@@ -12,7 +12,7 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any
 
@@ -23,7 +23,7 @@ from imagegen.errors import (
     first_line,
 )
 from imagegen.ledger._sql import BUSY, BUSY_RETRY_AFTER, Cursor, SqlLedger
-from imagegen.ledger._statements import RECORD, upsert_params
+from imagegen.ledger._statements import PRUNE, RECORD, upsert_params
 from imagegen.ledger._text import storable
 from imagegen.ledger.fold import Change
 
@@ -40,6 +40,30 @@ _MIGRATION_LOCK = 0x1ED6E5
 DOWN_WAIT = 1.0
 RECONNECT_FOR = 2.0
 CONNECT_TIMEOUT = 5
+# How long a statement may wait for a lock, and run in all, before the server cancels it
+# (lock_timeout, statement_timeout; seconds). Without them a lock held elsewhere (a manual
+# LOCK TABLE, a long migration) keeps each event waiting past the stage's 30 s, its statement
+# running on after the answer, holding a worker thread and a pooled connection until the
+# default thread pool is full and every request waits. The ledger's own transactions hold a
+# row for milliseconds, and its statements are single-row writes and index-bounded reads
+# (a page of history, an export batch): waits and runs of seconds are something else holding
+# on. The lock timeout is above PostgreSQL's deadlock_timeout (1 s), so a deadlock is still
+# detected and ended as one; both end a request's statements well within the 30 s.
+LOCK_TIMEOUT = 2.0
+STATEMENT_TIMEOUT = 5.0
+# Each new pooled connection's limits: the ledger's, unless this connection's URL options
+# (or PGOPTIONS: source "client") or ALTER ROLE/DATABASE ... SET set their own (the operator's
+# choice for this application), which are kept. A server-wide default (postgresql.conf) is
+# not about the ledger. SET, not startup options: a pooler in between (PgBouncer) refuses
+# startup options it does not know, and a URL that works must keep working.
+_LIMITS = (
+    "SELECT set_config(name, CASE name WHEN 'lock_timeout' THEN %(lock)s "
+    "ELSE %(statement)s END, false) FROM pg_settings "
+    "WHERE name IN ('lock_timeout', 'statement_timeout') "
+    "AND source NOT IN ('client', 'user', 'database', 'database user')"
+)
+# A statement the server cancelled at its statement_timeout (or an operator's cancel).
+QUERY_CANCELED = "57014"
 # A generation's row, locked until the transaction ends: its webhook messages are written from it.
 _NO_DRIVER = "a PostgreSQL ledger needs psycopg: pip install 'imagegen[ledger]'"
 LOCK_ROW = "SELECT * FROM generations WHERE generation_id = :gid FOR UPDATE"
@@ -113,6 +137,12 @@ class PostgresLedger(SqlLedger):
         timeout: Seconds to wait for a connection before a retryable error, while the
             server answers (the pool busy); while the last try to connect failed,
             :data:`DOWN_WAIT`.
+        lock_timeout: Seconds a statement waits for a lock (:data:`LOCK_TIMEOUT`).
+        statement_timeout: Seconds a statement may run (:data:`STATEMENT_TIMEOUT`).
+
+    Each limit is the server's ``lock_timeout`` or ``statement_timeout`` on every pooled
+    connection, unless the URL's options set it (:data:`_LIMITS`). Migrations run without
+    either, :meth:`prune` without the statement limit.
 
     A server that goes away costs each request a second, not ``timeout``, and one that comes
     back is used by the next request: psycopg_pool alone retries a lost connection with a
@@ -129,7 +159,14 @@ class PostgresLedger(SqlLedger):
     migrations_table = "SELECT 1 AS found WHERE to_regclass('ledger_migrations') IS NOT NULL"
 
     def __init__(
-        self, url: str, *, min_size: int = 1, max_size: int = 8, timeout: float = 10.0
+        self,
+        url: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 8,
+        timeout: float = 10.0,
+        lock_timeout: float = LOCK_TIMEOUT,
+        statement_timeout: float = STATEMENT_TIMEOUT,
     ) -> None:
         try:
             import psycopg
@@ -147,6 +184,9 @@ class PostgresLedger(SqlLedger):
         self._timeout = timeout
         # Monotonic times of the pool's last connection made and last one that failed.
         self._connected = self._refused = 0.0
+        # Why the last try to connect failed: what an opening that gets no connection says.
+        self._connect_error: BaseException | None = None
+        limits = {"lock": _ms(lock_timeout), "statement": _ms(statement_timeout)}
         ledger = self
 
         class _Connection(psycopg.Connection[Any]):
@@ -154,11 +194,15 @@ class PostgresLedger(SqlLedger):
             def connect(cls, *args: Any, **kwargs: Any) -> Any:
                 try:
                     conn = super().connect(*args, **kwargs)
-                except BaseException:
+                except BaseException as exc:
                     ledger._refused = time.monotonic()
+                    ledger._connect_error = exc
                     raise
                 ledger._connected = time.monotonic()
                 return conn
+
+        def configure(conn: Any) -> None:
+            conn.execute(_LIMITS, limits)
 
         # transaction() opens a block explicitly; a lone statement needs no BEGIN/COMMIT.
         kwargs: dict[str, Any] = {"row_factory": dict_row, "autocommit": True}
@@ -167,6 +211,7 @@ class PostgresLedger(SqlLedger):
         self._pool = ConnectionPool(
             url,
             connection_class=_Connection,
+            configure=configure,
             min_size=min_size,
             max_size=max_size,
             timeout=timeout,
@@ -177,13 +222,44 @@ class PostgresLedger(SqlLedger):
         )
         try:
             self._pool.open(wait=True, timeout=timeout)
-        except Exception as exc:
+        except Exception:
             self._pool.close()
-            raise DependencyUnavailable(f"the ledger database is unreachable: {exc}") from None
+            raise self._unconnected(timeout) from None
         self._migrate()
 
+    def _unconnected(self, waited: float) -> DependencyUnavailable:
+        """The retryable error for an opening that got no connection in ``waited`` seconds:
+        why the last try failed, in general terms (the server's text, which names the host,
+        the user or the database, is logged), rather than psycopg_pool's "initialization
+        incomplete"."""
+        exc = self._connect_error
+        if exc is None:  # no try ended: one still waits for the server
+            why = f"no connection within {waited:g} s"
+        else:
+            logger.warning("the ledger database could not be connected to: %s", exc)
+            why = _connect_failure(exc)
+        return DependencyUnavailable(
+            f"the ledger database cannot be connected to: {why}", retry_after=RECONNECT_FOR
+        )
+
     def _lock_migrations(self, db: Cursor) -> None:
+        # A migration waits for another replica's (the lock below) and runs as long as it
+        # takes (an index built on a large table): none of the requests' limits, for this
+        # transaction only. One cut short would be rolled back and tried again at each open.
+        db.query(
+            "SELECT set_config('lock_timeout', '0', true), "
+            "set_config('statement_timeout', '0', true)",
+            {},
+        )
         db.query("SELECT pg_advisory_xact_lock(:key)", {"key": _MIGRATION_LOCK})
+
+    def prune(self, older_than: timedelta) -> dict[str, int]:
+        """As :meth:`SqlLedger.prune`, with no statement_timeout: a prune deletes in bulk (a
+        first one, months of history), from a command or a job that answers no request."""
+        before = self._now() - older_than
+        with self.transaction() as db:
+            db.query("SELECT set_config('statement_timeout', '0', true)", {})
+            return {name: db.run(sql, {"before": before}) for name, sql in PRUNE.items()}
 
     def _record(
         self, recorded: dict[str, Any], change: Change, now: datetime
@@ -232,12 +308,17 @@ class PostgresLedger(SqlLedger):
 
     @contextmanager
     def _connection(self) -> Iterator[Any]:
+        cut = False
         try:
             with self._pool.connection(self._wait()) as conn:
                 try:
                     yield conn
                 except self._errors:
-                    if conn.broken:  # cut by the server: taken as down until it answers again
+                    # Cut by the server: taken as down until it answers again. Said by this
+                    # connection, now: the pool replaces it in the background, and by the
+                    # time the answer is made may have connected again.
+                    cut = conn.broken
+                    if cut:
                         self._refused = time.monotonic()
                     raise
                 if self._refused > self._connected:
@@ -247,7 +328,7 @@ class PostgresLedger(SqlLedger):
         except self._refusals as exc:
             raise self._refused_value(exc) from None
         except self._errors as exc:
-            raise self._unavailable(exc) from None
+            raise self._unavailable(exc, cut=cut) from None
 
     @staticmethod
     def _refused_value(exc: Exception) -> InvalidRequest:
@@ -272,8 +353,9 @@ class PostgresLedger(SqlLedger):
     def _wait(self) -> float:
         return DOWN_WAIT if self.down() else self._timeout
 
-    def _unavailable(self, exc: Exception) -> DependencyUnavailable:
-        """The retryable error for ``exc``, once the pool's idle connections are checked.
+    def _unavailable(self, exc: Exception, *, cut: bool = False) -> DependencyUnavailable:
+        """The retryable error for ``exc``, once the pool's idle connections are checked;
+        ``cut``: the server cut the connection that raised it.
 
         A server that cut this connection (a restart, a failover) cut the others too: each
         would fail the next request that drew it. ``pool.check()`` tries each now (an empty
@@ -293,9 +375,18 @@ class PostgresLedger(SqlLedger):
         # OperationalError of its own, not of TransactionRollback: matched by code.
         if state is not None and (state.startswith("40") or state == "55P03"):
             return DependencyUnavailable(BUSY, retry_after=BUSY_RETRY_AFTER)
+        if state == QUERY_CANCELED:
+            # statement_timeout: the server was slow, or something held the statement up
+            # (several waits for locks, each within lock_timeout); its connection is fine.
+            # Retried as a lock not granted in time is.
+            return DependencyUnavailable(
+                "the ledger database could not answer in time (a statement ran past its "
+                f"limit, SQLSTATE {QUERY_CANCELED}); retry",
+                retry_after=BUSY_RETRY_AFTER,
+            )
         with contextlib.suppress(Exception):  # the server may be down: said by ``exc``
             self._pool.check()
-        if self.down():
+        if cut or self.down():
             return DependencyUnavailable(
                 "the ledger database is unavailable: it cannot be reached",
                 retry_after=RECONNECT_FOR,
@@ -310,3 +401,54 @@ class PostgresLedger(SqlLedger):
 
     def __repr__(self) -> str:
         return "PostgresLedger(<url hidden>)"
+
+
+def _ms(seconds: float) -> str:
+    """``seconds`` as a server setting in milliseconds (its unit for these limits)."""
+    return str(round(seconds * 1000))
+
+
+# libpq passes on no SQLSTATE for a connection the server refused: its error reaches the
+# client as text only (PQerrorMessage), so the usual causes are told by PostgreSQL's own
+# messages (src/backend/postmaster/postmaster.c, src/backend/utils/init/postinit.c,
+# src/backend/libpq/auth.c) and libpq's, in English (a server or client that translates
+# them is said in general terms). Each is answered as its words and SQLSTATE only.
+_CONNECT_FAILURES = (
+    (
+        re.compile(r"too many (clients|connections)|connection slots are reserved"),
+        "too many connections",
+        "53300",
+    ),
+    (
+        re.compile(r"the database system is (starting|shutting|in recovery|not)"),
+        "the server is starting up, shutting down or in recovery",
+        "57P03",
+    ),
+    (re.compile(r"password authentication failed"), "password authentication failed", "28P01"),
+    (re.compile(r"authentication failed"), "authentication failed", "28000"),
+    (re.compile(r"no pg_hba\.conf entry"), "no pg_hba.conf entry admits it", "28000"),
+    (re.compile(r'role ".*" does not exist'), "no such role", "28000"),
+    (re.compile(r'database ".*" does not exist'), "no such database", "3D000"),
+    (re.compile(r"Connection refused"), "connection refused", None),
+    (
+        re.compile(r"could not translate host name|Name or service not known"),
+        "the host name does not resolve",
+        None,
+    ),
+)
+
+
+def _connect_failure(exc: BaseException) -> str:
+    """Why a try to connect failed, in general terms: its cause's words and SQLSTATE (where
+    known) and the error's class, never the error's text (it names the host, the user, the
+    database)."""
+    import psycopg
+
+    kind = type(exc).__name__
+    if isinstance(exc, psycopg.errors.ConnectionTimeout):
+        return f"no answer within the connect timeout ({kind})"
+    text = str(exc)
+    for pattern, words, state in _CONNECT_FAILURES:
+        if pattern.search(text):
+            return f"{words} ({kind}, SQLSTATE {state})" if state else f"{words} ({kind})"
+    return f"it cannot be reached or refused the connection ({kind})"
