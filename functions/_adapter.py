@@ -149,7 +149,11 @@ class Function:
             for warning in settings.start_up_warnings():
                 log.warning(warning, extra={"stage": self.stage.name})
             preload = (settings.model,) if self.stage.loads_model else ()
-            self._service = ImageGenService(settings, preload=preload, load_on_demand=False)
+            # What the stage makes of the settings, checked before the function says ready.
+            parts = self.stage.prepare(settings) if self.stage.prepare is not None else {}
+            self._service = ImageGenService(
+                settings, preload=preload, load_on_demand=False, **parts
+            )
             self._timeout = self.stage.timeout(settings)
             self._auth = Authenticator(settings, function=self.stage.name)
         except Exception as exc:

@@ -262,9 +262,16 @@ class ConfigurationError(ImageGenError):
             across = [e["message"] for e in found if e["field"] == "body"]
             reason = "invalid settings: " + "; ".join([named, *across] if named else across)
         elif isinstance(exc, ImageGenError):
-            errors = list(exc.errors)
-            fields = ", ".join(exc.fields)
-            reason = f"invalid setting: {fields}" if fields else exc.message
+            # Refused by what reads the settings (storage, the plugins), in its own words: they
+            # name the variable and say how to fix it (``the minio preset needs
+            # IMAGEGEN_S3_ENDPOINT_URL, e.g. …``), as the CLI shows them. Its fields are
+            # settings, each named as ``name`` shows it; the message names one, or is said
+            # after them.
+            errors = [_named(e, name) for e in exc.errors]
+            variables = list(dict.fromkeys(e["field"].split(".")[0] for e in errors))
+            reason = exc.message
+            if variables and not any(variable in reason for variable in variables):
+                reason = f"invalid settings: {', '.join(variables)} ({reason})"
         else:
             errors, reason = [], type(exc).__name__
         return cls(f"{summary}: {reason}" if summary else reason, errors=errors)

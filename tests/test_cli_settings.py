@@ -331,6 +331,51 @@ def test_serve_refuses_settings_that_cannot_work_before_starting(tmp_path: Path)
 
 
 @pytest.mark.parametrize(
+    ("stage", "env", "line"),
+    [
+        (
+            "persist",
+            {"IMAGEGEN_STORAGE_URL": "azure://b/x"},
+            "invalid IMAGEGEN_STORAGE_URL: unsupported scheme 'azure'; use a path, file:// or"
+            " s3://",
+        ),
+        (
+            "enhance",
+            {"IMAGEGEN_PLUGINS": "time_of_day,nosuchplugin"},
+            "invalid settings: IMAGEGEN_PLUGINS (unknown plugin 'nosuchplugin'; known: ",
+        ),
+        (
+            "enhance",
+            {"IMAGEGEN_PLUGIN_OPTIONS": '{"art_style": {"style": 5}}'},
+            "invalid settings: IMAGEGEN_PLUGIN_OPTIONS"
+            " (plugin_options.art_style.style: must be text, got 5)",
+        ),
+    ],
+    ids=["storage", "plugins", "plugin-options"],
+)
+def test_serve_refuses_storage_and_plugins_the_function_would_refuse(
+    tmp_path: Path, stage: str, env: dict[str, str], line: str
+) -> None:
+    """It said where it served, and the function answered 503 on ``/readyz`` for good, while
+    ``imagegen generate`` refused the same settings in one line."""
+    from tests.functions.servers import free_port
+
+    command = [sys.executable, "-m", "imagegen.cli", "serve", stage, "--port", str(free_port())]
+    result = subprocess.run(
+        command,
+        cwd=tmp_path,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"imagegen: error: {line}"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "serving" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
     ("args", "env", "named"),
     [
         (["generate", "x", *SMALL], {"IMAGEGEN_TIMEZONE": "Not/AZone"}, "IMAGEGEN_TIMEZONE"),

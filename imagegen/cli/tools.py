@@ -139,8 +139,13 @@ def serve(
         )
     source = functions_dir() / f"{stage}.py"
     # Refused here in one line, as every command refuses them: the function would start, say
-    # where it serves, and answer 503 to each request until stopped.
-    settings_from()
+    # where it serves, and answer 503 to each request until stopped. What it checks as it
+    # starts, checked alike: its storage opened (nothing reached), as a command that stores
+    # images opens it, and what the stage makes of the settings (enhance's plugin set).
+    settings = settings_from(storage_url=None)
+    prepare = stages.get(stage).prepare
+    if prepare is not None:
+        prepare(settings)
     _check_bind(host, port)
     command = [sys.executable, "-m", "functions_framework", "--target", stage]
     command += ["--source", str(source), "--host", host, "--port", str(port)]

@@ -19,7 +19,7 @@ from imagegen.plugins.context import PluginContext, PromptPlugin
 from imagegen.telemetry import tracer
 from imagegen.validation import check_json_value, loads
 
-__all__ = ["MAX_RUNNING", "Busy", "run_plugin", "warm_plugin"]
+__all__ = ["MAX_RUNNING", "Busy", "answers_at_once", "refusal", "run_plugin", "warm_plugin"]
 
 logger = logging.getLogger("imagegen.plugins")
 
@@ -183,9 +183,39 @@ def _begin(plugin: PromptPlugin, context: PluginContext) -> object:
     (``blocking = False``) is called here, where the thread's round trip would cost more than
     the call, and its answer returned as it is."""
     fn = plugin.contribute
-    if inspect.iscoroutinefunction(fn) or not getattr(plugin, "blocking", True):
+    if inspect.iscoroutinefunction(fn) or answers_at_once(plugin):
         return fn(context)
     return _on_thread(context.plugin, fn, context)
+
+
+def answers_at_once(plugin: PromptPlugin) -> bool:
+    """Whether ``plugin``'s ``contribute`` is a plain function that says it never blocks
+    (``blocking = False``): a look-up in memory, called where it is needed, on no thread."""
+    return not inspect.iscoroutinefunction(plugin.contribute) and not getattr(
+        plugin, "blocking", True
+    )
+
+
+def refusal(
+    plugin: PromptPlugin, context: PluginContext
+) -> InvalidRequest | ConfigurationError | None:
+    """``plugin``'s refusal of ``context.options``, asked of a plugin that answers at once
+    (:func:`answers_at_once`) by calling it as a request would; None when it takes them, does
+    not answer at once, or fails otherwise (its own fault, which only skips it at a request).
+    """
+    if not answers_at_once(plugin):
+        return None
+    try:
+        result = plugin.contribute(context)
+    except (InvalidRequest, ConfigurationError) as exc:
+        return exc
+    except KeyboardInterrupt:
+        raise
+    except BaseException:  # as at a request: nothing a plugin raises stops the caller
+        return None
+    if inspect.iscoroutine(result):  # a plain function that returned a coroutine: not run
+        result.close()
+    return None
 
 
 async def _on_thread(name: str, fn: Callable[..., T], *args: Any) -> T:

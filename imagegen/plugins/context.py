@@ -55,7 +55,9 @@ class PromptPlugin(Protocol):
     worker thread, so blocking I/O there does not stall other requests; a plugin whose plain
     ``contribute`` neither blocks nor computes for long may set the class attribute
     ``blocking = False`` to run on the event loop instead, sparing each request a thread's
-    round trip (its time limit then cannot cut it short). Return None to add
+    round trip (its time limit then cannot cut it short); such a plugin given options in the
+    settings is also called once where the plugin set is made from them, with those options,
+    so that a value it refuses fails at start-up rather than at every request. Return None to add
     nothing; raise :class:`~imagegen.errors.InvalidRequest` for bad options (the request fails);
     any other exception only skips this plugin (raise
     :class:`~imagegen.errors.ConfigurationError` for an option only the operator sets).

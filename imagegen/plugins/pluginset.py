@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 from imagegen.errors import ConfigurationError, ImageGenError, InvalidRequest, first_line
 from imagegen.identity import aware
 from imagegen.models import Contribution
-from imagegen.plugins._running import run_plugin, warm_plugin
+from imagegen.plugins._running import refusal, run_plugin, warm_plugin
 from imagegen.plugins.context import PluginContext, PluginFactory, PluginInfo, PromptPlugin
 from imagegen.plugins.discovery import discover, distribution_of
 from imagegen.settings import Settings
@@ -76,14 +76,17 @@ class PluginSet:
         after the named ones. Only enabled plugins are instantiated. Where the settings enable
         them (no ``names``), ``settings.plugin_options`` is checked as a request's is
         (:meth:`option_errors`): an option no enabled plugin would read fails every generation
-        alike, rather than be ignored. So are the settings each enabled plugin reads, where it
+        alike, rather than be ignored; so is a value a plugin that answers at once refuses
+        (:meth:`_refused_options`). So are the settings each enabled plugin reads, where it
         says what is wrong with them (``setting_errors(time_limit)``: :meth:`setting_errors`).
 
         Raises:
-            InvalidRequest: naming ``plugins`` when a name is neither discovered nor in extra.
-            ConfigurationError: naming ``plugin_options``' variable for options that name no
-                enabled plugin, or a key their plugin does not declare; and the variable of
-                each setting an enabled plugin refuses.
+            InvalidRequest: naming ``plugins`` when one of ``names`` is neither discovered nor
+                in extra, or cannot be loaded.
+            ConfigurationError: where the settings enable the plugins, naming
+                ``plugins``' variable for such a name; ``plugin_options``' for options that
+                name no enabled plugin, a key their plugin does not declare, or a value it
+                refuses; and the variable of each setting an enabled plugin refuses.
         """
         wanted = list(dict.fromkeys(settings.plugins if names is None else names))
         plugin_set = cls(settings=settings, timeout=timeout)
@@ -91,13 +94,21 @@ class PluginSet:
         extra = list(extra)
         for plugin in extra:
             plugin_set.add(plugin, enabled=False)
-        unknown = [n for n in wanted if n not in plugin_set.available]
-        if unknown:
-            raise _unknown(unknown, plugin_set.available, "plugins")
-        plugin_set.set_order([*wanted, *(p.name for p in extra)])
+        try:
+            unknown = [n for n in wanted if n not in plugin_set.available]
+            if unknown:
+                raise _unknown(unknown, plugin_set.available, "plugins")
+            plugin_set.set_order([*wanted, *(p.name for p in extra)])
+        except InvalidRequest as exc:
+            if names is not None:
+                raise
+            # Named by the settings: every generation would fail alike, the deployment's fault.
+            said = [("plugins", e["message"]) for e in exc.errors]
+            raise plugin_set._settings_fault(said) from None
         if names is None:
             options = plugin_set.option_errors(settings.plugin_options)
             said = [("plugin_options", f"{e['field']}: {e['message']}") for e in options]
+            said += plugin_set._refused_options()
             said += [(e["field"], e["message"]) for e in plugin_set.setting_errors()]
             if said:
                 raise plugin_set._settings_fault(said)
@@ -292,6 +303,42 @@ class PluginSet:
                 if key not in declared
             )
         return errors
+
+    def _refused_options(self) -> list[tuple[str, str]]:
+        """The operator's options that the plugins answering at once refuse, (setting, why)
+        each, as :meth:`_settings_fault` takes them.
+
+        Each such plugin (a plain ``contribute`` with ``blocking = False``: a look-up in
+        memory) that the settings give options is called once with them, as a request would
+        call it (:func:`~imagegen.plugins._running.refusal`): a value it cannot take
+        (``{"art_style": {"style": 5}}``) is refused where the set is made, not at every
+        generation. A plugin that fetches or computes refuses its at each request instead
+        (:meth:`_whose`): calling it here would reach its endpoint, or build its tables,
+        before the function could say it is ready.
+        """
+        said: list[tuple[str, str]] = []
+        zone = self.settings.timezone
+        for name in self._order:
+            if not self.settings.plugin_options.get(name):
+                continue
+            context = PluginContext(
+                generation_id="settings",
+                prompt=None,
+                now=datetime.now(ZoneInfo(zone)),
+                timezone=zone,
+                seed=0,
+                settings=self.settings,
+                options=self.options_for(name),
+                plugin=name,
+            )
+            refused = refusal(self._plugins[name], context)
+            if isinstance(refused, ConfigurationError):  # its fields are variables already
+                said += [(e["field"], e["message"]) for e in refused.errors]
+            elif refused is not None:
+                said += [
+                    ("plugin_options", f"{e['field']}: {e['message']}") for e in refused.errors
+                ]
+        return said
 
     def setting_errors(self) -> list[dict[str, str]]:
         """What the enabled plugins find wrong with the settings they read, one entry per

@@ -153,6 +153,12 @@ class Stage:
             (:mod:`imagegen.auth.callers`): an event sink, which the broker alone feeds, takes
             its OIDC token only (``BROKER``); a valid API key there is a 403.
         direct: A plain-HTTP body laxer than the event's data; None: the same ``input_model``.
+        prepare: ``prepare(settings)``, once, as the settings are read, before the function
+            starts: what the stage makes of them beyond their own rules, checked without
+            reaching anything over the network, as arguments of the service it serves with
+            (enhance: its ``plugins``, each plugin's options and settings checked). A
+            :class:`~imagegen.errors.ConfigurationError` fails start-up as settings that
+            cannot be read do, for good, and ``imagegen serve`` refuses to start the function.
         start: ``await start(service)``, once, at start-up: what must work before the
             function says ready (a ledger in a local file). A failure fails start-up, as broken
             settings do: readiness says so and requests are answered 503.
@@ -174,6 +180,7 @@ class Stage:
     png: Callable[[ImageGenService, Any], Awaitable[tuple[bytes, dict[str, str]]]] | None = None
     routes: tuple[Route, ...] = ()
     direct: Direct | None = None
+    prepare: Callable[[Settings], Mapping[str, Any]] | None = None
     start: Callable[[ImageGenService], Awaitable[object]] | None = None
     warm_up: Callable[[ImageGenService], Awaitable[object]] | None = None
     callers: frozenset[Caller] = ANY_CALLER

@@ -9,6 +9,7 @@ from imagegen.models import EnhancedPrompt, GenerationRequest
 from imagegen.stages import Call, Stage
 
 if TYPE_CHECKING:
+    from imagegen.plugins import PluginSet
     from imagegen.service import ImageGenService
     from imagegen.settings import Settings
 
@@ -19,9 +20,19 @@ async def _enhance(
     return await service.enhance(request, call)
 
 
+def _prepare(settings: Settings) -> dict[str, PluginSet]:
+    # The plugin set, made before the function says ready: one the settings break (a name no
+    # plugin has, an option or a setting a plugin refuses) would fail every request of a
+    # ready process. Its plugins' modules load now, as the first request would load them;
+    # nothing is reached over the network, and no table is built.
+    from imagegen.plugins import PluginSet
+
+    return {"plugins": PluginSet.from_settings(settings)}
+
+
 async def _warm_up(service: ImageGenService) -> list[str]:
-    # The stage, its Ollama client and its plugins are made here, as a first request would
-    # make them, and the plugins that can build their tables (the holiday calendars).
+    # The stage and its Ollama client are made here, as a first request would make them, and
+    # the plugins that can build their tables (the holiday calendars).
     return await service.enhance_stage.warm_up()
 
 
@@ -41,5 +52,6 @@ STAGE = Stage(
     handler=_enhance,
     timeout=_timeout,
     starts_generations=True,
+    prepare=_prepare,
     warm_up=_warm_up,
 )

@@ -17,18 +17,22 @@ import asyncio
 import json
 import logging
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import httpx
-
-from imagegen._http import AiohttpTransport, BodyTooLarge
 from imagegen._redact import redact_url
 from imagegen.errors import InvalidRequest
 from imagegen.models import Contribution
 from imagegen.plugins import PluginContext
 from imagegen.settings import Settings, _http_url
 from imagegen_plugins._options import invalid_option, invalid_setting, option_str
+
+if TYPE_CHECKING:
+    import httpx
+
+# httpx and aiohttp (about 0.2 s of imports) load where a fetch needs them, not with the
+# plugin: enhance makes its plugin set before it is ready, and with no endpoint configured this
+# plugin never fetches.
 
 __all__ = ["MAX_VALUES", "MAX_VALUE_CHARS", "RemoteContextPlugin", "TooLarge"]
 
@@ -57,6 +61,8 @@ def _url_problem(url: str) -> str | None:
         _http_url(url)
     except ValueError as exc:
         return str(exc)
+    import httpx
+
     try:
         httpx.URL(url)
     except httpx.InvalidURL:
@@ -107,7 +113,7 @@ class RemoteContextPlugin:
         # a fetch than httpcore's pool. Its cap bounds the body as sent and once decompressed,
         # a chunk at a time; a transport given here should be made with that cap too (fetch
         # still drops a body past it, but cannot bound what one chunk decompresses to).
-        self._transport = transport or AiohttpTransport(max_body=settings.remote_context_max_bytes)
+        self._transport: httpx.AsyncBaseTransport | None = transport  # else made with the client
         self._client: httpx.AsyncClient | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
 
@@ -118,7 +124,13 @@ class RemoteContextPlugin:
         machine, loading the CA bundle) and open a connection for each one. A client's
         connections belong to the loop that opened them, so another loop gets its own.
         """
+        import httpx
+
         loop = asyncio.get_running_loop()
+        if self._transport is None:
+            from imagegen._http import AiohttpTransport
+
+            self._transport = AiohttpTransport(max_body=self.settings.remote_context_max_bytes)
         if self._client is None or self._client_loop is not loop:
             timeout = self.settings.remote_context_timeout
             self._client = httpx.AsyncClient(timeout=timeout, transport=self._transport)
@@ -129,6 +141,8 @@ class RemoteContextPlugin:
         """Make the client (and its TLS context) when an endpoint is configured; fetch nothing."""
         configured = self.settings.plugin_options.get(self.name, {})
         if option_str(configured, self.name, "url") or self.settings.remote_context_url:
+            from imagegen._http import AiohttpTransport
+
             self._http()
             if isinstance(self._transport, AiohttpTransport):
                 self._transport.tls_context()
@@ -184,6 +198,8 @@ class RemoteContextPlugin:
                 :class:`httpx.DecodingError` for a body it cannot decompress.
             TooLarge: the body is over the cap.
         """
+        from imagegen._http import BodyTooLarge
+
         cap = self.settings.remote_context_max_bytes
         headers = {
             "Accept": "application/json",
@@ -224,6 +240,8 @@ class RemoteContextPlugin:
         if not option and (problem := _url_problem(url)):
             logger.warning("remote_context_url: %s; skipped", problem)
             return None
+        import httpx
+
         timeout = self.settings.remote_context_timeout
         try:
             async with asyncio.timeout(timeout):

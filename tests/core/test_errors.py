@@ -60,6 +60,49 @@ def test_a_configuration_error_names_the_settings_never_their_values() -> None:
     assert "IMAGEGEN_PNG_ENCODE_THREADS" in shown.message
 
 
+@pytest.mark.parametrize(
+    ("env", "message", "field"),
+    [
+        (
+            {"IMAGEGEN_STORAGE_URL": "s3://imagegen/x", "IMAGEGEN_S3_PRESET": "minio"},
+            "persist could not start: the minio preset needs IMAGEGEN_S3_ENDPOINT_URL,"
+            " e.g. http://minio.<namespace>.svc:9000",
+            "IMAGEGEN_S3_ENDPOINT_URL",
+        ),
+        (
+            {"IMAGEGEN_STORAGE_URL": "azure://b/x"},
+            "persist could not start: invalid IMAGEGEN_STORAGE_URL: unsupported scheme 'azure';"
+            " use a path, file:// or s3://",
+            "IMAGEGEN_STORAGE_URL",
+        ),
+    ],
+    ids=["preset", "scheme"],
+)
+def test_a_refusal_of_what_reads_the_settings_keeps_its_words_and_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str, field: str
+) -> None:
+    """A function said ``invalid setting: s3_endpoint_url``: the field, not the variable the
+    docs name, and without the hint the CLI shows for the same settings."""
+    from imagegen.settings import Settings
+    from imagegen.storage import open_storage
+
+    for variable, value in env.items():
+        monkeypatch.setenv(variable, value)
+    try:
+        open_storage(Settings())
+    except ConfigurationError as exc:
+        refused = exc
+    else:
+        raise AssertionError(f"{env} opened a storage")
+    error = ConfigurationError.of("persist could not start", refused, name=Settings.variable)
+    assert error.message == message
+    assert error.fields == [field]
+    # A refusal whose words name no setting names the variables before them.
+    bare = ConfigurationError("no words", errors=[{"field": "storage_url", "message": "why"}])
+    named = ConfigurationError.of("", bare, name=Settings.variable)
+    assert named.message == "invalid settings: IMAGEGEN_STORAGE_URL (no words)"
+
+
 def test_a_rule_across_settings_is_given_in_its_own_words() -> None:
     exc = _settings_error(model="black-forest-labs/FLUX.1-schnell", served_models=["tiny"])
     error = ConfigurationError.of("enhance could not start", exc)

@@ -223,10 +223,58 @@ def test_a_misconfigured_function_answers_503_not_400(
     for _ in range(3):
         reply = post_event(enhance.url, GENERATION_REQUESTED, {"prompt": "fine"}, subject="cfg-1")
         assert reply.status_code == 503, reply.text
-        assert "storage_url" in reply.json()["message"]
+        assert "invalid IMAGEGEN_STORAGE_URL: unsupported scheme" in reply.json()["message"]
         assert int(reply.headers["retry-after"]) > 0
     logs = [r for r in enhance.log_records() if r.get("message", "").startswith("start-up failed")]
     assert len(logs) == 1
+
+
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        ({"IMAGEGEN_PLUGINS": "time_of_day,nosuchplugin"}, "IMAGEGEN_PLUGINS (unknown plugin"),
+        (
+            {"IMAGEGEN_REMOTE_CONTEXT_URL": "notaurl"},
+            "IMAGEGEN_REMOTE_CONTEXT_URL (not an http:// or https:// URL with a host)",
+        ),
+        (
+            {
+                "IMAGEGEN_REMOTE_CONTEXT_URL": "http://127.0.0.1:9/context",
+                "IMAGEGEN_REMOTE_CONTEXT_TIMEOUT": "10",
+            },
+            "IMAGEGEN_REMOTE_CONTEXT_TIMEOUT (10s is not below",
+        ),
+        (
+            {"IMAGEGEN_PLUGIN_OPTIONS": '{"nosuch": {}}'},
+            "IMAGEGEN_PLUGIN_OPTIONS (plugin_options.nosuch: no enabled plugin",
+        ),
+        (
+            {"IMAGEGEN_PLUGIN_OPTIONS": '{"art_style": {"stlye": "ukiyo-e"}}'},
+            "IMAGEGEN_PLUGIN_OPTIONS (plugin_options.art_style.stlye: unknown option",
+        ),
+        (
+            {"IMAGEGEN_PLUGIN_OPTIONS": '{"art_style": {"style": 5}}'},
+            "IMAGEGEN_PLUGIN_OPTIONS (plugin_options.art_style.style: must be text, got 5)",
+        ),
+    ],
+    ids=["unknown-plugin", "url", "timeout", "options-name", "options-key", "options-value"],
+)
+def test_plugin_settings_that_fail_every_request_fail_start_up(
+    start_server: StartServer, tmp_path: Path, env: dict[str, str], said: str
+) -> None:
+    """The function turned ready, then answered every request 503 naming the setting, with
+    only a warning of its warm-up in the log: refused at start-up instead, as any setting
+    that cannot work is."""
+    enhance = start_server("enhance", {**base_env(tmp_path / "store"), **env})
+    ready = httpx.get(enhance.url + "/readyz")
+    assert ready.status_code == 503 and ready.json()["status"] == "start-up failed"
+    reply = enhance.post("/", json={"prompt": "a paper boat"})
+    assert reply.status_code == 503 and reply.json()["error"] == "not_configured", reply.text
+    assert f"enhance could not start: invalid settings: {said}" in reply.json()["message"]
+    lines = [r for r in enhance.log_records() if r["message"].startswith("start-up failed")]
+    assert [r["level"] for r in lines] == ["ERROR"], lines
+    assert said in lines[0]["message"]
+    assert not [r for r in enhance.log_records() if r["message"].startswith("warm-up failed")]
 
 
 def test_a_misconfigured_function_names_the_variable_that_was_set(tmp_path: Path) -> None:

@@ -292,3 +292,23 @@ def test_a_propagator_not_installed_is_a_start_up_failure_not_an_import_error(
     # last-resort handler writes it.
     said = [line for line in result.stderr.splitlines() if "start-up failed" in line]
     assert len(said) == 1 and "no propagator 'b3' is installed" in said[0], result.stderr
+
+
+FETCHING = ("httpx", "aiohttp")
+"""What a fetch needs (the remote_context plugin's, Ollama's): no part of enhance's readiness,
+which makes its plugin set, the remote_context plugin among the defaults, with no endpoint."""
+
+
+def test_enhance_is_ready_with_its_plugin_set_and_no_http_client(tmp_path: Path) -> None:
+    source = str(ROOT / "functions" / "enhance.py")
+    code = READY_THEN_REQUEST.format(stage="enhance", source=source, modules=FETCHING)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=_function_env(tmp_path),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    state = json.loads(result.stdout.strip().splitlines()[-1])
+    assert state["at_ready"] == [], state

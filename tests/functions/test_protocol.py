@@ -425,8 +425,8 @@ def test_reply_header_values_are_percent_encoded(enhance: InProcessFunction) -> 
     ("env", "variable"),
     [
         ({"IMAGEGEN_PLUGINS": "time_of_day,nope"}, "IMAGEGEN_PLUGINS"),
-        (
-            {"IMAGEGEN_PLUGIN_OPTIONS": '{"art_style": {"style": "nope"}}'},
+        (  # holiday computes: it refuses a value at each request, not at start-up
+            {"IMAGEGEN_PLUGIN_OPTIONS": '{"holiday": {"horizon_days": "nope"}}'},
             "IMAGEGEN_PLUGIN_OPTIONS",
         ),
         (  # an option no plugin reads: a misspelt key is not ignored
@@ -449,9 +449,9 @@ def test_plugin_settings_that_cannot_work_are_the_deployments_fault(
         event = enhance.post("/", headers=cloudevent_headers(GENERATION_REQUESTED), json=request)
         assert event.status_code == 503 and "ce-type" not in event.headers
         if "nope" in env.get("IMAGEGEN_PLUGIN_OPTIONS", ""):  # the request's own is the caller's
-            mine = {**request, "plugin_options": {"art_style": {"style": "nope"}}}
+            mine = {**request, "plugin_options": {"holiday": {"horizon_days": "mine"}}}
             refused = enhance.post("/", json=mine)
-            assert fields(refused) == {"plugin_options.art_style.style"}
+            assert fields(refused) == {"plugin_options.holiday.horizon_days"}
 
 
 @pytest.mark.parametrize(
