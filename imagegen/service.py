@@ -339,20 +339,13 @@ class ImageGenService:
 
 
 def _plugins_of(settings: Settings) -> PluginSet:
-    """The plugins the settings enable: a name no plugin has is the deployment's fault, a
-    :class:`ConfigurationError` (503, retried) rather than every request's 400."""
-    from imagegen.errors import ConfigurationError
+    """The plugins the settings enable; settings no request could get past (a name no plugin
+    has, options or settings a plugin refuses) are the deployment's fault, a
+    :class:`~imagegen.errors.ConfigurationError` (503, retried), raised by
+    :meth:`PluginSet.from_settings` itself."""
     from imagegen.plugins import PluginSet
 
-    try:
-        return PluginSet.from_settings(settings)
-    except InvalidRequest as exc:
-        variable = settings.variable("plugins")
-        reasons = "; ".join(e["message"] for e in exc.errors)
-        raise ConfigurationError(
-            f"invalid settings: {variable} ({reasons})",
-            errors=[{"field": variable, "message": reasons}],
-        ) from None
+    return PluginSet.from_settings(settings)
 
 
 class _Chain:
