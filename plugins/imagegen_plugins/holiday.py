@@ -24,8 +24,6 @@ from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import holidays
-
 from imagegen.models import Contribution
 from imagegen.plugins import PluginContext
 from imagegen.settings import Settings
@@ -62,6 +60,8 @@ def _supported() -> dict[str, dict[str, str]]:
     """The library's countries (aliases too: ``UK``, ``GBR``), made on the first call."""
     global _SUPPORTED
     if _SUPPORTED is None:
+        import holidays  # here, not with the plugin: enhance makes its plugins before ready
+
         listed = holidays.list_supported_countries()
         for country in listed:
             entity = getattr(holidays, country)  # the country's class: read, not built
@@ -173,6 +173,8 @@ def _build_year(code: str, language: str | None, year: int) -> _Calendar:
     Without observed days: a feast falling on a weekend is kept on its date, not named a
     second time on the weekday it is observed ("Independence Day (observed)").
     """
+    import holidays
+
     country, _, subdiv = code.partition("-")
     calendar = holidays.country_holidays(
         country, subdiv=subdiv or None, years=year, language=language, observed=False

@@ -294,14 +294,14 @@ def test_a_propagator_not_installed_is_a_start_up_failure_not_an_import_error(
     assert len(said) == 1 and "no propagator 'b3' is installed" in said[0], result.stderr
 
 
-FETCHING = ("httpx", "aiohttp")
-"""What a fetch needs (the remote_context plugin's, Ollama's): no part of enhance's readiness,
-which makes its plugin set, the remote_context plugin among the defaults, with no endpoint."""
+AFTER_READY = ("httpx", "aiohttp", "holidays")
+"""What a fetch needs (the remote_context plugin's, Ollama's) and the holiday calendars: no
+part of enhance's readiness, which makes its plugin set (the default plugins, no endpoint)."""
 
 
 def test_enhance_is_ready_with_its_plugin_set_and_no_http_client(tmp_path: Path) -> None:
     source = str(ROOT / "functions" / "enhance.py")
-    code = READY_THEN_REQUEST.format(stage="enhance", source=source, modules=FETCHING)
+    code = READY_THEN_REQUEST.format(stage="enhance", source=source, modules=AFTER_READY)
     result = subprocess.run(
         [sys.executable, "-c", code],
         cwd=tmp_path,
