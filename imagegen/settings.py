@@ -97,6 +97,11 @@ def _ledger_url(value: SecretStr | None) -> SecretStr | None:
     return value
 
 
+def _until(text: str, stops: str) -> int:
+    """The index of ``text``'s first character among ``stops``; its length where none is."""
+    return next((i for i, c in enumerate(text) if c in stops), len(text))
+
+
 def _postgres_url_problem(url: str) -> str | None:
     """What libpq would refuse in the ports of ``url`` before connecting, never the text that
     stood there; None when they are fine.
@@ -108,24 +113,38 @@ def _postgres_url_problem(url: str) -> str | None:
     every query; it is not used here either way: importing psycopg would cost every function's
     start.
     """
+    import re
     from urllib.parse import unquote  # libpq decodes %xx in every part
 
-    try:
-        parts = urlsplit(url)
-    except ValueError as exc:
-        return _port_problem(exc)
+    # Split as libpq splits it (fe-connect.c, conninfo_uri_parse_options), not as a web URL:
+    # the credentials end at the first "@" before any "/", so a password may hold "?", "#",
+    # "[" or "]"; then comma-separated hosts, "[IPv6]" or up to ":", "/", "?" or ",", each
+    # with a port up to "/", "?" or ","; then "/dbname" and "?params".
+    rest = url.partition("://")[2]
+    credentials = re.match(r"[^@/]*@", rest)
+    if credentials:
+        rest = rest[credentials.end() :]
     ports = []
-    for host in parts.netloc.rpartition("@")[2].split(","):
-        if host.startswith("["):  # an IPv6 address: [::1]:5432
-            _, bracket, rest = host.partition("]")
-            if not bracket or (rest and not rest.startswith(":")):
+    while True:
+        if rest.startswith("["):  # an IPv6 address: [::1]:5432
+            closing = rest.find("]")
+            if closing < 0:
                 return "its IPv6 host is not enclosed in [ and ]"
-            ports.append(rest[1:])
+            rest = rest[closing + 1 :]
+            if rest[:1] not in ("", ":", "/", "?", ","):
+                return "its IPv6 host is not enclosed in [ and ]"
         else:
-            ports.append(host.partition(":")[2])
-    for pair in parts.query.split("&"):
+            rest = rest[_until(rest, ":/?,") :]
+        if rest.startswith(":"):
+            port = rest[1 : 1 + _until(rest[1:], "/?,")]
+            ports.append(port)
+            rest = rest[1 + len(port) :]
+        if not rest.startswith(","):
+            break
+        rest = rest[1:]
+    for pair in rest.partition("?")[2].split("&"):
         name, _, given = pair.partition("=")
-        if name == "port":
+        if unquote(name) == "port":
             ports.extend(given.split(","))
     for port in filter(None, map(unquote, ports)):
         if not port.isascii() or not port.isdigit():

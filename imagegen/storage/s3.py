@@ -516,6 +516,12 @@ def _check_bucket(bucket: str, *, field: str, preset: str) -> str:
     problem = None
     if not _BUCKET.fullmatch(bucket) or ".." in bucket:
         problem = "not a valid bucket name"
+    elif preset == "aws" and "_" in bucket:
+        # A legacy name: buckets made in us-east-1 before March 2018 could hold underscores
+        # (and be longer than 63 characters), and S3 still serves them, path-style (botocore's
+        # "auto" addressing takes that for a name that is not a DNS name). No other rule
+        # applies to them, and no bucket of another store has one.
+        pass
     elif preset != "gcs":  # GCS has rules of its own (underscores, 222 characters with dots)
         why = _s3_bucket_problem(bucket)
         problem = f"not a valid S3 bucket name ({why})" if why else None

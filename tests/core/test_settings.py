@@ -363,6 +363,11 @@ def test_a_postgresql_ledger_url_whose_port_libpq_refuses_is_refused(url: str, s
         "postgresql://pg:pw@[::1]:5432/imagegen",
         "postgresql:///imagegen?host=/run/postgresql&port=5433",
         "postgresql://pg:pw@db:%35432/imagegen",  # percent-encoded, as libpq decodes it
+        # libpq ends the credentials at the first "@" before any "/": a password may hold
+        # what ends a web URL's authority or brackets an IPv6 host
+        "postgresql://pg:p?x#y]z@db:5432/imagegen",
+        "postgresql://pg:p[w@db/imagegen",
+        "postgresql://pg:p]w@[::1]:5432/imagegen",
     ],
 )
 def test_a_postgresql_ledger_url_libpq_reads_is_taken(url: str) -> None:
