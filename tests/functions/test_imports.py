@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,12 +30,18 @@ print(json.dumps(sorted(m for m in {heavy!r} if m in sys.modules)))
 """
 
 
-def _loaded(code: str, env: dict[str, str], cwd: Path) -> list[str]:
+def _run(code: str, env: dict[str, str], cwd: Path) -> tuple[Any, str]:
+    """``code`` run in a new interpreter, which must succeed: the JSON its last line prints,
+    and what it wrote to stderr (the function's log)."""
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
-    loaded: list[str] = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
+
+
+def _loaded(code: str, env: dict[str, str], cwd: Path) -> list[str]:
+    loaded: list[str] = _run(code, env, cwd)[0]
     return loaded
 
 
@@ -105,11 +112,7 @@ def test_enhance_skips_httpx_command_line_and_pydantic_plugin_scan(
     if plugins is not None:
         env["PYDANTIC_DISABLE_PLUGINS"] = plugins
     code = TALK_TO_OLLAMA.format(source=str(ROOT / "functions" / "enhance.py"))
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr
-    state = json.loads(result.stdout.strip().splitlines()[-1])
+    state = _run(code, env, tmp_path)[0]
     expected = {"loaded": ["httpx"], "cli": True, "plugins_looked_for": plugins == ""}
     assert state == expected, state
 
@@ -160,11 +163,7 @@ def test_start_up_leaves_what_it_loaded_out_of_collections(storage: str, tmp_pat
     }
     source = str(ROOT / "functions" / "persist.py")
     code = GC_STATE.format(stage="persist", source=source)
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr
-    state = json.loads(result.stdout.strip().splitlines()[-1])
+    state = _run(code, env, tmp_path)[0]
     assert state["status"] == (200 if storage == "store" else 503)
     assert state["enabled"], "start-up left garbage collection off"
     # Frozen before gunicorn forks (at import), and again once started: a full collection in
@@ -213,15 +212,7 @@ def test_a_function_builds_only_its_stages_models_and_once_ready(
     """imagegen.models defers its validators; a function builds those its stage uses (before
     its first request, after readiness where it has a warm-up) and no other."""
     code = MODELS_BUILT.format(stage=stage, source=str(ROOT / "functions" / f"{stage}.py"))
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        env=_function_env(tmp_path),
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr
-    built = json.loads(result.stdout.strip().splitlines()[-1])
+    built = _run(code, _function_env(tmp_path), tmp_path)[0]
     assert built["at_import"] == [], built
     assert set(built["ready"]) == models, built
 
@@ -251,17 +242,9 @@ def test_readiness_loads_no_trace_propagators(stage: str, tmp_path: Path) -> Non
     before ``/readyz`` answers; that request is still logged in its caller's trace."""
     source = str(ROOT / "functions" / f"{stage}.py")
     code = READY_THEN_REQUEST.format(stage=stage, source=source, modules=REQUEST_ONLY)
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        env=_function_env(tmp_path),
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr
-    state = json.loads(result.stdout.strip().splitlines()[-1])
+    state, stderr = _run(code, _function_env(tmp_path), tmp_path)
     assert state["at_ready"] == [], state
-    lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     failed = [line for line in lines if line["message"].startswith("request failed")]
     assert [line.get("trace_id") for line in failed] == ["0af7651916cd43dd8448eb211c80319c"]
 
@@ -282,16 +265,12 @@ def test_a_propagator_not_installed_is_a_start_up_failure_not_an_import_error(
     for any setting that cannot work, instead of the API's ValueError while importing."""
     code = BAD_PROPAGATOR.format(source=str(ROOT / "functions" / "persist.py"))
     env = _function_env(tmp_path, OTEL_PROPAGATORS="tracecontext,b3")
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr
-    state = json.loads(result.stdout.strip().splitlines()[-1])
+    state, stderr = _run(code, env, tmp_path)
     assert state["status"] == 503 and state["body"]["status"] == "start-up failed", state
     # Said before the JSON log handler is installed (the check comes first), as Python's
     # last-resort handler writes it.
-    said = [line for line in result.stderr.splitlines() if "start-up failed" in line]
-    assert len(said) == 1 and "no propagator 'b3' is installed" in said[0], result.stderr
+    said = [line for line in stderr.splitlines() if "start-up failed" in line]
+    assert len(said) == 1 and "no propagator 'b3' is installed" in said[0], stderr
 
 
 AFTER_READY = ("httpx", "aiohttp", "holidays")
@@ -302,13 +281,5 @@ part of enhance's readiness, which makes its plugin set (the default plugins, no
 def test_enhance_is_ready_with_its_plugin_set_and_no_http_client(tmp_path: Path) -> None:
     source = str(ROOT / "functions" / "enhance.py")
     code = READY_THEN_REQUEST.format(stage="enhance", source=source, modules=AFTER_READY)
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        env=_function_env(tmp_path),
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr
-    state = json.loads(result.stdout.strip().splitlines()[-1])
+    state = _run(code, _function_env(tmp_path), tmp_path)[0]
     assert state["at_ready"] == [], state
