@@ -45,10 +45,12 @@ async def claim_image(
     """The PNG an event's claim check points at, once shown to be the one it describes.
 
     Args:
-        size: The stored object's size in bytes, as the event (or its record) gives it: one
-            larger than any render makes is refused before anything is read.
+        size: The stored object's size in bytes, as storage (or the image's record) gives it:
+            one larger than any render makes is refused before anything is read.
 
     Raises:
+        DependencyUnavailable: fewer (or more) bytes were read than ``size``: a read cut
+            short is a storage fault, retried, not an image that differs from its event.
         InvalidRequest: ``size`` is over :data:`~imagegen.models.MAX_PNG_BYTES` (field
             ``size``), nothing is stored under ``key`` (field ``key``), or what is stored has
             another digest (field ``sha256``). A claim check that points at nothing is a bad
@@ -59,6 +61,15 @@ async def claim_image(
         png = await storage.get(key)
     except NotFound:
         raise _missing(key) from None
+    if len(png) != size:
+        # Fewer bytes than the store holds is a download cut short (a reset, a proxy that
+        # truncates), not another image: its digest would differ and fail the generation for
+        # good. The next delivery reads it again.
+        raise DependencyUnavailable(
+            f"image {key!r} was read as {len(png):,} bytes where storage holds {size:,}:"
+            " the read was cut short",
+            retry_after=5,
+        )
     digest = hashlib.sha256(png).hexdigest()
     if digest != sha256:
         raise InvalidRequest(

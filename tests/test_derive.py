@@ -491,3 +491,29 @@ async def test_a_stored_thumbnail_of_the_same_pixels_keeps_this_replicas_size(
     async with ImageGenService(_sized(tmp_path, 384)) as two:
         derived = await two.derive(persisted)
     assert derived.thumbnail_size == 384
+
+
+async def test_an_image_read_cut_short_is_a_retryable_503_not_a_failed_generation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fewer bytes read than the record says the image holds is a download cut short, not
+    another image: a 503, retried, where derive failed the generation for good ("does not
+    match its record"). The next delivery reads it whole and derives it."""
+    async with ImageGenService(settings(tmp_path, [32])) as service:
+        persisted = await service.persist(await stored(service, "d-short"))
+        get = service.storage.get
+
+        async def cut_short(key: str) -> bytes:
+            data = await get(key)
+            return data[: len(data) // 2] if key == persisted.key else data
+
+        monkeypatch.setattr(service.storage, "get", cut_short)
+        with pytest.raises(DependencyUnavailable) as caught:
+            await service.derive(persisted)
+        assert caught.value.status == 503 and caught.value.retry_after
+        assert persisted.key in caught.value.message
+        assert not list(tmp_path.rglob("*.derivatives.json"))
+
+        monkeypatch.setattr(service.storage, "get", get)
+        derived = await service.derive(persisted)
+    assert (tmp_path / derived.keys["avif:32"]).exists()

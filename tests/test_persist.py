@@ -563,3 +563,31 @@ async def test_a_png_larger_in_bytes_than_any_render_makes_is_refused_unread(
             await _stored_as_render(service.storage, "chunky-2", fitting)
         )
     assert persisted.size == MAX_PNG_BYTES
+
+
+async def test_an_image_read_cut_short_is_a_retryable_503_not_a_failed_generation(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A download that ended early (a reset the store's client let through, a proxy that
+    truncates) gave bytes of another digest, and persist failed the generation for good
+    ("does not match the event"). Fewer bytes than the store said it holds is a storage
+    fault: a 503, and the next delivery, reading it whole, persists the image."""
+    async with ImageGenService(settings) as service:
+        rendered = await _stored_as_render(service.storage, "short-1", png(*JOB_SIZE))
+        get = service.storage.get
+
+        async def cut_short(key: str) -> bytes:
+            data = await get(key)
+            return data[: len(data) // 2] if key == rendered.key else data
+
+        monkeypatch.setattr(service.storage, "get", cut_short)
+        with pytest.raises(DependencyUnavailable) as caught:
+            await service.persist(rendered)
+        assert caught.value.status == 503 and caught.value.retry_after
+        assert rendered.key in caught.value.message
+        metadata = GenerationKeys.of_image("short-1", rendered.key).metadata
+        assert await service.storage.head(metadata) is None
+
+        monkeypatch.setattr(service.storage, "get", get)
+        persisted = await service.persist(rendered)
+    assert persisted.sha256 == rendered.sha256

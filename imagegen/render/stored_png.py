@@ -191,17 +191,30 @@ def claim_key(generation_id: str) -> str:
 
 
 async def claimed(storage: Storage, generation_id: str) -> str | None:
-    """The image key ``generation_id`` is claimed for; None while it is not (or its claim is
-    not one this code wrote: it decides nothing).
+    """The image key ``generation_id`` is claimed for; None while it is not.
 
     Raises:
-        DependencyUnavailable: storage cannot say.
+        DependencyUnavailable: storage cannot say, or the claim stored cannot be read (a read
+            cut short, a damaged object). Taken for no claim, it let a job of another day under
+            a claimed id store a second image; retried, the next delivery reads it whole (one
+            that stays unreadable must be repaired or removed by an operator).
     """
+    key = claim_key(generation_id)
     try:
-        image = json.loads(await storage.get(claim_key(generation_id))).get("image")
-    except (NotFound, ValueError, AttributeError):
+        body = await storage.get(key)
+    except NotFound:
         return None
-    return image if isinstance(image, str) else None
+    try:
+        image = json.loads(body).get("image")
+    except (ValueError, RecursionError, AttributeError):  # not JSON, not an object
+        image = None
+    if not isinstance(image, str):
+        raise DependencyUnavailable(
+            f"the claim {key!r} of generation {generation_id!r} cannot be read: it says"
+            " which job may store the generation's image, so none is stored until it is",
+            retry_after=5,
+        )
+    return image
 
 
 def claimed_day(generation_id: str, image: str | None) -> datetime | None:

@@ -197,8 +197,16 @@ class S3Storage(ObjectStore):
 
         def read() -> bytes:
             response = self._client.get_object(Bucket=self.bucket, Key=object_key)
-            with response["Body"] as body:
+            # Read through the StreamingBody itself, not ``with`` it: its __enter__ gives the
+            # raw urllib3 stream (botocore/response.py), whose reads skip botocore's checks:
+            # a reset mid-body is no BotoCoreError (ResponseStreamingError), a body shorter
+            # than its Content-Length is not refused (IncompleteReadError), and the response
+            # checksum is not validated (StreamingChecksumBody.read, FlexibleChecksumError).
+            body = response["Body"]
+            try:
                 return bytes(body.read())
+            finally:
+                body.close()
 
         try:
             return await self._call("GetObject", read)

@@ -344,6 +344,35 @@ async def test_a_claim_whose_image_is_not_stored_is_not_called_rendered(tmp_path
     assert not list(tmp_path.rglob("*.png"))
 
 
+@pytest.mark.parametrize("cut", [1, 10, -2])
+async def test_a_claim_read_cut_short_is_a_retryable_503_not_no_claim(
+    tmp_path: Path, cut: int
+) -> None:
+    """A claim that could not be read (a download cut short) counted as no claim: a job of
+    another day under a claimed id stored a second image. An existing claim that cannot be
+    read is a storage fault: a 503, retried, and no image stored."""
+    from datetime import timedelta
+
+    from imagegen.storage.base import GenerationKeys
+
+    storage = LocalStorage(tmp_path)
+    first = job("cut-claim")
+    keys = GenerationKeys(first.generation_id, first.requested_at)
+    await stored_png.claim(storage, first, keys)
+    claim = tmp_path / stored_png.claim_key(first.generation_id)
+    claim.write_bytes(claim.read_bytes()[:cut])
+    later = first.model_copy(update={"requested_at": first.requested_at + timedelta(days=1)})
+    backend = SlowBackend(0.0)
+    render = stage(backend, tmp_path, queue=4)
+
+    for each in (later, first):
+        with pytest.raises(DependencyUnavailable) as caught:
+            await render.render(each)
+        assert caught.value.status == 503
+        assert stored_png.claim_key(first.generation_id) in caught.value.message
+    assert not list(tmp_path.rglob("*.png"))
+
+
 def _reordered(job: EnhancedPrompt) -> EnhancedPrompt:
     """``job`` as a retry may write it: its metadata's keys in another order, its time at +02:00."""
     from datetime import timedelta, timezone

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import socket
+import struct
+import threading
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
@@ -16,10 +21,10 @@ from imagegen.errors import (
     ImageGenError,
     InternalError,
 )
-from imagegen.storage import GenerationKeys, S3Storage
+from imagegen.storage import GenerationKeys, S3Storage, s3_options
 from imagegen.storage._s3_client import _instrument_botocore
-from tests.fakes.s3_server import RecordedRequest, S3Server
-from tests.storage.conftest import MakeS3
+from tests.fakes.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, RecordedRequest, S3Server
+from tests.storage.conftest import MakeS3, fast_options
 
 KEYS = GenerationKeys("gen-0002", datetime(2026, 5, 1, tzinfo=UTC))
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 4096
@@ -579,6 +584,79 @@ async def test_no_credentials_at_all(s3: S3Server, bucket: str) -> None:
         await storage.put(KEYS.image, PNG, content_type="image/png")
     assert "credentials" in error.value.message
     assert s3.requests == []
+
+
+class _BrokenBody(threading.Thread):
+    """One-request-per-connection HTTP server on loopback whose GETs start a 200 answer of
+    ``len(PNG)`` bytes and break it as ``how`` says: ``"short"`` sends part of the body then
+    closes, ``"reset"`` sends part then resets the connection, ``"checksum"`` sends it whole
+    under a CRC32 of other bytes."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__(daemon=True)
+        self.how = how
+        self.listener = socket.socket()
+        for port in range(50900, 51000):
+            try:
+                self.listener.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                continue
+        self.listener.listen()
+        self.endpoint = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    data = conn.recv(65536)
+                    if not data:
+                        break
+                    request += data
+                crc = base64.b64encode(zlib.crc32(b"other").to_bytes(4, "big")).decode()
+                head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(PNG)}\r\n"
+                if self.how == "checksum":
+                    head += f"x-amz-checksum-crc32: {crc}\r\n"
+                conn.sendall(f"{head}Connection: close\r\n\r\n".encode())
+                if self.how == "checksum":
+                    conn.sendall(PNG)
+                    continue
+                conn.sendall(PNG[:100])
+                if self.how == "reset":  # SO_LINGER of 0: close() sends an RST
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    def stop(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize("how", ["short", "reset", "checksum"])
+async def test_a_body_cut_short_or_damaged_is_retryable(how: str) -> None:
+    """A body read through the raw stream (the ``with`` of botocore's StreamingBody gives it,
+    botocore/response.py) escaped botocore's errors: a reset was a 500, a short body was
+    not told apart from a whole one, and a wrong checksum went unchecked."""
+    server = _BrokenBody(how)
+    server.start()
+    options = s3_options(
+        "aws",
+        endpoint_url=server.endpoint,
+        access_key_id=SecretStr(ACCESS_KEY_ID),
+        secret_access_key=SecretStr(SECRET_ACCESS_KEY),
+    )
+    storage = S3Storage("any-bucket", "", fast_options(options))
+    try:
+        with pytest.raises(DependencyUnavailable) as error:
+            await storage.get(KEYS.image)
+    finally:
+        server.stop()
+
+    assert error.value.retryable
+    assert error.value.status == 503
+    assert "GetObject" in error.value.message
 
 
 # 5. Tracing
