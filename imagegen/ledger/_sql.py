@@ -91,7 +91,10 @@ TIME_COLUMNS = frozenset(
 _EXPORT_BATCH = 1000
 # What a write that met another (a deadlock, a lock not granted in time: PostgreSQL's SQLSTATE
 # class 40 and 55P03; SQLite's lock held past its busy timeout) answers, retryable, on both.
-BUSY = "the ledger database could not complete the write now (it met another write); retry"
+BUSY = (
+    "the ledger database could not answer now (a lock held by another write or session was"
+    " not granted in time); retry"
+)
 BUSY_RETRY_AFTER = 1.0
 # A page of history, its conditions in ``{where}``; AFTER, the condition a cursor adds. Its
 # second part says nothing the first does not: SQLite seeks an index on an expression by a

@@ -188,3 +188,35 @@ def test_alerts_on_enhance_traffic_count_only_the_requests_it_admitted() -> None
         'stage="enhance", outcome="fallback"',
         'stage="enhance", outcome=~"success|fallback"',
     ]
+
+
+def test_the_fallback_panel_shows_the_ratio_its_alert_fires_on() -> None:
+    # Divided by every enhance outcome (refusals, redeliveries), the panel showed 8% where the
+    # alert fired on 40%.
+    panel = next(
+        p
+        for p in json.loads(DASHBOARD.read_text())["panels"]
+        if p["title"] == "Enhance fallback ratio"
+    )
+    [target] = panel["targets"]
+    ratio = re.findall(r"imagegen_generations_total\{([^}]*)\}", target["expr"])
+    [alert] = [r["expr"] for r in alert_rules() if r["alert"] == "ImagegenEnhanceFallbackRatioHigh"]
+    assert ratio == re.findall(r"imagegen_generations_total\{([^}]*)\}", alert)
+
+
+def test_the_sink_alert_pages_only_failures_that_outlast_the_broker_s_retries() -> None:
+    # One retryable 503 (a lock wait, a failover), retried a second later and recorded, kept an
+    # increase over 15 minutes above zero past the rule's "for": a page for nothing lost.
+    triggers = yaml.safe_load_all((ROOT / "knative" / "base" / "ledger-triggers.yaml").read_text())
+    delivery = next(t for t in triggers if t and t.get("kind") == "Trigger")["spec"]["delivery"]
+    [rule] = [r for r in alert_rules() if r["alert"] == "ImagegenSinkCannotRecord"]
+    [window] = re.findall(
+        r"rate\(imagegen_sink_deliveries_total\{[^}]*\}\[(\d+)m\]\)", rule["expr"]
+    )
+    held = int(rule["for"].removesuffix("m"))
+    assert int(window) < held  # failures in every window for the whole "for", not one
+    # The broker's retries, from the first backoff doubling (Knative's exponential policy):
+    # the rule must not fire while they can still record the delivery.
+    first = float(re.fullmatch(r"PT(\d+(?:\.\d+)?)S", delivery["backoffDelay"])[1])
+    retries_minutes = sum(first * 2**n for n in range(delivery["retry"])) / 60
+    assert held + int(window) >= retries_minutes
