@@ -170,6 +170,10 @@ class SqlLedger(ABC):
     def _lock_migrations(self, db: Cursor) -> None:  # noqa: B027 - a hook: nothing here
         """Make replicas that start together wait for each other's migrations."""
 
+    def _unbounded(self, db: Cursor) -> None:  # noqa: B027 - a hook: nothing here
+        """Lift, for this transaction, any time limit the requests' statements have: a bulk
+        delete from a command or a job, which answers no request."""
+
     def _applied(self, db: Cursor) -> set[int]:
         """The versions ``ledger_migrations`` records (none before the first migration)."""
         if not db.query(self.migrations_table, {}):
@@ -505,6 +509,7 @@ class SqlLedger(ABC):
         """Forget generations untouched, and events recorded, more than ``older_than`` ago."""
         before = self._now() - older_than
         with self.transaction() as db:
+            self._unbounded(db)
             return {name: db.run(sql, {"before": before}) for name, sql in PRUNE.items()}
 
     # -- webhook outbox -------------------------------------------------------------------

@@ -12,7 +12,7 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from functools import cache
 from typing import Any
 
@@ -23,7 +23,7 @@ from imagegen.errors import (
     first_line,
 )
 from imagegen.ledger._sql import BUSY, BUSY_RETRY_AFTER, Cursor, SqlLedger
-from imagegen.ledger._statements import PRUNE, RECORD, upsert_params
+from imagegen.ledger._statements import RECORD, upsert_params
 from imagegen.ledger._text import storable
 from imagegen.ledger.fold import Change
 
@@ -253,13 +253,9 @@ class PostgresLedger(SqlLedger):
         )
         db.query("SELECT pg_advisory_xact_lock(:key)", {"key": _MIGRATION_LOCK})
 
-    def prune(self, older_than: timedelta) -> dict[str, int]:
-        """As :meth:`SqlLedger.prune`, with no statement_timeout: a prune deletes in bulk (a
-        first one, months of history), from a command or a job that answers no request."""
-        before = self._now() - older_than
-        with self.transaction() as db:
-            db.query("SELECT set_config('statement_timeout', '0', true)", {})
-            return {name: db.run(sql, {"before": before}) for name, sql in PRUNE.items()}
+    def _unbounded(self, db: Cursor) -> None:
+        # A prune deletes in bulk (a first one, months of history): no statement_timeout.
+        db.query("SELECT set_config('statement_timeout', '0', true)", {})
 
     def _record(
         self, recorded: dict[str, Any], change: Change, now: datetime
