@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 import logging
 
 from PIL import Image
 
-from imagegen._locks import KeyedLocks
 from imagegen.derivatives import (
     Derivative,
     decode_pixels,
@@ -76,32 +76,69 @@ class DeriveStage:
     redelivered event, or one handled by two replicas at once, is answered with the stored
     record, once the event is shown to be the image's ``image.persisted``; a redelivery first
     remakes any object the record lists that storage has lost.
+
+    Deliveries of one image in this process share one answer, encode included: a delivery
+    cancelled at its timeout leaves the work running (an encode in a thread cannot be
+    stopped), and its retry waits for that work instead of starting another encode beside it.
     """
 
     def __init__(self, settings: Settings, storage: Storage) -> None:
         self.settings = settings
         self.storage = storage
-        self._generation_lock = KeyedLocks()
+        # Per generation id, the work answering it now: kept until it ends, whoever still
+        # waits for it, so the objects and the record are written once.
+        self._running: dict[str, asyncio.Future[tuple[DerivedImage, bool]]] = {}
 
     async def run(self, image: PersistedImage) -> DerivedImage:
         keys = GenerationKeys.of_image(image.generation_id, image.key)
-        # Deliveries of one image in flight at once in this process encode it once.
-        async with self._generation_lock(image.generation_id):
-            await self._check_persisted(image, keys)
-            existing = await self._stored_answer(keys)
-            if existing is not None:
-                log.info("derivatives already made", extra={"generation_id": image.generation_id})
-                await self._remake_lost(image, keys, existing)
-                answered_again()
-                return existing
-            return await self._derive(image, keys)
+        await self._check_persisted(image, keys)
+        gid = image.generation_id
+        # Looked up and started with no await between: one piece of work per generation.
+        work = self._running.get(gid)
+        joined = work is not None
+        if work is None:
+            work = asyncio.ensure_future(self._answer(image, keys))
+            self._running[gid] = work
+            work.add_done_callback(functools.partial(self._finished, gid))
+        # Shielded: a delivery cancelled (its timeout) stops waiting, the work goes on.
+        answer, made_before = await asyncio.shield(work)
+        if made_before or joined:  # another delivery's work, counted by it
+            answered_again()
+        return answer
 
-    async def _derive(self, image: PersistedImage, keys: GenerationKeys) -> DerivedImage:
-        # The record's size is the stored object's (persist checked it): one larger than any
-        # render makes, in a record written before persist refused such objects, is refused
-        # unread, not read whole into the pod (claim_image).
+    def _finished(self, gid: str, work: asyncio.Future[tuple[DerivedImage, bool]]) -> None:
+        if self._running.get(gid) is work:
+            del self._running[gid]
+        if not work.cancelled():
+            # Retrieved here: when every delivery waiting for it has gone, nobody else does,
+            # and a later delivery starts afresh.
+            work.exception()
+
+    async def _answer(
+        self, image: PersistedImage, keys: GenerationKeys
+    ) -> tuple[DerivedImage, bool]:
+        """The derivatives record of ``image``, and whether it was stored before."""
+        existing = await self._stored_answer(keys)
+        if existing is not None:
+            log.info("derivatives already made", extra={"generation_id": image.generation_id})
+            await self._remake_lost(image, keys, existing)
+            return existing, True
+        return await self._derive(image, keys)
+
+    async def _derive(
+        self, image: PersistedImage, keys: GenerationKeys
+    ) -> tuple[DerivedImage, bool]:
+        # The record's size is the stored object's as persist found it: storage's HEAD must
+        # still give it (an object replaced since may be of any size, and is refused unread),
+        # and one larger than any render makes, in a record written before persist refused
+        # such objects, is refused before anything is asked (claim_image).
         png = await claim_image(
-            self.storage, keys.image, image.sha256, size=image.size, described_by="its record"
+            self.storage,
+            keys.image,
+            image.sha256,
+            size=image.size,
+            described_by="its record",
+            head=True,
         )
         thumbnail, derivatives = await asyncio.to_thread(
             _encode, png, image, self.settings.thumbnail_size, self.settings.derivative_widths
@@ -135,7 +172,7 @@ class DeriveStage:
         )
         body = json.dumps({"derived": derived.model_dump(mode="json")}, indent=2).encode()
         if await self.storage.create(keys.derivatives, body, content_type="application/json"):
-            return derived
+            return derived, False
         # Another replica wrote the record first: answer with it, as it would.
         existing = await self._stored_answer(keys)
         if existing is None:
@@ -143,8 +180,7 @@ class DeriveStage:
                 f"the record {keys.derivatives!r} was written but cannot be read yet",
                 retry_after=1,
             )
-        answered_again()
-        return existing
+        return existing, True
 
     async def _stored_thumbnail_size(
         self, keys: GenerationKeys, made: bytes, thumbnail_size: int
@@ -186,7 +222,9 @@ class DeriveStage:
         Only a redelivery gets here: a first delivery writes every object before the record.
         Its cost when nothing is lost is one HEAD per listed object, all at once. The answer
         stays the stored record. Without the PNG it describes nothing can be remade: that is
-        logged, and the record answered all the same.
+        logged, and the record answered all the same, as it is when the stored object is not
+        that PNG (another size or digest). A read cut short stays a 503: the next delivery
+        reads it again.
         """
         listed = {name: key for name, key in record.keys.items() if name != "record"}
         found = await asyncio.gather(*(self.storage.head(key) for key in listed.values()))
@@ -201,10 +239,11 @@ class DeriveStage:
                 image.sha256,
                 size=image.size,
                 described_by="its record",
+                head=True,
             )
         except InvalidRequest as exc:
             log.warning(
-                "derivatives lost, and the image too: not remade",
+                "derivatives lost, and the image they were made from is not stored: not remade",
                 extra={"generation_id": gid, "keys": sorted(lost.values()), "reason": str(exc)},
             )
             return

@@ -40,34 +40,56 @@ M = TypeVar("M", bound=BaseModel)
 
 
 async def claim_image(
-    storage: Storage, key: str, sha256: str, *, size: int, described_by: str
+    storage: Storage,
+    key: str,
+    sha256: str,
+    *,
+    size: int,
+    described_by: str,
+    head: bool = False,
 ) -> bytes:
     """The PNG an event's claim check points at, once shown to be the one it describes.
 
     Args:
-        size: The stored object's size in bytes, as storage (or the image's record) gives it:
-            one larger than any render makes is refused before anything is read.
+        size: The image's size in bytes: one larger than any render makes is refused before
+            anything is read. Storage's own (from the caller's ``HEAD``) unless ``head``.
+        head: ``size`` is a record's, not storage's: the object's ``HEAD`` is asked for
+            first, and an object of another size is refused unread (an object replaced since
+            its record was written may be of any size, and ``get`` reads it whole).
 
     Raises:
-        DependencyUnavailable: fewer (or more) bytes were read than ``size``: a read cut
-            short is a storage fault, retried, not an image that differs from its event.
+        DependencyUnavailable: fewer (or more) bytes were read than storage gave as the
+            object's size before the read: a read cut short (or an object replaced while it
+            was read) is a storage fault, retried, not an image that differs from its event.
         InvalidRequest: ``size`` is over :data:`~imagegen.models.MAX_PNG_BYTES` (field
-            ``size``), nothing is stored under ``key`` (field ``key``), or what is stored has
+            ``size``), nothing is stored under ``key`` (field ``key``), the stored object is
+            not of ``size`` bytes (field ``size``: only with ``head``), or what is stored has
             another digest (field ``sha256``). A claim check that points at nothing is a bad
             event, not a reason to retry: Knative would retry a 404.
     """
     check_png_bytes(key, size)
+    if head:
+        stored = await storage.head(key)
+        if stored is None:
+            raise _missing(key)
+        if stored.size != size:
+            # The same object is of the same size at every delivery: not worth a retry.
+            raise InvalidRequest(
+                f"stored image {key!r} is not of the size {described_by} gives",
+                # Not the stored size: knowing an id is not enough to learn what is stored.
+                errors=[{"field": "size", "message": "not the stored image's size"}],
+            )
     try:
         png = await storage.get(key)
     except NotFound:
         raise _missing(key) from None
     if len(png) != size:
-        # Fewer bytes than the store holds is a download cut short (a reset, a proxy that
-        # truncates), not another image: its digest would differ and fail the generation for
-        # good. The next delivery reads it again.
+        # Storage gave the object's size just before: fewer bytes is a download cut short (a
+        # reset, a proxy that truncates), not another image: its digest would differ and fail
+        # the generation for good. The next delivery reads it again.
         raise DependencyUnavailable(
-            f"image {key!r} was read as {len(png):,} bytes where storage holds {size:,}:"
-            " the read was cut short",
+            f"image {key!r} was read as {len(png):,} bytes where storage gave its size as"
+            f" {size:,} just before: the read was cut short, or the object replaced meanwhile",
             retry_after=5,
         )
     digest = hashlib.sha256(png).hexdigest()

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import struct
+import threading
 import zlib
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import imagegen.derive
 from imagegen import DependencyUnavailable, ImageGenService, InvalidRequest, Settings
 from imagegen.events import IMAGE_PERSISTED
 from imagegen.models import MAX_PNG_BYTES, PersistedImage, RenderedImage
@@ -86,14 +88,16 @@ async def test_a_redelivery_remakes_what_the_record_lists_and_storage_lost(
         persisted = await service.persist(await stored(service, "d-lost"))
         storage.heads = 0
         first = await service.derive(persisted)
-        assert storage.heads == 0  # a first delivery asks about nothing it writes
+        # A first delivery asks about nothing it writes, only the PNG's size before reading it.
+        assert storage.heads == 1
         files = {n: (tmp_path / k).read_bytes() for n, k in first.keys.items() if n != "record"}
         # A bucket restored from a backup taken before derive wrote some of them.
         for name in ("thumbnail", "avif:32", "webp:256"):
             (tmp_path / first.keys[name]).unlink()
         storage.heads = 0
         again = await service.derive(persisted)
-        assert storage.heads == len(files)  # one look at each object the record lists
+        # One look at each object the record lists, and the PNG's before it is read.
+        assert storage.heads == len(files) + 1
     assert again == first
     for name, data in files.items():
         assert (tmp_path / first.keys[name]).read_bytes() == data, name
@@ -517,3 +521,90 @@ async def test_an_image_read_cut_short_is_a_retryable_503_not_a_failed_generatio
         monkeypatch.setattr(service.storage, "get", get)
         derived = await service.derive(persisted)
     assert (tmp_path / derived.keys["avif:32"]).exists()
+
+
+@pytest.mark.parametrize("change", ["shorter", "larger"])
+async def test_a_stored_object_not_of_its_records_size_is_refused_unread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """An object replaced since persist (an operator's copy, a restore gone wrong) may be of
+    any size, and ``get`` reads it whole: one a few hundred MiB long was read into the pod at
+    every delivery, and any size but the record's was called a read cut short, a 503 retried
+    for ever. Storage's HEAD refuses it unread: a 400 naming ``size``, at every delivery."""
+    async with ImageGenService(settings(tmp_path, [32])) as service:
+        persisted = await service.persist(await stored(service, "d-resized"))
+        original = (tmp_path / persisted.key).read_bytes()
+        data = original[:1000] if change == "shorter" else original + bytes(4 << 20)
+        (tmp_path / persisted.key).write_bytes(data)
+        read = reads_of(service.storage, monkeypatch)
+        for _ in range(2):
+            with pytest.raises(InvalidRequest) as caught:
+                await service.derive(persisted)
+            assert caught.value.fields == ["size"]
+            assert caught.value.status == 400
+            assert f"{len(data):,}" not in caught.value.message  # what is stored is not told
+    assert persisted.key not in read
+    assert not list(tmp_path.rglob("*.webp")) and not list(tmp_path.rglob("*.derivatives.json"))
+
+
+async def test_lost_derivatives_of_an_image_stored_shorter_are_not_remade_and_the_record_answers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A redelivery that finds a derivative lost and the PNG cut short in storage (a restore
+    gone wrong) cannot remake it: that is logged and the record answered, as for a PNG lost,
+    where every redelivery was a 503 for ever (the stored size taken for a read cut short)."""
+    async with ImageGenService(settings(tmp_path, [32])) as service:
+        persisted = await service.persist(await stored(service, "d-shorter"))
+        first = await service.derive(persisted)
+        (tmp_path / first.keys["avif:32"]).unlink()
+        image = tmp_path / first.key
+        image.write_bytes(image.read_bytes()[:1000])
+        with caplog.at_level("WARNING", logger="imagegen.derive"):
+            assert await service.derive(persisted) == first
+    assert any("not remade" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / first.keys["avif:32"]).exists()
+
+
+async def test_a_delivery_that_timed_out_leaves_its_encode_to_the_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An encode runs in a thread, which a delivery's timeout cannot stop: its retry waited for
+    the lock, not the encode, and started another beside it, one more at every timeout. The
+    retry waits for the encode running; objects and record are written once."""
+    encodes: list[str] = []
+    release = threading.Event()
+    encode = imagegen.derive._encode
+
+    def slow_encode(*args: Any) -> Any:
+        encodes.append("started")
+        release.wait(30)
+        return encode(*args)
+
+    monkeypatch.setattr("imagegen.derive._encode", slow_encode)
+    storage = LocalStorage(tmp_path)
+    created: list[str] = []
+    create = storage.create
+
+    async def counted(key: str, *args: Any, **kw: Any) -> bool:
+        created.append(key)
+        return await create(key, *args, **kw)
+
+    monkeypatch.setattr(storage, "create", counted)
+    async with ImageGenService(settings(tmp_path, [32]), storage=storage) as service:
+        persisted = await service.persist(await stored(service, "d-timeout"))
+        created.clear()
+        try:
+            for _ in range(3):  # the first delivery and two retries, each timed out
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(service.derive(persisted), 0.3)
+            assert encodes == ["started"]
+            retry = asyncio.ensure_future(service.derive(persisted))
+            await asyncio.sleep(0.1)
+        finally:
+            release.set()
+        derived = await retry
+        assert await service.derive(persisted) == derived
+        assert service.derive_stage._running == {}  # nothing kept once it ended
+    assert encodes == ["started"]
+    assert sorted(created) == sorted(k for n, k in derived.keys.items())
+    assert (tmp_path / derived.keys["record"]).is_file()
