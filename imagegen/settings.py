@@ -223,9 +223,17 @@ def webhook_key(secret: str) -> bytes:
 
 # An HMAC is no stronger than its key (NIST SP 800-107 Rev. 1): 16 random bytes give 128 bits.
 # RFC 2104, section 3, discourages keys shorter than the hash's output (32 bytes for SHA-256),
-# which the documented `openssl rand -hex 32` gives. The Worker takes a secret of any length,
-# and an empty one for none (worker/src/config.ts): the check is the functions'.
+# which the documented `openssl rand -hex 32` gives. The Worker holds SIGNING_SECRET to the
+# same rule (worker/src/config.ts).
 MIN_SIGNING_SECRET_BYTES = 16
+
+# What JavaScript's String.prototype.trim() removes (ECMA-262 WhiteSpace and LineTerminator):
+# `wrangler secret put` drops it from the end of the Worker's copy (trimEnd, in wrangler's
+# src/utils/std.ts). Python's str.strip() differs (it keeps U+FEFF), so the set is spelled out.
+_JS_WHITESPACE = (
+    "\t\n\v\f\r \xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
+    "\u2028\u2029\u202f\u205f\u3000\ufeff"
+)
 
 
 def _signing_secret(value: SecretStr | None) -> SecretStr | None:
@@ -233,12 +241,20 @@ def _signing_secret(value: SecretStr | None) -> SecretStr | None:
 
     Empty is refused, not taken for unset: ``$(openssl rand -hex 32)`` that failed leaves the
     variable empty, and every URL persist writes, in records written once, would be unsigned.
+    Whitespace around it is refused: read from a file ending in a newline (``kubectl create
+    secret --from-file`` keeps it), it signs differently from the Worker's trimmed copy.
     """
     if value is None:
         return value
-    size = len(value.get_secret_value().encode())
+    secret = value.get_secret_value()
+    size = len(secret.encode())
     if not size:
         raise ValueError("empty: give a random secret (openssl rand -hex 32), or leave it unset")
+    if secret.strip(_JS_WHITESPACE) != secret:
+        raise ValueError(
+            "begins or ends with whitespace: the Worker's copy, set with wrangler secret put,"
+            " loses trailing whitespace and would sign differently"
+        )
     if size < MIN_SIGNING_SECRET_BYTES:
         raise ValueError(f"shorter than {MIN_SIGNING_SECRET_BYTES} bytes: use openssl rand -hex 32")
     return value
@@ -544,7 +560,8 @@ class Settings(BaseSettings):
     webhook_allowed: CommaList = Field(
         default=[], description="Hosts and networks webhooks may reach; empty: public addresses."
     )
-    webhook_timeout: Seconds = Field(default=10.0, description="Seconds per webhook attempt.")
+    # Standard Webhooks, "Request timeouts": "somewhere between 15 and 30s".
+    webhook_timeout: Seconds = Field(default=15.0, description="Seconds per webhook attempt.")
     webhook_max_attempts: int = Field(default=15, ge=1, le=30)
     sink_url: str | None = Field(
         default=None,

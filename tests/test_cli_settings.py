@@ -261,6 +261,13 @@ def test_an_invalid_setting_names_the_variable_set(
             {"IMAGEGEN_URL_SIGNING_SECRET": "hunter2"},
             "IMAGEGEN_URL_SIGNING_SECRET (shorter than 16 bytes: use openssl rand -hex 32)",
         ),
+        # Kept, it signed with a secret the Worker (trimmed by wrangler) lacks: every URL 403.
+        (
+            ["plugins"],
+            {"IMAGEGEN_URL_SIGNING_SECRET": "hunter2-hunter2-hunter2\n"},
+            "IMAGEGEN_URL_SIGNING_SECRET (begins or ends with whitespace: the Worker's copy, set"
+            " with wrangler secret put, loses trailing whitespace and would sign differently)",
+        ),
         (
             ["plugins"],
             {"IMAGEGEN_WEBHOOK_SECRETS": ""},

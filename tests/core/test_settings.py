@@ -375,25 +375,38 @@ def test_a_postgresql_ledger_url_libpq_reads_is_taken(url: str) -> None:
     assert settings.ledger_url is not None and settings.ledger_url.get_secret_value() == url
 
 
+_PADDED = (
+    "begins or ends with whitespace: the Worker's copy, set with wrangler secret put, loses"
+    " trailing whitespace and would sign differently"
+)
+
+
 @pytest.mark.parametrize(
     ("secret", "said"),
     [
         ("", "empty: give a random secret (openssl rand -hex 32), or leave it unset"),
         ("s3cr3t-15-bytes", "shorter than 16 bytes: use openssl rand -hex 32"),
+        # A file that ends in a newline (kubectl create secret --from-file keeps it).
+        ("0123456789abcdef" * 4 + "\n", _PADDED),
+        (" 0123456789abcdef", _PADDED),
+        # A byte order mark, as some editors write: JavaScript's trim() drops it, str.strip() not.
+        ("\ufeff0123456789abcdef", _PADDED),
+        (" " * 16, _PADDED),
     ],
 )
-def test_an_empty_or_short_url_signing_secret_is_refused(
+def test_an_empty_short_or_padded_url_signing_secret_is_refused(
     monkeypatch: pytest.MonkeyPatch, secret: str, said: str
 ) -> None:
     """``bool(SecretStr(""))`` is False: an empty secret (a failed ``$(openssl rand -hex 32)``)
-    gave unsigned URLs, written once into every record, without a word."""
+    gave unsigned URLs, written once into every record, without a word. One with whitespace
+    around it signed every URL with a secret the Worker does not have: all answered 403."""
     monkeypatch.setenv("IMAGEGEN_URL_SIGNING_SECRET", secret)
     with pytest.raises(ValidationError) as caught:
         Settings()
     [error] = caught.value.errors()
     assert error["loc"] == ("url_signing_secret",) and error["msg"] == f"Value error, {said}"
-    if secret:
-        assert secret not in str(caught.value)
+    if secret.strip():
+        assert secret.strip() not in str(caught.value)
     monkeypatch.setenv("IMAGEGEN_URL_SIGNING_SECRET", "0123456789abcdef")  # 16 bytes
     assert Settings().url_signing_secret is not None
 

@@ -26,7 +26,10 @@ export interface Env {
   S3_ACCESS_KEY_ID?: string;
   /** Secret. */
   S3_SECRET_ACCESS_KEY?: string;
-  /** Secret. When set, every request needs a valid signed URL. */
+  /**
+   * Secret. When set, every request needs a valid signed URL. At least 16 bytes, without
+   * whitespace around it; set but empty, short or padded, every request answers 500.
+   */
   SIGNING_SECRET?: string;
   /**
    * Secret, optional, during a rotation: the secret SIGNING_SECRET held before. URLs it signed
@@ -128,6 +131,41 @@ function readOrigin(env: Env): OriginConfig {
   }
 }
 
+// An HMAC is no stronger than its key (NIST SP 800-107 Rev. 1): 16 random bytes give 128 bits.
+// The functions hold IMAGEGEN_URL_SIGNING_SECRET to the same rule (imagegen/settings.py).
+const MIN_SIGNING_SECRET_BYTES = 16;
+
+/**
+ * A signing secret, or null when unset (images public). Set but empty, blank, padded with
+ * whitespace or short, it is an error, never "no signing": taken for unset, a secret that a
+ * failed `$(openssl rand -hex 32)` left empty would make every private image public, cached
+ * for a year. `wrangler secret put` drops trailing whitespace (String.prototype.trimEnd, in
+ * wrangler's src/utils/std.ts) where the functions' copy keeps it; one given some other way
+ * (a var, the dashboard) with whitespace around it would sign differently on the two sides.
+ */
+function secret(env: Env, name: "SIGNING_SECRET" | "SIGNING_SECRET_PREVIOUS"): string | null {
+  const value = env[name];
+  if (value === undefined) return null;
+  if (typeof value !== "string") throw new ConfigError(`${name} must be text`);
+  if (value === "") {
+    throw new ConfigError(
+      `${name} is empty: give a random secret (openssl rand -hex 32), or delete it`,
+    );
+  }
+  if (value.trim() !== value) {
+    throw new ConfigError(
+      `${name} begins or ends with whitespace: wrangler secret put drops trailing whitespace, ` +
+        "so copies of it would sign differently",
+    );
+  }
+  if (new TextEncoder().encode(value).length < MIN_SIGNING_SECRET_BYTES) {
+    throw new ConfigError(
+      `${name} is shorter than ${MIN_SIGNING_SECRET_BYTES} bytes: use openssl rand -hex 32`,
+    );
+  }
+  return value;
+}
+
 function galleryMode(env: Env, signed: boolean): GalleryMode {
   const value = env.GALLERY?.trim() || (signed ? "off" : "on");
   if (value === "off") return value;
@@ -153,8 +191,8 @@ export function readConfig(env: Env): Config {
       throw new ConfigError("ORIGIN_TIMEOUT_MS must be a positive whole number of milliseconds");
     }
   }
-  const signingSecret = env.SIGNING_SECRET ? env.SIGNING_SECRET : null;
-  const previous = env.SIGNING_SECRET_PREVIOUS ? env.SIGNING_SECRET_PREVIOUS : null;
+  const signingSecret = secret(env, "SIGNING_SECRET");
+  const previous = secret(env, "SIGNING_SECRET_PREVIOUS");
   if (previous !== null && signingSecret === null) {
     // Without SIGNING_SECRET nothing is checked: the images would be public.
     throw new ConfigError("SIGNING_SECRET_PREVIOUS is set but SIGNING_SECRET is not");

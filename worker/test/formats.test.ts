@@ -154,16 +154,17 @@ describe("before the derivatives exist", () => {
     vi.useFakeTimers({ toFake: ["Date"] });
     vi.setSystemTime(1_800_000_000_000);
     const expires = 1_800_000_030;
-    const signature = await sign(key, expires, "stand-in");
+    const secret = "stand-in-signing-secret";
+    const signature = await sign(key, expires, secret);
     const signed = `${url}?expires=${expires}&signature=${signature}`;
     const res = await send(new Request(signed, { headers: { Accept: CHROME } }), {
-      SIGNING_SECRET: "stand-in",
+      SIGNING_SECRET: secret,
     });
     expect(await res.text()).toBe("png");
     expect(res.headers.get("Cache-Control")).toBe("private, max-age=30");
-    const later = `${url}?expires=${expires + 600}&signature=${await sign(key, expires + 600, "stand-in")}`;
+    const later = `${url}?expires=${expires + 600}&signature=${await sign(key, expires + 600, secret)}`;
     const kept = await send(new Request(later, { headers: { Accept: CHROME } }), {
-      SIGNING_SECRET: "stand-in",
+      SIGNING_SECRET: secret,
     });
     expect(kept.headers.get("Cache-Control")).toBe(`private, max-age=${NOT_FOUND_TTL}`);
   });
@@ -336,7 +337,7 @@ describe("when a lookup fails", () => {
 });
 
 describe("signed URLs with parameters", () => {
-  const SECRET = "formats-secret";
+  const SECRET = "formats-signing-secret";
 
   it("covers w: a changed or added width is refused", async () => {
     const { key, url } = await persisted();

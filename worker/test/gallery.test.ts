@@ -218,16 +218,19 @@ describe("gallery", () => {
 
   it("is off when images are private, unless signed links are configured", async () => {
     await days();
-    expect((await send(`${BASE}/`, { SIGNING_SECRET: "s" })).status).toBe(404);
+    const secret = "gallery-signing-secret";
+    expect((await send(`${BASE}/`, { SIGNING_SECRET: secret })).status).toBe(404);
     expect((await send(`${BASE}/`, { GALLERY: "off" })).status).toBe(404);
-    expect((await send(`${BASE}/`, { SIGNING_SECRET: "s", GALLERY: "signed" })).status).toBe(403);
+    expect((await send(`${BASE}/`, { SIGNING_SECRET: secret, GALLERY: "signed" })).status).toBe(
+      403,
+    );
     vi.spyOn(console, "error").mockImplementation(() => {});
-    expect((await send(`${BASE}/`, { SIGNING_SECRET: "s", GALLERY: "on" })).status).toBe(500);
+    expect((await send(`${BASE}/`, { SIGNING_SECRET: secret, GALLERY: "on" })).status).toBe(500);
   });
 
   it("behind a signed link, signs every URL on the page with its expiry", async () => {
     const y = await days();
-    const secret = "gallery-secret";
+    const secret = "gallery-signing-secret";
     vi.useFakeTimers({ toFake: ["Date"] });
     vi.setSystemTime(1_800_000_000_000);
     const expires = 1_800_000_300;

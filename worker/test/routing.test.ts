@@ -162,7 +162,7 @@ describe("paths answered without the origin", () => {
   it("keeps a signed day link that lost its slash valid through the redirect", async () => {
     const day = "2026/05/01/";
     await env.IMAGES.put(`${day}slash.png`, "png");
-    const secret = "slash-secret";
+    const secret = "slash-signing-secret";
     const expires = Math.floor(Date.now() / 1000) + 600;
     const query = `?expires=${expires}&signature=${await sign(day, expires, secret)}`;
     const overrides = { SIGNING_SECRET: secret, GALLERY: "signed" };

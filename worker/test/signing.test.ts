@@ -198,6 +198,65 @@ describe("rotating the secret", () => {
   });
 });
 
+describe("a signing secret that signs nothing safely", () => {
+  // 15 bytes as UTF-8 in 8 characters: the length is counted in bytes, as HMAC sees the key.
+  const SHORT = "é".repeat(7) + "a";
+  const refused: [string, string, string][] = [
+    ["empty", "", "is empty"],
+    ["blank", " ".repeat(20), "begins or ends with whitespace"],
+    ["a trailing newline", `${SECRET}\n`, "begins or ends with whitespace"],
+    ["a leading space", ` ${SECRET}`, "begins or ends with whitespace"],
+    ["7 bytes", "hunter2", "is shorter than 16 bytes"],
+    ["15 bytes", SHORT, "is shorter than 16 bytes"],
+  ];
+
+  it.each(refused)(
+    "answers 500 to every request when SIGNING_SECRET is %s, never serving an image",
+    async (_, secret, said) => {
+      const key = newKey();
+      await env.IMAGES.put(key, "image");
+      const { bucket, gets } = countingBucket();
+      const errors = vi.spyOn(console, "error").mockImplementation(() => {});
+      for (const url of [`${BASE}/${key}`, await signedUrl(key, 1_800_000_000), `${BASE}/`]) {
+        const res = await send(url, { SIGNING_SECRET: secret, IMAGES: bucket });
+        expect(res.status).toBe(500);
+        expect(res.headers.get("Cache-Control")).toBe("no-store");
+        expect(await res.text()).toBe("Server Misconfigured\n");
+      }
+      expect(gets()).toBe(0);
+      expect(errors.mock.calls.join(" ")).toContain(`SIGNING_SECRET ${said}`);
+      if (secret.trim()) expect(errors.mock.calls.join(" ")).not.toContain(secret.trim());
+    },
+  );
+
+  it.each(refused)(
+    "answers 500 when SIGNING_SECRET_PREVIOUS is %s, as a misconfiguration",
+    async (_, previous, said) => {
+      const errors = vi.spyOn(console, "error").mockImplementation(() => {});
+      const key = newKey();
+      at(1_800_000_000);
+      const res = await send(await signedUrl(key, 1_800_000_600), {
+        SIGNING_SECRET: SECRET,
+        SIGNING_SECRET_PREVIOUS: previous,
+      });
+      expect(res.status).toBe(500);
+      expect(res.headers.get("Cache-Control")).toBe("no-store");
+      expect(errors.mock.calls.join(" ")).toContain(`SIGNING_SECRET_PREVIOUS ${said}`);
+    },
+  );
+
+  it("takes a secret of 16 bytes, counted as UTF-8", async () => {
+    const key = newKey();
+    await env.IMAGES.put(key, "image");
+    at(1_800_000_000);
+    for (const secret of ["0123456789abcdef", "é".repeat(8)]) {
+      const url = await signedUrl(key, 1_800_000_600, secret);
+      expect((await send(url, { SIGNING_SECRET: secret })).status).toBe(200);
+      expect((await send(`${BASE}/${key}`, { SIGNING_SECRET: secret })).status).toBe(403);
+    }
+  });
+});
+
 describe("when SIGNING_SECRET is not set", () => {
   it("needs no signature and ignores one", async () => {
     const key = newKey();
