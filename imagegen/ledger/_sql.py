@@ -529,7 +529,9 @@ class SqlLedger(ABC):
         message is still being sent to, by any replica sharing the database (its outcome not
         recorded, its lease not over: ``sending_until``, migration 0009): a receiver that does
         not answer holds one sender, and the messages to others are claimed meanwhile. Each
-        receiver's messages go one at a time, in the order due.
+        receiver's messages go one at a time, in the order due; a generation's ``completed`` or
+        ``failed`` waits while its ``started`` is pending (not yet delivered, given up or
+        cancelled), so a receiver hears of a generation's start before its end.
         """
         with self._claiming:
             return self._claim_deliveries(limit, lease)
@@ -560,7 +562,7 @@ class SqlLedger(ABC):
                     params[f"p{n}"], params[f"n{n}"] = prefix, len(prefix)
                 rows = db.query(
                     "SELECT msg_id, url FROM webhook_deliveries "  # noqa: S608 - fixed parts
-                    "WHERE state = 'pending' AND next_attempt_at <= :now"
+                    f"WHERE state = 'pending' AND next_attempt_at <= :now AND {_NOT_BEFORE_START}"
                     + "".join(f" AND substr(url, 1, :n{n}) <> :p{n}" for n in range(len(skip)))
                     + f" ORDER BY next_attempt_at, msg_id LIMIT :limit{self.skip_locked}",
                     params,
@@ -621,6 +623,24 @@ class SqlLedger(ABC):
             "WHERE receiver = :receiver AND sending_until > :now LIMIT 1",
             {"receiver": receiver, "now": now},
         )
+
+    def release_deliveries(self, claimed: list[Delivery]) -> int:
+        """Give back messages this ledger's :meth:`claim_deliveries` returned and that were not
+        sent (their sender stopping): due now, their attempts as before the claim, their
+        receivers free. Only while each is still on that claim; returns how many were."""
+        if not claimed:
+            return 0
+        now = self._lease_clock()
+        released = 0
+        with self.transaction() as db:
+            for delivery in claimed:
+                released += db.run(
+                    "UPDATE webhook_deliveries SET attempts = attempts - 1, "
+                    "next_attempt_at = :now, sending_until = NULL "
+                    "WHERE msg_id = :msg_id AND state = 'pending' AND attempts = :attempts",
+                    {"msg_id": delivery.msg_id, "attempts": delivery.attempts, "now": now},
+                )
+        return released
 
     def finish_delivery(
         self,
@@ -696,6 +716,15 @@ class SqlLedger(ABC):
             )
         return {row.pop("event"): row for row in rows}
 
+
+# A message a claim may take, as to its generation's other messages: an end (completed, failed)
+# not while the start is pending, being sent or due later. By the index on (generation_id, event)
+# (migration 0003): one lookup per message read.
+_NOT_BEFORE_START = (
+    "(event = 'started' OR NOT EXISTS (SELECT 1 FROM webhook_deliveries AS begun "
+    "WHERE begun.generation_id = webhook_deliveries.generation_id "
+    "AND begun.event = 'started' AND begun.state = 'pending'))"
+)
 
 # The namespace of the receivers' advisory locks (the first key of the two-key form), apart from
 # the migrations' lock (one bigint key) and other programs' locks on the database: "imgr".

@@ -10,15 +10,23 @@ with an exponential backoff", spec/standard-webhooks.md, "Deliverability and rel
 
 A receiver that asks to be sent less (429, 502, 504, or any reply with ``Retry-After``) is not
 tried again within the claim, and its next claim waits for what ``Retry-After`` asked, up to
-``backoff_max``; one that answers 410 Gone ends the message (state ``failed``) at once.
+``backoff_max``; one that answers 410 Gone ends the message (state ``failed``) at once. Nor is
+a try that ran out of time: the receiver may have the message and still be at work on it, so a
+quick copy would only add to its load; the next claim waits out the backoff.
 
 A claim's tries all end before its lease does, so no other dispatcher sends the message
 meanwhile; an outcome is recorded only while the message is still on the claim that sent it,
 so a dispatcher that overran its lease cannot overwrite a later claim's. Only as many messages
 are claimed as there are free senders, and at most one per receiver (scheme, host and port) at
 a time: a receiver that is slow or never answers holds one sender, however many messages it
-has waiting, and only its own messages wait for it. That holds in each replica (its ledger
-knows what it is sending); two replicas may each send the same receiver one message at once.
+has waiting, and only its own messages wait for it. That holds across the replicas sharing the
+database: a claim marks its receiver as being sent to until its outcome or its lease's end
+(migration 0009), and no replica claims for a receiver so marked.
+
+Stopping (:meth:`Dispatcher.stop`, run when the process's main thread ends, as at SIGTERM)
+claims nothing more, lets each send under way end its current try (at most the sender's
+timeout, with no quick try after it), and gives back any message claimed but not sent: due
+again at once, its attempts as before the claim, its receiver free for every replica.
 
 What it does is seen in ``imagegen.webhook.deliveries`` (each claim's outcome), in
 ``imagegen.webhook.backlog`` (the messages due and not being sent: a receiver that does not
@@ -38,11 +46,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
+import httpx
 from tenacity import (
     Retrying,
     retry_if_exception,
     stop_after_attempt,
     stop_before_delay,
+    stop_when_event_set,
     wait_exponential,
 )
 
@@ -52,7 +62,7 @@ from imagegen.ledger.store import Ledger
 from imagegen.ledger.webhooks import WebhookFailed, WebhookRefused, WebhookSender
 from imagegen.telemetry import instruments, observe
 
-__all__ = ["OUTCOMES", "Dispatcher"]
+__all__ = ["OUTCOMES", "Dispatcher", "backlog"]
 
 log = logging.getLogger("imagegen.ledger")
 
@@ -71,6 +81,26 @@ _BACKLOG = (
     "SELECT COUNT(*) AS due FROM webhook_deliveries "
     "WHERE state = 'pending' AND next_attempt_at <= :now"
 )
+
+
+def backlog(ledger: Ledger) -> int | None:
+    """Messages due and not being sent, in the whole ledger (every replica's); None when the
+    ledger cannot be read now (the database down: no value rather than a wrong one).
+
+    One ``COUNT`` on the outbox's index of pending messages by due time: about a millisecond
+    for 5,000 due among 200,000 sent, on SQLite and PostgreSQL alike. Read where no dispatcher
+    runs too (webhooks off): the messages then wait, and the gauge shows them.
+    """
+    # A read that takes no write lock where the ledger has one (SqlLedger.statement).
+    read = getattr(ledger, "statement", ledger.transaction)
+    try:
+        with read() as db:
+            [row] = db.query(_BACKLOG, {"now": datetime.now(UTC)})
+    except ImageGenError as exc:
+        log.debug("webhook backlog not read: %s", exc.message)
+        return None
+    due: int = row["due"]
+    return due
 
 
 class Dispatcher:
@@ -115,6 +145,9 @@ class Dispatcher:
         self._busy_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        # Held while claiming and handing the claim to the senders: stop() waits for a claim
+        # under way, and none starts after it.
+        self._claiming = threading.Lock()
         self._thread: threading.Thread | None = None
         self._unobserve: Callable[[], None] | None = None
 
@@ -129,20 +162,45 @@ class Dispatcher:
     def _claim(self) -> list[Future[None]]:
         """Claim as many due messages as there are free senders, one per receiver not being
         sent to already (:meth:`Ledger.claim_deliveries`), and start sending them."""
-        with self._busy_lock:
-            free = self.workers - self._busy
-        if free <= 0:
-            return []
-        claimed = self.ledger.claim_deliveries(limit=free, lease=self.lease)
-        ends = time.monotonic() + self.lease * _LEASE_USED
-        sending = []
-        for delivery in claimed:
+        with self._claiming:
+            if self._stop.is_set():  # stopping: nothing is claimed that may not be sent
+                return []
             with self._busy_lock:
-                self._busy += 1
-            future = self._pool.submit(self._deliver, delivery, ends)
-            future.add_done_callback(self._sent)
-            sending.append(future)
-        return sending
+                free = self.workers - self._busy
+            if free <= 0:
+                return []
+            claimed = self.ledger.claim_deliveries(limit=free, lease=self.lease)
+            ends = time.monotonic() + self.lease * _LEASE_USED
+            sending = []
+            for n, delivery in enumerate(claimed):
+                try:
+                    future = self._pool.submit(self._deliver, delivery, ends)
+                except RuntimeError:
+                    # The pool takes no more work: the interpreter is exiting (concurrent.futures
+                    # shuts every pool down as it does). What cannot be sent is given back.
+                    self._stop.set()
+                    self._release(claimed[n:])
+                    break
+                with self._busy_lock:
+                    self._busy += 1
+                future.add_done_callback(self._sent)
+                sending.append(future)
+            return sending
+
+    def _release(self, deliveries: list[Delivery]) -> None:
+        """Give back messages claimed and not sent: due at once, their attempts as before the
+        claim, their receivers free (:meth:`SqlLedger.release_deliveries`)."""
+        release = getattr(self.ledger, "release_deliveries", None)
+        if not deliveries or release is None:  # a ledger without it: the leases run out
+            return
+        try:
+            release(deliveries)
+        except ImageGenError as exc:  # the database down: the leases run out instead
+            log.warning(
+                "webhook messages not given back: %s; sent after their lease",
+                exc.message,
+                extra={"msg_ids": [d.msg_id for d in deliveries]},
+            )
 
     def _sent(self, future: Future[None]) -> None:
         with self._busy_lock:
@@ -160,9 +218,14 @@ class Dispatcher:
 
     def _deliver(self, delivery: Delivery, ends: float) -> None:
         """One claim's tries at ``delivery``, all before ``ends`` (monotonic); the outcome."""
+        if self._stop.is_set():  # stopping before its first try: given back, not sent
+            self._release([delivery])
+            return
         retrying = Retrying(
+            # Stopping ends the claim after the try under way.
             stop=stop_after_attempt(self.quick_tries)
-            | stop_before_delay(max(0.0, ends - time.monotonic())),
+            | stop_before_delay(max(0.0, ends - time.monotonic()))
+            | stop_when_event_set(self._stop),
             wait=wait_exponential(multiplier=0.2, max=2.0),
             retry=retry_if_exception(_worth_another_try),
             reraise=True,
@@ -226,22 +289,8 @@ class Dispatcher:
             )
 
     def backlog(self) -> int | None:
-        """Messages due and not being sent, in the whole ledger (every replica's); None when
-        the ledger cannot be read now (the database down: no value rather than a wrong one).
-
-        One ``COUNT`` on the outbox's index of pending messages by due time: about a
-        millisecond for 5,000 due among 200,000 sent, on SQLite and PostgreSQL alike.
-        """
-        # A read that takes no write lock where the ledger has one (SqlLedger.statement).
-        read = getattr(self.ledger, "statement", self.ledger.transaction)
-        try:
-            with read() as db:
-                [row] = db.query(_BACKLOG, {"now": datetime.now(UTC)})
-        except ImageGenError as exc:
-            log.debug("webhook backlog not read: %s", exc.message)
-            return None
-        due: int = row["due"]
-        return due
+        """Messages due and not being sent, in the whole ledger: :func:`backlog`."""
+        return backlog(self.ledger)
 
     def retry_in(self, attempts: int, *, retry_after: float | None = None) -> float | None:
         """Seconds until the next claim after ``attempts`` failed claims; None: give up.
@@ -266,7 +315,8 @@ class Dispatcher:
         self._wake.set()
 
     def start(self, *, poll: float = 5.0) -> None:
-        """Send due messages from a background thread until :meth:`stop`."""
+        """Send due messages from a background thread until :meth:`stop`, which runs by
+        itself once the process's main thread ends (a server's worker at SIGTERM)."""
 
         def loop() -> None:
             while not self._stop.is_set():
@@ -287,14 +337,29 @@ class Dispatcher:
         self._unobserve = observe("webhook_backlog", self.backlog)
         self._thread = threading.Thread(target=loop, name="imagegen-webhooks", daemon=True)
         self._thread.start()
+        # Not a daemon: the interpreter waits for it as it exits, and it for the sends under
+        # way. It stops the dispatcher as soon as the main thread ends: before that, a claim
+        # would fail as the interpreter shuts the senders' pool down (concurrent.futures'
+        # exit hook), and a send would go on with its quick tries for up to its lease.
+        threading.Thread(target=self._stop_at_exit, name="imagegen-webhooks-exit").start()
+
+    def _stop_at_exit(self) -> None:
+        main = threading.main_thread()
+        while not self._stop.is_set():
+            main.join(0.5)
+            if not main.is_alive():
+                self.stop()
 
     def stop(self) -> None:
-        """Stop claiming; wait for the messages being sent; release the sender."""
-        self._stop.set()
+        """Stop claiming; let each send under way end its current try (at most the sender's
+        timeout); give back what was claimed and not sent; release the sender. Idempotent."""
+        with self._claiming:  # a claim under way hands its messages over first
+            self._stop.set()
         self._wake.set()
         if self._unobserve is not None:
             self._unobserve()
-        if self._thread is not None:
+            self._unobserve = None
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
         self._pool.shutdown()
         self.sender.close()
@@ -316,5 +381,13 @@ def _receiver(url: str) -> str:
 def _worth_another_try(exc: BaseException) -> bool:
     """Whether a failed try is tried again within the claim: not when the receiver asked to
     be sent less (Standard Webhooks: 429 and 502/504 "throttle", ``Retry-After`` "should be
-    taken into consideration when scheduling the next attempt")."""
-    return isinstance(exc, WebhookFailed) and not exc.throttled
+    taken into consideration when scheduling the next attempt"), nor when the try ran out of
+    time (the receiver may be processing the message still: Standard Webhooks' "Request
+    timeouts" gives it 15 to 30 s, and another copy at once is more load, not more time)."""
+    return isinstance(exc, WebhookFailed) and not exc.throttled and not _timed_out(exc)
+
+
+def _timed_out(exc: WebhookFailed) -> bool:
+    """Whether the sender gave up waiting (connecting, the name's resolution or the reply):
+    the timeout it raised from is kept as the failure's context."""
+    return isinstance(exc.__context__, TimeoutError | httpx.TimeoutException)

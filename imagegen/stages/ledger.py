@@ -8,13 +8,18 @@ answer ``GET /generations/{id}``, ``GET /generations`` and ``POST /generations/{
 (:mod:`imagegen.ledger.api`). Each event is recorded by ``source`` + ``id``
 and folded into its generation's row (:mod:`imagegen.ledger`); a redelivery changes nothing
 and is answered like the first delivery. Webhook messages the event makes due are sent from
-this process's dispatcher when ``IMAGEGEN_WEBHOOK_SECRETS`` is set.
+this process's dispatcher when ``IMAGEGEN_WEBHOOK_SECRETS`` is set; it stops when the process's
+main thread ends (a worker at SIGTERM), letting the sends under way end and giving back what it
+claimed and did not send. Without the secrets the messages are still written, and wait: said
+at start-up and at the first event that names a webhook, and counted in the backlog gauge.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import functools
+import logging
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -41,7 +46,11 @@ if TYPE_CHECKING:
     from imagegen.service import ImageGenService
     from imagegen.settings import Settings
 
+log = logging.getLogger("imagegen.ledger")
+
 _opened: dict[str, tuple[Ledger, Dispatcher | None]] = {}
+_unsent_said = threading.Event()  # whether an event naming a webhook, unsent, was said
+_unsent_counted: set[str] = set()  # the ledgers whose unsent messages the backlog gauge reads
 _failed: dict[str, tuple[float, ImageGenError]] = {}
 _lock = threading.Lock()
 
@@ -66,6 +75,7 @@ def ledger_of(settings: Settings) -> tuple[Ledger, Dispatcher | None]:
     from imagegen.ledger import open_ledger
     from imagegen.ledger.outbox import Dispatcher
     from imagegen.ledger.webhooks import AddressPolicy, WebhookSender
+    from imagegen.telemetry import observe
 
     key = _key(settings)
     url = key or None
@@ -89,8 +99,30 @@ def ledger_of(settings: Settings) -> tuple[Ledger, Dispatcher | None]:
                 )
                 dispatcher = Dispatcher(ledger, sender, max_attempts=settings.webhook_max_attempts)
                 dispatcher.start()
+            else:
+                # Messages are still written (a request's webhook is part of its record), and
+                # wait: the backlog gauge counts them, so its alert fires as they pile up.
+                log.warning(
+                    "webhooks are off (%s is not set): messages that requests ask for are "
+                    "recorded and not sent until it is",
+                    settings.variable("webhook_secrets"),
+                )
+                if key not in _unsent_counted:
+                    _unsent_counted.add(key)
+                    observe("webhook_backlog", functools.partial(_unsent, key))
             _opened[key] = (ledger, dispatcher)
         return _opened[key]
+
+
+def _unsent(key: str) -> int | None:
+    """The backlog of the ledger opened for ``key`` without a dispatcher (webhooks off); None
+    where it is not open now, or has a dispatcher (which reports its own)."""
+    from imagegen.ledger.outbox import backlog
+
+    opened = _opened.get(key)
+    if opened is None or opened[1] is not None:
+        return None
+    return backlog(opened[0])
 
 
 async def _ledger(service: ImageGenService) -> tuple[Ledger, Dispatcher | None]:
@@ -172,6 +204,13 @@ async def _record(service: ImageGenService, data: Any, call: Call) -> None:
     await asyncio.to_thread(ledger.ingest, event)
     if dispatcher is not None:
         dispatcher.wake()
+    elif data.get("webhook") and not _unsent_said.is_set():
+        _unsent_said.set()  # once a process: every such event would say the same
+        log.warning(
+            "an event names a webhook and webhooks are off (%s is not set): its messages wait",
+            service.settings.variable("webhook_secrets"),
+            extra={"generation_id": call.generation_id},
+        )
 
 
 async def _detail(service: ImageGenService, call: RouteCall) -> BaseModel:
