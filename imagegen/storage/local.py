@@ -21,7 +21,11 @@ object.
 :meth:`LocalStorage.create` (first writer wins) writes and flushes both files under hidden
 temporary names first, then holds an exclusive :func:`fcntl.flock` on the directory's hidden
 ``.create.lock`` while it checks and renames, so processes sharing the directory create each
-object once, and no writer waits behind another's flush to disk. A lock rather than an
+object once, and no writer waits behind another's flush to disk. The lock is waited for
+:data:`LOCK_WAIT` seconds at most: held longer, by a writer stuck inside it (a stalled disk under
+its renames, a process stopped in a debugger), the create fails with a retryable
+:class:`~imagegen.errors.DependencyUnavailable` naming the directory, rather than hold a thread
+until the request's own timeout and beyond. A lock rather than an
 ``O_EXCL`` claim file: the object and its sidecar must appear together, and the kernel releases
 a lock when its holder dies, where a claim file left by a killed writer would block the key
 forever. An object found without its sidecar is such an interrupted write, and is written again,
@@ -45,11 +49,16 @@ deployment's doing, as a misconfigured bucket is for S3, and failing the event f
 dead-letter a valid generation and orphan its image. :meth:`LocalStorage.check` looks for such
 links among the root's own entries, so that ``imagegen doctor`` and a function's start-up say
 so before an event meets one.
+
+The blocking calls run on threads of local storage's own (:func:`_threads`), not on the event
+loop's default executor: that one is the whole process's (a few threads: ``min(32, CPUs + 4)``),
+and a thread cannot be stopped, so calls stuck on one folder would hold every thread of it,
+and every other folder's writes, and whatever else of the process uses it, would wait behind
+them until the request timed out.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import json
@@ -58,13 +67,18 @@ import os
 import secrets
 import stat
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
+from imagegen._threads import DaemonPool, PoolExhausted
 from imagegen.errors import ConfigurationError, DependencyUnavailable, NotFound
 from imagegen.storage.base import ObjectStore, StoredObject, validate_key
 
-__all__ = ["LocalStorage"]
+__all__ = ["LOCK_WAIT", "LocalStorage"]
+
+T = TypeVar("T")
 
 _DEFAULT_CONTENT_TYPE = "application/octet-stream"
 # The content types of the names imagegen writes, fixed here rather than taken from the host's
@@ -77,6 +91,22 @@ _CONTENT_TYPES = {
     ".avif": "image/avif",
 }
 _CREATE_LOCK = ".create.lock"
+
+LOCK_WAIT = 5.0
+"""Seconds a create waits for its directory's lock before it fails, retryably. The lock is
+held only for a check and two renames (well under a millisecond on a healthy disk). The bound
+is well under every stage's request timeout (the dead-letter sink's 60 s is the shortest that
+writes) and no longer than the stalled connect its last try allows for
+(:data:`imagegen.stages.deadletter.RETRY_FOR`), so a stage answers storage's own error, naming
+the directory, not its timeout."""
+_LOCK_POLL = (0.001, 0.05)
+"""The first and the longest pause between tries of the lock (doubled each try): ``flock``
+has no timed wait, on Linux or macOS, and a signal-timed one works on the main thread only."""
+MAX_THREADS = 64
+"""Threads local storage's calls may hold at once, across every :class:`LocalStorage` of the
+process. Started only as needed; enough for one folder's stuck calls (each gives up after
+:data:`LOCK_WAIT` when its lock is the cause) to leave the others theirs. A call past the limit
+fails at once, retryably (every thread is held by calls that do not return: a hung disk)."""
 
 
 class LocalStorage(ObjectStore):
@@ -97,14 +127,14 @@ class LocalStorage(ObjectStore):
     async def _store(
         self, key: str, data: bytes, content_type: str, metadata: dict[str, str]
     ) -> str:
-        path = await asyncio.to_thread(self._write, key, data, content_type, metadata)
+        path = await self._blocking(self._write, key, data, content_type, metadata)
         return path.as_uri()
 
     async def _store_new(
         self, key: str, data: bytes, content_type: str, metadata: dict[str, str]
     ) -> bool:
         """Write unless a complete object is there (an object without its sidecar is not)."""
-        return await asyncio.to_thread(self._create, key, data, content_type, metadata)
+        return await self._blocking(self._create, key, data, content_type, metadata)
 
     async def get(self, key: str) -> bytes:
         """Read the object at ``key``.
@@ -114,7 +144,7 @@ class LocalStorage(ObjectStore):
         """
         validate_key(key)
         try:
-            return await asyncio.to_thread(lambda: self._path(key).read_bytes())
+            return await self._blocking(lambda: self._path(key).read_bytes())
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFound(f"no object at {key!r}") from None
         except OSError as exc:
@@ -124,7 +154,7 @@ class LocalStorage(ObjectStore):
         """The object at ``key`` without its body, or None when absent."""
         validate_key(key)
         try:
-            return await asyncio.to_thread(self._head, key)
+            return await self._blocking(self._head, key)
         except OSError as exc:
             raise self._unavailable("cannot read from", exc) from exc
 
@@ -143,7 +173,7 @@ class LocalStorage(ObjectStore):
                 under them: walking the whole tree here would cost a read of every folder).
         """
         try:
-            await asyncio.to_thread(self._probe)
+            await self._blocking(self._probe)
         except (FileExistsError, NotADirectoryError) as exc:
             # mkdir's "File exists" of the root, "Not a directory" of a folder above it.
             file = next(
@@ -158,6 +188,20 @@ class LocalStorage(ObjectStore):
             ) from exc
         except OSError as exc:
             raise self._unavailable("cannot write to", exc) from exc
+
+    async def _blocking(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` on one of local storage's threads.
+
+        Raises:
+            DependencyUnavailable: every thread is held by a call that has not returned.
+        """
+        try:
+            return await _threads().run(fn, *args)
+        except PoolExhausted as exc:
+            raise DependencyUnavailable(
+                f"local storage: cannot use {str(self.root)!r}: {exc} (calls that have not"
+                " returned: a disk that stalls)"
+            ) from None
 
     # Blocking parts, run in a worker thread.
 
@@ -200,7 +244,7 @@ class LocalStorage(ObjectStore):
             _discard(staged)
             raise self._unavailable("cannot write to", exc) from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            _lock(fd, path.parent)
             created = not (path.is_file() and (not sidecar or _sidecar(path).is_file()))
             if created:
                 # The object first, its sidecar second, as _write does.
@@ -279,6 +323,54 @@ class LocalStorage(ObjectStore):
             failed = failed if what == "cannot read from" else failed.parent
             where = failed if failed.is_relative_to(self.root) else self.root
         return DependencyUnavailable(f"local storage: {what} {str(where)!r}: {reason}")
+
+
+_POOL = DaemonPool("imagegen-local-storage", max_threads=MAX_THREADS)
+
+
+def _threads() -> DaemonPool:
+    """The threads local storage's blocking calls run on, :data:`MAX_THREADS` at most. Each
+    starts when a call first needs it, and they are daemon threads (:mod:`imagegen._threads`):
+    nothing shuts them down, and a call stuck on a disk holds up no exit."""
+    return _POOL
+
+
+def _new_pool_after_fork() -> None:
+    # A forked child has none of its parent's threads, though the pool would count them idle
+    # and queue calls for them.
+    global _POOL
+    _POOL = DaemonPool("imagegen-local-storage", max_threads=MAX_THREADS)
+
+
+os.register_at_fork(after_in_child=_new_pool_after_fork)
+
+
+def _lock(fd: int, directory: Path) -> None:
+    """Take the exclusive ``flock`` on ``fd``, waiting :data:`LOCK_WAIT` seconds at most.
+
+    Tried without blocking and again after a short pause, since ``flock`` has no timed wait: a
+    blocking one would hold this thread for as long as the holder holds the lock.
+
+    Raises:
+        DependencyUnavailable: naming ``directory``, when the lock was not granted in time.
+    """
+    deadline = time.monotonic() + LOCK_WAIT
+    pause, longest = _LOCK_POLL
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # EWOULDBLOCK: held through another open file description
+            pass
+        else:
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DependencyUnavailable(
+                f"local storage: cannot write to {str(directory)!r}: its lock ({_CREATE_LOCK})"
+                f" was not granted within {LOCK_WAIT:g}s (another writer holds it)"
+            )
+        time.sleep(min(pause, left))
+        pause = min(pause * 2, longest)
 
 
 def _link_leading_out(root: Path, key: str) -> Path | None:

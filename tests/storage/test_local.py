@@ -1,7 +1,8 @@
-"""LocalStorage: layout, atomic writes, and keys that must not leave the root."""
+"""LocalStorage: layout, atomic writes, keys that must not leave the root, folders that stall."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import mimetypes
@@ -9,15 +10,20 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from imagegen._threads import DaemonPool
 from imagegen.errors import ConfigurationError, DependencyUnavailable
 from imagegen.storage import GenerationKeys, LocalStorage
+from imagegen.storage import local as local_module
 from imagegen.storage.base import prompt_memo_key
 
 KEYS = GenerationKeys("gen-0003", datetime(2026, 5, 1, 23, 59, tzinfo=UTC))
@@ -521,3 +527,123 @@ async def test_a_root_that_is_a_file_or_under_one_is_said_to_be_a_file(
         f"local storage: cannot write to {str(tmp_path / root)!r}:"
         f" {str(tmp_path / 'afile')!r} is a file, not a directory"
     )
+
+
+# 5. A folder that stalls
+
+
+@contextmanager
+def lock_held(folder: Path, seconds: float = 120.0) -> Iterator[None]:
+    """Another process holding ``folder``'s create lock, as a writer stuck inside it does (a
+    stalled disk under its renames, a process stopped in a debugger), for ``seconds``."""
+    script = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o666)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = str(folder / ".create.lock")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script, lock, str(seconds)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        yield
+    finally:
+        holder.kill()
+        holder.communicate(timeout=30)
+
+
+async def test_a_folder_whose_lock_is_held_fails_its_writes_retryably_and_delays_no_other(
+    local: LocalStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writers of a folder whose lock is never let go give up after the bound, retryably and
+    naming the folder; meanwhile a write to another folder is done at once."""
+    bound = 2.0
+    monkeypatch.setattr(local_module, "LOCK_WAIT", bound)
+    stuck_day, other_day = local.root / "2026/11/10", local.root / "2026/11/11"
+    # More writers than the loop's default executor has threads (ThreadPoolExecutor's default:
+    # min(32, CPUs + 4)), so no thread of it would be left for the other folder.
+    stuck = min(32, (os.cpu_count() or 1) + 4) + 1
+    with lock_held(stuck_day):
+        started = time.monotonic()
+        writers = [
+            asyncio.ensure_future(
+                local.create(f"2026/11/10/e{i}.json", b"{}", content_type="application/json")
+            )
+            for i in range(stuck)
+        ]
+        await asyncio.sleep(0.2)  # each is waiting for the lock by now
+        other = local.create("2026/11/11/e.json", b"{}", content_type="application/json")
+        assert await asyncio.wait_for(other, timeout=30)
+        assert not any(writer.done() for writer in writers), "it waited for none of them"
+        answers = await asyncio.wait_for(
+            asyncio.gather(*writers, return_exceptions=True), timeout=30
+        )
+        waited = time.monotonic() - started
+
+    assert bound <= waited < bound + 10
+    for answer in answers:
+        assert isinstance(answer, DependencyUnavailable), answer
+        assert answer.retryable and answer.retry_after
+        assert answer.message.startswith(
+            f"local storage: cannot write to {str(stuck_day)!r}: its lock (.create.lock)"
+            f" was not granted within {bound:g}s"
+        )
+    # Nothing of them is left (their staged copies are gone), and once the lock is let go the
+    # folder takes writes again.
+    assert files_under(stuck_day) == [".create.lock"]
+    assert files_under(other_day) == [".create.lock", "e.json"]
+    assert await local.create("2026/11/10/e0.json", b"{}", content_type="application/json")
+
+
+async def test_a_write_waits_for_a_lock_let_go_within_the_bound(local: LocalStorage) -> None:
+    """A lock held a moment (another writer's renames) is waited for, not refused at once."""
+    with lock_held(local.root / "2026/05/01", seconds=0.5):
+        assert await local.create(KEYS.image, NEW, content_type="image/png")
+    assert await local.get(KEYS.image) == NEW
+
+
+async def test_no_call_needs_a_thread_of_the_loops_default_executor(local: LocalStorage) -> None:
+    """The default executor is the whole process's (DNS lookups, other blocking calls): with
+    every thread of it held, local storage still answers."""
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(2))
+    release = threading.Event()
+    held = [loop.run_in_executor(None, release.wait, 60) for _ in range(2)]
+    try:
+        await asyncio.wait_for(local.check(), timeout=10)
+        put = local.put(KEYS.image, OLD, content_type="image/png", metadata={"v": "1"})
+        await asyncio.wait_for(put, timeout=10)
+        create = local.create(KEYS.metadata, b"{}", content_type="application/json")
+        assert await asyncio.wait_for(create, timeout=10)
+        assert await asyncio.wait_for(local.get(KEYS.image), timeout=10) == OLD
+        head = await asyncio.wait_for(local.head(KEYS.image), timeout=10)
+        assert head is not None and head.metadata == {"v": "1"}
+    finally:
+        release.set()
+        await asyncio.gather(*held)
+
+
+async def test_with_every_thread_held_a_call_fails_at_once_retryably(
+    local: LocalStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Calls that do not return (a hung disk) hold their threads for good: past the limit a
+    call is refused at once, as storage unavailable, rather than queued behind them."""
+    monkeypatch.setattr(local_module, "_POOL", DaemonPool("one", max_threads=1))
+    await local.put(KEYS.image, OLD, content_type="image/png")
+    with lock_held(local.root / "2026/11/10"):
+        stuck = asyncio.ensure_future(
+            local.create("2026/11/10/e.json", b"{}", content_type="application/json")
+        )
+        await asyncio.sleep(0.2)  # on the one thread, waiting for the lock
+        with pytest.raises(DependencyUnavailable) as error:
+            await asyncio.wait_for(local.get(KEYS.image), timeout=1)
+        assert error.value.retryable
+        assert error.value.message == (
+            f"local storage: cannot use {str(local.root)!r}: all 1 one threads are busy"
+            " (calls that have not returned: a disk that stalls)"
+        )
+        stuck.cancel()
