@@ -408,13 +408,14 @@ def _invalid(field: str, message: str) -> InvalidRequest:
 def parse_leniently(headers: Mapping[str, str], body: bytes, *, truncated: bool) -> Message:
     """Whatever arrived, as an event if it looks like one; for a sink that must lose nothing.
 
-    Attributes are taken as they come (every ``ce-*`` header, or the structured envelope),
-    a body that is not JSON is kept as it came (``raw``; ``data`` is then its text, as far as
-    it decodes), and ``truncated`` is recorded as an attribute. A ``ce-*`` value is decoded as
-    :func:`parse` decodes it, where it can be: one whose percent-encoded bytes are no UTF-8 is
-    kept as it came; one whose bytes are no UTF-8, each byte as its Latin-1 character (the
-    bytes again, read back as Latin-1), its name then listed in the ``imagegenlatin1``
-    attribute.
+    Attributes are taken as they come (every ``ce-*`` header, or the structured envelope; of
+    an envelope that does not parse, cut at ``MAX_BODY_BYTES`` say, the members before its data:
+    :func:`_leading_attributes`), a body that is not JSON is kept as it came (``raw``; ``data``
+    is then its text, as far as it decodes), and ``truncated`` is recorded as an attribute. A
+    ``ce-*`` value is decoded as :func:`parse` decodes it, where it can be: one whose
+    percent-encoded bytes are no UTF-8 is kept as it came; one whose bytes are no UTF-8, each
+    byte as its Latin-1 character (the bytes again, read back as Latin-1), its name then listed
+    in the ``imagegenlatin1`` attribute.
     """
     lowered = _lowered(headers)
     data: Any = None
@@ -434,6 +435,12 @@ def parse_leniently(headers: Mapping[str, str], body: bytes, *, truncated: bool)
         data = envelope.get("data")
         if "data_base64" in envelope and data is None:
             data, raw = _base64_data(envelope["data_base64"])
+    elif _content_type(lowered) == "application/cloudevents+json" and (
+        recovered := _leading_attributes(raw) if raw is not None else {}
+    ):
+        # An envelope cut short (at MAX_BODY_BYTES) never parses whole: its attributes that
+        # precede "data" still name the event, its day and the record it belongs in.
+        attributes = recovered
     else:
         attributes, latin1 = {}, list[str]()
         for key, value in lowered.items():
@@ -452,6 +459,57 @@ def parse_leniently(headers: Mapping[str, str], body: bytes, *, truncated: bool)
     if truncated:
         attributes["imagegentruncated"] = "true"
     return Message(data, MappingProxyType(attributes) if attributes else _EMPTY, lowered, raw)
+
+
+_ENVELOPE_PREFIX = 64 * 1024
+"""Bytes of an envelope that does not parse read for the attributes before its data."""
+
+
+def _leading_attributes(body: bytes) -> dict[str, str]:
+    """The top-level members of a structured envelope that precede ``data`` (or
+    ``data_base64``), read one by one from the first :data:`_ENVELOPE_PREFIX` bytes of a body
+    that does not parse whole; a string, number or boolean is kept as :func:`_canonical`
+    writes it. Reading stops at the data, at an object or array (never parsed, so no nesting
+    is ever followed), at anything that is not JSON, and at the end of the prefix."""
+    text = body[:_ENVELOPE_PREFIX].decode("utf-8", "replace")
+    decoder = json.JSONDecoder()
+    found: dict[str, str] = {}
+    at = _after_space(text, 0)
+    if not text.startswith("{", at):
+        return found
+    at += 1
+    while True:
+        at = _after_space(text, at)
+        if not text.startswith('"', at):
+            break
+        try:
+            name, at = decoder.raw_decode(text, at)
+        except ValueError:
+            break
+        at = _after_space(text, at)
+        if not text.startswith(":", at):
+            break
+        at = _after_space(text, at + 1)
+        if name in ("data", "data_base64") or text[at : at + 1] in ("{", "[", ""):
+            break
+        try:
+            value, at = decoder.raw_decode(text, at)
+        except ValueError:  # cut inside it, or not JSON
+            break
+        if value is not None and not (isinstance(value, float) and not math.isfinite(value)):
+            found[name] = _canonical(value)
+        at = _after_space(text, at)
+        if not text.startswith(",", at):
+            break
+        at += 1
+    return found
+
+
+def _after_space(text: str, at: int) -> int:
+    """The index of the first character from ``at`` on that is no JSON whitespace."""
+    while text[at : at + 1] in (" ", "\t", "\n", "\r"):
+        at += 1
+    return at
 
 
 def _canonical(value: Any) -> str:

@@ -309,7 +309,7 @@ class WebhookSender:
     """
 
     def __init__(
-        self, secrets: Sequence[str], policy: AddressPolicy, *, timeout: float = 10.0
+        self, secrets: Sequence[str], policy: AddressPolicy, *, timeout: float = 15.0
     ) -> None:
         if not secrets:
             raise InvalidRequest(

@@ -16,6 +16,15 @@ first record and leaves it as it is, while one event that failed at two subscrib
 the ledger both hear ``prompt.enhanced``; the ledger's Trigger dead-letters a
 ``generation.failed`` this sink also hears directly) leaves a record of each failure. An event
 without a usable ``time`` is recorded under ``failures/undated/``.
+
+A write that storage refuses (:class:`~imagegen.errors.DependencyUnavailable`: a connection
+refused or reset fails in a fraction of a second) is tried again, with backoff, for up to
+:data:`RETRY_FOR` seconds of the sink's :data:`BUDGET` before the sink answers 503. The broker
+sends a dead letter with the failing Trigger's own ``retry`` and backoff, and drops it once those
+are spent (eventing ``pkg/kncloudevents/event_dispatcher.go``: ``send`` passes
+``config.retryConfig`` to the ``executeRequest`` of the dead-letter sink too); answered in a
+tenth of a second, its attempts would last little more than the Trigger's backoff (62 s at
+``retry: 5`` from 2 s); each attempt now rides out up to :data:`RETRY_FOR` seconds of outage.
 """
 
 from __future__ import annotations
@@ -29,9 +38,16 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_before_delay,
+    wait_exponential_jitter,
+)
 
 from imagegen.auth.callers import BROKER
-from imagegen.errors import InvalidRequest
+from imagegen.errors import DependencyUnavailable, InvalidRequest
 from imagegen.events import GENERATION_FAILED
 from imagegen.identity import derive_generation_id, event_time
 from imagegen.stages import Call, Stage
@@ -44,6 +60,17 @@ log = logging.getLogger("imagegen.deadletter")
 
 # Never written to storage: a record is read by people who may not hold the caller's rights.
 _CREDENTIALS = frozenset({"authorization", "proxy-authorization", "cookie"})
+
+BUDGET = 60.0
+"""Seconds one delivery may take before the sink answers 503: below the Service's
+``timeoutSeconds`` (90, knative/base/deadletter.yaml), itself below every Trigger's ``timeout``."""
+RETRY_FOR = 50.0
+"""Seconds from a delivery's first write within which a failed write is tried again. The last
+try begins before then; one that stalls past :data:`BUDGET` is answered 503 there all the same."""
+TEXT_PREVIEW = 1000
+"""Characters of a non-JSON body's text kept in ``data``, for reading: the bytes are in
+``body_base64``. The whole text, each undecodable byte a U+FFFD that JSON writes as ``\\ufffd``
+(6 bytes), made a 1 MiB body a 7.7 MB record."""
 
 
 class FailureRecord(BaseModel):
@@ -61,7 +88,11 @@ class FailureRecord(BaseModel):
     error_body: Any = None
     attributes: dict[str, str]
     headers: dict[str, str] = {}
-    data: Any = None
+    data: Any = Field(
+        default=None,
+        description="The event's data; where the body is not JSON, the first"
+        f" {TEXT_PREVIEW} characters of its text as far as it decodes (body_base64 has it all).",
+    )
     body_base64: str | None = Field(
         default=None, description="The body as received, where it is not JSON."
     )
@@ -137,7 +168,7 @@ async def _record(service: ImageGenService, data: Any, call: Call) -> None:
         error_body=_decode(attributes.get("knativeerrordata")),
         attributes=attributes,
         headers={k: v for k, v in call.headers.items() if k not in _CREDENTIALS},
-        data=data,
+        data=data[:TEXT_PREVIEW] if call.raw is not None and isinstance(data, str) else data,
         body_base64=base64.b64encode(call.raw).decode() if call.raw is not None else None,
         recorded_at=now,
     )
@@ -145,10 +176,40 @@ async def _record(service: ImageGenService, data: Any, call: Call) -> None:
     # Written by json, escaped to ASCII: a lone surrogate in the data (JSON's "\ud800", which
     # pydantic refuses to write as UTF-8) is kept as it came.
     body = json.dumps(record.model_dump(mode="json"), indent=2).encode()
-    created = await service.storage.create(key, body, content_type="application/json")
+    created = await _create(service, key, body)
     kind = "generation failed" if record.event_type == GENERATION_FAILED else "delivery failed"
     extra = {"event_type": record.event_type, "generation_id": gid, "key": key}
     log.warning(kind if created else f"{kind} (already recorded)", extra=extra)
+
+
+async def _create(service: ImageGenService, key: str, body: bytes) -> bool:
+    """``storage.create``, tried again while storage is unavailable, for :data:`RETRY_FOR` s.
+
+    Jittered: the dead letters of one outage, retried together, reach the store spread out as it
+    comes back.
+    """
+
+    def waiting(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome is not None else None
+        wait = state.next_action.sleep if state.next_action is not None else 0.0
+        log.warning(
+            "cannot record yet, trying again in %.1fs: %s",
+            wait,
+            getattr(error, "message", error),
+            extra={"key": key, "attempt": state.attempt_number},
+        )
+
+    retrying = AsyncRetrying(
+        stop=stop_before_delay(RETRY_FOR),
+        wait=wait_exponential_jitter(multiplier=0.5, max=5.0, jitter=0.5),
+        retry=retry_if_exception_type(DependencyUnavailable),
+        before_sleep=waiting,
+        reraise=True,
+    )
+    async for attempt in retrying:
+        with attempt:
+            return await service.storage.create(key, body, content_type="application/json")
+    raise AssertionError("unreachable: tenacity re-raises the last error")
 
 
 STAGE = Stage(
@@ -159,6 +220,6 @@ STAGE = Stage(
     input_model=None,
     output_model=None,
     handler=_record,
-    timeout=lambda settings: 60.0,
+    timeout=lambda settings: BUDGET,
     callers=BROKER,
 )
