@@ -540,6 +540,15 @@ class Function:
                         f"{route.path} takes no query parameters",
                         errors=[{"field": n, "message": "unknown parameter"} for n in request.args],
                     )
+                # A route reads no body (a Route has no body model): the replay, the one POST
+                # route, takes `from` from its query alone. A body such as {"from": "requested"}
+                # would be ignored, and the replay started from where its caller did not ask.
+                if route.method == "POST" and (request.content_length or _read_body(request)):
+                    raise InvalidRequest(
+                        f"{route.path} takes no body: `from` is a query parameter"
+                        " (?from=requested)",
+                        errors=[{"field": "body", "message": "none taken: `from` is a query"}],
+                    )
                 headers = {name.lower(): value for name, value in request.headers.items()}
                 call = RouteCall(params=params, query=query, headers=headers)
                 within = otel_context.get_current()

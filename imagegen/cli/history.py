@@ -245,9 +245,11 @@ def _api(
     token: str | None = None,
     *,
     shape: type[BaseModel],
+    headers: dict[str, str] | None = None,
     **params: Any,
 ) -> dict[str, Any]:
-    """The ledger API's answer to a request, as JSON (read as ``shape`` first).
+    """The ledger API's answer to a request, as JSON (read as ``shape`` first), sent with
+    ``headers`` and ``params`` (the query).
 
     Raises:
         DependencyUnavailable: unreachable, a server error, or a success not in ``shape``'s
@@ -266,10 +268,10 @@ def _api(
             errors=[{"field": "token", "message": "not printable ASCII"}],
         )
     query = {k: v for k, v in params.items() if v is not None}
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    sent = {**(headers or {}), **({"Authorization": f"Bearer {token}"} if token else {})}
     try:
         reply = httpx.request(
-            method, url.rstrip("/") + path, params=query, headers=headers, timeout=30
+            method, url.rstrip("/") + path, params=query, headers=sent, timeout=30
         )
     # Neither is an HTTPError: the URL is wrong (a bad port, a host IDNA refuses), not the network.
     except (httpx.InvalidURL, UnicodeError) as exc:
@@ -383,6 +385,10 @@ def history(
     limit: Annotated[
         int, typer.Option(min=1, max=_MAX_PAGE, help="At most this many (newest first).")
     ] = 20,
+    cursor: Annotated[
+        str | None,
+        typer.Option(help="The next page: the cursor the previous page named (same filters)."),
+    ] = None,
     ledger: LedgerUrl = None,
     token: LedgerToken = None,
     as_json: AsJson = False,
@@ -412,12 +418,13 @@ def history(
             status=state,
             model=model,
             limit=limit,
+            cursor=cursor,
         )
-        items = page["items"]
+        items, next_cursor = page["items"], page.get("next_cursor")
     else:
         store = _local(ledger, ctx)
         if store is None:  # nothing recorded yet
-            items = []
+            items, next_cursor = [], None
         else:
             try:
                 found = store.history(
@@ -426,10 +433,12 @@ def history(
                     until=end,
                     model=model,
                     limit=limit,
+                    cursor=cursor,
                 )
             finally:
                 store.close()
             items = [g.model_dump(mode="json") for g in found.items]
+            next_cursor = found.next_cursor
             if found.unreadable:
                 # The others are listed; ``status`` of one of these says what cannot be read.
                 unreadable = printable(", ".join(found.unreadable), one_line=True)
@@ -442,6 +451,7 @@ def history(
                 )
     if as_json:
         typer.echo(json.dumps(items, indent=2))
+        _more(next_cursor)
         return
     from rich.table import Table
 
@@ -481,6 +491,18 @@ def history(
         prompt = row[-1] if len(row[-1]) <= room else row[-1][: room - 1] + "…"
         table.add_row(*(markup(cell) for cell in row[:-1]), markup(prompt))
     out.print(table)
+    _more(next_cursor)
+
+
+def _more(next_cursor: str | None) -> None:
+    """Say, after a page, that more generations follow and the cursor that lists them.
+
+    On stderr, whatever the mode: ``--json`` stays the list it has always been, and a table
+    piped on is the table alone. One line with a fixed prefix, for a script to take the cursor.
+    """
+    if next_cursor:
+        cursor = printable(next_cursor, one_line=True)  # a served ledger's, shown as given
+        err.print(f"imagegen: more: --cursor {cursor}", markup=False, soft_wrap=True)
 
 
 _MODEL_WIDTH = 24
@@ -507,6 +529,14 @@ def replay(
             "--output", "-o", help="Storage: a directory or s3://… (a local ledger's replay)."
         ),
     ] = None,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option(
+            "--idempotency-key",
+            help="An http(s):// ledger's replay: the same key makes the same replay, once"
+            " (default: a new key, named if the answer is lost).",
+        ),
+    ] = None,
     as_json: AsJson = False,
 ) -> None:
     """Generate again from the ledger's record, under a new id linked to the original."""
@@ -522,12 +552,16 @@ def replay(
             " the cluster's storage; --output applies to a replay from a local ledger",
             errors=[{"field": "output", "message": "not with an http(s):// ledger"}],
         )
+    if not _is_http(ledger) and idempotency_key is not None:
+        # A local replay runs here, to its end or its error: there is no lost answer to retry.
+        raise InvalidRequest(
+            "--idempotency-key: a replay from a local ledger runs here; the key applies to a"
+            " replay through the ledger function (an http(s):// ledger)",
+            errors=[{"field": "idempotency_key", "message": "only with an http(s):// ledger"}],
+        )
     settings = _settings(ctx, ledger, storage_url=output)
     if _is_http(ledger):
-        from imagegen.ledger.api import ReplayAccepted
-
-        path = f"/generations/{generation_id}/replay"
-        body = _api(str(ledger), "POST", path, token, shape=ReplayAccepted, **{"from": origin})
+        body = _replay_through(str(ledger), generation_id, origin, token, idempotency_key)
         typer.echo(json.dumps(body, indent=2) if as_json else body["generation_id"])
         return
     from imagegen.ledger.replay import replay_job, replay_request
@@ -585,6 +619,58 @@ def replay(
             )
             out.print(f"[bold]sha256[/]     {persisted.sha256}", soft_wrap=True)
         warn_underived(underived)
+
+
+def _replay_through(
+    ledger: str, generation_id: str, origin: str, token: str | None, key: str | None
+) -> dict[str, Any]:
+    """The ledger function's answer to replaying ``generation_id``, asked with an
+    ``Idempotency-Key`` (``key``, else a new one).
+
+    Every call is sent with a key: an answer lost (a timeout, or the ledger's 503 when the
+    broker was slow to answer) may hide a replay the broker took, and only a retry with the
+    same key sends that replay's event again (taken once) rather than a second replay, a
+    second render on a GPU.
+
+    Raises:
+        InvalidRequest: ``key`` is not 1-255 printable ASCII characters.
+        DependencyUnavailable: as :func:`_api`, naming the key to retry with.
+    """
+    import shlex
+    import uuid
+
+    from imagegen.ledger.api import ReplayAccepted
+    from imagegen.ledger.api import _checked_key as checked_key  # the API's own rule
+
+    if key is None:
+        key = uuid.uuid4().hex
+    else:
+        try:
+            checked_key(key)
+        except InvalidRequest as exc:
+            why = exc.errors[0]["message"]
+            raise InvalidRequest(
+                f"--idempotency-key: must be {why}",
+                errors=[{"field": "idempotency_key", "message": why}],
+            ) from None
+    path = f"/generations/{generation_id}/replay"
+    try:
+        return _api(
+            ledger,
+            "POST",
+            path,
+            token,
+            shape=ReplayAccepted,
+            headers={"Idempotency-Key": key},
+            **{"from": origin},
+        )
+    except DependencyUnavailable as exc:
+        retry = f"imagegen replay {generation_id} --idempotency-key {shlex.quote(key)}"
+        raise DependencyUnavailable(
+            f"{exc.message}; the replay may have been accepted: retry it with `{retry}`"
+            " (with the same --from and --ledger), which replays it once",
+            retry_after=exc.retry_after,
+        ) from None
 
 
 ledger_app = typer.Typer(help="Maintain the ledger: export events, prune old history.")

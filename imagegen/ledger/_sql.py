@@ -468,10 +468,19 @@ class SqlLedger(ABC):
     def export_jsonl(self, out: TextIO, *, since: datetime | None = None) -> int:
         """Write every event as one structured-mode CloudEvent JSON object a line.
 
+        Each keeps the extension attributes the Triggers route it on (render's, the job's
+        model: :func:`imagegen.events.routing_attributes`), derived from its data as the stage
+        that sent it derived them, so an exported event sent again reaches the stage it did.
+
         Raises:
             InternalError: after every readable event is written, when some could not be read
                 (the first named, with how many).
         """
+        from contextlib import suppress
+
+        from imagegen.events import event_models, routing_attributes
+
+        models = event_models()
         count = 0
         unreadable: list[InternalError] = []
         for row in self._event_rows(since):
@@ -483,6 +492,12 @@ class SqlLedger(ABC):
             # The time attribute as received (migration 0007), not the stage's time the ledger
             # orders by: absent where the event carried none.
             sent: datetime | None = row.get("time_attribute")
+            routed: dict[str, str] = {}
+            # Read as replay reads a recorded job (JSON's types, not the stage's strictness);
+            # data its model refuses is exported as recorded, without: the stage refuses it.
+            if (model := models.get(event.type)) is not None:
+                with suppress(ValidationError):
+                    routed = routing_attributes(model.model_validate(event.data, strict=False))
             body = {
                 "specversion": "1.0",
                 "id": event.id,
@@ -490,6 +505,7 @@ class SqlLedger(ABC):
                 "type": event.type,
                 **({"subject": event.subject} if event.subject else {}),
                 **({"time": sent.isoformat()} if sent else {}),
+                **routed,
                 "datacontenttype": "application/json",
                 "recordedat": event.recorded_at.isoformat() if event.recorded_at else None,
                 "data": event.data,

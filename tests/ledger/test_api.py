@@ -396,6 +396,28 @@ def test_replay_takes_its_starting_point_by_its_documented_name_alone(
         assert [headers["ce-type"] for headers, _ in received] == [GENERATION_REQUESTED]
 
 
+def test_a_replay_with_a_body_is_a_400_naming_it_and_nothing_is_sent(
+    serve_ledger: Callable[..., InProcessFunction],
+) -> None:
+    """`from` is a query parameter: a body saying `{"from": "requested"}` is refused, not
+    ignored (a replay from `enhanced` its caller did not ask for)."""
+    with broker_ingress() as (sink, received):
+        function = serve_ledger(K_SINK=sink)
+        _record(function, "gen-y")
+        send = partial(function.client.post, "/generations/gen-y/replay")
+        for reply in (
+            send(json={"from": "requested"}),
+            send(params={"from": "requested"}, content=b"{}"),
+        ):
+            assert reply.status_code == 400, reply.text
+            assert [e["field"] for e in reply.json()["errors"]] == ["body"]
+            assert "`from` is a query parameter" in reply.json()["message"]
+        assert received == []
+        empty = send(params={"from": "requested"}, content=b"")
+        assert empty.status_code == 202, empty.text
+        assert [headers["ce-type"] for headers, _ in received] == [GENERATION_REQUESTED]
+
+
 def test_replaying_an_invalid_recorded_request_is_a_409_naming_its_fields(
     serve_ledger: Callable[..., InProcessFunction],
 ) -> None:

@@ -537,3 +537,102 @@ def test_replay_through_the_ledger_function_refuses_an_output(
     code, _, err = run("replay", gid, "-o", str(output))
     assert code == 2 and err.count("\n") == 1 and "--output" in err, err
     assert not output.exists()
+
+
+def test_a_replay_whose_answer_is_lost_names_the_key_that_retries_it_once(
+    ledger_url: str, start_server: Any, run: Any
+) -> None:
+    """``replay`` through the ledger function sends an Idempotency-Key. An answer that says
+    the replay may have been taken (the ledger's 503 once the broker failed to answer: here
+    the broker's own 503) names the key in its one line; the command run again with it sends
+    the same event (its id and generation, which the stages take once), not a second replay."""
+    import re
+
+    from tests.fakes.loopback import broker_ingress
+
+    with broker_ingress(503) as (down, lost), broker_ingress() as (up, taken):
+        first = start_server("ledger", {"IMAGEGEN_LEDGER_URL": ledger_url, "K_SINK": down})
+        events = chain("gen-k")
+        for name in ("requested", "enhanced", "rendered", "persisted"):
+            sent = binary(events[name])
+            reply = first.post("/", headers=sent["headers"], json=sent["json"])
+            assert reply.status_code == 202, reply.text
+        code, out, err = run("replay", "gen-k", "--ledger", first.url)
+        assert (code, out) == (1, "") and err.count("\n") == 1, err
+        assert "503" in err and "may have been accepted" in err, err
+        said = re.search(r"`imagegen replay gen-k --idempotency-key (\S+)`", err)
+        assert said is not None, err
+        first.stop()
+
+        again = start_server("ledger", {"IMAGEGEN_LEDGER_URL": ledger_url, "K_SINK": up})
+        code, out, err = run("replay", "gen-k", "--ledger", again.url, "--idempotency-key", said[1])
+        assert code == 0, err
+        [(lost_headers, lost_data)], [(headers, data)] = lost, taken
+        assert headers["ce-id"] == lost_headers["ce-id"] and data == lost_data
+        assert out == f"{data['generation_id']}\n"
+        code, out, err = run("replay", "gen-k", "--ledger", again.url)  # a new key: a new replay
+        assert code == 0 and out != f"{data['generation_id']}\n", err
+        assert len({h["ce-id"] for h, _ in taken}) == 2
+
+        code, out, err = run("replay", "gen-k", "--ledger", again.url, "--idempotency-key", "a\tb")
+        assert (code, out) == (2, "") and err.count("\n") == 1 and "--idempotency-key" in err
+        assert len(taken) == 2  # refused before anything is sent
+    code, out, err = run("replay", "gen-k", "--ledger", ledger_url, "--idempotency-key", "k")
+    assert (code, out) == (2, "") and "--idempotency-key" in err and "local" in err, err
+
+
+def test_history_names_the_cursor_of_the_next_page_and_lists_it(
+    ledger_url: str, start_server: Any, run: Any
+) -> None:
+    """A page with more after it says so on stderr, one line naming ``--cursor``; the JSON on
+    stdout stays the list of the page. Given that cursor, the next page; the last says nothing
+    more. Alike from the database and from the ledger function."""
+    import re
+
+    server = start_server("ledger", {"IMAGEGEN_LEDGER_URL": ledger_url})
+    for n, gid in enumerate(("gen-1", "gen-2", "gen-3")):
+        events = chain(gid, start=T0 + timedelta(minutes=n))
+        for name in ("requested", "enhanced"):
+            sent = binary(events[name])
+            reply = server.post("/", headers=sent["headers"], json=sent["json"])
+            assert reply.status_code == 202, reply.text
+
+    for where in (ledger_url, server.url):
+        for mode in ((), ("--json",)):
+            code, out, err = run("history", "--ledger", where, "--limit", "2", *mode)
+            assert code == 0 and err.count("\n") == 1, err
+            said = re.fullmatch(r"imagegen: more: --cursor (\S+)\n", err)
+            assert said is not None, err
+            if mode:
+                assert [g["generation_id"] for g in json.loads(out)] == ["gen-3", "gen-2"]
+            else:
+                assert "gen-2" in out and "gen-1" not in out and "--cursor" not in out
+            page = ("history", "--ledger", where, "--limit", "2", "--cursor", said[1], *mode)
+            code, out, err = run(*page)
+            assert (code, err) == (0, ""), err
+            if mode:
+                assert [g["generation_id"] for g in json.loads(out)] == ["gen-1"]
+            else:
+                assert "gen-1" in out and "gen-2" not in out
+        code, out, err = run("history", "--ledger", where, "--cursor", "not-a-cursor")
+        assert code == 2 and out == "" and err.count("\n") == 1 and "cursor" in err, err
+
+
+def test_export_keeps_the_model_attribute_render_triggers_route_on(
+    tmp_path: Path, run: Any
+) -> None:
+    """An exported ``prompt.enhanced`` names its model in ``imagegenmodel``, as enhance sent it:
+    the prod render Trigger filters on it, and the line sent again would reach no render
+    without it. The other events carry no such attribute, as none was sent with them."""
+    from imagegen.events import MODEL_ATTRIBUTE, PROMPT_ENHANCED
+
+    path = tmp_path / "l.db"
+    _ledger_of_three(path)
+    code, out, err = run("ledger", "export", "--ledger", str(path))
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    enhanced = [line for line in lines if line["type"] == PROMPT_ENHANCED]
+    assert len(enhanced) == 3 and len(lines) == 6
+    for line in enhanced:
+        assert line[MODEL_ATTRIBUTE] == line["data"]["model"] == "tiny"
+    assert not any(MODEL_ATTRIBUTE in line for line in lines if line["type"] != PROMPT_ENHANCED)
