@@ -287,8 +287,8 @@ def _routes() -> tuple[Route, ...]:
                 **unknown,
                 400: "A query parameter is unknown, repeated or invalid (`from` is neither "
                 "enhanced nor requested), or the `Idempotency-Key` header is not 1-255 printable "
-                "ASCII characters, or a body was sent (`body`: `from` is a query parameter); each is "
-                "named.",
+                "ASCII characters, or a body was sent (`body`: `from` is a query parameter); "
+                "each is named.",
                 409: "The recorded event cannot be replayed (it was invalid); its fields named.",
                 500: f"{unreadable}; or the broker refused the event as one it cannot read (its "
                 "400). Not worth a retry.",
