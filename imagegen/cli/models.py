@@ -148,7 +148,8 @@ def list_models(as_json: AsJson = False) -> None:
 def _held_here(model: str, settings: Settings) -> str:
     """What this machine holds of ``model``, read from the disk alone (nothing fetched, no
     folder made): built offline, a pipeline directory, or its snapshot at the revision render
-    loads in the model cache (``IMAGEGEN_MODEL_CACHE_DIR``, else the Hub client's own)."""
+    loads in the model cache (``IMAGEGEN_MODEL_CACHE_DIR``, else the Hub client's own), whole
+    or not."""
     from pathlib import Path
 
     from imagegen.modelspec import MODELS, looks_like_path
@@ -174,4 +175,10 @@ def _held_here(model: str, settings: Settings) -> str:
         )
     except ValueError:  # no valid Hub id: render refuses it, naming the field
         return "no Hub id"
-    return "cached" if isinstance(found, str) else "not cached"
+    if not isinstance(found, str):
+        return "not cached"
+    from imagegen.render.pull import incomplete
+
+    # What render would fail to load (a pull cut short, a damaged file), read from the files'
+    # headers: ``imagegen models pull`` repairs it.
+    return "incomplete" if incomplete(Path(found).parent) else "cached"

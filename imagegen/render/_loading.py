@@ -22,7 +22,7 @@ from huggingface_hub.errors import (
 )
 from packaging.version import Version
 
-from imagegen.errors import DependencyUnavailable
+from imagegen.errors import DependencyUnavailable, InvalidRequest
 from imagegen.modelspec import looks_like_path
 from imagegen.render._errors import field_error, first_line
 from imagegen.settings import Settings
@@ -72,7 +72,8 @@ def load_pipeline(model: str, dtype: torch.dtype, settings: Settings) -> Pipelin
 
     Raises:
         InvalidRequest: ``model`` names no text-to-image pipeline (field ``model``).
-        DependencyUnavailable: The model is neither cached nor downloadable.
+        DependencyUnavailable: The model is neither cached nor downloadable, or its files
+            are damaged or incomplete.
     """
     local = Path(model).expanduser()
     if local.exists():
@@ -81,7 +82,7 @@ def load_pipeline(model: str, dtype: torch.dtype, settings: Settings) -> Pipelin
                 "model",
                 f"{model!r} is not a diffusers pipeline directory (no model_index.json)",
             )
-        source, remote = str(local), False
+        source, folder, remote = str(local), local, False
     elif looks_like_path(model):
         raise field_error("model", f"no such model directory: {model!r}")
     else:
@@ -89,8 +90,8 @@ def load_pipeline(model: str, dtype: torch.dtype, settings: Settings) -> Pipelin
         # Said at its revision: offline, the operator pulls that snapshot, no other.
         what = f"model {model!r} at {revision_said(settings, model)}"
         with hub_errors(model, field="model", what=what):
-            hf_hub_download(model, "model_index.json", **hub_options(settings, model))
-        source, remote = model, True
+            index = hf_hub_download(model, "model_index.json", **hub_options(settings, model))
+        source, folder, remote = model, Path(index).parent, True
 
     options = hub_options(settings, model) if remote else {}
     # Here, not at import: it imports every pipeline diffusers has, and the offline models
@@ -107,22 +108,52 @@ def load_pipeline(model: str, dtype: torch.dtype, settings: Settings) -> Pipelin
         pipe: Pipeline = AutoPipelineForText2Image.from_pretrained(
             source, **{_DTYPE_ARGUMENT: dtype}, **options
         )
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        # KeyError, TypeError, AttributeError: a model_index.json of another shape ({}, a list,
-        # a null class name), which diffusers reads without checking.
-        raise field_error(
-            "model",
-            f"{model!r} is not a text-to-image pipeline: {type(error).__name__}:"
-            f" {first_line(error)}",
-        ) from error
-    except OSError as error:
-        if remote:
-            raise DependencyUnavailable(
-                f"model {model!r} at {revision_said(settings, model)} could not be downloaded:"
-                f" {first_line(error).rstrip('.')}; pull it first (imagegen models pull {model})"
-            ) from error
-        raise field_error("model", f"{model!r} cannot be loaded: {first_line(error)}") from error
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise _unloadable(model, folder, remote, error, settings) from error
     return pipe
+
+
+def _unloadable(
+    model: str, folder: Path, remote: bool, error: Exception, settings: Settings
+) -> DependencyUnavailable | InvalidRequest:
+    """Why ``model``, whose files are in ``folder``, did not load, in one line.
+
+    A damaged or missing file is said by name, read from the files' headers (what
+    ``imagegen models pull`` checks): diffusers' own message names it only inside a paragraph
+    of paths, and says a file of the cache that does not parse is not there.
+    """
+    # Here: pull reads this module's helpers as it is imported.
+    from imagegen.render.pull import incomplete
+
+    why = incomplete(folder)
+    if remote:
+        what = f"model {model!r} at {revision_said(settings, model)}"
+        pull = f"imagegen models pull {model}"
+        if why is not None:
+            offline = " and HF_HUB_OFFLINE is set" if is_offline_mode() else ""
+            return DependencyUnavailable(
+                f"{what} in the local cache cannot be loaded ({why}){offline}: pull it"
+                f" ({pull}), which fetches what is missing and replaces what is damaged"
+            )
+        if isinstance(error, OSError):
+            if is_offline_mode():
+                return DependencyUnavailable(
+                    f"{what} is not in the local cache and HF_HUB_OFFLINE is set: pull it first"
+                    f" ({pull})"
+                )
+            return DependencyUnavailable(
+                f"{what} could not be downloaded: {first_line(error).rstrip('.')};"
+                f" pull it first ({pull})"
+            )
+    elif why is not None or isinstance(error, OSError):
+        # Files that cannot be read are no mistake of the name: the model cannot load.
+        return DependencyUnavailable(f"{model!r} cannot be loaded: {why or first_line(error)}")
+    # A model_index.json of another shape ({}, a list, a null class name) raises KeyError,
+    # TypeError or AttributeError: diffusers reads it without checking.
+    return InvalidRequest(
+        f"{model!r} is not a text-to-image pipeline: {type(error).__name__}: {first_line(error)}",
+        errors=[{"field": "model", "message": "not a text-to-image pipeline"}],
+    )
 
 
 @contextlib.contextmanager

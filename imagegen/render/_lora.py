@@ -12,6 +12,7 @@ imported where adapters are loaded.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,7 +26,13 @@ from imagegen.settings import Settings
 if TYPE_CHECKING:
     from imagegen.render._loading import Pipeline
 
-__all__ = ["LoraAdapters", "check_lora_support", "check_loras"]
+__all__ = ["LoraAdapters", "check_lora_support", "check_loras", "missing_loras"]
+
+log = logging.getLogger("imagegen.render")
+
+_NOT_THERE_RETRY_AFTER = 30.0
+"""Seconds before a job naming a configured LoRA whose file is not there is retried: a volume
+still being mounted, or filled."""
 
 
 def check_lora_support(model: str, pipe: Pipeline) -> None:
@@ -87,6 +94,19 @@ def configured_sources(settings: Settings, loras: Sequence[LoraHint]) -> list[st
     return sources
 
 
+def missing_loras(settings: Settings) -> list[str]:
+    """The entries of ``settings.loras`` that name a file or directory that is not there (a
+    Hub id is not looked for), and ``settings.lora_dir`` if it is not there."""
+    missing = [
+        entry
+        for entry in settings.loras
+        if looks_like_path(entry) and not Path(entry).expanduser().exists()
+    ]
+    if settings.lora_dir is not None and not settings.lora_dir.expanduser().is_dir():
+        missing.append(str(settings.lora_dir))
+    return missing
+
+
 def _unsupported(model: str) -> InvalidRequest:
     return field_error("loras", f"model {model!r} does not support LoRA adapters")
 
@@ -123,6 +143,10 @@ class LoraAdapters:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._loaded: dict[str, dict[str, str]] = {}  # model -> adapter name -> source
+        # Said as the backend is built, at start-up: the operator's mistake (or a volume not
+        # mounted yet) is in the log before a job names it.
+        for path in missing_loras(settings):
+            log.warning("configured LoRA path does not exist: %s", path, extra={"path": path})
 
     def activate(self, model: str, pipe: Pipeline, loras: Sequence[LoraHint]) -> None:
         """Load adapters not loaded yet; make exactly ``loras`` active, with their weights.
@@ -130,7 +154,9 @@ class LoraAdapters:
         Raises:
             InvalidRequest: A LoRA is not configured on this service (each one named by its
                 field, ``loras.<i>.path``, as pydantic names it), or cannot be loaded; two
-                name the same weights (``loras``).
+                name the same weights (``loras``), or holds no LoRA weights.
+            DependencyUnavailable: A configured LoRA's file is not there (a volume not
+                mounted yet: retried), or one on the Hub cannot be fetched.
         """
         # Every hint is checked before anything is opened: again here, as the stage checked it
         # before the call, for a backend used without the stage, and for a file removed since.
@@ -181,18 +207,31 @@ class LoraAdapters:
                 raise field_error(
                     field, f"LoRA {lora.name!r} cannot be loaded: {first_line(error)}"
                 ) from error
-            return
-        if looks_like_path(path):
-            raise field_error(field, f"LoRA {lora.name!r}: no such file or directory {path!r}")
-        with hub_errors(path, field=field, what=f"LoRA {lora.name!r}"):
-            try:
-                load(path, adapter_name=lora.name, **hub_options(self._settings))
-            except ValueError as error:
-                if is_offline_mode():  # diffusers cannot pick the weights file from the cache
-                    raise DependencyUnavailable(
-                        f"LoRA {lora.name!r} is on the Hub and HF_HUB_OFFLINE is set: "
-                        "give a local path instead"
+        elif looks_like_path(path):
+            # Configured by the operator (a path inside lora_dir exists, or is not configured),
+            # so the job is fine: the file may come (a volume not mounted yet), and the job is
+            # retried rather than failed for good.
+            message = f"LoRA {lora.name!r} is configured but its file is not there: {path!r}"
+            raise DependencyUnavailable(
+                message,
+                retry_after=_NOT_THERE_RETRY_AFTER,
+                errors=[{"field": field, "message": message}],
+            )
+        else:
+            with hub_errors(path, field=field, what=f"LoRA {lora.name!r}"):
+                try:
+                    load(path, adapter_name=lora.name, **hub_options(self._settings))
+                except ValueError as error:
+                    if is_offline_mode():  # diffusers cannot pick the weights file from the cache
+                        raise DependencyUnavailable(
+                            f"LoRA {lora.name!r} is on the Hub and HF_HUB_OFFLINE is set: "
+                            "give a local path instead"
+                        ) from error
+                    raise field_error(
+                        field, f"LoRA {lora.name!r} cannot be loaded: {first_line(error)}"
                     ) from error
-                raise field_error(
-                    field, f"LoRA {lora.name!r} cannot be loaded: {first_line(error)}"
-                ) from error
+        # diffusers loads nothing, and says nothing, from a folder holding no LoRA weights (a
+        # component's diffusion_pytorch_model.safetensors): its set_adapters would then fail.
+        loaded = {name for names in pipe.get_list_adapters().values() for name in names}
+        if lora.name not in loaded:
+            raise field_error(field, f"LoRA {lora.name!r} holds no LoRA weights")

@@ -10,15 +10,16 @@ repository's single-file checkpoint), into the same cache layout ``from_pretrain
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import is_offline_mode
 
 from imagegen.errors import DependencyUnavailable, InvalidRequest
-from imagegen.modelspec import MODELS
+from imagegen.modelspec import MODELS, looks_like_path
 from imagegen.render._errors import first_line
-from imagegen.render._loading import hub_errors, hub_options, looks_like_path, revision_said
 from imagegen.settings import Settings
 
 __all__ = ["PulledModel", "check_name", "hub_models", "incomplete", "needs_nothing", "pull"]
@@ -74,23 +75,62 @@ def check_name(model: str) -> None:
 def pull(model: str, settings: Settings) -> PulledModel:
     """Download one model's pipeline files, at its pinned revision, into the model cache.
 
-    What is already in the cache is not fetched again; with ``HF_HUB_OFFLINE`` set, the cache
-    alone must hold the model.
+    What is already in the cache whole is not fetched again; a damaged file (see
+    :func:`incomplete`) is removed with its blob and fetched anew. With ``HF_HUB_OFFLINE``
+    set, the cache alone must hold the model.
 
     Raises:
         InvalidRequest: ``model`` is empty, a file, no valid Hub id or names no repository
             (field ``model``).
-        DependencyUnavailable: The Hub is unreachable or the model gated, and it is not cached.
+        DependencyUnavailable: The Hub is unreachable or the model gated, and it is not cached;
+            or the snapshot is still not whole.
     """
-    from diffusers import DiffusionPipeline
+    # Here, not at import: they import torch and diffusers, which checking a snapshot
+    # (``imagegen models list``) does without.
+    from imagegen.render._loading import hub_options, revision_said
 
     check_name(model)
     options = hub_options(settings, model)
     # Said at its revision: the snapshot the cache must hold for render, no other.
     what = f"model {model!r} at {revision_said(settings, model)}"
+    # The Hub client fetches a file only where its snapshot lacks it, and links a snapshot's
+    # file to a blob already there without reading it (huggingface_hub's
+    # ``file_download.hf_hub_download``): a blob cut short or damaged stays so through any
+    # number of pulls, and through removing the snapshot. So damaged files go, blob and link,
+    # before the download, which then fetches them anew; and once more after it, for a
+    # snapshot whose model_index.json was not there to find it by.
+    cached = _cached_snapshot(model, options)
+    if cached is not None and is_offline_mode():
+        _check_whole(cached, what)  # nothing can be fetched: what is there is the answer
+    repaired = cached is not None and _forget_damaged(cached)
+    path = _download(model, options, what)
+    if not repaired and _forget_damaged(path):
+        path = _download(model, options, what)
+    _check_whole(path, what)
+    # Snapshot files are links into the cache's blobs: count what they point at.
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return PulledModel(model, options["revision"], path, size)
+
+
+def _check_whole(snapshot: Path, what: str) -> None:
+    """Refuse a snapshot render could not load, saying how to mend it."""
+    if why := incomplete(snapshot):
+        if is_offline_mode():
+            advice = "pull it where the Hub can be reached (HF_HUB_OFFLINE unset) to repair it"
+        else:  # repaired once and still not whole: start that model's cache afresh
+            advice = f"remove {snapshot.parent.parent} and pull again"
+        raise DependencyUnavailable(f"{what} in the cache is incomplete: {why}; {advice}")
+
+
+def _download(model: str, options: dict[str, Any], what: str) -> Path:
+    """The pipeline's files fetched into the cache, where missing; their snapshot."""
+    from diffusers import DiffusionPipeline
+
+    from imagegen.render._loading import hub_errors
+
     with hub_errors(model, field="model", what=what):
         try:
-            path = Path(DiffusionPipeline.download(model, **options))
+            return Path(DiffusionPipeline.download(model, **options))
         except OSError as error:
             # diffusers says why in a paragraph (an OSError of its own, with no errno: the Hub
             # could not be reached and the cache lacks the files); the fact fits in a line. An
@@ -102,13 +142,40 @@ def pull(model: str, settings: Settings) -> PulledModel:
             else:
                 reason = first_line(error)
             raise DependencyUnavailable(f"{what} could not be downloaded: {reason}") from error
-    if why := incomplete(path):
-        raise DependencyUnavailable(
-            f"{what} in the cache is incomplete: {why}; remove {path} and pull again"
+
+
+def _cached_snapshot(model: str, options: dict[str, Any]) -> Path | None:
+    """The snapshot of ``model`` at its revision the cache holds, found by its
+    model_index.json without reading it; None if there is none (or no such Hub id)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(
+            model,
+            "model_index.json",
+            cache_dir=options["cache_dir"],
+            revision=options["revision"],
         )
-    # Snapshot files are links into the cache's blobs: count what they point at.
-    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    return PulledModel(model, options["revision"], path, size)
+    except ValueError:  # no valid Hub id: the download says so
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def _forget_damaged(snapshot: Path) -> bool:
+    """Remove each damaged file of ``snapshot`` and the blob it links to, so a download
+    fetches it anew; whether there was one. Offline nothing is removed: nothing could be
+    fetched in its place."""
+    damaged = [file for _, file in _problems(snapshot) if file is not None]
+    if not damaged or is_offline_mode():
+        return False
+    for file in damaged:
+        # A snapshot's file is a link to ``../../blobs/<etag>`` (a copy where the system has
+        # no links): the blob goes only if it lies in this repository's blobs folder.
+        blob = file.resolve()
+        if file.is_symlink() and blob.parent == snapshot.parent.parent / "blobs":
+            blob.unlink(missing_ok=True)
+        file.unlink(missing_ok=True)
+    return True
 
 
 _WEIGHTS = ("*.safetensors", "*.bin")
@@ -119,39 +186,64 @@ def incomplete(snapshot: Path) -> str | None:
     headers and sizes only, nothing of the weights loaded.
 
     Each component ``model_index.json`` names has its folder; a model component (one with a
-    ``config.json``) has weights; every shard a ``*.index.json`` names is there; and each
-    ``.safetensors`` file is as long as its header says (an 8-byte little-endian length, that
-    many bytes of JSON, then the tensors up to the largest ``data_offsets`` end: the format's
-    own layout, huggingface/safetensors).
+    ``config.json``) has weights; every shard a ``*.index.json`` names is there; each config
+    (``model_index.json``, and each component's ``config.json``, ``scheduler_config.json``,
+    ``tokenizer_config.json``) is a JSON object; and each ``.safetensors`` file is as long as
+    its header says (an 8-byte little-endian length, that many bytes of JSON, then the tensors
+    up to the largest ``data_offsets`` end: the format's own layout, huggingface/safetensors).
     """
-    try:
-        index = json.loads((snapshot / "model_index.json").read_text())
-    except (OSError, ValueError) as error:
-        return f"model_index.json cannot be read ({first_line(error)})"
-    if not isinstance(index, dict):
-        return "model_index.json is no JSON object"
-    for name, value in index.items():
+    return next((why for why, _ in _problems(snapshot)), None)
+
+
+def _problems(snapshot: Path) -> Iterator[tuple[str, Path | None]]:
+    """Each thing :func:`incomplete` finds wrong, with the file that is damaged (None where
+    something is missing): what a download would fetch anew once that file is gone."""
+    index = snapshot / "model_index.json"
+    if why := _unreadable_json(index):
+        yield f"model_index.json {why}", index if index.is_file() else None
+        components: dict[str, Any] = {}
+    else:
+        components = json.loads(index.read_text())
+    for name, value in components.items():
         if name.startswith("_") or not (isinstance(value, list) and value and value[0]):
             continue  # metadata, or a component the pipeline goes without
         folder = snapshot / name
         if not folder.is_dir():
-            return f"its {name} is missing"
-        if (folder / "config.json").is_file() and not any(
+            yield f"its {name} is missing", None
+        elif (folder / "config.json").is_file() and not any(
             next(folder.glob(pattern), None) for pattern in _WEIGHTS
         ):
-            return f"its {name} has no weights"
-    for shards in snapshot.rglob("*.index.json"):
+            yield f"its {name} has no weights", None
+    for config in sorted(f for name in _CONFIGS for f in snapshot.glob(f"*/{name}")):
+        if why := _unreadable_json(config):
+            yield f"{config.relative_to(snapshot)} {why}", config
+    for shards in sorted(snapshot.rglob("*.index.json")):
         try:
             named = set(json.loads(shards.read_text())["weight_map"].values())
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return f"{shards.relative_to(snapshot)} cannot be read"
+            yield f"{shards.relative_to(snapshot)} cannot be read", shards
+            continue
         for shard in sorted(named):
             if not (shards.parent / str(shard)).is_file():
-                return f"{shards.parent.relative_to(snapshot) / str(shard)} is missing"
+                yield f"{shards.parent.relative_to(snapshot) / str(shard)} is missing", None
     for weights in sorted(snapshot.rglob("*.safetensors")):
         if why := _unwhole_safetensors(weights):
-            return f"{weights.relative_to(snapshot)} {why}"
-    return None
+            yield f"{weights.relative_to(snapshot)} {why}", weights
+
+
+_CONFIGS = ("config.json", "scheduler_config.json", "tokenizer_config.json")
+"""A component's configs, each read whole by what loads it: small, and JSON objects."""
+
+
+def _unreadable_json(path: Path) -> str | None:
+    """Why ``path`` is no JSON object (missing, not JSON), or None."""
+    try:
+        parsed = json.loads(path.read_text())
+    except FileNotFoundError:
+        return "is missing"
+    except (OSError, ValueError) as error:
+        return f"cannot be read ({first_line(error, 100)})"
+    return None if isinstance(parsed, dict) else "is no JSON object"
 
 
 def _unwhole_safetensors(path: Path) -> str | None:

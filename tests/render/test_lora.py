@@ -288,3 +288,54 @@ async def test_a_job_its_call_refuses_for_a_lora_leaves_no_claim(tmp_path: Path)
     finally:
         stage.close()
     assert rendered.key == GenerationKeys("fixed", later).image
+
+
+def test_a_folder_holding_no_lora_weights_is_refused_naming_its_field(
+    backend: DiffusersBackend, make_job: MakeJob, lora_root: Path, tiny_dir: Path
+) -> None:
+    # A diffusers component's folder: diffusers loads nothing from it and says nothing; its
+    # set_adapters then failed the render with a ValueError, a 500.
+    import shutil
+
+    component = lora_root / "a-component"
+    shutil.copytree(tiny_dir / "transformer", component, dirs_exist_ok=True)
+    pipe = backend._pipelines["tiny"]
+    try:
+        with pytest.raises(InvalidRequest) as caught:
+            backend.render(make_job(loras=[LoraHint(name="component", path=str(component))]))
+    finally:
+        shutil.rmtree(component)
+
+    message = "LoRA 'component' holds no LoRA weights"
+    assert caught.value.errors == [{"field": "loras.0.path", "message": message}]
+    assert "component" not in {a for names in pipe.get_list_adapters().values() for a in names}
+    # The pipeline renders on, with and without adapters.
+    assert backend.render(make_job(seed=5)).png
+
+
+def test_a_configured_lora_whose_file_is_not_there_is_retried_and_logged(
+    make_job: MakeJob, tmp_path: Path, lora_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from imagegen.errors import DependencyUnavailable
+
+    absent = tmp_path / "not-mounted-yet" / "ink.safetensors"
+    settings = Settings(device="cpu", loras=[str(absent), "someone/hub-lora"])
+    with caplog.at_level("WARNING", logger="imagegen.render"):
+        backend = DiffusersBackend(settings)
+    # One line at start-up, for the path alone: a Hub id is not looked for on disk.
+    said = [r.getMessage() for r in caplog.records if r.name == "imagegen.render"]
+    assert said == [f"configured LoRA path does not exist: {absent}"]
+    backend.load("tiny")
+    try:
+        with pytest.raises(DependencyUnavailable) as caught:
+            backend.render(make_job(loras=[LoraHint(name="ink", path=str(absent))]))
+        # The volume comes: the same job renders.
+        absent.parent.mkdir()
+        absent.write_bytes((lora_dir / "pytorch_lora_weights.safetensors").read_bytes())
+        assert backend.render(make_job(loras=[LoraHint(name="ink", path=str(absent))])).png
+    finally:
+        backend.close()
+
+    error = caught.value
+    assert error.retryable and error.status == 503 and error.retry_after == 30
+    assert error.fields == ["loras.0.path"]

@@ -269,8 +269,11 @@ def test_a_snapshot_cached_in_part_offline_names_its_pinned_revision(
     with pytest.raises(DependencyUnavailable) as caught:
         DiffusersBackend(Settings(device="cpu", model_cache_dir=tmp_path)).load(PINNED)
 
-    assert "\n" not in caught.value.message and "could not be downloaded" in caught.value.message
-    _names_the_pin(caught.value.message)
+    # Nothing was to be downloaded: what the cache lacks is said, and how to fill it.
+    message = caught.value.message
+    assert "\n" not in message and "could not be downloaded" not in message
+    assert "(its vae is missing) and HF_HUB_OFFLINE is set: pull it" in message
+    _names_the_pin(message)
 
 
 def test_render_that_cannot_start_offline_names_the_pinned_revision(tmp_path: Path) -> None:

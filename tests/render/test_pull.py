@@ -8,6 +8,10 @@ tests' conftest), as on a render pod.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +23,7 @@ from imagegen.render._loading import load_pipeline
 from imagegen.render.pull import hub_models
 from imagegen.render.tiny import build_tiny_flux_pipeline
 from imagegen.settings import Settings
+from tests.render.fake_hub import FakeHub
 from tests.render.tiny_files import save_pipeline
 
 MODEL = "example-org/pulled-model"
@@ -96,6 +101,8 @@ def _broken_copy(cache: Path, tmp_path: Path) -> tuple[Path, Path]:
         ("no-vae", "its vae is missing"),
         ("no-weights", "its transformer has no weights"),
         ("no-shard", "transformer/diffusion_pytorch_model-00002-of-00002.safetensors is missing"),
+        ("bad-config", "transformer/config.json cannot be read (Expecting value"),
+        ("bad-scheduler", "scheduler/scheduler_config.json is no JSON object"),
     ],
 )
 def test_a_snapshot_render_cannot_load_fails_the_pull(
@@ -117,6 +124,10 @@ def test_a_snapshot_render_cannot_load_fails_the_pull(
         shutil.rmtree(snapshot / "vae")
     elif damage == "no-weights":
         weights.unlink()
+    elif damage == "bad-config":  # render would fail on it; the pull passed it
+        (weights.parent / "config.json").write_text("")
+    elif damage == "bad-scheduler":
+        (snapshot / "scheduler" / "scheduler_config.json").write_text("[]")
     else:  # an index naming a second shard that never came
         shard = "diffusion_pytorch_model-00002-of-00002.safetensors"
         index = {"metadata": {}, "weight_map": {"a": weights.name, "b": shard}}
@@ -126,6 +137,8 @@ def test_a_snapshot_render_cannot_load_fails_the_pull(
     assert imagegen("models", "pull", MODEL, cache=broken, monkeypatch=monkeypatch) == 1
     [line] = capsys.readouterr().err.strip().splitlines()[-1:]
     assert line.startswith("imagegen: error:") and "is incomplete" in line and said in line
+    # Offline, nothing can be fetched in its place: the line says where a pull repairs it.
+    assert line.endswith("pull it where the Hub can be reached (HF_HUB_OFFLINE unset) to repair it")
 
 
 def test_a_whole_snapshot_is_complete(cache: Path) -> None:
@@ -166,6 +179,74 @@ def test_a_pull_that_fails_says_why_in_a_line(
         pulling.pull("example-org/missing", Settings())
     assert caught.value.message == (
         f"model 'example-org/missing' at revision main (not pinned) could not be downloaded: {said}"
+    )
+
+
+def _damage(weights: Path, damage: str) -> None:
+    data = weights.read_bytes()
+    if damage == "cut":
+        weights.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        weights.write_bytes(os.urandom(len(data)))
+    elif damage == "flipped":  # its header's first bytes overwritten
+        weights.write_bytes(data[:8] + b"x" * 32 + data[40:])
+    elif damage == "empty":
+        weights.write_bytes(b"")
+    else:  # its config no JSON
+        (weights.parent / "config.json").write_text("{not json")
+
+
+_DAMAGE_SAID = {
+    "cut": "transformer/diffusion_pytorch_model.safetensors is cut short",
+    "garbage": "transformer/diffusion_pytorch_model.safetensors is cut short",
+    "flipped": "transformer/diffusion_pytorch_model.safetensors cannot be read",
+    "empty": "transformer/diffusion_pytorch_model.safetensors is cut short",
+    "bad-json": "transformer/config.json cannot be read",
+}
+
+
+@pytest.mark.parametrize("damage", list(_DAMAGE_SAID))
+def test_damaged_cached_weights_are_said_by_name_not_as_a_download(
+    cache: Path, tmp_path: Path, damage: str
+) -> None:
+    broken, snapshot = _broken_copy(cache, tmp_path)
+    _damage(snapshot / "transformer" / "diffusion_pytorch_model.safetensors", damage)
+
+    with pytest.raises(DependencyUnavailable) as caught:
+        load_pipeline(MODEL, torch.float32, Settings(model_cache_dir=broken))
+
+    message = caught.value.message
+    assert message.startswith(
+        f"model {MODEL!r} at revision main (not pinned) in the local cache cannot be loaded"
+        f" ({_DAMAGE_SAID[damage]}"
+    ), message
+    assert message.endswith(
+        f") and HF_HUB_OFFLINE is set: pull it (imagegen models pull {MODEL}), which fetches"
+        " what is missing and replaces what is damaged"
+    ), message
+    assert "could not be downloaded" not in message and "\n" not in message
+
+
+def test_a_damaged_local_pipeline_is_said_once_as_a_failure(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    local = tmp_path / "local-model"
+    shutil.copytree(cache / f"models--{MODEL.replace('/', '--')}" / "snapshots" / COMMIT, local)
+    _damage(local / "transformer" / "diffusion_pytorch_model.safetensors", "cut")
+    monkeypatch.setenv("IMAGEGEN_SERVED_MODELS", str(local))
+    monkeypatch.setenv("IMAGEGEN_MODEL", str(local))
+    args = ["generate", "a fox", "--width", "256", "--height", "256", "--no-enhance"]
+
+    code = imagegen(*args, cache=cache, monkeypatch=monkeypatch)
+
+    # Not a mistake of the input (2): the model cannot load, as docs/cli.md has a failure.
+    assert code == 1
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert line == (
+        f"imagegen: error: {str(local)!r} cannot be loaded:"
+        " transformer/diffusion_pytorch_model.safetensors is cut short"
     )
 
 
@@ -220,6 +301,28 @@ def test_models_list_shows_the_table_and_what_is_served(
     assert "[klein]" in table  # on a line of its own where the column wraps
 
 
+@pytest.mark.parametrize("damage", ["whole", "cut", "no-vae"])
+def test_models_list_says_a_snapshot_render_cannot_load_is_incomplete(
+    cache: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    damage: str,
+) -> None:
+    import shutil
+
+    broken, snapshot = _broken_copy(cache, tmp_path)
+    if damage == "cut":
+        _damage(snapshot / "transformer" / "diffusion_pytorch_model.safetensors", "cut")
+    elif damage == "no-vae":  # a pull cut short: its model_index.json is there
+        shutil.rmtree(snapshot / "vae")
+    monkeypatch.setenv("IMAGEGEN_MODEL", "tiny")
+    monkeypatch.setenv("IMAGEGEN_SERVED_MODELS", f"tiny,{MODEL}")
+    assert imagegen("models", "list", "--json", cache=broken, monkeypatch=monkeypatch) == 0
+    rows = {row["model"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows[MODEL]["here"] == ("cached" if damage == "whole" else "incomplete")
+
+
 def test_doctor_finds_a_pulled_model_in_the_cache(
     cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -234,3 +337,72 @@ def test_doctor_finds_a_pulled_model_in_the_cache(
         "summary": f"Model {MODEL} is in the model cache.",
         "next_step": "",
     }
+
+
+# -- Against a Hub: the cache laid out by the Hub client, snapshot files linked to blobs -------
+
+
+def _pull_from(hub: FakeHub, cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``imagegen models pull`` in a process of its own: the Hub client reads ``HF_ENDPOINT``
+    and ``HF_HUB_OFFLINE`` as it is imported."""
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": hub.url,
+        "HF_HUB_OFFLINE": "0",
+        "TRANSFORMERS_OFFLINE": "0",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HOME": str(cache.parent / "hf-home"),
+        "IMAGEGEN_MODEL_CACHE_DIR": str(cache),
+    }
+    command = [sys.executable, "-m", "imagegen.cli", "models", "pull", MODEL, *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def hub(cache: Path) -> Iterator[FakeHub]:
+    snapshot = cache / f"models--{MODEL.replace('/', '--')}" / "snapshots" / COMMIT
+    with FakeHub(snapshot, repo=MODEL, commit=COMMIT) as served:
+        yield served
+
+
+def _hub_cache(hub: FakeHub, cache: Path) -> Path:
+    """``cache`` holding the hub's model as the Hub client lays it out
+    (``huggingface_hub/file_download.py``): each file in ``blobs/``, named by the ETag the
+    Hub sends for it, and linked from the snapshot by a relative link; its snapshot."""
+    repo = cache / f"models--{MODEL.replace('/', '--')}"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    snapshot = repo / "snapshots" / COMMIT
+    for name, file in hub.files().items():
+        blob = repo / "blobs" / hub.etag(name)
+        blob.write_bytes(file.read_bytes())
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return snapshot
+
+
+@pytest.mark.slow
+def test_pull_fetches_damaged_blobs_anew(hub: FakeHub, tmp_path: Path) -> None:
+    # The Hub client links a snapshot's file to the blob already there without reading it: a
+    # blob cut short stayed so through every pull, and through removing the snapshot.
+    from imagegen.render.pull import incomplete
+
+    cache = tmp_path / "hub-cache"
+    snapshot = _hub_cache(hub, cache)
+    damaged = ["transformer/config.json", "transformer/diffusion_pytorch_model.safetensors"]
+    whole = {name: (snapshot / name).read_bytes() for name in damaged}
+    (snapshot / damaged[0]).resolve().write_text("{not json")
+    cut = whole[damaged[1]]
+    (snapshot / damaged[1]).resolve().write_bytes(cut[: len(cut) // 2])
+    assert incomplete(snapshot) == "transformer/config.json cannot be read" + (
+        " (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"
+    )
+
+    pulled = _pull_from(hub, cache)
+
+    assert pulled.returncode == 0, pulled.stderr
+    assert sorted(hub.downloads) == damaged  # those files alone, fetched anew
+    assert incomplete(snapshot) is None
+    assert all((snapshot / name).resolve().read_bytes() == whole[name] for name in damaged)
