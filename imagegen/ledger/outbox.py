@@ -23,7 +23,7 @@ has waiting, and only its own messages wait for it. That holds across the replic
 database: a claim marks its receiver as being sent to until its outcome or its lease's end
 (migration 0009), and no replica claims for a receiver so marked.
 
-Stopping (:meth:`Dispatcher.stop`, run when the process's main thread ends, as at SIGTERM)
+Stopping (:meth:`Dispatcher.stop`, run as the interpreter exits, as a worker does at SIGTERM)
 claims nothing more, lets each send under way end its current try (at most the sender's
 timeout, with no quick try after it), and gives back any message claimed but not sent: due
 again at once, its attempts as before the claim, its receiver free for every replica.
@@ -41,6 +41,7 @@ import logging
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -316,7 +317,7 @@ class Dispatcher:
 
     def start(self, *, poll: float = 5.0) -> None:
         """Send due messages from a background thread until :meth:`stop`, which runs by
-        itself once the process's main thread ends (a server's worker at SIGTERM)."""
+        itself as the interpreter exits (a server's worker at SIGTERM)."""
 
         def loop() -> None:
             while not self._stop.is_set():
@@ -337,18 +338,7 @@ class Dispatcher:
         self._unobserve = observe("webhook_backlog", self.backlog)
         self._thread = threading.Thread(target=loop, name="imagegen-webhooks", daemon=True)
         self._thread.start()
-        # Not a daemon: the interpreter waits for it as it exits, and it for the sends under
-        # way. It stops the dispatcher as soon as the main thread ends: before that, a claim
-        # would fail as the interpreter shuts the senders' pool down (concurrent.futures'
-        # exit hook), and a send would go on with its quick tries for up to its lease.
-        threading.Thread(target=self._stop_at_exit, name="imagegen-webhooks-exit").start()
-
-    def _stop_at_exit(self) -> None:
-        main = threading.main_thread()
-        while not self._stop.is_set():
-            main.join(0.5)
-            if not main.is_alive():
-                self.stop()
+        _stop_at_exit(self)
 
     def stop(self) -> None:
         """Stop claiming; let each send under way end its current try (at most the sender's
@@ -363,6 +353,26 @@ class Dispatcher:
             self._thread.join()
         self._pool.shutdown()
         self.sender.close()
+
+
+def _stop_at_exit(dispatcher: Dispatcher) -> None:
+    """Stop ``dispatcher`` as the interpreter exits (a server's worker at SIGTERM), before the
+    senders' pool is shut down.
+
+    threading's exit hooks run before its threads are joined, the last registered first
+    (CPython's Lib/threading.py, ``_shutdown``), so this one runs before concurrent.futures' own
+    (registered as that module was imported), which waits for every send to end all its quick
+    tries: a send under way then ends its current try and no other, and what was claimed and
+    not sent is given back. Held weakly: a dispatcher stopped and dropped is not kept for it.
+    """
+    held = weakref.ref(dispatcher)
+
+    def stop() -> None:
+        alive = held()
+        if alive is not None:
+            alive.stop()
+
+    threading._register_atexit(stop)  # type: ignore[attr-defined]  # not in typeshed
 
 
 def _receiver(url: str) -> str:

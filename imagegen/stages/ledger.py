@@ -8,8 +8,8 @@ answer ``GET /generations/{id}``, ``GET /generations`` and ``POST /generations/{
 (:mod:`imagegen.ledger.api`). Each event is recorded by ``source`` + ``id``
 and folded into its generation's row (:mod:`imagegen.ledger`); a redelivery changes nothing
 and is answered like the first delivery. Webhook messages the event makes due are sent from
-this process's dispatcher when ``IMAGEGEN_WEBHOOK_SECRETS`` is set; it stops when the process's
-main thread ends (a worker at SIGTERM), letting the sends under way end and giving back what it
+this process's dispatcher when ``IMAGEGEN_WEBHOOK_SECRETS`` is set; it stops as the process
+exits (a worker at SIGTERM), letting the sends under way end and giving back what it
 claimed and did not send. Without the secrets the messages are still written, and wait: said
 at start-up and at the first event that names a webhook, and counted in the backlog gauge.
 """

@@ -7,6 +7,8 @@ import logging
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -22,6 +24,7 @@ from imagegen.ledger.webhooks import WebhookSender
 from imagegen.settings import Settings
 from imagegen.stages import ledger as ledger_stage
 from imagegen.telemetry import METRIC_NAMES
+from tests.conftest import ROOT
 from tests.fakes.loopback import LoopbackServer
 from tests.functions.clients import InProcessFunction
 from tests.functions.servers import FunctionServer
@@ -225,3 +228,65 @@ def test_without_secrets_the_waiting_messages_are_said_and_counted(
     assert len([m for m in warnings if m.startswith("an event names a webhook")]) == 1, warnings
     backlog = [p.point.value for p in otel.points(METRIC_NAMES["webhook_backlog"])]
     assert backlog and backlog[-1] >= 2
+
+
+EXITING = """
+import sys, threading, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from imagegen.ledger import open_ledger
+from imagegen.ledger.outbox import Dispatcher
+from imagegen.ledger.webhooks import WebhookSender
+from tests.ledger.chain import chain
+from tests.ledger.test_webhooks import LOOPBACK, OLD
+
+came = []
+
+class Failing(BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        came.append(time.monotonic())
+        time.sleep(1.0)
+        self.send_response(500)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+server = ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+ledger = open_ledger(sys.argv[1])
+ledger.ingest(chain("gen-exit", webhook=url, webhook_events=["started"])["requested"])
+dispatcher = Dispatcher(ledger, WebhookSender([OLD], LOOPBACK, timeout=5))
+dispatcher.start(poll=0.2)
+while not came:
+    time.sleep(0.01)
+import atexit
+atexit.register(lambda: print(len(came), flush=True))
+"""
+
+
+def test_at_exit_a_send_under_way_ends_after_its_current_try(tmp_path: Path) -> None:
+    """The interpreter exits (the main thread returns, as a worker does at SIGTERM) during a
+    try its receiver fails: that try is the last of the round, not the first of three."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    script = tmp_path / "exiting.py"
+    script.write_text(EXITING)
+    done = subprocess.run(
+        [sys.executable, str(script), url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1"], done.stdout  # tries the receiver saw
+    ledger = open_ledger(url)
+    try:
+        state = ledger.delivery_states("gen-exit")["started"]
+        assert (state["state"], state["attempts"]) == ("pending", 1)  # retried next round
+    finally:
+        ledger.close()
