@@ -19,7 +19,8 @@ without a usable ``time`` is recorded under ``failures/undated/``.
 
 A write that storage refuses (:class:`~imagegen.errors.DependencyUnavailable`: a connection
 refused or reset fails in a fraction of a second) is tried again, with backoff, for up to
-:data:`RETRY_FOR` seconds of the sink's :data:`BUDGET` before the sink answers 503. The broker
+:data:`RETRY_FOR` seconds of the sink's :data:`BUDGET` before the sink answers 503; a write
+that stalls is answered 503 at the budget, 60 s. The broker
 sends a dead letter with the failing Trigger's own ``retry`` and backoff, and drops it once those
 are spent (eventing ``pkg/kncloudevents/event_dispatcher.go``: ``send`` passes
 ``config.retryConfig`` to the ``executeRequest`` of the dead-letter sink too); answered in a
@@ -66,7 +67,11 @@ BUDGET = 60.0
 ``timeoutSeconds`` (90, knative/base/deadletter.yaml), itself below every Trigger's ``timeout``."""
 RETRY_FOR = 50.0
 """Seconds from a delivery's first write within which a failed write is tried again. The last
-try begins before then; one that stalls past :data:`BUDGET` is answered 503 there all the same."""
+try begins before then: a write storage refuses (a connection refused or reset, a 5xx) ends the
+delivery with storage's own 503 at about 50 s. A write that stalls is not answered by storage
+within :data:`BUDGET` (against an S3 store that accepts and never answers, botocore waits 30 s
+for a reply, 3 times): the delivery ends at 60 s with the 503 ``deadletter took longer than
+60s``, its one write still unanswered."""
 TEXT_PREVIEW = 1000
 """Characters of a non-JSON body's text kept in ``data``, for reading: the bytes are in
 ``body_base64``. The whole text, each undecodable byte a U+FFFD that JSON writes as ``\\ufffd``

@@ -54,7 +54,11 @@ The blocking calls run on threads of local storage's own (:func:`_threads`), not
 loop's default executor: that one is the whole process's (a few threads: ``min(32, CPUs + 4)``),
 and a thread cannot be stopped, so calls stuck on one folder would hold every thread of it,
 and every other folder's writes, and whatever else of the process uses it, would wait behind
-them until the request timed out.
+them until the request timed out. There are :data:`MAX_THREADS` of them at most: calls past
+that (a burst: a sink's 100 concurrent deliveries, derive's look-ups of every derivative at
+once) wait for a thread in turn, and each is run; only once no thread has taken a call for
+:data:`THREAD_WAIT` seconds (every one held by a call that does not return) does a waiting call
+fail, retryably, saying so.
 """
 
 from __future__ import annotations
@@ -96,9 +100,12 @@ LOCK_WAIT = 5.0
 """Seconds a create waits for its directory's lock before it fails, retryably. The lock is
 held only for a check and two renames (well under a millisecond on a healthy disk). The bound
 is well under every stage's request timeout (the dead-letter sink's 60 s is the shortest that
-writes) and no longer than the stalled connect its last try allows for
-(:data:`imagegen.stages.deadletter.RETRY_FOR`), so a stage answers storage's own error, naming
-the directory, not its timeout."""
+writes), and within the 10 s the sink's budget leaves after its last try begins
+(:data:`~imagegen.stages.deadletter.BUDGET` less
+:data:`~imagegen.stages.deadletter.RETRY_FOR`), so a held lock is answered with storage's own
+error, naming the directory, not with the stage's timeout. A call that does not return at all
+(a disk that hangs, as an S3 store that accepts and never answers) is answered at that timeout
+instead: at the sink, a 503 at 60 s, ``deadletter took longer than 60s``."""
 _LOCK_POLL = (0.001, 0.05)
 """The first and the longest pause between tries of the lock (doubled each try): ``flock``
 has no timed wait, on Linux or macOS, and a signal-timed one works on the main thread only."""
@@ -106,7 +113,16 @@ MAX_THREADS = 64
 """Threads local storage's calls may hold at once, across every :class:`LocalStorage` of the
 process. Started only as needed; enough for one folder's stuck calls (each gives up after
 :data:`LOCK_WAIT` when its lock is the cause) to leave the others theirs. A call past the limit
-fails at once, retryably (every thread is held by calls that do not return: a hung disk)."""
+waits for a thread, in turn (a burst of calls on a disk that answers: each is run), for
+:data:`THREAD_WAIT` at most."""
+THREAD_WAIT = 8.0
+"""Seconds a call past :data:`MAX_THREADS` waits for a thread while no thread takes any call:
+then it fails, retryably, naming the wait (every thread has been held all that time by a call
+that does not return: a disk that stalls). While threads take calls, however slowly, it waits
+its turn, as long as its caller waits. Longer than :data:`LOCK_WAIT`, with room to spare:
+calls waiting only for a held lock give up within that, and free their threads, so they alone
+never make a call fail here. Within the 10 s the dead-letter sink's budget leaves after its last
+try begins, as :data:`LOCK_WAIT` is, so the sink answers this error, not its timeout."""
 
 
 class LocalStorage(ObjectStore):
@@ -193,14 +209,15 @@ class LocalStorage(ObjectStore):
         """``fn(*args)`` on one of local storage's threads.
 
         Raises:
-            DependencyUnavailable: every thread is held by a call that has not returned.
+            DependencyUnavailable: no thread took this call, or any other, within
+                :data:`THREAD_WAIT` seconds: each is held by a call that has not returned.
         """
         try:
             return await _threads().run(fn, *args)
         except PoolExhausted as exc:
             raise DependencyUnavailable(
-                f"local storage: cannot use {str(self.root)!r}: {exc} (calls that have not"
-                " returned: a disk that stalls)"
+                f"local storage: cannot use {str(self.root)!r}: {exc} (calls that do not"
+                " return: a disk that stalls)"
             ) from None
 
     # Blocking parts, run in a worker thread.
@@ -325,13 +342,18 @@ class LocalStorage(ObjectStore):
         return DependencyUnavailable(f"local storage: {what} {str(where)!r}: {reason}")
 
 
-_POOL = DaemonPool("imagegen-local-storage", max_threads=MAX_THREADS)
+def _new_pool() -> DaemonPool:
+    return DaemonPool("imagegen-local-storage", max_threads=MAX_THREADS, queue_for=THREAD_WAIT)
+
+
+_POOL = _new_pool()
 
 
 def _threads() -> DaemonPool:
-    """The threads local storage's blocking calls run on, :data:`MAX_THREADS` at most. Each
-    starts when a call first needs it, and they are daemon threads (:mod:`imagegen._threads`):
-    nothing shuts them down, and a call stuck on a disk holds up no exit."""
+    """The threads local storage's blocking calls run on, :data:`MAX_THREADS` at most, calls
+    past them waiting their turn (:data:`THREAD_WAIT`). Each starts when a call first needs it,
+    and they are daemon threads (:mod:`imagegen._threads`): nothing shuts them down, and a call
+    stuck on a disk holds up no exit."""
     return _POOL
 
 
@@ -339,7 +361,7 @@ def _new_pool_after_fork() -> None:
     # A forked child has none of its parent's threads, though the pool would count them idle
     # and queue calls for them.
     global _POOL
-    _POOL = DaemonPool("imagegen-local-storage", max_threads=MAX_THREADS)
+    _POOL = _new_pool()
 
 
 os.register_at_fork(after_in_child=_new_pool_after_fork)

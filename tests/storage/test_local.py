@@ -627,23 +627,84 @@ async def test_no_call_needs_a_thread_of_the_loops_default_executor(local: Local
         await asyncio.gather(*held)
 
 
-async def test_with_every_thread_held_a_call_fails_at_once_retryably(
+async def test_with_every_thread_held_that_long_a_waiting_call_fails_retryably(
     local: LocalStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Calls that do not return (a hung disk) hold their threads for good: past the limit a
-    call is refused at once, as storage unavailable, rather than queued behind them."""
-    monkeypatch.setattr(local_module, "_POOL", DaemonPool("one", max_threads=1))
+    """Calls that do not return (a hung disk) hold their threads for good: a call past the
+    limit waits for one, and fails retryably, as storage unavailable, once every thread has
+    been held for the whole wait, rather than wait as long as its caller does."""
+    wait = 0.5
+    monkeypatch.setattr(local_module, "_POOL", DaemonPool("one", max_threads=1, queue_for=wait))
     await local.put(KEYS.image, OLD, content_type="image/png")
     with lock_held(local.root / "2026/11/10"):
         stuck = asyncio.ensure_future(
             local.create("2026/11/10/e.json", b"{}", content_type="application/json")
         )
-        await asyncio.sleep(0.2)  # on the one thread, waiting for the lock
+        await asyncio.sleep(0.2)  # on the one thread, waiting for the lock (5 s)
+        started = time.monotonic()
         with pytest.raises(DependencyUnavailable) as error:
-            await asyncio.wait_for(local.get(KEYS.image), timeout=1)
+            await asyncio.wait_for(local.get(KEYS.image), timeout=3)
+        assert wait <= time.monotonic() - started < 3
         assert error.value.retryable
         assert error.value.message == (
-            f"local storage: cannot use {str(local.root)!r}: all 1 one threads are busy"
-            " (calls that have not returned: a disk that stalls)"
+            f"local storage: cannot use {str(local.root)!r}: no one thread was free for 0.5s:"
+            " each of the 1 was busy with one call all that time (calls that do not return:"
+            " a disk that stalls)"
         )
         stuck.cancel()
+
+
+async def test_calls_that_only_wait_for_a_held_lock_make_no_waiting_call_fail(
+    local: LocalStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writers of a folder whose lock is held give up within :data:`LOCK_WAIT`, each freeing its
+    thread: the calls waiting behind them, for longer than the pool's wait in all, take their
+    turn and succeed; only the writers of the locked folder fail."""
+    bound = 0.3
+    wait = bound * local_module.THREAD_WAIT / local_module.LOCK_WAIT  # as in production
+    monkeypatch.setattr(local_module, "LOCK_WAIT", bound)
+    pool = DaemonPool("two", max_threads=2, queue_for=wait)
+    monkeypatch.setattr(local_module, "_POOL", pool)
+    await local.put(KEYS.image, OLD, content_type="image/png")
+    with lock_held(local.root / "2026/11/10"):
+        started = time.monotonic()
+        writers = [
+            asyncio.ensure_future(
+                local.create(f"2026/11/10/e{i}.json", b"{}", content_type="application/json")
+            )
+            for i in range(6)
+        ]
+        read = asyncio.ensure_future(local.get(KEYS.image))
+        assert await asyncio.wait_for(read, timeout=30) == OLD
+        waited = time.monotonic() - started
+        answers = await asyncio.gather(*writers, return_exceptions=True)
+    assert waited >= 3 * bound > wait  # three turns of two lock waits each
+    for answer in answers:
+        assert isinstance(answer, DependencyUnavailable), answer
+        assert "its lock (.create.lock) was not granted within 0.3s" in answer.message
+
+
+async def test_a_burst_past_the_threads_on_a_healthy_disk_waits_its_turn_and_succeeds(
+    local: LocalStorage,
+) -> None:
+    """More calls at once than local storage has threads (a sink's 100 concurrent deliveries,
+    derive's gather over keys): on a disk that answers, the calls past the limit wait for a
+    thread, in turn, and every one succeeds; none is refused as though the disk stalled."""
+    burst = local_module.MAX_THREADS * 4 + 44  # 300
+    heads = await asyncio.wait_for(
+        asyncio.gather(*(local.head(f"burst/{i}.json") for i in range(burst))), timeout=60
+    )
+    assert heads == [None] * burst
+    created = await asyncio.wait_for(
+        asyncio.gather(
+            *(
+                local.create(f"burst/{i}.json", b"{}", content_type="application/json")
+                for i in range(burst)
+            ),
+            return_exceptions=True,
+        ),
+        timeout=60,
+    )
+    assert [c for c in created if c is not True] == []
+    assert len(files_under(local.root / "burst")) == burst + 1  # and the lock
+    assert local_module._POOL.started <= local_module.MAX_THREADS
