@@ -25,6 +25,8 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 demo: $(VENV)/.installed
 	$(BIN)/imagegen generate "$(PROMPT)" --model tiny --width 256 --height 256 --output ./output
+	@echo "record  beside the image: <id>.json, with its thumbnail and WebP/AVIF versions"
+	@echo "next    . $(VENV)/bin/activate; imagegen history; imagegen doctor (docs/cli.md)"
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check imagegen plugins functions tests benchmarks
