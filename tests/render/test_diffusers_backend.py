@@ -229,8 +229,9 @@ def test_lora_weights_file_is_accepted(
     )
 
 
-def test_missing_lora_is_an_invalid_request(make_job: MakeJob, lora_dir: Path) -> None:
-    # A fresh model: the first adapter it loads comes enabled.
+def test_a_configured_lora_not_there_is_retried(make_job: MakeJob, lora_dir: Path) -> None:
+    # A fresh model: the first adapter it loads comes enabled. The operator listed the file
+    # (a volume not mounted yet, say): the job is fine, and is retried.
     gone = "/no/such/lora.safetensors"
     backend = DiffusersBackend(Settings(device="cpu", lora_dir=lora_dir.parent, loras=[gone]))
     backend.load("tiny")
@@ -238,10 +239,9 @@ def test_missing_lora_is_an_invalid_request(make_job: MakeJob, lora_dir: Path) -
     missing = LoraHint(name="gone", path=gone)
     before = backend.render(make_job(seed=6))
 
-    with pytest.raises(InvalidRequest) as caught:
+    with pytest.raises(DependencyUnavailable, match="configured but its file is not there"):
         backend.render(make_job(loras=[found, missing]))
 
-    assert caught.value.fields == ["loras.1.path"]
     # The adapter that did load before the failure is not left active.
     assert backend.render(make_job(seed=6)).png == before.png
 
@@ -348,7 +348,20 @@ def test_tiny_renders_in_bfloat16_on_cuda(make_job: MakeJob) -> None:
     assert first.png == second.png
 
 
-@pytest.mark.parametrize("index", ["{}", '{"_class_name": null}', "[]"])
+def test_a_model_index_that_is_no_json_object_is_damage_not_a_bad_name(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    # What pull checks: a file of the model that cannot be what it is, said by name.
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    (broken / "model_index.json").write_text("[]")
+    with pytest.raises(DependencyUnavailable, match=r"model_index\.json is no JSON object"):
+        DiffusersBackend(Settings(device="cpu")).load(str(broken))
+
+
+@pytest.mark.parametrize("index", ["{}", '{"_class_name": null}'])
 def test_a_model_index_of_another_shape_is_an_invalid_request(
     tiny_dir: Path, tmp_path: Path, index: str
 ) -> None:
