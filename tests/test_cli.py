@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import httpx
 import pytest
@@ -221,6 +221,8 @@ def test_same_seed_same_pixels_from_the_cli(
         (["generate", "x", "--output", "ftp://nowhere"], "--output"),
         (["serve", "nope"], "stage"),
         (["loop", "--count", "-1"], "count"),
+        (["loop", "x", "--count", "1", "--seed", "4294967296"], "seed (Input should be less"),
+        (["loop", "x", "--count", "1", "--seed", "-1"], "seed (Input should be greater"),
     ],
 )
 def test_bad_input_is_one_line_and_non_zero(
@@ -309,6 +311,33 @@ def test_loop_makes_count_images_and_stops(cli: RunCli, tmp_path: Path) -> None:
     assert images[0]["image"]["generation_id"] != images[1]["image"]["generation_id"]
     assert all(im["prompt"]["dreamed"] for im in images)
     assert len(list((tmp_path / "output").rglob("*.png"))) == 2
+
+
+def _json_lines(stdout: str) -> list[dict[str, Any]]:
+    decoder, text, objects = json.JSONDecoder(), stdout.strip(), []
+    while text:
+        obj, end = decoder.raw_decode(text)
+        objects.append(obj)
+        text = text[end:].strip()
+    return objects
+
+
+def test_loop_with_a_seed_makes_the_same_images_again(cli: RunCli, tmp_path: Path) -> None:
+    # The top seed, then 0: past 4294967295 the seeds wrap.
+    args = ["loop", "a red kite", *SMALL, "--count", "2", "--seed", "4294967295", "--json"]
+    runs = []
+    for name in ("first", "second"):
+        result = cli(*args, "--no-enhance", "--plugins", "", "--output", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr
+        images = _json_lines(result.stdout)
+        assert [im["prompt"]["seed"] for im in images] == [4294967295, 0]
+        digests = []
+        for im in images:
+            with Image.open(tmp_path / name / im["image"]["key"]) as png:
+                digests.append(hashlib.sha256(png.convert("RGB").tobytes()).hexdigest())
+        runs.append(digests)
+    assert runs[0] == runs[1]  # the PNG files differ only in their generation-id text chunk
+    assert runs[0][0] != runs[0][1]
 
 
 def test_plugins_lists_the_built_ins(cli: RunCli) -> None:

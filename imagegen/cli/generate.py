@@ -285,6 +285,13 @@ def loop(
     count: Annotated[int, typer.Option(help="Images to make; 0 = until stopped.")] = 0,
     interval: Annotated[float, typer.Option(help="Seconds between images.")] = 0.0,
     model: Model = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            help="First image's seed (0 to 4294967295), the next one's plus 1, wrapping to 0"
+            " past the top; default: derived per generation."
+        ),
+    ] = None,
     width: Width = 1024,
     height: Height = 1024,
     steps: Steps = None,
@@ -308,6 +315,7 @@ def loop(
     request = _request(
         prompt,
         model=model,
+        seed=seed,
         width=width,
         height=height,
         steps=steps,
@@ -317,6 +325,15 @@ def loop(
     settings = settings_from(storage_url=output)
 
     tally = _Tally()
+
+    def next_request() -> Any:
+        """The request of the next image: with ``--seed``, its seed, one more than the last."""
+        from imagegen.models import MAX_SEED
+
+        if seed is None:
+            return request
+        return request.model_copy(update={"seed": (seed + tally.made) % (MAX_SEED + 1)})
+
     stopped_by: list[int] = []
 
     async def go() -> int:
@@ -365,7 +382,7 @@ def loop(
             while not stop.is_set() and (count == 0 or tally.made < count):
                 started = time.perf_counter()
                 enhanced, persisted, underived = await _generate_one(
-                    service, request, show_progress=not as_json and err.is_terminal
+                    service, next_request(), show_progress=not as_json and err.is_terminal
                 )
                 tally.add(time.perf_counter() - started)
                 with output_after(f"{tally.made} image(s) made and stored"):

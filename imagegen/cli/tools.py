@@ -12,6 +12,7 @@ import typer
 
 from imagegen import stages
 from imagegen.cli._app import AsJson, app, err, markup, out, run_async, settings_from
+from imagegen.cli.history import _setting_option
 from imagegen.errors import DependencyUnavailable, ImageGenError, InvalidRequest
 from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED
 
@@ -227,6 +228,11 @@ def _check_to(to: str) -> None:
         )
 
 
+# The longest --timeout taken: a day, more than any reply takes; far longer ones (1e10 s)
+# overflow the clock's deadline arithmetic (OverflowError).
+MAX_TIMEOUT = 86400.0
+
+
 @app.command()
 def send(
     event_type: Annotated[
@@ -243,9 +249,21 @@ def send(
     source: Annotated[str, typer.Option(help="CloudEvents source.")] = "/imagegen/cli",
     subject: Annotated[str | None, typer.Option(help="Subject: the generation id.")] = None,
     mode: Annotated[Literal["binary", "structured"], typer.Option(help="Content mode.")] = "binary",
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the reply.")] = 600.0,
+    timeout: Annotated[
+        float,
+        typer.Option(help="Seconds to wait for the whole reply (at most 86400)."),
+    ] = 600.0,
+    token: Annotated[
+        str | None,
+        _setting_option(
+            "--token",
+            "IMAGEGEN_API_KEY",
+            "API key for a function that requires one (sent as a bearer token).",
+        ),
+    ] = None,
 ) -> None:
     """Post a CloudEvent and print the reply."""
+    import asyncio
     import math
     import uuid
 
@@ -253,16 +271,24 @@ def send(
     from cloudevents.conversion import to_binary, to_structured
     from cloudevents.http import CloudEvent
 
-    if not (math.isfinite(timeout) and timeout > 0):
+    if not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT):
         raise InvalidRequest(
-            f"--timeout must be a positive number of seconds, not {timeout}",
-            errors=[{"field": "timeout", "message": "not a positive number"}],
+            f"--timeout must be a number of seconds above 0 and at most {MAX_TIMEOUT:g},"
+            f" not {timeout}",
+            errors=[{"field": "timeout", "message": "not a number above 0, at most 86400"}],
         )
     try:
-        payload = json.loads(data)
+        # NaN and Infinity are no JSON (RFC 8259, section 6), though Python reads them.
+        payload = json.loads(data, parse_constant=_no_constant)
     except ValueError as exc:
         raise InvalidRequest(f"--data is not valid JSON: {exc}") from None
     _check_to(to)
+    if token is not None and not (token.isascii() and token.isprintable()):
+        # A header carries printable ASCII only; the key itself is never shown.
+        raise InvalidRequest(
+            "--token: an API key is printable ASCII",
+            errors=[{"field": "token", "message": "not printable ASCII"}],
+        )
     attributes = {"type": event_type, "source": source, "id": uuid.uuid4().hex}
     if subject:
         attributes["subject"] = subject
@@ -276,24 +302,54 @@ def send(
                 )
     event = CloudEvent(attributes, payload)
     headers, body = (to_binary if mode == "binary" else to_structured)(event)
+    if token:
+        headers = {**headers, "Authorization": f"Bearer {token}"}
+
+    async def post() -> httpx.Response:
+        # httpx's timeout bounds each read, not the reply: one byte a second would keep it
+        # waiting for ever. The deadline is over the whole request, body included.
+        async with httpx.AsyncClient(timeout=timeout) as client, asyncio.timeout(timeout):
+            return await client.post(to, headers=headers, content=body)
+
     try:
-        reply = httpx.post(to, headers=headers, content=body, timeout=timeout)
+        reply = run_async(post)
     # None is an HTTPError: the URL is wrong (a bad port, a host IDNA refuses), not the network.
     except (httpx.InvalidURL, httpx.UnsupportedProtocol, UnicodeError) as exc:
         raise InvalidRequest(
             f"--to: {to!r} is not a valid URL: {exc}",
             errors=[{"field": "to", "message": "not a valid URL"}],
         ) from None
+    except (httpx.TimeoutException, TimeoutError):
+        raise ImageGenError(f"{to} did not reply within {timeout:g} s (--timeout)") from None
     except httpx.HTTPError as exc:
         raise ImageGenError(f"could not reach {to}: {exc}") from None
-    ce = {k: v for k, v in reply.headers.items() if k.lower().startswith("ce-")}
-    try:
-        reply_body: Any = reply.json()
-    except ValueError:
-        reply_body = reply.text
-    typer.echo(
-        json.dumps({"status": reply.status_code, "attributes": ce, "data": reply_body}, indent=2)
-    )
+    typer.echo(json.dumps(_printed_reply(reply), indent=2))
     # A generation.failed reply is a failure the function answered 2xx (for the broker).
-    if reply.status_code >= 400 or ce.get("ce-type") == GENERATION_FAILED:
+    if reply.status_code >= 400 or reply.headers.get("ce-type") == GENERATION_FAILED:
         raise typer.Exit(1)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _printed_reply(reply: Any) -> dict[str, Any]:
+    """What ``send`` prints of a reply: its status, its ``ce-`` headers and ``Retry-After``
+    (when to ask again, of a 429 or 503), and its body: JSON as JSON, other text as a string,
+    anything else (an image) base64-encoded under ``data_base64``, as the CloudEvents JSON
+    format carries binary data."""
+    import base64
+
+    ce = {k: v for k, v in reply.headers.items() if k.lower().startswith("ce-")}
+    printed: dict[str, Any] = {"status": reply.status_code, "attributes": ce}
+    if "retry-after" in reply.headers:
+        printed["retry_after"] = reply.headers["retry-after"]
+    try:
+        printed["data"] = reply.json()
+    except ValueError:
+        media = reply.headers.get("content-type", "").split(";")[0].strip().lower()
+        if not reply.content or not media or media.startswith("text/") or "json" in media:
+            printed["data"] = reply.text
+        else:  # read as text, bytes that are no text would be lost
+            printed["data_base64"] = base64.b64encode(reply.content).decode("ascii")
+    return printed

@@ -1,0 +1,168 @@
+"""``imagegen send``: the key it sends, the deadline it keeps and the reply it prints."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from imagegen.auth import new_api_key
+from imagegen.events import GENERATION_REQUESTED, PROMPT_ENHANCED
+from tests.conftest import RunCli
+from tests.fakes.oidc_issuer import Issuer
+from tests.functions.conftest import StartServer, auth_env, base_env
+
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+REQUEST = '{"prompt": "a moth", "width": 256, "height": 256}'
+
+
+class _Replies(BaseHTTPRequestHandler):
+    """Replies as a proxy, a busy function or a stalled one give them, by path."""
+
+    posted: list[str]
+
+    def do_POST(self) -> None:
+        self.posted.append(self.path)
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        if self.path == "/trickle":  # a byte a second: each read is quick, the reply is not
+            self.send_response(200)
+            self.send_header("content-length", "20")
+            self.end_headers()
+            try:
+                for _ in range(20):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(1)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up, as it should
+            return
+        if self.path == "/png":
+            self.send_response(200)
+            self.send_header("content-type", "image/png")
+            body = PNG
+        elif self.path == "/busy":
+            self.send_response(503)
+            self.send_header("retry-after", "7")
+            self.send_header("content-type", "application/json")
+            body = b'{"error": "unavailable", "retryable": true}'
+        else:
+            self.send_response(404)
+            body = b"not found"
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def replies() -> Iterator[tuple[str, list[str]]]:
+    """A loopback server's URL and the paths posted to it so far."""
+    posted: list[str] = []
+    handler = type("Replies", (_Replies,), {"posted": posted})
+    for port in range(56200, 56500):
+        try:
+            server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+            break
+        except OSError:
+            continue
+    else:
+        raise RuntimeError("no free port")
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", posted
+    server.shutdown()
+    server.server_close()
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("imagegen: error:"), lines[0]
+    return lines[0]
+
+
+def test_send_sends_the_api_key_as_a_bearer_token(
+    cli: RunCli, start_server: StartServer, issuer: Issuer, tmp_path: Path
+) -> None:
+    key, key_hash = new_api_key()
+    env = {**base_env(tmp_path / "store"), **auth_env(issuer.url, key_hash)}
+    server = start_server("enhance", env)
+    args = ["send", GENERATION_REQUESTED, "--data", REQUEST, "--to", server.url]
+
+    refused = cli(*args)
+    assert refused.returncode == 1 and json.loads(refused.stdout)["status"] == 401
+    for given in (cli(*args, "--token", key), cli(*args, env={"IMAGEGEN_API_KEY": key})):
+        assert given.returncode == 0, given.stderr
+        reply = json.loads(given.stdout)
+        assert reply["status"] == 200 and reply["attributes"]["ce-type"] == PROMPT_ENHANCED
+    wrong = cli(*args, "--token", "igk_not-the-key")
+    assert wrong.returncode == 1 and json.loads(wrong.stdout)["status"] == 401
+    bad = cli(*args, "--token", "clé")  # no header value: refused, never shown
+    assert bad.returncode == 2 and "--token" in _one_error_line(bad.stderr)
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        # Past what the event loop's clock takes: was an internal error (OverflowError).
+        (["--timeout", "1e10"], "--timeout"),
+        (["--timeout", "86401"], "--timeout"),
+        # Python reads these, JSON has none: they were posted as invalid JSON.
+        (["--data", "NaN"], "--data is not valid JSON"),
+        (["--data", '{"seed": Infinity}'], "--data is not valid JSON"),
+        (["--data", "[-Infinity]"], "--data is not valid JSON"),
+    ],
+)
+def test_input_send_cannot_use_is_refused_before_posting(
+    cli: RunCli, replies: tuple[str, list[str]], args: list[str], named: str
+) -> None:
+    url, posted = replies
+    before = len(posted)
+    result = cli("send", GENERATION_REQUESTED, "--to", f"{url}/png", *args)
+    assert result.returncode == 2, result.stderr
+    assert named in _one_error_line(result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+    assert len(posted) == before  # nothing was sent
+
+
+def test_the_timeout_bounds_the_whole_reply(cli: RunCli, replies: tuple[str, list[str]]) -> None:
+    url, _ = replies
+    started = time.monotonic()
+    result = cli("send", GENERATION_REQUESTED, "--to", f"{url}/trickle", "--timeout", "2")
+    took = time.monotonic() - started
+    assert result.returncode == 1, result.stdout
+    assert "did not reply within 2 s" in _one_error_line(result.stderr)
+    assert took < 6  # not the 20 s the trickle takes
+
+
+def test_a_binary_reply_is_printed_base64_encoded(
+    cli: RunCli, replies: tuple[str, list[str]]
+) -> None:
+    url, _ = replies
+    result = cli("send", GENERATION_REQUESTED, "--to", f"{url}/png")
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout)
+    assert "data" not in reply
+    assert base64.b64decode(reply["data_base64"]) == PNG
+
+
+def test_retry_after_of_a_busy_reply_is_printed(
+    cli: RunCli, replies: tuple[str, list[str]]
+) -> None:
+    url, _ = replies
+    result = cli("send", GENERATION_REQUESTED, "--to", f"{url}/busy")
+    assert result.returncode == 1
+    reply = json.loads(result.stdout)
+    assert reply["status"] == 503 and reply["retry_after"] == "7"
+    assert reply["data"]["retryable"] is True
+    # Plain text is still text.
+    missing = json.loads(cli("send", GENERATION_REQUESTED, "--to", f"{url}/none").stdout)
+    assert missing == {"status": 404, "attributes": {}, "data": "not found"}
