@@ -238,6 +238,19 @@ def _renderable(settings: Settings, job: EnhancedPrompt, generation_id: str) -> 
         )
 
 
+def check_token(token: str | None) -> None:
+    """Refuse a ``--token`` that no header can carry: printable ASCII only.
+
+    Raises:
+        InvalidRequest: naming ``token``; the key itself is never shown.
+    """
+    if token is not None and not (token.isascii() and token.isprintable()):
+        raise InvalidRequest(
+            "--token: an API key is printable ASCII",
+            errors=[{"field": "token", "message": "not printable ASCII"}],
+        )
+
+
 def _api(
     url: str,
     method: str,
@@ -261,12 +274,7 @@ def _api(
     from imagegen._redact import redact_url
     from imagegen.validation import field_errors
 
-    if token is not None and not (token.isascii() and token.isprintable()):
-        # A header carries printable ASCII only; the key itself is never shown.
-        raise InvalidRequest(
-            "--token: an API key is printable ASCII",
-            errors=[{"field": "token", "message": "not printable ASCII"}],
-        )
+    check_token(token)
     query = {k: v for k, v in params.items() if v is not None}
     sent = {**(headers or {}), **({"Authorization": f"Bearer {token}"} if token else {})}
     try:

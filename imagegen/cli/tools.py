@@ -12,7 +12,7 @@ import typer
 
 from imagegen import stages
 from imagegen.cli._app import AsJson, app, err, markup, out, run_async, settings_from
-from imagegen.cli.history import _setting_option
+from imagegen.cli.history import _setting_option, check_token
 from imagegen.errors import DependencyUnavailable, ImageGenError, InvalidRequest
 from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED
 
@@ -283,12 +283,7 @@ def send(
     except ValueError as exc:
         raise InvalidRequest(f"--data is not valid JSON: {exc}") from None
     _check_to(to)
-    if token is not None and not (token.isascii() and token.isprintable()):
-        # A header carries printable ASCII only; the key itself is never shown.
-        raise InvalidRequest(
-            "--token: an API key is printable ASCII",
-            errors=[{"field": "token", "message": "not printable ASCII"}],
-        )
+    check_token(token)
     attributes = {"type": event_type, "source": source, "id": uuid.uuid4().hex}
     if subject:
         attributes["subject"] = subject
