@@ -67,14 +67,7 @@ def replies() -> Iterator[tuple[str, list[str]]]:
     """A loopback server's URL and the paths posted to it so far."""
     posted: list[str] = []
     handler = type("Replies", (_Replies,), {"posted": posted})
-    for port in range(56200, 56500):
-        try:
-            server = ThreadingHTTPServer(("127.0.0.1", port), handler)
-            break
-        except OSError:
-            continue
-    else:
-        raise RuntimeError("no free port")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)  # a port the system gives
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}", posted

@@ -685,12 +685,21 @@ async def test_calls_that_only_wait_for_a_held_lock_make_no_waiting_call_fail(
 
 
 async def test_a_burst_past_the_threads_on_a_healthy_disk_waits_its_turn_and_succeeds(
-    local: LocalStorage,
+    local: LocalStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """More calls at once than local storage has threads (a sink's 100 concurrent deliveries,
     derive's gather over keys): on a disk that answers, the calls past the limit wait for a
     thread, in turn, and every one succeeds; none is refused as though the disk stalled."""
     burst = local_module.MAX_THREADS * 4 + 44  # 300
+    head = LocalStorage._head
+
+    def slow_head(self: LocalStorage, key: str) -> object:
+        # A disk that answers in 50 ms: every thread is busy while the rest of the burst is
+        # handed over (a few milliseconds), however fast this machine is.
+        time.sleep(0.05)
+        return head(self, key)
+
+    monkeypatch.setattr(LocalStorage, "_head", slow_head)
     heads = await asyncio.wait_for(
         asyncio.gather(*(local.head(f"burst/{i}.json") for i in range(burst))), timeout=60
     )
