@@ -128,18 +128,7 @@ class DeriveStage:
     async def _derive(
         self, image: PersistedImage, keys: GenerationKeys
     ) -> tuple[DerivedImage, bool]:
-        # The record's size is the stored object's as persist found it: storage's HEAD must
-        # still give it (an object replaced since may be of any size, and is refused unread),
-        # and one larger than any render makes, in a record written before persist refused
-        # such objects, is refused before anything is asked (claim_image).
-        png = await claim_image(
-            self.storage,
-            keys.image,
-            image.sha256,
-            size=image.size,
-            described_by="its record",
-            head=True,
-        )
+        png = await self._stored_png(image, keys)
         thumbnail, derivatives = await asyncio.to_thread(
             _encode, png, image, self.settings.thumbnail_size, self.settings.derivative_widths
         )
@@ -181,6 +170,23 @@ class DeriveStage:
                 retry_after=1,
             )
         return existing, True
+
+    async def _stored_png(self, image: PersistedImage, keys: GenerationKeys) -> bytes:
+        """The PNG ``image`` describes, as :func:`~imagegen.persist.claim_image` shows it.
+
+        The record's size is the stored object's as persist found it: storage's HEAD must still
+        give it (an object replaced since may be of any size, and is refused unread), and one
+        larger than any render makes, in a record written before persist refused such objects,
+        is refused before anything is asked.
+        """
+        return await claim_image(
+            self.storage,
+            keys.image,
+            image.sha256,
+            size=image.size,
+            described_by="its record",
+            head=True,
+        )
 
     async def _stored_thumbnail_size(
         self, keys: GenerationKeys, made: bytes, thumbnail_size: int
@@ -233,14 +239,7 @@ class DeriveStage:
             return
         gid = image.generation_id
         try:
-            png = await claim_image(
-                self.storage,
-                keys.image,
-                image.sha256,
-                size=image.size,
-                described_by="its record",
-                head=True,
-            )
+            png = await self._stored_png(image, keys)
         except InvalidRequest as exc:
             log.warning(
                 "derivatives lost, and the image they were made from is not stored: not remade",
