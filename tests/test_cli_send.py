@@ -98,8 +98,10 @@ def test_send_sends_the_api_key_as_a_bearer_token(
         assert reply["status"] == 200 and reply["attributes"]["ce-type"] == PROMPT_ENHANCED
     wrong = cli(*args, "--token", "igk_not-the-key")
     assert wrong.returncode == 1 and json.loads(wrong.stdout)["status"] == 401
-    bad = cli(*args, "--token", "clé")  # no header value: refused, never shown
-    assert bad.returncode == 2 and "--token" in _one_error_line(bad.stderr)
+    for unsendable in ("clé", f"{key} ", f" {key}"):  # no header value: refused, never shown
+        bad = cli(*args, "--token", unsendable)
+        line = _one_error_line(bad.stderr)
+        assert bad.returncode == 2 and "--token" in line and unsendable.strip() not in line
 
 
 @pytest.mark.parametrize(

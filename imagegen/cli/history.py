@@ -249,6 +249,13 @@ def check_token(token: str | None) -> None:
             "--token: an API key is printable ASCII",
             errors=[{"field": "token", "message": "not printable ASCII"}],
         )
+    if token is not None and token != token.strip():
+        # A header's value cannot end in a space (RFC 9110, section 5.5): httpx would refuse it
+        # with the value in its message; one pasted with a space is said here, unshown.
+        raise InvalidRequest(
+            "--token: an API key has no spaces around it",
+            errors=[{"field": "token", "message": "spaces around it"}],
+        )
 
 
 def _api(
