@@ -130,9 +130,22 @@ def _unloadable(
         what = f"model {model!r} at {revision_said(settings, model)}"
         pull = f"imagegen models pull {model}"
         if why is not None:
-            offline = " and HF_HUB_OFFLINE is set" if is_offline_mode() else ""
+            if is_offline_mode():
+                failed = " and HF_HUB_OFFLINE is set"
+            else:
+                # Online, diffusers falls back on the cache when the Hub cannot be reached (its
+                # OSError raised from the client's error): that failure is the root of the
+                # chain, and why the missing files were not fetched.
+                root: BaseException = error
+                while (under := root.__cause__ or root.__context__) is not None:
+                    root = under
+                failed = (
+                    f" and could not be downloaded ({first_line(root)})"
+                    if isinstance(error, OSError) and root is not error
+                    else ""
+                )
             return DependencyUnavailable(
-                f"{what} in the local cache cannot be loaded ({why}){offline}: pull it"
+                f"{what} in the local cache cannot be loaded ({why}){failed}: pull it"
                 f" ({pull}), which fetches what is missing and replaces what is damaged"
             )
         if isinstance(error, OSError):

@@ -98,13 +98,15 @@ def pull(model: str, settings: Settings) -> PulledModel:
     # ``file_download.hf_hub_download``): a blob cut short or damaged stays so through any
     # number of pulls, and through removing the snapshot. So damaged files go, blob and link,
     # before the download, which then fetches them anew; and once more after it, for a
-    # snapshot whose model_index.json was not there to find it by.
+    # snapshot whose model_index.json was not there to find it by. What the download leaves
+    # is checked whatever was removed: a file that could not go is still damaged.
     cached = _cached_snapshot(model, options)
     if cached is not None and is_offline_mode():
         _check_whole(cached, what)  # nothing can be fetched: what is there is the answer
-    repaired = cached is not None and _forget_damaged(cached)
+    if cached is not None:
+        _forget_damaged(cached, what)
     path = _download(model, options, what)
-    if not repaired and _forget_damaged(path):
+    if _forget_damaged(path, what):
         path = _download(model, options, what)
     _check_whole(path, what)
     # Snapshot files are links into the cache's blobs: count what they point at.
@@ -161,21 +163,45 @@ def _cached_snapshot(model: str, options: dict[str, Any]) -> Path | None:
     return Path(found).parent if isinstance(found, str) else None
 
 
-def _forget_damaged(snapshot: Path) -> bool:
+def _forget_damaged(snapshot: Path, what: str) -> bool:
     """Remove each damaged file of ``snapshot`` and the blob it links to, so a download
-    fetches it anew; whether there was one. Offline nothing is removed: nothing could be
-    fetched in its place."""
-    damaged = [file for _, file in _problems(snapshot) if file is not None]
+    fetches it anew; whether one was removed. Offline nothing is removed: nothing could be
+    fetched in its place.
+
+    Only what lies in the cache goes: a file reached through a component folder that links
+    out of the snapshot (a folder shared with another model, the user's own) is left, and the
+    check after the download says it is damaged.
+
+    Raises:
+        DependencyUnavailable: A damaged file or its blob cannot be removed (a read-only
+            cache).
+    """
+    damaged = [(why, file) for why, file in _problems(snapshot) if file is not None]
     if not damaged or is_offline_mode():
         return False
-    for file in damaged:
+    # Compared resolved: the cache may be reached through a link (its folder, its blobs
+    # folder, or /tmp on macOS), and a snapshot's file resolves through every one of them.
+    inside = snapshot.resolve()
+    blobs = (snapshot.parent.parent / "blobs").resolve()
+    removed = False
+    for why, file in damaged:
+        if not file.parent.resolve().is_relative_to(inside):
+            continue
         # A snapshot's file is a link to ``../../blobs/<etag>`` (a copy where the system has
         # no links): the blob goes only if it lies in this repository's blobs folder.
         blob = file.resolve()
-        if file.is_symlink() and blob.parent == snapshot.parent.parent / "blobs":
-            blob.unlink(missing_ok=True)
-        file.unlink(missing_ok=True)
-    return True
+        try:
+            if file.is_symlink() and blob.parent == blobs:
+                blob.unlink(missing_ok=True)
+            file.unlink(missing_ok=True)
+        except OSError as error:
+            raise DependencyUnavailable(
+                f"{what} in the cache is damaged ({why}) and cannot be repaired:"
+                f" {file} cannot be removed ({first_line(error)}); pull it where the cache"
+                " can be written"
+            ) from error
+        removed = True
+    return removed
 
 
 _WEIGHTS = ("*.safetensors", "*.bin")
@@ -200,7 +226,7 @@ def _problems(snapshot: Path) -> Iterator[tuple[str, Path | None]]:
     something is missing): what a download would fetch anew once that file is gone."""
     index = snapshot / "model_index.json"
     if why := _unreadable_json(index):
-        yield f"model_index.json {why}", index if index.is_file() else None
+        yield f"model_index.json {why}", index if index.is_symlink() or index.exists() else None
         components: dict[str, Any] = {}
     else:
         components = json.loads(index.read_text())
@@ -214,7 +240,12 @@ def _problems(snapshot: Path) -> Iterator[tuple[str, Path | None]]:
             next(folder.glob(pattern), None) for pattern in _WEIGHTS
         ):
             yield f"its {name} has no weights", None
-    for config in sorted(f for name in _CONFIGS for f in snapshot.glob(f"*/{name}")):
+    # Each name looked for, not globbed: a glob skips a link whose blob is gone, and such a
+    # config is missing.
+    found = snapshot.iterdir() if snapshot.is_dir() else iter(())
+    folders = [f for f in found if f.is_dir() and not f.name.startswith(".")]
+    configs = [folder / name for folder in folders for name in _CONFIGS]
+    for config in sorted(f for f in configs if f.is_symlink() or f.exists()):
         if why := _unreadable_json(config):
             yield f"{config.relative_to(snapshot)} {why}", config
     for shards in sorted(snapshot.rglob("*.index.json")):

@@ -103,6 +103,7 @@ def _broken_copy(cache: Path, tmp_path: Path) -> tuple[Path, Path]:
         ("no-shard", "transformer/diffusion_pytorch_model-00002-of-00002.safetensors is missing"),
         ("bad-config", "transformer/config.json cannot be read (Expecting value"),
         ("bad-scheduler", "scheduler/scheduler_config.json is no JSON object"),
+        ("dangling-config", "vae/config.json is missing"),
     ],
 )
 def test_a_snapshot_render_cannot_load_fails_the_pull(
@@ -128,6 +129,9 @@ def test_a_snapshot_render_cannot_load_fails_the_pull(
         (weights.parent / "config.json").write_text("")
     elif damage == "bad-scheduler":
         (snapshot / "scheduler" / "scheduler_config.json").write_text("[]")
+    elif damage == "dangling-config":  # a link whose blob is gone
+        (snapshot / "vae" / "config.json").unlink()
+        (snapshot / "vae" / "config.json").symlink_to("../../../blobs/gone")
     else:  # an index naming a second shard that never came
         shard = "diffusion_pytorch_model-00002-of-00002.safetensors"
         index = {"metadata": {}, "weight_map": {"a": weights.name, "b": shard}}
@@ -179,6 +183,36 @@ def test_a_pull_that_fails_says_why_in_a_line(
         pulling.pull("example-org/missing", Settings())
     assert caught.value.message == (
         f"model 'example-org/missing' at revision main (not pinned) could not be downloaded: {said}"
+    )
+
+
+def test_a_cache_that_cannot_be_written_is_said_in_a_line(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from diffusers import DiffusionPipeline
+
+    from imagegen.render import pull as pulling
+
+    broken, snapshot = _broken_copy(cache, tmp_path)
+    weights = snapshot / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+
+    def read_only(path: Path, missing_ok: bool = False) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    def download(*args: object, **kwargs: object) -> str:
+        raise AssertionError("downloaded")
+
+    monkeypatch.setattr(Path, "unlink", read_only)  # a read-only volume
+    monkeypatch.setattr(DiffusionPipeline, "download", download)
+    monkeypatch.setattr(pulling, "is_offline_mode", lambda: False)  # the conftest sets it
+    with pytest.raises(DependencyUnavailable) as caught:
+        pulling.pull(MODEL, Settings(model_cache_dir=broken))
+    assert caught.value.message == (
+        f"model {MODEL!r} at revision main (not pinned) in the cache is damaged"
+        " (transformer/diffusion_pytorch_model.safetensors is cut short) and cannot be"
+        f" repaired: {weights} cannot be removed ([Errno 13] Permission denied: '{weights}');"
+        " pull it where the cache can be written"
     )
 
 
@@ -406,3 +440,96 @@ def test_pull_fetches_damaged_blobs_anew(hub: FakeHub, tmp_path: Path) -> None:
     assert sorted(hub.downloads) == damaged  # those files alone, fetched anew
     assert incomplete(snapshot) is None
     assert all((snapshot / name).resolve().read_bytes() == whole[name] for name in damaged)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("linked", ["cache", "blobs"])
+def test_pull_repairs_a_cache_reached_through_a_link(
+    hub: FakeHub, tmp_path: Path, linked: str
+) -> None:
+    # A volume mounted through a link, or /tmp on macOS: the blob a snapshot's file resolves
+    # to is named by the real path, not the one the cache was given by.
+    from imagegen.render.pull import incomplete
+
+    real = tmp_path / "real-cache"
+    cache = tmp_path / "hub-cache"
+    if linked == "cache":
+        real.mkdir()
+        cache.symlink_to(real)
+    snapshot = _hub_cache(hub, cache)
+    if linked == "blobs":
+        blobs = snapshot.parent.parent / "blobs"
+        blobs.rename(real)
+        blobs.symlink_to(real)
+    name = "transformer/diffusion_pytorch_model.safetensors"
+    whole = (snapshot / name).read_bytes()
+    (snapshot / name).resolve().write_bytes(whole[: len(whole) // 2])
+
+    pulled = _pull_from(hub, cache)
+    again = _pull_from(hub, cache)
+
+    assert pulled.returncode == 0, pulled.stderr
+    assert again.returncode == 0, again.stderr
+    assert hub.downloads == [name]
+    assert incomplete(snapshot) is None
+    assert (snapshot / name).read_bytes() == whole
+
+
+@pytest.mark.slow
+def test_pull_leaves_a_damaged_file_outside_the_cache(hub: FakeHub, tmp_path: Path) -> None:
+    # A component folder linked to one of the user's own: what is in it is not the cache's to
+    # remove, and the pull says it is damaged.
+    import shutil
+
+    cache = tmp_path / "hub-cache"
+    snapshot = _hub_cache(hub, cache)
+    outside = tmp_path / "shared-vae"
+    shutil.copytree(snapshot / "vae", outside)
+    shutil.rmtree(snapshot / "vae")
+    (snapshot / "vae").symlink_to(outside)
+    (outside / "config.json").write_text('{"edited": ')
+
+    pulled = _pull_from(hub, cache)
+
+    assert pulled.returncode == 1, pulled.stderr
+    assert (outside / "config.json").read_text() == '{"edited": '
+    [line] = [line for line in pulled.stderr.splitlines() if "error:" in line]
+    assert "in the cache is incomplete: vae/config.json cannot be read" in line, line
+    assert hub.downloads == []
+
+
+@pytest.mark.slow
+def test_a_partial_cache_the_hub_cannot_complete_says_both(hub: FakeHub, tmp_path: Path) -> None:
+    # Online, the Hub unreachable (nothing listens on the port the load asks): the files the
+    # cache lacks (a first load cut short) could not be fetched, and the line says so beside
+    # what is missing.
+    import shutil
+
+    partial = tmp_path / "hub-cache"
+    pulled = _pull_from(hub, partial)
+    assert pulled.returncode == 0, pulled.stderr
+    snapshot = partial / f"models--{MODEL.replace('/', '--')}" / "snapshots" / COMMIT
+    shutil.rmtree(snapshot / "transformer")
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": "http://127.0.0.1:57101",
+        "HF_HUB_OFFLINE": "0",
+        "TRANSFORMERS_OFFLINE": "0",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "IMAGEGEN_MODEL_CACHE_DIR": str(partial),
+        "IMAGEGEN_MODEL": MODEL,
+        "IMAGEGEN_SERVED_MODELS": MODEL,
+    }
+    args = ["generate", "a fox", "--width", "256", "--height", "256", "--no-enhance"]
+    command = [sys.executable, "-m", "imagegen.cli", *args, "--output", str(tmp_path / "out")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 1, done.stderr
+    [line] = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert line == (
+        f"imagegen: error: model {MODEL!r} at revision main (not pinned) in the local cache"
+        " cannot be loaded (its transformer is missing) and could not be downloaded"
+        f" ([Errno 111] Connection refused): pull it (imagegen models pull {MODEL}), which"
+        " fetches what is missing and replaces what is damaged"
+    )
