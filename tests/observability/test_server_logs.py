@@ -13,9 +13,7 @@ from typing import Any
 import pytest
 
 from tests.functions.conftest import base_env
-from tests.functions.servers import FunctionServer
-
-PORT = 44420
+from tests.functions.servers import FunctionServer, free_port
 
 
 def on_port(server: FunctionServer, port: int) -> FunctionServer:
@@ -45,7 +43,8 @@ def workers(master: int) -> list[int]:
 @pytest.mark.slow
 def test_a_worker_killed_is_said_in_a_json_line(tmp_path: Path) -> None:
     env = {**base_env(tmp_path / "store"), "GUNICORN_LOG_LEVEL": "info"}
-    with on_port(FunctionServer("enhance", env, log_dir=tmp_path, fresh=True), PORT) as server:
+    server = FunctionServer("enhance", env, log_dir=tmp_path, fresh=True)
+    with on_port(server, free_port()) as server:
         assert server.process is not None
         [worker] = workers(server.process.pid)
         os.kill(worker, signal.SIGKILL)
@@ -66,11 +65,11 @@ def test_a_worker_killed_is_said_in_a_json_line(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_a_port_in_use_is_said_in_json_lines(tmp_path: Path) -> None:
     with socket.socket() as taken:
-        taken.bind(("127.0.0.1", PORT + 1))
+        taken.bind(("127.0.0.1", 0))  # a port the system gives, held here
         taken.listen()
         server = on_port(
             FunctionServer("persist", base_env(tmp_path / "store"), log_dir=tmp_path, fresh=True),
-            PORT + 1,
+            taken.getsockname()[1],
         )
         server.start(wait=False)
         assert server.process is not None
