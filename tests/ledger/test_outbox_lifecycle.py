@@ -84,7 +84,9 @@ def test_sigterm_lets_the_sends_under_way_end_and_claims_nothing_more(
             "IMAGEGEN_WEBHOOK_ALLOWED": "127.0.0.0/8",
             "IMAGEGEN_WEBHOOK_TIMEOUT": "5",
         }
-        server = FunctionServer("ledger", env, log_dir=tmp_path).start()
+        # A new interpreter, as in its container: a process forked from the suite's preloaded one
+        # ends without the interpreter's exit, whose hooks this test is about.
+        server = FunctionServer("ledger", env, log_dir=tmp_path, fresh=True).start()
         try:
             for n, (url, _) in enumerate(receivers):
                 event = chain(f"gen-{n}", webhook=url, webhook_events=["started"])["requested"]
