@@ -190,12 +190,11 @@ class Dispatcher:
 
     def _release(self, deliveries: list[Delivery]) -> None:
         """Give back messages claimed and not sent: due at once, their attempts as before the
-        claim, their receivers free (:meth:`SqlLedger.release_deliveries`)."""
-        release = getattr(self.ledger, "release_deliveries", None)
-        if not deliveries or release is None:  # a ledger without it: the leases run out
+        claim, their receivers free (:meth:`Ledger.release_deliveries`)."""
+        if not deliveries:
             return
         try:
-            release(deliveries)
+            self.ledger.release_deliveries(deliveries)
         except ImageGenError as exc:  # the database down: the leases run out instead
             log.warning(
                 "webhook messages not given back: %s; sent after their lease",

@@ -79,6 +79,9 @@ class Ledger(Protocol):
     ) -> bool:
         """Record the outcome of one claim (only while still on it, given its ``attempts``)."""
 
+    def release_deliveries(self, claimed: list[Delivery]) -> int:
+        """Give back claimed messages that were not sent: due now, attempts as before."""
+
     def delivery_states(self, generation_id: str) -> dict[str, dict[str, Any]]:
         """Webhook messages of one generation by event."""
 
