@@ -689,11 +689,12 @@ async def test_a_prompt_memo_is_recognised_across_releases_and_spellings(
         assert await service.enhance(spelled) == first
         # A memo as an earlier release kept it: the digest of every field, defaults included.
         earlier = small(prompt="a kite", generation_id="memo-3")
-        memo = {"request": _digest_with_defaults(earlier), "prompt": first.model_dump(mode="json")}
+        kept = first.model_copy(update={"generation_id": "memo-3"})
+        memo = {"request": _digest_with_defaults(earlier), "prompt": kept.model_dump(mode="json")}
         await service.storage.put(
             prompt_memo_key("memo-3"), json.dumps(memo).encode(), content_type="application/json"
         )
-        assert await service.enhance(earlier) == first
+        assert await service.enhance(earlier) == kept
         with pytest.raises(InvalidRequest, match="other parameters"):
             await service.enhance(small(prompt="a kite", generation_id="memo-3", seed=9))
 

@@ -8,7 +8,9 @@ makes enhance idempotent whatever the dependencies do, across replicas too.
 The memo is what makes a reply final, so storage trouble fails the request with a retryable
 503 rather than answering without it: a prompt that was not kept, or a memo that exists but
 cannot be read, would let the next delivery answer differently. A chain cannot go further
-without storage anyway (render stores the image there).
+without storage anyway (render stores the image there). A memo that is there but corrupt (cut
+short, not a memo, another generation's) is a 503 too, naming its key for an operator to
+restore or remove.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+
+from pydantic import ValidationError
 
 from imagegen.errors import DependencyUnavailable, InvalidRequest, NotFound
 from imagegen.models import EnhancedPrompt, GenerationRequest
@@ -46,6 +50,52 @@ def _digest(request: GenerationRequest, *, defaults: bool) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+def _read_memo(key: str, body: bytes) -> tuple[str, EnhancedPrompt]:
+    """The request digest and the prompt of the memo stored under ``key``.
+
+    Raises:
+        DependencyUnavailable: the memo is corrupt (:func:`_corrupt_memo`).
+    """
+    try:
+        memo = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, bad UTF-8
+        raise _corrupt_memo(key, f"not JSON: {type(exc).__name__}") from None
+    if not isinstance(memo, dict):
+        raise _corrupt_memo(key, "not a JSON object")
+    for part in ("request", "prompt"):
+        if part not in memo:
+            raise _corrupt_memo(key, f"no {part!r}")
+    if not isinstance(memo["request"], str):
+        raise _corrupt_memo(key, "'request' is no digest")
+    try:
+        # Fields this release does not know are left out: a newer release, mid-rollout, may
+        # have kept one (an optional field added to the prompt), and the prompt it kept is
+        # still the generation's.
+        prompt = EnhancedPrompt.model_validate(memo["prompt"], extra="ignore")
+    except ValidationError as exc:
+        fields = ", ".join(dict.fromkeys(".".join(map(str, e["loc"])) for e in exc.errors()))
+        why = f"'prompt' is no valid EnhancedPrompt: {fields or 'its shape'}"
+        raise _corrupt_memo(key, why) from None
+    return memo["request"], prompt
+
+
+def _corrupt_memo(key: str, why: str) -> DependencyUnavailable:
+    """The error for a prompt memo that is there but is no memo of its generation.
+
+    A 503, retried, as :func:`imagegen.persist.corrupt_record` answers a corrupt record, and
+    for its reasons: the request is fine and the store answers, but the memo is written once,
+    so no delivery mends it, and taken for absent it would let this delivery answer a prompt
+    other than the one the first delivery answered. Unlike an outage it says which object an
+    operator must restore or remove (``docs/runbook.md``, "Repair a corrupt record").
+    """
+    return DependencyUnavailable(
+        f"the prompt memo {key!r} is corrupt ({why[:200]}): it is written once, so no retry"
+        " mends it; restore it, or remove it and the next delivery enhances again (a new"
+        " prompt, which may differ from the one answered first)",
+        retry_after=60,
+    )
+
+
 class EnhanceMemo:
     """Recalls and remembers enhanced prompts by generation."""
 
@@ -57,29 +107,21 @@ class EnhanceMemo:
 
         Raises:
             InvalidRequest: the generation id was used by a different request.
-            DependencyUnavailable: storage cannot say whether there is one (retryable).
+            DependencyUnavailable: storage cannot say whether there is one, or the memo under
+                its key is corrupt (:func:`_corrupt_memo`); both retryable.
         """
         key = prompt_memo_key(generation_id)
         if await self.storage.head(key) is None:
             return None
         try:
-            memo = json.loads(await self.storage.get(key))
-            asked, kept = memo["request"], memo["prompt"]
-            if not isinstance(asked, str):
-                raise TypeError("the request's digest is no string")
-            # Fields this release does not know are left out: a newer release, mid-rollout,
-            # may have kept one (an optional field added to the prompt), and the prompt it
-            # kept is still the generation's.
-            prompt = EnhancedPrompt.model_validate(kept, extra="ignore")
+            body = await self.storage.get(key)
         except NotFound:
             return None  # removed since the head (a lifecycle rule): none is kept
-        except (ValueError, AttributeError, KeyError, TypeError):
-            # Storage holds something under the key that is no memo (ValidationError is a
-            # ValueError): unreadable is what it is, and a retry is all that can help (as
-            # with a store that cannot answer).
-            raise DependencyUnavailable(
-                f"the prompt memo of generation {generation_id!r} cannot be read"
-            ) from None
+        asked, prompt = _read_memo(key, body)
+        if prompt.generation_id != generation_id:
+            # Another generation's memo, copied or restored under this key: answering its
+            # prompt would reply for this generation with another's id, which render refuses.
+            raise _corrupt_memo(key, f"it holds the prompt of generation {prompt.generation_id!r}")
         if asked not in (request_digest(request), _digest_with_defaults(request)):
             raise InvalidRequest(
                 f"generation {generation_id!r} was already requested with other parameters",

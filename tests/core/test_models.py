@@ -4,7 +4,9 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+import hypothesis
 import pytest
+from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from imagegen.errors import InvalidRequest
@@ -469,20 +471,88 @@ def test_a_job_s_loras_are_bounded_and_each_given_once(
 
 @pytest.mark.parametrize(
     ("source", "event_id"),
-    [("/cron/dream", "ping-1"), ("//a/b?c", "é ü 🐈"), ("", ""), ("/s", "a\ud800b")],
+    [
+        ("/cron/dream", "ping-1"),
+        ("//a/b?c", "é ü 🐈"),
+        ("", ""),
+        ("/s", "a\ud800b"),
+        ("/a#b", "c#d"),
+        ("/100%23", "%"),
+    ],
 )
 def test_a_derived_generation_id_is_uuid5_of_source_and_id(source: str, event_id: str) -> None:
     import uuid
 
     from imagegen.identity import derive_generation_id as derived
 
-    name = f"{source}#{event_id}"
+    # A source with a "#": both parts escaped ("%", "#", "|"), joined by "|".
+    def escaped(part: str) -> str:
+        return part.replace("%", "%25").replace("#", "%23").replace("|", "%7C")
+
+    name = f"{escaped(source)}|{escaped(event_id)}" if "#" in source else f"{source}#{event_id}"
     if "\ud800" in name:  # uuid5 cannot encode it: the same hash of its bytes as they came
         first = derived(source, event_id)
         assert first == derived(source, event_id) and len(first) == 32
         assert first != derived(source, event_id.replace("\ud800", "x"))
     else:
         assert derived(source, event_id) == uuid.uuid5(uuid.NAMESPACE_URL, name).hex
+
+
+# Any text, lone surrogates included (an event's JSON may escape one).
+_TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=12)
+
+
+@hypothesis.given(source=_TEXT.filter(lambda s: "#" not in s), event_id=_TEXT)
+@hypothesis.settings(max_examples=200, deadline=None)
+def test_a_derived_generation_id_is_unchanged_for_a_source_without_hash(
+    source: str, event_id: str
+) -> None:
+    import hashlib
+    import uuid
+
+    from imagegen.identity import derive_generation_id as derived
+
+    # Generations in flight keep their ids: uuid5's hash of "source#id", as before.
+    name = f"{source}#{event_id}".encode("utf-8", "surrogatepass")
+    digest = hashlib.sha1(uuid.NAMESPACE_URL.bytes + name, usedforsecurity=False).digest()
+    assert derived(source, event_id) == uuid.UUID(bytes=digest[:16], version=5).hex
+
+
+@hypothesis.given(
+    first=st.tuples(_TEXT, _TEXT),
+    second=st.tuples(
+        st.text(st.sampled_from("/a#b%23c|7C"), max_size=8),
+        st.text(st.sampled_from("/a#b%23c|7C"), max_size=8),
+    ),
+)
+@hypothesis.settings(max_examples=300, deadline=None)
+def test_distinct_sources_and_ids_derive_distinct_generation_ids(
+    first: tuple[str, str], second: tuple[str, str]
+) -> None:
+    from imagegen.identity import derive_generation_id as derived
+
+    # CloudEvents' source is a URI-reference (a "#" in it is a fragment), its id any string:
+    # no split of the joined name may stand for another event.
+    for one, other in ((first, second), (second, first[::-1]), (second, second[::-1])):
+        assert (derived(*one) == derived(*other)) == (one == other)
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        (("/a#b", "c"), ("/a", "b#c")),
+        (("/a%23b", "c"), ("/a#b", "c")),
+        (("/a#", ""), ("/a", "#")),
+        (("/a#b", "c|d"), ("/a#b|c", "d")),
+        (("/a%23b|c", "d"), ("/a#b", "c#d")),
+    ],
+)
+def test_events_whose_joined_name_reads_alike_derive_distinct_generation_ids(
+    one: tuple[str, str], other: tuple[str, str]
+) -> None:
+    from imagegen.identity import derive_generation_id as derived
+
+    assert derived(*one) != derived(*other)
 
 
 def test_a_table_hub_id_in_another_case_has_its_revision_and_family() -> None:

@@ -153,24 +153,50 @@ def kept(enhance: InProcessFunction, store: Path, generation_id: str) -> dict[st
 @pytest.mark.parametrize(
     "corrupt",
     [
-        lambda memo: {"prompt": memo["prompt"]},  # no request digest
-        lambda memo: {"request": memo["request"], "prompt": {}},
-        lambda memo: {"request": 7, "prompt": memo["prompt"]},
-        lambda memo: [memo],
-        lambda memo: {"request": memo["request"], "prompt": {**memo["prompt"], "width": "wide"}},
+        lambda memo: json.dumps({"prompt": memo["prompt"]}),  # no request digest
+        lambda memo: json.dumps({"request": memo["request"], "prompt": {}}),
+        lambda memo: json.dumps({"request": 7, "prompt": memo["prompt"]}),
+        lambda memo: json.dumps([memo]),
+        lambda memo: json.dumps(
+            {"request": memo["request"], "prompt": {**memo["prompt"], "width": "wide"}}
+        ),
+        lambda memo: json.dumps(memo)[:40],  # cut short
+        lambda memo: "",
+        lambda memo: "[" * 100_000,  # deeper than the JSON reader goes
+        # Another generation's memo, copied under this one's key: its prompt is not this one's.
+        lambda memo: json.dumps(
+            {**memo, "prompt": {**memo["prompt"], "generation_id": "memo-elsewhere"}}
+        ),
     ],
-    ids=["no-request", "empty-prompt", "digest-no-string", "no-object", "invalid-prompt"],
+    ids=[
+        "no-request",
+        "empty-prompt",
+        "digest-no-string",
+        "no-object",
+        "invalid-prompt",
+        "cut-short",
+        "empty",
+        "too-deep",
+        "another-generation-s",
+    ],
 )
-def test_a_memo_that_is_no_memo_is_a_503_with_retry_after(
+def test_a_memo_that_is_no_memo_is_a_503_with_retry_after_naming_its_key(
     enhance: InProcessFunction, store: Path, corrupt: Any, request: pytest.FixtureRequest
 ) -> None:
     gid = f"memo-{request.node.callspec.id}"
     memo = kept(enhance, store, gid)
-    (store / "prompts" / f"{gid}.json").write_text(json.dumps(corrupt(memo)))
+    (store / "prompts" / f"{gid}.json").write_text(corrupt(memo))
     reply = send(enhance, {**ASK, "enhance": False}, subject=gid)
     assert reply.status_code == 503, reply.text
-    assert int(reply.headers["retry-after"]) > 0
-    assert "cannot be read" in reply.json()["message"]
+    assert reply.headers["retry-after"] == "60"  # an operator's repair, not an outage's
+    # Not an outage: the message says which object to repair or remove.
+    message = reply.json()["message"]
+    assert f"the prompt memo 'prompts/{gid}.json' is corrupt (" in message, message
+    # Removed, the next delivery enhances again and keeps a new memo.
+    (store / "prompts" / f"{gid}.json").unlink()
+    again = send(enhance, {**ASK, "enhance": False}, subject=gid)
+    assert again.headers["ce-type"] == PROMPT_ENHANCED, again.text
+    assert again.json()["generation_id"] == gid
 
 
 def test_a_memo_a_newer_release_wrote_is_read_and_its_prompt_kept(

@@ -100,3 +100,16 @@ async def test_a_memo_gone_between_the_lost_write_and_its_read_fails_retryably(
 ) -> None:
     with pytest.raises(DependencyUnavailable, match="vanished"):
         await service(_LostRace(tmp_path), ollama.url).enhance(request(), at("memo-gone", DAY))
+
+
+async def test_a_memo_copied_under_another_generation_is_corrupt_not_its_prompt(
+    make_s3: MakeS3, s3: S3Server, bucket: str, ollama: FakeOllama
+) -> None:
+    storage = make_s3()
+    first = await service(storage, ollama.url).enhance(request(), at("memo-source", DAY))
+    source = {"Bucket": bucket, "Key": "prompts/memo-source.json"}
+    s3.client().copy_object(Bucket=bucket, Key="prompts/memo-copy.json", CopySource=source)
+    # The same request, so the digest matches: only the prompt's generation tells them apart.
+    with pytest.raises(DependencyUnavailable, match=r"'prompts/memo-copy.json' is corrupt"):
+        await service(storage, NOWHERE).enhance(request(), at("memo-copy", DAY))
+    assert await service(storage, NOWHERE).enhance(request(), at("memo-source", DAY)) == first
