@@ -8,6 +8,7 @@ import io
 import json
 import logging
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from PIL import Image, ImageFile
@@ -215,9 +216,10 @@ class PersistStage:
 
     Idempotent across replicas: the record is written only if absent (first writer wins), and
     everything in it is a function of the ``image.rendered`` event, ``created_at`` included, but
-    ``persisted_at`` and the signed URLs' expiry, from its first writer's clock. A redelivered
-    event, or one handled by two replicas at once, gets the stored record as its answer, once
-    the event is shown to describe that record.
+    ``persisted_at`` and the signed URLs' expiry, from its first writer's clock (never before
+    ``created_at``). A redelivered event, or one handled by two replicas at once, gets the
+    stored record as its answer, once the event is shown to describe that record, by the rule
+    its first delivery was held to.
     """
 
     def __init__(self, settings: Settings, storage: Storage) -> None:
@@ -288,8 +290,10 @@ class PersistStage:
         """The record of ``image``: a function of the event alone, whichever replica writes it,
         but for ``persisted_at`` and the signed URLs' expiry, which count from now (a replica
         that loses the race answers the stored record)."""
-        created_at = image.rendered_at or image.prompt.requested_at
-        persisted_at = stage_time()
+        # In UTC, as every stage time: the same image is told alike however its first
+        # delivery wrote the time (+05:30, Z), in the record, the reply and its event's time.
+        created_at = (image.rendered_at or image.prompt.requested_at).astimezone(UTC)
+        persisted_at = _not_before(stage_time(), created_at, image.generation_id)
         # Signed URLs last their TTL from when the record is written, not from the render: an
         # event persisted late (a dead letter delivered again a week on) gets URLs that work.
         signed_at = int(persisted_at.timestamp())
@@ -345,9 +349,15 @@ class PersistStage:
             "steps": job.steps,
             "guidance": job.guidance,
             "rendered_at": stored.created_at,
-            "prompt": job,
         }
-        _refuse(image, _differences(image, recorded))
+        errors = _differences(image, recorded)
+        # The job by the rule its first delivery was held to (stored_png.matches): when
+        # enhance wrote it, or how its JSON was written, is no part of it. Compared whole, a
+        # first delivery that said another enhanced_at than render's was recorded, and
+        # render's own event refused afterwards.
+        if stored_png.canonical_fingerprint(image.prompt) != stored_png.canonical_fingerprint(job):
+            errors.append({"field": "prompt", "message": _MESSAGES["prompt"]})
+        _refuse(image, errors)
         return stored
 
     @staticmethod
@@ -414,6 +424,29 @@ class PersistStage:
 # What the record keeps of the event under the same name.
 _RECORDED = {"generation_id", "sha256", "size", "width", "height", "seed", "model", "timings"}
 _MESSAGES = {"prompt": "not the job the image came from", "rendered_at": "not when it was stored"}
+
+
+def _not_before(now: datetime, created_at: datetime, generation_id: str) -> datetime:
+    """``now``, or ``created_at`` (to the next millisecond, as :func:`stage_time` keeps
+    times) when this clock is behind it.
+
+    The record is written after the image it records: a pod whose clock is behind the render's
+    wrote a ``persisted_at`` before ``created_at``, and signed URLs that count from it, some
+    already expired when they were handed out. Counted from ``created_at``, they last at least
+    the TTL from the render.
+    """
+    if now >= created_at:
+        return now
+    floor = created_at.replace(microsecond=created_at.microsecond // 1000 * 1000)
+    at = floor if floor == created_at else floor + timedelta(milliseconds=1)
+    behind = (created_at - now).total_seconds()
+    log.warning(
+        "this clock is %.3f s behind the image's created_at: persisted_at and the signed URLs'"
+        " expiry count from created_at instead",
+        behind,
+        extra={"generation_id": generation_id, "clock_behind_s": round(behind, 3)},
+    )
+    return at
 
 
 def _claims(image: RenderedImage) -> dict[str, object]:

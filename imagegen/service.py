@@ -202,7 +202,7 @@ class ImageGenService:
                 # From here on a failure is recorded, a cancellation during this very write
                 # included: it is said as enhance's once the write is done, never before it.
                 stage.recorder = self.recorder
-                await _to_its_end(self.recorder.requested(gid, request))
+                await _to_its_end(self.recorder.requested(gid, request, when))
             assert self._memo is not None
             remembered = await self._memo.recall(gid, request)
             if remembered is not None:

@@ -13,10 +13,11 @@ import binascii
 import contextlib
 import json
 import os
+import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -52,11 +53,30 @@ def _port_problem(exc: ValueError) -> str:
     return "its port is out of range" if "range" in str(exc) else "its port is not a number"
 
 
+def _spacing_problem(value: str) -> str | None:
+    """Whitespace around ``value``, or a control character in it, said in words; None if none.
+
+    ``urlsplit`` drops both without a word (leading C0 controls and spaces, and every tab and
+    newline, as the WHATWG URL Standard's basic URL parser does), and keeps trailing spaces in
+    the host: the URL it reads is not the text given, which is what is kept or sent (a
+    ``kubectl create secret --from-file`` value ends in a newline).
+    """
+    if value.strip(_JS_WHITESPACE) != value:
+        return "begins or ends with whitespace (a newline from a file, a stray space)"
+    if any(unicodedata.category(c) == "Cc" for c in value):
+        return "has a control character in it (a tab, a newline)"
+    return None
+
+
 def _http_url(value: str | None) -> str | None:
     """``value`` when it is an absolute http(s) URL that ``urlsplit`` (which botocore and httpx
-    build on) reads whole, port included; never echoes it (a URL may carry credentials)."""
+    build on) reads whole, port included, with nothing it drops (:func:`_spacing_problem`);
+    never echoes it (a URL may carry credentials)."""
     if not value:
         return value
+    problem = _spacing_problem(value)
+    if problem:
+        raise ValueError(problem)
     try:
         url = urlsplit(value)
         url.port  # noqa: B018 - raises ValueError for a port out of range or not a number
@@ -81,6 +101,9 @@ def _ledger_url(value: SecretStr | None) -> SecretStr | None:
     if value is None:
         return value
     url = value.get_secret_value()
+    problem = _spacing_problem(url)
+    if problem:  # a database named "imagegen\n" is one that does not exist
+        raise ValueError(problem)
     if url.lower().startswith(("http://", "https://")):
         _http_url(url)
         return value
@@ -168,6 +191,8 @@ def _served_base_url(value: str | None) -> str | None:
     value = _http_url(value)
     if not value:
         return value
+    if any(c.isspace() for c in value):  # inside it: around it, _http_url said so
+        raise ValueError("has whitespace in it, which no origin has: give https://host[:port]")
     # The separators, not the parts: "https://host?" has an empty query, and breaks all the same;
     # "https://@host" has an empty user name.
     parts = urlsplit(value)
@@ -189,6 +214,12 @@ def _served_base_url(value: str | None) -> str | None:
         problems.append(f"has {listed}: the Worker serves keys at the root of its host")
     if problems:
         raise ValueError(f"{'; '.join(problems)}, so give its origin alone (https://host[:port])")
+    # Each URL is this text and a key, kept for good: it must be the URL urllib reads.
+    if urlunsplit(parts) != value:
+        raise ValueError(
+            "is not the URL it reads as (urlsplit, then urlunsplit, write it otherwise: an"
+            " upper-case scheme?), so give it as https://host[:port]"
+        )
     return value
 
 
@@ -330,6 +361,9 @@ def _ollama_host(value: str) -> str:
     Never empty: the client would take an empty host for none, and read ``OLLAMA_HOST``."""
     if not value:
         raise ValueError("empty: give a host, or leave it unset for the default")
+    problem = _spacing_problem(value)
+    if problem:  # the client would connect to another host than the one logged and said
+        raise ValueError(problem)
     scheme, separator, rest = value.partition("://")
     if not separator:
         scheme, rest = "http", value

@@ -268,17 +268,121 @@ async def test_signed_urls_last_their_ttl_from_when_the_record_is_written(tmp_pa
         assert expires == int(persisted.persisted_at.timestamp()) + settings.signed_url_ttl
 
 
+async def test_a_redelivery_is_held_to_the_rule_its_first_delivery_was(
+    settings: Settings,
+) -> None:
+    """Render's digest of a job leaves ``enhanced_at`` out (``stored_png.fingerprint``): its
+    replies to one job written at two times are both the image's. The first to reach persist
+    was recorded, and the other, render's own, was refused afterwards as "not the job the
+    image came from", though it had been recorded had it come first."""
+    async with ImageGenService(settings) as service:
+        job = await service.enhance(
+            GenerationRequest(
+                generation_id="enhanced-twice",
+                prompt="a kite",
+                model="tiny",
+                width=JOB_SIZE[0],
+                height=JOB_SIZE[1],
+                steps=2,
+                seed=7,
+                requested_at=NOW,
+            )
+        )
+        assert job.enhanced_at is not None
+        rendered = await service.render(job)
+        later = job.model_copy(update={"enhanced_at": job.enhanced_at + timedelta(seconds=1)})
+        retold = await service.render(later)
+        assert retold.prompt.enhanced_at != rendered.prompt.enhanced_at
+        first = await service.persist(retold)
+        assert await service.persist(rendered) == first
+        assert await service.persist(retold) == first
+
+        # Any other part of the job is still the job's.
+        other = rendered.prompt.model_copy(update={"prompt": "a kite at dusk"})
+        with pytest.raises(InvalidRequest) as caught:
+            await service.persist(rendered.model_copy(update={"prompt": other}))
+        assert caught.value.fields == ["prompt"]
+
+
+async def test_created_at_is_in_utc_however_the_first_delivery_wrote_the_time(
+    settings: Settings,
+) -> None:
+    """The record, the reply and its event's time kept the offset the first delivery wrote the
+    time at (+05:30): the same image was told otherwise by how one event spelled it."""
+    india = timezone(timedelta(hours=5, minutes=30))
+    async with ImageGenService(settings) as service:
+        rendered = await _rendered(service, "offset-1")
+        assert rendered.rendered_at is not None
+        at_offset = rendered.model_copy(
+            update={"rendered_at": rendered.rendered_at.astimezone(india)}
+        )
+        persisted = await service.persist(at_offset)
+        # Not rendered_at known (an object stored before it was kept): the request's time.
+        requested = NOW.astimezone(india)
+        unrendered = await store_rendered(service.storage, "offset-2", requested, _RENDERED, "x")
+        from_request = await service.persist(unrendered)
+        records = [
+            json.loads(await service.storage.get(p.keys["metadata"]))
+            for p in (persisted, from_request)
+        ]
+    for image, instant, record in zip(
+        (persisted, from_request), (rendered.rendered_at, NOW), records, strict=True
+    ):
+        assert image.created_at == instant and image.created_at.utcoffset() == timedelta(0)
+        assert image.occurred_at.utcoffset() == timedelta(0)  # the image.persisted event's time
+        written = record["persisted"]["created_at"]
+        assert written.endswith("Z") and datetime.fromisoformat(written) == instant
+
+
+async def test_a_clock_behind_the_render_writes_no_persisted_at_before_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A persist pod whose clock was behind the render's wrote ``persisted_at`` before
+    ``created_at``, and signed URLs counted from it: ten days behind, they had expired before
+    the image was rendered."""
+    from urllib.parse import parse_qs, urlsplit
+
+    import imagegen.persist
+
+    settings = Settings(
+        storage_url=str(tmp_path / "out"),
+        model="tiny",
+        public_base_url="https://img.example.com/",
+        url_signing_secret="s3cret-of-16-bytes",
+    )
+    rendered_at = datetime.now(UTC).replace(microsecond=123_456)
+    behind = rendered_at - timedelta(days=10)
+    monkeypatch.setattr(imagegen.persist, "stage_time", lambda: behind)
+    async with ImageGenService(settings) as service:
+        stored = await _stored_as_render(service.storage, "skew", _RENDERED, at=rendered_at)
+        with caplog.at_level("WARNING", logger="imagegen.persist"):
+            persisted = await service.persist(stored)
+    # To the millisecond, as every stage time, and never before the render.
+    assert persisted.persisted_at == rendered_at.replace(microsecond=124_000)
+    assert persisted.created_at == rendered_at
+    for url in persisted.urls.values():
+        expires = int(parse_qs(urlsplit(url).query)["expires"][0])
+        assert expires == int(rendered_at.timestamp()) + settings.signed_url_ttl
+    [warning] = [r for r in caplog.records if r.name == "imagegen.persist"]
+    assert "864000.000 s behind the image's created_at" in warning.getMessage()
+
+
 # Objects at an image key that render did not make: stored with the metadata render writes.
 
 JOB_SIZE = (256, 256)
 
 
 async def _stored_as_render(
-    storage: Storage, generation_id: str, data: bytes, *, timings: str | None = None
+    storage: Storage,
+    generation_id: str,
+    data: bytes,
+    *,
+    timings: str | None = None,
+    at: datetime = NOW,
 ) -> RenderedImage:
     """``data`` stored at a 256 x 256 job's image key with the metadata render writes, and
-    render's own reply for it: only the bytes (or, given, the stored ``timings``) are not
-    render's."""
+    render's own reply for it (rendered ``at``): only the bytes (or, given, the stored
+    ``timings``) are not render's."""
     job = EnhancedPrompt(
         generation_id=generation_id,
         prompt="a kite",
@@ -294,7 +398,7 @@ async def _stored_as_render(
     keys = GenerationKeys(generation_id, NOW)
     sha256 = hashlib.sha256(data).hexdigest()
     said = {"render": 0.5}
-    metadata = stored_png.metadata(job, sha256, stored_png.fingerprint(job), said, NOW)
+    metadata = stored_png.metadata(job, sha256, stored_png.fingerprint(job), said, at)
     if timings is not None:
         metadata["timings"] = timings
     await storage.put(keys.image, data, content_type="image/png", metadata=metadata)
@@ -305,7 +409,7 @@ async def _stored_as_render(
         size=len(data),
         sha256=sha256,
         stage_timings=said,
-        at=NOW,
+        at=at,
     )
 
 

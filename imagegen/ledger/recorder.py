@@ -39,8 +39,26 @@ class Recorder:
         self.ledger = ledger
         self.on_failure = on_failure
 
-    async def requested(self, generation_id: str, request: GenerationRequest) -> None:
-        data = request.model_copy(update={"generation_id": generation_id})
+    async def requested(
+        self,
+        generation_id: str,
+        request: GenerationRequest,
+        requested_at: datetime | None = None,
+    ) -> None:
+        """``request`` was made as generation ``generation_id``.
+
+        Args:
+            requested_at: The call's request time (:func:`imagegen.identity.identify`), which
+                the job carries and which dates its storage keys: recorded as the request's.
+                Without it, a request that names no time is dated by the ledger, when this
+                event is written, later than the job (near midnight UTC, another day).
+        """
+        data = request.model_copy(
+            update={
+                "generation_id": generation_id,
+                "requested_at": requested_at or request.requested_at,
+            }
+        )
         await self._record(
             LOCAL_SOURCE, reply_id(generation_id, GENERATION_REQUESTED), GENERATION_REQUESTED, data
         )

@@ -215,6 +215,68 @@ def test_a_public_base_url_that_is_an_origin_is_taken_as_given(base: str) -> Non
     assert Settings(public_base_url=base).public_base_url == base
 
 
+_SPACED = "begins or ends with whitespace (a newline from a file, a stray space)"
+_CONTROL = "has a control character in it (a tab, a newline)"
+
+
+@pytest.mark.parametrize(
+    ("base", "said"),
+    [
+        (" https://img.example.com", _SPACED),  # urlsplit drops it; the record keeps it
+        ("https://img.example.com ", _SPACED),
+        # A file that ends in a newline (kubectl create secret/configmap --from-file keeps it).
+        ("https://img.example.com\n", _SPACED),
+        ("\thttps://img.example.com", _SPACED),
+        ("https://img.example.com/\r\n", _SPACED),
+        ("https://img.exa\tmple.com", _CONTROL),  # urlsplit drops every tab and newline
+        ("https://img.example.com\x7f", _CONTROL),
+        ("https://img.example.com\x00", _CONTROL),
+        ("https://img. example.com", "has whitespace in it, which no origin has"),
+        ("HTTPS://img.example.com", "is not the URL it reads as"),
+    ],
+)
+def test_a_public_base_url_urllib_reads_otherwise_is_refused(base: str, said: str) -> None:
+    """``urlsplit`` drops whitespace before a URL and every tab and newline in it, so such a
+    base was taken, and written into every record's URL for good (``https://host\\n/2026/..``)."""
+    with pytest.raises(ValidationError) as caught:
+        Settings(public_base_url=base)
+    [error] = caught.value.errors()
+    assert error["loc"] == ("public_base_url",)
+    assert error["msg"].startswith(f"Value error, {said}"), error["msg"]
+    assert "img" not in str(caught.value)  # said, never echoed
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("sink_url", "http://broker-ingress.example/imagegen/default\n"),
+        ("s3_endpoint_url", " https://storage.example.com"),
+        ("oidc_discovery_url", "https://kubernetes.default.svc\n"),
+        ("ledger_url", "https://ledger.example.com "),
+        ("ledger_url", "postgresql://pg:s3cr3t@db:5432/imagegen\n"),
+        ("ollama_host", "http://ollama:11434\n"),
+        ("ollama_host", "ollama:11434 "),  # the client would look up the host "ollama "
+    ],
+)
+def test_every_url_setting_refuses_whitespace_around_it(field: str, value: str) -> None:
+    """The clients were given the text with its newline or space, which urllib drops in part
+    (a trailing space stays in the host), or a database name ends in."""
+    with pytest.raises(ValidationError) as caught:
+        Settings(**{field: value})  # type: ignore[arg-type]
+    [error] = caught.value.errors()
+    assert error["loc"] == (field,) and error["msg"] == f"Value error, {_SPACED}"
+    assert value.strip() not in str(caught.value)  # never echoed (a URL may carry credentials)
+    assert Settings(**{field: value.strip()}).model_dump()[field] is not None
+
+
+def test_a_public_base_url_with_a_newline_names_its_variable(cli: RunCli) -> None:
+    result = cli("plugins", env={"IMAGEGEN_PUBLIC_BASE_URL": "https://img.example.com\n"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        f"imagegen: error: invalid settings: IMAGEGEN_PUBLIC_BASE_URL ({_SPACED})"
+    )
+
+
 def test_only_the_public_base_url_must_be_an_origin() -> None:
     """The other URLs may need their paths: a broker's ingress has one (K_SINK), an S3
     endpoint or Ollama behind a proxy may."""

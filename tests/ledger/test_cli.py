@@ -89,6 +89,19 @@ def test_generate_records_and_replay_reproduces_the_same_png(tmp_path: Path, as_
     ]
 
 
+def test_the_ledger_dates_a_generation_as_its_record_does(tmp_path: Path, as_json: Any) -> None:
+    """The request was recorded without its time, so the ledger dated it when it wrote it:
+    later than the job's time, which dates the storage keys (near midnight UTC, another day),
+    and than the record's ``request.requested_at``."""
+    made = as_json("generate", "a kite over the dunes", *SMALL, "--steps", "1")
+    image = made["image"]
+    record = json.loads((tmp_path / "output" / image["keys"]["metadata"]).read_text())
+    requested_at = datetime.fromisoformat(record["request"]["requested_at"])
+    found = as_json("status", image["generation_id"])
+    assert datetime.fromisoformat(found["requested_at"]) == requested_at
+    assert image["key"].startswith(requested_at.astimezone(UTC).strftime("%Y/%m/%d/"))
+
+
 def _failed_at_enhance(gid: str, model: str) -> None:
     """A generation whose request enhance refused, as a cluster's ledger records it (the
     command line refuses such a request before it records anything): its request, and the
