@@ -428,9 +428,13 @@ class Function:
         # only, never an API key (a 403).
         self.start()
         try:
-            if self._auth is not None:  # None: start-up failed, and the request is answered 503
-                caller = self._auth.authenticate(request.headers.get("Authorization"))
-                caller.admit(*self.stage.callers_of(routes[method][0] if routes else None))
+            if self._auth is None:
+                # Start-up failed before the gate was built: nobody can be authenticated, so
+                # the 503 comes before anything is read, as a refusal's does, whatever the body.
+                self._check_ready()
+                raise InternalError(f"{self.stage.name} started without its authenticator")
+            caller = self._auth.authenticate(request.headers.get("Authorization"))
+            caller.admit(*self.stage.callers_of(routes[method][0] if routes else None))
         except Exception as exc:  # anything unforeseen too: a JSON 500, never Flask's HTML page
             # A refused query of the stage's own routes (the ledger's) is no delivery: named by
             # its route, it is not counted.

@@ -15,7 +15,9 @@ published since: while they cannot be fetched again (the back-off, an issuer dow
 is a retryable 503, not a 401 Knative would never retry. One fetch at a time, in a thread of
 its own and within one deadline: while it runs, tokens whose key is cached are checked against
 the cached keys (stale ones included: the request that finds them stale does not wait either),
-and only those that need the new keys wait for it, until its deadline at most.
+and only those that need the new keys wait for it, until its deadline at most. A request waits
+for one fetch only, and no longer than a fetch's time from its coming: should that fetch fail,
+it is answered, not handed on to the next fetch.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ log = logging.getLogger("imagegen.auth")
 
 # What Kubernetes signs service-account tokens with (RSA or ECDSA keys); never "none" or HMAC.
 ALGORITHMS = ["RS256", "RS384", "RS512", "ES256", "ES384", "ES512"]
+_ACCEPTED = f"only {', '.join(ALGORITHMS[:-1])} or {ALGORITHMS[-1]} are"
 _MIN_REFRESH_SECONDS = 5.0
 # Seconds for a whole fetch, discovery and JWKS, by the clock on the wall: httpx's timeouts
 # bound each read, and an issuer that answers a byte at a time would never meet them.
@@ -101,6 +104,7 @@ class SigningKeys:
         self._fetched = threading.Condition(self._lock)  # notified when a fetch ends
         self._set: _KeySet | None = None
         self._fetching = False
+        self._fetches = 0  # fetches started: which one a waiting request waits for
         self._attempted_at: float | None = None  # the last fetch's start, failed or not
         # When the fetch under way gives up, by time.monotonic(): waiting for it is bounded
         # in real time, whatever ``clock`` says.
@@ -133,16 +137,23 @@ class SigningKeys:
                 ``issued_at``, and they cannot be fetched again now.
         """
         arrived = self._clock()
+        # This request's own bound, whatever fetches come and go: a fetch that fails as the
+        # back-off ends would otherwise hand its waiters on to the next fetch, and the next.
+        give_up = time.monotonic() + _FETCH_TIMEOUT
+        awaited: int | None = None  # the fetch this request waited for, once it has
         with self._lock:
             while True:
                 now = self._clock()
                 current = self._set
-                if not self._fetching and self._due(current, kid, now):
+                if awaited is None and not self._fetching and self._due(current, kid, now):
                     self._start_fetch(now)
                 waiting = current is None or kid not in current.keys
-                remaining = self._deadline - time.monotonic()
-                if not (self._fetching and waiting and remaining > 0):
+                # Until this request's deadline, or the fetch's if sooner; for one fetch only.
+                remaining = min(give_up, self._deadline) - time.monotonic()
+                over = awaited is not None and awaited != self._fetches  # another fetch began
+                if over or not (self._fetching and waiting and remaining > 0):
                     return self._answer(current, kid, issued_at, leeway, arrived, now)
+                awaited = self._fetches
                 self._fetched.wait(remaining)  # the key may be among those being fetched
 
     def _due(self, current: _KeySet | None, kid: str, now: float) -> bool:
@@ -156,6 +167,7 @@ class SigningKeys:
         """Starts a fetch in a thread of its own (the lock held): a request needing its keys
         waits for it until its deadline, and the fetch itself ends soon after."""
         self._fetching = True
+        self._fetches += 1
         self._attempted_at = now
         self._deadline = time.monotonic() + _FETCH_TIMEOUT
         threading.Thread(
@@ -359,7 +371,10 @@ class OidcVerifier:
             raise Unauthenticated("the bearer token is not a well-formed JWT") from None
         algorithm, kid = header.get("alg"), header.get("kid")
         if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
-            raise Unauthenticated(f"token algorithm {algorithm!r} is not accepted")
+            # Which are accepted, not what was sent: the header is the caller's, unverified,
+            # and anything at all (a secret pasted in the wrong place) would be answered and
+            # logged.
+            raise Unauthenticated(f"the token's algorithm is not accepted: {_ACCEPTED}")
         if not isinstance(kid, str) or not kid:
             raise Unauthenticated("the token names no signing key (kid)")
         # An iat that is no time (see _numeric_date) is taken as none here, and refused once

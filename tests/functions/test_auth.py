@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import base64
+import json
 import logging
+import socket
 from pathlib import Path
 
+import httpx
 import pytest
 
 from imagegen.auth import Authenticator, Principal, new_api_key
+from imagegen.events import GENERATION_REQUESTED
 from tests.fakes.oidc_issuer import Issuer
 from tests.functions.clients import InProcessFunction
-from tests.functions.conftest import auth_env, base_env
+from tests.functions.conftest import StartServer, auth_env, base_env
+from tests.functions.servers import cloudevent_headers
 
 REQUEST = {"prompt": "a red door", "width": 256, "height": 256, "enhance": False}
 API_KEY, API_KEY_HASH = new_api_key()
@@ -130,3 +135,35 @@ def test_the_brokers_token_and_an_api_key_are_admitted(
 def test_off_in_dev(tmp_path: Path) -> None:
     dev = InProcessFunction("enhance", base_env(tmp_path / "dev-store"))
     assert dev.post("/", json=REQUEST).status_code == 200
+
+
+def test_a_function_that_could_not_start_answers_503_before_reading_a_body(
+    start_server: StartServer, issuer: Issuer, tmp_path: Path
+) -> None:
+    """Start-up failed before its gate was built (the key pasted where its hash belongs): no
+    request can be authenticated, so none is read either, any more than a refused one."""
+    pasted = "igk_pasted_the_key_not_its_hash"
+    env = {**base_env(tmp_path / "store"), **auth_env(issuer.url, pasted)}
+    enhance = start_server("enhance", env)
+    ready = httpx.get(enhance.url + "/readyz")
+    assert ready.status_code == 503 and ready.json()["status"] == "start-up failed"
+    event = {**cloudevent_headers(GENERATION_REQUESTED), "ce-specversion": "0.3"}
+    for body, headers in [
+        (b"{nope", {"Content-Type": "application/json"}),  # no JSON: a 400 once read
+        (b'{"prompt": 5, "width": "wide"}', {"Content-Type": "application/json"}),
+        (json.dumps(REQUEST).encode(), event),  # no CloudEvent of a version it reads
+        (json.dumps(REQUEST).encode(), {"Content-Type": "application/json"}),
+    ]:
+        reply = enhance.post("/", content=body, headers=headers)
+        assert reply.status_code == 503, reply.text
+        assert reply.json()["error"] == "not_configured"
+        assert "IMAGEGEN_API_KEY_HASHES" in reply.json()["message"]
+    # Answered with the body not sent: never waited for, nor read.
+    with socket.create_connection(("127.0.0.1", enhance.port), timeout=5) as upload:
+        upload.sendall(
+            b"POST / HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 209715200\r\n\r\n{ "
+        )
+        assert upload.recv(64).startswith(b"HTTP/1.1 503 ")
+    # The probes still answer, unauthenticated as ever.
+    assert httpx.get(enhance.url + "/healthz").status_code == 200
