@@ -325,6 +325,64 @@ def _webhook_allowed(value: list[str]) -> list[str]:
     return value
 
 
+def _subjects_given(value: Any) -> Any:
+    """``value``'s subjects: a JSON list, or text of one a line (as the ``kubectl`` command of
+    docs/authentication.md prints them, a line break after each) or comma-separated.
+
+    Text that names none is refused: an empty list admits any subject, and a command that
+    printed nothing would open the function to every token for its audience without a word.
+    """
+    if not isinstance(value, str):
+        return value
+    import re
+
+    text = value.strip()
+    subjects = (
+        json.loads(text)
+        if text.startswith("[")
+        else [item.strip() for item in re.split(r"[,\n]", text) if item.strip()]
+    )
+    if not subjects:
+        raise ValueError(
+            "empty: give the subjects to admit (system:serviceaccount:<namespace>:<name>),"
+            " or leave it unset to admit any"
+        )
+    return subjects
+
+
+def _service_account_subject(subject: str) -> bool:
+    """Whether ``subject`` is the ``sub`` of a token the API server issues for a service
+    account: ``system:serviceaccount:<namespace>:<name>`` (``MakeUsername``, k8s.io/apiserver
+    ``pkg/authentication/serviceaccount/util.go``), the namespace a DNS-1123 label and the
+    name a DNS-1123 subdomain, as Kubernetes validates them (``IsDNS1123Label``,
+    ``IsDNS1123Subdomain``, k8s.io/apimachinery ``pkg/util/validation``)."""
+    import re
+
+    label = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"
+    found = re.fullmatch(rf"system:serviceaccount:({label}):({label}(?:\.{label})*)", subject)
+    return found is not None and len(found[1]) <= 63 and len(found[2]) <= 253
+
+
+def _service_account_subjects(value: list[str]) -> list[str]:
+    """``value`` when no entry has whitespace in it, and each that names a service account
+    (``system:serviceaccount:``) names one whole; never echoes one. Such an entry matches no
+    token: the function would refuse the broker it names 403, every delivery dead-lettered
+    (Knative does not retry a 403), and say so only then. Subjects of another form are taken
+    as given: an issuer other than the API server (``IMAGEGEN_OIDC_DISCOVERY_URL``) names its
+    callers its own way."""
+    for number, subject in enumerate(value, start=1):
+        if any(c.isspace() for c in subject):
+            problem = "has whitespace in it: separate subjects with commas or newlines"
+        elif subject.startswith("system:serviceaccount:") and not _service_account_subject(subject):
+            problem = (
+                "is not a service account's subject (system:serviceaccount:<namespace>:<name>)"
+            )
+        else:
+            continue
+        raise ValueError(f"entry {number} of {len(value)} {problem}")
+    return value
+
+
 def _keep_alive_duration(value: str | None) -> str | None:
     """``value`` when Ollama reads it as a duration (its ``api.Duration``: a number of
     seconds, negative for always, or a Go duration such as ``1h30m``)."""
@@ -614,7 +672,8 @@ class Settings(BaseSettings):
         default=None, description="Audience an OIDC token must name; default imagegen-<function>."
     )
     auth_subjects: CommaList = Field(
-        default=[], description="OIDC subjects admitted; empty: any, for the right audience."
+        default=[],
+        description="OIDC subjects admitted; unset: any, for the audience.",
     )
     api_key_hashes: CommaList = Field(
         default=[], description="sha256:<hex> of each API key accepted (rotate by overlapping)."
@@ -650,7 +709,6 @@ class Settings(BaseSettings):
         "webhook_secrets",
         "webhook_allowed",
         "derivative_widths",
-        "auth_subjects",
         "api_key_hashes",
         mode="before",
     )(_split_list)
@@ -672,6 +730,9 @@ class Settings(BaseSettings):
     # Runs before _split (pydantic runs "before" validators last defined first): only the
     # text given tells an empty variable from an unset one.
     _no_empty_secrets = field_validator("webhook_secrets", mode="before")(_not_emptied)
+    # Split on its own: one a line too (as kubectl prints them), and none is refused, not any.
+    _subjects_split = field_validator("auth_subjects", mode="before")(_subjects_given)
+    _subjects = field_validator("auth_subjects")(_service_account_subjects)
 
     @field_validator("served_models")
     @classmethod

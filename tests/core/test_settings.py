@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from imagegen.errors import ConfigurationError
 from imagegen.events import GENERATION_REQUESTED
 from imagegen.settings import DEFAULT_MODEL, Settings
 from tests.conftest import RunCli
@@ -546,3 +547,91 @@ def test_fp8_with_compile_is_warned_of_at_start_up(
         assert said[0].startswith(f"{FP8_COMPILED}{compile_}: ")
         assert "had not finished after 370 s" in said[0]
         assert "torch 2.11, torchao 0.17" in said[0] and "IMAGEGEN_RENDER_WARMUP" in said[0]
+
+
+# -- IMAGEGEN_AUTH_SUBJECTS ----------------------------------------------------------------------
+
+BROKER = "system:serviceaccount:imagegen:oidc-broker-ingress"
+TRIGGER = "system:serviceaccount:imagegen:imagegen-ledger-oidc.trigger"
+
+
+@pytest.mark.parametrize("value", ["", " ", " , ", "\n", "[]", " [ ] "])
+def test_auth_subjects_that_name_none_are_refused_not_taken_for_any(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """An empty list admits any subject: a command that printed nothing turned the narrowing
+    off, every token for the function's audience admitted, without a word."""
+    monkeypatch.setenv("IMAGEGEN_AUTH_SUBJECTS", value)
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    reason = ConfigurationError.of("", caught.value, name=Settings.variable).message
+    assert reason == "invalid settings: IMAGEGEN_AUTH_SUBJECTS"
+    [error] = caught.value.errors()
+    assert error["loc"] == ("auth_subjects",)
+    assert error["msg"] == (
+        "Value error, empty: give the subjects to admit (system:serviceaccount:<namespace>:"
+        "<name>), or leave it unset to admit any"
+    )
+    monkeypatch.delenv("IMAGEGEN_AUTH_SUBJECTS")
+    assert Settings().auth_subjects == []  # unset: any subject, as documented
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        # What the kubectl command of docs/authentication.md prints: one a line.
+        f"{BROKER}\n{TRIGGER}\n",
+        f"{BROKER}\r\n{TRIGGER}\r\n",
+        f"{BROKER},{TRIGGER}",
+        f" {BROKER} ,\n {TRIGGER} ",
+        json.dumps([BROKER, TRIGGER]),
+    ],
+)
+def test_auth_subjects_one_a_line_or_comma_separated_are_each_taken(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """One a line was taken for one subject with newlines in it, which no token has: the
+    broker itself was refused 403, which Knative does not retry."""
+    monkeypatch.setenv("IMAGEGEN_AUTH_SUBJECTS", value)
+    assert Settings().auth_subjects == [BROKER, TRIGGER]
+
+
+@pytest.mark.parametrize(
+    ("entry", "said"),
+    [
+        # kubectl's {.items[*]...} without a range: subjects separated by spaces.
+        (f"{BROKER} {TRIGGER}", "has whitespace in it: separate subjects with commas or newlines"),
+        (f"{TRIGGER}\t", "has whitespace in it"),  # kept as given in a JSON list
+        # A Trigger whose status names no service account yet (authentication-oidc off).
+        ("system:serviceaccount:imagegen:", "is not a service account's subject"),
+        ("system:serviceaccount:imagegen:*", "is not a service account's subject"),  # no pattern
+        ("system:serviceaccount:Imagegen:oidc-broker-ingress", "is not a service account's"),
+        ("system:serviceaccount:imagegen:a:b", "is not a service account's subject"),
+        ("system:serviceaccount:" + "n" * 64 + ":broker", "is not a service account's subject"),
+        ("system:serviceaccount:imagegen:" + "b" * 254, "is not a service account's subject"),
+    ],
+)
+def test_an_auth_subject_with_whitespace_or_of_no_service_account_is_refused(
+    entry: str, said: str
+) -> None:
+    """Such an entry matches no token the API server issues: the function it narrows refused
+    every delivery 403 (each dead-lettered), and said so only then."""
+    with pytest.raises(ValidationError) as caught:
+        Settings(auth_subjects=json.dumps([BROKER, entry]))
+    reason = ConfigurationError.of("", caught.value, name=Settings.variable).message
+    assert reason == "invalid settings: IMAGEGEN_AUTH_SUBJECTS"
+    [error] = caught.value.errors()
+    assert error["loc"] == ("auth_subjects",)
+    assert error["msg"].startswith(f"Value error, entry 2 of 2 {said}")
+    assert entry not in str(caught.value)  # named by its place, as every entry refused is
+
+
+def test_auth_subjects_of_the_longest_service_account_names_are_taken() -> None:
+    longest = "system:serviceaccount:" + "n" * 63 + ":" + ".".join(["b" * 63] * 4)[:253]
+    assert Settings(auth_subjects=f"{BROKER}\n{longest}").auth_subjects == [BROKER, longest]
+
+
+def test_auth_subjects_of_another_issuer_are_taken_as_given() -> None:
+    # An issuer other than the API server names its callers its own way.
+    subjects = Settings(auth_subjects="108812345678901234567\nci@example.com").auth_subjects
+    assert subjects == ["108812345678901234567", "ci@example.com"]

@@ -13,7 +13,7 @@ import pytest
 
 from imagegen.auth import Authenticator, Principal, new_api_key
 from imagegen.events import GENERATION_REQUESTED
-from tests.fakes.oidc_issuer import Issuer
+from tests.fakes.oidc_issuer import SUBJECT, Issuer
 from tests.functions.clients import InProcessFunction
 from tests.functions.conftest import StartServer, auth_env, base_env
 from tests.functions.servers import cloudevent_headers
@@ -79,6 +79,38 @@ def test_a_token_of_a_subject_not_admitted_is_403(issuer: Issuer, tmp_path: Path
     )
     assert reply.status_code == 403
     assert 'error="insufficient_scope"' in reply.headers["WWW-Authenticate"]
+
+
+def test_subjects_one_a_line_admit_each_and_only_those(issuer: Issuer, tmp_path: Path) -> None:
+    """As the kubectl command of docs/authentication.md prints them: the list was taken for
+    one subject with newlines in it, and the broker itself was refused 403 (never retried)."""
+    trigger = "system:serviceaccount:imagegen:imagegen-enhance-oidc"
+    env = {
+        **base_env(tmp_path / "store"),
+        **auth_env(issuer.url),
+        "IMAGEGEN_AUTH_SUBJECTS": f"{trigger}\n{SUBJECT}\n",
+    }
+    enhance = InProcessFunction("enhance", env)
+    for subject, status in [(SUBJECT, 200), (trigger, 200), ("system:serviceaccount:x:y", 403)]:
+        token = issuer.sign({"sub": subject}, audience="imagegen-enhance")
+        reply = enhance.post("/", json=REQUEST, headers={"Authorization": f"Bearer {token}"})
+        assert reply.status_code == status, (subject, reply.text)
+
+
+def test_subjects_that_name_none_are_a_start_up_failure_not_any_subject(
+    issuer: Issuer, tmp_path: Path
+) -> None:
+    """An empty list admits any subject: a command that printed nothing opened the function to
+    every token for its audience, without a word."""
+    env = {**base_env(tmp_path / "store"), **auth_env(issuer.url), "IMAGEGEN_AUTH_SUBJECTS": " "}
+    enhance = InProcessFunction("enhance", env)
+    ready = enhance.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["status"] == "start-up failed"
+    token = issuer.sign({"sub": "system:serviceaccount:x:y"}, audience="imagegen-enhance")
+    reply = enhance.post("/", json=REQUEST, headers={"Authorization": f"Bearer {token}"})
+    assert reply.status_code == 503, reply.text
+    assert reply.json()["error"] == "not_configured"
+    assert "IMAGEGEN_AUTH_SUBJECTS" in reply.json()["message"]
 
 
 def test_a_token_header_of_the_wrong_types_is_401_not_500(
