@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from PIL import Image, ImageFile
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from imagegen._locks import KeyedLocks
 from imagegen.derivatives import pixel_data_fault, unshowable
@@ -24,7 +24,7 @@ from imagegen.settings import Settings
 from imagegen.storage.base import GenerationKeys, Storage, StoredObject
 from imagegen.telemetry import answered_again
 from imagegen.urls import public_url
-from imagegen.validation import parse_model
+from imagegen.validation import field_errors
 
 __all__ = [
     "PersistStage",
@@ -153,21 +153,29 @@ def record_part(
     *,
     written_from: str | None = None,
 ) -> M:
-    """``record[part]`` of the record stored under ``key``, as ``model``.
+    """``record[part]`` of the record stored under ``key``, as ``model``; fields ``model``
+    does not know, in it or in any object it holds, are left out.
+
+    A record may have been written by a newer release, one rollout ahead of this one, whose
+    models have a field more (an optional one, whose default means "as before"): the record is
+    still the generation's, and read as the prompt memo is (:mod:`imagegen.enhance.memo`).
+    Called corrupt, it would be a 503 at every delivery, with advice to remove a valid record.
+    Events are read strictly all the same: a field unknown there is a 400 naming it.
 
     Args:
         written_from: As for :func:`corrupt_record`.
 
     Raises:
-        DependencyUnavailable: the part is missing or is not a valid ``model``
+        DependencyUnavailable: the part is missing, or is not a valid ``model``: not an object,
+            a required field missing, a value of the wrong type or out of range
             (:func:`corrupt_record`).
     """
     if part not in record:
         raise corrupt_record(key, f"no {part!r}", written_from=written_from)
     try:
-        return parse_model(model, record[part])
-    except InvalidRequest as exc:
-        fields = ", ".join(dict.fromkeys(exc.fields)) or "its shape"
+        return model.model_validate(record[part], extra="ignore")
+    except ValidationError as exc:
+        fields = ", ".join(dict.fromkeys(e["field"] for e in field_errors(exc))) or "its shape"
         why = f"{part!r} is no valid {model.__name__}: {fields}"
         raise corrupt_record(key, why, written_from=written_from) from None
 

@@ -23,7 +23,7 @@ from imagegen import (
     Settings,
 )
 from imagegen.events import GENERATION_FAILED, IMAGE_RENDERED
-from imagegen.models import MAX_PNG_BYTES, EnhancedPrompt, RenderedImage
+from imagegen.models import MAX_PNG_BYTES, Contribution, EnhancedPrompt, RenderedImage
 from imagegen.render import stored_png
 from imagegen.storage import LocalStorage
 from imagegen.storage.base import GenerationKeys, Storage
@@ -241,6 +241,34 @@ async def test_a_corrupt_record_is_a_503_naming_it_at_every_redelivery(
     assert reply.status_code == 503 and "Retry-After" in reply.headers, reply.text
     assert reply.json()["error"] == "dependency_unavailable"
     assert "Traceback" not in reply.text
+
+
+async def test_a_record_a_newer_persist_wrote_answers_the_redelivery(tmp_path: Path) -> None:
+    """Mid-rollout, a persist one release ahead may have written the record, with fields this
+    release does not know (each optional, its default meaning "as before"), in an object it
+    holds too: it is the generation's record, answered as it is, not a corrupt one (a 503 at
+    every delivery, with advice to remove a valid record). A field it needs, missing, is
+    still corrupt."""
+    store = tmp_path / "out"
+    async with ImageGenService(Settings(storage_url=str(store))) as service:
+        stored = await store_rendered(service.storage, "newer-1", NOW, png(256, 256), "a bay")
+        job = stored.prompt.model_copy(update={"contributions": [Contribution(plugin="time")]})
+        rendered = stored.model_copy(update={"prompt": job})
+        persisted = await service.persist(rendered)
+        path = store / GenerationKeys("newer-1", NOW).metadata
+        record = json.loads(path.read_text())
+        record["persisted"]["thumbnail_format"] = "webp"
+        record["request"]["style"] = None
+        record["request"]["contributions"][0]["weight"] = 1.0
+        path.write_text(json.dumps(record))
+
+        assert await service.persist(rendered) == persisted
+
+        del record["persisted"]["sha256"]
+        path.write_text(json.dumps(record))
+        with pytest.raises(DependencyUnavailable) as caught:
+            await service.persist(rendered)
+        assert "'persisted' is no valid PersistedImage: sha256" in caught.value.message
 
 
 async def test_signed_urls_last_their_ttl_from_when_the_record_is_written(tmp_path: Path) -> None:

@@ -19,8 +19,12 @@ from imagegen.storage.base import GenerationKeys, Storage, StoredObject
 
 def fingerprint(job: EnhancedPrompt) -> str:
     """A digest of everything that decides the pixels and the record of ``job``, as its JSON
-    is written: the ``job`` metadata of every stored PNG, one of the two digests that
+    is written: the ``job`` metadata of every stored PNG, one of the digests that
     :func:`matches` (render's and persist's check) compares a job with.
+
+    Every field is in it, those at their defaults too: a release that adds a field to the job
+    (with a default) digests every job otherwise. Still written, for releases that compare
+    this digest alone; :func:`stable_fingerprint` is the one that outlasts such a release.
 
     Not ``enhanced_at``: when enhance wrote the job decides neither, and a job kept before
     that time was (none) must still match the image rendered from it. The same job written
@@ -36,28 +40,57 @@ def canonical_fingerprint(job: EnhancedPrompt) -> str:
 
     Stored beside :func:`fingerprint` (``job-canonical``) rather than in its place: PNGs stored
     before it was kept carry only the other, and persist of a release before it compares an
-    event with that one alone; :func:`matches` accepts either.
+    event with that one alone; :func:`matches` accepts any of the digests stored.
     """
+    return _canonical(job, defaults=True)
+
+
+def stable_fingerprint(job: EnhancedPrompt) -> str:
+    """:func:`canonical_fingerprint` of ``job`` with every field left at its default left out,
+    in nested objects too: stored as ``job-stable``.
+
+    A release that adds a field to the job, with a default that means "as before", leaves this
+    digest of every job as it was: during its rollout, the PNG a pod of either release stored
+    matches the job as the other reads it (a redelivery can reach either). The other two
+    digests count the new field at its default, so they differ across such a rollout. The rule
+    of the prompt memo's request digest (:func:`imagegen.enhance.memo.request_digest`).
+    """
+    return _canonical(job, defaults=False)
+
+
+def _canonical(job: EnhancedPrompt, *, defaults: bool) -> str:
     utc = job.model_copy(update={"requested_at": job.requested_at.astimezone(UTC)})
-    data = utc.model_dump(mode="json", exclude={"enhanced_at"})
+    data = utc.model_dump(mode="json", exclude={"enhanced_at"}, exclude_defaults=not defaults)
     text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def matches(job: EnhancedPrompt, stored: StoredObject, job_digest: str | None = None) -> bool:
     """Whether the PNG ``stored`` was rendered from ``job`` (``job_digest``: its
-    :func:`fingerprint`, when known): the digest it was stored with, either form; one stored
-    without (by hand, or before digests were kept) says nothing against it.
+    :func:`fingerprint`, when known): any digest stored with it is ``job``'s by the same rule;
+    one stored without any (by hand, or before digests were kept) says nothing against it.
 
     A redelivered event carries the bytes of its first delivery, so its :func:`fingerprint`
-    is the stored one, whichever release stored it; the same job written otherwise (a direct
-    call retried with its metadata in another order) matches by :func:`canonical_fingerprint`.
+    is the stored one when the release reading it has the job's fields of the release that
+    stored it. Across a release that adds a field to the job, only :func:`stable_fingerprint`
+    (``job-stable``) is the same on both sides; a PNG stored before it was kept is matched by
+    the other two alone. The same job written otherwise (a direct call retried with its
+    metadata in another order) matches by :func:`canonical_fingerprint` and
+    :func:`stable_fingerprint`.
     """
-    digest = stored.metadata.get("job")
-    if digest is None or digest == (job_digest or fingerprint(job)):
+    meta = stored.metadata
+    if all(meta.get(name) is None for name in _DIGESTS):
         return True
-    canonical = stored.metadata.get("job-canonical")
-    return canonical is not None and canonical == canonical_fingerprint(job)
+    return (
+        meta.get("job-stable") == stable_fingerprint(job)
+        or meta.get("job") == (job_digest or fingerprint(job))
+        or meta.get("job-canonical") == canonical_fingerprint(job)
+    )
+
+
+# The job's digests a PNG is stored with: :func:`fingerprint`, :func:`canonical_fingerprint`
+# and :func:`stable_fingerprint`.
+_DIGESTS = ("job", "job-canonical", "job-stable")
 
 
 def metadata(
@@ -67,11 +100,19 @@ def metadata(
     stage_timings: dict[str, float],
     at: datetime,
 ) -> dict[str, str]:
-    """The PNG object's metadata: ``job_digest`` is :func:`fingerprint` of ``job``."""
+    """The PNG object's metadata: ``job_digest`` is :func:`fingerprint` of ``job``.
+
+    All three digests of the job (64 characters each) are kept, each for the releases that
+    compare it. The object's metadata may hold 2 KB in all (S3's limit on user metadata, names
+    and values, which :func:`imagegen.storage.base.validate_metadata` enforces for every
+    backend): this takes some 600 bytes with a generation id of the longest (128 characters),
+    a hub model id and a render's timings.
+    """
     return {
         "sha256": sha256,
         "job": job_digest,
         "job-canonical": canonical_fingerprint(job),
+        "job-stable": stable_fingerprint(job),
         "generation-id": job.generation_id,
         "seed": str(job.seed),
         "model": job.model,
