@@ -11,7 +11,11 @@ export interface Env {
   IMAGES?: R2Bucket;
   /** Where images are read from: "r2" (default), "s3" or "public". */
   ORIGIN?: string;
-  /** Storage prefix put before every key at the origin: empty (default) or ending in "/". */
+  /**
+   * Storage prefix put before every key at the origin, the prefix of IMAGEGEN_STORAGE_URL:
+   * empty (default), or path segments with or without slashes at either end (`images`,
+   * `images/` and `/images/` are one prefix).
+   */
   ORIGIN_PREFIX?: string;
   /** Milliseconds to wait for the origin's answer before replying 504; default 10000. */
   ORIGIN_TIMEOUT_MS?: string;
@@ -59,6 +63,7 @@ export type OriginConfig =
 
 export interface Config {
   origin: OriginConfig;
+  /** ORIGIN_PREFIX, empty or ending in one "/". */
   prefix: string;
   timeoutMs: number;
   /** Signs the gallery's links; null when images are public. */
@@ -75,8 +80,32 @@ export class ConfigError extends Error {
 
 export const DEFAULT_TIMEOUT_MS = 10_000;
 
-// Segments of letters, digits, "_", "-" and ".", but never "." or ".." alone.
-const PREFIX_PATTERN = /^(?:(?!\.{1,2}\/)[A-Za-z0-9._-]+\/)*$/;
+// The functions' rule for a storage prefix (imagegen/storage/s3.py `_check_prefix`, with
+// imagegen/storage/base.py `validate_key` and `_SEGMENT`): slashes at either end are dropped,
+// and what is left is empty or at most 512 characters of segments, each 1 to 200 of letters,
+// digits, "_", "-" and ".", not starting with "." or "-" (so never "." or ".."), none empty.
+const PREFIX_SEGMENT = /^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$/;
+const MAX_PREFIX_LENGTH = 512;
+
+/**
+ * ORIGIN_PREFIX as the functions read the prefix of IMAGEGEN_STORAGE_URL: `images`, `images/`
+ * and `/images/` are one prefix, `images/` here (it is put before every key as it is), and
+ * `""` or `/` none. Throws ConfigError for anything the functions refuse.
+ */
+function originPrefix(value: string): string {
+  const prefix = value.replace(/^\/+|\/+$/g, "");
+  if (prefix === "") return "";
+  if (
+    prefix.length > MAX_PREFIX_LENGTH ||
+    !prefix.split("/").every((segment) => PREFIX_SEGMENT.test(segment))
+  ) {
+    throw new ConfigError(
+      "ORIGIN_PREFIX must be empty or path segments of letters, digits, '_', '-' and '.', " +
+        "as the prefix of IMAGEGEN_STORAGE_URL",
+    );
+  }
+  return `${prefix}/`;
+}
 
 function required(env: Env, name: keyof Env): string {
   const value = env[name];
@@ -180,10 +209,7 @@ function galleryMode(env: Env, signed: boolean): GalleryMode {
 
 /** Reads and checks every setting. Throws ConfigError naming the first bad one. */
 export function readConfig(env: Env): Config {
-  const prefix = env.ORIGIN_PREFIX ?? "";
-  if (!PREFIX_PATTERN.test(prefix)) {
-    throw new ConfigError('ORIGIN_PREFIX must be empty or path segments ending in "/"');
-  }
+  const prefix = originPrefix(env.ORIGIN_PREFIX ?? "");
   let timeoutMs = DEFAULT_TIMEOUT_MS;
   if (env.ORIGIN_TIMEOUT_MS !== undefined && env.ORIGIN_TIMEOUT_MS.trim() !== "") {
     timeoutMs = Number(env.ORIGIN_TIMEOUT_MS);

@@ -19,7 +19,7 @@ import { textResponse } from "./http";
 import { derivativeKey, derivativeParts } from "./keys";
 import { availableDerivatives, readRecord } from "./negotiate";
 import { cachedJson, type Serving } from "./objects";
-import { listKeys } from "./origins";
+import { type Listing, listKeys, OriginError } from "./origins";
 import { type DayLink, galleryCsp, type Item, renderMessage, renderPage } from "./page";
 import { checkSignedUrl, sign } from "./signing";
 
@@ -232,6 +232,29 @@ async function latestDay(folders: Folders, indexes: DayIndexes): Promise<string>
   return newest;
 }
 
+/**
+ * Logs a warning when the root of the gallery holds folders but no year folder: the shape of a
+ * bucket the functions write under a prefix (`s3://bucket/images`) that ORIGIN_PREFIX does not
+ * name, whose gallery would show nothing. One listing, made only for a gallery with no year
+ * (and so at most once a minute, as the page is kept).
+ */
+async function warnIfPrefixed(serving: Serving): Promise<void> {
+  let listing: Listing;
+  try {
+    listing = await listKeys(serving.config, "", { delimiter: "/", maxPages: 1 });
+  } catch (err) {
+    // Only a hint: the empty page it would explain is served all the same.
+    if (err instanceof OriginError) return;
+    throw err;
+  }
+  if (listing.folders.some((folder) => folder !== "")) {
+    console.warn(
+      "gallery: the origin holds folders but no YYYY/ folder under ORIGIN_PREFIX; set " +
+        "ORIGIN_PREFIX to the prefix of IMAGEGEN_STORAGE_URL",
+    );
+  }
+}
+
 /** What the page `page` of `path` shows, or null when there is no such page (404). */
 async function pageData(serving: Serving, path: string, page: number): Promise<PageData | null> {
   const folders = folderLister(serving.config);
@@ -240,6 +263,7 @@ async function pageData(serving: Serving, path: string, page: number): Promise<P
   // that hold records: a folder of images only shows nothing.
   if (path !== "" && path !== today() && !(await dayExists(folders, path))) return null;
   const day = path === "" ? await latestDay(folders, indexes) : path;
+  if (day === "" && (await folders("")).length === 0) await warnIfPrefixed(serving);
   const around = (direction: "older" | "newer", count: number, limit: number) =>
     day ? daysWithRecords(serving, walk(folders, day, direction), count, limit) : [];
   const [earlier, [later = null]] = await Promise.all([

@@ -218,6 +218,30 @@ function ifRangeHolds(request: Request, headers: Headers): boolean {
   return date !== null && date === modified;
 }
 
+/**
+ * `request` without the validators that are dates, for an answer that a date cannot identify:
+ * one whose URL answers, or once answered, another object (a stand-in, a derivative chosen for a
+ * `.png` URL, any answer of a thumbnail URL), which may bear a time of the same second (HTTP
+ * dates are whole seconds, and derive often writes within the second the PNG was written).
+ * Such an answer carries no `Last-Modified`, so only its strong ETag validates: without a
+ * modification date, If-Modified-Since and If-Unmodified-Since are ignored (RFC 9110 §13.1.3,
+ * §13.1.4), and an If-Range date does not match, so the Range is ignored and the whole object
+ * sent (§13.1.5: "the recipient ... MUST ignore the Range header field"). An If-Range that is an
+ * entity-tag stays, and is compared strongly as ever.
+ */
+export function withoutDateValidators(request: Request): Request {
+  const headers = new Headers(request.headers);
+  headers.delete("If-Modified-Since");
+  headers.delete("If-Unmodified-Since");
+  const ifRange = headers.get("If-Range");
+  if (ifRange !== null && !ifRange.trim().startsWith('"')) {
+    // A date, or a weak tag that never matches (§13.1.5): either way the whole object.
+    headers.delete("If-Range");
+    headers.delete("Range");
+  }
+  return new Request(request, { headers });
+}
+
 export type ByteRange =
   { kind: "none" } | { kind: "unsatisfiable" } | { kind: "partial"; start: number; end: number };
 

@@ -16,6 +16,7 @@ import {
   heldTo,
   preflightResponse,
   textResponse,
+  withoutDateValidators,
 } from "./http";
 import {
   derivativeKey,
@@ -187,7 +188,14 @@ async function handle(request: Request, env: Env, ctx: ExecutionContext): Promis
     // or its lookup failed) is kept no longer than a missing object is remembered: browsers
     // then ask again and get it.
     const policy = served.standIn ? heldTo(cacheControl, NOT_FOUND_TTL) : cacheControl;
-    const response = await serveObject(request, serving, served.key, policy);
+    // A date validates only where the URL can name no other object than the one served (see
+    // withoutDateValidators): a `.png` URL answered with the PNG for good, a derivative's own
+    // URL. A thumbnail URL answers the PNG until derive writes the thumbnail, and a stand-in or
+    // a derivative may give way to another derivative; those answers carry their ETag alone.
+    const dated = !served.standIn && served.key === key && thumbnailParts(key) === null;
+    const asked = dated ? request : withoutDateValidators(request);
+    const response = await serveObject(asked, serving, served.key, policy);
+    if (!dated) response.headers.delete("Last-Modified");
     if (imageParts(key) !== null) response.headers.append("Vary", "Accept");
     return response;
   } catch (err) {

@@ -3,7 +3,7 @@ import { afterEach, describe, expect, it, vi } from "vitest";
 import { IMMUTABLE, NOT_FOUND_TTL } from "../src/http";
 import { acceptedFormats, candidates } from "../src/negotiate";
 import { sign } from "../src/signing";
-import { BASE, countingBucket, newKey, send } from "./helpers";
+import { BASE, countingBucket, newBase, newKey, send } from "./helpers";
 
 const CHROME = "image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8";
 
@@ -358,6 +358,132 @@ describe("signed URLs with parameters", () => {
         SIGNING_SECRET: SECRET,
       });
       expect(res.status, query).toBe(403);
+    }
+  });
+});
+
+// The PNG answers a thumbnail URL until derive writes the thumbnail, and a `.png` URL until
+// derive writes its derivatives, often within the same second: dates, to the second, cannot
+// tell such objects apart, so only their ETags validate (RFC 9110 §13.1.3, §13.1.5).
+describe("answers that may be another object at the same URL", () => {
+  /** The time the bucket gives `key`, as a client holding a date of that second sends it. */
+  async function uploaded(key: string): Promise<string> {
+    const object = await env.IMAGES.head(key);
+    if (object === null) throw new Error(`no ${key}`);
+    return object.uploaded.toUTCString();
+  }
+
+  it("gives and honours no date on a stand-in or a derivative, only its ETag", async () => {
+    const { key, day, id } = await persisted([256], null);
+    const base = key.slice(0, -4);
+    const standIn = await send(new Request(`${BASE}/${key}`, { headers: { Accept: CHROME } }));
+    expect(await standIn.text()).toBe("png");
+    expect(standIn.headers.get("Last-Modified")).toBeNull();
+    expect(standIn.headers.get("ETag")).not.toBeNull();
+
+    // derive writes the record; the client revalidates, later, with a date of that second
+    const record = {
+      derived: { keys: { "avif:256": `${base}.w256.avif`, "webp:256": `${base}.w256.webp` } },
+    };
+    await env.IMAGES.put(`${day}/${id}.derivatives.json`, JSON.stringify(record));
+    const url = `${newBase()}/${key}`;
+    const since = await uploaded(`${base}.w256.avif`);
+    for (const attempt of ["miss", "hit"]) {
+      const res = await send(
+        new Request(url, { headers: { Accept: CHROME, "If-Modified-Since": since } }),
+      );
+      expect(res.status, attempt).toBe(200);
+      expect(await res.text()).toBe("avif-256");
+      expect(res.headers.get("Last-Modified")).toBeNull();
+      // If-Unmodified-Since needs a date too: without one it is ignored (§13.1.4).
+      const unmodified = await send(
+        new Request(url, {
+          headers: { Accept: CHROME, "If-Unmodified-Since": "Thu, 01 Jan 2015 00:00:00 GMT" },
+        }),
+      );
+      expect(unmodified.status, attempt).toBe(200);
+    }
+
+    // The derivative's strong ETag still makes a 304, kept as long as the derivative.
+    const avif = await send(new Request(url, { headers: { Accept: CHROME } }));
+    const etag = avif.headers.get("ETag") ?? "";
+    expect(etag).not.toBe(standIn.headers.get("ETag"));
+    const fresh = await send(
+      new Request(url, { headers: { Accept: CHROME, "If-None-Match": etag } }),
+    );
+    expect(fresh.status).toBe(304);
+    expect(fresh.headers.get("ETag")).toBe(etag);
+    expect(fresh.headers.get("Cache-Control")).toBe(IMMUTABLE);
+    expect(fresh.headers.get("Last-Modified")).toBeNull();
+    const stale = await send(
+      new Request(url, {
+        headers: { Accept: CHROME, "If-None-Match": standIn.headers.get("ETag") ?? "" },
+      }),
+    );
+    expect(stale.status).toBe(200);
+    expect(await stale.text()).toBe("avif-256");
+
+    // A client that takes no derivative format always gets the PNG: its date validates.
+    const png = await send(new Request(url, { headers: { Accept: "image/png" } }));
+    const modified = png.headers.get("Last-Modified") ?? "";
+    expect(modified).toBe(await uploaded(key));
+    const notModified = await send(
+      new Request(url, { headers: { Accept: "image/png", "If-Modified-Since": modified } }),
+    );
+    expect(notModified.status).toBe(304);
+  });
+
+  it("cuts no range by a date from a thumbnail URL, only by its ETag", async () => {
+    const key = newKey();
+    await env.IMAGES.put(key, "PNGDATA-PNGDATA");
+    const thumbnail = key.replace(".png", ".thumb.webp");
+    const standIn = await send(`${newBase()}/${thumbnail}`);
+    expect(await standIn.text()).toBe("PNGDATA-PNGDATA");
+    expect(standIn.headers.get("Last-Modified")).toBeNull();
+
+    await env.IMAGES.put(thumbnail, "WEBPDATA-WEBPDATA");
+    // A download of the stand-in resumed with a date of the second both were written in.
+    const date = await uploaded(thumbnail);
+    for (const ifRange of [date, await uploaded(key)]) {
+      for (const url of [`${newBase()}/${thumbnail}`, `${BASE}/${thumbnail}`]) {
+        const res = await send(
+          new Request(url, { headers: { Range: "bytes=7-", "If-Range": ifRange } }),
+        );
+        expect(res.status, url).toBe(200);
+        expect(await res.text()).toBe("WEBPDATA-WEBPDATA");
+        expect(res.headers.get("Content-Range")).toBeNull();
+      }
+    }
+    const made = await send(`${BASE}/${thumbnail}`);
+    expect(made.headers.get("Last-Modified")).toBeNull();
+    const etag = made.headers.get("ETag") ?? "";
+    const resumed = await send(
+      new Request(`${BASE}/${thumbnail}`, { headers: { Range: "bytes=8-", "If-Range": etag } }),
+    );
+    expect(resumed.status).toBe(206);
+    expect(await resumed.text()).toBe("-WEBPDATA");
+    const revalidated = await send(
+      new Request(`${newBase()}/${thumbnail}`, {
+        headers: { "If-None-Match": etag, "If-Modified-Since": "Thu, 01 Jan 2015 00:00:00 GMT" },
+      }),
+    );
+    expect(revalidated.status).toBe(304);
+    const ims = await send(
+      new Request(`${newBase()}/${thumbnail}`, { headers: { "If-Modified-Since": date } }),
+    );
+    expect(ims.status).toBe(200);
+  });
+
+  it("cuts no range of a derivative by a date", async () => {
+    const { key } = await persisted([256]);
+    const date = await uploaded(key.replace(".png", ".w256.avif"));
+    const url = `${newBase()}/${key}`;
+    for (const attempt of ["miss", "hit"]) {
+      const res = await send(
+        new Request(url, { headers: { Accept: CHROME, Range: "bytes=5-", "If-Range": date } }),
+      );
+      expect(res.status, attempt).toBe(200);
+      expect(await res.text()).toBe("avif-256");
     }
   });
 });

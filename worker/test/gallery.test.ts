@@ -509,4 +509,47 @@ describe("gallery records", () => {
     // The newest day shows nothing yet: no link leads there.
     expect(html).not.toContain(`/${year}/06/02/`);
   });
+
+  // The functions write under the prefix of IMAGEGEN_STORAGE_URL however it is spelled
+  // (imagegen/storage/s3.py `_check_prefix`), and the Worker reads it alike.
+  it.each(["images", "/images/", "images/"])(
+    "shows the images under ORIGIN_PREFIX %o",
+    async (spelling) => {
+      year += 1;
+      const folder = `g${year}`;
+      const base = `${folder}/images/${year}/07/01/prefixed`;
+      await env.IMAGES.put(`${base}.png`, "png");
+      const persisted = { keys: { image: `${year}/07/01/prefixed.png` }, prompt: "under a prefix" };
+      await env.IMAGES.put(`${base}.json`, JSON.stringify({ persisted }));
+      const prefix = spelling.replace("images", `${folder}/images`);
+      for (const path of ["/", `/${year}/07/01/`]) {
+        const res = await send(`${newBase()}${path}`, { ORIGIN_PREFIX: prefix });
+        expect(res.status, path).toBe(200);
+        expect(shownIds(await res.text()), path).toEqual(["prefixed"]);
+      }
+      const image = await send(`${newBase()}/${year}/07/01/prefixed.png`, {
+        ORIGIN_PREFIX: prefix,
+      });
+      expect(await image.text()).toBe("png");
+    },
+  );
+
+  // A forgotten ORIGIN_PREFIX shows an empty gallery: the root holds the prefix's folder.
+  it("warns, naming ORIGIN_PREFIX, when the root holds folders but no year", async () => {
+    year += 1;
+    const root = `r${year}`;
+    await env.IMAGES.put(`${root}/images/${year}/07/01/x.png`, "png");
+    const warnings = vi.spyOn(console, "warn").mockImplementation(() => {});
+    const res = await send(`${newBase()}/`, { ORIGIN_PREFIX: `${root}/` });
+    expect(res.status).toBe(200);
+    expect(shownIds(await res.text())).toEqual([]);
+    expect(warnings).toHaveBeenCalledOnce();
+    expect(String(warnings.mock.calls[0]?.[0])).toContain("ORIGIN_PREFIX");
+
+    // An empty bucket, or one with its years, is no such shape.
+    warnings.mockClear();
+    await send(`${newBase()}/`, { ORIGIN_PREFIX: `${root}/images/` });
+    await send(`${newBase()}/`, { ORIGIN_PREFIX: `${root}/none/` });
+    expect(warnings).not.toHaveBeenCalled();
+  });
 });

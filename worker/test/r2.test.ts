@@ -1,7 +1,7 @@
 import { env } from "cloudflare:workers";
 import { afterEach, describe, expect, it, vi } from "vitest";
 import { NOT_FOUND_TTL, parseRange } from "../src/http";
-import { BASE, bytes, countingBucket, newKey, send } from "./helpers";
+import { BASE, bytes, countingBucket, newBase, newKey, send } from "./helpers";
 
 const SIZE = 1000;
 
@@ -106,6 +106,28 @@ describe("GET and HEAD", () => {
     expect(res.status).toBe(200);
     expect(new TextDecoder().decode(await res.arrayBuffer())).toBe("prefixed");
     expect((await send(`${BASE}/${newKey()}`, { ORIGIN_PREFIX: "images/" })).status).toBe(404);
+  });
+
+  // imagegen/storage/s3.py `_check_prefix` strips slashes at both ends: s3://bucket/images
+  // (path "/images") writes where `images/` and `/images/` do.
+  it.each(["images", "images/", "/images/", "//images//", "out/images", "/out/images"])(
+    "reads under ORIGIN_PREFIX %o as the functions write under it",
+    async (prefix) => {
+      const key = newKey();
+      const folder = prefix.includes("out") ? "out/images" : "images";
+      await env.IMAGES.put(`${folder}/${key}`, "prefixed");
+      const res = await send(`${newBase()}/${key}`, { ORIGIN_PREFIX: prefix });
+      expect(res.status).toBe(200);
+      expect(await res.text()).toBe("prefixed");
+    },
+  );
+
+  it.each(["", "/", "//"])("reads from the bucket's root with ORIGIN_PREFIX %o", async (prefix) => {
+    const key = newKey();
+    await env.IMAGES.put(key, "root");
+    const res = await send(`${newBase()}/${key}`, { ORIGIN_PREFIX: prefix });
+    expect(res.status).toBe(200);
+    expect(await res.text()).toBe("root");
   });
 });
 

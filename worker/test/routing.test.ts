@@ -1,5 +1,6 @@
 import { env, exports } from "cloudflare:workers";
 import { afterEach, describe, expect, it, vi } from "vitest";
+import { ConfigError, readConfig } from "../src/config";
 import { isPublicKey, keyFromPath } from "../src/keys";
 import { sign } from "../src/signing";
 import { BASE, countingBucket, mockFetch, newKey, send } from "./helpers";
@@ -192,14 +193,51 @@ describe("configuration", () => {
     [{ ORIGIN: "ftp" }],
     [{ ORIGIN: "s3" }],
     [{ ORIGIN: "public", PUBLIC_ORIGIN_URL: "not a url" }],
+    // What imagegen/storage/s3.py `_check_prefix` refuses (imagegen/storage/base.py
+    // `validate_key`): dot segments, empty segments, other characters, long segments.
     [{ ORIGIN_PREFIX: "../" }],
-    [{ ORIGIN_PREFIX: "images" }],
+    [{ ORIGIN_PREFIX: "images/../other" }],
+    [{ ORIGIN_PREFIX: "./images" }],
+    [{ ORIGIN_PREFIX: "images//raw" }],
+    [{ ORIGIN_PREFIX: ".hidden/" }],
+    [{ ORIGIN_PREFIX: "-images" }],
+    [{ ORIGIN_PREFIX: "images\\raw" }],
+    [{ ORIGIN_PREFIX: " images" }],
+    [{ ORIGIN_PREFIX: "images/ raw" }],
     [{ ORIGIN_TIMEOUT_MS: "soon" }],
   ])("%o answers 500 and names no value", async (overrides) => {
     const errors = vi.spyOn(console, "error").mockImplementation(() => {});
     const res = await send(`${BASE}/${newKey()}`, overrides);
     expect(res.status).toBe(500);
     expect(await res.text()).toBe("Server Misconfigured\n");
+    expect(errors).toHaveBeenCalledOnce();
+  });
+});
+
+describe("ORIGIN_PREFIX", () => {
+  // Spelled as the functions take the prefix of IMAGEGEN_STORAGE_URL (imagegen/storage/s3.py
+  // `_check_prefix`): one prefix with or without slashes at either end.
+  it.each([
+    ["", ""],
+    ["/", ""],
+    ["images", "images/"],
+    ["images/", "images/"],
+    ["/images/", "images/"],
+    ["//out/images//", "out/images/"],
+    ["_x.y-z", "_x.y-z/"],
+  ])("%o is the prefix %o", (value, prefix) => {
+    expect(readConfig({ ...env, ORIGIN_PREFIX: value }).prefix).toBe(prefix);
+  });
+
+  it("takes segments of up to 200 characters, up to 512 in all", async () => {
+    const prefix = (value: string) => readConfig({ ...env, ORIGIN_PREFIX: value }).prefix;
+    expect(prefix("a".repeat(200))).toBe(`${"a".repeat(200)}/`);
+    expect(prefix(`/${"a/".repeat(255)}a/`)).toBe(`${"a/".repeat(256)}`);
+    expect(() => prefix("a".repeat(201))).toThrow(ConfigError);
+    expect(() => prefix(`${"a/".repeat(256)}a`)).toThrow(ConfigError);
+    const errors = vi.spyOn(console, "error").mockImplementation(() => {});
+    const res = await send(`${BASE}/${newKey()}`, { ORIGIN_PREFIX: "a".repeat(201) });
+    expect(res.status).toBe(500);
     expect(errors).toHaveBeenCalledOnce();
   });
 });
