@@ -29,6 +29,15 @@ SMALL = ["--model", "tiny", "--width", "256", "--height", "256"]
 NO_OLLAMA = "http://127.0.0.1:9"  # the discard port: connections are refused at once
 
 
+@pytest.fixture
+def hub_reachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As where the Hub may be asked: tests/__init__.py sets ``HF_HUB_OFFLINE=1``, under which
+    a model not in the cache fails doctor (every render would fail)."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
+
+
 def _fake_viewer(tmp_path: Path) -> tuple[Path, Path]:
     """An ``xdg-open`` on PATH that records what it was asked to show."""
     bin_dir, record = tmp_path / "bin", tmp_path / "opened.txt"
@@ -93,6 +102,7 @@ def test_loop_prints_a_line_per_image_with_the_average(cli: RunCli) -> None:
     assert notes[1] == "made 2 image(s)"
 
 
+@pytest.mark.usefixtures("hub_reachable")
 def test_doctor_rows_are_sentences_with_a_next_step(cli: RunCli) -> None:
     result = cli("doctor")
     assert result.returncode == 0, result.stderr
@@ -126,6 +136,7 @@ def test_doctor_json_and_a_failing_check(cli: RunCli, tmp_path: Path) -> None:
     assert "IMAGEGEN_STORAGE_URL" in checks["storage"]["next_step"]
 
 
+@pytest.mark.usefixtures("hub_reachable")
 def test_a_device_the_profile_asks_for_is_said_as_the_profiles(cli: RunCli) -> None:
     """IMAGEGEN_PROFILE=prod on a laptop: the render fails naming what set the device, and
     doctor still checks the model."""
@@ -227,10 +238,12 @@ def test_doctor_checks_the_ledger_without_making_one(cli: RunCli, tmp_path: Path
         ("./no-pipeline-here", "error", "no diffusers pipeline directory"),
     ],
 )
+@pytest.mark.usefixtures("hub_reachable")
 def test_doctor_says_whether_the_model_loads_without_a_download(
     cli: RunCli, tmp_path: Path, model: str, status: str, said: str
 ) -> None:
-    # Offline, a model that is not cached fails the first image only after the Hub's retries.
+    # A model that is not cached is a download at the first image (offline: an error, as in
+    # tests/test_cli_doctor.py).
     (tmp_path / "no-pipeline-here").mkdir()
     env = {"IMAGEGEN_MODEL": model, "IMAGEGEN_SERVED_MODELS": model}
     env["IMAGEGEN_MODEL_CACHE_DIR"] = str(tmp_path / "cache")

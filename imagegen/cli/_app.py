@@ -195,16 +195,50 @@ def settings_from(**overrides: Any) -> Settings:
                 _FLAGS.get(field, field) if field in given else Settings.variable(field)
             ),
         ) from None
-    except (UnicodeDecodeError, OSError) as exc:  # the .env file, read by python-dotenv
+    except (UnicodeDecodeError, OSError) as exc:
+        if isinstance(exc, UnicodeDecodeError) or _from_dotenv(exc):  # read by python-dotenv
+            raise ConfigurationError(
+                f"invalid settings: .env cannot be read ({type(exc).__name__})",
+                errors=[{"field": ".env", "message": "not a readable UTF-8 file"}],
+            ) from None
+        # A setting read as a path by its validation (IMAGEGEN_MODEL, a pipeline directory)
+        # that the file system refuses to look up: a name too long (ENAMETOOLONG), say.
+        variable = _naming(str(exc.filename or ""))
+        why = exc.strerror or type(exc).__name__
         raise ConfigurationError(
-            f"invalid settings: .env cannot be read ({type(exc).__name__})",
-            errors=[{"field": ".env", "message": "not a readable UTF-8 file"}],
+            f"invalid settings: {variable or 'a path'} cannot be read as a path ({why})",
+            errors=[{"field": variable or "", "message": f"cannot be read as a path ({why})"}],
         ) from None
     for unknown in Settings.unknown_variables():
         err.print(f"imagegen: warning: {unknown}", markup=False, soft_wrap=True)
     if "storage_url" in overrides:  # a command that stores images: --output, or the setting
         _check_output(settings, option="storage_url" in given)
     return settings
+
+
+def _from_dotenv(exc: OSError) -> bool:
+    """Whether ``exc`` came of reading the ``.env`` file the settings name (python-dotenv
+    opens it by that name, which the error carries)."""
+    from pathlib import Path
+
+    from imagegen.settings import Settings
+
+    files = Settings.model_config.get("env_file")
+    named = [files] if isinstance(files, str | Path) else list(files or ())
+    return exc.filename is not None and any(
+        Path(str(exc.filename)).expanduser() == Path(f).expanduser() for f in named
+    )
+
+
+def _naming(path: str) -> str | None:
+    """The ``IMAGEGEN_*`` variable whose value ``path`` is, or lies under; None if none."""
+    if not path:
+        return None
+    for name, value in os.environ.items():
+        under = value.rstrip("/") + "/"
+        if name.startswith("IMAGEGEN_") and value and (path == value or path.startswith(under)):
+            return name
+    return None
 
 
 def _check_output(settings: Settings, *, option: bool) -> None:

@@ -22,15 +22,23 @@ class Advice(NamedTuple):
     next_step: str  # what to do about it, as an imperative; empty when nothing is needed
 
 
+_HUNG = ("no answer within", "TimeoutError", "ReadTimeout")
+"""How a check's error begins where Ollama's host took the connection and did not answer:
+:meth:`imagegen.enhance.llm.OllamaEnhancer.check` says ``no answer within 10s``; the
+exception's type where a caller says it as ``_said`` does."""
+
+
 def ollama_advice(info: Mapping[str, object], settings: Settings) -> Advice:
     """Advice from the enhance stage's Ollama check (``reachable``, ``model_available``)."""
     host, model = redact_url(settings.ollama_host), settings.ollama_model
     if not info.get("reachable"):
         error = str(info.get("error", ""))
-        # Something is there, but does not answer as Ollama: a hung server, or another service
-        # (an HTTP error status for /api/tags: ollama's ResponseError).
-        if error.startswith(("TimeoutError", "ReadTimeout", "unreadable", "ResponseError")):
-            what = "does not answer in time" if "Timeout" in error else "answers, but not as Ollama"
+        # Something is there, but does not answer as Ollama: a hung server (the check's own
+        # "no answer within …s", which it says of either timeout), or another service (an HTTP
+        # error status for /api/tags: ollama's ResponseError; a body that is no listing).
+        hung = error.startswith(_HUNG)
+        if hung or error.startswith(("unreadable", "ResponseError")):
+            what = "does not answer in time" if hung else "answers, but not as Ollama"
             return Advice(
                 "warning",
                 f"The server at {host} {what}",

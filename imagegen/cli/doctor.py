@@ -26,7 +26,9 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from imagegen.cli._ollama import Advice
+    from imagegen.errors import ImageGenError
     from imagegen.settings import Settings
+    from imagegen.storage import Storage
 
 __all__ = ["Check", "doctor", "run_checks"]
 
@@ -54,7 +56,7 @@ def run_checks(settings: Settings) -> list[Check]:
         from imagegen.errors import ImageGenError
         from imagegen.storage import LocalStorage, open_storage
 
-        usable, unopened, local = settings, None, None
+        usable, unopened, local, store = settings, None, None, None
         try:
             # A URL that names no storage at all (ftp://) fails here.
             store = open_storage(settings)
@@ -66,12 +68,17 @@ def run_checks(settings: Settings) -> list[Check]:
         try:
             ollama = await check_ollama(service)
             plugins = await _plugins_check(settings)
-            if unopened is not None:
+            if store is None:
                 return ollama, unopened, plugins
-            if local is not None and not local.exists():
+            try:
+                unmade = local is not None and not local.exists()
+            except OSError as exc:  # ENAMETOOLONG: a name longer than the file system allows
+                why = exc.strerror or type(exc).__name__
+                return ollama, f"Local storage {local} cannot be looked up: {why}", plugins
+            if local is not None and unmade:
                 return ollama, _unmade_folder(local), plugins
             try:
-                await service.storage.check()
+                await _bounded(store).check()
             except ImageGenError as exc:
                 return ollama, exc.message, plugins
             return ollama, None, plugins
@@ -126,18 +133,27 @@ def _render_check(settings: Settings) -> Check:
 
 def _model_check(settings: Settings) -> Check:
     """Whether ``settings.model`` loads here without a download (the cache, a directory, or
-    built offline): an image's first render otherwise fetches gigabytes, or fails offline."""
+    built offline): an image's first render otherwise fetches gigabytes, or fails offline. A
+    snapshot or directory render cannot load (a pull cut short, a damaged file) is said as
+    ``imagegen models list`` says it: incomplete."""
     from pathlib import Path
 
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import is_offline_mode, try_to_load_from_cache
 
     from imagegen.render._loading import hub_options, looks_like_path
-    from imagegen.render.pull import needs_nothing
+    from imagegen.render.pull import incomplete, needs_nothing
 
     model = settings.model
     local = Path(model).expanduser()
     if local.exists() or looks_like_path(model):
         if (local / "model_index.json").is_file():
+            if why := incomplete(local):
+                return Check(
+                    "model",
+                    "error",
+                    f"Pipeline directory {model} is incomplete: {why}.",
+                    "Copy the whole pipeline there, or point IMAGEGEN_MODEL at one.",
+                )
             return Check("model", "ok", f"Model {model} is a pipeline directory.", "")
         return Check(
             "model",
@@ -155,13 +171,57 @@ def _model_check(settings: Settings) -> Check:
     except ValueError:  # no valid Hub id: render says so, naming the field
         found = None
     if isinstance(found, str):
+        # What render would fail to load, read from the files' headers (as `models list`).
+        if why := incomplete(Path(found).parent):
+            return Check(
+                "model",
+                "error",
+                f"Model {model} is incomplete in the model cache: {why}.",
+                f"Run `imagegen models pull {model}` to repair it.",
+            )
         return Check("model", "ok", f"Model {model} is in the model cache.", "")
+    if is_offline_mode():
+        # Every render fails: the Hub is not asked (HF_HUB_OFFLINE, read by huggingface_hub).
+        return Check(
+            "model",
+            "error",
+            f"Model {model} is not in the model cache and HF_HUB_OFFLINE is set: every image"
+            " fails.",
+            "Run `imagegen models pull` where the Hub can be reached, or unset HF_HUB_OFFLINE.",
+        )
     return Check(
         "model",
         "warning",
         f"Model {model} is not in the model cache: the first image downloads it, or fails offline.",
         "Run `imagegen models pull` first, or use `--model tiny` to try the chain.",
     )
+
+
+_S3_READ_TIMEOUT = 10.0
+"""How long the storage check waits for object storage's answer, asked once: not a
+generation's three tries of thirty seconds each (an endpoint that takes connections and never
+answers would keep doctor for over a minute and a half)."""
+
+
+def _bounded(store: Storage) -> Storage:
+    """``store`` to be checked: object storage asked once, within :data:`_S3_READ_TIMEOUT`."""
+    import dataclasses
+
+    from imagegen.storage import LocalStorage
+
+    if isinstance(store, LocalStorage):
+        return store
+    from imagegen.storage.s3 import S3Storage
+
+    if not isinstance(store, S3Storage):
+        return store
+    options = dataclasses.replace(
+        store.options,
+        connect_timeout=min(store.options.connect_timeout, 5.0),
+        read_timeout=min(store.options.read_timeout, _S3_READ_TIMEOUT),
+        max_attempts=1,
+    )
+    return S3Storage(store.bucket, store.prefix, options)
 
 
 def _unmade_folder(root: Path) -> str | None:
@@ -219,34 +279,52 @@ _PLUGINS_STEP = (
 )
 
 
+_LEDGER_WAIT = 10.0
+"""Seconds the ledger check waits for a connection to a PostgreSQL ledger."""
+
+
 def _ledger_check(settings: Settings) -> Check:
-    """Whether the local history can be recorded and read; a ledger not yet made is not made
-    here (the first image makes it)."""
+    """Whether the local history can be recorded and read, checked without changing it: a
+    ledger not yet made is not made, and its schema is not migrated (the first image, or the
+    ledger function, does both); an ``http(s)://`` ledger is asked for one generation."""
     import os
 
-    from imagegen._redact import redact_url
     from imagegen.errors import ImageGenError
-    from imagegen.ledger import ledger_path, open_ledger
+    from imagegen.ledger import backend, ledger_path
+    from imagegen.ledger.store import open_unmigrated
 
     url = settings.ledger_url.get_secret_value() if settings.ledger_url else None
-    step = "Check IMAGEGEN_LEDGER_URL, or move the file aside for a new history (docs/ledger.md)."
     if url and url.startswith(("http://", "https://")):
-        return Check(
-            "ledger", "ok", f"The cluster's ledger at {redact_url(url)} keeps history.", ""
+        return _http_ledger_check(url)
+    try:
+        postgres = backend(url) == "postgres"
+    except ImageGenError:  # an unsupported scheme: said below, as a file's error
+        postgres = False
+    if postgres:
+        step = "Check IMAGEGEN_LEDGER_URL, and that the database server runs (docs/ledger.md)."
+    else:
+        step = (
+            "Check IMAGEGEN_LEDGER_URL, or move the file aside for a new history (docs/ledger.md)."
         )
     try:
         path = ledger_path(url)
-        if path is not None and not path.exists():
+        try:
+            missing = path is not None and not path.exists()
+        except OSError as exc:  # ENAMETOOLONG: a name longer than the file system allows
+            why = exc.strerror or type(exc).__name__
+            return Check("ledger", "error", f"Ledger {path} cannot be looked up: {why}.", step)
+        if path is not None and missing:
             parent = next(p for p in path.parents if p.exists())  # the root exists
             if not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
                 return Check(
                     "ledger", "error", f"Ledger {path} cannot be created under {parent}.", step
                 )
             return Check("ledger", "ok", f"History goes to {path} (made by the first image).", "")
-        ledger = open_ledger(url)
+        ledger, pending = open_unmigrated(url, timeout=_LEDGER_WAIT)
         try:
-            # A damaged file opens, and fails only when it is read: the latest page is read.
-            page = ledger.history(limit=50)
+            # A damaged file opens, and fails only when it is read: the latest page is read
+            # (where the schema is this release's: a pending migration's columns are missing).
+            page = ledger.history(limit=50) if pending == 0 else None
         finally:
             ledger.close()
     except ImageGenError as exc:
@@ -255,10 +333,52 @@ def _ledger_check(settings: Settings) -> Check:
     where = path if path is not None else "the ledger database"
     if (newer := newer_schema_said(ledger)) is not None:
         return Check("ledger", "warning", f"The {newer}.", "Upgrade imagegen (docs/ledger.md).")
+    if page is None:
+        what = "migration" if pending == 1 else "migrations"
+        applier = "the ledger function" if postgres else "the first image"
+        return Check(
+            "ledger",
+            "warning",
+            f"Ledger {where} has {pending} schema {what} pending: applied by {applier}, which"
+            " records into it.",
+            "Nothing to do unless an older imagegen shares the ledger: upgrade it with this one"
+            " (docs/ledger.md).",
+        )
     if page.unreadable:
         ids = ", ".join(page.unreadable)
         return Check("ledger", "warning", f"Ledger {where} has unreadable records: {ids}.", step)
     return Check("ledger", "ok", f"History is recorded in {where}.", "")
+
+
+def _http_ledger_check(url: str) -> Check:
+    """The ledger function at ``url``, asked for its latest generation as ``imagegen history``
+    asks it (the same client, with ``IMAGEGEN_API_KEY``): unreachable, or the key refused,
+    every command that reads it fails."""
+    from imagegen._redact import redact_url
+    from imagegen.cli.history import _api, _or_dotenv
+    from imagegen.errors import ImageGenError, InvalidRequest
+    from imagegen.ledger.models import GenerationPage
+
+    where = redact_url(url)
+    step = "Check IMAGEGEN_LEDGER_URL, and that the ledger function runs (docs/ledger.md)."
+    try:
+        token = _or_dotenv("IMAGEGEN_API_KEY")(os.environ.get("IMAGEGEN_API_KEY") or None)
+        _api(url, "GET", "/generations", token, shape=GenerationPage, limit=1)
+    except InvalidRequest as exc:
+        # The key missing or refused (401, 403): its value is never said.
+        said = exc.message.replace(url, where)
+        if said.startswith(("ledger answered 401", "ledger answered 403")):
+            return Check(
+                "ledger",
+                "error",
+                f"The ledger at {where} refused the request: {said.removeprefix('ledger ')}.",
+                "Set IMAGEGEN_API_KEY to a key the ledger function accepts (docs/ledger.md).",
+            )
+        return Check("ledger", "error", f"The ledger at {where}: {said}.", step)
+    except ImageGenError as exc:
+        said = exc.message.replace(url, where)
+        return Check("ledger", "error", said if said.endswith(".") else f"{said}.", step)
+    return Check("ledger", "ok", f"The cluster's ledger at {where} keeps history.", "")
 
 
 def _telemetry_check() -> Check | None:
@@ -296,12 +416,41 @@ def _set_aside(check: Check | None) -> Iterator[None]:
             os.environ["OTEL_PROPAGATORS"] = saved
 
 
+def _explained(exc: ImageGenError) -> str:
+    """``exc`` as the error line says it (the reasons of a setting's refusal, never its value)."""
+    from imagegen.errors import ConfigurationError, InvalidRequest
+    from imagegen.settings import Settings
+
+    if isinstance(exc, ConfigurationError):
+        return exc.explained(
+            lambda field: Settings.variable(field) if field in Settings.model_fields else field
+        )
+    if isinstance(exc, InvalidRequest):
+        return exc.explained()
+    return exc.message
+
+
 @app.command()
 def doctor(as_json: AsJson = False, verbose: Verbose = False) -> None:
     """Check rendering, the model, Ollama, storage, plugins and the ledger; say what to do."""
+    from imagegen.errors import ImageGenError
+
     telemetry = _telemetry_check()
     with _set_aside(telemetry):
-        rows = run_checks(settings_from())
+        try:
+            settings = settings_from()
+        except ImageGenError as exc:
+            if as_json:
+                # What a program reads says so too; the error line and exit status follow as
+                # for any command (2: settings that cannot work).
+                said = _explained(exc)
+                said = said if said.endswith(".") else f"{said}."
+                row = Check(
+                    "settings", "error", said, "Fix the setting named (docs/configuration.md)."
+                )
+                typer.echo(json.dumps({"ok": False, "checks": [row._asdict()]}, indent=2))
+            raise
+        rows = run_checks(settings)
     if telemetry is not None:
         rows.append(telemetry)
     failed = any(row.status == "error" for row in rows)

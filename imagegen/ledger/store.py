@@ -19,7 +19,14 @@ from imagegen.ledger.models import (
     Status,
 )
 
-__all__ = ["Ledger", "backend", "default_ledger_path", "ledger_path", "open_ledger"]
+__all__ = [
+    "Ledger",
+    "backend",
+    "default_ledger_path",
+    "ledger_path",
+    "open_ledger",
+    "open_unmigrated",
+]
 
 
 @runtime_checkable
@@ -168,3 +175,57 @@ def open_ledger(
     from imagegen.ledger.sqlite import SqliteLedger
 
     return SqliteLedger(ledger_path(url) or ":memory:", must_exist=must_exist, read_only=read_only)
+
+
+def open_unmigrated(url: str | None, *, timeout: float = 10.0) -> tuple[Ledger, int]:
+    """Open the ledger ``url`` names to look at it, applying no migration (what a diagnostic
+    does: a migration cannot be undone); with how many of this release's migrations it lacks.
+
+    A SQLite file is opened as ``read_only`` opens it (it must exist; nothing is written), and
+    a pending migration leaves it so; a PostgreSQL database is connected to and read. Where
+    migrations are pending, what they add is not there: only :attr:`Ledger.where` and
+    :meth:`Ledger.close` are sure to work. ``newer_schema`` is set as :func:`open_ledger`
+    sets it. ``timeout``: seconds to wait for a PostgreSQL connection.
+
+    Raises:
+        As :func:`open_ledger` with ``read_only``.
+    """
+    from imagegen.ledger._migrate import migrations
+    from imagegen.ledger._sql import SqlLedger
+
+    def read_versions(ledger: SqlLedger) -> int:
+        known = {migration.version for migration in migrations(ledger.dialect)}
+        with ledger.statement() as db:
+            done = ledger._applied(db)
+        newest, highest = max(done, default=0), max(known)
+        ledger.newer_schema = (newest, highest) if newest > highest else None
+        return len(known - done)
+
+    if backend(url) == "postgres":
+        from imagegen.ledger.postgres import PostgresLedger
+
+        class CheckedPostgres(PostgresLedger):
+            pending = 0
+
+            def _migrate(self) -> None:  # read, never applied
+                self.pending = read_versions(self)
+
+        assert url is not None
+        postgres = CheckedPostgres(url, min_size=1, max_size=1, timeout=timeout)
+        return postgres, postgres.pending
+    from imagegen.ledger.sqlite import SqliteLedger
+
+    class CheckedSqlite(SqliteLedger):
+        pending = 0
+
+        def _versions(self) -> set[int]:
+            # The read-only opening reopens the file for writing where a migration is
+            # pending (to apply it): here it reads on, read-only, whatever the file records.
+            found = super()._versions()
+            return found | {m.version for m in migrations(self.dialect)} if found else found
+
+        def _migrate(self) -> None:  # read, never applied
+            self.pending = read_versions(self)
+
+    sqlite = CheckedSqlite(ledger_path(url) or ":memory:", read_only=True)
+    return sqlite, sqlite.pending

@@ -179,8 +179,8 @@ class LocalStorage(ObjectStore):
         return self._path(key).as_uri()
 
     async def check(self) -> None:
-        """Raise unless the root can be created and written to, and no link among its entries
-        leads outside it.
+        """Raise unless the root can be created and a byte written to it (a full disk cannot),
+        and no link among its entries leads outside it.
 
         Raises:
             DependencyUnavailable: the root cannot be created or written to.
@@ -301,8 +301,12 @@ class LocalStorage(ObjectStore):
 
     def _probe(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=self.root, prefix=".check."):
-            pass
+        # A byte written, not an empty file: a full disk still makes an empty file (an inode,
+        # no block), and refuses only bytes (ENOSPC). Synced, as the images are: a file system
+        # that allocates blocks late (NFS, a quota enforced at write-back) refuses only then.
+        with tempfile.TemporaryFile(dir=self.root, prefix=".check.", buffering=0) as probe:
+            probe.write(b"\0")
+            os.fsync(probe.fileno())
         with os.scandir(self.root) as entries:
             links = [Path(e.path) for e in entries if e.is_symlink()]
         leading_out = sorted(p for p in links if not _inside(p, self.root))

@@ -10,8 +10,9 @@ backoff are botocore's own (standard mode); what is still failing afterwards is 
 * a missing object: :class:`NotFound` from ``get``, None from ``head``;
 * a failed upload precondition (412, another writer won): False from ``create``;
 * a store that ignores the upload precondition (MinIO before RELEASE.2024-05-07T06-41-25Z,
-  GCS under a preset other than ``gcs``): :class:`ConfigurationError`, from the first
-  ``create`` (or :meth:`S3Storage.check`), before anything of a generation is written.
+  GCS under a preset other than ``gcs``), or refuses it as not implemented (501
+  ``NotImplemented``): :class:`ConfigurationError`, from the first ``create`` (or
+  :meth:`S3Storage.check`), before anything of a generation is written.
 
 Messages name the bucket and the error code, never a credential.
 """
@@ -22,7 +23,9 @@ import asyncio
 import base64
 import hashlib
 import re
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -30,10 +33,13 @@ from botocore.exceptions import (
     BotoCoreError,
     ClientError,
     CredentialRetrievalError,
+    HTTPClientError,
     NoCredentialsError,
     ParamValidationError,
     PartialCredentialsError,
+    ReadTimeoutError,
 )
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from imagegen._redact import redact_url
 from imagegen.errors import (
@@ -115,8 +121,13 @@ class S3Storage(ObjectStore):
         self.prefix = _check_prefix(prefix, field="prefix")
         self._client = make_client(self.options)
         # Once shown, per storage; a store found to ignore it is asked again next time (it
-        # may be upgraded meanwhile, and the error is retried).
+        # may be upgraded meanwhile, and the error is retried). The check in flight, if any,
+        # is shared by every caller meanwhile, from whichever event loop or thread: the lock
+        # is a thread's, and the future a concurrent one, as an asyncio lock or task belongs
+        # to one loop.
         self._conditions_honoured = False
+        self._conditions_lock = threading.Lock()
+        self._conditions_check: Future[bool] | None = None
 
     @classmethod
     def from_url(cls, url: str, options: S3Options | None = None) -> S3Storage:
@@ -261,13 +272,32 @@ class S3Storage(ObjectStore):
             refusal = await self._refusal(denied)
             if refusal is not None:
                 raise refusal from None
+        except DependencyUnavailable as exc:
+            raise self._unanswered(exc) from exc.__cause__
         # What the first create would ask, asked here: `imagegen doctor` says it before a
         # generation does. Function start-up does not call check() on object storage.
         await self._check_conditional_writes()
 
+    def _unanswered(self, exc: DependencyUnavailable) -> DependencyUnavailable:
+        """``exc``, naming the endpoint where the network failed it (who checks the settings
+        reads which endpoint was asked, never its credentials): one that did not answer
+        within the read timeout, or could not be connected to."""
+        cause = exc.__cause__
+        if not isinstance(cause, BotoConnectionError | HTTPClientError):
+            return exc  # credentials, throttling: said as any call says them
+        where = redact_url(str(self._client.meta.endpoint_url))
+        if isinstance(cause, ReadTimeoutError):
+            said = f"does not answer within {self.options.read_timeout:g}s"
+        else:  # refused, reset, a name that does not resolve, a connect timeout
+            said = f"cannot be reached ({type(cause).__name__})"
+        return DependencyUnavailable(
+            f"S3 endpoint {where} {said}: bucket {self.bucket!r} was not checked",
+            retry_after=exc.retry_after,
+        )
+
     async def _check_conditional_writes(self) -> None:
         """Raise ConfigurationError unless the store refuses an upload over an existing object
-        when the upload says so; asked once per storage.
+        when the upload says so; asked once per storage, by one caller at a time.
 
         A store may take the precondition and ignore it: MinIO before RELEASE.2024-05-07T06-41-
         25Z (minio/minio#19682) compares ``*`` with the ETag and overwrites; GCS's XML API
@@ -281,34 +311,106 @@ class S3Storage(ObjectStore):
         would need s3:DeleteObject, which imagegen's credentials need not have
         (docs/storage.md#permissions).
 
+        Creates that come while the check is in flight (a burst of events at start-up) wait for
+        it and share its outcome, failure included, rather than each writing the probe key:
+        R2 and GCS take about one write a second of one key and answer more with 429
+        (developers.cloudflare.com/r2/platform/limits, cloud.google.com/storage/quotas). Only
+        success is remembered; the caller after a failure checks again. A check whose caller
+        is cancelled is taken over by one of those waiting.
+
         Raises:
-            ConfigurationError: naming ``s3_preset``, when both creates were answered as done.
+            ConfigurationError: naming ``s3_preset``, when both creates were answered as done,
+                or a create was refused as asking what the store does not implement.
             DependencyUnavailable: the store could not be asked (as for any create).
         """
-        if self._conditions_honoured:
+        while True:
+            with self._conditions_lock:
+                if self._conditions_honoured:
+                    return
+                shared = self._conditions_check
+                if shared is None:
+                    mine: Future[bool] = Future()
+                    self._conditions_check = mine
+            if shared is not None:
+                # Shielded: a waiter cancelled (its request timed out) leaves the check alone.
+                if await asyncio.shield(asyncio.wrap_future(shared)):
+                    return
+                continue  # its caller was cancelled before it could tell: check here
+            try:
+                await self._probe_conditional_writes()
+            except Exception as exc:
+                self._conditions_checked(honoured=False)
+                mine.set_exception(exc)
+                raise
+            except BaseException:  # cancelled: one of those waiting checks instead
+                self._conditions_checked(honoured=False)
+                mine.set_result(False)
+                raise
+            self._conditions_checked(honoured=True)
+            mine.set_result(True)
             return
+
+    def _conditions_checked(self, *, honoured: bool) -> None:
+        """End the check in flight, before its waiters hear of it: one that checks again
+        starts a check of its own."""
+        with self._conditions_lock:
+            self._conditions_honoured = honoured
+            self._conditions_check = None
+
+    async def _probe_conditional_writes(self) -> None:
+        """The check of :meth:`_check_conditional_writes`: the probe key created until refused."""
         for _ in range(2):
             created = await self._create(
                 _CONDITIONS_PROBE_KEY, _CONDITIONS_PROBE_BODY, "text/plain", {}
             )
             if not created:
-                self._conditions_honoured = True
                 return
         raise self._conditions_ignored()
 
     def _conditions_ignored(self) -> ConfigurationError:
+        """The store took the precondition and wrote over the probe key all the same."""
+        header = _PRECONDITION_HEADERS[self.options.create_if_absent]
+        return ConfigurationError(
+            f"S3 bucket {self.bucket!r}{self._at()} does not honour conditional writes: an"
+            f" upload with {header} replaced an existing object, so two writers of a key would"
+            f" both win. {self._preset_advice()} (docs/storage.md#first-writer-wins)",
+            errors=[{"field": "s3_preset", "message": f"the store ignores {header} on uploads"}],
+        )
+
+    def _conditions_unsupported(self, code: str) -> ConfigurationError:
+        """A conditional upload refused as asking what the store does not implement (501
+        NotImplemented, "a header you provided implies functionality that is not implemented":
+        docs.aws.amazon.com/AmazonS3/latest/API/ErrorResponses.html). AWS S3 answered so before
+        August 2024, as some S3 gateways still do; asking again would never help."""
+        header = _PRECONDITION_HEADERS[self.options.create_if_absent]
+        return ConfigurationError(
+            f"S3 bucket {self.bucket!r}{self._at()} does not support conditional writes: an"
+            f" upload with {header} was refused ({code}), so the first writer of a key cannot"
+            f" win. {self._preset_advice()} (docs/storage.md#first-writer-wins)",
+            errors=[{"field": "s3_preset", "message": f"the store does not implement {header}"}],
+        )
+
+    def _preset_advice(self) -> str:
+        """What to change when the store does not do what the preset's precondition asks."""
         from imagegen.settings import Settings
 
         variable = Settings.variable("s3_preset")
-        header = _PRECONDITION_HEADERS[self.options.create_if_absent]
-        where = f" at {redact_url(self.options.endpoint_url)}" if self.options.endpoint_url else ""
-        return ConfigurationError(
-            f"S3 bucket {self.bucket!r}{where} does not honour conditional writes: an upload"
-            f" with {header} replaced an existing object, so two writers of a key would both"
-            f" win. Run MinIO RELEASE.2024-05-07T06-41-25Z or later; for Google Cloud Storage,"
-            f" set {variable}=gcs (docs/storage.md#first-writer-wins)",
-            errors=[{"field": "s3_preset", "message": f"the store ignores {header} on uploads"}],
+        if self.options.preset == "gcs":
+            # Google Cloud Storage honours it (cloud.google.com/storage/docs/request-
+            # preconditions): what answered is something else, under the wrong preset.
+            return (
+                f"{variable}=gcs is set, but the endpoint does not behave as Google Cloud"
+                f" Storage: set {variable} to the preset of the store actually run (aws, r2 or"
+                " minio; MinIO RELEASE.2024-05-07T06-41-25Z or later)"
+            )
+        return (
+            "Run MinIO RELEASE.2024-05-07T06-41-25Z or later (or another store that supports"
+            f" them: AWS S3, Cloudflare R2); for Google Cloud Storage, set {variable}=gcs"
         )
+
+    def _at(self) -> str:
+        """`` at <endpoint>``, its password hidden, where one is set; else nothing."""
+        return f" at {redact_url(self.options.endpoint_url)}" if self.options.endpoint_url else ""
 
     async def _refusal(self, denied: _Denied) -> DependencyUnavailable | None:
         """What a refused HeadBucket (``denied``) refused: the listing, the credentials, or
@@ -375,6 +477,8 @@ class S3Storage(ObjectStore):
             return await asyncio.to_thread(call)
         except ClientError as exc:
             error = self._client_error(operation, exc)
+            if conditional and _not_implemented(exc):
+                raise self._conditions_unsupported(_code_of(exc)) from exc
             if isinstance(error, _Exists | _Conflict) and not conditional:
                 # A 412 or a conditional write's 409 to a request that set no condition: the
                 # store's own doing (a proxy, a lock in flight), the event is fine.
@@ -501,6 +605,18 @@ class _Exists(_Outcome):
 
 class _Conflict(_Outcome):
     """A 409 on a conditional upload: another one of the key is in flight."""
+
+
+def _code_of(exc: ClientError) -> str:
+    """The S3 error code of ``exc``, else its HTTP status."""
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    return code or str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+
+
+def _not_implemented(exc: ClientError) -> bool:
+    """Whether ``exc`` is S3's NotImplemented, or a bare 501 (a gateway's own answer)."""
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return _code_of(exc) == "NotImplemented" or status == 501
 
 
 def _user_metadata(response: dict[str, Any]) -> dict[str, str]:
