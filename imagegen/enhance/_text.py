@@ -80,6 +80,16 @@ _SEVERAL = re.compile(
     re.IGNORECASE | re.MULTILINE,
 )
 _NUMBERED = re.compile(r"^[ \t]*(\d{1,2})[.)][ \t]+", re.MULTILINE)
+# "Option 1: … Option 2: …", on one line or several: the first option.
+_OPTIONS = re.compile(
+    r"\A\s*option[ \t]*1[ \t]*[:.)][ \t]*(\S.*?)\s*\boption[ \t]*2[ \t]*[:.)]",
+    re.IGNORECASE | re.DOTALL,
+)
+# "Alternatively: …" (or "Alternatively, …") opening a line or a sentence after a prompt.
+_ALTERNATIVELY = re.compile(
+    r"(?:^|(?<=[.!?])[ \t]+)[ \t]*(?:or[ \t]+)?alternatively[ \t]*[:,]",
+    re.IGNORECASE | re.MULTILINE,
+)
 # A blank line (spaces and tabs only on it), then the sign-off. Neither whitespace run can
 # backtrack into the other: "\n\s*\n\s*" was cubic in a run of line breaks (1,000 took 15 s
 # on the event loop).
@@ -166,18 +176,39 @@ def clean_reply(text: str) -> str:
 
 
 def _first_of_several(text: str) -> str:
-    """The first prompt of a numbered list of them that a line announces (``Here are three
-    prompts:`` then ``1. …`` ``2. …``), or ``text`` as it is: a list with no such line is the
-    parts of one prompt, joined later."""
+    """The first of several prompts offered as alternatives, or ``text`` as it is.
+
+    Alternatives are a numbered list that a line announces (``Here are three prompts:`` then
+    ``1. …`` ``2. …``), a numbered list of whole prompts opening the reply (``1. A red fox
+    asleep in snow, soft light.`` ``2. A grey wolf …``), ``Option 1: … Option 2: …``, or a
+    prompt followed by ``Alternatively: …``. One prompt is wanted, and the first is the one
+    the model led with. A list of short parts (``1. a red fox`` ``2. snow``) is one prompt's
+    parts, joined later.
+    """
+    if options := _OPTIONS.match(text):
+        return options.group(1).strip()
+    if (other := _ALTERNATIVELY.search(text)) and text[: other.start()].strip():
+        text = text[: other.start()].rstrip()
     announced = _SEVERAL.search(text)
-    if announced is None:
-        return text
-    items = list(_NUMBERED.finditer(text, announced.end()))
+    start = announced.end() if announced is not None else 0
+    items = list(_NUMBERED.finditer(text, start))
     if len(items) < 2 or (items[0].group(1), items[1].group(1)) != ("1", "2"):
         return text
-    if text[announced.end() : items[0].start()].strip():  # the list must follow the line
+    if text[start : items[0].start()].strip():  # the list must follow the line, or open
         return text
-    return text[items[0].end() : items[1].start()].strip()
+    first = text[items[0].end() : items[1].start()].strip()
+    if announced is None:
+        second_end = items[2].start() if len(items) > 2 else len(text)
+        second = text[items[1].end() : second_end].strip()
+        if not (_whole_prompt(first) and _whole_prompt(second)):
+            return text
+    return first
+
+
+def _whole_prompt(item: str) -> bool:
+    """Whether a list item reads as a prompt of its own rather than a part of one: a sentence
+    or several clauses, of five words or more."""
+    return len(item.split()) >= 5 and (item.endswith((".", "!")) or "," in item)
 
 
 def _items(text: str) -> str:
@@ -209,13 +240,52 @@ def _join_lines(text: str) -> str:
     return " ".join(parts)
 
 
-# A reply that declines (or talks about itself) rather than describing an image.
-_REFUSAL = re.compile(
-    r"\W*(?:i(?:['\u2019]m| am) sorry|sorry,|i apologi[sz]e|my apologies|unfortunately,"
-    r"|as an ai\b|as a language model|i(?:['\u2019]m| am) (?:not able|unable)"
-    r"|i (?:can ?not|can['\u2019]?t|won['\u2019]?t|will not|am not able)\b)",
+# A reply that declines (or talks about itself) rather than describing an image. It opens
+# with an apology, or its first sentence says it will not (markers below); an image prompt
+# describes in the third person, and words such as "unable to" in it ("a robot unable to fly")
+# are the image's: only the first person declining, or a refusal's own phrases, count.
+_APOLOGY = re.compile(
+    r"\W*(?:i(?:['\u2019]m| am) sorry|sorry(?:[,!.]| but\b)|i apologi[sz]e|my apologies"
+    r"|unfortunately\b|as an ai\b|as a language model)",
     re.IGNORECASE,
 )
+_DECLINES = re.compile(
+    # "I can't", "I'm afraid I cannot", "I must decline", "I'm not comfortable", "I will not"
+    r"\bi(?:['\u2019](?:m|ll|d)| am| must| have to| will| would| do| really)?"
+    r"(?:[ \t]+(?:not|afraid|really|simply|just|sadly|therefore|politely|respectfully))*[ \t]+"
+    r"(?:can ?not|can['\u2019]?t|won['\u2019]?t|will not|shouldn['\u2019]?t|decline|refuse"
+    r"|unable|not able|not comfortable|uncomfortable|not going to|afraid)\b"
+    # "… goes against my guidelines", "… violates the content policy"
+    r"|\b(?:against|violates?|breach(?:es)?|breaks?)[ \t]+"
+    r"(?:my|our|openai['\u2019]s|the[ \t]+(?:content|usage|safety))"
+    r"(?:[ \t]+\w+)?[ \t]+(?:guidelines|polic(?:y|ies)|principles|rules|terms)\b"
+    r"|\bnot comfortable (?:generating|creating|writing|producing|helping)\b"
+    # "cannot create that image", "unable to help with this request"
+    r"|\b(?:can ?not|can['\u2019]?t|unable to|won['\u2019]?t|will not)[ \t]+"
+    r"(?:help|assist|comply|fulfil+|create|generate|write|provide|produce)[ \t]+"
+    r"(?:you[ \t]+)?(?:with[ \t]+)?(?:that|this|these|those|your|such)\b",
+    re.IGNORECASE,
+)
+# The first sentence: up to the first . ! ? before a space or the end.
+_FIRST_SENTENCE = re.compile(r"[^.!?]*(?:[.!?](?=\s|\Z))?")
+# Meta text, no prompt: "here's a more detailed version of your idea", with no prompt after
+# a colon (a lead-in with one is taken off by clean_reply).
+_META = re.compile(
+    r"\W*(?:here(?:['\u2019]s| is| are)|below is|this is|i(?:['\u2019]ve| have) (?:written|made))"
+    r"\b[^:]{0,200}?\b(?:prompts?|versions?|descriptions?|rewrites?|captions?|ideas?)\b"
+    r"[^:]{0,200}\Z",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+def _refusal(prompt: str) -> bool:
+    """Whether ``prompt`` apologises, or declines in its first sentence (:data:`_DECLINES`)."""
+    if _APOLOGY.match(prompt):
+        return True
+    first = _FIRST_SENTENCE.match(prompt)
+    return first is not None and _DECLINES.search(first.group()) is not None
+
+
 _LETTERS = re.compile(r"[^\W\d_]+")
 MIN_WORDS = 3
 """Words a usable prompt has at least (in scripts without spaces, characters)."""
@@ -231,7 +301,9 @@ def unusable(prompt: str) -> str | None:
     """Why a cleaned LLM reply is no image prompt, or None when it is one.
 
     A reply with no letters (``...``, the placeholder of an example), one of fewer than
-    :data:`MIN_WORDS` words (``N/A``), a refusal (``I'm sorry, but I can't``), or one written
+    :data:`MIN_WORDS` words (``N/A``), a refusal (``I'm sorry, but I can't``, ``I'm afraid I
+    cannot help with that``: an apology opening it, or the first sentence declining), meta
+    text with no prompt (``Here's a more detailed version of your idea``), or one written
     mostly in another script than Latin (the prompt is asked for in English, the language
     FLUX's text encoders were trained on; a name in its own script among English words is
     fine) is no prompt to send: better the template's prompt than that one.
@@ -242,8 +314,10 @@ def unusable(prompt: str) -> str | None:
     words = sum(len(run) if _UNSPACED.search(run) else 1 for run in runs)
     if words < MIN_WORDS:
         return f"{words} word{'s' if words > 1 else ''}"
-    if _REFUSAL.match(prompt):
+    if _refusal(prompt):
         return "a refusal"
+    if _META.match(prompt):
+        return "meta text, no prompt"
     letters = "".join(runs)  # digits and marks aside
     other = sum(1 for letter in letters if not _latin(letter))
     if 2 * other > len(letters):

@@ -215,8 +215,13 @@ class EnhanceStage:
             # get the same one. That request takes the template, fallback or not.
             if not self.settings.enhance_fallback and not answered(exc.__cause__):
                 raise
-            logger.warning("enhance: the LLM is unavailable; using the template prompt")
-            return compose(subject, contributions, spec), "template", fallback_reason(exc)
+            reason = fallback_reason(exc)
+            if answered(exc.__cause__):
+                why = f"the LLM's reply holds no usable prompt ({reason})"
+            else:
+                why = f"the LLM is unavailable ({reason}: {exc.message})"
+            logger.warning("enhance: %s; using the template prompt", why)
+            return compose(subject, contributions, spec), "template", reason
         return text, self.enhancer.name, None
 
     def _log(self, job: EnhancedPrompt) -> None:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from imagegen.enhance import clean_reply, estimate_tokens, fit_budget
 from imagegen.enhance._template import DREAM_SUBJECTS, compose, dream_subject
+from imagegen.enhance._text import unusable
 from imagegen.models import Contribution
 from imagegen.modelspec import FAMILIES, ModelFamily, family_for
 
@@ -329,3 +330,80 @@ def test_a_plugins_fragment_follows_the_prompt_rule_of_a_request() -> None:
     prompt = compose("a fox", [odd], family_for("tiny"))
     assert prompt == "a fox, snow[31mstorm on the hills"
     assert GenerationRequest(prompt=prompt).prompt == prompt
+
+
+@pytest.mark.parametrize(
+    ("reply", "prompt"),
+    [
+        (  # a numbered list of whole prompts, no lead-in: alternatives, the first kept
+            "1. A red fox asleep in fresh snow, soft light.\n"
+            "2. A grey wolf howling at a full moon, night.",
+            "A red fox asleep in fresh snow, soft light.",
+        ),
+        (
+            "Option 1: A red fox asleep in fresh snow, soft light. "
+            "Option 2: A red fox hunting at dusk, dramatic sky.",
+            "A red fox asleep in fresh snow, soft light.",
+        ),
+        (
+            "**Option 1:** A red fox asleep in snow\n**Option 2:** A wolf at night",
+            "A red fox asleep in snow",
+        ),
+        (
+            "A red fox asleep in fresh snow, soft light.\n\n"
+            "Alternatively: A red fox hunting at dusk under a dramatic sky.",
+            "A red fox asleep in fresh snow, soft light.",
+        ),
+        (
+            "A red fox asleep in fresh snow. Alternatively, a fox hunting at dusk.",
+            "A red fox asleep in fresh snow.",
+        ),
+        # Parts of one prompt, numbered: joined, as before.
+        ("1. a red fox\n2. snowy birch forest\n3. dawn", "a red fox, snowy birch forest, dawn"),
+    ],
+)
+def test_clean_reply_keeps_the_first_of_several_alternatives(reply: str, prompt: str) -> None:
+    assert clean_reply(reply) == prompt
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "I'm afraid I can't help with that request.",
+        "Unfortunately I cannot create that image as it depicts a real person.",
+        "I must decline to create this prompt because it involves violence.",
+        "I'm not comfortable generating a prompt for that kind of content.",
+        "This request goes against my guidelines, so I will not write it.",
+        "Sorry but that is not something I can draw for you.",
+        "I won't write a prompt that shows a real person.",
+        "Sadly this is something I am unable to help with.",
+    ],
+)
+def test_a_refusal_is_unusable(reply: str) -> None:
+    assert unusable(clean_reply(reply)) == "a refusal"
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "Sure, here's a more detailed version of your idea that keeps the subject.",
+        "Here is an enhanced prompt that keeps your subject and intent.",
+    ],
+)
+def test_meta_text_with_no_prompt_is_unusable(reply: str) -> None:
+    assert unusable(clean_reply(reply)) == "meta text, no prompt"
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "a lonely robot unable to fly, rain",
+        "a sad clown who cannot help smiling, circus tent, dusk",
+        "A red fox asleep in snow. A sign behind it reads: sorry, I can't help with that.",
+        "a knight who refuses to decline a duel, against the rules of the tournament",
+        "Here is the fox den, a hollow under birch roots, soft light",
+    ],
+)
+def test_a_prompt_with_a_refusals_words_is_usable(prompt: str) -> None:
+    """Words of a refusal in the image itself, or past the first sentence, are the prompt's."""
+    assert unusable(clean_reply(prompt)) is None

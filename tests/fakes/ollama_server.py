@@ -16,6 +16,7 @@ Every request is recorded. Chat answers are scripted::
         fake.load_requests                            # the chats without messages
         fake.model_loads                              # [("llama3.2:latest", "load"), ...]
         fake.thinking_models.add("qwen3:latest")      # a model that can think
+        fake.always_thinking.add("gpt-oss:latest")    # one that thinks with think: false too
         fake.answer(reply(thinking="Okay, the user wants a fox..."))  # what it thinks, if on
         fake.version, fake.parsers["qwen3:latest"] = "0.12.4", "qwen3-thinking"
         fake.answer(format_ignored('```json\n{"prompt": "a fox"}\n```'))  # where unconstrained
@@ -353,6 +354,10 @@ class FakeOllama(Running):
         self.models = list(models)
         self.thinking_models: set[str] = set()
         """The models that can think (``thinking`` among their capabilities), full names."""
+        self.always_thinking: set[str] = set()
+        """Those of :attr:`thinking_models` that think whatever ``think`` says: gpt-oss, whose
+        harmony format has no way to turn reasoning off, thinks with ``think: false`` too
+        (ollama/ollama#11751)."""
         self.parsers: dict[str, str] = {}
         """Each model's built-in parser (its Modelfile's ``PARSER``), by full name."""
         self.version = version
@@ -642,9 +647,9 @@ class _Handler(BaseHTTPRequestHandler):
         # ``think`` was read and checked against the model before (do_POST): unset is on for a
         # model that can think, and a model that cannot was asked for no thinking.
         think = request.get("think")
-        thinks = self._can_think(str(request.get("model", ""))) and (
-            think is None or _think_on(think)
-        )
+        model = str(request.get("model", ""))
+        always = _canonical(model) in {_canonical(name) for name in self.owner.always_thinking}
+        thinks = self._can_think(model) and (think is None or _think_on(think) or always)
         thinking = behaviour.thinking if thinks else ""
         if behaviour.unconstrained is not None and not self._constrained(request, thinking):
             text = behaviour.unconstrained
