@@ -12,7 +12,7 @@ import hashlib
 import re
 import uuid
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 
 from imagegen.errors import InvalidRequest
@@ -20,6 +20,7 @@ from imagegen.stages import Call
 
 __all__ = [
     "GENERATION_ID_PATTERN",
+    "MAX_AHEAD",
     "aware",
     "derive_generation_id",
     "event_time",
@@ -27,14 +28,22 @@ __all__ = [
     "identify",
     "key_time",
     "new_generation_id",
+    "not_ahead",
+    "parse_rfc3339",
     "request_time",
     "stage_time",
+    "started_times",
     "valid_generation_id",
 ]
 
 GENERATION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
 _GENERATION_ID = re.compile(GENERATION_ID_PATTERN)
 MIN_YEAR, MAX_YEAR = 1970, 2999
+# How far ahead of this clock a generation may start. The request's time names its storage day
+# and its place in the history and the gallery, newest first: one dated years ahead would head
+# both for good. A caller's clock may run a little ahead of ours; five minutes is the skew
+# Kerberos tolerates by default (MIT krb5's clockskew), far more than NTP leaves.
+MAX_AHEAD = timedelta(minutes=5)
 
 
 def new_generation_id() -> str:
@@ -91,16 +100,35 @@ def key_time(value: datetime) -> datetime:
     """``value`` as a request time: aware, in a four-digit year the storage keys can hold.
 
     Raises:
-        ValueError: for a year outside 1970-2999, or an offset that carries it out of range.
+        ValueError: for an instant outside the years 1970-2999 in UTC (its offset taken off).
     """
     value = aware(value)
-    # The date names the storage keys (yyyy/mm/dd): keep it a plausible four-digit year.
-    if not MIN_YEAR <= value.year <= MAX_YEAR:
-        raise ValueError(f"must be between {MIN_YEAR} and {MAX_YEAR}")
+    # The UTC date names the storage keys (yyyy/mm/dd): keep it a plausible four-digit year.
+    # The year is the instant's in UTC, not the one written with its offset: 00:30+01:00 on
+    # 1 January 1970 is 23:30 on 31 December 1969, and would be stored under 1969/12/31/.
     try:
-        value.astimezone(UTC)
-    except OverflowError:
-        raise ValueError("out of range") from None
+        utc = value.astimezone(UTC)
+    except OverflowError:  # year 1 ahead of UTC, 9999 behind it
+        utc = None
+    if utc is None or not MIN_YEAR <= utc.year <= MAX_YEAR:
+        raise ValueError(f"must be between {MIN_YEAR} and {MAX_YEAR} (UTC)")
+    return value
+
+
+def not_ahead(value: datetime, *, now: datetime | None = None) -> datetime:
+    """``value`` as the time a generation starts at: no more than :data:`MAX_AHEAD` after
+    ``now`` (default: this clock).
+
+    Only where a generation starts (enhance's request, a direct render): the stages after it
+    take the time it was given, whatever their own clocks say, as every redelivery must.
+
+    Raises:
+        ValueError: ``value`` is further ahead.
+    """
+    now = now or datetime.now(UTC)
+    if aware(value) - now > MAX_AHEAD:
+        minutes = int(MAX_AHEAD.total_seconds() // 60)
+        raise ValueError(f"must not be more than {minutes} minutes ahead of the current time")
     return value
 
 
@@ -158,16 +186,33 @@ def parse_rfc3339(value: str) -> datetime:
     the next minute (Python has none), so the order of times is kept.
 
     Raises:
-        ValueError: ``value`` is no RFC 3339 timestamp.
+        ValueError: ``value`` is no RFC 3339 timestamp, or a leap second at another minute
+            than 23:59 UTC.
     """
     found = _RFC3339.fullmatch(value)
     if found is None:
         raise ValueError(f"{value[:40]!r} is not an RFC 3339 timestamp")
     offset = found["offset"].upper().replace("Z", "+00:00")
     second, fraction = found["second"], found["fraction"] or ""
-    if second == "60":  # RFC 3339, section 5.7: only in the last minute of a day, UTC
+    leap = second == "60"
+    if leap:
         second, fraction = "59", ".999999"
-    return datetime.fromisoformat(f"{found['date']}T{found['minute']}:{second}{fraction}{offset}")
+    parsed = datetime.fromisoformat(f"{found['date']}T{found['minute']}:{second}{fraction}{offset}")
+    # RFC 3339, section 5.7: a leap second is the last of a UTC day, at the same instant
+    # around the globe (23:59:60Z is 08:59:60+09:00 the next day). At any other minute it
+    # names no instant.
+    if leap and _utc_minute(parsed) != (23, 59):
+        raise ValueError(f"{value[:40]!r}: a leap second only ends the minute 23:59 UTC")
+    return parsed
+
+
+def _utc_minute(value: datetime) -> tuple[int, int] | None:
+    """The hour and minute of ``value`` in UTC; None where UTC has no such year."""
+    try:
+        utc = value.astimezone(UTC)
+    except OverflowError:
+        return None
+    return utc.hour, utc.minute
 
 
 def event_time(attributes: Mapping[str, str]) -> datetime | None:
@@ -195,12 +240,44 @@ def event_time(attributes: Mapping[str, str]) -> datetime | None:
         ) from None
 
 
+def started_times(times: Mapping[str, datetime | None], *, now: datetime | None = None) -> None:
+    """Refuse the times a generation would start at that are ahead of this clock
+    (:func:`not_ahead`): ``times`` by the field each comes from (None: not given).
+
+    Raises:
+        InvalidRequest: naming each field further ahead than :data:`MAX_AHEAD`.
+    """
+    now = now or datetime.now(UTC)
+    errors = []
+    for field, value in times.items():
+        if value is None:
+            continue
+        try:
+            not_ahead(value, now=now)
+        except ValueError as exc:
+            errors.append({"field": field, "message": str(exc)})
+    if errors:
+        fields = ", ".join(e["field"] for e in errors)
+        raise InvalidRequest(f"a request time ahead of the current time: {fields}", errors=errors)
+
+
 def identify(data: object, attributes: Mapping[str, str] | None = None, *, starts: bool) -> Call:
-    """The :class:`Call` of a request with validated ``data`` (a model, or anything for a sink)."""
+    """The :class:`Call` of a request with validated ``data`` (a model, or anything for a sink).
+
+    Raises:
+        InvalidRequest: the generation id is malformed or disagrees with the subject; where a
+            generation starts, ``time`` is no RFC 3339 timestamp or out of range, or it or the
+            data's ``requested_at`` is ahead of this clock (:func:`started_times`).
+    """
     attributes = MappingProxyType(dict(attributes or {}))
     declared = getattr(data, "generation_id", None)
     gid = generation_id(declared, attributes, starts=starts)
     when = None
     if starts:
-        when = request_time(getattr(data, "requested_at", None), event_time(attributes))
+        requested_at, sent_at = getattr(data, "requested_at", None), event_time(attributes)
+        # Both, each by its own name: the data's names the generation's time, and the event's
+        # when the data has none, or, for a replay, its place in the history (the ledger lists
+        # a replay at its event's time).
+        started_times({"requested_at": requested_at, "time": sent_at})
+        when = request_time(requested_at, sent_at)
     return Call(generation_id=gid, requested_at=when, attributes=attributes)

@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -23,9 +23,12 @@ from pydantic import (
     Field,
     PrivateAttr,
     StringConstraints,
+    ValidationError,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from imagegen import stages
 from imagegen.errors import ImageGenError
@@ -34,6 +37,7 @@ from imagegen.identity import (
     derive_generation_id,
     key_time,
     new_generation_id,
+    not_ahead,
     parse_rfc3339,
 )
 from imagegen.validation import check_json_value
@@ -454,6 +458,22 @@ class RenderRequest(_Model):
     )
     metadata: Metadata = Field(default_factory=dict)
     replay_of: GenerationId | None = None
+
+    @model_validator(mode="after")
+    def _starts_now(self) -> Self:
+        # A job enhance did not write starts its generation here, at the time its caller
+        # names: not ahead of this clock, as at enhance (imagegen.identity.not_ahead). One
+        # enhance wrote (its enhanced_at) carries the time enhance took, read as a
+        # prompt.enhanced event's is, whatever this clock says.
+        if self.requested_at is None or self.enhanced_at is not None:
+            return self
+        try:
+            not_ahead(self.requested_at)
+        except ValueError as exc:
+            error = PydanticCustomError("time_ahead", str(exc))
+            detail = InitErrorDetails(type=error, loc=("requested_at",), input=self.requested_at)
+            raise ValidationError.from_exception_data(type(self).__name__, [detail]) from None
+        return self
 
 
 class RenderedImage(_Model):

@@ -13,7 +13,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from datetime import time as dt_time
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -112,8 +112,7 @@ def parse_when(text: str, *, field: str, now: datetime | None = None) -> datetim
     now = now or datetime.now(UTC)
     value = text.strip().lower()
     if value == "today":
-        # Midnight of the local day, with the offset of that moment (a DST change's day too).
-        return datetime.combine(now.astimezone().date(), dt_time()).astimezone()
+        return _start_of_local_day(now.astimezone().date())
     match = _RELATIVE.match(value)
     if match:
         try:
@@ -139,6 +138,36 @@ def parse_when(text: str, *, field: str, now: datetime | None = None) -> datetim
         raise InvalidRequest(
             f"--{field}: {text!r} {exc}", errors=[{"field": field, "message": str(exc)}]
         ) from None
+
+
+def _start_of_local_day(day: date) -> datetime:
+    """The first instant of ``day`` in this machine's time zone (``TZ``), with its offset.
+
+    Its midnight, where the day has one; a clock put forward over midnight (America/Santiago
+    on 6 September 2026: 00:00 is 01:00) starts the day at that change instead. Read with the
+    C library's zone, as every local time here is (``astimezone()``): ``TZ`` may be a POSIX rule
+    or unset, which no IANA name gives.
+    """
+    # PEP 495: a local time that is missing or repeated has two readings, fold 0 and fold 1.
+    # Where midnight is repeated, the day starts at the earlier; where it is missing, neither
+    # reads back as that day's midnight, and the day starts at the change between them.
+    midnight = datetime.combine(day, dt_time())
+    readings = sorted(int(midnight.replace(fold=fold).timestamp()) for fold in (0, 1))
+    for reading in readings:
+        if _local_at(reading).replace(tzinfo=None) == midnight:
+            return _local_at(reading)
+    before, after = readings  # the day before at the first, the day itself at the second
+    while after - before > 1:  # the change, to the second (zones change at whole seconds)
+        middle = (before + after) // 2
+        if _local_at(middle).date() < day:
+            before = middle
+        else:
+            after = middle
+    return _local_at(after)
+
+
+def _local_at(timestamp: int) -> datetime:
+    return datetime.fromtimestamp(timestamp, UTC).astimezone()
 
 
 def _is_http(url: str | None) -> bool:
@@ -428,8 +457,10 @@ def history(
             "/generations",
             token,
             shape=GenerationPage,
-            since=start.isoformat() if start else None,
-            until=end.isoformat() if end else None,
+            # In UTC, as RFC 3339 writes it: a local offset may hold seconds (Africa/Monrovia's,
+            # -00:44:30, until 1972), which RFC 3339 has no room for and the API refuses.
+            since=start.astimezone(UTC).isoformat() if start else None,
+            until=end.astimezone(UTC).isoformat() if end else None,
             status=state,
             model=model,
             limit=limit,

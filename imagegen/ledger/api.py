@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from imagegen.errors import (
     ConfigurationError,
@@ -29,9 +29,10 @@ from imagegen.events import (
     routing_attributes,
     source_for,
 )
-from imagegen.identity import derive_generation_id, key_time
+from imagegen.identity import derive_generation_id
 from imagegen.ledger._sql import MAX_PAGE
 from imagegen.ledger.models import GenerationDetail, GenerationPage, Status
+from imagegen.models import MaybeTime
 from imagegen.telemetry import trace_extension
 
 if TYPE_CHECKING:
@@ -41,19 +42,25 @@ if TYPE_CHECKING:
 __all__ = ["HistoryQuery", "ReplayAccepted", "ReplayQuery", "detail", "page", "replay"]
 
 
-# Generations are only ever created within the service's years: a bound outside them names
-# its field (and never overflows on its way to UTC).
-_Time = Annotated[datetime, AfterValidator(key_time)]
-
-
 class HistoryQuery(BaseModel):
     """``GET /generations``: filters, newest first, a page at a time (:meth:`Ledger.history`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     status: Status | None = None
-    since: _Time | None = Field(default=None, description="Created at or after (ISO 8601).")
-    until: _Time | None = Field(default=None, description="Created before (ISO 8601).")
+    # A bound is read as an event's time is (imagegen.models.MaybeTime): an RFC 3339 timestamp
+    # with its offset, as the document's "format: date-time" says, never by pydantic's own
+    # rule (a date alone, no offset or a number of seconds taken as UTC, a leap second
+    # refused). Generations are only ever created within the service's years: a bound outside
+    # them names its field (and never overflows on its way to UTC).
+    since: MaybeTime = Field(
+        default=None,
+        description="Created at or after: an RFC 3339 date-time with its offset "
+        "(2026-06-01T00:00:00Z; a + percent-encoded as %2B).",
+    )
+    until: MaybeTime = Field(
+        default=None, description="Created before: an RFC 3339 date-time with its offset."
+    )
     model: str | None = Field(default=None, max_length=256)
     limit: int = Field(default=50, ge=1, le=MAX_PAGE)
     cursor: str | None = Field(

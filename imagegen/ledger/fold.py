@@ -32,7 +32,13 @@ from imagegen.events import (
     PROMPT_ENHANCED,
     short_name,
 )
-from imagegen.identity import generation_id, key_time, request_time, valid_generation_id
+from imagegen.identity import (
+    MAX_AHEAD,
+    generation_id,
+    key_time,
+    request_time,
+    valid_generation_id,
+)
 from imagegen.ledger.models import STATUS_RANK, LedgerEvent, Status, WebhookEvent
 from imagegen.models import (
     DerivedImage,
@@ -165,6 +171,11 @@ def fold(event: LedgerEvent, *, now: datetime) -> Change | None:
         # (replay.replay_request); it was requested when its event says, and is listed then.
         if request.replay_of is None:
             at = utc(request_time(request.requested_at, at))
+        if at - now > MAX_AHEAD:
+            # Enhance refuses a request dated ahead of its clock (identity.not_ahead): it
+            # started no generation then. Listed when it came, it does not head the history
+            # (and the gallery's latest day) for good.
+            at = utc(now)
         fields = {
             "original_prompt": request.prompt,
             "seed": request.seed,

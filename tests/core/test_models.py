@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import hypothesis
@@ -155,6 +155,47 @@ def test_a_request_time_without_an_offset_is_refused_as_the_time_attribute_is() 
         ]
     leap = parse_model(GenerationRequest, {"requested_at": "2016-12-31T23:59:60Z"})
     assert leap.requested_at == datetime(2016, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "1970-01-01T00:30:00+01:00",  # 1969-12-31T23:30Z: stored under 1969/12/31/
+        "2999-12-31T23:30:00-01:00",  # 3000-01-01T00:30Z
+        "2026-06-15T12:34:60Z",  # a leap second ends 23:59 UTC, no other minute
+        "2016-12-31T23:59:60+09:00",
+    ],
+)
+def test_a_time_is_in_range_and_a_leap_second_in_place_as_its_utc_instant_says(
+    value: str,
+) -> None:
+    for model, data in ((GenerationRequest, {}), (EnhancedPrompt, JOB)):
+        with pytest.raises(InvalidRequest) as caught:
+            parse_model(model, {**data, "requested_at": value})
+        assert caught.value.fields == ["requested_at"]
+
+
+def test_a_direct_render_cannot_start_a_generation_ahead_of_this_clock() -> None:
+    """A direct call starts its generation at the time it names: not ahead of this clock,
+    as at enhance; a job enhance wrote (its ``enhanced_at``) keeps the time enhance took."""
+    late = (datetime.now(UTC) + timedelta(minutes=6)).isoformat()
+    for value in (late, "2999-12-31T00:00:00Z"):
+        with pytest.raises(InvalidRequest) as caught:
+            parse_model(RenderRequest, {"prompt": "p", "requested_at": value})
+        assert caught.value.errors == [
+            {
+                "field": "requested_at",
+                "message": "must not be more than 5 minutes ahead of the current time",
+            }
+        ]
+        written = {"prompt": "p", "requested_at": value, "enhanced_at": value}
+        assert parse_model(RenderRequest, written).requested_at == datetime.fromisoformat(value)
+        # Every stage after the start reads the time it is given, whatever its clock says.
+        job = parse_model(EnhancedPrompt, {**JOB, "requested_at": value})
+        assert job.requested_at == datetime.fromisoformat(value)
+    soon = datetime.now(UTC) + timedelta(minutes=4)
+    taken = parse_model(RenderRequest, {"prompt": "p", "requested_at": soon.isoformat()})
+    assert taken.requested_at == soon
 
 
 def test_a_naive_request_time_given_in_python_is_taken_as_utc() -> None:

@@ -104,6 +104,11 @@ def test_metadata_nan_in_json_text_is_refused() -> None:
         "9999-12-31T23:59:59-23:59",
         "3000-01-01T00:00:00",
         "0001-01-01T00:00:00+01:00",
+        # The year is the instant's in UTC: these are 1969-12-31T23:30Z and 3000-01-01T00:30Z,
+        # which would be stored under 1969/ and 3000/.
+        "1970-01-01T00:30:00+01:00",
+        "2999-12-31T23:30:00-01:00",
+        "2999-12-31T23:59:00-23:00",
     ],
 )
 def test_event_times_out_of_range_are_a_400(value: str) -> None:
@@ -113,8 +118,13 @@ def test_event_times_out_of_range_are_a_400(value: str) -> None:
 
 
 def test_event_times_in_range_are_read() -> None:
-    late = datetime(2999, 12, 31, 23, 59, tzinfo=timezone(-timedelta(hours=23)))
+    late = datetime(2999, 12, 31, 23, 59, tzinfo=timezone(timedelta(hours=23)))
     assert event_time({"time": late.isoformat()}) == late
+    # The first and last instants of the range, written with an offset that changes the year.
+    early = datetime(1969, 12, 31, 23, 0, tzinfo=timezone(-timedelta(hours=1)))
+    assert event_time({"time": early.isoformat()}) == datetime(1970, 1, 1, tzinfo=UTC)
+    last = datetime(3000, 1, 1, 0, 59, 59, tzinfo=timezone(timedelta(hours=1)))
+    assert event_time({"time": last.isoformat()}) == datetime(2999, 12, 31, 23, 59, 59, tzinfo=UTC)
     assert event_time({}) is None
 
 
@@ -128,6 +138,9 @@ def test_event_times_in_range_are_read() -> None:
         ("2026-01-07T15:30:00+05:30", datetime(2026, 1, 7, 10, tzinfo=UTC)),
         # A leap second (section 5.7): before the next minute, after the one it ends.
         ("2016-12-31T23:59:60Z", datetime(2016, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)),
+        # The same one in Tokyo: at the same instant around the globe.
+        ("2017-01-01T08:59:60+09:00", datetime(2016, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)),
+        ("2016-12-31T18:59:60-05:00", datetime(2016, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)),
     ],
 )
 def test_event_times_are_rfc_3339(value: str, expected: datetime) -> None:
@@ -144,6 +157,11 @@ def test_event_times_are_rfc_3339(value: str, expected: datetime) -> None:
         "2026-W02-3T10:00:00Z",  # an ISO week date
         "2026-01-07T10:00:00+05:30:15",  # an offset with seconds
         "2026-01-07T10:00Z",  # no seconds
+        # A leap second (RFC 3339, section 5.7) only ends the minute 23:59 UTC.
+        "2026-06-15T12:34:60Z",
+        "2016-12-31T23:59:60+09:00",  # 14:59:60 UTC
+        "2016-12-31T23:58:60Z",
+        "0001-01-01T00:59:60+01:00",  # before UTC's year 1
     ],
 )
 def test_event_times_other_than_rfc_3339_are_a_400(value: str) -> None:

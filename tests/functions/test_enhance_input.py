@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,33 @@ def test_an_rfc_3339_requested_at_is_taken(
     from imagegen.identity import parse_rfc3339
 
     assert parse_rfc3339(reply.json()["requested_at"]) == parse_rfc3339(taken)
+
+
+def _ahead(minutes: int) -> str:
+    return (datetime.now(UTC) + timedelta(minutes=minutes)).isoformat()
+
+
+# Minutes ahead, made into a time when the test runs: a time in the test's id would differ
+# between the processes that collect the suite.
+@pytest.mark.parametrize("ahead", [10, "2999-12-31T23:59:59Z"])
+def test_a_request_time_ahead_of_the_clock_is_refused_naming_it(
+    enhance: InProcessFunction, ahead: int | str
+) -> None:
+    """It would name the storage day and head the history and the gallery for good."""
+    value = _ahead(ahead) if isinstance(ahead, int) else ahead
+    plain = enhance.post("/", json={**ASK, "requested_at": value})
+    assert plain.status_code == 400 and "ce-type" not in plain.headers, plain.text
+    assert {e["field"] for e in plain.json()["errors"]} == {"requested_at"}
+    assert failed_fields(send(enhance, {**ASK, "requested_at": value})) == {"requested_at"}
+    assert failed_fields(send(enhance, ASK, time=value)) == {"time"}
+
+
+def test_a_request_time_a_little_ahead_of_the_clock_is_taken(enhance: InProcessFunction) -> None:
+    # A caller's clock a few minutes fast: within imagegen.identity.MAX_AHEAD.
+    value = _ahead(4)
+    reply = send(enhance, {**ASK, "enhance": False}, time=value)
+    assert reply.headers["ce-type"] == PROMPT_ENHANCED, reply.text
+    assert datetime.fromisoformat(reply.json()["requested_at"]) == datetime.fromisoformat(value)
 
 
 # 3. A structured event's extension of another kind

@@ -111,6 +111,44 @@ def test_a_bad_query_parameter_is_a_400_naming_it(
     assert [e["field"] for e in reply.json()["errors"]] == [field]
 
 
+@pytest.mark.parametrize("field", ["since", "until"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "2026-06-01",  # a date alone
+        "2026-06-01T12:00:00",  # no offset
+        "2026-06-01 12:00:00Z",  # a space for the T
+        "1780315200",  # a number of seconds
+        "2026-06-01T12:00Z",  # no seconds
+        "2026-06-01T12:00:00+05:30:15",  # an offset with seconds
+        "2026-06-01T12:34:60Z",  # a leap second other than 23:59:60 UTC
+        "1970-01-01T00:30:00+01:00",  # 1969 in UTC
+    ],
+)
+def test_a_time_bound_is_an_rfc_3339_timestamp_as_an_events_time_is(
+    function: InProcessFunction, field: str, value: str
+) -> None:
+    """What the document's ``format: date-time`` says, read by the events' own rule."""
+    reply = function.client.get("/generations", params={field: value})
+    assert reply.status_code == 400, reply.text
+    assert [e["field"] for e in reply.json()["errors"]] == [field]
+
+
+def test_a_time_bound_takes_every_form_rfc_3339_has(function: InProcessFunction) -> None:
+    _record(function, "gen-r", "requested")  # requested at T0, 2026-06-01T12:00:00Z
+
+    def ids(**query: str) -> list[str]:
+        reply = function.client.get("/generations", params=query)
+        assert reply.status_code == 200, reply.text
+        return [g["generation_id"] for g in reply.json()["items"]]
+
+    assert ids(since="2026-06-01t12:00:00z") == ["gen-r"]  # "T" and "Z" in either case
+    assert ids(since="2026-06-01T21:00:00+09:00") == ["gen-r"]
+    assert ids(since="2026-06-01T12:00:00.000001Z") == []
+    assert ids(until="2026-06-01T12:00:00.000001Z") == ["gen-r"]
+    assert ids(until="2026-05-31T23:59:60Z") == []  # a leap second, before the next day
+
+
 def test_a_query_parameter_given_twice_is_a_400_naming_it(function: InProcessFunction) -> None:
     reply = function.client.get("/generations?limit=1&limit=2&status=failed")
     assert reply.status_code == 400, reply.text

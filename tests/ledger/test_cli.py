@@ -181,6 +181,33 @@ def test_times_without_an_offset_are_the_machines_local_times() -> None:
     assert winter == datetime(2026, 11, 1, 7, 0, tzinfo=UTC)
 
 
+@pytest.mark.parametrize(
+    ("zone", "now", "first"),
+    [
+        # Clocks go from 00:00 to 01:00 there that day: the day starts at 01:00 -03:00.
+        ("America/Santiago", datetime(2026, 9, 6, 12, tzinfo=UTC), datetime(2026, 9, 6, 4)),
+        ("America/Havana", datetime(2026, 3, 8, 12, tzinfo=UTC), datetime(2026, 3, 8, 5)),
+        # 00:00 twice (01:00 back to 00:00): the first.
+        ("America/Havana", datetime(2026, 11, 1, 12, tzinfo=UTC), datetime(2026, 11, 1, 4)),
+        ("Asia/Tokyo", datetime(2026, 12, 31, 23, 30, tzinfo=UTC), datetime(2026, 12, 31, 15)),
+    ],
+)
+def test_today_is_the_first_instant_of_the_local_day(
+    monkeypatch: pytest.MonkeyPatch, zone: str, now: datetime, first: datetime
+) -> None:
+    """A midnight the clock skips is no instant of that day: not 23:00 the day before."""
+    from imagegen.cli.history import parse_when
+
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    try:
+        today = parse_when("today", field="since", now=now)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert today == first.replace(tzinfo=UTC)
+
+
 @pytest.mark.usefixtures("in_los_angeles")
 def test_history_shows_the_local_times_its_options_read(tmp_path: Path, run: Any) -> None:
     """Listed at the local time that --since reads: 12:00 UTC is 05:00 in Los Angeles."""
@@ -266,6 +293,25 @@ def test_status_and_history_read_a_served_ledger_over_http(
     assert code == 1 and err.count("\n") == 1 and "nope" in err
     code, _, err = run("status", "gen-1", "--ledger", server.url)  # no key
     assert code != 0 and err.count("\n") == 1 and "401" in err
+
+
+def test_history_sends_a_served_ledger_times_its_api_takes(
+    ledger_url: str, start_server: Any, as_json: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In UTC: a local offset with seconds (Monrovia's -00:44:30 until 1972) is no RFC 3339."""
+    server = start_server("ledger", {"IMAGEGEN_LEDGER_URL": ledger_url})
+    for name in ("requested", "enhanced"):
+        assert server.post("/", **binary(chain("gen-1")[name])).status_code == 202
+    monkeypatch.setenv("TZ", "Africa/Monrovia")
+    time.tzset()
+    try:
+        for since in ("1971-06-01", "1971-06-01T00:00", "today", "2h"):
+            args = ("history", "--ledger", server.url, "--since", since, "--until", "2999-01-01")
+            listed = as_json(*args)
+            assert [g["generation_id"] for g in listed] == (["gen-1"] if "1971" in since else [])
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 def test_the_ledger_a_dotenv_names_is_the_one_every_command_reads(

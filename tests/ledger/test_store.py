@@ -620,6 +620,30 @@ def test_each_stage_time_is_when_its_stage_did_its_work(ledger: Ledger) -> None:
     assert found.durations == {"enhance": 1.0, "render": 3.0, "persist": 2.0, "total": 6.0}
 
 
+def test_a_request_dated_ahead_of_the_clock_is_listed_when_it_came(ledger: Ledger) -> None:
+    """Enhance refuses it (imagegen.identity.not_ahead): dated 2999, it would head the history."""
+    ledger.ingest(chain("gen-now")["requested"])
+    ahead = datetime(2999, 12, 31, 23, 0, tzinfo=UTC)
+    requested = chain("gen-ahead")["requested"]
+    for gid, update in (
+        ("gen-ahead-time", {"time": ahead}),
+        ("gen-ahead-data", {"requested_at": ahead.isoformat()}),
+    ):
+        data = {**requested.data, "generation_id": gid}
+        if "requested_at" in update:
+            data["requested_at"] = update["requested_at"]
+        event = requested.model_copy(
+            update={"id": gid, "subject": gid, "data": data, "time": update.get("time")}
+        )
+        before = datetime.now(UTC)
+        ledger.ingest(event)
+        found = ledger.get(gid)
+        assert found is not None
+        assert before - timedelta(seconds=1) <= found.requested_at <= datetime.now(UTC), gid
+    newest = ledger.history(limit=3).items
+    assert all(g.requested_at.year < 2999 for g in newest)
+
+
 def test_times_are_answered_in_utc_whatever_the_sessions_time_zone(ledger_url: str) -> None:
     """PostgreSQL answers a timestamptz in the session's TimeZone (the server's default, or a
     URL's options): the ledger answers UTC, as SQLite does, in the API, pages and webhooks."""
