@@ -320,11 +320,12 @@ def _api(
     # Neither is an HTTPError: the URL is wrong (a bad port, a host IDNA refuses), not the network.
     except (httpx.InvalidURL, UnicodeError) as exc:
         raise InvalidRequest(
-            f"--ledger: {url!r} is not a valid URL: {exc}",
+            f"--ledger: {redact_url(url)!r} is not a valid URL: {exc}",
             errors=[{"field": "ledger", "message": "not a valid URL"}],
         ) from None
     except httpx.HTTPError as exc:  # a failure (exit 1), not the command's input
-        raise DependencyUnavailable(f"ledger {url} is unreachable: {exc}") from None
+        # The URL as every message says it: a password in it is not shown.
+        raise DependencyUnavailable(f"ledger {redact_url(url)} is unreachable: {exc}") from None
     try:
         body = reply.json()
     except ValueError:  # not the ledger function answering: a proxy's page, another server

@@ -262,6 +262,10 @@ def test_unknown_ids_and_bad_options_are_one_line_errors(run: Any) -> None:
     gid = "0123456789abcdef0123456789abcdef"
     code, _, err = run("status", gid, "--ledger", "http://127.0.0.1:9")
     assert code == 1 and err.count("\n") == 1 and "unreachable" in err
+    # A password in the URL is not said.
+    code, _, err = run("status", gid, "--ledger", "http://reader:s3cret@127.0.0.1:9")
+    assert code == 1 and "unreachable" in err and "s3cret" not in err, err
+    assert "http://***@127.0.0.1:9" in err
 
 
 def test_status_and_history_read_a_served_ledger_over_http(
