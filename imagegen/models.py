@@ -34,6 +34,8 @@ from imagegen import stages
 from imagegen.errors import ImageGenError
 from imagegen.identity import (
     GENERATION_ID_PATTERN,
+    MAX_AHEAD,
+    aware,
     derive_generation_id,
     key_time,
     new_generation_id,
@@ -463,15 +465,25 @@ class RenderRequest(_Model):
     def _starts_now(self) -> Self:
         # A job enhance did not write starts its generation here, at the time its caller
         # names: not ahead of this clock, as at enhance (imagegen.identity.not_ahead). One
-        # enhance wrote (its enhanced_at) carries the time enhance took, read as a
-        # prompt.enhanced event's is, whatever this clock says.
-        if self.requested_at is None or self.enhanced_at is not None:
+        # enhance wrote carries the time enhance took, whatever this clock says: enhance wrote
+        # its enhanced_at after that time (the caller's clock up to MAX_AHEAD ahead of its
+        # own), and before now. A body that says otherwise was not enhance's: its
+        # enhanced_at would otherwise date any generation anywhere (2999, heading the history).
+        if self.requested_at is None:
             return self
+        field, value = "requested_at", self.requested_at
         try:
-            not_ahead(self.requested_at)
+            if self.enhanced_at is None:
+                not_ahead(self.requested_at)
+            else:
+                field, value = "enhanced_at", self.enhanced_at
+                not_ahead(self.enhanced_at)
+                if aware(self.requested_at) - aware(self.enhanced_at) > MAX_AHEAD:
+                    field, value = "requested_at", self.requested_at
+                    raise ValueError("must not be after enhanced_at: enhance writes it later")
         except ValueError as exc:
             error = PydanticCustomError("time_ahead", str(exc))
-            detail = InitErrorDetails(type=error, loc=("requested_at",), input=self.requested_at)
+            detail = InitErrorDetails(type=error, loc=(field,), input=value)
             raise ValidationError.from_exception_data(type(self).__name__, [detail]) from None
         return self
 

@@ -216,17 +216,47 @@ def test_doctor_waits_once_for_object_storage_that_never_answers(
 ) -> None:
     """A generation's client tries three times, thirty seconds each: doctor asks once, and
     says which endpoint kept it waiting (its wait shortened here, as the one try)."""
-    from imagegen.cli import doctor
+    import asyncio
 
-    monkeypatch.setattr(doctor, "_S3_READ_TIMEOUT", 1.0, raising=False)
-    started = time.monotonic()
+    from imagegen.cli import doctor
+    from imagegen.errors import DependencyUnavailable
+    from imagegen.storage import open_storage
+
+    monkeypatch.setattr(doctor, "_S3_READ_TIMEOUT", 2.0, raising=False)
     result = cli("doctor", "--json", env=_s3_env(hole))
-    waited = time.monotonic() - started
     assert result.returncode == 1, result.stderr
     row = _rows(result.stdout)["storage"]
     assert row["status"] == "error"
-    assert row["summary"].startswith(f"S3 endpoint {hole} does not answer within 1s")
-    assert waited < 2.5, waited  # three tries would be over three seconds
+    assert row["summary"].startswith(f"S3 endpoint {hole} does not answer within 2s")
+    # The storage check alone, timed (the command's other rows load libraries, slow on a
+    # busy machine): one try of two seconds; three would be six at least.
+    for name, value in _s3_env(hole).items():
+        monkeypatch.setenv(name, value)
+    store = doctor._bounded(open_storage(Settings()))
+    started = time.monotonic()
+    with pytest.raises(DependencyUnavailable):
+        asyncio.run(store.check())
+    waited = time.monotonic() - started
+    assert waited < 5.5, waited
+
+
+def test_doctor_waits_once_for_a_ledger_function_that_never_answers(
+    cli: RunCli, hole: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``imagegen history`` waits 30 s for the ledger; doctor its ledger wait (shortened here)."""
+    from imagegen.cli import doctor
+
+    monkeypatch.setattr(doctor, "_LEDGER_WAIT", 2.0)
+    result = cli("doctor", "--json", env={"IMAGEGEN_LEDGER_URL": hole})
+    assert result.returncode == 1, result.stderr
+    row = _rows(result.stdout)["ledger"]
+    assert row["status"] == "error" and "unreachable" in row["summary"], row
+    # The ledger check alone, timed: history's own wait would be thirty seconds.
+    monkeypatch.setenv("IMAGEGEN_LEDGER_URL", hole)
+    started = time.monotonic()
+    assert doctor._ledger_check(Settings()).status == "error"
+    waited = time.monotonic() - started
+    assert waited < 5.5, waited
 
 
 def test_doctor_names_the_object_storage_endpoint_it_cannot_reach(cli: RunCli) -> None:

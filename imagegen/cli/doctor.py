@@ -363,7 +363,7 @@ def _http_ledger_check(url: str) -> Check:
     step = "Check IMAGEGEN_LEDGER_URL, and that the ledger function runs (docs/ledger.md)."
     try:
         token = _or_dotenv("IMAGEGEN_API_KEY")(os.environ.get("IMAGEGEN_API_KEY") or None)
-        _api(url, "GET", "/generations", token, shape=GenerationPage, limit=1)
+        _api(url, "GET", "/generations", token, shape=GenerationPage, timeout=_LEDGER_WAIT, limit=1)
     except InvalidRequest as exc:
         # The key missing or refused (401, 403): its value is never said.
         said = exc.message.replace(url, where)

@@ -295,10 +295,11 @@ def _api(
     *,
     shape: type[BaseModel],
     headers: dict[str, str] | None = None,
+    timeout: float = 30.0,
     **params: Any,
 ) -> dict[str, Any]:
     """The ledger API's answer to a request, as JSON (read as ``shape`` first), sent with
-    ``headers`` and ``params`` (the query).
+    ``headers`` and ``params`` (the query), waiting ``timeout`` seconds for each step.
 
     Raises:
         DependencyUnavailable: unreachable, a server error, or a success not in ``shape``'s
@@ -315,7 +316,7 @@ def _api(
     sent = {**(headers or {}), **({"Authorization": f"Bearer {token}"} if token else {})}
     try:
         reply = httpx.request(
-            method, url.rstrip("/") + path, params=query, headers=sent, timeout=30
+            method, url.rstrip("/") + path, params=query, headers=sent, timeout=timeout
         )
     # Neither is an HTTPError: the URL is wrong (a bad port, a host IDNA refuses), not the network.
     except (httpx.InvalidURL, UnicodeError) as exc:

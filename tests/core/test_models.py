@@ -188,14 +188,30 @@ def test_a_direct_render_cannot_start_a_generation_ahead_of_this_clock() -> None
                 "message": "must not be more than 5 minutes ahead of the current time",
             }
         ]
-        written = {"prompt": "p", "requested_at": value, "enhanced_at": value}
-        assert parse_model(RenderRequest, written).requested_at == datetime.fromisoformat(value)
+        # An enhanced_at does not let a body date its generation anywhere: enhance wrote it
+        # after the request's time and before now.
+        for enhanced_at, field in (
+            (value, "enhanced_at"),
+            ("2020-01-01T00:00:00Z", "requested_at"),
+        ):
+            written = {"prompt": "p", "requested_at": value, "enhanced_at": enhanced_at}
+            with pytest.raises(InvalidRequest) as caught:
+                parse_model(RenderRequest, written)
+            assert [e["field"] for e in caught.value.errors] == [field]
         # Every stage after the start reads the time it is given, whatever its clock says.
         job = parse_model(EnhancedPrompt, {**JOB, "requested_at": value})
         assert job.requested_at == datetime.fromisoformat(value)
     soon = datetime.now(UTC) + timedelta(minutes=4)
     taken = parse_model(RenderRequest, {"prompt": "p", "requested_at": soon.isoformat()})
     assert taken.requested_at == soon
+    # A job enhance wrote, redelivered a day on: its times, a caller's clock 4 minutes fast.
+    asked = datetime.now(UTC) - timedelta(days=1)
+    written = {
+        "prompt": "p",
+        "requested_at": (asked + timedelta(minutes=4)).isoformat(),
+        "enhanced_at": asked.isoformat(),
+    }
+    assert parse_model(RenderRequest, written).enhanced_at == asked
 
 
 def test_a_naive_request_time_given_in_python_is_taken_as_utc() -> None:
