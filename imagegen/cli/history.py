@@ -296,10 +296,12 @@ def _api(
     shape: type[BaseModel],
     headers: dict[str, str] | None = None,
     timeout: float = 30.0,
+    query: dict[str, Any] | None = None,
     **params: Any,
 ) -> dict[str, Any]:
     """The ledger API's answer to a request, as JSON (read as ``shape`` first), sent with
-    ``headers`` and ``params`` (the query), waiting ``timeout`` seconds for each step.
+    ``headers`` and ``query`` and ``params`` (the query: a parameter named as a keyword, such
+    as ``from``, goes in ``query``), waiting ``timeout`` seconds for each step.
 
     Raises:
         DependencyUnavailable: unreachable, a server error, or a success not in ``shape``'s
@@ -312,7 +314,7 @@ def _api(
     from imagegen.validation import field_errors
 
     check_token(token)
-    query = {k: v for k, v in params.items() if v is not None}
+    query = {k: v for k, v in {**(query or {}), **params}.items() if v is not None}
     sent = {**(headers or {}), **({"Authorization": f"Bearer {token}"} if token else {})}
     try:
         reply = httpx.request(
@@ -710,7 +712,7 @@ def _replay_through(
             token,
             shape=ReplayAccepted,
             headers={"Idempotency-Key": key},
-            **{"from": origin},
+            query={"from": origin},
         )
     except DependencyUnavailable as exc:
         retry = f"imagegen replay {generation_id} --idempotency-key {shlex.quote(key)}"
