@@ -80,6 +80,15 @@ _SEVERAL = re.compile(
     re.IGNORECASE | re.MULTILINE,
 )
 _NUMBERED = re.compile(r"^[ \t]*(\d{1,2})[.)][ \t]+", re.MULTILINE)
+# A field of one prompt opening a list item ("Subject: …", "Art style: …", "Camera angle: …"):
+# items that have them are the parts of one prompt, however whole each reads.
+_FIELD = re.compile(
+    r"(?:[A-Za-z]+[ \t]){0,2}(?:subject|setting|scene|background|foreground|environment"
+    r"|location|lighting|light|style|medium|composition|framing|mood|atmosphere|tone"
+    r"|colou?rs?|palette|camera|lens|angle|shot|perspective|details?|textures?|weather"
+    r"|time of day|pose|action|character|quality)[ \t]*:",
+    re.IGNORECASE,
+)
 # "Option 1: … Option 2: …", on one line or several: the first option.
 _OPTIONS = re.compile(
     r"\A\s*option[ \t]*1[ \t]*[:.)][ \t]*(\S.*?)\s*\boption[ \t]*2[ \t]*[:.)]",
@@ -182,8 +191,9 @@ def _first_of_several(text: str) -> str:
     ``1. …`` ``2. …``), a numbered list of whole prompts opening the reply (``1. A red fox
     asleep in snow, soft light.`` ``2. A grey wolf …``), ``Option 1: … Option 2: …``, or a
     prompt followed by ``Alternatively: …``. One prompt is wanted, and the first is the one
-    the model led with. A list of short parts (``1. a red fox`` ``2. snow``) is one prompt's
-    parts, joined later.
+    the model led with. A list of short parts (``1. a red fox`` ``2. snow``), or one whose
+    items open with a field (``1. Subject: …`` ``2. Setting: …``), is one prompt's parts,
+    joined later.
     """
     if options := _OPTIONS.match(text):
         return options.group(1).strip()
@@ -201,6 +211,8 @@ def _first_of_several(text: str) -> str:
         second_end = items[2].start() if len(items) > 2 else len(text)
         second = text[items[1].end() : second_end].strip()
         if not (_whole_prompt(first) and _whole_prompt(second)):
+            return text
+        if _FIELD.match(first) or _FIELD.match(second):  # fields of one prompt
             return text
     return first
 
@@ -240,50 +252,77 @@ def _join_lines(text: str) -> str:
     return " ".join(parts)
 
 
-# A reply that declines (or talks about itself) rather than describing an image. It opens
-# with an apology, or its first sentence says it will not (markers below); an image prompt
-# describes in the third person, and words such as "unable to" in it ("a robot unable to fly")
-# are the image's: only the first person declining, or a refusal's own phrases, count.
+# A reply that declines (or talks about itself) rather than describing an image. An image
+# prompt describes in the third person, and a refusal's words in it are the image's ("a robot
+# unable to fly", "a sign that reads I can't stop now", "a rebel who breaks our rules",
+# "unfortunately lit diner"): only an apology or a first person declining, opening the reply,
+# counts, or in its first sentence a first person declining to help or a policy of the model's.
 _APOLOGY = re.compile(
-    r"\W*(?:i(?:['\u2019]m| am) sorry|sorry(?:[,!.]| but\b)|i apologi[sz]e|my apologies"
-    r"|unfortunately\b|as an ai\b|as a language model)",
+    r"\W*(?:i(?:['\u2019]m| am) sorry|i apologi[sz]e|my apologies|apologies,"
+    # "Sorry, I …", "Sorry but …", "Sorry!": not "Sorry Mr Bean, a comic portrait".
+    r"|sorry(?:[,!.]?[ \t]+(?:but|i|i['\u2019]m|we|that|this|it)\b|[!.])"
+    # "Unfortunately, …", "Unfortunately I …": not "Unfortunately lit diner".
+    r"|unfortunately(?:,|[ \t]+(?:i|we)\b)"
+    r"|as an ai\b|as a language model)",
     re.IGNORECASE,
 )
+# "I", "I'm", "we'll": the first person, and the words that may come before its refusal ("I'm
+# afraid I"). Four at most: unbounded, a search through a run of them ("I I I …") was
+# quadratic, 15 s on a reply's 16,000 characters.
+_FIRST_PERSON = (
+    r"\b(?:i(?:['\u2019](?:m|ll|d|ve))?|we(?:['\u2019](?:re|ll|d|ve))?)"
+    r"(?:[ \t]+(?:am|are|must|have to|will|would|do|really|not|afraid|simply|just|sadly"
+    r"|therefore|politely|respectfully|unfortunately|i|we)){0,4}[ \t]+"
+)
+# Opening the reply: "I can't", "I'm afraid I cannot", "I must decline", "I'm not
+# comfortable", "Sadly, we won't"; or "Unable to help with that".
 _DECLINES = re.compile(
-    # "I can't", "I'm afraid I cannot", "I must decline", "I'm not comfortable", "I will not"
-    r"\bi(?:['\u2019](?:m|ll|d)| am| must| have to| will| would| do| really)?"
-    r"(?:[ \t]+(?:not|afraid|really|simply|just|sadly|therefore|politely|respectfully))*[ \t]+"
+    r"\W*(?:(?:sadly|regrettably|however|but|honestly)[, \t]+)?"
+    rf"(?:{_FIRST_PERSON}"
     r"(?:can ?not|can['\u2019]?t|won['\u2019]?t|will not|shouldn['\u2019]?t|decline|refuse"
-    r"|unable|not able|not comfortable|uncomfortable|not going to|afraid)\b"
-    # "… goes against my guidelines", "… violates the content policy"
+    r"|unable|not able|not comfortable|uncomfortable|not going to|afraid|don['\u2019]t feel)\b"
+    r"|(?:unable to|can ?not|can['\u2019]?t)[ \t]+(?:help|assist|comply|fulfil+)\b)",
+    re.IGNORECASE,
+)
+# In the first sentence: "this is something I am unable to help with", "I cannot write that";
+# "… goes against my guidelines", "… violates the content policy" (the model's own policy: a
+# possessive or "the content policy", never bare rules, which an image's rebel breaks).
+_DECLINES_WITHIN = re.compile(
+    rf"{_FIRST_PERSON}"
+    r"(?:can ?not|can['\u2019]?t|won['\u2019]?t|will not|unable to|not able to)[ \t]+"
+    r"(?:help|assist|comply|fulfil+|create|generate|write|provide|produce|draw|make)"
+    r"(?:[ \t]+(?:you|with|that|this|such|your|a prompt|an image|the (?:image|prompt|request))"
+    r"\b|[ \t]*[.!,]|[ \t]*\Z)"
     r"|\b(?:against|violates?|breach(?:es)?|breaks?)[ \t]+"
-    r"(?:my|our|openai['\u2019]s|the[ \t]+(?:content|usage|safety))"
-    r"(?:[ \t]+\w+)?[ \t]+(?:guidelines|polic(?:y|ies)|principles|rules|terms)\b"
-    r"|\bnot comfortable (?:generating|creating|writing|producing|helping)\b"
-    # "cannot create that image", "unable to help with this request"
-    r"|\b(?:can ?not|can['\u2019]?t|unable to|won['\u2019]?t|will not)[ \t]+"
-    r"(?:help|assist|comply|fulfil+|create|generate|write|provide|produce)[ \t]+"
-    r"(?:you[ \t]+)?(?:with[ \t]+)?(?:that|this|these|those|your|such)\b",
+    r"(?:my|our|openai['\u2019]s|the[ \t]+(?:content|usage))"
+    r"(?:[ \t]+\w+)?[ \t]+(?:guidelines|polic(?:y|ies)|principles|terms)\b",
     re.IGNORECASE,
 )
 # The first sentence: up to the first . ! ? before a space or the end.
 _FIRST_SENTENCE = re.compile(r"[^.!?]*(?:[.!?](?=\s|\Z))?")
-# Meta text, no prompt: "here's a more detailed version of your idea", with no prompt after
-# a colon (a lead-in with one is taken off by clean_reply).
+# Meta text, no prompt: "here's a more detailed version of your idea", "here is an enhanced
+# prompt", with no prompt after a colon (a lead-in with one is taken off by clean_reply). The
+# noun is the reply's ("prompt", "rewrite") or the user's ("your idea"), not the image's ("a
+# steampunk version of the Eiffel Tower", "old letters and ideas"), or it ends the reply.
 _META = re.compile(
     r"\W*(?:here(?:['\u2019]s| is| are)|below is|this is|i(?:['\u2019]ve| have) (?:written|made))"
-    r"\b[^:]{0,200}?\b(?:prompts?|versions?|descriptions?|rewrites?|captions?|ideas?)\b"
-    r"[^:]{0,200}\Z",
+    r"\b[^:]{0,200}?(?:(?:\b(?:prompts?|rewrites?)\b"
+    r"|\b(?:your|the user['\u2019]s|the original)[ \t]+(?:\w+[ \t]+){0,2}"
+    r"(?:ideas?|requests?|concepts?|descriptions?|inputs?|texts?)\b)[^:]{0,200}"
+    # Or ending on "version", "description": "Here's a more detailed version."
+    r"|\b(?:versions?|descriptions?|captions?)(?:[ \t]+of[ \t]+(?:it|this|that))?[ \t]*[.!]?)"
+    r"\Z",
     re.IGNORECASE | re.DOTALL,
 )
 
 
 def _refusal(prompt: str) -> bool:
-    """Whether ``prompt`` apologises, or declines in its first sentence (:data:`_DECLINES`)."""
-    if _APOLOGY.match(prompt):
+    """Whether ``prompt`` opens with an apology or a first person declining, or declines in
+    its first sentence (:data:`_DECLINES_WITHIN`)."""
+    if _APOLOGY.match(prompt) or _DECLINES.match(prompt):
         return True
     first = _FIRST_SENTENCE.match(prompt)
-    return first is not None and _DECLINES.search(first.group()) is not None
+    return first is not None and _DECLINES_WITHIN.search(first.group()) is not None
 
 
 _LETTERS = re.compile(r"[^\W\d_]+")
@@ -302,8 +341,9 @@ def unusable(prompt: str) -> str | None:
 
     A reply with no letters (``...``, the placeholder of an example), one of fewer than
     :data:`MIN_WORDS` words (``N/A``), a refusal (``I'm sorry, but I can't``, ``I'm afraid I
-    cannot help with that``: an apology opening it, or the first sentence declining), meta
-    text with no prompt (``Here's a more detailed version of your idea``), or one written
+    cannot help with that``: an apology or the first person declining opening it, or the
+    first sentence declining to help; :func:`_refusal`), meta text with no prompt (``Here's a
+    more detailed version of your idea``), or one written
     mostly in another script than Latin (the prompt is asked for in English, the language
     FLUX's text encoders were trained on; a name in its own script among English words is
     fine) is no prompt to send: better the template's prompt than that one.

@@ -79,6 +79,26 @@ async def test_a_request_in_another_language_gets_the_english_reply(
     assert job.prompt.startswith(said.split(",")[0])
 
 
+@pytest.mark.parametrize(
+    "said",
+    [
+        "A punk rebel who breaks our rules, neon alley at night, rain, cinematic",
+        "Unfortunately lit diner at 3am, lone waitress, Edward Hopper style, muted colours",
+        "This is a steampunk version of the Eiffel Tower at dusk, brass gears glowing, warm light",
+    ],
+    ids=["breaks our rules", "unfortunately lit", "a steampunk version"],
+)
+async def test_a_prompt_with_a_refusals_words_is_the_image_prompt(
+    stage: EnhanceStage, fake_ollama: FakeOllama, said: str
+) -> None:
+    """Words a refusal or a lead-in also uses, describing the image, are no reason to retry."""
+    fake_ollama.reply_with({"prompt": said})
+    job = await _run(stage)
+    assert (job.fallback, job.enhancer) == (False, "ollama:llama3.2")
+    assert job.prompt.startswith(said.split(",")[0])
+    assert len(fake_ollama.chat_requests) == 1
+
+
 def test_the_system_prompt_shows_no_placeholder_to_echo() -> None:
     [system, _] = build_messages("a red fox", [], family_for("tiny"))
     assert "..." not in system["content"] and '"prompt"' in system["content"]

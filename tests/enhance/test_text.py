@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import given, settings
@@ -209,8 +210,10 @@ def test_template() -> None:
         compose("a red fox", contributions, SCHNELL)
         == "a red fox, soft morning light, Ukiyo-e style, flat colour"
     )
-    assert dream_subject(5) == dream_subject(5) in DREAM_SUBJECTS
-    assert len({dream_subject(s) for s in range(50)}) > 10
+    when = datetime(2026, 11, 24, 8, 15, tzinfo=UTC)
+    assert dream_subject(5, when) == dream_subject(5, when) in DREAM_SUBJECTS
+    off_the_tick = when + timedelta(minutes=7)
+    assert len({dream_subject(s, off_the_tick) for s in range(50)}) > 10
 
 
 # Prompts without spaces: CJK, emoji, one endless word. Each is cut inside, never emptied.
@@ -360,6 +363,11 @@ def test_a_plugins_fragment_follows_the_prompt_rule_of_a_request() -> None:
         ),
         # Parts of one prompt, numbered: joined, as before.
         ("1. a red fox\n2. snowy birch forest\n3. dawn", "a red fox, snowy birch forest, dawn"),
+        (  # whole scenes, each named (not a field of one prompt): the first
+            "1. Morning: a red fox asleep in fresh snow, soft light.\n"
+            "2. Night: a grey wolf howling at a full moon, stars.",
+            "Morning: a red fox asleep in fresh snow, soft light.",
+        ),
     ],
 )
 def test_clean_reply_keeps_the_first_of_several_alternatives(reply: str, prompt: str) -> None:
@@ -377,6 +385,11 @@ def test_clean_reply_keeps_the_first_of_several_alternatives(reply: str, prompt:
         "Sorry but that is not something I can draw for you.",
         "I won't write a prompt that shows a real person.",
         "Sadly this is something I am unable to help with.",
+        "Sorry, I can only describe images that are safe for everyone.",
+        "Unfortunately, that is not something I can write.",
+        "As an AI, I do not make prompts about real people.",
+        "We can't create that image.",
+        "Creating this violates the content policy of the service.",
     ],
 )
 def test_a_refusal_is_unusable(reply: str) -> None:
@@ -386,8 +399,28 @@ def test_a_refusal_is_unusable(reply: str) -> None:
 @pytest.mark.parametrize(
     "reply",
     [
+        "1. Subject: a red fox curled asleep in fresh snow, eyes closed.\n"
+        "2. Setting: a pine forest at dawn, mist drifting between trees.\n"
+        "3. Lighting: soft golden backlight, long shadows, cinematic.",
+        "1. Main subject: a red fox curled asleep in fresh snow, eyes closed.\n"
+        "2. Art style: a watercolor wash on rough paper, muted colours.",
+    ],
+)
+def test_clean_reply_joins_the_numbered_fields_of_one_prompt(reply: str) -> None:
+    """Numbered lines that open with a field of the image (``Subject:``, ``Setting:``) are the
+    parts of one prompt, however whole each reads: all of them are kept."""
+    items = [line.split(". ", 1)[1] for line in reply.split("\n")]
+    assert clean_reply(reply) == " ".join(items)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
         "Sure, here's a more detailed version of your idea that keeps the subject.",
         "Here is an enhanced prompt that keeps your subject and intent.",
+        "This is the prompt you asked for, with more detail.",
+        "I have written a rewrite that keeps your idea.",
+        "Here's a more detailed version.",
     ],
 )
 def test_meta_text_with_no_prompt_is_unusable(reply: str) -> None:
@@ -402,8 +435,36 @@ def test_meta_text_with_no_prompt_is_unusable(reply: str) -> None:
         "A red fox asleep in snow. A sign behind it reads: sorry, I can't help with that.",
         "a knight who refuses to decline a duel, against the rules of the tournament",
         "Here is the fox den, a hollow under birch roots, soft light",
+        # Words of a refusal not opening the reply, or not the first person's: the image's.
+        "A teenage skateboarder breaks the safety rules in an abandoned pool, golden hour, film "
+        "grain",
+        "A punk rebel who breaks our rules, neon alley at night, rain, cinematic",
+        "Unfortunately lit diner at 3am, lone waitress, Edward Hopper style, muted colours",
+        "A sign that reads I can't stop now, hand painted on a brick wall, warm afternoon light",
+        "A wizard who cannot create these potions fast enough, cluttered lab, candlelight, "
+        "fantasy art",
+        "Sorry Mr Bean, a comic portrait of a clumsy man in a tweed jacket, watercolor",
+        "A child who will not eat this broccoli, sitting at a kitchen table, comic style",
+        # "version", "ideas" naming the image's things, not the reply or the user's idea.
+        "This is a steampunk version of the Eiffel Tower at dusk, brass gears glowing, warm "
+        "cinematic light",
+        "Here is a weathered lighthouse keeper reading old letters and ideas by candlelight, oil "
+        "painting",
     ],
 )
 def test_a_prompt_with_a_refusals_words_is_usable(prompt: str) -> None:
     """Words of a refusal in the image itself, or past the first sentence, are the prompt's."""
     assert unusable(clean_reply(prompt)) is None
+
+
+@pytest.mark.parametrize(
+    "reply",
+    ["I " * 8000, "I am " * 3000, "we really " * 1600, "Here is " + "your the " * 1700],
+    ids=["I", "I am", "we really", "your the"],
+)
+def test_unusable_is_linear_in_what_the_model_sends(reply: str) -> None:
+    """It runs on the event loop, on up to 16,000 characters: a run of first persons ("I I
+    I …") made the refusal search quadratic (15 s). A generous bound, far from that."""
+    started = time.perf_counter()
+    unusable(reply)
+    assert time.perf_counter() - started < 2.0
