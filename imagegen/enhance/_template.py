@@ -5,30 +5,39 @@ Both are pure functions of their inputs, so a redelivered request gets the same 
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from datetime import UTC, date, datetime, time, timedelta
 
 from imagegen.enhance._text import fit_budget, join_fragments
 from imagegen.models import Contribution
 from imagegen.modelspec import ModelFamily
 
-__all__ = ["DREAM_SUBJECTS", "compose", "dream_subject"]
+__all__ = [
+    "DREAM_SUBJECTS",
+    "SEASONAL_SUBJECTS",
+    "SOUTHERN_COUNTRIES",
+    "compose",
+    "dream_subject",
+    "in_southern_hemisphere",
+    "season_of",
+]
 
-# Subjects for a request without a prompt when no LLM can dream one.
-DREAM_SUBJECTS: tuple[str, ...] = (
+# Subjects for a request without a prompt when no LLM can dream one. Grammatical phrases that
+# name no season and, but for the few the time_of_day plugin recognises as naming their own
+# light ("night", "stars", "lantern-lit": it then adds no light of its own), no time of day.
+_ANY_SEASON: tuple[str, ...] = (
     "a lighthouse on a rocky coast",
     "a quiet mountain village above the clouds",
-    "a fox curled up in a snowy forest",
     "an old library with towering bookshelves",
     "a koi pond in a Japanese garden",
     "a hot air balloon drifting over a valley",
-    "a cozy cabin beside a frozen lake",
     "a bustling night market full of lanterns",
     "a red tram climbing a steep city street",
     "an astronaut tending a greenhouse on Mars",
-    "a whale swimming beneath the northern lights",
-    "a windmill among fields of tulips",
-    "a cat asleep on a sunny windowsill",
+    "a cat asleep on a windowsill among potted plants",
     "a sailing ship in a stormy sea",
     "a treehouse in an ancient oak",
     "a desert caravan crossing golden dunes",
@@ -39,12 +48,11 @@ DREAM_SUBJECTS: tuple[str, ...] = (
     "a floating island with a small castle",
     "a harbour town with colourful houses",
     "a robot watering flowers on a balcony",
-    "a field of sunflowers under a wide sky",
     "a glass conservatory full of rare plants",
-    "a mountain lake reflecting snowy peaks",
+    "a mountain lake reflecting jagged peaks",
     "a vintage car parked by a seaside diner",
     "a dragon sleeping on a pile of books",
-    "a rainy alley with glowing shop signs",
+    "a rainy alley crowded with shop signs",
     "a herd of horses running along a beach",
     "a rooftop garden above a busy city",
     "a lonely tree on a windswept hill",
@@ -52,36 +60,223 @@ DREAM_SUBJECTS: tuple[str, ...] = (
     "a clockmaker's workshop full of gears",
     "a stone bridge over a misty river",
     "a monastery perched on a cliff",
-    "a child flying a kite on a meadow",
+    "a child flying a kite over a meadow",
     "a bowl of ramen on a wooden counter",
-    "a polar bear on drifting sea ice",
     "an abandoned greenhouse reclaimed by vines",
     "a canal in Venice at high tide",
     "a giant tortoise walking through ferns",
-    "a snow-covered train station",
-    "a lavender field with a stone farmhouse",
     "a musician playing violin on a street corner",
-    "a hummingbird hovering at a flower",
+    "a hummingbird hovering beside a red flower",
     "an observatory under a sky full of stars",
     "a fishing boat returning to harbour",
     "a terraced rice field in the hills",
     "a city skyline seen from a ferry",
-    "a fairy ring of mushrooms in a forest",
-    "a chess game in a sunlit park",
-    "a volcano glowing beside a calm sea",
+    "a chess game in a leafy park",
+    "a volcano smoking beside a calm sea",
     "a paper boat sailing down a gutter stream",
     "a market stall piled with ripe fruit",
     "a deer standing in a foggy clearing",
     "a spiral staircase in an old tower",
     "a lantern-lit boat on a quiet river",
-    "a penguin colony on an icy shore",
-    "a cottage garden in full bloom",
+    "a samurai crossing a wooden bridge",
+    "a giraffe peering over an acacia tree",
+    "a flock of flamingos wading in a salt lake",
+    "a sea turtle gliding over a kelp forest",
+    "an underwater city inside a glass dome",
+    "a steampunk airship moored to a tower",
+    "a blacksmith hammering at his forge",
+    "a potter shaping clay on a wheel",
+    "a spice market piled with coloured powders",
+    "a red panda napping in a bamboo grove",
+    "a space station orbiting a ringed planet",
+    "a retro diner with a checkered floor",
+    "a pirate ship anchored in a turquoise lagoon",
+    "a wizard's tower on a rocky island",
+    "a herd of elephants crossing a river",
+    "a wooden pier stretching into a calm lake",
+    "a cable car above a deep gorge",
+    "an ancient temple overgrown by the jungle",
+    "a snail climbing a rain-soaked leaf",
+    "a crowded train platform in Tokyo",
+    "a lone cyclist on a winding coastal road",
+    "a carousel in an empty amusement park",
+    "a bonsai tree on a stone table",
+    "a secondhand bookshop with stacked shelves",
+    "a mechanical owl with brass feathers",
+    "a herd of bison on an open prairie",
+    "a tea house on a mountain pass",
+    "turquoise thermal pools terraced into a hillside",
+    "a giant octopus wrapped around a shipwreck",
+    "a castle on an island in a Scottish loch",
+    "a row of beach huts on a pebble shore",
+    "an artist's studio cluttered with canvases",
+    "a kingfisher diving into a stream",
+    "a Viking longship sailing up a fjord",
+    "a desert oasis ringed by palm trees",
+    "a futuristic city with hanging gardens",
+    "a woodland cottage with a thatched roof",
+    "a family of otters playing in a river",
+    "an alchemist's laboratory full of glass flasks",
+    "a moose wading through a misty lake",
+    "a cliffside village above a turquoise sea",
+    "a ruined abbey with ivy-clad arches",
+    "a submarine exploring a deep-sea trench",
+    "a diver among drifting jellyfish",
+    "a street food stall frying dumplings",
+    "a rope bridge across a jungle canyon",
+    "a chameleon on a twisting branch",
+    "a tiny village inside a hollow tree",
+    "a grand piano in an empty ballroom",
+    "a vintage typewriter on a cluttered desk",
+    "a stone circle on a grassy moor",
+    "an orangutan in the rainforest canopy",
+    "a floating market on a Thai canal",
+    "a Roman aqueduct spanning a green valley",
 )
 
+# Subjects that belong to a season (meteorological: winter is December to February in the
+# northern hemisphere, June to August in the southern), drawn only in their own.
+SEASONAL_SUBJECTS: dict[str, tuple[str, ...]] = {
+    "winter": (
+        "a fox curled up in a snowy forest",
+        "a cozy cabin beside a frozen lake",
+        "a snow-covered train station",
+        "a polar bear on drifting sea ice",
+        "a penguin colony on an icy shore",
+        "a whale swimming beneath the northern lights",
+        "skaters on a frozen canal lined with old houses",
+    ),
+    "spring": (
+        "a windmill among fields of tulips",
+        "cherry blossoms over a temple path",
+        "newborn lambs in a green spring meadow",
+        "a bluebell wood beside a stream",
+        "ducklings following their mother across a pond",
+        "an orchard in white blossom",
+    ),
+    "summer": (
+        "a field of sunflowers under a wide sky",
+        "a lavender field with a stone farmhouse",
+        "a cottage garden in full bloom",
+        "a beach crowded with striped umbrellas",
+        "children jumping from a jetty into a summer lake",
+        "a meadow of poppies beside a country lane",
+    ),
+    "autumn": (
+        "a fairy ring of mushrooms in a forest",
+        "a forest path under red and gold autumn leaves",
+        "a pumpkin patch beside a red barn",
+        "an orchard at apple harvest",
+        "a squirrel burying acorns among fallen leaves",
+        "geese flying over autumn marshes",
+    ),
+}
 
-def dream_subject(seed: int) -> str:
-    """A subject from :data:`DREAM_SUBJECTS`, chosen by ``seed``."""
-    return random.Random(seed).choice(DREAM_SUBJECTS)
+DREAM_SUBJECTS: tuple[str, ...] = _ANY_SEASON + tuple(
+    subject for subjects in SEASONAL_SUBJECTS.values() for subject in subjects
+)
+
+# Countries (ISO 3166 alpha-2 and alpha-3, as the holidays library takes them) lying wholly or
+# mostly south of the equator: where every configured holiday country is one of them, the
+# dreams' seasons are the southern hemisphere's.
+SOUTHERN_COUNTRIES = frozenset(
+    {
+        *("AO", "AR", "AU", "BO", "BR", "BW", "CL", "FJ", "LS", "MG", "MU", "MW", "MZ"),
+        *("NA", "NZ", "PE", "PY", "SZ", "UY", "ZA", "ZM", "ZW"),
+        *("AGO", "ARG", "AUS", "BOL", "BRA", "BWA", "CHL", "FJI", "LSO", "MDG", "MUS", "MWI"),
+        *("MOZ", "NAM", "NZL", "PER", "PRY", "SWZ", "URY", "ZAF", "ZMB", "ZWE"),
+    }
+)
+
+# By month, January first.
+_NORTHERN_SEASONS: tuple[str, ...] = (
+    *("winter",) * 2,
+    *("spring",) * 3,
+    *("summer",) * 3,
+    *("autumn",) * 3,
+    "winter",
+)
+_OPPOSITE = {"winter": "summer", "spring": "autumn", "summer": "winter", "autumn": "spring"}
+
+# Any two ticks of a schedule less than this many quarter-hours apart dream different subjects
+# across midnight too (within one day none repeats). The day's first _APART subjects avoid the
+# previous day's last slots, which are found from that day's drawn order alone (its own head is
+# moved, its tail never is), so no day depends on the whole history before it.
+_APART = 28
+_SLOT = timedelta(minutes=15)
+_LONGEST_DAY = 100  # quarter-hours in a day of 25 hours (the day a clock is set back)
+_SHORTEST_DAY = 92
+# A request this soon after its quarter-hour began is taken for the schedule's tick.
+_ON_THE_TICK = timedelta(minutes=1)
+
+
+def in_southern_hemisphere(countries: Iterable[str]) -> bool:
+    """Whether every one of ``countries`` (``AU``, ``au-nsw``) is a southern one; False for none."""
+    codes = [code.strip().upper().partition("-")[0] for code in countries]
+    return bool(codes) and all(code in SOUTHERN_COUNTRIES for code in codes)
+
+
+def season_of(day: date, *, southern: bool = False) -> str:
+    """The meteorological season of ``day``'s month in the given hemisphere."""
+    season = _NORTHERN_SEASONS[day.month - 1]
+    return _OPPOSITE[season] if southern else season
+
+
+def _eligible(day: date, in_south: bool) -> tuple[str, ...]:
+    return _ANY_SEASON + SEASONAL_SUBJECTS[season_of(day, southern=in_south)]
+
+
+def _drawn(day: date, in_south: bool) -> list[str]:
+    """``day``'s subjects in an order drawn from the date alone."""
+    key = f"dream:{day.isoformat()}:{'south' if in_south else 'north'}"
+    digest = hashlib.sha256(key.encode()).digest()
+    order = list(_eligible(day, in_south))
+    random.Random(int.from_bytes(digest[:8], "big")).shuffle(order)
+    return order
+
+
+@functools.lru_cache(maxsize=64)
+def _day_order(day: date, in_south: bool) -> tuple[str, ...]:
+    """``day``'s subjects, one per quarter-hour since its midnight.
+
+    The drawn order with its first :data:`_APART` places taken by the first subjects that the
+    previous day's last slots (any day's length) did not show, the others kept in order: a
+    place from ``2 * _APART + 8`` on keeps its drawn subject, so the previous day's tail is
+    read from its drawn order.
+    """
+    order = _drawn(day, in_south)
+    before = _drawn(day - timedelta(days=1), in_south)
+    shown = set(before[_SHORTEST_DAY - _APART : _LONGEST_DAY])
+    head = [subject for subject in order if subject not in shown][:_APART]
+    taken = set(head)
+    return (*head, *(subject for subject in order if subject not in taken))
+
+
+def dream_subject(seed: int, when: datetime, countries: Iterable[str] = ()) -> str:
+    """The subject the template dreams for a request with ``seed`` at ``when``.
+
+    A pure function of its arguments, so a redelivered request dreams the same. A schedule
+    (a PingSource every 15 minutes, hourly, every 3 hours) cycles through the subjects: the
+    subjects of ``when``'s local date and season (in ``when``'s zone; the southern hemisphere's
+    where every one of ``countries`` is a southern country) in an order drawn from that date,
+    one per quarter-hour since its midnight, so none repeats within a day, nor within
+    :data:`_APART` quarter-hours across midnight. A request more than a minute into its
+    quarter-hour is no tick: its ``seed`` draws one of the day's others.
+
+    Args:
+        seed: The generation's seed.
+        when: The request's time, aware, in the zone whose date and hour it follows.
+        countries: The holiday countries configured (``IMAGEGEN_HOLIDAY_COUNTRIES``).
+    """
+    day = when.date()
+    order = _day_order(day, in_southern_hemisphere(countries))
+    midnight = datetime.combine(day, time(), tzinfo=when.tzinfo)
+    # Elapsed time, not the wall clock: a day the clock is set back has 100 quarter-hours.
+    elapsed = max(when.astimezone(UTC) - midnight.astimezone(UTC), timedelta())
+    slot, into = divmod(elapsed, _SLOT)
+    if into < _ON_THE_TICK:
+        return order[slot % len(order)]
+    return order[(slot + 1 + seed % (len(order) - 1)) % len(order)]
 
 
 def compose(subject: str, contributions: Sequence[Contribution], spec: ModelFamily) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
+from zoneinfo import ZoneInfo
 
 from opentelemetry import trace
 
@@ -143,7 +144,15 @@ class EnhanceStage:
         seed = request.seed if request.seed is not None else derive_seed(generation_id)
         requested_at = request_time(request.requested_at, now)
 
-        # 2. Run the plugins
+        # 2. The subject: the caller's, or the template's dream, drawn before the plugins run
+        # and seen by them (``context.subject``: time_of_day adds no light to one naming its
+        # own), from the request's time in the zone the plugins read it in.
+        zone = ZoneInfo(request.timezone or self.settings.timezone)
+        subject = request.prompt or dream_subject(
+            seed, requested_at.astimezone(zone), self.settings.holiday_countries
+        )
+
+        # 3. Run the plugins
         with tracer().start_as_current_span("imagegen.plugins") as span:
             span.set_attribute("imagegen.plugins", self.plugins.select(request.plugins))
             contributions = await self.plugins.run(
@@ -157,10 +166,10 @@ class EnhanceStage:
             )
             span.set_attribute("imagegen.plugins.contributed", [c.plugin for c in contributions])
 
-        # 3. Write the prompt
-        prompt, enhancer, fallback = await self._write(request, contributions, seed, spec)
+        # 4. Write the prompt
+        prompt, enhancer, fallback = await self._write(request, subject, contributions, seed, spec)
 
-        # 4. Fix every render parameter
+        # 5. Fix every render parameter
         job = EnhancedPrompt(
             generation_id=generation_id,
             prompt=prompt,
@@ -182,7 +191,7 @@ class EnhanceStage:
             replay_of=request.replay_of,
         )
 
-        # 5. Keep it, unless another delivery kept its own first: that one is the answer
+        # 6. Keep it, unless another delivery kept its own first: that one is the answer
         kept = job if keep is None else await keep(job)
         if kept is not job:
             logger.info("enhanced %s: answered from the kept prompt", generation_id)
@@ -196,12 +205,13 @@ class EnhanceStage:
     async def _write(
         self,
         request: GenerationRequest,
+        subject: str,
         contributions: list[Contribution],
         seed: int,
         spec: ModelFamily,
     ) -> tuple[str, str, str | None]:
-        """(prompt, enhancer, why the template stands in for the LLM or None) for ``request``."""
-        subject = request.prompt or dream_subject(seed)
+        """(prompt, enhancer, why the template stands in for the LLM or None) for ``request``;
+        the template writes ``subject`` (the caller's prompt, or its dream) and the plugins'."""
         if not request.enhance:
             enhancer = "passthrough" if request.prompt else "template"
             return compose(subject, contributions, spec), enhancer, None

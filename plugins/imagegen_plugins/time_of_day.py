@@ -1,7 +1,9 @@
 """The light of the hour: morning, afternoon, evening or night in the request's time zone.
 
 A prompt that names its own light ("at dusk", "a moonlit street") keeps it: the plugin then
-adds nothing, rather than the clock's light beside the caller's.
+adds nothing, rather than the clock's light beside the caller's. So does a dream whose subject,
+as the fallback template draws it (``context.subject``), names its own ("an observatory under a
+sky full of stars").
 """
 
 from __future__ import annotations
@@ -25,12 +27,15 @@ PERIODS: tuple[tuple[int, str, str], ...] = (
 
 
 # Words that set a scene's time of day or its light (English, as the fragments are), plurals
-# too ("quiet mornings", "two sunsets"); whole words only ("nightingale" is none).
+# too ("quiet mornings", "two sunsets"); whole words only ("nightingale" is none). The sky's
+# lights (sun, stars, aurora) and a flame's ("lantern-lit") say it as well as a time does.
 _OWN_LIGHT = re.compile(
     r"\b(?:(?:dawn|daybreak|sunrise|morning|noon|afternoon|dusk|sunset|sundown|twilight"
-    r"|evening|night|midnight|moonrise|golden[\s-]+hour|blue[\s-]+hour)s?"
-    r"|midday|noontime|daylight|daytime|sunlight|sunlit|nightfall|nighttime|tonight"
-    r"|overnight|after[\s-]+dark|moonlit|moonlight|starlit|starlight|starry)\b",
+    r"|evening|night|midnight|moonrise|golden[\s-]+hour|blue[\s-]+hour|sunbeam)s?"
+    r"|midday|noontime|daylight|daytime|sunlight|sunlit|sunny|sunshine|nightfall|nighttime"
+    r"|tonight|overnight|after[\s-]+dark|moonlit|moonlight|starlit|starlight|starry|stars"
+    r"|auroras?|(?:northern|southern)[\s-]+lights"
+    r"|(?:lantern|candle|lamp|torch|fire)[\s-]?(?:lit|light))\b",
     re.IGNORECASE,
 )
 
@@ -61,8 +66,8 @@ class TimeOfDayPlugin:
         self.settings = settings
 
     def contribute(self, context: PluginContext) -> Contribution | None:
-        """The period of ``context.now`` and its light; none for a prompt naming its own."""
-        if names_its_light(context.prompt):
+        """The period of ``context.now`` and its light; none for a subject naming its own."""
+        if names_its_light(context.subject):
             return None
         period, text = period_of(context.now.hour)
         return Contribution(

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from imagegen.enhance._template import dream_subject
 from imagegen.plugins import PluginSet
 from imagegen.settings import Settings
-from imagegen_plugins.time_of_day import TimeOfDayPlugin, period_of
+from imagegen_plugins.time_of_day import TimeOfDayPlugin, names_its_light, period_of
 
 
 @pytest.mark.parametrize(
@@ -33,8 +34,11 @@ def test_periods(hour: int, period: str) -> None:
 async def test_uses_the_request_zone(settings: Settings) -> None:
     plugins = PluginSet([TimeOfDayPlugin(settings)], settings=settings)
     now = datetime(2026, 6, 1, 7, 0, tzinfo=UTC)
-    [utc] = await plugins.run(generation_id="g", seed=1, now=now)
-    [la] = await plugins.run(generation_id="g", seed=1, now=now, timezone="America/Los_Angeles")
+    fox = "a red fox"  # a subject that names no light of its own
+    [utc] = await plugins.run(generation_id="g", seed=1, now=now, prompt=fox)
+    [la] = await plugins.run(
+        generation_id="g", seed=1, now=now, prompt=fox, timezone="America/Los_Angeles"
+    )
     assert utc.data == {"period": "morning", "hour": 7, "timezone": "UTC"}
     assert "morning light" in utc.text
     assert la.data["period"] == "night" and la.data["hour"] == 0
@@ -59,7 +63,14 @@ async def test_uses_the_request_zone(settings: Settings) -> None:
         ("a nightingale on a branch", False),  # a word that only begins like one
         ("a mornington crescent sign", False),
         ("a sunsetter awning", False),
-        (None, False),  # dreamed: the clock's light
+        # The sky's lights and a flame's say when a scene is, as a time does.
+        ("a cat asleep on a sunny windowsill", True),
+        ("an observatory under a sky full of stars", True),
+        ("a whale beneath the northern lights", True),
+        ("a lantern-lit boat on a river", True),
+        ("a candlelit dinner", True),
+        ("a starfish on the sand", False),
+        ("a lamplighter's ladder", False),
     ],
 )
 async def test_a_prompt_naming_its_own_light_keeps_it(
@@ -69,3 +80,19 @@ async def test_a_prompt_naming_its_own_light_keeps_it(
     now = datetime(2026, 6, 1, 9, 0, tzinfo=UTC)
     found = await plugins.run(generation_id="g", seed=1, now=now, prompt=prompt)
     assert (found == []) is kept, found
+
+
+async def test_a_dream_is_given_light_unless_its_subject_names_its_own(
+    settings: Settings,
+) -> None:
+    plugins = PluginSet([TimeOfDayPlugin(settings)], settings=settings)
+    day = datetime(2026, 6, 1, tzinfo=UTC)
+    said: dict[bool, list[str]] = {True: [], False: []}
+    for quarter in range(96):
+        now = day + timedelta(minutes=15 * quarter)
+        subject = dream_subject(quarter, now, settings.holiday_countries)
+        found = await plugins.run(generation_id="g", seed=quarter, now=now)
+        said[bool(found)].append(subject)
+    assert said[True] and said[False]  # the day drew both kinds
+    assert not any(names_its_light(subject) for subject in said[True])
+    assert all(names_its_light(subject) for subject in said[False])

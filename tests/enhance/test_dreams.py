@@ -1,0 +1,272 @@
+"""Dreams the template writes (Ollama down): their light, their season, their schedule."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from imagegen.enhance import EnhanceStage
+from imagegen.enhance._template import (
+    DREAM_SUBJECTS,
+    SEASONAL_SUBJECTS,
+    dream_subject,
+    in_southern_hemisphere,
+    season_of,
+)
+from imagegen.models import Contribution, EnhancedPrompt, GenerationRequest
+from imagegen.plugins import PluginContext, PluginSet
+from imagegen.settings import Settings
+from imagegen_plugins.time_of_day import names_its_light
+
+# Nothing listens there: every prompt falls back to the template, as with Ollama down.
+NO_OLLAMA = "http://127.0.0.1:61401"
+
+# Words of a season, read here rather than from the subjects' tags.
+WINTRY = re.compile(r"\b(?:snow\w*|frozen|ice|icy|polar|penguins?|northern lights)\b", re.I)
+SUMMERY = re.compile(r"\b(?:sunflowers|lavender|full bloom|summer|poppies|beach crowded)\b", re.I)
+
+MakeDreamer = Callable[..., EnhanceStage]
+
+
+@pytest.fixture
+async def dreamer() -> AsyncIterator[MakeDreamer]:
+    """Builds stages whose Ollama does not answer: ``dreamer(**setting_overrides)``."""
+    stages: list[EnhanceStage] = []
+
+    def make(plugins: PluginSet | None = None, **overrides: object) -> EnhanceStage:
+        fields: dict[str, object] = {
+            "ollama_host": NO_OLLAMA,
+            "ollama_retries": 0,
+            "ollama_timeout": 0.5,
+            "plugins": ["time_of_day"],
+            "timezone": "UTC",
+            "holiday_countries": ["US"],
+            **overrides,
+        }
+        settings = Settings.model_validate(fields)
+        stage = EnhanceStage(settings, plugins or PluginSet.from_settings(settings), backoff=0.01)
+        stages.append(stage)
+        return stage
+
+    yield make
+    for stage in stages:
+        await stage.aclose()
+
+
+def ticks(start: datetime, count: int, every: timedelta) -> list[tuple[str, datetime]]:
+    """(event id, time) of a PingSource's ticks: each sent some milliseconds after its time."""
+    return [
+        (str(uuid.UUID(int=i + 1)), start + i * every + timedelta(milliseconds=37 * (i % 9)))
+        for i in range(count)
+    ]
+
+
+async def dream(
+    stage: EnhanceStage, event_id: str, when: datetime, **fields: object
+) -> EnhancedPrompt:
+    request = GenerationRequest.model_validate(fields)
+    job = await stage.run(request, generation_id=f"gen-{event_id}", now=when)
+    assert job.dreamed and job.fallback
+    return job
+
+
+def subject_of(job: EnhancedPrompt) -> str:
+    """The shipped subject the template's prompt begins with."""
+    found = [s for s in DREAM_SUBJECTS if job.prompt == s or job.prompt.startswith(f"{s}, ")]
+    assert len(found) == 1, job.prompt
+    return found[0]
+
+
+async def subjects(stage: EnhanceStage, events: Iterable[tuple[str, datetime]]) -> list[str]:
+    return [subject_of(await dream(stage, event_id, when)) for event_id, when in events]
+
+
+def repeats_within(drawn: list[str], window: int) -> list[tuple[int, int, str]]:
+    """(i, j, subject) for each subject drawn twice less than ``window`` places apart."""
+    return [
+        (i, j, drawn[i])
+        for i in range(len(drawn))
+        for j in range(i + 1, min(i + window, len(drawn)))
+        if drawn[i] == drawn[j]
+    ]
+
+
+# 1. Light: a subject that names its own is not given the clock's
+
+
+async def test_a_dream_naming_its_light_gets_no_other(dreamer: MakeDreamer) -> None:
+    stage = dreamer()
+    jobs = [
+        await dream(stage, event_id, when)
+        for event_id, when in ticks(datetime(2026, 7, 1, tzinfo=UTC), 192, timedelta(minutes=15))
+    ]
+    own = [job for job in jobs if names_its_light(subject_of(job))]
+    clock = [job for job in jobs if any(c.plugin == "time_of_day" for c in job.contributions)]
+    assert own and clock  # both kinds were drawn in these two days
+    contradicted = [job.prompt for job in own if job in clock]
+    assert contradicted == []
+    for job in own:
+        assert job.prompt == subject_of(job)
+
+
+async def test_plugins_see_the_subject_the_template_writes(dreamer: MakeDreamer) -> None:
+    seen: list[tuple[str | None, str]] = []
+
+    class Recorder:
+        name = "recorder"
+        description = "Records what it sees."
+        blocking = False
+
+        def contribute(self, context: PluginContext) -> Contribution | None:
+            seen.append((context.prompt, context.subject))
+            return None
+
+    settings = Settings(timezone="UTC", holiday_countries=["US"])
+    stage = dreamer(PluginSet([Recorder()], settings=settings))
+    job = await dream(stage, "e1", datetime(2026, 1, 5, 10, 0, 1, tzinfo=UTC))
+    [(prompt, subject)] = seen
+    assert prompt is None  # still the mark of a dream, for the plugins that read it so
+    assert subject == job.prompt
+    given = await stage.run(
+        GenerationRequest(prompt="a red fox"), generation_id="gen-e2", now=job.requested_at
+    )
+    assert seen[-1] == ("a red fox", "a red fox") and given.prompt == "a red fox"
+
+
+# 2. Season: a dream's season is its date's, in the plugins' zone and hemisphere
+
+
+@pytest.mark.parametrize(
+    ("countries", "month", "other_season", "own_season"),
+    [
+        (["US"], 7, WINTRY, "summer"),
+        (["US"], 12, SUMMERY, "winter"),
+        (["US", "AU"], 1, SUMMERY, "winter"),  # not every country southern: northern
+        (["AU", "nz-auk"], 7, SUMMERY, "winter"),
+        (["AU", "NZ"], 12, WINTRY, "summer"),
+    ],
+)
+async def test_a_dream_fits_the_season(
+    dreamer: MakeDreamer,
+    countries: list[str],
+    month: int,
+    other_season: re.Pattern[str],
+    own_season: str,
+) -> None:
+    stage = dreamer(holiday_countries=countries)
+    drawn = await subjects(
+        stage, ticks(datetime(2026, month, 24, tzinfo=UTC), 96, timedelta(minutes=15))
+    )
+    assert [s for s in drawn if other_season.search(s)] == []
+    assert set(drawn) & set(SEASONAL_SUBJECTS[own_season])  # its own season's are drawn
+
+
+async def test_the_season_is_the_date_in_the_plugins_zone(dreamer: MakeDreamer) -> None:
+    # 1 December 03:00 UTC is still 30 November, autumn, in New York.
+    when = datetime(2026, 12, 1, 3, 0, tzinfo=UTC)
+    stage = dreamer()
+    for i, zone in enumerate(("America/New_York", "UTC")):
+        job = await dream(stage, f"e{i}", when, timezone=zone)
+        local = when.astimezone(ZoneInfo(zone))
+        assert subject_of(job) == dream_subject(job.seed, local, ["US"])
+    new_york = ZoneInfo("America/New_York")
+    november_30 = {
+        dream_subject(1, datetime(2026, 11, 30, tzinfo=new_york) + i * timedelta(minutes=15))
+        for i in range(96)
+    }
+    assert not november_30 & set(SEASONAL_SUBJECTS["winter"])
+
+
+# 3. Schedule: a PingSource's ticks cycle through the subjects
+
+
+async def test_quarter_hourly_ticks_do_not_repeat_a_subject(dreamer: MakeDreamer) -> None:
+    stage = dreamer()
+    drawn = await subjects(
+        stage, ticks(datetime(2026, 3, 9, tzinfo=UTC), 192, timedelta(minutes=15))
+    )
+    assert len(set(drawn[:96])) == 96 and len(set(drawn[96:])) == 96  # none twice in a day
+    assert repeats_within(drawn, 28) == []  # nor within 7 hours across midnight
+
+
+async def test_hourly_and_three_hourly_ticks_do_not_repeat_a_subject(
+    dreamer: MakeDreamer,
+) -> None:
+    stage = dreamer(timezone="Europe/Berlin")
+    start = datetime(2026, 5, 10, tzinfo=ZoneInfo("Europe/Berlin"))
+    hourly = await subjects(stage, ticks(start, 72, timedelta(hours=1)))
+    assert [len(set(hourly[d * 24 : d * 24 + 24])) for d in range(3)] == [24, 24, 24]
+    assert repeats_within(hourly, 7) == []
+    three_hourly = await subjects(stage, ticks(start, 80, timedelta(hours=3)))
+    assert [len(set(three_hourly[d * 8 : d * 8 + 8])) for d in range(10)] == [8] * 10
+    assert repeats_within(three_hourly, 3) == []
+
+
+async def test_the_day_the_clock_goes_back_repeats_no_subject(dreamer: MakeDreamer) -> None:
+    # 1 November 2026 in New York has 25 hours: 01:00-01:59 twice.
+    stage = dreamer(timezone="America/New_York")
+    start = datetime(2026, 11, 1, 4, 0, tzinfo=UTC)  # local midnight
+    drawn = await subjects(stage, ticks(start, 100, timedelta(minutes=15)))
+    assert len(set(drawn)) == 100
+
+
+async def test_redelivery_dreams_the_same_and_other_requests_differ(
+    dreamer: MakeDreamer,
+) -> None:
+    stage = dreamer()
+    tick = datetime(2026, 8, 14, 10, 0, 0, 412_000, tzinfo=UTC)
+    first = await dream(stage, "ping-1", tick)
+    again = await dream(stage, "ping-1", tick)  # the broker's redelivery: same id, same time
+    assert (again.prompt, again.seed) == (first.prompt, first.seed)
+    fresh = await make_another(dreamer, "ping-1", tick)  # another process
+    assert fresh.prompt == first.prompt
+    # Two other events in the tick's quarter-hour: neither copies it, nor each other.
+    later = [await dream(stage, f"cli-{i}", tick + timedelta(minutes=7)) for i in range(2)]
+    assert len({subject_of(first), *(subject_of(job) for job in later)}) == 3
+
+
+async def make_another(dreamer: MakeDreamer, event_id: str, when: datetime) -> EnhancedPrompt:
+    return await dream(dreamer(), event_id, when)
+
+
+# The shipped subjects
+
+
+SEASON_WORDS = re.compile(
+    r"\b(?:winter\w*|summer\w*|spring|autumn\w*|fall|snow\w*|frost\w*|frozen|ice|icy"
+    r"|blossoms?|bloom\w*|harvest\w*|christmas|easter)\b",
+    re.IGNORECASE,
+)
+
+
+def test_subjects_outside_a_season_name_none() -> None:
+    tagged = {s for subjects in SEASONAL_SUBJECTS.values() for s in subjects}
+    assert len(set(DREAM_SUBJECTS)) == len(DREAM_SUBJECTS)
+    assert [s for s in DREAM_SUBJECTS if s not in tagged and SEASON_WORDS.search(s)] == []
+    # Every season offers a subject for each quarter-hour of the longest day.
+    assert (
+        min(len(DREAM_SUBJECTS) - len(tagged) + len(s) for s in SEASONAL_SUBJECTS.values()) >= 100
+    )
+
+
+@pytest.mark.parametrize(
+    ("countries", "south"),
+    [
+        (["AU"], True),
+        (["au-nsw", "NZ", "ARG"], True),
+        (["AU", "US"], False),
+        (["US"], False),
+        ([], False),
+    ],
+)
+def test_the_hemisphere_is_the_southern_where_every_country_is(
+    countries: list[str], south: bool
+) -> None:
+    july = datetime(2026, 7, 10, tzinfo=UTC)
+    assert in_southern_hemisphere(countries) is south
+    assert season_of(july.date(), southern=south) == ("winter" if south else "summer")
