@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from imagegen.events import DREAM_PING, GENERATION_REQUESTED, PROMPT_ENHANCED
@@ -12,6 +13,22 @@ if TYPE_CHECKING:
     from imagegen.plugins import PluginSet
     from imagegen.service import ImageGenService
     from imagegen.settings import Settings
+
+logger = logging.getLogger("imagegen.enhance")
+
+KNATIVE_TIMEOUT_SECONDS = 150
+"""enhance's ``timeoutSeconds`` as ``knative/base`` ships it (a test keeps the two equal): past
+it queue-proxy answers 504, and the Trigger, whose delivery ``timeout`` is above it, retries
+while the first attempt still waits on Ollama."""
+
+STORAGE_CALL_S = 5.0
+"""One call of the prompt memo to storage, slow but answered: milliseconds as a rule; 5 s is
+S3's ``connect_timeout``, one connection that does not open. A store that stalls (90 s a call,
+docs/storage.md) outlasts any budget: the request then ends in the budget's retryable 503."""
+
+STORAGE_ALLOWANCE = 2 * STORAGE_CALL_S
+"""The memo's two calls of each request: ``recall`` before the plugins, ``remember`` after the
+LLM (:class:`~imagegen.enhance.memo.EnhanceMemo`)."""
 
 
 async def _enhance(
@@ -27,7 +44,9 @@ def _prepare(settings: Settings) -> dict[str, PluginSet]:
     # nothing is reached over the network, and no table is built.
     from imagegen.plugins import PluginSet
 
-    return {"plugins": PluginSet.from_settings(settings)}
+    plugins = PluginSet.from_settings(settings)
+    _warn_past_knative(settings)
+    return {"plugins": plugins}
 
 
 async def _warm_up(service: ImageGenService) -> list[str]:
@@ -36,9 +55,50 @@ async def _warm_up(service: ImageGenService) -> list[str]:
     return await service.enhance_stage.warm_up()
 
 
+def _spent(settings: Settings) -> tuple[float, float]:
+    """The seconds the LLM and the plugins may take in one request, at most."""
+    from imagegen.enhance.llm import OllamaEnhancer
+    from imagegen.plugins.pluginset import DEFAULT_PLUGIN_TIMEOUT
+
+    # 1. The LLM: every attempt its whole timeout, and the waits between them, as the client
+    # bounds one write (built only to ask: it opens no connection).
+    llm = OllamaEnhancer(settings).deadline
+    # 2. The plugins, one after another, each up to its limit: a request runs the enabled ones
+    # or fewer (PluginSet.select refuses any other).
+    plugins = len(dict.fromkeys(settings.plugins)) * DEFAULT_PLUGIN_TIMEOUT
+    return llm, plugins
+
+
 def _timeout(settings: Settings) -> float:
-    # Every Ollama attempt may use its whole timeout; the rest is plugins and storage.
-    return settings.ollama_timeout * (settings.ollama_retries + 1) + 30
+    # 3. Then the prompt memo's storage calls.
+    return sum(_spent(settings)) + STORAGE_ALLOWANCE
+
+
+def _warn_past_knative(settings: Settings) -> None:
+    # Said once, as the process starts (prepare runs once a process): settings that are right
+    # only where the manifests were raised with them, and fail requests where they were not.
+    llm, plugins = _spent(settings)
+    budget = llm + plugins + STORAGE_ALLOWANCE
+    if budget < KNATIVE_TIMEOUT_SECONDS:
+        return
+    given = " and ".join(
+        f"{settings.variable(name)}={getattr(settings, name):g}"
+        for name in ("ollama_timeout", "ollama_retries")
+    )
+    logger.warning(
+        "enhance's budget is %g s (%s: Ollama %g s; %s: plugins %g s; storage %g s), not under "
+        "the %d s timeoutSeconds of the shipped manifests: Knative would answer 504 first and "
+        "the broker retry while the attempt still waits on Ollama; raise the Service's "
+        "timeoutSeconds and responseStartTimeoutSeconds and the Trigger's delivery timeout "
+        "with them (docs/runbook.md)",
+        budget,
+        given,
+        llm,
+        settings.variable("plugins"),
+        plugins,
+        STORAGE_ALLOWANCE,
+        KNATIVE_TIMEOUT_SECONDS,
+    )
 
 
 STAGE = Stage(

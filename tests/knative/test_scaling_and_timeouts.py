@@ -25,6 +25,11 @@ EXPECTED_INFERENCE_S = 60
 MODEL_LOAD_BUDGET_S = 15 * 60
 # Before the container starts: a GPU node from the cluster autoscaler and the CUDA image.
 NODE_AND_PULL_BUDGET_S = 10 * 60
+# Around the load, before /readyz turns 200: the process's start and its torch/CUDA imports,
+# then the warm-up render (prod's IMAGEGEN_RENDER_WARMUP), which with IMAGEGEN_RENDER_COMPILE
+# compiles each shape it draws. Start to /readyz with regional compile and a cold compile cache
+# took 28 s on an H200 (docs/benchmarks.md); 5 min leaves a slower GPU ten times that.
+START_AND_WARM_UP_BUDGET_S = 5 * 60
 # How long a render request may wait in the activator for a free slot (another render
 # ending, or a warm pod's second GPU) and still get the function's own answer.
 ACTIVATOR_WAIT_S = 6 * EXPECTED_INFERENCE_S
@@ -423,10 +428,14 @@ def test_render_cold_start_fits_the_deadlines(routing: RoutingOf, overlay: str) 
         startup.get("initialDelaySeconds", 0)
         + startup["failureThreshold"] * startup["periodSeconds"]
     )
-    assert window >= MODEL_LOAD_BUDGET_S, "the startup probe gives up before the model loads"
+    # /readyz turns 200 after the load and the warm-up: a load that takes its whole budget
+    # must not fail the probe, or the kubelet restarts the container to load it again.
+    assert window >= MODEL_LOAD_BUDGET_S + START_AND_WARM_UP_BUDGET_S, (
+        "the startup probe gives up before the model loads and the warm-up renders"
+    )
+    # Knative waits that long for the revision to turn ready: the node and the image first.
     deadline = parse_go_duration(render.annotations["serving.knative.dev/progress-deadline"])
-    assert deadline >= timedelta(seconds=window)
-    assert deadline >= timedelta(seconds=MODEL_LOAD_BUDGET_S + NODE_AND_PULL_BUDGET_S)
+    assert deadline >= timedelta(seconds=NODE_AND_PULL_BUDGET_S + window)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
