@@ -469,18 +469,20 @@ class RenderRequest(_Model):
         # its enhanced_at after that time (the caller's clock up to MAX_AHEAD ahead of its
         # own), and before now. A body that says otherwise was not enhance's: its
         # enhanced_at would otherwise date any generation anywhere (2999, heading the history).
-        if self.requested_at is None:
-            return self
-        field, value = "requested_at", self.requested_at
+        field: str = "requested_at"
+        value = self.requested_at
         try:
-            if self.enhanced_at is None:
-                not_ahead(self.requested_at)
-            else:
+            if self.enhanced_at is not None:
                 field, value = "enhanced_at", self.enhanced_at
                 not_ahead(self.enhanced_at)
-                if aware(self.requested_at) - aware(self.enhanced_at) > MAX_AHEAD:
-                    field, value = "requested_at", self.requested_at
-                    raise ValueError("must not be after enhanced_at: enhance writes it later")
+            if self.requested_at is None:
+                return self
+            if self.enhanced_at is None:
+                field, value = "requested_at", self.requested_at
+                not_ahead(self.requested_at)
+            elif aware(self.requested_at) - aware(self.enhanced_at) > MAX_AHEAD:
+                field, value = "requested_at", self.requested_at
+                raise ValueError("must not be after enhanced_at: enhance writes it later")
         except ValueError as exc:
             error = PydanticCustomError("time_ahead", str(exc))
             detail = InitErrorDetails(type=error, loc=(field,), input=value)

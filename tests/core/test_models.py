@@ -198,6 +198,10 @@ def test_a_direct_render_cannot_start_a_generation_ahead_of_this_clock() -> None
             with pytest.raises(InvalidRequest) as caught:
                 parse_model(RenderRequest, written)
             assert [e["field"] for e in caught.value.errors] == [field]
+        # Nor without a requested_at, which then is now.
+        with pytest.raises(InvalidRequest) as caught:
+            parse_model(RenderRequest, {"prompt": "p", "enhanced_at": "2999-01-01T00:00:00Z"})
+        assert [e["field"] for e in caught.value.errors] == ["enhanced_at"]
         # Every stage after the start reads the time it is given, whatever its clock says.
         job = parse_model(EnhancedPrompt, {**JOB, "requested_at": value})
         assert job.requested_at == datetime.fromisoformat(value)
