@@ -6,7 +6,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from types import TracebackType
@@ -224,9 +224,56 @@ class ImageGenService:
         self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None
     ) -> RenderedImage:
         """Render ``job`` and store the PNG (idempotent per generation id)."""
+        return await self._render(job, progress)
+
+    async def _render(
+        self,
+        job: EnhancedPrompt,
+        progress: ProgressCallback | None,
+        stored: Callable[[], None] | None = None,
+    ) -> RenderedImage:
         async with _stage("render", job.generation_id, self.recorder) as stage:
             _job_attributes(stage.span, job)
-            return await stage.emitted(await self.render_stage.render(job, progress=progress))
+            rendered = await self.render_stage.render(job, progress=progress)
+            if stored is not None:
+                stored()
+            return await stage.emitted(rendered)
+
+    async def render_and_persist(
+        self,
+        job: EnhancedPrompt,
+        *,
+        progress: ProgressCallback | None = None,
+        stored: Callable[[], None] | None = None,
+    ) -> PersistedImage:
+        """:meth:`render`, then :meth:`persist`: the in-process chain's middle.
+
+        Once the PNG is stored (then ``stored()`` is called), what is left is short: the
+        render's record in the history, the metadata record and its own. It is carried to its
+        end even when this task is cancelled meanwhile (Ctrl-C), and the cancellation goes on
+        after it: the image is complete and its history says so, rather than a PNG left behind
+        a history that says it failed. Cancelled before, the render stops as :meth:`render`
+        does, nothing of it stored. Another cancellation while it ends gives up waiting.
+        """
+        png_stored = False
+
+        def on_stored() -> None:
+            nonlocal png_stored
+            png_stored = True
+            if stored is not None:
+                stored()
+
+        async def chain() -> PersistedImage:
+            return await self.persist(await self._render(job, progress, on_stored))
+
+        task = asyncio.ensure_future(chain())
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not png_stored:
+                task.cancel()
+            await task  # its end: stopped and recorded so, or the image complete
+            raise
 
     async def render_png(
         self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None

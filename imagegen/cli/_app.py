@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from imagegen.settings import Settings
 
 __all__ = [
+    "STOPPED",
     "AsJson",
     "CannotWrite",
     "Verbose",
@@ -36,6 +37,7 @@ __all__ = [
     "display_location",
     "dotenv_warnings",
     "err",
+    "exit_at_once",
     "failed_write",
     "image_where",
     "make_service",
@@ -45,6 +47,7 @@ __all__ = [
     "output_after",
     "printable",
     "run_async",
+    "say_stopped",
     "set_verbosity",
     "settings_from",
     "warn_newer_schema",
@@ -389,6 +392,7 @@ def cancel_on_termination(stopped_by: list[int]) -> None:
     def stop(signum: int) -> None:
         if not stopped_by:
             stopped_by.append(signum)
+            exit_at_once(128 + signum)  # another signal while it stops: at once
             task.cancel()
 
     for name in ("SIGTERM", "SIGHUP"):
@@ -399,10 +403,132 @@ def cancel_on_termination(stopped_by: list[int]) -> None:
 
 
 def run_async(coro_factory: Callable[[], Any]) -> Any:
-    """Run the coroutine ``coro_factory()`` makes to completion; return its result."""
-    import asyncio
+    """Run the coroutine ``coro_factory()`` makes to completion; return its result.
 
-    return asyncio.run(coro_factory())
+    Ctrl-C (SIGINT) cancels it, as :func:`asyncio.run` does, and is raised as
+    ``KeyboardInterrupt`` once it has ended; another signal meanwhile (the render stopping,
+    its failure recorded, the clients closing) ends the process at once, in the same one line
+    (:func:`exit_at_once`). asyncio's own runner raises the second Ctrl-C as
+    ``KeyboardInterrupt`` wherever Python is running then (asyncio/runners.py,
+    ``Runner._on_sigint``): in a client's close, a finalizer, a log handler, each left half
+    done and reported as the process ends.
+    """
+    import asyncio
+    import signal
+    import threading
+
+    main: list[asyncio.Task[Any]] = []
+    interrupted: list[int] = []
+
+    def interrupt(signum: int, frame: object) -> None:
+        if not main or main[0].done():  # not begun, or over: Python's own way
+            raise KeyboardInterrupt
+        interrupted.append(signum)
+        exit_at_once(130)
+        main[0].get_loop().call_soon_threadsafe(main[0].cancel)
+
+    async def run() -> Any:
+        task = asyncio.current_task()
+        assert task is not None, "run as a task"
+        main.append(task)
+        return await coro_factory()
+
+    # Signal handlers are the main thread's alone (a test may run a command on another).
+    handles = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if handles else None
+    if handles:
+        # Set before the runner starts, which then leaves SIGINT alone (it installs its own
+        # only over Python's default handler).
+        signal.signal(signal.SIGINT, interrupt)
+    try:
+        return asyncio.run(run())
+    except asyncio.CancelledError:
+        if interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if handles and signal.getsignal(signal.SIGINT) is interrupt:
+            signal.signal(
+                signal.SIGINT, before if before is not None else signal.default_int_handler
+            )
+
+
+STOPPED = {130: "interrupted", 143: "terminated", 129: "hung up"}
+"""The exit status of a command a signal stopped (128 + its number: SIGINT, SIGTERM, SIGHUP)
+and what is said of it."""
+
+_STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # Windows has no SIGHUP
+
+
+class _Said:
+    """Whether the line that says a command was stopped is written (``said``), being written
+    (``saying``), and whether a signal came while it was (``exit_after``)."""
+
+    saying = False
+    said = False
+    exit_after: int | None = None
+
+
+def _flush_and_exit(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def exit_at_once(code: int) -> None:
+    """From now on SIGINT, SIGTERM and SIGHUP end the process at once, with exit ``code``
+    and, where it is not said yet, its one line (:func:`say_stopped`): the command is already
+    stopping, and another signal asks for no more than that. Its output is flushed; nothing
+    else runs (no cleanup, no finalizer to report what it leaves half done)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def now(signum: int, frame: object) -> None:
+        if _Said.saying:  # interrupting the line itself: the process ends once it is written
+            _Said.exit_after = code
+            return
+        if not _Said.said:
+            _Said.said = True
+            with suppress(Exception):
+                sys.stderr.write(f"imagegen: error: {STOPPED[code]}\n")
+        _flush_and_exit(code)
+
+    running = _running_loop()
+    for name in _STOP_SIGNALS:
+        signum = getattr(signal, name, None)
+        if signum is None:
+            continue
+        if running is not None:
+            # The loop's own handler (cancel_on_termination's) would otherwise be put back to
+            # the default as the loop closes, under this one.
+            with suppress(Exception):
+                running.remove_signal_handler(signum)
+        signal.signal(signum, now)
+
+
+def say_stopped(code: int, write: Callable[[str], None]) -> None:
+    """Say the one line that says a signal stopped the command (``write`` writes it), unless
+    :func:`exit_at_once`'s handler has; a signal that comes while it is written ends the
+    process once it is."""
+    if _Said.said:
+        return
+    _Said.saying = True
+    try:
+        write(STOPPED[code])
+    finally:
+        _Said.said, _Said.saying = True, False
+    if _Said.exit_after is not None:
+        _flush_and_exit(_Said.exit_after)
+
+
+def _running_loop() -> Any:
+    """The event loop running in this thread, or None (asyncio not even imported)."""
+    asyncio = sys.modules.get("asyncio")
+    return asyncio.events._get_running_loop() if asyncio is not None else None
 
 
 def make_service(settings: Settings, *, record: bool = True) -> ImageGenService:
@@ -417,11 +543,16 @@ def make_service(settings: Settings, *, record: bool = True) -> ImageGenService:
     return ImageGenService(settings, recorder=_recorder(settings) if record else None)
 
 
+LEDGER_BUSY_TIMEOUT = 2.0
+"""Seconds the history's write waits for a lock another process holds on a SQLite ledger:
+then that generation's history stops there (:class:`~imagegen.ledger.recorder.Recorder`)."""
+
+
 def _recorder(settings: Settings) -> Recorder | None:
     """What records the local history; None (and a warning) when the ledger cannot open."""
     from imagegen.errors import ImageGenError
     from imagegen.ledger import open_ledger
-    from imagegen.ledger.recorder import Recorder
+    from imagegen.ledger.recorder import HistoryCutShort, Recorder
 
     url = settings.ledger_url.get_secret_value() if settings.ledger_url else None
     if url and url.startswith(("http://", "https://")):
@@ -435,7 +566,9 @@ def _recorder(settings: Settings) -> Recorder | None:
         )
         return None
     try:
-        ledger = open_ledger(url)
+        # A short wait for another process's write lock (a long `imagegen ledger prune`): the
+        # image is not held up for the ledger function's 30 s on each of its events.
+        ledger = open_ledger(url, busy_timeout=LEDGER_BUSY_TIMEOUT)
     except (ImageGenError, OSError) as exc:
         _not_recorded(exc)
         return None
@@ -444,10 +577,14 @@ def _recorder(settings: Settings) -> Recorder | None:
 
     def failed(exc: Exception) -> None:
         # A ledger that opens and then cannot be written (damaged pages, a full disk): said
-        # once, as one that cannot open is; the log line is seen only with -v.
+        # once, as one that cannot open is; the log line is seen only with -v. One busy past
+        # the wait: what of the generation is recorded, and what not.
         if not said:
             said.append(exc)
-            _not_recorded(exc)
+            if isinstance(exc, HistoryCutShort):
+                err.print(f"[yellow]warning:[/] {markup(str(exc))}", soft_wrap=True)
+            else:
+                _not_recorded(exc)
 
     return Recorder(ledger, on_failure=failed)
 

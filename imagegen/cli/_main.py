@@ -11,7 +11,6 @@ import contextlib
 import errno
 import logging
 import os
-import signal
 import sys
 from typing import NoReturn, TextIO
 
@@ -19,7 +18,15 @@ import typer
 
 # Importing the command modules registers their commands on ``app``, in this order.
 from imagegen.cli import doctor, generate, history, models, tools  # noqa: F401
-from imagegen.cli._app import CannotWrite, app, failed_write, printable
+from imagegen.cli._app import (
+    STOPPED,
+    CannotWrite,
+    app,
+    exit_at_once,
+    failed_write,
+    printable,
+    say_stopped,
+)
 from imagegen.cli.tools import functions_dir as functions_dir
 from imagegen.errors import ConfigurationError, ImageGenError, InvalidRequest, first_line
 
@@ -81,15 +88,10 @@ def run(argv: list[str] | None = None) -> None:
         _internal_error(exc)
     # typer turns Ctrl-C into Exit(130), returned here without a word; generate's SIGTERM and
     # SIGHUP come back as 143 and 129 alike.
-    if result in _STOPPED:
+    if result in STOPPED:
         _stopped(result)
     if isinstance(result, int) and result:
         sys.exit(result)
-
-
-_STOPPED = {130: "interrupted", 143: "terminated", 129: "hung up"}
-"""The exit status of a command a signal stopped (128 + its number: SIGINT, SIGTERM, SIGHUP)
-and what is said of it."""
 
 
 def _stopped(code: int) -> NoReturn:
@@ -98,20 +100,11 @@ def _stopped(code: int) -> NoReturn:
     The interpreter then waits for the threads still at work: a render, which stops at its next
     denoising step. Another signal meanwhile ends the process at once, rather than break into
     that wait with a traceback (and torch's threads, still running, torn down with the
-    interpreter: an abort).
+    interpreter: an abort); it may have come before, and said the line already.
     """
-
-    def now(signum: int, frame: object) -> None:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(code)
-
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
-        signum = getattr(signal, name, None)  # Windows has no SIGHUP
-        if signum is not None:
-            signal.signal(signum, now)
-    _fail(_STOPPED[code], code)
+    exit_at_once(code)
+    say_stopped(code, _say)
+    sys.exit(code)
 
 
 def _internal_error(exc: Exception) -> NoReturn:
@@ -141,12 +134,16 @@ def _variable(field: str) -> str:
 
 
 def _fail(message: str, code: int) -> NoReturn:
+    _say(message)
+    sys.exit(code)
+
+
+def _say(message: str) -> None:
     try:  # the exit status says it all the same where stderr is closed or full
         sys.stderr.write(f"imagegen: error: {printable(message)}\n")
         sys.stderr.flush()
     except Exception:
         _discard(sys.stderr)
-    sys.exit(code)
 
 
 def _discard(stream: object) -> None:

@@ -17,6 +17,7 @@ from imagegen.cli._app import (
     app,
     cancel_on_termination,
     err,
+    exit_at_once,
     image_where,
     make_service,
     markup,
@@ -143,9 +144,28 @@ async def finish(
     Returns the persisted image and, when its derivatives could not be made (a full disk),
     why: the PNG and its record are stored, so the image is made all the same.
     """
+    return await _derived(service, await service.persist(rendered))
+
+
+async def _render_and_finish(
+    service: ImageGenService,
+    enhanced: EnhancedPrompt,
+    *,
+    progress: Any = None,
+    stored: Any = None,
+) -> tuple[PersistedImage, str | None]:
+    """Render ``enhanced``, persist it and make its derivatives, as :func:`finish` does; an
+    interrupt once the PNG is stored lets the image be persisted first
+    (:meth:`~imagegen.service.ImageGenService.render_and_persist`)."""
+    persisted = await service.render_and_persist(enhanced, progress=progress, stored=stored)
+    return await _derived(service, persisted)
+
+
+async def _derived(
+    service: ImageGenService, persisted: PersistedImage
+) -> tuple[PersistedImage, str | None]:
     from imagegen.errors import ImageGenError
 
-    persisted = await service.persist(rendered)
     try:
         await service.derive(persisted)
     except (ImageGenError, OSError) as exc:  # the history records it as derive's failure
@@ -172,7 +192,7 @@ async def _generate_one(
     with one_trace():
         if not show_progress:
             enhanced = await service.enhance_while_loading(request)
-            return enhanced, *await finish(service, await service.render(enhanced))
+            return enhanced, *await _render_and_finish(service, enhanced)
         return await _with_progress(service, request)
 
 
@@ -200,9 +220,12 @@ async def _with_progress(service: ImageGenService, request: Any) -> tuple[Any, A
         def progress(step: int, total: int) -> None:
             bar.update(task, completed=step, total=total, steps=f"{step}/{total} steps")
 
-        rendered = await service.render(enhanced, progress=progress)
-        bar.update(task, description="persisting")
-        return enhanced, *await finish(service, rendered)
+        def stored() -> None:
+            bar.update(task, description="persisting")
+
+        return enhanced, *await _render_and_finish(
+            service, enhanced, progress=progress, stored=stored
+        )
 
 
 @app.command()
@@ -343,11 +366,14 @@ def loop(
         stop = asyncio.Event()
         running = asyncio.get_running_loop()
 
+        interrupt = signal.getsignal(signal.SIGINT)  # run_async's: it cancels this task
+
         def first_interrupt() -> None:
-            # The next Ctrl-C is Python's own again: it stops the image under way too. Two
-            # that came before the loop ran this once are both queued here: the second is
-            # raised again, for Python's handler.
+            # The next Ctrl-C is run_async's again: it stops the image under way too, and one
+            # more ends the process at once. Two that came before the loop ran this once are
+            # both queued here: the second is raised again, for that handler.
             running.remove_signal_handler(signal.SIGINT)
+            signal.signal(signal.SIGINT, interrupt)
             if stop.is_set():
                 signal.raise_signal(signal.SIGINT)
                 return
@@ -365,6 +391,7 @@ def loop(
             # The first stops the loop after this image, as a first Ctrl-C does; another stops
             # the image under way too, recorded where it stopped (generate's way).
             if stopped_by:
+                exit_at_once(128 + stopped_by[0])  # one more: at once
                 task.cancel()
                 return
             stopped_by.append(signum)

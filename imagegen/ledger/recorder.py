@@ -3,6 +3,12 @@
 The events are the ones the functions would exchange: same types, sources and stable ids
 (:func:`imagegen.events.reply_id`), so the local history reads like a cluster's. Recording is
 best-effort here: a ledger that cannot be written costs a warning, never the image.
+
+A write that cannot be answered now (another process holds the ledger's lock past its busy
+timeout: a long ``imagegen ledger prune``) is not waited for again within the same generation:
+its later events are not written, so the image waits for that lock once at most, and its
+history stops where it was last recorded, rather than taking up with a later event and missing
+what came between.
 """
 
 from __future__ import annotations
@@ -14,16 +20,33 @@ from datetime import UTC, datetime
 
 from pydantic import BaseModel
 
+from imagegen.errors import DependencyUnavailable
 from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED, reply_id, source_for
+from imagegen.ledger._sql import BUSY
 from imagegen.ledger.models import LedgerEvent
 from imagegen.ledger.store import Ledger
 from imagegen.models import ErrorInfo, GenerationFailed, GenerationRequest
 
-__all__ = ["LOCAL_SOURCE", "Recorder"]
+__all__ = ["LOCAL_SOURCE", "HistoryCutShort", "Recorder"]
 
 log = logging.getLogger("imagegen.ledger")
 
 LOCAL_SOURCE = "/imagegen/cli"
+
+
+class HistoryCutShort(Exception):
+    """A generation's event could not be recorded now: neither it nor the generation's later
+    events are. What was recorded of it before (``recorded``: the short name of its last event
+    written, ``requested``, ``enhanced``..., or None) stays."""
+
+    def __init__(
+        self, generation_id: str, recorded: str | None, error: DependencyUnavailable, where: str
+    ) -> None:
+        self.generation_id, self.recorded, self.error = generation_id, recorded, error
+        kept = "is not recorded" if recorded is None else f"is recorded up to {recorded!r} only"
+        # The ledger's own words for a lock not granted ask its client to retry: not here.
+        why = f"ledger {where} is locked by another process" if error.message == BUSY else error
+        super().__init__(f"the history of generation {generation_id} {kept}: {why}")
 
 
 class Recorder:
@@ -38,6 +61,10 @@ class Recorder:
     ) -> None:
         self.ledger = ledger
         self.on_failure = on_failure
+        # The generation last recorded and the short name of its last event written: the
+        # chain records one generation at a time.
+        self._recorded: tuple[str, str] | None = None
+        self._cut_short: set[str] = set()
 
     async def requested(
         self,
@@ -95,9 +122,20 @@ class Recorder:
             time=datetime.now(UTC),
             data=data.model_dump(mode="json"),
         )
+        gid = event.subject or ""
+        if gid in self._cut_short:
+            log.info("not recording %s: the ledger could not record this generation", event_type)
+            return
         try:
             await asyncio.to_thread(self.ledger.ingest, event)
         except Exception as exc:  # the image matters more than its history line
             log.warning("could not record %s in the ledger: %s", event_type, exc)
+            said: Exception = exc
+            if isinstance(exc, DependencyUnavailable) and gid:
+                self._cut_short.add(gid)
+                last = self._recorded[1] if self._recorded and self._recorded[0] == gid else None
+                said = HistoryCutShort(gid, last, exc, self.ledger.where)
             if self.on_failure is not None:
-                self.on_failure(exc)
+                self.on_failure(said)
+        else:
+            self._recorded = (gid, event_type.rsplit(".", 1)[-1])

@@ -99,7 +99,7 @@ class _Cursor:
         return cur.rowcount
 
 
-def _write_ahead(conn: sqlite3.Connection) -> None:
+def _write_ahead(conn: sqlite3.Connection, busy_timeout: float) -> None:
     """Put the database in WAL mode, waiting out another connection doing the same.
 
     Two processes opening a new ledger at once (two pods, a CLI beside a function) both ask for
@@ -107,7 +107,7 @@ def _write_ahead(conn: sqlite3.Connection) -> None:
     switch needs an exclusive lock, and waiting for one there could deadlock), so it is retried
     here within the same busy timeout.
     """
-    deadline = time.monotonic() + _BUSY_TIMEOUT_S
+    deadline = time.monotonic() + busy_timeout
     while True:
         try:
             conn.execute("PRAGMA journal_mode=WAL")
@@ -167,6 +167,10 @@ class SqliteLedger(SqlLedger):
             disk, a lock held past the busy timeout; ``read_only``: a WAL-mode file in a folder
             this process cannot write, without the ``-shm`` and ``-wal`` files SQLite reads it
             by).
+        busy_timeout: Seconds a statement waits for a lock another connection holds (30 by
+            default: the ledger function's writes, retried when it runs out). The command
+            line's history waits less: an image is not held up by another process's long write
+            (``imagegen ledger prune``).
     """
 
     dialect = "sqlite"
@@ -175,8 +179,14 @@ class SqliteLedger(SqlLedger):
     )
 
     def __init__(
-        self, path: str | Path, *, must_exist: bool = False, read_only: bool = False
+        self,
+        path: str | Path,
+        *,
+        must_exist: bool = False,
+        read_only: bool = False,
+        busy_timeout: float | None = None,
     ) -> None:
+        self._busy_timeout = _BUSY_TIMEOUT_S if busy_timeout is None else busy_timeout
         if str(path) != ":memory:":
             path = Path(path).expanduser()
         self.path = path
@@ -225,7 +235,7 @@ class SqliteLedger(SqlLedger):
         try:
             try:
                 if isinstance(path, Path):
-                    _write_ahead(self._conn)
+                    _write_ahead(self._conn, self._busy_timeout)
                 self._conn.execute("PRAGMA synchronous=NORMAL")
                 self._migrate()
             except sqlite3.OperationalError as exc:
@@ -253,7 +263,7 @@ class SqliteLedger(SqlLedger):
         # transactions are explicit, so autocommit mode (isolation_level=None).
         return sqlite3.connect(
             target,
-            timeout=_BUSY_TIMEOUT_S,
+            timeout=self._busy_timeout,
             isolation_level=None,
             check_same_thread=False,
             uri=isinstance(target, str) and target.startswith("file:"),

@@ -147,7 +147,11 @@ def ledger_path(url: str | None) -> Path | None:
 
 
 def open_ledger(
-    url: str | None = None, *, must_exist: bool = False, read_only: bool = False
+    url: str | None = None,
+    *,
+    must_exist: bool = False,
+    read_only: bool = False,
+    busy_timeout: float | None = None,
 ) -> Ledger:
     """Open (and migrate) the ledger ``url`` names.
 
@@ -161,6 +165,8 @@ def open_ledger(
             and ``-shm`` beside it; one with no ledger in it, an empty file, reads as an empty
             ledger), and writes fail (``InternalError``). Only a migration still to apply opens
             it for writing. A PostgreSQL database is opened as without it.
+        busy_timeout: Seconds a SQLite ledger's statement waits for a lock another process
+            holds (default 30); a PostgreSQL database is opened as without it.
 
     Raises:
         InvalidRequest: an unsupported URL scheme.
@@ -174,7 +180,12 @@ def open_ledger(
         return PostgresLedger(url)
     from imagegen.ledger.sqlite import SqliteLedger
 
-    return SqliteLedger(ledger_path(url) or ":memory:", must_exist=must_exist, read_only=read_only)
+    return SqliteLedger(
+        ledger_path(url) or ":memory:",
+        must_exist=must_exist,
+        read_only=read_only,
+        busy_timeout=busy_timeout,
+    )
 
 
 def open_unmigrated(url: str | None, *, timeout: float = 10.0) -> tuple[Ledger, int]:

@@ -16,7 +16,8 @@ partial one. The directory is flushed after the rename, and each directory a wri
 it is made: a rename lives in its directory's entries, so without that a write answered as done
 could vanish with a power cut, and a generation's image be rendered again. A writer killed
 mid-way can leave a hidden ``.<name>.<random>.tmp`` file behind; it is never visible as an
-object.
+object, and the first write of a process into a directory removes those of them there older than
+:data:`STALE_TEMPORARY` (a write takes seconds at most: one that old has no writer left).
 
 :meth:`LocalStorage.create` (first writer wins) writes and flushes both files under hidden
 temporary names first, then holds an exclusive :func:`fcntl.flock` on the directory's hidden
@@ -68,9 +69,11 @@ import fcntl
 import json
 import mimetypes
 import os
+import re
 import secrets
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -95,6 +98,14 @@ _CONTENT_TYPES = {
     ".avif": "image/avif",
 }
 _CREATE_LOCK = ".create.lock"
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{16}\.tmp")
+"""The names :func:`_staged` gives its temporary files."""
+
+STALE_TEMPORARY = 3600.0
+"""Seconds after its last change a temporary file of ours is taken for one a killed writer left
+(and removed): far beyond any write, so never a writer's at work."""
+_swept: set[Path] = set()
+_swept_lock = threading.Lock()
 
 LOCK_WAIT = 5.0
 """Seconds a create waits for its directory's lock before it fails, retryably. The lock is
@@ -371,6 +382,15 @@ def _new_pool_after_fork() -> None:
 os.register_at_fork(after_in_child=_new_pool_after_fork)
 
 
+def _new_sweep_lock_after_fork() -> None:
+    # Held by another of the parent's threads as it forked, it would never be let go here.
+    global _swept_lock
+    _swept_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_sweep_lock_after_fork)
+
+
 def _lock(fd: int, directory: Path) -> None:
     """Take the exclusive ``flock`` on ``fd``, waiting :data:`LOCK_WAIT` seconds at most.
 
@@ -437,6 +457,7 @@ def _staged(path: Path, data: bytes, *, make_parent: bool = False) -> Path:
     With ``make_parent``, a missing directory is made first (looked for only when the file
     cannot be created: each call here is a system call, made while other threads wait).
     """
+    _sweep_once(path.parent)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     # O_EXCL: never write through a file or link someone else put there; 0o666 lets the umask
     # decide the permissions, as for any newly created file.
@@ -459,6 +480,29 @@ def _staged(path: Path, data: bytes, *, make_parent: bool = False) -> Path:
         raise
     os.close(fd)
     return tmp
+
+
+def _sweep_once(directory: Path) -> None:
+    """Remove the temporary files of ours in ``directory`` older than :data:`STALE_TEMPORARY`
+    (writers killed mid-way: a signal, a power cut), the first time this process writes there:
+    one read of the directory per directory and process, not one per write."""
+    with _swept_lock:
+        if directory in _swept:
+            return
+        _swept.add(directory)
+    stale = time.time() - STALE_TEMPORARY
+    # Not made yet (the write makes it), or unreadable: nothing to remove.
+    with contextlib.suppress(OSError), os.scandir(directory) as entries:
+        for entry in entries:
+            # A folder may hold many objects (prompts/: one a generation): names first.
+            name = entry.name
+            if not (name.endswith(".tmp") and name.startswith(".") and _TEMPORARY.fullmatch(name)):
+                continue
+            with contextlib.suppress(OSError):  # gone meanwhile: another sweep
+                if entry.is_file(follow_symlinks=False) and (
+                    entry.stat(follow_symlinks=False).st_mtime < stale
+                ):
+                    os.unlink(entry.path)
 
 
 def _make_directories(directory: Path) -> None:

@@ -699,3 +699,68 @@ def test_export_keeps_the_model_attribute_render_triggers_route_on(
     for line in enhanced:
         assert line[MODEL_ATTRIBUTE] == line["data"]["model"] == "tiny"
     assert not any(MODEL_ATTRIBUTE in line for line in lines if line["type"] != PROMPT_ENHANCED)
+
+
+@pytest.fixture
+def locked_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A ledger file another process holds the write lock of (``BEGIN IMMEDIATE``, as a long
+    ``imagegen ledger prune`` does), until the test ends; the CLI's ledger."""
+    import subprocess
+    import sys
+
+    from imagegen.ledger import open_ledger
+
+    path = tmp_path / "l.db"
+    open_ledger(str(path)).close()  # made and migrated: opening it again takes no lock
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys\n"
+            f"c = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
+            "c.execute('BEGIN IMMEDIATE')\n"
+            "print('locked', flush=True)\n"
+            "sys.stdin.read()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+    monkeypatch.setenv("IMAGEGEN_LEDGER_URL", str(path))
+    try:
+        yield path
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_ledger_locked_by_another_process_holds_the_image_up_once(
+    locked_ledger: Path, run: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its first write waits a short while (not the ledger function's 30 s), and the rest of
+    that generation's history is not waited for: the warning says none of it is recorded, as
+    none is, even once the lock is let go."""
+    from imagegen.ledger import open_ledger
+
+    started = time.monotonic()
+    code, out, err = run("generate", "a kite", *SMALL, "--steps", "2", "--json")
+    took = time.monotonic() - started
+
+    assert code == 0, err
+    gid = json.loads(out)["image"]["generation_id"]
+    tried = [r for r in caplog.records if r.getMessage().startswith("could not record")]
+    assert len(tried) == 1, [r.getMessage() for r in tried]  # its request; the rest not tried
+    assert took < 25, took  # one write that waited the ledger function's 30 s: more
+    said = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert said == [
+        f"warning: the history of generation {gid} is not recorded: ledger {locked_ledger} is"
+        " locked by another process"
+    ]
+    ledger = open_ledger(str(locked_ledger))
+    try:
+        assert ledger.get(gid) is None
+    finally:
+        ledger.close()

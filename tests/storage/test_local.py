@@ -218,6 +218,36 @@ asyncio.run(LocalStorage({str(local.root)!r}).put({KEYS.image!r}, b"new" * 100_0
     assert len(leftovers) == 1 and "/.gen-0003.png." in leftovers[0]
 
 
+@pytest.mark.parametrize("write", ["put", "create"])
+async def test_a_first_write_into_a_folder_removes_stale_temporary_files(
+    local: LocalStorage, write: str
+) -> None:
+    """Those a killed writer left an hour ago and more go; a writer's at work now (fresh) stays,
+    and so does every other file, hidden or not."""
+    folder = local.root / "2026" / "05" / "01"
+    folder.mkdir(parents=True)
+    names = {
+        "stale": ".gen-0001.png.0123456789abcdef.tmp",
+        "fresh": ".gen-0002.png.fedcba9876543210.tmp",
+        "other": ".notes.tmp",
+        "object": "gen-0001.json",
+    }
+    hour_and_more = time.time() - local_module.STALE_TEMPORARY - 60
+    for kind, name in names.items():
+        (folder / name).write_bytes(b"x")
+        if kind != "fresh":
+            os.utime(folder / name, (hour_and_more, hour_and_more))
+
+    if write == "put":
+        await local.put(KEYS.image, b"png", content_type="image/png")
+    else:
+        assert await local.create(KEYS.image, b"png", content_type="image/png")
+
+    left = set(os.listdir(folder))
+    assert names["stale"] not in left
+    assert {names["fresh"], names["other"], names["object"], "gen-0003.png"} <= left
+
+
 @pytest.mark.parametrize("recorded", [True, False], ids=["with-sidecar", "object-alone"])
 async def test_create_across_processes_has_one_winner(local: LocalStorage, recorded: bool) -> None:
     # Four processes wait at one barrier (a file each has to see), then create the same key:
