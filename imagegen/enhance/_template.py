@@ -8,8 +8,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import random
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
 
 from imagegen.enhance._text import fit_budget, join_fragments
 from imagegen.models import Contribution
@@ -17,17 +19,21 @@ from imagegen.modelspec import ModelFamily
 
 __all__ = [
     "DREAM_SUBJECTS",
+    "HOLIDAY_PLUGIN",
+    "LIGHT_PLUGIN",
     "SEASONAL_SUBJECTS",
     "SOUTHERN_COUNTRIES",
     "compose",
+    "dream_countries",
     "dream_subject",
     "in_southern_hemisphere",
+    "names_its_light",
     "season_of",
 ]
 
 # Subjects for a request without a prompt when no LLM can dream one. Grammatical phrases that
-# name no season and, but for the few the time_of_day plugin recognises as naming their own
-# light ("night", "stars", "lantern-lit": it then adds no light of its own), no time of day.
+# name no season and, but for the few that name their own light ("night", "a sky full of
+# stars", "lantern-lit": the template then leaves out the clock's), no time of day.
 _ANY_SEASON: tuple[str, ...] = (
     "a lighthouse on a rocky coast",
     "a quiet mountain village above the clouds",
@@ -210,6 +216,56 @@ _SHORTEST_DAY = 92
 _ON_THE_TICK = timedelta(minutes=1)
 
 
+# Words that set a scene's time of day or its light (English, as the fragments are), plurals
+# too ("quiet mornings", "two sunsets"); whole words only ("nightingale" is none). The sky's
+# lights (sun, stars, aurora) and a flame's ("lantern-lit") say it as well as a time does; the
+# stars only as a sky's ("under the stars", "a sky full of stars", "starry"), not a flag's, a
+# film star's or a hotel's.
+_OWN_LIGHT = re.compile(
+    r"\b(?:(?:dawn|daybreak|sunrise|morning|noon|afternoon|dusk|sunset|sundown|twilight"
+    r"|evening|night|midnight|moonrise|golden[\s-]+hour|blue[\s-]+hour|sunbeam)s?"
+    r"|midday|noontime|daylight|daytime|sunlight|sunlit|sunny|sunshine|nightfall|nighttime"
+    r"|tonight|overnight|after[\s-]+dark|moonlit|moonlight|starlit|starlight|starry"
+    r"|(?:sky|skies)[\s-]+(?:full[\s-]+)?of[\s-]+stars|under[\s-]+(?:the[\s-]+)?stars"
+    r"|stars[\s-]+(?:above|overhead)"
+    r"|auroras?|(?:northern|southern)[\s-]+lights"
+    r"|(?:lantern|candle|lamp|torch|fire)[\s-]?(?:lit|light))\b",
+    re.IGNORECASE,
+)
+
+LIGHT_PLUGIN = "time_of_day"
+"""The plugin whose fragment is the clock's light: the template leaves it out after a subject
+that names its own (:func:`compose`)."""
+
+HOLIDAY_PLUGIN = "holiday"
+"""The plugin whose ``countries`` option overrides ``IMAGEGEN_HOLIDAY_COUNTRIES``: a dream's
+hemisphere follows the countries it reads (:func:`dream_countries`)."""
+
+
+def names_its_light(prompt: str | None) -> bool:
+    """Whether ``prompt`` says when its scene is or how it is lit (dusk, night, starlit, ...)."""
+    return prompt is not None and _OWN_LIGHT.search(prompt) is not None
+
+
+def dream_countries(configured: Iterable[str], options: Mapping[str, Any]) -> list[str]:
+    """The holiday countries a dream's hemisphere follows, those the holiday plugin reads.
+
+    Args:
+        configured: ``IMAGEGEN_HOLIDAY_COUNTRIES``.
+        options: The holiday plugin's options, merged as it runs with them (the request's
+            ``plugin_options`` over the operator's): their ``countries``, a list of text or
+            comma-separated text as ``option_list`` in ``imagegen_plugins._options`` reads it,
+            stand for ``configured``. A value the plugin refuses is left aside here: its
+            refusal answers the request.
+    """
+    given = options.get("countries")
+    if isinstance(given, str):
+        return [code.strip() for code in given.split(",") if code.strip()]
+    if isinstance(given, list) and all(isinstance(code, str) for code in given):
+        return [code.strip() for code in given if code.strip()]
+    return list(configured)
+
+
 def in_southern_hemisphere(countries: Iterable[str]) -> bool:
     """Whether every one of ``countries`` (``AU``, ``au-nsw``) is a southern one; False for none."""
     codes = [code.strip().upper().partition("-")[0] for code in countries]
@@ -266,7 +322,8 @@ def dream_subject(seed: int, when: datetime, countries: Iterable[str] = ()) -> s
     Args:
         seed: The generation's seed.
         when: The request's time, aware, in the zone whose date and hour it follows.
-        countries: The holiday countries configured (``IMAGEGEN_HOLIDAY_COUNTRIES``).
+        countries: The holiday countries the request's holiday plugin reads
+            (:func:`dream_countries`).
     """
     day = when.date()
     order = _day_order(day, in_southern_hemisphere(countries))
@@ -283,6 +340,11 @@ def compose(subject: str, contributions: Sequence[Contribution], spec: ModelFami
     """``subject`` then each plugin's fragment, within ``spec``'s budget.
 
     The subject is kept whole (it is the caller's); trailing fragments go first when over budget.
+    The clock's light (:data:`LIGHT_PLUGIN`'s fragment) is left out after a subject that names
+    its own ("a bustling night market"), rather than a second light beside it: the plugin
+    gives it to a dream all the same, for an LLM that dreams a subject of its own.
     """
-    prompt = join_fragments([subject, *(c.text for c in contributions)])
+    own_light = names_its_light(subject)
+    fragments = [c.text for c in contributions if not (own_light and c.plugin == LIGHT_PLUGIN)]
+    prompt = join_fragments([subject, *fragments])
     return fit_budget(prompt, spec, subject=False)

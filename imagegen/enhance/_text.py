@@ -80,14 +80,22 @@ _SEVERAL = re.compile(
     re.IGNORECASE | re.MULTILINE,
 )
 _NUMBERED = re.compile(r"^[ \t]*(\d{1,2})[.)][ \t]+", re.MULTILINE)
-# A field of one prompt opening a list item ("Subject: …", "Art style: …", "Camera angle: …"):
-# items that have them are the parts of one prompt, however whole each reads.
-_FIELD = re.compile(
-    r"(?:[A-Za-z]+[ \t]){0,2}(?:subject|setting|scene|background|foreground|environment"
-    r"|location|lighting|light|style|medium|composition|framing|mood|atmosphere|tone"
-    r"|colou?rs?|palette|camera|lens|angle|shot|perspective|details?|textures?|weather"
-    r"|time of day|pose|action|character|quality)[ \t]*:",
-    re.IGNORECASE,
+# The label opening a list item ("Subject: …", "Serene Mountain Scene: …"), and the labels
+# that name a field of one prompt: a bare field, or one of the usual two-word ones. Items
+# labelled with them are the parts of one prompt, however whole each reads; a title that only
+# ends in a field's word ("Dramatic Storm Scene:", "Soft Light:") names an alternative.
+_LABELLED = re.compile(r"([A-Za-z]+(?:[ \t][A-Za-z]+){0,2})[ \t]*:")
+_FIELDS = frozenset(
+    {
+        *("subject", "setting", "scene", "background", "foreground", "environment", "location"),
+        *("lighting", "light", "style", "medium", "composition", "framing", "mood"),
+        *("atmosphere", "tone", "color", "colors", "colour", "colours", "palette", "camera"),
+        *("lens", "angle", "shot", "perspective", "detail", "details", "texture", "textures"),
+        *("weather", "time of day", "pose", "action", "character", "quality"),
+        *("main subject", "art style", "visual style", "artistic style", "color palette"),
+        *("colour palette", "color scheme", "colour scheme", "camera angle", "camera lens"),
+        *("shot type", "lighting style", "key details", "additional details", "art medium"),
+    }
 )
 # "Option 1: … Option 2: …", on one line or several: the first option.
 _OPTIONS = re.compile(
@@ -212,9 +220,23 @@ def _first_of_several(text: str) -> str:
         second = text[items[1].end() : second_end].strip()
         if not (_whole_prompt(first) and _whole_prompt(second)):
             return text
-        if _FIELD.match(first) or _FIELD.match(second):  # fields of one prompt
+        if _fields(first, second):
             return text
     return first
+
+
+def _label(item: str) -> str | None:
+    """The label opening ``item`` (``Art style``), spaces single; None where it has none."""
+    labelled = _LABELLED.match(item)
+    return " ".join(labelled.group(1).split()) if labelled is not None else None
+
+
+def _fields(first: str, second: str) -> bool:
+    """Whether two list items are fields of one prompt: labelled differently, and one of the
+    labels a field's name (:data:`_FIELDS`)."""
+    labels = (_label(first), _label(second))
+    named = any(label is not None and label.lower() in _FIELDS for label in labels)
+    return named and labels[0] != labels[1]
 
 
 def _whole_prompt(item: str) -> bool:
@@ -255,15 +277,28 @@ def _join_lines(text: str) -> str:
 # A reply that declines (or talks about itself) rather than describing an image. An image
 # prompt describes in the third person, and a refusal's words in it are the image's ("a robot
 # unable to fly", "a sign that reads I can't stop now", "a rebel who breaks our rules",
-# "unfortunately lit diner"): only an apology or a first person declining, opening the reply,
-# counts, or in its first sentence a first person declining to help or a policy of the model's.
+# "unfortunately lit diner", "a sign reading 'we cannot help you'"): only an apology or a first
+# person declining, opening the reply, counts, or in its first sentence (outside quotes) a
+# first person declining to help or a policy of the model's.
+_CANNOT = r"(?:can ?not|can['\u2019]?t|won['\u2019]?t|will not|unable|not able)"
 _APOLOGY = re.compile(
     r"\W*(?:i(?:['\u2019]m| am) sorry|i apologi[sz]e|my apologies|apologies,"
-    # "Sorry, I …", "Sorry but …", "Sorry!": not "Sorry Mr Bean, a comic portrait".
-    r"|sorry(?:[,!.]?[ \t]+(?:but|i|i['\u2019]m|we|that|this|it)\b|[!.])"
-    # "Unfortunately, …", "Unfortunately I …": not "Unfortunately lit diner".
+    # "Sorry, I …", "Sorry but …", "Sorry, can't help", "Sorry!": not "Sorry Mr Bean, a comic
+    # portrait".
+    r"|sorry(?:[,!.\u2013\u2014-]?[ \t]+[\u2013\u2014-]?[ \t]*"
+    rf"(?:but|i|i['\u2019]m|we|that|this|it|{_CANNOT})\b|[!.])"
+    # "Unfortunately, …", "Unfortunately I …": not "Unfortunately lit diner" (and for that
+    # one without a comma, see _UNFORTUNATELY).
     r"|unfortunately(?:,|[ \t]+(?:i|we)\b)"
     r"|as an ai\b|as a language model)",
+    re.IGNORECASE,
+)
+# "Unfortunately the request cannot be fulfilled", "Unfortunately that is not something that
+# can be generated": an opening "Unfortunately" whose first sentence declines.
+_UNFORTUNATELY = re.compile(r"\W*unfortunately\b", re.IGNORECASE)
+_UNFORTUNATE_DECLINE = re.compile(
+    rf"\b{_CANNOT}\b|\bnot\b(?:[ \t]+\w+){{0,6}}?[ \t]+(?:be[ \t]+)?"
+    r"(?:generated|fulfil+ed|created|produced|drawn|written|possible|allowed|permitted)\b",
     re.IGNORECASE,
 )
 # "I", "I'm", "we'll": the first person, and the words that may come before its refusal ("I'm
@@ -284,6 +319,26 @@ _DECLINES = re.compile(
     r"|(?:unable to|can ?not|can['\u2019]?t)[ \t]+(?:help|assist|comply|fulfil+)\b)",
     re.IGNORECASE,
 )
+# The rules a model follows, as it names them: "my rules", "our guidelines", "the safety
+# policy", "the content policy". A description says "the safety rules" and "our rules" too
+# ("a skateboarder breaks the safety rules"), so these count only after a subject that is the
+# request (_AGAINST_POLICY), or possessed by the model (_DECLINES_WITHIN).
+_POLICY = (
+    r"(?:against|violates?|violating|breach(?:es)?|breaks?|contravenes?)[ \t]+"
+    r"(?:my|our|openai['\u2019]s|the[ \t]+(?:content|usage|safety))"
+    r"(?:[ \t]+\w+)?[ \t]+(?:rules|guidelines|polic(?:y|ies)|principles|terms|standards)\b"
+)
+# Opening the reply: "This violates the safety guidelines", "That goes against my rules",
+# "This request goes against the safety policy", "Creating this would violate …".
+_AGAINST_POLICY = re.compile(
+    r"\W*(?:(?:this|that|your|the|such(?:[ \t]+an?)?)[ \t]+"
+    r"(?:request|prompt|image|idea|content|topic|subject|description)"
+    r"|(?:creating|writing|generating|making|drawing|producing|depicting)[ \t]+"
+    r"(?:this|that|it|such[ \t]+\w+)|this|that|it|doing so)(?:['\u2019]s)?"
+    r"(?:[ \t]+(?:would|could|may|might|will|does|clearly|directly|unfortunately|also|is|be"
+    r"|go|goes|going|run|runs)){0,3}[ \t]+" + _POLICY,
+    re.IGNORECASE,
+)
 # In the first sentence: "this is something I am unable to help with", "I cannot write that";
 # "… goes against my guidelines", "… violates the content policy" (the model's own policy: a
 # possessive or "the content policy", never bare rules, which an image's rebel breaks).
@@ -298,6 +353,15 @@ _DECLINES_WITHIN = re.compile(
     r"(?:[ \t]+\w+)?[ \t]+(?:guidelines|polic(?:y|ies)|principles|terms)\b",
     re.IGNORECASE,
 )
+# Quoted words (a sign's, a motto's) are the image's: in straight quotes, double or single, or
+# in curly ones. A single quote opens after no letter and closes before none, so that the
+# apostrophe of "can't" neither opens nor closes one.
+_QUOTED = re.compile(
+    r"\"[^\"\n]{0,300}\"|\u201c[^\u201d\n]{0,300}\u201d"
+    r"|(?<![\w'\u2019])['\u2018](?:[^'\u2019\n]|(?<=\w)['\u2019](?=\w)){1,300}?['\u2019](?!\w)"
+)
+# A description's opening: "A shop window …", "An old sign …".
+_DESCRIPTION = re.compile(r"\W*an?[ \t]+\w", re.IGNORECASE)
 # The first sentence: up to the first . ! ? before a space or the end.
 _FIRST_SENTENCE = re.compile(r"[^.!?]*(?:[.!?](?=\s|\Z))?")
 # Meta text, no prompt: "here's a more detailed version of your idea", "here is an enhanced
@@ -317,12 +381,16 @@ _META = re.compile(
 
 
 def _refusal(prompt: str) -> bool:
-    """Whether ``prompt`` opens with an apology or a first person declining, or declines in
-    its first sentence (:data:`_DECLINES_WITHIN`)."""
-    if _APOLOGY.match(prompt) or _DECLINES.match(prompt):
+    """Whether ``prompt`` opens with an apology, a first person declining or the request
+    breaking the model's rules, or declines in its first sentence (:data:`_DECLINES_WITHIN`,
+    quoted words and a description opening with ``A`` aside)."""
+    if _APOLOGY.match(prompt) or _DECLINES.match(prompt) or _AGAINST_POLICY.match(prompt):
         return True
-    first = _FIRST_SENTENCE.match(prompt)
-    return first is not None and _DECLINES_WITHIN.search(first.group()) is not None
+    first = _FIRST_SENTENCE.match(_QUOTED.sub("\u2026", prompt))
+    sentence = first.group() if first is not None else ""
+    if _UNFORTUNATELY.match(sentence) and _UNFORTUNATE_DECLINE.search(sentence):
+        return True
+    return not _DESCRIPTION.match(sentence) and _DECLINES_WITHIN.search(sentence) is not None
 
 
 _LETTERS = re.compile(r"[^\W\d_]+")

@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 from opentelemetry import trace
 
 from imagegen.enhance._ollama import ollama
-from imagegen.enhance._template import compose, dream_subject
+from imagegen.enhance._template import HOLIDAY_PLUGIN, compose, dream_countries, dream_subject
 from imagegen.enhance.llm import DEFAULT_BACKOFF, OllamaEnhancer, answered, fallback_reason
 from imagegen.errors import DependencyUnavailable, InvalidRequest
 from imagegen.identity import (
@@ -144,27 +144,16 @@ class EnhanceStage:
         seed = request.seed if request.seed is not None else derive_seed(generation_id)
         requested_at = request_time(request.requested_at, now)
 
-        # 2. The subject: the caller's, or the template's dream, drawn before the plugins run
-        # and seen by them (``context.subject``: time_of_day adds no light to one naming its
-        # own), from the request's time in the zone the plugins read it in.
+        # 2. The subject: the caller's, or the template's dream, from the request's time in the
+        # zone the plugins read it in, in the hemisphere of the countries the holiday plugin
+        # reads.
         zone = ZoneInfo(request.timezone or self.settings.timezone)
-        subject = request.prompt or dream_subject(
-            seed, requested_at.astimezone(zone), self.settings.holiday_countries
-        )
+        holiday = self.plugins.options_for(HOLIDAY_PLUGIN, request.plugin_options)
+        countries = tuple(dream_countries(self.settings.holiday_countries, holiday))
+        subject = request.prompt or dream_subject(seed, requested_at.astimezone(zone), countries)
 
         # 3. Run the plugins
-        with tracer().start_as_current_span("imagegen.plugins") as span:
-            span.set_attribute("imagegen.plugins", self.plugins.select(request.plugins))
-            contributions = await self.plugins.run(
-                generation_id=generation_id,
-                seed=seed,
-                now=requested_at,
-                prompt=request.prompt,
-                timezone=request.timezone,
-                options=request.plugin_options,
-                selection=request.plugins,
-            )
-            span.set_attribute("imagegen.plugins.contributed", [c.plugin for c in contributions])
+        contributions = await self._contributions(request, generation_id, seed, requested_at)
 
         # 4. Write the prompt
         prompt, enhancer, fallback = await self._write(request, subject, contributions, seed, spec)
@@ -201,6 +190,24 @@ class EnhanceStage:
             trace.get_current_span().add_event("imagegen.enhance.fallback", {"reason": fallback})
         self._log(job)
         return job
+
+    async def _contributions(
+        self, request: GenerationRequest, generation_id: str, seed: int, requested_at: datetime
+    ) -> list[Contribution]:
+        """What the plugins the request selects contribute, in order."""
+        with tracer().start_as_current_span("imagegen.plugins") as span:
+            span.set_attribute("imagegen.plugins", self.plugins.select(request.plugins))
+            contributions = await self.plugins.run(
+                generation_id=generation_id,
+                seed=seed,
+                now=requested_at,
+                prompt=request.prompt,
+                timezone=request.timezone,
+                options=request.plugin_options,
+                selection=request.plugins,
+            )
+            span.set_attribute("imagegen.plugins.contributed", [c.plugin for c in contributions])
+        return contributions
 
     async def _write(
         self,

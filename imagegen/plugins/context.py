@@ -21,8 +21,7 @@ class PluginContext:
 
     Attributes:
         generation_id: The generation's id.
-        prompt: The caller's prompt; None when the enhancer will dream one (:attr:`subject`
-            then says what the template's dream is of).
+        prompt: The caller's prompt; None when the enhancer will dream one.
         now: The request's time, aware, in the request's time zone.
         timezone: The IANA zone ``now`` is expressed in.
         seed: The generation's seed.
@@ -41,19 +40,6 @@ class PluginContext:
     options: Mapping[str, Any] = field(default_factory=dict)
     contributions: tuple[Contribution, ...] = ()
     plugin: str = ""
-
-    @property
-    def subject(self) -> str:
-        """What the image is of: the caller's prompt, else the subject the fallback template
-        dreams for this request (its prompt then begins with it; an LLM that answers dreams its
-        own). A function of the seed, ``now`` in ``timezone`` and the holiday countries
-        configured, as the enhance stage draws it."""
-        if self.prompt is not None:
-            return self.prompt
-        # Here, not above: the enhance stage imports the plugins.
-        from imagegen.enhance._template import dream_subject
-
-        return dream_subject(self.seed, self.now, self.settings.holiday_countries)
 
     def rng(self) -> random.Random:
         """A random generator seeded from (seed, plugin name): same request, same draws."""

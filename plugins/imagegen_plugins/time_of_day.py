@@ -1,15 +1,15 @@
 """The light of the hour: morning, afternoon, evening or night in the request's time zone.
 
 A prompt that names its own light ("at dusk", "a moonlit street") keeps it: the plugin then
-adds nothing, rather than the clock's light beside the caller's. So does a dream whose subject,
-as the fallback template draws it (``context.subject``), names its own ("an observatory under a
-sky full of stars").
+adds nothing, rather than the clock's light beside the caller's. A dream always gets it, for
+the LLM that dreams a subject of its own; the template, where it writes the dream, leaves it out
+after a subject that names its own ("an observatory under a sky full of stars";
+:func:`imagegen.enhance._template.compose`).
 """
 
 from __future__ import annotations
 
-import re
-
+from imagegen.enhance._template import names_its_light
 from imagegen.models import Contribution
 from imagegen.plugins import PluginContext
 from imagegen.settings import Settings
@@ -24,25 +24,6 @@ PERIODS: tuple[tuple[int, str, str], ...] = (
     (17, "evening", "warm evening glow, golden hour light"),
     (21, "night", "night scene, moonlight and glowing artificial lights"),
 )
-
-
-# Words that set a scene's time of day or its light (English, as the fragments are), plurals
-# too ("quiet mornings", "two sunsets"); whole words only ("nightingale" is none). The sky's
-# lights (sun, stars, aurora) and a flame's ("lantern-lit") say it as well as a time does.
-_OWN_LIGHT = re.compile(
-    r"\b(?:(?:dawn|daybreak|sunrise|morning|noon|afternoon|dusk|sunset|sundown|twilight"
-    r"|evening|night|midnight|moonrise|golden[\s-]+hour|blue[\s-]+hour|sunbeam)s?"
-    r"|midday|noontime|daylight|daytime|sunlight|sunlit|sunny|sunshine|nightfall|nighttime"
-    r"|tonight|overnight|after[\s-]+dark|moonlit|moonlight|starlit|starlight|starry|stars"
-    r"|auroras?|(?:northern|southern)[\s-]+lights"
-    r"|(?:lantern|candle|lamp|torch|fire)[\s-]?(?:lit|light))\b",
-    re.IGNORECASE,
-)
-
-
-def names_its_light(prompt: str | None) -> bool:
-    """Whether ``prompt`` says when its scene is (dusk, night, ...)."""
-    return prompt is not None and _OWN_LIGHT.search(prompt) is not None
 
 
 def period_of(hour: int) -> tuple[str, str]:
@@ -66,8 +47,8 @@ class TimeOfDayPlugin:
         self.settings = settings
 
     def contribute(self, context: PluginContext) -> Contribution | None:
-        """The period of ``context.now`` and its light; none for a subject naming its own."""
-        if names_its_light(context.subject):
+        """The period of ``context.now`` and its light; none for a prompt naming its own."""
+        if names_its_light(context.prompt):
             return None
         period, text = period_of(context.now.hour)
         return Contribution(

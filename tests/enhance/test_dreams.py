@@ -18,10 +18,11 @@ from imagegen.enhance._template import (
     in_southern_hemisphere,
     season_of,
 )
-from imagegen.models import Contribution, EnhancedPrompt, GenerationRequest
-from imagegen.plugins import PluginContext, PluginSet
+from imagegen.models import EnhancedPrompt, GenerationRequest
+from imagegen.plugins import PluginSet
 from imagegen.settings import Settings
-from imagegen_plugins.time_of_day import names_its_light
+from imagegen_plugins.time_of_day import names_its_light, period_of
+from tests.fakes.ollama_server import FakeOllama
 
 # Nothing listens there: every prompt falls back to the template, as with Ollama down.
 NO_OLLAMA = "http://127.0.0.1:61401"
@@ -31,6 +32,7 @@ WINTRY = re.compile(r"\b(?:snow\w*|frozen|ice|icy|polar|penguins?|northern light
 SUMMERY = re.compile(r"\b(?:sunflowers|lavender|full bloom|summer|poppies|beach crowded)\b", re.I)
 
 MakeDreamer = Callable[..., EnhanceStage]
+_QUARTER = timedelta(minutes=15)
 
 
 @pytest.fixture
@@ -38,7 +40,7 @@ async def dreamer() -> AsyncIterator[MakeDreamer]:
     """Builds stages whose Ollama does not answer: ``dreamer(**setting_overrides)``."""
     stages: list[EnhanceStage] = []
 
-    def make(plugins: PluginSet | None = None, **overrides: object) -> EnhanceStage:
+    def make(plugin_set: PluginSet | None = None, **overrides: object) -> EnhanceStage:
         fields: dict[str, object] = {
             "ollama_host": NO_OLLAMA,
             "ollama_retries": 0,
@@ -49,7 +51,8 @@ async def dreamer() -> AsyncIterator[MakeDreamer]:
             **overrides,
         }
         settings = Settings.model_validate(fields)
-        stage = EnhanceStage(settings, plugins or PluginSet.from_settings(settings), backoff=0.01)
+        plugin_set = plugin_set or PluginSet.from_settings(settings)
+        stage = EnhanceStage(settings, plugin_set, backoff=0.01)
         stages.append(stage)
         return stage
 
@@ -106,36 +109,35 @@ async def test_a_dream_naming_its_light_gets_no_other(dreamer: MakeDreamer) -> N
         for event_id, when in ticks(datetime(2026, 7, 1, tzinfo=UTC), 192, timedelta(minutes=15))
     ]
     own = [job for job in jobs if names_its_light(subject_of(job))]
-    clock = [job for job in jobs if any(c.plugin == "time_of_day" for c in job.contributions)]
-    assert own and clock  # both kinds were drawn in these two days
-    contradicted = [job.prompt for job in own if job in clock]
-    assert contradicted == []
-    for job in own:
-        assert job.prompt == subject_of(job)
+    assert own and len(own) < len(jobs)  # both kinds were drawn in these two days
+    for job in jobs:
+        [light] = [c for c in job.contributions if c.plugin == "time_of_day"]
+        if job in own:  # the template leaves the clock's light out
+            assert job.prompt == subject_of(job)
+        else:
+            assert job.prompt == f"{subject_of(job)}, {light.text}"
 
 
-async def test_plugins_see_the_subject_the_template_writes(dreamer: MakeDreamer) -> None:
-    seen: list[tuple[str | None, str]] = []
-
-    class Recorder:
-        name = "recorder"
-        description = "Records what it sees."
-        blocking = False
-
-        def contribute(self, context: PluginContext) -> Contribution | None:
-            seen.append((context.prompt, context.subject))
-            return None
-
-    settings = Settings(timezone="UTC", holiday_countries=["US"])
-    stage = dreamer(PluginSet([Recorder()], settings=settings))
-    job = await dream(stage, "e1", datetime(2026, 1, 5, 10, 0, 1, tzinfo=UTC))
-    [(prompt, subject)] = seen
-    assert prompt is None  # still the mark of a dream, for the plugins that read it so
-    assert subject == job.prompt
-    given = await stage.run(
-        GenerationRequest(prompt="a red fox"), generation_id="gen-e2", now=job.requested_at
+async def test_an_llm_dream_gets_the_light_the_template_leaves_out(dreamer: MakeDreamer) -> None:
+    """The LLM never sees the template's subject: at a tick whose template subject names its
+    light (a night market), the LLM still gets the hour's light to dream by."""
+    day = datetime(2026, 7, 1, tzinfo=UTC)
+    when = next(
+        tick
+        for tick in (day + i * timedelta(minutes=15) for i in range(96))
+        if names_its_light(dream_subject(0, tick, ["US"]))
     )
-    assert seen[-1] == ("a red fox", "a red fox") and given.prompt == "a red fox"
+    light = period_of(when.hour)[1]
+    with FakeOllama() as fake:
+        fake.reply_with({"prompt": "a paper boat race on a flooded street, children cheering"})
+        llm = dreamer(ollama_host=fake.url)
+        job = await llm.run(GenerationRequest(), generation_id="gen-llm", now=when)
+        assert (job.dreamed, job.fallback) == (True, False)
+        [sent] = fake.chat_requests
+    assert [c.text for c in job.contributions] == [light]
+    assert light in sent["messages"][-1]["content"]
+    template = await dream(dreamer(), "llm", when)  # the same tick, Ollama down
+    assert names_its_light(subject_of(template)) and light not in template.prompt
 
 
 # 2. Season: a dream's season is its date's, in the plugins' zone and hemisphere
@@ -164,6 +166,25 @@ async def test_a_dream_fits_the_season(
     )
     assert [s for s in drawn if other_season.search(s)] == []
     assert set(drawn) & set(SEASONAL_SUBJECTS[own_season])  # its own season's are drawn
+
+
+@pytest.mark.parametrize("given_by", ["operator", "request"])
+async def test_the_hemisphere_is_the_holiday_plugins_countries(
+    dreamer: MakeDreamer, given_by: str
+) -> None:
+    """``countries`` given to the holiday plugin, by the operator's options or the request's,
+    stand for IMAGEGEN_HOLIDAY_COUNTRIES, in its calendar and in the dreams' seasons."""
+    options = {"holiday": {"countries": ["AU"]}}
+    operator = {"plugin_options": options} if given_by == "operator" else {}
+    stage = dreamer(plugins=["time_of_day", "holiday"], timezone="Australia/Sydney", **operator)
+    fields = {"plugin_options": options} if given_by == "request" else {}
+    christmas = datetime(2026, 12, 24, 13, tzinfo=UTC)  # midnight in Sydney
+    drawn = [
+        subject_of(await dream(stage, event_id, when, **fields))
+        for event_id, when in ticks(christmas, 96, _QUARTER)
+    ]
+    assert [s for s in drawn if WINTRY.search(s)] == []
+    assert set(drawn) & set(SEASONAL_SUBJECTS["summer"])
 
 
 async def test_the_season_is_the_date_in_the_plugins_zone(dreamer: MakeDreamer) -> None:

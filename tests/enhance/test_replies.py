@@ -27,6 +27,8 @@ THINKING = "Okay, the user wants a fox in the snow, so let me think about the li
         "I'm sorry, but I can't help with that request.",
         "As an AI language model, I cannot create images, but here is a fox.",
         "I'm afraid I can't help with that request.",
+        "Sorry, can't help with that.",
+        "This violates the safety guidelines.",
         "Sure, here's a more detailed version of your idea that keeps the subject.",
     ],
 )

@@ -368,6 +368,26 @@ def test_a_plugins_fragment_follows_the_prompt_rule_of_a_request() -> None:
             "2. Night: a grey wolf howling at a full moon, stars.",
             "Morning: a red fox asleep in fresh snow, soft light.",
         ),
+        # Titles that end in a field's word name alternatives, not fields.
+        (
+            "1. Serene Mountain Scene: A serene mountain lake at sunrise, mist over the water, "
+            "photorealistic.\n"
+            "2. Dramatic Storm Scene: A lighthouse battered by waves under storm clouds, "
+            "cinematic.",
+            "Serene Mountain Scene: A serene mountain lake at sunrise, mist over the water, "
+            "photorealistic.",
+        ),
+        (
+            "1. Soft Light: A red fox sleeping in snow, soft morning light, shallow depth of "
+            "field.\n"
+            "2. Dramatic Light: A red fox on a ridge at sunset, backlit fur, epic.",
+            "Soft Light: A red fox sleeping in snow, soft morning light, shallow depth of field.",
+        ),
+        (  # one field's name twice: two versions of it, not two fields
+            "1. Subject: a red fox curled asleep in fresh snow, eyes closed.\n"
+            "2. Subject: a grey wolf howling at a full moon, night.",
+            "Subject: a red fox curled asleep in fresh snow, eyes closed.",
+        ),
     ],
 )
 def test_clean_reply_keeps_the_first_of_several_alternatives(reply: str, prompt: str) -> None:
@@ -390,6 +410,17 @@ def test_clean_reply_keeps_the_first_of_several_alternatives(reply: str, prompt:
         "As an AI, I do not make prompts about real people.",
         "We can't create that image.",
         "Creating this violates the content policy of the service.",
+        # Without the first person: a declining verb after "Sorry", a decline in a sentence
+        # that "Unfortunately" opens, the request breaking the model's own rules.
+        "Sorry, can't help with that.",
+        "Sorry, cannot help with this request.",
+        "Sorry \u2013 can't do that one.",
+        "Unfortunately the request cannot be fulfilled.",
+        "Unfortunately that is not something that can be generated.",
+        "This violates the safety guidelines.",
+        "This goes against the safety policy I follow.",
+        "That goes against my rules, so I will pass.",
+        "Creating this would violate the safety guidelines.",
     ],
 )
 def test_a_refusal_is_unusable(reply: str) -> None:
@@ -444,6 +475,14 @@ def test_meta_text_with_no_prompt_is_unusable(reply: str) -> None:
         "A wizard who cannot create these potions fast enough, cluttered lab, candlelight, "
         "fantasy art",
         "Sorry Mr Bean, a comic portrait of a clumsy man in a tweed jacket, watercolor",
+        # A sign's or a motto's words, quoted, in a description.
+        "A shop window with a sign reading 'Unfortunately, we cannot help you today', dusty "
+        "office, film grain.",
+        "A tired barista behind a counter with a handwritten sign: 'We can't make this any "
+        "faster', cozy cafe.",
+        "A neon sign in a dive bar that says \u201cI can't make this up\u201d, moody, rain on "
+        "the window.",
+        "A toddler in a high chair, speech bubble saying I won't make that mess again, cartoon",
         "A child who will not eat this broccoli, sitting at a kitchen table, comic style",
         # "version", "ideas" naming the image's things, not the reply or the user's idea.
         "This is a steampunk version of the Eiffel Tower at dusk, brass gears glowing, warm "

@@ -71,6 +71,13 @@ async def test_uses_the_request_zone(settings: Settings) -> None:
         ("a candlelit dinner", True),
         ("a starfish on the sand", False),
         ("a lamplighter's ladder", False),
+        # Stars as a sky's light, not a flag's, a film's or a hotel's.
+        ("campers asleep under the stars", True),
+        ("a desert with stars overhead", True),
+        ("a starry harbour", True),
+        ("an American flag with its stars and stripes", False),
+        ("two Hollywood stars posing on a red carpet", False),
+        ("a five stars hotel lobby", False),
     ],
 )
 async def test_a_prompt_naming_its_own_light_keeps_it(
@@ -82,17 +89,15 @@ async def test_a_prompt_naming_its_own_light_keeps_it(
     assert (found == []) is kept, found
 
 
-async def test_a_dream_is_given_light_unless_its_subject_names_its_own(
-    settings: Settings,
-) -> None:
+async def test_a_dream_is_given_the_light_of_the_hour(settings: Settings) -> None:
+    """Whatever the template's subject: an LLM dreams a subject of its own, and the template
+    leaves the light out after one naming its own (tests/enhance/test_dreams.py)."""
     plugins = PluginSet([TimeOfDayPlugin(settings)], settings=settings)
     day = datetime(2026, 6, 1, tzinfo=UTC)
-    said: dict[bool, list[str]] = {True: [], False: []}
+    own_light = 0
     for quarter in range(96):
         now = day + timedelta(minutes=15 * quarter)
-        subject = dream_subject(quarter, now, settings.holiday_countries)
-        found = await plugins.run(generation_id="g", seed=quarter, now=now)
-        said[bool(found)].append(subject)
-    assert said[True] and said[False]  # the day drew both kinds
-    assert not any(names_its_light(subject) for subject in said[True])
-    assert all(names_its_light(subject) for subject in said[False])
+        own_light += names_its_light(dream_subject(quarter, now, settings.holiday_countries))
+        [found] = await plugins.run(generation_id="g", seed=quarter, now=now)
+        assert found.text == period_of(now.hour)[1]
+    assert own_light  # the day drew subjects naming their light, and each got the hour's
