@@ -471,13 +471,12 @@ def test_the_progress_bar_shows_no_step_count_before_it_is_known(
             await asyncio.sleep(0.5)  # the bar is drawn meanwhile, ten times a second
             return SimpleNamespace(steps=4)
 
-        async def render(self, enhanced: object, *, progress: object) -> str:
+        async def render_and_persist(
+            self, enhanced: object, *, progress: object, stored: object = None
+        ) -> str:
             for step in range(1, 5):
                 progress(step, 4)  # type: ignore[operator]
                 await asyncio.sleep(0.15)
-            return "rendered"
-
-        async def persist(self, rendered: str) -> str:
             return "persisted"
 
         async def derive(self, persisted: str) -> str:

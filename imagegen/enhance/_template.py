@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import random
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from imagegen.enhance._text import fit_budget, join_fragments
 from imagegen.models import Contribution
 from imagegen.modelspec import ModelFamily
+from imagegen.plugins.light import names_its_light
 
 __all__ = [
     "DREAM_SUBJECTS",
@@ -216,23 +216,6 @@ _SHORTEST_DAY = 92
 _ON_THE_TICK = timedelta(minutes=1)
 
 
-# Words that set a scene's time of day or its light (English, as the fragments are), plurals
-# too ("quiet mornings", "two sunsets"); whole words only ("nightingale" is none). The sky's
-# lights (sun, stars, aurora) and a flame's ("lantern-lit") say it as well as a time does; the
-# stars only as a sky's ("under the stars", "a sky full of stars", "starry"), not a flag's, a
-# film star's or a hotel's.
-_OWN_LIGHT = re.compile(
-    r"\b(?:(?:dawn|daybreak|sunrise|morning|noon|afternoon|dusk|sunset|sundown|twilight"
-    r"|evening|night|midnight|moonrise|golden[\s-]+hour|blue[\s-]+hour|sunbeam)s?"
-    r"|midday|noontime|daylight|daytime|sunlight|sunlit|sunny|sunshine|nightfall|nighttime"
-    r"|tonight|overnight|after[\s-]+dark|moonlit|moonlight|starlit|starlight|starry"
-    r"|(?:sky|skies)[\s-]+(?:full[\s-]+)?of[\s-]+stars|under[\s-]+(?:the[\s-]+)?stars"
-    r"|stars[\s-]+(?:above|overhead)"
-    r"|auroras?|(?:northern|southern)[\s-]+lights"
-    r"|(?:lantern|candle|lamp|torch|fire)[\s-]?(?:lit|light))\b",
-    re.IGNORECASE,
-)
-
 LIGHT_PLUGIN = "time_of_day"
 """The plugin whose fragment is the clock's light: the template leaves it out after a subject
 that names its own (:func:`compose`)."""
@@ -240,11 +223,6 @@ that names its own (:func:`compose`)."""
 HOLIDAY_PLUGIN = "holiday"
 """The plugin whose ``countries`` option overrides ``IMAGEGEN_HOLIDAY_COUNTRIES``: a dream's
 hemisphere follows the countries it reads (:func:`dream_countries`)."""
-
-
-def names_its_light(prompt: str | None) -> bool:
-    """Whether ``prompt`` says when its scene is or how it is lit (dusk, night, starlit, ...)."""
-    return prompt is not None and _OWN_LIGHT.search(prompt) is not None
 
 
 def dream_countries(configured: Iterable[str], options: Mapping[str, Any]) -> list[str]:

@@ -55,14 +55,26 @@ async def _warm_up(service: ImageGenService) -> list[str]:
     return await service.enhance_stage.warm_up()
 
 
+OLLAMA_BACKOFF = 0.5
+"""The first wait between Ollama attempts (``imagegen.enhance.llm.DEFAULT_BACKOFF``)."""
+
+
+def llm_deadline(settings: Settings) -> float:
+    """Seconds one prompt's LLM calls may take: every attempt its whole timeout, and the waits
+    between them, as ``OllamaEnhancer.deadline`` bounds a write (a test keeps the two equal).
+    Counted here, not asked of the client: the enhance package loads the HTTP clients, which
+    enhance's readiness does without."""
+    attempts = settings.ollama_retries + 1
+    waits = sum(min(OLLAMA_BACKOFF * 2**i, OLLAMA_BACKOFF * 8) for i in range(attempts - 1))
+    return float(settings.ollama_timeout * attempts + waits)
+
+
 def _spent(settings: Settings) -> tuple[float, float]:
     """The seconds the LLM and the plugins may take in one request, at most."""
-    from imagegen.enhance.llm import OllamaEnhancer
     from imagegen.plugins.pluginset import DEFAULT_PLUGIN_TIMEOUT
 
-    # 1. The LLM: every attempt its whole timeout, and the waits between them, as the client
-    # bounds one write (built only to ask: it opens no connection).
-    llm = OllamaEnhancer(settings).deadline
+    # 1. The LLM.
+    llm = llm_deadline(settings)
     # 2. The plugins, one after another, each up to its limit: a request runs the enabled ones
     # or fewer (PluginSet.select refuses any other).
     plugins = len(dict.fromkeys(settings.plugins)) * DEFAULT_PLUGIN_TIMEOUT

@@ -9,9 +9,9 @@ after a subject that names its own ("an observatory under a sky full of stars";
 
 from __future__ import annotations
 
-from imagegen.enhance._template import names_its_light
 from imagegen.models import Contribution
 from imagegen.plugins import PluginContext
+from imagegen.plugins.light import names_its_light
 from imagegen.settings import Settings
 
 __all__ = ["PERIODS", "TimeOfDayPlugin", "names_its_light", "period_of"]

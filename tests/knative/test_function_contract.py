@@ -14,7 +14,7 @@ from imagegen.enhance.llm import OllamaEnhancer
 from imagegen.plugins.pluginset import DEFAULT_PLUGIN_TIMEOUT
 from imagegen.settings import Settings
 from imagegen.stages import Stage
-from imagegen.stages.enhance import KNATIVE_TIMEOUT_SECONDS, STORAGE_ALLOWANCE
+from imagegen.stages.enhance import KNATIVE_TIMEOUT_SECONDS, STORAGE_ALLOWANCE, llm_deadline
 from tests.functions.clients import InProcessFunction
 from tests.functions.conftest import base_env
 
@@ -101,6 +101,7 @@ def test_enhance_budget_leaves_the_memo_its_storage_calls(
         given["plugins"] = plugins
     settings = Settings(_env_file=None, **given)
     llm = OllamaEnhancer(settings).deadline  # every attempt and the backoffs between them
+    assert llm_deadline(settings) == llm  # counted at start-up without the client
     assert llm > timeout * (retries + 1) or retries == 0
     spent = llm + len(settings.plugins) * DEFAULT_PLUGIN_TIMEOUT
     assert load_stage("enhance").timeout(settings) - spent >= STORAGE_ALLOWANCE
