@@ -127,3 +127,143 @@ def test_ctrl_c_once_the_png_is_stored_ends_with_the_image_complete(tmp_path: Pa
     finally:
         ledger.close()
     assert found is not None and found.status == "persisted"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("command", "images"),
+    [
+        (RENDER, 1),
+        # A Ctrl-C heard would stop the loop after its first image.
+        (
+            [
+                "loop",
+                "a kite",
+                "--count",
+                "2",
+                "--model",
+                "tiny",
+                "--width",
+                "512",
+                "--height",
+                "512",
+            ],
+            2,
+        ),
+    ],
+    ids=["generate", "loop"],
+)
+def test_a_process_started_ignoring_ctrl_c_goes_on_ignoring_it(
+    tmp_path: Path, command: list[str], images: int
+) -> None:
+    """Started with SIGINT ignored (a script's background job, ``trap '' INT``, a
+    supervisor), the command is not stopped by one: it finishes, exit 0, every image complete."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _PAUSED, *command, "--steps", "2", "--no-enhance", "--json"],
+        cwd=tmp_path,
+        env=isolated_environ(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    try:
+        assert proc.stderr is not None
+        said = proc.stderr.readline()
+        assert said == "writing the record\n", said + proc.communicate(timeout=60)[1]
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    pngs = list((tmp_path / "output").rglob("*.png"))
+    assert len(pngs) == images, err
+    for png in pngs:
+        assert png.with_suffix(".json").is_file() and png.stem in out
+
+
+def test_an_interrupted_run_leaves_the_signal_handlers_as_they_were() -> None:
+    """After a run Ctrl-C stopped, SIGINT, SIGTERM and SIGHUP do what they did before it: a
+    later Ctrl-C in the same process is a KeyboardInterrupt, not an exit at once."""
+    import asyncio
+    import os
+
+    from imagegen.cli._app import run_async
+
+    names = [name for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    before = {name: signal.getsignal(getattr(signal, name)) for name in names}
+
+    async def interrupted() -> str:
+        os.kill(os.getpid(), signal.SIGINT)
+        await asyncio.sleep(5)
+        return "not interrupted"
+
+    with pytest.raises(KeyboardInterrupt):
+        run_async(interrupted)
+    assert {name: signal.getsignal(getattr(signal, name)) for name in names} == before
+
+
+def test_each_command_in_a_process_says_it_was_interrupted(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second command run in the same process, interrupted too, says so as the first did."""
+    from imagegen.cli import _main
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_main, "app", interrupted)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for _ in range(2):
+            with pytest.raises(SystemExit) as exited:
+                _main.run(["generate"])
+            assert exited.value.code == 130
+            assert capsys.readouterr().err == "imagegen: error: interrupted\n"
+    finally:  # the exit-at-once handlers a stopped command leaves for the process's end
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+@pytest.mark.slow
+def test_ctrl_c_once_a_replays_png_is_stored_ends_with_the_image_complete(tmp_path: Path) -> None:
+    """``imagegen replay`` interrupted while the metadata record is written ends as generate
+    does: the record and the history finished first, then exit 130."""
+    import json
+
+    from imagegen.ledger import open_ledger
+
+    env = isolated_environ(tmp_path)
+    first = subprocess.run(
+        [sys.executable, "-c", _PAUSED.replace("time.sleep(2)", "pass"), *RENDER,
+         "--steps", "2", "--no-enhance", "--json"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    original = json.loads(first.stdout)["image"]["generation_id"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _PAUSED, "replay", original, "--json"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        said = proc.stderr.readline()
+        assert said == "writing the record\n", said + proc.communicate(timeout=60)[1]
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert (proc.returncode, err) == (130, "imagegen: error: interrupted\n")
+    assert out == ""
+    [png] = [p for p in (tmp_path / "output").rglob("*.png") if p.stem != original]
+    assert png.with_suffix(".json").is_file()
+    ledger = open_ledger(str(tmp_path / "xdg-data" / "imagegen" / "ledger.db"))
+    try:
+        found = ledger.get(png.stem)
+    finally:
+        ledger.close()
+    assert found is not None and found.status == "persisted"

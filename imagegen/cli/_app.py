@@ -397,7 +397,8 @@ def cancel_on_termination(stopped_by: list[int]) -> None:
 
     for name in ("SIGTERM", "SIGHUP"):
         signum = getattr(signal, name, None)  # Windows has no SIGHUP
-        if signum is not None:
+        # A signal the process was started ignoring (nohup, a supervisor) stays ignored.
+        if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
             with suppress(NotImplementedError):  # nor signal handlers on its loops
                 running.add_signal_handler(signum, stop, signum)
 
@@ -435,10 +436,13 @@ def run_async(coro_factory: Callable[[], Any]) -> Any:
 
     # Signal handlers are the main thread's alone (a test may run a command on another).
     handles = threading.current_thread() is threading.main_thread()
-    before = signal.getsignal(signal.SIGINT) if handles else None
-    if handles:
+    # What SIGINT, SIGTERM and SIGHUP do before, put back as it ends: the handlers set while
+    # it stops (exit_at_once's) are for this run alone, not for what its caller does next.
+    before = {signum: signal.getsignal(signum) for signum in _stop_signals()} if handles else {}
+    if handles and before.get(signal.SIGINT) is signal.default_int_handler:
         # Set before the runner starts, which then leaves SIGINT alone (it installs its own
-        # only over Python's default handler).
+        # only over Python's default handler). Only over that one: a process started with
+        # SIGINT ignored (a background job of a script, a supervisor) goes on ignoring it.
         signal.signal(signal.SIGINT, interrupt)
     try:
         return asyncio.run(run())
@@ -447,10 +451,10 @@ def run_async(coro_factory: Callable[[], Any]) -> Any:
             raise KeyboardInterrupt from None
         raise
     finally:
-        if handles and signal.getsignal(signal.SIGINT) is interrupt:
-            signal.signal(
-                signal.SIGINT, before if before is not None else signal.default_int_handler
-            )
+        for signum, handler in before.items():
+            if handler is not None:  # None: set outside Python, left as it is
+                with suppress(Exception):
+                    signal.signal(signum, handler)
 
 
 STOPPED = {130: "interrupted", 143: "terminated", 129: "hung up"}
@@ -467,6 +471,18 @@ class _Said:
     saying = False
     said = False
     exit_after: int | None = None
+
+    @classmethod
+    def reset(cls) -> None:
+        """Nothing said yet: a command begins (another may have run in this process)."""
+        cls.saying, cls.said, cls.exit_after = False, False, None
+
+
+def _stop_signals() -> list[int]:
+    """The numbers of SIGINT, SIGTERM and SIGHUP, those this platform has."""
+    import signal
+
+    return [getattr(signal, name) for name in _STOP_SIGNALS if hasattr(signal, name)]
 
 
 def _flush_and_exit(code: int) -> None:
@@ -502,6 +518,8 @@ def exit_at_once(code: int) -> None:
         signum = getattr(signal, name, None)
         if signum is None:
             continue
+        if signal.getsignal(signum) is signal.SIG_IGN:
+            continue  # the process was started ignoring it: it still does
         if running is not None:
             # The loop's own handler (cancel_on_termination's) would otherwise be put back to
             # the default as the loop closes, under this one.
@@ -545,7 +563,8 @@ def make_service(settings: Settings, *, record: bool = True) -> ImageGenService:
 
 LEDGER_BUSY_TIMEOUT = 2.0
 """Seconds the history's write waits for a lock another process holds on a SQLite ledger:
-then that generation's history stops there (:class:`~imagegen.ledger.recorder.Recorder`)."""
+then that generation's later events are kept, and written once it ends, waiting as long as
+the ledger functions do (:class:`~imagegen.ledger.recorder.Recorder`)."""
 
 
 def _recorder(settings: Settings) -> Recorder | None:
@@ -579,14 +598,17 @@ def _recorder(settings: Settings) -> Recorder | None:
         # A ledger that opens and then cannot be written (damaged pages, a full disk): said
         # once, as one that cannot open is; the log line is seen only with -v. One busy past
         # the wait: what of the generation is recorded, and what not.
-        if not said:
+        # The last try at what a busy ledger kept is said too: the line before promised it.
+        if not said or (isinstance(exc, HistoryCutShort) and exc.final):
             said.append(exc)
             if isinstance(exc, HistoryCutShort):
                 err.print(f"[yellow]warning:[/] {markup(str(exc))}", soft_wrap=True)
             else:
                 _not_recorded(exc)
 
-    return Recorder(ledger, on_failure=failed)
+    # What the short wait leaves out of a generation is written at its end, with the ledger's
+    # usual wait: the image is made by then, and its history is then whole.
+    return Recorder(ledger, on_failure=failed, patient=lambda: open_ledger(url))
 
 
 def newer_schema_said(ledger: Ledger) -> str | None:

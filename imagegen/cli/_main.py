@@ -21,6 +21,7 @@ from imagegen.cli import doctor, generate, history, models, tools  # noqa: F401
 from imagegen.cli._app import (
     STOPPED,
     CannotWrite,
+    _Said,
     app,
     exit_at_once,
     failed_write,
@@ -46,6 +47,7 @@ for _group in app.registered_groups:
 def run(argv: list[str] | None = None) -> None:
     """Run the command ``argv`` names: errors are one readable line and a non-zero exit,
     never a traceback."""
+    _Said.reset()  # an earlier command in this process may have said it was stopped
     if sys.stderr is None:  # started with stderr closed (2>&-): what it says goes nowhere
         sys.stderr = _devnull(2)
     if sys.stdout is None:  # started with stdout closed (>&-): nothing to write the result to

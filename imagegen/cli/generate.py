@@ -397,10 +397,13 @@ def loop(
             stopped_by.append(signum)
             stop.set()
 
-        running.add_signal_handler(signal.SIGINT, first_interrupt)
+        # A signal the process was started ignoring (a job in the background of a script,
+        # nohup) stays ignored, as for generate.
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            running.add_signal_handler(signal.SIGINT, first_interrupt)
         for name in ("SIGTERM", "SIGHUP"):
             signum = getattr(signal, name, None)  # Windows has no SIGHUP
-            if signum is not None:
+            if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
                 running.add_signal_handler(signum, terminated, signum)
         explained = False
         async with make_service(settings) as service:

@@ -630,7 +630,7 @@ def replay(
     stopped_by: list[int] = []
 
     async def go() -> Any:
-        from imagegen.cli.generate import finish, stored
+        from imagegen.cli.generate import _render_and_finish, stored
         from imagegen.service import one_trace
 
         cancel_on_termination(stopped_by)  # recorded where it stopped, as generate's
@@ -646,7 +646,9 @@ def replay(
                     if service.recorder is not None:
                         await service.recorder.emitted("enhance", job)
                 assert enhanced is not None
-                return *await finish(service, await service.render(enhanced)), stored(service)
+                # An interrupt once the PNG is stored lets its record be written first, as
+                # generate's does: never a PNG left behind a failed generation.
+                return *await _render_and_finish(service, enhanced), stored(service)
 
     try:
         persisted, underived, done = run_async(go)

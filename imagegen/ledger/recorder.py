@@ -5,10 +5,11 @@ The events are the ones the functions would exchange: same types, sources and st
 best-effort here: a ledger that cannot be written costs a warning, never the image.
 
 A write that cannot be answered now (another process holds the ledger's lock past its busy
-timeout: a long ``imagegen ledger prune``) is not waited for again within the same generation:
-its later events are not written, so the image waits for that lock once at most, and its
-history stops where it was last recorded, rather than taking up with a later event and missing
-what came between.
+timeout: a long ``imagegen ledger prune``) is not waited for again while the image is made: that
+event and the generation's later ones are kept, so the image waits for that lock once at most,
+and its history never takes up with a later event and misses what came between. Once the
+generation ends (its derivatives made, or its failure), the events kept are written in their
+order through ``patient``, a ledger that waits as long as the ledger functions do.
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ from datetime import UTC, datetime
 from pydantic import BaseModel
 
 from imagegen.errors import DependencyUnavailable
-from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED, reply_id, source_for
+from imagegen.events import (
+    GENERATION_FAILED,
+    GENERATION_REQUESTED,
+    IMAGE_DERIVED,
+    reply_id,
+    source_for,
+)
 from imagegen.ledger._sql import BUSY
 from imagegen.ledger.models import LedgerEvent
 from imagegen.ledger.store import Ledger
@@ -40,13 +47,23 @@ class HistoryCutShort(Exception):
     written, ``requested``, ``enhanced``..., or None) stays."""
 
     def __init__(
-        self, generation_id: str, recorded: str | None, error: DependencyUnavailable, where: str
+        self,
+        generation_id: str,
+        recorded: str | None,
+        error: DependencyUnavailable,
+        where: str,
+        *,
+        final: bool = False,
     ) -> None:
         self.generation_id, self.recorded, self.error = generation_id, recorded, error
+        # final: the last try, once the generation ended; no more is written of it.
+        self.final = final
         kept = "is not recorded" if recorded is None else f"is recorded up to {recorded!r} only"
         # The ledger's own words for a lock not granted ask its client to retry: not here.
-        why = f"ledger {where} is locked by another process" if error.message == BUSY else error
-        super().__init__(f"the history of generation {generation_id} {kept}: {why}")
+        busy = error.message == BUSY
+        why = f"ledger {where} is locked by another process" if busy else error
+        later = "; the rest is written once the image is made" if busy and not final else ""
+        super().__init__(f"the history of generation {generation_id} {kept}: {why}{later}")
 
 
 class Recorder:
@@ -54,13 +71,23 @@ class Recorder:
 
     ``on_failure`` hears of each event that could not be recorded (after it is logged): a
     caller that shows a person what happened says so where a log line would go unseen.
+    ``patient`` opens the same ledger with its usual wait for a lock (``ledger`` may be opened
+    with a shorter one): what a busy ledger kept of a generation is written through it once
+    the generation ends; without it, that is not written.
     """
 
     def __init__(
-        self, ledger: Ledger, *, on_failure: Callable[[Exception], None] | None = None
+        self,
+        ledger: Ledger,
+        *,
+        on_failure: Callable[[Exception], None] | None = None,
+        patient: Callable[[], Ledger] | None = None,
     ) -> None:
         self.ledger = ledger
         self.on_failure = on_failure
+        self.patient = patient
+        # The events of a generation the ledger was too busy for, in order: written at its end.
+        self._kept: dict[str, list[LedgerEvent]] = {}
         # The generation last recorded and the short name of its last event written: the
         # chain records one generation at a time.
         self._recorded: tuple[str, str] | None = None
@@ -124,7 +151,11 @@ class Recorder:
         )
         gid = event.subject or ""
         if gid in self._cut_short:
-            log.info("not recording %s: the ledger could not record this generation", event_type)
+            log.info("not recording %s yet: the ledger was busy for this generation", event_type)
+            if gid in self._kept:
+                self._kept[gid].append(event)
+                if event_type in (IMAGE_DERIVED, GENERATION_FAILED):  # the generation's end
+                    await self._catch_up(gid)
             return
         try:
             await asyncio.to_thread(self.ledger.ingest, event)
@@ -133,9 +164,42 @@ class Recorder:
             said: Exception = exc
             if isinstance(exc, DependencyUnavailable) and gid:
                 self._cut_short.add(gid)
+                if exc.message == BUSY and self.patient is not None:
+                    self._kept[gid] = [event]
                 last = self._recorded[1] if self._recorded and self._recorded[0] == gid else None
                 said = HistoryCutShort(gid, last, exc, self.ledger.where)
             if self.on_failure is not None:
                 self.on_failure(said)
         else:
             self._recorded = (gid, event_type.rsplit(".", 1)[-1])
+
+    async def _catch_up(self, gid: str) -> None:
+        """Write what was kept of generation ``gid``, waiting for the lock as long as
+        :attr:`patient`'s ledger does; a failure is said as any other."""
+        events = self._kept.pop(gid)
+        assert self.patient is not None, "kept only with a patient ledger"
+
+        def write() -> None:
+            assert self.patient is not None
+            ledger = self.patient()
+            try:
+                for event in events:
+                    ledger.ingest(event)
+            finally:
+                ledger.close()
+
+        try:
+            await asyncio.to_thread(write)
+        except Exception as exc:
+            log.warning("could not record generation %s in the ledger: %s", gid, exc)
+            if self.on_failure is not None:
+                last = self._recorded[1] if self._recorded and self._recorded[0] == gid else None
+                error = (
+                    exc
+                    if isinstance(exc, DependencyUnavailable)
+                    else DependencyUnavailable(str(exc))
+                )
+                self.on_failure(HistoryCutShort(gid, last, error, self.ledger.where, final=True))
+        else:
+            self._cut_short.discard(gid)
+            self._recorded = (gid, events[-1].type.rsplit(".", 1)[-1])
