@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -92,20 +93,17 @@ main(sys.argv[1:])
 """
 
 
-@pytest.mark.slow
-def test_ctrl_c_once_the_png_is_stored_ends_with_the_image_complete(tmp_path: Path) -> None:
-    """Ctrl-C while the metadata record is written (the PNG stored): the record and the history
-    are finished first, then the command stops as interrupted; the image is complete and the
-    history says persisted, not a PNG left behind a failed generation."""
-    from imagegen.ledger import open_ledger
-
+def _ctrl_c_at_the_record(tmp_path: Path, args: list[str], **popen: Any) -> tuple[int, str, str]:
+    """Run ``imagegen *args`` paused as it writes the metadata record (:data:`_PAUSED`), send
+    it one SIGINT there; its exit status, stdout and stderr."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", _PAUSED, *RENDER, "--steps", "2", "--no-enhance", "--json"],
+        [sys.executable, "-c", _PAUSED, *args],
         cwd=tmp_path,
-        env=isolated_environ(tmp_path),
+        env=popen.pop("env", None) or isolated_environ(tmp_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        **popen,
     )
     try:
         assert proc.stderr is not None
@@ -117,7 +115,20 @@ def test_ctrl_c_once_the_png_is_stored_ends_with_the_image_complete(tmp_path: Pa
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert (proc.returncode, err) == (130, "imagegen: error: interrupted\n")
+    return proc.returncode, out, err
+
+
+@pytest.mark.slow
+def test_ctrl_c_once_the_png_is_stored_ends_with_the_image_complete(tmp_path: Path) -> None:
+    """Ctrl-C while the metadata record is written (the PNG stored): the record and the history
+    are finished first, then the command stops as interrupted; the image is complete and the
+    history says persisted, not a PNG left behind a failed generation."""
+    from imagegen.ledger import open_ledger
+
+    code, out, err = _ctrl_c_at_the_record(
+        tmp_path, [*RENDER, "--steps", "2", "--no-enhance", "--json"]
+    )
+    assert (code, err) == (130, "imagegen: error: interrupted\n")
     assert out == ""
     [png] = (tmp_path / "output").rglob("*.png")
     assert png.with_suffix(".json").is_file()
@@ -158,26 +169,12 @@ def test_a_process_started_ignoring_ctrl_c_goes_on_ignoring_it(
 ) -> None:
     """Started with SIGINT ignored (a script's background job, ``trap '' INT``, a
     supervisor), the command is not stopped by one: it finishes, exit 0, every image complete."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _PAUSED, *command, "--steps", "2", "--no-enhance", "--json"],
-        cwd=tmp_path,
-        env=isolated_environ(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    code, out, err = _ctrl_c_at_the_record(
+        tmp_path,
+        [*command, "--steps", "2", "--no-enhance", "--json"],
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
-    try:
-        assert proc.stderr is not None
-        said = proc.stderr.readline()
-        assert said == "writing the record\n", said + proc.communicate(timeout=60)[1]
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, err
+    assert code == 0, err
     pngs = list((tmp_path / "output").rglob("*.png"))
     assert len(pngs) == images, err
     for png in pngs:
@@ -243,21 +240,8 @@ def test_ctrl_c_once_a_replays_png_is_stored_ends_with_the_image_complete(tmp_pa
     )  # fmt: skip
     assert first.returncode == 0, first.stderr
     original = json.loads(first.stdout)["image"]["generation_id"]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _PAUSED, "replay", original, "--json"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert proc.stderr is not None
-        said = proc.stderr.readline()
-        assert said == "writing the record\n", said + proc.communicate(timeout=60)[1]
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert (proc.returncode, err) == (130, "imagegen: error: interrupted\n")
+    code, out, err = _ctrl_c_at_the_record(tmp_path, ["replay", original, "--json"], env=env)
+    assert (code, err) == (130, "imagegen: error: interrupted\n")
     assert out == ""
     [png] = [p for p in (tmp_path / "output").rglob("*.png") if p.stem != original]
     assert png.with_suffix(".json").is_file()

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -701,16 +704,12 @@ def test_export_keeps_the_model_attribute_render_triggers_route_on(
     assert not any(MODEL_ATTRIBUTE in line for line in lines if line["type"] != PROMPT_ENHANCED)
 
 
-@pytest.fixture
-def locked_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A ledger file another process holds the write lock of (``BEGIN IMMEDIATE``, as a long
-    ``imagegen ledger prune`` does), until the test ends; the CLI's ledger."""
-    import subprocess
-    import sys
-
+@contextmanager
+def _write_lock_held(path: Path) -> Iterator[subprocess.Popen[str]]:
+    """Another process holding ``path``'s write lock (``BEGIN IMMEDIATE``, as a long
+    ``imagegen ledger prune`` does) until its stdin is closed, or the block ends."""
     from imagegen.ledger import open_ledger
 
-    path = tmp_path / "l.db"
     open_ledger(str(path)).close()  # made and migrated: opening it again takes no lock
     holder = subprocess.Popen(
         [
@@ -727,13 +726,22 @@ def locked_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
         text=True,
     )
     assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
-    monkeypatch.setenv("IMAGEGEN_LEDGER_URL", str(path))
     try:
-        yield path
+        yield holder
     finally:
-        assert holder.stdin is not None
-        holder.stdin.close()
+        if holder.stdin:
+            holder.stdin.close()
         holder.wait(timeout=30)
+
+
+@pytest.fixture
+def locked_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A ledger file another process holds the write lock of until the test ends; the CLI's
+    ledger."""
+    path = tmp_path / "l.db"
+    with _write_lock_held(path):
+        monkeypatch.setenv("IMAGEGEN_LEDGER_URL", str(path))
+        yield path
 
 
 @pytest.mark.slow
@@ -744,50 +752,31 @@ def test_a_generations_history_a_busy_ledger_held_up_is_written_at_its_end(
     the events the image did not wait for are written once it is made, and its history is
     whole, not stopped where the lock was met."""
     import logging
-    import subprocess
-    import sys
 
     from imagegen.events import GENERATION_REQUESTED, IMAGE_DERIVED
     from imagegen.ledger import open_ledger
 
     path = tmp_path / "l.db"
-    open_ledger(str(path)).close()
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sqlite3, sys\n"
-            f"c = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
-            "c.execute('BEGIN IMMEDIATE')\n"
-            "print('locked', flush=True)\n"
-            "sys.stdin.read()\n",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
     monkeypatch.setenv("IMAGEGEN_LEDGER_URL", str(path))
 
-    class Release(logging.Handler):
-        """Lets the lock go once the short wait for it has run out (a ~2.5 s hold)."""
+    with _write_lock_held(path) as holder:
 
-        def emit(self, record: logging.LogRecord) -> None:
-            if record.getMessage().startswith("could not record") and holder.stdin:
-                holder.stdin.close()
-                holder.stdin = None
-                holder.wait(timeout=30)
+        class Release(logging.Handler):
+            """Lets the lock go once the short wait for it has run out (a ~2.5 s hold)."""
 
-    logger = logging.getLogger("imagegen.ledger")
-    release = Release()
-    logger.addHandler(release)
-    try:
-        code, out, err = run("generate", "a kite", *SMALL, "--steps", "2", "--json")
-    finally:
-        logger.removeHandler(release)
-        if holder.stdin:
-            holder.stdin.close()
-        holder.wait(timeout=30)
+            def emit(self, record: logging.LogRecord) -> None:
+                if record.getMessage().startswith("could not record") and holder.stdin:
+                    holder.stdin.close()
+                    holder.stdin = None
+                    holder.wait(timeout=30)
+
+        logger = logging.getLogger("imagegen.ledger")
+        release = Release()
+        logger.addHandler(release)
+        try:
+            code, out, err = run("generate", "a kite", *SMALL, "--steps", "2", "--json")
+        finally:
+            logger.removeHandler(release)
 
     assert code == 0, err
     gid = json.loads(out)["image"]["generation_id"]
