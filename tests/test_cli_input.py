@@ -39,6 +39,8 @@ def _one_line(stderr: str) -> str:
         (["history", "--ledger", "http://[::1"], "--ledger"),
         (["send", GENERATION_REQUESTED, "--to", "http://xn--a.com:9"], "--to"),  # IDNA refuses
         (["status", GID, "--ledger", NOWHERE, "--token", "clé"], "--token"),  # no header value
+        # httpx sends a URL's user and password as Basic auth in place of the bearer key.
+        (["history", "--ledger", "http://u:pw@127.0.0.1:9", "--token", "igk_x"], "--ledger: "),
         # Out of range for the library underneath (httpx, timedelta, datetime).
         (["send", GENERATION_REQUESTED, "--to", NOWHERE, "--timeout", "-1"], "--timeout"),
         (["send", GENERATION_REQUESTED, "--to", NOWHERE, "--timeout", "nan"], "--timeout"),

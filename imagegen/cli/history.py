@@ -317,6 +317,14 @@ def _api(
     query = {k: v for k, v in {**(query or {}), **params}.items() if v is not None}
     sent = {**(headers or {}), **({"Authorization": f"Bearer {token}"} if token else {})}
     try:
+        if token and httpx.URL(url).userinfo:
+            # httpx turns a URL's user and password into its own Authorization header, which
+            # replaces the bearer key: the ledger would see a password, never the key.
+            raise InvalidRequest(
+                f"--ledger: {redact_url(url)!r} holds a user or password and --token is given;"
+                " give the key alone",
+                errors=[{"field": "ledger", "message": "a user or password beside --token"}],
+            )
         reply = httpx.request(
             method, url.rstrip("/") + path, params=query, headers=sent, timeout=timeout
         )
