@@ -17,7 +17,15 @@ from pydantic.json_schema import models_json_schema
 
 from imagegen import __version__, stages
 from imagegen.auth.callers import Caller
-from imagegen.stages import Stage
+from imagegen.events import (
+    GENERATION_FAILED,
+    MODEL_ATTRIBUTE,
+    routing_attributes,
+    short_name,
+    source_for,
+)
+from imagegen.models import GenerationFailed
+from imagegen.stages import Route, Stage
 
 __all__ = ["document", "render_documents", "write_documents"]
 
@@ -50,10 +58,35 @@ def _error(description: str, retry: bool = False) -> dict[str, Any]:
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
     }
     if retry:
-        response["headers"] = {
-            "Retry-After": {"schema": {"type": "integer"}, "description": "Seconds."}
-        }
+        response["headers"] = _retry_after()
     return response
+
+
+def _retry_after() -> dict[str, Any]:
+    return {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds."}}
+
+
+def _challenged(response: dict[str, Any]) -> dict[str, Any]:
+    """A 401 or 403 with its RFC 6750 challenge, which every such answer carries
+    (:class:`~imagegen.errors.Unauthenticated`, :class:`~imagegen.errors.Forbidden`)."""
+    challenge = {
+        "required": True,
+        "schema": {"type": "string"},
+        "description": 'Bearer realm="imagegen", with error="invalid_token" (a token that does '
+        'not verify) or error="insufficient_scope" (403) where it applies.',
+    }
+    return {**response, "headers": {"WWW-Authenticate": challenge}}
+
+
+def _headers_too_large() -> dict[str, Any]:
+    """What gunicorn answers to headers past its limits, before any function code runs
+    (gunicorn/workers/base.py, ``handle_error``: ``LimitRequestHeaders``; written as JSON by
+    ``functions/_process.py``): any operation may get it."""
+    return _error(
+        "Request header fields too large (a header line over 8,190 bytes, or more than 100 "
+        "headers): refused by the server before the function; the error names `headers`. "
+        "Not retried."
+    )
 
 
 def _secured() -> list[dict[str, list[str]]]:
@@ -121,8 +154,12 @@ def document(stage: Stage) -> dict[str, Any]:
     body = stage.direct.model if stage.direct is not None else stage.input_model
     if body is not None:
         models.append((body, "validation"))
+    if stage.input_model is not None and stage.input_model is not body:
+        models.append((stage.input_model, "validation"))  # an event's data (render's job)
     if stage.output_model is not None:
         models.append((stage.output_model, "serialization"))
+    if _answers_events(stage):
+        models.append((GenerationFailed, "serialization"))
     models += [(route.response_model, "serialization") for route in stage.routes]
     _, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
     schemas = {**defs.get("$defs", {}), "Error": _error_schema()}
@@ -135,12 +172,7 @@ def document(stage: Stage) -> dict[str, Any]:
     elif stage.output_model is None:
         ok = {"description": "Accepted; nothing to say (an empty body)."}
     else:
-        ok = {
-            "description": f"The {stage.output_model.__name__}.",
-            "content": {"application/json": {"schema": _ref(stage.output_model)}},
-        }
-    if stage.png is not None:
-        ok["content"]["image/png"] = {"schema": {"type": "string", "contentMediaType": "image/png"}}
+        ok = _answered(stage, stage.output_model)
     health = {
         "type": "object",
         "properties": {
@@ -168,6 +200,7 @@ def document(stage: Stage) -> dict[str, Any]:
                     "operationId": stage.name,
                     "summary": stage.summary,
                     "security": _secured(),
+                    "parameters": _event_headers(stage),
                     "requestBody": _request_body(stage, body),
                     "responses": _responses(stage, ok),
                 }
@@ -179,7 +212,8 @@ def document(stage: Stage) -> dict[str, Any]:
                         "200": {
                             "description": "Alive.",
                             "content": {"application/json": {"schema": health}},
-                        }
+                        },
+                        "431": _headers_too_large(),
                     },
                 }
             },
@@ -191,8 +225,10 @@ def document(stage: Stage) -> dict[str, Any]:
                             "description": "Ready.",
                             "content": {"application/json": {"schema": health}},
                         },
+                        "431": _headers_too_large(),
                         "503": {
                             "description": "Not ready yet.",
+                            "headers": _retry_after(),
                             "content": {"application/json": {"schema": health}},
                         },
                     },
@@ -244,26 +280,223 @@ def _about(stage: Stage) -> str:
 
 
 def _types(stage: Stage) -> str:
-    from imagegen.events import short_name
-
     return ", ".join(short_name(event_type) for event_type in stage.consumes)
 
 
 def _request_body(stage: Stage, body: type[BaseModel] | None) -> dict[str, Any]:
-    """``POST /``'s body: the model it validates, else what the stage takes as it comes."""
-    request: dict[str, Any] = {
-        "required": True,
-        "content": {"application/json": {"schema": _ref(body)}},
-    }
-    if body is None and not _takes_anything(stage):
-        request["description"] = (
+    """``POST /``'s body: the model it validates, else what the stage takes as it comes; and a
+    structured-mode event, whose data is the event's model.
+
+    Not required: an empty body (plain, or a binary-mode event's data) is read as ``{}``
+    (``functions/_binding.py``, ``parse``), which enhance takes as a request to dream."""
+    if _takes_anything(stage):
+        plain = "Anything: JSON or not, an event or not."
+    elif body is None:
+        plain = (
             f"A CloudEvent of one of the types {_types(stage)}: in binary mode its data, each "
             "as schemas/<type>.json publishes it (the dataschema attribute), in structured "
             "mode (application/cloudevents+json) the whole event."
         )
-    elif body is None:
-        request["description"] = "Anything: JSON or not, an event or not."
-    return request
+    else:
+        plain = f"The {body.__name__}, or in binary mode (the ce-* headers) the event's data"
+        if stage.input_model is not None and stage.input_model is not body:
+            plain += f", then a {stage.input_model.__name__} in full"
+        plain += "; in structured mode (application/cloudevents+json) the whole event."
+    if _takes_anything(stage):
+        empty = " An empty body is recorded as it came."
+    elif body is not None and _accepts_empty(body):
+        empty = (
+            " An empty application/json body is read as {}: a valid request, every field "
+            "left to its default (each field's description says what that does)."
+        )
+    else:
+        empty = (
+            " An empty application/json body is read as {}, and refused as such: a 400 "
+            "naming each field it needs."
+        )
+    data = stage.input_model if stage.input_model is not None else body
+    return {
+        "required": False,
+        "description": plain + empty,
+        "content": {
+            "application/json": {"schema": _ref(body)},
+            _STRUCTURED: {"schema": _envelope(stage, data)},
+        },
+    }
+
+
+_STRUCTURED = "application/cloudevents+json"
+"""Structured mode's media type (CloudEvents HTTP binding, section 3.2)."""
+
+_CONTEXT_ATTRIBUTES = {
+    "specversion": "The CloudEvents version: 1.0 only.",
+    "id": "The event's id, unique for its source.",
+    "source": "Where the event comes from.",
+    "type": "The event's type.",
+    "subject": "The generation the event belongs to.",
+    "time": "When the event's occurrence happened (RFC 3339).",
+    "dataschema": "The URL of the JSON Schema of the event's data.",
+}
+"""The context attributes (CloudEvents 1.0, section 3.1) a function reads or answers; binary
+mode's ``datacontenttype`` is ``Content-Type``, never a ``ce-*`` header (HTTP binding,
+section 3.1.3.1)."""
+
+_EXTENSION_ATTRIBUTES = {
+    "traceparent": "W3C Trace Context (the CloudEvents distributed tracing extension).",
+    "tracestate": "W3C Trace Context's vendor state, beside its traceparent.",
+    "dataref": "Where the data's image is stored (the CloudEvents dataref extension).",
+    MODEL_ATTRIBUTE: "The model the job is for: render's Triggers route on it.",
+}
+_REQUIRED_ATTRIBUTES = ("specversion", "id", "source", "type")
+
+
+def _attribute_schema(name: str, types: tuple[str, ...] = ()) -> dict[str, Any]:
+    if name == "specversion":
+        return {"type": "string", "enum": ["1.0"]}
+    if name == "type" and types:
+        return {"type": "string", "enum": list(types)}
+    return (
+        {"type": "string", "minLength": 1} if name in _REQUIRED_ATTRIBUTES else {"type": "string"}
+    )
+
+
+def _extensions_of(event_types: tuple[str, ...]) -> list[str]:
+    """The extension attributes the stages that emit ``event_types`` send with them."""
+    names = ["traceparent", "tracestate"]
+    for other in stages.all_stages():
+        if other.emits in event_types or (event_types == () and other.emits is not None):
+            names += [n for n in _reply_extensions(other) if n not in names]
+    return names
+
+
+def _reply_extensions(stage: Stage) -> list[str]:
+    """The extension attributes ``stage``'s reply event carries beyond the trace context: a
+    ``dataref`` where its data has a ``location`` (``functions/_adapter.py``), and the routing
+    attributes :func:`~imagegen.events.routing_attributes` gives its output model."""
+    model = stage.output_model
+    if model is None or stage.emits is None:
+        return []
+    names = ["dataref"] if "location" in model.model_fields else []
+    # Which attributes, not their values: an instance of the model, every field a placeholder.
+    fields: dict[str, Any] = dict.fromkeys(model.model_fields, "")
+    return names + sorted(routing_attributes(model.model_construct(None, **fields)))
+
+
+def _event_headers(stage: Stage) -> list[dict[str, Any]]:
+    """Binary mode's ``ce-*`` request headers: each attribute of the events ``stage`` takes."""
+    names = [*_CONTEXT_ATTRIBUTES, *_extensions_of(stage.consumes)]
+    parameters = []
+    for name in names:
+        described = {**_CONTEXT_ATTRIBUTES, **_EXTENSION_ATTRIBUTES}[name]
+        if _takes_anything(stage):
+            described += " Kept as it came, whatever the value."
+        elif name in _REQUIRED_ATTRIBUTES:
+            described += " Required in binary mode, where the body is the event's data."
+        parameters.append(
+            {
+                "name": f"ce-{name}",
+                "in": "header",
+                "required": False,
+                "description": described,
+                "schema": _attribute_schema(name, stage.consumes),
+            }
+        )
+    return parameters
+
+
+def _envelope(stage: Stage, data: type[BaseModel] | None) -> dict[str, Any]:
+    """A structured-mode event (the JSON event format) of the types ``stage`` takes."""
+    if _takes_anything(stage):
+        return {}
+    attributes = {name: _attribute_schema(name, stage.consumes) for name in _CONTEXT_ATTRIBUTES}
+    return {
+        "type": "object",
+        "required": list(_REQUIRED_ATTRIBUTES),
+        "properties": {
+            **attributes,
+            "datacontenttype": {"type": "string", "enum": ["application/json"]},
+            "data": _ref(data) if data is not None else {"type": "object"},
+            "data_base64": {"type": "string", "description": "The data's JSON, in Base64."},
+        },
+        # An extension: a name of lower-case letters and digits, a string, number or boolean.
+        "propertyNames": {"pattern": "^([a-z0-9]+|data_base64)$"},
+        "additionalProperties": {"type": ["string", "number", "boolean"]},
+    }
+
+
+def _accepts_empty(body: type[BaseModel]) -> bool:
+    """Whether ``{}`` is a valid ``body``: every field has a default."""
+    return all(not field.is_required() for field in body.model_fields.values())
+
+
+def _answers_events(stage: Stage) -> bool:
+    """Whether ``POST /`` answers a CloudEvent with one: the next, or a ``generation.failed``."""
+    return stage.emits is not None and stage.output_model is not None
+
+
+def _answered(stage: Stage, output: type[BaseModel]) -> dict[str, Any]:
+    """The 200 of a stage that emits ``output``: the plain answer, or the reply event's data
+    (binary mode, its attributes in ``ce-*`` headers), which is a ``generation.failed`` for a
+    CloudEvent that can never succeed (``functions/_binding.py``, ``error_reply``)."""
+    emitted = (stage.emits or "", GENERATION_FAILED)
+    ok: dict[str, Any] = {
+        "description": f"The {output.__name__}: the answer to plain JSON, or the data of the "
+        f"{short_name(emitted[0])} event answering a CloudEvent (binary mode, its attributes "
+        "in the ce-* headers). A CloudEvent that can never succeed is answered 200 with a "
+        "generation.failed event instead, its data a GenerationFailed naming the stage and "
+        "every offending field.",
+        "headers": _reply_headers(stage, emitted),
+        "content": {
+            "application/json": {
+                "schema": {"oneOf": [_ref(output), _ref(GenerationFailed)]},
+            }
+        },
+    }
+    if stage.png is not None:
+        ok["description"] += (
+            " With Accept: image/png, for plain JSON, the PNG itself and its X-Imagegen-* "
+            "headers; nothing is stored."
+        )
+        ok["content"]["image/png"] = {"schema": {"type": "string", "contentMediaType": "image/png"}}
+        # Set by render's PNG handler (imagegen/stages/render.py), on every image/png answer.
+        ok["headers"] |= {
+            name: {
+                "required": False,
+                "schema": {"type": "string"},
+                "description": f"With image/png, always: {what}.",
+            }
+            for name, what in (
+                ("X-Imagegen-Generation-Id", "the generation id"),
+                ("X-Imagegen-Seed", "the seed the image was drawn with"),
+                ("X-Imagegen-Model", "the model that drew it"),
+            )
+        }
+    return ok
+
+
+def _reply_headers(stage: Stage, emitted: tuple[str, str]) -> dict[str, Any]:
+    """The ``ce-*`` headers of the reply event (binary mode), sent only to a CloudEvent."""
+    schemas = {
+        "specversion": {"type": "string", "enum": ["1.0"]},
+        "type": {"type": "string", "enum": list(emitted)},
+        "source": {"type": "string", "enum": [source_for(stage.name)]},
+    }
+    when = {
+        "subject": " Where the generation is known.",
+        "time": " Where its data has a time (none for a failure of an event without one).",
+        "dataref": f" On {stage.emits and short_name(stage.emits)} only.",
+    }
+    names = [*_CONTEXT_ATTRIBUTES, "traceparent", "tracestate", *_reply_extensions(stage)]
+    return {
+        f"ce-{name}": {
+            "required": False,
+            "schema": schemas.get(name, {"type": "string"}),
+            "description": "The reply event's attribute, in answer to a CloudEvent: "
+            + {**_CONTEXT_ATTRIBUTES, **_EXTENSION_ATTRIBUTES}[name]
+            + when.get(name, ""),
+        }
+        for name in names
+    }
 
 
 def _responses(stage: Stage, ok: dict[str, Any]) -> dict[str, Any]:
@@ -271,20 +504,45 @@ def _responses(stage: Stage, ok: dict[str, Any]) -> dict[str, Any]:
     responses: dict[str, Any] = {"200" if stage.output_model is not None else "202": ok}
     if not _takes_anything(stage):
         responses["400"] = _error("Invalid input; every offending field is named. Not retried.")
-    responses["401"] = _error(
-        "No valid bearer token, where authentication is on; a WWW-Authenticate challenge says why."
+    else:
+        # The sink keeps any body it can read; the server refuses first what it cannot parse.
+        responses["400"] = _error(
+            "A malformed request, refused by the server before the function (a header that "
+            "may come once given twice, such as Content-Length; a bad request line), or a body "
+            "that cannot be read (a malformed chunk); the error names `headers`, `request` or "
+            "`body`. Not retried."
+        )
+    responses["401"] = _challenged(
+        _error(
+            "No valid bearer token, where authentication is on; the WWW-Authenticate "
+            "challenge says why."
+        )
     )
-    responses["403"] = _forbidden(stage.callers)
+    responses["403"] = _challenged(_forbidden(stage.callers))
     if not _takes_anything(stage):
         responses["413"] = _error("Body larger than 1 MiB.")
         responses["415"] = _error("Not JSON and not a CloudEvent.")
     if _refuses_at_capacity(stage):
         responses["429"] = _error("At capacity; retry after Retry-After.", retry=True)
+    responses["431"] = _headers_too_large()
     loading = " or the model is loading" if stage.loads_model else ""
     responses["503"] = _error(
         f"Not ready, misconfigured, a dependency unavailable{loading}.", retry=True
     )
     return responses
+
+
+def _unavailable(route: Route) -> str:
+    """What a 503 of ``route`` means: each route reads the ledger's database; one that sends
+    an event on (a ``POST``: the replay) needs the broker too, its usual 503."""
+    database = "the database is unavailable, or start-up failed"
+    if route.method == "POST":
+        return (
+            "The broker (K_SINK) is unreachable, did not answer within 10 s, or answered 429 "
+            "or 5xx, so no event was sent (retry with the same Idempotency-Key to send the "
+            f"same one); no K_SINK is set, or the broker refuses it or its token; or {database}."
+        )
+    return f"The {route.response_model.__name__} cannot be read now: {database}."
 
 
 def _routes(stage: Stage) -> dict[str, Any]:
@@ -317,11 +575,12 @@ def _routes(stage: Stage) -> dict[str, Any]:
             },
             # Every route refuses a query parameter it does not take, or one given twice.
             "400": _error("A query parameter is unknown, repeated or invalid; each is named."),
-            "401": _error("No valid credentials (when authentication is required)."),
-            "403": _forbidden(route.callers),
+            "401": _challenged(_error("No valid credentials (when authentication is required).")),
+            "403": _challenged(_forbidden(route.callers)),
+            "431": _headers_too_large(),
         }
         responses |= {str(status): _error(text) for status, text in route.errors.items()}
-        responses["503"] = _error("The database is unavailable or start-up failed.", retry=True)
+        responses["503"] = _error(route.errors.get(503) or _unavailable(route), retry=True)
         operation: dict[str, Any] = {
             "operationId": route.operation_id,
             "summary": route.summary,
