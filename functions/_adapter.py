@@ -80,6 +80,11 @@ _BODY_READ = "imagegen.body_read"
 T = TypeVar("T")
 
 
+CLOSE_SECONDS = 5.0
+"""Seconds the service of a process gets to close as the process exits (a worker at SIGTERM,
+once its requests have ended): what the stage holds is released (the plugins' ``aclose``,
+Ollama's connections), and a close that hangs keeps the process no longer than this."""
+
 START_AGAIN_SECONDS = 30.0
 """Seconds after a failed start-up before a probe or request begins it again (the model load
 of render, the storage check): a process recovers once what it waited for is there, without
@@ -170,6 +175,7 @@ class Function:
         self._warming, self._said_ready = None, False
         self._loop, self._loop_ended = asyncio.new_event_loop(), None
         threading.Thread(target=self._serve_loop, name="imagegen-loop", daemon=True).start()
+        _close_at_exit(self)
         return asyncio.run_coroutine_threadsafe(self._enter(), self._loop)
 
     def _observe(self, settings: Settings | None) -> None:
@@ -216,6 +222,27 @@ class Function:
             for future in waiting:
                 with contextlib.suppress(Exception):  # one answered meanwhile
                     future.set_exception(self._loop_gone())
+
+    def stop(self) -> Future[None] | None:
+        """Begin closing the service on the loop (func-python's ``stop``): what the stage holds
+        is released. Returns the close under way; None where this process has nothing to close
+        (never started here, its loop ended, or closed already)."""
+        if self._pid != os.getpid() or self._loop is None or self._loop_ended is not None:
+            return None
+        with self._lock:
+            service, self._service = self._service, None
+        if service is None:
+            return None
+        return asyncio.run_coroutine_threadsafe(service.aclose(), self._loop)
+
+    def stopped(self, closing: Future[None]) -> None:
+        """Say how the close :meth:`stop` began ended, once it has or its time is over."""
+        extra = {"stage": self.stage.name}
+        if not closing.done():
+            closing.cancel()
+            log.warning("closing took longer than %gs; exiting", CLOSE_SECONDS, extra=extra)
+        elif (failure := closing.exception()) is not None:
+            log.warning("closing failed: %s: %s", type(failure).__name__, failure, extra=extra)
 
     def _loop_gone(self) -> DependencyUnavailable:
         return DependencyUnavailable(
@@ -619,6 +646,36 @@ class Function:
         return error_reply(
             exc, stage=self.stage.name, message=answered, generation_id=gid, carrier=carrier
         )
+
+
+_started: list[Function] = []  # the functions started in this process, closed as it exits
+_closing_hooked: int | None = None  # the process whose exit closes them
+
+
+def _close_at_exit(function: Function) -> None:
+    """Close ``function``'s service as the interpreter exits (a gunicorn worker at SIGTERM,
+    once its requests have ended: its ``sys.exit``), each within :data:`CLOSE_SECONDS`.
+
+    threading's exit hooks run while the loop's (daemon) thread still runs, before the
+    threads are joined, the last registered first (CPython's Lib/threading.py,
+    ``_shutdown``): this one, registered after concurrent.futures' own (imported with
+    asyncio), runs before that one refuses new work to the loop's default executor.
+    """
+    global _closing_hooked
+    _started.append(function)
+    if _closing_hooked != os.getpid():  # once a process; a forked one registers its own
+        _closing_hooked = os.getpid()
+        threading._register_atexit(_close_started)  # type: ignore[attr-defined]  # no typeshed
+
+
+def _close_started() -> None:
+    """Close every function started in this process, at once, within one :data:`CLOSE_SECONDS`."""
+    from concurrent.futures import wait
+
+    closing = [(f, c) for f in _started if (c := f.stop()) is not None]
+    wait([c for _, c in closing], timeout=CLOSE_SECONDS)
+    for function, close in closing:
+        function.stopped(close)
 
 
 def _build_models(stage: Stage) -> None:

@@ -807,7 +807,10 @@ class Settings(BaseSettings):
     ) -> list[str]:
         """``IMAGEGEN_*`` variables set (in ``environ``, default the process's, or the
         ``dotenv`` file) that no setting reads, each with the setting it most resembles: a
-        misspelled one is otherwise ignored without a word, and its default used.
+        misspelled one is otherwise ignored without a word, and its default used. A variable
+        an installed plugin declares it reads (its ``environment_variables``) is no such
+        variable; the plugins are loaded to ask them only where one is set that no setting
+        reads.
 
         Returns lines such as ``IMAGEGEN_MODLE is no setting (ignored); did you mean
         IMAGEGEN_MODEL?``.
@@ -817,8 +820,14 @@ class Settings(BaseSettings):
         names = set(_given(environ, dotenv))
         known = {v.upper() for field in cls.model_fields for v in cls.variables(field)}
         known |= _OTHER_VARIABLES
+        unknown = [n for n in names if n.startswith("IMAGEGEN_") and n not in known]
+        if unknown:
+            from imagegen.plugins.discovery import declared_variables
+
+            plugins = declared_variables()
+            unknown = [n for n in unknown if n not in plugins]
         found = []
-        for name in sorted(n for n in names if n.startswith("IMAGEGEN_") and n not in known):
+        for name in sorted(unknown):
             close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
             hint = f"; did you mean {close[0]}?" if close else ""
             found.append(f"{name} is no setting (ignored){hint}")

@@ -429,3 +429,60 @@ def test_serve_runs_a_function(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_plugin_name_two_packages_declare_is_shown_and_refused_naming_both(
+    cli: RunCli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for dist, factory in [("first_echo", "EchoPlugin"), ("second_echo", "FailingPlugin")]:
+        dist_info = tmp_path / "site" / f"{dist}-1.0.dist-info"
+        dist_info.mkdir(parents=True)
+        name = dist.replace("_", "-")
+        (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1\n")
+        (dist_info / "entry_points.txt").write_text(
+            f"[imagegen.plugins]\necho = tests.plugins.sample_plugins:{factory}\n"
+        )
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    both = ("first-echo (tests.plugins.sample_plugins:EchoPlugin)", "second-echo")
+
+    rows = {p["name"]: p for p in json.loads(cli("plugins", "--json").stdout)}
+    assert rows["echo"]["enabled"] is False
+    assert all(name in rows["echo"]["error"] for name in both)
+    env = {"IMAGEGEN_PLUGINS": "time_of_day,echo"}
+    made = cli("generate", "a fox", *SMALL, env=env)
+    assert made.returncode == 2
+    [line] = made.stderr.strip().splitlines()
+    assert "IMAGEGEN_PLUGINS" in line and all(name in line for name in both)
+    doctor = cli("doctor", "--json", env=env)
+    [check] = [c for c in json.loads(doctor.stdout)["checks"] if c["check"] == "plugins"]
+    assert check["status"] == "error" and all(name in check["summary"] for name in both)
+
+
+def test_a_plugin_skipped_is_one_note_line_naming_it_and_why(
+    cli: RunCli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dist_info = tmp_path / "site" / "failing_plugin-1.0.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: failing-plugin\nVersion: 1\n")
+    (dist_info / "entry_points.txt").write_text(
+        "[imagegen.plugins]\nfailing = tests.plugins.sample_plugins:failing\n"
+        "wrong_type = tests.plugins.sample_plugins:wrong_type\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    env = {"IMAGEGEN_PLUGINS": "failing,time_of_day,wrong_type"}
+
+    made = cli("generate", "a fox", *SMALL, "--no-enhance", env=env)
+    assert made.returncode == 0, made.stderr
+    notes = [line for line in made.stderr.splitlines() if line.startswith("note")]
+    assert notes == [
+        "note    plugin failing skipped: failed: RuntimeError: the failing plugin failed",
+        "note    plugin wrong_type skipped: returned dict, not a Contribution",
+    ]
+    as_json = cli("generate", "a fox", *SMALL, "--no-enhance", "--json", env=env)
+    assert as_json.returncode == 0, as_json.stderr
+    assert "skipped" not in as_json.stderr
+    contributed = json.loads(as_json.stdout)["prompt"]["contributions"]
+    assert [c["plugin"] for c in contributed] == ["time_of_day"]
+    looped = cli("loop", "a fox", "--count", "2", *SMALL, "--no-enhance", env=env)
+    assert looped.returncode == 0, looped.stderr
+    assert [line for line in looped.stderr.splitlines() if line.startswith("note")] == notes

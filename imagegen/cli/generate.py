@@ -112,6 +112,21 @@ def _report(
         out.print(f"[bold]seed[/]    {persisted.seed}   [bold]model[/] {markup(persisted.model)}")
 
 
+def _explain_skips(
+    skipped: list[tuple[str, str]], said: set[tuple[str, str]] | None = None
+) -> None:
+    """One line for each plugin left out of the prompt (it failed, timed out, or returned what
+    no prompt can take), naming it and why; with ``said``, each (plugin, why) once."""
+    for name, why in dict.fromkeys(skipped):
+        if said is not None:
+            if (name, why) in said:
+                continue
+            said.add((name, why))
+        err.print(
+            f"[yellow]note[/]    plugin {markup(name)} skipped: {markup(why)}", soft_wrap=True
+        )
+
+
 async def _explain_fallback(service: ImageGenService) -> None:
     """The one line a newcomer sees when Ollama did not write the prompt: why, and what to do."""
     from imagegen.cli._ollama import check_ollama
@@ -184,16 +199,26 @@ def warn_underived(why: str | None) -> None:
 
 
 async def _generate_one(
-    service: ImageGenService, request: Any, *, show_progress: bool
+    service: ImageGenService,
+    request: Any,
+    *,
+    show_progress: bool,
+    skipped: list[tuple[str, str]] | None = None,
 ) -> tuple[Any, Any, str | None]:
-    """One image, enhance to derive: one trace, as :meth:`ImageGenService.generate` makes."""
+    """One image, enhance to derive: one trace, as :meth:`ImageGenService.generate` makes;
+    ``skipped`` gets the plugins left out of its prompt, and why."""
+    from imagegen.plugins import noting_skips
     from imagegen.service import one_trace
 
-    with one_trace():
-        if not show_progress:
-            enhanced = await service.enhance_while_loading(request)
-            return enhanced, *await _render_and_finish(service, enhanced)
-        return await _with_progress(service, request)
+    with one_trace(), noting_skips() as noted:
+        try:
+            if not show_progress:
+                enhanced = await service.enhance_while_loading(request)
+                return enhanced, *await _render_and_finish(service, enhanced)
+            return await _with_progress(service, request)
+        finally:
+            if skipped is not None:
+                skipped.extend(noted)
 
 
 async def _with_progress(service: ImageGenService, request: Any) -> tuple[Any, Any, str | None]:
@@ -268,12 +293,15 @@ def generate(
             # service probes only local storage at start (ImageGenService.__aenter__).
             await service.storage.check()
             _check_device(settings)
+            skipped: list[tuple[str, str]] = []
             enhanced, persisted, underived = await _generate_one(
-                service, request, show_progress=not as_json and err.is_terminal
+                service, request, show_progress=not as_json and err.is_terminal, skipped=skipped
             )
             _report(enhanced, persisted, as_json, done=stored(service))
             with output_after(stored(service)):
                 warn_underived(underived)
+                if not as_json:
+                    _explain_skips(skipped)
             if enhanced.fallback and not as_json:
                 await _explain_fallback(service)
             return enhanced, persisted
@@ -406,13 +434,18 @@ def loop(
             if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
                 running.add_signal_handler(signum, terminated, signum)
         explained = False
+        skips_said: set[tuple[str, str]] = set()  # each plugin's skip said once, not per image
         async with make_service(settings) as service:
             await service.storage.check()  # before a render, as above
             _check_device(settings)
             while not stop.is_set() and (count == 0 or tally.made < count):
                 started = time.perf_counter()
+                skipped: list[tuple[str, str]] = []
                 enhanced, persisted, underived = await _generate_one(
-                    service, next_request(), show_progress=not as_json and err.is_terminal
+                    service,
+                    next_request(),
+                    show_progress=not as_json and err.is_terminal,
+                    skipped=skipped,
                 )
                 tally.add(time.perf_counter() - started)
                 with output_after(f"{tally.made} image(s) made and stored"):
@@ -422,6 +455,8 @@ def loop(
                         line = tally.line(printable(image_where(persisted)), count)
                         out.print(line, soft_wrap=True, markup=False)
                     warn_underived(underived)
+                    if not as_json:
+                        _explain_skips(skipped, skips_said)
                     if enhanced.fallback and not explained:
                         await _explain_fallback(service)
                         explained = True

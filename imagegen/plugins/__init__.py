@@ -21,6 +21,7 @@ request's ``plugin_options[name]``, options set on the :class:`PluginSet`, then
 
 from __future__ import annotations
 
+from imagegen.plugins._running import noting_skips
 from imagegen.plugins.context import PluginContext, PluginInfo, PromptPlugin
 from imagegen.plugins.context import PluginFactory as PluginFactory
 from imagegen.plugins.discovery import ENTRY_POINT_GROUP, discover
@@ -34,4 +35,5 @@ __all__ = [
     "PluginSet",
     "PromptPlugin",
     "discover",
+    "noting_skips",
 ]

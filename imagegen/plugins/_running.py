@@ -3,23 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import inspect
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 from opentelemetry import trace
 
 from imagegen._threads import DaemonPool, PoolExhausted
-from imagegen.errors import ConfigurationError, InvalidRequest
+from imagegen.errors import ConfigurationError, InvalidRequest, first_line
 from imagegen.models import Contribution
 from imagegen.plugins.context import PluginContext, PromptPlugin
 from imagegen.telemetry import tracer
 from imagegen.validation import check_json_value, loads
 
-__all__ = ["MAX_RUNNING", "Busy", "answers_at_once", "refusal", "run_plugin", "warm_plugin"]
+__all__ = [
+    "MAX_RUNNING",
+    "Busy",
+    "PluginExit",
+    "answers_at_once",
+    "close_plugin",
+    "noting_skips",
+    "refusal",
+    "run_plugin",
+    "warm_plugin",
+]
 
 logger = logging.getLogger("imagegen.plugins")
 
@@ -52,23 +64,26 @@ async def _contribution(
 ) -> Contribution | None:
     name = context.plugin
     try:
-        result = _begin(plugin, context)
-        if inspect.isawaitable(result):
-            # Only what is awaited can be cut short: a plain call that answered here is over.
-            async with asyncio.timeout(time_limit):
-                result = await result
-                if inspect.isawaitable(result):  # a plain function that returned a coroutine
+        with plugin_code(name):
+            result = _begin(plugin, context)
+            if inspect.isawaitable(result):
+                # Only what is awaited can be cut short: a plain call that answered here is over.
+                async with asyncio.timeout(time_limit):
                     result = await result
+                    if inspect.isawaitable(result):  # a plain function returned a coroutine
+                        result = await result
     except (InvalidRequest, ConfigurationError):
         raise
     except (Busy, PoolExhausted) as exc:
         # Refused before it began: said in a line, no traceback (nothing of the plugin ran).
         logger.warning("plugin %s skipped: %s", name, exc)
         _skipped(span, exc, "skipped: no thread for it")
+        _note(name, str(exc))
         return None
     except TimeoutError as exc:
         logger.warning("plugin %s timed out after %.2fs; skipped", name, time_limit)
         _skipped(span, exc, f"timed out after {time_limit:g}s")
+        _note(name, f"timed out after {time_limit:g}s")
         return None
     except asyncio.CancelledError as exc:
         if _cancelled():
@@ -76,28 +91,120 @@ async def _contribution(
         # The plugin's own (a task of its that was cancelled, or raised outright): a failure.
         logger.warning("plugin %s raised CancelledError; skipped", name, exc_info=True)
         _skipped(span, exc, "failed: CancelledError")
+        _note(name, "failed: CancelledError")
         return None
     except BaseException as exc:  # a plugin cannot stop the process's loop
         # SystemExit, KeyboardInterrupt and the like, raised on the loop, would end the
         # event loop's thread, and every later request with it.
         logger.warning("plugin %s failed; skipped", name, exc_info=True)
         _skipped(span, exc, f"failed: {type(exc).__name__}")
+        _note(name, f"failed: {type(exc).__name__}: {first_line(exc)}".rstrip(": "))
         return None
     if result is None:
         return None
     if not isinstance(result, Contribution):
         logger.warning("plugin %s returned %s, not a Contribution; skipped", name, type(result))
         span.set_status(trace.StatusCode.ERROR, f"returned {type(result).__name__}")
+        _note(name, f"returned {type(result).__name__}, not a Contribution")
         return None
     if result.data and not _json_data(result.data):
         # It would fail the generation later, where the prompt is kept as JSON (the memo,
         # the event): a misbehaving plugin is skipped, as one that raises is.
         logger.warning("plugin %s returned data that is not JSON; skipped", name)
         span.set_status(trace.StatusCode.ERROR, "returned data that is not JSON")
+        _note(name, "returned data that is not JSON")
         return None
     if result.plugin != name:
         result = result.model_copy(update={"plugin": name})
     return result
+
+
+# The plugins skipped in this context and why, where someone asked (:func:`noting_skips`): the
+# tasks made within share the list.
+_SKIPS: contextvars.ContextVar[list[tuple[str, str]] | None] = contextvars.ContextVar(
+    "imagegen_plugin_skips", default=None
+)
+
+
+@contextlib.contextmanager
+def noting_skips() -> Iterator[list[tuple[str, str]]]:
+    """Note each plugin skipped within this block, as ``(name, why)``: ``("weather", "timed
+    out after 5s")``; a plugin that adds nothing (None) is not skipped. For a caller that tells
+    its user (the command line); the log says it too, either way."""
+    skips: list[tuple[str, str]] = []
+    token = _SKIPS.set(skips)
+    try:
+        yield skips
+    finally:
+        _SKIPS.reset(token)
+
+
+def _note(name: str, why: str) -> None:
+    skips = _SKIPS.get()
+    if skips is not None:
+        skips.append((name, why))
+
+
+class PluginExit(Exception):
+    """What a plugin's own task raised that would have ended the event loop (``SystemExit``,
+    ``KeyboardInterrupt``), as an ordinary exception: whoever awaits the task gets this."""
+
+
+# The plugin whose code runs in this context, if any: the tasks it creates copy the context,
+# and with it this mark (as do the tasks those create).
+_PLUGIN: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "imagegen_plugin", default=None
+)
+
+
+@contextlib.contextmanager
+def plugin_code(name: str) -> Iterator[None]:
+    """Run a plugin's code in this block: each task it creates on the running loop is kept
+    from ending the loop (:func:`_contain`)."""
+    _contain_on(asyncio.get_running_loop())
+    token = _PLUGIN.set(name)
+    try:
+        yield
+    finally:
+        _PLUGIN.reset(token)
+
+
+async def _contained(name: str, coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return await coro
+    except (SystemExit, KeyboardInterrupt) as exc:
+        raise PluginExit(f"a task of plugin {name} raised {type(exc).__name__}") from exc
+
+
+def _contain_on(loop: asyncio.AbstractEventLoop) -> None:
+    """Have ``loop`` keep the tasks plugins create from ending it.
+
+    A task whose coroutine raises ``SystemExit`` or ``KeyboardInterrupt`` sets it as its
+    exception and raises it again out of the loop's ``run_forever`` (CPython's
+    Lib/asyncio/tasks.py, ``Task.__step``: ``except (KeyboardInterrupt, SystemExit)``): a
+    plugin's ``await asyncio.create_task(...)`` ended the loop of every later request, beyond
+    any handler of the plugin's runner. The loop's task factory (the hook
+    ``loop.create_task`` calls, ``set_task_factory``) wraps each coroutine created where a
+    plugin's code runs (:func:`plugin_code`) so that those two become a :class:`PluginExit`,
+    which the task keeps as any exception. Other tasks are made as before, by the factory the
+    loop had, if any.
+    """
+    current = loop.get_task_factory()
+    if getattr(current, "_contains_plugins", False):
+        return
+    previous = current
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        context = kwargs.get("context")
+        name = context.get(_PLUGIN) if context is not None else _PLUGIN.get()
+        if name is not None and inspect.iscoroutine(coro):
+            coro = _contained(name, coro)
+        if previous is not None:
+            return previous(loop, coro, **kwargs)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    factory._contains_plugins = True  # type: ignore[attr-defined]
+    loop.set_task_factory(factory)
 
 
 def _cancelled() -> bool:
@@ -254,12 +361,13 @@ async def warm_plugin(plugin: PromptPlugin, name: str) -> bool:
     if warm_up is None:
         return False
     try:
-        if inspect.iscoroutinefunction(warm_up):
-            await warm_up()
-        else:
-            result = await _on_thread(name, warm_up)
-            if inspect.isawaitable(result):
-                await result
+        with plugin_code(name):
+            if inspect.iscoroutinefunction(warm_up):
+                await warm_up()
+            else:
+                result = await _on_thread(name, warm_up)
+                if inspect.isawaitable(result):
+                    await result
     except asyncio.CancelledError:
         if _cancelled():
             raise
@@ -269,3 +377,20 @@ async def warm_plugin(plugin: PromptPlugin, name: str) -> bool:
         logger.warning("plugin %s could not warm up: %s: %s", name, type(exc).__name__, exc)
         return False
     return True
+
+
+async def close_plugin(plugin: PromptPlugin, name: str) -> None:
+    """Run ``plugin.aclose()`` if it has one; a failure is logged, never raised: the others
+    close all the same."""
+    close = getattr(plugin, "aclose", None)
+    if close is None:
+        return
+    try:
+        with plugin_code(name):
+            await close()
+    except asyncio.CancelledError:
+        if _cancelled():
+            raise
+        logger.warning("plugin %s did not close: CancelledError", name)
+    except BaseException as exc:  # as in contribute: a plugin cannot stop its caller
+        logger.warning("plugin %s did not close: %s: %s", name, type(exc).__name__, exc)

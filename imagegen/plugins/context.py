@@ -70,7 +70,9 @@ class PromptPlugin(Protocol):
     ``contribute`` would otherwise build while a request waits (imports, tables, caches). It
     must not change what ``contribute`` returns, and its failure is logged and ignored. And
     ``aclose()`` (a coroutine): called when the plugin set is closed, to release what the
-    plugin holds (``remote_context``'s connections).
+    plugin holds (``remote_context``'s connections). A plugin that reads ``IMAGEGEN_*``
+    variables of its own declares them as the class attribute ``environment_variables`` (a
+    tuple of names), so that they draw no warning of an unknown setting.
     """
 
     name: str

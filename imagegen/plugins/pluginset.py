@@ -13,9 +13,9 @@ from zoneinfo import ZoneInfo
 from imagegen.errors import ConfigurationError, ImageGenError, InvalidRequest, first_line
 from imagegen.identity import aware
 from imagegen.models import Contribution
-from imagegen.plugins._running import refusal, run_plugin, warm_plugin
+from imagegen.plugins._running import close_plugin, refusal, run_plugin, warm_plugin
 from imagegen.plugins.context import PluginContext, PluginFactory, PluginInfo, PromptPlugin
-from imagegen.plugins.discovery import discover, distribution_of
+from imagegen.plugins.discovery import clash, declarations, distribution_of
 from imagegen.settings import Settings
 
 __all__ = ["DEFAULT_PLUGIN_TIMEOUT", "PluginSet"]
@@ -58,6 +58,7 @@ class PluginSet:
         self._options: dict[str, dict[str, Any]] = {}
         self._entry_points: dict[str, EntryPoint] = {}
         self._errors: dict[str, str] = {}
+        self._clashes: dict[str, str] = {}  # names two installed packages declare: why
         for plugin in plugins:
             self.add(plugin)
 
@@ -90,7 +91,10 @@ class PluginSet:
         """
         wanted = list(dict.fromkeys(settings.plugins if names is None else names))
         plugin_set = cls(settings=settings, timeout=timeout)
-        plugin_set._entry_points = discover()
+        for name, declared in declarations().items():
+            plugin_set._entry_points[name] = declared[0]
+            if (ambiguous := clash(declared)) is not None:
+                plugin_set._clashes[name] = ambiguous
         extra = list(extra)
         for plugin in extra:
             plugin_set.add(plugin, enabled=False)
@@ -139,8 +143,12 @@ class PluginSet:
 
         Raises:
             KeyError: no such plugin.
+            LookupError: two installed packages declare ``name`` (neither is loaded).
         """
         if name not in self._plugins:
+            if name in self._clashes:
+                self._errors[name] = self._clashes[name]
+                raise LookupError(f"plugin {name!r} is {self._clashes[name]}")
             ep = self._entry_points[name]
             try:
                 factory: PluginFactory = ep.load()
@@ -169,14 +177,20 @@ class PluginSet:
         """Enable exactly ``names``, in this order.
 
         Raises:
-            InvalidRequest: naming ``plugins`` for names this set does not know, or whose
-                plugin cannot be loaded (its module, its factory or what that returns).
+            InvalidRequest: naming ``plugins`` for names this set does not know, whose
+                plugin cannot be loaded (its module, its factory or what that returns), or
+                that two installed packages declare (naming both).
         """
         unknown = [n for n in names if n not in self.available]
         if unknown:
             raise _unknown(unknown, self.available, "plugins")
         broken = []
         for name in names:
+            if name in self._clashes and name not in self._plugins:
+                self._errors[name] = self._clashes[name]
+                message = f"plugin {name!r} is {self._clashes[name]}"
+                broken.append({"field": "plugins", "message": message})
+                continue
             try:
                 self.get(name)
             except Exception as exc:  # a plugin's own code: anything may go wrong in it
@@ -213,7 +227,9 @@ class PluginSet:
         ep = self._entry_points.get(name)
         plugin = self._plugins.get(name)
         description, module, error = "", "", self._errors.get(name)
-        if plugin is not None:
+        if plugin is None and name in self._clashes:
+            error = self._clashes[name]
+        elif plugin is not None:
             description = plugin.description
             module = type(plugin).__module__
         elif ep is not None:
@@ -404,13 +420,7 @@ class PluginSet:
     async def aclose(self) -> None:
         """Close every plugin that holds something (``aclose()``); a failure is logged."""
         for name, plugin in self._plugins.items():
-            close = getattr(plugin, "aclose", None)
-            if close is None:
-                continue
-            try:
-                await close()
-            except Exception as exc:
-                logger.warning("plugin %s did not close: %s: %s", name, type(exc).__name__, exc)
+            await close_plugin(plugin, name)
 
     async def run(
         self,

@@ -157,6 +157,31 @@ def exiting_on_its_thread(settings: Settings) -> RaisingPlugin:
     return RaisingPlugin("exiting_on_its_thread", SystemExit, on_loop=False)
 
 
+class RaisingInItsTask:
+    """Raises what is no Exception in a task of its own that it awaits (``create_task``), as a
+    coroutine plugin fanning out its work would."""
+
+    description = "Raises SystemExit or KeyboardInterrupt in a task it creates."
+
+    def __init__(self, name: str, error: type[BaseException]) -> None:
+        self.name = name
+        self.error = error
+
+    async def contribute(self, context: PluginContext) -> Contribution:
+        async def boom() -> Contribution:
+            raise self.error(4)
+
+        return await asyncio.create_task(boom())
+
+
+def exiting_in_its_task(settings: Settings) -> RaisingInItsTask:
+    return RaisingInItsTask("exiting_in_its_task", SystemExit)
+
+
+def interrupting_in_its_task(settings: Settings) -> RaisingInItsTask:
+    return RaisingInItsTask("interrupting_in_its_task", KeyboardInterrupt)
+
+
 class LoopStopping:
     """Leaves a callback on the event loop that raises SystemExit there, outside any task:
     asyncio lets it end ``run_forever``, so no plugin runner can catch it."""
@@ -173,3 +198,49 @@ class LoopStopping:
 
         asyncio.get_running_loop().call_soon(exit_)
         await asyncio.sleep(3600)
+
+
+class ClosingPlugin:
+    """Writes its name to the file ``CLOSED_MARKER`` names when it is closed (``aclose``), as a
+    plugin releasing its connections would; ``hangs``: its close never ends."""
+
+    description = "Says when it is closed."
+
+    def __init__(self, name: str, *, hangs: bool = False) -> None:
+        self.name = name
+        self.hangs = hangs
+
+    def contribute(self, context: PluginContext) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        import os
+        from pathlib import Path
+
+        if self.hangs:
+            await asyncio.sleep(3600)
+        await asyncio.sleep(0)  # on the loop, as a client's close is
+        with Path(os.environ["CLOSED_MARKER"]).open("a") as marker:
+            marker.write(f"{self.name}\n")
+
+
+def closing(settings: Settings) -> ClosingPlugin:
+    return ClosingPlugin("closing")
+
+
+def never_closing(settings: Settings) -> ClosingPlugin:
+    return ClosingPlugin("never_closing", hangs=True)
+
+
+def failing(settings: Settings) -> FailingPlugin:
+    return FailingPlugin()
+
+
+def wrong_type(settings: Settings) -> WrongTypePlugin:
+    return WrongTypePlugin()
+
+
+class KeyedPlugin(EchoPlugin):
+    """Reads a variable of its own, as a plugin reads its API key: it says so."""
+
+    environment_variables = ("IMAGEGEN_WEATHER_KEY",)

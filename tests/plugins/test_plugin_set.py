@@ -462,3 +462,45 @@ async def test_closing_the_set_closes_the_plugins_that_hold_something(
         await plugins.aclose()
     assert closed == ["a", "broken", "c"]
     assert "plugin broken did not close: OSError: socket already gone" in caplog.text
+
+
+@pytest.fixture
+def installed_twice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two distributions, 'first-echo' and 'second-echo', each declaring its own 'echo'."""
+    for dist, factory in [("first_echo", "EchoPlugin"), ("second_echo", "FailingPlugin")]:
+        dist_info = tmp_path / "site" / f"{dist}-1.0.dist-info"
+        dist_info.mkdir(parents=True)
+        name = dist.replace("_", "-")
+        (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1\n")
+        (dist_info / "entry_points.txt").write_text(
+            f"[imagegen.plugins]\necho = tests.plugins.sample_plugins:{factory}\n"
+        )
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+
+
+_BOTH = (
+    "declared by 2 installed packages: first-echo (tests.plugins.sample_plugins:EchoPlugin),"
+    " second-echo (tests.plugins.sample_plugins:FailingPlugin); uninstall one"
+)
+
+
+@pytest.mark.usefixtures("installed_twice")
+def test_a_name_two_packages_declare_is_listed_and_refused_naming_both(
+    settings: Settings,
+) -> None:
+    """Which of the two ``importlib.metadata`` lists first hangs on ``sys.path``'s order, not on
+    anything either package says: neither is chosen."""
+    infos = {i.name: i for i in PluginSet.from_settings(settings).describe()}
+    assert infos["echo"].error == _BOTH and not infos["echo"].enabled
+    with pytest.raises(InvalidRequest) as caught:
+        PluginSet.from_settings(settings, names=["time_of_day", "echo"])
+    assert caught.value.errors == [{"field": "plugins", "message": f"plugin 'echo' is {_BOTH}"}]
+    enabled = settings.model_copy(update={"plugins": ["echo"]})
+    with pytest.raises(ConfigurationError) as refused:
+        PluginSet.from_settings(enabled)
+    assert refused.value.errors == [
+        {"field": "IMAGEGEN_PLUGINS", "message": f"plugin 'echo' is {_BOTH}"}
+    ]
+    # An object given in code under the name is no ambiguity: it wins, as over any.
+    given = PluginSet.from_settings(settings, names=[], extra=[EchoPlugin()])
+    assert given.names == ("echo",) and given.describe()[0].error is None

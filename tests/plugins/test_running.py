@@ -198,3 +198,39 @@ async def test_a_call_the_pool_refuses_is_not_counted_as_running(
     await _until_none_running("hangs")
     result = await plugins.run(generation_id="gen-after", seed=1, now=NOW)
     assert [c.plugin for c in result] == ["hangs", "good"]
+
+
+@pytest.mark.parametrize("error", [SystemExit, KeyboardInterrupt])
+def test_a_task_of_a_plugin_cannot_end_the_event_loop(
+    settings: Settings, error: type[BaseException], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A coroutine plugin's own task that raises SystemExit or KeyboardInterrupt would end the
+    loop it runs on (asyncio raises those two out of ``run_forever``): the plugin is skipped,
+    the loop runs on, and tasks made outside any plugin are as before."""
+    from tests.plugins.sample_plugins import RaisingInItsTask
+
+    plugins = PluginSet(
+        [RaisingInItsTask("in_its_task", error), AsyncEchoPlugin()], settings=settings
+    )
+    loop = asyncio.new_event_loop()
+    try:
+        with caplog.at_level(logging.WARNING, logger="imagegen.plugins"):
+            try:
+                result = loop.run_until_complete(
+                    plugins.run(generation_id="gen-1", seed=1, now=NOW)
+                )
+            except BaseException as exc:  # the test's own loop, not pytest's, is what ends
+                pytest.fail(f"the event loop ended: {type(exc).__name__}")
+        assert [c.plugin for c in result] == ["async_echo"]
+        [failed] = [r for r in caplog.records if "in_its_task failed" in r.getMessage()]
+        assert failed.exc_info is not None and failed.exc_info[0] is running.PluginExit
+
+        async def outside() -> None:
+            raise error
+
+        # A task made outside any plugin keeps asyncio's own behaviour.
+        with pytest.raises(error):
+            loop.run_until_complete(loop.create_task(outside()))
+        assert loop.run_until_complete(asyncio.sleep(0, "still runs")) == "still runs"
+    finally:
+        loop.close()

@@ -22,6 +22,8 @@ interrupting = tests.plugins.sample_plugins:interrupting
 cancelling = tests.plugins.sample_plugins:cancelling
 exiting_on_its_thread = tests.plugins.sample_plugins:exiting_on_its_thread
 loop_stopping = tests.plugins.sample_plugins:LoopStopping
+exiting_in_its_task = tests.plugins.sample_plugins:exiting_in_its_task
+interrupting_in_its_task = tests.plugins.sample_plugins:interrupting_in_its_task
 """
 
 
@@ -55,7 +57,15 @@ def serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Serve]:
 
 
 @pytest.mark.parametrize(
-    "plugin", ["exiting", "interrupting", "cancelling", "exiting_on_its_thread"]
+    "plugin",
+    [
+        "exiting",
+        "interrupting",
+        "cancelling",
+        "exiting_on_its_thread",
+        "exiting_in_its_task",
+        "interrupting_in_its_task",
+    ],
 )
 def test_a_plugin_raising_what_is_no_exception_is_skipped(serve: Serve, plugin: str) -> None:
     enhance = serve(f"{plugin},time_of_day")

@@ -1,0 +1,90 @@
+"""A served function closes what its stage holds as its worker exits (SIGTERM), in bounded
+time: the enhance function's plugins get their ``aclose``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+from tests.functions.conftest import base_env
+from tests.functions.servers import FunctionServer
+
+_ENTRY_POINTS = """\
+[imagegen.plugins]
+closing = tests.plugins.sample_plugins:closing
+never_closing = tests.plugins.sample_plugins:never_closing
+"""
+
+
+def _port() -> int:
+    """A free loopback port of this file's own range."""
+    for port in range(63400, 63500):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port in 63400-63499")
+
+
+def _enhance(tmp_path: Path, plugins: str) -> FunctionServer:
+    """The enhance function in a new interpreter, as in its container (a process forked from
+    the suite's preloaded one ends without the interpreter's exit), with ``plugins`` enabled,
+    installed as a third-party package declares them."""
+    dist_info = tmp_path / "site" / "closing_plugins-1.0.dist-info"
+    dist_info.mkdir(parents=True)
+    metadata = "Metadata-Version: 2.1\nName: closing-plugins\nVersion: 1\n"
+    (dist_info / "METADATA").write_text(metadata)
+    (dist_info / "entry_points.txt").write_text(_ENTRY_POINTS)
+    env = {
+        **base_env(tmp_path / "store"),
+        "IMAGEGEN_PLUGINS": plugins,
+        "CLOSED_MARKER": str(tmp_path / "closed"),
+        "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]),
+    }
+    server = FunctionServer("enhance", env, log_dir=tmp_path, fresh=True)
+    server.port = _port()
+    server.url = f"http://127.0.0.1:{server.port}"
+    server.env["PORT"] = str(server.port)
+    return server
+
+
+def _terminated(server: FunctionServer) -> float:
+    """SIGTERM the server's process group, as the kubelet stops a pod; the seconds to its exit."""
+    assert server.process is not None
+    started = time.monotonic()
+    os.killpg(server.process.pid, signal.SIGTERM)
+    server.process.wait(60)
+    return time.monotonic() - started
+
+
+def test_sigterm_closes_the_plugins(tmp_path: Path) -> None:
+    server = _enhance(tmp_path, "closing,time_of_day").start()
+    try:
+        server.wait("/readyz")
+        answer = server.post("/", json={"prompt": "a calm lake", "enhance": False})
+        assert answer.status_code == 200, answer.text
+        assert not (tmp_path / "closed").exists()  # open while it serves
+        _terminated(server)
+    finally:
+        server.stop()
+    assert (tmp_path / "closed").read_text() == "closing\n", server.logs()
+    assert not [r for r in server.log_records() if r.get("level") in ("ERROR", "CRITICAL")]
+
+
+def test_a_close_that_hangs_keeps_the_worker_no_longer_than_its_bound(tmp_path: Path) -> None:
+    server = _enhance(tmp_path, "never_closing").start()
+    try:
+        server.wait("/readyz")
+        assert server.post("/", json={"prompt": "a calm lake", "enhance": False}).is_success
+        took = _terminated(server)
+    finally:
+        server.stop()
+    assert took < 20, server.logs()  # its bound, 5 s, and the exit itself
+    said = [r["message"] for r in server.log_records() if r.get("level") == "WARNING"]
+    assert "closing took longer than 5s; exiting" in said, server.logs()
+    assert not (tmp_path / "closed").exists()
