@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -484,6 +492,7 @@ class Settings(BaseSettings):
         """pydantic-settings' sources in its order, the ``.env`` one only where there is such a
         file: looking for one that is not there walks every setting all the same, a few ms of
         each function's start."""
+        _refuse_unknown_keywords(settings_cls, init_settings)
         files = getattr(dotenv_settings, "env_file", None)
         named = [files] if isinstance(files, str | Path) else list(files or ())
         dotenv = [dotenv_settings] if any(Path(f).expanduser().is_file() for f in named) else []
@@ -897,6 +906,41 @@ def _given(environ: Mapping[str, str] | None = None, dotenv: str | None = ".env"
             given = {k.upper(): v or "" for k, v in dotenv_values(dotenv, encoding="utf-8").items()}
     given.update((k.upper(), v) for k, v in (os.environ if environ is None else environ).items())
     return given
+
+
+def _refuse_unknown_keywords(
+    settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource
+) -> None:
+    """Refuse keyword arguments of ``Settings(...)`` that are no setting, naming each.
+
+    ``extra="ignore"`` stays for the environment and ``.env``, which hold other programs'
+    variables (:meth:`Settings.unknown_variables` warns of a misspelt ``IMAGEGEN_*`` one); a
+    keyword is meant for the settings, and one misspelt (``modle``) would otherwise leave its
+    setting at its default without a word. pydantic-settings' ``InitSettingsSource`` has by
+    now renamed each keyword that names a setting (its field name or an alias, in any case)
+    to that field's first alias or name: what is left under another name matched none.
+
+    Raises:
+        ValidationError: as ``extra="forbid"`` would, one ``extra_forbidden`` error a keyword,
+            its value hidden.
+    """
+    given: dict[str, Any] = getattr(init_settings, "init_kwargs", {})
+    accepted = {
+        name
+        for field_name, field in settings_cls.model_fields.items()
+        for name in (field_name, field.alias, *_choices(field.validation_alias))
+        if name
+    }
+    unknown = [key for key in given if key not in accepted]
+    if unknown:
+        raise ValidationError.from_exception_data(
+            settings_cls.__name__,
+            [
+                InitErrorDetails(type="extra_forbidden", loc=(key,), input=given[key])
+                for key in unknown
+            ],
+            hide_input=True,
+        )
 
 
 def _choices(alias: Any) -> tuple[str, ...]:

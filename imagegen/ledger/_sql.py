@@ -20,8 +20,8 @@ from typing import Any, Literal, Protocol, TextIO, TypeVar
 
 from pydantic import ValidationError
 
-from imagegen.errors import InternalError, InvalidRequest
-from imagegen.events import IMAGE_PERSISTED
+from imagegen.errors import DependencyUnavailable, InternalError, InvalidRequest
+from imagegen.events import GENERATION_FAILED, IMAGE_DERIVED, IMAGE_PERSISTED
 from imagegen.ledger._cursor import decode_cursor, encode_cursor
 from imagegen.ledger._migrate import CREATE_TABLE, migrations, statements
 from imagegen.ledger._statements import (
@@ -40,6 +40,7 @@ from imagegen.ledger.fold import (
     Change,
     due_webhooks,
     fold,
+    made_good,
     message_id,
     utc,
 )
@@ -99,8 +100,16 @@ BUSY_RETRY_AFTER = 1.0
 # A page of history, its conditions in ``{where}``; AFTER, the condition a cursor adds. Its
 # second part says nothing the first does not: SQLite seeks an index on an expression by a
 # range on that expression, never by a row value (it would read the index from its start).
+# ``derived`` (fold.made_good) is looked up only for a stored generation that keeps a failure,
+# by the index on ledger_events (generation_id, time).
+_DERIVED = (
+    "CASE WHEN failed_stage IS NOT NULL AND status = 'persisted' AND EXISTS (SELECT 1 FROM "  # noqa: S608 - fixed parts
+    "ledger_events AS d WHERE d.generation_id = generations.generation_id "
+    f"AND d.type = '{IMAGE_DERIVED}') THEN 1 ELSE 0 END"
+)
 HISTORY_PAGE = (
-    f"SELECT *, {LISTED_KEY} AS listed_key FROM generations WHERE {{where}} "  # noqa: S608
+    f"SELECT *, {LISTED_KEY} AS listed_key, {_DERIVED} AS derived "  # noqa: S608
+    f"FROM generations WHERE {{where}} "
     f"ORDER BY {LISTED_KEY} DESC, generation_id DESC LIMIT :limit"
 )
 # The request the generation's row took its webhook from first (migration 0008), then the order
@@ -109,13 +118,6 @@ HISTORY_PAGE = (
 # the columns (recorded before 0008, or by a replica older than it) falls back to seq.
 _TOOK_REQUEST = "CASE WHEN e.source = g.request_source AND e.id = g.request_id THEN 0 ELSE 1 END"
 AFTER = f"({LISTED_KEY}, generation_id) < (:after_at, :after_id) AND {LISTED_KEY} <= :after_at"
-# Events of one time (image.derived carries its image's persisted_at, as image.persisted does)
-# in the order of the chain (CHAIN_ORDER), then in the order recorded.
-_IN_CHAIN = (
-    "CASE type "
-    + " ".join(f"WHEN '{kind}' THEN {n}" for n, kind in enumerate(CHAIN_ORDER))
-    + f" ELSE {len(CHAIN_ORDER)} END"
-)
 
 
 @dataclass(frozen=True)
@@ -224,6 +226,12 @@ class SqlLedger(ABC):
                 newest,
                 highest,
             )
+
+    def _closed(self) -> DependencyUnavailable:
+        """What a call on this ledger after :meth:`close` raises: retryable, as a stage that is
+        shutting down refuses its work (only its service's end closes it; a redelivery reaches
+        a replica whose ledger is open)."""
+        return DependencyUnavailable(f"ledger {self.where} is closed: it answers no more calls")
 
     def _unreadable(self, what: str, exc: _UnreadableRow) -> InternalError:
         """A record ``what`` names cannot be read: its columns said, never their values."""
@@ -334,20 +342,25 @@ class SqlLedger(ABC):
             if row is None:
                 return None
             events = db.query(
-                "SELECT type, source, id, time FROM ledger_events "  # noqa: S608 - fixed parts
-                f"WHERE generation_id = :gid ORDER BY time, {_IN_CHAIN}, seq",
+                "SELECT type, source, id, time, recorded_at, seq FROM ledger_events "
+                "WHERE generation_id = :gid ORDER BY seq",
                 {"gid": generation_id},
             )
         what = f"generation {generation_id}"
         try:
-            generation = _generation(row)
-            timeline: list[TimelineEntry] = []
-            previous: datetime | None = None
             for event in events:
                 what = f"event {event['source']} {event['id']}"
-                at = _checked(event)["time"]
+                _checked({k: event[k] for k in _TIMELINE_COLUMNS})
+            what = f"generation {generation_id}"
+            derived = any(event["type"] == IMAGE_DERIVED for event in events)
+            generation = _generation(row, derived=derived)
+            timeline: list[TimelineEntry] = []
+            previous: datetime | None = None
+            for event in _in_time_order(events):
+                at = event["time"]
                 since = (at - previous).total_seconds() if previous is not None else None
-                timeline.append(_model(TimelineEntry, {**event, "seconds_since_previous": since}))
+                entry = {k: event[k] for k in _TIMELINE_COLUMNS}
+                timeline.append(_model(TimelineEntry, {**entry, "seconds_since_previous": since}))
                 previous = at
         except _UnreadableRow as exc:
             raise self._unreadable(what, exc) from None
@@ -406,7 +419,7 @@ class SqlLedger(ABC):
         items, unreadable = [], []
         for row in rows[:limit]:
             try:
-                items.append(_generation(row))
+                items.append(_generation(row, derived=bool(row["derived"])))
             except _UnreadableRow as exc:
                 unreadable.append(row["generation_id"])
                 logger.warning("%s", self._unreadable(f"generation {row['generation_id']}", exc))
@@ -784,11 +797,46 @@ def _model(model: type[_M], row: dict[str, Any]) -> _M:
         raise _UnreadableRow([str(e["loc"][0]) for e in exc.errors() if e["loc"]]) from None
 
 
-def _generation(row: dict[str, Any]) -> Generation:
+def _generation(row: dict[str, Any], *, derived: bool = False) -> Generation:
+    """``row`` as the generation it records; ``derived``: an ``image.derived`` is recorded for
+    it (a failure of derive then made good: :func:`~.fold.made_good`)."""
     fields = {name: row[name] for name in Generation.model_fields if name in row}
     for name in ("keys", "urls"):
         fields[name] = fields.get(name) or {}
+    if made_good(str(row["status"]), row.get("failed_stage"), derived=derived):
+        # The failure is the timeline's, an earlier event: not an error of the generation.
+        fields.update(failed_at=None, failed_stage=None, error=None)
     return _model(Generation, fields)
+
+
+_IN_CHAIN = {kind: n for n, kind in enumerate(CHAIN_ORDER)}
+_TIMELINE_COLUMNS = ("type", "source", "id", "time")
+
+
+def _in_time_order(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A generation's events (read, in the order recorded) as its timeline lists them: by
+    time, events of one time in the chain's order (``image.derived`` carries its image's
+    persisted_at, as ``image.persisted`` does), then in the order recorded.
+
+    An ``image.derived`` recorded after a failure later than its time is a later try of derive
+    that succeeded (its data carries no time of its own, and a failure is timed when it is
+    first recorded): it is placed when it was recorded, after that failure, not back at the
+    image's time, before the failure it made good.
+    """
+    placed = []
+    failed: datetime | None = None  # the latest failure recorded so far
+    for event in events:
+        at: datetime = event["time"]
+        if event["type"] == GENERATION_FAILED:
+            failed = at if failed is None else max(failed, at)
+        elif event["type"] == IMAGE_DERIVED and failed is not None and failed > at:
+            recorded = event["recorded_at"]  # unreadable: the failure's time, at least
+            at = max(failed, recorded) if isinstance(recorded, datetime) else failed
+        placed.append({**event, "time": at})
+    return sorted(
+        placed,
+        key=lambda e: (e["time"], _IN_CHAIN.get(e["type"], len(CHAIN_ORDER)), e["seq"]),
+    )
 
 
 def _durations(g: Generation) -> dict[str, float]:

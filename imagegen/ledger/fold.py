@@ -59,6 +59,7 @@ __all__ = [
     "Change",
     "due_webhooks",
     "fold",
+    "made_good",
     "message_id",
     "utc",
 ]
@@ -293,6 +294,25 @@ def _render_fields(job: EnhancedPrompt) -> dict[str, Any]:
 
 def _pick(model: BaseModel, *names: str) -> dict[str, Any]:
     return {name: getattr(model, name) for name in names}
+
+
+def made_good(status: str, failed_stage: str | None, *, derived: bool) -> bool:
+    """Whether the failure a generation's row keeps was made good since: what the failing
+    stage was to make exists, so the error is no longer the generation's (its event stays in
+    the timeline). ``derived``: an ``image.derived`` is recorded for it.
+
+    The stored image makes good a failure of any stage up to persist (a redelivery, or a
+    repeat, stored it). A failure of derive comes after the image is stored, so the status does
+    not tell it: the derivatives recorded do, whichever was recorded first (derive makes the
+    same ones every time). A generation whose status is ``failed`` keeps its error.
+    """
+    if failed_stage is None or status != "persisted":
+        return False
+    return derived or failed_stage != _DERIVE_STAGE
+
+
+_DERIVE_STAGE = "derive"
+"""The stage that makes ``image.derived`` (its ``generation.failed`` names it so)."""
 
 
 def due_webhooks(status: str, webhook_events: list[str] | None) -> list[WebhookEvent]:

@@ -172,10 +172,12 @@ class PostgresLedger(SqlLedger):
             import psycopg
             from psycopg.rows import dict_row
             from psycopg.types.json import Jsonb
-            from psycopg_pool import ConnectionPool
+            from psycopg_pool import ConnectionPool, PoolClosed
         except ImportError as exc:  # pragma: no cover - depends on the installed extras
             raise DependencyUnavailable(_NO_DRIVER) from exc
         self._errors = (psycopg.OperationalError, psycopg.errors.ConnectionTimeout)
+        # The pool closed (close()): an OperationalError too, so caught before self._errors.
+        self._pool_closed = PoolClosed
         # Refusals of a value, which a retry would meet again: not the database unavailable.
         # ProgramLimitExceeded (SQLSTATE class 54) is an OperationalError in psycopg, so it is
         # caught before self._errors.
@@ -321,6 +323,8 @@ class PostgresLedger(SqlLedger):
                     # A pooled connection answered: the server is up, whether or not the pool
                     # replaced the one that was cut (one cut by a proxy, the others fine).
                     self._connected = time.monotonic()
+        except self._pool_closed:
+            raise self._closed() from None
         except self._refusals as exc:
             raise self._refused_value(exc) from None
         except self._errors as exc:

@@ -82,6 +82,12 @@ _BUSY = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED"})
 an extended code, ``SQLITE_BUSY_SNAPSHOT`` say, is matched by its prefix)."""
 
 
+def _error_name(exc: sqlite3.Error) -> str:
+    """SQLite's name for the error (``SQLITE_BUSY``); "" for one the ``sqlite3`` module raises
+    itself, which has none (a ``ProgrammingError``: a closed connection, a wrong parameter)."""
+    return getattr(exc, "sqlite_errorname", None) or ""
+
+
 class _Cursor:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
@@ -113,7 +119,7 @@ def _write_ahead(conn: sqlite3.Connection, busy_timeout: float) -> None:
             conn.execute("PRAGMA journal_mode=WAL")
             return
         except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorname != "SQLITE_BUSY" or time.monotonic() > deadline:
+            if _error_name(exc) != "SQLITE_BUSY" or time.monotonic() > deadline:
                 raise
             time.sleep(0.005)
 
@@ -193,6 +199,7 @@ class SqliteLedger(SqlLedger):
         self._must_exist = must_exist or read_only
         self.read_only = read_only
         self._writes_refused = False
+        self._is_closed = False
         self.where = str(path)
         self._lock = threading.RLock()
         try:
@@ -239,7 +246,7 @@ class SqliteLedger(SqlLedger):
                 self._conn.execute("PRAGMA synchronous=NORMAL")
                 self._migrate()
             except sqlite3.OperationalError as exc:
-                if not self.read_only or exc.sqlite_errorname not in _CANNOT_WRITE:
+                if not self.read_only or _error_name(exc) not in _CANNOT_WRITE:
                     raise
                 raise _CannotRead(
                     f"ledger {path} cannot be read before the schema migrations this release "
@@ -281,7 +288,7 @@ class SqliteLedger(SqlLedger):
             try:
                 done = self._versions()
             except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorname not in _NO_SHM:
+                if _error_name(exc) not in _NO_SHM:
                     raise
                 self._conn.close()
                 self._conn = self._without_shm(path)
@@ -349,6 +356,8 @@ class SqliteLedger(SqlLedger):
     @contextmanager
     def _within(self, begin: str) -> Iterator[_Cursor]:
         with self._lock, self._errors():
+            if self._is_closed:
+                raise self._closed()
             self._conn.execute(begin)
             try:
                 yield _Cursor(self._conn)
@@ -364,7 +373,7 @@ class SqliteLedger(SqlLedger):
         try:
             yield
         except sqlite3.DatabaseError as exc:
-            name = exc.sqlite_errorname or ""
+            name = _error_name(exc)
             if name in _DAMAGED:
                 raise InternalError(f"ledger {self.path} is unreadable: {exc}") from None
             if "_".join(name.split("_")[:2]) in _BUSY:
@@ -374,6 +383,7 @@ class SqliteLedger(SqlLedger):
 
     def close(self) -> None:
         with self._lock:
+            self._is_closed = True
             self._conn.close()
 
     def __repr__(self) -> str:

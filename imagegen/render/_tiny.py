@@ -7,6 +7,7 @@ tokenizers built in code, so nothing is downloaded.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -60,9 +61,20 @@ def byte_alphabet() -> list[str]:
     return sorted(pre_tokenizers.ByteLevel.alphabet())
 
 
+_SEEDING = threading.Lock()
+"""Held while a module is built from a seed. Module constructors draw their initial weights
+from torch's default generator, which is one per process: two builds at once (two services
+starting in two threads) would draw from each other's sequence, and identical jobs would
+render different images. ``fork_rng`` saves and restores that one state, so it needs the same
+exclusion."""
+
+
 def seeded(build: Callable[[], P], seed: int) -> P:
-    """``build()`` with torch's generator seeded by ``seed``; the caller's random state is kept."""
-    with torch.random.fork_rng(devices=[]):
+    """``build()`` with torch's generator seeded by ``seed``; the caller's random state is kept.
+
+    One build at a time in the process, so its weights depend on ``seed`` alone.
+    """
+    with _SEEDING, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()
 

@@ -635,3 +635,32 @@ def test_auth_subjects_of_another_issuer_are_taken_as_given() -> None:
     # An issuer other than the API server names its callers its own way.
     subjects = Settings(auth_subjects="108812345678901234567\nci@example.com").auth_subjects
     assert subjects == ["108812345678901234567", "ci@example.com"]
+
+
+def test_a_keyword_that_is_no_setting_is_refused_naming_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``Settings(modle="tiny")`` ignored the misspelt keyword and loaded the default model (a
+    download of gigabytes); a variable that is no setting is still only warned of."""
+    with pytest.raises(ValidationError) as caught:
+        Settings(modle="tiny", storage_url="./out", hf_tokn="hf_secret")
+    assert [(e["loc"], e["type"]) for e in caught.value.errors()] == [
+        (("modle",), "extra_forbidden"),
+        (("hf_tokn",), "extra_forbidden"),
+    ]
+    assert "hf_secret" not in str(caught.value)  # as every refusal, it never quotes a value
+    reason = ConfigurationError.of("", caught.value, name=Settings.variable).message
+    assert reason == "invalid settings: modle, hf_tokn"
+    # Names and aliases of settings, in any case, are taken as before.
+    given = Settings(MODEL="tiny", IMAGEGEN_ALLOWED_MODELS="tiny", ollama_host="http://a:1")
+    assert (given.model, given.served_models, given.ollama_host) == ("tiny", ["tiny"], "http://a:1")
+    # The environment and the .env file: a variable no setting reads is ignored, as before.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("IMAGEGEN_MODLE=tiny\nOTHER=1\n", encoding="utf-8")
+    monkeypatch.setenv("IMAGEGEN_RENDER_QUEUE_SIZ", "4")
+    assert Settings().model == DEFAULT_MODEL
+    assert Settings.unknown_variables() == [
+        "IMAGEGEN_MODLE is no setting (ignored); did you mean IMAGEGEN_MODEL?",
+        "IMAGEGEN_RENDER_QUEUE_SIZ is no setting (ignored); did you mean "
+        "IMAGEGEN_RENDER_QUEUE_SIZE?",
+    ]
