@@ -127,7 +127,9 @@ def serve(
         # Checked here: gunicorn's own refusal of a port is a page of traceback.
         int, typer.Option(envvar="PORT", min=1, max=65535, help="Port to listen on (1-65535).")
     ] = 8080,
-    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="Address to bind; an IPv6 one bare or in brackets (::1, [::1]).")
+    ] = "127.0.0.1",
     debug: Annotated[
         bool, typer.Option(help="Flask's development server instead of gunicorn.")
     ] = False,
@@ -147,10 +149,16 @@ def serve(
     prepare = stages.get(stage).prepare
     if prepare is not None:
         prepare(settings)
-    _check_bind(host, port)
+    # An IPv6 address, bare or in brackets: bound bare, written in brackets before a port
+    # (RFC 3986's IP-literal), as gunicorn reads the "host:port" functions-framework makes of
+    # it (functions_framework/_http/gunicorn.py; gunicorn/util.py, parse_address). Werkzeug
+    # (--debug) takes the bare address (werkzeug/serving.py, select_address_family).
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") and ":" in host else host
+    _check_bind(bare, port)
+    shown = f"[{bare}]" if ":" in bare else bare
     command = [sys.executable, "-m", "functions_framework", "--target", stage]
-    command += ["--source", str(source), "--host", host, "--port", str(port)]
-    err.print(f"serving {stage} on http://{host}:{port}")
+    command += ["--source", str(source), "--host", bare if debug else shown, "--port", str(port)]
+    err.print(f"serving {stage} on http://{shown}:{port}")
     sys.stdout.flush()
     # functions-framework's own command: its public interface, and the one containers run.
     os.execv(sys.executable, command + (["--debug"] if debug else []))  # noqa: S606

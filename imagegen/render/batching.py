@@ -29,6 +29,7 @@ from typing import Any
 from opentelemetry import trace
 
 from imagegen.models import EnhancedPrompt
+from imagegen.render import _exiting
 from imagegen.render.base import ProgressCallback, RenderOutput
 from imagegen.render.cost import CallCost, work_of
 
@@ -161,8 +162,9 @@ class Batcher:
 
         Only the end of the service closes the queue (a server never does: its started calls
         run on while someone waits for them, :meth:`submit`). What a call interrupted so made
-        is dropped, nothing of it stored, and its jobs' requests are cancelled; a process that
-        exits then waits a step for the pipeline's thread rather than the rest of the call.
+        is dropped, nothing of it stored, and its jobs' requests are cancelled, as are those
+        of the jobs still queued; a process that exits then waits a step for the pipeline's
+        thread rather than the rest of the call.
         """
         self._closed.set()
         self._pipeline.shutdown(wait=False)
@@ -414,6 +416,8 @@ class Batcher:
         """
         progress_of = [w.progress for w in batch if w.progress is not None]
         closed = self._closed
+        if closed.is_set():  # jobs queued when the queue closed: none of them runs
+            raise _Interrupted
         stop = self._stop = threading.Event()
 
         def progress(step: int, total: int) -> None:
@@ -437,8 +441,11 @@ class Batcher:
                 if closed.is_set() or stop.is_set():  # after its last step: dropped all the same
                     raise _Interrupted
                 if self._finish is not None:  # handed straight to the encoding thread
-                    outputs = self._encoder.submit(
-                        contextvars.copy_context().run, self._finish, work, outputs
+                    runner = contextvars.copy_context().run
+                    # On a thread of its own where the pool refuses it: the interpreter is
+                    # exiting, and the request waits for this image (_exiting).
+                    outputs = _exiting.submit(
+                        self._encoder, "imagegen-encode", runner, self._finish, work, outputs
                     )
             except BaseException as error:
                 loop.call_soon_threadsafe(_settle, freed, error, None)
@@ -447,7 +454,11 @@ class Batcher:
 
         started = time.perf_counter()
         # A copy: a job run again alone (a failed batch) may start before this thread has left.
-        ran = loop.run_in_executor(self._pipeline, batch[0].context.copy().run, call)
+        runner = batch[0].context.copy().run
+        # On a thread of its own where the pool refuses it: the interpreter is exiting, with
+        # jobs queued before it began whose requests wait (_exiting).
+        handed_over = _exiting.submit(self._pipeline, "imagegen-pipeline", runner, call)
+        ran = asyncio.wrap_future(handed_over)
         ran.add_done_callback(_retrieve)  # its error, if any, reaches the jobs through ``freed``
         try:
             handed = await freed

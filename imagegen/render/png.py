@@ -12,7 +12,7 @@ import io
 import os
 import struct
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from typing import TYPE_CHECKING, Any, Literal
@@ -202,7 +202,7 @@ def _encode_in_parts(
         above = pixels[start - 1] if start else None
         return _filter_rows(pixels[start : start + rows_per_part], above, channels)
 
-    rows = list(_pool(threads).map(filtered, starts))
+    rows = _map(threads, filtered, starts)
     return _assemble(rows, image.width, image.height, color_type, info, level, strategy, threads)
 
 
@@ -229,7 +229,7 @@ def _assemble(
         flush = zlib.Z_FINISH if index == len(rows) - 1 else zlib.Z_FULL_FLUSH
         return deflate.compress(rows[index]) + deflate.flush(flush)
 
-    parts = list(_pool(threads).map(deflated, range(len(rows))))
+    parts = _map(threads, deflated, range(len(rows)))
     checksum = 1
     for part in rows:
         checksum = zlib.adler32(part, checksum)
@@ -299,6 +299,18 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 # A forked child (gunicorn's worker) has none of its parent's threads: it makes its own pool.
 os.register_at_fork(after_in_child=_pool.cache_clear)
+
+
+def _map(threads: int, fn: Callable[[int], bytes], items: Iterable[int]) -> list[bytes]:
+    """``fn`` over ``items``, in order, on the pool of ``threads`` threads; on this thread
+    where the pool refuses new work: the interpreter is exiting while a render's request still
+    waits for its PNG (:mod:`imagegen.render._exiting`). The same bytes either way."""
+    items = list(items)
+    try:
+        results = _pool(threads).map(fn, items)  # submits them all: a refusal comes here
+    except RuntimeError:  # concurrent.futures' refusal: "cannot schedule new futures after …"
+        return [fn(item) for item in items]
+    return list(results)
 
 
 def _zlib_header(level: int, strategy: int) -> bytes:

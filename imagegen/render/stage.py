@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -196,8 +197,10 @@ class RenderStage:
     def close(self) -> None:
         """Release the backend's models, if it was ever created, and the batcher's threads.
 
-        A render under way stops at its next denoising step, nothing of it stored, and its
-        requests are cancelled (:meth:`Batcher.close`): the service is ending.
+        A render under way stops at its next denoising step, nothing of it stored, and the
+        jobs queued behind it never run (:meth:`Batcher.close`): the service is ending. A
+        request that still waits for one of them (a served process told to exit at once, its
+        requests not drained) is refused with a retryable :class:`DependencyUnavailable`.
         """
         if self._batcher is not None:
             self._batcher.close()
@@ -276,8 +279,9 @@ class RenderStage:
         is admitted (:meth:`_check`).
         """
         self._check(job)
-        async with self._admission(job):
-            return await self._render(job, progress)
+        with _refused_if_closed():
+            async with self._admission(job):
+                return await self._render(job, progress)
 
     async def render(
         self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None
@@ -310,12 +314,13 @@ class RenderStage:
             log.info("image already stored; not rendering again", extra={"key": keys.image})
             answered_again()
             return done
-        return await self._waiters.wait(
-            job.generation_id,
-            lambda started: self._render_once(
-                job, keys, fingerprint, progress, started, busy=busy, stores=stores
-            ),
-        )
+        with _refused_if_closed():
+            return await self._waiters.wait(
+                job.generation_id,
+                lambda started: self._render_once(
+                    job, keys, fingerprint, progress, started, busy=busy, stores=stores
+                ),
+            )
 
     async def _as_claimed(
         self, job: EnhancedPrompt, keys: GenerationKeys
@@ -580,6 +585,24 @@ class _Admission:
         self.stage.batcher.release(self.job)  # its call, if any, no longer counted as done
         self.stage._held.remove(self.job)
         instruments().renders_in_flight.add(-1)
+
+
+@contextlib.contextmanager
+def _refused_if_closed() -> Iterator[None]:
+    """A request's render cancelled under it, not the request itself, as a retryable refusal.
+
+    Only the stage's closing cancels the work of a request that still waits (a render it
+    stops, the jobs queued behind: :meth:`Batcher.close`): the job is fine, and is sent
+    again, rather than answered as a failure. The request's own cancellation (a timeout,
+    Ctrl-C) stays one: its task is being cancelled (``Task.cancelling``).
+    """
+    try:
+        yield
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise
+        raise DependencyUnavailable("render is shutting down; the job was not rendered") from None
 
 
 def _retrieved(claim: asyncio.Future[None]) -> None:
