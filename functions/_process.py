@@ -5,7 +5,9 @@ Each line here makes a start or a first request cheaper and changes nothing a fu
 
 import gc
 import os
+import signal
 import sys
+from typing import Any
 
 # No collection while the function's modules load; :func:`loaded` freezes them and collects
 # again. The import leaves ~70,000 objects that live as long as the process, none of them
@@ -123,6 +125,33 @@ else:
     # start, and the functions on one host would share the one path. Off, where it exists.
     if hasattr(gunicorn.config, "ControlSocketDisable"):
         gunicorn.config.ControlSocketDisable.default = True
+
+    def quit_once(worker: Any) -> None:
+        """Have ``worker``'s SIGQUIT/SIGINT handler run once: a second signal while it runs
+        returns at once, leaving the first to end the worker (gunicorn's ``post_worker_init``
+        hook, run after the worker set its handlers: gunicorn/workers/base.py, ``init_process``).
+
+        Ctrl-C reaches a worker twice: the terminal's SIGINT, and the master's SIGQUIT as it
+        stops (gunicorn/arbiter.py, ``handle_int``: ``stop(False)``). Both ran gthread's
+        ``handle_quit``, which shuts its thread pool down (gunicorn/workers/gthread.py): the
+        second, run inside the first while it held the pool's lock, waited on that
+        non-reentrant lock for good, and the master waited its whole graceful timeout.
+        """
+        quit = worker.handle_quit
+        quitting = False
+
+        def handle_quit(sig: int, frame: Any) -> None:
+            nonlocal quitting
+            if quitting:
+                return
+            quitting = True
+            quit(sig, frame)
+
+        worker.handle_quit = handle_quit
+        signal.signal(signal.SIGQUIT, handle_quit)
+        signal.signal(signal.SIGINT, handle_quit)
+
+    gunicorn.config.PostWorkerInit.default = staticmethod(quit_once)
 
 
 # The attributes of a binary-mode event, each one value: repeated, gunicorn would join them

@@ -9,9 +9,12 @@ the server itself cannot read (served by gunicorn, over a raw socket).
 from __future__ import annotations
 
 import base64
+import importlib
 import json
+import signal
 import socket
 import sys
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -603,6 +606,48 @@ def test_the_server_lets_requests_in_flight_finish_past_gunicorns_30_s() -> None
 
     server = GunicornApplication(flask.Flask("t"), "127.0.0.1", 0, False)
     assert server.cfg.graceful_timeout == _process.DRAIN_SECONDS >= 600  # render's timeoutSeconds
+
+
+def test_a_quit_signal_arriving_while_one_is_handled_returns_at_once() -> None:
+    """Ctrl-C reaches a worker twice, the terminal's SIGINT and the master's SIGQUIT; gthread's
+    handler shuts its pool down under a non-reentrant lock, and a second one run inside the
+    first waited on that lock for good. A worker here stands in for gthread's: its handlers set
+    as ``init_signals`` sets them, its quit holding a lock as ``tpool.shutdown`` does."""
+    functions = str(ROOT / "functions")
+    if functions not in sys.path:
+        sys.path.insert(0, functions)
+    importlib.import_module("_process")  # sets the server's hooks, as a function's import does
+    import flask
+    from functions_framework._http.gunicorn import GunicornApplication
+
+    pool_lock, handled = threading.Lock(), []
+
+    class Worker:
+        def handle_quit(self, sig: int, frame: object) -> None:
+            if not pool_lock.acquire(timeout=1):
+                handled.append("waited on the lock the first quit holds")
+                return
+            try:
+                handled.append(signal.Signals(sig).name)
+                second = signal.getsignal(signal.SIGQUIT)
+                assert callable(second)
+                second(signal.SIGQUIT, None)  # the master's SIGQUIT, meanwhile
+            finally:
+                pool_lock.release()
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGQUIT)}
+    try:
+        worker = Worker()
+        for sig in saved:  # gunicorn/workers/base.py, init_signals
+            signal.signal(sig, worker.handle_quit)
+        GunicornApplication(flask.Flask("t"), "127.0.0.1", 0, False).cfg.post_worker_init(worker)
+        first = signal.getsignal(signal.SIGINT)
+        assert callable(first)
+        first(signal.SIGINT, None)  # the terminal's
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert handled == ["SIGINT"]
 
 
 @pytest.mark.slow
