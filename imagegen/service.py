@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
+import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from types import TracebackType
@@ -15,8 +17,8 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 from opentelemetry import context as otel_context
 from pydantic import BaseModel
 
-from imagegen.errors import ImageGenError, InvalidRequest
-from imagegen.identity import identify
+from imagegen.errors import DependencyUnavailable, ImageGenError, InvalidRequest
+from imagegen.identity import GENERATION_ID_PATTERN, aware, identify, valid_generation_id
 from imagegen.models import (
     DerivedImage,
     EnhancedPrompt,
@@ -49,10 +51,42 @@ if TYPE_CHECKING:
     from imagegen.render.base import ProgressCallback, RenderBackend, RenderOutput
     from imagegen.render.stage import RenderStage
 
-__all__ = ["ImageGenService", "one_trace"]
+__all__ = ["Generated", "ImageGenService", "one_trace"]
 
 log = logging.getLogger("imagegen")
 R = TypeVar("R", bound=BaseModel)
+T = TypeVar("T")
+
+
+class Generated(tuple[EnhancedPrompt, PersistedImage]):
+    """What :meth:`ImageGenService.generate` returns: the enhanced prompt and the persisted
+    image, unpacked as ever (``enhanced, persisted = await service.generate(request)``), and
+    ``underived``: why the image's thumbnail and AVIF/WebP derivatives were not made, or None
+    when they were: a tuple of two, with one more attribute.
+    """
+
+    underived: str | None
+
+    def __new__(
+        cls, enhanced: EnhancedPrompt, persisted: PersistedImage, underived: str | None = None
+    ) -> Self:
+        made = super().__new__(cls, (enhanced, persisted))
+        made.underived = underived
+        return made
+
+    def __getnewargs__(self) -> tuple[EnhancedPrompt, PersistedImage, str | None]:
+        return self[0], self[1], self.underived
+
+    @property
+    def enhanced(self) -> EnhancedPrompt:
+        return self[0]
+
+    @property
+    def persisted(self) -> PersistedImage:
+        return self[1]
+
+    def __repr__(self) -> str:
+        return f"Generated({self[0]!r}, {self[1]!r}, underived={self.underived!r})"
 
 
 def _diffusers_backend(settings: Settings) -> RenderBackend:
@@ -107,6 +141,13 @@ class ImageGenService:
         # Loads begun ahead of a render (:meth:`enhance_while_loading`), held until they end:
         # one whose enhance failed goes on unawaited, and the loop keeps only weak references.
         self._loading: set[asyncio.Future[ImageGenError | None]] = set()
+        # The calls under way, each a task of its own: closing stops them and waits for their
+        # ends (each records where it stopped) before it closes the ledger under them.
+        self._calls: set[asyncio.Task[Any]] = set()
+        self._closed = False
+        # The event loop the service's stages, locks and queues belong to: its first caller's.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._binding = threading.Lock()
 
     @property
     def enhance_stage(self) -> EnhanceStage:
@@ -153,6 +194,11 @@ class ImageGenService:
         return self._derive_stage
 
     async def __aenter__(self) -> Self:
+        self._usable()
+        await self._call(self._enter())
+        return self
+
+    async def _enter(self) -> None:
         # A local directory this process cannot write (an image's root-owned default, a
         # read-only mount) would fail each request only after its work, or lose enhance's
         # memo: refuse to start, so readiness says so. Object storage is not probed here: an
@@ -163,34 +209,94 @@ class ImageGenService:
             await self.render_stage.load(model)
             if self.settings.render_warmup:
                 await self.render_stage.warm_up(model)
-        return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Release the models and clients held by this service; a render under way stops at
-        its next denoising step, and nothing of it is stored."""
-        # The render first, and at once: nothing a cancellation (a second Ctrl-C) interrupts
-        # comes before it, so the process never waits for a whole render as it exits.
+        """Stop the calls under way and release the models and clients held by this service.
+
+        A render under way stops at its next denoising step, and nothing of it is stored; an
+        image whose PNG is stored is persisted first. Each call under way is recorded where it
+        stopped, before the ledger is closed, and whoever awaits it gets a retryable
+        :class:`~imagegen.errors.DependencyUnavailable`. The service is closed for good: any
+        later call raises ``RuntimeError``; closing again does nothing.
+        """
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        own = self._loop
+        if own is not None and own is not loop and not own.is_closed():
+            raise _other_loop()
+        self._closed = True
+        # The calls and the render first, and at once: nothing a cancellation (a second
+        # Ctrl-C) interrupts comes before them, so the process never waits for a whole render
+        # as it exits. A closed loop's calls went with it.
+        here = asyncio.current_task()
+        calls = [c for c in self._calls if c is not here] if own is loop else []
+        for call in calls:
+            call.cancel()
         if self._render_stage is not None:
             self._render_stage.close()
         try:
+            if calls:
+                await asyncio.wait(calls)
             if self._enhance_stage is not None:
                 await self._enhance_stage.aclose()
         finally:
             if self.recorder is not None:
                 self.recorder.ledger.close()
 
-    async def enhance(self, request: GenerationRequest, call: Call | None = None) -> EnhancedPrompt:
+    def _usable(self) -> None:
+        """Refuse a call before it does anything: this service is closed, or another event
+        loop than its own calls it (each loop its service: its stages' locks, queues and
+        futures belong to the loop that first used them)."""
+        if self._closed:
+            raise RuntimeError("ImageGenService is closed")
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            with self._binding:  # two threads' loops, each calling first
+                if self._loop is None:
+                    self._loop = loop
+            if self._loop is not loop:
+                raise _other_loop()
+
+    async def _call(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run ``work``, one call of this service, as a task that closing stops and waits for.
+
+        The caller's own cancellation goes on to it as ever (awaiting a task cancels it); one
+        stopped by :meth:`aclose` is answered as the render stage answers a job its closing
+        stopped: a retryable :class:`DependencyUnavailable`, the job itself being fine.
+        """
+        task = asyncio.ensure_future(work)
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            caller = asyncio.current_task()
+            if not self._closed or (caller is not None and caller.cancelling()):
+                raise
+            raise DependencyUnavailable(
+                "ImageGenService was closed while this call was under way; it was stopped"
+            ) from None
+
+    async def enhance(
+        self, request: GenerationRequest | Mapping[str, Any], call: Call | None = None
+    ) -> EnhancedPrompt:
         """Run the plugins and the LLM; fix every render parameter, the seed included.
 
         Args:
-            request: What to draw.
+            request: What to draw (a mapping of its fields is validated into one).
             call: The generation id and request time, decided by the caller (a function
-                takes them from the event); default: :func:`imagegen.identity.identify`.
+                takes them from the event); what it leaves out (None) is decided as for a
+                call without one: :func:`imagegen.identity.identify`.
         """
-        call = call or identify(request, starts=True)
+        self._usable()
+        request = _as_model(GenerationRequest, request, "request")
+        return await self._call(self._enhance(request, _starting(request, call)))
+
+    async def _enhance(self, request: GenerationRequest, call: Call) -> EnhancedPrompt:
         gid, when = call.generation_id, call.requested_at
         assert gid is not None and when is not None, "a starting call has an id and a time"
         async with _stage("enhance", gid) as stage:
@@ -221,10 +327,14 @@ class ImageGenService:
             return await stage.emitted(result)
 
     async def render(
-        self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None
+        self,
+        job: EnhancedPrompt | Mapping[str, Any],
+        *,
+        progress: ProgressCallback | None = None,
     ) -> RenderedImage:
         """Render ``job`` and store the PNG (idempotent per generation id)."""
-        return await self._render(job, progress)
+        self._usable()
+        return await self._call(self._render(_as_model(EnhancedPrompt, job, "job"), progress))
 
     async def _render(
         self,
@@ -241,7 +351,7 @@ class ImageGenService:
 
     async def render_and_persist(
         self,
-        job: EnhancedPrompt,
+        job: EnhancedPrompt | Mapping[str, Any],
         *,
         progress: ProgressCallback | None = None,
         stored: Callable[[], None] | None = None,
@@ -255,6 +365,16 @@ class ImageGenService:
         a history that says it failed. Cancelled before, the render stops as :meth:`render`
         does, nothing of it stored. Another cancellation while it ends gives up waiting.
         """
+        self._usable()
+        job = _as_model(EnhancedPrompt, job, "job")
+        return await self._call(self._render_and_persist(job, progress, stored))
+
+    async def _render_and_persist(
+        self,
+        job: EnhancedPrompt,
+        progress: ProgressCallback | None,
+        stored: Callable[[], None] | None,
+    ) -> PersistedImage:
         png_stored = False
 
         def on_stored() -> None:
@@ -264,7 +384,7 @@ class ImageGenService:
                 stored()
 
         async def chain() -> PersistedImage:
-            return await self.persist(await self._render(job, progress, on_stored))
+            return await self._persist(await self._render(job, progress, on_stored))
 
         task = asyncio.ensure_future(chain())
         try:
@@ -276,41 +396,96 @@ class ImageGenService:
             raise
 
     async def render_png(
-        self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None
+        self,
+        job: EnhancedPrompt | Mapping[str, Any],
+        *,
+        progress: ProgressCallback | None = None,
     ) -> RenderOutput:
         """Render ``job`` and return the PNG bytes without storing them."""
+        self._usable()
+        job = _as_model(EnhancedPrompt, job, "job")
+        return await self._call(self._render_png(job, progress))
+
+    async def _render_png(
+        self, job: EnhancedPrompt, progress: ProgressCallback | None
+    ) -> RenderOutput:
         async with _stage("render", job.generation_id) as stage:
             _job_attributes(stage.span, job)
             return await self.render_stage.render_png(job, progress=progress)
 
-    async def persist(self, image: RenderedImage) -> PersistedImage:
+    async def persist(self, image: RenderedImage | Mapping[str, Any]) -> PersistedImage:
         """Write the metadata record; build public URLs."""
+        self._usable()
+        return await self._call(self._persist(_as_model(RenderedImage, image, "image")))
+
+    async def _persist(self, image: RenderedImage) -> PersistedImage:
         async with _stage("persist", image.generation_id, self.recorder) as stage:
             return await stage.emitted(await self.persist_stage.run(image))
 
-    async def derive(self, image: PersistedImage) -> DerivedImage:
+    async def derive(self, image: PersistedImage | Mapping[str, Any]) -> DerivedImage:
         """Encode the thumbnail and AVIF/WebP derivatives of a persisted image; record them."""
+        self._usable()
+        return await self._call(self._derive(_as_model(PersistedImage, image, "image")))
+
+    async def _derive(self, image: PersistedImage) -> DerivedImage:
         async with _stage("derive", image.generation_id, self.recorder) as stage:
             return await stage.emitted(await self.derive_stage.run(image))
 
+    async def try_derive(self, image: PersistedImage | Mapping[str, Any]) -> str | None:
+        """:meth:`derive`, for a caller that has the image whatever becomes of its derivatives:
+        None once they are made; else why not (a full disk, storage unreachable), logged and
+        (with a recorder) recorded as derive's failure rather than raised. The PNG and its
+        record are stored, so the image is served without them (the PNG in their stead) until
+        a later :meth:`derive` makes them. A cancellation is raised, as ever."""
+        self._usable()
+        return await self._call(self._try_derive(_as_model(PersistedImage, image, "image")))
+
+    async def _try_derive(self, image: PersistedImage) -> str | None:
+        try:
+            await self._derive(image)
+        except (ImageGenError, OSError) as exc:  # the history records it as derive's failure
+            why = str(exc) or type(exc).__name__
+            log.warning(
+                "derivatives not made; the image is stored: %s",
+                why,
+                extra={"generation_id": image.generation_id},
+            )
+            return why
+        return None
+
     async def generate(
         self,
-        request: GenerationRequest,
+        request: GenerationRequest | Mapping[str, Any],
         *,
         call: Call | None = None,
         progress: ProgressCallback | None = None,
-    ) -> tuple[EnhancedPrompt, PersistedImage]:
+    ) -> Generated:
         """Every stage in-process; returns the enhanced prompt and the persisted image.
 
-        The model loads while the prompt is written (:meth:`enhance_while_loading`).
+        The model loads while the prompt is written (:meth:`enhance_while_loading`). Rendered
+        and persisted as :meth:`render_and_persist`: a cancellation once the PNG is stored
+        lets the image be persisted first. Derivatives that cannot be made do not fail it: the
+        image is returned, with why in ``underived`` (:meth:`try_derive`).
+
+        Args:
+            request: What to draw (a mapping of its fields is validated into one).
+            call: As :meth:`enhance` takes it.
+            progress: Called with (step, steps) as the render goes, from its thread.
         """
+        self._usable()
+        request = _as_model(GenerationRequest, request, "request")
+        return await self._call(self._generate(request, _starting(request, call), progress))
+
+    async def _generate(
+        self, request: GenerationRequest, call: Call, progress: ProgressCallback | None
+    ) -> Generated:
         with one_trace():
-            enhanced = await self.enhance_while_loading(request, call)
-            rendered = await self.render(enhanced, progress=progress)
-            return enhanced, await self.finalise(rendered)
+            enhanced = await self._enhance_while_loading(request, call)
+            persisted = await self._render_and_persist(enhanced, progress, None)
+            return Generated(enhanced, persisted, await self._try_derive(persisted))
 
     async def enhance_while_loading(
-        self, request: GenerationRequest, call: Call | None = None
+        self, request: GenerationRequest | Mapping[str, Any], call: Call | None = None
     ) -> EnhancedPrompt:
         """:meth:`enhance`, with the model the request renders with loading meanwhile.
 
@@ -325,9 +500,15 @@ class ImageGenService:
         itself, for the next render in this process, which finds the model loaded or waits
         for the same load.
         """
-        call = call or identify(request, starts=True)
+        self._usable()
+        request = _as_model(GenerationRequest, request, "request")
+        return await self._call(self._enhance_while_loading(request, _starting(request, call)))
+
+    async def _enhance_while_loading(
+        self, request: GenerationRequest, call: Call
+    ) -> EnhancedPrompt:
         loading = self._load_ahead(request, call)
-        enhanced = await self.enhance(request, call)
+        enhanced = await self._enhance(request, call)
         if loading is None:
             return enhanced
         try:
@@ -373,16 +554,71 @@ class ImageGenService:
         task.add_done_callback(self._loading.discard)
         return task
 
-    async def finalise(self, image: RenderedImage) -> PersistedImage:
+    async def finalise(self, image: RenderedImage | Mapping[str, Any]) -> PersistedImage:
         """Persist ``image``, then make its derivatives: the chain's end, in this process.
 
         On Knative the derive function makes them from persist's reply; here they are made
         before this returns, so a local image is served with them from the start.
+        Derivatives that cannot be made do not fail it, as in :meth:`generate`: they are
+        logged and recorded (:meth:`try_derive`), and the persisted image is returned.
         """
+        self._usable()
+        return await self._call(self._finalise(_as_model(RenderedImage, image, "image")))
+
+    async def _finalise(self, image: RenderedImage) -> PersistedImage:
         with one_trace():
-            persisted = await self.persist(image)
-            await self.derive(persisted)
+            persisted = await self._persist(image)
+            await self._try_derive(persisted)
             return persisted
+
+
+def _other_loop() -> RuntimeError:
+    return RuntimeError(
+        "ImageGenService is used from another event loop than the one it first ran in:"
+        " use one service per event loop (each thread's asyncio.run its own)"
+    )
+
+
+def _as_model(model: type[R], value: object, name: str) -> R:
+    """``value`` as ``model``: itself, or a mapping of its fields validated into one.
+
+    Raises:
+        InvalidRequest: the mapping's offending fields, each named.
+        TypeError: ``value`` is neither.
+    """
+    if isinstance(value, model):
+        return value
+    if isinstance(value, Mapping):
+        from imagegen.validation import parse_model
+
+        return parse_model(model, value)
+    raise TypeError(
+        f"{name} must be a {model.__name__} or a mapping of its fields, not {type(value).__name__}"
+    )
+
+
+def _starting(request: GenerationRequest, call: Call | None) -> Call:
+    """The call a generation starts with: ``call`` whole, what it leaves out (its id, its
+    time) decided as for a call without one (:func:`imagegen.identity.identify`).
+
+    Raises:
+        InvalidRequest: the id is malformed (naming ``generation_id``: it names storage keys),
+            or what ``identify`` refuses.
+    """
+    if call is None:
+        return identify(request, starts=True)
+    gid, when = call.generation_id, call.requested_at
+    if gid is None or when is None:
+        decided = identify(request, call.attributes, starts=True)
+        gid = gid if gid is not None else decided.generation_id
+        when = when if when is not None else decided.requested_at
+    if gid is None or not valid_generation_id(gid):
+        raise InvalidRequest(
+            f"invalid generation id {gid!r}",
+            errors=[{"field": "generation_id", "message": f"must match {GENERATION_ID_PATTERN}"}],
+        )
+    assert when is not None, "identify decides a starting call's time"
+    return dataclasses.replace(call, generation_id=gid, requested_at=aware(when))
 
 
 def _plugins_of(settings: Settings) -> PluginSet:

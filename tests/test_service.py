@@ -612,7 +612,8 @@ async def test_closing_the_service_stops_its_render_at_the_next_step(
 ) -> None:
     """Leaving the service (the CLI's Ctrl-C) interrupts the real pipeline's call at its next
     step's end: the process exits without rendering the rest, and nothing is stored; a call
-    past its last step when the service closed is dropped all the same."""
+    past its last step when the service closed is dropped all the same. Whoever awaited it is
+    told so, retryably: the job itself is fine."""
     progress, steps, reached, go_on = _held_at_step(held)
     plugins = PluginSet([], settings=settings)
     try:
@@ -621,8 +622,9 @@ async def test_closing_the_service_stops_its_render_at_the_next_step(
             rendering = asyncio.ensure_future(service.render(job, progress=progress))
             assert await asyncio.to_thread(reached.wait, 120), "the render never reached it"
         go_on.set()
-        with pytest.raises(asyncio.CancelledError):
+        with pytest.raises(DependencyUnavailable, match="closed") as caught:
             await asyncio.wait_for(rendering, 60)
+        assert caught.value.retryable
     finally:
         go_on.set()
     assert steps == list(range(1, held + 1))

@@ -1,0 +1,264 @@
+"""``ImageGenService`` as a library caller uses it: its chain's end, closing, its event loop,
+and the inputs it takes; with the real tiny FLUX pipeline and local storage."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imagegen import GenerationRequest, ImageGenService, InvalidRequest, Settings
+from imagegen.errors import DependencyUnavailable
+from imagegen.events import (
+    GENERATION_FAILED,
+    GENERATION_REQUESTED,
+    IMAGE_DERIVED,
+    IMAGE_PERSISTED,
+    IMAGE_RENDERED,
+    PROMPT_ENHANCED,
+)
+from imagegen.ledger import Ledger, open_ledger
+from imagegen.ledger.recorder import Recorder
+from imagegen.models import RenderedImage
+from imagegen.plugins import PluginSet
+from imagegen.stages import Call
+from tests.test_service import _held_at_step, small
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(storage_url=str(tmp_path / "out"), model="tiny", ollama_retries=0)
+
+
+@pytest.fixture
+def ledger_path(tmp_path: Path) -> Path:
+    return tmp_path / "ledger.db"
+
+
+@pytest.fixture
+def ledger(ledger_path: Path) -> Iterator[Ledger]:
+    """The ledger a service records into; closing the service closes it."""
+    opened = open_ledger(str(ledger_path))
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def recorded(ledger_path: Path, generation_id: str) -> tuple[Any, list[str]]:
+    """The generation as the history shows it, read anew, and its events' types in order."""
+    reader = open_ledger(str(ledger_path))
+    try:
+        found = reader.get(generation_id)
+        events = reader.generation_events(generation_id, order="recorded")
+        return found, [e.type for e in events]
+    finally:
+        reader.close()
+
+
+def no_plugins(settings: Settings) -> PluginSet:
+    return PluginSet([], settings=settings)
+
+
+async def test_a_generate_cancelled_once_its_png_is_stored_persists_it_first(
+    settings: Settings, tmp_path: Path, ledger: Ledger, ledger_path: Path
+) -> None:
+    """A caller's timeout (or Ctrl-C) that comes as the PNG has just been stored: the image is
+    persisted and recorded so before the cancellation goes on, as in ``imagegen generate``,
+    rather than a PNG left without its record behind a history that says it failed."""
+    service = ImageGenService(settings, plugins=no_plugins(settings), recorder=Recorder(ledger))
+    async with service:
+        persist_stage = service.persist_stage
+        real_run = persist_stage.run
+        persisting, go_on = asyncio.Event(), asyncio.Event()
+
+        async def held_run(image: RenderedImage) -> Any:  # a slow metadata write
+            persisting.set()
+            await go_on.wait()
+            return await real_run(image)
+
+        persist_stage.run = held_run  # type: ignore[method-assign]
+        request = small(prompt="a kite", enhance=False, generation_id="stored-1")
+        running = asyncio.ensure_future(service.generate(request))
+        await asyncio.wait_for(persisting.wait(), 120)
+        assert (tmp_path / "out/2026/11/24/stored-1.png").is_file()
+        running.cancel()
+        await asyncio.sleep(0.05)  # the cancellation is delivered before persist goes on
+        go_on.set()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+    found, _ = recorded(ledger_path, "stored-1")
+    assert found is not None and found.status == "persisted"
+    assert (tmp_path / "out/2026/11/24/stored-1.json").is_file()
+
+
+async def test_derivatives_that_cannot_be_made_leave_the_image_to_its_caller(
+    settings: Settings, tmp_path: Path, ledger: Ledger, ledger_path: Path
+) -> None:
+    """The PNG and its record are stored when derive fails (its thumbnail cannot be written):
+    generate returns the image and says why its derivatives are missing, as the CLI does,
+    and the history records derive's failure."""
+    blocker = tmp_path / "out/2026/11/24/underived-1.thumb.webp"
+    blocker.mkdir(parents=True)  # where the thumbnail goes: its write fails
+    service = ImageGenService(settings, plugins=no_plugins(settings), recorder=Recorder(ledger))
+    async with service:
+        request = small(prompt="a kite", enhance=False, generation_id="underived-1")
+        generated = await service.generate(request)
+        enhanced, persisted = generated
+        assert generated.enhanced == enhanced and generated.persisted == persisted
+        assert persisted.generation_id == "underived-1"
+        assert (tmp_path / "out" / persisted.key).is_file()
+        assert generated.underived is not None and "cannot write" in generated.underived
+        # The same for finalise, the chain's end alone, and try_derive, its last step.
+        rendered = await service.render(enhanced)
+        assert await service.finalise(rendered) == persisted
+        assert await service.try_derive(persisted) == generated.underived
+
+        blocker.rmdir()  # the disk is fixed: the derivatives are made
+        assert await service.try_derive(persisted) is None
+        again = await service.generate(request)
+        assert again == (enhanced, persisted) and again.underived is None
+    assert (tmp_path / "out/2026/11/24/underived-1.thumb.webp").is_file()
+    _, events = recorded(ledger_path, "underived-1")
+    assert events[:5] == [
+        GENERATION_REQUESTED,
+        PROMPT_ENHANCED,
+        IMAGE_RENDERED,
+        IMAGE_PERSISTED,
+        GENERATION_FAILED,
+    ]
+    assert events[-1] == IMAGE_DERIVED
+
+
+async def test_closing_the_service_records_the_generation_it_stops(
+    settings: Settings,
+    ledger: Ledger,
+    ledger_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Leaving the ``async with`` while a generation renders: it stops, its failure is
+    recorded before the ledger is closed (not left ``enhanced`` for ever), and its caller is
+    told, retryably, that the service closed under it."""
+    progress, _, reached, go_on = _held_at_step(1)
+    service = ImageGenService(settings, plugins=no_plugins(settings), recorder=Recorder(ledger))
+    try:
+        with caplog.at_level(logging.WARNING, logger="imagegen"):
+            async with service:
+                request = small(prompt="a kite", enhance=False, steps=4, generation_id="closed-1")
+                running = asyncio.ensure_future(service.generate(request, progress=progress))
+                assert await asyncio.to_thread(reached.wait, 120), "the render never began"
+            go_on.set()
+            with pytest.raises(DependencyUnavailable, match="closed") as caught:
+                await asyncio.wait_for(running, 60)
+    finally:
+        go_on.set()
+    assert caught.value.retryable
+    found, events = recorded(ledger_path, "closed-1")
+    assert found is not None and found.status == "failed"
+    assert found.failed_stage == "render"
+    assert events[-1] == GENERATION_FAILED
+    assert not [r for r in caplog.records if "could not record" in r.getMessage()]
+
+
+async def test_a_closed_service_refuses_every_call_before_doing_anything(
+    settings: Settings, tmp_path: Path, ledger: Ledger, ledger_path: Path
+) -> None:
+    plugins = no_plugins(settings)
+    service = ImageGenService(settings, plugins=plugins, recorder=Recorder(ledger))
+    async with service:
+        request = small(prompt="a kite", enhance=False, generation_id="open-1")
+        enhanced = await service.enhance(request)
+        rendered = await service.render(enhanced)
+        persisted = await service.persist(rendered)
+    await service.aclose()  # again: nothing to do
+    later = small(prompt="a kite", enhance=False, generation_id="after-1")
+    calls = {
+        "enhance": lambda: service.enhance(later),
+        "enhance_while_loading": lambda: service.enhance_while_loading(later),
+        "generate": lambda: service.generate(later),
+        "render": lambda: service.render(enhanced),
+        "render_png": lambda: service.render_png(enhanced),
+        "render_and_persist": lambda: service.render_and_persist(enhanced),
+        "persist": lambda: service.persist(rendered),
+        "derive": lambda: service.derive(persisted),
+        "try_derive": lambda: service.try_derive(persisted),
+        "finalise": lambda: service.finalise(rendered),
+        "__aenter__": service.__aenter__,
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError) as caught:
+            await call()
+        assert str(caught.value) == "ImageGenService is closed", name
+    found, _ = recorded(ledger_path, "after-1")
+    assert found is None, "nothing of a refused call is recorded"
+    assert not (tmp_path / "out/prompts/after-1.json").exists(), "nor enhanced"
+    assert not list((tmp_path / "out").rglob("open-1.thumb.webp")), "nor derived"
+
+
+async def test_a_service_serves_the_event_loop_it_first_ran_in_only(settings: Settings) -> None:
+    """A second loop (another thread's ``asyncio.run``) is refused at once, rather than
+    waiting for ever on the first loop's locks and queues."""
+    service = ImageGenService(settings, plugins=no_plugins(settings))
+    async with service:
+        _, persisted = await service.generate(small(prompt="a kite", enhance=False))
+        outcome: list[BaseException | object] = []
+
+        def elsewhere() -> None:
+            try:
+                outcome.append(asyncio.run(service.enhance(small(prompt="a kite"))))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=elsewhere, daemon=True)
+        thread.start()
+        await asyncio.to_thread(thread.join, 60)
+        assert not thread.is_alive(), "the other loop's call never ended"
+        [refused] = outcome
+        assert isinstance(refused, RuntimeError) and "event loop" in str(refused)
+        # Its own loop is served as before.
+        _, again = await service.generate(
+            small(prompt="a kite", enhance=False, seed=persisted.seed)
+        )
+        assert again.seed == persisted.seed
+
+
+async def test_a_call_may_leave_its_time_out_and_its_id_is_checked_by_name(
+    settings: Settings,
+) -> None:
+    service = ImageGenService(settings, plugins=no_plugins(settings))
+    request = GenerationRequest(prompt="a kite", width=256, height=256, enhance=False)
+    before = datetime.now(UTC)
+    enhanced = await service.enhance(request, call=Call(generation_id="call-1"))
+    assert enhanced.generation_id == "call-1"
+    assert before - timedelta(seconds=1) <= enhanced.requested_at <= datetime.now(UTC)
+
+    dated = small(prompt="a kite", enhance=False)  # the request's own time is its time
+    enhanced = await service.enhance(dated, call=Call(generation_id="call-2"))
+    assert enhanced.requested_at == dated.requested_at
+
+    for bad in ("bad id!", "", "../x"):
+        with pytest.raises(InvalidRequest) as caught:
+            await service.enhance(request, call=Call(generation_id=bad, requested_at=before))
+        assert caught.value.fields == ["generation_id"]
+
+
+async def test_a_request_may_be_given_as_a_mapping_of_its_fields(
+    settings: Settings, tmp_path: Path
+) -> None:
+    async with ImageGenService(settings, plugins=no_plugins(settings)) as service:
+        fields = {"prompt": "a kite", "width": 256, "height": 256, "model": "tiny"}
+        enhanced, persisted = await service.generate({**fields, "enhance": False})
+        assert enhanced.prompt == "a kite" and (tmp_path / "out" / persisted.key).is_file()
+        with pytest.raises(InvalidRequest) as caught:
+            await service.generate({**fields, "width": 100, "seed": -1})
+        assert set(caught.value.fields) == {"width", "seed"}
+        with pytest.raises(TypeError, match="GenerationRequest"):
+            await service.generate("a kite")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="EnhancedPrompt"):
+            await service.render(persisted)  # type: ignore[arg-type]
