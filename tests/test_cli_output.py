@@ -479,8 +479,8 @@ def test_the_progress_bar_shows_no_step_count_before_it_is_known(
                 await asyncio.sleep(0.15)
             return "persisted"
 
-        async def derive(self, persisted: str) -> str:
-            return "derived"
+        async def try_derive(self, persisted: str) -> str | None:
+            return None  # derivatives made
 
     result = asyncio.run(generate_command._generate_one(Service(), None, show_progress=True))
     assert result == (SimpleNamespace(steps=4), "persisted", None)  # derivatives made

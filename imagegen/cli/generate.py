@@ -179,13 +179,7 @@ async def _render_and_finish(
 async def _derived(
     service: ImageGenService, persisted: PersistedImage
 ) -> tuple[PersistedImage, str | None]:
-    from imagegen.errors import ImageGenError
-
-    try:
-        await service.derive(persisted)
-    except (ImageGenError, OSError) as exc:  # the history records it as derive's failure
-        return persisted, str(exc)
-    return persisted, None
+    return persisted, await service.try_derive(persisted)
 
 
 def warn_underived(why: str | None) -> None:
