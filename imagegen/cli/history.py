@@ -8,6 +8,7 @@ function to replay, and its cluster renders), and ``ledger prune`` deletes.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -750,6 +751,12 @@ def export(
     if store is None:  # nothing recorded yet: no line
         return
     try:
+        if isinstance(sys.stdout, io.TextIOWrapper):
+            # UTF-8 whatever the locale's encoding: JSON exchanged between systems is UTF-8
+            # (RFC 8259, section 8.1), as JSON Lines are, and a Latin-1 or ASCII stdout could
+            # not write an emoji at all. The same stream, re-encoding, so a closed pipe or a
+            # full disk is met and said as for any output.
+            sys.stdout.reconfigure(encoding="utf-8", errors=sys.stdout.errors)
         store.export_jsonl(sys.stdout, since=start)
     finally:
         store.close()

@@ -145,11 +145,21 @@ INSERT_DELIVERY = (
 
 
 # What prune deletes, by name (each by an indexed time: migrations 0001 and 0004).
+# Webhook messages go by their age whatever their state: one still pending after the retention
+# (webhooks off, a receiver that never answers) is about a generation already forgotten, and
+# would be sent that late. Except one a dispatcher may be sending now, its lease
+# (sending_until, migration 0009) not over by the cutoff: deleted under the send, its outcome
+# would find no row and its receiver's mark would go with it, so another message could be sent
+# to that receiver at once. Leases last minutes and the cutoff is days back, so this keeps
+# only messages being sent (or marked by a replica that stopped within the retention, which a
+# later prune deletes), and compares two stored times, with no clock of either database. A
+# claim that holds the row as prune reaches it (PostgreSQL) is waited for, and the row read
+# again as that claim left it (READ COMMITTED's rule for an UPDATE or DELETE), lease and all.
 PRUNE = {
     "events": "DELETE FROM ledger_events WHERE recorded_at < :before",
     "generations": "DELETE FROM generations WHERE updated_at < :before",
     "deliveries": "DELETE FROM webhook_deliveries WHERE created_at < :before "
-    "AND state <> 'pending'",
+    "AND (sending_until IS NULL OR sending_until < :before)",
 }
 
 

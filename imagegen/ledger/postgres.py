@@ -141,8 +141,8 @@ class PostgresLedger(SqlLedger):
         statement_timeout: Seconds a statement may run (:data:`STATEMENT_TIMEOUT`).
 
     Each limit is the server's ``lock_timeout`` or ``statement_timeout`` on every pooled
-    connection, unless the URL's options set it (:data:`_LIMITS`). Migrations run without
-    either, :meth:`prune` without the statement limit.
+    connection, unless the URL's options set it (:data:`_LIMITS`). Migrations and
+    :meth:`prune` run without either.
 
     A server that goes away costs each request a second, not ``timeout``, and one that comes
     back is used by the next request: psycopg_pool alone retries a lost connection with a
@@ -256,8 +256,16 @@ class PostgresLedger(SqlLedger):
         db.query("SELECT pg_advisory_xact_lock(:key)", {"key": _MIGRATION_LOCK})
 
     def _unbounded(self, db: Cursor) -> None:
-        # A prune deletes in bulk (a first one, months of history): no statement_timeout.
-        db.query("SELECT set_config('statement_timeout', '0', true)", {})
+        # A prune deletes in bulk (a first one, months of history) and answers no request: no
+        # statement_timeout, nor lock_timeout, so it waits for the rows it deletes as long as
+        # another transaction holds them. Another prune holds them all until it commits: this
+        # one waits for it, then deletes what the other left (none), rather than fail at the
+        # requests' 2 s. A deadlock is still found and ended by the server (deadlock_timeout).
+        db.query(
+            "SELECT set_config('lock_timeout', '0', true), "
+            "set_config('statement_timeout', '0', true)",
+            {},
+        )
 
     def _record(
         self, recorded: dict[str, Any], change: Change, now: datetime
