@@ -335,17 +335,29 @@ def test_doctor_asks_the_ledger_function_with_the_key(cli: RunCli, ledger_api: s
         "next_step": "",
     }
 
-    # The URL's password is never said (and the key refused, as by `imagegen history`).
+    # The key refused, as by `imagegen history`, and never said.
+    env = {"IMAGEGEN_LEDGER_URL": ledger_api, "IMAGEGEN_API_KEY": "wrong-key"}
+    result = cli("doctor", "--json", env=env)
+    assert result.returncode == 1, result.stderr
+    row = _rows(result.stdout)["ledger"]
+    assert row["status"] == "error"
+    refused = f"The ledger at {ledger_api} refused the request: answered 401"
+    assert row["summary"].startswith(refused)
+    assert "IMAGEGEN_API_KEY" in row["next_step"]
+    assert "wrong-key" not in result.stdout
+
+    # A URL's password beside the key: httpx would send it in the key's stead. Refused, and
+    # the password never said.
     url = ledger_api.replace("http://", "http://reader:LedgerPass55@")
-    env = {"IMAGEGEN_LEDGER_URL": url, "IMAGEGEN_API_KEY": "wrong-key"}
+    env = {"IMAGEGEN_LEDGER_URL": url, "IMAGEGEN_API_KEY": "right-key"}
     result = cli("doctor", "--json", env=env)
     assert result.returncode == 1, result.stderr
     row = _rows(result.stdout)["ledger"]
     redacted = ledger_api.replace("http://", "http://***@")
     assert row["status"] == "error"
-    assert row["summary"].startswith(f"The ledger at {redacted} refused the request: answered 401")
-    assert "IMAGEGEN_API_KEY" in row["next_step"]
-    assert "LedgerPass55" not in result.stdout and "wrong-key" not in result.stdout
+    assert row["summary"].startswith(f"The ledger at {redacted}: ")
+    assert "holds a user or password" in row["summary"]
+    assert "LedgerPass55" not in result.stdout and "right-key" not in result.stdout
 
 
 def test_doctor_fails_a_ledger_function_it_cannot_reach(cli: RunCli) -> None:
