@@ -104,6 +104,7 @@ class Function:
         self._waiting: set[Future[Any]] = set()  # requests' work on the loop, until answered
         self._waiting_lock = threading.Lock()
         self._service: Any = None
+        self._closed = False  # the service closed as the process exits (:meth:`stop`)
         self._auth: Any = None  # an imagegen.auth.Authenticator once started
         self._timeout = 60.0
         self._warming: Future[None] | None = None  # the warm-up, once begun
@@ -230,9 +231,12 @@ class Function:
         if self._pid != os.getpid() or self._loop is None or self._loop_ended is not None:
             return None
         with self._lock:
-            service, self._service = self._service, None
-        if service is None:
-            return None
+            if self._closed or self._service is None:
+                return None
+            # Not ready from now on; a request still queued is answered a retryable 503 (by
+            # _check_ready, or by the closed service: ServiceClosed), never run on no service.
+            self._closed = True
+            service = self._service
         return asyncio.run_coroutine_threadsafe(service.aclose(), self._loop)
 
     def stopped(self, closing: Future[None]) -> None:
@@ -307,6 +311,8 @@ class Function:
         self.start()
         if self._loop_ended is not None:
             return False, "event loop ended"  # the reason is in the log
+        if self._closed:
+            return False, "closing"
         if not self._started.done():
             return False, "loading"
         if self._started.exception() is not None:

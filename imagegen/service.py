@@ -51,9 +51,13 @@ if TYPE_CHECKING:
     from imagegen.render.base import ProgressCallback, RenderBackend, RenderOutput
     from imagegen.render.stage import RenderStage
 
-__all__ = ["Generated", "ImageGenService", "one_trace"]
+__all__ = ["Generated", "ImageGenService", "ServiceClosed", "one_trace"]
 
 log = logging.getLogger("imagegen")
+
+CLOSE_GRACE_SECONDS = 2.0
+"""Seconds :meth:`ImageGenService.aclose` lets the calls under way end on their own (a render
+past its denoising, encoding and storing its image; a persist) before it stops them."""
 R = TypeVar("R", bound=BaseModel)
 T = TypeVar("T")
 
@@ -216,11 +220,14 @@ class ImageGenService:
     async def aclose(self) -> None:
         """Stop the calls under way and release the models and clients held by this service.
 
-        A render under way stops at its next denoising step, and nothing of it is stored; an
-        image whose PNG is stored is persisted first. Each call under way is recorded where it
-        stopped, before the ledger is closed, and whoever awaits it gets a retryable
-        :class:`~imagegen.errors.DependencyUnavailable`. The service is closed for good: any
-        later call raises ``RuntimeError``; closing again does nothing.
+        A render under way stops at its next denoising step, and nothing of it is stored; one
+        past it is encoded and answered. The calls under way get :data:`CLOSE_GRACE_SECONDS`
+        to end; those that have not are stopped (an image whose PNG is stored is persisted
+        first). Each is recorded where it stopped, before the ledger is closed, and whoever
+        awaits one gets a retryable :class:`~imagegen.errors.DependencyUnavailable`. The
+        service is closed for good: any later call raises :class:`ServiceClosed` (a
+        ``RuntimeError``); closing again does nothing. Raises ``RuntimeError`` when called
+        from within one of the service's own calls.
         """
         if self._closed:
             return
@@ -228,19 +235,28 @@ class ImageGenService:
         own = self._loop
         if own is not None and own is not loop and not own.is_closed():
             raise _other_loop()
-        self._closed = True
-        # The calls and the render first, and at once: nothing a cancellation (a second
-        # Ctrl-C) interrupts comes before them, so the process never waits for a whole render
-        # as it exits. A closed loop's calls went with it.
         here = asyncio.current_task()
-        calls = [c for c in self._calls if c is not here] if own is loop else []
-        for call in calls:
-            call.cancel()
+        if here is not None and here in self._calls:
+            raise RuntimeError(
+                "ImageGenService.aclose() from within one of its own calls: close it where"
+                " it was opened"
+            )
+        self._closed = True
+        # The render first, and at once: nothing a cancellation (a second Ctrl-C) interrupts
+        # comes before it, so the process never waits for a whole render as it exits. A
+        # render past its denoising is encoded and answered (its image is made); the calls
+        # that have not ended within CLOSE_GRACE_SECONDS (an LLM still writing) are stopped.
+        # A closed loop's calls went with it.
         if self._render_stage is not None:
             self._render_stage.close()
+        calls = list(self._calls) if own is loop else []
         try:
             if calls:
-                await asyncio.wait(calls)
+                _, running = await asyncio.wait(calls, timeout=CLOSE_GRACE_SECONDS)
+                for call in running:
+                    call.cancel()
+                if running:
+                    await asyncio.wait(running)
             if self._enhance_stage is not None:
                 await self._enhance_stage.aclose()
         finally:
@@ -252,7 +268,7 @@ class ImageGenService:
         loop than its own calls it (each loop its service: its stages' locks, queues and
         futures belong to the loop that first used them)."""
         if self._closed:
-            raise RuntimeError("ImageGenService is closed")
+            raise ServiceClosed("ImageGenService is closed")
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             with self._binding:  # two threads' loops, each calling first
@@ -570,6 +586,12 @@ class ImageGenService:
             persisted = await self._persist(image)
             await self._try_derive(persisted)
             return persisted
+
+
+class ServiceClosed(DependencyUnavailable, RuntimeError):
+    """A call to a closed :class:`ImageGenService`: a ``RuntimeError`` to a library's caller,
+    and a retryable error (503 with ``Retry-After``) to a function's, whose request raced the
+    process's close as it exits (another replica answers the retry)."""
 
 
 def _other_loop() -> RuntimeError:

@@ -262,3 +262,57 @@ async def test_a_request_may_be_given_as_a_mapping_of_its_fields(
             await service.generate("a kite")  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="EnhancedPrompt"):
             await service.render(persisted)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["render", "render_png"])
+async def test_a_render_past_its_denoising_is_answered_as_the_service_closes(
+    kind: str, tmp_path: Path
+) -> None:
+    """Closing stops a render at its next denoising step; one already past it (encoding) is
+    encoded and answered, never thrown away (a function closes its service as it exits)."""
+    from tests.render.test_batching import TwoPhaseBackend, job
+
+    backend = TwoPhaseBackend()
+    backend.encode_gate.clear()
+    service = ImageGenService(
+        Settings(storage_url=str(tmp_path)), backend=backend, load_on_demand=True
+    )
+    await service.__aenter__()
+    call = asyncio.ensure_future(getattr(service, kind)(job("encoding-1")))
+    assert await asyncio.to_thread(backend.encoding.wait, 30), "never encoded"
+    closing = asyncio.ensure_future(service.aclose())
+    await asyncio.sleep(0.05)  # the close has begun: the render stage is closed
+    backend.encode_gate.set()
+    answered = await asyncio.wait_for(call, 30)
+    await asyncio.wait_for(closing, 30)
+    assert answered.png if kind == "render_png" else answered.generation_id == "encoding-1"
+
+
+async def test_a_call_that_closes_its_own_service_is_refused(settings: Settings) -> None:
+    """``aclose`` from within one of the service's calls (a plugin's) would leave that call
+    running on what it closed: refused, and the service stays usable."""
+
+    class Closer:
+        name = "closer"
+        description = "closes the service it runs in"
+
+        def __init__(self) -> None:
+            self.service: ImageGenService | None = None
+            self.refused: BaseException | None = None
+
+        async def contribute(self, context: Any) -> None:
+            assert self.service is not None
+            try:
+                await self.service.aclose()
+            except RuntimeError as exc:
+                self.refused = exc
+
+    closer = Closer()
+    plugins = PluginSet([closer], settings=settings)
+    async with ImageGenService(settings, plugins=plugins) as service:
+        closer.service = service
+        await service.enhance(small(prompt="a kite", enhance=False, generation_id="closer-1"))
+        assert isinstance(closer.refused, RuntimeError)
+        assert "within one of its own calls" in str(closer.refused)
+        enhanced = await service.enhance(small(prompt="a kite", generation_id="closer-2"))
+    assert enhanced.generation_id == "closer-2"

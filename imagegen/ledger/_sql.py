@@ -304,7 +304,13 @@ class SqlLedger(ABC):
         """
         if not row or not row.get("webhook"):
             return
-        generation = _generation(row)
+        # The failure a later success made good is no error of the generation sent, as the
+        # status and the history say (fold.made_good): derive's, by the derivatives recorded.
+        derived = bool(
+            row.get("failed_stage")
+            and db.query(PERSISTED_RECORDED, {"gid": row["generation_id"], "type": IMAGE_DERIVED})
+        )
+        generation = _generation(row, derived=derived)
         due = due_webhooks(row["status"], row.get("webhook_events"))
         if row["status"] == "persisted":
             # A stored image outranks a failure report: a failed message not yet sent is not

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import inspect
 import json
 import logging
@@ -176,6 +177,10 @@ async def _contained(name: str, coro: Coroutine[Any, Any, T]) -> T:
         raise PluginExit(f"a task of plugin {name} raised {type(exc).__name__}") from exc
 
 
+def _close(coro: Coroutine[Any, Any, Any], _: object) -> None:
+    coro.close()
+
+
 def _contain_on(loop: asyncio.AbstractEventLoop) -> None:
     """Have ``loop`` keep the tasks plugins create from ending it.
 
@@ -197,11 +202,19 @@ def _contain_on(loop: asyncio.AbstractEventLoop) -> None:
     def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Future[Any]:
         context = kwargs.get("context")
         name = context.get(_PLUGIN) if context is not None else _PLUGIN.get()
+        inner = None
         if name is not None and inspect.iscoroutine(coro):
-            coro = _contained(name, coro)
+            inner, coro = coro, _contained(name, coro)
         if previous is not None:
-            return previous(loop, coro, **kwargs)
-        return asyncio.Task(coro, loop=loop, **kwargs)
+            task = previous(loop, coro, **kwargs)
+        else:
+            task = asyncio.Task(coro, loop=loop, **kwargs)
+        if inner is not None:
+            # A task cancelled before its first step never begins the wrapper, nor so the
+            # plugin's coroutine: closed once the task is done, it is not "never awaited", as
+            # an unwrapped one would not be (a no-op for a coroutine that ran).
+            task.add_done_callback(functools.partial(_close, inner))
+        return task
 
     factory._contains_plugins = True  # type: ignore[attr-defined]
     loop.set_task_factory(factory)

@@ -88,3 +88,33 @@ def test_a_close_that_hangs_keeps_the_worker_no_longer_than_its_bound(tmp_path: 
     said = [r["message"] for r in server.log_records() if r.get("level") == "WARNING"]
     assert "closing took longer than 5s; exiting" in said, server.logs()
     assert not (tmp_path / "closed").exists()
+
+
+def test_a_request_after_the_close_is_a_retryable_503_and_the_probe_not_ready(
+    tmp_path: Path,
+) -> None:
+    """gunicorn's pool still runs requests queued as the worker exits, after the service is
+    closed (Ctrl-C): each is answered a retryable 503, and the readiness probe says not ready,
+    never a 500 of a service gone."""
+    import sys
+
+    from tests.conftest import ROOT
+    from tests.functions.clients import InProcessFunction
+
+    if str(ROOT / "functions") not in sys.path:
+        sys.path.insert(0, str(ROOT / "functions"))
+    import _adapter
+
+    body = {"prompt": "a calm lake", "enhance": False}
+    with InProcessFunction("enhance", base_env(tmp_path / "store")) as enhance:
+        assert enhance.post(json=body).status_code == 200
+        [function] = [f for f in _adapter._started if f.stage.name == "enhance"][-1:]
+        closing = function.stop()
+        assert closing is not None
+        closing.result(10)
+        assert function.stop() is None  # closed once
+        answer = enhance.post(json=body)
+        probe = enhance.get("/readyz")
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["retryable"] is True and "Retry-After" in answer.headers
+    assert probe.status_code == 503

@@ -122,3 +122,25 @@ def test_a_failed_generation_keeps_its_error(ledger: Ledger) -> None:
     assert found.failed_stage == "render" and found.error is not None
     [listed] = ledger.history().items
     assert listed.failed_stage == "render" and listed.error is not None
+
+
+def test_the_completed_message_leaves_out_a_failure_made_good(ledger: Ledger) -> None:
+    """The ``completed`` webhook sends the generation as the status and the history show it:
+    derive's failure, made good by the derivatives recorded before persist's event came
+    (a broker keeps no order), is no error of it."""
+    import json
+
+    gid = "gen-hook"
+    events = chain(gid, webhook="https://hooks.example.com/x", webhook_events=["completed"])
+    derive = _derive_events(gid)
+    for name in ("requested", "enhanced", "rendered"):
+        ledger.ingest(events[name])
+    ledger.ingest(derive["failed"])
+    ledger.ingest(derive["derived"])
+    ledger.ingest(events["persisted"])
+    found = ledger.get(gid)
+    assert found is not None and (found.status, found.error) == ("persisted", None)
+    [completed] = ledger.claim_deliveries(lease=60)
+    assert completed.event == "completed"
+    data = json.loads(completed.payload)["data"]
+    assert (data["status"], data["failed_stage"], data["error"]) == ("persisted", None, None)

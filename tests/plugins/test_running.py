@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -234,3 +235,33 @@ def test_a_task_of_a_plugin_cannot_end_the_event_loop(
         assert loop.run_until_complete(asyncio.sleep(0, "still runs")) == "still runs"
     finally:
         loop.close()
+
+
+def test_a_plugin_task_cancelled_before_it_began_is_no_coroutine_never_awaited() -> None:
+    """A plugin's TaskGroup whose first task fails cancels the others before they begin:
+    wrapped or not, such a task leaves no "coroutine was never awaited" warning."""
+    import gc
+    import warnings
+
+    async def sleeper() -> None:
+        await asyncio.sleep(1)
+
+    async def failing() -> None:
+        raise ValueError("at once")
+
+    async def plugin_body() -> None:
+        with running.plugin_code("grouping"):
+            with contextlib.suppress(ExceptionGroup):
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(failing())
+                    group.create_task(sleeper())
+            cancelled = asyncio.create_task(sleeper())
+            cancelled.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await cancelled
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        asyncio.run(plugin_body())
+        gc.collect()
+    assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
