@@ -12,18 +12,19 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT, RunCli
+from tests.functions.servers import free_port
 
 
 def _port() -> int:
-    """A port of this file's own range free on IPv6 loopback."""
-    for port in range(63590, 63600):
+    """A port free on IPv6 loopback too, below the ephemeral range (:func:`free_port`)."""
+    while True:
+        port = free_port()
         with socket.socket(socket.AF_INET6) as sock:
             try:
                 sock.bind(("::1", port))
             except OSError:
                 continue
             return port
-    raise AssertionError("no free port in 63590-63599")
 
 
 @pytest.mark.slow

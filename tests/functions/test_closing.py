@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 
 from tests.functions.conftest import base_env
-from tests.functions.servers import FunctionServer
+from tests.functions.servers import FunctionServer, free_port
 
 _ENTRY_POINTS = """\
 [imagegen.plugins]
@@ -20,15 +19,7 @@ never_closing = tests.plugins.sample_plugins:never_closing
 
 
 def _port() -> int:
-    """A free loopback port of this file's own range."""
-    for port in range(63400, 63500):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise AssertionError("no free port in 63400-63499")
+    return free_port()
 
 
 def _enhance(tmp_path: Path, plugins: str) -> FunctionServer:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
@@ -16,20 +15,12 @@ import pytest
 
 from imagegen.errors import DependencyUnavailable
 from tests.functions.conftest import base_env
-from tests.functions.servers import FunctionServer
+from tests.functions.servers import FunctionServer, free_port
 from tests.render.test_batching import BatchingBackend, _until_queued, job, make_stage
 
 
 def _port() -> int:
-    """A free loopback port of this file's own range."""
-    for port in range(63500, 63600):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise AssertionError("no free port in 63500-63599")
+    return free_port()
 
 
 def _worker(master: int) -> int:
