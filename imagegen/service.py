@@ -256,7 +256,14 @@ class ImageGenService:
                 for call in running:
                     call.cancel()
                 if running:
-                    await asyncio.wait(running)
+                    # A call that ignores its cancellation (a plugin's ``except
+                    # CancelledError``) holds no close for ever: given up on, and said.
+                    _, stuck = await asyncio.wait(running, timeout=CLOSE_GRACE_SECONDS)
+                    if stuck:
+                        log.warning(
+                            "closing: %d call(s) did not stop when cancelled; closed under them",
+                            len(stuck),
+                        )
             if self._enhance_stage is not None:
                 await self._enhance_stage.aclose()
         finally:

@@ -4,8 +4,10 @@ and the inputs it takes; with the real tiny FLUX pipeline and local storage."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -316,3 +318,39 @@ async def test_a_call_that_closes_its_own_service_is_refused(settings: Settings)
         assert "within one of its own calls" in str(closer.refused)
         enhanced = await service.enhance(small(prompt="a kite", generation_id="closer-2"))
     assert enhanced.generation_id == "closer-2"
+
+
+async def test_closing_ends_although_a_call_ignores_its_cancellation(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A plugin that swallows every cancellation holds its call for ever: closing gives up on
+    it after its grace twice over, and says so, rather than hang."""
+    from imagegen import service as service_module
+
+    class Stubborn:
+        name = "stubborn"
+        description = "ignores its cancellation"
+        released = False  # by the test, once it has seen the close end
+
+        async def contribute(self, context: Any) -> None:
+            while not self.released:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(0.05)
+
+    stubborn = Stubborn()
+    service = ImageGenService(settings, plugins=PluginSet([stubborn], settings=settings))
+    await service.__aenter__()
+    call = asyncio.ensure_future(service.enhance(small(prompt="a kite", enhance=False)))
+    await asyncio.sleep(0.3)  # the plugin runs
+    began = time.monotonic()
+    try:
+        with caplog.at_level(logging.WARNING, logger="imagegen"):
+            await asyncio.wait_for(service.aclose(), 30)
+        took = time.monotonic() - began
+        assert not call.done()
+    finally:
+        stubborn.released = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(call, 30)
+    assert took < 2 * service_module.CLOSE_GRACE_SECONDS + 2
+    assert any("did not stop when cancelled" in r.getMessage() for r in caplog.records)
