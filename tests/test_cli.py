@@ -434,14 +434,9 @@ def test_serve_runs_a_function(tmp_path: Path) -> None:
 def test_a_plugin_name_two_packages_declare_is_shown_and_refused_naming_both(
     cli: RunCli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for dist, factory in [("first_echo", "EchoPlugin"), ("second_echo", "FailingPlugin")]:
-        dist_info = tmp_path / "site" / f"{dist}-1.0.dist-info"
-        dist_info.mkdir(parents=True)
-        name = dist.replace("_", "-")
-        (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1\n")
-        (dist_info / "entry_points.txt").write_text(
-            f"[imagegen.plugins]\necho = tests.plugins.sample_plugins:{factory}\n"
-        )
+    from tests.plugins.sample_plugins import declare_echo_twice
+
+    declare_echo_twice(tmp_path / "site")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     both = ("first-echo (tests.plugins.sample_plugins:EchoPlugin)", "second-echo")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 
 from imagegen.errors import InvalidRequest
 from imagegen.models import Contribution
@@ -244,3 +245,16 @@ class KeyedPlugin(EchoPlugin):
     """Reads a variable of its own, as a plugin reads its API key: it says so."""
 
     environment_variables = ("IMAGEGEN_WEATHER_KEY",)
+
+
+def declare_echo_twice(site: Path) -> None:
+    """Install in ``site`` two distributions, 'first-echo' and 'second-echo', each declaring a
+    plugin named 'echo' (:class:`EchoPlugin` and :class:`FailingPlugin`)."""
+    for dist, factory in [("first_echo", "EchoPlugin"), ("second_echo", "FailingPlugin")]:
+        dist_info = site / f"{dist}-1.0.dist-info"
+        dist_info.mkdir(parents=True)
+        name = dist.replace("_", "-")
+        (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1\n")
+        (dist_info / "entry_points.txt").write_text(
+            f"[imagegen.plugins]\necho = tests.plugins.sample_plugins:{factory}\n"
+        )

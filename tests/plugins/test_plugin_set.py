@@ -467,14 +467,9 @@ async def test_closing_the_set_closes_the_plugins_that_hold_something(
 @pytest.fixture
 def installed_twice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two distributions, 'first-echo' and 'second-echo', each declaring its own 'echo'."""
-    for dist, factory in [("first_echo", "EchoPlugin"), ("second_echo", "FailingPlugin")]:
-        dist_info = tmp_path / "site" / f"{dist}-1.0.dist-info"
-        dist_info.mkdir(parents=True)
-        name = dist.replace("_", "-")
-        (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1\n")
-        (dist_info / "entry_points.txt").write_text(
-            f"[imagegen.plugins]\necho = tests.plugins.sample_plugins:{factory}\n"
-        )
+    from tests.plugins.sample_plugins import declare_echo_twice
+
+    declare_echo_twice(tmp_path / "site")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
 
 
