@@ -149,6 +149,7 @@ class ImageGenService:
         # ends (each records where it stopped) before it closes the ledger under them.
         self._calls: set[asyncio.Task[Any]] = set()
         self._closed = False
+        self._closing: asyncio.Future[None] | None = None  # the close, once begun
         # The event loop the service's stages, locks and queues belong to: its first caller's.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._binding = threading.Lock()
@@ -226,12 +227,17 @@ class ImageGenService:
         first). Each is recorded where it stopped, before the ledger is closed, and whoever
         awaits one gets a retryable :class:`~imagegen.errors.DependencyUnavailable`. The
         service is closed for good: any later call raises :class:`ServiceClosed` (a
-        ``RuntimeError``); closing again does nothing. Raises ``RuntimeError`` when called
-        from within one of the service's own calls.
+        ``RuntimeError``); closing again waits for the close under way, if any. Raises
+        ``RuntimeError`` when called from within one of the service's own calls.
         """
-        if self._closed:
-            return
         loop = asyncio.get_running_loop()
+        closing = self._closing
+        if closing is not None:
+            # Closed, or closing: a second caller waits for the same close to end (one on a
+            # loop gone or another's cannot be awaited here: it ended with that loop).
+            if not closing.done() and closing.get_loop() is loop:
+                await asyncio.shield(closing)
+            return
         own = self._loop
         if own is not None and own is not loop and not own.is_closed():
             raise _other_loop()
@@ -242,6 +248,12 @@ class ImageGenService:
                 " it was opened"
             )
         self._closed = True
+        # A task of its own: a caller that stops waiting (its own deadline) leaves it to end,
+        # the ledger closed only after the calls it stopped are recorded.
+        self._closing = asyncio.ensure_future(self._close(own is loop))
+        await asyncio.shield(self._closing)
+
+    async def _close(self, same_loop: bool) -> None:
         # The render first, and at once: nothing a cancellation (a second Ctrl-C) interrupts
         # comes before it, so the process never waits for a whole render as it exits. A
         # render past its denoising is encoded and answered (its image is made); the calls
@@ -249,7 +261,7 @@ class ImageGenService:
         # A closed loop's calls went with it.
         if self._render_stage is not None:
             self._render_stage.close()
-        calls = list(self._calls) if own is loop else []
+        calls = list(self._calls) if same_loop else []
         try:
             if calls:
                 _, running = await asyncio.wait(calls, timeout=CLOSE_GRACE_SECONDS)

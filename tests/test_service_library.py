@@ -354,3 +354,29 @@ async def test_closing_ends_although_a_call_ignores_its_cancellation(
             await asyncio.wait_for(call, 30)
     assert took < 2 * service_module.CLOSE_GRACE_SECONDS + 2
     assert any("did not stop when cancelled" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_second_close_waits_for_the_first(
+    settings: Settings, ledger: Ledger, ledger_path: Path
+) -> None:
+    """Two callers close the service at once (a function's exit and its caller's ``async
+    with``): the second returns only once the close has ended, the generation it stopped
+    recorded."""
+    progress, _, reached, go_on = _held_at_step(1)
+    service = ImageGenService(settings, plugins=no_plugins(settings), recorder=Recorder(ledger))
+    await service.__aenter__()
+    request = small(prompt="a kite", enhance=False, steps=4, generation_id="twice-closed")
+    running = asyncio.ensure_future(service.generate(request, progress=progress))
+    try:
+        assert await asyncio.to_thread(reached.wait, 120), "the render never began"
+        first = asyncio.ensure_future(service.aclose())
+        await asyncio.sleep(0.05)  # the first close has begun, and waits for the render
+        go_on.set()
+        await asyncio.wait_for(service.aclose(), 60)
+        found, _ = recorded(ledger_path, "twice-closed")
+        assert found is not None and found.status == "failed"
+        await first
+    finally:
+        go_on.set()
+        with contextlib.suppress(DependencyUnavailable):
+            await asyncio.wait_for(running, 60)
