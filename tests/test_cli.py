@@ -350,12 +350,12 @@ def test_plugins_lists_the_built_ins(cli: RunCli) -> None:
 def test_a_plugin_that_cannot_load_is_one_line_and_a_row_with_its_error(
     cli: RunCli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    dist_info = tmp_path / "site" / "broken_plugin-1.0.dist-info"
-    dist_info.mkdir(parents=True)
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 1\n")
-    (dist_info / "entry_points.txt").write_text(
-        "[imagegen.plugins]\nbroken = no_such_mod:P\n"
-        "keyless = tests.plugins.sample_plugins:needing_a_key\n"
+    from tests.plugins.sample_plugins import install_distribution
+
+    install_distribution(
+        tmp_path / "site",
+        "broken-plugin",
+        {"broken": "no_such_mod:P", "keyless": "tests.plugins.sample_plugins:needing_a_key"},
     )
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     env = {"IMAGEGEN_PLUGINS": "time_of_day,broken"}
@@ -456,12 +456,15 @@ def test_a_plugin_name_two_packages_declare_is_shown_and_refused_naming_both(
 def test_a_plugin_skipped_is_one_note_line_naming_it_and_why(
     cli: RunCli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    dist_info = tmp_path / "site" / "failing_plugin-1.0.dist-info"
-    dist_info.mkdir(parents=True)
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: failing-plugin\nVersion: 1\n")
-    (dist_info / "entry_points.txt").write_text(
-        "[imagegen.plugins]\nfailing = tests.plugins.sample_plugins:failing\n"
-        "wrong_type = tests.plugins.sample_plugins:wrong_type\n"
+    from tests.plugins.sample_plugins import install_distribution
+
+    install_distribution(
+        tmp_path / "site",
+        "failing-plugin",
+        {
+            "failing": "tests.plugins.sample_plugins:failing",
+            "wrong_type": "tests.plugins.sample_plugins:wrong_type",
+        },
     )
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     env = {"IMAGEGEN_PLUGINS": "failing,time_of_day,wrong_type"}

@@ -93,6 +93,18 @@ main(sys.argv[1:])
 """
 
 
+def _status(tmp_path: Path, generation_id: str) -> str | None:
+    """The status the CLI's own ledger (under ``tmp_path``'s XDG data folder) records."""
+    from imagegen.ledger import open_ledger
+
+    ledger = open_ledger(str(tmp_path / "xdg-data" / "imagegen" / "ledger.db"))
+    try:
+        found = ledger.get(generation_id)
+    finally:
+        ledger.close()
+    return None if found is None else found.status
+
+
 def _ctrl_c_at_the_record(tmp_path: Path, args: list[str], **popen: Any) -> tuple[int, str, str]:
     """Run ``imagegen *args`` paused as it writes the metadata record (:data:`_PAUSED`), send
     it one SIGINT there; its exit status, stdout and stderr."""
@@ -123,7 +135,6 @@ def test_ctrl_c_once_the_png_is_stored_ends_with_the_image_complete(tmp_path: Pa
     """Ctrl-C while the metadata record is written (the PNG stored): the record and the history
     are finished first, then the command stops as interrupted; the image is complete and the
     history says persisted, not a PNG left behind a failed generation."""
-    from imagegen.ledger import open_ledger
 
     code, out, err = _ctrl_c_at_the_record(
         tmp_path, [*RENDER, "--steps", "2", "--no-enhance", "--json"]
@@ -132,12 +143,7 @@ def test_ctrl_c_once_the_png_is_stored_ends_with_the_image_complete(tmp_path: Pa
     assert out == ""
     [png] = (tmp_path / "output").rglob("*.png")
     assert png.with_suffix(".json").is_file()
-    ledger = open_ledger(str(tmp_path / "xdg-data" / "imagegen" / "ledger.db"))
-    try:
-        found = ledger.get(png.stem)
-    finally:
-        ledger.close()
-    assert found is not None and found.status == "persisted"
+    assert _status(tmp_path, png.stem) == "persisted"
 
 
 @pytest.mark.slow
@@ -230,8 +236,6 @@ def test_ctrl_c_once_a_replays_png_is_stored_ends_with_the_image_complete(tmp_pa
     does: the record and the history finished first, then exit 130."""
     import json
 
-    from imagegen.ledger import open_ledger
-
     env = isolated_environ(tmp_path)
     first = subprocess.run(
         [sys.executable, "-c", _PAUSED.replace("time.sleep(2)", "pass"), *RENDER,
@@ -245,9 +249,4 @@ def test_ctrl_c_once_a_replays_png_is_stored_ends_with_the_image_complete(tmp_pa
     assert out == ""
     [png] = [p for p in (tmp_path / "output").rglob("*.png") if p.stem != original]
     assert png.with_suffix(".json").is_file()
-    ledger = open_ledger(str(tmp_path / "xdg-data" / "imagegen" / "ledger.db"))
-    try:
-        found = ledger.get(png.stem)
-    finally:
-        ledger.close()
-    assert found is not None and found.status == "persisted"
+    assert _status(tmp_path, png.stem) == "persisted"

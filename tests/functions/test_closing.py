@@ -10,12 +10,12 @@ from pathlib import Path
 
 from tests.functions.conftest import base_env
 from tests.functions.servers import FunctionServer, free_port
+from tests.plugins.sample_plugins import install_distribution
 
-_ENTRY_POINTS = """\
-[imagegen.plugins]
-closing = tests.plugins.sample_plugins:closing
-never_closing = tests.plugins.sample_plugins:never_closing
-"""
+_ENTRY_POINTS = {
+    "closing": "tests.plugins.sample_plugins:closing",
+    "never_closing": "tests.plugins.sample_plugins:never_closing",
+}
 
 
 def _port() -> int:
@@ -26,11 +26,7 @@ def _enhance(tmp_path: Path, plugins: str) -> FunctionServer:
     """The enhance function in a new interpreter, as in its container (a process forked from
     the suite's preloaded one ends without the interpreter's exit), with ``plugins`` enabled,
     installed as a third-party package declares them."""
-    dist_info = tmp_path / "site" / "closing_plugins-1.0.dist-info"
-    dist_info.mkdir(parents=True)
-    metadata = "Metadata-Version: 2.1\nName: closing-plugins\nVersion: 1\n"
-    (dist_info / "METADATA").write_text(metadata)
-    (dist_info / "entry_points.txt").write_text(_ENTRY_POINTS)
+    install_distribution(tmp_path / "site", "closing-plugins", _ENTRY_POINTS)
     env = {
         **base_env(tmp_path / "store"),
         "IMAGEGEN_PLUGINS": plugins,

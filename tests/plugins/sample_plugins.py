@@ -247,14 +247,19 @@ class KeyedPlugin(EchoPlugin):
     environment_variables = ("IMAGEGEN_WEATHER_KEY",)
 
 
+def install_distribution(site: Path, name: str, plugins: dict[str, str]) -> None:
+    """Install in ``site`` (a folder of ``sys.path``) the distribution ``name`` declaring
+    ``plugins``, each an entry point's name and object (``{"echo": "module:attribute"}``), as
+    an installed third-party package declares them: its dist-info folder, no code."""
+    dist_info = site / f"{name.replace('-', '_')}-1.0.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1\n")
+    declared = "".join(f"{plugin} = {value}\n" for plugin, value in plugins.items())
+    (dist_info / "entry_points.txt").write_text(f"[imagegen.plugins]\n{declared}")
+
+
 def declare_echo_twice(site: Path) -> None:
     """Install in ``site`` two distributions, 'first-echo' and 'second-echo', each declaring a
     plugin named 'echo' (:class:`EchoPlugin` and :class:`FailingPlugin`)."""
-    for dist, factory in [("first_echo", "EchoPlugin"), ("second_echo", "FailingPlugin")]:
-        dist_info = site / f"{dist}-1.0.dist-info"
-        dist_info.mkdir(parents=True)
-        name = dist.replace("_", "-")
-        (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1\n")
-        (dist_info / "entry_points.txt").write_text(
-            f"[imagegen.plugins]\necho = tests.plugins.sample_plugins:{factory}\n"
-        )
+    for name, factory in [("first-echo", "EchoPlugin"), ("second-echo", "FailingPlugin")]:
+        install_distribution(site, name, {"echo": f"tests.plugins.sample_plugins:{factory}"})

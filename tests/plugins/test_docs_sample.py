@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import ROOT
 from tests.functions.clients import InProcessFunction
 from tests.functions.conftest import base_env
+from tests.plugins.sample_plugins import install_distribution
 
 _PAGE = (ROOT / "docs" / "plugins.md").read_text()
 
@@ -33,13 +34,7 @@ def enhance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[InProce
     (site / "my_package").mkdir(parents=True)
     (site / "my_package" / "__init__.py").write_text("")
     (site / "my_package" / "weather.py").write_text(_block("python"))
-    dist_info = site / "my_weather_plugin-1.0.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: my-weather-plugin\nVersion: 1\n"
-    )
-    lines = "".join(f"{name} = {value}\n" for name, value in declared.items())
-    (dist_info / "entry_points.txt").write_text(f"[imagegen.plugins]\n{lines}")
+    install_distribution(site, "my-weather-plugin", declared)
     monkeypatch.syspath_prepend(str(site))
     env = {**base_env(tmp_path / "store"), "IMAGEGEN_PLUGINS": "time_of_day,weather"}
     function = InProcessFunction("enhance", env, timeout=30)

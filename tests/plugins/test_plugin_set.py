@@ -26,6 +26,8 @@ from tests.plugins.sample_plugins import (
     OpaqueDataPlugin,
     StrictPlugin,
     WrongTypePlugin,
+    declare_echo_twice,
+    install_distribution,
 )
 
 BUILTINS = ["time_of_day", "holiday", "art_style", "lora", "remote_context"]
@@ -318,13 +320,8 @@ def test_objects_that_are_not_plugins_are_refused(settings: Settings) -> None:
 def installed_sample(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A distribution 'sample-imagegen-plugins' declaring the entry point 'echo'."""
     site = tmp_path / "site"
-    dist_info = site / "sample_imagegen_plugins-1.0.dist-info"
-    dist_info.mkdir(parents=True)
-    (dist_info / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: sample-imagegen-plugins\nVersion: 1.0\n"
-    )
-    (dist_info / "entry_points.txt").write_text(
-        "[imagegen.plugins]\necho = tests.plugins.sample_plugins:EchoPlugin\n"
+    install_distribution(
+        site, "sample-imagegen-plugins", {"echo": "tests.plugins.sample_plugins:EchoPlugin"}
     )
     monkeypatch.syspath_prepend(str(site))
 
@@ -350,14 +347,7 @@ def test_discovered_but_not_enabled_is_listed(settings: Settings) -> None:
 @pytest.fixture
 def installed_broken(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A distribution 'broken-plugin' whose entry point 'broken' names no module."""
-    dist_info = tmp_path / "broken_plugin-1.0.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: broken-plugin\nVersion: 1.0\n"
-    )
-    (dist_info / "entry_points.txt").write_text(
-        "[imagegen.plugins]\nbroken = no_such_module_here:Plugin\n"
-    )
+    install_distribution(tmp_path, "broken-plugin", {"broken": "no_such_module_here:Plugin"})
     monkeypatch.syspath_prepend(str(tmp_path))
 
 
@@ -467,8 +457,6 @@ async def test_closing_the_set_closes_the_plugins_that_hold_something(
 @pytest.fixture
 def installed_twice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two distributions, 'first-echo' and 'second-echo', each declaring its own 'echo'."""
-    from tests.plugins.sample_plugins import declare_echo_twice
-
     declare_echo_twice(tmp_path / "site")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
 

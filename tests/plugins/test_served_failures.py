@@ -12,30 +12,26 @@ import pytest
 from tests.fakes.ollama_server import FakeOllama
 from tests.functions.clients import InProcessFunction
 from tests.functions.conftest import base_env
+from tests.plugins.sample_plugins import install_distribution
 
 Serve = Callable[[str], InProcessFunction]
 
-_ENTRY_POINTS = """\
-[imagegen.plugins]
-exiting = tests.plugins.sample_plugins:exiting
-interrupting = tests.plugins.sample_plugins:interrupting
-cancelling = tests.plugins.sample_plugins:cancelling
-exiting_on_its_thread = tests.plugins.sample_plugins:exiting_on_its_thread
-loop_stopping = tests.plugins.sample_plugins:LoopStopping
-exiting_in_its_task = tests.plugins.sample_plugins:exiting_in_its_task
-interrupting_in_its_task = tests.plugins.sample_plugins:interrupting_in_its_task
-"""
+_ENTRY_POINTS = {
+    "exiting": "tests.plugins.sample_plugins:exiting",
+    "interrupting": "tests.plugins.sample_plugins:interrupting",
+    "cancelling": "tests.plugins.sample_plugins:cancelling",
+    "exiting_on_its_thread": "tests.plugins.sample_plugins:exiting_on_its_thread",
+    "loop_stopping": "tests.plugins.sample_plugins:LoopStopping",
+    "exiting_in_its_task": "tests.plugins.sample_plugins:exiting_in_its_task",
+    "interrupting_in_its_task": "tests.plugins.sample_plugins:interrupting_in_its_task",
+}
 
 
 @pytest.fixture
 def serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Serve]:
     """``serve("a,b")``: the enhance function, in this process, with plugins ``a,b`` enabled
     (installed as a third-party package declares them) and a fake Ollama writing prompts."""
-    dist_info = tmp_path / "site" / "raising_plugins-1.0.dist-info"
-    dist_info.mkdir(parents=True)
-    metadata = "Metadata-Version: 2.1\nName: raising-plugins\nVersion: 1\n"
-    (dist_info / "METADATA").write_text(metadata)
-    (dist_info / "entry_points.txt").write_text(_ENTRY_POINTS)
+    install_distribution(tmp_path / "site", "raising-plugins", _ENTRY_POINTS)
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     functions: list[InProcessFunction] = []
     with FakeOllama() as fake:

@@ -7,18 +7,20 @@ from pathlib import Path
 import pytest
 
 from imagegen.settings import Settings
+from tests.plugins.sample_plugins import install_distribution
 
 
 @pytest.fixture
 def installed_keyed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A distribution 'keyed-plugin' whose plugin 'weather' declares IMAGEGEN_WEATHER_KEY, and
     one whose entry point cannot be loaded."""
-    dist_info = tmp_path / "keyed_plugin-1.0.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: keyed-plugin\nVersion: 1\n")
-    (dist_info / "entry_points.txt").write_text(
-        "[imagegen.plugins]\nweather = tests.plugins.sample_plugins:KeyedPlugin\n"
-        "broken = no_such_module_here:Plugin\n"
+    install_distribution(
+        tmp_path,
+        "keyed-plugin",
+        {
+            "weather": "tests.plugins.sample_plugins:KeyedPlugin",
+            "broken": "no_such_module_here:Plugin",
+        },
     )
     monkeypatch.syspath_prepend(str(tmp_path))
 
