@@ -526,7 +526,13 @@ class PersistedImage(_Model):
     location: str
     url: str | None = Field(default=None, description="Public URL of the full image.")
     keys: dict[str, str] = Field(description="Object keys: image, thumbnail, metadata.")
-    urls: dict[str, str] = Field(default_factory=dict, description="Public URLs by derivative.")
+    urls: dict[str, str] = Field(
+        default_factory=dict,
+        description="Public URLs, signed when IMAGEGEN_URL_SIGNING_SECRET is set: `image` (the "
+        "full image, as url) and `thumbnail`; empty without IMAGEGEN_PUBLIC_BASE_URL. The "
+        "AVIF/WebP derivatives that derive makes later have none of their own: the full image's "
+        "URL serves them, chosen by Accept and ?w=.",
+    )
     metadata_location: str
     content_type: Literal["image/png"] = "image/png"
     size: int = Field(ge=0, le=MAX_OBJECT_BYTES)

@@ -144,7 +144,8 @@ def public_url(
 
     Raises:
         InvalidRequest: ``key`` is not a served key shape, ``base_url`` is empty, ``width``
-            is out of range, or ``ttl`` is not positive.
+            is not a whole number from 1 to ``MAX_WIDTH`` on a ``.png`` key, or, when signing,
+            ``ttl`` is not a positive whole number or ``now`` not a whole number.
     """
     errors: list[dict[str, str]] = []
     if not is_public_key(key):
@@ -155,9 +156,16 @@ def public_url(
                 ".w<width>.avif or .w<width>.webp",
             }
         )
-    if width is not None and not (1 <= width <= MAX_WIDTH and key.endswith(".png")):
-        errors.append({"field": "width", "message": f"1 to {MAX_WIDTH}, and only for a .png key"})
-    _check_signing(errors, base_url, secret, ttl)
+    if width is not None and not (
+        _is_whole(width) and 1 <= width <= MAX_WIDTH and key.endswith(".png")
+    ):
+        errors.append(
+            {
+                "field": "width",
+                "message": f"a whole number of pixels, 1 to {MAX_WIDTH}, and only for a .png key",
+            }
+        )
+    _check_signing(errors, base_url, secret, ttl, now)
     params = {} if width is None else {"w": str(width)}
     return _url(f"{base_url.rstrip('/')}/{key}", key, params, secret, ttl, now)
 
@@ -176,14 +184,14 @@ def gallery_url(
     link (``GALLERY=signed``), and signs the image URLs on the page with the same expiry.
 
     Raises:
-        InvalidRequest: ``day`` is not a date path, ``base_url`` is empty, or ``ttl`` is not
-            positive.
+        InvalidRequest: ``day`` is not a date path, ``base_url`` is empty, or, when signing,
+            ``ttl`` is not a positive whole number or ``now`` not a whole number.
     """
     path = f"{day.strip('/')}/" if day.strip("/") else ""
     errors: list[dict[str, str]] = []
     if not GALLERY_PATH_PATTERN.match(path):
         errors.append({"field": "day", "message": "must look like YYYY/MM/DD"})
-    _check_signing(errors, base_url, secret, ttl)
+    _check_signing(errors, base_url, secret, ttl, now)
     return _url(f"{base_url.rstrip('/')}/{path}", path, {}, secret, ttl, now)
 
 
@@ -191,13 +199,21 @@ MAX_WIDTH = 8192
 """The largest ``w`` the Worker accepts."""
 
 
+def _is_whole(value: object) -> bool:
+    """Whether ``value`` is an int written as digits alone: the Worker takes ``w`` and
+    ``expires`` only so, and ``str()`` of a bool or float is not (``True``, ``512.0``)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_signing(
-    errors: list[dict[str, str]], base_url: str, secret: str | None, ttl: int
+    errors: list[dict[str, str]], base_url: str, secret: str | None, ttl: int, now: int | None
 ) -> None:
     if not base_url.strip("/"):
         errors.insert(0, {"field": "base_url", "message": "must not be empty"})
-    if secret is not None and ttl <= 0:
-        errors.append({"field": "ttl", "message": "must be a positive number of seconds"})
+    if secret is not None and not (_is_whole(ttl) and ttl > 0):
+        errors.append({"field": "ttl", "message": "must be a positive whole number of seconds"})
+    if secret is not None and now is not None and not _is_whole(now):
+        errors.append({"field": "now", "message": "must be a whole number of seconds"})
     if errors:
         raise InvalidRequest("cannot build a public URL", errors=errors)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -10,6 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from pydantic import ValidationError
 
+from imagegen import ImageGenService
 from imagegen.errors import InvalidRequest
 from imagegen.settings import Settings
 from imagegen.urls import (
@@ -21,8 +24,10 @@ from imagegen.urls import (
     sign,
     verify,
 )
+from tests.fakes.images import gradient_png, store_rendered
 
-VECTORS_PATH = Path(__file__).resolve().parents[1] / "schemas" / "signed-url-vectors.json"
+SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
+VECTORS_PATH = SCHEMAS / "signed-url-vectors.json"
 VECTORS: dict[str, Any] = json.loads(VECTORS_PATH.read_text())
 BASE = VECTORS["base_url"]
 SECRET = "test-secret"
@@ -264,12 +269,51 @@ def test_public_url_with_a_width() -> None:
 
 
 @pytest.mark.parametrize(
-    ("key", "width"), [("2026/05/01/abc.png", 0), ("2026/05/01/abc.w256.avif", 9)]
+    ("key", "width"),
+    [("2026/05/01/abc.png", 0), ("2026/05/01/abc.png", 8193), ("2026/05/01/abc.w256.avif", 9)],
 )
 def test_public_url_refuses_a_bad_width(key: str, width: int) -> None:
     with pytest.raises(InvalidRequest) as info:
         public_url(BASE, key, width=width)
     assert info.value.fields == ["width"]
+
+
+@pytest.mark.parametrize("width", [True, False, 512.0, 200.5, "512"])
+def test_public_url_refuses_a_width_that_is_not_a_whole_number(width: Any) -> None:
+    """The Worker takes only digits for ``w`` (``widthParam`` in worker/src/negotiate.ts):
+    ``w=True``, ``w=512.0`` or ``w=200.5`` would answer 400."""
+    with pytest.raises(InvalidRequest) as info:
+        public_url(BASE, "2026/05/01/abc.png", width=width)
+    assert info.value.fields == ["width"]
+
+
+@pytest.mark.parametrize("width", [1, 8192])
+def test_public_url_takes_the_widths_at_either_end(width: int) -> None:
+    url = public_url(BASE, "2026/05/01/abc.png", width=width, secret=SECRET, ttl=60, now=0)
+    query = parse_qs(urlsplit(url).query)
+    assert query["w"] == [str(width)]
+    params = {"w": width}
+    assert verify("2026/05/01/abc.png", 60, query["signature"][0], SECRET, now=0, params=params)
+
+
+@pytest.mark.parametrize("ttl", [True, 60.0, 0.5])
+@pytest.mark.parametrize("build", [public_url, gallery_url])
+def test_url_builders_refuse_a_ttl_that_is_not_a_whole_number(build: Any, ttl: Any) -> None:
+    """``expires`` must be digits alone (``EXPIRES_PATTERN`` in worker/src/signing.ts):
+    ``expires=60.0`` would answer 403."""
+    target = "2026/05/01/abc.png" if build is public_url else "2026/05/01"
+    with pytest.raises(InvalidRequest) as info:
+        build(BASE, target, secret=SECRET, ttl=ttl, now=0)
+    assert info.value.fields == ["ttl"]
+
+
+@pytest.mark.parametrize("now", [True, 1_000.0, 1_000.5])
+@pytest.mark.parametrize("build", [public_url, gallery_url])
+def test_url_builders_refuse_a_now_that_is_not_a_whole_number(build: Any, now: Any) -> None:
+    target = "2026/05/01/abc.png" if build is public_url else "2026/05/01"
+    with pytest.raises(InvalidRequest) as info:
+        build(BASE, target, secret=SECRET, ttl=60, now=now)
+    assert info.value.fields == ["now"]
 
 
 def test_gallery_url() -> None:
@@ -294,3 +338,26 @@ def test_public_url_names_every_bad_argument() -> None:
     with pytest.raises(InvalidRequest) as info:
         public_url("/", "../etc/passwd", secret=SECRET, ttl=0)
     assert info.value.fields == ["base_url", "key", "ttl"]
+
+
+# 5. The URLs persist publishes
+
+
+async def test_the_published_urls_field_names_the_urls_persist_writes(tmp_path: Path) -> None:
+    """``image.persisted``'s ``urls`` holds what persist writes, one URL per name the schema
+    gives: derivatives have none of their own (their ``.png`` URL serves them by ``Accept``
+    and ``w``)."""
+    settings = Settings(storage_url=str(tmp_path / "out"), model="tiny", public_base_url=BASE)
+    requested_at = datetime(2026, 5, 1, 12, tzinfo=UTC)
+    async with ImageGenService(settings) as service:
+        rendered = await store_rendered(
+            service.storage, "described", requested_at, gradient_png(256, 256), "a kite"
+        )
+        persisted = await service.persist(rendered)
+    schema = json.loads((SCHEMAS / "image.persisted.json").read_text())
+    description = schema["properties"]["urls"]["description"]
+    assert set(re.findall(r"`(\w+)`", description)) == set(persisted.urls)
+    assert persisted.urls == {
+        "image": public_url(BASE, persisted.keys["image"]),
+        "thumbnail": public_url(BASE, persisted.keys["thumbnail"]),
+    }
