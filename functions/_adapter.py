@@ -227,7 +227,13 @@ class Function:
     def stop(self) -> Future[None] | None:
         """Begin closing the service on the loop (func-python's ``stop``): what the stage holds
         is released. Returns the close under way; None where this process has nothing to close
-        (never started here, its loop ended, or closed already)."""
+        (never started here, its loop ended, or closed already).
+
+        Run as the process exits (:func:`_close_at_exit`). At SIGTERM that is once the
+        requests in flight have ended, the worker having stopped listening at the signal
+        (:mod:`_process`): no request sees the close. At SIGINT or SIGQUIT (Ctrl-C) the worker
+        exits at once, and requests gunicorn's pool still runs are answered the retryable 503
+        of a function ``closing``."""
         if self._pid != os.getpid() or self._loop is None or self._loop_ended is not None:
             return None
         with self._lock:
@@ -254,15 +260,24 @@ class Function:
         )
 
     async def _enter(self) -> None:
+        from imagegen.service import ServiceClosed
+
+        extra = {"stage": self.stage.name}
         try:
             await self._service.__aenter__()
             if self.stage.start is not None:
                 await self.stage.start(self._service)
-        except ImageGenError as exc:  # said in its own words: a traceback adds nothing
-            log.error("start-up failed: %s", exc.message, extra={"stage": self.stage.name})
-            raise
-        except Exception:
-            log.exception("start-up failed", extra={"stage": self.stage.name})
+        except Exception as exc:
+            if self._closed or isinstance(exc, ServiceClosed):
+                # The process exits (a scale-down, a rollout) while it starts: its close
+                # stopped the start-up (render's model load), or the start-up ended while the
+                # close waited for it. No failure to start: ``start-up failed`` is the line
+                # that says why a process could not start (docs/runbook.md).
+                log.info("start-up stopped: the process is exiting", extra=extra)
+            elif isinstance(exc, ImageGenError):  # in its own words: a traceback adds nothing
+                log.error("start-up failed: %s", exc.message, extra=extra)
+            else:
+                log.exception("start-up failed", extra=extra)
             raise
 
     async def _warm_up(self) -> None:

@@ -3,6 +3,7 @@
 Each line here makes a start or a first request cheaper and changes nothing a function does.
 """
 
+import contextlib
 import gc
 import os
 import signal
@@ -151,7 +152,46 @@ else:
         signal.signal(signal.SIGQUIT, handle_quit)
         signal.signal(signal.SIGINT, handle_quit)
 
-    gunicorn.config.PostWorkerInit.default = staticmethod(quit_once)
+    def stop_listening_when_stopping(worker: Any) -> None:
+        """Have ``worker`` close its listening sockets as soon as it stops accepting for good
+        (SIGTERM), while the requests under way go on to their answers.
+
+        At SIGTERM gunicorn's master closes its listening sockets (gunicorn/arbiter.py,
+        ``stop``), but gthread's worker keeps its own copies open until it exits, after the
+        requests under way (gunicorn/workers/gthread.py, ``run``: ``s.close()`` after the
+        graceful wait): the kernel still takes connections, which wait unanswered in the
+        backlog (a probe's too) for as long as a render takes, and are then reset. Closed now,
+        the last copy gone, a new connection is refused at once, and its client retries
+        elsewhere. Under Knative none comes: the queue-proxy has drained before the SIGTERM.
+
+        Closed in the worker's main loop, where ``run`` stops accepting
+        (``set_accept_enabled(False)`` once ``alive`` is false), never in the signal handler:
+        there, the poller could still hold a readiness event of the socket, and the
+        ``accept`` of a closed one raises (EBADF) out of ``run``. Where the master still
+        listens (a reload's old workers, ``max_requests``), the worker only drops its copy.
+        A worker class without that method (not gthread) is left as it is.
+        """
+        enable = getattr(worker, "set_accept_enabled", None)
+        if enable is None:
+            return
+
+        def set_accept_enabled(enabled: bool) -> None:
+            enable(enabled)  # stopping: the sockets leave the poller first, still open
+            if enabled or worker.alive:
+                return
+            for listener in worker.sockets:
+                with contextlib.suppress(OSError):
+                    listener.close()  # gunicorn closes it again as it exits: a no-op
+
+        worker.set_accept_enabled = set_accept_enabled
+
+    def post_worker_init(worker: Any) -> None:
+        """gunicorn's ``post_worker_init`` hook: run in each worker once it has set its signal
+        handlers, before its main loop (gunicorn/workers/base.py, ``init_process``)."""
+        quit_once(worker)
+        stop_listening_when_stopping(worker)
+
+    gunicorn.config.PostWorkerInit.default = staticmethod(post_worker_init)
 
 
 # The attributes of a binary-mode event, each one value: repeated, gunicorn would join them
