@@ -25,6 +25,7 @@ from cloudevents.http import CloudEvent, from_http
 from pydantic import BaseModel
 
 from imagegen.errors import ImageGenError, InvalidRequest, UnsupportedMediaType, first_line
+from imagegen.event_limits import ATTRIBUTE_MAX_LENGTHS
 from imagegen.events import GENERATION_FAILED, is_final, reply_attributes
 from imagegen.identity import event_time
 from imagegen.models import ErrorInfo, GenerationFailed
@@ -251,7 +252,9 @@ def parse(headers: Mapping[str, str], body: bytes, *, consumes: tuple[str, ...])
 
 
 def _check_attributes(found: Mapping[str, object]) -> None:
-    """Refuse an event whose required attributes are missing, empty or not strings."""
+    """Refuse an event whose required attributes are missing, empty, not strings or longer
+    than the ledger keeps them (:data:`~imagegen.event_limits.ATTRIBUTE_MAX_LENGTHS`): a stage
+    that took such an event would run it while the ledger refused it."""
     missing = [name for name, value in found.items() if value is None]
     if missing:
         raise InvalidRequest(
@@ -266,6 +269,20 @@ def _check_attributes(found: Mapping[str, object]) -> None:
         )
     if found["specversion"] not in _SPECVERSIONS:
         raise _invalid("specversion", f"not one of {', '.join(_SPECVERSIONS)}")
+    long = {
+        name: most
+        for name, most in ATTRIBUTE_MAX_LENGTHS.items()
+        if len(str(found.get(name, ""))) > most
+    }
+    if long:
+        raise InvalidRequest(
+            "not a valid CloudEvent: "
+            + ", ".join(f"{name} longer than {most} characters" for name, most in long.items()),
+            errors=[
+                {"field": name, "message": f"at most {most} characters"}
+                for name, most in long.items()
+            ],
+        )
 
 
 _STRINGS = ("datacontenttype", "dataschema", "subject", "time")

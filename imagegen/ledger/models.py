@@ -7,6 +7,7 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
+from imagegen.event_limits import ID_MAX_LENGTH, SOURCE_MAX_LENGTH, TYPE_MAX_LENGTH
 from imagegen.models import ErrorInfo
 
 __all__ = [
@@ -46,11 +47,15 @@ class _View(BaseModel):
 
 
 class LedgerEvent(_View):
-    """One CloudEvent as the ledger keeps it; ``source`` + ``id`` identify it."""
+    """One CloudEvent as the ledger keeps it; ``source`` + ``id`` identify it.
 
-    source: str = Field(min_length=1, max_length=1024)
-    id: str = Field(min_length=1, max_length=1024)
-    type: str = Field(min_length=1, max_length=256)
+    The bounds are :mod:`imagegen.event_limits`', which every stage enforces too: an event the
+    chain accepts is one the ledger records.
+    """
+
+    source: str = Field(min_length=1, max_length=SOURCE_MAX_LENGTH)
+    id: str = Field(min_length=1, max_length=ID_MAX_LENGTH)
+    type: str = Field(min_length=1, max_length=TYPE_MAX_LENGTH)
     subject: str | None = None
     time: datetime | None = Field(default=None, description="The event's time; default: now.")
     data: dict[str, Any] = Field(default_factory=dict)
