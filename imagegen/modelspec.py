@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,6 +29,7 @@ __all__ = [
     "markdown_tables",
     "request_errors",
     "resolution_errors",
+    "served_errors",
     "spec_for",
 ]
 
@@ -285,17 +287,28 @@ def family_for(model: str) -> ModelFamily:
     A local directory is read for what it holds, never for its name: the pipeline class in its
     ``model_index.json`` and its components' configs (a saved tiny pipeline is the tiny family
     in any folder). A name whose directory is not here (enhance runs where render's files are
-    not) or holds no pipeline is read by its spelling: a tiny pipeline's name as its last part
-    (``…/tiny-klein``), else ``klein`` or ``schnell`` in it, else FLUX.1 [dev]'s rules.
+    not), holds no pipeline or cannot be looked up (too long, a folder not to be searched, a
+    ``~user`` of no user) is read by its spelling: a tiny pipeline's name as its last part
+    (``…/tiny-klein``), else ``klein`` or ``schnell`` in it, else FLUX.1 [dev]'s rules. Any
+    name is looked for on the disk: a caller's is checked against the served models first
+    (:func:`served_errors`).
     """
     known = known_spec(model)
     if known is not None:
         return known.family
-    local = Path(model).expanduser()
-    saved = _saved_family(local)
+    local = Path(model)
+    with suppress(RuntimeError):  # ``~user/…`` of no user here: no directory of this name
+        local = local.expanduser()
+    saved = _saved_family(local)  # None for a file it cannot read
     if saved is not None:
         return saved
-    if not (local / "model_index.json").is_file():
+    try:
+        indexed = (local / "model_index.json").is_file()
+    except OSError:
+        # A name this filesystem cannot look up (too long, a folder it may not search): no
+        # pipeline here. is_file itself answers False only for a missing path or a link loop.
+        indexed = False
+    if not indexed:
         offline = MODELS.get(local.name)
         if offline is not None and offline.offline:
             return offline.family
@@ -337,20 +350,33 @@ def resolution_errors(family: ModelFamily, width: int, height: int) -> list[dict
     return errors
 
 
+def served_errors(model: str, served: Sequence[str]) -> list[dict[str, str]]:
+    """Why ``model`` cannot be rendered here by its name alone: not among ``served`` (what the
+    deployment's render services serve). Reads nothing: a caller's name is checked by this
+    before :func:`family_for` looks for it on the disk, where only a served path is read."""
+    if model in served:
+        return []
+    # A long name is said by its start, so the reason still shows where a reply cuts each
+    # field's message short (imagegen.errors.MAX_ENTRY).
+    said = repr(model) if len(model) <= _SAID_CHARS else f"{model[:_SAID_CHARS]!r}…"
+    return [
+        {
+            "field": "model",
+            "message": f"{said} is not served here; served (IMAGEGEN_SERVED_MODELS): "
+            + ", ".join(served),
+        }
+    ]
+
+
+_SAID_CHARS = 80
+
+
 def request_errors(
     model: str, width: int, height: int, served: Sequence[str]
 ) -> list[dict[str, str]]:
     """Why ``model`` at ``width`` x ``height`` cannot be rendered here: not among ``served``
     (what the deployment's render services serve), or outside its family's rules."""
-    if model not in served:
-        return [
-            {
-                "field": "model",
-                "message": f"{model!r} is not served here; served (IMAGEGEN_SERVED_MODELS): "
-                + ", ".join(served),
-            }
-        ]
-    return resolution_errors(family_for(model), width, height)
+    return served_errors(model, served) or resolution_errors(family_for(model), width, height)
 
 
 def markdown_tables() -> str:

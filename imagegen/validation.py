@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -19,7 +20,9 @@ MAX_JSON_DEPTH = 32
 
 
 def loads(body: bytes | str, *, field: str = "body", max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """Parse untrusted JSON: UTF-8 only, nesting bounded, ``NaN`` and ``Infinity`` refused.
+    """Parse untrusted JSON: UTF-8 only (no byte order mark), nesting bounded, ``NaN`` and
+    ``Infinity`` refused. What is wrong is said of the input: where the parser stopped and why,
+    never the interpreter's own wording.
 
     The C parser guards its own recursion (a ``RecursionError`` past the interpreter's limit,
     caught here); anything deeper than ``max_depth`` is refused after parsing, so no serializer
@@ -35,13 +38,15 @@ def loads(body: bytes | str, *, field: str = "body", max_depth: int = MAX_JSON_D
             raise _bad(field, f"not UTF-8 (byte {exc.start})") from None
     else:
         text = body
+    if text.startswith("\ufeff"):
+        # RFC 8259, section 8.1: a JSON text sent over a network carries no byte order mark.
+        raise _bad(field, "starts with a byte order mark (U+FEFF)")
     try:
         value = json.loads(text, parse_constant=_refuse_constant)
     except RecursionError:
         raise _bad(field, f"nested deeper than {max_depth}") from None
     except ValueError as exc:
-        reason = str(exc) if isinstance(exc, _NonFinite) else f"not valid JSON ({exc})"
-        raise _bad(field, reason) from None
+        raise _bad(field, _reason(exc)) from None
     try:
         check_json_value(value, max_depth=max_depth)
     except ValueError as exc:
@@ -91,6 +96,18 @@ class _NonFinite(ValueError):
 
 def _refuse_constant(name: str) -> Any:
     raise _NonFinite(f"{name} is not a JSON number")
+
+
+def _reason(exc: ValueError) -> str:
+    """What is wrong with a body ``json.loads`` refused, said of the body alone."""
+    if isinstance(exc, _NonFinite):
+        return str(exc)
+    if isinstance(exc, json.JSONDecodeError):
+        return f"not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})"
+    # The parser's one other ValueError: an integer longer than the interpreter converts
+    # (int_max_str_digits, https://docs.python.org/3/library/stdtypes.html#int-max-str-digits),
+    # whose own message is advice to a programmer, not to the sender.
+    return f"holds an integer of more than {sys.get_int_max_str_digits()} digits"
 
 
 def _bad(field: str, message: str) -> InvalidRequest:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from imagegen.errors import InvalidRequest
 from imagegen.events import IMAGE_RENDERED, PROMPT_ENHANCED
 from imagegen.identity import new_generation_id
 from imagegen.models import EnhancedPrompt, RenderedImage, RenderRequest, derive_seed
-from imagegen.modelspec import family_for
+from imagegen.modelspec import family_for, served_errors
 from imagegen.stages import Call, Direct, Stage
 from imagegen.validation import parse_model
 
@@ -36,6 +37,11 @@ async def _render_png(
 def _complete(settings: Settings, request: RenderRequest) -> EnhancedPrompt:
     """The job of a direct call: what the caller left out, as enhance would have fixed it."""
     model = request.model if request.model is not None else settings.model
+    # The name is the caller's: it is checked against the served models before its family is
+    # looked for, since family_for reads a local path's files and only the operator's may be.
+    refused = served_errors(model, settings.served_models)
+    if refused:
+        raise InvalidRequest("invalid EnhancedPrompt: model", errors=refused)
     family = family_for(model)
     generation_id = request.generation_id or new_generation_id()
     requested_at = request.requested_at or datetime.now(UTC)

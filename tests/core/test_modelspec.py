@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from imagegen.modelspec import (
     family_for,
     markdown_tables,
     request_errors,
+    served_errors,
     spec_for,
 )
 
@@ -59,6 +62,51 @@ def test_a_local_directory_is_read_by_its_pipeline_class(tmp_path: Path) -> None
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "Flux2KleinPipeline"}))
     assert family_for(str(tmp_path)) is FLUX2_KLEIN
     assert spec_for(str(tmp_path)).revision is None
+
+
+@pytest.mark.parametrize(
+    ("model", "family"),
+    [
+        ("m" * 256, FLUX1_DEV),  # ENAMETOOLONG
+        ("/" + "k" * 300 + "-klein", FLUX2_KLEIN),
+        ("~no-such-user-here/tiny-klein", TINY_FLUX2_KLEIN),  # no home to expand it to
+        ("a\u0000b-schnell", FLUX1_SCHNELL),
+    ],
+)
+def test_a_name_no_file_can_have_is_read_by_its_spelling(model: str, family: object) -> None:
+    assert family_for(model) is family
+
+
+def test_a_directory_that_cannot_be_searched_is_read_by_its_spelling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As a folder without search permission answers a user other than root (EACCES).
+    locked = tmp_path / "locked" / "flux-schnell"
+    stat = Path.stat
+
+    def refused(path: Path, **kwargs: bool) -> os.stat_result:
+        if path.is_relative_to(locked.parent):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return stat(path, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", refused)
+    assert family_for(str(locked)) is FLUX1_SCHNELL
+    assert family_for(str(locked.parent / "tiny-klein")) is TINY_FLUX2_KLEIN
+
+
+def test_served_errors_read_only_the_name() -> None:
+    assert served_errors("/etc", ["/models/house"]) == [
+        {
+            "field": "model",
+            "message": "'/etc' is not served here; served (IMAGEGEN_SERVED_MODELS): /models/house",
+        }
+    ]
+    assert served_errors("/models/house", ["/models/house"]) == []
+    [long] = served_errors("m" * 256, ["tiny"])
+    assert (
+        long["message"]
+        == f"{'m' * 80!r}… is not served here; served (IMAGEGEN_SERVED_MODELS): tiny"
+    )
 
 
 def test_request_errors_name_each_field() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -36,6 +37,32 @@ def test_bad_json_is_a_400_naming_the_field(body: bytes, message: str) -> None:
         loads(body, field="data")
     assert caught.value.fields == ["data"]
     assert message in caught.value.errors[0]["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"a": 1', "not valid JSON (line 1 column 8: Expecting ',' delimiter)"),
+        (b'{\n  "a": 1,\n  "b": }', "not valid JSON (line 3 column 8: Expecting value)"),
+        (b"", "not valid JSON (line 1 column 1: Expecting value)"),
+        (b'\xef\xbb\xbf{"a": 1}', "starts with a byte order mark (U+FEFF)"),
+        ('\ufeff{"a": 1}', "starts with a byte order mark (U+FEFF)"),
+        (
+            b'{"n": ' + b"9" * 5000 + b"}",
+            f"holds an integer of more than {sys.get_int_max_str_digits()} digits",
+        ),
+        (
+            b"-" + b"1" * 5000,
+            f"holds an integer of more than {sys.get_int_max_str_digits()} digits",
+        ),
+    ],
+)
+def test_what_is_wrong_is_said_of_the_body_alone(body: bytes | str, message: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        loads(body)
+    assert caught.value.errors == [{"field": "body", "message": message}]
+    assert str(caught.value) == f"body: {message}"
+    assert "sys." not in str(caught.value) and "utf-8-sig" not in str(caught.value)
 
 
 def test_good_json_round_trips() -> None:
