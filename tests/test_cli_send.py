@@ -111,9 +111,12 @@ def test_send_sends_the_api_key_as_a_bearer_token(
         (["--timeout", "1e10"], "--timeout"),
         (["--timeout", "86401"], "--timeout"),
         # Python reads these, JSON has none: they were posted as invalid JSON.
-        (["--data", "NaN"], "--data is not valid JSON"),
-        (["--data", '{"seed": Infinity}'], "--data is not valid JSON"),
-        (["--data", "[-Infinity]"], "--data is not valid JSON"),
+        (["--data", "NaN"], "--data: NaN is not a JSON number"),
+        (["--data", '{"seed": Infinity}'], "--data: Infinity is not a JSON number"),
+        (["--data", "[-Infinity]"], "--data: -Infinity is not a JSON number"),
+        # Said of the data, never in the interpreter's words (sys.set_int_max_str_digits()).
+        (["--data", "9" * 5000], "--data: holds an integer of more than 4300 digits"),
+        (["--data", '{"seed": }'], "--data: not valid JSON (line 1 column 10: Expecting value)"),
     ],
 )
 def test_input_send_cannot_use_is_refused_before_posting(

@@ -279,17 +279,17 @@ def send(
     from cloudevents.conversion import to_binary, to_structured
     from cloudevents.http import CloudEvent
 
+    from imagegen.validation import loads
+
     if not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT):
         raise InvalidRequest(
             f"--timeout must be a number of seconds above 0 and at most {MAX_TIMEOUT:g},"
             f" not {timeout}",
             errors=[{"field": "timeout", "message": "not a number above 0, at most 86400"}],
         )
-    try:
-        # NaN and Infinity are no JSON (RFC 8259, section 6), though Python reads them.
-        payload = json.loads(data, parse_constant=_no_constant)
-    except ValueError as exc:
-        raise InvalidRequest(f"--data is not valid JSON: {exc}") from None
+    # As the functions read a body: NaN and Infinity, which Python reads, are no JSON (RFC 8259,
+    # section 6), and what is wrong is said of the data, never in the interpreter's words.
+    payload = loads(data, field="--data")
     _check_to(to)
     check_token(token)
     attributes = {"type": event_type, "source": source, "id": uuid.uuid4().hex}
@@ -330,10 +330,6 @@ def send(
     # A generation.failed reply is a failure the function answered 2xx (for the broker).
     if reply.status_code >= 400 or reply.headers.get("ce-type") == GENERATION_FAILED:
         raise typer.Exit(1)
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
 
 
 def _printed_reply(reply: Any) -> dict[str, Any]:
