@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -129,6 +130,29 @@ def test_input_send_cannot_use_is_refused_before_posting(
     assert named in _one_error_line(result.stderr)
     assert "Traceback" not in result.stderr + result.stdout
     assert len(posted) == before  # nothing was sent
+
+
+def test_the_same_id_sends_the_same_event_again(
+    cli: RunCli, start_server: StartServer, tmp_path: Path
+) -> None:
+    server = start_server("enhance", base_env(tmp_path / "store"))
+    args = ["send", GENERATION_REQUESTED, "--data", '{"prompt": "a fox"}', "--to", server.url]
+
+    def reply(*more: str) -> dict[str, Any]:
+        result = cli(*args, *more)
+        assert result.returncode == 0, result.stderr
+        attributes: dict[str, Any] = json.loads(result.stdout)["attributes"]
+        assert attributes["ce-type"] == PROMPT_ENHANCED
+        return attributes
+
+    first, again = reply("--id", "order-7"), reply("--id", "order-7")
+    # A redelivery: the same generation and the same reply, as enhance answers a broker's.
+    assert again["ce-id"] == first["ce-id"] and again["ce-subject"] == first["ce-subject"]
+    assert reply("--id", "order-8")["ce-subject"] != first["ce-subject"]
+    assert reply()["ce-subject"] not in (first["ce-subject"], reply()["ce-subject"])
+    for bad, named in (("", "--id: must not be empty"), ("clé", "--id: in binary mode")):
+        refused = cli(*args, "--id", bad)
+        assert refused.returncode == 2 and named in _one_error_line(refused.stderr)
 
 
 def test_the_timeout_bounds_the_whole_reply(cli: RunCli, replies: tuple[str, list[str]]) -> None:

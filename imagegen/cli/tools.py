@@ -256,6 +256,14 @@ def send(
     data: Annotated[str, typer.Option("--data", help="Event data as JSON.")] = "{}",
     source: Annotated[str, typer.Option(help="CloudEvents source.")] = "/imagegen/cli",
     subject: Annotated[str | None, typer.Option(help="Subject: the generation id.")] = None,
+    event_id: Annotated[
+        str | None,
+        typer.Option(
+            "--id",
+            help="CloudEvents id (default: a new one). The same id and --source again send"
+            " the same event, as a broker's redelivery does.",
+        ),
+    ] = None,
     mode: Annotated[Literal["binary", "structured"], typer.Option(help="Content mode.")] = "binary",
     timeout: Annotated[
         float,
@@ -292,11 +300,16 @@ def send(
     payload = loads(data, field="--data")
     _check_to(to)
     check_token(token)
-    attributes = {"type": event_type, "source": source, "id": uuid.uuid4().hex}
+    if event_id is not None and not event_id:
+        raise InvalidRequest(
+            "--id: must not be empty", errors=[{"field": "id", "message": "must not be empty"}]
+        )
+    attributes = {"type": event_type, "source": source, "id": event_id or uuid.uuid4().hex}
     if subject:
         attributes["subject"] = subject
     if mode == "binary":  # each attribute a header (ce-type, ...), of printable ASCII only
-        for name, value in (("TYPE", event_type), ("--source", source), ("--subject", subject)):
+        given = (("TYPE", event_type), ("--source", source), ("--subject", subject))
+        for name, value in (*given, ("--id", event_id)):
             if value and not (value.isascii() and value.isprintable()):
                 raise InvalidRequest(
                     f"{name}: in binary mode an attribute is a header: printable ASCII only"
