@@ -451,7 +451,7 @@ class Function:
                 routes["HEAD"] = routes["GET"]
         if method not in allowed:
             refusal: ImageGenError = (
-                MethodNotAllowed(f"{method} is not allowed: {', '.join(allowed)}", allowed=allowed)
+                MethodNotAllowed(method, allowed=allowed)
                 if allowed
                 else RouteNotFound(f"no route {request.path!r}; POST / instead")
             )
@@ -508,7 +508,10 @@ class Function:
                 data: Any = message.data
                 call = Call(attributes=message.attributes, headers=message.headers, raw=message.raw)
             elif cut:
-                raise PayloadTooLarge(f"the body is larger than {MAX_BODY_BYTES} bytes")
+                raise PayloadTooLarge(
+                    f"the body is larger than {MAX_BODY_BYTES} bytes",
+                    errors=[{"field": "body", "message": f"larger than {MAX_BODY_BYTES} bytes"}],
+                )
             else:
                 # 2. Check the data; the event names the generation before the data is valid.
                 message = parse(headers, body, consumes=stage.consumes)
@@ -650,7 +653,12 @@ class Function:
             if not isinstance(exc, ImageGenError):
                 log.exception("unexpected error", extra=extra)
                 exc = InternalError("internal error; see the function's logs")
-            level = logging.WARNING if exc.status < 500 else logging.ERROR
+            # A retryable 503 while the function closes (Ctrl-C, SIGQUIT: a render the close
+            # stopped, a request the pool ran after it) is the process exiting, its request
+            # sent again elsewhere: no failure of the function, whose ERROR lines alerts and
+            # the runbook start from.
+            closing = self._closed and exc.status == 503 and exc.retryable
+            level = logging.WARNING if exc.status < 500 or closing else logging.ERROR
             log.log(level, "request failed: %s", exc.message, extra={**extra, "status": exc.status})
         labels = {"stage": self.stage.name, "outcome": "failed", "reason": exc.code}
         if "route" in fields:

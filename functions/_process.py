@@ -38,9 +38,16 @@ def _refusal(sock: object, status: int, reason: str, message: str) -> None:
     ``Worker.handle_error``: headers too large or malformed, a bad request line) and writes it
     with ``gunicorn.util.write_error``, its one caller, as an HTML page. Here: the same status
     and reason, the body of :class:`~imagegen.errors.ImageGenError` naming the part at fault.
+
+    gunicorn's message quotes what it refused (an invalid header's name, up to its 8,190 bytes
+    a line); the body is cut as a function's own error answered to a broker's delivery is
+    (``_binding.fit_error_body``), whoever sent it: the server refuses before the headers that
+    would say it is a delivery are read, and a longer body can crash a channel-based broker's
+    dispatcher (``_binding.DELIVERED_ERROR_BODY_MAX``).
     """
     import json
 
+    from _binding import fit_error_body
     from gunicorn.util import write_nonblock
 
     from imagegen.errors import InternalError, InvalidRequest
@@ -60,7 +67,7 @@ def _refusal(sock: object, status: int, reason: str, message: str) -> None:
             else "request"
         )
         error = InvalidRequest(f"{reason}: {message}", errors=[{"field": field, "message": reason}])
-    body = json.dumps(error.to_dict()).encode()
+    body = fit_error_body(json.dumps(error.to_dict()).encode())
     head = (
         f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"

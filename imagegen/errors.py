@@ -147,15 +147,18 @@ class MethodNotAllowed(ImageGenError):
     """A method the path does not take (RFC 9110: a 405 says which it does, in ``Allow``).
 
     Args:
-        message: What was refused.
+        method: The method refused, named as the part at fault.
         allowed: The methods the path takes.
     """
 
     code = "method_not_allowed"
     status = 405
 
-    def __init__(self, message: str, *, allowed: Sequence[str]) -> None:
-        super().__init__(message)
+    def __init__(self, method: str, *, allowed: Sequence[str]) -> None:
+        super().__init__(
+            f"{method} is not allowed: {', '.join(allowed)}",
+            errors=[{"field": "method", "message": f"{method} is not allowed"}],
+        )
         self.allowed = tuple(allowed)
 
 
