@@ -390,6 +390,7 @@ class ImageGenService:
         *,
         progress: ProgressCallback | None = None,
         stored: Callable[[], None] | None = None,
+        persisted: Callable[[PersistedImage], None] | None = None,
     ) -> PersistedImage:
         """:meth:`render`, then :meth:`persist`: the in-process chain's middle.
 
@@ -399,16 +400,20 @@ class ImageGenService:
         after it: the image is complete and its history says so, rather than a PNG left behind
         a history that says it failed. Cancelled before, the render stops as :meth:`render`
         does, nothing of it stored. Another cancellation while it ends gives up waiting.
+
+        ``persisted(image)`` is called with the persisted image as soon as it is, before this
+        returns or its cancellation goes on: a caller that was cancelled learns what it stored.
         """
         self._usable()
         job = _as_model(EnhancedPrompt, job, "job")
-        return await self._call(self._render_and_persist(job, progress, stored))
+        return await self._call(self._render_and_persist(job, progress, stored, persisted))
 
     async def _render_and_persist(
         self,
         job: EnhancedPrompt,
         progress: ProgressCallback | None,
         stored: Callable[[], None] | None,
+        persisted: Callable[[PersistedImage], None] | None,
     ) -> PersistedImage:
         png_stored = False
 
@@ -419,7 +424,10 @@ class ImageGenService:
                 stored()
 
         async def chain() -> PersistedImage:
-            return await self._persist(await self._render(job, progress, on_stored))
+            image = await self._persist(await self._render(job, progress, on_stored))
+            if persisted is not None:
+                persisted(image)
+            return image
 
         task = asyncio.ensure_future(chain())
         try:
@@ -494,6 +502,7 @@ class ImageGenService:
         *,
         call: Call | None = None,
         progress: ProgressCallback | None = None,
+        persisted: Callable[[PersistedImage], None] | None = None,
     ) -> Generated:
         """Every stage in-process; returns the enhanced prompt and the persisted image.
 
@@ -506,18 +515,26 @@ class ImageGenService:
             request: What to draw (a mapping of its fields is validated into one).
             call: As :meth:`enhance` takes it.
             progress: Called with (step, steps) as the render goes, from its thread.
+            persisted: Called with the persisted image as soon as it is, as
+                :meth:`render_and_persist` calls it: a cancellation after that (while the
+                image is persisted, or its derivatives made) still tells the caller of it.
         """
         self._usable()
         request = _as_model(GenerationRequest, request, "request")
-        return await self._call(self._generate(request, _starting(request, call), progress))
+        call = _starting(request, call)
+        return await self._call(self._generate(request, call, progress, persisted))
 
     async def _generate(
-        self, request: GenerationRequest, call: Call, progress: ProgressCallback | None
+        self,
+        request: GenerationRequest,
+        call: Call,
+        progress: ProgressCallback | None,
+        persisted: Callable[[PersistedImage], None] | None,
     ) -> Generated:
         with one_trace():
             enhanced = await self._enhance_while_loading(request, call)
-            persisted = await self._render_and_persist(enhanced, progress, None)
-            return Generated(enhanced, persisted, await self._try_derive(persisted))
+            image = await self._render_and_persist(enhanced, progress, None, persisted)
+            return Generated(enhanced, image, await self._try_derive(image))
 
     async def enhance_while_loading(
         self, request: GenerationRequest | Mapping[str, Any], call: Call | None = None

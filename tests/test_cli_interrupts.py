@@ -3,6 +3,8 @@ and an interrupt once the image is stored. Each in a fresh process, as a user ru
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 import subprocess
 import sys
@@ -105,9 +107,12 @@ def _status(tmp_path: Path, generation_id: str) -> str | None:
     return None if found is None else found.status
 
 
-def _ctrl_c_at_the_record(tmp_path: Path, args: list[str], **popen: Any) -> tuple[int, str, str]:
+def _ctrl_c_at_the_record(
+    tmp_path: Path, args: list[str], *, again: bool = False, **popen: Any
+) -> tuple[int, str, str]:
     """Run ``imagegen *args`` paused as it writes the metadata record (:data:`_PAUSED`), send
-    it one SIGINT there; its exit status, stdout and stderr."""
+    it one SIGINT there (``again``: a second one soon after); its exit status, stdout and
+    stderr."""
     proc = subprocess.Popen(
         [sys.executable, "-c", _PAUSED, *args],
         cwd=tmp_path,
@@ -122,6 +127,9 @@ def _ctrl_c_at_the_record(tmp_path: Path, args: list[str], **popen: Any) -> tupl
         said = proc.stderr.readline()
         assert said == "writing the record\n", said + proc.communicate(timeout=60)[1]
         proc.send_signal(signal.SIGINT)
+        if again:
+            time.sleep(0.5)  # well within the pause: the record is still being written
+            proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -140,10 +148,36 @@ def test_ctrl_c_once_the_png_is_stored_ends_with_the_image_complete(tmp_path: Pa
         tmp_path, [*RENDER, "--steps", "2", "--no-enhance", "--json"]
     )
     assert (code, err) == (130, "imagegen: error: interrupted\n")
-    assert out == ""
     [png] = (tmp_path / "output").rglob("*.png")
     assert png.with_suffix(".json").is_file()
     assert _status(tmp_path, png.stem) == "persisted"
+    # The image stored is shown, as one not interrupted is.
+    shown = json.loads(out)
+    assert shown["image"]["generation_id"] == png.stem
+    assert shown["image"]["location"] == png.as_uri()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("as_json", [False, True], ids=["lines", "json"])
+def test_a_second_ctrl_c_once_a_loops_png_is_stored_counts_and_shows_the_image(
+    tmp_path: Path, as_json: bool
+) -> None:
+    """``imagegen loop`` stopped by a second Ctrl-C while its image's record is written (the
+    PNG stored): the image is persisted first, as generate's is, and it is counted and shown
+    as any other, its line (or JSON object) then how many were made, then exit 130."""
+    args = ["loop", *RENDER[1:], "--steps", "2", "--no-enhance", *(["--json"] if as_json else [])]
+    code, out, err = _ctrl_c_at_the_record(tmp_path, args, again=True)
+    assert code == 130, err
+    lines = [line for line in err.splitlines() if not line.startswith("stopping after")]
+    made = [] if as_json else ["made 1 image(s)"]  # --json: the objects alone say it
+    assert lines == [*made, "imagegen: error: interrupted"], err
+    [png] = (tmp_path / "output").rglob("*.png")
+    assert png.with_suffix(".json").is_file()
+    assert _status(tmp_path, png.stem) == "persisted"
+    if as_json:
+        assert json.loads(out)["image"]["generation_id"] == png.stem
+    else:
+        assert re.fullmatch(rf"\[1\] {re.escape(str(png))}  \d+\.\d\d s/image\n", out), out
 
 
 @pytest.mark.slow

@@ -472,7 +472,12 @@ def test_the_progress_bar_shows_no_step_count_before_it_is_known(
             return SimpleNamespace(steps=4)
 
         async def render_and_persist(
-            self, enhanced: object, *, progress: object, stored: object = None
+            self,
+            enhanced: object,
+            *,
+            progress: object,
+            stored: object = None,
+            persisted: object = None,
         ) -> str:
             for step in range(1, 5):
                 progress(step, 4)  # type: ignore[operator]

@@ -276,3 +276,30 @@ def test_a_hang_up_stops_the_loop_after_its_image_with_129(tmp_path: Path) -> No
     assert err == "imagegen: error: hung up\n"
     assert len(out.strip().splitlines()) == 1
     assert len(list((tmp_path / "output").rglob("*.png"))) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signum", "code", "said"),
+    [(signal.SIGTERM, 143, "terminated"), (signal.SIGHUP, 129, "hung up")],
+)
+def test_a_termination_after_a_ctrl_c_stops_the_loops_image_too(
+    tmp_path: Path, signum: int, code: int, said: str
+) -> None:
+    """A first Ctrl-C lets the image under way finish; SIGTERM or SIGHUP after it is the
+    second signal: the image is stopped at its next step, recorded as cancelled where it was,
+    and the exit status is the one of the signal that ended it."""
+    args = ["loop", "a kite", "--model", "tiny", "--width", "1024", "--height", "1024"]
+    args += ["--steps", "50", "--no-enhance", "--plugins", ""]
+    with rendering(tmp_path, *args, until="renders/*.json") as proc:
+        proc.send_signal(signal.SIGINT)
+        assert proc.stderr is not None
+        first = proc.stderr.readline()  # the loop stops after this image
+        assert first == "stopping after this image; Ctrl-C again to stop now\n"
+        proc.send_signal(signum)
+        out, rest = proc.communicate(timeout=120)
+    assert proc.returncode == code, first + rest
+    assert rest.splitlines() == ["made 0 image(s)", f"imagegen: error: {said}"]
+    assert out == ""
+    assert not list((tmp_path / "output").rglob("*.png"))
+    assert _recorded(tmp_path) == ("failed", "render", "cancelled")

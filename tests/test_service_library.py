@@ -27,7 +27,7 @@ from imagegen.events import (
 )
 from imagegen.ledger import Ledger, open_ledger
 from imagegen.ledger.recorder import Recorder
-from imagegen.models import RenderedImage
+from imagegen.models import PersistedImage, RenderedImage
 from imagegen.plugins import PluginSet
 from imagegen.stages import Call
 from tests.test_service import _held_at_step, small
@@ -73,7 +73,8 @@ async def test_a_generate_cancelled_once_its_png_is_stored_persists_it_first(
 ) -> None:
     """A caller's timeout (or Ctrl-C) that comes as the PNG has just been stored: the image is
     persisted and recorded so before the cancellation goes on, as in ``imagegen generate``,
-    rather than a PNG left without its record behind a history that says it failed."""
+    rather than a PNG left without its record behind a history that says it failed; the
+    caller hears of the image it stored (``persisted=``), its call cancelled all the same."""
     service = ImageGenService(settings, plugins=no_plugins(settings), recorder=Recorder(ledger))
     async with service:
         persist_stage = service.persist_stage
@@ -87,7 +88,8 @@ async def test_a_generate_cancelled_once_its_png_is_stored_persists_it_first(
 
         persist_stage.run = held_run  # type: ignore[method-assign]
         request = small(prompt="a kite", enhance=False, generation_id="stored-1")
-        running = asyncio.ensure_future(service.generate(request))
+        told: list[PersistedImage] = []
+        running = asyncio.ensure_future(service.generate(request, persisted=told.append))
         await asyncio.wait_for(persisting.wait(), 120)
         assert (tmp_path / "out/2026/11/24/stored-1.png").is_file()
         running.cancel()
@@ -98,6 +100,8 @@ async def test_a_generate_cancelled_once_its_png_is_stored_persists_it_first(
     found, _ = recorded(ledger_path, "stored-1")
     assert found is not None and found.status == "persisted"
     assert (tmp_path / "out/2026/11/24/stored-1.json").is_file()
+    [image] = told
+    assert (image.generation_id, image.key) == ("stored-1", "2026/11/24/stored-1.png")
 
 
 async def test_derivatives_that_cannot_be_made_leave_the_image_to_its_caller(

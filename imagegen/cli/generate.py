@@ -7,6 +7,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -168,12 +169,15 @@ async def _render_and_finish(
     *,
     progress: Any = None,
     stored: Any = None,
+    persisted: Callable[[PersistedImage], None] | None = None,
 ) -> tuple[PersistedImage, str | None]:
     """Render ``enhanced``, persist it and make its derivatives, as :func:`finish` does; an
-    interrupt once the PNG is stored lets the image be persisted first
-    (:meth:`~imagegen.service.ImageGenService.render_and_persist`)."""
-    persisted = await service.render_and_persist(enhanced, progress=progress, stored=stored)
-    return await _derived(service, persisted)
+    interrupt once the PNG is stored lets the image be persisted first, and ``persisted``
+    hears of it then (:meth:`~imagegen.service.ImageGenService.render_and_persist`)."""
+    image = await service.render_and_persist(
+        enhanced, progress=progress, stored=stored, persisted=persisted
+    )
+    return await _derived(service, image)
 
 
 async def _derived(
@@ -198,9 +202,12 @@ async def _generate_one(
     *,
     show_progress: bool,
     skipped: list[tuple[str, str]] | None = None,
+    made: list[tuple[EnhancedPrompt, PersistedImage]] | None = None,
 ) -> tuple[Any, Any, str | None]:
     """One image, enhance to derive: one trace, as :meth:`ImageGenService.generate` makes;
-    ``skipped`` gets the plugins left out of its prompt, and why."""
+    ``skipped`` gets the plugins left out of its prompt, and why; ``made`` gets the image
+    and its prompt as soon as it is persisted: an interrupt after that (its PNG stored: the
+    image is persisted first) leaves it made, and its caller knows it."""
     from imagegen.plugins import noting_skips
     from imagegen.service import one_trace
 
@@ -208,14 +215,29 @@ async def _generate_one(
         try:
             if not show_progress:
                 enhanced = await service.enhance_while_loading(request)
-                return enhanced, *await _render_and_finish(service, enhanced)
-            return await _with_progress(service, request)
+                return enhanced, *await _render_and_finish(
+                    service, enhanced, persisted=_noting(made, enhanced)
+                )
+            return await _with_progress(service, request, made)
         finally:
             if skipped is not None:
                 skipped.extend(noted)
 
 
-async def _with_progress(service: ImageGenService, request: Any) -> tuple[Any, Any, str | None]:
+def _noting(
+    made: list[tuple[EnhancedPrompt, PersistedImage]] | None, enhanced: EnhancedPrompt
+) -> Callable[[PersistedImage], None] | None:
+    """What puts a persisted image, with ``enhanced``, into ``made``."""
+    if made is None:
+        return None
+    return lambda persisted: made.append((enhanced, persisted))
+
+
+async def _with_progress(
+    service: ImageGenService,
+    request: Any,
+    made: list[tuple[EnhancedPrompt, PersistedImage]] | None = None,
+) -> tuple[Any, Any, str | None]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(
@@ -243,7 +265,7 @@ async def _with_progress(service: ImageGenService, request: Any) -> tuple[Any, A
             bar.update(task, description="persisting")
 
         return enhanced, *await _render_and_finish(
-            service, enhanced, progress=progress, stored=stored
+            service, enhanced, progress=progress, stored=stored, persisted=_noting(made, enhanced)
         )
 
 
@@ -281,6 +303,8 @@ def generate(
     stopped_by: list[int] = []
 
     async def go() -> tuple[Any, Any]:
+        import asyncio
+
         cancel_on_termination(stopped_by)
         async with make_service(settings) as service:
             # Storage probed before a render whose image would have nowhere to go: the
@@ -288,9 +312,21 @@ def generate(
             await service.storage.check()
             _check_device(settings)
             skipped: list[tuple[str, str]] = []
-            enhanced, persisted, underived = await _generate_one(
-                service, request, show_progress=not as_json and err.is_terminal, skipped=skipped
-            )
+            made: list[tuple[EnhancedPrompt, PersistedImage]] = []
+            try:
+                enhanced, persisted, underived = await _generate_one(
+                    service,
+                    request,
+                    show_progress=not as_json and err.is_terminal,
+                    skipped=skipped,
+                    made=made,
+                )
+            except asyncio.CancelledError:
+                # Stopped once its PNG was stored: the image is persisted all the same, and
+                # shown, before the line that says it was stopped.
+                if made:
+                    _report(*made[0], as_json, done=stored(service))
+                raise
             _report(enhanced, persisted, as_json, done=stored(service))
             with output_after(stored(service)):
                 warn_underived(underived)
@@ -410,9 +446,12 @@ def loop(
         assert task is not None, "run as a task"
 
         def terminated(signum: int) -> None:
-            # The first stops the loop after this image, as a first Ctrl-C does; another stops
-            # the image under way too, recorded where it stopped (generate's way).
-            if stopped_by:
+            # The first stops the loop after this image, as a first Ctrl-C does; another, or
+            # one after a first Ctrl-C, stops the image under way too, recorded where it
+            # stopped (generate's way).
+            if stopped_by or stop.is_set():
+                if not stopped_by:  # after a Ctrl-C: this one ends the process, its status
+                    stopped_by.append(signum)
                 exit_at_once(128 + stopped_by[0])  # one more: at once
                 task.cancel()
                 return
@@ -429,25 +468,40 @@ def loop(
                 running.add_signal_handler(signum, terminated, signum)
         explained = False
         skips_said: set[tuple[str, str]] = set()  # each plugin's skip said once, not per image
+
+        def made_one(enhanced: EnhancedPrompt, persisted: PersistedImage, seconds: float) -> None:
+            """Count the image and print its line (its JSON object with --json)."""
+            tally.add(seconds)
+            with output_after(f"{tally.made} image(s) made and stored"):
+                if as_json:
+                    typer.echo(_as_json(enhanced, persisted))
+                else:
+                    line = tally.line(printable(image_where(persisted)), count)
+                    out.print(line, soft_wrap=True, markup=False)
+
         async with make_service(settings) as service:
             await service.storage.check()  # before a render, as above
             _check_device(settings)
             while not stop.is_set() and (count == 0 or tally.made < count):
                 started = time.perf_counter()
                 skipped: list[tuple[str, str]] = []
-                enhanced, persisted, underived = await _generate_one(
-                    service,
-                    next_request(),
-                    show_progress=not as_json and err.is_terminal,
-                    skipped=skipped,
-                )
-                tally.add(time.perf_counter() - started)
+                made: list[tuple[EnhancedPrompt, PersistedImage]] = []
+                try:
+                    enhanced, persisted, underived = await _generate_one(
+                        service,
+                        next_request(),
+                        show_progress=not as_json and err.is_terminal,
+                        skipped=skipped,
+                        made=made,
+                    )
+                except asyncio.CancelledError:
+                    # Stopped once its PNG was stored: the image is persisted all the same,
+                    # so counted and shown as any other, before "made N image(s)".
+                    if made:
+                        made_one(*made[0], time.perf_counter() - started)
+                    raise
+                made_one(enhanced, persisted, time.perf_counter() - started)
                 with output_after(f"{tally.made} image(s) made and stored"):
-                    if as_json:
-                        typer.echo(_as_json(enhanced, persisted))
-                    else:
-                        line = tally.line(printable(image_where(persisted)), count)
-                        out.print(line, soft_wrap=True, markup=False)
                     warn_underived(underived)
                     if not as_json:
                         _explain_skips(skipped, skips_said)

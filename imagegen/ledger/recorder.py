@@ -4,12 +4,18 @@ The events are the ones the functions would exchange: same types, sources and st
 (:func:`imagegen.events.reply_id`), so the local history reads like a cluster's. Recording is
 best-effort here: a ledger that cannot be written costs a warning, never the image.
 
-A write that cannot be answered now (another process holds the ledger's lock past its busy
-timeout: a long ``imagegen ledger prune``) is not waited for again while the image is made: that
-event and the generation's later ones are kept, so the image waits for that lock once at most,
-and its history never takes up with a later event and misses what came between. Once the
-generation ends (its derivatives made, or its failure), the events kept are written in their
-order through ``patient``, a ledger that waits as long as the ledger functions do.
+A write that cannot be answered now (a retryable :class:`DependencyUnavailable`: another
+process holds the ledger's lock past its busy timeout, a long ``imagegen ledger prune``; the
+database server cut the connection, a restart or a failover) is not tried again while the
+image is made: that event and the generation's later ones are kept, so the image waits for the
+ledger once at most, and its history never takes up with a later event and misses what came
+between. Once the generation ends (its derivatives made, or its failure), the events kept are
+written in their order: a lock's through ``patient``, a ledger that waits as long as the
+ledger functions do; the others through the same ledger, whose pool has connected again by
+then (:class:`~imagegen.ledger.postgres.PostgresLedger`). This is the redelivery a function's
+broker makes of an event its ledger function could not record; as there, writing an event
+again changes nothing (it is recorded once, by source and id): one the server recorded before
+the connection was cut is not recorded twice.
 """
 
 from __future__ import annotations
@@ -53,17 +59,19 @@ class HistoryCutShort(Exception):
         error: DependencyUnavailable,
         where: str,
         *,
+        kept: bool = False,
         final: bool = False,
     ) -> None:
         self.generation_id, self.recorded, self.error = generation_id, recorded, error
+        # kept: the event and the later ones are written once the generation ends.
         # final: the last try, once the generation ended; no more is written of it.
-        self.final = final
-        kept = "is not recorded" if recorded is None else f"is recorded up to {recorded!r} only"
+        self.kept, self.final = kept, final
+        so_far = "is not recorded" if recorded is None else f"is recorded up to {recorded!r} only"
         # The ledger's own words for a lock not granted ask its client to retry: not here.
         busy = error.message == BUSY
         why = f"ledger {where} is locked by another process" if busy else error
-        later = "; the rest is written once the image is made" if busy and not final else ""
-        super().__init__(f"the history of generation {generation_id} {kept}: {why}{later}")
+        later = "; the rest is written once the image is made" if kept and not final else ""
+        super().__init__(f"the history of generation {generation_id} {so_far}: {why}{later}")
 
 
 class Recorder:
@@ -73,7 +81,8 @@ class Recorder:
     caller that shows a person what happened says so where a log line would go unseen.
     ``patient`` opens the same ledger with its usual wait for a lock (``ledger`` may be opened
     with a shorter one): what a busy ledger kept of a generation is written through it once
-    the generation ends; without it, that is not written.
+    the generation ends; without it, that is not written. What another retryable failure
+    (a connection the server cut) kept is written through ``ledger`` itself.
     """
 
     def __init__(
@@ -86,8 +95,10 @@ class Recorder:
         self.ledger = ledger
         self.on_failure = on_failure
         self.patient = patient
-        # The events of a generation the ledger was too busy for, in order: written at its end.
+        # The events of a generation the ledger could not take now, in order: written at its
+        # end; ``_busy``: those of a lock not granted, written through ``patient``.
         self._kept: dict[str, list[LedgerEvent]] = {}
+        self._busy: set[str] = set()
         # The generation last recorded and the short name of its last event written: the
         # chain records one generation at a time.
         self._recorded: tuple[str, str] | None = None
@@ -151,7 +162,7 @@ class Recorder:
         )
         gid = event.subject or ""
         if gid in self._cut_short:
-            log.info("not recording %s yet: the ledger was busy for this generation", event_type)
+            log.info("not recording %s yet: the ledger failed for this generation", event_type)
             if gid in self._kept:
                 self._kept[gid].append(event)
                 if event_type in (IMAGE_DERIVED, GENERATION_FAILED):  # the generation's end
@@ -164,23 +175,33 @@ class Recorder:
             said: Exception = exc
             if isinstance(exc, DependencyUnavailable) and gid:
                 self._cut_short.add(gid)
-                if exc.message == BUSY and self.patient is not None:
+                busy = exc.message == BUSY
+                kept = exc.retryable and (self.patient is not None or not busy)
+                if kept:
                     self._kept[gid] = [event]
+                    if busy:
+                        self._busy.add(gid)
                 last = self._recorded[1] if self._recorded and self._recorded[0] == gid else None
-                said = HistoryCutShort(gid, last, exc, self.ledger.where)
+                said = HistoryCutShort(gid, last, exc, self.ledger.where, kept=kept)
             if self.on_failure is not None:
                 self.on_failure(said)
         else:
             self._recorded = (gid, event_type.rsplit(".", 1)[-1])
 
     async def _catch_up(self, gid: str) -> None:
-        """Write what was kept of generation ``gid``, waiting for the lock as long as
-        :attr:`patient`'s ledger does; a failure is said as any other."""
+        """Write what was kept of generation ``gid``: what a lock held up, waiting for it as
+        long as :attr:`patient`'s ledger does; the rest through :attr:`ledger`. A failure is
+        said as any other."""
         events = self._kept.pop(gid)
-        assert self.patient is not None, "kept only with a patient ledger"
+        busy = gid in self._busy
+        self._busy.discard(gid)
 
         def write() -> None:
-            assert self.patient is not None
+            if not busy:
+                for event in events:
+                    self.ledger.ingest(event)
+                return
+            assert self.patient is not None, "a lock's events are kept only with a patient ledger"
             ledger = self.patient()
             try:
                 for event in events:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
+
+from imagegen.events import GENERATION_REQUESTED, IMAGE_PERSISTED, IMAGE_RENDERED, PROMPT_ENHANCED
 from imagegen.ledger import Ledger
-from imagegen.ledger.recorder import Recorder
+from imagegen.ledger.recorder import HistoryCutShort, Recorder
 from imagegen.models import GenerationRequest
-from tests.ledger.chain import T0
+from tests.ledger.chain import T0, chain
 
 
 async def test_a_request_is_recorded_at_the_time_its_call_was_given(ledger: Ledger) -> None:
@@ -26,3 +29,60 @@ async def test_a_request_is_recorded_at_the_time_its_call_was_given(ledger: Ledg
     await recorder.requested("recorded-2", named)
     found = ledger.get("recorded-2")
     assert found is not None and found.requested_at == T0
+
+
+@pytest.mark.parametrize("ledger_url", ["postgres"], indirect=True)
+async def test_a_connection_the_server_cuts_mid_generation_loses_none_of_its_history(
+    ledger: Ledger, postgres_url: str
+) -> None:
+    """The server ends the ledger's connection (a restart, a failover) between two events of
+    a generation: the event that met the cut and the later ones are kept, then written once
+    the generation ends, through the pool that has connected again; its history is whole, and
+    the one generation after it is recorded as ever."""
+    import psycopg
+
+    from imagegen.events import IMAGE_DERIVED
+    from imagegen.models import DerivedImage, EnhancedPrompt, PersistedImage, RenderedImage
+
+    said: list[Exception] = []
+    recorder = Recorder(ledger, on_failure=said.append)
+    events = chain("cut-1")
+    await recorder.requested("cut-1", GenerationRequest(prompt="a red fox"), T0)
+    await recorder.emitted("enhance", EnhancedPrompt.model_validate(events["enhanced"].data))
+
+    with ledger.statement() as db:  # the pool's one connection (min_size 1)
+        [row] = db.query("SELECT pg_backend_pid() AS pid", {})
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", [row["pid"]])
+
+    await recorder.emitted("render", RenderedImage.model_validate(events["rendered"].data))
+    persisted = PersistedImage.model_validate(events["persisted"].data)
+    await recorder.emitted("persist", persisted)
+    before = ledger.get("cut-1")  # the rest kept, not written while the image is made
+    assert before is not None and before.status == "enhanced"
+    derived = DerivedImage(
+        generation_id="cut-1",
+        key=persisted.key,
+        sha256=persisted.sha256,
+        keys={"record": persisted.key + ".derived.json"},
+        created_at=persisted.created_at,
+    )
+    await recorder.emitted("derive", derived)
+
+    [cut] = said
+    assert isinstance(cut, HistoryCutShort) and not cut.final
+    assert str(cut) == (
+        "the history of generation cut-1 is recorded up to 'enhanced' only: the ledger "
+        "database is unavailable: it cannot be reached; the rest is written once the image "
+        "is made"
+    )
+    found = ledger.get("cut-1")
+    assert found is not None and found.status == "persisted"
+    types = [entry.type for entry in found.timeline]
+    assert types == [GENERATION_REQUESTED, PROMPT_ENHANCED, IMAGE_RENDERED, IMAGE_PERSISTED,
+                     IMAGE_DERIVED]  # fmt: skip
+    # Each once: an event is recorded by source and id, a second write of it changes nothing.
+    assert len(list(ledger.generation_events("cut-1"))) == 5
+
+    await recorder.requested("cut-2", GenerationRequest(prompt="a red fox"), T0)
+    assert ledger.get("cut-2") is not None and said == [cut]
