@@ -267,7 +267,7 @@ def test_each_command_in_a_process_says_it_was_interrupted(
 @pytest.mark.slow
 def test_ctrl_c_once_a_replays_png_is_stored_ends_with_the_image_complete(tmp_path: Path) -> None:
     """``imagegen replay`` interrupted while the metadata record is written ends as generate
-    does: the record and the history finished first, then exit 130."""
+    does: the record and the history finished first, the image shown, then exit 130."""
     import json
 
     env = isolated_environ(tmp_path)
@@ -280,7 +280,9 @@ def test_ctrl_c_once_a_replays_png_is_stored_ends_with_the_image_complete(tmp_pa
     original = json.loads(first.stdout)["image"]["generation_id"]
     code, out, err = _ctrl_c_at_the_record(tmp_path, ["replay", original, "--json"], env=env)
     assert (code, err) == (130, "imagegen: error: interrupted\n")
-    assert out == ""
     [png] = [p for p in (tmp_path / "output").rglob("*.png") if p.stem != original]
     assert png.with_suffix(".json").is_file()
     assert _status(tmp_path, png.stem) == "persisted"
+    shown = json.loads(out)  # what a replay that ran to its end prints
+    assert shown["generation_id"] == png.stem and shown["replay_of"] == original
+    assert shown["location"] == png.as_uri()

@@ -639,10 +639,13 @@ def replay(
     stopped_by: list[int] = []
 
     async def go() -> Any:
+        import asyncio
+
         from imagegen.cli.generate import _render_and_finish, stored
         from imagegen.service import one_trace
 
         cancel_on_termination(stopped_by)  # recorded where it stopped, as generate's
+        made: list[Any] = []
         async with make_service(settings) as service:
             await service.storage.check()  # before the render, as generate does
             with one_trace():  # the new generation's: from its first stage, enhance or render
@@ -656,8 +659,15 @@ def replay(
                         await service.recorder.emitted("enhance", job)
                 assert enhanced is not None
                 # An interrupt once the PNG is stored lets its record be written first, as
-                # generate's does: never a PNG left behind a failed generation.
-                return *await _render_and_finish(service, enhanced), stored(service)
+                # generate's does: never a PNG left behind a failed generation. The image is
+                # then shown, as generate shows it, before the line that says it was stopped.
+                try:
+                    finished = await _render_and_finish(service, enhanced, persisted=made.append)
+                except asyncio.CancelledError:
+                    if made:
+                        _show_replayed(made[0], generation_id, as_json, done=stored(service))
+                    raise
+                return *finished, stored(service)
 
     try:
         persisted, underived, done = run_async(go)
@@ -665,8 +675,16 @@ def replay(
         if stopped_by:  # cancelled by SIGTERM or SIGHUP: 128 + its number, as generate's
             raise typer.Exit(128 + stopped_by[0]) from None
         raise
-    from imagegen.cli._app import image_where
     from imagegen.cli.generate import warn_underived
+
+    _show_replayed(persisted, generation_id, as_json, done=done)
+    with output_after(done):
+        warn_underived(underived)
+
+
+def _show_replayed(persisted: Any, generation_id: str, as_json: bool, *, done: str) -> None:
+    """Print the image a replay of ``generation_id`` made (``done``: as :func:`output_after`)."""
+    from imagegen.cli._app import image_where
 
     with output_after(done):
         if as_json:
@@ -679,7 +697,6 @@ def replay(
                 soft_wrap=True,
             )
             out.print(f"[bold]sha256[/]     {persisted.sha256}", soft_wrap=True)
-        warn_underived(underived)
 
 
 def _replay_through(
