@@ -5,6 +5,7 @@ Transport-free: the HTTP/CloudEvents binding lives in ``functions/``.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
@@ -87,8 +88,17 @@ def source_for(stage: str) -> str:
 
 
 def reply_id(generation_id: str, event_type: str) -> str:
-    """A stable event id: a redelivered request gets a reply with the same id."""
-    return uuid.uuid5(uuid.NAMESPACE_URL, f"imagegen:{generation_id}:{event_type}").hex
+    """A stable event id: a redelivered request gets a reply with the same id.
+
+    ``uuid.uuid5`` of ``imagegen:<generation_id>:<event_type>``, computed as it computes it
+    (RFC 4122, section 4.3: SHA-1 of the namespace and the name's UTF-8), but with lone
+    surrogates encoded as they came: ``generation_id`` may name the failing event by its
+    ``source`` and ``id``, which an event's JSON may escape one into (``"\\ud800"``), as
+    :func:`imagegen.identity.derive_generation_id` does. Any other name keeps its id.
+    """
+    name = f"imagegen:{generation_id}:{event_type}".encode("utf-8", "surrogatepass")
+    digest = hashlib.sha1(uuid.NAMESPACE_URL.bytes + name, usedforsecurity=False).digest()
+    return uuid.UUID(bytes=digest[:16], version=5).hex
 
 
 def reply_attributes(

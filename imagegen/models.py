@@ -64,6 +64,7 @@ __all__ = [
     "PersistedImage",
     "RenderRequest",
     "RenderedImage",
+    "Text",
     "derive_generation_id",
     "derive_seed",
     "new_generation_id",
@@ -71,6 +72,9 @@ __all__ = [
 ]
 
 MAX_PROMPT_CHARS = 2000
+# A model's name, and what wrote a prompt ('ollama:<model>'): names, far below these.
+MAX_MODEL_CHARS = 200
+MAX_ENHANCER_CHARS = 256
 # The final prompt: what enhance writes fits the largest text encoder's 512 tokens (about
 # 2,600 characters by its estimate); a direct render's prompt is handed over as it is. No
 # model reads further, so this only bounds what a caller may make render tokenize.
@@ -87,8 +91,26 @@ MAX_LORAS = 8
 # A stored object's size in bytes: a signed 64-bit integer, as storage and the ledger keep it.
 MAX_OBJECT_BYTES = 2**63 - 1
 
-GenerationId = Annotated[str, StringConstraints(pattern=GENERATION_ID_PATTERN)]
-Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+def _utf8_text(value: object) -> object:
+    # Checked before any other rule: pydantic's own length and pattern checks refuse a lone
+    # surrogate without saying why, and a field without them let it through to fail where the
+    # value is written (a digest, an event, a record: all UTF-8). A value of another type is
+    # left to the field's own validation, which names its type.
+    if isinstance(value, str):
+        check_json_value(value, text=True)
+    return value
+
+
+_UTF8 = BeforeValidator(_utf8_text)
+# Text a caller gives: any string UTF-8 can hold. JSON's "\ud800" escape makes one it cannot
+# (a lone surrogate, RFC 8259, section 8.2), refused naming its field. Every str field of the
+# models is checked so, dict keys and list items too: as ``Text``, or with ``_UTF8`` annotated
+# last beside its own rules (pydantic runs the last before-validator first, and keeps in the
+# JSON Schema a constraint annotated before a validator, not one after it).
+Text = Annotated[str, _UTF8]
+GenerationId = Annotated[str, StringConstraints(pattern=GENERATION_ID_PATTERN), _UTF8]
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$"), _UTF8]
 
 
 def derive_seed(generation_id: str) -> int:
@@ -123,6 +145,7 @@ def _known_stage(value: str) -> str:
 StageName = Annotated[
     str,
     AfterValidator(_known_stage),
+    _UTF8,
     WithJsonSchema({"type": "string", "enum": list(stages.names())}),
 ]
 
@@ -168,12 +191,14 @@ def _bounded_metadata(value: dict[str, Any]) -> dict[str, Any]:
 Metadata = Annotated[dict[str, Any], AfterValidator(_bounded_metadata)]
 
 
-def _json_options(value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def _json_text(value: Any) -> Any:
     check_json_value(value, text=True)
     return value
 
 
-PluginOptions = Annotated[dict[str, dict[str, Any]], AfterValidator(_json_options)]
+PluginOptions = Annotated[dict[str, dict[str, Any]], AfterValidator(_json_text)]
+# A free-form JSON object: its keys and strings UTF-8 text, as the metadata's are.
+JsonObject = Annotated[dict[str, Any], AfterValidator(_json_text)]
 
 
 class _Model(BaseModel):
@@ -193,10 +218,10 @@ class LoraHint(_Model):
     """A LoRA the render stage applies: chosen by the ``lora`` plugin."""
 
     # The adapter's name in the pipeline: torch refuses a "." in a module's name.
-    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")]
-    path: str = Field(description="Local file/directory or hub id of the LoRA weights.")
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"), _UTF8]
+    path: Text = Field(description="Local file/directory or hub id of the LoRA weights.")
     weight: float = Field(default=1.0, ge=0.0, le=2.0)
-    trigger: str | None = Field(default=None, max_length=200)
+    trigger: Text | None = Field(default=None, max_length=200)
 
 
 def _distinct_loras(value: list[LoraHint]) -> list[LoraHint]:
@@ -217,9 +242,9 @@ Loras = Annotated[list[LoraHint], Field(max_length=MAX_LORAS), AfterValidator(_d
 class Contribution(_Model):
     """What one prompt plugin adds to a generation."""
 
-    plugin: str
-    text: str = Field(default="", max_length=1000, description="A fragment for the prompt.")
-    data: dict[str, Any] = Field(default_factory=dict, description="Structured context.")
+    plugin: Text
+    text: Text = Field(default="", max_length=1000, description="A fragment for the prompt.")
+    data: JsonObject = Field(default_factory=dict, description="Structured context.")
     loras: list[LoraHint] = Field(default_factory=list)
 
 
@@ -290,7 +315,7 @@ def _prompt_checked(value: object) -> object:
 
 
 # A prompt of the chain: what enhance wrote, or a direct caller gave.
-WrittenPrompt = Annotated[str, BeforeValidator(_prompt_checked)]
+WrittenPrompt = Annotated[str, BeforeValidator(_prompt_checked), _UTF8]
 
 
 class GenerationRequest(_Model):
@@ -304,6 +329,7 @@ class GenerationRequest(_Model):
             str,
             BeforeValidator(_prompt_rule),
             StringConstraints(strip_whitespace=True, max_length=MAX_PROMPT_CHARS),
+            _UTF8,
         ]
         | None
     ) = Field(default=None, description="What to draw. Absent or empty: the enhancer dreams one.")
@@ -318,17 +344,17 @@ class GenerationRequest(_Model):
         description="Default: per model.",
     )
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    model: str | None = Field(
-        default=None, max_length=200, description="One of the allowed models."
+    model: Text | None = Field(
+        default=None, max_length=MAX_MODEL_CHARS, description="One of the allowed models."
     )
     enhance: bool = Field(default=True, description="False: plugins only, no LLM.")
-    plugins: list[str] | None = Field(
+    plugins: list[Text] | None = Field(
         default=None,
         max_length=32,
         description="Plugins to run, in order; default: the configured set.",
     )
     plugin_options: PluginOptions = Field(default_factory=dict)
-    timezone: Annotated[str | None, AfterValidator(_valid_timezone)] = Field(
+    timezone: Annotated[Text | None, AfterValidator(_valid_timezone)] = Field(
         default=None, description="IANA zone for time-aware plugins; default: the configured zone."
     )
     requested_at: MaybeTime = Field(
@@ -377,12 +403,13 @@ class EnhancedPrompt(_Model):
     original_prompt: WrittenPrompt | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     dreamed: bool = Field(default=False, description="True when no prompt was given.")
     fallback: bool = Field(default=False, description="True when the LLM was unavailable.")
-    enhancer: str = Field(
-        description="What wrote the prompt: 'ollama:<model>', 'template', 'passthrough'."
+    enhancer: Text = Field(
+        max_length=MAX_ENHANCER_CHARS,
+        description="What wrote the prompt: 'ollama:<model>', 'template', 'passthrough'.",
     )
     contributions: list[Contribution] = Field(default_factory=list)
     loras: Loras = Field(default_factory=list)
-    model: str
+    model: Text = Field(max_length=MAX_MODEL_CHARS)
     width: Dimension
     height: Dimension
     steps: int = Field(ge=1, le=MAX_STEPS)
@@ -429,7 +456,7 @@ class RenderRequest(_Model):
     """
 
     generation_id: GenerationId | None = Field(default=None, description="Default: a new id.")
-    prompt: Annotated[str, BeforeValidator(_prompt_rule)] = Field(
+    prompt: Annotated[str, BeforeValidator(_prompt_rule), _UTF8] = Field(
         min_length=1,
         max_length=MAX_FINAL_PROMPT_CHARS,
         description="What to draw, handed to the model as is.",
@@ -437,10 +464,16 @@ class RenderRequest(_Model):
     original_prompt: WrittenPrompt | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     dreamed: bool = False
     fallback: bool = False
-    enhancer: str = Field(default="none", description="What wrote the prompt; 'none': the caller.")
+    enhancer: Text = Field(
+        default="none",
+        max_length=MAX_ENHANCER_CHARS,
+        description="What wrote the prompt; 'none': the caller.",
+    )
     contributions: list[Contribution] = Field(default_factory=list)
     loras: Loras = Field(default_factory=list)
-    model: str | None = Field(default=None, description="Default: the model render serves.")
+    model: Text | None = Field(
+        default=None, max_length=MAX_MODEL_CHARS, description="Default: the model render serves."
+    )
     width: Dimension = 1024
     height: Dimension = 1024
     steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Default: per model.")
@@ -494,18 +527,18 @@ class RenderedImage(_Model):
     """Output of render, input of persist (event ``image.rendered``): a claim check."""
 
     generation_id: GenerationId
-    key: str = Field(description="Object key relative to the storage root.")
-    location: str = Field(description="URI of the stored PNG (s3://… or file://…).")
+    key: Text = Field(description="Object key relative to the storage root.")
+    location: Text = Field(description="URI of the stored PNG (s3://… or file://…).")
     content_type: Literal["image/png"] = "image/png"
     size: int = Field(ge=0, le=MAX_OBJECT_BYTES)
     sha256: Sha256
     width: Dimension
     height: Dimension
     seed: int = Field(ge=0, le=MAX_SEED)
-    model: str
+    model: Text
     steps: int = Field(ge=1, le=MAX_STEPS)
     guidance: float = Field(ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
-    timings: dict[str, float] = Field(default_factory=dict, description="Seconds per phase.")
+    timings: dict[Text, float] = Field(default_factory=dict, description="Seconds per phase.")
     rendered_at: MaybeTime = Field(
         default=None,
         description="When the image was stored; its first writer fixes it for every reply.",
@@ -522,27 +555,27 @@ class PersistedImage(_Model):
     """Output of persist (event ``image.persisted``): where the image now lives."""
 
     generation_id: GenerationId
-    key: str
-    location: str
-    url: str | None = Field(default=None, description="Public URL of the full image.")
-    keys: dict[str, str] = Field(description="Object keys: image, thumbnail, metadata.")
-    urls: dict[str, str] = Field(
+    key: Text
+    location: Text
+    url: Text | None = Field(default=None, description="Public URL of the full image.")
+    keys: dict[Text, Text] = Field(description="Object keys: image, thumbnail, metadata.")
+    urls: dict[Text, Text] = Field(
         default_factory=dict,
         description="Public URLs, signed when IMAGEGEN_URL_SIGNING_SECRET is set: `image` (the "
         "full image, as url) and `thumbnail`; empty without IMAGEGEN_PUBLIC_BASE_URL. The "
         "AVIF/WebP derivatives that derive makes later have none of their own: the full image's "
         "URL serves them, chosen by Accept and ?w=.",
     )
-    metadata_location: str
+    metadata_location: Text
     content_type: Literal["image/png"] = "image/png"
     size: int = Field(ge=0, le=MAX_OBJECT_BYTES)
     sha256: Sha256
     width: Dimension
     height: Dimension
     seed: int = Field(ge=0, le=MAX_SEED)
-    model: str
+    model: Text
     prompt: WrittenPrompt
-    timings: dict[str, float] = Field(default_factory=dict)
+    timings: dict[Text, float] = Field(default_factory=dict)
     created_at: ChainTime = Field(
         description="When the image was rendered (else requested): taken from the event chain."
     )
@@ -569,9 +602,9 @@ class DerivedImage(_Model):
     """
 
     generation_id: GenerationId
-    key: str = Field(description="The full image (PNG) the derivatives were made from.")
+    key: Text = Field(description="The full image (PNG) the derivatives were made from.")
     sha256: Sha256 = Field(description="The full image's digest.")
-    keys: dict[str, str] = Field(
+    keys: dict[Text, Text] = Field(
         description="Object keys: record (this record), thumbnail (the WebP thumbnail), "
         "and avif:<width>, webp:<width> (each derivative)."
     )
@@ -598,21 +631,28 @@ class DerivedImage(_Model):
 
 
 class ErrorInfo(_Model):
-    code: str
-    message: str
+    code: Text
+    message: Text
     retryable: bool
-    errors: list[dict[str, str]] = Field(default_factory=list)
+    errors: list[dict[Text, Text]] = Field(default_factory=list)
 
     @classmethod
     def of(cls, exc: BaseException) -> ErrorInfo:
         """What a ``generation.failed`` says of ``exc``: its code and fields, never a trace."""
         if isinstance(exc, ImageGenError):
+            errors = [{_escaped(k): _escaped(v) for k, v in e.items()} for e in exc.errors]
             return cls(
-                code=exc.code, message=exc.message, retryable=exc.retryable, errors=exc.errors
+                code=exc.code, message=_escaped(exc.message), retryable=exc.retryable, errors=errors
             )
         if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):  # Ctrl-C, a shutdown
             return cls(code="cancelled", message="stopped before it finished", retryable=True)
-        return cls(code="internal", message=str(exc)[:1000], retryable=False)
+        return cls(code="internal", message=_escaped(str(exc)[:1000]), retryable=False)
+
+
+def _escaped(text: str) -> str:
+    # What an error says may quote what the caller sent: a lone surrogate in it is written as
+    # its escape ("\ud800"), so that the failure itself is UTF-8 text, as its event must be.
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode()
 
 
 class GenerationFailed(_Model):

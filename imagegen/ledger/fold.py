@@ -18,7 +18,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
@@ -39,6 +39,7 @@ from imagegen.identity import (
     request_time,
     valid_generation_id,
 )
+from imagegen.ledger._text import storable
 from imagegen.ledger.models import STATUS_RANK, LedgerEvent, Status, WebhookEvent
 from imagegen.models import (
     DerivedImage,
@@ -49,6 +50,8 @@ from imagegen.models import (
     RenderedImage,
 )
 from imagegen.validation import parse_model
+
+_M = TypeVar("_M", bound=BaseModel)
 
 __all__ = [
     "CHAIN_ORDER",
@@ -187,12 +190,12 @@ def fold(event: LedgerEvent, *, now: datetime) -> Change | None:
             **_webhook_of(request),
         }
     elif event.type == PROMPT_ENHANCED:
-        job = parse_model(EnhancedPrompt, event.data)
+        job = _stage_output(EnhancedPrompt, event.data)
         gid = job.generation_id
         at = utc(job.enhanced_at or at)
         fields = {**_render_fields(job), "replay_of": job.replay_of}
     elif event.type == IMAGE_RENDERED:
-        image = parse_model(RenderedImage, event.data)
+        image = _stage_output(RenderedImage, event.data)
         gid = image.generation_id
         at = utc(image.rendered_at or at)
         fields = {
@@ -203,7 +206,7 @@ def fold(event: LedgerEvent, *, now: datetime) -> Change | None:
             "replay_of": image.prompt.replay_of,
         }
     elif event.type == IMAGE_PERSISTED:
-        persisted = parse_model(PersistedImage, event.data)
+        persisted = _stage_output(PersistedImage, event.data)
         gid = persisted.generation_id
         at = utc(persisted.persisted_at or at)
         fields = _pick(
@@ -214,12 +217,12 @@ def fold(event: LedgerEvent, *, now: datetime) -> Change | None:
         )
     elif event.type == IMAGE_DERIVED:
         # Nothing of the generation's row: what it says of the image, image.persisted said.
-        derived = parse_model(DerivedImage, event.data)
+        derived = _stage_output(DerivedImage, event.data)
         gid = derived.generation_id
         at = utc(derived.persisted_at or at)
         fields = {}
     else:
-        failure = parse_model(GenerationFailed, event.data)
+        failure = _stage_output(GenerationFailed, event.data)
         found = failure.generation_id or event.subject
         if found is None or not valid_generation_id(found):
             return None  # a subject no generation can have: the event, under no generation
@@ -234,6 +237,15 @@ def fold(event: LedgerEvent, *, now: datetime) -> Change | None:
 def _said(fields: dict[str, Any]) -> dict[str, Any]:
     """``fields`` without those the event leaves unsaid (None, an empty mapping)."""
     return {k: v for k, v in fields.items() if v not in (None, {})}
+
+
+def _stage_output(model: type[_M], data: dict[str, Any]) -> _M:
+    """``data``, a stage's output, read with its text as the ledger stores it: a lone surrogate
+    (JSON's ``\\udfff`` escape), which the models refuse as no UTF-8 text, is U+FFFD
+    (:func:`~imagegen.ledger._text.storable`), so an event another producer sent with one is
+    recorded as it is stored, never refused at each redelivery. A request keeps its own rule:
+    one that enhance refuses is recorded without its fields."""
+    return parse_model(model, storable(data))
 
 
 def _webhook_of(request: GenerationRequest) -> dict[str, Any]:

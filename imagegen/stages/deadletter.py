@@ -178,13 +178,27 @@ async def _record(service: ImageGenService, data: Any, call: Call) -> None:
         recorded_at=now,
     )
     # First writer wins: a redelivery (another day, another replica) keeps the first record.
-    # Written by json, escaped to ASCII: a lone surrogate in the data (JSON's "\ud800", which
-    # pydantic refuses to write as UTF-8) is kept as it came.
-    body = json.dumps(record.model_dump(mode="json"), indent=2).encode()
-    created = await _create(service, key, body)
+    created = await _create(service, key, _written(record))
     kind = "generation failed" if record.event_type == GENERATION_FAILED else "delivery failed"
     extra = {"event_type": record.event_type, "generation_id": gid, "key": key}
     log.warning(kind if created else f"{kind} (already recorded)", extra=extra)
+
+
+# The fields that hold what came as it came (parsed JSON, text, attribute names): written by
+# json, not pydantic, which fails on a lone surrogate (JSON's "\ud800") in a key and writes
+# one in a dict[str, str]'s key as U+FFFD.
+_AS_RECEIVED = frozenset({"attributes", "data", "error_body"})
+
+
+def _written(record: FailureRecord) -> bytes:
+    """``record`` as JSON escaped to ASCII: a lone surrogate, in a key or a value, is kept as
+    the escape it came as."""
+    dumped = record.model_dump(mode="json", exclude=set(_AS_RECEIVED))
+    fields = {
+        name: getattr(record, name) if name in _AS_RECEIVED else dumped[name]
+        for name in FailureRecord.model_fields
+    }
+    return json.dumps(fields, indent=2).encode()
 
 
 async def _create(service: ImageGenService, key: str, body: bytes) -> bool:

@@ -625,3 +625,146 @@ def test_a_table_hub_id_in_another_case_has_its_revision_and_family() -> None:
     assert family_for(other) is pinned.family
     # A local path is no Hub id, whatever its case.
     assert spec_for("./" + other).revision is None
+
+
+# Every str field of each event model given, dict keys and list items included: a lone
+# surrogate put in any one of them is refused naming it.
+_LORA = {"name": "ink", "path": "loras/ink", "trigger": "inked"}
+FULL_JOB: dict[str, Any] = {
+    **JOB,
+    "original_prompt": "cat",
+    "contributions": [
+        {"plugin": "season", "text": "in snow", "data": {"season": "winter"}, "loras": [_LORA]}
+    ],
+    "loras": [_LORA],
+    "enhanced_at": "2026-11-24T18:30:01Z",
+    "metadata": {"team": "art"},
+    "replay_of": "g-0",
+}
+FULL: list[tuple[type[BaseModel], dict[str, Any]]] = [
+    (
+        GenerationRequest,
+        {
+            "generation_id": "g-1",
+            "prompt": "a cat",
+            "model": "tiny",
+            "plugins": ["season"],
+            "plugin_options": {"season": {"hemisphere": "north"}},
+            "timezone": "Europe/Paris",
+            "requested_at": "2026-11-24T18:30:00Z",
+            "metadata": {"team": "art"},
+            "webhook": "https://hooks.example.com/done",
+            "webhook_events": ["failed"],
+            "replay_of": "g-0",
+        },
+    ),
+    (EnhancedPrompt, FULL_JOB),
+    (RenderRequest, FULL_JOB),
+    (
+        RenderedImage,
+        {
+            **RENDERED,
+            "content_type": "image/png",
+            "timings": {"render": 1.0},
+            "prompt": FULL_JOB,
+        },
+    ),
+    (
+        PersistedImage,
+        {
+            **PERSISTED,
+            "content_type": "image/png",
+            "url": "https://img.example.com/g-1.png",
+            "urls": {"image": "https://img.example.com/g-1.png"},
+            "timings": {"render": 1.0},
+            "persisted_at": "2026-11-24T18:32:00Z",
+            "replay_of": "g-0",
+        },
+    ),
+    (
+        DerivedImage,
+        {
+            **DERIVED,
+            "keys": {"record": "2026/11/24/g-1.derived.json"},
+            "persisted_at": "2026-11-24T18:32:00Z",
+            "replay_of": "g-0",
+        },
+    ),
+    (
+        GenerationFailed,
+        {
+            **FAILED,
+            "generation_id": "g-1",
+            "error": {**FAILED["error"], "errors": [{"field": "width", "message": "too wide"}]},
+        },
+    ),
+]
+
+
+def _with_a_surrogate(value: Any) -> list[tuple[tuple[str, ...], Any]]:
+    """``value`` once for each string in it, a key below the top or a value, that string then
+    ending in a lone surrogate; each with the path to the string."""
+    found: list[tuple[tuple[str, ...], Any]] = []
+    if isinstance(value, str):
+        return [((), value + "\ud800")]
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            for path, changed in _with_a_surrogate(item):
+                found.append(((str(i), *path), [*value[:i], changed, *value[i + 1 :]]))
+    if isinstance(value, dict):
+        for key, item in value.items():
+            for path, changed in _with_a_surrogate(item):
+                found.append(((key, *path), {**value, key: changed}))
+            if isinstance(item, dict):  # a key of a mapping the field holds
+                for inner in item:
+                    renamed = {k + "\ud800" if k == inner else k: v for k, v in item.items()}
+                    found.append(((key, inner), {**value, key: renamed}))
+    return found
+
+
+@pytest.mark.parametrize(("model", "data"), FULL, ids=[m.__name__ for m, _ in FULL])
+def test_a_lone_surrogate_in_any_text_of_a_model_is_refused_naming_its_field(
+    model: type[BaseModel], data: dict[str, Any]
+) -> None:
+    """JSON's ``\\ud800`` escape makes a string UTF-8 cannot hold: in any field of the event data
+    (a model, an enhancer, a key, a dict's key) it is a 400 naming the field, never a value that
+    fails later where it is written (a digest, an event, a record)."""
+    parse_model(model, data)  # valid as it is
+    changes = _with_a_surrogate(data)
+    texts = {
+        name
+        for name, node in model.model_json_schema()["properties"].items()
+        if '"string"' in json.dumps(node) or "$ref" in json.dumps(node)
+    }
+    assert texts <= {path[0] for path, _ in changes}  # every field that may hold text is tried
+    for path, changed in changes:
+        with pytest.raises(InvalidRequest) as caught:
+            parse_model(model, changed)
+        assert caught.value.fields[0].split(".")[0] == path[0], (path, caught.value.errors)
+        assert caught.value.status == 400
+
+
+@pytest.mark.parametrize("model", [EnhancedPrompt, RenderRequest])
+@pytest.mark.parametrize(("field", "longest"), [("enhancer", 256), ("model", 200)])
+def test_what_wrote_a_job_and_its_model_are_names_of_bounded_length(
+    model: type[BaseModel], field: str, longest: int
+) -> None:
+    """A job renders only if its reply can be published: a megabyte enhancer was rendered and
+    stored, then persist refused the image.rendered reply that carried it."""
+    assert getattr(parse_model(model, {**JOB, field: "x" * longest}), field) == "x" * longest
+    with pytest.raises(InvalidRequest) as caught:
+        parse_model(model, {**JOB, field: "x" * (longest + 1)})
+    assert caught.value.fields == [field]
+    schema = model.model_json_schema()["properties"][field]
+    bounds = [schema, *schema.get("anyOf", [])]  # RenderRequest's model may be null
+    assert longest in {bound.get("maxLength") for bound in bounds}
+
+
+def test_a_failure_quoting_a_lone_surrogate_is_still_text() -> None:
+    from imagegen.models import ErrorInfo
+
+    refused = InvalidRequest("bad \ud800", errors=[{"field": "x\udc00", "message": "no \ud800"}])
+    info = ErrorInfo.of(refused)
+    assert info.message == "bad \\ud800"
+    assert info.errors == [{"field": "x\\udc00", "message": "no \\ud800"}]
+    info.model_dump_json()  # UTF-8, as its event is written

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, settings
 from imagegen.events import GENERATION_FAILED
 from tests.functions.clients import InProcessFunction
 from tests.functions.conftest import base_env
+from tests.ledger.conftest import close_served_ledgers
 
 # Deterministic in CI: the same inputs every run, no example database, no timing flakiness.
 settings.register_profile(
@@ -28,7 +29,7 @@ settings.register_profile(
 )
 FUZZ = settings.get_profile("fuzz")
 
-STAGES = ("enhance", "render", "persist", "derive", "deadletter")
+STAGES = ("enhance", "render", "persist", "derive", "deadletter", "ledger")
 
 # The only 5xx a function may answer: retryable, with Retry-After (functions.md).
 RETRYABLE = frozenset({429, 503})
@@ -36,8 +37,13 @@ TRACE_MARKERS = ("Traceback (most recent call last)", 'File "/', "RecursionError
 
 
 def fuzz_env(store: Path) -> dict[str, str]:
-    """Settings of the functions under fuzz: those of a test chain, logging errors only."""
-    return {**base_env(store), "IMAGEGEN_LOG_LEVEL": "ERROR"}
+    """Settings of the functions under fuzz: those of a test chain, logging errors only, the
+    ledger in a SQLite file beside the objects."""
+    return {
+        **base_env(store),
+        "IMAGEGEN_LOG_LEVEL": "ERROR",
+        "IMAGEGEN_LEDGER_URL": f"sqlite:///{store / 'ledger.db'}",
+    }
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +66,7 @@ def fuzz_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def functions(fuzz_store: Path) -> Iterator[dict[str, InProcessFunction]]:
-    """enhance, render, persist, derive and deadletter on one store, started once per worker.
+    """Every function on one store (the ledger's in it), started once per worker.
 
     Starting a function sets up this process's logging (the root logger's handler and level:
     ERROR here); the logging of the tests that follow on this worker is put back as it was.
@@ -77,6 +83,7 @@ def functions(fuzz_store: Path) -> Iterator[dict[str, InProcessFunction]]:
         for logger, handlers, level in saved:
             logger.handlers, logger.level = handlers, level
     yield started
+    close_served_ledgers([started.pop("ledger")])
     for function in started.values():
         function.client.close()
 

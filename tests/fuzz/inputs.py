@@ -18,10 +18,24 @@ from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 
 from imagegen import stages
-from imagegen.events import GENERATION_FAILED
-from imagegen.models import GenerationFailed
+from imagegen.events import GENERATION_FAILED, event_models
 
 STRUCTURED = "application/cloudevents+json"
+
+# Any text, lone surrogates included: JSON's "\ud800" escape is valid JSON that no UTF-8 can
+# hold (RFC 8259, section 8.2). hypothesis leaves the surrogates (category Cs) out of
+# ``characters()`` unless asked, and draws from a union of character sets by the number of
+# characters in each (2,048 surrogates in 1.1 million: a string seldom held one); drawn apart,
+# one character in four is one.
+SURROGATES = st.integers(0xD800, 0xDFFF).map(chr)
+CHARACTERS = st.one_of(st.characters(), st.characters(), st.characters(), SURROGATES)
+
+
+def text(*, min_size: int = 0, max_size: int | None = None) -> st.SearchStrategy[str]:
+    """Strings of any characters, about a third of them with lone surrogates among them."""
+    plain = st.text(min_size=min_size, max_size=max_size)
+    with_surrogates = st.lists(CHARACTERS, min_size=min_size, max_size=max_size).map("".join)
+    return st.one_of(plain, plain, with_surrogates)
 
 
 @dataclass(frozen=True)
@@ -66,7 +80,14 @@ def _strategy(node: dict[str, Any], defs: dict[str, Any]) -> st.SearchStrategy[A
     if node.get("type") == "array" and isinstance(node.get("items"), dict):
         items = _strategy(node["items"], defs)
         return st.lists(items, min_size=node.get("minItems", 0), max_size=node["maxItems"])
+    if node.get("type") == "string" and node.keys() <= _FREE_TEXT:
+        # Free text: drawn here, lone surrogates included (a JSON Schema string may hold one).
+        return text(min_size=node.get("minLength", 0), max_size=node.get("maxLength"))
     return from_schema(node)
+
+
+# The keywords of a string node whose value is any text (no pattern, format or enum).
+_FREE_TEXT = frozenset({"type", "title", "description", "default", "minLength", "maxLength"})
 
 
 # What a free-form JSON value (``additionalProperties: true``) is drawn as: deep and wide
@@ -94,7 +115,7 @@ def _bounded(node: Any) -> Any:
 def schema(stage: str) -> dict[str, Any]:
     """The JSON Schema of the data ``stage`` consumes (as ``schemas/`` publishes it), with
     free-form values and collections kept small."""
-    model = stages.get(stage).input_model or GenerationFailed
+    model = stages.get(stage).input_model or event_models()[consumed(stage)]
     document: dict[str, Any] = _bounded(model.model_json_schema())
     if stage == "render":
         # A schema-valid job naming the served model would render: keep any such job tiny.
@@ -147,6 +168,8 @@ VALID: dict[str, dict[str, Any]] = {
         "error": {"code": "invalid_request", "message": "m", "retryable": False},
         "failed_at": "2026-05-01T12:00:00Z",
     },
+    # generation.requested, the first event the ledger records of a generation.
+    "ledger": {"prompt": "a red door", "width": 256, "height": 256, "enhance": False},
 }
 
 
@@ -187,8 +210,8 @@ JSON_VALUES = st.recursive(
     | st.booleans()
     | st.integers(min_value=-(2**70), max_value=2**70)
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=30),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner),
+    | text(max_size=30),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text(max_size=10), inner),
     max_leaves=12,
 )
 POISON = [
@@ -226,7 +249,7 @@ def mutated(draw: st.DrawFn, stage: str) -> Request:
     elif how == "replace":
         data[key] = draw(JSON_VALUES)
     elif how == "add":
-        data[draw(st.text(min_size=1, max_size=12))] = draw(JSON_VALUES)
+        data[draw(text(min_size=1, max_size=12))] = draw(JSON_VALUES)
     elif how == "wrap":
         data = draw(st.sampled_from([{"data": data}, [data], {key: data}]))
     if how == "deep":
@@ -239,8 +262,9 @@ def mutated(draw: st.DrawFn, stage: str) -> Request:
     how = draw(st.sampled_from(["binary", "structured", "plain"]))
     if how == "binary":
         return binary(stage, body)
-    if how == "structured":
-        return structured(stage, body)
+    if how == "structured":  # its source or id any text: a reply's id is derived from them
+        named = draw(st.sampled_from([(), ("source",), ("id",)]))
+        return structured(stage, body, **{name: draw(text(min_size=1)) for name in named})
     return plain(body)
 
 
@@ -299,8 +323,8 @@ def abused(draw: st.DrawFn, stage: str) -> Request:
         event: dict[str, Any] = {
             "specversion": draw(st.sampled_from(["1.0", "0.3", "2.0", "", 1])),
             "type": draw(st.sampled_from([consumed(stage), "", None, 7])),
-            "source": "/fuzz",
-            "id": draw(st.sampled_from(["s-1", "", None, ["a"]])),
+            "source": draw(st.just("/fuzz") | text(min_size=1, max_size=20)),
+            "id": draw(st.sampled_from(["s-1", "", None, ["a"]]) | text(min_size=1, max_size=20)),
         }
         if kind == "base64":
             encoded = base64.b64encode(data).decode()
