@@ -376,10 +376,11 @@ class ImageGenService:
         job: EnhancedPrompt,
         progress: ProgressCallback | None,
         stored: Callable[[], None] | None = None,
+        storing: Callable[[], None] | None = None,
     ) -> RenderedImage:
         async with _stage("render", job.generation_id, self.recorder) as stage:
             _job_attributes(stage.span, job)
-            rendered = await self.render_stage.render(job, progress=progress)
+            rendered = await self.render_stage.render(job, progress=progress, storing=storing)
             if stored is not None:
                 stored()
             return await stage.emitted(rendered)
@@ -398,8 +399,11 @@ class ImageGenService:
         render's record in the history, the metadata record and its own. It is carried to its
         end even when this task is cancelled meanwhile (Ctrl-C), and the cancellation goes on
         after it: the image is complete and its history says so, rather than a PNG left behind
-        a history that says it failed. Cancelled before, the render stops as :meth:`render`
-        does, nothing of it stored. Another cancellation while it ends gives up waiting.
+        a history that says it failed. The PNG counts as stored from the moment its write
+        begins (a write, once begun, ends in its thread whatever happens to this task): a
+        cancellation during it waits for the write, then the records; a write that fails
+        raises its error. Cancelled before, the render stops as :meth:`render` does, nothing
+        of it stored. Another cancellation while it ends gives up waiting.
 
         ``persisted(image)`` is called with the persisted image as soon as it is, before this
         returns or its cancellation goes on: a caller that was cancelled learns what it stored.
@@ -417,14 +421,21 @@ class ImageGenService:
     ) -> PersistedImage:
         png_stored = False
 
-        def on_stored() -> None:
+        def on_storing() -> None:
+            # The PNG counts as stored from the moment its write begins: a write cancelled
+            # under way still ends in its thread, so cancelling the chain then would leave
+            # the PNG without its record. A write that fails raises its error as ever.
             nonlocal png_stored
             png_stored = True
+
+        def on_stored() -> None:
+            on_storing()  # its own write done, or an image found stored (written before)
             if stored is not None:
                 stored()
 
         async def chain() -> PersistedImage:
-            image = await self._persist(await self._render(job, progress, on_stored))
+            rendered = await self._render(job, progress, on_stored, on_storing)
+            image = await self._persist(rendered)
             if persisted is not None:
                 persisted(image)
             return image

@@ -95,6 +95,13 @@ main(sys.argv[1:])
 """
 
 
+_PAUSED_AT_THE_PNG = _PAUSED.replace(
+    'key.endswith(".json") and key[:4].isdigit():  # the metadata record, yyyy/mm/dd/<id>.json',
+    'key.endswith(".png"):  # the PNG itself, yyyy/mm/dd/<id>.png (a PutObject on S3)',
+).replace("writing the record", "writing the PNG")
+"""As :data:`_PAUSED`, paused as the PNG itself is written."""
+
+
 def _status(tmp_path: Path, generation_id: str) -> str | None:
     """The status the CLI's own ledger (under ``tmp_path``'s XDG data folder) records."""
     from imagegen.ledger import open_ledger
@@ -108,13 +115,18 @@ def _status(tmp_path: Path, generation_id: str) -> str | None:
 
 
 def _ctrl_c_at_the_record(
-    tmp_path: Path, args: list[str], *, again: bool = False, **popen: Any
+    tmp_path: Path,
+    args: list[str],
+    *,
+    again: bool = False,
+    script: str = _PAUSED,
+    **popen: Any,
 ) -> tuple[int, str, str]:
-    """Run ``imagegen *args`` paused as it writes the metadata record (:data:`_PAUSED`), send
-    it one SIGINT there (``again``: a second one soon after); its exit status, stdout and
-    stderr."""
+    """Run ``imagegen *args`` paused as it writes the metadata record (:data:`_PAUSED`, or
+    what ``script`` pauses at), send it one SIGINT there (``again``: a second one soon after);
+    its exit status, stdout and stderr."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", _PAUSED, *args],
+        [sys.executable, "-c", script, *args],
         cwd=tmp_path,
         env=popen.pop("env", None) or isolated_environ(tmp_path),
         stdout=subprocess.PIPE,
@@ -125,7 +137,7 @@ def _ctrl_c_at_the_record(
     try:
         assert proc.stderr is not None
         said = proc.stderr.readline()
-        assert said == "writing the record\n", said + proc.communicate(timeout=60)[1]
+        assert said.startswith("writing the "), said + proc.communicate(timeout=60)[1]
         proc.send_signal(signal.SIGINT)
         if again:
             time.sleep(0.5)  # well within the pause: the record is still being written
@@ -155,6 +167,21 @@ def test_ctrl_c_once_the_png_is_stored_ends_with_the_image_complete(tmp_path: Pa
     shown = json.loads(out)
     assert shown["image"]["generation_id"] == png.stem
     assert shown["image"]["location"] == png.as_uri()
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_png_is_written_ends_with_the_image_complete(tmp_path: Path) -> None:
+    """Ctrl-C while the PNG itself is written (a whole PutObject on S3): the write ends all the
+    same, so the record and the history are written too before the command stops; never a
+    PNG left behind a generation the history says failed."""
+    code, out, err = _ctrl_c_at_the_record(
+        tmp_path, [*RENDER, "--steps", "2", "--no-enhance", "--json"], script=_PAUSED_AT_THE_PNG
+    )
+    assert (code, err) == (130, "imagegen: error: interrupted\n")
+    [png] = (tmp_path / "output").rglob("*.png")
+    assert png.with_suffix(".json").is_file()
+    assert _status(tmp_path, png.stem) == "persisted"
+    assert json.loads(out)["image"]["generation_id"] == png.stem
 
 
 @pytest.mark.slow

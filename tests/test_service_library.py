@@ -104,6 +104,47 @@ async def test_a_generate_cancelled_once_its_png_is_stored_persists_it_first(
     assert (image.generation_id, image.key) == ("stored-1", "2026/11/24/stored-1.png")
 
 
+async def test_a_generate_cancelled_while_its_png_is_written_persists_it_first(
+    settings: Settings,
+    tmp_path: Path,
+    ledger: Ledger,
+    ledger_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cancellation (Ctrl-C) during the PNG's own write: the write, in its thread, ends all
+    the same, so the image is persisted and recorded so before the cancellation goes on,
+    never a PNG stored behind a history that says the render failed."""
+    from imagegen.storage import local
+
+    real_create = local.LocalStorage._create
+    writing, go_on = threading.Event(), threading.Event()
+
+    def held_create(self: Any, key: str, *args: Any) -> bool:  # a slow PutObject, say
+        if key.endswith(".png"):
+            writing.set()
+            go_on.wait(60)
+        return real_create(self, key, *args)
+
+    monkeypatch.setattr(local.LocalStorage, "_create", held_create)
+    service = ImageGenService(settings, plugins=no_plugins(settings), recorder=Recorder(ledger))
+    async with service:
+        request = small(prompt="a kite", enhance=False, generation_id="writing-1")
+        told: list[PersistedImage] = []
+        running = asyncio.ensure_future(service.generate(request, persisted=told.append))
+        assert await asyncio.to_thread(writing.wait, 120), "the PNG was never written"
+        running.cancel()
+        await asyncio.sleep(0.05)  # the cancellation is delivered while the write is held
+        go_on.set()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+    found, events = recorded(ledger_path, "writing-1")
+    assert found is not None and found.status == "persisted", (found, events)
+    assert (tmp_path / "out/2026/11/24/writing-1.png").is_file()
+    assert (tmp_path / "out/2026/11/24/writing-1.json").is_file()
+    [image] = told
+    assert (image.generation_id, image.key) == ("writing-1", "2026/11/24/writing-1.png")
+
+
 async def test_derivatives_that_cannot_be_made_leave_the_image_to_its_caller(
     settings: Settings, tmp_path: Path, ledger: Ledger, ledger_path: Path
 ) -> None:

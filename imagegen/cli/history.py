@@ -13,7 +13,8 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as dt_time
 from typing import TYPE_CHECKING, Annotated, Any
@@ -26,12 +27,14 @@ from imagegen.cli._app import (
     cancel_on_termination,
     dotenv_warnings,
     err,
+    exit_at_once,
     make_service,
     markup,
     out,
     output_after,
     printable,
     run_async,
+    say_stopped,
     settings_from,
     warn_newer_schema,
 )
@@ -710,9 +713,14 @@ def _replay_through(
     same key sends that replay's event again (taken once) rather than a second replay, a
     second render on a GPU.
 
+    Ctrl-C, SIGTERM and SIGHUP while it waits for the answer stop it (exit 130, 143, 129)
+    in one line that names the key to retry with, as a lost answer's does: the replay may
+    have been sent all the same.
+
     Raises:
         InvalidRequest: ``key`` is not 1-255 printable ASCII characters.
         DependencyUnavailable: as :func:`_api`, naming the key to retry with.
+        typer.Exit: stopped by a signal, its line said.
     """
     import shlex
     import uuid
@@ -732,23 +740,84 @@ def _replay_through(
                 errors=[{"field": "idempotency_key", "message": why}],
             ) from None
     path = f"/generations/{generation_id}/replay"
+    retry = f"imagegen replay {generation_id} --idempotency-key {shlex.quote(key)}"
+    hint = (
+        f"the replay may have been accepted: retry it with `{retry}` (with the same --from"
+        " and --ledger), which replays it once"
+    )
     try:
-        return _api(
-            ledger,
-            "POST",
-            path,
-            token,
-            shape=ReplayAccepted,
-            headers={"Idempotency-Key": key},
-            query={"from": origin},
-        )
+        with _signals_raised():
+            return _api(
+                ledger,
+                "POST",
+                path,
+                token,
+                shape=ReplayAccepted,
+                headers={"Idempotency-Key": key},
+                query={"from": origin},
+            )
     except DependencyUnavailable as exc:
-        retry = f"imagegen replay {generation_id} --idempotency-key {shlex.quote(key)}"
-        raise DependencyUnavailable(
-            f"{exc.message}; the replay may have been accepted: retry it with `{retry}`"
-            " (with the same --from and --ledger), which replays it once",
-            retry_after=exc.retry_after,
-        ) from None
+        raise DependencyUnavailable(f"{exc.message}; {hint}", retry_after=exc.retry_after) from None
+    except _Signalled as stop:
+        code = 128 + stop.signum
+        exit_at_once(code)  # another signal while it is said: at once, as every command
+        say_stopped(code, lambda said: _say_error(f"{said}; {hint}"))
+        raise typer.Exit(code) from None
+
+
+class _Signalled(BaseException):
+    """A stop signal came (:func:`_signals_raised`): a BaseException, as KeyboardInterrupt
+    is, so that no ``except Exception`` of a client library takes it for its own failure."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def _signals_raised() -> Iterator[None]:
+    """In the block, SIGINT, SIGTERM and SIGHUP raise :class:`_Signalled`, where the process
+    would otherwise end without a word (SIGTERM's and SIGHUP's default) or with a line that
+    cannot say what was under way (Ctrl-C's). A blocking read is interrupted by it: Python
+    runs the handler and raises its exception rather than retrying (PEP 475).
+
+    A signal the process was started ignoring (``nohup``, a supervisor) stays ignored, and
+    SIGINT is taken over only from Python's own handler, as :func:`run_async` does; off the
+    main thread nothing changes (signal handlers are the main thread's alone).
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raised(signum: int, frame: object) -> None:
+        raise _Signalled(signum)
+
+    before: dict[int, Any] = {}
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # Windows has no SIGHUP
+        signum = getattr(signal, name, None)
+        if signum is None:
+            continue
+        handler = signal.getsignal(signum)
+        if handler is signal.SIG_IGN or handler is None:
+            continue
+        if name == "SIGINT" and handler is not signal.default_int_handler:
+            continue
+        before[signum] = handler
+        signal.signal(signum, raised)
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
+def _say_error(message: str) -> None:
+    """``message`` as every error line is said, on stderr."""
+    sys.stderr.write(f"imagegen: error: {printable(message)}\n")
+    sys.stderr.flush()
 
 
 ledger_app = typer.Typer(help="Maintain the ledger: export events, prune old history.")

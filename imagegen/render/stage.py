@@ -284,9 +284,20 @@ class RenderStage:
                 return await self._render(job, progress)
 
     async def render(
-        self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None
+        self,
+        job: EnhancedPrompt,
+        *,
+        progress: ProgressCallback | None = None,
+        storing: Callable[[], None] | None = None,
     ) -> RenderedImage:
         """Render ``job`` and store the PNG, or return the image already stored for it.
+
+        ``storing()`` is called as this request's own render begins to store its PNG, just
+        before the write: from then on the PNG is stored whatever becomes of the request (a
+        write in a thread runs to its end, cancelled or not), so a caller that would record
+        the image once it is stored learns it before its own cancellation can say otherwise.
+        Not called for an image found stored (its request returns it) nor for a render that
+        fails before its write.
 
         Idempotent per generation id: a redelivered job is answered from storage, and two
         deliveries in flight at once in one process render once (the second waits for the
@@ -318,7 +329,14 @@ class RenderStage:
             return await self._waiters.wait(
                 job.generation_id,
                 lambda started: self._render_once(
-                    job, keys, fingerprint, progress, started, busy=busy, stores=stores
+                    job,
+                    keys,
+                    fingerprint,
+                    progress,
+                    started,
+                    busy=busy,
+                    stores=stores,
+                    storing=storing,
                 ),
             )
 
@@ -354,6 +372,7 @@ class RenderStage:
         *,
         busy: bool,
         stores: int,
+        storing: Callable[[], None] | None,
     ) -> RenderedImage:
         # The lock first: a delivery that waits for another's image needs no pipeline time,
         # so it holds no admission slot (with a queue of 0 it would be refused otherwise).
@@ -369,7 +388,9 @@ class RenderStage:
                 return done
             self._check(job)  # a 400 whatever the pod holds: never a 429, no slot taken
             async with self._admission(job):
-                done = await self._render_and_store(job, keys, fingerprint, progress, started)
+                done = await self._render_and_store(
+                    job, keys, fingerprint, progress, started, storing
+                )
             self._stores += 1  # before the lock is let go: the next holder sees it
             return done
 
@@ -380,6 +401,7 @@ class RenderStage:
         fingerprint: str,
         progress: ProgressCallback | None,
         started: Callable[[], None],
+        storing: Callable[[], None] | None,
     ) -> RenderedImage:
         # The claim (no image of another day's job) is written while the pipeline runs: a
         # round trip to the store, off the render's time. Begun once the job joins a call, so
@@ -412,6 +434,11 @@ class RenderStage:
         else:  # a job with LoRAs, or a backend that never said its call began
             await stored_png.claim(self.storage, job, keys)
         location = self.storage.location(keys.image)
+        if storing is not None:
+            # Said before the write, not after it: a request cancelled during the write (a
+            # whole PutObject round trip on S3) would otherwise leave its PNG stored behind a
+            # caller that believes nothing was, the thread writing it running to its end.
+            storing()
         if not await self.storage.create(keys.image, output.png, content_type=PNG, metadata=meta):
             # Another replica stored this generation first: its image and timings are the
             # answer, so both replies are the same event.

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -645,6 +647,99 @@ def test_a_replay_whose_answer_is_lost_names_the_key_that_retries_it_once(
         assert len(taken) == 2  # refused before anything is sent
     code, out, err = run("replay", "gen-k", "--ledger", ledger_url, "--idempotency-key", "k")
     assert (code, out) == (2, "") and "--idempotency-key" in err and "local" in err, err
+
+
+@contextmanager
+def _held_broker() -> Iterator[tuple[str, list[tuple[dict[str, str], Any]], threading.Event]]:
+    """A broker ingress on loopback that takes each event (its headers, lower-case, and its
+    JSON body kept) and holds its 202 until the event it yields is set: a broker slow to
+    answer."""
+    from http.server import BaseHTTPRequestHandler
+
+    from tests.fakes.loopback import LoopbackServer
+
+    received: list[tuple[dict[str, str], Any]] = []
+    answer = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            received.append(({k.lower(): v for k, v in self.headers.items()}, json.loads(body)))
+            answer.wait(60)
+            self.send_response(202)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with LoopbackServer(Handler, name="held-broker") as server:
+        try:
+            yield server.url, received, answer
+        finally:
+            answer.set()
+
+
+@pytest.mark.parametrize("ledger_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize(
+    ("signum", "code", "said"),
+    [
+        (signal.SIGINT, 130, "interrupted"),
+        (signal.SIGTERM, 143, "terminated"),
+        (signal.SIGHUP, 129, "hung up"),
+    ],
+)
+def test_a_replay_stopped_while_the_ledger_answers_names_the_key_that_retries_it_once(
+    ledger_url: str, start_server: Any, run: Any, tmp_path: Path, signum: int, code: int, said: str
+) -> None:
+    """Ctrl-C, SIGTERM or SIGHUP while ``replay`` waits for the ledger function's answer (its
+    broker slow to take the event): the replay may have been sent, so the one line that says
+    the command was stopped names the key that retries it, and the exit status is 128 + the
+    signal. Run again with that key, it sends the same event, not a second replay."""
+    import re
+
+    from tests.conftest import isolated_environ
+
+    with _held_broker() as (broker, received, answer):
+        server = start_server("ledger", {"IMAGEGEN_LEDGER_URL": ledger_url, "K_SINK": broker})
+        events = chain("gen-s")
+        for name in ("requested", "enhanced", "rendered", "persisted"):
+            sent = binary(events[name])
+            reply = server.post("/", headers=sent["headers"], json=sent["json"])
+            assert reply.status_code == 202, reply.text
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "imagegen.cli", "replay", "gen-s", "--ledger", server.url],
+            cwd=tmp_path,
+            env=isolated_environ(tmp_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not received:  # the ledger has sent the replay: its answer is awaited
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "the replay never reached the broker"
+                time.sleep(0.05)
+            proc.send_signal(signum)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert (proc.returncode, out) == (code, ""), err
+        assert err.count("\n") == 1 and err.startswith(f"imagegen: error: {said}; "), err
+        assert "may have been accepted" in err, err
+        key = re.search(r"`imagegen replay gen-s --idempotency-key (\S+)`", err)
+        assert key is not None, err
+
+        answer.set()
+        again = run("replay", "gen-s", "--ledger", server.url, "--idempotency-key", key[1])
+        assert again[0] == 0, again[2]
+        (first, data), (retried, retried_data) = received
+        assert retried["ce-id"] == first["ce-id"]  # the same replay, sent again, not a second
+        assert retried_data == data
+        assert again[1] == f"{data['generation_id']}\n"
 
 
 def test_history_names_the_cursor_of_the_next_page_and_lists_it(
