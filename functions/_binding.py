@@ -66,7 +66,8 @@ class Message:
             the sink only).
         attributes: The CloudEvents attributes as strings; empty for plain JSON.
         headers: The HTTP headers, names lower-cased.
-        raw: The body as received, where it could not be read as JSON (the sink keeps it).
+        raw: The body as received, where it could not be read as JSON, or gives a name twice
+            in an object (the sink keeps it).
     """
 
     data: Any
@@ -428,7 +429,9 @@ def parse_leniently(headers: Mapping[str, str], body: bytes, *, truncated: bool)
     Attributes are taken as they come (every ``ce-*`` header, or the structured envelope; of
     an envelope that does not parse, cut at ``MAX_BODY_BYTES`` say, the members before its data:
     :func:`_leading_attributes`), a body that is not JSON is kept as it came (``raw``; ``data``
-    is then its text, as far as it decodes), and ``truncated`` is recorded as an attribute. A
+    is then its text, as far as it decodes), and so is one that gives a name twice in an
+    object (``data`` then as parsed, the last value of each name), and ``truncated`` is
+    recorded as an attribute. A
     ``ce-*`` value is decoded as :func:`parse` decodes it, where it can be: one whose
     percent-encoded bytes are no UTF-8 is kept as it came; one whose bytes are no UTF-8, each
     byte as its Latin-1 character (the bytes again, read back as Latin-1), its name then listed
@@ -438,10 +441,15 @@ def parse_leniently(headers: Mapping[str, str], body: bytes, *, truncated: bool)
     data: Any = None
     raw: bytes | None = None
     if body:
+        repeated: list[str] = []
         try:
-            data = loads(body)
+            data = loads(body, repeated=repeated)
         except InvalidRequest:
             data, raw = body.decode("utf-8", "replace"), body
+        if repeated:
+            # A name given twice in an object: parsed, the last value is kept and the others
+            # lost (RFC 8259, section 4, leaves which counts undefined). The bytes keep all.
+            raw = body
     if _content_type(lowered) == "application/cloudevents+json" and isinstance(data, dict):
         envelope = data
         attributes = {
@@ -451,7 +459,8 @@ def parse_leniently(headers: Mapping[str, str], body: bytes, *, truncated: bool)
         }
         data = envelope.get("data")
         if "data_base64" in envelope and data is None:
-            data, raw = _base64_data(envelope["data_base64"])
+            data, decoded = _base64_data(envelope["data_base64"])
+            raw = raw if raw is not None else decoded  # the whole body, where it is kept
     elif _content_type(lowered) == "application/cloudevents+json" and (
         recovered := _leading_attributes(raw) if raw is not None else {}
     ):
@@ -539,15 +548,18 @@ def _canonical(value: Any) -> str:
 
 def _base64_data(value: Any) -> tuple[Any, bytes | None]:
     """Structured ``data_base64`` for the sink: its bytes as JSON where they are, else as
-    text with the bytes kept; what is not Base64 at all, as it came."""
+    text with the bytes kept; the bytes kept too where the JSON gives a name twice in an
+    object; what is not Base64 at all, as it came."""
     try:
         decoded = base64.b64decode(value, validate=True)
     except (TypeError, ValueError):
         return value, None
+    repeated: list[str] = []
     try:
-        return loads(decoded), None
+        data = loads(decoded, repeated=repeated)
     except InvalidRequest:
         return decoded.decode("utf-8", "replace"), decoded
+    return data, decoded if repeated else None
 
 
 # -- replies -------------------------------------------------------------------------------

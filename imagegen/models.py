@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -46,10 +47,17 @@ from imagegen.validation import check_json_value
 
 __all__ = [
     "GENERATION_ID_PATTERN",
+    "MAX_CONTRIBUTIONS",
+    "MAX_CONTRIBUTIONS_BYTES",
+    "MAX_CONTRIBUTION_DATA_BYTES",
     "MAX_FINAL_PROMPT_CHARS",
     "MAX_LORAS",
+    "MAX_LORA_HINTS",
+    "MAX_LORA_PATH_CHARS",
     "MAX_METADATA_BYTES",
     "MAX_METADATA_DEPTH",
+    "MAX_PLUGINS",
+    "MAX_PLUGIN_NAME_CHARS",
     "MAX_PNG_BYTES",
     "MAX_PROMPT_CHARS",
     "PROMPT_REFUSED_CHARACTERS",
@@ -88,6 +96,25 @@ MAX_GUIDANCE = 20.0
 # LoRAs one job applies. Render keeps as many adapters loaded per model (imagegen.render._lora),
 # so a job never holds more than that at once, nor drops one of its own to load another.
 MAX_LORAS = 8
+# A LoRA's path: a local file or folder, or a hub id ("user/repo").
+MAX_LORA_PATH_CHARS = 1024
+# The LoRAs one plugin may offer: enhance keeps MAX_LORAS of them all, the first offered.
+MAX_LORA_HINTS = 4 * MAX_LORAS
+# The plugins one request runs, and so the contributions of one job: one each at most.
+MAX_PLUGINS = 32
+MAX_CONTRIBUTIONS = MAX_PLUGINS
+MAX_PLUGIN_NAME_CHARS = 128
+# What one plugin adds as data, measured as the metadata is: enough for the largest of the
+# bundled plugins' (remote_context: 16 values of 200 characters, keys of 64, at most ~25 KB
+# where every character is a control character's 6-byte escape).
+MAX_CONTRIBUTION_DATA_BYTES = 32 * 1024
+# Every contribution of a job together, measured so. A job travels whole in render's reply
+# (RenderedImage.prompt), which persist and the ledger read within their 1 MiB body
+# (functions/_binding.py, MAX_BODY_BYTES): the events are JSON escaped to ASCII, up to 3 times
+# these bytes (4 bytes of UTF-8, "\ud83d\ude00"'s 12), so the largest valid job, every other
+# field at its most too, stays well under it (tests/core/test_job_size.py). Plugins that add
+# more than this together fail their job at enhance rather than its image at persist.
+MAX_CONTRIBUTIONS_BYTES = 192 * 1024
 # A stored object's size in bytes: a signed 64-bit integer, as storage and the ledger keep it.
 MAX_OBJECT_BYTES = 2**63 - 1
 
@@ -175,20 +202,32 @@ Dimension = Annotated[
 MAX_PNG_BYTES = 2048 * 2048 * 8 + (8 << 20)
 
 
-def _bounded_metadata(value: dict[str, Any]) -> dict[str, Any]:
-    # Depth and NaN first: serializing a deeply nested value would exhaust the stack.
-    check_json_value(value, max_depth=MAX_METADATA_DEPTH, text=True)
-    if len(value) > MAX_METADATA_KEYS:
-        raise ValueError(f"at most {MAX_METADATA_KEYS} keys")
-    # Bytes as stored and sent: compact JSON in UTF-8, so "é" is 2 bytes, not the 6 of "\u00e9".
+def _json_bytes(value: Any, most: int) -> None:
+    # Bytes as stored: compact JSON in UTF-8, so "é" is 2 bytes, not the 6 of "\u00e9".
     text = json.dumps(value, default=str, ensure_ascii=False, separators=(",", ":"))
     size = len(text.encode())
-    if size > MAX_METADATA_BYTES:
-        raise ValueError(f"at most {MAX_METADATA_BYTES} bytes as UTF-8 JSON, got {size}")
-    return value
+    if size > most:
+        raise ValueError(f"at most {most} bytes as UTF-8 JSON, got {size}")
 
 
-Metadata = Annotated[dict[str, Any], AfterValidator(_bounded_metadata)]
+def _bounded_object(most: int) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def bounded(value: dict[str, Any]) -> dict[str, Any]:
+        # Depth and NaN first: serializing a deeply nested value would exhaust the stack.
+        check_json_value(value, max_depth=MAX_METADATA_DEPTH, text=True)
+        if len(value) > MAX_METADATA_KEYS:
+            raise ValueError(f"at most {MAX_METADATA_KEYS} keys")
+        _json_bytes(value, most)
+        return value
+
+    return bounded
+
+
+Metadata = Annotated[dict[str, Any], AfterValidator(_bounded_object(MAX_METADATA_BYTES))]
+# A plugin's structured context: its keys and strings UTF-8 text, bounded as the metadata is,
+# in more bytes.
+ContributionData = Annotated[
+    dict[str, Any], AfterValidator(_bounded_object(MAX_CONTRIBUTION_DATA_BYTES))
+]
 
 
 def _json_text(value: Any) -> Any:
@@ -197,8 +236,6 @@ def _json_text(value: Any) -> Any:
 
 
 PluginOptions = Annotated[dict[str, dict[str, Any]], AfterValidator(_json_text)]
-# A free-form JSON object: its keys and strings UTF-8 text, as the metadata's are.
-JsonObject = Annotated[dict[str, Any], AfterValidator(_json_text)]
 
 
 class _Model(BaseModel):
@@ -219,7 +256,10 @@ class LoraHint(_Model):
 
     # The adapter's name in the pipeline: torch refuses a "." in a module's name.
     name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"), _UTF8]
-    path: Text = Field(description="Local file/directory or hub id of the LoRA weights.")
+    path: Text = Field(
+        max_length=MAX_LORA_PATH_CHARS,
+        description="Local file/directory or hub id of the LoRA weights.",
+    )
     weight: float = Field(default=1.0, ge=0.0, le=2.0)
     trigger: Text | None = Field(default=None, max_length=200)
 
@@ -242,10 +282,39 @@ Loras = Annotated[list[LoraHint], Field(max_length=MAX_LORAS), AfterValidator(_d
 class Contribution(_Model):
     """What one prompt plugin adds to a generation."""
 
-    plugin: Text
+    plugin: Text = Field(max_length=MAX_PLUGIN_NAME_CHARS)
     text: Text = Field(default="", max_length=1000, description="A fragment for the prompt.")
-    data: JsonObject = Field(default_factory=dict, description="Structured context.")
-    loras: list[LoraHint] = Field(default_factory=list)
+    data: ContributionData = Field(
+        default_factory=dict,
+        description=(
+            f"Structured context (≤ {MAX_CONTRIBUTION_DATA_BYTES} bytes as compact UTF-8 JSON,"
+            f" ≤ {MAX_METADATA_KEYS} keys, nested ≤ {MAX_METADATA_DEPTH} deep)."
+        ),
+    )
+    loras: list[LoraHint] = Field(
+        default_factory=list,
+        max_length=MAX_LORA_HINTS,
+        description=f"LoRAs to apply (≤ {MAX_LORA_HINTS}); the job keeps {MAX_LORAS} in all.",
+    )
+
+
+def _bounded_contributions(value: list[Contribution]) -> list[Contribution]:
+    _json_bytes([c.model_dump(mode="json") for c in value], MAX_CONTRIBUTIONS_BYTES)
+    return value
+
+
+# What a job's plugins added: one contribution each, all of them bounded together.
+Contributions = Annotated[
+    list[Contribution],
+    Field(
+        max_length=MAX_CONTRIBUTIONS,
+        description=(
+            f"One per plugin that added something (≤ {MAX_CONTRIBUTIONS}; together"
+            f" ≤ {MAX_CONTRIBUTIONS_BYTES} bytes as compact UTF-8 JSON)."
+        ),
+    ),
+    AfterValidator(_bounded_contributions),
+]
 
 
 def _time_text(value: object) -> object:
@@ -350,7 +419,7 @@ class GenerationRequest(_Model):
     enhance: bool = Field(default=True, description="False: plugins only, no LLM.")
     plugins: list[Text] | None = Field(
         default=None,
-        max_length=32,
+        max_length=MAX_PLUGINS,
         description="Plugins to run, in order; default: the configured set.",
     )
     plugin_options: PluginOptions = Field(default_factory=dict)
@@ -407,7 +476,7 @@ class EnhancedPrompt(_Model):
         max_length=MAX_ENHANCER_CHARS,
         description="What wrote the prompt: 'ollama:<model>', 'template', 'passthrough'.",
     )
-    contributions: list[Contribution] = Field(default_factory=list)
+    contributions: Contributions = Field(default_factory=list)
     loras: Loras = Field(default_factory=list)
     model: Text = Field(max_length=MAX_MODEL_CHARS)
     width: Dimension
@@ -469,7 +538,7 @@ class RenderRequest(_Model):
         max_length=MAX_ENHANCER_CHARS,
         description="What wrote the prompt; 'none': the caller.",
     )
-    contributions: list[Contribution] = Field(default_factory=list)
+    contributions: Contributions = Field(default_factory=list)
     loras: Loras = Field(default_factory=list)
     model: Text | None = Field(
         default=None, max_length=MAX_MODEL_CHARS, description="Default: the model render serves."

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -19,7 +20,13 @@ MAX_JSON_DEPTH = 32
 """Deepest nesting of arrays and objects accepted in any JSON input (events are ~4 deep)."""
 
 
-def loads(body: bytes | str, *, field: str = "body", max_depth: int = MAX_JSON_DEPTH) -> Any:
+def loads(
+    body: bytes | str,
+    *,
+    field: str = "body",
+    max_depth: int = MAX_JSON_DEPTH,
+    repeated: list[str] | None = None,
+) -> Any:
     """Parse untrusted JSON: UTF-8 only (no byte order mark), nesting bounded, ``NaN`` and
     ``Infinity`` refused. What is wrong is said of the input: where the parser stopped and why,
     never the interpreter's own wording.
@@ -27,6 +34,13 @@ def loads(body: bytes | str, *, field: str = "body", max_depth: int = MAX_JSON_D
     The C parser guards its own recursion (a ``RecursionError`` past the interpreter's limit,
     caught here); anything deeper than ``max_depth`` is refused after parsing, so no serializer
     or validator further on ever meets a structure deep enough to exhaust the stack.
+
+    A name given twice in one object is taken, the last value kept, as ``json`` takes it: RFC
+    8259 (section 4) has names unique, a SHOULD, and leaves what a parser makes of others
+    undefined.
+
+    Args:
+        repeated: Where given, each name given again in an object is appended to it.
 
     Raises:
         InvalidRequest: naming ``field`` and saying what is wrong.
@@ -42,7 +56,8 @@ def loads(body: bytes | str, *, field: str = "body", max_depth: int = MAX_JSON_D
         # RFC 8259, section 8.1: a JSON text sent over a network carries no byte order mark.
         raise _bad(field, "starts with a byte order mark (U+FEFF)")
     try:
-        value = json.loads(text, parse_constant=_refuse_constant)
+        hook = None if repeated is None else _noting_repeats(repeated)
+        value = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=hook)
     except RecursionError:
         raise _bad(field, f"nested deeper than {max_depth}") from None
     except ValueError as exc:
@@ -88,6 +103,20 @@ def check_json_value(value: Any, *, max_depth: int = MAX_JSON_DEPTH, text: bool 
 
 
 _CONTAINERS = (dict, list, tuple)
+
+
+def _noting_repeats(repeated: list[str]) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    def pairs(members: list[tuple[str, Any]]) -> dict[str, Any]:
+        value = dict(members)  # the last of each name, as json.loads keeps it
+        if len(value) < len(members):
+            seen: set[str] = set()
+            for name, _ in members:
+                if name in seen:
+                    repeated.append(name)
+                seen.add(name)
+        return value
+
+    return pairs
 
 
 class _NonFinite(ValueError):

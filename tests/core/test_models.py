@@ -11,9 +11,14 @@ from pydantic import BaseModel
 
 from imagegen.errors import InvalidRequest
 from imagegen.models import (
+    MAX_CONTRIBUTION_DATA_BYTES,
+    MAX_CONTRIBUTIONS,
     MAX_FINAL_PROMPT_CHARS,
+    MAX_LORA_HINTS,
+    MAX_LORA_PATH_CHARS,
     MAX_LORAS,
     MAX_METADATA_BYTES,
+    MAX_PLUGIN_NAME_CHARS,
     DerivedImage,
     EnhancedPrompt,
     GenerationFailed,
@@ -768,3 +773,58 @@ def test_a_failure_quoting_a_lone_surrogate_is_still_text() -> None:
     assert info.message == "bad \\ud800"
     assert info.errors == [{"field": "x\\udc00", "message": "no \\ud800"}]
     info.model_dump_json()  # UTF-8, as its event is written
+
+
+def _contributions(count: int, **one: Any) -> list[dict[str, Any]]:
+    return [{"plugin": f"p{i}", "text": "t", **one} for i in range(count)]
+
+
+@pytest.mark.parametrize(
+    ("contributions", "field"),
+    [
+        # One a plugin: as many as a request may run.
+        (_contributions(MAX_CONTRIBUTIONS + 1), "contributions"),
+        (_contributions(1, plugin="p" * (MAX_PLUGIN_NAME_CHARS + 1)), "contributions.0.plugin"),
+        # The metadata's rule, in more bytes.
+        (
+            _contributions(1, data={"k": "x" * MAX_CONTRIBUTION_DATA_BYTES}),
+            "contributions.0.data",
+        ),
+        (_contributions(1, data={f"k{i}": i for i in range(40)}), "contributions.0.data"),
+        # More than a job applies: enhance keeps the first MAX_LORAS of them all.
+        (_contributions(1, loras=_loras(MAX_LORA_HINTS + 1)), "contributions.0.loras"),
+        (
+            _contributions(1, loras=[{"name": "l", "path": "p" * (MAX_LORA_PATH_CHARS + 1)}]),
+            "contributions.0.loras.0.path",
+        ),
+    ],
+    ids=["count", "plugin", "data-bytes", "data-keys", "loras", "lora-path"],
+)
+def test_a_job_s_contributions_are_bounded(contributions: list[dict[str, Any]], field: str) -> None:
+    most = _contributions(
+        MAX_CONTRIBUTIONS,
+        plugin="p" * MAX_PLUGIN_NAME_CHARS,
+        data={"k": "x" * (MAX_CONTRIBUTION_DATA_BYTES - 8)},
+        loras=[
+            {"name": f"l{i}", "path": f"/{i:0>{MAX_LORA_PATH_CHARS - 1}}"}
+            for i in range(MAX_LORA_HINTS)
+        ],
+    )
+    with pytest.raises(InvalidRequest) as caught:  # each at its most: too many together
+        parse_model(EnhancedPrompt, {**JOB, "contributions": most})
+    assert caught.value.fields == ["contributions"]
+    for model, data in ((EnhancedPrompt, JOB), (RenderRequest, {"prompt": "p"})):
+        kept = parse_model(model, {**data, "contributions": most[:1]})
+        assert len(kept.contributions[0].loras) == MAX_LORA_HINTS
+        with pytest.raises(InvalidRequest) as caught:
+            parse_model(model, {**data, "contributions": contributions})
+        assert caught.value.fields == [field]
+
+
+def test_a_lora_s_path_is_bounded() -> None:
+    longest = "/" + "p" * (MAX_LORA_PATH_CHARS - 1)
+    lora = {"name": "l", "path": longest}
+    assert parse_model(RenderRequest, {"prompt": "p", "loras": [lora]}).loras[0].path == longest
+    with pytest.raises(InvalidRequest) as caught:
+        parse_model(RenderRequest, {"prompt": "p", "loras": [{**lora, "path": longest + "p"}]})
+    assert caught.value.fields == ["loras.0.path"]

@@ -119,3 +119,63 @@ def test_an_envelope_that_does_not_parse_keeps_what_precedes_the_cut(
     message = parse_leniently(STRUCTURED, body, truncated=False)
     assert set(message.attributes) == attributes
     assert message.raw == body
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "event_id"),
+    [
+        # Plain JSON: no attributes, the record named by the body's digest.
+        (
+            {"content-type": "application/json"},
+            b'{"generation_id":"first","generation_id":"second"}',
+            None,
+        ),
+        # Binary mode: a name given twice in an object of the data, however deep.
+        (
+            cloudevent_headers(GENERATION_REQUESTED, event_id="repeated-binary"),
+            b'{"generation_id": "g-1", "metadata": {"team": "a", "team": "b"}}',
+            "repeated-binary",
+        ),
+        # Structured mode: in the envelope itself, and in data_base64's JSON.
+        (
+            STRUCTURED,
+            b'{"specversion": "1.0", "type": "t", "source": "/t", "id": "repeated-envelope",'
+            b' "subject": "a", "subject": "b", "data": {"generation_id": "g-2"}}',
+            "repeated-envelope",
+        ),
+        (
+            STRUCTURED,
+            json.dumps(
+                {
+                    "specversion": "1.0",
+                    "type": "t",
+                    "source": "/t",
+                    "id": "repeated-base64",
+                    "data_base64": base64.b64encode(b'{"a": 1, "a": 2}').decode(),
+                }
+            ).encode(),
+            "repeated-base64",
+        ),
+    ],
+    ids=["plain", "binary", "envelope", "data_base64"],
+)
+def test_a_body_that_names_a_member_twice_is_kept_byte_for_byte(
+    sink: InProcessFunction, store: Path, headers: dict[str, str], body: bytes, event_id: str | None
+) -> None:
+    """RFC 8259, section 4: names within an object SHOULD be unique, and what a parser makes
+    of a name given twice is undefined. Parsed, the last is kept: the bytes keep the first."""
+    assert sink.post(headers=headers, content=body).status_code == 202
+    if event_id is None:
+        found = [json.loads(p.read_text()) for p in store.rglob("failures/**/*.json")]
+        [record] = [
+            r for r in found if r["body_base64"] and base64.b64decode(r["body_base64"]) == body
+        ]
+        assert record["data"] == {"generation_id": "second"}
+        return
+    _, record = _record(store, event_id)
+    kept = base64.b64decode(record["body_base64"])
+    if event_id == "repeated-base64":  # as a body that is not JSON: its data's bytes
+        assert kept == b'{"a": 1, "a": 2}' and record["data"] == {"a": 2}
+    else:
+        assert kept == body
+        assert record["data"]["generation_id"] in ("g-1", "g-2")
