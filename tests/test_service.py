@@ -612,8 +612,8 @@ async def test_closing_the_service_stops_its_render_at_the_next_step(
 ) -> None:
     """Leaving the service (the CLI's Ctrl-C) interrupts the real pipeline's call at its next
     step's end: the process exits without rendering the rest, and nothing is stored; a call
-    past its last step when the service closed is dropped all the same. Whoever awaited it is
-    told so, retryably: the job itself is fine."""
+    held at its last step for longer than the close waits for its calls is given up on all the
+    same. Whoever awaited it is told so, retryably: the job itself is fine."""
     progress, steps, reached, go_on = _held_at_step(held)
     plugins = PluginSet([], settings=settings)
     try:

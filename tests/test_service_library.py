@@ -335,6 +335,27 @@ async def test_a_render_past_its_denoising_is_answered_as_the_service_closes(
     assert answered.png if kind == "render_png" else answered.generation_id == "encoding-1"
 
 
+async def test_a_render_closed_after_its_last_step_is_stored_and_answered(tmp_path: Path) -> None:
+    """The service closes once a render has reported its last step, while its pipeline
+    decodes: no step is left to stop it at, so its image is encoded, stored and answered."""
+    from tests.render.test_batching import job
+    from tests.render.test_closing import DecodingBackend
+
+    backend = DecodingBackend()
+    service = ImageGenService(
+        Settings(storage_url=str(tmp_path)), backend=backend, load_on_demand=True
+    )
+    await service.__aenter__()
+    call = asyncio.ensure_future(service.render(job("decoding-1")))
+    assert await asyncio.to_thread(backend.decoding.wait, 30), "never decoded"
+    closing = asyncio.ensure_future(service.aclose())
+    await asyncio.sleep(0.05)  # the close has begun: the render stage is closed
+    backend.decode_gate.set()
+    answered = await asyncio.wait_for(call, 30)
+    await asyncio.wait_for(closing, 30)
+    assert (tmp_path / answered.key).read_bytes() == b"\x89PNG decoding-1"
+
+
 async def test_a_call_that_closes_its_own_service_is_refused(settings: Settings) -> None:
     """``aclose`` from within one of the service's calls (a plugin's) would leave that call
     running on what it closed: refused, and the service stays usable."""

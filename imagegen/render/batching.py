@@ -163,8 +163,11 @@ class Batcher:
         Only the end of the service closes the queue (a server never does: its started calls
         run on while someone waits for them, :meth:`submit`). What a call interrupted so made
         is dropped, nothing of it stored, and its jobs' requests are cancelled, as are those
-        of the jobs still queued; a process that exits then waits a step for the pipeline's
-        thread rather than the rest of the call.
+        of the jobs still queued, before their calls form (so their ``on_start`` is never
+        told); a process that exits then waits a step for the pipeline's thread rather than
+        the rest of the call. A call past its last step (its pipeline decoding) has no step
+        left to stop at: it is encoded and its jobs answered, since what is left of its work
+        is the encoding alone.
         """
         self._closed.set()
         self._pipeline.shutdown(wait=False)
@@ -219,9 +222,11 @@ class Batcher:
 
         The running call costs what is left of its estimate, or, once it has overrun that (a
         new shape compiling, a stalled device), its time so far: what it has taken, it may
-        take again. The jobs still waiting cost, per batch key, ``ceil(n / max_size)`` calls,
-        each at :attr:`cost` for its own number of jobs: a call of fewer jobs than the calls
-        timed, while those were all of one size, at their whole time (:class:`CallCost`).
+        take again. A running call that stops (nobody waits for what it makes, or the queue
+        closed) costs one step of its estimate: it ends at its next step's end. The jobs still
+        waiting cost, per batch key, ``ceil(n / max_size)`` calls, each at :attr:`cost` for
+        its own number of jobs: a call of fewer jobs than the calls timed, while those were
+        all of one size, at their whole time (:class:`CallCost`).
         """
         if not self.cost.timed:
             return None
@@ -229,7 +234,10 @@ class Batcher:
         if self._in_call:
             estimate = self.cost(sum(work_of(w.job) for w in self._in_call))
             running = self.running_for
-            seconds += estimate - running if running < estimate else running
+            if self._stopping:  # it ends at its next step's end (_Interrupted)
+                seconds += estimate / max(1, self._in_call[0].job.steps)
+            else:
+                seconds += estimate - running if running < estimate else running
         for group in self.pending(jobs).values():
             full, rest = divmod(len(group), self.max_size)
             work = work_of(group[0])
@@ -241,6 +249,12 @@ class Batcher:
         """Whether ``job`` would share a call with some of ``jobs`` still waiting."""
         group = self.pending(jobs).get(batch_key(job), [])
         return len(group) % self.max_size != 0
+
+    @property
+    def _stopping(self) -> bool:
+        """Whether the running call stops at its next step's end."""
+        stop = self._stop
+        return self._closed.is_set() or (stop is not None and stop.is_set())
 
     @property
     def running_for(self) -> float:
@@ -313,9 +327,16 @@ class Batcher:
                 self._changed.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), remaining)
-            batch = self._take(key)
-            if batch:
-                await self._run_batch(batch)
+            # A call forms only once it holds the pipeline (a model's load may hold it), and
+            # never once the queue is closed: a job whose call never starts is not told it has
+            # (``on_start``: a stored render writes its claim then).
+            async with self._lock:
+                if self._closed.is_set():
+                    self._refuse_queued()
+                    return
+                batch = self._take(key)
+                if batch:
+                    await self._run_batch(batch)
 
     def release(self, job: EnhancedPrompt) -> None:
         """``job``, submitted ``held``, is no longer held by its caller: forget it. A job that
@@ -324,6 +345,13 @@ class Batcher:
             if waiting.job is job:
                 del self._past_call[index]
                 return
+
+    def _refuse_queued(self) -> None:
+        """The queue is closed: every job still waiting is cancelled, none of them run (their
+        requests are refused as the stage's closing says)."""
+        for waiting in self._waiting:
+            waiting.future.cancel()
+        self._waiting.clear()
 
     def _unwanted(self) -> bool:
         return all(w.future.cancelled() and not w.keep for w in self._in_call)
@@ -348,25 +376,24 @@ class Batcher:
         return taken
 
     async def _run_batch(self, batch: list[_Waiting]) -> None:
+        """Run ``batch``'s call; the caller holds the pipeline's lock."""
         try:
-            async with self._lock:
-                self.running, self.running_since = len(batch), time.perf_counter()
-                self._in_call = batch
-                try:
-                    outcome = await self._call(batch)
-                    calls: list[tuple[list[_Waiting], _Called | BaseException]]
-                    if not isinstance(outcome, BaseException) or len(batch) == 1:
-                        calls = [(batch, outcome)]
-                    else:
-                        # One job's failure is its own: run each alone to find which. One
-                        # whose request has left needs no answer (a started stored render's
-                        # task is never cancelled: its retry waits for the image).
-                        calls = [
-                            ([w], outcome if w.future.done() else await self._call([w]))
-                            for w in batch
-                        ]
-                finally:
-                    self.running, self.running_since, self._in_call = 0, None, []
+            self.running, self.running_since = len(batch), time.perf_counter()
+            self._in_call = batch
+            try:
+                outcome = await self._call(batch)
+                calls: list[tuple[list[_Waiting], _Called | BaseException]]
+                if not isinstance(outcome, BaseException) or len(batch) == 1:
+                    calls = [(batch, outcome)]
+                else:
+                    # One job's failure is its own: run each alone to find which. One whose
+                    # request has left needs no answer (a started stored render's task is
+                    # never cancelled: its retry waits for the image).
+                    calls = [
+                        ([w], outcome if w.future.done() else await self._call([w])) for w in batch
+                    ]
+            finally:
+                self.running, self.running_since, self._in_call = 0, None, []
         except BaseException as error:
             # Not an Exception (those come back as values): the jobs' requests get it too,
             # rather than wait for an answer that never comes.
@@ -438,7 +465,10 @@ class Batcher:
         def call() -> None:
             try:
                 outputs = self._run(work)
-                if closed.is_set() or stop.is_set():  # after its last step: dropped all the same
+                # Past its last step: closing leaves it to be encoded and answered (its
+                # image is made, only the encoding is left), but a call nobody waits for
+                # any more is dropped.
+                if stop.is_set():
                     raise _Interrupted
                 if self._finish is not None:  # handed straight to the encoding thread
                     runner = contextvars.copy_context().run

@@ -113,6 +113,7 @@ class RenderStage:
         self._stores = 0  # images this process stored (or found stored by another replica)
         self._waiters = Waiters()  # stored renders, dropped unstarted once nobody waits
         self._batcher: Batcher | None = None
+        self._closed = False  # set by close(): no model is loaded, no job rendered, from then on
 
     @property
     def backend(self) -> RenderBackend:
@@ -197,15 +198,25 @@ class RenderStage:
     def close(self) -> None:
         """Release the backend's models, if it was ever created, and the batcher's threads.
 
-        A render under way stops at its next denoising step, nothing of it stored, and the
-        jobs queued behind it never run (:meth:`Batcher.close`): the service is ending. A
+        A render under way stops at its next denoising step, nothing of it stored (one past
+        its last step is encoded and answered), and the jobs queued behind it never run, nor
+        claim their generation (:meth:`Batcher.close`): the service is ending. A
         request that still waits for one of them (a served process told to exit at once, its
-        requests not drained) is refused with a retryable :class:`DependencyUnavailable`.
+        requests not drained) is refused with a retryable :class:`DependencyUnavailable`, as
+        is every job that reaches the pipeline after it (another delivery of a generation that
+        waited for the one stopped): a closed stage never loads a model again, so the memory
+        it gave back stays free.
         """
+        self._closed = True
         if self._batcher is not None:
             self._batcher.close()
         if self._backend is not None:
             self._backend.close()
+
+    def _refuse_if_closed(self) -> None:
+        """Refuse, retryably, what would load or render once the stage is closed."""
+        if self._closed:
+            raise _shutting_down()
 
     def is_loaded(self, model: str) -> bool:
         return self._backend is not None and self._backend.is_loaded(model)
@@ -215,10 +226,16 @@ class RenderStage:
         with tracer().start_as_current_span("imagegen.model.load") as span:
             span.set_attribute("imagegen.model", model)
             async with self._lock:
+                self._refuse_if_closed()  # closed while this waited: nothing loads after it
                 if self.is_loaded(model):
                     return 0.0
                 await self._build_backend()
-                seconds = await _START_UP.run_to_end(self.backend.load, model)
+                try:
+                    seconds = await _START_UP.run_to_end(self.backend.load, model)
+                finally:
+                    if self._closed:  # closed during the load: what it loaded is let go too
+                        self.backend.close()
+                self._refuse_if_closed()
             instruments().model_load_duration.record(seconds, {"imagegen.model": model})
             log.info("model loaded", extra={"model": model, "seconds": round(seconds, 3)})
             return seconds
@@ -502,6 +519,10 @@ class RenderStage:
         # it is let go), as every job but the warm-up's.
         if not held:  # an admitted job was checked before its admission; the warm-up's was not
             self._check(job)
+        # Closed while this job waited (another delivery of its generation, stopped by the
+        # close, held it): its model is unloaded because the service is ending, neither loaded
+        # again nor a disagreement of the routing.
+        self._refuse_if_closed()
         if not self.is_loaded(job.model):
             if not self._load_on_demand:
                 # The deployment serves the model and its Trigger sent the job here: the
@@ -629,7 +650,13 @@ def _refused_if_closed() -> Iterator[None]:
         task = asyncio.current_task()
         if task is None or task.cancelling():
             raise
-        raise DependencyUnavailable("render is shutting down; the job was not rendered") from None
+        raise _shutting_down() from None
+
+
+def _shutting_down() -> DependencyUnavailable:
+    """The refusal of a job the stage's closing keeps from rendering: retryable, the job is
+    fine and a process that is not ending renders it."""
+    return DependencyUnavailable("render is shutting down; the job was not rendered")
 
 
 def _retrieved(claim: asyncio.Future[None]) -> None:
