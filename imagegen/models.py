@@ -136,6 +136,9 @@ _UTF8 = BeforeValidator(_utf8_text)
 # last beside its own rules (pydantic runs the last before-validator first, and keeps in the
 # JSON Schema a constraint annotated before a validator, not one after it).
 Text = Annotated[str, _UTF8]
+# Bounds inside the annotation, before the text check: an optional field's own max_length
+# would be checked apart from its string schema, in pydantic's words for a list ("items").
+ModelName = Annotated[str, StringConstraints(max_length=MAX_MODEL_CHARS), _UTF8]
 GenerationId = Annotated[str, StringConstraints(pattern=GENERATION_ID_PATTERN), _UTF8]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$"), _UTF8]
 
@@ -261,7 +264,7 @@ class LoraHint(_Model):
         description="Local file/directory or hub id of the LoRA weights.",
     )
     weight: float = Field(default=1.0, ge=0.0, le=2.0)
-    trigger: Text | None = Field(default=None, max_length=200)
+    trigger: Annotated[str, StringConstraints(max_length=200), _UTF8] | None = None
 
 
 def _distinct_loras(value: list[LoraHint]) -> list[LoraHint]:
@@ -413,9 +416,7 @@ class GenerationRequest(_Model):
         description="Default: per model.",
     )
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    model: Text | None = Field(
-        default=None, max_length=MAX_MODEL_CHARS, description="One of the allowed models."
-    )
+    model: ModelName | None = Field(default=None, description="One of the allowed models.")
     enhance: bool = Field(default=True, description="False: plugins only, no LLM.")
     plugins: list[Text] | None = Field(
         default=None,
@@ -540,9 +541,7 @@ class RenderRequest(_Model):
     )
     contributions: Contributions = Field(default_factory=list)
     loras: Loras = Field(default_factory=list)
-    model: Text | None = Field(
-        default=None, max_length=MAX_MODEL_CHARS, description="Default: the model render serves."
-    )
+    model: ModelName | None = Field(default=None, description="Default: the model render serves.")
     width: Dimension = 1024
     height: Dimension = 1024
     steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Default: per model.")

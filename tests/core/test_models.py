@@ -760,6 +760,8 @@ def test_what_wrote_a_job_and_its_model_are_names_of_bounded_length(
     with pytest.raises(InvalidRequest) as caught:
         parse_model(model, {**JOB, field: "x" * (longest + 1)})
     assert caught.value.fields == [field]
+    # Said of text, as for any string (an optional field's bound was said of a list: "items").
+    assert f"at most {longest} characters" in caught.value.errors[0]["message"]
     schema = model.model_json_schema()["properties"][field]
     bounds = [schema, *schema.get("anyOf", [])]  # RenderRequest's model may be null
     assert longest in {bound.get("maxLength") for bound in bounds}
