@@ -36,6 +36,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from imagegen.models import MAX_ENHANCER_CHARS, MAX_LORA_PATH_CHARS, MAX_MODEL_CHARS
 from imagegen.modelspec import DEFAULT_MODEL, spec_for
 
 __all__ = ["DEFAULT_MODEL", "PROFILE_DEFAULTS", "Settings", "webhook_key"]
@@ -453,6 +454,77 @@ def _time_zone(value: str) -> str:
     return value
 
 
+# The settings a job carries in its events, bounded as the job's fields are (imagegen.models):
+# one longer is refused here, at start-up, not in every request that uses it.
+_LOCAL_MODEL_HINT = "(a local directory: name it by a shorter path, a symbolic link to it)"
+# Enhance signs a prompt Ollama wrote "ollama:<model>" (OllamaEnhancer.name,
+# imagegen/enhance/llm.py), and a job's enhancer is at most MAX_ENHANCER_CHARS.
+MAX_OLLAMA_MODEL_CHARS = MAX_ENHANCER_CHARS - len("ollama:")
+# A LoRA found in lora_dir is named by its path: the directory's, "/" and the entry's name, which
+# is at most 255 bytes, and so characters, on Linux's file systems (NAME_MAX, linux/limits.h).
+MAX_LORA_DIR_CHARS = MAX_LORA_PATH_CHARS - 1 - 255
+
+
+def _model_name(value: str) -> str:
+    """``value`` when a job can name it as its model (at most ``MAX_MODEL_CHARS``)."""
+    if len(value) > MAX_MODEL_CHARS:
+        raise ValueError(
+            f"longer than {MAX_MODEL_CHARS} characters, the most a job's model may have "
+            + _LOCAL_MODEL_HINT
+        )
+    return value
+
+
+def _model_names(value: list[str]) -> list[str]:
+    """``value`` when a job can name each entry as its model; never echoes one."""
+    for number, model in enumerate(value, start=1):
+        if len(model) > MAX_MODEL_CHARS:
+            raise ValueError(
+                f"entry {number} of {len(value)} is longer than {MAX_MODEL_CHARS} characters,"
+                f" the most a job's model may have {_LOCAL_MODEL_HINT}"
+            )
+    return value
+
+
+def _ollama_model(value: str) -> str:
+    """``value`` when the enhancer name it makes, ``ollama:<model>``, fits a job."""
+    if len(value) > MAX_OLLAMA_MODEL_CHARS:
+        raise ValueError(
+            f"longer than {MAX_OLLAMA_MODEL_CHARS} characters: a prompt it writes is signed"
+            f" ollama:<model>, at most {MAX_ENHANCER_CHARS} characters"
+        )
+    return value
+
+
+def _path_chars(path: str | Path) -> int:
+    """The characters of ``path`` as given or with ``~`` expanded, the more of the two."""
+    return max(len(str(path)), len(str(Path(path).expanduser())))
+
+
+def _lora_paths(value: list[str]) -> list[str]:
+    """``value`` when each entry, as the lora plugin gives it (a hub id as written, a local
+    path with ``~`` expanded), fits a LoRA's path in a job; never echoes one. One longer made
+    the plugin fail at every draw, each LoRA with it."""
+    for number, entry in enumerate(value, start=1):
+        if _path_chars(entry) > MAX_LORA_PATH_CHARS:
+            raise ValueError(
+                f"entry {number} of {len(value)} is longer than {MAX_LORA_PATH_CHARS}"
+                " characters (~ expanded), the most a LoRA's path may have"
+            )
+    return value
+
+
+def _lora_dir(value: Path | None) -> Path | None:
+    """``value`` when every LoRA the directory can hold has a path that fits a job."""
+    if value is not None and _path_chars(value) > MAX_LORA_DIR_CHARS:
+        raise ValueError(
+            f"longer than {MAX_LORA_DIR_CHARS} characters (~ expanded): with the name of a LoRA"
+            f" in it (up to 255), its path may be longer than {MAX_LORA_PATH_CHARS}, the most a"
+            " LoRA's path may have"
+        )
+    return value
+
+
 def _split_list(value: Any) -> Any:
     if isinstance(value, str):
         text = value.strip()
@@ -733,6 +805,12 @@ class Settings(BaseSettings):
     _ledger = field_validator("ledger_url")(_ledger_url)
     _ollama = field_validator("ollama_host")(_ollama_host)
     _zone = field_validator("timezone")(_time_zone)
+    # What flows into a job's bounded fields (imagegen.models), refused at start-up.
+    _model_bound = field_validator("model")(_model_name)
+    _served_bound = field_validator("served_models")(_model_names)
+    _ollama_bound = field_validator("ollama_model")(_ollama_model)
+    _loras_bound = field_validator("loras")(_lora_paths)
+    _lora_dir_bound = field_validator("lora_dir")(_lora_dir)
     _keep_alive = field_validator("ollama_keep_alive")(_keep_alive_duration)
     _signing = field_validator("url_signing_secret")(_signing_secret)
     _allowed = field_validator("webhook_allowed")(_webhook_allowed)

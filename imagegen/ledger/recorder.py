@@ -186,7 +186,7 @@ class Recorder:
             if self.on_failure is not None:
                 self.on_failure(said)
         else:
-            self._recorded = (gid, event_type.rsplit(".", 1)[-1])
+            self._recorded = (gid, _short_name(event_type))
 
     async def _catch_up(self, gid: str) -> None:
         """Write what was kept of generation ``gid``: what a lock held up, waiting for it as
@@ -196,16 +196,20 @@ class Recorder:
         busy = gid in self._busy
         self._busy.discard(gid)
 
+        def write_to(ledger: Ledger) -> None:
+            for event in events:
+                ledger.ingest(event)
+                # Recorded, whatever becomes of the next: a failure says how far it got.
+                self._recorded = (gid, _short_name(event.type))
+
         def write() -> None:
             if not busy:
-                for event in events:
-                    self.ledger.ingest(event)
+                write_to(self.ledger)
                 return
             assert self.patient is not None, "a lock's events are kept only with a patient ledger"
             ledger = self.patient()
             try:
-                for event in events:
-                    ledger.ingest(event)
+                write_to(ledger)
             finally:
                 ledger.close()
 
@@ -223,4 +227,8 @@ class Recorder:
                 self.on_failure(HistoryCutShort(gid, last, error, self.ledger.where, final=True))
         else:
             self._cut_short.discard(gid)
-            self._recorded = (gid, events[-1].type.rsplit(".", 1)[-1])
+
+
+def _short_name(event_type: str) -> str:
+    """What a history says of an event: ``rendered`` for ``…image.rendered``."""
+    return event_type.rsplit(".", 1)[-1]

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 
 from imagegen.events import GENERATION_REQUESTED, IMAGE_PERSISTED, IMAGE_RENDERED, PROMPT_ENHANCED
-from imagegen.ledger import Ledger
+from imagegen.ledger import Ledger, LedgerEvent
 from imagegen.ledger.recorder import HistoryCutShort, Recorder
 from imagegen.models import GenerationRequest
 from tests.ledger.chain import T0, chain
@@ -86,3 +86,76 @@ async def test_a_connection_the_server_cuts_mid_generation_loses_none_of_its_his
 
     await recorder.requested("cut-2", GenerationRequest(prompt="a red fox"), T0)
     assert ledger.get("cut-2") is not None and said == [cut]
+
+
+def _cut_connection(ledger: Ledger, postgres_url: str) -> None:
+    """The server ends the connection of ``ledger``'s pool of one, and it is gone on return
+    (pg_terminate_backend's timeout, PostgreSQL 14+): the next statement meets the cut."""
+    import psycopg
+
+    with ledger.statement() as db:
+        [row] = db.query("SELECT pg_backend_pid() AS pid", {})
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s, 5000)", [row["pid"]])
+
+
+class _CutAfter:
+    """``ledger``, whose server ends its connection again once it wrote an event of
+    ``event_type``: the next write fails."""
+
+    def __init__(self, ledger: Ledger, postgres_url: str, event_type: str) -> None:
+        self.ledger, self.postgres_url, self.event_type = ledger, postgres_url, event_type
+        self.where = ledger.where
+
+    def ingest(self, event: LedgerEvent) -> None:
+        self.ledger.ingest(event)
+        if event.type == self.event_type:
+            _cut_connection(self.ledger, self.postgres_url)
+
+
+@pytest.mark.parametrize("ledger_url", ["postgres"], indirect=True)
+async def test_a_catch_up_cut_short_says_the_last_event_it_wrote(
+    ledger_url: str, postgres_url: str
+) -> None:
+    """The connection is cut at 'rendered', then again as the generation's end writes what was
+    kept, once 'rendered' is written: the history was said to be recorded up to 'enhanced'
+    only, the last event written before the generation's end."""
+    from imagegen.ledger.postgres import PostgresLedger
+    from imagegen.models import DerivedImage, EnhancedPrompt, PersistedImage, RenderedImage
+
+    ledger = PostgresLedger(ledger_url, max_size=1)  # one connection: the one cut
+    try:
+        said: list[Exception] = []
+        recorder = Recorder(
+            _CutAfter(ledger, postgres_url, IMAGE_RENDERED),  # type: ignore[arg-type]
+            on_failure=said.append,
+        )
+        events = chain("cut-3")
+        await recorder.requested("cut-3", GenerationRequest(prompt="a red fox"), T0)
+        await recorder.emitted("enhance", EnhancedPrompt.model_validate(events["enhanced"].data))
+        _cut_connection(ledger, postgres_url)
+        await recorder.emitted("render", RenderedImage.model_validate(events["rendered"].data))
+        persisted = PersistedImage.model_validate(events["persisted"].data)
+        await recorder.emitted("persist", persisted)
+        derived = DerivedImage(
+            generation_id="cut-3",
+            key=persisted.key,
+            sha256=persisted.sha256,
+            keys={"record": persisted.key + ".derived.json"},
+            created_at=persisted.created_at,
+        )
+        await recorder.emitted("derive", derived)
+
+        cut, last = said
+        assert isinstance(cut, HistoryCutShort) and cut.recorded == "enhanced" and not cut.final
+        assert isinstance(last, HistoryCutShort) and last.final and last.recorded == "rendered"
+        assert str(last) == (
+            "the history of generation cut-3 is recorded up to 'rendered' only: the ledger "
+            "database is unavailable: it cannot be reached"
+        )
+        found = ledger.get("cut-3")
+        assert found is not None and found.status == "rendered"
+        types = [entry.type for entry in found.timeline]
+        assert types == [GENERATION_REQUESTED, PROMPT_ENHANCED, IMAGE_RENDERED]
+    finally:
+        ledger.close()
