@@ -75,6 +75,7 @@ __all__ = [
     "Text",
     "derive_generation_id",
     "derive_seed",
+    "json_size",
     "new_generation_id",
     "prompt_text",
 ]
@@ -205,10 +206,15 @@ Dimension = Annotated[
 MAX_PNG_BYTES = 2048 * 2048 * 8 + (8 << 20)
 
 
-def _json_bytes(value: Any, most: int) -> None:
-    # Bytes as stored: compact JSON in UTF-8, so "é" is 2 bytes, not the 6 of "\u00e9".
+def json_size(value: Any) -> int:
+    """``value``'s bytes as the metadata and a job's contributions are bounded: compact JSON
+    in UTF-8, so "é" is 2 bytes, not the 6 of "\\u00e9"."""
     text = json.dumps(value, default=str, ensure_ascii=False, separators=(",", ":"))
-    size = len(text.encode())
+    return len(text.encode())
+
+
+def _json_bytes(value: Any, most: int) -> None:
+    size = json_size(value)
     if size > most:
         raise ValueError(f"at most {most} bytes as UTF-8 JSON, got {size}")
 

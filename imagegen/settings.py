@@ -36,7 +36,12 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from imagegen.models import MAX_ENHANCER_CHARS, MAX_LORA_PATH_CHARS, MAX_MODEL_CHARS
+from imagegen.models import (
+    MAX_ENHANCER_CHARS,
+    MAX_LORA_PATH_CHARS,
+    MAX_MODEL_CHARS,
+    MAX_PLUGINS,
+)
 from imagegen.modelspec import DEFAULT_MODEL, spec_for
 
 __all__ = ["DEFAULT_MODEL", "PROFILE_DEFAULTS", "Settings", "webhook_key"]
@@ -525,6 +530,17 @@ def _lora_dir(value: Path | None) -> Path | None:
     return value
 
 
+def _plugin_count(value: list[str]) -> list[str]:
+    """``value`` when a request could name as many plugins (at most ``MAX_PLUGINS``): a job
+    holds one contribution of each, and no more than that many."""
+    if len(value) > MAX_PLUGINS:
+        raise ValueError(
+            f"{len(value)} plugins, more than the {MAX_PLUGINS} a request runs (a job holds"
+            f" {MAX_PLUGINS} contributions at most)"
+        )
+    return value
+
+
 def _split_list(value: Any) -> Any:
     if isinstance(value, str):
         text = value.strip()
@@ -811,6 +827,7 @@ class Settings(BaseSettings):
     _ollama_bound = field_validator("ollama_model")(_ollama_model)
     _loras_bound = field_validator("loras")(_lora_paths)
     _lora_dir_bound = field_validator("lora_dir")(_lora_dir)
+    _plugins_bound = field_validator("plugins")(_plugin_count)
     _keep_alive = field_validator("ollama_keep_alive")(_keep_alive_duration)
     _signing = field_validator("url_signing_secret")(_signing_secret)
     _allowed = field_validator("webhook_allowed")(_webhook_allowed)

@@ -28,6 +28,7 @@ __all__ = [
     "PluginExit",
     "answers_at_once",
     "close_plugin",
+    "leave_out",
     "noting_skips",
     "refusal",
     "run_plugin",
@@ -138,6 +139,13 @@ def noting_skips() -> Iterator[list[tuple[str, str]]]:
         yield skips
     finally:
         _SKIPS.reset(token)
+
+
+def leave_out(name: str, why: str) -> None:
+    """Leave plugin ``name``'s contribution out of the generation, saying why: in the log, and
+    to whoever notes the skips (:func:`noting_skips`), as a plugin that fails is."""
+    logger.warning("plugin %s skipped: %s", name, why)
+    _note(name, why)
 
 
 def _note(name: str, why: str) -> None:

@@ -12,8 +12,8 @@ from zoneinfo import ZoneInfo
 
 from imagegen.errors import ConfigurationError, ImageGenError, InvalidRequest, first_line
 from imagegen.identity import aware
-from imagegen.models import Contribution
-from imagegen.plugins._running import close_plugin, refusal, run_plugin, warm_plugin
+from imagegen.models import MAX_CONTRIBUTIONS, MAX_CONTRIBUTIONS_BYTES, Contribution, json_size
+from imagegen.plugins._running import close_plugin, leave_out, refusal, run_plugin, warm_plugin
 from imagegen.plugins.context import PluginContext, PluginFactory, PluginInfo, PromptPlugin
 from imagegen.plugins.discovery import clash, declarations, distribution_of
 from imagegen.settings import Settings
@@ -435,7 +435,10 @@ class PluginSet:
     ) -> list[Contribution]:
         """Run the selected plugins in order; each one sees what the earlier ones added.
 
-        A plugin that raises or exceeds the timeout is logged and skipped.
+        A plugin that raises or exceeds the timeout is logged and skipped. So is one whose
+        contribution the job has no room for: past :data:`MAX_CONTRIBUTIONS` of them, or past
+        :data:`MAX_CONTRIBUTIONS_BYTES` with the ones kept before it (a later, smaller one that
+        still fits is kept). The contributions returned always make a valid job.
 
         Args:
             generation_id: The generation's id.
@@ -466,6 +469,7 @@ class PluginSet:
             settings=self.settings,
         )
         contributions: list[Contribution] = []
+        size = len("[]")  # of the contributions kept, as a JSON array
         for name in names:
             context = replace(
                 base,
@@ -479,6 +483,23 @@ class PluginSet:
                 )
             except InvalidRequest as exc:
                 raise self._whose(exc, name, options) from None
-            if contribution is not None:
-                contributions.append(contribution)
+            if contribution is None:
+                continue
+            # The job's bounds on all of them together, kept in plugin order: the job is
+            # built without what does not fit, rather than refused (a 500 at enhance).
+            if len(contributions) == MAX_CONTRIBUTIONS:
+                leave_out(name, f"a job holds at most {MAX_CONTRIBUTIONS} contributions")
+                continue
+            # The array grows by a comma (after the first) and this contribution.
+            grown = size + bool(contributions) + json_size(contribution.model_dump(mode="json"))
+            if grown > MAX_CONTRIBUTIONS_BYTES:
+                leave_out(
+                    name,
+                    f"its contribution takes {grown - size} bytes, {MAX_CONTRIBUTIONS_BYTES - size}"
+                    f" are left: a job's contributions take at most {MAX_CONTRIBUTIONS_BYTES}"
+                    " bytes together",
+                )
+                continue
+            contributions.append(contribution)
+            size = grown
         return contributions

@@ -13,6 +13,7 @@ from the request's seed; the render stage loads it from the :class:`LoraHint`.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -53,11 +54,18 @@ def _safe_name(text: str) -> str:
 
 
 def _sidecar(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
     try:
+        if not path.is_file():
+            return {}
         data = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        # A folder named with 251 to 255 characters has a sidecar name longer than any file's
+        # (NAME_MAX): it has none. pathlib's is_file() answers False only for ENOENT, ENOTDIR,
+        # EBADF and ELOOP (CPython's Lib/pathlib.py, _IGNORED_ERRNOS) and raises the rest.
+        if exc.errno != errno.ENAMETOOLONG:
+            logger.warning("ignoring LoRA sidecar %s: %s", path, exc)
+        return {}
+    except ValueError as exc:
         logger.warning("ignoring LoRA sidecar %s: %s", path, exc)
         return {}
     if not isinstance(data, dict):
@@ -95,12 +103,25 @@ def _is_lora(entry: Path) -> bool:
     ``.ipynb_checkpoints``), nor ``lost+found``, nor a folder without the weights file."""
     if entry.name.startswith(".") or entry.name in _NOT_LORAS:
         return False
-    if entry.is_dir():
-        if (entry / _WEIGHTS_FILE).is_file():
-            return True
-        _left_out(entry, "a folder without %s", _WEIGHTS_FILE)
+    try:
+        if entry.is_dir():
+            if (entry / _WEIGHTS_FILE).is_file():
+                return True
+            _left_out(entry, "a folder without %s", _WEIGHTS_FILE)
+            return False
+        return entry.is_file() and entry.suffix == ".safetensors"
+    except OSError as exc:  # a link to a name too long, a folder it may not search: no LoRA
+        _left_out(entry, "%s", exc)
         return False
-    return entry.is_file() and entry.suffix == ".safetensors"
+
+
+def _exists(path: Path) -> bool:
+    """Whether ``path`` is there; one that cannot be looked up (a name longer than any
+    file's) is not, as pathlib's ``exists()`` says of one missing."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 def find_loras(directory: Path) -> list[LoraHint]:
@@ -110,11 +131,16 @@ def find_loras(directory: Path) -> list[LoraHint]:
     (``ink.v2.safetensors``, ``ink-v2.safetensors``), the first is kept, the other named in
     the log once.
     """
-    if not directory.is_dir():
-        logger.warning("lora_dir %s is not a directory", directory)
+    try:
+        if not directory.is_dir():
+            logger.warning("lora_dir %s is not a directory", directory)
+            return []
+        entries = sorted(directory.iterdir(), key=lambda path: path.name)
+    except OSError as exc:  # one it may not read: as good as none, said at each draw
+        logger.warning("lora_dir %s cannot be read: %s", directory, exc)
         return []
     found: dict[str, LoraHint] = {}
-    for entry in sorted(directory.iterdir(), key=lambda path: path.name):
+    for entry in entries:
         if not _is_lora(entry):
             continue
         hint = lora_from_path(entry)
@@ -146,7 +172,7 @@ class LoraPlugin:
             if entry in found:
                 continue
             path = Path(entry).expanduser()
-            if path.exists():
+            if _exists(path):
                 hint = lora_from_path(path)
             else:  # a hub id such as "user/repo"
                 hint = _hint(_safe_name(entry.rstrip("/").rsplit("/", 1)[-1]), entry, {})

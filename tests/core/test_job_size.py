@@ -55,8 +55,13 @@ ROOT = "s3://" + "r" * 4091
 
 
 def _most(model: type[BaseModel], name: str) -> int:
-    """The most characters (or items) ``model``'s field ``name`` takes."""
+    """The most characters (or items) ``model``'s field ``name`` takes: the field's own bound,
+    or its type's (``Annotated[str, StringConstraints(max_length=...)] | None``), as the
+    published JSON Schema says it."""
     bounds = [m.max_length for m in model.model_fields[name].metadata if isinstance(m, MaxLen)]
+    schema = model.model_json_schema()["properties"][name]
+    for each in (schema, *schema.get("anyOf", [])):
+        bounds += [each[key] for key in ("maxLength", "maxItems") if key in each]
     assert bounds, f"{model.__name__}.{name} is unbounded"
     return min(bounds)
 

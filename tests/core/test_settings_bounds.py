@@ -12,10 +12,17 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from imagegen.errors import ConfigurationError
+from imagegen.errors import ConfigurationError, InvalidRequest
 from imagegen.events import GENERATION_REQUESTED, PROMPT_ENHANCED
-from imagegen.models import MAX_ENHANCER_CHARS, MAX_LORA_PATH_CHARS, MAX_MODEL_CHARS
+from imagegen.models import (
+    MAX_ENHANCER_CHARS,
+    MAX_LORA_PATH_CHARS,
+    MAX_MODEL_CHARS,
+    MAX_PLUGINS,
+    GenerationRequest,
+)
 from imagegen.settings import Settings
+from imagegen.validation import parse_model
 from tests.fakes.ollama_server import FakeOllama
 from tests.functions.clients import InProcessFunction
 from tests.functions.conftest import base_env
@@ -79,6 +86,11 @@ def _refusal(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> Conf
             f"longer than {LONGEST_LORA_DIR} characters (~ expanded): with the name of a LoRA in"
             f" it (up to 255), its path may be longer than {MAX_LORA_PATH_CHARS}",
         ),
+        (
+            "IMAGEGEN_PLUGINS",
+            ",".join(f"plugin_{i}" for i in range(MAX_PLUGINS + 1)),
+            f"{MAX_PLUGINS + 1} plugins, more than the {MAX_PLUGINS} a request runs",
+        ),
     ],
 )
 def test_a_setting_longer_than_its_job_field_is_refused_naming_its_variable(
@@ -102,6 +114,18 @@ def test_a_lora_path_that_grows_past_its_bound_as_home_is_expanded_is_refused(
     assert _refusal(monkeypatch, "IMAGEGEN_LORAS", entry).message == (
         "invalid settings: IMAGEGEN_LORAS"
     )
+
+
+def test_a_request_names_as_many_plugins_as_the_settings_enable() -> None:
+    """Each plugin adds one contribution at most, and a job holds as many."""
+    names = [f"plugin_{i}" for i in range(MAX_PLUGINS + 1)]
+    assert Settings(plugins=names[:MAX_PLUGINS]).plugins == names[:MAX_PLUGINS]
+    assert len(parse_model(GenerationRequest, {"plugins": names[:MAX_PLUGINS]}).plugins or ()) == (
+        MAX_PLUGINS
+    )
+    with pytest.raises(InvalidRequest) as caught:
+        parse_model(GenerationRequest, {"plugins": names})
+    assert caught.value.fields == ["plugins"]
 
 
 def test_the_longest_values_are_taken() -> None:

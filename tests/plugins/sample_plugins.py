@@ -241,6 +241,22 @@ def wrong_type(settings: Settings) -> WrongTypePlugin:
     return WrongTypePlugin()
 
 
+class BulkyPlugin:
+    """Adds 30 KiB of data, within a contribution's bound: a few such fill a job's."""
+
+    name = "bulky"
+    description = "Contributes 30 KiB of data."
+    blocking = False
+
+    def __init__(self, settings: Settings | None = None, *, name: str = "bulky") -> None:
+        self.name = name
+
+    def contribute(self, context: PluginContext) -> Contribution:
+        return Contribution(
+            plugin=self.name, text=f"from {context.plugin}", data={"blob": "x" * 30 * 1024}
+        )
+
+
 class KeyedPlugin(EchoPlugin):
     """Reads a variable of its own, as a plugin reads its API key: it says so."""
 

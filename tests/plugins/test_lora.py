@@ -159,3 +159,53 @@ def test_it_runs_on_a_thread_only_when_it_may_read_the_disk(lora_dir: Path) -> N
     assert LoraPlugin(Settings()).blocking is False  # no LoRA configured: a draw, no disk
     assert LoraPlugin(Settings(lora_dir=lora_dir)).blocking is True
     assert LoraPlugin(Settings(loras=["someone/cool-lora"])).blocking is True
+
+
+# A file's name: at most 255 bytes on Linux's file systems (NAME_MAX, linux/limits.h).
+NAME_MAX = 255
+
+
+@pytest.mark.parametrize("length", [NAME_MAX - 4, NAME_MAX])
+def test_a_folder_whose_sidecar_name_would_be_too_long_has_no_sidecar(
+    lora_dir: Path, length: int
+) -> None:
+    """A folder LoRA's sidecar is ``<name>.json``: for a name of 251 to 255 characters that is
+    longer than any file's name may be, and asking for it raised ``File name too long``, which
+    failed the whole plugin at every draw, every LoRA with it."""
+    folder = lora_dir / ("f" * length)
+    folder.mkdir()
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"\0" * 16)
+    for settings in (
+        Settings(lora_dir=lora_dir, lora_probability=1.0),
+        Settings(loras=[str(folder)], lora_probability=1.0),
+    ):
+        by_path = {h.path: h for h in LoraPlugin(settings).candidates()}
+        hint = by_path[str(folder)]
+        assert (hint.name, hint.weight, hint.trigger) == ("f" * 128, 1.0, None)
+        drawn = {
+            c.loras[0].path
+            for seed in range(40)
+            if (c := LoraPlugin(settings).contribute(_context(settings, seed))) is not None
+        }
+        assert str(folder) in drawn
+    assert "pixel-art" in {h.name for h in LoraPlugin(Settings(lora_dir=lora_dir)).candidates()}
+
+
+def test_an_entry_that_cannot_be_looked_at_is_left_out(
+    lora_dir: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An entry whose look-up fails (a link to a name longer than any file's) is no LoRA, named
+    once in the log; the others are drawn as before. A configured path that cannot be looked
+    up is taken as one that is not there."""
+    monkeypatch.setattr(lora, "_LEFT_OUT", set())
+    (lora_dir / "broken.safetensors").symlink_to("b" * (NAME_MAX + 1))
+    long_entry = str(lora_dir / ("l" * (NAME_MAX + 1)))
+    settings = Settings(lora_dir=lora_dir, loras=[long_entry], lora_probability=1.0)
+    with caplog.at_level(logging.WARNING, logger="imagegen.plugins"):
+        for _ in range(2):
+            hints = LoraPlugin(settings).candidates()
+    assert [h.name for h in hints] == ["heavy", "l" * 128, "pixel-art", "sketch", "watercolor"]
+    assert {h.path for h in hints if h.name == "l" * 128} == {long_entry}
+    [named] = [r.getMessage() for r in caplog.records if "broken" in r.getMessage()]
+    assert "File name too long" in named
+    assert LoraPlugin(settings).contribute(_context(settings, 1)) is not None

@@ -1,0 +1,133 @@
+"""The plugins' contributions past what a job holds (its count, its bytes together) are left
+out as skipped, in plugin order, and the job is built with the rest.
+
+They failed the request instead: the job refused them, and enhance answered 500, to be
+retried and dead-lettered with the same plugins adding the same again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imagegen.models import MAX_CONTRIBUTIONS, MAX_CONTRIBUTIONS_BYTES
+from imagegen.plugins import PluginSet, noting_skips
+from imagegen.settings import Settings
+from tests.enhance.conftest import MakeStage, run
+from tests.fakes.ollama_server import FakeOllama
+from tests.functions.clients import InProcessFunction
+from tests.functions.conftest import base_env
+from tests.plugins.sample_plugins import BulkyPlugin, EchoPlugin, install_distribution
+
+OLLAMA_PORT = 39901
+SERVED_OLLAMA_PORT = 39902
+# Each bulky plugin adds 30 KiB: six fit in a job's 192 KiB together, a seventh does not.
+BULKY = [f"bulky_{i}" for i in range(1, 9)]
+KEPT = BULKY[:6]
+
+
+def _utf8_json(value: Any) -> int:
+    """Bytes as a job's contributions are bounded: compact JSON in UTF-8."""
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+def _skipped(caplog: pytest.LogCaptureFixture) -> dict[str, str]:
+    """The plugins the log says were skipped, each with the line saying it."""
+    said = [r.getMessage() for r in caplog.records if r.name == "imagegen.plugins"]
+    return {
+        line.split()[1]: line for line in said if line.startswith("plugin ") and "skipped" in line
+    }
+
+
+@pytest.fixture
+def fake_ollama() -> Iterator[FakeOllama]:
+    fake = FakeOllama()
+    fake.port = OLLAMA_PORT
+    with fake:
+        yield fake
+
+
+def test_six_bulky_contributions_fit_and_a_seventh_does_not() -> None:
+    """The sizes the tests below rely on, measured apart from the code under test."""
+    one = {"plugin": "bulky_1", "text": "from bulky_1", "data": {"blob": "x" * 30 * 1024}}
+    assert _utf8_json([one] * 6) <= MAX_CONTRIBUTIONS_BYTES < _utf8_json([one] * 7)
+
+
+async def test_contributions_past_the_byte_budget_are_skipped_in_plugin_order(
+    make_stage: MakeStage, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    plugins = [BulkyPlugin(name=name) for name in BULKY[:7]]
+    plugins += [EchoPlugin(name="echo"), BulkyPlugin(name=BULKY[7])]
+    stage = make_stage(PluginSet(plugins, settings=settings))
+
+    with caplog.at_level(logging.WARNING), noting_skips() as noted:
+        job = await run(stage, enhance=False)
+
+    # A later one that still fits is kept: each is left out as a plugin that fails is.
+    assert [c.plugin for c in job.contributions] == [*KEPT, "echo"]
+    assert job.contributions[-1].data["before"] == KEPT, "later plugins see only the kept"
+    assert _utf8_json([c.model_dump(mode="json") for c in job.contributions]) <= (
+        MAX_CONTRIBUTIONS_BYTES
+    )
+    assert [name for name, _ in noted] == [BULKY[6], BULKY[7]]
+    for _, why in noted:
+        assert f"at most {MAX_CONTRIBUTIONS_BYTES} bytes together" in why
+    assert sorted(_skipped(caplog)) == [BULKY[6], BULKY[7]]
+
+
+async def test_contributions_past_the_most_a_job_holds_are_skipped(
+    make_stage: MakeStage, settings: Settings
+) -> None:
+    """More plugins than a job holds contributions, given in code: the first ones are kept."""
+    names = [f"echo_{i}" for i in range(MAX_CONTRIBUTIONS + 2)]
+    stage = make_stage(PluginSet([EchoPlugin(name=n) for n in names], settings=settings))
+
+    with noting_skips() as noted:
+        job = await run(stage, enhance=False)
+
+    assert [c.plugin for c in job.contributions] == names[:MAX_CONTRIBUTIONS]
+    assert noted == [
+        (name, f"a job holds at most {MAX_CONTRIBUTIONS} contributions")
+        for name in names[MAX_CONTRIBUTIONS:]
+    ]
+
+
+def test_the_served_function_answers_with_the_contributions_that_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    install_distribution(
+        tmp_path / "site",
+        "bulky-plugins",
+        {name: "tests.plugins.sample_plugins:BulkyPlugin" for name in BULKY},
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    fake = FakeOllama()
+    fake.port = SERVED_OLLAMA_PORT
+    with fake:
+        fake.reply_with({"prompt": "a calm lake at dawn, mist over the water"})
+        env = {
+            **base_env(tmp_path / "store"),
+            "IMAGEGEN_OLLAMA_HOST": fake.url,
+            "IMAGEGEN_PLUGINS": ",".join([*BULKY, "time_of_day"]),
+        }
+        # On the plugins' logger itself: start-up sets the root logger's handlers anew.
+        plugins_log = logging.getLogger("imagegen.plugins")
+        plugins_log.addHandler(caplog.handler)
+        try:
+            with InProcessFunction("enhance", env) as enhance:
+                answer = enhance.post("/", json={"prompt": "a calm lake", "seed": 1})
+        finally:
+            plugins_log.removeHandler(caplog.handler)
+
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert [c["plugin"] for c in body["contributions"]] == [*KEPT, "time_of_day"]
+    assert body["enhancer"].startswith("ollama:")
+    skipped = _skipped(caplog)
+    assert sorted(skipped) == BULKY[6:]
+    assert f"at most {MAX_CONTRIBUTIONS_BYTES} bytes together" in skipped[BULKY[6]]
