@@ -376,7 +376,7 @@ class ImageGenService:
         job: EnhancedPrompt,
         progress: ProgressCallback | None,
         stored: Callable[[], None] | None = None,
-        storing: Callable[[], None] | None = None,
+        storing: Callable[[], bool] | None = None,
     ) -> RenderedImage:
         async with _stage("render", job.generation_id, self.recorder) as stage:
             _job_attributes(stage.span, job)
@@ -402,8 +402,11 @@ class ImageGenService:
         a history that says it failed. The PNG counts as stored from the moment its write
         begins (a write, once begun, ends in its thread whatever happens to this task): a
         cancellation during it waits for the write, then the records; a write that fails
-        raises its error. Cancelled before, the render stops as :meth:`render` does, nothing
-        of it stored. Another cancellation while it ends gives up waiting.
+        raises its error. Cancelled before, nothing of it is stored, unlike :meth:`render`,
+        whose started render is stored for its retry: a render whose pipeline call has
+        started runs on to its end, but writes no PNG (its claim on the generation id may be
+        written; it holds the id for this job, which a retry renders again). Another
+        cancellation while it ends gives up waiting.
 
         ``persisted(image)`` is called with the persisted image as soon as it is, before this
         returns or its cancellation goes on: a caller that was cancelled learns what it stored.
@@ -420,16 +423,25 @@ class ImageGenService:
         persisted: Callable[[PersistedImage], None] | None,
     ) -> PersistedImage:
         png_stored = False
+        abandoned = False  # cancelled before the PNG's write began: the render stores nothing
 
-        def on_storing() -> None:
-            # The PNG counts as stored from the moment its write begins: a write cancelled
-            # under way still ends in its thread, so cancelling the chain then would leave
-            # the PNG without its record. A write that fails raises its error as ever.
+        def on_storing() -> bool:
+            # Asked by the render, on this event loop, just before its PNG's write begins:
+            # this task's cancellation and the write are ordered here, whichever comes first
+            # deciding. Cancelled first, the render writes nothing (it runs on in a task of
+            # its own, which would otherwise store a PNG nobody records). Else the PNG counts
+            # as stored from here on: a write cancelled under way still ends in its thread,
+            # so cancelling the chain then would leave the PNG without its record. A write
+            # that fails raises its error as ever.
             nonlocal png_stored
+            if abandoned:
+                return False
             png_stored = True
+            return True
 
         def on_stored() -> None:
-            on_storing()  # its own write done, or an image found stored (written before)
+            nonlocal png_stored
+            png_stored = True  # its own write done, or an image found stored (written before)
             if stored is not None:
                 stored()
 
@@ -445,6 +457,7 @@ class ImageGenService:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             if not png_stored:
+                abandoned = True
                 task.cancel()
             await task  # its end: stopped and recorded so, or the image complete
             raise

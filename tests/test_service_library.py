@@ -145,6 +145,84 @@ async def test_a_generate_cancelled_while_its_png_is_written_persists_it_first(
     assert (image.generation_id, image.key) == ("writing-1", "2026/11/24/writing-1.png")
 
 
+async def test_a_generate_cancelled_before_its_png_is_written_stores_nothing(
+    settings: Settings,
+    tmp_path: Path,
+    ledger: Ledger,
+    ledger_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cancellation (Ctrl-C) once the render's pipeline call has begun, while its claim on
+    the generation id (a round trip before the PNG's write) is written: the render, which
+    runs on in a task of its own, writes no PNG, so none is left behind a history that says
+    the generation stopped; the same request then renders and persists as ever."""
+    from imagegen.render.stage import RenderStage
+    from imagegen.storage import local
+
+    real_create = local.LocalStorage._create
+    claiming, go_on = threading.Event(), threading.Event()
+
+    def held_create(self: Any, key: str, *args: Any) -> bool:  # a slow claim PutObject
+        if key.startswith("renders/") and not go_on.is_set():
+            claiming.set()
+            go_on.wait(60)
+        return real_create(self, key, *args)
+
+    real_render = RenderStage._render_and_store
+    renders_ended: list[asyncio.Event] = []
+    asked: list[tuple[bool, bool]] = []  # (the answer, asked on the event loop's thread)
+
+    async def watched(self: RenderStage, *args: Any) -> RenderedImage:
+        *rest, storing = args
+        loop_thread = threading.current_thread()
+
+        def asking() -> bool:
+            answer = storing()
+            asked.append((answer, threading.current_thread() is loop_thread))
+            return answer
+
+        ended = asyncio.Event()
+        renders_ended.append(ended)
+        try:
+            return await real_render(self, *rest, asking)
+        finally:
+            ended.set()
+
+    monkeypatch.setattr(local.LocalStorage, "_create", held_create)
+    monkeypatch.setattr(RenderStage, "_render_and_store", watched)
+    png = tmp_path / "out/2026/11/24/claimed-1.png"
+    service = ImageGenService(settings, plugins=no_plugins(settings), recorder=Recorder(ledger))
+    async with service:
+        request = small(prompt="a kite", enhance=False, generation_id="claimed-1")
+        told: list[PersistedImage] = []
+        running = asyncio.ensure_future(service.generate(request, persisted=told.append))
+        try:
+            assert await asyncio.to_thread(claiming.wait, 120), "no claim was written"
+            running.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await running
+        finally:
+            go_on.set()
+        [abandoned] = renders_ended
+        await asyncio.wait_for(abandoned.wait(), 120)  # its call, its claim and its end
+        assert asked == [(False, True)], "the render was told, on the loop, to store nothing"
+        assert not png.exists(), "a PNG stored behind a generation that stopped"
+        assert not png.with_suffix(".json").exists()
+        assert told == []
+        found, events = recorded(ledger_path, "claimed-1")
+        assert found is not None and found.status == "failed", (found, events)
+        assert found.failed_stage == "render"
+        assert IMAGE_RENDERED not in events
+
+        # The claim it wrote is this job's: the same request renders and persists.
+        _, persisted = await asyncio.wait_for(service.generate(request), 120)
+    assert asked == [(False, True), (True, True)]
+    assert persisted.key == "2026/11/24/claimed-1.png" and png.is_file()
+    assert png.with_suffix(".json").is_file()
+    found, _ = recorded(ledger_path, "claimed-1")
+    assert found is not None and found.status == "persisted"
+
+
 async def test_derivatives_that_cannot_be_made_leave_the_image_to_its_caller(
     settings: Settings, tmp_path: Path, ledger: Ledger, ledger_path: Path
 ) -> None:

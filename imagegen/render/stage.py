@@ -305,15 +305,17 @@ class RenderStage:
         job: EnhancedPrompt,
         *,
         progress: ProgressCallback | None = None,
-        storing: Callable[[], None] | None = None,
+        storing: Callable[[], bool] | None = None,
     ) -> RenderedImage:
         """Render ``job`` and store the PNG, or return the image already stored for it.
 
-        ``storing()`` is called as this request's own render begins to store its PNG, just
-        before the write: from then on the PNG is stored whatever becomes of the request (a
-        write in a thread runs to its end, cancelled or not), so a caller that would record
-        the image once it is stored learns it before its own cancellation can say otherwise.
-        Not called for an image found stored (its request returns it) nor for a render that
+        ``storing()`` is asked, on the event loop, as this request's own render is about to
+        store its PNG, just before the write: True, and from then on the PNG is stored
+        whatever becomes of the request (a write in a thread runs to its end, cancelled or
+        not), so a caller that would record the image once it is stored learns it before its
+        own cancellation can say otherwise; False (its caller has gone, and would record
+        nothing), and nothing is written: the render ends cancelled, its PNG dropped. Not
+        called for an image found stored (its request returns it) nor for a render that
         fails before its write.
 
         Idempotent per generation id: a redelivered job is answered from storage, and two
@@ -324,7 +326,7 @@ class RenderStage:
         with what it stored, so every reply is the same. Once its pipeline call has started, a
         render finishes and is stored even if its request is cancelled (a timeout), so the
         retry finds the image instead of rendering it again, unless the stage is closed
-        meanwhile (:meth:`close`); before that, it is dropped once
+        meanwhile (:meth:`close`) or ``storing()`` says no; before that, it is dropped once
         every request waiting for its generation has gone (:class:`Waiters`). A different job
         under a generation id already rendered is refused: a direct call dated by the day
         before it is rendered (:meth:`_as_claimed`), any other when it claims the id.
@@ -389,7 +391,7 @@ class RenderStage:
         *,
         busy: bool,
         stores: int,
-        storing: Callable[[], None] | None,
+        storing: Callable[[], bool] | None,
     ) -> RenderedImage:
         # The lock first: a delivery that waits for another's image needs no pipeline time,
         # so it holds no admission slot (with a queue of 0 it would be refused otherwise).
@@ -418,7 +420,7 @@ class RenderStage:
         fingerprint: str,
         progress: ProgressCallback | None,
         started: Callable[[], None],
-        storing: Callable[[], None] | None,
+        storing: Callable[[], bool] | None,
     ) -> RenderedImage:
         # The claim (no image of another day's job) is written while the pipeline runs: a
         # round trip to the store, off the render's time. Begun once the job joins a call, so
@@ -451,11 +453,19 @@ class RenderStage:
         else:  # a job with LoRAs, or a backend that never said its call began
             await stored_png.claim(self.storage, job, keys)
         location = self.storage.location(keys.image)
-        if storing is not None:
-            # Said before the write, not after it: a request cancelled during the write (a
-            # whole PutObject round trip on S3) would otherwise leave its PNG stored behind a
-            # caller that believes nothing was, the thread writing it running to its end.
-            storing()
+        if storing is not None and not storing():
+            # Its caller was cancelled before this write began and records nothing of it: a
+            # PNG stored now would be left without its record. Asked here, on the loop, with
+            # nothing awaited between the answer and the write, so the caller's cancellation
+            # comes either before it (nothing written) or after (the write awaited).
+            log.info(
+                "render dropped before its PNG was stored: its caller has gone",
+                extra={"generation_id": job.generation_id},
+            )
+            raise asyncio.CancelledError
+        # Asked before the write, not after it: a request cancelled during the write (a whole
+        # PutObject round trip on S3) would otherwise leave its PNG stored behind a caller
+        # that believes nothing was, the thread writing it running to its end.
         if not await self.storage.create(keys.image, output.png, content_type=PNG, metadata=meta):
             # Another replica stored this generation first: its image and timings are the
             # answer, so both replies are the same event.
