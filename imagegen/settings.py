@@ -502,8 +502,14 @@ def _ollama_model(value: str) -> str:
 
 
 def _path_chars(path: str | Path) -> int:
-    """The characters of ``path`` as given or with ``~`` expanded, the more of the two."""
-    return max(len(str(path)), len(str(Path(path).expanduser())))
+    """The characters of ``path`` as given or with ``~`` expanded, the more of the two; as
+    given where ``~`` names no home this process can find (an unknown ``~user``, a user with
+    no passwd entry and no ``HOME``, as in many containers): then nothing expands it."""
+    try:
+        expanded = Path(path).expanduser()
+    except RuntimeError:  # pathlib's "Could not determine home directory."
+        expanded = Path(path)
+    return max(len(str(path)), len(str(expanded)))
 
 
 def _lora_paths(value: list[str]) -> list[str]:

@@ -64,7 +64,9 @@ __all__ = [
     "fold",
     "made_good",
     "message_id",
+    "of_contributions",
     "utc",
+    "without_contributions",
 ]
 
 # type → (status it reports, column holding the first time it was seen)
@@ -244,8 +246,34 @@ def _stage_output(model: type[_M], data: dict[str, Any]) -> _M:
     (JSON's ``\\udfff`` escape), which the models refuse as no UTF-8 text, is U+FFFD
     (:func:`~imagegen.ledger._text.storable`), so an event another producer sent with one is
     recorded as it is stored, never refused at each redelivery. A request keeps its own rule:
-    one that enhance refuses is recorded without its fields."""
-    return parse_model(model, storable(data))
+    one that enhance refuses is recorded without its fields.
+
+    A job recorded before a job's contributions were bounded (more of them, or more data, than
+    :data:`~imagegen.models.MAX_CONTRIBUTIONS` and its kin now allow) is read without them:
+    the ledger keeps none of a job's contributions, and an event it once took, or one still in
+    flight as the chain is upgraded, is still recorded."""
+    data = storable(data)
+    try:
+        return parse_model(model, data)
+    except InvalidRequest as exc:
+        fields = [entry.get("field", "") for entry in exc.errors]
+        if not fields or not all(of_contributions(field) for field in fields):
+            raise
+        return parse_model(model, without_contributions(data))
+
+
+def of_contributions(field: str) -> bool:
+    """Whether error ``field`` is of a job's contributions (``contributions.3.data``, or
+    ``prompt.contributions`` in an ``image.rendered``)."""
+    return field.removeprefix("prompt.").split(".")[0] == "contributions"
+
+
+def without_contributions(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with no contributions, its own or its job's (``image.rendered``'s prompt)."""
+    data = {name: value for name, value in data.items() if name != "contributions"}
+    if isinstance(data.get("prompt"), dict):
+        data["prompt"] = without_contributions(data["prompt"])
+    return data
 
 
 def _webhook_of(request: GenerationRequest) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from imagegen.errors import InvalidRequest, NotFound
 from imagegen.events import GENERATION_REQUESTED, IMAGE_RENDERED, PROMPT_ENHANCED, short_name
+from imagegen.ledger.fold import of_contributions, without_contributions
 from imagegen.ledger.store import Ledger
 from imagegen.models import EnhancedPrompt, GenerationRequest, new_generation_id
 from imagegen.validation import field_errors
@@ -99,7 +100,15 @@ def replay_job(
     recorded = data.get("prompt") if kind == IMAGE_RENDERED else data
     if not isinstance(recorded, dict):
         recorded = {}
-    job = _valid(EnhancedPrompt, recorded, generation_id, kind)
+    try:
+        job = _valid(EnhancedPrompt, recorded, generation_id, kind)
+    except NotReplayable as exc:
+        # A job recorded before a job's contributions were bounded is replayed without them:
+        # they say what the plugins added, and change nothing of the image (its prompt and
+        # LoRAs are the job's own fields), while render would refuse the job with them.
+        if not exc.errors or not all(of_contributions(e.get("field", "")) for e in exc.errors):
+            raise
+        job = _valid(EnhancedPrompt, without_contributions(recorded), generation_id, kind)
     return job.model_copy(
         update={
             "generation_id": new_id or new_generation_id(),

@@ -197,3 +197,16 @@ def test_the_longest_model_ollama_model_and_lora_go_through_enhance_and_render(
         )
         assert direct.status_code == 200, direct.text
         assert direct.json()["prompt"]["model"] == str(model)
+
+
+@pytest.mark.parametrize("variable", ["IMAGEGEN_LORAS", "IMAGEGEN_LORA_DIR"])
+def test_a_lora_path_whose_home_cannot_be_found_is_measured_as_given(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    """``~user`` of no such user (or ``~`` with no passwd entry and no ``HOME``, as in many
+    containers) expands to nothing: such a path is measured as written, never an internal
+    error that keeps every stage from starting."""
+    value = "~nosuchuser/loras" + ("/ink.safetensors" if variable == "IMAGEGEN_LORAS" else "")
+    monkeypatch.setenv(variable, value)
+    settings = Settings()
+    assert (settings.loras if variable == "IMAGEGEN_LORAS" else [str(settings.lora_dir)]) == [value]
