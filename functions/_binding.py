@@ -25,8 +25,7 @@ from cloudevents.http import CloudEvent, from_http
 from pydantic import BaseModel
 
 from imagegen.errors import ImageGenError, InvalidRequest, UnsupportedMediaType, first_line
-from imagegen.event_limits import ATTRIBUTE_MAX_LENGTHS
-from imagegen.events import GENERATION_FAILED, is_final, reply_attributes
+from imagegen.events import ATTRIBUTE_MAX_LENGTHS, GENERATION_FAILED, is_final, reply_attributes
 from imagegen.identity import event_time
 from imagegen.models import ErrorInfo, GenerationFailed
 from imagegen.validation import loads
@@ -254,7 +253,7 @@ def parse(headers: Mapping[str, str], body: bytes, *, consumes: tuple[str, ...])
 
 def _check_attributes(found: Mapping[str, object]) -> None:
     """Refuse an event whose required attributes are missing, empty, not strings or longer
-    than the ledger keeps them (:data:`~imagegen.event_limits.ATTRIBUTE_MAX_LENGTHS`): a stage
+    than the ledger keeps them (:data:`~imagegen.events.ATTRIBUTE_MAX_LENGTHS`): a stage
     that took such an event would run it while the ledger refused it."""
     missing = [name for name, value in found.items() if value is None]
     if missing:

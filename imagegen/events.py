@@ -8,21 +8,26 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
 __all__ = [
+    "ATTRIBUTE_MAX_LENGTHS",
     "DREAM_PING",
     "GENERATION_FAILED",
     "GENERATION_REQUESTED",
+    "ID_MAX_LENGTH",
     "IMAGE_DERIVED",
     "IMAGE_PERSISTED",
     "IMAGE_RENDERED",
     "MODEL_ATTRIBUTE",
     "PROMPT_ENHANCED",
     "SCHEMA_BASE_URL",
+    "SOURCE_MAX_LENGTH",
+    "TYPE_MAX_LENGTH",
     "dataschema",
     "event_models",
     "event_type",
@@ -49,6 +54,20 @@ DREAM_PING: Final = "dev.knative.sources.ping"
 MODEL_ATTRIBUTE: Final = "imagegenmodel"
 
 SCHEMA_BASE_URL: Final = "https://schemas.orchestr8.dev/imagegen/"
+
+# How long an event's attributes may be: the ledger's bounds, which every stage enforces too.
+# The ledger keeps each event under its ``source`` and ``id`` and refuses one past these
+# (imagegen.ledger.LedgerEvent); a stage that took such an event would run the generation while
+# the ledger, refusing it, never learned of it (nor of the webhook it names). So each stage's
+# binding (functions/_binding.py) refuses what the ledger would. Lengths are characters
+# (Unicode code points), as pydantic counts them.
+SOURCE_MAX_LENGTH: Final = 1024
+ID_MAX_LENGTH: Final = 1024
+TYPE_MAX_LENGTH: Final = 256
+# Each bounded attribute's most characters; the others (``subject`` among them) are unbounded.
+ATTRIBUTE_MAX_LENGTHS: Final = MappingProxyType(
+    {"source": SOURCE_MAX_LENGTH, "id": ID_MAX_LENGTH, "type": TYPE_MAX_LENGTH}
+)
 
 
 def event_models() -> dict[str, type[BaseModel]]:

@@ -7,7 +7,7 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
-from imagegen.event_limits import ID_MAX_LENGTH, SOURCE_MAX_LENGTH, TYPE_MAX_LENGTH
+from imagegen.events import ID_MAX_LENGTH, SOURCE_MAX_LENGTH, TYPE_MAX_LENGTH
 from imagegen.models import ErrorInfo
 
 __all__ = [
@@ -49,7 +49,7 @@ class _View(BaseModel):
 class LedgerEvent(_View):
     """One CloudEvent as the ledger keeps it; ``source`` + ``id`` identify it.
 
-    The bounds are :mod:`imagegen.event_limits`', which every stage enforces too: an event the
+    The bounds are :mod:`imagegen.events`', which every stage enforces too: an event the
     chain accepts is one the ledger records.
     """
 

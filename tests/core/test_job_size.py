@@ -19,8 +19,8 @@ from pydantic import BaseModel
 
 from functions._binding import MAX_BODY_BYTES, event_reply
 from imagegen.errors import InvalidRequest
-from imagegen.event_limits import ATTRIBUTE_MAX_LENGTHS
 from imagegen.events import (
+    ATTRIBUTE_MAX_LENGTHS,
     IMAGE_DERIVED,
     IMAGE_PERSISTED,
     IMAGE_RENDERED,

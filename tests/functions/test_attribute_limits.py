@@ -1,7 +1,7 @@
 """The bounds the ledger sets on an event's attributes, kept by every stage alike.
 
 The ledger keeps an event's ``id`` and ``source`` up to 1,024 characters and its ``type`` up to
-256 (:mod:`imagegen.event_limits`). A stage that took a longer one would run the generation
+256 (:mod:`imagegen.events`). A stage that took a longer one would run the generation
 while the ledger refused its events, so it never learned the generation's webhook: every stage
 refuses such an event with a 400 naming the attribute, in binary and structured mode alike, and
 the dead-letter sink keeps it.
@@ -18,8 +18,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from imagegen.event_limits import ATTRIBUTE_MAX_LENGTHS
-from imagegen.events import GENERATION_REQUESTED, IMAGE_RENDERED
+from imagegen.events import ATTRIBUTE_MAX_LENGTHS, GENERATION_REQUESTED, IMAGE_RENDERED
 from tests.functions.clients import InProcessFunction
 from tests.functions.conftest import base_env
 
