@@ -40,6 +40,7 @@ from imagegen.models import (
     MAX_ENHANCER_CHARS,
     MAX_LORA_PATH_CHARS,
     MAX_MODEL_CHARS,
+    MAX_PLUGIN_NAME_CHARS,
     MAX_PLUGINS,
 )
 from imagegen.modelspec import DEFAULT_MODEL, spec_for
@@ -502,13 +503,17 @@ def _ollama_model(value: str) -> str:
 
 
 def _path_chars(path: str | Path) -> int:
-    """The characters of ``path`` as given or with ``~`` expanded, the more of the two; as
-    given where ``~`` names no home this process can find (an unknown ``~user``, a user with
-    no passwd entry and no ``HOME``, as in many containers): then nothing expands it."""
+    """The characters of ``path`` as given or with ``~`` expanded, the more of the two.
+
+    Raises:
+        ValueError: ``~`` names no home this process can find (an unknown ``~user``, a user
+            with no passwd entry and no ``HOME``, as in many containers): the lora plugin and
+            render expand it at every draw and every job, and would fail each one.
+    """
     try:
         expanded = Path(path).expanduser()
     except RuntimeError:  # pathlib's "Could not determine home directory."
-        expanded = Path(path)
+        raise ValueError("~ names no home directory this process can find") from None
     return max(len(str(path)), len(str(expanded)))
 
 
@@ -517,7 +522,11 @@ def _lora_paths(value: list[str]) -> list[str]:
     path with ``~`` expanded), fits a LoRA's path in a job; never echoes one. One longer made
     the plugin fail at every draw, each LoRA with it."""
     for number, entry in enumerate(value, start=1):
-        if _path_chars(entry) > MAX_LORA_PATH_CHARS:
+        try:
+            chars = _path_chars(entry)
+        except ValueError as exc:
+            raise ValueError(f"entry {number} of {len(value)}: {exc}") from None
+        if chars > MAX_LORA_PATH_CHARS:
             raise ValueError(
                 f"entry {number} of {len(value)} is longer than {MAX_LORA_PATH_CHARS}"
                 " characters (~ expanded), the most a LoRA's path may have"
@@ -538,12 +547,19 @@ def _lora_dir(value: Path | None) -> Path | None:
 
 def _plugin_count(value: list[str]) -> list[str]:
     """``value`` when a request could name as many plugins (at most ``MAX_PLUGINS``): a job
-    holds one contribution of each, and no more than that many."""
+    holds one contribution of each, and no more than that many; each named as a contribution
+    may be (at most ``MAX_PLUGIN_NAME_CHARS``). Never echoes a name."""
     if len(value) > MAX_PLUGINS:
         raise ValueError(
             f"{len(value)} plugins, more than the {MAX_PLUGINS} a request runs (a job holds"
             f" {MAX_PLUGINS} contributions at most)"
         )
+    for number, name in enumerate(value, start=1):
+        if len(name) > MAX_PLUGIN_NAME_CHARS:
+            raise ValueError(
+                f"entry {number} of {len(value)} is longer than {MAX_PLUGIN_NAME_CHARS}"
+                " characters, the most a contribution's plugin name may have"
+            )
     return value
 
 

@@ -115,13 +115,19 @@ def _is_lora(entry: Path) -> bool:
         return False
 
 
-def _exists(path: Path) -> bool:
-    """Whether ``path`` is there; one that cannot be looked up (a name longer than any
-    file's) is not, as pathlib's ``exists()`` says of one missing."""
+def _exists(path: Path) -> bool | None:
+    """Whether ``path`` is there; None where it cannot be looked up (a folder on the way this
+    process may not search), said in the log. A name longer than any file's is not there, as
+    pathlib's ``exists()`` says of one missing: it answers False only for ENOENT, ENOTDIR,
+    EBADF and ELOOP (CPython's Lib/pathlib.py, _IGNORED_ERRNOS) and raises the rest."""
     try:
         return path.exists()
-    except OSError:
-        return False
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            return False
+        # Taken as a hub id, a local LoRA would be offered under another name and fail the job.
+        logger.warning("loras: %s left out: %s", path, exc)
+        return None
 
 
 def find_loras(directory: Path) -> list[LoraHint]:
@@ -167,12 +173,18 @@ class LoraPlugin:
         """Every LoRA this plugin may pick, by name, without duplicates."""
         found: dict[str, LoraHint] = {}
         if self.settings.lora_dir is not None:
-            found.update((hint.name, hint) for hint in find_loras(self.settings.lora_dir))
+            # "~" expanded as render expands it (imagegen.render._lora); the settings refuse
+            # one that names no home this process can find.
+            lora_dir = self.settings.lora_dir.expanduser()
+            found.update((hint.name, hint) for hint in find_loras(lora_dir))
         for entry in self.settings.loras:
             if entry in found:
                 continue
             path = Path(entry).expanduser()
-            if _exists(path):
+            exists = _exists(path)
+            if exists is None:
+                continue
+            if exists:
                 hint = lora_from_path(path)
             else:  # a hub id such as "user/repo"
                 hint = _hint(_safe_name(entry.rstrip("/").rsplit("/", 1)[-1]), entry, {})

@@ -18,6 +18,7 @@ from imagegen.models import (
     MAX_ENHANCER_CHARS,
     MAX_LORA_PATH_CHARS,
     MAX_MODEL_CHARS,
+    MAX_PLUGIN_NAME_CHARS,
     MAX_PLUGINS,
     GenerationRequest,
 )
@@ -91,6 +92,12 @@ def _refusal(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> Conf
             ",".join(f"plugin_{i}" for i in range(MAX_PLUGINS + 1)),
             f"{MAX_PLUGINS + 1} plugins, more than the {MAX_PLUGINS} a request runs",
         ),
+        (
+            "IMAGEGEN_PLUGINS",
+            "time_of_day," + "p" * (MAX_PLUGIN_NAME_CHARS + 1),
+            f"entry 2 of 2 is longer than {MAX_PLUGIN_NAME_CHARS} characters, the most a"
+            " contribution's plugin name may have",
+        ),
     ],
 )
 def test_a_setting_longer_than_its_job_field_is_refused_naming_its_variable(
@@ -136,8 +143,10 @@ def test_the_longest_values_are_taken() -> None:
         ollama_model=_ollama_name(MAX_ENHANCER_CHARS - len("ollama:")),
         loras=["someone/" + "l" * (MAX_LORA_PATH_CHARS - 8)],
         lora_dir=Path("/l/" + "l" * (LONGEST_LORA_DIR - 3)),
+        plugins=["p" * MAX_PLUGIN_NAME_CHARS],
     )
     assert len(settings.model) == MAX_MODEL_CHARS
+    assert settings.plugins == ["p" * MAX_PLUGIN_NAME_CHARS]
     assert len(str(settings.lora_dir)) == LONGEST_LORA_DIR
 
 
@@ -199,14 +208,22 @@ def test_the_longest_model_ollama_model_and_lora_go_through_enhance_and_render(
         assert direct.json()["prompt"]["model"] == str(model)
 
 
-@pytest.mark.parametrize("variable", ["IMAGEGEN_LORAS", "IMAGEGEN_LORA_DIR"])
-def test_a_lora_path_whose_home_cannot_be_found_is_measured_as_given(
-    monkeypatch: pytest.MonkeyPatch, variable: str
+@pytest.mark.parametrize(
+    ("variable", "said"),
+    [
+        ("IMAGEGEN_LORAS", "entry 1 of 1: ~ names no home directory this process can find"),
+        ("IMAGEGEN_LORA_DIR", "~ names no home directory this process can find"),
+    ],
+)
+def test_a_lora_path_whose_home_cannot_be_found_is_refused_naming_its_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, said: str
 ) -> None:
     """``~user`` of no such user (or ``~`` with no passwd entry and no ``HOME``, as in many
-    containers) expands to nothing: such a path is measured as written, never an internal
-    error that keeps every stage from starting."""
+    containers) expands to nothing, and the lora plugin and render expand it at every draw and
+    every job: refused at start-up instead."""
     value = "~nosuchuser/loras" + ("/ink.safetensors" if variable == "IMAGEGEN_LORAS" else "")
-    monkeypatch.setenv(variable, value)
-    settings = Settings()
-    assert (settings.loras if variable == "IMAGEGEN_LORAS" else [str(settings.lora_dir)]) == [value]
+    refusal = _refusal(monkeypatch, variable, value)
+    assert refusal.message == f"invalid settings: {variable}"
+    [error] = refusal.errors
+    assert error["field"] == variable
+    assert error["message"] == said

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -195,8 +197,8 @@ def test_an_entry_that_cannot_be_looked_at_is_left_out(
     lora_dir: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An entry whose look-up fails (a link to a name longer than any file's) is no LoRA, named
-    once in the log; the others are drawn as before. A configured path that cannot be looked
-    up is taken as one that is not there."""
+    once in the log; the others are drawn as before. A configured path whose name is longer
+    than any file's is taken as one that is not there."""
     monkeypatch.setattr(lora, "_LEFT_OUT", set())
     (lora_dir / "broken.safetensors").symlink_to("b" * (NAME_MAX + 1))
     long_entry = str(lora_dir / ("l" * (NAME_MAX + 1)))
@@ -209,3 +211,46 @@ def test_an_entry_that_cannot_be_looked_at_is_left_out(
     [named] = [r.getMessage() for r in caplog.records if "broken" in r.getMessage()]
     assert "File name too long" in named
     assert LoraPlugin(settings).contribute(_context(settings, 1)) is not None
+
+
+def test_a_configured_path_that_may_not_be_looked_up_is_left_out(
+    lora_dir: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A local LoRA behind a folder this process may not search (EACCES; simulated, as root may
+    search any) is left out, named in the log, not offered as a hub id under another name."""
+    locked = lora_dir / "locked"
+    locked.mkdir()
+    entry = locked / "ink.safetensors"
+    entry.write_bytes(b"\0" * 16)
+    real_stat = Path.stat
+
+    def stat(self: Path, *, follow_symlinks: bool = True) -> os.stat_result:
+        if self.parent == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_stat(self, follow_symlinks=follow_symlinks)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    settings = Settings(loras=[str(entry), str(lora_dir / "sketch")], lora_probability=1.0)
+    with caplog.at_level(logging.WARNING, logger="imagegen.plugins"):
+        hints = LoraPlugin(settings).candidates()
+    assert [(h.name, h.path) for h in hints] == [("sketch", str(lora_dir / "sketch"))]
+    [named] = [r.getMessage() for r in caplog.records]
+    assert str(entry) in named
+    assert "Permission denied" in named
+
+
+def test_a_lora_dir_under_home_is_read_with_home_expanded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``~`` in lora_dir is the home directory, as render reads it."""
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "loras" / "ink.safetensors").write_bytes(b"\0" * 16)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    settings = Settings(lora_dir=Path("~/loras"), lora_probability=1.0)
+    hints = LoraPlugin(settings).candidates()
+    assert [(h.name, h.path) for h in hints] == [
+        ("ink", str(tmp_path / "loras" / "ink.safetensors"))
+    ]
+    contribution = LoraPlugin(settings).contribute(_context(settings, 1))
+    assert contribution is not None
+    assert contribution.loras[0].path == str(tmp_path / "loras" / "ink.safetensors")
