@@ -15,12 +15,13 @@ carries the request's time and persist's the render's.)
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from imagegen.errors import InvalidRequest
 from imagegen.events import (
@@ -248,18 +249,45 @@ def _stage_output(model: type[_M], data: dict[str, Any]) -> _M:
     recorded as it is stored, never refused at each redelivery. A request keeps its own rule:
     one that enhance refuses is recorded without its fields.
 
-    A job recorded before a job's contributions were bounded (more of them, or more data, than
+    A job (``prompt.enhanced``, or the job an ``image.rendered`` carries) recorded before a
+    job's contributions were bounded (more of them, or more data, than
     :data:`~imagegen.models.MAX_CONTRIBUTIONS` and its kin now allow) is read without them:
     the ledger keeps none of a job's contributions, and an event it once took, or one still in
-    flight as the chain is upgraded, is still recorded."""
+    flight as the chain is upgraded, is still recorded. Only those bounds are forgiven
+    (:func:`_past_contribution_bounds`): contributions of the wrong type, or a
+    ``contributions`` key on data that has none, are refused as the stages refuse them."""
     data = storable(data)
-    try:
-        return parse_model(model, data)
-    except InvalidRequest as exc:
-        fields = [entry.get("field", "") for entry in exc.errors]
-        if not fields or not all(of_contributions(field) for field in fields):
-            raise
-        return parse_model(model, without_contributions(data))
+    if model in _WITH_JOB:
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            if _past_contribution_bounds(exc):
+                return parse_model(model, without_contributions(data))
+    return parse_model(model, data)
+
+
+# The stage outputs that hold a job's contributions: the job itself, and the rendered image's.
+_WITH_JOB: tuple[type[BaseModel], ...] = (EnhancedPrompt, RenderedImage)
+# The ValueErrors of the contributions' bounds in bytes and keys (imagegen.models).
+_BOUND_MESSAGE = re.compile(r"(Value error, )?at most \d+ (bytes as UTF-8 JSON, got \d+|keys)")
+# What pydantic reports for a list (``too_long``) or a text (``string_too_long``) past its
+# ``max_length``: https://docs.pydantic.dev/latest/errors/validation_errors/#too_long
+_BOUND_TYPES = frozenset({"too_long", "string_too_long"})
+
+
+def _past_contribution_bounds(exc: ValidationError) -> bool:
+    """Whether every error of ``exc`` is a job's contributions past a bound (too many, too
+    long, too many bytes or keys), in a job (``contributions``) or an image's
+    (``prompt.contributions``); not a value of the wrong type, nor any other field."""
+    errors = exc.errors(include_url=False)
+    return bool(errors) and all(
+        of_contributions(".".join(str(part) for part in error["loc"]))
+        and (
+            error["type"] in _BOUND_TYPES
+            or (error["type"] == "value_error" and _BOUND_MESSAGE.fullmatch(error["msg"]))
+        )
+        for error in errors
+    )
 
 
 def of_contributions(field: str) -> bool:

@@ -12,11 +12,18 @@ from zoneinfo import ZoneInfo
 
 from imagegen.errors import ConfigurationError, ImageGenError, InvalidRequest, first_line
 from imagegen.identity import aware
-from imagegen.models import MAX_CONTRIBUTIONS, MAX_CONTRIBUTIONS_BYTES, Contribution, json_size
+from imagegen.models import (
+    MAX_CONTRIBUTIONS,
+    MAX_CONTRIBUTIONS_BYTES,
+    MAX_PLUGIN_NAME_CHARS,
+    Contribution,
+    json_size,
+)
 from imagegen.plugins._running import close_plugin, leave_out, refusal, run_plugin, warm_plugin
 from imagegen.plugins.context import PluginContext, PluginFactory, PluginInfo, PromptPlugin
 from imagegen.plugins.discovery import clash, declarations, distribution_of
 from imagegen.settings import Settings
+from imagegen.validation import parse_model
 
 __all__ = ["DEFAULT_PLUGIN_TIMEOUT", "PluginSet"]
 
@@ -33,6 +40,40 @@ def _unknown(names: Iterable[str], known: Iterable[str], field_name: str) -> Inv
         for name in names
     ]
     return InvalidRequest(f"unknown plugin(s): {', '.join(names)}", errors=errors)
+
+
+def _check_name(name: str) -> None:
+    """Refuse a plugin name no contribution can carry (``Contribution.plugin``).
+
+    Raises:
+        ValueError: ``name`` is longer than :data:`MAX_PLUGIN_NAME_CHARS`.
+    """
+    if len(name) > MAX_PLUGIN_NAME_CHARS:
+        raise ValueError(
+            f"a plugin name of {len(name)} characters, at most {MAX_PLUGIN_NAME_CHARS}:"
+            f" {name[:40]!r}..."
+        )
+
+
+def _revalidated(contribution: Contribution) -> Contribution:
+    """``contribution`` as the job's next stage reads it: parsed anew from its JSON.
+
+    An instance is not validated again where a job is built from it, so one a plugin changed
+    after building it (more data than a contribution holds), built with ``model_construct``,
+    or renamed for its plugin would make a job that render refuses for good.
+
+    Raises:
+        InvalidRequest: naming each field a contribution may not hold, or ``body`` for one
+            that has no JSON form (a value of no JSON type set with ``model_construct``).
+    """
+    try:
+        text = contribution.model_dump_json()
+    except ValueError as exc:  # pydantic's PydanticSerializationError is one
+        raise InvalidRequest(
+            "contribution has no JSON form",
+            errors=[{"field": "body", "message": first_line(exc)}],
+        ) from None
+    return parse_model(Contribution, text)
 
 
 class PluginSet:
@@ -131,9 +172,16 @@ class PluginSet:
         return tuple(dict.fromkeys([*self._plugins, *self._entry_points]))
 
     def add(self, plugin: PromptPlugin, *, enabled: bool = True) -> None:
-        """Add a plugin object (replacing one of the same name) and enable it at the end."""
+        """Add a plugin object (replacing one of the same name) and enable it at the end.
+
+        Raises:
+            TypeError: ``plugin`` is no :class:`PromptPlugin`.
+            ValueError: its name is longer than a contribution's ``plugin`` takes
+                (:data:`~imagegen.models.MAX_PLUGIN_NAME_CHARS`).
+        """
         if not isinstance(plugin, PromptPlugin):
             raise TypeError(f"{plugin!r} is not a PromptPlugin (name, description, contribute)")
+        _check_name(plugin.name)
         self._plugins[plugin.name] = plugin
         if enabled and plugin.name not in self._order:
             self._order.append(plugin.name)
@@ -151,6 +199,7 @@ class PluginSet:
                 raise LookupError(f"plugin {name!r} is {self._clashes[name]}")
             ep = self._entry_points[name]
             try:
+                _check_name(name)
                 factory: PluginFactory = ep.load()
                 plugin: object = factory(self.settings)  # a plugin's code: checked below
             except Exception as exc:
@@ -438,7 +487,9 @@ class PluginSet:
         A plugin that raises or exceeds the timeout is logged and skipped. So is one whose
         contribution the job has no room for: past :data:`MAX_CONTRIBUTIONS` of them, or past
         :data:`MAX_CONTRIBUTIONS_BYTES` with the ones kept before it (a later, smaller one that
-        still fits is kept). The contributions returned always make a valid job.
+        still fits is kept), and one that is no valid contribution once read from its JSON, as
+        the next stage reads the job (changed after it was built, or never validated). The
+        contributions returned always make a valid job.
 
         Args:
             generation_id: The generation's id.
@@ -484,6 +535,12 @@ class PluginSet:
             except InvalidRequest as exc:
                 raise self._whose(exc, name, options) from None
             if contribution is None:
+                continue
+            try:
+                contribution = _revalidated(contribution)
+            except InvalidRequest as exc:
+                said = "; ".join(f"{e['field']}: {e['message']}" for e in exc.errors)
+                leave_out(name, f"its contribution is invalid: {said.splitlines()[0][:300]}")
                 continue
             # The job's bounds on all of them together, kept in plugin order: the job is
             # built without what does not fit, rather than refused (a 500 at enhance).

@@ -1,5 +1,6 @@
-"""The plugins' contributions past what a job holds (its count, its bytes together) are left
-out as skipped, in plugin order, and the job is built with the rest.
+"""The plugins' contributions past what a job holds (its count, its bytes together), or that
+are no valid contribution read from their JSON, are left out as skipped, in plugin order, and
+the job is built with the rest.
 
 They failed the request instead: the job refused them, and enhance answered 500, to be
 retried and dead-lettered with the same plugins adding the same again.
@@ -15,9 +16,18 @@ from typing import Any
 
 import pytest
 
-from imagegen.models import MAX_CONTRIBUTIONS, MAX_CONTRIBUTIONS_BYTES
-from imagegen.plugins import PluginSet, noting_skips
+from imagegen.errors import InvalidRequest
+from imagegen.models import (
+    MAX_CONTRIBUTION_DATA_BYTES,
+    MAX_CONTRIBUTIONS,
+    MAX_CONTRIBUTIONS_BYTES,
+    MAX_PLUGIN_NAME_CHARS,
+    Contribution,
+    EnhancedPrompt,
+)
+from imagegen.plugins import PluginContext, PluginSet, PromptPlugin, noting_skips
 from imagegen.settings import Settings
+from imagegen.validation import parse_model
 from tests.enhance.conftest import MakeStage, run
 from tests.fakes.ollama_server import FakeOllama
 from tests.functions.clients import InProcessFunction
@@ -131,3 +141,92 @@ def test_the_served_function_answers_with_the_contributions_that_fit(
     skipped = _skipped(caplog)
     assert sorted(skipped) == BULKY[6:]
     assert f"at most {MAX_CONTRIBUTIONS_BYTES} bytes together" in skipped[BULKY[6]]
+
+
+class _GrowingPlugin:
+    """Adds to its contribution's data after building it: past what one holds."""
+
+    name = "growing"
+    description = "changes its contribution once it is built"
+    blocking = False
+
+    def contribute(self, context: PluginContext) -> Contribution:
+        contribution = Contribution(plugin=self.name, text="grown", data={"notes": []})
+        contribution.data["notes"] = ["x" * 1000] * 40  # 40 KB
+        return contribution
+
+
+class _UnvalidatedPlugin:
+    """Builds its contribution with ``model_construct``: a text no contribution holds."""
+
+    name = "unvalidated"
+    description = "never validates its contribution"
+    blocking = False
+
+    def contribute(self, context: PluginContext) -> Contribution:
+        return Contribution.model_construct(plugin=self.name, text="y" * 2000, data={}, loras=[])
+
+
+@pytest.mark.parametrize(
+    ("plugin", "why"),
+    [
+        (_GrowingPlugin(), f"data: at most {MAX_CONTRIBUTION_DATA_BYTES} bytes as UTF-8 JSON"),
+        (_UnvalidatedPlugin(), "text: String should have at most 1000 characters"),
+    ],
+    ids=["changed-after-built", "model-construct"],
+)
+async def test_an_invalid_contribution_is_skipped_and_the_job_stays_valid_for_render(
+    make_stage: MakeStage, settings: Settings, plugin: PromptPlugin, why: str
+) -> None:
+    stage = make_stage(PluginSet([plugin, EchoPlugin(name="echo")], settings=settings))
+
+    with noting_skips() as noted:
+        job = await run(stage, enhance=False)
+
+    assert [c.plugin for c in job.contributions] == ["echo"]
+    assert [name for name, _ in noted] == [plugin.name]
+    assert why in noted[0][1]
+    # As render reads the job: from its JSON, every contribution validated anew.
+    assert parse_model(EnhancedPrompt, job.model_dump(mode="json")) == job
+    assert parse_model(EnhancedPrompt, job.model_dump_json()) == job
+
+
+async def test_a_kept_contribution_is_a_copy_the_plugin_can_no_longer_change(
+    make_stage: MakeStage, settings: Settings
+) -> None:
+    kept: list[Contribution] = []
+
+    class Keeping(EchoPlugin):
+        def contribute(self, context: PluginContext) -> Contribution:
+            contribution = super().contribute(context)
+            kept.append(contribution)
+            return contribution
+
+    stage = make_stage(PluginSet([Keeping(name="keeping")], settings=settings))
+    job = await run(stage, enhance=False)
+    kept[0].data["pad"] = "x" * MAX_CONTRIBUTION_DATA_BYTES
+
+    assert "pad" not in job.contributions[0].data
+    parse_model(EnhancedPrompt, job.model_dump_json())
+
+
+def test_a_plugin_name_longer_than_a_contribution_holds_is_refused_where_the_set_is_built(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    long_name = "n" * (MAX_PLUGIN_NAME_CHARS + 1)
+
+    with pytest.raises(ValueError, match=f"of 129 characters, at most {MAX_PLUGIN_NAME_CHARS}"):
+        PluginSet([EchoPlugin(name=long_name)], settings=settings)
+    PluginSet([EchoPlugin(name="n" * MAX_PLUGIN_NAME_CHARS)], settings=settings)
+
+    # Declared by an installed package: refused as a plugin that cannot be loaded.
+    install_distribution(
+        tmp_path / "site", "long-names", {long_name: "tests.plugins.sample_plugins:EchoPlugin"}
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    with pytest.raises(InvalidRequest) as refused:
+        PluginSet.from_settings(settings, names=[long_name])
+    [error] = refused.value.errors
+    assert error["field"] == "plugins"
+    # The message is cut short after the name it repeats, but says why.
+    assert "cannot be loaded (ValueError: a plugin name of 129 char" in error["message"]
