@@ -405,8 +405,10 @@ class ImageGenService:
         raises its error. Cancelled before, nothing of it is stored, unlike :meth:`render`,
         whose started render is stored for its retry: a render whose pipeline call has
         started runs on to its end, but writes no PNG (its claim on the generation id may be
-        written; it holds the id for this job, which a retry renders again). Another
-        cancellation while it ends gives up waiting.
+        written; it holds the id for this job, which a retry renders again), unless another
+        call of this generation in this service waits for that render: it stores the PNG
+        then, and the call that waits answers with it and persists it (one render for both).
+        Another cancellation while it ends gives up waiting.
 
         ``persisted(image)`` is called with the persisted image as soon as it is, before this
         returns or its cancellation goes on: a caller that was cancelled learns what it stored.
@@ -429,10 +431,11 @@ class ImageGenService:
             # Asked by the render, on this event loop, just before its PNG's write begins:
             # this task's cancellation and the write are ordered here, whichever comes first
             # deciding. Cancelled first, the render writes nothing (it runs on in a task of
-            # its own, which would otherwise store a PNG nobody records). Else the PNG counts
-            # as stored from here on: a write cancelled under way still ends in its thread,
-            # so cancelling the chain then would leave the PNG without its record. A write
-            # that fails raises its error as ever.
+            # its own, which would otherwise store a PNG nobody records), unless another call
+            # of this generation waits for it and records it (RenderStage.render). Else the
+            # PNG counts as stored from here on: a write cancelled under way still ends in
+            # its thread, so cancelling the chain then would leave the PNG without its
+            # record. A write that fails raises its error as ever.
             nonlocal png_stored
             if abandoned:
                 return False

@@ -173,7 +173,7 @@ async def test_a_generate_cancelled_before_its_png_is_written_stores_nothing(
     asked: list[tuple[bool, bool]] = []  # (the answer, asked on the event loop's thread)
 
     async def watched(self: RenderStage, *args: Any) -> RenderedImage:
-        *rest, storing = args
+        *rest, storing, request = args
         loop_thread = threading.current_thread()
 
         def asking() -> bool:
@@ -184,7 +184,7 @@ async def test_a_generate_cancelled_before_its_png_is_written_stores_nothing(
         ended = asyncio.Event()
         renders_ended.append(ended)
         try:
-            return await real_render(self, *rest, asking)
+            return await real_render(self, *rest, asking, request)
         finally:
             ended.set()
 
@@ -221,6 +221,74 @@ async def test_a_generate_cancelled_before_its_png_is_written_stores_nothing(
     assert png.with_suffix(".json").is_file()
     found, _ = recorded(ledger_path, "claimed-1")
     assert found is not None and found.status == "persisted"
+
+
+async def test_a_generate_cancelled_before_its_png_is_written_stores_it_for_one_that_waits(
+    settings: Settings,
+    tmp_path: Path,
+    ledger: Ledger,
+    ledger_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two deliveries of one generation in one process: the first is cancelled while its
+    claim is written, the second waiting for its render. The render's PNG is stored for the
+    one that waits, which answers with it and persists it: one pipeline call, one write."""
+    from imagegen.render.stage import RenderStage
+    from imagegen.storage import local
+
+    real_create = local.LocalStorage._create
+    claiming, go_on = threading.Event(), threading.Event()
+    written: list[str] = []
+
+    def held_create(self: Any, key: str, *args: Any) -> bool:  # a slow claim PutObject
+        if key.startswith("renders/") and not go_on.is_set():
+            claiming.set()
+            go_on.wait(60)
+        if key.endswith(".png") and not key.startswith("renders/"):
+            written.append(key)
+        return real_create(self, key, *args)
+
+    real_run_batch = RenderStage._run_batch
+    calls: list[object] = []
+
+    def counted(self: RenderStage, batch: Any) -> Any:
+        calls.append(batch)
+        return real_run_batch(self, batch)
+
+    real_render_once = RenderStage._render_once
+    deliveries: list[object] = []
+    second = asyncio.Event()
+
+    async def entered(self: RenderStage, *args: Any, **kwargs: Any) -> RenderedImage:
+        deliveries.append(args)
+        if len(deliveries) == 2:
+            second.set()  # counted as waiting for the generation: it waits for the lock
+        return await real_render_once(self, *args, **kwargs)
+
+    monkeypatch.setattr(local.LocalStorage, "_create", held_create)
+    monkeypatch.setattr(RenderStage, "_run_batch", counted)
+    monkeypatch.setattr(RenderStage, "_render_once", entered)
+    png = tmp_path / "out/2026/11/24/shared-1.png"
+    service = ImageGenService(settings, plugins=no_plugins(settings), recorder=Recorder(ledger))
+    async with service:
+        request = small(prompt="a kite", enhance=False, generation_id="shared-1")
+        first = asyncio.ensure_future(service.generate(request))
+        try:
+            assert await asyncio.to_thread(claiming.wait, 120), "no claim was written"
+            waiting = asyncio.ensure_future(service.generate(request))
+            await asyncio.wait_for(second.wait(), 120)
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+        finally:
+            go_on.set()
+        _, persisted = await asyncio.wait_for(waiting, 120)
+    assert len(calls) == 1, "the waiting delivery rendered the generation again"
+    assert written == ["2026/11/24/shared-1.png"]
+    assert persisted.key == "2026/11/24/shared-1.png" and png.is_file()
+    assert png.with_suffix(".json").is_file()
+    found, events = recorded(ledger_path, "shared-1")
+    assert found is not None and found.status == "persisted", (found, events)
 
 
 async def test_derivatives_that_cannot_be_made_leave_the_image_to_its_caller(

@@ -9,6 +9,7 @@ import logging
 import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -112,6 +113,7 @@ class RenderStage:
         self._generation_lock = KeyedLocks()  # one render per generation at a time
         self._stores = 0  # images this process stored (or found stored by another replica)
         self._waiters = Waiters()  # stored renders, dropped unstarted once nobody waits
+        self._requests: Counter[str] = Counter()  # per generation: the requests waiting in render
         self._batcher: Batcher | None = None
         self._closed = False  # set by close(): no model is loaded, no job rendered, from then on
 
@@ -314,9 +316,10 @@ class RenderStage:
         whatever becomes of the request (a write in a thread runs to its end, cancelled or
         not), so a caller that would record the image once it is stored learns it before its
         own cancellation can say otherwise; False (its caller has gone, and would record
-        nothing), and nothing is written: the render ends cancelled, its PNG dropped. Not
-        called for an image found stored (its request returns it) nor for a render that
-        fails before its write.
+        nothing), and nothing is written: the render ends cancelled, its PNG dropped, unless
+        another request for the generation waits for this render here, which then answers
+        with the PNG stored for it rather than render it again. Not called for an image
+        found stored (its request returns it) nor for a render that fails before its write.
 
         Idempotent per generation id: a redelivered job is answered from storage, and two
         deliveries in flight at once in one process render once (the second waits for the
@@ -344,20 +347,33 @@ class RenderStage:
             log.info("image already stored; not rendering again", extra={"key": keys.image})
             answered_again()
             return done
-        with _refused_if_closed():
-            return await self._waiters.wait(
-                job.generation_id,
-                lambda started: self._render_once(
-                    job,
-                    keys,
-                    fingerprint,
-                    progress,
-                    started,
-                    busy=busy,
-                    stores=stores,
-                    storing=storing,
-                ),
-            )
+        request = _Request()
+        self._requests[job.generation_id] += 1
+        try:
+            with _refused_if_closed():
+                return await self._waiters.wait(
+                    job.generation_id,
+                    lambda started: self._render_once(
+                        job,
+                        keys,
+                        fingerprint,
+                        progress,
+                        started,
+                        busy=busy,
+                        stores=stores,
+                        storing=storing,
+                        request=request,
+                    ),
+                )
+        finally:
+            request.waiting = False
+            self._requests[job.generation_id] -= 1
+            if not self._requests[job.generation_id]:
+                del self._requests[job.generation_id]
+
+    def _others_wait(self, generation_id: str, request: _Request) -> bool:
+        """Whether a request other than ``request`` waits in :meth:`render` for this generation."""
+        return self._requests[generation_id] - request.waiting > 0
 
     async def _as_claimed(
         self, job: EnhancedPrompt, keys: GenerationKeys
@@ -392,6 +408,7 @@ class RenderStage:
         busy: bool,
         stores: int,
         storing: Callable[[], bool] | None,
+        request: _Request,
     ) -> RenderedImage:
         # The lock first: a delivery that waits for another's image needs no pipeline time,
         # so it holds no admission slot (with a queue of 0 it would be refused otherwise).
@@ -408,7 +425,7 @@ class RenderStage:
             self._check(job)  # a 400 whatever the pod holds: never a 429, no slot taken
             async with self._admission(job):
                 done = await self._render_and_store(
-                    job, keys, fingerprint, progress, started, storing
+                    job, keys, fingerprint, progress, started, storing, request
                 )
             self._stores += 1  # before the lock is let go: the next holder sees it
             return done
@@ -421,6 +438,7 @@ class RenderStage:
         progress: ProgressCallback | None,
         started: Callable[[], None],
         storing: Callable[[], bool] | None,
+        request: _Request,
     ) -> RenderedImage:
         # The claim (no image of another day's job) is written while the pipeline runs: a
         # round trip to the store, off the render's time. Begun once the job joins a call, so
@@ -453,11 +471,18 @@ class RenderStage:
         else:  # a job with LoRAs, or a backend that never said its call began
             await stored_png.claim(self.storage, job, keys)
         location = self.storage.location(keys.image)
-        if storing is not None and not storing():
+        if (
+            storing is not None
+            and not storing()
+            and not self._others_wait(job.generation_id, request)
+        ):
             # Its caller was cancelled before this write began and records nothing of it: a
             # PNG stored now would be left without its record. Asked here, on the loop, with
             # nothing awaited between the answer and the write, so the caller's cancellation
-            # comes either before it (nothing written) or after (the write awaited).
+            # comes either before it (nothing written) or after (the write awaited). Stored
+            # all the same while another delivery of the generation in this process waits for
+            # this render: that one answers with the PNG and records it, rather than render
+            # it again once this render is dropped.
             log.info(
                 "render dropped before its PNG was stored: its caller has gone",
                 extra={"generation_id": job.generation_id},
@@ -620,6 +645,15 @@ event loop's default executor, which the interpreter joins at exit. A process to
 while its model loads (a pod scaled down or replaced during its start) exits then, rather than
 after a load that may take minutes, or hang on the model hub until the grace period ends in a
 SIGKILL."""
+
+
+class _Request:
+    """A call of :meth:`RenderStage.render`: ``waiting`` until it returns or is cancelled."""
+
+    __slots__ = ("waiting",)
+
+    def __init__(self) -> None:
+        self.waiting = True
 
 
 class _Admission:
