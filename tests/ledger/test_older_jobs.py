@@ -48,17 +48,23 @@ def _job(contributions: list[dict[str, Any]], **more: Any) -> dict[str, Any]:
     }
 
 
+# What image.rendered and image.persisted both say of the image.
+_IMAGE: dict[str, Any] = {
+    "generation_id": "older-1",
+    "key": "2026/12/01/older-1.png",
+    "location": "file:///out/2026/12/01/older-1.png",
+    "size": 10,
+    "sha256": "0" * 64,
+    "width": 256,
+    "height": 256,
+    "seed": 7,
+    "model": "tiny",
+}
+
+
 def _rendered(job: dict[str, Any]) -> dict[str, Any]:
     return {
-        "generation_id": "older-1",
-        "key": "2026/12/01/older-1.png",
-        "location": "file:///out/2026/12/01/older-1.png",
-        "size": 10,
-        "sha256": "0" * 64,
-        "width": 256,
-        "height": 256,
-        "seed": 7,
-        "model": "tiny",
+        **_IMAGE,
         "steps": 2,
         "guidance": 1.0,
         "prompt": job,
@@ -112,15 +118,7 @@ def _ingest(tmp_path: Path, event_type: str, data: dict[str, Any]) -> None:
 
 def _persisted() -> dict[str, Any]:
     return {
-        "generation_id": "older-1",
-        "key": "2026/12/01/older-1.png",
-        "location": "file:///out/2026/12/01/older-1.png",
-        "size": 10,
-        "sha256": "0" * 64,
-        "width": 256,
-        "height": 256,
-        "seed": 7,
-        "model": "tiny",
+        **_IMAGE,
         "prompt": "a fox at dusk",
         "keys": {"image": "2026/12/01/older-1.png"},
         "metadata_location": "file:///out/2026/12/01/older-1.json",
