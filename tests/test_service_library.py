@@ -8,7 +8,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -104,6 +104,30 @@ async def test_a_generate_cancelled_once_its_png_is_stored_persists_it_first(
     assert (image.generation_id, image.key) == ("stored-1", "2026/11/24/stored-1.png")
 
 
+def _held_writes(
+    monkeypatch: pytest.MonkeyPatch, held: Callable[[str], bool]
+) -> tuple[threading.Event, threading.Event, list[str]]:
+    """Local storage whose writes of the keys ``held`` names wait, in their thread, until told
+    to go on (a slow PutObject): what says one is reached, what tells them to go on, and the
+    image keys written."""
+    from imagegen.storage import local
+
+    real_create = local.LocalStorage._create
+    reached, go_on = threading.Event(), threading.Event()
+    written: list[str] = []
+
+    def held_create(self: Any, key: str, *args: Any) -> bool:
+        if held(key) and not go_on.is_set():
+            reached.set()
+            go_on.wait(60)
+        if key.endswith(".png") and not key.startswith("renders/"):
+            written.append(key)
+        return real_create(self, key, *args)
+
+    monkeypatch.setattr(local.LocalStorage, "_create", held_create)
+    return reached, go_on, written
+
+
 async def test_a_generate_cancelled_while_its_png_is_written_persists_it_first(
     settings: Settings,
     tmp_path: Path,
@@ -114,18 +138,7 @@ async def test_a_generate_cancelled_while_its_png_is_written_persists_it_first(
     """A cancellation (Ctrl-C) during the PNG's own write: the write, in its thread, ends all
     the same, so the image is persisted and recorded so before the cancellation goes on,
     never a PNG stored behind a history that says the render failed."""
-    from imagegen.storage import local
-
-    real_create = local.LocalStorage._create
-    writing, go_on = threading.Event(), threading.Event()
-
-    def held_create(self: Any, key: str, *args: Any) -> bool:  # a slow PutObject, say
-        if key.endswith(".png"):
-            writing.set()
-            go_on.wait(60)
-        return real_create(self, key, *args)
-
-    monkeypatch.setattr(local.LocalStorage, "_create", held_create)
+    writing, go_on, _ = _held_writes(monkeypatch, lambda key: key.endswith(".png"))
     service = ImageGenService(settings, plugins=no_plugins(settings), recorder=Recorder(ledger))
     async with service:
         request = small(prompt="a kite", enhance=False, generation_id="writing-1")
@@ -157,17 +170,8 @@ async def test_a_generate_cancelled_before_its_png_is_written_stores_nothing(
     runs on in a task of its own, writes no PNG, so none is left behind a history that says
     the generation stopped; the same request then renders and persists as ever."""
     from imagegen.render.stage import RenderStage
-    from imagegen.storage import local
 
-    real_create = local.LocalStorage._create
-    claiming, go_on = threading.Event(), threading.Event()
-
-    def held_create(self: Any, key: str, *args: Any) -> bool:  # a slow claim PutObject
-        if key.startswith("renders/") and not go_on.is_set():
-            claiming.set()
-            go_on.wait(60)
-        return real_create(self, key, *args)
-
+    claiming, go_on, _ = _held_writes(monkeypatch, lambda key: key.startswith("renders/"))
     real_render = RenderStage._render_and_store
     renders_ended: list[asyncio.Event] = []
     asked: list[tuple[bool, bool]] = []  # (the answer, asked on the event loop's thread)
@@ -188,7 +192,6 @@ async def test_a_generate_cancelled_before_its_png_is_written_stores_nothing(
         finally:
             ended.set()
 
-    monkeypatch.setattr(local.LocalStorage, "_create", held_create)
     monkeypatch.setattr(RenderStage, "_render_and_store", watched)
     png = tmp_path / "out/2026/11/24/claimed-1.png"
     service = ImageGenService(settings, plugins=no_plugins(settings), recorder=Recorder(ledger))
@@ -234,20 +237,8 @@ async def test_a_generate_cancelled_before_its_png_is_written_stores_it_for_one_
     claim is written, the second waiting for its render. The render's PNG is stored for the
     one that waits, which answers with it and persists it: one pipeline call, one write."""
     from imagegen.render.stage import RenderStage
-    from imagegen.storage import local
 
-    real_create = local.LocalStorage._create
-    claiming, go_on = threading.Event(), threading.Event()
-    written: list[str] = []
-
-    def held_create(self: Any, key: str, *args: Any) -> bool:  # a slow claim PutObject
-        if key.startswith("renders/") and not go_on.is_set():
-            claiming.set()
-            go_on.wait(60)
-        if key.endswith(".png") and not key.startswith("renders/"):
-            written.append(key)
-        return real_create(self, key, *args)
-
+    claiming, go_on, written = _held_writes(monkeypatch, lambda key: key.startswith("renders/"))
     real_run_batch = RenderStage._run_batch
     calls: list[object] = []
 
@@ -265,7 +256,6 @@ async def test_a_generate_cancelled_before_its_png_is_written_stores_it_for_one_
             second.set()  # counted as waiting for the generation: it waits for the lock
         return await real_render_once(self, *args, **kwargs)
 
-    monkeypatch.setattr(local.LocalStorage, "_create", held_create)
     monkeypatch.setattr(RenderStage, "_run_batch", counted)
     monkeypatch.setattr(RenderStage, "_render_once", entered)
     png = tmp_path / "out/2026/11/24/shared-1.png"
