@@ -114,6 +114,25 @@ class FunctionServer:
                 continue
         return records
 
+    def logged(self, message: str, *, timeout: float = 60.0) -> None:
+        """Wait until a log record says ``message`` (render's ``rendering``, say)."""
+        deadline = time.monotonic() + timeout
+        while not any(record.get("message") == message for record in self.log_records()):
+            assert time.monotonic() < deadline, self.logs()
+            time.sleep(0.02)
+
+    def worker(self) -> int:
+        """The pid of the server's one gunicorn worker: the child of its arbiter."""
+        assert self.process is not None
+        for entry in Path("/proc").iterdir():
+            try:
+                status = (entry / "status").read_text()
+            except (OSError, ValueError):
+                continue  # not a process, or one that ended meanwhile
+            if f"\nPPid:\t{self.process.pid}\n" in status:
+                return int(entry.name)
+        raise LookupError(f"no worker under {self.process.pid}")
+
     def post(self, path: str = "/", **kwargs: Any) -> httpx.Response:
         return httpx.post(self.url + path, **{"timeout": 120.0, **kwargs})
 

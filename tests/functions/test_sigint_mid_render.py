@@ -17,20 +17,6 @@ from tests.functions.conftest import base_env
 from tests.functions.servers import FunctionServer
 
 
-def _worker(master: int) -> int:
-    """gunicorn's worker: the master's one child."""
-    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
-    assert len(children) == 1, children
-    return int(children[0])
-
-
-def _rendering(server: FunctionServer, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not any(r.get("message") == "rendering" for r in server.log_records()):
-        assert time.monotonic() < deadline, server.logs()
-        time.sleep(0.02)
-
-
 @pytest.mark.slow
 def test_a_render_stopped_by_sigint_is_a_retryable_503_and_no_error(tmp_path: Path) -> None:
     env = {**base_env(tmp_path / "store"), "WORKERS": "1"}
@@ -44,10 +30,10 @@ def test_a_render_stopped_by_sigint_is_a_retryable_503_and_no_error(tmp_path: Pa
     with server:
         server.wait("/readyz")
         assert server.process is not None
-        worker = _worker(server.process.pid)
+        worker = server.worker()
         request = threading.Thread(target=lambda: replies.append(server.post("/", json=body)))
         request.start()
-        _rendering(server)
+        server.logged("rendering")
         os.kill(worker, signal.SIGINT)  # Ctrl-C, as gunicorn's worker gets it
         request.join(120)
         deadline = time.monotonic() + 60

@@ -66,21 +66,8 @@ def sizes(served: dict[str, FunctionServer], issuer: Issuer) -> dict[str, int]:
         token = issuer.sign({}, audience=f"imagegen-{stage}")
         reply = server.post("/", json=REQUEST, headers={"Authorization": f"Bearer {token}"})
         assert reply.status_code < 300, reply.text
-        sizes[stage] = _memory(_worker(server), "VmRSS")
+        sizes[stage] = _memory(server.worker(), "VmRSS")
     return sizes
-
-
-def _worker(server: FunctionServer) -> int:
-    """The pid of the server's one gunicorn worker: the child of its arbiter."""
-    assert server.process is not None
-    for entry in Path("/proc").iterdir():
-        try:
-            status = (entry / "status").read_text()
-        except (OSError, ValueError):
-            continue  # not a process, or one that ended meanwhile
-        if f"\nPPid:\t{server.process.pid}\n" in status:
-            return int(entry.name)
-    raise LookupError(f"no worker under {server.process.pid}")
 
 
 def _memory(pid: int, field: str) -> int:
@@ -160,7 +147,7 @@ def test_an_unauthenticated_upload_is_refused_before_it_is_read(
 ) -> None:
     enhance = served["enhance"]
     send = partial(_upload, enhance, chunked=chunked)
-    (status, seconds), grew = _peak_since(_worker(enhance), sizes["enhance"], send)
+    (status, seconds), grew = _peak_since(enhance.worker(), sizes["enhance"], send)
     assert status == 401
     assert seconds < 5, f"answered after {seconds:.1f}s"
     assert grew < GROWTH, f"the worker grew by {grew / MiB:.0f} MiB"
@@ -199,7 +186,7 @@ def test_what_a_function_leaves_unread_is_never_read(
     }
     headers = {"Authorization": f"Bearer {token[credential]}"} if credential else {}
     send = partial(_upload, server, path, method=method, headers=headers)
-    (answered, seconds), grew = _peak_since(_worker(server), sizes[stage], send)
+    (answered, seconds), grew = _peak_since(server.worker(), sizes[stage], send)
     assert answered == status
     assert seconds < 5, f"answered after {seconds:.1f}s"
     assert grew < GROWTH, f"the worker grew by {grew / MiB:.0f} MiB"
