@@ -46,6 +46,10 @@ class Waiters:
         """Generations with a render under way or a request waiting."""
         return len(self._renders.keys() | self._requests.keys())
 
+    def waiting(self, generation_id: str) -> int:
+        """The requests waiting for ``generation_id``'s render now."""
+        return self._requests[generation_id]
+
     async def wait(self, generation_id: str, work: Work[T]) -> T:
         """Run ``work`` as a task of its own and await it; see the module's docstring."""
         render = _Render()

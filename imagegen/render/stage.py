@@ -9,7 +9,6 @@ import logging
 import math
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -113,7 +112,6 @@ class RenderStage:
         self._generation_lock = KeyedLocks()  # one render per generation at a time
         self._stores = 0  # images this process stored (or found stored by another replica)
         self._waiters = Waiters()  # stored renders, dropped unstarted once nobody waits
-        self._requests: Counter[str] = Counter()  # per generation: the requests waiting in render
         self._batcher: Batcher | None = None
         self._closed = False  # set by close(): no model is loaded, no job rendered, from then on
 
@@ -348,7 +346,6 @@ class RenderStage:
             answered_again()
             return done
         request = _Request()
-        self._requests[job.generation_id] += 1
         try:
             with _refused_if_closed():
                 return await self._waiters.wait(
@@ -367,13 +364,10 @@ class RenderStage:
                 )
         finally:
             request.waiting = False
-            self._requests[job.generation_id] -= 1
-            if not self._requests[job.generation_id]:
-                del self._requests[job.generation_id]
 
     def _others_wait(self, generation_id: str, request: _Request) -> bool:
         """Whether a request other than ``request`` waits in :meth:`render` for this generation."""
-        return self._requests[generation_id] - request.waiting > 0
+        return self._waiters.waiting(generation_id) - request.waiting > 0
 
     async def _as_claimed(
         self, job: EnhancedPrompt, keys: GenerationKeys
