@@ -19,12 +19,13 @@ from imagegen._threads import DaemonPool, PoolExhausted
 from imagegen.errors import ConfigurationError, InvalidRequest, first_line
 from imagegen.models import Contribution
 from imagegen.plugins.context import PluginContext, PromptPlugin
-from imagegen.telemetry import tracer
+from imagegen.telemetry import record_error, tracer
 from imagegen.validation import check_json_value, loads
 
 __all__ = [
     "MAX_RUNNING",
     "Busy",
+    "LeftOut",
     "PluginExit",
     "answers_at_once",
     "close_plugin",
@@ -40,8 +41,17 @@ logger = logging.getLogger("imagegen.plugins")
 T = TypeVar("T")
 
 
+class LeftOut(Exception):
+    """A contribution the generation leaves out (no room for it, or no valid one): its plugin
+    is skipped as one that raises is; the message says why."""
+
+
 async def run_plugin(
-    plugin: PromptPlugin, context: PluginContext, *, time_limit: float
+    plugin: PromptPlugin,
+    context: PluginContext,
+    *,
+    time_limit: float,
+    keep: Callable[[Contribution], Contribution] | None = None,
 ) -> Contribution | None:
     """``plugin``'s contribution for ``context``, or None when it adds nothing or is skipped.
 
@@ -49,6 +59,9 @@ async def run_plugin(
         plugin: The plugin to run.
         context: What it sees of the generation.
         time_limit: Seconds it may take before it is skipped.
+        keep: Given the contribution, still within the plugin's span: what the generation
+            keeps of it, or :class:`LeftOut` raised, which skips the plugin (:func:`leave_out`)
+            and marks its span failed, as one that raises.
 
     Raises:
         InvalidRequest: the plugin rejected its options.
@@ -57,6 +70,14 @@ async def run_plugin(
     with tracer().start_as_current_span("imagegen.plugin") as span:
         span.set_attribute("imagegen.plugin.name", context.plugin)
         result = await _contribution(plugin, context, span, time_limit)
+        if result is not None and keep is not None:
+            try:
+                result = keep(result)
+            except LeftOut as exc:
+                leave_out(context.plugin, str(exc))
+                # No stack trace: the generation's own decision, expected, not the plugin's code.
+                _skipped(span, exc, str(exc), traceback=False)
+                result = None
         span.set_attribute("imagegen.plugin.contributed", result is not None)
         return result
 
@@ -246,9 +267,15 @@ def _json_data(data: dict[str, Any]) -> bool:
     return True
 
 
-def _skipped(span: trace.Span, error: BaseException, description: str) -> None:
-    """Mark a plugin's span failed; the generation goes on without the plugin."""
-    span.record_exception(error)
+def _skipped(
+    span: trace.Span, error: BaseException, description: str, *, traceback: bool = True
+) -> None:
+    """Mark a plugin's span failed (status ``ERROR``, an ``exception`` event); the generation
+    goes on without the plugin."""
+    if traceback:
+        span.record_exception(error)
+    else:
+        record_error(span, error, traceback=False)
     span.set_status(trace.StatusCode.ERROR, description)
 
 

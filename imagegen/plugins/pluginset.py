@@ -19,7 +19,7 @@ from imagegen.models import (
     Contribution,
     json_size,
 )
-from imagegen.plugins._running import close_plugin, leave_out, refusal, run_plugin, warm_plugin
+from imagegen.plugins._running import LeftOut, close_plugin, refusal, run_plugin, warm_plugin
 from imagegen.plugins.context import PluginContext, PluginFactory, PluginInfo, PromptPlugin
 from imagegen.plugins.discovery import clash, declarations, distribution_of
 from imagegen.settings import Settings
@@ -74,6 +74,41 @@ def _revalidated(contribution: Contribution) -> Contribution:
             errors=[{"field": "body", "message": first_line(exc)}],
         ) from None
     return parse_model(Contribution, text)
+
+
+class _Kept:
+    """The contributions a job keeps, in plugin order, within its bounds on all of them."""
+
+    def __init__(self) -> None:
+        self.contributions: list[Contribution] = []
+        self._size = len("[]")  # of the contributions kept, as a JSON array
+
+    def add(self, contribution: Contribution) -> Contribution:
+        """Keep ``contribution`` as the job's next stage reads it (:func:`_revalidated`).
+
+        Raises:
+            LeftOut: it is no valid contribution, or the job has no room for it.
+        """
+        try:
+            contribution = _revalidated(contribution)
+        except InvalidRequest as exc:
+            said = "; ".join(f"{e['field']}: {e['message']}" for e in exc.errors)
+            raise LeftOut(f"its contribution is invalid: {said.splitlines()[0][:300]}") from None
+        # The job is built without what does not fit, rather than refused (a 500 at enhance).
+        if len(self.contributions) == MAX_CONTRIBUTIONS:
+            raise LeftOut(f"a job holds at most {MAX_CONTRIBUTIONS} contributions")
+        # The array grows by a comma (after the first) and this contribution.
+        size = self._size
+        grown = size + bool(self.contributions) + json_size(contribution.model_dump(mode="json"))
+        if grown > MAX_CONTRIBUTIONS_BYTES:
+            raise LeftOut(
+                f"its contribution takes {grown - size} bytes, {MAX_CONTRIBUTIONS_BYTES - size}"
+                f" are left: a job's contributions take at most {MAX_CONTRIBUTIONS_BYTES}"
+                " bytes together"
+            )
+        self.contributions.append(contribution)
+        self._size = grown
+        return contribution
 
 
 class PluginSet:
@@ -519,44 +554,19 @@ class PluginSet:
             seed=seed,
             settings=self.settings,
         )
-        contributions: list[Contribution] = []
-        size = len("[]")  # of the contributions kept, as a JSON array
+        kept = _Kept()
         for name in names:
             context = replace(
                 base,
                 plugin=name,
                 options=self.options_for(name, options),
-                contributions=tuple(contributions),
+                contributions=tuple(kept.contributions),
             )
+            # Kept or left out within the plugin's span, which says which (and why).
             try:
-                contribution = await run_plugin(
-                    self._plugins[name], context, time_limit=self.timeout
+                await run_plugin(
+                    self._plugins[name], context, time_limit=self.timeout, keep=kept.add
                 )
             except InvalidRequest as exc:
                 raise self._whose(exc, name, options) from None
-            if contribution is None:
-                continue
-            try:
-                contribution = _revalidated(contribution)
-            except InvalidRequest as exc:
-                said = "; ".join(f"{e['field']}: {e['message']}" for e in exc.errors)
-                leave_out(name, f"its contribution is invalid: {said.splitlines()[0][:300]}")
-                continue
-            # The job's bounds on all of them together, kept in plugin order: the job is
-            # built without what does not fit, rather than refused (a 500 at enhance).
-            if len(contributions) == MAX_CONTRIBUTIONS:
-                leave_out(name, f"a job holds at most {MAX_CONTRIBUTIONS} contributions")
-                continue
-            # The array grows by a comma (after the first) and this contribution.
-            grown = size + bool(contributions) + json_size(contribution.model_dump(mode="json"))
-            if grown > MAX_CONTRIBUTIONS_BYTES:
-                leave_out(
-                    name,
-                    f"its contribution takes {grown - size} bytes, {MAX_CONTRIBUTIONS_BYTES - size}"
-                    f" are left: a job's contributions take at most {MAX_CONTRIBUTIONS_BYTES}"
-                    " bytes together",
-                )
-                continue
-            contributions.append(contribution)
-            size = grown
-        return contributions
+        return kept.contributions

@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import StatusCode
 
+from imagegen.enhance import EnhanceStage
 from imagegen.errors import InvalidRequest
 from imagegen.models import (
     MAX_CONTRIBUTION_DATA_BYTES,
@@ -27,12 +30,19 @@ from imagegen.models import (
 )
 from imagegen.plugins import PluginContext, PluginSet, PromptPlugin, noting_skips
 from imagegen.settings import Settings
+from imagegen.telemetry import tracer
 from imagegen.validation import parse_model
-from tests.enhance.conftest import MakeStage, run
+from tests.enhance.conftest import NOW, MakeStage, run
 from tests.fakes.ollama_server import FakeOllama
 from tests.functions.clients import InProcessFunction
 from tests.functions.conftest import base_env
-from tests.plugins.sample_plugins import BulkyPlugin, EchoPlugin, install_distribution
+from tests.observability.conftest import InMemoryTelemetry, otel  # noqa: F401 - a fixture
+from tests.plugins.sample_plugins import (
+    BulkyPlugin,
+    EchoPlugin,
+    FailingPlugin,
+    install_distribution,
+)
 
 OLLAMA_PORT = 39901
 SERVED_OLLAMA_PORT = 39902
@@ -230,3 +240,82 @@ def test_a_plugin_name_longer_than_a_contribution_holds_is_refused_where_the_set
     assert error["field"] == "plugins"
     # The message is cut short after the name it repeats, but says why.
     assert "cannot be loaded (ValueError: a plugin name of 129 char" in error["message"]
+
+
+def _plugin_spans(telemetry: InMemoryTelemetry, trace_id: int) -> dict[str, ReadableSpan]:
+    """The ``imagegen.plugin`` spans of one trace, by plugin name."""
+    return {
+        str(span.attributes["imagegen.plugin.name"]): span
+        for span in telemetry.finished_spans()
+        if span.name == "imagegen.plugin"
+        and span.context.trace_id == trace_id
+        and span.attributes is not None
+    }
+
+
+def _assert_skipped(span: ReadableSpan, description: str | None = None) -> None:
+    """``span`` says its plugin was skipped: not contributed, ``ERROR``, an ``exception`` event."""
+    assert span.attributes is not None
+    assert span.attributes["imagegen.plugin.contributed"] is False
+    assert span.status.status_code is StatusCode.ERROR
+    [event] = span.events
+    assert event.name == "exception"
+    if description is not None:
+        assert span.status.description == description
+        assert event.attributes is not None
+        assert event.attributes["exception.message"] == description
+
+
+async def test_a_plugin_left_out_says_so_on_its_span_as_one_that_raises(
+    otel: InMemoryTelemetry,  # noqa: F811 - the fixture imported above
+) -> None:
+    """Its span was ended as contributed, before the job left it out: the ``imagegen.plugins``
+    span's list and the plugin's own span disagreed."""
+    settings = Settings(ollama_host="http://127.0.0.1:43001", plugins=[], timezone="UTC")
+    plugins: list[PromptPlugin] = [BulkyPlugin(name=name) for name in BULKY[:7]]
+    plugins += [_UnvalidatedPlugin(), FailingPlugin(), EchoPlugin(name="echo")]
+    stage = EnhanceStage(settings, PluginSet(plugins, settings=settings), backoff=0.01)
+    try:
+        with tracer().start_as_current_span("test") as parent, noting_skips() as noted:
+            job = await run(stage, enhance=False)
+    finally:
+        await stage.aclose()
+
+    trace_id = parent.get_span_context().trace_id
+    spans = _plugin_spans(otel, trace_id)
+    [plugins_span] = [
+        s
+        for s in otel.finished_spans()
+        if s.name == "imagegen.plugins" and s.context.trace_id == trace_id
+    ]
+    assert plugins_span.attributes is not None
+    contributed = [c.plugin for c in job.contributions]
+    assert contributed == [*KEPT, "echo"]
+    assert list(plugins_span.attributes["imagegen.plugins.contributed"]) == contributed
+    for name in contributed:
+        assert spans[name].attributes is not None
+        assert spans[name].attributes["imagegen.plugin.contributed"] is True
+        assert spans[name].status.status_code is StatusCode.UNSET
+        assert not spans[name].events
+    _assert_skipped(spans[FailingPlugin.name])
+    why = dict(noted)
+    assert sorted(why) == sorted([BULKY[6], "unvalidated", FailingPlugin.name])
+    _assert_skipped(spans[BULKY[6]], why[BULKY[6]])
+    _assert_skipped(spans["unvalidated"], why["unvalidated"])
+    assert "its contribution is invalid: text:" in why["unvalidated"]
+
+
+async def test_a_plugin_past_the_most_a_job_holds_says_so_on_its_span(
+    otel: InMemoryTelemetry,  # noqa: F811 - the fixture imported above
+) -> None:
+    settings = Settings(plugins=[], timezone="UTC")
+    names = [f"echo_{i}" for i in range(MAX_CONTRIBUTIONS + 1)]
+    plugins = PluginSet([EchoPlugin(name=n) for n in names], settings=settings)
+
+    with tracer().start_as_current_span("test") as parent:
+        kept = await plugins.run(generation_id="gen-1", seed=1, now=NOW)
+
+    assert len(kept) == MAX_CONTRIBUTIONS
+    spans = _plugin_spans(otel, parent.get_span_context().trace_id)
+    assert spans[names[0]].status.status_code is StatusCode.UNSET
+    _assert_skipped(spans[names[-1]], f"a job holds at most {MAX_CONTRIBUTIONS} contributions")
