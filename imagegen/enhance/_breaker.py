@@ -152,5 +152,8 @@ class CircuitBreaker:
         previous, self._state = self._state, state
         if state == "open":
             self._openings += 1
-        logger.warning("circuit %s: %s -> %s (%s)", self.name, previous, state, reason)
+        # Opening is the news (the dependency is down); the probe and the recovery that
+        # follow are its expected course.
+        level = logging.WARNING if state == "open" else logging.INFO
+        logger.log(level, "circuit %s: %s -> %s (%s)", self.name, previous, state, reason)
         instruments().circuit_transitions.add(1, {"dependency": self.name, "state": state})

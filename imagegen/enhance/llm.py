@@ -325,9 +325,11 @@ def _said(exc: BaseException, model: str | None = None) -> str:
 
 
 def _log_retry(state: RetryCallState) -> None:
+    # INFO: the attempt is not the prompt's end. Its caller logs the prompt's failure once, as
+    # a warning, if the retries do not mend it.
     exc = state.outcome.exception() if state.outcome is not None else None
     wait = state.next_action.sleep if state.next_action is not None else 0.0
-    logger.warning(
+    logger.info(
         "Ollama attempt %d failed (%s); retrying in %.2fs",
         state.attempt_number,
         _said(exc) if exc is not None else "no error",
@@ -526,17 +528,14 @@ class OllamaEnhancer:
             reason = f"no reply within {self.settings.ollama_timeout:g}s"
             raise self._unavailable(reason) from exc
         except (ConnectionError, httpx.HTTPError, ollama.ResponseError, MalformedReply) as exc:
-            said = _said(exc, self.settings.ollama_model)
-            raise self._unavailable(said, replied=answered(exc)) from exc
+            raise self._unavailable(_said(exc, self.settings.ollama_model)) from exc
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
-    def _unavailable(self, reason: str, *, replied: bool = False) -> DependencyUnavailable:
-        """The error ending a prompt, logged: ``replied``, Ollama answered, with no usable
-        prompt (it is not down: see :func:`answered`)."""
+    def _unavailable(self, reason: str) -> DependencyUnavailable:
+        """The error ending a prompt, not logged here: its caller says once what it does
+        about it (the stage: the template, or a 503)."""
         # The host can carry credentials (user-info, a token in the query): never shown.
         host, model = redact_url(self.settings.ollama_host), self.settings.ollama_model
-        state = "answered with no usable prompt" if replied else "unavailable"
-        logger.warning("Ollama %s at %s %s: %s", model, host, state, reason)
         return DependencyUnavailable(f"Ollama model {model} at {host}: {reason}")
 
     async def _chat(self, messages: list[dict[str, str]], seed: int, spec: ModelFamily) -> str:

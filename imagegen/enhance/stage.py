@@ -156,7 +156,9 @@ class EnhanceStage:
         contributions = await self._contributions(request, generation_id, seed, requested_at)
 
         # 4. Write the prompt
-        prompt, enhancer, fallback = await self._write(request, subject, contributions, seed, spec)
+        prompt, enhancer, fallback = await self._write(
+            request, generation_id, subject, contributions, seed, spec
+        )
 
         # 5. Fix every render parameter
         job = EnhancedPrompt(
@@ -212,13 +214,18 @@ class EnhanceStage:
     async def _write(
         self,
         request: GenerationRequest,
+        generation_id: str,
         subject: str,
         contributions: list[Contribution],
         seed: int,
         spec: ModelFamily,
     ) -> tuple[str, str, str | None]:
         """(prompt, enhancer, why the template stands in for the LLM or None) for ``request``;
-        the template writes ``subject`` (the caller's prompt, or its dream) and the plugins'."""
+        the template writes ``subject`` (the caller's prompt, or its dream) and the plugins'.
+
+        A prompt the LLM did not write is logged here, once: a warning with its cause, or, for
+        an open circuit, a debug line (the opening was the warning; the fallbacks are counted).
+        """
         if not request.enhance:
             enhancer = "passthrough" if request.prompt else "template"
             return compose(subject, contributions, spec), enhancer, None
@@ -234,10 +241,18 @@ class EnhanceStage:
                 raise
             reason = fallback_reason(exc)
             if answered(exc.__cause__):
-                why = f"the LLM's reply holds no usable prompt ({reason})"
+                why = f"the LLM's reply holds no usable prompt ({reason}: {exc.message})"
             else:
                 why = f"the LLM is unavailable ({reason}: {exc.message})"
-            logger.warning("enhance: %s; using the template prompt", why)
+            # While the circuit is open every request lands here: a warning each would flood
+            # the log during an outage that one warning (the opening) already reported.
+            level = logging.DEBUG if reason == "circuit_open" else logging.WARNING
+            logger.log(
+                level,
+                "enhance: %s; using the template prompt",
+                why,
+                extra={"generation_id": generation_id},
+            )
             return compose(subject, contributions, spec), "template", reason
         return text, self.enhancer.name, None
 

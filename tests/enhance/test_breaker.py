@@ -140,9 +140,10 @@ async def test_state_changes_are_logged(caplog: pytest.LogCaptureFixture) -> Non
 async def test_each_transition_is_logged_with_its_own_reason(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """Opening is a warning; the probe and the recovery, the course after it, are INFO."""
     clock = Clock()
     breaker = CircuitBreaker("ollama", threshold=2, cooldown=5, clock=clock)
-    with caplog.at_level(logging.WARNING, logger="imagegen.enhance"):
+    with caplog.at_level(logging.INFO, logger="imagegen.enhance"):
         await _fail(breaker)
         await _fail(breaker)
         clock.now += 5
@@ -150,13 +151,13 @@ async def test_each_transition_is_logged_with_its_own_reason(
         clock.now += 5
         await _succeed(breaker)  # the next probe
         breaker.trip("Ollama did not answer the warm-up")
-    assert [r.getMessage() for r in caplog.records] == [
-        "circuit ollama: closed -> open (2 consecutive failures)",
-        "circuit ollama: open -> half_open (cool-down of 5s over)",
-        "circuit ollama: half_open -> open (the probe failed)",
-        "circuit ollama: open -> half_open (cool-down of 5s over)",
-        "circuit ollama: half_open -> closed (the probe succeeded)",
-        "circuit ollama: closed -> open (Ollama did not answer the warm-up)",
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "circuit ollama: closed -> open (2 consecutive failures)"),
+        ("INFO", "circuit ollama: open -> half_open (cool-down of 5s over)"),
+        ("WARNING", "circuit ollama: half_open -> open (the probe failed)"),
+        ("INFO", "circuit ollama: open -> half_open (cool-down of 5s over)"),
+        ("INFO", "circuit ollama: half_open -> closed (the probe succeeded)"),
+        ("WARNING", "circuit ollama: closed -> open (Ollama did not answer the warm-up)"),
     ]
 
 
@@ -355,7 +356,7 @@ async def test_a_call_begun_before_the_circuit_opened_does_not_decide_the_probe(
     clock.now += 5
     probe = await Held.begin(breaker)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="imagegen.enhance"):
+    with caplog.at_level(logging.INFO, logger="imagegen.enhance"):
         await earlier.end(RuntimeError("down"))  # fails while the probe is in flight
         assert breaker.state == "half_open", "the probe has not failed"
         await probe.end()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
@@ -10,9 +11,11 @@ from imagegen.enhance import EnhanceStage, PromptReply, estimate_tokens
 from imagegen.enhance._template import DREAM_SUBJECTS
 from imagegen.errors import DependencyUnavailable
 from imagegen.modelspec import family_for
-from tests.enhance.conftest import MakeStage
+from tests.enhance.conftest import NOW, MakeStage
+from tests.enhance.conftest import request as _request
 from tests.enhance.conftest import run as _run
 from tests.fakes.ollama_server import (
+    Behaviour,
     FakeOllama,
     broken_body,
     http_error,
@@ -213,3 +216,77 @@ async def test_recovers_when_ollama_is_back(stage: EnhanceStage, fake_ollama: Fa
     assert (await _run(stage)).fallback is True
     fake_ollama.start()
     assert (await _run(stage)).fallback is False
+
+
+# 3. What a failure logs: one warning a prompt, none a request the open circuit answers
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [record for record in caplog.records if record.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "cause", "retried"),
+    [
+        (None, "ConnectionError", True),  # connection refused
+        (http_error(503), "(status code: 503)", True),
+        (http_error(404, "model 'llama3.2' not found"), "ollama pull llama3.2", False),
+        (reply({"prompt": "I'm sorry, but I can't help with that."}), "MalformedReply", True),
+    ],
+)
+async def test_a_failed_prompt_is_one_warning_with_its_cause_and_generation_id(
+    make_stage: MakeStage,
+    fake_ollama: FakeOllama,
+    caplog: pytest.LogCaptureFixture,
+    behaviour: Behaviour | None,
+    cause: str,
+    retried: bool,
+) -> None:
+    """The fallback's warning says it all: the cause, the host (its credentials hidden) and
+    the generation; an attempt that is retried is INFO, and the enhancer's error is not logged
+    apart from it."""
+    if behaviour is None:
+        fake_ollama.stop()
+    else:
+        fake_ollama.answer(behaviour)
+    # Ollama's client drops the user-info and the query, so the fake still answers.
+    host = fake_ollama.url.replace("//", "//user:secret@") + "/?token=secret"
+    stage = make_stage(ollama_host=host)
+    with caplog.at_level(logging.DEBUG, logger="imagegen.enhance"):
+        job = await _run(stage)
+
+    assert job.fallback is True
+    [warning] = _warnings(caplog)
+    said = warning.getMessage()
+    assert said.startswith("enhance: ") and said.endswith("; using the template prompt")
+    assert cause in said and f"at http://***@127.0.0.1:{fake_ollama.port}/" in said
+    assert getattr(warning, "generation_id", None) == "gen-1"
+    assert "secret" not in caplog.text
+    attempts = [r for r in caplog.records if r.getMessage().startswith("Ollama attempt 1 failed")]
+    assert [r.levelname for r in attempts] == (["INFO"] if retried else [])
+
+
+async def test_requests_the_open_circuit_answers_log_no_warning(
+    make_stage: MakeStage, fake_ollama: FakeOllama, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The opening is one warning; each fallback after it is counted (the metric, the span
+    event) and logged at DEBUG, not warned again for the whole outage."""
+    fake_ollama.stop()
+    stage = make_stage(ollama_breaker_threshold=1, ollama_breaker_cooldown=60)
+    with caplog.at_level(logging.DEBUG, logger="imagegen.enhance"):
+        await _run(stage)  # fails, and opens the circuit
+        assert [r.getMessage().split(" (")[0] for r in _warnings(caplog)] == [
+            "circuit ollama: closed -> open",
+            "enhance: the LLM is unavailable",
+        ]
+        caplog.clear()
+        jobs = [await stage.run(_request(), generation_id=f"gen-{n}", now=NOW) for n in range(2, 5)]
+
+    assert all(job.fallback for job in jobs) and fake_ollama.chat_requests == []
+    assert _warnings(caplog) == []
+    said = [r for r in caplog.records if "circuit_open" in r.getMessage()]
+    assert [(r.levelname, getattr(r, "generation_id", None)) for r in said] == [
+        ("DEBUG", "gen-2"),
+        ("DEBUG", "gen-3"),
+        ("DEBUG", "gen-4"),
+    ]
