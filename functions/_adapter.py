@@ -105,6 +105,7 @@ class Function:
         self._waiting_lock = threading.Lock()
         self._service: Any = None
         self._closed = False  # the service closed as the process exits (:meth:`stop`)
+        self._closing_since = 0.0  # when :meth:`stop` began the close (time.monotonic)
         self._auth: Any = None  # an imagegen.auth.Authenticator once started
         self._timeout = 60.0
         self._warming: Future[None] | None = None  # the warm-up, once begun
@@ -243,6 +244,15 @@ class Function:
             # _check_ready, or by the closed service: ServiceClosed), never run on no service.
             self._closed = True
             service = self._service
+        with self._waiting_lock:
+            in_flight = len(self._waiting)
+        # gunicorn's own lines of the exit are below its default level (GUNICORN_LOG_LEVEL).
+        log.info(
+            "closing as the process exits; requests in flight: %d",
+            in_flight,
+            extra={"stage": self.stage.name, "in_flight": in_flight},
+        )
+        self._closing_since = time.monotonic()
         return asyncio.run_coroutine_threadsafe(service.aclose(), self._loop)
 
     def stopped(self, closing: Future[None]) -> None:
@@ -253,6 +263,9 @@ class Function:
             log.warning("closing took longer than %gs; exiting", CLOSE_SECONDS, extra=extra)
         elif (failure := closing.exception()) is not None:
             log.warning("closing failed: %s: %s", type(failure).__name__, failure, extra=extra)
+        else:
+            seconds = time.monotonic() - self._closing_since
+            log.info("closed in %.2fs", seconds, extra={**extra, "seconds": round(seconds, 3)})
 
     def _loop_gone(self) -> DependencyUnavailable:
         return DependencyUnavailable(

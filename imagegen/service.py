@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from opentelemetry import context as otel_context
+from opentelemetry import trace
 from pydantic import BaseModel
 
 from imagegen.errors import DependencyUnavailable, ImageGenError, InvalidRequest
@@ -802,8 +803,10 @@ class _stage:
         current_stage.reset(self._token)
         if isinstance(exc, Exception | asyncio.CancelledError) and self.recorder is not None:
             # Cancelled (Ctrl-C in the CLI): the ledger says where it stopped, rather than
-            # showing the generation at its last stage for ever.
-            await self.recorder.failed(self.stage, self.generation_id, exc)
+            # showing the generation at its last stage for ever. Under the stage's span, ended
+            # as the stage did: a line the write logs names its generation and trace.
+            with trace.use_span(self.span, record_exception=False, set_status_on_exception=False):
+                await self.recorder.failed(self.stage, self.generation_id, exc)
 
     async def emitted(self, result: R) -> R:
         """``result`` is this stage's reply: recorded (when recording) and returned."""

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import io
 import json
+import logging
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -518,6 +519,80 @@ async def test_a_generation_cancelled_as_its_request_is_recorded_is_recorded_at_
     finally:
         held.release.set()
         ledger.close()
+
+
+class _FailingBackend(ReadyBackend):
+    def render(
+        self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None
+    ) -> RenderOutput:
+        raise RuntimeError("the GPU fell over")
+
+
+class _RefusesFailures:
+    """A real ledger that cannot be reached as a ``generation.failed`` is written."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.ledger, name)
+
+    def ingest(self, event: LedgerEvent) -> IngestResult:
+        if event.type == GENERATION_FAILED:
+            raise DependencyUnavailable("the ledger database is unavailable: it cannot be reached")
+        return self.ledger.ingest(event)
+
+
+async def test_a_failure_the_ledger_cannot_record_is_logged_in_its_generation_and_trace(
+    settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stage's failure is recorded once its span has ended: the line saying the ledger could
+    not take it is still written in that span's context, naming the generation and the trace
+    it failed in."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from imagegen._logging import JsonFormatter
+    from imagegen.errors import InternalError
+    from imagegen.ledger import open_ledger
+    from imagegen.ledger.recorder import Recorder
+
+    spans = InMemorySpanExporter()
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    monkeypatch.setattr("imagegen.service.tracer", lambda: provider.get_tracer("tests"))
+    caplog.handler.setFormatter(JsonFormatter())  # formatted as written: in its context
+    ledger = open_ledger(str(tmp_path / "ledger.db"))
+    plugins = PluginSet([], settings=settings)
+    recorder = Recorder(_RefusesFailures(ledger))  # type: ignore[arg-type]
+    try:
+        async with ImageGenService(
+            settings, plugins=plugins, backend=_FailingBackend(), recorder=recorder
+        ) as service:
+            request = small(prompt="a kite", enhance=False, generation_id="unrecorded-1")
+            with (
+                caplog.at_level(logging.INFO, logger="imagegen.ledger"),
+                pytest.raises(InternalError),
+            ):
+                await service.generate(request)
+    finally:
+        ledger.close()
+    [render] = [s for s in spans.get_finished_spans() if s.name == "imagegen.render"]
+    lines = [json.loads(line) for line in caplog.text.splitlines()]
+    [line] = [
+        each
+        for each in lines
+        if each["message"].startswith(f"could not record {GENERATION_FAILED}")
+    ]
+    assert line["level"] == "WARNING"
+    assert line["generation_id"] == "unrecorded-1"
+    assert line["trace_id"] == f"{render.context.trace_id:032x}"
+    assert line["span_id"] == f"{render.context.span_id:016x}"
+    assert line["stage"] == "render"
 
 
 async def test_a_request_refused_as_bad_input_is_not_recorded(

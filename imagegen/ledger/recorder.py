@@ -161,8 +161,15 @@ class Recorder:
             data=data.model_dump(mode="json"),
         )
         gid = event.subject or ""
+        # Named in the lines, not left to the current span: a failure can be recorded where
+        # none is (a cancelled load ahead of render).
+        extra = {"generation_id": gid or None, "event_id": event_id}
         if gid in self._cut_short:
-            log.info("not recording %s yet: the ledger failed for this generation", event_type)
+            log.info(
+                "not recording %s yet: the ledger failed for this generation",
+                event_type,
+                extra=extra,
+            )
             if gid in self._kept:
                 self._kept[gid].append(event)
                 if event_type in (IMAGE_DERIVED, GENERATION_FAILED):  # the generation's end
@@ -171,7 +178,7 @@ class Recorder:
         try:
             await asyncio.to_thread(self.ledger.ingest, event)
         except Exception as exc:  # the image matters more than its history line
-            log.warning("could not record %s in the ledger: %s", event_type, exc)
+            log.warning("could not record %s in the ledger: %s", event_type, exc, extra=extra)
             said: Exception = exc
             if isinstance(exc, DependencyUnavailable) and gid:
                 self._cut_short.add(gid)
@@ -216,7 +223,12 @@ class Recorder:
         try:
             await asyncio.to_thread(write)
         except Exception as exc:
-            log.warning("could not record generation %s in the ledger: %s", gid, exc)
+            log.warning(
+                "could not record generation %s in the ledger: %s",
+                gid,
+                exc,
+                extra={"generation_id": gid},
+            )
             if self.on_failure is not None:
                 last = self._recorded[1] if self._recorded and self._recorded[0] == gid else None
                 error = (
@@ -227,6 +239,12 @@ class Recorder:
                 self.on_failure(HistoryCutShort(gid, last, error, self.ledger.where, final=True))
         else:
             self._cut_short.discard(gid)
+            log.info(
+                "recorded generation %s in the ledger after all: %d kept events written",
+                gid,
+                len(events),
+                extra={"generation_id": gid, "events": len(events)},
+            )
 
 
 def _short_name(event_type: str) -> str:

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 
 import pytest
 
-from imagegen.events import GENERATION_REQUESTED, IMAGE_PERSISTED, IMAGE_RENDERED, PROMPT_ENHANCED
+from imagegen.errors import DependencyUnavailable
+from imagegen.events import (
+    GENERATION_FAILED,
+    GENERATION_REQUESTED,
+    IMAGE_PERSISTED,
+    IMAGE_RENDERED,
+    PROMPT_ENHANCED,
+    reply_id,
+)
 from imagegen.ledger import Ledger, LedgerEvent
 from imagegen.ledger.recorder import HistoryCutShort, Recorder
 from imagegen.models import GenerationRequest
@@ -159,3 +168,62 @@ async def test_a_catch_up_cut_short_says_the_last_event_it_wrote(
         assert types == [GENERATION_REQUESTED, PROMPT_ENHANCED, IMAGE_RENDERED]
     finally:
         ledger.close()
+
+
+class _UnreachableOnce:
+    """``ledger``, whose first write finds its server unreachable: the generation's events are
+    kept, and written once it ends."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger, self.where, self.tries = ledger, ledger.where, 0
+
+    def ingest(self, event: LedgerEvent) -> None:
+        self.tries += 1
+        if self.tries == 1:
+            raise DependencyUnavailable("the ledger database is unavailable: it cannot be reached")
+        self.ledger.ingest(event)
+
+
+async def _failed_while_unreachable(ledger: Ledger, gid: str) -> None:
+    """A generation requested while the ledger is unreachable, then failed at render with no
+    span current (the CLI's failures are recorded after their stage's span)."""
+    recorder = Recorder(_UnreachableOnce(ledger))  # type: ignore[arg-type]
+    await recorder.requested(gid, GenerationRequest(prompt="a red fox"), T0)
+    await recorder.failed("render", gid, RuntimeError("the GPU fell over"))
+
+
+async def test_the_lines_of_an_event_not_recorded_name_its_generation_and_event(
+    ledger: Ledger, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each line about an event the ledger could not take, or that waits for it, names the
+    generation and the event: a failure's line carries no span to name them."""
+    with caplog.at_level(logging.INFO, logger="imagegen.ledger"):
+        await _failed_while_unreachable(ledger, "unnamed-1")
+    said = {
+        (r.levelname, r.getMessage().split(":")[0]): r
+        for r in caplog.records
+        if r.name == "imagegen.ledger"
+    }
+    could_not = said["WARNING", f"could not record {GENERATION_REQUESTED} in the ledger"]
+    not_yet = said["INFO", f"not recording {GENERATION_FAILED} yet"]
+    assert vars(could_not)["generation_id"] == "unnamed-1"
+    assert vars(could_not)["event_id"] == reply_id("unnamed-1", GENERATION_REQUESTED)
+    assert vars(not_yet)["generation_id"] == "unnamed-1"
+    assert vars(not_yet)["event_id"] == reply_id("unnamed-1", GENERATION_FAILED)
+
+
+async def test_a_history_written_once_the_generation_ends_says_so(
+    ledger: Ledger, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The warning that a generation's events were kept is answered by a line once they are
+    written: the generation, and how many of its events were kept."""
+    with caplog.at_level(logging.INFO, logger="imagegen.ledger"):
+        await _failed_while_unreachable(ledger, "caught-up-1")
+    found = ledger.get("caught-up-1")
+    assert found is not None and found.status == "failed"
+    [written] = [r for r in caplog.records if r.getMessage().startswith("recorded generation")]
+    assert written.levelname == "INFO"
+    assert written.getMessage() == (
+        "recorded generation caught-up-1 in the ledger after all: 2 kept events written"
+    )
+    assert vars(written)["generation_id"] == "caught-up-1" and vars(written)["events"] == 2
