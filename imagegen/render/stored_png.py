@@ -105,8 +105,15 @@ def metadata(
     All three digests of the job (64 characters each) are kept, each for the releases that
     compare it. The object's metadata may hold 2 KB in all (S3's limit on user metadata, names
     and values, which :func:`imagegen.storage.base.validate_metadata` enforces for every
-    backend): this takes some 600 bytes with a generation id of the longest (128 characters),
-    a hub model id and a render's timings.
+    backend): this takes some 600 bytes with a generation id of the longest (128 characters)
+    and a render's timings.
+
+    Every value is printable ASCII whatever the job holds, as S3 sends metadata as headers and
+    every backend refuses anything else: digests, the id (ASCII by its pattern), numbers, JSON
+    with its non-ASCII escaped, an ISO time. Not the model: its name is the deployment's text (a
+    local directory may be named in any script), and a refused value would fail every delivery
+    after a full render. Nothing reads it back; the job's digests cover it, and the records
+    hold it.
     """
     return {
         "sha256": sha256,
@@ -115,8 +122,7 @@ def metadata(
         "job-stable": stable_fingerprint(job),
         "generation-id": job.generation_id,
         "seed": str(job.seed),
-        "model": job.model,
-        "timings": json.dumps(stage_timings, separators=(",", ":")),
+        "timings": json.dumps(stage_timings, separators=(",", ":"), ensure_ascii=True),
         "rendered-at": at.isoformat(),
     }
 

@@ -4,9 +4,14 @@ boto3 is blocking, so every call runs in a worker thread; one client is created 
 and shared by those threads (boto3 clients are thread-safe, sessions are not). Retries with
 backoff are botocore's own (standard mode); what is still failing afterwards is translated:
 
-* connection errors, timeouts, 5xx and throttling: :class:`DependencyUnavailable`;
-* a missing bucket or refused credentials: :class:`DependencyUnavailable` with a message that
-  says so, as a deployment can be fixed without changing the request;
+* connection errors, timeouts, 5xx and throttling, a body cut short or damaged on the way, a
+  session token to refresh: :class:`DependencyUnavailable`;
+* a missing bucket, refused credentials, a clock minutes off or a region the endpoint will not
+  sign for (told by the error code before the status: a clock is a 403 too), an archived
+  object: :class:`DependencyUnavailable` with a message that says so, as a deployment can be
+  fixed without changing the request;
+* an upload refused for want of a ``Content-Length`` (411): :class:`ConfigurationError`
+  naming ``s3_preset``;
 * a missing object: :class:`NotFound` from ``get``, None from ``head``;
 * a failed upload precondition (412, another writer won): False from ``create``;
 * a store that ignores the upload precondition (MinIO before RELEASE.2024-05-07T06-41-25Z,
@@ -412,9 +417,10 @@ class S3Storage(ObjectStore):
         """`` at <endpoint>``, its password hidden, where one is set; else nothing."""
         return f" at {redact_url(self.options.endpoint_url)}" if self.options.endpoint_url else ""
 
-    async def _refusal(self, denied: _Denied) -> DependencyUnavailable | None:
+    async def _refusal(self, denied: _Denied) -> ImageGenError | None:
         """What a refused HeadBucket (``denied``) refused: the listing, the credentials, or
-        nothing imagegen needs (None: a missing key reads as missing).
+        nothing imagegen needs (None: a missing key reads as missing); or, where the GET says
+        so, no refusal but settings to fix (a clock minutes off is a 403 as well).
         """
         probe = self._object_key(_PROBE_KEY)
         try:
@@ -432,7 +438,13 @@ class S3Storage(ObjectStore):
                 f"S3 refused the credentials for bucket {self.bucket!r} ({refused.s3_code}):"
                 " check IMAGEGEN_S3_ACCESS_KEY_ID and IMAGEGEN_S3_SECRET_ACCESS_KEY"
             )
-        except (ImageGenError, _Outcome):
+        except ImageGenError as unusable:
+            # The GET's answer has a body to say what HeadBucket's 403 could not: settings to
+            # fix, a clock minutes off among them (RequestTimeTooSkewed, a 403 as well).
+            cause = unusable.__cause__
+            if isinstance(cause, ClientError) and _code_of(cause) in _MISCONFIGURED:
+                return unusable
+        except _Outcome:
             pass
         return denied
 
@@ -513,6 +525,20 @@ class S3Storage(ObjectStore):
             return _Conflict()
         if code in _MISSING or status == 404:
             return _Missing()
+        # Said by the code before the status: S3 answers a clock minutes off and an archived
+        # object 403 too (RequestTimeTooSkewed, InvalidObjectState), neither of which is a
+        # refusal of the credentials.
+        if code in _MISCONFIGURED or 300 <= status < 400:
+            return self._misconfigured(operation, code or str(status))
+        if code == "InvalidObjectState":
+            return DependencyUnavailable(
+                f"S3 {operation} on bucket {self.bucket!r} refused (InvalidObjectState): the"
+                " object is archived (the GLACIER or DEEP_ARCHIVE storage class, or an archive"
+                " tier of INTELLIGENT_TIERING); restore it, and keep imagegen's keys out of"
+                " lifecycle rules that archive them (docs/storage.md#errors-the-store-answers)"
+            )
+        if code == "MissingContentLength" or status == 411:
+            return self._length_required(operation, code or str(status))
         if code in _DENIED or status in _DENIED_STATUSES:
             check = "the credentials and the bucket's permissions"
             if operation in ("HeadObject", "GetObject") and code in ("403", "AccessDenied"):
@@ -540,21 +566,47 @@ class S3Storage(ObjectStore):
                 " more): retry, and check the region, the endpoint and the clock"
                 " (docs/storage.md)"
             )
-        if code in _MISCONFIGURED or 300 <= status < 400:
-            # The deployment's doing, not the event's: retryable once the settings are fixed.
-            if code == "InvalidBucketName":  # a store with rules beyond its preset's
-                why = "the store refuses the bucket's name (InvalidBucketName)"
-                return ConfigurationError(
-                    f"S3 {operation} on bucket {self.bucket!r} refused: {why}; fix storage_url",
-                    errors=[{"field": "storage_url", "message": why}],
-                )
-            return DependencyUnavailable(
-                f"S3 {operation} on bucket {self.bucket!r} refused ({code or status}):"
-                " check the region, the endpoint and the clock (docs/storage.md)"
-            )
         # What is left is a request S3 finds malformed (InvalidArgument, KeyTooLong,
-        # BadDigest...): this code's fault, answered as a bug.
+        # MetadataTooLarge...): this code's fault, answered as a bug.
         return InternalError(f"S3 {operation} on bucket {self.bucket!r} failed ({code or status})")
+
+    def _misconfigured(self, operation: str, code: str) -> ImageGenError:
+        """An answer of :data:`_MISCONFIGURED` (or a redirect): the deployment's doing, not the
+        event's, retryable once the settings are fixed."""
+        if code == "InvalidBucketName":  # a store with rules beyond its preset's
+            why = "the store refuses the bucket's name (InvalidBucketName)"
+            return ConfigurationError(
+                f"S3 {operation} on bucket {self.bucket!r} refused: {why}; fix storage_url",
+                errors=[{"field": "storage_url", "message": why}],
+            )
+        return DependencyUnavailable(
+            f"S3 {operation} on bucket {self.bucket!r} refused ({code}): check the region, the"
+            " endpoint and the clock (docs/storage.md#errors-the-store-answers)"
+        )
+
+    def _length_required(self, operation: str, code: str) -> ConfigurationError:
+        """An upload refused for want of a ``Content-Length`` (411 MissingContentLength)."""
+        from imagegen.settings import Settings
+
+        variable = Settings.variable("s3_preset")
+        if self.options.preset == "aws":
+            # Over HTTPS its uploads are aws-chunked bodies without one (see presets), which
+            # MinIO before RELEASE.2023-05-18T00-05-36Z refuses (minio/minio#16484).
+            advice = (
+                f"uploads under {variable}=aws may have none, which MinIO before"
+                f" RELEASE.2023-05-18T00-05-36Z refuses: for MinIO, set {variable}=minio"
+            )
+        else:
+            advice = (
+                f"uploads under {variable}={self.options.preset} carry one, so something on the"
+                f" way (a proxy) took it off: check the endpoint, and that {variable} is the"
+                " preset of the store actually run"
+            )
+        return ConfigurationError(
+            f"S3 {operation} on bucket {self.bucket!r}{self._at()} refused an upload without a"
+            f" Content-Length ({code}): {advice} (docs/storage.md#errors-the-store-answers)",
+            errors=[{"field": "s3_preset", "message": "the store wants a Content-Length"}],
+        )
 
     def _no_bucket(self) -> DependencyUnavailable:
         where = f" at {redact_url(self.options.endpoint_url)}" if self.options.endpoint_url else ""
@@ -563,14 +615,28 @@ class S3Storage(ObjectStore):
         )
 
 
-# Transient answers under a 4xx status: a conflicting operation in flight on the key
-# (ErrorResponses.html: OperationAborted, 409, "try again"), a request the store timed out.
+# Transient answers under a 4xx status (AWS's "List of error codes",
+# docs.aws.amazon.com/AmazonS3/latest/API/ErrorResponses.html): a conflicting operation in
+# flight on the key (OperationAborted, 409, "try again"), a request the store timed out
+# (RequestTimeout, 400); a body cut short or damaged on the way, checked against what this
+# code sent (IncompleteBody, BadDigest, XAmzContentSHA256Mismatch, each 400); a session token
+# to be refreshed (TokenRefreshRequired, 400), which the next attempt's credentials are.
 _TRANSIENT = frozenset(
-    {"RequestTimeout", "InternalError", "ServiceUnavailable", "OperationAborted"}
+    {
+        "RequestTimeout",
+        "InternalError",
+        "ServiceUnavailable",
+        "OperationAborted",
+        "IncompleteBody",
+        "BadDigest",
+        "XAmzContentSHA256Mismatch",
+        "TokenRefreshRequired",
+    }
 )
 # A region the endpoint will not sign for (MinIO, R2 and GCS answer it; botocore's region
-# redirect is AWS's alone), a bucket elsewhere, a clock minutes off, a bucket name the store
-# refuses (ErrorResponses.html: InvalidBucketName, 400): settings to fix.
+# redirect is AWS's alone), a bucket elsewhere, a clock minutes off (ErrorResponses.html:
+# RequestTimeTooSkewed, 403), a bucket name the store refuses (InvalidBucketName, 400):
+# settings to fix. Told by the code before the status, whose 403 would say "credentials".
 _MISCONFIGURED = frozenset(
     {
         "AuthorizationHeaderMalformed",

@@ -1,0 +1,132 @@
+"""What S3's error codes become, told by the code before the status: moto behind the recording
+proxy of tests/fakes/s3_server.py, which answers the status and code of AWS's "List of error
+codes" (docs.aws.amazon.com/AmazonS3/latest/API/ErrorResponses.html) that moto never gives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+import pytest
+
+from imagegen.errors import ConfigurationError, DependencyUnavailable
+from imagegen.storage import GenerationKeys, S3Storage
+from tests.fakes.s3_server import S3Server
+from tests.storage.conftest import MakeS3
+
+KEYS = GenerationKeys("gen-0004", datetime(2026, 5, 1, tzinfo=UTC))
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 1024
+CLOCK = "check the region, the endpoint and the clock"
+
+
+@pytest.mark.parametrize(
+    "attempt",
+    [
+        lambda s: s.put(KEYS.image, PNG, content_type="image/png"),
+        lambda s: s.create(KEYS.image, PNG, content_type="image/png"),
+        lambda s: s.get(KEYS.image),
+    ],
+    ids=["put", "create", "get"],
+)
+async def test_a_clock_minutes_off_is_said_so_not_refused_credentials(
+    s3: S3Server, make_s3: MakeS3, attempt: Callable[[S3Storage], Awaitable[object]]
+) -> None:
+    """ErrorResponses.html: RequestTimeTooSkewed, 403 Forbidden. Its status is a refusal's;
+    its code says the clock."""
+    storage = make_s3()
+    with (
+        s3.outage(status=403, code="RequestTimeTooSkewed"),
+        pytest.raises(DependencyUnavailable) as error,
+    ):
+        await attempt(storage)
+
+    assert error.value.retryable and error.value.status == 503
+    assert f"(RequestTimeTooSkewed): {CLOCK}" in error.value.message
+    assert "credentials" not in error.value.message
+
+
+async def test_the_check_says_a_clock_minutes_off(s3: S3Server, make_s3: MakeS3) -> None:
+    """HeadBucket's 403 has no body; the GET that follows it has, and says the clock."""
+    storage = make_s3()
+    with (
+        s3.outage(status=403, code="RequestTimeTooSkewed"),
+        pytest.raises(DependencyUnavailable) as error,
+    ):
+        await storage.check()
+
+    assert error.value.message == (
+        f"S3 GetObject on bucket {storage.bucket!r} refused (RequestTimeTooSkewed): {CLOCK}"
+        " (docs/storage.md#errors-the-store-answers)"
+    )
+    assert [r.method for r in s3.requests] == ["HEAD", "GET"]
+    await storage.check()
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        # A body cut short or changed on the way, checked against what was sent.
+        "IncompleteBody",
+        "BadDigest",
+        "XAmzContentSHA256Mismatch",
+        # A session token to refresh: the next attempt's credentials are.
+        "TokenRefreshRequired",
+    ],
+)
+async def test_what_the_way_to_the_store_causes_is_retryable(
+    s3: S3Server, make_s3: MakeS3, code: str
+) -> None:
+    """Each a 400 in ErrorResponses.html, none the event's doing: a 503 with Retry-After,
+    never a 500 ("a bug"); the next delivery stores the object."""
+    storage = make_s3()
+    with s3.outage(status=400, code=code), pytest.raises(DependencyUnavailable) as error:
+        await storage.put(KEYS.image, PNG, content_type="image/png")
+
+    assert type(error.value) is DependencyUnavailable
+    assert error.value.status == 503 and error.value.retry_after
+    assert f"unavailable during PutObject ({code})" in error.value.message
+    await storage.put(KEYS.image, PNG, content_type="image/png")
+    assert await storage.get(KEYS.image) == PNG
+
+
+@pytest.mark.parametrize(
+    ("preset", "said"),
+    [
+        ("aws", "for MinIO, set IMAGEGEN_S3_PRESET=minio"),
+        ("minio", "uploads under IMAGEGEN_S3_PRESET=minio carry one"),
+    ],
+)
+async def test_an_upload_refused_for_want_of_a_length_names_the_preset(
+    s3: S3Server, make_s3: MakeS3, preset: str, said: str
+) -> None:
+    """ErrorResponses.html: MissingContentLength, 411. MinIO before RELEASE.2023-05-18T00-05-36Z
+    answers it to the aws-chunked uploads of the ``aws`` preset (minio/minio#16484)."""
+    storage = make_s3(preset)
+    for attempt in (storage.put, storage.create):
+        with (
+            s3.outage(status=411, code="MissingContentLength"),
+            pytest.raises(ConfigurationError) as error,
+        ):
+            await attempt(KEYS.image, PNG, content_type="image/png")
+
+        assert error.value.retryable and error.value.status == 503
+        assert error.value.fields == ["s3_preset"]
+        assert "without a Content-Length (MissingContentLength)" in error.value.message
+        assert said in error.value.message
+
+
+async def test_an_archived_object_is_said_so(s3: S3Server, make_s3: MakeS3) -> None:
+    """ErrorResponses.html: InvalidObjectState, 403, "the operation is not valid for the
+    current state of the object": a GET of an object a lifecycle rule archived."""
+    storage = make_s3()
+    await storage.put(KEYS.image, PNG, content_type="image/png")
+    with (
+        s3.outage(status=403, code="InvalidObjectState"),
+        pytest.raises(DependencyUnavailable) as error,
+    ):
+        await storage.get(KEYS.image)
+
+    assert type(error.value) is DependencyUnavailable and error.value.retryable
+    assert "refused (InvalidObjectState): the object is archived" in error.value.message
+    assert "credentials" not in error.value.message
