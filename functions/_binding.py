@@ -12,7 +12,7 @@ import contextlib
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from types import MappingProxyType
@@ -25,7 +25,14 @@ from cloudevents.http import CloudEvent, from_http
 from pydantic import BaseModel
 
 from imagegen.errors import ImageGenError, InvalidRequest, UnsupportedMediaType, first_line
-from imagegen.events import ATTRIBUTE_MAX_LENGTHS, GENERATION_FAILED, is_final, reply_attributes
+from imagegen.events import (
+    ATTRIBUTE_MAX_LENGTHS,
+    GENERATION_FAILED,
+    TEXT_ATTRIBUTES,
+    is_final,
+    reply_attributes,
+    text_problem,
+)
 from imagegen.identity import event_time
 from imagegen.models import ErrorInfo, GenerationFailed
 from imagegen.validation import loads
@@ -190,7 +197,7 @@ def parse(headers: Mapping[str, str], body: bytes, *, consumes: tuple[str, ...])
             envelope = loads(body, field="event")
             if not isinstance(envelope, dict):
                 raise _invalid("event", "must be a JSON object")
-            _check_attributes({k: envelope.get(k) for k in _REQUIRED})
+            _check_attributes(envelope.get)
             _check_envelope(envelope)
             _check_data_base64(envelope)
             # A structured message may carry binary mode's headers too (HTTP binding, section
@@ -207,7 +214,7 @@ def parse(headers: Mapping[str, str], body: bytes, *, consumes: tuple[str, ...])
                 for k, v in {**lowered, **_binary_attributes(lowered)}.items()
                 if k != "ce-datacontenttype"
             }
-            _check_attributes({k: sdk_headers.get(f"ce-{k}") for k in _REQUIRED})
+            _check_attributes(lambda name: sdk_headers.get(f"ce-{name}"))
         try:
             # Binary-mode data stays bytes here and is parsed below, bounded, like any body.
             event = from_http(sdk_headers, body, data_unmarshaller=lambda data: data)
@@ -251,10 +258,17 @@ def parse(headers: Mapping[str, str], body: bytes, *, consumes: tuple[str, ...])
     return Message(_an_object(loads(body or b"{}", field="body"), "body"), _EMPTY, lowered)
 
 
-def _check_attributes(found: Mapping[str, object]) -> None:
-    """Refuse an event whose required attributes are missing, empty, not strings or longer
-    than the ledger keeps them (:data:`~imagegen.events.ATTRIBUTE_MAX_LENGTHS`): a stage
-    that took such an event would run it while the ledger refused it."""
+def _check_attributes(attribute: Callable[[str], object]) -> None:
+    """Refuse an event whose required attributes are missing, empty or not strings, or whose
+    attributes the ledger could not keep as they came: longer than its bounds
+    (:data:`~imagegen.events.ATTRIBUTE_MAX_LENGTHS`), or holding a character no CloudEvents
+    String may (:data:`~imagegen.events.TEXT_ATTRIBUTES`). A stage that took such an event
+    would run it while the ledger refused it, or kept it as another event. Every attribute at
+    fault is named.
+
+    ``attribute`` gives an attribute's value by its name (None where it is absent).
+    """
+    found = {name: attribute(name) for name in _REQUIRED}
     missing = [name for name, value in found.items() if value is None]
     if missing:
         raise InvalidRequest(
@@ -269,19 +283,22 @@ def _check_attributes(found: Mapping[str, object]) -> None:
         )
     if found["specversion"] not in _SPECVERSIONS:
         raise _invalid("specversion", f"not one of {', '.join(_SPECVERSIONS)}")
-    long = {
-        name: most
+    # (name, what the message says, what the field's entry says), every one found.
+    problems = [
+        (name, f"longer than {most} characters", f"at most {most} characters")
         for name, most in ATTRIBUTE_MAX_LENGTHS.items()
         if len(str(found.get(name, ""))) > most
-    }
-    if long:
+    ]
+    for name in TEXT_ATTRIBUTES:
+        value = found[name] if name in found else attribute(name)
+        # Not a string: a structured attribute of another type, refused by its own check.
+        if isinstance(value, str) and (problem := text_problem(value)):
+            problems.append((name, problem, problem))
+    if problems:
         raise InvalidRequest(
             "not a valid CloudEvent: "
-            + ", ".join(f"{name} longer than {most} characters" for name, most in long.items()),
-            errors=[
-                {"field": name, "message": f"at most {most} characters"}
-                for name, most in long.items()
-            ],
+            + ", ".join(f"{name} {summary}" for name, summary, _ in problems),
+            errors=[{"field": name, "message": message} for name, _, message in problems],
         )
 
 

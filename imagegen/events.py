@@ -6,6 +6,7 @@ Transport-free: the HTTP/CloudEvents binding lives in ``functions/``.
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -27,6 +28,7 @@ __all__ = [
     "PROMPT_ENHANCED",
     "SCHEMA_BASE_URL",
     "SOURCE_MAX_LENGTH",
+    "TEXT_ATTRIBUTES",
     "TYPE_MAX_LENGTH",
     "dataschema",
     "event_models",
@@ -37,6 +39,7 @@ __all__ = [
     "routing_attributes",
     "short_name",
     "source_for",
+    "text_problem",
 ]
 
 _PREFIX: Final = "dev.orchestr8.imagegen."
@@ -68,6 +71,41 @@ TYPE_MAX_LENGTH: Final = 256
 ATTRIBUTE_MAX_LENGTHS: Final = MappingProxyType(
     {"source": SOURCE_MAX_LENGTH, "id": ID_MAX_LENGTH, "type": TYPE_MAX_LENGTH}
 )
+
+# The String attributes a stage reads or the ledger keeps, each refused by every stage where it
+# holds what a CloudEvents String must not (the others are read as their own types, or not at
+# all). The ledger keeps an event under its ``source`` and ``id``, and its databases hold neither
+# a NUL nor a lone surrogate (imagegen/ledger/_text.py): a stage that took one would run an
+# event the ledger refused, or kept as another (``c-\u0000`` stored as ``c-\ufffd``, then an
+# event ``c-\ufffd`` dropped as its redelivery). ``traceparent`` and ``tracestate`` are the
+# tracing extension's, which every stage reads.
+TEXT_ATTRIBUTES: Final = ("id", "source", "type", "subject", "traceparent", "tracestate")
+# What a String must not hold (CloudEvents 1.0.2, cloudevents/spec.md, "Type System": String):
+# the control characters U+0000-U+001F and U+007F-U+009F, surrogates not in a pair (JSON's
+# escaped pairs are read as the characters they encode, so any surrogate in a ``str`` is one)
+# and Unicode's noncharacters, U+FDD0-U+FDEF and the last two code points of each plane.
+_NOT_STRING = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef"
+    + "".join(chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(17))
+    + "]"
+)
+
+
+def text_problem(value: str) -> str | None:
+    """Why ``value`` is no CloudEvents String, naming its first character that may not be
+    there (:data:`TEXT_ATTRIBUTES`' rule); None where it is one."""
+    found = _NOT_STRING.search(value)
+    if found is None:
+        return None
+    code = ord(found.group())
+    kind = (
+        "control character"
+        if code <= 0x9F
+        else "surrogate"
+        if 0xD800 <= code <= 0xDFFF
+        else "noncharacter"
+    )
+    return f"holds the {kind} U+{code:04X} at {found.start()}, which a CloudEvents String must not"
 
 
 def event_models() -> dict[str, type[BaseModel]]:

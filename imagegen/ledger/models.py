@@ -50,7 +50,10 @@ class LedgerEvent(_View):
     """One CloudEvent as the ledger keeps it; ``source`` + ``id`` identify it.
 
     The bounds are :mod:`imagegen.events`', which every stage enforces too: an event the
-    chain accepts is one the ledger records.
+    chain accepts is one the ledger records. The characters a CloudEvents String must not hold
+    (:func:`imagegen.events.text_problem`) are refused in an event's attributes by every
+    stage's binding, the ledger's included, and not here: an event recorded before that rule
+    is read back as it was stored.
     """
 
     source: str = Field(min_length=1, max_length=SOURCE_MAX_LENGTH)

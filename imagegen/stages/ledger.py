@@ -186,8 +186,10 @@ async def _record(service: ImageGenService, data: Any, call: Call) -> None:
             "event data must be a JSON object",
             errors=[{"field": "data", "message": "not an object"}],
         )
-    # Validated like any input: an attribute past what the ledger keeps (an id over 1,024
-    # characters) is a 400 naming it, final for Knative, which dead-letters the event.
+    # Validated like any input. An attribute past what the ledger keeps (an id over 1,024
+    # characters) or holding what a CloudEvents String must not (a NUL, a lone surrogate) never
+    # gets here: the binding refuses it at every stage alike, the ledger too, with a 400 naming
+    # it (functions/_binding.py), final for Knative, which dead-letters the event.
     event = parse_model(
         LedgerEvent,
         {

@@ -1,5 +1,6 @@
 """An event whose subject is no generation id is the event's fault: answered with a
-``generation.failed`` naming what was wrong (a 2xx, never redelivered), never a 500."""
+``generation.failed`` naming what was wrong (a 2xx, never redelivered), or, where the subject
+is no CloudEvents String at all, a 400 naming it (dead-lettered); never a 500."""
 
 from __future__ import annotations
 
@@ -31,9 +32,11 @@ def enhance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FunctionServer
         yield server
 
 
-# Percent-encoded, as the HTTP binding carries a ce-* header (section 3.1.3.2). Python's "$"
-# matches before a final newline: "bad\n" passed for a generation id, then failed the models.
-SUBJECTS = ["bad%0A", "bad%0a", "a%0A", "bad%0D%0A", "%0A"]
+# Percent-encoded, as the HTTP binding carries a ce-* header (section 3.1.3.2).
+SUBJECTS = ["bad%20id", "a/b", "-a", "caf%C3%A9", "a" * 129]
+# Python's "$" matches before a final newline: "bad\n" passed for a generation id, then failed
+# the models. A line feed is no character of a CloudEvents String: refused before the data.
+CONTROLLED = ["bad%0A", "bad%0a", "a%0A", "bad%0D%0A", "%0A"]
 
 
 @pytest.mark.parametrize("subject", SUBJECTS)
@@ -56,3 +59,15 @@ def test_bad_data_under_such_a_subject_is_no_500(enhance: FunctionServer, subjec
     assert reply.headers["ce-type"] == GENERATION_FAILED
     assert "ce-subject" not in reply.headers
     assert "width" in {e["field"] for e in reply.json()["error"]["errors"]}
+
+
+@pytest.mark.parametrize("subject", CONTROLLED)
+@pytest.mark.parametrize("data", [GOOD, BAD])
+def test_a_subject_holding_a_line_feed_is_refused_naming_it(
+    enhance: FunctionServer, subject: str, data: dict[str, object]
+) -> None:
+    reply = post_event(enhance.url, GENERATION_REQUESTED, data, subject=subject, timeout=30)
+    assert reply.status_code == 400, reply.text
+    assert "ce-type" not in reply.headers
+    assert {e["field"] for e in reply.json()["errors"]} == {"subject"}
+    assert "U+000" in reply.json()["errors"][0]["message"]
