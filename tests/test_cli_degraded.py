@@ -18,6 +18,7 @@ import pytest
 
 from imagegen.render._errors import INSTALL_HINT
 from tests.conftest import RunCli
+from tests.functions.servers import free_port
 
 SMALL = ["--model", "tiny", "--width", "256", "--height", "256", "--steps", "2"]
 GENERATION = "0123456789abcdef0123456789abcdef"
@@ -120,7 +121,7 @@ class _Recording(BaseHTTPRequestHandler):
         pass
 
 
-PORT = 42017
+PORT = free_port()
 
 
 @pytest.fixture

@@ -27,10 +27,9 @@ from imagegen.validation import parse_model
 from tests.fakes.ollama_server import FakeOllama
 from tests.functions.clients import InProcessFunction
 from tests.functions.conftest import base_env
-from tests.functions.servers import post_event
+from tests.functions.servers import free_port, post_event
 from tests.render.tiny_files import FLUX_LORA_TARGETS, save_lora, save_pipeline
 
-OLLAMA_PORT = 40001
 MODEL_SAID = f"longer than {MAX_MODEL_CHARS} characters, the most a job's model may have"
 LORA_SAID = f"longer than {MAX_LORA_PATH_CHARS} characters (~ expanded), the most a LoRA's path"
 # A file's name: at most 255 bytes on Linux's file systems (NAME_MAX).
@@ -168,7 +167,7 @@ def test_the_longest_model_ollama_model_and_lora_go_through_enhance_and_render(
     assert len(str(lora)) == MAX_LORA_PATH_CHARS
 
     fake = FakeOllama(models=(ollama_model,))
-    fake.port = OLLAMA_PORT
+    fake.port = free_port()
     with fake:
         fake.reply_with({"prompt": "a red door in a white wall, morning light"})
         env = {

@@ -36,6 +36,7 @@ from tests.enhance.conftest import NOW, MakeStage, run
 from tests.fakes.ollama_server import FakeOllama
 from tests.functions.clients import InProcessFunction
 from tests.functions.conftest import base_env
+from tests.functions.servers import free_port
 from tests.observability.conftest import InMemoryTelemetry, otel  # noqa: F401 - a fixture
 from tests.plugins.sample_plugins import (
     BulkyPlugin,
@@ -44,8 +45,6 @@ from tests.plugins.sample_plugins import (
     install_distribution,
 )
 
-OLLAMA_PORT = 39901
-SERVED_OLLAMA_PORT = 39902
 # Each bulky plugin adds 30 KiB: six fit in a job's 192 KiB together, a seventh does not.
 BULKY = [f"bulky_{i}" for i in range(1, 9)]
 KEPT = BULKY[:6]
@@ -67,7 +66,7 @@ def _skipped(caplog: pytest.LogCaptureFixture) -> dict[str, str]:
 @pytest.fixture
 def fake_ollama() -> Iterator[FakeOllama]:
     fake = FakeOllama()
-    fake.port = OLLAMA_PORT
+    fake.port = free_port()
     with fake:
         yield fake
 
@@ -127,7 +126,7 @@ def test_the_served_function_answers_with_the_contributions_that_fit(
     )
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     fake = FakeOllama()
-    fake.port = SERVED_OLLAMA_PORT
+    fake.port = free_port()
     with fake:
         fake.reply_with({"prompt": "a calm lake at dawn, mist over the water"})
         env = {
