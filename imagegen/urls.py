@@ -181,7 +181,10 @@ def gallery_url(
     """The URL of the Worker's gallery: the latest day, or ``day`` (``YYYY/MM/DD``).
 
     With ``secret``, the link is signed: a private Worker shows its gallery only through such a
-    link (``GALLERY=signed``), and signs the image URLs on the page with the same expiry.
+    link (``GALLERY=signed``), and it opens what it names until it expires. A link for ``day``
+    opens that day's pages and no other day; one for the latest day (no ``day``) opens every
+    day. The page's image URLs are signed an hour longer (``IMAGE_GRACE`` in
+    ``worker/src/gallery.ts``), as its images load lazily (docs/signed-urls.md, "Gallery").
 
     Raises:
         InvalidRequest: ``day`` is not a date path, ``base_url`` is empty, or, when signing,

@@ -4,10 +4,12 @@
  *
  * A walk starts at one day and goes towards older or newer days, nearest first, listing only
  * the years and months that can hold such a day: a day far before the oldest folder costs one
- * listing (the years), not one per year and month. Each listing is made once per request.
+ * listing (the years), not one per year and month. Each listing is kept in the edge cache for
+ * a while and read once per request, so the requests of that while (a day that does not exist,
+ * a page past the last) list nothing again.
  */
-import type { Config } from "./config";
 import { GALLERY_PATTERN } from "./keys";
+import { cachedJson, type Serving } from "./objects";
 import { listKeys } from "./origins";
 
 /** After every day folder: a walk towards older days from here starts at the newest. */
@@ -19,16 +21,22 @@ const MONTH = /^[0-9]{4}\/[0-9]{2}\/$/;
 /** The folders just below `prefix` (`""`, `YYYY/` or `YYYY/MM/`), oldest first. */
 export type Folders = (prefix: string) => Promise<string[]>;
 
-/** Lists folders for one request, each prefix once. */
-export function folderLister(config: Config): Folders {
+/**
+ * Lists folders for one request, each prefix once, from the edge cache where another request
+ * of the last `maxAge` seconds listed it.
+ */
+export function folderLister(serving: Serving, maxAge: number): Folders {
   const listed = new Map<string, Promise<string[]>>();
   return (prefix) => {
     let folders = listed.get(prefix);
     if (folders === undefined) {
       const shape = prefix === "" ? YEAR : prefix.length === 5 ? MONTH : GALLERY_PATTERN;
-      folders = listKeys(config, prefix, { delimiter: "/" }).then((listing) =>
-        listing.folders.filter((f) => f !== "" && f.startsWith(prefix) && shape.test(f)).sort(),
-      );
+      folders = cachedJson(serving, `_gallery/folders/${prefix}`, maxAge, async () => {
+        const listing = await listKeys(serving.config, prefix, { delimiter: "/" });
+        return listing.folders
+          .filter((f) => f !== "" && f.startsWith(prefix) && shape.test(f))
+          .sort();
+      });
       listed.set(prefix, folders);
     }
     return folders;

@@ -5,9 +5,12 @@
  * Data comes from the bucket itself: day folders from listings with a `/` delimiter (days.ts), a
  * day's images from its metadata records (`YYYY/MM/DD/<id>.json`, read through the edge cache;
  * they never change). What a page shows is kept in the edge cache for PAGE_MAX_AGE seconds, and
- * a day's list of records as long, so a page costs the origin nothing meanwhile. With
- * GALLERY=signed the page needs a signed link and signs its links with the same expiry, its
- * images IMAGE_GRACE later (they load lazily, while the page is open).
+ * a day's list of records and the folder listings as long, so a page costs the origin nothing
+ * meanwhile, and neither does a page past the last or a day that does not exist. With
+ * GALLERY=signed the page needs a signed link, and shows what that link names: a link made for
+ * one day signs the links to that day's other pages with the same expiry, and its images
+ * IMAGE_GRACE later (they load lazily, while the page is open), but links no other day; a link
+ * made for `/` names the whole gallery, and signs the links to other days for it too.
  *
  * A `<picture>` does not fall back to its `<img>` when a `<source>` it picked answers 404, so a
  * derivative is offered only when its object is in the day's listing as well as in its record
@@ -21,7 +24,7 @@ import { availableDerivatives, readRecord } from "./negotiate";
 import { cachedJson, type Serving } from "./objects";
 import { type Listing, listKeys, OriginError } from "./origins";
 import { type DayLink, galleryCsp, type Item, renderMessage, renderPage } from "./page";
-import { checkSignedUrl, sign } from "./signing";
+import { checkSignedUrl, type SignatureCheck, sign } from "./signing";
 
 /** Links to this many earlier days under each page; `/` falls back as far for a day with images. */
 export const EARLIER_DAYS = 7;
@@ -255,30 +258,37 @@ async function warnIfPrefixed(serving: Serving): Promise<void> {
   }
 }
 
-/** What the page `page` of `path` shows, or null when there is no such page (404). */
+/**
+ * What the page `page` of `path` shows, or null when there is no such page (404). Whether there
+ * is comes from the folder listings and the day's records alone, all kept at the edge, before
+ * any neighbouring day is looked at: a page past the last or a day that does not exist costs
+ * no listing while they are kept.
+ */
 async function pageData(serving: Serving, path: string, page: number): Promise<PageData | null> {
-  const folders = folderLister(serving.config);
+  const folders = folderLister(serving, PAGE_MAX_AGE);
   const indexes = dayIndexes(serving);
-  // 1. The day (one that does not exist is a 404, but for today's), and the days around it
-  // that hold records: a folder of images only shows nothing.
+  // 1. The day (one that does not exist is a 404, but for today's), and its page of records,
+  // newest upload first
   if (path !== "" && path !== today() && !(await dayExists(folders, path))) return null;
   const day = path === "" ? await latestDay(folders, indexes) : path;
-  if (day === "" && (await folders("")).length === 0) await warnIfPrefixed(serving);
-  const around = (direction: "older" | "newer", count: number, limit: number) =>
-    day ? daysWithRecords(serving, walk(folders, day, direction), count, limit) : [];
-  const [earlier, [later = null]] = await Promise.all([
-    around("older", EARLIER_DAYS, 2 * EARLIER_DAYS),
-    around("newer", 1, EARLIER_DAYS + 1),
-  ]);
-
-  // 2. One page of its records, newest upload first, then by each record's own time
   const index = day ? await indexes(day) : { ids: [], complete: true, derivatives: [] };
   const pages = Math.max(1, Math.ceil(index.ids.length / MAX_ITEMS));
   if (page > pages) return null;
+  if (day === "" && (await folders("")).length === 0) await warnIfPrefixed(serving);
+
+  // 2. The days around it that hold records (a folder of images only shows nothing), and the
+  // page's images, each page's by its records' own time
+  const around = (direction: "older" | "newer", count: number, limit: number) =>
+    day ? daysWithRecords(serving, walk(folders, day, direction), count, limit) : [];
   const ids = index.ids.slice((page - 1) * MAX_ITEMS, page * MAX_ITEMS);
   // An index cached before it kept derivatives (for PAGE_MAX_AGE after a deploy) offers none.
   const stored = new Set(index.derivatives ?? []);
-  const items = (await Promise.all(ids.map((id) => shown(serving, day, id, stored))))
+  const [earlier, [later = null], shownItems] = await Promise.all([
+    around("older", EARLIER_DAYS, 2 * EARLIER_DAYS),
+    around("newer", 1, EARLIER_DAYS + 1),
+    Promise.all(ids.map((id) => shown(serving, day, id, stored))),
+  ]);
+  const items = shownItems
     .filter((i): i is Shown => i !== null)
     .sort((a, b) => (a.created < b.created ? 1 : a.created > b.created ? -1 : 0));
   return { day, later, earlier, items, page, pages, complete: index.complete };
@@ -286,12 +296,16 @@ async function pageData(serving: Serving, path: string, page: number): Promise<P
 
 type Link = (key: string, params?: Record<string, string>) => Promise<string>;
 
-function linker(expires: number | null, secret: string | null): Link {
+/**
+ * Links signed until `expires` (none when null): each for its own key, or for `scope` where
+ * given (the gallery path a signed gallery link was made for, which its links carry on).
+ */
+function linker(expires: number | null, secret: string | null, scope?: string): Link {
   return async (key, params = {}) => {
     const query = new URLSearchParams(params);
     if (expires !== null && secret !== null) {
       query.set("expires", String(expires));
-      query.set("signature", await sign(key, expires, secret, params));
+      query.set("signature", await sign(scope ?? key, expires, secret, params));
     }
     const text = query.toString();
     return text ? `/${key}?${text}` : `/${key}`;
@@ -321,6 +335,25 @@ function pageParam(params: URLSearchParams): number | null {
   if (values.length === 0) return 1;
   const value = values[0] ?? "";
   return values.length === 1 && /^[1-9][0-9]{0,5}$/.test(value) ? Number(value) : null;
+}
+
+/**
+ * The signed link of the gallery path `path`, and its scope: a link made for the path opens it
+ * (a day: its pages and their images), one made for `""` (`/`) the whole gallery, every day.
+ */
+async function checkGalleryLink(
+  params: URLSearchParams,
+  path: string,
+  secrets: readonly string[],
+  now: number,
+): Promise<{ ok: true; expires: number; scope: string } | Exclude<SignatureCheck, { ok: true }>> {
+  let scope = path;
+  let check = await checkSignedUrl(params, scope, secrets, now);
+  if (!check.ok && check.reason === "mismatch" && path !== "") {
+    scope = "";
+    check = await checkSignedUrl(params, scope, secrets, now);
+  }
+  return check.ok ? { ...check, scope } : check;
 }
 
 /** A gallery error as a small HTML page under the gallery's policy, never cached. */
@@ -358,8 +391,10 @@ export async function serveGallery(
   const { config } = serving;
   if (config.gallery === "off") return textResponse(404, "Not Found");
 
-  // 1. A signed link when the images are private
+  // 1. A signed link when the images are private, and what it opens: the gallery path it was
+  // made for, the whole gallery for `/`
   let expires: number | null = null;
+  let scope: string | null = null;
   let cacheControl = `public, max-age=${PAGE_MAX_AGE}`;
   const signed = config.gallery === "signed" && config.signingSecret !== null;
   // Behind signed links `/` needs one too: error pages link to it only when it is public.
@@ -367,18 +402,33 @@ export async function serveGallery(
     messageResponse(request, status, title, text, !signed);
   if (signed) {
     const now = Math.floor(Date.now() / 1000);
-    const check = await checkSignedUrl(params, path, config.verifyingSecrets, now);
+    const check = await checkGalleryLink(params, path, config.verifyingSecrets, now);
     if (!check.ok && check.reason === "expired") {
       return fail(403, "This link has expired", "Ask whoever shared it for a new link.");
     }
     if (!check.ok) return fail(403, "Forbidden", "This page needs a valid signed link.");
     expires = check.expires;
+    scope = check.scope;
     cacheControl = `private, max-age=${Math.min(PAGE_MAX_AGE, expires - now)}`;
   }
   const page = pageParam(params);
   if (page === null) return fail(400, "Bad Request", "The page must be a page number.");
   if (path !== "" && !isCalendarDay(path)) {
     return fail(404, "Not Found", "There is no such day.");
+  }
+  // Pages of the gallery, signed for the link's scope; its images each for their own key, and
+  // IMAGE_GRACE longer, so those scrolled to after the link expired still load while the page
+  // is open. Other days are linked only where the link opens them.
+  const link = linker(expires, config.signingSecret, scope ?? undefined);
+  const imageLink = linker(expires === null ? null : expires + IMAGE_GRACE, config.signingSecret);
+  const everyDay = scope === null || scope === "";
+  const dayLink = async (folder: string, n = 1): Promise<DayLink> => ({
+    day: folder.slice(0, -1).replaceAll("/", "-"),
+    href: await (n === 1 ? link(folder) : link(folder, { page: String(n) })),
+  });
+  // One URL a page: the first page is the path's own (as a day is its path with the slash).
+  if (page === 1 && params.has("page")) {
+    return textResponse(301, "Moved Permanently", { Location: await link(path) });
   }
 
   // 2. What the page shows, from the edge cache or the origin
@@ -387,19 +437,12 @@ export async function serveGallery(
   );
   if (data === null) return fail(404, "Not Found", "There are no images here.");
 
-  // 3. Its links, signed for this request; its images for IMAGE_GRACE longer, so those scrolled
-  // to after the link expired still load while the page is open.
-  const link = linker(expires, config.signingSecret);
-  const imageLink = linker(expires === null ? null : expires + IMAGE_GRACE, config.signingSecret);
-  const dayLink = async (folder: string, n = 1): Promise<DayLink> => ({
-    day: folder.slice(0, -1).replaceAll("/", "-"),
-    href: await (n === 1 ? link(folder) : link(folder, { page: String(n) })),
-  });
+  // 3. Its links
   const html = renderPage({
     day: data.day ? data.day.slice(0, -1).replaceAll("/", "-") : "",
     items: await Promise.all(data.items.map((i) => item(i, data.day, imageLink))),
-    earlier: await Promise.all(data.earlier.map((d) => dayLink(d))),
-    later: data.later === null ? null : await dayLink(data.later),
+    earlier: everyDay ? await Promise.all(data.earlier.map((d) => dayLink(d))) : [],
+    later: everyDay && data.later !== null ? await dayLink(data.later) : null,
     pages: {
       current: data.page,
       count: data.pages,

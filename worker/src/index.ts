@@ -35,10 +35,14 @@ export type { Env } from "./config";
 
 /**
  * The answer to `/favicon.ico`, which every browser asks for: no content, kept a day, so no
- * console error and no request to the origin.
+ * console error and no request to the origin. Its headers are every other answer's (those of
+ * textResponse: the policy that forbids scripts, nosniff, CORS), less the body's type.
  */
 function faviconResponse(): Response {
-  return new Response(null, { status: 204, headers: { "Cache-Control": "public, max-age=86400" } });
+  const headers = textResponse(200, "").headers;
+  headers.delete("Content-Type");
+  headers.set("Cache-Control", "public, max-age=86400");
+  return new Response(null, { status: 204, headers });
 }
 
 async function cacheControlFor(url: URL, key: string, config: Config): Promise<string | Response> {
@@ -159,10 +163,7 @@ async function handle(request: Request, env: Env, ctx: ExecutionContext): Promis
     if (config.gallery === "off") return textResponse(404, "Not Found");
     // The query goes along as it came: a signed link's signature covers the day folder with
     // its slash (docs/signed-urls.md), so a signed link that lost its slash works again.
-    return new Response(null, {
-      status: 301,
-      headers: { Location: `/${slashless}${url.search}`, "Cache-Control": "no-store" },
-    });
+    return textResponse(301, "Moved Permanently", { Location: `/${slashless}${url.search}` });
   }
 
   try {

@@ -103,7 +103,7 @@ describe("gallery", () => {
       );
       await new Promise((resolve) => setTimeout(resolve, 20));
     }
-    const res = await send(`${BASE}/${day}/`);
+    const res = await send(`${newBase()}/${day}/`);
     expect(res.status).toBe(200);
     const html = await res.text();
     const shown = [...html.matchAll(/id="(g[0-9]{3})"/g)].map((m) => m[1]);
@@ -114,7 +114,7 @@ describe("gallery", () => {
 
   it("shows one day with a link to the later one", async () => {
     const y = await days();
-    const html = await (await send(`${BASE}/${y}/01/30/`)).text();
+    const html = await (await send(`${newBase()}/${y}/01/30/`)).text();
     expect(html).toContain("an old lighthouse");
     expect(html).not.toContain("two moons");
     expect(html).toContain(`<a rel="next" href="/${y}/02/01/">`);
@@ -200,7 +200,7 @@ describe("gallery", () => {
 
   it("allows only its own script and style", async () => {
     await days();
-    const res = await send(`${BASE}/`);
+    const res = await send(`${newBase()}/`);
     const csp = res.headers.get("Content-Security-Policy") ?? "";
     expect(csp).toBe(await galleryCsp());
     const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(SCRIPT));
@@ -228,22 +228,29 @@ describe("gallery", () => {
     expect((await send(`${BASE}/`, { SIGNING_SECRET: secret, GALLERY: "on" })).status).toBe(500);
   });
 
-  it("behind a signed link, signs every URL on the page with its expiry", async () => {
+  it("behind a link signed for one day, signs that day's images and nothing else", async () => {
     const y = await days();
     const secret = "gallery-signing-secret";
     vi.useFakeTimers({ toFake: ["Date"] });
     vi.setSystemTime(1_800_000_000_000);
     const expires = 1_800_000_300;
     const day = `${y}/02/01/`;
-    const url = `${BASE}/${day}?expires=${expires}&signature=${await sign(day, expires, secret)}`;
+    const signature = await sign(day, expires, secret);
+    const base = newBase();
+    const url = `${base}/${day}?expires=${expires}&signature=${signature}`;
     const res = await send(url, { SIGNING_SECRET: secret, GALLERY: "signed" });
     expect(res.status).toBe(200);
     expect(res.headers.get("Cache-Control")).toBe("private, max-age=60");
     const html = await res.text();
+    // The earlier day is no link of this page, and the day's signature does not open it.
     const prev = `${y}/01/30/`;
-    expect(html).toContain(
-      `/${prev}?expires=${expires}&amp;signature=${await sign(prev, expires, secret)}`,
-    );
+    expect(html).not.toContain(`href="/${prev}`);
+    expect(html).not.toContain('rel="prev"');
+    const other = await send(`${base}/${prev}?expires=${expires}&signature=${signature}`, {
+      SIGNING_SECRET: secret,
+      GALLERY: "signed",
+    });
+    expect(other.status).toBe(403);
     // Images, which load as they are scrolled to, are signed IMAGE_GRACE longer than the link.
     const avif = `${y}/02/01/second.w64.avif`;
     const until = expires + IMAGE_GRACE;
@@ -255,7 +262,7 @@ describe("gallery", () => {
 
     // After the link expired: the page's images still load, the page says it expired.
     vi.setSystemTime((expires + 10) * 1000);
-    const image = await send(`${BASE}${signed.replaceAll("&amp;", "&")}`, {
+    const image = await send(`${base}${signed.replaceAll("&amp;", "&")}`, {
       SIGNING_SECRET: secret,
     });
     expect(image.status).toBe(200);
@@ -269,6 +276,51 @@ describe("gallery", () => {
     expect(text).toContain("<h1>This link has expired</h1>");
     // Behind signed links `/` needs a signature too: no link to it.
     expect(text).not.toContain('href="/"');
+  });
+
+  it("behind a link signed for /, links every day, signed for the whole gallery", async () => {
+    const y = await days();
+    const secret = "gallery-signing-secret";
+    const signedFor = { SIGNING_SECRET: secret, GALLERY: "signed" };
+    const expires = Math.floor(Date.now() / 1000) + 300;
+    const whole = `expires=${expires}&amp;signature=${await sign("", expires, secret)}`;
+    const base = newBase();
+    const res = await send(`${base}/?${whole.replace("&amp;", "&")}`, signedFor);
+    expect(res.status).toBe(200);
+    const html = await res.text();
+    expect(html).toContain("two moons");
+    const prev = `/${y}/01/30/?${whole}`;
+    expect(html).toContain(`<a rel="prev" href="${prev}">`);
+
+    // The earlier day, through that link: its images, and a link on to the later day.
+    const earlier = await send(`${base}${prev.replace("&amp;", "&")}`, signedFor);
+    expect(earlier.status).toBe(200);
+    const text = await earlier.text();
+    expect(text).toContain("an old lighthouse");
+    expect(text).toContain(`<a rel="next" href="/${y}/02/01/?${whole}">`);
+    const avif = `${y}/01/30/old.w64.avif`;
+    const until = expires + IMAGE_GRACE;
+    expect(text).toContain(
+      `/${avif}?expires=${until}&amp;signature=${await sign(avif, until, secret)}`,
+    );
+  });
+
+  it("behind a link signed for one day, signs the links to its other pages", async () => {
+    const day = "3500/03/01/";
+    const { bucket } = busyDay(day, MAX_ITEMS + 1);
+    const secret = "gallery-signing-secret";
+    const signedFor = { IMAGES: bucket, SIGNING_SECRET: secret, GALLERY: "signed" };
+    const expires = Math.floor(Date.now() / 1000) + 300;
+    const first = `${newBase()}/${day}?expires=${expires}&signature=${await sign(day, expires, secret)}`;
+    const html = await (await send(first, signedFor)).text();
+    const older = `/${day}?page=2&amp;expires=${expires}&amp;signature=${await sign(day, expires, secret, { page: "2" })}`;
+    expect(html).toContain(`<a href="${older}">Older images</a>`);
+    const second = await send(
+      `${new URL(first).origin}${older.replaceAll("&amp;", "&")}`,
+      signedFor,
+    );
+    expect(second.status).toBe(200);
+    expect(await second.text()).toContain("<span>Page 2 of 2</span>");
   });
 
   // <picture> takes the first <source> whose type the browser decodes, and shows nothing when
@@ -361,7 +413,8 @@ describe("gallery on a busy day", () => {
     const day = "3500/01/01/";
     const count = 2 * MAX_ITEMS + 50; // 4,500 keys: five list pages
     const { bucket, id, dayLists } = busyDay(day, count);
-    const first = await send(`${BASE}/${day}`, { IMAGES: bucket });
+    const base = newBase();
+    const first = await send(`${base}/${day}`, { IMAGES: bucket });
     expect(first.status).toBe(200);
     const html = await first.text();
     const newest = Array.from({ length: MAX_ITEMS }, (_, i) => id(count - 1 - i));
@@ -372,7 +425,7 @@ describe("gallery on a busy day", () => {
 
     const seen = new Set(shownIds(html));
     for (const page of [2, 3]) {
-      const res = await send(`${BASE}/${day}?page=${page}`, { IMAGES: bucket });
+      const res = await send(`${base}/${day}?page=${page}`, { IMAGES: bucket });
       expect(res.status).toBe(200);
       const text = await res.text();
       expect(text).toContain(`<span>Page ${page} of 3</span>`);
@@ -383,9 +436,9 @@ describe("gallery on a busy day", () => {
     // The day's 4,500 keys were listed once (five pages of 1000), for all three pages.
     expect(dayLists()).toBe(5);
 
-    expect((await send(`${BASE}/${day}?page=4`, { IMAGES: bucket })).status).toBe(404);
-    expect((await send(`${BASE}/${day}?page=0`, { IMAGES: bucket })).status).toBe(400);
-    expect((await send(`${BASE}/${day}?page=x`, { IMAGES: bucket })).status).toBe(400);
+    expect((await send(`${base}/${day}?page=4`, { IMAGES: bucket })).status).toBe(404);
+    expect((await send(`${base}/${day}?page=0`, { IMAGES: bucket })).status).toBe(400);
+    expect((await send(`${base}/${day}?page=x`, { IMAGES: bucket })).status).toBe(400);
   }, 60_000);
 
   it("says so when a day holds more keys than it lists", async () => {
@@ -393,7 +446,7 @@ describe("gallery on a busy day", () => {
     const day = "3500/02/01/";
     const count = (MAX_DAY_LIST_PAGES * 1000) / KEYS_PER_IMAGE + 100;
     const { bucket } = busyDay(day, count);
-    const res = await send(`${BASE}/${day}`, { IMAGES: bucket });
+    const res = await send(`${newBase()}/${day}`, { IMAGES: bucket });
     expect(res.status).toBe(200);
     const html = await res.text();
     expect(html).toContain("This day holds more images than the gallery lists");
@@ -413,7 +466,7 @@ describe("gallery costs", () => {
       }
     }
     const { bucket, calls } = countingBucket();
-    const res = await send(`${BASE}/${first + 1}/06/01/`, { IMAGES: bucket });
+    const res = await send(`${newBase()}/${first + 1}/06/01/`, { IMAGES: bucket });
     expect(res.status).toBe(200);
     const html = await res.text();
     expect(html).toContain(`<a rel="next" href="/${first + 1}/07/01/">`);
@@ -430,15 +483,69 @@ describe("gallery costs", () => {
   it("answers 404 for a day before the oldest, after one listing", async () => {
     await days();
     const { bucket, calls } = countingBucket();
-    const res = await send(`${BASE}/0001/01/01/`, { IMAGES: bucket });
+    const res = await send(`${newBase()}/0001/01/01/`, { IMAGES: bucket });
     expect(res.status).toBe(404);
     expect(calls.filter((c) => c.method === "list")).toHaveLength(1);
   });
 
-  it("keeps a page at the edge for a minute: a repeat costs the origin nothing", async () => {
+  it("answers pages past the last and missing days from the edge, listing nothing", async () => {
     const y = await days();
     const base = newBase();
+    const { bucket, calls } = countingBucket();
+    // A page past the last is known from the day's folders and records, before its neighbours.
+    expect((await send(`${base}/${y}/02/01/?page=2`, { IMAGES: bucket })).status).toBe(404);
+    const listed = calls.filter((c) => c.method === "list").map((c) => c.key);
+    expect(listed).toEqual(["", `${y}/`, `${y}/02/`, `${y}/02/01/`]);
     for (const path of ["/", `/${y}/02/01/`]) {
+      expect((await send(`${base}${path}`, { IMAGES: bucket })).status).toBe(200);
+    }
+    calls.length = 0;
+    // Each a page of its own at the edge: only the listings kept there answer them.
+    const missing = [
+      ...[2, 3, 4, 999999].map((n) => `/${y}/02/01/?page=${n}`),
+      ...[2, 3, 999999].map((n) => `/?page=${n}`),
+      ...["02/02", "02/28", "03/01", "12/31"].map((date) => `/${y}/${date}/`),
+      `/${y + 1000}/01/01/`,
+      "/1999/01/01/",
+    ];
+    for (const path of missing) {
+      expect((await send(`${base}${path}`, { IMAGES: bucket })).status, path).toBe(404);
+    }
+    expect(calls).toEqual([]);
+  });
+
+  it("answers ?page=1 with the day's own URL, and refuses other spellings of a page", async () => {
+    const y = await days();
+    const base = newBase();
+    for (const path of [`/${y}/02/01/`, "/"]) {
+      const res = await send(`${base}${path}?page=1&utm=x`);
+      expect(res.status, path).toBe(301);
+      expect(res.headers.get("Location")).toBe(path);
+      expect(res.headers.get("Cache-Control")).toBe("no-store");
+      expect(res.headers.get("Content-Security-Policy")).toBe("default-src 'none'; sandbox");
+    }
+    for (const page of ["01", "+1", "1.0", "2e0", "1&page=1"]) {
+      expect((await send(`${base}/${y}/02/01/?page=${page}`)).status, page).toBe(400);
+    }
+    // Behind signed links the redirect is signed for the same day, until the same time.
+    const secret = "gallery-signing-secret";
+    const expires = Math.floor(Date.now() / 1000) + 300;
+    const day = `${y}/02/01/`;
+    const signature = await sign(day, expires, secret, { page: "1" });
+    const res = await send(`${base}/${day}?page=1&expires=${expires}&signature=${signature}`, {
+      SIGNING_SECRET: secret,
+      GALLERY: "signed",
+    });
+    expect(res.status).toBe(301);
+    expect(res.headers.get("Location")).toBe(
+      `/${day}?expires=${expires}&signature=${await sign(day, expires, secret)}`,
+    );
+  });
+
+  it("keeps a page at the edge for a minute: a repeat costs the origin nothing", async () => {
+    const y = await days();
+    for (const path of ["/", `/${y}/02/01/`]) {
+      const base = newBase();
       const { bucket, calls } = countingBucket();
       const first = await send(`${base}${path}`, { IMAGES: bucket });
       expect(first.status).toBe(200);
@@ -464,7 +571,7 @@ describe("gallery records", () => {
       await env.IMAGES.put(`${day}/bad${i}.json`, JSON.stringify(value));
     }
     await env.IMAGES.put(`${day}/broken.json`, "{ not json");
-    const res = await send(`${BASE}/${day}/`);
+    const res = await send(`${newBase()}/${day}/`);
     expect(res.status).toBe(200);
     const html = await res.text();
     expect(shownIds(html)).toEqual(["good"]);

@@ -160,6 +160,25 @@ describe("paths answered without the origin", () => {
     expect((await send(`${BASE}/2026/05/01`, { GALLERY: "off" })).status).toBe(404);
   });
 
+  it("gives the favicon and the redirect the headers every other answer has", async () => {
+    const names = [
+      "Content-Security-Policy",
+      "X-Content-Type-Options",
+      "Access-Control-Allow-Origin",
+      "Cross-Origin-Resource-Policy",
+    ];
+    const headersOf = (res: Response) => names.map((name) => [name, res.headers.get(name)]);
+    const notFound = await send(`${BASE}/robots.txt`);
+    expect(notFound.headers.get("Content-Security-Policy")).toBe("default-src 'none'; sandbox");
+    expect(notFound.headers.get("X-Content-Type-Options")).toBe("nosniff");
+    for (const path of ["/favicon.ico", "/2026/05/01?page=2"]) {
+      for (const method of ["GET", "HEAD"]) {
+        const res = await send(new Request(`${BASE}${path}`, { method }));
+        expect(headersOf(res), `${method} ${path}`).toEqual(headersOf(notFound));
+      }
+    }
+  });
+
   it("keeps a signed day link that lost its slash valid through the redirect", async () => {
     const day = "2026/05/01/";
     await env.IMAGES.put(`${day}slash.png`, "png");

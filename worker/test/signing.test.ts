@@ -3,7 +3,7 @@ import { afterEach, describe, expect, it, vi } from "vitest";
 import shared from "../../schemas/signed-url-vectors.json";
 import { IMAGE_GRACE } from "../src/gallery";
 import { sign, verify } from "../src/signing";
-import { BASE, countingBucket, newKey, send } from "./helpers";
+import { BASE, countingBucket, newBase, newKey, send } from "./helpers";
 
 interface Vector {
   name: string;
@@ -179,7 +179,7 @@ describe("rotating the secret", () => {
     await env.IMAGES.put(`${day}rotated.png`, "png");
     await env.IMAGES.put(`${day}rotated.json`, JSON.stringify({ persisted: { prompt: "p" } }));
     at(NOW);
-    const link = `${BASE}/${day}?expires=${NOW + 600}&signature=${await sign(day, NOW + 600, OLD)}`;
+    const link = `${newBase()}/${day}?expires=${NOW + 600}&signature=${await sign(day, NOW + 600, OLD)}`;
     const res = await send(link, { ...ROTATING, GALLERY: "signed" });
     expect(res.status).toBe(200);
     const image = `${day}rotated.png`;
