@@ -170,15 +170,17 @@ export function renderPage(page: Page): string {
       (d, i) => `<a${i === 0 ? ' rel="prev"' : ""} href="${escape(d.href)}">${escape(d.day)}</a>`,
     ),
   ].join("");
+  // A page that links no other day (behind a link signed for one day) says nothing of days.
+  const days = links ? `<nav aria-label="Days">${links}</nav>\n` : "";
+  const dayKeys = links ? ", <kbd>[</kbd> earlier day, <kbd>]</kbd> later day" : "";
   return documentOf(
     title,
     `<main>
 <h1>${escape(title)}</h1>
 ${partial}${items}
 ${pages}</main>
-<nav aria-label="Days">${links}</nav>
-<p class="meta">Keys: <kbd>j</kbd>/<kbd>→</kbd> next, <kbd>k</kbd>/<kbd>←</kbd> previous,
-<kbd>Enter</kbd> open, <kbd>[</kbd> earlier day, <kbd>]</kbd> later day.</p>
+${days}<p class="meta">Keys: <kbd>j</kbd>/<kbd>→</kbd> next, <kbd>k</kbd>/<kbd>←</kbd> previous,
+<kbd>Enter</kbd> open${dayKeys}.</p>
 <script>${SCRIPT}</script>
 `,
   );

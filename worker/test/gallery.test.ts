@@ -246,6 +246,9 @@ describe("gallery", () => {
     const prev = `${y}/01/30/`;
     expect(html).not.toContain(`href="/${prev}`);
     expect(html).not.toContain('rel="prev"');
+    // Nor does the page speak of days: no empty list of them, no keys for them.
+    expect(html).not.toContain('aria-label="Days"');
+    expect(html).not.toContain("earlier day");
     const other = await send(`${base}/${prev}?expires=${expires}&signature=${signature}`, {
       SIGNING_SECRET: secret,
       GALLERY: "signed",
