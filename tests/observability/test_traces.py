@@ -17,9 +17,13 @@ from typing import Any
 
 import httpx
 import pytest
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.test.globals_test import reset_metrics_globals
 from opentelemetry.trace import SpanKind, StatusCode
 
 from imagegen import GenerationRequest, ImageGenService, Settings
@@ -36,7 +40,7 @@ from imagegen.observability import JsonFormatter
 from imagegen.plugins import PluginContext, PluginSet
 from imagegen.render.base import ProgressCallback, RenderOutput
 from imagegen.storage import LocalStorage
-from imagegen.telemetry import METRIC_NAMES, METRICS, record_error
+from imagegen.telemetry import METRIC_NAMES, METRICS, instruments, record_error
 from tests.fakes.render_backend import ReadyBackend, enhanced_prompt
 from tests.functions.conftest import base_env
 from tests.functions.servers import cloudevent_headers
@@ -443,16 +447,89 @@ def test_the_process_span_names_the_generation_a_request_does_not(
     assert (span.attributes or {})["imagegen.generation_id"] == reply.headers["ce-subject"]
 
 
-def test_each_stage_counts_its_generations_from_zero(chain: Chain, otel: InMemoryTelemetry) -> None:
-    # A series a new pod first exports at 1 has no earlier sample: Prometheus' increase()
-    # never sees that count, and a failure of a pod scaled away since goes unalerted.
-    from imagegen.telemetry import COUNTED_FROM_ZERO
+# The series alerts and panels read, each exported at 0 from a function's start (docs/
+# observability.md): a pod is an ``instance`` of its own and functions scale to zero, so a
+# series first exported at 1 has no earlier sample, increase() and rate() never see that count,
+# and a failure of a pod scaled away since goes unalerted (ImagegenGenerationFailures).
+GENERATIONS_FROM_ZERO = [
+    {"outcome": "success"},
+    {"outcome": "failed", "reason": "internal"},
+    {"outcome": "failed", "reason": "dependency_unavailable"},
+    {"outcome": "failed", "reason": "not_configured"},
+    {"outcome": "failed", "reason": "not_found"},
+    {"outcome": "failed", "reason": "cancelled"},
+]
+# The sinks' deliveries recorded, which a panel rates, and the failures their alerts page on:
+# ImagegenDeadLetterCannotRecord at a sink's first failed delivery, which rate() sees only
+# after a sample at 0.
+DELIVERIES_FROM_ZERO = [
+    {"outcome": "recorded"},
+    {"outcome": "failed", "reason": "dependency_unavailable"},
+    {"outcome": "failed", "reason": "internal"},
+]
 
-    series = [p.attributes for p in otel.points(METRIC_NAMES["generations"])]
-    for stage in ("enhance", "render", "persist", "derive"):
-        for labels in COUNTED_FROM_ZERO:
-            if labels["outcome"] != "fallback" or stage == "enhance":
-                assert {"stage": stage, **labels} in series, (stage, labels)
+
+@contextlib.contextmanager
+def measured_afresh(otel: InMemoryTelemetry) -> Iterator[InMemoryTelemetry]:
+    """Metrics to a provider of their own, nothing counted yet, while the block runs: what a
+    function exports from its start, apart from what this process's other tests counted."""
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
+
+    def install(meter_provider: MeterProvider) -> None:
+        reset_metrics_globals()
+        metrics.set_meter_provider(meter_provider)
+        instruments.cache_clear()
+
+    install(provider)
+    try:
+        yield InMemoryTelemetry(otel.tracer_provider, provider, otel.spans, reader)
+    finally:
+        install(otel.meter_provider)
+        provider.shutdown()
+
+
+def started_alone(stage: str, otel: InMemoryTelemetry, workdir: Path) -> InMemoryTelemetry:
+    """What ``stage``'s function exported once started, asked nothing but its health."""
+    env = {**base_env(workdir / "store"), "IMAGEGEN_LEDGER_URL": str(workdir / "ledger.db")}
+    with measured_afresh(otel) as fresh, served_alone(stage, env, workdir):
+        pass
+    return fresh
+
+
+def exported(otel: InMemoryTelemetry, metric: str, stage: str) -> list[tuple[dict[str, Any], Any]]:
+    """``stage``'s series of ``metric`` (its key in METRIC_NAMES): labels but the stage, value."""
+    return sorted(
+        (
+            ({k: v for k, v in p.attributes.items() if k != "stage"}, p.point.value)
+            for p in otel.points(METRIC_NAMES[metric])
+            if p.attributes.get("stage") == stage
+        ),
+        key=repr,
+    )
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_stage_counts_its_generations_from_zero(
+    otel: InMemoryTelemetry, tmp_path: Path, stage: str
+) -> None:
+    fresh = started_alone(stage, otel, tmp_path)
+    expected = GENERATIONS_FROM_ZERO + ([{"outcome": "fallback"}] if stage == "enhance" else [])
+    assert exported(fresh, "generations", stage) == sorted(
+        ((labels, 0) for labels in expected), key=repr
+    )
+    assert exported(fresh, "sink_deliveries", stage) == []
+
+
+@pytest.mark.parametrize("stage", ["deadletter", "ledger"])
+def test_each_sink_counts_its_deliveries_from_zero(
+    otel: InMemoryTelemetry, tmp_path: Path, stage: str
+) -> None:
+    fresh = started_alone(stage, otel, tmp_path)
+    assert exported(fresh, "sink_deliveries", stage) == sorted(
+        ((labels, 0) for labels in DELIVERIES_FROM_ZERO), key=repr
+    )
+    assert exported(fresh, "generations", stage) == []  # the sinks count no generation
 
 
 def test_a_request_refused_before_its_stage_runs_is_counted(
