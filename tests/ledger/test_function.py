@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -108,6 +110,35 @@ def test_opening_the_ledger_never_holds_the_event_loop(
     asyncio.run(run())
 
 
+class _Kept(logging.Handler):
+    """Keeps the records it is given."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def logged() -> Iterator[list[logging.LogRecord]]:
+    """Every record of the ``imagegen`` loggers, DEBUG up, while the test runs.
+
+    Kept by a handler on ``imagegen`` itself: the first function a process starts sets up its
+    logging, which replaces the root's handlers (caplog's among them)."""
+    handler = _Kept()
+    imagegen_log = logging.getLogger("imagegen")
+    level = imagegen_log.level
+    imagegen_log.addHandler(handler)
+    imagegen_log.setLevel(logging.DEBUG)
+    try:
+        yield handler.records
+    finally:
+        imagegen_log.removeHandler(handler)
+        imagegen_log.setLevel(level)
+
+
 @pytest.fixture
 def serve_sqlite(monkeypatch: pytest.MonkeyPatch) -> Any:
     """``serve_sqlite(url)``: the ledger function on ``url``; what it opened closed after."""
@@ -156,20 +187,24 @@ def test_a_ledger_file_is_opened_before_the_function_says_ready(
 )
 def test_a_ledger_file_that_cannot_hold_a_ledger_keeps_the_function_unready(
     serve_sqlite: Any,
-    caplog: pytest.LogCaptureFixture,
+    logged: list[logging.LogRecord],
     tmp_path: Path,
     make: Any,
     reason: str,
 ) -> None:
     path = tmp_path / "ledger.db"
     make(path)
-    with caplog.at_level("ERROR", logger="imagegen.functions"):
-        function = serve_sqlite(str(path))
-        ready = function.get("/readyz")
+    function = serve_sqlite(str(path))
+    ready = function.get("/readyz")
     # Knative never routes to it, and a rollout that set the path keeps the working revision.
     assert ready.status_code == 503
     assert ready.json()["status"] == "start-up failed"  # why: in the log, and a request's 503
-    failed = [r for r in caplog.records if r.getMessage().startswith("start-up failed:")]
+    failed = [
+        r
+        for r in logged
+        if (r.name, r.levelno) == ("imagegen.functions", logging.ERROR)
+        and r.getMessage().startswith("start-up failed:")
+    ]
     assert len(failed) == 1 and reason in failed[0].getMessage()
     assert failed[0].exc_info is None, "its own words, no traceback"
     # An event that comes anyway is retried (503), never refused (a 400 loses it).
@@ -193,22 +228,25 @@ def test_a_ledger_url_of_no_backend_is_a_configuration_error(serve_sqlite: Any) 
 
 
 def test_a_database_url_psycopg_cannot_read_is_a_configuration_error_that_hides_it(
-    serve_sqlite: Any, caplog: pytest.LogCaptureFixture
+    serve_sqlite: Any, logged: list[logging.LogRecord]
 ) -> None:
     """A generated password with a bare ``%``: libpq's refusal quotes it, so it is not passed on.
     The URL is read at start-up: the function stays unready, and a rollout that set it fails."""
-    with caplog.at_level("DEBUG"):
-        function = serve_sqlite("postgresql://app:Hunter2%ZZsecret@127.0.0.1:9/imagegen")
-        assert function.get("/readyz").status_code == 503  # known without a connection
-        replies = [function.post("/", **_binary(chain("gen-p")["requested"])) for _ in range(2)]
+    function = serve_sqlite("postgresql://app:Hunter2%ZZsecret@127.0.0.1:9/imagegen")
+    assert function.get("/readyz").status_code == 503  # known without a connection
+    replies = [function.post("/", **_binary(chain("gen-p")["requested"])) for _ in range(2)]
     for reply in replies:
         assert reply.status_code == 503, reply.text
         error = reply.json()
         assert error["error"] == "not_configured"
         assert error["message"].startswith("IMAGEGEN_LEDGER_URL: the ledger URL is no PostgreSQL")
         assert [e["field"] for e in error["errors"]] == ["ledger_url"]
-    logged = "\n".join(r.getMessage() + str(r.exc_info) for r in caplog.records)
-    assert "Hunter2" not in logged + "".join(reply.text for reply in replies)
+    # The log says why, in its own words, as the replies do.
+    failed = [r.getMessage() for r in logged if r.getMessage().startswith("start-up failed:")]
+    assert len(failed) == 1, [r.getMessage() for r in logged]
+    assert "IMAGEGEN_LEDGER_URL: the ledger URL is no PostgreSQL" in failed[0]
+    lines = "\n".join(logging.Formatter().format(r) for r in logged)
+    assert "Hunter2" not in lines + "".join(reply.text for reply in replies)
 
 
 def test_a_database_server_is_left_to_the_warm_up(monkeypatch: pytest.MonkeyPatch) -> None:
