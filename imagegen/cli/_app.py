@@ -101,7 +101,10 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print machine-readable JSO
 # The libraries' notices go to the terminal only when asked for: without it, a newcomer reads
 # the result and at most one line about what to do next.
 _LIBRARY_VERBOSITY = ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "HF_HUB_VERBOSITY")
-_handler: logging.Handler | None = None
+_LIBRARY_LOGGERS = ("transformers", "diffusers", "huggingface_hub")
+"""Their loggers: what they log as errors (a file they looked for and did not find), the
+command says in its own one line, if it fails at all."""
+_handler: _StderrHandler | None = None
 
 
 def set_verbosity(verbose: bool) -> bool:
@@ -127,12 +130,21 @@ def set_verbosity(verbose: bool) -> bool:
         # again if whatever set up logging since (an embedding program) took it away.
         root.addHandler(_handler)
     _handler.setLevel(logging.INFO if verbose else logging.ERROR)
+    _handler.libraries = verbose
     logging.getLogger("imagegen").setLevel(logging.INFO if verbose else logging.NOTSET)
     return verbose
 
 
 class _StderrHandler(logging.Handler):
-    """Writes to whatever ``sys.stderr`` is at the time (a test may swap it)."""
+    """Writes to whatever ``sys.stderr`` is at the time (a test may swap it); the model
+    libraries' records only where ``libraries`` is set (``-v``)."""
+
+    libraries = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.libraries and record.name.partition(".")[0] in _LIBRARY_LOGGERS:
+            return False
+        return super().filter(record)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
 )
 from packaging.version import Version
+from safetensors import SafetensorError
 
 from imagegen.errors import DependencyUnavailable, InvalidRequest
 from imagegen.modelspec import looks_like_path
@@ -75,7 +77,14 @@ def load_pipeline(model: str, dtype: torch.dtype, settings: Settings) -> Pipelin
         DependencyUnavailable: The model is neither cached nor downloadable, or its files
             are damaged or incomplete.
     """
-    local = Path(model).expanduser()
+    try:
+        local = Path(model).expanduser()
+    except RuntimeError:  # pathlib's "Could not determine home directory."
+        # An unknown ``~user``, or a user with no passwd entry and no HOME (many containers).
+        raise field_error(
+            "model",
+            f"no such model directory: {model!r} (~ names no home directory this process can find)",
+        ) from None
     if local.exists():
         if not (local / "model_index.json").is_file():
             raise field_error(
@@ -108,9 +117,57 @@ def load_pipeline(model: str, dtype: torch.dtype, settings: Settings) -> Pipelin
         pipe: Pipeline = AutoPipelineForText2Image.from_pretrained(
             source, **{_DTYPE_ARGUMENT: dtype}, **options
         )
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        _check_filled(pipe)
+    except _DAMAGED + _MISREAD as error:
         raise _unloadable(model, folder, remote, error, settings) from error
+    # Any other exception is no known way for files to fail: it goes up as it is, to be
+    # logged with its traceback (``-v`` on the command line).
     return pipe
+
+
+class _Unfilled(Exception):
+    """A component's weights lack tensors its class has (:func:`_check_filled`)."""
+
+
+_DAMAGED: tuple[type[Exception], ...] = (OSError, SafetensorError, _Unfilled)
+"""What files that are there but cannot be loaded raise, whichever library reads them:
+
+- ``OSError``: a file missing or unreadable; diffusers' ``load_state_dict``
+  (diffusers/models/model_loading_utils.py), which reads its own models' weights, raises it
+  for a Git LFS pointer too (and a ``ValueError`` for other weights it cannot parse, told
+  from a malformed ``model_index.json`` by :func:`incomplete`).
+- ``SafetensorError``: transformers opens a component's weights with ``safe_open``
+  (``PreTrainedModel._load_pretrained_model``, transformers/modeling_utils.py) and lets what
+  it raises through: a file cut short, empty or an LFS pointer fails its header checks
+  (huggingface/safetensors, bindings/python/src/lib.rs, a plain ``Exception`` subclass).
+- ``_Unfilled``: tensors missing from a component's weights, found once the pipeline is built.
+"""
+
+_MISREAD: tuple[type[Exception], ...] = (ValueError, KeyError, TypeError, AttributeError)
+"""What diffusers raises for files it reads without checking their shape (a
+``model_index.json`` that is ``{}``, a list, a null class name): damage where
+:func:`incomplete` sees it, else no text-to-image pipeline."""
+
+
+def _check_filled(pipe: Pipeline) -> None:
+    """Refuse a pipeline a component of which holds tensors with no data.
+
+    diffusers builds each model on the meta device and fills it from the weights
+    (``ModelMixin.from_pretrained``, diffusers/models/modeling_utils.py): a tensor the file
+    does not have is only warned about, and stays on the meta device, where moving the
+    pipeline to its device fails (torch's ``Module.to``: "Cannot copy out of meta tensor").
+
+    Raises:
+        _Unfilled: Naming the component and its first missing tensors.
+    """
+    for name, component in pipe.components.items():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        tensors = itertools.chain(component.named_parameters(), component.named_buffers())
+        empty = [key for key, tensor in tensors if tensor.is_meta]
+        if empty:
+            shown = ", ".join(empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
+            raise _Unfilled(f"its {name}'s weights lack {shown}")
 
 
 def _unloadable(
@@ -158,15 +215,28 @@ def _unloadable(
                 f"{what} could not be downloaded: {first_line(error).rstrip('.')};"
                 f" pull it first ({pull})"
             )
-    elif why is not None or isinstance(error, OSError):
+        if isinstance(error, _DAMAGED):
+            # Damage the headers do not show: a pull, which replaces what they show, would not
+            # mend it.
+            return DependencyUnavailable(
+                f"{what} in the local cache cannot be loaded: {_damage(error)}"
+            )
+    elif why is not None or isinstance(error, _DAMAGED):
         # Files that cannot be read are no mistake of the name: the model cannot load.
-        return DependencyUnavailable(f"{model!r} cannot be loaded: {why or first_line(error)}")
+        return DependencyUnavailable(f"{model!r} cannot be loaded: {why or _damage(error)}")
     # A model_index.json of another shape ({}, a list, a null class name) raises KeyError,
     # TypeError or AttributeError: diffusers reads it without checking.
     return InvalidRequest(
         f"{model!r} is not a text-to-image pipeline: {type(error).__name__}: {first_line(error)}",
         errors=[{"field": "model", "message": "not a text-to-image pipeline"}],
     )
+
+
+def _damage(error: Exception) -> str:
+    """What ``error``, one of :data:`_DAMAGED`, says of the files, in a few words."""
+    if isinstance(error, SafetensorError):  # which file, transformers does not say
+        return f"a weights file cannot be read ({first_line(error)})"
+    return first_line(error)
 
 
 @contextlib.contextmanager
