@@ -472,23 +472,30 @@ MAX_LORA_DIR_CHARS = MAX_LORA_PATH_CHARS - 1 - 255
 
 
 def _model_name(value: str) -> str:
-    """``value`` when a job can name it as its model (at most ``MAX_MODEL_CHARS``)."""
+    """``value`` when a job can name it as its model (at most ``MAX_MODEL_CHARS``) and a ``~``
+    it starts with names a home (:func:`_path_chars`): render expands it at every job."""
     if len(value) > MAX_MODEL_CHARS:
         raise ValueError(
             f"longer than {MAX_MODEL_CHARS} characters, the most a job's model may have "
             + _LOCAL_MODEL_HINT
         )
+    _path_chars(value)
     return value
 
 
 def _model_names(value: list[str]) -> list[str]:
-    """``value`` when a job can name each entry as its model; never echoes one."""
+    """``value`` when a job can name each entry as its model, and a ``~`` one starts with
+    names a home; never echoes one."""
     for number, model in enumerate(value, start=1):
         if len(model) > MAX_MODEL_CHARS:
             raise ValueError(
                 f"entry {number} of {len(value)} is longer than {MAX_MODEL_CHARS} characters,"
                 f" the most a job's model may have {_LOCAL_MODEL_HINT}"
             )
+        try:
+            _path_chars(model)
+        except ValueError as exc:
+            raise ValueError(f"entry {number} of {len(value)}: {exc}") from None
     return value
 
 

@@ -118,6 +118,25 @@ def test_doctor_fails_a_model_not_cached_when_the_hub_is_not_asked(
     assert "imagegen models pull" in row["next_step"]
 
 
+@pytest.mark.parametrize(
+    "model", ["org/name with space", "org/na:me", "x@main", "org/ñame", "-rf", "org/name.git"]
+)
+def test_doctor_refuses_a_model_that_is_no_hub_id_as_pull_does(cli: RunCli, model: str) -> None:
+    """It said to run ``imagegen models pull``, which refuses the name: render and pull say it
+    is not a local path nor a valid Hub id, and so does the model row now."""
+    env = {"IMAGEGEN_MODEL": model, "IMAGEGEN_SERVED_MODELS": model}
+    result = cli("doctor", "--json", env=env)
+    assert result.returncode == 1, result.stderr
+    row = _rows(result.stdout)["model"]
+    assert row["status"] == "error"
+    said = f"model {model!r} at revision main (not pinned): not a local path nor a valid Hub id"
+    assert row["summary"] == f"IMAGEGEN_MODEL: {said}."
+    assert "imagegen models pull" not in row["next_step"]
+    pulled = cli("models", "pull", "--", model, env=env)
+    assert pulled.returncode == 2, pulled.stderr
+    assert pulled.stderr.strip() == f"imagegen: error: {said}"
+
+
 # -- Storage ----------------------------------------------------------------------------------
 
 

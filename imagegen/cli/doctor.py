@@ -140,7 +140,8 @@ def _model_check(settings: Settings) -> Check:
 
     from huggingface_hub import is_offline_mode, try_to_load_from_cache
 
-    from imagegen.render._loading import hub_options, looks_like_path
+    from imagegen.errors import ImageGenError
+    from imagegen.render._loading import hub_errors, hub_options, looks_like_path, revision_said
     from imagegen.render.pull import incomplete, needs_nothing
 
     model = settings.model
@@ -164,12 +165,25 @@ def _model_check(settings: Settings) -> Check:
     if needs_nothing(model) is not None:
         return Check("model", "ok", f"Model {model} is built here, random weights: noise.", "")
     options = hub_options(settings, model)
+    what = f"model {model!r} at {revision_said(settings, model)}"
     try:
-        found = try_to_load_from_cache(
-            model, "model_index.json", cache_dir=options["cache_dir"], revision=options["revision"]
+        # No valid Hub id is refused as render and `imagegen models pull` refuse it: no pull
+        # would fetch it.
+        with hub_errors(model, field="model", what=what):
+            found = try_to_load_from_cache(
+                model,
+                "model_index.json",
+                cache_dir=options["cache_dir"],
+                revision=options["revision"],
+            )
+    except ImageGenError as exc:
+        return Check(
+            "model",
+            "error",
+            f"IMAGEGEN_MODEL: {exc.message}.",
+            "Point IMAGEGEN_MODEL at a Hub model (org/name, imagegen models list) or a"
+            " pipeline directory.",
         )
-    except ValueError:  # no valid Hub id: render says so, naming the field
-        found = None
     if isinstance(found, str):
         # What render would fail to load, read from the files' headers (as `models list`).
         if why := incomplete(Path(found).parent):

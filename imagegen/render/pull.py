@@ -9,7 +9,9 @@ repository's single-file checkpoint), into the same cache layout ``from_pretrain
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,23 +52,39 @@ def needs_nothing(model: str) -> str | None:
     """Why ``model`` needs no download (built offline, or a local directory); None if it does."""
     if model in MODELS and MODELS[model].offline:
         return "built offline"
-    if model and Path(model).expanduser().is_dir():  # Path("") is ".", this folder
+    if model and _local(model).is_dir():  # Path("") is ".", this folder
         return "a local directory"
     return None
+
+
+def _local(model: str) -> Path:
+    """``model`` as a path here, ``~`` expanded.
+
+    Raises:
+        InvalidRequest: ``~`` names no home this process can find (an unknown ``~user``, a
+            user with no passwd entry and no ``HOME``) (field ``model``).
+    """
+    try:
+        return Path(model).expanduser()
+    except RuntimeError:  # pathlib's "Could not determine home directory."
+        why = "~ names no home directory this process can find"
+        raise InvalidRequest(
+            f"{model!r}: {why}", errors=[{"field": "model", "message": why}]
+        ) from None
 
 
 def check_name(model: str) -> None:
     """Refuse a name that is no model before anything is fetched.
 
     Raises:
-        InvalidRequest: ``model`` is empty, or names something here that is not a directory
-            (field ``model``).
+        InvalidRequest: ``model`` is empty, names something here that is not a directory, or
+            starts with a ``~`` that names no home (field ``model``).
     """
     if not model.strip():
         raise InvalidRequest(
             "a model name is empty", errors=[{"field": "model", "message": "empty"}]
         )
-    local = Path(model).expanduser()
+    local = _local(model)
     if local.exists() and not local.is_dir():
         why = "is a file here, not a pipeline directory or a Hub id"
         raise InvalidRequest(f"{model!r} {why}", errors=[{"field": "model", "message": why}])
@@ -141,9 +159,27 @@ def _download(model: str, options: dict[str, Any], what: str) -> Path:
                 reason = "it is not in the cache and HF_HUB_OFFLINE is set"
             elif error.errno is None:
                 reason = "it is not in the cache and the Hub cannot be reached"
+            elif error.errno in (errno.ENOSPC, errno.EDQUOT):
+                where, variable = _cache_said(options)
+                reason = (
+                    f"{first_line(error)}; the model cache {where} ({variable}) is full: free"
+                    f" space there, or set {variable} to a volume with room for the model"
+                )
             else:
                 reason = first_line(error)
             raise DependencyUnavailable(f"{what} could not be downloaded: {reason}") from error
+
+
+def _cache_said(options: dict[str, Any]) -> tuple[str, str]:
+    """The model cache a download writes into, and the variable that puts it there:
+    ``IMAGEGEN_MODEL_CACHE_DIR``, else the Hub client's cache (``HF_HUB_CACHE``, else
+    ``HF_HOME``'s ``hub`` folder: huggingface_hub's ``constants.py``)."""
+    if options["cache_dir"] is not None:
+        return options["cache_dir"], Settings.variable("model_cache_dir")
+    from huggingface_hub import constants
+
+    hub = next((v for v in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE") if os.environ.get(v)), None)
+    return constants.HF_HUB_CACHE, hub or "HF_HOME"
 
 
 def _cached_snapshot(model: str, options: dict[str, Any]) -> Path | None:
@@ -204,50 +240,43 @@ def _forget_damaged(snapshot: Path, what: str) -> bool:
     return removed
 
 
-_WEIGHTS = ("*.safetensors", "*.bin")
+_WEIGHTS = (".safetensors", ".bin")
 
 
 def incomplete(snapshot: Path) -> str | None:
     """What a pipeline snapshot lacks for render to load it, or None: read from its files'
     headers and sizes only, nothing of the weights loaded.
 
-    Each component ``model_index.json`` names has its folder; a model component (one with a
-    ``config.json``) has weights; every shard a ``*.index.json`` names is there; each config
-    (``model_index.json``, and each component's ``config.json``, ``scheduler_config.json``,
-    ``tokenizer_config.json``) is a JSON object; and each ``.safetensors`` file is as long as
-    its header says (an 8-byte little-endian length, that many bytes of JSON, then the tensors
-    up to the largest ``data_offsets`` end: the format's own layout, huggingface/safetensors).
+    Each component ``model_index.json`` names has its folder, and that folder can be read; a
+    model component (one with weights, or a ``config.json``) has both; a scheduler (a class
+    named ``…Scheduler``) its ``scheduler_config.json``; every shard a ``*.index.json`` names
+    is there; every JSON file of a component parses (``model_index.json``, and each
+    ``config.json``, ``scheduler_config.json`` and ``tokenizer_config.json``, a JSON object);
+    and each ``.safetensors`` file is as long as its header says (an 8-byte little-endian
+    length, that many bytes of JSON, then the tensors up to the largest ``data_offsets`` end:
+    the format's own layout, huggingface/safetensors).
     """
     return next((why for why, _ in _problems(snapshot)), None)
 
 
 def _problems(snapshot: Path) -> Iterator[tuple[str, Path | None]]:
     """Each thing :func:`incomplete` finds wrong, with the file that is damaged (None where
-    something is missing): what a download would fetch anew once that file is gone."""
+    something is missing or cannot be read): what a download would fetch anew once that file
+    is gone."""
     index = snapshot / "model_index.json"
-    if why := _unreadable_json(index):
-        yield f"model_index.json {why}", index if index.is_symlink() or index.exists() else None
-        components: dict[str, Any] = {}
-    else:
-        components = json.loads(index.read_text())
+    parsed, why = _parsed_json(index)
+    if why:
+        yield f"model_index.json {why}", index if os.path.lexists(index) else None
+    components = parsed if isinstance(parsed, dict) else {}
     for name, value in components.items():
         if name.startswith("_") or not (isinstance(value, list) and value and value[0]):
             continue  # metadata, or a component the pipeline goes without
-        folder = snapshot / name
-        if not folder.is_dir():
-            yield f"its {name} is missing", None
-        elif (folder / "config.json").is_file() and not any(
-            next(folder.glob(pattern), None) for pattern in _WEIGHTS
-        ):
-            yield f"its {name} has no weights", None
-    # Each name looked for, not globbed: a glob skips a link whose blob is gone, and such a
-    # config is missing.
-    found = snapshot.iterdir() if snapshot.is_dir() else iter(())
-    folders = [f for f in found if f.is_dir() and not f.name.startswith(".")]
-    configs = [folder / name for folder in folders for name in _CONFIGS]
-    for config in sorted(f for f in configs if f.is_symlink() or f.exists()):
-        if why := _unreadable_json(config):
-            yield f"{config.relative_to(snapshot)} {why}", config
+        # A folder that cannot be read (its mode, a link into one) raises at the first look
+        # into it, where a missing file is False: the problem said, not a traceback.
+        try:
+            yield from _component_problems(snapshot / name, value)
+        except OSError as error:
+            yield f"its {name} cannot be read ({error.strerror or first_line(error)})", None
     for shards in sorted(snapshot.rglob("*.index.json")):
         try:
             named = set(json.loads(shards.read_text())["weight_map"].values())
@@ -262,19 +291,56 @@ def _problems(snapshot: Path) -> Iterator[tuple[str, Path | None]]:
             yield f"{weights.relative_to(snapshot)} {why}", weights
 
 
+def _component_problems(folder: Path, value: list[Any]) -> Iterator[tuple[str, Path | None]]:
+    """What is wrong in one component's ``folder``, ``value`` its entry in
+    ``model_index.json`` (library, class).
+
+    Raises:
+        OSError: The folder cannot be read.
+    """
+    name = folder.name
+    if not folder.is_dir():
+        yield f"its {name} is missing", None
+        return
+    # Each name the folder holds, a link whose blob is gone among them: such a file is
+    # missing, where a look for it by its target would pass over it.
+    files = {entry.name: entry for entry in folder.iterdir()}
+    weights = any(file.endswith(_WEIGHTS) for file in files)
+    required = ["config.json"] if weights else []
+    if len(value) > 1 and isinstance(value[1], str) and value[1].endswith("Scheduler"):
+        required.append("scheduler_config.json")  # diffusers' SchedulerMixin.config_name
+    for config in required:
+        if config not in files:
+            yield f"{name}/{config} is missing", None
+    if "config.json" in files and not weights:
+        yield f"its {name} has no weights", None
+    for file, path in sorted(files.items()):
+        if file.endswith(".json") and not file.endswith(".index.json"):  # shards: below
+            _, why = _parsed_json(path, mapping=file in _CONFIGS)
+            if why:
+                yield f"{name}/{file} {why}", path
+
+
 _CONFIGS = ("config.json", "scheduler_config.json", "tokenizer_config.json")
-"""A component's configs, each read whole by what loads it: small, and JSON objects."""
+"""A component's configs: JSON objects, each read whole by what loads it."""
+
+_MAX_JSON_BYTES = 64 * 2**20
+"""The largest JSON file parsed to check it: a component's JSON files are small, a tokenizer's
+``tokenizer.json`` the largest (about 11 MB, Qwen3's); one larger is left unread."""
 
 
-def _unreadable_json(path: Path) -> str | None:
-    """Why ``path`` is no JSON object (missing, not JSON), or None."""
+def _parsed_json(path: Path, *, mapping: bool = True) -> tuple[Any, str | None]:
+    """``path`` parsed, and why it is no JSON (missing, not JSON) or, where ``mapping``, no
+    JSON object; (None, None) for a file over :data:`_MAX_JSON_BYTES`, left unread."""
     try:
-        parsed = json.loads(path.read_text())
+        if path.stat().st_size > _MAX_JSON_BYTES:
+            return None, None
+        parsed = json.loads(path.read_bytes())
     except FileNotFoundError:
-        return "is missing"
+        return None, "is missing"
     except (OSError, ValueError) as error:
-        return f"cannot be read ({first_line(error, 100)})"
-    return None if isinstance(parsed, dict) else "is no JSON object"
+        return None, f"cannot be read ({first_line(error, 100)})"
+    return parsed, None if not mapping or isinstance(parsed, dict) else "is no JSON object"
 
 
 def _unwhole_safetensors(path: Path) -> str | None:

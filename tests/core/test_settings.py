@@ -522,6 +522,33 @@ def test_no_served_models_is_refused_by_name(monkeypatch: pytest.MonkeyPatch, va
     assert error["msg"] == "Value error, empty: name the models the render services serve"
 
 
+NO_HOME = "~ names no home directory this process can find"
+
+
+@pytest.mark.parametrize(
+    ("model", "served", "said"),
+    [
+        ("tiny", "tiny,~nosuchuser/pipeline", f"IMAGEGEN_SERVED_MODELS (entry 2 of 2: {NO_HOME})"),
+        (
+            "~nosuchuser/pipeline",
+            "~nosuchuser/pipeline",
+            f"IMAGEGEN_MODEL, IMAGEGEN_SERVED_MODELS (IMAGEGEN_MODEL: {NO_HOME};"
+            f" IMAGEGEN_SERVED_MODELS: entry 1 of 1: {NO_HOME})",
+        ),
+    ],
+)
+@pytest.mark.parametrize("command", [["models", "list"], ["doctor"], ["models", "pull"]])
+def test_a_model_whose_home_cannot_be_found_is_refused_naming_its_variable(
+    cli: RunCli, model: str, served: str, said: str, command: list[str]
+) -> None:
+    """``~user`` of no such user (or ``~`` with no passwd entry and no ``HOME``, as in many
+    containers) expands to nothing: pathlib's RuntimeError ended each command in a
+    traceback, and render expands the name at every job."""
+    result = cli(*command, env={"IMAGEGEN_MODEL": model, "IMAGEGEN_SERVED_MODELS": served})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == f"imagegen: error: invalid settings: {said}"
+
+
 FP8_COMPILED = "IMAGEGEN_RENDER_FP8=true with IMAGEGEN_RENDER_COMPILE="
 
 

@@ -71,6 +71,17 @@ def test_pull_of_a_model_that_is_not_there_is_one_line(
     assert "could not be downloaded" in line
 
 
+def test_pull_of_a_name_whose_home_cannot_be_found_is_one_line(
+    cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``~user`` of no such user expands to nothing: it crashed with pathlib's RuntimeError."""
+    code = imagegen("models", "pull", "~nosuchuser/model", cache=cache, monkeypatch=monkeypatch)
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "imagegen: error: '~nosuchuser/model': ~ names no home directory this process can find"
+    ]
+
+
 def test_pulling_several_reports_each_and_fails_at_the_end(
     cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -83,6 +94,12 @@ def test_pulling_several_reports_each_and_fails_at_the_end(
     errors = [line for line in said.err.splitlines() if line.startswith("imagegen: error:")]
     assert len(errors) == 2
     assert "missing-1" in errors[0] and "missing-2" in errors[1]
+
+
+def _cut(file: Path) -> None:
+    """``file`` cut to half its length, as a download cut short."""
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
 
 
 def _broken_copy(cache: Path, tmp_path: Path) -> tuple[Path, Path]:
@@ -104,6 +121,11 @@ def _broken_copy(cache: Path, tmp_path: Path) -> tuple[Path, Path]:
         ("bad-config", "transformer/config.json cannot be read (Expecting value"),
         ("bad-scheduler", "scheduler/scheduler_config.json is no JSON object"),
         ("dangling-config", "vae/config.json is missing"),
+        # Files render reads whole, though no config: a tokenizer's failed generate as no
+        # text-to-image pipeline, and a pull passed it.
+        ("cut-tokenizer", "tokenizer/tokenizer.json cannot be read (Expecting value"),
+        ("no-scheduler-config", "scheduler/scheduler_config.json is missing"),
+        ("no-model-config", "vae/config.json is missing"),
     ],
 )
 def test_a_snapshot_render_cannot_load_fails_the_pull(
@@ -132,6 +154,12 @@ def test_a_snapshot_render_cannot_load_fails_the_pull(
     elif damage == "dangling-config":  # a link whose blob is gone
         (snapshot / "vae" / "config.json").unlink()
         (snapshot / "vae" / "config.json").symlink_to("../../../blobs/gone")
+    elif damage == "cut-tokenizer":
+        _cut(snapshot / "tokenizer" / "tokenizer.json")
+    elif damage == "no-scheduler-config":
+        (snapshot / "scheduler" / "scheduler_config.json").unlink()
+    elif damage == "no-model-config":  # weights without the config that says their shapes
+        (snapshot / "vae" / "config.json").unlink()
     else:  # an index naming a second shard that never came
         shard = "diffusion_pytorch_model-00002-of-00002.safetensors"
         index = {"metadata": {}, "weight_map": {"a": weights.name, "b": shard}}
@@ -164,7 +192,7 @@ def test_a_whole_snapshot_is_complete(cache: Path) -> None:
             ),
             "it is not in the cache and the Hub cannot be reached",
         ),
-        (OSError(28, "No space left on device"), "[Errno 28] No space left on device"),
+        (OSError(5, "Input/output error"), "[Errno 5] Input/output error"),
     ],
 )
 def test_a_pull_that_fails_says_why_in_a_line(
@@ -183,6 +211,41 @@ def test_a_pull_that_fails_says_why_in_a_line(
         pulling.pull("example-org/missing", Settings())
     assert caught.value.message == (
         f"model 'example-org/missing' at revision main (not pinned) could not be downloaded: {said}"
+    )
+
+
+@pytest.mark.parametrize("variable", ["IMAGEGEN_MODEL_CACHE_DIR", "HF_HUB_CACHE", "HF_HOME"])
+def test_a_pull_into_a_full_disk_says_which_cache_and_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    """It said "[Errno 28] No space left on device" alone: not which volume, nor that the
+    cache can be moved."""
+    from diffusers import DiffusionPipeline
+    from huggingface_hub import constants
+
+    from imagegen.render import pull as pulling
+
+    def fails(*args: object, **kwargs: object) -> str:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(DiffusionPipeline, "download", fails)
+    monkeypatch.setattr(pulling, "is_offline_mode", lambda: False)  # the conftest sets it
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    where = str(tmp_path / "cache")
+    # The Hub client reads its cache's path as it is imported (HF_HOME's "hub" without
+    # HF_HUB_CACHE): set here as it would have read it.
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", where)
+    if variable != "HF_HOME":
+        monkeypatch.setenv(variable, where)
+
+    with pytest.raises(DependencyUnavailable) as caught:
+        pulling.pull("example-org/missing", Settings())
+
+    assert caught.value.message == (
+        "model 'example-org/missing' at revision main (not pinned) could not be downloaded:"
+        f" [Errno 28] No space left on device; the model cache {where} ({variable}) is full:"
+        f" free space there, or set {variable} to a volume with room for the model"
     )
 
 
@@ -226,6 +289,8 @@ def _damage(weights: Path, damage: str) -> None:
         weights.write_bytes(data[:8] + b"x" * 32 + data[40:])
     elif damage == "empty":
         weights.write_bytes(b"")
+    elif damage == "cut-tokenizer":
+        _cut(weights.parent.parent / "tokenizer" / "tokenizer.json")
     else:  # its config no JSON
         (weights.parent / "config.json").write_text("{not json")
 
@@ -236,6 +301,8 @@ _DAMAGE_SAID = {
     "flipped": "transformer/diffusion_pytorch_model.safetensors cannot be read",
     "empty": "transformer/diffusion_pytorch_model.safetensors is cut short",
     "bad-json": "transformer/config.json cannot be read",
+    # Said as no text-to-image pipeline (JSONDecodeError), a refusal of the name.
+    "cut-tokenizer": "tokenizer/tokenizer.json cannot be read",
 }
 
 
@@ -335,7 +402,9 @@ def test_models_list_shows_the_table_and_what_is_served(
     assert "[klein]" in table  # on a line of its own where the column wraps
 
 
-@pytest.mark.parametrize("damage", ["whole", "cut", "no-vae"])
+@pytest.mark.parametrize(
+    "damage", ["whole", "cut", "no-vae", "cut-tokenizer", "no-scheduler-config"]
+)
 def test_models_list_says_a_snapshot_render_cannot_load_is_incomplete(
     cache: Path,
     tmp_path: Path,
@@ -350,6 +419,10 @@ def test_models_list_says_a_snapshot_render_cannot_load_is_incomplete(
         _damage(snapshot / "transformer" / "diffusion_pytorch_model.safetensors", "cut")
     elif damage == "no-vae":  # a pull cut short: its model_index.json is there
         shutil.rmtree(snapshot / "vae")
+    elif damage == "cut-tokenizer":
+        _cut(snapshot / "tokenizer" / "tokenizer.json")
+    elif damage == "no-scheduler-config":
+        (snapshot / "scheduler" / "scheduler_config.json").unlink()
     monkeypatch.setenv("IMAGEGEN_MODEL", "tiny")
     monkeypatch.setenv("IMAGEGEN_SERVED_MODELS", f"tiny,{MODEL}")
     assert imagegen("models", "list", "--json", cache=broken, monkeypatch=monkeypatch) == 0
@@ -533,3 +606,147 @@ def test_a_partial_cache_the_hub_cannot_complete_says_both(hub: FakeHub, tmp_pat
         f" ([Errno 111] Connection refused): pull it (imagegen models pull {MODEL}), which"
         " fetches what is missing and replaces what is damaged"
     )
+
+
+@pytest.mark.slow
+def test_pull_fetches_a_damaged_tokenizer_and_a_missing_scheduler_config_anew(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    # Neither was looked at: a tokenizer.json cut short stayed so through every pull, and a
+    # snapshot without its scheduler's config was called whole.
+    from imagegen.render.pull import incomplete
+
+    cache = tmp_path / "hub-cache"
+    snapshot = _hub_cache(hub, cache)
+    tokenizer, scheduler = "tokenizer/tokenizer.json", "scheduler/scheduler_config.json"
+    whole = {name: (snapshot / name).read_bytes() for name in (tokenizer, scheduler)}
+    _cut((snapshot / tokenizer).resolve())
+    (snapshot / scheduler).unlink()  # its blob left: linked again, not downloaded
+    assert incomplete(snapshot) == f"{scheduler} is missing"
+
+    pulled = _pull_from(hub, cache)
+
+    assert pulled.returncode == 0, pulled.stderr
+    assert hub.downloads == [tokenizer]
+    assert incomplete(snapshot) is None
+    assert all((snapshot / name).read_bytes() == data for name, data in whole.items())
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A folder on a file system too small for the model (a 256 KiB tmpfs, the pipeline about
+    800 KiB); skipped where no tmpfs can be mounted (not root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "imagegen-test", str(disk)],
+        capture_output=True,
+        check=False,
+    )
+    if made.returncode != 0:
+        pytest.skip(f"no tmpfs can be mounted here: {made.stderr.decode().strip()}")
+    try:
+        yield disk / "cache"
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.slow
+def test_a_pull_into_a_full_disk_names_the_cache(hub: FakeHub, full_disk: Path) -> None:
+    pulled = _pull_from(hub, full_disk)
+
+    assert pulled.returncode == 1, pulled.stderr
+    [line] = [line for line in pulled.stderr.splitlines() if "error:" in line]
+    assert line == (
+        f"imagegen: error: model {MODEL!r} at revision main (not pinned) could not be"
+        f" downloaded: [Errno 28] No space left on device; the model cache {full_disk}"
+        " (IMAGEGEN_MODEL_CACHE_DIR) is full: free space there, or set"
+        " IMAGEGEN_MODEL_CACHE_DIR to a volume with room for the model"
+    )
+
+
+@pytest.fixture
+def unreadable(cache: Path) -> Iterator[tuple[Path, list[str]]]:
+    """A copy of the cache whose model's transformer folder is mode 000, where a user other
+    than root can reach it, and the words that run a command as such a user.
+
+    Root reads a folder whatever its mode, so as root the command runs as nobody (65534),
+    through util-linux's ``setpriv``: the error is then the kernel's, where patching
+    ``Path.is_file`` to raise would only say what this test expects of it. (``subprocess``'s
+    own ``user=`` was refused the interpreter, under root's 0700 home, where ``setpriv`` was
+    not.)
+    """
+    import shutil
+    import tempfile
+
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("root reads every folder, and no setpriv runs a command as another user")
+        as_user = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+    with tempfile.TemporaryDirectory(prefix="imagegen-unreadable-") as made:
+        root = Path(made)
+        root.chmod(0o755)  # made 0700: nobody could reach what is in it
+        copy = root / "cache"
+        shutil.copytree(cache, copy)
+        for folder in (copy, *copy.rglob("*")):
+            if folder.is_dir():
+                folder.chmod(0o755)
+        (root / "out").mkdir(mode=0o777)
+        (root / "out").chmod(0o777)
+        snapshot = copy / f"models--{MODEL.replace('/', '--')}" / "snapshots" / COMMIT
+        (snapshot / "transformer").chmod(0)
+        try:
+            yield copy, as_user
+        finally:
+            (snapshot / "transformer").chmod(0o755)  # for the folder to be removed
+
+
+@pytest.mark.slow
+def test_an_unreadable_component_is_said_not_a_traceback(
+    unreadable: tuple[Path, list[str]],
+) -> None:
+    """``Path.is_file`` raises PermissionError (Python 3.11) in a folder that cannot be
+    searched, where it is False for a missing file: models list, doctor, pull and generate
+    each ended in a traceback."""
+    copy, as_user = unreadable
+    env = {
+        **os.environ,
+        "IMAGEGEN_MODEL_CACHE_DIR": str(copy),
+        "IMAGEGEN_MODEL": MODEL,
+        "IMAGEGEN_SERVED_MODELS": MODEL,
+        "HF_HOME": str(copy.parent / "hf-home"),
+        "XDG_DATA_HOME": str(copy.parent / "out"),
+        "HOME": str(copy.parent / "out"),
+    }
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [*as_user, sys.executable, "-m", "imagegen.cli", *args]
+        return subprocess.run(
+            command, env=env, cwd=copy.parent, capture_output=True, text=True, timeout=120
+        )
+
+    said = "its transformer cannot be read (Permission denied)"
+    listed = run("models", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert {row["model"]: row["here"] for row in json.loads(listed.stdout)}[MODEL] == "incomplete"
+
+    doctor = run("doctor", "--json")
+    assert "Traceback" not in doctor.stderr, doctor.stderr
+    row = {row["check"]: row for row in json.loads(doctor.stdout)["checks"]}["model"]
+    assert row["status"] == "error"
+    assert row["summary"] == f"Model {MODEL} is incomplete in the model cache: {said}."
+
+    pulled = run("models", "pull", MODEL)
+    assert pulled.returncode == 1, pulled.stderr
+    [line] = [line for line in pulled.stderr.splitlines() if "error:" in line]
+    assert f"in the cache is incomplete: {said};" in line, line
+
+    out = str(copy.parent / "out")
+    args = ["--width", "256", "--height", "256", "--no-enhance", "--output", out]
+    generated = run("generate", "a fox", *args)
+    assert generated.returncode == 1, generated.stderr
+    [line] = [line for line in generated.stderr.splitlines() if "error:" in line]
+    assert f"in the local cache cannot be loaded ({said})" in line, line
