@@ -8,11 +8,23 @@ from collections import deque
 
 from imagegen.models import EnhancedPrompt
 
-__all__ = ["CallCost", "work_of"]
+__all__ = ["SCALED_AT_MOST", "CallCost", "work_of"]
 
 # Calls the cost of a call is fitted over: enough to average out noise, few enough to follow a
 # change (a recompiled shape, another LoRA set) within a few calls.
 _CALLS_FITTED = 16
+
+# While the calls timed are all of one work w0, the most a job's work may exceed it and still be
+# estimated from them (CallCost.measures). A call of work w above w0 is then put at
+# t0 x w / w0, the most it takes on any line of non-negative parts through (w0, t0); it takes
+# at least t0 on every such line, so the estimate is at most w / w0 times too long: within a
+# factor of 2, a queue at least half as long as it could be. Beyond it the error grows with
+# the work, as the overhead in t0 is multiplied too: one 256² call of 1 step, 1.5 s of it
+# overhead, put a 1024² call of 8 steps at 190 s where it took 4 s, and a burst of them was
+# refused for minutes of work that took seconds. Such a job is admitted as jobs are before any
+# call is timed (counted), until a call of another work fits the line's two parts, which then
+# scales only the part that grows with the work.
+SCALED_AT_MOST = 2.0
 
 
 def work_of(job: EnhancedPrompt) -> int:
@@ -42,7 +54,8 @@ class CallCost:
     costs as much as the full one, and admission would take jobs the pod must time out;
     taken as all overhead, a full batch after one image would cost that image's time. The
     first call of another size fits both parts (the warm-up with batching times two sizes:
-    one image, then a full batch).
+    one image, then a full batch). Meanwhile a work over ``SCALED_AT_MOST`` times ``w0`` is
+    one the calls timed do not measure (:meth:`measures`): admission counts its jobs instead.
     """
 
     def __init__(self, window: int = _CALLS_FITTED) -> None:
@@ -59,6 +72,13 @@ class CallCost:
     def timed(self) -> bool:
         """Whether any call has been timed."""
         return bool(self._calls)
+
+    def measures(self, work: float) -> bool:
+        """Whether the calls timed tell what a job of ``work`` costs: once calls of two works
+        have fitted the line, any work; while they are all of one work, a smaller one (at most
+        their time) or one up to ``SCALED_AT_MOST`` times theirs (in proportion)."""
+        works = {done for done, _ in self._calls}
+        return len(works) > 1 or any(work <= SCALED_AT_MOST * done for done in works)
 
     def observe(self, work: float, seconds: float) -> None:
         """Fold one call of ``work`` that took ``seconds`` into the fit."""

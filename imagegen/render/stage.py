@@ -38,6 +38,7 @@ from imagegen.render.base import (
     TwoPhaseRenderBackend,
 )
 from imagegen.render.batching import Batch, Batcher
+from imagegen.render.cost import work_of
 from imagegen.settings import Settings
 from imagegen.storage.base import GenerationKeys, Storage
 from imagegen.telemetry import answered_again, instruments, tracer
@@ -141,9 +142,9 @@ class RenderStage:
     @property
     def capacity(self) -> int:
         """Jobs one process holds at once where they are counted: one call's worth (what the
-        backend batches) plus the queue, ``render_queue_size`` or, until a call has been
-        timed, ``UNMEASURED_QUEUE``. Once timed, with no fixed queue, :meth:`admits` sizes the
-        queue by the time the jobs need instead.
+        backend batches) plus the queue, ``render_queue_size`` or, until the jobs' sizes have
+        been timed (:meth:`_measured`), ``UNMEASURED_QUEUE``. Once timed, with no fixed queue,
+        :meth:`admits` sizes the queue by the time the jobs need instead.
         """
         queue = self.settings.render_queue_size
         return self.batcher.max_size + (UNMEASURED_QUEUE if queue is None else queue)
@@ -155,7 +156,8 @@ class RenderStage:
     def admits(self, job: EnhancedPrompt) -> bool:
         """Whether ``job`` may join the jobs held now.
 
-        Counted against :attr:`capacity` until a call is timed, or with a fixed queue. Timed,
+        Counted against :attr:`capacity` with a fixed queue, or until a call is timed that
+        tells what each of the held jobs and ``job`` costs (:meth:`_measured`). Timed,
         the pipeline's time for the held jobs and ``job`` (:meth:`Batcher.backlog`: the
         running call, then a call per batch key and batch of waiting jobs, each at the fitted
         cost of a call of its work), and then ``job``'s encoding after its call
@@ -167,7 +169,7 @@ class RenderStage:
         a call (:attr:`Batcher.max_size`) holds.
         """
         batcher = self.batcher
-        if self.settings.render_queue_size is not None or not batcher.timed:
+        if self.settings.render_queue_size is not None or not self._measured([*self._held, job]):
             return self._admitted < self.capacity
         if self._admitted == 0:
             return True
@@ -182,18 +184,30 @@ class RenderStage:
         (:meth:`Batcher.backlog`, the running call at no less than its time so far), at
         least 1.
 
-        Before any call is timed nothing says what a call costs: each call the held jobs
-        need is taken to cost the running call's time so far, between
+        Before a call is timed that tells what the held jobs cost (:meth:`_measured`: none
+        at all, or only calls of one far smaller size) nothing says what a call costs: each
+        call the held jobs need is taken to cost the running call's time so far, between
         ``UNTIMED_RETRY_AFTER_FLOOR`` and ``UNTIMED_RETRY_AFTER_CAP`` in all. A client that
-        honours it comes back soon after the first call has ended, and is then answered from
-        the timings.
+        honours it comes back soon after the first such call has ended, and is then
+        answered from the timings.
         """
         batcher = self.batcher
-        backlog = batcher.backlog(self._held)
+        backlog = batcher.backlog(self._held) if self._measured(self._held) else None
         if backlog is None:
             backlog = batcher.calls(self._held) * batcher.running_for
             backlog = min(max(backlog, UNTIMED_RETRY_AFTER_FLOOR), UNTIMED_RETRY_AFTER_CAP)
         return max(1, math.ceil(backlog))
+
+    def _measured(self, jobs: list[EnhancedPrompt]) -> bool:
+        """Whether the calls timed tell what each of ``jobs`` costs (:meth:`CallCost.measures`).
+
+        While the calls timed are all of one size, a job far larger would be estimated by
+        scaling their time up, its fixed part too, by as much as the sizes differ: a burst of
+        1024² jobs after one 256² render was put at minutes and refused for seconds of work.
+        Such jobs are counted, as before any call is timed, until a call of another size is.
+        """
+        cost = self.batcher.cost
+        return cost.timed and all(cost.measures(work_of(job)) for job in jobs)
 
     def close(self) -> None:
         """Release the backend's models, if it was ever created, and the batcher's threads.

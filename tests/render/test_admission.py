@@ -10,8 +10,13 @@ import pytest
 
 from imagegen.models import EnhancedPrompt
 from imagegen.render.base import ProgressCallback, RenderOutput
-from imagegen.render.cost import CallCost
-from imagegen.render.stage import ADMITTED_SHARE_OF_TIMEOUT, UNMEASURED_QUEUE, RenderStage
+from imagegen.render.cost import SCALED_AT_MOST, CallCost
+from imagegen.render.stage import (
+    ADMITTED_SHARE_OF_TIMEOUT,
+    UNMEASURED_QUEUE,
+    UNTIMED_RETRY_AFTER_CAP,
+    RenderStage,
+)
 from imagegen.settings import Settings
 from imagegen.storage import LocalStorage
 from tests.fakes.render_backend import ReadyBackend
@@ -106,6 +111,42 @@ async def test_one_work_timed_bounds_calls_of_every_work() -> None:
     assert cost.floor == 0.0
     assert (cost.overhead, cost.rate) == (pytest.approx(0.1), pytest.approx(0.1))
     assert cost(2.0) == pytest.approx(0.3)
+
+
+async def test_a_job_far_larger_than_any_call_timed_is_counted_not_scaled_up(
+    tmp_path: Path,
+) -> None:
+    # One 256² call of 1 step took 1.5 s, nearly all of it a call's fixed part. Scaled up by
+    # the 128 times the work, a 1024² job of 8 steps was put at 192 s (it takes about 4 s):
+    # two were admitted of a burst and the rest told to come back in 384 s.
+    stage = make_stage(BatchingBackend(), tmp_path, render_timeout=600)
+    stage.batcher.observe(1.5, [job("small", width=256, height=256, steps=1)])
+    burst = [job(f"large-{i}", width=1024, height=1024, steps=8) for i in range(8)]
+    for each in burst:
+        if not stage.admits(each):
+            break
+        stage._held.append(each)
+    assert len(stage._held) == stage.capacity == 1 + UNMEASURED_QUEUE
+    assert stage.retry_after() <= UNTIMED_RETRY_AFTER_CAP
+    stage.batcher.observe(4.0, burst[:1])  # its own size timed: admitted by the timings again
+    assert stage.admits(burst[5])
+    stage._held = burst * 12  # 96 x 4 s = 384 s, 4 s more within 510 s
+    assert stage.admits(burst[0])
+    assert stage.retry_after() == 384
+
+
+async def test_one_work_timed_tells_the_cost_of_jobs_up_to_a_small_factor_larger() -> None:
+    cost = CallCost()
+    assert not cost.measures(1.0)
+    cost.observe(4.0, 0.5)
+    cost.observe(4.0, 0.5)
+    assert cost.measures(0.01)  # smaller: at most what the calls timed took
+    assert cost.measures(SCALED_AT_MOST * 4.0)
+    assert cost(SCALED_AT_MOST * 4.0) == pytest.approx(SCALED_AT_MOST * 0.5)
+    assert not cost.measures(SCALED_AT_MOST * 4.0 + 1)
+    cost.observe(1.0, 0.2)  # another work: the overhead is told from the rate
+    assert cost.measures(1000.0)
+    assert cost(1000.0) == pytest.approx(0.1 + 0.1 * 1000)
 
 
 async def test_a_partial_batch_after_full_ones_costs_a_whole_call(tmp_path: Path) -> None:
