@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
+from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
@@ -19,7 +20,13 @@ from opentelemetry import trace
 from pydantic import BaseModel
 
 from imagegen.errors import DependencyUnavailable, ImageGenError, InvalidRequest
-from imagegen.identity import GENERATION_ID_PATTERN, aware, identify, valid_generation_id
+from imagegen.identity import (
+    GENERATION_ID_PATTERN,
+    identify,
+    key_time,
+    started_times,
+    valid_generation_id,
+)
 from imagegen.models import (
     DerivedImage,
     EnhancedPrompt,
@@ -683,28 +690,60 @@ def _as_model(model: type[R], value: object, name: str) -> R:
     )
 
 
-def _starting(request: GenerationRequest, call: Call | None) -> Call:
+def _starting(request: GenerationRequest, call: object) -> Call:
     """The call a generation starts with: ``call`` whole, what it leaves out (its id, its
-    time) decided as for a call without one (:func:`imagegen.identity.identify`).
+    time) decided as for a call without one (:func:`imagegen.identity.identify`), and what it
+    gives checked as ``identify`` checks a request's.
 
     Raises:
-        InvalidRequest: the id is malformed (naming ``generation_id``: it names storage keys),
-            or what ``identify`` refuses.
+        InvalidRequest: the id is no string or malformed (naming ``generation_id``: it names
+            storage keys), the time is no datetime, out of range or ahead of this clock
+            (naming ``requested_at``), or what ``identify`` refuses.
+        TypeError: ``call`` is not a :class:`Call`.
     """
     if call is None:
         return identify(request, starts=True)
+    if not isinstance(call, Call):
+        raise TypeError(f"call must be a Call or None, not {type(call).__name__}")
     gid, when = call.generation_id, call.requested_at
+    if when is not None:
+        when = _starting_time(when)
     if gid is None or when is None:
         decided = identify(request, call.attributes, starts=True)
         gid = gid if gid is not None else decided.generation_id
         when = when if when is not None else decided.requested_at
-    if gid is None or not valid_generation_id(gid):
+    if not isinstance(gid, str) or not valid_generation_id(gid):
         raise InvalidRequest(
             f"invalid generation id {gid!r}",
             errors=[{"field": "generation_id", "message": f"must match {GENERATION_ID_PATTERN}"}],
         )
     assert when is not None, "identify decides a starting call's time"
-    return dataclasses.replace(call, generation_id=gid, requested_at=aware(when))
+    return dataclasses.replace(call, generation_id=gid, requested_at=when)
+
+
+def _starting_time(value: object) -> datetime:
+    """A caller's :attr:`Call.requested_at`, checked as a request's ``requested_at`` is: a
+    datetime (a naive one taken as UTC), in the years storage keys hold
+    (:func:`~imagegen.identity.key_time`), not ahead of this clock
+    (:func:`~imagegen.identity.started_times`).
+
+    Raises:
+        InvalidRequest: naming ``requested_at``.
+    """
+    if not isinstance(value, datetime):
+        raise InvalidRequest(
+            f"requested_at must be a datetime, not {type(value).__name__}",
+            errors=[{"field": "requested_at", "message": "must be a datetime"}],
+        )
+    try:
+        when = key_time(value)
+    except ValueError as exc:
+        raise InvalidRequest(
+            f"requested_at {value.isoformat()!r}: {exc}",
+            errors=[{"field": "requested_at", "message": str(exc)}],
+        ) from None
+    started_times({"requested_at": when})
+    return when
 
 
 def _plugins_of(settings: Settings) -> PluginSet:
