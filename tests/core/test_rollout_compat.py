@@ -21,13 +21,11 @@ from imagegen.errors import InvalidRequest
 from imagegen.models import Contribution, EnhancedPrompt, RenderedImage
 from imagegen.persist import PersistStage
 from imagegen.render import stored_png
-from imagegen.render.base import ProgressCallback, RenderOutput
 from imagegen.render.stage import RenderStage
 from imagegen.settings import Settings
 from imagegen.storage import LocalStorage
 from imagegen.storage.base import GenerationKeys
-from tests.fakes.images import gradient_png
-from tests.fakes.render_backend import ReadyBackend, enhanced_prompt
+from tests.fakes.render_backend import CountingBackend, enhanced_prompt
 
 SIZE = 256
 
@@ -44,22 +42,6 @@ class NextEnhancedPrompt(EnhancedPrompt):
     style: str | None = None
     tags: list[str] = Field(default_factory=list)
     contributions: list[NextContribution] = Field(default_factory=list)  # type: ignore[assignment]
-
-
-class CountingBackend(ReadyBackend):
-    """Renders a real PNG of the job's size; counts the renders."""
-
-    def __init__(self) -> None:
-        self.renders = 0
-
-    def render(
-        self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None
-    ) -> RenderOutput:
-        self.renders += 1
-        # Every phase a diffusers render times, each of the longest a render writes.
-        timings = dict.fromkeys(("lora", "denoise", "decode", "encode", "total"), 1234.5678)
-        png = gradient_png(job.width, job.height)
-        return RenderOutput(png=png, width=job.width, height=job.height, timings=timings)
 
 
 def wire(generation_id: str) -> str:

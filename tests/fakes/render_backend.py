@@ -6,8 +6,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from imagegen.models import EnhancedPrompt
+from imagegen.render.base import ProgressCallback, RenderOutput
+from tests.fakes.images import gradient_png
 
-__all__ = ["ReadyBackend", "enhanced_prompt"]
+__all__ = ["CountingBackend", "ReadyBackend", "enhanced_prompt"]
 
 
 def enhanced_prompt(**overrides: Any) -> EnhancedPrompt:
@@ -38,3 +40,19 @@ class ReadyBackend:
 
     def close(self) -> None:
         pass
+
+
+class CountingBackend(ReadyBackend):
+    """Renders a real PNG of the job's size; counts the renders."""
+
+    def __init__(self) -> None:
+        self.renders = 0
+
+    def render(
+        self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None
+    ) -> RenderOutput:
+        self.renders += 1
+        # Every phase a diffusers render times, each of the longest a render writes.
+        timings = dict.fromkeys(("lora", "denoise", "decode", "encode", "total"), 1234.5678)
+        png = gradient_png(job.width, job.height)
+        return RenderOutput(png=png, width=job.width, height=job.height, timings=timings)

@@ -15,27 +15,12 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from imagegen.models import EnhancedPrompt
-from imagegen.render.base import ProgressCallback, RenderOutput
 from imagegen.render.stage import RenderStage
 from imagegen.settings import Settings
 from imagegen.storage import LocalStorage, S3Storage, s3_options
 from imagegen.storage.base import GenerationKeys, Storage
-from tests.fakes.render_backend import ReadyBackend, enhanced_prompt
+from tests.fakes.render_backend import CountingBackend, enhanced_prompt
 from tests.fakes.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server
-
-
-class CountingBackend(ReadyBackend):
-    """Renders a few bytes and counts its renders."""
-
-    def __init__(self) -> None:
-        self.renders = 0
-
-    def render(
-        self, job: EnhancedPrompt, *, progress: ProgressCallback | None = None
-    ) -> RenderOutput:
-        self.renders += 1
-        return RenderOutput(png=b"\x89PNG " + job.generation_id.encode(), width=256, height=256)
 
 
 @pytest.fixture(scope="module")
