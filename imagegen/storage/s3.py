@@ -86,6 +86,10 @@ _DENIED = {
     "AllAccessDisabled",
     "ExpiredToken",
     "InvalidAccessKeyId",
+    # A session token the store wants refreshed (ErrorResponses.html, 400): credentials from
+    # the environment are not refreshed by botocore, so each attempt meets it again, as it
+    # meets ExpiredToken.
+    "TokenRefreshRequired",
     "InvalidToken",
     "SignatureDoesNotMatch",
     "Unauthorized",
@@ -539,6 +543,8 @@ class S3Storage(ObjectStore):
             )
         if code == "MissingContentLength" or status == 411:
             return self._length_required(operation, code or str(status))
+        if code in _CHECKSUM_REFUSED and self.options.preset == "aws" and self.options.endpoint_url:
+            return self._checksum_refused(operation, code)
         if code in _DENIED or status in _DENIED_STATUSES:
             check = "the credentials and the bucket's permissions"
             if operation in ("HeadObject", "GetObject") and code in ("403", "AccessDenied"):
@@ -608,6 +614,26 @@ class S3Storage(ObjectStore):
             errors=[{"field": "s3_preset", "message": "the store wants a Content-Length"}],
         )
 
+    def _checksum_refused(self, operation: str, code: str) -> ConfigurationError:
+        """An upload under the ``aws`` preset whose checksum the store refused.
+
+        boto3 (botocore 1.36 and later) adds a CRC32 checksum to every upload under its
+        defaults, which stores other than AWS may not take: Scality answers ``BadDigest``
+        (scality/cloudserver#5784), Hetzner and others ``XAmzContentSHA256Mismatch``
+        (boto/boto3#4400, #4497). Each upload meets it again: the preset is at fault, and the
+        presets with checksums ``when_required`` send only the ``Content-MD5`` every store takes.
+        """
+        from imagegen.settings import Settings
+
+        variable = Settings.variable("s3_preset")
+        return ConfigurationError(
+            f"S3 {operation} on bucket {self.bucket!r}{self._at()} refused the upload's checksum"
+            f" ({code}): a store other than AWS may refuse the CRC32 checksums boto3 adds under"
+            f" {variable}=aws; for such a store set {variable}=minio, whose uploads carry only a"
+            " Content-MD5 (docs/storage.md#errors-the-store-answers)",
+            errors=[{"field": "s3_preset", "message": "the store refuses the upload's checksum"}],
+        )
+
     def _no_bucket(self) -> DependencyUnavailable:
         where = f" at {redact_url(self.options.endpoint_url)}" if self.options.endpoint_url else ""
         return DependencyUnavailable(
@@ -619,8 +645,9 @@ class S3Storage(ObjectStore):
 # docs.aws.amazon.com/AmazonS3/latest/API/ErrorResponses.html): a conflicting operation in
 # flight on the key (OperationAborted, 409, "try again"), a request the store timed out
 # (RequestTimeout, 400); a body cut short or damaged on the way, checked against what this
-# code sent (IncompleteBody, BadDigest, XAmzContentSHA256Mismatch, each 400); a session token
-# to be refreshed (TokenRefreshRequired, 400), which the next attempt's credentials are.
+# code sent (IncompleteBody, BadDigest, XAmzContentSHA256Mismatch, each 400; the last two,
+# under the ``aws`` preset, more likely a store refusing boto3's own checksums:
+# _CHECKSUM_REFUSED).
 _TRANSIENT = frozenset(
     {
         "RequestTimeout",
@@ -630,9 +657,14 @@ _TRANSIENT = frozenset(
         "IncompleteBody",
         "BadDigest",
         "XAmzContentSHA256Mismatch",
-        "TokenRefreshRequired",
     }
 )
+# A checksum the store found wrong. Under checksums ``when_required`` (every preset but
+# ``aws``) only the Content-MD5 this code computes is sent: a body changed on the way,
+# transient; so too from AWS itself. Under ``aws`` at another endpoint it is more likely
+# boto3's own CRC32, which a store other than AWS refuses on every upload
+# (S3Storage._checksum_refused).
+_CHECKSUM_REFUSED = frozenset({"BadDigest", "XAmzContentSHA256Mismatch"})
 # A region the endpoint will not sign for (MinIO, R2 and GCS answer it; botocore's region
 # redirect is AWS's alone), a bucket elsewhere, a clock minutes off (ErrorResponses.html:
 # RequestTimeTooSkewed, 403), a bucket name the store refuses (InvalidBucketName, 400):

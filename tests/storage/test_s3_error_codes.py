@@ -64,22 +64,21 @@ async def test_the_check_says_a_clock_minutes_off(s3: S3Server, make_s3: MakeS3)
 
 
 @pytest.mark.parametrize(
-    "code",
+    ("code", "preset"),
     [
-        # A body cut short or changed on the way, checked against what was sent.
-        "IncompleteBody",
-        "BadDigest",
-        "XAmzContentSHA256Mismatch",
-        # A session token to refresh: the next attempt's credentials are.
-        "TokenRefreshRequired",
+        # A body cut short or changed on the way, checked against what was sent: under
+        # checksums when_required, only the Content-MD5 this code computes.
+        ("IncompleteBody", "aws"),
+        ("BadDigest", "minio"),
+        ("XAmzContentSHA256Mismatch", "gcs"),
     ],
 )
 async def test_what_the_way_to_the_store_causes_is_retryable(
-    s3: S3Server, make_s3: MakeS3, code: str
+    s3: S3Server, make_s3: MakeS3, code: str, preset: str
 ) -> None:
     """Each a 400 in ErrorResponses.html, none the event's doing: a 503 with Retry-After,
     never a 500 ("a bug"); the next delivery stores the object."""
-    storage = make_s3()
+    storage = make_s3(preset)
     with s3.outage(status=400, code=code), pytest.raises(DependencyUnavailable) as error:
         await storage.put(KEYS.image, PNG, content_type="image/png")
 
@@ -88,6 +87,41 @@ async def test_what_the_way_to_the_store_causes_is_retryable(
     assert f"unavailable during PutObject ({code})" in error.value.message
     await storage.put(KEYS.image, PNG, content_type="image/png")
     assert await storage.get(KEYS.image) == PNG
+
+
+@pytest.mark.parametrize("code", ["BadDigest", "XAmzContentSHA256Mismatch"])
+async def test_a_checksum_refused_under_the_aws_preset_elsewhere_names_the_preset(
+    s3: S3Server, make_s3: MakeS3, code: str
+) -> None:
+    """boto3 adds a CRC32 checksum to uploads under its defaults, which stores other than AWS
+    refuse on every upload (scality/cloudserver#5784: BadDigest; boto/boto3#4400, #4497:
+    XAmzContentSHA256Mismatch): the preset to change, not a delivery to retry as it is."""
+    storage = make_s3("aws")
+    for attempt in (storage.put, storage.create):
+        with s3.outage(status=400, code=code), pytest.raises(ConfigurationError) as error:
+            await attempt(KEYS.image, PNG, content_type="image/png")
+
+        assert error.value.fields == ["s3_preset"]
+        assert f"refused the upload's checksum ({code})" in error.value.message
+        assert "set IMAGEGEN_S3_PRESET=minio" in error.value.message
+
+
+async def test_a_session_token_to_refresh_is_a_refusal_of_the_credentials(
+    s3: S3Server, make_s3: MakeS3
+) -> None:
+    """ErrorResponses.html: TokenRefreshRequired, 400. botocore does not refresh credentials
+    given in the environment, so every attempt meets it again, as it meets ExpiredToken."""
+    storage = make_s3()
+    with (
+        s3.outage(status=400, code="TokenRefreshRequired"),
+        pytest.raises(DependencyUnavailable) as error,
+    ):
+        await storage.put(KEYS.image, PNG, content_type="image/png")
+
+    assert error.value.retryable and error.value.status == 503
+    assert "denied (TokenRefreshRequired) during PutObject: check the credentials" in (
+        error.value.message
+    )
 
 
 @pytest.mark.parametrize(
