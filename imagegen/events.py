@@ -77,9 +77,12 @@ ATTRIBUTE_MAX_LENGTHS: Final = MappingProxyType(
 # all). The ledger keeps an event under its ``source`` and ``id``, and its databases hold neither
 # a NUL nor a lone surrogate (imagegen/ledger/_text.py): a stage that took one would run an
 # event the ledger refused, or kept as another (``c-\u0000`` stored as ``c-\ufffd``, then an
-# event ``c-\ufffd`` dropped as its redelivery). ``traceparent`` and ``tracestate`` are the
-# tracing extension's, which every stage reads.
-TEXT_ATTRIBUTES: Final = ("id", "source", "type", "subject", "traceparent", "tracestate")
+# event ``c-\ufffd`` dropped as its redelivery). Not ``traceparent`` nor ``tracestate``: W3C
+# Trace Context (w3c/trace-context, sections 3.2.2 and 3.3) has a receiver ignore trace
+# context it cannot parse, never fail the request for it, and the binding does
+# (functions/_binding.py, ``_w3c_only``); no stage passes them on as they came, nor does the
+# ledger keep them.
+TEXT_ATTRIBUTES: Final = ("id", "source", "type", "subject")
 # What a String must not hold (CloudEvents 1.0.2, cloudevents/spec.md, "Type System": String):
 # the control characters U+0000-U+001F and U+007F-U+009F, surrogates not in a pair (JSON's
 # escaped pairs are read as the characters they encode, so any surrogate in a ``str`` is one)

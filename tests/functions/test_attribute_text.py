@@ -117,7 +117,7 @@ def test_the_ledger_records_nothing_of_a_refused_event_and_no_event_collides_wit
     assert [e["id"] for e in detail.json()["timeline"]] == ["c-\ufffd"]
 
 
-@pytest.mark.parametrize("attribute", ["type", "subject", "traceparent", "tracestate"])
+@pytest.mark.parametrize("attribute", ["type", "subject"])
 @pytest.mark.parametrize(
     "odd", ["\n", "\x1f", "\x7f", "\x85", "\ufdd0", "\uffff", "\U0010fffe", "\udfff"]
 )
@@ -132,6 +132,29 @@ def test_every_string_attribute_a_stage_reads_is_held_to_the_rule(
     fields = refused_naming(structured(functions["enhance"], attributes, REQUEST))
     assert set(fields) == {attribute}
     assert f"U+{ord(odd):04X} at {len(value)}" in fields[attribute]
+
+
+@pytest.mark.parametrize(
+    ("attribute", "value"),
+    [
+        ("traceparent", TRACEPARENT + "\n"),
+        ("traceparent", TRACEPARENT[:-2] + "\x00\x01"),
+        ("tracestate", "a=1,\tb=2"),  # W3C's optional whitespace around a list member
+        ("tracestate", "k=\uffff"),
+    ],
+)
+def test_trace_context_that_cannot_be_read_is_ignored_not_refused(
+    functions: dict[str, InProcessFunction], attribute: str, value: str
+) -> None:
+    """W3C Trace Context (sections 3.2.2, 3.3): a receiver ignores a ``traceparent`` or
+    ``tracestate`` it cannot parse, and a broker's 400 would lose the generation over it."""
+    attributes = {"id": f"trace-{attribute}-{len(value)}", attribute: value}
+    reply = structured(functions["enhance"], attributes, REQUEST)
+    assert reply.status_code == 200, reply.text[:300]
+    assert reply.headers["ce-type"] == PROMPT_ENHANCED
+    # In binary mode too, its header percent-encoded (``%00``, ``%09``).
+    sent = binary(functions["enhance"], {**attributes, "id": attributes["id"] + "-b"}, REQUEST)
+    assert sent.status_code == 200, sent.text[:300]
 
 
 def test_every_attribute_at_fault_is_named_with_every_bound(
