@@ -143,7 +143,7 @@ class RenderStage:
     def capacity(self) -> int:
         """Jobs one process holds at once where they are counted: one call's worth (what the
         backend batches) plus the queue, ``render_queue_size`` or, until the jobs' sizes have
-        been timed (:meth:`_measured`), ``UNMEASURED_QUEUE``. Once timed, with no fixed queue,
+        been timed, ``UNMEASURED_QUEUE``. Once timed, with no fixed queue,
         :meth:`admits` sizes the queue by the time the jobs need instead.
         """
         queue = self.settings.render_queue_size
@@ -156,8 +156,7 @@ class RenderStage:
     def admits(self, job: EnhancedPrompt) -> bool:
         """Whether ``job`` may join the jobs held now.
 
-        Counted against :attr:`capacity` with a fixed queue, or until a call is timed that
-        tells what each of the held jobs and ``job`` costs (:meth:`_measured`). Timed,
+        Counted against :attr:`capacity` with a fixed queue, or until a call is timed. Timed,
         the pipeline's time for the held jobs and ``job`` (:meth:`Batcher.backlog`: the
         running call, then a call per batch key and batch of waiting jobs, each at the fitted
         cost of a call of its work), and then ``job``'s encoding after its call
@@ -167,16 +166,31 @@ class RenderStage:
         share, would be ones the pod must time out. An idle pod takes any job, and one that
         joins a batch still waiting for company is taken while the held jobs are fewer than
         a call (:attr:`Batcher.max_size`) holds.
+
+        A job the calls timed do not price (:meth:`_priced`: far larger than all of them, while
+        they are all of one size) is not priced by scaling their time up, overhead and all: it
+        is counted against :attr:`capacity` among the held jobs so unpriced, while the priced
+        ones leave time. So it is taken, and timed, however many priced jobs are held.
         """
         batcher = self.batcher
-        if self.settings.render_queue_size is not None or not self._measured([*self._held, job]):
+        if self.settings.render_queue_size is not None or not batcher.timed:
             return self._admitted < self.capacity
         if self._admitted == 0:
             return True
+        if not self._priced(job):
+            held = self._held
+            unpriced = sum(not self._priced(j) for j in held)
+            priced = [j for j in held if self._priced(j)]
+            return unpriced < self.capacity and self._in_time(priced)
         if self._admitted < batcher.max_size and batcher.joins(job, self._held):
             return True
-        backlog = batcher.backlog([*self._held, job]) or 0.0
-        finish = batcher.finish_seconds or 0.0
+        return self._in_time([*self._held, job])
+
+    def _in_time(self, jobs: list[EnhancedPrompt]) -> bool:
+        """Whether the pipeline is done with ``jobs``, and one job's encoding after, within
+        ``ADMITTED_SHARE_OF_TIMEOUT`` of ``render_timeout``."""
+        backlog = self.batcher.backlog(jobs) or 0.0
+        finish = self.batcher.finish_seconds or 0.0
         return backlog + finish <= ADMITTED_SHARE_OF_TIMEOUT * self.settings.render_timeout
 
     def retry_after(self) -> int:
@@ -184,30 +198,35 @@ class RenderStage:
         (:meth:`Batcher.backlog`, the running call at no less than its time so far), at
         least 1.
 
-        Before a call is timed that tells what the held jobs cost (:meth:`_measured`: none
-        at all, or only calls of one far smaller size) nothing says what a call costs: each
-        call the held jobs need is taken to cost the running call's time so far, between
-        ``UNTIMED_RETRY_AFTER_FLOOR`` and ``UNTIMED_RETRY_AFTER_CAP`` in all. A client that
-        honours it comes back soon after the first such call has ended, and is then
-        answered from the timings.
+        What the timings do not price (none timed yet, or jobs far larger than every call
+        timed: :meth:`_priced`) nothing says the cost of: each call those jobs need is taken to
+        cost the running call's time so far, between ``UNTIMED_RETRY_AFTER_FLOOR`` and
+        ``UNTIMED_RETRY_AFTER_CAP`` in all, on top of what the priced jobs take. A client that
+        honours it comes back soon after such a call has ended, and is then answered from the
+        timings.
         """
         batcher = self.batcher
-        backlog = batcher.backlog(self._held) if self._measured(self._held) else None
-        if backlog is None:
-            backlog = batcher.calls(self._held) * batcher.running_for
-            backlog = min(max(backlog, UNTIMED_RETRY_AFTER_FLOOR), UNTIMED_RETRY_AFTER_CAP)
-        return max(1, math.ceil(backlog))
+        held = self._held
+        priced = [j for j in held if self._priced(j)]
+        unpriced = [j for j in held if not self._priced(j)]
+        seconds = batcher.backlog(priced) if batcher.timed else None
+        if seconds is None or unpriced:
+            # The calls the unpriced jobs need (the running one too, where nothing is timed).
+            calls = batcher.calls(unpriced) - (batcher.calls([]) if seconds is not None else 0)
+            guess = calls * batcher.running_for
+            guess = min(max(guess, UNTIMED_RETRY_AFTER_FLOOR), UNTIMED_RETRY_AFTER_CAP)
+            seconds = (seconds or 0.0) + guess
+        return max(1, math.ceil(seconds))
 
-    def _measured(self, jobs: list[EnhancedPrompt]) -> bool:
-        """Whether the calls timed tell what each of ``jobs`` costs (:meth:`CallCost.measures`).
+    def _priced(self, job: EnhancedPrompt) -> bool:
+        """Whether the calls timed tell what ``job`` costs (:meth:`CallCost.measures`).
 
         While the calls timed are all of one size, a job far larger would be estimated by
         scaling their time up, its fixed part too, by as much as the sizes differ: a burst of
         1024² jobs after one 256² render was put at minutes and refused for seconds of work.
-        Such jobs are counted, as before any call is timed, until a call of another size is.
         """
         cost = self.batcher.cost
-        return cost.timed and all(cost.measures(work_of(job)) for job in jobs)
+        return cost.timed and cost.measures(work_of(job))
 
     def close(self) -> None:
         """Release the backend's models, if it was ever created, and the batcher's threads.

@@ -15,6 +15,7 @@ from imagegen.render.stage import (
     ADMITTED_SHARE_OF_TIMEOUT,
     UNMEASURED_QUEUE,
     UNTIMED_RETRY_AFTER_CAP,
+    UNTIMED_RETRY_AFTER_FLOOR,
     RenderStage,
 )
 from imagegen.settings import Settings
@@ -133,6 +134,26 @@ async def test_a_job_far_larger_than_any_call_timed_is_counted_not_scaled_up(
     stage._held = burst * 12  # 96 x 4 s = 384 s, 4 s more within 510 s
     assert stage.admits(burst[0])
     assert stage.retry_after() == 384
+
+
+async def test_a_job_the_timings_do_not_price_is_taken_however_many_priced_jobs_are_held(
+    tmp_path: Path,
+) -> None:
+    # Counted with the jobs the timings priced, a job far larger than every call timed was
+    # refused while more than a queue's worth of those were held, so never rendered, never
+    # timed, and refused again at every retry.
+    stage = make_stage(BatchingBackend(), tmp_path, render_timeout=120)
+    stage.batcher.observe(1.0, [job("small-0", width=512, height=512, steps=4)])
+    stage._held = [job(f"small-{i}", width=512, height=512, steps=4) for i in range(8)]
+    large = job("large", width=512, height=512, steps=18)  # 4.5 times the work timed
+    assert stage.admits(large)
+    stage._held.append(large)
+    assert stage.retry_after() == 8 + UNTIMED_RETRY_AFTER_FLOOR  # the priced 8 s, and a guess
+    # Still counted among the jobs so held, and only while the priced ones leave time.
+    stage._held += [job(f"large-{i}", width=512, height=512, steps=18) for i in range(4)]
+    assert not stage.admits(large)
+    stage._held = [job(f"small-{i}", width=512, height=512, steps=4) for i in range(110)]
+    assert not stage.admits(large)  # 110 s of them, past 85 % of 120 s
 
 
 async def test_one_work_timed_tells_the_cost_of_jobs_up_to_a_small_factor_larger() -> None:
