@@ -543,7 +543,7 @@ class S3Storage(ObjectStore):
             )
         if code == "MissingContentLength" or status == 411:
             return self._length_required(operation, code or str(status))
-        if code in _CHECKSUM_REFUSED and self.options.preset == "aws" and self.options.endpoint_url:
+        if code in _CHECKSUM_REFUSED and self._adds_checksums_elsewhere():
             return self._checksum_refused(operation, code)
         if code in _DENIED or status in _DENIED_STATUSES:
             check = "the credentials and the bucket's permissions"
@@ -614,6 +614,15 @@ class S3Storage(ObjectStore):
             errors=[{"field": "s3_preset", "message": "the store wants a Content-Length"}],
         )
 
+    def _adds_checksums_elsewhere(self) -> bool:
+        """Whether uploads carry boto3's own checksums (botocore's default, kept where the
+        settings leave ``checksums`` unset) to an endpoint that is not AWS's."""
+        endpoint = self.options.endpoint_url
+        if self.options.checksums == "when_required" or not endpoint:
+            return False
+        host = (urlsplit(endpoint).hostname or "").lower()
+        return not host.endswith(_AWS_HOSTS)
+
     def _checksum_refused(self, operation: str, code: str) -> ConfigurationError:
         """An upload under the ``aws`` preset whose checksum the store refused.
 
@@ -665,6 +674,8 @@ _TRANSIENT = frozenset(
 # boto3's own CRC32, which a store other than AWS refuses on every upload
 # (S3Storage._checksum_refused).
 _CHECKSUM_REFUSED = frozenset({"BadDigest", "XAmzContentSHA256Mismatch"})
+# AWS's own endpoints (regional, FIPS, dual-stack, VPC interface endpoints, China's regions).
+_AWS_HOSTS = (".amazonaws.com", ".amazonaws.com.cn")
 # A region the endpoint will not sign for (MinIO, R2 and GCS answer it; botocore's region
 # redirect is AWS's alone), a bucket elsewhere, a clock minutes off (ErrorResponses.html:
 # RequestTimeTooSkewed, 403), a bucket name the store refuses (InvalidBucketName, 400):

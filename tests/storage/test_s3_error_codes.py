@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import pytest
+from botocore.exceptions import ClientError
 
 from imagegen.errors import ConfigurationError, DependencyUnavailable
 from imagegen.storage import GenerationKeys, S3Storage
@@ -104,6 +105,30 @@ async def test_a_checksum_refused_under_the_aws_preset_elsewhere_names_the_prese
         assert error.value.fields == ["s3_preset"]
         assert f"refused the upload's checksum ({code})" in error.value.message
         assert "set IMAGEGEN_S3_PRESET=minio" in error.value.message
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides"),
+    [
+        ("aws", {"endpoint_url": "https://s3.us-east-1.amazonaws.com"}),  # AWS's own
+        ("aws", {"checksums": "when_required"}),  # no checksum of boto3's own sent
+    ],
+)
+def test_a_checksum_refused_where_boto3_adds_none_of_its_own_is_transient(
+    make_s3: MakeS3, preset: str, overrides: dict[str, str]
+) -> None:
+    """From AWS itself, or with only the Content-MD5 this code computes, a refused checksum is
+    a body changed on the way: retried as it is, with no advice to change the preset."""
+    storage = make_s3(preset, **overrides)
+    error = storage._client_error("PutObject", _client_error_of("BadDigest", 400))
+    assert type(error) is DependencyUnavailable and error.retryable
+
+
+def _client_error_of(code: str, status: int) -> ClientError:
+    return ClientError(
+        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
+        "PutObject",
+    )
 
 
 async def test_a_session_token_to_refresh_is_a_refusal_of_the_credentials(
