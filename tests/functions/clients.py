@@ -4,6 +4,7 @@ transport, so the tests speak HTTP to it without a server, a port or a second pr
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any, Self
@@ -26,6 +27,9 @@ class InProcessFunction:
         try:
             source = ROOT / "functions" / f"{stage}.py"
             self.app: Any = functions_framework.create_app(stage, str(source))
+            # functions/_adapter.py, loaded with the function: what it starts, this closes.
+            self._adapter = sys.modules["_adapter"]
+            self._others = list(self._adapter._started)
             self.client = httpx.Client(
                 transport=httpx.WSGITransport(app=self.app),
                 base_url=f"http://{stage}.functions.test",
@@ -52,7 +56,16 @@ class InProcessFunction:
         return self.client.get(path)
 
     def close(self) -> None:
+        """Close the client and the function this started, as its process would at exit: left
+        for the interpreter's exit, the function's closing lines would be written to a stream
+        the test run has closed by then."""
         self.client.close()
+        started = self._adapter._started
+        mine = [f for f in started if f not in self._others]
+        for function in mine:
+            started.remove(function)
+            if (closing := function.stop()) is not None:
+                function.stopped(closing)
 
     def __enter__(self) -> Self:
         return self
