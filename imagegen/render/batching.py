@@ -217,7 +217,12 @@ class Batcher:
         groups = self.pending(jobs).values()
         return bool(self._in_call) + sum(math.ceil(len(g) / self.max_size) for g in groups)
 
-    def backlog(self, jobs: Iterable[EnhancedPrompt]) -> float | None:
+    def backlog(
+        self,
+        jobs: Iterable[EnhancedPrompt],
+        *,
+        priced: Callable[[EnhancedPrompt], bool] | None = None,
+    ) -> float | None:
         """Seconds until the pipeline is done with ``jobs`` (None until a call has been timed).
 
         The running call costs what is left of its estimate, or, once it has overrun that (a
@@ -226,12 +231,15 @@ class Batcher:
         closed) costs one step of its estimate: it ends at its next step's end. The jobs still
         waiting cost, per batch key, ``ceil(n / max_size)`` calls, each at :attr:`cost` for
         its own number of jobs: a call of fewer jobs than the calls timed, while those were
-        all of one size, at their whole time (:class:`CallCost`).
+        all of one size, at their whole time (:class:`CallCost`). A running call of a job
+        ``priced`` says the cost cannot tell costs its time so far, not a scaled estimate.
         """
         if not self.cost.timed:
             return None
         seconds = 0.0
-        if self._in_call:
+        if self._in_call and priced is not None and not all(priced(w.job) for w in self._in_call):
+            seconds += self.running_for  # what it has taken, it may take again
+        elif self._in_call:
             estimate = self.cost(sum(work_of(w.job) for w in self._in_call))
             running = self.running_for
             if self._stopping:  # it ends at its next step's end (_Interrupted)

@@ -177,19 +177,19 @@ class RenderStage:
             return self._admitted < self.capacity
         if self._admitted == 0:
             return True
+        held = self._held
+        priced = [j for j in held if self._priced(j)]
         if not self._priced(job):
-            held = self._held
-            unpriced = sum(not self._priced(j) for j in held)
-            priced = [j for j in held if self._priced(j)]
-            return unpriced < self.capacity and self._in_time(priced)
-        if self._admitted < batcher.max_size and batcher.joins(job, self._held):
+            return len(held) - len(priced) < self.capacity and self._in_time(priced)
+        if self._admitted < batcher.max_size and batcher.joins(job, held):
             return True
-        return self._in_time([*self._held, job])
+        return self._in_time([*priced, job])
 
     def _in_time(self, jobs: list[EnhancedPrompt]) -> bool:
         """Whether the pipeline is done with ``jobs``, and one job's encoding after, within
-        ``ADMITTED_SHARE_OF_TIMEOUT`` of ``render_timeout``."""
-        backlog = self.batcher.backlog(jobs) or 0.0
+        ``ADMITTED_SHARE_OF_TIMEOUT`` of ``render_timeout``: the jobs the timings price, and
+        the running call at its time so far where they do not price it."""
+        backlog = self.batcher.backlog(jobs, priced=self._priced) or 0.0
         finish = self.batcher.finish_seconds or 0.0
         return backlog + finish <= ADMITTED_SHARE_OF_TIMEOUT * self.settings.render_timeout
 
@@ -209,10 +209,11 @@ class RenderStage:
         held = self._held
         priced = [j for j in held if self._priced(j)]
         unpriced = [j for j in held if not self._priced(j)]
-        seconds = batcher.backlog(priced) if batcher.timed else None
-        if seconds is None or unpriced:
-            # The calls the unpriced jobs need (the running one too, where nothing is timed).
-            calls = batcher.calls(unpriced) - (batcher.calls([]) if seconds is not None else 0)
+        seconds = batcher.backlog(priced, priced=self._priced) if batcher.timed else None
+        # The calls the unpriced jobs need (the running one too, where nothing is timed: the
+        # backlog above has it otherwise).
+        calls = batcher.calls(unpriced) - (batcher.calls([]) if seconds is not None else 0)
+        if seconds is None or calls:
             guess = calls * batcher.running_for
             guess = min(max(guess, UNTIMED_RETRY_AFTER_FLOOR), UNTIMED_RETRY_AFTER_CAP)
             seconds = (seconds or 0.0) + guess

@@ -156,6 +156,40 @@ async def test_a_job_the_timings_do_not_price_is_taken_however_many_priced_jobs_
     assert not stage.admits(large)  # 110 s of them, past 85 % of 120 s
 
 
+async def test_a_running_call_the_timings_do_not_price_costs_its_time_so_far(
+    tmp_path: Path,
+) -> None:
+    # Priced by scaling one 256² call's 1.5 s up, a 1024² call of 8 steps running on an idle
+    # pod was put at 192 s: every job was refused while it ran, told to come back in minutes.
+    backend = BatchingBackend()
+    backend.gate.clear()
+    stage = make_stage(backend, tmp_path, render_timeout=120)
+    await stage._build_backend()
+    stage.batcher.observe(1.5, [job("timed", width=256, height=256, steps=1)])
+    running = asyncio.ensure_future(
+        stage.render_png(job("large-0", width=1024, height=1024, steps=8))
+    )
+    waiting: asyncio.Future[Any] | None = None
+    try:
+        await asyncio.to_thread(backend.running.wait, 10)
+        small = job("small", width=256, height=256, steps=1)
+        assert stage.admits(job("large-1", width=1024, height=1024, steps=8))
+        assert stage.admits(small)
+        assert stage.retry_after() <= UNTIMED_RETRY_AFTER_FLOOR
+        # Waiting behind it, an unpriced job is counted, not priced: a small job still fits.
+        waiting = asyncio.ensure_future(
+            stage.render_png(job("large-1", width=1024, height=1024, steps=8))
+        )
+        await asyncio.sleep(0.05)
+        assert len(stage._held) == 2
+        assert stage.admits(small)
+        assert stage.retry_after() <= 2 * UNTIMED_RETRY_AFTER_FLOOR
+    finally:
+        backend.gate.set()
+        await asyncio.gather(running, *([waiting] if waiting else []))
+        stage.close()
+
+
 async def test_one_work_timed_tells_the_cost_of_jobs_up_to_a_small_factor_larger() -> None:
     cost = CallCost()
     assert not cost.measures(1.0)
