@@ -620,7 +620,7 @@ class S3Storage(ObjectStore):
         endpoint = self.options.endpoint_url
         if self.options.checksums == "when_required" or not endpoint:
             return False
-        host = (urlsplit(endpoint).hostname or "").lower()
+        host = (urlsplit(endpoint).hostname or "").lower().rstrip(".")  # as presets reads it
         return not host.endswith(_AWS_HOSTS)
 
     def _checksum_refused(self, operation: str, code: str) -> ConfigurationError:
@@ -674,8 +674,9 @@ _TRANSIENT = frozenset(
 # boto3's own CRC32, which a store other than AWS refuses on every upload
 # (S3Storage._checksum_refused).
 _CHECKSUM_REFUSED = frozenset({"BadDigest", "XAmzContentSHA256Mismatch"})
-# AWS's own endpoints (regional, FIPS, dual-stack, VPC interface endpoints, China's regions).
-_AWS_HOSTS = (".amazonaws.com", ".amazonaws.com.cn")
+# AWS's own endpoints (regional, FIPS, dual-stack, VPC interface endpoints, China's regions,
+# the European Sovereign Cloud).
+_AWS_HOSTS = (".amazonaws.com", ".amazonaws.com.cn", ".amazonaws.eu")
 # A region the endpoint will not sign for (MinIO, R2 and GCS answer it; botocore's region
 # redirect is AWS's alone), a bucket elsewhere, a clock minutes off (ErrorResponses.html:
 # RequestTimeTooSkewed, 403), a bucket name the store refuses (InvalidBucketName, 400):

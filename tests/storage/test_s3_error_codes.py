@@ -111,6 +111,7 @@ async def test_a_checksum_refused_under_the_aws_preset_elsewhere_names_the_prese
     ("preset", "overrides"),
     [
         ("aws", {"endpoint_url": "https://s3.us-east-1.amazonaws.com"}),  # AWS's own
+        ("aws", {"endpoint_url": "https://S3.eu-west-1.AmazonAWS.com.:443"}),  # spelt otherwise
         ("aws", {"checksums": "when_required"}),  # no checksum of boto3's own sent
     ],
 )
