@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping
+from concurrent import futures
 from typing import Any, Self
 
 import functions_framework
@@ -29,7 +30,7 @@ class InProcessFunction:
             self.app: Any = functions_framework.create_app(stage, str(source))
             # functions/_adapter.py, loaded with the function: what it starts, this closes.
             self._adapter = sys.modules["_adapter"]
-            self._others = list(self._adapter._started)
+            before = list(self._adapter._started)
             self.client = httpx.Client(
                 transport=httpx.WSGITransport(app=self.app),
                 base_url=f"http://{stage}.functions.test",
@@ -41,6 +42,7 @@ class InProcessFunction:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{stage} still loading after {timeout}s")
                 time.sleep(0.02)  # polling the probe
+            self._mine = [f for f in self._adapter._started if f not in before]
         finally:
             os.environ.clear()
             os.environ.update(saved)
@@ -61,10 +63,13 @@ class InProcessFunction:
         the test run has closed by then."""
         self.client.close()
         started = self._adapter._started
-        mine = [f for f in started if f not in self._others]
-        for function in mine:
+        for function in self._mine:
+            if function not in started:
+                continue  # closed already
             started.remove(function)
             if (closing := function.stop()) is not None:
+                # As the process's exit waits for it (_adapter._close_started).
+                futures.wait([closing], timeout=self._adapter.CLOSE_SECONDS)
                 function.stopped(closing)
 
     def __enter__(self) -> Self:
