@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from PIL import Image, ImageCms, ImageMath
@@ -82,7 +82,8 @@ def derivative_key(image_key: str, fmt: str, width: int) -> str:
 def parse_name(name: str) -> tuple[str, int] | None:
     """The format and width a record name (``avif:512``) stands for; None for another name."""
     fmt, _, width = name.partition(":")
-    if fmt not in FORMATS or not width.isdigit():
+    # ASCII digits only: str.isdigit() takes "²", which int() refuses.
+    if fmt not in FORMATS or not (width.isascii() and width.isdigit()):
         return None
     return fmt, int(width)
 
@@ -114,9 +115,10 @@ the PNG's header first, and reads only a PNG of at most
 :data:`~imagegen.models.MAX_PNG_BYTES` (40 MiB), refused from its record's size before. Measured
 in a fresh process for the largest PNG allowed (40 MiB: 2048 x 2048 16-bit RGBA noise, the
 costliest to decode, with an ICC profile and a private chunk filling it up), its decode, the
-thumbnail and the derivatives at 256, 512, 1024 and 2048 px peak at 245 MiB of RSS, 55 MiB of
-it the imports and the PNG's bytes; render's own 8-bit RGB noise (12 MiB) at 191 MiB. So a
-request needs under 250 MiB, and a derive pod's two at once stay well within its 1 GiB."""
+thumbnail and the derivatives at 256, 512, 1024 and 2048 px peak at 270 to 285 MiB of RSS
+(``ru_maxrss``, three runs), 40 MiB of it the imports and 40 MiB the PNG's bytes; render's own
+8-bit RGB noise (12 MiB) at 182 MiB. So a request needs under 300 MiB, and a derive pod's two
+at once stay within its 1 GiB."""
 
 
 _SRGB = ImageCms.createProfile("sRGB")
@@ -153,22 +155,35 @@ def decode_pixels(png: bytes, *, size: tuple[int, int] | None = None) -> Image.I
                 raise _undecodable(why)  # Pillow would fill the missing rows with black
             opened.load()
             return _srgb(opened, _header(png))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except (
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,  # where warnings are errors
+    ) as exc:
         raise _undecodable(f"{type(exc).__name__}: {exc}") from None
 
 
 @dataclass(frozen=True)
 class _Header:
-    """What Pillow does not tell of a PNG: its IHDR fields, its ``cICP`` chunk's data, and
-    where its first IDAT chunk starts."""
+    """What Pillow does not tell of a PNG: its IHDR fields, its ``cICP`` chunk's data, whether
+    it has an ``acTL`` chunk, and where its first IDAT chunk starts."""
 
     width: int
     height: int
     depth: int
     colour_type: int
-    interlaced: bool
+    compression: int
+    filter_method: int
+    interlace: int
     cicp: bytes | None
+    animated: bool
     pixels_at: int
+
+    @property
+    def interlaced(self) -> bool:
+        return self.interlace == 1
 
 
 def _header(png: bytes) -> _Header:
@@ -178,10 +193,13 @@ def _header(png: bytes) -> _Header:
     compression, filter and interlace methods start at byte 16 of the file, after the
     signature (8) and the chunk's length and type (8) (PNG spec 11.2.2). Every chunk is its
     length (4 bytes), type (4), data, CRC (4) (PNG spec 5.3); the colour space chunks come
-    before the first IDAT (PNG spec 5.6).
+    before the first IDAT (PNG spec 5.6), as does an APNG's ``acTL`` (PNG 3rd edition 5.6).
     """
-    width, height, depth, colour_type, _, _, interlace = struct.unpack_from(">IIBBBBB", png, 16)
+    width, height, depth, colour_type, compression, filter_method, interlace = struct.unpack_from(
+        ">IIBBBBB", png, 16
+    )
     cicp: bytes | None = None
+    animated = False
     at = 8
     while at + 8 <= len(png):
         length, kind = struct.unpack_from(">I4s", png, at)
@@ -189,14 +207,18 @@ def _header(png: bytes) -> _Header:
             break
         if kind == b"cICP" and cicp is None:
             cicp = png[at + 8 : at + 8 + length]
+        animated = animated or kind == b"acTL"
         at += 12 + length
     return _Header(
         width=width,
         height=height,
         depth=depth,
         colour_type=colour_type,
-        interlaced=interlace == 1,
+        compression=compression,
+        filter_method=filter_method,
+        interlace=interlace,
         cicp=cicp,
+        animated=animated,
         pixels_at=at,
     )
 
@@ -212,7 +234,7 @@ def unshowable(png: bytes, opened: Image.Image) -> str | None:
     """Why ``png`` (opened by Pillow, not loaded) cannot be shown as a browser shows it, or
     None: persist refuses such a PNG, which derive would fail for good, before its record.
 
-    Two cases, neither of which render writes (8-bit RGB, no ``tRNS``, no ``cICP``):
+    Three cases, none of which render writes (8-bit RGB, no ``tRNS``, no ``cICP``, one image):
 
     - 16-bit truecolour with a ``tRNS`` colour. A pixel is transparent only where all 16 bits
       of each sample equal the key's (PNG spec 11.3.2.1), but Pillow reads 16-bit RGB as
@@ -224,8 +246,13 @@ def unshowable(png: bytes, opened: Image.Image) -> str | None:
       ``iCCP``, ``sRGB``, ``cHRM`` and ``gAMA``), and browsers honour it, so an ``iCCP``
       profile beside it is not what a browser shows, and nothing here converts from the
       colour spaces H.273 names but through an ICC profile.
+    - An animated PNG (APNG: an ``acTL`` chunk, PNG 3rd edition 11.3.6.1). Browsers play its
+      frames, which need not include the static image (the only one Pillow decodes without
+      being asked for frames, and the only one a derivative would show).
     """
     header = _header(png)
+    if header.animated:
+        return "an animated PNG (acTL), whose frames a derivative cannot show"
     if header.colour_type == 2 and header.depth == 16 and "transparency" in opened.info:
         return "a 16-bit RGB PNG with a transparent colour (tRNS), which cannot be read exactly"
     if header.cicp is not None and (
@@ -250,37 +277,101 @@ _ADAM7 = (
 _INFLATE_PIECE = 1 << 16  # the most inflated bytes held at once
 
 
-def _pixel_data_size(header: _Header) -> int:
-    """How many bytes ``header``'s image inflates to: each row of each pass (the whole image
-    when not interlaced) its filter type byte and its samples packed to whole bytes (PNG
-    spec 7.2, 7.3); a pass with no pixel has no row (PNG spec 8.2)."""
+def _rows(header: _Header) -> Iterator[tuple[int, int]]:
+    """(rows, bytes a row) of each pass of ``header``'s image that has pixels (the whole image
+    when not interlaced): each row its filter type byte and its samples packed to whole bytes
+    (PNG spec 7.2, 7.3); a pass with no pixel has no row (PNG spec 8.2)."""
     bits = _CHANNELS[header.colour_type] * header.depth
     passes = _ADAM7 if header.interlaced else ((0, 0, 1, 1),)
-    size = 0
     for column, row, column_step, row_step in passes:
         columns = max(0, -(-(header.width - column) // column_step))
         rows = max(0, -(-(header.height - row) // row_step))
         if columns and rows:
-            size += rows * (1 + (columns * bits + 7) // 8)
-    return size
+            yield rows, 1 + (columns * bits + 7) // 8
+
+
+# The filter types of filter method 0, the only method (PNG spec 9.2): 0 None to 4 Paeth.
+_LAST_FILTER_TYPE = 4
+
+
+class _FilterTypes:
+    """Checks the filter type byte that starts each row, as the inflated pixel data is read a
+    piece at a time: one slice of each piece a pass, never a loop over its bytes."""
+
+    def __init__(self, header: _Header) -> None:
+        self._passes = _rows(header)
+        self._read = 0  # bytes of the stream before the next piece
+        self._next = 0  # where in the stream the next row starts
+        self._left = 0  # rows of the current pass from there
+        self._length = 0  # bytes a row of the current pass
+
+    def known(self, piece: bytes) -> bool:
+        """Whether every row that starts in ``piece``, the next bytes of the stream, starts
+        with a filter type there is; rows beyond the image's are not looked at."""
+        end = self._read + len(piece)
+        while self._next < end:
+            if not self._left:
+                found = next(self._passes, None)
+                if found is None:
+                    break
+                self._left, self._length = found
+            count = min(self._left, -(-(end - self._next) // self._length))
+            first = self._next - self._read
+            if max(piece[first :: self._length][:count]) > _LAST_FILTER_TYPE:
+                return False
+            self._next += count * self._length
+            self._left -= count
+        self._read = end
+        return True
+
+
+def _header_fault(header: _Header) -> str | None:
+    """Why ``header``'s IHDR names a method PNG does not have, or None: compression method 0
+    (deflate) and filter method 0 are the only ones, interlace methods 0 (none) and 1 (Adam7)
+    (PNG spec 11.2.2). libpng, and so a browser, refuses any other; Pillow takes an unknown
+    compression method for deflate and an unknown interlace method for none, or fails to decode
+    it."""
+    if header.compression != 0:
+        return "a PNG whose header gives a compression method other than 0"
+    if header.filter_method != 0:
+        return "a PNG whose header gives a filter method other than 0"
+    if header.interlace not in (0, 1):
+        return "a PNG whose header gives an interlace method other than 0 or 1"
+    return None
 
 
 def pixel_data_fault(png: bytes) -> str | None:
     """Why ``png``'s pixel data is not exactly its image, or None: persist refuses such a
     PNG, which derive would fail for good, before its record, and derive before decoding.
 
-    The IDAT chunks' data, joined, is one zlib stream (PNG spec 10.1) that inflates to each
-    row of the image (:func:`_pixel_data_size`). Pillow fills rows the stream lacks with black
-    and ignores any it has beyond them; so it is inflated once here, 64 KiB in and out at a
-    time (none of it kept), and refused unless it ends, its Adler-32 check
-    matching, at exactly that size. Data after the stream's end is ignored, as libpng warns of
-    it and reads on ("Extra compressed data", a benign error). ``png`` has been opened by
-    Pillow (its chunks before IDAT whole); an IDAT chunk cut short is refused here too.
+    Its header must name methods PNG has (:func:`_header_fault`). The IDAT chunks' data,
+    joined, is one zlib stream (PNG spec 10.1) that inflates to each row of the image
+    (:func:`_rows`), each starting with a filter type of 0 to 4 (PNG spec 9.2). Pillow fills
+    rows the stream lacks with black and ignores any it has beyond them, and fails to decode a
+    row of another filter type; so the stream is inflated once here, 64 KiB in and out at a
+    time (none of it kept), each row's first byte looked at as it goes by, and refused unless
+    it ends, its Adler-32 check matching, at exactly the image's size. Data after the stream's
+    end is ignored, as libpng warns of it and reads on ("Extra compressed data", a benign
+    error). ``png`` has been opened by Pillow (its chunks before IDAT whole); an IDAT chunk cut
+    short is refused here too.
     """
     header = _header(png)
-    expected = _pixel_data_size(header)
+    if (why := _header_fault(header)) is not None:
+        return why
+    expected = sum(rows * length for rows, length in _rows(header))
+    filters = _FilterTypes(header)
     inflater = zlib.decompressobj()
     inflated = 0
+
+    def fault(piece: bytes) -> str | None:
+        nonlocal inflated
+        inflated += len(piece)
+        if inflated > expected:
+            return "a PNG whose pixel data is longer than its image"
+        if not filters.known(piece):
+            return "a PNG whose pixel data has a row of an unknown filter type"
+        return None
+
     view = memoryview(png)
     at = header.pixels_at
     try:
@@ -294,15 +385,13 @@ def pixel_data_fault(png: bytes) -> str | None:
             for start in range(at + 8, end, _INFLATE_PIECE):
                 data: bytes | memoryview = view[start : min(start + _INFLATE_PIECE, end)]
                 while data and not inflater.eof:
-                    inflated += len(inflater.decompress(data, _INFLATE_PIECE))
-                    if inflated > expected:
-                        return "a PNG whose pixel data is longer than its image"
+                    if why := fault(inflater.decompress(data, _INFLATE_PIECE)):
+                        return why
                     data = inflater.unconsumed_tail
             at += 12 + length
         while not inflater.eof and (rest := inflater.decompress(b"", _INFLATE_PIECE)):
-            inflated += len(rest)  # what a full piece held back
-            if inflated > expected:
-                return "a PNG whose pixel data is longer than its image"
+            if why := fault(rest):  # what a full piece held back
+                return why
     except zlib.error:
         return "a PNG whose pixel data does not inflate"
     if at > len(png):

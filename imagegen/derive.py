@@ -7,12 +7,16 @@ import functools
 import io
 import json
 import logging
+import warnings
+from typing import Any, cast
 
 from PIL import Image
+from pydantic import TypeAdapter, ValidationError
 
 from imagegen.derivatives import (
     Derivative,
     decode_pixels,
+    derivative_key,
     make_derivative,
     make_derivatives,
     make_thumbnail,
@@ -51,8 +55,9 @@ def _remake(
 ) -> list[tuple[str, bytes, str]]:
     """(key, bytes, content type) of each lost object a record lists, from one decode.
 
-    ``lost`` maps record names (``thumbnail``, ``avif:512``) to keys. Encoding is deterministic,
-    so a derivative is the very file its first writer stored. CPU-bound: run it off the loop.
+    ``lost`` maps record names (``thumbnail``, ``avif:512``) to keys, each one derive writes
+    (:func:`_written`). Encoding is deterministic, so a derivative is the very file its first
+    writer stored. CPU-bound: run it off the loop.
     """
     pixels = decode_pixels(png, size=(image.width, image.height))
     made: list[tuple[str, bytes, str]] = []
@@ -61,9 +66,37 @@ def _remake(
             made.append((key, make_thumbnail(pixels, thumbnail_size), THUMBNAIL_TYPE))
         elif (parsed := parse_name(name)) is not None:
             derivative = make_derivative(pixels, image.key, *parsed)
-            if derivative.key == key:  # else not a key derive writes: nothing to remake
-                made.append((key, derivative.data, derivative.content_type))
+            made.append((key, derivative.data, derivative.content_type))
     return made
+
+
+# What IMAGEGEN_DERIVATIVE_WIDTHS may hold, as Settings checks it.
+_CONFIGURABLE_WIDTHS: TypeAdapter[list[int]] = TypeAdapter(
+    cast(Any, Settings.model_fields["derivative_widths"].annotation)
+)
+
+
+def _written(name: str, key: str, image: PersistedImage, keys: GenerationKeys) -> bool:
+    """Whether derive writes ``key`` as the record name ``name`` for ``image``, whatever its
+    settings: the thumbnail under its own key, or a derivative under the key of its format and
+    width (:func:`~imagegen.derivatives.derivative_key`), at the image's own width or at a
+    narrower one that ``IMAGEGEN_DERIVATIVE_WIDTHS`` may hold. A record lists nothing else
+    unless written by hand, and a width it names is never encoded unchecked: 30000 would take
+    gigabytes."""
+    if name == "thumbnail":
+        return key == keys.thumbnail
+    if (parsed := parse_name(name)) is None:
+        return False
+    fmt, width = parsed
+    if key != derivative_key(image.key, fmt, width):
+        return False
+    if width == image.width:
+        return True
+    try:
+        _CONFIGURABLE_WIDTHS.validate_python([width])
+    except ValidationError:
+        return False
+    return width < image.width
 
 
 class DeriveStage:
@@ -201,18 +234,30 @@ class DeriveStage:
         the image's own when that is smaller, which no thumbnail is made larger than. Either
         way a lost thumbnail is remade at the recorded size to the bytes stored now. Read from
         the WebP's header, no pixel decoded; one that is gone or cannot be read is recorded at
-        ``thumbnail_size``, as though this delivery's had been stored.
+        ``thumbnail_size``, as though this delivery's had been stored: one over Pillow's pixel
+        limit (a few KiB of WebP can say 14000 x 14000) among them, whether Pillow refuses it
+        or only warns, as it does up to twice the limit.
         """
         try:
             stored = await self.storage.get(keys.thumbnail)
-            with Image.open(io.BytesIO(stored), formats=("WEBP",)) as opened:
-                dimensions = opened.size
+            # No await inside: the filter, process-wide, is gone before another task runs.
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(stored), formats=("WEBP",)) as opened:
+                    dimensions = opened.size
             with Image.open(io.BytesIO(made), formats=("WEBP",)) as opened:
                 if opened.size == dimensions:
                     return thumbnail_size
         except NotFound:
             return thumbnail_size
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        except (
+            OSError,
+            SyntaxError,
+            ValueError,
+            EOFError,
+            Image.DecompressionBombError,
+            Image.DecompressionBombWarning,
+        ) as exc:
             log.warning(
                 "a stored thumbnail that cannot be read: recorded at this replica's size",
                 extra={"key": keys.thumbnail, "reason": f"{type(exc).__name__}: {exc}"[:200]},
@@ -226,18 +271,26 @@ class DeriveStage:
         """Writes again what ``record`` lists and storage no longer holds (a restored bucket).
 
         Only a redelivery gets here: a first delivery writes every object before the record.
-        Its cost when nothing is lost is one HEAD per listed object, all at once. The answer
-        stays the stored record. Without the PNG it describes nothing can be remade: that is
-        logged, and the record answered all the same, as it is when the stored object is not
-        that PNG (another size or digest). A read cut short stays a 503: the next delivery
-        reads it again.
+        Its cost when nothing is lost is one HEAD per listed object, all at once. An entry
+        derive never writes (:func:`_written`: a record edited by hand) is logged and left
+        alone, neither looked for nor remade. The answer stays the stored record. Without the
+        PNG it describes nothing can be remade: that is logged, and the record answered all
+        the same, as it is when the stored object is not that PNG (another size or digest). A
+        read cut short stays a 503: the next delivery reads it again.
         """
+        gid = image.generation_id
         listed = {name: key for name, key in record.keys.items() if name != "record"}
+        foreign = {n: k for n, k in listed.items() if not _written(n, k, image, keys)}
+        if foreign:
+            log.warning(
+                "the derivatives record lists objects derive does not write: not remade",
+                extra={"generation_id": gid, "names": sorted(foreign)[:20]},
+            )
+        listed = {n: k for n, k in listed.items() if n not in foreign}
         found = await asyncio.gather(*(self.storage.head(key) for key in listed.values()))
         lost = {n: k for (n, k), head in zip(listed.items(), found, strict=True) if head is None}
         if not lost:
             return
-        gid = image.generation_id
         try:
             png = await self._stored_png(image, keys)
         except InvalidRequest as exc:

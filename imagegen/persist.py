@@ -274,7 +274,7 @@ class PersistStage:
         png = await claim_image(
             self.storage, keys.image, image.sha256, size=stored.size, described_by="the event"
         )
-        self._check_rendered(image, stored, len(png), _png_size(png))
+        self._check_rendered(image, stored, len(png), _png_size(png, (image.width, image.height)))
 
         # 4. Public URLs and the record, written last: its presence marks the image final.
         persisted = self._describe(image, keys)
@@ -482,18 +482,23 @@ def _differences(image: RenderedImage, truth: Mapping[str, object]) -> list[dict
     ]
 
 
-def _png_size(png: bytes) -> tuple[int, int] | str:
+def _png_size(png: bytes, described: tuple[int, int]) -> tuple[int, int] | str:
     """The (width, height) in ``png``'s header, or why it has none; no pixel is decoded.
 
     A header too large for Pillow to open (a decompression bomb: far over any size render
     makes) is said as such, whether Pillow refuses it or, told to, warns of it as an error;
     so is a PNG that derive cannot show as a browser does
     (:func:`imagegen.derivatives.unshowable`), which it would fail for good, or one not whole
-    (:func:`_unfinished`).
+    (:func:`_unfinished`). Those are looked for only in a PNG of the ``described`` size, the
+    event's (at most 2048 a side, ``Dimension``): one of any other is refused for its size
+    alone, before its pixel data is inflated (a 13000 x 13000 16-bit RGBA header over 1.3 MB
+    of deflated zeros inflates to 1.3 GB, a CPU-second).
     """
     try:
         with Image.open(io.BytesIO(png), formats=("PNG",)) as opened:
             size = opened.size
+            if size != described:
+                return size
             why = unshowable(png, opened) or _unfinished(png, opened)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return "a PNG larger than any render makes"

@@ -180,7 +180,7 @@ async def test_only_the_stored_images_own_event_is_derived(tmp_path: Path) -> No
 def _recorded_without_reading_the_header(monkeypatch: pytest.MonkeyPatch) -> None:
     """persist as it was before it read the PNG's header: records it wrote may describe bytes
     that are no PNG of their size, and derive must still refuse them."""
-    monkeypatch.setattr("imagegen.persist._png_size", lambda png: (256, 256))
+    monkeypatch.setattr("imagegen.persist._png_size", lambda png, described: described)
 
 
 @pytest.mark.parametrize("kind", ["cut short", "not a PNG"])
@@ -495,6 +495,90 @@ async def test_a_stored_thumbnail_of_the_same_pixels_keeps_this_replicas_size(
     async with ImageGenService(_sized(tmp_path, 384)) as two:
         derived = await two.derive(persisted)
     assert derived.thumbnail_size == 384
+
+
+def _webp_header_of(width: int, height: int) -> bytes:
+    """A lossless WebP of a few dozen bytes whose header says ``width`` x ``height``: its
+    VP8L header (after the signature byte 0x2f, at byte 20 of the file) holds width - 1 and
+    height - 1 in 14 bits each, least significant first (RFC 9649, 3.2)."""
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(out, format="WEBP", lossless=True)
+    data = bytearray(out.getvalue())
+    assert data[12:16] == b"VP8L" and data[20] == 0x2F
+    (bits,) = struct.unpack_from("<I", data, 21)
+    bits = bits & ~((1 << 28) - 1) | (width - 1) | (height - 1) << 14
+    struct.pack_into("<I", data, 21, bits)
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    "size",
+    [(14000, 14000), (10000, 10000)],
+    ids=["over twice Pillow's limit", "over Pillow's limit"],
+)
+async def test_a_stored_thumbnail_over_pillows_pixel_limit_is_recorded_at_this_replicas_size(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    size: tuple[int, int],
+) -> None:
+    """A thumbnail stored before the record whose header is over Pillow's pixel limit (no
+    thumbnail derive makes): Pillow's DecompressionBombError was a 500 at every delivery, and
+    its warning, under twice the limit, had the header's longer side recorded. It is a stored
+    thumbnail that cannot be read, recorded at this replica's size and logged."""
+    async with ImageGenService(_sized(tmp_path, 256)) as one:
+        rendered = await store_rendered(one.storage, "d-thumb-bomb", NOW, png(256, 256), "a kite")
+        persisted = await one.persist(rendered)
+        await _dies_before_the_record(one, persisted, monkeypatch)
+    (tmp_path / persisted.keys["thumbnail"]).write_bytes(_webp_header_of(*size))
+    async with ImageGenService(_sized(tmp_path, 256)) as two:
+        with caplog.at_level("WARNING", logger="imagegen.derive"):
+            derived = await two.derive(persisted)
+            assert await two.derive(persisted) == derived
+    assert derived.thumbnail_size == 256
+    warned = [r for r in caplog.records if "stored thumbnail that cannot be read" in r.message]
+    assert len(warned) == 1 and "DecompressionBomb" in warned[0].__dict__["reason"]
+
+
+async def test_record_entries_derive_never_writes_are_logged_and_not_remade(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A record edited by hand to list a derivative derive never writes: a width of Unicode
+    digits was a ValueError, a width far over the image's encoded at that width (30000 took
+    gigabytes) before its key was compared. Each such entry is logged and left alone; the
+    record is answered, and what derive does write is still remade."""
+    async with ImageGenService(settings(tmp_path, [32])) as service:
+        persisted = await service.persist(await stored(service, "d-edited"))
+        first = await service.derive(persisted)
+        base = first.keys["avif:32"].removesuffix(".w32.avif")
+        foreign = {
+            "avif:\u00b2": f"{base}.w2.avif",  # a superscript two: str.isdigit() takes it
+            "avif:512": f"{base}.w512.avif",  # wider than the 256 px image
+            "webp:8": f"{base}.w8.webp",  # narrower than IMAGEGEN_DERIVATIVE_WIDTHS allows
+            "avif:64": f"{base}.w65.avif",  # not the key of its width
+            "thumbnail": f"{base}.w16.webp",  # not the thumbnail's key
+        }
+        record = tmp_path / first.keys["record"]
+        body = json.loads(record.read_text())
+        body["derived"]["keys"].update(foreign)
+        record.write_text(json.dumps(body))
+        (tmp_path / first.keys["webp:32"]).unlink()
+        widths: list[int] = []
+        make = imagegen.derive.make_derivative
+
+        def counted(pixels: Image.Image, key: str, fmt: str, width: int) -> Any:
+            widths.append(width)
+            return make(pixels, key, fmt, width)
+
+        monkeypatch.setattr("imagegen.derive.make_derivative", counted)
+        with caplog.at_level("WARNING", logger="imagegen.derive"):
+            again = await service.derive(persisted)
+    assert again.keys == {**first.keys, **foreign}
+    assert widths == [32]  # the lost webp:32 alone
+    assert (tmp_path / first.keys["webp:32"]).is_file()
+    assert not any((tmp_path / key).exists() for key in foreign.values())
+    logged = [r for r in caplog.records if "does not write" in r.message]
+    assert len(logged) == 1 and logged[0].__dict__["names"] == sorted(foreign)
 
 
 async def test_an_image_read_cut_short_is_a_retryable_503_not_a_failed_generation(

@@ -460,6 +460,35 @@ def _bomb_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
 
+def _raw_png(
+    *, filter_type: int = 0, compression: int = 0, filter_method: int = 0, interlace: int = 0
+) -> bytes:
+    """A 256 x 256 8-bit RGB PNG, every row after ``filter_type``, its IHDR naming the
+    ``compression``, ``filter_method`` and ``interlace`` methods (PNG spec 11.2.2, 9.2)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    header = struct.pack(">IIBBBBB", *JOB_SIZE, 8, 2, compression, filter_method, interlace)
+    rows = (bytes([filter_type]) + bytes([100, 150, 200]) * JOB_SIZE[0]) * JOB_SIZE[1]
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _animated() -> bytes:
+    """An APNG of two frames, red then blue, the first of them also its static image."""
+    out = io.BytesIO()
+    red, blue = Image.new("RGB", JOB_SIZE, (255, 0, 0)), Image.new("RGB", JOB_SIZE, (0, 0, 255))
+    red.save(out, format="PNG", save_all=True, append_images=[blue], duration=100)
+    return out.getvalue()
+
+
 _RENDERED = png(*JOB_SIZE)
 
 
@@ -482,6 +511,12 @@ def _damaged(data: bytes, kind: bytes) -> bytes:
         (_RENDERED[:-12], ["image"]),  # every pixel, but no IEND
         (_damaged(_RENDERED, b"IDAT"), ["image"]),
         (_bomb_header(*JOB_SIZE), ["image"]),  # a header, and no pixel data at all
+        (_raw_png(), []),  # the raw PNGs below are refused for what they change alone
+        (_raw_png(filter_type=5), ["image"]),
+        (_raw_png(compression=1), ["image"]),
+        (_raw_png(filter_method=1), ["image"]),
+        (_raw_png(interlace=2), ["image"]),
+        (_animated(), ["image"]),
     ],
     ids=[
         "png",
@@ -494,6 +529,12 @@ def _damaged(data: bytes, kind: bytes) -> bytes:
         "no end",
         "a damaged chunk",
         "no pixels",
+        "raw png",
+        "unknown filter type",
+        "unknown compression method",
+        "unknown filter method",
+        "unknown interlace method",
+        "animated",
     ],
 )
 async def test_a_stored_object_that_is_no_png_of_the_events_size_is_refused_unrecorded(
@@ -502,7 +543,10 @@ async def test_a_stored_object_that_is_no_png_of_the_events_size_is_refused_unre
     """The digest matched and render's metadata too, so persist recorded the object as the
     event's 256 x 256 PNG: the Worker served it as one, and derive failed the generation for
     good, after the reply had said it was final. A PNG cut short in its pixel data was taken
-    too, its header being whole. Its chunks are read, no pixel decoded."""
+    too, its header being whole, and so were rows of a filter type PNG does not have, and
+    methods in its header that PNG does not have, which derive failed to decode or decoded
+    as something else, and an animated PNG, whose frames a browser plays where every
+    derivative shows one image. Its chunks are read, no pixel decoded."""
 
     def refuse(*args: Any) -> None:
         raise AssertionError("decoded")
@@ -521,6 +565,31 @@ async def test_a_stored_object_that_is_no_png_of_the_events_size_is_refused_unre
             assert caught.value.fields == fields
             assert (caught.value.status, caught.value.retryable) == (400, False)
         assert await service.storage.head(record) is None
+
+
+@pytest.mark.parametrize(
+    ("size", "fields"),
+    [((8192, 8192), ["width", "height"]), ((8192, JOB_SIZE[1]), ["width"])],
+    ids=["both sides", "wider"],
+)
+async def test_a_png_of_another_size_than_the_event_is_refused_before_its_pixels_are_inflated(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, size: tuple[int, int], fields: list[str]
+) -> None:
+    """A header far over any size render makes over a stream of zeros deflated to a few KiB:
+    its pixel data (13000 x 13000 16-bit RGBA: 1.3 GB) was inflated, a CPU-second, before its
+    size was compared with the event's. The header's size is compared first, and the PNG
+    refused naming each side that differs, nothing inflated."""
+
+    def refuse(png: bytes) -> None:
+        raise AssertionError("inflated")
+
+    monkeypatch.setattr("imagegen.persist.pixel_data_fault", refuse)
+    async with ImageGenService(settings) as service:
+        rendered = await _stored_as_render(service.storage, "wide-1", _png_of(*size))
+        with pytest.raises(InvalidRequest) as caught:
+            await service.persist(rendered)
+        assert caught.value.fields == fields
+        assert await service.storage.head(GenerationKeys("wide-1", NOW).metadata) is None
 
 
 @pytest.mark.parametrize("rows", [10, JOB_SIZE[1] + 1], ids=["fewer rows", "more rows"])
