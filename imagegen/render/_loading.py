@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -150,12 +151,13 @@ _MISREAD: tuple[type[Exception], ...] = (ValueError, KeyError, TypeError, Attrib
 
 
 def _check_filled(pipe: Pipeline) -> None:
-    """Refuse a pipeline a component of which holds tensors with no data.
+    """Refuse a pipeline a component of which lacks tensors its weights file should hold.
 
     diffusers builds each model on the meta device and fills it from the weights
     (``ModelMixin.from_pretrained``, diffusers/models/modeling_utils.py): a tensor the file
     does not have is only warned about, and stays on the meta device, where moving the
     pipeline to its device fails (torch's ``Module.to``: "Cannot copy out of meta tensor").
+    transformers initialises what it did not find instead (:func:`_not_loaded`).
 
     Raises:
         _Unfilled: Naming the component and its first missing tensors.
@@ -164,10 +166,40 @@ def _check_filled(pipe: Pipeline) -> None:
         if not isinstance(component, torch.nn.Module):
             continue
         tensors = itertools.chain(component.named_parameters(), component.named_buffers())
-        empty = [key for key, tensor in tensors if tensor.is_meta]
+        empty = [key for key, tensor in tensors if tensor.is_meta] or _not_loaded(component)
         if empty:
             shown = ", ".join(empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
             raise _Unfilled(f"its {name}'s weights lack {shown}")
+
+
+def _not_loaded(component: torch.nn.Module) -> list[str]:
+    """The parameters of a transformers model (a text encoder) its weights file did not fill.
+
+    transformers 5 loads no tensor the file lacks: it initialises it (at random, or to a
+    default) and logs a report, and the text encoder then reads every prompt wrongly, with no
+    error. Each tensor it loads it marks ``_is_hf_initialized`` (``set_param_for_module``,
+    transformers/core_model_loading.py), the mark ``_initialize_missing_keys``
+    (transformers/modeling_utils.py) reads to pick what to initialise: a parameter without it
+    was made up. Tied weights (one tensor under two names, the file holding either) are marked
+    by ``mark_tied_weights_as_initialized``, and ``tie_weights`` points both names at the one
+    loaded; what a model declares optional (``_keys_to_ignore_on_load_missing``, matched as
+    ``_adjust_missing_and_unexpected_keys`` matches it) is left out, as the report leaves it
+    out. The file's tensor names are not compared: transformers renames them as it loads
+    (CLIP's, saved with ``text_model.`` or without). Buffers are not looked at: non-persistent
+    ones are never saved, and a cast replaces a buffer's tensor, mark and all.
+    """
+    from transformers import PreTrainedModel
+
+    if not isinstance(component, PreTrainedModel):
+        return []
+    patterns = component._keys_to_ignore_on_load_missing or ()
+    ignored = re.compile("|".join(f"({pattern})" for pattern in patterns)) if patterns else None
+    return [
+        key
+        for key, parameter in component.named_parameters()
+        if not getattr(parameter, "_is_hf_initialized", False)
+        and (ignored is None or ignored.search(key) is None)
+    ]
 
 
 def _unloadable(

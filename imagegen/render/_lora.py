@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -170,7 +172,7 @@ class LoraAdapters:
             if lora.name in loaded:
                 pipe.delete_adapters(lora.name)
                 del loaded[lora.name]
-            self._load(pipe, lora, source, field=f"loras.{index}.path")
+            self._load(model, pipe, lora, source, field=f"loras.{index}.path")
             loaded[lora.name] = source
         # Bound the memory adapters take: drop the least recently used ones this job does not
         # use. A job names at most MAX_LORAS, so as many stay loaded per model.
@@ -185,7 +187,7 @@ class LoraAdapters:
         """Forget every adapter (their pipelines are being dropped)."""
         self._loaded.clear()
 
-    def _load(self, pipe: Pipeline, lora: LoraHint, path: str, *, field: str) -> None:
+    def _load(self, model: str, pipe: Pipeline, lora: LoraHint, path: str, *, field: str) -> None:
         import torch
         from huggingface_hub import is_offline_mode
 
@@ -204,6 +206,8 @@ class LoraAdapters:
                 # (the backend's out-of-memory refusal), never a 400.
                 raise
             except (OSError, ValueError, KeyError, RuntimeError) as error:
+                if _NO_LAYER_MATCHED in str(error):
+                    raise _misfit(model, lora, field, _NONE_FITS) from error
                 raise field_error(
                     field, f"LoRA {lora.name!r} cannot be loaded: {first_line(error)}"
                 ) from error
@@ -227,11 +231,108 @@ class LoraAdapters:
                             f"LoRA {lora.name!r} is on the Hub and HF_HUB_OFFLINE is set: "
                             "give a local path instead"
                         ) from error
+                    if _NO_LAYER_MATCHED in str(error):
+                        raise _misfit(model, lora, field, _NONE_FITS) from error
                     raise field_error(
                         field, f"LoRA {lora.name!r} cannot be loaded: {first_line(error)}"
                     ) from error
         # diffusers loads nothing, and says nothing, from a folder holding no LoRA weights (a
         # component's diffusion_pytorch_model.safetensors): its set_adapters would then fail.
         loaded = {name for names in pipe.get_list_adapters().values() for name in names}
+        in_file = _lora_tensors(_weights_file(source)) if source.exists() else Counter()
         if lora.name not in loaded:
+            if in_file:  # LoRA tensors, for components this pipeline does not have
+                raise _misfit(model, lora, field, _NONE_FITS)
             raise field_error(field, f"LoRA {lora.name!r} holds no LoRA weights")
+        _check_fit(model, pipe, lora, in_file, field=field)
+
+
+def _check_fit(
+    model: str, pipe: Pipeline, lora: LoraHint, in_file: Counter[str], *, field: str
+) -> None:
+    """Unload and refuse ``lora`` unless ``pipe`` took every LoRA tensor of its file.
+
+    diffusers loads the tensors whose layers the model has, and only warns of the others
+    (``_maybe_warn_for_unhandled_keys``, diffusers/utils/peft_utils.py): a LoRA made for another
+    model family, whose layer names partly agree, would change the image in part. Compared
+    where the file is in diffusers' own format, its tensors named by component
+    (``in_file``, :func:`_lora_tensors`): other formats (kohya, XLabs, ai-toolkit) are renamed
+    as diffusers converts them, and its converters refuse the keys they do not know. A LoRA
+    from the Hub, or a directory holding several weights files, is refused only when none of
+    its layers is in the model.
+    """
+    if not in_file.keys() & pipe.components.keys():
+        return
+    applied = _applied_tensors(pipe, lora.name)
+    lacking = {
+        part: count - applied[part] for part, count in in_file.items() if count > applied[part]
+    }
+    if lacking:
+        pipe.delete_adapters(lora.name)
+        why = (
+            f"{sum(lacking.values())} of its {in_file.total()} LoRA tensors are for layers the"
+            f" model does not have ({', '.join(lacking)})"
+        )
+        raise _misfit(model, lora, field, why)
+
+
+_NO_LAYER_MATCHED = "not found in the base model"
+"""What peft raises when no tensor of a LoRA names a layer of the model: "Target modules ...
+not found in the base model" (``BaseTuner.inject_adapter``, peft/tuners/tuners_utils.py), a
+``ValueError`` that diffusers' ``load_lora_adapter`` (diffusers/loaders/peft.py) lets through."""
+
+_NONE_FITS = "none of its layers is in the model"
+
+_LORA_TENSOR = re.compile(r"\.lora_[AB]\.(weight|bias)$")
+"""A LoRA tensor as diffusers saves it: ``<component>.<layer>.lora_A.weight``
+(``save_lora_weights``), the names peft gives a layer's two matrices."""
+
+
+def _misfit(model: str, lora: LoraHint, field: str, why: str) -> InvalidRequest:
+    return field_error(field, f"LoRA {lora.name!r} does not fit model {model!r}: {why}")
+
+
+def _weights_file(source: Path) -> Path | None:
+    """The file diffusers reads for a LoRA at ``source`` where it leaves no doubt: ``source``
+    itself, or a directory's one ``.safetensors`` file, or its one named as diffusers saves
+    LoRAs (``_best_guess_weight_name``, diffusers/loaders/lora_base.py); else None."""
+    if source.is_file():
+        return source
+    files = list(source.glob("*.safetensors"))
+    files = [f for f in files if f.name.endswith(_DIFFUSERS_WEIGHTS)] or files
+    return files[0] if len(files) == 1 else None
+
+
+_DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+def _lora_tensors(weights: Path | None) -> Counter[str]:
+    """How many LoRA tensors ``weights`` names per component, read from its header alone; none
+    for a file safetensors cannot read (diffusers said why as it loaded it, or read a
+    pickle)."""
+    from safetensors import SafetensorError, safe_open
+
+    if weights is None:
+        return Counter()
+    try:
+        with safe_open(weights, framework="pt") as file:
+            names = list(file.keys())
+    except (OSError, SafetensorError):
+        return Counter()
+    return Counter(name.split(".", 1)[0] for name in names if _LORA_TENSOR.search(name))
+
+
+def _applied_tensors(pipe: Pipeline, adapter: str) -> Counter[str]:
+    """How many LoRA tensors of ``adapter`` each component of ``pipe`` holds: peft names them
+    ``<layer>.lora_A.<adapter>.weight`` (``LoraLayer.update_layer``, peft/tuners/lora/layer.py).
+    Counted, not named: transformers may rename a text encoder's layers as it loads them."""
+    import torch
+
+    own = re.compile(rf"\.lora_[AB]\.{re.escape(adapter)}\.(weight|bias)$")
+    return Counter(
+        {
+            part: sum(1 for name, _ in component.named_parameters() if own.search(name))
+            for part, component in pipe.components.items()
+            if isinstance(component, torch.nn.Module)
+        }
+    )

@@ -5,10 +5,13 @@ transformers (the text encoders)."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from imagegen.errors import DependencyUnavailable, InvalidRequest
 from imagegen.render._loading import load_pipeline
@@ -17,6 +20,7 @@ from imagegen.settings import Settings
 from tests.conftest import RunCli
 
 TEXT_ENCODER = Path("text_encoder") / "model.safetensors"
+TEXT_ENCODER_2 = Path("text_encoder_2") / "model.safetensors"
 VAE = Path("vae") / "diffusion_pytorch_model.safetensors"
 
 # What a clone without git-lfs leaves in place of the weights (git-lfs docs/spec.md).
@@ -118,6 +122,72 @@ def test_weights_in_the_model_cache_that_lack_a_tensor_are_no_call_to_pull(
         f"model {repo!r} at revision main (not pinned) in the local cache cannot be loaded:"
         " its vae's weights lack decoder.conv_in.bias"
     )
+
+
+def _rewrite(weights: Path, rename: Callable[[str], str | None]) -> None:
+    """Save ``weights`` again with each tensor named ``rename(name)``, dropped where that is
+    None: a whole file (its header agrees with its length)."""
+    with safe_open(weights, framework="pt") as file:
+        metadata = file.metadata()
+        tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
+    renamed = {rename(name): tensor for name, tensor in tensors.items()}
+    save_file({name: t for name, t in renamed.items() if name is not None}, weights, metadata)
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "weights", "dropped"),
+    [
+        ("tiny", TEXT_ENCODER, "final_layer_norm.weight"),
+        ("tiny", TEXT_ENCODER_2, "encoder.block.0.layer.1.layer_norm.weight"),
+        # Tied to lm_head, which the file does not hold either.
+        ("tiny-klein", TEXT_ENCODER, "model.embed_tokens.weight"),
+    ],
+)
+def test_a_text_encoder_whose_weights_lack_a_tensor_is_refused_naming_it(
+    tiny_dir: Path, klein_dir: Path, tmp_path: Path, pipeline: str, weights: Path, dropped: str
+) -> None:
+    # transformers initialises what its file lacks instead of leaving it on the meta device:
+    # loaded, the pipeline would read every prompt wrongly and render noise, with no error.
+    model = _copy(tiny_dir if pipeline == "tiny" else klein_dir, tmp_path)
+    _rewrite(model / weights, lambda name: None if name == dropped else name)
+
+    with pytest.raises(DependencyUnavailable) as caught:
+        _load(str(model))
+
+    component = weights.parent.name
+    assert caught.value.message == (
+        f"{str(model)!r} cannot be loaded: its {component}'s weights lack {dropped}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("weights", "rename"),
+    [
+        # T5's token embedding is one tensor under two names (shared, encoder.embed_tokens):
+        # transformers ties whichever the file holds to the other.
+        pytest.param(
+            TEXT_ENCODER_2,
+            lambda name: "encoder.embed_tokens.weight" if name == "shared.weight" else name,
+            id="tied-tensor-under-its-other-name",
+        ),
+        # CLIP's names as transformers 4 saved them: transformers 5 renames them as it loads.
+        pytest.param(TEXT_ENCODER, lambda name: f"text_model.{name}", id="clip-older-names"),
+    ],
+)
+def test_a_text_encoder_whose_weights_are_named_otherwise_loads_them_all(
+    tiny_dir: Path, tmp_path: Path, weights: Path, rename: Callable[[str], str]
+) -> None:
+    model = _copy(tiny_dir, tmp_path)
+    _rewrite(model / weights, rename)
+
+    pipe = load_pipeline(str(model), torch.float32, Settings(device="cpu"))
+
+    healthy = load_pipeline(str(tiny_dir), torch.float32, Settings(device="cpu"))
+    component = weights.parent.name
+    loaded = getattr(pipe, component).state_dict()
+    assert loaded.keys() == getattr(healthy, component).state_dict().keys()
+    for name, tensor in getattr(healthy, component).state_dict().items():
+        assert torch.equal(loaded[name], tensor), name
 
 
 def test_a_home_that_cannot_be_found_is_refused_naming_the_model(tmp_path: Path) -> None:
