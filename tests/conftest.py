@@ -62,6 +62,24 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 _PRELOADED = pytest.StashKey[tuple[Any, Path]]()
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # The functions tests started in this process and left open close now, as the process's
+    # exit would close them (functions/_adapter.py), while the streams their lines are written
+    # to are still open: pytest closes its captures before the interpreter exits. Their routine
+    # closing lines (INFO) are not shown; a warning or an error still is.
+    adapter = sys.modules.get("_adapter")
+    if adapter is None:
+        return
+    functions_log = logging.getLogger("imagegen.functions")
+    level = functions_log.level
+    functions_log.setLevel(max(level, logging.WARNING))
+    try:
+        adapter._close_started()
+        adapter._started.clear()
+    finally:
+        functions_log.setLevel(level)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     slow = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow)  # stable: the order within stays
