@@ -7,13 +7,14 @@ JSON Schema for each event payload is exported from these models into ``schemas/
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import re
 from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal, Self
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from pydantic import (
     AfterValidator,
@@ -154,10 +155,29 @@ def derive_seed(generation_id: str) -> int:
     return int.from_bytes(digest[:4], "big")
 
 
+@functools.cache
+def _iana_zones() -> frozenset[str]:
+    """The zones the tz database names, as this host has it: made on the first zone checked
+    that is no ``UTC`` (listing them reads every file of the tz folders), then kept.
+
+    A host's own names are none: ``localtime`` (its clock, whatever that is), ``Factory``
+    (the database's placeholder), and ``posix/...`` and ``right/...`` (copies of the others,
+    the latter counting leap seconds); ``ZoneInfo`` opens them all the same.
+    """
+    return frozenset(
+        zone
+        for zone in available_timezones()
+        if zone not in {"localtime", "Factory", "posixrules"}
+        and not zone.startswith(("posix/", "right/"))
+    )
+
+
 def _valid_timezone(value: str | None) -> str | None:
     if value is None:
         return None
     try:
+        if value != "UTC" and value not in _iana_zones():
+            raise ZoneInfoNotFoundError(value)
         ZoneInfo(value)
     except (ZoneInfoNotFoundError, ValueError):
         raise ValueError(f"unknown IANA time zone {value!r}") from None

@@ -182,15 +182,25 @@ DREAM_SUBJECTS: tuple[str, ...] = _ANY_SEASON + tuple(
     subject for subjects in SEASONAL_SUBJECTS.values() for subject in subjects
 )
 
-# Countries (ISO 3166 alpha-2 and alpha-3, as the holidays library takes them) lying wholly or
-# mostly south of the equator: where every configured holiday country is one of them, the
-# dreams' seasons are the southern hemisphere's.
+# Countries and territories the holidays library lists that lie mostly south of the equator,
+# by land area: where every holiday country is one of them, the dreams' seasons are the southern
+# hemisphere's. So Indonesia, Ecuador, Gabon and the two Congos are in, the equator crossing
+# them nearer their north; Kenya, the Maldives and Kiribati (Kiritimati, the Gilberts' north)
+# are not. Each by its ISO 3166 alpha-2 and alpha-3 code, and the library's own alpha-3 where
+# it differs (SZW, VTU): the codes the holiday plugin reads.
 SOUTHERN_COUNTRIES = frozenset(
     {
-        *("AO", "AR", "AU", "BO", "BR", "BW", "CL", "FJ", "LS", "MG", "MU", "MW", "MZ"),
-        *("NA", "NZ", "PE", "PY", "SZ", "UY", "ZA", "ZM", "ZW"),
-        *("AGO", "ARG", "AUS", "BOL", "BRA", "BWA", "CHL", "FJI", "LSO", "MDG", "MUS", "MWI"),
-        *("MOZ", "NAM", "NZL", "PER", "PRY", "SWZ", "URY", "ZAF", "ZMB", "ZWE"),
+        *("AO", "AQ", "AR", "AS", "AU", "BI", "BO", "BR", "BV", "BW", "CC", "CD", "CG", "CK"),
+        *("CL", "CX", "EC", "FJ", "FK", "GA", "GS", "HM", "ID", "IO", "KM", "LS", "MG", "MU"),
+        *("MW", "MZ", "NA", "NC", "NF", "NR", "NU", "NZ", "PE", "PF", "PG", "PN", "PY", "RE"),
+        *("RW", "SB", "SC", "SH", "SZ", "TF", "TK", "TL", "TO", "TV", "TZ", "UY", "VU", "WF"),
+        *("WS", "YT", "ZA", "ZM", "ZW"),
+        *("AGO", "ARG", "ASM", "ATA", "ATF", "AUS", "BDI", "BOL", "BRA", "BVT", "BWA", "CCK"),
+        *("CHL", "COD", "COG", "COK", "COM", "CXR", "ECU", "FJI", "FLK", "GAB", "HMD", "IDN"),
+        *("IOT", "LSO", "MDG", "MOZ", "MUS", "MWI", "MYT", "NAM", "NCL", "NFK", "NIU", "NRU"),
+        *("NZL", "PCN", "PER", "PNG", "PRY", "PYF", "REU", "RWA", "SGS", "SHN", "SLB", "SWZ"),
+        *("SYC", "SZW", "TKL", "TLS", "TON", "TUV", "TZA", "URY", "VTU", "VUT", "WLF", "WSM"),
+        *("ZAF", "ZMB", "ZWE"),
     }
 )
 
@@ -206,12 +216,16 @@ _OPPOSITE = {"winter": "summer", "spring": "autumn", "summer": "winter", "autumn
 
 # Any two ticks of a schedule less than this many quarter-hours apart dream different subjects
 # across midnight too (within one day none repeats). The day's first _APART subjects avoid the
-# previous day's last slots, which are found from that day's drawn order alone (its own head is
-# moved, its tail never is), so no day depends on the whole history before it.
+# previous day's last _APART, which are found from that day's drawn order alone (its own head is
+# moved, its tail never is), so no day depends on the whole history before it. Moving the head
+# shifts places up to 2 * _APART, short of the tail of the shortest day: 3 * _APART is at most
+# _SHORTEST_DAY.
 _APART = 28
 _SLOT = timedelta(minutes=15)
-_LONGEST_DAY = 100  # quarter-hours in a day of 25 hours (the day a clock is set back)
-_SHORTEST_DAY = 92
+# Quarter-hours in the longest and the shortest day: 26 and 22 hours where a clock moves by two
+# hours (Antarctica/Troll, between +00 and +02), 25 and 23 where it moves by one.
+_LONGEST_DAY = 104
+_SHORTEST_DAY = 88
 # A request this soon after its quarter-hour began is taken for the schedule's tick.
 _ON_THE_TICK = timedelta(minutes=1)
 
@@ -270,17 +284,18 @@ def _drawn(day: date, in_south: bool) -> list[str]:
 
 
 @functools.lru_cache(maxsize=64)
-def _day_order(day: date, in_south: bool) -> tuple[str, ...]:
+def _day_order(day: date, in_south: bool, slots_before: int) -> tuple[str, ...]:
     """``day``'s subjects, one per quarter-hour since its midnight.
 
     The drawn order with its first :data:`_APART` places taken by the first subjects that the
-    previous day's last slots (any day's length) did not show, the others kept in order: a
-    place from ``2 * _APART + 8`` on keeps its drawn subject, so the previous day's tail is
-    read from its drawn order.
+    previous day's last :data:`_APART` slots (of its ``slots_before``, clamped to a day's
+    bounds) did not show, the others kept in order: a place from ``2 * _APART`` on keeps its
+    drawn subject, so the previous day's tail is read from its drawn order.
     """
     order = _drawn(day, in_south)
     before = _drawn(day - timedelta(days=1), in_south)
-    shown = set(before[_SHORTEST_DAY - _APART : _LONGEST_DAY])
+    end = min(max(slots_before, _SHORTEST_DAY), _LONGEST_DAY)
+    shown = set(before[end - _APART : end])
     head = [subject for subject in order if subject not in shown][:_APART]
     taken = set(head)
     return (*head, *(subject for subject in order if subject not in taken))
@@ -304,9 +319,12 @@ def dream_subject(seed: int, when: datetime, countries: Iterable[str] = ()) -> s
             (:func:`dream_countries`).
     """
     day = when.date()
-    order = _day_order(day, in_southern_hemisphere(countries))
     midnight = datetime.combine(day, time(), tzinfo=when.tzinfo)
-    # Elapsed time, not the wall clock: a day the clock is set back has 100 quarter-hours.
+    before = datetime.combine(day - timedelta(days=1), time(), tzinfo=when.tzinfo)
+    # The previous day's slots, as its own are counted (its last one may be cut short).
+    slots_before = -(-(midnight.astimezone(UTC) - before.astimezone(UTC)) // _SLOT)
+    order = _day_order(day, in_southern_hemisphere(countries), slots_before)
+    # Elapsed time, not the wall clock: a day the clock goes back an hour has 100 quarter-hours.
     elapsed = max(when.astimezone(UTC) - midnight.astimezone(UTC), timedelta())
     slot, into = divmod(elapsed, _SLOT)
     if into < _ON_THE_TICK:

@@ -147,10 +147,11 @@ class EnhanceStage:
         # 2. The subject: the caller's, or the template's dream, from the request's time in the
         # zone the plugins read it in, in the hemisphere of the countries the holiday plugin
         # reads.
-        zone = ZoneInfo(request.timezone or self.settings.timezone)
-        holiday = self.plugins.options_for(HOLIDAY_PLUGIN, request.plugin_options)
-        countries = tuple(dream_countries(self.settings.holiday_countries, holiday))
-        subject = request.prompt or dream_subject(seed, requested_at.astimezone(zone), countries)
+        subject = request.prompt
+        if not subject:
+            zone = ZoneInfo(request.timezone or self.settings.timezone)
+            countries = await self._dream_countries(request)
+            subject = dream_subject(seed, requested_at.astimezone(zone), countries)
 
         # 3. Run the plugins
         contributions = await self._contributions(request, generation_id, seed, requested_at)
@@ -192,6 +193,22 @@ class EnhanceStage:
             trace.get_current_span().add_event("imagegen.enhance.fallback", {"reason": fallback})
         self._log(job)
         return job
+
+    async def _dream_countries(self, request: GenerationRequest) -> list[str]:
+        """The countries the holiday plugin reads for ``request``, as it reads them: canonical,
+        those its library does not list left out (``AU,XX`` is Australia's hemisphere), where
+        the plugin says (``known_countries``); as given where it does not, or cannot."""
+        holiday = self.plugins.options_for(HOLIDAY_PLUGIN, request.plugin_options)
+        countries = dream_countries(self.settings.holiday_countries, holiday)
+        if HOLIDAY_PLUGIN not in self.plugins.available:
+            return countries
+        try:
+            known = getattr(self.plugins.get(HOLIDAY_PLUGIN), "known_countries", None)
+            if known is not None:
+                return list(await known(countries))
+        except Exception as exc:  # a plugin's own code: the dream goes on without it
+            logger.debug("holiday plugin's countries not read: %s: %s", type(exc).__name__, exc)
+        return countries
 
     async def _contributions(
         self, request: GenerationRequest, generation_id: str, seed: int, requested_at: datetime

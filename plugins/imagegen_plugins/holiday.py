@@ -11,7 +11,8 @@ is observed.
 Options: ``countries`` (overrides ``settings.holiday_countries``), ``horizon_days`` (how far
 ahead an upcoming holiday counts, default 14), ``language``. A request names at most
 :data:`MAX_COUNTRIES` countries, each one the library lists (its financial markets, ``NYSE``,
-are no countries).
+are no countries); ``settings.holiday_countries`` is held to the same rule where the plugin
+set is made from the settings (:meth:`HolidayPlugin.setting_errors`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -39,8 +40,9 @@ _MAX_GIVEN = 1024  # characters of the option's text, or items of its list: read
 
 log = logging.getLogger("imagegen_plugins.holiday")
 
-# Configured countries the library does not know: named once in the log, then left out. The
-# warm-up names them at start; a request still uses the others.
+# Configured countries the library does not know, in a plugin set not made from the settings
+# (which refuses them: setting_errors): named once in the log, then left out. The warm-up names
+# them at start; a request still uses the others.
 _UNKNOWN_CONFIGURED: set[str] = set()
 
 
@@ -233,6 +235,38 @@ class HolidayPlugin:
         if unknown:
             raise ValueError(f"holiday_countries: {'; '.join(unknown)}")
 
+    def setting_errors(self, time_limit: float) -> list[dict[str, str]]:
+        """What is wrong with the settings this plugin reads, one entry per setting (its name as
+        ``field``); asked once, where the plugin set is made from the settings.
+
+        Every one of ``holiday_countries`` must be a country (or subdivision) the library
+        lists, as a request's ``countries`` must: one it does not know (``XX``, a market such
+        as ``NYSE``) would add nothing to any request. Listing the library's countries imports
+        each one's module (tenths of a second, once): the warm-up would do it next anyway.
+        """
+        unknown: list[str] = []
+        for code in self.settings.holiday_countries:
+            try:
+                _canonical(code)
+            except NotImplementedError as exc:
+                unknown.append(str(exc))
+        if not unknown:
+            return []
+        return [{"field": "holiday_countries", "message": "; ".join(unknown)}]
+
+    async def known_countries(self, codes: Iterable[str]) -> list[str]:
+        """``codes`` as this plugin reads them: canonical (``AU-NSW``, ``GBR``), each once, those
+        the library does not list left out (a request naming one is refused as it runs)."""
+        if _SUPPORTED is None:
+            await asyncio.to_thread(_supported)  # imports every country's module: once
+        known: list[str] = []
+        for code in dict.fromkeys(code.strip().upper() for code in codes):
+            try:
+                known.append(_canonical(code))
+            except NotImplementedError:
+                continue
+        return list(dict.fromkeys(known))
+
     async def contribute(self, context: PluginContext) -> Contribution | None:
         """Holidays on ``context.now``'s date and within the horizon after it."""
         options = context.options
@@ -292,8 +326,9 @@ class HolidayPlugin:
     def _codes(self, requested: list[str] | None) -> list[str]:
         """The countries to read, canonical and each once: the request's, else the settings'.
 
-        A request's unknown code is its fault (a 400 naming the option); a configured one is
-        named once in the log and left out, the others still read.
+        A request's unknown code is its fault (a 400 naming the option); a configured one,
+        which the plugin set made from the settings refuses (:meth:`setting_errors`), is named
+        once in the log and left out in a set made otherwise, the others still read.
 
         Raises:
             InvalidRequest: naming ``plugin_options.holiday.countries``.
@@ -316,17 +351,26 @@ class HolidayPlugin:
     def _contribution(
         self, codes: list[str], today: date, horizon: int, language: str | None
     ) -> Contribution | None:
+        end = today + timedelta(days=horizon)
+        found = [
+            (day, name, code)
+            for code in codes
+            for day, name in holidays_between(code, today, end, language)
+        ]
         todays: list[dict[str, Any]] = []
+        for day, name, code in found:
+            if day == today and all(t["name"] != name for t in todays):
+                todays.append({"name": name, "date": day.isoformat(), "country": code})
+        # A feast of several days (the Spring Festival, Russia's New Year holidays) is not its
+        # own coming one: the nearest is another, whose hints the prompt would otherwise hide.
+        named = {t["name"] for t in todays}
         upcoming: dict[str, Any] | None = None
-        for code in codes:
-            found = holidays_between(code, today, today + timedelta(days=horizon), language)
-            for day, name in found:
+        for day, name, code in found:
+            if day == today or name in named:
+                continue
+            if upcoming is None or day.isoformat() < upcoming["date"]:
                 entry = {"name": name, "date": day.isoformat(), "country": code}
-                if day == today:
-                    if all(t["name"] != name for t in todays):
-                        todays.append(entry)
-                elif upcoming is None or day.isoformat() < upcoming["date"]:
-                    upcoming = {**entry, "days": (day - today).days}
+                upcoming = {**entry, "days": (day - today).days}
         if not todays and upcoming is None:
             return None
 

@@ -5,15 +5,17 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
+import holidays
 import pytest
 
 from imagegen.enhance import EnhanceStage
 from imagegen.enhance._template import (
     DREAM_SUBJECTS,
     SEASONAL_SUBJECTS,
+    SOUTHERN_COUNTRIES,
     dream_subject,
     in_southern_hemisphere,
     season_of,
@@ -21,6 +23,7 @@ from imagegen.enhance._template import (
 from imagegen.models import EnhancedPrompt, GenerationRequest
 from imagegen.plugins import PluginSet
 from imagegen.settings import Settings
+from imagegen_plugins.holiday import HolidayPlugin
 from imagegen_plugins.time_of_day import names_its_light, period_of
 from tests.fakes.ollama_server import FakeOllama
 
@@ -187,6 +190,19 @@ async def test_the_hemisphere_is_the_holiday_plugins_countries(
     assert set(drawn) & set(SEASONAL_SUBJECTS["summer"])
 
 
+@pytest.mark.parametrize("countries", [["AU", "XX"], ["AUS", "NYSE"], ["au-nsw", "AU-ZZ"]])
+async def test_a_country_the_holiday_plugin_does_not_know_leaves_the_hemisphere_alone(
+    dreamer: MakeDreamer, countries: list[str]
+) -> None:
+    """The plugin reads Australia alone (the others are unknown to its library), and so do the
+    dreams: the unknown code made them northern, summer in a Sydney July."""
+    stage = dreamer(holiday_countries=countries, timezone="Australia/Sydney")
+    july = datetime(2026, 7, 9, 14, tzinfo=UTC)  # midnight in Sydney
+    drawn = await subjects(stage, ticks(july, 96, _QUARTER))
+    assert [s for s in drawn if SUMMERY.search(s)] == []
+    assert set(drawn) & set(SEASONAL_SUBJECTS["winter"])
+
+
 async def test_the_season_is_the_date_in_the_plugins_zone(dreamer: MakeDreamer) -> None:
     # 1 December 03:00 UTC is still 30 November, autumn, in New York.
     when = datetime(2026, 12, 1, 3, 0, tzinfo=UTC)
@@ -236,6 +252,44 @@ async def test_the_day_the_clock_goes_back_repeats_no_subject(dreamer: MakeDream
     assert len(set(drawn)) == 100
 
 
+def _transitions(zone: ZoneInfo, year: int) -> list[date]:
+    """The days of ``year`` that are not 24 hours long in ``zone``."""
+    days = [date(year, 1, 1) + timedelta(days=n) for n in range(366)]
+    return [
+        day
+        for day in days
+        if day.year == year
+        and datetime.combine(day + timedelta(days=1), time(), tzinfo=zone).astimezone(UTC)
+        - datetime.combine(day, time(), tzinfo=zone).astimezone(UTC)
+        != timedelta(days=1)
+    ]
+
+
+@pytest.mark.parametrize("countries", [["NO"], ["AQ"]])
+def test_a_clock_moved_by_two_hours_repeats_no_subject(countries: list[str]) -> None:
+    """Antarctica/Troll moves between +00 and +02: days of 22 and 26 hours (88 and 104
+    quarter-hours), in either hemisphere's seasons. None repeats within such a day, nor
+    within 7 hours across its midnights."""
+    troll = ZoneInfo("Antarctica/Troll")
+    lengths = set()
+    for year in range(2026, 2031):
+        for moved in _transitions(troll, year):
+            start = datetime.combine(moved - timedelta(days=1), time(), tzinfo=troll)
+            end = datetime.combine(moved + timedelta(days=2), time(), tzinfo=troll)
+            instants = [
+                start.astimezone(UTC) + i * _QUARTER
+                for i in range((end.astimezone(UTC) - start.astimezone(UTC)) // _QUARTER)
+            ]
+            drawn = [dream_subject(7, t.astimezone(troll), countries) for t in instants]
+            by_day: dict[date, list[str]] = {}
+            for instant, subject in zip(instants, drawn, strict=True):
+                by_day.setdefault(instant.astimezone(troll).date(), []).append(subject)
+            lengths.add(len(by_day[moved]))
+            assert [len(set(d)) for d in by_day.values()] == [len(d) for d in by_day.values()]
+            assert repeats_within(drawn, 28) == [], moved
+    assert lengths == {88, 104}
+
+
 async def test_redelivery_dreams_the_same_and_other_requests_differ(
     dreamer: MakeDreamer,
 ) -> None:
@@ -271,7 +325,7 @@ def test_subjects_outside_a_season_name_none() -> None:
     assert [s for s in DREAM_SUBJECTS if s not in tagged and SEASON_WORDS.search(s)] == []
     # Every season offers a subject for each quarter-hour of the longest day.
     assert (
-        min(len(DREAM_SUBJECTS) - len(tagged) + len(s) for s in SEASONAL_SUBJECTS.values()) >= 100
+        min(len(DREAM_SUBJECTS) - len(tagged) + len(s) for s in SEASONAL_SUBJECTS.values()) >= 104
     )
 
 
@@ -283,6 +337,16 @@ def test_subjects_outside_a_season_name_none() -> None:
         (["AU", "US"], False),
         (["US"], False),
         ([], False),
+        # Mostly south of the equator, by land area.
+        (["ID", "EC", "CD", "CG", "GA", "TZ", "RW", "BI", "SC", "KM", "YT", "RE"], True),
+        (["PG", "TL", "SB", "VU", "NC", "WS", "AS", "TO", "NR", "TV", "CK", "NU", "PF"], True),
+        (["WF", "FK", "GS", "SH", "AQ", "IO", "NF", "PN", "TK", "CX", "CC", "TF", "HM"], True),
+        (["IDN", "ECU", "VTU", "SZW", "br-sp"], True),  # alpha-3, as the holidays library has it
+        # Mostly north of it: the Maldives, Kiribati, Kenya.
+        (["MV"], False),
+        (["KI"], False),
+        (["AU", "KE"], False),
+        (["AU", "MDV"], False),
     ],
 )
 def test_the_hemisphere_is_the_southern_where_every_country_is(
@@ -291,3 +355,15 @@ def test_the_hemisphere_is_the_southern_where_every_country_is(
     july = datetime(2026, 7, 10, tzinfo=UTC)
     assert in_southern_hemisphere(countries) is south
     assert season_of(july.date(), southern=south) == ("winter" if south else "summer")
+
+
+async def test_the_southern_countries_are_codes_the_holiday_plugin_reads() -> None:
+    """Every one (but the ISO spellings SWZ and VUT: the library has SZW and VTU), and every
+    alias the library lists for a southern country (``AUS`` is Australia): a configured
+    code the plugin reads for a southern country keeps the dreams southern."""
+    plugin = HolidayPlugin(Settings())
+    read = set(await plugin.known_countries(SOUTHERN_COUNTRIES))
+    assert SOUTHERN_COUNTRIES - read == {"SWZ", "VUT"}
+    listed = holidays.list_supported_countries()
+    aliases = {code for code in listed if getattr(holidays, code).country in SOUTHERN_COUNTRIES}
+    assert aliases - SOUTHERN_COUNTRIES == set()

@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from imagegen.errors import InvalidRequest
+from imagegen.errors import ConfigurationError, InvalidRequest
 from imagegen.models import Contribution
 from imagegen.plugins import PluginSet
 from imagegen.settings import Settings
@@ -251,6 +251,59 @@ async def test_warm_up_builds_the_configured_calendars_a_request_then_uses(
     built.clear()
     await _holiday(settings, now)
     assert built == [], "a request today finds its calendars built"
+
+
+@pytest.mark.parametrize("countries", [["XX"], ["NYSE"], ["AU", "XX"], ["US", "DE-ZZ", "JAN"]])
+def test_an_unknown_configured_country_is_refused_where_the_plugin_set_is_made(
+    countries: list[str],
+) -> None:
+    """As the same code in the plugin's ``countries`` option is: at start-up, naming the
+    variable, not a log line at warm-up and a plugin that adds nothing to any request."""
+    settings = Settings(plugins=["holiday"], holiday_countries=countries)
+    with pytest.raises(ConfigurationError) as refused:
+        PluginSet.from_settings(settings)
+    assert refused.value.fields == ["IMAGEGEN_HOLIDAY_COUNTRIES"]
+    unknown = [code for code in countries if code not in ("AU", "US")]
+    assert all(repr(code.partition("-")[2] or code) in refused.value.message for code in unknown)
+    assert refused.value.message.startswith("invalid settings: IMAGEGEN_HOLIDAY_COUNTRIES (")
+
+
+def test_the_configured_countries_the_library_lists_are_taken() -> None:
+    for countries in (["US"], ["de-by", "GBR", "uk", "AU-NSW"], []):
+        settings = Settings(plugins=["holiday"], holiday_countries=countries)
+        assert PluginSet.from_settings(settings).names == ("holiday",)
+    # Only an enabled plugin's settings are its to refuse.
+    unused = Settings(plugins=["time_of_day"], holiday_countries=["XX"])
+    assert PluginSet.from_settings(unused).names == ("time_of_day",)
+
+
+async def test_known_countries_are_read_as_the_plugin_reads_them(settings: Settings) -> None:
+    plugin = HolidayPlugin(settings)
+    codes = ["au", "XX", " AU-nsw", "AUS", "NYSE", "AU", "de-zz"]
+    assert await plugin.known_countries(codes) == ["AU", "AU-NSW", "AUS"]
+    assert await plugin.known_countries([]) == []
+
+
+@pytest.mark.parametrize(
+    ("country", "when", "today", "upcoming"),
+    [
+        # Chinese New Year is a holiday of several days: its second is not its own coming one.
+        ("CN", datetime(2026, 2, 17, 12, tzinfo=UTC), "Chinese New Year (Spring Festival)", None),
+        # Russia's New Year holidays (1 to 6 January) hid Christmas on the 7th.
+        ("RU", datetime(2026, 1, 2, 12, tzinfo=UTC), "New Year Holidays", "Christmas Day"),
+    ],
+)
+async def test_a_feast_of_several_days_is_not_its_own_coming_one(
+    settings: Settings, country: str, when: datetime, today: str, upcoming: str | None
+) -> None:
+    result = await _holiday(settings, when, countries=country)
+    assert result is not None
+    assert today in [t["name"] for t in result.data["today"]]
+    coming = result.data["upcoming"]
+    assert coming is None or coming["name"] != today
+    assert f"coming {today}" not in result.text
+    if upcoming is not None:
+        assert coming is not None and coming["name"] == upcoming
 
 
 def test_warm_up_names_an_unknown_configured_country() -> None:

@@ -5,10 +5,15 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from pydantic import ValidationError
 
+from imagegen import models
 from imagegen.enhance._template import dream_subject
+from imagegen.errors import InvalidRequest
+from imagegen.models import GenerationRequest
 from imagegen.plugins import PluginSet
 from imagegen.settings import Settings
+from imagegen.validation import parse_model
 from imagegen_plugins.time_of_day import TimeOfDayPlugin, names_its_light, period_of
 
 
@@ -78,6 +83,21 @@ async def test_uses_the_request_zone(settings: Settings) -> None:
         ("an American flag with its stars and stripes", False),
         ("two Hollywood stars posing on a red carpet", False),
         ("a five stars hotel lobby", False),
+        # A time in the name of a thing, not of the scene's light.
+        ("a woman in an evening gown", False),
+        ("evening-dresses in a shop window", False),
+        ("a morning glory on a fence", False),
+        ("morning glories climbing a trellis", False),
+        ("a midnight blue vintage car", False),
+        ("a midnight-blue velvet armchair", False),
+        ("two eggs sunny-side-up in a skillet", False),
+        ("eggs sunny side up", False),
+        ("a dawn redwood grove", False),
+        ("a poster of the Twilight saga", False),
+        ("an evening gown at dusk", True),  # the light is named beside it
+        ("dawn over a redwood grove", True),
+        ("a quiet evening by the lake", True),
+        ("a midnight snack", True),
     ],
 )
 async def test_a_prompt_naming_its_own_light_keeps_it(
@@ -101,3 +121,24 @@ async def test_a_dream_is_given_the_light_of_the_hour(settings: Settings) -> Non
         [found] = await plugins.run(generation_id="g", seed=quarter, now=now)
         assert found.text == period_of(now.hour)[1]
     assert own_light  # the day drew subjects naming their light, and each got the hour's
+
+
+@pytest.mark.parametrize("zone", ["localtime", "posix/Asia/Tokyo", "right/UTC", "Factory"])
+def test_a_hosts_own_zone_names_are_no_time_zone(zone: str) -> None:
+    """``ZoneInfo`` opens them where the host has the file (the host's clock, copies of the
+    zones, the database's placeholder): an hour that differs from host to host."""
+    with pytest.raises(InvalidRequest) as caught:
+        parse_model(GenerationRequest, {"timezone": zone})
+    assert caught.value.fields == ["timezone"] and caught.value.status == 400
+    with pytest.raises(ValidationError, match="unknown IANA time zone"):
+        Settings(timezone=zone)
+
+
+def test_iana_zones_are_time_zones_and_listed_only_when_needed() -> None:
+    """Listing the zones reads the tz folders: not for the default zone (every start-up)."""
+    models._iana_zones.cache_clear()
+    assert Settings(timezone="UTC").timezone == "UTC"
+    assert models._iana_zones.cache_info().currsize == 0
+    for zone in ("Asia/Tokyo", "America/Argentina/Buenos_Aires", "US/Eastern", "Etc/GMT+5"):
+        assert parse_model(GenerationRequest, {"timezone": zone}).timezone == zone
+    assert models._iana_zones.cache_info().currsize == 1
