@@ -40,6 +40,10 @@ _MAX_GIVEN = 1024  # characters of the option's text, or items of its list: read
 
 log = logging.getLogger("imagegen_plugins.holiday")
 
+_DEFAULT_COUNTRIES = Settings.model_fields["holiday_countries"].get_default(
+    call_default_factory=True
+)
+
 # Configured countries the library does not know, in a plugin set not made from the settings
 # (which refuses them: setting_errors): named once in the log, then left out. The warm-up names
 # them at start; a request still uses the others.
@@ -241,9 +245,12 @@ class HolidayPlugin:
 
         Every one of ``holiday_countries`` must be a country (or subdivision) the library
         lists, as a request's ``countries`` must: one it does not know (``XX``, a market such
-        as ``NYSE``) would add nothing to any request. Listing the library's countries imports
-        each one's module (tenths of a second, once): the warm-up would do it next anyway.
+        as ``NYSE``) would add nothing to any request. Listing the library's countries takes
+        tenths of a second, here before the function is ready (the warm-up would take them
+        after): so the default, a country it lists (a test holds it to that), is not looked up.
         """
+        if list(self.settings.holiday_countries) == _DEFAULT_COUNTRIES:
+            return []
         unknown: list[str] = []
         for code in self.settings.holiday_countries:
             try:

@@ -277,6 +277,21 @@ def test_the_configured_countries_the_library_lists_are_taken() -> None:
     assert PluginSet.from_settings(unused).names == ("time_of_day",)
 
 
+def test_the_default_countries_are_ones_the_library_lists_and_are_not_looked_up_at_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The default is not checked where the plugin set is made (listing the library's
+    countries takes tenths of a second before the function is ready): it must be listed."""
+    default = Settings(plugins=["holiday"])
+    assert all(holiday._canonical(code) == code for code in default.holiday_countries)
+    looked_up: list[str] = []
+    monkeypatch.setattr(holiday, "_canonical", lambda code: looked_up.append(code) or code)
+    assert PluginSet.from_settings(default).names == ("holiday",)
+    assert looked_up == []
+    PluginSet.from_settings(Settings(plugins=["holiday"], holiday_countries=["DE"]))
+    assert looked_up == ["DE"]
+
+
 async def test_known_countries_are_read_as_the_plugin_reads_them(settings: Settings) -> None:
     plugin = HolidayPlugin(settings)
     codes = ["au", "XX", " AU-nsw", "AUS", "NYSE", "AU", "de-zz"]
