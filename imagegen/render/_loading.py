@@ -187,6 +187,11 @@ def _not_loaded(component: torch.nn.Module) -> list[str]:
     out. The file's tensor names are not compared: transformers renames them as it loads
     (CLIP's, saved with ``text_model.`` or without). Buffers are not looked at: non-persistent
     ones are never saved, and a cast replaces a buffer's tensor, mark and all.
+
+    Nor is a language model's head (``get_output_embeddings``: Qwen3's ``lm_head`` in FLUX.2
+    [klein]) unless its tensor is the input embeddings' too (tied): a pipeline reads the text
+    encoder's hidden states, never its logits, so a published text encoder may leave the head
+    out (Qwen3-8B's is not tied) and still read every prompt as it was trained to.
     """
     from transformers import PreTrainedModel
 
@@ -194,12 +199,27 @@ def _not_loaded(component: torch.nn.Module) -> list[str]:
         return []
     patterns = component._keys_to_ignore_on_load_missing or ()
     ignored = re.compile("|".join(f"({pattern})" for pattern in patterns)) if patterns else None
+    unread = _head_only(component)
     return [
         key
         for key, parameter in component.named_parameters()
         if not getattr(parameter, "_is_hf_initialized", False)
+        and id(parameter) not in unread
         and (ignored is None or ignored.search(key) is None)
     ]
+
+
+def _head_only(model: Any) -> set[int]:
+    """The ids of the parameters of ``model``'s output embeddings (a transformers model's LM
+    head) that are not its input embeddings' too: compared by identity, as tied weights are one
+    tensor under two names."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Module):
+        return set()
+    # get_output_embeddings returned one, so get_input_embeddings does not raise.
+    inputs = model.get_input_embeddings()
+    tied = {id(p) for p in inputs.parameters()} if isinstance(inputs, torch.nn.Module) else set()
+    return {id(p) for p in head.parameters()} - tied
 
 
 def _unloadable(

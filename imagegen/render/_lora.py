@@ -153,6 +153,9 @@ class LoraAdapters:
     def activate(self, model: str, pipe: Pipeline, loras: Sequence[LoraHint]) -> None:
         """Load adapters not loaded yet; make exactly ``loras`` active, with their weights.
 
+        One that fails to load, whatever the error, is first deleted from every component
+        that took part of it.
+
         Raises:
             InvalidRequest: A LoRA is not configured on this service (each one named by its
                 field, ``loras.<i>.path``, as pydantic names it), or cannot be loaded; two
@@ -172,7 +175,15 @@ class LoraAdapters:
             if lora.name in loaded:
                 pipe.delete_adapters(lora.name)
                 del loaded[lora.name]
-            self._load(model, pipe, lora, source, field=f"loras.{index}.path")
+            try:
+                self._load(model, pipe, lora, source, field=f"loras.{index}.path")
+            except BaseException:
+                # Whatever failed (a refusal, a library's error, running out of memory, an
+                # interrupt), no part of it stays loaded untracked: diffusers loads component
+                # by component, and a name left in one would refuse this name ever after
+                # ("Adapter name ... already in use").
+                _unload(pipe, lora.name)
+                raise
             loaded[lora.name] = source
         # Bound the memory adapters take: drop the least recently used ones this job does not
         # use. A job names at most MAX_LORAS, so as many stay loaded per model.
@@ -205,7 +216,7 @@ class LoraAdapters:
                 # A RuntimeError too, but the device's state, not the file's: retryable
                 # (the backend's out-of-memory refusal), never a 400.
                 raise
-            except (OSError, ValueError, KeyError, RuntimeError) as error:
+            except _UNLOADABLE as error:
                 if _NO_LAYER_MATCHED in str(error):
                     raise _misfit(model, lora, field, _NONE_FITS) from error
                 raise field_error(
@@ -225,8 +236,9 @@ class LoraAdapters:
             with hub_errors(path, field=field, what=f"LoRA {lora.name!r}"):
                 try:
                     load(path, adapter_name=lora.name, **hub_options(self._settings))
-                except ValueError as error:
-                    if is_offline_mode():  # diffusers cannot pick the weights file from the cache
+                except (ValueError, IndexError, TypeError) as error:
+                    # Offline, diffusers cannot pick the weights file from the cache.
+                    if isinstance(error, ValueError) and is_offline_mode():
                         raise DependencyUnavailable(
                             f"LoRA {lora.name!r} is on the Hub and HF_HUB_OFFLINE is set: "
                             "give a local path instead"
@@ -241,8 +253,8 @@ class LoraAdapters:
         loaded = {name for names in pipe.get_list_adapters().values() for name in names}
         in_file = _lora_tensors(_weights_file(source)) if source.exists() else Counter()
         if lora.name not in loaded:
-            if in_file:  # LoRA tensors, for components this pipeline does not have
-                raise _misfit(model, lora, field, _NONE_FITS)
+            if in_file:  # LoRA tensors, for components this pipeline does not load them into
+                raise _misfit(model, lora, field, _not_applied(pipe, in_file) or _NONE_FITS)
             raise field_error(field, f"LoRA {lora.name!r} holds no LoRA weights")
         _check_fit(model, pipe, lora, in_file, field=field)
 
@@ -250,30 +262,66 @@ class LoraAdapters:
 def _check_fit(
     model: str, pipe: Pipeline, lora: LoraHint, in_file: Counter[str], *, field: str
 ) -> None:
-    """Unload and refuse ``lora`` unless ``pipe`` took every LoRA tensor of its file.
+    """Refuse ``lora`` unless ``pipe`` took every LoRA tensor of its file (the caller unloads
+    it).
 
     diffusers loads the tensors whose layers the model has, and only warns of the others
     (``_maybe_warn_for_unhandled_keys``, diffusers/utils/peft_utils.py): a LoRA made for another
-    model family, whose layer names partly agree, would change the image in part. Compared
-    where the file is in diffusers' own format, its tensors named by component
-    (``in_file``, :func:`_lora_tensors`): other formats (kohya, XLabs, ai-toolkit) are renamed
-    as diffusers converts them, and its converters refuse the keys they do not know. A LoRA
-    from the Hub, or a directory holding several weights files, is refused only when none of
-    its layers is in the model.
+    model family, whose layer names partly agree, would change the image in part. Nor does it
+    load a component its pipeline's LoRA loader leaves out (``_lora_loadable_modules``: FLUX.2
+    [klein]'s takes the transformer alone, FLUX.1's not its T5 encoder), and transformers
+    leaves a text encoder's DoRA magnitudes out (:func:`_applied_tensors`), each with no error.
+    Compared where the file is in diffusers' own format, its tensors (``lora_A``, ``lora_B``,
+    DoRA's ``lora_magnitude_vector``) named by component (``in_file``, :func:`_lora_tensors`):
+    other formats (kohya, XLabs, ai-toolkit) are renamed as diffusers converts them, and its
+    converters refuse the keys they do not know. A LoRA from the Hub, or a directory holding
+    several weights files, is refused only when none of its layers is in the model.
     """
     if not in_file.keys() & pipe.components.keys():
         return
-    applied = _applied_tensors(pipe, lora.name)
+    if why := _not_applied(pipe, in_file):
+        raise _misfit(model, lora, field, why)
+    present, filled = _applied_tensors(pipe, lora.name)
+    total = in_file.total()
+    # More tensors than layers to take them: names the model does not have.
     lacking = {
-        part: count - applied[part] for part, count in in_file.items() if count > applied[part]
+        part: in_file[part] - present[part] for part in in_file if in_file[part] > present[part]
     }
     if lacking:
-        pipe.delete_adapters(lora.name)
         why = (
-            f"{sum(lacking.values())} of its {in_file.total()} LoRA tensors are for layers the"
+            f"{sum(lacking.values())} of its {total} LoRA tensors are for layers the"
             f" model does not have ({', '.join(lacking)})"
         )
         raise _misfit(model, lora, field, why)
+    unfilled = {
+        part: present[part] - filled[part] for part in in_file if present[part] > filled[part]
+    }
+    if unfilled:
+        why = (
+            f"{sum(unfilled.values())} of its {total} LoRA tensors, for layers the model has,"
+            f" were not loaded ({', '.join(unfilled)})"
+        )
+        raise _misfit(model, lora, field, why)
+
+
+def _not_applied(pipe: Pipeline, in_file: Counter[str]) -> str:
+    """Why ``in_file`` does not fit where it names components of ``pipe`` that its pipeline's
+    LoRA loader does not load LoRAs into (diffusers skips their tensors, saying nothing), else
+    ''."""
+    loadable = type(pipe)._lora_loadable_modules
+    skipped = [part for part in in_file if part in pipe.components and part not in loadable]
+    if not skipped:
+        return ""
+    return (
+        f"it holds tensors for {', '.join(skipped)}, which this model's LoRA loader does not apply"
+    )
+
+
+def _unload(pipe: Pipeline, adapter: str) -> None:
+    """Delete ``adapter`` from ``pipe`` if a component lists it: diffusers' ``delete_adapters``
+    deletes it from every component its LoRA loader loads into."""
+    if any(adapter in names for names in pipe.get_list_adapters().values()):
+        pipe.delete_adapters(adapter)
 
 
 _NO_LAYER_MATCHED = "not found in the base model"
@@ -283,9 +331,22 @@ not found in the base model" (``BaseTuner.inject_adapter``, peft/tuners/tuners_u
 
 _NONE_FITS = "none of its layers is in the model"
 
-_LORA_TENSOR = re.compile(r"\.lora_[AB]\.(weight|bias)$")
+_UNLOADABLE: tuple[type[Exception], ...] = (
+    OSError,
+    ValueError,
+    KeyError,
+    RuntimeError,
+    IndexError,
+    TypeError,
+)
+"""What diffusers raises for a LoRA file it cannot load: unreadable, of another shape, or (an
+``IndexError`` from ``get_peft_kwargs``, diffusers/utils/peft_utils.py) a text encoder part none
+of whose layers the model has."""
+
+_LORA_TENSOR = re.compile(r"\.(lora_[AB]\.(weight|bias)|lora_magnitude_vector)$")
 """A LoRA tensor as diffusers saves it: ``<component>.<layer>.lora_A.weight``
-(``save_lora_weights``), the names peft gives a layer's two matrices."""
+(``save_lora_weights``), the names peft gives a layer's two matrices, and a DoRA's
+``<component>.<layer>.lora_magnitude_vector``."""
 
 
 def _misfit(model: str, lora: LoraHint, field: str, why: str) -> InvalidRequest:
@@ -322,17 +383,35 @@ def _lora_tensors(weights: Path | None) -> Counter[str]:
     return Counter(name.split(".", 1)[0] for name in names if _LORA_TENSOR.search(name))
 
 
-def _applied_tensors(pipe: Pipeline, adapter: str) -> Counter[str]:
-    """How many LoRA tensors of ``adapter`` each component of ``pipe`` holds: peft names them
-    ``<layer>.lora_A.<adapter>.weight`` (``LoraLayer.update_layer``, peft/tuners/lora/layer.py).
-    Counted, not named: transformers may rename a text encoder's layers as it loads them."""
-    import torch
+def _applied_tensors(pipe: Pipeline, adapter: str) -> tuple[Counter[str], Counter[str]]:
+    """How many LoRA tensors of ``adapter`` each component of ``pipe`` holds, and how many of
+    those its loader filled from the file.
 
-    own = re.compile(rf"\.lora_[AB]\.{re.escape(adapter)}\.(weight|bias)$")
-    return Counter(
-        {
-            part: sum(1 for name, _ in component.named_parameters() if own.search(name))
-            for part, component in pipe.components.items()
-            if isinstance(component, torch.nn.Module)
-        }
+    peft names them ``<layer>.lora_A.<adapter>.weight`` and
+    ``<layer>.lora_magnitude_vector.<adapter>.weight`` (``LoraLayer.update_layer``,
+    peft/tuners/lora/layer.py). Counted, not named: transformers may rename a text encoder's
+    layers as it loads them. A text encoder's are loaded by transformers (``load_adapter``,
+    transformers/integrations/peft.py), which marks each tensor it fills
+    ``_is_hf_initialized`` (as :func:`imagegen.render._loading._not_loaded` reads it) and
+    initialises the others with no error: a DoRA's magnitudes, which peft's renaming
+    (``build_peft_weight_mapping``) gives no ``.weight``. Where it marks none (a release that
+    loads through peft), all count as filled.
+    """
+    import torch
+    from transformers import PreTrainedModel
+
+    own = re.compile(
+        rf"\.(lora_[AB]\.{re.escape(adapter)}\.(weight|bias)"
+        rf"|lora_magnitude_vector\.{re.escape(adapter)}\.weight)$"
     )
+    present: Counter[str] = Counter()
+    filled: Counter[str] = Counter()
+    for part, component in pipe.components.items():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        tensors = [t for name, t in component.named_parameters() if own.search(name)]
+        marked = [t for t in tensors if getattr(t, "_is_hf_initialized", False)]
+        present[part] = len(tensors)
+        by_transformers = isinstance(component, PreTrainedModel) and bool(marked)
+        filled[part] = len(marked) if by_transformers else len(tensors)
+    return present, filled

@@ -4,6 +4,7 @@ transformers (the text encoders)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -157,6 +158,49 @@ def test_a_text_encoder_whose_weights_lack_a_tensor_is_refused_naming_it(
     component = weights.parent.name
     assert caught.value.message == (
         f"{str(model)!r} cannot be loaded: its {component}'s weights lack {dropped}"
+    )
+
+
+def _untie(model: Path) -> None:
+    """Make the [klein] text encoder at ``model`` one whose LM head is not its input embeddings
+    (as Qwen3-8B's is not): its file, saved tied, holds no ``lm_head.weight``."""
+    config_file = model / "text_encoder" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["tie_word_embeddings"] = False
+    config_file.write_text(json.dumps(config))
+    with safe_open(model / TEXT_ENCODER, framework="pt") as file:
+        assert "lm_head.weight" not in file.keys()  # noqa: SIM118
+
+
+def test_a_text_encoder_whose_weights_lack_only_its_untied_lm_head_loads(
+    klein_dir: Path, tmp_path: Path
+) -> None:
+    # The pipeline reads the text encoder's hidden states, never its logits.
+    model = _copy(klein_dir, tmp_path)
+    _untie(model)
+
+    pipe = load_pipeline(str(model), torch.float32, Settings(device="cpu"))
+
+    encoder = pipe.text_encoder
+    assert encoder.lm_head.weight is not encoder.model.embed_tokens.weight
+    healthy = load_pipeline(str(klein_dir), torch.float32, Settings(device="cpu"))
+    for name, tensor in healthy.text_encoder.model.state_dict().items():
+        assert torch.equal(encoder.model.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("dropped", ["model.norm.weight", "model.embed_tokens.weight"])
+def test_an_untied_text_encoder_whose_weights_lack_another_tensor_is_refused(
+    klein_dir: Path, tmp_path: Path, dropped: str
+) -> None:
+    model = _copy(klein_dir, tmp_path)
+    _untie(model)
+    _rewrite(model / TEXT_ENCODER, lambda name: None if name == dropped else name)
+
+    with pytest.raises(DependencyUnavailable) as caught:
+        _load(str(model))
+
+    assert caught.value.message == (
+        f"{str(model)!r} cannot be loaded: its text_encoder's weights lack {dropped}"
     )
 
 

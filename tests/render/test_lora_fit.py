@@ -5,8 +5,9 @@ diffusers/utils/peft_utils.py)."""
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -144,3 +145,183 @@ def test_a_lora_for_the_text_encoder_too_is_applied_whole(
         assert pipe.get_list_adapters() == {"transformer": ["both"], "text_encoder": ["both"]}
     finally:
         backend.close()
+
+
+def _random_lora(
+    model: str,
+    path: Path,
+    *,
+    parts: tuple[str, ...] = ("transformer", "text_encoder"),
+    dora: bool = False,
+) -> Path:
+    """A random LoRA for ``parts`` of ``model``: its transformer's attention and its text
+    encoder's query and value projections, in diffusers' format (each tensor named by its
+    component, as ``save_lora_weights`` names them); a DoRA with ``dora``."""
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    from imagegen.render._family import build_offline
+    from tests.render.tiny_files import FLUX_LORA_TARGETS, KLEIN_LORA_TARGETS
+
+    pipe = build_offline(model)
+    targets = FLUX_LORA_TARGETS if model == "tiny" else KLEIN_LORA_TARGETS
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        config = LoraConfig(
+            r=4, lora_alpha=4, target_modules=list(targets), init_lora_weights=False, use_dora=dora
+        )
+        pipe.transformer.add_adapter(config)
+        layers = {"transformer": get_peft_model_state_dict(pipe.transformer)}
+        if "text_encoder" in parts:
+            config = LoraConfig(
+                r=4,
+                lora_alpha=4,
+                target_modules=["q_proj", "v_proj"],
+                init_lora_weights=False,
+                use_dora=dora,
+            )
+            inject_adapter_in_model(config, pipe.text_encoder)
+            layers["text_encoder"] = get_peft_model_state_dict(pipe.text_encoder)
+    path.mkdir()
+    tensors = {
+        f"{part}.{name}": tensor.contiguous()
+        for part in parts
+        for name, tensor in layers[part].items()
+    }
+    save_file(tensors, path / WEIGHTS)
+    return path
+
+
+@pytest.fixture
+def tiny_backend(lora_root: Path) -> Iterator[DiffusersBackend]:
+    """A tiny backend of its own: its text encoder takes adapters no other test sees."""
+    from imagegen.settings import Settings
+
+    backend = DiffusersBackend(Settings(device="cpu", lora_dir=lora_root))
+    backend.load("tiny")
+    yield backend
+    backend.close()
+
+
+def test_a_lora_whose_text_encoder_part_fits_no_layer_leaves_nothing_loaded(
+    tiny_backend: DiffusersBackend, make_job: MakeJob, lora_root: Path, lora_dir: Path
+) -> None:
+    # The transformer's part loads, then diffusers fails on the text encoder's (an IndexError
+    # in get_peft_kwargs, which finds no rank for layers the model does not have).
+    whole = _random_lora("tiny", lora_root / "te-whole")
+    foreign = _renamed(
+        whole,
+        lora_root / "te-foreign",
+        lambda name: (
+            name.replace("layers.0", "layers.7").replace("layers.1", "layers.8")
+            if name.startswith("text_encoder.")
+            else name
+        ),
+    )
+    healthy = make_job(seed=13, loras=[LoraHint(name="other", path=str(lora_dir))])
+    expected = _pixels(tiny_backend.render(healthy).png)
+
+    with pytest.raises(InvalidRequest) as caught:
+        tiny_backend.render(make_job(loras=[LoraHint(name="x", path=str(foreign))]))
+
+    message = "LoRA 'x' cannot be loaded: list index out of range"
+    assert caught.value.errors == [{"field": "loras.0.path", "message": message}]
+    assert caught.value.status == 400
+    assert "x" not in _adapters(tiny_backend, "tiny")
+    # The name is free again: a LoRA that fits loads under it, and only it applies.
+    mended = make_job(seed=13, loras=[LoraHint(name="x", path=str(lora_dir))])
+    np.testing.assert_array_equal(_pixels(tiny_backend.render(mended).png), expected)
+
+
+def test_a_lora_load_that_runs_out_of_memory_leaves_nothing_loaded(
+    tiny_backend: DiffusersBackend,
+    make_job: MakeJob,
+    lora_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    from imagegen.errors import DependencyUnavailable
+
+    path = _random_lora("tiny", lora_root / "te-oom")
+    pipe = tiny_backend._pipelines["tiny"]
+    load = pipe.load_lora_weights
+
+    def load_then_run_out(*args: Any, **kwargs: Any) -> None:
+        load(*args, **kwargs)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB")
+
+    monkeypatch.setattr(pipe, "load_lora_weights", load_then_run_out)
+    job = make_job(loras=[LoraHint(name="x", path=str(path))])
+
+    with pytest.raises(DependencyUnavailable) as caught:
+        tiny_backend.render(job)
+
+    assert caught.value.retryable and caught.value.status == 503
+    assert "x" not in _adapters(tiny_backend, "tiny")
+    monkeypatch.undo()  # the memory is there again: the same job renders
+    assert tiny_backend.render(job).png
+    assert pipe.get_list_adapters() == {"transformer": ["x"], "text_encoder": ["x"]}
+
+
+@pytest.mark.parametrize("transformer", [True, False], ids=["and-transformer", "alone"])
+def test_a_klein_lora_for_its_text_encoder_is_refused_as_never_applied(
+    klein_backend: DiffusersBackend, make_job: MakeJob, lora_root: Path, transformer: bool
+) -> None:
+    # Flux2KleinPipeline's LoRA loader loads the transformer's tensors alone: the text
+    # encoder's would be left out, saying nothing.
+    parts = ("transformer", "text_encoder") if transformer else ("text_encoder",)
+    path = _random_lora("tiny-klein", lora_root / f"klein-te-{transformer}", parts=parts)
+    job = make_job(model="tiny-klein", guidance=1.0, loras=[LoraHint(name="x", path=str(path))])
+
+    with pytest.raises(InvalidRequest) as caught:
+        klein_backend.render(job)
+
+    message = (
+        "LoRA 'x' does not fit model 'tiny-klein': it holds tensors for text_encoder, which"
+        " this model's LoRA loader does not apply"
+    )
+    assert caught.value.errors == [{"field": "loras.0.path", "message": message}]
+    assert "x" not in _adapters(klein_backend, "tiny-klein")
+
+
+def test_a_dora_whose_text_encoder_magnitudes_are_not_loaded_is_refused(
+    tiny_backend: DiffusersBackend, make_job: MakeJob, lora_root: Path
+) -> None:
+    # transformers loads a text encoder's adapter under names peft renames: a DoRA's
+    # magnitude vectors get no ".weight", and are initialised instead, with no error.
+    path = _random_lora("tiny", lora_root / "te-dora", dora=True)
+
+    with pytest.raises(InvalidRequest) as caught:
+        tiny_backend.render(make_job(loras=[LoraHint(name="x", path=str(path))]))
+
+    message = (
+        "LoRA 'x' does not fit model 'tiny': 4 of its 42 LoRA tensors, for layers the model"
+        " has, were not loaded (text_encoder)"
+    )
+    assert caught.value.errors == [{"field": "loras.0.path", "message": message}]
+    assert "x" not in _adapters(tiny_backend, "tiny")
+
+
+def test_a_dora_for_the_transformer_alone_is_applied_whole(
+    tiny_backend: DiffusersBackend, make_job: MakeJob, lora_root: Path
+) -> None:
+    import torch
+
+    path = _random_lora("tiny", lora_root / "dora", parts=("transformer",), dora=True)
+    plain = _pixels(tiny_backend.render(make_job(seed=17)).png)
+
+    job = make_job(seed=17, loras=[LoraHint(name="x", path=str(path))])
+    changed = _pixels(tiny_backend.render(job).png)
+
+    assert not np.array_equal(changed, plain)
+    pipe = tiny_backend._pipelines["tiny"]
+    assert pipe.get_list_adapters() == {"transformer": ["x"]}
+    loaded = dict(pipe.transformer.named_parameters())
+    with safe_open(path / WEIGHTS, framework="pt") as file:
+        magnitudes = [name for name in file.keys() if name.endswith("lora_magnitude_vector")]  # noqa: SIM118
+        assert magnitudes
+        for name in magnitudes:
+            layer = name.removeprefix("transformer.")
+            assert torch.equal(loaded[f"{layer}.x.weight"].detach(), file.get_tensor(name)), name
