@@ -422,6 +422,10 @@ def _prompt_checked(value: object) -> object:
 
 # A prompt of the chain: what enhance wrote, or a direct caller gave.
 WrittenPrompt = Annotated[str, BeforeValidator(_prompt_checked), _UTF8]
+# The prompt a request gave, as the chain carries it: bounded as ModelName is, said in characters.
+OriginalPrompt = Annotated[
+    str, StringConstraints(max_length=MAX_PROMPT_CHARS), BeforeValidator(_prompt_checked), _UTF8
+]
 
 
 class GenerationRequest(_Model):
@@ -433,8 +437,11 @@ class GenerationRequest(_Model):
     prompt: (
         Annotated[
             str,
+            # The bound first, in the string's schema (said in characters), on the text as
+            # given (as the JSON Schema's maxLength reads it); its edges stripped after.
+            StringConstraints(max_length=MAX_PROMPT_CHARS),
             BeforeValidator(_prompt_rule),
-            StringConstraints(strip_whitespace=True, max_length=MAX_PROMPT_CHARS),
+            StringConstraints(strip_whitespace=True),
             _UTF8,
         ]
         | None
@@ -504,7 +511,7 @@ class EnhancedPrompt(_Model):
     prompt: WrittenPrompt = Field(
         max_length=MAX_FINAL_PROMPT_CHARS, description="The final prompt handed to the model."
     )
-    original_prompt: WrittenPrompt | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    original_prompt: OriginalPrompt | None = None
     dreamed: bool = Field(default=False, description="True when no prompt was given.")
     fallback: bool = Field(default=False, description="True when the LLM was unavailable.")
     enhancer: Text = Field(
@@ -565,7 +572,7 @@ class RenderRequest(_Model):
         max_length=MAX_FINAL_PROMPT_CHARS,
         description="What to draw, handed to the model as is.",
     )
-    original_prompt: WrittenPrompt | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    original_prompt: OriginalPrompt | None = None
     dreamed: bool = False
     fallback: bool = False
     enhancer: Text = Field(

@@ -132,6 +132,14 @@ def _ledger_url(value: SecretStr | None) -> SecretStr | None:
     problem = _postgres_url_problem(url) if kind == "postgres" else None
     if problem:
         raise ValueError(f"not a valid PostgreSQL URL ({problem})")
+    if kind == "sqlite":
+        from imagegen.errors import ConfigurationError
+        from imagegen.ledger.store import ledger_path
+
+        try:
+            ledger_path(url)  # expands a "~" it starts with, as the ledger opens it
+        except ConfigurationError as exc:  # never echoes the path
+            raise ValueError(exc.errors[0]["message"]) from None
     return value
 
 
@@ -524,6 +532,14 @@ def _path_chars(path: str | Path) -> int:
     return max(len(str(path)), len(str(expanded)))
 
 
+def _storage_path(value: str) -> str:
+    """``value`` when a ``~`` it starts with, as a local path (no ``scheme://``), names a
+    home (:func:`_path_chars`): local storage expands it as it opens."""
+    if "://" not in value:
+        _path_chars(value.strip())
+    return value
+
+
 def _lora_paths(value: list[str]) -> list[str]:
     """``value`` when each entry, as the lora plugin gives it (a hub id as written, a local
     path with ``~`` expanded), fits a LoRA's path in a job; never echoes one. One longer made
@@ -848,6 +864,7 @@ class Settings(BaseSettings):
     _discovery = field_validator("oidc_discovery_url")(_required_http_url)
     _served_base = field_validator("public_base_url")(_served_base_url)
     _ledger = field_validator("ledger_url")(_ledger_url)
+    _storage = field_validator("storage_url")(_storage_path)
     _ollama = field_validator("ollama_host")(_ollama_host)
     _zone = field_validator("timezone")(_time_zone)
     # What flows into a job's bounded fields (imagegen.models), refused at start-up.

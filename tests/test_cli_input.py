@@ -343,3 +343,34 @@ def test_models_list_shows_each_id_whole_at_80_columns(cli: RunCli) -> None:
     assert max(len(line) for line in result.stdout.splitlines()) <= 80
     for spec in MODELS.values():
         assert any(line.split()[:1] == [spec.id] for line in result.stdout.splitlines()), spec.id
+
+
+def test_a_prompt_too_long_is_said_in_characters(cli: RunCli) -> None:
+    """It said "Value should have at most 2000 items after validation": a list's words."""
+    from pydantic import ValidationError
+
+    from imagegen.models import EnhancedPrompt
+
+    result = cli("generate", "a" * 2001, *SMALL)
+    assert result.returncode == 2, result.stderr
+    assert _one_line(result.stderr) == (
+        "imagegen: error: invalid GenerationRequest: prompt (String should have at most 2000"
+        " characters)"
+    )
+    # Measured as given, as the JSON Schema's maxLength measures it: not once stripped.
+    padded = cli("generate", f" {'a' * 2000}", *SMALL)
+    assert "at most 2000 characters" in _one_line(padded.stderr)
+    # The prompt a request gave, as the chain carries it on.
+    with pytest.raises(ValidationError, match="at most 2000 characters"):
+        EnhancedPrompt.model_validate(
+            {
+                "generation_id": GID,
+                "prompt": "a moth",
+                "original_prompt": "a" * 2001,
+                "enhancer": "passthrough",
+                "model": "tiny",
+                "seed": 1,
+                "width": 256,
+                "height": 256,
+            }
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -47,6 +48,14 @@ class _Replies(BaseHTTPRequestHandler):
             self.send_response(200)
             self.send_header("content-type", "image/png")
             body = PNG
+        elif self.path == "/moved":  # a redirect: nothing was delivered
+            self.send_response(302)
+            self.send_header("location", "/png")
+            body = b""
+        elif self.path == "/nan":  # what Python's json writes of float("nan"); 1e999 is inf
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            body = b'{"seed": NaN, "scale": Infinity, "steps": 1e999}'
         elif self.path == "/busy":
             self.send_response(503)
             self.send_header("retry-after", "7")
@@ -188,3 +197,76 @@ def test_retry_after_of_a_busy_reply_is_printed(
     # Plain text is still text.
     missing = json.loads(cli("send", GENERATION_REQUESTED, "--to", f"{url}/none").stdout)
     assert missing == {"status": 404, "attributes": {}, "data": "not found"}
+
+
+def _strict_json(text: str) -> Any:
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is no JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_reply_that_is_no_strict_json_is_printed_as_text(
+    cli: RunCli, replies: tuple[str, list[str]]
+) -> None:
+    url, _ = replies
+    result = cli("send", GENERATION_REQUESTED, "--to", f"{url}/nan")
+    assert result.returncode == 0, result.stderr
+    reply = _strict_json(result.stdout)  # what is printed is JSON, always
+    assert reply["data"] == '{"seed": NaN, "scale": Infinity, "steps": 1e999}'
+
+
+def test_a_redirect_delivered_nothing(cli: RunCli, replies: tuple[str, list[str]]) -> None:
+    url, posted = replies
+    before = len(posted)
+    result = cli("send", GENERATION_REQUESTED, "--to", f"{url}/moved")
+    assert result.returncode == 1, result.stdout
+    assert json.loads(result.stdout)["status"] == 302
+    assert posted[before:] == ["/moved"]  # not followed
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["", "--to", "{url}/png"], "TYPE: must not be empty"),
+        (
+            [GENERATION_REQUESTED, "--source", "", "--to", "{url}/png"],
+            "--source: must not be empty",
+        ),
+        # httpx would send the URL's user and password in place of the key.
+        (
+            [GENERATION_REQUESTED, "--to", "http://ops:s3cret@{host}/png", "--token", "igk_k"],
+            "--to: 'http://***@{host}/png' holds a user or password and --token is given",
+        ),
+    ],
+)
+def test_an_event_send_cannot_send_is_refused_before_posting(
+    cli: RunCli, replies: tuple[str, list[str]], args: list[str], named: str
+) -> None:
+    url, posted = replies
+    host = url.removeprefix("http://")
+    before = len(posted)
+    result = cli("send", *(a.format(url=url, host=host) for a in args))
+    assert result.returncode == 2, result.stderr
+    line = _one_error_line(result.stderr)
+    assert named.format(host=host) in line and "s3cret" not in line
+    assert len(posted) == before
+
+
+def test_a_password_in_the_url_is_never_said(cli: RunCli, replies: tuple[str, list[str]]) -> None:
+    url, _ = replies
+    host = url.removeprefix("http://")
+    with socket.socket() as probe:  # a port the system gives, then closed: nothing listens
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    unreachable = cli(
+        "send", GENERATION_REQUESTED, "--to", f"http://ops:s3cret@127.0.0.1:{closed}/"
+    )
+    line = _one_error_line(unreachable.stderr)
+    assert unreachable.returncode == 1
+    assert f"could not reach http://***@127.0.0.1:{closed}/" in line and "s3cret" not in line
+    args = ("--to", f"http://ops:s3cret@{host}/trickle", "--timeout", "1")
+    stalled = cli("send", GENERATION_REQUESTED, *args)
+    line = _one_error_line(stalled.stderr)
+    assert stalled.returncode == 1
+    assert f"http://***@{host}/trickle did not reply within 1 s" in line and "s3cret" not in line

@@ -369,7 +369,7 @@ def _http_ledger_check(url: str) -> Check:
     asks it (the same client, with ``IMAGEGEN_API_KEY``): unreachable, or the key refused,
     every command that reads it fails."""
     from imagegen._redact import redact_url
-    from imagegen.cli.history import _api, _or_dotenv
+    from imagegen.cli.history import _api, _Named, _or_dotenv
     from imagegen.errors import ImageGenError, InvalidRequest
     from imagegen.ledger.models import GenerationPage
 
@@ -377,15 +377,24 @@ def _http_ledger_check(url: str) -> Check:
     step = "Check IMAGEGEN_LEDGER_URL, and that the ledger function runs (docs/ledger.md)."
     try:
         token = _or_dotenv("IMAGEGEN_API_KEY")(os.environ.get("IMAGEGEN_API_KEY") or None)
-        _api(url, "GET", "/generations", token, shape=GenerationPage, timeout=_LEDGER_WAIT, limit=1)
+        _api(
+            url,
+            "GET",
+            "/generations",
+            token,
+            shape=GenerationPage,
+            timeout=_LEDGER_WAIT,
+            named=_Named(ledger="IMAGEGEN_LEDGER_URL", key="IMAGEGEN_API_KEY"),
+            limit=1,
+        )
     except InvalidRequest as exc:
         # The key missing or refused (401, 403): its value is never said.
-        said = exc.message.replace(url, where)
-        if said.startswith(("ledger answered 401", "ledger answered 403")):
+        said = exc.message.replace(url, where).removeprefix(f"ledger {where} ")
+        if said.startswith(("answered 401", "answered 403")):
             return Check(
                 "ledger",
                 "error",
-                f"The ledger at {where} refused the request: {said.removeprefix('ledger ')}.",
+                f"The ledger at {where} refused the request: {said}.",
                 "Set IMAGEGEN_API_KEY to a key the ledger function accepts (docs/ledger.md).",
             )
         return Check("ledger", "error", f"The ledger at {where}: {said}.", step)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as dt_time
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 import typer
 
@@ -178,6 +178,32 @@ def _is_http(url: str | None) -> bool:
     return bool(url) and str(url).startswith(("http://", "https://"))
 
 
+def _typed(ctx: typer.Context, param: str) -> bool:
+    """Whether the value of ``param`` was typed as its option, not read from its variable
+    (the environment or ``./.env``) or its default."""
+    source = ctx.get_parameter_source(param)
+    return source is not None and source.name == "COMMANDLINE"
+
+
+class _Named(NamedTuple):
+    """How a message names the ledger's URL and the key: the option that gave each, or its
+    variable (the environment, ``./.env``), as a setting is named."""
+
+    ledger: str = "--ledger"
+    key: str = "--token"
+
+
+_AS_OPTIONS = _Named()
+
+
+def _names(ctx: typer.Context) -> _Named:
+    """How the options of this command were given (:class:`_Named`)."""
+    return _Named(
+        ledger="--ledger" if _typed(ctx, "ledger") else "IMAGEGEN_LEDGER_URL",
+        key="--token" if _typed(ctx, "token") else "IMAGEGEN_API_KEY",
+    )
+
+
 def _local(url: str | None, ctx: typer.Context, *, read_only: bool = True) -> Ledger | None:
     """The ledger database ``url`` names, which these commands only read (or prune): never
     made here, and, but to prune, opened read-only (a SQLite file this user may not write is
@@ -191,16 +217,16 @@ def _local(url: str | None, ctx: typer.Context, *, read_only: bool = True) -> Le
     from imagegen.ledger import ledger_path, open_ledger
 
     if _is_http(url):  # export and prune work on the database itself
+        name = _names(ctx).ledger
         raise InvalidRequest(
-            "--ledger: export and prune read the ledger's database: give its postgresql:// or "
+            f"{name}: export and prune read the ledger's database: give its postgresql:// or "
             "sqlite:/// URL or a path, not the ledger function's http(s):// URL",
-            errors=[{"field": "ledger", "message": "a database URL or path"}],
+            errors=[{"field": name.lstrip("-"), "message": "a database URL or path"}],
         )
     try:
         ledger = open_ledger(url, must_exist=True, read_only=read_only)
     except NotFound:
-        source = ctx.get_parameter_source("ledger")
-        if source is None or source.name != "COMMANDLINE":
+        if not _typed(ctx, "ledger"):
             return None  # the ledger generate records into: nothing recorded yet
         raise InvalidRequest(
             f"--ledger: {ledger_path(url)} does not exist",
@@ -214,9 +240,7 @@ def _settings(ctx: typer.Context, ledger: str | None, **overrides: Any) -> Setti
     """The settings, refused before anything is read as every command refuses them: a
     ledger URL that names no ledger (an unsupported scheme, a port out of range) is named
     ``--ledger`` where the option gave it, else by its variable."""
-    source = ctx.get_parameter_source("ledger")
-    given = source is not None and source.name == "COMMANDLINE"
-    return settings_from(ledger_url=ledger if given else None, **overrides)
+    return settings_from(ledger_url=ledger if _typed(ctx, "ledger") else None, **overrides)
 
 
 def _checked_id(generation_id: str) -> str:
@@ -271,23 +295,27 @@ def _renderable(settings: Settings, job: EnhancedPrompt, generation_id: str) -> 
         )
 
 
-def check_token(token: str | None) -> None:
-    """Refuse a ``--token`` that no header can carry: printable ASCII only.
+def check_token(token: str | None, name: str = "--token") -> None:
+    """Refuse a key that no header can carry: printable ASCII only.
+
+    Args:
+        name: What gave it, as the message names it: ``--token``, or ``IMAGEGEN_API_KEY``.
 
     Raises:
-        InvalidRequest: naming ``token``; the key itself is never shown.
+        InvalidRequest: naming ``name``; the key itself is never shown.
     """
+    field = name.lstrip("-")
     if token is not None and not (token.isascii() and token.isprintable()):
         raise InvalidRequest(
-            "--token: an API key is printable ASCII",
-            errors=[{"field": "token", "message": "not printable ASCII"}],
+            f"{name}: an API key is printable ASCII",
+            errors=[{"field": field, "message": "not printable ASCII"}],
         )
     if token is not None and token != token.strip():
         # A header's value cannot end in a space (RFC 9110, section 5.5): httpx would refuse it
         # with the value in its message; one pasted with a space is said here, unshown.
         raise InvalidRequest(
-            "--token: an API key has no spaces around it",
-            errors=[{"field": "token", "message": "spaces around it"}],
+            f"{name}: an API key has no spaces around it",
+            errors=[{"field": field, "message": "spaces around it"}],
         )
 
 
@@ -301,11 +329,14 @@ def _api(
     headers: dict[str, str] | None = None,
     timeout: float = 30.0,
     query: dict[str, Any] | None = None,
+    named: _Named = _AS_OPTIONS,
     **params: Any,
 ) -> dict[str, Any]:
     """The ledger API's answer to a request, as JSON (read as ``shape`` first), sent with
     ``headers`` and ``query`` and ``params`` (the query: a parameter named as a keyword, such
-    as ``from``, goes in ``query``), waiting ``timeout`` seconds for each step.
+    as ``from``, goes in ``query``), waiting ``timeout`` seconds for each step. A message
+    names the URL and the key as ``named`` says (the option, or the variable, that gave
+    each).
 
     Raises:
         DependencyUnavailable: unreachable, a server error, or a success not in ``shape``'s
@@ -317,7 +348,9 @@ def _api(
     from imagegen._redact import redact_url
     from imagegen.validation import field_errors
 
-    check_token(token)
+    check_token(token, named.key)
+    ledger_as, key_as = named
+    ledger_field = ledger_as.lstrip("-")
     query = {k: v for k, v in {**(query or {}), **params}.items() if v is not None}
     sent = {**(headers or {}), **({"Authorization": f"Bearer {token}"} if token else {})}
     try:
@@ -325,9 +358,9 @@ def _api(
             # httpx turns a URL's user and password into its own Authorization header, which
             # replaces the bearer key: the ledger would see a password, never the key.
             raise InvalidRequest(
-                f"--ledger: {redact_url(url)!r} holds a user or password and --token is given;"
-                " give the key alone",
-                errors=[{"field": "ledger", "message": "a user or password beside --token"}],
+                f"{ledger_as}: {redact_url(url)!r} holds a user or password and {key_as}"
+                " is given; give the key alone",
+                errors=[{"field": ledger_field, "message": f"a user or password beside {key_as}"}],
             )
         reply = httpx.request(
             method, url.rstrip("/") + path, params=query, headers=sent, timeout=timeout
@@ -335,8 +368,8 @@ def _api(
     # Neither is an HTTPError: the URL is wrong (a bad port, a host IDNA refuses), not the network.
     except (httpx.InvalidURL, UnicodeError) as exc:
         raise InvalidRequest(
-            f"--ledger: {redact_url(url)!r} is not a valid URL: {exc}",
-            errors=[{"field": "ledger", "message": "not a valid URL"}],
+            f"{ledger_as}: {redact_url(url)!r} is not a valid URL: {exc}",
+            errors=[{"field": ledger_field, "message": "not a valid URL"}],
         ) from None
     except httpx.HTTPError as exc:  # a failure (exit 1), not the command's input
         # The URL as every message says it: a password in it is not shown.
@@ -347,8 +380,14 @@ def _api(
         body = None
     said = body.get("message") if isinstance(body, dict) else None
     if reply.status_code >= 400 or not isinstance(body, dict | list):
-        first = reply.text.strip().splitlines()[0][:200] if reply.text.strip() else "no body"
-        answer = f"ledger answered {reply.status_code}: {said or first}"
+        where = f"ledger {redact_url(url)} answered {reply.status_code}"
+        if said or body is not None:  # the ledger's JSON: what it says, or its first line
+            first = reply.text.strip().splitlines()[0][:200]
+            answer = f"{where}: {said or first}"
+        else:  # a proxy's page, another server: its status in words, never the page
+            answer = f"{where} {httpx.codes.get_reason_phrase(reply.status_code)}".rstrip()
+            if reply.status_code < 400:
+                answer += ", but not as the ledger API (no JSON)"
         if reply.status_code == 404 and said:
             raise NotFound(said)
         if reply.status_code < 400 or reply.status_code >= 500 or reply.status_code == 429:
@@ -379,7 +418,7 @@ def status(
         from imagegen.ledger.models import GenerationDetail
 
         path = f"/generations/{generation_id}"
-        body = _api(str(ledger), "GET", path, token, shape=GenerationDetail)
+        body = _api(str(ledger), "GET", path, token, shape=GenerationDetail, named=_names(ctx))
     else:
         store = _local(ledger, ctx)
         found = None
@@ -481,6 +520,7 @@ def history(
             model=model,
             limit=limit,
             cursor=cursor,
+            named=_names(ctx),
         )
         items, next_cursor = page["items"], page.get("next_cursor")
     else:
@@ -623,7 +663,9 @@ def replay(
         )
     settings = _settings(ctx, ledger, storage_url=output)
     if _is_http(ledger):
-        body = _replay_through(str(ledger), generation_id, origin, token, idempotency_key)
+        body = _replay_through(
+            str(ledger), generation_id, origin, token, idempotency_key, _names(ctx)
+        )
         typer.echo(json.dumps(body, indent=2) if as_json else body["generation_id"])
         return
     from imagegen.ledger.replay import replay_job, replay_request
@@ -703,10 +745,15 @@ def _show_replayed(persisted: Any, generation_id: str, as_json: bool, *, done: s
 
 
 def _replay_through(
-    ledger: str, generation_id: str, origin: str, token: str | None, key: str | None
+    ledger: str,
+    generation_id: str,
+    origin: str,
+    token: str | None,
+    key: str | None,
+    named: _Named,
 ) -> dict[str, Any]:
     """The ledger function's answer to replaying ``generation_id``, asked with an
-    ``Idempotency-Key`` (``key``, else a new one).
+    ``Idempotency-Key`` (``key``, else a new one); ``named`` as :func:`_api` takes it.
 
     Every call is sent with a key: an answer lost (a timeout, or the ledger's 503 when the
     broker was slow to answer) may hide a replay the broker took, and only a retry with the
@@ -755,6 +802,7 @@ def _replay_through(
                 shape=ReplayAccepted,
                 headers={"Idempotency-Key": key},
                 query={"from": origin},
+                named=named,
             )
     except DependencyUnavailable as exc:
         raise DependencyUnavailable(f"{exc.message}; {hint}", retry_after=exc.retry_after) from None

@@ -12,7 +12,7 @@ import typer
 
 from imagegen import stages
 from imagegen.cli._app import AsJson, app, err, markup, out, run_async, settings_from
-from imagegen.cli.history import _setting_option, check_token
+from imagegen.cli.history import _names, _setting_option, check_token
 from imagegen.errors import DependencyUnavailable, ImageGenError, InvalidRequest
 from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED
 
@@ -141,11 +141,19 @@ def serve(
             errors=[{"field": "stage", "message": "not a registered stage"}],
         )
     source = functions_dir() / f"{stage}.py"
+    if not source.is_file():  # functions-framework would say so in a page of traceback
+        raise InvalidRequest(
+            f"no {stage} function: {source} does not exist",
+            errors=[{"field": "stage", "message": "does not exist"}],
+        )
     # Refused here in one line, as every command refuses them: the function would start, say
     # where it serves, and answer 503 to each request until stopped. What it checks as it
     # starts, checked alike: its storage opened (nothing reached), as a command that stores
-    # images opens it, and what the stage makes of the settings (enhance's plugin set).
+    # images opens it, and local storage written to, as the function's service does as it
+    # starts (ImageGenService's entry); and what the stage makes of the settings (enhance's
+    # plugin set).
     settings = settings_from(storage_url=None)
+    _check_local_storage(settings)
     prepare = stages.get(stage).prepare
     if prepare is not None:
         prepare(settings)
@@ -162,6 +170,23 @@ def serve(
     sys.stdout.flush()
     # functions-framework's own command: its public interface, and the one containers run.
     os.execv(sys.executable, command + (["--debug"] if debug else []))  # noqa: S606
+
+
+def _check_local_storage(settings: Any) -> None:
+    """Refuse local storage the function could not write (a file where its folder should be,
+    a read-only folder, a full disk), as its service refuses it as it starts; object storage
+    is not reached, as the service does not reach it then.
+
+    Raises:
+        DependencyUnavailable: the folder cannot be made or written to.
+        ConfigurationError: a link among its entries leads outside it.
+    """
+    from imagegen.storage import open_storage
+    from imagegen.storage.local import LocalStorage
+
+    storage = open_storage(settings)
+    if isinstance(storage, LocalStorage):
+        run_async(storage.check)
 
 
 def _check_bind(host: str, port: int) -> None:
@@ -215,10 +240,13 @@ def functions_dir() -> Path:
     )
 
 
-def _check_to(to: str) -> None:
+def _check_to(to: str, token: str | None, key_as: str) -> None:
     """Refuse a ``--to`` that is no http(s) URL with a host before anything is sent: it is
-    bad input (exit 2), not a server that could not be reached."""
+    bad input (exit 2), not a server that could not be reached. Said as every message says
+    the URL: a password in it is not shown."""
     from urllib.parse import urlsplit
+
+    from imagegen._redact import redact_url
 
     try:
         parts = urlsplit(to)
@@ -226,13 +254,21 @@ def _check_to(to: str) -> None:
         parts.port  # noqa: B018
     except ValueError as exc:  # a bracketed host that is no IPv6 address, a bad port
         raise InvalidRequest(
-            f"--to: {to!r} is not a valid URL: {exc}",
+            f"--to: {redact_url(to)!r} is not a valid URL: {exc}",
             errors=[{"field": "to", "message": "not a valid URL"}],
         ) from None
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise InvalidRequest(
-            f"--to: {to!r} is not an http:// or https:// URL with a host",
+            f"--to: {redact_url(to)!r} is not an http:// or https:// URL with a host",
             errors=[{"field": "to", "message": "not an http:// or https:// URL with a host"}],
+        )
+    if token and (parts.username or parts.password):
+        # httpx turns a URL's user and password into its own Authorization header, which
+        # replaces the bearer key: the function would see a password, never the key.
+        raise InvalidRequest(
+            f"--to: {redact_url(to)!r} holds a user or password and {key_as} is given;"
+            " give the key alone",
+            errors=[{"field": "to", "message": f"a user or password beside {key_as}"}],
         )
 
 
@@ -243,6 +279,7 @@ MAX_TIMEOUT = 86400.0
 
 @app.command()
 def send(
+    ctx: typer.Context,
     event_type: Annotated[
         str,
         typer.Argument(
@@ -287,6 +324,7 @@ def send(
     from cloudevents.conversion import to_binary, to_structured
     from cloudevents.http import CloudEvent
 
+    from imagegen._redact import redact_url
     from imagegen.validation import loads
 
     if not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT):
@@ -298,12 +336,16 @@ def send(
     # As the functions read a body: NaN and Infinity, which Python reads, are no JSON (RFC 8259,
     # section 6), and what is wrong is said of the data, never in the interpreter's words.
     payload = loads(data, field="--data")
-    _check_to(to)
-    check_token(token)
-    if event_id is not None and not event_id:
-        raise InvalidRequest(
-            "--id: must not be empty", errors=[{"field": "id", "message": "must not be empty"}]
-        )
+    key_as = _names(ctx).key  # the option, or IMAGEGEN_API_KEY that gave it
+    check_token(token, key_as)
+    _check_to(to, token, key_as)
+    # CloudEvents 1.0: id, source and type are REQUIRED, each a non-empty string.
+    for name, value in (("TYPE", event_type), ("--source", source), ("--id", event_id)):
+        if value is not None and not value:
+            raise InvalidRequest(
+                f"{name}: must not be empty",
+                errors=[{"field": name.lstrip("-").lower(), "message": "must not be empty"}],
+            )
     attributes = {"type": event_type, "source": source, "id": event_id or uuid.uuid4().hex}
     if subject:
         attributes["subject"] = subject
@@ -332,16 +374,19 @@ def send(
     # None is an HTTPError: the URL is wrong (a bad port, a host IDNA refuses), not the network.
     except (httpx.InvalidURL, httpx.UnsupportedProtocol, UnicodeError) as exc:
         raise InvalidRequest(
-            f"--to: {to!r} is not a valid URL: {exc}",
+            f"--to: {redact_url(to)!r} is not a valid URL: {exc}",
             errors=[{"field": "to", "message": "not a valid URL"}],
         ) from None
     except (httpx.TimeoutException, TimeoutError):
-        raise ImageGenError(f"{to} did not reply within {timeout:g} s (--timeout)") from None
+        raise ImageGenError(
+            f"{redact_url(to)} did not reply within {timeout:g} s (--timeout)"
+        ) from None
     except httpx.HTTPError as exc:
-        raise ImageGenError(f"could not reach {to}: {exc}") from None
-    typer.echo(json.dumps(_printed_reply(reply), indent=2))
-    # A generation.failed reply is a failure the function answered 2xx (for the broker).
-    if reply.status_code >= 400 or reply.headers.get("ce-type") == GENERATION_FAILED:
+        raise ImageGenError(f"could not reach {redact_url(to)}: {exc}") from None
+    typer.echo(json.dumps(_printed_reply(reply), indent=2, allow_nan=False))
+    # Anything but a 2xx delivered nothing (a 3xx too: redirects are not followed), and a
+    # generation.failed reply is a failure the function answered 2xx (for the broker).
+    if not reply.is_success or reply.headers.get("ce-type") == GENERATION_FAILED:
         raise typer.Exit(1)
 
 
@@ -349,16 +394,20 @@ def _printed_reply(reply: Any) -> dict[str, Any]:
     """What ``send`` prints of a reply: its status, its ``ce-`` headers and ``Retry-After``
     (when to ask again, of a 429 or 503), and its body: JSON as JSON, other text as a string,
     anything else (an image) base64-encoded under ``data_base64``, as the CloudEvents JSON
-    format carries binary data."""
+    format carries binary data. JSON is read strictly, as the functions read a body: a reply
+    holding ``NaN`` or ``Infinity`` is no JSON (RFC 8259, section 6), and is printed as text,
+    so that what is printed is always JSON."""
     import base64
+
+    from imagegen.validation import loads
 
     ce = {k: v for k, v in reply.headers.items() if k.lower().startswith("ce-")}
     printed: dict[str, Any] = {"status": reply.status_code, "attributes": ce}
     if "retry-after" in reply.headers:
         printed["retry_after"] = reply.headers["retry-after"]
     try:
-        printed["data"] = reply.json()
-    except ValueError:
+        printed["data"] = loads(reply.text, field="reply")
+    except InvalidRequest:
         media = reply.headers.get("content-type", "").split(";")[0].strip().lower()
         if not reply.content or not media or media.startswith("text/") or "json" in media:
             printed["data"] = reply.text

@@ -168,7 +168,8 @@ class SqliteLedger(SqlLedger):
     Raises:
         NotFound: ``must_exist`` or ``read_only``, and the file is not there.
         ConfigurationError: ``path`` cannot hold a ledger (a folder, a file that is no SQLite
-            database, a file where a folder of its path should be).
+            database, a file where a folder of its path should be, a ``~`` that names no
+            home this process can find).
         DependencyUnavailable: the file cannot be opened or migrated now (permissions, a full
             disk, a lock held past the busy timeout; ``read_only``: a WAL-mode file in a folder
             this process cannot write, without the ``-shm`` and ``-wal`` files SQLite reads it
@@ -194,7 +195,13 @@ class SqliteLedger(SqlLedger):
     ) -> None:
         self._busy_timeout = _BUSY_TIMEOUT_S if busy_timeout is None else busy_timeout
         if str(path) != ":memory:":
-            path = Path(path).expanduser()
+            try:
+                path = Path(path).expanduser()
+            except RuntimeError:  # pathlib's "Could not determine home directory."
+                why = "~ names no home directory this process can find"
+                raise ConfigurationError(
+                    f"ledger {path}: {why}", errors=[{"field": "ledger_url", "message": why}]
+                ) from None
         self.path = path
         self._must_exist = must_exist or read_only
         self.read_only = read_only

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, Protocol, TextIO, runtime_checkable
 
-from imagegen.errors import InvalidRequest
+from imagegen.errors import ConfigurationError, InvalidRequest
 from imagegen.ledger.models import (
     Delivery,
     GenerationDetail,
@@ -136,6 +136,8 @@ def ledger_path(url: str | None) -> Path | None:
 
     Raises:
         InvalidRequest: an unsupported URL scheme.
+        ConfigurationError: a path whose ``~`` names no home this process can find (an
+            unknown ``~user``), naming ``ledger_url``.
     """
     if backend(url) == "postgres":
         return None
@@ -143,7 +145,15 @@ def ledger_path(url: str | None) -> Path | None:
         return default_ledger_path()
     # SQLAlchemy's form: sqlite:///relative.db, sqlite:////absolute.db
     path = url[len("sqlite:///") :] if url.lower().startswith("sqlite:///") else url
-    return None if path == ":memory:" else Path(path).expanduser()
+    if path == ":memory:":
+        return None
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # pathlib's "Could not determine home directory."
+        why = "~ names no home directory this process can find"
+        raise ConfigurationError(
+            f"ledger {path}: {why}", errors=[{"field": "ledger_url", "message": why}]
+        ) from None
 
 
 def open_ledger(

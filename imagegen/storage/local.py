@@ -146,7 +146,16 @@ class LocalStorage(ObjectStore):
     name = "local"
 
     def __init__(self, root: Path | str) -> None:
-        self.root = Path(root).expanduser().resolve()
+        try:
+            self.root = Path(root).expanduser().resolve()
+        except RuntimeError:  # pathlib's "Could not determine home directory."
+            from imagegen.settings import Settings
+
+            why = "~ names no home directory this process can find"
+            raise ConfigurationError(
+                f"local storage: {why} ({Settings.variable('storage_url')})",
+                errors=[{"field": "storage_url", "message": why}],
+            ) from None
 
     def __repr__(self) -> str:
         return f"LocalStorage(root={str(self.root)!r})"

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -356,7 +357,7 @@ def test_a_dotenv_that_is_not_utf8_is_one_line(tmp_path: Path, run: Any) -> None
 @pytest.mark.parametrize(("status", "code"), [(200, 1), (404, 2), (502, 1)])
 def test_a_server_that_is_no_ledger_is_one_line(run: Any, status: int, code: int) -> None:
     """An HTML page where the ledger's JSON should be (a proxy, the wrong port): one line
-    that quotes the page's first line, never a traceback or the whole page."""
+    that names the ledger and the status with its reason, never a traceback or the page."""
     from http.server import BaseHTTPRequestHandler
 
     from tests.fakes.loopback import LoopbackServer
@@ -377,7 +378,8 @@ def test_a_server_that_is_no_ledger_is_one_line(run: Any, status: int, code: int
         for args in (("status", "0123456789abcdef0123456789abcdef"), ("history",)):
             got, out, err = run(*args, "--ledger", page.url)
             assert got == code and err.count("\n") == 1, (args, err)
-            assert f"ledger answered {status}: <html>" in err and "Traceback" not in out + err
+            said = f"ledger {page.url} answered {status} {HTTPStatus(status).phrase}"
+            assert said in err and "<html>" not in err and "Traceback" not in out + err
 
 
 def _ledger_of_three(path: Path) -> None:
