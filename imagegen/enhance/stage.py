@@ -200,7 +200,7 @@ class EnhanceStage:
         the plugin says (``known_countries``); as given where it does not, or cannot."""
         holiday = self.plugins.options_for(HOLIDAY_PLUGIN, request.plugin_options)
         countries = dream_countries(self.settings.holiday_countries, holiday)
-        if HOLIDAY_PLUGIN not in self.plugins.available:
+        if HOLIDAY_PLUGIN not in self.plugins.names:  # disabled: never loaded for a dream
             return countries
         try:
             known = getattr(self.plugins.get(HOLIDAY_PLUGIN), "known_countries", None)

@@ -25,6 +25,7 @@ from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from imagegen.errors import InvalidRequest
 from imagegen.models import Contribution
 from imagegen.plugins import PluginContext
 from imagegen.settings import Settings
@@ -39,6 +40,19 @@ one request makes it read is bounded (a country is a calendar per year of the ho
 _MAX_GIVEN = 1024  # characters of the option's text, or items of its list: read on the loop
 
 log = logging.getLogger("imagegen_plugins.holiday")
+
+
+def _unknown(codes: Iterable[str]) -> str:
+    """What of ``codes`` the library does not list, said as a request's refusal says it; ''
+    where it lists them all."""
+    unknown: list[str] = []
+    for code in codes:
+        try:
+            _canonical(code)
+        except NotImplementedError as exc:
+            unknown.append(str(exc))
+    return "; ".join(unknown)
+
 
 _DEFAULT_COUNTRIES = Settings.model_fields["holiday_countries"].get_default(
     call_default_factory=True
@@ -243,23 +257,28 @@ class HolidayPlugin:
         """What is wrong with the settings this plugin reads, one entry per setting (its name as
         ``field``); asked once, where the plugin set is made from the settings.
 
-        Every one of ``holiday_countries`` must be a country (or subdivision) the library
-        lists, as a request's ``countries`` must: one it does not know (``XX``, a market such
-        as ``NYSE``) would add nothing to any request. Listing the library's countries takes
+        Every one of ``holiday_countries``, and of the ``countries`` option
+        ``plugin_options`` gives, must be a country (or subdivision) the library lists, as a
+        request's ``countries`` must: one it does not know (``XX``, a market such as ``NYSE``)
+        would add nothing to any request, or fail every one. Listing the library's countries takes
         tenths of a second, here before the function is ready (the warm-up would take them
         after): so the default, a country it lists (a test holds it to that), is not looked up.
         """
-        if list(self.settings.holiday_countries) == _DEFAULT_COUNTRIES:
-            return []
-        unknown: list[str] = []
-        for code in self.settings.holiday_countries:
-            try:
-                _canonical(code)
-            except NotImplementedError as exc:
-                unknown.append(str(exc))
-        if not unknown:
-            return []
-        return [{"field": "holiday_countries", "message": "; ".join(unknown)}]
+        errors: list[dict[str, str]] = []
+        configured = list(self.settings.holiday_countries)
+        if configured != _DEFAULT_COUNTRIES and (unknown := _unknown(configured)):
+            errors.append({"field": "holiday_countries", "message": unknown})
+        # The countries IMAGEGEN_PLUGIN_OPTIONS gives every request, held to the same rule: an
+        # option's other faults are the plugin set's to say (option_errors).
+        options = self.settings.plugin_options.get(self.name, {})
+        try:
+            requested = self._requested(options)
+        except InvalidRequest:
+            requested = None
+        if requested and (unknown := _unknown(requested)):
+            said = f"plugin_options.{self.name}.countries: {unknown}"
+            errors.append({"field": "plugin_options", "message": said})
+        return errors
 
     async def known_countries(self, codes: Iterable[str]) -> list[str]:
         """``codes`` as this plugin reads them: canonical (``AU-NSW``, ``GBR``), each once, those
@@ -370,10 +389,20 @@ class HolidayPlugin:
                 todays.append({"name": name, "date": day.isoformat(), "country": code})
         # A feast of several days (the Spring Festival, Russia's New Year holidays) is not its
         # own coming one: the nearest is another, whose hints the prompt would otherwise hide.
-        named = {t["name"] for t in todays}
+        # Its days are those of its country, one after another from today, of its name: a feast
+        # of the same name elsewhere or later (Argentina's Independence Day five days after the
+        # United States') is another.
+        dated = {(day, name, code) for day, name, code in found}
+        going_on: set[tuple[date, str, str]] = set()
+        for day, name, code in found:
+            if day == today:
+                after = today + timedelta(days=1)
+                while (after, name, code) in dated:
+                    going_on.add((after, name, code))
+                    after += timedelta(days=1)
         upcoming: dict[str, Any] | None = None
         for day, name, code in found:
-            if day == today or name in named:
+            if day == today or (day, name, code) in going_on:
                 continue
             if upcoming is None or day.isoformat() < upcoming["date"]:
                 entry = {"name": name, "date": day.isoformat(), "country": code}

@@ -195,12 +195,36 @@ async def test_a_country_the_holiday_plugin_does_not_know_leaves_the_hemisphere_
     dreamer: MakeDreamer, countries: list[str]
 ) -> None:
     """The plugin reads Australia alone (the others are unknown to its library), and so do the
-    dreams: the unknown code made them northern, summer in a Sydney July."""
-    stage = dreamer(holiday_countries=countries, timezone="Australia/Sydney")
+    dreams: the unknown code made them northern, summer in a Sydney July. (A plugin set made
+    from the settings refuses such codes at start-up; one made by a program of its own may
+    hold them.)"""
+    settings = Settings(plugins=["time_of_day", "holiday"], holiday_countries=countries)
+    plugins = PluginSet.from_settings(settings, names=["time_of_day", "holiday"])
+    stage = dreamer(plugins, holiday_countries=countries, timezone="Australia/Sydney")
     july = datetime(2026, 7, 9, 14, tzinfo=UTC)  # midnight in Sydney
     drawn = await subjects(stage, ticks(july, 96, _QUARTER))
     assert [s for s in drawn if SUMMERY.search(s)] == []
     assert set(drawn) & set(SEASONAL_SUBJECTS["winter"])
+
+
+async def test_a_disabled_holiday_plugin_is_not_loaded_for_a_dream(
+    dreamer: MakeDreamer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its countries are read as given (its library, tenths of a second and megabytes, is not
+    loaded for a plugin the operator turned off); an enabled one reads them as it would."""
+    asked: list[list[str]] = []
+
+    async def known(self: HolidayPlugin, codes: list[str]) -> list[str]:
+        asked.append(list(codes))
+        return list(codes)
+
+    monkeypatch.setattr(HolidayPlugin, "known_countries", known)
+    july = datetime(2026, 7, 9, 14, tzinfo=UTC)
+    await subjects(dreamer(holiday_countries=["AU"]), ticks(july, 2, _QUARTER))
+    assert asked == []
+    enabled = dreamer(plugins=["time_of_day", "holiday"], holiday_countries=["AU"])
+    await subjects(enabled, ticks(july, 1, _QUARTER))
+    assert asked == [["AU"]]
 
 
 async def test_the_season_is_the_date_in_the_plugins_zone(dreamer: MakeDreamer) -> None:

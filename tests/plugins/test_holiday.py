@@ -299,6 +299,42 @@ async def test_known_countries_are_read_as_the_plugin_reads_them(settings: Setti
     assert await plugin.known_countries([]) == []
 
 
+def test_unknown_countries_in_the_operators_plugin_options_are_refused_at_start() -> None:
+    """The function turned ready, then answered every request 503 naming the option."""
+    options = {"holiday": {"countries": "AU,XX"}}
+    settings = Settings(plugins=["holiday"], plugin_options=options)
+    with pytest.raises(ConfigurationError) as refused:
+        PluginSet.from_settings(settings)
+    assert refused.value.fields == ["IMAGEGEN_PLUGIN_OPTIONS"]
+    assert refused.value.message == (
+        "invalid settings: IMAGEGEN_PLUGIN_OPTIONS"
+        " (plugin_options.holiday.countries: unknown country 'XX')"
+    )
+    fine = Settings(plugins=["holiday"], plugin_options={"holiday": {"countries": ["au", "NZ"]}})
+    assert PluginSet.from_settings(fine).names == ("holiday",)
+
+
+@pytest.mark.parametrize(
+    ("countries", "when", "upcoming"),
+    [
+        # Argentina's Independence Day (9 July) is no day of the United States' (4 July).
+        ("US,AR", datetime(2025, 7, 4, 12, tzinfo=UTC), ("Independence Day", "AR", 5)),
+        # Labor Day in Western Australia (3 March), then in Victoria (10 March).
+        ("AU-WA,AU-VIC", datetime(2025, 3, 3, 12, tzinfo=UTC), ("Labor Day", "AU-VIC", 7)),
+    ],
+)
+async def test_a_feast_of_todays_name_elsewhere_or_later_is_the_coming_one(
+    settings: Settings, countries: str, when: datetime, upcoming: tuple[str, str, int]
+) -> None:
+    result = await _holiday(settings, when, countries=countries)
+    assert result is not None
+    name, country, days = upcoming
+    assert result.data["upcoming"]["name"] == name
+    assert result.data["upcoming"]["country"] == country
+    assert result.data["upcoming"]["days"] == days
+    assert f"subtle hints of the coming {name}" in result.text
+
+
 @pytest.mark.parametrize(
     ("country", "when", "today", "upcoming"),
     [
