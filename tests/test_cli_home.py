@@ -85,3 +85,33 @@ def test_the_library_refuses_a_home_no_user_has_as_a_setting(tmp_path: Path) -> 
             opening()
         assert ledger.value.errors == [{"field": "ledger_url", "message": NO_HOME}]
     assert not list(tmp_path.iterdir())  # nothing made on the way
+
+
+def test_a_loop_of_links_is_said_as_one_not_as_a_home(cli: RunCli, tmp_path: Path) -> None:
+    """resolve() raises RuntimeError for a loop of links too (Python 3.11): it was said as
+    a ``~`` that names no home, of a path with no ``~``."""
+    loop = tmp_path / "loop"
+    loop.symlink_to("loop")
+    result = cli("generate", "x", env={"IMAGEGEN_MODEL": "tiny", "IMAGEGEN_STORAGE_URL": str(loop)})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "home" not in result.stderr
+    assert f"{str(loop)!r} cannot be resolved" in result.stderr
+    assert "IMAGEGEN_STORAGE_URL" in result.stderr
+
+
+def test_no_home_for_the_default_ledger_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No HOME, no XDG_DATA_HOME and no passwd entry: pathlib's RuntimeError was an internal
+    error; it names the setting that says where the ledger is."""
+    from imagegen.ledger.store import default_ledger_path
+
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+
+    def no_entry(uid: int) -> pwd.struct_passwd:
+        raise KeyError(uid)
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    with pytest.raises(ConfigurationError) as refused:
+        default_ledger_path()
+    assert refused.value.errors[0]["field"] == "ledger_url"
+    assert refused.value.message.endswith("set IMAGEGEN_LEDGER_URL")

@@ -56,6 +56,10 @@ class _Replies(BaseHTTPRequestHandler):
             self.send_response(200)
             self.send_header("content-type", "application/json")
             body = b'{"seed": NaN, "scale": Infinity, "steps": 1e999}'
+        elif self.path == "/jsonish":  # bytes that are no UTF-8, a JSON string once replaced
+            self.send_response(200)
+            self.send_header("content-type", "application/octet-stream")
+            body = b'"\xff\xfe\x89"'
         elif self.path == "/busy":
             self.send_response(503)
             self.send_header("retry-after", "7")
@@ -214,6 +218,18 @@ def test_a_reply_that_is_no_strict_json_is_printed_as_text(
     assert result.returncode == 0, result.stderr
     reply = _strict_json(result.stdout)  # what is printed is JSON, always
     assert reply["data"] == '{"seed": NaN, "scale": Infinity, "steps": 1e999}'
+
+
+def test_a_binary_reply_that_would_read_as_json_once_replaced_keeps_its_bytes(
+    cli: RunCli, replies: tuple[str, list[str]]
+) -> None:
+    """Read as text, its bytes became U+FFFD and the string they made was printed as data."""
+    url, _ = replies
+    result = cli("send", GENERATION_REQUESTED, "--to", f"{url}/jsonish")
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout)
+    assert "data" not in reply
+    assert base64.b64decode(reply["data_base64"]) == b'"\xff\xfe\x89"'
 
 
 def test_a_redirect_delivered_nothing(cli: RunCli, replies: tuple[str, list[str]]) -> None:

@@ -405,8 +405,12 @@ def _printed_reply(reply: Any) -> dict[str, Any]:
     printed: dict[str, Any] = {"status": reply.status_code, "attributes": ce}
     if "retry-after" in reply.headers:
         printed["retry_after"] = reply.headers["retry-after"]
+    # The bytes, where they are to be UTF-8 (JSON's own encoding, RFC 8259 section 8.1):
+    # decoded leniently, bytes that are no UTF-8 would parse as U+FFFD and be lost.
+    charset = (reply.charset_encoding or "utf-8").lower().replace("_", "-")
+    body = reply.content if charset in ("utf-8", "utf8") else reply.text
     try:
-        printed["data"] = loads(reply.text, field="reply")
+        printed["data"] = loads(body, field="reply")
     except InvalidRequest:
         media = reply.headers.get("content-type", "").split(";")[0].strip().lower()
         if not reply.content or not media or media.startswith("text/") or "json" in media:

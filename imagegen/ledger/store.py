@@ -104,10 +104,21 @@ def default_ledger_path() -> Path:
 
     A relative ``XDG_DATA_HOME`` is ignored, as unset: the XDG Base Directory specification
     holds such a path invalid (it would name another file in each working directory).
+
+    Raises:
+        ConfigurationError: no home to keep it in (no ``HOME``, no user entry), naming
+            ``ledger_url``.
     """
     base = os.environ.get("XDG_DATA_HOME", "")
     if not os.path.isabs(base):
-        base = str(Path.home() / ".local" / "share")
+        try:
+            base = str(Path.home() / ".local" / "share")
+        except RuntimeError:  # pathlib's "Could not determine home directory."
+            why = "no HOME, XDG_DATA_HOME or home directory to keep the ledger in"
+            raise ConfigurationError(
+                f"ledger: {why}: set IMAGEGEN_LEDGER_URL",
+                errors=[{"field": "ledger_url", "message": why}],
+            ) from None
     return Path(base) / "imagegen" / "ledger.db"
 
 

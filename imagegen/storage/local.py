@@ -146,12 +146,20 @@ class LocalStorage(ObjectStore):
     name = "local"
 
     def __init__(self, root: Path | str) -> None:
-        try:
-            self.root = Path(root).expanduser().resolve()
-        except RuntimeError:  # pathlib's "Could not determine home directory."
-            from imagegen.settings import Settings
+        from imagegen.settings import Settings
 
+        try:
+            expanded = Path(root).expanduser()
+        except RuntimeError:  # pathlib's "Could not determine home directory."
             why = "~ names no home directory this process can find"
+            raise ConfigurationError(
+                f"local storage: {why} ({Settings.variable('storage_url')})",
+                errors=[{"field": "storage_url", "message": why}],
+            ) from None
+        try:
+            self.root = expanded.resolve()
+        except (RuntimeError, OSError) as exc:  # a loop of links: RuntimeError on 3.11
+            why = f"{str(expanded)!r} cannot be resolved ({exc})"
             raise ConfigurationError(
                 f"local storage: {why} ({Settings.variable('storage_url')})",
                 errors=[{"field": "storage_url", "message": why}],
