@@ -609,10 +609,26 @@ def is_delivery(header_names: Iterable[str], content_type: str | None) -> bool:
     return structured or any(name.lower() == "ce-specversion" for name in header_names)
 
 
+_NOT_LISTED = re.compile(r"(\d+) more, not listed")
+"""The message of the entry that ends a list of errors cut short where it was made
+(:class:`imagegen.errors.ImageGenError`): how many fields it stands for."""
+
+
+def _stands_for(entry: object) -> int:
+    """How many offending fields a listed error entry stands for: one, or the count the entry
+    ending a list cut short says."""
+    if isinstance(entry, dict) and entry.get("field") == "…":
+        said = _NOT_LISTED.fullmatch(str(entry.get("message", "")))
+        if said is not None:
+            return int(said.group(1))
+    return 1
+
+
 def fit_error_body(body: bytes, limit: int = DELIVERED_ERROR_BODY_MAX) -> bytes:
     """A JSON error body of at most ``limit`` bytes, still JSON naming what was wrong: its
     message and each field's message cut short first (they quote what was sent), then the
-    fields named cut from the end (``errors_left_out`` says how many), then the message cut
+    fields named cut from the end (``errors_left_out`` says how many fields are not named,
+    those an entry ``N more, not listed`` stood for among them), then the message cut
     further. Returned as it is when it fits or is no JSON object."""
     if len(body) <= limit:
         return body
@@ -638,8 +654,7 @@ def fit_error_body(body: bytes, limit: int = DELIVERED_ERROR_BODY_MAX) -> bytes:
         ]
     errors, left_out = list(error.get("errors") or []), 0
     while errors and len(encoded(error)) > limit:
-        errors.pop()
-        left_out += 1
+        left_out += _stands_for(errors.pop())
         error = {**error, "errors": errors, "errors_left_out": left_out}
     while len(encoded(error)) > limit and len(error["message"]) > 3:
         over = len(encoded(error)) - limit

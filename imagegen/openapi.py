@@ -48,6 +48,12 @@ _ERROR = {
                 "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
             },
         },
+        "errors_left_out": {
+            "type": "integer",
+            "minimum": 1,
+            "description": "How many offending fields ``errors`` does not name: a delivered"
+            " error's body is cut to fit a broker's log (docs/functions.md).",
+        },
     },
 }
 
@@ -83,9 +89,9 @@ def _headers_too_large() -> dict[str, Any]:
     (gunicorn/workers/base.py, ``handle_error``: ``LimitRequestHeaders``; written as JSON by
     ``functions/_process.py``): any operation may get it."""
     return _error(
-        "Request header fields too large (a header line over 8,190 bytes, or more than 100 "
-        "headers): refused by the server before the function; the error names `headers`. "
-        "Not retried."
+        "Request header fields too large (a header line over 8,188 bytes, 8,190 with its "
+        "CRLF, or more than 100 headers): refused by the server before the function; the "
+        "error names `headers`. Not retried."
     )
 
 

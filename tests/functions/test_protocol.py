@@ -593,6 +593,27 @@ def test_a_delivered_error_body_fits_768_bytes_and_stays_json(
         assert kept.get("errors_left_out", 0) == len(fields) - len(named)
 
 
+def test_errors_left_out_counts_the_fields_a_list_cut_short_stood_for() -> None:
+    """An error names at most 20 fields, the last entry saying how many more
+    (ImageGenError); cut to fit a delivery, ``errors_left_out`` counted that entry as one
+    field, saying 11 left out where 61 were."""
+    functions = str(ROOT / "functions")
+    if functions not in sys.path:
+        sys.path.insert(0, functions)
+    from _binding import fit_error_body
+
+    from imagegen.errors import InvalidRequest
+
+    fields = [{"field": f"unknown_field_{i:03d}", "message": "extra inputs"} for i in range(72)]
+    error = InvalidRequest("invalid enhance input", errors=fields)
+    assert error.errors[-1] == {"field": "…", "message": "53 more, not listed"}
+    body = {"error": "invalid_request", "message": error.message, "errors": error.errors}
+    kept = json.loads(fit_error_body(json.dumps(body).encode()))
+    named = [e["field"] for e in kept["errors"]]
+    assert "…" not in named and named == [f["field"] for f in fields][: len(named)]
+    assert kept["errors_left_out"] == 72 - len(named)
+
+
 def test_the_server_lets_requests_in_flight_finish_past_gunicorns_30_s() -> None:
     """After SIGTERM gunicorn waits ``graceful_timeout`` for requests in flight, then kills its
     workers; functions-framework's server leaves it at gunicorn's 30 s, less than any stage's
