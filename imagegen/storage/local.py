@@ -65,6 +65,7 @@ fail, retryably, saying so.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import mimetypes
@@ -157,8 +158,16 @@ class LocalStorage(ObjectStore):
                 errors=[{"field": "storage_url", "message": why}],
             ) from None
         try:
-            self.root = expanded.resolve()
-        except (RuntimeError, OSError) as exc:  # a loop of links: RuntimeError on 3.11
+            try:
+                self.root = expanded.resolve(strict=True)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise
+                # Not there yet (made as it is first written), or refused then, in words of
+                # its own (a file where a folder should be, a folder this user cannot enter).
+                self.root = expanded.resolve()
+        except (RuntimeError, OSError) as exc:
+            # A loop of links: Python 3.11 and 3.12 raise RuntimeError, later ones ELOOP.
             why = f"{str(expanded)!r} cannot be resolved ({exc})"
             raise ConfigurationError(
                 f"local storage: {why} ({Settings.variable('storage_url')})",

@@ -190,7 +190,7 @@ async def test_the_hemisphere_is_the_holiday_plugins_countries(
     assert set(drawn) & set(SEASONAL_SUBJECTS["summer"])
 
 
-@pytest.mark.parametrize("countries", [["AU", "XX"], ["AUS", "NYSE"], ["au-nsw", "AU-ZZ"]])
+@pytest.mark.parametrize("countries", [["AU", "XX"], ["AUS", "NYSE"], ["au-nsw", "US-ZZ"]])
 async def test_a_country_the_holiday_plugin_does_not_know_leaves_the_hemisphere_alone(
     dreamer: MakeDreamer, countries: list[str]
 ) -> None:

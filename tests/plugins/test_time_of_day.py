@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zoneinfo
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -139,6 +140,9 @@ def test_iana_zones_are_time_zones_and_listed_only_when_needed() -> None:
     models._iana_zones.cache_clear()
     assert Settings(timezone="UTC").timezone == "UTC"
     assert models._iana_zones.cache_info().currsize == 0
-    for zone in ("Asia/Tokyo", "America/Argentina/Buenos_Aires", "US/Eastern", "Etc/GMT+5"):
+    zones = ["Asia/Tokyo", "America/Argentina/Buenos_Aires", "Etc/GMT+5"]
+    # A legacy link, where the host's tz database has it (Debian 13 ships those apart).
+    zones += [zone for zone in ("US/Eastern",) if zone in zoneinfo.available_timezones()]
+    for zone in zones:
         assert parse_model(GenerationRequest, {"timezone": zone}).timezone == zone
     assert models._iana_zones.cache_info().currsize == 1
