@@ -36,6 +36,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from imagegen.auth.api_keys import malformed_hashes
 from imagegen.models import (
     MAX_ENHANCER_CHARS,
     MAX_LORA_PATH_CHARS,
@@ -586,6 +587,15 @@ def _plugin_count(value: list[str]) -> list[str]:
     return value
 
 
+def _key_hashes(value: list[str]) -> list[str]:
+    """``value`` when each entry is an API key's hash, as the functions' gate reads them
+    (:class:`imagegen.auth.api_keys.ApiKeys`); never echoes one. Any other entry would fail
+    every function's start-up, each request then answered 503 (retried without end)."""
+    if (problem := malformed_hashes(value)) is not None:
+        raise ValueError(problem)
+    return value
+
+
 def _split_list(value: Any) -> Any:
     if isinstance(value, str):
         text = value.strip()
@@ -877,6 +887,7 @@ class Settings(BaseSettings):
     _keep_alive = field_validator("ollama_keep_alive")(_keep_alive_duration)
     _signing = field_validator("url_signing_secret")(_signing_secret)
     _allowed = field_validator("webhook_allowed")(_webhook_allowed)
+    _api_keys = field_validator("api_key_hashes")(_key_hashes)
     # Runs before _split (pydantic runs "before" validators last defined first): only the
     # text given tells an empty variable from an unset one.
     _no_empty_secrets = field_validator("webhook_secrets", mode="before")(_not_emptied)
@@ -909,7 +920,7 @@ class Settings(BaseSettings):
         if self.model not in self.served_models:
             # The choices are said, not the value given (none of a setting's values is echoed).
             raise ValueError(
-                "IMAGEGEN_MODEL must be one of IMAGEGEN_SERVED_MODELS "
+                f"{self.variable('model')} must be one of {self.variable('served_models')} "
                 f"({', '.join(self.served_models)})"
             )
         if not self.allow_non_commercial:
@@ -917,8 +928,9 @@ class Settings(BaseSettings):
                 spec = spec_for(model)
                 if not spec.commercial:
                     raise ValueError(
-                        f"IMAGEGEN_SERVED_MODELS: {model} is under the {spec.licence}; "
-                        "set IMAGEGEN_ALLOW_NON_COMMERCIAL=true to serve it"
+                        f"{self.variable('served_models')}: {model} is under the "
+                        f"{spec.licence}; set {self.variable('allow_non_commercial')}=true to"
+                        " serve it"
                     )
         return self
 

@@ -429,3 +429,155 @@ def test_doctor_json_says_settings_that_cannot_work(cli: RunCli) -> None:
     assert (row["check"], row["status"]) == ("settings", "error")
     assert row["summary"] == f"{line.removeprefix('imagegen: error: ')}."
     assert "IMAGEGEN_THUMBNAIL_SIZE" in row["summary"] and "SecretValue77" not in result.stdout
+
+
+# -- Settings that do nothing here ------------------------------------------------------------
+
+
+def test_doctor_says_what_a_function_warns_of_at_start_up(cli: RunCli) -> None:
+    """A function logs these once as it starts; doctor said nothing of them, all rows ok."""
+    env = {
+        "IMAGEGEN_PROFILE": "prod",
+        "IMAGEGEN_AUTH_REQUIRED": "false",
+        "IMAGEGEN_DEVICE": "cpu",
+        "IMAGEGEN_MODEL": "tiny",
+        "IMAGEGEN_RENDER_FP8": "true",
+        "IMAGEGEN_RENDER_COMPILE": "regional",
+    }
+    result = cli("doctor", "--json", env=env)
+    assert result.returncode == 0, result.stdout  # warnings: images can still be made
+    rows = json.loads(result.stdout)["checks"]
+    said = [row for row in rows if row["check"] == "settings"]
+    assert [row["status"] for row in said] == ["warning", "warning"]
+    assert said[0]["summary"].startswith(
+        "IMAGEGEN_AUTH_REQUIRED=false with IMAGEGEN_PROFILE=prod: authentication is off"
+    )
+    assert said[1]["summary"].startswith(
+        "IMAGEGEN_RENDER_FP8=true with IMAGEGEN_RENDER_COMPILE=regional: the first render"
+    )
+    assert rows[:2] == said  # read before anything is checked
+    human = cli("doctor", env=env)
+    assert human.returncode == 0
+    assert human.stdout.count("warning  settings") == 2
+
+
+FAST = {
+    "IMAGEGEN_MODEL": "tiny",
+    "IMAGEGEN_RENDER_FP8": "true",
+    "IMAGEGEN_RENDER_COMPILE": "regional",
+    "IMAGEGEN_RENDER_FUSE_QKV": "true",
+}
+
+
+def test_doctor_says_the_fast_path_is_not_applied_off_cuda(cli: RunCli) -> None:
+    pytest.importorskip("torch")
+    result = cli("doctor", "--json", env={**FAST, "IMAGEGEN_DEVICE": "cpu"})
+    assert result.returncode == 0, result.stdout
+    rows = _rows(result.stdout)
+    render = rows["render"]
+    assert render["status"] == "warning"
+    assert render["summary"].endswith(
+        " renders on cpu (float32). IMAGEGEN_RENDER_FUSE_QKV=true, IMAGEGEN_RENDER_FP8=true and"
+        " IMAGEGEN_RENDER_COMPILE=regional are not applied on cpu: the fast path is CUDA's alone"
+        " (docs/rendering.md)."
+    )
+    assert rows["model"]["status"] == "ok"  # torch is there: the model is still checked
+    plain = _rows(cli("doctor", "--json", env={"IMAGEGEN_MODEL": "tiny"}).stdout)
+    assert plain["render"]["status"] == "ok"
+
+
+@pytest.fixture
+def on_cuda(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """torch, as where render runs on a CUDA GPU of compute capability 8.0, without torchao."""
+    import importlib.util
+
+    pytest.importorskip("torch")
+    import torch
+
+    from imagegen.render.diffusers_backend import DiffusersBackend
+
+    described = {"torch": torch.__version__, "device": "cuda", "dtype": "bfloat16"}
+    monkeypatch.setattr(DiffusersBackend, "describe", lambda self: described)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "torchao" else real(name, *args),
+    )
+    return torch
+
+
+def test_doctor_says_fusing_and_compiling_are_not_applied_with_loras(
+    cli: RunCli, tmp_path: Path, on_cuda: Any
+) -> None:
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    env = {**FAST, "IMAGEGEN_RENDER_FP8": "false", "IMAGEGEN_LORA_DIR": str(loras)}
+    render = _rows(cli("doctor", "--json", env=env).stdout)["render"]
+    assert render["status"] == "warning"
+    assert render["summary"] == (
+        f"torch {on_cuda.__version__} renders on cuda (bfloat16). IMAGEGEN_RENDER_FUSE_QKV=true and"
+        " IMAGEGEN_RENDER_COMPILE=regional are not applied: LoRAs are configured"
+        " (IMAGEGEN_LORA_DIR), whose adapters fusing and compiling would defeat"
+        " (docs/rendering.md)."
+    )
+    env["IMAGEGEN_RENDER_FP8"] = "true"  # applied with LoRAs, but not on this GPU: both said
+    both = _rows(cli("doctor", "--json", env=env).stdout)["render"]
+    assert both["summary"].endswith(
+        " would defeat (docs/rendering.md). IMAGEGEN_RENDER_FP8=true is not applied: fp8 needs"
+        " compute capability 8.9+, this GPU has 8.0 (docs/rendering.md)."
+    )
+    assert both["next_step"] == (
+        "Unset them, or the LoRAs. Unset it, or render on an Ada or Hopper GPU."
+    )
+    del env["IMAGEGEN_LORA_DIR"], env["IMAGEGEN_RENDER_FP8"]
+    assert _rows(cli("doctor", "--json", env=env).stdout)["render"]["status"] == "ok"
+
+
+def test_doctor_says_fp8_is_not_applied_where_the_gpu_or_torchao_lacks_it(
+    cli: RunCli, on_cuda: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = {"IMAGEGEN_MODEL": "tiny", "IMAGEGEN_RENDER_FP8": "true"}
+    render = _rows(cli("doctor", "--json", env=env).stdout)["render"]
+    assert render["status"] == "warning"
+    assert render["summary"].endswith(
+        " IMAGEGEN_RENDER_FP8=true is not applied: fp8 needs compute capability 8.9+, this GPU"
+        " has 8.0 (docs/rendering.md)."
+    )
+    monkeypatch.setattr(on_cuda.cuda, "get_device_capability", lambda device=None: (9, 0))
+    render = _rows(cli("doctor", "--json", env=env).stdout)["render"]
+    assert render["summary"].endswith(
+        " IMAGEGEN_RENDER_FP8=true is not applied: torchao is not installed (docs/rendering.md)."
+    )
+
+
+def test_doctor_warns_of_loras_configured_but_not_there(cli: RunCli, tmp_path: Path) -> None:
+    """The lora plugin said so only in its log, at each request; render at start-up."""
+    there = tmp_path / "ink.safetensors"
+    there.write_bytes(b"")
+    missing = tmp_path / "gone.safetensors"
+    env = {
+        "IMAGEGEN_MODEL": "tiny",
+        "IMAGEGEN_LORA_DIR": str(tmp_path / "not-mounted"),
+        "IMAGEGEN_LORAS": f"{there},someone/hub-lora,{missing}",
+    }
+    result = cli("doctor", "--json", env=env)
+    assert result.returncode == 0, result.stdout
+    plugins = _rows(result.stdout)["plugins"]
+    assert plugins["status"] == "warning"
+    assert plugins["summary"].endswith(
+        f"remote_context. IMAGEGEN_LORA_DIR={tmp_path / 'not-mounted'} is not a directory: the"
+        f" lora plugin draws no LoRA from it. IMAGEGEN_LORAS: {missing} does not exist here: a"
+        " job that draws one fails at render (503, retried)."
+    )
+    assert "hub-lora" not in plugins["summary"]  # a Hub id is not looked for
+    env["IMAGEGEN_LORA_DIR"] = str(there)  # a file, not a directory
+    env["IMAGEGEN_LORAS"] = str(there)
+    plugins = _rows(cli("doctor", "--json", env=env).stdout)["plugins"]
+    assert plugins["status"] == "warning"
+    assert plugins["summary"].endswith(
+        f"IMAGEGEN_LORA_DIR={there} is not a directory: the lora plugin draws no LoRA from it."
+    )
+    env["IMAGEGEN_LORA_DIR"] = str(tmp_path)
+    assert _rows(cli("doctor", "--json", env=env).stdout)["plugins"]["status"] == "ok"

@@ -13,11 +13,11 @@ import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from imagegen.errors import InvalidRequest
 
-__all__ = ["PREFIX", "ApiKeys", "hash_api_key", "new_api_key"]
+__all__ = ["PREFIX", "ApiKeys", "hash_api_key", "malformed_hashes", "new_api_key"]
 
 PREFIX = "igk_"
 _HASH = re.compile(r"sha256:[0-9a-f]{64}")
@@ -34,21 +34,39 @@ def hash_api_key(key: str) -> str:
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
+def malformed_hashes(hashes: Sequence[str]) -> str | None:
+    """Why ``hashes`` are not all key hashes (``sha256:<64 hex digits>``, in any case, blank
+    entries skipped): the first entry that is none, by its place (``entry 2 of 3``, counted
+    from 1 among all given), never its text; None when each is one."""
+    for number, entry in enumerate(hashes, start=1):
+        text = entry.strip().lower()
+        if not text or _HASH.fullmatch(text):
+            continue
+        if text.startswith(PREFIX):  # the key pasted where its hash belongs
+            return (
+                f"entry {number} of {len(hashes)} is an API key, not its hash: configure its"
+                " sha256:<64 hex digits> hash"
+            )
+        return f"entry {number} of {len(hashes)} is not sha256:<64 hex digits>"
+    return None
+
+
 class ApiKeys:
     """The accepted key hashes.
 
     Raises:
-        InvalidRequest: naming ``api_key_hashes`` when an entry is not ``sha256:<64 hex>``.
+        InvalidRequest: naming ``api_key_hashes`` when an entry is not ``sha256:<64 hex>``
+            (the settings refuse such an entry already, as :func:`malformed_hashes` says it).
     """
 
     def __init__(self, hashes: Iterable[str]) -> None:
-        self._hashes = [h.strip().lower() for h in hashes if h.strip()]
-        bad = [i for i, h in enumerate(self._hashes) if not _HASH.fullmatch(h)]
-        if bad:
+        given = list(hashes)
+        if (problem := malformed_hashes(given)) is not None:
             raise InvalidRequest(
                 "api_key_hashes: each entry must be sha256:<64 hex digits>",
-                errors=[{"field": "api_key_hashes", "message": f"entry {bad[0]} is malformed"}],
+                errors=[{"field": "api_key_hashes", "message": problem}],
             )
+        self._hashes = [h.strip().lower() for h in given if h.strip()]
 
     def __bool__(self) -> bool:
         return bool(self._hashes)

@@ -45,10 +45,16 @@ class Check(NamedTuple):
 
 
 def run_checks(settings: Settings) -> list[Check]:
-    """The render back end, the model, Ollama, storage, the prompt plugins and the ledger,
-    each as a :class:`Check`; never raises."""
-    rows = [_render_check(settings)]
-    if rows[0].status != "warning":  # torch is there: the model is checked, device or not
+    """The settings' start-up warnings, the render back end, the model, Ollama, storage, the
+    prompt plugins and the ledger, each as a :class:`Check`; never raises."""
+    # What a function logs once as it starts: settings that work against each other here too.
+    rows = [
+        Check("settings", "warning", f"{warning}.", _SETTINGS_STEP)
+        for warning in settings.start_up_warnings()
+    ]
+    render, installed = _render_check(settings)
+    rows.append(render)
+    if installed:  # torch is there: the model is checked, device or not
         rows.append(_model_check(settings))
 
     async def checks() -> tuple[Advice, str | None, Check]:
@@ -97,7 +103,11 @@ def run_checks(settings: Settings) -> list[Check]:
     return rows
 
 
-def _render_check(settings: Settings) -> Check:
+_SETTINGS_STEP = "Change the settings named, unless that is meant (docs/configuration.md)."
+
+
+def _render_check(settings: Settings) -> tuple[Check, bool]:
+    """The render row, and whether the render extra is installed."""
     from imagegen.errors import ImageGenError
     from imagegen.render._errors import INSTALL_HINT
 
@@ -111,24 +121,98 @@ def _render_check(settings: Settings) -> Check:
             "warning",
             f"{exc.name or 'torch'} is not installed: this install enhances and persists only.",
             f"Install the render extra: {INSTALL_HINT}.",
-        )
+        ), False
     except ImageGenError as exc:
-        return Check("render", "error", exc.message, "Check IMAGEGEN_DEVICE.")
+        return Check("render", "error", exc.message, "Check IMAGEGEN_DEVICE."), True
     device = info.get("device", "")
     if device.startswith("unavailable"):
         # The reason names the setting, and the profile where that set it: not the variable
         # alone, which a user of IMAGEGEN_PROFILE=prod never set.
         why = device.removeprefix("unavailable: ")
-        return Check("render", "error", f"{why}.", "Set IMAGEGEN_DEVICE=auto (or cpu).")
+        return Check("render", "error", f"{why}.", "Set IMAGEGEN_DEVICE=auto (or cpu)."), True
     summary = f"torch {info['torch']} renders on {device} ({info.get('dtype', '?')})."
+    if unapplied := _fast_path_unapplied(settings, device):
+        said, step = unapplied
+        return Check("render", "warning", f"{summary} {said}.", step), True
     if device == "cpu":
         return Check(
             "render",
             "ok",
             summary,
             "Fine for `--model tiny`; FLUX wants a CUDA GPU (docs/deploy.md).",
+        ), True
+    return Check("render", "ok", summary, ""), True
+
+
+def _fast_path_unapplied(settings: Settings, device: str) -> tuple[str, str] | None:
+    """The fast-path settings given that render does not apply on ``device``, as
+    ``imagegen.render._fastpath.apply_fast_path`` decides (nothing off CUDA; neither fusing
+    nor compiling where LoRAs are configured; fp8 below compute capability 8.9 or without
+    torchao), said with the next step; None when each one given applies. Called once torch
+    is imported (the render row's back end)."""
+    import importlib.util
+
+    fuse = (settings.render_fuse_qkv, f"{settings.variable('render_fuse_qkv')}=true")
+    fp8 = (settings.render_fp8, f"{settings.variable('render_fp8')}=true")
+    compile_ = (
+        settings.render_compile != "off",
+        f"{settings.variable('render_compile')}={settings.render_compile}",
+    )
+    if not device.startswith("cuda"):
+        off = [said for wanted, said in (fuse, fp8, compile_) if wanted]
+        if not off:
+            return None
+        return (
+            f"{_listed(off)} {_is(off)} not applied on {device}: the fast path is CUDA's alone"
+            " (docs/rendering.md)",
+            "Unset them here, or render on a CUDA GPU.",
         )
-    return Check("render", "ok", summary, "")
+    notes: list[tuple[str, str]] = []
+    off = [said for wanted, said in (fuse, compile_) if wanted]
+    if off and (settings.loras or settings.lora_dir):
+        lora_vars = [
+            settings.variable(name) for name in ("loras", "lora_dir") if getattr(settings, name)
+        ]
+        notes.append(
+            (
+                f"{_listed(off)} {_is(off)} not applied: LoRAs are configured"
+                f" ({_listed(lora_vars)}), whose adapters fusing and compiling would defeat"
+                " (docs/rendering.md)",
+                "Unset them, or the LoRAs.",
+            )
+        )
+    if settings.render_fp8:
+        import torch
+
+        from imagegen.render._fastpath import FP8_MIN_CAPABILITY
+
+        capability = tuple(torch.cuda.get_device_capability(device))
+        if capability < FP8_MIN_CAPABILITY:
+            notes.append(
+                (
+                    f"{fp8[1]} is not applied: fp8 needs compute capability 8.9+, this GPU has"
+                    f" {capability[0]}.{capability[1]} (docs/rendering.md)",
+                    "Unset it, or render on an Ada or Hopper GPU.",
+                )
+            )
+        elif importlib.util.find_spec("torchao") is None:
+            notes.append(
+                (
+                    f"{fp8[1]} is not applied: torchao is not installed (docs/rendering.md)",
+                    "Install it (pip install 'imagegen[fp8]'), or unset it.",
+                )
+            )
+    if not notes:
+        return None
+    return ". ".join(n for n, _ in notes), " ".join(step for _, step in notes)
+
+
+def _listed(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def _is(names: list[str]) -> str:
+    return "is" if len(names) == 1 else "are"
 
 
 def _model_check(settings: Settings) -> Check:
@@ -285,7 +369,59 @@ async def _plugins_check(settings: Settings) -> Check:
             "plugins", "error", f"{settings.variable('plugin_options')}: {said}.", _PLUGINS_STEP
         )
     names = ", ".join(plugin_set.names) or "none"
-    return Check("plugins", "ok", f"Prompt plugins enabled: {names}.", "")
+    summary = f"Prompt plugins enabled: {names}."
+    if missing := _missing_loras(settings):
+        return Check(
+            "plugins",
+            "warning",
+            f"{summary} {' '.join(missing)}",
+            "Mount or fix the LoRAs named, or unset the setting (docs/plugins.md).",
+        )
+    return Check("plugins", "ok", summary, "")
+
+
+def _missing_loras(settings: Settings) -> list[str]:
+    """A sentence for an ``IMAGEGEN_LORA_DIR`` that is not a directory here, and one for the
+    ``IMAGEGEN_LORAS`` entries that name a path not there (as render's
+    ``imagegen.render._lora.missing_loras`` finds them): the lora plugin draws nothing from
+    the directory, saying so in the log at each request, and takes such an entry for a Hub
+    id, which render then answers 503."""
+    from pathlib import Path
+
+    from imagegen.modelspec import looks_like_path
+
+    said = []
+    if settings.lora_dir is not None:
+        variable = settings.variable("lora_dir")
+        try:
+            found = settings.lora_dir.expanduser().is_dir()
+        except OSError as exc:  # ENAMETOOLONG, a folder on the way it may not search
+            why = exc.strerror or type(exc).__name__
+            said.append(f"{variable}={settings.lora_dir} cannot be looked up ({why}).")
+        else:
+            if not found:
+                said.append(
+                    f"{variable}={settings.lora_dir} is not a directory: the lora plugin draws"
+                    " no LoRA from it."
+                )
+    missing = []
+    for entry in settings.loras:
+        if not looks_like_path(entry):
+            continue  # a Hub id, not looked for
+        try:
+            there = Path(entry).expanduser().exists()
+        except OSError:  # a name too long, a folder it may not search: not there for render
+            there = False
+        if not there:
+            missing.append(entry)
+    if missing:
+        paths = ", ".join(missing)
+        verb = "does" if len(missing) == 1 else "do"
+        said.append(
+            f"{settings.variable('loras')}: {paths} {verb} not exist here: a job that draws"
+            " one fails at render (503, retried)."
+        )
+    return said
 
 
 _PLUGINS_STEP = (

@@ -19,10 +19,11 @@ from typing import Any
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from pydantic import ValidationError
 
 from imagegen.auth import Authenticator, SigningKeys, hash_api_key, new_api_key
 from imagegen.auth.oidc import KeyNotFetched
-from imagegen.errors import DependencyUnavailable, Forbidden, InvalidRequest, Unauthenticated
+from imagegen.errors import DependencyUnavailable, Forbidden, Unauthenticated
 from imagegen.settings import Settings
 from tests.fakes.oidc_issuer import AUDIENCE, SUBJECT, Issuer
 
@@ -349,9 +350,11 @@ def test_api_keys_are_stored_hashed(issuer: Issuer) -> None:
     key, digest = new_api_key()
     assert digest == hash_api_key(key) and key not in digest
     assert digest.startswith("sha256:") and len(digest) == 7 + 64
-    with pytest.raises(InvalidRequest) as caught:
-        gate(issuer, api_key_hashes=key)  # the key itself, by mistake
-    assert caught.value.fields == ["api_key_hashes"]
+    # The key itself, by mistake: refused as the settings are read, naming the setting.
+    with pytest.raises(ValidationError) as refused:
+        gate(issuer, api_key_hashes=key)
+    assert refused.value.errors()[0]["loc"] == ("api_key_hashes",)
+    assert "is an API key, not its hash" in str(refused.value) and key not in str(refused.value)
 
 
 def test_off_admits_everyone(issuer: Issuer) -> None:

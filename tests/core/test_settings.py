@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from imagegen.errors import ConfigurationError
+from imagegen.auth.api_keys import ApiKeys, hash_api_key
+from imagegen.errors import ConfigurationError, InvalidRequest
 from imagegen.events import GENERATION_REQUESTED
 from imagegen.settings import DEFAULT_MODEL, Settings
 from tests.conftest import RunCli
@@ -140,6 +141,92 @@ def test_non_commercial_models_need_the_operator_to_allow_them(
         Settings()
     monkeypatch.setenv("IMAGEGEN_ALLOW_NON_COMMERCIAL", "true")
     assert Settings().served_models == [model]
+
+
+@pytest.mark.parametrize(
+    ("model", "served", "said"),
+    [
+        ("black-forest-labs/FLUX.2-klein-4B", "tiny", "IMAGEGEN_MODEL must be one of"),
+        ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-dev", "Non-Commercial"),
+    ],
+)
+def test_the_served_models_are_named_by_the_variable_set(
+    monkeypatch: pytest.MonkeyPatch, model: str, served: str, said: str
+) -> None:
+    """Set by its former name, the setting is named so: not IMAGEGEN_SERVED_MODELS, which the
+    user never set."""
+    monkeypatch.setenv("IMAGEGEN_MODEL", model)
+    monkeypatch.setenv("IMAGEGEN_ALLOWED_MODELS", served)
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    message = str(caught.value)
+    assert said in message and "IMAGEGEN_ALLOWED_MODELS" in message
+    assert "IMAGEGEN_SERVED_MODELS" not in message
+
+
+def test_the_served_models_are_said_by_their_variable_in_the_cli(cli: RunCli) -> None:
+    result = cli("doctor", env={"IMAGEGEN_ALLOWED_MODELS": "tiny"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        "imagegen: error: invalid settings: IMAGEGEN_MODEL must be one of"
+        " IMAGEGEN_ALLOWED_MODELS (tiny)"
+    )
+
+
+KEY_HASH = hash_api_key("igk_first")
+NO_HASH = "is not sha256:<64 hex digits>"
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("foo", f"entry 1 of 1 {NO_HASH}"),
+        (f"{KEY_HASH},sha256:{'a' * 63}", f"entry 2 of 2 {NO_HASH}"),
+        (f"{KEY_HASH},{KEY_HASH}x,{KEY_HASH}", f"entry 2 of 3 {NO_HASH}"),
+        (f"sha256:{'g' * 64}", f"entry 1 of 1 {NO_HASH}"),
+        (KEY_HASH.removeprefix("sha256:"), f"entry 1 of 1 {NO_HASH}"),
+        (
+            f"{KEY_HASH},igk_pasted_the_key",
+            "entry 2 of 2 is an API key, not its hash: configure its sha256:<64 hex digits> hash",
+        ),
+    ],
+    ids=["word", "short", "longer", "no-hex", "no-prefix", "the-key"],
+)
+def test_api_key_hashes_that_are_no_hashes_are_refused_naming_the_entry(
+    monkeypatch: pytest.MonkeyPatch, value: str, said: str
+) -> None:
+    """Taken before, such an entry failed every function's start-up after it: each request
+    answered 503 (retried without end), while doctor and the CLI said nothing was wrong."""
+    monkeypatch.setenv("IMAGEGEN_API_KEY_HASHES", value)
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    [error] = caught.value.errors()
+    assert error["loc"] == ("api_key_hashes",)
+    assert error["msg"] == f"Value error, {said}"
+    refused = ConfigurationError.of("", caught.value, name=Settings.variable)
+    assert refused.message == "invalid settings: IMAGEGEN_API_KEY_HASHES"
+    assert "igk_pasted" not in str(caught.value)  # named by its place, never echoed
+    # The gate says it alike, to a caller that builds the key set itself.
+    with pytest.raises(InvalidRequest) as gate:
+        ApiKeys(value.split(","))
+    assert gate.value.errors == [{"field": "api_key_hashes", "message": said}]
+
+
+def test_api_key_hashes_are_taken_in_any_case_and_blank_entries_skipped() -> None:
+    upper = "SHA256:" + KEY_HASH.removeprefix("sha256:").upper()
+    settings = Settings(api_key_hashes=json.dumps([KEY_HASH, " ", upper]))
+    assert ApiKeys(settings.api_key_hashes).match("igk_first") == KEY_HASH
+    assert Settings(api_key_hashes="").api_key_hashes == []
+
+
+def test_the_cli_refuses_api_key_hashes_that_are_no_hashes(cli: RunCli) -> None:
+    result = cli("doctor", "--json", env={"IMAGEGEN_API_KEY_HASHES": "foo"})
+    assert result.returncode == 2, result.stderr
+    [row] = json.loads(result.stdout)["checks"]
+    assert (row["check"], row["status"]) == ("settings", "error")
+    assert row["summary"] == (
+        f"invalid settings: IMAGEGEN_API_KEY_HASHES (entry 1 of 1 {NO_HASH})."
+    )
 
 
 WAITS = ["ollama_timeout", "ollama_breaker_cooldown", "remote_context_timeout"]
