@@ -60,6 +60,11 @@ class _Replies(BaseHTTPRequestHandler):
             self.send_response(200)
             self.send_header("content-type", "application/octet-stream")
             body = b'"\xff\xfe\x89"'
+        elif self.path in ("/text-bytes", "/json-bytes"):  # typed as text, yet no UTF-8
+            self.send_response(200)
+            kind = "text/plain" if self.path == "/text-bytes" else "application/json"
+            self.send_header("content-type", f"{kind}; charset=utf-8")
+            body = b"caf\xe9 \xff"
         elif self.path == "/busy":
             self.send_response(503)
             self.send_header("retry-after", "7")
@@ -230,6 +235,18 @@ def test_a_binary_reply_that_would_read_as_json_once_replaced_keeps_its_bytes(
     reply = json.loads(result.stdout)
     assert "data" not in reply
     assert base64.b64decode(reply["data_base64"]) == b'"\xff\xfe\x89"'
+
+
+@pytest.mark.parametrize("path", ["/text-bytes", "/json-bytes"])
+def test_a_utf8_reply_whose_bytes_are_no_utf8_keeps_its_bytes(
+    cli: RunCli, replies: tuple[str, list[str]], path: str
+) -> None:
+    """Printed as text, its bytes were replaced by U+FFFD."""
+    url, _ = replies
+    result = cli("send", GENERATION_REQUESTED, "--to", f"{url}{path}")
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout)
+    assert "data" not in reply and base64.b64decode(reply["data_base64"]) == b"caf\xe9 \xff"
 
 
 def test_a_redirect_delivered_nothing(cli: RunCli, replies: tuple[str, list[str]]) -> None:

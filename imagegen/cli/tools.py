@@ -390,6 +390,14 @@ def send(
         raise typer.Exit(1)
 
 
+def _not_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
 def _printed_reply(reply: Any) -> dict[str, Any]:
     """What ``send`` prints of a reply: its status, its ``ce-`` headers and ``Retry-After``
     (when to ask again, of a 429 or 503), and its body: JSON as JSON, other text as a string,
@@ -408,12 +416,14 @@ def _printed_reply(reply: Any) -> dict[str, Any]:
     # The bytes, where they are to be UTF-8 (JSON's own encoding, RFC 8259 section 8.1):
     # decoded leniently, bytes that are no UTF-8 would parse as U+FFFD and be lost.
     charset = (reply.charset_encoding or "utf-8").lower().replace("_", "-")
-    body = reply.content if charset in ("utf-8", "utf8") else reply.text
+    utf8 = charset in ("utf-8", "utf8")
+    body = reply.content if utf8 else reply.text
     try:
         printed["data"] = loads(body, field="reply")
     except InvalidRequest:
         media = reply.headers.get("content-type", "").split(";")[0].strip().lower()
-        if not reply.content or not media or media.startswith("text/") or "json" in media:
+        textual = not media or media.startswith("text/") or "json" in media
+        if not reply.content or (textual and not (utf8 and _not_utf8(reply.content))):
             printed["data"] = reply.text
         else:  # read as text, bytes that are no text would be lost
             printed["data_base64"] = base64.b64encode(reply.content).decode("ascii")
