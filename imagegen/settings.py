@@ -36,6 +36,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from imagegen._paths import expanded
 from imagegen.auth.api_keys import malformed_hashes
 from imagegen.models import (
     MAX_ENHANCER_CHARS,
@@ -526,11 +527,7 @@ def _path_chars(path: str | Path) -> int:
             with no passwd entry and no ``HOME``, as in many containers): the lora plugin and
             render expand it at every draw and every job, and would fail each one.
     """
-    try:
-        expanded = Path(path).expanduser()
-    except RuntimeError:  # pathlib's "Could not determine home directory."
-        raise ValueError("~ names no home directory this process can find") from None
-    return max(len(str(path)), len(str(expanded)))
+    return max(len(str(path)), len(str(expanded(path))))
 
 
 def _storage_path(value: str) -> str:

@@ -37,6 +37,7 @@ from imagegen.ledger._sql import (
     Unreadable,
 )
 from imagegen.ledger._text import storable
+from imagegen.ledger.store import ledger_file
 
 __all__ = ["SqliteLedger"]
 
@@ -195,13 +196,7 @@ class SqliteLedger(SqlLedger):
     ) -> None:
         self._busy_timeout = _BUSY_TIMEOUT_S if busy_timeout is None else busy_timeout
         if str(path) != ":memory:":
-            try:
-                path = Path(path).expanduser()
-            except RuntimeError:  # pathlib's "Could not determine home directory."
-                why = "~ names no home directory this process can find"
-                raise ConfigurationError(
-                    f"ledger {path}: {why}", errors=[{"field": "ledger_url", "message": why}]
-                ) from None
+            path = ledger_file(path)
         self.path = path
         self._must_exist = must_exist or read_only
         self.read_only = read_only

@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, Protocol, TextIO, runtime_checkable
 
+from imagegen._paths import NoHome, expanded
 from imagegen.errors import ConfigurationError, InvalidRequest
 from imagegen.ledger.models import (
     Delivery,
@@ -158,12 +159,21 @@ def ledger_path(url: str | None) -> Path | None:
     path = url[len("sqlite:///") :] if url.lower().startswith("sqlite:///") else url
     if path == ":memory:":
         return None
+    return ledger_file(path)
+
+
+def ledger_file(path: str | Path) -> Path:
+    """``path``, a SQLite ledger's file, with ``~`` expanded.
+
+    Raises:
+        ConfigurationError: its ``~`` names no home this process can find, naming
+            ``ledger_url``.
+    """
     try:
-        return Path(path).expanduser()
-    except RuntimeError:  # pathlib's "Could not determine home directory."
-        why = "~ names no home directory this process can find"
+        return expanded(path)
+    except NoHome as exc:
         raise ConfigurationError(
-            f"ledger {path}: {why}", errors=[{"field": "ledger_url", "message": why}]
+            f"ledger {path}: {exc}", errors=[{"field": "ledger_url", "message": str(exc)}]
         ) from None
 
 

@@ -25,6 +25,7 @@ from huggingface_hub.errors import (
 from packaging.version import Version
 from safetensors import SafetensorError
 
+from imagegen._paths import NoHome, expanded
 from imagegen.errors import DependencyUnavailable, InvalidRequest
 from imagegen.modelspec import looks_like_path
 from imagegen.render._errors import field_error, first_line
@@ -79,13 +80,9 @@ def load_pipeline(model: str, dtype: torch.dtype, settings: Settings) -> Pipelin
             are damaged or incomplete.
     """
     try:
-        local = Path(model).expanduser()
-    except RuntimeError:  # pathlib's "Could not determine home directory."
-        # An unknown ``~user``, or a user with no passwd entry and no HOME (many containers).
-        raise field_error(
-            "model",
-            f"no such model directory: {model!r} (~ names no home directory this process can find)",
-        ) from None
+        local = expanded(model)
+    except NoHome as exc:
+        raise field_error("model", f"no such model directory: {model!r} ({exc})") from None
     if local.exists():
         if not (local / "model_index.json").is_file():
             raise field_error(

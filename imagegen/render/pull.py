@@ -19,6 +19,7 @@ from typing import Any
 
 from huggingface_hub import is_offline_mode
 
+from imagegen._paths import NoHome, expanded
 from imagegen.errors import DependencyUnavailable, InvalidRequest
 from imagegen.modelspec import MODELS, looks_like_path
 from imagegen.render._errors import first_line
@@ -65,11 +66,10 @@ def _local(model: str) -> Path:
             user with no passwd entry and no ``HOME``) (field ``model``).
     """
     try:
-        return Path(model).expanduser()
-    except RuntimeError:  # pathlib's "Could not determine home directory."
-        why = "~ names no home directory this process can find"
+        return expanded(model)
+    except NoHome as exc:
         raise InvalidRequest(
-            f"{model!r}: {why}", errors=[{"field": "model", "message": why}]
+            f"{model!r}: {exc}", errors=[{"field": "model", "message": str(exc)}]
         ) from None
 
 

@@ -80,6 +80,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from imagegen._paths import NoHome, expanded
 from imagegen._threads import DaemonPool, PoolExhausted
 from imagegen.errors import ConfigurationError, DependencyUnavailable, NotFound
 from imagegen.storage.base import ObjectStore, StoredObject, validate_key
@@ -150,25 +151,24 @@ class LocalStorage(ObjectStore):
         from imagegen.settings import Settings
 
         try:
-            expanded = Path(root).expanduser()
-        except RuntimeError:  # pathlib's "Could not determine home directory."
-            why = "~ names no home directory this process can find"
+            given = expanded(root)
+        except NoHome as exc:
             raise ConfigurationError(
-                f"local storage: {why} ({Settings.variable('storage_url')})",
-                errors=[{"field": "storage_url", "message": why}],
+                f"local storage: {exc} ({Settings.variable('storage_url')})",
+                errors=[{"field": "storage_url", "message": str(exc)}],
             ) from None
         try:
             try:
-                self.root = expanded.resolve(strict=True)
+                self.root = given.resolve(strict=True)
             except OSError as exc:
                 if exc.errno == errno.ELOOP:
                     raise
                 # Not there yet (made as it is first written), or refused then, in words of
                 # its own (a file where a folder should be, a folder this user cannot enter).
-                self.root = expanded.resolve()
+                self.root = given.resolve()
         except (RuntimeError, OSError) as exc:
             # A loop of links: Python 3.11 and 3.12 raise RuntimeError, later ones ELOOP.
-            why = f"{str(expanded)!r} cannot be resolved ({exc})"
+            why = f"{str(given)!r} cannot be resolved ({exc})"
             raise ConfigurationError(
                 f"local storage: {why} ({Settings.variable('storage_url')})",
                 errors=[{"field": "storage_url", "message": why}],
