@@ -60,10 +60,15 @@ class _Replies(BaseHTTPRequestHandler):
             self.send_response(200)
             self.send_header("content-type", "application/octet-stream")
             body = b'"\xff\xfe\x89"'
-        elif self.path in ("/text-bytes", "/json-bytes"):  # typed as text, yet no UTF-8
-            self.send_response(200)
-            kind = "text/plain" if self.path == "/text-bytes" else "application/json"
-            self.send_header("content-type", f"{kind}; charset=utf-8")
+        elif self.path in ("/text-bytes", "/json-bytes", "/ascii-bytes", "/foo-bytes"):
+            self.send_response(200)  # typed as text, in bytes its charset cannot decode
+            kind, charset = {
+                "/text-bytes": ("text/plain", "utf-8"),
+                "/json-bytes": ("application/json", "utf-8"),
+                "/ascii-bytes": ("text/plain", "us-ascii"),
+                "/foo-bytes": ("text/plain", "foo"),  # no codec: httpx reads it as UTF-8
+            }[self.path]
+            self.send_header("content-type", f"{kind}; charset={charset}")
             body = b"caf\xe9 \xff"
         elif self.path == "/busy":
             self.send_response(503)
@@ -237,8 +242,8 @@ def test_a_binary_reply_that_would_read_as_json_once_replaced_keeps_its_bytes(
     assert base64.b64decode(reply["data_base64"]) == b'"\xff\xfe\x89"'
 
 
-@pytest.mark.parametrize("path", ["/text-bytes", "/json-bytes"])
-def test_a_utf8_reply_whose_bytes_are_no_utf8_keeps_its_bytes(
+@pytest.mark.parametrize("path", ["/text-bytes", "/json-bytes", "/ascii-bytes", "/foo-bytes"])
+def test_a_text_reply_its_charset_cannot_decode_keeps_its_bytes(
     cli: RunCli, replies: tuple[str, list[str]], path: str
 ) -> None:
     """Printed as text, its bytes were replaced by U+FFFD."""

@@ -390,10 +390,12 @@ def send(
         raise typer.Exit(1)
 
 
-def _not_utf8(data: bytes) -> bool:
+def _lossy(reply: Any) -> bool:
+    """Whether ``reply``'s text replaces bytes: ones its charset (or UTF-8, where it names
+    none or one Python does not know, as httpx decodes it) cannot decode."""
     try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
+        reply.content.decode(reply.encoding or "utf-8")
+    except (UnicodeDecodeError, LookupError):
         return True
     return False
 
@@ -423,7 +425,7 @@ def _printed_reply(reply: Any) -> dict[str, Any]:
     except InvalidRequest:
         media = reply.headers.get("content-type", "").split(";")[0].strip().lower()
         textual = not media or media.startswith("text/") or "json" in media
-        if not reply.content or (textual and not (utf8 and _not_utf8(reply.content))):
+        if not reply.content or (textual and not _lossy(reply)):
             printed["data"] = reply.text
         else:  # read as text, bytes that are no text would be lost
             printed["data_base64"] = base64.b64encode(reply.content).decode("ascii")
