@@ -51,7 +51,7 @@ from imagegen.errors import (
     first_line,
 )
 from imagegen.events import reply_attributes
-from imagegen.identity import generation_id, identify
+from imagegen.identity import generation_id, identify, valid_generation_id
 from imagegen.stages import Call, Route, RouteCall, Stage
 from imagegen.stages import get as get_stage
 from imagegen.telemetry import (
@@ -517,8 +517,14 @@ class Function:
             cut, headers = len(body) > MAX_BODY_BYTES, dict(request.headers)
             if stage.input_model is None and not stage.consumes:  # the sink takes anything
                 message = parse_leniently(headers, body[:MAX_BODY_BYTES], truncated=cut)
-                self._check_ready()
                 data: Any = message.data
+                # The generation it names, as its record does (the subject, else the data's),
+                # for its span and the line saying why it failed.
+                named = message.attributes.get("subject") or (
+                    data.get("generation_id") if isinstance(data, dict) else None
+                )
+                gid = named if isinstance(named, str) and valid_generation_id(named) else None
+                self._check_ready()
                 call = Call(attributes=message.attributes, headers=message.headers, raw=message.raw)
             elif cut:
                 raise PayloadTooLarge(

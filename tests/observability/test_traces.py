@@ -466,6 +466,7 @@ DELIVERIES_FROM_ZERO = [
     {"outcome": "recorded"},
     {"outcome": "failed", "reason": "dependency_unavailable"},
     {"outcome": "failed", "reason": "internal"},
+    {"outcome": "failed", "reason": "not_configured"},
 ]
 
 
@@ -656,6 +657,26 @@ def test_the_dead_letter_sinks_deliveries_are_counted(
             for p in otel.points(METRIC_NAMES["generations"])
             if (p.attributes or {}).get("stage") == "deadletter"
         ]
+
+
+def test_a_dead_letter_sink_not_configured_counts_its_first_failure_from_zero(
+    otel: InMemoryTelemetry, tmp_path: Path
+) -> None:
+    # Its storage's settings incomplete (the minio preset without its endpoint): every delivery
+    # fails not_configured, and the first one must show in increase(), which needs a 0 before.
+    env = {
+        **base_env(tmp_path / "unused"),
+        "IMAGEGEN_STORAGE_URL": "s3://failures/records",
+        "IMAGEGEN_S3_PRESET": "minio",
+    }
+    labels = {"outcome": "failed", "reason": "not_configured"}
+    with measured_afresh(otel) as fresh, served_alone("deadletter", env, tmp_path) as sink:
+        assert (labels, 0) in exported(fresh, "sink_deliveries", "deadletter")
+        headers = cloudevent_headers(GENERATION_REQUESTED, event_id="unconfigured-1")
+        reply = post(sink.url, headers, b"{}")
+        assert reply.status_code == 503, reply.text
+        assert reply.json()["error"] == "not_configured"
+        assert (labels, 1) in exported(fresh, "sink_deliveries", "deadletter")
 
 
 def test_a_ledger_query_that_fails_is_no_delivery_it_could_not_record(
