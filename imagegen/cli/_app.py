@@ -575,8 +575,8 @@ def make_service(settings: Settings, *, record: bool = True) -> ImageGenService:
 
 LEDGER_BUSY_TIMEOUT = 2.0
 """Seconds the history's write waits for a lock another process holds on a SQLite ledger:
-then that generation's later events are kept, and written once it ends, waiting as long as
-the ledger functions do (:class:`~imagegen.ledger.recorder.Recorder`)."""
+then that generation's later events are kept, and written once it ends, waiting the ledger's
+usual 30 s (:class:`~imagegen.ledger.recorder.Recorder`)."""
 
 
 def _recorder(settings: Settings) -> Recorder | None:
@@ -598,7 +598,7 @@ def _recorder(settings: Settings) -> Recorder | None:
         return None
     try:
         # A short wait for another process's write lock (a long `imagegen ledger prune`): the
-        # image is not held up for the ledger function's 30 s on each of its events.
+        # image is not held up for the ledger's usual 30 s on each of its events.
         ledger = open_ledger(url, busy_timeout=LEDGER_BUSY_TIMEOUT)
     except (ImageGenError, OSError) as exc:
         _not_recorded(exc)

@@ -47,10 +47,27 @@ def _first_request_wins(column: str) -> str:
     )
 
 
+# The event is a generation.requested and the row has one recorded already: a second request
+# naming the generation (another source and id, a platform's retry with another prompt).
+_LATER_REQUEST = "g.requested_at IS NOT NULL AND excluded.requested_at IS NOT NULL"
+
+
 def _most_advanced_wins(column: str) -> str:
+    # Of two requests the first recorded wins, as it does REQUEST_COLUMNS: the row describes
+    # the request its webhook came from and replay sends, whichever replica recorded it.
     return (
-        f"{column} = CASE WHEN excluded.status_rank >= g.status_rank "
+        f"{column} = CASE WHEN {_LATER_REQUEST} THEN g.{column} "
+        f"WHEN excluded.status_rank >= g.status_rank "
         f"THEN COALESCE(excluded.{column}, g.{column}) "
+        f"ELSE COALESCE(g.{column}, excluded.{column}) END"
+    )
+
+
+def _first_wins_of_requests(column: str) -> str:
+    # ONCE_COLUMNS: replay_of is said by a request (and every stage's output), not by a later
+    # request; the failure's columns by no request.
+    return (
+        f"{column} = CASE WHEN {_LATER_REQUEST} THEN g.{column} "
         f"ELSE COALESCE(g.{column}, excluded.{column}) END"
     )
 
@@ -96,7 +113,8 @@ _ON_CONFLICT = (
     # (LISTED_KEY): that is the value it keeps, not this event's time, or it would move.
     "listed_at = COALESCE(g.listed_at, g.created_at), "
     + ", ".join(
-        [_first_wins(c) for c in (*STAGE_COLUMNS, *ONCE_COLUMNS)]
+        [_first_wins(c) for c in STAGE_COLUMNS]
+        + [_first_wins_of_requests(c) for c in ONCE_COLUMNS]
         + [_most_advanced_wins(c) for c in DESCRIPTIVE_COLUMNS]
         + [_first_request_wins(c) for c in (*REQUEST_COLUMNS, *REQUEST_EVENT_COLUMNS)]
     )

@@ -3,7 +3,8 @@
 The stores apply a :class:`Change` with one ``INSERT ... ON CONFLICT DO UPDATE`` whose rules
 are the ones written here: the status only moves up :data:`STATUS_RANK`; the first time of a
 stage is kept; what the most advanced event says about the image wins; where the generation's
-messages go (:data:`REQUEST_COLUMNS`) only the first ``generation.requested`` recorded says.
+messages go (:data:`REQUEST_COLUMNS`) only the first ``generation.requested`` recorded says,
+and a later one changes nothing a request says (the first recorded is the generation's request).
 
 A stage's time is when the stage did its work: a request's ``requested_at`` (its data's, else
 the event's time, as enhance takes it: :func:`~imagegen.identity.request_time`; a replay's, the
@@ -88,7 +89,9 @@ CHAIN_ORDER: tuple[str, ...] = tuple(
 ranks them (a failure after rendered, before persisted), ``image.derived`` after the
 ``image.persisted`` it is made from."""
 STAGE_COLUMNS = ("requested_at", "enhanced_at", "rendered_at", "persisted_at", "failed_at")
-# What events say about the image; the most advanced event's non-empty value wins.
+# What events say about the image; the most advanced event's non-empty value wins. Not a second
+# generation.requested's (another source and id, recorded after the one that set requested_at):
+# the row keeps the first request's, as REQUEST_COLUMNS are kept and replay sends it.
 DESCRIPTIVE_COLUMNS = (
     "prompt",
     "original_prompt",
@@ -102,7 +105,7 @@ DESCRIPTIVE_COLUMNS = (
     "location",
     "sha256",
 )
-# Said once, by the request or the failure: the first value is kept.
+# Said once, by the request or the failure: the first value is kept (a second request's none).
 ONCE_COLUMNS = ("failed_stage", "error", "replay_of")
 # Where the generation's webhook messages go: said by the first generation.requested recorded
 # for it, the one that sets requested_at, and by no other event. A second request naming the

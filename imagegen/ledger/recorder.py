@@ -10,8 +10,8 @@ database server cut the connection, a restart or a failover) is not tried again 
 image is made: that event and the generation's later ones are kept, so the image waits for the
 ledger once at most, and its history never takes up with a later event and misses what came
 between. Once the generation ends (its derivatives made, or its failure), the events kept are
-written in their order: a lock's through ``patient``, a ledger that waits as long as the
-ledger functions do; the others through the same ledger, whose pool has connected again by
+written in their order: a lock's through ``patient``, a ledger that waits its usual 30 s for
+a lock; the others through the same ledger, whose pool has connected again by
 then (:class:`~imagegen.ledger.postgres.PostgresLedger`). This is the redelivery a function's
 broker makes of an event its ledger function could not record; as there, writing an event
 again changes nothing (it is recorded once, by source and id): one the server recorded before

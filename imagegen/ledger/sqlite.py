@@ -175,10 +175,12 @@ class SqliteLedger(SqlLedger):
             disk, a lock held past the busy timeout; ``read_only``: a WAL-mode file in a folder
             this process cannot write, without the ``-shm`` and ``-wal`` files SQLite reads it
             by).
-        busy_timeout: Seconds a statement waits for a lock another connection holds (30 by
-            default: the ledger function's writes, retried when it runs out). The command
-            line's history waits less: an image is not held up by another process's long write
-            (``imagegen ledger prune``).
+        busy_timeout: Seconds a transaction waits for a lock another connection holds, this
+            process's threads before it included (30 by default). The ledger function waits
+            less (:func:`~imagegen.stages.ledger.sqlite_busy_timeout`), so that its writes are
+            answered as a lock not granted, and retried, before its own time runs out; so does
+            the command line's history: an image is not held up by another process's long
+            write (``imagegen ledger prune``).
     """
 
     dialect = "sqlite"
@@ -355,9 +357,14 @@ class SqliteLedger(SqlLedger):
         with self._within("BEGIN DEFERRED") as cursor:
             yield cursor
 
+    @property
+    def busy_timeout(self) -> float:
+        """Seconds a transaction waits for a lock another connection holds, in all."""
+        return self._busy_timeout
+
     @contextmanager
     def _within(self, begin: str) -> Iterator[_Cursor]:
-        with self._lock, self._errors():
+        with self._turn(), self._errors():
             if self._is_closed:
                 raise self._closed()
             self._conn.execute(begin)
@@ -367,6 +374,26 @@ class SqliteLedger(SqlLedger):
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
+
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        """This process's connection, for one transaction, and then the database's lock, waited
+        for within one busy timeout in all: the thread before may hold the connection while it
+        waits out the busy timeout for another process's lock, and each thread queued behind
+        it would otherwise wait a busy timeout of its own after it, past the ledger function's
+        time to answer, rather than be answered as a lock not granted."""
+        started = time.monotonic()
+        if not self._lock.acquire(timeout=self._busy_timeout):
+            logger.warning("ledger %s: its connection was busy past the busy timeout", self.path)
+            raise DependencyUnavailable(BUSY, retry_after=BUSY_RETRY_AFTER)
+        try:
+            if not self._is_closed:
+                left = self._busy_timeout - (time.monotonic() - started)
+                # The timeout sqlite3.connect set, the same handler (0: answered at once).
+                self._conn.execute(f"PRAGMA busy_timeout = {max(int(left * 1000), 0)}")
+            yield
+        finally:
+            self._lock.release()
 
     @contextmanager
     def _errors(self) -> Iterator[None]:

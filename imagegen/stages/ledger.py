@@ -56,6 +56,18 @@ _lock = threading.Lock()
 
 REOPEN_AFTER = 5.0
 """Seconds a failed opening is the answer, at once, before the next request tries again."""
+TIMEOUT_S = 30.0
+"""Seconds the function takes over an event or a query before it answers a retryable 503."""
+SQLITE_BUSY_SHARE = 2 / 3
+"""The share of :data:`TIMEOUT_S` a SQLite ledger's write waits for a lock another process
+holds (its busy timeout, 20 s): held longer, the write is answered as a lock not granted
+(``Retry-After: 1``, as PostgreSQL's), before the function's own time runs out, with the rest
+left for the write itself once granted. The command line keeps the ledger's own (30 s)."""
+
+
+def sqlite_busy_timeout() -> float:
+    """Seconds the function's SQLite ledger waits for another process's lock."""
+    return TIMEOUT_S * SQLITE_BUSY_SHARE
 
 
 def _key(settings: Settings) -> str:
@@ -85,7 +97,8 @@ def ledger_of(settings: Settings) -> tuple[Ledger, Dispatcher | None]:
             if failed is not None and time.monotonic() - failed[0] < REOPEN_AFTER:
                 raise copy.copy(failed[1])  # a copy: each raise adds to its traceback
             try:
-                ledger = open_ledger(url)
+                # A PostgreSQL database has no busy timeout: its limits are its own (lock_timeout).
+                ledger = open_ledger(url, busy_timeout=sqlite_busy_timeout())
             except ImageGenError as exc:
                 _failed[key] = (time.monotonic(), exc)
                 raise
@@ -322,7 +335,7 @@ STAGE = Stage(
     input_model=None,
     output_model=None,
     handler=_record,
-    timeout=lambda settings: 30.0,
+    timeout=lambda settings: TIMEOUT_S,
     routes=_routes(),
     start=_start,
     warm_up=_warm_up,

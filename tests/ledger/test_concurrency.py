@@ -241,3 +241,57 @@ def test_of_two_requests_recorded_at_once_replay_sends_the_one_the_row_took(
     assert [r["id"] for r in order] == [first.id, second.id]  # `first` has the lower seq
     assert row["webhook"] == "https://h.example/second"  # but `second` reached the row first
     assert replay_request(a, gid).prompt == "prompt second"
+
+
+def test_two_requests_delivered_at_once_to_two_replicas_leave_the_row_one_request(
+    open_test_ledger: Callable[[], Ledger],
+) -> None:
+    """Two callers' requests naming one generation, each recorded by its own replica at once:
+    whichever is recorded first, the row's prompt, model and size are that request's, the one
+    whose webhook it took and that replay sends."""
+    from imagegen.ledger.replay import replay_request
+
+    replicas = [open_test_ledger(), open_test_ledger()]
+    sizes = {"first": 512, "second": 768}
+    gids = [f"gen-both-{n:02d}" for n in range(40)]
+
+    def deliver(gid: str) -> None:
+        start = threading.Barrier(2)
+
+        def record(who: str, replica: Ledger) -> None:
+            request = _request(gid, who)
+            data = {**request.data, "model": f"model-{who}", "width": sizes[who]}
+            start.wait()
+            replica.ingest(request.model_copy(update={"data": data}))
+
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(record, sizes, replicas))
+
+    for gid in gids:
+        deliver(gid)
+
+    ledger = replicas[0]
+    models: dict[str, str | None] = {}
+    for gid in gids:
+        found = ledger.get(gid)
+        assert found is not None
+        who = found.original_prompt.removeprefix("prompt ") if found.original_prompt else ""
+        assert who in sizes, found.original_prompt
+        assert (found.model, found.width) == (f"model-{who}", sizes[who])
+        with ledger.statement() as db:
+            [row] = db.query(
+                "SELECT webhook FROM generations WHERE generation_id = :gid", {"gid": gid}
+            )
+        assert row["webhook"] == f"https://h.example/{who}"
+        request = replay_request(ledger, gid)
+        assert (request.prompt, request.model, request.width) == (
+            found.original_prompt,
+            found.model,
+            found.width,
+        )
+        models[gid] = found.model
+    for who in sizes:  # history's model filter finds each under the model its row shows
+        listed = ledger.history(model=f"model-{who}", limit=100).items
+        assert sorted(g.generation_id for g in listed) == sorted(
+            gid for gid, model in models.items() if model == f"model-{who}"
+        )

@@ -87,10 +87,10 @@ def test_opening_the_ledger_never_holds_the_event_loop(
     entered, release = threading.Event(), threading.Event()
     real = imagegen.ledger.open_ledger
 
-    def slow_open(url: str | None = None) -> Any:
+    def slow_open(url: str | None = None, **options: Any) -> Any:
         entered.set()
         assert release.wait(30)
-        return real(url)
+        return real(url, **options)
 
     monkeypatch.setattr(imagegen.ledger, "open_ledger", slow_open)
     monkeypatch.setattr(ledger_stage, "_opened", {})
@@ -258,7 +258,7 @@ def test_a_database_server_is_left_to_the_warm_up(monkeypatch: pytest.MonkeyPatc
     from imagegen.stages import ledger as ledger_stage
 
     opened: list[str | None] = []
-    monkeypatch.setattr(imagegen.ledger, "open_ledger", lambda url=None: opened.append(url))
+    monkeypatch.setattr(imagegen.ledger, "open_ledger", lambda url=None, **_: opened.append(url))
     monkeypatch.setattr(ledger_stage, "_opened", {})
     url = "postgresql://imagegen@127.0.0.1:9/imagegen"
     service = SimpleNamespace(settings=Settings(ledger_url=url))
@@ -340,7 +340,7 @@ def test_while_the_database_is_down_one_opening_at_a_time_answers_every_request(
     now = [1000.0]
     opened: list[str | None] = []
 
-    def down(url: str | None = None) -> Any:
+    def down(url: str | None = None, **_: Any) -> Any:
         opened.append(url)
         raise DependencyUnavailable("the ledger database is unreachable: refused")
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,9 @@ from imagegen.errors import DependencyUnavailable
 from imagegen.ledger import open_ledger
 from imagegen.ledger._migrate import migrations
 from imagegen.ledger._sql import BUSY
+from imagegen.ledger.sqlite import SqliteLedger
+from imagegen.settings import Settings
+from imagegen.stages import ledger as ledger_stage
 from tests.functions.clients import InProcessFunction
 from tests.ledger.chain import binary, chain
 
@@ -27,7 +31,12 @@ BUSY_TIMEOUT_S = 2.0  # the ledger's is 30 s: a read that waited for the writer 
 
 @pytest.fixture
 def short_busy_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ledger's busy timeout 2 s, and the function's time to answer shortened in
+    proportion: its busy timeout, the same share of it, 2 s too."""
     monkeypatch.setattr("imagegen.ledger.sqlite._BUSY_TIMEOUT_S", BUSY_TIMEOUT_S)
+    monkeypatch.setattr(
+        "imagegen.stages.ledger.TIMEOUT_S", BUSY_TIMEOUT_S / ledger_stage.SQLITE_BUSY_SHARE
+    )
 
 
 @pytest.fixture
@@ -120,6 +129,44 @@ def test_a_write_that_waits_past_the_busy_timeout_is_a_retryable_503(
     answer = serve_ledger().post("/", **binary(chain("gen-1")["persisted"]))
     assert answer.status_code == 503, answer.text
     assert answer.json()["message"] == BUSY and answer.headers["retry-after"] == "1"
+
+
+def test_the_functions_busy_timeout_runs_out_well_before_its_own_time_to_answer(
+    ledger_url: str, serve_ledger: Callable[..., InProcessFunction]
+) -> None:
+    """As configured, unshortened: a lock held past the function's busy timeout is answered
+    as such (Retry-After: 1), with time left for the write once granted, never as the
+    function's own timeout (Retry-After: 10) that a busy timeout as long would meet first."""
+    serve_ledger()
+    [(opened, _)] = ledger_stage._opened.values()
+    assert isinstance(opened, SqliteLedger)
+    answers_in = ledger_stage.STAGE.timeout(Settings())
+    assert opened.busy_timeout <= answers_in - 5.0
+    assert opened.busy_timeout >= 10.0  # no shorter than needed: a CLI write may take seconds
+
+
+def test_a_write_lock_held_by_another_process_is_answered_as_such_to_each_waiting_event(
+    path: Path, writing: None, serve_ledger: Callable[..., InProcessFunction]
+) -> None:
+    """Events waiting at once for the same held lock are each answered within the busy
+    timeout, with the documented lock answer: the ones queued in this process behind the
+    first's wait count theirs in it, rather than each starting its own after it (and running
+    past the function's time, into its 503 "ledger took longer than …", Retry-After: 10)."""
+    function = serve_ledger()
+    started = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(
+            pool.map(
+                lambda name: function.post("/", **binary(chain("gen-1")[name])),
+                ["rendered", "persisted", "failed", "requested"],
+            )
+        )
+    took = time.monotonic() - started
+    for answer in answers:
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["message"] == BUSY, answer.text
+        assert answer.headers["retry-after"] == "1"
+    assert BUSY_TIMEOUT_S <= took < ledger_stage.TIMEOUT_S
 
 
 def test_a_ledger_migrated_before_0008_is_migrated_on_open(path: Path) -> None:

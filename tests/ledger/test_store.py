@@ -602,6 +602,84 @@ def test_a_replay_from_requested_sends_the_request_the_generation_took(ledger: L
     assert replay_request(ledger, "gen-first").prompt == "a red fox"
 
 
+def _retried_request(gid: str, **data: Any) -> LedgerEvent:
+    """A second ``generation.requested`` naming ``gid`` (another source and id), with ``data``."""
+    first = chain(gid)["requested"]
+    return first.model_copy(
+        update={"source": "/retry", "id": f"retry-{gid}", "data": {**first.data, **data}}
+    )
+
+
+def test_a_second_request_changes_nothing_the_first_said(ledger: Ledger) -> None:
+    """Status, history and its model filter describe the request that replay sends and whose
+    webhook the row took: the first recorded, not a later one under another source and id.
+    What the stages say afterwards (the enhanced job, the image) still applies."""
+    from imagegen.ledger.replay import replay_request
+
+    events = chain("gen-asked")
+    ledger.ingest(events["requested"])  # "a red fox", model tiny, the default size, no seed
+    ledger.ingest(
+        _retried_request(
+            "gen-asked",
+            prompt="a blue whale",
+            model="other",
+            width=768,
+            height=512,
+            seed=7,
+            replay_of="gen-elsewhere",
+        )
+    )
+
+    found = ledger.get("gen-asked")
+    assert found is not None and found.status == "requested"
+    said = (found.original_prompt, found.model, found.width, found.height, found.seed)
+    assert said == ("a red fox", "tiny", 1024, 1024, None)
+    assert found.replay_of is None
+    assert [g.generation_id for g in ledger.history(model="tiny").items] == ["gen-asked"]
+    assert ledger.history(model="other").items == []
+    request = replay_request(ledger, "gen-asked")
+    assert (request.prompt, request.model) == (found.original_prompt, found.model)
+
+    ledger.ingest(events["enhanced"])  # the job enhance made: its prompt, size and seed
+    found = ledger.get("gen-asked")
+    assert found is not None
+    assert (found.prompt, found.width, found.height, found.seed) == (
+        "a red fox, oil painting",
+        256,
+        256,
+        42,
+    )
+    ledger.ingest(_retried_request("gen-asked", prompt="a blue whale", model="other"))
+    found = ledger.get("gen-asked")
+    assert found is not None and found.prompt == "a red fox, oil painting"
+    assert (found.original_prompt, found.model) == ("a red fox", "tiny")
+
+
+def test_a_request_recorded_after_its_enhanced_event_fills_in_what_it_left_out(
+    ledger: Ledger,
+) -> None:
+    """The first request recorded after the row was made (its prompt.enhanced overtook it)
+    fills in only what the row lacks; a second request after it, nothing."""
+    events = chain("gen-overtaken")
+    ledger.ingest(events["enhanced"])
+    ledger.ingest(
+        events["requested"].model_copy(
+            update={
+                "data": {
+                    **events["requested"].data,
+                    "prompt": "a red fox",
+                    "replay_of": "gen-before",
+                }
+            }
+        )
+    )
+    ledger.ingest(_retried_request("gen-overtaken", prompt="a blue whale", replay_of="gen-x"))
+    found = ledger.get("gen-overtaken")
+    assert found is not None and found.status == "enhanced"
+    assert (found.prompt, found.original_prompt) == ("a red fox, oil painting", "a red fox")
+    assert found.replay_of == "gen-before"
+
+
 def test_each_stage_time_is_when_its_stage_did_its_work(ledger: Ledger) -> None:
     """image.rendered's time is its data's rendered_at, a request's its data's requested_at
     (as enhance takes it), whatever time attribute their events carry, or none."""
