@@ -148,14 +148,18 @@ def test_the_local_invoke_commands_work(tmp_path: Path) -> None:
             serve, event, plain, direct = (
                 re.sub(r"\b(808\d)\b", lambda m: moved.get(m[1], m[1]), block) for block in blocks
             )
-            servers = _serve(serve, tmp_path, env)
-            if _all_ready(serve, servers, tmp_path):
+            servers = _serve(_serving(serve), tmp_path, env)
+            if _all_ready(_serving(serve), servers, tmp_path):
                 break
             _stop(servers)
         else:
             raise AssertionError("the servers' ports were taken three times over")
 
         run = {"cwd": tmp_path, "env": env, "capture_output": True, "text": True, "check": True}
+        # The block's wait for readiness, as a user runs it before the requests.
+        waits = "\n".join(line for line in serve.splitlines() if "imagegen serve" not in line)
+        assert "readyz" in waits, serve
+        subprocess.run(["bash", "-c", waits], timeout=60, **run)
         reply = subprocess.run(["bash", "-c", event], **run)
         assert reply.stdout.startswith("HTTP/1.1 200"), reply.stdout
         assert "ce-type: dev.orchestr8.imagegen.prompt.enhanced" in reply.stdout.lower()
@@ -179,6 +183,11 @@ def test_the_local_invoke_commands_work(tmp_path: Path) -> None:
         assert (tmp_path / "door.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         _stop(servers)
+
+
+def _serving(block: str) -> str:
+    """The lines of ``block`` that start a function (``imagegen serve STAGE ... &``)."""
+    return "\n".join(line for line in block.splitlines() if "imagegen serve" in line)
 
 
 def _serve(block: str, cwd: Path, env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
