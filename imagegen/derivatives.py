@@ -25,11 +25,12 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageCms, ImageMath
 
-from imagegen.errors import InvalidRequest
+from imagegen.errors import ConfigurationError, InvalidRequest
 
 __all__ = [
     "FORMATS",
     "Derivative",
+    "check_encoders",
     "decode_pixels",
     "derivative_key",
     "derivative_widths",
@@ -52,6 +53,27 @@ FORMATS: dict[str, tuple[str, dict[str, int]]] = {
     "avif": ("image/avif", {"quality": 60, "speed": 8, "max_threads": 1}),
     "webp": ("image/webp", {"quality": 80, "method": 4}),
 }
+
+
+def check_encoders() -> None:
+    """Refuse a Pillow that cannot encode every format of :data:`FORMATS`, before derive takes
+    an image: each would fail alike (a wheel without libavif, as Pillow 11.2's are, has no AVIF
+    encoder).
+
+    Raises:
+        ConfigurationError: Pillow has no encoder for one of them; retried, not the image's
+            fault, until Pillow is replaced.
+    """
+    import PIL
+    from PIL import features
+
+    # No setting is at fault (the error names none): the installed Pillow is.
+    missing = " and ".join(fmt.upper() for fmt in FORMATS if not features.check(fmt))
+    if missing:
+        raise ConfigurationError(
+            f"Pillow {PIL.__version__} has no {missing} encoder, which derive needs (Pillow's"
+            " wheels carry it since 11.3; a Pillow built from source needs libavif and libwebp)"
+        )
 
 
 @dataclass(frozen=True)

@@ -34,9 +34,11 @@ def pull(
     as_json: AsJson = False,
 ) -> None:
     """Download models, at their pinned revisions, into IMAGEGEN_MODEL_CACHE_DIR."""
+    from imagegen.cli.tools import check_render_extra
     from imagegen.render.pull import check_name, hub_models, needs_nothing, pull
 
     settings = settings_from()
+    check_render_extra()  # diffusers fetches the files, into the Hub client's cache
     wanted = models or hub_models(settings)
     for name in wanted:  # every name, before the first download
         check_name(name)
@@ -149,7 +151,7 @@ def _held_here(model: str, settings: Settings) -> str:
     """What this machine holds of ``model``, read from the disk alone (nothing fetched, no
     folder made): built offline, a pipeline directory, or its snapshot at the revision render
     loads in the model cache (``IMAGEGEN_MODEL_CACHE_DIR``, else the Hub client's own), whole
-    or not."""
+    or not; a Hub model's is "no render extra" in an install without it (no Hub client)."""
     from pathlib import Path
 
     from imagegen.modelspec import MODELS, looks_like_path
@@ -163,7 +165,10 @@ def _held_here(model: str, settings: Settings) -> str:
         return "no pipeline"  # no model_index.json: render refuses it
     if looks_like_path(model):
         return "no directory"
-    from huggingface_hub import try_to_load_from_cache
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # nothing here could have pulled it, nor could render load it
+        return "no render extra"
 
     cache = settings.model_cache_dir
     try:

@@ -16,7 +16,14 @@ from imagegen.cli.history import _names, _setting_option, check_token
 from imagegen.errors import DependencyUnavailable, ImageGenError, InvalidRequest
 from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED
 
-__all__ = ["functions_dir", "list_plugins", "refused_options", "send", "serve"]
+__all__ = [
+    "check_render_extra",
+    "functions_dir",
+    "list_plugins",
+    "refused_options",
+    "send",
+    "serve",
+]
 
 
 @app.command(name="plugins")
@@ -157,6 +164,8 @@ def serve(
     prepare = stages.get(stage).prepare
     if prepare is not None:
         prepare(settings)
+    if stages.get(stage).loads_model:  # the function would answer 503 until it is installed
+        check_render_extra()
     # An IPv6 address, bare or in brackets: bound bare, written in brackets before a port
     # (RFC 3986's IP-literal), as gunicorn reads the "host:port" functions-framework makes of
     # it (functions_framework/_http/gunicorn.py; gunicorn/util.py, parse_address). Werkzeug
@@ -170,6 +179,27 @@ def serve(
     sys.stdout.flush()
     # functions-framework's own command: its public interface, and the one containers run.
     os.execv(sys.executable, command + (["--debug"] if debug else []))  # noqa: S606
+
+
+_RENDER_EXTRA = ("torch", "diffusers", "huggingface_hub")
+"""What rendering and pulling models import first of the render extra."""
+
+
+def check_render_extra() -> None:
+    """Refuse an install without the render extra, in the line rendering refuses it with
+    (``generate``'s), before a render function or a pull starts. Looked for without importing
+    torch (seconds): only where one is missing is the backend imported, to say which.
+
+    Raises:
+        RenderExtraMissing: a :class:`~imagegen.errors.ConfigurationError` naming what is
+            not installed and how to install it.
+    """
+    from importlib.util import find_spec
+
+    if all(find_spec(name) is not None for name in _RENDER_EXTRA):
+        return
+    # Raises the backend's own error, naming the first of them it cannot import.
+    import imagegen.render.diffusers_backend  # noqa: F401
 
 
 def _check_local_storage(settings: Any) -> None:

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import is_offline_mode
-
 from imagegen._paths import NoHome, expanded
 from imagegen.errors import DependencyUnavailable, InvalidRequest
 from imagegen.modelspec import MODELS, looks_like_path
@@ -37,6 +35,18 @@ class PulledModel:
     revision: str | None
     path: Path
     size_bytes: int
+
+
+def is_offline_mode() -> bool:
+    """Whether the Hub client may not reach the Hub (``HF_HUB_OFFLINE``): its own answer.
+
+    The Hub client is imported here, not with this module: what needs none of it (the checks
+    of names, :func:`incomplete`) works in an install without the render extra, where
+    ``imagegen models list`` reads the model table.
+    """
+    from huggingface_hub import is_offline_mode as offline
+
+    return bool(offline())
 
 
 def hub_models(settings: Settings) -> list[str]:

@@ -26,7 +26,7 @@ PIP_INSTALLS = {
     "Dockerfile.gpu": ['pip install ".[${EXTRAS}]"'],
 }
 # What the images need from the build context.
-CONTEXT_PATHS = ("pyproject.toml", "README.md", "imagegen", "plugins", "functions")
+CONTEXT_PATHS = ("pyproject.toml", "README.md", "LICENSE", "imagegen", "plugins", "functions")
 # What must never reach the build context.
 IGNORED_PATHS = (".git", ".venv", "output", "tests", "worker/node_modules", ".env")
 
@@ -149,6 +149,20 @@ def test_images_run_functions_framework_as_non_root(name: str) -> None:
     assert "FUNCTION_SIGNATURE_TYPE=http" in text
     assert "PORT=8080" in text
     assert "COPY functions/ functions/" in text
+
+
+def test_the_cpu_build_copies_what_the_package_is_built_from() -> None:
+    # pyproject's readme and license files: a wheel built without them lacks its licence, which
+    # setuptools only warns of.
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = {"pyproject.toml", project["readme"], *project["license-files"]}
+    copied = {
+        word
+        for instruction, args in _instructions("Dockerfile.cpu")
+        if instruction == "COPY" and not args.startswith("--from")
+        for word in args.split()[:-1]
+    }
+    assert wanted <= copied, wanted - copied
 
 
 def test_gpu_image_keeps_models_in_a_volume() -> None:
