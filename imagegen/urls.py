@@ -143,9 +143,12 @@ def public_url(
         ``<base>/<key>``, followed by ``?expires=..&signature=..`` when signed.
 
     Raises:
-        InvalidRequest: ``key`` is not a served key shape, ``base_url`` is empty, ``width``
-            is not a whole number from 1 to ``MAX_WIDTH`` on a ``.png`` key, or, when signing,
-            ``ttl`` is not a positive whole number or ``now`` not a whole number.
+        InvalidRequest: ``key`` is not a served key shape, ``base_url`` is not an origin
+            (``https://host[:port]``, as ``IMAGEGEN_PUBLIC_BASE_URL`` must be), ``width`` is
+            not a whole number from 1 to ``MAX_WIDTH`` on a ``.png`` key, or, when signing,
+            ``secret`` is not one ``IMAGEGEN_URL_SIGNING_SECRET`` may be (16 bytes or more,
+            no whitespace around it), ``ttl`` is not a whole number of seconds from 1 to
+            ten years or ``now`` not a whole number of seconds from 0.
     """
     errors: list[dict[str, str]] = []
     if not is_public_key(key):
@@ -187,8 +190,8 @@ def gallery_url(
     ``worker/src/gallery.ts``), as its images load lazily (docs/signed-urls.md, "Gallery").
 
     Raises:
-        InvalidRequest: ``day`` is not a date path, ``base_url`` is empty, or, when signing,
-            ``ttl`` is not a positive whole number or ``now`` not a whole number.
+        InvalidRequest: ``day`` is not a date path, or ``base_url``, ``secret``, ``ttl`` or
+            ``now`` is one :func:`public_url` refuses.
     """
     path = f"{day.strip('/')}/" if day.strip("/") else ""
     errors: list[dict[str, str]] = []
@@ -202,6 +205,12 @@ MAX_WIDTH = 8192
 """The largest ``w`` the Worker accepts."""
 
 
+# The Worker reads an ``expires`` of 15 digits at most (``EXPIRES_PATTERN`` in
+# worker/src/signing.ts): a ``now`` up to this (three million years on) plus a lifetime of at
+# most MAX_SIGNED_URL_TTL stays within them, and one below 0 would write a minus sign.
+_MAX_NOW = 10**14
+
+
 def _is_whole(value: object) -> bool:
     """Whether ``value`` is an int written as digits alone: the Worker takes ``w`` and
     ``expires`` only so, and ``str()`` of a bool or float is not (``True``, ``512.0``)."""
@@ -211,12 +220,39 @@ def _is_whole(value: object) -> bool:
 def _check_signing(
     errors: list[dict[str, str]], base_url: str, secret: str | None, ttl: int, now: int | None
 ) -> None:
+    """Adds to ``errors`` what the Worker would refuse in a URL built from these, and raises
+    them all; the limits are the settings' own, so a URL built by hand (re-issued after a
+    secret leaked) meets the rules persist's URLs meet."""
+    # Imported here: the settings and pydantic take a tenth of a second to import; this
+    # module alone takes next to nothing.
+    from pydantic import SecretStr
+
+    from imagegen.settings import MAX_SIGNED_URL_TTL, _served_base_url, _signing_secret
+
     if not base_url.strip("/"):
         errors.insert(0, {"field": "base_url", "message": "must not be empty"})
-    if secret is not None and not (_is_whole(ttl) and ttl > 0):
-        errors.append({"field": "ttl", "message": "must be a positive whole number of seconds"})
-    if secret is not None and now is not None and not _is_whole(now):
-        errors.append({"field": "now", "message": "must be a whole number of seconds"})
+    else:
+        try:
+            _served_base_url(base_url)
+        except ValueError as exc:
+            errors.insert(0, {"field": "base_url", "message": str(exc)})
+    if secret is not None:
+        try:
+            _signing_secret(SecretStr(secret))
+        except ValueError as exc:
+            errors.append({"field": "secret", "message": str(exc)})
+    if secret is not None and not (_is_whole(ttl) and 0 < ttl <= MAX_SIGNED_URL_TTL):
+        errors.append(
+            {
+                "field": "ttl",
+                "message": f"must be a whole number of seconds from 1 to {MAX_SIGNED_URL_TTL}"
+                " (ten years)",
+            }
+        )
+    if secret is not None and now is not None and not (_is_whole(now) and 0 <= now <= _MAX_NOW):
+        errors.append(
+            {"field": "now", "message": f"must be a whole number of seconds from 0 to {_MAX_NOW}"}
+        )
     if errors:
         raise InvalidRequest("cannot build a public URL", errors=errors)
 

@@ -10,11 +10,11 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from imagegen import ImageGenService
 from imagegen.errors import InvalidRequest
-from imagegen.settings import Settings
+from imagegen.settings import MAX_SIGNED_URL_TTL, Settings
 from imagegen.urls import (
     GALLERY_PATH_PATTERN,
     canonical_query,
@@ -30,7 +30,7 @@ SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
 VECTORS_PATH = SCHEMAS / "signed-url-vectors.json"
 VECTORS: dict[str, Any] = json.loads(VECTORS_PATH.read_text())
 BASE = VECTORS["base_url"]
-SECRET = "test-secret"
+SECRET = "test-secret-of-16-bytes"
 
 
 VALID = [v for v in VECTORS["vectors"] if v["valid"]]
@@ -211,9 +211,32 @@ def test_public_url_joins_with_one_slash(base: str) -> None:
     assert public_url(base, "2026/05/01/abc.png") == "https://img.example.com/2026/05/01/abc.png"
 
 
-def test_public_url_keeps_a_base_path() -> None:
-    url = public_url("https://cdn.example.com/images/", "2026/05/01/abc.thumb.webp")
-    assert url == "https://cdn.example.com/images/2026/05/01/abc.thumb.webp"
+@pytest.mark.parametrize(
+    "base",
+    [
+        "https://img.example.com/sub/path?x",
+        "https://cdn.example.com/images/",
+        "https://img.example.com/?v=1",
+        "https://img.example.com?",
+        "https://img.example.com/#top",
+        "https://user:pass@img.example.com",
+        "https://img.example.com\n",
+        "ftp://img.example.com",
+        "img.example.com",
+    ],
+)
+@pytest.mark.parametrize("build", [public_url, gallery_url])
+def test_url_builders_refuse_a_base_that_is_not_an_origin(build: Any, base: str) -> None:
+    """The Worker takes the key from the whole path (``keyFromPath`` in worker/src/keys.ts):
+    ``https://img.example.com/sub/path?x/2026/...`` serves nothing. The builders hold a base
+    given by hand to the rule ``IMAGEGEN_PUBLIC_BASE_URL`` is held to."""
+    target = "2026/05/01/abc.png" if build is public_url else "2026/05/01"
+    with pytest.raises(InvalidRequest) as info:
+        build(base, target)
+    assert info.value.fields == ["base_url"]
+    with pytest.raises(ValidationError) as refused:
+        Settings(public_base_url=base)
+    assert info.value.errors[0]["message"] in str(refused.value)
 
 
 @pytest.mark.parametrize(
@@ -307,6 +330,64 @@ def test_url_builders_refuse_a_ttl_that_is_not_a_whole_number(build: Any, ttl: A
     assert info.value.fields == ["ttl"]
 
 
+@pytest.mark.parametrize("ttl", [-1, MAX_SIGNED_URL_TTL + 1, 10**16])
+@pytest.mark.parametrize("build", [public_url, gallery_url])
+def test_url_builders_refuse_a_ttl_out_of_range(build: Any, ttl: int) -> None:
+    """A lifetime past the one ``IMAGEGEN_SIGNED_URL_TTL`` may have can make ``expires``
+    longer than the 15 digits the Worker reads (``EXPIRES_PATTERN`` in worker/src/signing.ts),
+    which answers 403 however valid the signature."""
+    target = "2026/05/01/abc.png" if build is public_url else "2026/05/01"
+    with pytest.raises(InvalidRequest) as info:
+        build(BASE, target, secret=SECRET, ttl=ttl, now=1_800_000_000)
+    assert info.value.fields == ["ttl"]
+
+
+@pytest.mark.parametrize("build", [public_url, gallery_url])
+def test_url_builders_take_the_longest_ttl_the_settings_take(build: Any) -> None:
+    target = "2026/05/01/abc.png" if build is public_url else "2026/05/01"
+    ttl = Settings(signed_url_ttl=MAX_SIGNED_URL_TTL).signed_url_ttl
+    url = build(BASE, target, secret=SECRET, ttl=ttl, now=1_800_000_000)
+    expires = parse_qs(urlsplit(url).query)["expires"][0]
+    assert re.fullmatch(r"\d{1,15}", expires) and int(expires) == 1_800_000_000 + ttl
+
+
+@pytest.mark.parametrize("now", [-1, 10**15])
+@pytest.mark.parametrize("build", [public_url, gallery_url])
+def test_url_builders_refuse_a_now_whose_expires_the_worker_cannot_read(
+    build: Any, now: int
+) -> None:
+    """``expires=-59`` or 16 digits are not what the Worker reads (``EXPIRES_PATTERN``)."""
+    target = "2026/05/01/abc.png" if build is public_url else "2026/05/01"
+    with pytest.raises(InvalidRequest) as info:
+        build(BASE, target, secret=SECRET, ttl=60, now=now)
+    assert info.value.fields == ["now"]
+
+
+@pytest.mark.parametrize(
+    "secret", ["", "0123456789abcde", "0123456789abcdef\n", " 0123456789abcdef", "\ufeff" * 6]
+)
+@pytest.mark.parametrize("build", [public_url, gallery_url])
+def test_url_builders_refuse_a_secret_the_worker_would_not_sign_with(
+    build: Any, secret: str
+) -> None:
+    """The Worker takes a ``SIGNING_SECRET`` of 16 bytes or more (worker/src/config.ts), and
+    ``wrangler secret put`` trims whitespace from its end: the rule
+    ``IMAGEGEN_URL_SIGNING_SECRET`` is held to."""
+    target = "2026/05/01/abc.png" if build is public_url else "2026/05/01"
+    with pytest.raises(InvalidRequest) as info:
+        build(BASE, target, secret=secret, ttl=60, now=0)
+    assert info.value.fields == ["secret"]
+    with pytest.raises(ValidationError) as refused:
+        Settings(url_signing_secret=SecretStr(secret))
+    assert info.value.errors[0]["message"] in str(refused.value)
+
+
+def test_url_builders_take_a_secret_of_16_bytes() -> None:
+    url = public_url(BASE, "2026/05/01/abc.png", secret="é" * 8, ttl=60, now=0)
+    signature = parse_qs(urlsplit(url).query)["signature"][0]
+    assert verify("2026/05/01/abc.png", 60, signature, "é" * 8, now=0)
+
+
 @pytest.mark.parametrize("now", [True, 1_000.0, 1_000.5])
 @pytest.mark.parametrize("build", [public_url, gallery_url])
 def test_url_builders_refuse_a_now_that_is_not_a_whole_number(build: Any, now: Any) -> None:
@@ -338,6 +419,9 @@ def test_public_url_names_every_bad_argument() -> None:
     with pytest.raises(InvalidRequest) as info:
         public_url("/", "../etc/passwd", secret=SECRET, ttl=0)
     assert info.value.fields == ["base_url", "key", "ttl"]
+    with pytest.raises(InvalidRequest) as info:
+        public_url("https://img.example.com/x", "2026/05/01/abc.png", secret="s", ttl=10**16)
+    assert info.value.fields == ["base_url", "secret", "ttl"]
 
 
 # 5. The URLs persist publishes

@@ -178,12 +178,40 @@ const RFC_850 =
 const ASCTIME =
   /^(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) (?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) [ \d]\d \d{2}:\d{2}:\d{2} \d{4}$/;
 
-/** The time an HTTP-date names, in ms; null when `value` is none. */
-export function parseHttpDate(value: string | null): number | null {
+/**
+ * The time an HTTP-date names, in ms; null when `value` is none.
+ *
+ * @param now The current time in ms, which an RFC 850 date's two-digit year is read against.
+ */
+export function parseHttpDate(value: string | null, now: number = Date.now()): number | null {
   const text = value?.trim() ?? "";
-  if (!IMF_FIXDATE.test(text) && !RFC_850.test(text) && !ASCTIME.test(text)) return null;
+  if (RFC_850.test(text)) return rfc850Time(text, now);
+  if (!IMF_FIXDATE.test(text) && !ASCTIME.test(text)) return null;
   const time = Date.parse(ASCTIME.test(text) ? `${text} GMT` : text);
   return Number.isNaN(time) ? null : time;
+}
+
+/**
+ * The time of an RFC 850 date. RFC 9110 §5.6.7: "Recipients of a timestamp value in
+ * rfc850-date format, which uses a two-digit year, MUST interpret a timestamp that appears to
+ * be more than 50 years in the future as representing the most recent year in the past that
+ * had the same last two digits." Date.parse reads 00-49 as 20xx and 50-99 as 19xx whatever the
+ * date: "01-Jan-60" was 1960, which made a condition on it fail (412) as one in the past.
+ */
+function rfc850Time(text: string, now: number): number | null {
+  const latest = new Date(now);
+  latest.setUTCFullYear(latest.getUTCFullYear() + 50);
+  const century = latest.getUTCFullYear() - (latest.getUTCFullYear() % 100);
+  // RFC_850 ends "-YY HH:MM:SS GMT": the two digits stand 15 to 13 characters from the end.
+  const [date, twoDigits, time] = [text.slice(0, -15), text.slice(-15, -13), text.slice(-13)];
+  // The latest year with these digits that is not more than 50 years ahead: the one in the
+  // century of the date 50 years on, else the one a century before.
+  for (const start of [century, century - 100]) {
+    const parsed = Date.parse(`${date}${start + Number(twoDigits)}${time}`);
+    if (Number.isNaN(parsed)) return null;
+    if (parsed <= latest.getTime()) return parsed;
+  }
+  return null;
 }
 
 /**

@@ -152,16 +152,30 @@ export async function cachedJson<T>(
   return value;
 }
 
+// A position past Number.MAX_SAFE_INTEGER (8 PiB) loses digits as a number, and 400 digits
+// make Infinity: "bytes=0-Infinity" is no range an S3 origin reads, and it sent the whole
+// object (200) where R2 and a cache hit answer 206. No object is that large (S3's limit is
+// 5 TB), so such a last position is the object's end and such a suffix the whole object; such
+// a first position is asked as Number.MAX_SAFE_INTEGER, past the end of any object, which the
+// origin answers 416 as it does any first position past the end (parseRange, on a hit, alike).
+const SAFE_LIMIT = BigInt(Number.MAX_SAFE_INTEGER);
+
 /** The single byte range of a `Range` header the origin can be asked for, or null. */
 function originRange(header: string | null): ReadRange | null {
   const match = header === null ? null : /^bytes=(\d*)-(\d*)$/.exec(header.trim());
   if (match === null) return null;
   const [, first = "", last = ""] = match;
   if (first === "" && last === "") return null;
-  if (first === "") return Number(last) > 0 ? { suffix: Number(last) } : null;
-  if (last === "") return { offset: Number(first) };
-  if (Number(last) < Number(first)) return null;
-  return { offset: Number(first), length: Number(last) - Number(first) + 1 };
+  if (first === "") {
+    const suffix = BigInt(last);
+    if (suffix === 0n) return null;
+    return suffix > SAFE_LIMIT ? { offset: 0 } : { suffix: Number(suffix) };
+  }
+  const start = BigInt(first);
+  if (last !== "" && BigInt(last) < start) return null;
+  if (start > SAFE_LIMIT) return { offset: Number.MAX_SAFE_INTEGER };
+  if (last === "" || BigInt(last) > SAFE_LIMIT) return { offset: Number(start) };
+  return { offset: Number(start), length: Number(BigInt(last) - start + 1n) };
 }
 
 /** What of a cache miss can go to the origin as asked, or null for a plain GET. */

@@ -26,7 +26,11 @@ export interface OriginObject {
   range: { start: number; end: number } | null;
 }
 
-/** A byte range to read: from `offset` (`length` bytes, or to the end), or the last `suffix`. */
+/**
+ * A byte range to read: from `offset` (`length` bytes, or to the end), or the last `suffix`.
+ * Every number is a safe integer, which `rangeHeader` writes in digits (a larger one would be
+ * written rounded, or as "Infinity", which no origin reads).
+ */
 export type ReadRange = { offset: number; length?: number } | { suffix: number };
 
 export interface ReadOptions {

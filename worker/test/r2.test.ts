@@ -417,6 +417,23 @@ describe("ranges", () => {
     },
   );
 
+  // Positions past Number.MAX_SAFE_INTEGER: a last one is the end, a first one past it.
+  const HUGE = "9".repeat(400);
+  it.each([
+    ["bytes=0-<400 nines>", `bytes=0-${HUGE}`, 206, `bytes 0-${SIZE - 1}/${SIZE}`],
+    ["bytes=990-9007199254740992", "bytes=990-9007199254740992", 206, `bytes 990-999/${SIZE}`],
+    ["bytes=-<400 nines>", `bytes=-${HUGE}`, 206, `bytes 0-${SIZE - 1}/${SIZE}`],
+    ["bytes=<400 nines>-", `bytes=${HUGE}-`, 416, `bytes */${SIZE}`],
+    ["bytes=9007199254740992-", "bytes=9007199254740992-", 416, `bytes */${SIZE}`],
+  ])("%s answers %s on a miss as on a hit", async (_, range, status, contentRange) => {
+    const { url } = await stored();
+    const miss = await send(get(url, { Range: range }));
+    expect([miss.status, miss.headers.get("Content-Range")]).toEqual([status, contentRange]);
+    await send(url);
+    const hit = await send(get(url, { Range: range }));
+    expect([hit.status, hit.headers.get("Content-Range")]).toEqual([status, contentRange]);
+  });
+
   it("answers 502, not 416, when R2 fails a satisfiable range", async () => {
     const { url } = await stored();
     vi.spyOn(console, "error").mockImplementation(() => {});

@@ -31,6 +31,48 @@ function objectResponse(size = 64): Response {
   });
 }
 
+/**
+ * A bucket of one `size`-byte object that reads Range as S3 does (one range per GET:
+ * docs.aws.amazon.com/AmazonS3/latest/API/API_GetObject.html, "Range"; RFC 9110 §14.1.2 for
+ * its forms): `first-last`, `first-` or `-suffix`, in digits of any length, is cut (206) or,
+ * when it holds no byte, refused (416 with the size); anything else is ignored and the whole
+ * object sent (200), as RFC 9110 §14.2 lets a server do with a Range it cannot read.
+ */
+function s3Ranges(size: number): (request: Request) => Response {
+  return (request) => {
+    const whole = objectResponse(size);
+    if (request.method === "HEAD") return new Response(null, whole);
+    const match = /^bytes=(\d*)-(\d*)$/.exec(request.headers.get("Range") ?? "");
+    const [first, last] = [match?.[1] ?? "", match?.[2] ?? ""];
+    if (first === "" && last === "") return whole;
+    const total = BigInt(size);
+    let start: bigint;
+    let stop = total - 1n;
+    if (first === "") {
+      const suffix = BigInt(last);
+      if (suffix === 0n)
+        start = total; // "-0" holds no byte
+      else start = suffix < total ? total - suffix : 0n;
+    } else {
+      start = BigInt(first);
+      if (last !== "" && BigInt(last) < start) return whole;
+      if (last !== "" && BigInt(last) < stop) stop = BigInt(last);
+    }
+    if (start >= total) {
+      return new Response(null, { status: 416, headers: { "Content-Range": `bytes */${size}` } });
+    }
+    return new Response(bytes(size).slice(Number(start), Number(stop) + 1), {
+      status: 206,
+      headers: {
+        "Content-Range": `bytes ${start}-${stop}/${size}`,
+        "Content-Length": String(stop - start + 1n),
+        ETag: '"0123456789abcdef"',
+        "Last-Modified": LAST_MODIFIED,
+      },
+    });
+  };
+}
+
 /** An origin answer whose body never ends; `cancelled` says whether the Worker gave it up. */
 function stalled(): { response: Response; cancelled: () => boolean } {
   let cancelled = false;
@@ -456,6 +498,57 @@ describe("S3-compatible origin on a cache miss", () => {
       ["GET", "bytes=5000-"],
       ["HEAD", null],
     ]);
+  });
+
+  // Positions past Number.MAX_SAFE_INTEGER: 400 digits made Infinity, and "bytes=0-Infinity"
+  // is no range a bucket reads, so it answered the whole object (200) where R2 and a cache hit
+  // answer 206. No object is that large: a last position past it is the end of the object.
+  const HUGE = "9".repeat(400);
+  it.each([
+    ["bytes=0-<400 nines>", "bytes=0-", `bytes=0-${HUGE}`, 0],
+    ["bytes=0-9007199254740992", "bytes=0-", "bytes=0-9007199254740992", 0],
+    ["bytes=60-<400 nines>", "bytes=60-", `bytes=60-${HUGE}`, 60],
+    ["bytes=8-9007199254740991", "bytes=8-9007199254740991", "bytes=8-9007199254740991", 8],
+    ["bytes=-<400 nines>", "bytes=0-", `bytes=-${HUGE}`, 0],
+    ["bytes=-0<400 nines>", "bytes=0-", `bytes=-0${HUGE}`, 0],
+  ])("asks for %s as %s, and answers 206 to the end", async (_, sent, range, start) => {
+    const { calls } = mockFetch(s3Ranges(64));
+    const url = `${BASE}/${newKey()}`;
+    const miss = await send(new Request(url, { headers: { Range: range } }), S3);
+    expect(miss.status).toBe(206);
+    expect(miss.headers.get("Content-Range")).toBe(`bytes ${start}-63/64`);
+    expect(new Uint8Array(await miss.arrayBuffer())).toEqual(bytes(64).slice(start));
+    expect(calls.map((c) => c.headers.get("Range"))).toEqual([sent]);
+    // A hit cuts the same range from the cached object.
+    await send(url, S3);
+    const hit = await send(new Request(url, { headers: { Range: range } }), S3);
+    expect([hit.status, hit.headers.get("Content-Range")]).toEqual([206, `bytes ${start}-63/64`]);
+  });
+
+  it.each([
+    ["bytes=<400 nines>-", `bytes=${HUGE}-`],
+    ["bytes=<400 nines>-<400 nines>", `bytes=${HUGE}-${HUGE}`],
+    ["bytes=9007199254740992-", "bytes=9007199254740992-"],
+  ])("answers %s 416, a first position past any object, as a hit does", async (_, range) => {
+    const { calls } = mockFetch(s3Ranges(64));
+    const url = `${BASE}/${newKey()}`;
+    const miss = await send(new Request(url, { headers: { Range: range } }), S3);
+    expect([miss.status, miss.headers.get("Content-Range")]).toEqual([416, "bytes */64"]);
+    expect(calls.map((c) => c.headers.get("Range"))).toEqual([`bytes=${Number.MAX_SAFE_INTEGER}-`]);
+    await send(url, S3);
+    const hit = await send(new Request(url, { headers: { Range: range } }), S3);
+    expect([hit.status, hit.headers.get("Content-Range")]).toEqual([416, "bytes */64"]);
+  });
+
+  it("ignores a last position before a first past Number.MAX_SAFE_INTEGER, as a hit does", async () => {
+    const { calls } = mockFetch(s3Ranges(64));
+    const url = `${BASE}/${newKey()}`;
+    const range = `bytes=${"9".repeat(20)}-1`;
+    const miss = await send(new Request(url, { headers: { Range: range } }), S3);
+    expect(miss.status).toBe(200);
+    expect(calls.map((c) => c.headers.get("Range"))).toEqual([null]);
+    const hit = await send(new Request(url, { headers: { Range: range } }), S3);
+    expect(hit.status).toBe(200);
   });
 
   it("lists day folders and records for the gallery with ListObjectsV2", async () => {
