@@ -199,7 +199,14 @@ class Served(FunctionServer):
         return self.process.pid
 
     def ready_after(self, timeout: float = 120.0) -> float:
-        """Start the process; return the seconds until ``/readyz`` answers 200."""
+        """Start the process; return the seconds until ``/readyz`` answers 200.
+
+        Raises:
+            RuntimeError: the process exited, or ``/readyz`` said its start-up failed (it
+                tries again only after a while, and never where a setting is wrong); the
+                server's log, which says why, in the message.
+            TimeoutError: not ready after ``timeout`` seconds.
+        """
         started = time.perf_counter()
         self.start(wait=False)
         deadline = started + timeout
@@ -209,12 +216,28 @@ class Served(FunctionServer):
                 if self.process.poll() is not None:
                     raise RuntimeError(f"{self.stage} exited:\n{self.logs()}")
                 try:
-                    if client.get(self.url + "/readyz").status_code == 200:
-                        return time.perf_counter() - started
+                    reply = client.get(self.url + "/readyz")
                 except httpx.HTTPError:
                     pass
+                else:
+                    if reply.status_code == 200:
+                        return time.perf_counter() - started
+                    if self._start_up_failed(reply):
+                        raise RuntimeError(f"{self.stage} start-up failed:\n{self.logs()}")
                 time.sleep(0.01)
         raise TimeoutError(f"{self.stage} not ready after {timeout}s:\n{self.logs()}")
+
+    def _start_up_failed(self, reply: httpx.Response) -> bool:
+        """Whether ``reply`` is this stage's ``/readyz`` saying its start-up failed."""
+        try:
+            body = reply.json()
+        except ValueError:
+            return False
+        return (
+            isinstance(body, dict)
+            and body.get("status") == "start-up failed"
+            and body.get("stage") == self.stage
+        )
 
 
 @contextmanager

@@ -68,12 +68,13 @@ PNG_THREADS = (1, 4)
 """``IMAGEGEN_PNG_ENCODE_THREADS`` values the PNG line compares (1: Pillow's encoder)."""
 
 
-def png_costs(image: Any, size: int, rounds: int) -> dict[str, tuple[float, int]]:
-    """The PNG of one rendered ``image`` per strategy and thread count: (best seconds, bytes)."""
+def png_costs(image: Any, size: int, rounds: int, *, level: int) -> dict[str, tuple[float, int]]:
+    """The PNG of one rendered ``image`` per strategy and thread count, at zlib ``level``
+    (render's ``IMAGEGEN_PNG_COMPRESS_LEVEL``): (best seconds, bytes)."""
     from imagegen.render.png import encode_png
 
     def encode(strategy: Any, threads: int) -> bytes:
-        return encode_png(image, text={}, strategy=strategy, threads=threads)
+        return encode_png(image, text={}, level=level, strategy=strategy, threads=threads)
 
     return _timed(f"PNG at {size}²", encode, PNG_THREADS, rounds)
 
@@ -88,7 +89,9 @@ def pipeline_output(image: Any, device: Any, dtype: Any) -> Any:
     return (pixels.permute(2, 0, 1)[None].float() / 255).to(device=device, dtype=dtype)
 
 
-def filtered_png_costs(images: Any, size: int, rounds: int) -> dict[str, tuple[float, int]]:
+def filtered_png_costs(
+    images: Any, size: int, rounds: int, *, level: int
+) -> dict[str, tuple[float, int]]:
     """The same PNGs from a pipeline's ``"pt"`` output ``images`` (one image, on its device,
     in its dtype), the rows filtered there first, as render does on CUDA with more than one
     thread (``_device_png``): (best seconds, bytes), the filtering included."""
@@ -104,7 +107,12 @@ def filtered_png_costs(images: Any, size: int, rounds: int) -> dict[str, tuple[f
     def encode(strategy: Any, threads: int) -> bytes:
         [filtered] = filtered_images(images) or []
         return encode_filtered_png(
-            filtered.rows, mode=filtered.mode, text={}, strategy=strategy, threads=threads
+            filtered.rows,
+            mode=filtered.mode,
+            text={},
+            level=level,
+            strategy=strategy,
+            threads=threads,
         )
 
     return _timed(f"PNG at {size}², rows filtered on {device}", encode, PNG_THREADS[1:], rounds)

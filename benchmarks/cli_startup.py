@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from _cli import count
 from _harness import absolute_verdict, rotated
 
 BASELINE = "python -c pass (baseline)"
@@ -54,7 +55,7 @@ def _time(command: list[str]) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=count, default=15)
     parser.add_argument("--check", action="store_true", help="exit 1 when the target is missed")
     args = parser.parse_args()
 

@@ -56,6 +56,7 @@ STARTED = time.perf_counter()
 """A run's clock starts at the script's import, before torch's (seconds with CUDA), so the
 budget holds for the whole process."""
 
+from _cli import count, exit_on_sigterm  # noqa: E402
 from _harness import Served, interleave  # noqa: E402
 from _png import filtered_png_costs, pipeline_output, png_costs  # noqa: E402
 
@@ -238,6 +239,12 @@ def option_rows(
         backend.close()
 
 
+def offline(message: str) -> str:
+    """``message`` with the Hub's offline switch said as this script's own: it runs offline
+    (the tests' helpers it imports set ``HF_HUB_OFFLINE``), whether its user set it or not."""
+    return message.replace("HF_HUB_OFFLINE is set", "the benchmark runs offline")
+
+
 class PartTimeout(Exception):
     """A part ran past its time limit (``--option-limit``)."""
 
@@ -262,7 +269,7 @@ def reported(what: str, failures: list[str], limit: float | None = None) -> Iter
     try:
         yield
     except Exception as error:  # one option failing must not lose the others' figures
-        lines = str(error).strip().splitlines() or [""]
+        lines = offline(str(error)).strip().splitlines() or [""]
         print(f"{what}: failed: {type(error).__name__}: {lines[0]}")
         for line in lines[1:][-10:]:
             print(f"    {line[:300]}")
@@ -391,14 +398,15 @@ def overhead(backend: Any, args: argparse.Namespace, steps: int, guidance: float
     phases(backend, job, timings[served.index(min(served))], args.rounds)
     output = raw_call(backend, job)()
     image = host_image(output, args.rounds)
-    png_costs(image, size, args.rounds)
+    level = backend._settings.png_compress_level  # render's own
+    png_costs(image, size, args.rounds, level=level)
     # What render filters: the pipeline's own tensor where it asks for one, else the same
     # pixels in the pipeline's dtype on its device.
     if image is output:
         pixels = pipeline_output(image, backend.device, backend.dtype)
     else:
         pixels = output[None]
-    filtered_png_costs(pixels, size, args.rounds)
+    filtered_png_costs(pixels, size, args.rounds, level=level)
     return ratio
 
 
@@ -488,14 +496,14 @@ def main(argv: Sequence[str] | None = None, started: float | None = None) -> int
         help="time FLUX.2 [klein] 4B's architecture with random weights, written to DIR",
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=count, default=3)
     parser.add_argument("--budget", type=float, default=510.0)
     parser.add_argument(
         "--option-limit", type=float, default=180.0, help="seconds one option's rows may take"
     )
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--batch-sizes", type=count, nargs="+", default=[2, 4])
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("benchmarks/gpu.py needs a CUDA GPU; none here.", file=sys.stderr)
@@ -528,7 +536,8 @@ def main(argv: Sequence[str] | None = None, started: float | None = None) -> int
     png = Settings()
     print(
         f"{where}, torch {torch.__version__}, {args.model}, {steps} steps;"
-        f" render's PNG: {png.png_compress_strategy}, {png.png_encode_threads} thread(s)"
+        f" render's PNG: {png.png_compress_strategy}, level {png.png_compress_level},"
+        f" {png.png_encode_threads} thread(s)"
     )
 
     if {"overhead", "tolerance"} & set(args.parts):
@@ -557,4 +566,5 @@ def main(argv: Sequence[str] | None = None, started: float | None = None) -> int
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # a timeout's SIGTERM stops the served render, removes the directories
     sys.exit(main(started=STARTED))

@@ -11,6 +11,7 @@
   (and four times as many events) loaded with ``COPY``, against ``SELECT 1`` on the same pool:
   the round-trip floor; and ``GET /generations/{id}`` on the ledger function served in this
   process (functions-framework's app over WSGI: routing, authentication, JSON, no socket).
+  Each arm reads 2,000 generations a round, each once (all of them where fewer are stored).
   Target p50 ≤ 5 ms (the median round's p50) for both.
 
 Each part runs its three arms one after another in every round, each round starting one arm
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 # _harness puts the repository on the path: the tests' event factory describes a generation.
+from _cli import at_least, count, exit_on_sigterm, output_of
 from _harness import ROOT, absolute_verdict, rotated
 
 from imagegen.ledger import LedgerEvent, open_ledger
@@ -45,6 +47,8 @@ INGEST_TARGET = 500.0
 """Events/s through ``Ledger.ingest``, the median round, at least."""
 GET_TARGET_MS = 5.0
 """``Ledger.get`` and ``GET /generations/{id}``: their p50, the median round, at most."""
+GET_SAMPLES = 2000
+"""Generations each arm of a get round reads, each once (all of them where fewer are stored)."""
 
 
 def _rate(
@@ -183,8 +187,9 @@ def _served(url: str) -> Any:
 
 
 def bench_get(
-    ledger: PostgresLedger, url: str, ids: list[str], rounds: int, samples: int = 2000
+    ledger: PostgresLedger, url: str, ids: list[str], rounds: int, samples: int = GET_SAMPLES
 ) -> None:
+    samples = min(samples, len(ids))
     rng = random.Random(7)
     client = _served(url)
 
@@ -242,17 +247,17 @@ def get_report(p50: dict[str, list[float]], p95: dict[str, list[float]], stored:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--generations", type=int, default=100_000)
-    parser.add_argument("--events", type=int, default=4000)
+    # Two at least: a round's p95 needs two reads (statistics.quantiles).
+    parser.add_argument("--generations", type=at_least(2), default=100_000)
+    # One generation's four events at least: the events come in whole generations.
+    parser.add_argument("--events", type=at_least(4), default=4000)
     # Concurrent deliveries, as a ledger replica takes them (containerConcurrency 50).
-    parser.add_argument("--threads", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=count, default=8)
+    parser.add_argument("--rounds", type=count, default=3)
     args = parser.parse_args()
     folder = Path(tempfile.gettempdir()) / f"imagegen-bench-pg-{uuid.uuid4().hex[:8]}"
     script = str(ROOT / ".ci" / "postgres")
-    url = subprocess.run(
-        [script, "start", str(folder)], capture_output=True, text=True, check=True
-    ).stdout.strip()
+    url = output_of([script, "start", str(folder)], what=".ci/postgres start").strip()
     try:
         bench_ingest(url, args.events, args.threads, args.rounds)
         ledger = open_ledger(url)
@@ -264,4 +269,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # a timeout's SIGTERM stops the PostgreSQL server
     main()

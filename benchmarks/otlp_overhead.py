@@ -32,6 +32,8 @@ import time
 import uuid
 from pathlib import Path
 
+from _cli import count, exit_on_sigterm
+
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("baseline", "disabled", "refused", "blackhole")
 EVENT_TYPE = "dev.orchestr8.imagegen.generation.requested"
@@ -79,17 +81,6 @@ def measure(requests: int, warmup: int) -> dict[str, float]:
 def run_variant(variant: str, requests: int, warmup: int, blackhole: str) -> dict[str, float]:
     """Measure one variant in a fresh process: each needs its own global providers."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "IMAGEGEN_", "K_"))}
-    workdir = Path(tempfile.mkdtemp(prefix="otlp-bench-"))
-    env.update(
-        IMAGEGEN_MODEL="tiny",
-        IMAGEGEN_SERVED_MODELS="tiny",
-        IMAGEGEN_STORAGE_URL=str(workdir / "store"),
-        IMAGEGEN_OLLAMA_HOST="http://127.0.0.1:9",
-        IMAGEGEN_OLLAMA_RETRIES="0",
-        IMAGEGEN_LOG_LEVEL="ERROR",  # the exporters' failures are logged; keep them quiet
-        OTEL_BSP_SCHEDULE_DELAY="100",
-        OTEL_METRIC_EXPORT_INTERVAL="500",
-    )
     if variant == "disabled":
         env["OTEL_SDK_DISABLED"] = "true"
     elif variant == "refused":
@@ -105,22 +96,35 @@ def run_variant(variant: str, requests: int, warmup: int, blackhole: str) -> dic
         "--warmup",
         str(warmup),
     ]
-    started = time.perf_counter()
-    done = subprocess.run(
-        command, env=env, cwd=workdir, capture_output=True, text=True, check=False
-    )
+    with tempfile.TemporaryDirectory(prefix="otlp-bench-") as directory:
+        workdir = Path(directory)
+        env.update(
+            IMAGEGEN_MODEL="tiny",
+            IMAGEGEN_SERVED_MODELS="tiny",
+            IMAGEGEN_STORAGE_URL=str(workdir / "store"),
+            IMAGEGEN_OLLAMA_HOST="http://127.0.0.1:9",
+            IMAGEGEN_OLLAMA_RETRIES="0",
+            IMAGEGEN_LOG_LEVEL="ERROR",  # the exporters' failures are logged; keep them quiet
+            OTEL_BSP_SCHEDULE_DELAY="100",
+            OTEL_METRIC_EXPORT_INTERVAL="500",
+        )
+        started = time.perf_counter()
+        done = subprocess.run(
+            command, env=env, cwd=workdir, capture_output=True, text=True, check=False
+        )
+        elapsed = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{variant} failed:\n{done.stderr[-4000:]}")
     result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
-    result["process_s"] = time.perf_counter() - started
+    result["process_s"] = elapsed
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--requests", type=count, default=300)
     parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=count, default=3)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -184,4 +188,5 @@ def table(rounds: dict[str, list[dict[str, float]]]) -> list[str]:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # a timeout's SIGTERM kills the child, removes its directory
     main()

@@ -24,6 +24,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
+from _cli import count  # noqa: E402
 from _harness import rotated  # noqa: E402
 
 from imagegen.plugins import PluginSet  # noqa: E402
@@ -68,8 +69,8 @@ async def measure(rounds: int, requests: int, url: str) -> dict[str, list[float]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--requests", type=int, default=20)
+    parser.add_argument("--rounds", type=count, default=6)
+    parser.add_argument("--requests", type=count, default=20)
     args = parser.parse_args()
     with JsonEndpoint() as endpoint:
         times = asyncio.run(measure(args.rounds, args.requests, endpoint.at("/context")))

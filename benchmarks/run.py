@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _cli import count, exit_on_sigterm, output_of
 from _harness import Comparison, Served, interleave, rotated, served
 from _ollama_down import ollama_down
 from _png import png
@@ -175,7 +176,6 @@ def ceiling(rounds: int, k: int = 8) -> list[Comparison]:
 
 
 def first_image(rounds: int, tmp: Path) -> list[Comparison]:
-    import subprocess
     import sys
 
     from tests.fakes.ollama_server import FakeOllama, reply
@@ -186,8 +186,7 @@ def first_image(rounds: int, tmp: Path) -> list[Comparison]:
     def wait(mode: str, ollama: str) -> float:
         storage = tmp / f"first-{uuid.uuid4().hex[:8]}"
         command = [sys.executable, str(script), mode, str(storage), ollama]
-        done = subprocess.run(command, check=True, capture_output=True, text=True)
-        return float(done.stdout.split()[-1])
+        return float(output_of(command, what=f"first image, {mode}").split()[-1])
 
     rows = []
     # A local LLM writing a prompt takes seconds, in a process of its own; 2 s here.
@@ -299,10 +298,10 @@ ROWS = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=count, default=3)
     parser.add_argument("--quick", action="store_true", help="one round, small counts (smoke)")
     parser.add_argument("--only", nargs="+", choices=ROWS)
-    parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--torch-threads", type=count, default=1)
     args = parser.parse_args()
     set_torch_threads(args.torch_threads)
     os.environ["OMP_NUM_THREADS"] = str(torch_threads())
@@ -330,10 +329,11 @@ def main() -> None:
         run("burst", lambda: burst(rounds, tmp, 8 if args.quick else 64))
         run("ceiling", lambda: ceiling(rounds))
         # Quick: still enough requests that the median falls after the circuit opens (3 fail),
-        # and two requests for each of the 8 sent at once.
+        # and over two for each of the 8 sent at once: the 8 first wait their timeout, the rest
+        # not; an odd count, so the median is one of the rest, not the mean of one of each.
         run(
             "ollama-down",
-            lambda: ollama_down(rounds, tmp, 7 if args.quick else 20, 16 if args.quick else 32),
+            lambda: ollama_down(rounds, tmp, 7 if args.quick else 20, 17 if args.quick else 32),
         )
         run("startup", lambda: startup(rounds, tmp))
         # 15 calls a side per round: with 5, the ratio landed anywhere from 1.08x to 1.8x from run
@@ -354,4 +354,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # a timeout's SIGTERM stops the served functions, removes the directory
     main()

@@ -536,14 +536,7 @@ def test_the_cpu_row_gives_its_resolution_and_refuses_a_round_of_no_tick() -> No
 
 
 def test_the_ledger_prints_each_target_with_its_verdict() -> None:
-    import importlib.util
-
-    # By its path: functions/ledger.py, the ledger function, is `ledger` to the tests that
-    # serve it in this process.
-    spec = importlib.util.spec_from_file_location("benchmark_ledger", ROOT / "benchmarks/ledger.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _ledger_bench()
     get_report, ingest_report = bench.get_report, bench.ingest_report
 
     ingest = ingest_report(
@@ -846,3 +839,281 @@ def test_each_gpu_row_runs_the_fast_path_it_names_whatever_the_environment_sets(
         False,
     )
     assert (served.loras, served.lora_dir, served.render_warmup) == ([], None, True)
+
+
+def _ledger_bench() -> Any:
+    """benchmarks/ledger.py, loaded by its path: ``ledger`` is the ledger function to the
+    tests that serve it in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_ledger", ROOT / "benchmarks/ledger.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def _group(pgid: int) -> list[int]:
+    """The live processes (zombies left out) of process group ``pgid``."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # After the command's parenthesised name: state, ppid, pgrp, ...
+            state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError):
+            continue  # ended meanwhile
+        if int(pgrp) == pgid and state != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def _working_in(folder: Path) -> list[int]:
+    """The live processes whose working directory is in ``folder``."""
+    found = []
+    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+        try:
+            if Path(os.readlink(cwd)).is_relative_to(folder):
+                found.append(int(cwd.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow  # a stage's process of its own
+def test_a_served_function_whose_start_up_failed_is_said_at_once_with_its_log(
+    tmp_path: Path,
+) -> None:
+    from _harness import Served
+    from _workload import served_env
+
+    # A setting no stage accepts: /readyz answers 503 "start-up failed", and would until the
+    # process is restarted with another.
+    env = {**os.environ, **served_env(tmp_path / "storage", IMAGEGEN_PNG_ENCODE_THREADS="0")}
+    server = Served("enhance", env, log_dir=tmp_path, threads=1)
+    started = time.perf_counter()
+    try:
+        with pytest.raises(RuntimeError, match=r"^enhance start-up failed:\n") as failed:
+            server.ready_after(timeout=45)
+    finally:
+        server.stop()
+    assert time.perf_counter() - started < 30
+    assert "IMAGEGEN_PNG_ENCODE_THREADS (Input should be greater than or equal to 1)" in str(
+        failed.value
+    )
+
+
+@pytest.mark.slow  # functions-framework's own process
+def test_a_benchmark_given_sigterm_stops_its_servers_and_removes_its_directory(
+    tmp_path: Path,
+) -> None:
+    import signal
+    import subprocess
+
+    # As a script runs one: the hello served from a temporary directory, until a SIGTERM.
+    script = (
+        "import sys, tempfile, time\n"
+        "from pathlib import Path\n"
+        "from _cli import exit_on_sigterm\n"
+        "from _harness import served\n"
+        "exit_on_sigterm()\n"
+        "with tempfile.TemporaryDirectory() as directory:\n"
+        "    with served('hello', {}, log_dir=Path(directory), threads=1) as hello:\n"
+        "        print(hello.pid, directory, flush=True)\n"
+        "        time.sleep(60)\n"
+    )
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    env = {**os.environ, "TMPDIR": str(temporary), "PYTHONPATH": str(ROOT / "benchmarks")}
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    hello = 0
+    try:
+        assert process.stdout is not None
+        pid, directory = process.stdout.readline().split()
+        hello = int(pid)
+        assert _group(hello) and Path(directory).is_dir()
+        process.send_signal(signal.SIGTERM)
+        status = process.wait(timeout=30)
+        assert _group(hello) == [] and list(temporary.iterdir()) == []
+        assert status == 143  # an exit, as a SIGTERM's
+    finally:
+        process.kill()
+        process.wait()
+        for left in _group(hello) if hello else []:
+            os.kill(left, signal.SIGKILL)
+
+
+@pytest.mark.slow  # the benchmark's process and its child's
+def test_the_otlp_benchmark_given_sigterm_ends_its_child_and_removes_its_directory(
+    tmp_path: Path,
+) -> None:
+    import signal
+    import subprocess
+
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    command = [sys.executable, str(ROOT / "benchmarks" / "otlp_overhead.py")]
+    command += ["--rounds", "1", "--requests", "1000000", "--warmup", "0"]
+    process = subprocess.Popen(
+        command,
+        env={**os.environ, "TMPDIR": str(temporary)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _working_in(temporary):  # a variant's child is timing its requests
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        status = process.wait(timeout=30)
+        assert _working_in(temporary) == [] and list(temporary.iterdir()) == []
+        assert status == 143
+    finally:
+        process.kill()
+        process.wait()
+        for left in _working_in(temporary):
+            os.kill(left, signal.SIGKILL)
+
+
+def test_a_child_that_fails_ends_the_ledger_benchmark_with_one_line_saying_why(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    bench = _ledger_bench()
+    script = tmp_path / ".ci" / "postgres"
+    script.parent.mkdir()
+    script.write_text(
+        "#!/bin/sh\n"
+        "echo 'starting' >&2\n"
+        "echo 'PostgreSQL 15 is not installed (/x/initdb); apt-get install postgresql-15' >&2\n"
+        "exit 1\n"
+    )
+    script.chmod(0o755)
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["ledger.py"])
+    with pytest.raises(SystemExit) as exited:
+        bench.main()
+    assert exited.value.code == (
+        ".ci/postgres start failed (exit status 1): starting | PostgreSQL 15 is not installed"
+        " (/x/initdb); apt-get install postgresql-15"
+    )
+
+
+def test_a_child_that_fails_ends_the_first_image_row_with_one_line_saying_why(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import run
+
+    # A setting the row's child cannot read: its traceback ends with pydantic's message.
+    monkeypatch.setenv("IMAGEGEN_PNG_ENCODE_THREADS", "0")
+    with pytest.raises(SystemExit) as exited:
+        run.first_image(1, tmp_path)
+    said = exited.value.code
+    assert isinstance(said, str) and "\n" not in said
+    assert said.startswith("first image, sequential failed (exit status 1): ")
+    assert "png_encode_threads | Input should be greater than or equal to 1" in said
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "option"),
+    [
+        ("run", ["--only", "png", "--rounds", "0"], "--rounds"),
+        ("run", ["--only", "png", "--torch-threads", "0"], "--torch-threads"),
+        ("cli_startup", ["--rounds", "0"], "--rounds"),
+        ("remote_context", ["--rounds", "0"], "--rounds"),
+        ("remote_context", ["--requests", "0"], "--requests"),
+        ("otlp_overhead", ["--rounds", "0"], "--rounds"),
+        ("ledger", ["--generations", "1"], "--generations"),
+        ("ledger", ["--events", "3"], "--events"),
+        ("ledger", ["--rounds", "0"], "--rounds"),
+        (
+            "gpu",
+            ["--device", "cpu", "--model", "tiny", "--parts", "overhead", "--rounds", "0"],
+            "--rounds",
+        ),
+    ],
+)
+def test_a_count_of_nothing_is_a_usage_error_before_anything_runs(
+    script: str,
+    argv: list[str],
+    option: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    import importlib
+
+    if script == "ledger":
+        bench = _ledger_bench()
+        monkeypatch.setattr(bench, "ROOT", tmp_path)  # no .ci/postgres: no server starts
+    else:
+        bench = importlib.import_module(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
+    with pytest.raises(SystemExit) as exited:
+        bench.main(argv) if script == "gpu" else bench.main()
+    assert exited.value.code == 2
+    assert re.search(f"argument {option}: must be at least \\d, not \\d", capsys.readouterr().err)
+
+
+def test_the_ledger_reads_every_generation_where_fewer_than_its_sample_are_stored(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import contextlib
+    from types import SimpleNamespace
+
+    bench = _ledger_bench()
+    ids = [f"bench-{n}" for n in range(100)]
+    read: list[str] = []
+    timeline = {"timeline": [{}] * 4}
+
+    def get(path: str) -> Any:
+        read.append(path.rsplit("/", 1)[1])
+        return SimpleNamespace(status_code=200, json=lambda: timeline)
+
+    db = SimpleNamespace(query=lambda sql, params: [{"one": 1}])
+    ledger = SimpleNamespace(
+        statement=lambda: contextlib.nullcontext(db),
+        get=lambda gid: SimpleNamespace(timeline=[{}] * 4),
+    )
+    monkeypatch.setattr(bench, "_served", lambda url: SimpleNamespace(get=get))
+    bench.bench_get(ledger, "postgresql://unused", ids, rounds=1)
+    assert sorted(read) == sorted(ids)  # each of the 100 once, not 2,000 of them
+    assert capsys.readouterr().out.startswith("get ms, 100 generations stored")
+
+
+def test_the_gpu_scripts_png_lines_use_renders_compression_level() -> None:
+    import torch
+    from _png import filtered_png_costs, photo_like, pipeline_output, png_costs
+
+    from imagegen.render.png import encode_png
+
+    image = photo_like(256)
+    pixels = pipeline_output(image, "cpu", torch.float32)
+    for level in (1, 9):
+        costs = png_costs(image, 256, 1, level=level)
+        filtered = filtered_png_costs(pixels, 256, 1, level=level)
+        for strategy, threads in (("default", 1), ("rle", 4)):
+            made = encode_png(image, text={}, level=level, strategy=strategy, threads=threads)
+            assert costs[f"{strategy} x{threads}"][1] == len(made), (level, strategy)
+        for strategy in ("default", "rle"):  # the same files, the rows filtered by torch
+            made = encode_png(image, text={}, level=level, strategy=strategy, threads=4)
+            assert filtered[f"{strategy} x4"][1] == len(made), (level, strategy)
+    assert len(encode_png(image, text={}, level=1)) != len(encode_png(image, text={}, level=9))
+
+
+def test_the_gpu_script_names_renders_png_level_and_says_it_runs_offline(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import gpu
+
+    monkeypatch.setenv("IMAGEGEN_MODEL_CACHE_DIR", str(tmp_path))  # nothing in it
+    monkeypatch.setenv("IMAGEGEN_PNG_COMPRESS_LEVEL", "3")
+    argv = ["--device", "cpu", "--model", "black-forest-labs/FLUX.2-klein-4B"]
+    assert gpu.main([*argv, "--parts", "overhead", "--rounds", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "; render's PNG: default, level 3, 1 thread(s)\n" in out.splitlines(keepends=True)[0]
+    # The model is not there: the tests' helpers the script imports set HF_HUB_OFFLINE, which
+    # its user need not have set.
+    assert "is not in the local cache and the benchmark runs offline: pull it first" in out
+    assert "HF_HUB_OFFLINE" not in out

@@ -1,0 +1,75 @@
+"""What the benchmark scripts' command lines share: counts of at least one, SIGTERM as an exit,
+a child process's failure said in one line.
+
+Imports nothing heavy: the OTLP benchmark's children, which time requests, parse with it too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+from collections.abc import Callable
+from types import FrameType
+
+__all__ = ["at_least", "count", "exit_on_sigterm", "output_of"]
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number of at least ``low``; below it, a usage error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {value}")
+        return value
+
+    return parse
+
+
+count = at_least(1)
+"""Rounds, requests, threads: at least one, or the figures are of nothing (min() of no
+rounds, a sample of no request)."""
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (a timeout, a cancelled CI job) exit as ``SystemExit(143)``.
+
+    Python's default ends the process at once: no ``finally`` runs, so the served functions
+    (each in a session of its own, which a signal to this process's group does not reach)
+    and the temporary directories outlive it. Raised as an exit in the main thread, the
+    context managers unwind: servers are stopped, children killed, directories removed. A
+    second SIGTERM while they do does nothing, so the clean-up is not cut short.
+    """
+
+    def terminated(signum: int, frame: FrameType | None) -> None:
+        # A handler, not SIG_IGN: a process started during the clean-up (`.ci/postgres stop`)
+        # must not inherit an ignored SIGTERM across its exec.
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminated)
+
+
+TAIL_LINES = 4
+"""The lines of a failed child's stderr its one line quotes: a Python exception's line and
+what follows it (pydantic's field, message and link), or a shell script's message."""
+
+
+def output_of(command: list[str], *, what: str) -> str:
+    """Run ``command``, returning its stdout.
+
+    Raises:
+        SystemExit: it failed; one line with ``what``, its exit status and the last lines of
+            its stderr (why it failed: a setting, a missing PostgreSQL), not a
+            ``CalledProcessError`` that drops them.
+    """
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tail = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+        said = " | ".join(tail[-TAIL_LINES:]) or "nothing on stderr"
+        raise SystemExit(f"{what} failed (exit status {done.returncode}): {said}")
+    return done.stdout
