@@ -39,6 +39,7 @@ from _binding import (
 )
 from opentelemetry import context as otel_context
 
+from imagegen.auth.oidc import KeyNotFetched
 from imagegen.errors import (
     ConfigurationError,
     DependencyUnavailable,
@@ -677,7 +678,10 @@ class Function:
             # sent again elsewhere: no failure of the function, whose ERROR lines alerts and
             # the runbook start from.
             closing = self._closed and exc.status == 503 and exc.retryable
-            level = logging.WARNING if exc.status < 500 or closing else logging.ERROR
+            # Nor is the 503 of a token naming a key not fetched: anyone can send one (a
+            # made-up key id), as anyone can a token refused with a 401.
+            refused = exc.status < 500 or exc.code == KeyNotFetched.code
+            level = logging.WARNING if refused or closing else logging.ERROR
             log.log(level, "request failed: %s", exc.message, extra={**extra, "status": exc.status})
         labels = {"stage": self.stage.name, "outcome": "failed", "reason": exc.code}
         if "route" in fields:

@@ -4,8 +4,8 @@ Follows Knative Eventing's receivers (``knative/eventing``, ``pkg/auth/verifier.
 ``coreos/go-oidc``): fetch ``<discovery>/.well-known/openid-configuration``, take its
 ``issuer`` and ``jwks_uri``, then require a signature by one of those keys, ``iss`` equal to the
 issuer, an unexpired ``exp``, and the audience among ``aud``. The API server answers discovery
-to service accounts, so the pod's own token and CA are used when mounted; the token goes only
-to the discovery URL's origin.
+to service accounts, so the pod's own token and CA are used when mounted; the token goes to
+the discovery URL's origin and to a ``jwks_uri`` over TLS, never in clear text to another origin.
 
 Keys are cached for ``oidc_jwks_ttl`` seconds. A token naming a key not in the cache (the
 issuer rotated its keys) refreshes it at once, but at most every few seconds, failed attempts
@@ -22,9 +22,11 @@ it is answered, not handed on to the next fetch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import socket
 import ssl
 import threading
 import time
@@ -49,7 +51,8 @@ ALGORITHMS = ["RS256", "RS384", "RS512", "ES256", "ES384", "ES512"]
 _ACCEPTED = f"only {', '.join(ALGORITHMS[:-1])} or {ALGORITHMS[-1]} are"
 _MIN_REFRESH_SECONDS = 5.0
 # Seconds for a whole fetch, discovery and JWKS, by the clock on the wall: httpx's timeouts
-# bound each read, and an issuer that answers a byte at a time would never meet them.
+# bound each read, and an issuer that answers a byte at a time would never meet them (see
+# _Cutoff).
 _FETCH_TIMEOUT = 5.0
 # Far more than an issuer's few keys take: a document past it is no JWKS.
 _MAX_DOCUMENT_BYTES = 1 << 20
@@ -248,8 +251,11 @@ class SigningKeys:
 
         try:
             discovery_url = httpx.URL(self.discovery_url + "/.well-known/openid-configuration")
-            with httpx.Client(verify=verify, headers={"Accept": "application/json"}) as client:
-                discovery = _json(client, discovery_url, credentials, deadline)
+            with (
+                _Cutoff(deadline) as cutoff,
+                httpx.Client(verify=verify, headers={"Accept": "application/json"}) as client,
+            ):
+                discovery = _json(client, discovery_url, credentials, cutoff)
                 issuer, jwks_uri = discovery.get("issuer"), discovery.get("jwks_uri")
                 if not isinstance(issuer, str) or not isinstance(jwks_uri, str):
                     raise ValueError("the discovery document names no issuer or jwks_uri")
@@ -265,7 +271,7 @@ class SigningKeys:
                 if discovery_url.scheme == "https" and jwks_url.scheme != "https":
                     raise ValueError("the discovery document names a jwks_uri not over https")
                 trusted = jwks_url.scheme == "https" or _origin(jwks_url) == _origin(discovery_url)
-                jwks = _json(client, jwks_url, credentials if trusted else {}, deadline)
+                jwks = _json(client, jwks_url, credentials if trusted else {}, cutoff)
                 entries = jwks.get("keys")
                 if not isinstance(entries, list):
                     raise ValueError("the JWKS document has no list of keys")
@@ -304,26 +310,92 @@ def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
     return url.scheme, url.host, port
 
 
+class _Cutoff:
+    """Shuts a fetch's connections down at its deadline, from a timer thread of its own.
+
+    httpx's timeouts bound each read, not a response: an issuer sending its status line and
+    headers a byte at a time (or its TLS handshake) would hold the fetch, and every fetch
+    after it, for as long as it liked. Each connection's socket is taken as it is opened
+    (httpx's ``trace`` request extension: httpcore's ``connect_tcp`` event) and duplicated,
+    so that shutting the copy down ends the reads on it, TLS or not, whatever httpcore has
+    closed or wrapped meanwhile.
+    """
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.passed = False
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._cut)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Cutoff:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._timer.cancel()
+        with self._lock:
+            for sock in self._sockets:
+                sock.close()
+            self._sockets.clear()
+
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        """httpcore's trace callback: takes each connection as it is opened."""
+        if not event.endswith("connect_tcp.complete"):
+            return
+        sock = info["return_value"].get_extra_info("socket")
+        if not isinstance(sock, socket.socket):
+            return
+        with self._lock:
+            copy = sock.dup()
+            self._sockets.append(copy)
+            if self.passed:  # opened as the deadline passed: ends at once
+                _shut(copy)
+
+    def _cut(self) -> None:
+        with self._lock:
+            self.passed = True
+            for sock in self._sockets:
+                _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    """Ends the reads and writes on ``sock``'s connection, in whatever thread they wait."""
+    with contextlib.suppress(OSError):  # the peer may have closed it already
+        sock.shutdown(socket.SHUT_RDWR)
+
+
 def _json(
-    client: httpx.Client, url: httpx.URL, headers: dict[str, str], deadline: float
+    client: httpx.Client, url: httpx.URL, headers: dict[str, str], cutoff: _Cutoff
 ) -> dict[str, Any]:
-    """The JSON object at ``url``, read whole by ``deadline``; ValueError for any other
-    document, TimeoutError past the deadline."""
-    remaining = deadline - time.monotonic()
+    """The JSON object at ``url``, read whole by ``cutoff``'s deadline; ValueError for any
+    other document, TimeoutError past the deadline. Messages name ``url`` without its user
+    name, password or query, which may hold credentials."""
+    where = redact_url(str(url))
+    remaining = cutoff.deadline - time.monotonic()
     if remaining <= 0:
-        raise TimeoutError(f"{url} was not asked for within {_FETCH_TIMEOUT:g} s")
-    with client.stream("GET", url, headers=headers, timeout=remaining) as reply:
-        reply.raise_for_status()
-        body = bytearray()
-        for chunk in reply.iter_bytes():
-            body += chunk
-            if len(body) > _MAX_DOCUMENT_BYTES:
-                raise ValueError(f"{url} answered more than {_MAX_DOCUMENT_BYTES} bytes")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} was not read within {_FETCH_TIMEOUT:g} s")
+        raise TimeoutError(f"{where} was not asked for within {_FETCH_TIMEOUT:g} s")
+    try:
+        with client.stream(
+            "GET", url, headers=headers, timeout=remaining, extensions={"trace": cutoff.trace}
+        ) as reply:
+            reply.raise_for_status()
+            body = bytearray()
+            for chunk in reply.iter_bytes():
+                body += chunk
+                if len(body) > _MAX_DOCUMENT_BYTES:
+                    raise ValueError(f"{where} answered more than {_MAX_DOCUMENT_BYTES} bytes")
+                if time.monotonic() > cutoff.deadline:
+                    raise TimeoutError(f"{where} was not read within {_FETCH_TIMEOUT:g} s")
+    except Exception as exc:
+        if not cutoff.passed or isinstance(exc, TimeoutError):
+            raise
+        # Whatever the connection shut down made of it (a read error, a closed TLS socket).
+        raise TimeoutError(f"{where} was not read within {_FETCH_TIMEOUT:g} s") from exc
     document = json.loads(body)
     if not isinstance(document, dict):
-        raise ValueError(f"{url} answered JSON that is no object")
+        raise ValueError(f"{where} answered JSON that is no object")
     return document
 
 
@@ -398,9 +470,14 @@ class OidcVerifier:
                 options={"require": ["exp", "iat", "iss", "aud", "sub"], "verify_aud": False},
             )
         except jwt.ExpiredSignatureError:
-            raise Unauthenticated("the token has expired") from None
+            # PyJWT int()s the times before comparing them: true, false or a string of digits
+            # is taken for a time (long past, or far ahead), though none is one (see below).
+            claim = _no_time(unverified, ("exp",))
+            raise Unauthenticated(_invalid(claim) if claim else "the token has expired") from None
         except jwt.ImmatureSignatureError:
-            raise Unauthenticated("the token is not valid yet") from None
+            claim = _no_time(unverified, ("nbf", "iat"))
+            refused = _invalid(claim) if claim else "the token is not valid yet"
+            raise Unauthenticated(refused) from None
         except jwt.InvalidIssuerError:
             raise Unauthenticated("the token is from another issuer") from None
         except jwt.MissingRequiredClaimError as exc:
@@ -413,13 +490,13 @@ class OidcVerifier:
             claim = _invalid_claim(exc, unverified)
             if claim is None:
                 raise Unauthenticated("the token is not valid") from None
-            raise Unauthenticated(f"the token's {claim!r} claim is invalid") from None
+            raise Unauthenticated(_invalid(claim)) from None
 
         # PyJWT int()s the times it checks: a string of digits or a boolean passes it, though
         # RFC 7519 (section 2) makes each a NumericDate, a JSON number.
-        for claim in ("exp", "nbf", "iat"):
-            if claim in claims and _numeric_date(claims[claim]) is None:
-                raise Unauthenticated(f"the token's {claim!r} claim is invalid")
+        claim = _no_time(claims, ("exp", "nbf", "iat"))
+        if claim is not None:
+            raise Unauthenticated(_invalid(claim))
         audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
         if self.audience not in audiences:
             raise Unauthenticated(
@@ -446,6 +523,16 @@ def _numeric_date(value: object) -> float | None:
     except OverflowError:
         return None
     return seconds if math.isfinite(seconds) else None
+
+
+def _no_time(claims: dict[str, Any], names: tuple[str, ...]) -> str | None:
+    """The first of ``names`` that ``claims`` holds and is no NumericDate, or None."""
+    return next((n for n in names if n in claims and _numeric_date(claims[n]) is None), None)
+
+
+def _invalid(claim: str) -> str:
+    """A 401's message for a claim of the wrong kind."""
+    return f"the token's {claim!r} claim is invalid"
 
 
 def _invalid_claim(error: Exception, payload: dict[str, Any]) -> str | None:

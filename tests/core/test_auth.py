@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -12,7 +13,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -534,45 +536,68 @@ def test_signed_times_that_are_no_times_are_401(issuer: Issuer, claim: str, valu
 
 
 @pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
-@pytest.mark.parametrize("kind", ["digits", "true", "10**400"])
-def test_signed_times_that_are_no_json_numbers_are_401(
+@pytest.mark.parametrize("kind", ["digits", "past-digits", "true", "false", "10**400"])
+def test_signed_times_that_are_no_json_numbers_are_401_naming_the_claim(
     issuer: Issuer, claim: str, kind: str
 ) -> None:
     # RFC 7519 (section 2): a NumericDate is a JSON number. PyJWT int()s what it checks, so
-    # each of these passed it, signed by the issuer, and was taken for a time.
+    # each of these passed it, signed by the issuer, and was taken for a time: a valid one,
+    # or one it refuses as expired (true is 1, 1970) or not valid yet (a time far ahead).
     now = int(time.time())
     valid = {"exp": now + 600, "nbf": now, "iat": now}[claim]
-    value = {"digits": str(valid), "true": True, "10**400": 10**400}[kind]
+    value = {
+        "digits": str(valid),
+        "past-digits": "1",
+        "true": True,
+        "false": False,
+        "10**400": 10**400,
+    }[kind]
     with pytest.raises(Unauthenticated) as caught:
         gate(issuer).authenticate(bearer(issuer.sign({claim: value})))
-    # Where PyJWT's own reading already refuses it (true as exp is 1, 1970; a time far
-    # ahead), it says so; else the claim is named.
-    refused_as_a_time = {
-        ("exp", "true"): "the token has expired",
-        ("nbf", "10**400"): "the token is not valid yet",
-        ("iat", "10**400"): "the token is not valid yet",
-    }
-    expected = refused_as_a_time.get((claim, kind), f"the token's {claim!r} claim is invalid")
-    assert caught.value.message == expected
+    assert caught.value.message == f"the token's {claim!r} claim is invalid"
     assert caught.value.challenge == 'Bearer realm="imagegen", error="invalid_token"'
 
 
-def test_a_slow_issuer_holds_no_request_past_the_fetch_deadline(
-    issuer: Issuer, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("claims", "message"),
+    [
+        ({"exp": -600.5}, "the token has expired"),
+        ({"nbf": 600.0}, "the token is not valid yet"),
+        ({"iat": 600, "nbf": 0}, "the token is not valid yet"),
+    ],
+    ids=["exp-past", "nbf-ahead", "iat-ahead"],
+)
+def test_a_time_refused_as_a_time_is_still_named_so(
+    issuer: Issuer, claims: dict[str, float], message: str
 ) -> None:
-    from imagegen.auth import oidc
+    """A NumericDate past, or ahead, is answered as such, not as a claim of the wrong kind."""
+    now = int(time.time())
+    token = issuer.sign({claim: now + offset for claim, offset in claims.items()})
+    with pytest.raises(Unauthenticated) as caught:
+        gate(issuer).authenticate(bearer(token))
+    assert caught.value.message == message
 
-    monkeypatch.setattr(oidc, "_FETCH_TIMEOUT", 0.5)
-    document = json.dumps({"issuer": issuer.issuer, "jwks_uri": issuer.url + "/openid/v1/jwks"})
+
+def _response(document: object) -> bytes:
+    """An HTTP response carrying ``document`` as JSON, the connection closed after it."""
+    body = json.dumps(document).encode()
+    head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+@contextmanager
+def _raw_issuer(answer: Callable[[str], tuple[bytes, int]]) -> Iterator[int]:
+    """An issuer on loopback, its port: ``answer(path)`` gives the response to a GET, sent
+    at once up to the offset it gives too, then a byte every 0.1 s (each read well within
+    httpx's timeout, the whole taking seconds)."""
     stop = threading.Event()
 
-    def drip(conn: socket.socket) -> None:
-        # A byte every 0.1 s: each read well within httpx's timeout, the whole taking seconds.
-        with conn:
-            conn.recv(65536)
-            head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-            conn.sendall(f"{head}Content-Length: {len(document)}\r\n\r\n".encode())
-            for byte in document.encode():
+    def reply(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):  # the client may hang up first
+            request = conn.recv(65536).decode("latin-1").split(" ")
+            response, sent_at_once = answer(request[1] if len(request) > 1 else "")
+            conn.sendall(response[:sent_at_once])
+            for byte in response[sent_at_once:]:
                 if stop.wait(0.1):
                     return
                 conn.sendall(bytes([byte]))
@@ -585,12 +610,31 @@ def test_a_slow_issuer_holds_no_request_past_the_fetch_deadline(
                 continue
             except OSError:
                 return  # closed
-            threading.Thread(target=drip, args=(conn,), daemon=True).start()
+            threading.Thread(target=reply, args=(conn,), daemon=True).start()
 
-    with socket.create_server(("127.0.0.1", 0)) as slow:
-        slow.settimeout(0.05)
-        threading.Thread(target=serve, args=(slow,), daemon=True).start()
-        keys = SigningKeys(f"http://127.0.0.1:{slow.getsockname()[1]}", clock=Clock())
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(0.05)
+        threading.Thread(target=serve, args=(server,), daemon=True).start()
+        try:
+            yield server.getsockname()[1]
+        finally:
+            stop.set()
+
+
+@pytest.mark.parametrize("dripped", ["headers", "body"])
+def test_a_slow_issuer_holds_no_request_nor_the_fetch_past_its_deadline(
+    issuer: Issuer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, dripped: str
+) -> None:
+    """httpx's timeouts bound each read: headers sent a byte at a time never meet them."""
+    from imagegen.auth import oidc
+
+    monkeypatch.setattr(oidc, "_FETCH_TIMEOUT", 0.5)
+    response = _response({"issuer": issuer.issuer, "jwks_uri": issuer.url + "/openid/v1/jwks"})
+    # About 9 s of headers, or 10 s of the document after them.
+    sent_at_once = 0 if dripped == "headers" else response.index(b"\r\n\r\n") + 4
+
+    with _raw_issuer(lambda path: (response, sent_at_once)) as port:
+        keys = SigningKeys(f"http://127.0.0.1:{port}", clock=Clock())
         authenticator = Authenticator(
             Settings(auth_required=True, oidc_ca_file=None, oidc_token_file=None),
             function="render",
@@ -608,19 +652,63 @@ def test_a_slow_issuer_holds_no_request_past_the_fetch_deadline(
             answers.append((answer, time.monotonic() - started))
 
         # Nothing cached: the first request starts the fetch, the second waits for it.
+        started = time.monotonic()
         asking = [threading.Thread(target=ask) for _ in range(2)]
-        for thread in asking:
-            thread.start()
-        for thread in asking:
-            thread.join(timeout=30)
-        try:
+        with caplog.at_level(logging.WARNING, "imagegen.auth"):
+            for thread in asking:
+                thread.start()
+            for thread in asking:
+                thread.join(timeout=30)
             assert len(answers) == 2
             for answer, took in answers:
                 assert isinstance(answer, DependencyUnavailable) and answer.retry_after == 5
-                assert took < 2.0  # the deadline's 0.5 s and a margin: not the document's 10 s
-            eventually(lambda: not keys.fetching)  # the fetch ends too, not long after
-        finally:
-            stop.set()
+                assert took < 2.0  # the deadline's 0.5 s and a margin
+            # The fetch ends too, by its deadline: another can start once the back-off ends.
+            eventually(lambda: not keys.fetching, within=15)
+            assert time.monotonic() - started < 2.0
+    assert f"OIDC discovery at http://127.0.0.1:{port} failed (TimeoutError: " in caplog.text
+
+
+@pytest.mark.parametrize(
+    "failure", ["no-object", "oversize", "slow", "jwks-no-object", "jwks-oversize", "jwks-slow"]
+)
+def test_credentials_in_the_issuers_urls_are_neither_logged_nor_answered(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, failure: str
+) -> None:
+    """The discovery URL and the jwks_uri a discovery document names can carry a user name,
+    password or token; what a fetch that fails says of either names neither."""
+    from imagegen.auth import oidc
+
+    monkeypatch.setattr(oidc, "_FETCH_TIMEOUT", 0.5)
+    secrets = ["alice", "s3cretpass", "discoverytoken", "bob", "jwkspass", "jwkstoken"]
+    jwks_uri = "http://bob:jwkspass@127.0.0.1:{port}/openid/v1/jwks?token=jwkstoken"
+    failing = {
+        "no-object": (_response([1, 2]), None),
+        "oversize": (_response(["x" * (1 << 20)]), None),
+        "slow": (_response({}), 0),
+    }[failure.removeprefix("jwks-")]
+
+    def answer(path: str) -> tuple[bytes, int]:
+        response, sent_at_once = failing
+        if failure.startswith("jwks-") and not path.startswith("/openid/v1/jwks"):
+            response, sent_at_once = _response({"issuer": "x", "jwks_uri": jwks_uri}), None
+        return response, len(response) if sent_at_once is None else sent_at_once
+
+    with _raw_issuer(answer) as port:
+        jwks_uri = jwks_uri.format(port=port)
+        keys = SigningKeys(
+            f"http://alice:s3cretpass@127.0.0.1:{port}/issuer?token=discoverytoken", clock=Clock()
+        )
+        with caplog.at_level(logging.WARNING), pytest.raises(DependencyUnavailable) as caught:
+            keys.get("k1")
+        eventually(lambda: not keys.fetching)
+    said = caplog.text + str(caught.value) + caught.value.message
+    assert [secret for secret in secrets if secret in said] == []
+    # Said all the same, where and what: the URLs without what they carried.
+    failed = {"no-object": "JSON that is no object", "oversize": "more than", "slow": "within"}
+    assert failed[failure.removeprefix("jwks-")] in caplog.text
+    where = "/openid/v1/jwks" if failure.startswith("jwks-") else "/issuer"
+    assert f"http://***@127.0.0.1:{port}{where}" in caplog.text
 
 
 def test_a_fetch_that_hangs_past_its_deadline_holds_no_request_longer(

@@ -199,3 +199,39 @@ def test_a_function_that_could_not_start_answers_503_before_reading_a_body(
         assert upload.recv(64).startswith(b"HTTP/1.1 503 ")
     # The probes still answer, unauthenticated as ever.
     assert httpx.get(enhance.url + "/healthz").status_code == 200
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_a_token_naming_a_key_not_fetched_is_a_503_logged_as_a_warning(
+    issuer: Issuer, tmp_path: Path
+) -> None:
+    # Anyone can send a token naming a made-up key, issued after the keys were fetched: the
+    # retryable 503 it gets is the caller's doing, as a 401 is, not one of the function's
+    # failures, whose ERROR lines alerts and the runbook start from.
+    function = InProcessFunction(
+        "enhance", {**base_env(tmp_path / "store"), **auth_env(issuer.url)}
+    )
+    valid = issuer.sign({}, audience="imagegen-enhance")
+    header = base64.urlsafe_b64encode(json.dumps({"alg": "RS256", "kid": "made-up"}).encode())
+    made_up = ".".join([header.decode().rstrip("="), *valid.split(".")[1:]])
+    assert function.post("/", json=REQUEST, headers={"Authorization": f"Bearer {valid}"})
+    # On the functions' logger itself: start-up sets the root logger's handlers anew.
+    records, logger = _Records(), logging.getLogger("imagegen.functions")
+    logger.addHandler(records)
+    try:
+        # The keys were just fetched: within the back-off, they are not fetched again.
+        reply = function.post("/", json=REQUEST, headers={"Authorization": f"Bearer {made_up}"})
+    finally:
+        logger.removeHandler(records)
+    assert reply.status_code == 503, reply.text
+    assert reply.json()["error"] == "key_not_fetched"
+    [failed] = [r for r in records.records if r.getMessage().startswith("request failed")]
+    assert failed.levelno == logging.WARNING
