@@ -529,11 +529,11 @@ class RenderStage:
                 answered_again()  # the image is the other replica's, counted by it
                 return done
             # Never replaced here. create() refuses only a complete object: S3 stores an
-            # object and its metadata in one PutObject, and LocalStorage.create writes again an
-            # object found without its sidecar (an interrupted write), while a sidecar it cannot
-            # read fails the head above, retried. So what is there was not written by render
-            # (a copy by hand, another tool), and a put over it would race: two replicas that
-            # both found it would each store their own image and announce it.
+            # object and its metadata in one PutObject, and LocalStorage.create puts the
+            # sidecar in place before the object (an object there is a finished write), while
+            # a sidecar it cannot read fails the head above, retried. So what is there was not
+            # written by render (a copy by hand, another tool), and a put over it would race:
+            # two replicas that both found it would each store their own image and announce it.
             raise stored_png.not_rendered(job, keys.image, gone=stored is None)
         return stored_png.rendered_image(
             job,

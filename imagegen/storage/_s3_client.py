@@ -12,8 +12,9 @@ from typing import Any
 
 import boto3
 from botocore.config import Config
+from botocore.utils import S3RegionRedirectorv2
 
-from imagegen.storage.presets import S3Options
+from imagegen.storage.presets import S3Options, _on_aws
 
 __all__ = ["make_client"]
 
@@ -52,9 +53,44 @@ def make_client(options: S3Options) -> Any:
         client = _session.client(
             "s3", endpoint_url=options.endpoint_url, config=config, **credentials
         )
+    if not _on_aws(options.endpoint_url):
+        _without_region_redirects(client)
     if options.create_if_absent == "gcs-generation-match":
         client.meta.events.register("before-call.s3.PutObject", _gcs_create_if_absent)
     return client
+
+
+# Where botocore's region redirector listens (botocore/utils.py, S3RegionRedirectorv2.register).
+_REDIRECTOR_EVENTS = (
+    "needs-retry.s3",
+    "before-parameter-build.s3",
+    "before-endpoint-resolution.s3",
+)
+
+
+def _without_region_redirects(client: Any) -> None:
+    """Take botocore's region redirector off ``client``, whose endpoint is not AWS's.
+
+    botocore gives every S3 client one (botocore/client.py, ``ClientCreator._register_s3_events``:
+    ``S3RegionRedirectorv2(None, client).register()``). On a 301, 302 or 307 whose answer names
+    no region (an ``x-amz-bucket-region`` header, a ``Region`` in the error) it asks HeadBucket,
+    on the same client, for one (botocore/utils.py, ``S3RegionRedirectorv2.get_bucket_region``).
+    AWS answers HeadBucket with that header, redirect or not (API_HeadBucket.html); a proxy in
+    front of another store (an ingress sending ``http://`` on to ``https://``) answers its own
+    redirect again, and each HeadBucket asks another until Python's recursion limit. Such a
+    redirect is the settings' to fix: without the redirector it reaches the storage as the 3xx
+    it is, and is said so (:meth:`~imagegen.storage.s3.S3Storage._client_error`).
+
+    botocore's event emitter lists no handlers publicly: its handler store is read to find the
+    redirector's, which are then taken off through its public ``unregister``. An emitter of
+    another shape fails here, as the client is made, not at the first redirect.
+    """
+    events = client.meta.events
+    handlers = events._emitter._handlers  # botocore/hooks.py: HierarchicalEmitter's _PrefixTrie
+    for event in _REDIRECTOR_EVENTS:
+        for handler in handlers.prefix_search(event):
+            if isinstance(getattr(handler, "__self__", None), S3RegionRedirectorv2):
+                events.unregister(event, handler)
 
 
 def _gcs_create_if_absent(params: dict[str, Any], **_: Any) -> None:

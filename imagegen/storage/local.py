@@ -29,12 +29,15 @@ its renames, a process stopped in a debugger), the create fails with a retryable
 until the request's own timeout and beyond. A lock rather than an
 ``O_EXCL`` claim file: the object and its sidecar must appear together, and the kernel releases
 a lock when its holder dies, where a claim file left by a killed writer would block the key
-forever. An object found without its sidecar is such an interrupted write, and is written again,
-unless the create would write none: one without metadata, whose content type is what the name
-says (the prompt memo, the metadata record, the derivatives), writes the object alone, one file
-and one flush, and :meth:`~LocalStorage.head` reads the same content type from the name. What a
-name says of the names imagegen writes (``.png``, ``.json``, ``.webp``, ``.avif``) is fixed
-here, the same on every host; of any other, the host's MIME types say it.
+forever. The sidecar is renamed into place before its object, so an object that is there is a
+finished write, and a create never writes over it, with a sidecar or without, as S3 answers a
+conditional upload over any object: exactly one writer is told it won. A writer killed between
+the two renames leaves a sidecar without its object, which the next create writes over. A create
+without metadata, whose content type is what the name says (the prompt memo, the metadata
+record, the derivatives), writes the object alone, one file and one flush (and removes a sidecar
+such a killed writer left), and :meth:`~LocalStorage.head` reads the same content type from the
+name. What a name says of the names imagegen writes (``.png``, ``.json``, ``.webp``,
+``.avif``) is fixed here, the same on every host; of any other, the host's MIME types say it.
 
 Only a missing sidecar means an object has no metadata. One that is there but cannot be read
 (EIO, EMFILE, ESTALE, EACCES) fails the read as any read error does, retryably, and one that
@@ -186,7 +189,7 @@ class LocalStorage(ObjectStore):
     async def _store_new(
         self, key: str, data: bytes, content_type: str, metadata: dict[str, str]
     ) -> bool:
-        """Write unless a complete object is there (an object without its sidecar is not)."""
+        """Write unless an object is there (the sidecar, if any, goes into place first)."""
         return await self._blocking(self._create, key, data, content_type, metadata)
 
     async def get(self, key: str) -> bytes:
@@ -299,12 +302,17 @@ class LocalStorage(ObjectStore):
             raise self._unavailable("cannot write to", exc) from exc
         try:
             _lock(fd, path.parent)
-            created = not (path.is_file() and (not sidecar or _sidecar(path).is_file()))
+            # The sidecar first, the object last: an object there is a finished create, whoever
+            # made it, and is not written over. What a writer killed in between left is a
+            # sidecar alone, replaced here, or removed where this create has none to write.
+            created = not path.is_file()
             if created:
-                # The object first, its sidecar second, as _write does.
-                os.replace(staged.pop(0), path)
                 if sidecar:
-                    os.replace(staged.pop(0), _sidecar(path))
+                    os.replace(staged.pop(), _sidecar(path))
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(_sidecar(path))
+                os.replace(staged.pop(), path)
         except OSError as exc:
             raise self._unavailable("cannot write to", exc) from exc
         finally:
@@ -590,8 +598,8 @@ def _read_sidecar(path: Path) -> tuple[str, dict[str, str]]:
     try:
         record = json.loads(sidecar.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        # No sidecar: a file copied in by hand, a writer killed before it (create writes
-        # that object again), or an object whose name says all (no metadata).
+        # No sidecar: a file copied in by hand, a put killed before it, or an object whose name
+        # says all (no metadata).
         return guessed, {}
     except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, bad UTF-8
         raise _corrupt_sidecar(sidecar, f"not JSON: {type(exc).__name__}") from None
@@ -609,8 +617,9 @@ def _corrupt_sidecar(sidecar: Path, why: str) -> DependencyUnavailable:
     Sidecars are renamed into place whole and flushed first (:func:`_staged`), so one that does
     not parse was damaged afterwards. Answered as :func:`imagegen.persist.corrupt_record`
     answers a corrupt record, and for its reasons: a 503, retried, until an operator repairs or
-    removes it (removed, create writes the object again); not "no metadata", which would fail
-    the generation for good (persist) or store a second image (render), nor a 400 or a 500.
+    removes it (with its object: a create then writes both again); not "no metadata", which
+    would fail the generation for good (persist) or store a second image (render), nor a 400
+    or a 500.
     """
     return DependencyUnavailable(
         f"local storage: the sidecar {str(sidecar)!r} is corrupt ({why}): repair it, or"

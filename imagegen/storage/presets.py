@@ -118,6 +118,9 @@ _PROVIDER_HOSTS = {
     "googleapis.com": ("gcs", "Google Cloud Storage"),
     "r2.cloudflarestorage.com": ("r2", "Cloudflare R2"),
 }
+# AWS's own endpoints (regional, FIPS, dual-stack, VPC interface endpoints, China's regions,
+# the European Sovereign Cloud).
+_AWS_HOSTS = (".amazonaws.com", ".amazonaws.com.cn", ".amazonaws.eu")
 # What each upload precondition is on the wire. GCS applies If-None-Match to reads only
 # (request-preconditions, above); GCS's header is none of those R2 lists as implemented
 # (https://developers.cloudflare.com/r2/api/s3/api/).
@@ -174,6 +177,18 @@ def s3_options(
         access_key_id=access_key_id,
         secret_access_key=secret_access_key,
     )
+
+
+def _on_aws(endpoint_url: str | None) -> bool:
+    """Whether ``endpoint_url`` is AWS's own: none (botocore's choice from the region), or one
+    on an AWS host, however spelt (``https://S3.eu-west-1.AmazonAWS.com.:443``)."""
+    if not endpoint_url:
+        return True
+    try:
+        host = (urlsplit(endpoint_url).hostname or "").lower().rstrip(".")
+    except ValueError:
+        return False  # botocore says what is wrong with it
+    return host.endswith(_AWS_HOSTS)
 
 
 def _check_provider(preset: str, endpoint_url: str | None) -> None:

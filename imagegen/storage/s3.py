@@ -8,8 +8,9 @@ backoff are botocore's own (standard mode); what is still failing afterwards is 
   session token to refresh: :class:`DependencyUnavailable`;
 * a missing bucket, refused credentials, a clock minutes off or a region the endpoint will not
   sign for (told by the error code before the status: a clock is a 403 too), an archived
-  object: :class:`DependencyUnavailable` with a message that says so, as a deployment can be
-  fixed without changing the request;
+  object, a redirect (followed by botocore only to a bucket's region on AWS's own endpoints,
+  :mod:`~imagegen.storage._s3_client`): :class:`DependencyUnavailable` with a message that
+  says so, as a deployment can be fixed without changing the request;
 * an upload refused for want of a ``Content-Length`` (411): :class:`ConfigurationError`
   naming ``s3_preset``;
 * a missing object: :class:`NotFound` from ``get``, None from ``head``;
@@ -27,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -55,23 +55,15 @@ from imagegen.errors import (
     InvalidRequest,
     NotFound,
 )
+from imagegen.storage._bucket_names import _check_bucket
 from imagegen.storage._s3_client import make_client
 from imagegen.storage.base import ObjectStore, StoredObject, validate_key
-from imagegen.storage.presets import _PRECONDITION_HEADERS, S3Options
+from imagegen.storage.presets import _PRECONDITION_HEADERS, S3Options, _on_aws
 
 __all__ = ["S3Storage"]
 
 T = TypeVar("T")
 
-# S3 allows 3-63 characters; GCS allows underscores and up to 222 with dots. Accept the union
-# under every preset, and S3's own rules (_s3_bucket_problem) under every preset but gcs.
-_BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
-# AWS S3 User Guide, "Bucket naming rules" (general purpose buckets): names reserved for
-# access points, Object Lambda, Multi-Region Access Points, directory and table buckets, and
-# IDNA. S3 answers a request on such a bucket InvalidBucketName.
-_S3_RESERVED_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
-_S3_RESERVED_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
-_IP_ADDRESS_FORM = re.compile(r"\d+\.\d+\.\d+\.\d+")
 _THROTTLING = {
     "SlowDown",
     "Throttling",
@@ -532,8 +524,10 @@ class S3Storage(ObjectStore):
         # Said by the code before the status: S3 answers a clock minutes off and an archived
         # object 403 too (RequestTimeTooSkewed, InvalidObjectState), neither of which is a
         # refusal of the credentials.
-        if code in _MISCONFIGURED or 300 <= status < 400:
-            return self._misconfigured(operation, code or str(status))
+        if code in _MISCONFIGURED:
+            return self._misconfigured(operation, code)
+        if 300 <= status < 400:
+            return self._redirected(operation, status, exc)
         if code == "InvalidObjectState":
             return DependencyUnavailable(
                 f"S3 {operation} on bucket {self.bucket!r} refused (InvalidObjectState): the"
@@ -577,8 +571,8 @@ class S3Storage(ObjectStore):
         return InternalError(f"S3 {operation} on bucket {self.bucket!r} failed ({code or status})")
 
     def _misconfigured(self, operation: str, code: str) -> ImageGenError:
-        """An answer of :data:`_MISCONFIGURED` (or a redirect): the deployment's doing, not the
-        event's, retryable once the settings are fixed."""
+        """An answer of :data:`_MISCONFIGURED`: the deployment's doing, not the event's,
+        retryable once the settings are fixed."""
         if code == "InvalidBucketName":  # a store with rules beyond its preset's
             why = "the store refuses the bucket's name (InvalidBucketName)"
             return ConfigurationError(
@@ -588,6 +582,24 @@ class S3Storage(ObjectStore):
         return DependencyUnavailable(
             f"S3 {operation} on bucket {self.bucket!r} refused ({code}): check the region, the"
             " endpoint and the clock (docs/storage.md#errors-the-store-answers)"
+        )
+
+    def _redirected(self, operation: str, status: int, exc: ClientError) -> DependencyUnavailable:
+        """A redirect with no S3 error code: a proxy in front of the store (an ingress sending
+        ``http://`` on to ``https://``) or an endpoint that is not the store's. Not followed
+        (see :mod:`imagegen.storage._s3_client`): a request is signed for its host, and the
+        settings are to name the store's own address."""
+        from imagegen.settings import Settings
+
+        headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        location = str(headers.get("location") or "")[:_LOCATION_SHOWN]
+        to = f" to {redact_url(location)}" if location else ""
+        endpoint = redact_url(str(self._client.meta.endpoint_url))
+        return DependencyUnavailable(
+            f"S3 {operation} on bucket {self.bucket!r}: the endpoint {endpoint} answered a"
+            f" redirect ({status}){to}, which is not followed: set"
+            f" {Settings.variable('s3_endpoint_url')} to the store's own address, and check the"
+            " region (docs/storage.md#errors-the-store-answers)"
         )
 
     def _length_required(self, operation: str, code: str) -> ConfigurationError:
@@ -617,11 +629,7 @@ class S3Storage(ObjectStore):
     def _adds_checksums_elsewhere(self) -> bool:
         """Whether uploads carry boto3's own checksums (botocore's default, kept where the
         settings leave ``checksums`` unset) to an endpoint that is not AWS's."""
-        endpoint = self.options.endpoint_url
-        if self.options.checksums == "when_required" or not endpoint:
-            return False
-        host = (urlsplit(endpoint).hostname or "").lower().rstrip(".")  # as presets reads it
-        return not host.endswith(_AWS_HOSTS)
+        return self.options.checksums != "when_required" and not _on_aws(self.options.endpoint_url)
 
     def _checksum_refused(self, operation: str, code: str) -> ConfigurationError:
         """An upload under the ``aws`` preset whose checksum the store refused.
@@ -668,15 +676,14 @@ _TRANSIENT = frozenset(
         "XAmzContentSHA256Mismatch",
     }
 )
+# Of a redirect's Location, at most this much is said: it is the answering server's to choose.
+_LOCATION_SHOWN = 200
 # A checksum the store found wrong. Under checksums ``when_required`` (every preset but
 # ``aws``) only the Content-MD5 this code computes is sent: a body changed on the way,
 # transient; so too from AWS itself. Under ``aws`` at another endpoint it is more likely
 # boto3's own CRC32, which a store other than AWS refuses on every upload
 # (S3Storage._checksum_refused).
 _CHECKSUM_REFUSED = frozenset({"BadDigest", "XAmzContentSHA256Mismatch"})
-# AWS's own endpoints (regional, FIPS, dual-stack, VPC interface endpoints, China's regions,
-# the European Sovereign Cloud).
-_AWS_HOSTS = (".amazonaws.com", ".amazonaws.com.cn", ".amazonaws.eu")
 # A region the endpoint will not sign for (MinIO, R2 and GCS answer it; botocore's region
 # redirect is AWS's alone), a bucket elsewhere, a clock minutes off (ErrorResponses.html:
 # RequestTimeTooSkewed, 403), a bucket name the store refuses (InvalidBucketName, 400):
@@ -739,59 +746,6 @@ def _user_metadata(response: dict[str, Any]) -> dict[str, str]:
             metadata[name.removeprefix(_GCS_META)] = str(value)
     metadata.update({str(k).lower(): str(v) for k, v in response.get("Metadata", {}).items()})
     return metadata
-
-
-def _check_bucket(bucket: str, *, field: str, preset: str) -> str:
-    """``bucket`` when the store of ``preset`` takes it as a name.
-
-    Raises:
-        ConfigurationError: naming ``field``; the name itself only in the summary.
-    """
-    problem = None
-    if not _BUCKET.fullmatch(bucket) or ".." in bucket:
-        problem = "not a valid bucket name"
-    elif preset == "aws" and "_" in bucket:
-        # A legacy name: buckets made in us-east-1 before March 2018 could hold underscores
-        # (and be longer than 63 characters), and S3 still serves them, path-style (botocore's
-        # "auto" addressing takes that for a name that is not a DNS name). No other rule
-        # applies to them, and no bucket of another store has one.
-        pass
-    elif preset != "gcs":  # GCS has rules of its own (underscores, 222 characters with dots)
-        why = _s3_bucket_problem(bucket)
-        problem = f"not a valid S3 bucket name ({why})" if why else None
-    if problem:
-        raise ConfigurationError(
-            f"invalid bucket name {bucket!r}", errors=[{"field": field, "message": problem}]
-        )
-    return bucket
-
-
-def _s3_bucket_problem(bucket: str) -> str | None:
-    """Which of S3's bucket naming rules ``bucket`` breaks, said without the name; None for
-    none. It already has the shape of :data:`_BUCKET`, with no two dots in a row.
-
-    AWS S3 User Guide, "Bucket naming rules", general purpose buckets: 3 to 63 characters;
-    lowercase letters, digits, dots and hyphens; a letter or digit first and last; no two
-    adjacent dots; not formatted as an IP address; none of the reserved prefixes and suffixes.
-    A hyphen next to a dot is refused too: each part between dots is a DNS label, which
-    begins and ends with a letter or digit (RFC 1123), as virtual-hosted-style addressing
-    needs; S3 and MinIO answer InvalidBucketName.
-    """
-    if len(bucket) > 63:
-        return "more than 63 characters"
-    if "_" in bucket:
-        return "an underscore"
-    if ".-" in bucket or "-." in bucket:
-        return "a hyphen next to a dot"
-    if _IP_ADDRESS_FORM.fullmatch(bucket):
-        return "formatted as an IP address"
-    prefix = next((p for p in _S3_RESERVED_PREFIXES if bucket.startswith(p)), None)
-    if prefix:
-        return f"the prefix {prefix} is reserved"
-    suffix = next((s for s in _S3_RESERVED_SUFFIXES if bucket.endswith(s)), None)
-    if suffix:
-        return f"the suffix {suffix} is reserved"
-    return None
 
 
 def _check_prefix(prefix: str, *, field: str) -> str:

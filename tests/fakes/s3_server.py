@@ -37,6 +37,12 @@ and overwrites, minio/minio#19682; GCS's XML API applies ``If-None-Match`` to re
 https://cloud.google.com/storage/docs/request-preconditions, so under a preset other than
 ``gcs`` its uploads overwrite too.)
 
+It can answer every request with a redirect elsewhere, as a proxy in front of a store may (an
+ingress sending ``http://`` on to ``https://``): a ``301 Moved Permanently`` with a
+``Location`` and an HTML body, nginx's own::
+
+    s3.redirect = "https://store.example"    # Location: https://store.example<path>
+
 It can hold uploads back until several have arrived, so that writers race for certain::
 
     s3.gate(".png", 2)                       # the first PUT of a *.png waits for a second
@@ -80,6 +86,12 @@ _ERROR_CODES = {
     500: "InternalError",
     503: "SlowDown",
 }
+# What nginx answers with its redirect (ngx_http_special_response.c).
+_MOVED = (
+    b"<html>\r\n<head><title>301 Moved Permanently</title></head>\r\n<body>\r\n"
+    b"<center><h1>301 Moved Permanently</h1></center>\r\n<hr><center>nginx</center>\r\n"
+    b"</body>\r\n</html>\r\n"
+)
 ACCESS_KEY_ID = "test-access-key-id"
 SECRET_ACCESS_KEY = "test-secret-access-key"
 
@@ -108,6 +120,8 @@ class S3Server(Running):
         self.denied: Literal["credentials", "listing"] | None = None
         # Drop the upload preconditions (see the module's docstring); settable any time.
         self.ignores_conditions = False
+        # Answer every request with a redirect to this origin (see the module's docstring).
+        self.redirect: str | None = None
         self._moto: ThreadedMotoServer | None = None
         self._proxy: LoopbackServer | None = None
         self._port = 0
@@ -197,9 +211,11 @@ class S3Server(Running):
 
     def up(self) -> None:
         """End any outage, any refusal of the credentials (:attr:`denied`), and any ignoring
-        of the upload preconditions (:attr:`ignores_conditions`)."""
+        of the upload preconditions (:attr:`ignores_conditions`), and any redirect
+        (:attr:`redirect`)."""
         self.denied = None
         self.ignores_conditions = False
+        self.redirect = None
         with self._lock:
             self._fail_status, self._fail_count, self._fail_code = None, None, None
         self._hang.clear()
@@ -306,6 +322,10 @@ def _handler(server: S3Server) -> type[BaseHTTPRequestHandler]:
             server._wait_at_gate(self.command, self.path)
             if failure is not None:
                 self._error(*failure)
+                return
+            if server.redirect is not None:
+                location = ("Location", server.redirect + self.path)
+                self._respond(301, [location, ("Content-Type", "text/html")], _MOVED)
                 return
             if server.denied == "credentials":
                 self._error(403, "InvalidAccessKeyId")

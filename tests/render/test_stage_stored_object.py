@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ def replica(storage: Storage, name: str) -> tuple[RenderStage, ReplicaBackend]:
 async def test_a_redelivery_while_the_sidecar_cannot_be_read_is_retried_not_stored_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The reviewer's case: a transient EMFILE read as "no metadata" made a second replica
+    """A transient EMFILE read as "no metadata" must not make a second replica
     render again and put its own image over the one already announced."""
     first, _ = replica(LocalStorage(tmp_path), "a")
     announced = await first.render(JOB)
@@ -108,15 +109,34 @@ async def test_two_replicas_that_find_an_object_render_did_not_write_store_nothi
     assert (tmp_path / KEY).read_bytes() == b"by hand"
 
 
-async def test_an_object_left_without_its_sidecar_is_written_again(tmp_path: Path) -> None:
-    """Locally, the one object without metadata that create replaces: an interrupted write."""
+async def test_a_sidecar_left_without_its_object_is_written_over(tmp_path: Path) -> None:
+    """Locally, what an interrupted create leaves: its sidecar, put in place before the object,
+    describing no image yet; the render stores its PNG and metadata over it."""
     (tmp_path / KEY).parent.mkdir(parents=True)
-    (tmp_path / KEY).write_bytes(b"half of a write")
-    stage, _ = replica(LocalStorage(tmp_path), "a")
+    stale = {"content_type": "image/png", "metadata": {"sha256": "0" * 64}}
+    (tmp_path / KEY).with_name(f".{Path(KEY).name}.meta").write_text(json.dumps(stale))
+    storage = LocalStorage(tmp_path)
+    stage, _ = replica(storage, "a")
 
     rendered = await stage.render(JOB)
 
     assert hashlib.sha256((tmp_path / KEY).read_bytes()).hexdigest() == rendered.sha256
+    stored = await storage.head(KEY)
+    assert stored is not None and stored.metadata["sha256"] == rendered.sha256
+
+
+async def test_an_object_left_without_its_sidecar_is_refused_not_replaced(tmp_path: Path) -> None:
+    """Locally, an object is put in place after its sidecar: one without it was not written by
+    render (a copy by hand), and is never written over, as on S3."""
+    (tmp_path / KEY).parent.mkdir(parents=True)
+    (tmp_path / KEY).write_bytes(b"a copy by hand")
+    stage, backend = replica(LocalStorage(tmp_path), "a")
+
+    with pytest.raises(InvalidRequest):
+        await stage.render(JOB)
+
+    assert (tmp_path / KEY).read_bytes() == b"a copy by hand"
+    assert backend.renders == 1  # rendered, then refused the store: nothing written over
 
 
 class VanishingStorage(LocalStorage):

@@ -139,6 +139,19 @@ async def test_create_writes_once_first_writer_wins(storage: Storage) -> None:
     assert (head.content_type, head.metadata) == ("image/png", {"v": "1"})
 
 
+async def test_an_object_created_without_metadata_is_not_written_over(storage: Storage) -> None:
+    # S3 decides on the object alone; local storage's object is renamed after its sidecar.
+    assert await storage.create(KEYS.image, b"FIRST", content_type="image/png")
+    second = await storage.create(
+        KEYS.image, b"SECOND", content_type="image/png", metadata={"sha256": "x"}
+    )
+
+    assert second is False
+    assert await storage.get(KEYS.image) == b"FIRST"
+    head = await storage.head(KEYS.image)
+    assert head is not None and (head.content_type, head.metadata) == ("image/png", {})
+
+
 async def test_racing_creates_have_exactly_one_winner(storage: Storage) -> None:
     bodies = [PNG + bytes([i]) for i in range(8)]
     won = await asyncio.gather(

@@ -161,13 +161,15 @@ async def test_a_write_is_durable_in_its_directories_before_it_is_done(
     monkeypatch.undo()
 
     root = local.root.name
+    # A put's object goes first (stale metadata never vouches for a new object), a create's
+    # last (an object there is a finished create).
+    renames = [("rename", "gen-0003.png"), ("rename", ".gen-0003.png.meta")]
     assert steps == [
         ("mkdir", f"{root}/2026/05"),
         ("fsync", f"{root}/2026"),
         ("mkdir", f"{root}/2026/05/01"),
         ("fsync", f"{root}/2026/05"),
-        ("rename", "gen-0003.png"),
-        ("rename", ".gen-0003.png.meta"),
+        *(renames if write == "put" else renames[::-1]),
         ("fsync", f"{root}/2026/05/01"),
     ]
     assert await local.get(KEYS.image) == NEW
@@ -348,15 +350,78 @@ async def test_the_names_imagegen_writes_say_their_content_type_on_any_host(
         assert head is not None and head.content_type == content_type, key
 
 
-async def test_create_rewrites_an_object_left_without_its_sidecar(local: LocalStorage) -> None:
-    # A writer killed between the object and its sidecar: the object is not complete.
+async def test_create_never_writes_over_an_object_found_without_a_sidecar(
+    local: LocalStorage,
+) -> None:
+    """An object is renamed into place after its sidecar, so one that is there is a finished
+    write, whoever made it: created without metadata, put, copied in by hand. The second
+    writer loses, as an S3 conditional upload over any object does."""
+    assert await local.create(KEYS.image, b"FIRST", content_type="image/png")
+    assert not await local.create(
+        KEYS.image, b"SECOND", content_type="image/png", metadata={"sha256": "x"}
+    )
+    assert await local.get(KEYS.image) == b"FIRST"
+    head = await local.head(KEYS.image)
+    assert head is not None and head.metadata == {}
+    assert ".gen-0003.png.meta" not in os.listdir(local.root / "2026/05/01")
+
+
+async def test_an_object_written_before_its_sidecar_is_read_and_kept(local: LocalStorage) -> None:
+    """Stores whose creates renamed the object first, then its sidecar: read as ever, and a
+    create leaves the object alone."""
     path = local.root / KEYS.image
     path.parent.mkdir(parents=True)
     path.write_bytes(OLD)
+    (path.parent / ".gen-0003.png.meta").write_text(
+        json.dumps({"content_type": "image/png", "metadata": {"v": "1"}})
+    )
 
-    assert await local.create(KEYS.image, NEW, content_type="image/png", metadata={"v": "1"})
+    assert not await local.create(KEYS.image, NEW, content_type="image/png", metadata={"v": "2"})
+    head = await local.head(KEYS.image)
+    assert head is not None and head.metadata == {"v": "1"}
+    assert await local.get(KEYS.image) == OLD
+
+
+async def test_a_create_interrupted_between_its_renames_is_written_again(
+    local: LocalStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Failed after its sidecar went into place, before its object: no object, so the next
+    delivery's create writes both, its own metadata over the sidecar left."""
+    real_replace = os.replace
+
+    def sidecar_only(source: str | Path, target: str | Path) -> None:
+        if not Path(target).name.endswith(".meta"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", sidecar_only)
+    with pytest.raises(DependencyUnavailable):
+        await local.create(KEYS.image, OLD, content_type="image/png", metadata={"v": "1"})
+    monkeypatch.undo()
+    assert await local.head(KEYS.image) is None
+    assert ".gen-0003.png.meta" in os.listdir(local.root / "2026/05/01")
+
+    assert await local.create(KEYS.image, NEW, content_type="image/png", metadata={"v": "2"})
+    head = await local.head(KEYS.image)
+    assert head is not None and head.metadata == {"v": "2"}
     assert await local.get(KEYS.image) == NEW
-    assert not await local.create(KEYS.image, OLD, content_type="image/png")
+    assert not await local.create(KEYS.image, OLD, content_type="image/png", metadata={"v": "3"})
+
+
+async def test_a_sidecar_left_alone_is_removed_by_a_create_without_metadata(
+    local: LocalStorage,
+) -> None:
+    """A killed writer's sidecar does not describe the object a later create writes alone."""
+    folder = local.root / "2026/05/01"
+    folder.mkdir(parents=True)
+    (folder / ".gen-0003.png.meta").write_text(
+        json.dumps({"content_type": "image/png", "metadata": {"sha256": "left"}})
+    )
+
+    assert await local.create(KEYS.image, NEW, content_type="image/png")
+    head = await local.head(KEYS.image)
+    assert head is not None and (head.content_type, head.metadata) == ("image/png", {})
+    assert sorted(os.listdir(folder)) == [".create.lock", "gen-0003.png"]
 
 
 @pytest.mark.parametrize(

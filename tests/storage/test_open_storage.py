@@ -411,14 +411,53 @@ def test_an_aws_bucket_with_an_underscore_is_a_legacy_name_taken(
     assert storage.bucket == "my_legacy_bucket"
 
 
-@pytest.mark.parametrize("bucket", ["b" * 64, "a" * 63 + "." + "b" * 63])
+GCS = {"s3_preset": "gcs", "s3_access_key_id": "GOOG1EXAMPLE", "s3_secret_access_key": "x"}
+
+
+@pytest.mark.parametrize(
+    "bucket",
+    [
+        "my_bucket",
+        "a" * 63 + "." + "b" * 63,
+        ".".join(["c" * 63, "d" * 63, "e" * 63, "f" * 30]),  # 222 characters
+    ],
+)
 def test_gcs_keeps_its_own_bucket_names(opened: list[Storage], bucket: str) -> None:
     """GCS takes underscores, and up to 222 characters with dots: refused under the other
     presets, taken under gcs."""
-    gcs = {"s3_preset": "gcs", "s3_access_key_id": "GOOG1EXAMPLE", "s3_secret_access_key": "x"}
-    assert open_s3(opened, storage_url=f"s3://{bucket}", **gcs).bucket == bucket
+    assert open_s3(opened, storage_url=f"s3://{bucket}", **GCS).bucket == bucket
     with pytest.raises(ConfigurationError):
-        open_storage(settings(storage_url=f"s3://{bucket}"))
+        open_storage(settings(storage_url=f"s3://{bucket}", s3_preset="minio"))
+
+
+# https://cloud.google.com/storage/docs/buckets#naming: names GCS refuses that the union of
+# S3's and GCS's character rules let through.
+GCS_REFUSES = [
+    ("b" * 64, "more than 63 characters without a dot"),
+    ("a" * 64 + ".b", "a dot-separated component of more than 63 characters"),
+    ("a.b" + "c" * 64, "a dot-separated component of more than 63 characters"),
+    ("192.168.1.1", "formatted as an IP address"),
+    ("goog-images", "the prefix goog is reserved"),
+    ("googimages", "the prefix goog is reserved"),
+    ("my-google-images", "it contains google or a close misspelling of it"),
+    ("images.google.example", "it contains google or a close misspelling of it"),
+    ("my-g00gle-images", "it contains google or a close misspelling of it"),
+]
+
+
+@pytest.mark.parametrize(("bucket", "why"), GCS_REFUSES, ids=[b[:20] for b, _ in GCS_REFUSES])
+def test_a_bucket_name_gcs_refuses_is_refused_by_the_variable(bucket: str, why: str) -> None:
+    """Taken, every request would be answered InvalidBucketName."""
+    with pytest.raises(ConfigurationError) as error:
+        open_storage(settings(storage_url=f"s3://{bucket}/images", **GCS))
+    said = f"not a valid Google Cloud Storage bucket name ({why})"
+    assert error.value.message == f"invalid IMAGEGEN_STORAGE_URL: {said}"
+    assert error.value.errors == [{"field": "storage_url", "message": said}]
+
+
+@pytest.mark.parametrize("bucket", ["my-goo-gle", "images-goog", "my.bucket.example.com", "abc"])
+def test_a_bucket_name_gcs_takes_is_taken(opened: list[Storage], bucket: str) -> None:
+    assert open_s3(opened, storage_url=f"s3://{bucket}", **GCS).bucket == bucket
 
 
 @pytest.mark.parametrize(

@@ -254,7 +254,7 @@ async def test_a_store_that_ignores_conditional_writes_is_refused_before_the_fir
 async def test_two_writers_on_a_store_that_ignores_conditional_writes_both_fail(
     s3: S3Server, bucket: str, make_s3: MakeS3
 ) -> None:
-    """The reviewer's case: two replicas racing on one key were both told they won."""
+    """Two replicas racing on one key must not both be told they won."""
     s3.ignores_conditions = True
     first, second = make_s3("minio"), make_s3("minio")
 
