@@ -445,3 +445,32 @@ async def test_the_published_urls_field_names_the_urls_persist_writes(tmp_path: 
         "image": public_url(BASE, persisted.keys["image"]),
         "thumbnail": public_url(BASE, persisted.keys["thumbnail"]),
     }
+
+
+def test_the_python_examples_of_the_signed_url_docs_give_what_they_say() -> None:
+    """Each expression of docs/signed-urls.md's Python blocks, run, against the reply written
+    under it (``...`` standing for what it leaves out)."""
+    import ast
+
+    from tests.conftest import ROOT
+
+    text = (ROOT / "docs" / "signed-urls.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks
+    checked = 0
+    for block in blocks:
+        lines = block.splitlines()
+        scope: dict[str, Any] = {}
+        for statement in ast.parse(block).body:
+            assert statement.end_lineno is not None
+            if not isinstance(statement, ast.Expr):
+                exec(compile(ast.Module([statement], []), "signed-urls.md", "exec"), scope)
+                continue
+            value = eval(compile(ast.Expression(statement.value), "signed-urls.md", "eval"), scope)
+            said = lines[statement.end_lineno] if statement.end_lineno < len(lines) else ""
+            said = said.removeprefix("# ").strip()
+            assert said.startswith("'"), (ast.unparse(statement), said)
+            pattern = ".*".join(re.escape(part) for part in said.strip("'").split("..."))
+            assert re.fullmatch(pattern, value), (value, said)
+            checked += 1
+    assert checked >= 3
