@@ -112,10 +112,10 @@ HISTORY_PAGE = (
     f"FROM generations WHERE {{where}} "
     f"ORDER BY {LISTED_KEY} DESC, generation_id DESC LIMIT :limit"
 )
-# The request the generation's row took its webhook from first (migration 0008), then the order
-# recorded. Not the lowest seq alone: on PostgreSQL seq is drawn before the row is locked, so of
-# two requests recorded at once the one with the lower seq may upsert second. A row without
-# the columns (recorded before 0008, or by a replica older than it) falls back to seq.
+# The request the generation's row describes (migration 0008: REQUEST_EVENT_COLUMNS), then the
+# order recorded. Not the lowest seq alone: on PostgreSQL seq is drawn before the row is locked,
+# so of two requests recorded at once the one with the lower seq may upsert second. A row
+# without the columns (recorded before 0008, or by a replica older than it) falls back to seq.
 _TOOK_REQUEST = "CASE WHEN e.source = g.request_source AND e.id = g.request_id THEN 0 ELSE 1 END"
 AFTER = f"({LISTED_KEY}, generation_id) < (:after_at, :after_id) AND {LISTED_KEY} <= :after_at"
 
@@ -249,8 +249,12 @@ class SqlLedger(ABC):
 
     # -- recording ------------------------------------------------------------------------
 
-    def ingest(self, event: LedgerEvent) -> IngestResult:
-        """Record ``event`` once (by source + id) and fold it into its generation's row."""
+    def ingest(self, event: LedgerEvent, *, deadline: float | None = None) -> IngestResult:
+        """Record ``event`` once (by source + id) and fold it into its generation's row.
+
+        ``deadline``: the :func:`time.monotonic` by which a lock not granted is answered as such
+        (:meth:`_writing`), however long the call waited to run (see :class:`~.store.Ledger`).
+        """
         now = self._now()
         change = fold(event, now=now)
         gid = change.generation_id if change else None
@@ -266,18 +270,18 @@ class SqlLedger(ABC):
             "data": event.data,
         }
         if change is None:
-            with self.transaction() as db:
+            with self._writing(deadline) as db:
                 fresh = bool(db.query(INSERT_EVENT, recorded))
             return IngestResult(generation_id=gid, duplicate=not fresh)
-        fresh, row = self._record(recorded, change, now)
+        fresh, row = self._record(recorded, change, now, deadline)
         status = row["status"] if fresh and row else None
         return IngestResult(generation_id=gid, duplicate=not fresh, status=status)
 
     def _record(
-        self, recorded: dict[str, Any], change: Change, now: datetime
+        self, recorded: dict[str, Any], change: Change, now: datetime, deadline: float | None
     ) -> tuple[bool, dict[str, Any] | None]:
         """Insert the event and fold it in, in one transaction; (new?, the generation's row)."""
-        with self.transaction() as db:
+        with self._writing(deadline) as db:
             fresh = bool(db.query(INSERT_EVENT, recorded))
             if fresh:
                 row: dict[str, Any] | None = db.query(
@@ -288,6 +292,13 @@ class SqlLedger(ABC):
                 row = self._row(db, change.generation_id)
             self._enqueue_webhooks(db, row, now)
         return fresh, row
+
+    def _writing(self, deadline: float | None) -> AbstractContextManager[Cursor]:
+        """The transaction an event is recorded in; ``deadline`` (a :func:`time.monotonic`), if
+        any, is when a lock the write waits for is answered as not granted. Here, as PostgreSQL
+        has it, a transaction: its waits are bounded by the server's own limits
+        (``lock_timeout``, ``statement_timeout``)."""
+        return self.transaction()
 
     @staticmethod
     def _row(db: Cursor, generation_id: str) -> dict[str, Any] | None:

@@ -47,14 +47,28 @@ def _first_request_wins(column: str) -> str:
     )
 
 
-# The event is a generation.requested and the row has one recorded already: a second request
+# The row describes a request already: one is recorded (requested_at) and the image's size is
+# said. Every valid generation.requested says its size (1024 by default); one whose data is
+# invalid says nothing of the image (fold: only where its messages go), so it leaves the row to
+# the first valid request recorded after it, the one enhance starts the image from.
+_DESCRIBED = "g.requested_at IS NOT NULL AND g.width IS NOT NULL"
+
+# The event is a generation.requested and the row describes one already: a second request
 # naming the generation (another source and id, a platform's retry with another prompt).
-_LATER_REQUEST = "g.requested_at IS NOT NULL AND excluded.requested_at IS NOT NULL"
+_LATER_REQUEST = f"excluded.requested_at IS NOT NULL AND {_DESCRIBED}"
+
+# The event is the generation's request, the one REQUEST_EVENT_COLUMNS name: the first
+# recorded, or a valid one (it says the size) where the row describes none yet (those recorded
+# before it were invalid).
+_TAKES_REQUEST = (
+    "excluded.requested_at IS NOT NULL AND (g.requested_at IS NULL "
+    f"OR (excluded.width IS NOT NULL AND NOT ({_DESCRIBED})))"
+)
 
 
 def _most_advanced_wins(column: str) -> str:
-    # Of two requests the first recorded wins, as it does REQUEST_COLUMNS: the row describes
-    # the request its webhook came from and replay sends, whichever replica recorded it.
+    # Of two valid requests the first recorded wins: the row describes the request replay
+    # sends (REQUEST_EVENT_COLUMNS), whichever replica recorded it.
     return (
         f"{column} = CASE WHEN {_LATER_REQUEST} THEN g.{column} "
         f"WHEN excluded.status_rank >= g.status_rank "
@@ -72,9 +86,15 @@ def _first_wins_of_requests(column: str) -> str:
     )
 
 
-# Which generation.requested the row took REQUEST_COLUMNS from, by its source and id (migration
-# 0008): set by the same CASE in the same upsert, so it names that request whichever of two
-# requests recorded at once drew the lower seq. Replay sends it (SqlLedger.generation_events).
+def _request_wins(column: str) -> str:
+    return f"{column} = CASE WHEN {_TAKES_REQUEST} THEN excluded.{column} ELSE g.{column} END"
+
+
+# Which generation.requested the row describes, by its source and id (migration 0008): the
+# first valid one recorded (else the first recorded), set in the same upsert that takes its
+# fields, so it names that request whichever of two requests recorded at once drew the lower
+# seq. Replay sends it (SqlLedger.generation_events). Where the messages go (REQUEST_COLUMNS)
+# is the first request's, valid or not: its caller has been told it started.
 REQUEST_EVENT_COLUMNS = ("request_source", "request_id")
 
 # History's order and cursor (newest first). listed_at alone is NULL in rows a replica older
@@ -116,7 +136,8 @@ _ON_CONFLICT = (
         [_first_wins(c) for c in STAGE_COLUMNS]
         + [_first_wins_of_requests(c) for c in ONCE_COLUMNS]
         + [_most_advanced_wins(c) for c in DESCRIPTIVE_COLUMNS]
-        + [_first_request_wins(c) for c in (*REQUEST_COLUMNS, *REQUEST_EVENT_COLUMNS)]
+        + [_first_request_wins(c) for c in REQUEST_COLUMNS]
+        + [_request_wins(c) for c in REQUEST_EVENT_COLUMNS]
     )
 )
 UPSERT_GENERATION = f"{_INTO}VALUES ({_ROW}) {_ON_CONFLICT} RETURNING *"

@@ -4,7 +4,8 @@ The stores apply a :class:`Change` with one ``INSERT ... ON CONFLICT DO UPDATE``
 are the ones written here: the status only moves up :data:`STATUS_RANK`; the first time of a
 stage is kept; what the most advanced event says about the image wins; where the generation's
 messages go (:data:`REQUEST_COLUMNS`) only the first ``generation.requested`` recorded says,
-and a later one changes nothing a request says (the first recorded is the generation's request).
+valid or not, and a later one changes nothing a request says (the first valid one recorded is
+the generation's request: one whose data is invalid says nothing of the image).
 
 A stage's time is when the stage did its work: a request's ``requested_at`` (its data's, else
 the event's time, as enhance takes it: :func:`~imagegen.identity.request_time`; a replay's, the
@@ -90,8 +91,9 @@ ranks them (a failure after rendered, before persisted), ``image.derived`` after
 ``image.persisted`` it is made from."""
 STAGE_COLUMNS = ("requested_at", "enhanced_at", "rendered_at", "persisted_at", "failed_at")
 # What events say about the image; the most advanced event's non-empty value wins. Not a second
-# generation.requested's (another source and id, recorded after the one that set requested_at):
-# the row keeps the first request's, as REQUEST_COLUMNS are kept and replay sends it.
+# valid generation.requested's (another source and id, recorded after the first valid one): the
+# row keeps the first's, the request replay sends. An invalid request says none of them, so the
+# first valid one recorded after it still does (enhance fails the one, starts the other).
 DESCRIPTIVE_COLUMNS = (
     "prompt",
     "original_prompt",
@@ -108,10 +110,12 @@ DESCRIPTIVE_COLUMNS = (
 # Said once, by the request or the failure: the first value is kept (a second request's none).
 ONCE_COLUMNS = ("failed_stage", "error", "replay_of")
 # Where the generation's webhook messages go: said by the first generation.requested recorded
-# for it, the one that sets requested_at, and by no other event. A second request naming the
-# same generation_id (another source and id) may not name a webhook the first left out: it
-# would be sent the generation's prompt and image URLs, signed by the ledger. An event recorded
-# before the request (a prompt.enhanced that overtook it) leaves them to the request.
+# for it, the one that sets requested_at, valid or not (an invalid one's caller is told it
+# started and failed, and hears the rest of the generation), and by no other event. A second
+# request naming the same generation_id (another source and id) may not name a webhook the
+# first left out: it would be sent the generation's prompt and image URLs, signed by the
+# ledger. An event recorded before the request (a prompt.enhanced that overtook it) leaves them
+# to the request.
 REQUEST_COLUMNS = ("webhook", "webhook_events")
 
 

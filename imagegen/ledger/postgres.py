@@ -268,8 +268,9 @@ class PostgresLedger(SqlLedger):
         )
 
     def _record(
-        self, recorded: dict[str, Any], change: Change, now: datetime
+        self, recorded: dict[str, Any], change: Change, now: datetime, deadline: float | None
     ) -> tuple[bool, dict[str, Any] | None]:
+        # ``deadline`` is SQLite's: here a lock is waited for within the server's lock_timeout.
         # One statement in autocommit: one round trip. Webhook messages, rare, follow in a
         # transaction of their own; a crash in between is mended by the redelivery (the
         # delivery was never acknowledged), which writes what the event made due.

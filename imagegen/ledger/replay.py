@@ -55,15 +55,34 @@ def _valid(model: type[M], data: dict[str, Any], generation_id: str, event_type:
         ) from None
 
 
+def _validates(model: type[BaseModel], data: dict[str, Any]) -> bool:
+    """Whether :func:`_valid` takes ``data``."""
+    try:
+        model.model_validate(data, strict=False)
+    except ValidationError:
+        return False
+    return True
+
+
 def _recorded(ledger: Ledger, generation_id: str, *types: str) -> tuple[str, dict[str, Any]]:
-    """The type and data of the event of ``types`` to replay: the first ``generation.requested``
-    recorded, whose request the generation's row holds (another naming the same generation
-    later, from another source, changes nothing of it: fold.REQUEST_COLUMNS), else the latest
-    in time (the last job written)."""
+    """The type and data of the event of ``types`` to replay: the ``generation.requested`` the
+    generation's row describes, the first valid one recorded (another naming the same
+    generation later, from another source, changes nothing of it), else the latest in time
+    (the last job written).
+
+    A request whose data is invalid is replayed only where no valid one is recorded (a 409):
+    the row names one where it was recorded first and a valid request's job described the
+    image before that request itself was recorded."""
     if ledger.get(generation_id) is None:
         raise NotFound(f"generation {generation_id!r} is not in the ledger")
     if types == (GENERATION_REQUESTED,):
-        candidates = ledger.generation_events(generation_id, order="recorded")
+        requests = [
+            event
+            for event in ledger.generation_events(generation_id, order="recorded")
+            if event.type == GENERATION_REQUESTED
+        ]
+        valid = [event for event in requests if _validates(GenerationRequest, event.data)]
+        candidates = valid or requests
     else:
         candidates = list(reversed(ledger.generation_events(generation_id)))
     for event in candidates:

@@ -345,9 +345,16 @@ class SqliteLedger(SqlLedger):
 
     @contextmanager
     def transaction(self) -> Iterator[_Cursor]:
+        with self._writing(None) as cursor:
+            yield cursor
+
+    @contextmanager
+    def _writing(self, deadline: float | None) -> Iterator[_Cursor]:
+        """A write transaction whose waits, for the connection and the lock, end at the busy
+        timeout or at ``deadline``, whichever comes first (:meth:`_turn`)."""
         if self._writes_refused:
             raise InternalError(f"ledger {self.path} is open read-only: it cannot be written")
-        with self._within("BEGIN IMMEDIATE") as cursor:
+        with self._within("BEGIN IMMEDIATE", deadline) as cursor:
             yield cursor
 
     @contextmanager
@@ -363,8 +370,8 @@ class SqliteLedger(SqlLedger):
         return self._busy_timeout
 
     @contextmanager
-    def _within(self, begin: str) -> Iterator[_Cursor]:
-        with self._turn(), self._errors():
+    def _within(self, begin: str, deadline: float | None = None) -> Iterator[_Cursor]:
+        with self._turn(deadline), self._errors():
             if self._is_closed:
                 raise self._closed()
             self._conn.execute(begin)
@@ -376,19 +383,25 @@ class SqliteLedger(SqlLedger):
             self._conn.execute("COMMIT")
 
     @contextmanager
-    def _turn(self) -> Iterator[None]:
+    def _turn(self, deadline: float | None = None) -> Iterator[None]:
         """This process's connection, for one transaction, and then the database's lock, waited
         for within one busy timeout in all: the thread before may hold the connection while it
         waits out the busy timeout for another process's lock, and each thread queued behind
         it would otherwise wait a busy timeout of its own after it, past the ledger function's
-        time to answer, rather than be answered as a lock not granted."""
-        started = time.monotonic()
-        if not self._lock.acquire(timeout=self._busy_timeout):
-            logger.warning("ledger %s: its connection was busy past the busy timeout", self.path)
+        time to answer, rather than be answered as a lock not granted.
+
+        ``deadline`` (a :func:`time.monotonic`) ends both waits sooner: the ledger function's
+        request waited for a thread to run on before it got here, and that wait counts too.
+        Past it, the connection and the lock are each taken only if free at once."""
+        until = time.monotonic() + self._busy_timeout
+        if deadline is not None:
+            until = min(until, deadline)
+        if not self._lock.acquire(timeout=max(until - time.monotonic(), 0.0)):
+            logger.warning("ledger %s: its connection was busy past the wait for a lock", self.path)
             raise DependencyUnavailable(BUSY, retry_after=BUSY_RETRY_AFTER)
         try:
             if not self._is_closed:
-                left = self._busy_timeout - (time.monotonic() - started)
+                left = until - time.monotonic()
                 # The timeout sqlite3.connect set, the same handler (0: answered at once).
                 self._conn.execute(f"PRAGMA busy_timeout = {max(int(left * 1000), 0)}")
             yield

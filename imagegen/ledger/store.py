@@ -41,8 +41,15 @@ class Ledger(Protocol):
     """(the database's schema version, the highest this release knows) where a newer release
     migrated it (opened all the same: docs/ledger.md); None otherwise."""
 
-    def ingest(self, event: LedgerEvent) -> IngestResult:
-        """Record ``event`` once (by source + id) and fold it into its generation."""
+    def ingest(self, event: LedgerEvent, *, deadline: float | None = None) -> IngestResult:
+        """Record ``event`` once (by source + id) and fold it into its generation.
+
+        ``deadline``: a :func:`time.monotonic` by which a write that waits for a lock is
+        answered as a lock not granted (a retryable ``DependencyUnavailable``), counted from
+        when the caller's request came rather than from when this call began to run (a
+        request may wait for a thread first); a SQLite ledger's waits end at it, or at its busy
+        timeout if sooner. None: the busy timeout alone (the command line).
+        """
 
     def get(self, generation_id: str) -> GenerationDetail | None:
         """One generation with its timeline; None when unknown."""

@@ -62,7 +62,9 @@ SQLITE_BUSY_SHARE = 2 / 3
 """The share of :data:`TIMEOUT_S` a SQLite ledger's write waits for a lock another process
 holds (its busy timeout, 20 s): held longer, the write is answered as a lock not granted
 (``Retry-After: 1``, as PostgreSQL's), before the function's own time runs out, with the rest
-left for the write itself once granted. The command line keeps the ledger's own (30 s)."""
+left for the write itself once granted. Counted from when the event came, the time it waited
+for a thread to run on included (:meth:`~imagegen.ledger.Ledger.ingest`'s ``deadline``). The
+command line keeps the ledger's own (30 s), counted from the write."""
 
 
 def sqlite_busy_timeout() -> float:
@@ -187,6 +189,10 @@ async def _warm_up(service: ImageGenService) -> None:
 async def _record(service: ImageGenService, data: Any, call: Call) -> None:
     from imagegen.ledger import LedgerEvent
 
+    # The lock's share of the function's time, counted from now: the write may first wait for
+    # a thread (the loop's default executor has fewer than a replica's concurrent requests),
+    # and a busy timeout counted only from there would run past the function's own time.
+    lock_deadline = time.monotonic() + sqlite_busy_timeout()
     attributes = call.attributes
     missing = [name for name in ("source", "id", "type") if not attributes.get(name)]
     if missing:
@@ -216,7 +222,7 @@ async def _record(service: ImageGenService, data: Any, call: Call) -> None:
         },
     )
     ledger, dispatcher = await _ledger(service)
-    await asyncio.to_thread(ledger.ingest, event)
+    await asyncio.to_thread(ledger.ingest, event, deadline=lock_deadline)
     if dispatcher is not None:
         dispatcher.wake()
     elif data.get("webhook") and not _unsent_said.is_set():

@@ -295,3 +295,55 @@ def test_two_requests_delivered_at_once_to_two_replicas_leave_the_row_one_reques
         assert sorted(g.generation_id for g in listed) == sorted(
             gid for gid, model in models.items() if model == f"model-{who}"
         )
+
+
+def test_an_invalid_and_a_valid_request_recorded_at_once_leave_the_row_the_valid_one(
+    open_test_ledger: Callable[[], Ledger],
+) -> None:
+    """A request enhance refuses and a valid one naming the same generation, each recorded by
+    its own replica at once: whichever is recorded first, the row's prompt, model and size
+    are the valid request's, the row names it, and replay sends it. The messages go where the
+    first recorded said."""
+    from imagegen.ledger.replay import replay_request
+
+    replicas = [open_test_ledger(), open_test_ledger()]
+    gids = [f"gen-mixed-{n:02d}" for n in range(40)]
+
+    def deliver(gid: str) -> None:
+        start = threading.Barrier(2)
+        invalid = _request(gid, "invalid")
+        invalid = invalid.model_copy(update={"data": {**invalid.data, "width": "wide"}})
+        valid = _request(gid, "valid")
+        valid = valid.model_copy(update={"data": {**valid.data, "model": "tiny", "width": 768}})
+
+        def record(request: LedgerEvent, replica: Ledger) -> None:
+            start.wait()
+            replica.ingest(request)
+
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(record, [invalid, valid], replicas))
+
+    for gid in gids:
+        deliver(gid)
+
+    ledger = replicas[0]
+    for gid in gids:
+        found = ledger.get(gid)
+        assert found is not None
+        said = (found.original_prompt, found.model, found.width)
+        assert said == ("prompt valid", "tiny", 768), gid
+        with ledger.statement() as db:
+            [row] = db.query(
+                "SELECT webhook, request_id FROM generations WHERE generation_id = :gid",
+                {"gid": gid},
+            )
+            sent_to = db.query(
+                "SELECT url FROM webhook_deliveries WHERE generation_id = :gid", {"gid": gid}
+            )
+        assert row["request_id"] == f"valid-{gid}"
+        assert row["webhook"] in ("https://h.example/invalid", "https://h.example/valid")
+        assert [m["url"] for m in sent_to] == [row["webhook"]]  # its started, to one receiver
+        request = replay_request(ledger, gid)
+        assert (request.prompt, request.model, request.width) == said
+    listed = ledger.history(model="tiny", limit=100).items
+    assert sorted(g.generation_id for g in listed) == sorted(gids)

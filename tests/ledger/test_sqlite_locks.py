@@ -169,6 +169,56 @@ def test_a_write_lock_held_by_another_process_is_answered_as_such_to_each_waitin
     assert BUSY_TIMEOUT_S <= took < ledger_stage.TIMEOUT_S
 
 
+def test_events_waiting_for_a_thread_are_answered_as_a_lock_not_granted_in_time(
+    path: Path, writing: None, serve_ledger: Callable[..., InProcessFunction]
+) -> None:
+    """A replica takes more events at once than its loop has threads to write them on. The
+    ones queued for a thread count that wait in the lock's share of the function's time: each
+    is answered as a lock not granted (Retry-After: 1) within it, none with the function's own
+    "ledger took longer than …" (Retry-After: 10), which a wait counted only once a thread
+    runs the write would meet."""
+    function = serve_ledger()
+    [served] = function._mine
+    threads = ThreadPoolExecutor(2)  # the loop's default executor, narrower than the events
+    served._loop.call_soon_threadsafe(served._loop.set_default_executor, threads)
+    try:
+        started = time.monotonic()
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(
+                pool.map(
+                    lambda gid: function.post("/", **binary(chain(gid)["requested"])),
+                    [f"gen-queued-{n}" for n in range(6)],
+                )
+            )
+        took = time.monotonic() - started
+    finally:
+        threads.shutdown(wait=False)
+    for answer in answers:
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["message"] == BUSY, answer.text
+        assert answer.headers["retry-after"] == "1"
+    assert took < ledger_stage.TIMEOUT_S - 0.5
+
+
+def test_a_write_whose_deadline_has_passed_takes_the_lock_only_if_it_is_free(path: Path) -> None:
+    """Past its deadline a write is still made where nothing holds the lock; where another
+    process holds it, it is answered as a lock not granted at once, not a busy timeout later."""
+    ledger = open_ledger(f"sqlite:///{path}")
+    try:
+        ledger.ingest(chain("gen-2")["requested"], deadline=time.monotonic() - 1.0)
+        assert ledger.get("gen-2") is not None
+        with sqlite3.connect(path, isolation_level=None) as holder:
+            holder.execute("BEGIN IMMEDIATE")
+            started = time.monotonic()
+            with pytest.raises(DependencyUnavailable) as caught:
+                ledger.ingest(chain("gen-3")["requested"], deadline=time.monotonic() - 1.0)
+            assert time.monotonic() - started < BUSY_TIMEOUT_S / 2
+            holder.execute("ROLLBACK")
+        assert caught.value.message == BUSY and caught.value.retry_after == 1.0
+    finally:
+        ledger.close()
+
+
 def test_a_ledger_migrated_before_0008_is_migrated_on_open(path: Path) -> None:
     """Opening reads the versions applied without a lock; one pending is applied under it."""
     with sqlite3.connect(path) as conn:

@@ -655,6 +655,92 @@ def test_a_second_request_changes_nothing_the_first_said(ledger: Ledger) -> None
     assert (found.original_prompt, found.model) == ("a red fox", "tiny")
 
 
+def _request_row(ledger: Ledger, gid: str) -> dict[str, Any]:
+    """The generation's webhook and the request it names (REQUEST_EVENT_COLUMNS)."""
+    with ledger.statement() as db:
+        [row] = db.query(
+            "SELECT webhook, request_source, request_id FROM generations "
+            "WHERE generation_id = :gid",
+            {"gid": gid},
+        )
+    return row
+
+
+def test_a_valid_request_after_an_invalid_one_is_the_generations_request(
+    ledger: Ledger,
+) -> None:
+    """An invalid request (enhance fails it) says nothing of the image: the first valid request
+    recorded after it, under another source and id, is the generation's request. Status,
+    history and its model filter show it and replay sends it; a later one changes nothing.
+    The messages still go where the first request said: its caller was told it started."""
+    from imagegen.ledger.replay import replay_request
+
+    events = chain("gen-again", webhook="https://hooks.example/first")
+    invalid = events["requested"].model_copy(
+        update={"data": {**events["requested"].data, "width": "wide"}}
+    )
+    ledger.ingest(invalid)
+    refused = events["failed"].model_copy(
+        update={
+            "source": source_for("enhance"),
+            "data": {**events["failed"].data, "stage": "enhance"},
+        }
+    )
+    ledger.ingest(refused)
+    retried = _retried_request(
+        "gen-again", webhook="https://hooks.example/retry", seed=7, replay_of="gen-before"
+    )
+    ledger.ingest(retried)
+
+    found = ledger.get("gen-again")
+    assert found is not None and found.status == "failed"
+    said = (found.original_prompt, found.model, found.width, found.height, found.seed)
+    assert said == ("a red fox", "tiny", 1024, 1024, 7)
+    assert found.replay_of == "gen-before"
+    assert [g.generation_id for g in ledger.history(model="tiny").items] == ["gen-again"]
+    request = replay_request(ledger, "gen-again")
+    assert (request.prompt, request.width, request.seed) == ("a red fox", 1024, 7)
+    assert _request_row(ledger, "gen-again") == {
+        "webhook": "https://hooks.example/first",
+        "request_source": retried.source,
+        "request_id": retried.id,
+    }
+
+    ledger.ingest(
+        _retried_request("gen-again", prompt="a blue whale", model="other", width=512).model_copy(
+            update={"id": "retry-again"}
+        )
+    )
+    found = ledger.get("gen-again")
+    assert found is not None
+    assert (found.original_prompt, found.model, found.width) == ("a red fox", "tiny", 1024)
+    assert _request_row(ledger, "gen-again")["request_id"] == retried.id
+    assert replay_request(ledger, "gen-again").prompt == "a red fox"
+
+
+def test_a_replay_from_requested_passes_over_an_invalid_request_for_a_valid_one(
+    ledger: Ledger,
+) -> None:
+    """The row names the invalid request it recorded first where a valid request's job
+    described the image before that request was recorded: replay still sends the valid one.
+    With none valid, the invalid one is what replay finds (a 409 naming its fields)."""
+    from imagegen.ledger.replay import NotReplayable, replay_request
+
+    events = chain("gen-late")
+    invalid = events["requested"].model_copy(
+        update={"data": {**events["requested"].data, "width": "wide"}}
+    )
+    ledger.ingest(invalid)
+    with pytest.raises(NotReplayable) as caught:
+        replay_request(ledger, "gen-late")
+    assert [e["field"] for e in caught.value.errors] == ["width"]
+    ledger.ingest(events["enhanced"])  # the valid request's job, ahead of the request itself
+    ledger.ingest(_retried_request("gen-late", seed=7))
+    assert _request_row(ledger, "gen-late")["request_id"] == invalid.id
+    request = replay_request(ledger, "gen-late")
+    assert (request.prompt, request.width, request.seed) == ("a red fox", 1024, 7)
+
+
 def test_a_request_recorded_after_its_enhanced_event_fills_in_what_it_left_out(
     ledger: Ledger,
 ) -> None:
