@@ -119,8 +119,15 @@ _PROVIDER_HOSTS = {
     "r2.cloudflarestorage.com": ("r2", "Cloudflare R2"),
 }
 # AWS's own endpoints (regional, FIPS, dual-stack, VPC interface endpoints, China's regions,
-# the European Sovereign Cloud).
-_AWS_HOSTS = (".amazonaws.com", ".amazonaws.com.cn", ".amazonaws.eu")
+# the European Sovereign Cloud, the ISO partitions): the DNS suffixes of every partition
+# botocore knows, its dual-stack ones too (botocore/data/partitions.json, "dnsSuffix" and
+# "dualStackDnsSuffix").
+_AWS_HOSTS = (
+    *(".amazonaws.com", ".amazonaws.com.cn", ".amazonaws.eu"),
+    *(".c2s.ic.gov", ".sc2s.sgov.gov", ".cloud.adc-e.uk", ".csp.hci.ic.gov"),
+    *(".api.aws", ".api.amazonwebservices.com.cn", ".api.amazonwebservices.eu"),
+    *(".api.aws.ic.gov", ".api.aws.scloud", ".api.cloud-aws.adc-e.uk", ".api.aws.hci.ic.gov"),
+)
 # What each upload precondition is on the wire. GCS applies If-None-Match to reads only
 # (request-preconditions, above); GCS's header is none of those R2 lists as implemented
 # (https://developers.cloudflare.com/r2/api/s3/api/).

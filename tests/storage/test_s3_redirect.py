@@ -130,3 +130,26 @@ def test_doctor_says_a_redirect_in_its_storage_row(cli: RunCli, s3: S3Server, bu
     assert row["status"] == "error"
     assert f"the endpoint {s3.endpoint} answered a redirect (301)" in row["summary"]
     assert len(s3.requests) == 1
+
+
+def test_every_partition_botocore_knows_is_aws() -> None:
+    """The endpoints the redirector stays on: each AWS partition's hosts, dual-stack ones too
+    (botocore/data/partitions.json), and no look-alike."""
+    from pathlib import Path
+
+    import botocore
+
+    from imagegen.storage.presets import _on_aws
+
+    data = json.loads((Path(botocore.__file__).parent / "data" / "partitions.json").read_text())
+    suffixes = {
+        suffix
+        for partition in data["partitions"]
+        for key in ("dnsSuffix", "dualStackDnsSuffix")
+        if (suffix := partition["outputs"].get(key))
+    }
+    assert len(suffixes) >= 10
+    for suffix in suffixes:
+        assert _on_aws(f"https://s3.us-east-1.{suffix}"), suffix
+        assert not _on_aws(f"https://s3.us-east-1.{suffix}.evil.example"), suffix
+        assert not _on_aws(f"https://evil{suffix}"), suffix
