@@ -264,7 +264,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         url = request.url
         if url.userinfo:
             # httpx has made the URL's credentials the Authorization header
-            # (httpx/_client.py: _build_request_auth); aiohttp refuses both at once.
+            # (httpx/_client.py: _build_request_auth); aiohttp refuses both at once. (A URL
+            # given to a plain client, such as remote_context's endpoint: the Ollama client's
+            # base URL never has user-info, and sends the host's as its own ``auth``.)
             url = url.copy_with(userinfo=b"")
         with _mapped(request):
             response = await self._current().request(

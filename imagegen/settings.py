@@ -441,7 +441,9 @@ def _ollama_host(value: str) -> str:
     """``value`` when the Ollama client can read it: ``[http(s)://]host[:port][/path]``, the
     forms of ``OLLAMA_HOST`` that ``_parse_host`` (ollama-python, ``ollama/_client.py``) takes.
 
-    Never empty: the client would take an empty host for none, and read ``OLLAMA_HOST``."""
+    Never empty: the client would take an empty host for none, and read ``OLLAMA_HOST``. User-info
+    is taken (the enhancer sends it as Basic auth); a query or fragment is not: the client drops
+    it, and would send no token it holds."""
     if not value:
         raise ValueError("empty: give a host, or leave it unset for the default")
     problem = _spacing_problem(value)
@@ -453,9 +455,17 @@ def _ollama_host(value: str) -> str:
     if scheme not in ("http", "https"):
         raise ValueError("not an http(s):// URL or host[:port]")
     try:
-        urlsplit(f"{scheme}://{rest}").port  # noqa: B018 - raises like _parse_host would
+        url = urlsplit(f"{scheme}://{rest}")
+        url.port  # noqa: B018 - raises like _parse_host would
     except ValueError as exc:
         raise ValueError(f"not a valid URL or host[:port] ({_port_problem(exc)})") from None
+    if url.query or url.fragment or rest.endswith(("?", "#")):
+        # _parse_host builds the base URL from the host and path alone: a token in the query
+        # would never be sent, and every prompt would be refused by the proxy that wants it.
+        raise ValueError(
+            "has a query or fragment (?token=…), which the Ollama client never sends: give a"
+            " proxy's credentials as user-info (http://user:password@host), sent as Basic auth"
+        )
     return value
 
 
@@ -509,8 +519,73 @@ def _model_names(value: list[str]) -> list[str]:
     return value
 
 
+def _ollama_name_part(kind: str, part: str) -> bool:
+    """Whether ``part`` is a valid ``kind`` part of an Ollama model name (types/model/name.go,
+    ``isValidPart``): a letter, digit or ``_`` first, then those, ``-``, ``.`` (not in a
+    namespace) and ``:`` (in a host only); 1 to 80 characters, a host up to 350."""
+    allowed = "_-" + ("" if kind == "namespace" else ".") + (":" if kind == "host" else "")
+    return (
+        1 <= len(part) <= (350 if kind == "host" else 80)
+        and part[0].isascii()
+        and (part[0].isalnum() or part[0] == "_")
+        and all(c.isascii() and (c.isalnum() or c in allowed) for c in part[1:])
+    )
+
+
+def _ollama_name_cut(value: str, sep: str) -> tuple[str, str, bool]:
+    """``value`` cut at its last ``sep``, as types/model/name.go's ``cutPromised``: a side
+    left empty is a missing part (``!MISSING!``, which no part may be)."""
+    before, found, after = value.rpartition(sep)
+    if not found:
+        return value, "", False
+    return before or "!MISSING!", after or "!MISSING!", True
+
+
+def _ollama_name_valid(value: str) -> bool:
+    """Whether Ollama takes ``value`` as a model's name, ``[host/][namespace/]model[:tag]``.
+
+    types/model/name.go (ollama v0.12.6 to v0.33): ``ParseNameBare`` cuts the tag at a ``:``
+    after the last ``/``, then the model and the namespace at the last ``/`` each, and keeps
+    the rest as the host (what comes before a ``://`` dropped); ``ParseName`` fills the parts
+    left out (``registry.ollama.ai/library/?:latest``), and ``IsValid`` wants each part valid.
+    ChatHandler (server/routes.go) answers any other name with a 400, ``model is required``
+    (``invalid model name`` from v0.18.0, which also reads a ``:cloud`` or ``:local`` suffix
+    as where the model runs: internal/modelref/modelref.go, ``parseSourceSuffix``).
+    """
+    rest, colon, suffix = value.rpartition(":")
+    if colon and suffix.lower() in ("cloud", "local"):
+        value = rest
+    tag = host = namespace = ""
+    if value.rfind(":") > value.rfind("/"):
+        value, tag, _ = _ollama_name_cut(value, ":")
+    value, model, cut = _ollama_name_cut(value, "/")
+    if not cut:
+        model = value
+    else:
+        value, namespace, cut = _ollama_name_cut(value, "/")
+        if not cut:
+            namespace = value
+        else:
+            scheme, found, after = value.partition("://")
+            host = after if found else scheme
+    return (
+        _ollama_name_part("host", host or "registry.ollama.ai")
+        and _ollama_name_part("namespace", namespace or "library")
+        and _ollama_name_part("model", model)
+        and _ollama_name_part("tag", tag or "latest")
+    )
+
+
 def _ollama_model(value: str) -> str:
-    """``value`` when the enhancer name it makes, ``ollama:<model>``, fits a job."""
+    """``value`` when Ollama takes it as a model's name, and the enhancer name it makes,
+    ``ollama:<model>``, fits a job."""
+    if not value:
+        raise ValueError("empty: give the model's name, such as llama3.2")
+    if not _ollama_name_valid(value):
+        raise ValueError(
+            "not a model name Ollama takes: [host/][namespace/]model[:tag], each part letters,"
+            " digits, _ - . (llama3.2, llama3.2:latest, hf.co/user/repo:Q4_K_M)"
+        )
     if len(value) > MAX_OLLAMA_MODEL_CHARS:
         raise ValueError(
             f"longer than {MAX_OLLAMA_MODEL_CHARS} characters: a prompt it writes is signed"

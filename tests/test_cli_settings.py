@@ -206,6 +206,11 @@ def test_the_ledger_function_answers_503_naming_the_setting(tmp_path: Path) -> N
         ({"IMAGEGEN_OLLAMA_HOST": "http://[::1"}, "IMAGEGEN_OLLAMA_HOST"),
         ({"IMAGEGEN_OLLAMA_HOST": "ollama:99999"}, "IMAGEGEN_OLLAMA_HOST"),
         ({"IMAGEGEN_OLLAMA_HOST": "ftp://ollama"}, "IMAGEGEN_OLLAMA_HOST"),
+        # A token in the query, which Ollama's client would never send.
+        ({"IMAGEGEN_OLLAMA_HOST": "http://ollama/?token=hunter2"}, "IMAGEGEN_OLLAMA_HOST"),
+        ({"OLLAMA_HOST": "ollama:11434?token=hunter2"}, "OLLAMA_HOST"),
+        # No name Ollama takes: it would answer every prompt with a 400.
+        ({"IMAGEGEN_OLLAMA_MODEL": "llama 3.2"}, "IMAGEGEN_OLLAMA_MODEL"),
         ({"IMAGEGEN_S3_ENDPOINT_URL": "http://[::1"}, "IMAGEGEN_S3_ENDPOINT_URL"),
         ({"IMAGEGEN_S3_ENDPOINT_URL": "minio:9000"}, "IMAGEGEN_S3_ENDPOINT_URL"),
         ({"IMAGEGEN_PUBLIC_BASE_URL": "https://[img"}, "IMAGEGEN_PUBLIC_BASE_URL"),
@@ -416,9 +421,10 @@ def test_ollama_host_takes_the_forms_ollama_takes_and_no_other(cli: RunCli) -> N
         "https://example.com",
         "[0001:002:003:0004::1]:56789",
         "http://[0001:002:003:0004::1]",
+        "https://user:p%40ss@ollama.example",  # sent as Basic auth
     ]
     # ... and what it cannot read (urlsplit raises in it) or send (not HTTP).
-    refused = ["http://[::1", "[::1", "ollama:99999", "ollama:port", "ftp://ollama"]
+    refused = ["http://[::1", "[::1", "ollama:99999", "ollama:port", "ftp://ollama", "ollama?t=1"]
     for host in taken:
         result = cli("plugins", "--json", env={"IMAGEGEN_OLLAMA_HOST": host})
         assert result.returncode == 0, (host, result.stderr)

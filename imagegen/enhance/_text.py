@@ -14,6 +14,7 @@ tokenizers.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import unicodedata
@@ -22,7 +23,7 @@ from collections.abc import Iterable
 from imagegen.models import PROMPT_REFUSED_CHARACTERS
 from imagegen.modelspec import ModelFamily
 
-__all__ = ["clean_reply", "estimate_tokens", "fit_budget", "join_fragments", "unusable"]
+__all__ = ["clean_reply", "echoes", "estimate_tokens", "fit_budget", "join_fragments", "unusable"]
 
 # Tab, line feed and carriage return: spaces, as in a request's prompt.
 _SPACES = str.maketrans("\t\n\r", "   ")
@@ -41,7 +42,9 @@ _UNSPACED = re.compile(
     "\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef\U00020000-\U0003ffff]"
 )
 _ASCII_ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
-_FENCE = re.compile(r"```[\w+-]*")
+# A code fence's backticks; the word after them is its language only where the line ends
+# there (```json), as Markdown reads an info string: "```Misty harbour```" keeps "Misty".
+_FENCE = re.compile(r"```(?:[\w+.-]*[ \t]*(?=\r?\n))?")
 _HEADING = re.compile(r"(?m)^[ \t]*#{1,6}[ \t].*$")
 _LINE_MARKUP = re.compile(r"(?m)^[ \t]*(?:#{1,6}[ \t]+|>[ \t]?|[-*+•][ \t]+|\d{1,2}[.)][ \t]+)")
 # Spans bounded in length: an unbounded lazy span makes each unmatched marker scan the rest
@@ -431,6 +434,32 @@ def unusable(prompt: str) -> str | None:
     if 2 * other > len(letters):
         return f"not English: {other} of its {len(letters)} letters not Latin"
     return None
+
+
+_ECHO_WORD = re.compile(r"[^\W_]+")
+ECHO_WORDS = 8
+"""Words in a row of the instructions that make a reply an echo of them: the shortest of their
+sentences a reply would repeat (``You write prompts for the text-to-image model FLUX.1`` is
+ten), and more than an image prompt shares with them by chance."""
+
+
+@functools.lru_cache(maxsize=32)
+def _runs(instructions: tuple[str, ...]) -> frozenset[tuple[str, ...]]:
+    """Every run of :data:`ECHO_WORDS` words in each of ``instructions``, lower-case."""
+    runs: set[tuple[str, ...]] = set()
+    for text in instructions:
+        words = _ECHO_WORD.findall(text.lower())
+        runs.update(tuple(words[i : i + ECHO_WORDS]) for i in range(len(words) - ECHO_WORDS + 1))
+    return frozenset(runs)
+
+
+def echoes(prompt: str, instructions: tuple[str, ...]) -> bool:
+    """Whether ``prompt`` repeats :data:`ECHO_WORDS` or more words in a row of one of
+    ``instructions`` (case, punctuation and markup aside): a model that answers with its
+    system message, or a sentence of it, wrote no prompt."""
+    words = _ECHO_WORD.findall(prompt.lower())
+    runs = _runs(instructions)
+    return any(tuple(words[i : i + ECHO_WORDS]) in runs for i in range(len(words) - ECHO_WORDS + 1))
 
 
 def join_fragments(parts: Iterable[str]) -> str:

@@ -28,7 +28,6 @@ falls back, but other prompts go on being sent, and as the probe it closes the c
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -37,7 +36,7 @@ import time
 from collections.abc import Sequence
 from functools import cache
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httpx
 from opentelemetry import trace
@@ -54,7 +53,7 @@ from imagegen._http import AiohttpTransport, BodyTooLarge
 from imagegen._redact import redact_url
 from imagegen.enhance._breaker import CircuitBreaker, CircuitOpen
 from imagegen.enhance._ollama import ollama
-from imagegen.enhance._text import clean_reply, fit_budget, unusable
+from imagegen.enhance._text import clean_reply, echoes, fit_budget, unusable
 from imagegen.errors import DependencyUnavailable, first_line
 from imagegen.models import MAX_SEED, PROMPT_REFUSED_CHARACTERS, Contribution
 from imagegen.modelspec import ModelFamily
@@ -180,6 +179,13 @@ def build_messages(
     return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]
 
 
+def _echo(prompt: str, messages: list[dict[str, str]]) -> str | None:
+    """``"the instructions echoed"`` where ``prompt`` repeats a stretch of the system message
+    or of the request's own wording (not of the idea and context it quotes), else None."""
+    instructions = (messages[0]["content"], _ENHANCE.partition("<idea>")[0], _DREAM)
+    return "the instructions echoed" if echoes(prompt, instructions) else None
+
+
 def _max_tokens(spec: ModelFamily) -> int:
     return max(256, 2 * spec.prompt_tokens)
 
@@ -263,8 +269,13 @@ def _parse_reply(content: str) -> str:
     may answer in a code fence, after a preamble or before a sign-off. A prompt that is
     itself such an object, as a string (``{"prompt": "{\\"prompt\\": …}"}``), is unwrapped.
 
+    A prompt that is any other JSON object or array (``{"subject": "a fox", "style": "oil"}``)
+    is no prompt: its text would reach the image model braces, keys and all, and its fields
+    cannot be joined blindly (one may be a negative prompt, a title, an aspect ratio).
+
     Raises:
-        MalformedReply: no JSON object with a string ``prompt`` in it.
+        MalformedReply: no JSON object with a string ``prompt`` in it, or a prompt that is
+            JSON data.
     """
     try:
         prompt = PromptReply.model_validate_json(content).prompt
@@ -276,11 +287,16 @@ def _parse_reply(content: str) -> str:
                 f"reply is not a JSON object with a 'prompt' ({len(content)} characters)"
             ) from None
     # Each level is shorter than the one around it: this ends.
-    while prompt.lstrip().startswith("{"):
+    while prompt.lstrip().startswith(("{", "[")):
         try:
-            prompt = PromptReply.model_validate_json(prompt).prompt
+            value = json.loads(prompt)
+        except (ValueError, RecursionError):
+            break  # prose that opens with a bracket: "[soft focus] a red fox"
+        try:
+            prompt = PromptReply.model_validate(value).prompt
         except ValidationError:
-            break
+            kind = "an object" if isinstance(value, dict) else "an array"
+            raise MalformedReply(f"reply's prompt is JSON, {kind}, not a description") from None
     return prompt
 
 
@@ -337,16 +353,35 @@ def _log_retry(state: RetryCallState) -> None:
     )
 
 
-def _server_attributes(host: str) -> dict[str, Any]:
-    """``server.address`` and ``server.port`` of the Ollama at ``host``, as far as it names them."""
-    url = urlsplit(host)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _server_attributes(base_url: httpx.URL) -> dict[str, Any]:
+    """``server.address`` and ``server.port`` of the Ollama the client sends to: its base URL,
+    which ollama-python makes of any form of the host (``_parse_host``: ``:11434`` is
+    ``http://127.0.0.1:11434``). httpx leaves a scheme's default port out of the URL."""
     attributes: dict[str, Any] = {}
-    if url.hostname:
-        attributes["server.address"] = url.hostname
-    with contextlib.suppress(ValueError):
-        if url.port:
-            attributes["server.port"] = url.port
+    if base_url.host:
+        attributes["server.address"] = base_url.host
+    if port := base_url.port or _DEFAULT_PORTS.get(base_url.scheme):
+        attributes["server.port"] = port
     return attributes
+
+
+def _basic_auth(host: str) -> httpx.BasicAuth | None:
+    """The user-info of ``host`` (``http://user:password@host``, percent-encoded as in any
+    URL) as HTTP Basic auth, or None where it has none.
+
+    ollama-python builds its base URL from the host's name, port and path alone
+    (``ollama/_client.py``, ``_parse_host``), so the client never sends the user-info itself:
+    it is given as the httpx client's ``auth``, which sets ``Authorization`` on every request
+    (over ``OLLAMA_API_KEY``'s bearer token, which the client sets as a default header).
+    """
+    scheme, separator, rest = host.partition("://")
+    url = urlsplit(f"{scheme}://{rest}" if separator else f"http://{host}")
+    if url.username is None:
+        return None
+    return httpx.BasicAuth(unquote(url.username), unquote(url.password or ""))
 
 
 _LONGEST = (2**63 - 1) / 1e9
@@ -454,6 +489,7 @@ class OllamaEnhancer:
             timeout=settings.ollama_timeout,
             transport=AiohttpTransport(max_body=MAX_RESPONSE_BYTES),
             headers={"Accept-Encoding": "identity"},
+            auth=_basic_auth(settings.ollama_host),
         )
         self.breaker = CircuitBreaker(
             "ollama",
@@ -461,7 +497,7 @@ class OllamaEnhancer:
             cooldown=settings.ollama_breaker_cooldown,
             exclude=answered,
         )
-        self._server = _server_attributes(settings.ollama_host)
+        self._server = _server_attributes(self.client._client.base_url)
         self._keep_alive = _keep_alive(settings.ollama_keep_alive)
 
     @property
@@ -534,7 +570,7 @@ class OllamaEnhancer:
     def _unavailable(self, reason: str) -> DependencyUnavailable:
         """The error ending a prompt, not logged here: its caller says once what it does
         about it (the stage: the template, or a 503)."""
-        # The host can carry credentials (user-info, a token in the query): never shown.
+        # The host can carry credentials (user-info): never shown.
         host, model = redact_url(self.settings.ollama_host), self.settings.ollama_model
         return DependencyUnavailable(f"Ollama model {model} at {host}: {reason}")
 
@@ -624,7 +660,7 @@ class OllamaEnhancer:
         text = fit_budget(clean_reply(prompt), spec)
         if not text:
             raise MalformedReply("reply holds an empty prompt")
-        if why := unusable(text):
+        if why := unusable(text) or _echo(text, messages):
             raise MalformedReply(f"reply holds no usable prompt ({why})")
         return text
 
@@ -684,7 +720,7 @@ class OllamaEnhancer:
             reason = f"unreadable response ({type(exc).__name__})"
         else:
             return time.perf_counter() - started
-        # The host can carry credentials (user-info, a token in the query): never shown.
+        # The host can carry credentials (user-info): never shown.
         host = redact_url(self.settings.ollama_host)
         raise DependencyUnavailable(f"Ollama at {host} did not load {model}: {reason}")
 

@@ -295,7 +295,88 @@ def test_model_names_resolve_as_ollamas_parse_name() -> None:
                 "registry.ollama.ai/someone/mistral:7b",
             ):
                 assert _chat(client, name).status_code == 200, name
-            for name in ("llama3.2:1b", "someone/llama3.2", "mistral:7b", "other.ai/llama3.2"):
+            for name in (
+                "llama3.2:1b",
+                "someone/llama3.2",
+                "mistral:7b",
+                "other.ai/library/llama3.2",
+            ):
                 assert _chat(client, name).status_code == 404, name
     finally:
         fake.stop()
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (b"", "missing request body"),  # ShouldBindJSON: io.EOF
+        (b"  \n", "missing request body"),
+        (b"<html>", "invalid character '<' looking for beginning of value"),
+        (b'{"model": "llama3.2"', "unexpected EOF"),
+        (b"[]", "json: cannot unmarshal array into Go value of type api.ChatRequest"),
+        (
+            b'{"model": 5, "messages": []}',
+            "json: cannot unmarshal number into Go struct field ChatRequest.model of type string",
+        ),
+        (b"null", "model is required"),  # decodes to an empty request
+        (b'{"messages": []}', "model is required"),
+        (b'{"model": "", "messages": [{"role": "user", "content": "a fox"}]}', "model is required"),
+        (b'{"model": "llama 3.2", "messages": []}', "model is required"),
+    ],
+)
+def test_a_malformed_chat_is_a_400_before_the_model_is_looked_up(body: bytes, error: str) -> None:
+    """server/routes.go, ChatHandler: the body is bound (an empty one is "missing request
+    body", one Go's decoder refuses is its error), then the name is parsed ("model is
+    required" where it is no valid name), all before the model is looked up: none of these is
+    the 404 of a model not pulled."""
+    fake = FakeOllama(version="0.12.6").start()
+    try:
+        answer = httpx.post(
+            f"{fake.url}/api/chat", content=body, headers={"Content-Type": "application/json"}
+        )
+    finally:
+        fake.stop()
+    assert (answer.status_code, answer.json()) == (400, {"error": error})
+    assert fake.model_loads == []
+
+
+@pytest.mark.parametrize(
+    ("model", "error"),
+    [("", "model is required"), ("   ", "model is required"), ("llama 3.2", "invalid model name")],
+)
+def test_from_v0_18_only_an_empty_name_is_said_to_be_required(model: str, error: str) -> None:
+    """server/routes.go at 799e51d41 (v0.18.0): ``parseAndValidateModelRef`` trims the name
+    (internal/modelref, ``ParseRef``: "model is required" where nothing is left), and
+    ``writeModelRefParseError`` answers an invalid one "invalid model name"."""
+    fake = FakeOllama(version="0.18.0").start()
+    try:
+        with httpx.Client(base_url=fake.url) as client:
+            answer = _chat(client, model)
+            assert (answer.status_code, answer.json()) == (400, {"error": error})
+            # The name trimmed, and a ":cloud" or ":local" suffix aside: found as it is.
+            assert _chat(client, " llama3.2:local ").status_code == 200
+    finally:
+        fake.stop()
+
+
+def test_a_proxy_wanting_authorization_answers_401_before_ollama() -> None:
+    """With ``authorization`` set, a request without that header, or with another, gets the
+    proxy's 401 and its Basic challenge (RFC 9110, 11.6.1), whatever it asks for."""
+    fake = FakeOllama().start()
+    fake.authorization = "Basic dXNlcjpwYXNz"
+    chat = {"model": "llama3.2", "messages": [{"role": "user", "content": "a fox"}]}
+    try:
+        with httpx.Client(base_url=fake.url) as client:
+            for headers in ({}, {"Authorization": "Basic b3RoZXI6cGFzcw=="}):
+                for answer in (
+                    client.get("/api/tags", headers=headers),
+                    client.post("/api/chat", json={**chat, "stream": False}, headers=headers),
+                ):
+                    assert answer.status_code == 401
+                    assert answer.headers["WWW-Authenticate"] == 'Basic realm="ollama"'
+            client.headers["Authorization"] = "Basic dXNlcjpwYXNz"
+            assert client.get("/api/tags").status_code == 200
+            assert _chat(client, "llama3.2").status_code == 200
+    finally:
+        fake.stop()
+    assert fake.model_loads == [("llama3.2:latest", "chat")]

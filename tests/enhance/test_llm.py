@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import socket
@@ -17,8 +18,8 @@ from tests.fakes.ollama_server import Behaviour, FakeOllama, http_error, slow
 
 
 def _secret_host(fake: FakeOllama) -> str:
-    # Ollama's client drops the user-info and the query, so the fake still answers.
-    return fake.url.replace("//", "//user:secret@") + "/?token=secret"
+    # The user-info is sent as Basic auth, which the fake (no proxy before it) ignores.
+    return fake.url.replace("//", "//user:secret@") + "/"
 
 
 def _enhancer(fake: FakeOllama) -> OllamaEnhancer:
@@ -236,3 +237,81 @@ async def test_the_model_is_found_under_any_name_ollama_resolves_to_it(
     info = await enhancer.check()
     await enhancer.aclose()
     assert info["model_available"] is listed
+
+
+def _basic(credentials: bytes) -> str:
+    return "Basic " + base64.b64encode(credentials).decode()
+
+
+async def test_user_info_in_the_host_is_sent_as_basic_auth_on_every_request(
+    fake_ollama: FakeOllama, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An Ollama behind a proxy that wants Basic auth (nginx's auth_basic): ollama-python
+    builds its base URL without the host's user-info, so no request carried it, each was
+    answered 401, and every prompt took the template."""
+    monkeypatch.setenv("OLLAMA_API_KEY", "a-bearer-token")  # the user-info is the one sent
+    wanted = _basic(b"ollama user:p@ss/word")  # percent-encoded in the URL, decoded here
+    fake_ollama.authorization = wanted
+    host = fake_ollama.url.replace("//", "//ollama%20user:p%40ss%2Fword@")
+    settings = Settings(ollama_host=host, ollama_timeout=2, ollama_retries=0)
+    enhancer = OllamaEnhancer(settings, backoff=0.01)
+
+    info = await enhancer.check()
+    await enhancer.load()
+    prompt = await enhancer.write(prompt="a fox", contributions=[], seed=1, spec=family_for("tiny"))
+    await enhancer.aclose()
+
+    assert info["reachable"] is True and info["model_available"] is True
+    assert prompt.startswith("a red fox")
+    assert [r.path for r in fake_ollama.requests] == ["/api/tags", "/api/chat", "/api/chat"]
+    assert [r.headers.get("authorization") for r in fake_ollama.requests] == [wanted] * 3
+
+
+async def test_a_proxy_refusing_the_credentials_never_sees_them_shown(
+    fake_ollama: FakeOllama, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_ollama.authorization = _basic(b"user:another")
+    enhancer = _enhancer(fake_ollama)  # user:secret
+
+    with caplog.at_level(logging.DEBUG), pytest.raises(DependencyUnavailable) as caught:
+        await enhancer.write(prompt="a fox", contributions=[], seed=1, spec=family_for("tiny"))
+    info = await enhancer.check()
+    await enhancer.aclose()
+
+    assert "(status code: 401)" in caught.value.message
+    assert info["reachable"] is False and "401" in str(info["error"])
+    said = caught.value.message + json.dumps(info) + _logged(caplog)
+    assert "secret" not in said and base64.b64encode(b"user:secret").decode() not in said
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["http://ollama:11434/?token=abc", "ollama:11434?token=abc", "http://ollama/#x", "ollama?"],
+)
+def test_a_host_with_a_query_is_refused_as_never_sent(host: str) -> None:
+    """ollama-python's _parse_host keeps only the host, port and path: a token in the query
+    would never reach the proxy that wants it."""
+    with pytest.raises(ValueError, match="user-info") as caught:
+        Settings(ollama_host=host)
+    assert "ollama_host" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("host", "address", "port"),
+    [
+        ("127.0.0.1:34001", "127.0.0.1", 34001),
+        (":34001", "127.0.0.1", 34001),
+        ("0.0.0.0:34001", "0.0.0.0", 34001),
+        ("ollama:11434", "ollama", 11434),
+        ("ollama", "ollama", 11434),
+        ("http://ollama", "ollama", 80),
+        ("https://ollama.example/prefix/", "ollama.example", 443),
+        ("http://user:secret@[::1]:8080", "::1", 8080),
+    ],
+)
+def test_the_span_names_the_server_the_client_sends_to(host: str, address: str, port: int) -> None:
+    """ollama-python reads a host without a scheme as host[:port] (``_parse_host``); read as a
+    URL it named no server at all (``127.0.0.1:34001``'s scheme is ``127.0.0.1``)."""
+    enhancer = OllamaEnhancer(Settings(ollama_host=host))
+    attributes = enhancer._span_attributes(1, family_for("tiny"))
+    assert (attributes.get("server.address"), attributes.get("server.port")) == (address, port)

@@ -197,6 +197,66 @@ async def test_a_prompt_that_is_itself_the_json_object_is_unwrapped(
     assert (job.prompt, job.fallback) == (FOX, False)
 
 
+@pytest.mark.parametrize(
+    "said",
+    [
+        {"subject": "a red fox", "style": "oil painting", "negative_prompt": "blurry"},
+        ["a red fox in the snow", "a grey wolf at dusk"],
+        {"prompt": {"subject": "a red fox"}},
+    ],
+    ids=["object", "array", "object-in-prompt"],
+)
+async def test_a_prompt_that_is_json_data_is_retried_then_falls_back(
+    stage: EnhanceStage, fake_ollama: FakeOllama, said: object
+) -> None:
+    """Braces and keys reached the image model as its prompt. Its fields are not joined
+    instead: one may be what the image must not show, a title, an aspect ratio."""
+    fake_ollama.reply_with({"prompt": json.dumps(said)})
+    job = await _run(stage)
+    assert (job.fallback, job.enhancer) == (True, "template")
+    assert "{" not in job.prompt and "subject" not in job.prompt
+    assert len(fake_ollama.chat_requests) == 2  # retried once with the next seed
+
+
+async def test_a_prompt_opening_with_a_bracket_is_still_a_prompt(
+    stage: EnhanceStage, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.reply_with({"prompt": "[soft focus] a red fox asleep in the snow, dawn light"})
+    job = await _run(stage)
+    assert (job.fallback, job.prompt) == (
+        False,
+        "[soft focus] a red fox asleep in the snow, dawn light",
+    )
+
+
+@pytest.mark.parametrize("line", [None, 0, 1, 2, 3, 5, 6, "request"])
+async def test_a_reply_echoing_the_instructions_is_retried_then_falls_back(
+    stage: EnhanceStage, fake_ollama: FakeOllama, line: int | str | None
+) -> None:
+    """A model that answers with the system message, or a sentence of it, wrote no prompt:
+    it went to the image model as one. (A sentence of fewer than eight words, "Use at most
+    85 words in all.", is left to the other checks.)"""
+    [system, _] = build_messages("a red fox", [], family_for("tiny"))
+    lines = system["content"].splitlines()
+    if line == "request":  # the request's own words, the idea aside
+        echoed = "Turn this image idea into a prompt, keeping its subject and intent: a red fox"
+    else:
+        echoed = system["content"] if line is None else lines[int(line)]
+    fake_ollama.reply_with({"prompt": echoed})
+    job = await _run(stage)
+    assert (job.fallback, job.enhancer) == (True, "template")
+    assert len(fake_ollama.chat_requests) == 2
+
+
+async def test_a_prompt_sharing_a_few_words_with_the_instructions_is_kept(
+    stage: EnhanceStage, fake_ollama: FakeOllama
+) -> None:
+    said = "a red fox in one paragraph of plain snow, with the main subject in soft light"
+    fake_ollama.reply_with({"prompt": said})
+    job = await _run(stage)
+    assert (job.fallback, job.prompt) == (False, said)
+
+
 async def test_a_model_that_thinks_despite_think_false_falls_back_at_once_and_says_so(
     make_stage: MakeStage, fake_ollama: FakeOllama, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -249,8 +249,8 @@ async def test_a_failed_prompt_is_one_warning_with_its_cause_and_generation_id(
         fake_ollama.stop()
     else:
         fake_ollama.answer(behaviour)
-    # Ollama's client drops the user-info and the query, so the fake still answers.
-    host = fake_ollama.url.replace("//", "//user:secret@") + "/?token=secret"
+    # The user-info is sent as Basic auth, which the fake (no proxy before it) ignores.
+    host = fake_ollama.url.replace("//", "//user:secret@") + "/"
     stage = make_stage(ollama_host=host)
     with caplog.at_level(logging.DEBUG, logger="imagegen.enhance"):
         job = await _run(stage)

@@ -33,6 +33,11 @@ DEV = family_for("black-forest-labs/FLUX.1-dev")
         ("# A fox\n\na red fox\nin the snow", "a red fox in the snow"),
         ("```\na red fox\n```", "a red fox"),
         ('```text\n"a red fox"\n```', "a red fox"),
+        ("```json \r\na red fox\n```", "a red fox"),
+        # A word glued to the backticks with no line break after it is the prompt's, not the
+        # fence's language (Markdown's info string ends its line).
+        ("```Misty harbour at dawn, oil painting```", "Misty harbour at dawn, oil painting"),
+        ("```watercolour fox in snow\n```", "watercolour fox in snow"),
         # A list's items, and labelled lines, are clauses: not run together as one.
         ("- a red fox\n- snowy forest\n- morning light", "a red fox, snowy forest, morning light"),
         ("1. a red fox\n2) snow", "a red fox, snow"),

@@ -59,6 +59,19 @@ it (``unconstrained``, e.g. :func:`format_ignored`'s fenced or preambled JSON):
   (5d1021603) for the ``gemma4`` parser only, from v0.31.2 (892e7f6be) for every parser whose
   ``HasThinkingSupport()`` is true (model/parsers/parsers.go, ``ParserForName``).
 
+A request is bound and its model's name checked before the model is looked up (server/routes.go,
+``ChatHandler``; read at v0.6.0, v0.12.6 and fb3076099): an empty body is a 400 ``missing
+request body`` (``ShouldBindJSON`` returns ``io.EOF``), one that is no JSON object a 400 with the
+decoder's error, and a name that ``model.ParseName`` makes no valid name of (types/model/name.go,
+:func:`_valid_name`) a 400 ``model is required``; from v0.18.0 (799e51d41, "don't require
+pulling stubs for cloud models", ``parseAndValidateModelRef``) only an empty one says that, and
+any other ``invalid model name``. (On some versions an unload, a chat without messages and with a
+zero ``keep_alive``, looked its model up first: not modelled.)
+
+``authorization`` puts a proxy in front, one that wants that ``Authorization`` header on every
+request (nginx's ``auth_basic``, say) and answers any other with a 401 and a
+``WWW-Authenticate`` challenge (RFC 9110, 11.6.1), before Ollama sees it.
+
 ``keep_alive`` is read as api/types.go reads it, at :attr:`FakeOllama.version`: a number of
 seconds cut to whole seconds before v0.11.8 (so ``0.5`` is 0), a Go duration string as written.
 A zero one unloads the model after a chat; a chat without messages unloads it where
@@ -184,6 +197,76 @@ class RecordedRequest:
 def _asks_for_reply(body: Any) -> bool:
     """Whether a chat request has messages (server/routes.go: ``len(req.Messages) == 0``)."""
     return not isinstance(body, dict) or bool(body.get("messages"))
+
+
+# types/model/name.go, isValidPart: a letter, digit or "_" first, then those, "-", "." (not in a
+# namespace) and ":" (in a host only); isValidLen: 1 to 80 characters, a host up to 350.
+_HOST = r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,349}"
+_NAMESPACE = r"[A-Za-z0-9_][A-Za-z0-9_-]{0,79}"
+_MODEL = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}"
+# ParseNameBare: the tag after a ":" past the last "/", then the model, the namespace and the
+# host (what comes before a "://" in it dropped) at the last "/" each; ParseName fills the parts
+# left out, which are then valid, so only those given are checked.
+_VALID_NAME = re.compile(
+    rf"(?:(?:(?:(?!://).)*://)?{_HOST}/{_NAMESPACE}/|{_NAMESPACE}/)?{_MODEL}(?::{_MODEL})?",
+    re.DOTALL,
+)
+# From v0.18.0 a ":cloud" or ":local" suffix says where the model runs, and is not part of its
+# name (internal/modelref/modelref.go, parseSourceSuffix); the name is trimmed (ParseRef).
+_SOURCE_SUFFIX_FROM = (0, 18, 0)
+
+
+def _base_name(model: str, version: str) -> str:
+    """The name Ollama at ``version`` parses and looks up for a request's ``model``. (A
+    ``:cloud`` one is sent on to ollama.com there: not modelled, it is looked up here.)"""
+    if _version(version) >= _SOURCE_SUFFIX_FROM:
+        model = model.strip()
+        base, colon, suffix = model.rpartition(":")
+        if colon and suffix.strip().lower() in ("cloud", "local"):
+            model = base
+    return model
+
+
+def _valid_name(model: str, version: str) -> bool:
+    """Whether Ollama at ``version`` makes a valid name of ``model`` (``name.IsValid()``)."""
+    return _VALID_NAME.fullmatch(_base_name(model, version)) is not None
+
+
+def _name_error(model: Any, version: str) -> str | None:
+    """Ollama's 400 for a chat naming ``model`` where it is no valid name, or None."""
+    if isinstance(model, str) and _valid_name(model, version):
+        return None
+    if _version(version) < _SOURCE_SUFFIX_FROM or not str(model or "").strip():
+        return "model is required"
+    return "invalid model name"
+
+
+def _bind_error(raw: bytes) -> str | None:
+    """Why ``ShouldBindJSON`` refuses ``raw`` as an ``api.ChatRequest``, or None: Go's wording
+    for a body that is no JSON value, or not an object; Python's decoder's for the rest."""
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        first = raw.lstrip()[:1].decode("latin-1")
+        if exc.pos == len(raw.rstrip()):
+            return "unexpected EOF"
+        if first not in '{["-0123456789tfn':
+            return f"invalid character '{first}' looking for beginning of value"
+        return str(exc)
+    except ValueError as exc:  # no UTF-8 text: Go's decoder takes it, Python's does not
+        return str(exc)
+    kinds = {list: "array", str: "string", bool: "bool", int: "number", float: "number"}
+    if value is not None and not isinstance(value, dict):
+        return f"json: cannot unmarshal {kinds[type(value)]} into Go value of type api.ChatRequest"
+    if isinstance(value, dict) and "model" in value:
+        model = value["model"]
+        if model is not None and not isinstance(model, str):
+            kind = "object" if isinstance(model, dict) else kinds[type(model)]
+            return (
+                f"json: cannot unmarshal {kind} into Go struct field ChatRequest.model"
+                " of type string"
+            )
+    return None
 
 
 def _canonical(model: str) -> str:
@@ -361,6 +444,9 @@ class FakeOllama(Running):
         self.parsers: dict[str, str] = {}
         """Each model's built-in parser (its Modelfile's ``PARSER``), by full name."""
         self.version = version
+        self.authorization: str | None = None
+        """The ``Authorization`` header the proxy in front wants on every request; None: no
+        proxy, every request reaches Ollama."""
         self.port = 0
         self._default = reply()
         self.loading = Behaviour(content="")
@@ -490,13 +576,24 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
         pass
 
-    def _read_json(self) -> Any:
+    def _read(self) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
-        try:
-            return json.loads(raw) if raw else None
-        except ValueError:
-            return None
+        return self.rfile.read(length) if length else b""
+
+    def _refused_by_proxy(self) -> bool:
+        """Answer the proxy's 401 and say True where :attr:`FakeOllama.authorization` is set and
+        the request does not carry it."""
+        wanted = self.owner.authorization
+        if wanted is None or self.headers.get("Authorization") == wanted:
+            return False
+        body = b"<html><body><h1>401 Unauthorized</h1></body></html>"
+        self.send_response(401)
+        self.send_header("WWW-Authenticate", 'Basic realm="ollama"')
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        return True
 
     def _record(self, body: Any) -> None:
         headers = {k.lower(): v for k, v in self.headers.items()}
@@ -514,6 +611,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self._record(None)
+        if self._refused_by_proxy():
+            return
         if self.path == "/api/version":
             self._send_json(200, {"version": self.owner.version})
         elif self.path == "/api/tags":
@@ -533,16 +632,34 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(404, {"error": f"{self.path} not found"})
 
     def do_POST(self) -> None:
-        body = self._read_json()
+        raw = self._read()
+        try:
+            body = json.loads(raw) if raw.strip() else None
+        except ValueError:
+            body = None
         self._record(body)
+        if self._refused_by_proxy():
+            return
         if self.path != "/api/chat":
             self._send_json(404, {"error": f"{self.path} not found"})
             return
+        # server/routes.go, ChatHandler: the body is bound first of all (``ShouldBindJSON``;
+        # ``think`` is read then), then the model's name is parsed, before it is looked up.
+        if not raw.strip():
+            self._send_json(400, {"error": "missing request body"})
+            return
+        if (error := _bind_error(raw)) is not None:
+            self._send_json(400, {"error": error})
+            return
         request = body if isinstance(body, dict) else {}
-        # server/routes.go, ChatHandler: ``think`` is read as the body is bound, first of all.
         if (error := _think_error(request.get("think"), self.owner.version)) is not None:
             self._send_json(400, {"error": error})
             return
+        if (error := _name_error(request.get("model"), self.owner.version)) is not None:
+            self._send_json(400, {"error": error})
+            return
+        # The name parsed is the one looked up: from v0.18.0, trimmed and without its source.
+        request = {**request, "model": _base_name(request["model"], self.owner.version)}
         if not _asks_for_reply(body):
             self._answer_load(request)
             return
