@@ -454,6 +454,13 @@ def _ollama_host(value: str) -> str:
         scheme, rest = "http", value
     if scheme not in ("http", "https"):
         raise ValueError("not an http(s):// URL or host[:port]")
+    if "@" in rest and any(c in rest[: rest.rfind("@")] for c in "/?#"):
+        # urlsplit ends the authority at the first of them: the host would be read from the
+        # user-info, and the password taken for a port, a path, a query or a fragment.
+        raise ValueError(
+            "has a /, ? or # before an @: in user-info (http://user:password@host) they must be"
+            " percent-encoded (%2F, %3F, %23), as must an @ in a path (%40)"
+        )
     try:
         url = urlsplit(f"{scheme}://{rest}")
         url.port  # noqa: B018 - raises like _parse_host would
@@ -541,6 +548,21 @@ def _ollama_name_cut(value: str, sep: str) -> tuple[str, str, bool]:
     return before or "!MISSING!", after or "!MISSING!", True
 
 
+def _ollama_source_suffix(value: str) -> tuple[str, bool]:
+    """``value`` without the suffix that says where the model runs, and whether it had one
+    (internal/modelref/modelref.go, ``parseSourceSuffix``): a last ``:`` part that is
+    ``cloud`` or ``local`` is dropped; one ending in ``-cloud`` (and with no ``/``) loses that."""
+    rest, colon, suffix = value.rpartition(":")
+    if not colon:
+        return value, False
+    suffix = suffix.strip()
+    if suffix.lower() in ("cloud", "local"):
+        return rest, True
+    if "/" not in suffix and suffix.lower().endswith("-cloud"):
+        return f"{rest}:{suffix[: -len('-cloud')]}", True
+    return value, False
+
+
 def _ollama_name_valid(value: str) -> bool:
     """Whether Ollama takes ``value`` as a model's name, ``[host/][namespace/]model[:tag]``.
 
@@ -549,12 +571,13 @@ def _ollama_name_valid(value: str) -> bool:
     the rest as the host (what comes before a ``://`` dropped); ``ParseName`` fills the parts
     left out (``registry.ollama.ai/library/?:latest``), and ``IsValid`` wants each part valid.
     ChatHandler (server/routes.go) answers any other name with a 400, ``model is required``
-    (``invalid model name`` from v0.18.0, which also reads a ``:cloud`` or ``:local`` suffix
-    as where the model runs: internal/modelref/modelref.go, ``parseSourceSuffix``).
+    (``invalid model name`` from v0.18.0, which also reads a ``:cloud`` or ``:local`` suffix,
+    or a tag ending in ``-cloud``, as where the model runs, and refuses a name with a second
+    such suffix under the first: internal/modelref/modelref.go, ``ParseRef``).
     """
-    rest, colon, suffix = value.rpartition(":")
-    if colon and suffix.lower() in ("cloud", "local"):
-        value = rest
+    value, explicit = _ollama_source_suffix(value)
+    if explicit and _ollama_source_suffix(value)[1]:  # x:local:cloud, x:cloud-cloud
+        return False
     tag = host = namespace = ""
     if value.rfind(":") > value.rfind("/"):
         value, tag, _ = _ollama_name_cut(value, ":")

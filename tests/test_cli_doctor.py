@@ -26,6 +26,7 @@ import pytest
 from imagegen.cli._ollama import ollama_advice
 from imagegen.settings import Settings
 from tests.conftest import RunCli
+from tests.fakes.ollama_server import FakeOllama
 
 MODEL = "black-forest-labs/FLUX.2-klein-4B"
 REVISION = "e7b7dc27f91deacad38e78976d1f2b499d76a294"  # the revision render loads it at
@@ -581,3 +582,24 @@ def test_doctor_warns_of_loras_configured_but_not_there(cli: RunCli, tmp_path: P
     )
     env["IMAGEGEN_LORA_DIR"] = str(tmp_path)
     assert _rows(cli("doctor", "--json", env=env).stdout)["plugins"]["status"] == "ok"
+
+
+@pytest.mark.parametrize("userinfo", ["user:WrongPass77@", ""], ids=["wrong", "none"])
+def test_doctor_says_a_proxy_in_front_of_ollama_refuses_the_credentials(
+    cli: RunCli, userinfo: str
+) -> None:
+    fake = FakeOllama().start()
+    fake.authorization = "Basic dXNlcjpyaWdodA=="  # user:right
+    try:
+        host = fake.url.replace("http://", f"http://{userinfo}")
+        result = cli("doctor", "--json", env={"IMAGEGEN_OLLAMA_HOST": host})
+    finally:
+        fake.stop()
+    row = _rows(result.stdout)["ollama"]
+    shown = fake.url.replace("http://", "http://***@" if userinfo else "http://")
+    assert row["summary"] == (
+        f"The server at {shown} wants credentials or refuses those sent (HTTP 401)."
+    )
+    assert row["next_step"].startswith("Check the user-info in IMAGEGEN_OLLAMA_HOST")
+    assert "OLLAMA_API_KEY" in row["next_step"]
+    assert "WrongPass77" not in result.stdout + result.stderr

@@ -510,3 +510,32 @@ def test_a_relative_xdg_data_home_is_ignored(
     )
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     assert default_ledger_path() == tmp_path / "data" / "imagegen" / "ledger.db"
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "http://user:hunter2#x@ollama:11434",  # read as a port, "hunter2"
+        "http://us#er:hunter2@ollama",  # read as a fragment
+        "http://user:hunter2?x@ollama",  # read as a query
+        "http://user:hunter2/x@ollama",  # read as a path, to the host "user"
+    ],
+    ids=["hash", "hash-in-user", "question-mark", "slash"],
+)
+def test_an_ollama_host_with_unencoded_user_info_says_to_percent_encode_it(
+    cli: RunCli, host: str
+) -> None:
+    # urlsplit ends the authority at the first /, ? or #: what follows is no user-info.
+    result = cli("plugins", "--json", env={"IMAGEGEN_OLLAMA_HOST": host})
+    assert result.returncode == 2, result.stdout
+    line = one_error_line(result)
+    assert line.startswith("invalid settings: IMAGEGEN_OLLAMA_HOST (has a /, ? or # before an @")
+    assert "percent-encoded (%2F, %3F, %23)" in line
+    assert "hunter2" not in result.stdout + result.stderr
+
+
+def test_an_ollama_host_takes_an_unencoded_at_and_colon_in_the_password(cli: RunCli) -> None:
+    # urlsplit splits the user-info from the host at the last @, and the password from the
+    # user name at the first :.
+    result = cli("plugins", "--json", env={"IMAGEGEN_OLLAMA_HOST": "http://user:p@ss:w@ollama"})
+    assert result.returncode == 0, result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -27,12 +28,23 @@ _HUNG = ("no answer within", "TimeoutError", "ReadTimeout")
 :meth:`imagegen.enhance.llm.OllamaEnhancer.check` says ``no answer within 10s``; the
 exception's type where a caller says it as ``_said`` does."""
 
+_REFUSED = re.compile(r"^ResponseError: .*\(status code: (401|403)\)$", re.DOTALL)
+"""A check's error where the server (Ollama, or a proxy in front of it) refused the request's
+credentials: ``_said`` (imagegen/enhance/llm.py) ends an error status with its code."""
+
 
 def ollama_advice(info: Mapping[str, object], settings: Settings) -> Advice:
     """Advice from the enhance stage's Ollama check (``reachable``, ``model_available``)."""
     host, model = redact_url(settings.ollama_host), settings.ollama_model
     if not info.get("reachable"):
         error = str(info.get("error", ""))
+        if refused := _REFUSED.match(error):
+            return Advice(
+                "warning",
+                f"The server at {host} wants credentials or refuses those sent (HTTP {refused[1]})",
+                "check the user-info in IMAGEGEN_OLLAMA_HOST (http://user:password@host),"
+                " or OLLAMA_API_KEY",
+            )
         # Something is there, but does not answer as Ollama: a hung server (the check's own
         # "no answer within …s", which it says of either timeout), or another service (an HTTP
         # error status for /api/tags: ollama's ResponseError; a body that is no listing).

@@ -340,6 +340,67 @@ def test_a_malformed_chat_is_a_400_before_the_model_is_looked_up(body: bytes, er
     assert fake.model_loads == []
 
 
+CHAT = b'{"model": "llama3.2", "messages": [{"role": "user", "content": "a fox"}], "stream": false}'
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        CHAT + b" trailing words",
+        CHAT + b'{"model": 5}',
+        CHAT + b"\n]",
+        b"\r\n\t " + CHAT,
+        CHAT.replace(b"a fox", b"a f\xffox"),  # invalid UTF-8 in a string: U+FFFD
+    ],
+    ids=["words", "a second value", "a stray bracket", "white space first", "invalid UTF-8"],
+)
+def test_a_chat_is_bound_from_its_first_json_value_alone(body: bytes) -> None:
+    """gin's binding/json.go, ``decodeJSON``: ``json.NewDecoder(r).Decode`` reads the first
+    JSON value, leaves what follows unread, and takes invalid UTF-8 in a string; Ollama answers
+    the chat."""
+    fake = FakeOllama().start()
+    try:
+        answer = httpx.post(
+            f"{fake.url}/api/chat", content=body, headers={"Content-Type": "application/json"}
+        )
+    finally:
+        fake.stop()
+    assert answer.status_code == 200, answer.text
+    assert fake.model_loads == [("llama3.2:latest", "chat")]
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        "llama3.2:local:cloud",
+        "llama3.2:cloud:local",
+        "x:cloud-cloud",
+        "x:8b-cloud:local",
+        " y:local:LOCAL ",
+    ],
+)
+def test_from_v0_18_a_name_with_two_sources_is_refused(model: str) -> None:
+    """internal/modelref/modelref.go, ``ParseRef``: a name that still has a source suffix
+    (``:cloud``, ``:local``, a ``-cloud`` tag) once its own is taken off is
+    ``ErrConflictingSourceSuffix``, answered as it is (server/routes.go,
+    ``writeModelRefParseError``); before v0.18.0 such a name is looked up as any other."""
+    fake = FakeOllama(version="0.18.0", models=("x:8b", "x:cloud", "llama3.2:latest")).start()
+    try:
+        with httpx.Client(base_url=fake.url) as client:
+            answer = _chat(client, model)
+            assert (answer.status_code, answer.json()) == (
+                400,
+                {"error": f'use either :local or :cloud, not both: "{model.strip()}"'},
+            )
+            for taken in ("x:8b-cloud", "x:8b:cloud", "llama3.2:local"):
+                assert _chat(client, taken).status_code == 200, taken
+        fake.version = "0.17.7"
+        with httpx.Client(base_url=fake.url) as client:
+            assert _chat(client, "x:cloud-cloud").status_code == 404  # a tag, not pulled
+    finally:
+        fake.stop()
+
+
 @pytest.mark.parametrize(
     ("model", "error"),
     [("", "model is required"), ("   ", "model is required"), ("llama 3.2", "invalid model name")],

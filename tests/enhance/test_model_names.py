@@ -115,3 +115,21 @@ def test_the_fake_refuses_a_name_ollama_refuses_before_looking_it_up(
                 )
     finally:
         fake.stop()
+
+
+# internal/modelref/modelref.go (from v0.18.0), ParseRef: a name that has a source suffix
+# (":cloud", ":local", a tag ending "-cloud") once its own is taken off names two sources, and
+# is refused ("use either :local or :cloud, not both"); a single one is no part of the name.
+TWO_SOURCES = ["llama3.2:local:cloud", "llama3.2:cloud:local", "x:cloud-cloud", "x:8b-cloud:local"]
+ONE_SOURCE = ["gpt-oss:20b:cloud", "gpt-oss:120b-cloud", "llama3.2:local", "llama3.2:LOCAL"]
+
+
+@pytest.mark.parametrize("name", TWO_SOURCES)
+def test_a_model_name_with_two_sources_is_refused_at_start_up(name: str) -> None:
+    with pytest.raises(ValidationError, match="not a model name Ollama takes"):
+        Settings(ollama_model=name)
+
+
+@pytest.mark.parametrize("name", ONE_SOURCE)
+def test_a_model_name_with_one_source_is_taken(name: str) -> None:
+    assert Settings(ollama_model=name).ollama_model == name

@@ -61,11 +61,13 @@ it (``unconstrained``, e.g. :func:`format_ignored`'s fenced or preambled JSON):
 
 A request is bound and its model's name checked before the model is looked up (server/routes.go,
 ``ChatHandler``; read at v0.6.0, v0.12.6 and fb3076099): an empty body is a 400 ``missing
-request body`` (``ShouldBindJSON`` returns ``io.EOF``), one that is no JSON object a 400 with the
-decoder's error, and a name that ``model.ParseName`` makes no valid name of (types/model/name.go,
-:func:`_valid_name`) a 400 ``model is required``; from v0.18.0 (799e51d41, "don't require
-pulling stubs for cloud models", ``parseAndValidateModelRef``) only an empty one says that, and
-any other ``invalid model name``. (On some versions an unload, a chat without messages and with a
+request body`` (``ShouldBindJSON`` returns ``io.EOF``), one that starts with no JSON object a 400
+with the decoder's error (what follows the first value is never read), and a name that
+``model.ParseName`` makes no valid name of (types/model/name.go, :func:`_valid_name`) a 400
+``model is required``; from v0.18.0 (799e51d41, "don't require pulling stubs for cloud models",
+``parseAndValidateModelRef``) only an empty one says that, one with two source suffixes
+(``x:local:cloud``) is refused with ``use either :local or :cloud, not both``, and any other
+``invalid model name``. (On some versions an unload, a chat without messages and with a
 zero ``keep_alive``, looked its model up first: not modelled.)
 
 ``authorization`` puts a proxy in front, one that wants that ``Authorization`` header on every
@@ -211,29 +213,58 @@ _VALID_NAME = re.compile(
     rf"(?:(?:(?:(?!://).)*://)?{_HOST}/{_NAMESPACE}/|{_NAMESPACE}/)?{_MODEL}(?::{_MODEL})?",
     re.DOTALL,
 )
-# From v0.18.0 a ":cloud" or ":local" suffix says where the model runs, and is not part of its
-# name (internal/modelref/modelref.go, parseSourceSuffix); the name is trimmed (ParseRef).
+# From v0.18.0 a ":cloud" or ":local" suffix, or a tag ending in "-cloud", says where the model
+# runs, and is not part of its name (internal/modelref/modelref.go, parseSourceSuffix); the name
+# is trimmed, and one with a second such suffix under the first refused (ParseRef).
 _SOURCE_SUFFIX_FROM = (0, 18, 0)
+
+
+def _source_suffix(model: str) -> tuple[str, bool]:
+    """``model`` without its source suffix, and whether it had one (``parseSourceSuffix``): a
+    last ``:`` part that is ``cloud`` or ``local`` is dropped; one ending in ``-cloud`` (and with
+    no ``/``) loses that ending."""
+    base, colon, suffix = model.rpartition(":")
+    if not colon:
+        return model, False
+    suffix = suffix.strip()
+    if suffix.lower() in ("cloud", "local"):
+        return base, True
+    if "/" not in suffix and suffix.lower().endswith("-cloud"):
+        return f"{base}:{suffix[: -len('-cloud')]}", True
+    return model, False
+
+
+def _conflicting_source(model: str, version: str) -> bool:
+    """Whether Ollama at ``version`` refuses ``model`` for naming two sources (``ParseRef``:
+    ``ErrConflictingSourceSuffix``), as ``llama3.2:local:cloud`` or ``x:cloud-cloud`` do."""
+    if _version(version) < _SOURCE_SUFFIX_FROM:
+        return False
+    base, explicit = _source_suffix(model.strip())
+    return explicit and _source_suffix(base)[1]
 
 
 def _base_name(model: str, version: str) -> str:
     """The name Ollama at ``version`` parses and looks up for a request's ``model``. (A
     ``:cloud`` one is sent on to ollama.com there: not modelled, it is looked up here.)"""
     if _version(version) >= _SOURCE_SUFFIX_FROM:
-        model = model.strip()
-        base, colon, suffix = model.rpartition(":")
-        if colon and suffix.strip().lower() in ("cloud", "local"):
-            model = base
+        model, _ = _source_suffix(model.strip())
     return model
 
 
 def _valid_name(model: str, version: str) -> bool:
-    """Whether Ollama at ``version`` makes a valid name of ``model`` (``name.IsValid()``)."""
+    """Whether Ollama at ``version`` makes a valid name of ``model`` (``name.IsValid()``), and
+    it names one source at most."""
+    if _conflicting_source(model, version):
+        return False
     return _VALID_NAME.fullmatch(_base_name(model, version)) is not None
 
 
 def _name_error(model: Any, version: str) -> str | None:
     """Ollama's 400 for a chat naming ``model`` where it is no valid name, or None."""
+    if isinstance(model, str) and _conflicting_source(model, version):
+        # writeModelRefParseError (server/routes.go): the error itself, with the name trimmed.
+        quoted = json.dumps(model.strip(), ensure_ascii=False)  # Go's %q, for the most part
+        return f"use either :local or :cloud, not both: {quoted}"
     if isinstance(model, str) and _valid_name(model, version):
         return None
     if _version(version) < _SOURCE_SUFFIX_FROM or not str(model or "").strip():
@@ -241,19 +272,34 @@ def _name_error(model: Any, version: str) -> str | None:
     return "invalid model name"
 
 
+# JSON's white space (RFC 8259), all Go's decoder skips before a value.
+_JSON_SPACE = " \t\n\r"
+
+
+def _first_value(raw: bytes) -> Any:
+    """The first JSON value in ``raw``, as ``ShouldBindJSON`` decodes it: gin's binding/json.go,
+    ``decodeJSON``, calls ``json.NewDecoder(r).Decode`` once, which reads one value and leaves
+    what follows it unread, and takes invalid UTF-8 in a string as U+FFFD.
+
+    Raises:
+        json.JSONDecodeError: No JSON value starts ``raw``.
+    """
+    text = raw.decode("utf-8", errors="replace").lstrip(_JSON_SPACE)
+    return json.JSONDecoder().raw_decode(text)[0]
+
+
 def _bind_error(raw: bytes) -> str | None:
     """Why ``ShouldBindJSON`` refuses ``raw`` as an ``api.ChatRequest``, or None: Go's wording
-    for a body that is no JSON value, or not an object; Python's decoder's for the rest."""
+    for a body that starts with no JSON value, or not an object; Python's decoder's for the
+    rest. What follows the first value is never read (:func:`_first_value`)."""
     try:
-        value = json.loads(raw)
+        value = _first_value(raw)
     except json.JSONDecodeError as exc:
-        first = raw.lstrip()[:1].decode("latin-1")
-        if exc.pos == len(raw.rstrip()):
+        first = raw.lstrip(_JSON_SPACE.encode())[:1].decode("latin-1")
+        if exc.pos == len(exc.doc.rstrip(_JSON_SPACE)):
             return "unexpected EOF"
         if first not in '{["-0123456789tfn':
             return f"invalid character '{first}' looking for beginning of value"
-        return str(exc)
-    except ValueError as exc:  # no UTF-8 text: Go's decoder takes it, Python's does not
         return str(exc)
     kinds = {list: "array", str: "string", bool: "bool", int: "number", float: "number"}
     if value is not None and not isinstance(value, dict):
@@ -634,7 +680,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         raw = self._read()
         try:
-            body = json.loads(raw) if raw.strip() else None
+            body = _first_value(raw) if raw.strip() else None
         except ValueError:
             body = None
         self._record(body)
