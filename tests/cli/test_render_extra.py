@@ -18,6 +18,7 @@ import pytest
 
 from imagegen.render._errors import INSTALL_HINT
 from tests.conftest import isolated_environ
+from tests.functions.servers import free_port
 
 NEEDS_IT = (
     "imagegen: error: rendering needs the render extra (diffusers is not installed): "
@@ -85,7 +86,9 @@ def test_serve_render_is_refused_before_it_starts(tmp_path: Path) -> None:
 
 def test_serve_persist_needs_no_render_extra(tmp_path: Path) -> None:
     """The CPU functions are served from such an install: only their start is stubbed here."""
-    result = without_the_extra("serve", "persist", "--port", "26013", cwd=tmp_path)
+    port = free_port()  # serve checks it can listen there before it starts
+    result = without_the_extra("serve", "persist", "--port", str(port), cwd=tmp_path)
 
     assert result.returncode == 1, result.stderr
-    assert result.stderr == "serving persist on http://127.0.0.1:26013\nserve started the server\n"
+    served = f"serving persist on http://127.0.0.1:{port}\n"
+    assert result.stderr == served + "serve started the server\n"

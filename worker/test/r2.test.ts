@@ -417,7 +417,9 @@ describe("ranges", () => {
     },
   );
 
-  // Positions past Number.MAX_SAFE_INTEGER: a last one is the end, a first one past it.
+  // Positions past Number.MAX_SAFE_INTEGER: a last one is the end, a first one past it. The R2
+  // binding took these as asked before the positions were read exactly (an S3 origin did not:
+  // s3.test.ts); here they keep a miss answering as a hit.
   const HUGE = "9".repeat(400);
   it.each([
     ["bytes=0-<400 nines>", `bytes=0-${HUGE}`, 206, `bytes 0-${SIZE - 1}/${SIZE}`],
