@@ -454,12 +454,13 @@ def _ollama_host(value: str) -> str:
         scheme, rest = "http", value
     if scheme not in ("http", "https"):
         raise ValueError("not an http(s):// URL or host[:port]")
-    if "@" in rest and any(c in rest[: rest.rfind("@")] for c in "/?#"):
-        # urlsplit ends the authority at the first of them: the host would be read from the
-        # user-info, and the password taken for a port, a path, a query or a fragment.
+    if "@" in rest and any(c in rest[: rest.rfind("@")] for c in "/?#[]"):
+        # urlsplit ends the authority at the first of /?#: the host would be read from the
+        # user-info, and the password taken for a port, a path, a query or a fragment; and it
+        # reads a [ or ] in the authority as an IPv6 host's.
         raise ValueError(
-            "has a /, ? or # before an @: in user-info (http://user:password@host) they must be"
-            " percent-encoded (%2F, %3F, %23), as must an @ in a path (%40)"
+            "has a /, ?, #, [ or ] before an @: in user-info (http://user:password@host) they"
+            " must be percent-encoded (%2F, %3F, %23, %5B, %5D), as must an @ in a path (%40)"
         )
     try:
         url = urlsplit(f"{scheme}://{rest}")

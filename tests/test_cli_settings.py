@@ -519,18 +519,21 @@ def test_a_relative_xdg_data_home_is_ignored(
         "http://us#er:hunter2@ollama",  # read as a fragment
         "http://user:hunter2?x@ollama",  # read as a query
         "http://user:hunter2/x@ollama",  # read as a path, to the host "user"
+        "http://user:hunter2[x@ollama",  # read as an IPv6 host's bracket
+        "http://user:hunter2]x@ollama",
     ],
-    ids=["hash", "hash-in-user", "question-mark", "slash"],
+    ids=["hash", "hash-in-user", "question-mark", "slash", "open-bracket", "close-bracket"],
 )
 def test_an_ollama_host_with_unencoded_user_info_says_to_percent_encode_it(
     cli: RunCli, host: str
 ) -> None:
-    # urlsplit ends the authority at the first /, ? or #: what follows is no user-info.
+    # urlsplit ends the authority at the first /, ? or #: what follows is no user-info; and
+    # reads a bracket in the authority as an IPv6 host's.
     result = cli("plugins", "--json", env={"IMAGEGEN_OLLAMA_HOST": host})
     assert result.returncode == 2, result.stdout
     line = one_error_line(result)
-    assert line.startswith("invalid settings: IMAGEGEN_OLLAMA_HOST (has a /, ? or # before an @")
-    assert "percent-encoded (%2F, %3F, %23)" in line
+    assert line.startswith("invalid settings: IMAGEGEN_OLLAMA_HOST (has a /, ?, #, [ or ] before")
+    assert "percent-encoded (%2F, %3F, %23, %5B, %5D)" in line
     assert "hunter2" not in result.stdout + result.stderr
 
 

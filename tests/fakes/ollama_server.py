@@ -691,7 +691,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         # server/routes.go, ChatHandler: the body is bound first of all (``ShouldBindJSON``;
         # ``think`` is read then), then the model's name is parsed, before it is looked up.
-        if not raw.strip():
+        if not raw.strip(_JSON_SPACE.encode()):  # Go skips only these four
             self._send_json(400, {"error": "missing request body"})
             return
         if (error := _bind_error(raw)) is not None:
