@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 from cloudevents.conversion import to_binary
 from cloudevents.exceptions import GenericException as CloudEventError
@@ -29,6 +29,8 @@ from imagegen.events import (
     ATTRIBUTE_MAX_LENGTHS,
     GENERATION_FAILED,
     TEXT_ATTRIBUTES,
+    failure_cause,
+    header_value,
     is_final,
     reply_attributes,
     text_problem,
@@ -57,9 +59,6 @@ __all__ = [
 
 MAX_BODY_BYTES = 1024 * 1024
 _QUOTED_PAIR = re.compile(r"\\(.)")
-# What a ce-* header value may hold unencoded: printable ASCII but for '"' and '%'.
-_UNENCODED = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
-_PLAIN_HEADER_VALUE = re.compile(f"[{re.escape(_UNENCODED)}]*")
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
 
@@ -182,6 +181,14 @@ def parse(headers: Mapping[str, str], body: bytes, *, consumes: tuple[str, ...])
             f"bodies in a content coding are not accepted, got {coding[:40]!r}",
             errors=[{"field": "content-encoding", "message": "send the body uncoded"}],
         )
+    if content_type == "application/cloudevents-batch+json":
+        # HTTP binding, section 3.3: a batch is no event of its own, and a ce-* header beside
+        # it names none either; each stage takes one event per request.
+        raise UnsupportedMediaType(
+            "batched mode is not supported: send each event on its own, in binary or"
+            " structured mode",
+            errors=[{"field": "content-type", "message": "batched mode is not supported"}],
+        )
     structured = content_type == "application/cloudevents+json"
     # Binary mode: ce-specversion, or any required attribute's header (then the event is
     # refused for its missing specversion, rather than its data taken as a plain body).
@@ -277,8 +284,9 @@ def _check_attributes(attribute: Callable[[str], object]) -> None:
         )
     bad = [name for name, value in found.items() if not isinstance(value, str) or not value]
     if bad:
+        must = "must be a non-empty string" if len(bad) == 1 else "must be non-empty strings"
         raise InvalidRequest(
-            f"not a valid CloudEvent: {', '.join(bad)} must be non-empty strings",
+            f"not a valid CloudEvent: {', '.join(bad)} {must}",
             errors=[{"field": name, "message": "must be a non-empty string"} for name in bad],
         )
     if found["specversion"] not in _SPECVERSIONS:
@@ -674,8 +682,8 @@ def event_reply(attributes: Mapping[str, str], data: BaseModel) -> Reply:
         del event["time"]  # the SDK's default, the clock's: a redelivery would differ in it
     headers, body = to_binary(event)
     for name, value in headers.items():
-        if name.startswith("ce-") and not _PLAIN_HEADER_VALUE.fullmatch(value):
-            headers[name] = quote(value, safe=_UNENCODED)  # HTTP binding, section 3.1.3.2
+        if name.startswith("ce-"):
+            headers[name] = header_value(value)
     return Reply(200, body, headers)
 
 
@@ -705,7 +713,9 @@ def error_reply(
         failed = GenerationFailed(
             generation_id=generation_id, stage=stage, error=ErrorInfo.of(exc), failed_at=failed_at
         )
-        cause = f"{message.attributes.get('source')}#{message.attributes.get('id')}"
+        cause = failure_cause(
+            message.attributes.get("source", ""), message.attributes.get("id", "")
+        )
         attributes = reply_attributes(
             stage,
             GENERATION_FAILED,

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final
+from urllib.parse import quote
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -20,6 +21,7 @@ __all__ = [
     "DREAM_PING",
     "GENERATION_FAILED",
     "GENERATION_REQUESTED",
+    "HEADER_SAFE",
     "ID_MAX_LENGTH",
     "IMAGE_DERIVED",
     "IMAGE_PERSISTED",
@@ -33,6 +35,8 @@ __all__ = [
     "dataschema",
     "event_models",
     "event_type",
+    "failure_cause",
+    "header_value",
     "is_final",
     "reply_attributes",
     "reply_id",
@@ -161,6 +165,40 @@ def reply_id(generation_id: str, event_type: str) -> str:
     return uuid.UUID(bytes=digest[:16], version=5).hex
 
 
+def failure_cause(source: str, event_id: str) -> str:
+    """The name of the event a ``generation.failed`` answers, by its ``source`` and ``id``:
+    one name per pair, as :func:`imagegen.identity.derive_generation_id` names a request.
+
+    ``<source>#<id>``, unless ``source`` holds a ``#`` (a URI-reference's fragment), where
+    ``("/a#b", "c")`` and ``("/a", "b#c")`` would join alike: then both parts with ``%``, ``#``
+    and ``|`` percent-escaped, joined by ``|``. That name holds no ``#``, so it is never the name
+    of a source without one; a source without a ``#``, the usual one, keeps its name.
+    """
+    if "#" in source:
+        return f"{_escaped(source)}|{_escaped(event_id)}"
+    return f"{source}#{event_id}"
+
+
+def _escaped(part: str) -> str:
+    return part.replace("%", "%25").replace("#", "%23").replace("|", "%7C")
+
+
+def _reply_name(generation_id: str | None, cause: str | None) -> str:
+    """What a reply's id is derived from: one name per generation and cause.
+
+    ``<generation_id>:<cause>`` (a generation id holds no ``:``), the generation id alone, or
+    the cause alone (``unknown`` for neither). A cause alone with a ``:`` before its first
+    ``#`` (``urn:x#c``) would read as a generation id and a cause (``urn`` and ``x#c``): it
+    is named with a leading ``:``, which no generation id begins with. Every other name is the
+    one it always was, so a redelivery after an upgrade keeps its reply's id.
+    """
+    if generation_id and cause:
+        return f"{generation_id}:{cause}"
+    if cause:
+        return f":{cause}" if ":" in cause.partition("#")[0] else cause
+    return generation_id or "unknown"
+
+
 def reply_attributes(
     stage: str,
     event_type: str,
@@ -173,13 +211,13 @@ def reply_attributes(
     """The attributes of the event ``stage`` answers with: alike for every delivery.
 
     The id is stable for the generation and, for a failure, ``cause``, the event that failed
-    (its ``source#id``): a generation's stage answers one event (first writer wins), but may
-    fail on two different requests naming it, two events the sinks and the ledger, keyed on
-    ``source`` and ``id`` as CloudEvents has them unique, must both keep. The time comes from
-    the data, never the clock (none where the data has none: a failure of an event without a
-    time), so a redelivery to any replica answers alike.
+    (:func:`failure_cause`): a generation's stage answers one event (first writer wins), but
+    may fail on two different requests naming it, two events the sinks and the ledger, keyed
+    on ``source`` and ``id`` as CloudEvents has them unique, must both keep. The time comes
+    from the data, never the clock (none where the data has none: a failure of an event
+    without a time), so a redelivery to any replica answers alike.
     """
-    named = ":".join(part for part in (generation_id, cause) if part) or "unknown"
+    named = _reply_name(generation_id, cause)
     attributes = {
         "type": event_type,
         "source": source_for(stage),
@@ -212,3 +250,14 @@ def routing_attributes(data: BaseModel) -> dict[str, str]:
     if isinstance(data, EnhancedPrompt):
         return {MODEL_ATTRIBUTE: data.model}
     return {}
+
+
+# What a ce-* header value may hold unencoded: printable ASCII but for '"' and '%'.
+HEADER_SAFE: Final = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
+
+
+def header_value(value: str) -> str:
+    """``value`` as a binary-mode ``ce-*`` header carries it (HTTP binding, section 3.1.3.2):
+    a space, ``"``, ``%`` and every character outside printable ASCII percent-encoded (UTF-8),
+    so that the receiver's decoding gives ``value`` back (``%41`` stays ``%41``, not ``A``)."""
+    return quote(value, safe=HEADER_SAFE)

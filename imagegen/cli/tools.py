@@ -355,6 +355,7 @@ def send(
     from cloudevents.http import CloudEvent
 
     from imagegen._redact import redact_url
+    from imagegen.events import header_value
     from imagegen.validation import loads
 
     if not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT):
@@ -379,17 +380,12 @@ def send(
     attributes = {"type": event_type, "source": source, "id": event_id or uuid.uuid4().hex}
     if subject:
         attributes["subject"] = subject
-    if mode == "binary":  # each attribute a header (ce-type, ...), of printable ASCII only
-        given = (("TYPE", event_type), ("--source", source), ("--subject", subject))
-        for name, value in (*given, ("--id", event_id)):
-            if value and not (value.isascii() and value.isprintable()):
-                raise InvalidRequest(
-                    f"{name}: in binary mode an attribute is a header: printable ASCII only"
-                    " (--mode structured sends it in the body)",
-                    errors=[{"field": name.lstrip("-").lower(), "message": "printable ASCII only"}],
-                )
     event = CloudEvent(attributes, payload)
     headers, body = (to_binary if mode == "binary" else to_structured)(event)
+    # Binary mode: each attribute a header, percent-encoded as the HTTP binding has it (section
+    # 3.1.3.2), so the function reads the attributes structured mode sends ("/a%41" stays
+    # "/a%41"): one event, one generation, in either mode.
+    headers = {k: header_value(v) if k.startswith("ce-") else v for k, v in headers.items()}
     if token:
         headers = {**headers, "Authorization": f"Bearer {token}"}
 

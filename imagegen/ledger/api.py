@@ -25,6 +25,8 @@ from imagegen.errors import (
 from imagegen.events import (
     GENERATION_REQUESTED,
     PROMPT_ENHANCED,
+    dataschema,
+    header_value,
     reply_id,
     routing_attributes,
     source_for,
@@ -160,12 +162,16 @@ async def replay(
         "subject": new_id,
         "time": datetime.now(UTC).isoformat(),
         "datacontenttype": "application/json",
+        "dataschema": dataschema(event_type),
         **routing_attributes(data),  # render's Triggers route prompt.enhanced by model
         # The replay goes on in its caller's trace, from the request's span, as a stage's reply
         # event does (the CloudEvents Distributed Tracing extension).
         **trace_extension(),
     }
     headers, body = to_binary(CloudEvent(attributes, data.model_dump(mode="json")))
+    # Each attribute's header percent-encoded (HTTP binding, section 3.1.3.2), as a stage's
+    # reply has it: a tracestate member "x=%41" reaches the broker as it is, not as "x=A".
+    headers = {k: header_value(v) if k.startswith("ce-") else v for k, v in headers.items()}
     token = await asyncio.to_thread(_sink_token, settings.sink_token_file)
     if token:
         headers["Authorization"] = f"Bearer {token}"

@@ -8,11 +8,12 @@ from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 
 from imagegen.auth.api_keys import hash_api_key
-from imagegen.events import GENERATION_REQUESTED, MODEL_ATTRIBUTE, PROMPT_ENHANCED
+from imagegen.events import GENERATION_REQUESTED, MODEL_ATTRIBUTE, PROMPT_ENHANCED, dataschema
 from imagegen.ledger import LedgerEvent, open_ledger
 from imagegen.models import GenerationRequest
 from imagegen.openapi import document
@@ -193,6 +194,28 @@ def test_replay_sends_the_recorded_job_to_the_broker_under_a_new_id(
         bad = function.client.post("/generations/gen-r/replay", params={"from": "rendered"})
         assert bad.status_code == 400 and bad.json()["errors"][0]["field"] == "from"
         assert len(received) == 1
+
+
+def test_a_replays_attributes_are_percent_encoded_headers_with_their_schema(
+    serve_ledger: Callable[..., InProcessFunction],
+) -> None:
+    """HTTP binding, section 3.1.3.2: a space, '"' and '%' in a ce-* header are percent-encoded,
+    so the broker reads each attribute as it was (a tracestate member ``x=%41`` stays ``%41``);
+    and the replay names its data's schema, as every event does."""
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    tracestate = "k=v w,x=%41"
+    with broker_ingress() as (sink, received):
+        function = serve_ledger(K_SINK=sink)
+        _record(function, "gen-h")
+        reply = function.client.post(
+            "/generations/gen-h/replay",
+            headers={"traceparent": traceparent, "tracestate": tracestate},
+        )
+        assert reply.status_code == 202, reply.text
+        [(headers, _)] = received
+        assert headers["ce-tracestate"] == "k=v%20w,x=%2541"
+        assert unquote(headers["ce-tracestate"]) == tracestate  # decoded once, as it was
+        assert headers["ce-dataschema"] == dataschema(PROMPT_ENHANCED)
 
 
 @pytest.mark.parametrize(
