@@ -141,6 +141,11 @@ def test_send_sends_the_api_key_as_a_bearer_token(
         # Said of the data, never in the interpreter's words (sys.set_int_max_str_digits()).
         (["--data", "9" * 5000], "--data: holds an integer of more than 4300 digits"),
         (["--data", '{"seed": }'], "--data: not valid JSON (line 1 column 10: Expecting value)"),
+        # No CloudEvents String, in either mode: an argument's bytes that are no UTF-8 (read as
+        # a surrogate) could not even be encoded (was an internal error), a control character.
+        (["--source", "/a\udcff"], "--source: holds the surrogate U+DCFF at 2"),
+        (["--subject", "a\nb"], "--subject: holds the control character U+000A at 1"),
+        (["--mode", "structured", "--id", "x\x7f"], "--id: holds the control character U+007F"),
     ],
 )
 def test_input_send_cannot_use_is_refused_before_posting(

@@ -355,7 +355,7 @@ def send(
     from cloudevents.http import CloudEvent
 
     from imagegen._redact import redact_url
-    from imagegen.events import header_value
+    from imagegen.events import header_value, text_problem
     from imagegen.validation import loads
 
     if not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT):
@@ -370,12 +370,20 @@ def send(
     key_as = _names(ctx).key  # the option, or IMAGEGEN_API_KEY that gave it
     check_token(token, key_as)
     _check_to(to, token, key_as)
-    # CloudEvents 1.0: id, source and type are REQUIRED, each a non-empty string.
-    for name, value in (("TYPE", event_type), ("--source", source), ("--id", event_id)):
-        if value is not None and not value:
+    # CloudEvents 1.0: id, source and type are REQUIRED, each a non-empty string; and a String
+    # holds no control character, surrogate (bytes of an argument that are no UTF-8) or
+    # noncharacter: refused here as the functions refuse it, before it is encoded.
+    named = (("TYPE", event_type), ("--source", source), ("--id", event_id), ("--subject", subject))
+    for name, value in named:
+        if value is not None and not value and name != "--subject":
             raise InvalidRequest(
                 f"{name}: must not be empty",
                 errors=[{"field": name.lstrip("-").lower(), "message": "must not be empty"}],
+            )
+        if value and (problem := text_problem(value)):
+            raise InvalidRequest(
+                f"{name}: {problem}",
+                errors=[{"field": name.lstrip("-").lower(), "message": problem}],
             )
     attributes = {"type": event_type, "source": source, "id": event_id or uuid.uuid4().hex}
     if subject:
