@@ -68,10 +68,10 @@ def _one_line(stderr: str) -> str:
         (["send", GENERATION_REQUESTED, "--to", "notaurl"], "error: --to: 'notaurl'"),
         (["send", GENERATION_REQUESTED, "--to", "ftp://host/x"], "error: --to: 'ftp://host/x'"),
         (["send", GENERATION_REQUESTED, "--to", "http://"], "error: --to: 'http://'"),
-        # A header value (binary mode) was blamed on --to.
-        (["send", "généré", "--to", NOWHERE], "error: TYPE: "),
-        (["send", GENERATION_REQUESTED, "--to", NOWHERE, "--source", "/é"], "error: --source: "),
-        (["send", GENERATION_REQUESTED, "--to", NOWHERE, "--subject", "é"], "error: --subject: "),
+        # No CloudEvents String (a header value, in binary mode, was blamed on --to).
+        (["send", "g\tenerated", "--to", NOWHERE], "error: TYPE: "),
+        (["send", GENERATION_REQUESTED, "--to", NOWHERE, "--source", "/\x1b"], "error: --source: "),
+        (["send", GENERATION_REQUESTED, "--to", NOWHERE, "--subject", "\ufffe"], "--subject: "),
         (["history", "--limit", "0"], "--limit"),
         (["history", "--limit", "501"], "--limit"),
         # Path("") is ".": an empty name was "a local directory, nothing to pull".
