@@ -211,13 +211,34 @@ def _multiple_of_16(value: int) -> int:
     return value
 
 
+def _integral(value: object) -> object:
+    # JSON has one number type, and JSON Schema's "integer" is any number with a zero fraction
+    # (JSON Schema Core 2020-12, section 4.2.1): 512.0 is the integer 512 to every schema
+    # published, so to the models too, where strict validation would refuse it as a float. Only
+    # such a float is taken, then bounded as any integer is (1e300 is out of range, not an
+    # error of its own); a bool, a string, a fraction, an infinity or NaN stays refused. A
+    # float is one integer exactly, past 2**53 too: the one JSON's reader made of the text.
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value
+
+
+# Last, so it runs first and the bounds before it stay in the JSON Schema (as ``_UTF8``).
+_INTEGRAL = BeforeValidator(_integral)
 # Checked after the range (pydantic's own multiple_of comes first: 100 would be "a multiple of
 # 16", not "at least 256"), and published in the JSON Schemas as multipleOf all the same.
 Dimension = Annotated[
     int,
     Field(ge=256, le=2048, json_schema_extra={"multipleOf": 16}),
     AfterValidator(_multiple_of_16),
+    _INTEGRAL,
 ]
+# Each integer field's type, bounds inside the annotation (an optional field's own bounds would
+# be checked apart from its integer schema, and published as no JSON Schema keyword).
+Steps = Annotated[int, Field(ge=1, le=MAX_STEPS), _INTEGRAL]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED), _INTEGRAL]
+ObjectSize = Annotated[int, Field(ge=0, le=MAX_OBJECT_BYTES), _INTEGRAL]
+ThumbnailSize = Annotated[int, Field(ge=1), _INTEGRAL]
 
 # The most bytes a stored PNG may take: what render's largest image (2048 x 2048, ``Dimension``)
 # can be at the widest samples PNG has, 16-bit RGBA, 8 bytes a pixel (PNG spec 11.2.2, IHDR):
@@ -259,11 +280,14 @@ def _bounded_object(most: int) -> Callable[[dict[str, Any]], dict[str, Any]]:
     return bounded
 
 
-Metadata = Annotated[dict[str, Any], AfterValidator(_bounded_object(MAX_METADATA_BYTES))]
+# The keys published as maxProperties (their bytes and depth no JSON Schema keyword can say);
+# checked by the validator, whose message names the limit as the others' do.
+_FEW_KEYS = Field(json_schema_extra={"maxProperties": MAX_METADATA_KEYS})
+Metadata = Annotated[dict[str, Any], _FEW_KEYS, AfterValidator(_bounded_object(MAX_METADATA_BYTES))]
 # A plugin's structured context: its keys and strings UTF-8 text, bounded as the metadata is,
 # in more bytes.
 ContributionData = Annotated[
-    dict[str, Any], AfterValidator(_bounded_object(MAX_CONTRIBUTION_DATA_BYTES))
+    dict[str, Any], _FEW_KEYS, AfterValidator(_bounded_object(MAX_CONTRIBUTION_DATA_BYTES))
 ]
 
 
@@ -280,11 +304,12 @@ class _Model(BaseModel):
     # few its stage uses (``Stage.models``, after readiness when it has a warm-up), never the
     # rest, and ``import imagegen.models`` takes half the time.
     # Strict: a value of the wrong JSON type is a 400 naming its field, never converted ("1024"
-    # a width, true a seed, "yes" a flag), on every stage's input as on the request's. Event
-    # data arrives as a mapping parsed from JSON, a plain body as JSON text: pydantic's strict
-    # rules are the same for both here (an integer is still a number for a float field; a
-    # string a Literal's value), but for times, a string in JSON that strict validation of a
-    # mapping refuses: each time field reads it by its own rule first (``ChainTime``).
+    # a width, true a seed, "yes" a flag; 512.0 is JSON's integer 512 all the same, read so by
+    # each integer field: ``_integral``), on every stage's input as on the request's. Event data
+    # arrives as a mapping parsed from JSON, a plain body as JSON text: pydantic's strict rules
+    # are the same for both here (an integer is still a number for a float field; a string a
+    # Literal's value), but for times, a string in JSON that strict validation of a mapping
+    # refuses: each time field reads it by its own rule first (``ChainTime``).
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True, strict=True)
 
 
@@ -383,9 +408,15 @@ MaybeTime = Annotated[datetime | None, BeforeValidator(_time_text), AfterValidat
 # What a prompt may not hold: C0 and C1 control characters (tab, line feed and carriage return
 # aside: they are spaces) and the bidirectional embeddings, overrides and isolates, which
 # reorder what is shown (a file name, a PNG's text) without changing what the model reads.
-PROMPT_REFUSED_CHARACTERS = re.compile(
-    "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]"
+# Written as escapes that Python's re and JSON Schema's ECMA-262 patterns read alike, so that
+# the schemas publish the same characters (``_PROMPT_PATTERN``); a lone surrogate, refused as
+# any text's is (``_UTF8``), is no character a pattern can name.
+_REFUSED_IN_PROMPTS = (
+    r"\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069"
 )
+PROMPT_REFUSED_CHARACTERS = re.compile(f"[{_REFUSED_IN_PROMPTS}]")
+# Published, not checked: prompt_text refuses first, naming the character and where it is.
+_PROMPT_PATTERN = Field(json_schema_extra={"pattern": f"^[^{_REFUSED_IN_PROMPTS}]*$"})
 _PROMPT_SPACES = str.maketrans("\t\n\r", "   ")
 
 
@@ -421,10 +452,14 @@ def _prompt_checked(value: object) -> object:
 
 
 # A prompt of the chain: what enhance wrote, or a direct caller gave.
-WrittenPrompt = Annotated[str, BeforeValidator(_prompt_checked), _UTF8]
+WrittenPrompt = Annotated[str, _PROMPT_PATTERN, BeforeValidator(_prompt_checked), _UTF8]
 # The prompt a request gave, as the chain carries it: bounded as ModelName is, said in characters.
 OriginalPrompt = Annotated[
-    str, StringConstraints(max_length=MAX_PROMPT_CHARS), BeforeValidator(_prompt_checked), _UTF8
+    str,
+    StringConstraints(max_length=MAX_PROMPT_CHARS),
+    _PROMPT_PATTERN,
+    BeforeValidator(_prompt_checked),
+    _UTF8,
 ]
 
 
@@ -440,6 +475,7 @@ class GenerationRequest(_Model):
             # The bound first, in the string's schema (said in characters), on the text as
             # given (as the JSON Schema's maxLength reads it); its edges stripped after.
             StringConstraints(max_length=MAX_PROMPT_CHARS),
+            _PROMPT_PATTERN,
             BeforeValidator(_prompt_rule),
             StringConstraints(strip_whitespace=True),
             _UTF8,
@@ -448,7 +484,7 @@ class GenerationRequest(_Model):
     ) = Field(default=None, description="What to draw. Absent or empty: the enhancer dreams one.")
     width: Dimension = 1024
     height: Dimension = 1024
-    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Default: per model.")
+    steps: Steps | None = Field(default=None, description="Default: per model.")
     guidance: float | None = Field(
         default=None,
         ge=0.0,
@@ -456,7 +492,7 @@ class GenerationRequest(_Model):
         allow_inf_nan=False,
         description="Default: per model.",
     )
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    seed: Seed | None = None
     model: ModelName | None = Field(default=None, description="One of the allowed models.")
     enhance: bool = Field(default=True, description="False: plugins only, no LLM.")
     plugins: list[Text] | None = Field(
@@ -523,9 +559,9 @@ class EnhancedPrompt(_Model):
     model: Text = Field(max_length=MAX_MODEL_CHARS)
     width: Dimension
     height: Dimension
-    steps: int = Field(ge=1, le=MAX_STEPS)
+    steps: Steps
     guidance: float = Field(ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
-    seed: int = Field(ge=0, le=MAX_SEED)
+    seed: Seed
     requested_at: ChainTime
     enhanced_at: MaybeTime = Field(
         default=None,
@@ -567,7 +603,7 @@ class RenderRequest(_Model):
     """
 
     generation_id: GenerationId | None = Field(default=None, description="Default: a new id.")
-    prompt: Annotated[str, BeforeValidator(_prompt_rule), _UTF8] = Field(
+    prompt: Annotated[str, _PROMPT_PATTERN, BeforeValidator(_prompt_rule), _UTF8] = Field(
         min_length=1,
         max_length=MAX_FINAL_PROMPT_CHARS,
         description="What to draw, handed to the model as is.",
@@ -585,7 +621,7 @@ class RenderRequest(_Model):
     model: ModelName | None = Field(default=None, description="Default: the model render serves.")
     width: Dimension = 1024
     height: Dimension = 1024
-    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Default: per model.")
+    steps: Steps | None = Field(default=None, description="Default: per model.")
     guidance: float | None = Field(
         default=None,
         ge=0.0,
@@ -593,9 +629,7 @@ class RenderRequest(_Model):
         allow_inf_nan=False,
         description="Default: per model.",
     )
-    seed: int | None = Field(
-        default=None, ge=0, le=MAX_SEED, description="Default: derived from the generation id."
-    )
+    seed: Seed | None = Field(default=None, description="Default: derived from the generation id.")
     requested_at: MaybeTime = Field(default=None, description="Default: the current time.")
     enhanced_at: MaybeTime = Field(
         default=None, description="When enhance wrote the prompt, if it did."
@@ -639,13 +673,13 @@ class RenderedImage(_Model):
     key: Text = Field(description="Object key relative to the storage root.")
     location: Text = Field(description="URI of the stored PNG (s3://… or file://…).")
     content_type: Literal["image/png"] = "image/png"
-    size: int = Field(ge=0, le=MAX_OBJECT_BYTES)
+    size: ObjectSize
     sha256: Sha256
     width: Dimension
     height: Dimension
-    seed: int = Field(ge=0, le=MAX_SEED)
+    seed: Seed
     model: Text
-    steps: int = Field(ge=1, le=MAX_STEPS)
+    steps: Steps
     guidance: float = Field(ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
     timings: dict[Text, float] = Field(default_factory=dict, description="Seconds per phase.")
     rendered_at: MaybeTime = Field(
@@ -677,11 +711,11 @@ class PersistedImage(_Model):
     )
     metadata_location: Text
     content_type: Literal["image/png"] = "image/png"
-    size: int = Field(ge=0, le=MAX_OBJECT_BYTES)
+    size: ObjectSize
     sha256: Sha256
     width: Dimension
     height: Dimension
-    seed: int = Field(ge=0, le=MAX_SEED)
+    seed: Seed
     model: Text
     prompt: WrittenPrompt
     timings: dict[Text, float] = Field(default_factory=dict)
@@ -718,9 +752,8 @@ class DerivedImage(_Model):
         "and avif:<width>, webp:<width> (each derivative)."
     )
     # Kept so that a lost thumbnail is remade to the same bytes whatever the setting is now.
-    thumbnail_size: int | None = Field(
+    thumbnail_size: ThumbnailSize | None = Field(
         default=None,
-        ge=1,
         description="The longer side, in pixels, that the thumbnail was made no larger than: "
         "its first writer's IMAGEGEN_THUMBNAIL_SIZE; null in a record written before it was "
         "kept (a lost thumbnail is then remade at the current setting).",

@@ -24,6 +24,7 @@ from imagegen.events import (
     short_name,
     source_for,
 )
+from imagegen.identity import GENERATION_ID_PATTERN
 from imagegen.models import GenerationFailed
 from imagegen.stages import Route, Stage
 
@@ -356,14 +357,40 @@ _EXTENSION_ATTRIBUTES = {
 _REQUIRED_ATTRIBUTES = ("specversion", "id", "source", "type")
 
 
-def _attribute_schema(name: str, types: tuple[str, ...] = ()) -> dict[str, Any]:
+_SPACES = r"\u0009-\u000d\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+"""The characters Python's ``str.strip()`` takes off (those ``str.isspace()`` is true of), as a
+character class ECMA-262 patterns read alike (their own ``\\s`` is another set)."""
+
+_ANY_CASE_JSON = "".join(f"[{c.upper()}{c}]" if c.isalpha() else c for c in "application/json")
+_JSON_DATA = rf"^[{_SPACES}]*({_ANY_CASE_JSON}[{_SPACES}]*)?(;[\s\S]*)?$"
+"""A structured event's ``datacontenttype`` as the functions take it (``functions/_binding.py``,
+``_check_envelope``): its media type, before any parameter, ``application/json`` in any case or
+none at all, between spaces; any parameters after it (``; charset=utf-8``)."""
+
+
+def _attribute_schema(
+    name: str, types: tuple[str, ...] = (), *, generation: bool = False
+) -> dict[str, Any]:
+    """The schema of the attribute ``name`` of an event of ``types``; ``generation``: the
+    stage reads ``subject`` as the generation's id, and refuses one that is none."""
     if name == "specversion":
         return {"type": "string", "enum": ["1.0"]}
     if name == "type" and types:
         return {"type": "string", "enum": list(types)}
+    if name == "subject" and generation:
+        # Empty, no generation id either: CloudEvents 1.0.2 ("subject") has it
+        # non-empty where present, though a stage whose data names the id lets it pass.
+        return {"type": "string", "pattern": GENERATION_ID_PATTERN}
     return (
         {"type": "string", "minLength": 1} if name in _REQUIRED_ATTRIBUTES else {"type": "string"}
     )
+
+
+def _reads_generations(stage: Stage) -> bool:
+    """Whether ``stage`` refuses an event whose ``subject`` is no generation id: each stage of
+    an input model reads the generation from it (:func:`~imagegen.identity.identify`); an event
+    sink keeps any subject as it came."""
+    return stage.input_model is not None
 
 
 def _extensions_of(event_types: tuple[str, ...]) -> list[str]:
@@ -404,7 +431,9 @@ def _event_headers(stage: Stage) -> list[dict[str, Any]]:
                 "in": "header",
                 "required": False,
                 "description": described,
-                "schema": _attribute_schema(name, stage.consumes),
+                "schema": _attribute_schema(
+                    name, stage.consumes, generation=_reads_generations(stage)
+                ),
             }
         )
     return parameters
@@ -414,13 +443,21 @@ def _envelope(stage: Stage, data: type[BaseModel] | None) -> dict[str, Any]:
     """A structured-mode event (the JSON event format) of the types ``stage`` takes."""
     if _takes_anything(stage):
         return {}
-    attributes = {name: _attribute_schema(name, stage.consumes) for name in _CONTEXT_ATTRIBUTES}
+    attributes = {
+        name: _attribute_schema(name, stage.consumes, generation=_reads_generations(stage))
+        for name in _CONTEXT_ATTRIBUTES
+    }
     return {
         "type": "object",
         "required": list(_REQUIRED_ATTRIBUTES),
         "properties": {
             **attributes,
-            "datacontenttype": {"type": "string", "enum": ["application/json"]},
+            "datacontenttype": {
+                "type": "string",
+                "pattern": _JSON_DATA,
+                "description": "application/json, in any case and with any parameters "
+                "(application/json; charset=utf-8); none is JSON too.",
+            },
             "data": _ref(data) if data is not None else {"type": "object"},
             "data_base64": {"type": "string", "description": "The data's JSON, in Base64."},
         },
@@ -486,6 +523,8 @@ def _reply_headers(stage: Stage, emitted: tuple[str, str]) -> dict[str, Any]:
         "specversion": {"type": "string", "enum": ["1.0"]},
         "type": {"type": "string", "enum": list(emitted)},
         "source": {"type": "string", "enum": [source_for(stage.name)]},
+        # Only ever a generation's id: one that is none is named by no reply.
+        "subject": _attribute_schema("subject", generation=True),
     }
     when = {
         "subject": " Where the generation is known.",

@@ -80,7 +80,8 @@ def test_each_invalid_field_is_named(field: str, value: object) -> None:
     ("field", "value"),
     [
         ("width", "1024"),
-        ("height", 1024.0),
+        ("height", 1024.5),
+        ("height", float("inf")),
         ("steps", "4"),
         ("seed", True),
         ("seed", "7"),
@@ -362,7 +363,7 @@ WRONG_TYPES = [
         (EnhancedPrompt, JOB, field, value)
         for field, value in [
             ("width", "256"),
-            ("height", 256.0),
+            ("height", 256.5),
             ("steps", "2"),
             ("seed", True),
             ("seed", "5"),
@@ -396,7 +397,8 @@ WRONG_TYPES = [
             ("width", "256"),
             ("seed", "5"),
             ("size", "1000"),
-            ("size", 1000.0),
+            ("size", 1000.5),
+            ("size", float("nan")),
             ("steps", True),
             ("timings", {"render": "1.5"}),
             ("rendered_at", 1765000000),
@@ -440,6 +442,64 @@ def test_a_json_integer_is_a_number_for_every_float_of_the_chain() -> None:
             image = parse_model(RenderedImage, data)
             assert (image.guidance, image.timings) == (1.0, {"render": 2.0})
     assert parse_model(EnhancedPrompt, {**JOB, "guidance": 3}).guidance == 3.0
+
+
+# Each integer field of the chain, written as a number with a zero fraction.
+INTEGRAL_NUMBERS = [
+    (GenerationRequest, {}, "width", 512.0),
+    (GenerationRequest, {}, "height", 1024.0),
+    (GenerationRequest, {}, "steps", 1.0),
+    (GenerationRequest, {}, "seed", 0.0),
+    (GenerationRequest, {}, "seed", 4294967295.0),
+    (RenderRequest, {"prompt": "p"}, "width", 256.0),
+    (RenderRequest, {"prompt": "p"}, "steps", 50.0),
+    (RenderRequest, {"prompt": "p"}, "seed", 7.0),
+    (EnhancedPrompt, JOB, "width", 256.0),
+    (EnhancedPrompt, JOB, "steps", 2.0),
+    (EnhancedPrompt, JOB, "seed", 5e0),
+    (RenderedImage, RENDERED, "size", 1e3),
+    (RenderedImage, RENDERED, "height", 2048.0),
+    (PersistedImage, PERSISTED, "size", 0.0),
+    (PersistedImage, PERSISTED, "seed", 5.0),
+    (DerivedImage, DERIVED, "thumbnail_size", 256.0),
+]
+
+
+@pytest.mark.parametrize(("model", "data", "field", "value"), INTEGRAL_NUMBERS)
+def test_a_number_with_a_zero_fraction_is_an_integer(
+    model: type[BaseModel], data: dict[str, Any], field: str, value: float
+) -> None:
+    """512.0 is the integer 512 to JSON Schema ("type": "integer"), so to every schema the
+    events publish: it is read as 512, from a mapping and from JSON text alike."""
+    for given in ({**data, field: value}, json.dumps({**data, field: value})):
+        read = getattr(parse_model(model, given), field)
+        assert read == value and type(read) is int
+
+
+@pytest.mark.parametrize(
+    ("model", "data", "field", "value", "message"),
+    [
+        (GenerationRequest, {}, "width", 1e300, "less than or equal to 2048"),
+        (GenerationRequest, {}, "width", -1e300, "greater than or equal to 256"),
+        (GenerationRequest, {}, "width", 520.0, "multiple of 16"),
+        (GenerationRequest, {}, "steps", 1e300, "less than or equal to 50"),
+        (GenerationRequest, {}, "seed", 4294967296.0, "less than or equal to 4294967295"),
+        (RenderRequest, {"prompt": "p"}, "seed", 1e300, "less than or equal to 4294967295"),
+        (RenderedImage, RENDERED, "size", 2.0**63, "less than or equal to 9223372036854775807"),
+        (PersistedImage, PERSISTED, "size", 1e300, "less than or equal to 9223372036854775807"),
+        (DerivedImage, DERIVED, "thumbnail_size", 0.0, "greater than or equal to 1"),
+    ],
+)
+def test_a_number_with_a_zero_fraction_is_bounded_as_the_integer_is(
+    model: type[BaseModel], data: dict[str, Any], field: str, value: float, message: str
+) -> None:
+    """1e300 has no fraction either: it is out of range, refused naming the field as 10**300
+    would be; past 2**53 a float is still the one integer it holds exactly (2.0**63 is 2**63)."""
+    for given in ({**data, field: value}, json.dumps({**data, field: value})):
+        with pytest.raises(InvalidRequest) as caught:
+            parse_model(model, given)
+        assert caught.value.fields == [field]
+        assert message in caught.value.errors[0]["message"]
 
 
 @pytest.mark.parametrize(

@@ -8,14 +8,17 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import jsonschema
 import pytest
 from openapi_spec_validator import validate
 
+from functions._binding import parse
 from imagegen import stages
 from imagegen.auth import new_api_key
+from imagegen.errors import ImageGenError
 from imagegen.events import (
     GENERATION_FAILED,
     GENERATION_REQUESTED,
@@ -234,6 +237,105 @@ def test_the_events_of_a_chain_are_documented_both_ways(chain: dict[str, Any]) -
         headers = {k: v for k, v in reply.headers.items() if k.startswith("ce-")}
         headers["content-type"] = reply.headers["content-type"]
     assert {"ce-imagegenmodel", "ce-dataref", "ce-time", "ce-dataschema"} <= sent
+
+
+STRUCTURED = "application/cloudevents+json"
+DATACONTENTTYPES = [
+    "application/json",
+    "Application/JSON; charset=utf-8",
+    " application/json ;",
+    "",
+    ";",
+    "\u2003application/json\x1c",  # spaces to Python's strip(), none to ECMA-262's \\s
+    "application/json\x85",
+    "\ufeffapplication/json",  # a space to ECMA-262's \\s, none to strip()
+    "\u200bapplication/json",
+    "text/plain",
+    "application/json+x",
+    "application/jsonp; charset=utf-8",
+    "application/json x",
+    STRUCTURED,
+]
+SUBJECTS = ["gen-1", "G" * 128, "G" * 129, "bad id", "-gen", "gen.1", "gen/1", "génération"]
+FAILURE = {"stage": "persist", "error": {"code": "x", "message": "no", "retryable": False}}
+
+
+def _refused(reply: httpx.Response) -> bool:
+    """Whether a function refused the event: a 4xx, or a stage's generation.failed reply."""
+    return reply.status_code >= 400 or reply.headers.get("ce-type") == GENERATION_FAILED
+
+
+def test_a_structured_event_s_attributes_are_documented_as_each_function_reads_them(
+    chain: dict[str, Any], tmp_path: Path
+) -> None:
+    """A datacontenttype of JSON in any case, with parameters, is taken, and documented so; a
+    subject that is no generation id is refused where the stage reads the generation from it
+    (enhance, in either mode), and documented so, and kept where it is not (the ledger)."""
+    env = {"IMAGEGEN_LEDGER_URL": str(tmp_path / "ledger.db")}
+    request = {"prompt": "a lake", "enhance": False, "width": 256, "height": 256}
+    with InProcessFunction("ledger", env) as ledger:
+        cases = [
+            (chain["enhance"], GENERATION_REQUESTED, request),
+            (ledger, GENERATION_FAILED, FAILURE),
+        ]
+        for function, event_type, data in cases:
+            doc = function.get("/openapi.json").json()
+            content = doc["paths"]["/"]["post"]["requestBody"]["content"]
+            envelope = jsonschema.Draft202012Validator(
+                {**content[STRUCTURED]["schema"], "components": doc["components"]}
+            )
+            attributes = [("datacontenttype", v) for v in DATACONTENTTYPES]
+            attributes += [("subject", v) for v in SUBJECTS]
+            for name, value in attributes:
+                event = {
+                    "specversion": "1.0",
+                    "type": event_type,
+                    "source": "/tests",
+                    "id": uuid.uuid4().hex,
+                    name: value,
+                    "data": data,
+                }
+                reply = function.post(
+                    "/", content=json.dumps(event), headers={"content-type": STRUCTURED}
+                )
+                said = (function.stage, name, value, reply.status_code, reply.text[:300])
+                assert envelope.is_valid(event) is not _refused(reply), said
+            parameters = {p["name"]: p for p in doc["paths"]["/"]["post"]["parameters"]}
+            header = jsonschema.Draft202012Validator(parameters["ce-subject"]["schema"])
+            for value in SUBJECTS:
+                # A space and what is not ASCII percent-encoded (HTTP binding, 3.1.3.2).
+                sent = quote(value)
+                headers = cloudevent_headers(event_type, subject=sent)
+                reply = function.post("/", headers=headers, json=data)
+                said = (function.stage, "ce-subject", sent, reply.status_code, reply.text[:300])
+                assert header.is_valid(sent) is not _refused(reply), said
+
+
+def test_the_documented_datacontenttype_is_the_one_the_binding_takes() -> None:
+    """Each character up to U+3000 (the last that Python's strip() takes off as a space) and
+    U+FEFF (ECMA-262's \\s has it, strip() does not), around and after application/json:
+    the document's pattern takes the datacontenttype that the functions' binding takes."""
+    doc = json.loads(render_documents()["persist.json"])
+    content = doc["paths"]["/"]["post"]["requestBody"]["content"]
+    schema = content[STRUCTURED]["schema"]["properties"]["datacontenttype"]
+    documented = jsonschema.Draft202012Validator(schema)
+    for code in [*range(0x3001), 0xFEFF]:
+        character = chr(code)
+        for value in (
+            f"{character}application/json{character}",
+            f"{character}Application/Json;{character}",
+            character,
+        ):
+            event = {"specversion": "1.0", "type": "t", "source": "/s", "id": "1"}
+            body = json.dumps({**event, "datacontenttype": value, "data": {}}).encode()
+            try:
+                parse({"Content-Type": STRUCTURED}, body, consumes=())
+            except ImageGenError as exc:
+                assert exc.errors[0]["field"] == "datacontenttype", (value, exc.errors)
+                taken = False
+            else:
+                taken = True
+            assert documented.is_valid(value) is taken, ascii(value)
 
 
 def test_a_png_answer_declares_its_headers(chain: dict[str, Any]) -> None:
