@@ -38,6 +38,8 @@ from _binding import (
     trace_carrier,
 )
 from opentelemetry import context as otel_context
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import WebsocketMismatch
 
 from imagegen.auth.oidc import KeyNotFetched
 from imagegen.errors import (
@@ -513,10 +515,14 @@ class Function:
         try:
             # 1. Read the body within MAX_BODY_BYTES: the sink (a stage that consumes any event
             #    and takes its data as it comes) keeps what fits and marks the rest cut; every
-            #    other stage refuses more (the rest is left unread: `_unread_body_left`).
+            #    other stage refuses more, and a Content-Length that says more before reading
+            #    any (the rest is left unread: `_unread_body_left`).
+            sink = stage.input_model is None and not stage.consumes  # it takes anything
+            if not sink and (request.content_length or 0) > MAX_BODY_BYTES:
+                raise _too_large()
             body = _read_body(request)
             cut, headers = len(body) > MAX_BODY_BYTES, dict(request.headers)
-            if stage.input_model is None and not stage.consumes:  # the sink takes anything
+            if sink:
                 message = parse_leniently(headers, body[:MAX_BODY_BYTES], truncated=cut)
                 data: Any = message.data
                 # The generation it names, as its record does (the subject, else the data's),
@@ -528,10 +534,7 @@ class Function:
                 self._check_ready()
                 call = Call(attributes=message.attributes, headers=message.headers, raw=message.raw)
             elif cut:
-                raise PayloadTooLarge(
-                    f"the body is larger than {MAX_BODY_BYTES} bytes",
-                    errors=[{"field": "body", "message": f"larger than {MAX_BODY_BYTES} bytes"}],
-                )
+                raise _too_large()
             else:
                 # 2. Check the data; the event names the generation before the data is valid.
                 message = parse(headers, body, consumes=stage.consumes)
@@ -602,6 +605,11 @@ class Function:
             try:
                 self._check_ready()
                 query = None
+                if "" in request.args:  # `?=1`: a value no parameter's name can claim
+                    raise InvalidRequest(
+                        "a query parameter has no name",
+                        errors=[{"field": "query", "message": "a parameter has no name"}],
+                    )
                 repeated = [name for name, values in request.args.lists() if len(values) > 1]
                 if repeated:  # never one of them silently: which one the caller meant is unknown
                     raise InvalidRequest(
@@ -743,21 +751,43 @@ def _read_body(request: flask.Request) -> bytes:
     Raises:
         InvalidRequest: naming ``body`` when the server cannot read it: a malformed chunk, a
             client that hung up mid-body (gunicorn raises its own ``ParseException`` kinds
-            and ``NoMoreData``; werkzeug's server its own): the request's fault, not ours.
+            and ``NoMoreData`` for a chunked body; werkzeug's server its own), or one that
+            ended before its ``Content-Length`` did: the request's fault, not ours.
     """
+    declared = request.content_length
+    wanted = MAX_BODY_BYTES + 1 if declared is None else min(declared, MAX_BODY_BYTES + 1)
+    parts: list[bytes] = []
+    got = 0
     try:
-        body = request.stream.read(MAX_BODY_BYTES + 1)
+        # Read until nothing more comes: a read stops short at the body's end, and at the
+        # connection's too, where a client hung up before its Content-Length's end (gunicorn's
+        # LengthReader hands over what came as if it were the whole body).
+        while got < wanted and (part := request.stream.read(wanted - got)):
+            parts.append(part)
+            got += len(part)
     except Exception as exc:
         reason = type(exc).__name__
         if (text := first_line(exc)) != reason:
             reason += f": {text}"
-        raise InvalidRequest(
-            f"the body could not be read ({reason})",
-            errors=[{"field": "body", "message": "could not be read"}],
-        ) from None
-    if len(body) <= MAX_BODY_BYTES:  # gunicorn's read stops short only at the body's end
+        raise _unreadable(f"the body could not be read ({reason})") from None
+    if declared is not None and got < wanted:
+        raise _unreadable(
+            f"the body ended after {got} of the {declared} bytes its Content-Length gives"
+        )
+    if got <= MAX_BODY_BYTES:  # read to its end
         request.environ[_BODY_READ] = True
-    return body
+    return b"".join(parts)
+
+
+def _unreadable(message: str) -> InvalidRequest:
+    return InvalidRequest(message, errors=[{"field": "body", "message": "could not be read"}])
+
+
+def _too_large() -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"the body is larger than {MAX_BODY_BYTES} bytes",
+        errors=[{"field": "body", "message": f"larger than {MAX_BODY_BYTES} bytes"}],
+    )
 
 
 def _unread_body_left(response: flask.Response) -> flask.Response:
@@ -819,14 +849,44 @@ def entry_point(name: str) -> Any:
 
     serve.__name__ = serve.__qualname__ = name
     if flask.has_app_context():  # functions-framework's create_app imports this module in one
+        app = flask.current_app
+
         # Its _configure_app, run after the import, answers /robots.txt and /favicon.ico with
         # a view of its own (endpoint "error": flask.abort(404), an HTML page); that 404 goes
         # through the app's error handlers, and then answers as any unknown path: JSON.
-        def not_found(_: Exception) -> flask.Response:
+        # A request asking to switch to WebSocket (`Connection: Upgrade`, `Upgrade:
+        # websocket`) is matched by werkzeug's router against WebSocket rules alone; it finds
+        # none among functions-framework's and raises WebsocketMismatch, its HTML 400, before
+        # any view. No function speaks WebSocket, and a server may ignore an Upgrade (RFC 9110,
+        # section 7.8): it is served as the same request without one.
+        def served(_: Exception) -> flask.Response:
             return serve(flask.request)
 
-        flask.current_app.register_error_handler(404, not_found)
+        app.register_error_handler(404, served)
+        app.register_error_handler(WebsocketMismatch, served)
+        # Any other error werkzeug or Flask would answer with a page of their own, and a bug
+        # that escapes ``serve``, which functions-framework's 500 handler answers as text
+        # (its ``crash_handler``): JSON too.
+        app.register_error_handler(HTTPException, _http_error)
+        app.register_error_handler(500, _http_error)
     return serve
+
+
+def _http_error(exc: HTTPException) -> flask.Response:
+    """An error werkzeug or Flask raised (an ``abort``, a routing error), as the functions'
+    JSON: its status and headers kept (a 405's ``Allow``), its name and description said."""
+    flask.after_this_request(_unread_body_left)
+    status = exc.code or 500
+    error: ImageGenError
+    if status >= 500:
+        error = InternalError("internal error; see the function's logs")
+    else:
+        error = InvalidRequest(
+            f"{exc.name}: {exc.description}", errors=[{"field": "request", "message": exc.name}]
+        )
+    headers = [(k, v) for k, v in exc.get_headers() if k.lower() != "content-type"]
+    reply = json_reply(error.to_dict(), status, dict(headers))
+    return flask.Response(reply.body, reply.status, dict(reply.headers))
 
 
 _process.loaded()  # last: everything a function imports has been imported above

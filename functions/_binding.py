@@ -240,6 +240,13 @@ def parse(headers: Mapping[str, str], body: bytes, *, consumes: tuple[str, ...])
         # SDK hands over as JSON text (cloudevents/sdk/event/base.py: UnmarshalJSON), or
         # "data_base64", decoded to bytes. Each is parsed once: a JSON string stays a string.
         where = "data" if structured else "body"
+        if structured and "data" in envelope and envelope["data"] is None:
+            # JSON event format, section 3.1.1 (cloudevents/spec, formats/json-format.md):
+            # "the `data` member MAY have a value of `null`, representing an explicit `null`
+            # payload as distinct from the absence of the `data` member". Data, and no object,
+            # as binary mode's body `null` is; an envelope without `data` is an event without
+            # data, as binary mode's empty body is.
+            raise _invalid("data", "must be a JSON object, not null")
         data = event.get_data()
         if isinstance(data, str):
             data = loads(data, field="data")

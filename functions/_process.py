@@ -201,39 +201,39 @@ else:
     gunicorn.config.PostWorkerInit.default = staticmethod(post_worker_init)
 
 
-# The attributes of a binary-mode event, each one value: repeated, gunicorn would join them
-# with commas into one the sender never meant (gunicorn/http/wsgi.py, a WSGI environ holds one
-# value per name), where sdk-go takes the first (v2/protocol/http/message.go, ReadBinary:
-# ``v[0]``): one message, two events. CloudEvents 1.0's context attributes, and those of its
-# distributed tracing extension.
-_SINGLE_VALUED = frozenset(
-    f"CE-{name}"
-    for name in (
-        "ID",
-        "SOURCE",
-        "SPECVERSION",
-        "TYPE",
-        "DATACONTENTTYPE",
-        "DATASCHEMA",
-        "SUBJECT",
-        "TIME",
-        "TRACEPARENT",
-        "TRACESTATE",
-    )
-)
+class _EventAttributeFields(frozenset[str]):
+    """gunicorn's header names that may come once (upper-cased, as it compares them), and
+    every ``CE-*`` name besides: each binary-mode attribute, extensions included, is one value.
+
+    Repeated, gunicorn would join a header's values with commas into one the sender never meant
+    (gunicorn/http/wsgi.py, ``create``: a WSGI environ holds one value per name), where sdk-go
+    takes the first (v2/protocol/http/message.go, ReadBinary: ``v[0]``): one message, two
+    events. The names are compared as gunicorn upper-cases them, so ``ce-Foo`` repeats
+    ``CE-FOO``.
+    """
+
+    def __contains__(self, name: object) -> bool:
+        return (isinstance(name, str) and name.startswith("CE-")) or super().__contains__(name)
 
 
 def refuse_repeated_event_attributes() -> None:
-    """Have gunicorn refuse a request that repeats a ``ce-*`` attribute's header, as it refuses
-    a repeated ``Host`` or ``Content-Type`` (RFC 9110, section 5.3): a 400 naming the header,
-    written by :func:`_refusal`. A no-op where gunicorn has no such rule (before 23.0)."""
+    """Have gunicorn refuse a request that repeats a ``ce-*`` header, as it refuses a repeated
+    ``Host`` or ``Content-Type`` (RFC 9110, section 5.3): a 400 naming the header, written by
+    :func:`_refusal`. A no-op where gunicorn has no such rule (before 23.0).
+
+    gunicorn checks each header of a request against ``RFC9110_5_3_SINGLETON_FIELDS`` as it
+    parses it, by HTTP/1.1 and HTTP/2 alike (gunicorn/http/message.py,
+    ``_apply_header_policy``): the one place where a request's headers are still a list, before
+    the environ joins them. Flask's development server (``--debug``) joins them as it builds
+    the environ, and has no such place.
+    """
     try:
         from gunicorn.http import message
     except ImportError:
         return
     singletons = getattr(message, "RFC9110_5_3_SINGLETON_FIELDS", None)
     if isinstance(singletons, frozenset):
-        message.RFC9110_5_3_SINGLETON_FIELDS = singletons | _SINGLE_VALUED
+        message.RFC9110_5_3_SINGLETON_FIELDS = _EventAttributeFields(singletons)
 
 
 def loaded() -> None:
