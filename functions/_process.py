@@ -133,6 +133,15 @@ else:
     # start, and the functions on one host would share the one path. Off, where it exists.
     if hasattr(gunicorn.config, "ControlSocketDisable"):
         gunicorn.config.ControlSocketDisable.default = True
+    # Each worker's heartbeat is a temporary file (gunicorn/workers/workertmp.py: mkstemp in
+    # ``worker_tmp_dir``, else the system's temporary directory): on a read-only root file
+    # system without a volume at /tmp no worker could start. /dev/shm is a writable tmpfs in
+    # every container, and where gunicorn's own docs point a container's heartbeats (faq.rst,
+    # "Blocking os.fchmod"); the system's directory where it is not there to write.
+    # A shared directory is safe here: mkstemp opens a random name with O_EXCL.
+    heartbeats = "/dev/shm"  # noqa: S108
+    if os.access(heartbeats, os.W_OK | os.X_OK):
+        gunicorn.config.WorkerTmpDir.default = heartbeats
 
     def quit_once(worker: Any) -> None:
         """Have ``worker``'s SIGQUIT/SIGINT handler run once: a second signal while it runs

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import importlib
 import json
+import os
 import signal
 import socket
 import sys
@@ -693,3 +694,18 @@ def test_the_server_opens_no_control_socket(start_server: StartServer, tmp_path:
     assert list(runtime.iterdir()) == []
     errors = [r for server in (shared, unwritable) for r in server.log_records()]
     assert [r["message"] for r in errors if r.get("level") == "ERROR"] == []
+
+
+def test_a_worker_s_heartbeat_is_kept_off_the_root_file_system(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """gunicorn's worker heartbeat, a file it opens and unlinks, goes to /dev/shm (a tmpfs in
+    every container), not /tmp: with a read-only root file system no worker would start."""
+    server = start_server("persist", base_env(tmp_path / "store"))
+    server.wait("/readyz")
+
+    fds = Path(f"/proc/{server.worker()}/fd")
+    opened = [os.readlink(fd) for fd in fds.iterdir() if fd.is_symlink()]
+    heartbeats = [target for target in opened if "wgunicorn-" in target]
+    assert len(heartbeats) == 1
+    assert heartbeats[0].startswith("/dev/shm/wgunicorn-"), heartbeats
