@@ -34,6 +34,7 @@ from imagegen.ledger._statements import (
     UPSERT_GENERATION,
     upsert_params,
 )
+from imagegen.ledger._text import as_received
 from imagegen.ledger.fold import (
     CHAIN_ORDER,
     STAGE_COLUMNS,
@@ -55,6 +56,7 @@ from imagegen.ledger.models import (
     TimelineEntry,
     WebhookMessage,
 )
+from imagegen.ledger.webhooks import receiver
 
 __all__ = [
     "AFTER",
@@ -268,6 +270,7 @@ class SqlLedger(ABC):
             "time_attribute": utc(event.time) if event.time else None,
             "recorded_at": now,
             "data": event.data,
+            "received": as_received(event.data),
         }
         if change is None:
             with self._writing(deadline) as db:
@@ -457,8 +460,14 @@ class SqlLedger(ABC):
             yield self._event(row)
 
     def _event(self, row: dict[str, Any]) -> LedgerEvent:
+        fields = {k: v for k, v in row.items() if k != "seq"}
         try:
-            return _model(LedgerEvent, {k: v for k, v in row.items() if k != "seq"})
+            if fields.get("received") is not None:  # text, JSON's: not a JSON column's value
+                try:
+                    fields["received"] = json.loads(fields["received"])
+                except ValueError:
+                    raise _UnreadableRow(["received"]) from None
+            return _model(LedgerEvent, fields)
         except _UnreadableRow as exc:
             raise self._unreadable(f"event {row['source']} {row['id']}", exc) from None
 
@@ -588,33 +597,41 @@ class SqlLedger(ABC):
         with self.transaction() as db:
             # SQLite: the transaction holds the database's write lock from its start (BEGIN
             # IMMEDIATE), so the receivers read here stay the ones being sent to until it ends.
+            # Reckoned from the URLs, not read from the marks: a mark a replica of an older
+            # release wrote may name its receiver otherwise (:func:`_receiver`).
             taken = {
-                row["receiver"]
+                _receiver(row["url"])
                 for row in db.query(
-                    "SELECT DISTINCT receiver FROM webhook_deliveries "
-                    "WHERE sending_until > :now AND receiver IS NOT NULL",
+                    "SELECT DISTINCT url FROM webhook_deliveries WHERE sending_until > :now",
                     {"now": now},
                 )
             }
             while len(picked) < limit:
                 want = limit - len(picked)
-                # The receivers taken so far left out by the database, so each round finds at
-                # least one more (a row's receiver is a prefix of its URL, also where a row
-                # written before migration 0009 has none), and the due messages of a receiver
-                # being sent to are never read, however many wait.
+                # The receivers taken so far left out by the database, so the due messages of
+                # a receiver being sent to are not read, however many wait. A row whose key is
+                # none or not this release's (written before migration 0009, or by an older
+                # release) is read once, and its key written: each round then leaves out every
+                # row read before it, and finds at least one more.
                 skip = sorted(taken)
                 params: dict[str, Any] = {"now": now, "limit": want}
-                for n, prefix in enumerate(skip):
-                    params[f"p{n}"], params[f"n{n}"] = prefix, len(prefix)
+                params.update({f"r{n}": key for n, key in enumerate(skip)})
+                left_out = ", ".join(f":r{n}" for n in range(len(skip)))
                 rows = db.query(
-                    "SELECT msg_id, url FROM webhook_deliveries "  # noqa: S608 - fixed parts
+                    "SELECT msg_id, url, receiver FROM webhook_deliveries "  # noqa: S608
                     f"WHERE state = 'pending' AND next_attempt_at <= :now AND {_NOT_BEFORE_START}"
-                    + "".join(f" AND substr(url, 1, :n{n}) <> :p{n}" for n in range(len(skip)))
+                    + (f" AND (receiver IS NULL OR receiver NOT IN ({left_out}))" if skip else "")
                     + f" ORDER BY next_attempt_at, msg_id LIMIT :limit{self.skip_locked}",
                     params,
                 )
                 for row in rows:
                     to = _receiver(row["url"])
+                    if row["receiver"] != to:
+                        db.run(
+                            "UPDATE webhook_deliveries SET receiver = :receiver "
+                            "WHERE msg_id = :msg_id",
+                            {"msg_id": row["msg_id"], "receiver": to},
+                        )
                     if to in taken or len(picked) == limit:
                         continue
                     taken.add(to)  # taken by this claim, or by another: left out either way
@@ -778,15 +795,19 @@ _RECEIVER_LOCKS = 0x696D6772
 
 
 def _receiver(url: str) -> str:
-    """Who a webhook message goes to: its URL up to its path, the path's ``/`` included
-    (scheme, host and port; a request's webhook is kept as pydantic writes an http(s) URL,
-    its host in lower case and its path at least ``/``)."""
-    scheme, separator, rest = url.partition("://")
-    ends = [at for at in (rest.find(mark) for mark in "/?#") if at >= 0]
-    if not separator or not ends:
+    """The key of the receiver a webhook message goes to (:func:`~.webhooks.receiver`), by
+    which claims find the receivers being sent to (the ``receiver`` column) and lock one
+    (PostgreSQL's advisory locks).
+
+    With a ``/`` after it: the key of a URL with no user-info and a host with no trailing dot
+    is then the one the release before wrote (the URL up to its path's ``/``), so a replica of
+    either, during a rolling update, sees the other's marks and locks. A key that release
+    wrote otherwise is mended when a claim reads its row (:meth:`SqlLedger.claim_deliveries`).
+    """
+    try:
+        return receiver(url) + "/"
+    except ValueError:  # no URL pydantic wrote: a receiver of its own, refused when sent
         return url
-    end = min(ends)
-    return url[: len(scheme) + len(separator) + end + (rest[end] == "/")]
 
 
 def _checked(row: dict[str, Any]) -> dict[str, Any]:

@@ -146,11 +146,14 @@ UPSERT_GENERATION = f"{_INTO}VALUES ({_ROW}) {_ON_CONFLICT} RETURNING *"
 # without a target has every unique index for its arbiter (PostgreSQL's INSERT, "ON CONFLICT
 # Clause"; SQLite's "upsert" page: the last ON CONFLICT clause may omit it). ledger_events has
 # no other unique index than its seq, which the insert never sets.
+# received: the data as it came, where it held text the databases store otherwise (migration
+# 0010, _text.as_received); NULL where data is it. A replica older than 0010 inserts none.
 INSERT_EVENT = (
     "INSERT INTO ledger_events "
-    "(source, id, type, subject, generation_id, time, time_attribute, recorded_at, data) "
+    "(source, id, type, subject, generation_id, time, time_attribute, recorded_at, data, "
+    "received) "
     "VALUES (:source, :id, :type, :subject, :generation_id, :time, :time_attribute, "
-    ":recorded_at, :data) "
+    ":recorded_at, :data, :received) "
     "ON CONFLICT DO NOTHING RETURNING seq"
 )
 # Both as one statement, one round trip (PostgreSQL: SQLite has no INSERT inside WITH). The

@@ -64,6 +64,18 @@ class LedgerEvent(_View):
     data: dict[str, Any] = Field(default_factory=dict)
     generation_id: str | None = Field(default=None, description="Set when recorded.")
     recorded_at: datetime | None = Field(default=None, description="Set when recorded.")
+    received: dict[str, Any] | None = Field(
+        default=None,
+        description=(
+            "Set when recorded, where data held a NUL or a lone surrogate, which the ledger "
+            "stores as U+FFFD in data: the data as it came, which replay judges and sends."
+        ),
+    )
+
+    @property
+    def data_as_received(self) -> dict[str, Any]:
+        """``data`` as its producer sent it (:attr:`received`, else ``data`` itself)."""
+        return self.data if self.received is None else self.received
 
 
 class IngestResult(_View):

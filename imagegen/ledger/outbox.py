@@ -45,7 +45,6 @@ import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
-from urllib.parse import urlsplit
 
 import httpx
 from tenacity import (
@@ -60,7 +59,7 @@ from tenacity import (
 from imagegen.errors import ImageGenError
 from imagegen.ledger.models import Delivery
 from imagegen.ledger.store import Ledger
-from imagegen.ledger.webhooks import WebhookFailed, WebhookRefused, WebhookSender
+from imagegen.ledger.webhooks import WebhookFailed, WebhookRefused, WebhookSender, receiver
 from imagegen.telemetry import instruments, observe
 
 __all__ = ["OUTCOMES", "Dispatcher", "backlog"]
@@ -375,16 +374,12 @@ def _stop_at_exit(dispatcher: Dispatcher) -> None:
 
 
 def _receiver(url: str) -> str:
-    """Who a message goes to, fit for a log line: ``scheme://host[:port]``, the path, query and
-    user-info (any of which may hold the caller's token) left out."""
+    """Who a message goes to, fit for a log line (:func:`~.webhooks.receiver`: never the
+    path, query or user-info, any of which may hold the caller's token)."""
     try:
-        parts = urlsplit(url)
-        host, port = parts.hostname or "", parts.port
+        return receiver(url)
     except ValueError:  # an unbalanced IPv6 bracket, a port out of range: nothing to trust
         return "***"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
 
 
 def _worth_another_try(exc: BaseException) -> bool:

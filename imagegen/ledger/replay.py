@@ -6,7 +6,10 @@ pixels and, since the PNG records only render parameters, the same bytes. From `
 the recorded request runs through enhancement again, at its original time.
 
 A recorded event that does not validate (the ledger records invalid requests too: enhance
-fails them under the same id) cannot be replayed: a 409 naming what is wrong with it.
+fails them under the same id) cannot be replayed: a 409 naming what is wrong with it. Each is
+judged and sent as it came (:attr:`~imagegen.ledger.models.LedgerEvent.data_as_received`), not
+as the ledger stores its text: a NUL or a lone surrogate, stored as U+FFFD, is not made valid
+by it, nor replayed as U+FFFD.
 """
 
 from __future__ import annotations
@@ -65,10 +68,10 @@ def _validates(model: type[BaseModel], data: dict[str, Any]) -> bool:
 
 
 def _recorded(ledger: Ledger, generation_id: str, *types: str) -> tuple[str, dict[str, Any]]:
-    """The type and data of the event of ``types`` to replay: the ``generation.requested`` the
-    generation's row describes, the first valid one recorded (another naming the same
-    generation later, from another source, changes nothing of it), else the latest in time
-    (the last job written).
+    """The type and data (as it came) of the event of ``types`` to replay: the
+    ``generation.requested`` the generation's row describes, the first valid one recorded
+    (another naming the same generation later, from another source, changes nothing of it),
+    else the latest in time (the last job written).
 
     A request whose data is invalid is replayed only where no valid one is recorded (a 409):
     the row names one where it was recorded first and a valid request's job described the
@@ -81,13 +84,15 @@ def _recorded(ledger: Ledger, generation_id: str, *types: str) -> tuple[str, dic
             for event in ledger.generation_events(generation_id, order="recorded")
             if event.type == GENERATION_REQUESTED
         ]
-        valid = [event for event in requests if _validates(GenerationRequest, event.data)]
+        valid = [
+            event for event in requests if _validates(GenerationRequest, event.data_as_received)
+        ]
         candidates = valid or requests
     else:
         candidates = list(reversed(ledger.generation_events(generation_id)))
     for event in candidates:
         if event.type in types:
-            return event.type, event.data
+            return event.type, event.data_as_received
     names = " or ".join(short_name(t) for t in types)
     message = f"generation {generation_id!r} has no recorded {names} event to replay"
     if GENERATION_REQUESTED not in types and any(

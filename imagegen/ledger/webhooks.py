@@ -52,6 +52,7 @@ __all__ = [
     "WebhookGone",
     "WebhookRefused",
     "WebhookSender",
+    "receiver",
     "retry_after",
     "sign",
 ]
@@ -153,6 +154,40 @@ def _key(secret: str) -> bytes:
         ) from None
 
 
+# The port an http(s) URL reaches when it names none.
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _host_name(name: str) -> str:
+    """A host name as it is resolved and compared: in lower case, without the trailing dots
+    that make a DNS name fully qualified (``example.com.`` is ``example.com``)."""
+    return name.lower().rstrip(".")
+
+
+def receiver(url: str) -> str:
+    """Who a webhook message goes to, as the sender reaches it: ``scheme://host[:port]``.
+
+    The scheme and host in lower case, the host as :func:`_host_name` has it (an IPv6 address
+    in brackets), the port only where it is not the scheme's own (80, 443); never the
+    user-info, path, query or fragment, which do not change where a message goes (and may
+    hold the caller's token). One receiver is sent one message at a time, and a log line
+    names it so.
+
+    Raises:
+        ValueError: ``url`` is no http(s) URL with a host, or its port or IPv6 brackets are
+            malformed.
+    """
+    parts = urlsplit(url)
+    port = parts.port  # ValueError: out of range, or no number
+    host = _host_name(parts.hostname or "")
+    if parts.scheme not in _DEFAULT_PORTS or not host:
+        raise ValueError("not an http(s) URL with a host")
+    if ":" in host:
+        host = f"[{host}]"
+    named = f"{parts.scheme}://{host}"
+    return named if port in (None, _DEFAULT_PORTS[parts.scheme]) else f"{named}:{port}"
+
+
 def sign(secrets: Sequence[str], msg_id: str, timestamp: int, body: str) -> str:
     """The ``webhook-signature`` header: one ``v1,<base64>`` per secret, space-separated."""
     content = f"{msg_id}.{timestamp}.{body}".encode()
@@ -187,7 +222,7 @@ class AddressPolicy:
 
     @property
     def hosts(self) -> frozenset[str]:
-        return frozenset(e.lower().rstrip(".") for e in self.allowed if not _is_network(e))
+        return frozenset(_host_name(e) for e in self.allowed if not _is_network(e))
 
     def vet(self, url: str, *, timeout: float | None = None) -> tuple[httpx.URL, list[IPAddress]]:
         """The URL and the addresses to send to, in the resolver's order, each one allowed.
@@ -202,10 +237,10 @@ class AddressPolicy:
             WebhookFailed: the host does not resolve, or not within ``timeout``.
         """
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
             raise WebhookRefused(f"webhook URL must be http(s) with a host: {url!r}")
-        host = parts.hostname.lower().rstrip(".")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        host = _host_name(parts.hostname)
+        port = parts.port or _DEFAULT_PORTS[parts.scheme]
         # Not a name DNS can carry (an empty label, one over 63 characters, a name over 253):
         # no retry can help.
         unusable = WebhookRefused(f"webhook host {host[:100]!r} is not a valid host name")

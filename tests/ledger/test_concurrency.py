@@ -227,6 +227,7 @@ def test_of_two_requests_recorded_at_once_replay_sends_the_one_the_row_took(
             "time": change.at,
             "time_attribute": second.time,
             "recorded_at": now,
+            "received": None,
         }
         db.query(
             RECORD,

@@ -315,6 +315,7 @@ def test_migrations_run_once_and_reopening_keeps_the_rows(ledger_url: str) -> No
             {"version": 7, "name": "time_attribute"},
             {"version": 8, "name": "request_event"},
             {"version": 9, "name": "receiver_lease"},
+            {"version": 10, "name": "received_data"},
         ]
     finally:
         second.close()

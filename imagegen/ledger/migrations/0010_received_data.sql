@@ -1,0 +1,12 @@
+-- An event's data as it came, where it held text neither database stores as it is: a NUL
+-- (PostgreSQL's text and jsonb refuse it) or a lone surrogate (no UTF-8 holds one, JSON's
+-- "\ud800" escape makes one). `data` holds such a character as U+FFFD (_text.storable), so
+-- that both databases record the event and answer alike; this column holds the data as JSON
+-- text with every character past ASCII escaped (_text.as_received), which both hold as it is.
+-- Replay judges and sends an event as it came: a request whose prompt was a lone surrogate,
+-- which enhance refused, is not replayed as a valid request for U+FFFD.
+--
+-- NULL where the data held no such character, in the rows recorded before this migration
+-- (replayed as stored, as before), and in those a replica older than it inserts during a
+-- rolling update.
+ALTER TABLE ledger_events ADD COLUMN received TEXT;
