@@ -39,6 +39,7 @@ __all__ = [
     "make_thumbnail",
     "parse_name",
     "pixel_data_fault",
+    "unreadable_chunk",
     "unshowable",
 ]
 
@@ -161,6 +162,8 @@ def decode_pixels(png: bytes, *, size: tuple[int, int] | None = None) -> Image.I
             one too large to decode (a decompression bomb): the same bytes fail alike at every
             delivery, so the event can never succeed.
     """
+    if (why := unreadable_chunk(png)) is not None:
+        raise _undecodable(why)
     try:
         with Image.open(io.BytesIO(png), formats=("PNG",)) as opened:
             width, height = opened.size
@@ -190,7 +193,8 @@ def decode_pixels(png: bytes, *, size: tuple[int, int] | None = None) -> Image.I
 @dataclass(frozen=True)
 class _Header:
     """What Pillow does not tell of a PNG: its IHDR fields, its ``cICP`` chunk's data, whether
-    it has an ``acTL`` chunk, and where its first IDAT chunk starts."""
+    it has an ``acTL`` chunk and a ``PLTE`` chunk before its pixels, and where its first IDAT
+    chunk starts."""
 
     width: int
     height: int
@@ -201,6 +205,7 @@ class _Header:
     interlace: int
     cicp: bytes | None
     animated: bool
+    palette: bool
     pixels_at: int
 
     @property
@@ -221,7 +226,7 @@ def _header(png: bytes) -> _Header:
         ">IIBBBBB", png, 16
     )
     cicp: bytes | None = None
-    animated = False
+    animated = palette = False
     at = 8
     while at + 8 <= len(png):
         length, kind = struct.unpack_from(">I4s", png, at)
@@ -230,6 +235,7 @@ def _header(png: bytes) -> _Header:
         if kind == b"cICP" and cicp is None:
             cicp = png[at + 8 : at + 8 + length]
         animated = animated or kind == b"acTL"
+        palette = palette or kind == b"PLTE"
         at += 12 + length
     return _Header(
         width=width,
@@ -241,6 +247,7 @@ def _header(png: bytes) -> _Header:
         interlace=interlace,
         cicp=cicp,
         animated=animated,
+        palette=palette,
         pixels_at=at,
     )
 
@@ -256,8 +263,13 @@ def unshowable(png: bytes, opened: Image.Image) -> str | None:
     """Why ``png`` (opened by Pillow, not loaded) cannot be shown as a browser shows it, or
     None: persist refuses such a PNG, which derive would fail for good, before its record.
 
-    Three cases, none of which render writes (8-bit RGB, no ``tRNS``, no ``cICP``, one image):
+    Four cases, none of which render writes (8-bit RGB, no ``tRNS``, no ``cICP``, one image):
 
+    - A palette PNG (colour type 3) without a ``PLTE`` chunk before its first IDAT, which PNG
+      requires (PNG spec 5.6, 11.2.3): libpng refuses it ("Missing PLTE before IDAT"), and so
+      does a browser; Pillow makes up a grey palette. A ``PLTE`` in a grey PNG (colour types
+      0 and 4), which PNG forbids, libpng only warns of and ignores ("ignored in grayscale
+      PNG"), as Pillow does: it is taken.
     - 16-bit truecolour with a ``tRNS`` colour. A pixel is transparent only where all 16 bits
       of each sample equal the key's (PNG spec 11.3.2.1), but Pillow reads 16-bit RGB as
       8-bit, keeping each sample's high byte (``"RGB;16B"`` in PngImagePlugin's ``_MODES``),
@@ -273,6 +285,8 @@ def unshowable(png: bytes, opened: Image.Image) -> str | None:
       being asked for frames, and the only one a derivative would show).
     """
     header = _header(png)
+    if header.colour_type == 3 and not header.palette:
+        return "a palette PNG without a PLTE chunk before its pixel data, which libpng refuses"
     if header.animated:
         return "an animated PNG (acTL), whose frames a derivative cannot show"
     if header.colour_type == 2 and header.depth == 16 and "transparency" in opened.info:
@@ -282,6 +296,81 @@ def unshowable(png: bytes, opened: Image.Image) -> str | None:
     ):
         return "a PNG whose cICP chunk gives a colour space other than sRGB"
     return None
+
+
+def unreadable_chunk(png: bytes) -> str | None:
+    """Why Pillow cannot read an ancillary chunk of ``png``, or None: persist refuses such a
+    PNG, which derive would fail for good, before its record, and derive before decoding.
+
+    Pillow inflates at most ``PngImagePlugin.MAX_TEXT_CHUNK`` (1 MiB) of a ``zTXt``, ``iTXt``
+    or ``iCCP`` chunk and keeps at most ``MAX_TEXT_MEMORY`` (64 MiB) of text in all, and
+    refuses to open a PNG past either (after the pixel data: to load it). libpng reads such a
+    chunk (up to 8 MB, its ``PNG_USER_CHUNK_MALLOC_MAX``) or skips it, and browsers show the
+    image; this decoder cannot, so it is refused, said as such. Each chunk up to IEND is
+    looked at as Pillow reads it (``chunk_zTXt``, ``chunk_iTXt``, ``chunk_iCCP``,
+    ``chunk_tEXt``): no stream is inflated past the limit, nor text past the memory's.
+    """
+    from PIL import PngImagePlugin
+
+    limit, memory = PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY
+    text = 0
+    at = 8
+    while at + 8 <= len(png):
+        length, kind = struct.unpack_from(">I4s", png, at)
+        if kind == b"IEND":
+            break
+        if kind in (b"tEXt", b"zTXt", b"iTXt", b"iCCP"):
+            read = _chunk_text(kind, png[at + 8 : at + 8 + length], limit)
+            if read is None:
+                return (
+                    f"a PNG whose {kind.decode()} chunk inflates to more than {limit:,} bytes,"
+                    " more than the decoder here reads"
+                )
+            text += read
+            if text > memory:
+                return (
+                    f"a PNG whose text chunks hold more than {memory:,} characters, more than"
+                    " the decoder here reads"
+                )
+        at += 12 + length
+    return None
+
+
+def _chunk_text(kind: bytes, data: bytes, limit: int) -> int | None:
+    """The characters of text Pillow keeps of a ``kind`` chunk of ``data`` (none of a profile),
+    or None when its compressed part inflates to more than ``limit`` bytes."""
+
+    def inflated(stream: bytes) -> bytes | None:  # PngImagePlugin._safe_zlib_decompress
+        inflater = zlib.decompressobj()
+        try:
+            out = inflater.decompress(stream, limit)
+        except zlib.error:
+            return b""  # ignored by Pillow
+        return None if inflater.unconsumed_tail else out
+
+    if kind == b"iCCP":  # a name, a NUL, the compression method, the profile
+        return None if inflated(data[data.find(b"\0") + 2 :]) is None else 0
+    keyword, _, value = data.partition(b"\0")
+    if kind == b"tEXt":
+        return len(value) if keyword else 0
+    if kind == b"zTXt":  # after the NUL, the compression method, then the text
+        got = inflated(value[1:])
+        return None if got is None else len(got) if keyword else 0
+    # iTXt: after the NUL, a compression flag and method, a language and a translated keyword,
+    # each ended by a NUL, then the text.
+    if b"\0" not in data or len(value) < 2 or value[2:].count(b"\0") < 2:
+        return 0
+    language, translated, said = value[2:].split(b"\0", 2)
+    text: bytes | None = said
+    if value[0]:
+        text = inflated(said) if value[1] == 0 else b""
+    if text is None:
+        return None
+    try:
+        language.decode(), translated.decode()
+        return len(text.decode())
+    except UnicodeDecodeError:
+        return 0
 
 
 # Samples each channel of each colour type has (PNG spec 11.2.2, table 11.1).

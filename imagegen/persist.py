@@ -15,7 +15,7 @@ from PIL import Image, ImageFile
 from pydantic import BaseModel, ValidationError
 
 from imagegen._locks import KeyedLocks
-from imagegen.derivatives import pixel_data_fault, unshowable
+from imagegen.derivatives import pixel_data_fault, unreadable_chunk, unshowable
 from imagegen.errors import DependencyUnavailable, InvalidRequest, NotFound
 from imagegen.identity import stage_time
 from imagegen.models import MAX_PNG_BYTES, EnhancedPrompt, PersistedImage, RenderedImage
@@ -264,8 +264,10 @@ class PersistStage:
         # pod has 1 GiB), is never downloaded.
         if stored is None:
             raise _missing(keys.image)
+        location = self.storage.location(keys.image)
         if stored.size != image.size:
-            self._check_rendered(image, stored, stored.size)  # names size, and all else wrong
+            # Names size, and all else wrong.
+            self._check_rendered(image, location, stored, stored.size)
         check_png_bytes(keys.image, stored.size)
 
         # 3. Claim the image and check that the event says of it what render said, and that
@@ -274,7 +276,8 @@ class PersistStage:
         png = await claim_image(
             self.storage, keys.image, image.sha256, size=stored.size, described_by="the event"
         )
-        self._check_rendered(image, stored, len(png), _png_size(png, (image.width, image.height)))
+        dimensions = _png_size(png, (image.width, image.height))
+        self._check_rendered(image, location, stored, len(png), dimensions)
 
         # 4. Public URLs and the record, written last: its presence marks the image final.
         persisted = self._describe(image, keys)
@@ -371,6 +374,7 @@ class PersistStage:
     @staticmethod
     def _check_rendered(
         image: RenderedImage,
+        location: str,
         stored: StoredObject | None,
         size: int,
         dimensions: tuple[int, int] | str | None = None,
@@ -384,6 +388,9 @@ class PersistStage:
         bytes and the job to check against.
 
         Args:
+            location: Where this stage's storage keeps the image (``Storage.location``), which
+                render's reply says, as render stores where this stage reads: an event that
+                names another place (another bucket, a ``file://`` path) is not render's.
             dimensions: The stored PNG's (width, height) from its header (:func:`_png_size`),
                 or why it has none; None when its bytes have not been read.
 
@@ -394,7 +401,7 @@ class PersistStage:
         expected = stored_png.rendered_image(
             image.prompt,
             image.key,
-            image.location,
+            location,
             size=size,
             sha256=image.sha256,  # already shown to be the stored bytes' digest
             stage_timings=stored_png.timings(stored) if stored is not None else {},
@@ -430,8 +437,22 @@ class PersistStage:
 
 
 # What the record keeps of the event under the same name.
-_RECORDED = {"generation_id", "sha256", "size", "width", "height", "seed", "model", "timings"}
-_MESSAGES = {"prompt": "not the job the image came from", "rendered_at": "not when it was stored"}
+_RECORDED = {
+    "generation_id",
+    "location",
+    "sha256",
+    "size",
+    "width",
+    "height",
+    "seed",
+    "model",
+    "timings",
+}
+_MESSAGES = {
+    "prompt": "not the job the image came from",
+    "rendered_at": "not when it was stored",
+    "location": "not where storage keeps the image",
+}
 
 
 def _not_before(now: datetime, created_at: datetime, generation_id: str) -> datetime:
@@ -492,8 +513,12 @@ def _png_size(png: bytes, described: tuple[int, int]) -> tuple[int, int] | str:
     (:func:`_unfinished`). Those are looked for only in a PNG of the ``described`` size, the
     event's (at most 2048 a side, ``Dimension``): one of any other is refused for its size
     alone, before its pixel data is inflated (a 13000 x 13000 16-bit RGBA header over 1.3 MB
-    of deflated zeros inflates to 1.3 GB, a CPU-second).
+    of deflated zeros inflates to 1.3 GB, a CPU-second). A text or profile chunk Pillow cannot
+    read (:func:`imagegen.derivatives.unreadable_chunk`) is said first: Pillow would not open
+    the PNG, or derive not load it.
     """
+    if (why := unreadable_chunk(png)) is not None:  # or Pillow would not open it
+        return why
     try:
         with Image.open(io.BytesIO(png), formats=("PNG",)) as opened:
             size = opened.size

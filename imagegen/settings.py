@@ -202,9 +202,91 @@ def _postgres_url_problem(url: str) -> str | None:
     return None
 
 
+# Unicode's Default_Ignorable_Code_Point in the BMP (DerivedCoreProperties.txt): UTS #46
+# disallows them in a label, IDNA 2003 takes a few (the Hangul fillers).
+_DEFAULT_IGNORABLE = (
+    "[\xad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e"
+    "\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8]"
+)
+
+
+def _origin_problem(scheme: str, netloc: str) -> str | None:
+    """What in ``netloc`` (a host and an optional port, no user name) a browser would read
+    otherwise than it is written, or refuse, said in words; None when the WHATWG URL
+    Standard's host and port parsing (browsers', the Worker's ``new URL``) gives it back as is.
+
+    The host is a DNS name in lower case: labels of letters, digits and hyphens, neither
+    starting nor ending with a hyphen, 63 characters at most, 253 in all (RFC 1123, 2.1), an
+    ``xn--`` label one that decodes by IDNA 2003 (Python's ``idna`` codec) to left-to-right
+    code points Unicode 3.2 assigned, none for private use, the first no combining mark
+    (UTS #46, 4.1); or a dotted-quad IPv4 address, or an
+    IPv6 address in brackets as the standard writes it (RFC 5952: lower case, the longest run
+    of zeros shortened). The port is a number from 1 to 65535 without leading zeros, and not
+    the scheme's default, which browsers leave out.
+    """
+    import ipaddress
+    import re
+
+    if netloc.startswith("["):  # _http_url saw its "]"
+        host, _, rest = netloc[1:].partition("]")
+    else:
+        host, colon, port = netloc.partition(":")
+        rest = colon + port
+    port = rest.removeprefix(":")
+    if rest and (rest == port or not (port.isascii() and port.isdigit()) or port[0] == "0"):
+        return "has a port that is not a number from 1 to 65535 written without leading zeros"
+    if port and int(port) == {"http": 80, "https": 443}[scheme]:
+        return "has its scheme's default port, which browsers leave out of every URL"
+    if netloc.startswith("["):
+        try:
+            written = str(ipaddress.IPv6Address(host))
+        except ValueError:
+            return "has an IPv6 host that is not an IPv6 address"
+        if written != host or "." in host:  # a zone (%eth0) is in both
+            return "has an IPv6 address not written as browsers write it ([2001:db8::1])"
+        return "has an IPv6 address with a zone (%), which browsers refuse" if "%" in host else None
+    if not host.isascii():
+        return "has a host that is not ASCII: give its IDNA form (xn--...), as browsers write it"
+    labels = host.split(".")
+    label = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z", re.IGNORECASE)
+    if len(host) > 253 or not all(map(label.match, labels)):
+        return (
+            "has a host that is no DNS name (letters, digits and hyphens, in labels separated"
+            " by single dots, none at the end)"
+        )
+    if host != host.lower():
+        return "has upper-case letters in its host, which browsers write in lower case"
+    if re.fullmatch(r"[0-9]+|0x[0-9a-f]*", labels[-1]):  # the standard's "ends in a number"
+        try:
+            numeric = str(ipaddress.IPv4Address(host)) == host
+        except ValueError:
+            numeric = False
+        if not numeric:
+            return "has a host that ends in a number but is no IPv4 address a.b.c.d"
+    for idna in (name for name in labels if name.startswith("xn--")):
+        try:
+            decoded = idna.encode("ascii").decode("idna")
+        except UnicodeError:
+            decoded = ""
+        # The codec's tables are Unicode 3.2's (IDNA 2003): it decodes code points 3.2 did not
+        # have unchecked, and knows no right-to-left rule of UTS #46 (RFC 5893, whose rules
+        # reach every label of a host with one right-to-left label). Those are refused.
+        kinds = [unicodedata.ucd_3_2_0.category(c) for c in decoded]
+        if (
+            not kinds
+            or unicodedata.category(decoded[0]).startswith("M")
+            or {"Cn", "Co", "Cs"} & set(kinds)
+            or {"R", "AL", "AN"} & set(map(unicodedata.bidirectional, decoded))
+            or re.search(_DEFAULT_IGNORABLE, decoded)
+        ):
+            return "has an xn-- label in its host that is not valid IDNA, or right-to-left"
+    return None
+
+
 def _served_base_url(value: str | None) -> str | None:
-    """``value`` when it is an :func:`_http_url` with no user name or password, and nothing
-    after its host but ``/``.
+    """``value`` when it is an :func:`_http_url` with no user name or password, nothing after
+    its host but ``/``, no backslash, and an origin browsers write as it is
+    (:func:`_origin_problem`).
 
     The Worker takes an object's key from the whole path of a request (``worker/src/keys.ts``)
     and a public URL is ``<base>/<key>``: a path in the base puts the key under it, a query or
@@ -218,6 +300,10 @@ def _served_base_url(value: str | None) -> str | None:
         return value
     if any(c.isspace() for c in value):  # inside it: around it, _http_url said so
         raise ValueError("has whitespace in it, which no origin has: give https://host[:port]")
+    if "\\" in value:  # the WHATWG URL Standard reads it as "/" in an http(s) URL
+        raise ValueError(
+            "has a backslash in it, which browsers read as /: give https://host[:port]"
+        )
     # The separators, not the parts: "https://host?" has an empty query, and breaks all the same;
     # "https://@host" has an empty user name.
     parts = urlsplit(value)
@@ -239,6 +325,9 @@ def _served_base_url(value: str | None) -> str | None:
         problems.append(f"has {listed}: the Worker serves keys at the root of its host")
     if problems:
         raise ValueError(f"{'; '.join(problems)}, so give its origin alone (https://host[:port])")
+    problem = _origin_problem(parts.scheme, parts.netloc)
+    if problem:  # each URL is this text and a key: a browser must read it as written
+        raise ValueError(f"{problem}, so give it as https://host[:port]")
     # Each URL is this text and a key, kept for good: it must be the URL urllib reads.
     if urlunsplit(parts) != value:
         raise ValueError(

@@ -1,5 +1,6 @@
 """Stored PNGs whose structure derive cannot decode as a browser shows it: rows of a filter
-type PNG does not have, methods in the header PNG does not have, an animation. persist refuses
+type PNG does not have, methods in the header PNG does not have, an animation, a palette
+without its PLTE, a chunk too large for Pillow to read. persist refuses
 them before its record; derive refuses them, for a record written before, as a 400 naming the
 image at every delivery, without decoding a pixel."""
 
@@ -18,6 +19,7 @@ from PIL import Image
 
 from imagegen import ImageGenService, InvalidRequest, Settings
 from imagegen.derivatives import decode_pixels, parse_name, pixel_data_fault
+from imagegen.persist import _png_size
 from tests.fakes.images import store_rendered
 
 NOW = datetime(2026, 11, 24, 18, 30, tzinfo=UTC)
@@ -63,11 +65,39 @@ def _animated() -> bytes:
     return out.getvalue()
 
 
+def _inserted(png: bytes, chunks: bytes, *, after_pixels: bool = False) -> bytes:
+    """``png`` with ``chunks`` just before its first IDAT, or just before IEND."""
+    at = png.index(b"IEND" if after_pixels else b"IDAT") - 4
+    return png[:at] + chunks + png[at:]
+
+
+def _palette_png() -> bytes:
+    """A palette PNG (colour type 3) without its PLTE chunk: every index 0."""
+    header = struct.pack(">IIBBBBB", *SIZE, 8, 3, 0, 0, 0)
+    rows = (b"\x00" + bytes(SIZE[0])) * SIZE[1]
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", zlib.compress(rows))
+        + _chunk(b"IEND", b"")
+    )
+
+
+_PLTE = _chunk(b"PLTE", bytes([255, 0, 0]))
+_LONG_TEXT = _chunk(b"zTXt", b"k\0\0" + zlib.compress(b"a" * (2 << 20)))  # 2 MiB inflated
+
 DAMAGED = {
     "unknown filter type": _rgb_png(_grey_rows(filter_type=5)),
     "unknown compression method": _rgb_png(_grey_rows(), compression=1),
     "unknown interlace method": _rgb_png(_grey_rows(), interlace=2),
     "animated": _animated(),
+    # libpng refuses both ("Missing PLTE before IDAT"); Pillow made up a grey palette.
+    "palette without PLTE": _palette_png(),
+    "palette with PLTE after its pixels": _inserted(_palette_png(), _PLTE, after_pixels=True),
+    # Pillow refuses to load it, past its MAX_TEXT_CHUNK: a ValueError, said as such.
+    "zTXt too large after the pixels": _inserted(
+        _rgb_png(_grey_rows()), _LONG_TEXT, after_pixels=True
+    ),
 }
 
 
@@ -78,7 +108,9 @@ async def test_a_record_of_a_png_derive_cannot_show_is_a_400_naming_the_image(
     """Recorded by a persist that took them: a filter type or interlace method PNG does not
     have failed to decode, an unknown compression method was decoded as deflate (libpng, and
     so a browser, refuses it), and an animation was made into derivatives of its static image
-    alone. Each is refused at every delivery, nothing decoded or encoded."""
+    alone; a palette PNG without a PLTE before its pixels (libpng refuses it) was derived with
+    a grey palette Pillow made up, and a text chunk too large for Pillow failed as it loaded.
+    Each is refused at every delivery, nothing decoded or encoded."""
     data = DAMAGED[case]
     with pytest.raises(InvalidRequest) as caught:
         decode_pixels(data, size=SIZE)
@@ -98,6 +130,45 @@ async def test_a_record_of_a_png_derive_cannot_show_is_a_400_naming_the_image(
             assert caught.value.fields == ["image"]
             assert (caught.value.status, caught.value.retryable) == (400, False)
     assert not list(tmp_path.rglob("*.webp")) and not list(tmp_path.rglob("*.derivatives.json"))
+
+
+@pytest.mark.parametrize(
+    ("kind", "body"),
+    [
+        (b"zTXt", b"k\0\0"),
+        (b"iTXt", b"k\0\x01\0\0\0"),
+        (b"iCCP", b"p\0\0"),
+    ],
+)
+def test_a_chunk_before_the_pixels_too_large_for_pillow_is_said_as_such(
+    kind: bytes, body: bytes
+) -> None:
+    """Pillow refuses to open a PNG whose text or profile chunk inflates past its
+    MAX_TEXT_CHUNK (libpng reads it): the refusal says so, and persist's too, where it said
+    "not a PNG"."""
+    data = _inserted(_rgb_png(_grey_rows()), _chunk(kind, body + zlib.compress(b"a" * (2 << 20))))
+    with pytest.raises(InvalidRequest) as caught:
+        decode_pixels(data, size=SIZE)
+    said = f"a PNG whose {kind.decode()} chunk inflates to more than 1,048,576 bytes"
+    assert caught.value.fields == ["image"] and said in caught.value.message
+    assert _png_size(data, SIZE) == f"{said}, more than the decoder here reads"
+    fine = _inserted(_rgb_png(_grey_rows()), _chunk(kind, body + zlib.compress(b"a" * 1000)))
+    assert decode_pixels(fine, size=SIZE).size == SIZE
+
+
+def test_a_plte_in_a_grey_png_is_ignored_as_libpng_ignores_it() -> None:
+    """PNG forbids it (PNG spec 11.2.3); libpng warns ("ignored in grayscale PNG") and shows
+    the grey pixels, as Pillow does."""
+    header = struct.pack(">IIBBBBB", *SIZE, 8, 0, 0, 0, 0)
+    rows = (b"\x00" + bytes([128]) * SIZE[0]) * SIZE[1]
+    grey = (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + _PLTE
+        + _chunk(b"IDAT", zlib.compress(rows))
+        + _chunk(b"IEND", b"")
+    )
+    assert decode_pixels(grey, size=SIZE).getpixel((0, 0)) == (128, 128, 128)
 
 
 def _interlaced_rows(image: np.ndarray, filter_types: list[int]) -> list[bytes]:

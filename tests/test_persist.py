@@ -75,6 +75,13 @@ def _forgeries(rendered: RenderedImage) -> list[tuple[dict[str, Any], list[str]]
         ({"width": 512, "size": 1, "seed": 6}, ["size", "width", "seed"]),
         # Another job, told consistently: its seed is the claim's, but not the stored image's.
         ({"prompt": other_job, "seed": 6}, ["prompt"]),
+        # Render stores where persist reads: its reply names that place, and no other.
+        ({"location": f"s3://other-bucket/{rendered.key}"}, ["location"]),
+        ({"location": "file:///etc/passwd"}, ["location"]),
+        ({"location": "http://evil.example/x.png"}, ["location"]),
+        ({"location": "not a uri"}, ["location"]),
+        ({"location": f"{rendered.location}/"}, ["location"]),
+        ({"location": "not a uri", "seed": 6}, ["location", "seed"]),
     ]
 
 
@@ -155,6 +162,7 @@ async def test_a_recorded_image_names_each_field_the_event_gets_wrong(settings: 
             ({"seed": 6}, ["seed"]),
             ({"timings": {}}, ["timings"]),
             ({"rendered_at": rendered.rendered_at - timedelta(days=1)}, ["rendered_at"]),
+            ({"location": "file:///etc/passwd"}, ["location"]),
         ]
         for update, fields in cases:
             with pytest.raises(InvalidRequest) as caught:
@@ -638,6 +646,43 @@ async def test_the_persist_function_fails_the_generation_of_a_stored_object_that
     assert not (store / GenerationKeys("gif-1", NOW).metadata).exists()
 
 
+async def test_the_persist_function_fails_the_generation_of_an_event_naming_another_location(
+    tmp_path: Path,
+) -> None:
+    """An event that named any location (another bucket, a file path, not a URI) was recorded:
+    the reply was built from the event's own. At the edge: generation.failed, or a 400 for a
+    plain request, naming ``location``, nothing recorded."""
+    store = tmp_path / "store"
+    rendered = await _stored_as_render(LocalStorage(str(store)), "elsewhere-1", _RENDERED)
+    data = rendered.model_dump(mode="json") | {"location": "s3://other-bucket/" + rendered.key}
+    with InProcessFunction("persist", base_env(store)) as persist:
+        event = post_event(persist, IMAGE_RENDERED, data)
+        reply = persist.post("/", json=data)
+    assert event.status_code == 200 and event.headers["ce-type"] == GENERATION_FAILED
+    assert [error["field"] for error in event.json()["error"]["errors"]] == ["location"]
+    assert reply.status_code == 400
+    assert [error["field"] for error in reply.json()["errors"]] == ["location"]
+    assert not (store / GenerationKeys("elsewhere-1", NOW).metadata).exists()
+
+
+async def test_an_image_rendered_into_storage_since_moved_is_refused_naming_its_location(
+    tmp_path: Path,
+) -> None:
+    """Render stored the image under one root, and persist reads another holding the same
+    files (a storage move with events in flight): the event names where persist does not
+    read, so it is refused, not recorded with a location no longer the image's
+    (docs/storage.md: drain the events before a move)."""
+    before, after = tmp_path / "before", tmp_path / "after"
+    rendered = await _stored_as_render(LocalStorage(str(before)), "moved-1", _RENDERED)
+    before.rename(after)
+    async with ImageGenService(Settings(storage_url=str(after))) as service:
+        with pytest.raises(InvalidRequest) as caught:
+            await service.persist(rendered)
+        assert caught.value.fields == ["location"]
+        moved = rendered.model_copy(update={"location": service.storage.location(rendered.key)})
+        assert (await service.persist(moved)).location == moved.location
+
+
 @pytest.mark.parametrize("linked", ["2026", "2026/11"], ids=["root-entry", "deeper"])
 async def test_a_folder_linked_outside_the_root_is_a_retryable_503_not_a_failed_generation(
     tmp_path: Path, linked: str
@@ -792,3 +837,133 @@ async def test_an_image_read_cut_short_is_a_retryable_503_not_a_failed_generatio
         monkeypatch.setattr(service.storage, "get", get)
         persisted = await service.persist(rendered)
     assert persisted.sha256 == rendered.sha256
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    """A chunk: its length, type, data and CRC-32 over type and data (PNG spec 5.3)."""
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _chunked_png(
+    colour_type: int, *, before: bytes = b"", after: bytes = b"", channels: int = 1
+) -> bytes:
+    """A 256 x 256 8-bit PNG of ``colour_type``, ``before`` its IDAT and ``after`` it."""
+    header = struct.pack(">IIBBBBB", *JOB_SIZE, 8, colour_type, 0, 0, 0)
+    rows = (b"\x00" + bytes(range(256)) * channels) * JOB_SIZE[1]
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + before
+        + _chunk(b"IDAT", zlib.compress(rows))
+        + after
+        + _chunk(b"IEND", b"")
+    )
+
+
+_PLTE = _chunk(b"PLTE", bytes(range(256)) * 3)
+_TWO_MIB = zlib.compress(b"a" * (2 << 20))  # of text or a profile: 2 KiB deflated
+_HALF_MIB = zlib.compress(b"a" * (1 << 19))
+_WHOLE_MIB = zlib.compress(b"a" * (1 << 20))
+
+# Each: the PNG, what persist says of it (None: taken), whether libpng reads it.
+PALETTES_AND_CHUNKS: dict[str, tuple[bytes, str | None, bool]] = {
+    "palette": (_chunked_png(3, before=_PLTE), None, True),
+    "palette without PLTE": (_chunked_png(3), "a palette PNG without a PLTE chunk", False),
+    "palette with PLTE after IDAT": (
+        _chunked_png(3, after=_PLTE),
+        "a palette PNG without a PLTE chunk",
+        False,
+    ),
+    # PNG forbids it; libpng warns ("ignored in grayscale PNG") and reads the image.
+    "grey with PLTE": (_chunked_png(0, before=_PLTE), None, True),
+    "grey and alpha with PLTE": (_chunked_png(4, before=_PLTE, channels=2), None, True),
+    "zTXt of 512 KiB": (
+        _chunked_png(2, before=_chunk(b"zTXt", b"k\0\0" + _HALF_MIB), channels=3),
+        None,
+        True,
+    ),
+    "zTXt of 2 MiB": (
+        _chunked_png(2, before=_chunk(b"zTXt", b"k\0\0" + _TWO_MIB), channels=3),
+        "a PNG whose zTXt chunk inflates to more than 1,048,576 bytes",
+        True,
+    ),
+    "zTXt of 2 MiB after IDAT": (
+        _chunked_png(2, after=_chunk(b"zTXt", b"k\0\0" + _TWO_MIB), channels=3),
+        "a PNG whose zTXt chunk inflates to more than 1,048,576 bytes",
+        True,
+    ),
+    "iTXt of 2 MiB": (
+        _chunked_png(2, before=_chunk(b"iTXt", b"k\0\x01\0\0\0" + _TWO_MIB), channels=3),
+        "a PNG whose iTXt chunk inflates to more than 1,048,576 bytes",
+        True,
+    ),
+    "iCCP of 2 MiB": (
+        _chunked_png(2, before=_chunk(b"iCCP", b"p\0\0" + _TWO_MIB), channels=3),
+        "a PNG whose iCCP chunk inflates to more than 1,048,576 bytes",
+        True,
+    ),
+    "65 zTXt of 1 MiB": (
+        _chunked_png(2, before=_chunk(b"zTXt", b"k\0\0" + _WHOLE_MIB) * 65, channels=3),
+        "a PNG whose text chunks hold more than 67,108,864 characters",
+        True,
+    ),
+}
+
+
+def _libpng_reads(data: bytes) -> bool | None:
+    """Whether libpng's simplified API reads ``data`` whole as RGBA; None without libpng."""
+    import ctypes
+    import ctypes.util
+
+    found = ctypes.util.find_library("png16")
+    if found is None:
+        return None
+    libpng = ctypes.CDLL(found)
+
+    class PngImage(ctypes.Structure):  # png_image (png.h), PNG_IMAGE_VERSION 1
+        _fields_ = [
+            ("opaque", ctypes.c_void_p),
+            ("version", ctypes.c_uint32),
+            ("width", ctypes.c_uint32),
+            ("height", ctypes.c_uint32),
+            ("format", ctypes.c_uint32),
+            ("flags", ctypes.c_uint32),
+            ("colormap_entries", ctypes.c_uint32),
+            ("warning_or_error", ctypes.c_uint32),
+            ("message", ctypes.c_char * 64),
+        ]
+
+    image = PngImage(version=1)
+    source = ctypes.create_string_buffer(data, len(data))
+    if not libpng.png_image_begin_read_from_memory(
+        ctypes.byref(image), source, ctypes.c_size_t(len(data))
+    ):
+        return False
+    image.format = 3  # PNG_FORMAT_RGBA
+    pixels = ctypes.create_string_buffer(image.width * image.height * 4)
+    return bool(libpng.png_image_finish_read(ctypes.byref(image), None, pixels, 0, None))
+
+
+@pytest.mark.parametrize("case", list(PALETTES_AND_CHUNKS))
+async def test_a_png_libpng_refuses_or_this_decoder_cannot_read_is_refused_unrecorded(
+    settings: Settings, case: str
+) -> None:
+    """A palette PNG without a PLTE before its pixels was taken, and derived with a grey
+    palette Pillow made up, where libpng, and so a browser, refuses it; a text or profile
+    chunk past what Pillow inflates was refused as "not a PNG" (before the pixels) or taken
+    and failed by derive for good (after them), where libpng reads the image. Each is refused
+    naming the image, saying why; what libpng reads and Pillow can, a PLTE in a grey PNG
+    included, is taken."""
+    data, said, libpng_reads = PALETTES_AND_CHUNKS[case]
+    assert _libpng_reads(data) in (libpng_reads, None)
+    async with ImageGenService(settings) as service:
+        rendered = await _stored_as_render(service.storage, "chunks-1", data)
+        if said is None:
+            persisted = await service.persist(rendered)
+            assert (persisted.width, persisted.height) == JOB_SIZE
+            return
+        with pytest.raises(InvalidRequest) as caught:
+            await service.persist(rendered)
+        assert caught.value.fields == ["image"]
+        assert caught.value.errors[0]["message"].startswith(said)
+        assert await service.storage.head(GenerationKeys("chunks-1", NOW).metadata) is None

@@ -357,6 +357,62 @@ def test_every_url_setting_refuses_whitespace_around_it(field: str, value: str) 
     assert Settings(**{field: value.strip()}).model_dump()[field] is not None
 
 
+@pytest.mark.parametrize(
+    ("base", "said"),
+    [
+        # Browsers, and the Worker's new URL, read "\\" as "/": the path was "//2026/...".
+        ("https://img.example.com\\", "has a backslash in it, which browsers read as /"),
+        ("https://img.example.com\\x", "has a backslash in it"),
+        ("https://img.example.com%2F", "has a host that is no DNS name"),
+        ("https://img.example.com^", "has a host that is no DNS name"),
+        ("https://img.example.com|x", "has a host that is no DNS name"),
+        ("https://img.example.com<", "has a host that is no DNS name"),
+        ('https://a"b.com', "has a host that is no DNS name"),
+        ("https://img_example.com", "has a host that is no DNS name"),
+        ("https://img.example.com.", "has a host that is no DNS name"),
+        ("https://img.example.com:", "has a port that is not a number from 1 to 65535"),
+        ("https://img.example.com:08443", "has a port that is not a number from 1 to 65535"),
+        ("https://img.example.com:443", "has its scheme's default port"),
+        ("https://IMG.example.com", "has upper-case letters in its host"),
+        ("https://b\u00fccher.example", "has a host that is not ASCII: give its IDNA form"),
+        ("https://xn--a.example", "has an xn-- label in its host that is not valid IDNA"),
+        ("https://img.example.123", "has a host that ends in a number but is no IPv4"),
+        ("https://127.000.0.1", "has a host that ends in a number but is no IPv4"),
+        ("https://[0:0::1]", "has an IPv6 address not written as browsers write it"),
+        ("https://[fe80::1%25eth0]", "has an IPv6 address with a zone"),
+    ],
+)
+def test_a_public_base_url_browsers_read_otherwise_or_refuse_is_refused(
+    base: str, said: str
+) -> None:
+    """urllib took each, and every URL persist wrote from it, kept for good, was one browsers
+    and the Worker read as another URL (a path "//2026/...", a host in lower case, no port) or
+    refused (tests/test_public_base_url_whatwg.py checks the rule against Node's parser)."""
+    with pytest.raises(ValidationError) as caught:
+        Settings(public_base_url=base)
+    [error] = caught.value.errors()
+    assert error["loc"] == ("public_base_url",)
+    assert error["msg"].startswith(f"Value error, {said}"), error["msg"]
+    assert error["msg"].endswith("give it as https://host[:port]") or "backslash" in said
+
+
+@pytest.mark.parametrize(
+    "base",
+    ["https://xn--bcher-kva.example", "https://[2001:db8::1]:8443/", "http://10.0.0.7:8787"],
+)
+def test_a_public_base_url_browsers_write_as_it_is_is_taken(base: str) -> None:
+    assert Settings(public_base_url=base).public_base_url == base
+
+
+def test_a_public_base_url_with_a_backslash_names_its_variable(cli: RunCli) -> None:
+    result = cli("plugins", env={"IMAGEGEN_PUBLIC_BASE_URL": "https://img.example.com\\"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        "imagegen: error: invalid settings: IMAGEGEN_PUBLIC_BASE_URL (has a backslash in it,"
+        " which browsers read as /: give https://host[:port])"
+    )
+
+
 def test_a_public_base_url_with_a_newline_names_its_variable(cli: RunCli) -> None:
     result = cli("plugins", env={"IMAGEGEN_PUBLIC_BASE_URL": "https://img.example.com\n"})
     assert result.returncode == 2, result.stderr
