@@ -15,6 +15,7 @@ import contextlib
 import gc
 import io
 import logging
+import math
 import os
 import threading
 import time
@@ -49,6 +50,7 @@ from imagegen.errors import (
     InternalError,
     InvalidRequest,
     MethodNotAllowed,
+    Overloaded,
     PayloadTooLarge,
     RouteNotFound,
     first_line,
@@ -878,13 +880,23 @@ def _http_error(exc: HTTPException) -> flask.Response:
     flask.after_this_request(_unread_body_left)
     status = exc.code or 500
     error: ImageGenError
-    if status >= 500:
+    # Each as the functions' own error of that status says it, retryable ones with their
+    # Retry-After (none of these is raised today: an ``abort`` or a Flask setting added later).
+    if status == 413:
+        error = _too_large()
+    elif status == 429:
+        error = Overloaded(f"{exc.name}: {exc.description}")
+    elif status == 503:
+        error = DependencyUnavailable(f"{exc.name}: {exc.description}")
+    elif status >= 500:
         error = InternalError("internal error; see the function's logs")
     else:
         error = InvalidRequest(
             f"{exc.name}: {exc.description}", errors=[{"field": "request", "message": exc.name}]
         )
     headers = [(k, v) for k, v in exc.get_headers() if k.lower() != "content-type"]
+    if error.retry_after is not None and not any(k.lower() == "retry-after" for k, _ in headers):
+        headers.append(("Retry-After", str(max(1, math.ceil(error.retry_after)))))  # as error_reply
     reply = json_reply(error.to_dict(), status, dict(headers))
     return flask.Response(reply.body, reply.status, dict(reply.headers))
 

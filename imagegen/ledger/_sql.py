@@ -531,12 +531,16 @@ class SqlLedger(ABC):
             # The time attribute as received (migration 0007), not the stage's time the ledger
             # orders by: absent where the event carried none.
             sent: datetime | None = row.get("time_attribute")
+            # The data as it came (migration 0010), as replay sends it: a line sent again is
+            # the event its producer sent, refused where that was, never one made valid by the
+            # U+FFFD the ledger stores for a NUL or a lone surrogate.
+            data = event.data_as_received
             routed: dict[str, str] = {}
             # Read as replay reads a recorded job (JSON's types, not the stage's strictness);
             # data its model refuses is exported as recorded, without: the stage refuses it.
             if (model := models.get(event.type)) is not None:
                 with suppress(ValidationError):
-                    routed = routing_attributes(model.model_validate(event.data, strict=False))
+                    routed = routing_attributes(model.model_validate(data, strict=False))
             body = {
                 "specversion": "1.0",
                 "id": event.id,
@@ -547,9 +551,11 @@ class SqlLedger(ABC):
                 **routed,
                 "datacontenttype": "application/json",
                 "recordedat": event.recorded_at.isoformat() if event.recorded_at else None,
-                "data": event.data,
+                "data": data,
             }
-            out.write(json.dumps(body, separators=(",", ":"), ensure_ascii=False) + "\n")
+            # A lone surrogate no UTF-8 holds: such a line in ASCII, the surrogate JSON's \ud800.
+            ascii_only = event.received is not None
+            out.write(json.dumps(body, separators=(",", ":"), ensure_ascii=ascii_only) + "\n")
             count += 1
         if unreadable:
             first, more = unreadable[0], len(unreadable) - 1

@@ -169,7 +169,6 @@ def app() -> flask.Flask:
     [
         (400, {}, {}),
         (405, {"valid_methods": ["POST"]}, {"Allow": "POST"}),
-        (413, {}, {}),
     ],
 )
 def test_an_error_werkzeug_raises_is_json_with_its_status_and_headers(
@@ -190,6 +189,31 @@ def test_an_error_werkzeug_raises_is_json_with_its_status_and_headers(
     assert error["error"] == "invalid_request" and error["retryable"] is False
     assert error["errors"] == [{"field": "request", "message": HTTP_STATUS_CODES[code]}]
     assert "<" not in reply.get_data(as_text=True)
+
+
+@pytest.mark.parametrize(
+    ("code", "error", "retry_after"),
+    [
+        (413, "payload_too_large", None),
+        (429, "overloaded", "5"),
+        (503, "dependency_unavailable", "10"),
+    ],
+)
+def test_an_error_werkzeug_raises_is_said_as_the_functions_own_of_its_status(
+    app: flask.Flask, code: int, error: str, retry_after: str | None
+) -> None:
+    """A 413, 429 or 503 werkzeug raised reads as the functions' own: a retryable one with its
+    Retry-After, which a broker or a client waits for."""
+
+    @app.before_request
+    def refuse() -> None:
+        flask.abort(code)
+
+    reply = app.test_client().post("/", data=b"{}")
+    assert reply.status_code == code
+    body = reply.get_json()
+    assert body["error"] == error and body["retryable"] is (retry_after is not None)
+    assert reply.headers.get("Retry-After") == retry_after
 
 
 def test_a_bug_that_escapes_the_function_is_a_json_500(app: flask.Flask) -> None:

@@ -3,6 +3,7 @@ or a lone surrogate is stored as U+FFFD, and a request enhance refused for one s
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable
 from typing import Any
@@ -78,6 +79,18 @@ def test_a_valid_request_with_a_nul_is_replayed_as_it_came(ledger: Ledger) -> No
     [event] = ledger.generation_events("gen-nul")
     assert event.data["metadata"] == {"note": "a\ufffdb"}
     assert replay_request(ledger, "gen-nul").metadata == {"note": "a\x00b"}
+
+
+@pytest.mark.parametrize(("prompt", "stored"), REFUSED)
+def test_an_export_writes_the_data_as_it_came(ledger: Ledger, prompt: str, stored: str) -> None:
+    """An exported line sent again is the event its producer sent, refused as it was: not a
+    valid request for the U+FFFD the ledger stores in its place."""
+    ledger.ingest(_request("gen-export", prompt=prompt))
+    out = io.StringIO()
+    assert ledger.export_jsonl(out) == 1
+    line = out.getvalue()
+    line.encode()  # UTF-8 text, a lone surrogate too (JSON's escape)
+    assert json.loads(line)["data"]["prompt"] == prompt != stored
 
 
 def test_an_event_with_nothing_replaced_keeps_no_second_copy(ledger: Ledger) -> None:
