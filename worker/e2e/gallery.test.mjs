@@ -266,3 +266,75 @@ test("widths and formats from one URL", async () => {
   assert.equal(original.headers.get("content-type"), "image/png");
   assert.equal((await original.arrayBuffer()).byteLength, info.persisted[1].size);
 });
+
+test("a long prompt shows four lines, opens whole, and leaves its row as high as it is", async () => {
+  const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+  await gallery(page, "/2026/11/29/");
+  const box = (selector) =>
+    page.locator(selector).evaluate((el) => {
+      const { top, height } = el.getBoundingClientRect();
+      return { top, height, line: parseFloat(getComputedStyle(el).lineHeight) || 20 };
+    });
+  const [long, short] = [await box("#long-1"), await box("#short-1")];
+  assert.equal(long.top, short.top, "both in one row");
+  const prompt = await box("#long-1 .prompt");
+  assert.ok(prompt.height <= 4.5 * prompt.line, `a prompt of ${prompt.height}px`);
+  // The short item keeps its own height: nothing stretches it to the long one's.
+  const shortPrompt = await box("#short-1 .prompt");
+  const meta = await box("#short-1 .meta");
+  assert.ok(short.height <= meta.top + meta.height - short.top + 1, "short item stretched");
+  assert.ok(short.height < long.height);
+  assert.ok(shortPrompt.height < 2 * shortPrompt.line);
+  // Its summary opens the whole prompt, without a script.
+  await page.locator("#long-1 summary").click();
+  const opened = await box("#long-1 .prompt");
+  assert.ok(opened.height > 10 * prompt.height, `opened to ${opened.height}px`);
+  assert.equal(
+    await page.locator("#long-1 .prompt").textContent(),
+    info.persisted.find((r) => r.generation_id === "long-1").prompt,
+  );
+  await page.close();
+});
+
+test("the keys help shows only where the script runs", async () => {
+  for (const javaScriptEnabled of [true, false]) {
+    const context = await browser.newContext({ javaScriptEnabled });
+    const page = await context.newPage();
+    await gallery(page);
+    assert.equal(await page.locator(".keys").isVisible(), javaScriptEnabled);
+    // All the page says is in its main landmark (the script follows it).
+    const outside = await page.evaluate(
+      () =>
+        [...document.body.children].filter((el) => !["MAIN", "SCRIPT"].includes(el.tagName)).length,
+    );
+    assert.equal(outside, 0);
+    await context.close();
+  }
+});
+
+test("an error opened in the browser is a page linking to the latest images", async () => {
+  const page = await browser.newPage();
+  for (const path of ["/2026/13/01/", "/index.html", "/2026/12/01/nope-1.png"]) {
+    const response = await page.goto(`${base}${path}`);
+    assert.equal(response.status(), 404, path);
+    assert.equal(await page.title(), "Not Found");
+    await Promise.all([page.waitForURL(`${base}/`), page.getByText("Latest images").click()]);
+    assert.equal(await page.title(), "Images of 2026-12-01");
+  }
+  const response = await page.goto(`${base}/${info.persisted[1].key}?w=abc`);
+  assert.equal(response.status(), 400);
+  assert.equal(await page.title(), "Bad Request");
+  // An API client still reads plain text.
+  const text = await fetch(`${base}/index.html`);
+  assert.equal(text.headers.get("content-type"), "text/plain; charset=utf-8");
+  await page.close();
+});
+
+test("a page revalidates with its ETag", async () => {
+  const first = await fetch(`${base}/2026/12/01/`);
+  const etag = first.headers.get("etag");
+  assert.match(etag, /^W\/"/);
+  const again = await fetch(`${base}/2026/12/01/`, { headers: { "If-None-Match": etag } });
+  assert.equal(again.status, 304);
+  assert.equal(again.headers.get("cache-control"), "public, max-age=60");
+});

@@ -1,9 +1,10 @@
 """The origin of the Worker's browser tests: moto's S3 server on loopback, filled by imagegen.
 
 Images are made by the real persist and derive stages (records, derivatives) from small PNGs on
-two days, one with a prompt that is an HTML script. A stray HTML document is stored at an image
-key, as a hostile or broken bucket could hold. Prints one JSON line with the endpoint and what
-was stored, then serves until its standard input closes.
+three days, one with a prompt that is an HTML script, one with a prompt of nearly 2,000
+characters (the most a request may send). A stray HTML document is stored at an image key, as a
+hostile or broken bucket could hold. Prints one JSON line with the endpoint and what was stored,
+then serves until its standard input closes.
 
 Run from the repository root: ``.venv/bin/python worker/e2e/origin.py``.
 """
@@ -31,11 +32,15 @@ from tests.fakes.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server
 BUCKET = "images"
 PREFIX = "generated/"
 SCRIPT_PROMPT = "<script>document.title='pwned';alert(1)</script> a fox & a hound"
+LONG_PROMPT = " ".join(["a lighthouse"] * 150)
 IMAGES = [
     ("older-1", datetime(2026, 11, 30, 9, tzinfo=UTC), "a lighthouse at dusk", (200, 120, 40)),
     ("fox-1", datetime(2026, 12, 1, 8, tzinfo=UTC), SCRIPT_PROMPT, (40, 120, 200)),
     ("moon-1", datetime(2026, 12, 1, 9, tzinfo=UTC), "two moons over a desert", (90, 200, 90)),
     ("sea-1", datetime(2026, 12, 1, 10, tzinfo=UTC), "a calm sea, seen from above", (20, 60, 160)),
+    # A day with one long prompt beside a short one, in the same row of the grid.
+    ("long-1", datetime(2026, 11, 29, 9, tzinfo=UTC), LONG_PROMPT, (160, 60, 20)),
+    ("short-1", datetime(2026, 11, 29, 8, tzinfo=UTC), "a red door", (60, 160, 20)),
 ]
 
 

@@ -16,11 +16,13 @@
  * derivative is offered only when its object is in the day's listing as well as in its record
  * (a bucket restored without its derivatives keeps the records that list them). The listing is
  * the one the day's records come from: the check costs no request.
+ *
+ * A page carries a weak ETag of its bytes, and a matching If-None-Match is answered 304.
  */
 import { AFTER_EVERY_DAY, dayExists, type Folders, folderLister, walk } from "./days";
-import { textResponse } from "./http";
+import { isNotModified, textResponse } from "./http";
 import { derivativeKey, derivativeParts } from "./keys";
-import { availableDerivatives, readRecord } from "./negotiate";
+import { acceptsHtml, availableDerivatives, readRecord } from "./negotiate";
 import { cachedJson, type Serving } from "./objects";
 import { type Listing, listKeys, OriginError } from "./origins";
 import { type DayLink, galleryCsp, type Item, renderMessage, renderPage } from "./page";
@@ -329,12 +331,18 @@ async function item(data: Shown, day: string, link: Link): Promise<Item> {
   return { id, href, fallback: href, sources, width, height, prompt, seed, model, created };
 }
 
-/** The `page` parameter: 1 when absent, a page number, or null when it is none. */
-function pageParam(params: URLSearchParams): number | null {
+/**
+ * The `page` parameter: 1 when absent, a page number (any digits without a leading zero), or
+ * null when it is none. A number of more than 15 digits, past any day's last page (a day lists
+ * at most MAX_DAY_LIST_PAGES * 1000 keys) and past the integers a number holds exactly, is read
+ * as Number.MAX_SAFE_INTEGER: past the last page too, and one edge cache entry for them all.
+ */
+export function pageParam(params: URLSearchParams): number | null {
   const values = params.getAll("page");
   if (values.length === 0) return 1;
   const value = values[0] ?? "";
-  return values.length === 1 && /^[1-9][0-9]{0,5}$/.test(value) ? Number(value) : null;
+  if (values.length !== 1 || !/^[1-9][0-9]*$/.test(value)) return null;
+  return value.length <= 15 ? Number(value) : Number.MAX_SAFE_INTEGER;
 }
 
 /**
@@ -357,7 +365,7 @@ async function checkGalleryLink(
 }
 
 /** A gallery error as a small HTML page under the gallery's policy, never cached. */
-async function messageResponse(
+export async function messageResponse(
   request: Request,
   status: number,
   title: string,
@@ -377,6 +385,46 @@ async function messageResponse(
   });
 }
 
+/** The CORS headers of every answer, which an error page keeps. */
+const CORS_HEADERS = [
+  "Access-Control-Allow-Origin",
+  "Access-Control-Expose-Headers",
+  "Cross-Origin-Resource-Policy",
+];
+
+/**
+ * An error of a served path that is no gallery page's own error (those are always pages): for a
+ * GET or HEAD that accepts `text/html` (a browser opening the URL), the gallery's message page,
+ * `title` and `text`, linking to `/` only where `home` (the gallery is public); else `plain` as
+ * plain text, as API clients and image loads get it. Either varies on Accept, and keeps CORS.
+ */
+export async function errorResponse(
+  request: Request,
+  status: number,
+  message: { title: string; text: string; plain?: string },
+  home: boolean,
+  headers: HeadersInit = {},
+): Promise<Response> {
+  const plain = textResponse(status, message.plain ?? message.title, headers);
+  if (!["GET", "HEAD"].includes(request.method)) return plain;
+  plain.headers.append("Vary", "Accept");
+  if (!acceptsHtml(request.headers.get("Accept"))) return plain;
+  const page = await messageResponse(request, status, message.title, message.text, home);
+  for (const name of CORS_HEADERS) {
+    const value = plain.headers.get(name);
+    if (value !== null) page.headers.set(name, value);
+  }
+  new Headers(headers).forEach((value, name) => page.headers.set(name, value));
+  page.headers.set("Vary", "Accept");
+  return page;
+}
+
+/** A 404 for a path that names nothing served (see errorResponse). */
+export function notFoundResponse(request: Request, home: boolean): Promise<Response> {
+  const message = { title: "Not Found", text: "There is nothing at this address." };
+  return errorResponse(request, 404, message, home);
+}
+
 /**
  * The gallery page for `path` (`""` for the latest day, or `YYYY/MM/DD/`).
  *
@@ -389,7 +437,7 @@ export async function serveGallery(
   params: URLSearchParams,
 ): Promise<Response> {
   const { config } = serving;
-  if (config.gallery === "off") return textResponse(404, "Not Found");
+  if (config.gallery === "off") return notFoundResponse(request, false);
 
   // 1. A signed link when the images are private, and what it opens: the gallery path it was
   // made for, the whole gallery for `/`
@@ -451,12 +499,32 @@ export async function serveGallery(
     },
     complete: data.complete,
   });
-  const headers = {
+  const headers = new Headers({
     "Content-Type": "text/html; charset=utf-8",
     "Content-Security-Policy": await galleryCsp(),
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": cacheControl,
-  };
+    ETag: await pageTag(html),
+  });
+  // 4. Revalidation (RFC 9110 §13.1.2, weak comparison): the same bytes, a 304 with the
+  // headers of the 200 but its body's (RFC 9110 §15.4.5). Behind signed links the bytes are
+  // those of the link (its expiry is in every URL of the page), and an expired link never
+  // gets this far, so a 304 never keeps a page whose links outlive the link's own.
+  if (isNotModified(request, headers)) {
+    headers.delete("Content-Type");
+    return new Response(null, { status: 304, headers });
+  }
   return new Response(request.method === "HEAD" ? null : html, { status: 200, headers });
+}
+
+/**
+ * The entity tag of a page: the SHA-256 of its bytes. Weak (`W/`), as a page's tag only
+ * revalidates (no page is served in ranges), and Cloudflare compresses HTML on its way out,
+ * which a strong tag, naming one byte sequence, would not survive.
+ */
+export async function pageTag(html: string): Promise<string> {
+  const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(html));
+  const text = btoa(String.fromCharCode(...new Uint8Array(digest)));
+  return `W/"${text.replaceAll("+", "-").replaceAll("/", "_").replace(/=+$/, "")}"`;
 }

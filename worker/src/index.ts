@@ -8,7 +8,7 @@
  * checked key, so the Worker is never an open proxy.
  */
 import { type Config, ConfigError, type Env, readConfig } from "./config";
-import { serveGallery } from "./gallery";
+import { errorResponse, notFoundResponse, serveGallery } from "./gallery";
 import {
   ALLOWED_METHODS,
   IMMUTABLE,
@@ -45,11 +45,36 @@ function faviconResponse(): Response {
   return new Response(null, { status: 204, headers });
 }
 
-async function cacheControlFor(url: URL, key: string, config: Config): Promise<string | Response> {
+/**
+ * Whether `/` shows the gallery to anyone (GALLERY=on): only then do error pages link to it.
+ * Read for a path answered before the configuration is (a bad configuration links nowhere).
+ */
+function galleryIsPublic(env: Env): boolean {
+  try {
+    return readConfig(env).gallery === "on";
+  } catch (err) {
+    if (err instanceof ConfigError) return false;
+    throw err;
+  }
+}
+
+async function cacheControlFor(
+  request: Request,
+  url: URL,
+  key: string,
+  config: Config,
+): Promise<string | Response> {
   if (config.signingSecret === null) return IMMUTABLE;
   const now = Math.floor(Date.now() / 1000);
   const check = await checkSignedUrl(url.searchParams, key, config.verifyingSecrets, now);
-  if (!check.ok) return textResponse(403, "Forbidden");
+  if (!check.ok) {
+    // As the signed gallery says it: never a link to `/`, which needs a signed link too.
+    const message =
+      check.reason === "expired"
+        ? { title: "This link has expired", text: "Ask whoever shared it for a new link." }
+        : { title: "Forbidden", text: "This image needs a valid signed link." };
+    return errorResponse(request, 403, { ...message, plain: "Forbidden" }, false);
+  }
   // The signed URL stops working at `expires`; no cache may keep serving it longer.
   return `private, max-age=${check.expires - now}`;
 }
@@ -138,7 +163,7 @@ async function handle(request: Request, env: Env, ctx: ExecutionContext): Promis
   // A day without its trailing slash is redirected to the day's page (GET and HEAD).
   const slashless = key === null && galleryPath === null ? slashlessGalleryDay(url.pathname) : null;
   if (key === null && galleryPath === null && slashless === null) {
-    return textResponse(404, "Not Found");
+    return notFoundResponse(request, request.method !== "OPTIONS" && galleryIsPublic(env));
   }
 
   // 3. Configuration
@@ -151,6 +176,7 @@ async function handle(request: Request, env: Env, ctx: ExecutionContext): Promis
     return textResponse(500, "Server Misconfigured");
   }
   const serving: Serving = { config, ctx, cacheBase: url.origin };
+  const home = config.gallery === "on";
 
   // OPTIONS (a CORS preflight) is answered from the path alone: it never reaches the origin
   // and checks no signature. A gallery that is off is a 404 for every method.
@@ -160,7 +186,7 @@ async function handle(request: Request, env: Env, ctx: ExecutionContext): Promis
     return preflightResponse();
   }
   if (slashless !== null) {
-    if (config.gallery === "off") return textResponse(404, "Not Found");
+    if (config.gallery === "off") return notFoundResponse(request, false);
     // The query goes along as it came: a signed link's signature covers the day folder with
     // its slash (docs/signed-urls.md), so a signed link that lost its slash works again.
     return textResponse(301, "Moved Permanently", { Location: `/${slashless}${url.search}` });
@@ -172,15 +198,19 @@ async function handle(request: Request, env: Env, ctx: ExecutionContext): Promis
     if (key === null) return textResponse(404, "Not Found");
 
     // 4. Signature, when the images are private (it covers the parameters too)
-    const cacheControl = await cacheControlFor(url, key, config);
+    const cacheControl = await cacheControlFor(request, url, key, config);
     if (cacheControl instanceof Response) return cacheControl;
 
     // 5. Representation: format from Accept, width from w (full images only)
     const width = widthParam(url.searchParams);
     if (width === "invalid" || (width !== null && imageParts(key) === null)) {
-      return textResponse(
+      const rule = "w must be a whole number of pixels, 1 to 8192, on a .png URL";
+      const text = `The parameter ${rule}.`;
+      return errorResponse(
+        request,
         400,
-        "Bad Request: w must be a whole number of pixels, 1 to 8192, on a .png URL",
+        { title: "Bad Request", text, plain: `Bad Request: ${rule}` },
+        home,
       );
     }
     const served = await representation(request, serving, key, width);
@@ -196,15 +226,28 @@ async function handle(request: Request, env: Env, ctx: ExecutionContext): Promis
     const dated = !served.standIn && served.key === key && thumbnailParts(key) === null;
     const asked = dated ? request : withoutDateValidators(request);
     const response = await serveObject(asked, serving, served.key, policy);
+    if (response.status === 404) {
+      await response.body?.cancel();
+      return await errorResponse(
+        request,
+        404,
+        { title: "Not Found", text: "There is no such image." },
+        home,
+      );
+    }
     if (!dated) response.headers.delete("Last-Modified");
     if (imageParts(key) !== null) response.headers.append("Vary", "Accept");
     return response;
   } catch (err) {
     if (!(err instanceof OriginError)) throw err;
     console.error(`origin ${config.origin.kind} failed for ${url.pathname}: ${err.message}`);
-    return err.kind === "timeout"
-      ? textResponse(504, "Origin Timeout")
-      : textResponse(502, "Origin Unavailable");
+    const timeout = err.kind === "timeout";
+    const message = {
+      title: timeout ? "Gateway Timeout" : "Bad Gateway",
+      text: `The image store ${timeout ? "did not answer in time" : "failed"}. Try again shortly.`,
+      plain: timeout ? "Origin Timeout" : "Origin Unavailable",
+    };
+    return await errorResponse(request, timeout ? 504 : 502, message, home);
   }
 }
 

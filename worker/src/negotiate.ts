@@ -20,18 +20,31 @@ const FORMATS: readonly Format[] = ["avif", "webp"];
 /** The largest `w` accepted; imagegen.urls.MAX_WIDTH. */
 export const MAX_WIDTH = 8192;
 
-/** The derivative formats `accept` names with a non-zero quality, AVIF first. */
-export function acceptedFormats(accept: string | null): Format[] {
+/** The media types `accept` names with a non-zero quality, in lower case, wildcards as sent. */
+function acceptedTypes(accept: string | null): Set<string> {
   const accepted = new Set<string>();
   for (const part of (accept ?? "").toLowerCase().split(",")) {
     const [type = "", ...params] = part.split(";").map((p) => p.trim());
     const q = params.find((p) => p.startsWith("q="));
     if (q !== undefined && !(Number(q.slice(2)) > 0)) continue;
-    // Only explicit types count: */* and image/* are sent by clients that cannot decode AVIF.
-    if (type === "image/avif") accepted.add("avif");
-    if (type === "image/webp") accepted.add("webp");
+    accepted.add(type);
   }
-  return FORMATS.filter((f) => accepted.has(f));
+  return accepted;
+}
+
+/** The derivative formats `accept` names with a non-zero quality, AVIF first. */
+export function acceptedFormats(accept: string | null): Format[] {
+  // Only explicit types count: */* and image/* are sent by clients that cannot decode AVIF.
+  const accepted = acceptedTypes(accept);
+  return FORMATS.filter((f) => accepted.has(`image/${f}`));
+}
+
+/**
+ * Whether `accept` names `text/html` with a non-zero quality: a browser opening the URL. API
+ * clients (which take any type, or JSON) and image loads (image types) do not.
+ */
+export function acceptsHtml(accept: string | null): boolean {
+  return acceptedTypes(accept).has("text/html");
 }
 
 /** The `w` parameter: null when absent, a number, or "invalid". */

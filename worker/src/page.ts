@@ -54,8 +54,10 @@ export function escape(text: string): string {
   return text.replace(/[&<>"']/g, (c) => ESCAPES[c] ?? c);
 }
 
-// Keys: j / ArrowRight next image, k / ArrowLeft previous, [ earlier day, ] later day.
-export const SCRIPT = `document.addEventListener("keydown", (e) => {
+// Keys: j / ArrowRight next image, k / ArrowLeft previous, [ earlier day, ] later day. The help
+// that names them is hidden until the script runs: without it the keys do nothing.
+export const SCRIPT = `document.querySelector(".keys").hidden = false;
+document.addEventListener("keydown", (e) => {
   if (e.altKey || e.ctrlKey || e.metaKey) return;
   const links = [...document.querySelectorAll(".item > a")];
   const at = links.indexOf(document.activeElement);
@@ -72,12 +74,16 @@ export const STYLE = `
 :root { color-scheme: light dark; font-family: system-ui, sans-serif; }
 body { margin: 0 auto; max-width: 72rem; padding: 1rem; }
 h1 { font-size: 1.4rem; margin: 0 0 1rem; }
-ol.grid { list-style: none; padding: 0; margin: 0; display: grid; gap: 1rem;
+ol.grid { list-style: none; padding: 0; margin: 0; display: grid; gap: 1rem; align-items: start;
   grid-template-columns: repeat(auto-fill, minmax(min(100%, 16rem), 1fr)); }
 .item a { display: block; border-radius: .5rem; outline-offset: 3px; }
 .item a:focus-visible { outline: 3px solid #4a8af4; }
 .item img { display: block; width: 100%; height: auto; border-radius: .5rem; background: #8884; }
 .prompt { margin: .5rem 0 .25rem; overflow-wrap: anywhere; }
+details.prompt > summary { cursor: pointer; list-style-position: outside; margin-inline-start: 1rem; }
+details.prompt > summary:focus-visible { outline: 3px solid #4a8af4; outline-offset: 2px; }
+details.prompt:not([open]) .clamp { display: -webkit-box; -webkit-box-orient: vertical;
+  -webkit-line-clamp: 4; line-clamp: 4; overflow: hidden; }
 .meta { margin: 0; font-size: .85rem; opacity: .75; }
 .meta span + span::before { content: " · "; }
 nav { margin: 1.5rem 0; display: flex; flex-wrap: wrap; gap: .5rem 1rem; }
@@ -131,13 +137,26 @@ function picture(item: Item): string {
   );
 }
 
+/**
+ * The prompt below an image. The image's alt names its link: a prompt the alt holds whole is
+ * hidden from assistive technology here, so it is announced once. A longer one is read out in
+ * full here, and shown cut to four lines (CSS) in a `<details>` whose summary opens it whole,
+ * so one long prompt neither stretches its row nor needs a script to be read.
+ */
+function promptOf(prompt: string): string {
+  if (shortText(prompt) === prompt) {
+    return `<p class="prompt" dir="auto" aria-hidden="true">${escape(prompt)}</p>`;
+  }
+  return (
+    `<details class="prompt" dir="auto"><summary><span class="clamp">${escape(prompt)}</span>` +
+    `</summary></details>`
+  );
+}
+
 function entry(item: Item): string {
-  // The image's alt names its link. A prompt the alt holds whole is hidden from assistive
-  // technology below it, so it is announced once; a longer one is read out in full there.
-  const repeated = shortText(item.prompt) === item.prompt ? ' aria-hidden="true"' : "";
   return (
     `<li class="item" id="${escape(item.id)}"><a href="${escape(item.href)}">${picture(item)}</a>` +
-    `<p class="prompt" dir="auto"${repeated}>${escape(item.prompt)}</p><p class="meta">` +
+    `${promptOf(item.prompt)}<p class="meta">` +
     `<span>seed ${escape(item.seed)}</span><span>${escape(item.model)}</span>` +
     `<span><time datetime="${escape(item.created)}">${escape(item.created.slice(0, 16).replace("T", " "))} UTC</time></span>` +
     `</p></li>`
@@ -147,9 +166,11 @@ function entry(item: Item): string {
 /** The whole HTML document of one gallery page. */
 export function renderPage(page: Page): string {
   const title = page.day ? `Images of ${page.day}` : "Images";
+  // No day at all: the gallery holds no day folder yet.
+  const empty = page.day ? "No images on this day." : "No images yet.";
   const items = page.items.length
     ? `<ol class="grid">${page.items.map(entry).join("")}</ol>`
-    : `<p>No images on this day.</p>`;
+    : `<p>${empty}</p>`;
   const { current, count, newer, older } = page.pages;
   const pages =
     count > 1
@@ -173,14 +194,16 @@ export function renderPage(page: Page): string {
   // A page that links no other day (behind a link signed for one day) says nothing of days.
   const days = links ? `<nav aria-label="Days">${links}</nav>\n` : "";
   const dayKeys = links ? ", <kbd>[</kbd> earlier day, <kbd>]</kbd> later day" : "";
+  // All the page says is in its main landmark, its links in navigation landmarks within it. The
+  // keys help is hidden until the script, which makes the keys work, shows it.
   return documentOf(
     title,
     `<main>
 <h1>${escape(title)}</h1>
 ${partial}${items}
-${pages}</main>
-${days}<p class="meta">Keys: <kbd>j</kbd>/<kbd>→</kbd> next, <kbd>k</kbd>/<kbd>←</kbd> previous,
+${pages}${days}<p class="meta keys" hidden>Keys: <kbd>j</kbd>/<kbd>→</kbd> next, <kbd>k</kbd>/<kbd>←</kbd> previous,
 <kbd>Enter</kbd> open${dayKeys}.</p>
+</main>
 <script>${SCRIPT}</script>
 `,
   );

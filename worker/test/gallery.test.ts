@@ -2,7 +2,14 @@ import { env } from "cloudflare:workers";
 import { afterEach, describe, expect, it, vi } from "vitest";
 import { ALT_LENGTH, escape, SCRIPT, STYLE } from "../src/page";
 import { sign } from "../src/signing";
-import { IMAGE_GRACE, isCalendarDay, MAX_DAY_LIST_PAGES, MAX_ITEMS } from "../src/gallery";
+import {
+  IMAGE_GRACE,
+  isCalendarDay,
+  MAX_DAY_LIST_PAGES,
+  MAX_ITEMS,
+  pageParam,
+  pageTag,
+} from "../src/gallery";
 import { BASE, countingBucket, newBase, send } from "./helpers";
 
 // Gallery tests use their own far-future year so no other test's objects share their days.
@@ -205,7 +212,44 @@ describe("gallery", () => {
     expect(Array.from(alt).length).toBeGreaterThan(ALT_LENGTH - 10);
     expect(alt.endsWith("…")).toBe(true);
     expect(long.startsWith(alt.slice(0, -1))).toBe(true);
-    expect(items.long).toContain(`<p class="prompt" dir="auto">${long}</p>`);
+    // Shown cut to four lines, its summary opening it whole: read out in full all the same.
+    expect(items.long).toContain(
+      `<details class="prompt" dir="auto"><summary><span class="clamp">${long}</span></summary></details>`,
+    );
+    expect(items.long).not.toContain("aria-hidden");
+  });
+
+  // One long prompt stretched every item of its row to its height (grid items stretch).
+  it("keeps a row as high as its own items, and a long prompt to four lines", () => {
+    const rules = Object.fromEntries(
+      [...STYLE.matchAll(/([^{}]+)\{([^}]*)\}/g)].map((m) => [m[1]?.trim(), m[2] ?? ""]),
+    );
+    expect(rules["ol.grid"]).toContain("align-items: start;");
+    expect(rules["details.prompt:not([open]) .clamp"]).toMatch(
+      /display: -webkit-box;[^]*-webkit-line-clamp: 4;[^]*overflow: hidden;/,
+    );
+  });
+
+  it("keeps all it says in its main landmark, and the keys help for when they work", async () => {
+    const y = await days();
+    const html = await (await send(`${newBase()}/${y}/02/01/`)).text();
+    const body = /<body>\n([^]*)<\/body>/.exec(html)?.[1] ?? "";
+    // Only the script follows the main landmark; the day links and keys help are inside it.
+    expect(body).toMatch(/^<main>\n[^]*<\/main>\n<script>[^<]*<\/script>\n$/);
+    const main = /<main>([^]*)<\/main>/.exec(body)?.[1] ?? "";
+    expect(main).toContain(`<nav aria-label="Days"><a rel="prev" href="/${y}/01/30/">`);
+    // Hidden without the script, which makes the keys work: it shows the help first.
+    expect(main).toContain('<p class="meta keys" hidden>Keys: <kbd>j</kbd>');
+    expect(SCRIPT.startsWith('document.querySelector(".keys").hidden = false;\n')).toBe(true);
+  });
+
+  it("says that there are no images yet when there is no day at all", async () => {
+    year += 1;
+    const res = await send(`${newBase()}/`, { ORIGIN_PREFIX: `empty${year}` });
+    expect(res.status).toBe(200);
+    const html = await res.text();
+    expect(html).toContain("<p>No images yet.</p>");
+    expect(html).not.toContain("on this day");
   });
 
   it("answers errors as pages under its policy, with a link to the latest day", async () => {
@@ -530,8 +574,10 @@ describe("gallery costs", () => {
     calls.length = 0;
     // Each a page of its own at the edge: only the listings kept there answer them.
     const missing = [
-      ...[2, 3, 4, 999999].map((n) => `/${y}/02/01/?page=${n}`),
-      ...[2, 3, 999999].map((n) => `/?page=${n}`),
+      ...[2, 3, 4, 999999, 9999999].map((n) => `/${y}/02/01/?page=${n}`),
+      ...[2, 3, 999999, 9999999].map((n) => `/?page=${n}`),
+      // Past the integers a number holds exactly, and past any number at all.
+      ...["9007199254740993", "9".repeat(400)].map((n) => `/${y}/02/01/?page=${n}`),
       ...["02/02", "02/28", "03/01", "12/31"].map((date) => `/${y}/${date}/`),
       `/${y + 1000}/01/01/`,
       "/1999/01/01/",
@@ -552,7 +598,7 @@ describe("gallery costs", () => {
       expect(res.headers.get("Cache-Control")).toBe("no-store");
       expect(res.headers.get("Content-Security-Policy")).toBe("default-src 'none'; sandbox");
     }
-    for (const page of ["01", "+1", "1.0", "2e0", "1&page=1"]) {
+    for (const page of ["01", "+1", "1.0", "2e0", "1&page=1", "0", "00", "-1", "", " 2"]) {
       expect((await send(`${base}/${y}/02/01/?page=${page}`)).status, page).toBe(400);
     }
     // Behind signed links the redirect is signed for the same day, until the same time.
@@ -584,6 +630,100 @@ describe("gallery costs", () => {
       expect(await again.text()).toBe(await first.text());
       expect(calls).toEqual([]);
     }
+  });
+});
+
+describe("gallery page numbers", () => {
+  it("reads any number without a leading zero as a page, however long", () => {
+    const page = (value: string) => pageParam(new URLSearchParams({ page: value }));
+    expect(page("7")).toBe(7);
+    expect(page("9999999")).toBe(9_999_999);
+    expect(page("999999999999999")).toBe(999_999_999_999_999);
+    // Past 15 digits, no longer exact: read as the largest exact integer, past any last page.
+    expect(page("1000000000000000")).toBe(Number.MAX_SAFE_INTEGER);
+    expect(page("9".repeat(400))).toBe(Number.MAX_SAFE_INTEGER);
+    for (const bad of ["0", "01", "1.5", "1e3", "-2", "+2", "", "x"])
+      expect(page(bad), bad).toBeNull();
+    expect(pageParam(new URLSearchParams())).toBe(1);
+    expect(pageParam(new URLSearchParams("page=2&page=2"))).toBeNull();
+  });
+});
+
+describe("gallery revalidation", () => {
+  const revalidate = (url: string, tag: string, method = "GET", overrides = {}) =>
+    send(new Request(url, { method, headers: { "If-None-Match": tag } }), overrides);
+
+  it("tags a page with the hash of its bytes, and answers a matching If-None-Match 304", async () => {
+    const y = await days();
+    const url = `${newBase()}/${y}/02/01/`;
+    const res = await send(url);
+    expect(res.status).toBe(200);
+    const html = await res.text();
+    const tag = res.headers.get("ETag") ?? "";
+    expect(tag).toBe(await pageTag(html));
+    expect(tag).toMatch(/^W\/"[A-Za-z0-9_-]{43}"$/);
+    const head = await send(new Request(url, { method: "HEAD" }));
+    expect(head.headers.get("ETag")).toBe(tag);
+
+    // Weak comparison (RFC 9110 §13.1.2): the tag, weak or not, in a list, or `*`.
+    for (const asked of [tag, tag.slice(2), `"other", ${tag}`, "*"]) {
+      for (const method of ["GET", "HEAD"]) {
+        const again = await revalidate(url, asked, method);
+        expect(again.status, `${method} ${asked}`).toBe(304);
+        expect(again.body).toBeNull();
+        expect(again.headers.get("ETag")).toBe(tag);
+        // The headers a 200 would carry, but those of its body (RFC 9110 §15.4.5).
+        expect(again.headers.get("Cache-Control")).toBe("public, max-age=60");
+        expect(again.headers.get("Content-Security-Policy")).toBe(
+          res.headers.get("Content-Security-Policy"),
+        );
+        expect(again.headers.get("Content-Type")).toBeNull();
+      }
+    }
+    const other = await revalidate(url, 'W/"other"');
+    expect(other.status).toBe(200);
+    expect(await other.text()).toBe(html);
+  });
+
+  it("changes the tag when the page changes", async () => {
+    const y = await days();
+    const first = await send(`${newBase()}/${y}/02/01/`);
+    await record(`${y}/02/01`, "third", "three moons", `${y}-02-01T11:00:00Z`);
+    // A base of its own: the page as it is now, not as the edge keeps it for a minute.
+    const url = `${newBase()}/${y}/02/01/`;
+    const tag = first.headers.get("ETag") ?? "";
+    const changed = await revalidate(url, tag);
+    expect(changed.status).toBe(200);
+    expect(await changed.text()).toContain("three moons");
+    expect(changed.headers.get("ETag")).not.toBe(tag);
+  });
+
+  it("revalidates a signed page while its link holds, never once it expired", async () => {
+    const y = await days();
+    const secret = "gallery-signing-secret";
+    const signedFor = { SIGNING_SECRET: secret, GALLERY: "signed" };
+    vi.useFakeTimers({ toFake: ["Date"] });
+    vi.setSystemTime(1_800_000_000_000);
+    const expires = 1_800_000_300;
+    const day = `${y}/02/01/`;
+    const url = `${newBase()}/${day}?expires=${expires}&signature=${await sign(day, expires, secret)}`;
+    const res = await send(url, signedFor);
+    const tag = res.headers.get("ETag") ?? "";
+    expect(tag).toBe(await pageTag(await res.text()));
+    const again = await revalidate(url, tag, "GET", signedFor);
+    expect(again.status).toBe(304);
+    expect(again.headers.get("Cache-Control")).toBe("private, max-age=60");
+    vi.setSystemTime((expires + 1) * 1000);
+    const expired = await revalidate(url, tag, "GET", signedFor);
+    expect(expired.status).toBe(403);
+    expect(expired.headers.get("ETag")).toBeNull();
+  });
+
+  it("tags no error page", async () => {
+    const y = await days();
+    const res = await revalidate(`${newBase()}/${y}/02/01/?page=2`, "*");
+    expect(res.status).toBe(404);
+    expect(res.headers.get("ETag")).toBeNull();
   });
 });
 
