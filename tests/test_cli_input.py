@@ -63,6 +63,10 @@ def _one_line(stderr: str) -> str:
         (["generate", "x", *SMALL, "-o", "s3://"], "error: --output: not a valid bucket name"),
         # An empty model was the default model, without a word.
         (["generate", "x", "--model", ""], "error: --model: empty"),
+        # An empty ledger was the current folder ("ledger . is a folder, not a file").
+        (["history", "--ledger", ""], "error: --ledger: empty"),
+        (["status", GID, "--ledger", " "], "error: --ledger: empty"),
+        (["ledger", "export", "--ledger", ""], "error: --ledger: empty"),
         (["loop", "x", "--model", " ", "--count", "1"], "error: --model: empty"),
         # No URL to post to was "could not reach", exit 1.
         (["send", GENERATION_REQUESTED, "--to", "notaurl"], "error: --to: 'notaurl'"),

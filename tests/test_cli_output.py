@@ -102,6 +102,17 @@ def test_loop_prints_a_line_per_image_with_the_average(cli: RunCli) -> None:
     assert notes[1] == "made 2 image(s)"
 
 
+@pytest.mark.parametrize("command", [["generate"], ["loop", "--count", "1"]])
+def test_json_output_leaves_the_notes_out(cli: RunCli, command: list[str]) -> None:
+    """``loop --json`` said why the template prompt was used, where ``generate --json`` did
+    not: what a program reads is the JSON, and the exit status."""
+    env = {"IMAGEGEN_OLLAMA_HOST": NO_OLLAMA}
+    result = cli(*command, "a fox", *SMALL, "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[0] if command[0] == "loop" else result.stdout)
+    assert result.stderr == ""
+
+
 @pytest.mark.usefixtures("hub_reachable")
 def test_doctor_rows_are_sentences_with_a_next_step(cli: RunCli) -> None:
     result = cli("doctor")

@@ -469,6 +469,14 @@ def test_a_group_without_a_command_shows_its_help(cli: RunCli, group: list[str])
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize("options", [["-v"], ["--verbose"]])
+def test_options_without_a_command_show_the_help_as_none_do(
+    cli: RunCli, options: list[str]
+) -> None:
+    """``imagegen -v`` said a bare "Missing command.", where ``imagegen`` shows its help."""
+    assert cli(*options) == cli()
+
+
 def test_a_misspelled_variable_is_a_warning_that_names_the_setting(
     cli: RunCli, tmp_path: Path
 ) -> None:

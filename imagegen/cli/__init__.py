@@ -9,6 +9,7 @@ load is said as one line, as it is once they have.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -32,9 +33,19 @@ def _interrupted() -> NoReturn:
     """Exit as a command Ctrl-C stopped does (:func:`imagegen.cli._main.run`): one line, 130."""
     # With stderr closed (2>&-) or full, the exit status says it all the same.
     with contextlib.suppress(Exception):
-        sys.stderr.write("imagegen: error: interrupted\n")
+        sys.stderr.write(_INTERRUPTED)
         sys.stderr.flush()
     sys.exit(130)
+
+
+_INTERRUPTED = "imagegen: error: interrupted\n"
+"""What a command Ctrl-C stopped says (exit 130), before it has loaded as after."""
+
+
+def _no_color() -> bool:
+    """Whether ``NO_COLOR`` is set, not empty (https://no-color.org): then what imagegen
+    writes, and the libraries it runs, carries no colour or other style."""
+    return bool(os.environ.get("NO_COLOR"))
 
 
 # The application and a helper, for code that imports them from here; loaded on first use

@@ -7,6 +7,7 @@ modules, and nothing a command needs only when it runs (the library, asyncio, to
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import re
@@ -18,9 +19,17 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from imagegen.cli import _no_color
+
+try:  # recent typer releases carry their own copy of click
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as click_exceptions  # type: ignore[no-redef]
+
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from imagegen._threads import DaemonPool
     from imagegen.ledger import Ledger
     from imagegen.ledger.recorder import Recorder
     from imagegen.models import PersistedImage
@@ -34,6 +43,7 @@ __all__ = [
     "Verbose",
     "app",
     "cancel_on_termination",
+    "click_exceptions",
     "display_location",
     "dotenv_warnings",
     "err",
@@ -46,7 +56,9 @@ __all__ = [
     "out",
     "output_after",
     "printable",
+    "refuse_empty",
     "run_async",
+    "run_blocking",
     "say_stopped",
     "set_verbosity",
     "settings_from",
@@ -80,7 +92,12 @@ class _LazyConsole:
         if self._console is None:
             from rich.console import Console
 
-            self._console = Console(stderr=self._stderr)
+            # NO_COLOR drops every style, bold too, as it does in the libraries' output
+            # (werkzeug's: imagegen.cli._server): rich's own reading of it drops the colours
+            # alone. No colour system is how rich writes to a pipe: the text, no escapes.
+            self._console = Console(
+                stderr=self._stderr, color_system=None if _no_color() else "auto"
+            )
         return self._console
 
     # ``with console:`` (rich's Live and Progress hold the console so), which looks the
@@ -164,13 +181,18 @@ Verbose = Annotated[
 ]
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _main(
+    ctx: typer.Context,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help=_VERBOSE_HELP, callback=set_verbosity)
     ] = False,
 ) -> None:
     """Text to image: enhance → render → persist → derive, in-process or as Knative functions."""
+    if ctx.invoked_subcommand is None:
+        # ``imagegen -v``: the help, as ``imagegen`` alone shows it (click shows it only where
+        # no argument at all is given), never a bare "Missing command.".
+        raise click_exceptions.NoArgsIsHelpError(ctx)
     _unparsed.clear()  # a command's own warnings (one process may run several: tests)
 
 
@@ -199,6 +221,9 @@ def settings_from(**overrides: Any) -> Settings:
     check_propagators()
 
     given = {k: v for k, v in overrides.items() if v is not None}
+    for field, value in given.items():
+        if field in _FLAGS:
+            refuse_empty(_FLAGS[field], value)
     try:
         with dotenv_warnings():
             settings = Settings(**given)
@@ -229,6 +254,21 @@ def settings_from(**overrides: Any) -> Settings:
     if "storage_url" in overrides:  # a command that stores images: --output, or the setting
         _check_output(settings, option="storage_url" in given)
     return settings
+
+
+def refuse_empty(option: str, value: str | None) -> None:
+    """Refuse ``option`` given empty (or blank): never read as its default, nor an empty path
+    as the current folder.
+
+    Raises:
+        InvalidRequest: ``<option>: empty``, naming the option.
+    """
+    from imagegen.errors import InvalidRequest
+
+    if value is not None and not value.strip():
+        raise InvalidRequest(
+            f"{option}: empty", errors=[{"field": option.lstrip("-"), "message": "empty"}]
+        )
 
 
 def _from_dotenv(exc: OSError) -> bool:
@@ -467,6 +507,29 @@ def run_async(coro_factory: Callable[[], Any]) -> Any:
             if handler is not None:  # None: set outside Python, left as it is
                 with suppress(Exception):
                     signal.signal(signum, handler)
+
+
+def run_blocking(fn: Callable[..., Any], *args: Any) -> Any:
+    """Return ``fn(*args)``, run on a daemon thread while this one waits: a start-up call
+    that blocks for seconds (importing torch and diffusers, asking for the device), run as
+    render runs it for ``generate`` (``imagegen.render.stage``).
+
+    A Ctrl-C meanwhile stops the command as :func:`run_async` stops any (one line, exit 130)
+    at once; the thread, which cannot be stopped, is left to the process's exit. Run on the
+    main thread, the interrupt lands wherever the import is, in torch's C start-up too, which
+    swallows it or leaves a module half imported (numpy's): the command went on as though
+    never interrupted, failed on a later import, or said torch was not installed.
+    """
+    pool = _start_up()
+    return run_async(lambda: pool.run(fn, *args))
+
+
+@functools.cache
+def _start_up() -> DaemonPool:
+    """The daemon threads :func:`run_blocking` runs on, made on first use."""
+    from imagegen._threads import DaemonPool
+
+    return DaemonPool("imagegen-start-up")
 
 
 STOPPED = {130: "interrupted", 143: "terminated", 129: "hung up"}

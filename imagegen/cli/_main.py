@@ -23,6 +23,7 @@ from imagegen.cli._app import (
     CannotWrite,
     _Said,
     app,
+    click_exceptions,
     exit_at_once,
     failed_write,
     printable,
@@ -30,11 +31,6 @@ from imagegen.cli._app import (
 )
 from imagegen.cli.tools import functions_dir as functions_dir
 from imagegen.errors import ConfigurationError, ImageGenError, InvalidRequest, first_line
-
-try:  # recent typer releases carry their own copy of click
-    from typer._click import exceptions as click_exceptions
-except ImportError:  # pragma: no cover - older typer uses click itself
-    from click import exceptions as click_exceptions  # type: ignore[no-redef]
 
 __all__ = ["app", "run"]
 

@@ -18,6 +18,7 @@ from imagegen.cli._app import (
     newer_schema_said,
     out,
     run_async,
+    run_blocking,
     settings_from,
 )
 
@@ -107,20 +108,37 @@ _SETTINGS_STEP = "Change the settings named, unless that is meant (docs/configur
 
 
 def _render_check(settings: Settings) -> tuple[Check, bool]:
-    """The render row, and whether the render extra is installed."""
-    from imagegen.errors import ImageGenError
+    """The render row, and whether the render extra is installed and imports."""
+    from imagegen.cli.tools import RENDER_EXTRA, not_installed
+    from imagegen.errors import ImageGenError, first_line
     from imagegen.render._errors import INSTALL_HINT
 
-    try:
-        from imagegen.render.diffusers_backend import DiffusersBackend
-
-        info = DiffusersBackend(settings).describe()
-    except ImportError as exc:
+    def uninstalled(name: str) -> tuple[Check, bool]:
         return Check(
             "render",
             "warning",
-            f"{exc.name or 'torch'} is not installed: this install enhances and persists only.",
+            f"{name} is not installed: this install enhances and persists only.",
             f"Install the render extra: {INSTALL_HINT}.",
+        ), False
+
+    if (missing := not_installed(*RENDER_EXTRA)) is not None:
+        return uninstalled(missing)
+    try:
+        # torch and diffusers imported, and the device asked for, as render does it: off the
+        # main thread, where a Ctrl-C stops doctor at once, as it stops any command.
+        info = run_blocking(_describe, settings)
+    except ImportError as exc:
+        # A package the extra needs that is not there (transformers) is not installed; one
+        # that is there and fails to import is a broken install, not a missing one.
+        cause = exc.__cause__ if isinstance(exc.__cause__, ImportError) else exc
+        name = (cause.name or "").partition(".")[0]
+        if name and not_installed(name) is not None:
+            return uninstalled(name)
+        return Check(
+            "render",
+            "error",
+            f"The render extra is installed but does not import: {first_line(cause)}.",
+            "Reinstall the package it names (pip install --force-reinstall PACKAGE).",
         ), False
     except ImageGenError as exc:
         return Check("render", "error", exc.message, "Check IMAGEGEN_DEVICE."), True
@@ -142,6 +160,14 @@ def _render_check(settings: Settings) -> tuple[Check, bool]:
             "Fine for `--model tiny`; FLUX wants a CUDA GPU (docs/deploy.md).",
         ), True
     return Check("render", "ok", summary, ""), True
+
+
+def _describe(settings: Settings) -> dict[str, str]:
+    """What the render back end says of itself here (torch's version, the device, the dtype);
+    imports torch and diffusers."""
+    from imagegen.render.diffusers_backend import DiffusersBackend
+
+    return DiffusersBackend(settings).describe()
 
 
 def _fast_path_unapplied(settings: Settings, device: str) -> tuple[str, str] | None:

@@ -25,6 +25,7 @@ from imagegen.cli._app import (
     out,
     output_after,
     printable,
+    refuse_empty,
     run_async,
     settings_from,
 )
@@ -70,8 +71,7 @@ def _request(
     from imagegen.models import GenerationRequest
     from imagegen.validation import parse_model
 
-    if model is not None and not model.strip():  # not the default model, said so or not
-        raise InvalidRequest("--model: empty", errors=[{"field": "model", "message": "empty"}])
+    refuse_empty("--model", model)  # not the default model, said so or not
     data: dict[str, Any] = {
         "prompt": prompt,
         "model": model,
@@ -505,7 +505,7 @@ def loop(
                     warn_underived(underived)
                     if not as_json:
                         _explain_skips(skipped, skips_said)
-                    if enhanced.fallback and not explained:
+                    if enhanced.fallback and not explained and not as_json:
                         await _explain_fallback(service)
                         explained = True
                 if interval and (count == 0 or tally.made < count):

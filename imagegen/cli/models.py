@@ -8,7 +8,16 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from imagegen.cli._app import AsJson, app, err, markup, out, printable, settings_from
+from imagegen.cli._app import (
+    AsJson,
+    app,
+    err,
+    markup,
+    out,
+    printable,
+    run_blocking,
+    settings_from,
+)
 from imagegen.errors import ImageGenError
 
 if TYPE_CHECKING:
@@ -48,10 +57,17 @@ def pull(
             (err if as_json else out).print(
                 f"{name}: {why}, nothing to pull", markup=False, soft_wrap=True
             )
+    fetched = [n for n in wanted if needs_nothing(n) is None]
+    if fetched:
+        import importlib
+
+        # torch and diffusers, which the download imports, imported off the main thread, as
+        # doctor imports them (run_blocking): a Ctrl-C meanwhile stops the command at once.
+        run_blocking(importlib.import_module, "imagegen.render._loading")
     # Each in turn, each said as it ends: one that fails neither hides those pulled before it
     # nor stops those after it; the command fails at its end, with the last failure's line.
     pulled, failure = [], None
-    for name in (n for n in wanted if needs_nothing(n) is None):
+    for name in fetched:
         try:
             done = pull(name, settings)
         except ImageGenError as exc:

@@ -4,22 +4,31 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
 
 from imagegen import stages
-from imagegen.cli._app import AsJson, app, err, markup, out, run_async, settings_from
+from imagegen.cli._app import (
+    AsJson,
+    app,
+    markup,
+    out,
+    run_async,
+    run_blocking,
+    settings_from,
+)
 from imagegen.cli.history import _names, _setting_option, check_token
 from imagegen.errors import DependencyUnavailable, ImageGenError, InvalidRequest
 from imagegen.events import GENERATION_FAILED, GENERATION_REQUESTED
 
 __all__ = [
+    "RENDER_EXTRA",
     "check_render_extra",
     "functions_dir",
     "list_plugins",
+    "not_installed",
     "refused_options",
     "send",
     "serve",
@@ -166,22 +175,20 @@ def serve(
         prepare(settings)
     if stages.get(stage).loads_model:  # the function would answer 503 until it is installed
         check_render_extra()
+    from imagegen.cli import _server
+
     # An IPv6 address, bare or in brackets: bound bare, written in brackets before a port
     # (RFC 3986's IP-literal), as gunicorn reads the "host:port" functions-framework makes of
     # it (functions_framework/_http/gunicorn.py; gunicorn/util.py, parse_address). Werkzeug
     # (--debug) takes the bare address (werkzeug/serving.py, select_address_family).
-    bare = host[1:-1] if host.startswith("[") and host.endswith("]") and ":" in host else host
+    bare, shown = _server.address(host)
     _check_bind(bare, port)
-    shown = f"[{bare}]" if ":" in bare else bare
-    command = [sys.executable, "-m", "functions_framework", "--target", stage]
-    command += ["--source", str(source), "--host", bare if debug else shown, "--port", str(port)]
-    err.print(f"serving {stage} on http://{shown}:{port}")
-    sys.stdout.flush()
-    # functions-framework's own command: its public interface, and the one containers run.
-    os.execv(sys.executable, command + (["--debug"] if debug else []))  # noqa: S606
+    arguments = ["--target", stage, "--source", str(source)]
+    arguments += ["--host", bare if debug else shown, "--port", str(port)]
+    _server.start(arguments + (["--debug"] if debug else []))
 
 
-_RENDER_EXTRA = ("torch", "diffusers", "huggingface_hub")
+RENDER_EXTRA = ("torch", "diffusers", "huggingface_hub")
 """What rendering and pulling models import first of the render extra."""
 
 
@@ -194,12 +201,22 @@ def check_render_extra() -> None:
         RenderExtraMissing: a :class:`~imagegen.errors.ConfigurationError` naming what is
             not installed and how to install it.
     """
+    import importlib
+
+    if not_installed(*RENDER_EXTRA) is None:
+        return
+    # Raises the backend's own error, naming the first of them it cannot import; off the main
+    # thread, as torch is imported wherever it is (run_blocking).
+    run_blocking(importlib.import_module, "imagegen.render.diffusers_backend")
+
+
+def not_installed(*names: str) -> str | None:
+    """The first of the top-level packages ``names`` that is not installed, looked for
+    without importing it; None when all are. One that is there and fails to import is
+    installed all the same: broken, not missing."""
     from importlib.util import find_spec
 
-    if all(find_spec(name) is not None for name in _RENDER_EXTRA):
-        return
-    # Raises the backend's own error, naming the first of them it cannot import.
-    import imagegen.render.diffusers_backend  # noqa: F401
+    return next((name for name in names if find_spec(name) is None), None)
 
 
 def _check_local_storage(settings: Any) -> None:
