@@ -159,8 +159,9 @@ def decode_pixels(png: bytes, *, size: tuple[int, int] | None = None) -> Image.I
     Raises:
         InvalidRequest: naming ``width`` or ``height`` when the PNG is not of ``size``, or
             ``image`` when the stored bytes are no PNG that decodes (cut short, corrupt) or
-            one too large to decode (a decompression bomb): the same bytes fail alike at every
-            delivery, so the event can never succeed.
+            one too large to decode (a decompression bomb), or whatever else Pillow raises
+            of them: the same bytes fail alike at every delivery, so the event can never
+            succeed. A MemoryError is not the image's fault, and is raised as it is.
     """
     if (why := unreadable_chunk(png)) is not None:
         raise _undecodable(why)
@@ -180,13 +181,12 @@ def decode_pixels(png: bytes, *, size: tuple[int, int] | None = None) -> Image.I
                 raise _undecodable(why)  # Pillow would fill the missing rows with black
             opened.load()
             return _srgb(opened, _header(png))
-    except (
-        OSError,
-        SyntaxError,
-        ValueError,
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,  # where warnings are errors
-    ) as exc:
+    except (InvalidRequest, MemoryError):
+        raise  # said already; or this process short of memory, not the image at fault
+    except Exception as exc:
+        # OSError, SyntaxError and ValueError of a PNG damaged or one Pillow refuses, a
+        # DecompressionBombError (or its warning, where warnings are errors), an IndexError of
+        # a chunk handler it does not guard: the same bytes fail alike at every delivery.
         raise _undecodable(f"{type(exc).__name__}: {exc}") from None
 
 
@@ -299,78 +299,179 @@ def unshowable(png: bytes, opened: Image.Image) -> str | None:
 
 
 def unreadable_chunk(png: bytes) -> str | None:
-    """Why Pillow cannot read an ancillary chunk of ``png``, or None: persist refuses such a
-    PNG, which derive would fail for good, before its record, and derive before decoding.
+    """Why Pillow cannot read a chunk of ``png``, or why its text and profile chunks are
+    more than is inflated of one PNG here; or None. Persist refuses such a PNG, which derive
+    would fail for good, before its record, and derive before decoding.
 
-    Pillow inflates at most ``PngImagePlugin.MAX_TEXT_CHUNK`` (1 MiB) of a ``zTXt``, ``iTXt``
-    or ``iCCP`` chunk and keeps at most ``MAX_TEXT_MEMORY`` (64 MiB) of text in all, and
-    refuses to open a PNG past either (after the pixel data: to load it). libpng reads such a
-    chunk (up to 8 MB, its ``PNG_USER_CHUNK_MALLOC_MAX``) or skips it, and browsers show the
-    image; this decoder cannot, so it is refused, said as such. Each chunk up to IEND is
-    looked at as Pillow reads it (``chunk_zTXt``, ``chunk_iTXt``, ``chunk_iCCP``,
-    ``chunk_tEXt``): no stream is inflated past the limit, nor text past the memory's.
+    Each chunk up to IEND is held to what Pillow's handler of its type
+    (``PngImagePlugin.PngStream.chunk_*``) raises on, where libpng and browsers skip the
+    chunk, or read it, and show the image (Pillow reads those after the pixel data only to
+    load it, so persist, which does not load, took them):
+
+    - A ``zTXt`` or ``iCCP`` chunk with a compression method other than 0, or an ``iCCP``
+      chunk without a NUL after its profile name and a method after that (``chunk_zTXt``,
+      ``chunk_iCCP``); an ``iTXt`` chunk's flag and method Pillow checks by skipping it.
+    - A ``zTXt``, ``iTXt`` or ``iCCP`` chunk that inflates to more than
+      ``PngImagePlugin.MAX_TEXT_CHUNK`` (1 MiB; libpng reads up to 8 MB,
+      ``PNG_USER_CHUNK_MALLOC_MAX``); a stream that does not inflate Pillow ignores.
+    - A chunk shorter than the fields Pillow reads of it (``gAMA`` of under 4 bytes, a
+      ``tRNS`` colour of under 6 in an RGB PNG, and the like: :data:`_SHORTEST`), an
+      ``IHDR`` naming a filter method other than 0, and APNG's frame chunks (``fcTL``,
+      ``fdAT``) out of their order or, of ``fcTL``, a frame reaching past the image.
+    - Text and profile chunks that hold more than ``MAX_TEXT_MEMORY`` (64 MiB) in all, once
+      inflated. Pillow counts only the text of chunks with a keyword; every chunk counts
+      here, keyword or not, profiles and streams that fail part-way included, so the
+      inflating this and Pillow do of one PNG is bounded: ten thousand keyword-less ``zTXt``
+      chunks of 1 MiB each (10 MB of PNG) took ten CPU-seconds to inflate.
+
+    Each stream is inflated once, no further than 1 MiB, and none after the total is past.
     """
     from PIL import PngImagePlugin
 
     limit, memory = PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY
-    text = 0
+    size = struct.unpack_from(">II", png, 16) if len(png) >= 24 else (0, 0)
+    colour_type = png[25] if len(png) > 25 else -1
+    held = 0  # bytes of text and profile, inflated, in the chunks so far
+    sequence: int | None = None  # the last frame chunk's number
     at = 8
-    while at + 8 <= len(png):
+    while at + 12 <= len(png):  # a walk of millions of tiny chunks: little done for most
         length, kind = struct.unpack_from(">I4s", png, at)
-        if kind == b"IEND":
-            break
-        if kind in (b"tEXt", b"zTXt", b"iTXt", b"iCCP"):
-            read = _chunk_text(kind, png[at + 8 : at + 8 + length], limit)
-            if read is None:
+        if kind not in _READ:
+            if not kind.isalnum() and not kind.replace(b"_", b"a").isalnum():
+                break  # Pillow's is_cid (\w{4}): it reads no further, nor refuses what follows
+            at += 12 + length
+            continue
+        if kind == b"IEND" or at + 12 + length > len(png):
+            break  # the end, or a PNG cut short, which persist refuses as such
+        if kind == b"tEXt":  # held as it is: its text after the first NUL, if any
+            nul = png.find(b"\0", at + 8, at + 8 + length)
+            held += at + 7 + length - nul if nul >= 0 else 0
+            if held > memory:
+                return _too_much_text(memory)
+            at += 12 + length
+            continue
+        data = png[at + 8 : at + 8 + length]
+        shortest = _SHORTEST.get(kind, 0) if kind != b"tRNS" else _TRNS.get(colour_type, 0)
+        if length < shortest:
+            return (
+                f"a PNG whose {kind.decode()} chunk is shorter than the decoder here reads of it"
+                f" ({length} of {shortest} bytes)"
+            )
+        why: str | None = None
+        if kind == b"IHDR" and data[11]:
+            why = f"names filter method {data[11]}, not 0"
+        elif kind in (b"fcTL", b"fdAT"):  # PngStream.chunk_fcTL, chunk_fdAT
+            number = int.from_bytes(data[:4])
+            first = sequence is None and kind == b"fcTL"
+            if number != (0 if first else -1 if sequence is None else sequence + 1):
+                why = "is out of the order APNG's frame chunks are numbered in"
+            elif kind == b"fcTL":
+                width, height, x, y = struct.unpack_from(">IIII", data, 4)
+                if x + width > size[0] or y + height > size[1]:
+                    why = "places a frame past the image's edge"
+            sequence = number
+        elif kind in _TEXT_CHUNKS:
+            why, inflated = _text_chunk(kind, data, limit)
+            if why is None and inflated > limit:
                 return (
-                    f"a PNG whose {kind.decode()} chunk inflates to more than {limit:,} bytes,"
-                    " more than the decoder here reads"
+                    f"a PNG whose {kind.decode()} chunk inflates to more than {limit:,} bytes, more"
+                    " than the decoder here reads"
                 )
-            text += read
-            if text > memory:
-                return (
-                    f"a PNG whose text chunks hold more than {memory:,} characters, more than"
-                    " the decoder here reads"
-                )
+            held += inflated
+            if held > memory:
+                return _too_much_text(memory)
+        if why is not None:
+            return f"a PNG whose {kind.decode()} chunk {why}, which the decoder here refuses"
         at += 12 + length
     return None
 
 
-def _chunk_text(kind: bytes, data: bytes, limit: int) -> int | None:
-    """The characters of text Pillow keeps of a ``kind`` chunk of ``data`` (none of a profile),
-    or None when its compressed part inflates to more than ``limit`` bytes."""
+def _too_much_text(memory: int) -> str:
+    return (
+        f"a PNG whose text and profile chunks hold more than {memory:,} bytes in all once"
+        " inflated, more than is read of one PNG here"
+    )
 
-    def inflated(stream: bytes) -> bytes | None:  # PngImagePlugin._safe_zlib_decompress
-        inflater = zlib.decompressobj()
-        try:
-            out = inflater.decompress(stream, limit)
-        except zlib.error:
-            return b""  # ignored by Pillow
-        return None if inflater.unconsumed_tail else out
 
-    if kind == b"iCCP":  # a name, a NUL, the compression method, the profile
-        return None if inflated(data[data.find(b"\0") + 2 :]) is None else 0
-    keyword, _, value = data.partition(b"\0")
+_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt", b"iCCP")
+# The fewest bytes of each chunk's data that Pillow's handler of it takes (it raises
+# "Truncated ... chunk" on fewer), and of a tRNS chunk by colour type: a grey sample (2 bytes)
+# or an RGB colour (6); a palette's may be of any length.
+_SHORTEST = {
+    b"IHDR": 13,
+    b"gAMA": 4,
+    b"cHRM": 32,
+    b"sRGB": 1,
+    b"pHYs": 9,
+    b"acTL": 8,
+    b"fcTL": 26,
+    b"fdAT": 4,
+}
+_TRNS = {0: 2, 2: 6}
+_READ = frozenset([*_SHORTEST, b"tRNS", *_TEXT_CHUNKS, b"IEND"])  # the chunks looked into
+_TEXT_PIECE = 1 << 14  # inflated at a time: a stream that fails counts up to its piece
+
+
+def _text_chunk(kind: bytes, data: bytes, limit: int) -> tuple[str | None, int]:
+    """What Pillow's handler of a ``kind`` chunk of ``data`` raises on, said in words, or
+    None; and the bytes of text or profile it holds, inflated (past ``limit``: over it).
+
+    Pillow's rules (``chunk_iCCP``, ``chunk_zTXt``, ``chunk_iTXt``, ``chunk_tEXt``): an
+    ``iCCP`` chunk is a profile name, a NUL, the compression method (0) and the profile's
+    stream, none of which may be missing; a ``zTXt`` chunk a keyword, a NUL, the method and
+    the text's stream, any of them missing taken for empty; an ``iTXt`` chunk a keyword, a
+    NUL, a compression flag and method, a language and a translated keyword each ended by a
+    NUL, then the text, inflated where the flag is set and the method 0, and skipped whole
+    where any of that is missing or the method is another; a ``tEXt`` chunk a keyword, a NUL
+    and the text.
+    """
+    keyword_end = data.find(b"\0")
+    if kind == b"iCCP":
+        if keyword_end < 0:
+            return "has no NUL after its profile name", 0
+        if keyword_end + 1 == len(data):
+            return "has no compression method after its profile name", 0
+        if data[keyword_end + 1]:
+            return f"names compression method {data[keyword_end + 1]}, not 0 (deflate)", 0
+        return None, _inflated_size(data[keyword_end + 2 :], limit)
+    if keyword_end < 0:
+        return None, 0  # no text: Pillow takes the whole for a keyword
+    value = data[keyword_end + 1 :]
     if kind == b"tEXt":
-        return len(value) if keyword else 0
-    if kind == b"zTXt":  # after the NUL, the compression method, then the text
-        got = inflated(value[1:])
-        return None if got is None else len(got) if keyword else 0
-    # iTXt: after the NUL, a compression flag and method, a language and a translated keyword,
-    # each ended by a NUL, then the text.
-    if b"\0" not in data or len(value) < 2 or value[2:].count(b"\0") < 2:
-        return 0
-    language, translated, said = value[2:].split(b"\0", 2)
-    text: bytes | None = said
-    if value[0]:
-        text = inflated(said) if value[1] == 0 else b""
-    if text is None:
-        return None
-    try:
-        language.decode(), translated.decode()
-        return len(text.decode())
-    except UnicodeDecodeError:
-        return 0
+        return None, len(value)
+    if kind == b"zTXt":
+        if value and value[0]:
+            return f"names compression method {value[0]}, not 0 (deflate)", 0
+        return None, _inflated_size(value[1:], limit)
+    # iTXt
+    if len(value) < 2 or value[2:].count(b"\0") < 2:
+        return None, 0
+    text = value[2:].split(b"\0", 2)[2]
+    if not value[0]:
+        return None, len(text)
+    return None, _inflated_size(text, limit) if value[1] == 0 else 0
+
+
+def _inflated_size(stream: bytes, limit: int) -> int:
+    """How many bytes zlib's ``stream`` inflates to, as Pillow inflates a text or profile
+    chunk (``PngImagePlugin._safe_zlib_decompress``: a stream cut short gives what it holds),
+    never past ``limit``: ``limit + 1`` where it holds more. A stream that fails (which
+    Pillow ignores) counts what came out before the piece it fails in, and that piece whole:
+    the work it took, at most."""
+    inflater = zlib.decompressobj()
+    size = 0
+    while True:
+        piece = min(_TEXT_PIECE, limit - size)
+        try:
+            out = len(inflater.decompress(stream, piece))
+        except zlib.error:
+            return size + piece
+        size += out
+        stream = inflater.unconsumed_tail
+        if not stream or inflater.eof or not out:  # what follows the stream is not read
+            return size
+        if size >= limit:  # more in it than Pillow inflates
+            return limit + 1
 
 
 # Samples each channel of each colour type has (PNG spec 11.2.2, table 11.1).

@@ -276,7 +276,9 @@ class PersistStage:
         png = await claim_image(
             self.storage, keys.image, image.sha256, size=stored.size, described_by="the event"
         )
-        dimensions = _png_size(png, (image.width, image.height))
+        # CPU-bound (its chunks walked and inflated): off the loop, so one PNG does not hold
+        # up the requests beside it.
+        dimensions = await asyncio.to_thread(_png_size, png, (image.width, image.height))
         self._check_rendered(image, location, stored, len(png), dimensions)
 
         # 4. Public URLs and the record, written last: its presence marks the image final.
@@ -513,9 +515,10 @@ def _png_size(png: bytes, described: tuple[int, int]) -> tuple[int, int] | str:
     (:func:`_unfinished`). Those are looked for only in a PNG of the ``described`` size, the
     event's (at most 2048 a side, ``Dimension``): one of any other is refused for its size
     alone, before its pixel data is inflated (a 13000 x 13000 16-bit RGBA header over 1.3 MB
-    of deflated zeros inflates to 1.3 GB, a CPU-second). A text or profile chunk Pillow cannot
-    read (:func:`imagegen.derivatives.unreadable_chunk`) is said first: Pillow would not open
-    the PNG, or derive not load it.
+    of deflated zeros inflates to 1.3 GB, a CPU-second). A chunk Pillow cannot read, or text
+    and profile chunks past what is inflated of one PNG
+    (:func:`imagegen.derivatives.unreadable_chunk`), are said first: Pillow would not open the
+    PNG, or derive not load it. CPU-bound: run it off the event loop.
     """
     if (why := unreadable_chunk(png)) is not None:  # or Pillow would not open it
         return why

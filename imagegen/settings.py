@@ -210,21 +210,24 @@ _DEFAULT_IGNORABLE = (
 )
 
 
-def _origin_problem(scheme: str, netloc: str) -> str | None:
-    """What in ``netloc`` (a host and an optional port, no user name) a browser would read
-    otherwise than it is written, or refuse, said in words; None when the WHATWG URL
-    Standard's host and port parsing (browsers', the Worker's ``new URL``) gives it back as is.
+def _served_origin(scheme: str, netloc: str) -> str:
+    """``netloc`` (a host and an optional port, no user name) as browsers write it, by the
+    WHATWG URL Standard's host and port parsing (browsers', the Worker's ``new URL``): the
+    host in lower case, an IPv4 address as four decimal numbers (``127.1`` is ``127.0.0.1``),
+    an IPv6 address compressed (``[2001:DB8:0::1]`` is ``[2001:db8::1]``), a port without
+    leading zeros and none where it is the scheme's default. Each public URL is the base and a
+    key, so records hold what browsers request.
 
-    The host is a DNS name in lower case: labels of letters, digits and hyphens, neither
-    starting nor ending with a hyphen, 63 characters at most, 253 in all (RFC 1123, 2.1), an
-    ``xn--`` label one that decodes by IDNA 2003 (Python's ``idna`` codec) to left-to-right
-    code points Unicode 3.2 assigned, none for private use, the first no combining mark
-    (UTS #46, 4.1); or a dotted-quad IPv4 address, or an
-    IPv6 address in brackets as the standard writes it (RFC 5952: lower case, the longest run
-    of zeros shortened). The port is a number from 1 to 65535 without leading zeros, and not
-    the scheme's default, which browsers leave out.
+    Raises:
+        ValueError: saying what in it browsers refuse (a percent sign or a code point the
+            standard forbids in a host, an IPv6 zone, a name ending in a number that is no
+            IPv4 address) or what no server is reached at: a host that is no DNS name (labels
+            of 1 to 63 letters, digits, hyphens and underscores, 253 characters in all, and
+            one trailing dot at most: ``img..example.com`` or ``a"b.com`` are looked up
+            nowhere), port 0, or a Unicode host, which browsers convert by UTS #46 and this
+            check does not: its IDNA form (``xn--...``) is taken, where it decodes by IDNA
+            2003 to left-to-right text of Unicode 3.2, which browsers take alike.
     """
-    import ipaddress
     import re
 
     if netloc.startswith("["):  # _http_url saw its "]"
@@ -233,36 +236,28 @@ def _origin_problem(scheme: str, netloc: str) -> str | None:
         host, colon, port = netloc.partition(":")
         rest = colon + port
     port = rest.removeprefix(":")
-    if rest and (rest == port or not (port.isascii() and port.isdigit()) or port[0] == "0"):
-        return "has a port that is not a number from 1 to 65535 written without leading zeros"
-    if port and int(port) == {"http": 80, "https": 443}[scheme]:
-        return "has its scheme's default port, which browsers leave out of every URL"
+    if rest and (rest == port or (port and not (port.isascii() and port.isdigit()))):
+        raise ValueError("has a port that is not a number from 1 to 65535")
+    number = int(port) if port else None
+    if number == 0:
+        raise ValueError("has port 0, at which no server is reached")
+    after = "" if number in (None, {"http": 80, "https": 443}[scheme]) else f":{number}"
     if netloc.startswith("["):
-        try:
-            written = str(ipaddress.IPv6Address(host))
-        except ValueError:
-            return "has an IPv6 host that is not an IPv6 address"
-        if written != host or "." in host:  # a zone (%eth0) is in both
-            return "has an IPv6 address not written as browsers write it ([2001:db8::1])"
-        return "has an IPv6 address with a zone (%), which browsers refuse" if "%" in host else None
+        return f"[{_ipv6(host)}]{after}"
     if not host.isascii():
-        return "has a host that is not ASCII: give its IDNA form (xn--...), as browsers write it"
-    labels = host.split(".")
-    label = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z", re.IGNORECASE)
-    if len(host) > 253 or not all(map(label.match, labels)):
-        return (
-            "has a host that is no DNS name (letters, digits and hyphens, in labels separated"
-            " by single dots, none at the end)"
+        raise ValueError(
+            "has a host that is not ASCII: give its IDNA form (xn--...), as browsers write it"
         )
-    if host != host.lower():
-        return "has upper-case letters in its host, which browsers write in lower case"
-    if re.fullmatch(r"[0-9]+|0x[0-9a-f]*", labels[-1]):  # the standard's "ends in a number"
-        try:
-            numeric = str(ipaddress.IPv4Address(host)) == host
-        except ValueError:
-            numeric = False
-        if not numeric:
-            return "has a host that ends in a number but is no IPv4 address a.b.c.d"
+    if "%" in host:
+        raise ValueError("has a percent sign in its host, which browsers decode: give it decoded")
+    host = host.lower()
+    if not re.fullmatch(r"[a-z0-9_.-]+", host):
+        raise ValueError(_NO_DNS_NAME)
+    labels = host.removesuffix(".").split(".")
+    if re.fullmatch(r"[0-9]+", labels[-1]) or _ipv4_number(labels[-1]) is not None:
+        return _ipv4(labels) + after  # the standard's "ends in a number"
+    if len(host.removesuffix(".")) > 253 or not all(0 < len(name) < 64 for name in labels):
+        raise ValueError(_NO_DNS_NAME)
     for idna in (name for name in labels if name.startswith("xn--")):
         try:
             decoded = idna.encode("ascii").decode("idna")
@@ -279,14 +274,77 @@ def _origin_problem(scheme: str, netloc: str) -> str | None:
             or {"R", "AL", "AN"} & set(map(unicodedata.bidirectional, decoded))
             or re.search(_DEFAULT_IGNORABLE, decoded)
         ):
-            return "has an xn-- label in its host that is not valid IDNA, or right-to-left"
-    return None
+            raise ValueError(
+                "has an xn-- label in its host that is not valid IDNA, or right-to-left"
+            )
+    return host + after
+
+
+_NO_DNS_NAME = (
+    "has a host that is no DNS name (labels of letters, digits, hyphens and underscores,"
+    " separated by single dots)"
+)
+
+
+def _ipv4_number(text: str) -> int | None:
+    """``text`` read as the WHATWG URL Standard reads one part of an IPv4 address: decimal,
+    hexadecimal after ``0x``, octal after ``0``; None where it is no number."""
+    digits, base = text, 10
+    if text[:2] == "0x":
+        digits, base = text[2:], 16
+    elif len(text) > 1 and text[0] == "0":
+        digits, base = text[1:], 8
+    if not text or not all(c in "0123456789abcdef"[:base] for c in digits):
+        return None
+    return int(digits, base) if digits else 0
+
+
+def _ipv4(parts: list[str]) -> str:
+    """The IPv4 address browsers read a host of these dot-separated ``parts`` as, dotted
+    (the WHATWG URL Standard's IPv4 parser: the last part fills the bytes the others leave)."""
+    numbers = [_ipv4_number(part) for part in parts]
+    if len(parts) > 4 or None in numbers:
+        raise ValueError("has a host that ends in a number but is no IPv4 address")
+    *first, last = [n for n in numbers if n is not None]
+    if any(n > 255 for n in first) or last >= 256 ** (4 - len(first)):
+        raise ValueError("has a host that ends in a number but is no IPv4 address")
+    address = sum(n << (8 * (3 - i)) for i, n in enumerate(first)) + last
+    return ".".join(str(address >> shift & 255) for shift in (24, 16, 8, 0))
+
+
+def _ipv6(text: str) -> str:
+    """The IPv6 address ``text`` as the WHATWG URL Standard writes it: hexadecimal in lower
+    case without leading zeros, the first longest run of two or more zero pieces as ``::``,
+    and no dotted IPv4 part (``::ffff:1.2.3.4`` is ``::ffff:102:304``)."""
+    import ipaddress
+
+    if "%" in text:
+        raise ValueError("has an IPv6 address with a zone (%), which browsers refuse")
+    try:
+        packed = ipaddress.IPv6Address(text).packed
+    except ValueError:
+        raise ValueError("has an IPv6 host that is not an IPv6 address") from None
+    pieces = [int.from_bytes(packed[at : at + 2]) for at in range(0, 16, 2)]
+    runs = [
+        (length, -start)
+        for start in range(8)
+        for length in range(2, 9 - start)
+        if not any(pieces[start : start + length])
+    ]
+    written = [f"{piece:x}" for piece in pieces]
+    if runs:
+        length, start = max(runs)
+        written[-start : -start + length] = [""]
+        if -start == 0:
+            written.insert(0, "")
+        if -start + length == 8:
+            written.append("")
+    return ":".join(written)
 
 
 def _served_base_url(value: str | None) -> str | None:
-    """``value`` when it is an :func:`_http_url` with no user name or password, nothing after
-    its host but ``/``, no backslash, and an origin browsers write as it is
-    (:func:`_origin_problem`).
+    """``value`` as browsers write it (:func:`_served_origin`) when it is an :func:`_http_url`
+    with no user name or password, nothing after its host but ``/``, and no backslash.
 
     The Worker takes an object's key from the whole path of a request (``worker/src/keys.ts``)
     and a public URL is ``<base>/<key>``: a path in the base puts the key under it, a query or
@@ -325,16 +383,17 @@ def _served_base_url(value: str | None) -> str | None:
         problems.append(f"has {listed}: the Worker serves keys at the root of its host")
     if problems:
         raise ValueError(f"{'; '.join(problems)}, so give its origin alone (https://host[:port])")
-    problem = _origin_problem(parts.scheme, parts.netloc)
-    if problem:  # each URL is this text and a key: a browser must read it as written
-        raise ValueError(f"{problem}, so give it as https://host[:port]")
     # Each URL is this text and a key, kept for good: it must be the URL urllib reads.
     if urlunsplit(parts) != value:
         raise ValueError(
             "is not the URL it reads as (urlsplit, then urlunsplit, write it otherwise: an"
             " upper-case scheme?), so give it as https://host[:port]"
         )
-    return value
+    try:
+        origin = _served_origin(parts.scheme, parts.netloc)
+    except ValueError as exc:
+        raise ValueError(f"{exc}, so give it as https://host[:port]") from None
+    return f"{parts.scheme}://{origin}{parts.path}"
 
 
 # Standard Webhooks (standard-webhooks/standard-webhooks, spec/standard-webhooks.md, "Signature

@@ -1,6 +1,6 @@
 """Stored PNGs whose structure derive cannot decode as a browser shows it: rows of a filter
 type PNG does not have, methods in the header PNG does not have, an animation, a palette
-without its PLTE, a chunk too large for Pillow to read. persist refuses
+without its PLTE, a chunk too large for Pillow to read or one it raises on. persist refuses
 them before its record; derive refuses them, for a record written before, as a 400 naming the
 image at every delivery, without decoding a pixel."""
 
@@ -98,6 +98,23 @@ DAMAGED = {
     "zTXt too large after the pixels": _inserted(
         _rgb_png(_grey_rows()), _LONG_TEXT, after_pixels=True
     ),
+    # Pillow's chunk handlers raise as it loads them: an IndexError (no method after the NUL,
+    # which was a 500), a SyntaxError (another method), a ValueError (too short to read).
+    "iCCP without its method after the pixels": _inserted(
+        _rgb_png(_grey_rows()), _chunk(b"iCCP", b"p\0"), after_pixels=True
+    ),
+    "empty iCCP after the pixels": _inserted(
+        _rgb_png(_grey_rows()), _chunk(b"iCCP", b""), after_pixels=True
+    ),
+    "iCCP of method 1 after the pixels": _inserted(
+        _rgb_png(_grey_rows()), _chunk(b"iCCP", b"p\0\x01x"), after_pixels=True
+    ),
+    "zTXt of method 1 after the pixels": _inserted(
+        _rgb_png(_grey_rows()), _chunk(b"zTXt", b"k\0\x01x"), after_pixels=True
+    ),
+    "gAMA cut short after the pixels": _inserted(
+        _rgb_png(_grey_rows()), _chunk(b"gAMA", b"\0"), after_pixels=True
+    ),
 }
 
 
@@ -109,8 +126,9 @@ async def test_a_record_of_a_png_derive_cannot_show_is_a_400_naming_the_image(
     have failed to decode, an unknown compression method was decoded as deflate (libpng, and
     so a browser, refuses it), and an animation was made into derivatives of its static image
     alone; a palette PNG without a PLTE before its pixels (libpng refuses it) was derived with
-    a grey palette Pillow made up, and a text chunk too large for Pillow failed as it loaded.
-    Each is refused at every delivery, nothing decoded or encoded."""
+    a grey palette Pillow made up, and a text chunk too large for Pillow, or one its handler
+    raises on, failed as it loaded (an IndexError a 500). Each is refused at every delivery,
+    nothing decoded or encoded."""
     data = DAMAGED[case]
     with pytest.raises(InvalidRequest) as caught:
         decode_pixels(data, size=SIZE)
@@ -154,6 +172,30 @@ def test_a_chunk_before_the_pixels_too_large_for_pillow_is_said_as_such(
     assert _png_size(data, SIZE) == f"{said}, more than the decoder here reads"
     fine = _inserted(_rgb_png(_grey_rows()), _chunk(kind, body + zlib.compress(b"a" * 1000)))
     assert decode_pixels(fine, size=SIZE).size == SIZE
+
+
+def test_whatever_pillow_raises_of_the_stored_bytes_is_a_400_naming_the_image(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A chunk Pillow's handler raises an IndexError on, which no check before it knew of:
+    the same bytes fail alike at every delivery, so a 400 naming the image, not a 500."""
+    monkeypatch.setattr("imagegen.derivatives.unreadable_chunk", lambda png: None)
+    data = _inserted(_rgb_png(_grey_rows()), _chunk(b"iCCP", b"p\0"), after_pixels=True)
+    with pytest.raises(InvalidRequest) as caught:
+        decode_pixels(data, size=SIZE)
+    assert caught.value.fields == ["image"] and "IndexError" in caught.value.message
+    assert (caught.value.status, caught.value.retryable) == (400, False)
+
+
+def test_a_process_short_of_memory_is_not_the_image_at_fault(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def short(*args: Any) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr("PIL.ImageFile.ImageFile.load", short)
+    with pytest.raises(MemoryError):
+        decode_pixels(_rgb_png(_grey_rows()), size=SIZE)
 
 
 def test_a_plte_in_a_grey_png_is_ignored_as_libpng_ignores_it() -> None:

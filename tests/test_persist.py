@@ -864,6 +864,7 @@ _PLTE = _chunk(b"PLTE", bytes(range(256)) * 3)
 _TWO_MIB = zlib.compress(b"a" * (2 << 20))  # of text or a profile: 2 KiB deflated
 _HALF_MIB = zlib.compress(b"a" * (1 << 19))
 _WHOLE_MIB = zlib.compress(b"a" * (1 << 20))
+_OVER_ALL = "a PNG whose text and profile chunks hold more than 67,108,864 bytes in all"
 
 # Each: the PNG, what persist says of it (None: taken), whether libpng reads it.
 PALETTES_AND_CHUNKS: dict[str, tuple[bytes, str | None, bool]] = {
@@ -904,7 +905,88 @@ PALETTES_AND_CHUNKS: dict[str, tuple[bytes, str | None, bool]] = {
     ),
     "65 zTXt of 1 MiB": (
         _chunked_png(2, before=_chunk(b"zTXt", b"k\0\0" + _WHOLE_MIB) * 65, channels=3),
-        "a PNG whose text chunks hold more than 67,108,864 characters",
+        _OVER_ALL,
+        True,
+    ),
+    # No keyword: Pillow keeps no text of them, but inflated each, 1 MiB at a time, unbounded.
+    "65 zTXt of 1 MiB without a keyword after IDAT": (
+        _chunked_png(2, after=_chunk(b"zTXt", b"\0\0" + _WHOLE_MIB) * 65, channels=3),
+        _OVER_ALL,
+        True,
+    ),
+    "33 profiles and 32 zTXt of 1 MiB": (
+        _chunked_png(
+            2,
+            before=_chunk(b"iCCP", b"p\0\0" + _WHOLE_MIB) * 33,
+            after=_chunk(b"zTXt", b"k\0\0" + _WHOLE_MIB) * 32,
+            channels=3,
+        ),
+        _OVER_ALL,
+        True,
+    ),
+    "64 zTXt of 1 MiB without a keyword": (
+        _chunked_png(2, after=_chunk(b"zTXt", b"\0\0" + _WHOLE_MIB) * 64, channels=3),
+        None,
+        True,
+    ),
+    # Pillow's chunk handlers raise on each as derive loads the image (after IDAT) or as it
+    # opens it (before): an IndexError (no method after the NUL), a SyntaxError (another
+    # method, no NUL), a ValueError (a chunk shorter than its fields).
+    "empty iCCP after IDAT": (
+        _chunked_png(2, after=_chunk(b"iCCP", b""), channels=3),
+        "a PNG whose iCCP chunk has no NUL after its profile name",
+        True,
+    ),
+    "iCCP without its method after IDAT": (
+        _chunked_png(2, after=_chunk(b"iCCP", b"p\0"), channels=3),
+        "a PNG whose iCCP chunk has no compression method after its profile name",
+        True,
+    ),
+    "iCCP of method 1 after IDAT": (
+        _chunked_png(2, after=_chunk(b"iCCP", b"p\0\x01" + _HALF_MIB), channels=3),
+        "a PNG whose iCCP chunk names compression method 1, not 0 (deflate)",
+        True,
+    ),
+    "iCCP of method 1": (
+        _chunked_png(2, before=_chunk(b"iCCP", b"p\0\x01" + _HALF_MIB), channels=3),
+        "a PNG whose iCCP chunk names compression method 1, not 0 (deflate)",
+        True,
+    ),
+    "zTXt of method 1 after IDAT": (
+        _chunked_png(2, after=_chunk(b"zTXt", b"k\0\x01" + _HALF_MIB), channels=3),
+        "a PNG whose zTXt chunk names compression method 1, not 0 (deflate)",
+        True,
+    ),
+    "gAMA of 2 bytes after IDAT": (
+        _chunked_png(2, after=_chunk(b"gAMA", b"\0\0"), channels=3),
+        "a PNG whose gAMA chunk is shorter than the decoder here reads of it (2 of 4 bytes)",
+        True,
+    ),
+    "tRNS of a grey sample in an RGB PNG after IDAT": (
+        _chunked_png(2, after=_chunk(b"tRNS", b"\0\0"), channels=3),
+        "a PNG whose tRNS chunk is shorter than the decoder here reads of it (2 of 6 bytes)",
+        True,
+    ),
+    "fdAT without an fcTL after IDAT": (
+        _chunked_png(2, after=_chunk(b"fdAT", bytes(8)), channels=3),
+        "a PNG whose fdAT chunk is out of the order APNG's frame chunks are numbered in",
+        True,
+    ),
+    # What Pillow takes: an iTXt of another method it skips, as libpng does; a zTXt without
+    # a NUL is one keyword; a stream that does not inflate is ignored.
+    "iTXt of method 1 after IDAT": (
+        _chunked_png(2, after=_chunk(b"iTXt", b"k\0\x01\x01\0\0" + _HALF_MIB), channels=3),
+        None,
+        True,
+    ),
+    "zTXt without a NUL after IDAT": (
+        _chunked_png(2, after=_chunk(b"zTXt", b"k\x01"), channels=3),
+        None,
+        True,
+    ),
+    "zTXt of a damaged stream after IDAT": (
+        _chunked_png(2, after=_chunk(b"zTXt", b"k\0\0not deflate"), channels=3),
+        None,
         True,
     ),
 }
@@ -950,10 +1032,13 @@ async def test_a_png_libpng_refuses_or_this_decoder_cannot_read_is_refused_unrec
 ) -> None:
     """A palette PNG without a PLTE before its pixels was taken, and derived with a grey
     palette Pillow made up, where libpng, and so a browser, refuses it; a text or profile
-    chunk past what Pillow inflates was refused as "not a PNG" (before the pixels) or taken
-    and failed by derive for good (after them), where libpng reads the image. Each is refused
-    naming the image, saying why; what libpng reads and Pillow can, a PLTE in a grey PNG
-    included, is taken."""
+    chunk past what Pillow inflates, or one Pillow's chunk handler raises on (an iCCP chunk
+    with no method after its NUL, a zTXt or iCCP chunk of another method, a chunk shorter than
+    its fields), was refused as "not a PNG" (before the pixels) or taken and failed by derive
+    for good (after them), where libpng reads the image; text and profile chunks holding
+    more than 64 MiB in all were taken where they had no keyword or were profiles. Each is
+    refused naming the image, saying why; what libpng reads and Pillow can, a PLTE in a grey
+    PNG included, is taken."""
     data, said, libpng_reads = PALETTES_AND_CHUNKS[case]
     assert _libpng_reads(data) in (libpng_reads, None)
     async with ImageGenService(settings) as service:
@@ -967,3 +1052,75 @@ async def test_a_png_libpng_refuses_or_this_decoder_cannot_read_is_refused_unrec
         assert caught.value.fields == ["image"]
         assert caught.value.errors[0]["message"].startswith(said)
         assert await service.storage.head(GenerationKeys("chunks-1", NOW).metadata) is None
+
+
+async def test_the_text_chunks_of_one_png_are_inflated_no_further_than_the_total_allows(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thousand keyword-less zTXt chunks of 1 MiB each (1 MB of PNG) were each inflated, a
+    GiB in all (ten thousand took ten seconds, holding up every other request), and taken:
+    Pillow counts no text without a keyword. The walk stops once the chunks hold more than
+    64 MiB, and the PNG is refused naming the image."""
+    inflated = 0
+    real = zlib.decompressobj
+
+    class Counted:
+        def __init__(self) -> None:
+            self.inflater = real()
+
+        def decompress(self, data: bytes, max_length: int = 0) -> bytes:
+            nonlocal inflated
+            out = self.inflater.decompress(data, max_length)
+            inflated += len(out)
+            return out
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inflater, name)
+
+    bomb = _chunk(b"zTXt", b"\0\0" + zlib.compress(bytes(1 << 20), 9))
+    data = _chunked_png(2, after=bomb * 1000, channels=3)
+    monkeypatch.setattr("imagegen.derivatives.zlib.decompressobj", Counted)
+    async with ImageGenService(settings) as service:
+        rendered = await _stored_as_render(service.storage, "many-1", data)
+        with pytest.raises(InvalidRequest) as caught:
+            await service.persist(rendered)
+    assert caught.value.fields == ["image"]
+    assert caught.value.errors[0]["message"].startswith(_OVER_ALL)
+    assert inflated <= 66 << 20  # 64 MiB and the chunk that passed it
+
+
+async def test_a_stored_png_is_checked_off_the_event_loop(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its chunks walked and inflated, its pixel data inflated: CPU work that held up every
+    request beside it while it ran on the event loop's thread."""
+    import threading
+
+    from imagegen import persist
+
+    threads = []
+    check = persist._png_size
+
+    def watched(png: bytes, described: tuple[int, int]) -> tuple[int, int] | str:
+        threads.append(threading.current_thread())
+        return check(png, described)
+
+    monkeypatch.setattr(persist, "_png_size", watched)
+    async with ImageGenService(settings) as service:
+        rendered = await _stored_as_render(service.storage, "thread-1", _chunked_png(2, channels=3))
+        await service.persist(rendered)
+    assert threads and threading.main_thread() not in threads
+
+
+async def test_the_urls_persist_writes_are_the_base_as_browsers_write_it(tmp_path: Path) -> None:
+    """A base browsers rewrite (an upper-case host, the default port) is taken, as it was
+    before the check browsers' parsing is held to, and the records hold the URLs browsers
+    request."""
+    settings = Settings(
+        storage_url=str(tmp_path / "out"), public_base_url="https://Images.Example.com:443"
+    )
+    async with ImageGenService(settings) as service:
+        rendered = await store_rendered(service.storage, "base-1", NOW, png(256, 256), "a kite")
+        persisted = await service.persist(rendered)
+    assert persisted.url == f"https://images.example.com/{rendered.key}"
+    assert all(url.startswith("https://images.example.com/") for url in persisted.urls.values())

@@ -17,7 +17,7 @@ import subprocess
 
 import pytest
 
-from imagegen.errors import InvalidRequest
+from imagegen.settings import _served_base_url
 from imagegen.urls import public_url
 
 NODE = shutil.which("node")
@@ -51,16 +51,21 @@ def _whatwg(urls: list[str]) -> list[dict[str, str] | None]:
     return parsed
 
 
-def _urls(base: str) -> list[str] | None:
-    """The URLs persist writes from ``base`` (plain, signed, with a width); None when refused."""
+def _taken(base: str) -> str | None:
+    """``base`` as the settings take it, rewritten as browsers write it; None when refused."""
     try:
-        return [
-            public_url(base, KEY),
-            public_url(base, KEY, secret=SECRET, ttl=60, now=0, width=512),
-        ]
-    except InvalidRequest as refused:
-        assert refused.fields == ["base_url"]
+        return _served_base_url(base)
+    except ValueError:
         return None
+
+
+def _urls(base: str) -> list[str]:
+    """The URLs persist writes from ``base`` as the settings took it: plain, signed, with a
+    width."""
+    return [
+        public_url(base, KEY),
+        public_url(base, KEY, secret=SECRET, ttl=60, now=0, width=512),
+    ]
 
 
 def _read_as_written(url: str, parsed: dict[str, str] | None) -> bool:
@@ -73,17 +78,19 @@ def _read_as_written(url: str, parsed: dict[str, str] | None) -> bool:
     )
 
 
-def _check_taken_bases(bases: list[str]) -> list[str]:
-    """Asserts that every URL built from a base the settings take is read as written; returns
-    the bases taken."""
-    built = {base: urls for base in bases if (urls := _urls(base)) is not None}
-    flat = [url for urls in built.values() for url in urls]
+def _check_taken_bases(bases: list[str]) -> dict[str, str]:
+    """Asserts that every base the settings take is taken as the standard writes it, and that
+    every URL built from it is read as written; returns each base taken, as taken."""
+    taken = {base: written for base in bases if (written := _taken(base)) is not None}
+    for (base, written), parsed in zip(taken.items(), _whatwg(list(taken)), strict=True):
+        assert parsed is not None and parsed["href"] == f"{written.rstrip('/')}/", (base, written)
+    flat = [url for written in taken.values() for url in _urls(written)]
     for url, parsed in zip(flat, _whatwg(flat), strict=True):
         assert _read_as_written(url, parsed), (url, parsed)
-    return list(built)
+    return taken
 
 
-# Bases browsers read as written, as origins: each taken.
+# Bases browsers read as written, as origins: each taken as it is.
 READ_AS_WRITTEN = [
     "https://img.example.com",
     "https://img.example.com/",
@@ -96,65 +103,90 @@ READ_AS_WRITTEN = [
     "https://img.0x1g",  # no number: a name
     "https://localhost:1",
     "https://img.example.com:65535",
+    "https://images.example.com.",  # a trailing dot, kept by browsers, looked up alike
+    "http://localhost.",
+    "https://img_cdn.example.com",  # an underscore: DNS has them, browsers look them up
+    "https://-a.example",
 ]
+
+# Bases browsers rewrite, each taken as they write it: records hold what browsers request.
+REWRITTEN = {
+    "https://IMG.Example.com": "https://img.example.com",
+    "https://XN--BCHER-KVA.example/": "https://xn--bcher-kva.example/",
+    "https://img.example.com:443": "https://img.example.com",  # the default port, dropped
+    "http://img.example.com:80/": "http://img.example.com/",
+    "https://img.example.com:0443": "https://img.example.com",
+    "https://img.example.com:08443": "https://img.example.com:8443",
+    "https://img.example.com:": "https://img.example.com",  # an empty port, dropped
+    "https://[2001:DB8::1]": "https://[2001:db8::1]",
+    "https://[0:0::1]": "https://[::1]",
+    "https://[2001:db8:0:0:1:0:0:1]": "https://[2001:db8::1:0:0:1]",
+    "https://[1:0:0:2:0:0:0:3]": "https://[1:0:0:2::3]",
+    "https://[::FFFF:1.2.3.4]": "https://[::ffff:102:304]",
+    "https://[1:2:3:4:5:6:7::]": "https://[1:2:3:4:5:6:7:0]",
+    "https://1.2.3": "https://1.2.0.3",
+    "https://127.000.0.1": "https://127.0.0.1",
+    "https://0x7f.1": "https://127.0.0.1",
+    "https://1.2.3.4.": "https://1.2.3.4",
+    "https://4294967295": "https://255.255.255.255",
+}
 
 # Bases browsers read otherwise, or refuse: each refused.
 READ_OTHERWISE = [
     "https://img.example.com\\",  # "\\" is "/": the path is "//2026/...", served nowhere
     "https://img.example.com\\x",  # a path in disguise
     "https://img.example.com%2F",
+    "https://img%2Eexample.com",  # decoded: give it decoded
     "https://img.example.com^",
     "https://img.example.com|x",
     "https://img.example.com<",
-    "https://img.example.com:",  # an empty port, dropped
-    "https://img.example.com:443",  # the default port, dropped
-    "http://img.example.com:80",
-    "https://img.example.com:08443",  # written 8443
-    "https://IMG.Example.com",  # written in lower case
-    "https://bücher.example",  # written xn--bcher-kva.example
+    "https://bücher.example",  # written xn--bcher-kva.example, by UTS #46
     "https://xn--a.example",  # no IDNA: refused
     "https://xn--.example",
     "https://xn--ab-fga.com",
     "https://img.example.123",  # ends in a number: read as IPv4, refused
     "https://img.0x1f",
-    "https://1.2.3",  # read as 1.2.0.3
-    "https://127.000.0.1",  # read as 127.0.0.1
-    "https://0x7f.0.0.1",
-    "https://[0:0::1]",  # written [::1]
-    "https://[::FFFF:1.2.3.4]",  # written [::ffff:102:304]
-    "https://[::ffff:1.2.3.4]",
+    "https://1.2.3.256.",
+    "https://4294967296",
+    "https://1.2.3.4.5",
+    "https://08.1.2.3",
     "https://[fe80::1%25eth0]",  # a zone: refused
+    "https://[1::2::3]",
 ]
 
 
-# Bases browsers read as written that are refused all the same: no DNS name, so no certificate
-# or DNS record names them; xn-- labels that IDNA 2003's tables cannot tell UTS #46 takes; a
-# port nothing listens at.
+# Bases browsers read as written that are refused all the same: no DNS name, so nothing is
+# reached at them; xn-- labels that IDNA 2003's tables cannot tell UTS #46 takes; a port
+# nothing listens at.
 NOT_TAKEN = [
     'https://a"b.com',
     "https://img.example.com;x",
-    "https://img_example.com",
-    "https://img.example.com.",
-    "https://-a.example",
+    "https://img..example.com",
+    "https://img.example.com..",
     "https://xn--ls8h.la",  # an emoji: not in Unicode 3.2
     "https://xn--zca.com",  # "ß": IDNA 2003 maps it to "ss"
     "https://img.example.com:0",  # no server listens there
 ]
 
 
-def test_bases_read_as_written_are_taken_and_the_others_refused() -> None:
-    """Both ways on the lists: each base browsers read as written is taken, and each one they
-    read otherwise or refuse is refused, where before urllib took all but the last few."""
-    assert _check_taken_bases(READ_AS_WRITTEN) == READ_AS_WRITTEN
+def test_bases_browsers_read_are_taken_as_they_write_them_and_the_others_refused() -> None:
+    """Each list both ways: a base browsers read as written is taken as it is, one they
+    rewrite (an upper-case host, a default port, leading zeros, an IPv6 address written
+    long) is taken as they write it, so records hold what they request, where the check
+    before refused it and stopped every function at start-up; one they read otherwise or
+    refuse is refused."""
+    assert _check_taken_bases(READ_AS_WRITTEN) == {base: base for base in READ_AS_WRITTEN}
+    assert _check_taken_bases(list(REWRITTEN)) == REWRITTEN
+    assert all(_taken(written) == written for written in REWRITTEN.values())
 
     written = [f"{base.rstrip('/')}/{KEY}" for base in READ_OTHERWISE]
     for url, parsed in zip(written, _whatwg(written), strict=True):
         assert not _read_as_written(url, parsed), url
-    assert _check_taken_bases(READ_OTHERWISE) == []
+    assert _check_taken_bases(READ_OTHERWISE) == {}
 
     written = [f"{base}/{KEY}" for base in NOT_TAKEN]
     assert all(map(_read_as_written, written, _whatwg(written)))
-    assert _check_taken_bases(NOT_TAKEN) == []
+    assert _check_taken_bases(NOT_TAKEN) == {}
 
 
 def _random_host(rng: random.Random) -> str:
@@ -183,14 +215,35 @@ def _random_host(rng: random.Random) -> str:
     return ".".join(labels)
 
 
+def _random_ipv6(rng: random.Random) -> str:
+    """An IPv6 address in brackets: pieces of hexadecimal in either case, with leading zeros,
+    runs of zeros, a "::" or an IPv4 part; or junk."""
+    pieces = [
+        rng.choice(
+            ["0", "00", "0000", "", f"{rng.randrange(1 << 16):X}", f"{rng.randrange(16):04x}"]
+        )
+        for _ in range(rng.choice([3, 7, 8, 8, 9]))
+    ]
+    if rng.random() < 0.2:
+        pieces[-1] = ".".join(str(rng.choice([0, 1, 127, 255, 256])) for _ in range(4))
+    text = ":".join(pieces)
+    if rng.random() < 0.5:
+        at = rng.randrange(len(text) + 1)
+        text = text[:at] + "::" + text[at:]
+    return f"[{text}{rng.choice(['', '', '%25x', 'g'])}]"
+
+
 def test_every_base_taken_of_many_random_ones_is_read_as_written() -> None:
     """Hosts from names, numbers, hexadecimal, punycode of random text and junk, with ports
-    and trailing text: whatever the settings take, the standard reads as written."""
+    and trailing text: whatever the settings take, they take as the standard writes it, and
+    the URLs built from it the standard reads as written."""
     rng = random.Random(20260304)
-    tails = ["", "/", ":8443", ":443", ":0", ":", "\\", "/x", ":8443/"]
+    tails = ["", "/", ":8443", ":443", ":08443", ":0", ":", "\\", "/x", ":8443/"]
     bases = [
-        f"{rng.choice(['http', 'https'])}://{_random_host(rng)}{rng.choice(tails)}"
+        f"{rng.choice(['http', 'https'])}://{host(rng)}{rng.choice(tails)}"
+        for host in (_random_host, _random_ipv6)
         for _ in range(5000)
     ]
     taken = _check_taken_bases(bases)
-    assert len(taken) > 200  # the generator makes enough good hosts to test anything
+    assert len(taken) > 1000  # the generators make enough good hosts to test anything
+    assert sum(base != written for base, written in taken.items()) > 300  # and rewritten ones
