@@ -168,7 +168,7 @@ def public_url(
                 "message": f"a whole number of pixels, 1 to {MAX_WIDTH}, and only for a .png key",
             }
         )
-    _check_signing(errors, base_url, secret, ttl, now)
+    base_url = _check_signing(errors, base_url, secret, ttl, now)
     params = {} if width is None else {"w": str(width)}
     return _url(f"{base_url.rstrip('/')}/{key}", key, params, secret, ttl, now)
 
@@ -197,7 +197,7 @@ def gallery_url(
     errors: list[dict[str, str]] = []
     if not GALLERY_PATH_PATTERN.match(path):
         errors.append({"field": "day", "message": "must look like YYYY/MM/DD"})
-    _check_signing(errors, base_url, secret, ttl, now)
+    base_url = _check_signing(errors, base_url, secret, ttl, now)
     return _url(f"{base_url.rstrip('/')}/{path}", path, {}, secret, ttl, now)
 
 
@@ -219,21 +219,24 @@ def _is_whole(value: object) -> bool:
 
 def _check_signing(
     errors: list[dict[str, str]], base_url: str, secret: str | None, ttl: int, now: int | None
-) -> None:
+) -> str:
     """Adds to ``errors`` what the Worker would refuse in a URL built from these, and raises
     them all; the limits are the settings' own, so a URL built by hand (re-issued after a
-    secret leaked) meets the rules persist's URLs meet."""
+    secret leaked) meets the rules persist's URLs meet. Returns ``base_url`` as the settings
+    keep it, written as browsers write it (``https://IMG.example.com:443`` as
+    ``https://img.example.com``): a URL built by hand is the one persist wrote."""
     # Imported here: the settings and pydantic take a tenth of a second to import; this
     # module alone takes next to nothing.
     from pydantic import SecretStr
 
     from imagegen.settings import MAX_SIGNED_URL_TTL, _served_base_url, _signing_secret
 
+    served = base_url
     if not base_url.strip("/"):
         errors.insert(0, {"field": "base_url", "message": "must not be empty"})
     else:
         try:
-            _served_base_url(base_url)
+            served = _served_base_url(base_url) or base_url
         except ValueError as exc:
             errors.insert(0, {"field": "base_url", "message": str(exc)})
     if secret is not None:
@@ -255,6 +258,7 @@ def _check_signing(
         )
     if errors:
         raise InvalidRequest("cannot build a public URL", errors=errors)
+    return served
 
 
 def _url(

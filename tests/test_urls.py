@@ -270,6 +270,24 @@ def test_every_base_the_settings_take_makes_urls_whose_path_is_the_key(base: str
     assert verify(url.path.removeprefix("/"), 60, query["signature"][0], SECRET, now=0)
 
 
+@pytest.mark.parametrize(
+    ("base", "written"),
+    [
+        ("https://IMG.example.com", "https://img.example.com"),
+        ("https://img.example.com:443/", "https://img.example.com"),
+        ("http://127.1:080", "http://127.0.0.1"),
+        ("https://[2001:DB8:0::1]", "https://[2001:db8::1]"),
+    ],
+)
+def test_url_builders_write_the_base_as_the_settings_keep_it(base: str, written: str) -> None:
+    """A URL built by hand (re-issued after a secret leaked) is the one persist wrote with the
+    same configured base: written as browsers write it, as the settings keep it."""
+    assert (Settings(public_base_url=base).public_base_url or "").rstrip("/") == written
+    key = "2026/05/01/abc.png"
+    assert public_url(base, key) == f"{written}/{key}"
+    assert gallery_url(base, "2026/05/01") == f"{written}/2026/05/01/"
+
+
 def test_public_url_signed_expires_after_ttl() -> None:
     url = public_url(BASE, "2026/05/01/abc.png", secret=SECRET, ttl=60, now=1_000)
     query = parse_qs(urlsplit(url).query)

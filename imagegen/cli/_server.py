@@ -26,6 +26,7 @@ import os
 import runpy
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -38,9 +39,6 @@ __all__ = ["address", "main", "start"]
 
 _EVERY = 0.05
 """Seconds between two looks at whether the server listens yet."""
-
-_THIS_MACHINE = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 - addresses bound, not ours
-"""An address that binds every interface, by the one to connect to it on here."""
 
 
 def address(host: str) -> tuple[str, str]:
@@ -102,7 +100,7 @@ def main(args: list[str]) -> None:
         said = f"serving {options.target} on http://{address(options.host)[1]}:{options.port}\n"
         threading.Thread(
             target=_say_once_listening,
-            args=(address(options.host)[0], options.port, said, serving),
+            args=(options.port, said, serving),
             name="imagegen-serving",
             daemon=True,
         ).start()
@@ -130,34 +128,45 @@ def _interrupted(serving: threading.Event, signum: int, frame: FrameType | None)
     os._exit(130)
 
 
-def _say_once_listening(host: str, port: int, said: str, serving: threading.Event) -> None:
-    """Write ``said`` on stderr, and set ``serving``, once something listens on ``host``
-    and ``port`` (the server: the command checked that nothing did before it started).
+def _say_once_listening(port: int, said: str, serving: threading.Event) -> None:
+    """Write ``said`` on stderr, and set ``serving``, once this process listens on ``port``.
 
-    The connection it makes carries no request, which neither server logs. Resolved once,
-    here, and written with ``os.write``: gunicorn forks its workers as it listens, and a
-    lock held by this thread then (the resolver's, a stream's) would stay held in them.
+    Its own listening socket, looked for among its file descriptors, not a connection that
+    succeeds: another program may have taken the port after the command checked it, and the
+    server then fails to bind, never serving. gunicorn's arbiter binds in this process before
+    it forks its workers, werkzeug's development server before its reloader's child starts
+    (handing the socket down). Written with ``os.write``: gunicorn forks its workers as it
+    listens, and a lock held by this thread then (a stream's) would stay held in them.
     """
-    # The family each server binds a host in: IPv6 for an address with a colon, else IPv4
-    # (gunicorn/util.py, is_ipv6; werkzeug/serving.py, select_address_family).
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        found = socket.getaddrinfo(_THIS_MACHINE.get(host, host), port, family, socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
-        return  # the server says why it cannot bind it
-    family, kind, proto, _, where = found[0]
-    while True:
-        with socket.socket(family, kind, proto) as probe:
-            probe.settimeout(1.0)
-            try:
-                probe.connect(where)
-            except OSError:
-                time.sleep(_EVERY)
+    while not _listens_on(port):
+        time.sleep(_EVERY)
+    serving.set()
+    with contextlib.suppress(OSError):
+        os.write(2, said.encode())
+
+
+def _listens_on(port: int) -> bool:
+    """Whether one of this process's file descriptors is a socket listening on ``port``."""
+    for name in _descriptors():
+        try:
+            fd = int(name)
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
                 continue
-        serving.set()
+            with socket.socket(fileno=os.dup(fd)) as found:
+                listening = found.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                if listening and found.getsockname()[1] == port:
+                    return True
+        except (OSError, ValueError, IndexError, TypeError):  # closed meanwhile, not inet
+            continue
+    return False
+
+
+def _descriptors() -> list[str]:
+    """This process's open file descriptors, by number (Linux's /proc, the BSDs' /dev/fd)."""
+    for folder in ("/proc/self/fd", "/dev/fd"):
         with contextlib.suppress(OSError):
-            os.write(2, said.encode())
-        return
+            return os.listdir(folder)
+    return []
 
 
 if __name__ == "__main__":

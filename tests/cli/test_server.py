@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -135,6 +136,33 @@ def test_ctrl_c_once_it_serves_is_the_servers_own_exit_0(serving: Served) -> Non
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert (proc.returncode, err, out) == (0, "", "")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("debug", [False, True], ids=["gunicorn", "debug"])
+def test_a_port_taken_after_the_check_is_never_said_served(tmp_path: Path, debug: bool) -> None:
+    """Another program listening on the port by the time the server binds (``serve`` checks
+    it before it execs): a connection to the port succeeded, so "serving" was said, of a
+    server that then failed to bind."""
+    env = _functions(tmp_path, _ANSWERING)
+    source = Path(env["IMAGEGEN_FUNCTIONS_DIR"]) / "persist.py"
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        # What ``serve`` runs in its place once it has checked the port (imagegen.cli._server).
+        command = [sys.executable, "-m", "imagegen.cli._server", "--target", "persist"]
+        command += ["--source", str(source), "--host", "127.0.0.1", "--port", str(port)]
+        done = subprocess.run(
+            command + (["--debug"] if debug else []),
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode != 0
+    assert "serving" not in done.stderr
 
 
 def _debug_server_output(tmp_path: Path, env: dict[str, str], *, terminal: bool) -> str:
