@@ -85,10 +85,13 @@ _BODY_READ = "imagegen.body_read"
 T = TypeVar("T")
 
 
-CLOSE_SECONDS = 5.0
+CLOSE_SECONDS = 6.0
 """Seconds the service of a process gets to close as the process exits (a worker at SIGTERM,
 once its requests have ended): what the stage holds is released (the plugins' ``aclose``,
-Ollama's connections), and a close that hangs keeps the process no longer than this."""
+Ollama's connections), and a close that hangs keeps the process no longer than this. A second
+more than each plugin's own bound (``imagegen.plugins._running.CLOSE_SECONDS``, not imported:
+render and persist load no plugins), so a plugin whose close hangs is given up on, and named,
+by that bound first."""
 
 START_AGAIN_SECONDS = 30.0
 """Seconds after a failed start-up before a probe or request begins it again (the model load

@@ -8,9 +8,9 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, copy_context
 from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
@@ -34,6 +34,7 @@ from imagegen.models import (
     PersistedImage,
     RenderedImage,
 )
+from imagegen.modelspec import served_errors
 from imagegen.settings import Settings
 from imagegen.stages import Call
 from imagegen.storage import LocalStorage, open_storage
@@ -120,9 +121,13 @@ class ImageGenService:
         plugins: The prompt plugins of this instance; default: ``settings.plugins``.
         storage: Where images go; default: ``open_storage(settings)``.
         backend: The render backend; default: diffusers, created on first render.
-        preload: Models to load on enter.
+        preload: Models to load on enter, each one of ``settings.served_models``.
         load_on_demand: Whether a render may load a model it has not preloaded.
         recorder: Records each stage's event in a ledger (the CLI's local history).
+
+    Raises:
+        TypeError: a part of the wrong kind, named; ``preload`` a string.
+        InvalidRequest: ``preload`` names a model the settings do not serve.
     """
 
     def __init__(
@@ -136,7 +141,10 @@ class ImageGenService:
         load_on_demand: bool = True,
         recorder: Recorder | None = None,
     ) -> None:
-        self.settings = settings or Settings()
+        if settings is not None and not isinstance(settings, Settings):
+            raise TypeError(f"settings must be a Settings or None, not {type(settings).__name__}")
+        self.settings = settings if settings is not None else Settings()
+        preload = _check_inputs(self.settings, plugins, storage, backend, preload, recorder)
         self.recorder = recorder
         store = storage or open_storage(self.settings)
         self._local_storage = isinstance(store, LocalStorage)
@@ -149,7 +157,7 @@ class ImageGenService:
         self._persist_stage: PersistStage | None = None
         self._derive_stage: DeriveStage | None = None
         self._memo: EnhanceMemo | None = None
-        self._preload = tuple(preload)
+        self._preload = preload
         # Loads begun ahead of a render (:meth:`enhance_while_loading`), held until they end:
         # one whose enhance failed goes on unawaited, and the loop keeps only weak references.
         self._loading: set[asyncio.Future[ImageGenError | None]] = set()
@@ -232,8 +240,10 @@ class ImageGenService:
         A render under way stops at its next denoising step, and nothing of it is stored; one
         past it is encoded and answered. The calls under way get :data:`CLOSE_GRACE_SECONDS`
         to end; those that have not are stopped (an image whose PNG is stored is persisted
-        first). Each is recorded where it stopped, before the ledger is closed, and whoever
-        awaits one gets a retryable :class:`~imagegen.errors.DependencyUnavailable`. The
+        first). The plugins' ``aclose()`` then get
+        :data:`~imagegen.plugins._running.CLOSE_SECONDS` each, all at once, and are given up
+        on past it. Each call is recorded where it stopped, before the ledger is closed, and
+        whoever awaits one gets a retryable :class:`~imagegen.errors.DependencyUnavailable`. The
         service is closed for good: any later call raises :class:`ServiceClosed` (a
         ``RuntimeError``); closing again waits for the close under way, if any. Raises
         ``RuntimeError`` when called from within one of the service's own calls.
@@ -249,8 +259,7 @@ class ImageGenService:
         own = self._loop
         if own is not None and own is not loop and not own.is_closed():
             raise _other_loop()
-        here = asyncio.current_task()
-        if here is not None and here in self._calls:
+        if self in _calls_within.get():
             raise RuntimeError(
                 "ImageGenService.aclose() from within one of its own calls: close it where"
                 " it was opened"
@@ -311,7 +320,11 @@ class ImageGenService:
         stopped by :meth:`aclose` is answered as the render stage answers a job its closing
         stopped: a retryable :class:`DependencyUnavailable`, the job itself being fine.
         """
-        task = asyncio.ensure_future(work)
+        # Its own context, which the tasks it makes copy (a plugin's call runs in one of its
+        # own): a close from any of them is one from within the call.
+        context = copy_context()
+        context.run(_calls_within.set, (*_calls_within.get(), self))
+        task = asyncio.get_running_loop().create_task(work, context=context)
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
         try:
@@ -377,6 +390,7 @@ class ImageGenService:
     ) -> RenderedImage:
         """Render ``job`` and store the PNG (idempotent per generation id)."""
         self._usable()
+        _check_callback(progress, "progress")
         return await self._call(self._render(_as_model(EnhancedPrompt, job, "job"), progress))
 
     async def _render(
@@ -423,6 +437,9 @@ class ImageGenService:
         """
         self._usable()
         job = _as_model(EnhancedPrompt, job, "job")
+        _check_callback(progress, "progress")
+        _check_callback(stored, "stored")
+        _check_callback(persisted, "persisted")
         return await self._call(self._render_and_persist(job, progress, stored, persisted))
 
     async def _render_and_persist(
@@ -482,6 +499,7 @@ class ImageGenService:
         """Render ``job`` and return the PNG bytes without storing them."""
         self._usable()
         job = _as_model(EnhancedPrompt, job, "job")
+        _check_callback(progress, "progress")
         return await self._call(self._render_png(job, progress))
 
     async def _render_png(
@@ -556,6 +574,8 @@ class ImageGenService:
         """
         self._usable()
         request = _as_model(GenerationRequest, request, "request")
+        _check_callback(progress, "progress")
+        _check_callback(persisted, "persisted")
         call = _starting(request, call)
         return await self._call(self._generate(request, call, progress, persisted))
 
@@ -659,6 +679,12 @@ class ImageGenService:
             return persisted
 
 
+_calls_within: ContextVar[tuple[ImageGenService, ...]] = ContextVar(
+    "imagegen_calls_within", default=()
+)
+"""The services whose call the running code is part of (its task, or one the call made)."""
+
+
 class ServiceClosed(DependencyUnavailable, RuntimeError):
     """A call to a closed :class:`ImageGenService`: a ``RuntimeError`` to a library's caller,
     and a retryable error (503 with ``Retry-After``) to a function's, whose request raced the
@@ -670,6 +696,73 @@ def _other_loop() -> RuntimeError:
         "ImageGenService is used from another event loop than the one it first ran in:"
         " use one service per event loop (each thread's asyncio.run its own)"
     )
+
+
+def _check_inputs(
+    settings: Settings,
+    plugins: object,
+    storage: object,
+    backend: object,
+    preload: object,
+    recorder: object,
+) -> tuple[str, ...]:
+    """The service's parts checked as it is made, each named, rather than an
+    ``AttributeError`` at their first use (on leaving ``async with``, one that hides the error
+    that ended the block); the models to preload, as a tuple.
+
+    Raises:
+        TypeError: a part of the wrong kind (``storage`` and ``backend`` are held to their
+            protocols, :class:`~imagegen.storage.base.Storage` and
+            :class:`~imagegen.render.base.RenderBackend`); ``preload`` a string, or holding
+            what is no string.
+        InvalidRequest: ``preload`` names a model ``settings.served_models`` does not: the
+            rule render holds each job to.
+    """
+    if plugins is not None:
+        from imagegen.plugins import PluginSet
+
+        _check_kind(plugins, PluginSet, "plugins")
+    if storage is not None:
+        _check_kind(storage, Storage, "storage")
+    if backend is not None:
+        from imagegen.render.base import RenderBackend
+
+        _check_kind(backend, RenderBackend, "backend")
+    if recorder is not None:
+        from imagegen.ledger.recorder import Recorder
+
+        _check_kind(recorder, Recorder, "recorder")
+    # A string is a sequence of its letters: "tiny" would load the models "t", "i", ...
+    if isinstance(preload, str | bytes) or not isinstance(preload, Iterable):
+        raise TypeError(f"preload must be a sequence of model names, not {type(preload).__name__}")
+    models = tuple(preload)
+    for model in models:
+        if not isinstance(model, str):
+            raise TypeError(f"preload must hold model names, not {type(model).__name__}")
+    errors = [
+        {"field": "preload", "message": error["message"]}
+        for model in models
+        for error in served_errors(model, settings.served_models)
+    ]
+    if errors:
+        raise InvalidRequest("preload: " + "; ".join(e["message"] for e in errors), errors=errors)
+    return models
+
+
+def _check_kind(value: object, kind: type, name: str) -> None:
+    if not isinstance(value, kind):
+        raise TypeError(f"{name} must be a {kind.__name__} or None, not {type(value).__name__}")
+
+
+def _check_callback(value: object, name: str) -> None:
+    """A callback given to a call checked before the call does anything: at its first use, a
+    render later (or once the image is stored), it failed the whole call.
+
+    Raises:
+        TypeError: ``value`` is neither callable nor None.
+    """
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be callable or None, not {type(value).__name__}")
 
 
 def _as_model(model: type[R], value: object, name: str) -> R:

@@ -26,7 +26,7 @@ from imagegen.plugins import PluginContext, PluginSet
 from imagegen.render.base import ProgressCallback, RenderOutput
 from imagegen.storage import LocalStorage
 from imagegen.urls import verify
-from tests.fakes.render_backend import ReadyBackend
+from tests.fakes.render_backend import CountingBackend, ReadyBackend
 
 NOW = datetime(2026, 11, 24, 18, 30, tzinfo=UTC)
 SIGNING_SECRET = "s3cret-of-16-bytes"
@@ -496,7 +496,7 @@ async def test_a_generation_cancelled_as_its_request_is_recorded_is_recorded_at_
     plugins = PluginSet([], settings=settings)
     try:
         async with ImageGenService(
-            settings, plugins=plugins, backend=ReadyBackend(), recorder=Recorder(held)
+            settings, plugins=plugins, backend=CountingBackend(), recorder=Recorder(held)
         ) as service:
             request = small(prompt="a kite", enhance=False, generation_id="stopped-2")
             running = asyncio.ensure_future(service.generate(request))

@@ -447,6 +447,73 @@ async def test_a_request_may_be_given_as_a_mapping_of_its_fields(
             await service.render(persisted)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("part", "given"),
+    [
+        ("plugins", ["a plugin"]),
+        ("plugins", "weather"),
+        ("storage", "./out"),
+        ("backend", "diffusers"),
+        ("recorder", "ledger.db"),
+        ("preload", "tiny"),
+        ("preload", [5]),
+        ("preload", 5),
+    ],
+)
+def test_a_part_of_the_wrong_kind_is_refused_as_the_service_is_made(
+    settings: Settings, part: str, given: object
+) -> None:
+    """Accepted, each failed later as an ``AttributeError`` (on leaving ``async with``, one
+    that hid the error that ended the block); a string to preload was read letter by letter."""
+    with pytest.raises(TypeError, match=f"^{part} must "):
+        ImageGenService(settings, **{part: given})  # type: ignore[arg-type]
+
+
+def test_settings_of_the_wrong_kind_are_refused_as_the_service_is_made() -> None:
+    with pytest.raises(TypeError, match=r"^settings must be a Settings or None, not str$"):
+        ImageGenService("settings")  # type: ignore[arg-type]
+
+
+def test_a_model_to_preload_is_one_the_settings_serve(settings: Settings, tmp_path: Path) -> None:
+    """As render holds each job to: a model directory outside ``served_models`` is not
+    loaded for being named at start-up."""
+    elsewhere = str(tmp_path / "model")
+    with pytest.raises(InvalidRequest) as caught:
+        ImageGenService(settings, preload=["tiny", elsewhere])
+    assert caught.value.fields == ["preload"]
+    assert "is not served here" in caught.value.message and elsewhere in caught.value.message
+    ImageGenService(settings, preload=("tiny",))  # a served one
+
+
+@pytest.mark.parametrize(
+    ("call", "callback"),
+    [
+        ("generate", "progress"),
+        ("generate", "persisted"),
+        ("render_and_persist", "progress"),
+        ("render_and_persist", "stored"),
+        ("render_and_persist", "persisted"),
+        ("render", "progress"),
+        ("render_png", "progress"),
+    ],
+)
+async def test_a_callback_that_cannot_be_called_is_refused_before_the_call_does_anything(
+    settings: Settings, tmp_path: Path, call: str, callback: str
+) -> None:
+    """Found out once the render had run (an ``InternalError``) or once the PNG was stored (a
+    bare ``TypeError``): refused at the call, nothing rendered or stored."""
+    from tests.fakes.render_backend import CountingBackend
+
+    backend = CountingBackend()
+    async with ImageGenService(settings, plugins=no_plugins(settings), backend=backend) as service:
+        request = small(prompt="a kite", enhance=False, generation_id="uncalled")
+        given = request if call == "generate" else await service.enhance(request)
+        with pytest.raises(TypeError, match=f"^{callback} must be callable or None, not int"):
+            await getattr(service, call)(given, **{callback: 5})
+    assert backend.renders == 0
+    assert not list((tmp_path / "out").rglob("*.png"))
+
+
 @pytest.mark.parametrize("kind", ["render", "render_png"])
 async def test_a_render_past_its_denoising_is_answered_as_the_service_closes(
     kind: str, tmp_path: Path
@@ -523,11 +590,51 @@ async def test_a_call_that_closes_its_own_service_is_refused(settings: Settings)
 
 
 async def test_closing_ends_although_a_call_ignores_its_cancellation(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A call that swallows every cancellation (here a storage's, as enhance reads its memo)
+    holds its call for ever: closing gives up on it after its grace twice over, and says so,
+    rather than hang."""
+    from imagegen import service as service_module
+    from imagegen.storage.base import StoredObject
+    from imagegen.storage.local import LocalStorage
+
+    class Stubborn(LocalStorage):
+        released = False  # by the test, once it has seen the close end
+        reading = asyncio.Event()
+
+        async def head(self, key: str) -> StoredObject | None:
+            self.reading.set()
+            while not self.released:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(0.05)
+            return await super().head(key)
+
+    stubborn = Stubborn(tmp_path / "stubborn")
+    service = ImageGenService(settings, plugins=no_plugins(settings), storage=stubborn)
+    await service.__aenter__()
+    call = asyncio.ensure_future(service.enhance(small(prompt="a kite", enhance=False)))
+    await asyncio.wait_for(stubborn.reading.wait(), 30)
+    began = time.monotonic()
+    try:
+        with caplog.at_level(logging.WARNING, logger="imagegen"):
+            await asyncio.wait_for(service.aclose(), 30)
+        took = time.monotonic() - began
+        assert not call.done()
+    finally:
+        stubborn.released = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(call, 30)
+    assert took < 2 * service_module.CLOSE_GRACE_SECONDS + 2
+    assert any("did not stop when cancelled" in r.getMessage() for r in caplog.records)
+
+
+async def test_closing_stops_a_call_whose_plugin_ignores_its_cancellation(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A plugin that swallows every cancellation holds its call for ever: closing gives up on
-    it after its grace twice over, and says so, rather than hang."""
-    from imagegen import service as service_module
+    """A plugin that swallows every cancellation is given up on within its grace, its call
+    stopped with the others: the close waits for no plugin."""
+    from imagegen.plugins import _running
 
     class Stubborn:
         name = "stubborn"
@@ -544,18 +651,60 @@ async def test_closing_ends_although_a_call_ignores_its_cancellation(
     await service.__aenter__()
     call = asyncio.ensure_future(service.enhance(small(prompt="a kite", enhance=False)))
     await asyncio.sleep(0.3)  # the plugin runs
-    began = time.monotonic()
     try:
         with caplog.at_level(logging.WARNING, logger="imagegen"):
             await asyncio.wait_for(service.aclose(), 30)
-        took = time.monotonic() - began
-        assert not call.done()
+        assert call.done()
+        with pytest.raises(DependencyUnavailable):
+            call.result()
     finally:
         stubborn.released = True
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(call, 30)
-    assert took < 2 * service_module.CLOSE_GRACE_SECONDS + 2
-    assert any("did not stop when cancelled" in r.getMessage() for r in caplog.records)
+        for _ in range(100):  # the call left running ends once released
+            if not _running._ABANDONED:
+                break
+            await asyncio.sleep(0.05)
+    said = [r.getMessage() for r in caplog.records]
+    assert (
+        "plugin stubborn did not stop when cancelled; left running (1 of its calls running)" in said
+    )
+    assert not any("did not stop when cancelled; closed under them" in m for m in said)
+    assert _running._RUNNING.of("stubborn") == 0
+
+
+async def test_leaving_the_service_ends_although_a_plugins_close_never_does(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A plugin whose ``aclose`` waits for ever (a connection that never says goodbye) held
+    ``async with``'s exit, and ``imagegen generate`` with it, for ever: it is given up on
+    after its bound, naming it."""
+    from imagegen.plugins import _running
+
+    monkeypatch.setattr(_running, "CLOSE_SECONDS", 0.3)
+
+    class Holding:
+        name = "holding"
+        description = "holds a connection"
+        closing = False
+
+        def contribute(self, context: Any) -> None:
+            return None
+
+        async def aclose(self) -> None:
+            self.closing = True
+            await asyncio.sleep(3600)
+
+    holding = Holding()
+    service = ImageGenService(settings, plugins=PluginSet([holding], settings=settings))
+    began = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="imagegen"):
+        async with service:
+            await service.enhance(small(prompt="a kite", enhance=False))
+            began = time.monotonic()
+        took = time.monotonic() - began
+    assert holding.closing
+    assert took < 0.3 + 2
+    said = [r.getMessage() for r in caplog.records]
+    assert "plugin holding did not close: timed out after 0.3s" in said
 
 
 async def test_a_second_close_waits_for_the_first(

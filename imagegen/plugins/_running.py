@@ -10,7 +10,7 @@ import inspect
 import json
 import logging
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 from opentelemetry import trace
@@ -23,6 +23,8 @@ from imagegen.telemetry import record_error, tracer
 from imagegen.validation import check_json_value, loads
 
 __all__ = [
+    "CANCEL_GRACE_SECONDS",
+    "CLOSE_SECONDS",
     "MAX_RUNNING",
     "Busy",
     "LeftOut",
@@ -91,10 +93,7 @@ async def _contribution(
             result = _begin(plugin, context)
             if inspect.isawaitable(result):
                 # Only what is awaited can be cut short: a plain call that answered here is over.
-                async with asyncio.timeout(time_limit):
-                    result = await result
-                    if inspect.isawaitable(result):  # a plain function returned a coroutine
-                        result = await result
+                result = await _within(name, result, time_limit)
     except (InvalidRequest, ConfigurationError):
         raise
     except (Busy, PoolExhausted) as exc:
@@ -312,10 +311,27 @@ class _Running:
             Busy: ``name`` already has :data:`MAX_RUNNING` calls running.
         """
         with self._lock:
-            running = self._calls.get(name, 0)
-            if running >= MAX_RUNNING:
-                raise Busy(f"{running} calls of it still running, at most {MAX_RUNNING}")
-            self._calls[name] = running + 1
+            self._calls[name] = self._room(name) + 1
+
+    def check(self, name: str) -> None:
+        """Refuse a call of ``name`` that would be one too many; count nothing.
+
+        Raises:
+            Busy: ``name`` already has :data:`MAX_RUNNING` calls running.
+        """
+        with self._lock:
+            self._room(name)
+
+    def held(self, name: str) -> None:
+        """Count one more call of ``name``, one already running (given up on, never stopped)."""
+        with self._lock:
+            self._calls[name] = self._calls.get(name, 0) + 1
+
+    def _room(self, name: str) -> int:
+        running = self._calls.get(name, 0)
+        if running >= MAX_RUNNING:
+            raise Busy(f"{running} calls of it still running, at most {MAX_RUNNING}")
+        return running
 
     def end(self, name: str) -> None:
         """Count one call of ``name`` the fewer."""
@@ -331,6 +347,106 @@ class _Running:
 
 _RUNNING = _Running()
 
+CANCEL_GRACE_SECONDS = 0.5
+"""Seconds a plugin's call, cancelled (past its time limit, or its request gone), gets to end
+before it is given up on and left running: a coroutine that catches its ``CancelledError`` and
+goes on holds no request, nor a close, past this."""
+
+CLOSE_SECONDS = 5.0
+"""Seconds a plugin's ``aclose()`` gets before it is given up on (the plugin named in a
+warning): the bound the enhance function gives its whole close as its process exits, so that a
+close that hangs keeps the library's caller, the command line and a worker alike no longer."""
+
+# Plugin calls given up on that still run (a coroutine that ignores its cancellation): held
+# here until they end, as the loop keeps only weak references to its tasks.
+_ABANDONED: set[asyncio.Task[Any]] = set()
+
+
+class _Escaped(Exception):
+    """``SystemExit`` or ``KeyboardInterrupt`` a plugin's call raised in its own task, carried
+    to the caller, which raises it again: out of a task it would end the event loop."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(type(error).__name__)
+        self.error = error
+
+
+async def _settled(awaitable: Awaitable[Any]) -> Any:
+    try:
+        result = await awaitable
+        if inspect.isawaitable(result):  # a plain function returned a coroutine
+            result = await result
+        return result
+    except (SystemExit, KeyboardInterrupt) as exc:
+        raise _Escaped(exc) from exc
+
+
+async def _within(name: str, awaitable: Awaitable[Any], time_limit: float) -> Any:
+    """What ``awaitable``, plugin ``name``'s call, comes to within ``time_limit`` seconds.
+
+    It runs as a task of its own, in the caller's context (its span, its plugin mark): past its
+    time, or when the caller is cancelled, it is cancelled and given :data:`CANCEL_GRACE_SECONDS`
+    to end, then left running, counted among the plugin's calls running (:data:`MAX_RUNNING`)
+    until it ends. Awaited in the caller's task, a coroutine that catches its
+    ``CancelledError`` held its request, or the close, for as long as it went on.
+
+    Raises:
+        TimeoutError: past ``time_limit``.
+        BaseException: what the call raised, its ``SystemExit`` included.
+    """
+    task = asyncio.ensure_future(_settled(awaitable))
+    try:
+        async with asyncio.timeout(time_limit):
+            return await asyncio.shield(task)
+    except _Escaped as escaped:
+        raise escaped.error from None
+    except BaseException:
+        if task.done():
+            _retrieved(task)
+        else:
+            await _stop(name, task)
+        raise
+
+
+async def _stop(name: str, task: asyncio.Task[Any]) -> None:
+    """Cancel plugin ``name``'s ``task``, wait its grace, then leave it running if it still is."""
+    task.cancel()
+    try:
+        await asyncio.wait({task}, timeout=CANCEL_GRACE_SECONDS)
+    finally:
+        if task.done():
+            _retrieved(task)
+        else:
+            _RUNNING.held(name)
+            _ABANDONED.add(task)
+            task.add_done_callback(functools.partial(_ended_late, name))
+            logger.warning(
+                "plugin %s did not stop when cancelled; left running (%d of its calls running)",
+                name,
+                _RUNNING.of(name),
+            )
+
+
+def _retrieved(task: asyncio.Task[Any]) -> BaseException | None:
+    """``task``'s exception, if any, marked as seen: asyncio logs one never asked for."""
+    return None if task.cancelled() else task.exception()
+
+
+def _ended_late(name: str, task: asyncio.Task[Any]) -> None:
+    """A plugin's call given up on has ended: counted no more; what it raised said once."""
+    _ABANDONED.discard(task)
+    _RUNNING.end(name)
+    error = _retrieved(task)
+    if isinstance(error, _Escaped):
+        error = error.error
+    if error is not None:
+        logger.warning(
+            "plugin %s failed after it was given up on: %s: %s",
+            name,
+            type(error).__name__,
+            first_line(error),
+        )
+
 
 def _begin(plugin: PromptPlugin, context: PluginContext) -> object:
     """``plugin.contribute(context)`` begun: a coroutine's, or a plain function's on a reused
@@ -338,7 +454,11 @@ def _begin(plugin: PromptPlugin, context: PluginContext) -> object:
     (``blocking = False``) is called here, where the thread's round trip would cost more than
     the call, and its answer returned as it is."""
     fn = plugin.contribute
-    if inspect.iscoroutinefunction(fn) or answers_at_once(plugin):
+    if inspect.iscoroutinefunction(fn):
+        # Its calls given up on, still running, count as a plain plugin's hung threads do.
+        _RUNNING.check(context.plugin)
+        return fn(context)
+    if answers_at_once(plugin):
         return fn(context)
     return _on_thread(context.plugin, fn, context)
 
@@ -428,14 +548,17 @@ async def warm_plugin(plugin: PromptPlugin, name: str) -> bool:
 
 
 async def close_plugin(plugin: PromptPlugin, name: str) -> None:
-    """Run ``plugin.aclose()`` if it has one; a failure is logged, never raised: the others
-    close all the same."""
+    """Run ``plugin.aclose()`` if it has one, for at most :data:`CLOSE_SECONDS` (then it is
+    cancelled, and one that goes on regardless is left running, as a call past its time is); a
+    failure is logged, never raised: the others close all the same."""
     close = getattr(plugin, "aclose", None)
     if close is None:
         return
     try:
         with plugin_code(name):
-            await close()
+            await _within(name, close(), CLOSE_SECONDS)
+    except TimeoutError:
+        logger.warning("plugin %s did not close: timed out after %gs", name, CLOSE_SECONDS)
     except asyncio.CancelledError:
         if _cancelled():
             raise

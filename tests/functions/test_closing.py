@@ -78,10 +78,27 @@ def test_a_close_that_hangs_keeps_the_worker_no_longer_than_its_bound(tmp_path: 
         took = _terminated(server)
     finally:
         server.stop()
-    assert took < 20, server.logs()  # its bound, 5 s, and the exit itself
+    assert took < 20, server.logs()  # the plugin's bound, 5 s, and the exit itself
     said = [r["message"] for r in server.log_records() if r.get("level") == "WARNING"]
-    assert "closing took longer than 5s; exiting" in said, server.logs()
+    # Given up on by the plugins' own bound, which names it, before the function's.
+    assert "plugin never_closing did not close: timed out after 5s" in said, server.logs()
     assert not (tmp_path / "closed").exists()
+
+
+def test_the_function_s_close_outlasts_a_plugin_s() -> None:
+    """The function's bound is the backstop: a plugin's close that hangs is given up on, and
+    named, by its own bound first, not cut short by the function's with no name."""
+    import sys
+
+    from tests.conftest import ROOT
+
+    if str(ROOT / "functions") not in sys.path:
+        sys.path.insert(0, str(ROOT / "functions"))
+    import _adapter
+
+    from imagegen.plugins import _running
+
+    assert _adapter.CLOSE_SECONDS >= _running.CLOSE_SECONDS + 1
 
 
 def test_a_request_after_the_close_is_a_retryable_503_and_the_probe_not_ready(
