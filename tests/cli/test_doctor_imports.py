@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import isolated_environ
 
 _INTERRUPTED_AT_IMPORT = """
-import signal, sys
+import os, signal, sys
 
 # As a terminal's foreground job: Python's own SIGINT handler, even where the tests run in a
 # background job, which starts its processes ignoring SIGINT.
@@ -26,6 +26,7 @@ def interrupt(event, args):
     # A Ctrl-C the moment ``module`` begins to be imported, wherever that is.
     if event == "import" and args[0] == module and not fired:
         fired.append(True)
+        open(os.environ["FIRED"], "w").close()  # the interrupt came where it is meant to
         signal.raise_signal(signal.SIGINT)
 
 
@@ -41,14 +42,16 @@ main(sys.argv[2:])
 def test_ctrl_c_while_doctor_imports_torch_is_one_line_and_130(tmp_path: Path, module: str) -> None:
     """numpy is first imported by torch's C start-up, which went on past the interrupt: doctor
     printed every row and exited 0 (or failed on a later import, or aborted)."""
+    fired = tmp_path / "fired"
     result = subprocess.run(
         [sys.executable, "-c", _INTERRUPTED_AT_IMPORT, module, "doctor"],
         cwd=tmp_path,
-        env=isolated_environ(tmp_path),
+        env={**isolated_environ(tmp_path), "FIRED": str(fired)},
         capture_output=True,
         text=True,
         timeout=120,
     )
+    assert fired.exists(), f"{module} was imported before doctor began, or never"
     assert (result.returncode, result.stderr) == (130, "imagegen: error: interrupted\n")
     assert result.stdout == ""
 
