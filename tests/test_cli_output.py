@@ -48,13 +48,24 @@ def _fake_viewer(tmp_path: Path) -> tuple[Path, Path]:
     return bin_dir, record
 
 
-def test_generate_prints_the_result_and_one_line_about_the_fallback(
-    cli: RunCli, tmp_path: Path
-) -> None:
+def test_generate_prints_the_result_and_one_line_about_the_fallback(tmp_path: Path) -> None:
     bin_dir, opened = _fake_viewer(tmp_path)
-    env = {"DISPLAY": ":0", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    from tests.conftest import isolated_environ
+
+    env = {**isolated_environ(tmp_path), "DISPLAY": ":0"}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
     env["IMAGEGEN_OLLAMA_HOST"] = NO_OLLAMA
-    result = cli("generate", "a blue door", *SMALL, "--seed", "9", "--open", env=env)
+    # A process of its own, as a user's: what its stderr holds is this command's alone, never
+    # what an earlier command run in the test process left to be collected.
+    command = [sys.executable, "-m", "imagegen.cli", "generate", "a blue door", *SMALL]
+    result = subprocess.run(
+        [*command, "--seed", "9", "--open"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
 
     lines = result.stdout.splitlines()
