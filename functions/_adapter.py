@@ -15,7 +15,6 @@ import contextlib
 import gc
 import io
 import logging
-import math
 import os
 import threading
 import time
@@ -29,6 +28,7 @@ from _binding import (
     MAX_BODY_BYTES,
     Message,
     Reply,
+    error_headers,
     error_reply,
     event_reply,
     fit_error_body,
@@ -898,8 +898,8 @@ def _http_error(exc: HTTPException) -> flask.Response:
             f"{exc.name}: {exc.description}", errors=[{"field": "request", "message": exc.name}]
         )
     headers = [(k, v) for k, v in exc.get_headers() if k.lower() != "content-type"]
-    if error.retry_after is not None and not any(k.lower() == "retry-after" for k, _ in headers):
-        headers.append(("Retry-After", str(max(1, math.ceil(error.retry_after)))))  # as error_reply
+    said = {k.lower() for k, _ in headers}  # werkzeug's own (a 405's Allow) are kept
+    headers += [(k, v) for k, v in error_headers(error).items() if k.lower() not in said]
     reply = json_reply(error.to_dict(), status, dict(headers))
     return flask.Response(reply.body, reply.status, dict(reply.headers))
 

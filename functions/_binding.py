@@ -732,6 +732,12 @@ def error_reply(
             cause=cause,
         )
         return event_reply(attributes, failed)
+    return json_reply(exc.to_dict(), exc.status, error_headers(exc))
+
+
+def error_headers(exc: ImageGenError) -> dict[str, str]:
+    """The headers an error's JSON answer carries: when to retry, how to authenticate, which
+    methods a path allows."""
     headers = {}
     if exc.retry_after is not None:
         # Up, never down: a caller back before the wait is over meets the same refusal.
@@ -740,4 +746,4 @@ def error_reply(
         headers["WWW-Authenticate"] = challenge
     if allowed := getattr(exc, "allowed", None):  # a 405 (RFC 9110, section 15.5.6)
         headers["Allow"] = ", ".join(allowed)
-    return json_reply(exc.to_dict(), exc.status, headers)
+    return headers
