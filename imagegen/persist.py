@@ -15,10 +15,10 @@ from PIL import Image, ImageFile
 from pydantic import BaseModel, ValidationError
 
 from imagegen._locks import KeyedLocks
-from imagegen.derivatives import pixel_data_fault, unreadable_chunk, unshowable
 from imagegen.errors import DependencyUnavailable, InvalidRequest, NotFound
 from imagegen.identity import stage_time
 from imagegen.models import MAX_PNG_BYTES, EnhancedPrompt, PersistedImage, RenderedImage
+from imagegen.png import pixel_data_fault, unreadable_chunk, unshowable
 from imagegen.render import stored_png
 from imagegen.settings import Settings
 from imagegen.storage.base import GenerationKeys, Storage, StoredObject
@@ -511,13 +511,13 @@ def _png_size(png: bytes, described: tuple[int, int]) -> tuple[int, int] | str:
     A header too large for Pillow to open (a decompression bomb: far over any size render
     makes) is said as such, whether Pillow refuses it or, told to, warns of it as an error;
     so is a PNG that derive cannot show as a browser does
-    (:func:`imagegen.derivatives.unshowable`), which it would fail for good, or one not whole
+    (:func:`imagegen.png.unshowable`), which it would fail for good, or one not whole
     (:func:`_unfinished`). Those are looked for only in a PNG of the ``described`` size, the
     event's (at most 2048 a side, ``Dimension``): one of any other is refused for its size
     alone, before its pixel data is inflated (a 13000 x 13000 16-bit RGBA header over 1.3 MB
     of deflated zeros inflates to 1.3 GB, a CPU-second). A chunk Pillow cannot read, or text
     and profile chunks past what is inflated of one PNG
-    (:func:`imagegen.derivatives.unreadable_chunk`), are said first: Pillow would not open the
+    (:func:`imagegen.png.unreadable_chunk`), are said first: Pillow would not open the
     PNG, or derive not load it. CPU-bound: run it off the event loop.
     """
     if (why := unreadable_chunk(png)) is not None:  # or Pillow would not open it
@@ -543,7 +543,7 @@ def _unfinished(png: bytes, opened: ImageFile.ImageFile) -> str | None:
     cut short anywhere is refused, as is one without IEND or with a chunk damaged (libpng, and
     so a browser, refuses a critical chunk whose CRC is wrong). Then the pixel data is
     inflated, once, never whole in memory, and refused unless it is exactly the image's rows
-    (:func:`imagegen.derivatives.pixel_data_fault`, derive's own check): a stream that stops
+    (:func:`imagegen.png.pixel_data_fault`, derive's own check): a stream that stops
     early inside whole chunks would be decoded with black rows. No pixel is decoded.
     """
     if not opened.tile:  # no IDAT before IEND

@@ -18,8 +18,9 @@ import pytest
 from PIL import Image
 
 from imagegen import ImageGenService, InvalidRequest, Settings
-from imagegen.derivatives import decode_pixels, parse_name, pixel_data_fault
+from imagegen.derivatives import decode_pixels, parse_name
 from imagegen.persist import _png_size
+from imagegen.png import pixel_data_fault
 from tests.fakes.images import store_rendered
 
 NOW = datetime(2026, 11, 24, 18, 30, tzinfo=UTC)

@@ -1079,7 +1079,7 @@ async def test_the_text_chunks_of_one_png_are_inflated_no_further_than_the_total
 
     bomb = _chunk(b"zTXt", b"\0\0" + zlib.compress(bytes(1 << 20), 9))
     data = _chunked_png(2, after=bomb * 1000, channels=3)
-    monkeypatch.setattr("imagegen.derivatives.zlib.decompressobj", Counted)
+    monkeypatch.setattr("imagegen.png.zlib.decompressobj", Counted)
     async with ImageGenService(settings) as service:
         rendered = await _stored_as_render(service.storage, "many-1", data)
         with pytest.raises(InvalidRequest) as caught:

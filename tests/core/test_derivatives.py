@@ -19,9 +19,9 @@ from imagegen.derivatives import (
     derivative_key,
     derivative_widths,
     make_derivatives,
-    pixel_data_fault,
 )
 from imagegen.models import DerivedImage
+from imagegen.png import pixel_data_fault
 from imagegen.settings import Settings
 from imagegen.urls import is_public_key
 from tests.fakes.images import gradient_png as png
