@@ -69,6 +69,10 @@ def function_class(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[
     import _adapter
 
     yield _adapter.Function
+    # Closed as the process's exit would close them (_adapter._close_started), now, while the
+    # streams their lines go to are open: this module is dropped, and its exit hook with it.
+    _adapter._close_started()
+    _adapter._started.clear()
     sys.modules.pop("_adapter", None)
 
 
