@@ -17,6 +17,7 @@ from opentelemetry import trace
 from pydantic import SecretStr
 
 from imagegen.settings import Settings, _given
+from imagegen.telemetry import current_generation, current_stage
 
 __all__ = ["JsonFormatter", "route_library_logs", "setup_logging"]
 
@@ -36,12 +37,15 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, message, logger, stage, ids and extras.
 
     ``generation_id`` and ``stage`` come from the record's extras, else from the current span
-    (``imagegen.generation_id``, ``imagegen.stage``); ``trace_id`` and ``span_id`` from the
-    current span. Every value in ``secrets`` is replaced by ``***`` wherever it appears, in
-    the values before they are written, so a line stays JSON whatever a secret is.
+    (``imagegen.generation_id``, ``imagegen.stage``), else from the stage being run
+    (:data:`~imagegen.telemetry.current_generation`, ``current_stage``: a span that is not
+    sampled records no attributes); ``trace_id`` and ``span_id`` from the current span.
+    Every value in ``secrets`` is replaced by ``***`` wherever it appears, in the values
+    before they are written, so a line stays JSON whatever a secret is.
 
     Args:
-        stage: The stage to name when neither the record nor the span does.
+        stage: The stage to name when neither the record, the span nor the stage being run
+            does (the process's: ``cli`` for the command line).
         secrets: Values that must never appear in a log line.
         log_prompts: Whether ``prompt`` extras, and the text a model library quotes of a
             prompt (:data:`_QUOTED_INPUT`), are written.
@@ -79,11 +83,13 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
         }
         span = trace.get_current_span()
+        # A span the sampler dropped keeps no attributes: the stage being run says them then.
         attributes: Mapping[str, Any] = getattr(span, "attributes", None) or {}
-        stage = attributes.get("imagegen.stage") or self.stage
+        running = current_stage.get()
+        stage = attributes.get("imagegen.stage") or (running if running != "none" else self.stage)
         if stage:
             entry["stage"] = stage
-        if gid := attributes.get("imagegen.generation_id"):
+        if gid := attributes.get("imagegen.generation_id") or current_generation.get():
             entry["generation_id"] = gid
         context = span.get_span_context()
         if context.is_valid:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -95,7 +96,9 @@ def _exporter_from_env(signal: str) -> Any:
     (console_module, console), (module, name) = _EXPORTERS[signal]
     kinds = _exporter_kinds(signal)
     if "console" in kinds:
-        return getattr(importlib.import_module(console_module), console)()
+        # On stderr, with the logs: stdout is a command's output (``--json``), and the SDK's
+        # console exporters write to stdout unless told otherwise.
+        return getattr(importlib.import_module(console_module), console)(out=sys.stderr)
     found = _otlp_options(signal) if "otlp" in kinds else None
     if found is None:
         return None

@@ -42,6 +42,7 @@ from imagegen.storage.base import Storage
 from imagegen.storage.instrumented import instrumented
 from imagegen.telemetry import (
     REDELIVERED,
+    current_generation,
     current_stage,
     instruments,
     on_redelivery,
@@ -894,6 +895,7 @@ class _stage:
 
     async def __aenter__(self) -> _stage:
         self._token = current_stage.set(self.stage)
+        self._generation = current_generation.set(self.generation_id)
         self._started = time.perf_counter()
         chain = _chain.get()
         self._cm = tracer().start_as_current_span(
@@ -933,12 +935,17 @@ class _stage:
         self._cm.__exit__(exc_type, exc, tb)
         redelivery_done(self._hook)
         current_stage.reset(self._token)
-        if isinstance(exc, Exception | asyncio.CancelledError) and self.recorder is not None:
-            # Cancelled (Ctrl-C in the CLI): the ledger says where it stopped, rather than
-            # showing the generation at its last stage for ever. Under the stage's span, ended
-            # as the stage did: a line the write logs names its generation and trace.
-            with trace.use_span(self.span, record_exception=False, set_status_on_exception=False):
-                await self.recorder.failed(self.stage, self.generation_id, exc)
+        try:
+            if isinstance(exc, Exception | asyncio.CancelledError) and self.recorder is not None:
+                # Cancelled (Ctrl-C in the CLI): the ledger says where it stopped, rather than
+                # showing the generation at its last stage for ever. Under the stage's span,
+                # ended as the stage did: a line the write logs names its generation and trace.
+                with trace.use_span(
+                    self.span, record_exception=False, set_status_on_exception=False
+                ):
+                    await self.recorder.failed(self.stage, self.generation_id, exc)
+        finally:
+            current_generation.reset(self._generation)
 
     async def emitted(self, result: R) -> R:
         """``result`` is this stage's reply: recorded (when recording) and returned."""

@@ -39,6 +39,7 @@ __all__ = [
     "answered",
     "answered_again",
     "count_from_zero",
+    "current_generation",
     "current_stage",
     "http_status",
     "instruments",
@@ -64,6 +65,11 @@ written under one, names it."""
 # The stage doing the work, for metrics recorded below it (storage calls): set by the service
 # around each stage, and by a function around its handler.
 current_stage: ContextVar[str] = ContextVar("imagegen_stage", default="none")
+
+# The generation the current stage works on, for the log lines written below it: set where
+# the stage's span is entered. A span keeps its attributes only when it records (the SDK's,
+# sampled); this holds whatever the sampling, and without an SDK.
+current_generation: ContextVar[str | None] = ContextVar("imagegen_generation", default=None)
 
 REDELIVERED = "redelivered"
 """The outcome of a stage that answered with what an earlier delivery of the same event (or
@@ -223,12 +229,16 @@ def stage_span(
     generation_id: str | None = None,
     http: HttpRequest | None = None,
 ) -> Iterator[dict[str, str]]:
-    """The ``<stage> process`` span of one request, inside the caller's trace (``carrier``).
+    """The span of one request to a stage, inside the caller's trace (``carrier``).
 
-    Its kind is ``CONSUMER`` for a delivered event and ``SERVER`` for a plain call; it carries
-    the event's CloudEvents attributes, and the generation's id: ``generation_id`` (what the
-    function derived, for a request that names none), else the event's ``subject``. Yields the
-    trace context to pass on with the reply (:func:`trace_extension`).
+    For a delivered event, ``<stage> process`` of kind ``CONSUMER``; for a plain call, a
+    ``SERVER`` span named ``{method} {route}`` as the HTTP semantic conventions name one
+    (``POST /``; the stage is the resource's ``service.name`` and the ``imagegen.stage``
+    attribute). It carries the event's CloudEvents attributes, and the generation's id:
+    ``generation_id`` (what the function derived, for a request that names none), else the
+    event's ``subject``, also as :data:`current_generation` while it lasts (the log lines
+    name it whether the span is sampled or not). Yields the trace context to pass on with the
+    reply (:func:`trace_extension`).
 
     A plain call's span carries its request (``http``) and the status a failure is answered
     with; its status stays unset for a 4xx (:func:`answered`). The caller says what a success
@@ -240,20 +250,24 @@ def stage_span(
     """
     token = otel_context.attach(_propagate().extract(carrier))
     current_stage.set(stage)
+    named = generation_id or attributes.get("subject")
+    if not (named and valid_generation_id(named)):
+        named = None
+    generation = current_generation.set(named)
     kind = trace.SpanKind.CONSUMER if event else trace.SpanKind.SERVER
+    server = None if event else http
+    title = f"{stage} process" if server is None else f"{server.method} {server.route}"
     try:
         with tracer().start_as_current_span(
-            f"{stage} process", kind=kind, record_exception=False, set_status_on_exception=False
+            title, kind=kind, record_exception=False, set_status_on_exception=False
         ) as span:
             span.set_attribute("imagegen.stage", stage)
             for key in ("id", "source", "type", "subject", "specversion"):
                 if value := attributes.get(key):
                     name = "spec_version" if key == "specversion" else key
                     span.set_attribute(f"cloudevents.event_{name}", value)
-            named = generation_id or attributes.get("subject")
-            if named and valid_generation_id(named):
+            if named:
                 span.set_attribute("imagegen.generation_id", named)
-            server = None if event else http
             if server is not None:
                 _http_attributes(span, server)
             try:
@@ -263,6 +277,7 @@ def stage_span(
                 record_error(span, error, http_status=status)
                 raise
     finally:
+        current_generation.reset(generation)
         otel_context.detach(token)
 
 

@@ -532,7 +532,7 @@ class OllamaEnhancer:
             # refuses it before any attempt. The probe of a circuit that opened is one attempt:
             # it asks whether Ollama is back, and retries would only make its caller wait.
             # A malformed reply leaving it is a success there (answered): Ollama answered.
-            async with self.breaker.call() as probe, asyncio.timeout(self.deadline):
+            async with self.breaker.call() as probe, asyncio.timeout(self.deadline) as deadline:
                 attempts = 1 if probe else self.settings.ollama_retries + 1
                 sampled = self.settings.ollama_temperature > 0
                 retrying = AsyncRetrying(
@@ -544,12 +544,10 @@ class OllamaEnhancer:
                 )
                 malformed = 0
                 async for attempt in retrying:
-                    # Each attempt within ollama_timeout: httpx's own timeout is per read, so a
-                    # reply trickled a few bytes at a time would hold one attempt for ever.
                     with attempt:
                         try:
-                            async with asyncio.timeout(self.settings.ollama_timeout):
-                                return await self._chat(messages, _seed(seed, malformed), spec)
+                            sent = _seed(seed, malformed)
+                            return await self._chat(messages, sent, spec, deadline)
                         except MalformedReply:
                             malformed += 1
                             raise
@@ -574,9 +572,20 @@ class OllamaEnhancer:
         host, model = redact_url(self.settings.ollama_host), self.settings.ollama_model
         return DependencyUnavailable(f"Ollama model {model} at {host}: {reason}")
 
-    async def _chat(self, messages: list[dict[str, str]], seed: int, spec: ModelFamily) -> str:
-        """One chat call, in its own span and timed, whatever its outcome."""
-        model = self.settings.ollama_model
+    async def _chat(
+        self,
+        messages: list[dict[str, str]],
+        seed: int,
+        spec: ModelFamily,
+        deadline: asyncio.Timeout | None = None,
+    ) -> str:
+        """One chat call within ``ollama_timeout``, in its own span and timed, whatever its
+        outcome; a call the write's ``deadline`` cuts short is traced as a timeout too.
+
+        Raises:
+            TimeoutError: No whole reply within ``ollama_timeout``.
+        """
+        model, timeout = self.settings.ollama_model, self.settings.ollama_timeout
         # A failed call is expected (Ollama down): its error goes on the span, but no formatted
         # traceback, which costs more than the fallback itself.
         with tracer().start_as_current_span(
@@ -589,11 +598,24 @@ class OllamaEnhancer:
             labels = {"gen_ai.request.model": model, "outcome": "success"}
             started = time.perf_counter()
             try:
-                return await self._chat_once(messages, seed, spec)
+                # Within ollama_timeout: httpx's own timeout is per read, so a reply trickled a
+                # few bytes at a time would hold one call for ever. Here, under the span, so
+                # that the span and the metric see the TimeoutError, not the cancellation.
+                async with asyncio.timeout(timeout):
+                    return await self._chat_once(messages, seed, spec)
             except BaseException as exc:
-                labels.update({"outcome": "error", "error.type": type(exc).__name__})
-                span.set_attribute("error.type", type(exc).__name__)
-                record_error(span, exc, traceback=False)
+                # A timeout is said as one (error.type is the exception's type): this call's,
+                # raised bare, or the write's deadline, which reaches the call as a
+                # cancellation and becomes TimeoutError only where the write awaits it.
+                expired = deadline is not None and deadline.expired()
+                timed_out = isinstance(exc, TimeoutError) and not exc.args
+                if timed_out or (isinstance(exc, asyncio.CancelledError) and expired):
+                    error: BaseException = TimeoutError(f"no reply within {timeout:g}s")
+                else:
+                    error = exc
+                labels.update({"outcome": "error", "error.type": type(error).__name__})
+                span.set_attribute("error.type", type(error).__name__)
+                record_error(span, error, traceback=False)
                 raise
             finally:
                 instruments().ollama_duration.record(time.perf_counter() - started, labels)

@@ -274,8 +274,9 @@ def test_a_plain_calls_span_says_its_request_and_status_unset_for_a_4xx(
         otel.spans.clear()
         reply = function.post(json={"generation_id": "x"})  # no CloudEvent: the caller's fault
         assert reply.status_code == 400
-    span = only(otel.finished_spans(), "ledger process")
+    span = only(otel.finished_spans(), "POST /")  # the HTTP semantic conventions' name
     assert span.kind is SpanKind.SERVER
+    assert attributes_of(span)["imagegen.stage"] == "ledger"
     assert span.status.status_code is StatusCode.UNSET
     assert {k: v for k, v in attributes_of(span).items() if not k.startswith("imagegen.")} == {
         "http.request.method": "POST",
@@ -299,7 +300,7 @@ def test_a_plain_calls_span_is_failed_by_a_5xx_and_says_a_success(
         shutil.rmtree(store / "failures")
         (store / "failures").write_text("a file where the records go: storage fails")
         assert sink.post(json={"lost": 2}).status_code == 503
-    recorded, failed = [s for s in otel.finished_spans() if s.name == "deadletter process"]
+    recorded, failed = [s for s in otel.finished_spans() if s.name == "POST /"]
     assert recorded.kind is failed.kind is SpanKind.SERVER
     assert recorded.status.status_code is StatusCode.UNSET
     assert attributes_of(recorded)["http.response.status_code"] == 202
