@@ -50,7 +50,25 @@ _LINE_MARKUP = re.compile(r"(?m)^[ \t]*(?:#{1,6}[ \t]+|>[ \t]?|[-*+•][ \t]+|\d
 # Spans bounded in length: an unbounded lazy span makes each unmatched marker scan the rest
 # of the reply (quadratic: 20,000 stars took 17 s).
 _STRONG = re.compile(r"(\*\*|__)(.{1,300}?)\1", re.DOTALL)
-_EMPHASIS = re.compile(r"(?<![\w*])\*(?=\S)(.{1,300}?)(?<=\S)\*(?![\w*])", re.DOTALL)
+# ``*soft*`` or ``_soft_``: the marker opening after no word character and before no space,
+# and closing after a space-free character and before no word character, so that ``3 * 4``,
+# a snake_case_word and ``a blank ___ to fill`` stay.
+_EMPHASIS = re.compile(r"(?<![\w*])([*_])(?!\s|\1)(.{1,300}?)(?<=\S)\1(?![\w*])", re.DOTALL)
+# ``~~harsh~~``: struck out, so what a reader sees as deleted, and dropped with the comma
+# or semicolon before it (``soft, ~~harsh~~, light`` is ``soft, light``). Two tildes, not one:
+# ``~50mm to ~85mm`` is a prompt's.
+_STRUCK = re.compile(
+    r"(?<![ \t])(?:[ \t]*+[,;])?[ \t]*+(?<!~)~~(?=[^\s~])(.{1,300}?)(?<=[^\s~])~~(?!~)"
+)
+# A thematic break (``---``, ``***``, ``* * *``, ``___``) on a line of its own: Markdown's
+# separator, often between the prompt and a sign-off.
+_RULE = re.compile(r"^[ \t]*([-*_])(?:[ \t]*\1){2,}[ \t]*$", re.MULTILINE)
+# A terminal's escape sequence (ECMA-48's CSI: ``ESC [``, parameter and intermediate bytes,
+# a final byte; ``\x1b[1m`` bold, ``\x1b[0m`` reset): dropped whole, since only its ESC is
+# a character that a request may not hold.
+_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+# A tag around all of the reply (``<prompt>…</prompt>``, ``<answer lang="en">…</answer>``).
+_TAGGED = re.compile(r"<([A-Za-z][\w-]*)(?:[ \t][^<>]*)?>(.*)</\1[ \t]*>", re.DOTALL)
 # "Certainly!", "Sure thing," opening a reply: with the mark after it, never a prompt's word
 # ("Certainly the finest fox" keeps it).
 _INTERJECTION = (
@@ -110,12 +128,14 @@ _ALTERNATIVELY = re.compile(
     r"(?:^|(?<=[.!?])[ \t]+)[ \t]*(?:or[ \t]+)?alternatively[ \t]*[:,]",
     re.IGNORECASE | re.MULTILINE,
 )
-# A blank line (spaces and tabs only on it), then the sign-off. Neither whitespace run can
-# backtrack into the other: "\n\s*\n\s*" was cubic in a run of line breaks (1,000 took 15 s
-# on the event loop).
+# A line opening with a sign-off ("Let me know …", "Note: …", "**Note:** …"), after a line
+# break or a blank line, and what follows it. The match starts only where a run of spaces
+# starts, each run read once and possessively: "\n\s*\n\s*" was cubic in a run of line
+# breaks (1,000 took 15 s on the event loop), and a start inside the run quadratic.
 _CHATTER = re.compile(
-    r"\n[^\S\n]*\n\s*+(?:let me know|i hope|feel free|this prompt|note:|enjoy|would you like)"
-    r"\b.*\Z",
+    r"(?<!\s)[^\S\n]*+\n\s*+[*_]*+"
+    r"(?:(?:let me know|i hope|feel free|this prompt|enjoy|would you like)\b|notes?[*_]*:)"
+    r".*\Z",
     re.IGNORECASE | re.DOTALL,
 )
 # A negative prompt is what the image must not show: never part of the prompt. It starts at
@@ -157,28 +177,36 @@ def estimate_tokens(text: str) -> int:
 
 
 def _strip_quotes(text: str) -> str:
-    """``text`` without quotes around all of it: not those that open its first words and
-    close its last (``"Starry Night" style … named "Rusty"``), which it keeps."""
-    while len(text) >= 2 and _QUOTES.get(text[0]) == text[-1]:
-        inner = text[1:-1]
-        if text[0] in inner or text[-1] in inner:
+    """``text`` without quotes or a tag (``<prompt>…</prompt>``) around all of it: not quotes
+    that open its first words and close its last (``"Starry Night" style … named "Rusty"``),
+    nor tags that do (``<b>Open</b> sign and <b>Closed</b> sign``), which it keeps."""
+    while True:
+        if (tag := _TAGGED.fullmatch(text)) is not None and f"</{tag[1]}" not in tag[2]:
+            text = tag[2].strip()
+        elif len(text) >= 2 and _QUOTES.get(text[0]) == text[-1]:
+            inner = text[1:-1]
+            if text[0] in inner or text[-1] in inner:
+                break
+            text = inner.strip()
+        else:
             break
-        text = inner.strip()
     return text
 
 
 def clean_reply(text: str) -> str:
-    """The bare prompt in an LLM reply: no preamble, quotes, markdown, negative prompt,
-    Midjourney parameters or line breaks (list items and labelled lines become clauses).
+    """The bare prompt in an LLM reply: no preamble, sign-off, quotes, wrapping tag, markdown
+    (struck-out words dropped with it), negative prompt, Midjourney parameters, terminal
+    escape sequences or line breaks (list items and labelled lines become clauses).
 
     The prompt rule of a request (:func:`imagegen.models.prompt_text`) holds for the reply:
     the characters a request may not hold are dropped here, and its tabs and line breaks end
     as spaces."""
-    text = PROMPT_REFUSED_CHARACTERS.sub("", text[:MAX_REPLY_CHARS])  # _ITEM among them
-    text = _FENCE.sub("", text)
+    text = _ESCAPE.sub("", text[:MAX_REPLY_CHARS])
+    text = PROMPT_REFUSED_CHARACTERS.sub("", text)  # _ITEM among them
+    text = _RULE.sub("", _FENCE.sub("", text))
+    # Markup off before the sign-off is looked for: "**Note:**" opens one as "Note:" does.
+    text = _STRUCK.sub("", _EMPHASIS.sub(r"\2", _STRONG.sub(r"\2", text)))
     text = _CHATTER.sub("", text.strip())
-    text = _STRONG.sub(r"\2", text)
-    text = _EMPHASIS.sub(r"\1", text)
     text = _TITLE.sub("", text, count=1)
     without_headings = _HEADING.sub("", text)
     if without_headings.strip():  # a heading is a title, unless it is all there is

@@ -1,8 +1,10 @@
 """A fake Ollama on loopback: a real HTTP server speaking the API the ``ollama`` client uses.
 
 Endpoints: ``POST /api/chat`` (``stream: false`` → one JSON object, ``stream: true`` → NDJSON
-chunks; without messages, a load of the model), ``GET /api/tags`` and ``GET /api/version``.
-Every request is recorded. Chat answers are scripted::
+chunks; without messages, a load of the model), ``GET /api/tags``, ``GET /api/version`` and
+``GET /`` (``Ollama is running``), the last three for ``HEAD`` too. Any other request is answered
+as Ollama's router, gin, answers it (:data:`_ROUTES`). Every request is recorded. Chat answers
+are scripted::
 
     with FakeOllama() as fake:
         fake.answer(reply({"prompt": "a red fox"}))   # every chat, until changed
@@ -94,6 +96,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler
 from typing import Any, Self
+from urllib.parse import urlsplit
 
 from tests.fakes.loopback import LoopbackServer, Running
 
@@ -465,6 +468,28 @@ def _pieces(text: str) -> list[str]:
     return pieces
 
 
+# server/routes.go, GenerateRoutes (read at v0.6.0, v0.12.6 and fb3076099): the routes this
+# fake serves, each path with its methods in the order of gin's method trees, each made at its
+# method's first route (``r.HEAD("/", …)`` first, then ``r.GET("/", …)``, then
+# ``r.POST("/api/pull", …)``). Ollama's router is gin v1.10.0 (go.mod, at all three): a path no
+# method has is answered ``404 page not found``, Content-Type ``text/plain`` (gin.go,
+# ``handleHTTPRequest`` then ``serveError`` with ``default404Body``). From v0.6.9-rc0 (commit
+# 4090aca97, "server: send 405 instead of 404 for unallowed methods", first released in v0.7.0)
+# ``r.HandleMethodNotAllowed = true``, and a path that other methods have is answered ``405
+# method not allowed`` with an ``Allow`` header naming them (``default405Body``); before, it is
+# the 404. The routes Ollama has and this fake does not serve (``/api/generate``, ``/api/show``
+# …) are answered as paths it does not have; gin's redirect of a path with a slash too many or
+# too few (``RedirectTrailingSlash``) and the CORS middleware's answer to a preflight are not
+# modelled.
+_ROUTES: dict[str, tuple[str, ...]] = {
+    "/": ("HEAD", "GET"),
+    "/api/version": ("HEAD", "GET"),
+    "/api/tags": ("HEAD", "GET"),
+    "/api/chat": ("POST",),
+}
+_METHOD_NOT_ALLOWED_FROM = (0, 6, 9)
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
@@ -633,35 +658,57 @@ class _Handler(BaseHTTPRequestHandler):
         if wanted is None or self.headers.get("Authorization") == wanted:
             return False
         body = b"<html><body><h1>401 Unauthorized</h1></body></html>"
-        self.send_response(401)
-        self.send_header("WWW-Authenticate", 'Basic realm="ollama"')
-        self.send_header("Content-Type", "text/html")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self._send(401, body, "text/html", {"WWW-Authenticate": 'Basic realm="ollama"'})
         return True
 
     def _record(self, body: Any) -> None:
         headers = {k.lower(): v for k, v in self.headers.items()}
         self.owner._record(RecordedRequest(self.command, self.path, headers, body))
 
-    def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = "application/json",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        # Go's net/http answers HEAD with the head GET would have, Content-Length included,
+        # and no body (net/http/server.go, chunkWriter.Write: "Eat writes" for HEAD).
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def _send_json(self, status: int, data: Any) -> None:
         self._send(status, json.dumps(data).encode())
 
+    def _unrouted(self) -> bool:
+        """Answer gin's 404 or 405 and say True where no route of :data:`_ROUTES` takes the
+        request's method and path (its query aside, as gin routes ``URL.Path``)."""
+        methods = _ROUTES.get(urlsplit(self.path).path, ())
+        if self.command in methods:
+            return False
+        allowed = [method for method in methods if method != self.command]
+        if allowed and _version(self.owner.version) >= _METHOD_NOT_ALLOWED_FROM:
+            self._send(405, b"405 method not allowed", "text/plain", {"Allow": ", ".join(allowed)})
+        else:
+            self._send(404, b"404 page not found", "text/plain")
+        return True
+
     def do_GET(self) -> None:
         self._record(None)
-        if self._refused_by_proxy():
+        if self._refused_by_proxy() or self._unrouted():
             return
-        if self.path == "/api/version":
+        path = urlsplit(self.path).path
+        if path == "/":
+            self._send(200, b"Ollama is running", "text/plain; charset=utf-8")
+        elif path == "/api/version":
             self._send_json(200, {"version": self.owner.version})
-        elif self.path == "/api/tags":
+        else:  # /api/tags
             models = [
                 {
                     "name": name,
@@ -674,8 +721,18 @@ class _Handler(BaseHTTPRequestHandler):
                 for name in self.owner.models
             ]
             self._send_json(200, {"models": models})
-        else:
-            self._send_json(404, {"error": f"{self.path} not found"})
+
+    do_HEAD = do_GET  # the same handlers as GET (server/routes.go), without a body (_send)
+
+    def _unserved(self) -> None:
+        """A method no route of this fake has: gin's 404 or 405 (:data:`_ROUTES`), where
+        ``http.server`` would answer 501."""
+        self._read()  # the body, so that the kept-alive connection reads the next request
+        self._record(None)
+        if not self._refused_by_proxy():
+            self._unrouted()
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = _unserved
 
     def do_POST(self) -> None:
         raw = self._read()
@@ -684,10 +741,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             body = None
         self._record(body)
-        if self._refused_by_proxy():
-            return
-        if self.path != "/api/chat":
-            self._send_json(404, {"error": f"{self.path} not found"})
+        if self._refused_by_proxy() or self._unrouted():
             return
         # server/routes.go, ChatHandler: the body is bound first of all (``ShouldBindJSON``;
         # ``think`` is read then), then the model's name is parsed, before it is looked up.
