@@ -22,7 +22,22 @@ Channel-based broker (``MTChannelBasedBroker``; knative/eventing v1.22):
 
 - ingress ``pkg/broker/ingress/ingress_handler.go`` with ``pkg/broker/ttl.go``
   (``TTLDefaulter``: ``knativebrokerttl`` set to 255 on a new event, decremented on every
-  reply; an event with TTL <= 0 is refused with 400: the loop protection).
+  reply; an event with TTL <= 0 is refused with 400: the loop protection); ``receive`` stamps
+  every event it takes with ``knativearrivaltime``.
+- channel ``pkg/channel/fanout/fanout_event_handler.go``, the in-memory channel's dispatcher
+  (``pkg/reconciler/inmemorychannel/dispatcher/inmemorychannel.go``): without
+  ``messaging.knative.dev/async-handler`` (``delivery.async_handler``) it answers the ingress
+  only once every delivery of the event has ended, and gives up ``defaultTimeout`` (15
+  minutes) after the last one that ended. Its answer ends the request whose context every
+  delivery runs on (``pkg/channel/event_receiver.go`` ``ServeHTTP``), so a retry's wait or an
+  attempt in flight stops there, and the dead-letter attempts then fail at once ("unable to
+  complete request to either …"): the event is neither delivered nor dead-lettered. The
+  model reckons the 15 minutes from each delivery's start, which is upstream's clock where
+  the event's other deliveries end at once (every Trigger whose filter rejects it does; with
+  two slow ones, upstream gives the later up to 15 minutes past the earlier's end), and does
+  not nest a reply's deliveries in the delivery that forwards it, as the synchronous channel
+  does. With the annotation the deliveries run on a context of their own, and the timeout
+  only logs.
 - delivery ``pkg/kncloudevents/event_dispatcher.go`` (``send``, ``executeRequest``) and
   ``retries.go`` (``SelectiveRetry``: 5xx, 404, 408, 409, 429 and no response are retried;
   backoff, none without both ``backoffPolicy`` and ``backoffDelay``; ``Retry-After``, seconds
@@ -31,7 +46,11 @@ Channel-based broker (``MTChannelBasedBroker``; knative/eventing v1.22):
   ``knativeerrordest``, ``knativeerrorcode`` and ``knativeerrordata`` (base64 of a body of at
   most 768 bytes: a longer one panics the dispatcher, and the event is lost), is retried like
   the subscriber, and its reply is discarded; a reply that cannot be published to the ingress
-  dead-letters the original event. With ``authentication-oidc`` on (``oidc``, as
+  dead-letters the original event, naming the Broker's address as ``knativeerrordest``
+  (``delivery.ingress_url``). Every request to the subscriber says ``Prefer: reply``
+  (``send``), and every one the channel or the filter makes says ``Kn-Namespace``
+  (``fanout_event_handler.go`` ``dispatch``; ``filter_handler.go`` ``send``). With
+  ``authentication-oidc`` on (``oidc``, as
   ``knative/cluster/eventing-config-features.yaml`` sets it), dead letters go through the
   filter's ``/dls`` path (below), which judges the sink's 2xx reply as it does a subscriber's.
   A subscriber that cannot be reached is a 500 whose body is ``dispatch error: …``
@@ -76,11 +95,14 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
-from .cloudevents_http import Event, MalformedEvent, decode, encode_binary
+from .cloudevents_http import Event, MalformedEvent, Message, decode, encode_binary
 from .delivery import (
-    INGRESS_URL,
+    ARRIVAL_TIME,
+    FANOUT_TIMEOUT,
+    KN_NAMESPACE,
     TTL,
     Attempt,
     DeadLetter,
@@ -91,14 +113,23 @@ from .delivery import (
     RoutingLoop,
     Transport,
     error_extensions,
+    go_timestamp,
     http_transport,
     ingress_ttl,
+    ingress_url,
     retry_after_seconds,
     retryable,
 )
 from .routing import CHANNEL_BROKER, KAFKA_BROKER, Routing, TriggerInfo
 
 __all__ = ["Broker"]
+
+
+@dataclass
+class _Elapsed:
+    """Seconds since one delivery began, as the broker counts them (``Attempt.at``)."""
+
+    seconds: float = 0.0
 
 
 class Broker:
@@ -118,6 +149,10 @@ class Broker:
         oidc: Eventing's ``authentication-oidc`` feature (default: on, as
             ``knative/cluster/eventing-config-features.yaml`` sets it); on the channel-based
             broker it routes dead letters through the filter (module docstring).
+        async_handler: The channel-based broker's channel dispatches asynchronously
+            (``delivery.async_handler`` of the rendered overlay); otherwise a delivery still
+            going after ``FANOUT_TIMEOUT`` is dropped (module docstring).
+        namespace: The Broker's namespace (default: its Services', else ``default``).
     """
 
     def __init__(
@@ -134,6 +169,8 @@ class Broker:
         workers: int = 8,
         clock: Callable[[], datetime] | None = None,
         oidc: bool = True,
+        async_handler: bool = False,
+        namespace: str | None = None,
     ) -> None:
         self.routing = routing
         self.urls = dict(urls)
@@ -147,6 +184,10 @@ class Broker:
         self.max_events = max_events
         self.clock = clock or (lambda: datetime.now(UTC))
         self.oidc = oidc
+        # Kafka has no fan-out to wait on: each Trigger consumes the topic on its own.
+        self.limit = None if self.kafka or async_handler else FANOUT_TIMEOUT.total_seconds()
+        namespaces = {s.manifest["metadata"].get("namespace") for s in routing.services.values()}
+        self.namespace = namespace or next(iter(namespaces - {None}), None) or "default"
         self.attempts: list[Attempt] = []
         self.dead_letters: list[DeadLetter] = []
         self.accepted: list[Event] = []
@@ -154,7 +195,9 @@ class Broker:
         self.refused_replies: list[tuple[str, str]] = []  # (trigger, reason)
         self.lost: list[tuple[str, Event]] = []  # neither delivered nor dead-lettered
         self.panics: list[str] = []  # Triggers whose delivery ended the channel dispatcher
-        self._lock = threading.Lock()
+        self.timed_out: list[str] = []  # Triggers whose delivery the channel's fan-out gave up
+        # Reentrant: run() holds it when a delivery that has already ended calls _done.
+        self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
         self._pending: list[tuple[TriggerInfo, Event]] = []
         self._running = 0
@@ -176,7 +219,8 @@ class Broker:
         """Send an event to the broker's ingress; returns its HTTP status (202 or 400)."""
         if not self.kafka:
             ttl = ingress_ttl(event.get(TTL))
-            event = event.with_attributes(**{TTL: str(ttl)})
+            arrived = go_timestamp(self.clock())
+            event = event.with_attributes(**{TTL: str(ttl), ARRIVAL_TIME: arrived})
             if ttl <= 0:
                 return 400
         triggers = self.routing.triggers_for(event["type"], dict(event.attributes))
@@ -202,15 +246,16 @@ class Broker:
             assert status == 202, f"the ingress refused {event.get('id')}: {status}"
         deadline = time.monotonic() + timeout
         with self._lock:
-            while self._pending or self._running:
-                if self._errors:
-                    break
+            while (self._pending or self._running) and not self._errors:
                 while self._pending:
                     index = self.random.randrange(len(self._pending)) if self.random else 0
                     trigger, event = self._pending.pop(index)
                     self._running += 1
                     future = self._pool.submit(self._deliver, trigger, event)
+                    # A delivery that has already ended runs _done here and now.
                     future.add_done_callback(self._done)
+                if self._pending or self._errors or not self._running:
+                    continue
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError("deliveries still in flight")
@@ -232,17 +277,20 @@ class Broker:
 
     def _deliver(self, trigger: TriggerInfo, event: Event) -> None:
         waits = trigger.backoff_schedule(self.broker_class)
+        clock = _Elapsed()
         outcome = Outcome(status=None)
         for attempt in range(1 + (trigger.retry or 0)):
-            if attempt:
-                self._sleep(self._backoff(trigger, waits[attempt - 1].total_seconds(), outcome))
+            if attempt and not self._wait(clock, self._backoff(trigger, waits, attempt, outcome)):
+                return self._give_up(trigger, event)
             try:
-                outcome = self._attempt(trigger, event)
+                outcome = self._attempt(trigger, event, clock)
             except DispatcherPanic:
                 with self._lock:
                     self.lost.append((trigger.name, event))
                     self.panics.append(trigger.name)
                 return
+            if self._past_limit(clock):
+                return self._give_up(trigger, event)
             if outcome.refusal is not None:
                 with self._lock:
                     self.refused_replies.append((trigger.name, outcome.refusal))
@@ -259,12 +307,17 @@ class Broker:
             if status < 300:
                 return
             # event_dispatcher.go send(): the reply could not be forwarded.
+            destination = ingress_url(self.namespace, self.routing.broker)
             outcome = Outcome(
-                status, errors=error_extensions(INGRESS_URL, status, b"", kafka=self.kafka)
+                status, errors=error_extensions(destination, status, b"", kafka=self.kafka)
             )
-        self._dead_letter(trigger, event, outcome)
+        self._dead_letter(trigger, event, outcome, clock)
 
-    def _backoff(self, trigger: TriggerInfo, wait: float, last: Outcome) -> float:
+    def _backoff(
+        self, trigger: TriggerInfo, waits: list[timedelta], attempt: int, last: Outcome
+    ) -> float:
+        """The wait before retry ``attempt`` (from 1), after ``last`` came back."""
+        wait = waits[attempt - 1].total_seconds()
         # retries.go generateBackoffFn: only with retryAfterMax, only for 429 and 503.
         if self.kafka or trigger.retry_after_max is None or last.retry_after is None:
             return wait
@@ -272,47 +325,93 @@ class Broker:
             return wait
         return max(wait, min(last.retry_after, trigger.retry_after_max.total_seconds()))
 
+    def _wait(self, clock: _Elapsed, seconds: float) -> bool:
+        """Wait before a retry; False where the channel's fan-out gives up first."""
+        seconds = max(seconds, 0.0)
+        if self.limit is not None and clock.seconds + seconds > self.limit:
+            return False  # go-retryablehttp Do: the wait ends with the request's context
+        self._sleep(seconds)
+        clock.seconds += seconds
+        return True
+
+    def _past_limit(self, clock: _Elapsed) -> bool:
+        return self.limit is not None and clock.seconds > self.limit
+
+    def _give_up(self, trigger: TriggerInfo, event: Event) -> None:
+        """The channel's fan-out timed out: neither delivered nor dead-lettered."""
+        with self._lock:
+            self.lost.append((trigger.name, event))
+            self.timed_out.append(trigger.name)
+
     def _sleep(self, seconds: float) -> None:
         if seconds > 0:
             time.sleep(seconds * self.time_scale)
 
-    def _send(self, trigger: TriggerInfo, url: str, event: Event) -> Delivery | NoResponse:
-        """One request: what came back, or why nothing did."""
+    def _send(
+        self, trigger: TriggerInfo, url: str, event: Event, clock: _Elapsed, *, reply: bool
+    ) -> Delivery | NoResponse:
+        """One request: what came back, or why nothing did.
+
+        Args:
+            reply: The request goes through ``event_dispatcher.go`` ``send`` to its
+                destination, which says ``Prefer: reply``: every request to a subscriber,
+                and a dead letter the filter forwards.
+        """
         # Without the Trigger's timeout: none on the channel broker (pkg/kncloudevents/
         # http_client.go sets none; DoWithRetries only the configured one), 600 s on Kafka's
         # (WebClientCloudEventSender.java, DEFAULT_TIMEOUT_MS).
         timeout: float | None = trigger.timeout.total_seconds() if trigger.timeout else None
         if timeout is None and self.kafka:
             timeout = 600.0
+        message = encode_binary(event)
+        if not self.kafka:
+            headers = {**message.headers, KN_NAMESPACE: self.namespace}
+            if reply:
+                headers["prefer"] = "reply"
+            message = Message(headers, message.body)
+        sent_at = clock.seconds
+        started = time.monotonic()
         delivery: Delivery | NoResponse
         try:
-            delivery = self.transport(url, encode_binary(event), timeout)
+            delivery = self.transport(url, message, timeout)
         except NoResponse as failure:
             delivery = failure
+        took = time.monotonic() - started
+        if isinstance(delivery, Delivery) and delivery.elapsed is not None:
+            took = delivery.elapsed
+        elif isinstance(delivery, NoResponse) and delivery.timed_out and timeout is not None:
+            took = timeout
+        clock.seconds += took
         status = delivery.status if isinstance(delivery, Delivery) else None
+        if self._past_limit(clock):
+            status = None  # cancelled with the fan-out's request: no answer reached the broker
         with self._lock:
-            self.attempts.append(Attempt(trigger.name, url, event["type"], event["id"], status))
+            self.attempts.append(
+                Attempt(trigger.name, url, event["type"], event["id"], status, sent_at)
+            )
         return delivery
 
-    def _attempt(self, trigger: TriggerInfo, event: Event) -> Outcome:
+    def _attempt(self, trigger: TriggerInfo, event: Event, clock: _Elapsed) -> Outcome:
         url = self.urls[trigger.subscriber]
         ttl = event.get(TTL)
         # filter_handler.go: the subscriber never sees the broker's TTL.
-        delivery = self._send(trigger, url, event.with_attributes(**{TTL: None}))
+        delivery = self._send(trigger, url, event.with_attributes(**{TTL: None}), clock, reply=True)
         if isinstance(delivery, NoResponse):
             return Outcome(None, errors=self._unanswered(url, delivery))
         if delivery.status >= 300:
-            outcome = Outcome(
+            return Outcome(
                 delivery.status,
                 errors=error_extensions(
                     url, delivery.status, delivery.message.body, kafka=self.kafka
                 ),
+                retry_after=self._retry_after(delivery),
             )
-            outcome.retry_after = retry_after_seconds(
-                delivery.message.header("retry-after"), now=self.clock()
-            )
-            return outcome
         return self._reply(delivery, url, ttl)
+
+    def _retry_after(self, delivery: Delivery) -> float | None:
+        # filter_handler.go hands the subscriber's Retry-After on (pkg/utils/headers.go,
+        # PassThroughHeaders).
+        return retry_after_seconds(delivery.message.header("retry-after"), now=self.clock())
 
     def _unanswered(self, url: str, failure: NoResponse) -> dict[str, str] | None:
         """What the dead-letter sink is told of a subscriber that gave no response."""
@@ -353,7 +452,9 @@ class Broker:
         # filter_handler.go writeResponse: 502, no body, so no error extensions downstream.
         return Outcome(502, errors=None, refusal=reason)
 
-    def _dead_letter(self, trigger: TriggerInfo, event: Event, outcome: Outcome) -> None:
+    def _dead_letter(
+        self, trigger: TriggerInfo, event: Event, outcome: Outcome, clock: _Elapsed
+    ) -> None:
         if trigger.dead_letter is None:
             with self._lock:
                 self.lost.append((trigger.name, event))
@@ -363,17 +464,29 @@ class Broker:
         waits = trigger.backoff_schedule(self.broker_class)
         accepted = False
         reply: Event | None = None
+        # event_dispatcher.go send: the sink's executeRequest gets the same config.retryConfig,
+        # so the same backoff, Retry-After included (retries.go generateBackoffFn).
+        last = Outcome(status=None)
+        cut = False
         for attempt in range(1 + (trigger.retry or 0)):
-            if attempt:
-                self._sleep(waits[attempt - 1].total_seconds())
-            delivery = self._send(trigger, url, letter)
+            if attempt and not self._wait(clock, self._backoff(trigger, waits, attempt, last)):
+                cut = True
+                break
+            delivery = self._send(trigger, url, letter, clock, reply=self._via_filter)
+            if self._past_limit(clock):
+                cut = True
+                break
             status = delivery.status if isinstance(delivery, Delivery) else None
+            last = Outcome(status)
+            if isinstance(delivery, Delivery) and delivery.status >= 300:
+                last.retry_after = self._retry_after(delivery)
             if isinstance(delivery, Delivery) and delivery.status < 300 and self._via_filter:
                 refusal = self._dead_letter_refusal(delivery)
                 if refusal is not None:
                     with self._lock:
                         self.refused_replies.append((trigger.name, refusal))
                     status = 502  # the filter's answer, which the dispatcher retries
+                    last = Outcome(status)
             if isinstance(delivery, Delivery) and status is not None and status < 300:
                 accepted = True
                 if self.kafka:
@@ -391,7 +504,10 @@ class Broker:
                 break
         with self._lock:
             self.dead_letters.append(DeadLetter(trigger.name, letter, accepted))
-            if not accepted:
+        if cut:
+            return self._give_up(trigger, event)
+        if not accepted:
+            with self._lock:
                 self.lost.append((trigger.name, event))
         if reply is not None:
             self.publish(reply)

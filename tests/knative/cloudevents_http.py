@@ -3,9 +3,10 @@
 The brokers decide what a reply is with the CloudEvents SDKs: sdk-go ``binding`` in the
 channel-based broker (``cehttp.NewMessage(...).ReadEncoding()``, then ``binding.ToEvent``),
 sdk-java ``VertxMessageFactory.createReader(response).toEvent()`` in the Kafka broker. Both
-recognise a message by its ``ce-specversion`` header (binary) or an
-``application/cloudevents`` content type (structured), and refuse an event that lacks a
-required attribute (``id``, ``source``, ``specversion``, ``type``: CloudEvents 1.0 spec).
+look at the ``content-type`` first, for an event format, then at ``ce-specversion``, and refuse
+an event that lacks a required attribute (``id``, ``source``, ``specversion``, ``type``:
+CloudEvents 1.0 spec). :func:`decode` follows sdk-go v2.16.1 to the letter; sdk-java reads an
+unknown ``ce-specversion`` as an error rather than as no event, which is not modelled.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ from dataclasses import dataclass, field
 __all__ = ["Event", "MalformedEvent", "Message", "decode", "encode_binary"]
 
 REQUIRED = ("id", "source", "specversion", "type")
-_STRUCTURED = "application/cloudevents"
-_BATCH = "application/cloudevents-batch"
+# sdk-go v2/binding/format/format.go: the only formats registered (init: JSON, JSONBatch).
+_STRUCTURED = "application/cloudevents+json"
+_BATCH = "application/cloudevents-batch+json"
+# sdk-go v2/binding/spec/spec.go WithPrefix: the versions a ce-specversion header may name.
+_SPEC_VERSIONS = ("0.3", "1.0")
 
 
 class MalformedEvent(ValueError):
@@ -78,7 +82,7 @@ def _check(attributes: Mapping[str, str]) -> None:
     missing = [name for name in REQUIRED if not attributes.get(name)]
     if missing:
         raise MalformedEvent(f"missing required attributes: {', '.join(missing)}")
-    if attributes["specversion"] != "1.0":
+    if attributes["specversion"] not in _SPEC_VERSIONS:
         raise MalformedEvent(f"unsupported specversion {attributes['specversion']!r}")
     # sdk-go reads "time" as a Timestamp (v2/types/value.go, ToTime/ParseTime:
     # time.Parse(time.RFC3339Nano, v)); binding.ToEvent fails on one it cannot read.
@@ -91,11 +95,22 @@ def _check(attributes: Mapping[str, str]) -> None:
 def decode(message: Message) -> Event | None:
     """The event a message carries; None when it is not an event at all.
 
+    sdk-go v2.16.1 ``v2/protocol/http/message.go`` ``NewMessage`` and ``ReadEncoding``: the
+    message is structured when ``format.Lookup`` knows its ``content-type`` (lower-cased, its
+    parameters and surrounding spaces dropped, then an exact match: ``application/
+    cloudevents+json`` or the batch type, which ``binding.ToEvent`` cannot read), else binary
+    when ``ce-specversion`` names a version ``spec.Versions`` knows (0.3 or 1.0), else no event:
+    ``application/cloudevents`` alone, ``+xml``, or ``ce-specversion: 0.9`` are none.
+
     Raises:
         MalformedEvent: The message is in binary or structured mode but is no valid event.
     """
-    content_type = (message.header("content-type") or "").split(";")[0].strip().lower()
-    if content_type.startswith(_STRUCTURED) and not content_type.startswith(_BATCH):
+    raw_type = message.header("content-type") or ""
+    content_type = raw_type.split(";")[0].strip().lower()
+    if content_type == _BATCH:
+        # binding.ToEvent: jsonBatchFmt.Unmarshal, "not supported for batch events".
+        raise MalformedEvent("a batch of events is no single event")
+    if content_type == _STRUCTURED:
         try:
             envelope = json.loads(message.body)
         except ValueError as exc:
@@ -116,10 +131,10 @@ def decode(message: Message) -> Event | None:
         else:
             data = b""
         return Event(attributes, data)
-    if message.header("ce-specversion") is not None:
+    if message.header("ce-specversion") in _SPEC_VERSIONS:
         attributes = {k[3:]: v for k, v in message.headers.items() if k.startswith("ce-")}
-        if content_type:
-            attributes["datacontenttype"] = message.header("content-type") or content_type
+        if raw_type:
+            attributes["datacontenttype"] = raw_type
         _check(attributes)
         return Event(attributes, message.body)
     return None

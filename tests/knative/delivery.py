@@ -5,7 +5,8 @@ What goes over the wire and what comes back: the transport, the statuses that ar
 ``WebClientCloudEventSender.isRetryableStatusCode``), how a ``Retry-After`` is read (eventing
 ``retries.go`` ``parseRetryAfterDuration``) and the error extensions a dead-letter sink is
 told (eventing ``pkg/kncloudevents/event_dispatcher.go``; eventing-kafka-broker
-``RecordDispatcherImpl.java``).
+``RecordDispatcherImpl.java``), and how long a delivery may last before the in-memory
+channel's synchronous fan-out gives up on it (eventing ``pkg/channel/fanout``).
 """
 
 from __future__ import annotations
@@ -13,16 +14,27 @@ from __future__ import annotations
 import base64
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 
 from .cloudevents_http import Event, Message
+from .routing import CHANNEL_BROKER, TriggerInfo
 
 MAX_TTL = 255  # cmd/broker/ingress/main.go: MAX_TTL default
 TTL = "knativebrokerttl"
+ARRIVAL_TIME = "knativearrivaltime"  # pkg/broker/metrics.go: EventArrivalTime
+KN_NAMESPACE = "kn-namespace"  # pkg/apis/http.go: KnNamespaceHeader
+FANOUT_TIMEOUT = timedelta(minutes=15)
+"""How long the in-memory channel's synchronous fan-out waits for a delivery to end (eventing
+``pkg/channel/fanout/fanout_event_handler.go``: ``defaultTimeout``)."""
+ASYNC_HANDLER_ANNOTATION = "messaging.knative.dev/async-handler"
+"""On the Broker: its channel dispatches asynchronously (see :func:`async_handler`)."""
+# Go's strconv.ParseBool.
+_GO_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
 
 
 _INT32 = 2**31
@@ -40,6 +52,14 @@ _GO_HEX = re.compile(
     re.I | re.A,
 )
 _GO_SPECIAL = re.compile(r"[+-]?inf(?:inity)?|nan", re.I | re.A)
+
+
+def go_timestamp(at: datetime) -> str:
+    """A time as sdk-go writes a Timestamp attribute (``v2/types/value.go`` ``FormatTime``:
+    UTC, ``time.RFC3339Nano``, which drops a fraction's trailing zeros)."""
+    at = at.astimezone(UTC)
+    fraction = f".{at.microsecond:06d}".rstrip("0") if at.microsecond else ""
+    return at.strftime("%Y-%m-%dT%H:%M:%S") + fraction + "Z"
 
 
 def _go_int32(value: int) -> int:
@@ -82,7 +102,13 @@ def ingress_ttl(raw: str | None) -> int:
 ERROR_DATA_MAX = (
     1024  # eventing: KnativeErrorDataExtensionMaxLength; kafka: KN_ERROR_DATA_MAX_BYTES
 )
-INGRESS_URL = "http://broker-ingress.knative-eventing.svc.cluster.local/ns/broker"
+
+
+def ingress_url(namespace: str, broker: str) -> str:
+    """The channel-based Broker's address: where its Triggers' replies go, and what a dead
+    letter names when one could not be forwarded (eventing ``pkg/reconciler/broker/broker.go``:
+    ``broker-ingress`` in the system namespace, path ``/<namespace>/<broker>``)."""
+    return f"http://broker-ingress.knative-eventing.svc.cluster.local/{namespace}/{broker}"
 
 
 class NoResponse(Exception):
@@ -105,10 +131,15 @@ class RoutingLoop(RuntimeError):
 
 @dataclass(frozen=True)
 class Delivery:
-    """What came back from one HTTP request: the status and the response message."""
+    """What came back from one HTTP request: the status and the response message.
+
+    ``elapsed``: the seconds the answer took, where a transport scripts it (None: as long as
+    the call took here).
+    """
 
     status: int
     message: Message = field(default_factory=Message)
+    elapsed: float | None = None
 
 
 Transport = Callable[[str, Message, float | None], Delivery]
@@ -136,13 +167,18 @@ def http_transport(client: httpx.Client | None = None) -> Transport:
 
 @dataclass(frozen=True)
 class Attempt:
-    """One delivery attempt to a subscriber (status None: no response)."""
+    """One delivery attempt to a subscriber (status None: no response).
+
+    ``at``: when it was sent, in seconds since the delivery began, as the broker counts them
+    (each backoff wait, each answer's time; an attempt that timed out, its timeout).
+    """
 
     trigger: str
     target: str
     event_type: str
     event_id: str
     status: int | None
+    at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -279,3 +315,52 @@ class Outcome:
     errors: dict[str, str] | None = None
     refusal: str | None = None  # why a 2xx reply was refused
     retry_after: float | None = None  # the Retry-After header, in seconds
+
+
+def async_handler(documents: Iterable[Mapping[str, Any]]) -> bool:
+    """Whether the channel of a rendered overlay's channel-based Broker dispatches
+    asynchronously.
+
+    The Broker reconciler copies the Broker's ``messaging.knative.dev/*`` annotations to its
+    channel (eventing ``pkg/reconciler/broker/broker.go``, ``reconcileKind``), and the
+    in-memory channel's dispatcher reads ``messaging.knative.dev/async-handler`` with Go's
+    ``strconv.ParseBool``; anything else leaves it synchronous
+    (``pkg/reconciler/inmemorychannel/dispatcher/inmemorychannel.go``,
+    ``newConfigForInMemoryChannel``). It reads it when it first makes the channel's handler:
+    a change reaches a running dispatcher only once it restarts.
+    """
+    [broker] = [d for d in documents if d.get("kind") == "Broker"]
+    annotations = broker["metadata"].get("annotations") or {}
+    return annotations.get(ASYNC_HANDLER_ANNOTATION) in _GO_TRUE
+
+
+def attempts_window(trigger: TriggerInfo) -> timedelta | None:
+    """The longest one round of a Trigger's attempts lasts on the channel-based broker.
+
+    Every attempt running into the Trigger's ``timeout`` (``RetryConfig.RequestTimeout``, the
+    HTTP client's timeout in ``pkg/kncloudevents/event_dispatcher.go`` ``DoWithRetries``), and
+    before each retry its backoff, or the ``Retry-After`` a 429 or 503 asks for, up to
+    ``retryAfterMax`` where the Trigger sets one (``retries.go`` ``generateBackoffFn``).
+
+    Returns:
+        None where the Trigger sets no ``timeout``: an attempt then has no bound at all.
+    """
+    if trigger.timeout is None:
+        return None
+    ceiling = trigger.retry_after_max or timedelta(0)
+    waits = [max(wait, ceiling) for wait in trigger.backoff_schedule(CHANNEL_BROKER)]
+    return (1 + (trigger.retry or 0)) * trigger.timeout + sum(waits, timedelta(0))
+
+
+def longest_delivery(trigger: TriggerInfo) -> timedelta | None:
+    """The longest one event's delivery to a Trigger lasts on the channel-based broker.
+
+    ``event_dispatcher.go`` ``send`` makes up to three rounds of attempts, each with the
+    Trigger's own retry settings (:func:`attempts_window`): to the subscriber, whose last
+    attempt may succeed at its timeout; then its reply to the broker, whose forwarding may
+    fail as long; then, with a dead-letter sink, the original event to the sink.
+    """
+    window = attempts_window(trigger)
+    if window is None:
+        return None
+    return (3 if trigger.dead_letter else 2) * window

@@ -18,7 +18,7 @@ import yaml
 from .brokers import Broker
 from .cloudevents_http import MalformedEvent, Message, decode
 from .conftest import KNATIVE
-from .delivery import INGRESS_URL, Delivery, NoResponse, RoutingLoop, retry_after_seconds
+from .delivery import Delivery, NoResponse, RoutingLoop, ingress_url, retry_after_seconds
 from .routing import CHANNEL_BROKER, KAFKA_BROKER, Routing, TriggerInfo
 from .scripted import (
     Cluster,
@@ -309,7 +309,7 @@ def test_the_channel_broker_ends_a_routing_loop_with_its_ttl() -> None:
     assert all("knativebrokerttl" not in e.attributes for e in cluster.received["sub"])
     assert len(cluster.received["sub"]) == 255
     [letter] = broker.dead_letters
-    assert letter.event["knativeerrordest"] == INGRESS_URL
+    assert letter.event["knativeerrordest"] == ingress_url("default", "bus")
     assert letter.event["knativeerrorcode"] == "400"
 
 
