@@ -307,12 +307,16 @@ class LocalStorage(ObjectStore):
             # sidecar alone, replaced here, or removed where this create has none to write.
             created = not path.is_file()
             if created:
+                # Each copy let go of once renamed, not before: one whose rename failed is
+                # removed below with the rest.
                 if sidecar:
-                    os.replace(staged.pop(), _sidecar(path))
+                    os.replace(staged[-1], _sidecar(path))
+                    staged.pop()
                 else:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(_sidecar(path))
-                os.replace(staged.pop(), path)
+                os.replace(staged[-1], path)
+                staged.pop()
         except OSError as exc:
             raise self._unavailable("cannot write to", exc) from exc
         finally:

@@ -459,6 +459,23 @@ async def test_a_sidecar_that_cannot_be_read_is_an_error_to_retry_not_no_metadat
     assert head is not None and head.metadata == {"sha256": "x"}
 
 
+@pytest.mark.parametrize("blocked", ["sidecar", "object"])
+async def test_a_create_whose_rename_fails_leaves_no_copy_behind(
+    local: LocalStorage, blocked: str
+) -> None:
+    """A rename refused (here: a folder where the file goes) fails the create retryably, and
+    the copies it staged go with it: none is left for a later sweep."""
+    folder = local.root / KEYS.image.rpartition("/")[0]
+    name = KEYS.image.rpartition("/")[2]
+    (folder / (f".{name}.meta" if blocked == "sidecar" else name)).mkdir(parents=True)
+
+    with pytest.raises(DependencyUnavailable) as raised:
+        await local.create(KEYS.image, b"png", content_type="image/png", metadata={"sha256": "x"})
+
+    assert raised.value.retryable
+    assert sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp")) == []
+
+
 @pytest.mark.parametrize(
     "sidecar",
     [
