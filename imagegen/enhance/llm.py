@@ -9,11 +9,14 @@ turned off (``think: false``): Ollama turns it on for a model that can think unl
 the thinking tokens count against ``num_predict``, which they can use up before the reply. A
 model that thinks anyway (gpt-oss: ollama/ollama#11751) and so writes no prompt is said once in
 the log, not retried, and counted as a failure (:class:`ThinkingSpentBudget`).
-Connection errors, 5xx/429 answers and malformed replies (no JSON prompt, one cut at
-``num_predict`` before its JSON object was whole, or no usable prompt: no words, a refusal) are
-retried with exponential backoff
-(tenacity); a malformed reply with the next seed, since the same seed and temperature sample
-the same reply again, and not at all at temperature 0, where the seed changes nothing. A reply
+Connection errors, 5xx/429 answers, bodies that are no chat response (a proxy's page, JSON cut
+short, past the size cap) and malformed replies (no JSON prompt, one cut at ``num_predict``
+before its JSON object was whole, or no usable prompt: no words, a refusal) are retried with
+exponential backoff (tenacity), or after the ``Retry-After`` of a 429 or 503 where that is
+longer; a wait that would outlast the write's deadline is not waited out: the write ends
+there. The failures of Ollama are retried with the same seed; a malformed reply, which the
+model wrote, with the next seed, since the same seed and temperature sample the same reply
+again, and not at all at temperature 0, where the seed changes nothing. A reply
 slower than ``ollama_timeout`` is not retried, since it would be as slow again. After
 ``ollama_breaker_threshold`` failed prompts in a row a circuit breaker answers at once for
 ``ollama_breaker_cooldown`` seconds, then lets one probe through (:mod:`._breaker`), a single
@@ -48,9 +51,12 @@ from tenacity import (
     stop_after_attempt,
     wait_exponential,
 )
+from tenacity.stop import stop_base
+from tenacity.wait import wait_base
 
 from imagegen._http import AiohttpTransport, BodyTooLarge
 from imagegen._redact import redact_url
+from imagegen._retry_after import retry_after
 from imagegen.enhance._breaker import CircuitBreaker, CircuitOpen
 from imagegen.enhance._ollama import ollama
 from imagegen.enhance._text import clean_reply, echoes, fit_budget, unusable
@@ -102,8 +108,9 @@ class MalformedReply(ValueError):
 
 
 class UnreadableResponse(MalformedReply):
-    """Ollama's answer was no chat response at all (no JSON object, a proxy's page): retried as
-    a malformed reply, but, unlike one, a failure for the circuit breaker."""
+    """Ollama's answer was no chat response at all (no JSON object, a proxy's page): no reply
+    the model wrote, but Ollama (or what stands in front of it) failing. Retried as a 5xx is,
+    with the same seed and at any temperature, and a failure for the circuit breaker."""
 
 
 class ThinkingSpentBudget(MalformedReply):
@@ -226,9 +233,61 @@ def _retryable(exc: BaseException, *, sampled: bool) -> bool:
         return exc.status_code >= 500 or exc.status_code == 429
     if isinstance(exc, ThinkingSpentBudget):
         return False
+    if isinstance(exc, UnreadableResponse):
+        return True  # Ollama failing, as a 5xx, not the model: the same request may be read
     if isinstance(exc, MalformedReply):
         return sampled
     return isinstance(exc, ConnectionError | httpx.TransportError)
+
+
+# RFC 9110, section 10.2.3: what Retry-After means on a 503 (and, RFC 6585, on a 429). Ollama
+# answers its own full queue with a 503 without one (server/routes.go, ErrMaxQueue); a proxy
+# or gateway in front of it may send one.
+_ASKS_TO_WAIT = frozenset({429, 503})
+
+
+def _asked_wait(exc: BaseException | None) -> float | None:
+    """Seconds that the ``Retry-After`` of the 429 or 503 ``exc`` stands for asks to wait;
+    None where it asks for nothing (or nothing readable).
+
+    ollama-python keeps no headers on its ``ResponseError``: it raises it from None inside the
+    handler of httpx's ``HTTPStatusError`` (``ollama/_client.py``, ``_request_raw``), which
+    stays its ``__context__`` (PEP 415), response and headers included. A client that raises
+    it otherwise leaves the wait to the backoff.
+    """
+    if not isinstance(exc, ollama.ResponseError) or exc.status_code not in _ASKS_TO_WAIT:
+        return None
+    status_error = exc.__context__
+    if not isinstance(status_error, httpx.HTTPStatusError):
+        return None
+    return retry_after(status_error.response.headers.get("Retry-After"))
+
+
+class _WaitAsked(wait_base):
+    """The backoff's wait, or the ``Retry-After`` of the error that ended the attempt where
+    that is longer."""
+
+    def __init__(self, backoff: float) -> None:
+        self.backoff = wait_exponential(multiplier=backoff, max=backoff * 8)
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        outcome = retry_state.outcome
+        asked = _asked_wait(outcome.exception() if outcome is not None else None)
+        return max(self.backoff(retry_state), asked or 0.0)
+
+
+class _StopAtDeadline(stop_base):
+    """Stops before a wait that would reach ``deadline``: the write ends now, as it would
+    then, rather than sleep until it is cut off (a ``Retry-After`` of an hour, say)."""
+
+    def __init__(self, deadline: asyncio.Timeout) -> None:
+        self.deadline = deadline
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        when = self.deadline.when()
+        if when is None:
+            return False
+        return retry_state.upcoming_sleep >= when - asyncio.get_running_loop().time()
 
 
 def _seed(seed: int, malformed: int) -> int:
@@ -337,6 +396,8 @@ def _said(exc: BaseException, model: str | None = None) -> str:
     said = f"ResponseError: {text} (status code: {exc.status_code})"
     if model and exc.status_code == 404 and _MISSING_MODEL.search(text):
         said += f"; pull it first: ollama pull {model}"
+    if (asked := _asked_wait(exc)) is not None:
+        said += f"; Retry-After: {asked:.0f}s"
     return said
 
 
@@ -536,8 +597,8 @@ class OllamaEnhancer:
                 attempts = 1 if probe else self.settings.ollama_retries + 1
                 sampled = self.settings.ollama_temperature > 0
                 retrying = AsyncRetrying(
-                    stop=stop_after_attempt(attempts),
-                    wait=wait_exponential(multiplier=self.backoff, max=self.backoff * 8),
+                    stop=stop_after_attempt(attempts) | _StopAtDeadline(deadline),
+                    wait=_WaitAsked(self.backoff),
                     retry=retry_if_exception(lambda exc: _retryable(exc, sampled=sampled)),
                     before_sleep=_log_retry,
                     reraise=True,
@@ -548,6 +609,8 @@ class OllamaEnhancer:
                         try:
                             sent = _seed(seed, malformed)
                             return await self._chat(messages, sent, spec, deadline)
+                        except UnreadableResponse:
+                            raise  # Ollama's failure: the model wrote nothing to sample again
                         except MalformedReply:
                             malformed += 1
                             raise

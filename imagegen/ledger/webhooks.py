@@ -18,7 +18,8 @@ and a receiver trickling its reply a byte at a time would never trip them.
 
 A reply other than 2xx is answered as the specification's "Delivery success and failure" asks:
 ``410 Gone`` ends the message (:class:`WebhookGone`); any other failure carries its status and
-the reply's ``Retry-After`` (:func:`retry_after`) for the dispatcher to schedule by.
+the reply's ``Retry-After`` (:func:`imagegen._retry_after.retry_after`) for the dispatcher to
+schedule by.
 """
 
 from __future__ import annotations
@@ -34,26 +35,23 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
+from imagegen._retry_after import retry_after
 from imagegen.errors import DependencyUnavailable, InvalidRequest
 from imagegen.ledger.models import Delivery
 from imagegen.settings import webhook_key
 
 __all__ = [
-    "RETRY_AFTER_MAX",
     "AddressPolicy",
     "WebhookFailed",
     "WebhookGone",
     "WebhookRefused",
     "WebhookSender",
     "receiver",
-    "retry_after",
     "sign",
 ]
 
@@ -81,8 +79,6 @@ _IPV4_IN_LAST_32 = (
 # success and failure"): 429 means a rate limit was met, 502 and 504 a receiver under load;
 # "it's recommended to throttle" all three, so they are not tried again at once.
 _THROTTLE = frozenset({429, 502, 504})
-# The longest wait a Retry-After is taken at: a receiver cannot park a message for months.
-RETRY_AFTER_MAX = 86400.0
 
 
 class WebhookRefused(InvalidRequest):
@@ -121,28 +117,6 @@ class WebhookFailed(DependencyUnavailable):
         """Whether the receiver asked to be sent less (429, 502, 504, or a ``Retry-After``):
         no try before the next round, and that round not before ``retry_after``."""
         return self.status_code in _THROTTLE or self.retry_after is not None
-
-
-def retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds a ``Retry-After`` value asks to wait, at most :data:`RETRY_AFTER_MAX`.
-
-    RFC 9110, section 10.2.3: delay-seconds (digits only) or an HTTP-date (IMF-fixdate, or the
-    obsolete RFC 850 and asctime forms a recipient should still read; a date in the past is no
-    wait). Anything else is None: the header is ignored, not the reply.
-    """
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isascii() and value.isdigit():
-        return min(float(value), RETRY_AFTER_MAX)  # float(): any length, at worst inf
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:  # asctime carries no zone; every HTTP-date is in UTC
-        when = when.replace(tzinfo=UTC)
-    wait = (when - (now or datetime.now(UTC))).total_seconds()
-    return min(max(0.0, wait), RETRY_AFTER_MAX)
 
 
 def _key(secret: str) -> bytes:

@@ -18,19 +18,18 @@ import pytest
 from pydantic import ValidationError
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from imagegen._retry_after import RETRY_AFTER_MAX, retry_after
 from imagegen.errors import ConfigurationError, InvalidRequest
 from imagegen.events import IMAGE_DERIVED, reply_id, source_for
 from imagegen.ledger import Delivery, Ledger, LedgerEvent
 from imagegen.ledger.fold import message_id
 from imagegen.ledger.outbox import Dispatcher
 from imagegen.ledger.webhooks import (
-    RETRY_AFTER_MAX,
     AddressPolicy,
     WebhookFailed,
     WebhookGone,
     WebhookRefused,
     WebhookSender,
-    retry_after,
     sign,
 )
 from imagegen.settings import Settings
