@@ -92,6 +92,26 @@ def _next_line(proc: subprocess.Popen[str], seconds: float = 60) -> str:
     return lines[0]
 
 
+def _rest(proc: subprocess.Popen[str], seconds: float = 30) -> tuple[str, str]:
+    """What ``proc`` writes on stdout and stderr until they close, waited for ``seconds`` at
+    most, then its exit. Read through the streams :func:`_next_line` reads: a line read there
+    may have brought the next ones into the stream's buffer, which ``communicate`` (reading
+    the pipes beneath) would never see."""
+    got: dict[str, str] = {}
+    readers = [
+        threading.Thread(target=lambda n=name, s=stream: got.update({n: s.read()}), daemon=True)
+        for name, stream in (("out", proc.stdout), ("err", proc.stderr))
+        if stream is not None
+    ]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(seconds)
+    assert len(got) == len(readers), f"still writing after {seconds} s: {got}"
+    proc.wait(seconds)
+    return got.get("out", ""), got.get("err", "")
+
+
 @pytest.mark.slow
 def test_ctrl_c_while_the_function_loads_is_one_line_and_130(tmp_path: Path) -> None:
     """It said "serving persist on …" before anything listened, then "Aborted!" (click's),
@@ -108,7 +128,7 @@ def test_ctrl_c_while_the_function_loads_is_one_line_and_130(tmp_path: Path) -> 
     try:
         assert _next_line(proc) == "loading\n"  # the server imports the function
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
+        out, err = _rest(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -134,7 +154,7 @@ def test_ctrl_c_once_it_serves_is_the_servers_own_exit_0(serving: Served) -> Non
     assert _next_line(proc) == f"serving persist on http://127.0.0.1:{port}\n"
     assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).text == "served"
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
+    out, err = _rest(proc)
     assert (proc.returncode, err, out) == (0, "", "")
 
 
@@ -202,7 +222,7 @@ def _debug_server_output(tmp_path: Path, env: dict[str, str], *, terminal: bool)
             said += _next_line(proc)
         assert httpx.get(f"http://127.0.0.1:{port}/", timeout=30).text == "served"
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
+        _, err = _rest(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
