@@ -3,7 +3,8 @@
 Writers take the database lock at ``BEGIN IMMEDIATE`` and wait for it (busy timeout), so
 several ``imagegen`` processes can record into one file. Reads take no lock a writer holds: each
 runs in a deferred transaction, which in WAL mode reads the last commit while another process
-writes (SQLite's "Write-Ahead Logging", "Concurrency").
+writes (SQLite's "Write-Ahead Logging", "Concurrency"), on a connection of reads' own, so that
+neither waits behind this process's write waiting for another process's lock.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ __all__ = ["SqliteLedger"]
 logger = logging.getLogger(__name__)
 
 _BUSY_TIMEOUT_S = 30.0
+_IDLE_READERS = 4
+"""Read connections kept open between reads; more reads at once each open one, closed after."""
 
 
 def _time_text(value: datetime) -> str:
@@ -87,6 +90,18 @@ def _error_name(exc: sqlite3.Error) -> str:
     """SQLite's name for the error (``SQLITE_BUSY``); "" for one the ``sqlite3`` module raises
     itself, which has none (a ``ProgrammingError``: a closed connection, a wrong parameter)."""
     return getattr(exc, "sqlite_errorname", None) or ""
+
+
+@contextmanager
+def _in_transaction(conn: sqlite3.Connection, begin: str) -> Iterator[_Cursor]:
+    """``conn`` in one transaction: committed when the block ends, rolled back when it raises."""
+    conn.execute(begin)
+    try:
+        yield _Cursor(conn)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 class _Cursor:
@@ -206,6 +221,13 @@ class SqliteLedger(SqlLedger):
         self._is_closed = False
         self.where = str(path)
         self._lock = threading.RLock()
+        # Where reads open their own connections (:meth:`statement`): a file this process
+        # writes. None where they share the write connection: ``:memory:`` (a second
+        # connection to it is another, empty database) and a ledger opened ``read_only``
+        # (which writes nothing, so never holds that connection waiting for a lock).
+        self._read_target: str | None = None
+        self._readers: list[sqlite3.Connection] = []  # idle: each used by one read at a time
+        self._readers_lock = threading.Lock()
         try:
             self._open()
         except (FileExistsError, NotADirectoryError):
@@ -248,6 +270,11 @@ class SqliteLedger(SqlLedger):
                 if isinstance(path, Path):
                     _write_ahead(self._conn, self._busy_timeout)
                 self._conn.execute("PRAGMA synchronous=NORMAL")
+                if isinstance(path, Path) and not self.read_only:
+                    # The file as the write connection found it (a relative path resolved
+                    # now, not against a later working directory); it exists by now.
+                    self._read_target = _file_uri(path, "mode=rw")
+                    self._readers.append(self._reader())
                 self._migrate()
             except sqlite3.OperationalError as exc:
                 if not self.read_only or _error_name(exc) not in _CANNOT_WRITE:
@@ -259,6 +286,7 @@ class SqliteLedger(SqlLedger):
             if self.read_only:  # migrated: from here on it reads only, as opened for
                 self._read_only_now()
         except BaseException:
+            self._close_readers()
             self._conn.close()
             raise
 
@@ -270,8 +298,9 @@ class SqliteLedger(SqlLedger):
         self._writes_refused = True
 
     def _connect(self, target: str | Path) -> sqlite3.Connection:
-        # One connection shared by this process's threads, one statement at a time (the lock);
-        # transactions are explicit, so autocommit mode (isolation_level=None).
+        # The write connection is shared by this process's threads, one transaction at a time
+        # (the lock); a read connection by one read at a time (taken from the idle ones).
+        # Transactions are explicit, so autocommit mode (isolation_level=None).
         return sqlite3.connect(
             target,
             timeout=self._busy_timeout,
@@ -309,6 +338,18 @@ class SqliteLedger(SqlLedger):
             self._conn.close()
             raise
         return True
+
+    def _reader(self) -> sqlite3.Connection:
+        """A connection for reads only: ``query_only``, so a read that wrote would fail rather
+        than take the write lock on a connection no write waits for."""
+        assert self._read_target is not None
+        conn = self._connect(self._read_target)
+        try:
+            conn.execute("PRAGMA query_only=ON")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def _versions(self) -> set[int]:
         """The migrations the file records, read on the connection itself: a file that is no
@@ -360,9 +401,47 @@ class SqliteLedger(SqlLedger):
     @contextmanager
     def statement(self) -> Iterator[_Cursor]:
         """A read: a deferred transaction, one snapshot for its statements, which takes no lock
-        a writer waits for or holds (WAL mode; a ``:memory:`` ledger has one connection)."""
-        with self._within("BEGIN DEFERRED") as cursor:
+        a writer waits for or holds (WAL mode), on a connection of reads' own: never behind
+        this process's write waiting for another process's lock. It reads the last commit, so
+        what this process committed before it too. A ``:memory:`` or ``read_only`` ledger
+        reads on its one connection."""
+        if self._read_target is None:
+            with self._within("BEGIN DEFERRED") as cursor:
+                yield cursor
+            return
+        with (
+            self._reading() as conn,
+            self._errors(),
+            _in_transaction(conn, "BEGIN DEFERRED") as cursor,
+        ):
             yield cursor
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """A read connection for one read: an idle one, or one opened for it; kept for the next
+        read after it (up to :data:`_IDLE_READERS`), closed where the ledger closed meanwhile."""
+        with self._readers_lock:
+            if self._is_closed:
+                raise self._closed()
+            conn = self._readers.pop() if self._readers else None
+        if conn is None:
+            try:
+                conn = self._reader()
+            except sqlite3.Error as exc:  # the file gone, or its permissions changed, since
+                raise DependencyUnavailable(
+                    f"ledger {self.path} cannot be opened: {first_line(exc)}"
+                ) from None
+        try:
+            yield conn
+        finally:
+            with self._readers_lock:
+                # One left in a transaction (its rollback failed) would refuse the next BEGIN.
+                keep = not self._is_closed and not conn.in_transaction
+                keep = keep and len(self._readers) < _IDLE_READERS
+                if keep:
+                    self._readers.append(conn)
+            if not keep:
+                conn.close()
 
     @property
     def busy_timeout(self) -> float:
@@ -374,13 +453,8 @@ class SqliteLedger(SqlLedger):
         with self._turn(deadline), self._errors():
             if self._is_closed:
                 raise self._closed()
-            self._conn.execute(begin)
-            try:
-                yield _Cursor(self._conn)
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+            with _in_transaction(self._conn, begin) as cursor:
+                yield cursor
 
     @contextmanager
     def _turn(self, deadline: float | None = None) -> Iterator[None]:
@@ -424,9 +498,19 @@ class SqliteLedger(SqlLedger):
             raise
 
     def close(self) -> None:
+        """Close the connections: the write connection once its transaction ends, the idle read
+        ones now, and one a read is using as that read ends."""
         with self._lock:
-            self._is_closed = True
+            self._close_readers()
             self._conn.close()
+
+    def _close_readers(self) -> None:
+        """Refuse reads from now on, and close the idle read connections."""
+        with self._readers_lock:
+            self._is_closed = True
+            idle, self._readers = self._readers, []
+        for conn in idle:
+            conn.close()
 
     def __repr__(self) -> str:
         return f"SqliteLedger({str(self.path)!r})"
