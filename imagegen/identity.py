@@ -181,9 +181,14 @@ _RFC3339 = re.compile(
 )
 
 
-def parse_rfc3339(value: str) -> datetime:
+def parse_rfc3339(value: str, *, round_up: bool = False) -> datetime:
     """An RFC 3339 timestamp, aware; a leap second (``:60``) is the last microsecond before
     the next minute (Python has none), so the order of times is kept.
+
+    Its fraction is read to the microsecond, Python's finest; digits beyond it (nanoseconds, as
+    Go writes them) are dropped, or, with ``round_up``, raise it to the next microsecond: what a
+    bound compared with times kept to the microsecond needs to stay on its side (24.5575141 is
+    after 24.557514, so "at or after" it is at or after 24.557515).
 
     Raises:
         ValueError: ``value`` is no RFC 3339 timestamp, or a leap second at another minute
@@ -197,12 +202,16 @@ def parse_rfc3339(value: str) -> datetime:
     leap = second == "60"
     if leap:
         second, fraction = "59", ".999999"
+    finer = fraction[7:].strip("0") != ""  # a nonzero digit beyond the microsecond
+    fraction = fraction[:7]  # "." and six digits
     parsed = datetime.fromisoformat(f"{found['date']}T{found['minute']}:{second}{fraction}{offset}")
     # RFC 3339, section 5.7: a leap second is the last of a UTC day, at the same instant
     # around the globe (23:59:60Z is 08:59:60+09:00 the next day). At any other minute it
     # names no instant.
     if leap and _utc_minute(parsed) != (23, 59):
         raise ValueError(f"{value[:40]!r}: a leap second only ends the minute 23:59 UTC")
+    if finer and round_up and parsed.replace(tzinfo=None) < datetime.max:
+        parsed += timedelta(microseconds=1)  # not past the year 9999, out of every range anyway
     return parsed
 
 

@@ -105,13 +105,15 @@ LedgerToken = Annotated[
 ]
 _RELATIVE = re.compile(r"^(\d+)\s*([mhdw])$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+_FINER = re.compile(r"[.,]\d{6}\d*[1-9]")  # a fraction of a second finer than a microsecond
 
 
 def parse_when(text: str, *, field: str, now: datetime | None = None) -> datetime:
     """``2026-06-01``, ``2026-06-01T12:00Z``, ``today``, or an age (``30m``, ``2h``, ``7d``).
 
-    A date or time without an offset, and ``today``'s midnight, are in this machine's time zone
-    (``TZ``), as the person typing them means them.
+    A date or time without an offset, and ``today``, are in this machine's time zone (``TZ``),
+    as the person typing them means them (:func:`_local_instant`): a date, as ``today``, is
+    the first instant of its local day, even where the clock skips its midnight.
     """
     now = now or datetime.now(UTC)
     value = text.strip().lower()
@@ -129,8 +131,12 @@ def parse_when(text: str, *, field: str, now: datetime | None = None) -> datetim
     else:
         try:
             parsed = datetime.fromisoformat(text.strip())
-            if parsed.tzinfo is None:
-                parsed = parsed.astimezone()  # read as local time, given its offset
+            if _FINER.search(text) and parsed.replace(tzinfo=None) < datetime.max:
+                # A bound: raised to the next microsecond, as the ledger's API raises one
+                # (imagegen.ledger.api), where Python's reader drops the digits past it.
+                parsed += timedelta(microseconds=1)
+            if parsed.tzinfo is None:  # local time, given its offset
+                parsed = _local_instant(parsed)
         except (ValueError, OverflowError):
             raise InvalidRequest(
                 f"--{field}: {text!r} is neither a date/time (ISO 8601) nor an age like 2h or 7d",
@@ -148,22 +154,39 @@ def _start_of_local_day(day: date) -> datetime:
     """The first instant of ``day`` in this machine's time zone (``TZ``), with its offset.
 
     Its midnight, where the day has one; a clock put forward over midnight (America/Santiago
-    on 6 September 2026: 00:00 is 01:00) starts the day at that change instead. Read with the
-    C library's zone, as every local time here is (``astimezone()``): ``TZ`` may be a POSIX rule
-    or unset, which no IANA name gives.
+    on 6 September 2026: 00:00 is 01:00) starts the day at that change instead.
+    """
+    return _local_instant(datetime.combine(day, dt_time()))
+
+
+def _local_instant(wall: datetime) -> datetime:
+    """The instant the naive local time ``wall`` names in this machine's time zone (``TZ``),
+    with its offset.
+
+    A time the clock shows twice (set back) is the first of them; one it skips (put forward)
+    is the first instant after the skip, the moment it jumps: 00:30 in America/Santiago on
+    6 September 2026 is 01:00 -03:00, never 23:30 the day before. Read with the C library's
+    zone, as every local time here is (``astimezone()``): ``TZ`` may be a POSIX rule or unset,
+    which no IANA name gives.
     """
     # PEP 495: a local time that is missing or repeated has two readings, fold 0 and fold 1.
-    # Where midnight is repeated, the day starts at the earlier; where it is missing, neither
-    # reads back as that day's midnight, and the day starts at the change between them.
-    midnight = datetime.combine(day, dt_time())
-    readings = sorted(int(midnight.replace(fold=fold).timestamp()) for fold in (0, 1))
+    # Where it is repeated, both read back as it and the earlier is taken; where it is
+    # missing, neither does, and the change between them is the first instant after it.
+    # Zones change at whole seconds: the search is in seconds, the microseconds added back.
+    whole = wall.replace(microsecond=0, fold=0)
+    try:
+        readings = sorted(int(whole.replace(fold=fold).timestamp()) for fold in (0, 1))
+    except (OverflowError, ValueError, OSError):
+        # At the calendar's ends (the years 1 and 9999), which no ledger's time reaches:
+        # read as astimezone() reads it, for the range check to name.
+        return wall.astimezone()
     for reading in readings:
-        if _local_at(reading).replace(tzinfo=None) == midnight:
-            return _local_at(reading)
-    before, after = readings  # the day before at the first, the day itself at the second
-    while after - before > 1:  # the change, to the second (zones change at whole seconds)
+        if _local_at(reading).replace(tzinfo=None) == whole:
+            return _local_at(reading).replace(microsecond=wall.microsecond)
+    before, after = readings  # the clock shows a time before ``wall``, then one after it
+    while after - before > 1:  # the change, to the second
         middle = (before + after) // 2
-        if _local_at(middle).date() < day:
+        if _local_at(middle).replace(tzinfo=None) < whole:
             before = middle
         else:
             after = middle

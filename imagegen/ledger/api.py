@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from imagegen.errors import (
     ConfigurationError,
@@ -31,7 +31,7 @@ from imagegen.events import (
     routing_attributes,
     source_for,
 )
-from imagegen.identity import derive_generation_id
+from imagegen.identity import derive_generation_id, parse_rfc3339
 from imagegen.ledger._sql import MAX_PAGE
 from imagegen.ledger.models import GenerationDetail, GenerationPage, Status
 from imagegen.models import MaybeTime
@@ -42,6 +42,30 @@ if TYPE_CHECKING:
     from imagegen.settings import Settings
 
 __all__ = ["HistoryQuery", "ReplayAccepted", "ReplayQuery", "detail", "page", "replay"]
+
+
+def _bound(value: object) -> object:
+    # The ledger keeps its times to the microsecond: a bound finer than that is raised to the
+    # next one, so that each generation stays on its side of it ("at or after" 24.5575141 is
+    # "at or after" 24.557515; "before" it, "before" 24.557515). Anything it cannot read goes
+    # on to the rule of the field, which refuses it and names the field.
+    if isinstance(value, str):
+        try:
+            return parse_rfc3339(value, round_up=True)
+        except ValueError:
+            pass
+    return value
+
+
+def _digits(value: object) -> object:
+    # A number in a query is digits and nothing else, as a time is RFC 3339 and nothing else:
+    # no sign, no "_", no space, no ".0", which pydantic's int would otherwise take.
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError("must be a whole number written in digits (0-9)")
+    return value
+
+
+_Bound = Annotated[MaybeTime, BeforeValidator(_bound)]
 
 
 class HistoryQuery(BaseModel):
@@ -55,16 +79,16 @@ class HistoryQuery(BaseModel):
     # rule (a date alone, no offset or a number of seconds taken as UTC, a leap second
     # refused). Generations are only ever created within the service's years: a bound outside
     # them names its field (and never overflows on its way to UTC).
-    since: MaybeTime = Field(
+    since: _Bound = Field(
         default=None,
         description="Created at or after: an RFC 3339 date-time with its offset "
         "(2026-06-01T00:00:00Z; a + percent-encoded as %2B).",
     )
-    until: MaybeTime = Field(
+    until: _Bound = Field(
         default=None, description="Created before: an RFC 3339 date-time with its offset."
     )
     model: str | None = Field(default=None, max_length=256)
-    limit: int = Field(default=50, ge=1, le=MAX_PAGE)
+    limit: Annotated[int, BeforeValidator(_digits)] = Field(default=50, ge=1, le=MAX_PAGE)
     cursor: str | None = Field(
         default=None, max_length=1024, description="next_cursor of the previous page."
     )

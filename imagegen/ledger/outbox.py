@@ -241,13 +241,21 @@ class Dispatcher:
             self._finish(delivery, "refused", error=exc.message, retry_in=None)
         except WebhookFailed as exc:
             retry_in = self.retry_in(delivery.attempts, retry_after=exc.retry_after)
-            said.update(reason=exc.message, status=exc.status_code, attempts=delivery.attempts)
+            reason = exc.message
+            if exc.retry_after is not None and retry_in is not None:
+                # Where the next round is not when the receiver asked (sooner: it asked for more
+                # than backoff_max; later: for less than this round's backoff), the reason says
+                # when it is.
+                kept = f"{retry_in:.0f}"
+                if kept != f"{exc.retry_after:.0f}":
+                    reason += f"; next round in {kept} s"
+            said.update(reason=reason, status=exc.status_code, attempts=delivery.attempts)
             if retry_in is None:  # its last claim: a receiver's loss, said louder than a retry
                 log.warning("webhook given up", extra=said)
             else:
                 log.info("webhook not delivered", extra={**said, "retry_in": retry_in})
             outcome = "failed" if retry_in is None else "retried"
-            self._finish(delivery, outcome, error=exc.message, retry_in=retry_in)
+            self._finish(delivery, outcome, error=reason, retry_in=retry_in)
         except Exception as exc:
             # A bug, or a URL no one foresaw: counted as a failed claim like any other, so
             # the message ends (failed) after max_attempts instead of coming back forever.

@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from imagegen._retry_after import retry_after
+from imagegen._retry_after import RETRY_AFTER_MAX, retry_after
 from imagegen.errors import DependencyUnavailable, InvalidRequest
 from imagegen.ledger.models import Delivery
 from imagegen.settings import webhook_key
@@ -409,6 +409,8 @@ class WebhookSender:
         # which should be taken into consideration when scheduling the next attempt."
         if wait is not None:
             reason += f", Retry-After {wait:.0f} s"
+            if wait >= RETRY_AFTER_MAX:  # read as a day at most: a longer wait asked is said
+                reason += " or more"
         raise WebhookFailed(reason, status=status, retry_after=wait)
 
     async def _post(
