@@ -54,12 +54,15 @@ _STRONG = re.compile(r"(\*\*|__)(.{1,300}?)\1", re.DOTALL)
 # and closing after a space-free character and before no word character, so that ``3 * 4``,
 # a snake_case_word and ``a blank ___ to fill`` stay.
 _EMPHASIS = re.compile(r"(?<![\w*])([*_])(?!\s|\1)(.{1,300}?)(?<=\S)\1(?![\w*])", re.DOTALL)
-# ``~~harsh~~``: struck out, so what a reader sees as deleted, and dropped with the comma
-# or semicolon before it (``soft, ~~harsh~~, light`` is ``soft, light``). Two tildes, not one:
-# ``~50mm to ~85mm`` is a prompt's.
+# ``~~harsh~~``: struck out, so what a reader sees as deleted. Two tildes, not one:
+# ``~50mm to ~85mm`` is a prompt's. The comma or semicolon before it (its group) goes with it
+# where a mark or the line's end follows it (``soft, ~~harsh~~, light`` is ``soft, light``);
+# elsewhere the words around it stay apart and the mark stays (``soft light, ~~harsh~~ glow``
+# is ``soft light, glow``, ``soft ~~harsh~~light`` is ``soft light``).
 _STRUCK = re.compile(
-    r"(?<![ \t])(?:[ \t]*+[,;])?[ \t]*+(?<!~)~~(?=[^\s~])(.{1,300}?)(?<=[^\s~])~~(?!~)"
+    r"(?<![ \t])((?:[ \t]*+[,;])?[ \t]*+)(?<!~)~~(?=[^\s~])(?:.{1,300}?)(?<=[^\s~])~~(?!~)"
 )
+_ENDS_STRUCK = re.compile(r"[ \t]*+(?:[,.;:!?]|$)", re.MULTILINE)
 # A thematic break (``---``, ``***``, ``* * *``, ``___``) on a line of its own: Markdown's
 # separator, often between the prompt and a sign-off.
 _RULE = re.compile(r"^[ \t]*([-*_])(?:[ \t]*\1){2,}[ \t]*$", re.MULTILINE)
@@ -128,14 +131,18 @@ _ALTERNATIVELY = re.compile(
     r"(?:^|(?<=[.!?])[ \t]+)[ \t]*(?:or[ \t]+)?alternatively[ \t]*[:,]",
     re.IGNORECASE | re.MULTILINE,
 )
-# A line opening with a sign-off ("Let me know …", "Note: …", "**Note:** …"), after a line
-# break or a blank line, and what follows it. The match starts only where a run of spaces
-# starts, each run read once and possessively: "\n\s*\n\s*" was cubic in a run of line
-# breaks (1,000 took 15 s on the event loop), and a start inside the run quadratic.
+# A sign-off ("Let me know …", "Enjoy!") opening a line, and what follows it: after a blank
+# line (a rule is one, once taken off), it and all after it, and so a note ("Note: …",
+# "**Note:** …") too; after a single line break, only as the reply's last line, opening with
+# a capital as a sentence does and not after a colon, since a prompt's line may run on there
+# ("Subject: a red fox" then "Note: orange fur", "A card that reads:" then "Enjoy your
+# stay!", "a red fox" then "would you like to see a cat"). The match starts only where a run
+# of spaces starts, each run read once and possessively: "\n\s*\n\s*" was cubic in a run of
+# line breaks (1,000 took 15 s on the event loop), and a start inside the run quadratic.
+_SIGN_OFF = r"(?:let me know|i hope|feel free|this prompt|enjoy|would you like)\b(?!-)"
 _CHATTER = re.compile(
-    r"(?<!\s)[^\S\n]*+\n\s*+[*_]*+"
-    r"(?:(?:let me know|i hope|feel free|this prompt|enjoy|would you like)\b|notes?[*_]*:)"
-    r".*\Z",
+    rf"(?<!\s)(?:[^\S\n]*+\n[^\S\n]*+\n\s*+[*_]*+(?:{_SIGN_OFF}|notes?[*_]*:).*"
+    rf"|(?<!:)[^\S\n]*+\n[^\S\n]*+[*_]*+(?-i:(?=[A-Z])){_SIGN_OFF}[^\n]*+\s*+)\Z",
     re.IGNORECASE | re.DOTALL,
 )
 # A negative prompt is what the image must not show: never part of the prompt. It starts at
@@ -205,7 +212,7 @@ def clean_reply(text: str) -> str:
     text = PROMPT_REFUSED_CHARACTERS.sub("", text)  # _ITEM among them
     text = _RULE.sub("", _FENCE.sub("", text))
     # Markup off before the sign-off is looked for: "**Note:**" opens one as "Note:" does.
-    text = _STRUCK.sub("", _EMPHASIS.sub(r"\2", _STRONG.sub(r"\2", text)))
+    text = _STRUCK.sub(_unstrike, _EMPHASIS.sub(r"\2", _STRONG.sub(r"\2", text)))
     text = _CHATTER.sub("", text.strip())
     text = _TITLE.sub("", text, count=1)
     without_headings = _HEADING.sub("", text)
@@ -221,6 +228,14 @@ def clean_reply(text: str) -> str:
             break
         text = stripped
     return _strip_quotes(_join_lines(_INTERJECTED.sub("", text, count=1)))
+
+
+def _unstrike(struck: re.Match[str]) -> str:
+    """What a struck span (:data:`_STRUCK`) leaves: nothing where a mark or the line's end
+    follows it, else the mark before it and a space (the spaces are made one later)."""
+    if _ENDS_STRUCK.match(struck.string, struck.end()):
+        return ""
+    return struck.group(1) + " "
 
 
 def _first_of_several(text: str) -> str:

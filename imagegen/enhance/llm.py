@@ -13,8 +13,9 @@ Connection errors, 5xx/429 answers, bodies that are no chat response (a proxy's 
 short, past the size cap) and malformed replies (no JSON prompt, one cut at ``num_predict``
 before its JSON object was whole, or no usable prompt: no words, a refusal) are retried with
 exponential backoff (tenacity), or after the ``Retry-After`` of a 429 or 503 where that is
-longer; a wait that would outlast the write's deadline is not waited out: the write ends
-there. The failures of Ollama are retried with the same seed; a malformed reply, which the
+longer; a wait after which the next attempt would not have its whole ``ollama_timeout``
+before the write's deadline is not waited: the write ends there, with the error that asked
+for it. The failures of Ollama are retried with the same seed; a malformed reply, which the
 model wrote, with the next seed, since the same seed and temperature sample the same reply
 again, and not at all at temperature 0, where the seed changes nothing. A reply
 slower than ``ollama_timeout`` is not retried, since it would be as slow again. After
@@ -277,17 +278,35 @@ class _WaitAsked(wait_base):
 
 
 class _StopAtDeadline(stop_base):
-    """Stops before a wait that would reach ``deadline``: the write ends now, as it would
-    then, rather than sleep until it is cut off (a ``Retry-After`` of an hour, say)."""
+    """Stops before a wait after which the next attempt would not have its whole ``timeout``
+    before ``deadline``: the write ends now, with the error that asked for the wait, rather
+    than sleep (a ``Retry-After`` of an hour, say) and then have an attempt cut short, whose
+    end would read as a reply slower than ``timeout``.
 
-    def __init__(self, deadline: asyncio.Timeout) -> None:
+    The backoff's waits leave each attempt its timeout. The deadline
+    (:attr:`OllamaEnhancer.deadline`) is ``attempts * timeout`` plus the backoff's waits
+    ``w_1 … w_{attempts-1}``. Asked after attempt ``k`` (never after the last), the attempts
+    having taken ``d_1 … d_k`` (each under ``timeout``: one that reaches it is a timeout, not
+    retried) and the waits ``w_1 … w_{k-1}``, the time left less ``timeout`` and ``w_k`` is
+    ``(attempts - k - 1) * timeout + w_{k+1} + … + w_{attempts-1}``, plus the attempts' unused
+    time ``sum(timeout - d_j)``, less the loop's own time (the sleeps' overshoot, bookkeeping:
+    milliseconds). Before any attempt but the last, that is at least a whole ``timeout``;
+    before the last, it is below 0 only where the attempts before it together left less than
+    those milliseconds of their timeouts unused, and then the last could not have its whole
+    timeout. So a write is stopped early by a ``Retry-After`` longer than the backoff, in
+    practice nothing else.
+    """
+
+    def __init__(self, deadline: asyncio.Timeout, timeout: float) -> None:
         self.deadline = deadline
+        self.timeout = timeout
 
     def __call__(self, retry_state: RetryCallState) -> bool:
         when = self.deadline.when()
         if when is None:
             return False
-        return retry_state.upcoming_sleep >= when - asyncio.get_running_loop().time()
+        remaining = when - asyncio.get_running_loop().time()
+        return retry_state.upcoming_sleep > remaining - self.timeout
 
 
 def _seed(seed: int, malformed: int) -> int:
@@ -597,7 +616,8 @@ class OllamaEnhancer:
                 attempts = 1 if probe else self.settings.ollama_retries + 1
                 sampled = self.settings.ollama_temperature > 0
                 retrying = AsyncRetrying(
-                    stop=stop_after_attempt(attempts) | _StopAtDeadline(deadline),
+                    stop=stop_after_attempt(attempts)
+                    | _StopAtDeadline(deadline, self.settings.ollama_timeout),
                     wait=_WaitAsked(self.backoff),
                     retry=retry_if_exception(lambda exc: _retryable(exc, sampled=sampled)),
                     before_sleep=_log_retry,

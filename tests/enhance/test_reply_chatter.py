@@ -6,7 +6,7 @@ import re
 import time
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from imagegen.enhance import clean_reply
@@ -29,7 +29,6 @@ PROMPT = "a red fox in a snowy birch forest, watercolor style"
         # After a single line break.
         (f"{PROMPT}\nLet me know if you want any changes!", PROMPT),
         (f"{PROMPT}  \nI hope this helps!", PROMPT),
-        (f"{PROMPT}\nNotes: soft light suits the mood.", PROMPT),
         # After a horizontal rule, and the rule itself.
         (f"{PROMPT}\n\n---\n\nLet me know if you want any changes!", PROMPT),
         (f"{PROMPT}\n***\nEnjoy!", PROMPT),
@@ -45,6 +44,11 @@ PROMPT = "a red fox in a snowy birch forest, watercolor style"
         ("a red fox, _soft_ light, ~~harsh~~", "a red fox, soft light"),
         ("a ~~dog~~ fox, ~~harsh light~~, _soft_ dawn", "a fox, soft dawn"),
         ("a __red__ fox in _fresh snow_", "a red fox in fresh snow"),
+        # A struck span between words leaves a space, and the comma before it stays.
+        ("soft ~~harsh~~light, a fox", "soft light, a fox"),
+        ("soft light, ~~harsh shadows~~ gentle glow", "soft light, gentle glow"),
+        ("a fox, ~~a wolf~~; snow", "a fox; snow"),
+        ("a fox in ~~harsh~~.", "a fox in."),
         # A terminal's escape sequences, whole.
         ("\x1b[1ma red fox\x1b[0m in snow", "a red fox in snow"),
         (f"{PROMPT} \x00\x1b[31mred\x1b[0m", f"{PROMPT} red"),
@@ -78,6 +82,43 @@ def test_a_prompts_own_text_is_kept(prompt: str) -> None:
     assert clean_reply(prompt) == " ".join(prompt.split())
 
 
+@pytest.mark.parametrize(
+    ("reply", "prompt"),
+    [
+        # A line after a single line break is a sign-off only as the reply's last line, and
+        # opening as a sentence does; a note only after a blank line.
+        (
+            "Subject: a red fox\nNote: orange fur\nStyle: watercolor\nLighting: golden hour",
+            "a red fox, orange fur, watercolor, golden hour",
+        ),
+        (
+            "A café chalkboard that reads:\nEnjoy your coffee!\nwarm light, bokeh",
+            "A café chalkboard that reads: Enjoy your coffee! warm light, bokeh",
+        ),
+        (
+            "A red fox in the snow,\nthis prompt-like poster style, golden hour",
+            "A red fox in the snow, this prompt-like poster style, golden hour",
+        ),
+        ("A red fox\nwould you like to see a cat", "A red fox would you like to see a cat"),
+        ("A greeting card:\nFeel free to smile", "A greeting card: Feel free to smile"),
+        (
+            "A sign that reads\nEnjoy your stay!\nwarm light, bokeh",
+            "A sign that reads, Enjoy your stay! warm light, bokeh",
+        ),
+        (
+            "A poster of a red fox\nThis prompt-like layout, golden hour",
+            "A poster of a red fox, This prompt-like layout, golden hour",
+        ),
+        (
+            f"{PROMPT}\nNotes: soft light suits the mood.",
+            f"{PROMPT}, Notes: soft light suits the mood.",
+        ),
+    ],
+)
+def test_a_line_that_only_opens_like_a_sign_off_is_kept(reply: str, prompt: str) -> None:
+    assert clean_reply(reply) == prompt
+
+
 # Words as prompts have them: snake_case, a tilde before a number, plain words.
 _WORD = st.from_regex(r"[a-z]{2,8}(?:_[a-z]{2,8}){0,2}|~[0-9]{1,3}mm|[a-z]{2,9}", fullmatch=True)
 _SIGN_OFFS = [
@@ -105,11 +146,13 @@ def test_a_sign_off_goes_and_the_prompt_stays(
     words: list[str], line_break: str, sign_off: str, marker: str
 ) -> None:
     """Whatever the prompt's words, a sign-off on a line of its own (bold or not, after a
-    line break, a blank line or a rule) is stripped, and the prompt is kept whole."""
+    line break, a blank line or a rule; a note after a blank line or a rule) is stripped,
+    and the prompt is kept whole."""
     prompt = " ".join(words)
     parts = re.match(r"(\w+(?: \w+)*:?)(.*)", sign_off, re.DOTALL)
     assert parts is not None
     opening, rest = parts.groups()
+    assume(line_break != "\n" or not opening.startswith("Note"))
     reply = prompt + line_break + marker + opening + marker + rest
     assert clean_reply(prompt) == prompt
     assert clean_reply(reply) == prompt
@@ -126,8 +169,22 @@ def test_a_sign_off_goes_and_the_prompt_stays(
         "\x1b[" * 7000 + "a",
         "<p>" * 5000 + "a",
         "a\n" + "- " * 7000 + "b",
+        "a" + "\n" * 16000,
+        "a" + "~" * 16000,
+        "a ~~b~~" * 2300,
+        "a" + "*" * 16000,
+        "a" + "_" * 16000,
+        "a\nnote:" * 2300,
+        "a\n\nnote:" * 2000,
+        "a\nEnjoy b" * 2000,
+        "a\n" + "Enjoy " * 2700,
+        "a" + ", ~~b" * 3000,
     ],
-    ids=["spaces", "commas", "tildes", "underscores", "lines", "escapes", "tags", "rule"],
+    ids=[
+        *("spaces", "commas", "tildes", "underscores", "lines", "escapes", "tags", "rule"),
+        *("line-breaks", "tilde-run", "struck", "stars", "underscore-run", "notes"),
+        *("blank-notes", "sign-off-lines", "sign-off-words", "struck-after-commas"),
+    ],
 )
 def test_stripping_is_linear_in_what_the_model_sends(reply: str) -> None:
     """The cleaning runs on the event loop: a generous bound that a pattern backtracking

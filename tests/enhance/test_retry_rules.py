@@ -117,6 +117,7 @@ class _Busy(BaseHTTPRequestHandler):
     script: list[tuple[int, dict[str, str]]]
     arrived: list[float]
     lock: threading.Lock
+    delay = 0.0  # seconds before each answer that is no chat response
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -126,6 +127,8 @@ class _Busy(BaseHTTPRequestHandler):
         with self.lock:
             self.arrived.append(time.monotonic())
             status, headers = self.script.pop(0) if self.script else (200, {})
+        if status != 200:
+            time.sleep(self.delay)
         body = _chat_response(DEFAULT_PROMPT) if status == 200 else b'{"error": "busy"}'
         self.send_response(status)
         for name, value in {"Content-Type": "application/json", **headers}.items():
@@ -135,17 +138,8 @@ class _Busy(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-# The first free port of a range of this module's own.
-_PORTS = range(47100, 47200)
-
-
 def _serve(handler: type[BaseHTTPRequestHandler]) -> LoopbackServer:
-    for port in _PORTS:
-        try:
-            return LoopbackServer(handler, port=port, name="busy-ollama").start()
-        except OSError:
-            continue
-    raise RuntimeError(f"no free port in {_PORTS}")
+    return LoopbackServer(handler, name="busy-ollama").start()  # a free port of the system's
 
 
 @pytest.fixture
@@ -216,3 +210,40 @@ async def test_a_retry_after_within_the_deadline_is_waited_to_a_second_try(busy:
     script.append((503, {"Retry-After": _in(2)}))  # a date: whole seconds, 1 to 2 s from now
     assert await _write(Settings(ollama_host=url, ollama_timeout=5)) == DEFAULT_PROMPT
     assert len(arrived) == 2 and arrived[1] - arrived[0] >= 0.9
+
+
+async def test_a_wait_that_leaves_no_whole_attempt_falls_back_at_once(busy: Busy) -> None:
+    """A wait that ends before the deadline but leaves the next attempt less than
+    ``ollama_timeout`` is not waited either: that attempt would be cut short and its end told
+    as a reply slower than ``ollama_timeout``. The 503 that asked for the wait is the reason."""
+    url, script, arrived = busy
+    # A deadline of 15.03 s (three attempts of 5 s, waits of 0.01 s and 0.02 s): a wait of
+    # 14 s ends within it, leaving about a second for the second attempt.
+    script.append((503, {"Retry-After": "14"}))
+    started = time.monotonic()
+    with pytest.raises(DependencyUnavailable) as caught:
+        await _write(Settings(ollama_host=url, ollama_timeout=5))
+    assert time.monotonic() - started < 1.0
+    assert len(arrived) == 1
+    assert "(status code: 503); Retry-After: 14s" in caught.value.message
+    assert "no reply within" not in caught.value.message
+
+
+async def test_a_backoff_leaves_each_retry_its_whole_timeout() -> None:
+    """The deadline counts every attempt at ``ollama_timeout`` and every backoff's wait, so
+    attempts that fail late, each most of its timeout, are retried to the last all the same."""
+    script = [(503, {}), (503, {}), (200, {})]
+    arrived: list[float] = []
+    attributes = {"script": script, "arrived": arrived, "lock": threading.Lock(), "delay": 0.8}
+    server = _serve(type("Handler", (_Busy,), attributes))
+    try:
+        settings = Settings(ollama_host=server.url, ollama_timeout=1, ollama_retries=2)
+        enhancer = OllamaEnhancer(settings, backoff=0.5)  # waits of 0.5 s and 1 s
+        try:
+            prompt = await enhancer.write(prompt="a fox", contributions=[], seed=7, spec=SPEC)
+        finally:
+            await enhancer.aclose()
+    finally:
+        server.stop()
+    assert prompt == DEFAULT_PROMPT
+    assert len(arrived) == 3
