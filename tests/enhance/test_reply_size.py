@@ -192,8 +192,8 @@ def encoded(request: pytest.FixtureRequest) -> Iterator[tuple[str, list[int]]]:
 async def test_a_reply_that_cannot_be_decoded_is_an_unreadable_one(
     encoded: tuple[str, list[int]],
 ) -> None:
-    """Counted as a reply past the cap is: a malformed reply by its label, retried with the
-    same seed (Ollama failed, the model wrote nothing), and a failure for the circuit."""
+    """Counted as a reply past the cap is: a malformed reply by its label, retried, and a
+    failure for the circuit (the seed it is retried with: tests/enhance/test_retry_rules.py)."""
     url, chats = encoded
     settings = Settings(ollama_host=url, ollama_retries=2, ollama_temperature=0.8)
     enhancer = OllamaEnhancer(settings.model_copy(update={"ollama_breaker_threshold": 1}))
