@@ -585,6 +585,61 @@ def test_only_needs_at_least_one_row(
     assert exited.value.code == 2 and "--only" in capsys.readouterr().err
 
 
+def test_the_overhead_rows_take_min_and_median_over_every_call_of_every_round(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import contextlib
+    import statistics
+    from collections.abc import Iterator
+    from types import SimpleNamespace
+
+    import run
+
+    import imagegen.render.tiny
+
+    # Seconds each side's call takes, by its place in the round: the first is the fastest.
+    took = {"direct": [1.0, 3.0, 3.0], "default": [2.0, 4.0, 4.0], "prod": [1.5, 2.5, 2.5]}
+    clock = [0.0]
+
+    def spend(side: str, prompt: str) -> None:
+        clock[0] += took[side][int(prompt.rsplit(" ", 1)[1])]
+
+    class Pipe:
+        def set_progress_bar_config(self, **kwargs: Any) -> None:
+            pass
+
+        def __call__(self, *, prompt: str, **kwargs: Any) -> SimpleNamespace:
+            spend("direct", prompt)
+            return SimpleNamespace(images=[None])
+
+    @contextlib.contextmanager
+    def served(stage: str, env: dict[str, str], **kwargs: Any) -> Iterator[SimpleNamespace]:
+        yield SimpleNamespace(url="prod" if "IMAGEGEN_PNG_COMPRESS_STRATEGY" in env else "default")
+
+    class Client:
+        def __enter__(self) -> Client:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def post(self, url: str, *, json: dict[str, Any], timeout: float) -> SimpleNamespace:
+            spend(url, json["prompt"])
+            return SimpleNamespace(raise_for_status=lambda: None)
+
+    monkeypatch.setattr(imagegen.render.tiny, "build_tiny_flux_pipeline", Pipe)
+    monkeypatch.setattr(run, "served", served)
+    monkeypatch.setattr(run, "httpx", SimpleNamespace(Client=Client))
+    monkeypatch.setattr(run, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    default, prod = run.overhead(2, tmp_path, per_round=3)
+    assert default.baseline == prod.baseline == took["direct"] * 2
+    assert (default.project, prod.project) == (took["default"] * 2, took["prod"] * 2)
+    # The median call, not the median of each round's fastest (1.0, 2.0 and 1.5 s).
+    assert [statistics.median(row.project) for row in (default, prod)] == [4.0, 2.5]
+    assert statistics.median(default.baseline) == 3.0
+    assert default.ratio() == 2.0  # min against min, as before
+
+
 def test_a_held_target_says_why_and_is_neither_met_nor_counted(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

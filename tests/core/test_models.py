@@ -644,23 +644,49 @@ def test_a_derived_generation_id_is_unchanged_for_a_source_without_hash(
     assert derived(source, event_id) == uuid.UUID(bytes=digest[:16], version=5).hex
 
 
-@hypothesis.given(
-    first=st.tuples(_TEXT, _TEXT),
-    second=st.tuples(
-        st.text(st.sampled_from("/a#b%23c|7C"), max_size=8),
-        st.text(st.sampled_from("/a#b%23c|7C"), max_size=8),
-    ),
+# Pairs from a few pieces of the names a source with a "#" is given: "#", "|", "%" and the
+# escapes they take.
+_SMALL = st.lists(st.sampled_from(["/", "a", "#", "%", "23", "25", "7C", "|"]), max_size=5).map(
+    "".join
 )
-@hypothesis.settings(max_examples=300, deadline=None)
+_RESPELLINGS = [("#", "%23"), ("%23", "#"), ("|", "%7C"), ("%7C", "|"), ("%", "%25"), ("%25", "%")]
+
+
+@st.composite
+def _read_alike(draw: st.DrawFn) -> tuple[tuple[str, str], tuple[str, str]]:
+    """Two pairs whose names, joined, read alike: one text cut in two at one "#" or "|" and at
+    another, or one pair and the same with a character written as its escape (or back)."""
+    if draw(st.booleans()):
+        head, middle, tail = draw(_SMALL), draw(_SMALL), draw(_SMALL)
+        first, second = draw(st.sampled_from("#|")), draw(st.sampled_from("#|"))
+        return (head, middle + second + tail), (head + first + middle, tail)
+    source, event_id = draw(_SMALL), draw(_SMALL)
+    old, new = draw(st.sampled_from(_RESPELLINGS))
+    if draw(st.booleans()):
+        return (source, event_id), (source.replace(old, new, 1), event_id)
+    return (source, event_id), (source, event_id.replace(old, new, 1))
+
+
+@hypothesis.given(
+    first=st.tuples(_TEXT, _TEXT), second=st.tuples(_SMALL, _SMALL), alike=_read_alike()
+)
+@hypothesis.settings(max_examples=500, deadline=None)
 def test_distinct_sources_and_ids_derive_distinct_generation_ids(
-    first: tuple[str, str], second: tuple[str, str]
+    first: tuple[str, str],
+    second: tuple[str, str],
+    alike: tuple[tuple[str, str], tuple[str, str]],
 ) -> None:
+    import itertools
+
     from imagegen.identity import derive_generation_id as derived
 
     # CloudEvents' source is a URI-reference (a "#" in it is a fragment), its id any string:
-    # no split of the joined name may stand for another event.
-    for one, other in ((first, second), (second, first[::-1]), (second, second[::-1])):
-        assert (derived(*one) == derived(*other)) == (one == other)
+    # no split of the joined name may stand for another event. Each pair is compared with
+    # every other, and with each one's swap.
+    pairs = [first, second, *alike]
+    pairs += [pair[::-1] for pair in pairs]
+    for one, other in itertools.combinations(pairs, 2):
+        assert (derived(*one) == derived(*other)) == (one == other), (one, other)
 
 
 @pytest.mark.parametrize(
@@ -671,6 +697,8 @@ def test_distinct_sources_and_ids_derive_distinct_generation_ids(
         (("/a#", ""), ("/a", "#")),
         (("/a#b", "c|d"), ("/a#b|c", "d")),
         (("/a%23b|c", "d"), ("/a#b", "c#d")),
+        (("/a%23b#x", "c"), ("/a#b#x", "c")),
+        (("/a#b", "c"), ("/a", "b|c")),
     ],
 )
 def test_events_whose_joined_name_reads_alike_derive_distinct_generation_ids(

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import settings
 
+from imagegen import stages
 from imagegen.events import GENERATION_FAILED
 from tests.functions.clients import InProcessFunction
 from tests.functions.conftest import base_env
@@ -25,7 +28,6 @@ settings.register_profile(
     database=None,
     deadline=None,
     print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 FUZZ = settings.get_profile("fuzz")
 
@@ -66,7 +68,8 @@ def fuzz_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def functions(fuzz_store: Path) -> Iterator[dict[str, InProcessFunction]]:
-    """Every function on one store (the ledger's in it), started once per worker.
+    """Every function on one store (the ledger's in it), started once per worker; one image
+    rendered and persisted on it, whose events are persist's and derive's valid ones.
 
     Starting a function sets up this process's logging (the root logger's handler and level:
     ERROR here); the logging of the tests that follow on this worker is put back as it was.
@@ -82,10 +85,38 @@ def functions(fuzz_store: Path) -> Iterator[dict[str, InProcessFunction]]:
     finally:
         for logger, handlers, level in saved:
             logger.handlers, logger.level = handlers, level
+    # Imported here: its strategies, built as it loads, read hypothesis's character tables,
+    # which hypothesis warns of while conftest modules load.
+    from tests.fuzz.inputs import CHAINED, VALID
+
+    for stage, before in CHAINED.items():
+        VALID[stage] = _reply(started[before], before)
     yield started
     close_served_ledgers([started.pop("ledger")])
     for function in started.values():
         function.client.close()
+
+
+def _reply(function: InProcessFunction, stage: str) -> dict[str, Any]:
+    """The event data ``stage`` answers its valid request with: the next stage's valid one."""
+    from tests.fuzz.inputs import VALID, binary
+
+    request = binary(stage, json.dumps(VALID[stage]).encode())
+    reply = function.post(headers=request.headers, content=request.body)
+    assert succeeded(stage, reply), (reply.status_code, reply.text[:500])
+    data: dict[str, Any] = reply.json()
+    return data
+
+
+def succeeded(stage: str, response: httpx.Response) -> bool:
+    """Whether ``stage`` did its work on a request: its reply event (an event's reply, or a
+    plain call's body of 200), or an empty 202 from a stage that replies none."""
+    if (response.request.method, response.request.url.path) != ("POST", "/"):
+        return False
+    emits = stages.get(stage).emits
+    if emits is None:
+        return response.status_code == 202
+    return response.status_code == 200 and response.headers.get("ce-type", emits) == emits
 
 
 def check(stage: str, response: httpx.Response) -> None:

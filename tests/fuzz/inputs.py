@@ -11,6 +11,7 @@ import base64
 import copy
 import json
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import cache
 from typing import Any
 
@@ -19,6 +20,7 @@ from hypothesis_jsonschema import from_schema
 
 from imagegen import stages
 from imagegen.events import GENERATION_FAILED, event_models
+from imagegen.plugins.discovery import discover
 
 STRUCTURED = "application/cloudevents+json"
 
@@ -80,6 +82,12 @@ def _strategy(node: dict[str, Any], defs: dict[str, Any]) -> st.SearchStrategy[A
     if node.get("type") == "array" and isinstance(node.get("items"), dict):
         items = _strategy(node["items"], defs)
         return st.lists(items, min_size=node.get("minItems", 0), max_size=node["maxItems"])
+    if node.get("format") == "date-time" and "formatMinimum" in node:
+        earliest, latest = (
+            datetime.fromisoformat(node[bound]) for bound in ("formatMinimum", "formatMaximum")
+        )
+        times = st.datetimes(earliest.replace(tzinfo=None), latest.replace(tzinfo=None))
+        return times.map(lambda t: t.replace(tzinfo=UTC).isoformat().replace("+00:00", "Z"))
     if node.get("type") == "string" and node.keys() <= _FREE_TEXT:
         # Free text: drawn here, lone surrogates included (a JSON Schema string may hold one).
         return text(min_size=node.get("minLength", 0), max_size=node.get("maxLength"))
@@ -118,21 +126,46 @@ def schema(stage: str) -> dict[str, Any]:
     model = stages.get(stage).input_model or event_models()[consumed(stage)]
     document: dict[str, Any] = _bounded(model.model_json_schema())
     if stage == "render":
-        # A schema-valid job naming the served model would render: keep any such job tiny.
+        # A schema-valid job naming the served model renders: keep any such job tiny.
         props = document["properties"]
-        props["width"]["maximum"] = props["height"]["maximum"] = 320
+        props["width"]["maximum"] = props["height"]["maximum"] = 256
         props["steps"]["maximum"] = 1
+        # Where the schema takes values render refuses, only those it takes, so that a share
+        # of the jobs renders: no LoRA (none is configured), enhancers' and plugins' names,
+        # times in the range the chain takes, and half the time the served model (a render
+        # costs ~0.1 s; the other half names any model, refused).
+        props["model"] = {"anyOf": [{"enum": [SERVED_MODEL]}, props["model"]]}
+        props["enhancer"] = {"enum": ENHANCERS}
+        props["loras"]["maxItems"] = 0
+        document["$defs"]["Contribution"]["properties"]["plugin"] = {"enum": PLUGINS}
+        props["requested_at"] = CHAIN_TIME
+        props["enhanced_at"] = {"anyOf": [CHAIN_TIME, {"type": "null"}]}
     return document
 
 
+# The model the functions under fuzz serve (tests.functions.conftest.base_env); what wrote a
+# prompt, as enhance and render name it; the plugins installed here.
+SERVED_MODEL = "tiny"
+ENHANCERS = ["template", "passthrough", "none", "ollama:llama3.2"]
+PLUGINS = sorted(discover())
+# A time in the range the chain takes (imagegen.identity: from 1970, not ahead of its clock).
+CHAIN_TIME = {
+    "type": "string",
+    "format": "date-time",
+    "formatMinimum": "1970-01-01T00:00:00Z",
+    "formatMaximum": "2026-01-01T00:00:00Z",
+}
+
+
 # A valid request of each stage; the mutations start from these. enhance skips the LLM,
-# render's job is the smallest the tiny model renders, persist and derive name an image never
-# stored.
+# render's job is the smallest the tiny model renders. persist's and derive's are the events
+# of that job's image, rendered and persisted: the fuzz's ``functions`` fixture adds them
+# (their claim check names a stored image, or none of them would get past storage).
 JOB = {
     "generation_id": "fuzz-job",
     "prompt": "a red door",
     "enhancer": "template",
-    "model": "tiny",
+    "model": SERVED_MODEL,
     "width": 256,
     "height": 256,
     "steps": 1,
@@ -141,27 +174,9 @@ JOB = {
     "requested_at": "2026-05-01T12:00:00Z",
     "metadata": {"team": "fuzz"},
 }
-# The image persist and derive are told of: JOB's, never stored.
-_IMAGE = {
-    "generation_id": "fuzz-job",
-    "key": "2026/05/01/fuzz-job.png",
-    "location": "file:///nowhere/fuzz-job.png",
-    "size": 1,
-    "sha256": "0" * 64,
-    **{name: JOB[name] for name in ("width", "height", "seed", "model")},
-}
 VALID: dict[str, dict[str, Any]] = {
     "enhance": {"prompt": "a red door", "width": 256, "height": 256, "enhance": False},
     "render": JOB,
-    "persist": {**_IMAGE, "steps": JOB["steps"], "guidance": JOB["guidance"], "prompt": JOB},
-    "derive": {
-        **_IMAGE,
-        "url": None,
-        "keys": {"image": "2026/05/01/fuzz-job.png", "metadata": "2026/05/01/fuzz-job.json"},
-        "metadata_location": "file:///nowhere/fuzz-job.json",
-        "prompt": JOB["prompt"],
-        "created_at": JOB["requested_at"],
-    },
     "deadletter": {
         "generation_id": "fuzz-job",
         "stage": "render",
@@ -171,6 +186,8 @@ VALID: dict[str, dict[str, Any]] = {
     # generation.requested, the first event the ledger records of a generation.
     "ledger": {"prompt": "a red door", "width": 256, "height": 256, "enhance": False},
 }
+# The stages whose valid request is the reply of the stage before them, in chain order.
+CHAINED = {"persist": "render", "derive": "persist"}
 
 
 def binary(stage: str, body: bytes, **headers: str | None) -> Request:
