@@ -14,7 +14,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as dt_time
 from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
@@ -120,6 +120,7 @@ def parse_when(text: str, *, field: str, now: datetime | None = None) -> datetim
     if value == "today":
         return _start_of_local_day(now.astimezone().date())
     match = _RELATIVE.match(value)
+    finer = False  # a fraction of a second past the microsecond that Python's reader keeps
     if match:
         try:
             parsed = now - timedelta(**{_UNITS[match[2]]: int(match[1])})
@@ -131,23 +132,31 @@ def parse_when(text: str, *, field: str, now: datetime | None = None) -> datetim
     else:
         try:
             parsed = datetime.fromisoformat(text.strip())
-            if _FINER.search(text) and parsed.replace(tzinfo=None) < datetime.max:
-                # A bound: raised to the next microsecond, as the ledger's API raises one
-                # (imagegen.ledger.api), where Python's reader drops the digits past it.
-                parsed += timedelta(microseconds=1)
+            finer = _FINER.search(text) is not None
             if parsed.tzinfo is None:  # local time, given its offset
-                parsed = _local_instant(parsed)
+                wall, parsed = parsed, _local_instant(parsed)
+                # A time the clock skips is the moment it jumps, to the microsecond.
+                finer = finer and parsed.astimezone().replace(tzinfo=None) == wall
         except (ValueError, OverflowError):
             raise InvalidRequest(
                 f"--{field}: {text!r} is neither a date/time (ISO 8601) nor an age like 2h or 7d",
                 errors=[{"field": field, "message": "not an ISO date or an age"}],
             ) from None
     try:  # the times the ledger's HTTP API takes, on a local ledger too
-        return key_time(parsed)
+        parsed = key_time(parsed)
     except ValueError as exc:
         raise InvalidRequest(
             f"--{field}: {text!r} {exc}", errors=[{"field": field, "message": str(exc)}]
         ) from None
+    if finer:
+        # A bound: raised to the next microsecond, as the ledger's API raises one
+        # (imagegen.ledger.api), where Python's reader drops the digits past it. It is the
+        # instant that is raised, not its wall time, whose next microsecond may be an hour
+        # later where the clock is set back. In 2999's last microsecond it stays there, the
+        # last one the range takes.
+        with suppress(ValueError):
+            parsed = key_time(parsed + timedelta(microseconds=1))
+    return parsed
 
 
 def _start_of_local_day(day: date) -> datetime:

@@ -31,7 +31,7 @@ from imagegen.events import (
     routing_attributes,
     source_for,
 )
-from imagegen.identity import derive_generation_id, parse_rfc3339
+from imagegen.identity import derive_generation_id, key_time, parse_rfc3339
 from imagegen.ledger._sql import MAX_PAGE
 from imagegen.ledger.models import GenerationDetail, GenerationPage, Status
 from imagegen.models import MaybeTime
@@ -47,13 +47,19 @@ __all__ = ["HistoryQuery", "ReplayAccepted", "ReplayQuery", "detail", "page", "r
 def _bound(value: object) -> object:
     # The ledger keeps its times to the microsecond: a bound finer than that is raised to the
     # next one, so that each generation stays on its side of it ("at or after" 24.5575141 is
-    # "at or after" 24.557515; "before" it, "before" 24.557515). Anything it cannot read goes
-    # on to the rule of the field, which refuses it and names the field.
+    # "at or after" 24.557515; "before" it, "before" 24.557515). The range is the instant's,
+    # checked before it is raised: 1969's last tenth of a microsecond is refused, and one in
+    # 2999's last microsecond stays there, the last one the field takes. Anything it cannot
+    # read, or out of range, goes on to the rule of the field, which refuses it and names it.
     if isinstance(value, str):
         try:
-            return parse_rfc3339(value, round_up=True)
+            exact = key_time(parse_rfc3339(value))
         except ValueError:
-            pass
+            return value
+        try:
+            return key_time(parse_rfc3339(value, round_up=True))
+        except ValueError:
+            return exact
     return value
 
 

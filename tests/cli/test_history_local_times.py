@@ -57,6 +57,31 @@ def test_a_local_date_or_time_is_the_first_instant_it_names(
     assert parse_when(text, field=field, now=NOW) == first.replace(tzinfo=UTC)
 
 
+@pytest.mark.parametrize("field", ["since", "until"])
+@pytest.mark.parametrize(
+    ("name", "text", "instant"),
+    [
+        # The first 02:59:59.9999995 of the hour Berlin repeats is 00:59:59.9999995Z: raised
+        # to 01:00Z, never to the 02:00Z that its next microsecond on the wall (03:00) is.
+        ("Europe/Berlin", "2026-10-25T02:59:59.9999995", datetime(2026, 10, 25, 1)),
+        ("America/Havana", "2026-11-01T00:59:59.9999991", datetime(2026, 11, 1, 5)),
+        ("America/Havana", "2026-11-01T00:30:00.0000001", datetime(2026, 11, 1, 4, 30, 0, 1)),
+        # Just before a time the clock skips: raised to the moment it jumps.
+        ("America/Santiago", "2026-09-05T23:59:59.9999991", datetime(2026, 9, 6, 4)),
+        # A time it skips is that moment itself, its fraction dropped, never a microsecond on.
+        ("America/Santiago", "2026-09-06T00:59:59.9999991", datetime(2026, 9, 6, 4)),
+        ("America/Santiago", "2026-09-06T00:30:00.0000001", datetime(2026, 9, 6, 4)),
+    ],
+)
+def test_a_local_time_finer_than_a_microsecond_is_raised_as_an_instant(
+    local_zone: Callable[[str], None], field: str, name: str, text: str, instant: datetime
+) -> None:
+    """The next microsecond after the instant the local time names, not the instant of the
+    next microsecond on the wall, which a clock set back shows an hour later."""
+    local_zone(name)
+    assert parse_when(text, field=field, now=NOW) == instant.replace(tzinfo=UTC)
+
+
 def test_a_date_starts_where_today_starts(local_zone: Callable[[str], None]) -> None:
     local_zone("America/Santiago")
     today = parse_when("today", field="since", now=NOW)

@@ -56,6 +56,27 @@ def test_a_bound_finer_than_a_microsecond_keeps_each_generation_on_its_side(
     assert _listed(created, until=east) is not at_or_after
 
 
+def test_a_bound_in_the_last_microsecond_of_2999_is_taken(created: InProcessFunction) -> None:
+    """Raised, it would be in 3000, out of range: it is 2999's last microsecond instead, as
+    only an instant outside 1970-2999 is refused."""
+    for last in ("2999-12-31T23:59:59.9999991Z", "3000-01-01T00:59:59.999999999+01:00"):
+        assert _listed(created, until=last) is True
+        assert _listed(created, since=last) is False
+
+
+@pytest.mark.parametrize("bound", ["since", "until"])
+@pytest.mark.parametrize("value", ["1969-12-31T23:59:59.9999991Z", "3000-01-01T00:00:00.0000001Z"])
+def test_a_bound_outside_the_years_is_refused_however_it_rounds(
+    function: InProcessFunction, bound: str, value: str
+) -> None:
+    """1969's last tenth of a microsecond is in 1969, though raised it would be in 1970."""
+    reply = function.client.get("/generations", params={bound: value})
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["errors"] == [
+        {"field": bound, "message": "must be between 1970 and 2999 (UTC)"}
+    ]
+
+
 @pytest.mark.parametrize(
     "limit",
     # "\u0661" and "\uff11": an Arabic-Indic and a fullwidth one, digits to str.isdigit().
