@@ -45,8 +45,22 @@ __all__ = ["SqliteLedger"]
 logger = logging.getLogger(__name__)
 
 _BUSY_TIMEOUT_S = 30.0
+_READERS = 8
+"""Read connections open at once, at most: a read beyond them waits for one to be free.
+
+SQLite keeps the file descriptor of a connection it closes open, for the next one to take,
+while another connection of the process holds a lock on the file (POSIX locks belong to the
+process, and closing any descriptor of the file would drop them all): each read opened at
+once beyond these would leave a descriptor behind."""
 _IDLE_READERS = 4
-"""Read connections kept open between reads; more reads at once each open one, closed after."""
+"""Read connections kept open between reads (of :data:`_READERS`); the others close after."""
+_WAL_LIMIT = 4 * 1024 * 1024
+"""Bytes of ``-wal`` file past which a write, once committed, empties it (and the size SQLite
+cuts it back to where it restarts it): SQLite's own checkpoint, after each commit past 1,000
+pages, writes the commits into the database, but starts the file over only at a moment no read
+is using it, which steady reads beside steady writes rarely leave, so the file would grow."""
+_WAL_CHECKPOINT_WAIT_MS = 100
+"""How long that emptying waits for the reads using the file to end; past it, it is left."""
 
 
 def _time_text(value: datetime) -> str:
@@ -191,8 +205,9 @@ class SqliteLedger(SqlLedger):
             this process cannot write, without the ``-shm`` and ``-wal`` files SQLite reads it
             by).
         busy_timeout: Seconds a transaction waits for a lock another connection holds, this
-            process's threads before it included (30 by default). The ledger function waits
-            less (:func:`~imagegen.stages.ledger.sqlite_busy_timeout`), so that its writes are
+            process's threads before it included (30 by default), and a read for a free read
+            connection. The ledger function waits less
+            (:func:`~imagegen.stages.ledger.sqlite_busy_timeout`), so that its writes are
             answered as a lock not granted, and retried, before its own time runs out; so does
             the command line's history: an image is not held up by another process's long
             write (``imagegen ledger prune``).
@@ -228,6 +243,11 @@ class SqliteLedger(SqlLedger):
         self._read_target: str | None = None
         self._readers: list[sqlite3.Connection] = []  # idle: each used by one read at a time
         self._readers_lock = threading.Lock()
+        self._reader_slots = threading.BoundedSemaphore(_READERS)
+        # Where reads have connections of their own, writes empty the write-ahead log once
+        # past _WAL_LIMIT (:meth:`_keep_wal_short`); the size the next try waits for.
+        self._wal: Path | None = None
+        self._checkpoint_at = _WAL_LIMIT
         try:
             self._open()
         except (FileExistsError, NotADirectoryError):
@@ -275,6 +295,8 @@ class SqliteLedger(SqlLedger):
                     # now, not against a later working directory); it exists by now.
                     self._read_target = _file_uri(path, "mode=rw")
                     self._readers.append(self._reader())
+                    self._wal = path.with_name(path.name + "-wal")
+                    self._conn.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT}")
                 self._migrate()
             except sqlite3.OperationalError as exc:
                 if not self.read_only or _error_name(exc) not in _CANNOT_WRITE:
@@ -418,8 +440,21 @@ class SqliteLedger(SqlLedger):
 
     @contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
-        """A read connection for one read: an idle one, or one opened for it; kept for the next
-        read after it (up to :data:`_IDLE_READERS`), closed where the ledger closed meanwhile."""
+        """A read connection for one read: an idle one, or one opened for it, once fewer than
+        :data:`_READERS` are in use (waited for within the busy timeout: past it, the lock's
+        retryable answer); kept for the next read after it (up to :data:`_IDLE_READERS`),
+        closed where the ledger closed meanwhile."""
+        if not self._reader_slots.acquire(timeout=self._busy_timeout):
+            logger.warning("ledger %s: every read connection was busy past the wait", self.path)
+            raise DependencyUnavailable(BUSY, retry_after=BUSY_RETRY_AFTER)
+        try:
+            with self._reader_slot() as conn:
+                yield conn
+        finally:
+            self._reader_slots.release()
+
+    @contextmanager
+    def _reader_slot(self) -> Iterator[sqlite3.Connection]:
         with self._readers_lock:
             if self._is_closed:
                 raise self._closed()
@@ -455,6 +490,37 @@ class SqliteLedger(SqlLedger):
                 raise self._closed()
             with _in_transaction(self._conn, begin) as cursor:
                 yield cursor
+            if begin == "BEGIN IMMEDIATE":
+                self._keep_wal_short()
+
+    def _keep_wal_short(self) -> None:
+        """Empty the ``-wal`` file once past :data:`_WAL_LIMIT`, in the turn of the write that
+        took it there: ``wal_checkpoint(TRUNCATE)`` writes its commits into the database and
+        cuts it to nothing, waiting :data:`_WAL_CHECKPOINT_WAIT_MS` (not a busy timeout) for the
+        reads using it to end. One that cannot (a long read, another process's write) is tried
+        again once the file grew by a quarter of the limit: a read that holds it up for long
+        costs the writes meanwhile one such wait for each 1 MiB they write. The write before it
+        is committed either way.
+        """
+        if self._wal is None:
+            return
+        try:
+            size = self._wal.stat().st_size
+        except OSError:
+            return
+        if size < _WAL_LIMIT:  # started over meanwhile, and cut back to it (journal_size_limit)
+            self._checkpoint_at = _WAL_LIMIT
+        if size < self._checkpoint_at:
+            return
+        try:
+            # The next turn sets the busy timeout its wait has left (:meth:`_turn`).
+            self._conn.execute(f"PRAGMA busy_timeout = {_WAL_CHECKPOINT_WAIT_MS}")
+            # (busy, frames in the file, frames written back); busy: a lock not granted.
+            busy = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except sqlite3.Error as exc:
+            logger.warning("ledger %s: its write-ahead log was not emptied: %s", self.path, exc)
+            busy = 1
+        self._checkpoint_at = size + _WAL_LIMIT // 4 if busy else _WAL_LIMIT
 
     @contextmanager
     def _turn(self, deadline: float | None = None) -> Iterator[None]:

@@ -4,9 +4,11 @@ write waiting for another process's lock, and still sees what this process commi
 from __future__ import annotations
 
 import io
+import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,6 +20,7 @@ import pytest
 
 from imagegen.errors import DependencyUnavailable
 from imagegen.ledger import Ledger, open_ledger
+from imagegen.ledger import sqlite as sqlite_ledger
 from imagegen.ledger._sql import BUSY
 from tests.functions.clients import InProcessFunction
 from tests.ledger.chain import binary, chain
@@ -206,3 +209,112 @@ def test_closing_closes_every_connection_reads_opened(path: Path) -> None:
     assert not wal.exists()
     with pytest.raises(DependencyUnavailable, match="is closed"):
         ledger.get("gen-1")
+
+
+def _descriptors(path: Path) -> int:
+    """File descriptors this process has open on ``path`` itself (not its ``-wal`` or ``-shm``)."""
+    found = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found += os.readlink(f"/proc/self/fd/{fd}") == str(path.resolve())
+        except OSError:  # closed since it was listed
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="lists descriptors in /proc")
+def test_a_burst_of_reads_leaves_no_more_descriptors_than_read_connections(path: Path) -> None:
+    """SQLite keeps a closed connection's descriptor open while the process holds locks on the
+    file: reads opening a connection each would leave one behind per read at once."""
+    ledger = open_ledger(f"sqlite:///{path}")
+    at_once = threading.Barrier(64)
+
+    def read(_: int) -> list[dict[str, Any]]:
+        at_once.wait()
+        with ledger.statement() as db:
+            time.sleep(0.05)  # a read long enough for the others to start meanwhile
+            return db.query("SELECT status FROM generations", {})
+
+    try:
+        with ThreadPoolExecutor(64) as pool:
+            assert all(rows == [{"status": "enhanced"}] for rows in pool.map(read, range(64)))
+        ledger.ingest(chain("gen-1")["rendered"])
+        # The write connection's, and one for each read connection open at once.
+        assert _descriptors(path) <= sqlite_ledger._READERS + 1
+    finally:
+        ledger.close()
+    assert _descriptors(path) == 0
+
+
+def test_a_read_waits_for_a_free_read_connection_within_the_busy_timeout(path: Path) -> None:
+    """Reads beyond the read connections wait for one; past the busy timeout, the lock's
+    retryable answer; and one freed is used by the next read."""
+    ledger = open_ledger(f"sqlite:///{path}", busy_timeout=0.5)
+    release = threading.Event()
+    reading = threading.Barrier(sqlite_ledger._READERS + 1)
+
+    def hold(_: int) -> None:
+        with ledger.statement() as db:
+            db.query("SELECT 1 AS one", {})
+            reading.wait()
+            release.wait(timeout=30)
+
+    try:
+        with ThreadPoolExecutor(sqlite_ledger._READERS + 1) as pool:
+            try:
+                held = [pool.submit(hold, n) for n in range(sqlite_ledger._READERS)]
+                reading.wait(timeout=30)
+                started = time.monotonic()
+                with pytest.raises(DependencyUnavailable) as caught:
+                    ledger.get("gen-1")
+                assert 0.4 < time.monotonic() - started < AT_ONCE_S
+                assert caught.value.message == BUSY and caught.value.retry_after == 1.0
+
+                waiting = pool.submit(ledger.get, "gen-1")
+                time.sleep(0.1)
+                assert not waiting.done(), waiting.result()
+            finally:
+                release.set()
+            found = waiting.result(timeout=30)
+            for future in held:
+                future.result(timeout=30)
+        assert found is not None and found.status == "enhanced"
+    finally:
+        ledger.close()
+
+
+def test_steady_reads_beside_steady_writes_keep_the_write_ahead_log_short(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite's own checkpoint starts the ``-wal`` file over only at a moment no read uses it,
+    which reads looping beside the writes rarely leave: the writes empty it past its limit."""
+    limit = 1024 * 1024  # the default, 4 MiB, scaled down to keep this short
+    monkeypatch.setattr(sqlite_ledger, "_WAL_LIMIT", limit)
+    ledger = open_ledger(f"sqlite:///{path}")
+    wal = path.with_name(path.name + "-wal")
+    stop = threading.Event()
+    reads = 0
+
+    def read() -> None:
+        nonlocal reads
+        while not stop.is_set():
+            ledger.history(limit=50)
+            reads += 1
+
+    largest = 0
+    readers = [threading.Thread(target=read) for _ in range(4)]
+    try:
+        for reader in readers:
+            reader.start()
+        for n in range(250):
+            for name in ("requested", "enhanced", "rendered"):
+                ledger.ingest(chain(f"gen-wal-{n}")[name])
+                largest = max(largest, wal.stat().st_size)
+    finally:
+        stop.set()
+        for reader in readers:
+            reader.join(timeout=30)
+        ledger.close()
+    assert reads > 100  # the reads ran beside the writes
+    # Past the limit by the commits of the writes since a checkpoint a read held up, if any.
+    assert largest < 4 * limit, f"{largest / limit:.1f} MiB"
