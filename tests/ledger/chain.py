@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from imagegen.events import (
@@ -15,7 +16,7 @@ from imagegen.events import (
     reply_id,
     source_for,
 )
-from imagegen.ledger import LedgerEvent
+from imagegen.ledger import LedgerEvent, open_ledger
 
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
@@ -134,3 +135,14 @@ def binary(event: LedgerEvent) -> dict[str, Any]:
     if event.time:
         headers["ce-time"] = event.time.isoformat()
     return {"headers": headers, "json": event.data}
+
+
+def recorded_file(ledger_url: str) -> Path:
+    """The file of the SQLite ledger at ``ledger_url``, one generation recorded in it (asked
+    for, with a webhook, and enhanced), closed."""
+    ledger = open_ledger(ledger_url)
+    events = chain("gen-1", webhook="https://hooks.example/x")
+    ledger.ingest(events["requested"])
+    ledger.ingest(events["enhanced"])
+    ledger.close()
+    return Path(ledger_url.removeprefix("sqlite:///"))

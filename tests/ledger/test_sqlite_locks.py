@@ -22,7 +22,7 @@ from imagegen.ledger.sqlite import SqliteLedger
 from imagegen.settings import Settings
 from imagegen.stages import ledger as ledger_stage
 from tests.functions.clients import InProcessFunction
-from tests.ledger.chain import binary, chain
+from tests.ledger.chain import binary, chain, recorded_file
 
 pytestmark = pytest.mark.parametrize("ledger_url", ["sqlite"], indirect=True)
 
@@ -42,13 +42,7 @@ def short_busy_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def path(ledger_url: str, short_busy_timeout: None) -> Path:
     """A ledger file with one generation recorded."""
-    path = Path(ledger_url.removeprefix("sqlite:///"))
-    ledger = open_ledger(ledger_url)
-    events = chain("gen-1", webhook="https://hooks.example/x")
-    ledger.ingest(events["requested"])
-    ledger.ingest(events["enhanced"])
-    ledger.close()
-    return path
+    return recorded_file(ledger_url)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from imagegen.ledger import Ledger, open_ledger
 from imagegen.ledger import sqlite as sqlite_ledger
 from imagegen.ledger._sql import BUSY
 from tests.functions.clients import InProcessFunction
-from tests.ledger.chain import binary, chain
+from tests.ledger.chain import binary, chain, recorded_file
 
 pytestmark = pytest.mark.parametrize("ledger_url", ["sqlite"], indirect=True)
 
@@ -34,13 +34,7 @@ AT_ONCE_S = 5.0
 @pytest.fixture
 def path(ledger_url: str) -> Path:
     """A ledger file with one generation recorded, enhanced."""
-    path = Path(ledger_url.removeprefix("sqlite:///"))
-    ledger = open_ledger(ledger_url)
-    events = chain("gen-1", webhook="https://hooks.example/x")
-    ledger.ingest(events["requested"])
-    ledger.ingest(events["enhanced"])
-    ledger.close()
-    return path
+    return recorded_file(ledger_url)
 
 
 @pytest.fixture
