@@ -398,9 +398,10 @@ _MAX_SAID = 300
 """Characters of an error's text kept in a log line and a fallback's reason: an error body
 can be a whole page (a proxy's 502 in HTML), logged on every attempt."""
 # Ollama's ChatHandler (server/routes.go) answers a model it does not have with a 404
-# "model 'x' not found" ("..., try pulling it first" from the scheduler); a 404 naming no model
-# is another server, or a wrong path in the host, which pulling does not mend.
-_MISSING_MODEL = re.compile(r"\bmodel\b.*\bnot found\b", re.IGNORECASE | re.DOTALL)
+# "model 'x' not found" (`model "x" not found, try pulling it first` from the scheduler): the
+# word, the name in quotes, then "not found". A 404 naming no model so is another server, or a
+# wrong path in the host ("/model/api/chat not found"), which pulling does not mend.
+_MISSING_MODEL = re.compile(r"\bmodel (['\"])[^'\"\n]{1,512}\1 not found\b", re.IGNORECASE)
 
 
 def _said(exc: BaseException, model: str | None = None) -> str:

@@ -189,6 +189,8 @@ async def test_an_error_page_is_logged_cut_on_every_attempt(
         ("model 'llama3.2' not found", True),  # server/routes.go, ChatHandler
         ('model "llama3.2" not found, try pulling it first', True),  # handleScheduleError
         ("404 page not found", False),  # not Ollama's chat (a wrong path in the host)
+        ("/model/api/chat not found", False),  # a proxy's, of a host with a path in it
+        ("no route for /v1/model: not found", False),
     ],
 )
 async def test_a_model_not_pulled_says_how_to_pull_it(
