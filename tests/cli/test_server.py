@@ -58,19 +58,25 @@ class Served(NamedTuple):
     port: int
 
 
-@pytest.fixture
-def serving(tmp_path: Path) -> Iterator[Served]:
-    """A ``serve persist`` whose function answers at once, in a fresh process."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "imagegen.cli", "serve", "persist", "--port", str(port)],
+def _started(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    """``imagegen serve persist ARGS`` in a process of its own, its output piped, Ctrl-C its
+    default."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "imagegen.cli", "serve", "persist", *args],
         cwd=tmp_path,
-        env=_functions(tmp_path, _ANSWERING),
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         preexec_fn=_default_sigint,
     )
+
+
+@pytest.fixture
+def serving(tmp_path: Path) -> Iterator[Served]:
+    """A ``serve persist`` whose function answers at once, in a fresh process."""
+    port = free_port()
+    proc = _started(tmp_path, _functions(tmp_path, _ANSWERING), "--port", str(port))
     try:
         yield Served(proc, port)
     finally:
@@ -116,15 +122,7 @@ def _rest(proc: subprocess.Popen[str], seconds: float = 30) -> tuple[str, str]:
 def test_ctrl_c_while_the_function_loads_is_one_line_and_130(tmp_path: Path) -> None:
     """It said "serving persist on …" before anything listened, then "Aborted!" (click's),
     exit 1, or a traceback of the import the interrupt broke into."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "imagegen.cli", "serve", "persist", "--port", str(free_port())],
-        cwd=tmp_path,
-        env=_functions(tmp_path, _LOADING_FOR_EVER),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=_default_sigint,
-    )
+    proc = _started(tmp_path, _functions(tmp_path, _LOADING_FOR_EVER), "--port", str(free_port()))
     try:
         assert _next_line(proc) == "loading\n"  # the server imports the function
         proc.send_signal(signal.SIGINT)
@@ -189,7 +187,8 @@ def _debug_server_output(tmp_path: Path, env: dict[str, str], *, terminal: bool)
     """What ``serve persist --debug`` writes (stderr, or the whole terminal) until it serves a
     request, stopped then by a Ctrl-C."""
     port = free_port()
-    args = ["serve", "persist", "--port", str(port), "--debug"]
+    options = ["--port", str(port), "--debug"]
+    args = ["serve", "persist", *options]
     if terminal:
         pid, fd = on_a_terminal(tmp_path, args, env)
         seen = ""
@@ -207,15 +206,7 @@ def _debug_server_output(tmp_path: Path, env: dict[str, str], *, terminal: bool)
             _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0, seen
         return seen
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "imagegen.cli", *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=_default_sigint,
-    )
+    proc = _started(tmp_path, env, *options)
     try:
         said = ""
         while "serving persist" not in said:
