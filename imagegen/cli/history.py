@@ -33,6 +33,7 @@ from imagegen.cli._app import (
     out,
     output_after,
     printable,
+    refuse_empty,
     run_async,
     say_stopped,
     settings_from,
@@ -527,6 +528,15 @@ def history(
     """List recent generations, newest first, at local times (as --since/--until read them)."""
     from imagegen.ledger.models import STATUS_RANK
 
+    # An empty filter is refused, never read as none (every generation) nor as one that
+    # nothing matches (an empty model).
+    for option, value in (
+        ("--since", since),
+        ("--until", until),
+        ("--model", model),
+        ("--cursor", cursor),
+    ):
+        refuse_empty(option, value)
     if state is not None and state not in STATUS_RANK:
         raise InvalidRequest(
             f"--status must be one of {', '.join(STATUS_RANK)}",

@@ -93,7 +93,7 @@ class HistoryQuery(BaseModel):
     until: _Bound = Field(
         default=None, description="Created before: an RFC 3339 date-time with its offset."
     )
-    model: str | None = Field(default=None, max_length=256)
+    model: str | None = Field(default=None, min_length=1, max_length=256)
     limit: Annotated[int, BeforeValidator(_digits)] = Field(default=50, ge=1, le=MAX_PAGE)
     cursor: str | None = Field(
         default=None, max_length=1024, description="next_cursor of the previous page."

@@ -101,6 +101,9 @@ def test_history_is_newest_first_in_keyset_pages_with_filters(function: InProces
         ({"status": "lost"}, "status"),
         ({"since": "yesterday-ish"}, "since"),
         ({"cursor": "not-a-cursor"}, "cursor"),
+        ({"cursor": ""}, "cursor"),
+        ({"model": ""}, "model"),  # never a filter nothing matches
+        ({"since": ""}, "since"),
         ({"colour": "red"}, "colour"),
     ],
 )
