@@ -508,12 +508,13 @@ def echoes(prompt: str, instructions: tuple[str, ...]) -> bool:
 def join_fragments(parts: Iterable[str]) -> str:
     """Comma-joined non-empty parts, each once, in order.
 
-    A plugin's fragment follows the prompt rule of a request (:func:`clean_reply`): the
-    characters a request may not hold are dropped, its tabs and line breaks become spaces.
+    A plugin's fragment follows the prompt rule of a request (:func:`clean_reply`): a
+    terminal's escape sequence is dropped whole and the other characters a request may not
+    hold alone, its tabs and line breaks become spaces.
     """
     seen: dict[str, str] = {}
     for part in parts:
-        part = PROMPT_REFUSED_CHARACTERS.sub("", part).translate(_SPACES)
+        part = PROMPT_REFUSED_CHARACTERS.sub("", _ESCAPE.sub("", part)).translate(_SPACES)
         part = part.strip().strip(",;\u3001\uff0c\uff1b").strip()
         if part and part.lower() not in seen:
             seen[part.lower()] = part

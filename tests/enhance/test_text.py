@@ -331,12 +331,13 @@ def test_a_reply_follows_the_prompt_rule_of_a_request() -> None:
 
 def test_a_plugins_fragment_follows_the_prompt_rule_of_a_request() -> None:
     """A plugin's text (a remote endpoint's value, say) reaches the template prompt as a
-    request's prompt would: what a request may not hold dropped, line breaks as spaces."""
+    request's prompt would: what a request may not hold dropped (a terminal's escape sequence
+    whole, not its ESC alone), line breaks as spaces."""
     from imagegen.models import GenerationRequest
 
     odd = Contribution(plugin="remote_context", text="snow\x1b[31m\u202estorm\non\tthe\x85 hills")
     prompt = compose("a fox", [odd], family_for("tiny"))
-    assert prompt == "a fox, snow[31mstorm on the hills"
+    assert prompt == "a fox, snowstorm on the hills"
     assert GenerationRequest(prompt=prompt).prompt == prompt
 
 
