@@ -111,10 +111,80 @@ def _required_http_url(value: str) -> str:
     return _http_url(value) or value
 
 
+def _s3_endpoint_url(value: str | None) -> str | None:
+    """An :func:`_http_url` with no query and no fragment, not even an empty one (a ``?`` or
+    ``#``): botocore's endpoint rules refuse a URL with a query (``parse_url`` in
+    botocore/endpoint_provider.py, "URLs with queries are not supported"), every request then
+    a retryable ``EndpointResolutionError``, and drop a fragment without a word."""
+    value = _http_url(value)
+    if value and ("?" in value or "#" in value):  # after the host either one ends it
+        raise ValueError(
+            "has a ? or #: botocore refuses an endpoint's query and drops its fragment; give"
+            " scheme://host[:port][/path]"
+        )
+    return value
+
+
+def _s3_region(value: str | None) -> str | None:
+    """``value`` when botocore takes it as a region name, a host label of up to 63 letters,
+    digits and hyphens, no hyphen first or last and not all digits (``validate_region_name``
+    in botocore/utils.py, which every client's creation runs); never echoes it. Empty is
+    botocore's too, and is the preset's region (:func:`imagegen.storage.presets.s3_options`).
+    Checked here, not by importing botocore, which would cost every function's start; a
+    newline after it, which the ``$`` of botocore's pattern lets through, is refused
+    (:func:`_spacing_problem`): it would be sent in every request's signature."""
+    import re
+
+    if value is None:
+        return value
+    problem = _spacing_problem(value)
+    if problem:
+        raise ValueError(problem)
+    if re.fullmatch(r"(?![0-9]+$)(?!-)[a-zA-Z0-9-]{,63}(?<!-)", value):
+        return value
+    raise ValueError(
+        "not a region name botocore takes: up to 63 letters, digits and hyphens, such as"
+        " eu-west-1 or auto"
+    )
+
+
+# libpq's connection parameter key words (PostgreSQL's docs, "Parameter Key Words";
+# PQconninfoOptions in src/interfaces/libpq/fe-connect.c, libpq 18), with those of older
+# releases still written in connection strings (requiressl, tty, authtype) and servicefile,
+# newer than libpq 18: a ledger URL that begins "<one of these>=" is a key=value connection
+# string.
+_LIBPQ_KEYWORDS = frozenset(
+    "application_name authtype channel_binding client_encoding connect_timeout dbname "  # noqa: SIM905
+    "fallback_application_name gssdelegation gssencmode gsslib host hostaddr keepalives "
+    "keepalives_count keepalives_idle keepalives_interval krbsrvname load_balance_hosts "
+    "max_protocol_version min_protocol_version oauth_client_id oauth_client_secret "
+    "oauth_issuer oauth_scope options passfile password port replication require_auth "
+    "requirepeer requiressl scram_client_key scram_server_key service servicefile "
+    "ssl_max_protocol_version ssl_min_protocol_version sslcert sslcertmode sslcompression "
+    "sslcrl sslcrldir sslkey sslkeylogfile sslmode sslnegotiation sslpassword sslrootcert "
+    "sslsni target_session_attrs tcp_user_timeout tty user".split()
+)
+
+
+def _libpq_keyword(value: str) -> str | None:
+    """The libpq key word ``value`` begins with, followed by ``=`` (``host=db port=5432``,
+    spaces around the ``=`` as libpq's ``conninfo_parse`` allows them), in lower case; None
+    where it begins otherwise. A SQLite path that begins so is written ``./host=…``."""
+    import re
+
+    found = re.match(r"([A-Za-z_]+)\s*=", value)
+    word = found[1].lower() if found else None
+    return word if word in _LIBPQ_KEYWORDS else None
+
+
 def _ledger_url(value: SecretStr | None) -> SecretStr | None:
     """``value`` when it names a ledger: a database URL or path, as the ledger's store reads
     them (:func:`imagegen.ledger.store.backend`), or the ledger function's :func:`_http_url`
-    (which the command line reads); never echoes it (a URL may hold a password)."""
+    (which the command line reads); never echoes it (a URL may hold a password).
+
+    A libpq key=value connection string (``host=db password=…``, :func:`_libpq_keyword`) is
+    refused: the store reads no such string, and would take it for a SQLite file's name, the
+    command line reading an empty history from it and the ledger function writing one."""
     if value is None:
         return value
     url = value.get_secret_value()
@@ -124,6 +194,13 @@ def _ledger_url(value: SecretStr | None) -> SecretStr | None:
     if url.lower().startswith(("http://", "https://")):
         _http_url(url)
         return value
+    keyword = _libpq_keyword(url)
+    if keyword:
+        raise ValueError(
+            f"a libpq key=value connection string, beginning {keyword}=, which the ledger does"
+            " not read: give a postgresql://user:password@host:port/dbname URL, or"
+            f" ./{keyword}=… for a SQLite file so named"
+        )
     from imagegen.errors import InvalidRequest
     from imagegen.ledger.store import backend
 
@@ -1114,7 +1191,9 @@ class Settings(BaseSettings):
     def _json_options(cls, value: Any) -> Any:
         return json.loads(value) if isinstance(value, str) else value
 
-    _urls = field_validator("s3_endpoint_url", "sink_url")(_http_url)
+    _urls = field_validator("sink_url")(_http_url)
+    _s3_endpoint = field_validator("s3_endpoint_url")(_s3_endpoint_url)
+    _region = field_validator("s3_region")(_s3_region)
     _discovery = field_validator("oidc_discovery_url")(_required_http_url)
     _served_base = field_validator("public_base_url")(_served_base_url)
     _ledger = field_validator("ledger_url")(_ledger_url)
@@ -1162,7 +1241,8 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _served(self) -> Settings:
         if self.model not in self.served_models:
-            # The choices are said, not the value given (none of a setting's values is echoed).
+            # The choices are said, not the value given (what a refusal names and what it
+            # never echoes: docs/configuration.md).
             raise ValueError(
                 f"{self.variable('model')} must be one of {self.variable('served_models')} "
                 f"({', '.join(self.served_models)})"

@@ -69,12 +69,42 @@ _NO_DRIVER = "a PostgreSQL ledger needs psycopg: pip install 'imagegen[ledger]'"
 LOCK_ROW = "SELECT * FROM generations WHERE generation_id = :gid FOR UPDATE"
 
 
+# libpq's refusals of a URL (fe-connect.c, conninfo_uri_parse_options and _params), each said
+# in words of its own: libpq's quote the part it cannot read, often a password. Only a
+# parameter's name is said, where it is a word (a misspelt one: ``?sslmod=require``).
+_UNREADABLE = (
+    (r'invalid URI query parameter: "([A-Za-z0-9_]{1,40})"', "unknown connection parameter {!r}"),
+    ("invalid URI query parameter", "an unknown connection parameter"),
+    ("missing key/value separator", "a query parameter without '=' (?name=value)"),
+    ("extra key/value separator", "a query parameter with a second '='"),
+    ("invalid percent-encoded token", "a '%' not followed by two hex digits"),
+    ("forbidden value %00", "%00 in it, which libpq refuses"),
+    ("IPv6 host address", "its IPv6 host is empty or not enclosed in [ and ]"),
+    ("unexpected character .* in URI", "no ':' or '/' after its IPv6 host's ']'"),
+)
+
+
+def _unreadable(message: str, url: str) -> str:
+    """What libpq's ``message`` says is wrong with ``url``, without what stood there; where
+    ``url`` has a ``%``, how one is written."""
+    said = next(
+        (
+            words.format(*found.groups())
+            for rule, words in _UNREADABLE
+            if (found := re.search(rule, message))
+        ),
+        "libpq cannot read it",
+    )
+    return f"{said}; a '%' in it is written %25" if "%" in url else said
+
+
 def read_url(url: str) -> dict[str, Any]:
     """The connection parameters ``url`` gives, as libpq reads them.
 
     Raises:
-        ConfigurationError: libpq cannot read it. Its own message is not passed on: it quotes
-            the part it cannot read, often a password (one with a bare ``%``).
+        ConfigurationError: libpq cannot read it, saying why (:func:`_unreadable`). Its own
+            message is not passed on: it quotes the part it cannot read, often a password
+            (one with a bare ``%``).
     """
     try:
         import psycopg
@@ -82,8 +112,8 @@ def read_url(url: str) -> dict[str, Any]:
         raise DependencyUnavailable(_NO_DRIVER) from exc
     try:
         return psycopg.conninfo.conninfo_to_dict(url)
-    except psycopg.Error:
-        why = "is no PostgreSQL connection URL (a '%' in it is written %25)"
+    except psycopg.Error as exc:
+        why = f"is no PostgreSQL connection URL ({_unreadable(str(exc), url)})"
         raise ConfigurationError(
             f"the ledger URL {why}", errors=[{"field": "ledger_url", "message": why}]
         ) from None

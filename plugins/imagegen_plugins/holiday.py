@@ -260,7 +260,8 @@ class HolidayPlugin:
         Every one of ``holiday_countries``, and of the ``countries`` option
         ``plugin_options`` gives, must be a country (or subdivision) the library lists, as a
         request's ``countries`` must: one it does not know (``XX``, a market such as ``NYSE``)
-        would add nothing to any request, or fail every one. Listing the library's countries takes
+        would add nothing to any request, or fail every one; it is named, cut short (a country's
+        code holds no secret, docs/configuration.md). Listing the library's countries takes
         tenths of a second, here before the function is ready (the warm-up would take them
         after): so the default, a country it lists (a test holds it to that), is not looked up.
         """

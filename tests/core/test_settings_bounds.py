@@ -226,3 +226,23 @@ def test_a_lora_path_whose_home_cannot_be_found_is_refused_naming_its_variable(
     [error] = refusal.errors
     assert error["field"] == variable
     assert error["message"] == said
+
+
+@pytest.mark.parametrize("name", ["png_compress_level", "png_encode_threads", "render_batch_size"])
+def test_the_documented_range_of_a_bounded_setting_is_the_one_taken(name: str) -> None:
+    """The configuration table says each range (``lo`` and ``hi`` with an en dash between) as
+    the first in its row; each end is taken and one past either is refused."""
+    import re
+
+    variable = f"IMAGEGEN_{name.upper()}"
+    table = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    [row] = [line for line in table.splitlines() if line.startswith(f"| `{variable}` |")]
+    found = re.search(r"`?(\d+)`?\N{EN DASH}`?(\d+)`?", row.split("|")[3])
+    assert found, f"{variable}: the table gives no range"
+    low, high = int(found[1]), int(found[2])
+    assert getattr(Settings(**{name: low}), name) == low
+    assert getattr(Settings(**{name: high}), name) == high
+    for outside in (low - 1, high + 1):
+        with pytest.raises(ValidationError) as caught:
+            Settings(**{name: outside})
+        assert [e["loc"] for e in caught.value.errors()] == [(name,)]

@@ -394,6 +394,69 @@ def _ledger_of_three(path: Path) -> None:
         ledger.close()
 
 
+def test_a_libpq_key_value_string_is_refused_not_read_as_a_file(
+    tmp_path: Path, run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It was taken for a SQLite file's name: ``history`` listed an empty history and exited
+    0, as if the database had none."""
+    secret = "TopSecretPW1"
+    monkeypatch.setenv("IMAGEGEN_LEDGER_URL", f"host=127.0.0.1 port=5432 password={secret}")
+    for args in (("history",), ("status", "gen-1"), ("ledger", "export")):
+        code, out, err = run(*args)
+        assert code == 2 and out == "", (args, out, err)
+        assert err.startswith(
+            "imagegen: error: invalid settings: IMAGEGEN_LEDGER_URL (a libpq key=value"
+            " connection string, beginning host=,"
+        ), err
+        assert err.count("\n") == 1 and secret not in err
+    assert list(tmp_path.iterdir()) == []  # no file of that name made
+
+
+@pytest.mark.parametrize("path", ["./a=b.db", "a=b.db", "./host=x.db"])
+def test_a_sqlite_ledger_whose_name_has_an_equals_sign_is_read(
+    tmp_path: Path, run: Any, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    _ledger_of_three(tmp_path / path)
+    monkeypatch.setenv("IMAGEGEN_LEDGER_URL", path)
+    code, out, err = run("history", "--json")
+    assert code == 0, err
+    assert sorted(g["generation_id"] for g in json.loads(out)) == ["gen-1", "gen-2", "gen-3"]
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        (
+            "postgresql://bob:TopSecretPW1@127.0.0.1:9/db?foo=bar",
+            "unknown connection parameter 'foo'",
+        ),
+        (
+            "postgresql://bob:TopSecretPW1@127.0.0.1:9/db?sslmod=require",
+            "unknown connection parameter 'sslmod'",
+        ),
+        (
+            "postgresql://bob:TopSecretPW1@127.0.0.1:9/db?TopSecretPW1",
+            "a query parameter without '=' (?name=value)",
+        ),
+        # Only a URL with a "%" in it is told how one is written.
+        (
+            "postgresql://bob:Top%SecretPW1@127.0.0.1:9/db",
+            "a '%' not followed by two hex digits; a '%' in it is written %25",
+        ),
+    ],
+)
+def test_a_postgresql_url_libpq_cannot_read_says_what_libpq_objects_to(
+    run: Any, monkeypatch: pytest.MonkeyPatch, url: str, why: str
+) -> None:
+    """Every such URL was said to have a '%' to write as %25, one with none in it too."""
+    pytest.importorskip("psycopg")
+    monkeypatch.setenv("IMAGEGEN_LEDGER_URL", url)
+    code, out, err = run("history")
+    assert (code, out) == (2, "")
+    assert err == f"imagegen: error: the ledger URL is no PostgreSQL connection URL ({why})\n"
+    assert "SecretPW1" not in err
+
+
 @pytest.mark.parametrize(
     ("damage", "column"),
     [

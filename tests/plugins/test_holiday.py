@@ -268,6 +268,25 @@ def test_an_unknown_configured_country_is_refused_where_the_plugin_set_is_made(
     assert refused.value.message.startswith("invalid settings: IMAGEGEN_HOLIDAY_COUNTRIES (")
 
 
+def test_the_unknown_country_named_in_a_refusal_is_the_one_the_docs_show(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The docs said no refused value is ever echoed, and this refusal names the country (no
+    secret, and the entry to change): they now say which values are never echoed, and quote
+    this refusal as it is."""
+    from pathlib import Path
+
+    monkeypatch.setenv("IMAGEGEN_HOLIDAY_COUNTRIES", "XX")
+    with pytest.raises(ConfigurationError) as refused:
+        PluginSet.from_settings(Settings(plugins=["holiday"]))
+    said = refused.value.message
+    assert said == "invalid settings: IMAGEGEN_HOLIDAY_COUNTRIES (unknown country 'XX')"
+    docs = Path(__file__).parents[2] / "docs" / "configuration.md"
+    text = " ".join(docs.read_text().split())  # its lines joined, as Markdown reads them
+    assert f"(`{said}`, cut after 24)" in text
+    assert "and never echoed" not in text
+
+
 def test_the_configured_countries_the_library_lists_are_taken() -> None:
     for countries in (["US"], ["de-by", "GBR", "uk", "AU-NSW"], []):
         settings = Settings(plugins=["holiday"], holiday_countries=countries)
