@@ -16,7 +16,12 @@ from botocore.utils import S3RegionRedirectorv2
 
 from imagegen.storage.presets import S3Options, _on_aws
 
-__all__ = ["make_client"]
+__all__ = ["CONNECTIONS", "make_client"]
+
+CONNECTIONS = 32
+"""Connections each client keeps open to its endpoint (botocore's ``max_pool_connections``; its
+default is 10): one for each thread S3 storage's calls run on
+(:data:`~imagegen.storage.s3.MAX_THREADS`), so no call waits for one."""
 
 
 def make_client(options: S3Options) -> Any:
@@ -32,9 +37,9 @@ def make_client(options: S3Options) -> Any:
         s3={"addressing_style": options.addressing_style},
         connect_timeout=options.connect_timeout,
         read_timeout=options.read_timeout,
+        # Within botocore's retry quota: see S3Options.max_attempts.
         retries={"mode": "standard", "total_max_attempts": options.max_attempts},
-        # Enough for the default thread pool of asyncio.to_thread.
-        max_pool_connections=32,
+        max_pool_connections=CONNECTIONS,
         user_agent_appid="imagegen",
         **extra,
     )

@@ -60,14 +60,21 @@ class S3Options:
     Attributes:
         preset: The preset these options came from (for messages).
         endpoint_url: None: AWS, chosen by botocore from the region.
-        region: None: botocore's choice (``AWS_REGION``, the config file, else us-east-1).
+        region: None: botocore's choice (``AWS_DEFAULT_REGION``, not ``AWS_REGION``, which
+            botocore does not read for it; then the config file's ``region``; else us-east-1).
         addressing_style: ``path`` (``host/bucket/key``) or ``virtual`` (``bucket.host/key``).
         checksums: Request and response checksum policy; None: botocore's default.
         access_key_id: With ``secret_access_key``; None: the standard AWS credential chain.
         secret_access_key: The HMAC secret; never logged, never in ``repr``.
         connect_timeout: Seconds to open a connection.
         read_timeout: Seconds to wait for a response (or the next bytes of one).
-        max_attempts: Tries per call, the first included (botocore's standard retry mode).
+        max_attempts: Tries per call, the first included (botocore's standard retry mode),
+            while the client's retry quota lasts: botocore gives each client 500, takes 14 for
+            each retry of a timeout, a connection error or a 5xx (5 for throttling), and gives
+            one back for each 2xx answered at the first try (a retry's cost for one answered
+            after it). Once spent (about 17 calls that fail every try), a failing call is tried
+            once, so an outage is not met with three times its requests
+            (botocore/retries/standard.py, ``RetryQuotaChecker``; quota.py).
         create_if_absent: The upload precondition that makes the first writer of a key win.
     """
 

@@ -1,8 +1,10 @@
 """Objects in an S3-compatible bucket (AWS S3, Google Cloud Storage, Cloudflare R2, MinIO).
 
-boto3 is blocking, so every call runs in a worker thread; one client is created per storage
-and shared by those threads (boto3 clients are thread-safe, sessions are not). Retries with
-backoff are botocore's own (standard mode); what is still failing afterwards is translated:
+boto3 is blocking, so every call runs on one of S3 storage's own threads (:data:`MAX_THREADS`,
+not the event loop's default executor, which the rest of the process shares); one client is
+created per storage and shared by those threads (boto3 clients are thread-safe, sessions are
+not). Retries with backoff are botocore's own (standard mode, within its per-client retry
+quota); what is still failing afterwards is translated:
 
 * connection errors, timeouts, 5xx and throttling, a body cut short or damaged on the way, a
   session token to refresh: :class:`DependencyUnavailable`;
@@ -11,8 +13,9 @@ backoff are botocore's own (standard mode); what is still failing afterwards is 
   object, a redirect (followed by botocore only to a bucket's region on AWS's own endpoints,
   :mod:`~imagegen.storage._s3_client`): :class:`DependencyUnavailable` with a message that
   says so, as a deployment can be fixed without changing the request;
-* an upload refused for want of a ``Content-Length`` (411): :class:`ConfigurationError`
-  naming ``s3_preset``;
+* an upload refused for want of a ``Content-Length`` (411), or a request refused for the
+  checksum headers boto3 adds under the ``aws`` preset at another endpoint:
+  :class:`ConfigurationError` naming ``s3_preset``;
 * a missing object: :class:`NotFound` from ``get``, None from ``head``;
 * a failed upload precondition (412, another writer won): False from ``create``;
 * a store that ignores the upload precondition (MinIO before RELEASE.2024-05-07T06-41-25Z,
@@ -20,7 +23,9 @@ backoff are botocore's own (standard mode); what is still failing afterwards is 
   ``NotImplemented``): :class:`ConfigurationError`, from the first ``create`` (or
   :meth:`S3Storage.check`), before anything of a generation is written.
 
-Messages name the bucket and the error code, never a credential.
+Messages name the bucket and the error code, never a credential; nor does any exception they
+chain to (botocore's network errors, which quote the endpoint URL as configured, password and
+query included, are left out of the chain and named by their type).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -39,6 +45,7 @@ from botocore.exceptions import (
     ClientError,
     CredentialRetrievalError,
     HTTPClientError,
+    InvalidRegionError,
     NoCredentialsError,
     ParamValidationError,
     PartialCredentialsError,
@@ -47,6 +54,7 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from imagegen._redact import redact_url
+from imagegen._threads import DaemonPool, PoolExhausted
 from imagegen.errors import (
     ConfigurationError,
     DependencyUnavailable,
@@ -56,13 +64,27 @@ from imagegen.errors import (
     NotFound,
 )
 from imagegen.storage._bucket_names import _check_bucket
-from imagegen.storage._s3_client import make_client
+from imagegen.storage._s3_client import CONNECTIONS, make_client
 from imagegen.storage.base import ObjectStore, StoredObject, validate_key
 from imagegen.storage.presets import _PRECONDITION_HEADERS, S3Options, _on_aws
 
-__all__ = ["S3Storage"]
+__all__ = ["MAX_THREADS", "THREAD_WAIT", "S3Storage"]
 
 T = TypeVar("T")
+
+MAX_THREADS = CONNECTIONS
+"""Threads S3 storage's calls may hold at once, across every :class:`S3Storage` of the process:
+as many as a client keeps connections (:data:`~imagegen.storage._s3_client.CONNECTIONS`), so a
+call on a thread never waits for a connection, nor opens one the client then throws away. Their
+own threads, not the event loop's default executor (``min(32, CPUs + 4)`` threads, shared with
+persist's check of a PNG, derive's encoding, the ledger's calls): a store that stalls holds
+these, each for a read timeout per attempt, and leaves the rest of the process its threads.
+Started only as needed."""
+THREAD_WAIT = 30.0
+"""Seconds a call past :data:`MAX_THREADS` waits for a thread while no thread takes any call,
+before it fails with a retryable 503: the presets' read timeout, so every thread has been held
+that long by a store that does not answer. Calls that end, however many wait, are each run in
+turn."""
 
 _THROTTLING = {
     "SlowDown",
@@ -120,7 +142,7 @@ class S3Storage(ObjectStore):
         self.options = options or S3Options()
         self.bucket = _check_bucket(bucket, field="bucket", preset=self.options.preset)
         self.prefix = _check_prefix(prefix, field="prefix")
-        self._client = make_client(self.options)
+        self._client = self._make_client()
         # Once shown, per storage; a store found to ignore it is asked again next time (it
         # may be upgraded meanwhile, and the error is retried). The check in flight, if any,
         # is shared by every caller meanwhile, from whichever event loop or thread: the lock
@@ -153,6 +175,20 @@ class S3Storage(ObjectStore):
         except ConfigurationError as exc:  # said of the setting, not of the part shown
             raise _bad_url(exc.errors[0]["message"]) from None
         return cls(bucket, prefix, options)
+
+    def _make_client(self) -> Any:
+        """The client of :attr:`options`.
+
+        Raises:
+            ConfigurationError: naming ``s3_region`` or ``s3_endpoint_url``, whichever botocore
+                refused; never botocore's own error, which quotes the endpoint as given.
+        """
+        try:
+            return make_client(self.options)
+        except InvalidRegionError:
+            raise _refused_setting("s3_region", "not a region botocore accepts") from None
+        except ValueError:  # "Invalid endpoint: <the URL, password included>"
+            raise _refused_setting("s3_endpoint_url", "not a URL botocore accepts") from None
 
     def __repr__(self) -> str:
         preset = self.options.preset
@@ -273,24 +309,24 @@ class S3Storage(ObjectStore):
             refusal = await self._refusal(denied)
             if refusal is not None:
                 raise refusal from None
-        except DependencyUnavailable as exc:
-            raise self._unanswered(exc) from exc.__cause__
+        except _Unreachable as exc:
+            raise self._unanswered(exc) from None
         # What the first create would ask, asked here: `imagegen doctor` says it before a
         # generation does. Function start-up does not call check() on object storage.
         await self._check_conditional_writes()
 
-    def _unanswered(self, exc: DependencyUnavailable) -> DependencyUnavailable:
+    def _unanswered(self, exc: _Unreachable) -> DependencyUnavailable:
         """``exc``, naming the endpoint where the network failed it (who checks the settings
         reads which endpoint was asked, never its credentials): one that did not answer
         within the read timeout, or could not be connected to."""
-        cause = exc.__cause__
-        if not isinstance(cause, BotoConnectionError | HTTPClientError):
-            return exc  # credentials, throttling: said as any call says them
+        failure = exc.failure
+        if not issubclass(failure, BotoConnectionError | HTTPClientError):
+            return exc  # an endpoint botocore cannot use: said as any call says it
         where = redact_url(str(self._client.meta.endpoint_url))
-        if isinstance(cause, ReadTimeoutError):
+        if issubclass(failure, ReadTimeoutError):
             said = f"does not answer within {self.options.read_timeout:g}s"
         else:  # refused, reset, a name that does not resolve, a connect timeout
-            said = f"cannot be reached ({type(cause).__name__})"
+            said = f"cannot be reached ({failure.__name__})"
         return DependencyUnavailable(
             f"S3 endpoint {where} {said}: bucket {self.bucket!r} was not checked",
             retry_after=exc.retry_after,
@@ -481,12 +517,20 @@ class S3Storage(ObjectStore):
         return f"{self.prefix}/{key}" if self.prefix else key
 
     async def _call(self, operation: str, call: Callable[[], T], *, conditional: bool = False) -> T:
+        """``call`` on one of S3 storage's threads, its failure translated (see the module).
+
+        A ClientError stays the cause of what is raised (it quotes the store's answer, not the
+        endpoint); botocore's other errors do not (:class:`_Unreachable`).
+        """
         try:
-            return await asyncio.to_thread(call)
+            return await _threads().run(call)
+        except PoolExhausted as exc:
+            raise DependencyUnavailable(
+                f"S3 {operation} on bucket {self.bucket!r} not started: {exc} (a store that does"
+                " not answer)"
+            ) from None
         except ClientError as exc:
-            error = self._client_error(operation, exc)
-            if conditional and _not_implemented(exc):
-                raise self._conditions_unsupported(_code_of(exc)) from exc
+            error = self._client_error(operation, exc, conditional=conditional)
             if isinstance(error, _Exists | _Conflict) and not conditional:
                 # A 412 or a conditional write's 409 to a request that set no condition: the
                 # store's own doing (a proxy, a lock in flight), the event is fine.
@@ -506,11 +550,15 @@ class S3Storage(ObjectStore):
             raise InternalError(message) from exc
         except BotoCoreError as exc:
             # Connection refused or reset, DNS, connect/read timeouts: retried by botocore already.
-            raise DependencyUnavailable(
-                f"S3 bucket {self.bucket!r} unreachable during {operation} ({type(exc).__name__})"
-            ) from exc
+            raise _Unreachable(
+                f"S3 bucket {self.bucket!r} unreachable during {operation} ({type(exc).__name__})",
+                failure=type(exc),
+            ) from None
 
-    def _client_error(self, operation: str, exc: ClientError) -> ImageGenError | _Outcome:
+    def _client_error(
+        self, operation: str, exc: ClientError, *, conditional: bool = False
+    ) -> ImageGenError | _Outcome:
+        """What ``exc`` means, to a request that set the upload precondition or not."""
         code = str(exc.response.get("Error", {}).get("Code", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
         if code == "NoSuchBucket":
@@ -521,6 +569,12 @@ class S3Storage(ObjectStore):
             return _Conflict()
         if code in _MISSING or status == 404:
             return _Missing()
+        # Before the 501 of a store without conditional writes and the 400 of a malformed
+        # request, either of which the refusal of boto3's own checksum headers may look like.
+        if self._adds_checksums_elsewhere() and _names_checksum_header(exc):
+            return self._checksum_refused(operation, code or str(status))
+        if conditional and _not_implemented(exc):
+            return self._conditions_unsupported(code or str(status))
         # Said by the code before the status: S3 answers a clock minutes off and an archived
         # object 403 too (RequestTimeTooSkewed, InvalidObjectState), neither of which is a
         # refusal of the credentials.
@@ -557,12 +611,13 @@ class S3Storage(ObjectStore):
             return DependencyUnavailable(
                 f"S3 bucket {self.bucket!r} unavailable during {operation} ({code or status})"
             )
-        if operation == "HeadObject" and code in ("", str(status)):
+        if operation in ("HeadObject", "HeadBucket") and code in ("", str(status)):
             # A HEAD's answer has no body, so no reason (botocore names the status as the
             # code): a 409 is an operation in flight on the key, a 400 most likely a region
-            # the endpoint will not sign for. Neither is the event's doing.
+            # the endpoint will not sign for (MinIO's and R2's AuthorizationHeaderMalformed,
+            # which a HEAD cannot carry). Neither is the event's doing.
             return DependencyUnavailable(
-                f"S3 HeadObject on bucket {self.bucket!r} refused ({status}; a HEAD says no"
+                f"S3 {operation} on bucket {self.bucket!r} refused ({status}; a HEAD says no"
                 " more): retry, and check the region, the endpoint and the clock"
                 " (docs/storage.md)"
             )
@@ -632,23 +687,31 @@ class S3Storage(ObjectStore):
         return self.options.checksums != "when_required" and not _on_aws(self.options.endpoint_url)
 
     def _checksum_refused(self, operation: str, code: str) -> ConfigurationError:
-        """An upload under the ``aws`` preset whose checksum the store refused.
+        """A request under the ``aws`` preset whose checksum, or checksum header, the store
+        refused.
 
         boto3 (botocore 1.36 and later) adds a CRC32 checksum to every upload under its
-        defaults, which stores other than AWS may not take: Scality answers ``BadDigest``
+        defaults, and asks for the checksum of every read (``x-amz-checksum-mode``), which
+        stores other than AWS may not take: Scality answers ``BadDigest``
         (scality/cloudserver#5784), Hetzner and others ``XAmzContentSHA256Mismatch``
-        (boto/boto3#4400, #4497). Each upload meets it again: the preset is at fault, and the
-        presets with checksums ``when_required`` send only the ``Content-MD5`` every store takes.
+        (boto/boto3#4400, #4497), Backblaze B2 ``400 InvalidArgument`` "Unsupported header
+        'x-amz-sdk-checksum-algorithm' received for this API call"
+        (matrix-org/synapse-s3-storage-provider#128, vatesfr/xen-orchestra#8358), Cloudflare
+        R2 in early 2025 ``501 NotImplemented`` "Header 'x-amz-checksum-crc32' with value …
+        not implemented" (cloudflare/cloudflare-docs#19236, duolicious/duolicious#612). Each
+        request meets it again: the preset is at fault, and the presets with checksums
+        ``when_required`` send only the ``Content-MD5`` every store takes.
         """
         from imagegen.settings import Settings
 
         variable = Settings.variable("s3_preset")
+        what = "the upload's checksum" if operation == "PutObject" else "a checksum header"
         return ConfigurationError(
-            f"S3 {operation} on bucket {self.bucket!r}{self._at()} refused the upload's checksum"
+            f"S3 {operation} on bucket {self.bucket!r}{self._at()} refused {what}"
             f" ({code}): a store other than AWS may refuse the CRC32 checksums boto3 adds under"
             f" {variable}=aws; for such a store set {variable}=minio, whose uploads carry only a"
             " Content-MD5 (docs/storage.md#errors-the-store-answers)",
-            errors=[{"field": "s3_preset", "message": "the store refuses the upload's checksum"}],
+            errors=[{"field": "s3_preset", "message": "the store refuses boto3's checksums"}],
         )
 
     def _no_bucket(self) -> DependencyUnavailable:
@@ -700,6 +763,31 @@ _MISCONFIGURED = frozenset(
 )
 
 
+# boto3's flexible checksums as a store names them when it refuses one (Backblaze B2, R2 in
+# early 2025; S3Storage._checksum_refused): its headers (x-amz-checksum-<algorithm>,
+# x-amz-checksum-mode), and the aws-chunked upload with a trailer. Lower case.
+_CHECKSUM_WORDS = (
+    "x-amz-checksum",
+    "x-amz-sdk-checksum-algorithm",
+    "x-amz-trailer",
+    "streaming-unsigned-payload-trailer",
+)
+# The statuses of such a refusal: a header refused (400), a request the store could not
+# authenticate as sent (401: R2 has answered aws-chunked uploads so, amd/gaia#3029), a header
+# not implemented (501).
+_CHECKSUM_REFUSAL_STATUSES = frozenset({400, 401, 501})
+
+
+class _Unreachable(DependencyUnavailable):
+    """A call botocore failed with an error of its own (``failure``: connection refused or
+    reset, a timeout, an endpoint it cannot use). That error is not chained: its message
+    quotes the endpoint URL as configured, its password and query included."""
+
+    def __init__(self, message: str, *, failure: type[BotoCoreError]) -> None:
+        super().__init__(message)
+        self.failure = failure
+
+
 class _Denied(DependencyUnavailable):
     """A 403: ``s3_code`` says what was refused, where the answer has a body to say it."""
 
@@ -736,6 +824,37 @@ def _not_implemented(exc: ClientError) -> bool:
     return _code_of(exc) == "NotImplemented" or status == 501
 
 
+def _names_checksum_header(exc: ClientError) -> bool:
+    """Whether ``exc`` refuses a request for one of boto3's checksum headers, by name."""
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    message = str(exc.response.get("Error", {}).get("Message", "")).lower()
+    return status in _CHECKSUM_REFUSAL_STATUSES and any(w in message for w in _CHECKSUM_WORDS)
+
+
+def _new_pool() -> DaemonPool:
+    return DaemonPool("imagegen-s3", max_threads=MAX_THREADS, queue_for=THREAD_WAIT)
+
+
+_POOL = _new_pool()
+
+
+def _threads() -> DaemonPool:
+    """The threads S3 storage's blocking calls run on, :data:`MAX_THREADS` at most, calls past
+    them waiting their turn (:data:`THREAD_WAIT`). Daemon threads (:mod:`imagegen._threads`):
+    a call still waiting on a store holds up no exit."""
+    return _POOL
+
+
+def _new_pool_after_fork() -> None:
+    # A forked child has none of its parent's threads, though the pool would count them idle
+    # and queue calls for them.
+    global _POOL
+    _POOL = _new_pool()
+
+
+os.register_at_fork(after_in_child=_new_pool_after_fork)
+
+
 def _user_metadata(response: dict[str, Any]) -> dict[str, str]:
     """The user metadata of a HEAD answer, ``x-amz-meta-*`` winning over ``x-goog-meta-*``."""
     headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
@@ -759,6 +878,15 @@ def _check_prefix(prefix: str, *, field: str) -> str:
             f"invalid key prefix {prefix!r}",
             errors=[{"field": field, "message": "the prefix must be a safe relative path"}],
         ) from None
+
+
+def _refused_setting(field: str, message: str) -> ConfigurationError:
+    from imagegen.settings import Settings
+
+    return ConfigurationError(
+        f"invalid {Settings.variable(field)}: {message}",
+        errors=[{"field": field, "message": message}],
+    )
 
 
 def _bad_url(message: str) -> ConfigurationError:

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import functools
 import socket
 import struct
 import threading
 import time
+import traceback
+import uuid
 import zlib
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import pytest
 from pydantic import SecretStr
 
+from imagegen._threads import DaemonPool
 from imagegen.errors import (
     ConfigurationError,
     DependencyUnavailable,
@@ -468,6 +474,56 @@ async def test_an_endpoints_password_is_never_said(s3: S3Server, make_s3: MakeS3
     assert "pw-in-url" not in error.value.message
 
 
+@pytest.mark.parametrize("how", ["refused", "unanswered", "query"])
+async def test_no_error_chain_carries_the_endpoints_secret(
+    s3: S3Server, make_s3: MakeS3, how: str
+) -> None:
+    """botocore's own errors quote the endpoint URL as configured, its password or query token
+    included (``Could not connect to the endpoint URL: "http://me:hunter2@…"``, ``Read timeout
+    on endpoint URL: …``, ``Custom endpoint `…?token=hunter2` was not a valid URI``). A 5xx is
+    recorded with its whole traceback, causes included (imagegen.telemetry.record_error): the
+    chain of what the storage raises says their type, never their text."""
+    secret = f"pw-{uuid.uuid4().hex}"  # made here: the traceback quotes this file's lines
+    scheme, rest = s3.endpoint.split("://")
+    endpoint = f"{scheme}://me:{secret}@{rest}"
+    if how == "query":  # refused by botocore itself, before any connection
+        endpoint = f"{s3.endpoint}/?token={secret}"
+    storage = make_s3(endpoint_url=endpoint, read_timeout=0.3)
+    failure, outage = {
+        "refused": ("EndpointConnectionError", s3.outage),
+        "unanswered": ("ReadTimeoutError", functools.partial(s3.outage, hang=True)),
+        "query": ("EndpointResolutionError", contextlib.nullcontext),
+    }[how]
+
+    for attempt in (lambda: storage.get(KEYS.image), storage.check):
+        with outage(), pytest.raises(DependencyUnavailable) as error:
+            await attempt()
+
+        assert secret not in "".join(traceback.format_exception(error.value))
+    assert failure in str(error.value) or "does not answer within 0.3s" in str(error.value)
+
+
+def test_an_endpoint_botocore_refuses_is_named_not_quoted(make_s3: MakeS3) -> None:
+    """botocore refuses an endpoint it cannot parse with ``ValueError("Invalid endpoint:
+    <the URL>")`` as the client is made."""
+    secret = f"pw-{uuid.uuid4().hex}"
+    with pytest.raises(ConfigurationError) as error:
+        make_s3(endpoint_url=f"http://me:{secret}@store example:9000")
+
+    assert error.value.fields == ["s3_endpoint_url"]
+    assert secret not in "".join(traceback.format_exception(error.value))
+
+
+def test_a_region_botocore_refuses_is_a_configuration_error(make_s3: MakeS3) -> None:
+    """botocore refuses a region that is not a DNS label (InvalidRegionError) as the client is
+    made: the setting to fix, not an internal error."""
+    with pytest.raises(ConfigurationError) as error:
+        make_s3(region="eu west 1")
+
+    assert error.value.fields == ["s3_region"]
+    assert error.value.message == "invalid IMAGEGEN_S3_REGION: not a region botocore accepts"
+
+
 async def test_access_denied_says_so(s3: S3Server, make_s3: MakeS3) -> None:
     storage = make_s3()
 
@@ -628,6 +684,26 @@ async def test_a_head_refused_without_a_reason_is_retryable(
     with s3.outage(status=status, code=code), pytest.raises(DependencyUnavailable) as error:
         await storage.head(KEYS.image)
     assert error.value.retryable and f"({status}; a HEAD says no more)" in error.value.message
+
+
+async def test_the_checks_head_of_the_bucket_refused_without_a_reason_says_the_region(
+    s3: S3Server, make_s3: MakeS3
+) -> None:
+    """MinIO and R2 answer a region they will not sign for 400 AuthorizationHeaderMalformed,
+    which HeadBucket's answer, bodiless, cannot carry: it was answered as a bug (a 500)."""
+    storage = make_s3()
+    with (
+        s3.outage(status=400, code="AuthorizationHeaderMalformed"),
+        pytest.raises(DependencyUnavailable) as error,
+    ):
+        await storage.check()
+
+    assert type(error.value) is DependencyUnavailable and error.value.retryable
+    assert error.value.message == (
+        f"S3 HeadBucket on bucket {storage.bucket!r} refused (400; a HEAD says no more): retry,"
+        " and check the region, the endpoint and the clock (docs/storage.md)"
+    )
+    assert [r.method for r in s3.requests] == ["HEAD"]
 
 
 async def test_a_store_without_conditional_writes_is_a_configuration_error(
@@ -814,7 +890,90 @@ async def test_a_body_cut_short_or_damaged_is_retryable(how: str) -> None:
     assert "GetObject" in error.value.message
 
 
-# 5. Tracing
+async def test_botocore_stops_retrying_once_its_retry_quota_is_spent(
+    s3: S3Server, make_s3: MakeS3
+) -> None:
+    """botocore's standard retry mode spends a quota of 500 per client, 14 for each retry of a
+    5xx, a timeout or a connection error (botocore/retries/standard.py, RetryQuotaChecker;
+    quota.py): docs/storage.md's outage timings hold while it lasts."""
+    storage = make_s3(max_attempts=3)
+
+    tries = []
+    with s3.outage(status=500):
+        for _ in range(20):
+            before = len(s3.requests)
+            with pytest.raises(DependencyUnavailable):
+                await storage.get(KEYS.image)
+            tries.append(len(s3.requests) - before)
+
+    assert tries == [3] * 17 + [2] + [1] * 2  # 17 calls of 28 each, then 14 of the 24 left
+
+
+# 5. Threads
+
+
+def test_a_stalled_store_leaves_the_default_executor_to_the_rest(
+    s3: S3Server, make_s3: MakeS3
+) -> None:
+    """S3 calls run on threads of their own: calls held by a store that does not answer (each
+    for a read timeout per attempt) once took every thread of the event loop's default
+    executor, which persist's check of a PNG and derive's encoding wait for."""
+    storage = make_s3(read_timeout=3.0)
+
+    async def main() -> tuple[float, list[BaseException | bytes]]:
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=2))
+        with s3.outage(hang=True):
+            reads = [asyncio.ensure_future(storage.get(KEYS.image)) for _ in range(4)]
+            while len(s3.requests) < 4:  # each holds its thread, waiting on the store
+                await asyncio.sleep(0.01)
+            started = time.monotonic()
+            await asyncio.to_thread(lambda: None)  # another stage's blocking work
+            waited = time.monotonic() - started
+            return waited, await asyncio.gather(*reads, return_exceptions=True)
+
+    waited, reads = asyncio.run(main())
+
+    assert waited < 1.0
+    assert all(isinstance(read, DependencyUnavailable) for read in reads)
+
+
+async def test_calls_past_every_thread_held_fail_retryably(
+    s3: S3Server, make_s3: MakeS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call waits for a thread while others end; once none has ended for THREAD_WAIT (every
+    thread held by a store that does not answer), it fails with a retryable 503."""
+    from imagegen.storage import s3 as s3_module
+
+    monkeypatch.setattr(s3_module, "_POOL", DaemonPool("s3-test", max_threads=1, queue_for=0.2))
+    storage = make_s3(read_timeout=3.0)
+
+    with s3.outage(hang=True):
+        held = asyncio.ensure_future(storage.get(KEYS.image))
+        while not s3.requests:  # it holds the one thread, waiting on the store
+            await asyncio.sleep(0.01)
+        with pytest.raises(DependencyUnavailable) as error:
+            await storage.head(KEYS.image)
+        held.cancel()
+
+    assert error.value.retryable
+    assert "no s3-test thread was free for 0.2s" in error.value.message
+    assert storage.bucket in error.value.message
+    assert len(s3.requests) == 1  # the waiting call never reached the store
+
+
+def test_botocore_takes_its_region_from_aws_default_region(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under a preset without a region (``aws``), botocore reads ``AWS_DEFAULT_REGION``;
+    ``AWS_REGION`` is not its setting (botocore/configprovider.py)."""
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    assert S3Storage("bucket")._client.meta.region_name == "us-east-1"
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "ap-south-1")
+    assert S3Storage("bucket")._client.meta.region_name == "ap-south-1"
+
+
+# 6. Tracing
 
 
 def test_botocore_is_instrumented_once(make_s3: MakeS3) -> None:

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import pytest
 from botocore.exceptions import ClientError
 
-from imagegen.errors import ConfigurationError, DependencyUnavailable
+from imagegen.errors import ConfigurationError, DependencyUnavailable, InternalError
 from imagegen.storage import GenerationKeys, S3Storage
 from tests.fakes.s3_server import S3Server
 from tests.storage.conftest import MakeS3
@@ -125,9 +125,84 @@ def test_a_checksum_refused_where_boto3_adds_none_of_its_own_is_transient(
     assert type(error) is DependencyUnavailable and error.retryable
 
 
-def _client_error_of(code: str, status: int) -> ClientError:
+@pytest.mark.parametrize(
+    ("status", "code", "message"),
+    [
+        # Backblaze B2 (matrix-org/synapse-s3-storage-provider#128, vatesfr/xen-orchestra#8358)
+        (400, "InvalidArgument", "Unsupported header 'x-amz-sdk-checksum-algorithm' received"),
+        (400, "InvalidArgument", "Unsupported header 'x-amz-checksum-mode' received"),
+        # R2, January 2025 (cloudflare/cloudflare-docs#19236)
+        (
+            501,
+            "NotImplemented",
+            "Header 'x-amz-checksum-crc32' with value 'jt9Hdw==' not implemented",
+        ),
+        # The aws-chunked upload with a trailer, as a store may name it
+        (400, "InvalidRequest", "x-amz-trailer is not supported"),
+        (401, "Unauthorized", "STREAMING-UNSIGNED-PAYLOAD-TRAILER is not supported"),
+    ],
+)
+@pytest.mark.parametrize("conditional", [False, True], ids=["plain", "conditional"])
+def test_a_refusal_naming_a_checksum_header_names_the_preset(
+    make_s3: MakeS3, status: int, code: str, message: str, conditional: bool
+) -> None:
+    """Told before a 501's "no conditional writes", a 401's "credentials" and a 400's "a bug"."""
+    storage = make_s3("aws")
+    error = storage._client_error(
+        "PutObject", _client_error_of(code, status, message), conditional=conditional
+    )
+    assert isinstance(error, ConfigurationError) and error.fields == ["s3_preset"]
+    assert f"refused the upload's checksum ({code})" in error.message
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides", "status", "message", "expected"),
+    [
+        # boto3 adds no checksum header of its own: not the preset's doing.
+        ("minio", {}, 400, "Unsupported header 'x-amz-checksum-crc32'", InternalError),
+        (
+            "aws",
+            {"endpoint_url": "https://s3.us-east-1.amazonaws.com"},
+            400,
+            "x-amz-trailer",
+            InternalError,
+        ),
+        # No checksum header named: what it was before.
+        ("aws", {}, 400, "Unsupported header 'x-amz-acl' received", InternalError),
+        (
+            "aws",
+            {},
+            501,
+            "Header 'If-None-Match' with value '*' not implemented",
+            ConfigurationError,
+        ),
+        # A status no such refusal has.
+        ("aws", {}, 503, "x-amz-checksum-crc32 service unavailable", DependencyUnavailable),
+    ],
+)
+def test_only_a_refusal_of_boto3s_own_checksum_header_names_it(
+    make_s3: MakeS3,
+    preset: str,
+    overrides: dict[str, str],
+    status: int,
+    message: str,
+    expected: type[Exception],
+) -> None:
+    storage = make_s3(preset, **overrides)
+    code = {400: "InvalidArgument", 501: "NotImplemented", 503: "ServiceUnavailable"}[status]
+    error = storage._client_error(
+        "PutObject", _client_error_of(code, status, message), conditional=True
+    )
+    assert type(error) is expected
+    assert "checksum" not in str(error)
+
+
+def _client_error_of(code: str, status: int, message: str | None = None) -> ClientError:
     return ClientError(
-        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
+        {
+            "Error": {"Code": code, "Message": message or code},
+            "ResponseMetadata": {"HTTPStatusCode": status},
+        },
         "PutObject",
     )
 
