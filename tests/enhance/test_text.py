@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from imagegen.enhance import clean_reply, estimate_tokens, fit_budget
@@ -240,10 +241,17 @@ def _graphemes(text: str) -> list[str]:
 
 
 def _whole_start(fitted: str, text: str) -> bool:
-    """Whether ``fitted`` is ``text``'s start (spaces aside), ending between two graphemes."""
-    fitted, text = "".join(fitted.split()), "".join(text.split())
-    graphemes = _graphemes(text)
-    return fitted == "".join(graphemes[: len(_graphemes(fitted))])
+    """Whether ``fitted`` is ``text``'s start (spaces aside), ending between two of ``text``'s
+    graphemes: as ``text`` has them, spaces and all (a mark after a space is that space's, not
+    the grapheme's before it)."""
+    end = 0
+    for char in "".join(fitted.split()):
+        while end < len(text) and text[end].isspace():
+            end += 1
+        if end == len(text) or text[end] != char:
+            return False
+        end += 1
+    return end in {0, *itertools.accumulate(len(g) for g in _graphemes(text))}
 
 
 @pytest.mark.parametrize("text", _UNSPACED_PROMPTS)
@@ -295,6 +303,12 @@ _SEPARATORS = st.sampled_from([" ", ", ", ". ", "、", "。", "; ", ""])
 
 
 @settings(max_examples=150, deadline=None)
+@example(  # a variation selector after a space: the space's, and the cut before it whole
+    words=["0 0 0 0 0", "\U000e0100\u00a1 000", "猫" * 40, "🇭" * 30 + "🇳" * 40, "😀" * 40],
+    separators=[". ", " ", " ", " ", *[""] * 8],
+    spec=family_for("tiny-klein"),
+    subject=False,
+)
 @given(
     words=_WORDS,
     separators=st.lists(_SEPARATORS, min_size=12, max_size=12),
