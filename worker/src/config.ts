@@ -4,6 +4,11 @@
  * Plain settings are `vars` in wrangler.jsonc; credentials are secrets (`wrangler secret put`).
  * Precedence: a secret or a `--var` given at deploy time overrides the same name in
  * wrangler.jsonc; anything unset takes the default written next to it below.
+ *
+ * wrangler passes a var written as JSON other than a string (`10000`, `false`, `null`) to the
+ * Worker as that value, not as text. A setting that means a number takes a number
+ * (ORIGIN_TIMEOUT_MS), one that means a switch a boolean (GALLERY); any other setting given
+ * anything but a string is a bad setting (ConfigError, naming it).
  */
 
 export interface Env {
@@ -17,8 +22,11 @@ export interface Env {
    * `images/` and `/images/` are one prefix).
    */
   ORIGIN_PREFIX?: string;
-  /** Milliseconds to wait for the origin's answer before replying 504; default 10000. */
-  ORIGIN_TIMEOUT_MS?: string;
+  /**
+   * Milliseconds to wait for the origin's answer before replying 504; default 10000. Digits
+   * (`"10000"`, blank for the default) or a JSON number, a positive safe integer either way.
+   */
+  ORIGIN_TIMEOUT_MS?: string | number;
   /** Base URL of a publicly readable bucket, for ORIGIN=public. */
   PUBLIC_ORIGIN_URL?: string;
   /** Endpoint of an S3-compatible API (R2, MinIO, GCS interoperability), for ORIGIN=s3. */
@@ -42,9 +50,10 @@ export interface Env {
   SIGNING_SECRET_PREVIOUS?: string;
   /**
    * The gallery at `/`: "on" (default without SIGNING_SECRET), "off" (default with it), or
-   * "signed" (with SIGNING_SECRET: only through a signed gallery link).
+   * "signed" (with SIGNING_SECRET: only through a signed gallery link). JSON `true` reads as
+   * "on", `false` as "off".
    */
-  GALLERY?: string;
+  GALLERY?: string | boolean;
 }
 
 export type GalleryMode = "on" | "off" | "signed";
@@ -107,16 +116,27 @@ function originPrefix(value: string): string {
   return `${prefix}/`;
 }
 
-function required(env: Env, name: keyof Env): string {
-  const value = env[name];
-  if (typeof value !== "string" || value.trim() === "") {
-    throw new ConfigError(`${name} must be set for ORIGIN=${env.ORIGIN ?? "r2"}`);
-  }
-  return value.trim();
+/** The settings that are text alone (the R2 binding and the secrets are read on their own). */
+type TextSetting = Exclude<keyof Env, "IMAGES" | "SIGNING_SECRET" | "SIGNING_SECRET_PREVIOUS">;
+
+/**
+ * A setting as text, or undefined when unset. A JSON number, boolean, null, array or object
+ * given as a var is refused: read as text it would be no setting of this Worker's.
+ */
+function text(env: Env, name: TextSetting): string | undefined {
+  const value: unknown = env[name];
+  if (value === undefined || typeof value === "string") return value;
+  throw new ConfigError(`${name} must be a string (quoted in wrangler.jsonc's vars)`);
 }
 
-function httpBase(env: Env, name: "S3_ENDPOINT" | "PUBLIC_ORIGIN_URL"): string {
-  const value = required(env, name);
+function required(env: Env, name: TextSetting, origin: string): string {
+  const value = text(env, name)?.trim() ?? "";
+  if (value === "") throw new ConfigError(`${name} must be set for ORIGIN=${origin}`);
+  return value;
+}
+
+function httpBase(env: Env, name: "S3_ENDPOINT" | "PUBLIC_ORIGIN_URL", origin: string): string {
+  const value = required(env, name, origin);
   let url: URL;
   try {
     url = new URL(value);
@@ -130,7 +150,7 @@ function httpBase(env: Env, name: "S3_ENDPOINT" | "PUBLIC_ORIGIN_URL"): string {
 }
 
 function bucketName(env: Env): string {
-  const value = required(env, "S3_BUCKET");
+  const value = required(env, "S3_BUCKET", "s3");
   // The bucket becomes a path segment of every origin URL; keep it one plain segment.
   if (!/^[A-Za-z0-9._-]+$/.test(value) || value === "." || value === "..") {
     throw new ConfigError("S3_BUCKET must be a bucket name (letters, digits, '.', '_', '-')");
@@ -139,7 +159,7 @@ function bucketName(env: Env): string {
 }
 
 function readOrigin(env: Env): OriginConfig {
-  const kind = (env.ORIGIN ?? "r2").trim() || "r2";
+  const kind = text(env, "ORIGIN")?.trim() || "r2";
   switch (kind) {
     case "r2":
       if (!env.IMAGES) throw new ConfigError("the R2 binding IMAGES must exist for ORIGIN=r2");
@@ -147,14 +167,14 @@ function readOrigin(env: Env): OriginConfig {
     case "s3":
       return {
         kind,
-        endpoint: httpBase(env, "S3_ENDPOINT"),
+        endpoint: httpBase(env, "S3_ENDPOINT", kind),
         bucket: bucketName(env),
-        region: env.S3_REGION?.trim() || "auto",
-        accessKeyId: required(env, "S3_ACCESS_KEY_ID"),
-        secretAccessKey: required(env, "S3_SECRET_ACCESS_KEY"),
+        region: text(env, "S3_REGION")?.trim() || "auto",
+        accessKeyId: required(env, "S3_ACCESS_KEY_ID", kind),
+        secretAccessKey: required(env, "S3_SECRET_ACCESS_KEY", kind),
       };
     case "public":
-      return { kind, baseUrl: httpBase(env, "PUBLIC_ORIGIN_URL") };
+      return { kind, baseUrl: httpBase(env, "PUBLIC_ORIGIN_URL", kind) };
     default:
       throw new ConfigError('ORIGIN must be one of "r2", "s3", "public"');
   }
@@ -196,7 +216,9 @@ function secret(env: Env, name: "SIGNING_SECRET" | "SIGNING_SECRET_PREVIOUS"): s
 }
 
 function galleryMode(env: Env, signed: boolean): GalleryMode {
-  const value = env.GALLERY?.trim() || (signed ? "off" : "on");
+  const given: unknown = env.GALLERY;
+  const switched = typeof given === "boolean" ? (given ? "on" : "off") : undefined;
+  const value = switched ?? (text(env, "GALLERY")?.trim() || (signed ? "off" : "on"));
   if (value === "off") return value;
   if (value === "on" && !signed) return value;
   if (value === "signed" && signed) return value;
@@ -207,16 +229,28 @@ function galleryMode(env: Env, signed: boolean): GalleryMode {
   );
 }
 
+/**
+ * ORIGIN_TIMEOUT_MS: digits alone (no sign, point, exponent, `0x` or leading zero), or a JSON
+ * number, a positive safe integer either way; unset or blank, the default. Number() alone
+ * would take "0x10" for 16, "1e1" for 10 and "5.0" for 5.
+ */
+function timeoutMs(env: Env): number {
+  const given: unknown = env.ORIGIN_TIMEOUT_MS;
+  const value = typeof given === "number" ? given : text(env, "ORIGIN_TIMEOUT_MS")?.trim();
+  if (value === undefined || value === "") return DEFAULT_TIMEOUT_MS;
+  const ms = typeof value === "number" || /^[1-9][0-9]*$/.test(value) ? Number(value) : NaN;
+  if (!Number.isSafeInteger(ms) || ms <= 0) {
+    throw new ConfigError(
+      "ORIGIN_TIMEOUT_MS must be a positive whole number of milliseconds, such as 10000",
+    );
+  }
+  return ms;
+}
+
 /** Reads and checks every setting. Throws ConfigError naming the first bad one. */
 export function readConfig(env: Env): Config {
-  const prefix = originPrefix(env.ORIGIN_PREFIX ?? "");
-  let timeoutMs = DEFAULT_TIMEOUT_MS;
-  if (env.ORIGIN_TIMEOUT_MS !== undefined && env.ORIGIN_TIMEOUT_MS.trim() !== "") {
-    timeoutMs = Number(env.ORIGIN_TIMEOUT_MS);
-    if (!Number.isInteger(timeoutMs) || timeoutMs <= 0) {
-      throw new ConfigError("ORIGIN_TIMEOUT_MS must be a positive whole number of milliseconds");
-    }
-  }
+  const prefix = originPrefix(text(env, "ORIGIN_PREFIX") ?? "");
+  const timeout = timeoutMs(env);
   const signingSecret = secret(env, "SIGNING_SECRET");
   const previous = secret(env, "SIGNING_SECRET_PREVIOUS");
   if (previous !== null && signingSecret === null) {
@@ -226,7 +260,7 @@ export function readConfig(env: Env): Config {
   return {
     origin: readOrigin(env),
     prefix,
-    timeoutMs,
+    timeoutMs: timeout,
     signingSecret,
     verifyingSecrets: [signingSecret, previous].filter((s): s is string => s !== null),
     gallery: galleryMode(env, signingSecret !== null),

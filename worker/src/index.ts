@@ -128,7 +128,7 @@ function pngKey(key: string): string {
  * a failed lookup must not cost the image: where the origin fails or times out on a record, a
  * derivative or a thumbnail, the PNG stands in, held as briefly as for a missing record, and the
  * failure is not remembered, so the next request looks again. Only a failure to read the PNG
- * itself answers 502 or 504.
+ * itself answers 502, 503 or 504.
  */
 async function representation(
   request: Request,
@@ -148,6 +148,33 @@ async function representation(
     return { key: png, standIn: true };
   }
 }
+
+/**
+ * The answer to each kind of origin failure. The Worker is the gateway: an origin that does not
+ * answer in time is a 504 (RFC 9110 §15.6.5), one that answers 429 or 503 leaves the service
+ * unavailable for a while, a 503 (§15.6.4), and any other failure is a bad answer, a 502
+ * (§15.6.3).
+ */
+const ORIGIN_FAILURES = {
+  timeout: {
+    status: 504,
+    title: "Gateway Timeout",
+    text: "The image store did not answer in time. Try again shortly.",
+    plain: "Origin Timeout",
+  },
+  busy: {
+    status: 503,
+    title: "Service Unavailable",
+    text: "The image store is busy. Try again shortly.",
+    plain: "Origin Busy",
+  },
+  unavailable: {
+    status: 502,
+    title: "Bad Gateway",
+    text: "The image store failed. Try again shortly.",
+    plain: "Origin Unavailable",
+  },
+} as const;
 
 async function handle(request: Request, env: Env, ctx: ExecutionContext): Promise<Response> {
   // 1. Method
@@ -241,13 +268,12 @@ async function handle(request: Request, env: Env, ctx: ExecutionContext): Promis
   } catch (err) {
     if (!(err instanceof OriginError)) throw err;
     console.error(`origin ${config.origin.kind} failed for ${url.pathname}: ${err.message}`);
-    const timeout = err.kind === "timeout";
-    const message = {
-      title: timeout ? "Gateway Timeout" : "Bad Gateway",
-      text: `The image store ${timeout ? "did not answer in time" : "failed"}. Try again shortly.`,
-      plain: timeout ? "Origin Timeout" : "Origin Unavailable",
-    };
-    return await errorResponse(request, timeout ? 504 : 502, message, home);
+    const { status, ...message } = ORIGIN_FAILURES[err.kind];
+    // A transient failure says when to try again (RFC 9110 §10.2.3): the origin's own time,
+    // where it gave one, else a few seconds. Either way the answer is never stored.
+    const retry: Record<string, string> = {};
+    if (err.retryAfter !== null) retry["Retry-After"] = String(err.retryAfter);
+    return await errorResponse(request, status, message, home, retry);
   }
 }
 

@@ -10,6 +10,7 @@
  */
 import { AwsClient } from "aws4fetch";
 import type { Config } from "./config";
+import { parseHttpDate } from "./http";
 
 /** What the origin says about an object, with or without its bytes. */
 export interface OriginObject {
@@ -40,15 +41,67 @@ export interface ReadOptions {
   ifModifiedSince?: string;
 }
 
-/** The origin could not answer: "timeout" maps to 504, "unavailable" to 502. */
+/**
+ * The origin could not answer: "timeout" maps to 504, "busy" (the origin's 429 or 503) to 503,
+ * "unavailable" to 502. `retryAfter` is the seconds a client may try again after where the
+ * failure is transient (no answer in time, a network error, the origin's 408, 429 or 5xx), null
+ * where trying again would meet the same answer (a 403: credentials or bucket policy; a 3xx: a
+ * misplaced base URL; an answer that makes no sense).
+ */
 export class OriginError extends Error {
   override name = "OriginError";
   constructor(
-    readonly kind: "timeout" | "unavailable",
+    readonly kind: "timeout" | "busy" | "unavailable",
     message: string,
+    readonly retryAfter: number | null = null,
   ) {
     super(message);
   }
+}
+
+/** Seconds a client is asked to wait after a transient failure the origin gave no time for. */
+export const DEFAULT_RETRY_AFTER = 5;
+/**
+ * The longest wait passed on from the origin's Retry-After, in seconds: the origin's estimate
+ * for its own clients (a maintenance window of hours), where an image is asked for again soon.
+ */
+export const MAX_RETRY_AFTER = 300;
+
+/**
+ * The origin's `Retry-After` (RFC 9110 §10.2.3: delay-seconds or an HTTP-date) as seconds from
+ * `now`, held to 1..MAX_RETRY_AFTER (a date past or a 0 gives 1: a client retrying at once
+ * would meet the same failure); DEFAULT_RETRY_AFTER where it sent none, or none that reads.
+ */
+export function retryAfterSeconds(headers: Headers, now: number = Date.now()): number {
+  const value = headers.get("Retry-After")?.trim() ?? "";
+  let seconds: number | null = null;
+  if (/^[0-9]+$/.test(value)) seconds = Number(value);
+  else {
+    const time = parseHttpDate(value, now);
+    if (time !== null) seconds = Math.ceil((time - now) / 1000);
+  }
+  if (seconds === null) return DEFAULT_RETRY_AFTER;
+  return Math.min(MAX_RETRY_AFTER, Math.max(1, seconds));
+}
+
+/**
+ * The OriginError for an answer the Worker cannot use (its body is given up). The origin's 429
+ * (RFC 6585 §4: too many requests) and 503 (RFC 9110 §15.6.4: overloaded or down for a while)
+ * say the store is busy, which the client is told as 503 ("busy"). Any other 5xx or a 408 is
+ * a failure that may pass (502, with a Retry-After). Anything else (a 403, a 3xx, another 4xx)
+ * will not pass by itself: 502 without one.
+ */
+function failure(response: Response, what: string): OriginError {
+  const status = response.status;
+  void response.body?.cancel();
+  const message = `${what} answered ${status}`;
+  if (status === 429 || status === 503) {
+    return new OriginError("busy", message, retryAfterSeconds(response.headers));
+  }
+  if (status >= 500 || status === 408) {
+    return new OriginError("unavailable", message, retryAfterSeconds(response.headers));
+  }
+  return new OriginError("unavailable", message);
 }
 
 // SigV4 GETs are idempotent: retry 5xx and 429 a couple of times inside the timeout.
@@ -71,10 +124,15 @@ export async function withTimeout<T>(
     return await Promise.race([run(controller.signal), aborted(controller.signal)]);
   } catch (err) {
     if (controller.signal.aborted) {
-      throw new OriginError("timeout", `no answer within ${timeoutMs} ms`);
+      throw new OriginError("timeout", `no answer within ${timeoutMs} ms`, DEFAULT_RETRY_AFTER);
     }
     if (err instanceof OriginError) throw err;
-    throw new OriginError("unavailable", `request failed (${(err as Error)?.name ?? "error"})`);
+    // A network error, an R2 binding that failed, a body cut off midway.
+    throw new OriginError(
+      "unavailable",
+      `request failed (${(err as Error)?.name ?? "error"})`,
+      DEFAULT_RETRY_AFTER,
+    );
   } finally {
     clearTimeout(timer);
   }
@@ -99,9 +157,8 @@ function fromHttp(response: Response): OriginObject | null {
     return null;
   }
   if (![200, 206, 304, 416].includes(status)) {
-    void response.body?.cancel();
     // A 403 left here means credentials or bucket policy are wrong, a 3xx a misplaced base URL.
-    throw new OriginError("unavailable", `origin answered ${status}`);
+    throw failure(response, "origin");
   }
   const headers = response.headers;
   const length = headers.get("Content-Length");
@@ -426,10 +483,7 @@ export function listKeys(
           origin.kind === "s3"
             ? await s3Client(config).fetch(`${origin.endpoint}/${origin.bucket}?${query}`, init)
             : await fetch(`${origin.baseUrl}?${query}`, init);
-        if (response.status !== 200) {
-          void response.body?.cancel();
-          throw new OriginError("unavailable", `origin list answered ${response.status}`);
-        }
+        if (response.status !== 200) throw failure(response, "origin list");
         const page = fromListXml(await response.text(), strip);
         listing.keys.push(...page.keys);
         listing.folders.push(...page.folders);

@@ -195,7 +195,7 @@ describe("S3-compatible origin", () => {
     expect(await res.text()).toBe("Not Found\n");
   });
 
-  it("answers 502 after retrying a failing bucket, without leaking its answer", async () => {
+  it("answers 503 after retrying a busy bucket, without leaking its answer", async () => {
     const logged = captureLogs();
     const { calls } = mockFetch(
       () =>
@@ -205,8 +205,9 @@ describe("S3-compatible origin", () => {
         }),
     );
     const res = await send(`${BASE}/${newKey()}`, S3);
-    expect(res.status).toBe(502);
-    expect(await res.clone().text()).toBe("Origin Unavailable\n");
+    expect(res.status).toBe(503);
+    expect(await res.clone().text()).toBe("Origin Busy\n");
+    expect(res.headers.get("Retry-After")).toBe("5");
     expect(calls.length).toBeGreaterThan(1);
     await expectNoSecret(res, logged);
   });
@@ -413,7 +414,7 @@ describe("public bucket origin", () => {
     ]);
   });
 
-  it("answers 502 to a browser only when the image fails, not when its record does", async () => {
+  it("answers 503 to a browser only when the image fails, not when its record does", async () => {
     vi.spyOn(console, "warn").mockImplementation(() => {});
     const errors = vi.spyOn(console, "error").mockImplementation(() => {});
     const chrome = { Accept: "image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8" };
@@ -438,7 +439,7 @@ describe("public bucket origin", () => {
     mockFetch(() => new Response("<Error><Code>SlowDown</Code></Error>", { status: 503 }));
     expect(
       (await send(new Request(`${BASE}/${newKey()}`, { headers: chrome }), PUBLIC)).status,
-    ).toBe(502);
+    ).toBe(503);
   });
 });
 
