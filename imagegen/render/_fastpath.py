@@ -157,9 +157,10 @@ def _quantize_fp8(transformer: Any, device: torch.device) -> bool:
     except ImportError:
         log.warning("fp8 needs torchao (pip install 'imagegen[fp8]'); running in bfloat16")
         return False
-    config = getattr(quantization, "Float8DynamicActivationFloat8WeightConfig", None)
-    if config is not None:
-        quantization.quantize_(transformer, config())
-    else:  # torchao before 0.10 named it as a function
-        quantization.quantize_(transformer, quantization.float8_dynamic_activation_float8_weight())
+    # Its weights alone: torchao's config would otherwise set the process's Inductor options
+    # to its own liking (set_inductor_config, True by default: coordinate-descent tuning of
+    # every kernel compiled after, float32 matmuls at "high"; torchao/quantization/quant_api.py,
+    # recommended_inductor_config_setter), which every later compile would pay for.
+    config = quantization.Float8DynamicActivationFloat8WeightConfig(set_inductor_config=False)
+    quantization.quantize_(transformer, config)
     return True

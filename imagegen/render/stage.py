@@ -281,7 +281,9 @@ class RenderStage:
         Compiled or lazily initialised kernels are built here rather than in the first
         request, and the renders are timed, so admission is sized from the first request on.
         A batch is a new shape to ``torch.compile`` (10-15 s to compile on an H200,
-        docs/benchmarks.md): warmed, the first full batch of requests does not wait for it.
+        docs/benchmarks.md; after the first few new shapes, torch compiles for variable sizes
+        and recompiles no more): warmed, the first full batch of requests does not wait for
+        it.
         """
         spec = family_for(model)
         job = EnhancedPrompt(

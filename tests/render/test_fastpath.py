@@ -145,6 +145,54 @@ def test_a_compile_cache_that_cannot_be_written_is_logged_and_left_alone(
     assert str(blocker / "torch-compile") in record.getMessage()
 
 
+class _Float8Config:
+    """torchao 0.17's ``Float8DynamicActivationFloat8WeightConfig`` as far as render uses it:
+    ``set_inductor_config`` is True unless said otherwise (torchao/quantization/quant_api.py)."""
+
+    def __init__(self, *, set_inductor_config: bool = True) -> None:
+        self.set_inductor_config = set_inductor_config
+
+
+def _quantize(model: torch.nn.Module, config: _Float8Config) -> None:
+    """torchao's ``quantize_`` for that config: where ``set_inductor_config`` holds, it first
+    runs ``recommended_inductor_config_setter`` (quant_api.py; torchao/quantization/utils.py),
+    which sets the process's Inductor options; then it quantises the weights (left out)."""
+    if config.set_inductor_config:
+        inductor = torch._inductor.config
+        inductor.coordinate_descent_tuning = True
+        inductor.coordinate_descent_check_all_directions = True
+        torch.set_float32_matmul_precision("high")
+
+
+def test_fp8_quantises_the_weights_alone_leaving_the_compilers_options(
+    pipe: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchao would tune every kernel compiled after it (coordinate descent), the blocks'
+    compile under ``IMAGEGEN_RENDER_COMPILE`` too, and change float32 matmuls process-wide."""
+    import sys
+    import types
+
+    import torch._inductor.config
+
+    quantization = types.ModuleType("torchao.quantization")
+    quantization.Float8DynamicActivationFloat8WeightConfig = _Float8Config  # type: ignore[attr-defined]
+    quantization.quantize_ = _quantize  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torchao", types.ModuleType("torchao"))
+    monkeypatch.setitem(sys.modules, "torchao.quantization", quantization)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    inductor = torch._inductor.config
+    monkeypatch.setattr(inductor, "coordinate_descent_tuning", False)
+    monkeypatch.setattr(inductor, "coordinate_descent_check_all_directions", False)
+    precision = torch.get_float32_matmul_precision()
+    try:
+        assert apply_fast_path(pipe, Settings(render_fp8=True), torch.device("cuda")) == ["fp8"]
+        assert not inductor.coordinate_descent_tuning
+        assert not inductor.coordinate_descent_check_all_directions
+        assert torch.get_float32_matmul_precision() == precision
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fp8_on_a_gpu_that_has_it(pipe: Any) -> None:
