@@ -106,3 +106,73 @@ def test_every_alert_has_a_runbook_section() -> None:
     alerts = [rule["alert"] for group in rules["groups"] for rule in group["rules"]]
     sections = set(re.findall(r"^### (\S+)$", RUNBOOK.read_text(), re.MULTILINE))
     assert alerts and not set(alerts) - sections, set(alerts) - sections
+
+
+# The Triggers each dead-letter loss window is told for, in the order of docs/deploy.md's
+# table ("Dead letters and storage outages") and of the runbook's ImagegenDeadLetterCannotRecord.
+LOSS_GROUPS = (
+    ("imagegen-enhance", "imagegen-dream", "imagegen-persist", "imagegen-derive"),
+    ("imagegen-render",),
+    ("imagegen-ledger-generation-requested", "imagegen-ledger-image-derived", "imagegen-failed"),
+)
+
+
+def _loss_seconds(r: Routing, broker_class: str) -> list[float]:
+    """Seconds of storage outage after which each group's dead letters are dropped: every
+    attempt lasting the sink's RETRY_FOR (test_dead_letter_window.py), plus the backoff."""
+    from imagegen.stages.deadletter import RETRY_FOR
+
+    seconds = []
+    for group in LOSS_GROUPS:
+        windows = set()
+        for name in group:
+            [trigger] = [t for t in r.triggers if t.name == name]
+            waits = trigger.backoff_schedule(broker_class)
+            windows.add((1 + (trigger.retry or 0)) * RETRY_FOR + sum(map(_seconds, waits)))
+        [window] = windows
+        seconds.append(window)
+    return seconds
+
+
+def _loss_minutes(r: Routing, broker_class: str) -> list[int]:
+    return [round(window / 60) for window in _loss_seconds(r, broker_class)]
+
+
+def _said(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_the_dead_letter_loss_windows_told_are_the_manifests(routing: RoutingOf) -> None:
+    r = routing("prod")
+    channel, kafka = _loss_minutes(r, CHANNEL_BROKER), _loss_minutes(r, KAFKA_BROKER)
+    table = markdown_table(DEPLOY.read_text(), "### Dead letters and storage outages")
+    rows = [cells for name, cells in table.items() if name not in {"Triggers", "---"}]
+    told = [[int(re.findall(r"about (\d+) min", cell)[0]) for cell in cells] for cells in rows]
+    assert told == [list(pair) for pair in zip(channel, kafka, strict=True)]
+    # A generation.failed is delivered to the sink, then dead-lettered to it: twice the window.
+    twice = [round(2 * _loss_seconds(r, b)[-1] / 60) for b in (CHANNEL_BROKER, KAFKA_BROKER)]
+    outages = _said(DEPLOY.read_text().split("### Dead letters and storage outages", 1)[1])
+    assert f"about {twice[0]} minutes ({twice[1]} on the Kafka broker)" in outages
+
+    # The runbook assumes prod: the Kafka broker's windows, the channel-based broker's beside.
+    section = _said(RUNBOOK.read_text().split("### ImagegenDeadLetterCannotRecord", 1)[1])
+    stages, render, ledger = kafka
+    assert (
+        f"on prod's Kafka broker about {stages} minutes into the outage for enhance, persist and"
+        f" derive, {render} for render, {ledger} for the ledger's Triggers" in section
+    )
+    first, second, third = channel
+    assert f"whose backoff is half as long, {first}, {second} and {third};" in section
+    rules = yaml.safe_load(ALERTS.read_text())
+    [alert] = [
+        rule
+        for group in rules["groups"]
+        for rule in group["rules"]
+        if rule.get("alert") == "ImagegenDeadLetterCannotRecord"
+    ]
+    description = _said(alert["annotations"]["description"])
+    assert (
+        f"on the Kafka broker about {stages} minutes into an outage for enhance, persist and"
+        f" derive ({render} for render, {ledger} for the ledger's and imagegen-failed;"
+        f" {channel[0]}, {channel[1]} and {channel[2]} on the channel-based broker)" in description
+    )
