@@ -316,7 +316,8 @@ class DeriveStage:
 
         Raises:
             DependencyUnavailable: the metadata record is corrupt (a 503 naming it, retried
-                until an operator repairs it: :func:`imagegen.persist.corrupt_record`). Its
+                while the Trigger retries, then dead-lettered until an operator repairs it:
+                :func:`imagegen.persist.corrupt_record`). Its
                 writer is persist, whose event was answered before this one was sent: the
                 message says to repair it, not to remove it, which would fail this event.
         """

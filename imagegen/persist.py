@@ -189,16 +189,20 @@ def corrupt_record(key: str, why: str, *, written_from: str | None = None) -> De
     generation for good over an object that can be repaired. Nor may it count as missing:
     derive refuses an image without a metadata record as not persisted (a 400), and a writer
     that took it for absent would find its create refused by the very object it cannot read.
-    Retried, the event waits for the repair.
+    Retried while its Trigger retries (neither broker reads the ``Retry-After``); past them
+    the event is dead-lettered, to be sent again once the record is repaired
+    (``docs/runbook.md``, "Repair a corrupt record").
 
     Args:
         written_from: None when the event being answered is the one that writes the record:
-            removed, it is written again at the next delivery, the same record its first
-            writer wrote. Else the type of the event that does (``image.rendered`` for the
-            metadata record derive reads): that event was answered long ago, so removing the
-            record only turns the next delivery into a 400 ("no record"), and the message
-            says to repair it, or to send that event again once it is removed
-            (``docs/runbook.md``, "Repair a corrupt record").
+            removed, it is written again at the next delivery, a new record (persist's with a
+            new ``persisted_at`` and newly signed URLs, beside a ledger that keeps the first
+            ones: the runbook restores the earlier record instead). Else the type of the
+            event that does (``image.rendered`` for the metadata record derive reads): that
+            event was answered long ago, so removing the record only turns the next
+            delivery into a 400 ("no record"), and the message says to repair it, or to send
+            that event again once it is removed (``docs/runbook.md``, "Repair a corrupt
+            record").
     """
     if written_from is None:
         remedy = "repair or remove it: the next delivery writes it again"
