@@ -133,6 +133,25 @@ def fast_path(settings: Any) -> str:
     return " ".join(f"{name}={getattr(settings, name)!r}" for name in FAST_PATH_OFF)
 
 
+def _unloadable(args: argparse.Namespace) -> str | None:
+    """Why no part may load ``args.model`` here (doctor's model check: not in the model
+    cache, which the script never downloads to, or an incomplete snapshot or directory), as
+    one line; None where it loads. Said once, rather than by every part in turn."""
+    from imagegen.cli.doctor import _model_check
+
+    check = _model_check(_settings(args))
+    if check.status == "ok":
+        return None
+    if "not in the model cache" in check.summary:
+        said = (
+            f"model {args.model} is not in the local cache and the benchmark runs offline:"
+            f" pull it first (imagegen models pull {args.model})"
+        )
+    else:  # incomplete, or no model at all
+        said = f"{check.summary.rstrip('.')}: {check.next_step.rstrip('.')}"
+    return f"benchmarks/gpu.py: {said}; or time the same shapes: --random-weights DIR"
+
+
 def _backend(args: argparse.Namespace, label: str, **options: Any) -> Any:
     """A backend for the row ``label``, its fast-path settings printed."""
     from imagegen.render.diffusers_backend import DiffusersBackend
@@ -539,6 +558,10 @@ def main(argv: Sequence[str] | None = None, started: float | None = None) -> int
         f" render's PNG: {png.png_compress_strategy}, level {png.png_compress_level},"
         f" {png.png_encode_threads} thread(s)"
     )
+    unloadable = _unloadable(args)
+    if unloadable:
+        print(unloadable, file=sys.stderr)
+        return 2
 
     if {"overhead", "tolerance"} & set(args.parts):
         with reported("bf16 backend", args.failures, limit=time_left()):

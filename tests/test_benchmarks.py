@@ -200,6 +200,24 @@ def test_the_gpu_script_refuses_to_run_without_cuda(capsys: pytest.CaptureFixtur
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
+def test_the_gpu_script_says_once_that_the_model_cannot_be_loaded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not in the model cache, the Hub out of reach (HF_HUB_OFFLINE, as the tests run): one
+    line naming the model and the ways on, exit 2, before any part is tried."""
+    import gpu
+
+    monkeypatch.setenv("IMAGEGEN_MODEL_CACHE_DIR", str(tmp_path))  # nothing in it
+    argv = ["--device", "cpu", "--model", "example-org/absent-model", "--rounds", "1"]
+    assert gpu.main(argv) == 2
+    captured = capsys.readouterr()
+    [line] = captured.err.splitlines()
+    assert "example-org/absent-model is not in the local cache" in line
+    assert "imagegen models pull example-org/absent-model" in line
+    assert "--random-weights DIR" in line
+    assert "bf16" not in captured.out  # no part started
+
+
 def test_the_gpu_script_smoke_runs_its_parts_on_the_cpu(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1165,10 +1183,11 @@ def test_the_gpu_script_names_renders_png_level_and_says_it_runs_offline(
     monkeypatch.setenv("IMAGEGEN_MODEL_CACHE_DIR", str(tmp_path))  # nothing in it
     monkeypatch.setenv("IMAGEGEN_PNG_COMPRESS_LEVEL", "3")
     argv = ["--device", "cpu", "--model", "black-forest-labs/FLUX.2-klein-4B"]
-    assert gpu.main([*argv, "--parts", "overhead", "--rounds", "1"]) == 1
-    out = capsys.readouterr().out
+    assert gpu.main([*argv, "--parts", "overhead", "--rounds", "1"]) == 2
+    captured = capsys.readouterr()
+    out = captured.out
     assert "; render's PNG: default, level 3, 1 thread(s)\n" in out.splitlines(keepends=True)[0]
     # The model is not there: the tests' helpers the script imports set HF_HUB_OFFLINE, which
     # its user need not have set.
-    assert "is not in the local cache and the benchmark runs offline: pull it first" in out
-    assert "HF_HUB_OFFLINE" not in out
+    assert "is not in the local cache and the benchmark runs offline: pull it first" in captured.err
+    assert "HF_HUB_OFFLINE" not in captured.out + captured.err
