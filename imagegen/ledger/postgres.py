@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import cache
 from typing import Any
+from urllib.parse import unquote
 
 from imagegen.errors import (
     ConfigurationError,
@@ -69,33 +70,50 @@ _NO_DRIVER = "a PostgreSQL ledger needs psycopg: pip install 'imagegen[ledger]'"
 LOCK_ROW = "SELECT * FROM generations WHERE generation_id = :gid FOR UPDATE"
 
 
-# libpq's refusals of a URL (fe-connect.c, conninfo_uri_parse_options and _params), each said
-# in words of its own: libpq's quote the part it cannot read, often a password. Only a
-# parameter's name is said, where it is a word (a misspelt one: ``?sslmod=require``).
+# libpq's refusals of a URL (fe-connect.c: conninfo_uri_parse_options, _parse_params and
+# conninfo_uri_decode), each matched at the start of libpq's message and said in words of its
+# own: libpq's go on to quote the part it cannot read, often a password, which may itself hold
+# the words of another refusal. A bare '%' (in a password) is told how it is written.
+_UNKNOWN_PARAMETER = re.compile(r'invalid URI query parameter: "(.*)"\Z', re.DOTALL)
+_PERCENT = "; a '%' in it is written %25"
 _UNREADABLE = (
-    (r'invalid URI query parameter: "([A-Za-z0-9_]{1,40})"', "unknown connection parameter {!r}"),
-    ("invalid URI query parameter", "an unknown connection parameter"),
-    ("missing key/value separator", "a query parameter without '=' (?name=value)"),
-    ("extra key/value separator", "a query parameter with a second '='"),
-    ("invalid percent-encoded token", "a '%' not followed by two hex digits"),
-    ("forbidden value %00", "%00 in it, which libpq refuses"),
-    ("IPv6 host address", "its IPv6 host is empty or not enclosed in [ and ]"),
-    ("unexpected character .* in URI", "no ':' or '/' after its IPv6 host's ']'"),
+    ('missing key/value separator "=" in URI query', "a query parameter without '=' (?name=value)"),
+    ('extra key/value separator "=" in URI query', "a query parameter with a second '='"),
+    ("invalid percent-encoded token: ", f"a '%' not followed by two hex digits{_PERCENT}"),
+    ("forbidden value %00 in percent-encoded value: ", f"%00 in it, which libpq refuses{_PERCENT}"),
+    ("unexpected spaces found in ", "a space within one of its parts (a space is written %20)"),
+    ('end of string reached when looking for matching "]"', "its IPv6 host has no closing ']'"),
+    ("IPv6 host address may not be empty", "its IPv6 host is empty"),
+    ("unexpected character ", "no ':' or '/' after its IPv6 host's ']'"),
 )
+# A parameter's name said only where it is one: a word of the length of libpq's own names.
+_NAME = re.compile(r"[A-Za-z0-9_]{1,40}")
+
+
+def _query_names(url: str) -> set[str]:
+    """The names of the query parameters of ``url``, decoded, split as libpq splits it: the
+    credentials end at the first ``@`` before any ``/`` (a password may hold ``?``), and
+    the query follows the hosts' first ``?`` (an IPv6 host's, in ``[ ]``, is the host's)."""
+    rest = re.sub(r"\A[^@/]*@", "", url.partition("://")[2])
+    before = re.match(r"(?:\[[^\]]*\]|[^?\[])*\?", rest)
+    if before is None:
+        return set()
+    pairs = rest[before.end() :].split("&")
+    return {unquote(pair.partition("=")[0]).strip(" ") for pair in pairs}
 
 
 def _unreadable(message: str, url: str) -> str:
-    """What libpq's ``message`` says is wrong with ``url``, without what stood there; where
-    ``url`` has a ``%``, how one is written."""
-    said = next(
-        (
-            words.format(*found.groups())
-            for rule, words in _UNREADABLE
-            if (found := re.search(rule, message))
-        ),
-        "libpq cannot read it",
+    """What libpq's ``message`` says is wrong with ``url``, without what stood there: no text
+    of libpq's message but the name of an unknown parameter that ``url``'s query names."""
+    message = message.strip()
+    if unknown := _UNKNOWN_PARAMETER.match(message):
+        name = unknown.group(1)
+        if _NAME.fullmatch(name) and name in _query_names(url):
+            return f"unknown connection parameter {name!r}"
+        return "an unknown connection parameter"
+    return next(
+        (said for start, said in _UNREADABLE if message.startswith(start)), "libpq cannot read it"
     )
-    return f"{said}; a '%' in it is written %25" if "%" in url else said
 
 
 def read_url(url: str) -> dict[str, Any]:

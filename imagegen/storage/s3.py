@@ -180,15 +180,23 @@ class S3Storage(ObjectStore):
         """The client of :attr:`options`.
 
         Raises:
-            ConfigurationError: naming ``s3_region`` or ``s3_endpoint_url``, whichever botocore
-                refused; never botocore's own error, which quotes the endpoint as given.
+            ConfigurationError: naming the region or the endpoint botocore refused: the
+                setting (``s3_region``, ``s3_endpoint_url``) where it is set, else where
+                botocore read it (``aws_region``, ``aws_endpoint_url``); never the value, nor
+                botocore's own error, which quotes the endpoint as given.
         """
         try:
             return make_client(self.options)
         except InvalidRegionError:
-            raise _refused_setting("s3_region", "not a region botocore accepts") from None
+            if self.options.region:
+                raise _refused_setting("s3_region", "not a region botocore accepts") from None
+            raise _refused_by_botocore("aws_region", _BOTOCORE_REGION, "s3_region") from None
         except ValueError:  # "Invalid endpoint: <the URL, password included>"
-            raise _refused_setting("s3_endpoint_url", "not a URL botocore accepts") from None
+            if self.options.endpoint_url:
+                raise _refused_setting("s3_endpoint_url", "not a URL botocore accepts") from None
+            raise _refused_by_botocore(
+                "aws_endpoint_url", _BOTOCORE_ENDPOINT, "s3_endpoint_url"
+            ) from None
 
     def __repr__(self) -> str:
         preset = self.options.preset
@@ -885,6 +893,28 @@ def _refused_setting(field: str, message: str) -> ConfigurationError:
 
     return ConfigurationError(
         f"invalid {Settings.variable(field)}: {message}",
+        errors=[{"field": field, "message": message}],
+    )
+
+
+# Where botocore reads the region and the endpoint that imagegen's settings leave to it
+# (botocore/configprovider.py: BOTOCORE_DEFAULT_SESSION_VARIABLES["region"] and
+# EnvironmentProvider/EndpointConfigProvider's lookup order; the config file is AWS_CONFIG_FILE,
+# else ~/.aws/config, its profile AWS_PROFILE's).
+_BOTOCORE_REGION = "the region botocore read (AWS_DEFAULT_REGION or the AWS config file)"
+_BOTOCORE_ENDPOINT = (
+    "the endpoint botocore read (AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, or the AWS config file)"
+)
+
+
+def _refused_by_botocore(field: str, source: str, setting: str) -> ConfigurationError:
+    """botocore refused a value it read itself, ``setting`` being unset: where it came from,
+    and the setting that would take its place."""
+    from imagegen.settings import Settings
+
+    message = f"{source} is not one it accepts"
+    return ConfigurationError(
+        f"{message}: correct it, or set {Settings.variable(setting)}",
         errors=[{"field": field, "message": message}],
     )
 

@@ -438,17 +438,22 @@ def test_a_sqlite_ledger_whose_name_has_an_equals_sign_is_read(
             "postgresql://bob:TopSecretPW1@127.0.0.1:9/db?TopSecretPW1",
             "a query parameter without '=' (?name=value)",
         ),
-        # Only a URL with a "%" in it is told how one is written.
+        # Only a URL whose "%" libpq refuses is told how one is written.
         (
             "postgresql://bob:Top%SecretPW1@127.0.0.1:9/db",
             "a '%' not followed by two hex digits; a '%' in it is written %25",
+        ),
+        (
+            "postgresql://bob:Top%25SecretPW1@127.0.0.1:9/db?sslmod=require",
+            "unknown connection parameter 'sslmod'",
         ),
     ],
 )
 def test_a_postgresql_url_libpq_cannot_read_says_what_libpq_objects_to(
     run: Any, monkeypatch: pytest.MonkeyPatch, url: str, why: str
 ) -> None:
-    """Every such URL was said to have a '%' to write as %25, one with none in it too."""
+    """Every such URL was said to have a '%' to write as %25, one with none in it too, and one
+    whose '%' is written well."""
     pytest.importorskip("psycopg")
     monkeypatch.setenv("IMAGEGEN_LEDGER_URL", url)
     code, out, err = run("history")

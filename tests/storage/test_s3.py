@@ -16,6 +16,7 @@ import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
@@ -522,6 +523,85 @@ def test_a_region_botocore_refuses_is_a_configuration_error(make_s3: MakeS3) -> 
 
     assert error.value.fields == ["s3_region"]
     assert error.value.message == "invalid IMAGEGEN_S3_REGION: not a region botocore accepts"
+
+
+def test_a_set_region_or_endpoint_is_named_over_botocore_s_own(
+    make_s3: MakeS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The setting, where one is given, is what botocore used and refused: not the AWS_*
+    variables it would otherwise read, here valid."""
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+
+    with pytest.raises(ConfigurationError) as region:
+        make_s3(region="eu west 1")
+    with pytest.raises(ConfigurationError) as endpoint:
+        make_s3(endpoint_url="http://store example:9000")
+
+    assert region.value.fields == ["s3_region"]
+    assert endpoint.value.fields == ["s3_endpoint_url"]
+    assert endpoint.value.message == "invalid IMAGEGEN_S3_ENDPOINT_URL: not a URL botocore accepts"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "field", "said"),
+    [
+        ("AWS_DEFAULT_REGION", "eu west 1", "aws_region", "AWS_DEFAULT_REGION or the AWS config"),
+        (
+            "AWS_ENDPOINT_URL",
+            "http://me:{secret}@store example:9000",
+            "aws_endpoint_url",
+            "AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL",
+        ),
+        (
+            "AWS_ENDPOINT_URL_S3",
+            "http://me:{secret}@store example:9000",
+            "aws_endpoint_url",
+            "AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL",
+        ),
+    ],
+)
+def test_a_region_or_endpoint_botocore_read_itself_is_said_to_be_its(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, field: str, said: str
+) -> None:
+    """With ``IMAGEGEN_S3_REGION`` / ``IMAGEGEN_S3_ENDPOINT_URL`` unset, botocore reads its own
+    (botocore/configprovider.py): the refusal names where it read it, not the unset setting,
+    and never quotes the value."""
+    secret = f"pw-{uuid.uuid4().hex}"
+    monkeypatch.setenv(variable, value.format(secret=secret))
+
+    with pytest.raises(ConfigurationError) as error:
+        S3Storage("bucket")
+
+    setting = "IMAGEGEN_S3_REGION" if field == "aws_region" else "IMAGEGEN_S3_ENDPOINT_URL"
+    assert error.value.fields == [field]
+    assert said in error.value.message
+    assert error.value.message.endswith(f"correct it, or set {setting}")
+    assert "invalid IMAGEGEN_" not in error.value.message
+    assert secret not in "".join(traceback.format_exception(error.value))
+    assert "example" not in str(error.value.to_dict())
+
+
+def test_a_region_or_endpoint_from_the_aws_config_file_is_said_to_be_its(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The AWS config file's ``region`` and ``endpoint_url`` are botocore's too."""
+    from imagegen.storage import _s3_client
+
+    for setting, field in (
+        ("region = eu west 1", "aws_region"),
+        ("endpoint_url = http://store example:9000", "aws_endpoint_url"),
+    ):
+        config = tmp_path / f"{field}.ini"
+        config.write_text(f"[default]\n{setting}\n")
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+        monkeypatch.setattr(_s3_client, "_session", None)  # the session reads the file once
+
+        with pytest.raises(ConfigurationError) as error:
+            S3Storage("bucket")
+
+        assert error.value.fields == [field]
+        assert "the AWS config file" in error.value.message
 
 
 async def test_access_denied_says_so(s3: S3Server, make_s3: MakeS3) -> None:
