@@ -235,8 +235,9 @@ class Function:
 
     def stop(self) -> Future[None] | None:
         """Begin closing the service on the loop (func-python's ``stop``): what the stage holds
-        is released. Returns the close under way; None where this process has nothing to close
-        (never started here, its loop ended, or closed already).
+        is released, a warm-up still under way stopped first. Returns the close under way;
+        None where this process has nothing to close (never started here, its loop ended, or
+        closed already).
 
         Run as the process exits (:func:`_close_at_exit`). At SIGTERM that is once the
         requests in flight have ended, the worker having stopped listening at the signal
@@ -251,7 +252,11 @@ class Function:
             # Not ready from now on; a request still queued is answered a retryable 503 (by
             # _check_ready, or by the closed service: ServiceClosed), never run on no service.
             self._closed = True
-            service = self._service
+            service, warming = self._service, self._warming
+        # A warm-up still under way stops first: the close would close what it uses (enhance's
+        # Ollama client, the ledger's database) under it, a failure that is none.
+        if warming is not None:
+            warming.cancel()
         with self._waiting_lock:
             in_flight = len(self._waiting)
         # gunicorn's own lines of the exit are below its default level (GUNICORN_LOG_LEVEL).
@@ -309,7 +314,10 @@ class Function:
             _build_models(self.stage)
             await self.stage.warm_up(self._service)
         except Exception as exc:
-            log.warning("warm-up failed: %s: %s", type(exc).__name__, exc, extra=extra)
+            if self._closed:  # one that went on past its cancellation, the close under it
+                log.debug("warm-up stopped: the process is exiting", extra=extra)
+            else:
+                log.warning("warm-up failed: %s: %s", type(exc).__name__, exc, extra=extra)
         else:
             log.info("warmed up in %.0f ms", (time.perf_counter() - started) * 1e3, extra=extra)
         finally:
@@ -326,7 +334,7 @@ class Function:
         if self._warming is not None or self.stage.warm_up is None:
             return
         with self._lock:
-            if self._warming is None:
+            if self._warming is None and not self._closed:  # none begun as the close begins
                 assert self._loop is not None
                 self._warming = asyncio.run_coroutine_threadsafe(self._warm_up(), self._loop)
 

@@ -236,9 +236,10 @@ def stage_span(
     (``POST /``; the stage is the resource's ``service.name`` and the ``imagegen.stage``
     attribute). It carries the event's CloudEvents attributes, and the generation's id:
     ``generation_id`` (what the function derived, for a request that names none), else the
-    event's ``subject``, also as :data:`current_generation` while it lasts (the log lines
-    name it whether the span is sampled or not). Yields the trace context to pass on with the
-    reply (:func:`trace_extension`).
+    event's ``subject``, also as :data:`current_generation` while it lasts, as the stage is
+    :data:`current_stage` (the log lines name them whether the span is sampled or not; both
+    are what they were again once it ends, for a caller that enters it in its own context).
+    Yields the trace context to pass on with the reply (:func:`trace_extension`).
 
     A plain call's span carries its request (``http``) and the status a failure is answered
     with; its status stays unset for a 4xx (:func:`answered`). The caller says what a success
@@ -249,7 +250,7 @@ def stage_span(
     conventions', for HTTP ``SERVER`` spans, and the messaging ones have none like it).
     """
     token = otel_context.attach(_propagate().extract(carrier))
-    current_stage.set(stage)
+    running = current_stage.set(stage)
     named = generation_id or attributes.get("subject")
     if not (named and valid_generation_id(named)):
         named = None
@@ -278,6 +279,7 @@ def stage_span(
                 raise
     finally:
         current_generation.reset(generation)
+        current_stage.reset(running)
         otel_context.detach(token)
 
 

@@ -174,6 +174,28 @@ def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> 
     return run
 
 
+@pytest.fixture
+def function_caplog(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> pytest.LogCaptureFixture:
+    """``caplog`` that keeps the records of the functions started in this test.
+
+    The first function a process starts sets up its logging, which replaces the root logger's
+    handlers (caplog's among them); one started after it sets up nothing, that being done. So
+    caplog's handler goes back on the root logger after that set-up, whichever test it is in.
+    """
+    from imagegen import observability
+
+    set_up = observability.setup_logging
+
+    def and_caplog(*args: Any, **kwargs: Any) -> None:
+        set_up(*args, **kwargs)
+        logging.getLogger().addHandler(caplog.handler)  # the handler of the phase under way
+
+    monkeypatch.setattr(observability, "setup_logging", and_caplog)
+    return caplog
+
+
 CALLER_SETTINGS = ("IMAGEGEN_", "OLLAMA_", "AWS_", "OTEL_")
 """Prefixes of the caller's variables that no test sees."""
 

@@ -126,17 +126,57 @@ def test_the_warm_up_begins_once_the_ready_answer_is_sent(function_class: Any) -
 
 
 def test_a_failed_warm_up_is_logged_and_the_function_stays_ready(
-    function_class: Any, caplog: pytest.LogCaptureFixture
+    function_class: Any, function_caplog: pytest.LogCaptureFixture
 ) -> None:
     async def warm_up(service: object) -> None:
         raise OSError("no tables here")
 
     function = function_class(dataclasses.replace(get("enhance"), warm_up=warm_up))
-    with caplog.at_level("WARNING", logger="imagegen.functions"):
+    with function_caplog.at_level("WARNING", logger="imagegen.functions"):
         _ready(function)
         _until(function.warm, "warm")
     assert function.ready() == (True, "ready")
-    assert "warm-up failed: OSError: no tables here" in caplog.text
+    [failed] = [r for r in function_caplog.records if r.getMessage().startswith("warm-up")]
+    assert failed.getMessage() == "warm-up failed: OSError: no tables here"
+    said = (failed.name, failed.levelname, getattr(failed, "stage", None))
+    assert said == ("imagegen.functions", "WARNING", "enhance")
+
+
+@pytest.mark.parametrize("ignores_cancellation", [False, True], ids=["stops", "goes-on"])
+def test_a_warm_up_cut_short_by_the_close_is_no_warning(
+    function_class: Any, function_caplog: pytest.LogCaptureFixture, ignores_cancellation: bool
+) -> None:
+    """The process exits (a scale-down) while the warm-up runs: the close releases what the
+    warm-up uses, which then fails as a closed client does; that failure is none."""
+    begun, ended = threading.Event(), threading.Event()
+
+    async def warm_up(service: Any) -> None:
+        begun.set()
+        try:
+            while not service._closed:  # until the close has released the stage's clients
+                try:
+                    await asyncio.sleep(0.01)
+                except asyncio.CancelledError:
+                    if not ignores_cancellation:
+                        raise
+            raise RuntimeError("Cannot send a request, as the client has been closed.")
+        finally:
+            ended.set()
+
+    function = function_class(dataclasses.replace(get("enhance"), warm_up=warm_up))
+    with function_caplog.at_level("INFO", logger="imagegen.functions"):
+        _ready(function)
+        assert begun.wait(30)
+        closing = function.stop()  # as the process's exit does (_adapter._close_started)
+        assert closing is not None
+        closing.result(timeout=30)
+        function.stopped(closing)
+        assert ended.wait(30)
+        # The step of the loop that ended it, where the adapter logs how it ended, is over.
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), function._loop).result(30)
+    said = [(r.levelname, r.getMessage()) for r in function_caplog.records]
+    assert [(level, message) for level, message in said if level != "INFO"] == [], said
+    assert any(message.startswith("closed in") for _, message in said), said
 
 
 def test_persists_warm_up_builds_its_stage(function_class: Any) -> None:
