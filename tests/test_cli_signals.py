@@ -303,3 +303,52 @@ def test_a_termination_after_a_ctrl_c_stops_the_loops_image_too(
     assert out == ""
     assert not list((tmp_path / "output").rglob("*.png"))
     assert _recorded(tmp_path) == ("failed", "render", "cancelled")
+
+
+_NESTED = """\
+import signal, sys
+from imagegen.cli import _app
+
+_app.exit_at_once(130)
+handler = signal.getsignal(signal.SIGINT)
+
+
+class Interrupted:
+    # A signal as the line is about to be written: the handler again, before any byte is.
+    def __init__(self, stream):
+        self.stream, self.again = stream, True
+
+    def write(self, text):
+        if self.again:
+            self.again = False
+            handler(signal.SIGINT, None)
+        return self.stream.write(text)
+
+    def flush(self):
+        self.stream.flush()
+
+
+sys.stderr = Interrupted(sys.stderr)
+handler(signal.SIGINT, None)
+print("still running", flush=True)
+"""
+
+
+def test_a_signal_as_the_stopped_line_is_written_ends_the_process_after_it(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C pressed again and again: one comes as the first one's handler writes the line,
+    and runs that handler again there. It waits for the line, then the process ends: never
+    ended first, with no line said."""
+    done = subprocess.run(
+        [sys.executable, "-c", _NESTED],
+        env=isolated_environ(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (
+        130,
+        "",
+        "imagegen: error: interrupted\n",
+    )

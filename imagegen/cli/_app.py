@@ -583,9 +583,14 @@ def exit_at_once(code: int) -> None:
             _Said.exit_after = code
             return
         if not _Said.said:
-            _Said.said = True
-            with suppress(Exception):
-                sys.stderr.write(f"imagegen: error: {STOPPED[code]}\n")
+            # Saying it, until it is said: a signal meanwhile (this handler again, between
+            # any two of its steps) waits for the line rather than ending the process first.
+            _Said.saying = True
+            try:
+                with suppress(Exception):
+                    sys.stderr.write(f"imagegen: error: {STOPPED[code]}\n")
+            finally:
+                _Said.said, _Said.saying = True, False
         _flush_and_exit(code)
 
     running = _running_loop()
