@@ -176,3 +176,31 @@ def test_the_dead_letter_loss_windows_told_are_the_manifests(routing: RoutingOf)
         f" derive ({render} for render, {ledger} for the ledger's and imagegen-failed;"
         f" {channel[0]}, {channel[1]} and {channel[2]} on the channel-based broker)" in description
     )
+
+
+def test_the_time_the_ledgers_failures_take_to_be_dead_lettered_is_the_manifests(
+    routing: RoutingOf,
+) -> None:
+    """ImagegenSinkCannotRecord's alert and runbook section say when the broker gives up on the
+    ledger: the backoff of its Triggers, every retry spent (the attempts' own time not counted)."""
+    trigger = _trigger(routing("prod"), "imagegen-ledger")
+    minutes = {
+        broker: round(sum(map(_seconds, trigger.backoff_schedule(broker))) / 60)
+        for broker in (KAFKA_BROKER, CHANNEL_BROKER)
+    }
+    told = (
+        f"about {minutes[KAFKA_BROKER]} minutes on the Kafka broker, {minutes[CHANNEL_BROKER]}"
+        f" on the channel-based one: retry {trigger.retry}, backoff from"
+        f" {_seconds(trigger.backoff_delay)} s"
+    )
+
+    section = RUNBOOK.read_text().split("### ImagegenSinkCannotRecord", 1)[1].split("\n### ", 1)[0]
+    assert told in _said(section)
+    rules = yaml.safe_load(ALERTS.read_text())
+    [alert] = [
+        rule
+        for group in rules["groups"]
+        for rule in group["rules"]
+        if rule.get("alert") == "ImagegenSinkCannotRecord"
+    ]
+    assert told in _said(alert["annotations"]["description"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import re
 import subprocess
 import time
@@ -306,3 +307,55 @@ def test_the_runbook_picks_a_delivery_that_got_no_answer_and_not_what_would_fail
     again = _run(cluster.broker(r, KAFKA_BROKER), _resent(letter))  # persist back
     assert _statuses(again, cluster, "imagegen-persist") == [200]
     assert _accepted(again, IMAGE_PERSISTED)
+
+
+def _sh_lines(section: str, *starts: str) -> str:
+    """The one line of ``section``'s ``sh`` blocks that begins with each of ``starts``."""
+    blocks = re.findall(r"```sh\n(.*?)```", _section(section), flags=re.S)
+    lines = [line.strip() for block in blocks for line in block.splitlines()]
+    found = []
+    for start in starts:
+        [line] = [line for line in lines if line.startswith(start)]
+        found.append(line)
+    return "\n".join(found)
+
+
+def _aws_said(script: str, **env: str) -> list[str]:
+    """The ``aws`` commands ``script`` runs in bash, with ``env``: each its words."""
+    stub = 'aws() { echo "$*"; }\n'
+    done = subprocess.run(
+        ["bash", "-euc", stub + script],
+        env={"PATH": os.environ["PATH"], **env},
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return done.stdout.splitlines()
+
+
+@pytest.mark.parametrize(("prefix", "root"), [("", "s3://b"), ("images", "s3://b/images")])
+def test_the_runbooks_store_addresses_hold_with_or_without_a_prefix(
+    tmp_path: Path, prefix: str, root: str
+) -> None:
+    """``IMAGEGEN_STORAGE_URL`` may be ``s3://BUCKET`` alone: the runbook's commands then
+    address ``s3://BUCKET/failures/…``, not ``s3://BUCKET//failures/…``."""
+    record = tmp_path / "record.json"
+    record.write_text(json.dumps({"key": "failures/2026/12/07/persist-1.json"}))
+    recover = _sh_lines(
+        "Recover dead-lettered generations",
+        "ROOT=",
+        "DAY=",
+        "aws s3 cp --recursive",
+        "aws s3 mv",
+    )
+    assert _aws_said(recover, BUCKET="b", PREFIX=prefix, RECORD=str(record)) == [
+        f"s3 cp --recursive {root}/failures/2026/12/07/ records/2026/12/07/",
+        f"s3 mv {root}/failures/2026/12/07/persist-1.json"
+        f" {root}/archive/failures/2026/12/07/persist-1.json",
+    ]
+
+    key = GenerationKeys("gen-1", NOW).metadata
+    repair = _sh_lines("Repair a corrupt record", "aws s3 cp record.json")
+    assert _aws_said(repair, BUCKET="b", PREFIX=prefix, KEY=key) == [
+        f"s3 cp record.json {root}/{key} --content-type application/json"
+    ]

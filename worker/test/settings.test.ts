@@ -104,6 +104,22 @@ describe("settings given as JSON values they cannot mean", () => {
     ]);
   });
 
+  it("does not look at a var the chosen ORIGIN does not read", async () => {
+    const logged = captureErrors();
+    // Each would be refused under the ORIGIN that reads it (above).
+    const unread: Record<string, unknown> = {
+      ORIGIN: "r2",
+      S3_REGION: 1,
+      S3_BUCKET: 2026,
+      S3_ENDPOINT: { url: "https://s3.example.net" },
+      PUBLIC_ORIGIN_URL: 1,
+    };
+    const res = await send(await stored(), unread as Partial<Env>);
+    expect(res.status).toBe(200);
+    expect(new Uint8Array(await res.arrayBuffer())).toEqual(bytes(10));
+    expect(logged).toEqual([]);
+  });
+
   it.each([
     { ORIGIN_TIMEOUT_MS: 5000 },
     { GALLERY: false },
