@@ -95,6 +95,11 @@ def _query_names(url: str) -> set[str]:
     credentials end at the first ``@`` before any ``/`` (a password may hold ``?``), and
     the query follows the hosts' first ``?`` (an IPv6 host's, in ``[ ]``, is the host's)."""
     rest = re.sub(r"\A[^@/]*@", "", url.partition("://")[2])
+    if "@" in rest:
+        # An @ past the credentials libpq read: a password with a bare / (or ?, #) before it,
+        # which libpq ends the credentials at, reading the rest of the password as a path and
+        # a query. No name is taken from such a query: it may be the password's.
+        return set()
     before = re.match(r"(?:\[[^\]]*\]|[^?\[])*\?", rest)
     if before is None:
         return set()

@@ -182,8 +182,10 @@ class S3Storage(ObjectStore):
         Raises:
             ConfigurationError: naming the region or the endpoint botocore refused: the
                 setting (``s3_region``, ``s3_endpoint_url``) where it is set, else where
-                botocore read it (``aws_region``, ``aws_endpoint_url``); never the value, nor
-                botocore's own error, which quotes the endpoint as given.
+                botocore read it (``aws_region``, ``aws_endpoint_url``); or the rest of the
+                AWS configuration botocore read (``aws_config``: a profile it cannot find, a
+                mode it does not know); never the value, nor botocore's own error, which
+                quotes the endpoint as given.
         """
         try:
             return make_client(self.options)
@@ -196,6 +198,15 @@ class S3Storage(ObjectStore):
                 raise _refused_setting("s3_endpoint_url", "not a URL botocore accepts") from None
             raise _refused_by_botocore(
                 "aws_endpoint_url", _BOTOCORE_ENDPOINT, "s3_endpoint_url"
+            ) from None
+        except BotoCoreError as exc:
+            # The rest of what botocore reads for itself (AWS_PROFILE naming no profile, a
+            # checksum, defaults or retry mode it does not know, a config file it cannot
+            # parse): the settings' own values are checked before.
+            why = f"the AWS configuration botocore read ({_BOTOCORE_CONFIG}) is not one it accepts"
+            raise ConfigurationError(
+                f"{why} ({type(exc).__name__}): correct it, or unset what names it",
+                errors=[{"field": "aws_config", "message": f"{why} ({type(exc).__name__})"}],
             ) from None
 
     def __repr__(self) -> str:
@@ -905,6 +916,7 @@ _BOTOCORE_REGION = "the region botocore read (AWS_DEFAULT_REGION or the AWS conf
 _BOTOCORE_ENDPOINT = (
     "the endpoint botocore read (AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, or the AWS config file)"
 )
+_BOTOCORE_CONFIG = "AWS_PROFILE, other AWS_* variables or the AWS config file"
 
 
 def _refused_by_botocore(field: str, source: str, setting: str) -> ConfigurationError:

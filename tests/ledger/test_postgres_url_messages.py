@@ -46,6 +46,18 @@ def test_a_password_that_reads_as_another_refusal_is_never_quoted(password: str)
 
 
 @pytest.mark.parametrize(
+    "password", [f"/Kq7?{SECRET}=Zz9", f"8812/q?{SECRET}=Zz", f"x#/?{SECRET}=1"]
+)
+def test_a_password_libpq_reads_as_a_path_and_query_is_never_quoted(password: str) -> None:
+    """A bare / in a password ends the credentials where libpq reads them: the rest of the
+    password is its path and query, and libpq names its "parameter", which is the password's."""
+    reason = said(f"postgresql://ledger:{password}@db.internal/ledger")
+
+    assert SECRET not in reason
+    assert reason == "an unknown connection parameter"
+
+
+@pytest.mark.parametrize(
     ("url", "reason"),
     [
         ("postgresql://bob:pw@h/db?sslmod=require", "unknown connection parameter 'sslmod'"),

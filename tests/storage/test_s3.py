@@ -6,12 +6,16 @@ import asyncio
 import base64
 import contextlib
 import functools
+import os
+import select
+import signal
 import socket
 import struct
 import threading
 import time
 import traceback
 import uuid
+import warnings
 import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -604,6 +608,34 @@ def test_a_region_or_endpoint_from_the_aws_config_file_is_said_to_be_its(
         assert "the AWS config file" in error.value.message
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "refusal"),
+    [
+        ("AWS_PROFILE", "no-such-profile", "ProfileNotFound"),
+        ("AWS_REQUEST_CHECKSUM_CALCULATION", "bogus", "InvalidChecksumConfigError"),
+        ("AWS_DEFAULTS_MODE", "bogus", "InvalidDefaultsMode"),
+    ],
+)
+def test_the_rest_of_the_aws_configuration_botocore_refuses_is_named_as_its(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, variable: str, value: str, refusal: str
+) -> None:
+    """A profile botocore cannot find, a mode it does not know: a configuration error that
+    says where botocore read it and what it refused, never an internal error, nor the value."""
+    from imagegen.storage import _s3_client
+
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv(variable, value)
+    monkeypatch.setattr(_s3_client, "_session", None)  # a session reads its profile once
+
+    with pytest.raises(ConfigurationError) as error:
+        S3Storage("bucket")
+
+    assert error.value.fields == ["aws_config"]
+    assert "AWS_PROFILE, other AWS_* variables or the AWS config file" in error.value.message
+    assert f"({refusal})" in error.value.message
+    assert value not in str(error.value.to_dict())
+
+
 async def test_access_denied_says_so(s3: S3Server, make_s3: MakeS3) -> None:
     storage = make_s3()
 
@@ -1039,6 +1071,43 @@ async def test_calls_past_every_thread_held_fail_retryably(
     assert "no s3-test thread was free for 0.2s" in error.value.message
     assert storage.bucket in error.value.message
     assert len(s3.requests) == 1  # the waiting call never reached the store
+
+
+def test_a_forked_child_has_threads_of_its_own(s3: S3Server, make_s3: MakeS3) -> None:
+    """A process forked after S3 calls (gunicorn's workers, from a parent that loaded the app)
+    has none of its parent's threads: its calls run on a pool of its own. On the parent's, they
+    wait for good on threads the pool counts idle but the child lacks."""
+    storage = make_s3()
+    asyncio.run(storage.put(KEYS.image, PNG, content_type="image/png"))  # a thread left idle
+
+    def child_reads() -> bytes:
+        try:
+            got = asyncio.run(asyncio.wait_for(storage.get(KEYS.image), 5))
+        except BaseException as exc:  # anything the child meets goes back to the parent
+            return repr(exc).encode()
+        return b"ok" if got == PNG else b"other bytes"
+
+    read, write = os.pipe()
+    with warnings.catch_warnings():  # Python 3.12+ warns of fork() beside threads (the server's)
+        warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child never returns into pytest: no teardown, no flushing the parent's
+        try:
+            os.close(read)
+            os.write(write, child_reads())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        answered, _, _ = select.select([read], [], [], 10)
+        said = os.read(read, 200) if answered else b"no answer in 10s"
+    finally:
+        os.close(read)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+    assert said == b"ok"
 
 
 def test_botocore_takes_its_region_from_aws_default_region(
