@@ -163,14 +163,7 @@ def test_the_dead_letter_loss_windows_told_are_the_manifests(routing: RoutingOf)
     )
     first, second, third = channel
     assert f"whose backoff is half as long, {first}, {second} and {third};" in section
-    rules = yaml.safe_load(ALERTS.read_text())
-    [alert] = [
-        rule
-        for group in rules["groups"]
-        for rule in group["rules"]
-        if rule.get("alert") == "ImagegenDeadLetterCannotRecord"
-    ]
-    description = _said(alert["annotations"]["description"])
+    description = _said(_alert("ImagegenDeadLetterCannotRecord")["annotations"]["description"])
     assert (
         f"on the Kafka broker about {stages} minutes into an outage for enhance, persist and"
         f" derive ({render} for render, {ledger} for the ledger's and imagegen-failed;"
@@ -196,11 +189,13 @@ def test_the_time_the_ledgers_failures_take_to_be_dead_lettered_is_the_manifests
 
     section = RUNBOOK.read_text().split("### ImagegenSinkCannotRecord", 1)[1].split("\n### ", 1)[0]
     assert told in _said(section)
+    assert told in _said(_alert("ImagegenSinkCannotRecord")["annotations"]["description"])
+
+
+def _alert(name: str) -> dict[str, Any]:
+    """The Prometheus rule of the alert ``name`` (observability/prometheus/alerts.yaml)."""
     rules = yaml.safe_load(ALERTS.read_text())
     [alert] = [
-        rule
-        for group in rules["groups"]
-        for rule in group["rules"]
-        if rule.get("alert") == "ImagegenSinkCannotRecord"
+        rule for group in rules["groups"] for rule in group["rules"] if rule.get("alert") == name
     ]
-    assert told in _said(alert["annotations"]["description"])
+    return dict(alert)
