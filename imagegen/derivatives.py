@@ -18,6 +18,7 @@ quality and speed), so a redelivered event writes the same bytes.
 from __future__ import annotations
 
 import io
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -221,8 +222,7 @@ def _srgb(image: Image.Image, header: Header) -> Image.Image:
     read, or that is not for the image's colours, is ignored, as browsers ignore it, and the next
     chunk down taken. ``cHRM`` is not applied: primaries other than sRGB's are not converted.
     """
-    if header.colour_type == 0 and header.depth < 8 and image.mode == "L":
-        _scale_grey_key(image, header.depth)
+    _transparency_as_libpng(image, header)
     transparent = "transparency" in image.info
     pixels: Image.Image
     if image.mode.startswith("I"):
@@ -251,23 +251,47 @@ def _srgb(image: Image.Image, header: Header) -> Image.Image:
     return result
 
 
-def _scale_grey_key(image: Image.Image, depth: int) -> None:
-    """Makes ``image``'s ``tRNS`` grey key (1, 2 or 4 bits) one of its 8-bit samples.
+def _transparency_as_libpng(image: Image.Image, header: Header) -> None:
+    """Gives ``image`` the transparency libpng, and so a browser, shows it with: the ``tRNS``
+    chunk libpng takes (:func:`~imagegen.png.read_header`), or none.
 
-    Pillow scales grey samples under 8 bits to 8 (its ``"L;2"`` and ``"L;4"`` unpackers: 3 is
-    255) but keeps the key as stored (``PngImageFile.chunk_tRNS``), so no pixel matched it and
-    nothing was transparent. A pixel is transparent where its sample equals the key (PNG spec
-    11.3.2.1): scaled alike, the key matches the same pixels. A key no sample can equal (over
-    ``2**depth - 1``) makes none transparent.
+    Pillow takes the last ``tRNS`` chunk of any length it can read, where libpng takes the
+    first of the colour type's length and ignores the rest (pngrutil.c ``png_handle_tRNS``):
+    one before a palette PNG's ``PLTE`` ("out of place"), one with more alphas than the
+    palette has entries ("invalid"), a truecolour PNG's before its ``PLTE`` (cancelled by
+    ``png_handle_PLTE``: "tRNS must be after"). libpng compares a grey or 8-bit RGB key with
+    the samples masked to the bit depth (:func:`_grey_key`; pngrtran.c ``png_do_expand``:
+    ``trans_color->red & 0xff``); 16-bit RGB with a key :func:`~imagegen.png.unshowable`
+    refused.
     """
-    key = image.info.get("transparency")
-    if not isinstance(key, int):
+    image.info.pop("transparency", None)
+    data = header.transparency
+    if data is None:
         return
-    top = (1 << depth) - 1
-    if key > top:
-        del image.info["transparency"]
+    if header.colour_type == 3:
+        image.info["transparency"] = data  # an alpha for each palette entry, in order
+    elif header.colour_type == 2:
+        image.info["transparency"] = tuple(sample & 0xFF for sample in struct.unpack(">3H", data))
     else:
-        image.info["transparency"] = key * 255 // top
+        image.info["transparency"] = _grey_key(int.from_bytes(data), header.depth)
+
+
+def _grey_key(key: int, depth: int) -> int:
+    """A ``tRNS`` grey key, as stored, as one of the samples Pillow decodes a PNG of ``depth``
+    bits to: 16 bits as stored, fewer as 8.
+
+    libpng masks the key to the bit depth and scales one under 8 bits as it scales the samples
+    (pngrtran.c ``png_do_expand``: ``gray = (gray & 0x03) * 0x55`` at 2 bits, ``& 0x01`` then
+    ``* 0xff`` at 1, ``& 0x0f`` then ``* 0x11`` at 4, ``gray & 0xff`` at 8), warning of a key
+    over the depth's largest sample (pngset.c ``png_set_tRNS``: "tRNS chunk has out-of-range
+    samples for bit_depth") but keeping it: key 7 at 2 bits is sample 3, white. Pillow scales
+    the samples to 8 bits (its ``"1"`` mode 0 and 255, ``"L;2"`` and ``"L;4"`` unpackers: 3 is
+    255) but keeps the key as stored (``PngImageFile.chunk_tRNS``), so no pixel matched it.
+    """
+    if depth == 16:
+        return key
+    top = (1 << depth) - 1
+    return (key & top) * 255 // top
 
 
 # libpng corrects no gamma within 5% of the display's (pnglibconf.h, PNG_GAMMA_THRESHOLD_FIXED

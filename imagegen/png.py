@@ -34,8 +34,9 @@ __all__ = [
 @dataclass(frozen=True)
 class Header:
     """What Pillow does not tell of a PNG: its IHDR fields, its ``cICP`` chunk's data, whether
-    it has an ``acTL`` chunk and a ``PLTE`` chunk before its pixels, and where its first IDAT
-    chunk starts."""
+    it has an ``acTL`` chunk and a ``PLTE`` chunk before its pixels, why libpng refuses its
+    ``PLTE`` chunks (or None), the ``tRNS`` chunk's data that libpng takes (or None), and where
+    its first IDAT chunk starts."""
 
     width: int
     height: int
@@ -47,6 +48,8 @@ class Header:
     cicp: bytes | None
     animated: bool
     palette: bool
+    palette_fault: str | None
+    transparency: bytes | None
     pixels_at: int
 
     @property
@@ -62,12 +65,20 @@ def read_header(png: bytes) -> Header:
     signature (8) and the chunk's length and type (8) (PNG spec 11.2.2). Every chunk is its
     length (4 bytes), type (4), data, CRC (4) (PNG spec 5.3); the colour space chunks come
     before the first IDAT (PNG spec 5.6), as does an APNG's ``acTL`` (PNG 3rd edition 5.6).
+
+    ``PLTE`` and ``tRNS`` chunks before the first IDAT are taken as libpng 1.6 takes them
+    (``png_handle_PLTE``, ``png_handle_tRNS`` in pngrutil.c, ``png_set_PLTE`` in pngset.c);
+    after it, libpng ignores them ("out of place"), and so does this.
     """
     width, height, depth, colour_type, compression, filter_method, interlace = struct.unpack_from(
         ">IIBBBBB", png, 16
     )
     cicp: bytes | None = None
     animated = palette = False
+    palette_fault: str | None = None
+    entries = 0  # the palette's entries, as libpng keeps them
+    transparency: bytes | None = None
+    transparency_taken = False  # libpng's PNG_INFO_tRNS: a tRNS taken, even if cancelled since
     at = 8
     while at + 8 <= len(png):
         length, kind = struct.unpack_from(">I4s", png, at)
@@ -75,8 +86,42 @@ def read_header(png: bytes) -> Header:
             break
         if kind == b"cICP" and cicp is None:
             cicp = png[at + 8 : at + 8 + length]
+        elif kind == b"PLTE":
+            if palette:  # checked before the colour type: a grey PNG's second PLTE too
+                palette_fault = "a PNG with two PLTE chunks, which libpng refuses"
+            elif colour_type & 2:  # a grey PNG's libpng ignores ("ignored in grayscale PNG")
+                if length > 3 * 256 or length % 3:
+                    # "invalid": an error of a palette PNG; a truecolour PNG's PLTE, a
+                    # suggested palette, libpng ignores, the tRNS before it standing.
+                    if colour_type == 3:
+                        palette_fault = (
+                            "a palette PNG whose PLTE chunk is not whole palette entries"
+                            " (3 bytes each, at most 256), which libpng refuses"
+                        )
+                elif length == 0:  # png_set_PLTE: "Invalid palette"
+                    palette_fault = "a PNG with an empty PLTE chunk, which libpng refuses"
+                else:
+                    # Entries past what the bit depth indexes libpng drops, silently.
+                    entries = min(length // 3, 1 << depth if colour_type == 3 else 256)
+                    transparency = None  # a tRNS before it libpng cancels: "tRNS must be after"
+            palette = True
+        # The first tRNS libpng takes (a second it ignores: "duplicate"), of the right length
+        # for the colour type, else "invalid": a grey key of 2 bytes, an RGB colour of 6, a
+        # palette's alphas after its PLTE ("out of place" before it), at least one and no
+        # more than the palette's entries; none with an alpha channel ("invalid with alpha
+        # channel").
+        elif (
+            kind == b"tRNS"
+            and not transparency_taken
+            and (
+                (colour_type == 0 and length == 2)
+                or (colour_type == 2 and length == 6)
+                or (colour_type == 3 and 0 < length <= entries)
+            )
+        ):
+            transparency = png[at + 8 : at + 8 + length]
+            transparency_taken = True
         animated = animated or kind == b"acTL"
-        palette = palette or kind == b"PLTE"
         at += 12 + length
     return Header(
         width=width,
@@ -89,6 +134,8 @@ def read_header(png: bytes) -> Header:
         cicp=cicp,
         animated=animated,
         palette=palette,
+        palette_fault=palette_fault,
+        transparency=transparency,
         pixels_at=at,
     )
 
@@ -104,14 +151,20 @@ def unshowable(png: bytes, opened: Image.Image) -> str | None:
     """Why ``png`` (opened by Pillow, not loaded) cannot be shown as a browser shows it, or
     None: persist refuses such a PNG, which derive would fail for good, before its record.
 
-    Four cases, none of which render writes (8-bit RGB, no ``tRNS``, no ``cICP``, one image):
+    Five cases, none of which render writes (8-bit RGB, no ``tRNS``, no ``cICP``, one image):
 
     - A palette PNG (colour type 3) without a ``PLTE`` chunk before its first IDAT, which PNG
       requires (PNG spec 5.6, 11.2.3): libpng refuses it ("Missing PLTE before IDAT"), and so
       does a browser; Pillow makes up a grey palette. A ``PLTE`` in a grey PNG (colour types
       0 and 4), which PNG forbids, libpng only warns of and ignores ("ignored in grayscale
       PNG"), as Pillow does: it is taken.
-    - 16-bit truecolour with a ``tRNS`` colour. A pixel is transparent only where all 16 bits
+    - A PNG with ``PLTE`` chunks libpng refuses, where Pillow takes them (:func:`read_header`):
+      two of them, in any colour type (pngrutil.c ``png_handle_PLTE``: "duplicate"); an empty
+      one before a palette or truecolour image's pixels (pngset.c ``png_set_PLTE``: "Invalid
+      palette"); one of a palette PNG whose length is not a multiple of 3 or is over 768
+      bytes (``png_handle_PLTE``: "invalid"; a truecolour PNG's it ignores).
+    - 16-bit truecolour with a ``tRNS`` colour that libpng takes (:func:`read_header`). A
+      pixel is transparent only where all 16 bits
       of each sample equal the key's (PNG spec 11.3.2.1), but Pillow reads 16-bit RGB as
       8-bit, keeping each sample's high byte (``"RGB;16B"`` in PngImagePlugin's ``_MODES``),
       and has no mode that keeps all 16: the exact comparison cannot be made.
@@ -126,11 +179,13 @@ def unshowable(png: bytes, opened: Image.Image) -> str | None:
       being asked for frames, and the only one a derivative would show).
     """
     header = read_header(png)
+    if header.palette_fault is not None:
+        return header.palette_fault
     if header.colour_type == 3 and not header.palette:
         return "a palette PNG without a PLTE chunk before its pixel data, which libpng refuses"
     if header.animated:
         return "an animated PNG (acTL), whose frames a derivative cannot show"
-    if header.colour_type == 2 and header.depth == 16 and "transparency" in opened.info:
+    if header.colour_type == 2 and header.depth == 16 and header.transparency is not None:
         return "a 16-bit RGB PNG with a transparent colour (tRNS), which cannot be read exactly"
     if header.cicp is not None and (
         len(header.cicp) != 4 or header.cicp[:3] != _SRGB_CICP or header.cicp[3] not in _RANGES

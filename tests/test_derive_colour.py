@@ -185,6 +185,47 @@ CASES: dict[str, tuple[bytes, dict[tuple[int, int], tuple[int, int, int, int]]]]
         _half_keyed_grey(1),
         {(32, 128): (255, 255, 255, 0), (224, 128): (0, 0, 0, 255)},
     ),
+    # libpng masks a key over the bit depth to it, warning ("tRNS chunk has out-of-range
+    # samples for bit_depth", pngset.c png_set_tRNS), and scales it as the samples (pngrtran.c
+    # png_do_expand: (gray & 0x03) * 0x55): 7 at 2 bits is sample 3, white, transparent.
+    "2-bit grey, tRNS key over the bit depth": (
+        _raw_png(2, 0, [b"\xff" * 32 + b"\x55" * 32] * SIZE[1], (b"tRNS", struct.pack(">H", 7))),
+        {(32, 128): (255, 255, 255, 0), (224, 128): (85, 85, 85, 255)},
+    ),
+    # At 8 bits too (png_do_expand: gray & 0xff): key 300 is sample 44.
+    "grey, tRNS key over the bit depth": (
+        _raw_png(8, 0, [bytes([44]) * 128 + bytes(128)] * SIZE[1], (b"tRNS", b"\x01\x2c")),
+        {(32, 128): (44, 44, 44, 0), (224, 128): (0, 0, 0, 255)},
+    ),
+    # A palette's tRNS before its PLTE libpng ignores ("tRNS: out of place", pngrutil.c
+    # png_handle_tRNS): opaque, where Pillow made every pixel transparent.
+    "palette, tRNS before PLTE": (
+        _raw_png(8, 3, [bytes(SIZE[0])] * SIZE[1], (b"tRNS", b"\0"), (b"PLTE", b"\xc8\0\0")),
+        {(128, 128): (200, 0, 0, 255)},
+    ),
+    # More alphas than the palette has entries libpng ignores ("tRNS: invalid").
+    "palette, tRNS longer than PLTE": (
+        _raw_png(8, 3, [bytes(SIZE[0])] * SIZE[1], (b"PLTE", b"\xc8\0\0"), (b"tRNS", b"\x80\0")),
+        {(128, 128): (200, 0, 0, 255)},
+    ),
+    # A second tRNS libpng ignores ("tRNS: duplicate"); Pillow took the last.
+    "palette, two tRNS": (
+        _raw_png(
+            8,
+            3,
+            [bytes(SIZE[0])] * SIZE[1],
+            (b"PLTE", b"\xc8\0\0"),
+            (b"tRNS", b"\x80"),
+            (b"tRNS", b"\0"),
+        ),
+        {(128, 128): (200, 0, 0, 128)},
+    ),
+    # A truecolour PNG's tRNS before a PLTE libpng cancels (png_handle_PLTE: "tRNS must be
+    # after"): opaque.
+    "RGB, tRNS before PLTE": (
+        _grey_rgb((b"tRNS", struct.pack(">HHH", 128, 128, 128)), (b"PLTE", b"\0\0\0")),
+        {(128, 128): (128, 128, 128, 255)},
+    ),
 }
 
 

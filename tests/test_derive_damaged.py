@@ -95,6 +95,11 @@ DAMAGED = {
     # libpng refuses both ("Missing PLTE before IDAT"); Pillow made up a grey palette.
     "palette without PLTE": _palette_png(),
     "palette with PLTE after its pixels": _inserted(_palette_png(), _PLTE, after_pixels=True),
+    # libpng refuses these too (pngrutil.c png_handle_PLTE: "PLTE: invalid", "PLTE:
+    # duplicate"; pngset.c png_set_PLTE: "Invalid palette"); Pillow took them.
+    "palette with PLTE of 4 bytes": _inserted(_palette_png(), _chunk(b"PLTE", bytes(4))),
+    "palette with empty PLTE": _inserted(_palette_png(), _chunk(b"PLTE", b"")),
+    "palette with two PLTE": _inserted(_palette_png(), _PLTE + _PLTE),
     # Pillow refuses to load it, past its MAX_TEXT_CHUNK: a ValueError, said as such.
     "zTXt too large after the pixels": _inserted(
         _rgb_png(_grey_rows()), _LONG_TEXT, after_pixels=True

@@ -875,6 +875,40 @@ PALETTES_AND_CHUNKS: dict[str, tuple[bytes, str | None, bool]] = {
         "a palette PNG without a PLTE chunk",
         False,
     ),
+    # libpng refuses these (pngrutil.c png_handle_PLTE: "PLTE: invalid", "PLTE: duplicate",
+    # in a grey PNG too; pngset.c png_set_PLTE: "Invalid palette"); Pillow took them.
+    "palette with PLTE of 4 bytes": (
+        _chunked_png(3, before=_chunk(b"PLTE", bytes(4))),
+        "a palette PNG whose PLTE chunk is not whole palette entries",
+        False,
+    ),
+    "palette with empty PLTE": (
+        _chunked_png(3, before=_chunk(b"PLTE", b"")),
+        "a PNG with an empty PLTE chunk",
+        False,
+    ),
+    "palette with two PLTE": (
+        _chunked_png(3, before=_PLTE + _PLTE),
+        "a PNG with two PLTE chunks",
+        False,
+    ),
+    "grey with two PLTE": (
+        _chunked_png(0, before=_PLTE + _PLTE),
+        "a PNG with two PLTE chunks",
+        False,
+    ),
+    # A truecolour PNG's PLTE is a suggestion: one not of whole entries libpng ignores.
+    "RGB with PLTE of 4 bytes": (
+        _chunked_png(2, before=_chunk(b"PLTE", bytes(4)), channels=3),
+        None,
+        True,
+    ),
+    # libpng ignores a tRNS before the PLTE ("tRNS: out of place") and shows the image.
+    "palette with tRNS before PLTE": (
+        _chunked_png(3, before=_chunk(b"tRNS", b"\0") + _PLTE),
+        None,
+        True,
+    ),
     # PNG forbids it; libpng warns ("ignored in grayscale PNG") and reads the image.
     "grey with PLTE": (_chunked_png(0, before=_PLTE), None, True),
     "grey and alpha with PLTE": (_chunked_png(4, before=_PLTE, channels=2), None, True),
