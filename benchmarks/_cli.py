@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import signal
 import subprocess
+import threading
 from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
-__all__ = ["at_least", "count", "exit_on_sigterm", "output_of"]
+__all__ = ["at_least", "count", "exit_on_sigterm", "output_of", "run_child"]
 
 
 def at_least(low: int) -> Callable[[str], int]:
@@ -52,6 +54,40 @@ def exit_on_sigterm() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, terminated)
+
+
+def run_child(command: list[str], **options: Any) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run(command, capture_output=True, text=True, **options)``, whose child a
+    SIGTERM (:func:`exit_on_sigterm`'s ``SystemExit``) never leaves running.
+
+    ``subprocess.run`` kills and reaps its child when the exit is raised as it waits for it,
+    but not when it is raised while ``Popen`` starts it: after the fork, as ``Popen`` waits to
+    hear that the exec went well, nothing holds the child yet, which goes on (the OTLP
+    benchmark's, timing a million requests in a directory removed under it). So a SIGTERM
+    then is held, and delivered once the child is held, which it then kills and reaps.
+    """
+    if threading.current_thread() is not threading.main_thread():  # no handler to set there
+        return subprocess.run(command, capture_output=True, text=True, check=False, **options)
+    held: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: held.append(signum))
+    restore = previous if previous is not None else signal.SIG_DFL
+    try:
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **options
+        )
+    except BaseException:
+        signal.signal(signal.SIGTERM, restore)
+        raise
+    with process:
+        try:
+            signal.signal(signal.SIGTERM, restore)
+            if held:
+                signal.raise_signal(held[0])  # its handler runs here, the child held
+            stdout, stderr = process.communicate()
+        except BaseException:
+            process.kill()  # reaped as the with ends
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 TAIL_LINES = 4

@@ -25,14 +25,13 @@ import json
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-from _cli import count, exit_on_sigterm
+from _cli import count, exit_on_sigterm, run_child
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("baseline", "disabled", "refused", "blackhole")
@@ -109,9 +108,7 @@ def run_variant(variant: str, requests: int, warmup: int, blackhole: str) -> dic
             OTEL_METRIC_EXPORT_INTERVAL="500",
         )
         started = time.perf_counter()
-        done = subprocess.run(
-            command, env=env, cwd=workdir, capture_output=True, text=True, check=False
-        )
+        done = run_child(command, env=env, cwd=workdir)
         elapsed = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{variant} failed:\n{done.stderr[-4000:]}")

@@ -1017,6 +1017,44 @@ def test_a_benchmark_given_sigterm_stops_its_servers_and_removes_its_directory(
             os.kill(left, signal.SIGKILL)
 
 
+def test_a_sigterm_as_a_child_starts_kills_the_child(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM while ``Popen`` starts the child (after the fork, before it returns): held,
+    then delivered once the child is held, which is killed and reaped. Raised where it came,
+    nothing would hold the child, which would run on."""
+    import signal
+    import subprocess
+
+    import _cli
+
+    started: list[subprocess.Popen[str]] = []
+    popen = subprocess.Popen
+
+    def signalled_as_it_starts(*args: Any, **kwargs: Any) -> subprocess.Popen[str]:
+        child = popen(*args, **kwargs)
+        started.append(child)
+        os.kill(os.getpid(), signal.SIGTERM)  # as the benchmark's timeout does, just then
+        return child
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)  # as exit_on_sigterm's handler
+
+    monkeypatch.setattr(_cli.subprocess, "Popen", signalled_as_it_starts)
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            _cli.run_child([sys.executable, "-c", "import time; time.sleep(60)"])
+        assert signal.getsignal(signal.SIGTERM) is terminated  # given back
+        [child] = started
+        assert child.returncode == -signal.SIGKILL  # killed, and reaped, by run_child
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for left in started:  # a child run_child left running
+            if left.poll() is None:
+                left.kill()
+                left.wait()
+    assert stopped.value.code == 143
+
+
 @pytest.mark.slow  # the benchmark's process and its child's
 def test_the_otlp_benchmark_given_sigterm_ends_its_child_and_removes_its_directory(
     tmp_path: Path,
