@@ -10,11 +10,12 @@ import argparse
 import signal
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
-__all__ = ["at_least", "count", "exit_on_sigterm", "output_of", "run_child"]
+__all__ = ["at_least", "count", "exit_on_sigterm", "held_sigterm", "output_of", "run_child"]
 
 
 def at_least(low: int) -> Callable[[str], int]:
@@ -56,37 +57,46 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, terminated)
 
 
-def run_child(command: list[str], **options: Any) -> subprocess.CompletedProcess[str]:
-    """``subprocess.run(command, capture_output=True, text=True, **options)``, whose child a
-    SIGTERM (:func:`exit_on_sigterm`'s ``SystemExit``) never leaves running.
+@contextmanager
+def held_sigterm() -> Iterator[None]:
+    """Hold a SIGTERM that comes inside (:func:`exit_on_sigterm`'s ``SystemExit``), and
+    deliver it as the block ends, in the main thread; elsewhere, nothing held.
 
-    ``subprocess.run`` kills and reaps its child when the exit is raised as it waits for it,
-    but not when it is raised while ``Popen`` starts it: after the fork, as ``Popen`` waits to
-    hear that the exec went well, nothing holds the child yet, which goes on (the OTLP
-    benchmark's, timing a million requests in a directory removed under it). So a SIGTERM
-    then is held, and delivered once the child is held, which it then kills and reaps.
+    For starting a child: a ``SystemExit`` raised while ``Popen`` starts it (after the fork,
+    as ``Popen`` waits to hear that the exec went well) leaves nothing holding the child,
+    which goes on (the OTLP benchmark's, timing a million requests in a directory removed
+    under it; a served function, in a session of its own). Held until the block has kept the
+    child where the clean-up finds it, the exit then ends it.
     """
     if threading.current_thread() is not threading.main_thread():  # no handler to set there
-        return subprocess.run(command, capture_output=True, text=True, check=False, **options)
+        yield
+        return
     held: list[int] = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: held.append(signum))
-    restore = previous if previous is not None else signal.SIG_DFL
     try:
-        process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **options
-        )
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        if held:
+            signal.raise_signal(held[0])  # its handler runs here, the child kept
+
+
+def run_child(command: list[str], **options: Any) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run(command, capture_output=True, text=True, **options)``, whose child a
+    SIGTERM never leaves running: one while it starts is held until it is
+    (:func:`held_sigterm`), one after kills and reaps it."""
+    process: subprocess.Popen[str] | None = None
+    try:
+        with held_sigterm():
+            process = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **options
+            )
+        stdout, stderr = process.communicate()
     except BaseException:
-        signal.signal(signal.SIGTERM, restore)
+        if process is not None:
+            process.kill()
+            process.communicate()  # reaped, its pipes closed
         raise
-    with process:
-        try:
-            signal.signal(signal.SIGTERM, restore)
-            if held:
-                signal.raise_signal(held[0])  # its handler runs here, the child held
-            stdout, stderr = process.communicate()
-        except BaseException:
-            process.kill()  # reaped as the with ends
-            raise
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 

@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python benchmarks/run.py` puts only benchmarks/ on the path
     sys.path.insert(0, str(ROOT))
 
+from _cli import held_sigterm  # noqa: E402
+
 from tests.functions.servers import FunctionServer  # noqa: E402
 
 __all__ = ["ROOT", "Comparison", "Served", "absolute_verdict", "interleave", "rotated", "served"]
@@ -176,20 +178,25 @@ class Served(FunctionServer):
         self.env["THREADS"] = str(threads)
 
     def start(self, *, wait: bool = True) -> Self:
-        if self.stage not in HELLOS:
-            return super().start(wait=wait)
-        log = self.log_path.open("ab")
-        command = [sys.executable, "-m", "functions_framework", "--target", self.stage]
-        command += ["--source", str(HELLOS[self.stage])]
-        command += ["--host", "127.0.0.1", "--port", str(self.port)]
-        self.process = subprocess.Popen(
-            command,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            start_new_session=True,
-        )
+        # Kept in self.process before a SIGTERM's exit unwinds: stop() then ends it, where it
+        # would otherwise serve on in its own session.
+        with held_sigterm():
+            if self.stage not in HELLOS:
+                super().start(wait=False)
+            else:
+                command = [sys.executable, "-m", "functions_framework", "--target", self.stage]
+                command += ["--source", str(HELLOS[self.stage])]
+                command += ["--host", "127.0.0.1", "--port", str(self.port)]
+                self.process = subprocess.Popen(
+                    command,
+                    env=self.env,
+                    stdout=self.log_path.open("ab"),
+                    stderr=subprocess.STDOUT,
+                    cwd=ROOT,
+                    start_new_session=True,
+                )
+        if wait and self.stage not in HELLOS:  # a hello is asked for /readyz by its caller
+            self.wait("/healthz")
         return self
 
     @property

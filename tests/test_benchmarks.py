@@ -1055,6 +1055,44 @@ def test_a_sigterm_as_a_child_starts_kills_the_child(monkeypatch: pytest.MonkeyP
     assert stopped.value.code == 143
 
 
+def test_a_sigterm_as_a_served_function_starts_leaves_it_to_be_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server, in a session of its own that no signal to the benchmark's group reaches, is
+    kept as the Served's process before the SIGTERM's exit unwinds, so stop() ends it."""
+    import signal
+    import subprocess
+
+    import _harness
+
+    started: list[subprocess.Popen[bytes]] = []
+    popen = subprocess.Popen
+
+    def signalled_as_it_starts(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        child = popen([sys.executable, "-c", "import time; time.sleep(60)"], **kwargs)
+        started.append(child)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return child
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    monkeypatch.setattr(_harness.subprocess, "Popen", signalled_as_it_starts)
+    server = _harness.Served("hello", dict(os.environ), log_dir=tmp_path, threads=1)
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        with pytest.raises(SystemExit):
+            server.start(wait=False)
+        [child] = started
+        assert server.process is child  # what stop() ends
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for left in started:
+            if left.poll() is None:
+                left.kill()
+                left.wait()
+
+
 @pytest.mark.slow  # the benchmark's process and its child's
 def test_the_otlp_benchmark_given_sigterm_ends_its_child_and_removes_its_directory(
     tmp_path: Path,
