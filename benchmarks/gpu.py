@@ -147,8 +147,9 @@ def _unloadable(args: argparse.Namespace) -> str | None:
             f"model {args.model} is not in the local cache and the benchmark runs offline:"
             f" pull it first (imagegen models pull {args.model})"
         )
-    else:  # incomplete, or no model at all
+    else:  # incomplete, or no model at all; the script's flag names the model, not the variable
         said = f"{check.summary.rstrip('.')}: {check.next_step.rstrip('.')}"
+        said = said.replace("IMAGEGEN_MODEL=", "--model ").replace("IMAGEGEN_MODEL", "--model")
     return f"benchmarks/gpu.py: {said}; or time the same shapes: --random-weights DIR"
 
 

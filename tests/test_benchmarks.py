@@ -1267,3 +1267,17 @@ def test_the_gpu_script_names_renders_png_level_and_says_it_runs_offline(
     # its user need not have set.
     assert "is not in the local cache and the benchmark runs offline: pull it first" in captured.err
     assert "HF_HUB_OFFLINE" not in captured.out + captured.err
+
+
+def test_the_gpu_script_names_its_own_flag_for_a_model_directory_it_cannot_load(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import gpu
+
+    empty = tmp_path / "no-pipeline"
+    empty.mkdir()
+    assert gpu.main(["--device", "cpu", "--model", str(empty), "--parts", "overhead"]) == 2
+    err = capsys.readouterr().err
+    assert f"--model {empty} is no diffusers pipeline directory" in err
+    assert "point --model at one" in err.lower()
+    assert "IMAGEGEN_MODEL" not in err
