@@ -90,20 +90,27 @@ _UNREADABLE = (
 _NAME = re.compile(r"[A-Za-z0-9_]{1,40}")
 
 
+# One host and its port, as conninfo_uri_parse_options reads them: an IPv6 address in [ ] only
+# where a host starts, else up to the next ',', '/' or '?'; a ',' begins the next host.
+_HOSTS = re.compile(r"(?:(?:\[[^\]]*\])?[^,/?]*)(?:,(?:\[[^\]]*\])?[^,/?]*)*")
+
+
 def _query_names(url: str) -> set[str]:
     """The names of the query parameters of ``url``, decoded, split as libpq splits it: the
-    credentials end at the first ``@`` before any ``/`` (a password may hold ``?``), and
-    the query follows the hosts' first ``?`` (an IPv6 host's, in ``[ ]``, is the host's)."""
+    credentials end at the first ``@`` before any ``/`` (a password may hold ``?``), the
+    hosts (:data:`_HOSTS`) at the first ``/`` or ``?`` past them, and the query follows the
+    first ``?`` after the hosts (a ``[`` in the database name is the name's)."""
     rest = re.sub(r"\A[^@/]*@", "", url.partition("://")[2])
     if "@" in rest:
         # An @ past the credentials libpq read: a password with a bare / (or ?, #) before it,
         # which libpq ends the credentials at, reading the rest of the password as a path and
         # a query. No name is taken from such a query: it may be the password's.
         return set()
-    before = re.match(r"(?:\[[^\]]*\]|[^?\[])*\?", rest)
-    if before is None:
+    hosts = _HOSTS.match(rest)
+    start = rest.find("?", hosts.end() if hosts else 0)
+    if start < 0:
         return set()
-    pairs = rest[before.end() :].split("&")
+    pairs = rest[start + 1 :].split("&")
     return {unquote(pair.partition("=")[0]).strip(" ") for pair in pairs}
 
 

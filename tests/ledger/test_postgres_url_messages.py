@@ -63,6 +63,10 @@ def test_a_password_libpq_reads_as_a_path_and_query_is_never_quoted(password: st
         ("postgresql://bob:pw@h/db?sslmod=require", "unknown connection parameter 'sslmod'"),
         ("postgresql://bob:pw@h/db?ss%6Cmod=require", "unknown connection parameter 'sslmod'"),
         ('postgresql://bob:pw@h/db?pass"word=1', "an unknown connection parameter"),
+        # A '[' is an IPv6 host's only where a host starts: in the database name it is a letter.
+        ("postgresql://bob:pw@h/d[b?sslmod=require", "unknown connection parameter 'sslmod'"),
+        ("postgresql://bob:pw@h,[::1]:5/d[b?sslmod=1", "unknown connection parameter 'sslmod'"),
+        ("postgresql://bob:pw@[::1]:5432/db?sslmod=1", "unknown connection parameter 'sslmod'"),
         ("postgresql://bob:pw@h/db?sslmode", "a query parameter without '=' (?name=value)"),
         ("postgresql://bob:pw@h/db?a=b=c", "a query parameter with a second '='"),
         ("postgresql://bob:pa%zzss@h/db", f"a '%' not followed by two hex digits{HINT}"),
