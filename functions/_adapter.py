@@ -197,8 +197,11 @@ class Function:
         if settings is None:
             setup_logging(None, self.stage.name)  # the defaults
         service = f"imagegen-{self.stage.name}"
-        setup_observability(service, settings, logs=settings is not None)
+        telemetry = setup_observability(service, settings, logs=settings is not None)
         count_from_zero(self.stage.name, sink=self.stage.emits is None)
+        # The zeros leave now, not an export interval later: collected before any request
+        # is counted, exported from a thread of their own.
+        telemetry.export_metrics()
 
     def _serve_loop(self) -> None:
         """The loop's thread: run the loop for as long as the process lives.

@@ -12,7 +12,9 @@ defaults here.
   provider is :class:`~imagegen._otel_unexported.UnexportedTracerProvider`: spans have ids
   (for the logs, and the ``traceparent`` passed on) and record nothing. Exported spans go through
   a ``BatchSpanProcessor``, metrics through a ``PeriodicExportingMetricReader``: both export
-  from a background thread, never on a request's path. ``OTEL_TRACES_EXPORTER`` /
+  from a background thread, never on a request's path; a function also exports its metrics
+  once as it starts (:meth:`Telemetry.export_metrics`), so that counters begun at 0 reach
+  Prometheus at 0 before anything is counted. ``OTEL_TRACES_EXPORTER`` /
   ``OTEL_METRICS_EXPORTER`` = ``none`` turn one signal's export off, ``console`` prints it.
 - ``OTEL_EXPORTER_OTLP_PROTOCOL``: ``http/protobuf`` (default); ``grpc`` when
   ``opentelemetry-exporter-otlp-proto-grpc`` is installed, else a warning and HTTP.
@@ -40,7 +42,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics as metrics_api
@@ -49,12 +51,12 @@ from opentelemetry import trace
 from imagegen._logging import JsonFormatter, setup_logging
 from imagegen._otel_exporters import EXPORT_TIMEOUT as EXPORT_TIMEOUT
 from imagegen._otel_exporters import env, metric_exporter_from_env, span_exporter_from_env
-from imagegen.errors import ConfigurationError
+from imagegen.errors import ConfigurationError, first_line
 from imagegen.settings import Settings
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import MetricExporter
+    from opentelemetry.sdk.metrics.export import MetricExporter, PeriodicExportingMetricReader
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
 
@@ -76,6 +78,58 @@ log = logging.getLogger("imagegen.observability")
 SHUTDOWN_TIMEOUT = 5.0
 """Seconds the exit handler waits for the last spans and metrics to leave."""
 
+COLLECT_WAIT = 1.0
+"""Seconds :meth:`Telemetry.export_metrics` waits at most for its collection (in memory: it
+takes moments), never for the export that follows."""
+
+
+class _Collections:
+    """How many times a reader made here has collected the metrics, waited on by
+    :meth:`Telemetry.export_metrics`."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._count = 0
+
+    def count(self) -> int:
+        with self._changed:
+            return self._count
+
+    def note(self) -> None:
+        with self._changed:
+            self._count += 1
+            self._changed.notify_all()
+
+    def wait_past(self, count: int, timeout: float) -> bool:
+        """Whether a collection after the ``count``-th was taken within ``timeout`` seconds."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._count > count, timeout)
+
+
+def _periodic_reader(
+    exporter: MetricExporter, collections: _Collections
+) -> PeriodicExportingMetricReader:
+    """The SDK's periodic reader of ``exporter``, noting each collection in ``collections``
+    before its export begins."""
+    from opentelemetry.sdk.metrics.export import MetricsData, PeriodicExportingMetricReader
+
+    class Reader(PeriodicExportingMetricReader):
+        # _receive_metrics: the method the SDK has readers override (MetricReader's docs).
+        def _receive_metrics(
+            self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+        ) -> None:
+            collections.note()
+            super()._receive_metrics(metrics_data, timeout_millis=timeout_millis, **kwargs)
+
+    return Reader(exporter)
+
+
+def _flush(meter_provider: MeterProvider, timeout: float) -> None:
+    try:
+        meter_provider.force_flush(timeout_millis=timeout * 1000)
+    except Exception as exc:  # a collection that timed out: the next one carries the same
+        log.warning("metrics not exported: %s", first_line(exc))
+
 
 @dataclass(frozen=True)
 class Telemetry:
@@ -89,6 +143,7 @@ class Telemetry:
         span_exporter: The exporter spans leave by (None: not exported).
         metric_exporter: The exporter metrics leave by (None: not exported).
         installed: Whether the providers were made here (rather than found in place).
+        collections: The collections of the metric reader made here (None: none made here).
     """
 
     tracer_provider: TracerProvider | UnexportedTracerProvider | None = None
@@ -96,6 +151,42 @@ class Telemetry:
     span_exporter: SpanExporter | None = None
     metric_exporter: MetricExporter | None = None
     installed: bool = False
+    collections: _Collections | None = field(default=None, compare=False, repr=False)
+
+    def export_metrics(self, timeout: float = EXPORT_TIMEOUT) -> threading.Thread | None:
+        """Collect the metrics now and export them from a daemon thread, without waiting on
+        the export.
+
+        A function calls it once its counters are set at 0
+        (:func:`~imagegen.telemetry.count_from_zero`): the periodic reader first exports an
+        interval after start-up (``OTEL_METRIC_EXPORT_INTERVAL``, 60 s), and a count made
+        meanwhile would reach Prometheus as the series' first sample, which ``increase()``
+        never sees. Returns once
+        the metrics are collected (at most :data:`COLLECT_WAIT`), so what is counted next is
+        not in this export; a collector that is slow or away holds up neither the caller nor
+        the periodic exports for longer than the exporter's own timeout.
+
+        Args:
+            timeout: Seconds the collection may take (the OTLP exporters keep to their own
+                timeout, ``OTEL_EXPORTER_OTLP_TIMEOUT``).
+
+        Returns:
+            The thread exporting; None where metrics are not exported (no exporter, or the SDK
+            disabled): nothing is done then.
+        """
+        meter_provider = self.meter_provider
+        if meter_provider is None:
+            return None
+        seen = self.collections.count() if self.collections is not None else 0
+        flush = threading.Thread(
+            target=_flush, args=(meter_provider, timeout), name="otel-metrics-now", daemon=True
+        )
+        flush.start()
+        if self.collections is not None:
+            self.collections.wait_past(seen, COLLECT_WAIT)
+        else:  # a provider found in place: its reader's collections are not seen from here
+            flush.join(COLLECT_WAIT)
+        return flush
 
     def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT) -> bool:
         """Flush and stop the providers, side by side; give up after ``timeout`` seconds.
@@ -187,6 +278,7 @@ def create_telemetry(service_name: str, *, traces: bool = True, metrics: bool = 
     metric_exporter = metric_exporter_from_env() if metrics else None
     tracer_provider: TracerProvider | UnexportedTracerProvider | None = None
     meter_provider = None
+    collections = None
     if traces and span_exporter is None:  # nothing would read what a span records: ids only
         from imagegen._otel_unexported import UnexportedTracerProvider
 
@@ -202,11 +294,11 @@ def create_telemetry(service_name: str, *, traces: bool = True, metrics: bool = 
             # Without an exporter nothing would read the metrics: the instruments stay the
             # API's no-ops and start-up skips the metrics SDK (a fifth of a second).
             from opentelemetry.sdk.metrics import MeterProvider
-            from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
+            collections = _Collections()
             meter_provider = MeterProvider(
                 resource=resource,
-                metric_readers=[PeriodicExportingMetricReader(metric_exporter)],
+                metric_readers=[_periodic_reader(metric_exporter, collections)],
                 shutdown_on_exit=False,
             )
     return Telemetry(
@@ -215,6 +307,7 @@ def create_telemetry(service_name: str, *, traces: bool = True, metrics: bool = 
         span_exporter=span_exporter,
         metric_exporter=metric_exporter,
         installed=True,
+        collections=collections,
     )
 
 
@@ -290,6 +383,7 @@ def setup_observability(
             span_exporter=made.span_exporter,
             metric_exporter=made.metric_exporter,
             installed=made.installed,
+            collections=made.collections,
         )
         log.debug(
             "telemetry: traces to %s, metrics to %s",

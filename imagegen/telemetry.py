@@ -566,7 +566,9 @@ def count_from_zero(stage: str, *, sink: bool = False) -> None:
 
     Each process is an ``instance`` of its own to Prometheus, and functions scale to zero:
     a series first exported at 1 has no earlier sample, so ``increase()`` and ``rate()`` never
-    see that first count, and a pod that fails once and is scaled away fails unseen.
+    see that first count, and a pod that fails once and is scaled away fails unseen. The
+    zeros reach Prometheus only once exported: a function exports them at once
+    (:meth:`imagegen.observability.Telemetry.export_metrics`), not an export interval later.
     """
     if sink:
         for labels in SINK_COUNTED_FROM_ZERO:

@@ -131,7 +131,7 @@ def _subclasses(cls: type) -> list[type]:
 
 def _reasons(rule: str, operator: str) -> set[str]:
     [expr] = [r["expr"] for r in alert_rules() if r["alert"] == rule]
-    [pattern] = re.findall(rf'reason\s*{operator}\s*"([^"]*)"', expr)
+    [pattern] = set(re.findall(rf'reason\s*{operator}\s*"([^"]*)"', expr))  # one, maybe repeated
     return set(pattern.split("|"))
 
 
@@ -263,3 +263,86 @@ def test_the_sink_alert_pages_only_failures_that_outlast_the_broker_s_retries() 
     first = float(re.fullmatch(r"PT(\d+(?:\.\d+)?)S", delivery["backoffDelay"])[1])
     retries_minutes = sum(first * 2**n for n in range(delivery["retry"])) / 60
     assert held + int(window) >= retries_minutes
+
+
+# A series that began within the window, counted by its latest value, or any other's increase:
+# ``(last_over_time(S[w]) unless S offset w) or increase(S[w])`` (rate() for the sinks').
+_FIRST_SEEN = re.compile(
+    r"\(\s*last_over_time\((?P<s>imagegen_\w+\{[^}]*\})\[(?P<w>\d+m)\]\)\s*"
+    r"unless\s+(?P=s)\s+offset\s+(?P=w)\s*\)\s*or\s+(?:increase|rate)\((?P=s)\[(?P=w)\]\)"
+)
+
+
+@pytest.mark.parametrize(
+    "rule",
+    ["ImagegenGenerationFailures", "ImagegenSinkCannotRecord", "ImagegenDeadLetterCannotRecord"],
+)
+def test_a_failure_alert_counts_a_series_first_seen_above_zero(rule: str) -> None:
+    # increase() and rate() never see a series' first sample: a pod whose first export already
+    # holds its failures (its start-up export lost) is counted by its latest value instead.
+    [expr] = [r["expr"] for r in alert_rules() if r["alert"] == rule]
+    assert _FIRST_SEEN.search(expr), expr
+    assert not _FIRST_SEEN.search('sum(increase(imagegen_generations_total{a="b"}[15m])) > 3')
+
+
+def panels() -> list[dict[str, Any]]:
+    return [p for p in json.loads(DASHBOARD.read_text())["panels"] if p.get("targets")]
+
+
+def test_per_minute_panels_show_rates_per_minute() -> None:
+    # increase() over $__rate_interval counts per rate window, not per minute: one circuit
+    # transition read as "1 a minute" for as many minutes as the window lasts.
+    per_minute = [p for p in panels() if "per minute" in p["title"]]
+    assert per_minute
+    for panel in per_minute:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            assert "increase(" not in expr, (panel["title"], expr)
+            assert re.fullmatch(r".*\brate\(.*\)\s*\*\s*60", expr), (panel["title"], expr)
+    for query in dashboard_queries():
+        assert not re.search(r"increase\([^\]]*\[\$__rate_interval\]", query), query
+
+
+def _label_values_sources(query: str) -> set[str]:
+    """The metrics a Grafana ``label_values(<selector>, label)`` query reads: the named one, or
+    those of a ``{__name__=~"a|b"}`` selector."""
+    match = re.fullmatch(r'label_values\((?:(\w+)|\{__name__=~"([\w|]+)"\}),\s*\w+\)', query)
+    assert match, query
+    return set(match[1].split("|") if match[1] else match[2].split("|"))
+
+
+def test_the_stage_variable_lists_every_stage_its_panels_filter_on() -> None:
+    # Each panel filtering on $stage reads its metric's stages from the variable: the storage
+    # panels show the dead-letter sink's calls (stage "deadletter"), a stage that runs no
+    # generation and has no stage duration, so the variable reads the storage histogram too.
+    templating = json.loads(DASHBOARD.read_text())["templating"]["list"]
+    [variable] = [v for v in templating if v["name"] == "stage"]
+    sources = {SERIES[name] for name in _label_values_sources(variable["query"]["query"])}
+    assert variable["definition"] == variable["query"]["query"]
+    filtered = {
+        SERIES[name]
+        for panel in panels()
+        for target in panel["targets"]
+        for name, matchers in _SELECTOR.findall(target["expr"])
+        if '"$stage"' in matchers
+    }
+    # Every generation's run is timed (stage_duration); every write is a storage call.
+    covered_by = {"generations": "stage_duration", "storage_bytes_written": "storage_duration"}
+    assert {covered_by.get(key, key) for key in filtered} <= sources
+    assert "storage_duration" in sources
+    assert _label_values_sources("label_values(imagegen_stage_duration_seconds_count, stage)") == {
+        "imagegen_stage_duration_seconds_count"
+    }
+
+
+def test_the_renders_in_flight_panel_says_what_a_render_pod_holds() -> None:
+    from imagegen.render.stage import ADMITTED_SHARE_OF_TIMEOUT, UNMEASURED_QUEUE
+    from imagegen.settings import Settings
+
+    [panel] = [p for p in panels() if p["title"] == "Renders in flight"]
+    description = panel["description"]
+    for field in ("render_batch_size", "render_queue_size", "render_timeout"):
+        assert Settings.variable(field) in description, field
+    assert f"{round(ADMITTED_SHARE_OF_TIMEOUT * 100)}% of" in description
+    assert f"{UNMEASURED_QUEUE} queued" in description
+    assert "1 + IMAGEGEN_RENDER_QUEUE_SIZE" not in description
