@@ -99,6 +99,23 @@ of render, the storage check): a process recovers once what it waited for is the
 the startup probe's restart. Each try that fails logs its line."""
 
 
+def _importing(exc: BaseException) -> str | None:
+    """The module whose import ``exc``, or an exception it was raised from, came out of (a
+    frame running a module's body: the outermost one, the module the code asked for), if any.
+    """
+    seen: set[int] = set()
+    failure: BaseException | None = exc
+    while failure is not None and id(failure) not in seen:
+        seen.add(id(failure))
+        tb = failure.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_name == "<module>":
+                return str(tb.tb_frame.f_globals.get("__name__", "a module"))
+            tb = tb.tb_next
+        failure = failure.__cause__ or failure.__context__
+    return None
+
+
 class Function:
     """The process-wide state of one stage's function: settings, service, loop, readiness."""
 
@@ -119,6 +136,7 @@ class Function:
         self._warming: Future[None] | None = None  # the warm-up, once begun
         self._said_ready = False  # whether ready() has said so yet
         self._failed_at: float | None = None  # when a failed start-up was first seen
+        self._import_failed: str | None = None  # a module whose import failed start-up
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -303,10 +321,22 @@ class Function:
                 # close waited for it. No failure to start: ``start-up failed`` is the line
                 # that says why a process could not start (docs/runbook.md).
                 log.info("start-up stopped: the process is exiting", extra=extra)
-            elif isinstance(exc, ImageGenError):  # in its own words: a traceback adds nothing
-                log.error("start-up failed: %s", exc.message, extra=extra)
+                raise
+            said = ""
+            if module := _importing(exc):
+                # A module left half-imported (torch's registries, a C extension's state):
+                # importing it again in this process fails with some other error, or worse.
+                self._import_failed = module
+                said = (
+                    f" (raised while importing {module}, which this process cannot import"
+                    " again: restart it once the cause is fixed)"
+                )
+            if isinstance(exc, ImageGenError):  # in its own words: a traceback adds nothing
+                log.error("start-up failed: %s%s", exc.message, said, extra=extra)
             else:
-                log.exception("start-up failed", extra=extra)
+                log.exception(
+                    "start-up failed: %s: %s%s", type(exc).__name__, exc, said, extra=extra
+                )
             raise
 
     async def _warm_up(self) -> None:
@@ -376,8 +406,10 @@ class Function:
         """Begin start-up again, :data:`START_AGAIN_SECONDS` after it failed, where it got as
         far as its loop: what it waited for (a model pulled into the cache, a directory made
         writable, storage back) may be there now. Settings that failed to read fail again
-        until the process is restarted with others, so those are not tried again."""
-        if self._loop is None or self._loop_ended is not None:
+        until the process is restarted with others, so those are not tried again; nor a
+        start-up that failed importing a module (:func:`_importing`), which only a new process
+        imports whole."""
+        if self._loop is None or self._loop_ended is not None or self._import_failed:
             return
         now = time.monotonic()
         with self._lock:

@@ -412,9 +412,12 @@ class _Failures(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.ERROR)
         self.count = 0
+        self.said: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.count += record.getMessage().startswith("start-up failed")
+        if record.getMessage().startswith("start-up failed"):
+            self.count += 1
+            self.said.append(record.getMessage())
 
 
 @pytest.fixture
@@ -465,6 +468,57 @@ def test_a_function_whose_start_up_failed_starts_again_once_it_can(
         time.sleep(0.1)
     assert (blocker / "output").is_dir()
     assert start_up_failures.count == 2
+
+
+def test_a_start_up_that_failed_importing_a_module_is_said_once_and_not_begun_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_up_failures: _Failures
+) -> None:
+    """A module whose import failed is left half-imported (torch's registries): importing it
+    again in the same process fails another way, so the first failure stays the answer, named,
+    and the process waits for its restart."""
+    import dataclasses
+    import importlib
+    import sys
+    import time
+    from concurrent import futures
+
+    from imagegen import stages
+
+    (tmp_path / "half_imported.py").write_text(
+        "raise FileNotFoundError('No usable temporary directory found')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    imports = 0
+
+    async def start(service: object) -> None:
+        nonlocal imports
+        imports += 1
+        importlib.import_module("half_imported")
+
+    InProcessFunction("persist", base_env(tmp_path / "store")).close()  # loads the adapter
+    adapter = sys.modules["_adapter"]
+    monkeypatch.setattr(adapter, "START_AGAIN_SECONDS", 0.05)
+    for name, value in base_env(tmp_path / "store").items():
+        monkeypatch.setenv(name, value)
+    function = adapter.Function(dataclasses.replace(stages.get("persist"), start=start))
+    try:
+        deadline = time.monotonic() + 10
+        while function.ready() == (False, "loading"):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        for _ in range(5):  # each past the pause after which another start-up would begin
+            time.sleep(0.1)
+            assert function.ready() == (False, "start-up failed")
+        assert imports == 1 and start_up_failures.count == 1
+        [said] = start_up_failures.said
+        assert "FileNotFoundError: No usable temporary directory found" in said
+        assert "raised while importing half_imported" in said and "restart it" in said
+    finally:
+        if function in adapter._started:
+            adapter._started.remove(function)
+        if (closing := function.stop()) is not None:  # as InProcessFunction.close does
+            futures.wait([closing], timeout=adapter.CLOSE_SECONDS)
+            function.stopped(closing)
 
 
 def test_a_function_whose_storage_is_not_writable_never_turns_ready(tmp_path: Path) -> None:
