@@ -190,6 +190,21 @@ def test_a_second_ctrl_c_stops_the_loop_now_and_says_what_was_made(tmp_path: Pat
     assert not list((tmp_path / "output").rglob("*.png"))
 
 
+@pytest.mark.slow
+def test_a_ctrl_c_between_images_stops_the_loop_at_once(tmp_path: Path) -> None:
+    """Waiting out --interval, no image is under way: the loop stops now, and says only that."""
+    args = ["loop", "a kite", *SMALL, "--no-enhance", "--plugins", "", "--interval", "300"]
+    with rendering(tmp_path, *args, until="**/*.png") as proc:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # the image's line: the wait follows, nothing between
+        assert first.startswith("[1] "), first
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=60)  # long before the interval's 300 s
+    assert proc.returncode == 0, err
+    assert err.splitlines() == ["stopping", "made 1 image(s)"]
+    assert rest == "" and len(list((tmp_path / "output").rglob("*.png"))) == 1
+
+
 def test_same_seed_same_pixels_from_the_cli(
     cli: RunCli, interrupted_loop: Interrupted, tmp_path: Path
 ) -> None:

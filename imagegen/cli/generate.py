@@ -416,10 +416,13 @@ def loop(
         return request.model_copy(update={"seed": (seed + tally.made) % (MAX_SEED + 1)})
 
     stopped_by: list[int] = []
+    waiting = False  # between images, for --interval: a Ctrl-C then stops at once
 
     async def go() -> int:
         import asyncio
         import signal
+
+        nonlocal waiting
 
         stop = asyncio.Event()
         running = asyncio.get_running_loop()
@@ -438,7 +441,10 @@ def loop(
             if not as_json:
                 # Written at once, past rich's buffer: a Ctrl-C while rich writes would leave
                 # the line in it, to be written again with the next.
-                sys.stderr.write("stopping after this image; Ctrl-C again to stop now\n")
+                said = (
+                    "stopping" if waiting else "stopping after this image; Ctrl-C again to stop now"
+                )
+                sys.stderr.write(f"{said}\n")
                 sys.stderr.flush()
             stop.set()
 
@@ -509,8 +515,10 @@ def loop(
                         await _explain_fallback(service)
                         explained = True
                 if interval and (count == 0 or tally.made < count):
+                    waiting = True
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), timeout=interval)
+                    waiting = False
         return tally.made
 
     try:
