@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,14 +21,23 @@ RoutingOf = Callable[[str], Routing]
 
 DOCKERFILES = ("Dockerfile.cpu", "Dockerfile.gpu")
 TORCH_CPU = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+# The dependencies first (the project's extras), then imagegen itself over them.
 PIP_INSTALLS = {
-    "Dockerfile.cpu": ['pip install ".[ledger]"', TORCH_CPU, 'pip install ".[render]"'],
-    "Dockerfile.gpu": ['pip install ".[${EXTRAS}]"'],
+    "Dockerfile.cpu": [
+        'pip install ".[ledger]"',
+        TORCH_CPU,
+        'pip install ".[render]"',
+        "pip install --no-deps .",
+        "pip install --no-deps .",
+    ],
+    "Dockerfile.gpu": ['pip install ".[${EXTRAS}]"', "pip install --no-deps ."],
 }
-# What the images need from the build context.
-CONTEXT_PATHS = ("pyproject.toml", "README.md", "LICENSE", "imagegen", "plugins", "functions")
-# What must never reach the build context.
-IGNORED_PATHS = (".git", ".venv", "output", "tests", "worker/node_modules", ".env")
+# What the project's metadata is built from (pyproject.toml names the other two): all that
+# the dependency layers may read from the build context.
+METADATA_FILES = {"pyproject.toml", "README.md", "LICENSE"}
+# The targets that install imagegen, per Dockerfile.
+BUILD_TARGETS = [("Dockerfile.cpu", "build"), ("Dockerfile.cpu", "build-render")]
+BUILD_TARGETS += [("Dockerfile.gpu", "<final>")]
 
 
 def _instructions(name: str) -> list[tuple[str, str]]:
@@ -45,13 +54,46 @@ def _instructions(name: str) -> list[tuple[str, str]]:
     return result
 
 
+def _commands(arguments: str) -> list[str]:
+    """The commands of one RUN, its flags (``--mount=…``) dropped."""
+    arguments = re.sub(r"^(--\S+\s+)+", "", arguments)
+    return [part.strip() for part in arguments.split("&&")]
+
+
 def _run_commands(name: str) -> list[str]:
-    commands = []
-    for instruction, arguments in _instructions(name):
-        if instruction == "RUN":
-            arguments = re.sub(r"^(--\S+\s+)+", "", arguments)
-            commands += [part.strip() for part in arguments.split("&&")]
-    return commands
+    return [
+        command
+        for instruction, arguments in _instructions(name)
+        if instruction == "RUN"
+        for command in _commands(arguments)
+    ]
+
+
+def _context_reads(instruction: str, arguments: str) -> set[str] | None:
+    """The build-context paths one instruction reads; None for the whole context.
+
+    COPY and ADD read their sources (unless ``--from`` a stage); RUN reads what its bind
+    mounts name (the mount type defaults to bind; no ``source`` is the whole context).
+    """
+    if instruction in {"COPY", "ADD"}:
+        if "--from=" in arguments:
+            return set()
+        words = [word for word in arguments.split() if not word.startswith("--")]
+        return {word.rstrip("/") for word in words[:-1]}
+    reads: set[str] = set()
+    if instruction == "RUN":
+        for mount in re.findall(r"--mount=(\S+)", arguments):
+            options = {}
+            for option in mount.split(","):
+                key, _, value = option.partition("=")
+                options[key] = value
+            if options.get("type", "bind") != "bind" or "from" in options:
+                continue
+            source = options.get("source", options.get("src", "."))
+            if source.strip("./") == "":
+                return None
+            reads.add(source)
+    return reads
 
 
 def _stages(name: str) -> list[str]:
@@ -217,29 +259,6 @@ def test_images_start_from_bytecode_compiled_at_build(name: str, tmp_path: Path)
     assert started.stdout.strip() == "function"
 
 
-def _dockerignore() -> list[str]:
-    lines = (REPO / ".dockerignore").read_text().splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-
-
-def _ignored(path: str, patterns: list[str]) -> bool:
-    parts = path.split("/")
-    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-    return any(
-        fnmatch.fnmatch(prefix, p) or fnmatch.fnmatch(prefix, p.removeprefix("**/"))
-        for p in patterns
-        for prefix in prefixes
-    )
-
-
-def test_dockerignore_keeps_the_context_small_but_complete() -> None:
-    patterns = _dockerignore()
-    for path in IGNORED_PATHS:
-        assert _ignored(path, patterns), path
-    for path in CONTEXT_PATHS:
-        assert not _ignored(path, patterns), path
-
-
 @pytest.mark.parametrize("overlay", ["dev", "prod"])
 def test_manifests_use_the_published_image_tags(routing: RoutingOf, overlay: str) -> None:
     tags = {"cpu", "render-cpu", "render-gpu"}
@@ -338,3 +357,67 @@ def test_the_gpu_image_has_a_c_compiler_for_triton(tmp_path: Path, compilers: tu
             "apt-get install -y --no-install-recommends gcc libc6-dev",
             "rm -rf /var/lib/apt/lists/*",
         ]
+
+
+def _dependency_layers(name: str, target: str) -> tuple[list[tuple[str, str]], int]:
+    """A target's instructions, and the index of the first that reads more of the build
+    context than the project's metadata files (the sources, for imagegen's own install)."""
+    chain = _stage_chain(name, target)
+    for index, (instruction, arguments) in enumerate(chain):
+        reads = _context_reads(instruction, arguments)
+        if reads is None or not reads <= METADATA_FILES:
+            return chain, index
+    raise AssertionError(f"{name} {target}: no instruction reads the sources")
+
+
+@pytest.mark.parametrize(("name", "target"), BUILD_TARGETS)
+def test_dependencies_are_installed_before_the_sources_arrive(name: str, target: str) -> None:
+    """A layer is rebuilt when what it reads from the context changes: the dependencies (and
+    torch) are installed by layers that read the metadata files alone, so an edit of the
+    sources rebuilds imagegen's own install, not them."""
+    chain, sources = _dependency_layers(name, target)
+    installs = [
+        (index, command)
+        for index, (instruction, arguments) in enumerate(chain)
+        if instruction == "RUN"
+        for command in _commands(arguments)
+        if command.startswith("pip install")
+    ]
+    dependencies = [index for index, command in installs if "--no-deps" not in command]
+    own = [index for index, command in installs if "--no-deps" in command]
+    assert dependencies and max(dependencies) < sources, installs
+    assert own and min(own) >= sources, installs
+    reads = _context_reads(*chain[sources])
+    assert reads is None or {"imagegen", "plugins"} & reads, chain[sources]
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_the_metadata_files_alone_install_every_dependency(name: str, tmp_path: Path) -> None:
+    """What the dependency layers install from: the files they read, no package beside
+    them. The project builds from them (an empty imagegen, replaced once the sources come)
+    and asks for every requirement pyproject.toml declares, extras included."""
+    pytest.importorskip("setuptools", minversion="77")
+    target = next(target for file, target in BUILD_TARGETS if file == name)
+    chain, sources = _dependency_layers(name, target)
+    read = set().union(*(_context_reads(*instruction) or set() for instruction in chain[:sources]))
+    assert read == METADATA_FILES, read
+    (tmp_path / "src").mkdir()
+    for file in read:
+        shutil.copy(REPO / file, tmp_path / "src" / file)
+    wheel_dir = tmp_path / "wheel"
+    build = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-index"]
+    build += ["--no-build-isolation", "--wheel-dir", str(wheel_dir), str(tmp_path / "src")]
+    subprocess.run(build, check=True, capture_output=True)
+    [wheel] = wheel_dir.glob("imagegen-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        assert all(".dist-info/" in entry for entry in archive.namelist()), archive.namelist()
+        [metadata] = [e for e in archive.namelist() if e.endswith(".dist-info/METADATA")]
+        lines = archive.read(metadata).decode().splitlines()
+    asked = [line.split(": ", 1)[1] for line in lines if line.startswith("Requires-Dist: ")]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = [*project["dependencies"]]
+    for extra in project["optional-dependencies"].values():
+        declared += extra
+    assert len(asked) == len(declared)
+    names = {re.split(r"[\s\[<>=!~;]", requirement, maxsplit=1)[0].lower() for requirement in asked}
+    assert names == {re.split(r"[\s\[<>=!~;]", r, maxsplit=1)[0].lower() for r in declared}
