@@ -98,7 +98,9 @@ def test_data_base64_is_base64_and_alone(enhance: InProcessFunction) -> None:
     assert fields(enhance.post("/", headers=STRUCTURED, json=bad)) == {"data_base64"}
     both = envelope(data_base64=data)
     assert fields(enhance.post("/", headers=STRUCTURED, json=both)) == {"data_base64"}
-    good = enhance.post("/", headers=STRUCTURED, json=envelope(data=None, data_base64=data))
+    # An id of its own: the module's other events are generations of another prompt.
+    taken = envelope(data=None, data_base64=data, id="protocol-base64")
+    good = enhance.post("/", headers=STRUCTURED, json=taken)
     assert good.status_code == 200, good.text
     assert good.headers["ce-type"] == PROMPT_ENHANCED and good.json()["prompt"].startswith("a kite")
 
@@ -399,7 +401,8 @@ def test_structured_attributes_are_of_their_types(
 
 def test_structured_extensions_of_scalar_types_are_taken(enhance: InProcessFunction) -> None:
     event = envelope(myflag=True, mycount=3, datacontenttype="application/json; charset=utf-8")
-    assert enhance.post("/", headers=STRUCTURED, json=event).status_code == 200
+    reply = enhance.post("/", headers=STRUCTURED, json=event)
+    assert reply.status_code == 200 and reply.headers["ce-type"] == PROMPT_ENHANCED, reply.text
 
 
 def test_reply_header_values_are_percent_encoded(enhance: InProcessFunction) -> None:
