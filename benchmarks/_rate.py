@@ -91,11 +91,6 @@ def _sample() -> tuple[int, int, int]:
     return (*_machine_ticks(), _ticks(os.getpid()))
 
 
-def _cpu_seconds(pid: int) -> float:
-    """CPU seconds of process ``pid`` and its descendants, every thread's (see :func:`_ticks`)."""
-    return _ticks(pid) / os.sysconf("SC_CLK_TCK")
-
-
 @dataclass(frozen=True)
 class _Round:
     """One side's round: its rate, and the server's clock ticks over the requests they cover."""

@@ -38,6 +38,7 @@ __all__ = [
     "failure_cause",
     "header_value",
     "is_final",
+    "name_uuid",
     "reply_attributes",
     "reply_id",
     "routing_attributes",
@@ -154,25 +155,33 @@ def source_for(stage: str) -> str:
 def reply_id(generation_id: str, event_type: str) -> str:
     """A stable event id: a redelivered request gets a reply with the same id.
 
-    ``uuid.uuid5`` of ``imagegen:<generation_id>:<event_type>``, computed as it computes it
-    (RFC 4122, section 4.3: SHA-1 of the namespace and the name's UTF-8), but with lone
-    surrogates encoded as they came: ``generation_id`` may name the failing event by its
-    ``source`` and ``id``, which an event's JSON may escape one into (``"\\ud800"``), as
-    :func:`imagegen.identity.derive_generation_id` does. Any other name keeps its id.
+    ``uuid.uuid5`` of ``imagegen:<generation_id>:<event_type>`` (:func:`name_uuid`):
+    ``generation_id`` may name the failing event by its ``source`` and ``id``, which an
+    event's JSON may escape a lone surrogate into (``"\\ud800"``).
     """
-    name = f"imagegen:{generation_id}:{event_type}".encode("utf-8", "surrogatepass")
-    digest = hashlib.sha1(uuid.NAMESPACE_URL.bytes + name, usedforsecurity=False).digest()
+    return name_uuid(f"imagegen:{generation_id}:{event_type}")
+
+
+def name_uuid(name: str) -> str:
+    """``uuid.uuid5(uuid.NAMESPACE_URL, name).hex``, computed as it computes it (RFC 4122,
+    section 4.3: SHA-1 of the namespace and the name's UTF-8), but with lone surrogates
+    encoded as they came: the same id for every other name, and no error for those."""
+    encoded = name.encode("utf-8", "surrogatepass")
+    digest = hashlib.sha1(uuid.NAMESPACE_URL.bytes + encoded, usedforsecurity=False).digest()
     return uuid.UUID(bytes=digest[:16], version=5).hex
 
 
 def failure_cause(source: str, event_id: str) -> str:
-    """The name of the event a ``generation.failed`` answers, by its ``source`` and ``id``:
-    one name per pair, as :func:`imagegen.identity.derive_generation_id` names a request.
+    """The name of an event, by its ``source`` and ``id``: the cause a ``generation.failed``
+    answering it names, and what :func:`imagegen.identity.derive_generation_id` derives the
+    generation id of a request that names none from. One name per pair.
 
-    ``<source>#<id>``, unless ``source`` holds a ``#`` (a URI-reference's fragment), where
-    ``("/a#b", "c")`` and ``("/a", "b#c")`` would join alike: then both parts with ``%``, ``#``
-    and ``|`` percent-escaped, joined by ``|``. That name holds no ``#``, so it is never the name
-    of a source without one; a source without a ``#``, the usual one, keeps its name.
+    ``<source>#<id>``, unless ``source`` holds a ``#``: CloudEvents' ``source`` is a
+    URI-reference, which may hold one (a fragment), and its ``id`` any string, so
+    ``("/a#b", "c")`` and ``("/a", "b#c")`` would join alike. A source with a ``#`` is named
+    otherwise: both parts with ``%``, ``#`` and ``|`` percent-escaped, joined by ``|``. That name
+    holds no ``#``, so it is never the name of a source without one, and the escape makes it
+    one pair's; a source without a ``#``, the usual one, keeps the name it always had.
     """
     if "#" in source:
         return f"{_escaped(source)}|{_escaped(event_id)}"

@@ -8,7 +8,6 @@ new id and the current time.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import uuid
 from collections.abc import Mapping
@@ -16,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 
 from imagegen.errors import InvalidRequest
+from imagegen.events import failure_cause, name_uuid
 from imagegen.stages import Call
 
 __all__ = [
@@ -54,27 +54,12 @@ def new_generation_id() -> str:
 def derive_generation_id(source: str, event_id: str) -> str:
     """The generation id of a request event that names none: stable for ``source`` + ``id``.
 
-    ``uuid.uuid5`` of ``<source>#<id>``, computed as it computes it (RFC 4122, section 4.3:
-    SHA-1 of the namespace and the name's UTF-8), but with lone surrogates encoded as they came
-    (an event's JSON may escape one): the same id for every other name, and no error for those.
-
-    CloudEvents' ``source`` is a URI-reference, which may hold a ``#`` (a fragment), and its
-    ``id`` any string, so ``("/a#b", "c")`` and ``("/a", "b#c")`` would join alike: two events,
-    one generation. A source with a ``#`` is named otherwise: both parts with ``%``, ``#`` and
-    ``|`` percent-escaped, joined by ``|``. That name holds no ``#``, so it is never the name of
-    a source without one, and the escape makes it one pair's; a source without a ``#``, the
-    usual one, keeps the id it always had.
+    ``uuid.uuid5`` of the event's name (:func:`imagegen.events.failure_cause`, the name a
+    failure gives the event it answers), one per pair, so two events never share a
+    generation; a name holding a lone surrogate (an event's JSON may escape one) is hashed as
+    it came.
     """
-    if "#" in source:
-        name = f"{_escaped(source)}|{_escaped(event_id)}".encode("utf-8", "surrogatepass")
-    else:
-        name = f"{source}#{event_id}".encode("utf-8", "surrogatepass")
-    digest = hashlib.sha1(uuid.NAMESPACE_URL.bytes + name, usedforsecurity=False).digest()
-    return uuid.UUID(bytes=digest[:16], version=5).hex
-
-
-def _escaped(part: str) -> str:
-    return part.replace("%", "%25").replace("#", "%23").replace("|", "%7C")
+    return name_uuid(failure_cause(source, event_id))
 
 
 def valid_generation_id(value: str) -> bool:

@@ -32,11 +32,11 @@ from imagegen.cli._app import (
 from imagegen.errors import InvalidRequest
 
 if TYPE_CHECKING:
-    from imagegen.models import EnhancedPrompt, PersistedImage, RenderedImage
+    from imagegen.models import EnhancedPrompt, PersistedImage
     from imagegen.service import ImageGenService
     from imagegen.settings import Settings
 
-__all__ = ["finish", "generate", "loop", "stored", "warn_underived"]
+__all__ = ["generate", "loop", "stored", "warn_underived"]
 
 Model = Annotated[str | None, typer.Option("--model", "-m", help="Model id, local path or 'tiny'.")]
 Output = Annotated[
@@ -152,17 +152,6 @@ def _open(persisted: PersistedImage) -> None:
         err.print(f"[yellow]note[/]    not opened: {markup(why)}", soft_wrap=True)
 
 
-async def finish(
-    service: ImageGenService, rendered: RenderedImage
-) -> tuple[PersistedImage, str | None]:
-    """Persist ``rendered``, then make its derivatives, as ``service.finalise`` does.
-
-    Returns the persisted image and, when its derivatives could not be made (a full disk),
-    why: the PNG and its record are stored, so the image is made all the same.
-    """
-    return await _derived(service, await service.persist(rendered))
-
-
 async def _render_and_finish(
     service: ImageGenService,
     enhanced: EnhancedPrompt,
@@ -171,9 +160,13 @@ async def _render_and_finish(
     stored: Any = None,
     persisted: Callable[[PersistedImage], None] | None = None,
 ) -> tuple[PersistedImage, str | None]:
-    """Render ``enhanced``, persist it and make its derivatives, as :func:`finish` does; an
-    interrupt once the PNG is stored lets the image be persisted first, and ``persisted``
-    hears of it then (:meth:`~imagegen.service.ImageGenService.render_and_persist`)."""
+    """Render and persist ``enhanced``, then make its derivatives; an interrupt once the PNG
+    is stored lets the image be persisted first, and ``persisted`` hears of it then
+    (:meth:`~imagegen.service.ImageGenService.render_and_persist`).
+
+    Returns the persisted image and, when its derivatives could not be made (a full disk),
+    why: the PNG and its record are stored, so the image is made all the same.
+    """
     image = await service.render_and_persist(
         enhanced, progress=progress, stored=stored, persisted=persisted
     )

@@ -10,8 +10,7 @@ The entry point resolves to a factory called as ``factory(settings)``; a class w
 ``__init__(self, settings)`` takes the settings qualifies.
 
 Options reach a plugin as ``context.options``, merged with this precedence (highest first): the
-request's ``plugin_options[name]``, options set on the :class:`PluginSet`, then
-``settings.plugin_options[name]``.
+request's ``plugin_options[name]``, then ``settings.plugin_options[name]``, key by key.
 
 - :mod:`imagegen.plugins.context`: :class:`PromptPlugin`, :class:`PluginContext`,
   :class:`PluginInfo`.

@@ -132,7 +132,6 @@ class PluginSet:
         self.timeout = timeout
         self._plugins: dict[str, PromptPlugin] = {}
         self._order: list[str] = []
-        self._options: dict[str, dict[str, Any]] = {}
         self._entry_points: dict[str, EntryPoint] = {}
         self._errors: dict[str, str] = {}
         self._clashes: dict[str, str] = {}  # names two installed packages declare: why
@@ -290,10 +289,6 @@ class PluginSet:
             raise InvalidRequest("plugin(s) cannot be loaded", errors=broken)
         self._order = list(dict.fromkeys(names))
 
-    def set_options(self, name: str, options: Mapping[str, Any]) -> None:
-        """Options for ``name`` in this set: over the settings', under the request's."""
-        self._options[name] = dict(options)
-
     def __iter__(self) -> Iterator[PromptPlugin]:
         return (self._plugins[name] for name in self._order)
 
@@ -364,10 +359,9 @@ class PluginSet:
     def options_for(
         self, name: str, request_options: Mapping[str, Mapping[str, Any]] | None = None
     ) -> dict[str, Any]:
-        """The options ``name`` runs with, merged by precedence."""
+        """The options ``name`` runs with: the settings', each key the request gives over."""
         return {
             **self.settings.plugin_options.get(name, {}),
-            **self._options.get(name, {}),
             **((request_options or {}).get(name) or {}),
         }
 

@@ -709,6 +709,27 @@ def test_events_whose_joined_name_reads_alike_derive_distinct_generation_ids(
     assert derived(*one) != derived(*other)
 
 
+@hypothesis.given(source=st.one_of(_TEXT, _SMALL), event_id=st.one_of(_TEXT, _SMALL))
+@hypothesis.example(source="/a#b|c%23", event_id="d#e|f%7C")
+@hypothesis.example(source="/s\ud800#", event_id="|\udfff")
+@hypothesis.settings(max_examples=300, deadline=None)
+def test_a_derived_generation_id_is_uuid5_of_the_name_a_failure_gives_its_event(
+    source: str, event_id: str
+) -> None:
+    import hashlib
+    import uuid
+
+    from imagegen.events import failure_cause
+    from imagegen.identity import derive_generation_id as derived
+
+    # One rule names an event by its source and id: the generation it starts and the failure
+    # that answers it (its cause) agree, for a source with a "#" as for one without. The hash
+    # is uuid5's, of the name's bytes as they came (a lone surrogate included).
+    name = failure_cause(source, event_id).encode("utf-8", "surrogatepass")
+    digest = hashlib.sha1(uuid.NAMESPACE_URL.bytes + name, usedforsecurity=False).digest()
+    assert derived(source, event_id) == uuid.UUID(bytes=digest[:16], version=5).hex
+
+
 def test_a_table_hub_id_in_another_case_has_its_revision_and_family() -> None:
     from imagegen.modelspec import MODELS, family_for, spec_for
 

@@ -70,13 +70,13 @@ async def test_naive_time_is_utc(settings: Settings) -> None:
     assert result.data["now"] == "2026-01-01T13:00:00+01:00"
 
 
-async def test_option_precedence_request_over_set_over_settings() -> None:
-    everywhere = {"a": "settings", "b": "settings", "c": "settings"}
-    settings = Settings(plugin_options={"echo": everywhere})
+async def test_option_precedence_request_over_settings_key_by_key() -> None:
+    settings = Settings(plugin_options={"echo": {"a": "settings", "b": "settings"}})
     plugins = PluginSet([EchoPlugin()], settings=settings)
-    plugins.set_options("echo", {"b": "set", "c": "set"})
-    [result] = await _run(plugins, options={"echo": {"c": "request"}})
-    assert result.data["options"] == {"a": "settings", "b": "set", "c": "request"}
+    [result] = await _run(plugins, options={"echo": {"b": "request", "c": "request"}})
+    assert result.data["options"] == {"a": "settings", "b": "request", "c": "request"}
+    [alone] = await _run(plugins)
+    assert alone.data["options"] == {"a": "settings", "b": "settings"}
 
 
 # 2. Determinism
