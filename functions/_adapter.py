@@ -329,7 +329,7 @@ class Function:
                 self._import_failed = module
                 said = (
                     f" (raised while importing {module}, which this process cannot import"
-                    " again: restart it once the cause is fixed)"
+                    " again: it says it is not alive, for a restart)"
                 )
             if isinstance(exc, ImageGenError):  # in its own words: a traceback adds nothing
                 log.error("start-up failed: %s%s", exc.message, said, extra=extra)
@@ -378,10 +378,11 @@ class Function:
         return self._warming is not None and self._warming.done()
 
     def alive(self) -> bool:
-        """Whether the process can serve at all: it can unless its event loop has ended
-        (other failures show in ``ready``)."""
+        """Whether the process can serve at all: it can unless its event loop has ended, or
+        its start-up failed importing a module, which only a new process imports whole: the
+        liveness probe's failure is that restart (other failures show in ``ready``)."""
         self.start()
-        return self._loop_ended is None
+        return self._loop_ended is None and self._import_failed is None
 
     def ready(self) -> tuple[bool, str]:
         """(ready, why): ready once start-up, the model load included, has succeeded."""
@@ -521,9 +522,9 @@ class Function:
             )
             return error_reply(refusal, stage=self.stage.name, message=None, generation_id=None)
         if path == "/healthz":  # the liveness probe is a process's first request: it starts
-            return json_reply(
-                {"status": "alive", "stage": self.stage.name}, 200 if self.alive() else 503
-            )
+            alive = self.alive()
+            status = "alive" if alive else "restart needed"  # why: in the log
+            return json_reply({"status": status, "stage": self.stage.name}, 200 if alive else 503)
         if path == "/readyz":
             ready, why = self.ready()
             # Warm only once ready: a render still loading has no warm-up of its own to end.

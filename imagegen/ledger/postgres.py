@@ -92,7 +92,9 @@ _NAME = re.compile(r"[A-Za-z0-9_]{1,40}")
 
 # One host and its port, as conninfo_uri_parse_options reads them: an IPv6 address in [ ] only
 # where a host starts, else up to the next ',', '/' or '?'; a ',' begins the next host.
-_HOSTS = re.compile(r"(?:(?:\[[^\]]*\])?[^,/?]*)(?:,(?:\[[^\]]*\])?[^,/?]*)*")
+# No '[' within the brackets: each host's scan for its ']' stops at the next one, so a URL of
+# many unclosed '[' is read in linear time.
+_HOSTS = re.compile(r"(?:(?:\[[^\]\[]*\])?[^,/?]*)(?:,(?:\[[^\]\[]*\])?[^,/?]*)*")
 
 
 def _query_names(url: str) -> set[str]:
