@@ -265,11 +265,14 @@ def test_the_sink_alert_pages_only_failures_that_outlast_the_broker_s_retries() 
     assert held + int(window) >= retries_minutes
 
 
-# A series that began within the window, counted by its latest value, or any other's increase:
-# ``(last_over_time(S[w]) unless S offset w) or increase(S[w])`` (rate() for the sinks').
+# A series that began within the window (not seen in the hour before it), counted by its latest
+# value, or any other's increase (rate() for the sinks'):
+# ``(last_over_time(S[w]) unless present_over_time(S[1h] offset w)) or increase(S[w])``.
+# tests/observability/test_alert_rules.py runs them.
 _FIRST_SEEN = re.compile(
     r"\(\s*last_over_time\((?P<s>imagegen_\w+\{[^}]*\})\[(?P<w>\d+m)\]\)\s*"
-    r"unless\s+(?P=s)\s+offset\s+(?P=w)\s*\)\s*or\s+(?:increase|rate)\((?P=s)\[(?P=w)\]\)"
+    r"unless\s+present_over_time\((?P=s)\[1h\]\s+offset\s+(?P=w)\)\s*\)"
+    r"\s*or\s+(?:increase|rate)\((?P=s)\[(?P=w)\]\)"
 )
 
 
