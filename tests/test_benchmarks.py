@@ -507,6 +507,27 @@ def test_the_otlp_rounds_rotate_the_variants_and_print_min_median_and_ratios(
     assert "min against min, median against median; no target" in out
 
 
+def test_the_otlp_benchmark_stops_at_an_answer_that_is_no_enhanced_prompt() -> None:
+    """enhance answers an event it refuses for the request's own reasons 200 too, with a
+    generation.failed event, faster than it enhances a prompt: timed, it would pass for a fast
+    request. The run stops there, in one line saying what came back."""
+    import otlp_overhead
+
+    from imagegen.events import GENERATION_FAILED, PROMPT_ENHANCED
+
+    otlp_overhead.check_answer(4, 200, PROMPT_ENHANCED, '{"prompt": "a lighthouse"}')
+    error = {"code": "invalid_request", "message": "width: must be a multiple of 16"}
+    failed = json.dumps({"stage": "enhance", "error": error}, indent=2)
+    with pytest.raises(SystemExit) as exited:
+        otlp_overhead.check_answer(4, 200, GENERATION_FAILED, failed)
+    said = exited.value.code
+    assert isinstance(said, str) and "\n" not in said
+    assert said.startswith(f"request 4 answered 200 {GENERATION_FAILED}, not 200 {PROMPT_ENHANCED}")
+    assert said.endswith('"message": "width: must be a multiple of 16" } }')
+    with pytest.raises(SystemExit, match=r"^request 5 answered 503 with no event, not 200 "):
+        otlp_overhead.check_answer(5, 503, None, '{"error": "dependency_unavailable"}')
+
+
 def test_the_cpu_figure_of_a_round_reads_at_least_a_hundred_ticks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -155,6 +155,7 @@ def test_trace_context_that_cannot_be_read_is_ignored_not_refused(
     # In binary mode too, its header percent-encoded (``%00``, ``%09``).
     sent = binary(functions["enhance"], {**attributes, "id": attributes["id"] + "-b"}, REQUEST)
     assert sent.status_code == 200, sent.text[:300]
+    assert sent.headers["ce-type"] == PROMPT_ENHANCED, sent.text[:300]
 
 
 def test_every_attribute_at_fault_is_named_with_every_bound(
@@ -178,6 +179,7 @@ def test_what_a_string_may_hold_is_taken(
     attributes = {"id": f"ok-{value}", "source": f"/tests/{value}"}
     enhanced = structured(functions["enhance"], attributes, REQUEST)
     assert enhanced.status_code == 200, enhanced.text[:300]
+    assert enhanced.headers["ce-type"] == PROMPT_ENHANCED, enhanced.text[:300]
     assert structured(functions["ledger"], attributes, REQUEST).status_code == 202
     assert text_problem(value) is None
 

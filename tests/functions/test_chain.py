@@ -113,7 +113,10 @@ def test_the_ledger_times_each_stage_from_what_the_stages_say(
     for stage, kind in (("render", PROMPT_ENHANCED), ("persist", IMAGE_RENDERED)):
         time.sleep(0.3)  # stages apart, as a broker's hops and a queue make them
         replies.append(forward(chain[stage], replies[-1], kind))
-    replies.append(forward(chain["derive"], replies[-1], IMAGE_PERSISTED))
+    derived = forward(chain["derive"], replies[-1], IMAGE_PERSISTED)
+    assert derived.status_code == 200, derived.text
+    assert derived.headers["ce-type"] == IMAGE_DERIVED, derived.text  # a refusal is a 200 too
+    replies.append(derived)
     ledger = InProcessFunction("ledger", {"IMAGEGEN_LEDGER_URL": str(tmp_path / "l.db")})
     with ledger:
         for reply in reversed(replies):  # in any order: the times are the stages' own
@@ -142,6 +145,9 @@ def test_generation_id_is_derived_from_the_request_event(chain: dict[str, Any]) 
         source="/cron/dream",
     )
     reply, again, other = send(event_id="e-1"), send(event_id="e-1"), send(event_id="e-2")
+    for sent in (reply, again, other):
+        assert sent.status_code == 200, sent.text
+        assert sent.headers["ce-type"] == PROMPT_ENHANCED, sent.text
     assert reply.headers["ce-subject"] == again.headers["ce-subject"] != other.headers["ce-subject"]
     assert reply.json()["generation_id"] == reply.headers["ce-subject"]
 

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import httpx
 import pytest
@@ -49,11 +50,13 @@ def fields(reply: httpx.Response, status: int = 400) -> set[str]:
 
 
 def envelope(**overrides: Any) -> dict[str, Any]:
+    """A structured event of ``overrides`` (None: left out). Its id is its own unless given:
+    the module's function keeps one store, where one id is one generation."""
     event = {
         "specversion": "1.0",
         "type": GENERATION_REQUESTED,
         "source": "/tests",
-        "id": "protocol-1",
+        "id": f"protocol-{uuid4().hex}",
         "datacontenttype": "application/json",
         "data": {"prompt": "a paper boat", "enhance": False},
     }
@@ -268,12 +271,14 @@ def test_raw_utf8_header_values_are_read_as_utf8(start_server: StartServer, tmp_
     event = envelope(source="/café", id="raw-1", data=data)
     structured = enhance.post(headers=STRUCTURED, json=event)
     assert structured.status_code == 200, structured.text
+    assert structured.headers["ce-type"] == PROMPT_ENHANCED, structured.text
     required = f"ce-specversion: 1.0\r\nce-type: {GENERATION_REQUESTED}\r\nce-id: raw-1\r\n"
     body = json.dumps(data).encode()
     head, answer = _binary_request(
         enhance.url, required.encode() + "ce-source: /café\r\n".encode(), body
     )
     assert head.startswith(b"HTTP/1.1 200"), head + answer
+    assert _header(head, "ce-type") == PROMPT_ENHANCED, head + answer
     assert _header(head, "ce-subject") == structured.headers["ce-subject"]
     latin1 = required.encode() + b"ce-source: /caf\xe9\r\n"  # the Latin-1 byte: no UTF-8
     head, answer = _binary_request(enhance.url, latin1, body)
@@ -339,7 +344,8 @@ def test_binary_extension_names_are_read_as_sdk_go_reads_them(
     validateExtensionName). The dead-letter sink keeps any name."""
     data = {"prompt": "a paper boat", "enhance": False}
     cased = {**cloudevent_headers(GENERATION_REQUESTED), "ce-MyExt": "x"}
-    assert enhance.post("/", headers=cased, json=data).status_code == 200
+    taken = enhance.post("/", headers=cased, json=data)
+    assert taken.status_code == 200 and taken.headers["ce-type"] == PROMPT_ENHANCED, taken.text
     dashed = {**cloudevent_headers(GENERATION_REQUESTED), "ce-my-ext": "x"}
     assert fields(enhance.post("/", headers=dashed, json=data)) == {"my-ext"}
     deadletter = InProcessFunction("deadletter", base_env(tmp_path / "store"))
@@ -359,7 +365,7 @@ def test_a_structured_event_may_carry_binary_headers_too(enhance: InProcessFunct
     whatever ``ce-*`` headers came with it."""
     headers = {**cloudevent_headers(GENERATION_REQUESTED, event_id="header-id"), **STRUCTURED}
     reply = enhance.post("/", headers=headers, json=envelope(id="envelope-id", subject="env-1"))
-    assert reply.status_code == 200, reply.text
+    assert reply.status_code == 200 and reply.headers["ce-type"] == PROMPT_ENHANCED, reply.text
     assert reply.headers["ce-subject"] == "env-1"
 
 
@@ -368,7 +374,9 @@ def test_a_binary_body_of_null_is_no_object(enhance: InProcessFunction) -> None:
     no object: refused as a plain body of ``null`` is, not taken for no data."""
     headers = cloudevent_headers(GENERATION_REQUESTED)
     assert fields(enhance.post("/", headers=headers, content=b"null")) == {"body"}
-    assert enhance.post("/", headers=headers, content=b"").status_code == 200
+    empty = enhance.post("/", headers=headers, content=b"")
+    assert empty.status_code == 200 and empty.headers["ce-type"] == PROMPT_ENHANCED, empty.text
+    assert empty.json()["dreamed"] is True
 
 
 def test_event_headers_without_a_specversion_are_no_plain_body(enhance: InProcessFunction) -> None:
@@ -479,7 +487,7 @@ def test_a_tracing_extension_that_is_no_traceparent_leaves_the_http_one(
     reply = enhance.post(
         "/", headers=headers, json={"prompt": "a fox", "width": 256, "height": 256}
     )
-    assert reply.status_code == 200, reply.text
+    assert reply.status_code == 200 and reply.headers["ce-type"] == PROMPT_ENHANCED, reply.text
     assert reply.headers["ce-traceparent"].split("-")[1] == trace_id
 
 
@@ -492,7 +500,7 @@ def test_a_valid_tracing_extension_wins_over_the_http_header(enhance: InProcessF
     reply = enhance.post(
         "/", headers=headers, json={"prompt": "a fox", "width": 256, "height": 256}
     )
-    assert reply.status_code == 200, reply.text
+    assert reply.status_code == 200 and reply.headers["ce-type"] == PROMPT_ENHANCED, reply.text
     assert reply.headers["ce-traceparent"].split("-")[1] == trace_id
 
 

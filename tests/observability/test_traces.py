@@ -31,6 +31,7 @@ from imagegen.errors import DependencyUnavailable, InvalidRequest
 from imagegen.events import (
     GENERATION_FAILED,
     GENERATION_REQUESTED,
+    IMAGE_DERIVED,
     IMAGE_PERSISTED,
     IMAGE_RENDERED,
     PROMPT_ENHANCED,
@@ -183,6 +184,7 @@ def test_one_trace_from_the_requester_through_every_stage(
     assert persisted.headers["ce-type"] == IMAGE_PERSISTED
     derived = forward(chain.servers["derive"], persisted, IMAGE_PERSISTED)
     assert derived.status_code == 200, derived.text
+    assert derived.headers["ce-type"] == IMAGE_DERIVED, derived.text
     for reply in (enhanced, rendered, persisted, derived):
         assert reply.headers["ce-traceparent"].split("-")[1] == TRACE_ID
 
@@ -442,7 +444,7 @@ def test_the_process_span_names_the_generation_a_request_does_not(
     headers = cloudevent_headers(GENERATION_REQUESTED, event_id="obs-unnamed-1")
     body = json.dumps({"prompt": "a fox", "width": 256, "height": 256}).encode()
     reply = post(chain.servers["enhance"].url, headers, body)
-    assert reply.status_code == 200, reply.text
+    assert reply.status_code == 200 and reply.headers["ce-type"] == PROMPT_ENHANCED, reply.text
     span = only(otel.finished_spans(), "enhance process")
     assert (span.attributes or {})["imagegen.generation_id"] == reply.headers["ce-subject"]
 

@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
 
 from imagegen._otel_unexported import UnexportedTracerProvider
-from imagegen.events import GENERATION_REQUESTED
+from imagegen.events import GENERATION_REQUESTED, PROMPT_ENHANCED
 from imagegen.observability import setup_logging
 from imagegen.settings import Settings
 from tests.functions.conftest import base_env
@@ -147,6 +147,7 @@ def test_a_served_function_with_no_exporter_continues_the_trace_and_logs_it(
         records = server.log_records()
     for flags, reply in replies.items():
         assert reply.status_code == 200, reply.text
+        assert reply.headers["ce-type"] == PROMPT_ENHANCED, reply.text
         version, traced, parent, sampled = reply.headers["ce-traceparent"].split("-")
         assert (version, traced, sampled) == ("00", trace_id, flags)
         assert parent != "00f067aa0ba902b7"
