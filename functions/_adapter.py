@@ -329,7 +329,7 @@ class Function:
                 self._import_failed = module
                 said = (
                     f" (raised while importing {module}, which this process cannot import"
-                    " again: it says it is not alive, for a restart)"
+                    " again: restart it once the cause is fixed; on Knative its probes do)"
                 )
             if isinstance(exc, ImageGenError):  # in its own words: a traceback adds nothing
                 log.error("start-up failed: %s%s", exc.message, said, extra=extra)

@@ -90,17 +90,34 @@ _UNREADABLE = (
 _NAME = re.compile(r"[A-Za-z0-9_]{1,40}")
 
 
-# One host and its port, as conninfo_uri_parse_options reads them: an IPv6 address in [ ] only
-# where a host starts, else up to the next ',', '/' or '?'; a ',' begins the next host.
-# No '[' within the brackets: each host's scan for its ']' stops at the next one, so a URL of
-# many unclosed '[' is read in linear time.
-_HOSTS = re.compile(r"(?:(?:\[[^\]\[]*\])?[^,/?]*)(?:,(?:\[[^\]\[]*\])?[^,/?]*)*")
+# A host's name and port, up to the next ',' (another host), '/' (the database) or '?'.
+_HOST_REST = re.compile(r"[^,/?]*")
+
+
+def _hosts_end(rest: str) -> int | None:
+    """Where the hosts of ``rest`` (the URL past its credentials) end, read as
+    conninfo_uri_parse_options reads them: an IPv6 address in ``[ ]`` only where a host starts,
+    up to its ``]`` whatever lies between; then the host's name and port; a ``,`` begins the
+    next host. None where a ``[`` is never closed (libpq refuses the URL). Each ``]`` is looked
+    for once, from where the last host ended: linear in the URL's length."""
+    pos = 0
+    while True:
+        if rest.startswith("[", pos):
+            close = rest.find("]", pos)
+            if close < 0:
+                return None
+            pos = close + 1
+        end = _HOST_REST.match(rest, pos)
+        pos = end.end() if end else pos
+        if not rest.startswith(",", pos):
+            return pos
+        pos += 1
 
 
 def _query_names(url: str) -> set[str]:
     """The names of the query parameters of ``url``, decoded, split as libpq splits it: the
     credentials end at the first ``@`` before any ``/`` (a password may hold ``?``), the
-    hosts (:data:`_HOSTS`) at the first ``/`` or ``?`` past them, and the query follows the
+    hosts (:func:`_hosts_end`) at the first ``/`` or ``?`` past them, and the query follows the
     first ``?`` after the hosts (a ``[`` in the database name is the name's)."""
     rest = re.sub(r"\A[^@/]*@", "", url.partition("://")[2])
     if "@" in rest:
@@ -108,8 +125,8 @@ def _query_names(url: str) -> set[str]:
         # which libpq ends the credentials at, reading the rest of the password as a path and
         # a query. No name is taken from such a query: it may be the password's.
         return set()
-    hosts = _HOSTS.match(rest)
-    start = rest.find("?", hosts.end() if hosts else 0)
+    hosts = _hosts_end(rest)
+    start = -1 if hosts is None else rest.find("?", hosts)
     if start < 0:
         return set()
     pairs = rest[start + 1 :].split("&")
