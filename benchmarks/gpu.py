@@ -148,8 +148,9 @@ def _unloadable(args: argparse.Namespace) -> str | None:
             f" pull it first (imagegen models pull {args.model})"
         )
     else:  # incomplete, or no model at all; the script's flag names the model, not the variable
-        said = f"{check.summary.rstrip('.')}: {check.next_step.rstrip('.')}"
-        said = said.replace("IMAGEGEN_MODEL=", "--model ").replace("IMAGEGEN_MODEL", "--model")
+        summary = check.summary.replace(f"IMAGEGEN_MODEL={args.model}", f"--model {args.model}")
+        said = f"{summary.rstrip('.')}: {check.next_step.replace('IMAGEGEN_MODEL', '--model')}"
+        said = said.rstrip(".")
     return f"benchmarks/gpu.py: {said}; or time the same shapes: --random-weights DIR"
 
 

@@ -1302,3 +1302,8 @@ def test_the_gpu_script_names_its_own_flag_for_a_model_directory_it_cannot_load(
     assert f"--model {empty} is no diffusers pipeline directory" in err
     assert "point --model at one" in err.lower()
     assert "IMAGEGEN_MODEL" not in err
+    # The model's own path is said as it is, whatever it holds.
+    named = tmp_path / "IMAGEGEN_MODEL_dir"
+    named.mkdir()
+    assert gpu.main(["--device", "cpu", "--model", str(named), "--parts", "overhead"]) == 2
+    assert f"--model {named} is no diffusers pipeline directory" in capsys.readouterr().err

@@ -279,7 +279,9 @@ def test_the_quick_start_names_what_the_tests_need() -> None:
     assert installed and required, "the packages and commands .ci/run installs and checks"
     for package in installed:  # postgresql-15
         assert package.replace("-", " ") in quick, package
-    for tool in re.findall(r"^\s*export ([A-Z]+)$", run, flags=re.M):  # PROMTOOL, unpacked
+    unpacked = re.findall(r"^\s*export ([A-Z]+)$", run, flags=re.M)  # PROMTOOL
+    assert unpacked, "the tools .ci/run unpacks and exports"
+    for tool in unpacked:
         assert tool.lower() in quick, tool
     for what in required:  # kubectl (with kustomize v5), Node.js 20 or newer
         assert what.split()[0].lower() in quick, what

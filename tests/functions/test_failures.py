@@ -482,6 +482,8 @@ def test_a_start_up_that_failed_importing_a_module_is_said_once_and_not_begun_ag
     import time
     from concurrent import futures
 
+    import flask
+
     from imagegen import stages
 
     (tmp_path / "half_imported.py").write_text(
@@ -515,6 +517,10 @@ def test_a_start_up_that_failed_importing_a_module_is_said_once_and_not_begun_ag
         assert "raised while importing half_imported" in said and "restart it" in said
         # The liveness probe's failure restarts the container: a new process imports anew.
         assert not function.alive()
+        with flask.Flask(__name__).test_request_context("/healthz"):
+            probe = function.dispatch(flask.request)
+        assert probe.status == 503
+        assert json.loads(probe.body) == {"status": "restart needed", "stage": "persist"}
     finally:
         if function in adapter._started:
             adapter._started.remove(function)

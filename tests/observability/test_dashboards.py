@@ -349,3 +349,17 @@ def test_the_renders_in_flight_panel_says_what_a_render_pod_holds() -> None:
     assert f"{round(ADMITTED_SHARE_OF_TIMEOUT * 100)}% of" in description
     assert f"{UNMEASURED_QUEUE} queued" in description
     assert "1 + IMAGEGEN_RENDER_QUEUE_SIZE" not in description
+
+
+def test_the_webhook_backlog_alert_says_first_that_webhooks_may_be_off() -> None:
+    """With no webhook secrets the ledger records messages and sends none: the backlog grows
+    with no receiver at fault, and the alert points at the line the ledger logs then."""
+    from imagegen.settings import Settings
+
+    [rule] = [r for r in alert_rules() if r["alert"] == "ImagegenWebhookBacklogHigh"]
+    description = " ".join(rule["annotations"]["description"].split())
+    variable = Settings.variable("webhook_secrets")
+    assert f"First check that webhooks are on: with {variable} unset" in description
+    assert '"webhooks are off"' in description
+    said = (ROOT / "imagegen" / "stages" / "ledger.py").read_text()
+    assert '"webhooks are off (%s is not set)' in said  # the ledger's start-up line
