@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -222,27 +223,31 @@ async def test_a_redelivered_request_gets_the_first_prompt_even_if_ollama_change
 ) -> None:
     from tests.fakes.ollama_server import FakeOllama
 
-    with FakeOllama() as ollama:
-        ollama.reply_with('{"prompt": "a heron in morning fog, ink wash"}')
-        settings = Settings(
-            storage_url=str(tmp_path / "out"),
-            model="tiny",
-            ollama_host=ollama.url,
-            ollama_retries=0,
-        )
-        service = ImageGenService(settings)
-        request = small(prompt="a heron", generation_id="memo-1")
-        first = await service.enhance(request)
-        assert first.enhancer.startswith("ollama:") and "heron in morning fog" in first.prompt
+    # Each service closed at the end (its Ollama client's connections with it), never left
+    # for the collector to find open during a later test.
+    async with contextlib.AsyncExitStack() as services:
+        with FakeOllama() as ollama:
+            ollama.reply_with('{"prompt": "a heron in morning fog, ink wash"}')
+            settings = Settings(
+                storage_url=str(tmp_path / "out"),
+                model="tiny",
+                ollama_host=ollama.url,
+                ollama_retries=0,
+            )
+            service = await services.enter_async_context(ImageGenService(settings))
+            request = small(prompt="a heron", generation_id="memo-1")
+            first = await service.enhance(request)
+            assert first.enhancer.startswith("ollama:") and "heron in morning fog" in first.prompt
 
-    # Ollama is gone: the redelivery still gets the prompt the first delivery wrote.
-    again = await ImageGenService(settings).enhance(request)
-    assert again == first
-    assert (tmp_path / "out" / "prompts/memo-1.json").is_file()
+        # Ollama is gone: the redelivery still gets the prompt the first delivery wrote.
+        other = await services.enter_async_context(ImageGenService(settings))
+        again = await other.enhance(request)
+        assert again == first
+        assert (tmp_path / "out" / "prompts/memo-1.json").is_file()
 
-    with pytest.raises(InvalidRequest) as caught:
-        await service.enhance(small(prompt="a crane", generation_id="memo-1"))
-    assert caught.value.fields == ["generation_id"]
+        with pytest.raises(InvalidRequest) as caught:
+            await service.enhance(small(prompt="a crane", generation_id="memo-1"))
+        assert caught.value.fields == ["generation_id"]
 
 
 async def test_simultaneous_persists_of_one_image_answer_alike(settings: Settings) -> None:
