@@ -38,6 +38,14 @@ def render() -> Callable[[str], list[dict[str, Any]]]:
 
 
 @pytest.fixture
+def jq() -> str:
+    """The ``jq`` the runbook's commands are run with."""
+    found = shutil.which("jq")
+    assert found, "jq is required (apt-get install jq) to run the runbook's commands as written"
+    return found
+
+
+@pytest.fixture
 def routing(render: Callable[[str], list[dict[str, Any]]]) -> Callable[[str], Routing]:
     """``routing("prod")``: the routing of one rendered overlay."""
     return lambda name: Routing(render(name))

@@ -133,23 +133,23 @@ def _accepted(broker: Broker, event_type: str) -> list[Event]:
     return [e for e in broker.accepted if e["type"] == event_type]
 
 
-def _picked(records: list[Path]) -> list[Path]:
+def _picked(jq: str, records: list[Path]) -> list[Path]:
     """The records the runbook's step 2 picks for re-sending, its own jq run on them."""
     section = _section("Recover dead-lettered generations")
     [program] = re.findall(r"jq -r '(.*?)' records/", section, flags=re.S)
     if not records:
         return []
     out = subprocess.run(
-        ["jq", "-r", program, *map(str, records)], check=True, capture_output=True, text=True
+        [jq, "-r", program, *map(str, records)], check=True, capture_output=True, text=True
     ).stdout
     return [Path(line) for line in out.splitlines()]
 
 
-def _resent(record: Path) -> Event:
+def _resent(jq: str, record: Path) -> Event:
     """The event the runbook's step 3 sends for ``record``."""
     section = _section("Recover dead-lettered generations")
     [program] = re.findall(r"jq -c '(.*?)' \"\$RECORD\"", section, flags=re.S)
-    sent = subprocess.run(["jq", "-c", program, str(record)], check=True, capture_output=True)
+    sent = subprocess.run([jq, "-c", program, str(record)], check=True, capture_output=True)
     event = decode(Message({"content-type": "application/cloudevents+json"}, sent.stdout))
     assert event is not None
     return event
@@ -170,7 +170,7 @@ def _told_backoff() -> dict[str, int]:
     ("overlay", "broker_class"), [("prod", KAFKA_BROKER), ("dev", CHANNEL_BROKER)]
 )
 def test_a_corrupt_record_dead_letters_its_event_which_is_resent_once_repaired(
-    cluster: Cluster, routing: RoutingOf, overlay: str, broker_class: str
+    cluster: Cluster, routing: RoutingOf, jq: str, overlay: str, broker_class: str
 ) -> None:
     """derive answers a corrupt metadata record 503 with ``Retry-After: 60``; the broker does
     not wait for a repair but retries on its own backoff and dead-letters the event. Repaired
@@ -201,15 +201,15 @@ def test_a_corrupt_record_dead_letters_its_event_which_is_resent_once_repaired(
     assert failure["error_code"] == "503" and "is corrupt" in failure["error_body"]["message"]
 
     record.write_bytes(first)  # the previous version, restored
-    assert _picked(cluster.records()) == [letter]
-    again = _run(cluster.broker(r, broker_class), _resent(letter))
+    assert _picked(jq, cluster.records()) == [letter]
+    again = _run(cluster.broker(r, broker_class), _resent(jq, letter))
     assert _statuses(again, cluster, "imagegen-derive") == [200]
     [derived] = _accepted(again, IMAGE_DERIVED)
     assert derived["subject"] == gid
 
 
 def test_a_removed_persist_record_is_written_anew_and_the_ledger_keeps_the_first(
-    cluster: Cluster, routing: RoutingOf
+    cluster: Cluster, routing: RoutingOf, jq: str
 ) -> None:
     """The runbook's persist bullet: removed, the record comes back with a new persisted_at
     and newly signed URLs, in a reply of the first one's id that the ledger does not take;
@@ -232,11 +232,11 @@ def test_a_removed_persist_record_is_written_anew_and_the_ledger_keeps_the_first
     record.write_bytes(b"")
     corrupt = _run(cluster.broker(r, KAFKA_BROKER), rendered)  # a redelivery
     assert [d.trigger for d in corrupt.dead_letters if d.accepted] == ["imagegen-persist"]
-    [letter] = _picked(cluster.records())
+    [letter] = _picked(jq, cluster.records())
 
     time.sleep(1.05)  # signed URLs count whole seconds
     record.unlink()
-    again = _run(cluster.broker(r, KAFKA_BROKER), _resent(letter))
+    again = _run(cluster.broker(r, KAFKA_BROKER), _resent(jq, letter))
     [second] = _accepted(again, IMAGE_PERSISTED)
     assert (second["source"], second["id"]) == (first["source"], first["id"])
     old, new = first.json(), second.json()
@@ -256,13 +256,13 @@ def test_a_removed_persist_record_is_written_anew_and_the_ledger_keeps_the_first
     assert kept.persisted_at == datetime.fromisoformat(old["persisted_at"])
 
     record.write_bytes(original)  # the previous version, restored instead
-    restored = _run(cluster.broker(r, KAFKA_BROKER), _resent(letter))
+    restored = _run(cluster.broker(r, KAFKA_BROKER), _resent(jq, letter))
     [answered] = _accepted(restored, IMAGE_PERSISTED)
     assert answered.json() == old
 
 
 def test_the_runbook_picks_a_delivery_that_got_no_answer_and_not_what_would_fail_again(
-    cluster: Cluster, routing: RoutingOf
+    cluster: Cluster, routing: RoutingOf, jq: str
 ) -> None:
     """On the Kafka broker a delivery that never got an answer is dead-lettered with only
     ``knativeerrordest``: no code, no body. The runbook's step 2 picks it; not a 4xx, nor a
@@ -303,8 +303,8 @@ def test_the_runbook_picks_a_delivery_that_got_no_answer_and_not_what_would_fail
     assert reply.status_code == 202
     assert len(cluster.records()) == 4
 
-    assert _picked(cluster.records()) == [letter]
-    again = _run(cluster.broker(r, KAFKA_BROKER), _resent(letter))  # persist back
+    assert _picked(jq, cluster.records()) == [letter]
+    again = _run(cluster.broker(r, KAFKA_BROKER), _resent(jq, letter))  # persist back
     assert _statuses(again, cluster, "imagegen-persist") == [200]
     assert _accepted(again, IMAGE_PERSISTED)
 
@@ -333,6 +333,7 @@ def _aws_said(script: str, **env: str) -> list[str]:
     return done.stdout.splitlines()
 
 
+@pytest.mark.usefixtures("jq")  # the recovery commands read the record's key with jq
 @pytest.mark.parametrize(("prefix", "root"), [("", "s3://b"), ("images", "s3://b/images")])
 def test_the_runbooks_store_addresses_hold_with_or_without_a_prefix(
     tmp_path: Path, prefix: str, root: str

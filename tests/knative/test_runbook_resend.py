@@ -28,7 +28,7 @@ def _resend_filter() -> str:
 
 
 def test_the_runbook_resends_a_dead_lettered_job_with_the_attributes_render_is_routed_on(
-    tmp_path: Path, routing: Callable[[str], Routing]
+    tmp_path: Path, routing: Callable[[str], Routing], jq: str
 ) -> None:
     prod = routing("prod")
     [model] = [t.filter[MODEL_ATTRIBUTE] for t in prod.triggers if MODEL_ATTRIBUTE in t.filter]
@@ -51,7 +51,7 @@ def test_the_runbook_resends_a_dead_lettered_job_with_the_attributes_render_is_r
     [record] = tmp_path.rglob("failures/**/*.json")
 
     sent = subprocess.run(
-        ["jq", "-c", _resend_filter(), str(record)], check=True, capture_output=True
+        [jq, "-c", _resend_filter(), str(record)], check=True, capture_output=True
     ).stdout
     event = decode(Message({"content-type": "application/cloudevents+json"}, sent))
     assert event is not None

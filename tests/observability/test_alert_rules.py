@@ -28,16 +28,19 @@ from tests.conftest import ROOT
 
 ALERTS = ROOT / "observability" / "prometheus" / "alerts.yaml"
 FIXTURES = Path(__file__).with_name("alert_rules")
+# Where `.ci/run` unpacks Debian's prometheus package; looked at after PROMTOOL and the PATH.
+UNPACKED_PROMTOOL = ROOT / ".cache" / "prometheus-deb" / "usr" / "bin" / "promtool"
 GET_PROMTOOL = (
-    "promtool is required: `apt-get download prometheus && dpkg -x prometheus_*.deb DIR`"
-    " (nothing installed), then PROMTOOL=DIR/usr/bin/promtool"
+    f"promtool is required (PROMTOOL, the PATH, or {UNPACKED_PROMTOOL}, where `bash .ci/run`"
+    " unpacks it): `apt-get download prometheus && dpkg -x prometheus_*.deb DIR` (nothing"
+    " installed), then PROMTOOL=DIR/usr/bin/promtool"
 )
 
 
 @pytest.fixture(scope="module")
 def promtool() -> str:
-    found = os.environ.get("PROMTOOL") or shutil.which("promtool")
-    assert found and os.access(found, os.X_OK), GET_PROMTOOL
+    found = os.environ.get("PROMTOOL") or shutil.which("promtool") or str(UNPACKED_PROMTOOL)
+    assert os.access(found, os.X_OK), GET_PROMTOOL
     return found
 
 

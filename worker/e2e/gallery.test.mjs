@@ -3,7 +3,7 @@
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { createHmac } from "node:crypto";
-import { mkdirSync } from "node:fs";
+import { accessSync, constants, mkdirSync } from "node:fs";
 import { createServer } from "node:net";
 import { dirname, join } from "node:path";
 import { after, before, test } from "node:test";
@@ -100,7 +100,20 @@ function signedPath(key, expires) {
   return `/${key}?expires=${expires}&signature=${signature}`;
 }
 
+/** Fails at once, before any server starts, when `CHROMIUM` names no executable. */
+function requireChromium() {
+  try {
+    accessSync(CHROMIUM, constants.X_OK);
+  } catch {
+    throw new Error(
+      `Chromium is required: no executable at ${CHROMIUM}; apt-get install chromium, ` +
+        "or set CHROMIUM= to its path",
+    );
+  }
+}
+
 before(async () => {
+  requireChromium();
   console.time("origin");
   mkdirSync(OUTPUT, { recursive: true });
   origin = spawn(PYTHON, [join(WORKER, "e2e", "origin.py")], {
