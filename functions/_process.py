@@ -4,6 +4,7 @@ Each line here makes a start or a first request cheaper and changes nothing a fu
 """
 
 import contextlib
+import functools
 import gc
 import os
 import signal
@@ -149,12 +150,32 @@ else:
         hook, run after the worker set its handlers: gunicorn/workers/base.py, ``init_process``).
 
         Ctrl-C reaches a worker twice: the terminal's SIGINT, and the master's SIGQUIT as it
-        stops (gunicorn/arbiter.py, ``handle_int``: ``stop(False)``). Both ran gthread's
-        ``handle_quit``, which shuts its thread pool down (gunicorn/workers/gthread.py): the
-        second, run inside the first while it held the pool's lock, waited on that
-        non-reentrant lock for good, and the master waited its whole graceful timeout.
+        stops (gunicorn/arbiter.py, ``handle_int``: ``stop(False)``). Each quits as gunicorn's
+        base worker does (gunicorn/workers/base.py, ``Worker.handle_quit``: ``alive`` false,
+        the ``worker_int`` hook, ``sys.exit(0)``), not as gthread's, which first shuts its
+        thread pool down (gunicorn/workers/gthread.py, ``ThreadWorker.handle_quit``:
+        ``self.tpool.shutdown(wait=False)``). That takes the pool's non-reentrant
+        ``_shutdown_lock``, which the main thread this handler interrupts holds while it
+        submits a connection (CPython's Lib/concurrent/futures/thread.py, ``submit`` and
+        ``shutdown``; gthread's ``enqueue_req``: a new connection, or a kept-alive one its
+        client closes as the Ctrl-C comes), as the first handler held it when the second ran
+        inside it: the handler waited on it for good, and the master waited its whole graceful
+        timeout (:data:`DRAIN_SECONDS`) before it killed the worker.
+
+        The pool's shutdown is not needed: ``shutdown(wait=False)`` neither stops nor drops
+        the requests its threads run or have queued, it only refuses later submits, and the
+        main thread, the one that submits, ends at the handler's ``sys.exit``. The pool's
+        threads are woken and joined as the interpreter exits, by concurrent.futures' own exit
+        hook (``_python_exit``, after the function's close: ``_adapter._close_at_exit``): a
+        request in flight is still answered, with its result or the retryable 503 of a
+        function closing. ``imagegen serve`` has gthread's worker quit the same way for any
+        function (imagegen/cli/_server.py), one that does not import this module included.
         """
+        from gunicorn.workers import base, gthread
+
         quit = worker.handle_quit
+        if isinstance(worker, gthread.ThreadWorker):
+            quit = functools.partial(base.Worker.handle_quit, worker)
         quitting = False
 
         def handle_quit(sig: int, frame: Any) -> None:

@@ -104,8 +104,37 @@ def main(args: list[str]) -> None:
             name="imagegen-serving",
             daemon=True,
         ).start()
+    if "--debug" not in args:
+        _quit_without_the_pools_lock()
     # sys.argv is already [this file, *args]: what the command reads its options from.
     runpy.run_module("functions_framework", run_name="__main__", alter_sys=True)
+
+
+def _quit_without_the_pools_lock() -> None:
+    """Have gunicorn's gthread worker quit (SIGQUIT, SIGINT: Ctrl-C) as its base class does,
+    whichever function it serves.
+
+    gthread's ``handle_quit`` shuts its thread pool down first (gunicorn/workers/gthread.py,
+    ``ThreadWorker.handle_quit``: ``self.tpool.shutdown(wait=False)``), under the pool's
+    non-reentrant ``_shutdown_lock`` (CPython's Lib/concurrent/futures/thread.py,
+    ``shutdown``), which the worker's main thread, the one the handler interrupts, holds while
+    it submits a connection (``submit``; gthread's ``enqueue_req``: a kept-alive one its
+    client closes as the Ctrl-C comes). The handler then waited on it for good, and the
+    master killed the worker after its graceful timeout, saying so (30 s; an hour for the
+    functions of functions/). The shutdown is not needed: it only refuses later submits, the
+    requests under way and queued still run, and the main thread ends at the base class's
+    ``sys.exit`` (gunicorn/workers/base.py, ``Worker.handle_quit``); the pool's threads are
+    joined as the interpreter exits (concurrent.futures' own exit hook, ``_python_exit``).
+
+    A function's process in its container has its workers quit the same way
+    (functions/_process.py, ``quit_once``), which this module cannot import: it has the
+    function import what it needs, as in its container, and _process sets more than this.
+    """
+    try:
+        from gunicorn.workers import base, gthread
+    except ImportError:  # no gunicorn (Windows): werkzeug's server
+        return
+    gthread.ThreadWorker.handle_quit = base.Worker.handle_quit
 
 
 _ARGUMENTS = argparse.ArgumentParser(add_help=False, allow_abbrev=False)

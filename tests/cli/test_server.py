@@ -21,7 +21,7 @@ from typing import NamedTuple
 import httpx
 import pytest
 
-from tests.conftest import isolated_environ
+from tests.conftest import ROOT, isolated_environ
 from tests.functions.servers import free_port
 from tests.test_cli import on_a_terminal, terminal_output
 
@@ -58,9 +58,11 @@ class Served(NamedTuple):
     port: int
 
 
-def _started(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+def _started(
+    tmp_path: Path, env: dict[str, str], *args: str, session: bool = False
+) -> subprocess.Popen[str]:
     """``imagegen serve persist ARGS`` in a process of its own, its output piped, Ctrl-C its
-    default."""
+    default; with ``session``, its workers in its new session, to be killed with it."""
     return subprocess.Popen(
         [sys.executable, "-m", "imagegen.cli", "serve", "persist", *args],
         cwd=tmp_path,
@@ -69,6 +71,7 @@ def _started(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.Pope
         stderr=subprocess.PIPE,
         text=True,
         preexec_fn=_default_sigint,
+        start_new_session=session,
     )
 
 
@@ -153,6 +156,41 @@ def test_ctrl_c_once_it_serves_is_the_servers_own_exit_0(serving: Served) -> Non
     assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).text == "served"
     proc.send_signal(signal.SIGINT)
     out, err = _rest(proc)
+    assert (proc.returncode, err, out) == (0, "", "")
+
+
+_HELD_SUBMIT = ROOT / "tests" / "functions" / "held_submit"
+"""A ``sitecustomize`` holding the server's thread pool's lock in a submit, once asked to."""
+
+
+@pytest.mark.slow
+def test_ctrl_c_as_the_worker_submits_a_connection_is_still_the_servers_own_exit_0(
+    tmp_path: Path,
+) -> None:
+    """gthread's worker quit (SIGQUIT, SIGINT) by shutting its thread pool down, under the
+    pool's lock, which its main thread holds while it submits a connection: a kept-alive one
+    that its client closes as the Ctrl-C comes. The handler waited on that lock for good, and
+    the master killed the worker after its graceful timeout (gunicorn's 30 s; an hour for a
+    function of functions/), saying so."""
+    flag = tmp_path / "hold-the-next-submit"
+    env = _functions(tmp_path, _ANSWERING)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_HELD_SUBMIT), env.get("PYTHONPATH")]))
+    env["SUBMIT_HELD_ONCE"] = str(flag)
+    port = free_port()
+    proc = _started(tmp_path, env, "--port", str(port), session=True)
+    try:
+        assert _next_line(proc) == f"serving persist on http://127.0.0.1:{port}\n"
+        with httpx.Client(timeout=10) as client:  # the connection kept alive
+            assert client.get(f"http://127.0.0.1:{port}/").text == "served"
+            flag.touch()
+        # Closed: the worker's main thread submits it, and is held there.
+        assert _next_line(proc, 10) == '{"message": "submit held"}\n'
+        proc.send_signal(signal.SIGINT)
+        out, err = _rest(proc, 10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # its worker too, stuck in its handler
+            proc.communicate()
     assert (proc.returncode, err, out) == (0, "", "")
 
 
