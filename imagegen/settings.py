@@ -24,10 +24,11 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
 )
-from pydantic_core import InitErrorDetails
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -222,11 +223,6 @@ def _ledger_url(value: SecretStr | None) -> SecretStr | None:
     return value
 
 
-def _until(text: str, stops: str) -> int:
-    """The index of ``text``'s first character among ``stops``; its length where none is."""
-    return next((i for i, c in enumerate(text) if c in stops), len(text))
-
-
 def _postgres_url_problem(url: str) -> str | None:
     """What libpq would refuse in the ports of ``url`` before connecting, never the text that
     stood there; None when they are fine.
@@ -238,36 +234,15 @@ def _postgres_url_problem(url: str) -> str | None:
     every query; it is not used here either way: importing psycopg would cost every function's
     start.
     """
-    import re
     from urllib.parse import unquote  # libpq decodes %xx in every part
 
-    # Split as libpq splits it (fe-connect.c, conninfo_uri_parse_options), not as a web URL:
-    # the credentials end at the first "@" before any "/", so a password may hold "?", "#",
-    # "[" or "]"; then comma-separated hosts, "[IPv6]" or up to ":", "/", "?" or ",", each
-    # with a port up to "/", "?" or ","; then "/dbname" and "?params".
-    rest = url.partition("://")[2]
-    credentials = re.match(r"[^@/]*@", rest)
-    if credentials:
-        rest = rest[credentials.end() :]
-    ports = []
-    while True:
-        if rest.startswith("["):  # an IPv6 address: [::1]:5432
-            closing = rest.find("]")
-            if closing < 0:
-                return "its IPv6 host is not enclosed in [ and ]"
-            rest = rest[closing + 1 :]
-            if rest[:1] not in ("", ":", "/", "?", ","):
-                return "its IPv6 host is not enclosed in [ and ]"
-        else:
-            rest = rest[_until(rest, ":/?,") :]
-        if rest.startswith(":"):
-            port = rest[1 : 1 + _until(rest[1:], "/?,")]
-            ports.append(port)
-            rest = rest[1 + len(port) :]
-        if not rest.startswith(","):
-            break
-        rest = rest[1:]
-    for pair in rest.partition("?")[2].split("&"):
+    from imagegen._pgurl import split_postgres_url
+
+    parts = split_postgres_url(url)
+    if parts.problem:
+        return "its IPv6 host is not enclosed in [ and ]"
+    ports = [port for _, port in parts.hosts if port is not None]
+    for pair in (parts.query or "").split("&"):
         name, _, given = pair.partition("=")
         if unquote(name) == "port":
             ports.extend(given.split(","))
@@ -917,6 +892,32 @@ def _key_hashes(value: list[str]) -> list[str]:
     return value
 
 
+def _entries_by_place(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """``value`` as ``handler`` validates it, an entry of a list or tuple it refuses named by
+    its place (``entry 2 of 3: Input should be a valid integer``), as the settings' own checks
+    name one, not by pydantic's index from 0 (``IMAGEGEN_DERIVATIVE_WIDTHS.1``); pydantic's
+    reason is kept, which quotes no value."""
+    try:
+        return handler(value)
+    except ValidationError as exc:
+        if not isinstance(value, list | tuple):
+            raise
+        errors = []
+        for error in exc.errors(include_url=False):
+            loc, reason = error["loc"], error["msg"]
+            index = loc[0] if loc else None
+            if isinstance(index, int):
+                loc, reason = loc[1:], f"entry {index + 1} of {len(value)}: {reason}"
+            errors.append(
+                InitErrorDetails(
+                    type=PydanticCustomError(error["type"], reason),
+                    loc=loc,
+                    input=error["input"],
+                )
+            )
+        raise ValidationError.from_exception_data(exc.title, errors, hide_input=True) from None
+
+
 def _split_list(value: Any) -> Any:
     if isinstance(value, str):
         text = value.strip()
@@ -1174,6 +1175,10 @@ class Settings(BaseSettings):
         default=True, description="Prompts in INFO logs (dev: on, prod: off)."
     )
 
+    # Defined before every other check of a setting, so it runs within them: after the
+    # "before" ones (a list split from its text, whose entries it counts) and around pydantic's
+    # own, which name an entry by its index.
+    _places = field_validator("*", mode="wrap")(_entries_by_place)
     _split = field_validator(
         "served_models",
         "plugins",

@@ -308,6 +308,34 @@ def test_an_invalid_setting_names_the_variable_set(
             {"IMAGEGEN_SERVED_MODELS": ""},
             "IMAGEGEN_SERVED_MODELS (empty: name the models the render services serve)",
         ),
+        # An entry of a list pydantic refuses: they named it by its index from 0
+        # (IMAGEGEN_DERIVATIVE_WIDTHS.1), the settings' own checks by its place.
+        (
+            ["plugins"],
+            {"IMAGEGEN_DERIVATIVE_WIDTHS": "256,hunter2"},
+            "IMAGEGEN_DERIVATIVE_WIDTHS (entry 2 of 2: Input should be a valid integer, unable"
+            " to parse string as an integer)",
+        ),
+        (
+            ["plugins"],
+            {"IMAGEGEN_DERIVATIVE_WIDTHS": "8193"},
+            "IMAGEGEN_DERIVATIVE_WIDTHS (entry 1 of 1: Input should be less than or equal to 8192)",
+        ),
+        (
+            ["plugins"],
+            {"IMAGEGEN_PLUGINS": '["holiday", 7, "weather"]'},
+            "IMAGEGEN_PLUGINS (entry 2 of 3: Input should be a valid string)",
+        ),
+        (
+            ["plugins"],
+            {"IMAGEGEN_HOLIDAY_COUNTRIES": '["US", ["hunter2"]]'},
+            "IMAGEGEN_HOLIDAY_COUNTRIES (entry 2 of 2: Input should be a valid string)",
+        ),
+        (
+            ["plugins"],
+            {"IMAGEGEN_WEBHOOK_SECRETS": '[{"whsec_hunter2": 1}]'},
+            "IMAGEGEN_WEBHOOK_SECRETS (entry 1 of 1: Input should be a valid string)",
+        ),
     ],
     ids=lambda value: "-".join(value) if isinstance(value, dict) else None,
 )

@@ -17,6 +17,7 @@ from functools import cache
 from typing import Any
 from urllib.parse import unquote
 
+from imagegen._pgurl import split_postgres_url
 from imagegen.errors import (
     ConfigurationError,
     DependencyUnavailable,
@@ -90,47 +91,21 @@ _UNREADABLE = (
 _NAME = re.compile(r"[A-Za-z0-9_]{1,40}")
 
 
-# A host's name and port, up to the next ',' (another host), '/' (the database) or '?'.
-_HOST_REST = re.compile(r"[^,/?]*")
-
-
-def _hosts_end(rest: str) -> int | None:
-    """Where the hosts of ``rest`` (the URL past its credentials) end, read as
-    conninfo_uri_parse_options reads them: an IPv6 address in ``[ ]`` only where a host starts,
-    up to its ``]`` whatever lies between; then the host's name and port; a ``,`` begins the
-    next host. None where a ``[`` is never closed (libpq refuses the URL). Each ``]`` is looked
-    for once, from where the last host ended: linear in the URL's length."""
-    pos = 0
-    while True:
-        if rest.startswith("[", pos):
-            close = rest.find("]", pos)
-            if close < 0:
-                return None
-            pos = close + 1
-        end = _HOST_REST.match(rest, pos)
-        pos = end.end() if end else pos
-        if not rest.startswith(",", pos):
-            return pos
-        pos += 1
-
-
 def _query_names(url: str) -> set[str]:
-    """The names of the query parameters of ``url``, decoded, split as libpq splits it: the
-    credentials end at the first ``@`` before any ``/`` (a password may hold ``?``), the
-    hosts (:func:`_hosts_end`) at the first ``/`` or ``?`` past them, and the query follows the
-    first ``?`` after the hosts (a ``[`` in the database name is the name's)."""
-    rest = re.sub(r"\A[^@/]*@", "", url.partition("://")[2])
-    if "@" in rest:
+    """The names of the query parameters of ``url``, decoded, split as libpq splits it
+    (:func:`imagegen._pgurl.split_postgres_url`): the credentials end at the first ``@``
+    before any ``/`` (a password may hold ``?``), the hosts at the first ``/`` or ``?`` past
+    them, and the query follows the first ``?`` after the hosts (a ``[`` in the database name
+    is the name's); none where libpq refuses the hosts."""
+    parts = split_postgres_url(url)
+    if url.partition("://")[2].count("@") > (parts.credentials is not None):
         # An @ past the credentials libpq read: a password with a bare / (or ?, #) before it,
         # which libpq ends the credentials at, reading the rest of the password as a path and
         # a query. No name is taken from such a query: it may be the password's.
         return set()
-    hosts = _hosts_end(rest)
-    start = -1 if hosts is None else rest.find("?", hosts)
-    if start < 0:
+    if parts.problem or parts.query is None:
         return set()
-    pairs = rest[start + 1 :].split("&")
-    return {unquote(pair.partition("=")[0]).strip(" ") for pair in pairs}
+    return {unquote(pair.partition("=")[0]).strip(" ") for pair in parts.query.split("&")}
 
 
 def _unreadable(message: str, url: str) -> str:
