@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import gc
 import logging
 import os
 import sys
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -61,6 +65,50 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 _PRELOADED = pytest.StashKey[tuple[Any, Path]]()
+
+
+# A client session whose event loop has closed can never be closed: its connections stay open
+# until the collector frees it, which then says "Unclosed client session" (asyncio's ERROR) in
+# whatever runs at that moment, such as a later test's command line. So a test is held to
+# closing the sessions it opened (through the services and clients that made them) before their
+# loop closes, and is the one to fail where it did not.
+_sessions: weakref.WeakKeyDictionary[Any, weakref.ref[asyncio.AbstractEventLoop]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _follow_client_sessions() -> None:
+    import aiohttp
+
+    made = aiohttp.ClientSession.__init__
+
+    @functools.wraps(made)
+    def init(self: aiohttp.ClientSession, *args: Any, **kwargs: Any) -> None:
+        made(self, *args, **kwargs)
+        with contextlib.suppress(RuntimeError):  # made outside a loop: aiohttp's old way
+            _sessions[self] = weakref.ref(asyncio.get_running_loop())
+
+    aiohttp.ClientSession.__init__ = init  # type: ignore[method-assign]
+
+
+_follow_client_sessions()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    yield  # the test's fixtures are finalized: a function-scoped event loop is closed
+    left = []
+    for session, loop in list(_sessions.items()):
+        ended = loop()
+        if not session.closed and ended is not None and ended.is_closed():
+            left.append(session)
+            del _sessions[session]
+    if left:
+        pytest.fail(
+            f"{len(left)} aiohttp client session(s) left open on a closed event loop:"
+            " close the service or client that made them before the loop ends",
+            pytrace=False,
+        )
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

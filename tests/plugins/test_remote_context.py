@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 import tracemalloc
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
@@ -42,6 +43,21 @@ async def _fetch(
         await plugin.aclose()
 
 
+@pytest.fixture
+async def plugin_set() -> AsyncIterator[Callable[[Settings], PluginSet]]:
+    """``plugin_set(settings)``: remote_context alone in a plugin set; each closed as the test
+    ends, as enhance closes its own (the plugin's client and its connections)."""
+    made: list[PluginSet] = []
+
+    def make(settings: Settings) -> PluginSet:
+        made.append(PluginSet([RemoteContextPlugin(settings)], settings=settings))
+        return made[-1]
+
+    yield make
+    for plugins in made:
+        await plugins.aclose()
+
+
 def _said(caplog: pytest.LogCaptureFixture) -> list[str]:
     """The plugin's records only: an exporter thread left by another test may log meanwhile."""
     return [r.getMessage() for r in caplog.records if r.name.startswith("imagegen.plugins")]
@@ -55,11 +71,13 @@ async def test_string_values_become_context(endpoint: JsonEndpoint) -> None:
 
 
 async def test_a_value_that_is_no_utf8_text_is_left_out_the_others_kept(
-    endpoint: JsonEndpoint, caplog: pytest.LogCaptureFixture
+    endpoint: JsonEndpoint,
+    caplog: pytest.LogCaptureFixture,
+    plugin_set: Callable[[Settings], PluginSet],
 ) -> None:
     """No event carries a lone surrogate: the whole reply was refused as the plugin's crash."""
     settings = _settings(endpoint.at("/surrogate")).model_copy(update={"plugins": []})
-    plugins = PluginSet([RemoteContextPlugin(settings)], settings=settings)
+    plugins = plugin_set(settings)
     with caplog.at_level(logging.WARNING):
         [result] = await plugins.run(generation_id="g", seed=1, now=NOW)
     assert result.data == {"values": {"mood": "calm"}} and result.text == "calm"
@@ -84,7 +102,7 @@ async def test_a_request_cannot_choose_the_url(endpoint: JsonEndpoint) -> None:
 
 
 async def test_the_operators_bad_url_is_the_operators_fault_whatever_the_request_gives(
-    endpoint: JsonEndpoint,
+    endpoint: JsonEndpoint, plugin_set: Callable[[Settings], PluginSet]
 ) -> None:
     """The plugin reads the operator's url alone: a request's is ignored, so a bad one is
     never the request's fault (a 400 that drops the event), but the setting's (a 503): where
@@ -98,7 +116,7 @@ async def test_the_operators_bad_url_is_the_operators_fault_whatever_the_request
     with pytest.raises(ConfigurationError) as refused:
         PluginSet.from_settings(settings)
     assert refused.value.fields == ["IMAGEGEN_PLUGIN_OPTIONS"]
-    plugins = PluginSet([RemoteContextPlugin(settings)], settings=settings)
+    plugins = plugin_set(settings)
     for options in ({}, {"remote_context": {"url": endpoint.at("/context")}}):
         with pytest.raises(ConfigurationError) as caught:
             await plugins.run(generation_id="g", seed=1, now=NOW, options=options)
@@ -338,12 +356,14 @@ async def test_a_transport_given_without_the_cap_still_reads_a_gzipped_answer(
 
 
 async def test_json_nested_too_deep_is_skipped_with_the_plugins_warning(
-    endpoint: JsonEndpoint, caplog: pytest.LogCaptureFixture
+    endpoint: JsonEndpoint,
+    caplog: pytest.LogCaptureFixture,
+    plugin_set: Callable[[Settings], PluginSet],
 ) -> None:
     """Under the size cap, deep enough that the parser raises RecursionError: skipped in the
     plugin's own words, not as a plugin that failed (a traceback at every request)."""
     settings = _settings(endpoint.at("/deep"))
-    plugins = PluginSet([RemoteContextPlugin(settings)], settings=settings)
+    plugins = plugin_set(settings)
     with caplog.at_level(logging.WARNING, logger="imagegen.plugins"):
         assert await plugins.run(generation_id="g", seed=1, now=NOW) == []
     said = [r for r in caplog.records if r.name == "imagegen.plugins"]
@@ -404,11 +424,11 @@ def test_the_endpoint_settings_that_can_work_are_taken() -> None:
 
 
 async def test_a_url_that_cannot_be_split_is_skipped_in_a_line(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, plugin_set: Callable[[Settings], PluginSet]
 ) -> None:
     """In a plugin set made without the settings' check: a warning, not a plugin that failed."""
     settings = _settings("http://[::1/")
-    plugins = PluginSet([RemoteContextPlugin(settings)], settings=settings)
+    plugins = plugin_set(settings)
     with caplog.at_level(logging.WARNING, logger="imagegen.plugins"):
         assert await plugins.run(generation_id="g", seed=1, now=NOW) == []
     said = [r for r in caplog.records if r.name == "imagegen.plugins"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,9 +29,23 @@ def at(generation_id: str, when: datetime) -> Call:
     return Call(generation_id=generation_id, requested_at=when)
 
 
-def service(storage: object, ollama: str) -> ImageGenService:
-    settings = Settings(model="tiny", ollama_host=ollama, ollama_retries=0)
-    return ImageGenService(settings, storage=storage)  # type: ignore[arg-type]
+MakeService = Callable[[object, str], ImageGenService]
+
+
+@pytest.fixture
+async def service() -> AsyncIterator[MakeService]:
+    """``service(storage, ollama_url)``: a service keeping its prompts in ``storage``; each one
+    closed as the test ends, as a function closes its own (its Ollama client's connections)."""
+    made: list[ImageGenService] = []
+
+    def make(storage: object, ollama: str) -> ImageGenService:
+        settings = Settings(model="tiny", ollama_host=ollama, ollama_retries=0)
+        made.append(ImageGenService(settings, storage=storage))  # type: ignore[arg-type]
+        return made[-1]
+
+    yield make
+    for each in made:
+        await each.aclose()
 
 
 @pytest.fixture
@@ -49,7 +63,7 @@ def keys(s3: S3Server, bucket: str) -> list[str]:
 
 
 async def test_a_delivery_on_another_day_gets_the_first_prompt(
-    make_s3: MakeS3, s3: S3Server, bucket: str, ollama: FakeOllama
+    make_s3: MakeS3, s3: S3Server, bucket: str, ollama: FakeOllama, service: MakeService
 ) -> None:
     # An event without a time takes the moment it arrives: either side of midnight here.
     storage = make_s3()
@@ -61,7 +75,7 @@ async def test_a_delivery_on_another_day_gets_the_first_prompt(
 
 
 async def test_a_memo_storage_cannot_read_fails_the_delivery_retryably(
-    make_s3: MakeS3, s3: S3Server, ollama: FakeOllama
+    make_s3: MakeS3, s3: S3Server, ollama: FakeOllama, service: MakeService
 ) -> None:
     storage = make_s3()
     first = await service(storage, ollama.url).enhance(request(), at("memo-unread", DAY))
@@ -73,7 +87,7 @@ async def test_a_memo_storage_cannot_read_fails_the_delivery_retryably(
 
 
 async def test_a_prompt_storage_cannot_keep_is_not_answered(
-    make_s3: MakeS3, s3: S3Server, bucket: str, ollama: FakeOllama
+    make_s3: MakeS3, s3: S3Server, bucket: str, ollama: FakeOllama, service: MakeService
 ) -> None:
     storage = make_s3()
     s3.down(status=503)
@@ -96,14 +110,14 @@ class _LostRace(LocalStorage):
 
 
 async def test_a_memo_gone_between_the_lost_write_and_its_read_fails_retryably(
-    tmp_path: Path, ollama: FakeOllama
+    tmp_path: Path, ollama: FakeOllama, service: MakeService
 ) -> None:
     with pytest.raises(DependencyUnavailable, match="vanished"):
         await service(_LostRace(tmp_path), ollama.url).enhance(request(), at("memo-gone", DAY))
 
 
 async def test_a_memo_copied_under_another_generation_is_corrupt_not_its_prompt(
-    make_s3: MakeS3, s3: S3Server, bucket: str, ollama: FakeOllama
+    make_s3: MakeS3, s3: S3Server, bucket: str, ollama: FakeOllama, service: MakeService
 ) -> None:
     storage = make_s3()
     first = await service(storage, ollama.url).enhance(request(), at("memo-source", DAY))
