@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Coroutine, Mapping
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -253,6 +253,36 @@ class Function:
             for future in waiting:
                 with contextlib.suppress(Exception):  # one answered meanwhile
                     future.set_exception(self._loop_gone())
+            self._release(self._loop)
+
+    def _release(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Release what the service holds, on the loop that ended, in the loop's thread.
+
+        The process answers 503 until it is restarted, and its exit's close (:meth:`stop`)
+        skips a loop that ended: its clients' connections (Ollama's, a plugin's) and the
+        ledger's database connections would stay open until it is killed, each client's
+        collection said as an error ("Unclosed client session"). So the loop is run once
+        more, as :func:`asyncio.run` ends its own (asyncio/runners.py, ``Runner.close``): the
+        tasks left on it cancelled and waited for, then the service closed, each within
+        :data:`CLOSE_SECONDS`. The loop is left open: a request handed over as it ended finds
+        it there (:meth:`_run`), and does not run. What raises meanwhile (the code that ended
+        the loop may end this too) ends the release, said at DEBUG: the end was said already.
+        """
+        with self._lock:
+            service = None if self._closed else self._service
+            self._closed = True  # no warm-up begins, no close at the exit
+        extra = {"stage": self.stage.name}
+        try:
+            left = asyncio.all_tasks(loop)
+            for task in left:
+                task.cancel()
+            if left:
+                loop.run_until_complete(asyncio.wait(left, timeout=CLOSE_SECONDS))
+            if service is not None:
+                loop.run_until_complete(asyncio.wait_for(service.aclose(), CLOSE_SECONDS))
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt: a thread's end either way
+            said = f"{type(exc).__name__}: {first_line(exc)}".rstrip(": ")
+            log.debug("releasing after the loop ended: %s", said, extra=extra)
 
     def stop(self) -> Future[None] | None:
         """Begin closing the service on the loop (func-python's ``stop``): what the stage holds
@@ -460,6 +490,10 @@ class Function:
         assert self._loop is not None
 
         async def run() -> tuple[T, dict[str, str]]:
+            if self._loop_ended is not None:  # handed over as the loop ended: run by _release
+                if isinstance(work, Coroutine):
+                    work.close()
+                raise self._loop_gone()
             if traced is None:
                 token = otel_context.attach(within) if within is not None else None
                 try:

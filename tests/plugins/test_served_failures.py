@@ -22,6 +22,7 @@ _ENTRY_POINTS = {
     "cancelling": "tests.plugins.sample_plugins:cancelling",
     "exiting_on_its_thread": "tests.plugins.sample_plugins:exiting_on_its_thread",
     "loop_stopping": "tests.plugins.sample_plugins:LoopStopping",
+    "closing": "tests.plugins.sample_plugins:closing",
     "exiting_in_its_task": "tests.plugins.sample_plugins:exiting_in_its_task",
     "interrupting_in_its_task": "tests.plugins.sample_plugins:interrupting_in_its_task",
 }
@@ -95,3 +96,23 @@ def test_a_process_whose_event_loop_ended_is_unready_and_answers_at_once(
     [ended] = said
     assert ended.getMessage().startswith("the event loop ended (SystemExit: ")
     assert (ended.levelname, getattr(ended, "stage", None)) == ("CRITICAL", "enhance")
+
+
+def test_a_process_whose_event_loop_ended_releases_what_its_service_holds(
+    serve: Serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its exit's close skips a loop that ended: the service is closed as the loop ends, its
+    plugins (and its Ollama client) with it, not left open until the process is killed."""
+    marker = tmp_path / "closed"
+    monkeypatch.setenv("CLOSED_MARKER", str(marker))
+    enhance = serve("loop_stopping,closing")
+
+    answer = enhance.post("/", json={"prompt": "a calm lake", "seed": 1})
+    assert answer.status_code == 503, answer.text
+    deadline = time.monotonic() + 10
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)  # the loop's thread closes it once the request has been failed
+    assert marker.read_text() == "closing\n"
+    assert enhance.get("/readyz").json()["status"] == "event loop ended"
+    again = enhance.post("/", json={"prompt": "a calm lake", "seed": 2})
+    assert again.status_code == 503 and "event loop ended" in again.json()["message"]
