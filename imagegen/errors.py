@@ -92,8 +92,10 @@ class ImageGenError(Exception):
         field is named as ``name`` shows it (a setting as its variable)."""
         said = [e for e in self.errors if e.get("message") and e["message"] not in self.message]
         reasons = "; ".join(f"{name(e['field'])}: {e['message']}" for e in said)
-        if len(said) == 1 and self.message.endswith(name(said[0]["field"])):
-            reasons = said[0]["message"]  # the one field the message ends naming
+        if said and all(self.message.endswith(name(e["field"])) for e in said):
+            # The one field the message ends naming, each of its reasons (a list's entries,
+            # each named by its place) without its name again.
+            reasons = "; ".join(e["message"] for e in said)
         return f"{self.message} ({reasons})" if reasons else self.message
 
     def to_dict(self) -> dict[str, Any]:

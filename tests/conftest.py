@@ -72,7 +72,9 @@ _PRELOADED = pytest.StashKey[tuple[Any, Path]]()
 # whatever runs at that moment, such as a later test's command line. So a test is held to
 # closing the sessions it opened (through the services and clients that made them) before their
 # loop closes, and is the one to fail where it did not.
-_sessions: weakref.WeakKeyDictionary[Any, weakref.ref[asyncio.AbstractEventLoop]] = (
+# Each open session: its loop, and the test that made it (a module's fixture may own the loop,
+# which closes as the module's last test ends).
+_sessions: weakref.WeakKeyDictionary[Any, tuple[weakref.ref[asyncio.AbstractEventLoop], str]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -86,7 +88,8 @@ def _follow_client_sessions() -> None:
     def init(self: aiohttp.ClientSession, *args: Any, **kwargs: Any) -> None:
         made(self, *args, **kwargs)
         with contextlib.suppress(RuntimeError):  # made outside a loop: aiohttp's old way
-            _sessions[self] = weakref.ref(asyncio.get_running_loop())
+            made_in = os.environ.get("PYTEST_CURRENT_TEST", "?").rpartition(" ")[0]
+            _sessions[self] = (weakref.ref(asyncio.get_running_loop()), made_in)
 
     aiohttp.ClientSession.__init__ = init  # type: ignore[method-assign]
 
@@ -98,56 +101,17 @@ _follow_client_sessions()
 def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
     yield  # the test's fixtures are finalized: a function-scoped event loop is closed
     left = []
-    for session, loop in list(_sessions.items()):
+    for session, (loop, made_in) in list(_sessions.items()):
         ended = loop()
         if not session.closed and ended is not None and ended.is_closed():
-            left.append(session)
+            left.append(made_in)
             del _sessions[session]
     if left:
         pytest.fail(
-            f"{len(left)} aiohttp client session(s) left open on a closed event loop:"
-            " close the service or client that made them before the loop ends",
+            f"aiohttp client sessions left open on a closed event loop, made in {left}: close"
+            " the service or client that made each before its loop ends",
             pytrace=False,
         )
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    # The functions tests started in this process and left open close now, as the process's
-    # exit would close them (functions/_adapter.py), while the streams their lines are written
-    # to are still open: pytest closes its captures before the interpreter exits. Their routine
-    # closing lines (INFO) are not shown; a warning or an error still is.
-    adapter = sys.modules.get("_adapter")
-    if adapter is None:
-        return
-    functions_log = logging.getLogger("imagegen.functions")
-    level = functions_log.level
-    functions_log.setLevel(max(level, logging.WARNING))
-    try:
-        adapter._close_started()
-        adapter._started.clear()
-    finally:
-        functions_log.setLevel(level)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    slow = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow)  # stable: the order within stays
-
-
-@pytest.hookimpl(optionalhook=True)  # xdist's: a run with -p no:xdist has no such hook
-def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    if config.getoption("dist") != "loadscope":
-        return None
-    from xdist.scheduler import LoadScopeScheduling
-
-    class Scheduling(LoadScopeScheduling):  # type: ignore[misc]
-        def _split_scope(self, nodeid: str) -> str:
-            if nodeid.startswith("tests/fuzz/"):
-                return "tests/fuzz"
-            return str(super()._split_scope(nodeid))
-
-    config.option.loadscopereorder = False  # by test count, which says nothing of time
-    return Scheduling(config, log)
 
 
 @pytest.fixture

@@ -321,6 +321,13 @@ def test_an_invalid_setting_names_the_variable_set(
             {"IMAGEGEN_DERIVATIVE_WIDTHS": "8193"},
             "IMAGEGEN_DERIVATIVE_WIDTHS (entry 1 of 1: Input should be less than or equal to 8192)",
         ),
+        # Two entries of one list: each reason, the setting named once.
+        (
+            ["plugins"],
+            {"IMAGEGEN_DERIVATIVE_WIDTHS": "8193,512,8"},
+            "IMAGEGEN_DERIVATIVE_WIDTHS (entry 1 of 3: Input should be less than or equal to 8192;"
+            " entry 3 of 3: Input should be greater than or equal to 16)",
+        ),
         (
             ["plugins"],
             {"IMAGEGEN_PLUGINS": '["holiday", 7, "weather"]'},
