@@ -3,17 +3,26 @@
 Served by the ledger function as routes of its stage (:mod:`imagegen.stages.ledger`), behind
 the same authentication as ``POST /``; the query models below are the single schema of the
 parameters (the OpenAPI document and the 400s that name a field both come from them).
+
+The function's blocking calls on the ledger (psycopg, sqlite3) run on the ledger's own daemon
+threads (:func:`blocking`), never on the loop's default executor, whose threads the interpreter
+joins at exit: a call stuck on a database that stopped answering after it connected is
+abandoned at the function's timeout (a 503), and left behind when the process is told to stop,
+rather than holding the worker past its grace period.
 """
 
 from __future__ import annotations
 
-import asyncio
+import functools
+import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from imagegen._threads import DaemonPool, PoolExhausted
 from imagegen.errors import (
     ConfigurationError,
     DependencyUnavailable,
@@ -41,7 +50,62 @@ if TYPE_CHECKING:
     from imagegen.ledger.store import Ledger
     from imagegen.settings import Settings
 
-__all__ = ["HistoryQuery", "ReplayAccepted", "ReplayQuery", "detail", "page", "replay"]
+__all__ = [
+    "MAX_THREADS",
+    "THREAD_WAIT",
+    "HistoryQuery",
+    "ReplayAccepted",
+    "ReplayQuery",
+    "blocking",
+    "detail",
+    "page",
+    "replay",
+]
+
+T = TypeVar("T")
+
+MAX_THREADS = 32
+"""Threads the ledger's blocking calls may hold at once, in a process: as many as the loop's
+default executor has at most (``min(32, CPUs + 4)``). Started only as needed. A call on a
+database gone silent holds one until the connection's TCP timeouts end it
+(:data:`imagegen.ledger.postgres.SOCKET_DEFAULTS`), or for good where TCP cannot tell (a hung
+server whose host still acknowledges); its caller is answered at the function's timeout."""
+THREAD_WAIT = 10.0
+"""Seconds a call past :data:`MAX_THREADS` waits for a thread while no thread takes any call,
+before it fails with a retryable 503: every thread held that long by a database that does not
+answer. Calls that end, however many wait, are each run in turn."""
+
+
+def _new_pool() -> DaemonPool:
+    return DaemonPool("imagegen-ledger", max_threads=MAX_THREADS, queue_for=THREAD_WAIT)
+
+
+_POOL = _new_pool()
+
+
+def _new_pool_after_fork() -> None:
+    # A forked child has none of its parent's threads, though the pool would count them idle
+    # and queue calls for them.
+    global _POOL
+    _POOL = _new_pool()
+
+
+os.register_at_fork(after_in_child=_new_pool_after_fork)
+
+
+async def blocking(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Await ``fn(*args, **kwargs)`` on one of the ledger's daemon threads (see the module).
+
+    Raises:
+        DependencyUnavailable: every thread has been held by a call that does not return for
+            :data:`THREAD_WAIT` (retryable).
+    """
+    try:
+        return await _POOL.run(functools.partial(fn, *args, **kwargs))
+    except PoolExhausted as exc:
+        raise DependencyUnavailable(
+            f"the ledger call was not started: {exc} (a database that does not answer)"
+        ) from None
 
 
 def _bound(value: object) -> object:
@@ -130,7 +194,7 @@ class ReplayAccepted(BaseModel):
 
 async def detail(ledger: Ledger, generation_id: str) -> GenerationDetail:
     """One generation with its timeline; 404 when unknown."""
-    found = await asyncio.to_thread(ledger.get, generation_id)
+    found = await blocking(ledger.get, generation_id)
     if found is None:
         raise NotFound(f"generation {generation_id!r} is not in the ledger")
     return found
@@ -138,7 +202,7 @@ async def detail(ledger: Ledger, generation_id: str) -> GenerationDetail:
 
 async def page(ledger: Ledger, query: HistoryQuery) -> GenerationPage:
     """A page of generations, newest first."""
-    return await asyncio.to_thread(ledger.history, **query.model_dump())
+    return await blocking(ledger.history, **query.model_dump())
 
 
 async def replay(
@@ -173,10 +237,10 @@ async def replay(
     if idempotency_key is not None:
         new_id = replay_id(generation_id, query.start, _checked_key(idempotency_key))
     if query.start == "enhanced":
-        data: BaseModel = await asyncio.to_thread(replay_job, ledger, generation_id, new_id=new_id)
+        data: BaseModel = await blocking(replay_job, ledger, generation_id, new_id=new_id)
         event_type = PROMPT_ENHANCED
     else:
-        data = await asyncio.to_thread(replay_request, ledger, generation_id, new_id=new_id)
+        data = await blocking(replay_request, ledger, generation_id, new_id=new_id)
         event_type = GENERATION_REQUESTED
     if not settings.sink_url:
         raise ConfigurationError(
@@ -202,7 +266,7 @@ async def replay(
     # Each attribute's header percent-encoded (HTTP binding, section 3.1.3.2), as a stage's
     # reply has it: a tracestate member "x=%41" reaches the broker as it is, not as "x=A".
     headers = {k: header_value(v) if k.startswith("ce-") else v for k, v in headers.items()}
-    token = await asyncio.to_thread(_sink_token, settings.sink_token_file)
+    token = await blocking(_sink_token, settings.sink_token_file)
     if token:
         headers["Authorization"] = f"Bearer {token}"
     try:

@@ -42,6 +42,31 @@ _MIGRATION_LOCK = 0x1ED6E5
 DOWN_WAIT = 1.0
 RECONNECT_FOR = 2.0
 CONNECT_TIMEOUT = 5
+# A server that stops answering on a connection it accepted (a network partition, a dropped
+# route) is given up on by the client's own socket, not only by the server's limits below,
+# which a server that is gone never applies: without these a statement waits on the socket
+# for as long as the kernel keeps the connection (libpq's defaults leave keepalives to the
+# system's two hours), holding its thread and pooled connection. Each is a libpq connection
+# parameter (https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-PARAMKEYWORDS),
+# defaulted unless the URL sets it, as connect_timeout is:
+#   keepalives=1: TCP keepalives on (libpq's default too; said so that the others apply).
+#   keepalives_idle: seconds of silence before the first keepalive probe (TCP_KEEPIDLE).
+#   keepalives_interval: seconds between unanswered probes (TCP_KEEPINTVL).
+#   keepalives_count: probes unanswered before the connection is dropped (TCP_KEEPCNT).
+#   tcp_user_timeout: milliseconds that sent data may go unacknowledged before the connection
+#     is dropped (TCP_USER_TIMEOUT, Linux), which also bounds the keepalives above.
+# An idle pooled connection to a gone peer is dropped after about 10 + 3 * 5 = 25 s; a statement
+# whose bytes are not acknowledged fails after 20 s, within the function's 30 s and well
+# within the ledger Service's 60 s grace. A peer whose kernel still acknowledges (a server
+# process hung, its host up) is not seen by TCP: the function's timeout answers the request,
+# and the call is left on its daemon thread (imagegen.ledger.api.blocking).
+SOCKET_DEFAULTS: dict[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 20_000,
+}
 # How long a statement may wait for a lock, and run in all, before the server cancels it
 # (lock_timeout, statement_timeout; seconds). Without them a lock held elsewhere (a manual
 # LOCK TABLE, a long migration) keeps each event waiting past the stage's 30 s, its statement
@@ -262,8 +287,10 @@ class PostgresLedger(SqlLedger):
 
         # transaction() opens a block explicitly; a lone statement needs no BEGIN/COMMIT.
         kwargs: dict[str, Any] = {"row_factory": dict_row, "autocommit": True}
-        if "connect_timeout" not in read_url(url):
-            kwargs["connect_timeout"] = CONNECT_TIMEOUT
+        given = read_url(url)
+        # A parameter the URL sets is its own: psycopg's keyword arguments would override it.
+        defaults = {"connect_timeout": CONNECT_TIMEOUT, **SOCKET_DEFAULTS}
+        kwargs.update({name: value for name, value in defaults.items() if name not in given})
         self._pool = ConnectionPool(
             url,
             connection_class=_Connection,

@@ -16,7 +16,6 @@ at start-up and at the first event that names a webhook, and counted in the back
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import functools
 import logging
@@ -145,7 +144,9 @@ async def _ledger(service: ImageGenService) -> tuple[Ledger, Dispatcher | None]:
     opened = _opened.get(_key(service.settings))
     if opened is not None:
         return opened
-    return await asyncio.to_thread(ledger_of, service.settings)
+    from imagegen.ledger.api import blocking
+
+    return await blocking(ledger_of, service.settings)
 
 
 async def _start(service: ImageGenService) -> None:
@@ -188,9 +189,10 @@ async def _warm_up(service: ImageGenService) -> None:
 
 async def _record(service: ImageGenService, data: Any, call: Call) -> None:
     from imagegen.ledger import LedgerEvent
+    from imagegen.ledger.api import blocking
 
     # The lock's share of the function's time, counted from now: the write may first wait for
-    # a thread (the loop's default executor has fewer than a replica's concurrent requests),
+    # a thread (the ledger's threads are fewer than a replica's concurrent requests),
     # and a busy timeout counted only from there would run past the function's own time.
     lock_deadline = time.monotonic() + sqlite_busy_timeout()
     attributes = call.attributes
@@ -222,7 +224,7 @@ async def _record(service: ImageGenService, data: Any, call: Call) -> None:
         },
     )
     ledger, dispatcher = await _ledger(service)
-    await asyncio.to_thread(ledger.ingest, event, deadline=lock_deadline)
+    await blocking(ledger.ingest, event, deadline=lock_deadline)
     if dispatcher is not None:
         dispatcher.wake()
     elif data.get("webhook") and not _unsent_said.is_set():
