@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections.abc import Awaitable, Coroutine, Mapping
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import _process  # first: it sets up the process the library loads into
@@ -248,12 +248,13 @@ class Function:
             )
         finally:
             self._loop_ended = why
+            self._release(self._loop)
+            # What its release did not answer (a task that outlived its cancellation), now.
             with self._waiting_lock:
                 waiting, self._waiting = list(self._waiting), set()
             for future in waiting:
                 with contextlib.suppress(Exception):  # one answered meanwhile
                     future.set_exception(self._loop_gone())
-            self._release(self._loop)
 
     def _release(self, loop: asyncio.AbstractEventLoop) -> None:
         """Release what the service holds, on the loop that ended, in the loop's thread.
@@ -264,9 +265,11 @@ class Function:
         collection said as an error ("Unclosed client session"). So the loop is run once
         more, as :func:`asyncio.run` ends its own (asyncio/runners.py, ``Runner.close``): the
         tasks left on it cancelled and waited for, then the service closed, each within
-        :data:`CLOSE_SECONDS`. The loop is left open: a request handed over as it ended finds
-        it there (:meth:`_run`), and does not run. What raises meanwhile (the code that ended
-        the loop may end this too) ends the release, said at DEBUG: the end was said already.
+        :data:`CLOSE_SECONDS`. A request whose task is cancelled is answered then, through its
+        future (:meth:`_run`: the 503 of a loop that ended); one handed over as the loop ended
+        is run by this, and does not run its work. The loop is left open. What raises
+        meanwhile (the code that ended the loop may end this too) ends the release, said at
+        DEBUG: the end was said already.
         """
         with self._lock:
             service = None if self._closed else self._service
@@ -531,6 +534,10 @@ class Function:
             raise DependencyUnavailable(
                 f"{self.stage.name} took longer than {self._timeout:g}s"
             ) from None
+        except CancelledError:
+            if self._loop_ended is not None:  # its task cancelled as the loop was released
+                raise self._loop_gone() from None
+            raise
         finally:
             with self._waiting_lock:
                 self._waiting.discard(future)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from pathlib import Path
 
@@ -198,7 +199,12 @@ class LoopStopping:
             raise SystemExit("a plugin's callback exited")
 
         asyncio.get_running_loop().call_soon(exit_)
-        await asyncio.sleep(3600)
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:  # the task left on the loop that ended, cancelled
+            if marker := os.environ.get("CANCELLED_MARKER"):
+                Path(marker).write_text("cancelled\n")
+            raise
 
 
 class ClosingPlugin:

@@ -3,6 +3,8 @@ and the process goes on serving; one that ends the event loop turns the process 
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +28,21 @@ _ENTRY_POINTS = {
     "exiting_in_its_task": "tests.plugins.sample_plugins:exiting_in_its_task",
     "interrupting_in_its_task": "tests.plugins.sample_plugins:interrupting_in_its_task",
 }
+
+
+def _closed(marker: Path) -> None:
+    """Wait for the plugin ``closing`` to say it was closed, in ``marker``."""
+    deadline = time.monotonic() + 10
+    while not (marker.exists() and marker.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.02)  # written by the loop's thread as it releases the service
+    assert marker.read_text() == "closing\n"
+
+
+def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The lines said at ERROR or above, the first only of each: the one that the loop ended,
+    and no "Exception in callback" of a request's answer set twice as the loop is released."""
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    return [line.split("; ")[0] for line in said]
 
 
 @pytest.fixture
@@ -99,20 +116,72 @@ def test_a_process_whose_event_loop_ended_is_unready_and_answers_at_once(
 
 
 def test_a_process_whose_event_loop_ended_releases_what_its_service_holds(
-    serve: Serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    serve: Serve,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    function_caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Its exit's close skips a loop that ended: the service is closed as the loop ends, its
     plugins (and its Ollama client) with it, not left open until the process is killed."""
     marker = tmp_path / "closed"
     monkeypatch.setenv("CLOSED_MARKER", str(marker))
+    monkeypatch.setenv("CANCELLED_MARKER", str(tmp_path / "cancelled"))
     enhance = serve("loop_stopping,closing")
 
     answer = enhance.post("/", json={"prompt": "a calm lake", "seed": 1})
     assert answer.status_code == 503, answer.text
-    deadline = time.monotonic() + 10
-    while not marker.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)  # the loop's thread closes it once the request has been failed
-    assert marker.read_text() == "closing\n"
+    _closed(marker)
+    # The task the loop left (the plugin's, its request failed already) cancelled first.
+    assert (tmp_path / "cancelled").read_text() == "cancelled\n"
     assert enhance.get("/readyz").json()["status"] == "event loop ended"
     again = enhance.post("/", json={"prompt": "a calm lake", "seed": 2})
     assert again.status_code == 503 and "event loop ended" in again.json()["message"]
+    assert _errors(function_caplog) == [
+        "the event loop ended (SystemExit: a plugin's callback exited)"
+    ]
+
+
+def test_work_handed_over_as_the_loop_ends_is_not_run(
+    serve: Serve,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    function_caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A request handed over as the loop ends is failed with the 503 of a loop that ended, and
+    its work is not run when the loop runs once more to release the service."""
+    marker = tmp_path / "closed"
+    monkeypatch.setenv("CLOSED_MARKER", str(marker))
+    enhance = serve("closing")
+    served = enhance.post("/", json={"prompt": "a calm lake", "seed": 1})
+    assert served.status_code == 200, served.text  # its plugins made, to be closed
+    [function] = enhance._mine
+    gate = threading.Event()
+
+    def hold_then_exit() -> None:
+        gate.wait(10)
+        raise SystemExit("the loop ends")
+
+    function._loop.call_soon_threadsafe(hold_then_exit)
+    ran: list[str] = []
+    failed: list[BaseException] = []
+
+    async def work() -> None:
+        ran.append("the work")
+
+    def request() -> None:
+        try:
+            function._run(work())
+        except BaseException as exc:
+            failed.append(exc)
+
+    handed = threading.Thread(target=request)
+    handed.start()
+    deadline = time.monotonic() + 10
+    while not function._waiting and time.monotonic() < deadline:
+        time.sleep(0.005)  # until the work waits on the loop, behind hold_then_exit
+    gate.set()
+    handed.join(10)
+    _closed(marker)  # the loop has run what was handed over, then closed the service
+    assert len(failed) == 1 and "event loop ended" in str(failed[0])
+    assert ran == []
+    assert _errors(function_caplog) == ["the event loop ended (SystemExit: the loop ends)"]
