@@ -26,7 +26,11 @@ database: a claim marks its receiver as being sent to until its outcome or its l
 Stopping (:meth:`Dispatcher.stop`, run as the interpreter exits, as a worker does at SIGTERM)
 claims nothing more, lets each send under way end its current try (at most the sender's
 timeout, with no quick try after it), and gives back any message claimed but not sent: due
-again at once, its attempts as before the claim, its receiver free for every replica.
+again at once, its attempts as before the claim, its receiver free for every replica. It waits
+a bounded time (:data:`STOP_SECONDS` at most), well within a worker's grace period: a claim or
+an outcome stuck on a database that stopped answering (a hung server, a stuck pooler: TCP sees
+no fault while the peer's kernel acknowledges) is left behind, on daemon threads that hold up
+no exit, and its message is sent again after its lease (at least once, as ever).
 
 What it does is seen in ``imagegen.webhook.deliveries`` (each claim's outcome), in
 ``imagegen.webhook.backlog`` (the messages due and not being sent: a receiver that does not
@@ -37,13 +41,14 @@ may hold a caller's token).
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import threading
 import time
 import weakref
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from datetime import UTC, datetime
 
 import httpx
@@ -56,18 +61,29 @@ from tenacity import (
     wait_exponential,
 )
 
+from imagegen._threads import DaemonPool
 from imagegen.errors import ImageGenError
 from imagegen.ledger.models import Delivery
 from imagegen.ledger.store import Ledger
 from imagegen.ledger.webhooks import WebhookFailed, WebhookRefused, WebhookSender, receiver
 from imagegen.telemetry import instruments, observe
 
-__all__ = ["OUTCOMES", "Dispatcher", "backlog"]
+__all__ = ["OUTCOMES", "STOP_SECONDS", "Dispatcher", "backlog"]
 
 log = logging.getLogger("imagegen.ledger")
 
 # Of a claim's lease, the part its tries may use: the rest is for recording the outcome.
 _LEASE_USED = 0.9
+
+STOP_SECONDS = 30.0
+"""Longest :meth:`Dispatcher.stop` waits, half the ledger's grace period at SIGTERM
+(``timeoutSeconds`` in knative/base/ledger.yaml): the sends under way get their try and the
+recording of its outcome (the sender's timeout and :data:`_RECORD_S`) within it."""
+
+# Seconds stop() waits for a database call it needs before giving up on it: a claim under way,
+# or an outcome being recorded after the send's try. A database that answers takes
+# milliseconds; one that went silent never does.
+_RECORD_S = 5.0
 
 OUTCOMES = ("delivered", "retried", "failed", "refused")
 """The ``outcome`` of a claim in ``imagegen.webhook.deliveries``: delivered; not, and due again
@@ -140,13 +156,17 @@ class Dispatcher:
         self.backoff_max = backoff_max
         self.lease = lease
         self.workers = workers
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="imagegen-webhook")
+        # Daemon threads: a sender stuck on a database that went silent (recording an
+        # outcome) holds up neither stop() nor the interpreter's exit, which joins the threads
+        # of every ThreadPoolExecutor.
+        self._pool = DaemonPool("imagegen-webhook", max_threads=workers)
         self._busy = 0  # messages being sent
         self._busy_lock = threading.Lock()
+        self._idle = threading.Condition(self._busy_lock)  # notified as _busy falls to 0
         self._wake = threading.Event()
         self._stop = threading.Event()
-        # Held while claiming and handing the claim to the senders: stop() waits for a claim
-        # under way, and none starts after it.
+        # Held while claiming and handing the claim to the senders: stop() waits (a while)
+        # for a claim under way, and none starts after it.
         self._claiming = threading.Lock()
         self._thread: threading.Thread | None = None
         self._unobserve: Callable[[], None] | None = None
@@ -174,18 +194,37 @@ class Dispatcher:
             sending = []
             for n, delivery in enumerate(claimed):
                 try:
-                    future = self._pool.submit(self._deliver, delivery, ends)
+                    sending.append(self._send(delivery, ends))
                 except RuntimeError:
-                    # The pool takes no more work: the interpreter is exiting (concurrent.futures
-                    # shuts every pool down as it does). What cannot be sent is given back.
-                    self._stop.set()
+                    # No thread to send it on: every sender busy (PoolExhausted), or the
+                    # interpreter exiting (no thread starts then). Given back, not stranded.
                     self._release(claimed[n:])
                     break
-                with self._busy_lock:
-                    self._busy += 1
-                future.add_done_callback(self._sent)
-                sending.append(future)
             return sending
+
+    def _send(self, delivery: Delivery, ends: float) -> Future[None]:
+        """Start one claim's tries at ``delivery`` on a sender thread; the future ends with
+        them (and raises what recording the outcome raised)."""
+        future: Future[None] = Future()
+        future.set_running_or_notify_cancel()
+
+        def task() -> Callable[[], None]:
+            try:
+                self._deliver(delivery, ends)
+            except BaseException as exc:  # handed to the future, as an executor does
+                return functools.partial(future.set_exception, exc)
+            return functools.partial(future.set_result, None)
+
+        with self._busy_lock:
+            self._busy += 1
+        try:
+            self._pool.submit(task)
+        except BaseException:
+            with self._busy_lock:
+                self._busy -= 1
+            raise
+        future.add_done_callback(self._sent)
+        return future
 
     def _release(self, deliveries: list[Delivery]) -> None:
         """Give back messages claimed and not sent: due at once, their attempts as before the
@@ -204,6 +243,8 @@ class Dispatcher:
     def _sent(self, future: Future[None]) -> None:
         with self._busy_lock:
             self._busy -= 1
+            if not self._busy:
+                self._idle.notify_all()
         self._wake.set()  # a sender is free: claim the next message
         failed = future.exception()
         if failed is not None:
@@ -348,28 +389,56 @@ class Dispatcher:
 
     def stop(self) -> None:
         """Stop claiming; let each send under way end its current try (at most the sender's
-        timeout); give back what was claimed and not sent; release the sender. Idempotent."""
-        with self._claiming:  # a claim under way hands its messages over first
-            self._stop.set()
+        timeout) and record its outcome; give back what was claimed and not sent; release the
+        sender. Idempotent.
+
+        Waits :data:`STOP_SECONDS` at most: a claim that has not ended in :data:`_RECORD_S`,
+        or an outcome not recorded by then after its try, is left behind (a database that
+        stopped answering), its message sent again after its lease.
+        """
+        started = time.monotonic()
+        ends = started + min(STOP_SECONDS, self.sender.timeout + _RECORD_S)
+        self._stop.set()  # first: a claim stuck on the database must not keep it from being set
         self._wake.set()
         if self._unobserve is not None:
             self._unobserve()
             self._unobserve = None
+        # A claim under way hands its messages to the senders, which give them back.
+        claimed_by = min(ends, started + _RECORD_S)
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
-        self._pool.shutdown()
-        self.sender.close()
+            self._thread.join(max(0.0, claimed_by - time.monotonic()))
+        if self._claiming.acquire(timeout=max(0.0, claimed_by - time.monotonic())):
+            self._claiming.release()
+        else:
+            log.warning(
+                "webhook dispatcher stopped during a claim that did not end in %gs; its "
+                "messages are sent after their lease",
+                _RECORD_S,
+            )
+        with self._idle:
+            sending = not self._idle.wait_for(
+                lambda: not self._busy, timeout=max(0.0, ends - time.monotonic())
+            )
+            left = self._busy
+        if sending:  # the process exits without them: each is sent again after its lease
+            log.warning(
+                "webhook dispatcher stopped with %d send(s) under way after %.0fs; their "
+                "messages are sent again after their lease",
+                left,
+                time.monotonic() - started,
+            )
+        else:
+            self.sender.close()
 
 
 def _stop_at_exit(dispatcher: Dispatcher) -> None:
-    """Stop ``dispatcher`` as the interpreter exits (a server's worker at SIGTERM), before the
-    senders' pool is shut down.
+    """Stop ``dispatcher`` as the interpreter exits (a server's worker at SIGTERM).
 
-    threading's exit hooks run before its threads are joined, the last registered first
-    (CPython's Lib/threading.py, ``_shutdown``), so this one runs before concurrent.futures' own
-    (registered as that module was imported), which waits for every send to end all its quick
-    tries: a send under way then ends its current try and no other, and what was claimed and
-    not sent is given back. Held weakly: a dispatcher stopped and dropped is not kept for it.
+    threading's exit hooks run before its threads are joined (CPython's Lib/threading.py,
+    ``_shutdown``), and the senders are daemon threads, which nothing else waits for: this is
+    what lets a send under way end its current try and record its outcome, and gives back what
+    was claimed and not sent, within :data:`STOP_SECONDS`. Held weakly: a dispatcher stopped
+    and dropped is not kept for it.
     """
     held = weakref.ref(dispatcher)
 

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -18,7 +19,9 @@ from typing import Any
 
 import pytest
 
+from imagegen._threads import DaemonPool
 from imagegen.ledger import Ledger, open_ledger
+from imagegen.ledger.models import Delivery
 from imagegen.ledger.outbox import Dispatcher
 from imagegen.ledger.webhooks import WebhookSender
 from imagegen.settings import Settings
@@ -118,11 +121,11 @@ def test_sigterm_lets_the_sends_under_way_end_and_claims_nothing_more(
 
 
 def test_a_claim_the_senders_cannot_take_is_given_back(ledger: Ledger) -> None:
-    # The interpreter shuts every ThreadPoolExecutor down as it exits; a claim then made
-    # cannot be sent.
+    # No thread to send on (every sender busy; an interpreter exiting starts none): a claim
+    # then made cannot be sent.
     ledger.ingest(chain("gen-1", webhook="https://hooks.example/x")["requested"])
     dispatcher = Dispatcher(ledger, WebhookSender([OLD], LOOPBACK))
-    dispatcher._pool.shutdown()
+    dispatcher._pool = DaemonPool("imagegen-webhook", max_threads=0)
     assert dispatcher.run_once() == 0
     [again] = ledger.claim_deliveries(limit=5, lease=60)
     assert (again.generation_id, again.attempts) == ("gen-1", 1)
@@ -143,6 +146,37 @@ def test_stopping_ends_a_send_after_its_current_try(ledger: Ledger) -> None:
     assert len(came) == 1
     state = ledger.delivery_states("gen-1")["started"]
     assert (state["state"], state["attempts"], state["last_error"]) == ("pending", 1, "HTTP 500")
+
+
+def test_a_claim_under_way_as_it_stops_is_given_back(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stop() comes while a claim waits on the database: the claim's message is not sent but
+    given back, due at once with its attempts as before, for any replica to take."""
+    claiming, answer = threading.Event(), threading.Event()
+    claim = ledger.claim_deliveries
+
+    def slow_claim(**kwargs: Any) -> list[Delivery]:
+        claiming.set()
+        answer.wait(10)
+        return claim(**kwargs)
+
+    with _slow(0.0) as (url, came):
+        ledger.ingest(chain("gen-1", webhook=url, webhook_events=["started"])["requested"])
+        monkeypatch.setattr(ledger, "claim_deliveries", slow_claim)
+        dispatcher = Dispatcher(ledger, WebhookSender([OLD], LOOPBACK))
+        dispatcher.start(poll=0.05)
+        assert claiming.wait(10)
+        stopping = threading.Thread(target=dispatcher.stop)
+        stopping.start()
+        _until(dispatcher._stop.is_set)  # stop() under way, the claim not yet answered
+        answer.set()
+        stopping.join(10)
+        assert not stopping.is_alive()
+        monkeypatch.undo()
+        assert not came
+        [again] = ledger.claim_deliveries(limit=5, lease=60)
+    assert (again.generation_id, again.attempts) == ("gen-1", 1)
 
 
 # -- timeouts -----------------------------------------------------------------------------
