@@ -114,6 +114,45 @@ def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
         )
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # The functions tests started in this process and left open close now, as the process's
+    # exit would close them (functions/_adapter.py), while the streams their lines are written
+    # to are still open: pytest closes its captures before the interpreter exits. Their routine
+    # closing lines (INFO) are not shown; a warning or an error still is.
+    adapter = sys.modules.get("_adapter")
+    if adapter is None:
+        return
+    functions_log = logging.getLogger("imagegen.functions")
+    level = functions_log.level
+    functions_log.setLevel(max(level, logging.WARNING))
+    try:
+        adapter._close_started()
+        adapter._started.clear()
+    finally:
+        functions_log.setLevel(level)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)  # stable: the order within stays
+
+
+@pytest.hookimpl(optionalhook=True)  # xdist's: a run with -p no:xdist has no such hook
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    if config.getoption("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduling(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            if nodeid.startswith("tests/fuzz/"):
+                return "tests/fuzz"
+            return str(super()._split_scope(nodeid))
+
+    config.option.loadscopereorder = False  # by test count, which says nothing of time
+    return Scheduling(config, log)
+
+
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator[Callable[..., FunctionServer]]:
     """Start function servers for one test; all are stopped afterwards."""

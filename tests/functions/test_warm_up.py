@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -66,14 +67,23 @@ def function_class(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[
     monkeypatch.syspath_prepend(str(ROOT / "functions"))
     for name, value in base_env(tmp_path / "store").items():
         monkeypatch.setenv(name, value)
+    imported = "_adapter" in sys.modules  # by a function another test serves in this process
     import _adapter
 
+    before = list(_adapter._started)
     yield _adapter.Function
-    # Closed as the process's exit would close them (_adapter._close_started), now, while the
-    # streams their lines go to are open: this module is dropped, and its exit hook with it.
-    _adapter._close_started()
-    _adapter._started.clear()
-    sys.modules.pop("_adapter", None)
+    # The functions this test started, closed as the process's exit would close them
+    # (_adapter._close_started), now, while the streams their lines go to are open; never
+    # those of others: a session's functions (tests/fuzz) go on serving.
+    mine = [f for f in _adapter._started if f not in before]
+    closing = [(f, c) for f in mine if (c := f.stop()) is not None]
+    futures.wait([c for _, c in closing], timeout=_adapter.CLOSE_SECONDS)
+    for function, close in closing:
+        function.stopped(close)
+    for function in mine:
+        _adapter._started.remove(function)
+    if not imported:
+        sys.modules.pop("_adapter", None)  # its exit hook closes what is left: nothing
 
 
 def _ready(function: Any) -> None:
