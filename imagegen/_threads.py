@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import os
 import queue
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -63,6 +65,11 @@ class DaemonPool:
         self._name = name
         self._max = max_threads
         self._queue_for = queue_for
+        self._start_over()
+        _POOLS.add(self)
+
+    def _start_over(self) -> None:
+        """No thread, no call: a new pool's state, and a forked child's (:func:`_after_fork`)."""
         self._tasks: queue.SimpleQueue[Task] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = 0
@@ -212,3 +219,17 @@ class DaemonPool:
                     self._taken = time.monotonic()
             announce()
             task = self._tasks.get() if waiting is None else waiting
+
+
+_POOLS: weakref.WeakSet[DaemonPool] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    # A forked child has none of its parent's threads, though a pool would count them idle and
+    # queue calls for them (and its lock may have been held as the parent forked): each pool
+    # of the process starts over (a gunicorn worker, forked from a parent that loaded the app).
+    for pool in list(_POOLS):
+        pool._start_over()
+
+
+os.register_at_fork(after_in_child=_after_fork)

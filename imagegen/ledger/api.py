@@ -14,7 +14,6 @@ rather than holding the worker past its grace period.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -76,21 +75,7 @@ before it fails with a retryable 503: every thread held that long by a database 
 answer. Calls that end, however many wait, are each run in turn."""
 
 
-def _new_pool() -> DaemonPool:
-    return DaemonPool("imagegen-ledger", max_threads=MAX_THREADS, queue_for=THREAD_WAIT)
-
-
-_POOL = _new_pool()
-
-
-def _new_pool_after_fork() -> None:
-    # A forked child has none of its parent's threads, though the pool would count them idle
-    # and queue calls for them.
-    global _POOL
-    _POOL = _new_pool()
-
-
-os.register_at_fork(after_in_child=_new_pool_after_fork)
+_POOL = DaemonPool("imagegen-ledger", max_threads=MAX_THREADS, queue_for=THREAD_WAIT)
 
 
 async def blocking(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -395,11 +395,7 @@ class LocalStorage(ObjectStore):
         return DependencyUnavailable(f"local storage: {what} {str(where)!r}: {reason}")
 
 
-def _new_pool() -> DaemonPool:
-    return DaemonPool("imagegen-local-storage", max_threads=MAX_THREADS, queue_for=THREAD_WAIT)
-
-
-_POOL = _new_pool()
+_POOL = DaemonPool("imagegen-local-storage", max_threads=MAX_THREADS, queue_for=THREAD_WAIT)
 
 
 def _threads() -> DaemonPool:
@@ -408,16 +404,6 @@ def _threads() -> DaemonPool:
     and they are daemon threads (:mod:`imagegen._threads`): nothing shuts them down, and a call
     stuck on a disk holds up no exit."""
     return _POOL
-
-
-def _new_pool_after_fork() -> None:
-    # A forked child has none of its parent's threads, though the pool would count them idle
-    # and queue calls for them.
-    global _POOL
-    _POOL = _new_pool()
-
-
-os.register_at_fork(after_in_child=_new_pool_after_fork)
 
 
 def _new_sweep_lock_after_fork() -> None:

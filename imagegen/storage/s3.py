@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -850,11 +849,7 @@ def _names_checksum_header(exc: ClientError) -> bool:
     return status in _CHECKSUM_REFUSAL_STATUSES and any(w in message for w in _CHECKSUM_WORDS)
 
 
-def _new_pool() -> DaemonPool:
-    return DaemonPool("imagegen-s3", max_threads=MAX_THREADS, queue_for=THREAD_WAIT)
-
-
-_POOL = _new_pool()
+_POOL = DaemonPool("imagegen-s3", max_threads=MAX_THREADS, queue_for=THREAD_WAIT)
 
 
 def _threads() -> DaemonPool:
@@ -862,16 +857,6 @@ def _threads() -> DaemonPool:
     them waiting their turn (:data:`THREAD_WAIT`). Daemon threads (:mod:`imagegen._threads`):
     a call still waiting on a store holds up no exit."""
     return _POOL
-
-
-def _new_pool_after_fork() -> None:
-    # A forked child has none of its parent's threads, though the pool would count them idle
-    # and queue calls for them.
-    global _POOL
-    _POOL = _new_pool()
-
-
-os.register_at_fork(after_in_child=_new_pool_after_fork)
 
 
 def _user_metadata(response: dict[str, Any]) -> dict[str, str]:
